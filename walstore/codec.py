@@ -1,0 +1,106 @@
+"""Keys and values: validation at the API boundary and their byte encodings.
+
+Keys are ``str`` or ``bytes``.  They are stored with a one-byte type tag (``s`` for str as
+UTF-8, ``b`` for bytes) so a key comes back as the type it went in, and ``"a"`` and
+``b"a"`` are different keys, as in a Python dict.  Within one type, scan order is the
+byte order of the encoding (for str: code point order).
+
+Values are anything msgpack encodes (None, bool, int, float, str, bytes, list, dict).
+They are packed at ``put`` time, so a bad value fails there and never at commit.  No
+pickle, no ext types: unpacking never runs code.  Unpacking bytes from disk is bounded by
+the size of those bytes (msgpack's limits default to the buffer length).
+"""
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgpack
+
+Key = Union[str, bytes]
+
+MAX_KEY_BYTES = 510          # LMDB's default max key size (511) minus the type tag
+MAX_VALUE_BYTES = 16 * 1024 * 1024
+
+_STR, _BYTES = b"s", b"b"
+
+
+def encode_key(key: Any) -> bytes:
+    """Validate a user key and return its stored form; TypeError/ValueError name the problem."""
+    if isinstance(key, str):
+        try:
+            raw = key.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"key {key!r} is not valid UTF-8 text: {e.reason}") from None
+        tag = _STR
+    elif isinstance(key, (bytes, bytearray, memoryview)):
+        raw = bytes(key)
+        tag = _BYTES
+    else:
+        raise TypeError(f"key must be str or bytes, not {type(key).__name__}: {key!r}")
+    if not raw:
+        raise ValueError("key must not be empty")
+    if len(raw) > MAX_KEY_BYTES:
+        raise ValueError(f"key is {len(raw)} bytes long; the limit is {MAX_KEY_BYTES} bytes "
+                         f"(LMDB's maximum key size)")
+    return tag + raw
+
+
+def decode_key(stored: bytes) -> Key:
+    tag, raw = stored[:1], stored[1:]
+    if tag == _STR:
+        return raw.decode("utf-8")
+    if tag == _BYTES:
+        return raw
+    raise ValueError(f"stored key has unknown type tag {tag!r}")
+
+
+def encode_prefix(prefix: Any) -> bytes:
+    """Stored form of a scan bound or prefix (may be empty, unlike a key)."""
+    if isinstance(prefix, str):
+        return _STR + prefix.encode("utf-8")
+    if isinstance(prefix, (bytes, bytearray, memoryview)):
+        return _BYTES + bytes(prefix)
+    raise TypeError(f"scan bound must be str or bytes, not {type(prefix).__name__}")
+
+
+def pack_value(value: Any, key: Any = None) -> bytes:
+    """msgpack a user value, raising TypeError/ValueError that names the key and the problem."""
+    try:
+        packed = msgpack.packb(value, use_bin_type=True, strict_types=False, datetime=False)
+    except TypeError as e:
+        raise TypeError(f"value for key {key!r} cannot be stored: {e} "
+                        f"(allowed: None, bool, int, float, str, bytes, list, dict)") from None
+    except (OverflowError, ValueError) as e:
+        raise ValueError(f"value for key {key!r} cannot be stored: {e}") from None
+    if len(packed) > MAX_VALUE_BYTES:
+        raise ValueError(f"value for key {key!r} is {len(packed)} bytes packed; "
+                         f"the limit is {MAX_VALUE_BYTES}")
+    return packed
+
+
+def unpack_value(packed: bytes) -> Any:
+    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack an internal structure (record payloads, metadata)."""
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    """Unpack an internal structure read from disk; any damage raises ValueError."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types on damaged input
+        raise ValueError(f"undecodable msgpack: {type(e).__name__}: {e}") from None
+
+
+def check_meta(meta: Any) -> Any:
+    """Validate transaction metadata (any msgpack-able value) at transaction start."""
+    if meta is None:
+        return None
+    try:
+        msgpack.packb(meta, use_bin_type=True)
+    except (TypeError, OverflowError, ValueError) as e:
+        raise TypeError(f"transaction meta cannot be stored: {e}") from None
+    return meta

@@ -1,0 +1,95 @@
+"""The one error hierarchy of walstore.
+
+Every exception walstore raises on purpose derives from :class:`WalstoreError`, so a
+caller can catch the whole family with one ``except``.  Errors that describe bad input
+to a call (a key of the wrong type, a value msgpack cannot encode) are the builtin
+``TypeError`` / ``ValueError`` instead, as Python users expect.
+"""
+from __future__ import annotations
+
+
+class WalstoreError(Exception):
+    """Base class of every walstore error."""
+
+
+class ConflictError(WalstoreError):
+    """A transaction read or scanned something another committed transaction changed.
+
+    Nothing of the failed transaction was written.  ``keys`` lists the conflicting keys
+    (as far as they are known).
+    """
+
+    def __init__(self, message: str, keys: list | None = None) -> None:
+        super().__init__(message)
+        self.keys = list(keys or [])
+
+
+class RevertConflict(WalstoreError):
+    """Reverting a transaction would clobber later committed transactions (``txids``)."""
+
+    def __init__(self, message: str, txids: list[int]) -> None:
+        super().__init__(message)
+        self.txids = list(txids)
+
+
+class CompensationFailed(WalstoreError):
+    """A compensation kept failing after its retries; it is marked ``failed`` and kept pending."""
+
+    def __init__(self, message: str, action_ids: list | None = None) -> None:
+        super().__init__(message)
+        self.action_ids = list(action_ids or [])
+
+
+class NeedsRecovery(WalstoreError):
+    """The store was not shut down cleanly and was opened with ``recover="manual"``."""
+
+
+class CorruptionError(WalstoreError):
+    """Bytes on disk are damaged in a way recovery must not paper over.
+
+    Carries where and why: ``file``, ``offset`` (byte offset in that file), ``lsn`` (the
+    log position, when known) and ``reason``.
+    """
+
+    def __init__(self, reason: str, file: str | None = None, offset: int | None = None,
+                 lsn: int | None = None) -> None:
+        self.reason = reason
+        self.file = file
+        self.offset = offset
+        self.lsn = lsn
+        where = []
+        if file is not None:
+            where.append(f"file {file}")
+        if offset is not None:
+            where.append(f"offset {offset}")
+        if lsn is not None:
+            where.append(f"LSN {lsn}")
+        super().__init__(f"{reason}" + (f" ({', '.join(where)})" if where else ""))
+
+
+class StoreLocked(WalstoreError):
+    """Another writer holds the store; ``pid`` names it (None when unknown)."""
+
+    def __init__(self, message: str, pid: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+
+
+class ReadOnlyError(WalstoreError):
+    """A write was attempted on a read-only store (opened so, or after an fsync error)."""
+
+
+class StoreClosed(WalstoreError):
+    """The store (or the transaction) is closed."""
+
+
+class NotAStore(WalstoreError):
+    """The path exists but is not a walstore store (or is of an unknown format version)."""
+
+
+class TransactionClosed(StoreClosed):
+    """The transaction was already committed or rolled back."""
+
+
+class HistoryTrimmed(WalstoreError):
+    """The requested point lies before the retained history horizon."""

@@ -1,0 +1,107 @@
+"""Every byte walstore writes to its WAL and store files goes through this module.
+
+It owns three things: the permissions of what walstore creates (files 0600, directories
+0700), writes that never stop half way without an error (``pwrite_all``), and one seam,
+``set_backend``, through which the fault-injection tools (``tools/faults.py``) record
+writes and fsyncs, drop unsynced bytes, or fail a call with ENOSPC / EIO.  Nothing in
+the package installs another backend by itself.
+"""
+from __future__ import annotations
+
+import os
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+class OSBackend:
+    """The real thing: plain ``os`` calls."""
+
+    def open(self, path: str, flags: int, mode: int) -> int:
+        return os.open(path, flags, mode)
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        return os.pwrite(fd, data, offset)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+_backend: OSBackend = OSBackend()
+
+
+def set_backend(backend: OSBackend | None) -> OSBackend:
+    """Install ``backend`` (None restores the OS); returns the previous one."""
+    global _backend
+    previous = _backend
+    _backend = backend if backend is not None else OSBackend()
+    return previous
+
+
+def open_file(path: str, flags: int) -> int:
+    return _backend.open(path, flags | getattr(os, "O_CLOEXEC", 0), FILE_MODE)
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = _backend.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(f"short write at offset {offset}")
+        view = view[n:]
+        offset += n
+
+
+def fsync(fd: int) -> None:
+    _backend.fsync(fd)
+
+
+def fdatasync(fd: int) -> None:
+    _backend.fdatasync(fd)
+
+
+def rename(src: str, dst: str) -> None:
+    _backend.rename(src, dst)
+
+
+def unlink(path: str) -> None:
+    _backend.unlink(path)
+
+
+def fsync_dir(path: str) -> None:
+    _backend.fsync_dir(path)
+
+
+def make_dir(path: str) -> None:
+    """Create ``path`` (and parents) with mode 0700; an existing directory is kept."""
+    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    os.chmod(path, DIR_MODE)
+
+
+def write_file_atomic(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably (temp file, fsync, rename, dir fsync)."""
+    tmp = path + ".tmp"
+    fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        pwrite_all(fd, data, 0)
+        fsync(fd)
+    finally:
+        os.close(fd)
+    rename(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,206 @@
+"""The LMDB side of the store: committed state, applied in batches behind the WAL.
+
+Owns the LMDB environment ``<store>/db`` and its named databases:
+
+- ``data``: stored key -> packed value (the committed state up to ``applied``);
+- ``txns``: txid (8-byte big endian) -> packed TxnInfo record (the transaction log index);
+- ``meta``: small bookkeeping (``applied``: end LSN of the last applied commit; ``next_txid``;
+  ``open``: 1 while a writer has the store open, the clean-shutdown flag).
+
+Invariants:
+- LMDB is opened with sync=True and metasync=False, never sync=False / map_async /
+  writemap: a power loss may undo the last LMDB commits but never corrupts the B-tree;
+- ``applied`` is written in the same LMDB transaction as the data it covers, so REDO of
+  the WAL from ``applied`` is idempotent;
+- a map-full error aborts the batch, grows the map (no transaction of this process is
+  open then: readers pass through ``ResizeGate``) and retries it; the user never sees it;
+- long reads are streamed in bounded chunks, each in its own short read transaction, so a
+  slow consumer never pins old pages or blocks a map resize.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from typing import Iterable, Iterator
+
+import lmdb
+
+from .errors import ReadOnlyError
+
+DEFAULT_MAP_SIZE = 64 * 1024 * 1024
+_U64 = struct.Struct(">Q")
+SCAN_CHUNK = 256
+
+
+def txid_key(txid: int) -> bytes:
+    return _U64.pack(txid)
+
+
+class ResizeGate:
+    """Readers enter and leave freely; a map resize waits until no reader is inside."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._resizing = False
+
+    def __enter__(self) -> "ResizeGate":
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._readers += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0 and self._resizing:
+                self._cond.notify_all()
+
+    def exclusive(self, fn) -> None:
+        with self._cond:
+            self._resizing = True
+            try:
+                while self._readers:
+                    self._cond.wait()
+                fn()
+            finally:
+                self._resizing = False
+                self._cond.notify_all()
+
+
+class LmdbState:
+    """Committed key-value state in LMDB.  Thread-safe; one writer thread at a time."""
+
+    def __init__(self, path: str, map_size: int | None = None, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.gate = ResizeGate()
+        self._write_lock = threading.Lock()
+        size = map_size or DEFAULT_MAP_SIZE
+        if not readonly:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        self.env = lmdb.open(path, map_size=size, max_dbs=8, subdir=True, readonly=readonly,
+                             sync=True, metasync=False, map_async=False, writemap=False,
+                             lock=True, max_readers=126, create=not readonly, mode=0o600)
+        if not readonly:
+            self.env.reader_check()  # free slots left by killed processes
+        self.data = self.env.open_db(b"data", create=not readonly)
+        self.txns = self.env.open_db(b"txns", create=not readonly)
+        self.meta = self.env.open_db(b"meta", create=not readonly)
+
+    # ---- reads -------------------------------------------------------------------------
+    def get(self, key: bytes, db=None) -> bytes | None:
+        with self.gate:
+            with self.env.begin(db=db or self.data, buffers=False) as txn:
+                return txn.get(key)
+
+    def get_many(self, keys: list[bytes], db=None) -> list[bytes | None]:
+        """Several point reads in one read transaction."""
+        with self.gate:
+            with self.env.begin(db=db or self.data, buffers=False) as txn:
+                return [txn.get(k) for k in keys]
+
+    def get_meta_int(self, name: bytes, default: int = 0) -> int:
+        raw = self.get(name, self.meta)
+        return default if raw is None else _U64.unpack(raw)[0]
+
+    def applied_lsn(self) -> int:
+        return self.get_meta_int(b"applied")
+
+    def scan(self, lo: bytes, hi: bytes | None, reverse: bool = False, db=None
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """Stream (key, value) with lo <= key < hi (hi None: no upper bound), in order."""
+        db = db or self.data
+        cursor_key: bytes | None = None
+        while True:
+            chunk = self._scan_chunk(db, lo, hi, reverse, cursor_key)
+            yield from chunk
+            if len(chunk) < SCAN_CHUNK:
+                return
+            cursor_key = chunk[-1][0]
+
+    def _scan_chunk(self, db, lo, hi, reverse, after):
+        out = []
+        with self.gate, self.env.begin(db=db) as txn:
+            cur = txn.cursor()
+            if not reverse:
+                ok = cur.set_range(after if after is not None else lo)
+                if ok and after is not None and cur.key() == after:
+                    ok = cur.next()
+                while ok and len(out) < SCAN_CHUNK:
+                    k = cur.key()
+                    if hi is not None and k >= hi:
+                        break
+                    out.append((k, cur.value()))
+                    ok = cur.next()
+            else:
+                start = after if after is not None else hi
+                if start is None:
+                    ok = cur.last()
+                else:
+                    ok = cur.set_range(start)
+                    ok = cur.prev() if ok else cur.last()
+                while ok and len(out) < SCAN_CHUNK:
+                    k = cur.key()
+                    if k < lo:
+                        break
+                    if after is None or k < after:
+                        out.append((k, cur.value()))
+                    ok = cur.prev()
+        return out
+
+    def count(self) -> int:
+        with self.gate, self.env.begin(db=self.data) as txn:
+            return txn.stat(self.data)["entries"]
+
+    # ---- writes ------------------------------------------------------------------------
+    def write(self, fn) -> None:
+        """Run ``fn(txn)`` in one write transaction, growing the map on MapFullError."""
+        if self.readonly:
+            raise ReadOnlyError("LMDB state is open read-only")
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        fn(txn)
+                    return
+                except lmdb.MapFullError:
+                    self._grow()
+
+    def _grow(self) -> None:
+        new_size = self.env.info()["map_size"] * 2
+        self.gate.exclusive(lambda: self.env.set_mapsize(new_size))
+
+    def apply(self, writes: Iterable[tuple[bytes, bytes | None]], applied_end: int,
+              txn_rows: Iterable[tuple[int, bytes]] = (), next_txid: int | None = None) -> None:
+        """Apply committed writes (value None deletes) and advance ``applied`` atomically."""
+        writes = list(writes)
+        txn_rows = list(txn_rows)
+
+        def body(txn) -> None:
+            for key, value in writes:
+                if value is None:
+                    txn.delete(key, db=self.data)
+                else:
+                    txn.put(key, value, db=self.data)
+            for txid, row in txn_rows:
+                txn.put(txid_key(txid), row, db=self.txns)
+            txn.put(b"applied", _U64.pack(applied_end), db=self.meta)
+            if next_txid is not None:
+                cur = txn.get(b"next_txid", db=self.meta)
+                if cur is None or _U64.unpack(cur)[0] < next_txid:
+                    txn.put(b"next_txid", _U64.pack(next_txid), db=self.meta)
+
+        self.write(body)
+
+    def set_meta_int(self, name: bytes, value: int) -> None:
+        self.write(lambda txn: txn.put(name, _U64.pack(value), db=self.meta))
+
+    def sync(self) -> None:
+        """Force data and meta pages to stable storage (the checkpoint barrier)."""
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()

@@ -1,0 +1,81 @@
+"""Payload schemas of WAL records, and the committed-transaction entry built from them.
+
+Every payload is a msgpack map with short string keys; readers ignore keys they do not
+know (so a newer writer can add fields) and treat a missing required key as corruption.
+
+COMMIT / WRITES: ``{"tx": txid, "w": [[key, value|None, before|None|False], ...]}`` and,
+for COMMIT, ``"ts"`` (unix seconds, float) and ``"meta"``.  ``value`` None is a delete;
+``before`` is the packed value the key had just before this commit (None: absent).  A
+large transaction writes WRITES chunks first and its COMMIT last; all are contiguous.
+CHECKPOINT: ``{"applied": lsn, "keep": lsn, "ts": t}``.  ABORT: ``{"tx": txid}``.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codec import pack, unpack
+
+Write = tuple  # (stored key, packed value or None, packed before-image or None)
+
+
+@dataclass
+class CommitEntry:
+    """A committed transaction as the store and recovery handle it."""
+
+    txid: int
+    lsn: int
+    end_lsn: int
+    ts: float
+    meta: Any
+    writes: list
+    extra: dict = field(default_factory=dict)
+
+    def txn_row(self) -> bytes:
+        """The row of the ``txns`` index in LMDB (what ``store.log()`` reads)."""
+        row = {"tx": self.txid, "lsn": self.lsn, "end": self.end_lsn, "ts": self.ts,
+               "meta": self.meta, "w": [[k, b] for k, _v, b in self.writes]}
+        row.update(self.extra)
+        return pack(row)
+
+
+def commit_payload(txid: int, writes: list, meta: Any, extra: dict | None = None,
+                   ts: float | None = None) -> bytes:
+    body = {"tx": txid, "ts": time.time() if ts is None else ts, "meta": meta, "w": writes}
+    if extra:
+        body.update(extra)
+    return pack(body)
+
+
+def writes_payload(txid: int, writes: list) -> bytes:
+    return pack({"tx": txid, "w": writes})
+
+
+def decode(payload: bytes) -> dict:
+    """Unpack a payload; ValueError when it is not a msgpack map."""
+    body = unpack(payload)
+    if not isinstance(body, dict):
+        raise ValueError(f"record payload is a {type(body).__name__}, not a map")
+    return body
+
+
+def parse_writes(body: dict) -> list:
+    writes = body.get("w")
+    if not isinstance(writes, list):
+        raise ValueError("record has no write list")
+    out = []
+    for w in writes:
+        if (not isinstance(w, list) or len(w) < 2 or not isinstance(w[0], bytes)
+                or not (w[1] is None or isinstance(w[1], bytes))):
+            raise ValueError("malformed write entry")
+        before = w[2] if len(w) > 2 and isinstance(w[2], bytes) else None
+        out.append((w[0], w[1], before))
+    return out
+
+
+def txid_of(body: dict) -> int:
+    txid = body.get("tx")
+    if not isinstance(txid, int) or txid < 0:
+        raise ValueError("record has no valid transaction id")
+    return txid

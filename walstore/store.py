@@ -1,0 +1,615 @@
+"""The Store: opening, reads, the commit pipeline, the LMDB applier and checkpoints.
+
+Write path (``_commit``), with the invariant each step keeps:
+
+1. under ``_lock``: validate the transaction (optimistic concurrency: nothing it read or
+   scanned was written by a transaction that committed after it started), take the
+   before-images, append the commit record(s) to the WAL, register the write set as
+   *unpublished*.  Appends are in LSN order; the WAL record is written before anything
+   else can see the commit.
+2. ``durability="full"``: ``wal.sync_to(end)``; concurrent committers share one fsync
+   (group commit).  "normal"/"none": no fsync here ("normal": a flusher thread fsyncs
+   every ``sync_interval`` seconds).
+3. publish, in LSN order, every commit whose record is durable (or, for normal/none,
+   written): its writes enter the *overlay* (committed, not yet in LMDB) and become
+   visible to every read.  ``_published_lsn`` is the watermark transactions start from.
+4. the applier thread moves published commits into LMDB in batches (one LMDB commit, one
+   fdatasync, per batch; the ``applied`` LSN in the same LMDB transaction), after making
+   sure the WAL is durable up to the batch (WAL before data), then drops them from the
+   overlay.  Reads see overlay first, then LMDB, so every committed write is visible at
+   once and stays visible while it moves.
+5. checkpoints (every ``checkpoint_bytes`` of WAL, on close, or on demand): apply all,
+   force LMDB's meta page to disk, log a CHECKPOINT record, remove segments wholly below
+   what LMDB holds and what open transactions need.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from . import records
+from .codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack, unpack_value
+from .errors import (ConflictError, NeedsRecovery, ReadOnlyError, StoreClosed, WalstoreError)
+from .framing import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, RecordType
+from .kv import LmdbState
+from .layout import Layout, ProcessLock
+from .recovery import LogPosition, Recovery, RecoveryReport
+from .records import CommitEntry
+from .segments import create_segment
+from .txn import Transaction
+from .wal import DEFAULT_SEGMENT_SIZE, WalWriteError, WriteAheadLog
+
+DURABILITIES = ("full", "normal", "none")
+RECOVER_MODES = ("auto", "manual")
+CHUNK_BYTES = 4 * 1024 * 1024  # a commit's writes are split into WAL records of about this
+
+
+class Options:
+    """Tuning knobs beyond the contract's open() arguments; defaults suit most agents."""
+
+    def __init__(self, segment_size: int = DEFAULT_SEGMENT_SIZE, sync_interval: float = 0.2,
+                 checkpoint_bytes: int = 64 * 1024 * 1024, apply_batch: int = 2000,
+                 apply_interval: float = 0.5, max_unapplied: int = 50_000,
+                 recovery_mode: str = "strict") -> None:
+        if sync_interval <= 0 or apply_interval <= 0:
+            raise ValueError("sync_interval and apply_interval must be positive")
+        self.segment_size = segment_size
+        self.sync_interval = sync_interval
+        self.checkpoint_bytes = checkpoint_bytes
+        self.apply_batch = apply_batch
+        self.apply_interval = apply_interval
+        self.max_unapplied = max_unapplied
+        self.recovery_mode = recovery_mode
+
+
+class Store:
+    """An open walstore.  Create with :func:`walstore.open`."""
+
+    def __init__(self, path: str, *, durability: str = "full", create: bool = True,
+                 readonly: bool = False, recover: str = "auto", compensators: dict | None = None,
+                 map_size: int | None = None, options: Options | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
+        if recover not in RECOVER_MODES:
+            raise ValueError(f"recover must be 'auto' or 'manual', not {recover!r}")
+        self.layout = Layout(path)
+        self.path = self.layout.root
+        self.durability = durability
+        self.readonly = readonly
+        self.options = options or Options()
+        self.compensators: dict[str, Callable] = dict(compensators or {})
+        self._closed = True
+        self._lock = threading.RLock()
+        self._proc_lock: ProcessLock | None = None
+        self.state: LmdbState | None = None
+        self.wal: WriteAheadLog | None = None
+        self.last_recovery: RecoveryReport | None = None
+        if not self.layout.exists():
+            if readonly or not create:
+                self.layout.read_identity()  # raises NotAStore with the reason
+            self.layout.create()
+        self.store_id = self.layout.read_identity()
+        self._init_memory()
+        try:
+            if readonly:
+                self._open_readonly(map_size)
+            else:
+                self._open_writer(map_size, recover, progress)
+        except BaseException:
+            self._abandon()
+            raise
+        self._closed = False
+        if not readonly:
+            self._start_threads()
+
+    # ---- opening and closing -----------------------------------------------------------
+    def _init_memory(self) -> None:
+        self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
+        self._unpublished: dict[bytes, tuple[int, bytes | None]] = {}
+        self._pending: collections.deque[CommitEntry] = collections.deque()
+        self._apply_queue: collections.deque[CommitEntry] = collections.deque()
+        self._last_write: dict[bytes, int] = {}
+        self._recent: collections.deque[tuple[int, tuple]] = collections.deque()
+        self._active: dict[int, Transaction] = {}
+        self._published_lsn = 0
+        self._applied_lsn = 0
+        self._apply_cond = threading.Condition(threading.Lock())
+        self._apply_lock = threading.Lock()
+        self._checkpoint_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._background_error: BaseException | None = None
+        self._txids = itertools.count(1)
+
+    def _open_writer(self, map_size, recover, progress) -> None:
+        self._proc_lock = ProcessLock(self.layout)
+        self.state = LmdbState(self.layout.db, map_size)
+        if recover == "manual" and self.needs_recovery():
+            raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
+                                f"`walstore recover {self.path}` (or open with recover='auto')")
+        self.recover(self.options.recovery_mode, progress)
+        self.state.set_meta_int(b"open", 1)
+        self.state.sync()
+
+    def needs_recovery(self) -> bool:
+        """True when the last writer did not close the store cleanly."""
+        return self.state.get_meta_int(b"open") == 1
+
+    def recover(self, mode: str = "strict", progress=None, handlers: dict | None = None
+                ) -> RecoveryReport:
+        """Run recovery (analysis, REDO, UNDO) and position the WAL; see walstore.recovery."""
+        rec = Recovery(self.layout.root, self.store_id, self.state, mode, progress, handlers)
+        position = rec.run()
+        self.last_recovery = rec.report
+        self._position_wal(position, rec.report.end_lsn)
+        applied = self.state.applied_lsn()
+        self._published_lsn = self._applied_lsn = applied
+        self._txids = itertools.count(max(self.state.get_meta_int(b"next_txid", 1),
+                                          rec.analysis.max_txid + 1))
+        if rec.report.redone or rec.report.problems:
+            self._checkpoint_locked()
+        return rec.report
+
+    def _position_wal(self, pos: LogPosition, end_lsn: int) -> None:
+        if pos.create_new:
+            create_segment(self.layout.wal, self.store_id, pos.segment_start,
+                           self.options.segment_size)
+        self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
+                                 self.options.segment_size)
+
+    def _open_readonly(self, map_size) -> None:
+        self.state = LmdbState(self.layout.db, map_size, readonly=True)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read-only stores: load commits logged past LMDB's applied LSN into the overlay."""
+        from .readonly import load_wal_tail
+        overlay, published = load_wal_tail(self.layout, self.store_id, self.state)
+        with self._lock:
+            self._overlay = overlay
+            self._published_lsn = published
+
+    def _start_threads(self) -> None:
+        self._spawn(self._applier_loop, "walstore-applier")
+        if self.durability == "normal":
+            self._spawn(self._flusher_loop, "walstore-flusher")
+
+    def _spawn(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def close(self) -> None:
+        """Apply everything, checkpoint, mark the shutdown clean, release the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        with self._apply_cond:
+            self._apply_cond.notify_all()
+        for t in self._threads:
+            t.join()
+        try:
+            if not self.readonly and self.wal.failed is None and self._background_error is None:
+                self._checkpoint_locked()
+                self.state.set_meta_int(b"open", 0)
+                self.state.sync()
+        finally:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Release files without any further write (also used after a failed open)."""
+        if self.wal is not None:
+            self.wal.close()
+        if self.state is not None:
+            self.state.close()
+        if self._proc_lock is not None:
+            self._proc_lock.release()
+            self._proc_lock = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a store dropped without close() still lets go of its lock
+        try:
+            if not getattr(self, "_closed", True):
+                self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosed(f"store {self.path} is closed")
+
+    def _check_writable(self) -> None:
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path} is open read-only")
+        if self.wal.failed is not None:
+            raise ReadOnlyError(f"store {self.path} turned read-only after an fsync error "
+                                f"({self.wal.failed}); reopen it to recover")
+
+    # ---- reads outside a transaction ---------------------------------------------------
+    def _read_committed(self, k: bytes) -> bytes | None:
+        e = self._overlay.get(k)
+        if e is not None:
+            return e[1]
+        return self.state.get(k)
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        """The latest committed value of ``key`` (``default`` when absent)."""
+        self._check_open()
+        v = self._read_committed(encode_key(key))
+        return default if v is None else unpack_value(v)
+
+    def __getitem__(self, key: Key) -> Any:
+        self._check_open()
+        v = self._read_committed(encode_key(key))
+        if v is None:
+            raise KeyError(key)
+        return unpack_value(v)
+
+    def __contains__(self, key: Key) -> bool:
+        self._check_open()
+        return self._read_committed(encode_key(key)) is not None
+
+    def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
+             reverse: bool = False) -> Iterator[tuple[Key, Any]]:
+        """(key, value) of committed state in key order; ``start`` inclusive, ``end`` not."""
+        self._check_open()
+        lo, hi = self._scan_bounds(prefix, start, end)
+        for k, v in self._merged_scan(lo, hi, reverse, []):
+            yield decode_key(k), unpack_value(v)
+
+    def keys(self, prefix: Key | None = None) -> Iterator[Key]:
+        for k, _v in self.scan(prefix=prefix):
+            yield k
+
+    @staticmethod
+    def _scan_bounds(prefix, start, end) -> tuple[bytes, bytes | None]:
+        lo, hi = b"", None
+        if prefix is not None:
+            lo = encode_prefix(prefix)
+            hi = _prefix_end(lo)
+        if start is not None:
+            lo = max(lo, encode_prefix(start))
+        if end is not None:
+            e = encode_prefix(end)
+            hi = e if hi is None else min(hi, e)
+        return lo, hi
+
+    def _merged_scan(self, lo: bytes, hi: bytes | None, reverse: bool,
+                     mine: list[tuple[bytes, bytes | None]]) -> Iterator[tuple[bytes, bytes]]:
+        """Committed LMDB rows overlaid by the overlay, then by ``mine`` (sorted)."""
+        over = sorted((k, e[1]) for k, e in list(self._overlay.items())
+                      if k >= lo and (hi is None or k < hi))
+        base = self.state.scan(lo, hi, reverse)
+        stream = _merge(base, over, reverse)
+        if mine:
+            stream = _merge(stream, mine, reverse)
+        for k, v in stream:
+            if v is not None:
+                yield k, v
+
+    # ---- transactions ------------------------------------------------------------------
+    def transaction(self, meta: Any = None) -> Transaction:
+        """Begin a transaction (use ``with``: commit on exit, rollback on exception)."""
+        self._check_open()
+        check_meta(meta)
+        tx = Transaction(self, next(self._txids), meta, self._published_lsn)
+        self._active[tx.id] = tx
+        return tx
+
+    def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
+            backoff: float = 0.005) -> Any:
+        """Call ``fn(tx)`` in a transaction and commit; retry on ConflictError."""
+        attempt = 0
+        while True:
+            tx = self.transaction(meta=meta)
+            try:
+                with tx:
+                    result = fn(tx)
+                return result
+            except ConflictError:
+                attempt += 1
+                if attempt > retries:
+                    raise
+                time.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + _jitter()))
+
+    def _end_transaction(self, tx: Transaction, committed: bool, run_compensations: bool) -> None:
+        self._active.pop(tx.id, None)
+        if not committed and tx.first_logged_lsn is not None and not self._closed:
+            self._log_abort(tx)
+
+    def _after_partial_rollback(self, tx: Transaction, action_mark: int) -> None:
+        """Hook for the agent layer (compensate actions newer than the savepoint)."""
+
+    def _log_abort(self, tx: Transaction) -> None:
+        try:
+            with self._lock:
+                self.wal.append(RecordType.ABORT, pack({"tx": tx.id}))
+        except WalstoreError:
+            pass  # recovery treats a transaction with no end record as a loser: same outcome
+
+    # ---- the commit pipeline -----------------------------------------------------------
+    def _commit(self, tx: Transaction) -> int | None:
+        if not tx.writes:
+            self._validate(tx)
+            return None
+        self._check_writable()
+        with self._lock:
+            self._check_open()
+            self._validate(tx)
+            entry = self._append_commit(tx)
+            self._note_commit(entry)
+            if self.durability != "full":
+                self._publish(self.wal.written_lsn)
+        if self.durability == "full":
+            self.wal.sync_to(entry.end_lsn)
+            with self._lock:
+                self._publish(self.wal.synced_lsn)
+        if len(self._apply_queue) >= self.options.apply_batch:
+            self._wake_applier(wait=len(self._apply_queue) >= self.options.max_unapplied)
+        self._raise_background_error()
+        return entry.lsn
+
+    def _validate(self, tx: Transaction) -> None:
+        start = tx.start_lsn
+        last = self._last_write
+        stale = [k for k in tx.read_keys if last.get(k, -1) >= start]
+        if tx.read_ranges and not stale:
+            for lsn, keys in reversed(self._recent):
+                if lsn < start:
+                    break
+                for k in keys:
+                    if any(k >= lo and (hi is None or k < hi) for lo, hi in tx.read_ranges):
+                        stale.append(k)
+                        break
+        if stale:
+            names = [decode_key(k) for k in stale[:5]]
+            raise ConflictError(f"transaction {tx.id} read {names} which another transaction "
+                                f"changed after it started; nothing was written", names)
+
+    def _append_commit(self, tx: Transaction) -> CommitEntry:
+        keys = list(tx.writes)
+        befores = self._latest_many(keys)
+        writes = [(k, tx.writes[k], b) for k, b in zip(keys, befores)]
+        extra = self._commit_extra(tx)
+        chunks = _chunk_writes(writes)
+        try:
+            for chunk in chunks[:-1]:
+                lsn, _ = self.wal.append(RecordType.WRITES, records.writes_payload(tx.id, chunk))
+                tx.first_logged_lsn = tx.first_logged_lsn or lsn
+            payload = records.commit_payload(tx.id, chunks[-1], tx.meta, extra)
+            ts = time.time()
+            lsn, end = self.wal.append(RecordType.COMMIT, payload)
+        except WalWriteError:
+            raise
+        return CommitEntry(tx.id, lsn, end, ts, tx.meta, writes, extra)
+
+    def _commit_extra(self, tx: Transaction) -> dict:
+        """Extra fields of the commit record (the agent layer adds its actions)."""
+        return {}
+
+    def _latest_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """The newest logged value of each key (unpublished, overlay, then LMDB)."""
+        out: list = [None] * len(keys)
+        missing = []
+        for i, k in enumerate(keys):
+            e = self._unpublished.get(k) or self._overlay.get(k)
+            if e is not None:
+                out[i] = e[1]
+            else:
+                missing.append(i)
+        if missing:
+            found = self.state.get_many([keys[i] for i in missing])
+            for i, v in zip(missing, found):
+                out[i] = v
+        return out
+
+    def _note_commit(self, entry: CommitEntry) -> None:
+        keys = tuple(k for k, _v, _b in entry.writes)
+        for k, v, _b in entry.writes:
+            self._last_write[k] = entry.lsn
+            self._unpublished[k] = (entry.lsn, v)
+        self._recent.append((entry.lsn, keys))
+        self._pending.append(entry)
+        self._prune_conflict_window()
+
+    def _prune_conflict_window(self) -> None:
+        if len(self._recent) < 1024 and len(self._last_write) < 65536:
+            return
+        horizon = min((t.start_lsn for t in list(self._active.values())),
+                      default=self._published_lsn)
+        while self._recent and self._recent[0][0] < horizon:
+            self._recent.popleft()
+        if len(self._last_write) >= 65536:
+            self._last_write = {k: l for k, l in self._last_write.items() if l >= horizon}
+
+    def _publish(self, upto: int) -> None:
+        """Make every pending commit ending at or below ``upto`` visible, in LSN order."""
+        while self._pending and self._pending[0].end_lsn <= upto:
+            e = self._pending.popleft()
+            for k, v, _b in e.writes:
+                self._overlay[k] = (e.lsn, v)
+                u = self._unpublished.get(k)
+                if u is not None and u[0] == e.lsn:
+                    del self._unpublished[k]
+            self._published_lsn = e.end_lsn
+            self._apply_queue.append(e)
+
+    # ---- applier, flusher, checkpoints -------------------------------------------------
+    def _wake_applier(self, wait: bool = False) -> None:
+        if wait:
+            self._apply_pending()
+        else:
+            with self._apply_cond:
+                self._apply_cond.notify()
+
+    def _applier_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._apply_cond:
+                self._apply_cond.wait(self.options.apply_interval)
+            try:
+                self._apply_pending()
+                if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
+                    self.checkpoint()
+            except BaseException as e:  # surfaced to the next committer and to close()
+                self._background_error = e
+                return
+
+    def _flusher_loop(self) -> None:
+        while not self._stop.wait(self.options.sync_interval):
+            try:
+                self.wal.sync()
+            except BaseException as e:
+                self._background_error = e
+                return
+
+    def _raise_background_error(self) -> None:
+        if self._background_error is not None:
+            raise ReadOnlyError(f"the store's background writer failed: "
+                                f"{self._background_error}") from self._background_error
+
+    def _apply_pending(self) -> int:
+        """Move published commits from the overlay into LMDB; returns how many."""
+        with self._apply_lock:
+            with self._lock:
+                batch = list(self._apply_queue)
+            if not batch:
+                return 0
+            end = batch[-1].end_lsn
+            self.wal.sync_to(end)  # WAL before data: LMDB never gets ahead of the durable log
+            writes = {}
+            for e in batch:
+                for k, v, _b in e.writes:
+                    writes[k] = v
+            rows = [(e.txid, e.txn_row()) for e in batch]
+            self.state.apply(writes.items(), end, rows, next_txid=max(e.txid for e in batch) + 1)
+            with self._lock:
+                for e in batch:
+                    self._apply_queue.popleft()
+                    for k, _v, _b in e.writes:
+                        o = self._overlay.get(k)
+                        if o is not None and o[0] == e.lsn:
+                            del self._overlay[k]
+                self._applied_lsn = end
+            return len(batch)
+
+    def checkpoint(self) -> dict:
+        """Apply all, sync LMDB, log a checkpoint, drop WAL segments no longer needed."""
+        self._check_open()
+        if self.readonly:
+            raise ReadOnlyError("a read-only store cannot checkpoint")
+        self._check_writable()
+        return self._checkpoint_locked()
+
+    def _checkpoint_locked(self) -> dict:
+        with self._checkpoint_lock:
+            self._apply_pending()
+            self.state.sync()
+            applied = self.state.applied_lsn()
+            keep = min([applied] + [t.first_logged_lsn for t in list(self._active.values())
+                                    if t.first_logged_lsn is not None])
+            with self._lock:
+                self.wal.append(RecordType.CHECKPOINT,
+                                pack({"applied": applied, "keep": keep, "ts": time.time()}))
+                self.wal.bytes_since_checkpoint = 0
+            self.wal.sync()
+            removed = self.wal.trim_below(keep)
+            return {"applied_lsn": applied, "keep_lsn": keep, "segments_removed": len(removed),
+                    "wal_bytes": self.wal.disk_bytes()}
+
+    def sync(self) -> None:
+        """Make every commit so far durable (useful with durability='normal' or 'none')."""
+        self._check_open()
+        self.wal.sync()
+
+    # ---- introspection -----------------------------------------------------------------
+    def stats(self) -> dict:
+        self._check_open()
+        info = self.state.env.info()
+        st = self.state.env.stat()
+        return {
+            "path": self.path,
+            "store_id": self.store_id.hex(),
+            "durability": self.durability,
+            "readonly": self.readonly,
+            "keys": self.state.count() + sum(1 for e in self._overlay.values() if e[1] is not None),
+            "applied_lsn": self.state.applied_lsn(),
+            "published_lsn": self._published_lsn,
+            "wal_end_lsn": self.wal.written_lsn if self.wal else None,
+            "wal_synced_lsn": self.wal.synced_lsn if self.wal else None,
+            "wal_segments": len(os.listdir(self.layout.wal)),
+            "wal_bytes": self.wal.disk_bytes() if self.wal else None,
+            "wal_fsyncs": self.wal.fsyncs if self.wal else 0,
+            "overlay_keys": len(self._overlay),
+            "lmdb_map_size": info["map_size"],
+            "lmdb_pages": st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"],
+            "active_transactions": len(self._active),
+        }
+
+    def __repr__(self) -> str:
+        return f"<walstore.Store {self.path!r}{' closed' if self._closed else ''}>"
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with ``prefix``."""
+    p = bytearray(prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return None
+    p[-1] += 1
+    return bytes(p)
+
+
+def _merge(base: Iterator, updates: list, reverse: bool) -> Iterator:
+    """Merge two key-sorted streams of (key, value); ``updates`` win on equal keys."""
+    if reverse:
+        updates = updates[::-1]
+    ui = 0
+    n = len(updates)
+    for k, v in base:
+        while ui < n and (updates[ui][0] > k if reverse else updates[ui][0] < k):
+            yield updates[ui]
+            ui += 1
+        if ui < n and updates[ui][0] == k:
+            yield updates[ui]
+            ui += 1
+        else:
+            yield k, v
+    while ui < n:
+        yield updates[ui]
+        ui += 1
+
+
+def _chunk_writes(writes: list) -> list[list]:
+    """Split a write set into chunks of about CHUNK_BYTES (the last becomes the COMMIT)."""
+    chunks, cur, size = [], [], 0
+    for w in writes:
+        n = len(w[0]) + len(w[1] or b"") + len(w[2] or b"") + 16
+        if cur and size + n > CHUNK_BYTES:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(list(w))
+        size += n
+    chunks.append(cur)
+    assert all(sum(len(w[0]) + len(w[1] or b"") + len(w[2] or b"") for w in c) < MAX_PAYLOAD
+               for c in chunks)
+    return chunks
+
+
+def _jitter() -> float:
+    return int.from_bytes(os.urandom(2), "little") / 65535

@@ -1,0 +1,139 @@
+"""The write-ahead log as a whole: appends, rotation, group-commit fsync, trimming.
+
+Owns the directory ``<store>/wal`` once recovery has positioned it (see
+:mod:`walstore.recovery`).  The log is one LSN space cut into segments; an LSN is a byte
+position in that space (segment headers excluded).
+
+Invariants:
+- records are appended in LSN order by one thread at a time (``append`` takes the lock);
+- ``synced_lsn`` only grows, and every byte below it has been fdatasynced;
+- a segment is fsynced in full before the next one is created (so only the last segment
+  can hold a torn tail);
+- after an fsync error the log is *failed*: nothing is written or synced again, every
+  later append raises ReadOnlyError (a retried fsync can lie: FACTS.md);
+- a write error (ENOSPC, EIO) fails only the append in hand: the end position is not
+  advanced, so the next record overwrites the partial bytes;
+- segments are removed only when wholly below the trim point the caller computes, and
+  never the segment being written.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from . import fileio
+from .errors import ReadOnlyError, WalstoreError
+from .framing import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
+from .segments import SegmentWriter, create_segment, list_segments, segment_name
+
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+
+
+class WalWriteError(WalstoreError, OSError):
+    """Writing a record failed (disk full, I/O error); nothing of it counts as logged."""
+
+
+class WriteAheadLog:
+    def __init__(self, wal_dir: str, store_id: bytes, segment_start: int, offset: int,
+                 segment_size: int = DEFAULT_SEGMENT_SIZE, synced_lsn: int | None = None) -> None:
+        self.dir = wal_dir
+        self.store_id = store_id
+        self.segment_size = max(segment_size, SEGMENT_HEADER_SIZE + 4096)
+        self.lock = threading.RLock()      # appends and rotation
+        self._sync_lock = threading.Lock()  # one fsync at a time; waiters batch behind it
+        self.writer = SegmentWriter(os.path.join(wal_dir, segment_name(segment_start)), store_id,
+                                    segment_start, offset)
+        self.written_lsn = self.writer.end_lsn
+        self.synced_lsn = self.written_lsn if synced_lsn is None else synced_lsn
+        self.failed: BaseException | None = None
+        self.bytes_since_checkpoint = 0
+        self.fsyncs = 0
+
+    # ---- appending ---------------------------------------------------------------------
+    def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
+        """Append one record; returns (lsn, end_lsn).  Not yet durable: see ``sync_to``."""
+        with self.lock:
+            self._check_usable()
+            need = RECORD_HEADER_SIZE + len(payload)
+            if need > self.writer.room():
+                self._rotate(need)
+            lsn = self.writer.end_lsn
+            data = self.writer.frame(rtype, payload, self.synced_lsn, lsn)
+            try:
+                self.writer.write_at_end(data)
+            except OSError as e:
+                raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
+                                    ) from e
+            self.written_lsn = self.writer.end_lsn
+            self.bytes_since_checkpoint += len(data)
+            return lsn, self.written_lsn
+
+    def _rotate(self, need: int) -> None:
+        old = self.writer
+        start = old.end_lsn
+        size = max(self.segment_size, SEGMENT_HEADER_SIZE + need)
+        with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
+            self._fsync(old)
+            self.synced_lsn = max(self.synced_lsn, start)
+            try:
+                path = create_segment(self.dir, self.store_id, start, size)
+            except OSError as e:
+                raise WalWriteError(e.errno, f"could not create a new WAL segment: "
+                                             f"{e.strerror or e}") from e
+            self.writer = SegmentWriter(path, self.store_id, start, SEGMENT_HEADER_SIZE)
+            old.close()
+
+    # ---- durability --------------------------------------------------------------------
+    def sync_to(self, lsn: int) -> None:
+        """Return once every byte below ``lsn`` is durable; concurrent callers share fsyncs."""
+        if self.synced_lsn >= lsn:
+            return
+        with self._sync_lock:
+            if self.synced_lsn >= lsn:
+                return
+            self._check_usable()
+            # Rotation needs _sync_lock, so the writer cannot change under us; appends go
+            # on while we fsync (that is what lets later committers share the next fsync).
+            target = self.written_lsn
+            writer = self.writer
+            self._fsync(writer)
+            self.synced_lsn = max(self.synced_lsn, target)
+
+    def sync(self) -> None:
+        self.sync_to(self.written_lsn)
+
+    def _fsync(self, writer: SegmentWriter) -> None:
+        try:
+            writer.sync()
+            self.fsyncs += 1
+        except OSError as e:
+            self.failed = e
+            raise ReadOnlyError(f"fsync of the WAL failed ({e.strerror or e}); the store is now "
+                                f"read-only, the unsynced commits are unknown until recovery "
+                                f"(reopen the store)") from e
+
+    def _check_usable(self) -> None:
+        if self.failed is not None:
+            raise ReadOnlyError(f"the store turned read-only after an fsync error: {self.failed}")
+
+    # ---- trimming ----------------------------------------------------------------------
+    def trim_below(self, lsn: int) -> list[str]:
+        """Remove segments whose every record lies below ``lsn``; returns removed paths."""
+        with self.lock:
+            segs = list_segments(self.dir)
+            removed = []
+            for (start, path), (next_start, _) in zip(segs, segs[1:]):
+                if next_start <= lsn and start != self.writer.start_lsn:
+                    fileio.unlink(path)
+                    removed.append(path)
+            if removed:
+                fileio.fsync_dir(self.dir)
+            return removed
+
+    def disk_bytes(self) -> int:
+        return sum(os.path.getsize(p) for _, p in list_segments(self.dir))
+
+    def close(self) -> None:
+        with self.lock:
+            self.writer.close()
+
