@@ -427,10 +427,11 @@ def disk_mb(path: Path) -> float:
 
 def _child_build_wal(path: str, target_bytes: str, budget: str) -> dict[str, Any]:
     """Write single-put transactions with durability="none" until the WAL holds
-    target_bytes (by commit LSN, a byte position) or budget seconds pass."""
+    target_bytes (by commit LSN, a byte position) or budget seconds pass.  Checkpoints
+    are pushed beyond the target, so all of it is WAL since the last checkpoint."""
     import walstore
-    store = walstore.open(path, durability="none")
     target, deadline = int(target_bytes), time.monotonic() + float(budget)
+    store = walstore.open(path, durability="none", checkpoint_bytes=2 * target + 64 * MB)
     seq = written = 0
     while written < target and time.monotonic() < deadline:
         with store.transaction() as tx:
@@ -456,15 +457,19 @@ def _child_recover(path: str, last_seq: str) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     seq = int(last_seq)
     verified = store.get(make_key(seq % KEYSPACE)) == make_value(seq)
+    report = getattr(store, "last_recovery", None)
     store.close()
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base,
-            "needed_recovery": needed, "verified": verified}
+            "needed_recovery": needed, "verified": verified,
+            "report": report.as_dict() if hasattr(report, "as_dict") else {}}
 
 
-def _child_steady(path: str, durability: str, commits: str, budget: str) -> dict[str, Any]:
-    """Single-put commits over a bounded key space; sample RSS and disk use 50 times."""
+def _child_steady(path: str, durability: str, commits: str, budget: str, tuning: str
+                  ) -> dict[str, Any]:
+    """Single-put commits over a bounded key space; sample RSS and disk use 50 times.
+    tuning: JSON object of engine Options (quick runs shrink the checkpoint cycle)."""
     import walstore
-    store = walstore.open(path, durability=durability)
+    store = walstore.open(path, durability=durability, **json.loads(tuning))
     total, every = int(commits), max(1, int(commits) // 50)
     series: dict[str, list[float]] = {k: [] for k in ("commits", "rss_mb", "wal_mb", "dir_mb")}
     start = time.perf_counter()
@@ -509,10 +514,17 @@ def recovery(ctx: Context, wal_bytes: int, budget: float) -> Sample:
     rec = run_child(["recover", store, built["last_seq"]], timeout=budget * 4 + 120)
     growth = rec["peak_rss_mb"] - rec["base_rss_mb"]
     wal_mb = built["wal_bytes"] / MB
-    extra = {"wal_mb": round(wal_mb, 1), "records": built["txns"],
+    extra = {"wal_mb": round(wal_mb, 1), "commits": built["txns"],
              "peak_rss_mb": round(rec["peak_rss_mb"], 1), "rss_growth_mb": round(growth, 1),
              "bounded_memory": growth <= max(64.0, wal_mb / 4),
              "needed_recovery": rec["needed_recovery"], "verified": rec["verified"]}
+    report = rec["report"]                # the engine's own RecoveryReport, when it has one
+    if "records" in report:
+        extra["wal_records"] = report["records"]
+    if "redone" in report:
+        extra["redone"] = report["redone"]
+    if report.get("seconds"):                 # the recovery pass alone, without open's rest
+        extra["pass_rate"] = round(report.get("records", built["txns"]) / report["seconds"])
     if not rec["verified"]:
         raise RuntimeError(f"after recovery the last commit (seq {built['last_seq']}) is missing")
     return Sample(built["txns"], rec["seconds"], extra)
@@ -540,14 +552,16 @@ def flatness(series: dict[str, list[float]]) -> dict[str, Any]:
             "wal_mb_max": round(max(wal), 1),
             "wal_slope_mb_per_100k": round(slope_per_100k(late["commits"], late["wal_mb"]), 3),
             "dir_mb_end": round(series["dir_mb"][-1], 1),
+            "dir_slope_mb_per_100k": round(slope_per_100k(late["commits"], late["dir_mb"]), 3),
             "flat": rss_flat and wal_flat}
 
 
-def steady_state(ctx: Context, commits: int, budget: float) -> Sample:
+def steady_state(ctx: Context, commits: int, budget: float,
+                 tuning: dict[str, int] | None = None) -> Sample:
     """A long run of single-put commits in a child: RSS and WAL disk use over time."""
     durability = "normal" if ctx.system.endswith("-normal") else "full"
-    report = run_child(["steady", ctx.directory / "store", durability, commits, budget],
-                       timeout=budget + 120)
+    report = run_child(["steady", ctx.directory / "store", durability, commits, budget,
+                        json.dumps(tuning or {})], timeout=budget + 120)
     series = report["series"]
     return Sample(report["commits"], report["seconds"], flatness(series), series)
 
@@ -571,6 +585,7 @@ class Profile:
     recovery_budget: float            # seconds to build one WAL
     steady_commits: int
     steady_budget: float
+    steady_tuning: tuple[tuple[str, int], ...] = ()   # engine Options for the steady run
 
     def scaled(self, factor: float) -> Profile:
         """Every count multiplied by factor (at least 1); repeats and budgets kept."""
@@ -583,10 +598,11 @@ class Profile:
         return replace(self, **changes)
 
 
-QUICK = Profile(repeats=2, budget=1.0, single_puts=400, threads=8, thread_puts=800,
-                txn100_txns=40, bulk_puts=20_000, read_keys=20_000, reads=50_000,
-                savepoints=400, recovery_bytes=(1 * MB, 4 * MB), recovery_budget=10.0,
-                steady_commits=20_000, steady_budget=6.0)
+QUICK = Profile(repeats=3, budget=1.0, single_puts=2_000, threads=8, thread_puts=3_000,
+                txn100_txns=200, bulk_puts=20_000, read_keys=20_000, reads=100_000,
+                savepoints=2_000, recovery_bytes=(1 * MB, 4 * MB), recovery_budget=10.0,
+                steady_commits=120_000, steady_budget=6.0,
+                steady_tuning=(("checkpoint_bytes", 2 * MB), ("segment_size", MB)))
 FULL = Profile(repeats=5, budget=10.0, single_puts=10_000, threads=8, thread_puts=16_000,
                txn100_txns=1_000, bulk_puts=100_000, read_keys=100_000, reads=500_000,
                savepoints=5_000, recovery_bytes=(10 * MB, 100 * MB, 1024 * MB),
@@ -639,7 +655,7 @@ def in_process_workloads(p: Profile) -> list[Workload]:
 
 def child_process_workloads(p: Profile) -> list[Workload]:
     """Workloads (8) recovery per WAL size and (9) steady state: walstore in children."""
-    suite = []
+    suite: list[Workload] = []
     for size in p.recovery_bytes:
         label = f"{size / MB:g}MB"
         targets = [Target("walstore", ">= 100k REDO records/s", minimum=100_000)]
@@ -650,10 +666,12 @@ def child_process_workloads(p: Profile) -> list[Workload]:
             "records/s", ("walstore",), None,
             partial(recovery, wal_bytes=size, budget=p.recovery_budget),
             tuple(targets), isolated=True, max_repeats=3 if size < 512 * MB else 1))
+    tuned = "".join(f", {k}={v:,}" for k, v in p.steady_tuning)
     suite.append(Workload(
-        "steady", "steady", f'steady run, up to {p.steady_commits:,} commits, "normal"',
+        "steady", "steady", f'steady run, up to {p.steady_commits:,} commits, "normal"{tuned}',
         "commits/s", ("walstore-normal",), None,
-        partial(steady_state, commits=p.steady_commits, budget=p.steady_budget),
+        partial(steady_state, commits=p.steady_commits, budget=p.steady_budget,
+                tuning=dict(p.steady_tuning)),
         (Target("walstore-normal", "flat RSS and WAL disk", flag="flat"),),
         isolated=True, max_repeats=1))
     return suite
@@ -673,16 +691,20 @@ def select(suite: list[Workload], names: Sequence[str] | None) -> list[Workload]
 # --------------------------------------------------------------------------- runner
 
 def measure_once(w: Workload, system: str, budget: float) -> Sample:
-    """One measurement of one system in a fresh temporary directory, removed afterwards."""
+    """One measurement of one system in a fresh temporary directory, removed afterwards.
+    The close is timed apart (close_ms): work a system defers past its last commit."""
     directory = Path(tempfile.mkdtemp(prefix=f"walstore-bench-{w.id}-"))
     try:
         if w.isolated:
             return w.body(Context(system, directory, budget))
         adapter = SYSTEMS[system].open(directory)
         try:
-            return w.body(Context(system, directory, budget, adapter))
+            sample = w.body(Context(system, directory, budget, adapter))
         finally:
+            start = time.perf_counter()
             adapter.close()
+        close_ms = round((time.perf_counter() - start) * 1000, 1)
+        return replace(sample, extra={**sample.extra, "close_ms": close_ms})
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -718,9 +740,11 @@ def run_workload(w: Workload, profile: Profile, repeats: int, progress: Progress
 
 
 def _combine(values: list[Any]) -> Any:
+    """One number for a note over all runs: all() of flags, else the median."""
     if all(isinstance(v, bool) for v in values):
         return all(values)
-    return round(statistics.median(values), 3)
+    middle = statistics.median(values)
+    return int(middle) if float(middle).is_integer() else round(middle, 3)
 
 
 def system_row(name: str, samples: list[Sample], error: str | None) -> dict[str, Any]:
@@ -851,7 +875,7 @@ def _fmt_target(t: dict[str, Any]) -> tuple[str, str]:
     if t["met"] is None:
         return t["text"], "n/a"
     measured = "" if t["measured"] is None else (
-        f" ({t['measured']:.2f}x)" if "x " in t["text"] else f" ({fmt_rate(t['measured'])})")
+        f" ({t['measured']:.2f}x)" if t["baseline"] else f" ({fmt_rate(t['measured'])})")
     return t["text"], ("yes" if t["met"] else "**no**") + measured
 
 

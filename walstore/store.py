@@ -40,6 +40,7 @@ from .layout import Layout, ProcessLock
 from .recovery import LogPosition, Recovery, RecoveryReport
 from .records import CommitEntry
 from .segments import create_segment
+from .txlog import TxnInfo, info_from_row
 from .txn import Transaction
 from .wal import DEFAULT_SEGMENT_SIZE, WalWriteError, WriteAheadLog
 
@@ -537,6 +538,29 @@ class Store:
         self.wal.sync()
 
     # ---- introspection -----------------------------------------------------------------
+    def log(self, limit: int | None = None, since: int | None = None) -> list[TxnInfo]:
+        """Committed transactions, newest first (``since``: only txids greater than it)."""
+        self._check_open()
+        out: list[TxnInfo] = []
+        with self._lock:
+            queued = list(self._apply_queue) + [e for e in self._pending
+                                                if e.end_lsn <= self._published_lsn]
+        seen = set()
+        for e in reversed(queued):
+            if (since is None or e.txid > since) and e.txid not in seen:
+                seen.add(e.txid)
+                out.append(info_from_row(e.txn_row()))
+        for _k, raw in self.state.scan(b"", None, reverse=True, db=self.state.txns):
+            if limit is not None and len(out) >= limit:
+                break
+            info = info_from_row(raw)
+            if since is not None and info.txid <= since:
+                break
+            if info.txid not in seen:
+                out.append(info)
+        out.sort(key=lambda i: i.lsn, reverse=True)
+        return out[:limit] if limit is not None else out
+
     def stats(self) -> dict:
         self._check_open()
         info = self.state.env.info()
@@ -546,7 +570,7 @@ class Store:
             "store_id": self.store_id.hex(),
             "durability": self.durability,
             "readonly": self.readonly,
-            "keys": self.state.count() + sum(1 for e in self._overlay.values() if e[1] is not None),
+            "keys": self._count_keys(),
             "applied_lsn": self.state.applied_lsn(),
             "published_lsn": self._published_lsn,
             "wal_end_lsn": self.wal.written_lsn if self.wal else None,
@@ -559,6 +583,13 @@ class Store:
             "lmdb_pages": st["leaf_pages"] + st["branch_pages"] + st["overflow_pages"],
             "active_transactions": len(self._active),
         }
+
+    def _count_keys(self) -> int:
+        n = self.state.count()
+        for k, (_lsn, v) in list(self._overlay.items()):
+            in_lmdb = self.state.get(k) is not None
+            n += (v is not None) - in_lmdb
+        return n
 
     def __repr__(self) -> str:
         return f"<walstore.Store {self.path!r}{' closed' if self._closed else ''}>"
