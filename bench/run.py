@@ -21,6 +21,12 @@ sys.path.insert(0, str(ROOT))
 from walstore.benchmark import render_markdown, run_benchmarks  # noqa: E402
 
 
+def not_run(ax: Any) -> None:
+    ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
 def ratio_panel(ax: Any, results: dict[str, Any]) -> None:
     """Bars from 1.0 to each median ratio vs SQLite (log scale); | marks a target."""
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
@@ -33,6 +39,10 @@ def ratio_panel(ax: Any, results: dict[str, Any]) -> None:
                 color = "tab:red" if row["system"].startswith("walstore") else "tab:gray"
                 bars.append((f"{w['id']} · {row['system']}", row["ratio_vs_sqlite"], color,
                              goals.get(row["system"])))
+    ax.set_title("Ratio vs SQLite (walstore in red)")
+    if not bars:
+        not_run(ax)
+        return
     for y, (_label, ratio, color, goal) in enumerate(bars):
         ax.barh(y, ratio - 1.0, left=1.0, color=color)
         if goal:
@@ -45,7 +55,6 @@ def ratio_panel(ax: Any, results: dict[str, Any]) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xlabel("median throughput / SQLite median (log; 1 = SQLite; | = target)")
-    ax.set_title("Ratio vs SQLite (walstore in red)")
 
 
 def recovery_panel(ax: Any, results: dict[str, Any]) -> None:
@@ -55,11 +64,14 @@ def recovery_panel(ax: Any, results: dict[str, Any]) -> None:
               for row in w["systems"] if row["median"] is not None]
     ax.set_title("Recovery")
     if not points:
-        ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+        not_run(ax)
         return
-    ax.plot(*zip(*sorted(points)), marker="o", color="tab:red", label="walstore")
+    sizes, rates = zip(*sorted(points))
+    ax.plot(sizes, rates, marker="o", color="tab:red", label="walstore")
     ax.axhline(100_000, color="black", linestyle="--", linewidth=0.8, label="target")
     ax.set_xscale("log")
+    ax.set_xticks(sizes, [f"{s:g}" for s in sizes])
+    ax.minorticks_off()
     ax.set_xlabel("WAL since last checkpoint (MB)")
     ax.set_ylabel("REDO records/s")
     ax.legend(fontsize=7)
@@ -72,13 +84,16 @@ def steady_panel(ax: Any, results: dict[str, Any]) -> None:
     ax.set_title("Steady state")
     runs = [(row["system"], row["series"]) for w in results["workloads"]
             for row in w["systems"] if (row.get("series") or {}).get("commits")]
+    names = {"rss_mb": "RSS", "anon_mb": "heap RSS", "wal_mb": "WAL disk",
+             "dir_mb": "store disk"}
     for system, series in runs:
-        ax.plot(series["commits"], series["rss_mb"], label=f"{system} RSS")
-        ax.plot(series["commits"], series["wal_mb"], label=f"{system} WAL disk")
+        for key, name in names.items():
+            if key in series:
+                ax.plot(series["commits"], series[key], label=f"{system} {name}")
     if runs:
         ax.legend(fontsize=7)
     else:
-        ax.text(0.5, 0.5, "not run", ha="center", transform=ax.transAxes)
+        not_run(ax)
 
 
 def chart(results: dict[str, Any], path: Path) -> str:

@@ -279,6 +279,12 @@ class Context:
     budget: float                     # seconds: a timed loop stops early past this
     adapter: Adapter | None = None    # None for isolated (child-process) workloads
 
+    @property
+    def db(self) -> Adapter:
+        if self.adapter is None:
+            raise RuntimeError("an isolated workload has no adapter")
+        return self.adapter
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -313,7 +319,7 @@ def timed(step: Callable[[int], object], count: int, budget: float,
 def write_txns(ctx: Context, txns: int, puts_per_txn: int) -> Sample:
     """txns transactions of puts_per_txn fresh upserts each; ops = puts."""
     batches = chunk(make_items(txns * puts_per_txn), puts_per_txn)
-    return timed(lambda i: ctx.adapter.write(batches[i]), len(batches), ctx.budget,
+    return timed(lambda i: ctx.db.write(batches[i]), len(batches), ctx.budget,
                  puts_per_txn)
 
 
@@ -328,7 +334,7 @@ def threaded_puts(ctx: Context, txns: int, threads: int) -> Sample:
         barrier.wait()
         try:
             for batch in batches[t::threads]:
-                ctx.adapter.write(batch)
+                ctx.db.write(batch)
                 done[t] += 1
                 if time.perf_counter() > deadline:
                     return
@@ -351,19 +357,19 @@ def threaded_puts(ctx: Context, txns: int, threads: int) -> Sample:
 def point_reads(ctx: Context, keys: int, reads: int) -> Sample:
     """Load keys (untimed), then read random existing keys outside any transaction."""
     for batch in chunk([(make_key(i), make_value(i)) for i in range(keys)], 10_000):
-        ctx.adapter.write(batch)
+        ctx.db.write(batch)
     rng = random.Random(4)
     wanted = [make_key(rng.randrange(keys)) for _ in range(reads)]
-    if ctx.adapter.get(wanted[0]) is None:
+    if ctx.db.get(wanted[0]) is None:
         raise RuntimeError(f"{ctx.system}: a loaded key reads back as absent")
-    return timed(lambda i: ctx.adapter.get(wanted[i]), reads, ctx.budget)
+    return timed(lambda i: ctx.db.get(wanted[i]), reads, ctx.budget)
 
 
 def savepoint_txns(ctx: Context, txns: int) -> Sample:
     """Each transaction: put, savepoint, put, roll back to the savepoint, commit."""
     keep = make_items(txns)
     discard = make_items(txns, start=txns)
-    return timed(lambda i: ctx.adapter.savepoint_write(keep[i], discard[i]), txns, ctx.budget)
+    return timed(lambda i: ctx.db.savepoint_write(keep[i], discard[i]), txns, ctx.budget)
 
 
 # --------------------------------------------------------------------------- child processes
@@ -400,11 +406,12 @@ def run_child(args: Sequence[object], timeout: float, crash_after_report: bool =
     return json.loads(line)
 
 
-def rss_mb() -> float:
-    """Current resident set size of this process."""
+def rss_mb(kind: str = "VmRSS") -> float:
+    """Current resident set size of this process: VmRSS (all), RssAnon (heap: what a leak
+    grows) or RssFile (mapped file pages, such as LMDB's map: reclaimable cache)."""
     with open("/proc/self/status", encoding="ascii") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(kind + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
 
@@ -471,7 +478,10 @@ def _child_steady(path: str, durability: str, commits: str, budget: str, tuning:
     import walstore
     store = walstore.open(path, durability=durability, **json.loads(tuning))
     total, every = int(commits), max(1, int(commits) // 50)
-    series: dict[str, list[float]] = {k: [] for k in ("commits", "rss_mb", "wal_mb", "dir_mb")}
+    samplers: dict[str, Callable[[], float]] = {
+        "rss_mb": rss_mb, "anon_mb": partial(rss_mb, "RssAnon"),
+        "wal_mb": partial(disk_mb, Path(path) / "wal"), "dir_mb": partial(disk_mb, Path(path))}
+    series: dict[str, list[float]] = {k: [] for k in ("commits", *samplers)}
     start = time.perf_counter()
     deadline = start + float(budget)
     done = 0
@@ -480,10 +490,9 @@ def _child_steady(path: str, durability: str, commits: str, budget: str, tuning:
             tx.put(make_key(done % KEYSPACE), make_value(done))
         done += 1
         if done % every == 0:
-            for key, value in (("commits", done), ("rss_mb", rss_mb()),
-                               ("wal_mb", disk_mb(Path(path) / "wal")),
-                               ("dir_mb", disk_mb(Path(path)))):
-                series[key].append(value)
+            series["commits"].append(done)
+            for key, sample in samplers.items():
+                series[key].append(sample())
             if time.perf_counter() > deadline:
                 break
     seconds = time.perf_counter() - start
@@ -537,23 +546,23 @@ def slope_per_100k(xs: Sequence[float], ys: Sequence[float]) -> float:
 
 
 def flatness(series: dict[str, list[float]]) -> dict[str, Any]:
-    """Slopes over the second half of a steady run, and whether RSS and WAL disk use stay
-    flat: the second half's peak within 10% + 4 MB (RSS) or 25% + 1 MB (WAL) of the first
-    half's peak."""
+    """End values and slopes (MB per 100k commits, over the second half) of a steady run,
+    and whether heap RSS and WAL disk use stay flat: the second half's peak within 10% +
+    4 MB (heap) or 25% + 1 MB (WAL, a sawtooth of checkpoints) of the first half's peak.
+    Total RSS also counts LMDB's mapped pages, which grow with the data file."""
     half = len(series["commits"]) // 2
     if half < 2:
         raise RuntimeError("steady run too short: fewer than 4 samples")
-    late = {key: values[half:] for key, values in series.items()}
-    rss, wal = series["rss_mb"], series["wal_mb"]
-    rss_flat = max(rss[half:]) <= max(rss[:half]) * 1.10 + 4
-    wal_flat = max(wal[half:]) <= max(wal[:half]) * 1.25 + 1
-    return {"rss_mb_end": round(rss[-1], 1),
-            "rss_slope_mb_per_100k": round(slope_per_100k(late["commits"], late["rss_mb"]), 3),
-            "wal_mb_max": round(max(wal), 1),
-            "wal_slope_mb_per_100k": round(slope_per_100k(late["commits"], late["wal_mb"]), 3),
-            "dir_mb_end": round(series["dir_mb"][-1], 1),
-            "dir_slope_mb_per_100k": round(slope_per_100k(late["commits"], late["dir_mb"]), 3),
-            "flat": rss_flat and wal_flat}
+    out: dict[str, Any] = {}
+    for name in ("rss_mb", "anon_mb", "wal_mb", "dir_mb"):
+        out[f"{name}_end"] = round(series[name][-1], 1)
+        out[f"{name[:-3]}_mb_per_100k"] = round(
+            slope_per_100k(series["commits"][half:], series[name][half:]), 2)
+    anon, wal = series["anon_mb"], series["wal_mb"]
+    out["wal_mb_max"] = round(max(wal), 1)
+    out["flat"] = (max(anon[half:]) <= max(anon[:half]) * 1.10 + 4
+                   and max(wal[half:]) <= max(wal[:half]) * 1.25 + 1)
+    return out
 
 
 def steady_state(ctx: Context, commits: int, budget: float,
