@@ -318,14 +318,13 @@ def timed(step: Callable[[int], object], count: int, budget: float,
 
 def write_txns(ctx: Context, txns: int, puts_per_txn: int) -> Sample:
     """txns transactions of puts_per_txn fresh upserts each; ops = puts."""
-    batches = chunk(make_items(txns * puts_per_txn), puts_per_txn)
-    return timed(lambda i: ctx.db.write(batches[i]), len(batches), ctx.budget,
-                 puts_per_txn)
+    db, batches = ctx.db, chunk(make_items(txns * puts_per_txn), puts_per_txn)
+    return timed(lambda i: db.write(batches[i]), len(batches), ctx.budget, puts_per_txn)
 
 
 def threaded_puts(ctx: Context, txns: int, threads: int) -> Sample:
     """Single-put transactions from several threads at once (group commit)."""
-    batches = chunk(make_items(txns), 1)
+    db, batches = ctx.db, chunk(make_items(txns), 1)
     done = [0] * threads
     errors: list[BaseException] = []
     barrier = threading.Barrier(threads + 1)
@@ -334,7 +333,7 @@ def threaded_puts(ctx: Context, txns: int, threads: int) -> Sample:
         barrier.wait()
         try:
             for batch in batches[t::threads]:
-                ctx.db.write(batch)
+                db.write(batch)
                 done[t] += 1
                 if time.perf_counter() > deadline:
                     return
@@ -356,20 +355,20 @@ def threaded_puts(ctx: Context, txns: int, threads: int) -> Sample:
 
 def point_reads(ctx: Context, keys: int, reads: int) -> Sample:
     """Load keys (untimed), then read random existing keys outside any transaction."""
+    db = ctx.db
     for batch in chunk([(make_key(i), make_value(i)) for i in range(keys)], 10_000):
-        ctx.db.write(batch)
+        db.write(batch)
     rng = random.Random(4)
     wanted = [make_key(rng.randrange(keys)) for _ in range(reads)]
-    if ctx.db.get(wanted[0]) is None:
+    if db.get(wanted[0]) is None:
         raise RuntimeError(f"{ctx.system}: a loaded key reads back as absent")
-    return timed(lambda i: ctx.db.get(wanted[i]), reads, ctx.budget)
+    return timed(lambda i: db.get(wanted[i]), reads, ctx.budget)
 
 
 def savepoint_txns(ctx: Context, txns: int) -> Sample:
     """Each transaction: put, savepoint, put, roll back to the savepoint, commit."""
-    keep = make_items(txns)
-    discard = make_items(txns, start=txns)
-    return timed(lambda i: ctx.db.savepoint_write(keep[i], discard[i]), txns, ctx.budget)
+    db, keep, discard = ctx.db, make_items(txns), make_items(txns, start=txns)
+    return timed(lambda i: db.savepoint_write(keep[i], discard[i]), txns, ctx.budget)
 
 
 # --------------------------------------------------------------------------- child processes
