@@ -10,14 +10,18 @@ from typing import Any, Callable
 from .errors import (CompensationFailed, ConflictError, CorruptionError, HistoryTrimmed,
                      NeedsRecovery, NotAStore, ReadOnlyError, RevertConflict, StoreClosed,
                      StoreLocked, TransactionClosed, WalstoreError)
+from .actions import Action
+from .agent import LSN, HistoricalView, Version
 from .recovery import RecoveryReport
+from .txlog import TxnInfo
 from .store import Options, Store
 from .txn import Savepoint, Transaction
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Store", "Transaction", "Savepoint", "Options", "RecoveryReport",
+    "open", "Store", "Transaction", "Savepoint", "Options", "RecoveryReport", "TxnInfo",
+    "Action", "LSN", "Version", "HistoricalView",
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed",

@@ -388,6 +388,7 @@ def run_child(args: Sequence[object], timeout: float, crash_after_report: bool =
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-c", _CHILD_BOOT, *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+        assert proc.stdout is not None
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
@@ -467,7 +468,7 @@ def _child_recover(path: str, last_seq: str) -> dict[str, Any]:
     store.close()
     return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base,
             "needed_recovery": needed, "verified": verified,
-            "report": report.as_dict() if hasattr(report, "as_dict") else {}}
+            "report": report.as_dict() if report is not None else {}}
 
 
 def _child_steady(path: str, durability: str, commits: str, budget: str, tuning: str

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import lmdb
 
@@ -81,7 +81,7 @@ class LmdbState:
         size = map_size or DEFAULT_MAP_SIZE
         if not readonly:
             os.makedirs(path, mode=0o700, exist_ok=True)
-        self.env = lmdb.open(path, map_size=size, max_dbs=8, subdir=True, readonly=readonly,
+        self.env = lmdb.open(path, map_size=size, max_dbs=16, subdir=True, readonly=readonly,
                              sync=True, metasync=False, map_async=False, writemap=False,
                              lock=True, max_readers=126, create=not readonly, mode=0o600)
         if not readonly:
@@ -89,6 +89,10 @@ class LmdbState:
         self.data = self.env.open_db(b"data", create=not readonly)
         self.txns = self.env.open_db(b"txns", create=not readonly)
         self.meta = self.env.open_db(b"meta", create=not readonly)
+        self.hist = self.env.open_db(b"hist", create=not readonly)
+        self.bylsn = self.env.open_db(b"bylsn", create=not readonly)
+        self.points = self.env.open_db(b"points", create=not readonly)
+        self.actions = self.env.open_db(b"actions", create=not readonly)
 
     # ---- reads -------------------------------------------------------------------------
     def get(self, key: bytes, db=None) -> bytes | None:
@@ -173,20 +177,30 @@ class LmdbState:
         new_size = self.env.info()["map_size"] * 2
         self.gate.exclusive(lambda: self.env.set_mapsize(new_size))
 
-    def apply(self, writes: Iterable[tuple[bytes, bytes | None]], applied_end: int,
-              txn_rows: Iterable[tuple[int, bytes]] = (), next_txid: int | None = None) -> None:
-        """Apply committed writes (value None deletes) and advance ``applied`` atomically."""
-        writes = list(writes)
-        txn_rows = list(txn_rows)
+    def apply(self, entries: list, applied_end: int, next_txid: int | None = None,
+              on_entry=None) -> None:
+        """Apply committed transactions (CommitEntry) in order and advance ``applied``.
+
+        Data, the txns row, the history rows (and whatever ``on_entry(txn, entry)`` adds,
+        the agent layer's action rows) go into one LMDB transaction with ``applied``.
+        """
+        from .history import index_commit
+        latest: dict[bytes, bytes | None] = {}
+        for e in entries:
+            for k, v, _b in e.writes:
+                latest[k] = v
 
         def body(txn) -> None:
-            for key, value in writes:
+            for key, value in latest.items():
                 if value is None:
                     txn.delete(key, db=self.data)
                 else:
                     txn.put(key, value, db=self.data)
-            for txid, row in txn_rows:
-                txn.put(txid_key(txid), row, db=self.txns)
+            for e in entries:
+                txn.put(txid_key(e.txid), e.txn_row(), db=self.txns)
+                index_commit(txn, self, e)
+                if on_entry is not None:
+                    on_entry(txn, e)
             txn.put(b"applied", _U64.pack(applied_end), db=self.meta)
             if next_txid is not None:
                 cur = txn.get(b"next_txid", db=self.meta)

@@ -41,6 +41,9 @@ from .kv import LmdbState
 from .records import CommitEntry
 from .segments import Record, SegmentReader, list_segments
 
+_TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
+                         RecordType.ACTION_INTENT, RecordType.ACTION_RESULT})
+_OPENING_RECORDS = frozenset({RecordType.WRITES, RecordType.ACTION_INTENT})
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 REDO_BATCH = 2000
 MAX_OPEN_TXN_BYTES = 512 * 1024 * 1024  # bound on one uncommitted transaction's chunks
@@ -76,6 +79,8 @@ class RecoveryReport:
     problems: list = field(default_factory=list)
     given_up_records: int = 0
     given_up_txids: list = field(default_factory=list)
+    compensated: list = field(default_factory=list)
+    pending_compensations: list = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -113,11 +118,13 @@ class _Analysis:
 
     def feed(self, rec: Record, body: dict) -> None:
         t = rec.type
-        if t in (RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT):
+        txid = -1
+        if t in _TX_RECORDS:
             txid = records.txid_of(body)
             self.max_txid = max(self.max_txid, txid)
-        if t == RecordType.WRITES:
+        if t in _OPENING_RECORDS:
             self.open_txids.setdefault(txid, rec.lsn)
+        if t == RecordType.WRITES:
             size = self.chunk_bytes.get(txid, 0) + len(rec.payload)
             if size > MAX_OPEN_TXN_BYTES:
                 raise ValueError(f"transaction {txid} exceeds {MAX_OPEN_TXN_BYTES} bytes of writes")
@@ -161,6 +168,7 @@ class Recovery:
         self.report = RecoveryReport(mode=mode)
         self.analysis = _Analysis(state.applied_lsn())
         self.analysis.handlers.update(handlers or {})
+        self.on_apply = None  # agent layer: extra rows per applied commit
         self._stopped = False  # point-in-time: everything after the first damage is dropped
         self._done_bytes = 0
 
@@ -272,9 +280,8 @@ class Recovery:
         if not batch:
             return
         self.analysis.redo = []
-        writes = [(k, v) for e in batch for k, v, _b in e.writes]
-        rows = [(e.txid, e.txn_row()) for e in batch]
-        self.state.apply(writes, batch[-1].end_lsn, rows, next_txid=self.analysis.max_txid + 1)
+        self.state.apply(batch, batch[-1].end_lsn, next_txid=self.analysis.max_txid + 1,
+                         on_entry=self.on_apply)
         self.report.redone += len(batch)
         self.report.commits_seen = self.analysis.commits
 

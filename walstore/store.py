@@ -33,10 +33,15 @@ from typing import Any, Callable, Iterator
 
 from . import records
 from .codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack, unpack_value
-from .errors import (ConflictError, NeedsRecovery, ReadOnlyError, StoreClosed, WalstoreError)
+from .actions import ActionsMixin
+from .agent import AgentMixin
+from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
+                     StoreClosed, WalstoreError)
 from .framing import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, RecordType
 from .kv import LmdbState
 from .layout import Layout, ProcessLock
+from . import history
+from .actions import ActionRecovery
 from .recovery import LogPosition, Recovery, RecoveryReport
 from .records import CommitEntry
 from .segments import create_segment
@@ -55,7 +60,8 @@ class Options:
     def __init__(self, segment_size: int = DEFAULT_SEGMENT_SIZE, sync_interval: float = 0.2,
                  checkpoint_bytes: int = 64 * 1024 * 1024, apply_batch: int = 2000,
                  apply_interval: float = 0.5, max_unapplied: int = 50_000,
-                 recovery_mode: str = "strict") -> None:
+                 recovery_mode: str = "strict", retain_transactions: int | None = None,
+                 retain_seconds: float | None = None) -> None:
         if sync_interval <= 0 or apply_interval <= 0:
             raise ValueError("sync_interval and apply_interval must be positive")
         self.segment_size = segment_size
@@ -65,10 +71,21 @@ class Options:
         self.apply_interval = apply_interval
         self.max_unapplied = max_unapplied
         self.recovery_mode = recovery_mode
+        if retain_transactions is not None and retain_transactions < 1:
+            raise ValueError("retain_transactions must be at least 1 (or None: keep all)")
+        if retain_seconds is not None and retain_seconds <= 0:
+            raise ValueError("retain_seconds must be positive (or None: keep all)")
+        self.retain_transactions = retain_transactions
+        self.retain_seconds = retain_seconds
 
 
-class Store:
-    """An open walstore.  Create with :func:`walstore.open`."""
+class Store(ActionsMixin, AgentMixin):
+    """An open walstore.  Create with :func:`walstore.open`.
+
+    The core (this module) owns reads, commits and checkpoints; the agent layer's methods
+    come from :class:`walstore.actions.ActionsMixin` (intents, compensations) and
+    :class:`walstore.agent.AgentMixin` (log, history, revert, rewind, restore points).
+    """
 
     def __init__(self, path: str, *, durability: str = "full", create: bool = True,
                  readonly: bool = False, recover: str = "auto", compensators: dict | None = None,
@@ -144,7 +161,10 @@ class Store:
     def recover(self, mode: str = "strict", progress=None, handlers: dict | None = None
                 ) -> RecoveryReport:
         """Run recovery (analysis, REDO, UNDO) and position the WAL; see walstore.recovery."""
-        rec = Recovery(self.layout.root, self.store_id, self.state, mode, progress, handlers)
+        undo = ActionRecovery()
+        rec = Recovery(self.layout.root, self.store_id, self.state, mode, progress,
+                       {**undo.handlers(), **(handlers or {})})
+        rec.on_apply = self._index_entry
         position = rec.run()
         self.last_recovery = rec.report
         self._position_wal(position, rec.report.end_lsn)
@@ -152,9 +172,28 @@ class Store:
         self._published_lsn = self._applied_lsn = applied
         self._txids = itertools.count(max(self.state.get_meta_int(b"next_txid", 1),
                                           rec.analysis.max_txid + 1))
-        if rec.report.redone or rec.report.problems:
+        self._undo_losers(undo, rec.report)
+        if rec.report.redone or rec.report.problems or rec.report.losers:
             self._checkpoint_locked()
         return rec.report
+
+    def _undo_losers(self, undo: "ActionRecovery", report: RecoveryReport) -> None:
+        """UNDO: losers' writes were never applied; settle their actions, log their ABORT."""
+        rows = undo.rows_to_write(report.losers)
+        if rows:
+            self._put_action_rows(rows)
+        for point in undo.points:
+            history.put_point(self.state, point["name"], point["lsn"], point["ts"])
+        if report.losers:
+            with self._lock:
+                for txid in report.losers:
+                    self.wal.append(RecordType.ABORT, pack({"tx": txid, "recovered": True}))
+            self.wal.sync()
+        owed = [a for a in self._load_actions(pending=True)
+                if a.state == "pending" and a.compensate in self.compensators]
+        failed = self._compensate(owed, raise_on_failure=False)
+        report.compensated = [a.id for a in owed if a not in failed]
+        report.pending_compensations = [a.id for a in self._load_actions(pending=True)]
 
     def _position_wal(self, pos: LogPosition, end_lsn: int) -> None:
         if pos.create_new:
@@ -330,11 +369,16 @@ class Store:
 
     def _end_transaction(self, tx: Transaction, committed: bool, run_compensations: bool) -> None:
         self._active.pop(tx.id, None)
+        failure = None
+        if not committed and run_compensations and tx.actions:
+            try:
+                self._compensate(list(tx.actions))  # newest first; see walstore.actions
+            except CompensationFailed as e:
+                failure = e
         if not committed and tx.first_logged_lsn is not None and not self._closed:
             self._log_abort(tx)
-
-    def _after_partial_rollback(self, tx: Transaction, action_mark: int) -> None:
-        """Hook for the agent layer (compensate actions newer than the savepoint)."""
+        if failure is not None:
+            raise failure
 
     def _log_abort(self, tx: Transaction) -> None:
         try:
@@ -345,7 +389,7 @@ class Store:
 
     # ---- the commit pipeline -----------------------------------------------------------
     def _commit(self, tx: Transaction) -> int | None:
-        if not tx.writes:
+        if not tx.writes and not tx.actions and not tx.commit_extra:
             self._validate(tx)
             return None
         self._check_writable()
@@ -398,10 +442,6 @@ class Store:
         except WalWriteError:
             raise
         return CommitEntry(tx.id, lsn, end, ts, tx.meta, writes, extra)
-
-    def _commit_extra(self, tx: Transaction) -> dict:
-        """Extra fields of the commit record (the agent layer adds its actions)."""
-        return {}
 
     def _latest_many(self, keys: list[bytes]) -> list[bytes | None]:
         """The newest logged value of each key (unpublished, overlay, then LMDB)."""
@@ -492,12 +532,8 @@ class Store:
                 return 0
             end = batch[-1].end_lsn
             self.wal.sync_to(end)  # WAL before data: LMDB never gets ahead of the durable log
-            writes = {}
-            for e in batch:
-                for k, v, _b in e.writes:
-                    writes[k] = v
-            rows = [(e.txid, e.txn_row()) for e in batch]
-            self.state.apply(writes.items(), end, rows, next_txid=max(e.txid for e in batch) + 1)
+            self.state.apply(batch, end, next_txid=max(e.txid for e in batch) + 1,
+                             on_entry=self._index_entry)
             with self._lock:
                 for e in batch:
                     self._apply_queue.popleft()
@@ -529,8 +565,9 @@ class Store:
                 self.wal.bytes_since_checkpoint = 0
             self.wal.sync()
             removed = self.wal.trim_below(keep)
+            trimmed = self._trim_history()
             return {"applied_lsn": applied, "keep_lsn": keep, "segments_removed": len(removed),
-                    "wal_bytes": self.wal.disk_bytes()}
+                    "wal_bytes": self.wal.disk_bytes(), "history_trimmed": trimmed}
 
     def sync(self) -> None:
         """Make every commit so far durable (useful with durability='normal' or 'none')."""

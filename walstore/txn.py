@@ -72,7 +72,9 @@ class Transaction:
         self._serial = 0
         self.read_keys: set[bytes] = set()
         self.read_ranges: list[tuple[bytes, bytes | None]] = []
-        self.actions: list = []  # agent layer: actions run in this transaction
+        self.actions: list = []  # agent layer: live actions (rolled-back ones removed)
+        self.actions_ever: list = []  # every action begun (numbers action ids)
+        self.commit_extra: dict | None = None  # agent layer: extra commit record fields
         self.first_logged_lsn: int | None = None  # set once the tx logs a record before commit
 
     # ---- context manager ---------------------------------------------------------------
@@ -144,6 +146,18 @@ class Transaction:
                       if k >= lo and (hi is None or k < hi))
         for k, v in self._store._merged_scan(lo, hi, reverse, mine):
             yield decode_key(k), unpack_value(v)
+
+    # ---- external side effects ---------------------------------------------------------
+    def action(self, name: str, args: Any = None, compensate: str | None = None):
+        """``with tx.action("charge", args=..., compensate="refund") as act:`` (Saga).
+
+        Entering logs a durable intent before the body runs; ``act.key`` is a stable
+        idempotency key; set ``act.result``.  See walstore.actions.
+        """
+        from .actions import ActionScope
+        self._check_active()
+        self._store._check_writable()
+        return ActionScope(self, self._store._new_action(self, name, args, compensate))
 
     # ---- savepoints --------------------------------------------------------------------
     def savepoint(self, name: str | None = None) -> Savepoint:

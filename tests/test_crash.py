@@ -1,0 +1,519 @@
+"""Crash tests with real processes and real files: SIGKILL a writer, reopen, check.
+
+``tools/writer.py`` commits transactions and prints ``ACK <txid> <json>`` after each
+commit returns.  These tests kill it with SIGKILL at random moments and check the
+contract's promises (section 4): every acknowledged commit is there with its exact values,
+the invariant holds (money moved between ten accounts keeps its total), no partial
+transaction or rolled-back savepoint write is visible, ``verify_store`` is happy before and
+after recovery, and recovery itself (CLI, repeated, manual mode), the writer lock,
+``NotAStore`` and file permissions behave.
+
+``WALSTORE_CRASH_ROUNDS`` (default 4) sets the number of kill rounds of the long tests;
+``WALSTORE_CRASH_SEED`` fixes the random kill moments (printed on failure).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import walstore  # noqa: E402
+from walstore.kv import LmdbState  # noqa: E402
+from walstore.layout import Layout  # noqa: E402
+from walstore.recovery import Recovery  # noqa: E402
+from walstore.segments import SegmentReader, list_segments  # noqa: E402
+from walstore.verify import verify_store  # noqa: E402
+
+WRITER = ROOT / "tools" / "writer.py"
+ROUNDS = max(1, int(os.environ.get("WALSTORE_CRASH_ROUNDS", "4")))
+SEED = int(os.environ.get("WALSTORE_CRASH_SEED", str(int(time.time() * 1000) % 1_000_000)))
+ACCOUNTS = [f"acct/{i}" for i in range(10)]
+TOTAL = 10_000
+SMALL_SEGMENT = 65536
+
+
+@pytest.fixture
+def rng(request) -> random.Random:
+    seed = SEED + sum(map(ord, request.node.name))
+    print(f"WALSTORE_CRASH_SEED={SEED} (rng seed {seed})")
+    return random.Random(seed)
+
+
+# ---- the writer process --------------------------------------------------------------------
+class Writer:
+    """tools/writer.py in a subprocess; collects its stdout lines as they come."""
+
+    def __init__(self, store: Path, *args: str, umask: int | None = None,
+                 seconds: float = 60) -> None:
+        self.stderr_path = store.parent / f"writer-{time.monotonic_ns()}.err"
+        self._stderr = open(self.stderr_path, "wb")
+        preexec = (lambda: os.umask(umask)) if umask is not None else None
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WRITER), str(store), "--seconds", str(seconds), *args],
+            stdout=subprocess.PIPE, stderr=self._stderr, preexec_fn=preexec, cwd=str(ROOT))
+        self.pid = self.proc.pid
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        buf = b""
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            buf += chunk
+            *done, buf = buf.split(b"\n")
+            with self._cond:
+                self.lines.extend(line.decode() for line in done)  # only complete lines
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_for(self, pred, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not pred(self.lines):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._eof:
+                    return pred(self.lines)
+                self._cond.wait(left)
+            return True
+
+    def wait_acks(self, n: int, timeout: float = 20.0) -> None:
+        ok = self.wait_for(lambda ls: sum(1 for x in ls if x.startswith("ACK ")) >= n, timeout)
+        if not ok:
+            raise AssertionError(f"writer gave fewer than {n} ACKs: {self.lines[-5:]}\n"
+                                 f"{self.stderr()}")
+
+    def wait_line(self, prefix: str, timeout: float = 20.0) -> str:
+        ok = self.wait_for(lambda ls: any(x.startswith(prefix) for x in ls), timeout)
+        if not ok:
+            raise AssertionError(f"writer never printed {prefix!r}: {self.lines[-5:]}\n"
+                                 f"{self.stderr()}")
+        return next(x for x in self.lines if x.startswith(prefix))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=20)
+        self._reader.join(timeout=20)
+        self._stderr.close()
+
+    def finish(self, timeout: float = 30) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=20)
+        self._stderr.close()
+        return rc
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
+
+    def acks(self) -> list[tuple[int, int, dict]]:
+        """(txid, lsn, writes) of every ACK line."""
+        out = []
+        for line in self.lines:
+            if line.startswith("ERROR"):
+                raise AssertionError(f"the writer reported an error: {line}\n{self.stderr()}")
+            if line.startswith("ACK "):
+                _, txid, doc = line.split(" ", 2)
+                d = json.loads(doc)
+                out.append((int(txid), d["lsn"], d["writes"]))
+        return out
+
+
+def kill_at_random(store: Path, rng: random.Random, *args: str, early: bool = False,
+                   **kw) -> Writer:
+    """Run a writer and SIGKILL it at a random moment (``early``: maybe before any ACK,
+    possibly during its own open/recovery)."""
+    w = Writer(store, *args, **kw)
+    try:
+        if early:
+            time.sleep(rng.uniform(0.05, 0.6))
+        else:
+            w.wait_acks(rng.randint(1, 40))
+            time.sleep(rng.uniform(0.0, 0.25))
+    finally:
+        w.kill()
+    return w
+
+
+# ---- checking a store against what was acknowledged -----------------------------------------
+class Ledger:
+    """Everything the writers acknowledged, across rounds, in commit order."""
+
+    def __init__(self) -> None:
+        self.acks: list[tuple[int, int, int, dict]] = []  # (round, lsn, txid, writes)
+
+    def add(self, round_no: int, acks) -> None:
+        for txid, lsn, writes in acks:
+            self.acks.append((round_no, lsn, txid, writes))
+        self.acks.sort()
+
+    def latest(self) -> dict:
+        """key -> (round, lsn, txid, value) of the newest acknowledged write."""
+        out = {}
+        for r, lsn, txid, writes in self.acks:
+            for k, v in writes.items():
+                out[k] = (r, lsn, txid, v)
+        return out
+
+
+def snapshot(store) -> dict:
+    return dict(store.scan())
+
+
+def check_transfer_state(state: dict, ledger: Ledger, txn_lsn: dict) -> None:
+    """The invariants of writer.py's transfer mode, and every ACK present."""
+    # no garbage from rolled-back savepoints or transactions
+    junk = [k for k in state if isinstance(k, str) and k.startswith("junk/")]
+    assert not junk, f"rolled-back writes are visible: {junk[:5]}"
+    bad = [k for k, v in state.items() if v == "GARBAGE" or (isinstance(v, dict) and
+                                                             v.get("bal") == -1)]
+    assert not bad, f"rolled-back values are visible: {bad[:5]}"
+    if ledger.acks:
+        assert all(a in state for a in ACCOUNTS), "acknowledged accounts are missing"
+    if ACCOUNTS[0] in state:
+        # the invariant: money is only moved, never created or lost (no partial transfer)
+        total = sum(state[a]["bal"] for a in ACCOUNTS)
+        assert total == TOTAL, f"total is {total}, not {TOTAL}: a transaction was torn"
+        for a in ACCOUNTS:
+            owner = state[a]["tx"]
+            rec = state.get(f"t/{owner}")
+            assert rec is not None and a in rec["keys"], (
+                f"{a} was written by transaction {owner} whose other writes are missing")
+    # every acknowledged commit is there
+    for r, lsn, txid, writes in ledger.acks:
+        assert txid in txn_lsn, f"acknowledged transaction {txid} is missing from store.log()"
+        for k, v in writes.items():
+            if k.startswith("t/"):  # written once, never overwritten: exact value
+                assert state.get(k) == v, f"ACKed {k} = {v} but the store has {state.get(k)}"
+    for k, (r, lsn, txid, v) in ledger.latest().items():
+        have = state.get(k)
+        assert have is not None, f"ACKed key {k} (transaction {txid}) is missing"
+        if have == v:
+            continue
+        # overwritten since: only by a commit after the acknowledged one
+        newer = have.get("tx") if isinstance(have, dict) else None
+        assert newer is not None and newer in txn_lsn and newer != txid, (
+            f"{k}: ACKed {v} (transaction {txid}), store has {have}")
+        assert txn_lsn[newer] > lsn, (
+                f"{k}: store has the value of transaction {newer} (LSN {txn_lsn[newer]}), "
+            f"older than the ACKed transaction {txid} (LSN {lsn})")
+
+
+def check_fill_state(state: dict, ledger: Ledger) -> None:
+    for k, (r, lsn, txid, v) in ledger.latest().items():
+        assert state.get(k) == v, f"ACKed {k} (transaction {txid}) = {v}, store has {state.get(k)}"
+    for k, v in state.items():
+        assert isinstance(v, dict) and v.get("key") == k, f"{k} holds a foreign value {v!r}"
+
+
+def reopen_and_check(path: Path, ledger: Ledger, mode: str = "transfer", **open_kw) -> dict:
+    """Verify the crashed store, recover it by opening, check everything, close, verify."""
+    before = verify_store(str(path))
+    assert before.ok, f"verify after the kill, before recovery: {before.errors}"
+    with walstore.open(str(path), **open_kw) as s:
+        state = snapshot(s)
+        txn_lsn = {i.txid: i.lsn for i in s.log()}
+        report = s.last_recovery
+        for _r, lsn, txid, _w in ledger.acks:
+            assert txn_lsn.get(txid) == lsn, (
+                f"transaction {txid}: ACKed at LSN {lsn}, log() says {txn_lsn.get(txid)}")
+    assert report is not None and not report.losers, f"unexpected losers: {report.losers}"
+    assert all(p.kind == "torn-tail" for p in report.problems), report.problems
+    if mode == "transfer":
+        check_transfer_state(state, ledger, txn_lsn)
+    else:
+        check_fill_state(state, ledger)
+    after = verify_store(str(path))
+    assert after.ok, f"verify after recovery: {after.errors}"
+    assert not after.warnings, after.warnings
+    return state
+
+
+def tear_tail(path: Path, rng: random.Random, n: int = 300) -> tuple[str, int]:
+    """Write non-zero garbage right after the last valid record (a torn append)."""
+    start, seg = list_segments(str(path / "wal"))[-1]
+    reader = SegmentReader(seg, Layout(str(path)).read_identity(), start)
+    for _ in reader.records():
+        pass
+    off = reader.end.offset
+    n = min(n, reader.file_size - off)
+    assert n > 0
+    garbage = bytes(rng.randint(1, 255) for _ in range(n))
+    with open(seg, "r+b") as f:
+        f.seek(off)
+        f.write(garbage)
+    return seg, off
+
+
+def dump_lmdb(path: Path) -> tuple:
+    layout = Layout(str(path))
+    st = LmdbState(layout.db, readonly=True)
+    try:
+        data = list(st.scan(b"", None))
+        txns = list(st.scan(b"", None, db=st.txns))
+        return data, txns, st.applied_lsn()
+    finally:
+        st.close()
+
+
+# ---- the tests -----------------------------------------------------------------------------
+def test_kill9_transfers_keep_every_ack_and_the_invariant(tmp_path, rng) -> None:
+    path = tmp_path / "store"
+    ledger = Ledger()
+    for round_no in range(ROUNDS):
+        threads = str(1 + round_no % 4)
+        early = round_no % 3 == 2  # sometimes kill during startup / recovery / first commits
+        w = kill_at_random(path, rng, "--threads", threads, "--segment-size", str(SMALL_SEGMENT),
+                           "--checkpoint-bytes", "200000", early=early)
+        ledger.add(round_no, w.acks())
+        if not path.exists() or not (path / "STORE").exists():
+            continue  # killed before the store existed
+        reopen_and_check(path, ledger)
+    assert ledger.acks, "no round acknowledged anything: the test tested nothing"
+    segs = list_segments(str(path / "wal"))
+    assert segs, "no WAL segment"
+
+
+def test_kill9_fill_with_rotation_keeps_every_ack(tmp_path, rng) -> None:
+    path = tmp_path / "store"
+    ledger = Ledger()
+    starts = set()
+    for round_no in range(max(2, ROUNDS // 2)):
+        w = Writer(path, "--mode", "fill", "--threads", "2", "--segment-size", str(SMALL_SEGMENT),
+                   "--checkpoint-bytes", "10000000")
+        try:
+            w.wait_acks(rng.randint(300, 700))  # ~100 KB: at least one rotation per round
+            time.sleep(rng.uniform(0, 0.1))
+        finally:
+            w.kill()
+        ledger.add(round_no, w.acks())
+        starts |= {s for s, _p in list_segments(str(path / "wal"))}
+        reopen_and_check(path, ledger, mode="fill")
+    assert len(starts) >= 3, f"the WAL never rotated ({starts})"
+
+
+def test_kill9_with_tiny_lmdb_map_grows_the_map_during_redo(tmp_path, rng) -> None:
+    path = tmp_path / "store"
+    ledger = Ledger()
+    w = Writer(path, "--mode", "fill", "--threads", "2", "--map-size", "65536",
+               "--segment-size", str(SMALL_SEGMENT))
+    try:
+        w.wait_acks(800)
+    finally:
+        w.kill()
+    ledger.add(0, w.acks())
+    state = reopen_and_check(path, ledger, mode="fill", map_size=64 * 1024)
+    assert len(state) >= 800
+
+
+def test_cli_recover_after_kill_exits_0_and_repeats_harmlessly(tmp_path, rng) -> None:
+    path = tmp_path / "store"
+    w = kill_at_random(path, rng, "--threads", "2", "--segment-size", str(SMALL_SEGMENT))
+    ledger = Ledger()
+    ledger.add(0, w.acks())
+    tear_tail(path, rng)
+    cmd = [sys.executable, "-m", "walstore", "recover", str(path), "--json"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    assert first.returncode == 0, first.stdout + first.stderr
+    doc = json.loads(first.stdout)
+    assert doc["torn_bytes"] > 0 and any(p["kind"] == "torn-tail" for p in doc["problems"])
+    assert any(p["quarantined"] for p in doc["problems"])
+    with walstore.open(str(path), readonly=True) as s:
+        state1 = snapshot(s)
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    assert second.returncode == 0, second.stdout + second.stderr
+    doc2 = json.loads(second.stdout)
+    assert doc2["problems"] == [] and doc2["torn_bytes"] == 0 and doc2["redone"] == 0
+    assert doc2["clean"] is True
+    with walstore.open(str(path), readonly=True) as s:
+        assert snapshot(s) == state1
+    reopen_and_check(path, ledger)
+
+
+def test_recovery_twice_yields_the_same_state(tmp_path, rng) -> None:
+    path = tmp_path / "store"
+    w = kill_at_random(path, rng, "--threads", "3", "--segment-size", str(SMALL_SEGMENT))
+    ledger = Ledger()
+    ledger.add(0, w.acks())
+    tear_tail(path, rng)
+    twice = tmp_path / "twice"
+    shutil.copytree(path, twice)
+
+    def passes(p: Path, n: int) -> list:
+        layout = Layout(str(p))
+        sid = layout.read_identity()
+        st = LmdbState(layout.db)
+        reports = []
+        try:
+            for _ in range(n):
+                rec = Recovery(layout.root, sid, st)
+                pos = rec.run()
+                reports.append((rec.report, pos))
+        finally:
+            st.close()
+        return reports
+
+    once = passes(path, 1)
+    two = passes(twice, 2)
+    (r1, pos1), = once
+    (r2a, pos2a), (r2b, pos2b) = two
+    assert r1.torn_bytes > 0 and r2a.torn_bytes == r1.torn_bytes
+    assert (pos1.segment_start, pos1.offset) == (pos2a.segment_start, pos2a.offset) \
+        == (pos2b.segment_start, pos2b.offset)
+    assert r2b.redone == 0 and r2b.torn_bytes == 0 and not r2b.problems
+    assert r2b.end_lsn == r2a.end_lsn == r1.end_lsn
+    assert dump_lmdb(path) == dump_lmdb(twice)
+    # both copies then open to the same, complete state
+    s1 = reopen_and_check(path, ledger)
+    s2 = reopen_and_check(twice, ledger)
+    assert s1 == s2
+
+
+def test_manual_recover_raises_needs_recovery_after_kill_not_after_clean_close(tmp_path, rng):
+    path = tmp_path / "store"
+    w = kill_at_random(path, rng, "--threads", "2")
+    ledger = Ledger()
+    ledger.add(0, w.acks())
+    with pytest.raises(walstore.NeedsRecovery):
+        walstore.open(str(path), recover="manual")
+    # the failed open let go of everything: a second manual open says the same,
+    # and nothing was recovered behind the operator's back
+    with pytest.raises(walstore.NeedsRecovery):
+        walstore.open(str(path), recover="manual")
+    rc = subprocess.run([sys.executable, "-m", "walstore", "recover", str(path)],
+                        capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    with walstore.open(str(path), recover="manual") as s:  # recovered: no complaint now
+        assert s.last_recovery.clean
+    reopen_and_check(path, ledger)
+    # a writer that ends normally closes cleanly: manual open is fine
+    w2 = Writer(path, "--threads", "1", seconds=0.3)
+    assert w2.finish() == 0, w2.stderr()
+    with walstore.open(str(path), recover="manual") as s:
+        assert sum(s[a]["bal"] for a in ACCOUNTS) == TOTAL
+
+
+def test_second_writer_gets_store_locked_naming_the_holder_then_takes_over(tmp_path):
+    path = tmp_path / "store"
+    holder = Writer(path, "--threads", "1")
+    try:
+        holder.wait_acks(3)
+        # another process
+        other = Writer(path, "--threads", "1")
+        line = other.wait_line("LOCKED")
+        assert other.finish() == 3
+        assert line == f"LOCKED {holder.pid}"
+        # and this process
+        with pytest.raises(walstore.StoreLocked) as ei:
+            walstore.open(str(path))
+        assert ei.value.pid == holder.pid
+        assert str(holder.pid) in str(ei.value)
+        assert isinstance(ei.value, walstore.WalstoreError)
+    finally:
+        holder.kill()
+    # the kernel dropped the dead holder's lock: a new writer takes over
+    taker = Writer(path, "--threads", "1")
+    try:
+        assert taker.wait_line("READY") == f"READY {taker.pid}"
+        taker.wait_acks(3)
+        assert (path / "LOCK").read_text().strip() == str(taker.pid)
+        with pytest.raises(walstore.StoreLocked) as ei:
+            walstore.open(str(path))
+        assert ei.value.pid == taker.pid
+    finally:
+        taker.kill()
+    with walstore.open(str(path)) as s:  # and after that one dies too, so can we
+        assert sum(s[a]["bal"] for a in ACCOUNTS) == TOTAL
+
+
+def test_a_directory_that_is_not_a_store_raises_not_a_store(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("hello")
+    with pytest.raises(walstore.NotAStore):
+        walstore.open(str(plain))
+    assert sorted(os.listdir(plain)) == ["notes.txt"]  # nothing was created in it
+
+    bogus = tmp_path / "bogus"
+    bogus.mkdir()
+    (bogus / "STORE").write_text("{\"format\": \"sqlite\"}")
+    (bogus / "wal").mkdir()
+    (bogus / "db").mkdir()
+    with pytest.raises(walstore.NotAStore):
+        walstore.open(str(bogus))
+
+    future = tmp_path / "future"
+    walstore.open(str(future)).close()
+    doc = json.loads((future / "STORE").read_text())
+    doc["version"] = 99
+    (future / "STORE").write_text(json.dumps(doc))
+    with pytest.raises(walstore.NotAStore, match="version"):
+        walstore.open(str(future))
+
+    with pytest.raises(walstore.NotAStore):
+        walstore.open(str(tmp_path / "missing"), create=False)
+    assert not (tmp_path / "missing").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(walstore.NotAStore):
+        walstore.open(str(afile))
+
+    r = subprocess.run([sys.executable, "-m", "walstore", "recover", str(plain)],
+                       capture_output=True, text=True, cwd=str(ROOT), timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "not" in r.stderr and "store" in r.stderr
+
+
+def test_store_files_are_0600_and_directories_0700_even_with_umask_0(tmp_path, rng):
+    path = tmp_path / "store"
+    w = Writer(path, "--mode", "fill", "--threads", "1", "--segment-size", str(SMALL_SEGMENT),
+               umask=0)
+    try:
+        w.wait_acks(400)  # rotates at least once
+    finally:
+        w.kill()
+    tear_tail(path, rng)
+    old = os.umask(0)
+    try:
+        with walstore.open(str(path)) as s:  # recovery writes quarantine files
+            assert s.last_recovery.torn_bytes > 0
+    finally:
+        os.umask(old)
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(p.stat().st_mode)
+
+    dirs = [path, path / "wal", path / "db", path / "quarantine"]
+    for d in dirs:
+        assert d.is_dir(), d
+        assert mode(d) == 0o700, f"{d} has mode {oct(mode(d))}"
+    files = [path / "STORE", path / "LOCK"]
+    files += sorted((path / "wal").glob("*.wal"))
+    files += sorted((path / "quarantine").iterdir())
+    files += sorted((path / "db").iterdir())
+    assert len(list((path / "wal").glob("*.wal"))) >= 1
+    assert len(list((path / "quarantine").iterdir())) >= 2  # the bytes and their note
+    assert (path / "db" / "data.mdb").exists()
+    for f in files:
+        assert f.is_file(), f
+        assert mode(f) == 0o600, f"{f} has mode {oct(mode(f))}"
