@@ -216,6 +216,7 @@ class ActionsMixin:
         return extra
 
     def _index_entry(self, txn, entry) -> None:
+        self._index_prepared(txn, entry)
         db = self.state.actions
         for row in entry.extra.get("actions", ()):
             txn.put(row["id"].encode(), pack(row), db=db)
@@ -293,7 +294,8 @@ class ActionRecovery:
     def handlers(self) -> dict:
         return {RecordType.ACTION_INTENT: self._intent, RecordType.ACTION_RESULT: self._result,
                 RecordType.COMPENSATED: self._compensated, RecordType.COMMIT: self._ended,
-                RecordType.ABORT: self._ended, RecordType.RESTORE_POINT: self._point}
+                RecordType.ABORT: self._ended, RecordType.ROLLBACK_PREPARED: self._ended,
+                RecordType.RESTORE_POINT: self._point}
 
     def _intent(self, rec, body: dict) -> None:
         a = Action(str(body["id"]), int(body["tx"]), str(body.get("name", "?")), body.get("args"),

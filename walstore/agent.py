@@ -44,6 +44,8 @@ class LSN(int):
     def __repr__(self) -> str:
         return f"LSN({int(self)})"
 
+    __str__ = int.__repr__
+
 
 @dataclass(frozen=True)
 class Version:

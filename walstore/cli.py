@@ -111,7 +111,7 @@ def main() -> None:
 
 
 from . import cli_commands  # noqa: E402,F401  (registers the commands on `main`)
-
+from . import cli_agent  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

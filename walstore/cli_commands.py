@@ -58,10 +58,9 @@ def recover(path: str, mode: str, handlers: str | None, as_json: bool) -> None:
         fail(f"{e}: recovery needs the writer's lock; stop the writer first")
     with store:
         report = store.last_recovery
-        extra = store.recovery_extras() if hasattr(store, "recovery_extras") else {}
     doc = report.as_dict()
-    doc.update(extra)
-    problem = any(p.kind != "torn-tail" for p in report.problems) or any(extra.values())
+    problem = (any(p.kind != "torn-tail" for p in report.problems) or bool(report.in_doubt)
+               or bool(report.pending_compensations))
     if as_json:
         emit_json(doc)
     else:
@@ -106,9 +105,14 @@ def _print_recovery(doc: dict) -> None:
     if doc["given_up_records"]:
         click.echo(f"gave up {doc['given_up_records']} valid records behind the damage "
                    f"(commits of txids {doc['given_up_txids']}); they are in quarantine/")
-    for name in ("pending_compensations", "in_doubt"):
-        if doc.get(name):
-            click.echo(f"{name.replace('_', ' ')}: {len(doc[name])} (need a decision)")
+    if doc.get("compensated"):
+        click.echo(f"compensations run: {', '.join(doc['compensated'])}")
+    if doc.get("pending_compensations"):
+        click.echo(f"pending compensations (need a compensator or `walstore resolve`): "
+                   f"{', '.join(doc['pending_compensations'])}")
+    if doc.get("in_doubt"):
+        click.echo(f"in-doubt prepared transactions (need `walstore commit-prepared` or "
+                   f"`rollback-prepared`): {', '.join(doc['in_doubt'])}")
     click.echo("recovered" + (" cleanly" if doc["clean"] else ""))
 
 

@@ -93,6 +93,7 @@ class LmdbState:
         self.bylsn = self.env.open_db(b"bylsn", create=not readonly)
         self.points = self.env.open_db(b"points", create=not readonly)
         self.actions = self.env.open_db(b"actions", create=not readonly)
+        self.meta2 = self.env.open_db(b"twophase", create=not readonly)
 
     # ---- reads -------------------------------------------------------------------------
     def get(self, key: bytes, db=None) -> bytes | None:

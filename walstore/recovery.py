@@ -42,7 +42,8 @@ from .records import CommitEntry
 from .segments import Record, SegmentReader, list_segments
 
 _TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
-                         RecordType.ACTION_INTENT, RecordType.ACTION_RESULT})
+                         RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                         RecordType.PREPARE, RecordType.ROLLBACK_PREPARED})
 _OPENING_RECORDS = frozenset({RecordType.WRITES, RecordType.ACTION_INTENT})
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 REDO_BATCH = 2000
@@ -81,11 +82,12 @@ class RecoveryReport:
     given_up_txids: list = field(default_factory=list)
     compensated: list = field(default_factory=list)
     pending_compensations: list = field(default_factory=list)
+    in_doubt: list = field(default_factory=list)
     seconds: float = 0.0
 
     @property
     def clean(self) -> bool:
-        return not self.problems and not self.losers
+        return not self.problems and not self.losers and not self.in_doubt
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -139,7 +141,7 @@ class _Analysis:
                 extra = {k: v for k, v in body.items() if k not in ("tx", "ts", "meta", "w")}
                 self.redo.append(CommitEntry(txid, rec.lsn, rec.end_lsn, body.get("ts", 0.0),
                                              body.get("meta"), writes, extra))
-        elif t == RecordType.ABORT:
+        elif t in (RecordType.ABORT, RecordType.ROLLBACK_PREPARED):
             self.chunks.pop(txid, None)
             self.chunk_bytes.pop(txid, None)
             self.open_txids.pop(txid, None)

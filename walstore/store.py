@@ -35,6 +35,7 @@ from . import records
 from .codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack, unpack_value
 from .actions import ActionsMixin
 from .agent import AgentMixin
+from .twophase import PrepareRecovery, TwoPhaseMixin
 from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
                      StoreClosed, WalstoreError)
 from .framing import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, RecordType
@@ -79,7 +80,7 @@ class Options:
         self.retain_seconds = retain_seconds
 
 
-class Store(ActionsMixin, AgentMixin):
+class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     """An open walstore.  Create with :func:`walstore.open`.
 
     The core (this module) owns reads, commits and checkpoints; the agent layer's methods
@@ -143,6 +144,7 @@ class Store(ActionsMixin, AgentMixin):
         self._threads: list[threading.Thread] = []
         self._background_error: BaseException | None = None
         self._txids = itertools.count(1)
+        self._init_twophase()
 
     def _open_writer(self, map_size, recover, progress) -> None:
         self._proc_lock = ProcessLock(self.layout)
@@ -161,9 +163,9 @@ class Store(ActionsMixin, AgentMixin):
     def recover(self, mode: str = "strict", progress=None, handlers: dict | None = None
                 ) -> RecoveryReport:
         """Run recovery (analysis, REDO, UNDO) and position the WAL; see walstore.recovery."""
-        undo = ActionRecovery()
+        undo, twophase = ActionRecovery(), PrepareRecovery()
         rec = Recovery(self.layout.root, self.store_id, self.state, mode, progress,
-                       {**undo.handlers(), **(handlers or {})})
+                       _chain_handlers(undo.handlers(), twophase.handlers(), handlers or {}))
         rec.on_apply = self._index_entry
         position = rec.run()
         self.last_recovery = rec.report
@@ -172,6 +174,9 @@ class Store(ActionsMixin, AgentMixin):
         self._published_lsn = self._applied_lsn = applied
         self._txids = itertools.count(max(self.state.get_meta_int(b"next_txid", 1),
                                           rec.analysis.max_txid + 1))
+        rec.report.in_doubt = self._load_prepared(twophase)
+        in_doubt_txids = {p.txid for p in self._prepared.values()}
+        rec.report.losers = [t for t in rec.report.losers if t not in in_doubt_txids]
         self._undo_losers(undo, rec.report)
         if rec.report.redone or rec.report.problems or rec.report.losers:
             self._checkpoint_locked()
@@ -413,6 +418,11 @@ class Store(ActionsMixin, AgentMixin):
         start = tx.start_lsn
         last = self._last_write
         stale = [k for k in tx.read_keys if last.get(k, -1) >= start]
+        held = self._held_conflicts(tx)
+        if held:
+            names = [decode_key(k) for k in held[:5]]
+            raise ConflictError(f"transaction {tx.id} touches {names}, held by prepared "
+                                f"transaction(s) {sorted({self._held[k] for k in held})}", names)
         if tx.read_ranges and not stale:
             for lsn, keys in reversed(self._recent):
                 if lsn < start:
@@ -630,6 +640,21 @@ class Store(ActionsMixin, AgentMixin):
 
     def __repr__(self) -> str:
         return f"<walstore.Store {self.path!r}{' closed' if self._closed else ''}>"
+
+
+def _chain_handlers(*maps: dict) -> dict:
+    """Merge record handlers; several for one record type all run, in order."""
+    merged: dict = {}
+    for m in maps:
+        for rtype, fn in m.items():
+            merged.setdefault(rtype, []).append(fn)
+
+    def runner(fns):
+        def run(rec, body):
+            for fn in fns:
+                fn(rec, body)
+        return run
+    return {rtype: runner(fns) for rtype, fns in merged.items()}
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:

@@ -75,6 +75,7 @@ class Transaction:
         self.actions: list = []  # agent layer: live actions (rolled-back ones removed)
         self.actions_ever: list = []  # every action begun (numbers action ids)
         self.commit_extra: dict | None = None  # agent layer: extra commit record fields
+        self.gid: str | None = None  # set by prepare()
         self.first_logged_lsn: int | None = None  # set once the tx logs a record before commit
 
     # ---- context manager ---------------------------------------------------------------
@@ -132,6 +133,9 @@ class Transaction:
         self.delete(key)
 
     def _set(self, k: bytes, packed: bytes | None) -> None:
+        if self.gid is not None:
+            raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}; "
+                                    f"it takes no more writes")
         if self._savepoints:
             self._undo.append((k, self._writes.get(k, _MISSING)))
         self._writes[k] = packed
@@ -208,6 +212,19 @@ class Transaction:
         if not self._savepoints:
             self._undo.clear()
 
+    # ---- two-phase commit --------------------------------------------------------------
+    def prepare(self, gid: str) -> None:
+        """Phase one: validate and make the transaction durable as prepared (in doubt).
+
+        Its keys stay held against other transactions until ``commit()`` /
+        ``store.commit_prepared(gid)`` or ``rollback()`` / ``store.rollback_prepared(gid)``.
+        """
+        self._check_active()
+        if self.gid is not None:
+            raise ValueError(f"transaction {self.id} is already prepared as {self.gid!r}")
+        self._store._prepare(self, gid)
+        self.gid = gid
+
     # ---- the end -----------------------------------------------------------------------
     def commit(self) -> int | None:
         """Make the writes durable (per the store's durability) and visible.
@@ -216,6 +233,10 @@ class Transaction:
         Raises ConflictError (nothing written) when validation fails.
         """
         self._check_active()
+        if self.gid is not None:
+            self.lsn = self._store.commit_prepared(self.gid)
+            self._finish(COMMITTED, run_compensations=False)
+            return self.lsn
         try:
             self.lsn = self._store._commit(self)
         except BaseException:
@@ -229,6 +250,10 @@ class Transaction:
         """Discard every write; compensate the actions this transaction ran."""
         if self.state != ACTIVE:
             raise TransactionClosed(f"transaction {self.id} is already {self.state}")
+        if self.gid is not None:
+            self._store.rollback_prepared(self.gid)  # compensates the actions itself
+            self._finish(ROLLED_BACK, run_compensations=False)
+            return
         self._finish(ROLLED_BACK, run_compensations=True)
 
     def _finish(self, state: str, run_compensations: bool) -> None:
