@@ -12,6 +12,7 @@ from .errors import (CompensationFailed, ConflictError, CorruptionError, History
                      StoreLocked, TransactionClosed, WalstoreError)
 from .actions import Action
 from .agent import LSN, HistoricalView, Version
+from .coordinator import atomic, resolve_atomic
 from .recovery import RecoveryReport
 from .txlog import TxnInfo
 from .store import Options, Store
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open", "Store", "Transaction", "Savepoint", "Options", "RecoveryReport", "TxnInfo",
-    "Action", "LSN", "Version", "HistoricalView",
+    "Action", "LSN", "Version", "HistoricalView", "atomic", "resolve_atomic",
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed",

@@ -1,0 +1,400 @@
+"""Disk-full and I/O-error handling, with the fault backend of ``tools/faults.py``.
+
+In-process, real files: ``walstore.fileio`` routes the WAL's I/O through
+``tools.faults.FaultBackend``, which fails chosen calls with ENOSPC / EIO and logs every
+call.  Promises checked (contract section 4, items 6 and 7): a write error fails the
+transaction in hand with a clear OSError and leaves every earlier commit intact, and the
+store goes on once the fault is gone; after an fsync error the store is read-only and the
+fsync is never retried; LMDB map full is absorbed by growing the map.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import walstore  # noqa: E402
+from walstore import fileio  # noqa: E402
+from walstore.segments import list_segments  # noqa: E402
+from walstore.verify import verify_store  # noqa: E402
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+SYNCS = ("fsync", "fdatasync")
+
+
+@pytest.fixture
+def faults():
+    fb = FaultBackend()
+    with installed(fb):
+        yield fb
+    assert fileio._backend is not fb
+
+
+def put(store, key, value) -> int:
+    with store.transaction() as tx:
+        tx.put(key, value)
+    return tx.lsn
+
+
+def value_for(i: int, size: int = 200) -> dict:
+    return {"i": i, "pad": (f"{i:08d}" * (size // 8 + 1))[:size]}
+
+
+def reopen_and_check(path, expected: dict, absent=(), **kw) -> None:
+    with walstore.open(str(path), **kw) as s:
+        for k, v in expected.items():
+            assert s.get(k) == v, f"{k}: expected {str(v)[:60]}, got {str(s.get(k))[:60]}"
+        for k in absent:
+            assert k not in s, f"{k} was never committed but is there"
+        assert all(p.kind == "torn-tail" for p in s.last_recovery.problems), \
+            s.last_recovery.problems
+    rep = verify_store(str(path))
+    assert rep.ok, rep.errors
+
+
+# ---- the fault backend itself ---------------------------------------------------------------
+def test_fault_backend_fails_the_nth_matching_call_and_logs_everything(tmp_path):
+    fb = FaultBackend(record=True)
+    a, b = str(tmp_path / "a.wal"), str(tmp_path / "b.dat")
+    rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal", nth=2, times=2)
+    fda = fb.open(a, os.O_RDWR | os.O_CREAT, 0o600)
+    fdb = fb.open(b, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert fb.pwrite(fda, b"one", 0) == 3
+        assert fb.pwrite(fdb, b"other", 0) == 5          # another path: not counted
+        for _ in range(2):
+            with pytest.raises(OSError) as ei:
+                fb.pwrite(fda, b"two", 3)
+            assert ei.value.errno == errno.ENOSPC and ei.value.filename == a
+        assert fb.pwrite(fda, b"three", 3) == 5          # times=2: spent
+        assert rule.seen == 4 and rule.fired == 2
+        fb.fdatasync(fda)
+        partial = fb.fail("pwrite", errno.EIO, partial=2)
+        with pytest.raises(OSError):
+            fb.pwrite(fdb, b"XYZ", 0)
+        assert partial.fired == 1
+        fb.rename(b, b + ".new")
+        fb.fail("fsync_dir", errno.EIO)
+        with pytest.raises(OSError):
+            fb.fsync_dir(str(tmp_path))
+    finally:
+        os.close(fda)
+        os.close(fdb)
+    with open(a, "rb") as f:
+        assert f.read() == b"onethree"
+    with open(b + ".new", "rb") as f:
+        assert f.read() == b"XYher"                      # the partial write landed
+    ops = [c.op for c in fb.calls]
+    assert ops == ["open", "open", "pwrite", "pwrite", "pwrite", "pwrite", "pwrite", "fdatasync",
+                   "pwrite", "rename", "fsync_dir"]
+    assert [c.injected for c in fb.calls_to("pwrite", path="*.wal")] == [False, True, True, False]
+    w = fb.writes("*.wal")
+    assert [(e.offset, e.data) for e in w] == [(0, b"one"), (3, b"three")]
+    sync = fb.syncs()
+    assert sync[0].op == "fdatasync" and sync[0].done_seq > w[-1].seq > w[0].seq
+    assert sync[-1].op == "fsync_dir" and sync[-1].done_seq is None  # failed
+    fb.mark("ack", 7)
+    assert fb.events[-1].label == "ack" and fb.events[-1].info == 7
+    assert any(e.op == "rename" and e.dst == b + ".new" for e in fb.events)
+    assert fb.calls_to("pwrite", path="b.dat*")[-1].path == b  # path as opened
+
+
+# ---- write errors on the WAL ----------------------------------------------------------------
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
+@pytest.mark.parametrize("partial", [None, 40])
+def test_wal_write_error_fails_only_the_commit_in_hand(tmp_path, faults, err, partial):
+    path = tmp_path / "store"
+    committed = {}
+    s = walstore.open(str(path))
+    try:
+        for i in range(20):
+            put(s, f"k{i}", value_for(i))
+            committed[f"k{i}"] = value_for(i)
+        rule = faults.fail("pwrite", err, path="*.wal", partial=partial)
+        with pytest.raises(OSError) as ei:
+            with s.transaction() as tx:
+                tx.put("lost", value_for(-1, 500))
+                tx.put("k0", "overwritten by the failed commit")
+        e = ei.value
+        assert e.errno == err
+        assert isinstance(e, walstore.WalstoreError)
+        assert "WAL" in str(e) and os.strerror(err) in str(e), str(e)
+        assert rule.fired == 1
+        assert tx.state != "active"
+        # nothing of it is visible; earlier commits are
+        assert "lost" not in s and s.get("k0") == value_for(0)
+        assert all(s.get(k) == v for k, v in committed.items())
+        # the fault is gone (times=1): the store goes on
+        for i in range(20, 40):
+            put(s, f"k{i}", value_for(i))
+            committed[f"k{i}"] = value_for(i)
+        assert s.get("k39") == value_for(39)
+    finally:
+        s.close()
+    reopen_and_check(path, committed, absent=["lost"])
+
+
+def test_partial_wal_write_then_rotation_does_not_leave_a_corrupt_segment(tmp_path, faults):
+    """A write error after part of a big record reached the file, then small commits, then
+    a rotation: the stale bytes behind the last record of the sealed segment must not
+    make the next open refuse (they were never part of the log)."""
+    path = tmp_path / "store"
+    committed = {}
+    with walstore.open(str(path), segment_size=65536) as s:
+        put(s, "a", value_for(1))
+        committed["a"] = value_for(1)
+        faults.fail("pwrite", errno.ENOSPC, path="*.wal", partial=15000)
+        with pytest.raises(OSError):
+            put(s, "big-lost", value_for(2, 20000))
+        put(s, "small", value_for(3))           # overwrites only the start of the stale bytes
+        committed["small"] = value_for(3)
+        put(s, "huge", value_for(4, 70000))     # bigger than a segment: rotates
+        committed["huge"] = value_for(4, 70000)
+        put(s, "after", value_for(5))
+        committed["after"] = value_for(5)
+        assert len(list_segments(str(path / "wal"))) >= 2
+    reopen_and_check(path, committed, absent=["big-lost"])
+
+
+@pytest.mark.parametrize("op", ["open", "pwrite", "rename"])
+def test_enospc_creating_a_new_segment_fails_that_commit_only(tmp_path, faults, op):
+    path = tmp_path / "store"
+    committed = {}
+    failed = []
+    with walstore.open(str(path), segment_size=8192) as s:
+        rule = faults.fail(op, errno.ENOSPC, path="*.wal.tmp")
+        for i in range(200):
+            try:
+                put(s, f"k{i}", value_for(i))
+                committed[f"k{i}"] = value_for(i)
+            except OSError as e:
+                failed.append((i, e))
+            if failed and i > failed[0][0] + 60:
+                break
+        assert rule.fired == 1
+        assert len(failed) == 1, failed
+        i, e = failed[0]
+        assert e.errno == errno.ENOSPC and isinstance(e, walstore.WalstoreError)
+        assert "segment" in str(e) and os.strerror(errno.ENOSPC) in str(e), str(e)
+        assert f"k{i}" not in s
+        assert len(committed) > 60
+        assert all(s.get(k) == v for k, v in committed.items())
+    assert len(list_segments(str(path / "wal"))) >= 2
+    reopen_and_check(path, committed, absent=[f"k{failed[0][0]}"])
+
+
+# ---- fsync errors ---------------------------------------------------------------------------
+def _assert_never_retried(faults: FaultBackend, failed_call) -> None:
+    later = [c for c in faults.calls_to(SYNCS, after=failed_call.seq)
+             if c.fd == failed_call.fd or c.path == failed_call.path]
+    assert not later, f"the failed fsync was retried on {failed_call.path}: {later}"
+
+
+def test_eio_on_wal_fdatasync_turns_the_store_read_only_and_is_never_retried(tmp_path, faults):
+    path = tmp_path / "store"
+    acked = {}
+    s = walstore.open(str(path), apply_interval=0.05)
+    try:
+        for i in range(10):
+            put(s, f"k{i}", value_for(i))
+            acked[f"k{i}"] = value_for(i)
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        with pytest.raises(walstore.ReadOnlyError) as ei:
+            put(s, "unknown", value_for(99))
+        assert "fsync" in str(ei.value)
+        assert rule.fired == 1
+        failed_call = rule.failed_calls[0]
+        # read-only from now on, for every kind of write
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "later", 1)
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.delete("k1")
+        with pytest.raises(walstore.ReadOnlyError):
+            s.sync()
+        with pytest.raises(walstore.ReadOnlyError):
+            s.checkpoint()
+        # reads still work and show exactly the acknowledged state
+        assert all(s.get(k) == v for k, v in acked.items())
+        assert "unknown" not in s and "later" not in s
+        time.sleep(0.3)  # give the applier a few rounds: it must not fsync the WAL either
+    finally:
+        s.close()
+    _assert_never_retried(faults, failed_call)
+    faults.clear()
+    with walstore.open(str(path)) as s:
+        assert s.get("unknown") in (None, value_for(99))  # all or nothing
+        assert "later" not in s
+    reopen_and_check(path, acked, absent=["later"])
+
+
+def test_fsync_error_with_concurrent_committers_fails_everyone_waiting(tmp_path, faults):
+    path = tmp_path / "store"
+    acked: dict = {}
+    errors: list = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    with walstore.open(str(path)) as s:
+        def worker(t: int) -> None:
+            n = 0
+            while not stop.is_set() and n < 2000:
+                key = f"t{t}/{n}"
+                try:
+                    put(s, key, value_for(n))
+                except walstore.ReadOnlyError as e:
+                    with lock:
+                        errors.append((key, e))
+                    return
+                with lock:
+                    acked[key] = value_for(n)
+                n += 1
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.2)
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        deadline = time.monotonic() + 10
+        while len(errors) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert rule.fired == 1
+        assert len(errors) == 4, "every committer must see ReadOnlyError after the fsync error"
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "after", 1)
+        failed_call = rule.failed_calls[0]
+    _assert_never_retried(faults, failed_call)
+    faults.clear()
+    reopen_and_check(path, acked, absent=["after"])
+
+
+def test_fsync_error_in_the_background_flusher_turns_normal_durability_read_only(tmp_path,
+                                                                                  faults):
+    path = tmp_path / "store"
+    acked = {}
+    s = walstore.open(str(path), durability="normal", sync_interval=0.02)
+    try:
+        for i in range(5):
+            put(s, f"k{i}", value_for(i))
+            acked[f"k{i}"] = value_for(i)
+        s.sync()
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        put(s, "maybe", 1)  # written to the OS; the flusher's fsync fails
+        deadline = time.monotonic() + 5
+        while rule.fired == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rule.fired == 1
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "later", 2)
+        time.sleep(0.1)  # the flusher must not try again
+        failed_call = rule.failed_calls[0]
+    finally:
+        s.close()
+    _assert_never_retried(faults, failed_call)
+    faults.clear()
+    reopen_and_check(path, acked, absent=["later"])
+
+
+def test_eio_on_fsync_during_rotation_turns_the_store_read_only(tmp_path, faults):
+    """durability="none" and an idle applier: the only WAL fsync is the one that seals the
+    old segment when the log rotates."""
+    path = tmp_path / "store"
+    done = {}
+    s = walstore.open(str(path), durability="none", segment_size=8192, apply_interval=60,
+                      apply_batch=10**6, checkpoint_bytes=10**9)
+    try:
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        with pytest.raises(walstore.ReadOnlyError):
+            for i in range(200):
+                put(s, f"k{i}", value_for(i, 500))
+                done[f"k{i}"] = value_for(i, 500)
+        assert rule.fired == 1 and 5 < len(done) < 200
+        assert len(list_segments(str(path / "wal"))) == 1  # no segment after a failed seal
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "later", 1)
+        failed_call = rule.failed_calls[0]
+    finally:
+        s.close()
+    _assert_never_retried(faults, failed_call)
+    faults.clear()
+    reopen_and_check(path, done, absent=["later"])  # a process "crash": page cache kept
+
+
+def test_eio_on_the_directory_fsync_of_a_new_segment_turns_the_store_read_only(tmp_path,
+                                                                              faults):
+    """A failed directory fsync means the new segment's name may not be durable; retrying
+    it is what the contract forbids (section 4.6: never retry fsync)."""
+    path = tmp_path / "store"
+    acked = {}
+    s = walstore.open(str(path), segment_size=8192)
+    wal_dir = str(path / "wal")
+    try:
+        rule = faults.fail("fsync_dir", errno.EIO, path=wal_dir)
+        caught = None
+        for i in range(200):
+            try:
+                put(s, f"k{i}", value_for(i, 500))
+                acked[f"k{i}"] = value_for(i, 500)
+            except (walstore.ReadOnlyError, OSError) as e:
+                caught = e
+                break
+        assert rule.fired == 1 and caught is not None
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "later", 1)
+        later = faults.calls_to("fsync_dir", path=wal_dir, after=rule.failed_calls[0].seq)
+        assert not later, "the failed directory fsync was retried"
+    finally:
+        s.close()
+    faults.clear()
+    reopen_and_check(path, acked, absent=["later"])
+
+
+# ---- LMDB map full --------------------------------------------------------------------------
+def test_lmdb_map_full_grows_the_map_and_never_fails_a_commit(tmp_path):
+    path = tmp_path / "store"
+    expected = {}
+    tiny = 64 * 1024
+    with walstore.open(str(path), map_size=tiny, apply_batch=50) as s:
+        for i in range(250):  # ~2.5 MB in small transactions
+            v = os.urandom(10_000)
+            put(s, f"small/{i}", v)
+            expected[f"small/{i}"] = v
+        with s.transaction() as tx:  # ~1.5 MB in one transaction
+            for i in range(150):
+                v = os.urandom(10_000)
+                tx.put(f"big/{i}", v)
+                expected[f"big/{i}"] = v
+        s.checkpoint()  # everything into LMDB now
+        assert s.stats()["lmdb_map_size"] >= 4 * 1024 * 1024
+        assert all(s.get(k) == v for k, v in expected.items())
+        # and overwrite / delete through the grown map
+        for i in range(0, 250, 5):
+            with s.transaction() as tx:
+                tx.delete(f"small/{i}")
+            del expected[f"small/{i}"]
+    reopen_and_check(path, expected, absent=[f"small/{i}" for i in range(0, 250, 5)],
+                     map_size=tiny)
+
+
+# ---- creating a store -----------------------------------------------------------------------
+@pytest.mark.parametrize("op,pattern", [("rename", "STORE.tmp"), ("pwrite", "STORE.tmp")])
+def test_a_failed_store_creation_can_be_retried(tmp_path, faults, op, pattern):
+    path = tmp_path / "store"
+    faults.fail(op, errno.ENOSPC, path=pattern)
+    with pytest.raises(OSError):
+        walstore.open(str(path))
+    faults.clear()
+    with walstore.open(str(path)) as s:
+        put(s, "a", 1)
+    reopen_and_check(path, {"a": 1})
