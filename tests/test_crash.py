@@ -294,6 +294,18 @@ def test_kill9_transfers_keep_every_ack_and_the_invariant(tmp_path, rng) -> None
     assert segs, "no WAL segment"
 
 
+def test_kill9_under_normal_durability_keeps_every_ack(tmp_path, rng) -> None:
+    """durability="normal" hands each commit to the OS before commit() returns: a process
+    kill (the page cache survives it) must lose nothing acknowledged either."""
+    path = tmp_path / "store"
+    ledger = Ledger()
+    for round_no in range(2):
+        w = kill_at_random(path, rng, "--threads", "3", "--durability", "normal",
+                           "--segment-size", str(SMALL_SEGMENT))
+        ledger.add(round_no, w.acks())
+        reopen_and_check(path, ledger)
+
+
 def test_kill9_fill_with_rotation_keeps_every_ack(tmp_path, rng) -> None:
     path = tmp_path / "store"
     ledger = Ledger()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -29,6 +31,7 @@ from walstore.verify import verify_store  # noqa: E402
 from tools.faults import FaultBackend, installed  # noqa: E402
 
 SYNCS = ("fsync", "fdatasync")
+BENIGN = ("torn-tail", "stale-bytes")  # what recovery may cut after a crash or failed write
 
 
 @pytest.fixture
@@ -55,7 +58,7 @@ def reopen_and_check(path, expected: dict, absent=(), **kw) -> None:
             assert s.get(k) == v, f"{k}: expected {str(v)[:60]}, got {str(s.get(k))[:60]}"
         for k in absent:
             assert k not in s, f"{k} was never committed but is there"
-        assert all(p.kind == "torn-tail" for p in s.last_recovery.problems), \
+        assert all(p.kind in BENIGN and p.action == "cut" for p in s.last_recovery.problems), \
             s.last_recovery.problems
     rep = verify_store(str(path))
     assert rep.ok, rep.errors
@@ -143,26 +146,73 @@ def test_wal_write_error_fails_only_the_commit_in_hand(tmp_path, faults, err, pa
     reopen_and_check(path, committed, absent=["lost"])
 
 
-def test_partial_wal_write_then_rotation_does_not_leave_a_corrupt_segment(tmp_path, faults):
-    """A write error after part of a big record reached the file, then small commits, then
-    a rotation: the stale bytes behind the last record of the sealed segment must not
-    make the next open refuse (they were never part of the log)."""
+PARTIAL_THEN_ROTATE = r"""
+import errno, os, signal, sys
+sys.path.insert(0, sys.argv[2])
+import walstore
+from tools.faults import FaultBackend, installed
+
+def put(s, k, v):
+    with s.transaction() as tx:
+        tx.put(k, v)
+
+fb = FaultBackend()
+with installed(fb):
+    s = walstore.open(sys.argv[1], segment_size=65536)
+    put(s, "a", "x" * 100)
+    fb.fail("pwrite", errno.ENOSPC, path="*.wal", partial=15000)
+    if sys.argv[3] == "persistent":  # the device keeps failing: cleaning up after it fails too
+        fb.fail("pwrite", errno.ENOSPC, path="*.wal", nth=2, times=1)
+    try:
+        put(s, "big-lost", "y" * 20000)
+        sys.exit("the injected ENOSPC did not reach the committer")
+    except OSError:
+        pass
+    for attempt in range(3):        # overwrites only the start of the stale bytes
+        try:
+            put(s, "small", "z" * 100)
+            break
+        except OSError:
+            pass
+    put(s, "huge", "h" * 70000)     # bigger than a segment: the log rotates
+    put(s, "after", "w" * 100)
+    print("ACKED", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _partial_then_rotate_then_crash(path: Path, fault: str) -> None:
+    r = subprocess.run([sys.executable, "-c", PARTIAL_THEN_ROTATE, str(path), str(ROOT), fault],
+                       capture_output=True, text=True, timeout=60)
+    assert "ACKED" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == -signal.SIGKILL
+    assert len(list_segments(str(path / "wal"))) >= 2
+
+
+PARTIAL_ACKED = {"a": "x" * 100, "small": "z" * 100, "huge": "h" * 70000, "after": "w" * 100}
+
+
+@pytest.mark.parametrize("fault", ["once", "persistent"])
+def test_partial_wal_write_then_rotation_then_crash_reopens(tmp_path, fault):
+    """A write error after part of a big record reached the file, one small commit, a
+    rotation, a crash: the stale bytes behind the last record of the sealed segment were
+    never part of the log, so the next open must not refuse (every commit was acked).
+    "persistent": the next write fails too (so zeroing the stale bytes at once fails)."""
     path = tmp_path / "store"
-    committed = {}
-    with walstore.open(str(path), segment_size=65536) as s:
-        put(s, "a", value_for(1))
-        committed["a"] = value_for(1)
-        faults.fail("pwrite", errno.ENOSPC, path="*.wal", partial=15000)
-        with pytest.raises(OSError):
-            put(s, "big-lost", value_for(2, 20000))
-        put(s, "small", value_for(3))           # overwrites only the start of the stale bytes
-        committed["small"] = value_for(3)
-        put(s, "huge", value_for(4, 70000))     # bigger than a segment: rotates
-        committed["huge"] = value_for(4, 70000)
-        put(s, "after", value_for(5))
-        committed["after"] = value_for(5)
-        assert len(list_segments(str(path / "wal"))) >= 2
-    reopen_and_check(path, committed, absent=["big-lost"])
+    _partial_then_rotate_then_crash(path, fault)
+    reopen_and_check(path, PARTIAL_ACKED, absent=["big-lost"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: recovery cuts stale bytes behind the end of a sealed segment as harmless "
+    "('stale-bytes'), but verify._check_wal still reports them as an error ('torn at offset "
+    "...'), so `walstore verify` exits 1 on a store that recovers cleanly"))
+def test_verify_after_a_partial_write_rotation_and_crash_finds_no_error(tmp_path):
+    """What recovery cuts as harmless, ``walstore verify`` must not call an error."""
+    path = tmp_path / "store"
+    _partial_then_rotate_then_crash(path, "persistent")
+    rep = verify_store(str(path))
+    assert rep.ok, rep.errors
 
 
 @pytest.mark.parametrize("op", ["open", "pwrite", "rename"])
@@ -188,7 +238,8 @@ def test_enospc_creating_a_new_segment_fails_that_commit_only(tmp_path, faults, 
         assert f"k{i}" not in s
         assert len(committed) > 60
         assert all(s.get(k) == v for k, v in committed.items())
-    assert len(list_segments(str(path / "wal"))) >= 2
+    renames = [c for c in faults.calls_to("rename", path="*.wal.tmp") if c.error is None]
+    assert len(renames) >= 2, "the log did not rotate after the failure"
     reopen_and_check(path, committed, absent=[f"k{failed[0][0]}"])
 
 
@@ -246,7 +297,7 @@ def test_fsync_error_with_concurrent_committers_fails_everyone_waiting(tmp_path,
     with walstore.open(str(path)) as s:
         def worker(t: int) -> None:
             n = 0
-            while not stop.is_set() and n < 2000:
+            while not stop.is_set():
                 key = f"t{t}/{n}"
                 try:
                     put(s, key, value_for(n))
@@ -261,7 +312,10 @@ def test_fsync_error_with_concurrent_committers_fails_everyone_waiting(tmp_path,
         threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
         for t in threads:
             t.start()
-        time.sleep(0.2)
+        warmup = time.monotonic() + 10
+        while len(acked) < 100 and not errors and time.monotonic() < warmup:
+            time.sleep(0.01)
+        assert len(acked) >= 100 and not errors, errors
         rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
         deadline = time.monotonic() + 10
         while len(errors) < 4 and time.monotonic() < deadline:

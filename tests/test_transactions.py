@@ -341,35 +341,54 @@ def test_bad_keys_fail_at_put(store, key, exc, words):
     assert dict(store.scan()) == {"good": 1}
 
 
-def _round_trip_keys(path, keys):
+def _longest_accepted_key_bytes(store) -> int:
+    tx = store.transaction()
+    try:
+        for n in range(510, 0, -1):
+            try:
+                tx.put("x" * n, 0)
+                return n
+            except ValueError:
+                continue
+    finally:
+        tx.rollback()
+    raise AssertionError("no key length accepted")
+
+
+def test_longest_accepted_keys_round_trip(path):
+    """Every key put accepts must commit, reach LMDB and read back after a reopen.
+
+    (Keys of 501..510 bytes were once accepted at put and then broke the history index:
+    LMDB BadValsizeError in the applier, and a store that could not be reopened.)
+    """
     s = _open(path)
+    n = _longest_accepted_key_bytes(s)
+    assert n >= 500
+    keys = ["x" * n, b"\xff" * n, "é" * (n // 2) + "y" * (n % 2),
+            "\U0001F600" * (n // 4) + "z" * (n % 4)]
+    assert all(len(k if isinstance(k, bytes) else k.encode()) == n for k in keys)
     with s.transaction() as tx:
         for i, k in enumerate(keys):
             tx.put(k, i)
+    with s.transaction() as tx:
+        tx.put(keys[0], "twice")  # a second version in the history of the same key
+    s.checkpoint()
     s.close()  # applies them to LMDB
     s = _open(path)
     try:
-        for i, k in enumerate(keys):
+        assert s[keys[0]] == "twice"
+        for i, k in enumerate(keys[1:], 1):
             assert s[k] == i
         assert sorted(map(repr, (k for k, _ in s.scan()))) == sorted(map(repr, keys))
         with s.transaction() as tx:  # and the store still takes writes
             tx.put(keys[0], "again")
+            tx.delete(keys[1])
         s.checkpoint()
-        assert s[keys[0]] == "again"
+        assert s[keys[0]] == "again" and keys[1] not in s
+        with pytest.raises(ValueError, match=f"{n + 1} bytes"):
+            s.transaction().put("x" * (n + 1), 0)
     finally:
         s.close()
-
-
-def test_long_keys_round_trip(path):
-    _round_trip_keys(path, ["x" * 500, "é" * 250, b"\xff" * 500, "\U0001F600" * 125])
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: keys of 501..510 bytes are accepted at put, but "
-                   "the history index key (u16 len + stored key + u64 LSN) exceeds LMDB's "
-                   "511-byte limit: the applier dies with BadValsizeError and the store can "
-                   "never be reopened (recovery REDO fails the same way)")
-def test_longest_keys_round_trip(path):
-    _round_trip_keys(path, ["x" * 510, "é" * 255, b"\xff" * 510, "\U0001F600" * 127 + "ab"])
 
 
 def test_str_and_bytes_keys_are_distinct_and_keep_their_type(path):
@@ -428,19 +447,16 @@ def test_bad_values_fail_at_put_and_good_writes_still_commit(store, value, exc):
     assert dict(store.scan()) == {"victim": "old", "good": 1, "good2": 2}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a dict with a tuple key packs (the tuple becomes a "
-                   "msgpack array) but can never be read back (unhashable list map key): "
-                   "pack_value must reject it at put")
-def test_value_with_unhashable_map_key_fails_at_put(store):
-    with store.transaction() as tx:
-        try:
-            tx.put("k", {(1, 2): "tuple key"})
-        except (TypeError, ValueError):
-            rejected = True
-        else:
-            rejected = False
-    # either rejected at put (the contract), or readable afterwards; never a poisoned key
-    assert rejected or store.get("k") is not None
+def test_value_that_cannot_be_read_back_fails_at_put(store):
+    """A dict with a tuple key packs (as a msgpack array) but could never be unpacked (an
+    unhashable list as a map key): it must be refused at put, not poison the key."""
+    for bad in ({(1, 2): "tuple key"}, [{"ok": {(1,): 1}}], {frozenset(): 1}):
+        with store.transaction() as tx:
+            tx.put("k", "before")
+            with pytest.raises((TypeError, ValueError)):
+                tx.put("k", bad)
+            assert tx.get("k") == "before"
+        assert store.get("k") == "before" and list(store.scan()) == [("k", "before")]
 
 
 VALUES = [

@@ -59,6 +59,8 @@ class Rule:
     against the base name (None: any path; for ``rename`` the source or the destination);
     ``times``: how many calls fail (None: every one from the nth on, until removed);
     ``partial``: for pwrite, write this many bytes of the data before raising.
+    Rules are independent: each counts every call it matches; when several fire on one
+    call, the oldest rule gives the errno and ``partial``.
     """
 
     ops: tuple
@@ -214,12 +216,13 @@ class FaultBackend(OSBackend):
         with self._lock:
             call.seq = self._next()
             self.calls.append(call)
-            for rule in self.rules:
-                if rule.matches(op, paths) and rule.should_fail():
-                    call.error = rule.error
-                    call.injected = True
-                    rule.failed_calls.append(call)
-                    return rule
+            firing = [r for r in self.rules if r.matches(op, paths) and r.should_fail()]
+            for rule in firing:  # every rule counts every call it matches
+                rule.failed_calls.append(call)
+            if firing:
+                call.error = firing[0].error
+                call.injected = True
+                return firing[0]  # the oldest firing rule decides errno and partial
         return None
 
     @staticmethod

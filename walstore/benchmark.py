@@ -666,7 +666,7 @@ def child_process_workloads(p: Profile) -> list[Workload]:
     """Workloads (8) recovery per WAL size and (9) steady state: walstore in children."""
     suite: list[Workload] = []
     for size in p.recovery_bytes:
-        label = f"{size / MB:g}MB"
+        label = f"{size / MB:g}MB" if size < 1024 * MB else f"{size / (1024 * MB):g}GB"
         targets = [Target("walstore", ">= 100k REDO records/s", minimum=100_000)]
         if size == max(p.recovery_bytes):
             targets.append(Target("walstore", "bounded memory", flag="bounded_memory"))

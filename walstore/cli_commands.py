@@ -59,7 +59,7 @@ def recover(path: str, mode: str, handlers: str | None, as_json: bool) -> None:
     with store:
         report = store.last_recovery
     doc = report.as_dict()
-    problem = (any(p.kind != "torn-tail" for p in report.problems) or bool(report.in_doubt)
+    problem = (any(p.kind not in ("torn-tail", "stale-bytes") for p in report.problems) or bool(report.in_doubt)
                or bool(report.pending_compensations))
     if as_json:
         emit_json(doc)

@@ -18,7 +18,9 @@ import msgpack
 
 Key = Union[str, bytes]
 
-MAX_KEY_BYTES = 510          # LMDB's default max key size (511) minus the type tag
+# LMDB's default max key size is 511 bytes; the history index stores a key as
+# u16 length + type tag + key + u64 LSN, so a key may have at most 511 - 11 bytes.
+MAX_KEY_BYTES = 500
 MAX_VALUE_BYTES = 16 * 1024 * 1024
 
 _STR, _BYTES = b"s", b"b"
@@ -41,7 +43,7 @@ def encode_key(key: Any) -> bytes:
         raise ValueError("key must not be empty")
     if len(raw) > MAX_KEY_BYTES:
         raise ValueError(f"key is {len(raw)} bytes long; the limit is {MAX_KEY_BYTES} bytes "
-                         f"(LMDB's maximum key size)")
+                         f"(LMDB's maximum key size less walstore's history index overhead)")
     return tag + raw
 
 
@@ -75,6 +77,11 @@ def pack_value(value: Any, key: Any = None) -> bytes:
     if len(packed) > MAX_VALUE_BYTES:
         raise ValueError(f"value for key {key!r} is {len(packed)} bytes packed; "
                          f"the limit is {MAX_VALUE_BYTES}")
+    try:  # what cannot be read back must not be stored (e.g. a dict with a tuple key)
+        msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"value for key {key!r} cannot be stored: it would not read back "
+                        f"({e}); dict keys must be str, bytes, int, float, bool or None") from None
     return packed
 
 

@@ -169,13 +169,13 @@ def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int):
     end = offset + RECORD_HEADER_SIZE + h.length
     if end > limit:
         return h, f"truncated record payload ({limit - offset - RECORD_HEADER_SIZE} of {h.length} bytes)"
+    if h.lsn != expected_lsn:  # cheap, and checked before the CRC pays for the payload
+        return h, f"record LSN {h.lsn} does not match its position {expected_lsn}"
     crc = crc32c(memoryview(buf)[offset + 4:end], salt)
     if crc != h.crc:
         return h, "record checksum mismatch"
     if h.type not in VALID_TYPES:
         return h, f"unknown record type {h.type}"
-    if h.lsn != expected_lsn:
-        return h, f"record LSN {h.lsn} does not match its position {expected_lsn}"
     if h.flags != 0:
         return h, f"unknown record flags {h.flags}"
     return h, None

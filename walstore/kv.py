@@ -22,11 +22,16 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from typing import Iterator
 
 import lmdb
 
-from .errors import ReadOnlyError
+from .errors import ReadOnlyError, WalstoreError
+
+
+class MapResizeBlocked(WalstoreError):
+    """LMDB's map must grow but open scans in this process keep it from resizing."""
 
 DEFAULT_MAP_SIZE = 64 * 1024 * 1024
 _U64 = struct.Struct(">Q")
@@ -58,13 +63,19 @@ class ResizeGate:
             if self._readers == 0 and self._resizing:
                 self._cond.notify_all()
 
-    def exclusive(self, fn) -> None:
+    def exclusive(self, fn, timeout: float = 2.0) -> bool:
+        """Run ``fn`` with no reader inside; False if readers did not leave in time."""
+        deadline = time.monotonic() + timeout
         with self._cond:
             self._resizing = True
             try:
                 while self._readers:
-                    self._cond.wait()
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
                 fn()
+                return True
             finally:
                 self._resizing = False
                 self._cond.notify_all()
@@ -113,6 +124,11 @@ class LmdbState:
 
     def applied_lsn(self) -> int:
         return self.get_meta_int(b"applied")
+
+    def snapshot_scan(self, lo: bytes, hi: bytes | None, reverse: bool = False
+                      ) -> "SnapshotScan":
+        """Stream data rows from ONE read transaction, begun now (a consistent snapshot)."""
+        return SnapshotScan(self, lo, hi, reverse)
 
     def scan(self, lo: bytes, hi: bytes | None, reverse: bool = False, db=None
              ) -> Iterator[tuple[bytes, bytes]]:
@@ -176,7 +192,9 @@ class LmdbState:
 
     def _grow(self) -> None:
         new_size = self.env.info()["map_size"] * 2
-        self.gate.exclusive(lambda: self.env.set_mapsize(new_size))
+        if not self.gate.exclusive(lambda: self.env.set_mapsize(new_size)):
+            raise MapResizeBlocked("LMDB's map is full and cannot grow while scans are open "
+                                   "in this process; the commit is kept and applied later")
 
     def apply(self, entries: list, applied_end: int, next_txid: int | None = None,
               on_entry=None) -> None:
@@ -219,3 +237,58 @@ class LmdbState:
 
     def close(self) -> None:
         self.env.close()
+
+
+class SnapshotScan:
+    """An iterator over one LMDB read transaction; releases it when done, closed or dropped.
+
+    While it is open it holds a reader slot and the resize gate, so consume it promptly.
+    """
+
+    def __init__(self, state: LmdbState, lo: bytes, hi: bytes | None, reverse: bool) -> None:
+        self._gate = state.gate
+        self._gate.__enter__()
+        try:
+            self._txn = state.env.begin(db=state.data)
+            self._cur = self._txn.cursor()
+        except BaseException:
+            self._gate.__exit__()
+            raise
+        self._lo, self._hi, self._reverse = lo, hi, reverse
+        self._started = False
+        self._open = True
+
+    def __iter__(self) -> "SnapshotScan":
+        return self
+
+    def __next__(self) -> tuple[bytes, bytes]:
+        if not self._open:
+            raise StopIteration
+        cur = self._cur
+        if not self._started:
+            self._started = True
+            if self._reverse and self._hi is None:
+                ok = cur.last()
+            elif self._reverse:
+                ok = cur.prev() if cur.set_range(self._hi) else cur.last()
+            else:
+                ok = cur.set_range(self._lo)
+        else:
+            ok = cur.prev() if self._reverse else cur.next()
+        if ok:
+            k = cur.key()
+            if (k >= self._lo) if self._reverse else (self._hi is None or k < self._hi):
+                return k, cur.value()
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            try:
+                self._txn.abort()
+            finally:
+                self._gate.__exit__()
+
+    def __del__(self) -> None:
+        self.close()

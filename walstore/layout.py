@@ -45,7 +45,7 @@ class Layout:
         if os.path.exists(self.root):
             if not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} exists and is not a directory")
-            if os.listdir(self.root):
+            if os.listdir(self.root) and not self._interrupted_creation():
                 raise NotAStore(f"{self.root} is not empty and holds no walstore store "
                                 f"(no STORE file)")
         fileio.make_dir(self.root)
@@ -58,6 +58,17 @@ class Layout:
         if parent:
             fileio.fsync_dir(parent)
         return store_id
+
+    def _interrupted_creation(self) -> bool:
+        """Only the skeleton a cut-short ``create`` leaves (empty wal/ and db/, STORE.tmp)?"""
+        names = set(os.listdir(self.root))
+        if not names <= {"wal", "db", "STORE.tmp", "LOCK"}:
+            return False
+        for d in ("wal", "db"):
+            path = os.path.join(self.root, d)
+            if d in names and (not os.path.isdir(path) or os.listdir(path)):
+                return False
+        return True
 
     def read_identity(self) -> bytes:
         """The store id; NotAStore when the directory is not a store of a known version."""

@@ -39,7 +39,7 @@ from .errors import CorruptionError
 from .framing import SEGMENT_HEADER_SIZE, RecordType
 from .kv import LmdbState
 from .records import CommitEntry
-from .segments import Record, SegmentReader, list_segments
+from .segments import Record, SegmentReader, last_nonzero_end, list_segments
 
 _TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
                          RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
@@ -54,7 +54,7 @@ MAX_OPEN_TXN_BYTES = 512 * 1024 * 1024  # bound on one uncommitted transaction's
 class Problem:
     """One thing recovery found wrong, and what it did about it."""
 
-    kind: str           # torn-tail | corrupt-record | bad-segment | gap | lmdb-ahead | bad-payload
+    kind: str  # torn-tail | stale-bytes | corrupt-record | bad-segment | gap | lmdb-ahead | bad-payload
     file: str
     offset: int
     lsn: int
@@ -80,6 +80,7 @@ class RecoveryReport:
     problems: list = field(default_factory=list)
     given_up_records: int = 0
     given_up_txids: list = field(default_factory=list)
+    salvaged: bool = False  # holes were skipped: the store seals this log after recovery
     compensated: list = field(default_factory=list)
     pending_compensations: list = field(default_factory=list)
     in_doubt: list = field(default_factory=list)
@@ -171,6 +172,7 @@ class Recovery:
         self.analysis = _Analysis(state.applied_lsn())
         self.analysis.handlers.update(handlers or {})
         self.on_apply = None  # agent layer: extra rows per applied commit
+        self.wal_start = state.get_meta_int(b"wal_start")  # where a sealed log begins
         self._stopped = False  # point-in-time: everything after the first damage is dropped
         self._done_bytes = 0
 
@@ -190,13 +192,13 @@ class Recovery:
             if self._stopped:
                 self._drop_segment(path, start, "after the point-in-time cut")
                 continue
-            if expected is None and start > applied:
+            if expected is None and start > max(applied, self.wal_start):
                 self._damage("gap", path, 0, start, f"the WAL begins at LSN {start} but LMDB is "
-                             f"applied only up to {applied}: log records are missing", last)
+                             f"applied only up to {applied}: log records are missing", False)
             elif expected is not None and start != expected:
                 self._damage("gap", path, 0, start, f"segment starts at LSN {start} but the "
                              f"previous one ends at {expected}: a segment is missing or damaged",
-                             last)
+                             False)
                 if self._stopped:
                     self._drop_segment(path, start, "after the point-in-time cut")
                     continue
@@ -205,7 +207,8 @@ class Recovery:
                 self._damage("bad-segment", path, 0, start, reader.header_error, last)
                 self._drop_segment(path, start, reader.header_error)
                 continue
-            end_lsn, end_off = self._read_segment(reader, last, applied)
+            next_start = segs[i + 1][0] if not last else None
+            end_lsn, end_off = self._read_segment(reader, last, applied, next_start)
             expected = end_lsn
             position = LogPosition(start, end_off)
             self._done_bytes += reader.file_size
@@ -226,16 +229,24 @@ class Recovery:
         rep.seconds = time.monotonic() - t0
         return position
 
-    def _read_segment(self, reader: SegmentReader, last: bool, applied: int) -> tuple[int, int]:
+    def _read_segment(self, reader: SegmentReader, last: bool, applied: int,
+                      next_start: int | None) -> tuple[int, int]:
         """Feed the segment's records; handle how it ends.  Returns (end LSN, end offset)."""
         offset = SEGMENT_HEADER_SIZE
         while True:
             for rec in reader.records(offset):
-                self._feed(reader, rec, last)
-                if self._stopped:
-                    return rec.lsn, reader.offset_of(rec.lsn)
+                bad = self._feed(reader, rec, last)
+                if bad is not None:  # a valid-checksum record with a bad payload: cut here
+                    return self._cut(reader, rec.offset, bad)
             end = reader.end
             if end.kind == "clean":
+                return end.lsn, end.offset
+            if next_start == end.lsn:
+                # The next segment begins exactly here: nothing of the log is missing; the
+                # bytes behind the end are a failed write left when the segment was sealed.
+                self._quarantine_range(reader, end.offset, end.damaged_end, "stale-bytes",
+                                       end.reason + " (behind the end of a sealed segment)",
+                                       "cut")
                 return end.lsn, end.offset
             is_torn = end.kind == "torn" and last and end.lsn >= applied
             if is_torn:
@@ -254,28 +265,40 @@ class Recovery:
             self._damage("corrupt-record", reader.path, end.offset, end.lsn, reason, last)
             if self.mode == "skip-corrupt" and end.next_valid is not None:
                 self._quarantine_range(reader, end.offset, end.next_valid.offset, "corrupt-record",
-                                       reason, "skipped")
+                                       reason, "skipped", zero=False)
+                self.report.salvaged = True
                 offset = end.next_valid.offset
                 continue
-            self._give_up_rest_of(reader, end.offset)
-            self._quarantine_range(reader, end.offset, end.damaged_end, "corrupt-record", reason,
-                                   "cut")
-            if self.mode == "point-in-time":
-                self._stopped = True
-            return end.lsn, end.offset
+            return self._cut(reader, end.offset, reason)
 
-    def _feed(self, reader: SegmentReader, rec: Record, last: bool) -> None:
+    def _cut(self, reader: SegmentReader, offset: int, reason: str) -> tuple[int, int]:
+        """Give up everything from ``offset`` to the end of this segment (quarantined)."""
+        import mmap
+        self._give_up_rest_of(reader, offset - 1)
+        with open(reader.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            damaged_end = last_nonzero_end(mm, offset, len(mm))
+        self._quarantine_range(reader, offset, damaged_end, "corrupt-record", reason, "cut")
+        if self.mode == "point-in-time":
+            self._stopped = True
+        return reader.lsn_at(offset), offset
+
+    def _feed(self, reader: SegmentReader, rec: Record, last: bool) -> str | None:
+        """Feed one record; returns a reason when a bad payload must be cut off here."""
         self.report.records += 1
         try:
             body = records.decode(rec.payload)
             self.analysis.feed(rec, body)
         except ValueError as e:
-            self._damage("bad-payload", reader.path, rec.offset, rec.lsn,
-                         f"record of type {rec.type} has a valid checksum but a bad payload: {e}",
-                         last)
-            return
+            reason = f"record of type {rec.type} has a valid checksum but a bad payload: {e}"
+            self._damage("bad-payload", reader.path, rec.offset, rec.lsn, reason, last)
+            if self.mode != "skip-corrupt":
+                return reason
+            self.report.problems[-1].action = "skipped"
+            self.report.salvaged = True
+            return None
         if len(self.analysis.redo) >= REDO_BATCH:
             self._flush_redo()
+        return None
 
     def _flush_redo(self) -> None:
         batch = self.analysis.redo
@@ -296,8 +319,10 @@ class Recovery:
                                             action="" if accepted else "refused"))
         if not accepted:
             raise CorruptionError(f"{kind}: {reason}", file=path, offset=offset, lsn=lsn)
-        if self.mode == "point-in-time" and kind in ("gap", "bad-segment", "bad-payload"):
+        if self.mode == "point-in-time" and kind in ("gap", "bad-segment"):
             self._stopped = True
+        if self.mode == "skip-corrupt" and kind in ("gap", "bad-segment"):
+            self.report.salvaged = True
 
     def _give_up_rest_of(self, reader: SegmentReader, offset: int) -> None:
         """Count the valid records behind a cut (they are quarantined, not applied)."""
@@ -305,13 +330,15 @@ class Recovery:
         with open(reader.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             pos = offset + 1
             while True:
-                rec = reader.find_valid_after(mm, pos, len(mm))
+                rec, _exhausted = reader.find_valid_after(mm, pos, len(mm))
                 if rec is None:
                     return
                 self._count_given_up(rec)
                 pos = rec.offset + 1
 
     def _count_given_up(self, rec: Record) -> None:
+        if rec.end_lsn <= self.analysis.applied:
+            return  # LMDB already holds it: nothing is lost
         self.report.given_up_records += 1
         if rec.type == RecordType.COMMIT:
             try:
@@ -334,8 +361,11 @@ class Recovery:
                                             os.path.getsize(dest), "dropped", dest))
 
     def _quarantine_range(self, reader: SegmentReader, start: int, end: int, kind: str,
-                          reason: str, action: str) -> None:
-        """Copy bytes [start, end) of a segment to quarantine, then zero them in place."""
+                          reason: str, action: str, zero: bool = True) -> None:
+        """Copy bytes [start, end) of a segment to quarantine, then zero them in place.
+
+        ``zero=False`` leaves them (a salvaged hole: the store seals that log afterwards).
+        """
         if end <= start:
             return
         with open(reader.path, "rb") as f:
@@ -347,12 +377,13 @@ class Recovery:
         self._write_note(dest, {"file": reader.path, "offset": start, "lsn": reader.lsn_at(start),
                                 "bytes": len(data), "kind": kind, "reason": reason,
                                 "action": action})
-        fd = fileio.open_file(reader.path, os.O_RDWR)
-        try:
-            fileio.pwrite_all(fd, bytes(len(data)), start)
-            fileio.fdatasync(fd)
-        finally:
-            os.close(fd)
+        if zero:
+            fd = fileio.open_file(reader.path, os.O_RDWR)
+            try:
+                fileio.pwrite_all(fd, bytes(len(data)), start)
+                fileio.fdatasync(fd)
+            finally:
+                os.close(fd)
         prob = Problem(kind, reader.path, start, reader.lsn_at(start), reason, len(data), action,
                        dest)
         # replace the matching un-actioned entry, or add one (torn tails are not "damage")

@@ -27,6 +27,7 @@ from .framing import (RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE, che
                       decode_segment_header, encode_record, encode_segment_header,
                       segment_salt)
 
+RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
 SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
 _ZERO_CHUNK = bytes(1 << 20)
 
@@ -46,6 +47,17 @@ def list_segments(wal_dir: str) -> list[tuple[int, str]]:
     return out
 
 
+class FsyncFailed(OSError):
+    """An fsync failed: the caller must stop writing (never retry an fsync)."""
+
+
+def _fsync_or_fail(fn, target) -> None:
+    try:
+        fn(target)
+    except OSError as e:
+        raise FsyncFailed(e.errno, f"fsync failed: {e.strerror or e}") from e
+
+
 def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> str:
     """Create a preallocated segment durably and return its path.
 
@@ -63,12 +75,26 @@ def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> 
             chunk = _ZERO_CHUNK[: min(len(_ZERO_CHUNK), size - pos)]
             fileio.pwrite_all(fd, chunk, pos)
             pos += len(chunk)
-        fileio.fsync(fd)
-    finally:
+        _fsync_or_fail(fileio.fsync, fd)
+    except BaseException:
         os.close(fd)
-    fileio.rename(tmp, path)
-    fileio.fsync_dir(wal_dir)
+        _remove_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        fileio.rename(tmp, path)
+    except OSError:
+        _remove_quietly(tmp)
+        raise
+    _fsync_or_fail(fileio.fsync_dir, wal_dir)
     return path
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 class SegmentWriter:
@@ -96,6 +122,13 @@ class SegmentWriter:
         """Write framed bytes at the current end; on error nothing is counted as written."""
         fileio.pwrite_all(self.fd, data, self.offset)
         self.offset += len(data)
+
+    def scrub(self, length: int) -> None:
+        """Zero ``length`` bytes at the end after a failed write (best effort)."""
+        try:
+            fileio.pwrite_all(self.fd, bytes(min(length, self.room())), self.offset)
+        except OSError:
+            pass
 
     def sync(self) -> None:
         fileio.fdatasync(self.fd)
@@ -199,25 +232,38 @@ class SegmentReader:
         damaged_end = last_nonzero_end(mm, off, size)
         if damaged_end == off:
             return ScanEnd("clean", off, lsn)
-        nxt = self.find_valid_after(mm, off + 1, size)
+        nxt, exhausted = self.find_valid_after(mm, off + 1, size)
+        if exhausted:
+            return ScanEnd("corrupt", off, lsn, reason + "; the bytes behind it could not be "
+                           "searched for valid records within the scan budget", damaged_end)
         if nxt is not None and nxt.synced_lsn > lsn:
             return ScanEnd("corrupt", off, lsn, reason, damaged_end, nxt)
         return ScanEnd("torn", off, lsn, reason, damaged_end, nxt)
 
-    def find_valid_after(self, mm, start: int, size: int) -> Record | None:
-        """The first valid record starting at or after file offset ``start``, if any."""
+    def find_valid_after(self, mm, start: int, size: int) -> tuple[Record | None, bool]:
+        """(first valid record at or after file offset ``start`` or None, budget exhausted).
+
+        Candidates are found by the magic and must carry the LSN of their position before
+        any checksum work; the checksum work is bounded (RESYNC_BUDGET x the file size) so a
+        crafted file full of plausible headers cannot make this quadratic.
+        """
+        budget = RESYNC_BUDGET * max(size, 1 << 20)
         pos = start + 10
         while True:
             pos = mm.find(RECORD_MAGIC, pos, size)
             if pos < 0:
-                return None
+                return None, False
             off = pos - 10
             if off >= start:
                 h, reason = check_record(mm, off, self.salt, self.lsn_at(off), size)
+                if h is not None and h.lsn == self.lsn_at(off) and h.length <= size:
+                    budget -= RECORD_HEADER_SIZE + h.length
                 if reason is None:
                     end = off + RECORD_HEADER_SIZE + h.length
                     return Record(h.lsn, h.type, bytes(mm[off + RECORD_HEADER_SIZE:end]),
-                                  h.synced_lsn, self.lsn_at(end), off)
+                                  h.synced_lsn, self.lsn_at(end), off), False
+                if budget < 0:
+                    return None, True
             pos += 1
 
     def resume_after(self, end: ScanEnd) -> Iterator[Record]:

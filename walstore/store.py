@@ -39,13 +39,14 @@ from .twophase import PrepareRecovery, TwoPhaseMixin
 from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
                      StoreClosed, WalstoreError)
 from .framing import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, RecordType
-from .kv import LmdbState
+from .kv import LmdbState, MapResizeBlocked
 from .layout import Layout, ProcessLock
 from . import history
 from .actions import ActionRecovery
 from .recovery import LogPosition, Recovery, RecoveryReport
 from .records import CommitEntry
-from .segments import create_segment
+from . import fileio
+from .segments import create_segment, list_segments
 from .txlog import TxnInfo, info_from_row
 from .txn import Transaction
 from .wal import DEFAULT_SEGMENT_SIZE, WalWriteError, WriteAheadLog
@@ -180,7 +181,29 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._undo_losers(undo, rec.report)
         if rec.report.redone or rec.report.problems or rec.report.losers:
             self._checkpoint_locked()
+        if rec.report.salvaged:
+            self._seal_salvaged_log()
         return rec.report
+
+    def _seal_salvaged_log(self) -> None:
+        """After skip-corrupt left holes: start a clean log, move the damaged one aside.
+
+        Everything valid in it is in LMDB now (REDO + checkpoint), so the log can begin
+        afresh at a new segment; the old segments go to quarantine/, not away.
+        """
+        import shutil
+        start = self.wal.rotate()
+        self._checkpoint_locked()
+        fileio.make_dir(self.layout.quarantine)
+        for seg_start, path in list_segments(self.layout.wal):
+            if seg_start < start:
+                dest = os.path.join(self.layout.quarantine,
+                                    f"{os.path.basename(path)}.salvaged.{int(time.time())}.bin")
+                shutil.move(path, dest)
+        fileio.fsync_dir(self.layout.quarantine)
+        fileio.fsync_dir(self.layout.wal)
+        self.state.set_meta_int(b"wal_start", start)
+        self.state.sync()
 
     def _undo_losers(self, undo: "ActionRecovery", report: RecoveryReport) -> None:
         """UNDO: losers' writes were never applied; settle their actions, log their ABORT."""
@@ -336,16 +359,24 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
 
     def _merged_scan(self, lo: bytes, hi: bytes | None, reverse: bool,
                      mine: list[tuple[bytes, bytes | None]]) -> Iterator[tuple[bytes, bytes]]:
-        """Committed LMDB rows overlaid by the overlay, then by ``mine`` (sorted)."""
-        over = sorted((k, e[1]) for k, e in list(self._overlay.items())
-                      if k >= lo and (hi is None or k < hi))
-        base = self.state.scan(lo, hi, reverse)
-        stream = _merge(base, over, reverse)
-        if mine:
-            stream = _merge(stream, mine, reverse)
-        for k, v in stream:
-            if v is not None:
-                yield k, v
+        """Committed LMDB rows overlaid by the overlay, then by ``mine`` (sorted).
+
+        The overlay copy and the LMDB read transaction are taken together under the store
+        lock, so the scan sees one consistent committed state: never part of a commit.
+        """
+        with self._lock:
+            over = sorted((k, e[1]) for k, e in self._overlay.items()
+                          if k >= lo and (hi is None or k < hi))
+            base = self.state.snapshot_scan(lo, hi, reverse)
+        try:
+            stream = _merge(base, over, reverse)
+            if mine:
+                stream = _merge(stream, mine, reverse)
+            for k, v in stream:
+                if v is not None:
+                    yield k, v
+        finally:
+            base.close()
 
     # ---- transactions ------------------------------------------------------------------
     def transaction(self, meta: Any = None) -> Transaction:
@@ -395,7 +426,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     # ---- the commit pipeline -----------------------------------------------------------
     def _commit(self, tx: Transaction) -> int | None:
         if not tx.writes and not tx.actions and not tx.commit_extra:
-            self._validate(tx)
+            with self._lock:
+                self._validate(tx)
             return None
         self._check_writable()
         with self._lock:
@@ -503,7 +535,10 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     # ---- applier, flusher, checkpoints -------------------------------------------------
     def _wake_applier(self, wait: bool = False) -> None:
         if wait:
-            self._apply_pending()
+            try:
+                self._apply_pending()
+            except MapResizeBlocked:
+                pass  # the applier thread retries; the overlay keeps serving reads
         else:
             with self._apply_cond:
                 self._apply_cond.notify()
@@ -516,6 +551,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                 self._apply_pending()
                 if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
                     self.checkpoint()
+            except MapResizeBlocked:
+                continue  # open scans hold the map; try again on the next round
             except BaseException as e:  # surfaced to the next committer and to close()
                 self._background_error = e
                 return

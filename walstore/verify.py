@@ -32,6 +32,7 @@ class VerifyReport:
     lmdb_keys: int = 0
     keys_checked: int = 0
     applied_lsn: int = 0
+    wal_start: int = 0
     wal_end_lsn: int = 0
     errors: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
@@ -60,6 +61,8 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         with state.gate, state.env.begin() as snap:
             raw = snap.get(b"applied", db=state.meta)
             rep.applied_lsn = int.from_bytes(raw, "big") if raw else 0
+            raw = snap.get(b"wal_start", db=state.meta)
+            rep.wal_start = int.from_bytes(raw, "big") if raw else 0
             last_values = _check_wal(layout, store_id, rep, progress)
             _compare(snap, state, rep, last_values)
         _check_lmdb(state, rep)
@@ -81,7 +84,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
     for i, (start, path) in enumerate(segs):
         if expected is not None and start != expected:
             rep.errors.append(f"{path}: starts at LSN {start}, previous segment ends at {expected}")
-        elif expected is None and start > rep.applied_lsn:
+        elif expected is None and start > max(rep.applied_lsn, rep.wal_start):
             rep.errors.append(f"{path}: WAL starts at LSN {start} beyond LMDB's applied "
                               f"{rep.applied_lsn}")
         reader = SegmentReader(path, store_id, start)

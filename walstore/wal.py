@@ -24,7 +24,8 @@ import threading
 from . import fileio
 from .errors import ReadOnlyError, WalstoreError
 from .framing import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE
-from .segments import SegmentWriter, create_segment, list_segments, segment_name
+from .segments import (FsyncFailed, SegmentWriter, create_segment, list_segments,
+                       segment_name)
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 
@@ -62,6 +63,7 @@ class WriteAheadLog:
             try:
                 self.writer.write_at_end(data)
             except OSError as e:
+                self.writer.scrub(len(data))  # best effort: no stale half record behind the end
                 raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
                                     ) from e
             self.written_lsn = self.writer.end_lsn
@@ -77,11 +79,22 @@ class WriteAheadLog:
             self.synced_lsn = max(self.synced_lsn, start)
             try:
                 path = create_segment(self.dir, self.store_id, start, size)
+            except FsyncFailed as e:
+                self.failed = e.__cause__ or e
+                raise ReadOnlyError(f"fsync failed while creating a WAL segment ({e}); the "
+                                    f"store is now read-only (reopen it to recover)") from e
             except OSError as e:
                 raise WalWriteError(e.errno, f"could not create a new WAL segment: "
                                              f"{e.strerror or e}") from e
             self.writer = SegmentWriter(path, self.store_id, start, SEGMENT_HEADER_SIZE)
             old.close()
+
+    def rotate(self) -> int:
+        """Start a new segment now (sealing the current one); returns its start LSN."""
+        with self.lock:
+            self._check_usable()
+            self._rotate(0)
+            return self.writer.start_lsn
 
     # ---- durability --------------------------------------------------------------------
     def sync_to(self, lsn: int) -> None:
