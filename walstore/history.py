@@ -59,7 +59,7 @@ def versions(state, key: bytes) -> Iterator[tuple[int, int, bytes | None]]:
 def value_at(state, key: bytes, lsn: int) -> tuple[bool, bytes | None]:
     """(found, packed value) of ``key`` as of just before log position ``lsn``."""
     prefix = hist_prefix(key)
-    with state.gate, state.env.begin(db=state.hist) as txn:
+    with state.gate, state.begin(state.hist) as txn:
         cur = txn.cursor()
         target = hist_key(key, lsn)  # versions strictly below lsn count
         ok = cur.set_range(target)

@@ -107,15 +107,23 @@ class LmdbState:
         self.meta2 = self.env.open_db(b"twophase", create=not readonly)
 
     # ---- reads -------------------------------------------------------------------------
+    def begin(self, db=None):
+        """A read transaction; adopts a map grown by the writer process (MapResizedError)."""
+        try:
+            return self.env.begin(db=db)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(db=db)
+
     def get(self, key: bytes, db=None) -> bytes | None:
         with self.gate:
-            with self.env.begin(db=db or self.data, buffers=False) as txn:
+            with self.begin(db or self.data) as txn:
                 return txn.get(key)
 
     def get_many(self, keys: list[bytes], db=None) -> list[bytes | None]:
         """Several point reads in one read transaction."""
         with self.gate:
-            with self.env.begin(db=db or self.data, buffers=False) as txn:
+            with self.begin(db or self.data) as txn:
                 return [txn.get(k) for k in keys]
 
     def get_meta_int(self, name: bytes, default: int = 0) -> int:
@@ -144,7 +152,7 @@ class LmdbState:
 
     def _scan_chunk(self, db, lo, hi, reverse, after):
         out = []
-        with self.gate, self.env.begin(db=db) as txn:
+        with self.gate, self.begin(db) as txn:
             cur = txn.cursor()
             if not reverse:
                 ok = cur.set_range(after if after is not None else lo)
@@ -173,7 +181,7 @@ class LmdbState:
         return out
 
     def count(self) -> int:
-        with self.gate, self.env.begin(db=self.data) as txn:
+        with self.gate, self.begin(self.data) as txn:
             return txn.stat(self.data)["entries"]
 
     # ---- writes ------------------------------------------------------------------------
@@ -249,7 +257,7 @@ class SnapshotScan:
         self._gate = state.gate
         self._gate.__enter__()
         try:
-            self._txn = state.env.begin(db=state.data)
+            self._txn = state.begin(state.data)
             self._cur = self._txn.cursor()
         except BaseException:
             self._gate.__exit__()

@@ -105,6 +105,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self.compensators: dict[str, Callable] = dict(compensators or {})
         self._closed = True
         self._lock = threading.RLock()
+        self._follower = None  # read-only stores follow the writer's WAL
         self._proc_lock: ProcessLock | None = None
         self.state: LmdbState | None = None
         self.wal: WriteAheadLog | None = None
@@ -231,16 +232,17 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                                  self.options.segment_size)
 
     def _open_readonly(self, map_size) -> None:
+        from .readonly import WalFollower
         self.state = LmdbState(self.layout.db, map_size, readonly=True)
-        self.refresh()
+        self._follower = WalFollower(self.layout, self.store_id, self.state)
+        self._overlay = self._follower.overlay
+        self._published_lsn = self._follower.published
 
     def refresh(self) -> None:
-        """Read-only stores: load commits logged past LMDB's applied LSN into the overlay."""
-        from .readonly import load_wal_tail
-        overlay, published = load_wal_tail(self.layout, self.store_id, self.state)
-        with self._lock:
-            self._overlay = overlay
-            self._published_lsn = published
+        """Read-only stores: pick up commits the writer logged since the last read."""
+        if self._follower is not None:
+            self._follower.catch_up()
+            self._published_lsn = self._follower.published
 
     def _start_threads(self) -> None:
         self._spawn(self._applier_loop, "walstore-applier")
@@ -272,6 +274,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
 
     def _abandon(self) -> None:
         """Release files without any further write (also used after a failed open)."""
+        if self._follower is not None:
+            self._follower.close()
         if self.wal is not None:
             self.wal.close()
         if self.state is not None:
@@ -310,6 +314,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
 
     # ---- reads outside a transaction ---------------------------------------------------
     def _read_committed(self, k: bytes) -> bytes | None:
+        if self._follower is not None:
+            self.refresh()
         e = self._overlay.get(k)
         if e is not None:
             return e[1]
@@ -336,6 +342,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """(key, value) of committed state in key order; ``start`` inclusive, ``end`` not."""
         self._check_open()
+        self.refresh()
         lo, hi = self._scan_bounds(prefix, start, end)
         for k, v in self._merged_scan(lo, hi, reverse, []):
             yield decode_key(k), unpack_value(v)

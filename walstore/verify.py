@@ -58,7 +58,7 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         rep = VerifyReport(layout.root)
         # One read snapshot for `applied` and the values compared against the WAL, so a
         # writer applying meanwhile cannot make the comparison lie.
-        with state.gate, state.env.begin() as snap:
+        with state.gate, state.begin() as snap:
             raw = snap.get(b"applied", db=state.meta)
             rep.applied_lsn = int.from_bytes(raw, "big") if raw else 0
             raw = snap.get(b"wal_start", db=state.meta)
