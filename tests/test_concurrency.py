@@ -235,6 +235,35 @@ def test_transaction_started_after_a_commit_sees_it_without_conflict(store):
     assert store.get("x") == 3
 
 
+def test_long_running_transaction_still_conflicts_after_many_commits(store):
+    """The conflict window is pruned as commits pile up, never below an open transaction."""
+    with store.transaction() as tx:
+        tx.put("x", 0)
+        tx.put("inv/a", 1)
+    reader = store.transaction()
+    scanner = store.transaction()
+    reader.put("out", reader.get("x"))
+    scanner.put("count", len(list(scanner.scan(prefix="inv/"))))
+    for i in range(1500):  # unrelated commits, more than the window keeps by default
+        with store.transaction() as tx:
+            tx.put(f"noise/{i % 7}", i)
+    with store.transaction() as tx:  # one commit touching a very large number of keys
+        for i in range(70_000):
+            tx.put(f"bulk/{i:05d}", 0)
+    with store.transaction() as tx:
+        tx.put("x", 1)
+        tx.put("inv/b", 2)
+    with pytest.raises(walstore.ConflictError):
+        reader.commit()
+    with pytest.raises(walstore.ConflictError):
+        scanner.commit()
+    assert "out" not in store and "count" not in store
+    t = store.transaction()  # a fresh transaction has nothing to conflict with
+    t.put("out", t.get("x"))
+    t.commit()
+    assert store.get("out") == 1
+
+
 def test_scan_spanning_an_applied_commit_conflicts(tmp_path):
     """A transaction's scan that saw part of another commit cannot commit."""
     s = _open(tmp_path / "s", apply_interval=60, apply_batch=10 ** 6)

@@ -839,13 +839,23 @@ def test_skip_corrupt_skips_several_regions(killed: Built) -> None:
     for r in bads:
         seg = next(s for s in segs if r in s.recs)
         flip_bit(seg.path, r.offset + RHDR + 1)
+    damaged = {str(s.path): s.path.read_bytes() for s in segs}
     bad_is = {killed.index_of_lsn(r.lsn) for r in bads}
     with open_store(killed, "skip-corrupt") as s:
         rep = s.last_recovery
         assert state_of(s) == expected_state(i for i in range(N_COMMITS) if i not in bad_is)
         assert sorted((p.lsn, p.bytes, p.action) for p in rep.problems) == sorted(
             (r.lsn, r.end - r.offset, "skipped") for r in bads)
-    assert len(quarantine_bins(killed)) == 3
+    for r in bads:
+        seg = next(s for s in segs if r in s.recs)
+        data, note = quarantined(killed, seg.path, r.offset)
+        assert data == damaged[str(seg.path)][r.offset:r.end]
+        assert (note["action"], note["offset"]) == ("skipped", r.offset)
+    # the salvaged log (holes and all) is not kept as the live WAL: no old segment remains
+    assert not any(s.path.exists() for s in segs)
+    with open_store(killed) as s:
+        assert s.last_recovery.problems == []
+        assert state_of(s) == expected_state(i for i in range(N_COMMITS) if i not in bad_is)
 
 
 def _bad_payload(length: int) -> bytes:
@@ -867,26 +877,37 @@ def test_strict_refuses_valid_crc_bad_payload(killed: Built) -> None:
     assert ei.value.reason.startswith("bad-payload: ")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: tolerate-tail treats a valid-CRC bad payload in the "
-                   "last segment like skip-corrupt: the record is skipped (not cut), the commits "
-                   "behind it are applied, nothing is quarantined, the next strict open refuses")
+BAD_PAYLOAD = "record of type 1 has a valid checksum but a bad payload"
+
+
 def test_tolerate_tail_cuts_bad_payload_in_last_segment(killed: Built) -> None:
+    """Regression (was a bug): tolerate-tail skipped a valid-CRC bad payload like skip-corrupt,
+    applied the commits behind it and quarantined nothing; the next strict open refused."""
     seg = killed.segments()[-1]
     bad = seg.recs[10]
     reframe(killed, seg, bad, payload=_bad_payload(bad.length))
+    damaged = seg.path.read_bytes()
     bad_i = killed.index_of_lsn(bad.lsn)
+    behind = seg.recs[11:]
     with open_store(killed, "tolerate-tail") as s:
         rep = s.last_recovery
         assert state_of(s) == expected_state(range(bad_i))
-        assert rep.given_up_records == len(seg.recs) - 11
+        assert rep.end_lsn == bad.lsn
+        # the bad record itself passed its checksum, so it counts as a given-up record too;
+        # its txid cannot be read, so only the commits behind it are named
+        assert rep.given_up_records == len(behind) + 1
+        assert rep.given_up_txids == [killed.txid_at(r.lsn) for r in behind]
+        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.recs[-1].end],
+                   kind="corrupt-record", action="cut", reason=BAD_PAYLOAD)
     with open_store(killed) as s:
         assert s.last_recovery.problems == []
+        assert state_of(s) == expected_state(range(bad_i))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: point-in-time stopping at a valid-CRC bad payload "
-                   "neither cuts nor quarantines nor counts the rest of that segment; the writer "
-                   "resumes over it and the next strict open refuses")
 def test_point_in_time_bad_payload_quarantines_rest_of_segment(killed: Built) -> None:
+    """Regression (was a bug): point-in-time stopped at a valid-CRC bad payload without cutting,
+    quarantining or counting the rest of that segment; the writer resumed over those records
+    and the next strict open refused."""
     segs = killed.segments()
     seg = segs[1]
     bad = seg.recs[30]
@@ -897,19 +918,20 @@ def test_point_in_time_bad_payload_quarantines_rest_of_segment(killed: Built) ->
     with open_store(killed, "point-in-time") as s:
         rep = s.last_recovery
         assert state_of(s) == expected_state(range(bad_i))
-        assert rep.given_up_records == len(after)
+        assert rep.given_up_records == len(after) + 1  # + the bad record (valid checksum)
         assert rep.given_up_txids == [killed.txid_at(r.lsn) for r in after]
-        data, _note = quarantined(killed, seg.path, bad.offset)
-        assert data == damaged[bad.offset:seg.recs[-1].end]
+        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.recs[-1].end],
+                   kind="corrupt-record", action="cut", reason=BAD_PAYLOAD)
+        assert [p.file for p in rep.problems if p.kind == "dropped-segment"] == [
+            str(x.path) for x in segs[2:]]
     with open_store(killed) as s:
         assert s.last_recovery.problems == []
         assert state_of(s) == expected_state(range(bad_i))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: point-in-time on a store whose LMDB already holds "
-                   "the commits behind the damage reports them in given_up_txids although the "
-                   "recovered state keeps them")
 def test_point_in_time_on_closed_store_reports_only_what_it_gave_up(closed: Built) -> None:
+    """Regression (was a bug): with LMDB already holding the commits behind the damage,
+    point-in-time listed them in given_up_txids although the recovered state keeps them."""
     seg = closed.segments()[-1]
     bad = seg.recs[10]
     flip_bit(seg.path, bad.offset + RHDR + 11)
@@ -919,6 +941,10 @@ def test_point_in_time_on_closed_store_reports_only_what_it_gave_up(closed: Buil
         kept_txids = {closed.commits[int(k[1:])][0] for k in kept}
         assert kept == expected_state(range(N_COMMITS))  # LMDB had applied everything
         assert not set(rep.given_up_txids) & kept_txids, rep.given_up_txids
+        # only the closing CHECKPOINT record behind the damage is given up: every commit
+        # behind it is in LMDB already
+        assert seg.recs[-1].type == RecordType.CHECKPOINT and seg.recs[-1].lsn >= bad.lsn
+        assert rep.given_up_records == 1 and rep.given_up_txids == []
 
 
 # ---- the command line ------------------------------------------------------------------------
@@ -1031,15 +1057,17 @@ def test_missing_middle_segment_point_in_time_keeps_prefix(killed: Built) -> Non
         assert dropped(killed, s_.path)[0] == killed.image(s_)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: tolerate-tail accepts a gap reported against the "
-                   "last segment and applies that segment's commits after the hole left by a "
-                   "missing earlier segment (damage that is not in the tail)")
 def test_missing_segment_before_last_tolerate_tail_refuses(killed: Built) -> None:
+    """Regression (was a bug): tolerate-tail accepted the gap because it was reported against
+    the last segment, and applied that segment's commits after the hole."""
     segs = killed.segments()
     os.unlink(segs[-2].path)
     with pytest.raises(walstore.CorruptionError) as ei:
         open_store(killed, "tolerate-tail")
-    assert (ei.value.file, ei.value.offset) == (str(segs[-1].path), 0)
+    assert (ei.value.file, ei.value.offset, ei.value.lsn) == (str(segs[-1].path), 0,
+                                                              segs[-1].start)
+    assert ei.value.reason.startswith("gap: ")
+    assert not killed.quarantine.exists() and lmdb_applied(killed.root) == (0, 0)
 
 
 def test_duplicated_segment_after_end_strict_refuses(killed: Built) -> None:
@@ -1155,11 +1183,10 @@ def test_recovery_twice_gives_same_state_and_nothing_to_cut(killed: Built, damag
         assert q2 == q1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: skip-corrupt zeroes the skipped region in place; in "
-                   "the last segment (never trimmed) every later recovery finds that zero hole "
-                   "followed by valid records: strict refuses the store for good, skip-corrupt "
-                   "re-quarantines the zeros")
 def test_skip_corrupt_in_last_segment_second_recovery_finds_nothing(killed: Built) -> None:
+    """Regression (was a bug): skip-corrupt zeroed the skipped region in place; in the last
+    segment (never trimmed) every later recovery found that hole followed by valid records:
+    strict refused the store for good and skip-corrupt re-quarantined the zeros."""
     seg = killed.segments()[-1]
     bad = seg.recs[5]
     flip_bit(seg.path, bad.offset + RHDR + 1)
@@ -1212,18 +1239,36 @@ def test_length_0xffffffff_in_last_record_is_cut_as_torn(killed: Built) -> None:
         assert state_of(s) == expected_state(range(N_COMMITS - 1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the resync scan behind a bad record "
-                   "(find_valid_after) checksums every candidate 'WR' offset over its full claimed length: quadratic "
-                   "in the segment size; a crafted 16 MiB segment takes hours (a hang)")
-def test_resync_scan_after_damage_costs_linear_checksum_work(tmp_path, monkeypatch) -> None:
-    size = 256 * 1024
+def _resync_filler(size: int, used: int, pattern: str) -> bytes:
+    """Garbage after a bad record that looks like record headers, each claiming a long payload.
+
+    "periodic": a 12-byte block repeated (header magic every 12 bytes, LSN fields wrong);
+    "positioned": one 28-byte header every 28 bytes, each carrying the LSN of its own position
+    (so a cheap LSN check does not rule it out), claiming half the file as its payload.
+    """
+    if pattern == "periodic":
+        block = b"\x01\x02\x03\x04" + struct.pack("<I", 100_000) + b"\x01\x00WR"
+        return block * ((size - used) // len(block))
+    out = bytearray()
+    off = used
+    while off + RHDR <= size:
+        out += struct.pack("<IIBB2sQQ", 0x12345678, size // 2, 1, 0, b"WR", off - HDR, 0)
+        off += RHDR
+    return bytes(out)
+
+
+@pytest.mark.parametrize("pattern", ["periodic", "positioned"])
+def test_resync_scan_after_damage_costs_linear_checksum_work(tmp_path, monkeypatch,
+                                                             pattern: str) -> None:
+    """Regression (was a bug): the resync scan behind a bad record checksummed every candidate
+    over its full claimed length, quadratic in the segment size (hours for a crafted 16 MiB
+    segment).  The work must stay within a small multiple of max(file size, 1 MiB)."""
+    size = 1 << 20
     salt = segment_salt(SID, 0)
     good = encode_record(salt, RecordType.COMMIT, 0, 0, msgpack.packb({"tx": 1}))
-    # garbage that looks like record headers every 12 bytes, each claiming 100 000 bytes
-    block = b"\x01\x02\x03\x04" + struct.pack("<I", 100_000) + b"\x01\x00WR"
-    filler = block * ((size - HDR - len(good) - 28) // len(block))
+    head = framing.encode_segment_header(SID, 0, 0) + good + b"\xff" * 28
     path = tmp_path / segment_name(0)
-    path.write_bytes(framing.encode_segment_header(SID, 0, 0) + good + b"\xff" * 28 + filler)
+    path.write_bytes(head + _resync_filler(size, len(head), pattern))
     reader = SegmentReader(str(path), SID, 0)
 
     real = framing.crc32c
@@ -1237,5 +1282,5 @@ def test_resync_scan_after_damage_costs_linear_checksum_work(tmp_path, monkeypat
     monkeypatch.setattr(framing, "crc32c", counting_crc)
     recs = list(reader.records())
     assert [r.lsn for r in recs] == [0]
-    assert reader.end.kind == "torn"
+    assert reader.end.offset == HDR + len(good) and reader.end.kind in ("torn", "corrupt")
     assert work[0] <= 8 * size, f"{work[0]} bytes checksummed for a {size}-byte segment"

@@ -38,6 +38,10 @@ _U64 = struct.Struct(">Q")
 SCAN_CHUNK = 256
 
 
+_DBS = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist", "bylsn": b"bylsn",
+        "points": b"points", "actions": b"actions", "meta2": b"twophase"}
+
+
 def txid_key(txid: int) -> bytes:
     return _U64.pack(txid)
 
@@ -84,27 +88,52 @@ class ResizeGate:
 class LmdbState:
     """Committed key-value state in LMDB.  Thread-safe; one writer thread at a time."""
 
+    _registry: dict[str, dict] = {}
+    _registry_lock = threading.Lock()
+
     def __init__(self, path: str, map_size: int | None = None, readonly: bool = False) -> None:
-        self.path = path
+        """Open (or share, within this process) the environment at ``path``.
+
+        py-lmdb allows one open of an environment per process, so handles on the same
+        path share one environment, its resize gate and its write lock (ref-counted).
+        """
+        self.path = os.path.realpath(path)
         self.readonly = readonly
-        self.gate = ResizeGate()
-        self._write_lock = threading.Lock()
-        size = map_size or DEFAULT_MAP_SIZE
-        if not readonly:
-            os.makedirs(path, mode=0o700, exist_ok=True)
-        self.env = lmdb.open(path, map_size=size, max_dbs=16, subdir=True, readonly=readonly,
-                             sync=True, metasync=False, map_async=False, writemap=False,
-                             lock=True, max_readers=126, create=not readonly, mode=0o600)
+        with LmdbState._registry_lock:
+            shared = LmdbState._registry.get(self.path)
+            if shared is None:
+                shared = self._open_shared(path, map_size, readonly)
+                LmdbState._registry[self.path] = shared
+            elif shared["readonly"] and not readonly:
+                raise WalstoreError(f"{path} is open read-only in this process; close those "
+                                    f"handles before opening it for writing")
+            shared["refs"] += 1
+        self._shared = shared
+        self.env = shared["env"]
+        self.gate = shared["gate"]
+        self._write_lock = shared["write_lock"]
+        for name in _DBS:
+            setattr(self, name, shared[name])
         if not readonly:
             self.env.reader_check()  # free slots left by killed processes
-        self.data = self.env.open_db(b"data", create=not readonly)
-        self.txns = self.env.open_db(b"txns", create=not readonly)
-        self.meta = self.env.open_db(b"meta", create=not readonly)
-        self.hist = self.env.open_db(b"hist", create=not readonly)
-        self.bylsn = self.env.open_db(b"bylsn", create=not readonly)
-        self.points = self.env.open_db(b"points", create=not readonly)
-        self.actions = self.env.open_db(b"actions", create=not readonly)
-        self.meta2 = self.env.open_db(b"twophase", create=not readonly)
+
+    @staticmethod
+    def _open_shared(path: str, map_size: int | None, readonly: bool) -> dict:
+        if not readonly:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=16, subdir=True,
+                        readonly=readonly, sync=True, metasync=False, map_async=False,
+                        writemap=False, lock=True, max_readers=126, create=not readonly,
+                        mode=0o600)
+        shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ResizeGate(),
+                  "write_lock": threading.Lock()}
+        try:
+            for name, dbname in _DBS.items():
+                shared[name] = env.open_db(dbname, create=not readonly)
+        except lmdb.Error:
+            env.close()
+            raise
+        return shared
 
     # ---- reads -------------------------------------------------------------------------
     def begin(self, db=None):
@@ -244,7 +273,14 @@ class LmdbState:
         self.env.sync(True)
 
     def close(self) -> None:
-        self.env.close()
+        with LmdbState._registry_lock:
+            if self._shared is None:
+                return
+            self._shared["refs"] -= 1
+            if self._shared["refs"] == 0:
+                LmdbState._registry.pop(self.path, None)
+                self._shared["env"].close()
+            self._shared = None
 
 
 class SnapshotScan:
