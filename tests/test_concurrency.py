@@ -244,15 +244,18 @@ def test_long_running_transaction_still_conflicts_after_many_commits(store):
     scanner = store.transaction()
     reader.put("out", reader.get("x"))
     scanner.put("count", len(list(scanner.scan(prefix="inv/"))))
-    for i in range(1500):  # unrelated commits, more than the window keeps by default
+    with store.transaction() as tx:  # the conflicting commit comes first ...
+        tx.put("x", 1)
+        tx.put("inv/b", 2)
+    # ... then more commits than the conflict window keeps by default
+    for i in range(1500):
         with store.transaction() as tx:
             tx.put(f"noise/{i % 7}", i)
-    with store.transaction() as tx:  # one commit touching a very large number of keys
+    with store.transaction() as tx:  # and one commit touching a very large number of keys
         for i in range(70_000):
             tx.put(f"bulk/{i:05d}", 0)
     with store.transaction() as tx:
-        tx.put("x", 1)
-        tx.put("inv/b", 2)
+        tx.put("noise/last", 0)
     with pytest.raises(walstore.ConflictError):
         reader.commit()
     with pytest.raises(walstore.ConflictError):

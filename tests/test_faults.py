@@ -111,6 +111,47 @@ def test_fault_backend_fails_the_nth_matching_call_and_logs_everything(tmp_path)
     assert fb.calls_to("pwrite", path="b.dat*")[-1].path == b  # path as opened
 
 
+def test_recording_shows_every_full_commit_fsynced_before_it_returns(tmp_path):
+    """With ``record=True`` the event stream is enough to check the durability order: the
+    bytes of each commit record were written, then a sync of that segment started after
+    the write and finished before commit() returned (group commit: from any thread)."""
+    fb = FaultBackend(record=True)
+    path = tmp_path / "store"
+    lock = threading.Lock()
+    acks = []
+    with installed(fb):
+        with walstore.open(str(path), segment_size=8192) as s:
+            def worker(t: int) -> None:
+                for n in range(40):
+                    lsn = put(s, f"t{t}/{n}", value_for(n, 300))
+                    with lock:
+                        acks.append(fb.mark("ack", lsn))
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    assert len(acks) == 120
+    segments = {}  # final segment path -> start LSN
+    for e in fb.events:
+        if e.op == "rename" and e.dst.endswith(".wal"):
+            segments[e.dst] = int(os.path.basename(e.dst)[:20])
+    assert len(segments) >= 3, "the WAL did not rotate"
+    writes = [e for e in fb.events if e.op == "pwrite" and e.path in segments]
+    syncs = [e for e in fb.events if e.op in SYNCS and e.path in segments]
+    for mark in acks:
+        lsn = mark.info
+        seg = max((p for p, st in segments.items() if st <= lsn), key=segments.get)
+        off = lsn - segments[seg] + 64
+        covering = [w for w in writes if w.path == seg and w.offset <= off < w.offset + len(w.data)
+                    and w.seq < mark.seq]
+        assert covering, f"no write of the commit record at LSN {lsn} before its ACK"
+        w = covering[-1]
+        assert any(y.path == seg and y.seq > w.seq and y.done_seq is not None
+                   and y.done_seq < mark.seq for y in syncs), (
+            f"commit at LSN {lsn} returned before a sync of {seg} covered its record")
+
+
 # ---- write errors on the WAL ----------------------------------------------------------------
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 @pytest.mark.parametrize("partial", [None, 40])

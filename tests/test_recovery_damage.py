@@ -978,6 +978,24 @@ def test_cli_recover_exit_codes_on_corrupt_middle(killed: Built) -> None:
         assert state_of(s) == expected_state(range(bad_i))
 
 
+def test_cli_recover_skip_corrupt_then_clean(killed: Built) -> None:
+    seg = killed.segments()[-1]
+    bad = seg.recs[3]
+    flip_bit(seg.path, bad.offset + RHDR + 11)
+    bad_i = killed.index_of_lsn(bad.lsn)
+    res = run_cli("recover", str(killed.root), "--mode", "skip-corrupt", "--json")
+    assert res.exit_code == 1
+    doc = json.loads(res.stdout)
+    assert [(p["kind"], p["offset"], p["action"], p["bytes"]) for p in doc["problems"]] == [
+        ("corrupt-record", bad.offset, "skipped", bad.end - bad.offset)]
+    assert doc["records"] == N_COMMITS - 1
+    res = run_cli("recover", str(killed.root), "--json")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["problems"] == []
+    with open_store(killed) as s:
+        assert state_of(s) == expected_state(i for i in range(N_COMMITS) if i != bad_i)
+
+
 def test_cli_recover_torn_tail_only_exits_0(killed: Built) -> None:
     seg = killed.segments()[-1]
     last = seg.recs[-1]
@@ -1010,6 +1028,23 @@ def test_verify_reports_torn_tail_as_warning_and_corrupt_middle_as_error(killed:
     assert any(e.startswith(f"{segs[1].path}: corrupt at offset {mid.offset} (LSN {mid.lsn})")
                for e in v.errors), v.errors
     assert file_digests(killed.root) == before and lmdb_applied(killed.root) == (0, 0)
+
+
+def test_stale_bytes_behind_a_sealed_segment_are_cut_not_refused(killed: Built) -> None:
+    """Leftovers of a failed write behind the last record of a segment that was then sealed by
+    a rotation: the next segment starts exactly at that record's end, so nothing of the log is
+    missing.  Recovery cuts them (into quarantine) instead of calling them corruption."""
+    segs = killed.segments()
+    sealed = segs[1]
+    junk_at = sealed.recs[-1].end
+    write_at(sealed.path, junk_at, b"\x11" * 200)
+    with open_store(killed) as s:
+        rep = s.last_recovery
+        assert_cut(killed, rep, sealed, junk_at, b"\x11" * 200, kind="stale-bytes",
+                   action="cut", reason="bad record magic")
+        assert [p.kind for p in rep.problems] == ["stale-bytes"]
+        assert rep.given_up_records == 0
+        assert state_of(s) == expected_state(range(N_COMMITS))
 
 
 # =========================================================================================
@@ -1155,6 +1190,21 @@ def _damage_missing(b: Built) -> None:
     os.unlink(b.segments()[2].path)
 
 
+def _damage_bad_payload_mid(b: Built) -> None:
+    seg = b.segments()[1]
+    reframe(b, seg, seg.recs[30], payload=_bad_payload(seg.recs[30].length))
+
+
+def _damage_bad_payload_tail(b: Built) -> None:
+    seg = b.segments()[-1]
+    reframe(b, seg, seg.recs[5], payload=_bad_payload(seg.recs[5].length))
+
+
+def _damage_foreign_segment(b: Built) -> None:
+    segs = b.segments()
+    write_at(segs[2].path, 16, bytes(16))  # another store id (and so a bad header CRC)
+
+
 @pytest.mark.parametrize("damage,mode", [
     (_damage_torn, "strict"),
     (_damage_truncated, "strict"),
@@ -1162,8 +1212,21 @@ def _damage_missing(b: Built) -> None:
     (_damage_mid_corrupt, "point-in-time"),
     (_damage_mid_corrupt, "skip-corrupt"),
     (_damage_missing, "point-in-time"),
+    (_damage_missing, "skip-corrupt"),
+    (_damage_tail_corrupt, "skip-corrupt"),
+    (_damage_tail_corrupt, "point-in-time"),
+    (_damage_bad_payload_mid, "point-in-time"),
+    (_damage_bad_payload_mid, "skip-corrupt"),
+    (_damage_bad_payload_tail, "tolerate-tail"),
+    (_damage_bad_payload_tail, "skip-corrupt"),
+    (_damage_foreign_segment, "point-in-time"),
+    (_damage_foreign_segment, "skip-corrupt"),
 ], ids=["torn/strict", "truncated/strict", "tail-corrupt/tolerate-tail",
-        "mid-corrupt/point-in-time", "mid-corrupt/skip-corrupt", "missing/point-in-time"])
+        "mid-corrupt/point-in-time", "mid-corrupt/skip-corrupt", "missing/point-in-time",
+        "missing/skip-corrupt", "tail-corrupt/skip-corrupt", "tail-corrupt/point-in-time",
+        "bad-payload-mid/point-in-time", "bad-payload-mid/skip-corrupt",
+        "bad-payload-tail/tolerate-tail", "bad-payload-tail/skip-corrupt",
+        "bad-segment/point-in-time", "bad-segment/skip-corrupt"])
 def test_recovery_twice_gives_same_state_and_nothing_to_cut(killed: Built, damage, mode) -> None:
     damage(killed)
     with open_store(killed, mode) as s:
@@ -1284,3 +1347,42 @@ def test_resync_scan_after_damage_costs_linear_checksum_work(tmp_path, monkeypat
     assert [r.lsn for r in recs] == [0]
     assert reader.end.offset == HDR + len(good) and reader.end.kind in ("torn", "corrupt")
     assert work[0] <= 8 * size, f"{work[0]} bytes checksummed for a {size}-byte segment"
+
+
+# =========================================================================================
+# 6. A refusal changes nothing
+# =========================================================================================
+
+@pytest.mark.xfail(strict=True, reason="BUG: strict recovery applies REDO batches to LMDB while it "
+                   "walks the log (every REDO_BATCH commits) and only then meets the damage: the "
+                   "refusal leaves LMDB's applied LSN and data moved")
+def test_strict_refusal_after_a_long_prefix_leaves_lmdb_unchanged(killed: Built,
+                                                                  monkeypatch) -> None:
+    # a log longer than one REDO batch, emulated by a small batch (the default is 2000 commits)
+    import walstore.recovery as recovery_mod
+    monkeypatch.setattr(recovery_mod, "REDO_BATCH", 50)
+    seg = killed.segments()[2]
+    bad = seg.recs[30]
+    flip_bit(seg.path, bad.offset + RHDR + 1)
+    with pytest.raises(walstore.CorruptionError) as ei:
+        open_store(killed)
+    assert (ei.value.offset, ei.value.lsn) == (bad.offset, bad.lsn)
+    assert lmdb_applied(killed.root) == (0, 0)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: strict recovery quarantines and zeroes stale bytes "
+                   "behind a sealed segment, then refuses on damage found later: the refusal "
+                   "leaves a WAL file changed and quarantine/ written")
+def test_strict_refusal_after_stale_bytes_leaves_wal_unchanged(killed: Built) -> None:
+    segs = killed.segments()
+    sealed = segs[1]
+    # the leftovers of a failed write behind the last record of a sealed segment
+    write_at(sealed.path, sealed.recs[-1].end, b"\x11" * 200)
+    bad = segs[3].recs[5]
+    flip_bit(segs[3].path, bad.offset + RHDR + 1)
+    before = file_digests(killed.root)
+    with pytest.raises(walstore.CorruptionError) as ei:
+        open_store(killed)
+    assert (ei.value.file, ei.value.offset) == (str(segs[3].path), bad.offset)
+    assert file_digests(killed.root) == before
+    assert not killed.quarantine.exists()

@@ -272,6 +272,17 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         finally:
             self._abandon()
 
+    def _drop_like_a_crash(self) -> None:
+        """Let go of the store as a killed process would: no final apply, no checkpoint,
+        no clean-shutdown flag (what is written stays written).  For tests and tools."""
+        self._closed = True
+        self._stop.set()
+        with self._apply_cond:
+            self._apply_cond.notify_all()
+        for t in self._threads:
+            t.join()
+        self._abandon()
+
     def _abandon(self) -> None:
         """Release files without any further write (also used after a failed open)."""
         if self._follower is not None:

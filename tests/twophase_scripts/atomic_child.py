@@ -1,0 +1,81 @@
+"""Child for tests/test_atomic_crash.py: ``with walstore.atomic(a, b)``, SIGKILLed at STEP.
+
+usage: atomic_child.py STORE_A STORE_B STEP VALUE
+
+Steps (in the order the coordinator reaches them):
+  in-body            inside the with block, before any prepare
+  a-prepared         right after a's PREPARE is durable
+  b-prepared         right after b's PREPARE is durable (both in doubt, no decision)
+  a-commit-written   a's decision COMMIT record appended, before its fsync
+  a-commit-synced    a's decision COMMIT fsynced, before the decision row is stored
+  a-committed        a's tx.commit() returned (the decision is logged)
+  b-committed        b's tx.commit() returned (all done)
+  none               no crash: prints DONE
+Prints the gid as ``GID <gid>`` once it is known and ``STEP <name>`` when it dies.
+"""
+import os
+import signal
+import sys
+
+import walstore
+from walstore.txn import Transaction
+
+
+def main() -> None:
+    pa, pb, step, value = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    a = walstore.open(pa, durability="full")
+    b = walstore.open(pb, durability="full")
+    names = {id(a): "a", id(b): "b"}
+
+    def die(at: str) -> None:
+        if at == step:
+            print(f"STEP {at}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    real_prepare, real_commit = Transaction.prepare, Transaction.commit
+
+    def prepare(self, gid):
+        real_prepare(self, gid)
+        die(f"{names[id(self._store)]}-prepared")
+
+    def commit(self):
+        lsn = real_commit(self)
+        die(f"{names[id(self._store)]}-committed")
+        return lsn
+
+    Transaction.prepare, Transaction.commit = prepare, commit
+
+    real_commit_prepared = a.commit_prepared
+
+    def commit_prepared(gid):
+        real_sync_to = a.wal.sync_to
+
+        def sync_to(end):
+            die("a-commit-written")
+            return real_sync_to(end)
+        a.wal.sync_to = sync_to
+        real_put_decision = a._put_decision
+
+        def put_decision(g, decision):
+            die("a-commit-synced")
+            return real_put_decision(g, decision)
+        a._put_decision = put_decision
+        return real_commit_prepared(gid)
+    a.commit_prepared = commit_prepared
+
+    group = walstore.atomic(a, b, meta={"step": step})
+    print(f"GID {group.gid}", flush=True)
+    with group as (ta, tb):
+        ta.put("a/x", value)
+        ta.put("a/y", value)
+        ta.delete("a/gone")
+        tb.put("b/x", value)
+        tb.put("b/total", tb.get("b/total") + 1)
+        die("in-body")
+    print("DONE", flush=True)
+    a.close()
+    b.close()
+
+
+if __name__ == "__main__":
+    main()
