@@ -281,7 +281,7 @@ def test_kill9_without_compensator_leaves_pending_then_cli_recover_handlers(
             assert aid in r.output
     r = runner.invoke(cli_main, ["actions", c.path, "--pending", "--json"])
     assert r.exit_code == 1, r.output
-    assert sorted(a["id"] for a in json.loads(r.output)["actions"]) == owed_ids
+    assert sorted(a["id"] for a in json.loads(r.stdout)["actions"]) == owed_ids
     assert ws_ledger.records(c.ledger) == ledger_after_crash
 
     # `walstore recover PATH --handlers MODULE` runs them (in a real process: the CLI)
@@ -301,10 +301,10 @@ def test_kill9_without_compensator_leaves_pending_then_cli_recover_handlers(
     before = (ws_ledger.records(c.ledger), c.child.calls_by())
     r = runner.invoke(cli_main, ["recover", c.path, "--handlers", HANDLERS, "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["compensated"] == []
+    assert json.loads(r.stdout)["compensated"] == []
     r = runner.invoke(cli_main, ["actions", c.path, "--pending", "--json"])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["actions"] == []
+    assert json.loads(r.stdout)["actions"] == []
     assert (ws_ledger.records(c.ledger), c.child.calls_by()) == before
 
 
@@ -315,7 +315,7 @@ def test_kill9_in_intent_then_resolve_by_hand(tmp_path, handlers_on_path):
     runner = CliRunner()
     r = runner.invoke(cli_main, ["recover", c.path, "--json"])
     assert r.exit_code == 1
-    assert json.loads(r.output)["pending_compensations"] == [a["id"]]
+    assert json.loads(r.stdout)["pending_compensations"] == [a["id"]]
     r = runner.invoke(cli_main, ["resolve", c.path, a["id"], "--note", "checked by hand"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli_main, ["recover", c.path])

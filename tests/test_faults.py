@@ -244,10 +244,6 @@ def test_partial_wal_write_then_rotation_then_crash_reopens(tmp_path, fault):
     reopen_and_check(path, PARTIAL_ACKED, absent=["big-lost"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: recovery cuts stale bytes behind the end of a sealed segment as harmless "
-    "('stale-bytes'), but verify._check_wal still reports them as an error ('torn at offset "
-    "...'), so `walstore verify` exits 1 on a store that recovers cleanly"))
 def test_verify_after_a_partial_write_rotation_and_crash_finds_no_error(tmp_path):
     """What recovery cuts as harmless, ``walstore verify`` must not call an error."""
     path = tmp_path / "store"

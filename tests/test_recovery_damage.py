@@ -1353,9 +1353,6 @@ def test_resync_scan_after_damage_costs_linear_checksum_work(tmp_path, monkeypat
 # 6. A refusal changes nothing
 # =========================================================================================
 
-@pytest.mark.xfail(strict=True, reason="BUG: strict recovery applies REDO batches to LMDB while it "
-                   "walks the log (every REDO_BATCH commits) and only then meets the damage: the "
-                   "refusal leaves LMDB's applied LSN and data moved")
 def test_strict_refusal_after_a_long_prefix_leaves_lmdb_unchanged(killed: Built,
                                                                   monkeypatch) -> None:
     # a log longer than one REDO batch, emulated by a small batch (the default is 2000 commits)
@@ -1370,9 +1367,6 @@ def test_strict_refusal_after_a_long_prefix_leaves_lmdb_unchanged(killed: Built,
     assert lmdb_applied(killed.root) == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: strict recovery quarantines and zeroes stale bytes "
-                   "behind a sealed segment, then refuses on damage found later: the refusal "
-                   "leaves a WAL file changed and quarantine/ written")
 def test_strict_refusal_after_stale_bytes_leaves_wal_unchanged(killed: Built) -> None:
     segs = killed.segments()
     sealed = segs[1]

@@ -555,9 +555,6 @@ def test_closed_store_raises_store_closed(path):
         s2.get("a")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a scan begun before close() and iterated after it "
-                   "raises lmdb.Error ('Attempt to operate on closed/deleted/dropped object') "
-                   "instead of walstore.StoreClosed")
 def test_scan_in_progress_when_the_store_closes_raises_store_closed(path):
     s = _open(path)
     with s.transaction() as tx:

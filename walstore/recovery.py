@@ -158,7 +158,7 @@ class Recovery:
 
     def __init__(self, root: str, store_id: bytes, state: LmdbState, mode: str = "strict",
                  progress: Callable[[int, int], None] | None = None,
-                 handlers: dict | None = None) -> None:
+                 handlers: dict | None = None, dry_run: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown recovery mode {mode!r}; choose one of {', '.join(MODES)}")
         self.root = root
@@ -168,6 +168,7 @@ class Recovery:
         self.state = state
         self.mode = mode
         self.progress = progress
+        self.dry_run = dry_run  # walk and judge only: no file, no LMDB row is changed
         self.report = RecoveryReport(mode=mode)
         self.analysis = _Analysis(state.applied_lsn())
         self.analysis.handlers.update(handlers or {})
@@ -216,7 +217,7 @@ class Recovery:
                 self.progress(self._done_bytes, rep.wal_bytes)
         self._flush_redo()
         rep.end_lsn = expected if expected is not None else applied
-        if rep.end_lsn < self.state.applied_lsn():
+        if rep.end_lsn < max(applied, self.state.applied_lsn()):
             self._lmdb_ahead(position)
             position = None
         if position is None:
@@ -305,6 +306,8 @@ class Recovery:
         if not batch:
             return
         self.analysis.redo = []
+        if self.dry_run:
+            return
         self.state.apply(batch, batch[-1].end_lsn, next_txid=self.analysis.max_txid + 1,
                          on_entry=self.on_apply)
         self.report.redone += len(batch)
@@ -351,6 +354,8 @@ class Recovery:
         if reader.header_error is None:
             for rec in reader.records():
                 self._count_given_up(rec)
+        if self.dry_run:
+            return
         dest = self._quarantine_name(os.path.basename(path))
         fileio.make_dir(self.qdir)
         fileio.rename(path, dest)
@@ -366,7 +371,7 @@ class Recovery:
 
         ``zero=False`` leaves them (a salvaged hole: the store seals that log afterwards).
         """
-        if end <= start:
+        if end <= start or self.dry_run:
             return
         with open(reader.path, "rb") as f:
             f.seek(start)
@@ -419,12 +424,16 @@ class Recovery:
 
     def _remove_temp_files(self) -> None:
         """A ``.tmp`` segment is a creation cut short: it never held a record."""
+        if self.dry_run:
+            return
         for name in os.listdir(self.wal_dir):
             if name.endswith(".tmp"):
                 fileio.unlink(os.path.join(self.wal_dir, name))
 
     def _sync_tail(self, position: LogPosition) -> None:
         """What the last segment holds may sit only in the page cache: make it durable."""
+        if self.dry_run:
+            return
         path = os.path.join(self.wal_dir, f"{position.segment_start:020d}.wal")
         fd = fileio.open_file(path, os.O_RDWR)
         try:

@@ -165,6 +165,9 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     def recover(self, mode: str = "strict", progress=None, handlers: dict | None = None
                 ) -> RecoveryReport:
         """Run recovery (analysis, REDO, UNDO) and position the WAL; see walstore.recovery."""
+        if mode == "strict":  # refuse before changing anything: judge the whole log first
+            Recovery(self.layout.root, self.store_id, self.state, mode, None,
+                     dry_run=True).run()
         undo, twophase = ActionRecovery(), PrepareRecovery()
         rec = Recovery(self.layout.root, self.store_id, self.state, mode, progress,
                        _chain_handlers(undo.handlers(), twophase.handlers(), handlers or {}))
@@ -177,6 +180,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._txids = itertools.count(max(self.state.get_meta_int(b"next_txid", 1),
                                           rec.analysis.max_txid + 1))
         rec.report.in_doubt = self._load_prepared(twophase)
+        top = max([rec.analysis.max_txid] + [p.txid for p in self._prepared.values()])
+        self._txids = itertools.count(max(self.state.get_meta_int(b"next_txid", 1), top + 1))
         in_doubt_txids = {p.txid for p in self._prepared.values()}
         rec.report.losers = [t for t in rec.report.losers if t not in in_doubt_txids]
         self._undo_losers(undo, rec.report)
@@ -387,7 +392,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                           if k >= lo and (hi is None or k < hi))
             base = self.state.snapshot_scan(lo, hi, reverse)
         try:
-            stream = _merge(base, over, reverse)
+            stream = _merge(self._while_open(base), over, reverse)
             if mine:
                 stream = _merge(stream, mine, reverse)
             for k, v in stream:
@@ -395,6 +400,17 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                     yield k, v
         finally:
             base.close()
+
+    def _while_open(self, rows: Iterator) -> Iterator:
+        """Yield from ``rows`` but raise StoreClosed once the store is closed."""
+        while True:
+            if self._closed:
+                raise StoreClosed(f"store {self.path} was closed during a scan")
+            try:
+                item = next(rows)
+            except StopIteration:
+                return
+            yield item
 
     # ---- transactions ------------------------------------------------------------------
     def transaction(self, meta: Any = None) -> Transaction:
@@ -470,9 +486,10 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         stale = [k for k in tx.read_keys if last.get(k, -1) >= start]
         held = self._held_conflicts(tx)
         if held:
-            names = [decode_key(k) for k in held[:5]]
+            names = [decode_key(k) for k, _g in held[:5]]
+            gids = sorted({g for _k, g in held})
             raise ConflictError(f"transaction {tx.id} touches {names}, held by prepared "
-                                f"transaction(s) {sorted({self._held[k] for k in held})}", names)
+                                f"(in-doubt) transaction(s) {gids}", names)
         if tx.read_ranges and not stale:
             for lsn, keys in reversed(self._recent):
                 if lsn < start:

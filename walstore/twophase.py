@@ -41,20 +41,21 @@ class PreparedTxn:
     writes: list                    # [(key, value|None, before|None)]
     read_keys: list
     meta: Any = None
+    read_ranges: list = field(default_factory=list)
     actions: list = field(default_factory=list)
     ts: float = field(default_factory=time.time)
     extra: dict = field(default_factory=dict)
 
     def row(self) -> dict:
         return {"gid": self.gid, "tx": self.txid, "w": [list(w) for w in self.writes],
-                "r": self.read_keys, "meta": self.meta, "actions": self.actions, "ts": self.ts,
-                "extra": self.extra}
+                "r": self.read_keys, "rr": [list(r) for r in self.read_ranges],
+                "meta": self.meta, "actions": self.actions, "ts": self.ts, "extra": self.extra}
 
     @classmethod
     def from_row(cls, row: dict) -> "PreparedTxn":
         return cls(row["gid"], row["tx"], records.parse_writes(row), list(row.get("r", [])),
-                   row.get("meta"), list(row.get("actions", [])), row.get("ts", 0.0),
-                   dict(row.get("extra") or {}))
+                   row.get("meta"), [tuple(r) for r in row.get("rr", [])],
+                   list(row.get("actions", [])), row.get("ts", 0.0), dict(row.get("extra") or {}))
 
     @property
     def keys(self) -> set:
@@ -74,12 +75,24 @@ class TwoPhaseMixin:
         self._prepared: dict[str, PreparedTxn] = {}
         self._held: dict[bytes, str] = {}
 
-    def _held_conflicts(self, tx: "Transaction") -> list[bytes]:
-        if not self._held:
+    def _held_conflicts(self, tx: "Transaction") -> list[tuple[bytes, str]]:
+        """Keys of ``tx`` that collide with a prepared transaction (serializability).
+
+        A prepared transaction P holds the keys it read and wrote and the ranges it
+        scanned: another transaction may not read or write P's keys, may not write into
+        P's scanned ranges, and may not scan a range holding one of P's keys.
+        """
+        if not self._prepared:
             return []
         mine = getattr(tx, "gid", None)
-        return [k for k in list(tx.read_keys) + list(tx.writes)
-                if k in self._held and self._held[k] != mine]
+        out = [(k, self._held[k]) for k in list(tx.read_keys) + list(tx.writes)
+               if k in self._held and self._held[k] != mine]
+        for p in self._prepared.values():
+            if p.gid == mine:
+                continue
+            out += [(k, p.gid) for k in tx.writes if _in_ranges(k, p.read_ranges)]
+            out += [(k, p.gid) for k, *_ in p.writes if _in_ranges(k, tx.read_ranges)]
+        return out
 
     def _prepare(self, tx: "Transaction", gid: str) -> None:
         check_gid(gid)
@@ -91,7 +104,8 @@ class TwoPhaseMixin:
             keys = list(tx.writes)
             writes = [(k, tx.writes[k], b) for k, b in zip(keys, self._latest_many(keys))]
             p = PreparedTxn(gid, tx.id, writes, sorted(tx.read_keys), tx.meta,
-                            [a.row() for a in tx.actions], extra=dict(tx.commit_extra or {}))
+                            list(tx.read_ranges), [a.row() for a in tx.actions],
+                            extra=dict(tx.commit_extra or {}))
             lsn, end = self.wal.append(RecordType.PREPARE, pack(p.row()))
             if tx.first_logged_lsn is None:
                 tx.first_logged_lsn = lsn
@@ -207,6 +221,10 @@ class TwoPhaseMixin:
         for row in rows.values():
             self._hold(PreparedTxn.from_row(row))
         return sorted(rows)
+
+
+def _in_ranges(key: bytes, ranges) -> bool:
+    return any(key >= lo and (hi is None or key < hi) for lo, hi in ranges)
 
 
 class PrepareRecovery:

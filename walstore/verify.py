@@ -97,7 +97,11 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
             _feed(rec, rep, path, last, chunks)
         end = reader.end
         expected = end.lsn
-        if end.kind == "torn" and i == len(segs) - 1 and end.lsn >= rep.applied_lsn:
+        next_start = segs[i + 1][0] if i + 1 < len(segs) else None
+        if end.kind != "clean" and next_start == end.lsn:
+            rep.warnings.append(f"{path}: {end.damaged_bytes} stale bytes behind the end of a "
+                                f"sealed segment (a failed write); recovery will cut them")
+        elif end.kind == "torn" and i == len(segs) - 1 and end.lsn >= rep.applied_lsn:
             rep.warnings.append(f"{path}: torn tail of {end.damaged_bytes} bytes at offset "
                                 f"{end.offset} (LSN {end.lsn}): {end.reason}; recovery will cut it")
         elif end.kind != "clean":
