@@ -1,0 +1,292 @@
+"""walstore as a data manager of the ``transaction`` package (walstore.integrations.transaction).
+
+The second participant is real: a small IDataManager over a stdlib sqlite3 database
+(written here), so "commits atomically with other resources" is checked against what
+both databases hold afterwards, including a failure in either participant's vote.
+"""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+transaction = pytest.importorskip("transaction")
+
+import walstore  # noqa: E402
+from walstore.integrations.transaction import join  # noqa: E402
+
+
+class VoteRefused(Exception):
+    pass
+
+
+class SqliteDataManager:
+    """IDataManager + ISavepointDataManager for one sqlite3 connection (table kv)."""
+
+    def __init__(self, path, sort_key: str = "sqlite", manager=None) -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.conn.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT)")
+        self.transaction_manager = manager or transaction.manager
+        self._sort_key = sort_key
+        self.joined = False
+        self.refuse_vote: Exception | None = None
+        self.calls: list[str] = []
+        self._sp = 0
+
+    # used by the application
+    def put(self, k: str, v: str) -> None:
+        if not self.joined:
+            self.transaction_manager.get().join(self)
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.joined = True
+        self.conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (k, v))
+
+    def rows(self) -> dict:
+        other = sqlite3.connect(self.conn.execute("PRAGMA database_list").fetchone()[2])
+        try:
+            return dict(other.execute("SELECT k, v FROM kv"))
+        finally:
+            other.close()
+
+    def _rollback(self) -> None:
+        if self.joined:
+            self.conn.execute("ROLLBACK")
+            self.joined = False
+
+    # IDataManager
+    def abort(self, txn) -> None:
+        self.calls.append("abort")
+        self._rollback()
+
+    def tpc_begin(self, txn) -> None:
+        self.calls.append("tpc_begin")
+
+    def commit(self, txn) -> None:
+        self.calls.append("commit")
+
+    def tpc_vote(self, txn) -> None:
+        self.calls.append("tpc_vote")
+        if self.refuse_vote is not None:
+            raise self.refuse_vote
+
+    def tpc_finish(self, txn) -> None:
+        self.calls.append("tpc_finish")
+        self.conn.execute("COMMIT")
+        self.joined = False
+
+    def tpc_abort(self, txn) -> None:
+        self.calls.append("tpc_abort")
+        self._rollback()
+
+    def sortKey(self) -> str:
+        return self._sort_key
+
+    # ISavepointDataManager
+    def savepoint(self):
+        self._sp += 1
+        name = f"sp{self._sp}"
+        self.conn.execute(f"SAVEPOINT {name}")
+        conn = self.conn
+
+        class _SP:
+            def rollback(self_inner) -> None:
+                conn.execute(f"ROLLBACK TO {name}")
+        return _SP()
+
+
+@pytest.fixture(autouse=True)
+def clean_manager():
+    transaction.manager.abort()
+    yield
+    transaction.manager.abort()
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    with s.transaction() as tx:
+        tx.put("agent/step", 0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sql(tmp_path):
+    dm = SqliteDataManager(tmp_path / "other.sqlite")
+    yield dm
+    dm.conn.close()
+
+
+def test_commit_with_manager_commits_walstore_writes(store):
+    with transaction.manager:
+        tx = join(store)
+        tx.put("agent/step", 1)
+        tx.put("agent/plan", ["a", "b"])
+        assert join(store) is tx  # one walstore transaction per store and zope transaction
+        assert store.get("agent/step") == 0  # not before the zope commit
+    assert store.get("agent/step") == 1 and store.get("agent/plan") == ["a", "b"]
+    assert tx.state == "committed" and tx.gid is not None
+    assert store.prepared() == [] and store.decision(tx.gid) == "commit"
+    # a new zope transaction gets a new walstore transaction
+    transaction.begin()
+    tx2 = join(store)
+    assert tx2 is not tx and tx2.state == "active"
+    tx2.put("agent/step", 2)
+    transaction.commit()
+    assert store.get("agent/step") == 2
+
+
+def test_abort_discards_walstore_writes(store):
+    transaction.begin()
+    tx = join(store)
+    tx.put("agent/step", 99)
+    transaction.abort()
+    assert store.get("agent/step") == 0 and tx.state == "rolled back"
+    assert store.prepared() == []
+    with pytest.raises(ZeroDivisionError):
+        with transaction.manager:
+            join(store).put("agent/step", 98)
+            1 / 0
+    assert store.get("agent/step") == 0
+    # an aborted zope transaction leaves nothing held
+    with store.transaction() as t:
+        t.put("agent/step", t.get("agent/step") + 1)
+
+
+def test_savepoint_rollback_undoes_walstore_writes_after_it(store):
+    transaction.begin()
+    tx = join(store)
+    tx.put("a", 1)
+    sp = transaction.savepoint()
+    tx.put("a", 2)
+    tx.put("b", 2)
+    assert tx.get("a") == 2
+    sp.rollback()
+    assert tx.get("a") == 1 and tx.get("b") is None
+    tx.put("c", 3)
+    sp.rollback()  # a savepoint can be rolled back to again
+    assert tx.get("c") is None
+    tx.put("d", 4)
+    inner_keep = transaction.savepoint()
+    tx.put("e", 5)
+    inner_keep = transaction.savepoint()  # noqa: F841  (kept, never rolled back)
+    transaction.commit()
+    assert {k: store.get(k) for k in "abcde"} == {"a": 1, "b": None, "c": None, "d": 4, "e": 5}
+
+
+def test_savepoint_taken_before_walstore_joined(store, sql):
+    transaction.begin()
+    sql.put("s", "1")
+    sp = transaction.savepoint()
+    join(store).put("late", 1)  # joins after the savepoint
+    sql.put("s2", "2")
+    sp.rollback()  # rolls walstore back entirely (it joined later), sqlite to the savepoint
+    assert store.get("late") is None
+    tx = join(store)  # a fresh walstore transaction in the same zope transaction
+    assert tx.state == "active" and tx.get("late") is None
+    tx.put("after", 2)
+    transaction.commit()
+    assert store.get("late") is None and store.get("after") == 2
+    assert sql.rows() == {"s": "1"}
+    assert store.prepared() == []
+
+
+def test_commits_atomically_with_sqlite(store, sql):
+    with transaction.manager:
+        join(store).put("agent/step", 1)
+        sql.put("order", "placed")
+    assert store.get("agent/step") == 1 and sql.rows() == {"order": "placed"}
+    assert sql.calls == ["tpc_begin", "commit", "tpc_vote", "tpc_finish"]
+    assert store.prepared() == []
+
+
+def test_savepoint_with_two_participants(store, sql):
+    transaction.begin()
+    join(store).put("w", 1)
+    sql.put("q", "1")
+    sp = transaction.savepoint()
+    join(store).put("w", 2)
+    sql.put("q", "2")
+    sp.rollback()
+    transaction.commit()
+    assert store.get("w") == 1 and sql.rows() == {"q": "1"}
+
+
+@pytest.mark.parametrize("sql_votes", ["before walstore", "after walstore"])
+def test_other_participant_vote_fails_walstore_has_nothing(store, tmp_path, sql_votes):
+    sort_key = "a-sqlite" if sql_votes == "before walstore" else "zz-sqlite"
+    sql = SqliteDataManager(tmp_path / "o.sqlite", sort_key=sort_key)
+    try:
+        sql.refuse_vote = VoteRefused("sqlite says no")
+        transaction.begin()
+        tx = join(store)
+        tx.put("agent/step", 1)
+        tx.put("agent/new", "x")
+        sql.put("order", "placed")
+        with pytest.raises(VoteRefused):
+            transaction.commit()
+        transaction.abort()
+        assert store.get("agent/step") == 0 and store.get("agent/new") is None
+        assert store.prepared() == [], "a prepared gid was left behind"
+        assert sql.rows() == {}
+        assert tx.state == "rolled back"
+        if sql_votes == "after walstore":
+            assert tx.gid is not None and store.decision(tx.gid) == "abort"
+        assert "tpc_abort" in sql.calls and "tpc_finish" not in sql.calls
+        # the keys are free: the next transaction commits them
+        with transaction.manager:
+            join(store).put("agent/step", 5)
+        assert store.get("agent/step") == 5
+    finally:
+        sql.conn.close()
+
+
+@pytest.mark.parametrize("sql_votes", ["before walstore", "after walstore"])
+def test_walstore_vote_conflict_sqlite_has_nothing(store, tmp_path, sql_votes):
+    sort_key = "a-sqlite" if sql_votes == "before walstore" else "zz-sqlite"
+    sql = SqliteDataManager(tmp_path / "o.sqlite", sort_key=sort_key)
+    try:
+        transaction.begin()
+        tx = join(store)
+        step = tx.get("agent/step")
+        tx.put("agent/step", step + 1)
+        sql.put("order", "placed")
+        with store.transaction() as other:  # another agent changes what we read
+            other.put("agent/step", 41)
+        with pytest.raises(walstore.ConflictError):
+            transaction.commit()
+        transaction.abort()
+        assert sql.rows() == {}
+        assert store.get("agent/step") == 41
+        assert store.prepared() == []
+        assert "tpc_finish" not in sql.calls and "tpc_abort" in sql.calls
+    finally:
+        sql.conn.close()
+
+
+def test_walstore_vote_conflict_with_a_prepared_holder(store, sql):
+    """A zope transaction that touches a key held by an in-doubt walstore transaction."""
+    holder = store.transaction()
+    holder.put("agent/step", 7)
+    holder.prepare("held-by-someone")
+    transaction.begin()
+    join(store).put("agent/step", 8)
+    sql.put("order", "placed")
+    with pytest.raises(walstore.ConflictError):
+        transaction.commit()
+    transaction.abort()
+    assert sql.rows() == {} and store.prepared() == ["held-by-someone"]
+    holder.commit()
+    assert store.get("agent/step") == 7
+
+
+def test_data_manager_interface_is_complete(store):
+    transaction.begin()
+    join(store)
+    (dm,) = [r for r in transaction.get()._resources]
+    for name in ("abort", "tpc_begin", "commit", "tpc_vote", "tpc_finish", "tpc_abort",
+                 "sortKey", "savepoint"):
+        assert callable(getattr(dm, name)), name
+    assert isinstance(dm.sortKey(), str)
+    assert dm.transaction_manager is transaction.manager
+    transaction.abort()
