@@ -160,7 +160,7 @@ def test_cli_history(path):
 def test_revert_applies_before_images_as_a_new_transaction(store):
     commit(store, None, a=1, b=1)
     t2 = commit(store, {"agent": "x"}, a=2, c=3, b=None)  # modify, create, delete
-    commit(store, None, z=9)
+    t3 = commit(store, None, z=9)
     before_log = [i.txid for i in store.log()]
     info = store.revert(t2.id)
     assert state(store) == {"a": 1, "b": 1, "z": 9}  # as if t2 never happened
@@ -169,7 +169,7 @@ def test_revert_applies_before_images_as_a_new_transaction(store):
     assert sorted(info.keys) == ["a", "b", "c"]
     assert [i.txid for i in store.log()] == [info.txid] + before_log  # history kept
     assert [v.value for v in store.history("a")] == [1, 2, 1]
-    assert store.revert(store.log()[1].txid).extra["reverts"] == [store.log()[1].txid]
+    assert store.revert(t3.id).extra["reverts"] == [t3.id]
     assert state(store) == {"a": 1, "b": 1}
 
 
@@ -471,15 +471,26 @@ def test_default_retention_keeps_everything(path):
 
 
 # ---- the command line -----------------------------------------------------------------------
-def test_cli_revert_cascade_rewind_and_resolve(path):
+def test_cli_revert_cascade_and_rewind(path):
     with walstore.open(path, durability="none") as store:
         t1 = commit(store, None, a=1)
         t2 = commit(store, None, a=2)
-        t3 = commit(store, None, b=3)
+        commit(store, None, b=3)
         p = store.restore_point("mark")
         t4 = commit(store, None, c=4)
         t5 = commit(store, None, d=5)
     runner = CliRunner()
+    r = runner.invoke(cli_main, ["rewind", path, "--to", "mark", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["reverted"] == [t5.id, t4.id]
+    with walstore.open(path, durability="none") as store:
+        assert state(store) == {"a": 2, "b": 3}
+        rewind_txid = store.log()[0].txid
+    r = runner.invoke(cli_main, ["revert", path, str(rewind_txid)])  # undo the rewind
+    assert r.exit_code == 0, r.output
+    assert str(rewind_txid) in r.output
+    with walstore.open(path, durability="none") as store:
+        assert state(store) == {"a": 2, "b": 3, "c": 4, "d": 5}
     r = runner.invoke(cli_main, ["revert", path, str(t1.id)])
     assert r.exit_code == 1 and str(t2.id) in r.output
     r = runner.invoke(cli_main, ["revert", path, str(t1.id), "--cascade", "--json"])
@@ -487,23 +498,22 @@ def test_cli_revert_cascade_rewind_and_resolve(path):
     assert json.loads(r.stdout)["reverted"] == [t2.id, t1.id]
     r = runner.invoke(cli_main, ["revert", path, "999999"])
     assert r.exit_code == 2
-    r = runner.invoke(cli_main, ["rewind", path, "--to", "mark", "--json"])
-    assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["reverted"] == [t5.id, t4.id]
     with walstore.open(path, durability="none") as store:
-        assert state(store) == {"b": 3}
-        rewind_txid = store.log()[0].txid
-    r = runner.invoke(cli_main, ["revert", path, str(rewind_txid)])  # undo the rewind
-    assert r.exit_code == 0, r.output
+        assert state(store) == {"b": 3, "c": 4, "d": 5}
+        newest = store.log()[0].txid
     r = runner.invoke(cli_main, ["rewind", path, "--to", f"lsn:{int(p)}"])
     assert r.exit_code == 0, r.output
     assert "undoing" in r.output
-    r = runner.invoke(cli_main, ["rewind", path, "--to", str(t3.id), "--json"])
-    assert r.exit_code == 0 and json.loads(r.stdout)["reverted"] == []
+    with walstore.open(path, durability="none") as store:
+        assert state(store) == {"a": 2, "b": 3}
+        assert newest in store.log()[0].extra["reverts"]
+        newest = store.log()[0].txid
+    r = runner.invoke(cli_main, ["rewind", path, "--to", str(newest), "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["reverted"] == []  # nothing after it
     r = runner.invoke(cli_main, ["rewind", path, "--to", "no-such-point"])
     assert r.exit_code == 2
-    with walstore.open(path, durability="none") as store:
-        assert state(store) == {"b": 3}
+    r = runner.invoke(cli_main, ["rewind", path])
+    assert r.exit_code == 2  # --to is required
 
 
 def test_cli_revert_and_rewind_run_handlers(path, tmp_path, monkeypatch):

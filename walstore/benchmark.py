@@ -4,8 +4,9 @@ Owns issue 4's measurements: the peer adapters, the workload definitions, one ge
 runner that interleaves the systems of a workload (A B C A B C ...) for several repetitions,
 each in a fresh temporary directory, the child-process workloads (crash recovery, steady
 state), the ratio targets, and the Markdown rendering of a result.  ``walstore bench`` and
-``bench/run.py`` call :func:`run_benchmarks` and :func:`render_markdown`; the engine itself
-never imports this module.
+``bench/run.py`` call :func:`run_benchmarks` and :func:`render_markdown`; the rest of the
+engine never imports this module, and it uses walstore only through the public API (plus the
+``open`` tuning keywords and ``Store.last_recovery`` report where present).
 
 Every write carries a fresh value (SQLite skips rewriting an unchanged page, which fakes its
 speed).  Keys are 20 bytes, values 100 bytes.  Results are plain JSON-able dicts (never
