@@ -14,8 +14,8 @@ from typing import Any
 
 import click
 
-from . import codec
-from .errors import (CorruptionError, NeedsRecovery, NotAStore, StoreLocked, WalstoreError)
+
+from .errors import CorruptionError, NeedsRecovery, NotAStore, StoreLocked
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024

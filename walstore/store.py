@@ -38,7 +38,7 @@ from .agent import AgentMixin
 from .twophase import PrepareRecovery, TwoPhaseMixin
 from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
                      StoreClosed, WalstoreError)
-from .framing import MAX_PAYLOAD, SEGMENT_HEADER_SIZE, RecordType
+from .framing import MAX_PAYLOAD, RecordType
 from .kv import LmdbState, MapResizeBlocked
 from .layout import Layout, ProcessLock
 from . import history

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from . import records
 from .actions import Action
 from .codec import pack, unpack
-from .errors import ConflictError, WalstoreError
+from .errors import WalstoreError
 from .framing import RecordType
 from .records import CommitEntry
 
