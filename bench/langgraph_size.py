@@ -153,6 +153,22 @@ def run_graph(name: str, steps: int, saver) -> tuple[int, float]:
     return n, elapsed
 
 
+def lmdb_breakdown(store) -> dict:
+    """Bytes of pages each of walstore's LMDB tables uses (read-only introspection)."""
+    from walstore.kv import _DBS
+    state = store.state
+    out = {}
+    with state.env.begin() as txn:
+        for name in _DBS:
+            st = txn.stat(getattr(state, name))
+            out[name] = {"bytes": st["psize"] * (st["branch_pages"] + st["leaf_pages"]
+                                                 + st["overflow_pages"]),
+                         "entries": st["entries"], "overflow_pages": st["overflow_pages"]}
+    info = state.env.info()
+    out["_file_pages_used"] = (info["last_pgno"] + 1) * state.env.stat()["psize"]
+    return out
+
+
 def measure_walstore(name: str, steps: int, tmp: str, segment_size: int | None) -> dict:
     path = os.path.join(tmp, f"ws-{name}")
     kw: dict[str, Any] = {"durability": "full"}
@@ -162,12 +178,13 @@ def measure_walstore(name: str, steps: int, tmp: str, segment_size: int | None) 
     n, elapsed = run_graph(name, steps, saver)
     logical = sum(len(k) + len(walstore.codec.pack_value(v)) for k, v in saver.store.scan())
     saver.store.checkpoint()
+    breakdown = lmdb_breakdown(saver.store)
     saver.close()
     wal = os.path.join(path, "wal")
     db = os.path.join(path, "db")
     return {"checkpoints": n, "seconds": elapsed, "dir_bytes": allocated(path),
             "lmdb_bytes": allocated(db), "lmdb_apparent": apparent(db),
-            "wal_bytes": allocated(wal), "logical_bytes": logical,
+            "wal_bytes": allocated(wal), "logical_bytes": logical, "lmdb_tables": breakdown,
             "segment_size": segment_size or walstore.store.DEFAULT_SEGMENT_SIZE}
 
 

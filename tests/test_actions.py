@@ -114,7 +114,7 @@ def test_action_ids_and_keys_are_distinct_and_stable(path, tmp_path):
 
 
 # ---- rollback runs compensations newest first -------------------------------------------------
-def three_actions(tx, log: list | None = None) -> list[walstore.Action]:
+def three_actions(tx) -> list[walstore.Action]:
     acts = []
     for name in ("reserve", "charge", "email"):
         with tx.action(name, args={"n": name}, compensate="undo") as act:
@@ -385,9 +385,6 @@ def test_txninfo_actions_lists_the_actions_of_a_committed_transaction(path):
     assert {a["id"] for a in json.loads(r.stdout)["actions"]} == {a1.id, a2.id}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: store.actions()/get_action() read only LMDB's "
-                   "actions table, which gets a committed transaction's actions when the "
-                   "applier indexes the commit, so a just-committed action is missing (KeyError)")
 def test_actions_query_sees_a_just_committed_action(store):
     with store.transaction() as tx:
         with tx.action("charge", compensate="refund") as act:
@@ -429,10 +426,6 @@ def test_bad_action_arguments_fail_with_typeerror_before_the_intent(path):
         assert store.log()[0].actions == ()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unpackable act.result escapes as msgpack's "
-                   "own TypeError from _record_state during the rollback; the compensation "
-                   "is never recorded (no COMPENSATED record, no actions row) and no ABORT "
-                   "is logged")
 def test_unpackable_result_fails_with_typeerror_and_is_still_compensated(path):
     rec = Recorder()
     with walstore.open(path, durability="none", compensators={"undo": rec}) as store:

@@ -138,7 +138,7 @@ def crash(tmp_path: Path, mode: str) -> Crash:
     c = Crash(child, committed)
     try:
         if mode == "intent":
-            txid, aid, key = child.line("INTENT")
+            txid, aid, key, id0, key0 = child.line("INTENT")
             # write-ahead for side effects: another process already sees the intent,
             # and the body has not charged anything yet
             intents = [r for r in iter_wal(c.path) if r["type"] == "ACTION_INTENT"]
@@ -146,7 +146,11 @@ def crash(tmp_path: Path, mode: str) -> Crash:
             assert intents[-1]["payload"]["key"] == key
             assert intents[-1]["payload"]["compensate"] == "refund"
             assert ws_ledger.count(c.ledger, "charge", key) == 0
-            c.owed = [{"id": aid, "key": key, "txid": int(txid), "result": None}]
+            assert ws_ledger.balance(c.ledger, key0) == 5
+            # newest first: the action whose body never ran (result unknown), then the first
+            c.owed = [{"id": aid, "key": key, "txid": int(txid), "result": None},
+                      {"id": id0, "key": key0, "txid": int(txid),
+                       "result": {"charge_id": key0, "amount": 5}}]
             c.loser_txids = [int(txid)]
         elif mode == "body":
             txid, aid, key, result = child.line("BODY", 4)
@@ -203,8 +207,9 @@ def check_all_compensated_once(c: Crash, store) -> None:
 
 
 def check_recovery_calls(c: Crash, calls: list[dict]) -> None:
-    """Recovery compensated exactly the owed actions, once each, with their stable keys."""
-    assert sorted(x["id"] for x in calls) == sorted(a["id"] for a in c.owed)
+    """Recovery compensated exactly the owed actions, once each, newest first, with their
+    stable keys."""
+    assert [x["id"] for x in calls] == [a["id"] for a in c.owed]
     for a in c.owed:
         (call,) = [x for x in calls if x["id"] == a["id"]]
         assert call["key"] == a["key"]
@@ -264,7 +269,9 @@ def test_kill9_without_compensator_leaves_pending_then_cli_recover_handlers(
         for a in c.owed:
             (p,) = [x for x in pending if x.id == a["id"]]
             assert p.state == "pending" and p.key == a["key"] and p.txid == a["txid"]
-            assert p.compensate == "refund" and p.name == "charge"
+            assert p.compensate == "refund" and p.name in ("charge", "reserve")
+            if "result" in a:
+                assert p.result == a["result"]
         for a in c.done_by_child:
             assert store.get_action(a["id"]).state == "compensated"
         assert store.get("uncommitted") is None
@@ -309,20 +316,54 @@ def test_kill9_without_compensator_leaves_pending_then_cli_recover_handlers(
 
 
 def test_kill9_in_intent_then_resolve_by_hand(tmp_path, handlers_on_path):
-    """With no compensator at all, an operator resolves the pending action by hand."""
+    """With no compensator at all, an operator resolves the pending actions by hand."""
     c = crash(tmp_path, "intent")
-    (a,) = c.owed
+    ids = [a["id"] for a in c.owed]
     runner = CliRunner()
     r = runner.invoke(cli_main, ["recover", c.path, "--json"])
     assert r.exit_code == 1
-    assert json.loads(r.stdout)["pending_compensations"] == [a["id"]]
-    r = runner.invoke(cli_main, ["resolve", c.path, a["id"], "--note", "checked by hand"])
+    assert sorted(json.loads(r.stdout)["pending_compensations"]) == sorted(ids)
+    r = runner.invoke(cli_main, ["resolve", c.path, ids[0], "--note", "checked by hand"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli_main, ["recover", c.path, "--json"])
+    assert r.exit_code == 1  # one is still owed
+    assert json.loads(r.stdout)["pending_compensations"] == [ids[1]]
+    r = runner.invoke(cli_main, ["resolve", c.path, ids[1]])
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli_main, ["recover", c.path])
     assert r.exit_code == 0, r.output
     with walstore.open(c.path, compensators=dict(ws_ledger_handlers.COMPENSATORS)) as store:
-        act = store.get_action(a["id"])
-        assert act.state == "resolved"
+        assert [store.get_action(i).state for i in ids] == ["resolved", "resolved"]
+        assert store.get_action(ids[0]).error == "checked by hand"
         assert store.pending_compensations() == []
         assert store.last_recovery.compensated == []  # resolved: never compensated later
     assert c.child.calls_by(not_pid=c.child.proc.pid) == []
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: `walstore actions` opens read-only, which reads "
+                   "only LMDB's actions table: after a crash (before recovery) the in-flight "
+                   "intents, and even the last committed actions, are missing, so "
+                   "`actions --pending` prints [] and exits 0 while compensations are owed")
+def test_actions_pending_right_after_a_crash_reports_the_owed_compensations(tmp_path):
+    c = crash(tmp_path, "intent")
+    r = CliRunner().invoke(cli_main, ["actions", c.path, "--pending", "--json"])
+    assert r.exit_code == 1, r.output
+    doc = json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}
+    if "actions" in doc:
+        assert {a["id"] for a in c.owed} <= {a["id"] for a in doc["actions"]}
+
+
+def test_kill9_after_drop_restore_point_keeps_it_dropped(tmp_path):
+    child = Child(tmp_path, "droppoint")
+    try:
+        child.line("COMMITTED")
+        (names,) = child.line("DROPPED", 1)
+        assert json.loads(names) == ["kept"]
+    finally:
+        child.kill()
+    with walstore.open(str(child.store)) as store:
+        assert sorted(store.restore_points()) == ["kept"]
+        with pytest.raises(KeyError):
+            store.rewind("gone")
+        assert store.at("kept").get("after-points") is None
+        assert store.get("after-points") == 1

@@ -232,10 +232,6 @@ def test_many_readers_never_see_a_partial_pair(tmp_path):
         assert reads > 50 and seen > 2  # really read while the writer committed
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a read-only process can see part of a transaction: "
-                   "its follower overlay holds an older value of a key while the LMDB snapshot "
-                   "already holds a newer commit the follower has not read (overlay entries "
-                   "older than LMDB's applied LSN still mask LMDB)")
 def test_many_readers_never_see_part_of_a_commit_with_fresh_keys(tmp_path):
     """Each commit i writes ctr=i and a new key log/i: a scan must see them together."""
     w = _open(tmp_path / "s", apply_batch=1, apply_interval=0.001, segment_size=256 * 1024)
@@ -250,9 +246,6 @@ def test_many_readers_never_see_part_of_a_commit_with_fresh_keys(tmp_path):
     assert all(bad == 0 for _r, bad, _s, _l in results), [l for *_x, l in results]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: same partial read as above, deterministic: the "
-                   "writer commits and applies between the reader's WAL catch-up and its LMDB "
-                   "snapshot; the scan shows log/2 but ctr=1")
 def test_reader_scan_racing_an_apply_sees_whole_commits(tmp_path):
     w = _unapplied_writer(tmp_path / "s")
     r = None
@@ -283,9 +276,6 @@ def test_reader_scan_racing_an_apply_sees_whole_commits(tmp_path):
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a read-only store's transaction is neither a "
-                   "snapshot nor validated: it reads a before and b after a writer's commit of "
-                   "both and still commits (ConflictError expected, or a consistent read)")
 def test_readonly_transaction_is_serializable(tmp_path, reader_factory):
     w = _unapplied_writer(tmp_path / "s")
     try:
@@ -305,9 +295,6 @@ def test_readonly_transaction_is_serializable(tmp_path, reader_factory):
         w.close()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read-only transactions in reader processes commit "
-                   "after reading two keys across a writer's commit (see above), so the pair "
-                   "invariant breaks for readers that use transactions")
 def test_many_readers_with_transactions_never_see_a_partial_pair(tmp_path):
     w = _open(tmp_path / "s", apply_batch=1, apply_interval=0.001)
     try:

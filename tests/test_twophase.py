@@ -8,7 +8,6 @@ gid in doubt, its writes invisible, its keys held against conflicting transactio
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -110,6 +109,9 @@ CONFLICTS = {
     "blind write of a written key": lambda tx: tx.put("acct/a", 0),
     "delete of a written key": lambda tx: tx.delete("new/key"),
     "write of a key it only read": lambda tx: tx.put("ro/key", "changed"),
+    "write into a range it scanned": lambda tx: tx.put("range/new", 1),
+    "scan of a range holding a key it wrote": lambda tx: (list(tx.scan(prefix="new/")),
+                                                          tx.put("other", 1)),
 }
 
 
@@ -141,9 +143,10 @@ def test_commit_prepared_after_crash_makes_writes_visible(crashed):
         assert s.prepared() == [] and s.decision(GID) == "commit"
         assert _state(s) == AFTER
         assert s.log(limit=1)[0].meta == {"who": "child"}
-        # the keys are free again
+        # the keys and the scanned range are free again
         with s.transaction() as tx:
             tx.put("acct/a", tx.get("acct/a") + 1)
+            tx.put("range/1", 1)
         assert s.get("acct/a") == 151
         # a transaction that started before the commit and read the key still conflicts
         t_old.get("new/key")
@@ -164,9 +167,10 @@ def test_rollback_prepared_after_crash_discards_writes(crashed):
         s.rollback_prepared(GID)
         assert s.prepared() == [] and s.decision(GID) == "abort"
         assert _state(s) == BEFORE
-        with s.transaction() as tx:  # released
+        with s.transaction() as tx:  # released: keys and the scanned range
             tx.put("new/key", "mine")
             tx.put("ro/key", "mine too")
+            tx.put("range/1", "in range")
         assert s.get("new/key") == "mine"
     with _open(crashed) as s:
         assert s.prepared() == []

@@ -167,9 +167,9 @@ def test_savepoint_rollback_undoes_walstore_writes_after_it(store):
     sp.rollback()  # a savepoint can be rolled back to again
     assert tx.get("c") is None
     tx.put("d", 4)
-    inner_keep = transaction.savepoint()
+    transaction.savepoint()
     tx.put("e", 5)
-    inner_keep = transaction.savepoint()  # noqa: F841  (kept, never rolled back)
+    transaction.savepoint()  # taken and never rolled back: the writes stay
     transaction.commit()
     assert {k: store.get(k) for k in "abcde"} == {"a": 1, "b": None, "c": None, "d": 4, "e": 5}
 

@@ -55,18 +55,20 @@ class Action:
     error: str | None = None
     attempts: int = 0
     ts: float = field(default_factory=time.time)
+    lsn: int = 0  # LSN of its intent record: the order in which actions happened
 
     def row(self) -> dict:
         return {"id": self.id, "tx": self.txid, "name": self.name, "args": self.args,
                 "result": self.result, "key": self.key, "compensate": self.compensate,
                 "state": self.state, "error": self.error, "attempts": self.attempts,
-                "ts": self.ts}
+                "ts": self.ts, "lsn": self.lsn}
 
     @classmethod
     def from_row(cls, row: dict) -> "Action":
         return cls(row["id"], row["tx"], row["name"], row.get("args"), row.get("result"),
                    row.get("key", ""), row.get("compensate"), row.get("state", PENDING),
-                   row.get("error"), row.get("attempts", 0), row.get("ts", 0.0))
+                   row.get("error"), row.get("attempts", 0), row.get("ts", 0.0),
+                   row.get("lsn", 0))
 
     def as_dict(self) -> dict:
         return self.row()
@@ -129,9 +131,10 @@ class ActionsMixin:
         tx._check_active()
         self._check_writable()
         body = {"tx": tx.id, "id": action.id, "name": action.name, "args": action.args,
-                "key": action.key, "compensate": action.compensate}
+                "key": action.key, "compensate": action.compensate, "ts": action.ts}
         with self._lock:
             lsn, end = self.wal.append(RecordType.ACTION_INTENT, pack(body))
+            action.lsn = lsn
             if tx.first_logged_lsn is None:
                 tx.first_logged_lsn = lsn
         if self.durability != "none":
@@ -140,10 +143,20 @@ class ActionsMixin:
         tx.actions_ever.append(action)
 
     def _log_result(self, tx: "Transaction", action: Action) -> None:
-        check_packable(f"result of action {action.name!r}", action.result)
+        """Log the body's outcome.  A result msgpack cannot store is dropped (the action
+        stays compensatable, its error says why) and TypeError is raised."""
+        bad = None
+        try:
+            check_packable(f"result of action {action.name!r}", action.result)
+        except TypeError as e:
+            bad = e
+            action.result = None
+            action.error = f"{e}; the result was not recorded"
         body = {"tx": tx.id, "id": action.id, "result": action.result, "error": action.error}
         with self._lock:
             self.wal.append(RecordType.ACTION_RESULT, pack(body))
+        if bad is not None:
+            raise bad
 
     def _record_state(self, action: Action) -> None:
         """Durably record an action's compensation state (WAL record, then LMDB row)."""
@@ -235,8 +248,11 @@ class ActionsMixin:
         return self._load_actions(pending)
 
     def _load_actions(self, pending: bool) -> list[Action]:
-        out = [Action.from_row(unpack(raw))
-               for _k, raw in self.state.scan(b"", None, db=self.state.actions)]
+        rows = {k.decode(): unpack(raw)
+                for k, raw in self.state.scan(b"", None, db=self.state.actions)}
+        for row in self._queued_action_rows():
+            rows.setdefault(row["id"], row)
+        out = [Action.from_row(r) for r in rows.values()]
         if pending:
             out = [a for a in out if a.state in OPEN_STATES]
         return sorted(out, key=_newest_first)
@@ -248,9 +264,18 @@ class ActionsMixin:
 
     def get_action(self, action_id: str) -> Action:
         raw = self.state.get(str(action_id).encode(), self.state.actions)
-        if raw is None:
-            raise KeyError(f"no action with id {action_id!r}")
-        return Action.from_row(unpack(raw))
+        if raw is not None:
+            return Action.from_row(unpack(raw))
+        for row in self._queued_action_rows():
+            if row["id"] == str(action_id):
+                return Action.from_row(row)
+        raise KeyError(f"no action with id {action_id!r}")
+
+    def _queued_action_rows(self) -> list[dict]:
+        """Actions of commits not yet applied to LMDB (their rows are not there yet)."""
+        with self._lock:
+            queued = list(self._apply_queue) + list(self._pending)
+        return [row for e in queued for row in e.extra.get("actions", ())]
 
     def resolve(self, action_id: str, note: str | None = None) -> Action:
         """Mark a pending or failed compensation as handled by hand."""
@@ -273,8 +298,9 @@ class ActionsMixin:
 
 
 def _newest_first(a: Action):
+    """Newest first by when the intent was logged (its LSN), then by id."""
     txid, _, seq = a.id.partition(".")
-    return (-int(txid), -int(seq or 0))
+    return (-a.lsn, -int(txid), -int(seq or 0))
 
 
 class ActionRecovery:
@@ -289,7 +315,7 @@ class ActionRecovery:
     def __init__(self) -> None:
         self.open: dict[int, dict[str, Action]] = {}
         self.final: dict[str, dict] = {}
-        self.points: list[dict] = []
+        self.points: dict[str, dict | None] = {}
 
     def handlers(self) -> dict:
         return {RecordType.ACTION_INTENT: self._intent, RecordType.ACTION_RESULT: self._result,
@@ -299,7 +325,8 @@ class ActionRecovery:
 
     def _intent(self, rec, body: dict) -> None:
         a = Action(str(body["id"]), int(body["tx"]), str(body.get("name", "?")), body.get("args"),
-                   None, str(body.get("key", "")), body.get("compensate"))
+                   None, str(body.get("key", "")), body.get("compensate"),
+                   ts=body.get("ts", 0.0), lsn=rec.lsn)
         self.open.setdefault(a.txid, {})[a.id] = a
 
     def _result(self, rec, body: dict) -> None:
@@ -316,8 +343,11 @@ class ActionRecovery:
         self.open.pop(body.get("tx"), None)
 
     def _point(self, rec, body: dict) -> None:
-        if isinstance(body.get("name"), str):
-            self.points.append({"name": body["name"], "lsn": rec.lsn, "ts": body.get("ts", 0.0)})
+        """Restore points named (or dropped) in the log; the last word per name wins."""
+        name = body.get("name")
+        if isinstance(name, str):
+            self.points[name] = None if body.get("drop") else {
+                "name": name, "lsn": rec.lsn, "ts": body.get("ts", 0.0)}
 
     def rows_to_write(self, losers: list[int]) -> list[Action]:
         rows = {aid: Action.from_row(row) for aid, row in self.final.items()}

@@ -82,8 +82,7 @@ class HistoricalView:
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         lo, hi = self._store._scan_bounds(prefix, start, end)
-        keys = list(history.keys_in_range(self._store.state, lo, hi))
-        for k in (reversed(keys) if reverse else keys):
+        for k in history.keys_in_range(self._store.state, lo, hi, reverse):
             found, v = history.value_at(self._store.state, k, self.lsn + 1)
             if found and v is not None:
                 yield decode_key(k), unpack_value(v)
@@ -150,8 +149,14 @@ class AgentMixin:
     def drop_restore_point(self, name: str) -> None:
         self._check_open()
         self._check_writable()
-        if not history.drop_point(self.state, name):
+        if history.get_point(self.state, name) is None:
             raise KeyError(f"no restore point named {name!r}")
+        with self._lock:  # logged, so recovery's replay of the log does not bring it back
+            _lsn, end = self.wal.append(RecordType.RESTORE_POINT,
+                                        pack({"name": name, "drop": True, "ts": time.time()}))
+        if self.durability != "none":
+            self.wal.sync_to(end)
+        history.drop_point(self.state, name)
 
     def _resolve_point(self, point: Any) -> int:
         """The boundary LSN: commits at or below it are 'in', later ones 'after'."""

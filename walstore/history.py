@@ -5,6 +5,8 @@ Owns three named databases of the LMDB environment (see walstore.kv):
 - ``hist``:   u16 len(key) ‖ stored key ‖ u64 LSN (big endian) -> msgpack [txid, value|None]
   (the value a committed transaction gave the key; None for a delete);
 - ``bylsn``:  u64 commit LSN -> u64 txid (transactions in log order);
+- ``hkeys``:  stored key -> b"" for every key that has history (so a view's scan of a key
+  range walks only keys in that range);
 - ``points``: restore point name (UTF-8) -> msgpack {"lsn", "ts"}.
 
 They are written in the same LMDB transaction as the data they describe (by
@@ -43,6 +45,7 @@ def index_commit(txn, dbs, entry) -> None:
     txn.put(_U64.pack(entry.lsn), txid_raw, db=dbs.bylsn)
     for k, v, _b in entry.writes:
         txn.put(hist_key(k, entry.lsn), pack([entry.txid, v]), db=dbs.hist)
+        txn.put(k, b"", db=dbs.hkeys, overwrite=False)
 
 
 def versions(state, key: bytes) -> Iterator[tuple[int, int, bytes | None]]:
@@ -69,18 +72,11 @@ def value_at(state, key: bytes, lsn: int) -> tuple[bool, bytes | None]:
     return False, None
 
 
-def keys_in_range(state, lo: bytes, hi: bytes | None) -> Iterator[bytes]:
-    """Every stored key with a retained version, lo <= key < hi, in key order."""
-    seen_last = None
-    # hist keys are length-prefixed, so walk all of them and filter: cost grows with the
-    # versions of keys in range plus others of other lengths (acceptable for views).
-    for raw, _row in state.scan(b"", None, db=state.hist):
-        k, _lsn = split_hist_key(raw)
-        if k == seen_last:
-            continue
-        seen_last = k
-        if k >= lo and (hi is None or k < hi):
-            yield k
+def keys_in_range(state, lo: bytes, hi: bytes | None, reverse: bool = False
+                  ) -> Iterator[bytes]:
+    """Every stored key that has (or had) history, lo <= key < hi, in key order."""
+    for k, _v in state.scan(lo, hi, reverse, db=state.hkeys):
+        yield k
 
 
 def txids_after(state, lsn: int) -> Iterator[tuple[int, int]]:

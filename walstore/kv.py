@@ -39,7 +39,7 @@ SCAN_CHUNK = 256
 
 
 _DBS = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist", "bylsn": b"bylsn",
-        "points": b"points", "actions": b"actions", "meta2": b"twophase"}
+        "points": b"points", "actions": b"actions", "meta2": b"twophase", "hkeys": b"hkeys"}
 
 
 def txid_key(txid: int) -> bytes:
@@ -289,18 +289,28 @@ class SnapshotScan:
     While it is open it holds a reader slot and the resize gate, so consume it promptly.
     """
 
-    def __init__(self, state: LmdbState, lo: bytes, hi: bytes | None, reverse: bool) -> None:
-        self._gate = state.gate
-        self._gate.__enter__()
-        try:
-            self._txn = state.begin(state.data)
-            self._cur = self._txn.cursor()
-        except BaseException:
-            self._gate.__exit__()
-            raise
+    def __init__(self, state: LmdbState, lo: bytes, hi: bytes | None, reverse: bool,
+                 txn=None) -> None:
+        """``txn``: iterate inside an existing read transaction (not owned, not closed)."""
+        self._state = state
+        self._owned = txn is None
+        if self._owned:
+            state.gate.__enter__()
+            try:
+                txn = state.begin(state.data)
+            except BaseException:
+                state.gate.__exit__()
+                raise
+        self._txn = txn
+        self._cur = txn.cursor(db=state.data)
         self._lo, self._hi, self._reverse = lo, hi, reverse
         self._started = False
         self._open = True
+
+    def meta_int(self, name: bytes) -> int:
+        """A ``meta`` integer as of this scan's snapshot."""
+        raw = self._txn.get(name, db=self._state.meta)
+        return 0 if raw is None else _U64.unpack(raw)[0]
 
     def __iter__(self) -> "SnapshotScan":
         return self
@@ -329,10 +339,48 @@ class SnapshotScan:
     def close(self) -> None:
         if self._open:
             self._open = False
-            try:
-                self._txn.abort()
-            finally:
-                self._gate.__exit__()
+            if self._owned:
+                try:
+                    self._txn.abort()
+                finally:
+                    self._state.gate.__exit__()
 
     def __del__(self) -> None:
         self.close()
+
+
+class ReadSnapshot:
+    """A consistent read view held for a read-only store's transaction.
+
+    One LMDB read transaction (with its ``applied`` LSN) plus the commits logged past it
+    (``overlay``: key -> (commit LSN, packed value or None)), taken together.
+    """
+
+    def __init__(self, state: LmdbState, catch_up) -> None:
+        self.state = state
+        state.gate.__enter__()
+        try:
+            self.txn = state.begin(state.data)
+        except BaseException:
+            state.gate.__exit__()
+            raise
+        raw = self.txn.get(b"applied", db=state.meta)
+        self.applied = 0 if raw is None else _U64.unpack(raw)[0]
+        overlay = catch_up()  # read the WAL only after the snapshot: it reaches past applied
+        self.overlay = {k: e for k, e in overlay.items() if e[0] >= self.applied}
+        self.closed = False
+
+    def get(self, key: bytes) -> bytes | None:
+        e = self.overlay.get(key)
+        return e[1] if e is not None else self.txn.get(key, db=self.state.data)
+
+    def scan(self, lo: bytes, hi: bytes | None, reverse: bool) -> SnapshotScan:
+        return SnapshotScan(self.state, lo, hi, reverse, txn=self.txn)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            try:
+                self.txn.abort()
+            finally:
+                self.state.gate.__exit__()

@@ -92,10 +92,13 @@ class WalFollower:
             self._apply(h.type, lsn, reader.lsn_at(end), payload)
 
     def _newer_segment_starts_at(self, lsn: int) -> bool:
-        for start, _p in list_segments(self.layout.wal):
-            if start == lsn and (self._seg is None or start > self._seg[0]):
-                self._close_segment(keep_position=True)
-                return True
+        """Move on when the writer rotated at ``lsn`` — or, when a checkpoint trimmed the
+        segments we had not read yet, to the first remaining one LMDB's applied reaches."""
+        later = [s for s, _p in list_segments(self.layout.wal)
+                 if self._seg is None or s > self._seg[0]]
+        if later and (later[0] == lsn or later[0] <= self.state.applied_lsn()):
+            self._close_segment(keep_position=True)
+            return True
         return False
 
     def _apply(self, rtype: int, lsn: int, end: int, payload: bytes) -> None:

@@ -39,7 +39,7 @@ from .twophase import PrepareRecovery, TwoPhaseMixin
 from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
                      StoreClosed, WalstoreError)
 from .framing import MAX_PAYLOAD, RecordType
-from .kv import LmdbState, MapResizeBlocked
+from .kv import LmdbState, MapResizeBlocked, ReadSnapshot, txid_key
 from .layout import Layout, ProcessLock
 from . import history
 from .actions import ActionRecovery
@@ -216,8 +216,11 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         rows = undo.rows_to_write(report.losers)
         if rows:
             self._put_action_rows(rows)
-        for point in undo.points:
-            history.put_point(self.state, point["name"], point["lsn"], point["ts"])
+        for name, point in undo.points.items():
+            if point is None:
+                history.drop_point(self.state, name)
+            else:
+                history.put_point(self.state, name, point["lsn"], point["ts"])
         if report.losers:
             with self._lock:
                 for txid in report.losers:
@@ -331,11 +334,27 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     # ---- reads outside a transaction ---------------------------------------------------
     def _read_committed(self, k: bytes) -> bytes | None:
         if self._follower is not None:
-            self.refresh()
+            snap = self._reader_snapshot()
+            try:
+                return snap.get(k)
+            finally:
+                snap.close()
         e = self._overlay.get(k)
         if e is not None:
             return e[1]
         return self.state.get(k)
+
+    def _reader_snapshot(self) -> ReadSnapshot:
+        """Read-only stores: LMDB snapshot + the WAL commits past its applied LSN."""
+        def catch_up():
+            self.refresh()
+            return dict(self._overlay)
+        return ReadSnapshot(self.state, catch_up)
+
+    def _tx_read(self, tx: Transaction, k: bytes) -> bytes | None:
+        if tx.snapshot is not None:
+            return tx.snapshot.get(k)
+        return self._read_committed(k)
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The latest committed value of ``key`` (``default`` when absent)."""
@@ -358,7 +377,6 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """(key, value) of committed state in key order; ``start`` inclusive, ``end`` not."""
         self._check_open()
-        self.refresh()
         lo, hi = self._scan_bounds(prefix, start, end)
         for k, v in self._merged_scan(lo, hi, reverse, []):
             yield decode_key(k), unpack_value(v)
@@ -381,16 +399,25 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         return lo, hi
 
     def _merged_scan(self, lo: bytes, hi: bytes | None, reverse: bool,
-                     mine: list[tuple[bytes, bytes | None]]) -> Iterator[tuple[bytes, bytes]]:
+                     mine: list[tuple[bytes, bytes | None]], snapshot: ReadSnapshot | None = None
+                     ) -> Iterator[tuple[bytes, bytes]]:
         """Committed LMDB rows overlaid by the overlay, then by ``mine`` (sorted).
 
         The overlay copy and the LMDB read transaction are taken together under the store
         lock, so the scan sees one consistent committed state: never part of a commit.
         """
-        with self._lock:
-            over = sorted((k, e[1]) for k, e in self._overlay.items()
+        own_snap = None
+        if snapshot is None and self._follower is not None:
+            snapshot = own_snap = self._reader_snapshot()
+        if snapshot is not None:
+            over = sorted((k, e[1]) for k, e in snapshot.overlay.items()
                           if k >= lo and (hi is None or k < hi))
-            base = self.state.snapshot_scan(lo, hi, reverse)
+            base = snapshot.scan(lo, hi, reverse)
+        else:
+            with self._lock:
+                over = sorted((k, e[1]) for k, e in self._overlay.items()
+                              if k >= lo and (hi is None or k < hi))
+                base = self.state.snapshot_scan(lo, hi, reverse)
         try:
             stream = _merge(self._while_open(base), over, reverse)
             if mine:
@@ -400,6 +427,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                     yield k, v
         finally:
             base.close()
+            if own_snap is not None:
+                own_snap.close()
 
     def _while_open(self, rows: Iterator) -> Iterator:
         """Yield from ``rows`` but raise StoreClosed once the store is closed."""
@@ -418,6 +447,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._check_open()
         check_meta(meta)
         tx = Transaction(self, next(self._txids), meta, self._published_lsn)
+        if self._follower is not None:  # read-only store: the transaction reads one snapshot
+            tx.snapshot = self._reader_snapshot()
         self._active[tx.id] = tx
         return tx
 
@@ -439,6 +470,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
 
     def _end_transaction(self, tx: Transaction, committed: bool, run_compensations: bool) -> None:
         self._active.pop(tx.id, None)
+        if tx.snapshot is not None:
+            tx.snapshot.close()
         failure = None
         if not committed and run_compensations and tx.actions:
             try:
@@ -657,26 +690,31 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self.wal.sync()
 
     # ---- introspection -----------------------------------------------------------------
-    def log(self, limit: int | None = None, since: int | None = None) -> list[TxnInfo]:
-        """Committed transactions, newest first (``since``: only txids greater than it)."""
+    def log(self, limit: int | None = None, since: Any = None) -> list[TxnInfo]:
+        """Committed transactions, newest first in commit order.
+
+        ``since``: a txid, an LSN (``walstore.LSN``) or a restore point name: only the
+        transactions committed after it.  Reads the LSN index backwards: the cost grows
+        with what is returned, not with the length of the history.
+        """
         self._check_open()
-        out: list[TxnInfo] = []
+        boundary = -1 if since is None else self._resolve_point(since)
         with self._lock:
             queued = list(self._apply_queue) + [e for e in self._pending
                                                 if e.end_lsn <= self._published_lsn]
-        seen = set()
-        for e in reversed(queued):
-            if (since is None or e.txid > since) and e.txid not in seen:
+        out: list[TxnInfo] = []
+        seen: set[int] = set()
+        for e in sorted(queued, key=lambda e: e.lsn, reverse=True):
+            if e.lsn > boundary and e.txid not in seen:
                 seen.add(e.txid)
                 out.append(info_from_row(e.txn_row()))
-        for _k, raw in self.state.scan(b"", None, reverse=True, db=self.state.txns):
+        for lsn, txid in history.txids_after(self.state, boundary):
             if limit is not None and len(out) >= limit:
                 break
-            info = info_from_row(raw)
-            if since is not None and info.txid <= since:
-                break
-            if info.txid not in seen:
-                out.append(info)
+            raw = self.state.get(txid_key(txid), self.state.txns)
+            if raw is not None and txid not in seen:
+                seen.add(txid)
+                out.append(info_from_row(raw))
         out.sort(key=lambda i: i.lsn, reverse=True)
         return out[:limit] if limit is not None else out
 

@@ -2,8 +2,8 @@
 
 ``tx.prepare(gid)`` validates the transaction, logs a PREPARE record with its writes
 (fsynced) and stores it in LMDB's ``prepared`` database; from then on its keys (written
-and read) are *held*: any other transaction that reads or writes one of them fails to
-commit with ConflictError, until ``commit_prepared(gid)`` or ``rollback_prepared(gid)``
+and read) and scanned ranges are *held*: another transaction that writes one of them, or
+reads a key it wrote, fails to commit with ConflictError, until ``commit_prepared(gid)`` or ``rollback_prepared(gid)``
 decides, from this process or a later one.  After a crash the prepared set is rebuilt
 from LMDB and the WAL (the holds are re-established, unlike RocksDB), and recovery leaves
 it in doubt: it is neither undone nor compensated.
@@ -78,20 +78,22 @@ class TwoPhaseMixin:
     def _held_conflicts(self, tx: "Transaction") -> list[tuple[bytes, str]]:
         """Keys of ``tx`` that collide with a prepared transaction (serializability).
 
-        A prepared transaction P holds the keys it read and wrote and the ranges it
-        scanned: another transaction may not read or write P's keys, may not write into
-        P's scanned ranges, and may not scan a range holding one of P's keys.
+        A prepared transaction P holds what it read and wrote: another transaction may not
+        write P's keys or into P's scanned ranges, may not read a key P wrote, and may not
+        scan a range holding one of P's writes.  Reading what P only read is fine.
         """
         if not self._prepared:
             return []
         mine = getattr(tx, "gid", None)
-        out = [(k, self._held[k]) for k in list(tx.read_keys) + list(tx.writes)
+        out = [(k, self._held[k]) for k in tx.writes
                if k in self._held and self._held[k] != mine]
         for p in self._prepared.values():
             if p.gid == mine:
                 continue
+            written = {w[0] for w in p.writes}
+            out += [(k, p.gid) for k in tx.read_keys if k in written]
             out += [(k, p.gid) for k in tx.writes if _in_ranges(k, p.read_ranges)]
-            out += [(k, p.gid) for k, *_ in p.writes if _in_ranges(k, tx.read_ranges)]
+            out += [(k, p.gid) for k in written if _in_ranges(k, tx.read_ranges)]
         return out
 
     def _prepare(self, tx: "Transaction", gid: str) -> None:

@@ -76,6 +76,7 @@ class Transaction:
         self.actions_ever: list = []  # every action begun (numbers action ids)
         self.commit_extra: dict | None = None  # agent layer: extra commit record fields
         self.gid: str | None = None  # set by prepare()
+        self.snapshot = None  # read-only stores: the consistent view this transaction reads
         self.first_logged_lsn: int | None = None  # set once the tx logs a record before commit
 
     # ---- context manager ---------------------------------------------------------------
@@ -104,7 +105,7 @@ class Transaction:
             v = self._writes[k]
         else:
             self.read_keys.add(k)
-            v = self._store._read_committed(k)
+            v = self._store._tx_read(self, k)
         return default if v is None else unpack_value(v)
 
     def __getitem__(self, key: Key) -> Any:
@@ -148,7 +149,7 @@ class Transaction:
         self.read_ranges.append((lo, hi))
         mine = sorted((k, v) for k, v in self._writes.items()
                       if k >= lo and (hi is None or k < hi))
-        for k, v in self._store._merged_scan(lo, hi, reverse, mine):
+        for k, v in self._store._merged_scan(lo, hi, reverse, mine, self.snapshot):
             yield decode_key(k), unpack_value(v)
 
     # ---- external side effects ---------------------------------------------------------

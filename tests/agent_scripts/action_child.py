@@ -6,8 +6,9 @@ Every mode first commits one transaction ``committed`` whose action charged the 
 (printed ``COMMITTED <txid> <action id> <key>``), then stops at its kill point and waits
 (up to 60 s) for a SIGKILL:
 
-``intent``        inside ``tx.action(...)``, before the body charges anything
-                  (``INTENT <txid> <action id> <key>``);
+``intent``        a first action charged 5; then inside a second ``tx.action(...)``,
+                  before its body charges anything
+                  (``INTENT <txid> <action id> <key> <first id> <first key>``);
 ``body``          the body charged the ledger and set ``act.result``, the transaction has
                   not committed (``BODY <txid> <action id> <key> <result json>``);
 ``compensation``  a transaction with two charging actions rolls back: the newer one is
@@ -16,7 +17,9 @@ Every mode first commits one transaction ``committed`` whose action charged the 
 ``rewind``        a restore point (after ``committed``), then two committed transactions
                   with one charging action each, then ``rewind`` to the point: the newer
                   action is compensated, the older one's compensator refunds, writes
-                  MARKER and blocks (``REWIND <txid1> <id1> <key1> <txid2> <id2> <key2>``).
+                  MARKER and blocks (``REWIND <txid1> <id1> <key1> <txid2> <id2> <key2>``);
+``droppoint``     restore points ``gone`` and ``kept``, a commit, ``drop_restore_point("gone")``
+                  (``DROPPED <json list of the remaining names>``).
 """
 from __future__ import annotations
 
@@ -74,8 +77,10 @@ def main() -> None:
     if mode == "intent":
         tx = store.transaction()
         tx.put("uncommitted", 1)
+        with tx.action("reserve", args=args(5), compensate="refund") as first:
+            first.result = ws_ledger.charge(ledger, first.key, 5)
         with tx.action("charge", args=args(40), compensate="refund") as act:
-            say("INTENT", tx.id, act.id, act.key)
+            say("INTENT", tx.id, act.id, act.key, first.id, first.key)
             wait_forever()
     elif mode == "body":
         tx, act = charging_tx("uncommitted", 40, commit=False)
@@ -101,6 +106,13 @@ def main() -> None:
         say("REWIND", t1.id, a1.id, a1.key, t2.id, a2.id, a2.key)
         store.rewind("before")
         say("NOT REACHED")
+        wait_forever()
+    elif mode == "droppoint":
+        store.restore_point("gone")
+        store.restore_point("kept")
+        charging_tx("after-points", 1)
+        store.drop_restore_point("gone")
+        say("DROPPED", json.dumps(sorted(store.restore_points())))
         wait_forever()
     else:
         raise SystemExit(f"unknown mode {mode}")

@@ -2,7 +2,7 @@
 
 usage: prepare_and_die.py STORE GID [--at after-prepare|before-prepared-row]
 
-The transaction reads ``acct/a`` and ``ro/key`` (read only), writes ``acct/a`` and
+The transaction reads ``acct/a`` and ``ro/key`` (read only), scans ``range/``, writes ``acct/a`` and
 ``new/key`` and deletes ``gone``.  ``after-prepare`` kills the process as soon as
 ``tx.prepare`` returned (after printing PREPARED); ``before-prepared-row`` kills it inside
 prepare, after the PREPARE record was fsynced but before the LMDB ``prepared`` row exists.
@@ -26,6 +26,7 @@ def main() -> None:
     tx = store.transaction(meta={"who": "child"})
     a = tx.get("acct/a")
     tx.get("ro/key")
+    assert list(tx.scan(prefix="range/")) == []  # a scanned (empty) range is held too
     tx.put("acct/a", a + 50)
     tx.put("new/key", {"from": "prepared"})
     tx.delete("gone")

@@ -22,13 +22,15 @@ What it adds to LangGraph's stock savers:
   and checkpoints reference versions, so a step stores only the channels it changed.  A
   list channel that grew by appending (a ``messages`` list) is stored as a delta: only the
   appended items, with a full copy every ``delta_depth`` versions to bound reads.
+  Serialized values of 256 bytes or more are zlib-compressed when that saves a tenth.
 - **Undo**: :meth:`WalstoreSaver.rewind` rewinds the whole store to the moment a checkpoint
   was saved.  The agent's own walstore transactions made after it are undone too, and the
   compensations of their actions (``tx.action(..., compensate=...)``) run, newest first,
   instead of LangGraph replaying side effects blindly.  See ``examples/langgraph_agent.py``.
 
 Key layout (walstore bytes keys; ``T``, ``N``, ... are msgpack-encoded strings, or a 16-byte
-hash for components longer than 120 bytes, which then are kept in the record)::
+hash for components longer than 120 bytes, which then are kept in the record; every
+``bytes`` payload below may instead be ``[zlib bytes, length]``)::
 
     lg c T N <checkpoint_id>                -> {"c": [type, bytes] checkpoint without values,
                                                 "m": [type, bytes] metadata, "p": parent id}
@@ -52,6 +54,7 @@ import hashlib
 import random
 import struct
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Callable
@@ -83,7 +86,9 @@ __all__ = ["WalstoreSaver", "StaleCheckpointError"]
 
 DEFAULT_PREFIX = b"lg"
 MAX_PART = 120           # longer key components are hashed (walstore keys are <= 500 bytes)
-DEFAULT_DELTA_DEPTH = 32
+DEFAULT_DELTA_DEPTH = 128
+COMPRESS_MIN = 256       # compress serialized values at least this long (zlib)
+MAX_INFLATED = 1 << 30   # refuse a compressed value claiming more (a damaged length)
 _PUT_RETRIES = 8
 _READ_RETRIES = 20
 _DELTA_CACHE_SIZE = 1024
@@ -220,14 +225,19 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     Options: ``serde`` (default: strict JsonPlusSerializer); ``fencing`` (default True,
     see the module doc); ``deltas`` (store grown lists as appended items, default True);
-    ``delta_depth`` (a full copy every that many versions, default 32); ``key_prefix``
+    ``delta_depth`` (a full copy every that many versions, default 128); ``compress``
+    (zlib for serialized values of 256 bytes or more, default True); ``key_prefix``
     (bytes, default ``b"lg"``: several savers can share one store under different ones);
     ``txn_meta`` (label each walstore transaction, visible in ``walstore log``).
     """
 
     def __init__(self, store: "walstore.Store", *, serde=None, fencing: bool = True,
                  deltas: bool = True, delta_depth: int = DEFAULT_DELTA_DEPTH,
-                 key_prefix: bytes = DEFAULT_PREFIX, txn_meta: bool = True) -> None:
+                 key_prefix: bytes = DEFAULT_PREFIX, txn_meta: bool = True,
+                 compress: bool = True) -> None:
+        if getattr(serde, "pickle_fallback", False):
+            raise ValueError("WalstoreSaver refuses a serde with pickle_fallback=True: a store "
+                             "must never be able to run code when read")
         super().__init__(serde=serde or JsonPlusSerializer(allowed_msgpack_modules=None))
         if not isinstance(key_prefix, (bytes, bytearray)) or not key_prefix:
             raise TypeError("key_prefix must be non-empty bytes")
@@ -238,6 +248,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.deltas = deltas
         self.delta_depth = delta_depth
         self.txn_meta = txn_meta
+        self.compress = compress
         self.keys = _Keys(bytes(key_prefix))
         self._owns_store = False
         self._cache_lock = threading.Lock()
@@ -275,13 +286,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if type_ == "pickle":
             raise TypeError("WalstoreSaver refuses pickled values (a store must never be able "
                             "to run code); use a serde without pickle_fallback")
-        return [type_, bytes(data)]
+        return [type_, self._squeeze(bytes(data))]
 
     def _loads(self, typed: Sequence) -> Any:
-        type_, data = typed[0], typed[1]
+        type_, data = typed[0], _unsqueeze(typed[1])
         if type_ == "pickle":
             raise ValueError("refusing to unpickle a value found in the store")
         return self.serde.loads_typed((type_, data))
+
+    def _squeeze(self, data: bytes) -> bytes | list:
+        """``data``, or ``[zlib(data), len(data)]`` when compression saves a tenth."""
+        if not self.compress or len(data) < COMPRESS_MIN:
+            return data
+        z = zlib.compress(data, 6)
+        return [z, len(data)] if len(z) <= len(data) * 0.9 else data
 
     def _meta(self, op: str, **fields: Any) -> dict | None:
         if not self.txn_meta:
@@ -303,26 +321,26 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if raw is None:
             out = None
         elif isinstance(raw, dict):
-            chain = [raw["a"]]
-            depth = 0
+            chain = [_unsqueeze(raw["a"])]
+            seen = {str(version)}
             base = raw
             while isinstance(base, dict):
-                depth += 1
-                if depth > self.delta_depth + 64:
-                    raise ValueError(f"delta chain of {channel!r}@{version} is too long")
                 base_version = base["b"]
+                if str(base_version) in seen:
+                    raise ValueError(f"the delta chain of {channel!r}@{version!r} loops")
+                seen.add(str(base_version))
                 base = get(self.keys.blob(scope, channel, base_version))
                 if base is None:
                     raise ValueError(f"the delta base {channel!r}@{base_version!r} of version "
                                      f"{version!r} is missing from the store")
                 if isinstance(base, dict):
-                    chain.append(base["a"])
+                    chain.append(_unsqueeze(base["a"]))
             if base[0] != "msgpack":
                 raise ValueError(f"delta base of {channel!r} is {base[0]!r}, not msgpack")
-            items = _array_items(base[1]) + b"".join(reversed(chain))
+            items = _array_items(_unsqueeze(base[1])) + b"".join(reversed(chain))
             out = ("msgpack", _array_header(raw["n"]) + items)
         else:
-            out = (raw[0], raw[1])
+            out = (raw[0], _unsqueeze(raw[1]))
         memo[key] = out
         return out
 
@@ -535,7 +553,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if any(t != "msgpack" for t, _ in items):
             return ("full", self._dumps(value), None)
         enc = [bytes(b) for _t, b in items]
-        full = ["msgpack", _array_header(len(enc)) + b"".join(enc)]
+        full = ["msgpack", self._squeeze(_array_header(len(enc)) + b"".join(enc))]
         digest = hashlib.blake2b(b"".join(enc), digest_size=16).digest()
         with self._cache_lock:
             cached = self._delta_cache.get((scope, channel))
@@ -548,7 +566,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 != base_digest):
             return ("full", full, me + (0,))
         delta = {"b": base_version, "d": base_depth + 1, "n": len(enc),
-                 "a": b"".join(enc[base_n:])}
+                 "a": self._squeeze(b"".join(enc[base_n:]))}
         return ("delta", full, me, delta)
 
     def _resolve_plan(self, tx, scope: bytes, channel: str, version: Any, plan: tuple,
@@ -848,6 +866,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
 
 _UNSEEN = object()
+
+
+def _unsqueeze(data: bytes | list) -> bytes:
+    """Inverse of ``WalstoreSaver._squeeze``; the recorded length bounds the output."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    z, n = data
+    if not isinstance(n, int) or not 0 <= n <= MAX_INFLATED:
+        raise ValueError(f"compressed value claims {n!r} bytes (limit {MAX_INFLATED})")
+    d = zlib.decompressobj()
+    out = d.decompress(z, n)
+    if len(out) != n or d.unconsumed_tail or not d.eof:
+        raise ValueError("a compressed value in the store is damaged")
+    return out
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
