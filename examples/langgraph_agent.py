@@ -39,7 +39,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Callable, TypedDict
+from typing import Annotated, Callable, TypedDict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -340,10 +340,6 @@ def test_kill9_in_intent_then_resolve_by_hand(tmp_path, handlers_on_path):
     assert c.child.calls_by(not_pid=c.child.proc.pid) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: `walstore actions` opens read-only, which reads "
-                   "only LMDB's actions table: after a crash (before recovery) the in-flight "
-                   "intents, and even the last committed actions, are missing, so "
-                   "`actions --pending` prints [] and exits 0 while compensations are owed")
 def test_actions_pending_right_after_a_crash_reports_the_owed_compensations(tmp_path):
     c = crash(tmp_path, "intent")
     r = CliRunner().invoke(cli_main, ["actions", c.path, "--pending", "--json"])

@@ -31,6 +31,15 @@ def store(path):
     s.close()
 
 
+@pytest.fixture
+def quiet_store(path):
+    """A store whose applier thread never wakes by itself (commits stay in the overlay
+    until something applies them), so interleavings with it are deterministic."""
+    s = walstore.open(path, durability="none", apply_interval=3600)
+    yield s
+    s.close()
+
+
 def commit(store, meta=None, **writes):
     """One transaction writing ``writes`` (None deletes); returns the finished Transaction."""
     with store.transaction(meta=meta) as tx:
@@ -257,7 +266,9 @@ def test_revert_cascade_reverts_dependents_newest_first(store):
                    "only; a commit by another thread between revert's _apply_pending() and its "
                    "transaction start (published, not applied) is invisible to both that check "
                    "and commit validation, so the revert silently overwrites it")
-def test_revert_racing_a_concurrent_write_conflicts_instead_of_clobbering(store, monkeypatch):
+def test_revert_racing_a_concurrent_write_conflicts_instead_of_clobbering(quiet_store,
+                                                                         monkeypatch):
+    store = quiet_store
     commit(store, None, a=0)
     t1 = commit(store, None, a=1)
     orig = store.transaction
@@ -265,14 +276,17 @@ def test_revert_racing_a_concurrent_write_conflicts_instead_of_clobbering(store,
 
     def racing(meta=None):
         if not raced:  # another thread writes the same key right now
-            raced.append(commit(store, None, a=2).id)
+            raced.append(None)
+            with orig() as other:
+                other.put("a", 2)
+            raced[0] = other.id
         return orig(meta=meta)
 
     monkeypatch.setattr(store, "transaction", racing)
     with pytest.raises((walstore.RevertConflict, walstore.ConflictError)):
         store.revert(t1.id)
     monkeypatch.undo()
-    assert raced and store.get("a") == 2
+    assert raced[0] is not None and store.get("a") == 2
 
 
 def test_a_revert_can_itself_be_reverted(store):
@@ -411,8 +425,9 @@ def test_rewind_compensates_interleaved_transactions_newest_first(store):
                    "from LMDB's LSN index only; a commit by another thread that lands between "
                    "rewind's _apply_pending() and that scan (published, not yet applied) is "
                    "neither rewound nor a conflict, so the 'rewound' state keeps its writes")
-def test_rewind_racing_a_concurrent_commit_rewinds_it_or_conflicts(store, monkeypatch):
+def test_rewind_racing_a_concurrent_commit_rewinds_it_or_conflicts(quiet_store, monkeypatch):
     import walstore.history as whistory
+    store = quiet_store
     commit(store, None, a=0)
     store.restore_point("p")
     commit(store, None, a=1)
@@ -421,7 +436,8 @@ def test_rewind_racing_a_concurrent_commit_rewinds_it_or_conflicts(store, monkey
 
     def racing(state, lsn):
         if not raced:  # another thread commits right now (after the point, before rewind)
-            raced.append(commit(store, None, b=1).id)
+            raced.append(None)
+            raced[0] = commit(store, None, b=1).id
         return orig(state, lsn)
 
     monkeypatch.setattr(whistory, "txids_after", racing)
@@ -430,7 +446,7 @@ def test_rewind_racing_a_concurrent_commit_rewinds_it_or_conflicts(store, monkey
     except walstore.ConflictError:
         return  # refusing is fine: the caller retries
     monkeypatch.undo()
-    assert raced and raced[0] in info.extra["reverts"]
+    assert raced[0] is not None and raced[0] in info.extra["reverts"]
     assert state(store) == dict(store.at("p").scan()) == {"a": 0}
 
 

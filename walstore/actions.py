@@ -252,6 +252,8 @@ class ActionsMixin:
                 for k, raw in self.state.scan(b"", None, db=self.state.actions)}
         for row in self._queued_action_rows():
             rows.setdefault(row["id"], row)
+        if self.readonly:
+            rows.update(self._wal_action_rows(rows))
         out = [Action.from_row(r) for r in rows.values()]
         if pending:
             out = [a for a in out if a.state in OPEN_STATES]
@@ -270,6 +272,26 @@ class ActionsMixin:
             if row["id"] == str(action_id):
                 return Action.from_row(row)
         raise KeyError(f"no action with id {action_id!r}")
+
+    def _wal_action_rows(self, known: dict) -> dict:
+        """Read-only stores: what the WAL says of actions LMDB does not know yet.
+
+        A dry (read-only) recovery pass over the log: committed actions not yet applied,
+        logged compensation states, and — when no writer holds the store (it crashed) —
+        the intents of transactions that never committed, which are owed compensations.
+        """
+        from .layout import writer_alive
+        from .recovery import Recovery
+        undo = ActionRecovery()
+        rec = Recovery(self.layout.root, self.store_id, self.state, "skip-corrupt", None,
+                       undo.handlers(), dry_run=True)
+        rec.run()
+        out = {aid: row for aid, row in undo.committed.items() if aid not in known}
+        out.update(undo.final)
+        if not writer_alive(self.layout):
+            for a in undo.rows_to_write(rec.report.losers):
+                out.setdefault(a.id, a.row())
+        return out
 
     def _queued_action_rows(self) -> list[dict]:
         """Actions of commits not yet applied to LMDB (their rows are not there yet)."""
@@ -315,6 +337,7 @@ class ActionRecovery:
     def __init__(self) -> None:
         self.open: dict[int, dict[str, Action]] = {}
         self.final: dict[str, dict] = {}
+        self.committed: dict[str, dict] = {}
         self.points: dict[str, dict | None] = {}
 
     def handlers(self) -> dict:
@@ -341,6 +364,9 @@ class ActionRecovery:
 
     def _ended(self, rec, body: dict) -> None:
         self.open.pop(body.get("tx"), None)
+        for row in body.get("actions", ()) if rec.type == RecordType.COMMIT else ():
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                self.committed[row["id"]] = row
 
     def _point(self, rec, body: dict) -> None:
         """Restore points named (or dropped) in the log; the last word per name wins."""

@@ -135,3 +135,18 @@ class ProcessLock:
                 pass
             os.close(self.fd)  # closing drops the flock
             self.fd = -1
+
+
+def writer_alive(layout: Layout) -> bool:
+    """True when some process holds the store's writer lock right now."""
+    try:
+        fd = os.open(layout.lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock if we got it
+    return False
