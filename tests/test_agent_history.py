@@ -130,10 +130,6 @@ def test_log_limit_is_by_commit_order_not_txid(store):
     assert [i.txid for i in store.log(limit=1)] == [older_txid.id]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG (regression in the uncommitted log() rewrite): "
-                   "log(since=N) now resolves N as a point via txn_info, so since=0 or the "
-                   "txid of a transaction that never committed raises KeyError instead of "
-                   "listing the commits after it")
 def test_log_since_a_txid_that_never_committed(store):
     t1 = commit(store, None, a=1)
     rolled = store.transaction()
@@ -262,10 +258,6 @@ def test_revert_cascade_reverts_dependents_newest_first(store):
     assert t3.id not in info.extra["reverts"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: revert finds later writers in LMDB's hist index "
-                   "only; a commit by another thread between revert's _apply_pending() and its "
-                   "transaction start (published, not applied) is invisible to both that check "
-                   "and commit validation, so the revert silently overwrites it")
 def test_revert_racing_a_concurrent_write_conflicts_instead_of_clobbering(quiet_store,
                                                                          monkeypatch):
     store = quiet_store
@@ -421,10 +413,6 @@ def test_rewind_compensates_interleaved_transactions_newest_first(store):
     assert rec.ids == [second.id, first.id]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rewind lists the transactions after the point "
-                   "from LMDB's LSN index only; a commit by another thread that lands between "
-                   "rewind's _apply_pending() and that scan (published, not yet applied) is "
-                   "neither rewound nor a conflict, so the 'rewound' state keeps its writes")
 def test_rewind_racing_a_concurrent_commit_rewinds_it_or_conflicts(quiet_store, monkeypatch):
     import walstore.history as whistory
     store = quiet_store

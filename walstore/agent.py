@@ -2,7 +2,8 @@
 
 Built on the history indexes (walstore.history) and the Saga layer (walstore.actions):
 
-- ``revert(txid)`` applies a committed transaction's before-images as a *new* transaction
+- ``revert(txid)`` applies a committed transaction's before-images (the versions just
+  below its LSN in the history index) as a *new* transaction
   and compensates its actions (newest first).  Later transactions that touched the same
   keys make it raise RevertConflict (``cascade=True`` reverts them first, newest first).
 - ``restore_point(name)`` logs a named point; ``rewind(to)`` undoes every transaction
@@ -186,10 +187,12 @@ class AgentMixin:
         """Undo one committed transaction as a new transaction (and compensate its actions)."""
         self._check_open()
         self._check_writable()
+        tx = self.transaction(meta=meta if meta is not None else {"revert": int(txid)})
+        # Everything committed before tx began is applied now, so the history index sees
+        # it; anything committed later touches keys tx marks as read and so conflicts.
         self._apply_pending()
-        target = self.txn_info(txid)
-        tx = self.transaction(meta=meta if meta is not None else {"revert": target.txid})
         with tx:
+            target = self.txn_info(txid)
             undo = {target.txid: target}
             frontier = [target]
             while frontier:
@@ -210,8 +213,9 @@ class AgentMixin:
         """Undo every transaction committed after ``to``, as one new transaction."""
         self._check_open()
         self._check_writable()
-        self._apply_pending()
         tx = self.transaction(meta=meta if meta is not None else {"rewind": _jsonable_point(to)})
+        tx.read_ranges.append((b"", None))  # any commit after tx began is a conflict
+        self._apply_pending()
         with tx:
             boundary = self._resolve_point(to)
             infos = [self.txn_info(t) for _lsn, t in history.txids_after(self.state, boundary)]
@@ -235,7 +239,8 @@ class AgentMixin:
         """Apply before-images newest first inside ``tx``, commit, then compensate."""
         owed: list[Action] = []
         for info in infos:
-            for key, before in info.extra.get("w", ()):
+            for key, _unused in info.extra.get("w", ()):
+                _found, before = history.value_at(self.state, key, info.lsn)  # just before it
                 tx.read_keys.add(key)
                 tx._set(key, before)
             for row in reversed(info.extra.get("actions", ())):

@@ -3,9 +3,9 @@
 Every payload is a msgpack map with short string keys; readers ignore keys they do not
 know (so a newer writer can add fields) and treat a missing required key as corruption.
 
-COMMIT / WRITES: ``{"tx": txid, "w": [[key, value|None, before|None|False], ...]}`` and,
-for COMMIT, ``"ts"`` (unix seconds, float) and ``"meta"``.  ``value`` None is a delete;
-``before`` is the packed value the key had just before this commit (None: absent).  A
+COMMIT / WRITES: ``{"tx": txid, "w": [[key, value|None], ...]}`` and, for COMMIT, ``"ts"``
+(unix seconds, float) and ``"meta"``.  ``value`` None is a delete.  (A third element per
+write is tolerated and ignored: before-images come from the history index.)  A
 large transaction writes WRITES chunks first and its COMMIT last; all are contiguous.
 CHECKPOINT: ``{"applied": lsn, "keep": lsn, "ts": t}``.  ABORT: ``{"tx": txid}``.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from .codec import pack, unpack
 
-Write = tuple  # (stored key, packed value or None, packed before-image or None)
+Write = tuple  # (stored key, packed value or None, None: the unused before-image slot)
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CommitEntry:
     def txn_row(self) -> bytes:
         """The row of the ``txns`` index in LMDB (what ``store.log()`` reads)."""
         row = {"tx": self.txid, "lsn": self.lsn, "end": self.end_lsn, "ts": self.ts,
-               "meta": self.meta, "w": [[k, b] for k, _v, b in self.writes]}
+               "meta": self.meta, "w": [[k, None] for k, _v, _b in self.writes]}
         row.update(self.extra)
         return pack(row)
 

@@ -3,10 +3,10 @@
 Write path (``_commit``), with the invariant each step keeps:
 
 1. under ``_lock``: validate the transaction (optimistic concurrency: nothing it read or
-   scanned was written by a transaction that committed after it started), take the
-   before-images, append the commit record(s) to the WAL, register the write set as
-   *unpublished*.  Appends are in LSN order; the WAL record is written before anything
-   else can see the commit.
+   scanned was written by a transaction that committed after it started), append the
+   commit record(s) to the WAL, queue the commit as pending.  Appends are in LSN order;
+   the WAL record is written before anything else can see the commit.  (Before-images
+   are not taken here: the history index in LMDB holds every version, see agent.py.)
 2. ``durability="full"``: ``wal.sync_to(end)``; concurrent committers share one fsync
    (group commit).  "normal"/"none": no fsync here ("normal": a flusher thread fsyncs
    every ``sync_interval`` seconds).
@@ -38,7 +38,7 @@ from .agent import AgentMixin
 from .twophase import PrepareRecovery, TwoPhaseMixin
 from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
                      StoreClosed, WalstoreError)
-from .framing import MAX_PAYLOAD, RecordType
+from .framing import RecordType
 from .kv import LmdbState, MapResizeBlocked, ReadSnapshot, txid_key
 from .layout import Layout, ProcessLock
 from . import history
@@ -131,7 +131,6 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     # ---- opening and closing -----------------------------------------------------------
     def _init_memory(self) -> None:
         self._overlay: dict[bytes, tuple[int, bytes | None]] = {}
-        self._unpublished: dict[bytes, tuple[int, bytes | None]] = {}
         self._pending: collections.deque[CommitEntry] = collections.deque()
         self._apply_queue: collections.deque[CommitEntry] = collections.deque()
         self._last_write: dict[bytes, int] = {}
@@ -537,9 +536,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                                 f"changed after it started; nothing was written", names)
 
     def _append_commit(self, tx: Transaction) -> CommitEntry:
-        keys = list(tx.writes)
-        befores = self._latest_many(keys)
-        writes = [(k, tx.writes[k], b) for k, b in zip(keys, befores)]
+        writes = [(k, v, None) for k, v in tx.writes.items()]
         extra = self._commit_extra(tx)
         chunks = _chunk_writes(writes)
         try:
@@ -553,27 +550,11 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
             raise
         return CommitEntry(tx.id, lsn, end, ts, tx.meta, writes, extra)
 
-    def _latest_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """The newest logged value of each key (unpublished, overlay, then LMDB)."""
-        out: list = [None] * len(keys)
-        missing = []
-        for i, k in enumerate(keys):
-            e = self._unpublished.get(k) or self._overlay.get(k)
-            if e is not None:
-                out[i] = e[1]
-            else:
-                missing.append(i)
-        if missing:
-            found = self.state.get_many([keys[i] for i in missing])
-            for i, v in zip(missing, found):
-                out[i] = v
-        return out
-
     def _note_commit(self, entry: CommitEntry) -> None:
         keys = tuple(k for k, _v, _b in entry.writes)
-        for k, v, _b in entry.writes:
-            self._last_write[k] = entry.lsn
-            self._unpublished[k] = (entry.lsn, v)
+        last = self._last_write
+        for k, _v, _b in entry.writes:
+            last[k] = entry.lsn
         self._recent.append((entry.lsn, keys))
         self._pending.append(entry)
         self._prune_conflict_window()
@@ -592,11 +573,9 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         """Make every pending commit ending at or below ``upto`` visible, in LSN order."""
         while self._pending and self._pending[0].end_lsn <= upto:
             e = self._pending.popleft()
+            overlay = self._overlay
             for k, v, _b in e.writes:
-                self._overlay[k] = (e.lsn, v)
-                u = self._unpublished.get(k)
-                if u is not None and u[0] == e.lsn:
-                    del self._unpublished[k]
+                overlay[k] = (e.lsn, v)
             self._published_lsn = e.end_lsn
             self._apply_queue.append(e)
 
@@ -698,19 +677,28 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         with what is returned, not with the length of the history.
         """
         self._check_open()
-        boundary = -1 if since is None else self._resolve_point(since)
+        boundary, min_txid = -1, None
+        if since is not None:
+            try:
+                boundary = self._resolve_point(since)
+            except KeyError:
+                if not isinstance(since, int) or isinstance(since, bool):
+                    raise
+                min_txid = since  # a txid that never committed: the txids after it
         with self._lock:
             queued = list(self._apply_queue) + [e for e in self._pending
                                                 if e.end_lsn <= self._published_lsn]
         out: list[TxnInfo] = []
         seen: set[int] = set()
         for e in sorted(queued, key=lambda e: e.lsn, reverse=True):
-            if e.lsn > boundary and e.txid not in seen:
+            if e.lsn > boundary and e.txid not in seen and (min_txid is None or e.txid > min_txid):
                 seen.add(e.txid)
                 out.append(info_from_row(e.txn_row()))
         for lsn, txid in history.txids_after(self.state, boundary):
             if limit is not None and len(out) >= limit:
                 break
+            if min_txid is not None and txid <= min_txid:
+                continue
             raw = self.state.get(txid_key(txid), self.state.txns)
             if raw is not None and txid not in seen:
                 seen.add(txid)
@@ -799,18 +787,20 @@ def _merge(base: Iterator, updates: list, reverse: bool) -> Iterator:
 
 
 def _chunk_writes(writes: list) -> list[list]:
-    """Split a write set into chunks of about CHUNK_BYTES (the last becomes the COMMIT)."""
+    """Split a write set into chunks of about CHUNK_BYTES (the last becomes the COMMIT).
+
+    A chunk stays far below MAX_PAYLOAD: a single value is at most 16 MiB
+    (codec.MAX_VALUE_BYTES) and a chunk closes once it passes CHUNK_BYTES.
+    """
     chunks, cur, size = [], [], 0
-    for w in writes:
-        n = len(w[0]) + len(w[1] or b"") + len(w[2] or b"") + 16
+    for k, v, _b in writes:
+        n = len(k) + (len(v) if v is not None else 0) + 16
         if cur and size + n > CHUNK_BYTES:
             chunks.append(cur)
             cur, size = [], 0
-        cur.append(list(w))
+        cur.append([k, v])
         size += n
     chunks.append(cur)
-    assert all(sum(len(w[0]) + len(w[1] or b"") + len(w[2] or b"") for w in c) < MAX_PAYLOAD
-               for c in chunks)
     return chunks
 
 

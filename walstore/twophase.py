@@ -38,7 +38,7 @@ DECISION_PREFIX = b"d:"
 class PreparedTxn:
     gid: str
     txid: int
-    writes: list                    # [(key, value|None, before|None)]
+    writes: list                    # [(key, value|None, None)]
     read_keys: list
     meta: Any = None
     read_ranges: list = field(default_factory=list)
@@ -103,8 +103,7 @@ class TwoPhaseMixin:
             if gid in self._prepared or self._decision(gid) is not None:
                 raise WalstoreError(f"gid {gid!r} is already used in this store")
             self._validate(tx)
-            keys = list(tx.writes)
-            writes = [(k, tx.writes[k], b) for k, b in zip(keys, self._latest_many(keys))]
+            writes = [(k, v, None) for k, v in tx.writes.items()]
             p = PreparedTxn(gid, tx.id, writes, sorted(tx.read_keys), tx.meta,
                             list(tx.read_ranges), [a.row() for a in tx.actions],
                             extra=dict(tx.commit_extra or {}))

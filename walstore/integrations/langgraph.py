@@ -148,6 +148,18 @@ def _array_header(n: int) -> bytes:
     return b"\xdd" + struct.pack(">I", n)
 
 
+def _array_info(data: bytes) -> tuple[int, int]:
+    """(item count, header length) of a msgpack array; (-1, 0) for anything else."""
+    b0 = data[0] if data else 0
+    if 0x90 <= b0 <= 0x9F:
+        return b0 & 0x0F, 1
+    if b0 == 0xDC and len(data) >= 3:
+        return struct.unpack_from(">H", data, 1)[0], 3
+    if b0 == 0xDD and len(data) >= 5:
+        return struct.unpack_from(">I", data, 1)[0], 5
+    return -1, 0
+
+
 def _array_items(data: bytes) -> bytes:
     """The concatenated item encodings of a msgpack array (its header stripped)."""
     b0 = data[0]
@@ -223,7 +235,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     :meth:`close` / ``with``.  Every method has an ``a``-prefixed async twin that runs the
     blocking call (fsync) in a worker thread.
 
-    Options: ``serde`` (default: strict JsonPlusSerializer); ``fencing`` (default True,
+    Options: ``serde`` (default: LangGraph's JsonPlusSerializer in strict mode: values of
+    classes other than LangGraph's safe types come back as plain dicts unless listed in
+    ``allowed_types``, e.g. ``allowed_types=[MyState]``, or the environment sets
+    ``LANGGRAPH_STRICT_MSGPACK=true``, which makes ``compile()`` pass the graph's schema
+    types); ``fencing`` (default True,
     see the module doc); ``deltas`` (store grown lists as appended items, default True);
     ``delta_depth`` (a full copy every that many versions, default 128); ``compress``
     (zlib for serialized values of 256 bytes or more, default True); ``key_prefix``
@@ -234,11 +250,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def __init__(self, store: "walstore.Store", *, serde=None, fencing: bool = True,
                  deltas: bool = True, delta_depth: int = DEFAULT_DELTA_DEPTH,
                  key_prefix: bytes = DEFAULT_PREFIX, txn_meta: bool = True,
-                 compress: bool = True) -> None:
+                 compress: bool = True, allowed_types: Sequence = ()) -> None:
         if getattr(serde, "pickle_fallback", False):
             raise ValueError("WalstoreSaver refuses a serde with pickle_fallback=True: a store "
                              "must never be able to run code when read")
-        super().__init__(serde=serde or JsonPlusSerializer(allowed_msgpack_modules=None))
+        if serde is not None and allowed_types:
+            raise TypeError("pass allowed_types or serde, not both")
+        if serde is None:
+            serde = JsonPlusSerializer(allowed_msgpack_modules=list(allowed_types) or None)
+        super().__init__(serde=serde)
         if not isinstance(key_prefix, (bytes, bytearray)) or not key_prefix:
             raise TypeError("key_prefix must be non-empty bytes")
         if delta_depth < 1:
@@ -489,7 +509,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if run_id is not None:
             record["r"] = str(run_id)
         blobs = [(ch, ver, self._blob_plan(scope, ch, ver, values[ch]) if ch in values
-                  else ("full", ["empty", b""], None))
+                  else ("full", "empty", b"", None))
                  for ch, ver in new_versions.items()]
         forkish = md.get("source") in _FORK_SOURCES
         hkey = self.keys.head(scope)
@@ -545,42 +565,49 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             record["n"] = ns
 
     def _blob_plan(self, scope: bytes, channel: str, version: Any, value: Any) -> tuple:
-        """How to store one new channel version: ("full", stored) or a delta candidate."""
-        if not (self.deltas and type(value) is list and value
+        """How to store one new channel version, decided outside the transaction:
+        ("full", type, bytes, cache entry or None) or ("delta", type, bytes, cache entry,
+        delta) — a delta holds the items appended to the list last stored for this
+        channel, whose encoding must be a byte-exact prefix of this one."""
+        type_, data = self.serde.dumps_typed(value)
+        if type_ == "pickle":
+            raise TypeError("WalstoreSaver refuses pickled values (a store must never be able "
+                            "to run code); use a serde without pickle_fallback")
+        data = bytes(data)
+        if not (self.deltas and type_ == "msgpack" and type(value) is list and value
                 and isinstance(self.serde, JsonPlusSerializer)):
-            return ("full", self._dumps(value), None)
-        items = [self.serde.dumps_typed(x) for x in value]
-        if any(t != "msgpack" for t, _ in items):
-            return ("full", self._dumps(value), None)
-        enc = [bytes(b) for _t, b in items]
-        full = ["msgpack", self._squeeze(_array_header(len(enc)) + b"".join(enc))]
-        digest = hashlib.blake2b(b"".join(enc), digest_size=16).digest()
+            return ("full", type_, data, None)
+        count, header = _array_info(data)
+        if count != len(value):
+            return ("full", type_, data, None)
+        items = memoryview(data)[header:]
+        me = (version, count, len(items), hashlib.blake2b(items, digest_size=16).digest())
         with self._cache_lock:
             cached = self._delta_cache.get((scope, channel))
-        me = (version, len(enc), digest)
         if cached is None:
-            return ("full", full, me + (0,))
-        base_version, base_n, base_digest, base_depth = cached
-        if (base_version == version or base_n > len(enc) or base_depth + 1 > self.delta_depth
-                or hashlib.blake2b(b"".join(enc[:base_n]), digest_size=16).digest()
-                != base_digest):
-            return ("full", full, me + (0,))
-        delta = {"b": base_version, "d": base_depth + 1, "n": len(enc),
-                 "a": self._squeeze(b"".join(enc[base_n:]))}
-        return ("delta", full, me, delta)
+            return ("full", type_, data, me + (0,))
+        base_version, base_n, base_len, base_digest, base_depth = cached
+        if (base_version == version or base_n > count or base_len > len(items)
+                or base_depth + 1 > self.delta_depth
+                or hashlib.blake2b(items[:base_len], digest_size=16).digest() != base_digest):
+            return ("full", type_, data, me + (0,))
+        delta = {"b": base_version, "d": base_depth + 1, "n": count,
+                 "a": self._squeeze(bytes(items[base_len:]))}
+        return ("delta", type_, data, me, delta)
 
     def _resolve_plan(self, tx, scope: bytes, channel: str, version: Any, plan: tuple,
                       cache_updates: list) -> Any:
         if plan[0] == "full":
-            if plan[2] is not None:
-                cache_updates.append(((scope, channel), plan[2]))
-            return plan[1]
-        _kind, full, me, delta = plan
+            _kind, type_, data, me = plan
+            if me is not None:
+                cache_updates.append(((scope, channel), me))
+            return [type_, self._squeeze(data)]
+        _kind, type_, data, me, delta = plan
         # the base must still be there (a rewind or prune may have removed it); reading it
         # also puts it in this transaction's read set, so a concurrent delete conflicts
         if tx.get(self.keys.blob(scope, channel, delta["b"])) is None:
             cache_updates.append(((scope, channel), me + (0,)))
-            return full
+            return [type_, self._squeeze(data)]
         cache_updates.append(((scope, channel), me + (delta["d"],)))
         return delta
 
