@@ -26,6 +26,7 @@ from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
 from langgraph.graph.message import add_messages  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
 
 import walstore  # noqa: E402
 from walstore.integrations.langgraph import StaleCheckpointError, WalstoreSaver  # noqa: E402
@@ -298,6 +299,47 @@ def test_pickle_is_refused_on_write_and_on_read(saver):
         tx.put(key, ["pickle", b"cos\nsystem\n(S'echo pwned'\ntR."])
     with pytest.raises(ValueError, match="unpickle"):
         saver.get_tuple(stored)
+
+
+def test_a_crafted_store_cannot_make_the_saver_call_code(saver):
+    """LangGraph's default serde rebuilds any module.callable named in the data (here
+    os.getpid); the saver's default (strict) serde refuses what is not allowlisted."""
+    import ormsgpack
+    call = ormsgpack.packb(ormsgpack.Ext(1, ormsgpack.packb(["os", "getpid", []])))
+    assert JsonPlusSerializer().loads_typed(("msgpack", call)) == os.getpid()  # the risk
+    stored = saver.put(cfg("t"), checkpoint(v=1), {"source": "input", "step": -1}, {"v": 1})
+    with saver.store.transaction() as tx:
+        tx.put(saver.keys.blob(saver.keys.scope("t", ""), "v", 1), ["msgpack", call])
+    assert saver.get_tuple(stored).checkpoint["channel_values"]["v"] != os.getpid()
+
+
+class Booking(BaseModel):
+    city: str
+    nights: int
+
+
+class WithModel(TypedDict):
+    booking: Booking
+
+
+def test_custom_state_classes_need_an_allowlist(tmp_path):
+    b = StateGraph(WithModel)
+    b.add_node("n", lambda s: {"booking": Booking(city="Rome", nights=s["booking"].nights + 1)})
+    b.add_edge(START, "n")
+    b.add_edge("n", END)
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    config = {"configurable": {"thread_id": "t"}}
+    b.compile(checkpointer=WalstoreSaver(store)).invoke(
+        {"booking": Booking(city="Paris", nights=1)}, config)
+    strict = b.compile(checkpointer=WalstoreSaver(store)).get_state(config).values
+    allowed = b.compile(checkpointer=WalstoreSaver(store, allowed_types=[Booking])
+                        ).get_state(config).values
+    assert allowed == {"booking": Booking(city="Rome", nights=2)}
+    if os.environ.get("LANGGRAPH_STRICT_MSGPACK", "").lower() not in ("1", "true", "yes"):
+        assert strict == {"booking": {"city": "Rome", "nights": 2}}  # not rebuilt
+    with pytest.raises(TypeError):
+        WalstoreSaver(store, serde=JsonPlusSerializer(), allowed_types=[Booking])
+    store.close()
 
 
 # ---- size -----------------------------------------------------------------------------------

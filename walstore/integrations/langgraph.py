@@ -18,6 +18,8 @@ What it adds to LangGraph's stock savers:
   gets :class:`StaleCheckpointError`, a :class:`walstore.ConflictError`.  Deliberate
   branches (LangGraph's time travel and ``update_state``: metadata ``source`` ``"fork"`` /
   ``"update"``) are allowed from any checkpoint.  ``fencing=False`` turns the check off.
+  Fencing refuses the loser's *checkpoint*; its nodes have already run by then, so their
+  external effects belong in walstore actions with compensations.
 - **Storage that does not bloat**: channel values are stored once per (channel, version)
   and checkpoints reference versions, so a step stores only the channels it changed.  A
   list channel that grew by appending (a ``messages`` list) is stored as a delta: only the
@@ -42,10 +44,12 @@ hash for components longer than 120 bytes, which then are kept in the record; ev
     lg r <run_id> T N <checkpoint_id>       -> [thread_id, checkpoint_ns, checkpoint_id]
 
 Values go through LangGraph's serde (``dumps_typed``); walstore stores the resulting bytes
-in msgpack.  Nothing here pickles, and the default serde is LangGraph's JsonPlusSerializer
-in strict mode (only LangGraph's safe types plus the types of the compiled graph's state
-schema are rebuilt on load), so a store file cannot make the saver run arbitrary code;
-a ``"pickle"``-typed value is refused on write and on read.
+in msgpack.  Nothing here pickles.  The default serde is LangGraph's JsonPlusSerializer in
+strict mode: LangGraph's default one rebuilds any ``module.callable`` named in the data,
+so a crafted store could make it run code; the strict one rebuilds only LangGraph's safe
+types plus ``allowed_types`` (or, with ``LANGGRAPH_STRICT_MSGPACK=true``, the compiled
+graph's schema types).  A serde with ``pickle_fallback`` is refused, and so is a
+``"pickle"``-typed value, on write and on read.
 """
 from __future__ import annotations
 
