@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """On-disk size of LangGraph checkpoints: walstore's WalstoreSaver vs SqliteSaver.
 
-Runs the same scripted graphs (no model) for N steps on one thread with each saver and
-reports the bytes on disk afterwards:
+Runs the same scripted graphs (no model) on one thread with each saver and reports the
+bytes on disk afterwards (allocated blocks):
 
 - walstore: every file of the store directory after ``store.checkpoint()`` and
-  ``close()`` (allocated blocks; the WAL's one preallocated segment counts in full), and
-  the LMDB file alone;
+  ``close()`` (the WAL's preallocated segment counts in full; measured with the default
+  segment size and with a 1 MiB one), and the LMDB file alone;
 - SQLite (langgraph-checkpoint-sqlite's SqliteSaver, WAL mode): the database file after
   the saver's connection is closed (SQLite folds its -wal file back in on close).
 
@@ -17,7 +17,9 @@ Two graphs, so the result is not a single flattering case:
 - ``scratch``: a loop that rewrites a 2 KB ``scratchpad`` string on every step and appends
   one short line to a log, so most of each step's state really is new.
 
-    python bench/langgraph_size.py [--steps 200] [--out bench/results/langgraph_size.md]
+    python bench/langgraph_size.py [--steps 100,400] [--graphs chat,scratch]
+                                   [--segment-sizes default,1048576]
+                                   [--out bench/results/langgraph_size.md] [--json]
 
 Needs: pip install langgraph langgraph-checkpoint-sqlite
 """

@@ -369,6 +369,53 @@ def test_storage_grows_with_what_changed_not_with_the_state(tmp_path):
     saver.close()
 
 
+CRASH_CHILD = r"""
+import sys
+sys.path[:0] = [sys.argv[2], sys.argv[3]]
+from test_langgraph_saver import chat_builder, HumanMessage
+from walstore.integrations.langgraph import WalstoreSaver
+
+saver = WalstoreSaver.from_path(sys.argv[1], durability="full")
+graph = chat_builder(40, size=200).compile(checkpointer=saver)
+config = {"configurable": {"thread_id": "crash"}, "recursion_limit": 1000}
+for event in graph.stream({"messages": [HumanMessage("hi", id="h")], "step": 0}, config,
+                          stream_mode="updates", durability="sync"):
+    print("update", flush=True)
+print("finished", flush=True)
+"""
+
+
+def test_killed_mid_run_the_thread_reloads_and_resumes_to_the_same_end(tmp_path):
+    import signal
+    path = str(tmp_path / "store")
+    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, path, str(ROOT / "tests"),
+                              str(ROOT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    seen = 0
+    for line in child.stdout:
+        seen += line.startswith("update")
+        if seen >= 25:
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, child.stderr.read()
+    saver = WalstoreSaver.from_path(path, durability="full")  # recovers the store
+    chain = list(saver.list(cfg("crash")))
+    assert len(chain) >= 20
+    for newer, older in zip(chain, chain[1:]):  # every checkpoint whole, one line
+        assert newer.parent_config["configurable"]["checkpoint_id"] == older.checkpoint["id"]
+        assert len(newer.checkpoint["channel_values"]["messages"]) >= \
+            len(older.checkpoint["channel_values"].get("messages", []))
+    graph = chat_builder(40, size=200).compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "crash"}, "recursion_limit": 1000}
+    resumed = graph.invoke(None, config)
+    reference = chat_builder(40, size=200).compile(checkpointer=InMemorySaver()).invoke(
+        {"messages": [HumanMessage("hi", id="h")], "step": 0},
+        {"configurable": {"thread_id": "ref"}, "recursion_limit": 1000})
+    assert resumed == reference
+    saver.close()
+
+
 # ---- rewind with compensations ------------------------------------------------------------
 def test_rewind_to_a_checkpoint_compensates_later_actions(tmp_path):
     store = walstore.open(str(tmp_path / "store"), durability="none")

@@ -49,6 +49,7 @@ class WriteAheadLog:
         self.failed: BaseException | None = None
         self.bytes_since_checkpoint = 0
         self.fsyncs = 0
+        self.before_fsync = None  # a hook the store sets (group commit gathering)
 
     # ---- appending ---------------------------------------------------------------------
     def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
@@ -105,6 +106,8 @@ class WriteAheadLog:
             if self.synced_lsn >= lsn:
                 return
             self._check_usable()
+            if self.before_fsync is not None:
+                self.before_fsync()  # group commit: let committers on their way append
             # Rotation needs _sync_lock, so the writer cannot change under us; appends go
             # on while we fsync (that is what lets later committers share the next fsync).
             target = self.written_lsn

@@ -243,11 +243,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     classes other than LangGraph's safe types come back as plain dicts unless listed in
     ``allowed_types``, e.g. ``allowed_types=[MyState]``, or the environment sets
     ``LANGGRAPH_STRICT_MSGPACK=true``, which makes ``compile()`` pass the graph's schema
-    types); ``fencing`` (default True,
-    see the module doc); ``deltas`` (store grown lists as appended items, default True);
+    types); ``fencing`` (default True, see the module doc); ``deltas`` (store grown lists
+    as appended items, default True);
     ``delta_depth`` (a full copy every that many versions, default 128); ``compress``
     (zlib for serialized values of 256 bytes or more, default True); ``key_prefix``
-    (bytes, default ``b"lg"``: several savers can share one store under different ones);
+    (bytes, default ``b"lg"``: the saver owns every bytes key starting with it; several
+    savers can share one store under different prefixes);
     ``txn_meta`` (label each walstore transaction, visible in ``walstore log``).
     """
 
@@ -276,8 +277,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.keys = _Keys(bytes(key_prefix))
         self._owns_store = False
         self._cache_lock = threading.Lock()
-        # (scope, channel) -> (version, item count, digest of items, depth) of the last
-        # list value this process stored: the candidate base of the next delta.
+        # (scope, channel) -> (version, item count, byte length and digest of the items'
+        # encoding, delta depth) of the last list value this process stored for that
+        # channel: the candidate base of the next delta (checked against the store).
         self._delta_cache: OrderedDict = OrderedDict()
 
     @classmethod
