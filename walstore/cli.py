@@ -104,7 +104,24 @@ def show_value(v: Any) -> str:
     return json.dumps(jsonable(v), sort_keys=True)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class WalstoreGroup(click.Group):
+    """Turns walstore errors escaping a command into a message and an exit status."""
+
+    def invoke(self, ctx: click.Context):
+        from .errors import WalstoreError
+        try:
+            return super().invoke(ctx)
+        except NotAStore as e:
+            fail(str(e), EXIT_USAGE)
+        except (KeyError, ValueError, TypeError) as e:
+            fail(str(e).strip('"'), EXIT_USAGE)
+        except CorruptionError as e:
+            fail(f"corruption: {e}")
+        except (StoreLocked, NeedsRecovery, WalstoreError) as e:
+            fail(str(e))
+
+
+@click.group(cls=WalstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="walstore")
 def main() -> None:
     """walstore: a crash-safe transactional key-value store for agent state."""

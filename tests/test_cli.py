@@ -1,0 +1,212 @@
+"""The operator's command line, through click's CliRunner (and a real process where the
+point is another process): init, put/get/delete/scan, log, dump, stats, verify,
+checkpoint, backup (while a writer is running), demo; exit codes 0/1/2 and --json."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import walstore
+from walstore.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, code: int = 0):
+    r = CliRunner().invoke(main, list(args))
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    return r
+
+
+@pytest.fixture
+def store_path(tmp_path) -> str:
+    path = str(tmp_path / "s")
+    run("init", path)
+    return path
+
+
+def test_init_creates_a_store_and_refuses_twice(tmp_path):
+    path = str(tmp_path / "s")
+    assert "created store" in run("init", path).output
+    assert (tmp_path / "s" / "STORE").is_file()
+    run("init", path, code=2)
+
+
+def test_init_refuses_a_non_empty_directory(tmp_path):
+    (tmp_path / "other.txt").write_text("hello")
+    r = run("init", str(tmp_path), code=2)
+    assert "not empty" in r.output
+
+
+def test_put_get_delete_scan_round_trip(store_path):
+    run("put", store_path, "agent/plan", '{"steps": [1, 2], "ok": true}')
+    run("put", store_path, "agent/name", '"planner"')
+    run("put", store_path, "0x00ff", "42")  # a bytes key written as hex
+    assert json.loads(run("get", store_path, "agent/plan").output) == {"steps": [1, 2], "ok": True}
+    assert json.loads(run("get", store_path, "0x00ff").output) == 42
+    doc = json.loads(run("scan", store_path, "--prefix", "agent/", "--json").output)
+    assert [i["key"] for i in doc["items"]] == ["agent/name", "agent/plan"]
+    human = run("scan", store_path).output.splitlines()
+    assert human[0].split() == ["KEY", "VALUE"] and len(human) == 4
+    run("delete", store_path, "agent/name")
+    run("get", store_path, "agent/name", code=1)
+    run("delete", store_path, "agent/name", code=1)
+    with walstore.open(store_path) as s:
+        assert s.get("agent/name") is None and s.get(b"\x00\xff") == 42
+
+
+def test_put_rejects_bad_json_with_usage_error(store_path):
+    r = run("put", store_path, "k", "{not json", code=2)
+    assert "JSON" in r.output
+
+
+def test_commands_on_a_path_that_is_not_a_store_exit_2(tmp_path):
+    for args in (["get", str(tmp_path), "k"], ["stats", str(tmp_path)], ["log", str(tmp_path)],
+                 ["verify", str(tmp_path)], ["dump", str(tmp_path)],
+                 ["recover", str(tmp_path)], ["checkpoint", str(tmp_path)]):
+        r = run(*args, code=2)
+        assert "not a walstore store" in r.output or "not a" in r.output
+
+
+def test_log_lists_transactions_newest_first_with_meta(store_path):
+    with walstore.open(store_path) as s:
+        for i in range(3):
+            with s.transaction(meta={"step": i}) as tx:
+                tx.put("k", i)
+    doc = json.loads(run("log", store_path, "--json").output)
+    assert [t["meta"] for t in doc["transactions"]] == [{"step": 2}, {"step": 1}, {"step": 0}]
+    assert set(doc["transactions"][0]) >= {"txid", "lsn", "timestamp", "meta", "keys"}
+    lines = run("log", store_path, "--limit", "2").output.splitlines()
+    assert lines[0].split()[:3] == ["TXID", "LSN", "TIME"] and len(lines) == 3
+
+
+def test_dump_shows_records_from_an_lsn(store_path):
+    with walstore.open(store_path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        lsn = tx.lsn
+        with s.transaction() as tx:
+            tx.put("b", {"x": b"\x01"})
+    recs = json.loads(run("dump", store_path, "--json").output)["records"]
+    commits = [r for r in recs if r["type"] == "COMMIT"]
+    assert [w["key"] for r in commits for w in r["payload"]["w"]] == ["a", "b"]
+    assert commits[1]["payload"]["w"][0]["value"] == {"x": {"base64": "AQ=="}}
+    later = json.loads(run("dump", store_path, "--from", str(lsn + 1), "--json").output)
+    assert all(r["lsn"] > lsn for r in later["records"])
+    assert "COMMIT" in run("dump", store_path).output
+
+
+def test_stats_json_has_stable_keys(store_path):
+    run("put", store_path, "a", "1")
+    doc = json.loads(run("stats", store_path, "--json").output)
+    for key in ("path", "store_id", "keys", "applied_lsn", "wal_segments", "lmdb_map_size"):
+        assert key in doc
+    assert doc["keys"] == 1
+
+
+def test_verify_ok_then_finds_damage(store_path):
+    with walstore.open(store_path, segment_size=65536) as s:
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 200)
+    doc = json.loads(run("verify", store_path, "--json").output)
+    assert doc["ok"] and doc["records"] > 300
+    # flip a byte inside the first record of the first segment: durable data damaged
+    first = sorted((Path(store_path) / "wal").glob("*.wal"))[0]
+    with open(first, "r+b") as f:
+        f.seek(64 + 40)
+        b = f.read(1)
+        f.seek(64 + 40)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = run("verify", store_path, code=1)
+    assert "problem" in r.output
+
+
+def test_checkpoint_trims_the_wal(tmp_path):
+    path = str(tmp_path / "s")
+    s = walstore.open(path, segment_size=65536, checkpoint_bytes=1 << 40)
+    for i in range(400):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", "v" * 300)
+    segs_before = len(list((tmp_path / "s" / "wal").glob("*.wal")))
+    s._drop_like_a_crash()
+    doc = json.loads(run("checkpoint", path, "--json").output)
+    assert segs_before > 2 and doc["segments_removed"] >= segs_before - 2
+    assert len(list((tmp_path / "s" / "wal").glob("*.wal"))) < segs_before
+
+
+def test_backup_while_a_writer_process_runs_is_consistent(tmp_path):
+    """Backup from another process while tools/writer.py commits: the copy opens, verifies,
+    and holds every transaction whose ACK came before the backup started."""
+    path = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "writer.py"), str(path),
+                             "--mode", "fill", "--seconds", "20", "--segment-size", "65536",
+                             "--checkpoint-bytes", "150000"],
+                            stdout=subprocess.PIPE, text=True)
+    acked = []
+    try:
+        for line in proc.stdout:
+            if line.startswith("ACK "):
+                acked.append(json.loads(line.split(" ", 2)[2]))
+            if len(acked) >= 150:
+                break
+        before = list(acked)
+        r = subprocess.run([sys.executable, "-m", "walstore", "backup", str(path),
+                            str(tmp_path / "copy"), "--json"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    with walstore.open(str(tmp_path / "copy")) as copy:
+        state = dict(copy.scan())
+    for a in before:
+        for k, v in a["writes"].items():
+            assert state.get(k) == v, f"backup lacks acknowledged {k}"
+    from walstore.verify import verify_store
+    assert verify_store(str(tmp_path / "copy")).ok
+
+
+def test_backup_refuses_a_non_empty_destination(store_path, tmp_path):
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / "x").write_text("x")
+    run("backup", store_path, str(tmp_path / "dest"), code=2)
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    env = dict(os.environ)
+    r = subprocess.run([sys.executable, "-m", "walstore", "demo", str(tmp_path / "demo")],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Every acknowledged step survived" in r.stdout
+    assert "Done" in r.stdout
+
+
+def test_usage_errors_exit_2():
+    run("log", code=2)
+    run("no-such-command", code=2)
+    run("recover", "x", "--mode", "bogus", code=2)
+
+
+def test_get_on_a_store_locked_by_a_writer_still_reads(store_path):
+    """Read-only commands work while another process holds the writer lock."""
+    holder = subprocess.Popen([sys.executable, "-c",
+                               "import walstore,sys,time; s=walstore.open(sys.argv[1]);"
+                               "tx=s.transaction(); tx.put('live', 7); tx.commit();"
+                               "print('READY', flush=True); time.sleep(30)", store_path],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "READY"
+        assert json.loads(run("get", store_path, "live").output) == 7
+        r = run("put", store_path, "x", "1", code=1)
+        assert "locked by process" in r.output and str(holder.pid) in r.output
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
