@@ -18,6 +18,8 @@ import time
 
 import walstore
 
+from . import demo_payments as payments
+
 TOTAL_BUDGET = 100
 
 
@@ -43,8 +45,12 @@ def run_demo(path: str | None = None) -> int:
         say(f"Setup committed as transaction {tx.id} at log position {tx.lsn}: "
             f"{dict(store.scan())}")
         _savepoint_story(store)
-    acked = _crash_story(path)
-    return _recovery_story(path, acked)
+    ledger = os.path.join(os.path.dirname(path), "payments.jsonl")
+    with walstore.open(path, compensators=payments.COMPENSATORS) as store:
+        _saga_story(store, ledger)
+        _rewind_story(store, ledger)
+    acked = _crash_story(path, ledger)
+    return _recovery_story(path, acked, ledger)
 
 
 def _savepoint_story(store: walstore.Store) -> None:
@@ -70,19 +76,60 @@ def _savepoint_story(store: walstore.Store) -> None:
         f"goal={store['plan/goal']!r}.")
 
 
-def _crash_story(path: str) -> list[dict]:
-    step(3, "A worker process spends the budget step by step, and is killed mid-work")
+def _order(store: walstore.Store, ledger: str, order: str, widgets: int, fail: bool) -> None:
+    with store.transaction(meta={"agent": "planner", "step": order}) as tx:
+        with tx.action("reserve", args={"widgets": widgets}, compensate="release") as act:
+            tx.put("inventory/widgets", tx.get("inventory/widgets") - widgets)
+            act.result = {"reserved": widgets}
+        with tx.action("charge", args={"amount": 10 * widgets, "ledger": ledger},
+                       compensate="refund") as act:
+            act.result = payments.charge(ledger, 10 * widgets, idempotency_key=act.key)
+        tx.put(f"orders/{order}", {"widgets": widgets, "state": "paid"})
+        if fail:
+            raise RuntimeError("the shipping API is down")
+
+
+def _saga_story(store: walstore.Store, ledger: str) -> None:
+    step(3, "Side effects: a plan reserves and charges, then fails, and is compensated")
+    say("Each external effect runs inside tx.action(...): its intent is logged durably before "
+        "it runs, with an idempotency key. The charge goes to a payments ledger (a real file "
+        "standing in for a payment API). Then shipping fails and the transaction rolls back.")
+    try:
+        _order(store, ledger, "2", widgets=2, fail=True)
+    except RuntimeError as e:
+        say(f"Order 2 failed ({e}). walstore ran the compensations newest first: the charge "
+            f"was refunded (ledger balance now {payments.balance(ledger)}), the reservation "
+            f"released (widgets={store['inventory/widgets']}), and order 2 was never written "
+            f"({store.get('orders/2')}).")
+
+
+def _rewind_story(store: walstore.Store, ledger: str) -> None:
+    step(4, "A restore point, a successful order, and a rewind that undoes it")
+    store.restore_point("before-order-3")
+    _order(store, ledger, "3", widgets=1, fail=False)
+    say(f"Order 3 committed: widgets={store['inventory/widgets']}, ledger balance "
+        f"{payments.balance(ledger)}. The user changes their mind: rewind to 'before-order-3'.")
+    info = store.rewind("before-order-3")
+    say(f"Rewind committed as transaction {info.txid}, undoing {list(info.extra['reverts'])}: "
+        f"widgets={store['inventory/widgets']}, order 3 is {store.get('orders/3')}, and the "
+        f"charge was refunded (ledger balance {payments.balance(ledger)}) instead of being "
+        f"re-executed or forgotten. History is kept: `walstore log` shows all of it.")
+
+
+def _crash_story(path: str, ledger: str) -> list[dict]:
+    step(5, "A worker process spends the budget step by step, and is killed mid-work")
     say("A child process runs the agent's loop: each step moves 1 unit of budget from "
         "'available' to 'spent' in one transaction, and prints ACK once commit() returned. "
-        "We kill it with SIGKILL (no cleanup, no close) after 40 acknowledgements.")
-    proc = subprocess.Popen([sys.executable, "-m", "walstore.demo", "--worker", path],
+        "After 40 steps it charges a card inside a transaction and we kill it with SIGKILL "
+        "right after the charge, before that transaction commits (no cleanup, no close).")
+    proc = subprocess.Popen([sys.executable, "-m", "walstore.demo", "--worker", path, ledger],
                             stdout=subprocess.PIPE, text=True)
     acked: list[dict] = []
     deadline = time.monotonic() + 60
     for line in proc.stdout:
         if line.startswith("ACK "):
             acked.append(json.loads(line[4:]))
-        if len(acked) >= 40 or time.monotonic() > deadline:
+        if line.startswith("CHARGED") or time.monotonic() > deadline:
             break
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -92,15 +139,18 @@ def _crash_story(path: str) -> list[dict]:
     return acked
 
 
-def _recovery_story(path: str, acked: list[dict]) -> int:
-    step(4, "The operator runs `walstore recover`")
-    out = subprocess.run([sys.executable, "-m", "walstore", "recover", path],
-                         capture_output=True, text=True)
+def _recovery_story(path: str, acked: list[dict], ledger: str) -> int:
+    step(6, "The operator runs `walstore recover --handlers walstore.demo_payments`")
+    say(f"The crash left a charge whose transaction never committed (ledger balance "
+        f"{payments.balance(ledger)}). Recovery REDOes committed work and, with the payment "
+        f"compensators named, refunds it with the same idempotency key.")
+    out = subprocess.run([sys.executable, "-m", "walstore", "recover", path, "--handlers",
+                          "walstore.demo_payments"], capture_output=True, text=True)
     print(textwrap.indent(out.stdout.strip(), "    "), flush=True)
     if out.returncode != 0:
         say(f"recover exited {out.returncode}: {out.stderr.strip()}")
         return 1
-    step(5, "Checking the state after the crash")
+    step(7, "Checking the state after the crash")
     with walstore.open(path) as store:
         done = store["plan/steps_done"]
         available, spent = store["budget/available"], store["budget/spent"]
@@ -112,34 +162,41 @@ def _recovery_story(path: str, acked: list[dict]) -> int:
         say(("Every acknowledged step survived" if ok_acked else "LOST acknowledged steps!")
             + ("; no step is half-applied: the totals add up." if ok_total
                else "; the totals do NOT add up!"))
+        ok_money = payments.balance(ledger) == 0 and not store.pending_compensations()
+        say(f"Payments ledger balance {payments.balance(ledger)}: "
+            + ("every charge of an undone transaction was refunded exactly once."
+               if ok_money else "money is NOT where it should be!"))
     from .verify import verify_store
     rep = verify_store(path)
     say(f"`walstore verify`: {rep.records} WAL records and {rep.lmdb_keys} keys checked: "
         f"{'ok' if rep.ok else rep.errors}.")
-    good = ok_acked and ok_total and rep.ok
-    step(6, "Done" if good else "FAILED")
+    good = ok_acked and ok_total and ok_money and rep.ok
+    step(8, "Done" if good else "FAILED")
     say(f"Inspect it yourself: walstore log {path}; walstore dump {path}; walstore stats {path}")
     return 0 if good else 1
 
 
-def _worker(path: str) -> None:
-    """The child: spend the budget one durable step at a time, ACK after each commit."""
+def _worker(path: str, ledger: str) -> None:
+    """The child: spend the budget one durable step at a time, ACK after each commit;
+    after 40 steps, charge a card and hang before committing (the parent kills it)."""
     store = walstore.open(path)
-    while True:
+    for _ in range(40):
         with store.transaction(meta={"agent": "worker"}) as tx:
             n = tx.get("plan/steps_done") + 1
-            if tx.get("budget/available") <= 0:
-                break
             tx.put("plan/steps_done", n)
             tx.put("budget/available", tx.get("budget/available") - 1)
             tx.put("budget/spent", tx.get("budget/spent") + 1)
         print("ACK " + json.dumps({"step": n, "txid": tx.id}), flush=True)
-        time.sleep(0.005)
-    store.close()
+        time.sleep(0.002)
+    tx = store.transaction(meta={"agent": "worker", "step": "buy supplies"})
+    with tx.action("charge", args={"amount": 25, "ledger": ledger}, compensate="refund") as act:
+        act.result = payments.charge(ledger, 25, idempotency_key=act.key)
+    print("CHARGED", flush=True)
+    time.sleep(60)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2])
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        _worker(sys.argv[2], sys.argv[3])
     else:
         sys.exit(run_demo(sys.argv[1] if len(sys.argv) > 1 else None))
