@@ -65,6 +65,18 @@ def encode_prefix(prefix: Any) -> bytes:
     raise TypeError(f"scan bound must be str or bytes, not {type(prefix).__name__}")
 
 
+def prefix_end(prefix: bytes) -> bytes | None:
+    """The smallest byte string greater than every string starting with ``prefix``
+    (None: there is none, the range is open-ended)."""
+    p = bytearray(prefix)
+    while p and p[-1] == 0xFF:
+        p.pop()
+    if not p:
+        return None
+    p[-1] += 1
+    return bytes(p)
+
+
 def pack_value(value: Any, key: Any = None) -> bytes:
     """msgpack a user value, raising TypeError/ValueError that names the key and the problem."""
     try:

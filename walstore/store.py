@@ -32,7 +32,8 @@ import time
 from typing import Any, Callable, Iterator
 
 from . import records
-from .codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack, unpack_value
+from .codec import (Key, check_meta, decode_key, encode_key, encode_prefix, pack, prefix_end,
+                    unpack_value)
 from .actions import ActionsMixin
 from .agent import AgentMixin
 from .twophase import PrepareRecovery, TwoPhaseMixin
@@ -268,12 +269,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         """Apply everything, checkpoint, mark the shutdown clean, release the lock."""
         if self._closed:
             return
-        self._closed = True
-        self._stop.set()
-        with self._apply_cond:
-            self._apply_cond.notify_all()
-        for t in self._threads:
-            t.join()
+        self._stop_threads()
         try:
             if not self.readonly and self.wal.failed is None and self._background_error is None:
                 self._checkpoint_locked()
@@ -285,13 +281,16 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     def _drop_like_a_crash(self) -> None:
         """Let go of the store as a killed process would: no final apply, no checkpoint,
         no clean-shutdown flag (what is written stays written).  For tests and tools."""
+        self._stop_threads()
+        self._abandon()
+
+    def _stop_threads(self) -> None:
         self._closed = True
         self._stop.set()
         with self._apply_cond:
             self._apply_cond.notify_all()
         for t in self._threads:
             t.join()
-        self._abandon()
 
     def _abandon(self) -> None:
         """Release files without any further write (also used after a failed open)."""
@@ -392,7 +391,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         lo, hi = b"", None
         if prefix is not None:
             lo = encode_prefix(prefix)
-            hi = _prefix_end(lo)
+            hi = prefix_end(lo)
         if start is not None:
             lo = max(lo, encode_prefix(start))
         if end is not None:
@@ -769,17 +768,6 @@ def _chain_handlers(*maps: dict) -> dict:
                 fn(rec, body)
         return run
     return {rtype: runner(fns) for rtype, fns in merged.items()}
-
-
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest byte string greater than every string starting with ``prefix``."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return None
-    p[-1] += 1
-    return bytes(p)
 
 
 def _merge(base: Iterator, updates: list, reverse: bool) -> Iterator:
