@@ -11,10 +11,10 @@ from .errors import (CompensationFailed, ConflictError, CorruptionError, History
                      NeedsRecovery, NotAStore, ReadOnlyError, RevertConflict, StoreClosed,
                      StoreLocked, TransactionClosed, WalstoreError)
 from .actions import Action
-from .agent import LSN, HistoricalView, Version
+from .agent import HistoricalView, Version
 from .coordinator import atomic, resolve_atomic
 from .recovery import RecoveryReport
-from .txlog import TxnInfo
+from .txlog import LSN, TxnInfo
 from .store import Options, Store
 from .txn import Savepoint, Transaction
 

@@ -30,22 +30,13 @@ from .codec import Key, decode_key, encode_key, pack, unpack, unpack_value
 from .errors import HistoryTrimmed, RevertConflict, WalstoreError
 from .framing import RecordType
 from .kv import txid_key
-from .txlog import TxnInfo, info_from_row
+from .txlog import LSN, TxnInfo, info_from_row
 
 if TYPE_CHECKING:
     from .txn import Transaction
 
 _U64 = struct.Struct(">Q")
 TRIM_BATCH = 1000
-
-
-class LSN(int):
-    """An int that is a log position (so ``rewind``/``at`` never take it for a txid)."""
-
-    def __repr__(self) -> str:
-        return f"LSN({int(self)})"
-
-    __str__ = int.__repr__
 
 
 @dataclass(frozen=True)
@@ -172,7 +163,10 @@ class AgentMixin:
         elif isinstance(point, LSN):
             boundary = int(point)
         elif isinstance(point, int) and not isinstance(point, bool):
-            boundary = self.txn_info(point).lsn
+            try:  # a plain int is a txid when one exists, else a log position
+                boundary = self.txn_info(point).lsn
+            except KeyError:
+                boundary = int(point)
         else:
             raise TypeError(f"a point is a restore point name, an LSN or a txid, not "
                             f"{type(point).__name__}")
@@ -350,4 +344,4 @@ def _jsonable_point(point: Any) -> Any:
     return int(point) if isinstance(point, int) else str(point)
 
 
-__all__ = ["AgentMixin", "HistoricalView", "LSN", "Version", "WalstoreError"]
+__all__ = ["AgentMixin", "HistoricalView", "LSN", "Version", "WalstoreError"]  # LSN: re-export

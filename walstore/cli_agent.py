@@ -15,8 +15,8 @@ JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document o
 
 
 def _point(text: str):
-    """NAME, a txid (digits), or an LSN written ``lsn:N``."""
-    from .agent import LSN
+    """NAME, a txid (digits; when no such txid exists, an LSN), or ``lsn:N`` / ``tx:N``."""
+    from .txlog import LSN
     if text.startswith("lsn:") and text[4:].isdigit():
         return LSN(int(text[4:]))
     if text.startswith("tx:") and text[3:].isdigit():

@@ -48,7 +48,7 @@ from .recovery import LogPosition, Recovery, RecoveryReport
 from .records import CommitEntry
 from . import fileio
 from .segments import create_segment, list_segments
-from .txlog import TxnInfo, info_from_row
+from .txlog import LSN, TxnInfo, info_from_row
 from .txn import Transaction
 from .wal import DEFAULT_SEGMENT_SIZE, WalWriteError, WriteAheadLog
 
@@ -693,13 +693,13 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         """
         self._check_open()
         boundary, min_txid = -1, None
-        if since is not None:
+        if isinstance(since, int) and not isinstance(since, (bool, LSN)):
             try:
-                boundary = self._resolve_point(since)
+                boundary = self.txn_info(since).lsn
             except KeyError:
-                if not isinstance(since, int) or isinstance(since, bool):
-                    raise
                 min_txid = since  # a txid that never committed: the txids after it
+        elif since is not None:
+            boundary = self._resolve_point(since)
         with self._lock:
             queued = list(self._apply_queue) + [e for e in self._pending
                                                 if e.end_lsn <= self._published_lsn]

@@ -12,6 +12,16 @@ from typing import Any
 from .codec import decode_key, unpack
 
 
+class LSN(int):
+    """An int that is a log position, so ``rewind``/``at``/``log(since=)`` never take it
+    for a txid (``tx.lsn``, ``TxnInfo.lsn`` and ``restore_point()`` return LSNs)."""
+
+    def __repr__(self) -> str:
+        return f"LSN({int(self)})"
+
+    __str__ = int.__repr__
+
+
 @dataclass(frozen=True)
 class TxnInfo:
     """One committed transaction."""
@@ -38,5 +48,5 @@ def _jsonable_key(k):
 def info_from_row(raw: bytes) -> TxnInfo:
     row = unpack(raw)
     keys = tuple(decode_key(w[0]) for w in row.get("w", []))
-    return TxnInfo(row["tx"], row["lsn"], row.get("ts", 0.0), row.get("meta"), keys,
+    return TxnInfo(row["tx"], LSN(row["lsn"]), row.get("ts", 0.0), row.get("meta"), keys,
                    tuple(row.get("actions", ())), row.get("end", 0), row)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from .codec import Key, decode_key, encode_key, pack_value, unpack_value
 from .errors import TransactionClosed
+from .txlog import LSN
 
 if TYPE_CHECKING:
     from .store import Store
@@ -235,11 +236,12 @@ class Transaction:
         """
         self._check_active()
         if self.gid is not None:
-            self.lsn = self._store.commit_prepared(self.gid)
+            self.lsn = LSN(self._store.commit_prepared(self.gid))
             self._finish(COMMITTED, run_compensations=False)
             return self.lsn
         try:
-            self.lsn = self._store._commit(self)
+            lsn = self._store._commit(self)
+            self.lsn = None if lsn is None else LSN(lsn)
         except BaseException:
             if self.state == ACTIVE:
                 self._finish(ROLLED_BACK, run_compensations=True)
