@@ -35,15 +35,19 @@ OPTS = dict(durability="full", segment_size=16 * 1024, checkpoint_bytes=1 << 40,
             apply_interval=3600.0)
 
 
-def workload(path: str, acked: dict) -> None:
-    """Commits (rotating segments), a checkpoint, more commits; records what was acked."""
+def workload(path: str, acked: dict, clock=lambda: 0) -> None:
+    """Commits (rotating segments), a checkpoint, more commits; records what was acked
+    (key -> (value, ``clock()`` when the commit returned))."""
     store = walstore.open(path, **OPTS)
     try:
         for i in range(30):
-            _commit(store, f"a{i}", "x" * (i * 37 % 900), acked)
-        store.checkpoint()
+            _commit(store, f"a{i}", "x" * (i * 37 % 900), acked, clock)
+        try:
+            store.checkpoint()
+        except (walstore.WalstoreError, OSError):
+            pass
         for i in range(20):
-            _commit(store, f"b{i}", i, acked)
+            _commit(store, f"b{i}", i, acked, clock)
     finally:
         try:
             store.close()
@@ -51,11 +55,11 @@ def workload(path: str, acked: dict) -> None:
             store._drop_like_a_crash()
 
 
-def _commit(store, key: str, value, acked: dict) -> None:
+def _commit(store, key: str, value, acked: dict, clock=lambda: 0) -> None:
     try:
         with store.transaction() as tx:
             tx.put(key, value)
-        acked[key] = value
+        acked[key] = (value, clock())
     except (walstore.WalstoreError, OSError):
         pass  # the transaction in hand failed: that is allowed, it was not acknowledged
 
@@ -75,15 +79,19 @@ def one_fault(root: str, op: str, nth: int, err: int) -> dict:
     crashed = None
     with installed(fb):
         try:
-            workload(path, acked)
+            workload(path, acked, fb.now)
         except (walstore.WalstoreError, OSError) as e:  # e.g. the open itself failed
             crashed = e
     out = {"fired": rule.fired, "lost": [], "errors": [], "open_failed": crashed is not None}
     if rule.fired and op in SYNC_OPS:
-        retried = [c for c in fb.calls_to(op) if c.seq > _failed_seq(fb, op) and
+        failed_at = _failed_seq(fb, op)
+        retried = [c for c in fb.calls_to(op) if c.seq > failed_at and
                    c.fd is not None and c.fd == _failed_fd(fb, op)]
         if retried:
             out["errors"].append(f"fsync retried on the failed descriptor ({len(retried)}x)")
+        late = [k for k, (_v, t) in acked.items() if t > failed_at]
+        if late:
+            out["errors"].append(f"commits acknowledged after an fsync failure: {late[:3]}")
     if not os.path.exists(os.path.join(path, "STORE")):
         return out  # the fault hit store creation: nothing was acknowledged
     try:
@@ -94,7 +102,7 @@ def one_fault(root: str, op: str, nth: int, err: int) -> dict:
         out["errors"].append(f"reopen failed: {e}")
         out["lost"] = list(acked)
         return out
-    out["lost"] = [k for k, v in acked.items() if k != "after-fault" and state.get(k) != v]
+    out["lost"] = [k for k, (v, _t) in acked.items() if k != "after-fault" and state.get(k) != v]
     rep = verify_store(path)
     if not rep.ok:
         out["errors"] += rep.errors
