@@ -50,7 +50,7 @@ from . import fileio
 from .segments import create_segment, list_segments
 from .txlog import LSN, TxnInfo, info_from_row
 from .txn import Transaction
-from .wal import DEFAULT_SEGMENT_SIZE, WalWriteError, WriteAheadLog
+from .wal import DEFAULT_SEGMENT_SIZE, FIRST_SEGMENT_SIZE, WalWriteError, WriteAheadLog
 
 DURABILITIES = ("full", "normal", "none")
 RECOVER_MODES = ("auto", "manual")
@@ -237,7 +237,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     def _position_wal(self, pos: LogPosition, end_lsn: int) -> None:
         if pos.create_new:
             create_segment(self.layout.wal, self.store_id, pos.segment_start,
-                           self.options.segment_size)
+                           min(self.options.segment_size, FIRST_SEGMENT_SIZE))
         self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
                                  self.options.segment_size)
         self.wal.before_fsync = self._gather_group

@@ -28,6 +28,7 @@ from .segments import (FsyncFailed, SegmentWriter, create_segment, list_segments
                        segment_name)
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+FIRST_SEGMENT_SIZE = 1024 * 1024  # a new store's first segment; later ones double
 
 
 class WalWriteError(WalstoreError, OSError):
@@ -74,7 +75,9 @@ class WriteAheadLog:
     def _rotate(self, need: int) -> None:
         old = self.writer
         start = old.end_lsn
-        size = max(self.segment_size, SEGMENT_HEADER_SIZE + need)
+        # Segments grow: twice the last one, up to segment_size, so a small store keeps
+        # small files while a busy one rotates rarely.
+        size = max(min(self.segment_size, 2 * old.size), SEGMENT_HEADER_SIZE + need)
         with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
             self._fsync(old)
             self.synced_lsn = max(self.synced_lsn, start)
