@@ -83,6 +83,8 @@ def fuzz_reader(data: bytes, tmpdir: str, store_id: bytes = b"\x01" * 16) -> int
 def mutate(data: bytes, rnd: random.Random) -> bytes:
     b = bytearray(data)
     for _ in range(rnd.randint(1, 4)):
+        if len(b) <= SEGMENT_HEADER_SIZE:
+            break  # truncated to the header: nothing left to mutate
         op = rnd.randrange(5)
         pos = rnd.randrange(SEGMENT_HEADER_SIZE, max(SEGMENT_HEADER_SIZE + 1, len(b)))
         if op == 0:
