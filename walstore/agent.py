@@ -313,11 +313,12 @@ class AgentMixin:
 
 
 def _trim_batch(state, txn, batch: list[tuple[int, int]], horizon: int) -> None:
-    """Delete the history of commits below ``horizon``, keeping each key's newest version."""
+    """Delete the history of commits below ``horizon`` (views at or after the horizon need
+    only versions after it: see walstore.history), but keep each key's newest version."""
     for lsn, txid in batch:
         raw = txn.get(txid_key(txid), db=state.txns)
         row = unpack(raw) if raw is not None else {"w": []}
-        for key, _before in row.get("w", []):
+        for key, _unused in row.get("w", []):
             if _has_newer_below(txn, state, key, lsn, horizon):
                 txn.delete(history.hist_key(key, lsn), db=state.hist)
         for a in row.get("actions", []):
@@ -330,6 +331,8 @@ def _trim_batch(state, txn, batch: list[tuple[int, int]], horizon: int) -> None:
 
 
 def _has_newer_below(txn, state, key: bytes, lsn: int, horizon: int) -> bool:
+    """Is there a version of ``key`` after ``lsn`` and still below the horizon?  (The
+    newest version below the horizon is kept, so ``history(key)`` still names it.)"""
     cur = txn.cursor(db=state.hist)
     prefix = history.hist_prefix(key)
     if not cur.set_range(history.hist_key(key, lsn + 1)):

@@ -2,18 +2,22 @@
 
 Owns three named databases of the LMDB environment (see walstore.kv):
 
-- ``hist``:   u16 len(key) ‖ stored key ‖ u64 LSN (big endian) -> msgpack [txid, value|None]
-  (the value a committed transaction gave the key; None for a delete);
+- ``hist``:   u16 len(key) ‖ stored key ‖ u64 LSN (big endian) -> msgpack [txid, before|None]
+  (the key's value just *before* that committed transaction changed it — its
+  before-image; None: the key was absent).  The value a version set is the next newer
+  version's before-image, or, for the newest, the current value in ``data``: so no value
+  is stored twice, and a key written once costs one small row;
 - ``bylsn``:  u64 commit LSN -> u64 txid (transactions in log order);
 - ``hkeys``:  stored key -> b"" for every key that has history (so a view's scan of a key
   range walks only keys in that range);
 - ``points``: restore point name (UTF-8) -> msgpack {"lsn", "ts"}.
 
 They are written in the same LMDB transaction as the data they describe (by
-``index_commit``), so they are exactly as current as ``applied``.  Invariants: every
-committed write has a ``hist`` row until retention trims it; trimming keeps, for every
-key, the newest version at or below the horizon, so a view as of any point at or after the
-horizon is exact; restore points pin the horizon below them.
+``apply_commit``), so they are exactly as current as ``applied``.  Invariants: every
+committed write has a ``hist`` row until retention trims it; the state as of a point P is
+found in the first version after P (its before-image) or, when there is none, in ``data``,
+so trimming every row below the horizon keeps any view at or after the horizon exact;
+restore points pin the horizon below them.
 """
 from __future__ import annotations
 
@@ -39,37 +43,45 @@ def split_hist_key(raw: bytes) -> tuple[bytes, int]:
     return raw[2:2 + n], _U64.unpack_from(raw, 2 + n)[0]
 
 
-def index_commit(txn, dbs, entry) -> None:
-    """Write the history rows of one committed transaction (inside the apply txn)."""
-    txid_raw = _U64.pack(entry.txid)
-    txn.put(_U64.pack(entry.lsn), txid_raw, db=dbs.bylsn)
+def apply_commit(txn, dbs, entry) -> None:
+    """Apply one committed transaction's writes to ``data`` and record their history
+    (inside the apply transaction; commits must come in LSN order)."""
+    txn.put(_U64.pack(entry.lsn), _U64.pack(entry.txid), db=dbs.bylsn)
     for k, v, _b in entry.writes:
-        txn.put(hist_key(k, entry.lsn), pack([entry.txid, v]), db=dbs.hist)
+        before = txn.get(k, db=dbs.data)
+        txn.put(hist_key(k, entry.lsn), pack([entry.txid, before]), db=dbs.hist)
         txn.put(k, b"", db=dbs.hkeys, overwrite=False)
+        if v is None:
+            txn.delete(k, db=dbs.data)
+        else:
+            txn.put(k, v, db=dbs.data)
 
 
 def versions(state, key: bytes) -> Iterator[tuple[int, int, bytes | None]]:
-    """(lsn, txid, packed value or None) of every retained version of ``key``, newest first."""
+    """(lsn, txid, packed value it set or None) of every retained version, newest first."""
     prefix = hist_prefix(key)
+    after = state.get(key)  # the newest version set the current value
     for raw, row in state.scan(prefix, prefix + b"\xff" * 9, reverse=True, db=state.hist):
         if len(raw) != len(prefix) + 8:
             continue
         _k, lsn = split_hist_key(raw)
-        txid, value = unpack(row)
-        yield lsn, txid, value
+        txid, before = unpack(row)
+        yield lsn, txid, after
+        after = before
 
 
 def value_at(state, key: bytes, lsn: int) -> tuple[bool, bytes | None]:
-    """(found, packed value) of ``key`` as of just before log position ``lsn``."""
+    """(present, packed value) of ``key`` as of just before log position ``lsn``: the
+    before-image of its first version at or after ``lsn``, else its current value."""
     prefix = hist_prefix(key)
     with state.gate, state.begin(state.hist) as txn:
         cur = txn.cursor()
-        target = hist_key(key, lsn)  # versions strictly below lsn count
-        ok = cur.set_range(target)
-        ok = cur.prev() if ok else cur.last()
-        if ok and cur.key().startswith(prefix) and len(cur.key()) == len(prefix) + 8:
-            return True, unpack(cur.value())[1]
-    return False, None
+        if cur.set_range(hist_key(key, lsn)) and cur.key().startswith(prefix) \
+                and len(cur.key()) == len(prefix) + 8:
+            value = unpack(cur.value())[1]
+        else:
+            value = txn.get(key, db=state.data)
+    return value is not None, value
 
 
 def keys_in_range(state, lo: bytes, hi: bytes | None, reverse: bool = False

@@ -237,24 +237,16 @@ class LmdbState:
               on_entry=None) -> None:
         """Apply committed transactions (CommitEntry) in order and advance ``applied``.
 
-        Data, the txns row, the history rows (and whatever ``on_entry(txn, entry)`` adds,
-        the agent layer's action rows) go into one LMDB transaction with ``applied``.
+        Data, the txns row, the history rows with before-images (and whatever
+        ``on_entry(txn, entry)`` adds, the agent layer's action rows) go into one LMDB
+        transaction with ``applied``.
         """
-        from .history import index_commit
-        latest: dict[bytes, bytes | None] = {}
-        for e in entries:
-            for k, v, _b in e.writes:
-                latest[k] = v
+        from .history import apply_commit
 
         def body(txn) -> None:
-            for key, value in latest.items():
-                if value is None:
-                    txn.delete(key, db=self.data)
-                else:
-                    txn.put(key, value, db=self.data)
             for e in entries:
+                apply_commit(txn, self, e)
                 txn.put(txid_key(e.txid), e.txn_row(), db=self.txns)
-                index_commit(txn, self, e)
                 if on_entry is not None:
                     on_entry(txn, e)
             txn.put(b"applied", _U64.pack(applied_end), db=self.meta)
