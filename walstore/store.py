@@ -54,8 +54,7 @@ from .wal import DEFAULT_SEGMENT_SIZE, FIRST_SEGMENT_SIZE, WalWriteError, WriteA
 
 DURABILITIES = ("full", "normal", "none")
 RECOVER_MODES = ("auto", "manual")
-CHUNK_BYTES = 4 * 1024 * 1024
-GATHER_SECONDS = 0.0003  # longest an fsync leader waits for arriving committers  # a commit's writes are split into WAL records of about this
+CHUNK_BYTES = 4 * 1024 * 1024  # a commit's writes are split into WAL records of about this
 
 
 class Options:
@@ -147,7 +146,6 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._threads: list[threading.Thread] = []
         self._background_error: BaseException | None = None
         self._txids = itertools.count(1)
-        self._arriving = 0  # committers inside _commit that have not appended yet
         self._init_twophase()
 
     def _open_writer(self, map_size, recover, progress) -> None:
@@ -240,7 +238,6 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                            min(self.options.segment_size, FIRST_SEGMENT_SIZE))
         self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
                                  self.options.segment_size)
-        self.wal.before_fsync = self._gather_group
 
     def _open_readonly(self, map_size) -> None:
         from .readonly import WalFollower
@@ -498,17 +495,13 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                 self._validate(tx)
             return None
         self._check_writable()
-        self._arriving += 1
-        try:
-            with self._lock:
-                self._check_open()
-                self._validate(tx)
-                entry = self._append_commit(tx)
-                self._note_commit(entry)
-                if self.durability != "full":
-                    self._publish(self.wal.written_lsn)
-        finally:
-            self._arriving -= 1
+        with self._lock:
+            self._check_open()
+            self._validate(tx)
+            entry = self._append_commit(tx)
+            self._note_commit(entry)
+            if self.durability != "full":
+                self._publish(self.wal.written_lsn)
         if self.durability == "full":
             self.wal.sync_to(entry.end_lsn)
             with self._lock:
@@ -517,15 +510,6 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
             self._wake_applier(wait=len(self._apply_queue) >= self.options.max_unapplied)
         self._raise_background_error()
         return entry.lsn
-
-    def _gather_group(self) -> None:
-        """Group commit: before an fsync, wait a moment (at most GATHER_SECONDS) for the
-        committers already inside ``_commit`` to append, so one fsync covers them all."""
-        if self._arriving <= 0:
-            return
-        deadline = time.perf_counter() + GATHER_SECONDS
-        while self._arriving > 0 and time.perf_counter() < deadline:
-            time.sleep(0)
 
     def _validate(self, tx: Transaction) -> None:
         start = tx.start_lsn

@@ -42,7 +42,9 @@ class WriteAheadLog:
         self.store_id = store_id
         self.segment_size = max(segment_size, SEGMENT_HEADER_SIZE + 4096)
         self.lock = threading.RLock()      # appends and rotation
-        self._sync_lock = threading.Lock()  # one fsync at a time; waiters batch behind it
+        self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
+        self._sync_cond = threading.Condition(threading.Lock())  # group-commit waiters
+        self._syncing = False
         self.writer = SegmentWriter(os.path.join(wal_dir, segment_name(segment_start)), store_id,
                                     segment_start, offset)
         self.written_lsn = self.writer.end_lsn
@@ -50,7 +52,6 @@ class WriteAheadLog:
         self.failed: BaseException | None = None
         self.bytes_since_checkpoint = 0
         self.fsyncs = 0
-        self.before_fsync = None  # a hook the store sets (group commit gathering)
 
     # ---- appending ---------------------------------------------------------------------
     def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
@@ -102,21 +103,37 @@ class WriteAheadLog:
 
     # ---- durability --------------------------------------------------------------------
     def sync_to(self, lsn: int) -> None:
-        """Return once every byte below ``lsn`` is durable; concurrent callers share fsyncs."""
+        """Return once every byte below ``lsn`` is durable; concurrent callers share fsyncs.
+
+        Group commit: one caller at a time is the leader and fsyncs everything written so
+        far; the others wait on a condition and, when it is done, either find their bytes
+        covered or one of them leads the next fsync at once.
+        """
         if self.synced_lsn >= lsn:
             return
-        with self._sync_lock:
-            if self.synced_lsn >= lsn:
-                return
-            self._check_usable()
-            if self.before_fsync is not None:
-                self.before_fsync()  # group commit: let committers on their way append
+        with self._sync_cond:
+            while True:
+                if self.synced_lsn >= lsn:
+                    return
+                self._check_usable()
+                if not self._syncing:
+                    self._syncing = True
+                    break
+                self._sync_cond.wait()
+        done = None
+        try:
             # Rotation needs _sync_lock, so the writer cannot change under us; appends go
             # on while we fsync (that is what lets later committers share the next fsync).
-            target = self.written_lsn
-            writer = self.writer
-            self._fsync(writer)
-            self.synced_lsn = max(self.synced_lsn, target)
+            with self._sync_lock:
+                target = self.written_lsn
+                self._fsync(self.writer)
+                done = target
+        finally:
+            with self._sync_cond:
+                if done is not None:
+                    self.synced_lsn = max(self.synced_lsn, done)
+                self._syncing = False
+                self._sync_cond.notify_all()
 
     def sync(self) -> None:
         self.sync_to(self.written_lsn)
