@@ -24,6 +24,7 @@ MAX_KEY_BYTES = 500
 MAX_VALUE_BYTES = 16 * 1024 * 1024
 
 _STR, _BYTES = b"s", b"b"
+_SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
 def encode_key(key: Any) -> bytes:
@@ -89,6 +90,8 @@ def pack_value(value: Any, key: Any = None) -> bytes:
     if len(packed) > MAX_VALUE_BYTES:
         raise ValueError(f"value for key {key!r} is {len(packed)} bytes packed; "
                          f"the limit is {MAX_VALUE_BYTES}")
+    if type(value) in _SCALARS:
+        return packed  # no map inside: nothing that could fail to read back
     try:  # what cannot be read back must not be stored (e.g. a dict with a tuple key)
         msgpack.unpackb(packed, raw=False, strict_map_key=False)
     except (TypeError, ValueError) as e:

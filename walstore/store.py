@@ -145,6 +145,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._background_error: BaseException | None = None
+        self._applier_woken = False
         self._txids = itertools.count(1)
         self._init_twophase()
 
@@ -585,7 +586,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                 self._apply_pending()
             except MapResizeBlocked:
                 pass  # the applier thread retries; the overlay keeps serving reads
-        else:
+        elif not self._applier_woken:  # one wake-up per batch, not one per commit
+            self._applier_woken = True
             with self._apply_cond:
                 self._apply_cond.notify()
 
@@ -593,6 +595,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         while not self._stop.is_set():
             with self._apply_cond:
                 self._apply_cond.wait(self.options.apply_interval)
+            self._applier_woken = False
             try:
                 self._apply_pending()
                 if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:

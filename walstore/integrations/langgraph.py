@@ -83,7 +83,8 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
         return (task_path, task_id, idx)
 
 import walstore
-from walstore.agent import LSN
+from walstore.codec import prefix_end
+from walstore.txlog import LSN
 from walstore.errors import ConflictError
 
 __all__ = ["WalstoreSaver", "StaleCheckpointError"]
@@ -444,14 +445,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         store = self.store
         if thread_id is not None and ns is not None:
             prefix = self.keys.ckpt_scope(self.keys.scope(thread_id, ns))
-            end = prefix + before_id.encode("utf-8") if before_id else _prefix_end(prefix)
+            end = prefix + before_id.encode("utf-8") if before_id else prefix_end(prefix)
             rows = self._scan_batched(prefix, end, reverse=True)
             candidates = ((thread_id, ns, k[len(prefix):].decode("utf-8"), rec)
                           for k, rec in rows)
         else:
             prefix = self.keys.p + b"c" + (_part(thread_id) if thread_id is not None else b"")
             found = []
-            for k, rec in self._scan_batched(prefix, _prefix_end(prefix)):
+            for k, rec in self._scan_batched(prefix, prefix_end(prefix)):
                 t, n, cid = self.keys.parse_ckpt(k)
                 t = rec.get("t", t)
                 n = rec.get("n", n)
@@ -915,12 +916,3 @@ def _unsqueeze(data: bytes | list) -> bytes:
     return out
 
 
-def _prefix_end(prefix: bytes) -> bytes | None:
-    """The smallest byte string greater than every string starting with ``prefix``."""
-    p = bytearray(prefix)
-    while p and p[-1] == 0xFF:
-        p.pop()
-    if not p:
-        return None
-    p[-1] += 1
-    return bytes(p)
