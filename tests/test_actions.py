@@ -23,18 +23,6 @@ from walstore.cli import main as cli_main
 from walstore.inspect import iter_wal
 
 
-@pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "store")
-
-
-@pytest.fixture
-def store(path):
-    s = walstore.open(path, durability="none")
-    yield s
-    s.close()
-
-
 class Recorder:
     """A compensator that records what it saw (id, key, args, result), in call order."""
 

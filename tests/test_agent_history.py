@@ -20,18 +20,6 @@ from walstore.cli import main as cli_main
 
 
 @pytest.fixture
-def path(tmp_path):
-    return str(tmp_path / "store")
-
-
-@pytest.fixture
-def store(path):
-    s = walstore.open(path, durability="none")
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def quiet_store(path):
     """A store whose applier thread never wakes by itself (commits stay in the overlay
     until something applies them), so interleavings with it are deterministic."""
