@@ -239,6 +239,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                            min(self.options.segment_size, FIRST_SEGMENT_SIZE))
         self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
                                  self.options.segment_size)
+        if self.durability == "full":
+            self.wal.after_sync = self._publish_synced
 
     def _open_readonly(self, map_size) -> None:
         from .readonly import WalFollower
@@ -504,9 +506,9 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
             if self.durability != "full":
                 self._publish(self.wal.written_lsn)
         if self.durability == "full":
-            self.wal.sync_to(entry.end_lsn)
-            with self._lock:
-                self._publish(self.wal.synced_lsn)
+            self.wal.sync_to(entry.end_lsn)  # the fsync leader publishes the whole batch
+            if self._published_lsn < entry.end_lsn:
+                self._publish_synced(self.wal.synced_lsn)
         if len(self._apply_queue) >= self.options.apply_batch:
             self._wake_applier(wait=len(self._apply_queue) >= self.options.max_unapplied)
         self._raise_background_error()
@@ -568,6 +570,10 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
             self._recent.popleft()
         if len(self._last_write) >= 65536:
             self._last_write = {k: l for k, l in self._last_write.items() if l >= horizon}
+
+    def _publish_synced(self, upto: int) -> None:
+        with self._lock:
+            self._publish(upto)
 
     def _publish(self, upto: int) -> None:
         """Make every pending commit ending at or below ``upto`` visible, in LSN order."""

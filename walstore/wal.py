@@ -45,6 +45,7 @@ class WriteAheadLog:
         self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
         self._sync_cond = threading.Condition(threading.Lock())  # group-commit waiters
         self._syncing = False
+        self.after_sync = None  # called by the fsync leader with the new synced LSN
         self.writer = SegmentWriter(os.path.join(wal_dir, segment_name(segment_start)), store_id,
                                     segment_start, offset)
         self.written_lsn = self.writer.end_lsn
@@ -133,6 +134,9 @@ class WriteAheadLog:
                 if done is not None:
                     self.synced_lsn = max(self.synced_lsn, done)
                 self._syncing = False
+            if done is not None and self.after_sync is not None:
+                self.after_sync(self.synced_lsn)  # e.g. publish the batch once, for everyone
+            with self._sync_cond:
                 self._sync_cond.notify_all()
 
     def sync(self) -> None:
