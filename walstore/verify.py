@@ -63,7 +63,7 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             rep.applied_lsn = int.from_bytes(raw, "big") if raw else 0
             raw = snap.get(b"wal_start", db=state.meta)
             rep.wal_start = int.from_bytes(raw, "big") if raw else 0
-            last_values = _check_wal(layout, store_id, rep, progress)
+            last_values = _check_wal(layout, store_id, rep, progress, state.applied_lsn)
             _compare(snap, state, rep, last_values)
         _check_lmdb(state, rep)
         return rep
@@ -72,11 +72,17 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             state.close()
 
 
-def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> dict:
-    """Walk every record; return {key: last value logged at or below applied}."""
-    segs = list_segments(layout.wal)
+def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress,
+               current_applied=lambda: 0) -> dict:
+    """Walk every record; return {key: last value logged at or below applied}.
+
+    A writer may be running: a segment its checkpoint trims while we walk is skipped, and a
+    log that now begins past our snapshot's applied LSN is fine when LMDB's *current*
+    applied LSN reaches it (``current_applied``).
+    """
+    segs = [(s, p) for s, p in list_segments(layout.wal) if os.path.exists(p)]
     rep.segments = len(segs)
-    rep.wal_bytes = sum(os.path.getsize(p) for _, p in segs)
+    rep.wal_bytes = sum(_size(p) for _, p in segs)
     last: dict[bytes, bytes | None] = {}
     chunks: dict[int, list] = {}
     expected = None
@@ -84,17 +90,28 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
     for i, (start, path) in enumerate(segs):
         if expected is not None and start != expected:
             rep.errors.append(f"{path}: starts at LSN {start}, previous segment ends at {expected}")
-        elif expected is None and start > max(rep.applied_lsn, rep.wal_start):
+        elif expected is None and start > max(rep.applied_lsn, rep.wal_start,
+                                                current_applied()):
             rep.errors.append(f"{path}: WAL starts at LSN {start} beyond LMDB's applied "
                               f"{rep.applied_lsn}")
-        reader = SegmentReader(path, store_id, start)
+        try:
+            reader = SegmentReader(path, store_id, start)
+        except FileNotFoundError:
+            rep.warnings.append(f"{path}: trimmed by a checkpoint while verify ran")
+            expected = None
+            continue
         if reader.header_error:
             rep.errors.append(f"{path}: {reader.header_error}")
             expected = None
             continue
-        for rec in reader.records():
-            rep.records += 1
-            _feed(rec, rep, path, last, chunks)
+        try:
+            for rec in reader.records():
+                rep.records += 1
+                _feed(rec, rep, path, last, chunks)
+        except FileNotFoundError:
+            rep.warnings.append(f"{path}: trimmed by a checkpoint while verify ran")
+            expected = None
+            continue
         end = reader.end
         expected = end.lsn
         next_start = segs[i + 1][0] if i + 1 < len(segs) else None
@@ -115,6 +132,13 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
         rep.errors.append(f"WAL ends at LSN {rep.wal_end_lsn} but LMDB is applied up to "
                           f"{rep.applied_lsn}")
     return last
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
 
 
 def _feed(rec, rep: VerifyReport, path: str, last: dict, chunks: dict) -> None:
