@@ -221,7 +221,9 @@ class ActionsMixin:
             self._compensate(crossed)
 
     def _commit_extra(self, tx: "Transaction") -> dict:
-        extra = dict(getattr(tx, "commit_extra", None) or {})
+        if not tx.actions and not tx.commit_extra:
+            return {}
+        extra = dict(tx.commit_extra or {})
         if tx.actions:
             for a in tx.actions:
                 a.state = COMMITTED

@@ -59,7 +59,13 @@ def open_file(path: str, flags: int) -> int:
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    view = memoryview(data)
+    n = _backend.pwrite(fd, data, offset)
+    if n == len(data):
+        return
+    if n <= 0:
+        raise OSError(f"short write at offset {offset}")
+    view = memoryview(data)[n:]
+    offset += n
     while view:
         n = _backend.pwrite(fd, view, offset)
         if n <= 0:

@@ -515,6 +515,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         return entry.lsn
 
     def _validate(self, tx: Transaction) -> None:
+        if not tx.read_keys and not tx.read_ranges and not self._prepared:
+            return  # blind writes: nothing read can be stale
         start = tx.start_lsn
         last = self._last_write
         stale = [k for k in tx.read_keys if last.get(k, -1) >= start]
