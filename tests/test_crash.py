@@ -331,3 +331,20 @@ def test_store_files_are_0600_and_directories_0700_even_with_umask_0(tmp_path, r
     for f in files:
         assert f.is_file(), f
         assert mode(f) == 0o600, f"{f} has mode {oct(mode(f))}"
+
+
+def test_processes_racing_to_create_one_store_create_it_once(tmp_path):
+    """Creation happens under the writer lock: racing openers never make two identities."""
+    path = tmp_path / "new"
+    code = ("import sys, walstore\n"
+            "try:\n"
+            "    s = walstore.open(sys.argv[1]); print('ID', s.store_id.hex()); s.close()\n"
+            "except walstore.StoreLocked:\n"
+            "    print('LOCKED')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=60)[0].split() for p in procs]
+    ids = {o[1] for o in outs if o and o[0] == "ID"}
+    assert len(ids) == 1, outs
+    with walstore.open(str(path)) as s:
+        assert s.store_id.hex() in ids

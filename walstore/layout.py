@@ -40,14 +40,19 @@ class Layout:
     def exists(self) -> bool:
         return os.path.isfile(self.identity)
 
-    def create(self) -> bytes:
-        """Make a new, empty store here; returns its id.  The directory must be empty."""
+    def check_creatable(self) -> None:
+        """NotAStore unless a store may be created here (missing, empty, or the skeleton
+        of an interrupted creation)."""
         if os.path.exists(self.root):
             if not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} exists and is not a directory")
             if os.listdir(self.root) and not self._interrupted_creation():
                 raise NotAStore(f"{self.root} is not empty and holds no walstore store "
                                 f"(no STORE file)")
+
+    def create(self) -> bytes:
+        """Make a new, empty store here; returns its id.  The directory must be empty."""
+        self.check_creatable()
         fileio.make_dir(self.root)
         store_id = uuid.uuid4().bytes
         fileio.make_dir(self.wal)

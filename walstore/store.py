@@ -111,13 +111,13 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self.state: LmdbState | None = None
         self.wal: WriteAheadLog | None = None
         self.last_recovery: RecoveryReport | None = None
-        if not self.layout.exists():
-            if readonly or not create:
-                self.layout.read_identity()  # raises NotAStore with the reason
-            self.layout.create()
-        self.store_id = self.layout.read_identity()
+        if not self.layout.exists() and (readonly or not create):
+            self.layout.read_identity()  # raises NotAStore with the reason
         self._init_memory()
         try:
+            if not readonly:
+                self._create_under_lock()
+            self.store_id = self.layout.read_identity()
             if readonly:
                 self._open_readonly(map_size)
             else:
@@ -149,8 +149,17 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._txids = itertools.count(1)
         self._init_twophase()
 
-    def _open_writer(self, map_size, recover, progress) -> None:
+    def _create_under_lock(self) -> None:
+        """Take the writer lock, creating the store first if needed (under the lock, so
+        two processes opening a new path at once cannot both create it)."""
+        if not self.layout.exists():
+            self.layout.check_creatable()  # NotAStore before leaving any file behind
+            fileio.make_dir(self.layout.root)
         self._proc_lock = ProcessLock(self.layout)
+        if not self.layout.exists():
+            self.layout.create()
+
+    def _open_writer(self, map_size, recover, progress) -> None:
         self.state = LmdbState(self.layout.db, map_size)
         if recover == "manual" and self.needs_recovery():
             raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
