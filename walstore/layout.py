@@ -42,7 +42,9 @@ class Layout:
 
     def check_creatable(self) -> None:
         """NotAStore unless a store may be created here (missing, empty, or the skeleton
-        of an interrupted creation)."""
+        of an interrupted creation).  A store that appeared meanwhile is fine too."""
+        if self.exists():
+            return
         if os.path.exists(self.root):
             if not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} exists and is not a directory")
