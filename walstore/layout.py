@@ -53,7 +53,10 @@ class Layout:
                                 f"(no STORE file)")
 
     def create(self) -> bytes:
-        """Make a new, empty store here; returns its id.  The directory must be empty."""
+        """Make a new, empty store here; returns its id.  The directory must be empty.
+        Call it holding the writer lock (see Store._create_under_lock)."""
+        if self.exists():
+            raise NotAStore(f"{self.root} already holds a store; refusing to create another")
         self.check_creatable()
         fileio.make_dir(self.root)
         store_id = uuid.uuid4().bytes
