@@ -112,8 +112,15 @@ class LmdbState:
         self.env = shared["env"]
         self.gate = shared["gate"]
         self._write_lock = shared["write_lock"]
-        for name in _DBS:
-            setattr(self, name, shared[name])
+        self.data = shared["data"]          # stored key -> packed value
+        self.txns = shared["txns"]          # txid -> transaction-log row
+        self.meta = shared["meta"]          # applied, next_txid, open, horizon, wal_start
+        self.hist = shared["hist"]          # key versions (walstore.history)
+        self.bylsn = shared["bylsn"]        # commit LSN -> txid
+        self.hkeys = shared["hkeys"]        # keys that have history
+        self.points = shared["points"]      # restore points
+        self.actions = shared["actions"]    # action rows (walstore.actions)
+        self.meta2 = shared["meta2"]        # prepared transactions, 2PC decisions
         if not readonly:
             self.env.reader_check()  # free slots left by killed processes
 
@@ -266,13 +273,13 @@ class LmdbState:
 
     def close(self) -> None:
         with LmdbState._registry_lock:
-            if self._shared is None:
+            if not self._shared:
                 return
             self._shared["refs"] -= 1
             if self._shared["refs"] == 0:
                 LmdbState._registry.pop(self.path, None)
                 self._shared["env"].close()
-            self._shared = None
+            self._shared = {}
 
 
 class SnapshotScan:
