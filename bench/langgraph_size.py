@@ -247,9 +247,9 @@ def render(results: dict, steps: str, segment_sizes: list) -> str:
         "The same scripted graph (no model), one thread, one run of N loop iterations, `durability=\"sync\"` (every checkpoint saved before the next step), "
         "each saver on its own file system directory. Bytes are allocated blocks on disk. "
         "**walstore**: the whole store directory after `store.checkpoint()` and `close()`: "
-        "the LMDB file plus the WAL, which is one preallocated segment (16 MiB by default, "
-        "`walstore.open(..., segment_size=...)`; a fixed cost that does not grow with the "
-        "run). **SQLite**: SqliteSaver's database file after close (its -wal file is folded "
+        "the LMDB file plus the WAL's preallocated segments (a new store starts with a 1 MiB "
+        "segment and each next one doubles, up to `segment_size`, 16 MiB by default; "
+        "checkpoints trim old ones). **SQLite**: SqliteSaver's database file after close (its -wal file is folded "
         "back in).",
         "",
         "- `chat`: an agent loop; each step appends an assistant message (300 chars, one "
