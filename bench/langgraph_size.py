@@ -300,13 +300,13 @@ def render(results: dict, steps: str, segment_sizes: list) -> str:
         "stored as its appended items (a full copy every 128 versions), and values of 256 "
         "bytes or more are zlib-compressed.",
         "- walstore's LMDB file holds more than the saver's live bytes: its history index "
-        "keeps a copy of every committed value and the transaction log a row per "
+        "keeps the before-image of every committed change and the transaction log a row per "
         "transaction listing its keys (what `store.history`, `at()`, `revert` and "
         "`WalstoreSaver.rewind` read), and LMDB puts a value of more than about 2 KB on "
         "whole 4 KiB overflow pages.",
         "- In `scratch` most of each step is new data, so there is little to deduplicate: "
-        "the LMDB file is about SQLite's size, and the preallocated WAL segment dominates "
-        "the directory unless `segment_size` is lowered.",
+        "the LMDB file is below SQLite's size, and the WAL's preallocated segments are a "
+        "good part of the directory (`segment_size` bounds them).",
     ]
     return "\n".join(lines) + "\n"
 
