@@ -47,8 +47,9 @@ def recover(path: str, mode: str, handlers: str | None, as_json: bool) -> None:
     from .store import Options
     compensators = _load_handlers(handlers) if handlers else None
     try:
-        store = walstore.open(path, create=False, options=Options(recovery_mode=mode),
-                              compensators=compensators)
+        store = walstore.Store(path, create=False, options=Options(recovery_mode=mode),
+                               compensators=compensators,
+                               progress=None if as_json else progress_printer("recover"))
     except CorruptionError as e:
         _report_refused(e, path, as_json)
         return
