@@ -172,7 +172,9 @@ def _recovery_story(path: str, acked: list[dict], ledger: str) -> int:
         f"{'ok' if rep.ok else rep.errors}.")
     good = ok_acked and ok_total and ok_money and rep.ok
     step(8, "Done" if good else "FAILED")
-    say(f"Inspect it yourself: walstore log {path}; walstore dump {path}; walstore stats {path}")
+    print("Inspect it yourself:", flush=True)
+    for cmd in ("log", "dump", "stats", "actions"):
+        print(f"    walstore {cmd} {path}", flush=True)
     return 0 if good else 1
 
 
