@@ -13,7 +13,7 @@ Owns three named databases of the LMDB environment (see walstore.kv):
 - ``points``: restore point name (UTF-8) -> msgpack {"lsn", "ts"}.
 
 They are written in the same LMDB transaction as the data they describe (by
-``apply_commit``), so they are exactly as current as ``applied``.  Invariants: every
+``apply_commits``), so they are exactly as current as ``applied``.  Invariants: every
 committed write has a ``hist`` row until retention trims it; the state as of a point P is
 found in the first version after P (its before-image) or, when there is none, in ``data``,
 so trimming every row below the horizon keeps any view at or after the horizon exact;
@@ -43,18 +43,32 @@ def split_hist_key(raw: bytes) -> tuple[bytes, int]:
     return raw[2:2 + n], _U64.unpack_from(raw, 2 + n)[0]
 
 
-def apply_commit(txn, dbs, entry) -> None:
-    """Apply one committed transaction's writes to ``data`` and record their history
-    (inside the apply transaction; commits must come in LSN order)."""
-    txn.put(_U64.pack(entry.lsn), _U64.pack(entry.txid), db=dbs.bylsn)
-    for k, v, _b in entry.writes:
-        before = txn.get(k, db=dbs.data)
-        txn.put(hist_key(k, entry.lsn), pack([entry.txid, before]), db=dbs.hist)
-        txn.put(k, b"", db=dbs.hkeys, overwrite=False)
+def apply_commits(txn, dbs, entries) -> None:
+    """Apply committed transactions (in LSN order) to ``data`` and record their history,
+    inside one LMDB write transaction.  Rows are gathered first and written with
+    ``putmulti`` (one C loop per table); a key's before-image is the value an earlier
+    commit of the same batch gave it, else its value in ``data``."""
+    latest: dict[bytes, bytes | None] = {}
+    hist_rows, bylsn_rows, new_keys = [], [], []
+    get = txn.get
+    data = dbs.data
+    for e in entries:
+        bylsn_rows.append((_U64.pack(e.lsn), _U64.pack(e.txid)))
+        lsn_raw = _U64.pack(e.lsn)
+        for k, v, _b in e.writes:
+            before = latest[k] if k in latest else get(k, db=data)
+            hist_rows.append((_U16.pack(len(k)) + k + lsn_raw, pack([e.txid, before])))
+            if before is None:
+                new_keys.append((k, b""))
+            latest[k] = v
+    txn.cursor(db=data).putmulti([(k, v) for k, v in latest.items() if v is not None])
+    for k, v in latest.items():
         if v is None:
-            txn.delete(k, db=dbs.data)
-        else:
-            txn.put(k, v, db=dbs.data)
+            txn.delete(k, db=data)
+    txn.cursor(db=dbs.hist).putmulti(hist_rows)
+    txn.cursor(db=dbs.bylsn).putmulti(bylsn_rows)
+    if new_keys:
+        txn.cursor(db=dbs.hkeys).putmulti(new_keys, overwrite=False)
 
 
 def versions(state, key: bytes) -> Iterator[tuple[int, int, bytes | None]]:

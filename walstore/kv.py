@@ -248,13 +248,14 @@ class LmdbState:
         ``on_entry(txn, entry)`` adds, the agent layer's action rows) go into one LMDB
         transaction with ``applied``.
         """
-        from .history import apply_commit
+        from .history import apply_commits
 
         def body(txn) -> None:
-            for e in entries:
-                apply_commit(txn, self, e)
-                txn.put(txid_key(e.txid), e.txn_row(), db=self.txns)
-                if on_entry is not None:
+            apply_commits(txn, self, entries)
+            txn.cursor(db=self.txns).putmulti([(txid_key(e.txid), e.txn_row())
+                                               for e in entries])
+            if on_entry is not None:
+                for e in entries:
                     on_entry(txn, e)
             txn.put(b"applied", _U64.pack(applied_end), db=self.meta)
             if next_txid is not None:
