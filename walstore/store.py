@@ -801,6 +801,9 @@ def _chunk_writes(writes: list) -> list[list]:
     A chunk stays far below MAX_PAYLOAD: a single value is at most 16 MiB
     (codec.MAX_VALUE_BYTES) and a chunk closes once it passes CHUNK_BYTES.
     """
+    total = sum(len(k) + (len(v) if v is not None else 0) + 16 for k, v, _b in writes)
+    if total <= CHUNK_BYTES:
+        return [[[k, v] for k, v, _b in writes]]
     chunks, cur, size = [], [], 0
     for k, v, _b in writes:
         n = len(k) + (len(v) if v is not None else 0) + 16

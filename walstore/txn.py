@@ -119,8 +119,11 @@ class Transaction:
         return self.get(key, _MISSING) is not _MISSING
 
     def put(self, key: Key, value: Any) -> None:
-        self._check_active()
-        self._store._check_writable()
+        store = self._store
+        if (self.state != ACTIVE or store._closed or store.readonly
+                or store.wal.failed is not None):  # one test on the hot path; raise below
+            self._check_active()
+            store._check_writable()
         self._set(encode_key(key), pack_value(value, key))
 
     def __setitem__(self, key: Key, value: Any) -> None:
