@@ -39,7 +39,7 @@ from .errors import CorruptionError
 from .framing import SEGMENT_HEADER_SIZE, RecordType
 from .kv import LmdbState
 from .records import CommitEntry
-from .segments import Record, SegmentReader, last_nonzero_end, list_segments
+from .segments import Record, SegmentReader, judge_end, last_nonzero_end, list_segments
 
 _TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
                          RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
@@ -240,29 +240,15 @@ class Recovery:
                 if bad is not None:  # a valid-checksum record with a bad payload: cut here
                     return self._cut(reader, rec.offset, bad)
             end = reader.end
-            if end.kind == "clean":
+            verdict, reason = judge_end(end, last, applied, next_start)
+            if verdict == "clean":
                 return end.lsn, end.offset
-            if next_start == end.lsn:
-                # The next segment begins exactly here: nothing of the log is missing; the
-                # bytes behind the end are a failed write left when the segment was sealed.
-                self._quarantine_range(reader, end.offset, end.damaged_end, "stale-bytes",
-                                       end.reason + " (behind the end of a sealed segment)",
-                                       "cut")
+            if verdict in ("stale", "torn"):  # ordinary outcomes: cut, keep in quarantine
+                kind = "stale-bytes" if verdict == "stale" else "torn-tail"
+                self._quarantine_range(reader, end.offset, end.damaged_end, kind, reason, "cut")
+                if verdict == "torn":
+                    self.report.torn_bytes += end.damaged_bytes
                 return end.lsn, end.offset
-            is_torn = end.kind == "torn" and last and end.lsn >= applied
-            if is_torn:
-                self._quarantine_range(reader, end.offset, end.damaged_end, "torn-tail", end.reason,
-                                       "cut")
-                self.report.torn_bytes += end.damaged_bytes
-                return end.lsn, end.offset
-            reason = end.reason
-            if end.kind == "torn" and end.lsn < applied:
-                reason += f" (LMDB already applied up to LSN {applied}, so these bytes were durable)"
-            elif end.kind == "torn":
-                reason += " (a later segment exists, so these bytes were durable)"
-            elif end.next_valid is not None:
-                reason += (f"; a valid record at LSN {end.next_valid.lsn} follows, written after "
-                           f"this one was durable")
             self._damage("corrupt-record", reader.path, end.offset, end.lsn, reason, last)
             if self.mode == "skip-corrupt" and end.next_valid is not None:
                 self._quarantine_range(reader, end.offset, end.next_valid.offset, "corrupt-record",

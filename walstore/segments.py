@@ -170,6 +170,32 @@ class ScanEnd:
         return max(0, self.damaged_end - self.offset)
 
 
+def judge_end(end: ScanEnd, last: bool, applied: int, next_start: int | None
+              ) -> tuple[str, str]:
+    """What the end of one segment's valid records means for the log as a whole.
+
+    Returns (verdict, reason): ``"clean"``; ``"stale"`` (bytes behind the end of a sealed
+    segment whose successor begins exactly there: a failed write, nothing missing);
+    ``"torn"`` (a torn tail: last segment, not yet applied to LMDB); or ``"corrupt"``
+    (anything else: those bytes had been durable).  Recovery and verify both judge by it.
+    """
+    if end.kind == "clean":
+        return "clean", ""
+    if next_start == end.lsn:
+        return "stale", end.reason + " (behind the end of a sealed segment)"
+    if end.kind == "torn" and last and end.lsn >= applied:
+        return "torn", end.reason
+    reason = end.reason
+    if end.kind == "torn" and end.lsn < applied:
+        reason += f" (LMDB already applied up to LSN {applied}, so these bytes were durable)"
+    elif end.kind == "torn":
+        reason += " (a later segment exists, so these bytes were durable)"
+    elif end.next_valid is not None:
+        reason += (f"; a valid record at LSN {end.next_valid.lsn} follows, written after "
+                   f"this one was durable")
+    return "corrupt", reason
+
+
 class SegmentReader:
     """Reads one segment through mmap; allocations are bounded by the file's size.
 

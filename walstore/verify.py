@@ -19,7 +19,7 @@ from .errors import NotAStore
 from .framing import RecordType
 from .kv import LmdbState
 from .layout import Layout
-from .segments import SegmentReader, list_segments
+from .segments import SegmentReader, judge_end, list_segments
 
 
 @dataclass
@@ -115,15 +115,16 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress,
         end = reader.end
         expected = end.lsn
         next_start = segs[i + 1][0] if i + 1 < len(segs) else None
-        if end.kind != "clean" and next_start == end.lsn:
+        verdict, reason = judge_end(end, i == len(segs) - 1, rep.applied_lsn, next_start)
+        if verdict == "stale":
             rep.warnings.append(f"{path}: {end.damaged_bytes} stale bytes behind the end of a "
                                 f"sealed segment (a failed write); recovery will cut them")
-        elif end.kind == "torn" and i == len(segs) - 1 and end.lsn >= rep.applied_lsn:
+        elif verdict == "torn":
             rep.warnings.append(f"{path}: torn tail of {end.damaged_bytes} bytes at offset "
-                                f"{end.offset} (LSN {end.lsn}): {end.reason}; recovery will cut it")
-        elif end.kind != "clean":
+                                f"{end.offset} (LSN {end.lsn}): {reason}; recovery will cut it")
+        elif verdict == "corrupt":
             rep.errors.append(f"{path}: {end.kind} at offset {end.offset} (LSN {end.lsn}): "
-                              f"{end.reason}")
+                              f"{reason}")
         done += reader.file_size
         if progress:
             progress(done, rep.wal_bytes)
