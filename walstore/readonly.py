@@ -33,7 +33,7 @@ class WalFollower:
         self.lock = threading.Lock()
         self.overlay: dict[bytes, tuple[int, bytes | None]] = {}
         self.published = state.applied_lsn()
-        self._chunks: dict[int, list] = {}
+        self._assembler = records.CommitAssembler()
         self._seg: tuple[int, str] | None = None
         self._reader: SegmentReader | None = None
         self._mm: mmap.mmap | None = None
@@ -106,20 +106,13 @@ class WalFollower:
                          RecordType.ROLLBACK_PREPARED):
             return
         try:
-            body = records.decode(payload)
-            txid = records.txid_of(body)
-            if rtype == RecordType.WRITES:
-                self._chunks.setdefault(txid, []).extend(records.parse_writes(body))
-            elif rtype == RecordType.COMMIT:
-                writes = self._chunks.pop(txid, []) + records.parse_writes(body)
-                if end > self.state.applied_lsn() or end > self.published:
-                    for k, v, _b in writes:
-                        self.overlay[k] = (lsn, v)
-                self.published = max(self.published, end)
-            else:
-                self._chunks.pop(txid, None)
+            writes = self._assembler.feed(rtype, records.decode(payload))
         except ValueError:
             return  # a damaged record is the writer's recovery's business, not a reader's
+        if writes is not None:  # reads ignore entries below the snapshot's applied LSN
+            for k, v, _b in writes:
+                self.overlay[k] = (lsn, v)
+            self.published = max(self.published, end)
 
     def _prune(self) -> None:
         """Drop overlay entries LMDB already holds (keeps a long-lived reader bounded)."""

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .codec import pack, unpack
+from .framing import RecordType
+
+_WRITES, _COMMIT = RecordType.WRITES, RecordType.COMMIT
+_ENDS = frozenset({RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
 
 Write = tuple  # (stored key, packed value or None, None: the unused before-image slot)
 
@@ -72,6 +76,39 @@ def parse_writes(body: dict) -> list:
         before = w[2] if len(w) > 2 and isinstance(w[2], bytes) else None
         out.append((w[0], w[1], before))
     return out
+
+
+class CommitAssembler:
+    """Turns the stream of WRITES / COMMIT / ABORT records into whole committed write sets.
+
+    ``feed`` returns a transaction's complete write list at its COMMIT (earlier WRITES
+    chunks first), and None for every other record; an ABORT or ROLLBACK_PREPARED drops
+    the chunks.  ``max_bytes`` bounds what one unfinished transaction may accumulate.
+    Recovery, verify and read-only followers all read the log through it.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.chunks: dict[int, list] = {}
+        self.sizes: dict[int, int] = {}
+        self.max_bytes = max_bytes
+
+    def feed(self, rtype: int, body: dict, payload_len: int = 0) -> list | None:
+        if rtype == _WRITES:
+            txid = txid_of(body)
+            size = self.sizes.get(txid, 0) + payload_len
+            if self.max_bytes is not None and size > self.max_bytes:
+                raise ValueError(f"transaction {txid} exceeds {self.max_bytes} bytes of writes")
+            self.sizes[txid] = size
+            self.chunks.setdefault(txid, []).extend(parse_writes(body))
+        elif rtype == _COMMIT:
+            txid = txid_of(body)
+            self.sizes.pop(txid, None)
+            return self.chunks.pop(txid, []) + parse_writes(body)
+        elif rtype in _ENDS:
+            txid = txid_of(body)
+            self.sizes.pop(txid, None)
+            self.chunks.pop(txid, None)
+        return None
 
 
 def txid_of(body: dict) -> int:

@@ -110,8 +110,7 @@ class _Analysis:
 
     def __init__(self, applied: int) -> None:
         self.applied = applied
-        self.chunks: dict[int, list] = {}
-        self.chunk_bytes: dict[int, int] = {}
+        self.assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
         self.open_txids: dict[int, int] = {}  # txid -> first LSN, for logged-but-unfinished
         self.redo: list[CommitEntry] = []
         self.max_txid = 0
@@ -127,15 +126,8 @@ class _Analysis:
             self.max_txid = max(self.max_txid, txid)
         if t in _OPENING_RECORDS:
             self.open_txids.setdefault(txid, rec.lsn)
-        if t == RecordType.WRITES:
-            size = self.chunk_bytes.get(txid, 0) + len(rec.payload)
-            if size > MAX_OPEN_TXN_BYTES:
-                raise ValueError(f"transaction {txid} exceeds {MAX_OPEN_TXN_BYTES} bytes of writes")
-            self.chunk_bytes[txid] = size
-            self.chunks.setdefault(txid, []).extend(records.parse_writes(body))
-        elif t == RecordType.COMMIT:
-            writes = self.chunks.pop(txid, []) + records.parse_writes(body)
-            self.chunk_bytes.pop(txid, None)
+        writes = self.assembler.feed(t, body, len(rec.payload))
+        if writes is not None:
             self.open_txids.pop(txid, None)
             self.commits += 1
             if rec.lsn >= self.applied:
@@ -143,8 +135,6 @@ class _Analysis:
                 self.redo.append(CommitEntry(txid, rec.lsn, rec.end_lsn, body.get("ts", 0.0),
                                              body.get("meta"), writes, extra))
         elif t in (RecordType.ABORT, RecordType.ROLLBACK_PREPARED):
-            self.chunks.pop(txid, None)
-            self.chunk_bytes.pop(txid, None)
             self.open_txids.pop(txid, None)
         elif t == RecordType.CHECKPOINT:
             self.last_checkpoint = body

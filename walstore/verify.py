@@ -16,7 +16,6 @@ from typing import Callable
 from . import records
 from .codec import decode_key, unpack, unpack_value
 from .errors import NotAStore
-from .framing import RecordType
 from .kv import LmdbState
 from .layout import Layout
 from .segments import SegmentReader, judge_end, list_segments
@@ -84,7 +83,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress,
     rep.segments = len(segs)
     rep.wal_bytes = sum(_size(p) for _, p in segs)
     last: dict[bytes, bytes | None] = {}
-    chunks: dict[int, list] = {}
+    assembler = records.CommitAssembler()
     expected = None
     done = 0
     for i, (start, path) in enumerate(segs):
@@ -107,7 +106,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress,
         try:
             for rec in reader.records():
                 rep.records += 1
-                _feed(rec, rep, path, last, chunks)
+                _feed(rec, rep, path, last, assembler)
         except FileNotFoundError:
             rep.warnings.append(f"{path}: trimmed by a checkpoint while verify ran")
             expected = None
@@ -142,16 +141,12 @@ def _size(path: str) -> int:
         return 0
 
 
-def _feed(rec, rep: VerifyReport, path: str, last: dict, chunks: dict) -> None:
+def _feed(rec, rep: VerifyReport, path: str, last: dict,
+          assembler: records.CommitAssembler) -> None:
     try:
-        body = records.decode(rec.payload)
-        if rec.type == RecordType.WRITES:
-            chunks.setdefault(records.txid_of(body), []).extend(records.parse_writes(body))
-        elif rec.type == RecordType.ABORT:
-            chunks.pop(records.txid_of(body), None)
-        elif rec.type == RecordType.COMMIT:
+        writes = assembler.feed(rec.type, records.decode(rec.payload))
+        if writes is not None:
             rep.commits += 1
-            writes = chunks.pop(records.txid_of(body), []) + records.parse_writes(body)
             if rec.end_lsn <= rep.applied_lsn:
                 for k, v, _b in writes:
                     last[k] = v
