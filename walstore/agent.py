@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from . import history
 from .actions import COMMITTED, Action
 from .codec import Key, decode_key, encode_key, pack, unpack, unpack_value
-from .errors import HistoryTrimmed, RevertConflict, WalstoreError
+from .errors import HistoryTrimmed, RevertConflict
 from .framing import RecordType
 from .kv import txid_key
 from .txlog import LSN, TxnInfo, info_from_row
@@ -347,4 +347,4 @@ def _jsonable_point(point: Any) -> Any:
     return int(point) if isinstance(point, int) else str(point)
 
 
-__all__ = ["AgentMixin", "HistoricalView", "LSN", "Version", "WalstoreError"]  # LSN: re-export
+__all__ = ["AgentMixin", "HistoricalView", "LSN", "Version"]

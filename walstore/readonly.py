@@ -13,7 +13,6 @@ checkpoint while we read is skipped (its commits are in LMDB by then).
 from __future__ import annotations
 
 import mmap
-import os
 import threading
 
 from . import records
@@ -131,10 +130,3 @@ class WalFollower:
     def close(self) -> None:
         with self.lock:
             self._close_segment()
-
-
-def load_wal_tail(layout: Layout, store_id: bytes, state: LmdbState) -> WalFollower:
-    return WalFollower(layout, store_id, state)
-
-
-__all__ = ["WalFollower", "load_wal_tail", "os"]
