@@ -19,6 +19,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import itertools
 import os
 import struct
 import threading
@@ -156,12 +157,6 @@ class LmdbState:
             with self.begin(db or self.data) as txn:
                 return txn.get(key)
 
-    def get_many(self, keys: list[bytes], db=None) -> list[bytes | None]:
-        """Several point reads in one read transaction."""
-        with self.gate:
-            with self.begin(db or self.data) as txn:
-                return [txn.get(k) for k in keys]
-
     def get_meta_int(self, name: bytes, default: int = 0) -> int:
         raw = self.get(name, self.meta)
         return default if raw is None else _U64.unpack(raw)[0]
@@ -186,35 +181,18 @@ class LmdbState:
                 return
             cursor_key = chunk[-1][0]
 
-    def _scan_chunk(self, db, lo, hi, reverse, after):
-        out = []
-        with self.gate, self.begin(db) as txn:
-            cur = txn.cursor()
-            if not reverse:
-                ok = cur.set_range(after if after is not None else lo)
-                if ok and after is not None and cur.key() == after:
-                    ok = cur.next()
-                while ok and len(out) < SCAN_CHUNK:
-                    k = cur.key()
-                    if hi is not None and k >= hi:
-                        break
-                    out.append((k, cur.value()))
-                    ok = cur.next()
+    def _scan_chunk(self, db, lo: bytes, hi: bytes | None, reverse: bool,
+                    after: bytes | None) -> list[tuple[bytes, bytes]]:
+        """Up to SCAN_CHUNK rows past ``after`` (the last key of the previous chunk), in
+        one short read transaction."""
+        if after is not None:
+            if reverse:
+                hi = after               # strictly below the last key seen
             else:
-                start = after if after is not None else hi
-                if start is None:
-                    ok = cur.last()
-                else:
-                    ok = cur.set_range(start)
-                    ok = cur.prev() if ok else cur.last()
-                while ok and len(out) < SCAN_CHUNK:
-                    k = cur.key()
-                    if k < lo:
-                        break
-                    if after is None or k < after:
-                        out.append((k, cur.value()))
-                    ok = cur.prev()
-        return out
+                lo = after + b"\x00"     # the smallest key above it
+        with self.gate, self.begin(db) as txn:
+            rows = SnapshotScan(self, lo, hi, reverse, txn=txn, db=db)
+            return list(itertools.islice(rows, SCAN_CHUNK))
 
     def count(self) -> int:
         with self.gate, self.begin(self.data) as txn:
@@ -290,8 +268,9 @@ class SnapshotScan:
     """
 
     def __init__(self, state: LmdbState, lo: bytes, hi: bytes | None, reverse: bool,
-                 txn=None) -> None:
-        """``txn``: iterate inside an existing read transaction (not owned, not closed)."""
+                 txn=None, db=None) -> None:
+        """``txn``: iterate inside an existing read transaction (not owned, not closed);
+        ``db``: the named database (default: data)."""
         self._state = state
         self._owned = txn is None
         if self._owned:
@@ -302,7 +281,7 @@ class SnapshotScan:
                 state.gate.__exit__()
                 raise
         self._txn = txn
-        self._cur = txn.cursor(db=state.data)
+        self._cur = txn.cursor(db=db or state.data)
         self._lo, self._hi, self._reverse = lo, hi, reverse
         self._started = False
         self._open = True
