@@ -297,8 +297,7 @@ class ActionsMixin:
 
     def _queued_action_rows(self) -> list[dict]:
         """Actions of commits not yet applied to LMDB (their rows are not there yet)."""
-        with self._lock:
-            queued = list(self._apply_queue) + list(self._pending)
+        queued = self._unapplied_commits(published_only=False)
         return [row for e in queued for row in e.extra.get("actions", ())]
 
     def resolve(self, action_id: str, note: str | None = None) -> Action:

@@ -103,10 +103,9 @@ class AgentMixin:
         self._check_open()
         raw = self.state.get(txid_key(int(txid)), self.state.txns)
         if raw is None:
-            with self._lock:
-                for e in list(self._apply_queue):
-                    if e.txid == txid:
-                        return info_from_row(e.txn_row())
+            for e in self._unapplied_commits():
+                if e.txid == txid:
+                    return info_from_row(e.txn_row())
             self._raise_unknown_txid(txid)
         return info_from_row(raw)
 

@@ -50,7 +50,7 @@ from . import fileio
 from .segments import create_segment, list_segments
 from .txlog import LSN, TxnInfo, info_from_row
 from .txn import Transaction
-from .wal import DEFAULT_SEGMENT_SIZE, FIRST_SEGMENT_SIZE, WalWriteError, WriteAheadLog
+from .wal import DEFAULT_SEGMENT_SIZE, FIRST_SEGMENT_SIZE, WriteAheadLog
 
 DURABILITIES = ("full", "normal", "none")
 RECOVER_MODES = ("auto", "manual")
@@ -552,16 +552,20 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         writes = [(k, v, None) for k, v in tx.writes.items()]
         extra = self._commit_extra(tx)
         chunks = _chunk_writes(writes)
-        try:
-            for chunk in chunks[:-1]:
-                lsn, _ = self.wal.append(RecordType.WRITES, records.writes_payload(tx.id, chunk))
-                tx.first_logged_lsn = tx.first_logged_lsn or lsn
-            payload = records.commit_payload(tx.id, chunks[-1], tx.meta, extra)
-            ts = time.time()
-            lsn, end = self.wal.append(RecordType.COMMIT, payload)
-        except WalWriteError:
-            raise
+        for chunk in chunks[:-1]:
+            lsn, _ = self.wal.append(RecordType.WRITES, records.writes_payload(tx.id, chunk))
+            tx.first_logged_lsn = tx.first_logged_lsn or lsn
+        ts = time.time()  # one timestamp: the record's and the log row's
+        lsn, end = self.wal.append(RecordType.COMMIT,
+                                   records.commit_payload(tx.id, chunks[-1], tx.meta, extra, ts))
         return CommitEntry(tx.id, lsn, end, ts, tx.meta, writes, extra)
+
+    def _unapplied_commits(self, published_only: bool = True) -> list[CommitEntry]:
+        """Commits not yet in LMDB (their log rows, actions, ... are not there yet)."""
+        with self._lock:
+            pending = [e for e in self._pending
+                       if not published_only or e.end_lsn <= self._published_lsn]
+            return list(self._apply_queue) + pending
 
     def _note_commit(self, entry: CommitEntry) -> None:
         keys = tuple(k for k, _v, _b in entry.writes)
@@ -704,9 +708,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
                 min_txid = since  # a txid that never committed: the txids after it
         elif since is not None:
             boundary = self._resolve_point(since)
-        with self._lock:
-            queued = list(self._apply_queue) + [e for e in self._pending
-                                                if e.end_lsn <= self._published_lsn]
+        queued = self._unapplied_commits()
         out: list[TxnInfo] = []
         seen: set[int] = set()
         for e in sorted(queued, key=lambda e: e.lsn, reverse=True):
