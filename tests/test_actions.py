@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 
 import walstore
-import walstore.actions as wactions
+import walstore.agent.actions as wactions
 from walstore.cli import main as cli_main
-from walstore.inspect import iter_wal
+from walstore.ops.inspect import iter_wal
 
 
 class Recorder:
@@ -62,7 +62,7 @@ def test_intent_is_fsynced_and_visible_to_another_process_before_the_body(path):
                 assert body["args"] == {"amount": 40} and body["compensate"] == "refund"
                 assert not [r for r in recs if r["type"] in ("ACTION_RESULT", "COMMIT")]
                 # and it is on stable storage, not only written
-                assert store.wal.synced_lsn >= intents[0]["end_lsn"]
+                assert store.stats()["wal_synced_lsn"] >= intents[0]["end_lsn"]
                 act.result = {"charge_id": "ch_1"}
         results = wal_records(path, "ACTION_RESULT")
         assert [r["payload"]["result"] for r in results] == [{"charge_id": "ch_1"}]
@@ -141,7 +141,7 @@ def test_explicit_rollback_compensates_newest_first_and_records_durably(path):
         done = wal_records(path, "COMPENSATED")
         assert [r["payload"]["id"] for r in done] == rec.ids
         assert all(r["payload"]["state"] == "compensated" for r in done)
-        assert store.wal.synced_lsn >= done[-1]["end_lsn"]
+        assert store.stats()["wal_synced_lsn"] >= done[-1]["end_lsn"]
         with pytest.raises(walstore.TransactionClosed):
             tx.put("x", 1)
 

@@ -354,10 +354,16 @@ def test_rewind_to_a_name_undoes_everything_after_as_one_transaction(store):
     # compensations newest first: t3's action, then t1's two (newest first)
     assert rec.ids == ids3 + ids1[::-1]
     assert all(store.get_action(i).state == "compensated" for i in ids1 + ids3)
-    # a rewind can itself be reverted (data comes back; the effects stay compensated)
-    store.revert(info.txid)
+    # reverting the rewind would bring back "charged" state while the charges stay
+    # refunded: refused, naming the actions, unless forced (then they read needs-redo)
+    with pytest.raises(walstore.RevertConflict) as ei:
+        store.revert(info.txid)
+    assert sorted(ei.value.actions) == sorted(ids1 + ids3)
+    assert state(store) == {"a": 1, "b": 1, "keep": "me"}
+    store.revert(info.txid, force=True)
     assert state(store) == {"a": 4, "c": 3, "d": 4, "keep": "me"}
     assert rec.ids == ids3 + ids1[::-1]
+    assert all(store.get_action(i).state == "needs-redo" for i in ids1 + ids3)
     # rewinding again does not compensate anything twice
     again = store.rewind("before-plan")
     assert len(again.extra["reverts"]) == 5
@@ -402,21 +408,21 @@ def test_rewind_compensates_interleaved_transactions_newest_first(store):
 
 
 def test_rewind_racing_a_concurrent_commit_rewinds_it_or_conflicts(quiet_store, monkeypatch):
-    import walstore.history as whistory
     store = quiet_store
     commit(store, None, a=0)
     store.restore_point("p")
     commit(store, None, a=1)
-    orig = whistory.txids_after
+    views = store._engine.views
+    orig = views.commits_after
     raced = []
 
-    def racing(state, lsn):
+    def racing(lsn):
         if not raced:  # another thread commits right now (after the point, before rewind)
             raced.append(None)
             raced[0] = commit(store, None, b=1).id
-        return orig(state, lsn)
+        return orig(lsn)
 
-    monkeypatch.setattr(whistory, "txids_after", racing)
+    monkeypatch.setattr(views, "commits_after", racing)
     try:
         info = store.rewind("p")
     except walstore.ConflictError:
@@ -431,7 +437,9 @@ def test_at_reads_the_past(store):
     store.restore_point("p1")
     t2 = commit(store, None, **{"inv/a": 2, "inv/c": 3})
     t3 = commit(store, None, **{"inv/b": None, "inv/a": 9})
-    for point in ("p1", t1.id, LSN(t1.lsn), str(t1.id)):
+    with pytest.raises(walstore.UnknownPoint):  # a str is a restore point name, never a txid
+        store.at(str(t1.id))
+    for point in ("p1", t1.id, LSN(t1.lsn)):
         v = store.at(point)
         assert v.get("inv/a") == 1 and v.get("inv/c") is None and v.get("inv/c", "-") == "-"
         assert list(v.scan(prefix="inv/")) == [("inv/a", 1), ("inv/b", 1)]
@@ -603,17 +611,19 @@ def test_cli_in_a_real_process_reports_revert_conflict(path):
 
 # ---- cost: proportional to what is undone, not to the store's age ---------------------------
 class ScanCounter:
-    """Counts the LMDB rows walked by ``store.state.scan`` (every index walk goes there)."""
+    """Counts the LMDB rows walked by the engine's ``state.scan`` (every index walk goes
+    there)."""
 
     def __init__(self, store, monkeypatch) -> None:
         self.rows = 0
-        orig = store.state.scan
+        state = store._engine.state
+        orig = state.scan
 
         def counting(*a, **kw):
             for row in orig(*a, **kw):
                 self.rows += 1
                 yield row
-        monkeypatch.setattr(store.state, "scan", counting)
+        monkeypatch.setattr(state, "scan", counting)
 
 
 def big_store(path, n=2000):

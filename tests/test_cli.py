@@ -48,9 +48,9 @@ def test_init_refuses_a_non_empty_directory(tmp_path):
 def test_put_get_delete_scan_round_trip(store_path):
     run("put", store_path, "agent/plan", '{"steps": [1, 2], "ok": true}')
     run("put", store_path, "agent/name", '"planner"')
-    run("put", store_path, "0x00ff", "42")  # a bytes key written as hex
+    run("put", store_path, "hex:00ff", "42")  # a bytes key written as hex
     assert json.loads(run("get", store_path, "agent/plan").output) == {"steps": [1, 2], "ok": True}
-    assert json.loads(run("get", store_path, "0x00ff").output) == 42
+    assert json.loads(run("get", store_path, "hex:00ff").output) == 42
     doc = json.loads(run("scan", store_path, "--prefix", "agent/", "--json").output)
     assert [i["key"] for i in doc["items"]] == ["agent/name", "agent/plan"]
     human = run("scan", store_path).output.splitlines()
@@ -138,8 +138,10 @@ def test_checkpoint_trims_the_wal(tmp_path):
     segs_before = len(list((tmp_path / "s" / "wal").glob("*.wal")))
     s._drop_like_a_crash()
     doc = json.loads(run("checkpoint", path, "--json").output)
-    assert segs_before > 2 and doc["segments_removed"] >= segs_before - 2
-    assert len(list((tmp_path / "s" / "wal").glob("*.wal"))) < segs_before
+    # the recovery at open checkpoints after its REDO; then `checkpoint` itself: together
+    # they leave the active segment (and at most the one before)
+    assert segs_before > 2 and doc["applied_lsn"] == doc["keep_lsn"]
+    assert len(list((tmp_path / "s" / "wal").glob("*.wal"))) <= 2
 
 
 def test_backup_while_a_writer_process_runs_is_consistent(tmp_path):
@@ -169,7 +171,7 @@ def test_backup_while_a_writer_process_runs_is_consistent(tmp_path):
     for a in before:
         for k, v in a["writes"].items():
             assert state.get(k) == v, f"backup lacks acknowledged {k}"
-    from walstore.verify import verify_store
+    from walstore.ops.verify import verify_store
     assert verify_store(str(tmp_path / "copy")).ok
 
 
@@ -216,7 +218,7 @@ def test_verify_while_a_writer_commits_and_checkpoints_finds_no_error(tmp_path):
     """verify is read-only and may run beside a live writer (in this process: they share
     one LMDB environment): segments trimmed under it and a moving tail are not errors."""
     import threading
-    from walstore.verify import verify_store
+    from walstore.ops.verify import verify_store
     path = str(tmp_path / "s")
     s = walstore.open(path, durability="none", segment_size=65536, checkpoint_bytes=200000)
     stop = threading.Event()

@@ -30,10 +30,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import walstore  # noqa: E402
-from walstore.kv import LmdbState  # noqa: E402
-from walstore.layout import Layout  # noqa: E402
-from walstore.recovery import Recovery  # noqa: E402
-from walstore.segments import SegmentReader, list_segments  # noqa: E402
+from walstore.engine.lmdb_state import LmdbState  # noqa: E402
+from walstore.engine.layout import Layout  # noqa: E402
+from walstore.engine.recovery import Recovery  # noqa: E402
+from walstore.log.reader import SegmentReader
+from walstore.log.segment import list_segments  # noqa: E402
 
 ROUNDS = max(1, int(os.environ.get("WALSTORE_CRASH_ROUNDS", "4")))
 SEED = int(os.environ.get("WALSTORE_CRASH_SEED", str(int(time.time() * 1000) % 1_000_000)))

@@ -1,4 +1,4 @@
-"""WAL framing at the byte level (walstore.framing): round trips, the documented layout,
+"""WAL framing at the byte level (walstore.log.format): round trips, the documented layout,
 checksums, salts, and the bounds every length read from disk must respect.
 
 These tests check the format against its written description (the module docstring and
@@ -17,12 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from walstore import framing
-from walstore.framing import (MAX_PAYLOAD, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE,
+from walstore.log import format as framing
+from walstore.log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE,
                               SEGMENT_MAGIC, RecordType, check_record, crc32c,
                               decode_segment_header, encode_record, encode_segment_header,
                               parse_record_header, segment_salt)
-from walstore.segments import SegmentReader, segment_name
+from walstore.log.reader import SegmentReader
+from walstore.log.segment import segment_name
 
 # An independent CRC-32C: crcmod's predefined Castagnoli polynomial.
 _crc32c_ref = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
@@ -184,7 +185,7 @@ def test_record_type_values_are_frozen() -> None:
     assert {t.name: int(t) for t in RecordType} == {
         "COMMIT": 1, "WRITES": 2, "CHECKPOINT": 3, "ABORT": 4, "ACTION_INTENT": 5,
         "ACTION_RESULT": 6, "COMPENSATED": 7, "PREPARE": 8, "COMMIT_PREPARED": 9,
-        "ROLLBACK_PREPARED": 10, "RESTORE_POINT": 11}
+        "ROLLBACK_PREPARED": 10, "RESTORE_POINT": 11, "SEAL": 12}
 
 
 def test_records_pack_back_to_back() -> None:
@@ -257,7 +258,7 @@ def test_every_single_bit_flip_is_detected() -> None:
             assert reason is not None, f"flip of bit {bit} of byte {i} went unnoticed"
 
 
-@pytest.mark.parametrize("rtype", [0, 12, 99, 255])
+@pytest.mark.parametrize("rtype", [0, 13, 99, 255])
 def test_unknown_type_with_valid_crc_fails(rtype: int) -> None:
     salt = segment_salt(STORE_A, 0)
     frame = encode_record(salt, rtype, 0, 0, b"\x80")

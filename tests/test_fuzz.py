@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tools.fuzz_wal import Fixture, fuzz_reader, fuzz_recovery, mutate
-from walstore import codec, records
-from walstore.framing import RECORD_MAGIC, SEGMENT_HEADER_SIZE
+from walstore import codec
+from walstore.log import records
+from walstore.log.format import RECORD_MAGIC
 
 FAST = settings(max_examples=150, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -77,7 +78,7 @@ def test_huge_length_fields_allocate_nothing_big(tmp_path):
 def test_mutation_fixture_really_has_a_live_tail(fixture):
     """The recovery target is only meaningful if the mutated segment holds records."""
     import os
-    from walstore.segments import SegmentReader
+    from walstore.log.reader import SegmentReader
     path = os.path.join(fixture.pristine, "wal", fixture.last_name)
     reader = SegmentReader(path, fixture.store_id, int(fixture.last_name[:20]))
     assert len(list(reader.records())) > 10

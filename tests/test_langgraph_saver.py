@@ -449,8 +449,11 @@ def test_rewind_to_a_checkpoint_compensates_later_actions(tmp_path):
     assert state.values == {"n": 2}
     assert state.config["configurable"]["checkpoint_id"] == \
         target.config["configurable"]["checkpoint_id"]
-    # history is kept: the rewind itself can be reverted (not the compensations, though)
-    store.revert(info.txid)
+    # history is kept: the rewind itself can be reverted, but the compensations cannot be
+    # redone by walstore: refused unless forced, which marks those actions needs-redo
+    with pytest.raises(walstore.RevertConflict):
+        store.revert(info.txid)
+    store.revert(info.txid, force=True)
     assert graph.get_state(config).values == {"n": 5}
     store.close()
 

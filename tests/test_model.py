@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule)
 
 import walstore
-from walstore.verify import verify_store
+from walstore.ops.verify import verify_store
 
 KEYS = st.sampled_from(["a", "b", "c", "d", b"e", "f/1", "f/2"])
 NAMES = st.sampled_from(["s1", "s2", "s3"])

@@ -8,6 +8,7 @@ transaction, and cannot write.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import subprocess
@@ -88,7 +89,7 @@ def test_reader_sees_acknowledged_commits_not_yet_in_lmdb(tmp_path, reader_facto
         with w.transaction() as tx:
             tx.delete("fresh")
             tx.put("other", {"x": 1})
-        assert w.state.applied_lsn() < tx.lsn  # really not applied to LMDB yet
+        assert w.stats()["applied_lsn"] < tx.lsn  # really not applied to LMDB yet
         r = reader_factory(tmp_path / "s")  # the writer is still open and did not close
         assert r("get", "k") == "in the wal only"
         assert r("get", "fresh") is None  # the later delete wins
@@ -258,17 +259,24 @@ def test_reader_scan_racing_an_apply_sees_whole_commits(tmp_path):
             tx.put("ctr", 1)
             tx.put("log/1", 1)
         assert dict(r.scan()) == {"ctr": 1, "log/1": 1}  # from the reader's WAL overlay
-        real = r.state.snapshot_scan
+        state = r._engine.state
+        real = state.read
+        moved = []
 
-        def snapshot_after_the_writer_moved(*a, **kw):
-            with w.transaction() as tx2:
-                tx2.put("ctr", 2)
-                tx2.put("log/2", 1)
-            w.checkpoint()  # applied to LMDB before the reader takes its snapshot
-            return real(*a, **kw)
-        r.state.snapshot_scan = snapshot_after_the_writer_moved
+        @contextlib.contextmanager
+        def read_after_the_writer_moved():
+            if not moved:
+                moved.append(True)
+                with w.transaction() as tx2:
+                    tx2.put("ctr", 2)
+                    tx2.put("log/2", 1)
+                w.checkpoint()  # applied to LMDB before the reader reads its first chunk
+            with real() as txn:
+                yield txn
+        state.read = read_after_the_writer_moved
         seen = dict(r.scan())
-        r.state.snapshot_scan = real
+        del state.read
+        assert moved
         assert seen in ({"ctr": 1, "log/1": 1}, {"ctr": 2, "log/1": 1, "log/2": 1}), seen
     finally:
         if r is not None:

@@ -37,17 +37,19 @@ import pytest
 from click.testing import CliRunner
 
 import walstore
-from walstore import framing
+from walstore.log import format as framing
 from walstore.cli import main as cli_main
-from walstore.framing import MAX_PAYLOAD, RecordType, encode_record, segment_salt
-from walstore.segments import SegmentReader, segment_name
-from walstore.verify import verify_store
+from walstore.log.format import MAX_PAYLOAD, RecordType, encode_record, segment_salt
+from walstore.log.reader import SegmentReader
+from walstore.log.segment import segment_name
+from walstore.ops.verify import verify_store
 
 SEG_SIZE = 64 * 1024
 N_COMMITS = 200
 VALUE_SIZE = 1000
 HDR = 64   # segment header size (documented)
 RHDR = 28  # record header size (documented)
+SEAL = 12  # record type ending a rotated segment (documented)
 
 _crc = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
 
@@ -96,10 +98,12 @@ class Seg(NamedTuple):
     start: int
     path: Path
     recs: list
+    data_end: int  # file offset just past the last record (a rotated segment's SEAL)
 
 
-def walk(path: Path) -> tuple[bytes, int, list[Rec]]:
-    """Independent parser of one segment: (store id, start LSN, valid records in order)."""
+def walk(path: Path) -> tuple[bytes, int, list[Rec], int]:
+    """Independent parser of one segment: (store id, start LSN, valid records in order,
+    the file offset where the valid records end)."""
     data = path.read_bytes()
     magic, version, hsize, _r, sid, start, _created, _pad = struct.unpack_from(
         "<8sHHI16sQQ12s", data, 0)
@@ -113,9 +117,10 @@ def walk(path: Path) -> tuple[bytes, int, list[Rec]]:
         if rmagic != b"WR" or end > len(data) or _crc(data[off + 4:end], salt) != crc:
             break
         assert lsn == start + off - HDR and flags == 0
-        recs.append(Rec(off, lsn, length, rtype, synced, end, data[off + RHDR:end]))
+        if rtype != SEAL:  # the record that ends a rotated segment: not a commit
+            recs.append(Rec(off, lsn, length, rtype, synced, end, data[off + RHDR:end]))
         off = end
-    return sid, start, recs
+    return sid, start, recs, off
 
 
 @dataclass
@@ -136,9 +141,9 @@ class Built:
     def segments(self) -> list[Seg]:
         out = []
         for p in sorted(self.wal.glob("*.wal")):
-            sid, start, recs = walk(p)
+            sid, start, recs, data_end = walk(p)
             assert sid == self.store_id and p.name == segment_name(start)
-            out.append(Seg(start, p, recs))
+            out.append(Seg(start, p, recs, data_end))
         return out
 
     def index_of_lsn(self, lsn: int) -> int:
@@ -179,8 +184,8 @@ def killed_tpl(tmp_path_factory) -> Built:
     recs = [r for s in segs for r in s.recs]
     assert [r.lsn for r in recs] == [l for _t, l in b.commits]
     assert all(r.type == RecordType.COMMIT for r in recs)
-    for prev, cur in zip(recs, recs[1:]):
-        assert cur.synced_lsn == prev.lsn + RHDR + prev.length
+    for prev, cur in zip(recs, recs[1:]):  # (+ a SEAL record where a segment ended)
+        assert cur.synced_lsn - (prev.lsn + RHDR + prev.length) in (0, RHDR + 1)
     assert lmdb_applied(b.root) == (0, 0)
     return b
 
@@ -368,7 +373,7 @@ def test_damage_bad_crc_bitflip_in_middle_is_corrupt(killed: Built) -> None:
     assert (end.kind, end.offset, end.lsn) == ("corrupt", bad.offset, bad.lsn)
     assert end.reason == "record checksum mismatch"
     assert end.next_valid.lsn == nxt.lsn and end.next_valid.synced_lsn == nxt.synced_lsn > bad.lsn
-    assert end.damaged_end == seg.recs[-1].end
+    assert end.damaged_end == seg.data_end
 
     with pytest.raises(walstore.CorruptionError) as ei:
         open_store(killed)
@@ -417,54 +422,43 @@ def test_damage_bad_length_field_in_last_record_is_torn_tail(killed: Built) -> N
         assert state_of(s) == expected_state(range(N_COMMITS - 1))
 
 
-def test_damage_truncated_header_is_torn_tail(killed: Built) -> None:
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_damage_truncated_segment_file_is_corruption_not_a_torn_tail(killed: Built, where) -> None:
+    """A crash never shortens a preallocated segment (it overwrites zeros): a file shorter
+    than the size its header recorded was truncated by something else.  Strict recovery
+    refuses it; tolerate-tail cuts it and gives the file back its size."""
     seg = killed.segments()[-1]
     last = seg.recs[-1]
-    keep = last.offset + 12  # crc, length, type, flags and magic made it; the rest did not
+    keep = last.offset + (12 if where == "header" else RHDR + last.length // 2)
+    made = seg.path.stat().st_size
     original = seg.path.read_bytes()
     with open(seg.path, "r+b") as f:
         f.truncate(keep)
-    assert original[keep - 1] != 0
 
     recs, end = read_segment(seg.path, killed.store_id, seg.start)
     assert len(recs) == len(seg.recs) - 1
-    assert (end.kind, end.offset, end.lsn, end.reason) == ("torn", last.offset, last.lsn,
-                                                           "truncated record header")
-    assert end.damaged_end == keep
+    assert (end.kind, end.offset, end.lsn) == ("truncated", last.offset, last.lsn)
+    assert f"{keep} bytes long but was made {made} bytes long" in end.reason
 
-    with open_store(killed) as s:
+    with pytest.raises(walstore.CorruptionError) as ei:
+        open_store(killed)
+    assert (ei.value.file, ei.value.offset, ei.value.lsn) == (str(seg.path), last.offset, last.lsn)
+    assert ei.value.reason.startswith("truncated: ") and not killed.quarantine.exists()
+    assert verify_store(str(killed.root)).errors
+
+    with open_store(killed, "tolerate-tail") as s:
         rep = s.last_recovery
-        assert rep.records == N_COMMITS - 1 and rep.torn_bytes == 12 and rep.end_lsn == last.lsn
-        assert_cut(killed, rep, seg, last.offset, original[last.offset:keep], kind="torn-tail",
-                   action="cut", reason="truncated record header")
+        assert [(p.kind, p.offset) for p in rep.problems] == [("corrupt-record", last.offset)]
+        assert rep.given_up_records == 0 and rep.end_lsn == last.lsn
         assert state_of(s) == expected_state(range(N_COMMITS - 1))
         with s.transaction() as tx:  # the log goes on after the cut
             tx.put("after", 1)
+    assert seg.path.stat().st_size == made and quarantine_bins(killed)
+    kept = b"".join((killed.quarantine / n).read_bytes() for n in quarantine_bins(killed))
+    assert original[last.offset:keep] in kept
     with open_store(killed) as s:
         assert s.last_recovery.problems == [] and s.get("after") == 1
         assert state_of(s) == {**expected_state(range(N_COMMITS - 1)), "after": 1}
-
-
-def test_damage_truncated_payload_is_torn_tail(killed: Built) -> None:
-    seg = killed.segments()[-1]
-    last = seg.recs[-1]
-    keep = last.offset + RHDR + last.length // 2
-    original = seg.path.read_bytes()
-    assert original[keep - 1] != 0
-    with open(seg.path, "r+b") as f:
-        f.truncate(keep)
-
-    recs, end = read_segment(seg.path, killed.store_id, seg.start)
-    assert len(recs) == len(seg.recs) - 1
-    assert (end.kind, end.offset) == ("torn", last.offset)
-    assert end.reason == f"truncated record payload ({last.length // 2} of {last.length} bytes)"
-
-    with open_store(killed) as s:
-        rep = s.last_recovery
-        assert rep.records == N_COMMITS - 1 and rep.torn_bytes == keep - last.offset
-        assert_cut(killed, rep, seg, last.offset, original[last.offset:keep], kind="torn-tail",
-                   action="cut", reason="truncated record payload")
-        assert state_of(s) == expected_state(range(N_COMMITS - 1))
 
 
 def test_damage_unknown_record_type_in_middle_is_corrupt(killed: Built) -> None:
@@ -579,7 +573,7 @@ def test_damage_zero_filled_tail_is_a_clean_end(killed: Built) -> None:
     """Zeros where the last records were: the preallocated file's normal look; nothing to cut."""
     seg = killed.segments()[-1]
     first_zero = seg.recs[-3]
-    write_at(seg.path, first_zero.offset, bytes(seg.recs[-1].end - first_zero.offset))
+    write_at(seg.path, first_zero.offset, bytes(seg.data_end - first_zero.offset))
 
     recs, end = read_segment(seg.path, killed.store_id, seg.start)
     assert [r.lsn for r in recs] == [r.lsn for r in seg.recs[:-3]]
@@ -621,7 +615,7 @@ def test_damage_zero_filled_records_at_end_of_middle_segment_is_a_gap(killed: Bu
     segs = killed.segments()
     seg, nxt = segs[1], segs[2]
     gone = seg.recs[-2]
-    write_at(seg.path, gone.offset, bytes(seg.recs[-1].end - gone.offset))
+    write_at(seg.path, gone.offset, bytes(seg.data_end - gone.offset))  # the SEAL too
 
     recs, end = read_segment(seg.path, killed.store_id, seg.start)
     assert end.kind == "clean" and end.lsn == gone.lsn
@@ -700,7 +694,7 @@ def test_classify_unsynced_records_behind_a_bad_one_are_a_torn_tail(tmp_path) ->
 
     with open_store(b) as s:
         rep = s.last_recovery
-        cut = damaged[bad.offset:seg.recs[-1].end]
+        cut = damaged[bad.offset:seg.data_end]
         assert rep.torn_bytes == len(cut) and rep.records == 12
         assert_cut(b, rep, seg, bad.offset, cut, kind="torn-tail", action="cut",
                    reason="record checksum mismatch")
@@ -747,7 +741,7 @@ def test_tolerate_tail_cuts_corruption_in_last_segment(killed: Built) -> None:
         assert rep.records == bad_i and rep.end_lsn == bad.lsn
         assert rep.given_up_records == len(behind)
         assert rep.given_up_txids == [killed.txid_at(r.lsn) for r in behind]
-        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.recs[-1].end],
+        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.data_end],
                    kind="corrupt-record", action="cut", reason="record checksum mismatch")
         assert state_of(s) == expected_state(range(bad_i))
         assert s.last_recovery.torn_bytes == 0
@@ -776,7 +770,8 @@ def test_tolerate_tail_refuses_damaged_last_record_of_earlier_segment(killed: Bu
             open_store(killed, mode)
         assert (ei.value.file, ei.value.offset, ei.value.lsn) == (str(seg.path), bad.offset,
                                                                   bad.lsn)
-        assert "a later segment exists" in ei.value.reason
+        assert ("a later segment exists" in ei.value.reason  # or its SEAL, written after it
+            or "written after this one was durable" in ei.value.reason)
 
 
 def test_point_in_time_keeps_exact_prefix_and_quarantines_the_rest(killed: Built) -> None:
@@ -794,7 +789,7 @@ def test_point_in_time_keeps_exact_prefix_and_quarantines_the_rest(killed: Built
         assert rep.records == bad_i and rep.redone == bad_i and rep.end_lsn == bad.lsn
         assert rep.given_up_records == len(after)
         assert rep.given_up_txids == [killed.txid_at(r.lsn) for r in after]
-        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.recs[-1].end],
+        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.data_end],
                    kind="corrupt-record", action="cut", reason="record checksum mismatch")
         drops = [p for p in rep.problems if p.kind == "dropped-segment"]
         assert [p.file for p in drops] == [str(x.path) for x in segs[2:]]
@@ -827,7 +822,7 @@ def test_skip_corrupt_keeps_commits_after_skipped_region(killed: Built) -> None:
         rep = s.last_recovery
         assert state_of(s) == expected_state(i for i in range(N_COMMITS) if i != bad_i)
         assert rep.records == N_COMMITS - 1 and rep.redone == N_COMMITS - 1
-        assert rep.end_lsn == segs[-1].recs[-1].end - HDR + segs[-1].start
+        assert rep.end_lsn == segs[-1].data_end - HDR + segs[-1].start
         assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:bad.end],
                    kind="corrupt-record", action="skipped", reason="record checksum mismatch")
         assert [p.kind for p in rep.problems] == ["corrupt-record"]
@@ -897,7 +892,7 @@ def test_tolerate_tail_cuts_bad_payload_in_last_segment(killed: Built) -> None:
         # its txid cannot be read, so only the commits behind it are named
         assert rep.given_up_records == len(behind) + 1
         assert rep.given_up_txids == [killed.txid_at(r.lsn) for r in behind]
-        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.recs[-1].end],
+        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.data_end],
                    kind="corrupt-record", action="cut", reason=BAD_PAYLOAD)
     with open_store(killed) as s:
         assert s.last_recovery.problems == []
@@ -920,7 +915,7 @@ def test_point_in_time_bad_payload_quarantines_rest_of_segment(killed: Built) ->
         assert state_of(s) == expected_state(range(bad_i))
         assert rep.given_up_records == len(after) + 1  # + the bad record (valid checksum)
         assert rep.given_up_txids == [killed.txid_at(r.lsn) for r in after]
-        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.recs[-1].end],
+        assert_cut(killed, rep, seg, bad.offset, damaged[bad.offset:seg.data_end],
                    kind="corrupt-record", action="cut", reason=BAD_PAYLOAD)
         assert [p.file for p in rep.problems if p.kind == "dropped-segment"] == [
             str(x.path) for x in segs[2:]]
@@ -999,8 +994,7 @@ def test_cli_recover_skip_corrupt_then_clean(killed: Built) -> None:
 def test_cli_recover_torn_tail_only_exits_0(killed: Built) -> None:
     seg = killed.segments()[-1]
     last = seg.recs[-1]
-    with open(seg.path, "r+b") as f:
-        f.truncate(last.offset + RHDR + 10)
+    write_at(seg.path, last.offset + RHDR + 10, bytes(last.end - last.offset - RHDR - 10))
     res = run_cli("recover", str(killed.root), "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
@@ -1036,7 +1030,7 @@ def test_stale_bytes_behind_a_sealed_segment_are_cut_not_refused(killed: Built) 
     missing.  Recovery cuts them (into quarantine) instead of calling them corruption."""
     segs = killed.segments()
     sealed = segs[1]
-    junk_at = sealed.recs[-1].end
+    junk_at = sealed.data_end
     write_at(sealed.path, junk_at, b"\x11" * 200)
     with open_store(killed) as s:
         rep = s.last_recovery
@@ -1107,7 +1101,7 @@ def test_missing_segment_before_last_tolerate_tail_refuses(killed: Built) -> Non
 
 def test_duplicated_segment_after_end_strict_refuses(killed: Built) -> None:
     segs = killed.segments()
-    end_lsn = segs[-1].start + segs[-1].recs[-1].end - HDR
+    end_lsn = segs[-1].start + segs[-1].data_end - HDR
     dup = killed.wal / segment_name(end_lsn)
     shutil.copyfile(segs[1].path, dup)  # a copy of segment 1 under the next start-LSN name
     before = file_digests(killed.root)
@@ -1207,7 +1201,7 @@ def _damage_foreign_segment(b: Built) -> None:
 
 @pytest.mark.parametrize("damage,mode", [
     (_damage_torn, "strict"),
-    (_damage_truncated, "strict"),
+    (_damage_truncated, "tolerate-tail"),
     (_damage_tail_corrupt, "tolerate-tail"),
     (_damage_mid_corrupt, "point-in-time"),
     (_damage_mid_corrupt, "skip-corrupt"),
@@ -1221,7 +1215,7 @@ def _damage_foreign_segment(b: Built) -> None:
     (_damage_bad_payload_tail, "skip-corrupt"),
     (_damage_foreign_segment, "point-in-time"),
     (_damage_foreign_segment, "skip-corrupt"),
-], ids=["torn/strict", "truncated/strict", "tail-corrupt/tolerate-tail",
+], ids=["torn/strict", "truncated/tolerate-tail", "tail-corrupt/tolerate-tail",
         "mid-corrupt/point-in-time", "mid-corrupt/skip-corrupt", "missing/point-in-time",
         "missing/skip-corrupt", "tail-corrupt/skip-corrupt", "tail-corrupt/point-in-time",
         "bad-payload-mid/point-in-time", "bad-payload-mid/skip-corrupt",
@@ -1356,7 +1350,7 @@ def test_resync_scan_after_damage_costs_linear_checksum_work(tmp_path, monkeypat
 def test_strict_refusal_after_a_long_prefix_leaves_lmdb_unchanged(killed: Built,
                                                                   monkeypatch) -> None:
     # a log longer than one REDO batch, emulated by a small batch (the default is 2000 commits)
-    import walstore.recovery as recovery_mod
+    import walstore.engine.recovery as recovery_mod
     monkeypatch.setattr(recovery_mod, "REDO_BATCH", 50)
     seg = killed.segments()[2]
     bad = seg.recs[30]
@@ -1371,7 +1365,7 @@ def test_strict_refusal_after_stale_bytes_leaves_wal_unchanged(killed: Built) ->
     segs = killed.segments()
     sealed = segs[1]
     # the leftovers of a failed write behind the last record of a sealed segment
-    write_at(sealed.path, sealed.recs[-1].end, b"\x11" * 200)
+    write_at(sealed.path, sealed.data_end, b"\x11" * 200)
     bad = segs[3].recs[5]
     flip_bit(segs[3].path, bad.offset + RHDR + 1)
     before = file_digests(killed.root)

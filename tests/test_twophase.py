@@ -137,7 +137,8 @@ def test_prepared_keys_are_held_after_the_crash(crashed, how):
 
 def test_commit_prepared_after_crash_makes_writes_visible(crashed):
     with _open(crashed) as s:
-        t_old = s.transaction()  # started before the decision
+        t_old = s.transaction()  # read before the decision: its snapshot predates it
+        t_old.get("new/key")
         lsn = s.commit_prepared(GID)
         assert isinstance(lsn, int) and lsn > 0
         assert s.prepared() == [] and s.decision(GID) == "commit"
@@ -148,8 +149,7 @@ def test_commit_prepared_after_crash_makes_writes_visible(crashed):
             tx.put("acct/a", tx.get("acct/a") + 1)
             tx.put("range/1", 1)
         assert s.get("acct/a") == 151
-        # a transaction that started before the commit and read the key still conflicts
-        t_old.get("new/key")
+        # a transaction whose snapshot predates the commit and read the key conflicts
         t_old.put("x", 1)
         with pytest.raises(walstore.ConflictError):
             t_old.commit()

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import walstore  # noqa: E402
-from walstore.verify import verify_store  # noqa: E402
+from walstore.ops.verify import verify_store  # noqa: E402
 
 WRITER = ROOT / "tools" / "writer.py"
 ACCOUNTS = [f"acct/{i}" for i in range(10)]

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import walstore  # noqa: E402
 from tools.faults import FaultBackend, installed  # noqa: E402
-from walstore.verify import verify_store  # noqa: E402
+from walstore.ops.verify import verify_store  # noqa: E402
 
 SITES = ("pwrite", "fsync", "fdatasync", "fsync_dir", "open", "rename", "unlink")
 SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")

@@ -26,9 +26,10 @@ import tracemalloc
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import walstore  # noqa: E402
-from walstore import records  # noqa: E402
-from walstore.framing import SEGMENT_HEADER_SIZE, encode_segment_header  # noqa: E402
-from walstore.segments import SegmentReader, list_segments  # noqa: E402
+from walstore.log import records  # noqa: E402
+from walstore.log.format import SEGMENT_HEADER_SIZE, encode_segment_header  # noqa: E402
+from walstore.log.reader import SegmentReader
+from walstore.log.segment import list_segments  # noqa: E402
 
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 ALLOC_LIMIT = 64 * 1024 * 1024

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import walstore  # noqa: E402
 from tools.faults import FaultBackend, installed  # noqa: E402
-from walstore.verify import verify_store  # noqa: E402
+from walstore.ops.verify import verify_store  # noqa: E402
 
 ACCOUNTS = [f"acct/{c}" for c in "abcde"]
 TOTAL = 1000

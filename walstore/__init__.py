@@ -1,31 +1,38 @@
 """walstore: an embedded, crash-safe, transactional key-value store for agent state.
 
 A CRC-32C-checksummed msgpack write-ahead log sits in front of LMDB.  Start with
-:func:`open`; the promises are in the contract (docs/ and README.md).
+:func:`open`; the promises are in the README and docs/.  The package's folders show its
+architecture: ``log/`` (the WAL), ``engine/`` (commit pipeline, LMDB, snapshots,
+recovery, transactions), ``agent/`` (actions, history, undo, 2PC), ``ops/`` (verify,
+backup, inspection), ``cli/``, ``integrations/``; ``store.py`` is the facade.
 """
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from .errors import (CompensationFailed, ConflictError, CorruptionError, HistoryTrimmed,
-                     NeedsRecovery, NotAStore, ReadOnlyError, RevertConflict, StoreClosed,
-                     StoreLocked, TransactionClosed, WalstoreError)
-from .actions import Action
-from .agent import HistoricalView, Version
-from .coordinator import atomic, resolve_atomic
-from .recovery import RecoveryReport
-from .txlog import LSN, TxnInfo
-from .store import Options, Store
-from .txn import Savepoint, Transaction
+from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
+                     CorruptionError, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
+                     ReplicationError, RevertConflict, StoreClosed, StoreLocked,
+                     TransactionClosed, UnknownPoint, WalstoreError)
+from .options import Options
+from .engine.recovery import RecoveryReport
+from .engine.transaction import Savepoint, Transaction
+from .agent.actions import Action
+from .agent.coordinator import atomic, resolve_atomic
+from .agent.history import HistoricalView, Version
+from .agent.txlog import LSN, TxnInfo
+from .agent.undo import UndoPlan
+from .store import Store
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "open", "Store", "Transaction", "Savepoint", "Options", "RecoveryReport", "TxnInfo",
-    "Action", "LSN", "Version", "HistoricalView", "atomic", "resolve_atomic",
+    "Action", "LSN", "Version", "HistoricalView", "UndoPlan", "atomic", "resolve_atomic",
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
-    "TransactionClosed", "HistoryTrimmed",
+    "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
+    "ReplicationError",
 ]
 
 
@@ -38,11 +45,11 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
     durability: "full" (fsync before commit returns), "normal" (fsync within
     ``Options.sync_interval``, 0.2 s by default) or "none".  recover: "auto" recovers an
     unclean shutdown on open; "manual" raises NeedsRecovery instead.  Extra keyword
-    arguments are Options fields (segment_size, checkpoint_bytes, ...).
+    arguments are Options fields (segment_size, checkpoint_bytes, ...), validated.
     """
     if tuning:
         if options is not None:
             raise TypeError("pass either options= or tuning keywords, not both")
-        options = Options(**tuning)
+        options = Options.from_keywords(tuning)
     return Store(path, durability=durability, create=create, readonly=readonly, recover=recover,
                  compensators=compensators, map_size=map_size, options=options)

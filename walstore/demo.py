@@ -166,7 +166,7 @@ def _recovery_story(path: str, acked: list[dict], ledger: str) -> int:
         say(f"Payments ledger balance {payments.balance(ledger)}: "
             + ("every charge of an undone transaction was refunded exactly once."
                if ok_money else "money is NOT where it should be!"))
-    from .verify import verify_store
+    from .ops.verify import verify_store
     rep = verify_store(path)
     say(f"`walstore verify`: {rep.records} WAL records and {rep.lmdb_keys} keys checked: "
         f"{'ok' if rep.ok else rep.errors}.")

@@ -25,11 +25,16 @@ class ConflictError(WalstoreError):
 
 
 class RevertConflict(WalstoreError):
-    """Reverting a transaction would clobber later committed transactions (``txids``)."""
+    """Undoing would clobber later work: later committed transactions (``txids``), actions
+    that were compensated and cannot be redone (``actions``), or files changed behind
+    walstore's back (``paths``)."""
 
-    def __init__(self, message: str, txids: list[int]) -> None:
+    def __init__(self, message: str, txids: list[int] | None = None,
+                 actions: list[str] | None = None, paths: list[str] | None = None) -> None:
         super().__init__(message)
-        self.txids = list(txids)
+        self.txids = list(txids or [])
+        self.actions = list(actions or [])
+        self.paths = list(paths or [])
 
 
 class CompensationFailed(WalstoreError):
@@ -79,6 +84,17 @@ class ReadOnlyError(WalstoreError):
     """A write was attempted on a read-only store (opened so, or after an fsync error)."""
 
 
+class CommitOutcomeUnknown(ReadOnlyError):
+    """The commit record was written but its fsync failed: whether the transaction
+    committed is unknown until recovery.  The store is read-only now; no compensation ran
+    (the next open decides: committed, nothing to compensate; not committed, its
+    compensations run then).  ``txid`` names the transaction."""
+
+    def __init__(self, message: str, txid: int | None = None) -> None:
+        super().__init__(message)
+        self.txid = txid
+
+
 class StoreClosed(WalstoreError):
     """The store (or the transaction) is closed."""
 
@@ -93,3 +109,18 @@ class TransactionClosed(StoreClosed):
 
 class HistoryTrimmed(WalstoreError):
     """The requested point lies before the retained history horizon."""
+
+
+class UnknownPoint(WalstoreError, KeyError):
+    """A point (txid, LSN or restore point name) that names nothing in this store."""
+
+    def __init__(self, message: str, point=None) -> None:
+        super().__init__(message)
+        self.point = point
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ReplicationError(WalstoreError):
+    """Replication could not do what was asked (ship within a timeout, restore, lease)."""

@@ -3,8 +3,11 @@
 It owns three things: the permissions of what walstore creates (files 0600, directories
 0700), writes that never stop half way without an error (``pwrite_all``), and one seam,
 ``set_backend``, through which the fault-injection tools (``tools/faults.py``) record
-writes and fsyncs, drop unsynced bytes, or fail a call with ENOSPC / EIO.  Nothing in
-the package installs another backend by itself.
+writes and fsyncs, drop unsynced bytes, or fail a call with ENOSPC / EIO.  The same seam
+reaches the I/O walstore does not do itself: ``lmdb_io`` is called before every LMDB
+commit and sync (a backend may raise ``lmdb.Error`` there), and ``fault_point`` marks named
+places in the commit pipeline (e.g. between the commit point and the return) where a
+backend may raise anything.  Nothing in the package installs another backend by itself.
 """
 from __future__ import annotations
 
@@ -41,6 +44,12 @@ class OSBackend:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def lmdb_io(self, op: str, path: str) -> None:
+        """Called before an LMDB ``commit`` or ``sync`` of the environment at ``path``."""
+
+    def fault_point(self, name: str) -> None:
+        """Called at a named place of the commit pipeline."""
 
 
 _backend: OSBackend = OSBackend()
@@ -92,6 +101,14 @@ def unlink(path: str) -> None:
 
 def fsync_dir(path: str) -> None:
     _backend.fsync_dir(path)
+
+
+def lmdb_io(op: str, path: str) -> None:
+    _backend.lmdb_io(op, path)
+
+
+def fault_point(name: str) -> None:
+    _backend.fault_point(name)
 
 
 def make_dir(path: str) -> None:

@@ -18,14 +18,14 @@ import signal
 import sys
 
 import walstore
-from walstore.txn import Transaction
+from walstore.engine.transaction import Transaction
 
 
 def main() -> None:
     pa, pb, step, value = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     a = walstore.open(pa, durability="full")
     b = walstore.open(pb, durability="full")
-    names = {id(a): "a", id(b): "b"}
+    names = {id(a._engine): "a", id(b._engine): "b"}
 
     def die(at: str) -> None:
         if at == step:
@@ -36,32 +36,23 @@ def main() -> None:
 
     def prepare(self, gid):
         real_prepare(self, gid)
-        die(f"{names[id(self._store)]}-prepared")
+        die(f"{names[id(self._engine)]}-prepared")
 
     def commit(self):
         lsn = real_commit(self)
-        die(f"{names[id(self._store)]}-committed")
+        die(f"{names[id(self._engine)]}-committed")
         return lsn
 
     Transaction.prepare, Transaction.commit = prepare, commit
 
-    real_commit_prepared = a.commit_prepared
+    journal = a._engine.journal  # the coordinator's only commit is the group's decision
+    real_make_durable = journal.make_durable
 
-    def commit_prepared(gid):
-        real_sync_to = a.wal.sync_to
-
-        def sync_to(end):
-            die("a-commit-written")
-            return real_sync_to(end)
-        a.wal.sync_to = sync_to
-        real_put_decision = a._put_decision
-
-        def put_decision(g, decision):
-            die("a-commit-synced")
-            return real_put_decision(g, decision)
-        a._put_decision = put_decision
-        return real_commit_prepared(gid)
-    a.commit_prepared = commit_prepared
+    def make_durable(end):  # the coordinator's COMMIT (the decision) is written ...
+        die("a-commit-written")
+        real_make_durable(end)
+        die("a-commit-synced")  # ... and durable, nothing else done yet
+    journal.make_durable = make_durable
 
     group = walstore.atomic(a, b, meta={"step": step})
     print(f"GID {group.gid}", flush=True)

@@ -31,13 +31,14 @@ def main() -> None:
     tx.put("new/key", {"from": "prepared"})
     tx.delete("gone")
     if at == "before-prepared-row":
-        real_write = store.state.write
+        journal = store._engine.journal
+        real_force_durable = journal.force_durable
 
-        def write(fn):  # the LMDB row is written after the WAL record is durable
+        def force_durable(end):  # the LMDB row is applied after the WAL record is durable
+            real_force_durable(end)
             print("PREPARE-LOGGED", flush=True)
             die()
-            return real_write(fn)
-        store.state.write = write
+        journal.force_durable = force_durable
     tx.prepare(gid)
     print("PREPARED", flush=True)
     die()

@@ -84,7 +84,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 
 import walstore
 from walstore.codec import prefix_end
-from walstore.txlog import LSN
+from walstore.log.format import LSN
 from walstore.errors import ConflictError
 
 __all__ = ["WalstoreSaver", "StaleCheckpointError"]

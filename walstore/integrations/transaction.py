@@ -24,7 +24,7 @@ from typing import Any
 
 import transaction as _transaction
 
-from ..txn import ACTIVE, Transaction
+from ..engine.transaction import ACTIVE, Transaction
 
 
 class WalstoreDataManager:

@@ -1,0 +1,660 @@
+"""The hardened command line (issue 11): one error path (one stderr line, exit 1, usage
+exit 2, never a traceback unless --debug), strict RFC 8259 JSON, hex:/b64:/str: keys,
+points, recover/actions detail, refusals (demo, backup, --handlers), and the CLI on a full
+and a read-only file system (real mounts, real processes; skipped where mounting is not
+permitted)."""
+from __future__ import annotations
+
+import ast
+import base64
+import errno
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import lmdb
+import msgpack
+import pytest
+from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import walstore
+from walstore.cli import main
+from walstore.cli import _engine
+from walstore.cli.output import jsonable, json_text, parse_key, parse_point, show_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def cli(*args: str, code: int = 0, env: dict | None = None):
+    r = CliRunner().invoke(main, list(args), env=env)
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.output
+    return r
+
+
+def one_line(r) -> str:
+    """The failure's single stderr line (and nothing else on stderr)."""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("walstore: ")
+    assert "Traceback" not in r.output
+    return lines[0]
+
+
+def _no_constants(token: str):
+    raise AssertionError(f"non-RFC-8259 JSON constant {token}")
+
+
+def strict(text: str):
+    return json.loads(text, parse_constant=_no_constants)
+
+
+def decode(doc):
+    """The inverse of the CLI's JSON rendering (the documented tag rule)."""
+    if isinstance(doc, dict):
+        if len(doc) == 1:
+            (tag, v), = doc.items()
+            if tag == "base64":
+                return base64.b64decode(v)
+            if tag == "float":
+                return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[v]
+            if tag == "map":
+                return {decode(k): decode(x) for k, x in v}
+        return {k: decode(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [decode(v) for v in doc]
+    return doc
+
+
+def run_proc(*args: str, check_code: int | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    env.pop("WALSTORE_DEBUG", None)
+    p = subprocess.run([sys.executable, "-m", "walstore.cli", *args], capture_output=True,
+                       text=True, timeout=120, env=env)
+    if check_code is not None:
+        assert p.returncode == check_code, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def proc_one_line(p: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in p.stderr + p.stdout
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("walstore: "), p.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def store_path(tmp_path) -> str:
+    path = str(tmp_path / "s")
+    cli("init", path)
+    return path
+
+
+# ---- 1. a package ---------------------------------------------------------------------------
+def test_cli_is_a_package_and_the_old_modules_are_gone():
+    import walstore.cli as pkg
+    assert Path(pkg.__file__) == ROOT / "walstore" / "cli" / "__init__.py"
+    for old in ("cli.py", "cli_commands.py", "cli_agent.py"):
+        assert not (ROOT / "walstore" / old).exists()
+    assert 'walstore = "walstore.cli:main"' in (ROOT / "pyproject.toml").read_text()
+    names = set(main.commands)
+    assert names >= {"init", "recover", "verify", "stats", "log", "dump", "get", "put",
+                     "delete", "scan", "history", "revert", "rewind", "actions", "resolve",
+                     "prepared", "commit-prepared", "rollback-prepared", "checkpoint",
+                     "backup", "bench", "demo"}
+
+
+def test_python_dash_m_walstore_cli_runs():
+    p = run_proc("--help", check_code=0)
+    assert "Usage: walstore" in p.stdout and "recover" in p.stdout
+
+
+def test_only_the_engine_module_imports_walstore_internals():
+    """Everything beyond the public API comes through walstore/cli/_engine.py."""
+    offenders = []
+    for f in sorted((ROOT / "walstore" / "cli").glob("*.py")):
+        if f.name == "_engine.py":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (
+                    node.level >= 2 or (node.module or "").startswith("walstore.")):
+                offenders.append(f"{f.name}: from {'.' * node.level}{node.module}")
+            if isinstance(node, ast.Import):
+                offenders += [f"{f.name}: import {a.name}" for a in node.names
+                              if a.name.startswith("walstore.")]
+    assert offenders == []
+
+
+# ---- 2. one error path -----------------------------------------------------------------------
+@pytest.mark.parametrize("err,name", [(errno.ENOSPC, "ENOSPC"), (errno.EROFS, "EROFS"),
+                                      (errno.EIO, "EIO")])
+def test_os_errors_are_one_line_naming_the_file_and_exit_1(store_path, monkeypatch, err, name):
+    bad = os.path.join(store_path, "wal", "0000000000000000.wal")
+
+    def boom(*a, **k):
+        raise OSError(err, os.strerror(err), bad)
+    monkeypatch.setattr(walstore, "open", boom)
+    for args in (["put", store_path, "k", "1"], ["get", store_path, "k"],
+                 ["scan", store_path], ["checkpoint", store_path]):
+        line = one_line(cli(*args, code=1))
+        assert line.startswith(f"walstore: {args[0]} failed: ")
+        assert os.strerror(err) in line and f"[{name}]" in line and bad in line
+
+
+def test_os_error_without_a_file_names_the_store(store_path, monkeypatch):
+    def boom(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(walstore, "open", boom)
+    line = one_line(cli("put", store_path, "k", "1", code=1))
+    assert os.path.abspath(store_path) in line and "ENOSPC" in line
+
+
+@pytest.mark.parametrize("exc,expect", [
+    (lmdb.Error("mdb_txn_commit: Input/output error"), "LMDB: mdb_txn_commit"),
+    (lmdb.MapFullError("mdb_put: MDB_MAP_FULL"), "LMDB: mdb_put"),
+    (struct.error("unpack requires a buffer of 8 bytes"), "undecodable data (error: unpack"),
+    (msgpack.ExtraData(1, b"x"), "undecodable data (ExtraData"),
+    (walstore.ReadOnlyError("the store is read-only after an fsync error"), "read-only after"),
+    (RuntimeError("something odd"), "RuntimeError: something odd"),
+])
+def test_every_error_is_one_line_exit_1(store_path, monkeypatch, exc, expect):
+    def boom(*a, **k):
+        raise exc
+    monkeypatch.setattr(walstore, "open", boom)
+    line = one_line(cli("stats", store_path, code=1))
+    assert line.startswith("walstore: stats failed: ") and expect in line
+    if isinstance(exc, lmdb.Error):
+        assert os.path.join(os.path.abspath(store_path), "db") in line
+
+
+def test_corruption_names_the_file_and_points_to_recover(store_path, monkeypatch):
+    def boom(*a, **k):
+        raise walstore.CorruptionError("bad checksum", file="/x/wal/1.wal", offset=64, lsn=9)
+    monkeypatch.setattr(walstore, "open", boom)
+    line = one_line(cli("get", store_path, "k", code=1))
+    assert "corruption: bad checksum" in line and "/x/wal/1.wal" in line
+    assert f"walstore recover {store_path}" in line
+
+
+def test_a_wrapped_os_error_shows_its_cause(store_path, monkeypatch):
+    def boom(*a, **k):
+        try:
+            raise OSError(errno.EIO, "Input/output error", "/x/db/data.mdb")
+        except OSError as e:
+            raise walstore.WalstoreError("cannot apply to LMDB") from e
+    monkeypatch.setattr(walstore, "open", boom)
+    line = one_line(cli("put", store_path, "k", "1", code=1))
+    assert "cannot apply to LMDB" in line and "[EIO]: /x/db/data.mdb" in line
+
+
+def test_multi_line_messages_become_one_line(store_path, monkeypatch):
+    def boom(*a, **k):
+        raise walstore.WalstoreError("first\nsecond\nthird")
+    monkeypatch.setattr(walstore, "open", boom)
+    assert "first second third" in one_line(cli("get", store_path, "k", code=1))
+
+
+def test_debug_flag_and_env_show_the_traceback(store_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("deep down")
+    monkeypatch.setattr(walstore, "open", boom)
+    r = CliRunner().invoke(main, ["--debug", "get", store_path, "k"])
+    assert r.exit_code == 1 and "Traceback" in r.stderr and "deep down" in r.stderr
+    assert r.stderr.splitlines()[-1].startswith("walstore: get failed: RuntimeError")
+    r = CliRunner().invoke(main, ["get", store_path, "k"], env={"WALSTORE_DEBUG": "1"})
+    assert r.exit_code == 1 and "Traceback" in r.stderr and "deep down" in r.stderr
+    r = CliRunner().invoke(main, ["get", store_path, "k"], env={"WALSTORE_DEBUG": "0"})
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+
+
+def test_not_a_store_is_a_one_line_usage_error(tmp_path):
+    for args in (["get", str(tmp_path), "k"], ["scan", str(tmp_path)],
+                 ["verify", str(tmp_path)], ["recover", str(tmp_path)],
+                 ["dump", str(tmp_path)], ["history", str(tmp_path), "k"],
+                 ["rewind", str(tmp_path), "--to", "p"]):
+        line = one_line(cli(*args, code=2))
+        assert "not a walstore store" in line
+
+
+def test_a_damaged_lmdb_file_is_one_line_in_every_command(store_path):
+    """Random bytes for data.mdb (real processes: a crash would be a signal, not a line)."""
+    cli("put", store_path, "k", "1")
+    data = os.path.join(store_path, "db", "data.mdb")
+    size = os.path.getsize(data)
+    with open(data, "wb") as f:
+        f.write(os.urandom(size))
+    for args in (["get", store_path, "k"], ["scan", store_path], ["stats", store_path],
+                 ["log", store_path], ["actions", store_path], ["verify", store_path],
+                 ["recover", store_path], ["put", store_path, "k", "2"],
+                 ["checkpoint", store_path], ["history", store_path, "k"]):
+        p = run_proc(*args, check_code=1)
+        line = proc_one_line(p)
+        assert line.startswith((f"walstore: {args[0]} failed: LMDB: ",
+                                f"walstore: {args[0]} failed: corruption: "))
+        assert os.path.join(store_path, "db") in line
+
+
+# ---- 3. strict JSON ------------------------------------------------------------------------
+def test_json_output_is_strict_for_non_finite_floats_bytes_and_bytes_keyed_maps(store_path):
+    value = {"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "ok": 1.5,
+             "blob": b"\x00\xff", "mixed": {b"\x00\xff": 1, "AP8=": 2, "hex:00ff": 3}}
+    with walstore.open(store_path) as s:
+        with s.transaction(meta={"score": math.nan}) as tx:
+            tx.put("v", value)
+            tx.put(b"\x00\xff", "bytes key")
+            tx.put("hex:00ff", "str key")
+    got = strict(cli("get", store_path, "v").stdout)
+    assert got["nan"] == {"float": "nan"} and got["inf"] == {"float": "inf"}
+    assert got["ninf"] == {"float": "-inf"} and got["ok"] == 1.5
+    assert got["blob"] == {"base64": "AP8="}
+    assert got["mixed"] == {"map": [[{"base64": "AP8="}, 1], ["AP8=", 2], ["hex:00ff", 3]]}
+    decoded = decode(got)
+    assert math.isnan(decoded.pop("nan")) and decoded.pop("inf") == math.inf
+    assert decoded == {k: v for k, v in value.items() if k not in ("nan", "inf")}
+
+    items = strict(cli("scan", store_path, "--json").stdout)["items"]
+    keys = [i["key"] for i in items]
+    assert {"base64": "AP8="} in keys and "hex:00ff" in keys and "v" in keys
+    hist = strict(cli("history", store_path, "hex:00ff", "--json").stdout)
+    assert hist["key"] == {"base64": "AP8="} and hist["versions"][0]["value"] == "bytes key"
+    log = strict(cli("log", store_path, "--json").stdout)["transactions"][0]
+    assert log["meta"] == {"score": {"float": "nan"}}
+    assert sorted(log["keys"], key=json.dumps) == sorted(
+        [{"base64": "AP8="}, "hex:00ff", "v"], key=json.dumps)
+    strict(cli("dump", store_path, "--json").stdout)
+    strict(cli("stats", store_path, "--json").stdout)
+    strict(cli("verify", store_path, "--json").stdout)
+
+
+def test_a_str_keyed_map_that_looks_like_a_tag_is_escaped():
+    for d in ({"base64": "AP8="}, {"float": "nan"}, {"map": []}):
+        out = jsonable(d)
+        assert out == {"map": [[k, v] for k, v in d.items()]}
+        assert decode(out) == d
+    assert jsonable({"base64": "x", "other": 1}) == {"base64": "x", "other": 1}
+    assert jsonable(b"\x01") != jsonable({"base64": "AQ=="})
+
+
+def test_json_text_refuses_what_slipped_through():
+    with pytest.raises(ValueError):
+        json_text(math.nan)
+    with pytest.raises(TypeError):
+        jsonable(object())
+
+
+_leaf = (st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
+         | st.floats(allow_nan=False) | st.text() | st.binary())
+_values = st.recursive(_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.text(max_size=8) | st.binary(max_size=4) | st.integers(-5, 5), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_values)
+def test_rendering_is_unambiguous_and_round_trips(value):
+    text = json_text(jsonable(value))
+    assert decode(strict(text)) == value
+
+
+def test_put_refuses_non_json_constants_as_a_usage_error(store_path):
+    for bad in ("NaN", "Infinity", "[1, -Infinity]", "{not json"):
+        line = one_line(cli("put", store_path, "k", bad, code=2))
+        assert "VALUE must be JSON" in line
+    cli("get", store_path, "k", code=1)
+
+
+def test_put_of_an_unstorable_value_is_a_usage_error(store_path):
+    line = one_line(cli("put", store_path, "k", str(2**70), code=2))
+    assert "cannot put 'k'" in line
+
+
+# ---- 4. naming keys -------------------------------------------------------------------------
+def test_parse_and_show_key_are_inverse():
+    assert parse_key("hex:00ff") == b"\x00\xff" == parse_key("b64:AP8=")
+    assert parse_key("str:hex:00ff") == "hex:00ff" and parse_key("0x00ff") == "0x00ff"
+    assert parse_key("str:str:x") == "str:x" and parse_key("plain") == "plain"
+    assert parse_key("hex:") == b"" and parse_key("HEX:00") == "HEX:00"
+    for k in ("hex:00ff", "str:x", "b64:AP8=", "plain", "0xzz", b"\x00\xff", b"", "a b"):
+        assert parse_key(show_key(k)) == k
+
+
+def test_bytes_and_str_keys_round_trip_through_put_get_scan_history(store_path):
+    cli("put", store_path, "hex:00ff", '"bytes"')
+    cli("put", store_path, "str:hex:00ff", '"str hex"')
+    cli("put", store_path, "0x00ff", '"str 0x"')
+    cli("put", store_path, "b64:AAE=", '"bytes 2"')
+    with walstore.open(store_path) as s:
+        assert s[b"\x00\xff"] == "bytes" and s["hex:00ff"] == "str hex"
+        assert s["0x00ff"] == "str 0x" and s[b"\x00\x01"] == "bytes 2"
+    assert strict(cli("get", store_path, "b64:AP8=").stdout) == "bytes"
+    assert strict(cli("get", store_path, "str:hex:00ff").stdout) == "str hex"
+    human = cli("scan", store_path).stdout.splitlines()[1:]
+    shown = {line.split()[0]: strict(line.split(None, 1)[1]) for line in human}
+    assert shown == {"0x00ff": "str 0x", "hex:0001": "bytes 2", "hex:00ff": "bytes",
+                     "str:hex:00ff": "str hex"}
+    for key, value in shown.items():  # what is shown pastes back
+        assert strict(cli("get", store_path, key).stdout) == value
+        versions = strict(cli("history", store_path, key, "--json").stdout)["versions"]
+        assert [v["value"] for v in versions] == [value]
+    items = strict(cli("scan", store_path, "--json").stdout)["items"]
+    assert {json.dumps(i["key"]): i["value"] for i in items} == {
+        '"0x00ff"': "str 0x", '{"base64": "AAE="}': "bytes 2", '{"base64": "AP8="}': "bytes",
+        '"hex:00ff"': "str hex"}
+    cli("delete", store_path, "hex:00ff")
+    with walstore.open(store_path) as s:
+        assert b"\x00\xff" not in s and s["hex:00ff"] == "str hex"
+
+
+def test_prefix_takes_the_key_syntax(store_path):
+    cli("put", store_path, "hex:0001", "1")
+    cli("put", store_path, "hex:0102", "2")
+    cli("put", store_path, "str:hex:00", "3")
+    items = strict(cli("scan", store_path, "--prefix", "hex:00", "--json").stdout)["items"]
+    assert [i["key"] for i in items] == [{"base64": "AAE="}]
+    items = strict(cli("scan", store_path, "--prefix", "str:hex:", "--json").stdout)["items"]
+    assert [i["key"] for i in items] == ["hex:00"]
+
+
+@pytest.mark.parametrize("bad", ["hex:zz", "hex:0", "hex:00 ff", "b64:AP8", "b64:!!!!",
+                                 "b64:AP8=\n"])
+def test_malformed_bytes_keys_are_usage_errors_everywhere(store_path, bad):
+    for args in (["get", store_path, bad], ["put", store_path, bad, "1"],
+                 ["delete", store_path, bad], ["history", store_path, bad],
+                 ["scan", store_path, "--prefix", bad],
+                 ["rewind", store_path, "--to", "p", "--scope", bad]):
+        line = one_line(cli(*args, code=2))
+        assert "bad key" in line and f"str:{bad.strip()}" in line
+    with walstore.open(store_path) as s:
+        assert list(s.scan()) == []  # nothing was written as a str key
+
+
+# ---- 5. recover and actions name what is owed ------------------------------------------------
+@pytest.fixture
+def crashed_with_actions(tmp_path, monkeypatch):
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    tx = s.transaction()
+    tx.put("order", "placed")
+    with tx.action("charge", args={"amount": 40}, compensate="refund") as a1:
+        a1.result = {"charge_id": "c1"}
+    with tx.action("book", args={"room": 7}, compensate="cancel") as a2:
+        pass
+    s._drop_like_a_crash()
+    (tmp_path / "ws_hard_failing.py").write_text(
+        "def refund(action):\n    raise RuntimeError('gateway down')\n"
+        "COMPENSATORS = {'refund': refund}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return path, a1, a2
+
+
+def test_recover_lists_each_pending_action_in_detail(crashed_with_actions):
+    path, a1, a2 = crashed_with_actions
+    doc = strict(cli("recover", path, "--json", code=1).stdout)
+    assert sorted(doc["pending_compensations"]) == sorted([a1.id, a2.id])
+    rows = {r["id"]: r for r in doc["pending_actions"]}
+    assert rows[a1.id]["name"] == "charge" and rows[a1.id]["compensate"] == "refund"
+    assert rows[a2.id]["name"] == "book" and rows[a2.id]["compensate"] == "cancel"
+    assert {r["state"] for r in rows.values()} == {"pending"}
+    assert {r["reason"] for r in rows.values()} == {"no-compensator"}
+    # a compensator that keeps failing is told apart from one never registered
+    doc = strict(cli("recover", path, "--handlers", "ws_hard_failing", "--json", code=1).stdout)
+    rows = {r["id"]: r for r in doc["pending_actions"]}
+    assert (rows[a1.id]["state"], rows[a1.id]["reason"]) == ("failed", "failed")
+    assert "RuntimeError: gateway down" in rows[a1.id]["error"]
+    assert (rows[a2.id]["state"], rows[a2.id]["reason"]) == ("pending", "no-compensator")
+    out = cli("recover", path, code=1).stdout
+    line1 = next(x for x in out.splitlines() if x.startswith(a1.id + " "))
+    line2 = next(x for x in out.splitlines() if x.startswith(a2.id + " "))
+    assert "charge" in line1 and "refund" in line1 and "failed" in line1
+    assert "gateway down" in line1
+    assert "book" in line2 and "cancel" in line2 and "no compensator registered" in line2
+    header = next(x for x in out.splitlines() if x.startswith("ID "))
+    assert header.split() == ["ID", "TXID", "NAME", "COMPENSATOR", "STATE", "LAST", "ERROR"]
+    assert line1.index("charge") == header.index("NAME") == line2.index("book")
+
+
+def test_actions_shows_the_same_detail(crashed_with_actions):
+    path, a1, a2 = crashed_with_actions
+    cli("recover", path, "--handlers", "ws_hard_failing", code=1)
+    doc = strict(cli("actions", path, "--pending", "--json", code=1).stdout)
+    rows = {r["id"]: r for r in doc["actions"]}
+    assert (rows[a1.id]["reason"], rows[a2.id]["reason"]) == ("failed", "no-compensator")
+    assert rows[a1.id]["result"] == {"charge_id": "c1"}
+    out = cli("actions", path, code=0).stdout
+    assert "failed after" in out and "no compensator registered for 'cancel'" in out
+    cli("resolve", path, a1.id)
+    cli("resolve", path, a2.id)
+    doc = strict(cli("actions", path, "--json").stdout)
+    assert {r["state"] for r in doc["actions"]} == {"resolved"}
+    assert {r["reason"] for r in doc["actions"]} == {None}
+
+
+# ---- 6. demo ---------------------------------------------------------------------------------
+def test_demo_refuses_an_existing_non_empty_path(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(_engine, "run_demo", lambda p: ran.append(p) or 0)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "user-data").write_text("precious")
+    (tmp_path / "afile").write_text("x")
+    for p in (tmp_path / "full", tmp_path / "afile"):
+        line = one_line(cli("demo", str(p), code=2))
+        assert "exists and is not an empty directory" in line
+    assert ran == [] and (tmp_path / "full" / "user-data").read_text() == "precious"
+    (tmp_path / "empty").mkdir()
+    cli("demo", str(tmp_path / "empty"))
+    cli("demo", str(tmp_path / "new"))
+    assert ran == [str(tmp_path / "empty"), str(tmp_path / "new")]
+
+
+def test_demo_refuses_an_existing_store(store_path):
+    cli("put", store_path, "mine", "1")
+    one_line(cli("demo", store_path, code=2))
+    assert strict(cli("scan", store_path, "--json").stdout)["items"] == [
+        {"key": "mine", "value": 1}]
+
+
+# ---- 7. --handlers ----------------------------------------------------------------------------
+def test_handlers_module_without_compensators_is_a_usage_error(store_path, tmp_path,
+                                                               monkeypatch):
+    (tmp_path / "ws_hard_list.py").write_text("COMPENSATORS = ['refund']\n")
+    (tmp_path / "ws_hard_raises.py").write_text("raise RuntimeError('broken module')\n")
+    (tmp_path / "ws_hard_notcallable.py").write_text("COMPENSATORS = {'refund': 3}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = {"json": "has no COMPENSATORS dict", "ws_hard_list": "has no COMPENSATORS dict",
+             "ws_hard_missing": "cannot import it (ModuleNotFoundError",
+             "ws_hard_raises": "cannot import it (RuntimeError: broken module)",
+             "ws_hard_notcallable": "must map names (str) to functions"}
+    for module, expect in cases.items():
+        for args in (["recover", store_path], ["rewind", store_path, "--to", "tx:1"],
+                     ["revert", store_path, "1"], ["rollback-prepared", store_path, "g"]):
+            line = one_line(cli(*args, "--handlers", module, code=2))
+            assert f"--handlers {module}:" in line and expect in line
+
+
+# ---- 8. backup --------------------------------------------------------------------------------
+def test_backup_refuses_its_own_source_or_a_place_inside_it(store_path, tmp_path):
+    cli("put", store_path, "k", "1")
+    os.symlink(os.path.join(store_path, "wal"), tmp_path / "link")
+    for dest in (store_path, store_path + "/", os.path.join(store_path, "copy"),
+                 os.path.join(store_path, "wal", "deeper", "copy"), str(tmp_path / "link"),
+                 os.path.join(store_path, "..", "s")):
+        line = one_line(cli("backup", store_path, dest, code=2))
+        assert "is the store" in line and "lies inside it" in line
+    assert sorted(os.listdir(store_path)) == sorted(["LOCK", "STORE", "db", "wal"])
+    doc = strict(cli("backup", store_path, store_path + "2", "--json").stdout)  # a sibling
+    assert doc
+    with walstore.open(store_path + "2") as copy:
+        assert copy["k"] == 1
+
+
+# ---- 9. points ------------------------------------------------------------------------------
+def test_parse_point():
+    assert parse_point("tx:5") == 5 and type(parse_point("tx:5")) is int
+    assert parse_point("lsn:7") == 7 and isinstance(parse_point("lsn:7"), walstore.LSN)
+    assert parse_point("12") == 12 and type(parse_point("12")) is int
+    assert parse_point("before-refactor") == "before-refactor"
+    assert parse_point("-3") == "-3" and parse_point("txt:1") == "txt:1"
+
+
+@pytest.mark.parametrize("bad", ["tx:", "tx:x", "tx:-1", "lsn:", "lsn:1.5", "lsn: 3", ""])
+def test_malformed_points_are_usage_errors(store_path, bad):
+    line = one_line(cli("rewind", store_path, "--to", bad, code=2))
+    assert "point" in line
+
+
+def test_unknown_point_is_a_usage_error_in_one_line(store_path):
+    cli("put", store_path, "k", "1")
+    line = one_line(cli("rewind", store_path, "--to", "no-such-point", code=2))
+    assert line.startswith("walstore: rewind failed: ") and "no-such-point" in line
+    with walstore.open(store_path) as s:
+        assert s["k"] == 1 and len(s.log()) == 1
+
+
+def test_rewind_to_tx_and_lsn_points(store_path):
+    with walstore.open(store_path) as s:
+        with s.transaction() as t1:
+            t1.put("a", 1)
+        with s.transaction() as t2:
+            t2.put("b", 2)
+        with s.transaction() as t3:
+            t3.put("c", 3)
+    doc = strict(cli("rewind", store_path, "--to", f"tx:{t2.id}", "--json").stdout)
+    assert doc["reverted"] == [t3.id]
+    doc = strict(cli("rewind", store_path, "--to", f"lsn:{t1.lsn}", "--json").stdout)
+    assert t2.id in doc["reverted"] and t1.id not in doc["reverted"]
+    with walstore.open(store_path) as s:
+        assert dict(s.scan()) == {"a": 1}
+
+
+class _Plan:
+    def __init__(self) -> None:
+        self.transactions = [7, 5]
+        self.keys = [b"\x00\xff", "agents/a/x"]
+        self.compensations = [{"id": "7.1", "name": "charge", "compensate": "refund"}]
+
+
+def test_rewind_passes_scope_and_dry_run(store_path, monkeypatch):
+    calls = []
+    real = walstore.Store.rewind
+
+    def rewind(self, to, meta=None, scope=None, dry_run=False):
+        calls.append({"to": to, "scope": scope, "dry_run": dry_run})
+        if dry_run:
+            return _Plan()
+        return real(self, to, meta=meta)
+    monkeypatch.setattr(walstore.Store, "rewind", rewind)
+    cli("put", store_path, "agents/a/x", "1")
+    doc = strict(cli("rewind", store_path, "--to", "lsn:0", "--scope", "agents/a/",
+                     "--dry-run", "--json").stdout)
+    assert calls[-1] == {"to": 0, "scope": "agents/a/", "dry_run": True}
+    assert isinstance(calls[-1]["to"], walstore.LSN)
+    assert doc == {"dry_run": True, "plan": {
+        "transactions": [7, 5], "keys": [{"base64": "AP8="}, "agents/a/x"],
+        "compensations": [{"id": "7.1", "name": "charge", "compensate": "refund"}]}}
+    out = cli("rewind", store_path, "--to", "tx:1", "--scope", "hex:00", "--dry-run").stdout
+    assert calls[-1] == {"to": 1, "scope": b"\x00", "dry_run": True}
+    assert "nothing was changed" in out and "hex:00ff, agents/a/x" in out
+    assert any(x.split() == ["7.1", "charge", "refund"] for x in out.splitlines())
+    with walstore.open(store_path) as s:
+        assert s["agents/a/x"] == 1  # a dry run changed nothing
+
+    seen = []
+    monkeypatch.setattr(walstore.Store, "rewind",
+                        lambda self, to, **kw: seen.append(kw) or real(self, to))
+    cli("rewind", store_path, "--to", "tx:1")
+    assert seen == [{"scope": None, "dry_run": False}]  # no flags: the defaults
+
+
+# ---- 10. human output --------------------------------------------------------------------------
+def test_human_tables_are_aligned_and_one_row_per_line(store_path):
+    with walstore.open(store_path) as s:
+        with s.transaction() as tx:
+            tx.put("a", "multi\nline")
+            tx.put("a-much-longer-key", 1)
+            tx.put(b"\x01", [1, 2])
+    lines = cli("scan", store_path).stdout.splitlines()
+    assert len(lines) == 4
+    col = lines[0].index("VALUE")
+    assert all(len(x) > col and x[col - 2:col] == "  " and x[col] != " " for x in lines[1:])
+
+
+def test_progress_only_for_large_walks(capsys):
+    from walstore.cli.output import PROGRESS_MIN_BYTES, progress_printer
+    show = progress_printer("verify")
+    show(10, 100)
+    assert capsys.readouterr().err == ""
+    for done in range(0, PROGRESS_MIN_BYTES + 1, PROGRESS_MIN_BYTES // 4):
+        show(done, PROGRESS_MIN_BYTES)
+    err = capsys.readouterr().err
+    assert "verify:" in err and "(100%)" in err and err.endswith("\n")
+
+
+# ---- a full disk and a read-only file system (real mounts) ---------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 16 MiB tmpfs mounted for the test and unmounted after (skip if not permitted)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
+                            str(mnt)], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, PermissionError) as e:
+        pytest.skip(f"cannot mount a tmpfs here: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_full_disk_gives_one_line_errors_and_keeps_earlier_commits(tmpfs):
+    store = str(tmpfs / "s")
+    run_proc("init", store, check_code=0)
+    run_proc("put", store, "before", '"kept"', check_code=0)
+    filler = tmpfs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+    for args in (["put", store, "after", '"x"'], ["recover", store],
+                 ["init", str(tmpfs / "t")]):
+        p = run_proc(*args, check_code=1)
+        line = proc_one_line(p)
+        assert line.startswith(f"walstore: {args[0]} failed: ")
+        assert "No space left on device [ENOSPC]" in line and str(tmpfs) in line
+    os.unlink(filler)
+    run_proc("recover", store, check_code=0)
+    assert strict(run_proc("get", store, "before", check_code=0).stdout) == "kept"
+    run_proc("get", store, "after", check_code=1)
+
+
+def test_read_only_file_system_gives_one_line_errors(tmpfs):
+    store = str(tmpfs / "s")
+    run_proc("init", store, check_code=0)
+    run_proc("put", store, "k", '"v"', check_code=0)
+    r = subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot remount read-only here: {r.stderr.strip()}")
+    for args in (["put", store, "k2", "1"], ["recover", store], ["checkpoint", store],
+                 ["init", str(tmpfs / "t")], ["delete", store, "k"]):
+        p = run_proc(*args, check_code=1)
+        line = proc_one_line(p)
+        assert line.startswith(f"walstore: {args[0]} failed: ")
+        assert "Read-only file system [EROFS]" in line and str(tmpfs) in line
+    # reading still works on a read-only file system
+    assert strict(run_proc("get", store, "k", check_code=0).stdout) == "v"

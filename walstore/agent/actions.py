@@ -1,0 +1,328 @@
+"""External side effects (the Saga pattern): intents, results, compensations.
+
+An agent wraps a side effect in ``tx.action(name, args=..., compensate="refund")``.
+Entering it makes an ACTION_INTENT record durable *before* the body runs (write-ahead
+for side effects); leaving it logs the result.  Every way a transaction can end without
+committing leads to the same place: an ABORT (or ROLLBACK_PREPARED) record, durable,
+which turns its actions' rows to ``pending`` (:mod:`walstore.engine.tables`), and then
+their compensations, newest first, each recorded by a COMPENSATED record.  That holds for
+``rollback()``, an exception, a conflict at commit, ``rollback_prepared``, and a crash
+(recovery writes the ABORT of every loser).  A revert or rewind *claims* the committed
+actions it undoes in its own COMMIT (two undoers cannot both claim one action), then
+compensates them the same way.
+
+Exactly once: the decision (ABORT / the claiming COMMIT) is durable before any
+compensation runs; a compensation runs only for an action whose state is ``pending``,
+under a per-action guard, and its outcome is one durable record.  A crash between a
+compensator's effect and its record means it runs again at the next open with the same
+``act.key`` (idempotency key), so an external system that honours the key sees it once.
+
+When the store cannot record anything any more (an fsync failed), no compensation runs:
+the actions stay owed in the log and the next open's recovery runs them.
+
+States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated``,
+``resolved``, ``needs-redo``; an action of a transaction still in flight reads
+``pending`` with ``in_flight`` set, and is not owed yet.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..codec import pack
+from ..errors import CompensationFailed, WalstoreError
+from ..log.format import RecordType
+from ..engine import tables
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..engine.transaction import Transaction
+
+COMPENSATION_RETRIES = 3
+COMPENSATION_BACKOFF = 0.02
+PENDING, FAILED, COMPENSATED, RESOLVED, COMMITTED = (
+    tables.PENDING, tables.FAILED, tables.COMPENSATED, tables.RESOLVED, tables.COMMITTED)
+OPEN_STATES = tables.OWED_STATES
+
+
+@dataclass
+class Action:
+    """One external side effect, as compensators and ``pending_compensations()`` see it."""
+
+    id: str
+    txid: int
+    name: str
+    args: Any = None
+    result: Any = None
+    key: str = ""
+    compensate: str | None = None
+    state: str = PENDING
+    error: str | None = None
+    attempts: int = 0
+    ts: float = field(default_factory=time.time)
+    lsn: int = 0  # LSN of its intent record: the order in which actions happened
+    scope: Any = None
+    held: bool = False      # owed, but never run automatically (inherited by a copy)
+    in_flight: bool = False  # its transaction has not ended yet
+
+    def row(self) -> dict:
+        return {"id": self.id, "tx": self.txid, "name": self.name, "args": self.args,
+                "result": self.result, "key": self.key, "compensate": self.compensate,
+                "state": self.state, "error": self.error, "attempts": self.attempts,
+                "ts": self.ts, "lsn": self.lsn, "scope": self.scope}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Action":
+        state = row.get("state", PENDING)
+        in_flight = state == tables.IN_FLIGHT
+        return cls(row["id"], row["tx"], row.get("name") or "?", row.get("args"),
+                   row.get("result"), row.get("key", ""), row.get("compensate"),
+                   PENDING if in_flight else state, row.get("error"), row.get("attempts", 0),
+                   row.get("ts", 0.0), row.get("lsn", 0), row.get("scope"),
+                   bool(row.get("held")), in_flight)
+
+    def as_dict(self) -> dict:
+        d = self.row()
+        d["held"] = self.held
+        d["in_flight"] = self.in_flight
+        return d
+
+    @property
+    def owed(self) -> bool:
+        return self.state in OPEN_STATES and not self.in_flight
+
+
+class ActionScope:
+    """``with tx.action(...) as act:`` — logs the intent on entry, the result on exit."""
+
+    def __init__(self, saga: "Saga", tx: "Transaction", action: Action) -> None:
+        self._saga = saga
+        self._tx = tx
+        self.action = action
+
+    def __enter__(self) -> Action:
+        self._saga.log_intent(self._tx, self.action)
+        return self.action
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self.action.error = f"{exc_type.__name__}: {exc}"
+        self._saga.log_result(self._tx, self.action)
+        return False
+
+
+def check_packable(what: str, value: Any) -> None:
+    try:
+        pack(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"{what} cannot be stored: {e}") from None
+
+
+def newest_first(a: Action):
+    """Newest first by when the intent was logged (its LSN), then by id."""
+    txid, _, seq = a.id.partition(".")
+    return (-a.lsn, -int(txid), -int(seq or 0))
+
+
+class Saga:
+    """The store's side of intents and compensations."""
+
+    def __init__(self, engine: "Engine", compensators: dict[str, Callable] | None) -> None:
+        self.engine = engine
+        self.compensators: dict[str, Callable] = dict(compensators or {})
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
+
+    def compensator(self, name: str) -> Callable[[Callable], Callable]:
+        if not isinstance(name, str) or not name:
+            raise TypeError("a compensator name must be a non-empty str")
+
+        def register(fn: Callable) -> Callable:
+            self.compensators[name] = fn
+            return fn
+        return register
+
+    # ---- logging ------------------------------------------------------------------------
+    def new_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
+                   scope: Any) -> Action:
+        if not isinstance(name, str) or not name:
+            raise TypeError("an action name must be a non-empty str")
+        if compensate is not None and not isinstance(compensate, str):
+            raise TypeError("compensate must be the name of a compensator (a str) or None")
+        if scope is not None and not isinstance(scope, (str, bytes)):
+            raise TypeError("an action's scope is a key prefix (str or bytes) or None")
+        check_packable(f"args of action {name!r}", args)
+        tx.actions_begun += 1
+        aid = f"{tx.id}.{tx.actions_begun}"
+        return Action(aid, tx.id, name, args, None,
+                      f"ws-{self.engine.store_id.hex()[:12]}-{aid}", compensate, scope=scope)
+
+    def log_intent(self, tx: "Transaction", action: Action) -> None:
+        tx._check_writable()
+        body = {"tx": tx.id, "id": action.id, "name": action.name, "args": action.args,
+                "key": action.key, "compensate": action.compensate, "ts": action.ts}
+        if action.scope is not None:
+            body["scope"] = action.scope
+        tx.logged = True
+        event = self.engine.log_event(RecordType.ACTION_INTENT, body, tx.id, durable=True)
+        action.lsn = event.lsn
+        tx.effects.append(action)
+
+    def log_result(self, tx: "Transaction", action: Action) -> None:
+        """Log the body's outcome.  A result msgpack cannot store is dropped (the action
+        stays compensatable, its error says why) and TypeError is raised."""
+        bad = None
+        try:
+            check_packable(f"result of action {action.name!r}", action.result)
+        except TypeError as e:
+            bad = e
+            action.result = None
+            action.error = f"{e}; the result was not recorded"
+        if self.engine.writable:
+            self.engine.log_event(RecordType.ACTION_RESULT, {
+                "tx": tx.id, "id": action.id, "result": action.result, "error": action.error},
+                tx.id)
+        if bad is not None:
+            raise bad
+
+    def commit_fields(self, tx: "Transaction") -> dict:
+        """The COMMIT fields for the transaction's live actions (and its scope)."""
+        body = dict(tx.commit_body)
+        live = [a for a in tx.effects if isinstance(a, Action)]
+        if live:
+            body["actions"] = [dict(a.row(), state=COMMITTED) for a in live]
+        if tx.scope is not None:
+            body["scope"] = tx.scope
+        return body
+
+    # ---- ending without a commit ---------------------------------------------------------
+    def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
+        """Log the ABORT (the decision, durable), then compensate the live actions."""
+        live = [a for a in tx.effects if isinstance(a, Action)]
+        if not self.engine.writable:
+            return  # cannot record: the intents stay owed in the log; recovery runs them
+        try:
+            self.engine.log_event(RecordType.ABORT, {"tx": tx.id}, tx.id, durable=True)
+        except WalstoreError:
+            return  # same: the next open ends this transaction and compensates
+        self.compensate(live, cause=cause)
+
+    def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
+        """A rollback to a savepoint crossed these actions: compensate them now."""
+        self.compensate([a for a in actions if isinstance(a, Action)], cause=cause)
+
+    # ---- compensation --------------------------------------------------------------------
+    def compensate(self, actions: list[Action], cause: BaseException | None = None,
+                   raise_on_failure: bool = True, include_held: bool = False) -> list[Action]:
+        """Run compensations newest first; returns the actions that failed.  Only actions
+        still owing one run; each outcome is one durable record."""
+        failed = []
+        for action in sorted(actions, key=newest_first):
+            if action.compensate is None:
+                continue
+            with self._running_lock:
+                if action.id in self._running:
+                    continue
+                self._running.add(action.id)
+            try:
+                current = self.engine.views.action_row(action.id)
+                if current is not None:
+                    fresh = Action.from_row(current)
+                    if fresh.state not in OPEN_STATES or (fresh.held and not include_held):
+                        continue  # not owed (any more): another path settled it
+                    action.result, action.attempts = fresh.result, fresh.attempts
+                if not self.engine.writable:
+                    continue  # owed in the log: the next open compensates
+                fn = self.compensators.get(action.compensate)
+                if fn is None:
+                    action.state = PENDING
+                    action.error = f"no compensator registered for {action.compensate!r}"
+                    self.record_state(action)
+                    continue
+                if not self._run(fn, action):
+                    failed.append(action)
+            finally:
+                with self._running_lock:
+                    self._running.discard(action.id)
+        if failed and raise_on_failure:
+            ids = [a.id for a in failed]
+            because = ""
+            if cause is not None:
+                because = (f"; they were compensating because of {type(cause).__name__}: "
+                           f"{cause}")
+            err = CompensationFailed(
+                f"compensation failed for action(s) {ids} after {COMPENSATION_RETRIES} tries: "
+                f"{failed[0].error}; they are kept as 'failed' "
+                f"(store.pending_compensations()){because}", ids)
+            raise err from cause
+        return failed
+
+    def _run(self, fn: Callable, action: Action) -> bool:
+        action.state = PENDING
+        for attempt in range(1, COMPENSATION_RETRIES + 1):
+            action.attempts += 1
+            try:
+                fn(action)
+            except Exception as e:  # a compensator's failure is data, escalated below
+                action.error = f"{type(e).__name__}: {e}"
+                if attempt < COMPENSATION_RETRIES:
+                    time.sleep(COMPENSATION_BACKOFF * (2 ** (attempt - 1)))
+                continue
+            action.state, action.error = COMPENSATED, None
+            self.record_state(action)
+            return True
+        action.state = FAILED
+        self.record_state(action)
+        return False
+
+    def record_state(self, action: Action) -> None:
+        """Durably record an action's compensation state (one COMPENSATED record)."""
+        body = {"id": action.id, "state": action.state, "error": action.error,
+                "attempts": action.attempts}
+        self.engine.log_event(RecordType.COMPENSATED, body, action.txid, durable=True)
+
+    # ---- queries ------------------------------------------------------------------------
+    def actions(self, pending: bool = False) -> list[Action]:
+        """Every action; ``pending``: those owing a compensation.  Seen from a read-only
+        process while no writer runs (it crashed), the actions of transactions that never
+        ended are owed too (recovery will end them) — except prepared (in-doubt) ones."""
+        eng = self.engine
+        eng.refresh()
+        out = [Action.from_row(r) for r in eng.views.action_rows().values()]
+        if eng.readonly and not eng.writer_alive():
+            in_doubt = {r.get("tx") for r in eng.views.prepared_rows().values()}
+            for a in out:
+                if a.in_flight and a.txid not in in_doubt and a.compensate:
+                    a.in_flight = False
+                    a.error = "its transaction did not commit before a crash"
+        if pending:
+            out = [a for a in out if a.owed]
+        return sorted(out, key=newest_first)
+
+    def get_action(self, action_id: str) -> Action:
+        self.engine.refresh()
+        row = self.engine.views.action_row(str(action_id))
+        if row is None:
+            raise KeyError(f"no action with id {action_id!r}")
+        return Action.from_row(row)
+
+    def resolve(self, action_id: str, note: str | None = None) -> Action:
+        action = self.get_action(action_id)
+        if action.state not in OPEN_STATES or action.in_flight:
+            raise WalstoreError(f"action {action_id} is {action.state}"
+                                f"{' (its transaction is still open)' if action.in_flight else ''}"
+                                f"; only pending or failed compensations can be resolved")
+        action.state, action.error = RESOLVED, note
+        self.record_state(action)
+        return action
+
+    def run_owed(self, include_held: bool = False) -> tuple[list[str], list[Action]]:
+        """Run every owed compensation that has a compensator; (compensated ids, still
+        owed).  Held ones only with ``include_held``."""
+        owed = [a for a in self.actions(pending=True) if a.compensate in self.compensators
+                and (include_held or not a.held)]
+        failed = self.compensate(owed, raise_on_failure=False, include_held=include_held)
+        done = [a.id for a in owed if a not in failed and a.state == COMPENSATED]
+        return done, self.actions(pending=True)

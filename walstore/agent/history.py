@@ -1,0 +1,202 @@
+"""Reading the past: points, the transaction log, versions of a key, views ``at`` a point,
+and restore points.
+
+Points (``resolve``) are strict: an ``int`` is a txid (it must have committed), a
+``walstore.LSN`` a log position (0 .. the end of the log), a ``str`` a restore point
+name.  Anything that names nothing raises ``UnknownPoint`` (a KeyError) naming it; a
+point older than the retained history raises ``HistoryTrimmed``.  The boundary of a point
+is an LSN B: commits at or below B are "in", later ones "after"; the state as of B is the
+state as of LSN B + 1 in :mod:`walstore.engine.snapshot`'s terms.
+
+Costs grow with what is read (index lookups by key, by LSN, by txid), never with the age
+of the store: ``hist`` rows per key, ``bylsn`` and ``txns`` rows per transaction.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator
+
+from ..codec import Key, decode_key, encode_key, unpack, unpack_value
+from ..errors import HistoryTrimmed, UnknownPoint
+from ..log.format import RecordType
+from ..engine import tables
+from ..engine.transaction import scan_bounds
+from .txlog import LSN, TxnInfo, info_from_row
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version of a key: what transaction ``txid`` (commit at ``lsn``) set it to."""
+
+    txid: int
+    lsn: int
+    value: Any
+    deleted: bool
+
+
+class HistoricalView:
+    """Read-only state as of a point (``store.at(point)``)."""
+
+    def __init__(self, history: "History", boundary: int) -> None:
+        self._history = history
+        self.lsn = LSN(boundary)
+
+    def _value(self, k: bytes) -> bytes | None:
+        return self._history.engine.reader.as_of(k, self.lsn + 1)
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        v = self._value(encode_key(key))
+        return default if v is None else unpack_value(v)
+
+    def __getitem__(self, key: Key) -> Any:
+        v = self._value(encode_key(key))
+        if v is None:
+            raise KeyError(key)
+        return unpack_value(v)
+
+    def __contains__(self, key: Key) -> bool:
+        return self._value(encode_key(key)) is not None
+
+    def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
+             reverse: bool = False) -> Iterator[tuple[Key, Any]]:
+        """Every key that existed at the point, in order: walks the keys with history in
+        the range (``hkeys``), so it costs what the range holds, not the log's length."""
+        lo, hi = scan_bounds(prefix, start, end)
+        st = self._history.engine.state
+        for k, _v in st.scan(lo, hi, reverse, db=st.hkeys):
+            v = self._value(k)
+            if v is not None:
+                yield decode_key(k), unpack_value(v)
+
+
+class History:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    # ---- points -------------------------------------------------------------------------
+    def resolve(self, point: Any) -> int:
+        """The boundary LSN of ``point`` (see the module docstring)."""
+        eng = self.engine
+        eng.refresh()
+        if isinstance(point, bool):
+            raise TypeError("a point is a txid (int), a walstore.LSN or a restore point name "
+                            "(str), not a bool")
+        if isinstance(point, LSN):
+            end = eng.memtable.published
+            if point < 0 or point > end:
+                raise UnknownPoint(f"LSN {int(point)} names no position of this log (it "
+                                   f"ends at LSN {end})", point)
+            boundary = int(point)
+        elif isinstance(point, int):
+            if point < 1:
+                raise UnknownPoint(f"txid {point} names no transaction (txids start at 1)",
+                                   point)
+            row = eng.views.txn_row(point)
+            if row is None:
+                self._raise_unknown_txid(point)
+            boundary = row["lsn"]
+        elif isinstance(point, str):
+            p = eng.views.points().get(point)
+            if p is None:
+                raise UnknownPoint(f"no restore point named {point!r}", point)
+            boundary = p["lsn"]
+        else:
+            raise TypeError(f"a point is a txid (int), a walstore.LSN or a restore point name "
+                            f"(str), not {type(point).__name__}")
+        horizon = eng.state.meta_int(b"horizon")
+        if boundary < horizon:
+            raise HistoryTrimmed(f"point {point!r} (LSN {boundary}) is older than the retained "
+                                 f"history (horizon LSN {horizon})")
+        return boundary
+
+    def _raise_unknown_txid(self, txid: int) -> None:
+        horizon = self.engine.state.meta_int(b"horizon")
+        if horizon and txid < self.engine.state.meta_int(b"next_txid"):
+            raise HistoryTrimmed(f"transaction {txid} is unknown or older than the retained "
+                                 f"history (horizon LSN {horizon})")
+        raise UnknownPoint(f"no committed transaction with txid {txid}", txid)
+
+    # ---- the log ------------------------------------------------------------------------
+    def txn_info(self, txid: int) -> TxnInfo:
+        self.engine.refresh()
+        row = self.engine.views.txn_row(int(txid))
+        if row is None:
+            self._raise_unknown_txid(int(txid))
+        return info_from_row(row)
+
+    def log(self, limit: int | None = None, since: Any = None) -> list[TxnInfo]:
+        """Committed transactions, newest first in commit order, after ``since`` (a txid, an
+        LSN or a restore point name).  A txid that never committed means "the transactions
+        with larger txids".  Reads the LSN index backwards: costs what it returns."""
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+        self.engine.refresh()
+        boundary, min_txid = -1, None
+        if isinstance(since, int) and not isinstance(since, (bool, LSN)):
+            row = self.engine.views.txn_row(since)
+            if row is None:
+                min_txid = since
+            else:
+                boundary = row["lsn"]
+        elif since is not None:
+            boundary = self.resolve(since)
+        out: list[TxnInfo] = []
+        for row in self.engine.views.commits_after(boundary):
+            if limit is not None and len(out) >= limit:
+                break
+            if min_txid is not None and row["tx"] <= min_txid:
+                continue
+            out.append(info_from_row(row))
+        return out
+
+    # ---- versions and views -------------------------------------------------------------
+    def versions(self, key: Key) -> list[Version]:
+        """Every retained version of ``key``, newest first."""
+        eng = self.engine
+        k = encode_key(key)
+        eng.drain()
+        st = eng.state
+        prefix = tables.hist_prefix(k)
+        after = st.get(k)  # the newest version set the current value
+        out = []
+        for raw, row in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db=st.hist):
+            if not tables.is_version_of(raw, prefix):
+                continue
+            _k, lsn = tables.split_hist_key(raw)
+            txid, before = unpack(row)
+            out.append(Version(txid, LSN(lsn), None if after is None else unpack_value(after),
+                               after is None))
+            after = before
+        return out
+
+    def at(self, point: Any) -> HistoricalView:
+        self.engine.drain()
+        return HistoricalView(self, self.resolve(point))
+
+    # ---- restore points -----------------------------------------------------------------
+    def restore_point(self, name: str) -> LSN:
+        if not isinstance(name, str) or not name:
+            raise TypeError("a restore point name must be a non-empty str")
+        if name.isdigit():
+            raise ValueError("a restore point name must not be all digits (it would read as a "
+                             "txid on the command line)")
+        if len(name.encode("utf-8")) > 400:
+            raise ValueError(f"a restore point name is at most 400 bytes of UTF-8 "
+                             f"({len(name.encode('utf-8'))} given)")
+        event = self.engine.log_event(RecordType.RESTORE_POINT,
+                                      {"name": name, "ts": time.time()}, durable=True)
+        return LSN(event.lsn)
+
+    def restore_points(self) -> dict[str, LSN]:
+        self.engine.refresh()
+        return {n: LSN(p["lsn"]) for n, p in self.engine.views.points().items()}
+
+    def drop_restore_point(self, name: str) -> None:
+        if name not in self.engine.views.points():
+            raise UnknownPoint(f"no restore point named {name!r}", name)
+        self.engine.log_event(RecordType.RESTORE_POINT,
+                              {"name": name, "drop": True, "ts": time.time()}, durable=True)

@@ -1,0 +1,84 @@
+"""History retention: how much of the past ``log``, ``history``, ``at``, ``revert`` and
+``rewind`` can reach, trimmed at checkpoints.
+
+``Options.retain_transactions`` (keep the newest N transactions) and ``retain_seconds``
+(keep the last S seconds) set a horizon LSN; restore points pin it below themselves.
+Trimming deletes, in batches, the history rows of commits below the horizon (each key
+keeps its newest version below it, so views at or after the horizon stay exact), their
+``txns``/``bylsn`` rows and their settled action rows; the horizon is recorded, and a
+point before it raises HistoryTrimmed.  Default: keep everything.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ..codec import unpack
+from ..engine.lmdb_state import from_u64, u64
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+TRIM_BATCH = 1000
+
+
+class Retention:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    def trim(self) -> dict:
+        """A checkpoint hook: trim what the retention options allow."""
+        opts = self.engine.options
+        if opts.retain_transactions is None and opts.retain_seconds is None:
+            return {"history_trimmed": 0}
+        st = self.engine.state
+        horizon = self._horizon()
+        pins = [p["lsn"] for p in self.engine.views.points().values()]
+        if pins:
+            horizon = min(horizon, min(pins))
+        old = st.meta_int(b"horizon")
+        if horizon <= old:
+            return {"history_trimmed": 0}
+        trimmed = 0
+        while True:
+            batch = self._oldest_commits(old, horizon)
+            if not batch:
+                break
+            self.engine.applier.trim_history(batch, horizon)
+            trimmed += len(batch)
+            old = batch[-1][0] + 1
+        self.engine.applier.set_meta(b"horizon", horizon)
+        return {"history_trimmed": trimmed}
+
+    def _oldest_commits(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        st = self.engine.state
+        out = []
+        for raw, txid in st.scan(u64(lo), u64(hi), db=st.bylsn):
+            out.append((from_u64(raw), from_u64(txid)))
+            if len(out) >= TRIM_BATCH:
+                break
+        return out
+
+    def _horizon(self) -> int:
+        opts = self.engine.options
+        st = self.engine.state
+        candidates = [st.applied_lsn()]
+        if opts.retain_transactions is not None:
+            n = 0
+            for raw, _t in st.scan(b"", None, reverse=True, db=st.bylsn):
+                n += 1
+                if n >= opts.retain_transactions:
+                    candidates.append(from_u64(raw))
+                    break
+            else:
+                candidates.append(0)
+        if opts.retain_seconds is not None:
+            cutoff = time.time() - opts.retain_seconds
+            first_young = st.applied_lsn()
+            for raw, txid in st.scan(b"", None, db=st.bylsn):
+                row = st.get(txid, st.txns)
+                if row is not None and unpack(row).get("ts", 0) >= cutoff:
+                    first_young = from_u64(raw)
+                    break
+            candidates.append(first_young)
+        return min(candidates)

@@ -1,0 +1,63 @@
+"""Scopes: a key prefix naming one agent's or one conversation's part of the store.
+
+A scope limits ``rewind``/``revert`` to the keys under its prefix (and to the actions
+declared in it).  A transaction belongs to a scope when it is begun with ``scope=``, or,
+without one, when a registered *scope provider* names one: an integration registers a
+provider that reads its framework's context (LangGraph's run config inside a graph node),
+so a transaction begun inside a node belongs to that node's thread without annotation.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from ..codec import encode_prefix, prefix_end
+
+_providers: list[Callable[[], Any]] = []
+_lock = threading.Lock()
+
+
+def register_scope_provider(fn: Callable[[], Any]) -> None:
+    """Register ``fn() -> str | bytes | None``, asked when a transaction begins without a
+    scope; the first provider naming a scope wins.  Registering the same function twice
+    has no effect."""
+    with _lock:
+        if fn not in _providers:
+            _providers.append(fn)
+
+
+def current_scope() -> Any:
+    for fn in list(_providers):
+        try:
+            scope = fn()
+        except Exception:  # a provider outside its framework's context: no scope
+            scope = None
+        if scope is not None:
+            return check_scope(scope)
+    return None
+
+
+def check_scope(scope: Any) -> Any:
+    if scope is None:
+        return None
+    if not isinstance(scope, (str, bytes)) or not scope:
+        raise TypeError(f"a scope is a non-empty key prefix (str or bytes), not {scope!r}")
+    return scope
+
+
+class ScopeRange:
+    """The stored-key range [lo, hi) of a scope prefix (a str prefix matches str keys)."""
+
+    def __init__(self, scope: Any) -> None:
+        self.scope = check_scope(scope)
+        self.lo = encode_prefix(scope)
+        self.hi = prefix_end(self.lo)
+
+    def contains(self, stored_key: bytes) -> bool:
+        return stored_key >= self.lo and (self.hi is None or stored_key < self.hi)
+
+    def same(self, other: Any) -> bool:
+        """Was something declared in this scope (or a narrower one inside it)?"""
+        if other is None or type(other) is not type(self.scope):
+            return False
+        return other.startswith(self.scope)

@@ -1,0 +1,105 @@
+"""Two-phase commit: prepared (in-doubt) transactions that survive crashes.
+
+``tx.prepare(gid)`` validates the transaction and logs a PREPARE record with its writes,
+reads, scanned ranges and action ids (durable before it returns); from then on it is
+*held*: conflicting transactions cannot commit over it (:class:`PreparedSet`), and it
+takes no more writes or actions.  After a crash the prepared set is rebuilt from LMDB
+(PREPARE rows are applied like any event) and recovery leaves it in doubt: neither undone
+nor compensated.
+
+Deciding goes through the same places as everything else: ``commit_prepared`` is an
+ordinary commit through the one pipeline (its COMMIT carries ``gid``; applying it records
+the decision); ``rollback_prepared`` logs ROLLBACK_PREPARED — durable — *then*
+compensates the transaction's actions, so a crash in a compensator leaves them
+``pending`` for the next open, never forgotten.  Decisions are kept so a coordinator
+(:mod:`walstore.agent.coordinator`) can be asked after a crash what it decided.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UnknownPoint
+from ..log.format import RecordType
+from ..engine.conflicts import Prepared
+from ..engine.pipeline import CommitRequest
+from .actions import Action, Saga
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..engine.transaction import Transaction
+
+
+def check_gid(gid: Any) -> str:
+    if not isinstance(gid, str) or not gid or len(gid.encode()) > 200:
+        raise TypeError("a gid must be a non-empty str of at most 200 bytes")
+    return gid
+
+
+class UnknownGid(UnknownPoint):
+    """No prepared transaction has this gid."""
+
+
+class TwoPhase:
+    def __init__(self, engine: "Engine", saga: Saga) -> None:
+        self.engine = engine
+        self.saga = saga
+
+    def prepare(self, tx: "Transaction", gid: str) -> None:
+        check_gid(gid)
+        tx._check_writable()
+        live = [a for a in tx.effects if isinstance(a, Action)]
+        extra = self.saga.commit_fields(tx)
+        extra.pop("actions", None)
+        p = Prepared(gid, tx.id, list(tx.writes.items()), sorted(tx.read_keys),
+                     list(tx.read_ranges), tx.meta, [a.id for a in live],
+                     self.engine.clock(), extra, tx.scope)
+        tx.logged = True
+        self.engine.pipeline.prepare(p, tx.read_set())
+
+    def prepared(self) -> list[str]:
+        self.engine.check_open()
+        return sorted(self.engine.prepared.by_gid)
+
+    def details(self, gid: str) -> Prepared:
+        return self._get(gid)
+
+    def _get(self, gid: str) -> Prepared:
+        check_gid(gid)
+        self.engine.check_open()
+        p = self.engine.prepared.by_gid.get(gid)
+        if p is None:
+            raise UnknownGid(f"no prepared transaction with gid {gid!r}", gid)
+        return p
+
+    def commit_prepared(self, gid: str) -> int:
+        """Commit a prepared transaction through the commit pipeline; returns its LSN."""
+        p = self._get(gid)
+        body = dict(p.extra, gid=gid)
+        rows = [self.engine.views.action_row(aid) for aid in p.actions]
+        actions = [dict(r, state="committed") for r in rows if r is not None]
+        if actions:
+            body["actions"] = actions
+        req = CommitRequest(p.txid, list(p.writes), p.meta, None, body, gid=gid)
+        return self.engine.pipeline.commit(req).lsn
+
+    def rollback_prepared(self, gid: str) -> None:
+        """Log the decision (durable), release the holds, then compensate the actions."""
+        p = self._get(gid)
+        eng = self.engine
+        eng.check_writable()
+        with eng.journal.lock:
+            eng.check_writable()
+            event = eng.journal.append(RecordType.ROLLBACK_PREPARED, {"tx": p.txid, "gid": gid},
+                                       p.txid)
+            eng.prepared.remove(gid)
+        eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
+                                        f"the rollback of {gid!r}", "the decision")
+        owed = [Action.from_row(r) for r in eng.views.action_rows_of(p.txid)]
+        self.saga.compensate([a for a in owed if a.owed])
+
+    def decision(self, gid: str) -> str | None:
+        """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""
+        self.engine.check_open()
+        if gid in self.engine.prepared:
+            return "prepared"
+        return self.engine.views.decision(gid)

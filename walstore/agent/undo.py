@@ -1,0 +1,229 @@
+"""Undoing committed work: ``revert`` one transaction, ``rewind`` to a point.
+
+Both work the same way: plan which committed transactions to undo, apply their keys'
+values as of just before them inside a NEW transaction, commit it through the one
+pipeline — its COMMIT *claims* the committed actions it undoes (``compensate``), so two
+concurrent undoers of one action cannot both commit — and only then compensate those
+actions, newest first (:mod:`walstore.agent.actions`).  History is kept: an undo is a
+transaction like any other and can itself be reverted.
+
+- The undo transaction reads every key it restores (and, for a rewind, the whole scope
+  range) at its snapshot, so any commit racing with it makes it conflict rather than be
+  silently overwritten.
+- ``scope`` (a key prefix): only keys under it return to their values at the point; a
+  transaction is undone wholly when it was tagged with the scope or wrote only inside
+  it; compensations run for actions of transactions undone wholly, and for actions
+  declared in the scope.  A later transaction with actions that wrote both inside and
+  outside the scope (not tagged with it) raises RevertConflict naming it.
+- Undoing an undo would bring back state whose external effects were compensated:
+  RevertConflict naming those actions, unless ``force=True``, which marks them
+  ``needs-redo`` (walstore cannot redo the outside world).
+- ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.
+
+Costs grow with what is undone (index lookups per transaction and key), never with the
+age of the store.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..codec import decode_key, encode_key
+from ..errors import RevertConflict
+from ..log.records import jsonable_point
+from ..engine import tables
+from .actions import Action, Saga, newest_first
+from .history import History
+from .scope import ScopeRange, check_scope
+from .txlog import TxnInfo, info_from_row
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..engine.transaction import Transaction
+
+
+@dataclass
+class UndoPlan:
+    """What a revert or rewind would do (``dry_run=True``) or did."""
+
+    txids: list = field(default_factory=list)          # undone, newest first
+    keys: list = field(default_factory=list)           # user keys that change
+    files: list = field(default_factory=list)          # workspace paths that change
+    compensations: list = field(default_factory=list)  # Actions, newest first
+    needs_redo: list = field(default_factory=list)     # action ids marked needs-redo
+    scope: Any = None
+    boundary: int | None = None
+
+    def as_dict(self) -> dict:
+        return {"txids": list(self.txids), "keys": list(self.keys), "files": list(self.files),
+                "compensations": [{"id": a.id, "name": a.name, "compensate": a.compensate,
+                                   "txid": a.txid} for a in self.compensations],
+                "needs_redo": list(self.needs_redo), "scope": self.scope,
+                "boundary": self.boundary}
+
+
+class Undo:
+    def __init__(self, engine: "Engine", saga: Saga, history: History, begin) -> None:
+        self.engine = engine
+        self.saga = saga
+        self.history = history
+        self.begin = begin  # (meta) -> a new Transaction
+
+    # ---- public verbs ---------------------------------------------------------------------
+    def revert(self, txid: int, cascade: bool = False, scope: Any = None,
+               dry_run: bool = False, force: bool = False, meta: Any = None
+               ) -> TxnInfo | UndoPlan | None:
+        scope = check_scope(scope)
+        if isinstance(txid, bool) or not isinstance(txid, int):
+            raise TypeError(f"revert takes a txid (int), not {type(txid).__name__}")
+        self.engine.check_writable()
+        tx = self._begin_undo(meta if meta is not None else {"revert": int(txid)})
+        with tx:
+            target = self.history.txn_info(txid)
+            undo = {target.txid: target}
+            frontier = [target]
+            while frontier:
+                later = self._later_writers(frontier.pop(), scope)
+                new = [i for i in later if i.txid not in undo]
+                if new and not cascade:
+                    ids = sorted({i.txid for i in later}, reverse=True)
+                    raise RevertConflict(f"transaction {target.txid} cannot be reverted alone: "
+                                         f"later transactions {ids} changed the same keys "
+                                         f"(use cascade=True to revert them too)", ids)
+                for i in new:
+                    undo[i.txid] = i
+                    frontier.append(i)
+            infos = sorted(undo.values(), key=lambda i: i.lsn, reverse=True)
+            plan = self._plan(infos, scope, force, boundary=None)
+            if dry_run:
+                tx.rollback()
+                return plan
+            return self._commit(tx, plan, {"reverts": plan.txids})
+
+    def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
+               meta: Any = None) -> TxnInfo | UndoPlan | None:
+        scope = check_scope(scope)
+        self.engine.check_writable()
+        tx = self._begin_undo(meta if meta is not None else {"rewind": jsonable_point(to)})
+        rng = ScopeRange(scope) if scope is not None else None
+        # any commit after tx's snapshot that touches the scope is a conflict
+        tx.read_ranges.append((rng.lo, rng.hi) if rng else (b"", None))
+        with tx:
+            boundary = self.history.resolve(to)
+            infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
+            plan = self._plan(infos, scope, force, boundary)
+            if dry_run or not plan.txids:
+                tx.rollback()
+                return plan if dry_run else None
+            return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
+
+    def _begin_undo(self, meta: Any) -> "Transaction":
+        """The undoing transaction: its snapshot first, then every commit up to it applied
+        (the history indexes the plan reads hold them all); anything committed later that
+        touches what it restores makes it conflict."""
+        tx = self.begin(meta)
+        _ = tx.snapshot
+        self.engine.drain()
+        return tx
+
+    # ---- planning -----------------------------------------------------------------------
+    def _later_writers(self, info: TxnInfo, scope: Any) -> list[TxnInfo]:
+        """Transactions after ``info`` that wrote one of its keys (in the scope)."""
+        rng = ScopeRange(scope) if scope is not None else None
+        out: dict[int, TxnInfo] = {}
+        st = self.engine.state
+        for key in info.keys:
+            k = encode_key(key)
+            if rng is not None and not rng.contains(k):
+                continue
+            prefix = tables.hist_prefix(k)
+            for raw, _row in st.scan(tables.hist_key(k, info.lsn + 1), prefix + b"\xff" * 9,
+                                     db=st.hist):
+                if not tables.is_version_of(raw, prefix):
+                    continue
+                from ..codec import unpack
+                txid = unpack(_row)[0]
+                if txid not in out and txid != info.txid:
+                    out[txid] = self.history.txn_info(txid)
+        return list(out.values())
+
+    def _plan(self, infos: list[TxnInfo], scope: Any, force: bool,
+              boundary: int | None) -> UndoPlan:
+        """Which keys go back, which actions are compensated, what conflicts."""
+        rng = ScopeRange(scope) if scope is not None else None
+        plan = UndoPlan(scope=scope, boundary=boundary)
+        restore: dict[bytes, int] = {}  # key -> LSN just before the oldest undone writer
+        mixed_with_actions = []
+        undone_txids = set()
+        for info in infos:  # newest first
+            keys = [encode_key(k) for k in info.keys]
+            whole = rng is None or rng.same(info.scope) or all(rng.contains(k) for k in keys)
+            mine = keys if whole else [k for k in keys if rng.contains(k)]
+            committed = [Action.from_row(self._current_row(a)) for a in info.actions]
+            committed = [a for a in committed if a.state == tables.COMMITTED and a.compensate]
+            if whole:
+                undone_txids.add(info.txid)
+                plan.compensations += committed
+            else:
+                declared = [a for a in committed if rng.same(a.scope)]
+                plan.compensations += declared
+                if mine and len(declared) < len(committed):
+                    mixed_with_actions.append(info.txid)
+                if not mine and not declared:
+                    continue
+                undone_txids.add(info.txid)
+            for k in mine:
+                restore[k] = info.lsn  # newest first: ends at the oldest writer's LSN
+        if mixed_with_actions:
+            raise RevertConflict(f"transactions {mixed_with_actions} wrote both inside and "
+                                 f"outside scope {scope!r} and ran actions that were not "
+                                 f"declared in it; they cannot be undone partly",
+                                 mixed_with_actions)
+        plan.txids = [i.txid for i in infos if i.txid in undone_txids]
+        plan.compensations.sort(key=newest_first)
+        plan.needs_redo = self._needs_redo(infos, undone_txids, force)
+        plan.keys = sorted((decode_key(k) for k in restore), key=repr)
+        plan._restore = restore  # type: ignore[attr-defined]
+        return plan
+
+    def _needs_redo(self, infos: list[TxnInfo], undone: set, force: bool) -> list[str]:
+        """Actions an undone undo had compensated, whose own transaction stays: undoing
+        the undo brings their state back while the outside world stays compensated."""
+        ids = []
+        for info in infos:
+            if info.txid not in undone:
+                continue
+            for aid in info.extra.get("compensate", ()):
+                if int(aid.partition(".")[0]) not in undone:
+                    ids.append(aid)
+        if ids and not force:
+            raise RevertConflict(f"undoing this brings back the state of action(s) {ids}, "
+                                 f"which were compensated and cannot be redone by walstore; "
+                                 f"use force=True to undo anyway and mark them 'needs-redo'",
+                                 actions=ids)
+        return ids
+
+    def _current_row(self, row: dict) -> dict:
+        return self.engine.views.action_row(row["id"]) or row
+
+    # ---- doing --------------------------------------------------------------------------
+    def _commit(self, tx: "Transaction", plan: UndoPlan, extra: dict) -> TxnInfo:
+        restore = plan._restore  # type: ignore[attr-defined]
+        reader = self.engine.reader
+        for k, lsn in restore.items():
+            tx.read_keys.add(k)
+            tx._set(k, reader.as_of(k, lsn))  # its value just before the oldest undone writer
+        body = dict(extra)
+        if plan.compensations:
+            body["compensate"] = [a.id for a in plan.compensations]
+        if plan.needs_redo:
+            body["redo"] = list(plan.needs_redo)
+        if plan.scope is not None:
+            body["scope"] = plan.scope
+        tx.commit_body.update(body)
+        tx.commit()
+        owed = [Action.from_row(r) for r in
+                (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
+        if owed:
+            self.saga.compensate(owed)
+        return self.history.txn_info(tx.id)

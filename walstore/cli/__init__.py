@@ -1,0 +1,121 @@
+"""The ``walstore`` command line: the click group :data:`main` and its ONE error path.
+
+Exit status: 0 success; 1 a problem found (corruption, a refused recovery, a failed
+verify, pending compensations, in-doubt transactions, and every OS, LMDB, decoding or
+walstore error); 2 usage error (click's own, a path that is not a store, a malformed key
+or point, a bad ``--handlers`` module).  Every error is ONE line on stderr naming what
+failed, the file and the cause; ``--debug`` (or ``WALSTORE_DEBUG=1``) adds the traceback.
+
+The commands live in one module per verb family (:mod:`.maintenance`, :mod:`.data`,
+:mod:`.agent`, :mod:`.twophase`, :mod:`.tools`); rendering and command-line syntax in
+:mod:`.output`; the internals the CLI uses in :mod:`._engine`.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import sys
+import traceback
+from typing import Any, NoReturn
+
+import click
+import lmdb
+import msgpack
+
+import walstore
+from . import _engine
+from .output import EXIT_PROBLEM, EXIT_USAGE, Failure, error_text
+
+__all__ = ["main"]
+
+DEBUG_ENV = "WALSTORE_DEBUG"
+# msgpack.PackException is plain Exception in msgpack 1.x: not listed on purpose.
+_DECODING_ERRORS = (struct.error, msgpack.UnpackException, msgpack.ExtraData,
+                    msgpack.FormatError, msgpack.StackError, UnicodeError)
+
+
+def debugging(ctx: click.Context | None) -> bool:
+    """``--debug`` given, or WALSTORE_DEBUG set to something other than empty/0."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        return True
+    root = ctx.find_root() if ctx is not None else None
+    return bool(root is not None and root.params.get("debug"))
+
+
+def explain(exc: BaseException, command: str, path: str | None) -> tuple[str, int]:
+    """The one line (without the ``walstore:`` prefix) and exit status for an error."""
+    usage = isinstance(exc, (walstore.NotAStore, walstore.UnknownPoint))  # named nothing
+    code = EXIT_USAGE if usage else EXIT_PROBLEM
+    return f"{command} failed: {_cause(exc, command, path)}", code
+
+
+def _cause(exc: BaseException, command: str, path: str | None) -> str:
+    where = f" (store {os.path.abspath(path)})" if path else ""
+    if isinstance(exc, walstore.WalstoreError):
+        text = error_text(exc)
+        if isinstance(exc, walstore.CorruptionError):
+            text = f"corruption: {text}"
+            if path and command not in ("recover", "verify"):
+                text += f"; `walstore recover {path}` shows the options"
+        elif isinstance(exc, walstore.StoreLocked):
+            text += " (stop it first, or use a read-only command)"
+        inner = exc.__cause__
+        if isinstance(inner, (OSError, lmdb.Error)) and str(inner) not in text:
+            text += f" ({_cause(inner, command, None)})"  # a wrapped OS/LMDB error: say which
+        return text
+    if isinstance(exc, OSError):
+        name = errno.errorcode.get(exc.errno or 0)
+        text = (exc.strerror or str(exc)) + (f" [{name}]" if name else "")
+        files = [os.fsdecode(f) if isinstance(f, (str, bytes)) else str(f)
+                 for f in (exc.filename, exc.filename2) if f is not None]
+        return text + (f": {' -> '.join(files)}" if files else where)
+    if isinstance(exc, lmdb.Error):
+        db = _engine.lmdb_file(path) if path else None
+        return f"LMDB: {exc}" + (f": {db}" if db and db not in str(exc) else "")
+    if isinstance(exc, _DECODING_ERRORS):
+        return f"undecodable data ({type(exc).__name__}: {exc}){where}"
+    if isinstance(exc, KeyError):
+        return error_text(exc)
+    return (f"{type(exc).__name__}: {exc}{where} (an unexpected error; `walstore --debug` "
+            f"shows where)")
+
+
+def report(ctx: click.Context, exc: BaseException) -> NoReturn:
+    """The one error path: every exception escaping a command ends here."""
+    if debugging(ctx):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    message, code = explain(exc, ctx.info_name or "walstore", ctx.params.get("path"))
+    raise Failure(message, code) from None
+
+
+class WalstoreCommand(click.Command):
+    """A command whose escaping exceptions go through :func:`report`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit,
+                click.exceptions.Abort):
+            raise
+        except Exception as exc:  # the one error path: one line, never a traceback
+            report(ctx, exc)
+
+
+class WalstoreGroup(click.Group):
+    command_class = WalstoreCommand
+
+
+@click.group(cls=WalstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="walstore")
+@click.option("--debug", is_flag=True,
+              help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
+def main(debug: bool) -> None:
+    """walstore: a crash-safe transactional key-value store for agent state.
+
+    Keys: hex:00ff and b64:AP8= name bytes keys, str:TEXT the str key TEXT literally,
+    anything else is a str key.  Points: tx:N, lsn:N, a txid, or a restore point name.
+    """
+
+
+from . import agent, data, maintenance, tools, twophase  # noqa: E402,F401  (register commands)

@@ -1,0 +1,138 @@
+"""Agent-layer verbs: undo (revert, rewind with --scope/--dry-run) and the external side
+effects (actions, resolve)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import click
+
+import walstore
+
+from . import main
+from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
+from .output import (EXIT_PROBLEM, EXIT_USAGE, KEY, POINT, emit_json,
+                     error_text, fail, kv_lines, show_key, show_value, table)
+
+
+@main.command()
+@PATH
+@click.argument("txid", type=click.IntRange(min=1))
+@click.option("--cascade", is_flag=True, help="Also revert later transactions on the same keys.")
+@HANDLERS
+@JSON
+def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: bool) -> None:
+    """Undo committed transaction TXID as a new transaction."""
+    comps = load_handlers(handlers)
+    with open_store(path, compensators=comps) as store:
+        try:
+            info = store.revert(txid, cascade=cascade)
+        except (KeyError, walstore.HistoryTrimmed) as e:  # TXID names no transaction
+            fail(error_text(e), EXIT_USAGE)
+        except walstore.CompensationFailed as e:
+            fail(f"reverted, but {e}")
+    _done(info, as_json)
+
+
+@main.command()
+@PATH
+@click.option("--to", "to", type=POINT, required=True,
+              help="tx:N, lsn:N, a TXID, or a restore point NAME.")
+@click.option("--scope", type=KEY, default=None,
+              help="Only keys under this prefix go back (a KEY, e.g. agents/a/).")
+@click.option("--dry-run", is_flag=True, help="Print what would be undone; change nothing.")
+@HANDLERS
+@JSON
+def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handlers: str | None,
+           as_json: bool) -> None:
+    """Undo every transaction after a point, as one new transaction."""
+    comps = load_handlers(handlers)
+    with open_store(path, compensators=comps) as store:
+        try:
+            result = store.rewind(to, scope=scope, dry_run=dry_run)
+        except walstore.CompensationFailed as e:
+            fail(f"rewound, but {e}")
+    if dry_run:
+        _show_plan(result, as_json)
+    else:
+        _done(result, as_json)
+
+
+def _done(info: Any, as_json: bool) -> None:
+    reverted = list(info.extra.get("reverts", [])) if info else []
+    if as_json:
+        emit_json({"txid": info.txid if info else None, "lsn": info.lsn if info else None,
+                   "reverted": reverted})
+    elif info is None:
+        click.echo("nothing to undo")
+    else:
+        click.echo(f"committed txid {info.txid} at LSN {info.lsn}, undoing transactions "
+                   f"{reverted}")
+
+
+def _plan_fields(plan: Any) -> dict:
+    """The rewind plan (a dict, a dataclass, or an object with ``as_dict``) as a dict."""
+    if isinstance(plan, dict):
+        return plan
+    if hasattr(plan, "as_dict"):
+        return dict(plan.as_dict())
+    if dataclasses.is_dataclass(plan) and not isinstance(plan, type):
+        return {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return dict(vars(plan))
+
+
+def _show_plan(plan: Any, as_json: bool) -> None:
+    fields = _plan_fields(plan) if plan is not None else {}
+    if as_json:
+        emit_json({"dry_run": True, "plan": fields})
+        return
+    click.echo("dry run: nothing was changed")
+    scalars = []
+    for name, value in fields.items():
+        if isinstance(value, (list, tuple)) and value and all(
+                isinstance(v, dict) for v in value):
+            click.echo(f"{name}:")
+            headers = list(dict.fromkeys(k for row in value for k in row))
+            table([[_plan_cell(row.get(h)) for h in headers] for row in value],
+                  [str(h).upper() for h in headers])
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            scalars.append((name, ", ".join(_plan_cell(v) for v in value) or "(none)"))
+        else:
+            scalars.append((name, _plan_cell(value)))
+    kv_lines(scalars)
+
+
+def _plan_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    return show_key(v) if isinstance(v, (str, bytes)) else show_value(v)
+
+
+@main.command("actions")
+@PATH
+@click.option("--pending", is_flag=True, help="Only compensations still owed.")
+@JSON
+def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
+    """External side effects: intents, results, compensation state (and why one is owed)."""
+    with open_store(path, readonly=True) as store:
+        acts = store.actions(pending=pending)
+    if as_json:
+        emit_json({"actions": action_docs(acts, None)})
+    else:
+        action_table(acts, None)
+    if pending and acts:
+        raise SystemExit(EXIT_PROBLEM)
+
+
+@main.command()
+@PATH
+@click.argument("action_id")
+@click.option("--note", default=None, help="Why it was handled by hand.")
+def resolve(path: str, action_id: str, note: str | None) -> None:
+    """Mark a pending or failed compensation handled by hand."""
+    with open_store(path) as store:
+        try:
+            store.resolve(action_id, note)
+        except KeyError as e:
+            fail(error_text(e), EXIT_USAGE)
+    click.echo(f"action {action_id} resolved")

@@ -1,0 +1,93 @@
+"""What several verb families share: the PATH/--json/--handlers parameters, opening a
+store for a command, importing ``--handlers`` modules, and describing actions (the
+``recover`` and ``actions`` listings)."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+import click
+
+import walstore
+
+from .output import UsageProblem, jsonable, show_value, table
+
+PATH = click.argument("path", type=click.Path(file_okay=False))
+JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+HANDLERS = click.option("--handlers", "handlers", default=None, metavar="MODULE",
+                        help="Import compensators from MODULE's COMPENSATORS dict.")
+
+# Why an action still owes its compensation (``reason`` in JSON).
+FAILED, NO_COMPENSATOR, NOT_RUN = "failed", "no-compensator", "not-run"
+
+
+def open_store(path: str, **kw: Any) -> walstore.Store:
+    """Open the existing store at ``path`` (errors take the CLI's one error path)."""
+    return walstore.open(path, create=False, **kw)
+
+
+def load_handlers(module: str | None) -> dict[str, Callable] | None:
+    """``--handlers MODULE``: its ``COMPENSATORS`` dict (name -> function); usage error when
+    the module cannot be imported or has no such dict."""
+    if module is None:
+        return None
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # any failure to import is the user's module, named below
+        raise UsageProblem(f"--handlers {module}: cannot import it "
+                           f"({type(e).__name__}: {e})") from None
+    comps = getattr(mod, "COMPENSATORS", None)
+    if not isinstance(comps, dict):
+        raise UsageProblem(f"--handlers {module}: the module has no COMPENSATORS dict "
+                           f"(compensator name -> function)")
+    bad = [n for n, f in comps.items() if not isinstance(n, str) or not callable(f)]
+    if bad:
+        raise UsageProblem(f"--handlers {module}: COMPENSATORS must map names (str) to "
+                           f"functions; not so for {bad!r}")
+    return dict(comps)
+
+
+def owed_reason(action: walstore.Action, compensators: dict | None) -> str | None:
+    """Why ``action`` still owes its compensation; None when nothing is owed.
+
+    ``failed``: its compensator ran and kept failing (``error`` says how).
+    ``no-compensator``: no compensator was registered for it when the store last ran
+    compensations (an owed action nobody ran; with ``compensators`` given, those of this
+    run decide).  ``not-run``: one is registered in this run but has not run it.
+    """
+    if action.state == "failed":
+        return FAILED
+    if action.state != "pending":
+        return None
+    if compensators is not None and action.compensate in compensators:
+        return NOT_RUN
+    return NO_COMPENSATOR
+
+
+def last_error(action: walstore.Action, reason: str | None) -> str:
+    if reason == FAILED:
+        return f"failed after {action.attempts} tries: {action.error}"
+    if reason == NO_COMPENSATOR:
+        text = (f"no compensator registered for {action.compensate!r}" if action.compensate
+                else "no compensator declared")
+        note = action.error or ""
+        return text if not note or note.startswith("no compensator") else f"{text}; {note}"
+    if reason == NOT_RUN:
+        return action.error or "not run yet"
+    return action.error or ""
+
+
+def action_docs(actions: list[walstore.Action], compensators: dict | None) -> list[dict]:
+    """--json rows: the action's fields plus ``reason`` (see :func:`owed_reason`)."""
+    return [dict(jsonable(a.as_dict()), reason=owed_reason(a, compensators)) for a in actions]
+
+
+def action_table(actions: list[walstore.Action], compensators: dict | None,
+                 results: bool = True) -> None:
+    rows = []
+    for a in actions:
+        reason = owed_reason(a, compensators)
+        rows.append([a.id, a.txid, a.name, a.compensate or "", a.state]
+                    + ([show_value(a.result)] if results else []) + [last_error(a, reason)])
+    table(rows, ["ID", "TXID", "NAME", "COMPENSATOR", "STATE"] + (["RESULT"] if results else [])
+          + ["LAST ERROR"])

@@ -1,0 +1,105 @@
+"""Reading and writing keys: get, put, delete, scan, and the history of a store (log) and
+of a key (history).  KEY and --prefix follow the key syntax of :mod:`.output`."""
+from __future__ import annotations
+
+import time
+
+import click
+
+from . import main
+from .common import JSON, PATH, open_store
+from .output import (EXIT_USAGE, KEY, emit_json, fail, parse_json_value, show_key, show_value,
+                     table)
+
+
+@main.command()
+@PATH
+@click.argument("key", type=KEY)
+def get(path: str, key: str | bytes) -> None:
+    """Print the value of KEY as JSON (exit 1 when absent)."""
+    with open_store(path, readonly=True) as store:
+        if key not in store:
+            fail(f"key {show_key(key)!r} not found")
+        click.echo(show_value(store[key]))
+
+
+@main.command()
+@PATH
+@click.argument("key", type=KEY)
+@click.argument("value")
+def put(path: str, key: str | bytes, value: str) -> None:
+    """Set KEY to the JSON VALUE in one transaction."""
+    decoded = parse_json_value(value)
+    with open_store(path) as store:
+        with store.transaction(meta={"cli": "put"}) as tx:
+            try:
+                tx.put(key, decoded)
+            except (TypeError, ValueError) as e:  # the key or value itself is refused
+                fail(f"cannot put {show_key(key)!r}: {e}", EXIT_USAGE)
+    click.echo(f"committed txid {tx.id} at LSN {tx.lsn}")
+
+
+@main.command()
+@PATH
+@click.argument("key", type=KEY)
+def delete(path: str, key: str | bytes) -> None:
+    """Delete KEY in one transaction."""
+    with open_store(path) as store:
+        if key not in store:
+            fail(f"key {show_key(key)!r} not found")
+        with store.transaction(meta={"cli": "delete"}) as tx:
+            tx.delete(key)
+    click.echo(f"committed txid {tx.id} at LSN {tx.lsn}")
+
+
+@main.command()
+@PATH
+@click.option("--prefix", type=KEY, default=None, help="Only keys starting with this KEY.")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@JSON
+def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool) -> None:
+    """Keys and values in key order."""
+    rows = []
+    with open_store(path, readonly=True) as store:
+        for k, v in store.scan(prefix=prefix if prefix else None):
+            rows.append((k, v))
+            if limit and len(rows) >= limit:
+                break
+    if as_json:
+        emit_json({"items": [{"key": k, "value": v} for k, v in rows]})
+    else:
+        table([[show_key(k), show_value(v)] for k, v in rows], ["KEY", "VALUE"])
+
+
+@main.command("log")
+@PATH
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@JSON
+def log_cmd(path: str, limit: int, as_json: bool) -> None:
+    """Committed transactions, newest first."""
+    with open_store(path, readonly=True) as store:
+        infos = store.log(limit=limit)
+    if as_json:
+        emit_json({"transactions": [{"txid": i.txid, "lsn": i.lsn, "timestamp": i.timestamp,
+                                     "meta": i.meta, "keys": list(i.keys),
+                                     "actions": list(i.actions)} for i in infos]})
+        return
+    rows = [[i.txid, i.lsn, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.timestamp)),
+             len(i.keys), show_value(i.meta) if i.meta is not None else ""] for i in infos]
+    table(rows, ["TXID", "LSN", "TIME", "KEYS", "META"])
+
+
+@main.command("history")
+@PATH
+@click.argument("key", type=KEY)
+@JSON
+def history_cmd(path: str, key: str | bytes, as_json: bool) -> None:
+    """Versions of KEY, newest first."""
+    with open_store(path, readonly=True) as store:
+        versions = store.history(key)
+    if as_json:
+        emit_json({"key": key, "versions": [{"txid": v.txid, "lsn": v.lsn, "value": v.value,
+                                             "deleted": v.deleted} for v in versions]})
+        return
+    table([[v.txid, v.lsn, "(deleted)" if v.deleted else show_value(v.value)] for v in versions],
+          ["TXID", "LSN", "VALUE"])

@@ -1,0 +1,164 @@
+"""Operator verbs on a whole store: init, recover, verify, stats, checkpoint, backup, dump."""
+from __future__ import annotations
+
+import os
+
+import click
+
+import walstore
+
+from . import _engine, main
+from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
+from .output import (EXIT_PROBLEM, UsageProblem, emit_json, emit_json_list, emit_summary,
+                     kv_lines, progress_printer)
+
+# Recovery problems that are a normal crash outcome (exit 0), not a problem found.
+NORMAL_PROBLEMS = ("torn-tail", "stale-bytes")
+
+
+@main.command()
+@PATH
+def init(path: str) -> None:
+    """Create an empty store at PATH."""
+    if _engine.is_store(path):
+        raise UsageProblem(f"{path} is already a store")
+    walstore.open(path).close()
+    click.echo(f"created store {os.path.abspath(path)}")
+
+
+@main.command()
+@PATH
+@click.option("--mode", type=click.Choice(_engine.RECOVERY_MODES), default="strict",
+              show_default=True, help="What to give up when the WAL is damaged.")
+@HANDLERS
+@JSON
+def recover(path: str, mode: str, handlers: str | None, as_json: bool) -> None:
+    """Recover PATH after a crash: REDO committed work, UNDO losers, cut a torn tail.
+
+    Lists every action still owing its compensation (id, name, compensator, state, last
+    error); exit 1 when any is owed, a transaction is in doubt or damage was found.
+    """
+    compensators = load_handlers(handlers)
+    progress = None if as_json else progress_printer("recover")
+    try:
+        store = _engine.open_for_recovery(path, mode, compensators, progress)
+    except walstore.CorruptionError as e:
+        if e.file and e.file.startswith(_engine.lmdb_file(path)):
+            raise  # LMDB itself is damaged: not a log the modes could cut (one error line)
+        _report_refused(e, as_json)
+    with store:
+        report = store.last_recovery
+        owed = store.pending_compensations()
+        registered = dict(store.compensators)
+    doc = report.as_dict()
+    doc["pending_actions"] = action_docs(owed, registered)
+    problem = (any(p.kind not in NORMAL_PROBLEMS for p in report.problems)
+               or bool(report.in_doubt) or bool(owed))
+    if as_json:
+        emit_json(doc)
+    else:
+        _print_recovery(doc)
+        if owed:
+            click.echo("pending compensations (need a compensator, --handlers MODULE, or "
+                       "`walstore resolve`):")
+            action_table(owed, registered, results=False)
+        click.echo("recovered" + (" cleanly" if doc["clean"] else ""))
+    raise SystemExit(EXIT_PROBLEM if problem else 0)
+
+
+def _report_refused(e: walstore.CorruptionError, as_json: bool) -> None:
+    doc = {"recovered": False, "refused": True, "reason": e.reason, "file": e.file,
+           "offset": e.offset, "lsn": e.lsn}
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"recovery refused: {e}")
+        click.echo("nothing after the damage was applied; choose what to give up with "
+                   "--mode tolerate-tail | point-in-time | skip-corrupt")
+    raise SystemExit(EXIT_PROBLEM)
+
+
+def _print_recovery(doc: dict) -> None:
+    kv_lines([("mode", doc["mode"]), ("segments", doc["segments"]),
+              ("records read", doc["records"]), ("commits redone", doc["redone"]),
+              ("log ends at LSN", doc["end_lsn"]), ("torn bytes cut", doc["torn_bytes"]),
+              ("losers (no commit)", len(doc["losers"])), ("seconds", f"{doc['seconds']:.3f}")])
+    for p in doc["problems"]:
+        click.echo(f"{p['kind']}: {p['reason']} at {p['file']} offset {p['offset']} "
+                   f"(LSN {p['lsn']}), {p['bytes']} bytes {p['action'] or 'found'}"
+                   + (f" -> {p['quarantined']}" if p['quarantined'] else ""))
+    if doc["given_up_records"]:
+        click.echo(f"gave up {doc['given_up_records']} valid records behind the damage "
+                   f"(commits of txids {doc['given_up_txids']}); they are in quarantine/")
+    if doc.get("compensated"):
+        click.echo(f"compensations run: {', '.join(doc['compensated'])}")
+    if doc.get("in_doubt"):
+        click.echo(f"in-doubt prepared transactions (need `walstore commit-prepared` or "
+                   f"`rollback-prepared`): {', '.join(doc['in_doubt'])}")
+
+
+@main.command()
+@PATH
+@JSON
+def verify(path: str, as_json: bool) -> None:
+    """Check every checksum and WAL-vs-LMDB consistency (read-only)."""
+    rep = _engine.verify(path, None if as_json else progress_printer("verify"))
+    if as_json:
+        emit_json(rep.as_dict())
+    else:
+        kv_lines([("segments", rep.segments), ("records", rep.records), ("commits", rep.commits),
+                  ("LMDB keys", rep.lmdb_keys), ("keys checked vs WAL", rep.keys_checked),
+                  ("applied LSN", rep.applied_lsn), ("WAL end LSN", rep.wal_end_lsn)])
+        for w in rep.warnings:
+            click.echo(f"warning: {w}")
+        for e in rep.errors:
+            click.echo(f"error: {e}")
+        click.echo("ok" if rep.ok else f"{len(rep.errors)} problem(s) found")
+    raise SystemExit(0 if rep.ok else EXIT_PROBLEM)
+
+
+@main.command()
+@PATH
+@JSON
+def stats(path: str, as_json: bool) -> None:
+    """Sizes, positions and counters of a store."""
+    with open_store(path, readonly=True) as store:
+        doc = store.stats()
+    emit_summary(doc, as_json)
+
+
+@main.command()
+@PATH
+@JSON
+def checkpoint(path: str, as_json: bool) -> None:
+    """Apply the WAL to LMDB, sync it, and trim old WAL segments."""
+    with open_store(path) as store:
+        doc = store.checkpoint()
+    emit_summary(doc, as_json)
+
+
+@main.command()
+@PATH
+@click.argument("dest", type=click.Path(file_okay=False))
+@JSON
+def backup(path: str, dest: str, as_json: bool) -> None:
+    """Copy PATH to DEST consistently, even while a writer is running."""
+    src, target = os.path.realpath(path), os.path.realpath(dest)
+    if target == src or target.startswith(src.rstrip(os.sep) + os.sep):
+        raise UsageProblem(f"backup destination {dest} is the store {path} or lies inside it")
+    doc = _engine.backup(path, dest)
+    emit_summary(doc, as_json)
+
+
+@main.command()
+@PATH
+@click.option("--from", "from_lsn", type=click.IntRange(min=0), default=0, help="First LSN.")
+@JSON
+def dump(path: str, from_lsn: int, as_json: bool) -> None:
+    """Raw WAL records, decoded."""
+    records = _engine.wal_records(path, from_lsn)
+    if as_json:  # streamed, one record at a time: bounded memory on any WAL
+        emit_json_list("records", records)
+        return
+    for r in records:
+        click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  {r['summary']}")

@@ -1,0 +1,256 @@
+"""What the command line prints and how it reads what the user types.
+
+Owns: strict RFC 8259 JSON rendering (:func:`jsonable`, :func:`emit_json`), aligned tables
+and key/value lines, progress on stderr, the one-line failure (:func:`fail`,
+:class:`Failure`, :class:`UsageProblem`), and the command-line syntax of keys and points
+(:func:`parse_key` / :func:`show_key`, :func:`parse_point`) with their click types.
+
+JSON rules (one document per command, ``json.dumps(..., allow_nan=False)``):
+
+- Where JSON has no form for a value, a one-key "tag" object stands in:
+  ``{"base64": "..."}`` bytes; ``{"float": "nan"}`` / ``{"float": "inf"}`` /
+  ``{"float": "-inf"}`` a float JSON cannot spell; ``{"map": [[key, value], ...]}`` a map
+  with any key that is not a str (bytes keys are ``{"base64": ...}`` there, ints stay ints),
+  so a bytes key never looks like a str key.
+- A str-keyed map that would itself look like a tag (exactly one key, named ``base64``,
+  ``float`` or ``map``) is written in the ``{"map": ...}`` form too.  Hence every JSON object
+  with exactly one key named ``base64``, ``float`` or ``map`` is a tag, and every other
+  object is a map with those str keys: the rendering is unambiguous.
+
+Keys on the command line (every KEY argument, ``--prefix`` and ``--scope``):
+``hex:00ff`` and ``b64:AP8=`` name bytes keys; ``str:TEXT`` names the str key ``TEXT``
+literally (``str:hex:x`` is the str ``"hex:x"``); anything else is a str key.  A malformed
+``hex:``/``b64:`` value is a usage error.  Human output writes keys the same way (bytes as
+``hex:...``, a str that starts with one of the prefixes as ``str:...``), so a key can be
+pasted back.
+
+Points (``--to``): ``tx:N`` a txid, ``lsn:N`` a log position, bare digits a txid, anything
+else a restore point name; a malformed ``tx:``/``lsn:`` is a usage error.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import math
+import re
+from typing import Any, Callable, Iterable, NoReturn
+
+import click
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+PROGRESS_MIN_BYTES = 32 * 1024 * 1024
+TAGS = frozenset({"base64", "float", "map"})
+KEY_PREFIXES = ("str:", "hex:", "b64:")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+# ---- failing in one line ---------------------------------------------------------------
+class Failure(click.ClickException):
+    """A command's failure: one line on stderr, then exit with ``exit_code``."""
+
+    def __init__(self, message: str, code: int = EXIT_PROBLEM) -> None:
+        super().__init__(" ".join(message.split()) if "\n" in message else message)
+        self.exit_code = code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"walstore: {self.format_message()}", err=True)
+
+
+class UsageProblem(Failure):
+    """A usage error we detect ourselves (bad key syntax, a bad --handlers): exit 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
+
+
+def fail(message: str, code: int = EXIT_PROBLEM) -> NoReturn:
+    """Stop the command with one line on stderr and exit status ``code``."""
+    raise Failure(message, code)
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception's message (a KeyError's without the quotes str() adds)."""
+    if isinstance(exc, KeyError) and len(exc.args) == 1:
+        return str(exc.args[0])
+    return str(exc)
+
+
+# ---- JSON --------------------------------------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(bytes(data)).decode("ascii")
+
+
+def jsonable(obj: Any) -> Any:
+    """msgpack-shaped data (and report objects) as strict-JSON-ready data; see the module doc."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)  # LSN and other int subclasses
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return {"float": "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")}
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return {"base64": b64(obj)}
+    if isinstance(obj, dict):
+        plain = all(isinstance(k, str) for k in obj)
+        if plain and not (len(obj) == 1 and next(iter(obj)) in TAGS):
+            return {k: jsonable(v) for k, v in obj.items()}
+        return {"map": [[jsonable(k), jsonable(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return sorted((jsonable(v) for v in obj), key=json_text)
+    if hasattr(obj, "as_dict"):
+        return jsonable(obj.as_dict())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return jsonable(dataclasses.asdict(obj))
+    raise TypeError(f"cannot render a {type(obj).__name__} as JSON")
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict RFC 8259 text of already-jsonable data (NaN/Infinity fail loudly)."""
+    return json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False)
+
+
+def emit_json(doc: Any) -> None:
+    """Print one JSON document on stdout."""
+    click.echo(json_text(jsonable(doc), indent=2))
+
+
+def emit_json_list(name: str, items: Iterable[Any]) -> None:
+    """Print ``{name: [items...]}`` as one JSON document, streaming the items."""
+    click.echo(f"{{{json_text(name)}: [", nl=False)
+    sep = "\n  "
+    for item in items:
+        click.echo(sep + json_text(jsonable(item)), nl=False)
+        sep = ",\n  "
+    click.echo("\n]}" if sep != "\n  " else "]}")
+
+
+def emit_summary(doc: dict, as_json: bool) -> None:
+    """A flat summary: one JSON document, or sorted aligned ``name  value`` lines."""
+    if as_json:
+        emit_json(doc)
+    else:
+        kv_lines(sorted(doc.items()))
+
+
+def show_value(v: Any) -> str:
+    """A value as compact strict JSON (human output and ``get``)."""
+    return json_text(jsonable(v))
+
+
+def parse_json_value(text: str) -> Any:
+    """A VALUE argument: strict JSON (NaN/Infinity are not JSON and are refused)."""
+    def refuse(token: str) -> Any:
+        raise ValueError(f"{token} is not JSON")
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except ValueError as e:
+        raise UsageProblem(f"VALUE must be JSON ({e}); quote strings: '\"text\"'") from None
+
+
+# ---- human output ----------------------------------------------------------------------------
+def _cell(c: Any) -> str:
+    text = c if isinstance(c, str) else str(c)
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def table(rows: list[list[Any]], headers: list[str]) -> None:
+    cells = [[_cell(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for r in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def kv_lines(pairs: list[tuple[str, Any]]) -> None:
+    if not pairs:
+        return
+    width = max(len(k) for k, _ in pairs)
+    for k, v in pairs:
+        click.echo(f"{k.ljust(width)}  {_cell(v)}")
+
+
+def progress_printer(label: str) -> Callable[[int, int], None]:
+    """A progress callback printing to stderr for large walks (and only then)."""
+    state = {"last": -1}
+
+    def show(done: int, total: int) -> None:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        pct = int(100 * done / max(total, 1))
+        if pct != state["last"] and (pct % 5 == 0 or done >= total):
+            state["last"] = pct
+            click.echo(f"\r{label}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({pct:3d}%)",
+                       err=True, nl=done >= total)
+    return show
+
+
+# ---- keys ----------------------------------------------------------------------------------
+def parse_key(text: str) -> str | bytes:
+    """A key as typed: ``hex:``/``b64:`` bytes, ``str:`` a literal str, else a str."""
+    if text.startswith("str:"):
+        return text[4:]
+    if text.startswith("hex:"):
+        digits = text[4:]
+        if not _HEX.fullmatch(digits):
+            raise UsageProblem(f"bad key {text!r}: after 'hex:' come pairs of hex digits "
+                               f"(write str:{text} for the str key)")
+        return bytes.fromhex(digits)
+    if text.startswith("b64:"):
+        try:
+            return base64.b64decode(text[4:].encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise UsageProblem(f"bad key {text!r}: after 'b64:' comes padded standard base64 "
+                               f"(write str:{text} for the str key)") from None
+    return text
+
+
+def show_key(k: str | bytes) -> str:
+    """A key as a user would type it back (the inverse of :func:`parse_key`)."""
+    if isinstance(k, (bytes, bytearray, memoryview)):
+        return "hex:" + bytes(k).hex()
+    return "str:" + k if k.startswith(KEY_PREFIXES) else k
+
+
+class KeyType(click.ParamType):
+    name = "KEY"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str | bytes:
+        return parse_key(value) if isinstance(value, str) else value
+
+
+KEY = KeyType()
+
+
+# ---- points ----------------------------------------------------------------------------------
+def parse_point(text: str) -> Any:
+    """``tx:N`` (int txid), ``lsn:N`` (walstore.LSN), bare digits (txid), else a name."""
+    import walstore
+    for prefix in ("tx:", "lsn:"):
+        if text.startswith(prefix):
+            rest = text[len(prefix):]
+            if not _DIGITS.fullmatch(rest):
+                raise UsageProblem(f"bad point {text!r}: after {prefix!r} comes a "
+                                   f"non-negative number")
+            return int(rest) if prefix == "tx:" else walstore.LSN(int(rest))
+    if _DIGITS.fullmatch(text):
+        return int(text)
+    if not text:
+        raise UsageProblem("a point is tx:N, lsn:N, a txid or a restore point name, not ''")
+    return text
+
+
+class PointType(click.ParamType):
+    name = "POINT"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return parse_point(value) if isinstance(value, str) else value
+
+
+POINT = PointType()

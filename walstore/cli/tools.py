@@ -1,0 +1,38 @@
+"""Verbs that show walstore off rather than operate a store: demo and bench."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from . import _engine, main
+from .common import JSON
+from .output import UsageProblem, emit_json, fail
+
+
+@main.command()
+@click.argument("path", required=False, type=click.Path())
+def demo(path: str | None) -> None:
+    """An agent scenario end to end, narrated (in a new store: PATH must not exist or be an
+    empty directory)."""
+    if path is not None and os.path.lexists(path) and (
+            not os.path.isdir(path) or os.listdir(path)):
+        raise UsageProblem(f"demo needs a new store: {path} exists and is not an empty "
+                           f"directory")
+    raise SystemExit(_engine.run_demo(path))
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A short run (under a minute).")
+@JSON
+def bench(quick: bool, as_json: bool) -> None:
+    """Benchmarks against SQLite and raw LMDB, run in one go (ratios)."""
+    try:
+        run_benchmarks, render_markdown = _engine.benchmarks()
+    except ImportError as e:
+        fail(f"benchmarks unavailable: {e}")
+    results = run_benchmarks(quick=quick, progress=(lambda m: click.echo(m, err=True)))
+    if as_json:
+        emit_json(results)
+    else:
+        click.echo(render_markdown(results))

@@ -1,0 +1,56 @@
+"""Two-phase commit verbs: prepared (in-doubt transactions), commit-prepared,
+rollback-prepared."""
+from __future__ import annotations
+
+import click
+
+import walstore
+
+from . import _engine, main
+from .common import HANDLERS, JSON, PATH, load_handlers, open_store
+from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json, error_text, fail, show_value, table
+
+
+@main.command()
+@PATH
+@JSON
+def prepared(path: str, as_json: bool) -> None:
+    """In-doubt two-phase transactions (exit 1 when there are any)."""
+    with open_store(path) as store:
+        rows = _engine.prepared_details(store)
+    if as_json:
+        emit_json({"prepared": rows})
+    else:
+        table([[p["gid"], p["txid"], p["keys"], show_value(p["meta"])] for p in rows],
+              ["GID", "TXID", "WRITES", "META"])
+    if rows:
+        raise SystemExit(EXIT_PROBLEM)
+
+
+@main.command("commit-prepared")
+@PATH
+@click.argument("gid")
+def commit_prepared(path: str, gid: str) -> None:
+    """Commit the prepared transaction GID."""
+    with open_store(path) as store:
+        try:
+            lsn = store.commit_prepared(gid)
+        except KeyError as e:
+            fail(error_text(e), EXIT_USAGE)
+    click.echo(f"committed {gid} at LSN {lsn}")
+
+
+@main.command("rollback-prepared")
+@PATH
+@click.argument("gid")
+@HANDLERS
+def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
+    """Roll back the prepared transaction GID."""
+    with open_store(path, compensators=load_handlers(handlers)) as store:
+        try:
+            store.rollback_prepared(gid)
+        except KeyError as e:
+            fail(error_text(e), EXIT_USAGE)
+        except walstore.CompensationFailed as e:
+            fail(f"rolled back, but {e}")
+    click.echo(f"rolled back {gid}")

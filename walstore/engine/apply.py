@@ -1,0 +1,195 @@
+"""The Applier: the only code that writes LMDB.
+
+LMDB holds what the log says, nothing else.  ``apply`` puts a batch of log events (in LSN
+order) into ONE LMDB transaction together with the ``applied`` LSN, so REDO from
+``applied`` is idempotent; the background applier thread and recovery's REDO both call
+it.  The few writes that are not log events are bookkeeping of the engine's own life
+(the clean-shutdown flag, where a salvaged log starts, the history horizon and the
+trimming it allows, erasure of purged keys) and live here too, so one module answers
+"what writes LMDB, and when".
+
+Invariants: events are applied in LSN order, exactly once per LMDB state (an event below
+``applied`` is never applied again); the data, its history rows, the transaction log row,
+action rows and 2PC rows of one event commit in the same LMDB transaction.
+"""
+from __future__ import annotations
+
+from ..codec import pack, unpack
+from ..log.format import RecordType
+from ..log.records import Event
+from . import tables
+from .lmdb_state import LmdbState, from_u64, u64
+
+PREPARED_PREFIX = b"p:"
+DECISION_PREFIX = b"d:"
+_T = RecordType
+
+
+class Applier:
+    """Writes LMDB on behalf of the log (see the module docstring)."""
+
+    def __init__(self, state: LmdbState) -> None:
+        self.state = state
+
+    # ---- log events --------------------------------------------------------------------
+    def apply(self, events: list[Event], applied_end: int) -> None:
+        """Apply ``events`` (LSN order) and set ``applied`` to ``applied_end``."""
+        st = self.state
+
+        def body(txn) -> None:
+            latest: dict[bytes, bytes | None] = {}
+            hist_rows, bylsn_rows, txn_rows, new_keys = [], [], [], []
+            actions: dict[str, dict] = {}
+            max_txid = -1
+            for e in events:
+                max_txid = max(max_txid, e.txid)
+                t = e.type
+                if t == _T.COMMIT:
+                    lsn_raw = u64(e.lsn)
+                    bylsn_rows.append((lsn_raw, tables.txid_key(e.txid)))
+                    for k, v in e.writes:
+                        before = latest[k] if k in latest else txn.get(k, db=st.data)
+                        hist_rows.append((tables.hist_prefix(k) + lsn_raw,
+                                          pack([e.txid, before])))
+                        if before is None:
+                            new_keys.append((k, b""))
+                        latest[k] = v
+                    txn_rows.append((tables.txid_key(e.txid), pack(tables.txn_row(e))))
+                    gid = e.body.get("gid")
+                    if gid:
+                        self._decide(txn, gid, b"commit")
+                    txn.delete(tables.txid_key(e.txid), db=st.inflight)
+                elif t in (_T.ABORT, _T.ROLLBACK_PREPARED):
+                    txn.delete(tables.txid_key(e.txid), db=st.inflight)
+                    if t == _T.ROLLBACK_PREPARED and e.body.get("gid"):
+                        self._decide(txn, e.body["gid"], b"abort")
+                elif t == _T.ACTION_INTENT:
+                    txn.put(tables.txid_key(e.txid), b"", db=st.inflight)
+                elif t == _T.PREPARE:
+                    row = dict(e.body, w=[[k, v] for k, v in e.writes])
+                    txn.put(PREPARED_PREFIX + str(e.body["gid"]).encode(), pack(row),
+                            db=st.twophase)
+                elif t == _T.RESTORE_POINT:
+                    name = str(e.body.get("name", "")).encode("utf-8")
+                    if e.body.get("drop"):
+                        txn.delete(name, db=st.points)
+                    else:
+                        txn.put(name, pack({"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}),
+                                db=st.points)
+                if t in _ACTION_EVENTS:
+                    for row in tables.action_changes(e, _row_getter(txn, st, actions),
+                                                     _rows_of_txid(txn, st, actions)):
+                        actions[row["id"]] = row
+            if latest:
+                txn.cursor(db=st.data).putmulti([(k, v) for k, v in latest.items()
+                                                 if v is not None])
+                for k, v in latest.items():
+                    if v is None:
+                        txn.delete(k, db=st.data)
+                txn.cursor(db=st.hist).putmulti(hist_rows)
+                txn.cursor(db=st.bylsn).putmulti(bylsn_rows)
+            if txn_rows:
+                txn.cursor(db=st.txns).putmulti(txn_rows)
+            if new_keys:
+                txn.cursor(db=st.hkeys).putmulti(new_keys, overwrite=False)
+            if actions:
+                txn.cursor(db=st.actions).putmulti(
+                    [(aid.encode(), pack(row)) for aid, row in actions.items()])
+            txn.put(b"applied", u64(applied_end), db=st.meta)
+            if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta)) <= max_txid:
+                txn.put(b"next_txid", u64(max_txid + 1), db=st.meta)
+
+        st.write(body)
+
+    def _decide(self, txn, gid: str, decision: bytes) -> None:
+        st = self.state
+        txn.delete(PREPARED_PREFIX + gid.encode(), db=st.twophase)
+        txn.put(DECISION_PREFIX + gid.encode(), decision, db=st.twophase)
+
+    # ---- the engine's own bookkeeping ---------------------------------------------------
+    def set_meta(self, name: bytes, value: int) -> None:
+        self.state.write(lambda txn: txn.put(name, u64(value), db=self.state.meta))
+
+    def trim_history(self, commits: list[tuple[int, int]], horizon: int) -> None:
+        """Delete the history of ``commits`` [(lsn, txid)] below ``horizon`` (each key keeps
+        its newest version below the horizon, so views at or after it stay exact) and the
+        rows of their settled actions."""
+        st = self.state
+
+        def body(txn) -> None:
+            for lsn, txid in commits:
+                raw = txn.get(tables.txid_key(txid), db=st.txns)
+                row = unpack(raw) if raw is not None else {"w": []}
+                for key, _unused in row.get("w", []):
+                    if _has_newer_below(txn, st, key, lsn, horizon):
+                        txn.delete(tables.hist_key(key, lsn), db=st.hist)
+                for a in row.get("actions", []):
+                    araw = txn.get(a["id"].encode(), db=st.actions)
+                    if araw is not None and unpack(araw).get("state") in (
+                            tables.COMMITTED, tables.COMPENSATED, tables.RESOLVED):
+                        txn.delete(a["id"].encode(), db=st.actions)
+                txn.delete(tables.txid_key(txid), db=st.txns)
+                txn.delete(u64(lsn), db=st.bylsn)
+        st.write(body)
+
+    def erase_keys(self, keys: list[bytes]) -> None:
+        """Purge: delete ``keys`` from ``data``, ``hkeys`` and every history row of them."""
+        st = self.state
+
+        def body(txn) -> None:
+            cur = txn.cursor(db=st.hist)
+            for k in keys:
+                txn.delete(k, db=st.data)
+                txn.delete(k, db=st.hkeys)
+                prefix = tables.hist_prefix(k)
+                doomed = []
+                if cur.set_range(prefix):
+                    while tables.is_version_of(cur.key(), prefix):
+                        doomed.append(cur.key())
+                        if not cur.next():
+                            break
+                for raw in doomed:
+                    txn.delete(raw, db=st.hist)
+        st.write(body)
+
+
+_ACTION_EVENTS = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
+                            _T.ROLLBACK_PREPARED, _T.COMPENSATED})
+
+
+def _row_getter(txn, st, pending: dict):
+    def get(aid: str) -> dict | None:
+        if aid in pending:
+            return pending[aid]
+        raw = txn.get(aid.encode(), db=st.actions)
+        return None if raw is None else unpack(raw)
+    return get
+
+
+def _rows_of_txid(txn, st, pending: dict):
+    def rows(txid: int) -> list[dict]:
+        prefix = tables.action_prefix(txid)
+        found = {}
+        cur = txn.cursor(db=st.actions)
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                found[cur.key().decode()] = unpack(cur.value())
+                if not cur.next():
+                    break
+        for aid, row in pending.items():
+            if row.get("tx") == txid:
+                found[aid] = row
+        return list(found.values())
+    return rows
+
+
+def _has_newer_below(txn, st, key: bytes, lsn: int, horizon: int) -> bool:
+    """Is there a version of ``key`` after ``lsn`` and still below the horizon?"""
+    cur = txn.cursor(db=st.hist)
+    prefix = tables.hist_prefix(key)
+    if not cur.set_range(tables.hist_key(key, lsn + 1)):
+        return False
+    k = cur.key()
+    if not tables.is_version_of(k, prefix):
+        return False
+    return tables.split_hist_key(k)[1] < horizon

@@ -1,0 +1,472 @@
+"""The Engine: one open store's machinery, below the agent layer.
+
+It owns, for the life of an open store: the directory and its writer lock (Layout,
+ProcessLock); the LMDB environment (LmdbState) and its only writer (Applier); the WAL
+(WriteAheadLog) behind the Journal; the MemTable of unapplied events; reads (StateReader)
+and views (Views); the commit pipeline (CommitPipeline) with its conflict checker and
+prepared set; the background threads (the applier, which also checkpoints and prepares
+the next WAL segment; the flusher under durability="normal"); and recovery at open.
+
+Lifecycle: ``Engine(...)`` opens (creating, locking, recovering: analysis and REDO in
+:mod:`walstore.engine.recovery`, then UNDO here: every loser ends with an ABORT record, as
+a rollback would, which turns its actions' rows to ``pending``); ``close()`` applies
+everything, checkpoints and marks the shutdown clean; ``drop_like_a_crash()`` lets go as
+a killed process would (tests and tools).
+
+Failure model: an error that leaves the log's tail in doubt (an fsync failure) or LMDB
+unwritable (the applier failed) puts the engine in ``failure``: every later write is
+refused with ReadOnlyError *before* it logs anything; reads go on from LMDB and the
+MemTable; reopening recovers.  Errors after a commit's point of no return are contained
+(``note_background_error``), never reported as the commit's failure.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import threading
+import time
+from typing import Any, Callable
+
+from .. import fileio
+from ..errors import NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed
+from ..log.format import RecordType
+from ..log.records import Event
+from ..log.segment import create_segment, list_segments
+from ..log.writer import FIRST_SEGMENT_SIZE, WriteAheadLog
+from ..options import Options
+from .apply import Applier
+from .conflicts import ConflictChecker, Prepared, PreparedSet
+from .journal import Journal
+from .layout import Layout, ProcessLock, writer_alive
+from .lmdb_state import LmdbState, StateWriteError
+from .memtable import MemTable
+from .pipeline import CommitPipeline
+from .recovery import LogPosition, Recovery, RecoveryReport
+from .snapshot import StateReader
+from .views import Views
+
+DURABILITIES = ("full", "normal", "none")
+RECOVER_MODES = ("auto", "manual")
+
+
+class Engine:
+    """See the module docstring.  Thread-safe."""
+
+    def __init__(self, path: str, *, durability: str = "full", create: bool = True,
+                 readonly: bool = False, recover: str = "auto", map_size: int | None = None,
+                 options: Options | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        if durability not in DURABILITIES:
+            raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
+        if recover not in RECOVER_MODES:
+            raise ValueError(f"recover must be 'auto' or 'manual', not {recover!r}")
+        if map_size is not None and (not isinstance(map_size, int) or isinstance(map_size, bool)
+                                     or map_size < 1 << 16):
+            raise ValueError(f"map_size={map_size!r} is out of range: an integer of at least "
+                             f"65,536 bytes (LMDB's map grows by itself when full; the default "
+                             f"of 64 GiB of address space suffices)")
+        self.layout = Layout(path)
+        self.path = self.layout.root
+        self.durability = durability
+        self.readonly = readonly
+        self.options = options or Options()
+        self.closed = True
+        self.failure: BaseException | None = None
+        self.background_errors: list[str] = []
+        self.last_recovery: RecoveryReport | None = None
+        self.checkpoint_hooks: list[Callable[[], dict]] = []
+        self.retention_pins: list[Callable[[], int | None]] = []
+        self._proc_lock: ProcessLock | None = None
+        self.state: LmdbState | None = None
+        self.wal: WriteAheadLog | None = None
+        self.follower = None
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._wake = threading.Condition(threading.Lock())
+        self._woken = False
+        self._room = threading.Condition(threading.Lock())
+        self._apply_lock = threading.Lock()
+        self._checkpoint_lock = threading.RLock()
+        self.applied_lsn = 0
+        if not self.layout.exists() and (readonly or not create):
+            self.layout.read_identity()  # raises NotAStore with the reason
+        try:
+            if not readonly:
+                self._lock_and_create()
+            self.store_id = self.layout.read_identity()
+            self.origin = self.layout.read_origin()
+            self.state = LmdbState(self.layout.db, map_size, readonly=readonly)
+            self.applier = Applier(self.state)
+            self.closed = False  # the open sequence below uses the engine (a failure closes)
+            if readonly:
+                self._open_readonly()
+            else:
+                self._open_writer(recover, progress)
+        except BaseException:
+            self._release()
+            raise
+        if not readonly:
+            self._start_threads()
+
+    # ---- opening ------------------------------------------------------------------------
+    def _lock_and_create(self) -> None:
+        """Take the writer lock, creating the store first if needed (under the lock, so
+        two processes opening a new path at once cannot both create it)."""
+        if not self.layout.exists():
+            self.layout.check_creatable()  # NotAStore before leaving any file behind
+            fileio.make_dir(self.layout.root)
+        self._proc_lock = ProcessLock(self.layout)
+        if not self.layout.exists():
+            self.layout.create()
+
+    def needs_recovery(self) -> bool:
+        """True when the last writer did not close the store cleanly."""
+        return self.state.meta_int(b"open") == 1
+
+    def _open_writer(self, recover: str, progress) -> None:
+        if recover == "manual" and self.needs_recovery():
+            raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
+                                f"`walstore recover {self.path}` (or open with recover='auto')")
+        mode = self.options.recovery_mode
+        if mode == "strict":  # refuse before changing anything: judge the whole log first
+            Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
+        rec = Recovery(self.path, self.store_id, self.state, mode, progress)
+        position = rec.run()
+        self.last_recovery = report = rec.report
+        self._position_log(position)
+        self.applied_lsn = self.state.applied_lsn()
+        for row in self.views.prepared_rows().values():
+            self.prepared.add(Prepared.from_row(row))
+        report.in_doubt = sorted(self.prepared.by_gid)
+        top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1]
+                  + [p.txid for p in self.prepared.by_gid.values()])
+        self._txids = itertools.count(top + 1)
+        report.losers = sorted(set(report.losers) - self.prepared.txids())
+        self._undo_losers(report.losers)
+        if report.redone or report.problems or report.losers:
+            self._checkpoint()
+        if report.salvaged:
+            self._seal_salvaged_log()
+        self.applier.set_meta(b"open", 1)
+        self.state.sync()
+
+    def _position_log(self, pos: LogPosition) -> None:
+        if pos.create_new:
+            create_segment(self.layout.wal, self.store_id, pos.segment_start,
+                           min(self.options.segment_size, FIRST_SEGMENT_SIZE))
+        self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
+                                 self.options.segment_size)
+        self.memtable = MemTable(published=self.wal.written_lsn,
+                                 limit=self.options.max_unapplied)
+        self.journal = Journal(self.wal, self.memtable, self.durability)
+        self.reader = StateReader(self.state, self.memtable)
+        self.views = Views(self.state, self.memtable)
+        self.prepared = PreparedSet()
+        self.pipeline = CommitPipeline(self, self.journal,
+                                       ConflictChecker(self.state, self.memtable), self.prepared)
+
+    def _undo_losers(self, losers: list[int]) -> None:
+        """UNDO: a loser ends as a rollback ends, with an ABORT record (its actions' rows
+        become ``pending``: compensated right after open, or listed).  In a copy of another
+        store (backup, restore) they are ``held``: listed, never run automatically."""
+        copied = self.origin is not None
+        for txid in losers:
+            body = {"tx": txid, "recovered": True}
+            if copied:
+                body["copied"] = True
+            self.journal.append(RecordType.ABORT, body, txid)
+        if copied:
+            self._hold_copied_debts()
+        if losers or copied:
+            self.journal.sync_all()
+            self.drain()
+        if copied:
+            self.layout.clear_origin()
+
+    def _hold_copied_debts(self) -> None:
+        """A copy never runs compensations owed in its source: every owed action is held."""
+        for row in self.views.action_rows().values():
+            if row.get("state") in ("pending", "failed") and not row.get("held"):
+                self.journal.append(RecordType.COMPENSATED, dict(
+                    id=row["id"], state=row["state"], held=True,
+                    error=(row.get("error") or "") + " (owed in the source store when it "
+                          "was copied: never run automatically here)"), row.get("tx", -1))
+
+    def _seal_salvaged_log(self) -> None:
+        """After skip-corrupt left holes: start a clean log, move the damaged one aside.
+        Everything valid in it is in LMDB now (REDO + checkpoint)."""
+        start = self.wal.rotate()
+        self._checkpoint()
+        fileio.make_dir(self.layout.quarantine)
+        for seg_start, path in list_segments(self.layout.wal):
+            if seg_start < start:
+                dest = os.path.join(self.layout.quarantine,
+                                    f"{os.path.basename(path)}.salvaged.{int(time.time())}.bin")
+                shutil.move(path, dest)
+        fileio.fsync_dir(self.layout.quarantine)
+        fileio.fsync_dir(self.layout.wal)
+        self.applier.set_meta(b"wal_start", start)
+        self.state.sync()
+
+    def _open_readonly(self) -> None:
+        from .follower import Follower
+        if self.needs_recovery() and not writer_alive(self.layout):
+            # A crashed store: judge its log as strict recovery would, so a damaged log is
+            # refused here instead of being shown as a silent prefix.
+            Recovery(self.path, self.store_id, self.state, "strict", None, dry_run=True).run()
+        self._txids = itertools.count(1)  # read-only transactions never log their id
+        self.memtable = MemTable(published=self.state.applied_lsn(), limit=1 << 62)
+        self.reader = StateReader(self.state, self.memtable)
+        self.views = Views(self.state, self.memtable)
+        self.prepared = PreparedSet()
+        self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable)
+        self.refresh()
+
+    def writer_alive(self) -> bool:
+        """Is a writer (this process, or another one) holding the store?"""
+        return not self.readonly or writer_alive(self.layout)
+
+    def refresh(self) -> None:
+        """Read-only engines: take in what the writer logged since the last read."""
+        if self.follower is not None:
+            self.follower.catch_up()
+
+    # ---- threads ------------------------------------------------------------------------
+    def _start_threads(self) -> None:
+        self._spawn(self._applier_loop, "walstore-applier")
+        if self.durability == "normal":
+            self._spawn(self._flusher_loop, "walstore-flusher")
+
+    def _spawn(self, fn, name: str) -> None:
+        t = threading.Thread(target=fn, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def wake_applier(self) -> None:
+        if not self._woken and len(self.memtable) >= self.options.apply_batch:
+            self._woken = True  # one wake-up per batch, not one per commit
+            with self._wake:
+                self._wake.notify()
+
+    def _applier_loop(self) -> None:
+        """Apply published events in batches; checkpoint; keep a spare segment ready."""
+        while not self._stop.is_set():
+            with self._wake:
+                if not self._woken:
+                    self._wake.wait(self.options.apply_interval)
+            self._woken = False
+            if self._stop.is_set():
+                return
+            try:
+                while self.apply_published() >= self.options.apply_batch:
+                    pass
+                if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
+                    self._checkpoint()
+                if self.wal.needs_spare():
+                    self.wal.prepare_spare()
+            except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
+                self.fail(e)
+                return
+
+    def _flusher_loop(self) -> None:
+        while not self._stop.wait(self.options.sync_interval):
+            try:
+                self.wal.sync()
+            except BaseException as e:  # noqa: BLE001
+                self.fail(e)
+                return
+
+    def wait_for_room(self) -> None:
+        """Backpressure before a commit logs anything: wait while too much is unapplied."""
+        while self.memtable.over_limit:
+            self.check_writable()
+            self._woken = True
+            with self._wake:
+                self._wake.notify()
+            with self._room:
+                self._room.wait(0.05)
+
+    # ---- applying -----------------------------------------------------------------------
+    def apply_published(self, limit: int | None = None) -> int:
+        """Move published events into LMDB (one batch); returns how many."""
+        with self._apply_lock:
+            batch = self.memtable.published_events(limit or self.options.apply_batch)
+            if not batch:
+                return 0
+            end = batch[-1].end
+            self.wal.sync_to(end)  # WAL before data: LMDB never gets ahead of the durable log
+            self.applier.apply(batch, end)
+            with self.journal.lock:
+                self.memtable.drop_applied(batch)
+                self.applied_lsn = end
+            with self._room:
+                self._room.notify_all()
+            return len(batch)
+
+    def drain(self) -> None:
+        """Apply every published event now (a reader of LMDB's indexes wants them all)."""
+        if self.readonly:
+            self.refresh()
+            return
+        self.check_open()
+        if self.failure is not None:
+            return  # the applier failed: what is unapplied stays in the MemTable
+        while self.apply_published(1 << 30):
+            pass
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        """Apply all, sync LMDB, log a checkpoint, drop WAL segments no longer needed."""
+        self.check_open()
+        if self.readonly:
+            raise ReadOnlyError("a read-only store cannot checkpoint")
+        self.check_writable()
+        return self._checkpoint()
+
+    def _checkpoint(self) -> dict:
+        with self._checkpoint_lock:
+            self.journal.sync_all()
+            while self.apply_published(1 << 30):
+                pass
+            self.state.sync()
+            applied = self.applied_lsn
+            keep = min([applied] + [p for p in (pin() for pin in self.retention_pins)
+                                    if p is not None])
+            self.journal.append_plain(RecordType.CHECKPOINT, {"applied": applied, "keep": keep,
+                                                              "ts": time.time()})
+            self.wal.bytes_since_checkpoint = 0
+            self.wal.sync()
+            removed = self.wal.trim_below(keep)
+            out = {"applied_lsn": applied, "keep_lsn": keep, "segments_removed": len(removed),
+                   "wal_bytes": self.wal.disk_bytes()}
+            for hook in self.checkpoint_hooks:
+                out.update(hook())
+            return out
+
+    # ---- writing ------------------------------------------------------------------------
+    def next_txid(self) -> int:
+        return next(self._txids)
+
+    def log_event(self, rtype: int, body: dict, txid: int = -1, durable: bool = False) -> Event:
+        """Append a non-commit event (an intent, a result, a compensation outcome, a restore
+        point, an abort); ``durable``: wait until it is on disk (per the durability) before
+        returning, because an external effect follows it."""
+        self.check_writable()
+        event = self.journal.append(rtype, body, txid)
+        if durable:
+            self.journal.force_durable(event.end)
+        return event
+
+    def clock(self) -> float:
+        return time.time()
+
+    # ---- health -------------------------------------------------------------------------
+    def check_open(self) -> None:
+        if self.closed:
+            raise StoreClosed(f"store {self.path} is closed")
+
+    def check_writable(self) -> None:
+        self.check_open()
+        if self.readonly:
+            raise ReadOnlyError(f"store {self.path} is open read-only")
+        if self.failure is not None:
+            raise ReadOnlyError(f"store {self.path} turned read-only after an error "
+                                f"({self.failure}); reopen it to recover") from self.failure
+        if self.wal.failed is not None:
+            self.fail(self.wal.failed)
+            self.check_writable()
+
+    @property
+    def writable(self) -> bool:
+        return (not self.closed and not self.readonly and self.failure is None
+                and self.wal is not None and self.wal.failed is None)
+
+    def fail(self, error: BaseException) -> None:
+        """Stop writing for good (until reopened): the log's tail or LMDB is in doubt."""
+        if self.failure is None:
+            self.failure = error
+        with self._room:
+            self._room.notify_all()
+
+    def note_background_error(self, error: BaseException) -> None:
+        """An error after a commit's point of no return: never the commit's failure.  An
+        LMDB write error stops writing; anything else is recorded for ``stats()``."""
+        self.background_errors.append(f"{type(error).__name__}: {error}")
+        del self.background_errors[:-10]
+        if isinstance(error, (StateWriteError, OSError)):
+            self.fail(error)
+
+    # ---- closing ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Apply everything, checkpoint, mark the shutdown clean, release the lock."""
+        if self.closed:
+            return
+        healthy = self.writable
+        self._stop_threads()
+        try:
+            if healthy:
+                self._checkpoint()
+                self.applier.set_meta(b"open", 0)
+                self.state.sync()
+        finally:
+            self._release()
+
+    def drop_like_a_crash(self) -> None:
+        """Let go as a killed process would: no apply, no checkpoint, no clean flag."""
+        self._stop_threads()
+        self._release()
+
+    def _stop_threads(self) -> None:
+        self.closed = True
+        self._stop.set()
+        with self._wake:
+            self._wake.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+
+    def _release(self) -> None:
+        self.closed = True
+        if self.follower is not None:
+            self.follower.close()
+        if self.wal is not None:
+            self.wal.close()
+        if self.state is not None:
+            self.state.close()
+        if self._proc_lock is not None:
+            self._proc_lock.release()
+            self._proc_lock = None
+
+    # ---- status -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        self.check_open()
+        segs = list_segments(self.layout.wal)
+        wal_bytes = 0
+        for _s, p in segs:
+            try:
+                wal_bytes += os.path.getsize(p)
+            except FileNotFoundError:
+                pass
+        out = {
+            "path": self.path, "store_id": self.store_id.hex(), "durability": self.durability,
+            "readonly": self.readonly, "applied_lsn": self.state.applied_lsn(),
+            "published_lsn": self.memtable.published,
+            "wal_end_lsn": self.wal.written_lsn if self.wal else self.memtable.published,
+            "wal_synced_lsn": self.wal.synced_lsn if self.wal else None,
+            "wal_segments": len(segs), "wal_bytes": wal_bytes,
+            "wal_fsyncs": self.wal.fsyncs if self.wal else 0,
+            "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
+            "failure": None if self.failure is None else str(self.failure),
+            "background_errors": list(self.background_errors),
+        }
+        return out
+
+
+def check_not_inside(src: str, dest: str) -> None:
+    """Refuse a destination that is the source or inside it (backups, restores)."""
+    s = os.path.realpath(src)
+    d = os.path.realpath(dest)
+    if d == s or d.startswith(s + os.sep):
+        raise NotAStore(f"{dest} lies inside the store {src}; choose a destination outside it")
+

@@ -1,0 +1,105 @@
+"""The Journal: every record of a live store is appended here, and only here.
+
+It joins the WAL writer and the MemTable so that what is in one is in the other, in the
+same order: ``append`` writes the record and queues its event under one lock; the event
+becomes visible (``publish``) once the record is durable (durability="full": the group
+commit's fsync leader publishes everything its fsync covered) or written to the OS
+("normal", "none").  It also knows the store's durability: ``make_durable`` is what a
+commit waits for; ``force_durable`` is what an intent or a decision record waits for
+before an external effect may follow it (fsync under "full" and "normal", nothing under
+"none").
+
+Invariants: LSN order of WAL records == order of MemTable events == publication order;
+an event is published only when everything below it is (the watermark is a prefix).
+"""
+from __future__ import annotations
+
+import threading
+from ..codec import pack
+from ..log import records
+from ..log.format import RecordType
+from ..log.records import Event
+from ..log.writer import WriteAheadLog
+from .memtable import MemTable
+
+CHUNK_BYTES = 4 * 1024 * 1024  # a commit's writes are split into WAL records of about this
+
+
+class Journal:
+    def __init__(self, wal: WriteAheadLog, memtable: MemTable, durability: str) -> None:
+        self.wal = wal
+        self.memtable = memtable
+        self.durability = durability
+        self.lock = wal.lock  # appends, MemTable entry, and the commit pipeline's validation
+        self._publish_lock = threading.Lock()
+        if durability == "full":
+            wal.after_sync = self.publish
+
+    # ---- appending (callers may hold ``lock`` around validation + append) ---------------
+    def append(self, rtype: int, body: dict, txid: int = -1) -> Event:
+        """Append one record that is an event (not a commit) and queue it."""
+        with self.lock:
+            lsn, end = self.wal.append(rtype, pack(body))
+            event = Event(lsn, end, rtype, txid, body, None)
+            self.memtable.add(event)
+            self._publish_written(end)
+            return event
+
+    def append_plain(self, rtype: int, body: dict) -> tuple[int, int]:
+        """Append a record that is not an event (CHECKPOINT)."""
+        with self.lock:
+            return self.wal.append(rtype, pack(body))
+
+    def append_commit(self, txid: int, writes: list, body: dict) -> Event:
+        """Append a commit: its WRITES chunks (if large) and its COMMIT, contiguous."""
+        with self.lock:
+            chunks = records.chunk_writes(writes, CHUNK_BYTES)
+            for chunk in chunks[:-1]:
+                self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
+            full = dict(body, tx=txid, w=chunks[-1])
+            lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
+            event = Event(lsn, end, RecordType.COMMIT, txid, body, writes)
+            self.memtable.add(event)
+            self._publish_written(end)
+            return event
+
+    def append_prepare(self, txid: int, writes: list, body: dict) -> Event:
+        with self.lock:
+            payload = dict(body, w=[[k, v] for k, v in writes])
+            lsn, end = self.wal.append(RecordType.PREPARE, pack(payload))
+            event = Event(lsn, end, RecordType.PREPARE, txid, body, list(writes))
+            self.memtable.add(event)
+            self._publish_written(end)
+            return event
+
+    # ---- durability and visibility ------------------------------------------------------
+    def make_durable(self, end: int) -> None:
+        """What ``commit()`` waits for: the fsync under "full" (LogFailed if it fails)."""
+        if self.durability == "full":
+            self.wal.sync_to(end)
+
+    def force_durable(self, end: int) -> None:
+        """What must precede an external effect (intents, decisions): an fsync unless the
+        store runs without any (durability="none")."""
+        if self.durability != "none":
+            self.wal.sync_to(end)
+            if self.durability != "full":
+                self.publish(self.wal.synced_lsn)
+
+    def sync_all(self) -> None:
+        """Make everything written durable and visible (checkpoints, close)."""
+        self.wal.sync()
+        self.publish(self.wal.synced_lsn)
+
+    def _publish_written(self, end: int) -> None:
+        if self.durability != "full":
+            self.publish(end)
+
+    def publish(self, upto: int) -> None:
+        with self._publish_lock:
+            self.memtable.publish(upto)
+
+    @property
+    def published(self) -> int:
+        return self.memtable.published
+

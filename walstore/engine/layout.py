@@ -1,0 +1,185 @@
+"""The store directory: its files, its identity, and the writer's process lock.
+
+A store is a directory (mode 0700)::
+
+    STORE          identity: JSON {"format": "walstore", "version": 1, "store_id": hex,
+                   and for a copy not yet opened, "origin": {"kind": "backup"|"restore", ...}}
+    LOCK           the writer's lock file (flock), holding the writer's pid
+    wal/           WAL segments (see walstore.segments)
+    db/            the LMDB environment (see walstore.kv)
+    quarantine/    bytes recovery cut off or dropped, each with a JSON note (never deleted)
+
+Invariants: ``STORE`` is written atomically and durably before anything else exists, so a
+directory with a valid ``STORE`` file is a store; one process at a time holds ``LOCK``
+exclusively (the kernel releases it when the process dies, so a lock left by a killed
+writer is taken over safely; the pid inside names the holder for ``StoreLocked``).
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import uuid
+
+from .. import fileio
+from ..errors import NotAStore, StoreLocked
+
+FORMAT_NAME = "walstore"
+FORMAT_VERSION = 1
+
+
+class Layout:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.identity = os.path.join(self.root, "STORE")
+        self.lock = os.path.join(self.root, "LOCK")
+        self.wal = os.path.join(self.root, "wal")
+        self.db = os.path.join(self.root, "db")
+        self.quarantine = os.path.join(self.root, "quarantine")
+
+    def exists(self) -> bool:
+        return os.path.isfile(self.identity)
+
+    def check_creatable(self) -> None:
+        """NotAStore unless a store may be created here (missing, empty, or the skeleton
+        of an interrupted creation).  A store that appeared meanwhile is fine too."""
+        if self.exists():
+            return
+        if os.path.exists(self.root):
+            if not os.path.isdir(self.root):
+                raise NotAStore(f"{self.root} exists and is not a directory")
+            if os.listdir(self.root) and not self._interrupted_creation():
+                raise NotAStore(f"{self.root} is not empty and holds no walstore store "
+                                f"(no STORE file)")
+
+    def create(self) -> bytes:
+        """Make a new, empty store here; returns its id.  The directory must be empty.
+        Call it holding the writer lock (see Engine._lock_and_create)."""
+        if self.exists():
+            raise NotAStore(f"{self.root} already holds a store; refusing to create another")
+        self.check_creatable()
+        fileio.make_dir(self.root)
+        store_id = uuid.uuid4().bytes
+        fileio.make_dir(self.wal)
+        fileio.make_dir(self.db)
+        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
+        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+        parent = os.path.dirname(self.root)
+        if parent:
+            fileio.fsync_dir(parent)
+        return store_id
+
+    def _interrupted_creation(self) -> bool:
+        """Only the skeleton a cut-short ``create`` leaves (empty wal/ and db/, STORE.tmp)?"""
+        names = set(os.listdir(self.root))
+        if not names <= {"wal", "db", "STORE.tmp", "LOCK"}:
+            return False
+        for d in ("wal", "db"):
+            path = os.path.join(self.root, d)
+            if d in names and (not os.path.isdir(path) or os.listdir(path)):
+                return False
+        return True
+
+    def read_identity(self) -> bytes:
+        """The store id; NotAStore when the directory is not a store of a known version."""
+        if not os.path.isdir(self.root):
+            raise NotAStore(f"{self.root} does not exist or is not a directory")
+        try:
+            with open(self.identity, "rb") as f:
+                raw = f.read(4096)
+        except FileNotFoundError:
+            raise NotAStore(f"{self.root} is not a walstore store (no STORE file)") from None
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != FORMAT_NAME:
+                raise ValueError("not a walstore identity file")
+            if doc.get("version") != FORMAT_VERSION:
+                raise NotAStore(f"{self.root} has store format version {doc.get('version')}; "
+                                f"this walstore reads version {FORMAT_VERSION}")
+            store_id = bytes.fromhex(doc["store_id"])
+            if len(store_id) != 16:
+                raise ValueError("bad store id")
+        except NotAStore:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise NotAStore(f"{self.root}/STORE is damaged or not a walstore file: {e}") from None
+        for d in (self.wal, self.db):
+            if not os.path.isdir(d):
+                raise NotAStore(f"{self.root} is missing its {os.path.basename(d)}/ directory")
+        return store_id
+
+
+    def _doc(self) -> dict:
+        with open(self.identity, "rb") as f:
+            return json.loads(f.read(65536))
+
+    def read_origin(self) -> dict | None:
+        """Where a copy came from, until its first open has held the debts it inherited."""
+        origin = self._doc().get("origin")
+        return origin if isinstance(origin, dict) else None
+
+    def write_identity(self, store_id: bytes, origin: dict | None = None) -> None:
+        """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin)."""
+        doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
+        if origin is not None:
+            doc["origin"] = origin
+        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+
+    def clear_origin(self) -> None:
+        doc = self._doc()
+        if doc.pop("origin", None) is not None:
+            fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+
+
+class ProcessLock:
+    """The exclusive writer lock of one store, held for the life of this object."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.path = layout.lock
+        self.fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            pid = self._holder()
+            os.close(self.fd)
+            self.fd = -1
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f"process {pid}" if pid else "another process"
+                if pid == os.getpid():
+                    who += " (this process: the store is already open here)"
+                raise StoreLocked(f"store {layout.root} is locked by {who}", pid) from None
+            raise
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _holder(self) -> int | None:
+        try:
+            with open(self.path, "rb") as f:
+                return int(f.read(32).strip() or 0) or None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+
+
+def writer_alive(layout: Layout) -> bool:
+    """True when some process holds the store's writer lock right now."""
+    try:
+        fd = os.open(layout.lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the shared lock if we got it
+    return False

@@ -1,0 +1,328 @@
+"""The LMDB environment: the materialized state of the log, and how it is read.
+
+Owns ``<store>/db`` and its named databases (tables):
+
+- ``data``:     stored key -> packed value (committed state up to ``applied``);
+- ``meta``:     bookkeeping, u64 big endian: ``applied`` (end LSN of the last applied log
+                event), ``next_txid``, ``open`` (1 while a writer has the store open: the
+                clean-shutdown flag), ``horizon`` (history retention), ``wal_start``;
+- ``txns``:     txid -> the committed transaction's log row;
+- ``bylsn``:    commit LSN -> txid;  ``hist``: key versions;  ``hkeys``: keys with history
+                (see :mod:`walstore.engine.tables`);
+- ``points``:   restore points;  ``actions``: action rows;  ``inflight``: txids with
+                logged intents that have not ended;  ``twophase``: prepared transactions
+                and 2PC decisions.
+
+Invariants:
+- opened sync=True, metasync=False, never sync=False / map_async / writemap: a power loss
+  may undo the last LMDB commits but never corrupts the B-tree, and ``applied`` is in the
+  same LMDB transaction as what it covers, so REDO from ``applied`` is idempotent;
+- every write goes through ``write``, and only :mod:`walstore.engine.apply` calls it;
+- every read is a short read transaction (a point read, or one chunk of a scan): nothing
+  holds a reader slot or old pages while an agent thinks, and the map can always grow.
+  ``ReadGate`` keeps a resize out of the few microseconds a read spends inside LMDB
+  (py-lmdb invalidates open transactions on a resize);
+- the map is large from the start (LMDB maps are sparse: the file grows with the data,
+  not with the map) and doubles when full, which the user never sees;
+- an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
+  file, writes a ``StateWriteError`` (the caller turns the store read-only).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import lmdb
+
+from .. import fileio
+from ..errors import CorruptionError, ReadOnlyError, WalstoreError
+
+DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with the data
+MAX_DBS = 16
+SCAN_CHUNK = 256
+_U64 = struct.Struct(">Q")
+DATA = object()  # "the data table" as a default argument (None means: a missing table)
+
+TABLES = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist",
+          "bylsn": b"bylsn", "points": b"points", "actions": b"actions",
+          "twophase": b"twophase", "hkeys": b"hkeys", "inflight": b"inflight"}
+
+
+class StateWriteError(WalstoreError):
+    """Writing LMDB failed (I/O error, disk full, a damaged file): the log still holds
+    everything; the store must stop writing and be reopened (recovery REDOes the log)."""
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+def from_u64(raw: bytes | None, default: int = 0) -> int:
+    return default if raw is None else _U64.unpack(raw)[0]
+
+
+class ReadGate:
+    """Keeps a map resize out of the moment a reader is inside LMDB, without a lock on the
+    read path: each reading thread flags itself (CPython makes these stores and loads
+    sequentially consistent); a resize raises ``paused``, waits for the flags to clear,
+    resizes, and lets readers in again."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._slots: list = []
+        self._slots_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self.paused = False
+
+    def _slot(self):
+        try:
+            return self._local.slot
+        except AttributeError:
+            slot = self._local.slot = _Slot()
+            with self._slots_lock:
+                self._slots = [s for s in self._slots if s.thread.is_alive()] + [slot]
+            return slot
+
+    def enter(self):
+        slot = self._slot()
+        slot.depth += 1
+        if slot.depth > 1:
+            return slot
+        while True:
+            slot.inside = True
+            if not self.paused:
+                return slot
+            slot.inside = False
+            with self._cond:
+                while self.paused:
+                    self._cond.wait()
+
+    @staticmethod
+    def leave(slot) -> None:
+        slot.depth -= 1
+        if slot.depth == 0:
+            slot.inside = False
+
+    def exclusive(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` while no reader is inside LMDB (readers wait a moment)."""
+        with self._cond:
+            self.paused = True
+        try:
+            me = getattr(self._local, "slot", None)
+            while any(s.inside and s is not me for s in list(self._slots)):
+                time.sleep(0.0002)
+            fn()
+        finally:
+            with self._cond:
+                self.paused = False
+                self._cond.notify_all()
+
+
+class _Slot:
+    __slots__ = ("inside", "depth", "thread")
+
+    def __init__(self) -> None:
+        self.inside = False
+        self.depth = 0
+        self.thread = threading.current_thread()
+
+
+class LmdbState:
+    """The open LMDB environment of one store (shared by handles in one process)."""
+
+    _registry: dict[str, dict] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, path: str, map_size: int | None = None, readonly: bool = False) -> None:
+        self.path = os.path.realpath(path)
+        self.data_file = os.path.join(self.path, "data.mdb")
+        self.readonly = readonly
+        with LmdbState._registry_lock:
+            shared = LmdbState._registry.get(self.path)
+            if shared is None:
+                shared = self._open_shared(path, map_size, readonly)
+                LmdbState._registry[self.path] = shared
+            elif shared["readonly"] and not readonly:
+                raise WalstoreError(f"{path} is open read-only in this process; close those "
+                                    f"handles before opening it for writing")
+            shared["refs"] += 1
+        self._shared = shared
+        self.env: lmdb.Environment = shared["env"]
+        self.gate: ReadGate = shared["gate"]
+        self._write_lock: threading.Lock = shared["write_lock"]
+        for name in TABLES:
+            setattr(self, name, shared[name])
+        if not readonly:
+            self.env.reader_check()  # free slots left by killed processes
+
+    def _open_shared(self, path: str, map_size: int | None, readonly: bool) -> dict:
+        if not readonly:
+            fileio.make_dir(path)
+        try:
+            env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=MAX_DBS,
+                            subdir=True, readonly=readonly, sync=True, metasync=False,
+                            map_async=False, writemap=False, lock=True, max_readers=126,
+                            create=not readonly, mode=0o600)
+        except lmdb.Error as e:
+            raise CorruptionError(f"cannot open the LMDB environment: {e}",
+                                  file=self.data_file) from e
+        shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
+                  "write_lock": threading.Lock()}
+        try:
+            for name, dbname in TABLES.items():
+                try:
+                    shared[name] = env.open_db(dbname, create=not readonly)
+                except lmdb.NotFoundError:
+                    if not readonly:
+                        raise
+                    shared[name] = None  # an older store without this table: read as empty
+        except lmdb.Error as e:
+            env.close()
+            raise CorruptionError(f"the LMDB environment is not a walstore state: {e}",
+                                  file=self.data_file) from e
+        return shared
+
+    # ---- reads: every one a short read transaction -------------------------------------
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A short read transaction (keep the block brief: it pins LMDB pages)."""
+        slot = self.gate.enter()  # no resize can invalidate the transaction meanwhile
+        try:
+            txn = self._begin()
+            try:
+                yield txn
+            except lmdb.Error as e:
+                raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+            finally:
+                txn.abort()
+        finally:
+            self.gate.leave(slot)
+
+    def _begin(self) -> lmdb.Transaction:
+        try:
+            return self.env.begin()
+        except lmdb.MapResizedError:  # another process grew the map: adopt its size
+            self.env.set_mapsize(0)
+            return self.env.begin()
+        except lmdb.Error as e:
+            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+
+    def get(self, key: bytes, db=DATA) -> bytes | None:
+        if db is DATA:
+            db = self.data
+        elif db is None:
+            return None  # a table an older store does not have yet
+        slot = self.gate.enter()
+        try:
+            txn = self._begin()
+            try:
+                return txn.get(key, db=db)
+            finally:
+                txn.abort()
+        except lmdb.Error as e:
+            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+        finally:
+            self.gate.leave(slot)
+
+    def meta_int(self, name: bytes, default: int = 0) -> int:
+        return from_u64(self.get(name, self.meta), default)
+
+    def applied_lsn(self) -> int:
+        return self.meta_int(b"applied")
+
+    def scan(self, lo: bytes, hi: bytes | None, reverse: bool = False, db=DATA
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """Stream (key, value) with lo <= key < hi in key order, a chunk per short read
+        transaction (so not one snapshot: for indexes whose rows do not change under a
+        reader; snapshot-consistent data scans are :mod:`walstore.engine.snapshot`'s)."""
+        after: bytes | None = None
+        while True:
+            with self.read() as txn:
+                chunk = read_chunk(txn, self.data if db is DATA else db, lo, hi, reverse,
+                                   after)
+            yield from chunk
+            if len(chunk) < SCAN_CHUNK:
+                return
+            after = chunk[-1][0]
+
+    def count(self, db=DATA) -> int:
+        with self.read() as txn:
+            return txn.stat(self.data if db is DATA else db)["entries"]
+
+    # ---- writes: only walstore.engine.apply calls these --------------------------------
+    def write(self, fn: Callable[[lmdb.Transaction], None]) -> None:
+        """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
+        if self.readonly:
+            raise ReadOnlyError("LMDB state is open read-only")
+        with self._write_lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        fn(txn)
+                        fileio.lmdb_io("commit", self.path)
+                    return
+                except lmdb.MapFullError:
+                    self._grow()
+                except lmdb.Error as e:
+                    raise StateWriteError(f"writing LMDB failed: {e}") from e
+
+    def _grow(self) -> None:
+        new_size = self.env.info()["map_size"] * 2
+        self.gate.exclusive(lambda: self.env.set_mapsize(new_size))
+
+    def sync(self) -> None:
+        """Force data and meta pages to stable storage (the checkpoint barrier)."""
+        try:
+            fileio.lmdb_io("sync", self.path)
+            self.env.sync(True)
+        except lmdb.Error as e:
+            raise StateWriteError(f"syncing LMDB failed: {e}") from e
+
+    def map_size(self) -> int:
+        return self.env.info()["map_size"]
+
+    def close(self) -> None:
+        with LmdbState._registry_lock:
+            if not self._shared:
+                return
+            self._shared["refs"] -= 1
+            if self._shared["refs"] == 0:
+                LmdbState._registry.pop(self.path, None)
+                self._shared["env"].close()
+            self._shared = {}
+
+
+def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes | None,
+               limit: int = SCAN_CHUNK) -> list[tuple[bytes, bytes]]:
+    """Up to ``limit`` rows of [lo, hi) strictly past ``after`` (the last key of the
+    previous chunk), in order, read inside ``txn``."""
+    if db is None:
+        return []
+    if after is not None:
+        if reverse:
+            hi = after
+        else:
+            lo = after + b"\x00"
+    cur = txn.cursor(db=db)
+    out: list[tuple[bytes, bytes]] = []
+    if reverse:
+        ok = (cur.prev() if cur.set_range(hi) else cur.last()) if hi is not None else cur.last()
+        while ok and len(out) < limit:
+            k = cur.key()
+            if k < lo:
+                break
+            out.append((k, cur.value()))
+            ok = cur.prev()
+    else:
+        ok = cur.set_range(lo)
+        while ok and len(out) < limit:
+            k = cur.key()
+            if hi is not None and k >= hi:
+                break
+            out.append((k, cur.value()))
+            ok = cur.next()
+    return out

@@ -1,0 +1,133 @@
+"""The MemTable: log events written to the WAL but not yet applied to LMDB.
+
+Every event enters here in LSN order when its record is appended (under the journal's
+lock) and leaves when the applier has put it into LMDB.  ``published`` is the watermark
+of visibility: events ending at or below it are committed and visible (their records are
+durable under durability="full", written to the OS otherwise); later ones are not yet.
+
+Reads consult it before LMDB: ``versions`` maps each key written by an event still here to
+its versions ``((lsn, packed value or None), ...)`` in LSN order, so a read *as of* an
+LSN P takes the newest version below P (see :mod:`walstore.engine.snapshot`).
+
+Invariants:
+- events are in LSN order; ``published`` only grows;
+- an event leaves only after LMDB holds it (``drop_applied`` is called after the LMDB
+  commit), so a reader that finds no version here finds it in LMDB;
+- readers take no lock: ``versions`` values are immutable tuples replaced whole;
+- bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events).
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+from typing import Iterator
+
+from ..log.format import RecordType
+from ..log.records import Event
+
+_COMMIT = RecordType.COMMIT
+
+
+class MemTable:
+    """Unapplied log events, in LSN order, with a multi-version index of their writes."""
+
+    def __init__(self, published: int = 0, limit: int = 50_000) -> None:
+        self.events: collections.deque[Event] = collections.deque()
+        self.versions: dict[bytes, tuple] = {}
+        self.published = published
+        self.limit = limit
+        self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    @property
+    def over_limit(self) -> bool:
+        return len(self.events) >= self.limit
+
+    # ---- entering and leaving (caller holds the journal lock) ---------------------------
+    def add(self, event: Event) -> None:
+        self.events.append(event)
+        if event.writes is not None and event.type == _COMMIT:
+            versions = self.versions
+            lsn = event.lsn
+            for k, v in event.writes:
+                old = versions.get(k)
+                versions[k] = ((lsn, v),) if old is None else old + ((lsn, v),)
+            for aid in event.body.get("compensate", ()):
+                self.claimed[aid] = event.txid
+
+    def publish(self, upto: int) -> None:
+        if upto > self.published:
+            self.published = upto
+
+    def published_events(self, limit: int) -> list[Event]:
+        """Up to ``limit`` of the oldest published events (the applier's next batch)."""
+        out = []
+        upto = self.published
+        for e in list(itertools.islice(self.events, limit)):  # copied in one C call: appends
+            if e.end > upto:                                   # may go on meanwhile
+                break
+            out.append(e)
+        return out
+
+    def drop_applied(self, batch: list[Event]) -> None:
+        """Remove ``batch`` (the oldest events, now in LMDB)."""
+        versions = self.versions
+        for e in batch:
+            first = self.events.popleft()
+            assert first is e, "the applier must apply events in LSN order"
+            if e.writes is not None and e.type == _COMMIT:
+                for k, _v in e.writes:
+                    old = versions.get(k)
+                    if old is None:
+                        continue
+                    rest = tuple(x for x in old if x[0] != e.lsn)
+                    if rest:
+                        versions[k] = rest
+                    else:
+                        del versions[k]
+                for aid in e.body.get("compensate", ()):
+                    if self.claimed.get(aid) == e.txid:
+                        del self.claimed[aid]
+
+    # ---- reads (no lock) ----------------------------------------------------------------
+    def visible(self, key: bytes, at: int) -> tuple[bool, bytes | None]:
+        """(found, value) of the newest version of ``key`` with LSN below ``at``."""
+        vs = self.versions.get(key)
+        if vs is not None:
+            for lsn, v in reversed(vs):
+                if lsn < at:
+                    return True, v
+        return False, None
+
+    def last_write(self, key: bytes) -> int:
+        """LSN of the newest commit here that wrote ``key`` (-1: none)."""
+        vs = self.versions.get(key)
+        return vs[-1][0] if vs else -1
+
+    def items_in_range(self, lo: bytes, hi: bytes | None, at: int
+                       ) -> dict[bytes, bytes | None]:
+        """{key: value} of the newest version below ``at`` of every key in [lo, hi)."""
+        out = {}
+        for k, vs in list(self.versions.items()):
+            if k >= lo and (hi is None or k < hi):
+                for lsn, v in reversed(vs):
+                    if lsn < at:
+                        out[k] = v
+                        break
+        return out
+
+    def commits_since(self, lsn: int) -> Iterator[Event]:
+        """Commit events here with LSN at or after ``lsn`` (newest first).  Call it holding
+        the journal lock (nothing may enter or leave meanwhile)."""
+        for e in reversed(self.events):
+            if e.lsn < lsn:
+                return
+            if e.type == _COMMIT:
+                yield e
+
+    def events_of(self, types: frozenset, upto: int | None = None) -> list[Event]:
+        """Events of the given types, oldest first (published ones when ``upto``)."""
+        return [e for e in list(self.events) if e.type in types
+                and (upto is None or e.end <= upto)]

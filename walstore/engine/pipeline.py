@@ -1,0 +1,155 @@
+"""The commit pipeline: the ONE way a transaction becomes committed.
+
+Every commit — an agent's transaction, a revert or rewind, the decision to commit a
+prepared transaction, a purge — is a ``CommitRequest`` and goes through ``commit``, in
+three phases separated by an explicit point of no return:
+
+1. **Before the commit record exists** (``prepare``, under the journal lock for the last
+   part): the store must be writable; backpressure waits for the applier; the read set
+   is validated (``ConflictChecker``: serializable OCC), prepared transactions' holds and
+   claims on actions are checked; the records are appended.  Any error here —
+   ConflictError, a full disk, a store turned read-only — means *nothing was committed*:
+   the caller rolls back and compensates.
+2. **The commit record's durability** (``make_durable``): under durability="full" the
+   fsync.  If it fails, the record may or may not be on disk: ``CommitOutcomeUnknown``
+   (a ReadOnlyError), the store is read-only, and *nothing is compensated* — the next
+   open decides (the record durable: committed; not: a loser whose compensations run
+   then).
+3. **After the point of no return**: committed.  Waking the applier, bookkeeping, and any
+   error of a background thread can never turn this commit into a reported failure; they
+   are contained (``fault_point("commit.after_durable")`` lets tests prove it).
+
+Invariants: validation and append happen under one lock, so no commit can slip between
+a transaction's validation and its record; an event reaches LMDB only through the
+applier after publication; nothing after phase 2 raises to the committer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .. import fileio
+from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
+from ..log.records import Event
+from ..log.writer import LogFailed
+from .conflicts import ConflictChecker, Prepared, PreparedSet, ReadSet
+from .journal import Journal
+from . import tables
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+@dataclass
+class CommitRequest:
+    """Everything a commit needs, assembled by whoever commits (a Transaction, the agent
+    layer's revert/rewind, commit_prepared)."""
+
+    txid: int
+    writes: list                          # [(stored key, packed value or None)]
+    meta: Any = None
+    reads: ReadSet | None = None          # None: blind, or validated at prepare
+    body: dict = field(default_factory=dict)  # COMMIT payload fields beyond tx/ts/meta/w
+    gid: str | None = None                # committing this prepared transaction
+
+    @property
+    def claims(self) -> list[str]:
+        """Ids of committed actions this commit undoes (a revert/rewind compensates them):
+        two commits may not claim the same action."""
+        return list(self.body.get("compensate", ()))
+
+
+class CommitPipeline:
+    def __init__(self, engine: "Engine", journal: Journal, checker: ConflictChecker,
+                 prepared: PreparedSet) -> None:
+        self.engine = engine
+        self.journal = journal
+        self.checker = checker
+        self.prepared = prepared
+
+    # ---- commits ------------------------------------------------------------------------
+    def commit(self, req: CommitRequest) -> Event:
+        """Commit ``req``; returns its COMMIT event (``.lsn``).  See the module docstring
+        for which errors mean what."""
+        event = self._before_point_of_no_return(req)
+        self.durable_or_unknown(self.journal.make_durable, event, req.txid,
+                                f"transaction {req.txid}'s commit record",
+                                "whether it committed")
+        self._after_point_of_no_return()
+        return event
+
+    def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str,
+                           unknown: str) -> None:
+        """Wait for ``event``'s record to be durable; when the fsync fails, the outcome of
+        that decision is unknown until recovery: the store stops writing and
+        CommitOutcomeUnknown is raised (no compensation may run on it)."""
+        try:
+            make_durable(event.end)
+        except LogFailed as e:
+            self.engine.fail(e)
+            raise CommitOutcomeUnknown(
+                f"the fsync of {what} failed: {unknown} is unknown until the store is reopened "
+                f"(recovery decides); the store is now read-only and no compensation ran",
+                txid) from e
+
+    def _before_point_of_no_return(self, req: CommitRequest) -> Event:
+        eng = self.engine
+        eng.check_writable()
+        eng.wait_for_room()
+        checked = None
+        if req.reads:
+            checked = self.checker.check_applied(req.txid, req.reads)
+        with self.journal.lock:
+            eng.check_writable()
+            if req.reads:
+                self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
+            self.prepared.check(req.txid, [k for k, _v in req.writes], req.reads, mine=req.gid)
+            self._check_claims(req)
+            body = dict(req.body, ts=eng.clock(), meta=req.meta)
+            event = self.journal.append_commit(req.txid, req.writes, body)
+            if req.gid is not None:
+                self.prepared.remove(req.gid)
+            return event
+
+    def _after_point_of_no_return(self) -> None:
+        try:
+            fileio.fault_point("commit.after_durable")
+            self.engine.wake_applier()
+        except BaseException as e:  # committed: contained, surfaced by the store's status
+            self.engine.note_background_error(e)
+
+    def _check_claims(self, req: CommitRequest) -> None:
+        claims = req.claims
+        if not claims:
+            return
+        taken = []
+        for aid in claims:
+            if aid in self.journal.memtable.claimed:
+                taken.append(aid)
+                continue
+            row = self.engine.views.action_row(aid, include_unpublished=True)
+            if row is not None and row.get("state") != tables.COMMITTED:
+                taken.append(aid)
+        if taken:
+            raise ConflictError(f"transaction {req.txid} would compensate action(s) {taken}, "
+                                f"which another transaction already undid; nothing was "
+                                f"written", [])
+
+    # ---- two-phase commit, phase one ----------------------------------------------------
+    def prepare(self, p: Prepared, reads: ReadSet | None) -> Event:
+        """Validate and log a PREPARE (durable before return); its holds start now."""
+        eng = self.engine
+        eng.check_writable()
+        checked = self.checker.check_applied(p.txid, reads) if reads else None
+        with self.journal.lock:
+            eng.check_writable()
+            if p.gid in self.prepared or eng.views.decision(p.gid) is not None:
+                raise WalstoreError(f"gid {p.gid!r} is already used in this store")
+            if reads:
+                self.checker.check_recent(p.txid, reads, checked, eng.applied_lsn)
+            self.prepared.check(p.txid, [k for k, _v in p.writes], reads)
+            event = self.journal.append_prepare(p.txid, p.writes, p.body())
+            self.prepared.add(p)
+        self.durable_or_unknown(self.journal.force_durable, event, p.txid,
+                                f"the PREPARE of {p.gid!r}", "whether it is prepared")
+        return event

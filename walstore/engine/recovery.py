@@ -1,0 +1,434 @@
+"""Crash recovery: analysis and REDO over the WAL in one streaming pass, and the judgement
+of what a damaged log gives up.  (UNDO is the engine's: it ends every loser found here the
+way a rollback ends, see ``Engine._undo_losers``.)
+
+Owns the decision of what the log *is* after a crash: where it ends, which bytes are a
+torn tail (cut and kept in ``<store>/quarantine``), which damage is real corruption, and
+what each recovery mode gives up.  REDO brings LMDB forward by applying every log event
+past LMDB's ``applied`` LSN with the same ``Applier.apply`` the live store uses; the
+losers are the transactions with logged intents (LMDB's ``inflight`` table, plus intents
+in the redone tail) that neither committed nor ended, minus the prepared (in doubt) ones.
+
+Modes (after RocksDB's WAL recovery modes):
+
+``strict`` (default)
+    A torn tail is cut (normal crash outcome).  Anything else refuses with a
+    CorruptionError naming file, offset, LSN and reason; nothing is changed (the engine
+    judges the whole log read-only first).
+``tolerate-tail``
+    Like strict, but corruption inside the *last* segment is cut there too, and every
+    valid record behind the cut is reported as given up.  Damage elsewhere still refuses.
+``point-in-time``
+    Stop at the first damage anywhere; keep the consistent prefix; quarantine the rest
+    (later segments included) and report what was given up.
+``skip-corrupt``
+    Skip damaged regions and go on with the next valid record (salvage).  Each skipped
+    region is quarantined and reported; prefix consistency may be lost.
+
+Invariants: nothing is deleted (cut bytes and dropped segments go to quarantine first,
+fsynced); all reading goes through walstore.log.reader; the pass costs what the retained
+WAL costs, which checkpoints keep small; running it twice is harmless.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+from .. import fileio
+from ..errors import CorruptionError
+from ..log import records
+from ..log.format import SEGMENT_HEADER_SIZE, RecordType
+from ..log.reader import LogEvent, LogReader, Record, SegmentReader
+from ..log.segment import SPARE_NAME
+from .apply import PREPARED_PREFIX, Applier
+from .lmdb_state import LmdbState, from_u64, read_chunk
+
+MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
+REDO_BATCH = 2000
+MAX_OPEN_TXN_BYTES = 512 * 1024 * 1024  # bound on one uncommitted transaction's chunks
+_ENDS = frozenset({RecordType.COMMIT, RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
+
+
+@dataclass
+class Problem:
+    """One thing recovery found wrong, and what it did about it."""
+
+    kind: str  # torn-tail | stale-bytes | corrupt-record | bad-segment | gap | lmdb-ahead
+    #            | bad-payload | missing-segment | truncated | dropped-segment
+    file: str
+    offset: int
+    lsn: int
+    reason: str
+    bytes: int = 0
+    action: str = ""    # cut | refused | skipped | dropped
+    quarantined: str | None = None
+
+
+@dataclass
+class RecoveryReport:
+    mode: str = "strict"
+    segments: int = 0
+    records: int = 0
+    wal_bytes: int = 0
+    applied_before: int = 0
+    applied_after: int = 0
+    end_lsn: int = 0
+    commits_seen: int = 0
+    redone: int = 0
+    losers: list = field(default_factory=list)
+    torn_bytes: int = 0
+    problems: list = field(default_factory=list)
+    given_up_records: int = 0
+    given_up_txids: list = field(default_factory=list)
+    salvaged: bool = False  # holes were skipped: the store seals this log after recovery
+    compensated: list = field(default_factory=list)
+    pending_compensations: list = field(default_factory=list)
+    in_doubt: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems and not self.losers and not self.in_doubt
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["clean"] = self.clean
+        return d
+
+
+@dataclass
+class LogPosition:
+    """Where appending resumes: the last segment and the file offset of its end."""
+
+    segment_start: int
+    offset: int
+    create_new: bool = False  # no usable segment: create one at ``segment_start``
+
+
+class _Stop(Exception):
+    """Point-in-time recovery met damage: everything after it is given up."""
+
+
+class Recovery:
+    """One recovery run over a store's WAL and LMDB state."""
+
+    def __init__(self, root: str, store_id: bytes, state: LmdbState, mode: str = "strict",
+                 progress: Callable[[int, int], None] | None = None,
+                 dry_run: bool = False) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown recovery mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.root = root
+        self.wal_dir = os.path.join(root, "wal")
+        self.qdir = os.path.join(root, "quarantine")
+        self.store_id = store_id
+        self.state = state
+        self.applier = Applier(state)
+        self.mode = mode
+        self.progress = progress
+        self.dry_run = dry_run  # walk and judge only: no file, no LMDB row is changed
+        self.report = RecoveryReport(mode=mode)
+        self.applied = state.applied_lsn()
+        self.wal_start = state.meta_int(b"wal_start")  # where a sealed log begins
+        self.max_txid = 0
+        self.redo: list[records.Event] = []
+        self.tail_events: list[records.Event] = []  # dry run: the events REDO would apply
+        self.open_txids: set[int] = set()
+        self.prepared_txids: set[int] = set()
+        self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
+        self._new_segment_at: int | None = None
+        self._end: tuple[int, int, int] | None = None  # (segment start, offset, LSN)
+        self._log: LogReader | None = None
+
+    # ---- the pass ----------------------------------------------------------------------
+    def run(self) -> LogPosition:
+        t0 = time.monotonic()
+        rep = self.report
+        rep.applied_before = self.applied
+        self._remove_temp_files()
+        self._load_open_transactions()
+        log = LogReader(self.wal_dir, self.store_id, self.applied, self.wal_start,
+                        resume_after_corruption=self.mode == "skip-corrupt")
+        rep.segments = len(log.segments)
+        rep.wal_bytes = log.total_bytes
+        self._log = log
+        try:
+            for item in log.walk():
+                if isinstance(item, Record):
+                    self._feed(item)
+                    continue
+                self._handle(item)
+                if item.kind == "end" and self.progress:
+                    self.progress(log.bytes_done, rep.wal_bytes)
+        except _Stop as stop:
+            self._drop_after(log, *stop.args)
+        self._flush_redo()
+        position = None
+        rep.end_lsn = self.applied
+        if self._end is not None:
+            seg_start, offset, rep.end_lsn = self._end
+            position = LogPosition(seg_start, offset)
+        if self._new_segment_at is not None:
+            position = None
+        if rep.end_lsn < max(self.applied, self.state.applied_lsn()):
+            self._lmdb_ahead()
+            position = None
+        if position is None:
+            position = LogPosition(max(rep.end_lsn, self.state.applied_lsn()),
+                                   SEGMENT_HEADER_SIZE, create_new=True)
+        else:
+            self._sync_tail(position)
+        rep.losers = sorted(self.open_txids - self.prepared_txids)
+        rep.applied_after = self.state.applied_lsn()
+        rep.seconds = time.monotonic() - t0
+        return position
+
+    def _handle(self, ev: LogEvent) -> None:
+        """React to one non-record item of the walk."""
+        rep = self.report
+        if ev.kind == "gap":
+            self._damage("gap", ev.path, 0, ev.lsn, ev.reason, False)
+            if self.mode == "point-in-time":
+                raise _Stop(ev.lsn, True, ev.reason)
+            return
+        if ev.kind in ("bad-segment", "vanished"):
+            self._damage("bad-segment", ev.path, 0, ev.lsn, ev.reason, ev.last)
+            if self.mode == "point-in-time":
+                raise _Stop(ev.lsn, True, ev.reason)
+            self._drop_segment(ev.path, ev.lsn, ev.reason)
+            return
+        if ev.kind == "missing-next":
+            self._damage("missing-segment", ev.path, 0, ev.lsn, ev.reason, True)
+            self._new_segment_at = ev.lsn  # accepted: the log goes on in a new segment
+            return
+        # a segment's end
+        end, reader = ev.scan, ev.reader
+        self._end = (reader.start_lsn, end.offset, end.lsn)
+        if ev.verdict == "clean":
+            return
+        if ev.verdict in ("stale", "torn"):
+            kind = "stale-bytes" if ev.verdict == "stale" else "torn-tail"
+            self._quarantine_range(reader, end.offset, end.damaged_end, kind, ev.reason, "cut")
+            if ev.verdict == "torn":
+                rep.torn_bytes += end.damaged_bytes
+            return
+        kind = "truncated" if end.kind == "truncated" else "corrupt-record"
+        self._damage(kind, reader.path, end.offset, end.lsn, ev.reason, ev.last)
+        if self.mode == "skip-corrupt" and end.next_valid is not None:
+            self._quarantine_range(reader, end.offset, end.next_valid.offset, "corrupt-record",
+                                   ev.reason, "skipped", zero=False)
+            rep.salvaged = True
+            return
+        self._cut(reader, end.offset, ev.reason)
+        if self.mode == "point-in-time":
+            raise _Stop(reader.start_lsn, False)
+
+    def _feed(self, rec: Record) -> None:
+        self.report.records += 1
+        try:
+            body = records.decode(rec.payload)
+            ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn, body, len(rec.payload))
+        except ValueError as e:
+            reason = f"record of type {rec.type} has a valid checksum but a bad payload: {e}"
+            self._bad_payload(rec, reason)
+            return
+        if ev is None:
+            return
+        self.max_txid = max(self.max_txid, ev.txid)
+        if ev.type == RecordType.COMMIT:
+            self.report.commits_seen += 1
+        if ev.lsn < self.applied:
+            return
+        t = ev.type
+        if t == RecordType.ACTION_INTENT:
+            self.open_txids.add(ev.txid)
+        elif t in _ENDS:
+            self.open_txids.discard(ev.txid)
+            self.prepared_txids.discard(ev.txid)
+        elif t == RecordType.PREPARE:
+            self.prepared_txids.add(ev.txid)
+        self.redo.append(ev)
+        if len(self.redo) >= REDO_BATCH:
+            self._flush_redo()
+
+    def _bad_payload(self, rec: Record, reason: str) -> None:
+        """A record whose checksum is right but whose payload does not decode: skipped
+        (skip-corrupt), or the log is cut there (when the mode accepts it)."""
+        segs = self._log.segments
+        i = max(j for j, (start, _p) in enumerate(segs) if start <= rec.lsn)
+        start, path = segs[i]
+        self._damage("bad-payload", path, rec.offset, rec.lsn, reason, i == len(segs) - 1)
+        if self.mode == "skip-corrupt":
+            self.report.problems[-1].action = "skipped"
+            self.report.salvaged = True
+            return
+        reader = SegmentReader(path, self.store_id, start)
+        self._cut(reader, rec.offset, reason)
+        self._end = (start, rec.offset, rec.lsn)
+        raise _Stop(start, False)
+
+    def _flush_redo(self) -> None:
+        batch = self.redo
+        if not batch:
+            return
+        self.redo = []
+        if self.dry_run:
+            self.tail_events.extend(batch)
+            return
+        self.applier.apply(batch, batch[-1].end)
+        self.report.redone += sum(1 for e in batch if e.type == RecordType.COMMIT)
+
+    def _load_open_transactions(self) -> None:
+        """Transactions LMDB knows to be in flight (intents applied, no end yet) and
+        prepared ones (in doubt: never losers)."""
+        st = self.state
+        with st.read() as txn:
+            for raw, _v in read_chunk(txn, st.inflight, b"", None, False, None, limit=1 << 62):
+                self.open_txids.add(from_u64(raw))
+            for _k, raw in read_chunk(txn, st.twophase, PREPARED_PREFIX, b"p;", False, None,
+                                      limit=1 << 62):
+                from ..codec import unpack
+                self.prepared_txids.add(unpack(raw).get("tx"))
+            self.max_txid = max(0, from_u64(txn.get(b"next_txid", db=st.meta)) - 1)
+
+    # ---- damage handling ---------------------------------------------------------------
+    def _damage(self, kind: str, path: str, offset: int, lsn: int, reason: str, last: bool) -> None:
+        """Record a problem; refuse unless the mode accepts giving this up."""
+        accepted = (self.mode in ("point-in-time", "skip-corrupt")
+                    or (self.mode == "tolerate-tail" and last))
+        self.report.problems.append(Problem(kind, path, offset, lsn, reason,
+                                            action="" if accepted else "refused"))
+        if not accepted:
+            raise CorruptionError(f"{kind}: {reason}", file=path, offset=offset, lsn=lsn)
+        if self.mode == "skip-corrupt" and kind in ("gap", "bad-segment"):
+            self.report.salvaged = True
+
+    def _cut(self, reader: SegmentReader, offset: int, reason: str) -> None:
+        """Give up everything from ``offset`` to the end of this segment (quarantined).  A
+        truncated segment is given back its made size, zero-filled, so the log can go on."""
+        for rec in reader.valid_records_after(offset - 1):
+            self._count_given_up(rec)
+        self._quarantine_range(reader, offset, reader.nonzero_end(offset), "corrupt-record",
+                               reason, "cut")
+        if not self.dry_run and reader.made_size > reader.file_size:
+            fd = fileio.open_file(reader.path, os.O_RDWR)
+            try:
+                os.ftruncate(fd, reader.made_size)
+                fileio.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _count_given_up(self, rec: Record) -> None:
+        if rec.end_lsn <= self.applied or rec.type == RecordType.SEAL:
+            return  # LMDB already holds it (or it is structure): nothing is lost
+        self.report.given_up_records += 1
+        if rec.type == RecordType.COMMIT:
+            try:
+                self.report.given_up_txids.append(records.txid_of(records.decode(rec.payload)))
+            except ValueError:
+                pass
+
+    def _drop_after(self, log: LogReader, lsn: int, inclusive: bool, reason: str = "") -> None:
+        """Everything after a cut is given up: drop every segment after the one that starts
+        at ``lsn`` (and that one too when ``inclusive``: a gap or a bad header there)."""
+        for start, path in log.segments:
+            if (start >= lsn if inclusive else start > lsn) and os.path.exists(path):
+                why = reason if start == lsn and reason else "after the point-in-time cut"
+                self._drop_segment(path, start, why)
+
+    def _drop_segment(self, path: str, start: int, reason: str) -> None:
+        try:
+            reader = SegmentReader(path, self.store_id, start)
+        except FileNotFoundError:
+            return
+        if reader.header_error is None:
+            for rec in reader.records():
+                self._count_given_up(rec)
+        if self.dry_run:
+            return
+        dest = self._quarantine_name(os.path.basename(path))
+        fileio.make_dir(self.qdir)
+        fileio.rename(path, dest)
+        fileio.fsync_dir(self.qdir)
+        fileio.fsync_dir(self.wal_dir)
+        self._write_note(dest, {"file": path, "reason": reason, "action": "dropped"})
+        self.report.problems.append(Problem("dropped-segment", path, 0, start, reason,
+                                            os.path.getsize(dest), "dropped", dest))
+
+    def _quarantine_range(self, reader: SegmentReader, start: int, end: int, kind: str,
+                          reason: str, action: str, zero: bool = True) -> None:
+        """Copy bytes [start, end) of a segment to quarantine, then zero them in place.
+
+        ``zero=False`` leaves them (a salvaged hole: the store seals that log afterwards).
+        """
+        if end <= start or self.dry_run:
+            return
+        with open(reader.path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        dest = self._quarantine_name(f"{os.path.basename(reader.path)}@{start}")
+        fileio.make_dir(self.qdir)
+        fileio.write_file_atomic(dest, data)
+        self._write_note(dest, {"file": reader.path, "offset": start, "lsn": reader.lsn_at(start),
+                                "bytes": len(data), "kind": kind, "reason": reason,
+                                "action": action})
+        if zero:
+            fd = fileio.open_file(reader.path, os.O_RDWR)
+            try:
+                fileio.pwrite_all(fd, bytes(len(data)), start)
+                fileio.fdatasync(fd)
+            finally:
+                os.close(fd)
+        prob = Problem(kind, reader.path, start, reader.lsn_at(start), reason, len(data), action,
+                       dest)
+        for i, p in enumerate(self.report.problems):  # replace the un-actioned entry, if any
+            if p.file == reader.path and p.offset == start and not p.action:
+                self.report.problems[i] = prob
+                break
+        else:
+            self.report.problems.append(prob)
+
+    def _quarantine_name(self, base: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        dest = os.path.join(self.qdir, f"{base}.{stamp}.bin")
+        n = 1
+        while os.path.exists(dest):
+            n += 1
+            dest = os.path.join(self.qdir, f"{base}.{stamp}.{n}.bin")
+        return dest
+
+    @staticmethod
+    def _write_note(dest: str, note: dict) -> None:
+        fileio.write_file_atomic(dest + ".json", json.dumps(note, indent=2).encode())
+
+    def _lmdb_ahead(self) -> None:
+        applied = self.state.applied_lsn()
+        reason = (f"the WAL ends at LSN {self.report.end_lsn} but LMDB has applied events up "
+                  f"to {applied}: acknowledged log records were lost")
+        self.report.problems.append(Problem("lmdb-ahead", self.wal_dir, 0, self.report.end_lsn,
+                                            reason,
+                                            action="" if self.mode != "strict" else "refused"))
+        if self.mode == "strict":
+            raise CorruptionError(reason, file=self.wal_dir, lsn=self.report.end_lsn)
+
+    def _remove_temp_files(self) -> None:
+        """A ``.tmp`` segment is a creation cut short, the spare an unused preallocation:
+        neither ever held a record."""
+        if self.dry_run:
+            return
+        for name in os.listdir(self.wal_dir):
+            if name.endswith(".tmp") or name == SPARE_NAME:
+                fileio.unlink(os.path.join(self.wal_dir, name))
+
+    def _sync_tail(self, position: LogPosition) -> None:
+        """What the last segment holds may sit only in the page cache: make it durable."""
+        if self.dry_run:
+            return
+        path = os.path.join(self.wal_dir, f"{position.segment_start:020d}.wal")
+        fd = fileio.open_file(path, os.O_RDWR)
+        try:
+            fileio.fdatasync(fd)
+        finally:
+            os.close(fd)

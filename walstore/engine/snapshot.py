@@ -1,0 +1,138 @@
+"""Reads of committed state, latest or *as of* an LSN: the snapshots of transactions.
+
+A snapshot is a number: the LSN P at which it was taken (the publication watermark then).
+The state as of P is every commit whose record lies below P.  Such a commit is either
+still in the MemTable (not yet applied) or already in LMDB.  So a read as of P:
+
+1. takes the newest MemTable version of the key below P, if there is one; else
+2. reads LMDB in one short read transaction: when LMDB's ``applied`` is at or below P,
+   its ``data`` row is the value as of P; when commits after P were applied meanwhile,
+   the key's first history version at or after P holds the value it had before, i.e. as
+   of P (its before-image); no such version: the ``data`` row is still the one.
+
+Nothing is held between reads: a snapshot pins no LMDB pages, no reader slot, no WAL, no
+memory, however long a transaction stays open.  The price is paid by the old snapshot
+alone (history lookups), and its defined limit is the history horizon: a snapshot older
+than the retained history raises ``SnapshotTooOld`` (a ConflictError).
+
+Scans are streamed a chunk per short read transaction; chunks read after commits past P
+were applied are corrected with the keys those commits changed (found through the
+``bylsn`` and ``txns`` indexes), so the whole scan shows the state as of P, never part of
+a commit.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..codec import unpack
+from ..errors import ConflictError
+from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
+from .memtable import MemTable
+from . import tables
+
+
+class SnapshotTooOld(ConflictError):
+    """A transaction's snapshot is older than the retained history (it cannot be read
+    exactly any more); retry the transaction."""
+
+
+class StateReader:
+    """Reads committed state for the engine, its transactions and read-only followers."""
+
+    def __init__(self, state: LmdbState, memtable: MemTable) -> None:
+        self.state = state
+        self.memtable = memtable
+
+    # ---- point reads --------------------------------------------------------------------
+    def latest(self, key: bytes) -> bytes | None:
+        """The newest committed value (the common, fastest path)."""
+        mt = self.memtable
+        vs = mt.versions.get(key)
+        if vs is not None:
+            published = mt.published
+            for lsn, v in reversed(vs):
+                if lsn < published:
+                    return v
+        return self.state.get(key)
+
+    def as_of(self, key: bytes, at: int) -> bytes | None:
+        """The value of ``key`` as of LSN ``at`` (see the module docstring)."""
+        found, v = self.memtable.visible(key, at)
+        if found:
+            return v
+        st = self.state
+        with st.read() as txn:
+            return _lmdb_value_as_of(txn, st, key, at)
+
+    # ---- scans --------------------------------------------------------------------------
+    def scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int | None = None
+             ) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of the state as of ``at`` (default: now) in [lo, hi), in order."""
+        if at is None:
+            at = self.memtable.published
+        over = self.memtable.items_in_range(lo, hi, at)
+        fixes: dict[bytes, bytes | None] = {}
+        covered = at  # LMDB commits with LSN in [at, covered) are accounted for in fixes
+        after: bytes | None = None
+        st = self.state
+        while True:
+            with st.read() as txn:
+                applied = from_u64(txn.get(b"applied", db=st.meta))
+                if applied > covered:
+                    _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
+                    covered = applied
+                chunk = read_chunk(txn, st.data, lo, hi, reverse, after)
+            final = len(chunk) < SCAN_CHUNK
+            edge = None if final else chunk[-1][0]
+            merged = dict(chunk)
+            for extra in (fixes, over):
+                for k, v in extra.items():
+                    if _in_interval(k, after, edge, reverse):
+                        merged[k] = v
+            for k in sorted(merged, reverse=reverse):
+                v = merged[k]
+                if v is not None:
+                    yield k, v
+            if final:
+                return
+            after = edge
+
+
+def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: bool) -> bool:
+    """Is ``k`` in the key interval one chunk covers: past ``after``, up to ``edge``."""
+    if reverse:
+        return (after is None or k < after) and (edge is None or k >= edge)
+    return (after is None or k > after) and (edge is None or k <= edge)
+
+
+def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int) -> bytes | None:
+    applied = from_u64(txn.get(b"applied", db=st.meta))
+    if applied > at:
+        _check_horizon(txn, st, at)
+        cur = txn.cursor(db=st.hist)
+        if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(
+                cur.key(), tables.hist_prefix(key)):
+            return unpack(cur.value())[1]
+    return txn.get(key, db=st.data)
+
+
+def _check_horizon(txn, st: LmdbState, at: int) -> None:
+    horizon = from_u64(txn.get(b"horizon", db=st.meta))
+    if at < horizon:
+        raise SnapshotTooOld(f"this transaction's snapshot (LSN {at}) is older than the "
+                             f"retained history (horizon LSN {horizon}); retry it")
+
+
+def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: bytes | None,
+                   at: int, fixes: dict) -> None:
+    """Add to ``fixes`` the value as of ``at`` of every key in [lo, hi) changed by a commit
+    applied with LSN in [since, upto)."""
+    _check_horizon(txn, st, at)
+    for _lsn_raw, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
+                                         limit=1 << 62):
+        row = txn.get(txid_raw, db=st.txns)
+        if row is None:
+            continue
+        for k, _none in unpack(row).get("w", ()):
+            if k >= lo and (hi is None or k < hi) and k not in fixes:
+                fixes[k] = _lmdb_value_as_of(txn, st, k, at)

@@ -1,0 +1,416 @@
+"""Transactions and savepoints: the unit of work an agent does against the store.
+
+A transaction buffers its writes in memory (nothing reaches the WAL before commit, so a
+rollback of plain writes costs nothing on disk), reads its own writes, and reads committed
+state from ONE snapshot taken at its first read (:mod:`walstore.engine.snapshot`): it
+never sees a state no sequence of commits produced.  What it read is validated at commit
+(serializable optimistic concurrency, :mod:`walstore.engine.conflicts`).
+
+The transaction owns its commit (``commit``): it assembles a CommitRequest and hands it to
+the one pipeline (:mod:`walstore.engine.pipeline`), then acts on where an error came from:
+before the commit point, nothing was committed and the transaction rolls back and
+compensates its actions; ``CommitOutcomeUnknown``, the outcome is for recovery to decide
+and nothing is compensated.  External side effects, files and two-phase commit are the
+agent layer's (``hooks``, a ``TransactionHooks``); the transaction only keeps their order.
+
+Savepoints follow SQLite: ``savepoint(name)`` pushes one; ``rollback_to(sp)`` undoes every
+write (and compensates every action) made after ``sp`` and discards newer savepoints while
+``sp`` stays usable; ``release(sp)`` pops ``sp`` and every newer one and keeps their
+writes; a name means the innermost savepoint of that name.
+
+States: ``active`` -> ``committed`` | ``rolled back`` | ``outcome unknown``; ``prepared``
+(``gid`` set) is active but takes no more writes or actions.  Lifetime: used by one
+thread; may stay open for hours at no cost to others (it holds no lock, no LMDB reader,
+no WAL); dropped without an end, it simply never commits (actions it logged are
+compensated by the next open's recovery).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_value, \
+    prefix_end, unpack_value
+from ..errors import CommitOutcomeUnknown, TransactionClosed
+from ..log.format import LSN
+from .conflicts import ReadSet
+from .pipeline import CommitRequest
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+_MISSING = object()
+ACTIVE, COMMITTED, ROLLED_BACK, UNKNOWN = "active", "committed", "rolled back", "outcome unknown"
+
+
+class TransactionHooks(Protocol):
+    """What the agent layer does for a transaction (implemented by walstore.agent)."""
+
+    def start_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
+                     scope: Any) -> Any: ...
+
+    def commit_body(self, tx: "Transaction") -> dict: ...
+
+    def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None
+                     ) -> None: ...
+
+    def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None: ...
+
+    def prepare(self, tx: "Transaction", gid: str) -> None: ...
+
+    def commit_prepared(self, gid: str) -> int: ...
+
+    def rollback_prepared(self, gid: str) -> None: ...
+
+
+def scan_bounds(prefix: Key | None, start: Key | None, end: Key | None
+                ) -> tuple[bytes, bytes | None]:
+    """Stored-key bounds [lo, hi) of a scan (start inclusive, end exclusive)."""
+    lo, hi = b"", None
+    if prefix is not None:
+        lo = encode_prefix(prefix)
+        hi = prefix_end(lo)
+    if start is not None:
+        lo = max(lo, encode_prefix(start))
+    if end is not None:
+        e = encode_prefix(end)
+        hi = e if hi is None else min(hi, e)
+    return lo, hi
+
+
+class Savepoint:
+    """A named point inside a transaction.  Use it with ``rollback_to`` / ``release``."""
+
+    def __init__(self, tx: "Transaction", name: str | None, undo_len: int, serial: int,
+                 effect_mark: int) -> None:
+        self.name = name
+        self._tx = tx
+        self._undo_len = undo_len
+        self._serial = serial
+        self.effect_mark = effect_mark  # how many effects (actions, file changes) existed
+        self.active = True
+
+    def __enter__(self) -> "Savepoint":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if not self.active or self._tx.state != ACTIVE:
+            return False
+        if exc_type is not None:
+            self._tx.rollback_to(self)
+        self._tx.release(self)
+        return False
+
+    def __repr__(self) -> str:
+        return f"<Savepoint {self.name!r} #{self._serial} {'active' if self.active else 'gone'}>"
+
+
+class Transaction:
+    """A unit of work; commit on ``with`` exit, roll back on an exception."""
+
+    def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
+                 scope: Any = None) -> None:
+        self._engine = engine
+        self._hooks = hooks
+        self.id = txid
+        self.meta = check_meta(meta)
+        self.scope = scope
+        self.lsn: int | None = None
+        self.state = ACTIVE
+        self.gid: str | None = None
+        self._writes: dict[bytes, bytes | None] = {}
+        self._undo: list[tuple[bytes, Any]] = []
+        self._savepoints: list[Savepoint] = []
+        self._serial = 0
+        self._snapshot: int | None = None
+        self.read_keys: set[bytes] = set()
+        self.read_ranges: list[tuple[bytes, bytes | None]] = []
+        self.effects: list = []   # live actions and file changes, in the order logged
+        self.actions_begun = 0    # numbers action ids
+        self.logged = False       # wrote a record before commit (an intent, a before-image)
+        self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
+
+    # ---- context manager ---------------------------------------------------------------
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.state != ACTIVE:
+            return False
+        if exc_type is not None:
+            self._rollback(exc)
+        else:
+            self.commit()
+        return False
+
+    def _check_active(self) -> None:
+        if self.state != ACTIVE:
+            raise TransactionClosed(f"transaction {self.id} is already {self.state}")
+        self._engine.check_open()
+
+    def _check_writable(self) -> None:
+        self._check_active()
+        if self.gid is not None:
+            raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}; it "
+                                    f"takes no more writes or actions")
+        self._engine.check_writable()
+
+    # ---- reads ---------------------------------------------------------------------------
+    @property
+    def snapshot(self) -> int:
+        """The LSN this transaction reads at (taken at its first read)."""
+        if self._snapshot is None:
+            self._engine.refresh()
+            self._snapshot = self._engine.memtable.published
+        return self._snapshot
+
+    def get(self, key: Key, default: Any = None) -> Any:
+        self._check_active()
+        k = encode_key(key)
+        if k in self._writes:
+            v = self._writes[k]
+        else:
+            self.read_keys.add(k)
+            v = self._engine.reader.as_of(k, self.snapshot)
+        return default if v is None else unpack_value(v)
+
+    def __getitem__(self, key: Key) -> Any:
+        v = self.get(key, _MISSING)
+        if v is _MISSING:
+            raise KeyError(key)
+        return v
+
+    def __contains__(self, key: Key) -> bool:
+        return self.get(key, _MISSING) is not _MISSING
+
+    def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
+             reverse: bool = False) -> Iterator[tuple[Key, Any]]:
+        """(key, value) in key order within the bounds (start inclusive, end exclusive)."""
+        self._check_active()
+        lo, hi = scan_bounds(prefix, start, end)
+        self.read_ranges.append((lo, hi))
+        mine = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
+        committed = self._engine.reader.scan(lo, hi, reverse, self.snapshot)
+        for k, v in _overlay(committed, mine, reverse):
+            yield decode_key(k), unpack_value(v)
+
+    # ---- writes --------------------------------------------------------------------------
+    def put(self, key: Key, value: Any) -> None:
+        if self.state != ACTIVE or self.gid is not None or not self._engine.writable:
+            self._check_writable()  # one test on the hot path; the reason is raised here
+        self._set(encode_key(key), pack_value(value, key))
+
+    def __setitem__(self, key: Key, value: Any) -> None:
+        self.put(key, value)
+
+    def update(self, items: Mapping | Iterable[tuple[Key, Any]]) -> None:
+        """Put many pairs at once (a mapping or an iterable of (key, value)): the bulk
+        load call, with the same validation as ``put``."""
+        self._check_writable()
+        pairs = items.items() if isinstance(items, Mapping) else items
+        staged = {}
+        for pair in pairs:
+            try:
+                key, value = pair
+            except (TypeError, ValueError):
+                raise TypeError(f"update() takes a mapping or (key, value) pairs, not "
+                                f"{pair!r}") from None
+            staged[encode_key(key)] = pack_value(value, key)
+        if self._savepoints:
+            writes = self._writes
+            self._undo.extend((k, writes.get(k, _MISSING)) for k in staged)
+        self._writes.update(staged)
+
+    def delete(self, key: Key) -> None:
+        self._check_writable()
+        self._set(encode_key(key), None)
+
+    def __delitem__(self, key: Key) -> None:
+        self.delete(key)
+
+    def _set(self, k: bytes, packed: bytes | None) -> None:
+        if self._savepoints:
+            self._undo.append((k, self._writes.get(k, _MISSING)))
+        self._writes[k] = packed
+
+    @property
+    def writes(self) -> dict[bytes, bytes | None]:
+        """The buffered write set (stored key -> packed value, None for a delete)."""
+        return self._writes
+
+    # ---- external side effects -----------------------------------------------------------
+    def action(self, name: str, args: Any = None, compensate: str | None = None,
+               scope: Any = None):
+        """``with tx.action("charge", args=..., compensate="refund") as act:`` (Saga).
+
+        Entering logs a durable intent before the body runs; ``act.key`` is a stable
+        idempotency key; set ``act.result``.  ``scope``: the key prefix a scoped rewind
+        counts this action in (default: the transaction's scope).
+        """
+        self._check_writable()
+        return self._hooks.start_action(self, name, args, compensate,
+                                        self.scope if scope is None else scope)
+
+    # ---- savepoints ----------------------------------------------------------------------
+    def savepoint(self, name: str | None = None) -> Savepoint:
+        self._check_active()
+        self._serial += 1
+        sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects))
+        self._savepoints.append(sp)
+        return sp
+
+    def _find(self, sp: Savepoint | str) -> int:
+        if isinstance(sp, Savepoint):
+            for i in range(len(self._savepoints) - 1, -1, -1):
+                if self._savepoints[i] is sp:
+                    return i
+            raise ValueError(f"{sp!r} is no longer active in transaction {self.id} "
+                             f"(released, or discarded by a rollback to an outer savepoint)")
+        if isinstance(sp, str):
+            for i in range(len(self._savepoints) - 1, -1, -1):
+                if self._savepoints[i].name == sp:
+                    return i
+            raise ValueError(f"no active savepoint named {sp!r} in transaction {self.id}")
+        raise TypeError(f"expected a Savepoint or its name, not {type(sp).__name__}")
+
+    def rollback_to(self, sp: Savepoint | str) -> None:
+        """Undo everything after ``sp``; ``sp`` stays usable, newer savepoints are gone."""
+        self._check_active()
+        i = self._find(sp)
+        target = self._savepoints[i]
+        while len(self._undo) > target._undo_len:
+            k, prev = self._undo.pop()
+            if prev is _MISSING:
+                self._writes.pop(k, None)
+            else:
+                self._writes[k] = prev
+        for gone in self._savepoints[i + 1:]:
+            gone.active = False
+        del self._savepoints[i + 1:]
+        crossed = self.effects[target.effect_mark:]
+        del self.effects[target.effect_mark:]
+        if crossed:
+            self._hooks.undo_actions(self, crossed, None)
+
+    def release(self, sp: Savepoint | str) -> None:
+        """Forget ``sp`` and every newer savepoint; their writes are kept."""
+        self._check_active()
+        i = self._find(sp)
+        for gone in self._savepoints[i:]:
+            gone.active = False
+        del self._savepoints[i:]
+        if not self._savepoints:
+            self._undo.clear()
+
+    # ---- two-phase commit ----------------------------------------------------------------
+    def prepare(self, gid: str) -> None:
+        """Phase one: validate and make the transaction durable as prepared (in doubt).
+
+        Its keys stay held against other transactions until ``commit()`` /
+        ``store.commit_prepared(gid)`` or ``rollback()`` / ``store.rollback_prepared(gid)``.
+        """
+        self._check_active()
+        if self.gid is not None:
+            raise ValueError(f"transaction {self.id} is already prepared as {self.gid!r}")
+        self._hooks.prepare(self, gid)
+        self.gid = gid
+
+    def read_set(self) -> ReadSet | None:
+        if not self.read_keys and not self.read_ranges:
+            return None
+        return ReadSet(self.snapshot, set(self.read_keys), list(self.read_ranges))
+
+    # ---- the end -------------------------------------------------------------------------
+    def commit(self) -> int | None:
+        """Make the writes durable (per the store's durability) and visible.
+
+        Returns the commit record's LSN (None when there was nothing to write).  Raises
+        ConflictError (nothing written, actions compensated) when validation fails, and
+        CommitOutcomeUnknown when the commit record's fsync failed.
+        """
+        self._check_active()
+        if self.gid is not None:
+            lsn = self._hooks.commit_prepared(self.gid)
+            self._finish(COMMITTED)
+            self.lsn = LSN(lsn)
+            return self.lsn
+        try:
+            body = self._hooks.commit_body(self)
+            if not self._writes and not body:
+                self._validate_reads_only()
+                lsn = None
+            else:
+                req = CommitRequest(self.id, list(self._writes.items()), self.meta,
+                                    self.read_set(), body)
+                lsn = self._engine.pipeline.commit(req).lsn
+        except CommitOutcomeUnknown:
+            self._finish(UNKNOWN)  # recovery decides; nothing is compensated now
+            raise
+        except BaseException as e:
+            if self.state == ACTIVE:
+                self._rollback(e)
+            raise
+        self._finish(COMMITTED)
+        self.lsn = None if lsn is None else LSN(lsn)
+        return self.lsn
+
+    def _validate_reads_only(self) -> None:
+        reads = self.read_set()
+        if reads is None:
+            return
+        eng = self._engine
+        if eng.readonly:
+            return  # a read-only store's snapshot cannot have been written over by itself
+        checked = eng.pipeline.checker.check_applied(self.id, reads)
+        with eng.journal.lock:
+            eng.pipeline.checker.check_recent(self.id, reads, checked, eng.applied_lsn)
+            eng.prepared.check(self.id, [], reads)
+
+    def rollback(self) -> None:
+        """Discard every write; compensate the actions this transaction ran."""
+        if self.state != ACTIVE:
+            raise TransactionClosed(f"transaction {self.id} is already {self.state}")
+        self._rollback(None)
+
+    def _rollback(self, cause: BaseException | None) -> None:
+        if self.gid is not None:
+            gid = self.gid
+            self._finish(ROLLED_BACK)
+            self._hooks.rollback_prepared(gid)
+            return
+        self._finish(ROLLED_BACK)
+        if self.logged or self.effects:
+            self._hooks.end_without_commit(self, cause)
+
+    def _finish(self, state: str) -> None:
+        self.state = state
+        for sp in self._savepoints:
+            sp.active = False
+        self._savepoints.clear()
+        self._writes = {}
+        self._undo.clear()
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self.id} {self.state}>"
+
+
+def _overlay(base: Iterator[tuple[bytes, bytes]], mine: dict[bytes, bytes | None],
+             reverse: bool) -> Iterator[tuple[bytes, bytes]]:
+    """Merge a key-ordered stream with the transaction's own writes (which win)."""
+    updates = sorted(mine.items(), reverse=reverse)
+    ui, n = 0, len(updates)
+    for k, v in base:
+        while ui < n and (updates[ui][0] > k if reverse else updates[ui][0] < k):
+            if updates[ui][1] is not None:
+                yield updates[ui]
+            ui += 1
+        if ui < n and updates[ui][0] == k:
+            if updates[ui][1] is not None:
+                yield updates[ui]
+            ui += 1
+        else:
+            yield k, v
+    while ui < n:
+        if updates[ui][1] is not None:
+            yield updates[ui]
+        ui += 1

@@ -1,0 +1,133 @@
+"""Views of the materialized tables that include what LMDB does not hold yet.
+
+A query (``store.actions()``, ``restore_points()``, ``log()``, a 2PC decision) must see
+every published event, but the applier may not have put the newest ones into LMDB.  Each
+view reads LMDB and folds the MemTable's events on top with the very transitions the
+applier uses (:mod:`walstore.engine.tables`), so a view and LMDB after the next apply can
+never disagree.  The same views serve read-only stores, whose MemTable a follower fills
+from the writer's WAL.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from ..codec import unpack
+from ..log.format import RecordType
+from ..log.records import Event
+from .apply import DECISION_PREFIX, PREPARED_PREFIX
+from .lmdb_state import LmdbState, from_u64, u64
+from .memtable import MemTable
+from . import tables
+
+_T = RecordType
+_ACTION_TYPES = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
+                           _T.ROLLBACK_PREPARED, _T.COMPENSATED})
+
+
+class Views:
+    def __init__(self, state: LmdbState, memtable: MemTable) -> None:
+        self.state = state
+        self.memtable = memtable
+
+    def _events(self, types: frozenset, include_unpublished: bool = False) -> list[Event]:
+        mt = self.memtable
+        return mt.events_of(types, None if include_unpublished else mt.published)
+
+    # ---- actions ------------------------------------------------------------------------
+    def _lmdb_action(self, aid: str) -> dict | None:
+        raw = self.state.get(aid.encode(), self.state.actions)
+        return None if raw is None else unpack(raw)
+
+    def _fold_actions(self, include_unpublished: bool) -> dict[str, dict]:
+        changed: dict[str, dict] = {}
+
+        def get_row(aid: str) -> dict | None:
+            return changed[aid] if aid in changed else self._lmdb_action(aid)
+
+        def rows_of_txid(txid: int) -> list[dict]:
+            rows = {r["id"]: r for r in self._lmdb_rows_of(txid)}
+            rows.update({a: r for a, r in changed.items() if r.get("tx") == txid})
+            return list(rows.values())
+
+        for e in self._events(_ACTION_TYPES, include_unpublished):
+            for row in tables.action_changes(e, get_row, rows_of_txid):
+                changed[row["id"]] = row
+        return changed
+
+    def _lmdb_rows_of(self, txid: int) -> list[dict]:
+        prefix = tables.action_prefix(txid)
+        return [unpack(v) for _k, v in self.state.scan(prefix, prefix[:-1] + b"/",
+                                                     db=self.state.actions)]
+
+    def action_row(self, aid: str, include_unpublished: bool = False) -> dict | None:
+        changed = self._fold_actions(include_unpublished)
+        return changed[aid] if aid in changed else self._lmdb_action(aid)
+
+    def action_rows(self) -> dict[str, dict]:
+        rows = {k.decode(): unpack(v) for k, v in self.state.scan(b"", None,
+                                                                  db=self.state.actions)}
+        rows.update(self._fold_actions(False))
+        return rows
+
+    def action_rows_of(self, txid: int) -> list[dict]:
+        rows = {r["id"]: r for r in self._lmdb_rows_of(txid)}
+        rows.update({a: r for a, r in self._fold_actions(False).items() if r.get("tx") == txid})
+        return list(rows.values())
+
+    # ---- restore points -----------------------------------------------------------------
+    def points(self) -> dict[str, dict]:
+        out = {k.decode("utf-8"): unpack(v)
+               for k, v in self.state.scan(b"", None, db=self.state.points)}
+        for e in self._events(frozenset({_T.RESTORE_POINT})):
+            name = str(e.body.get("name", ""))
+            if e.body.get("drop"):
+                out.pop(name, None)
+            else:
+                out[name] = {"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}
+        return out
+
+    # ---- the transaction log ------------------------------------------------------------
+    def txn_row(self, txid: int) -> dict | None:
+        for e in self._events(frozenset({_T.COMMIT})):
+            if e.txid == txid:
+                return tables.txn_row(e)
+        raw = self.state.get(tables.txid_key(txid), self.state.txns)
+        return None if raw is None else unpack(raw)
+
+    def commits_after(self, lsn: int) -> Iterator[dict]:
+        """Rows of the commits with LSN > ``lsn``, newest first (unapplied ones first)."""
+        unapplied = [e for e in self._events(frozenset({_T.COMMIT})) if e.lsn > lsn]
+        seen = set()
+        for e in reversed(unapplied):
+            seen.add(e.txid)
+            yield tables.txn_row(e)
+        st = self.state
+        for _raw, txid_raw in st.scan(u64(lsn + 1), None, reverse=True, db=st.bylsn):
+            txid = from_u64(txid_raw)
+            if txid in seen:
+                continue
+            raw = st.get(txid_raw, st.txns)
+            if raw is not None:
+                yield unpack(raw)
+
+    # ---- two-phase commit ---------------------------------------------------------------
+    def decision(self, gid: str) -> str | None:
+        for e in reversed(self._events(frozenset({_T.COMMIT, _T.ROLLBACK_PREPARED}), True)):
+            if e.body.get("gid") == gid:
+                return "commit" if e.type == _T.COMMIT else "abort"
+        raw = self.state.get(DECISION_PREFIX + gid.encode(), self.state.twophase)
+        return None if raw is None else raw.decode()
+
+    def prepared_rows(self) -> dict[str, dict]:
+        st = self.state
+        rows = {unpack(v)["gid"]: unpack(v)
+                for _k, v in st.scan(PREPARED_PREFIX, b"p;", db=st.twophase)}
+        for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED})):
+            gid = e.body.get("gid")
+            if not gid:
+                continue
+            if e.type == _T.PREPARE:
+                rows[gid] = dict(e.body, w=[[k, v] for k, v in e.writes or ()])
+            else:
+                rows.pop(gid, None)
+        return rows

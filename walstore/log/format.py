@@ -1,0 +1,207 @@
+"""The WAL's byte format: the layout of segment headers and records, and their checksums.
+
+This module owns the on-disk format of the write-ahead log at the byte level and nothing
+else (no files, no policy).  ``docs/FORMAT.md`` tells the same story for humans.
+
+Segment header (64 bytes, at offset 0 of every segment file)::
+
+    off size field
+      0    8 magic            b"WALSTSEG"
+      8    2 format version   1   (u16, little endian, as every integer here)
+     10    2 header size      64
+     12    4 reserved         0
+     16   16 store id         the store's UUID (bytes)
+     32    8 start LSN        must equal the number in the file name
+     40    8 created          unix time in nanoseconds
+     48    8 size             the file's preallocated size (0: not recorded); a shorter
+                              file was truncated, which is damage, never a torn tail
+     56    4 reserved         0
+     60    4 crc32c           CRC-32C of bytes 0..59
+
+Record (a 28-byte header followed by ``length`` payload bytes, packed back to back after
+the segment header; the LSN of a record is ``segment start LSN + (file offset - 64)``)::
+
+    off size field
+      0    4 crc32c           CRC-32C of SALT + bytes 4..27 + payload
+      4    4 length           payload length, at most MAX_PAYLOAD
+      8    1 type             a RecordType, never 0
+      9    1 flags            0 (reserved)
+     10    2 magic            b"WR"
+     12    8 lsn              this record's own LSN (its log position)
+     20    8 synced lsn       end of the log known durable (fsynced) when it was written
+     28    n payload          msgpack
+
+SALT is the segment's store id (16 bytes) followed by its start LSN (8 bytes), so bytes
+from another store, from an older incarnation of a recycled file, or a segment copied
+under another name never validate.  The magic and type are under the CRC and non-zero, so
+a zero-filled header (whose payload CRC would be 0) never validates either.
+
+The *synced lsn* lets recovery tell a torn tail from a corrupt middle: a valid record
+written after a bad one proves the bad one was damaged after it was made durable when
+its synced lsn lies beyond the bad record's position; otherwise both were in the last
+unsynced write window, and the bad record is an ordinary torn write.
+
+Invariants: every length read from disk is checked against MAX_PAYLOAD and against the
+bytes that remain in the file before anything is allocated; every integer is unsigned.
+"""
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+try:  # hardware CRC-32C when the optional package is present; same Castagnoli values
+    import crc32c as _crc32c_hw
+
+    def crc32c(data: bytes, crc: int = 0) -> int:
+        return _crc32c_hw.crc32c(data, crc)
+except ImportError:  # pragma: no cover - depends on the machine
+    import crcmod.predefined
+
+    _crcmod_fn = crcmod.predefined.mkPredefinedCrcFun("crc-32c")
+
+    def crc32c(data: bytes, crc: int = 0) -> int:
+        return _crcmod_fn(data, crc)
+
+    try:  # call crcmod's C routine directly, skipping its Python wrapper (hot path)
+        _, _table, _fun = _crcmod_fn.__defaults__
+
+        def _direct(data: bytes, crc: int = 0) -> int:
+            return 0xFFFFFFFF ^ _fun(data, 0xFFFFFFFF ^ crc, _table)
+
+        if (_direct(b"123456789") == 0xE3069283
+                and _direct(b"6789", _direct(b"12345")) == 0xE3069283):
+            crc32c = _direct  # noqa: F811
+    except (TypeError, ValueError, AttributeError):  # another crcmod: keep the wrapper
+        pass
+
+
+FORMAT_VERSION = 1
+SEGMENT_MAGIC = b"WALSTSEG"
+SEGMENT_HEADER_SIZE = 64
+RECORD_MAGIC = b"WR"
+RECORD_HEADER_SIZE = 28
+MAX_PAYLOAD = 32 * 1024 * 1024  # bound on any payload length read from disk
+
+_SEG = struct.Struct("<8sHHI16sQQQ4s")  # 60 bytes, then the u32 crc
+_CRC = struct.Struct("<I")
+_REC = struct.Struct("<IIBB2sQQ")  # crc, length, type, flags, magic, lsn, synced lsn
+assert _SEG.size == SEGMENT_HEADER_SIZE - 4 and _REC.size == RECORD_HEADER_SIZE
+
+
+class RecordType(enum.IntEnum):
+    """Kinds of WAL record.  Values are part of the on-disk format: never renumber."""
+
+    COMMIT = 1            # a transaction's writes (last chunk) and its commit
+    WRITES = 2            # an earlier chunk of a large transaction's writes
+    CHECKPOINT = 3        # LMDB is synced up to ``applied``; older segments may go
+    ABORT = 4             # a transaction that logged records rolled back
+    ACTION_INTENT = 5     # an external side effect is about to run
+    ACTION_RESULT = 6     # its body finished; the result
+    COMPENSATED = 7       # its compensation ran (or was resolved by hand / failed)
+    PREPARE = 8           # two-phase commit: a transaction is prepared (in doubt)
+    COMMIT_PREPARED = 9   # the decision for a prepared transaction: commit
+    ROLLBACK_PREPARED = 10  # the decision for a prepared transaction: roll back
+    RESTORE_POINT = 11    # a named point in history
+    SEAL = 12             # the last record of a segment: the next one starts where it ends
+
+
+VALID_TYPES = frozenset(int(t) for t in RecordType)
+
+
+class LSN(int):
+    """An int that is a log position, so ``rewind``/``at``/``log(since=)`` never take it
+    for a txid (``tx.lsn``, ``TxnInfo.lsn`` and ``restore_point()`` return LSNs)."""
+
+    def __repr__(self) -> str:
+        return f"LSN({int(self)})"
+
+    __str__ = int.__repr__
+
+
+class SegmentHeader(NamedTuple):
+    version: int
+    store_id: bytes
+    start_lsn: int
+    created_ns: int
+    size: int = 0
+
+
+class RecordHeader(NamedTuple):
+    crc: int
+    length: int
+    type: int
+    flags: int
+    magic: bytes
+    lsn: int
+    synced_lsn: int
+
+
+def segment_salt(store_id: bytes, start_lsn: int) -> int:
+    """CRC state that seeds every record CRC of one segment."""
+    return crc32c(store_id + struct.pack("<Q", start_lsn))
+
+
+def encode_segment_header(store_id: bytes, start_lsn: int, created_ns: int,
+                          size: int = 0) -> bytes:
+    body = _SEG.pack(SEGMENT_MAGIC, FORMAT_VERSION, SEGMENT_HEADER_SIZE, 0, store_id,
+                     start_lsn, created_ns, size, bytes(4))
+    return body + _CRC.pack(crc32c(body))
+
+
+def decode_segment_header(data: bytes) -> SegmentHeader:
+    """Parse a segment header; raise ValueError with the reason when it is not valid."""
+    if len(data) < SEGMENT_HEADER_SIZE:
+        raise ValueError(f"segment header truncated ({len(data)} of {SEGMENT_HEADER_SIZE} bytes)")
+    body, (crc,) = data[:60], _CRC.unpack_from(data, 60)
+    magic, version, hsize, _r, store_id, start, created, size, _pad = _SEG.unpack(body)
+    if magic != SEGMENT_MAGIC:
+        raise ValueError("bad segment magic")
+    if crc32c(body) != crc:
+        raise ValueError("segment header checksum mismatch")
+    if version != FORMAT_VERSION:
+        raise ValueError(f"unsupported segment format version {version}")
+    if hsize != SEGMENT_HEADER_SIZE:
+        raise ValueError(f"unexpected segment header size {hsize}")
+    return SegmentHeader(version, store_id, start, created, size)
+
+
+def encode_record(salt: int, rtype: int, lsn: int, synced_lsn: int, payload: bytes) -> bytes:
+    """Frame one record.  ``salt`` comes from :func:`segment_salt`."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"record payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} limit")
+    body = _REC.pack(0, len(payload), rtype, 0, RECORD_MAGIC, lsn, synced_lsn)[4:] + payload
+    return _CRC.pack(crc32c(body, salt)) + body
+
+
+def parse_record_header(buf, offset: int) -> RecordHeader:
+    return RecordHeader(*_REC.unpack_from(buf, offset))
+
+
+def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int):
+    """Validate the record at ``offset`` of ``buf`` (which holds bytes up to ``limit``).
+
+    Returns ``(header, None)`` when it is a whole, valid record with the expected LSN, or
+    ``(header_or_None, reason)`` naming the first thing wrong.  Never allocates more than
+    the bytes that are really there.
+    """
+    if offset + RECORD_HEADER_SIZE > limit:
+        return None, "truncated record header"
+    h = parse_record_header(buf, offset)
+    if h.magic != RECORD_MAGIC:
+        return h, "bad record magic"
+    if h.length > MAX_PAYLOAD:
+        return h, f"record length {h.length} exceeds the {MAX_PAYLOAD} byte bound"
+    end = offset + RECORD_HEADER_SIZE + h.length
+    if end > limit:
+        return h, f"truncated record payload ({limit - offset - RECORD_HEADER_SIZE} of {h.length} bytes)"
+    if h.lsn != expected_lsn:  # cheap, and checked before the CRC pays for the payload
+        return h, f"record LSN {h.lsn} does not match its position {expected_lsn}"
+    crc = crc32c(memoryview(buf)[offset + 4:end], salt)
+    if crc != h.crc:
+        return h, "record checksum mismatch"
+    if h.type not in VALID_TYPES:
+        return h, f"unknown record type {h.type}"
+    if h.flags != 0:
+        return h, f"unknown record flags {h.flags}"
+    return h, None

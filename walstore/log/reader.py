@@ -1,0 +1,459 @@
+"""The one WAL reader: every walker of the log (recovery, verify, read-only followers,
+inspection, backup, replication) reads through this module.
+
+Two levels, as LevelDB's ``log_reader``:
+
+- ``SegmentReader`` reads one segment file through mmap and stops at the first record
+  that does not validate; ``ScanEnd`` says what lies behind it: a clean end (zeros), a
+  torn tail, a corrupt middle (a valid record written *after* the bad spot was durable
+  follows it: its ``synced_lsn`` lies beyond the spot), or a truncated file (shorter than
+  the size its header recorded).
+- ``LogReader`` walks the chain of segments in LSN order and tells the caller, through
+  ``LogEvent`` items between the records, everything that is not a plain record: a gap
+  in the chain, a segment whose header is bad or foreign, how each segment ends and what
+  that means for the log as a whole (``judge_end``), and a chain that ends at a sealed
+  segment whose successor is missing.  What to do about each (cut, refuse, report,
+  skip) is the caller's decision; the reader never changes a byte.
+- ``LogFollower`` keeps its place and returns what was appended since the last call
+  (read-only stores following a live writer).
+
+Invariants: no length read from disk is trusted beyond MAX_PAYLOAD or the bytes really
+in the file; the resynchronisation search behind a bad record is bounded
+(RESYNC_BUDGET x the file size); files are only read.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+from .format import (RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE, RecordType,
+                     check_record, decode_segment_header, segment_salt)
+from .segment import list_segments, segment_name
+
+SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + 1  # a SEAL's payload is the empty map (1 byte)
+
+RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
+
+
+class Record(NamedTuple):
+    lsn: int
+    type: int
+    payload: bytes
+    synced_lsn: int
+    end_lsn: int
+    offset: int  # file offset of the header
+
+
+@dataclass
+class ScanEnd:
+    """How a segment scan ended.
+
+    kind: ``"clean"`` (valid records, then zeros or the file end), ``"torn"`` (a bad record
+    with nothing valid and durable behind it: an ordinary crash outcome), ``"corrupt"``
+    (a bad record followed by a valid one written after it was durable), ``"truncated"``
+    (the file is shorter than its header says it was made).
+    """
+
+    kind: str
+    offset: int          # file offset where valid data ends
+    lsn: int             # LSN at that offset
+    reason: str = ""
+    damaged_end: int = 0  # file offset of the end of non-zero bytes after ``offset``
+    next_valid: Record | None = None
+    sealed: bool = False  # the last valid record is a SEAL: nothing after it is the log
+
+    @property
+    def damaged_bytes(self) -> int:
+        return max(0, self.damaged_end - self.offset)
+
+
+def judge_end(end: ScanEnd, last: bool, applied: int, next_start: int | None
+              ) -> tuple[str, str]:
+    """What the end of one segment's valid records means for the log as a whole.
+
+    Returns (verdict, reason): ``"clean"``; ``"stale"`` (bytes behind the end of a sealed
+    segment: a failed write, nothing missing); ``"torn"`` (a torn tail: last segment, not
+    yet applied to LMDB); or ``"corrupt"`` (anything else: those bytes had been durable).
+    """
+    if end.kind == "truncated":
+        return "corrupt", end.reason
+    if end.kind == "clean":
+        return "clean", ""
+    if end.sealed or next_start == end.lsn:
+        return "stale", end.reason + " (behind the end of a sealed segment)"
+    if end.kind == "torn" and last and end.lsn >= applied:
+        return "torn", end.reason
+    reason = end.reason
+    if end.kind == "torn" and end.lsn < applied:
+        reason += f" (LMDB already applied up to LSN {applied}, so these bytes were durable)"
+    elif end.kind == "torn":
+        reason += " (a later segment exists, so these bytes were durable)"
+    elif end.next_valid is not None:
+        reason += (f"; a valid record at LSN {end.next_valid.lsn} follows, written after "
+                   f"this one was durable")
+    return "corrupt", reason
+
+
+class SegmentReader:
+    """Reads one segment through mmap; allocations are bounded by the file's size.
+
+    ``header_error`` is set (and no records are yielded) when the header does not
+    validate or belongs to another store or position.
+    """
+
+    def __init__(self, path: str, store_id: bytes | None, start_lsn: int) -> None:
+        self.path = path
+        self.start_lsn = start_lsn
+        self.header_error: str | None = None
+        self.end: ScanEnd | None = None
+        self.file_size = os.path.getsize(path)
+        self.store_id = store_id
+        self.made_size = 0
+        with open(path, "rb") as f:
+            head = f.read(SEGMENT_HEADER_SIZE)
+        try:
+            h = decode_segment_header(head)
+        except ValueError as e:
+            self.header_error = str(e)
+            return
+        if store_id is not None and h.store_id != store_id:
+            self.header_error = "segment belongs to another store (store id differs)"
+        elif h.start_lsn != start_lsn:
+            self.header_error = (f"segment header says start LSN {h.start_lsn} but the file "
+                                 f"is named for {start_lsn}")
+        self.store_id = h.store_id
+        self.made_size = h.size
+        self.salt = segment_salt(h.store_id, h.start_lsn)
+
+    def lsn_at(self, offset: int) -> int:
+        return self.start_lsn + offset - SEGMENT_HEADER_SIZE
+
+    def offset_of(self, lsn: int) -> int:
+        return lsn - self.start_lsn + SEGMENT_HEADER_SIZE
+
+    def records(self, from_offset: int = SEGMENT_HEADER_SIZE) -> Iterator[Record]:
+        """Yield valid records from ``from_offset``; set ``self.end`` when done."""
+        if self.header_error is not None:
+            raise ValueError(self.header_error)
+        size = self.file_size
+        if size <= SEGMENT_HEADER_SIZE:
+            self.end = self._truncated(size) or ScanEnd("clean", size, self.lsn_at(size))
+            return
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            size = min(size, len(mm))
+            off = from_offset
+            sealed = False
+            while True:
+                lsn = self.lsn_at(off)
+                h, reason = check_record(mm, off, self.salt, lsn, size)
+                if reason is not None:
+                    self.end = self._classify(mm, off, size, reason, sealed)
+                    return
+                end = off + RECORD_HEADER_SIZE + h.length
+                sealed = h.type == RecordType.SEAL
+                yield Record(lsn, h.type, bytes(mm[off + RECORD_HEADER_SIZE:end]), h.synced_lsn,
+                             self.lsn_at(end), off)
+                off = end
+
+    def _truncated(self, size: int) -> ScanEnd | None:
+        if self.made_size and size < self.made_size:
+            return ScanEnd("truncated", size, self.lsn_at(max(size, SEGMENT_HEADER_SIZE)),
+                           f"the segment file is {size} bytes long but was made "
+                           f"{self.made_size} bytes long: it was truncated")
+        return None
+
+    def _classify(self, mm, off: int, size: int, reason: str, sealed: bool) -> ScanEnd:
+        lsn = self.lsn_at(off)
+        truncated = self._truncated(self.file_size)
+        if truncated is not None:
+            truncated.offset, truncated.lsn = off, lsn
+            return truncated
+        damaged_end = last_nonzero_end(mm, off, size)
+        if damaged_end == off:
+            return ScanEnd("clean", off, lsn, sealed=sealed)
+        if sealed:
+            return ScanEnd("torn", off, lsn, reason, damaged_end, sealed=True)
+        nxt, exhausted = self.find_valid_after(mm, off + 1, size)
+        if exhausted:
+            return ScanEnd("corrupt", off, lsn, reason + "; the bytes behind it could not be "
+                           "searched for valid records within the scan budget", damaged_end)
+        if nxt is not None and nxt.synced_lsn > lsn:
+            return ScanEnd("corrupt", off, lsn, reason, damaged_end, nxt)
+        return ScanEnd("torn", off, lsn, reason, damaged_end, nxt)
+
+    def find_valid_after(self, mm, start: int, size: int) -> tuple[Record | None, bool]:
+        """(first valid record at or after file offset ``start`` or None, budget exhausted).
+
+        Candidates are found by the magic and must carry the LSN of their position before
+        any checksum work; the checksum work is bounded (RESYNC_BUDGET x the file size) so a
+        crafted file full of plausible headers cannot make this quadratic.
+        """
+        budget = RESYNC_BUDGET * max(size, 1 << 20)
+        pos = start + 10
+        while True:
+            pos = mm.find(RECORD_MAGIC, pos, size)
+            if pos < 0:
+                return None, False
+            off = pos - 10
+            if off >= start:
+                h, reason = check_record(mm, off, self.salt, self.lsn_at(off), size)
+                if h is not None and h.lsn == self.lsn_at(off) and h.length <= size:
+                    budget -= RECORD_HEADER_SIZE + h.length
+                if reason is None:
+                    end = off + RECORD_HEADER_SIZE + h.length
+                    return Record(h.lsn, h.type, bytes(mm[off + RECORD_HEADER_SIZE:end]),
+                                  h.synced_lsn, self.lsn_at(end), off), False
+                if budget < 0:
+                    return None, True
+            pos += 1
+
+    def valid_records_after(self, offset: int) -> Iterator[Record]:
+        """Every valid record found behind ``offset`` (what a cut there gives up)."""
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos = offset + 1
+            while True:
+                rec, _exhausted = self.find_valid_after(mm, pos, len(mm))
+                if rec is None:
+                    return
+                yield rec
+                pos = rec.offset + 1
+
+    def nonzero_end(self, offset: int) -> int:
+        """File offset just past the last non-zero byte at or after ``offset``."""
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            return last_nonzero_end(mm, offset, len(mm))
+
+
+def last_nonzero_end(mm, start: int, size: int) -> int:
+    """Offset just past the last non-zero byte in ``mm[start:size]`` (``start`` if none)."""
+    pos = size
+    step = 1 << 16
+    while pos > start:
+        lo = max(start, pos - step)
+        chunk = mm[lo:pos]
+        stripped = chunk.rstrip(b"\x00")
+        if stripped:
+            return lo + len(stripped)
+        pos = lo
+    return start
+
+
+# ---- the chain of segments ------------------------------------------------------------
+
+@dataclass
+class LogEvent:
+    """Something about the log that is not a record, met while walking it.
+
+    kind:
+    ``"gap"``          the segment at ``lsn`` does not start where the log so far ends
+                       (``expected``), or the log begins past what LMDB holds;
+    ``"bad-segment"``  its header is damaged, foreign or misnamed (``reason``);
+    ``"end"``          a segment's records ended: ``verdict`` (clean, stale, torn,
+                       corrupt) and ``scan`` (the ScanEnd) say how;
+    ``"missing-next"`` the last segment ends with a SEAL, so its successor had been made,
+                       but it is gone.
+    ``"vanished"``     the file disappeared while being read (a live writer trimmed it).
+    """
+
+    kind: str
+    path: str
+    lsn: int
+    reason: str = ""
+    expected: int | None = None
+    verdict: str = ""
+    scan: ScanEnd | None = None
+    reader: SegmentReader | None = None
+    last: bool = False
+
+
+class LogReader:
+    """Walks every segment of a store's WAL in LSN order (see the module docstring).
+
+    ``applied``: LMDB's applied LSN (a log that begins past it has lost records; a torn
+    tail below it is corruption); ``wal_start``: where a log sealed by salvage begins.
+    ``resume_after_corruption``: continue at the next valid record behind a corrupt spot
+    (skip-corrupt salvage) instead of ending that segment there.
+    """
+
+    def __init__(self, wal_dir: str, store_id: bytes | None, applied: int = 0,
+                 wal_start: int = 0, resume_after_corruption: bool = False) -> None:
+        self.wal_dir = wal_dir
+        self.store_id = store_id
+        self.applied = applied
+        self.wal_start = wal_start
+        self.resume = resume_after_corruption
+        self.segments = list_segments(wal_dir)
+        self.end_lsn: int | None = None  # where the valid log ends (after a walk)
+        self.end_offset: int | None = None
+        self.end_segment: int | None = None  # start LSN of the segment holding the end
+        self.bytes_done = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(_size(p) for _, p in self.segments)
+
+    def walk(self, from_lsn: int = 0) -> Iterator[Record | LogEvent]:
+        """Records (with LSN >= ``from_lsn``) and LogEvents, in log order.
+
+        Segments wholly below ``from_lsn`` are skipped (their continuity is not checked).
+        """
+        segs = self.segments
+        expected: int | None = None
+        sealed_before = False
+        for i, (start, path) in enumerate(segs):
+            last = i == len(segs) - 1
+            next_start = segs[i + 1][0] if not last else None
+            if next_start is not None and next_start <= from_lsn:
+                continue
+            if expected is None and start > max(self.applied, self.wal_start, from_lsn):
+                yield LogEvent("gap", path, start, f"the WAL begins at LSN {start} but LMDB is "
+                               f"applied only up to {self.applied}: log records are missing",
+                               expected=max(self.applied, self.wal_start), last=last)
+            elif expected is not None and start != expected and not (
+                    start == expected + SEAL_RECORD_SIZE and not sealed_before):
+                yield LogEvent("gap", path, start, f"segment starts at LSN {start} but the "
+                               f"previous one ends at {expected}: a segment is missing or "
+                               f"damaged", expected=expected, last=last)
+            try:
+                reader = SegmentReader(path, self.store_id, start)
+            except FileNotFoundError:
+                yield LogEvent("vanished", path, start, "trimmed while being read", last=last)
+                expected = None
+                continue
+            if reader.header_error is not None:
+                yield LogEvent("bad-segment", path, start, reader.header_error, reader=reader,
+                               last=last)
+                expected = None
+                continue
+            offset = SEGMENT_HEADER_SIZE
+            try:
+                while True:
+                    for rec in reader.records(offset):
+                        if rec.lsn >= from_lsn and rec.type != RecordType.SEAL:
+                            yield rec  # a SEAL is structure: ScanEnd.sealed reports it
+                    end = reader.end
+                    verdict, reason = judge_end(end, last, self.applied, next_start)
+                    yield LogEvent("end", path, end.lsn, reason, verdict=verdict, scan=end,
+                                   reader=reader, last=last)
+                    if verdict == "corrupt" and self.resume and end.next_valid is not None:
+                        offset = end.next_valid.offset
+                        continue
+                    break
+            except FileNotFoundError:
+                yield LogEvent("vanished", path, start, "trimmed while being read", last=last)
+                expected = None
+                continue
+            expected = end.lsn
+            sealed_before = end.sealed
+            self.end_lsn, self.end_offset, self.end_segment = end.lsn, end.offset, start
+            self.bytes_done += reader.file_size
+            if last and end.sealed and not os.path.exists(
+                    os.path.join(self.wal_dir, segment_name(end.lsn))):  # (made since listed)
+                yield LogEvent("missing-next", path, end.lsn,
+                               f"the segment is sealed: the log goes on at LSN {end.lsn}, but "
+                               f"no segment starts there (the newest segment is missing)",
+                               last=True)
+
+    def records(self, from_lsn: int = 0) -> Iterator[Record]:
+        """Only the records, SEALs left out (for callers that judge nothing: tools)."""
+        for item in self.walk(from_lsn):
+            if isinstance(item, Record):
+                yield item
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0
+
+
+class LogFollower:
+    """Returns the records appended since the last call, following rotations.
+
+    It keeps one mmap of the segment it is in (segments are preallocated, so the mapping
+    covers every byte the writer will put there).  A record not yet whole ends the read
+    until it is.  When the segments it has not read yet were trimmed by a checkpoint
+    (their commits are in LMDB by then), it moves to the first remaining segment that
+    ``applied()`` reaches and reports the skip through ``skipped_to``.
+    """
+
+    def __init__(self, wal_dir: str, store_id: bytes, from_lsn: int) -> None:
+        self.wal_dir = wal_dir
+        self.store_id = store_id
+        self.position = from_lsn  # LSN of the next record to read
+        self.skipped_to: int | None = None
+        self._seg: int | None = None
+        self._reader: SegmentReader | None = None
+        self._mm: mmap.mmap | None = None
+        self._file = None
+        self._offset = SEGMENT_HEADER_SIZE
+
+    def poll(self, applied: int) -> Iterator[Record]:
+        """Yield every whole, valid record past the current position."""
+        while True:
+            if self._mm is None and not self._open(applied):
+                return
+            moved = yield from self._read()
+            if not moved:
+                return
+
+    def _open(self, applied: int) -> bool:
+        segs = list_segments(self.wal_dir)
+        for i, (start, path) in enumerate(segs):
+            nxt = segs[i + 1][0] if i + 1 < len(segs) else None
+            if nxt is not None and nxt <= self.position:
+                continue  # wholly behind us
+            if start > self.position:
+                if start > applied:
+                    return False  # a hole we cannot explain: wait for the writer
+                self.skipped_to = start  # trimmed: LMDB holds what we did not read
+                self.position = start
+            try:
+                reader = SegmentReader(path, self.store_id, start)
+                f = open(path, "rb")
+            except FileNotFoundError:
+                continue
+            if reader.header_error or reader.file_size <= SEGMENT_HEADER_SIZE:
+                f.close()
+                return False
+            self.close()
+            self._seg, self._reader, self._file = start, reader, f
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._offset = reader.offset_of(self.position)
+            return True
+        return False
+
+    def _read(self):
+        """Records at the current position; returns True when the segment is finished."""
+        mm, reader = self._mm, self._reader
+        while True:
+            lsn = reader.lsn_at(self._offset)
+            h, reason = check_record(mm, self._offset, reader.salt, lsn, len(mm))
+            if reason is not None:
+                return self._next_starts_at(lsn)
+            end = self._offset + RECORD_HEADER_SIZE + h.length
+            rec = Record(lsn, h.type, bytes(mm[self._offset + RECORD_HEADER_SIZE:end]),
+                         h.synced_lsn, reader.lsn_at(end), self._offset)
+            self._offset = end
+            self.position = rec.end_lsn
+            if rec.type != RecordType.SEAL:
+                yield rec
+
+    def _next_starts_at(self, lsn: int) -> bool:
+        later = [s for s, _p in list_segments(self.wal_dir) if s > self._seg]
+        if later and later[0] in (lsn, lsn + SEAL_RECORD_SIZE):
+            self.close()
+            return True
+        if later and not os.path.exists(self._reader.path):
+            self.close()  # our segment was trimmed under us
+            return True
+        return False
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._file.close()
+        self._mm = self._file = self._reader = None

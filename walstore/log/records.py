@@ -1,0 +1,157 @@
+"""Payload schemas of WAL records, and the log events decoded from them.
+
+Every payload is a msgpack map with short string keys; readers ignore keys they do not
+know (so a newer writer can add fields) and treat a missing required key as corruption.
+
+===================  ==================================================================
+record               payload
+===================  ==================================================================
+COMMIT               ``tx``, ``ts`` (unix seconds), ``meta``, ``w``: [[key, value|None]]
+                     (None: a delete), and as needed ``actions`` (the rows of the actions
+                     it commits), ``scope``, ``compensate`` (ids of committed actions a
+                     revert/rewind undoes), ``redo`` (ids a forced revert marks
+                     needs-redo), ``gid`` (committing a prepared transaction),
+                     ``reverts``, ``rewound_to``, ``purge`` (a key prefix erased)
+WRITES               ``tx``, ``w``: an earlier chunk of a large COMMIT (contiguous with it)
+ABORT                ``tx``; ``recovered`` / ``copied``: written by recovery for a loser
+ACTION_INTENT        ``tx``, ``id``, ``name``, ``args``, ``key``, ``compensate``, ``ts``,
+                     ``scope``
+ACTION_RESULT        ``tx``, ``id``, ``result``, ``error``
+COMPENSATED          an action's new state: ``id``, ``state``, ``error``, ``attempts``
+PREPARE              ``gid``, ``tx``, ``w``, ``r`` (keys read), ``rr`` (ranges scanned),
+                     ``meta``, ``actions`` (ids), ``ts``, ``extra``
+ROLLBACK_PREPARED    ``tx``, ``gid``
+RESTORE_POINT        ``name``, ``ts``; ``drop``: the name is dropped
+CHECKPOINT           ``applied``, ``ts``
+SEAL                 ``{}``: the segment ends here, the next begins where this record ends
+===================  ==================================================================
+
+An ``Event`` is one decoded record that changes the materialized state (everything but
+WRITES chunks, CHECKPOINT and SEAL).  Commits carry their whole write set; the
+``CommitAssembler`` joins WRITES chunks to their COMMIT for readers of the log.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..codec import unpack
+from .format import RecordType
+
+_WRITES, _COMMIT = RecordType.WRITES, RecordType.COMMIT
+_ENDS = frozenset({RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
+NOT_EVENTS = frozenset({RecordType.WRITES, RecordType.CHECKPOINT, RecordType.SEAL,
+                        RecordType.COMMIT_PREPARED})
+TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
+                        RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                        RecordType.PREPARE, RecordType.ROLLBACK_PREPARED})
+
+
+@dataclass(slots=True)
+class Event:
+    """One record that changes materialized state, decoded.  ``writes`` only for commits
+    (and prepares): [(stored key, packed value or None)]; ``body`` without ``w``."""
+
+    lsn: int
+    end: int
+    type: int
+    txid: int
+    body: dict
+    writes: list | None = None
+
+    def write_bytes(self) -> int:
+        return sum(len(k) + (len(v) if v else 0) for k, v in self.writes or ())
+
+
+def decode(payload: bytes) -> dict:
+    """Unpack a payload; ValueError when it is not a msgpack map."""
+    body = unpack(payload)
+    if not isinstance(body, dict):
+        raise ValueError(f"record payload is a {type(body).__name__}, not a map")
+    return body
+
+
+def parse_writes(body: dict) -> list:
+    writes = body.get("w")
+    if not isinstance(writes, list):
+        raise ValueError("record has no write list")
+    out = []
+    for w in writes:
+        if (not isinstance(w, list) or len(w) < 2 or not isinstance(w[0], bytes)
+                or not (w[1] is None or isinstance(w[1], bytes))):
+            raise ValueError("malformed write entry")
+        out.append((w[0], w[1]))
+    return out
+
+
+def txid_of(body: dict) -> int:
+    txid = body.get("tx")
+    if not isinstance(txid, int) or isinstance(txid, bool) or txid < 0:
+        raise ValueError("record has no valid transaction id")
+    return txid
+
+
+def chunk_writes(writes: list, chunk_bytes: int) -> list[list]:
+    """Split a write set into chunks of about ``chunk_bytes`` (the last goes in the COMMIT).
+    A chunk stays far below MAX_PAYLOAD: one value is at most 16 MiB."""
+    chunks: list[list] = []
+    cur: list = []
+    size = 0
+    for k, v in writes:
+        n = len(k) + (len(v) if v is not None else 0) + 16
+        if cur and size + n > chunk_bytes:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append([k, v])
+        size += n
+    chunks.append(cur)
+    return chunks
+
+
+class CommitAssembler:
+    """Turns the stream of records into Events: joins WRITES chunks to their COMMIT.
+
+    ``feed`` returns the Event of a record that changes state (a COMMIT with its complete
+    write list, earlier chunks first), and None for the others; an ABORT or
+    ROLLBACK_PREPARED drops buffered chunks.  ``max_bytes`` bounds what one unfinished
+    transaction may buffer.  Every reader of the log decodes through it.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.chunks: dict[int, list] = {}
+        self.sizes: dict[int, int] = {}
+        self.max_bytes = max_bytes
+
+    def feed(self, rtype: int, lsn: int, end: int, body: dict, payload_len: int = 0
+             ) -> Event | None:
+        txid = txid_of(body) if rtype in TX_RECORDS else -1
+        if rtype == _WRITES:
+            size = self.sizes.get(txid, 0) + payload_len
+            if self.max_bytes is not None and size > self.max_bytes:
+                raise ValueError(f"transaction {txid} exceeds {self.max_bytes} bytes of writes")
+            self.sizes[txid] = size
+            self.chunks.setdefault(txid, []).extend(parse_writes(body))
+            return None
+        if rtype in NOT_EVENTS:
+            return None
+        writes = None
+        if rtype == _COMMIT:
+            self.sizes.pop(txid, None)
+            writes = self.chunks.pop(txid, []) + parse_writes(body)
+            body = {k: v for k, v in body.items() if k != "w"}
+        elif rtype == RecordType.PREPARE:
+            writes = parse_writes(body)
+            body = {k: v for k, v in body.items() if k != "w"}
+        elif rtype in _ENDS:
+            self.sizes.pop(txid, None)
+            self.chunks.pop(txid, None)
+        return Event(lsn, end, rtype, txid, body, writes)
+
+
+def commit_ts(body: dict) -> float:
+    ts = body.get("ts", 0.0)
+    return float(ts) if isinstance(ts, (int, float)) else 0.0
+
+
+def jsonable_point(point: Any) -> Any:
+    return int(point) if isinstance(point, int) else str(point)

@@ -1,0 +1,180 @@
+"""WAL segment files: naming, durable preallocated creation, the spare, and appending.
+
+A segment is one file ``wal/<start LSN, 20 digits>.wal``: a 64-byte header followed by
+records (see :mod:`walstore.log.format`).  Files are preallocated with real zero bytes so
+that an append overwrites already-allocated blocks and ``fdatasync`` needs no metadata
+flush; the unused rest of a segment is zeros.  The header records the preallocated size,
+so a segment cut short later (truncation) is told from a torn tail.
+
+Invariants:
+- a segment becomes visible under its final name only after its header and zero fill are
+  durable, and the directory is fsynced after the rename (``create_segment``,
+  ``Spare.activate``): a crash leaves no segment or a whole one;
+- the *spare* (``wal/spare.tmp``) is a zero-filled, fsynced file prepared by a background
+  thread, so rotation on the commit path costs a header write and three syncs, never a
+  preallocation (a spare left by a crash is just removed at the next open);
+- a ``SegmentWriter`` writes only at its end offset; a failed write does not move it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from .. import fileio
+from .format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_salt
+
+SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
+SPARE_NAME = "spare.tmp"
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def segment_name(start_lsn: int) -> str:
+    return f"{start_lsn:020d}.wal"
+
+
+def list_segments(wal_dir: str) -> list[tuple[int, str]]:
+    """(start LSN, path) of every segment file, in LSN order.  Other files are ignored."""
+    out = []
+    for name in os.listdir(wal_dir):
+        m = SEGMENT_NAME.match(name)
+        if m:
+            out.append((int(m.group(1)), os.path.join(wal_dir, name)))
+    out.sort()
+    return out
+
+
+class FsyncFailed(OSError):
+    """An fsync failed: the caller must stop writing (never retry an fsync)."""
+
+
+def fsync_or_fail(fn, target) -> None:
+    try:
+        fn(target)
+    except OSError as e:
+        raise FsyncFailed(e.errno, f"fsync failed: {e.strerror or e}") from e
+
+
+def _zero_fill(fd: int, start: int, size: int) -> None:
+    pos = start
+    while pos < size:
+        chunk = _ZERO_CHUNK[: min(len(_ZERO_CHUNK), size - pos)]
+        fileio.pwrite_all(fd, chunk, pos)
+        pos += len(chunk)
+
+
+def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> str:
+    """Create a preallocated segment durably (tmp, fill, fsync, rename, dir fsync)."""
+    path = os.path.join(wal_dir, segment_name(start_lsn))
+    tmp = path + ".tmp"
+    fd = fileio.open_file(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        fileio.pwrite_all(fd, encode_segment_header(store_id, start_lsn, time.time_ns(), size), 0)
+        _zero_fill(fd, SEGMENT_HEADER_SIZE, size)
+        fsync_or_fail(fileio.fsync, fd)
+    except BaseException:
+        os.close(fd)
+        remove_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        fileio.rename(tmp, path)
+    except OSError:
+        remove_quietly(tmp)
+        raise
+    fsync_or_fail(fileio.fsync_dir, wal_dir)
+    return path
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class Spare:
+    """A zero-filled, fsynced file waiting to become the next segment.
+
+    ``prepare`` runs off the commit path (a background thread); ``activate`` turns it into
+    the segment starting at a given LSN (header, fdatasync, rename, directory fsync).
+    """
+
+    def __init__(self, wal_dir: str) -> None:
+        self.path = os.path.join(wal_dir, SPARE_NAME)
+        self.wal_dir = wal_dir
+        self.size = 0  # 0: no spare ready
+
+    def prepare(self, size: int) -> None:
+        remove_quietly(self.path)
+        fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+        try:
+            _zero_fill(fd, 0, size)
+            fileio.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            remove_quietly(self.path)
+            raise
+        os.close(fd)
+        self.size = size
+
+    def activate(self, store_id: bytes, start_lsn: int) -> str:
+        """Make the spare the segment at ``start_lsn``; FsyncFailed when a sync fails."""
+        size, self.size = self.size, 0
+        fd = fileio.open_file(self.path, os.O_RDWR)
+        try:
+            fileio.pwrite_all(fd, encode_segment_header(store_id, start_lsn, time.time_ns(), size),
+                              0)
+            fsync_or_fail(fileio.fdatasync, fd)
+        finally:
+            os.close(fd)
+        path = os.path.join(self.wal_dir, segment_name(start_lsn))
+        fileio.rename(self.path, path)
+        fsync_or_fail(fileio.fsync_dir, self.wal_dir)
+        return path
+
+    def discard(self) -> None:
+        self.size = 0
+        remove_quietly(self.path)
+
+
+class SegmentWriter:
+    """Appends framed records to one open segment at increasing offsets."""
+
+    def __init__(self, path: str, store_id: bytes, start_lsn: int, offset: int) -> None:
+        self.path = path
+        self.start_lsn = start_lsn
+        self.salt = segment_salt(store_id, start_lsn)
+        self.fd = fileio.open_file(path, os.O_RDWR)
+        self.size = os.fstat(self.fd).st_size
+        self.offset = offset  # file offset of the next record
+
+    @property
+    def end_lsn(self) -> int:
+        return self.start_lsn + self.offset - SEGMENT_HEADER_SIZE
+
+    def room(self) -> int:
+        return self.size - self.offset
+
+    def frame(self, rtype: int, payload: bytes, synced_lsn: int, lsn: int) -> bytes:
+        return encode_record(self.salt, rtype, lsn, synced_lsn, payload)
+
+    def write_at_end(self, data: bytes) -> None:
+        """Write framed bytes at the current end; on error nothing is counted as written."""
+        fileio.pwrite_all(self.fd, data, self.offset)
+        self.offset += len(data)
+
+    def scrub(self, length: int) -> None:
+        """Zero ``length`` bytes at the end after a failed write (best effort)."""
+        try:
+            fileio.pwrite_all(self.fd, bytes(min(length, self.room())), self.offset)
+        except OSError:
+            pass
+
+    def sync(self) -> None:
+        fileio.fdatasync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

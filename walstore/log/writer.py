@@ -1,0 +1,222 @@
+"""The one WAL writer: appends, rotation, group-commit fsync, trimming.
+
+Owns the directory ``<store>/wal`` once recovery has positioned it.  The log is one LSN
+space cut into segments; an LSN is a byte position in that space (segment headers
+excluded).
+
+Invariants:
+- records are appended in LSN order, one thread at a time (``append`` holds ``lock``;
+  callers that must keep something else in LSN order hold it around the append);
+- ``synced_lsn`` only grows, and every byte below it has been fdatasynced;
+- rotation activates the spare (prepared off the commit path by ``prepare_spare``) as the
+  next segment, durably, then ends the old segment with a SEAL record and fsyncs it in
+  full: only the last segment can hold a torn tail, and a missing newest segment is
+  detectable (a sealed segment with no successor);
+- after an fsync error the log is *failed*: nothing is written or synced again, every
+  later call raises ``LogFailed`` (a retried fsync can lie: FACTS.md);
+- a write error (ENOSPC, EIO) fails only the append in hand (``WalWriteError``): the end
+  is not advanced, so the next record overwrites the partial bytes;
+- segments are removed only when wholly below the trim point, never the active one.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from .. import fileio
+from ..errors import ReadOnlyError, WalstoreError
+from ..codec import pack
+from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType
+from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment, list_segments,
+                      segment_name)
+
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+FIRST_SEGMENT_SIZE = 1024 * 1024  # a new store's first segment; later ones double
+SEAL_ROOM = 64  # bytes kept free at the end of every segment for its SEAL record
+SEAL_PAYLOAD = pack({})  # a SEAL needs no body: the next segment starts where it ends
+SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + len(SEAL_PAYLOAD)
+
+
+class WalWriteError(WalstoreError, OSError):
+    """Writing a record failed (disk full, I/O error); nothing of it counts as logged."""
+
+
+class LogFailed(ReadOnlyError):
+    """An fsync of the log failed: the log takes no more writes (reopen to recover)."""
+
+
+class WriteAheadLog:
+    """Appends to the active segment and makes them durable.  Thread-safe."""
+
+    def __init__(self, wal_dir: str, store_id: bytes, segment_start: int, offset: int,
+                 segment_size: int = DEFAULT_SEGMENT_SIZE) -> None:
+        self.dir = wal_dir
+        self.store_id = store_id
+        self.segment_size = segment_size
+        self.lock = threading.RLock()      # appends and rotation
+        self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
+        self._sync_cond = threading.Condition(threading.Lock())  # group-commit waiters
+        self._syncing = False
+        self.after_sync = None  # called by the fsync leader with the new synced LSN
+        self.writer = SegmentWriter(os.path.join(wal_dir, segment_name(segment_start)), store_id,
+                                    segment_start, offset)
+        self.written_lsn = self.writer.end_lsn
+        self.synced_lsn = self.written_lsn
+        self.failed: BaseException | None = None
+        self.bytes_since_checkpoint = 0
+        self.fsyncs = 0
+        self.rotations = 0
+        self.spare = Spare(wal_dir)
+        self._spare_lock = threading.Lock()
+
+    # ---- appending ---------------------------------------------------------------------
+    def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
+        """Append one record; returns (lsn, end_lsn).  Not yet durable: see ``sync_to``."""
+        with self.lock:
+            self.check_usable()
+            need = RECORD_HEADER_SIZE + len(payload)
+            if need + SEAL_ROOM > self.writer.room():
+                self._rotate(need)
+            lsn = self.writer.end_lsn
+            data = self.writer.frame(rtype, payload, self.synced_lsn, lsn)
+            try:
+                self.writer.write_at_end(data)
+            except OSError as e:
+                self.writer.scrub(len(data))  # best effort: no stale half record behind the end
+                raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
+                                    ) from e
+            self.written_lsn = self.writer.end_lsn
+            self.bytes_since_checkpoint += len(data)
+            return lsn, self.written_lsn
+
+    def next_segment_size(self, need: int = 0) -> int:
+        """Segments grow: twice the last one, up to segment_size (a small store keeps
+        small files, a busy one rotates rarely)."""
+        return max(min(self.segment_size, 2 * self.writer.size),
+                   SEGMENT_HEADER_SIZE + need + SEAL_ROOM)
+
+    def _rotate(self, need: int) -> None:
+        """Activate the next segment, then seal the old one (in that order: a sealed
+        segment without a successor is proof that a segment went missing; a crash in
+        between leaves an unsealed segment ending SEAL_RECORD_SIZE short of its
+        successor, which readers accept)."""
+        old = self.writer
+        size = self.next_segment_size(need)
+        with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
+            seal_lsn = old.end_lsn
+            seal = old.frame(RecordType.SEAL, SEAL_PAYLOAD, self.synced_lsn, seal_lsn)
+            start = seal_lsn + len(seal)  # the log goes on where the SEAL record ends
+            try:
+                with self._spare_lock:
+                    if self.spare.size >= size:
+                        path = self.spare.activate(self.store_id, start)
+                    else:
+                        path = create_segment(self.dir, self.store_id, start, size)
+            except FsyncFailed as e:
+                self.failed = e.__cause__ or e
+                raise LogFailed(f"fsync failed while creating a WAL segment ({e}); the "
+                                f"store is now read-only (reopen it to recover)") from e
+            except OSError as e:
+                raise WalWriteError(e.errno, f"could not create a new WAL segment: "
+                                             f"{e.strerror or e}") from e
+            try:
+                old.write_at_end(seal)
+            except OSError:
+                pass  # unsealed: the shape of an interrupted rotation, which readers accept
+            self._fsync(old)
+            self.synced_lsn = max(self.synced_lsn, start)
+            self.written_lsn = start
+            self.writer = SegmentWriter(path, self.store_id, start, SEGMENT_HEADER_SIZE)
+            old.close()
+            self.rotations += 1
+
+    def needs_spare(self) -> bool:
+        """True when the next rotation would have to preallocate on the commit path."""
+        return self.failed is None and self.spare.size < self.next_segment_size()
+
+    def prepare_spare(self) -> None:
+        """Preallocate the next segment's file (call from a background thread)."""
+        with self._spare_lock:
+            if self.needs_spare():
+                self.spare.prepare(self.next_segment_size())
+
+    def rotate(self) -> int:
+        """Start a new segment now (sealing the current one); returns its start LSN."""
+        with self.lock:
+            self.check_usable()
+            self._rotate(0)
+            return self.writer.start_lsn
+
+    # ---- durability --------------------------------------------------------------------
+    def sync_to(self, lsn: int) -> None:
+        """Return once every byte below ``lsn`` is durable; concurrent callers share fsyncs.
+
+        Group commit: one caller at a time is the leader and fsyncs everything written so
+        far; the others wait on a condition and, when it is done, either find their bytes
+        covered or one of them leads the next fsync at once.  Raises LogFailed when the
+        fsync fails (the bytes' fate is unknown until recovery).
+        """
+        if self.synced_lsn >= lsn:
+            return
+        with self._sync_cond:
+            while True:
+                if self.synced_lsn >= lsn:
+                    return
+                self.check_usable()
+                if not self._syncing:
+                    self._syncing = True
+                    break
+                self._sync_cond.wait()
+        done = None
+        try:
+            with self._sync_lock:
+                target = self.written_lsn
+                self._fsync(self.writer)
+                done = target
+        finally:
+            with self._sync_cond:
+                if done is not None:
+                    self.synced_lsn = max(self.synced_lsn, done)
+                self._syncing = False
+            if done is not None and self.after_sync is not None:
+                self.after_sync(self.synced_lsn)  # e.g. publish the batch once, for everyone
+            with self._sync_cond:
+                self._sync_cond.notify_all()
+
+    def sync(self) -> None:
+        self.sync_to(self.written_lsn)
+
+    def _fsync(self, writer: SegmentWriter) -> None:
+        try:
+            writer.sync()
+            self.fsyncs += 1
+        except OSError as e:
+            self.failed = e
+            raise LogFailed(f"fsync of the WAL failed ({e.strerror or e}); the store is now "
+                            f"read-only, the unsynced commits are unknown until recovery "
+                            f"(reopen the store)") from e
+
+    def check_usable(self) -> None:
+        if self.failed is not None:
+            raise LogFailed(f"the store turned read-only after a WAL error: {self.failed}")
+
+    # ---- trimming ----------------------------------------------------------------------
+    def trim_below(self, lsn: int) -> list[str]:
+        """Remove segments whose every record lies below ``lsn``; returns removed paths."""
+        with self.lock:
+            segs = list_segments(self.dir)
+            removed = []
+            for (start, path), (next_start, _) in zip(segs, segs[1:]):
+                if next_start <= lsn and start != self.writer.start_lsn:
+                    fileio.unlink(path)
+                    removed.append(path)
+            if removed:
+                fileio.fsync_dir(self.dir)
+            return removed
+
+    def disk_bytes(self) -> int:
+        return sum(os.path.getsize(p) for _, p in list_segments(self.dir) if os.path.exists(p))
+
+    def close(self) -> None:
+        with self.lock:
+            self.writer.close()

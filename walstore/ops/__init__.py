@@ -1,0 +1,1 @@
+"""Operations on a store from outside its writer: verify, backup, WAL inspection."""

@@ -1,0 +1,120 @@
+"""Consistent online backup: a copy of a store that opens as the store was at one moment.
+
+Order is what makes it consistent while a writer keeps committing:
+
+1. copy LMDB with ``env.copy`` (a consistent snapshot at its ``applied`` LSN ``A``);
+2. copy the WAL segments from the one holding ``A``, the last one only up to the end of
+   its valid records (read with walstore.log.reader);
+3. check that the copied WAL still reaches down to ``A`` (a checkpoint may have trimmed
+   a segment in between; then start over).
+
+The copy's identity file carries ``origin: {"kind": "backup"}``: its first open runs
+recovery, which REDOes the WAL from ``A`` and ends the transactions that were in flight in
+the source — but never runs their compensations (the source machine did or will): they
+are listed as pending, ``held`` (promise 10).  Files 0600, directories 0700; a
+destination inside the source is refused.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+from .. import fileio
+from ..errors import NotAStore, WalstoreError
+from ..engine.engine import check_not_inside
+from ..engine.layout import Layout
+from ..engine.lmdb_state import LmdbState
+from ..log.reader import LogReader
+
+MAX_ATTEMPTS = 5
+
+
+def backup(src: str, dest: str, progress=None) -> dict:
+    """Copy the store at ``src`` to the new directory ``dest``; returns a summary."""
+    layout = Layout(src)
+    store_id = layout.read_identity()
+    check_not_inside(src, dest)
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise NotAStore(f"backup destination {dest} exists and is not empty")
+    state = LmdbState(layout.db, readonly=True)
+    try:
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            summary = _attempt(layout, store_id, state, dest, progress)
+            if summary is not None:
+                summary["attempts"] = attempt
+                return summary
+            time.sleep(0.05 * attempt)
+        raise WalstoreError(f"backup of {src} kept racing with checkpoints; try again")
+    finally:
+        state.close()
+
+
+def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progress
+             ) -> dict | None:
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    out = Layout(dest)
+    fileio.make_dir(out.root)
+    fileio.make_dir(out.wal)
+    fileio.make_dir(out.db)
+    slot = state.gate.enter()  # no map resize while LMDB copies itself
+    try:
+        state.env.copy(out.db, compact=True)
+    finally:
+        state.gate.leave(slot)
+    for name in os.listdir(out.db):
+        os.chmod(os.path.join(out.db, name), fileio.FILE_MODE)
+    copied_state = LmdbState(out.db, readonly=True)
+    try:
+        applied = copied_state.applied_lsn()
+    finally:
+        copied_state.close()
+    log = LogReader(layout.wal, store_id, applied)
+    segs = log.segments
+    if segs and segs[0][0] > applied:
+        return None
+    # the end of the valid log, as the reader sees it now (the last segment's tail)
+    for _item in log.walk(from_lsn=applied):
+        pass
+    copied = 0
+    for i, (start, path) in enumerate(segs):
+        limit = log.end_offset if start == log.end_segment else None
+        try:
+            copied += _copy_file(path, os.path.join(out.wal, os.path.basename(path)), limit)
+        except FileNotFoundError:  # trimmed under us
+            return None
+        if progress:
+            progress(i + 1, len(segs))
+    out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
+                                         "ts": time.time()})
+    fileio.fsync_dir(out.wal)
+    fileio.fsync_dir(out.root)
+    return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
+            "segments": len(segs), "wal_bytes": copied}
+
+
+def _copy_file(src: str, dst: str, limit: int | None) -> int:
+    """Copy ``src`` (only its first ``limit`` bytes, the rest as zeros: a segment keeps its
+    preallocated size, and bytes written after the valid end are not part of the copy)."""
+    fd = fileio.open_file(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    n = 0
+    size = os.path.getsize(src)
+    try:
+        with open(src, "rb") as f:
+            while limit is None or n < limit:
+                want = 1 << 20 if limit is None else min(1 << 20, limit - n)
+                chunk = f.read(want)
+                if not chunk:
+                    break
+                fileio.pwrite_all(fd, chunk, n)
+                n += len(chunk)
+        copied = n
+        while n < size:
+            zeros = bytes(min(1 << 20, size - n))
+            fileio.pwrite_all(fd, zeros, n)
+            n += len(zeros)
+        fileio.fsync(fd)
+    finally:
+        os.close(fd)
+    return copied
