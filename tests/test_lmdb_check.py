@@ -224,7 +224,58 @@ DAMAGE = {
                       "depth 40 exceeds"),
     "free-root-page-zeroed": (lambda d: _zero_page(d, FREE_ROOT), "page number 0"),
     "main-root-page-zeroed": (lambda d: _zero_page(d, MAIN_ROOT), "page number 0"),
+    "txnid-on-the-wrong-meta-page": (lambda d: _bump_txnid(d), "belongs on meta page"),
+    "free-list-db-flagged-dupsort": (lambda d: patch(d, newest_meta_offset(d) + FREE_FLAGS,
+                                                     "<H", 0x0C), "unknown flags 0xc"),
+    "main-root-is-the-free-list-root": (lambda d: patch(
+        d, newest_meta_offset(d) + MAIN_ROOT, "<Q",
+        struct.unpack_from("<Q", d, newest_meta_offset(d) + FREE_ROOT)[0]), "root of both"),
+    "main-root-node-offset-outside-page": (lambda d: _patch_root_page(d, MAIN_ROOT, 16, "<H",
+                                                                      4094), "impossible offset"),
+    "main-root-claims-more-keys": (lambda d: _patch_root_page(d, MAIN_ROOT, 12, "<H",
+                                                              struct.unpack_from(
+                                                                  "<H", _root_page(d, MAIN_ROOT),
+                                                                  12)[0] + 2),
+                                   "does not match its record|impossible offset"),
+    "main-root-moved-to-a-free-page": (lambda d: _root_on_free_page(d), "also on the free list"),
 }
+
+
+def _root_page(data: bytes, root_field: int) -> bytes:
+    pgno = struct.unpack_from("<Q", data, newest_meta_offset(data) + root_field)[0]
+    return data[pgno * 4096:(pgno + 1) * 4096]
+
+
+def _patch_root_page(data: bytes, root_field: int, offset: int, fmt: str, value) -> bytes:
+    pgno = struct.unpack_from("<Q", data, newest_meta_offset(data) + root_field)[0]
+    return patch(data, pgno * 4096 + offset, fmt, value)
+
+
+def _bump_txnid(data: bytes) -> bytes:
+    off = newest_meta_offset(data)
+    return patch(data, off + TXNID, "<Q", struct.unpack_from("<Q", data, off + TXNID)[0] + 1)
+
+
+def _root_on_free_page(data: bytes) -> bytes:
+    """A consistent-looking file whose main-DB root is a page on the free list: the root
+    page copied (with its page number) onto a free page, and the meta pointed there.
+    LMDB would hand that page out again on the next write."""
+    import tempfile
+
+    import walstore.lmdb_check as lc
+    off = newest_meta_offset(data)
+    meta = lc._parse_meta(data[off:off + lc.META_READ], off // 4096)
+    with tempfile.TemporaryFile() as f:
+        f.write(data)
+        f.flush()
+        pages = lc._Pages(f.fileno(), 4096, len(data), meta.last_pg)
+        free = sorted(p for p in lc._free_pgnos(pages, meta) if p * 4096 < len(data))
+    assert free, "the pristine store has no free page to move the root to"
+    target = free[0]
+    page = bytearray(_root_page(data, MAIN_ROOT))
+    struct.pack_into("<Q", page, 0, target)
+    out = data[:target * 4096] + bytes(page) + data[(target + 1) * 4096:]
+    return patch(out, off + MAIN_ROOT, "<Q", target)
 
 
 def _zero_page(data: bytes, root_field: int) -> bytes:
@@ -254,16 +305,33 @@ def test_damaged_data_file_is_refused_naming_the_file(damaged_dir, pristine, nam
     assert out["outcome"] == "corrupt" and out["file"] == path
 
 
+LMDB_OUTCOME = {
+    # damage: what LMDB itself (py-lmdb 3.0, LMDB 0.9.36) does with the file unchecked
+    "truncated-8KiB": -signal.SIGBUS,
+    "truncated-half": -signal.SIGBUS,
+    "truncated-size-minus-1-page": -signal.SIGBUS,
+    "free-list-db-flagged-dupsort": -signal.SIGABRT,      # assertion 'mx != NULL'
+    "main-root-moved-to-a-free-page": -signal.SIGABRT,    # assertion in mdb_page_touch
+    "truncated-0": 0,                                     # silently starts an empty database
+    "txnid-on-the-wrong-meta-page": 0,                    # silently reads the older snapshot
+}
+
+
 @needs64
-@pytest.mark.parametrize("cut", ["8KiB", "minus-1-page"])
-def test_the_truncations_refused_really_kill_lmdb_with_sigbus(damaged_dir, pristine, cut):
-    """Why the check exists: LMDB maps these files and dies touching a missing page."""
+@pytest.mark.parametrize("name", sorted(LMDB_OUTCOME))
+def test_why_the_check_exists_lmdb_alone_crashes_or_loses_data(damaged_dir, pristine, name):
+    """LMDB maps these files: it dies of a signal, or opens them as if nothing happened."""
     db, path = damaged_dir
-    data = pristine["data"]
     with open(path, "wb") as f:
-        f.write(data[:8192] if cut == "8KiB" else data[:-4096])
+        f.write(DAMAGE[name][0](pristine["data"]))
     r = read_with_lmdb_in_child(db)
-    assert r.returncode == -signal.SIGBUS, (r.returncode, r.stderr[-500:])
+    assert r.returncode == LMDB_OUTCOME[name], (r.returncode, r.stderr[-500:])
+    if name == "truncated-0":
+        assert r.stdout.split() == ["0"]              # every record is gone
+    elif name == "txnid-on-the-wrong-meta-page":
+        assert int(r.stdout.split()[0]) > 0
+    with open(path, "wb") as f:
+        f.write(DAMAGE[name][0](pristine["data"]))
     with pytest.raises(CorruptionError):
         check_lmdb_files(db)
 

@@ -41,38 +41,47 @@ and py-lmdb's own hardening patches; no code is copied):
 
 What is checked (any failure is a CorruptionError naming the file):
   missing data file (when ``expect_existing``), empty file (LMDB would start over), not a
-  regular file, too short for both meta pages; per meta page: zeros, P_META flag, magic
+  regular file, too short for both meta pages.  Per meta page: zeros, P_META flag, magic
   (naming another byte order or word size), version, its own page number, page size,
-  last page, txnid range, the two core DBs (flags, depth, root in 2..last_pg, page counts);
-  both meta pages must be valid and agree on the page size; for the newest snapshot: the
-  free-DB and main-DB root pages and the roots of the named databases recorded in the main
-  DB's root page lie inside the file and are B-tree pages carrying their own page number
-  with sane bounds; the page counts fit below ``last_pg`` and inside the file; every page
-  up to ``last_pg`` that lies past the end of the file is on the free list.
-  ``lock.mdb``, when present, must be a regular file (LMDB rebuilds its contents when it is
-  the first user).
+  last page, txnid (range, and parity: transaction t writes page t % 2, and LMDB's readers
+  use page ``txnid & 1`` -- a txnid on the wrong page makes LMDB use the other snapshot),
+  the two core DBs (flags, including no DUPSORT on the free list, which trips an assertion
+  in LMDB; depth; root in 2..last_pg; page counts).  Both meta pages must be valid and agree
+  on the page size.  For the newest snapshot: the root pages of the free-list DB, the main
+  DB and every named DB recorded in the main DB's root page lie inside the file, carry
+  their own page number, are branch/leaf pages with sane bounds that match their MDB_db
+  record (a depth-1 tree is one leaf holding all its entries), no two trees share a root,
+  every node on them lies inside the page, child pointers and overflow runs stay within
+  last_pg (overflow headers read while the budget lasts); the page counts fit below
+  ``last_pg`` and inside the file.  The free list is walked (within the read budget): no
+  root page may be on it, and every page up to ``last_pg`` that lies past the end of the
+  file must be.  ``lock.mdb``, when present, must be a regular file (LMDB rebuilds its
+  contents when it is the first user).
 
 What it CANNOT detect (documented for users; walstore's other evidence must cover these):
   * damage inside the B-trees below the root pages (a flipped byte in a leaf or branch
-    page, an interior pointer into the never-written tail, an overflow run that reaches
-    past the file): LMDB reports most as MDB_CORRUPTED, but a branch pointing into the
-    free tail is still a SIGBUS.  A full walk costs O(file size) and is left to ``verify``.
+    page of a tree deeper than one level, an interior pointer into the never-written tail,
+    a page both reachable and on the free list): LMDB reports most as MDB_CORRUPTED or
+    trips an assertion (SIGABRT); a pointer into the free tail is a SIGBUS.  A full walk
+    costs O(file size) and is left to ``verify``.  walstore's small trees (one leaf each)
+    are covered whole; big ones only at their roots.
   * a valid OLDER copy of data.mdb, or a valid LMDB environment of another program (a
     "foreign LMDB" with the right format passes): only walstore's own records (its applied
     LSN against the WAL, its store id) can tell those apart.
-  * a free-list larger than the read budget (``FREE_LIST_BUDGET`` bytes) when the file is
-    short: the tail is then reported unverified (``tail_verified=False``), not refused.
-  * damage to the older meta page's snapshot beyond its header fields (LMDB never reads it
-    after picking the newer one).
+  * a free list larger than the read budget (``FREE_LIST_BUDGET`` bytes): the tail past the
+    end of the file is then reported unverified (``tail_verified=False``), not refused, and
+    roots are not checked against the free list.
+  * damage to the older meta page's snapshot beyond its meta fields (LMDB does not read
+    that snapshot once it has picked the newer one).
   * a store whose data file is damaged after this check ran (the check is a snapshot).
 
 A live writer (a follower checks while the writer commits): the check holds no LMDB reader
 slot, so pages can be recycled under it.  A page reachable from the newest meta page (txnid
-T) is only rewritten by transaction T+3 or later (T+1 frees it, T+2 is the oldest that may
-reuse it), so when a check fails, the meta pages and the file size are read again: unchanged
-means no commit happened and the damage is real; changed means run again (``ATTEMPTS``).
-Measured: 18 of 28,067 checks against a process committing flat out needed the re-run; none
-raised.
+T) is only rewritten by transaction T+3 or later (T+1 frees it; mdb_page_alloc reuses a
+free-list record only when it is older than txnid - 1).  So when a check fails, the meta
+pages and the file size are read again: unchanged means no commit happened and the damage
+is real; changed means run again (``ATTEMPTS``).  Measured: 18 of 28,067 checks against a
+process committing flat out needed the re-run; none raised.
 
 Errors: only CorruptionError for anything found in the bytes.  An ``OSError`` other than a
 read error (EIO) -- permission denied, for example -- is not evidence of damage and
@@ -114,6 +123,9 @@ F_BIGDATA, F_SUBDATA, F_DUPDATA = 0x01, 0x02, 0x04
 MDB_DUPSORT, MDB_DUPFIXED, MDB_INTEGERDUP, MDB_REVERSEDUP = 0x04, 0x10, 0x20, 0x40
 DUPSORT_ONLY = MDB_DUPFIXED | MDB_INTEGERDUP | MDB_REVERSEDUP
 DB_PERSISTENT = 0x7E               # REVERSEKEY|DUPSORT|INTEGERKEY|DUPFIXED|INTEGERDUP|REVERSEDUP
+# the free-list DB's flags are INTEGERKEY plus the environment flags below 0x10000 that
+# mdb_env_init_meta0 copies in: FIXEDMAP and NOSUBDIR (DUPSORT there trips an assertion)
+FREE_DB_FLAGS = 0x01 | 0x08 | 0x4000
 
 ATTEMPTS = 5                       # re-checks when a live writer changes the meta pages
 FREE_LIST_BUDGET = 16 << 20        # bytes of free-list pages read to prove a short tail free
@@ -376,7 +388,13 @@ def _meta_problem(buf: bytes, index: int) -> str | None:
         return f"records an impossible last page {m.last_pg}"
     if m.txnid > 1 << 62:
         return f"records an impossible txnid {m.txnid}"
-    for name, db, persistent in (("free-list", m.free, None), ("main", m.main, DB_PERSISTENT)):
+    if m.txnid and m.txnid % 2 != index:
+        # transaction t writes meta page t % 2, and LMDB's readers and writers (with a lock
+        # file) use page (txnid & 1), not the page the txnid was found on
+        return (f"holds txnid {m.txnid}, which belongs on meta page {m.txnid % 2}: LMDB "
+                f"would read the other meta page for it")
+    for name, db, persistent in (("free-list", m.free, FREE_DB_FLAGS),
+                                 ("main", m.main, DB_PERSISTENT)):
         why = _db_problem(db, m.last_pg, persistent)
         if why:
             return f"{name} DB: {why}"
@@ -386,11 +404,11 @@ def _meta_problem(buf: bytes, index: int) -> str | None:
     return None
 
 
-def _db_problem(db: _Db, last_pg: int, persistent: int | None) -> str | None:
+def _db_problem(db: _Db, last_pg: int, persistent: int) -> str | None:
     """What is impossible about one MDB_db record (as py-lmdb's LMDB would refuse it)."""
     if db.flags & DUPSORT_ONLY and not db.flags & MDB_DUPSORT:
         return f"flags 0x{db.flags:x} use DUPFIXED/INTEGERDUP/REVERSEDUP without DUPSORT"
-    if persistent is not None and db.flags & ~persistent:
+    if db.flags & ~persistent:
         return f"unknown flags 0x{db.flags:x}"
     if db.depth > CURSOR_STACK:
         return f"depth {db.depth} exceeds LMDB's {CURSOR_STACK} levels"
@@ -443,10 +461,10 @@ def _read_metas(fd: int) -> tuple[_Meta, _Meta]:
     if m0 is None:
         assert m1 is not None
         raise _Damage(f"LMDB meta page 0 {why0}; meta page 1 is valid (txnid {m1.txnid}), "
-                      f"but LMDB refuses a file with either meta page damaged", 0)
+                      f"but LMDB needs both", 0)
     if m1 is None:
         raise _Damage(f"LMDB meta page 1 {why1}; meta page 0 is valid (txnid {m0.txnid}), "
-                      f"but LMDB refuses a file with either meta page damaged", m0.psize)
+                      f"but LMDB needs both", m0.psize)
     if m0.psize != m1.psize:
         raise _Damage(f"the meta pages disagree on the page size ({m0.psize} and "
                       f"{m1.psize})", m0.psize)
@@ -532,14 +550,17 @@ def _check_once(fd: int, path: str, expect_existing: bool) -> LmdbFileInfo | Non
         raise _Damage(f"the file is too short ({size} bytes) to hold both meta pages of "
                       f"{psize} bytes: truncated")
     pages = _Pages(fd, psize, size, newest.last_pg)
+    roots: dict[int, str] = {}
 
     in_use = NUM_METAS + newest.free.pages + newest.main.pages
     if newest.free.root != NATIVE.invalid:
-        pages.btree(newest.free.root, "free-list DB's root page")
+        _check_root(pages, newest.free, "free-list DB", roots)
     named = None
     if newest.main.root != NATIVE.invalid:
-        named, named_pages = _named_dbs(pages, newest)
-        in_use += named_pages
+        page, flags, nkeys = _check_root(pages, newest.main, "main DB", roots)
+        if flags & P_LEAF and not newest.main.flags & MDB_DUPSORT:
+            named, named_pages = _named_dbs(pages, newest, page, nkeys, roots)
+            in_use += named_pages
     if in_use > newest.last_pg + 1:
         raise _Damage(f"the newest meta page (txnid {newest.txnid}) counts {in_use} pages in "
                       f"use, more than its last page {newest.last_pg} allows")
@@ -547,24 +568,98 @@ def _check_once(fd: int, path: str, expect_existing: bool) -> LmdbFileInfo | Non
         raise _Damage(f"the newest snapshot (txnid {newest.txnid}) uses at least {in_use} "
                       f"pages but the file holds only {pages.file_pages}: truncated")
 
-    tail = newest.last_pg + 1 - pages.file_pages
-    verified = True
-    if tail > 0:
-        verified = _tail_is_free(pages, newest, tail)
+    tail = max(0, newest.last_pg + 1 - pages.file_pages)
+    verified = _free_list_pass(pages, newest, tail, roots)
     return LmdbFileInfo(path=path, file_size=size, page_size=psize, txnid=newest.txnid,
                         meta_page=newest.index, last_page=newest.last_pg,
                         map_size=newest.mapsize, entries=newest.main.entries,
-                        pages_in_use=in_use, named_dbs=named, tail_pages=max(tail, 0),
-                        tail_verified=verified)
+                        pages_in_use=in_use, named_dbs=named, tail_pages=tail,
+                        tail_verified=verified or tail == 0)
 
 
-def _named_dbs(pages: _Pages, meta: _Meta) -> tuple[int | None, int]:
-    """Check the named DBs recorded in the main DB's root page: (count, their pages)."""
-    page, flags, nkeys = pages.btree(meta.main.root, "main DB's root page")
-    if flags & P_BRANCH or flags & P_LEAF2 or meta.main.flags & MDB_DUPSORT:
-        return None, 0          # only a single-leaf main DB is read (walstore's case)
+def _check_root(pages: _Pages, db: _Db, label: str,
+                roots: dict[int, str]) -> tuple[bytes, int, int]:
+    """Read and check one tree's root page against its MDB_db record; returns the page.
+
+    LMDB keeps these exact: a depth-1 tree is one leaf holding every entry (every key,
+    when the tree has duplicates), a deeper one has a branch page as root.  A root page
+    shared by two trees, or a node reaching outside its page or the snapshot, is damage.
+    """
+    if db.root in roots:
+        raise _Damage(f"page {db.root} is the root of both the {roots[db.root]} and the "
+                      f"{label}", db.root * pages.psize)
+    roots[db.root] = label
+    what = f"{label}'s root page"
+    page, flags, nkeys = pages.btree(db.root, what)
+    where = db.root * pages.psize
+    if flags & P_LEAF2:
+        raise _Damage(f"the {what} (page {db.root}) is a LEAF2 page, which only duplicate "
+                      f"sub-trees use", where)
+    if db.depth == 1:
+        dupsort = bool(db.flags & MDB_DUPSORT)
+        if (not flags & P_LEAF or db.branch != 0 or db.leaf != 1
+                or (db.entries < nkeys if dupsort else db.entries != nkeys)):
+            raise _Damage(f"the {what} (page {db.root}) does not match its record: depth 1, "
+                          f"{db.entries} entries, {db.branch} branch and {db.leaf} leaf "
+                          f"pages, but the page is a {_kind_of(flags)} with {nkeys} keys",
+                          where)
+    elif not flags & P_BRANCH or db.branch < 1 or nkeys < 1:
+        raise _Damage(f"the {what} (page {db.root}) is a {_kind_of(flags)} with {nkeys} keys "
+                      f"but the tree has depth {db.depth} and {db.branch} branch pages",
+                      where)
+    for off, low, nflags, ksize in pages.nodes(page, db.root, nkeys):
+        start = off + NODE_HEADER + ksize
+        if flags & P_BRANCH:
+            child = low | (nflags << 32) if NATIVE.wsize == 8 else low
+            if child < NUM_METAS or child > pages.last_pg or child == db.root:
+                raise _Damage(f"the {what} (page {db.root}) points to child page {child}, "
+                              f"outside pages {NUM_METAS}..{pages.last_pg}", where + off)
+            continue
+        if nflags & F_BIGDATA:
+            if start + NATIVE.wsize > pages.psize:
+                raise _Damage(f"the {what} (page {db.root}): an overflow reference runs past "
+                              f"the page", where + off)
+            (ov,) = struct.unpack_from("=" + NATIVE.word, page, start)
+            _check_overflow_run(pages, ov, low, f"a value on the {what}")
+        elif start + low > pages.psize:
+            raise _Damage(f"the {what} (page {db.root}): a record of {low} bytes runs past "
+                          f"the page", where + off)
+    return page, flags, nkeys
+
+
+def _kind_of(flags: int) -> str:
+    return "branch page" if flags & P_BRANCH else "leaf page"
+
+
+def _check_overflow_run(pages: _Pages, ov: int, dsize: int, what: str) -> None:
+    """An overflow run holding ``dsize`` bytes must start inside the snapshot and the file;
+    its header is read while the read budget lasts."""
+    need = (NATIVE.hdr - 1 + dsize) // pages.psize + 1            # LMDB's OVPAGES
+    if ov < NUM_METAS or ov + need - 1 > pages.last_pg:
+        raise _Damage(f"{what} is on overflow pages {ov}..{ov + need - 1}, outside pages "
+                      f"{NUM_METAS}..{pages.last_pg}", ov * pages.psize)
+    if pages.budget < pages.psize:
+        return
+    first = pages.raw(ov, f"overflow page of {what}", budget=True)
+    own, _pad, flags, _lo, _up = NATIVE.header.unpack_from(first, 0)
+    (npages,) = NATIVE.ov_pages.unpack_from(first, NATIVE.hdr - 4)
+    if own != ov or not flags & P_OVERFLOW or npages < need:
+        raise _Damage(f"{what} points to page {ov}, which is not an overflow run of {need} "
+                      f"pages (page number {own}, flags 0x{flags:x}, {npages} pages)",
+                      ov * pages.psize)
+    if ov + npages > pages.file_pages:
+        raise _Damage(f"{what} is on overflow pages {ov}..{ov + npages - 1}, past the end "
+                      f"of the file ({pages.file_pages} pages): truncated", ov * pages.psize)
+
+
+def _named_dbs(pages: _Pages, meta: _Meta, page: bytes, nkeys: int,
+               roots: dict[int, str]) -> tuple[int, int]:
+    """Check the named DBs recorded in the main DB's (single leaf) root page.
+
+    Returns (how many, the pages they count)."""
+    root = meta.main.root
     count = total = 0
-    for off, dsize, nflags, ksize in pages.nodes(page, meta.main.root, nkeys):
+    for off, dsize, nflags, ksize in pages.nodes(page, root, nkeys):
         if not nflags & F_SUBDATA or nflags & F_DUPDATA:
             continue
         name = page[off + NODE_HEADER:off + NODE_HEADER + ksize]
@@ -572,23 +667,22 @@ def _named_dbs(pages: _Pages, meta: _Meta) -> tuple[int | None, int]:
         start = off + NODE_HEADER + ksize
         if dsize != NATIVE.db.size or start + dsize > pages.psize:
             raise _Damage(f"the main DB's record of {label} has {dsize} bytes, not "
-                          f"{NATIVE.db.size}", meta.main.root * pages.psize + off)
+                          f"{NATIVE.db.size}", root * pages.psize + off)
         db = _Db(*NATIVE.db.unpack_from(page, start))
         why = _db_problem(db, meta.last_pg, DB_PERSISTENT)
         if why:
-            raise _Damage(f"{label}: {why}", meta.main.root * pages.psize + off)
+            raise _Damage(f"{label}: {why}", root * pages.psize + off)
         if db.root != NATIVE.invalid:
-            pages.btree(db.root, f"root page of {label}")
+            _check_root(pages, db, label, roots)
         count += 1
         total += db.pages
     return count, total
 
 
-def _tail_is_free(pages: _Pages, meta: _Meta, tail: int) -> bool:
-    """Prove every page from the end of the file to last_pg is on the free list.
-
-    True when proved, False when the free list is too big to read within the budget;
-    _Damage when a missing page holds live data (truncation) or the free list is damaged.
+def _free_list_pass(pages: _Pages, meta: _Meta, tail: int, roots: dict[int, str]) -> bool:
+    """Walk the free list (within the read budget): no root page may be on it, and every
+    page from the end of the file up to last_pg must be (a short file is otherwise
+    truncated).  True when walked, False when it was too big to read.
     """
     first = pages.file_pages
     per_page = pages.psize // NATIVE.wsize
@@ -597,16 +691,22 @@ def _tail_is_free(pages: _Pages, meta: _Meta, tail: int) -> bool:
                       f"{meta.last_pg} but the file ends after page {first - 1}; its free "
                       f"list ({meta.free.pages} pages) cannot list the {tail} missing pages: "
                       f"truncated", first * pages.psize)
-    if meta.free.pages * pages.psize > FREE_LIST_BUDGET:
+    if meta.free.root == NATIVE.invalid:
+        return True
+    if meta.free.pages * pages.psize > pages.budget:
         return False
     seen = bytearray((tail + 7) // 8)        # tail <= budget / word size: bounded
     found = 0
     try:
         for pgno in _free_pgnos(pages, meta):
             i = pgno - first
-            if 0 <= i < tail and not seen[i >> 3] & (1 << (i & 7)):
-                seen[i >> 3] |= 1 << (i & 7)
-                found += 1
+            if 0 <= i < tail:
+                if not seen[i >> 3] & (1 << (i & 7)):
+                    seen[i >> 3] |= 1 << (i & 7)
+                    found += 1
+            elif pgno in roots:
+                raise _Damage(f"page {pgno}, the {roots[pgno]}'s root, is also on the free "
+                              f"list: LMDB would hand it out again", pgno * pages.psize)
     except _OverBudget:
         return False
     if found < tail:
