@@ -238,7 +238,20 @@ DAMAGE = {
                                                                   12)[0] + 2),
                                    "does not match its record|impossible offset"),
     "main-root-moved-to-a-free-page": (lambda d: _root_on_free_page(d), "also on the free list"),
+    "free-list-record-key-size-0": (lambda d: _patch_free_record(d, 6, "<H", 0),
+                                    "not a free-list record"),
+    "free-list-record-from-the-future": (lambda d: _patch_free_record(d, 8, "<Q", 1 << 40),
+                                         "beyond the snapshot's txnid"),
 }
+
+
+def _patch_free_record(data: bytes, field: int, fmt: str, value) -> bytes:
+    """Patch the first record (node) of the free-list DB's root leaf: +6 is its key size,
+    +8 its key (the txnid that freed the pages)."""
+    page = _root_page(data, FREE_ROOT)
+    assert struct.unpack_from("<H", page, 10)[0] & 0x02, "free-list root is not a leaf"
+    node = struct.unpack_from("<H", page, 16)[0]
+    return _patch_root_page(data, FREE_ROOT, node + field, fmt, value)
 
 
 def _root_page(data: bytes, root_field: int) -> bytes:

@@ -512,6 +512,11 @@ def run_atheris(target: str, seconds: float, corpus: str | None, libfuzzer_args:
     args = [sys.argv[0]]
     if not any(a.startswith(("-max_total_time", "-runs")) for a in libfuzzer_args):
         args.append(f"-max_total_time={max(1, int(seconds))}")
+    if not any(a.startswith("-artifact_prefix") for a in libfuzzer_args):
+        artifacts = corpus.rstrip("/") + "-findings"      # not the working directory
+        os.makedirs(artifacts, exist_ok=True)
+        args.append(f"-artifact_prefix={artifacts}/")
+        print(f"INFO: findings (crashing inputs) go to {artifacts}/", file=sys.stderr)
     args += libfuzzer_args + [corpus]
     atheris.Setup(args, one_wal if target == "wal" else one_lmdb)
     atheris.Fuzz()

@@ -589,7 +589,7 @@ def _check_root(pages: _Pages, db: _Db, label: str,
         raise _Damage(f"page {db.root} is the root of both the {roots[db.root]} and the "
                       f"{label}", db.root * pages.psize)
     roots[db.root] = label
-    what = f"{label}'s root page"
+    what = f"root page of the {label}"
     page, flags, nkeys = pages.btree(db.root, what)
     where = db.root * pages.psize
     if flags & P_LEAF2:
@@ -743,14 +743,28 @@ def _free_pgnos(pages: _Pages, meta: _Meta):
             continue
         if flags & P_LEAF2:
             raise _Damage(f"free-list DB page {pgno} is a LEAF2 page", pgno * pages.psize)
+        last_key = 0
         for off, dsize, nflags, ksize in pages.nodes(page, pgno, nkeys):
+            where = pgno * pages.psize + off
             start = off + NODE_HEADER + ksize
+            # a record is {txnid that freed the pages: an id of 1..txnid, in key order}
+            # -> {count, pgno...}; LMDB asserts on anything else when it next writes
+            if nflags & ~F_BIGDATA or ksize != lay.wsize:
+                raise _Damage(f"free-list DB page {pgno}: a record with flags 0x{nflags:x} "
+                              f"and a {ksize}-byte key is not a free-list record", where)
+            (key,) = struct.unpack_from("=" + lay.word, page, off + NODE_HEADER)
+            if not last_key < key <= meta.txnid:
+                raise _Damage(f"free-list DB page {pgno}: record key {key} is out of order "
+                              f"or beyond the snapshot's txnid {meta.txnid}", where)
+            last_key = key
+            if dsize < lay.wsize or dsize % lay.wsize:
+                raise _Damage(f"free-list DB page {pgno}: a record of {dsize} bytes is not "
+                              f"a list of {lay.wsize}-byte page numbers", where)
             if nflags & F_BIGDATA:
                 yield from _overflow_ids(pages, page, pgno, start, dsize)
                 continue
             if start + dsize > pages.psize:
-                raise _Damage(f"free-list DB page {pgno}: a record runs past the page",
-                              pgno * pages.psize)
+                raise _Damage(f"free-list DB page {pgno}: a record runs past the page", where)
             yield from _idl(page[start:start + dsize], pgno, pages.psize)
 
 
