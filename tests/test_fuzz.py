@@ -26,7 +26,7 @@ from tools.fuzz_wal import (Fixture, LmdbCrashed, LmdbOpener, encode_framed, fra
                             fuzz_framed, fuzz_lmdb, fuzz_reader, fuzz_recovery, lmdb_seeds,
                             mutate, mutate_lmdb, parse_framed, wal_seeds)
 from walstore import codec, records
-from walstore.framing import RECORD_MAGIC, SEGMENT_HEADER_SIZE, VALID_TYPES
+from walstore.framing import RECORD_MAGIC, VALID_TYPES
 from walstore.lmdb_check import DATA_FILE, check_lmdb_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -169,9 +169,8 @@ def test_missing_or_empty_file_is_fine_for_a_brand_new_store(tmp_path):
 
 def test_new_store_directory_is_checked_clean_after_walstore_creates_it(tmp_path):
     root = str(tmp_path / "s")
-    with walstore.open(root, durability="none") as s:
-        s_db = os.path.join(root, "db")
-        info = check_lmdb_files(s_db)
+    with walstore.open(root, durability="none"):
+        info = check_lmdb_files(os.path.join(root, "db"))   # while the store has it open
         assert info is not None and info.txnid >= 1
 
 
@@ -516,7 +515,7 @@ print("done")
             check_lmdb_files(path)
             checks += 1
     finally:
-        out, err = writer.communicate(timeout=60)
+        _out, err = writer.communicate(timeout=60)
     assert writer.returncode == 0, err
     assert checks > 20
 
