@@ -13,7 +13,7 @@ Each test copies one of those stores, damages bytes on disk, then asserts:
 - the state the reopened store serves, key by key.
 
 The record layout of the undamaged files is read with an independent parser (``walk``:
-``struct`` and crcmod's CRC-32C, per the format in walstore/framing.py), not with the engine's
+``struct`` and crcmod's CRC-32C, per the format in walstore/log/format.py), not with the engine's
 reader, so that "the records before the damage" is not defined by the code under test.
 """
 from __future__ import annotations

@@ -5,8 +5,8 @@ A store is a directory (mode 0700)::
     STORE          identity: JSON {"format": "walstore", "version": 1, "store_id": hex,
                    and for a copy not yet opened, "origin": {"kind": "backup"|"restore", ...}}
     LOCK           the writer's lock file (flock), holding the writer's pid
-    wal/           WAL segments (see walstore.segments)
-    db/            the LMDB environment (see walstore.kv)
+    wal/           WAL segments (see walstore.log.segment)
+    db/            the LMDB environment (see walstore.engine.lmdb_state)
     quarantine/    bytes recovery cut off or dropped, each with a JSON note (never deleted)
 
 Invariants: ``STORE`` is written atomically and durably before anything else exists, so a

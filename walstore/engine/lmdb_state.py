@@ -25,7 +25,9 @@ Invariants:
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
-  file, writes a ``StateWriteError`` (the caller turns the store read-only).
+  file, writes a ``StateWriteError`` (the caller turns the store read-only);
+- the data file is checked before it is mapped (:mod:`walstore.engine.lmdb_check`): a
+  truncated, zeroed or foreign-format file is a CorruptionError, never a SIGBUS.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ import lmdb
 
 from .. import fileio
 from ..errors import CorruptionError, ReadOnlyError, WalstoreError
+from .lmdb_check import check_lmdb_files
 
 DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with the data
 MAX_DBS = 16
@@ -162,6 +165,11 @@ class LmdbState:
     def _open_shared(self, path: str, map_size: int | None, readonly: bool) -> dict:
         if not readonly:
             fileio.make_dir(path)
+        # Before LMDB maps the file: a damaged one is a CorruptionError, never a SIGBUS.  A
+        # store whose log has segments must have its data file (else it was lost).
+        wal = os.path.join(os.path.dirname(self.path), "wal")
+        used = os.path.isdir(wal) and any(n.endswith(".wal") for n in os.listdir(wal))
+        check_lmdb_files(path, expect_existing=readonly or used)
         try:
             env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=MAX_DBS,
                             subdir=True, readonly=readonly, sync=True, metasync=False,
