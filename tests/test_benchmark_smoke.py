@@ -2,6 +2,7 @@
 with its key space, value size, ratio and met/not-met fields, and every target as met or
 not.  It checks the shape of the report, never the numbers (no timing assertions)."""
 import json
+import sys
 
 from walstore.benchmark import render_json, render_markdown, run_benchmarks
 
@@ -46,3 +47,20 @@ def test_tiny_benchmark_reports_every_row(tmp_path) -> None:
     markdown = render_markdown(results)
     assert "## Targets" in markdown and "| **put-1t**: " in markdown
     assert progress
+
+
+def test_langgraph_rows_say_skipped_without_langgraph(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "langgraph", None)      # import langgraph fails
+    results = run_benchmarks(quick=True, workloads=["lg-sync"], repeats=1,
+                             progress=lambda _msg: None, scale=0.005,
+                             directory=str(tmp_path))
+
+    parts = {p["id"]: p for p in results["parts"]}
+    assert set(parts) == {"put-1t", "lg-sync", "lg-sync-state"}   # put-1t always runs
+    for part_id in ("lg-sync", "lg-sync-state"):
+        for row in parts[part_id]["rows"]:
+            assert row["error"] == "skipped: langgraph not installed"
+            assert row["key_space"] and row["value_size"] and row["met"] is None
+    sync = next(t for t in results["targets"] if t["row"] == "lg-sync/walstore-saver")
+    assert sync["met"] is None and sync["why_not_measured"].startswith("skipped: ")
+    assert "skipped: langgraph not installed" in render_markdown(results)

@@ -28,7 +28,9 @@ def fmt_ms(x: float | None) -> str:
 
 
 def fmt_ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.4f}x"
 
 
 def fmt_met(met: bool | None, measured: bool = True) -> str:
@@ -83,7 +85,7 @@ def part_rows(part: dict[str, Any]) -> list[str]:
                      fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")),
                      fmt_ms(lat.get("p99.9")), ratio,
                      fmt_met(row["met"], measured=bool(row["targets"])),
-                     _cell(_notes(row["extra"]))]
+                     _cell(_notes({"ops/round": row["ops_per_round"], **row["extra"]}))]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 

@@ -104,6 +104,8 @@ def run_workload(w: Workload, rounds: int, budget: float, progress: Progress,
         why = skipped or unavailable(SYSTEMS[name])
         if why:
             errors[name] = why if why.startswith("skipped") else f"error: {why}"
+            if not skipped:
+                progress(f"  {name}: {errors[name]}")
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {
         part.id: {name: [] for name in w.systems} for part in w.parts}
     n = min(rounds, w.max_rounds or rounds)
@@ -169,6 +171,7 @@ def system_row(part: Part, name: str, rounds: list[dict[str, Any]], error: str |
         "unit": part.unit, "key_space": part.key_space, "value_size": part.value_size,
         "median": statistics.median(rates) if rates else None,
         "min": min(rates) if rates else None, "max": max(rates) if rates else None,
+        "ops_per_round": int(statistics.median(r["ops"] for r in rounds)) if rates else None,
         "latency_ms": None, "ratio": None, "ratio_on": part.ratio_on,
         "ratio_baseline": None, "targets": [], "met": None, "extra": {},
         "rounds": rounds}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import graphs, longrun
 from .data import MB, VALUE_BYTES, distinct_items, overwrite_items
@@ -122,8 +122,10 @@ def held_open(ctx: Context, keys: int, count: int) -> Sample:
 
 # --------------------------------------------------------------------------- the suite
 
-def _workload(id: str, systems: tuple[str, ...], body, part: Part, **kw) -> Workload:
-    return Workload(id, systems, body, (part,), value_bytes=part.value_bytes or 0, **kw)
+def _workload(id: str, systems: tuple[str, ...], body: Callable[[Context], Sample],
+              part: Part) -> Workload:
+    """A workload of one part, run with the part's value size."""
+    return Workload(id, systems, body, (part,), value_bytes=part.value_bytes or 0)
 
 
 def _part(id: str, title: str, unit: str, key_space: str, value_bytes: int = VALUE_BYTES,
@@ -206,7 +208,7 @@ def all_workloads(p: Profile) -> list[Workload]:
         Workload("lg-sync", ("walstore-saver", "sqlite-saver"),
                  partial(graphs.invoke_sync, threads=p.lg_threads, turns=p.lg_turns,
                          state_reads=p.lg_state_reads),
-                 (Part("lg-sync", "LangGraph invoke, sync, one caller", "invokes/s",
+                 (Part("lg-sync", "LangGraph invoke (its default durability), one caller", "invokes/s",
                        lg_size, lg_values, baseline=("sqlite-saver",), latency=True),
                   Part("lg-sync-state", "LangGraph get_state after the run", "calls/s",
                        f"random threads of the {p.lg_threads}", lg_values,
@@ -215,8 +217,8 @@ def all_workloads(p: Profile) -> list[Workload]:
         Workload("lg-async", ("walstore-saver-async", "async-sqlite-saver"),
                  partial(graphs.invoke_async, threads=p.lg_threads, turns=p.lg_turns,
                          concurrency=p.lg_concurrency, state_reads=p.lg_state_reads),
-                 (Part("lg-async", f"LangGraph ainvoke, {p.lg_concurrency} conversations "
-                       "at once", "invokes/s", lg_size, lg_values,
+                 (Part("lg-async", f"LangGraph ainvoke (its default durability), "
+                       f"{p.lg_concurrency} conversations at once", "invokes/s", lg_size, lg_values,
                        baseline=("async-sqlite-saver",), latency=True),
                   Part("lg-async-state", "LangGraph aget_state after the run", "calls/s",
                        f"random threads of the {p.lg_threads}", lg_values,
