@@ -111,6 +111,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "lower is better). Targets are computed from these ratios. The bare loop writes "
         f"records of walstore's framed size ({records or 'not run'}). "
         f"Total time {meta['seconds']} s. Trust ratios, not absolute numbers.", "",
+        *(["A quick run: short loops on fresh stores, so first-use costs (files growing, "
+           "the first checkpoints) weigh more than in a full run. Quote a full run.", ""]
+          if meta["mode"].startswith("quick") else []),
         "## Targets", "", *targets_table(results["targets"]), "",
         "## Rows", "",
         "| row | key space | value size | system | median | min–max | p50 ms | p99 ms "
