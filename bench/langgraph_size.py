@@ -27,121 +27,34 @@ from __future__ import annotations
 
 import argparse
 import json
-import operator
 import os
 import platform
-import random
 import sqlite3
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Any
+
+import msgpack
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
-from langgraph.graph import END, START, StateGraph  # noqa: E402
-from langgraph.graph.message import add_messages  # noqa: E402
-
 import walstore  # noqa: E402
+from walstore.benchmark.data import allocated_bytes as allocated  # noqa: E402
+from walstore.benchmark.graphs import SIZE_GRAPHS as GRAPHS  # noqa: E402
 from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
-
-WORDS = ("agent state checkpoint hotel booking flight refund tool call result plan "
-         "observation thought action retry budget city night price ledger key value").split()
-
-
-def text(rng: random.Random, n_chars: int) -> str:
-    out, size = [], 0
-    while size < n_chars:
-        w = rng.choice(WORDS)
-        out.append(w)
-        size += len(w) + 1
-    return " ".join(out)[:n_chars]
-
-
-# ---- the graphs -----------------------------------------------------------------------
-class ChatState(TypedDict):
-    messages: Annotated[list, add_messages]
-    step: int
-
-
-def chat_graph(steps: int) -> StateGraph:
-    rng = random.Random(7)
-
-    def agent(s: ChatState) -> dict:
-        n = s["step"] + 1
-        call = {"name": "search", "args": {"q": text(rng, 40)}, "id": f"call-{n}"}
-        return {"messages": [AIMessage(text(rng, 300), id=f"ai-{n}", tool_calls=[call])],
-                "step": n}
-
-    def tools(s: ChatState) -> dict:
-        n = s["step"]
-        return {"messages": [ToolMessage(text(rng, 600), tool_call_id=f"call-{n}",
-                                         id=f"tool-{n}")]}
-
-    b = StateGraph(ChatState)
-    b.add_node("agent", agent)
-    b.add_node("tools", tools)
-    b.add_edge(START, "agent")
-    b.add_edge("agent", "tools")
-    b.add_conditional_edges("tools", lambda s: END if s["step"] >= steps else "agent")
-    return b
-
-
-def chat_input() -> dict:
-    return {"messages": [HumanMessage("Plan a trip: three cities, book hotels.", id="h0")],
-            "step": 0}
-
-
-class ScratchState(TypedDict):
-    scratchpad: str
-    log: Annotated[list, operator.add]
-    step: int
-
-
-def scratch_graph(steps: int) -> StateGraph:
-    rng = random.Random(11)
-
-    def think(s: ScratchState) -> dict:
-        n = s["step"] + 1
-        return {"scratchpad": text(rng, 2000), "log": [f"step {n}: {text(rng, 40)}"],
-                "step": n}
-
-    b = StateGraph(ScratchState)
-    b.add_node("think", think)
-    b.add_edge(START, "think")
-    b.add_conditional_edges("think", lambda s: END if s["step"] >= steps else "think")
-    return b
-
-
-def scratch_input() -> dict:
-    return {"scratchpad": "", "log": [], "step": 0}
-
-
-GRAPHS = {"chat": (chat_graph, chat_input), "scratch": (scratch_graph, scratch_input)}
-
-
-# ---- measuring ------------------------------------------------------------------------
-def allocated(path: str) -> int:
-    """Allocated bytes (st_blocks) of a file, or of every file under a directory."""
-    if os.path.isfile(path):
-        return os.stat(path).st_blocks * 512
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(root, name)).st_blocks * 512
-            except FileNotFoundError:
-                pass
-    return total
 
 
 def apparent(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(path) for f in fs)
+
+
+# the engine's default WAL segment size, where it still says (0: not known here)
+DEFAULT_SEGMENT_SIZE = getattr(getattr(walstore, "store", None), "DEFAULT_SEGMENT_SIZE", 0)
 
 
 def run_graph(name: str, steps: int, saver) -> tuple[int, float]:
@@ -159,11 +72,11 @@ def lmdb_breakdown(store) -> dict:
     """Bytes of pages each of walstore's LMDB tables uses (read-only introspection of
     engine internals: empty if they moved)."""
     try:
-        from walstore.kv import _DBS
-        state = store.state
+        from walstore.engine.lmdb_state import TABLES
+        state = store._engine.state
         out = {}
-        with state.env.begin() as txn:
-            for name in _DBS:
+        with state.read() as txn:
+            for name in TABLES:
                 st = txn.stat(getattr(state, name))
                 out[name] = {"bytes": st["psize"] * (st["branch_pages"] + st["leaf_pages"]
                                                      + st["overflow_pages"]),
@@ -180,7 +93,8 @@ def measure_walstore(name: str, steps: int, tmp: str, segment_size: int | None) 
         kw["segment_size"] = segment_size
     saver = WalstoreSaver.from_path(path, **kw)
     n, elapsed = run_graph(name, steps, saver)
-    logical = sum(len(k) + len(walstore.codec.pack_value(v)) for k, v in saver.store.scan())
+    logical = sum(len(k) + len(msgpack.packb(v, use_bin_type=True))
+                  for k, v in saver.store.scan())
     saver.store.checkpoint()
     breakdown = lmdb_breakdown(saver.store)
     saver.close()
@@ -189,7 +103,7 @@ def measure_walstore(name: str, steps: int, tmp: str, segment_size: int | None) 
     return {"checkpoints": n, "seconds": elapsed, "dir_bytes": allocated(path),
             "lmdb_bytes": allocated(db), "lmdb_apparent": apparent(db),
             "wal_bytes": allocated(wal), "logical_bytes": logical, "lmdb_tables": breakdown,
-            "segment_size": segment_size or walstore.store.DEFAULT_SEGMENT_SIZE}
+            "segment_size": segment_size or DEFAULT_SEGMENT_SIZE}
 
 
 def measure_sqlite(name: str, steps: int, tmp: str) -> dict:
@@ -232,8 +146,9 @@ def versions() -> dict:
 def render(results: dict, steps: str, segment_sizes: list) -> str:
     v = versions()
     first = next(iter(results.values()))
-    seg_label = {seg: ("default " if seg is None else "") + fmt(
-        first["walstore"][str(seg)]["segment_size"]) for seg in segment_sizes}
+    seg_label = {seg: ("default " if seg is None else "") + (fmt(
+        first["walstore"][str(seg)]["segment_size"]) if first["walstore"][str(seg)][
+        "segment_size"] else "") for seg in segment_sizes}
     lines = [
         "# LangGraph checkpoint size: WalstoreSaver vs SqliteSaver",
         "",

@@ -1,0 +1,248 @@
+"""LangGraph graphs (scripted, no model) and the per-invoke workloads that run them against
+WalstoreSaver and langgraph-checkpoint-sqlite's SqliteSaver / AsyncSqliteSaver.
+
+``turn_graph`` is a ReAct turn: the human's message, the agent's reply with a tool call,
+the tool's result, the agent's answer (four messages per turn, state growing over turns).
+``SIZE_GRAPHS`` (``chat``, ``scratch``) are the graphs of bench/langgraph_size.py.
+LangGraph is imported only inside the functions: without it this module still imports and
+the rows say they were skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+from typing import Annotated, Any, Callable, TypedDict
+
+from .data import allocated_bytes, MB
+from .spec import Context, Sample
+
+WORDS = ("agent state checkpoint hotel booking flight refund tool call result plan "
+         "observation thought action retry budget city night price ledger key value").split()
+
+_LANGGRAPH = ("langgraph", "skipped: langgraph not installed")
+_SQLITE = ("langgraph.checkpoint.sqlite", "skipped: langgraph-checkpoint-sqlite not installed")
+REQUIRES_SYNC = (_LANGGRAPH, _SQLITE)
+REQUIRES_ASYNC = (_LANGGRAPH, _SQLITE, ("aiosqlite", "skipped: aiosqlite not installed"))
+
+
+def text(rng: random.Random, n_chars: int) -> str:
+    """n_chars of word salad."""
+    out, size = [], 0
+    while size < n_chars:
+        w = rng.choice(WORDS)
+        out.append(w)
+        size += len(w) + 1
+    return " ".join(out)[:n_chars]
+
+
+def _state(name: str, **channels: Any) -> type:
+    """A TypedDict state schema (functional form: its annotations are objects, which
+    LangGraph can read even though the class is made inside a function)."""
+    return TypedDict(name, channels)  # type: ignore[operator]
+
+
+# --------------------------------------------------------------------------- graphs
+
+def turn_graph(seed: int = 7) -> Any:
+    """One conversational turn of a ReAct agent (a StateGraph, not compiled)."""
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.graph.message import add_messages
+
+    rng = random.Random(seed)
+
+    def agent(s: dict) -> dict:
+        if isinstance(s["messages"][-1], ToolMessage):
+            return {"messages": [AIMessage(text(rng, 200))]}
+        call = {"name": "search", "args": {"q": text(rng, 40)},
+                "id": f"call-{len(s['messages'])}"}
+        return {"messages": [AIMessage(text(rng, 150), tool_calls=[call])]}
+
+    def tools(s: dict) -> dict:
+        call_id = s["messages"][-1].tool_calls[0]["id"]
+        return {"messages": [ToolMessage(text(rng, 400), tool_call_id=call_id)]}
+
+    def route(s: dict) -> str:
+        return "tools" if getattr(s["messages"][-1], "tool_calls", None) else END
+
+    b = StateGraph(_state("TurnState", messages=Annotated[list, add_messages]))
+    b.add_node("agent", agent)
+    b.add_node("tools", tools)
+    b.add_edge(START, "agent")
+    b.add_conditional_edges("agent", route)
+    b.add_edge("tools", "agent")
+    return b
+
+
+def chat_graph(steps: int) -> Any:
+    """An agent loop whose ``messages`` grow by an assistant turn and a tool result per
+    step, for ``steps`` steps."""
+    from langchain_core.messages import AIMessage, ToolMessage
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.graph.message import add_messages
+
+    rng = random.Random(7)
+
+    def agent(s: dict) -> dict:
+        n = s["step"] + 1
+        call = {"name": "search", "args": {"q": text(rng, 40)}, "id": f"call-{n}"}
+        return {"messages": [AIMessage(text(rng, 300), id=f"ai-{n}", tool_calls=[call])],
+                "step": n}
+
+    def tools(s: dict) -> dict:
+        n = s["step"]
+        return {"messages": [ToolMessage(text(rng, 600), tool_call_id=f"call-{n}",
+                                         id=f"tool-{n}")]}
+
+    b = StateGraph(_state("ChatState", messages=Annotated[list, add_messages], step=int))
+    b.add_node("agent", agent)
+    b.add_node("tools", tools)
+    b.add_edge(START, "agent")
+    b.add_edge("agent", "tools")
+    b.add_conditional_edges("tools", lambda s: END if s["step"] >= steps else "agent")
+    return b
+
+
+def chat_input() -> dict:
+    from langchain_core.messages import HumanMessage
+    return {"messages": [HumanMessage("Plan a trip: three cities, book hotels.", id="h0")],
+            "step": 0}
+
+
+def scratch_graph(steps: int) -> Any:
+    """A loop that rewrites a 2,000-char ``scratchpad`` each step and appends a short line
+    to a ``log`` list: most of each step's state is new."""
+    import operator
+
+    from langgraph.graph import END, START, StateGraph
+
+    rng = random.Random(11)
+
+    def think(s: dict) -> dict:
+        n = s["step"] + 1
+        return {"scratchpad": text(rng, 2000), "log": [f"step {n}: {text(rng, 40)}"],
+                "step": n}
+
+    b = StateGraph(_state("ScratchState", scratchpad=str,
+                          log=Annotated[list, operator.add], step=int))
+    b.add_node("think", think)
+    b.add_edge(START, "think")
+    b.add_conditional_edges("think", lambda s: END if s["step"] >= steps else "think")
+    return b
+
+
+def scratch_input() -> dict:
+    return {"scratchpad": "", "log": [], "step": 0}
+
+
+SIZE_GRAPHS: dict[str, tuple[Callable[[int], Any], Callable[[], dict]]] = {
+    "chat": (chat_graph, chat_input), "scratch": (scratch_graph, scratch_input)}
+
+
+# --------------------------------------------------------------------------- workloads
+
+def _config(thread: int) -> dict:
+    return {"configurable": {"thread_id": f"conversation-{thread}"}}
+
+
+def _human(rng: random.Random) -> dict:
+    from langchain_core.messages import HumanMessage
+    return {"messages": [HumanMessage(text(rng, 100))]}
+
+
+def _check_state(values: dict, turns: int, system: str) -> None:
+    if len(values.get("messages", ())) != 4 * turns:
+        raise RuntimeError(f"{system}: a thread holds {len(values.get('messages', ()))} "
+                           f"messages after {turns} turns, not {4 * turns}")
+
+
+def _samples(part: str, invoke: list[float], seconds: float, state: list[float],
+             ctx: Context, turns: int) -> dict[str, Sample]:
+    extra = {"mean_ms": round(statistics.fmean(invoke) * 1000, 3), "turns": turns,
+             "disk_mb": round(allocated_bytes(ctx.directory) / MB, 1)}
+    return {part: Sample(len(invoke), seconds, invoke, extra),
+            f"{part}-state": Sample(len(state), sum(state), state,
+                                    {"mean_ms": round(statistics.fmean(state) * 1000, 3)})}
+
+
+def invoke_sync(ctx: Context, threads: int, turns: int, state_reads: int
+                ) -> dict[str, Sample]:
+    """``turns`` rounds of one turn on each of ``threads`` conversation threads, one
+    caller, LangGraph's default durability; each invoke timed.  Then get_state of random
+    threads."""
+    clock, rng = time.perf_counter, random.Random(5)
+    with contextlib.ExitStack() as stack:
+        if ctx.system == "walstore-saver":
+            from walstore.integrations.langgraph import WalstoreSaver
+            saver = stack.enter_context(WalstoreSaver.from_path(
+                str(ctx.directory / "store"), durability="full"))
+        else:
+            from langgraph.checkpoint.sqlite import SqliteSaver
+            saver = stack.enter_context(SqliteSaver.from_conn_string(
+                str(ctx.directory / "checkpoints.sqlite")))
+        graph = turn_graph().compile(checkpointer=saver)
+        invoke: list[float] = []
+        start = clock()
+        for _turn in range(turns):
+            for t in range(threads):
+                message, config = _human(rng), _config(t)
+                t0 = clock()
+                graph.invoke(message, config)
+                invoke.append(clock() - t0)
+        seconds = clock() - start
+        state: list[float] = []
+        for _ in range(state_reads):
+            config = _config(rng.randrange(threads))
+            t0 = clock()
+            snapshot = graph.get_state(config)
+            state.append(clock() - t0)
+            _check_state(snapshot.values, turns, ctx.system)
+    return _samples("lg-sync", invoke, seconds, state, ctx, turns)
+
+
+def invoke_async(ctx: Context, threads: int, turns: int, concurrency: int,
+                 state_reads: int) -> dict[str, Sample]:
+    """The same conversations through ainvoke, ``concurrency`` of them at once (each
+    conversation's turns in order); each ainvoke timed.  Then aget_state of random
+    threads, one at a time."""
+    return asyncio.run(_invoke_async(ctx, threads, turns, concurrency, state_reads))
+
+
+async def _invoke_async(ctx: Context, threads: int, turns: int, concurrency: int,
+                        state_reads: int) -> dict[str, Sample]:
+    clock, rng = time.perf_counter, random.Random(5)
+    async with contextlib.AsyncExitStack() as stack:
+        if ctx.system == "walstore-saver-async":
+            from walstore.integrations.langgraph import WalstoreSaver
+            saver = await stack.enter_async_context(WalstoreSaver.from_path(
+                str(ctx.directory / "store"), durability="full"))
+        else:
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+            saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(
+                str(ctx.directory / "checkpoints.sqlite")))
+        graph = turn_graph().compile(checkpointer=saver)
+        invoke: list[float] = []
+
+        async def conversations(mine: range) -> None:
+            for _turn in range(turns):
+                for t in mine:
+                    message, config = _human(rng), _config(t)
+                    t0 = clock()
+                    await graph.ainvoke(message, config)
+                    invoke.append(clock() - t0)
+
+        start = clock()
+        await asyncio.gather(*(conversations(range(w, threads, concurrency))
+                               for w in range(min(concurrency, threads))))
+        seconds = clock() - start
+        state: list[float] = []
+        for _ in range(state_reads):
+            config = _config(rng.randrange(threads))
+            t0 = clock()
+            snapshot = await graph.aget_state(config)
+            state.append(clock() - t0)
+            _check_state(snapshot.values, turns, ctx.system)
+    return _samples("lg-async", invoke, seconds, state, ctx, turns)
