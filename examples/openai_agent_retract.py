@@ -21,6 +21,7 @@ Needs walstore's scoped rewind (``store.rewind(..., scope=)``, ``tx.action(..., 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import sys
 import tempfile
@@ -174,4 +175,6 @@ async def main(path: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    if "scope" not in inspect.signature(walstore.Store.rewind).parameters:
+        sys.exit("this example needs walstore's scoped rewind (store.rewind(..., scope=))")
     asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp() + "/store"))

@@ -179,8 +179,7 @@ def test_closed_session_refuses_like_sqlite(store, tmp_path):
             b = await observe(getattr(theirs, name)(*args))
             assert a == b == ("raise", "RuntimeError"), name
     run(go())
-    assert WalstoreSession("t", store) is not None and store.get(
-        next(iter(dict(store.scan(prefix="oa/t/i/"))))) == user("a")   # the store stays open
+    assert run(WalstoreSession("t", store).get_items()) == [user("a")]   # the store is open
 
 
 def test_session_keys_all_under_one_prefix(store):
@@ -320,7 +319,7 @@ def test_concurrent_asyncio_tasks_one_session(tmp_path):
         store.close()
 
 
-def test_concurrent_threads_session_objects_and_a_conflicting_writer(store):
+def test_concurrent_threads_session_objects_and_a_conflicting_writer(store, monkeypatch):
     """Threads with their own event loop and session object, plus raw transactions writing
     the session's head key: adds that conflict are retried, never lost or doubled."""
     conflicts = []
@@ -351,19 +350,16 @@ def test_concurrent_threads_session_objects_and_a_conflicting_writer(store):
                 await s.add_items([user(f"{w}.{b}.{j}") for j in range(4)])
         asyncio.run(go())
 
-    walstore.Transaction.commit = counting_commit
-    try:
-        m = threading.Thread(target=meddler)
-        m.start()
-        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        stop.set()
-        m.join()
-    finally:
-        walstore.Transaction.commit = real_commit
+    monkeypatch.setattr(walstore.Transaction, "commit", counting_commit)
+    m = threading.Thread(target=meddler)
+    m.start()
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    stop.set()
+    m.join()
     check_batches(run(WalstoreSession("busy", store).get_items()), 4, 12, 4)
     print(f"{len(conflicts)} optimistic conflicts retried")
 
@@ -568,12 +564,15 @@ def test_branch_from_turn_switch_list_delete(store):
                     lambda: s.create_branch_from_turn(1, "retry-2"),
                     lambda: s.create_branch_from_turn(1, "main"),
                     lambda: s.create_branch_from_turn(1, " "),
+                    lambda: s.create_branch_from_turn(0),
                     lambda: s.switch_to_branch("nope"),
                     lambda: s.delete_branch("main"),
                     lambda: s.delete_branch(auto),                # current, no force
                     lambda: s.delete_branch("nope")]:
             with pytest.raises(ValueError):
                 await bad()
+        with pytest.raises(TypeError):
+            await s.create_branch_from_turn(True)
         await s.switch_to_branch("retry-2")
         assert (await s.pop_item()) == assistant("better")
         assert await s.get_items(branch="main") == CONVERSATION    # a pop stays in its branch

@@ -413,6 +413,8 @@ class WalstoreSession:
         anew); the source branch is kept.  Returns the branch name (generated when None).
         Raises ValueError if the turn has no user message or the name is taken.
         """
+        if isinstance(turn_number, bool) or not isinstance(turn_number, int):
+            raise TypeError(f"turn_number must be an int, not {type(turn_number).__name__}")
         if branch_name is not None:
             _check_name("a branch name", branch_name)
         stamp = int(time.time())
