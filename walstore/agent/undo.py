@@ -112,8 +112,9 @@ class Undo:
             boundary = self.history.resolve(to)
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
             plan = self._plan(infos, scope, force, boundary)
-            if dry_run or not plan.txids:
-                tx.rollback()
+            self._drop_unchanged(tx, plan)
+            if dry_run or not (plan.keys or plan.compensations or plan.needs_redo):
+                tx.rollback()  # (nothing would change: the state is already as of the point)
                 return plan if dry_run else None
             return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
 
@@ -202,6 +203,16 @@ class Undo:
                                  f"use force=True to undo anyway and mark them 'needs-redo'",
                                  actions=ids)
         return ids
+
+    def _drop_unchanged(self, tx: "Transaction", plan: UndoPlan) -> None:
+        """Keep in the plan only the keys whose value would really change."""
+        restore = plan._restore  # type: ignore[attr-defined]
+        reader = self.engine.reader
+        for k, lsn in list(restore.items()):
+            if reader.as_of(k, lsn) == reader.as_of(k, tx.snapshot):
+                tx.read_keys.add(k)  # still read: a change to it meanwhile is a conflict
+                del restore[k]
+        plan.keys = sorted((decode_key(k) for k in restore), key=repr)
 
     def _current_row(self, row: dict) -> dict:
         return self.engine.views.action_row(row["id"]) or row

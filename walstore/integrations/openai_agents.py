@@ -1,0 +1,508 @@
+"""OpenAI Agents SDK sessions on walstore: ``WalstoreSession`` (extra ``walstore[openai-agents]``).
+
+This module owns the walstore implementation of the SDK's ``Session`` protocol and the
+conversation-level undo built on it: per-session restore points, ``rewind`` (retract the
+turns after a point, with the compensations of the actions their tools registered),
+``pop_items(n)`` and AdvancedSQLiteSession-style branches.  The walstore core never
+imports it; it imports the SDK only for ``SessionSettings``.
+
+::
+
+    import walstore
+    from agents import Agent, Runner
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    store = walstore.open("agent-state")
+    session = WalstoreSession("user-42", store)
+    await session.restore_point("before-turn-3")
+    result = await Runner.run(agent, "Book me a hotel in Oslo", session=session)
+    await session.rewind("before-turn-3")   # the turn's items gone, its bookings compensated
+
+Semantics of the protocol methods are SQLiteSession's (0.24): ``get_items(limit)`` returns
+the newest ``limit`` items oldest first; ``limit=None`` falls back to
+``session_settings.limit`` and then to all items; ``0`` gives ``[]``; a negative limit gives
+all items (SQLite's ``LIMIT -1``).  ``pop_item`` returns the newest item or ``None``.  Items
+go through ``json.dumps``/``json.loads`` exactly as SQLiteSession stores them (tuples come
+back as lists, non-str dict keys as str, a non-JSON value raises ``TypeError`` and nothing
+is added); they are stored as msgpack maps, so ``walstore scan`` shows them as data.  One
+difference: an int beyond 64 bits, which JSON text can hold, is refused (``ValueError``).
+
+Every call is one walstore transaction (writes go through ``store.run``, which retries an
+optimistic conflict with another process or session object), so an ``add_items`` is on
+disk whole or not at all (``durability="full"``: before it returns).  The blocking store
+work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession does; a mutation
+whose awaiting task is cancelled still finishes and then re-raises the cancellation, so the
+caller never mistakes a committed write for a dropped one.  Writers of one session in one
+process take a lock (an in-process queue instead of optimistic retries); readers read one
+snapshot and take no lock.
+
+Key layout (str keys; ``S`` is the session id and ``B`` a branch name, both
+percent-encoded so no session's prefix is a prefix of another's)::
+
+    oa/S/head            -> current branch name (absent: "main")
+    oa/S/i/B/<seq:020d>  -> one item (a JSON-shaped dict), in order of seq within branch B
+    oa/S/br/B            -> {"created_at", "ns", "from_branch", "from_turn"}: a created branch
+    oa/S/k/<name>        -> tool state of the session: ``session.key(name)`` (kept by clear)
+
+Everything of a session lies under ``session.scope`` (``"oa/S/"``), so a rewind scoped to
+it moves this conversation and nothing else: its items, branches, current branch and tool
+state return to the point; compensations run for the actions of undone transactions that
+wrote only inside the scope or were declared in it: register a tool's side effects with
+``tx.action(name, args, compensate=..., scope=session.scope)``.  Restore point names are
+stored as ``"oa/S/<name>"`` so two sessions can both name a point ``"before-turn-3"``.
+
+Branches follow AdvancedSQLiteSession's API (``create_branch_from_turn``,
+``switch_to_branch``, ``list_branches``, ``delete_branch``, ``get_conversation_turns``); a
+turn is numbered by its user message (the n-th item with ``role == "user"`` in the branch).
+Differences: the current branch is stored in the session (every session object and
+process sees it, and a rewind restores it) instead of living in one Python object; a
+branch holds a copy of the items it was created from (one transaction; conversations are
+small), and a deleted branch's name may be used again.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from urllib.parse import quote, unquote
+
+from .. import LSN, ConflictError, TxnInfo
+
+if TYPE_CHECKING:
+    from ..store import Store
+    from ..txn import Transaction
+
+__all__ = ["WalstoreSession"]
+
+_T = TypeVar("_T")
+
+MAIN = "main"
+_SEQ_DIGITS = 20
+_RETRIES = 8   # optimistic retries of one call (store.run backs off exponentially: ~1.3 s in all)
+
+# One writer lock per (store, session prefix), shared by every WalstoreSession object of
+# that session in this process.
+_locks_guard = threading.Lock()
+_locks: "weakref.WeakKeyDictionary[Store, dict[str, threading.Lock]]" = weakref.WeakKeyDictionary()
+
+
+def _writer_lock(store: "Store", prefix: str) -> threading.Lock:
+    with _locks_guard:
+        per_store = _locks.setdefault(store, {})
+        lock = per_store.get(prefix)
+        if lock is None:
+            lock = per_store[prefix] = threading.Lock()
+        return lock
+
+
+async def _finish_despite_cancel(fn: Callable[[], _T]) -> _T:
+    """Run ``fn`` in a worker thread and wait for its outcome even if we are cancelled.
+
+    A cancelled ``await asyncio.to_thread(...)`` does not stop the thread: the commit may
+    still happen.  So wait for it, then re-raise the cancellation (SQLiteSession does the same).
+    """
+    task = asyncio.ensure_future(asyncio.to_thread(fn))
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait({task})
+        except asyncio.CancelledError as e:
+            cancelled = cancelled or e
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()   # retrieved: the cancellation is what the caller sees
+        raise cancelled
+    return task.result()
+
+
+def _normalize(item: Any) -> Any:
+    """What SQLiteSession gives back for ``item``: a json.dumps/json.loads round trip."""
+    return json.loads(json.dumps(item))
+
+
+def _is_user(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("role") == "user"
+
+
+def _check_name(kind: str, name: Any) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{kind} must be a non-empty str, not {name!r}")
+    return name
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+class WalstoreSession:
+    """The OpenAI Agents SDK ``Session`` protocol on a walstore store, plus undo and branches.
+
+    ``session_id`` names the conversation; ``store`` is an open :class:`walstore.Store`
+    (the session does not close it).  ``session_settings`` (a ``SessionSettings`` or a dict)
+    defaults to ``SessionSettings()``; its ``limit`` applies when ``get_items`` gets none.
+    ``namespace`` is the key prefix of all sessions (default ``"oa/"``).
+    """
+
+    session_settings: Any = None
+
+    def __init__(self, session_id: str, store: "Store", session_settings: Any = None, *,
+                 namespace: str = "oa/") -> None:
+        from agents.memory.session_settings import SessionSettings, coerce_session_settings
+        if not isinstance(session_id, str):
+            raise TypeError(f"session_id must be a str, not {type(session_id).__name__}")
+        if not isinstance(namespace, str):
+            raise TypeError("namespace must be a str")
+        self.session_id = session_id
+        self.session_settings = (coerce_session_settings(session_settings)
+                                 if session_settings is not None else SessionSettings())
+        self.store = store
+        self._prefix = f"{namespace}{quote(session_id, safe='')}/"
+        self._lock = _writer_lock(store, self._prefix)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"WalstoreSession({self.session_id!r}, scope={self._prefix!r})"
+
+    # ---- where things live ---------------------------------------------------------------
+    @property
+    def scope(self) -> str:
+        """The key prefix holding everything of this session (pass to ``tx.action(scope=)``)."""
+        return self._prefix
+
+    def key(self, name: str) -> str:
+        """A key for the session's own tool state: rewinds with the session, survives clear."""
+        return f"{self._prefix}k/{_check_name('a key name', name)}"
+
+    def _head_key(self) -> str:
+        return self._prefix + "head"
+
+    def _items_prefix(self, branch: str) -> str:
+        return f"{self._prefix}i/{quote(branch, safe='')}/"
+
+    def _branch_key(self, branch: str) -> str:
+        return f"{self._prefix}br/{quote(branch, safe='')}"
+
+    def _point_name(self, name: str) -> str:
+        return self._prefix + _check_name("a restore point name", name)
+
+    # ---- running store work ----------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("WalstoreSession is closed")
+
+    def close(self) -> None:
+        """Refuse further calls on this object (the store stays open: it is the caller's)."""
+        self._closed = True
+
+    async def _read(self, fn: Callable[["Transaction"], _T]) -> _T:
+        """``fn(tx)`` on one snapshot, in a worker thread; nothing is written or validated."""
+        self._check_open()
+
+        def work() -> _T:
+            tx = self.store.transaction()
+            try:
+                return fn(tx)
+            finally:
+                tx.rollback()
+        return await asyncio.to_thread(work)
+
+    async def _write(self, op: str, fn: Callable[["Transaction"], _T]) -> _T:
+        """``fn(tx)`` as one committed transaction (retried on conflict), in a worker thread."""
+        self._check_open()
+        meta = {"openai_session": self.session_id, "op": op}
+
+        def work() -> _T:
+            with self._lock:
+                return self.store.run(fn, retries=_RETRIES, meta=meta)
+        return await _finish_despite_cancel(work)
+
+    # ---- reading inside a transaction -------------------------------------------------------
+    def _current_branch(self, tx: "Transaction") -> str:
+        return tx.get(self._head_key(), MAIN)
+
+    def _branch_exists(self, tx: "Transaction", branch: str) -> bool:
+        return branch == MAIN or self._branch_key(branch) in tx
+
+    def _scan_items(self, tx: "Transaction", branch: str, reverse: bool = False):
+        """(seq, item) of one branch, oldest first (newest first with reverse)."""
+        prefix = self._items_prefix(branch)
+        for k, item in tx.scan(prefix=prefix, reverse=reverse):
+            yield int(k[len(prefix):]), item
+
+    def _newest(self, tx: "Transaction", branch: str, n: int | None) -> list[tuple[int, Any]]:
+        """The newest ``n`` (seq, item) of ``branch`` (all with None), oldest first."""
+        if n is None:
+            return list(self._scan_items(tx, branch))
+        out = []
+        if n > 0:
+            for pair in self._scan_items(tx, branch, reverse=True):
+                out.append(pair)
+                if len(out) == n:
+                    break
+        out.reverse()
+        return out
+
+    def _resolve_branch(self, tx: "Transaction", branch: str | None) -> str:
+        if branch is None:
+            return self._current_branch(tx)
+        if not self._branch_exists(tx, branch):
+            raise ValueError(f"Branch '{branch}' does not exist")
+        return branch
+
+    # ---- the Session protocol ---------------------------------------------------------------
+    async def get_items(self, limit: int | None = None, *,
+                        branch: str | None = None) -> list[Any]:
+        """The newest ``limit`` items, oldest first (see the module docstring for ``limit``).
+
+        ``branch`` reads another branch than the current one.
+        """
+        from agents.memory.session_settings import resolve_session_limit
+        n = resolve_session_limit(limit, self.session_settings)
+        if n is not None and n < 0:
+            n = None   # SQLite's LIMIT with a negative value: no limit
+
+        def read(tx: "Transaction") -> list[Any]:
+            return [item for _seq, item in self._newest(tx, self._resolve_branch(tx, branch), n)]
+        return await self._read(read)
+
+    async def add_items(self, items: list[Any]) -> None:
+        """Append ``items`` to the current branch, all in one transaction."""
+        self._check_open()
+        if not items:
+            return
+        normalized = [_normalize(item) for item in items]   # TypeError before any write
+
+        def add(tx: "Transaction") -> None:
+            branch = self._current_branch(tx)
+            last = self._newest(tx, branch, 1)
+            seq = last[0][0] + 1 if last else 1
+            prefix = self._items_prefix(branch)
+            for i, item in enumerate(normalized):
+                tx.put(f"{prefix}{seq + i:0{_SEQ_DIGITS}d}", item)
+        await self._write("add_items", add)
+
+    async def pop_item(self) -> Any | None:
+        """Remove and return the newest item of the current branch (None when it is empty)."""
+        popped = await self.pop_items(1)
+        return popped[0] if popped else None
+
+    async def clear_session(self) -> None:
+        """Remove every item and branch of the session (tool state under ``key()`` stays)."""
+        def clear(tx: "Transaction") -> None:
+            for sub in ("i/", "br/"):
+                for k, _v in tx.scan(prefix=self._prefix + sub):
+                    tx.delete(k)
+            if self._head_key() in tx:
+                tx.delete(self._head_key())
+        await self._write("clear_session", clear)
+
+    # ---- more than the protocol -------------------------------------------------------------
+    async def pop_items(self, n: int) -> list[Any]:
+        """Remove the newest ``n`` items of the current branch in one transaction.
+
+        Returns them oldest first (what ``get_items(n)`` returned); fewer when the branch
+        holds fewer, ``[]`` for ``n == 0``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise TypeError(f"n must be an int, not {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"n must be >= 0, not {n}")
+        if n == 0:
+            self._check_open()
+            return []
+
+        def pop(tx: "Transaction") -> list[Any]:
+            branch = self._current_branch(tx)
+            prefix = self._items_prefix(branch)
+            newest = self._newest(tx, branch, n)
+            for seq, _item in newest:
+                tx.delete(f"{prefix}{seq:0{_SEQ_DIGITS}d}")
+            return [item for _seq, item in newest]
+        return await self._write("pop_items", pop)
+
+    # ---- restore points and rewind ----------------------------------------------------------
+    async def restore_point(self, name: str) -> LSN:
+        """Name the session's current state (``rewind(name)`` returns to it); its LSN.
+
+        The point is the store's restore point ``scope + name``: it pins the history it
+        needs until ``drop_restore_point(name)``.
+        """
+        self._check_open()
+        point = self._point_name(name)
+        return await asyncio.to_thread(self.store.restore_point, point)
+
+    async def restore_points(self) -> dict[str, LSN]:
+        """This session's restore points, by the names they were given."""
+        self._check_open()
+        points = await asyncio.to_thread(self.store.restore_points)
+        return {n[len(self._prefix):]: lsn for n, lsn in points.items()
+                if n.startswith(self._prefix)}
+
+    async def drop_restore_point(self, name: str) -> None:
+        self._check_open()
+        await asyncio.to_thread(self.store.drop_restore_point, self._point_name(name))
+
+    async def rewind(self, to: str | int | LSN, *, dry_run: bool = False,
+                     force: bool = False) -> TxnInfo | Any | None:
+        """Return this session to ``to``: retract every turn after it, compensate their tools.
+
+        ``to`` is a name given to :meth:`restore_point`, a txid (int) or a ``walstore.LSN``.
+        Only the session's keys (``scope``) move: its items, branches, current branch and
+        tool state; other sessions and other keys stay.  Compensations run (newest first)
+        for the actions of undone transactions that wrote only inside the scope or were
+        declared in it (``tx.action(..., scope=session.scope)``).  Returns the
+        ``TxnInfo`` of the undoing transaction (None if nothing was undone), or with
+        ``dry_run=True`` the store's plan, changing nothing.  An unknown point raises
+        ``walstore.UnknownPoint`` (a KeyError).
+        """
+        self._check_open()
+        rewind = self.store.rewind
+        if "scope" not in inspect.signature(rewind).parameters:
+            raise NotImplementedError(
+                "this walstore has no scoped rewind (store.rewind(to, scope=...)); rewinding "
+                "the whole store would undo every other session too")
+        if isinstance(to, str):
+            point: Any = self._point_name(to)
+        elif isinstance(to, int) and not isinstance(to, bool):
+            point = to   # a txid, or an LSN (an int subclass)
+        else:
+            raise TypeError(f"to is a restore point name, a txid or an LSN, not "
+                            f"{type(to).__name__}")
+        kwargs: dict[str, Any] = {"scope": self._prefix, "dry_run": dry_run}
+        if force:
+            kwargs["force"] = True
+
+        def work() -> Any:
+            # A rewind that conflicts with a concurrent commit wrote nothing and ran no
+            # compensation (they run after its commit): retried like store.run does.
+            with self._lock:
+                for attempt in range(_RETRIES + 1):
+                    try:
+                        return rewind(point, **kwargs)
+                    except ConflictError:
+                        if attempt == _RETRIES:
+                            raise
+                        time.sleep(0.005 * 2 ** attempt)
+        if dry_run:
+            return await asyncio.to_thread(work)
+        return await _finish_despite_cancel(work)
+
+    # ---- branches (AdvancedSQLiteSession's API) ---------------------------------------------
+    async def current_branch(self) -> str:
+        return await self._read(self._current_branch)
+
+    async def get_conversation_turns(self, branch_id: str | None = None) -> list[dict[str, Any]]:
+        """The user turns of a branch (current by default): ``[{"turn", "content"}]``."""
+        def read(tx: "Transaction") -> list[dict[str, Any]]:
+            turns = []
+            for _seq, item in self._scan_items(tx, self._resolve_branch(tx, branch_id)):
+                if _is_user(item):
+                    turns.append({"turn": len(turns) + 1, "content": item.get("content")})
+            return turns
+        return await self._read(read)
+
+    async def create_branch_from_turn(self, turn_number: int,
+                                      branch_name: str | None = None) -> str:
+        """A new branch holding the current branch's items before user turn ``turn_number``.
+
+        The session switches to it (so the next ``add_items`` answers turn ``turn_number``
+        anew); the source branch is kept.  Returns the branch name (generated when None).
+        Raises ValueError if the turn has no user message or the name is taken.
+        """
+        if isinstance(turn_number, bool) or not isinstance(turn_number, int):
+            raise TypeError(f"turn_number must be an int, not {type(turn_number).__name__}")
+        if branch_name is not None:
+            _check_name("a branch name", branch_name)
+        stamp = int(time.time())
+
+        def create(tx: "Transaction") -> str:
+            source = self._current_branch(tx)
+            copy: list[tuple[int, Any]] = []
+            turn = 0
+            for seq, item in self._scan_items(tx, source):
+                if _is_user(item):
+                    turn += 1
+                    if turn == turn_number:
+                        break
+                copy.append((seq, item))
+            else:
+                raise ValueError(f"Turn {turn_number} does not contain a user message "
+                                 f"in branch '{source}'")
+            if branch_name is not None:
+                if self._branch_exists(tx, branch_name):
+                    raise ValueError(f"Branch ID '{branch_name}' is already in use. "
+                                     f"Choose a new branch ID.")
+                name = branch_name
+            else:
+                base = name = f"branch_from_turn_{turn_number}_{stamp}"
+                suffix = 1
+                while self._branch_exists(tx, name):
+                    suffix += 1
+                    name = f"{base}_{suffix}"
+            tx.put(self._branch_key(name), {"created_at": _utc_now(), "ns": time.time_ns(),
+                                            "from_branch": source, "from_turn": turn_number})
+            prefix = self._items_prefix(name)
+            for seq, item in copy:
+                tx.put(f"{prefix}{seq:0{_SEQ_DIGITS}d}", item)
+            tx.put(self._head_key(), name)
+            return name
+        return await self._write("create_branch", create)
+
+    async def switch_to_branch(self, branch_id: str) -> None:
+        """Make ``branch_id`` the current branch (ValueError if it does not exist)."""
+        def switch(tx: "Transaction") -> None:
+            if not self._branch_exists(tx, branch_id):
+                raise ValueError(f"Branch '{branch_id}' does not exist")
+            self._set_head(tx, branch_id)
+        await self._write("switch_branch", switch)
+
+    def _set_head(self, tx: "Transaction", branch: str) -> None:
+        if branch == MAIN:
+            if self._head_key() in tx:
+                tx.delete(self._head_key())
+        else:
+            tx.put(self._head_key(), branch)
+
+    async def delete_branch(self, branch_id: str, force: bool = False) -> None:
+        """Delete a branch and its items; the current one only with ``force`` (then main)."""
+        _check_name("a branch name", branch_id)
+        if branch_id == MAIN:
+            raise ValueError("Cannot delete the 'main' branch")
+
+        def delete(tx: "Transaction") -> None:
+            if not self._branch_exists(tx, branch_id):
+                raise ValueError(f"Branch '{branch_id}' does not exist")
+            if self._current_branch(tx) == branch_id:
+                if not force:
+                    raise ValueError(f"Cannot delete current branch '{branch_id}'. Use "
+                                     f"force=True or switch branches first")
+                self._set_head(tx, MAIN)
+            tx.delete(self._branch_key(branch_id))
+            for k, _v in tx.scan(prefix=self._items_prefix(branch_id)):
+                tx.delete(k)
+        await self._write("delete_branch", delete)
+
+    async def list_branches(self) -> list[dict[str, Any]]:
+        """Every branch: ``branch_id, message_count, user_turns, is_current, created_at,
+        from_branch, from_turn``; main first, then in order of creation."""
+        def read(tx: "Transaction") -> list[dict[str, Any]]:
+            current = self._current_branch(tx)
+            infos: list[tuple[str, dict]] = [(MAIN, {})]
+            for k, info in tx.scan(prefix=self._prefix + "br/"):
+                infos.append((unquote(k[len(self._prefix) + 3:]), info))
+            infos[1:] = sorted(infos[1:], key=lambda p: (p[1].get("ns", 0), p[0]))
+            out = []
+            for name, info in infos:
+                items = [item for _seq, item in self._scan_items(tx, name)]
+                out.append({"branch_id": name, "message_count": len(items),
+                            "user_turns": sum(1 for i in items if _is_user(i)),
+                            "is_current": name == current,
+                            "created_at": info.get("created_at"),
+                            "from_branch": info.get("from_branch"),
+                            "from_turn": info.get("from_turn")})
+            return out
+        return await self._read(read)
