@@ -9,15 +9,17 @@ which thread a transaction begun inside a graph node belongs to.
   whose scope is the thread's key prefix, so a checkpoint and its channel blobs land
   together or not at all, and belong to their thread.
 - **Fencing that tells a fork from a race.**  ``get_tuple`` of a thread's *latest*
-  checkpoint marks the returned config as extending that namespace's head (a private
+  checkpoint marks the returned config as extending that namespace's line (a private
   ``configurable`` key LangGraph carries into the run's ``put`` calls); a ``put`` so marked
-  whose parent is no longer the newest checkpoint is refused with
-  :class:`StaleCheckpointError`: another writer moved the thread on (two runs, two
-  workers, an ``update_state`` racing a run).  A ``put`` whose parent was addressed
-  explicitly (a ``checkpoint_id`` in the config: time travel, new input or
-  ``Command(resume=...)`` sent to an older checkpoint, ``update_state`` on a past
-  checkpoint) is a fork and is allowed, as SqliteSaver branches; two such writers racing
-  on the head itself are still fenced.  ``fencing=False`` turns all of it off.
+  whose parent already has another child is refused with :class:`StaleCheckpointError`:
+  another writer built on the same checkpoint first (two runs, two workers, an
+  ``update_state`` racing a run).  A ``put`` whose parent was addressed explicitly (a
+  ``checkpoint_id`` in the config: time travel, new input or ``Command(resume=...)`` sent
+  to an older checkpoint, ``update_state`` on a past checkpoint) is a fork and is
+  allowed, as SqliteSaver branches; two such writers racing on the head itself (the
+  parent was the newest checkpoint and a rival child appeared while writing) are still
+  fenced.  A run on one branch is not disturbed by a fork made elsewhere in the thread.
+  ``fencing=False`` turns all of it off.
 - **Undo**: :meth:`WalstoreSaver.rewind` rewinds ONE thread to a checkpoint with walstore's
   scoped rewind (``store.rewind(to, scope=thread prefix)``): the thread's later
   checkpoints, and what its later steps wrote and did (memory items, keys, actions with
@@ -74,7 +76,6 @@ EXTENDS_HEAD = "__walstore_extends_head__"   # configurable key: the ns whose he
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 _PUT_RETRIES = 8
 _READ_RETRIES = 20
-_UNSEEN = object()
 
 
 class StaleCheckpointError(ConflictError):
@@ -276,13 +277,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             pending_writes=self._pending_writes(scan, ns, cid),
         )
 
-    def _latest(self, tx: Any, ns: Namespace, at_or_after: str | None = None
-                ) -> tuple[str, dict] | None:
-        """(id, record) of the namespace's newest checkpoint (only those at or after
-        ``at_or_after`` are read: a small range in the transaction's read set)."""
+    def _latest(self, tx: Any, ns: Namespace) -> tuple[str, dict] | None:
+        """(id, record) of the namespace's newest checkpoint."""
         prefix = ns.checkpoints()
-        start = ns.checkpoint(at_or_after) if at_or_after else prefix
-        row = _first(tx.scan(start=start, end=prefix_end(prefix), reverse=True))
+        row = _first(tx.scan(prefix=prefix, reverse=True))
         if row is None:
             return None
         return row[0][len(prefix):].decode("utf-8"), row[1]
@@ -512,15 +510,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         blobs = [(ch, ver, self.codec.plan(cache_scope, ch, ver, values[ch]))
                  for ch, ver in new_versions.items() if ch in values]
         extends_head = self.fencing and conf.get(EXTENDS_HEAD) == ns_name
-        first_seen: list = []
+        first_latest: list = []
         cache_updates: list = []
 
         def write(tx):
-            latest = self._latest(tx, ns, parent)
-            latest_id = latest[0] if latest is not None else None
-            if not first_seen:
-                first_seen.append(latest_id)
-            self._fence(thread_id, ns_name, parent, latest_id, first_seen[0], extends_head)
+            newer = self._newer_than(tx, ns, parent)
+            latest = newer[-1][0] if newer else parent
+            if not first_latest:
+                first_latest.append(latest)
+            rivals = [c for c, rec in newer if rec.get("p") == parent and c != cid]
+            self._fence(thread_id, ns_name, parent, latest, rivals, first_latest[0],
+                        extends_head)
             cache_updates.clear()
             for ch, ver, plan in blobs:
                 tx.put(ns.blob(ch, ver),
@@ -534,20 +534,31 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.codec.remember(cache_updates)
         return _config(thread_id, ns_name, cid)
 
+    @staticmethod
+    def _newer_than(tx: Any, ns: Namespace, parent: str | None) -> list[tuple[str, dict]]:
+        """(id, record) of the namespace's checkpoints newer than ``parent`` (all of them
+        when None), oldest first: normally none or a rival or two, and a small range in
+        the transaction's read set, so a concurrent put conflicts."""
+        prefix = ns.checkpoints()
+        start = ns.checkpoint(parent) + b"\x00" if parent else prefix
+        return [(k[len(prefix):].decode("utf-8"), rec)
+                for k, rec in tx.scan(start=start, end=prefix_end(prefix))]
+
     def _fence(self, thread_id: str, ns_name: str, parent: str | None, latest: str | None,
-               first_latest: str | None, extends_head: bool) -> None:
-        if not self.fencing:
+               rivals: list[str], first_latest: str | None, extends_head: bool) -> None:
+        """Refuse a put that lost a race: another writer already built on ``parent``
+        (``rivals``: its other children).  A run that loaded the thread's latest
+        checkpoint extends it, so any rival means it lost; an explicit fork loses only
+        when it forked the head and a rival appeared while it was writing."""
+        if not self.fencing or not rivals:
             return
-        if extends_head:       # this run loaded the head: it must still be the head
-            stale = latest != parent
-        else:                  # a fork; only a race on the head itself is refused
-            stale = first_latest == parent and latest != first_latest
-        if stale:
+        if extends_head or first_latest == parent:
             raise StaleCheckpointError(
                 f"thread {thread_id!r} (namespace {ns_name!r}) moved on: this writer built "
-                f"on checkpoint {parent!r} but the thread's newest checkpoint is now "
-                f"{latest!r}; another writer won (reload the thread and retry, or address "
-                f"the checkpoint explicitly to fork from it)",
+                f"on checkpoint {parent!r} but another writer already did "
+                f"({', '.join(map(repr, rivals))}); the thread's newest checkpoint is "
+                f"{latest!r} (reload the thread and retry, or address the checkpoint "
+                f"explicitly to fork from it)",
                 thread_id, ns_name, parent, latest)
 
     @staticmethod
