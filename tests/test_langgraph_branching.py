@@ -256,8 +256,11 @@ def test_runs_racing_on_the_head_are_fenced_but_forks_of_older_checkpoints_are_n
         assert results[f"fork{i}"]["log"] == ["start", "MainThread done", f"f{i}",
                                               f"fork{i} done"]
     winner = next(n for n in results if n.startswith("head") and n not in fenced)
-    assert results[winner]["log"] == ["start", "MainThread done", "second", "MainThread done",
-                                      f"h{winner[-1]}", f"{winner} done"]
+    log = results[winner]["log"]
+    # the winner's work is in the thread and the fenced run's is not (its input may be,
+    # when the winner loaded the thread after it: then a line, not a fork)
+    assert log[:4] == ["start", "MainThread done", "second", "MainThread done"]
+    assert log[-2:] == [f"h{winner[-1]}", f"{winner} done"] and f"{fenced[0]} done" not in log
     history = list(graph.get_state_history(config))
     children: dict = {}
     for h in history:
