@@ -440,5 +440,8 @@ def test_example_agent_runs_and_undoes_its_bookings(tmp_path):
     assert ours["actions"] == {"Paris": "committed", "Rome": "compensated",
                                "Oslo": "compensated", "Lisbon": "committed"}
     assert [b.split(":")[0] for b in ours["booked_in_state"]] == ["Paris", "Lisbon"]
+    # the memories the undone bookings wrote were undone with them
+    assert ours["memories_after_rewind"] == ["Paris"]
+    assert ours["memories"] == ["Lisbon", "Paris"]
     assert summary["plain"]["active"] == ["Paris", "Rome", "Oslo", "Lisbon"]
     assert os.path.isdir(tmp_path / "store")
