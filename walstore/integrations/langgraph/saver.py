@@ -446,18 +446,38 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                      remaining: set[str]) -> tuple[list[str], dict]:
         """The target's ancestors, parent first, up to where every channel in
         ``remaining`` has a stored value (its seed): (chain, {channel: (chain index,
-        typed seed)}).  Records come from one reverse scan below the target; a parent
-        whose id sorts above its child (ids from another process's clock) is read by key."""
-        prefix = ns.checkpoints()
-        rows = tx.scan(start=prefix, end=ns.checkpoint(target), reverse=True)
-        pending: tuple[str, dict] | None = None
+        typed seed)})."""
         chain: list[str] = []
         seeds: dict[str, tuple[int, list]] = {}
         memo: dict = {}
+        if not remaining:
+            return chain, seeds
+        for cid, rec in self._ancestors(tx, ns, target, target_rec):
+            chain.append(cid)
+            versions = self.codec.loads(rec["c"]).get("channel_versions", {})
+            for ch in list(remaining):
+                if ch in versions:
+                    typed = self.codec.read(tx.get, ns, ch, versions[ch], memo)
+                    if typed is not None and typed[0] != "empty":
+                        seeds[ch] = (len(chain) - 1, list(typed))
+                        remaining.discard(ch)
+            if not remaining:
+                break
+        return chain, seeds
+
+    @staticmethod
+    def _ancestors(tx: Any, ns: Namespace, target: str,
+                   target_rec: dict) -> Iterator[tuple[str, dict]]:
+        """(id, record) of the target's ancestors, parent first.  Records come from one
+        reverse scan below the target; a parent whose id sorts above its child (ids from
+        another process's clock) is read by key."""
+        prefix = ns.checkpoints()
+        rows = tx.scan(start=prefix, end=ns.checkpoint(target), reverse=True)
+        pending: tuple[str, dict] | None = None
         want = target_rec.get("p")
         seen = {target}
         try:
-            while want is not None and remaining and want not in seen:
+            while want is not None and want not in seen:
                 rec = None
                 while True:
                     if pending is None:
@@ -474,20 +494,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if rec is None:
                     rec = tx.get(ns.checkpoint(want))
                     if rec is None:
-                        break
+                        return
                 seen.add(want)
-                chain.append(want)
-                versions = self.codec.loads(rec["c"]).get("channel_versions", {})
-                for ch in list(remaining):
-                    if ch in versions:
-                        typed = self.codec.read(tx.get, ns, ch, versions[ch], memo)
-                        if typed is not None and typed[0] != "empty":
-                            seeds[ch] = (len(chain) - 1, list(typed))
-                            remaining.discard(ch)
+                yield want, rec
                 want = rec.get("p")
         finally:
             rows.close()
-        return chain, seeds
 
     # ---- writing -----------------------------------------------------------------------
     def put(self, config: RunnableConfig, checkpoint: Checkpoint,
@@ -732,6 +744,33 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def checkpoint_lsn(self, config: RunnableConfig) -> "walstore.LSN":
         """The walstore log position of the commit that saved this checkpoint (the
         latest of the thread/namespace when the config names none)."""
+        ns, cid = self._address(config)
+        return self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}")
+
+    def rewind_point(self, config: RunnableConfig) -> "walstore.LSN":
+        """Where :meth:`rewind` rewinds to: the commit that saved the checkpoint, or, when
+        tasks of the steps before it saved their pending writes after it (LangGraph's
+        default ``durability="async"`` saves in the background, out of order), the last
+        of those, so the checkpoints the thread keeps keep all their writes."""
+        ns, cid = self._address(config)
+        point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
+        prefix = ns.writes()
+        late: dict[str, int] = {}  # checkpoint id -> its last write committed after point
+        for info in self.store.log(since=walstore.LSN(point)):
+            for key in info.keys:
+                if isinstance(key, bytes) and key.startswith(prefix):
+                    at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
+                    if at != cid:
+                        late[at] = max(late.get(at, 0), int(info.lsn))
+        if late:
+            def ancestors(tx):
+                rec = tx.get(ns.checkpoint(cid)) or {}
+                return {c for c, _r in self._ancestors(tx, ns, cid, rec)}
+            older = self._read(ancestors)
+            point = max([point] + [lsn for at, lsn in late.items() if at in older])
+        return walstore.LSN(point)
+
+    def _address(self, config: RunnableConfig) -> tuple[Namespace, str]:
         thread_id, ns_name = _where(config)
         cid = get_checkpoint_id(config)
         if not cid:
@@ -739,12 +778,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if tup is None:
                 raise KeyError(f"thread {thread_id!r} has no checkpoint")
             cid = tup.config["configurable"]["checkpoint_id"]
-        versions = self.store.history(self.keys.at(thread_id, ns_name).checkpoint(cid))
+        return self.keys.at(thread_id, ns_name), cid
+
+    def _created_at(self, key: bytes, what: str) -> "walstore.LSN":
+        """The LSN of the commit that created ``key``'s current value (not a re-put)."""
+        versions = self.store.history(key)
         if not versions or versions[0].deleted:
-            raise KeyError(f"no checkpoint {cid!r} in thread {thread_id!r} "
-                           f"(namespace {ns_name!r})")
+            raise KeyError(f"no {what} in the store")
         lsn = versions[0].lsn
-        for older in versions[1:]:   # the commit that created it, not a later re-put
+        for older in versions[1:]:
             if older.deleted:
                 break
             lsn = older.lsn
@@ -758,7 +800,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Rewind ONE thread to the moment the checkpoint ``config`` names was saved.
 
         ``store.rewind(to, scope=<thread prefix>)`` with ``to`` the LSN of the commit that
-        saved the checkpoint: the thread's later checkpoints and pending writes (every
+        saved the checkpoint (:meth:`rewind_point`): the thread's later checkpoints and pending writes (every
         namespace, subgraphs included) are undone, and so is what its later steps wrote
         and did in transactions that belong to the thread (memory items, the agent's own
         keys, actions, whose compensations run, newest first); other threads are
@@ -771,15 +813,18 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         run) and changes nothing.
 
         Exact when the graph saves checkpoints synchronously (``durability="sync"``):
-        with LangGraph's default ``"async"``, a task of the next step may commit before
-        the checkpoint itself does and would then survive the rewind.
+        with LangGraph's default ``"async"``, saves run in the background and may commit
+        out of order; the rewind point then moves past the last pending write of the
+        step before the checkpoint, and a task of the step after it that committed
+        before that point stays done (its writes and its actions both: the thread and
+        the world still agree).
         """
         if not self.scoped_rewind_available():
             raise RewindUnavailable(
                 "this walstore has no scoped rewind (store.rewind(to, scope=...)); "
                 "WalstoreSaver.rewind never rewinds other threads")
         thread_id, _ns = _where(config)
-        to = self.checkpoint_lsn(config)
+        to = self.rewind_point(config)
         scope = self.thread_scope(thread_id)
         kwargs: dict[str, Any] = {"scope": scope, "dry_run": dry_run}
         if _accepts(self.store.rewind, "meta"):
