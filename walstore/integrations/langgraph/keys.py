@@ -39,6 +39,7 @@ prefix is a key prefix, a namespace's items are one range, and listings come sor
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -63,9 +64,14 @@ def prefix_end(prefix: bytes) -> bytes | None:
 
 def part(text: Any) -> bytes:
     """A self-delimiting key component: msgpack str, or bin(16) hash when long."""
-    raw = str(text).encode("utf-8")
+    return _part(str(text))
+
+
+@functools.lru_cache(maxsize=8192)
+def _part(text: str) -> bytes:
+    raw = text.encode("utf-8")
     if len(raw) <= MAX_PART:
-        return msgpack.packb(str(text), use_bin_type=True)
+        return msgpack.packb(text, use_bin_type=True)
     return b"\xc4\x10" + hashlib.blake2b(raw, digest_size=16).digest()
 
 

@@ -63,6 +63,37 @@ class StateTypeError(TypeError):
     """A value names a class the saver would not give back as that class."""
 
 
+def _leading_strings(payload: bytes) -> tuple[str, str, str] | None:
+    """(module, name, "") from the head of an ext payload ``[module, name, ...]`` without
+    decoding the rest; None when it does not start that way."""
+    try:
+        b0 = payload[0]
+        if 0x90 <= b0 <= 0x9F:
+            i = 1
+        elif b0 == 0xDC:
+            i = 3
+        elif b0 == 0xDD:
+            i = 5
+        else:
+            return None
+        out = []
+        for _ in range(2):
+            b0 = payload[i]
+            if 0xA0 <= b0 <= 0xBF:
+                n, i = b0 & 0x1F, i + 1
+            elif b0 == 0xD9:
+                n, i = payload[i + 1], i + 2
+            elif b0 == 0xDA:
+                n, i = int.from_bytes(payload[i + 1:i + 3], "big"), i + 3
+            else:
+                return None
+            out.append(payload[i:i + n].decode("utf-8"))
+            i += n
+        return out[0], out[1], ""
+    except (IndexError, UnicodeDecodeError):
+        return None
+
+
 def _library_roots() -> tuple[str, ...]:
     paths = sysconfig.get_paths()
     roots = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
@@ -187,21 +218,27 @@ class TypePolicy:
         return error
 
     def _audit_ext(self, code: int, payload: bytes) -> None:
-        if code == EXT_DELTA_SNAPSHOT:
-            ormsgpack.unpackb(payload, ext_hook=self._audit_ext, option=_OPTIONS)
-            return None
+        """Check one extension record without rebuilding it: its (module, name) header,
+        and its payload only when that holds extension records itself."""
         if code == EXT_NUMPY_ARRAY:
             return None
-        tup = ormsgpack.unpackb(payload, ext_hook=self._audit_ext, option=_OPTIONS)
-        module, name = str(tup[0]), str(tup[1])
-        if code == EXT_METHOD_SINGLE_ARG:
-            why = self._method_refusal(module, name, str(tup[3]))
+        if code == EXT_DELTA_SNAPSHOT:
+            names = None
         else:
-            why = self.refusal(module, name)
-        if why is not None:
-            raise self._failed(StateTypeError(
-                f"WalstoreSaver refuses to store a {module}.{name}: it would not come back "
-                f"as that type ({why}); {self._recipe(module, name)}"))
+            names = _leading_strings(payload)
+            if names is None or code == EXT_METHOD_SINGLE_ARG:
+                tup = ormsgpack.unpackb(payload, option=_OPTIONS, ext_hook=self._audit_ext)
+                names = (str(tup[0]), str(tup[1]),
+                         str(tup[3]) if code == EXT_METHOD_SINGLE_ARG else "")
+            module, name, method = names
+            why = (self._method_refusal(module, name, method) if code == EXT_METHOD_SINGLE_ARG
+                   else self.refusal(module, name))
+            if why is not None:
+                raise self._failed(StateTypeError(
+                    f"WalstoreSaver refuses to store a {module}.{name}: it would not come "
+                    f"back as that type ({why}); {self._recipe(module, name)}"))
+        if _EXT_MARKER.search(payload):  # nested classes (a dataclass inside a dataclass)
+            ormsgpack.unpackb(payload, option=_OPTIONS, ext_hook=self._audit_ext)
         return None
 
     # ---- at read time -------------------------------------------------------------------
