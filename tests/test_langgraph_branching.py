@@ -17,7 +17,6 @@ from typing import Annotated, Any, TypedDict
 import pytest
 
 pytest.importorskip("langgraph.checkpoint.base")
-sqlite_saver = pytest.importorskip("langgraph.checkpoint.sqlite")
 
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
@@ -189,6 +188,7 @@ def script(saver) -> list:
 
 
 def test_realistic_graph_matches_sqlite_saver_observation_for_observation(tmp_path):
+    sqlite_saver = pytest.importorskip("langgraph.checkpoint.sqlite")
     conn = sqlite3.connect(str(tmp_path / "sqlite.db"), check_same_thread=False)
     theirs = script(sqlite_saver.SqliteSaver(conn))
     with WalstoreSaver.from_path(str(tmp_path / "store"), durability="none") as saver:
@@ -240,14 +240,19 @@ def test_runs_racing_on_the_head_are_fenced_but_forks_of_older_checkpoints_are_n
             results[name] = e
 
     # two runs on the head: one is fenced (SqliteSaver would keep both, losing one)
-    threads = [threading.Thread(target=run, args=(f"head{i}", config, {"log": [f"h{i}"]}),
-                                name=f"head{i}") for i in range(2)]
-    # two forks from the same OLDER checkpoint, at the same time: both are branches
-    threads += [threading.Thread(target=run, args=(f"fork{i}", first, {"log": [f"f{i}"]}),
-                                 name=f"fork{i}") for i in range(2)]
-    for t in threads:
+    heads = [threading.Thread(target=run, args=(f"head{i}", config, {"log": [f"h{i}"]}),
+                              name=f"head{i}") for i in range(2)]
+    # two forks from the same OLDER checkpoint, at the same time: both are branches (they
+    # start once the head runs have loaded the thread: a run that loads the thread after a
+    # fork's first checkpoint would continue that fork, the newest checkpoint then)
+    forks = [threading.Thread(target=run, args=(f"fork{i}", first, {"log": [f"f{i}"]}),
+                              name=f"fork{i}") for i in range(2)]
+    for t in heads:
         t.start()
-    for t in threads:
+    time.sleep(0.1)
+    for t in forks:
+        t.start()
+    for t in heads + forks:
         t.join()
     fenced = [n for n, r in results.items() if isinstance(r, StaleCheckpointError)]
     assert len(fenced) == 1 and fenced[0].startswith("head"), results

@@ -30,15 +30,13 @@ from walstore.integrations.langgraph import (RewindUnavailable, WalstoreSaver,  
 from walstore.integrations.langgraph.saver import current_thread_scope  # noqa: E402
 
 
-def scoped_rewind(store) -> bool:
-    return "scope" in inspect.signature(store.rewind).parameters
-
-
 def scope_providers() -> bool:
+    """Whether this walstore has scoped rewind and calls scope providers."""
     try:
-        return importlib.util.find_spec("walstore.agent.scope") is not None
+        found = importlib.util.find_spec("walstore.agent.scope") is not None
     except (ImportError, ValueError):
-        return False
+        found = False
+    return found and "scope" in inspect.signature(walstore.Store.rewind).parameters
 
 
 def thread(tid: str) -> dict:
@@ -250,7 +248,8 @@ def test_rewind_undoes_one_thread_its_memories_keys_and_actions_only(tmp_path):
     store.close()
 
 
-@pytest.mark.skipif(scope_providers(), reason="only on a walstore without scoped rewind")
+@pytest.mark.skipif("scope" in inspect.signature(walstore.Store.rewind).parameters,
+                    reason="only on a walstore without scoped rewind")
 def test_rewind_refuses_rather_than_rewinding_every_thread(saver):
     graph = trip_graph().compile(checkpointer=saver)
     run_two_trips(graph)
