@@ -18,7 +18,9 @@ which thread a transaction begun inside a graph node belongs to.
   to an older checkpoint, ``update_state`` on a past checkpoint) is a fork and is
   allowed, as SqliteSaver branches; two such writers racing on the head itself (the
   parent was the newest checkpoint and a rival child appeared while writing) are still
-  fenced.  A run on one branch is not disturbed by a fork made elsewhere in the thread.
+  fenced.  A run on one branch is not disturbed by a fork made elsewhere in the thread
+  (but a run that loads the thread just after a fork's first checkpoint was written
+  continues that fork, then the newest checkpoint, as with any LangGraph saver).
   ``fencing=False`` turns all of it off.
 - **Undo**: :meth:`WalstoreSaver.rewind` rewinds ONE thread to a checkpoint with walstore's
   scoped rewind (``store.rewind(to, scope=thread prefix)``): the thread's later
@@ -79,11 +81,10 @@ _READ_RETRIES = 20
 
 
 class StaleCheckpointError(ConflictError):
-    """A ``put`` lost the race for a thread: another writer moved the thread's head.
+    """A ``put`` lost the race for a thread: another writer built on the same checkpoint.
 
-    ``parent`` is the checkpoint this writer built on, ``head`` the thread's newest
-    checkpoint now (None: there is none at or after ``parent``).  Nothing of the refused
-    put was written.
+    ``parent`` is the checkpoint this writer built on, ``head`` the namespace's newest
+    checkpoint now.  Nothing of the refused put was written.
     """
 
     def __init__(self, message: str, thread_id: str, checkpoint_ns: str,
