@@ -16,9 +16,10 @@ What happens:
    took it; the tool retries with the same idempotency key and the hotel returns the same
    booking instead of a second one.
 2. The user changes their mind after Paris.  ``saver.rewind(checkpoint)`` rewinds the
-   store to the checkpoint saved right after Paris: the later checkpoints and the
-   agent's later state are undone, and the compensations of the undone bookings run,
-   newest first (Oslo, then Rome are cancelled at the hotel).
+   trip's thread to the checkpoint saved right after Paris: the later checkpoints, the
+   agent's later state and memories (written by the booking node: they belong to the
+   thread) are undone, and the compensations of the undone bookings run, newest first
+   (Oslo, then Rome are cancelled at the hotel).  Other threads would be untouched.
 3. The plan is changed to Lisbon and the graph resumes from that checkpoint: it books
    Lisbon.  Paris was not booked again.
 4. For contrast, the same story with LangGraph's own time travel and an in-memory saver:
@@ -47,7 +48,7 @@ from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
 
 import walstore  # noqa: E402
-from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
+from walstore.integrations.langgraph import WalstoreSaver, WalstoreStore  # noqa: E402
 
 
 class HotelSystem:
@@ -155,10 +156,13 @@ def walstore_story(workdir: str) -> dict:
                         print(f"   {e}; retrying with the same idempotency key")
             tx.put(f"trip/bookings/{city}", act.result)  # the agent's own world state
         print(f"   booked {city}: {act.result['booking_id']}  (key {act.key})")
+        # long-term memory, in the same store (LangGraph's BaseStore)
+        memory.put(("travellers", "ana"), city, {"booked": act.result["booking_id"]})
         return act.result
 
     saver = WalstoreSaver(store)
-    graph = build_graph(book_tool).compile(checkpointer=saver)
+    memory = WalstoreStore(store)
+    graph = build_graph(book_tool).compile(checkpointer=saver, store=memory)
     cfg = {"configurable": {"thread_id": "trip-1"}}
 
     print("1. The agent books its plan: Paris, Rome, Oslo")
@@ -172,10 +176,20 @@ def walstore_story(workdir: str) -> dict:
                       key=lambda s: s.metadata["step"])
     print(f"   checkpoint {after_paris.config['configurable']['checkpoint_id']} "
           f"(step {after_paris.metadata['step']}, booked {after_paris.values['booked']})")
-    info = saver.rewind(after_paris.config)
-    print(f"   rewind: transaction {info.txid} undid {len(info.extra['reverts'])} transactions, "
-          f"ran {len(info.extra['compensate'])} compensations")
+    if saver.scoped_rewind_available():
+        plan = saver.rewind(after_paris.config, dry_run=True)
+        print(f"   dry run, nothing changed yet: {json.dumps(plan.as_dict(), default=str)}")
+        info = saver.rewind(after_paris.config)
+    else:  # a walstore without scopes: this store holds only this thread, so rewinding
+        #   the whole store to the moment the checkpoint was saved is the same thing
+        print("   (this walstore has no scoped rewind: rewinding the whole store, which "
+              "holds only this thread)")
+        info = store.rewind(saver.checkpoint_lsn(after_paris.config))
+    compensated = [a.args["city"] for a in store.actions() if a.state == "compensated"]
+    print(f"   rewind: transaction {info.txid}; compensated bookings: {compensated}")
     show(hotel)
+    remembered = sorted(i.key for i in memory.search(("travellers", "ana")))
+    print(f"   memories left: {remembered}")
     state = graph.get_state(cfg)
     print(f"   the thread is back at step {state.metadata['step']}: booked "
           f"{state.values['booked']}, plan {state.values['plan']}; agent state keys: "
@@ -190,8 +204,11 @@ def walstore_story(workdir: str) -> dict:
     print(f"   walstore actions: {actions}")
     active = [b["city"] for b in hotel.bookings() if b["status"] == "booked"]
     print(f"   active bookings: {active}")
+    memories = sorted(i.key for i in memory.search(("travellers", "ana")))
+    print(f"   memories: {memories}")
     summary = {"active": active, "bookings": hotel.bookings(), "actions": actions,
-               "booked_in_state": final["booked"], "rewind_txid": info.txid}
+               "booked_in_state": final["booked"], "rewind_txid": info.txid,
+               "memories_after_rewind": remembered, "memories": memories}
     store.close()
     return summary
 

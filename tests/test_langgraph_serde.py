@@ -1,0 +1,223 @@
+"""The saver's type policy: the graph's own types come back as themselves (as with
+SqliteSaver), what would not is refused loudly at put, and a stored value can never make
+the saver run code it names."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import enum
+import http
+import operator
+import sqlite3
+from typing import Annotated, NamedTuple, TypedDict
+
+import ormsgpack
+import pytest
+
+pytest.importorskip("langgraph.checkpoint.base")
+sqlite_saver = pytest.importorskip("langgraph.checkpoint.sqlite")
+
+from langgraph.graph import END, START, StateGraph  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+import walstore  # noqa: E402
+from walstore.integrations.langgraph import StateTypeError, WalstoreSaver  # noqa: E402
+
+
+@dataclasses.dataclass
+class Leg:
+    city: str
+    nights: int
+    starts: datetime.date
+
+
+class Status(enum.Enum):
+    DRAFT = "draft"
+    BOOKED = "booked"
+
+
+class Traveller(BaseModel):
+    name: str
+    born: datetime.date
+
+
+class Spot(NamedTuple):
+    lat: float
+    lon: float
+
+
+class Trip(TypedDict):
+    legs: Annotated[list[Leg], operator.add]
+    status: Status
+    traveller: Traveller
+    at: datetime.datetime
+    spot: Spot
+
+
+def a_function_not_a_class(arg):  # pragma: no cover - must never be called
+    raise AssertionError("a stored value made the saver call a function")
+
+
+def trip_builder() -> StateGraph:
+    def book(state: Trip) -> dict:
+        assert isinstance(state["status"], Status)        # the node sees real types
+        assert isinstance(state["traveller"], Traveller)
+        assert all(isinstance(leg, Leg) for leg in state["legs"])
+        last = state["legs"][-1]
+        return {"legs": [Leg(last.city + "!", last.nights + 1,
+                             last.starts + datetime.timedelta(days=last.nights))],
+                "status": Status.BOOKED,
+                "at": state["at"] + datetime.timedelta(hours=1)}
+
+    b = StateGraph(Trip)
+    b.add_node("book", book)
+    b.add_edge(START, "book")
+    b.add_edge("book", END)
+    return b
+
+
+START_STATE = {
+    "legs": [Leg("Paris", 2, datetime.date(2026, 5, 1))],
+    "status": Status.DRAFT,
+    "traveller": Traveller(name="Ana", born=datetime.date(1990, 2, 3)),
+    "at": datetime.datetime(2026, 4, 1, 9, 30, tzinfo=datetime.timezone.utc),
+    "spot": Spot(48.85, 2.35),
+}
+
+
+def two_turns(make_saver) -> dict:
+    """Run a turn, then read the thread back through a fresh saver (the next turn)."""
+    config = {"configurable": {"thread_id": "t"}}
+    trip_builder().compile(checkpointer=make_saver()).invoke(START_STATE, config)
+    graph = trip_builder().compile(checkpointer=make_saver())
+    graph.invoke({"legs": []}, config)  # a second turn: nodes get the stored types
+    return graph.get_state(config).values
+
+
+def test_the_graphs_own_types_round_trip_as_with_sqlite_saver(tmp_path):
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    ours = two_turns(lambda: WalstoreSaver(store))
+    conn = sqlite3.connect(str(tmp_path / "db.sqlite"), check_same_thread=False)
+    theirs = two_turns(lambda: sqlite_saver.SqliteSaver(conn))
+    assert ours == theirs
+    assert {k: type(v) for k, v in ours.items()} == {k: type(v) for k, v in theirs.items()}
+    assert [type(x) for x in ours["legs"]] == [Leg, Leg, Leg]
+    assert ours["status"] is Status.BOOKED and isinstance(ours["spot"], Spot)
+    assert ours["at"] == START_STATE["at"] + datetime.timedelta(hours=2)
+    store.close()
+
+
+def test_a_class_that_would_not_come_back_is_refused_at_put(tmp_path):
+    @dataclasses.dataclass
+    class Local:  # defined in a function: cannot be found again by name
+        x: int
+
+    class Holder(TypedDict):
+        item: object
+
+    b = StateGraph(Holder)
+    b.add_node("n", lambda s: {"item": s["item"]})
+    b.add_edge(START, "n")
+    b.add_edge("n", END)
+    config = {"configurable": {"thread_id": "t"}}
+    saver = WalstoreSaver.from_path(str(tmp_path / "store"), durability="none")
+    with pytest.raises(StateTypeError) as e:
+        b.compile(checkpointer=saver).invoke({"item": Local(1)}, config, durability="sync")
+    assert "Local" in str(e.value) and "allowed_types" in str(e.value)
+    assert list(saver.list(config)) == []  # nothing of it was stored
+    # what SqliteSaver does instead: the next turn silently gets a dict
+    conn = sqlite3.connect(str(tmp_path / "db.sqlite"), check_same_thread=False)
+    graph = b.compile(checkpointer=sqlite_saver.SqliteSaver(conn))
+    graph.invoke({"item": Local(1)}, config)
+    assert graph.get_state(config).values["item"] == {"x": 1}
+
+    # library types are not rebuilt unless listed; listed, they are
+    with pytest.raises(StateTypeError, match="HTTPStatus"):
+        b.compile(checkpointer=saver).invoke({"item": http.HTTPStatus.OK}, config)
+    listed = WalstoreSaver(saver.store, allowed_types=[http.HTTPStatus])
+    graph = b.compile(checkpointer=listed)
+    graph.invoke({"item": http.HTTPStatus.OK}, config)
+    assert graph.get_state(config).values["item"] is http.HTTPStatus.OK
+    saver.close()
+
+
+def test_pending_writes_and_appended_list_items_are_checked_too(tmp_path):
+    @dataclasses.dataclass
+    class Local:
+        x: int
+
+    saver = WalstoreSaver.from_path(str(tmp_path / "store"), durability="none")
+    config = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+    from langgraph.checkpoint.base import empty_checkpoint
+    c = empty_checkpoint()
+    c["channel_values"] = {"legs": [Leg("Rome", 1, datetime.date(2026, 1, 1))]}
+    c["channel_versions"] = {"legs": saver.get_next_version(None)}
+    stored = saver.put(config, c, {"source": "input", "step": -1}, c["channel_versions"])
+    with pytest.raises(StateTypeError, match="Local"):
+        saver.put_writes(stored, [("legs", [Local(1)])], "task-1")
+    assert saver.get_tuple(stored).pending_writes == []
+    # a grown list is stored as a delta: the appended items are checked
+    c2 = empty_checkpoint()
+    c2["channel_values"] = {"legs": c["channel_values"]["legs"] + [Local(2)]}
+    c2["channel_versions"] = {"legs": saver.get_next_version(c["channel_versions"]["legs"])}
+    with pytest.raises(StateTypeError, match="Local"):
+        saver.put(stored, c2, {"source": "loop", "step": 0}, c2["channel_versions"])
+    assert len(list(saver.list(config))) == 1
+    saver.close()
+
+
+def test_app_types_off_needs_a_list_and_langgraphs_strict_allowlist_feeds_it(tmp_path,
+                                                                           monkeypatch):
+    from langgraph._internal import _serde
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    strict = WalstoreSaver(store, app_types=False)
+    config = {"configurable": {"thread_id": "t"}}
+    with pytest.raises(StateTypeError, match="allowed_types"):
+        trip_builder().compile(checkpointer=strict).invoke(START_STATE, config)
+    listed = WalstoreSaver(store, app_types=False,
+                           allowed_types=[Leg, Status, Traveller, Spot])
+    trip_builder().compile(checkpointer=listed).invoke(START_STATE, config)
+    assert trip_builder().compile(checkpointer=listed).get_state(config).values[
+        "status"] is Status.BOOKED
+    # LANGGRAPH_STRICT_MSGPACK=true: compile() passes the schema types (with_allowlist)
+    monkeypatch.setattr(_serde, "STRICT_MSGPACK_ENABLED", True)
+    graph = trip_builder().compile(checkpointer=WalstoreSaver(store, app_types=False))
+    config2 = {"configurable": {"thread_id": "t2"}}
+    without_spot = {k: v for k, v in START_STATE.items() if k != "spot"}
+    graph.invoke(without_spot, config2)
+    assert isinstance(graph.get_state(config2).values["traveller"], Traveller)
+    assert graph.get_state(config2).values["legs"][-1].city == "Paris!"
+    # LangGraph's schema allowlist leaves NamedTuples out: refused, not a silent list
+    with pytest.raises(StateTypeError, match="Spot"):
+        graph.invoke(START_STATE, {"configurable": {"thread_id": "t3"}})
+    store.close()
+
+
+def test_a_stored_value_can_only_name_data_classes(tmp_path):
+    saver = WalstoreSaver.from_path(str(tmp_path / "store"), durability="none")
+    from langgraph.checkpoint.base import empty_checkpoint
+    c = empty_checkpoint()
+    c["channel_values"] = {"v": 1}
+    c["channel_versions"] = {"v": 1}
+    stored = saver.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, c,
+                       {"source": "input", "step": -1}, {"v": 1})
+    key = saver.keys.at("t", "").blob("v", 1)
+    module = __name__
+    crafted = {
+        "function": ormsgpack.Ext(0, ormsgpack.packb([module, "a_function_not_a_class", 1])),
+        "method": ormsgpack.Ext(3, ormsgpack.packb([module, "Leg", "x", "mro"])),
+        "import": ormsgpack.Ext(2, ormsgpack.packb(["antigravity", "Fly", {}])),
+        "library": ormsgpack.Ext(0, ormsgpack.packb(["subprocess", "Popen", "true"])),
+    }
+    for name, ext in crafted.items():
+        with saver.store.transaction() as tx:
+            tx.put(key, ["msgpack", ormsgpack.packb(ext)])
+        with pytest.raises(StateTypeError):
+            saver.get_tuple(stored)
+    assert "antigravity" not in __import__("sys").modules  # never imported
+    # an application data class named in a stored value is rebuilt through its constructor
+    with saver.store.transaction() as tx:
+        tx.put(key, ["msgpack", ormsgpack.packb(ormsgpack.Ext(0, ormsgpack.packb(
+            [module, "Status", "booked"])))])
+    assert saver.get_tuple(stored).checkpoint["channel_values"]["v"] is Status.BOOKED
+    saver.close()

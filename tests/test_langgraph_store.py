@@ -1,0 +1,291 @@
+"""WalstoreStore: LangGraph's BaseStore in walstore, differentially against InMemoryStore.
+
+No conformance suite exists for stores, so random operation sequences (seeded) run
+against both WalstoreStore and LangGraph's InMemoryStore, and every observation (items,
+search results, namespace listings, raised errors) must be identical after every step.
+InMemoryStore is made comparable in two documented ways only: its iteration order (dict
+insertion order) becomes key order, and namespaces it keeps after their last item was
+deleted (a defaultdict) are dropped, as the database-backed stores do.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("langgraph.store.base")
+
+from langgraph.graph import END, START, StateGraph  # noqa: E402
+from langgraph.store.base import (GetOp, Item, ListNamespacesOp, MatchCondition,  # noqa: E402
+                                  PutOp, SearchOp)
+from langgraph.store.memory import InMemoryStore  # noqa: E402
+from typing_extensions import TypedDict  # noqa: E402
+
+import walstore  # noqa: E402
+from walstore.integrations.langgraph import WalstoreSaver, WalstoreStore  # noqa: E402
+from walstore.integrations.langgraph import store as store_module  # noqa: E402
+
+
+class Reference(InMemoryStore):
+    """InMemoryStore with key-ordered iteration and no empty namespaces."""
+
+    def _canonical(self) -> None:
+        data = {ns: dict(sorted(items.items()))
+                for ns, items in sorted(self._data.items()) if items}
+        self._data.clear()
+        self._data.update(data)
+
+    def _filter_items(self, op):
+        self._canonical()
+        return super()._filter_items(op)
+
+    def _handle_list_namespaces(self, op):
+        self._canonical()
+        return super()._handle_list_namespaces(op)
+
+
+NAMESPACES = [("a",), ("a", "b"), ("a", "b", "c"), ("b",), ("b", "x"), ("users", "1", "prefs"),
+              ("users", "2"), ("é",), ("a", "bb"), ("ab",)]
+PREFIXES = [(), ("a",), ("a", "b"), ("users",), ("b",), ("nope",), ("é",)]
+KEYS = ["k1", "k2", "k3", "ключ", "z", "k1 "]
+PATTERNS = [("a",), ("a", "*"), ("*", "b"), ("users", "*", "prefs"), ("b",), ("*",),
+            ("c",), ("prefs",), ("*", "2")]
+FILTERS = [None, {"tag": "x"}, {"n": {"$gt": 2}}, {"n": {"$lte": 3}, "tag": "y"},
+           {"nested": {"d": 1}}, {"list": [1, 2]}, {"n": {"$ne": 1}}, {"missing": None},
+           {"n": {"$eq": 4}}, {"n": {"$gte": 1, "$lt": 4}}]
+
+
+def random_value(rng: random.Random) -> dict:
+    v: dict[str, Any] = {}
+    if rng.random() < 0.85:
+        v["n"] = rng.randrange(6)
+    if rng.random() < 0.7:
+        v["tag"] = rng.choice(["x", "y"])
+    if rng.random() < 0.3:
+        v["nested"] = {"d": rng.randrange(3)}
+    if rng.random() < 0.3:
+        v["list"] = rng.choice([[1, 2], [2, 1], [1]])
+    return v
+
+
+def random_op(rng: random.Random):
+    kind = rng.choices(["put", "delete", "get", "search", "list"], [5, 1, 2, 3, 2])[0]
+    if kind == "put":
+        return PutOp(rng.choice(NAMESPACES), rng.choice(KEYS), random_value(rng))
+    if kind == "delete":
+        return PutOp(rng.choice(NAMESPACES), rng.choice(KEYS), None)
+    if kind == "get":
+        return GetOp(rng.choice(NAMESPACES), rng.choice(KEYS))
+    if kind == "search":
+        return SearchOp(rng.choice(PREFIXES), rng.choice(FILTERS), rng.randrange(5),
+                        rng.randrange(4), rng.choice([None, "hotels in rome"]))
+    conditions = []
+    if rng.random() < 0.5:
+        conditions.append(MatchCondition("prefix", rng.choice(PATTERNS)))
+    if rng.random() < 0.3:
+        conditions.append(MatchCondition("suffix", rng.choice(PATTERNS)))
+    return ListNamespacesOp(tuple(conditions), rng.choice([None, 1, 2, 3]),
+                            rng.randrange(1, 6), rng.randrange(3))
+
+
+def seen(result: Any) -> Any:
+    """What a caller observes of a result (timestamps aside: checked separately)."""
+    if isinstance(result, Item):
+        return (result.namespace, result.key, result.value, getattr(result, "score", None))
+    if isinstance(result, list):
+        return [seen(r) for r in result]
+    return result
+
+
+def outcome(fn) -> Any:
+    try:
+        return seen(fn())
+    except Exception as e:  # the same error type on both sides is the same observation
+        return ("raised", type(e).__name__)
+
+
+@pytest.fixture
+def memory(tmp_path):
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    yield WalstoreStore(store)
+    store.close()
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_operations_observe_the_same_as_in_memory_store(memory, seed):
+    rng = random.Random(seed)
+    ref = Reference()
+    for step in range(70):
+        how = rng.random()
+        if how < 0.6:  # one op through the public methods
+            op = random_op(rng)
+            calls = {"ours": memory, "ref": ref}
+            got = {name: outcome(lambda s=s: call_method(s, op)) for name, s in calls.items()}
+        else:  # a batch of a few ops, sync or async
+            ops = [random_op(rng) for _ in range(rng.randrange(1, 5))]
+            if how < 0.8:
+                got = {"ours": outcome(lambda: memory.batch(ops)),
+                       "ref": outcome(lambda: ref.batch(ops))}
+            else:
+                got = {"ours": outcome(lambda: asyncio.run(memory.abatch(ops))),
+                       "ref": outcome(lambda: asyncio.run(ref.abatch(ops)))}
+        assert got["ours"] == got["ref"], (seed, step)
+        # and the whole contents agree after every step
+        everything = SearchOp((), None, 1000, 0)
+        assert seen(memory.batch([everything])[0]) == seen(ref.batch([everything])[0])
+
+
+def call_method(store, op) -> Any:
+    """The public BaseStore method an op stands for."""
+    if isinstance(op, PutOp):
+        if op.value is None:
+            return store.delete(op.namespace, op.key)
+        return store.put(op.namespace, op.key, op.value)
+    if isinstance(op, GetOp):
+        return store.get(op.namespace, op.key)
+    if isinstance(op, SearchOp):
+        return store.search(op.namespace_prefix, filter=op.filter, limit=op.limit,
+                            offset=op.offset, query=op.query)
+    prefix = next((c.path for c in op.match_conditions if c.match_type == "prefix"), None)
+    suffix = next((c.path for c in op.match_conditions if c.match_type == "suffix"), None)
+    return store.list_namespaces(prefix=prefix, suffix=suffix, max_depth=op.max_depth,
+                                 limit=op.limit, offset=op.offset)
+
+
+def test_invalid_namespaces_are_refused_like_the_base_store(memory):
+    for bad in [(), ("langgraph", "x"), ("a.b",), ("",)]:
+        assert outcome(lambda: memory.put(bad, "k", {"v": 1})) == \
+            outcome(lambda: InMemoryStore().put(bad, "k", {"v": 1}))
+    with pytest.raises(ValueError):  # a label with a period, even inside a raw batch
+        memory.batch([PutOp(("a.b",), "k", {"v": 1})])
+    with pytest.raises(TypeError):  # not msgpack data: refused at put, nothing stored
+        memory.put(("a",), "k", {"when": object()})
+    assert memory.search(()) == []
+
+
+def test_items_keep_created_at_and_move_updated_at(memory):
+    memory.put(("a",), "k", {"v": 1})
+    first = memory.get(("a",), "k")
+    assert first.created_at == first.updated_at
+    time.sleep(0.002)
+    memory.put(("a",), "k", {"v": 2})
+    second = memory.get(("a",), "k")
+    assert second.created_at == first.created_at and second.updated_at > first.updated_at
+    assert second.value == {"v": 2}
+
+
+def test_long_labels_and_keys_are_stored_and_listed(memory):
+    ns, key = ("x" * 300, "y"), "k" * 400
+    memory.put(ns, key, {"v": 1})
+    assert memory.get(ns, key).value == {"v": 1}
+    assert [(i.namespace, i.key) for i in memory.search(("x" * 300,))] == [(ns, key)]
+    assert memory.list_namespaces(prefix=("x" * 300,)) == [ns]
+    with pytest.raises(ValueError, match="too long"):
+        memory.put(tuple(f"label{i}" * 14 for i in range(6)), "k", {"v": 1})
+
+
+def test_memory_survives_reopen(tmp_path):
+    store = walstore.open(str(tmp_path / "store"), durability="full")
+    WalstoreStore(store).put(("users", "ana"), "prefs", {"seat": "window"})
+    store.close()
+    store = walstore.open(str(tmp_path / "store"), durability="full")
+    assert WalstoreStore(store).get(("users", "ana"), "prefs").value == {"seat": "window"}
+    store.close()
+
+
+# ---- TTL --------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.us = 1_700_000_000_000_000
+
+    def __call__(self) -> int:
+        return self.us
+
+    def advance(self, seconds: float) -> None:
+        self.us += int(seconds * 1_000_000)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    c = Clock()
+    monkeypatch.setattr(store_module, "_now_us", c)
+    return c
+
+
+def test_ttl_expires_items_and_reads_refresh_it(memory, clock):
+    memory.put(("a",), "k", {"v": 1}, ttl=1)            # one minute
+    memory.put(("a",), "forever", {"v": 2})
+    clock.advance(30)
+    assert memory.sweep_ttl() == 0
+    assert memory.get(("a",), "k").value == {"v": 1}    # refresh_on_read: by default
+    clock.advance(50)                                   # 80 s after the put, 50 after the read
+    assert memory.sweep_ttl() == 0
+    memory.get(("a",), "k", refresh_ttl=False)          # a read that does not refresh
+    clock.advance(11)
+    assert memory.sweep_ttl() == 1
+    assert memory.get(("a",), "k") is None
+    assert [i.key for i in memory.search(("a",))] == ["forever"]
+    memory.put(("a",), "k2", {"v": 3}, ttl=1)
+    clock.advance(40)
+    memory.search(("a",))                               # a search refreshes what it returns
+    clock.advance(40)
+    assert memory.sweep_ttl() == 0
+    clock.advance(21)
+    assert memory.sweep_ttl() == 1
+
+
+def test_ttl_config_default_ttl_and_omit_expired(tmp_path, clock):
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    memory = WalstoreStore(store, ttl={"default_ttl": 2, "refresh_on_read": False,
+                                       "omit_expired": True})
+    memory.put(("a",), "k", {"v": 1})                   # default_ttl applies
+    memory.put(("b",), "k", {"v": 1}, ttl=None)         # explicitly no expiry
+    clock.advance(60)
+    memory.get(("a",), "k")                             # refresh_on_read=False: no refresh
+    clock.advance(61)
+    assert memory.get(("a",), "k") is None              # expired: omitted before a sweep
+    assert memory.search(()) != [] and [i.namespace for i in memory.search(())] == [("b",)]
+    assert memory.list_namespaces() == [("b",)]
+    assert memory.sweep_ttl() == 1
+    assert memory.get(("b",), "k").value == {"v": 1}
+    store.close()
+
+
+def test_the_sweeper_thread_deletes_expired_items(memory, clock):
+    memory.put(("a",), "k", {"v": 1}, ttl=1)
+    clock.advance(61)
+    memory.start_ttl_sweeper(sweep_interval_minutes=0.0005)  # every 30 ms
+    deadline = time.monotonic() + 10
+    while memory.get(("a",), "k", refresh_ttl=False) is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert memory.stop_ttl_sweeper(timeout=5)
+
+
+# ---- in a graph -------------------------------------------------------------------------
+class Turn(TypedDict):
+    text: str
+
+
+def test_a_graph_remembers_across_threads_in_the_same_store(tmp_path):
+    from langgraph.config import get_store
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+
+    def remember(state: Turn) -> dict:
+        memories = get_store()
+        seen_before = [i.value["text"] for i in memories.search(("ana",))]
+        memories.put(("ana",), f"turn-{len(seen_before)}", {"text": state["text"]})
+        return {"text": " | ".join(seen_before + [state["text"]])}
+
+    b = StateGraph(Turn)
+    b.add_node("remember", remember)
+    b.add_edge(START, "remember")
+    b.add_edge("remember", END)
+    graph = b.compile(checkpointer=WalstoreSaver(store), store=WalstoreStore(store))
+    graph.invoke({"text": "likes window seats"}, {"configurable": {"thread_id": "t1"}})
+    out = graph.invoke({"text": "books Rome"}, {"configurable": {"thread_id": "t2"}})
+    assert out["text"] == "likes window seats | books Rome"
+    store.close()

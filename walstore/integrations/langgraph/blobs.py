@@ -1,0 +1,264 @@
+"""The LangGraph integration's blob codec: how values become stored bytes, compactly.
+
+This module owns the stored form of every serialized value of the saver:
+
+- **typed values**: ``[type, bytes]`` from the serde (``msgpack``, ``null``, ``bytes`` ...),
+  where ``bytes`` may be ``[zlib bytes, length]`` when compression saves a tenth (values of
+  :data:`COMPRESS_MIN` bytes or more).  A ``"pickle"`` value is refused both ways;
+- **channel values once per channel version**: a checkpoint references versions, so a step
+  stores only the channels it changed; an empty channel version is not stored at all;
+- **list deltas**: a list channel that grew by appending (a ``messages`` list) is stored
+  as ``{"b": base version, "d": depth, "n": item count, "a": appended items}``, whose
+  base is the list last stored for that channel; a full copy every ``delta_depth``
+  versions bounds a read.
+
+The codec decides a delta outside the transaction from a small per-process cache of the
+last list stored per channel (``plan``) and confirms the base inside it (``resolve``).
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+
+from .keys import Namespace
+from .serde import StateSerializer
+
+COMPRESS_MIN = 256       # compress serialized values at least this long (zlib)
+MAX_INFLATED = 1 << 30   # refuse a compressed value claiming more (a damaged length)
+DEFAULT_DELTA_DEPTH = 128
+_DELTA_CACHE_SIZE = 1024
+
+Getter = Callable[[bytes], Any]
+
+
+def _array_header(n: int) -> bytes:
+    if n < 16:
+        return bytes([0x90 | n])
+    if n < 0x10000:
+        return b"\xdc" + struct.pack(">H", n)
+    return b"\xdd" + struct.pack(">I", n)
+
+
+def _array_info(data: bytes) -> tuple[int, int]:
+    """(item count, header length) of a msgpack array; (-1, 0) for anything else."""
+    b0 = data[0] if data else 0
+    if 0x90 <= b0 <= 0x9F:
+        return b0 & 0x0F, 1
+    if b0 == 0xDC and len(data) >= 3:
+        return struct.unpack_from(">H", data, 1)[0], 3
+    if b0 == 0xDD and len(data) >= 5:
+        return struct.unpack_from(">I", data, 1)[0], 5
+    return -1, 0
+
+
+def _array_items(data: bytes) -> bytes:
+    """The concatenated item encodings of a msgpack array (its header stripped)."""
+    count, header = _array_info(data)
+    if count < 0:
+        raise ValueError("a delta base is not a msgpack array")
+    return data[header:]
+
+
+def unsqueeze(data: bytes | list) -> bytes:
+    """Inverse of :meth:`BlobCodec.squeeze`; the recorded length bounds the output."""
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data)
+    z, n = data
+    if not isinstance(n, int) or not 0 <= n <= MAX_INFLATED:
+        raise ValueError(f"compressed value claims {n!r} bytes (limit {MAX_INFLATED})")
+    d = zlib.decompressobj()
+    out = d.decompress(z, n)
+    if len(out) != n or d.unconsumed_tail or not d.eof:
+        raise ValueError("a compressed value in the store is damaged")
+    return out
+
+
+def _refuse_pickle(type_: str) -> None:
+    if type_ == "pickle":
+        raise TypeError("WalstoreSaver refuses pickled values (a store must never be able "
+                        "to run code); use a serde without pickle_fallback")
+
+
+class BlobCodec:
+    """Serialized values and channel blobs of one saver (see the module doc)."""
+
+    def __init__(self, serde: Any, *, deltas: bool = True,
+                 delta_depth: int = DEFAULT_DELTA_DEPTH, compress: bool = True) -> None:
+        if delta_depth < 1:
+            raise ValueError("delta_depth must be at least 1")
+        self.serde = serde
+        self.deltas = deltas
+        self.delta_depth = delta_depth
+        self.compress = compress
+        self._lock = threading.Lock()
+        # (cache scope, channel) -> (version, item count, byte length and digest of the
+        # items' encoding, delta depth) of the last list value this process stored for
+        # that channel: the candidate base of the next delta (checked in the store).
+        self._cache: OrderedDict = OrderedDict()
+
+    # ---- typed values -------------------------------------------------------------------
+    def dumps(self, obj: Any) -> list:
+        type_, data = self.serde.dumps_typed(obj)
+        _refuse_pickle(type_)
+        return [type_, self.squeeze(bytes(data))]
+
+    def loads(self, typed: list) -> Any:
+        type_, data = typed[0], unsqueeze(typed[1])
+        if type_ == "pickle":
+            raise ValueError("refusing to unpickle a value found in the store")
+        return self.serde.loads_typed((type_, data))
+
+    def squeeze(self, data: bytes) -> bytes | list:
+        """``data``, or ``[zlib(data), len(data)]`` when compression saves a tenth."""
+        if not self.compress or len(data) < COMPRESS_MIN:
+            return data
+        z = zlib.compress(data, 6)
+        return [z, len(data)] if len(z) <= len(data) * 0.9 else data
+
+    def _encode(self, value: Any) -> tuple[str, bytes]:
+        if isinstance(self.serde, StateSerializer):
+            type_, data = self.serde.encode(value)  # audited by the caller (plan)
+        else:
+            type_, data = self.serde.dumps_typed(value)
+        _refuse_pickle(type_)
+        return type_, bytes(data)
+
+    def _audit(self, type_: str, data: bytes) -> None:
+        if isinstance(self.serde, StateSerializer):
+            self.serde.audit(type_, data)
+
+    # ---- channel blobs: planned outside the transaction, resolved inside --------------
+    def plan(self, cache_scope: bytes, channel: str, version: Any, value: Any) -> tuple:
+        """How to store one new channel version: ("full", type, bytes, cache entry or
+        None) or ("delta", type, bytes, cache entry, delta).  A delta holds the items
+        appended to the list last stored for this channel, whose encoding must be a
+        byte-exact prefix of this one."""
+        type_, data = self._encode(value)
+        if not (self.deltas and type_ == "msgpack" and type(value) is list and value
+                and isinstance(self.serde, JsonPlusSerializer)):
+            self._audit(type_, data)
+            return ("full", type_, data, None)
+        count, header = _array_info(data)
+        if count != len(value):
+            self._audit(type_, data)
+            return ("full", type_, data, None)
+        items = memoryview(data)[header:]
+        me = (version, count, len(items), hashlib.blake2b(items, digest_size=16).digest())
+        with self._lock:
+            cached = self._cache.get((cache_scope, channel))
+        if cached is None:
+            self._audit(type_, data)
+            return ("full", type_, data, me + (0,))
+        base_version, base_n, base_len, base_digest, base_depth = cached
+        if (base_version == version or base_n > count or base_len > len(items)
+                or base_depth + 1 > self.delta_depth
+                or hashlib.blake2b(items[:base_len], digest_size=16).digest() != base_digest):
+            self._audit(type_, data)
+            return ("full", type_, data, me + (0,))
+        appended = bytes(items[base_len:])
+        self._audit(type_, _array_header(count - base_n) + appended)  # the base passed
+        delta = {"b": base_version, "d": base_depth + 1, "n": count,
+                 "a": self.squeeze(appended)}
+        return ("delta", type_, data, me, delta)
+
+    def resolve(self, get: Getter, ns: Namespace, cache_scope: bytes, channel: str,
+                plan: tuple, cache_updates: list) -> Any:
+        """The stored form of a planned blob, decided inside the writing transaction."""
+        if plan[0] == "full":
+            _kind, type_, data, me = plan
+            if me is not None:
+                cache_updates.append(((cache_scope, channel), me))
+            return [type_, self.squeeze(data)]
+        _kind, type_, data, me, delta = plan
+        # the base must still be there (a rewind or prune may have removed it); reading it
+        # also puts it in this transaction's read set, so a concurrent delete conflicts
+        if get(ns.blob(channel, delta["b"])) is None:
+            cache_updates.append(((cache_scope, channel), me + (0,)))
+            return [type_, self.squeeze(data)]
+        cache_updates.append(((cache_scope, channel), me + (delta["d"],)))
+        return delta
+
+    def remember(self, updates: list) -> None:
+        if not updates:
+            return
+        with self._lock:
+            for k, v in updates:
+                self._cache[k] = v
+                self._cache.move_to_end(k)
+            while len(self._cache) > _DELTA_CACHE_SIZE:
+                self._cache.popitem(last=False)
+
+    def forget(self, scope_prefix: bytes | None = None) -> None:
+        """Drop cached delta bases (all, or those under ``scope_prefix``): after a rewind,
+        purge or prune their blobs may be gone."""
+        with self._lock:
+            if scope_prefix is None:
+                self._cache.clear()
+            else:
+                for k in [k for k in self._cache if k[0].startswith(scope_prefix)]:
+                    del self._cache[k]
+
+    # ---- reading ------------------------------------------------------------------------
+    def read(self, get: Getter, ns: Namespace, channel: str, version: Any,
+             memo: dict) -> tuple[str, bytes] | None:
+        """(type, bytes) of a channel version (None: empty); deltas are rebuilt into one
+        msgpack array."""
+        key = ns.blob(channel, version)
+        if key in memo:
+            return memo[key]
+        raw = get(key)
+        if raw is None:
+            out = None
+        elif isinstance(raw, dict):
+            chain = [unsqueeze(raw["a"])]
+            seen = {str(version)}
+            base = raw
+            while isinstance(base, dict):
+                base_version = base["b"]
+                if str(base_version) in seen:
+                    raise ValueError(f"the delta chain of {channel!r}@{version!r} loops")
+                seen.add(str(base_version))
+                base = get(ns.blob(channel, base_version))
+                if base is None:
+                    raise ValueError(f"the delta base {channel!r}@{base_version!r} of version "
+                                     f"{version!r} is missing from the store")
+                if isinstance(base, dict):
+                    chain.append(unsqueeze(base["a"]))
+            if base[0] != "msgpack":
+                raise ValueError(f"delta base of {channel!r} is {base[0]!r}, not msgpack")
+            items = _array_items(unsqueeze(base[1])) + b"".join(reversed(chain))
+            out = ("msgpack", _array_header(raw["n"]) + items)
+        else:
+            out = (raw[0], unsqueeze(raw[1]))
+        memo[key] = out
+        return out
+
+    def load_values(self, get: Getter, ns: Namespace, versions: dict, memo: dict) -> dict:
+        """The channel values of a checkpoint from its ``channel_versions``."""
+        values = {}
+        for ch, ver in versions.items():
+            typed = self.read(get, ns, ch, ver, memo)
+            if typed is None or typed[0] == "empty":
+                continue
+            values[ch] = self.loads(typed)
+        return values
+
+    @staticmethod
+    def chain_keys(get: Getter, ns: Namespace, channel: str, version: Any) -> list[bytes]:
+        """The blob keys a channel version is read from (itself and its delta bases)."""
+        keys = [ns.blob(channel, version)]
+        raw = get(keys[0])
+        while isinstance(raw, dict) and len(keys) <= MAX_CHAIN:
+            keys.append(ns.blob(channel, raw["b"]))
+            raw = get(keys[-1])
+        return keys
+
+
+MAX_CHAIN = 1 << 16  # a delta chain is at most delta_depth long; bounds a damaged loop

@@ -1,0 +1,909 @@
+"""``WalstoreSaver``: a LangGraph checkpointer in a walstore store, one thread per scope.
+
+This module owns the checkpointer: reading and writing checkpoints and pending writes
+(through the key schema of ``keys.py`` and the blob codec of ``blobs.py``), fencing racing
+writers, pruning, copying and deleting threads, rewinding one thread, and telling walstore
+which thread a transaction begun inside a graph node belongs to.
+
+- **Transactions**: every ``put`` / ``put_writes`` / delete is one walstore transaction
+  whose scope is the thread's key prefix, so a checkpoint and its channel blobs land
+  together or not at all, and belong to their thread.
+- **Fencing that tells a fork from a race.**  ``get_tuple`` of a thread's *latest*
+  checkpoint marks the returned config as extending that namespace's line (a private
+  ``configurable`` key LangGraph carries into the run's ``put`` calls); a ``put`` so marked
+  whose parent already has another child is refused with :class:`StaleCheckpointError`:
+  another writer built on the same checkpoint first (two runs, two workers, an
+  ``update_state`` racing a run).  A ``put`` whose parent was addressed explicitly (a
+  ``checkpoint_id`` in the config: time travel, new input or ``Command(resume=...)`` sent
+  to an older checkpoint, ``update_state`` on a past checkpoint) is a fork and is
+  allowed, as SqliteSaver branches; two such writers racing on the head itself (the
+  parent was the newest checkpoint and a rival child appeared while writing) are still
+  fenced.  A run on one branch is not disturbed by a fork made elsewhere in the thread
+  (but a run that loads the thread just after a fork's first checkpoint was written
+  continues that fork, then the newest checkpoint, as with any LangGraph saver).
+  ``fencing=False`` turns all of it off.
+- **Undo**: :meth:`WalstoreSaver.rewind` rewinds ONE thread to a checkpoint with walstore's
+  scoped rewind (``store.rewind(to, scope=thread prefix)``): the thread's later
+  checkpoints, and what its later steps wrote and did (memory items, keys, actions with
+  compensations, in transactions that belong to the thread) are undone; other threads are
+  untouched.  A transaction begun inside a graph node belongs to that node's thread with
+  no annotation: at import this module registers a scope provider with walstore that
+  reads LangGraph's run config (``langgraph.config.get_config()``).
+- ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
+  every past version of them.
+
+Values go through LangGraph's serde; the default is :class:`StateSerializer` (see
+``serde.py``): the graph's own dataclasses, Enums, pydantic models and datetimes come back
+as themselves, anything that would not is refused at ``put``, nothing pickles.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import inspect
+import random
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Callable
+
+try:
+    from langchain_core.runnables import RunnableConfig
+    from langgraph.checkpoint.base import (WRITES_IDX_MAP, BaseCheckpointSaver,
+                                           ChannelVersions, Checkpoint, CheckpointMetadata,
+                                           CheckpointTuple, get_checkpoint_id,
+                                           get_checkpoint_metadata)
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("walstore.integrations.langgraph needs LangGraph: "
+                      "pip install 'walstore[langgraph]'") from e
+
+try:
+    from langgraph.checkpoint.base import writes_sort_key
+except ImportError:  # pragma: no cover - older langgraph-checkpoint
+    def writes_sort_key(task_path: str, task_id: str = "", idx: int = 0):
+        return (task_path, task_id, idx)
+
+import walstore
+from walstore.errors import ConflictError
+
+from .blobs import DEFAULT_DELTA_DEPTH, BlobCodec
+from .keys import Namespace, SaverKeys, is_hashed, prefix_end
+from .serde import StateSerializer
+
+__all__ = ["WalstoreSaver", "StaleCheckpointError", "RewindUnavailable",
+           "current_thread_scope", "SCOPE_PROVIDER_REGISTERED"]
+
+DEFAULT_PREFIX = b"lg"
+EXTENDS_HEAD = "__walstore_extends_head__"   # configurable key: the ns whose head a run
+#                                              loaded as "latest" (see the module doc)
+CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
+_PUT_RETRIES = 8
+_READ_RETRIES = 20
+
+
+class StaleCheckpointError(ConflictError):
+    """A ``put`` lost the race for a thread: another writer built on the same checkpoint.
+
+    ``parent`` is the checkpoint this writer built on, ``head`` the namespace's newest
+    checkpoint now.  Nothing of the refused put was written.
+    """
+
+    def __init__(self, message: str, thread_id: str, checkpoint_ns: str,
+                 parent: str | None, head: str | None) -> None:
+        super().__init__(message, [])
+        self.thread_id = thread_id
+        self.checkpoint_ns = checkpoint_ns
+        self.parent = parent
+        self.head = head
+
+
+class RewindUnavailable(NotImplementedError):
+    """This walstore has no scoped rewind (``store.rewind(to, scope=...)``)."""
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _conf(config: RunnableConfig | None) -> dict:
+    return (config or {}).get("configurable", {}) or {}
+
+
+def _where(config: RunnableConfig) -> tuple[str, str]:
+    conf = _conf(config)
+    return str(conf["thread_id"]), conf.get("checkpoint_ns", "") or ""
+
+
+def _config(thread_id: str, ns: str, cid: str, **extra: Any) -> RunnableConfig:
+    return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
+                             "checkpoint_id": cid, **extra}}
+
+
+def _first(rows: Iterator) -> Any:
+    """The first item of a (walstore scan) iterator, closing it; None when empty."""
+    try:
+        for row in rows:
+            return row
+        return None
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
+
+
+class WalstoreSaver(BaseCheckpointSaver[str]):
+    """LangGraph checkpoint saver storing threads in a walstore store.
+
+    ``WalstoreSaver(store)`` uses an open :class:`walstore.Store` (the caller closes it);
+    ``WalstoreSaver.from_path(path, **open_kwargs)`` opens one and closes it on
+    :meth:`close` / ``with``.  Every method has an ``a``-prefixed async twin that runs the
+    blocking call (fsync) in a worker thread.
+
+    Options: ``allowed_types`` (classes, or (module, name) pairs, rebuilt besides
+    LangGraph's safe types and the application's own data classes; see ``serde.py``);
+    ``app_types`` (default True: rebuild the application's own dataclasses, Enums,
+    pydantic models and NamedTuples without listing them; False: only listed ones);
+    ``serde`` (your own serializer instead; one with ``pickle_fallback`` is refused);
+    ``fencing`` (default True, see the module doc); ``deltas`` (store grown lists as
+    appended items, default True); ``delta_depth`` (a full copy every that many versions,
+    default 128); ``compress`` (zlib for serialized values of 256 bytes or more, default
+    True); ``key_prefix`` (bytes, default ``b"lg"``: the saver owns every key starting
+    with ``key_prefix + b"\\x00"``); ``txn_meta`` (label each walstore transaction,
+    visible in ``walstore log``).
+    """
+
+    def __init__(self, store: "walstore.Store", *, serde: Any = None, fencing: bool = True,
+                 deltas: bool = True, delta_depth: int = DEFAULT_DELTA_DEPTH,
+                 key_prefix: bytes = DEFAULT_PREFIX, txn_meta: bool = True,
+                 compress: bool = True, allowed_types: Sequence[Any] = (),
+                 app_types: bool = True) -> None:
+        if getattr(serde, "pickle_fallback", False):
+            raise ValueError("WalstoreSaver refuses a serde with pickle_fallback=True: a store "
+                             "must never be able to run code when read")
+        if serde is not None and allowed_types:
+            raise TypeError("pass allowed_types or serde, not both")
+        if serde is None:
+            serde = StateSerializer(allowed_types, app_types=app_types)
+        super().__init__(serde=serde)
+        if not isinstance(key_prefix, (bytes, bytearray)) or not key_prefix:
+            raise TypeError("key_prefix must be non-empty bytes")
+        self.store = store
+        self.fencing = fencing
+        self.txn_meta = txn_meta
+        self.keys = SaverKeys(bytes(key_prefix))
+        self.codec = BlobCodec(self.serde, deltas=deltas, delta_depth=delta_depth,
+                               compress=compress)
+        self._owns_store = False
+        self._scoped_transactions = _accepts(store.transaction, "scope")
+
+    @classmethod
+    def from_path(cls, path: str, *, saver_options: dict | None = None,
+                  **open_kwargs: Any) -> "WalstoreSaver":
+        """Open (creating) the store at ``path`` and wrap it; ``close()`` closes it."""
+        saver = cls(walstore.open(path, **open_kwargs), **(saver_options or {}))
+        saver._owns_store = True
+        return saver
+
+    def close(self) -> None:
+        if self._owns_store:
+            self.store.close()
+
+    def __enter__(self) -> "WalstoreSaver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "WalstoreSaver":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def with_allowlist(self, extra_allowlist: Any) -> "WalstoreSaver":
+        """LangGraph's hook (``compile()`` under ``LANGGRAPH_STRICT_MSGPACK=true``): a
+        shallow copy whose serializer also rebuilds the graph's schema types."""
+        clone = super().with_allowlist(extra_allowlist)
+        if clone is not self:
+            clone.codec = copy.copy(self.codec)
+            clone.codec.serde = clone.serde
+        return clone
+
+    # ---- scopes and transactions -------------------------------------------------------
+    def thread_scope(self, thread_id: str) -> bytes:
+        """The key prefix of everything the thread stores: its walstore scope (pass it as
+        ``store.transaction(scope=...)`` to make work done outside a graph node belong to
+        the thread, or to ``store.rewind``/``store.purge``)."""
+        return self.keys.thread(str(thread_id))
+
+    def _meta(self, op: str, **fields: Any) -> dict | None:
+        if not self.txn_meta:
+            return None
+        return {"langgraph": op, **{k: v for k, v in fields.items() if v is not None}}
+
+    def _transaction(self, meta: Any, scope: bytes | None) -> Any:
+        if scope is not None and self._scoped_transactions:
+            return self.store.transaction(meta=meta, scope=scope)
+        return self.store.transaction(meta=meta)
+
+    def _run(self, fn: Callable[[Any], Any], *, scope: bytes | None = None,
+             meta: Any = None, retries: int = _PUT_RETRIES) -> Any:
+        """``fn(tx)`` in a transaction (of ``scope``), retried on ConflictError.  A
+        StaleCheckpointError is a verdict, not a conflict to retry."""
+        for attempt in range(retries + 1):
+            tx = self._transaction(meta, scope)
+            try:
+                with tx:
+                    return fn(tx)
+            except StaleCheckpointError:
+                raise
+            except ConflictError:
+                if attempt >= retries:
+                    raise
+                time.sleep(0.001 * (2 ** min(attempt, 6)) * (0.5 + random.random()))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read(self, fn: Callable[[Any], Any]) -> Any:
+        return self._run(fn, retries=_READ_RETRIES)
+
+    # ---- reading -----------------------------------------------------------------------
+    def _pending_writes(self, scan: Callable, ns: Namespace, cid: str) -> list:
+        prefix = ns.writes_of(cid)
+        rows = []
+        for key, row in scan(prefix):
+            task_id, idx = self.keys.parse_write(prefix, key)
+            channel, type_, data, task_path = row[:4]
+            task_id = row[4] if task_id is None else task_id
+            rows.append((writes_sort_key(task_path, task_id, idx), task_id, channel,
+                         [type_, data]))
+        rows.sort(key=lambda r: r[0])
+        return [(task_id, channel, self.codec.loads(v)) for _k, task_id, channel, v in rows]
+
+    def _tuple(self, get: Callable, scan: Callable, thread_id: str, ns_name: str,
+               ns: Namespace, cid: str, rec: dict, memo: dict, metadata: Any = None,
+               **conf_extra: Any) -> CheckpointTuple:
+        checkpoint = self.codec.loads(rec["c"])
+        checkpoint["id"] = cid
+        checkpoint["channel_values"] = self.codec.load_values(
+            get, ns, checkpoint.get("channel_versions", {}), memo)
+        parent = rec.get("p")
+        return CheckpointTuple(
+            config=_config(thread_id, ns_name, cid, **conf_extra),
+            checkpoint=checkpoint,
+            metadata=metadata if metadata is not None else self.codec.loads(rec["m"]),
+            parent_config=_config(thread_id, ns_name, parent) if parent else None,
+            pending_writes=self._pending_writes(scan, ns, cid),
+        )
+
+    def _latest(self, tx: Any, ns: Namespace) -> tuple[str, dict] | None:
+        """(id, record) of the namespace's newest checkpoint."""
+        prefix = ns.checkpoints()
+        row = _first(tx.scan(prefix=prefix, reverse=True))
+        if row is None:
+            return None
+        return row[0][len(prefix):].decode("utf-8"), row[1]
+
+    def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        thread_id, ns_name = _where(config)
+        cid = get_checkpoint_id(config)
+        ns = self.keys.at(thread_id, ns_name)
+
+        def read(tx):
+            if cid:
+                found, rec = cid, tx.get(ns.checkpoint(cid))
+            else:
+                latest = self._latest(tx, ns)
+                found, rec = latest if latest is not None else (None, None)
+            if rec is None:
+                return None
+            extra = {EXTENDS_HEAD: None if cid else ns_name} if self.fencing else {}
+            return self._tuple(tx.get, lambda p: tx.scan(prefix=p), thread_id, ns_name, ns,
+                               found, rec, {}, **extra)
+        return self._read(read)
+
+    def list(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+             before: RunnableConfig | None = None, limit: int | None = None
+             ) -> Iterator[CheckpointTuple]:
+        """Checkpoints newest first (by checkpoint id), filtered by thread, namespace,
+        ``filter`` (metadata equality on every given key), ``before`` and ``limit``."""
+        conf = _conf(config)
+        thread_id = str(conf["thread_id"]) if conf.get("thread_id") is not None else None
+        ns_name = conf.get("checkpoint_ns") if config else None
+        want_id = conf.get("checkpoint_id")
+        before_id = get_checkpoint_id(before) if before else None
+        if limit is not None and limit <= 0:
+            return
+        if thread_id is not None and ns_name is not None:
+            ns = self.keys.at(thread_id, ns_name)
+            prefix = ns.checkpoints()
+            end = ns.checkpoint(before_id) if before_id else prefix_end(prefix)
+            candidates = ((thread_id, ns_name, ns, k[len(prefix):].decode("utf-8"), rec)
+                          for k, rec in self._scan_batched(prefix, end, reverse=True))
+        else:
+            threads = ([self.keys.thread(thread_id)] if thread_id is not None
+                       else self._thread_prefixes())
+            found = [row for tp in threads for row in self._checkpoints_of(tp)
+                     if not (before_id and row[3] >= before_id)]
+            found.sort(key=lambda r: r[3], reverse=True)
+            candidates = iter(found)
+        memo: dict = {}
+        get = self.store.get
+        scan = lambda p: self.store.scan(prefix=p)  # noqa: E731
+        for t, n, ns, cid, rec in candidates:
+            if want_id and cid != want_id:
+                continue
+            metadata = self.codec.loads(rec["m"])
+            if filter and not all(metadata.get(k) == v for k, v in filter.items()):
+                continue
+            yield self._tuple(get, scan, t, n, ns, cid, rec, memo, metadata)
+            if limit is not None:
+                limit -= 1
+                if limit <= 0:
+                    return
+
+    def _checkpoints_of(self, thread_prefix: bytes) -> Iterator[tuple]:
+        """(thread_id, ns, Namespace, checkpoint_id, record) of every checkpoint of a
+        thread, in key order."""
+        prefix = self.keys.all_checkpoints(thread_prefix)
+        _tp, parsed_thread = self.keys.thread_of(thread_prefix)
+        for k, rec in self._scan_batched(prefix, prefix_end(prefix)):
+            ns_name, ns_part, cid = self.keys.parse_checkpoint(thread_prefix, k)
+            yield (rec.get("t", parsed_thread), rec.get("n", ns_name),
+                   Namespace(thread_prefix, ns_part), cid, rec)
+
+    def _thread_prefixes(self) -> Iterator[bytes]:
+        """The prefix of every thread in the store: one short scan per thread."""
+        start, end = self.keys.root, prefix_end(self.keys.root)
+        while True:
+            row = _first(self.store.scan(start=start, end=end))
+            if row is None:
+                return
+            thread_prefix, _thread_id = self.keys.thread_of(row[0])
+            yield thread_prefix
+            start = prefix_end(thread_prefix)
+
+    def _scan_batched(self, lo: bytes, hi: bytes | None, reverse: bool = False,
+                      batch: int = 64) -> Iterator[tuple[bytes, Any]]:
+        """Committed rows lo <= key < hi, read in short scans (no read transaction stays
+        open while the caller works on a row)."""
+        while True:
+            rows = []
+            it = self.store.scan(start=lo, end=hi, reverse=reverse)
+            try:
+                for row in it:
+                    rows.append(row)
+                    if len(rows) >= batch:
+                        break
+            finally:
+                it.close()
+            yield from rows
+            if len(rows) < batch:
+                return
+            if reverse:
+                hi = rows[-1][0]
+            else:
+                lo = rows[-1][0] + b"\x00"
+
+    # ---- DeltaChannel support ------------------------------------------------------------
+    def get_delta_channel_history(self, *, config: RunnableConfig,
+                                  channels: Sequence[str]) -> Mapping[str, dict]:
+        """Writes and seed of each channel along the target's ancestor chain (LangGraph's
+        contract, as InMemorySaver answers it), read in one transaction: one reverse
+        range read of the namespace's checkpoint records below the target, one range read
+        of the writes of the chain, and point reads of the candidate seed blobs."""
+        channels = list(channels)
+        if not channels:
+            return {}
+        thread_id, ns_name = _where(config)
+        cid = get_checkpoint_id(config)
+        ns = self.keys.at(thread_id, ns_name)
+        return self._read(lambda tx: self._delta_history(tx, ns, cid, channels))
+
+    def _delta_history(self, tx: Any, ns: Namespace, cid: str | None,
+                       channels: list[str]) -> dict:
+        empty = {ch: {"writes": []} for ch in channels}
+        if cid:
+            rec = tx.get(ns.checkpoint(cid))
+        else:
+            latest = self._latest(tx, ns)
+            cid, rec = latest if latest is not None else (None, None)
+        if rec is None:
+            return empty
+        chain, seeds = self._delta_chain(tx, ns, cid, rec, set(channels))
+        if not chain:
+            return empty
+        # writes: one range read spanning the chain's ids, kept when on the chain and
+        # not older than the channel's seed checkpoint
+        position = {c: i for i, c in enumerate(chain)}      # 0 = parent of the target
+        horizon = {ch: seeds[ch][0] if ch in seeds else len(chain) - 1 for ch in channels}
+        writes_prefix = ns.writes()
+        rows = tx.scan(start=ns.writes_of(min(chain)),
+                       end=prefix_end(ns.writes_of(max(chain))))
+        per_channel: dict[str, list] = {ch: [] for ch in channels}
+        for key, row in rows:
+            at = key[len(writes_prefix):].split(b"\x00", 1)[0].decode("utf-8")
+            i = position.get(at)
+            channel = row[0]
+            if i is None or channel not in per_channel or i > horizon[channel]:
+                continue
+            task_id, idx = self.keys.parse_write(ns.writes_of(at), key)
+            task_id = row[4] if task_id is None else task_id
+            per_channel[channel].append(((-i,) + tuple(writes_sort_key(row[3], task_id, idx)),
+                                         task_id, [row[1], row[2]]))
+        out: dict[str, dict] = {}
+        for ch in channels:
+            found = sorted(per_channel[ch], key=lambda w: w[0])
+            entry: dict = {"writes": [(task_id, ch, self.codec.loads(v))
+                                      for _k, task_id, v in found]}
+            if ch in seeds:
+                entry["seed"] = self.codec.loads(seeds[ch][1])
+            out[ch] = entry
+        return out
+
+    def _delta_chain(self, tx: Any, ns: Namespace, target: str, target_rec: dict,
+                     remaining: set[str]) -> tuple[list[str], dict]:
+        """The target's ancestors, parent first, up to where every channel in
+        ``remaining`` has a stored value (its seed): (chain, {channel: (chain index,
+        typed seed)})."""
+        chain: list[str] = []
+        seeds: dict[str, tuple[int, list]] = {}
+        memo: dict = {}
+        if not remaining:
+            return chain, seeds
+        for cid, rec in self._ancestors(tx, ns, target, target_rec):
+            chain.append(cid)
+            versions = self.codec.loads(rec["c"]).get("channel_versions", {})
+            for ch in list(remaining):
+                if ch in versions:
+                    typed = self.codec.read(tx.get, ns, ch, versions[ch], memo)
+                    if typed is not None and typed[0] != "empty":
+                        seeds[ch] = (len(chain) - 1, list(typed))
+                        remaining.discard(ch)
+            if not remaining:
+                break
+        return chain, seeds
+
+    @staticmethod
+    def _ancestors(tx: Any, ns: Namespace, target: str,
+                   target_rec: dict) -> Iterator[tuple[str, dict]]:
+        """(id, record) of the target's ancestors, parent first.  Records come from one
+        reverse scan below the target; a parent whose id sorts above its child (ids from
+        another process's clock) is read by key."""
+        prefix = ns.checkpoints()
+        rows = tx.scan(start=prefix, end=ns.checkpoint(target), reverse=True)
+        pending: tuple[str, dict] | None = None
+        want = target_rec.get("p")
+        seen = {target}
+        try:
+            while want is not None and want not in seen:
+                rec = None
+                while True:
+                    if pending is None:
+                        row = next(rows, None)
+                        if row is None:
+                            break
+                        pending = (row[0][len(prefix):].decode("utf-8"), row[1])
+                    if pending[0] > want:
+                        pending = None
+                        continue
+                    if pending[0] == want:
+                        rec, pending = pending[1], None
+                    break
+                if rec is None:
+                    rec = tx.get(ns.checkpoint(want))
+                    if rec is None:
+                        return
+                seen.add(want)
+                yield want, rec
+                want = rec.get("p")
+        finally:
+            rows.close()
+
+    # ---- writing -----------------------------------------------------------------------
+    def put(self, config: RunnableConfig, checkpoint: Checkpoint,
+            metadata: CheckpointMetadata, new_versions: ChannelVersions) -> RunnableConfig:
+        thread_id, ns_name = _where(config)
+        conf = _conf(config)
+        parent = conf.get("checkpoint_id")
+        cid = checkpoint["id"]
+        ns = self.keys.at(thread_id, ns_name)
+        c = dict(checkpoint)
+        values = c.pop("channel_values", {}) or {}
+        c.pop("id", None)  # the key holds it
+        md = get_checkpoint_metadata(config, metadata)
+        record = {"c": self.codec.dumps(c), "m": self.codec.dumps(md), "p": parent}
+        self._name_record(record, thread_id, ns_name)
+        run_id = md.get("run_id")
+        if run_id is not None:
+            record["r"] = str(run_id)
+        cache_scope = ns.blobs()
+        blobs = [(ch, ver, self.codec.plan(cache_scope, ch, ver, values[ch]))
+                 for ch, ver in new_versions.items() if ch in values]
+        extends_head = self.fencing and conf.get(EXTENDS_HEAD) == ns_name
+        first_latest: list = []
+        cache_updates: list = []
+
+        def write(tx):
+            newer = self._newer_than(tx, ns, parent)
+            latest = newer[-1][0] if newer else parent
+            if not first_latest:
+                first_latest.append(latest)
+            rivals = [c for c, rec in newer if rec.get("p") == parent and c != cid]
+            self._fence(thread_id, ns_name, parent, latest, rivals, first_latest[0],
+                        extends_head)
+            cache_updates.clear()
+            for ch, ver, plan in blobs:
+                tx.put(ns.blob(ch, ver),
+                       self.codec.resolve(tx.get, ns, cache_scope, ch, plan, cache_updates))
+            tx.put(ns.checkpoint(cid), record)
+            if run_id is not None:
+                tx.put(ns.run(str(run_id), cid), b"")
+        self._run(write, scope=ns.thread_prefix,
+                  meta=self._meta("put", thread_id=thread_id, checkpoint_ns=ns_name or None,
+                                  checkpoint_id=cid))
+        self.codec.remember(cache_updates)
+        return _config(thread_id, ns_name, cid)
+
+    @staticmethod
+    def _newer_than(tx: Any, ns: Namespace, parent: str | None) -> list[tuple[str, dict]]:
+        """(id, record) of the namespace's checkpoints newer than ``parent`` (all of them
+        when None), oldest first: normally none or a rival or two, and a small range in
+        the transaction's read set, so a concurrent put conflicts."""
+        prefix = ns.checkpoints()
+        start = ns.checkpoint(parent) + b"\x00" if parent else prefix
+        return [(k[len(prefix):].decode("utf-8"), rec)
+                for k, rec in tx.scan(start=start, end=prefix_end(prefix))]
+
+    def _fence(self, thread_id: str, ns_name: str, parent: str | None, latest: str | None,
+               rivals: list[str], first_latest: str | None, extends_head: bool) -> None:
+        """Refuse a put that lost a race: another writer already built on ``parent``
+        (``rivals``: its other children).  A run that loaded the thread's latest
+        checkpoint extends it, so any rival means it lost; an explicit fork loses only
+        when it forked the head and a rival appeared while it was writing."""
+        if not self.fencing or not rivals:
+            return
+        if extends_head or first_latest == parent:
+            raise StaleCheckpointError(
+                f"thread {thread_id!r} (namespace {ns_name!r}) moved on: this writer built "
+                f"on checkpoint {parent!r} but another writer already did "
+                f"({', '.join(map(repr, rivals))}); the thread's newest checkpoint is "
+                f"{latest!r} (reload the thread and retry, or address the checkpoint "
+                f"explicitly to fork from it)",
+                thread_id, ns_name, parent, latest)
+
+    @staticmethod
+    def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
+        if is_hashed(thread_id):
+            record["t"] = thread_id
+        if is_hashed(ns_name):
+            record["n"] = ns_name
+
+    def put_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                   task_id: str, task_path: str = "") -> None:
+        thread_id, ns_name = _where(config)
+        cid = _conf(config)["checkpoint_id"]
+        ns = self.keys.at(thread_id, ns_name)
+        rows = []
+        for idx, (channel, value) in enumerate(writes):
+            widx = WRITES_IDX_MAP.get(channel, idx)
+            row = [channel, *self.codec.dumps(value), task_path]
+            if is_hashed(task_id):
+                row.append(task_id)
+            rows.append((widx, ns.write(cid, task_id, widx), row))
+
+        def write(tx):
+            for widx, key, row in rows:
+                # a retried task's regular writes are kept as first written (idempotent);
+                # special writes (errors, interrupts) are replaced, as LangGraph expects
+                if widx >= 0 and tx.get(key) is not None:
+                    continue
+                tx.put(key, row)
+        self._run(write, scope=ns.thread_prefix,
+                  meta=self._meta("put_writes", thread_id=thread_id, checkpoint_id=cid,
+                                  task_id=task_id))
+
+    # ---- deleting, copying, pruning ----------------------------------------------------
+    def delete_thread(self, thread_id: str) -> None:
+        """Erase the thread: with ``store.purge`` (walstore's erasure: keys and every past
+        version gone from every API, bytes scrubbed at the next checkpoint); on a walstore
+        without it, the thread's keys are deleted (their history stays)."""
+        prefix = self.thread_scope(thread_id)
+        purge = getattr(self.store, "purge", None)
+        if purge is not None:
+            purge(prefix)
+        else:
+            def delete(tx):
+                for k in [k for k, _v in tx.scan(prefix=prefix)]:
+                    tx.delete(k)
+            self._run(delete, scope=prefix,
+                      meta=self._meta("delete_thread", thread_id=str(thread_id)))
+        self.codec.forget(prefix)
+
+    def _drop_checkpoint(self, tx: Any, ns: Namespace, cid: str, rec: dict) -> None:
+        tx.delete(ns.checkpoint(cid))
+        for k in [k for k, _v in tx.scan(prefix=ns.writes_of(cid))]:
+            tx.delete(k)
+        if rec.get("r") is not None:
+            tx.delete(ns.run(rec["r"], cid))
+
+    def _collect_blobs(self, tx: Any, ns: Namespace, kept: list[dict]) -> None:
+        """Delete the namespace's blobs no kept checkpoint needs (delta bases included)."""
+        need: set[bytes] = set()
+        for rec in kept:
+            versions = self.codec.loads(rec["c"]).get("channel_versions", {})
+            for ch, ver in versions.items():
+                need.update(self.codec.chain_keys(tx.get, ns, ch, ver))
+        for k in [k for k, _v in tx.scan(prefix=ns.blobs()) if k not in need]:
+            tx.delete(k)
+
+    def _namespaces(self, tx: Any, thread_prefix: bytes) -> dict[bytes, dict[str, dict]]:
+        """ns part -> {checkpoint_id: record} of every namespace of a thread."""
+        out: dict[bytes, dict[str, dict]] = {}
+        for k, rec in tx.scan(prefix=self.keys.all_checkpoints(thread_prefix)):
+            _ns, ns_part, cid = self.keys.parse_checkpoint(thread_prefix, k)
+            out.setdefault(ns_part, {})[cid] = rec
+        return out
+
+    def delete_for_runs(self, run_ids: Sequence[str]) -> None:
+        run_ids = [str(r) for r in run_ids]
+        if not run_ids:
+            return
+        for thread_prefix in list(self._thread_prefixes()):
+            def delete(tx, tp=thread_prefix):
+                touched: set[bytes] = set()
+                for run in run_ids:
+                    runs = self.keys.runs_of(tp, run)
+                    for key, _v in list(tx.scan(prefix=runs)):
+                        ns_part, cid = self.keys.parse_run(runs, key)
+                        ns = Namespace(tp, ns_part)
+                        rec = tx.get(ns.checkpoint(cid))
+                        if rec is not None:
+                            self._drop_checkpoint(tx, ns, cid, rec)
+                        tx.delete(key)
+                        touched.add(ns_part)
+                for ns_part in touched:
+                    kept = [rec for _k, rec in tx.scan(prefix=Namespace(tp, ns_part)
+                                                       .checkpoints())]
+                    self._collect_blobs(tx, Namespace(tp, ns_part), kept)
+                return bool(touched)
+            if self._run(delete, scope=thread_prefix, meta=self._meta("delete_for_runs")):
+                self.codec.forget(thread_prefix)
+
+    def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        """Copy every checkpoint, blob, pending write and run entry of a thread (its
+        whole key range: the complete parent chain, as DeltaChannel needs)."""
+        src, dst = str(source_thread_id), str(target_thread_id)
+        src_p, dst_p = self.thread_scope(src), self.thread_scope(dst)
+        checkpoints = self.keys.all_checkpoints(src_p)
+
+        def copy_all(tx):
+            for k, v in list(tx.scan(prefix=src_p)):
+                if k.startswith(checkpoints):
+                    v = dict(v)
+                    v.pop("t", None)
+                    if is_hashed(dst):
+                        v["t"] = dst
+                tx.put(dst_p + k[len(src_p):], v)
+        self._run(copy_all, scope=dst_p,
+                  meta=self._meta("copy_thread", source=src, target=dst))
+
+    def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        """``"keep_latest"``: keep each namespace's newest checkpoint, and, when the graph
+        uses DeltaChannel, the ancestors (with their writes) back to where every delta
+        channel of that checkpoint has a stored snapshot, so its value still rebuilds;
+        ``"delete"``: delete the threads."""
+        if strategy not in ("keep_latest", "delete"):
+            raise ValueError(f"unknown prune strategy {strategy!r} "
+                             f"(use 'keep_latest' or 'delete')")
+        for thread_id in [str(t) for t in thread_ids]:
+            if strategy == "delete":
+                self.delete_thread(thread_id)
+                continue
+            prefix = self.thread_scope(thread_id)
+
+            def prune(tx, tp=prefix):
+                for ns_part, records in self._namespaces(tx, tp).items():
+                    ns = Namespace(tp, ns_part)
+                    keep = self._needed_for_latest(tx, ns, records)
+                    for cid, rec in records.items():
+                        if cid not in keep:
+                            self._drop_checkpoint(tx, ns, cid, rec)
+                    self._collect_blobs(tx, ns, [records[c] for c in keep])
+            self._run(prune, scope=prefix, meta=self._meta("prune", thread_id=thread_id))
+            self.codec.forget(prefix)
+
+    def _needed_for_latest(self, tx: Any, ns: Namespace, records: dict[str, dict]) -> set[str]:
+        """The newest checkpoint and the ancestors its DeltaChannel values are rebuilt
+        from (LangGraph's ``counters_since_delta_snapshot`` names those channels)."""
+        latest = max(records)
+        metadata = self.codec.loads(records[latest]["m"]) or {}
+        delta_channels = set((metadata.get("counters_since_delta_snapshot") or {}).keys())
+        if not delta_channels:
+            return {latest}
+        chain, _seeds = self._delta_chain(tx, ns, latest, records[latest], delta_channels)
+        return {latest, *chain}
+
+    # ---- versions ----------------------------------------------------------------------
+    def get_next_version(self, current: str | int | float | None, channel: None = None) -> str:
+        """``<counter, 10 digits>.<12 random hex>``: increasing, and unique across forks.
+
+        Shorter than LangGraph's stock 49-character versions (they are repeated in every
+        checkpoint's ``channel_versions`` and ``versions_seen``); a thread begun with the
+        stock format continues correctly (the counter is read from either)."""
+        if current is None:
+            n = 0
+        elif isinstance(current, (int, float)):
+            n = int(current)
+        else:
+            n = int(str(current).split(".")[0])
+        return f"{n + 1:010d}.{random.getrandbits(48):012x}"
+
+    # ---- rewinding one thread ----------------------------------------------------------
+    def checkpoint_lsn(self, config: RunnableConfig) -> "walstore.LSN":
+        """The walstore log position of the commit that saved this checkpoint (the
+        latest of the thread/namespace when the config names none)."""
+        ns, cid = self._address(config)
+        return self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}")
+
+    def rewind_point(self, config: RunnableConfig) -> "walstore.LSN":
+        """Where :meth:`rewind` rewinds to: the commit that saved the checkpoint, or, when
+        tasks of the steps before it saved their pending writes after it (LangGraph's
+        default ``durability="async"`` saves in the background, out of order), the last
+        of those, so the checkpoints the thread keeps keep all their writes."""
+        ns, cid = self._address(config)
+        point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
+        prefix = ns.writes()
+        late: dict[str, int] = {}  # checkpoint id -> its last write committed after point
+        for info in self.store.log(since=walstore.LSN(point)):
+            for key in info.keys:
+                if isinstance(key, bytes) and key.startswith(prefix):
+                    at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
+                    if at != cid:
+                        late[at] = max(late.get(at, 0), int(info.lsn))
+        if late:
+            def ancestors(tx):
+                rec = tx.get(ns.checkpoint(cid)) or {}
+                return {c for c, _r in self._ancestors(tx, ns, cid, rec)}
+            older = self._read(ancestors)
+            point = max([point] + [lsn for at, lsn in late.items() if at in older])
+        return walstore.LSN(point)
+
+    def _address(self, config: RunnableConfig) -> tuple[Namespace, str]:
+        thread_id, ns_name = _where(config)
+        cid = get_checkpoint_id(config)
+        if not cid:
+            tup = self.get_tuple(config)
+            if tup is None:
+                raise KeyError(f"thread {thread_id!r} has no checkpoint")
+            cid = tup.config["configurable"]["checkpoint_id"]
+        return self.keys.at(thread_id, ns_name), cid
+
+    def _created_at(self, key: bytes, what: str) -> "walstore.LSN":
+        """The LSN of the commit that created ``key``'s current value (not a re-put)."""
+        versions = self.store.history(key)
+        if not versions or versions[0].deleted:
+            raise KeyError(f"no {what} in the store")
+        lsn = versions[0].lsn
+        for older in versions[1:]:
+            if older.deleted:
+                break
+            lsn = older.lsn
+        return walstore.LSN(int(lsn))
+
+    def scoped_rewind_available(self) -> bool:
+        """Whether this walstore rewinds one scope (``store.rewind(to, scope=...)``)."""
+        return _accepts(self.store.rewind, "scope")
+
+    def rewind(self, config: RunnableConfig, dry_run: bool = False, meta: Any = None) -> Any:
+        """Rewind ONE thread to the moment the checkpoint ``config`` names was saved.
+
+        ``store.rewind(to, scope=<thread prefix>)`` with ``to`` the LSN of the commit that
+        saved the checkpoint (:meth:`rewind_point`): the thread's later checkpoints and pending writes (every
+        namespace, subgraphs included) are undone, and so is what its later steps wrote
+        and did in transactions that belong to the thread (memory items, the agent's own
+        keys, actions, whose compensations run, newest first); other threads are
+        untouched.  The thread's newest checkpoint is that checkpoint again, so the graph
+        resumes from it.  History is kept: the rewind can be reverted (``store.revert``;
+        walstore refuses, or with ``force=True`` marks ``needs-redo``, the actions whose
+        compensations ran).  Returns the rewind's :class:`walstore.TxnInfo` (None when
+        nothing came after the checkpoint), or with ``dry_run=True`` walstore's plan
+        (``.as_dict()``: transactions undone, keys that change, compensations that would
+        run) and changes nothing.
+
+        Exact when the graph saves checkpoints synchronously (``durability="sync"``):
+        with LangGraph's default ``"async"``, saves run in the background and may commit
+        out of order; the rewind point then moves past the last pending write of the
+        step before the checkpoint, and a task of the step after it that committed
+        before that point stays done (its writes and its actions both: the thread and
+        the world still agree).
+        """
+        if not self.scoped_rewind_available():
+            raise RewindUnavailable(
+                "this walstore has no scoped rewind (store.rewind(to, scope=...)); "
+                "WalstoreSaver.rewind never rewinds other threads")
+        thread_id, _ns = _where(config)
+        to = self.rewind_point(config)
+        scope = self.thread_scope(thread_id)
+        kwargs: dict[str, Any] = {"scope": scope, "dry_run": dry_run}
+        if _accepts(self.store.rewind, "meta"):
+            kwargs["meta"] = meta if meta is not None else self._meta(
+                "rewind", thread_id=thread_id, checkpoint_id=get_checkpoint_id(config))
+        result = self.store.rewind(to, **kwargs)
+        if not dry_run:
+            self.codec.forget(scope)
+        return result
+
+    # ---- async twins -------------------------------------------------------------------
+    async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
+        return await asyncio.to_thread(self.get_tuple, config)
+
+    async def alist(self, config: RunnableConfig | None, *, filter: dict[str, Any] | None = None,
+                    before: RunnableConfig | None = None, limit: int | None = None
+                    ) -> AsyncIterator[CheckpointTuple]:
+        items = await asyncio.to_thread(
+            lambda: list(self.list(config, filter=filter, before=before, limit=limit)))
+        for item in items:
+            yield item
+
+    async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
+                   metadata: CheckpointMetadata, new_versions: ChannelVersions
+                   ) -> RunnableConfig:
+        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+
+    async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
+                          task_id: str, task_path: str = "") -> None:
+        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+
+    async def adelete_thread(self, thread_id: str) -> None:
+        await asyncio.to_thread(self.delete_thread, thread_id)
+
+    async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
+        await asyncio.to_thread(self.delete_for_runs, run_ids)
+
+    async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
+        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+
+    async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
+        await asyncio.to_thread(self.prune, thread_ids, strategy=strategy)
+
+    async def aget_delta_channel_history(self, *, config: RunnableConfig,
+                                         channels: Sequence[str]) -> Mapping[str, dict]:
+        return await asyncio.to_thread(
+            lambda: self.get_delta_channel_history(config=config, channels=channels))
+
+    async def arewind(self, config: RunnableConfig, dry_run: bool = False,
+                      meta: Any = None) -> Any:
+        return await asyncio.to_thread(self.rewind, config, dry_run, meta)
+
+
+# ---- the scope of a transaction begun inside a graph node -------------------------------
+def current_thread_scope() -> bytes | None:
+    """The thread prefix of the LangGraph run this code runs in (inside a graph node
+    whose checkpointer is a WalstoreSaver), else None.  walstore calls this when a
+    transaction begins without ``scope=``."""
+    try:
+        from langgraph.config import get_config
+        config = get_config()
+    except (ImportError, RuntimeError):
+        return None
+    conf = config.get("configurable") or {}
+    saver = conf.get(CHECKPOINTER_KEY)
+    thread_id = conf.get("thread_id")
+    if isinstance(saver, WalstoreSaver) and thread_id is not None:
+        return saver.thread_scope(str(thread_id))
+    return None
+
+
+def _register_scope_provider() -> bool:
+    try:
+        from walstore.agent.scope import register_scope_provider
+    except ImportError:  # a walstore without scopes: nothing to register
+        return False
+    register_scope_provider(current_thread_scope)
+    return True
+
+
+SCOPE_PROVIDER_REGISTERED = _register_scope_provider()

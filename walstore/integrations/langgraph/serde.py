@@ -1,0 +1,350 @@
+"""Which Python types the LangGraph integration stores and rebuilds: ``StateSerializer``.
+
+This module owns the type policy of the saver's default serializer.  Values are encoded by
+LangGraph's own ``JsonPlusSerializer`` (msgpack with extension records naming a class as
+``module, name``); what this module decides is which named classes may be rebuilt when a
+value is read back, and it checks at write time that every class in a value would be.
+
+A class is rebuilt when it is
+
+1. one of LangGraph's safe types (``SAFE_MSGPACK_TYPES``: datetimes, UUID, Decimal, sets,
+   LangChain messages, ``Send``, ``Interrupt``, ``Command`` ...), or
+2. listed in ``allowed_types`` (classes or ``(module, name)`` pairs), or added by
+   LangGraph's ``with_allowlist`` (``compile()`` does that under
+   ``LANGGRAPH_STRICT_MSGPACK=true`` with the graph's schema types), or
+3. (``app_types=True``, the default) one of the application's own data classes: a
+   dataclass, Enum, pydantic model or NamedTuple, defined at the top level of a module
+   that the process has already imported and that is not installed library code (not
+   the standard library, not site-packages).  That is what a graph's state is made of,
+   and it comes back as the same type, as with SqliteSaver.
+
+Anything else is refused loudly: at write time (``StateTypeError``, a ``TypeError``
+naming the type and the ``allowed_types`` recipe), before anything is stored, so a value
+is never silently turned into a dict on the next turn; and at read time (a stored value
+naming a class the policy does not allow raises, it is not handed back as raw data).
+
+Safety: nothing pickles, and a stored value can only ever name a data class of the
+application or an allowlisted one.  Modules are never imported because a stored value
+names them (only LangGraph's fixed safe modules are); functions (``os.system``), methods
+other than LangGraph's safe ``datetime.fromisoformat``, and library classes are refused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import os
+import re
+import site
+import sys
+import sysconfig
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import ormsgpack
+from langgraph.checkpoint.serde import _msgpack as lg_msgpack
+from langgraph.checkpoint.serde.jsonplus import (EXT_CONSTRUCTOR_KW_ARGS,
+                                                 EXT_CONSTRUCTOR_POS_ARGS,
+                                                 EXT_CONSTRUCTOR_SINGLE_ARG,
+                                                 EXT_DELTA_SNAPSHOT, EXT_METHOD_SINGLE_ARG,
+                                                 EXT_NUMPY_ARRAY, EXT_PYDANTIC_V1,
+                                                 EXT_PYDANTIC_V2, JsonPlusSerializer)
+from langgraph.checkpoint.serde.types import _DeltaSnapshot
+
+__all__ = ["StateSerializer", "StateTypeError", "TypePolicy"]
+
+_OPTIONS = ormsgpack.OPT_NON_STR_KEYS
+# msgpack ext headers (fixext 1..16, ext 8/16/32): data without these bytes has no class
+_EXT_MARKER = re.compile(b"[\xc7-\xc9\xd4-\xd8]")
+
+
+class StateTypeError(TypeError):
+    """A value names a class the saver would not give back as that class."""
+
+
+def _leading_strings(payload: bytes) -> tuple[str, str, str] | None:
+    """(module, name, "") from the head of an ext payload ``[module, name, ...]`` without
+    decoding the rest; None when it does not start that way."""
+    try:
+        b0 = payload[0]
+        if 0x90 <= b0 <= 0x9F:
+            i = 1
+        elif b0 == 0xDC:
+            i = 3
+        elif b0 == 0xDD:
+            i = 5
+        else:
+            return None
+        out = []
+        for _ in range(2):
+            b0 = payload[i]
+            if 0xA0 <= b0 <= 0xBF:
+                n, i = b0 & 0x1F, i + 1
+            elif b0 == 0xD9:
+                n, i = payload[i + 1], i + 2
+            elif b0 == 0xDA:
+                n, i = int.from_bytes(payload[i + 1:i + 3], "big"), i + 3
+            else:
+                return None
+            out.append(payload[i:i + n].decode("utf-8"))
+            i += n
+        return out[0], out[1], ""
+    except (IndexError, UnicodeDecodeError):
+        return None
+
+
+def _library_roots() -> tuple[str, ...]:
+    paths = sysconfig.get_paths()
+    roots = {paths.get(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    try:
+        roots.update(site.getsitepackages())
+        roots.add(site.getusersitepackages())
+    except AttributeError:  # pragma: no cover - some embedded interpreters
+        pass
+    return tuple(os.path.realpath(r) + os.sep for r in roots if r)
+
+
+_LIBRARY_ROOTS = _library_roots()
+
+
+def is_application_module(module_name: str) -> bool:
+    """Whether an already-imported module is the application's own code (not the
+    standard library or an installed distribution)."""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    if module_name == "__main__":
+        return True
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    return not os.path.realpath(path).startswith(_LIBRARY_ROOTS)
+
+
+def _is_data_class(cls: Any) -> bool:
+    if not isinstance(cls, type):
+        return False
+    if issubclass(cls, enum.Enum) or dataclasses.is_dataclass(cls):
+        return True
+    if issubclass(cls, tuple) and hasattr(cls, "_fields"):  # NamedTuple
+        return True
+    return any(base.__module__.startswith("pydantic") and base.__name__ == "BaseModel"
+               for base in cls.__mro__)
+
+
+def normalize_types(types: Iterable[Any]) -> frozenset[tuple[str, str]]:
+    """``allowed_types`` entries (classes or (module, name) pairs) as (module, name)."""
+    out = set()
+    for t in types:
+        if isinstance(t, type):
+            out.add((t.__module__, t.__name__))
+        elif isinstance(t, (tuple, list)) and len(t) >= 2:
+            out.add((str(t[0]), str(t[1])))
+        else:
+            raise TypeError(f"allowed_types takes classes or (module, name) pairs, not {t!r}")
+    return frozenset(out)
+
+
+class TypePolicy:
+    """Decides which classes named in stored values are rebuilt (see the module doc)."""
+
+    def __init__(self, allowed: frozenset[tuple[str, str]] = frozenset(),
+                 app_types: bool = True) -> None:
+        self.allowed = allowed
+        self.app_types = app_types
+        self._permitted: set[tuple[str, str]] = set()  # positive verdicts only
+        self._lock = threading.Lock()
+        self._local = threading.local()  # the error an ext hook raised (ormsgpack hides it)
+
+    # ---- the verdict ------------------------------------------------------------------
+    def refusal(self, module: str, name: str) -> str | None:
+        """None when ``module.name`` is rebuilt; otherwise why not."""
+        key = (module, name)
+        if key in self._permitted or key in lg_msgpack.SAFE_MSGPACK_TYPES or key in self.allowed:
+            return None
+        if not self.app_types:
+            return "it is not one of LangGraph's safe types and not in allowed_types"
+        mod = sys.modules.get(module)
+        if mod is None:
+            return f"its module {module!r} is not imported (a stored value never imports one)"
+        cls = getattr(mod, name, None)
+        if not _is_data_class(cls):
+            return (f"{module}.{name} is not a module-level dataclass, Enum, pydantic model "
+                    f"or NamedTuple (a class defined inside a function or another class "
+                    f"cannot be found again by name)")
+        if not is_application_module(module):
+            return (f"it is library code (module {module!r} is installed or standard "
+                    f"library); only the application's own data classes are rebuilt "
+                    f"without being listed")
+        with self._lock:
+            self._permitted.add(key)
+        return None
+
+    def _method_refusal(self, module: str, name: str, method: str) -> str | None:
+        if (module, name, method) in lg_msgpack.SAFE_MSGPACK_METHODS:
+            return None
+        if (module, name) in self.allowed and method == "fromisoformat":
+            return None
+        return f"method {module}.{name}.{method} is not one LangGraph deems safe"
+
+    @staticmethod
+    def _recipe(module: str, name: str) -> str:
+        return (f"list it: WalstoreSaver(store, allowed_types=[{name}]) (or "
+                f"allowed_types=[({module!r}, {name!r})]), or keep plain data "
+                f"(dict, list, str, numbers) in the graph state")
+
+    # ---- at write time ------------------------------------------------------------------
+    def audit(self, data: bytes) -> None:
+        """Raise StateTypeError unless every class named in ``data`` would be rebuilt."""
+        if _EXT_MARKER.search(data):
+            self._unpack_top(data, self._audit_ext)
+
+    def _unpack_top(self, data: bytes, hook: Any) -> Any:
+        """Unpack with an ext hook, re-raising the hook's own error (ormsgpack replaces
+        it with a bare ValueError)."""
+        self._local.error = None
+        try:
+            return ormsgpack.unpackb(data, ext_hook=hook, option=_OPTIONS)
+        except ValueError:
+            error, self._local.error = getattr(self._local, "error", None), None
+            if error is not None:
+                raise error from None
+            raise
+
+    def _failed(self, error: BaseException) -> BaseException:
+        if getattr(self._local, "error", None) is None:
+            self._local.error = error
+        return error
+
+    def _audit_ext(self, code: int, payload: bytes) -> None:
+        """Check one extension record without rebuilding it: its (module, name) header,
+        and its payload only when that holds extension records itself."""
+        if code == EXT_NUMPY_ARRAY:
+            return None
+        if code == EXT_DELTA_SNAPSHOT:
+            names = None
+        else:
+            names = _leading_strings(payload)
+            if names is None or code == EXT_METHOD_SINGLE_ARG:
+                tup = ormsgpack.unpackb(payload, option=_OPTIONS, ext_hook=self._audit_ext)
+                names = (str(tup[0]), str(tup[1]),
+                         str(tup[3]) if code == EXT_METHOD_SINGLE_ARG else "")
+            module, name, method = names
+            why = (self._method_refusal(module, name, method) if code == EXT_METHOD_SINGLE_ARG
+                   else self.refusal(module, name))
+            if why is not None:
+                raise self._failed(StateTypeError(
+                    f"WalstoreSaver refuses to store a {module}.{name}: it would not come "
+                    f"back as that type ({why}); {self._recipe(module, name)}"))
+        if _EXT_MARKER.search(payload):  # nested classes (a dataclass inside a dataclass)
+            ormsgpack.unpackb(payload, option=_OPTIONS, ext_hook=self._audit_ext)
+        return None
+
+    # ---- at read time -------------------------------------------------------------------
+    def _class(self, module: str, name: str) -> Any:
+        why = self.refusal(module, name)
+        if why is not None:
+            raise StateTypeError(
+                f"a stored value names {module}.{name}, which this saver does not rebuild "
+                f"({why}); if it is yours, {self._recipe(module, name)}")
+        if (module, name) in lg_msgpack.SAFE_MSGPACK_TYPES:
+            return getattr(importlib.import_module(module), name)  # LangGraph's fixed set
+        return getattr(sys.modules[module], name)
+
+    def load(self, data: bytes) -> Any:
+        """Unpack a stored msgpack value, rebuilding what the policy allows."""
+        return self._unpack_top(data, self.rebuild_ext)
+
+    def rebuild_ext(self, code: int, payload: bytes) -> Any:
+        """The msgpack ext hook: rebuild one extension record (LangGraph's encodings)."""
+        try:
+            return self._rebuild(code, payload)
+        except StateTypeError as e:
+            raise self._failed(e)
+        except Exception as e:
+            raise self._failed(StateTypeError(
+                f"a stored value could not be rebuilt (msgpack extension {code}): "
+                f"{type(e).__name__}: {e}")) from e
+
+    def _rebuild(self, code: int, payload: bytes) -> Any:
+        if code == EXT_DELTA_SNAPSHOT:
+            return _DeltaSnapshot(self._unpack(payload))
+        if code == EXT_NUMPY_ARRAY:
+            return self._numpy(payload)
+        tup = self._unpack(payload)
+        module, name = str(tup[0]), str(tup[1])
+        if code == EXT_METHOD_SINGLE_ARG:
+            why = self._method_refusal(module, name, str(tup[3]))
+            if why is not None:
+                raise StateTypeError(f"a stored value calls {module}.{name}.{tup[3]}: {why}")
+            return getattr(self._class(module, name), str(tup[3]))(tup[2])
+        cls = self._class(module, name)
+        if code == EXT_CONSTRUCTOR_SINGLE_ARG:
+            return cls(tup[2])
+        if code == EXT_CONSTRUCTOR_POS_ARGS:
+            if (module, name) == ("langgraph.types", "Send"):
+                args = tup[2]
+                return cls(args[0], args[1]) if len(args) == 2 else \
+                    cls(args[0], args[1], timeout=args[2])
+            return cls(*tup[2])
+        if code == EXT_CONSTRUCTOR_KW_ARGS:
+            return cls(**tup[2])
+        if code in (EXT_PYDANTIC_V1, EXT_PYDANTIC_V2):
+            try:
+                return cls(**tup[2])
+            except Exception:  # as LangGraph: keep what validation would now reject
+                unchecked = cls.model_construct if code == EXT_PYDANTIC_V2 else cls.construct
+                return unchecked(**tup[2])
+        raise StateTypeError(f"a stored value uses an unknown msgpack extension {code}")
+
+    def _unpack(self, payload: bytes) -> Any:
+        return ormsgpack.unpackb(payload, ext_hook=self.rebuild_ext, option=_OPTIONS)
+
+    def _numpy(self, payload: bytes) -> Any:
+        np = sys.modules.get("numpy")
+        if np is None:
+            raise StateTypeError("a stored value holds a numpy array but numpy is not "
+                                 "imported in this process")
+        dtype, shape, order, buf = self._unpack(payload)
+        return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape, order=order)
+
+
+class StateSerializer(JsonPlusSerializer):
+    """LangGraph's JsonPlusSerializer encoding with walstore's type policy.
+
+    ``dumps_typed`` refuses (``StateTypeError``) a value naming a class that would not be
+    rebuilt; ``loads_typed`` rebuilds only what the policy allows and raises on the rest.
+    ``encode`` + ``audit`` split the two so the blob codec can audit only the items
+    appended to a list it stores as a delta.
+    """
+
+    def __init__(self, allowed_types: Iterable[Any] = (), *, app_types: bool = True) -> None:
+        self.policy = TypePolicy(normalize_types(allowed_types), app_types)
+        super().__init__(allowed_msgpack_modules=None,
+                         __unpack_ext_hook__=self.policy.rebuild_ext)
+
+    def encode(self, obj: Any) -> tuple[str, bytes]:
+        """``(type, bytes)`` of ``obj`` without the policy check (see ``audit``)."""
+        return super().dumps_typed(obj)
+
+    def audit(self, type_: str, data: bytes) -> None:
+        if type_ == "msgpack":
+            self.policy.audit(data)
+
+    def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
+        type_, data = super().dumps_typed(obj)
+        self.audit(type_, data)
+        return type_, data
+
+    def loads_typed(self, data: tuple[str, bytes]) -> Any:
+        if data[0] == "msgpack":
+            return self.policy.load(data[1])
+        return super().loads_typed(data)
+
+    def with_msgpack_allowlist(self, extra_allowlist: Iterable[Any]) -> "StateSerializer":
+        """A copy that also rebuilds ``extra_allowlist`` (LangGraph's ``with_allowlist``)."""
+        extra = normalize_types(extra_allowlist)
+        if extra <= self.policy.allowed:
+            return self
+        return StateSerializer(self.policy.allowed | extra, app_types=self.policy.app_types)

@@ -1,0 +1,341 @@
+"""``WalstoreStore``: LangGraph's long-term memory (``BaseStore``) in a walstore store.
+
+This module owns the memory store: items addressed by ``(namespace tuple, key)`` with a
+dict value, ``get``/``put``/``delete``, ``search`` (namespace prefix, ``filter`` with
+LangGraph's operators, ``limit``/``offset``; a ``query`` is accepted and, with no vector
+index, ignored as InMemoryStore does without embeddings), ``list_namespaces`` (prefix and
+suffix patterns with ``*``, ``max_depth``, ``limit``/``offset``), ``batch``/``abatch`` and
+TTL (``ttl`` minutes per item, ``TTLConfig`` ``default_ttl``/``refresh_on_read``/
+``omit_expired``, ``sweep_ttl`` and a sweeper thread).
+
+It lives in the same walstore store as the checkpoints, so memory is crash-safe and
+transactional with them, and a memory write made inside a graph node belongs to that
+node's thread (the transaction's scope comes from the run config, see ``saver.py``): a
+thread's rewind undoes the memories its undone steps wrote.
+
+Semantics follow InMemoryStore where LangGraph leaves them open, except: an update keeps
+the item's ``created_at`` (InMemoryStore resets it; SqliteStore keeps it), search results
+and namespace listings are in key order (InMemoryStore: insertion order; SqliteStore:
+newest update first), and only namespaces that hold items are listed.  Values are stored
+as msgpack (JSON-like data, as LangGraph documents).  Key layout: ``keys.py``.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import random
+import threading
+import time
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, MatchCondition,
+                                  Op, PutOp, Result, SearchItem, SearchOp, TTLConfig,
+                                  validate_op_namespace)
+
+from walstore.errors import ConflictError
+
+from .keys import MemoryKeys, prefix_end
+
+__all__ = ["WalstoreStore"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_RETRIES = 8
+_SWEEP_BATCH = 512
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _when(us: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=us)
+
+
+# ---- filters (LangGraph's JSONB-like comparison, as InMemoryStore applies it) -----------
+def _matches(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, dict):
+        if any(k.startswith("$") for k in wanted):
+            return all(_compare(value, op, operand) for op, operand in wanted.items())
+        return isinstance(value, dict) and all(_matches(value.get(k), v)
+                                               for k, v in wanted.items())
+    if isinstance(wanted, (list, tuple)):
+        return (isinstance(value, (list, tuple)) and len(value) == len(wanted)
+                and all(_matches(a, b) for a, b in zip(value, wanted)))
+    return value == wanted
+
+
+_ORDERINGS = {"$gt": float.__gt__, "$gte": float.__ge__, "$lt": float.__lt__,
+              "$lte": float.__le__}
+
+
+def _compare(value: Any, op: str, operand: Any) -> bool:
+    if op == "$eq":
+        return value == operand
+    if op == "$ne":
+        return value != operand
+    if op in _ORDERINGS:
+        return _ORDERINGS[op](float(value), float(operand))
+    raise ValueError(f"Unsupported operator: {op}")
+
+
+def _namespace_matches(condition: MatchCondition, namespace: tuple[str, ...]) -> bool:
+    path = tuple(condition.path)
+    if len(namespace) < len(path):
+        return False
+    if condition.match_type == "prefix":
+        pairs = zip(namespace, path)
+    elif condition.match_type == "suffix":
+        pairs = zip(reversed(namespace), reversed(path))
+    else:
+        raise ValueError(f"Unsupported match type: {condition.match_type}")
+    return all(p == "*" or label == p for label, p in pairs)
+
+
+class WalstoreStore(BaseStore):
+    """LangGraph ``BaseStore`` over a walstore store (see the module doc).
+
+    ``WalstoreStore(store, ttl=None, key_prefix=b"lg")``; pass it to
+    ``builder.compile(checkpointer=WalstoreSaver(store), store=WalstoreStore(store))``.
+    The store owns the keys starting with ``key_prefix + b"\\x01"`` and ``b"\\x02"``.
+    """
+
+    supports_ttl = True
+
+    def __init__(self, store: Any, *, ttl: TTLConfig | None = None,
+                 key_prefix: bytes = b"lg", txn_meta: bool = True) -> None:
+        if not isinstance(key_prefix, (bytes, bytearray)) or not key_prefix:
+            raise TypeError("key_prefix must be non-empty bytes")
+        self.store = store
+        self.ttl_config = ttl
+        self.keys = MemoryKeys(bytes(key_prefix))
+        self.txn_meta = txn_meta
+        self._sweeper: threading.Thread | None = None
+        self._sweeper_stop = threading.Event()
+
+    # ---- batches ------------------------------------------------------------------------
+    def batch(self, ops: Iterable[Op]) -> list[Result]:
+        """Run ``ops`` in one walstore transaction: reads see the state before the
+        batch; the last put of a (namespace, key) wins (as InMemoryStore)."""
+        ops = list(ops)
+        for op in ops:
+            validate_op_namespace(op)
+        kinds = {type(op) for op in ops}
+        meta = {"langgraph": "store"} if self.txn_meta and PutOp in kinds else None
+        for attempt in range(_RETRIES + 1):
+            tx = self.store.transaction(meta=meta)
+            try:
+                with tx:
+                    return self._batch(tx, ops)
+            except ConflictError:
+                if attempt >= _RETRIES:
+                    raise
+                time.sleep(0.001 * (2 ** min(attempt, 6)) * (0.5 + random.random()))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
+        ops = list(ops)
+        return await asyncio.to_thread(self.batch, ops)
+
+    def _batch(self, tx: Any, ops: list[Op]) -> list[Result]:
+        now = _now_us()
+        results: list[Result] = []
+        puts: dict[bytes, PutOp] = {}
+        touched: dict[bytes, dict] = {}   # items read with refresh_ttl: key -> record
+        for op in ops:
+            if isinstance(op, GetOp):
+                results.append(self._get(tx, op, now, touched))
+            elif isinstance(op, SearchOp):
+                results.append(self._search(tx, op, now, touched))
+            elif isinstance(op, ListNamespacesOp):
+                results.append(self._list_namespaces(tx, op, now))
+            elif isinstance(op, PutOp):
+                puts[self.keys.item(op.namespace, op.key)] = op
+                results.append(None)
+            else:
+                raise ValueError(f"Unknown operation type: {type(op)}")
+        for key, rec in touched.items():
+            if key not in puts:
+                self._refresh(tx, key, rec, now)
+        for key, op in puts.items():
+            self._put(tx, key, op, now)
+        return results
+
+    # ---- reading ------------------------------------------------------------------------
+    def _omit(self, rec: dict, now: int) -> bool:
+        return bool(self.ttl_config and self.ttl_config.get("omit_expired")
+                    and rec.get("e") is not None and rec["e"] <= now)
+
+    def _names(self, key: bytes, rec: dict) -> tuple[tuple[str, ...], str]:
+        namespace, name = self.keys.parse_item(key)
+        return (tuple(rec["ns"]) if namespace is None else namespace,
+                rec["k"] if name is None else name)
+
+    def _get(self, tx: Any, op: GetOp, now: int, touched: dict) -> Item | None:
+        key = self.keys.item(op.namespace, op.key)
+        rec = tx.get(key)
+        if rec is None or self._omit(rec, now):
+            return None
+        if op.refresh_ttl and rec.get("t") is not None:
+            touched[key] = rec
+        return Item(value=rec["v"], key=op.key, namespace=tuple(op.namespace),
+                    created_at=_when(rec["c"]), updated_at=_when(rec["u"]))
+
+    def _search(self, tx: Any, op: SearchOp, now: int, touched: dict) -> list[SearchItem]:
+        stop = (op.offset + op.limit if not op.filter and min(op.offset, op.limit) >= 0
+                else None)
+        found: list[tuple[bytes, dict]] = []
+        if stop != 0:
+            for key, rec in tx.scan(prefix=self.keys.namespace(op.namespace_prefix)):
+                if self._omit(rec, now) or (op.filter and not _matches(rec["v"], op.filter)):
+                    continue
+                found.append((key, rec))
+                if len(found) == stop:
+                    break
+        out = []
+        for key, rec in found[op.offset:op.offset + op.limit]:
+            namespace, name = self._names(key, rec)
+            if op.refresh_ttl and rec.get("t") is not None:
+                touched[key] = rec
+            out.append(SearchItem(namespace=namespace, key=name, value=rec["v"],
+                                  created_at=_when(rec["c"]), updated_at=_when(rec["u"])))
+        return out
+
+    def _list_namespaces(self, tx: Any, op: ListNamespacesOp,
+                         now: int) -> list[tuple[str, ...]]:
+        conditions = tuple(op.match_conditions or ())
+        fixed: list[str] = []  # the leading labels every prefix condition pins down
+        for cond in conditions:
+            if cond.match_type == "prefix":
+                lead = []
+                for label in cond.path:
+                    if label == "*":
+                        break
+                    lead.append(label)
+                fixed = lead if len(lead) > len(fixed) else fixed
+        start = self.keys.namespace(tuple(fixed))
+        end = prefix_end(start)
+        seen: set[tuple[str, ...]] = set()
+        while True:
+            row = self._first_live(tx, start, end, now)
+            if row is None:
+                break
+            ns_bytes = self.keys.namespace_of(row[0])
+            namespace, _name = self._names(row[0], row[1])
+            if all(_namespace_matches(c, namespace) for c in conditions):
+                seen.add(namespace)
+            start = self.keys.deeper(ns_bytes)
+        if op.max_depth is not None:
+            listed = sorted({ns[:op.max_depth] for ns in seen})
+        else:
+            listed = sorted(seen)
+        return listed[op.offset:op.offset + op.limit]
+
+    def _first_live(self, tx: Any, start: bytes, end: bytes | None,
+                    now: int) -> tuple[bytes, dict] | None:
+        """The first item at or after ``start`` that is not an omitted expired one."""
+        rows = tx.scan(start=start, end=end)
+        try:
+            for key, rec in rows:
+                if not self._omit(rec, now):
+                    return key, rec
+            return None
+        finally:
+            rows.close()
+
+    # ---- writing ------------------------------------------------------------------------
+    def _expiry(self, tx: Any, key: bytes, old: dict | None, new_expiry: int | None) -> None:
+        if old is not None and old.get("e") is not None and old["e"] != new_expiry:
+            tx.delete(self.keys.expiry_entry(old["e"], key))
+        if new_expiry is not None:
+            tx.put(self.keys.expiry_entry(new_expiry, key), b"")
+
+    def _put(self, tx: Any, key: bytes, op: PutOp, now: int) -> None:
+        old = tx.get(key)
+        if op.value is None:
+            if old is not None:
+                tx.delete(key)
+                self._expiry(tx, key, old, None)
+            return
+        rec: dict = {"v": dict(op.value), "c": old["c"] if old is not None else now, "u": now}
+        if op.ttl is not None:
+            rec["t"] = float(op.ttl)
+            rec["e"] = now + int(op.ttl * 60_000_000)
+        if self.keys.needs_names(op.namespace, op.key):
+            rec["ns"], rec["k"] = list(op.namespace), op.key
+        tx.put(key, rec)
+        self._expiry(tx, key, old, rec.get("e"))
+
+    def _refresh(self, tx: Any, key: bytes, rec: dict, now: int) -> None:
+        expiry = now + int(rec["t"] * 60_000_000)
+        if expiry != rec.get("e"):
+            tx.put(key, {**rec, "e": expiry})
+            self._expiry(tx, key, rec, expiry)
+
+    # ---- TTL ------------------------------------------------------------------------------
+    def sweep_ttl(self) -> int:
+        """Delete every item whose TTL has expired; returns how many were deleted."""
+        deleted = 0
+        while True:
+            now = _now_us()
+            cut = self.keys.expiry_entry(now + 1, self.keys.items)
+
+            def sweep(tx):
+                n = 0
+                for entry, _v in list(tx.scan(start=self.keys.expiry, end=cut)):
+                    _at, key = self.keys.parse_expiry(entry)
+                    tx.delete(entry)
+                    if tx.get(key) is not None:
+                        tx.delete(key)
+                        n += 1
+                    if n >= _SWEEP_BATCH:
+                        break
+                return n
+            for attempt in range(_RETRIES + 1):
+                tx = self.store.transaction(meta={"langgraph": "store ttl sweep"})
+                try:
+                    with tx:
+                        n = sweep(tx)
+                    break
+                except ConflictError:
+                    if attempt >= _RETRIES:
+                        raise
+            deleted += n
+            if n < _SWEEP_BATCH:
+                return deleted
+
+    def start_ttl_sweeper(self, sweep_interval_minutes: float | None = None
+                          ) -> concurrent.futures.Future:
+        """Sweep expired items every ``sweep_interval_minutes`` (default: the TTL
+        config's ``sweep_interval_minutes``, else 5) in a daemon thread."""
+        interval = sweep_interval_minutes or (self.ttl_config or {}).get(
+            "sweep_interval_minutes") or 5
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        if self._sweeper is not None and self._sweeper.is_alive():
+            done.set_result(None)
+            return done
+        self._sweeper_stop.clear()
+
+        def loop():
+            try:
+                while not self._sweeper_stop.wait(interval * 60):
+                    self.sweep_ttl()
+                done.set_result(None)
+            except BaseException as e:  # reported through the future
+                done.set_exception(e)
+        self._sweeper = threading.Thread(target=loop, name="walstore-ttl-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
+        return done
+
+    def stop_ttl_sweeper(self, timeout: float | None = None) -> bool:
+        """Stop the sweeper thread; True when it has stopped."""
+        if self._sweeper is None:
+            return True
+        self._sweeper_stop.set()
+        self._sweeper.join(timeout)
+        stopped = not self._sweeper.is_alive()
+        if stopped:
+            self._sweeper = None
+        return stopped
