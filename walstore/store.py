@@ -20,6 +20,7 @@ from .engine.transaction import Transaction, scan_bounds
 from .agent.actions import Action, Saga
 from .agent.history import HistoricalView, History, Version
 from .agent.hooks import AgentHooks
+from .agent.purge import Purge
 from .agent.retention import Retention
 from .agent.scope import check_scope, current_scope
 from .agent.twophase import TwoPhase
@@ -47,6 +48,7 @@ class Store:
             self._hooks = AgentHooks(self._saga, self._twophase)
             self._undo = Undo(engine, self._saga, self._history,
                               lambda meta: self.transaction(meta=meta))
+            self._purge = Purge(engine, lambda meta: self.transaction(meta=meta))
             if not readonly:
                 engine.checkpoint_hooks.append(Retention(engine).trim)
                 self._settle_recovery()
@@ -283,6 +285,12 @@ class Store:
                meta: Any = None) -> TxnInfo | UndoPlan | None:
         """Undo every transaction committed after ``to``, as one new transaction."""
         return self._undo.rewind(to, scope, dry_run, force, meta)
+
+    def purge(self, prefix: Key) -> dict:
+        """Erase every key under ``prefix`` and every past version of it, from every API
+        and, by the checkpoint it runs, from every file of the store directory.  Logged (the
+        prefix, not the data); cannot be reverted.  See walstore.agent.purge."""
+        return self._purge.purge(prefix)
 
     # ---- two-phase commit ---------------------------------------------------------------
     def prepared(self) -> list[str]:

@@ -157,6 +157,11 @@ class Undo:
         mixed_with_actions = []
         undone_txids = set()
         for info in infos:  # newest first
+            if "purge" in info.extra:
+                if boundary is None:  # a revert names it: refuse; a rewind passes over it
+                    raise RevertConflict(f"transaction {info.txid} is a purge: what it erased "
+                                         f"cannot come back", [info.txid])
+                continue
             keys = [encode_key(k) for k in info.keys]
             whole = rng is None or rng.same(info.scope) or all(rng.contains(k) for k in keys)
             mine = keys if whole else [k for k in keys if rng.contains(k)]

@@ -8,7 +8,7 @@ import click
 
 from . import main
 from .common import JSON, PATH, open_store
-from .output import (EXIT_USAGE, KEY, emit_json, fail, parse_json_value, show_key, show_value,
+from .output import (EXIT_USAGE, KEY, UsageProblem, emit_json, fail, parse_json_value, show_key, show_value,
                      table)
 
 
@@ -50,6 +50,28 @@ def delete(path: str, key: str | bytes) -> None:
         with store.transaction(meta={"cli": "delete"}) as tx:
             tx.delete(key)
     click.echo(f"committed txid {tx.id} at LSN {tx.lsn}")
+
+
+@main.command()
+@PATH
+@click.argument("prefix", type=KEY)
+@click.option("--yes", is_flag=True, help="Confirm: this cannot be undone.")
+@JSON
+def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
+    """Erase every key under PREFIX and all its history (cannot be undone)."""
+    if not yes:
+        raise UsageProblem("purge erases every key under the prefix and all its history, "
+                           "for good: add --yes to confirm")
+    with open_store(path) as store:
+        doc = store.purge(prefix)
+    doc["lsn"] = int(doc["lsn"]) if doc.get("lsn") is not None else None
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"purged {doc['keys_erased']} key(s) under {show_key(prefix)} "
+                   f"(transaction {doc['txid']}); {doc['segments_removed']} WAL segment(s) "
+                   f"and {doc['lmdb_bytes_before'] - doc['lmdb_bytes_after']} bytes of LMDB "
+                   f"free pages removed")
 
 
 @main.command()

@@ -33,7 +33,16 @@ class Applier:
 
     # ---- log events --------------------------------------------------------------------
     def apply(self, events: list[Event], applied_end: int) -> None:
-        """Apply ``events`` (LSN order) and set ``applied`` to ``applied_end``."""
+        """Apply ``events`` (LSN order) and set ``applied`` to ``applied_end``.  A purge ends
+        its own LMDB transaction (what it erases must not include later writes)."""
+        start = 0
+        for i, e in enumerate(events):
+            if e.type == _T.COMMIT and "purge" in e.body and i + 1 < len(events):
+                self._apply(events[start:i + 1], e.end)
+                start = i + 1
+        self._apply(events[start:], applied_end)
+
+    def _apply(self, events: list[Event], applied_end: int) -> None:
         st = self.state
 
         def body(txn) -> None:
@@ -95,6 +104,10 @@ class Applier:
             if actions:
                 txn.cursor(db=st.actions).putmulti(
                     [(aid.encode(), pack(row)) for aid, row in actions.items()])
+            for e in events:
+                if e.type == _T.COMMIT and "purge" in e.body:
+                    _erase_range(txn, st, e.body["purge_range"])
+                    txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
             txn.put(b"applied", u64(applied_end), db=st.meta)
             if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta)) <= max_txid:
                 txn.put(b"next_txid", u64(max_txid + 1), db=st.meta)
@@ -130,26 +143,6 @@ class Applier:
                         txn.delete(a["id"].encode(), db=st.actions)
                 txn.delete(tables.txid_key(txid), db=st.txns)
                 txn.delete(u64(lsn), db=st.bylsn)
-        st.write(body)
-
-    def erase_keys(self, keys: list[bytes]) -> None:
-        """Purge: delete ``keys`` from ``data``, ``hkeys`` and every history row of them."""
-        st = self.state
-
-        def body(txn) -> None:
-            cur = txn.cursor(db=st.hist)
-            for k in keys:
-                txn.delete(k, db=st.data)
-                txn.delete(k, db=st.hkeys)
-                prefix = tables.hist_prefix(k)
-                doomed = []
-                if cur.set_range(prefix):
-                    while tables.is_version_of(cur.key(), prefix):
-                        doomed.append(cur.key())
-                        if not cur.next():
-                            break
-                for raw in doomed:
-                    txn.delete(raw, db=st.hist)
         st.write(body)
 
 
@@ -193,3 +186,40 @@ def _has_newer_below(txn, st, key: bytes, lsn: int, horizon: int) -> bool:
     if not tables.is_version_of(k, prefix):
         return False
     return tables.split_hist_key(k)[1] < horizon
+
+
+def _erase_range(txn, st, purge_range: list) -> None:
+    """Purge: every key in [lo, hi) and every trace of it in LMDB: data rows, history rows
+    (versions and their before-images), the ``hkeys`` index, and its name in the log rows
+    of the transactions that wrote it.  (The bytes of freed pages go with the compaction at
+    the purge's checkpoint.)"""
+    lo, hi = purge_range
+    doomed = [k for k, _v in _rows(txn, st.hkeys, lo, hi)] + [
+        k for k, _v in _rows(txn, st.data, lo, hi)]
+    txids: dict[int, set] = {}
+    for k in set(doomed):
+        prefix = tables.hist_prefix(k)
+        versions = list(_rows(txn, st.hist, prefix, prefix + b"\xff" * 9))
+        for raw, row in versions:
+            if tables.is_version_of(raw, prefix):
+                txids.setdefault(unpack(row)[0], set()).add(k)
+                txn.delete(raw, db=st.hist)
+        txn.delete(k, db=st.hkeys)
+        txn.delete(k, db=st.data)
+    for txid, keys in txids.items():
+        raw = txn.get(tables.txid_key(txid), db=st.txns)
+        if raw is not None:
+            row = unpack(raw)
+            row["w"] = [w for w in row.get("w", []) if w[0] not in keys]
+            txn.put(tables.txid_key(txid), pack(row), db=st.txns)
+
+
+def _rows(txn, db, lo: bytes, hi: bytes | None):
+    cur = txn.cursor(db=db)
+    ok = cur.set_range(lo)
+    while ok:
+        k = cur.key()
+        if hi is not None and k >= hi:
+            return
+        yield k, cur.value()
+        ok = cur.next()

@@ -67,9 +67,14 @@ class ConflictChecker:
         p = reads.snapshot
         mt = self.memtable
         stale = [k for k in reads.keys if mt.last_write(k) >= p]
-        if not stale and reads.ranges:
+        if not stale:
             for e in mt.commits_since(p):
-                hit = next((k for k, _v in e.writes if _in_ranges(k, reads.ranges)), None)
+                if reads.ranges:
+                    hit = next((k for k, _v in e.writes if _in_ranges(k, reads.ranges)), None)
+                    if hit is not None:
+                        stale.append(hit)
+                        break
+                hit = _purge_hit(e.body, reads)
                 if hit is not None:
                     stale.append(hit)
                     break
@@ -91,19 +96,37 @@ class ConflictChecker:
                     cur.key(), tables.hist_prefix(k)):
                 stale.append(k)
                 break
-        if not stale and reads.ranges:
+        purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1) >= since
+        if not stale and (reads.ranges or purged_since):
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):
-                row = txn.get(txid_raw, db=st.txns)
-                if row is None:
+                raw = txn.get(txid_raw, db=st.txns)
+                if raw is None:
                     continue
-                hit = next((k for k, _n in unpack(row).get("w", ())
-                            if _in_ranges(k, reads.ranges)), None)
+                row = unpack(raw)
+                hit = next((k for k, _n in row.get("w", ())
+                            if _in_ranges(k, reads.ranges)), None) or _purge_hit(row, reads)
                 if hit is not None:
                     stale.append(hit)
                     break
         if stale:
             _raise(txid, stale)
+
+
+def _purge_hit(body: dict, reads: ReadSet) -> bytes | None:
+    """A purge erased the history of its range, so it conflicts by range: with any key read
+    in it and any range scanned across it."""
+    rng = body.get("purge_range")
+    if not rng:
+        return None
+    lo, hi = rng
+    for k in reads.keys:
+        if _in_ranges(k, [(lo, hi)]):
+            return k
+    for rlo, rhi in reads.ranges:
+        if (hi is None or rlo < hi) and (rhi is None or lo < rhi):
+            return lo
+    return None
 
 
 def _raise(txid: int, stale: list) -> None:

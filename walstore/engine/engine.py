@@ -228,8 +228,11 @@ class Engine:
         return not self.readonly or writer_alive(self.layout)
 
     def refresh(self) -> None:
-        """Read-only engines: take in what the writer logged since the last read."""
+        """Read-only engines: take in what the writer logged since the last read (and the
+        writer's compacted LMDB file, after a purge)."""
         if self.follower is not None:
+            if self.state.replaced():
+                self.state.reopen()
             self.follower.catch_up()
 
     # ---- threads ------------------------------------------------------------------------
@@ -324,15 +327,17 @@ class Engine:
         self.check_writable()
         return self._checkpoint()
 
-    def _checkpoint(self) -> dict:
+    def _checkpoint(self, ignore_pins: bool = False) -> dict:
         with self._checkpoint_lock:
             self.journal.sync_all()
             while self.apply_published(1 << 30):
                 pass
+            self._applied_up_to_the_end()
             self.state.sync()
             applied = self.applied_lsn
-            keep = min([applied] + [p for p in (pin() for pin in self.retention_pins)
-                                    if p is not None])
+            pins = [] if ignore_pins else [p for p in (pin() for pin in self.retention_pins)
+                                           if p is not None]
+            keep = min([applied] + pins)
             self.journal.append_plain(RecordType.CHECKPOINT, {"applied": applied, "keep": keep,
                                                               "ts": time.time()})
             self.wal.bytes_since_checkpoint = 0
@@ -343,6 +348,54 @@ class Engine:
             for hook in self.checkpoint_hooks:
                 out.update(hook())
             return out
+
+    def _applied_up_to_the_end(self) -> None:
+        """With no event left unapplied, every record below the log's end is either in LMDB
+        or carries nothing to redo (a SEAL, a CHECKPOINT): ``applied`` moves to the end, so
+        the segments behind it can go."""
+        with self._apply_lock:
+            with self.journal.lock:
+                if len(self.memtable) or self.wal.written_lsn <= self.applied_lsn:
+                    return
+                mark = self.wal.written_lsn
+            self.applier.set_meta(b"applied", mark)
+            with self.journal.lock:
+                self.applied_lsn = max(self.applied_lsn, mark)
+
+    def erase_old_bytes(self, needles: list[bytes]) -> dict:
+        """After a purge: no file of the store may keep the erased bytes.  The WAL moves to
+        a new segment and every older one goes (replication pins are overridden: erasure
+        wins), LMDB is rewritten without its free pages, and quarantined bytes holding any
+        of ``needles`` (the erased keys) are removed."""
+        self.check_writable()
+        with self._checkpoint_lock:
+            self.wal.rotate()
+            out = self._checkpoint(ignore_pins=True)
+            with self._apply_lock:
+                before, after = self.state.compact()
+            out.update({"lmdb_bytes_before": before, "lmdb_bytes_after": after,
+                        "quarantine_removed": self._scrub_quarantine(needles)})
+            return out
+
+    def _scrub_quarantine(self, needles: list[bytes]) -> int:
+        qdir = self.layout.quarantine
+        if not needles or not os.path.isdir(qdir):
+            return 0
+        removed = 0
+        for name in sorted(os.listdir(qdir)):
+            path = os.path.join(qdir, name)
+            if not name.endswith(".bin") or not os.path.isfile(path):
+                continue
+            with open(path, "rb") as f:
+                data = f.read(256 << 20)
+            if any(n in data for n in needles):
+                for victim in (path, path + ".json"):
+                    if os.path.exists(victim):
+                        fileio.unlink(victim)
+                removed += 1
+        if removed:
+            fileio.fsync_dir(qdir)
+        return removed
 
     # ---- writing ------------------------------------------------------------------------
     def next_txid(self) -> int:

@@ -32,9 +32,11 @@ Invariants:
 from __future__ import annotations
 
 import os
+import shutil
 import struct
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -58,6 +60,14 @@ TABLES = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist",
 class StateWriteError(WalstoreError):
     """Writing LMDB failed (I/O error, disk full, a damaged file): the log still holds
     everything; the store must stop writing and be reopened (recovery REDOes the log)."""
+
+
+def _file_id(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return ()
+    return (st.st_dev, st.st_ino)
 
 
 def u64(n: int) -> bytes:
@@ -154,13 +164,20 @@ class LmdbState:
                                     f"handles before opening it for writing")
             shared["refs"] += 1
         self._shared = shared
-        self.env: lmdb.Environment = shared["env"]
         self.gate: ReadGate = shared["gate"]
         self._write_lock: threading.Lock = shared["write_lock"]
-        for name in TABLES:
-            setattr(self, name, shared[name])
+        shared["handles"].add(self)
+        self._adopt(shared)
         if not readonly:
             self.env.reader_check()  # free slots left by killed processes
+
+    def _adopt(self, shared: dict) -> None:
+        """Take the environment and table handles (again, after a compaction swapped the
+        file: every handle of this process follows)."""
+        self.env: lmdb.Environment = shared["env"]
+        self.file_id = shared["file_id"]
+        for name in TABLES:
+            setattr(self, name, shared[name])
 
     def _open_shared(self, path: str, map_size: int | None, readonly: bool) -> dict:
         if not readonly:
@@ -179,7 +196,14 @@ class LmdbState:
             raise CorruptionError(f"cannot open the LMDB environment: {e}",
                                   file=self.data_file) from e
         shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
-                  "write_lock": threading.Lock()}
+                  "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
+                  "file_id": _file_id(self.data_file)}
+        self._open_tables(shared)
+        return shared
+
+    @staticmethod
+    def _open_tables(shared: dict) -> None:
+        env, readonly = shared["env"], shared["readonly"]
         try:
             for name, dbname in TABLES.items():
                 try:
@@ -191,8 +215,72 @@ class LmdbState:
         except lmdb.Error as e:
             env.close()
             raise CorruptionError(f"the LMDB environment is not a walstore state: {e}",
-                                  file=self.data_file) from e
-        return shared
+                                  file=os.path.join(env.path(), "data.mdb")) from e
+
+    def replaced(self) -> bool:
+        """Has the data file been swapped under us (a writer in another process compacted
+        it)?  A read-only handle then reopens (``reopen``)."""
+        return _file_id(self.data_file) != self.file_id
+
+    def reopen(self) -> None:
+        """Reopen the environment of this process on the current data file."""
+        shared = self._shared
+        with LmdbState._registry_lock:
+            def swap() -> None:
+                size = shared["env"].info()["map_size"]
+                shared["env"].close()
+                shared["env"] = self._new_env(shared["readonly"], size)
+                shared["file_id"] = _file_id(self.data_file)
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
+            self.gate.exclusive(swap)
+
+    def _new_env(self, readonly: bool, map_size: int) -> lmdb.Environment:
+        check_lmdb_files(self.path, expect_existing=True)
+        return lmdb.open(self.path, map_size=map_size, max_dbs=MAX_DBS,
+                         subdir=True, readonly=readonly, sync=True, metasync=False,
+                         map_async=False, writemap=False, lock=True, max_readers=126,
+                         create=False, mode=0o600)
+
+    def compact(self) -> tuple[int, int]:
+        """Rewrite the data file with its live pages only (LMDB's compacting copy) and swap
+        it in, so the bytes of freed pages (erased data) are in no file any more.  Call
+        with no write in progress.  Returns the file's size before and after."""
+        if self.readonly:
+            raise ReadOnlyError("LMDB state is open read-only")
+        before = os.path.getsize(self.data_file)
+        work = self.path + ".compact"
+        shutil.rmtree(work, ignore_errors=True)
+        fileio.make_dir(work)
+        with self._write_lock:
+            slot = self.gate.enter()
+            try:
+                self.env.copy(work, compact=True)
+            finally:
+                self.gate.leave(slot)
+            fresh = os.path.join(work, "data.mdb")
+            fd = fileio.open_file(fresh, os.O_RDONLY)
+            try:
+                fileio.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(fresh, fileio.FILE_MODE)
+            shared = self._shared
+
+            def swap() -> None:
+                size = shared["env"].info()["map_size"]
+                shared["env"].close()
+                fileio.rename(fresh, self.data_file)
+                fileio.fsync_dir(self.path)
+                shared["env"] = self._new_env(False, size)
+                shared["file_id"] = _file_id(self.data_file)
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
+            self.gate.exclusive(swap)
+        shutil.rmtree(work, ignore_errors=True)
+        return before, os.path.getsize(self.data_file)
 
     # ---- reads: every one a short read transaction -------------------------------------
     @contextmanager

@@ -60,14 +60,16 @@ def txid_key(txid: int) -> bytes:
 
 # ---- transaction log rows -------------------------------------------------------------
 TXN_ROW_FIELDS = ("actions", "scope", "compensate", "redo", "gid", "reverts", "rewound_to",
-                  "purge", "files")
+                  "purge", "purge_range", "files")
 
 
 def txn_row(event: Event) -> dict:
     """The ``txns`` row of a commit event (what ``store.log()`` shows)."""
     b = event.body
+    erased = "purge" in b  # a purge logs what was purged (its prefix), never the keys
     row = {"tx": event.txid, "lsn": event.lsn, "end": event.end, "ts": commit_ts(b),
-           "meta": b.get("meta"), "w": [[k, None] for k, _v in event.writes or ()]}
+           "meta": b.get("meta"),
+           "w": [] if erased else [[k, None] for k, _v in event.writes or ()]}
     for f in TXN_ROW_FIELDS:
         if f in b:
             row[f] = b[f]

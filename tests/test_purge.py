@@ -1,0 +1,153 @@
+"""store.purge(prefix) and `walstore purge`: erasure that is real (contract section 2).
+
+Afterwards no API returns the keys (get, scan, at, history, log, revert, a read-only
+process), and after the purge's checkpoint their bytes are in no file of the store
+directory (a marker grep over every file).  Logged, not revertible; other keys untouched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import walstore
+from walstore.cli import main as cli
+from walstore.ops.verify import verify_store
+
+MARKER = b"PURGE-ME-7f3a9c"
+
+
+def files_with(root: str, needle: bytes) -> list[str]:
+    out = []
+    for d, _dirs, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            with open(p, "rb") as f:
+                if needle in f.read():
+                    out.append(os.path.relpath(p, root))
+    return out
+
+
+def fill(store) -> dict:
+    """Several versions of the doomed keys, spread over segments, and keys to keep."""
+    txids = {}
+    for i in range(40):
+        with store.transaction() as tx:
+            tx.put(f"conv/1/m{i % 5}", (MARKER + b"-%d" % i).decode())
+            tx.put(f"conv/2/m{i % 3}", f"keep {i}")
+        txids[i] = tx.id
+    with store.transaction() as tx:
+        tx.put("conv/1/title", MARKER.decode())
+        tx.put("user/name", "ada")
+    txids["mixed"] = tx.id
+    return txids
+
+
+@pytest.mark.parametrize("durability", ["full", "none"])
+def test_purge_erases_keys_from_every_api_and_every_file(tmp_path, durability):
+    path = str(tmp_path / "s")
+    store = walstore.open(path, durability=durability, segment_size=16384)
+    try:
+        txids = fill(store)
+        point = store.restore_point("before-purge")
+        assert files_with(path, MARKER)  # the bytes really are on disk before
+        out = store.purge("conv/1/")
+        assert out["keys_erased"] == 6 and out["keys_deleted"] == 6
+        assert store.get("conv/1/m0") is None and list(store.scan(prefix="conv/1/")) == []
+        assert store.history("conv/1/m0") == [] and store.history("conv/1/title") == []
+        view = store.at(point)
+        assert view.get("conv/1/m0") is None and list(view.scan(prefix="conv/1/")) == []
+        assert view.get("conv/2/m0") == "keep 39"  # the rest of the past is intact
+        for info in store.log():
+            assert not [k for k in info.keys if str(k).startswith("conv/1/")], info
+        assert store.txn_info(txids["mixed"]).keys == ("user/name",)
+        with pytest.raises(walstore.RevertConflict):
+            store.revert(out["txid"])
+        store.rewind("before-purge")  # a rewind across the purge cannot bring them back
+        assert store.get("conv/1/m0") is None and store.get("conv/2/m0") == "keep 39"
+        assert dict(store.scan(prefix="conv/2/")) == {"conv/2/m0": "keep 39",
+                                                       "conv/2/m1": "keep 37",
+                                                       "conv/2/m2": "keep 38"}
+        assert files_with(path, MARKER) == []
+    finally:
+        store.close()
+    assert files_with(path, MARKER) == []
+    with walstore.open(path) as s:  # and it stays gone across a reopen (recovery)
+        assert s.get("conv/1/m0") is None and s.get("user/name") == "ada"
+    assert verify_store(path).ok
+
+
+def test_purge_is_logged_by_prefix_not_data(tmp_path):
+    with walstore.open(str(tmp_path / "s")) as s:
+        fill(s)
+        out = s.purge("conv/1/")
+        info = s.log(limit=1)[0]
+        assert info.txid == out["txid"] and info.keys == ()
+        assert info.extra["purge"] == "conv/1/"
+
+
+def test_a_write_racing_the_purge_into_its_prefix_makes_one_of_them_conflict(tmp_path):
+    with walstore.open(str(tmp_path / "s")) as s:
+        fill(s)
+        tx = s.transaction()
+        tx.get("conv/1/m0")  # its snapshot predates the purge
+        tx.put("conv/1/m0", "late")
+        s.purge("conv/1/")
+        with pytest.raises(walstore.ConflictError):
+            tx.commit()
+        assert s.get("conv/1/m0") is None
+
+
+def test_read_only_process_never_shows_purged_data_after_the_purge(tmp_path):
+    path = str(tmp_path / "s")
+    w = walstore.open(path)
+    try:
+        fill(w)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", (
+                "import sys, walstore\n"
+                "r = walstore.open(sys.argv[1], readonly=True)\n"
+                "print(r.get('conv/1/m0') is not None, flush=True)\n"
+                "sys.stdin.readline()\n"
+                "print(r.get('conv/1/m0'), r.get('conv/2/m0'), len(r.history('conv/1/m0')),"
+                " flush=True)\n"), path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert reader.stdout.readline().strip() == "True"
+        w.purge("conv/1/")
+        out, _ = reader.communicate("go\n", timeout=60)
+        assert out.split() == ["None", "keep", "39", "0"], out
+    finally:
+        w.close()
+
+
+def test_cli_purge_needs_yes_and_reports(tmp_path):
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        fill(s)
+    r = CliRunner().invoke(cli, ["purge", path, "conv/1/"])
+    assert r.exit_code == 2 and "--yes" in r.output
+    with walstore.open(path) as s:
+        assert s.get("conv/1/m0") is not None
+    r = CliRunner().invoke(cli, ["purge", path, "conv/1/", "--yes", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["keys_erased"] == 6 and doc["segments_removed"] >= 1
+    assert files_with(path, MARKER) == []
+
+
+def test_purge_of_bytes_prefix_and_bad_prefixes(tmp_path):
+    with walstore.open(str(tmp_path / "s")) as s:
+        with s.transaction() as tx:
+            tx.put(b"\x00thread-a/1", MARKER)
+            tx.put(b"\x00thread-b/1", b"keep")
+            tx.put("\x00thread-a/1", "a str key is not a bytes key")
+        s.purge(b"\x00thread-a/")
+        assert s.get(b"\x00thread-a/1") is None and s.get(b"\x00thread-b/1") == b"keep"
+        assert s.get("\x00thread-a/1") == "a str key is not a bytes key"
+        for bad in ("", b"", None, 5):
+            with pytest.raises(TypeError):
+                s.purge(bad)

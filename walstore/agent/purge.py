@@ -1,0 +1,52 @@
+"""Erasure: ``store.purge(prefix)`` — a user's right to be forgotten, a deleted conversation.
+
+A purge is a commit through the one pipeline that deletes every key under the prefix and
+carries ``purge`` (the prefix: what was purged, never the data).  Applying it erases, in
+the same LMDB transaction, every trace of those keys: their history rows (past values),
+the history key index, and their names in the log rows of the transactions that wrote
+them (walstore.engine.apply).  So afterwards no API returns them: ``get``/``scan``, ``at``,
+``history``, ``log`` and ``revert`` included.  Then the purge checkpoints at once (the
+"next checkpoint" of the contract): the WAL moves to a fresh segment and every older one is
+removed, LMDB is rewritten without its free pages, and quarantined bytes holding the keys
+are removed — their bytes are in no file of the store directory.
+
+A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
+cannot bring the keys back: their history is gone).  Copies outside the store directory
+(backups, replicas) are not touched: purge them too.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..agent.scope import ScopeRange
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+
+class Purge:
+    def __init__(self, engine: "Engine", begin: Callable[[Any], Any]) -> None:
+        self.engine = engine
+        self.begin = begin
+
+    def purge(self, prefix: Any) -> dict:
+        if not isinstance(prefix, (str, bytes)) or not prefix:
+            raise TypeError(f"purge takes a non-empty key prefix (str or bytes), not "
+                            f"{prefix!r}")
+        eng = self.engine
+        eng.check_writable()
+        rng = ScopeRange(prefix)
+        tx = self.begin({"purge": prefix if isinstance(prefix, str) else prefix.hex()})
+        with tx:
+            tx.read_ranges.append((rng.lo, rng.hi))  # a write racing into it conflicts
+            present = [k for k, _v in eng.reader.scan(rng.lo, rng.hi, False, tx.snapshot)]
+            had_history = [k for k, _v in eng.state.scan(rng.lo, rng.hi, db=eng.state.hkeys)]
+            for k in present:
+                tx._set(k, None)
+            tx.commit_body.update({"purge": prefix, "purge_range": [rng.lo, rng.hi]})
+        eng.drain()
+        needles = sorted(set(present) | set(had_history))
+        out = eng.erase_old_bytes(needles)
+        out.update({"txid": tx.id, "lsn": tx.lsn, "keys_deleted": len(present),
+                    "keys_erased": len(needles)})
+        return out
