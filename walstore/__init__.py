@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import (CompensationFailed, ConflictError, CorruptionError, HistoryTrimmed,
-                     NeedsRecovery, NotAStore, ReadOnlyError, RevertConflict, StoreClosed,
-                     StoreLocked, TransactionClosed, WalstoreError)
+                     NeedsRecovery, NotAStore, ReadOnlyError, ReplicationError, RevertConflict,
+                     StoreClosed, StoreLocked, TransactionClosed, WalstoreError)
 from .actions import Action
 from .agent import HistoricalView, Version
 from .coordinator import atomic, resolve_atomic
@@ -25,13 +25,14 @@ __all__ = [
     "Action", "LSN", "Version", "HistoricalView", "atomic", "resolve_atomic",
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
-    "TransactionClosed", "HistoryTrimmed",
+    "TransactionClosed", "HistoryTrimmed", "ReplicationError", "restore",
 ]
 
 
 def open(path: str, *, durability: str = "full", create: bool = True, readonly: bool = False,
          recover: str = "auto", compensators: dict[str, Callable] | None = None,
          map_size: int | None = None, options: Options | None = None,
+         replicate_to: str | None = None, replicate_options: Any = None,
          **tuning: Any) -> Store:
     """Open (creating if missing) the store at ``path``.
 
@@ -45,4 +46,12 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
             raise TypeError("pass either options= or tuning keywords, not both")
         options = Options(**tuning)
     return Store(path, durability=durability, create=create, readonly=readonly, recover=recover,
-                 compensators=compensators, map_size=map_size, options=options)
+                 compensators=compensators, map_size=map_size, options=options,
+                 replicate_to=replicate_to, replicate_options=replicate_options)
+
+
+def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None) -> dict:
+    """[replication wiring] A new store at ``dest`` from the replica at ``url``, cut at
+    ``to`` (a txid, walstore.LSN, a restore point name, an aware datetime; None: all)."""
+    from .replication import restore as _restore
+    return _restore(url, dest, to, replicate_options)

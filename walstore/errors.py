@@ -93,3 +93,11 @@ class TransactionClosed(StoreClosed):
 
 class HistoryTrimmed(WalstoreError):
     """The requested point lies before the retained history horizon."""
+
+
+class ReplicationError(WalstoreError):
+    """Replication to (or restore from) object storage cannot do what was asked.
+
+    The message names the cause: the holder of another writer's lease, a hole in the
+    replica's WAL objects, a server that stayed unreachable within a timeout, ...
+    """

@@ -38,7 +38,7 @@ from .actions import ActionsMixin
 from .agent import AgentMixin
 from .twophase import PrepareRecovery, TwoPhaseMixin
 from .errors import (CompensationFailed, ConflictError, NeedsRecovery, ReadOnlyError,
-                     StoreClosed, WalstoreError)
+                     ReplicationError, StoreClosed, WalstoreError)
 from .framing import RecordType
 from .kv import LmdbState, MapResizeBlocked, ReadSnapshot, txid_key
 from .layout import Layout, ProcessLock
@@ -93,7 +93,8 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     def __init__(self, path: str, *, durability: str = "full", create: bool = True,
                  readonly: bool = False, recover: str = "auto", compensators: dict | None = None,
                  map_size: int | None = None, options: Options | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 replicate_to: str | None = None, replicate_options: Any = None) -> None:
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         if recover not in RECOVER_MODES:
@@ -128,6 +129,36 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         self._closed = False
         if not readonly:
             self._start_threads()
+        self._shipper = None  # [replication wiring] begin (lead re-implements on the facade)
+        if replicate_to is not None:
+            if readonly:
+                raise ValueError("replicate_to= needs a writer store, not readonly=True")
+            from .replication import start_in_process
+            try:
+                self._shipper = start_in_process(self, replicate_to, replicate_options)
+            except BaseException:
+                self.close()
+                raise
+
+    def replication(self):
+        """The replication status: shipped_lsn, lag_seconds, lag_bytes, last_error."""
+        self._check_open()
+        if self._shipper is None:
+            raise ReplicationError(f"store {self.path} was not opened with replicate_to=")
+        return self._shipper.status()
+
+    def sync_replica(self, timeout: float = 30.0) -> int:
+        """Wait until every commit so far is shipped; ReplicationError naming the cause."""
+        self._check_open()
+        if self._shipper is None:
+            raise ReplicationError(f"store {self.path} was not opened with replicate_to=")
+        self.wal.sync()
+        return self._shipper.sync(self.wal.synced_lsn, timeout)
+
+    def _stop_replication(self, release: bool = True) -> None:
+        if getattr(self, "_shipper", None) is not None:
+            self._shipper.stop(release)
+            self._shipper = None  # [replication wiring] end
 
     # ---- opening and closing -----------------------------------------------------------
     def _init_memory(self) -> None:
@@ -278,6 +309,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
         """Apply everything, checkpoint, mark the shutdown clean, release the lock."""
         if self._closed:
             return
+        self._stop_replication()  # [replication wiring]
         self._stop_threads()
         try:
             if not self.readonly and self.wal.failed is None and self._background_error is None:
@@ -290,6 +322,7 @@ class Store(ActionsMixin, AgentMixin, TwoPhaseMixin):
     def _drop_like_a_crash(self) -> None:
         """Let go of the store as a killed process would: no final apply, no checkpoint,
         no clean-shutdown flag (what is written stays written).  For tests and tools."""
+        self._stop_replication(release=False)  # [replication wiring]
         self._stop_threads()
         self._abandon()
 
