@@ -17,7 +17,8 @@ Document (short keys, sizes bounded by compaction and retention)::
              >0 merged), first/last commit time, min/max commit txid, and ``om``: the
              lowest first-LSN of the transactions in flight at ``a`` (None: none)
     snapshots [{k, lsn, n, sha, st, keys, ts}]  LMDB copies by applied LSN, their sha256,
-             and the state digest (sha256 over sorted data rows) for ``replicas --verify``
+             and the state digest (sha256 over sorted data rows) for ``replicas --verify``;
+             ``k`` None: the empty store at LSN 0 (a replica that holds the whole log)
     holes    [{a, b, reason, ts}]  LSN ranges the replica lost (the shipper fell behind
              a trimmed WAL); a restore to a point inside one is refused by name
     points   {name: {lsn, ts, dropped}}  restore points seen in the log
@@ -169,6 +170,9 @@ class Manifest:
                 continue
             start = self.wal_start_for(snap["lsn"])
             if start is None:
+                if self.hole_at(snap["lsn"]) is not None:
+                    first_error = first_error or ReplicationError(
+                        self._gap_message(snap["lsn"], snap["lsn"] + 1))
                 continue
             try:
                 return snap, self.chain(start, cut), start
@@ -198,7 +202,7 @@ class Manifest:
         oldest = keep[0]
         floor = self.wal_start_for(oldest["lsn"])
         dropped = [s for s in snaps if s["lsn"] < oldest["lsn"]]
-        trash = [s["k"] for s in dropped]
+        trash = [s["k"] for s in dropped if s["k"] is not None]
         self.doc["snapshots"] = [s for s in snaps if s["lsn"] >= oldest["lsn"]]
         old_wal = [e for e in self.wal if e["b"] <= floor]
         trash += [e["k"] for e in old_wal]

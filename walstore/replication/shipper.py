@@ -86,6 +86,7 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._started = False
         self._last_retention = 0.0
+        self._snapshot_retry_at = 0.0
         self._tmp = tempfile.mkdtemp(prefix="walstore-ship-")
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -272,6 +273,10 @@ class Shipper:
             raise ReplicationError(f"store {self.source.path} has no WAL segment to ship")
         self.manifest.doc["position"] = segs[0][0]
         self.manifest.doc["open"] = {}
+        if segs[0][0] == 0:  # the whole log is here: the empty store is a base too
+            self.manifest.snapshots.append({"k": None, "lsn": 0, "n": 0, "sha": None,
+                                            "st": hashlib.sha256().hexdigest(), "keys": 0,
+                                            "ts": time.time()})
         self._snapshot(summary)
 
     def _pin(self, durable: int) -> None:
@@ -425,7 +430,7 @@ class Shipper:
         if not m.snapshots:
             return True
         newest = max(m.snapshots, key=lambda s: s["lsn"])
-        if m.position <= newest["lsn"]:
+        if m.position <= newest["lsn"] or time.time() < self._snapshot_retry_at:
             return False
         return (time.time() - newest["ts"] >= self.opts.snapshot_interval
                 or m.position - newest["lsn"] >= self.opts.snapshot_wal_bytes)
@@ -435,7 +440,8 @@ class Shipper:
         d = tempfile.mkdtemp(dir=self._tmp)
         try:
             applied = self.source.snapshot(d)
-            if any(s["lsn"] == applied for s in m.snapshots):
+            if any(s["lsn"] == applied for s in m.snapshots):  # LMDB has not moved yet
+                self._snapshot_retry_at = time.time() + min(60.0, self.opts.snapshot_interval)
                 return
             digest = _src.state_digest(d)
             path = os.path.join(d, "data.mdb")
@@ -448,6 +454,9 @@ class Shipper:
             m.snapshots.append({"k": key, "lsn": applied, "n": size, "sha": sha,
                                 "st": digest["sha256"], "keys": digest["keys"],
                                 "ts": time.time()})
+            for name, p in digest["points"].items():  # named in WAL the shipper never saw
+                m.doc["points"].setdefault(name, {"lsn": p["lsn"], "ts": p.get("ts"),
+                                                  "dropped": None})
             self._save()
             self._advanced(m.position)
             summary["snapshot"] = applied

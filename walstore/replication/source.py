@@ -197,20 +197,28 @@ def read_applied(db_dir: str) -> int:
 
 
 def state_digest(db_dir: str) -> dict:
-    """sha256 over the sorted (key, value) rows of the data DB, with applied and count."""
+    """sha256 over the sorted (key, value) rows of the data DB, with applied, the count,
+    and the restore points (name -> {lsn, ts}) the copy holds."""
     env = _open_env(db_dir)
     h = hashlib.sha256()
     n = 0
     try:
         meta = env.open_db(b"meta", create=False)
         data = env.open_db(b"data", create=False)
+        points_db = env.open_db(b"points", create=False)
+        points = {}
         with env.begin() as txn:
             raw = txn.get(b"applied", db=meta)
             for k, v in txn.cursor(db=data):
                 h.update(struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v)
                 n += 1
+            for k, v in txn.cursor(db=points_db):
+                try:
+                    points[k.decode("utf-8")] = logformat.msgpack.unpackb(v, raw=False)
+                except Exception:
+                    continue
         return {"applied": _U64.unpack(raw)[0] if raw else 0, "sha256": h.hexdigest(),
-                "keys": n}
+                "keys": n, "points": points}
     finally:
         env.close()
 
