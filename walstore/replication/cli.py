@@ -168,10 +168,12 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
               help="Import compensators (COMPENSATORS dict) from MODULE, for --compensate.")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
 @click.option("--interval", type=float, default=None, help="--follow: seconds between polls.")
+@click.option("--apply-every", type=float, default=30.0, show_default=True,
+              help="--follow: seconds between applying the followed log to LMDB.")
 @click.option("--json", "as_json", is_flag=True)
 def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: bool,
                 handlers: str | None, endpoint_url: str | None, interval: float | None,
-                as_json: bool) -> None:
+                apply_every: float, as_json: bool) -> None:
     """Rebuild a store at DEST from the replica at URL, to a point or a time."""
     from . import ReplicateOptions
     from .restore import follow as follow_fn, restore
@@ -185,7 +187,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         from .targets import display_url
         click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)
         try:
-            follow_fn(url, dest, opts, stop=stop,
+            follow_fn(url, dest, opts, stop=stop, apply_every=apply_every,
                       on_round=lambda i: i["appended"] and click.echo(
                           f"at LSN {i['position']} (+{i['appended']} bytes)", err=True))
         except WalstoreError as e:

@@ -312,7 +312,8 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         if snap["k"] is not None:
             _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"))
             applied = _src.read_applied(db)
-        else:  # the empty store: the engine creates LMDB when the restored store opens
+        else:  # the empty store at LSN 0
+            _src.create_empty_db(db)
             applied = 0
         if applied != snap["lsn"]:
             raise ReplicationError(f"snapshot {snap['k']} holds LSN {applied}, the manifest "
@@ -349,8 +350,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             cut = applied
         if _cut_end is not None and cut != _cut_end:
             raise ReplicationError(f"the replica's WAL does not end a record at LSN {_cut_end}")
-        if snap["k"] is not None:
-            _src.prepare_restored_db(db, cut, _points_at(m, cut))
+        _src.prepare_restored_db(db, cut, _points_at(m, cut))
         identity = dict(m.doc["identity"])
         identity["origin"] = {"kind": "restore", "from": display_url(url),
                               "lineage": uuid.uuid4().hex, "parent_lineage": m.doc["lineage"],

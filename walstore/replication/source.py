@@ -33,7 +33,8 @@ make_dir = fileio.make_dir
 fsync_dir = fileio.fsync_dir
 write_file_atomic = fileio.write_file_atomic
 __all__ = ["Source", "DirectorySource", "InProcessSource", "read_applied", "state_digest",
-           "prepare_restored_db", "redo_into_lmdb", "read_identity", "new_segment_file"]
+           "prepare_restored_db", "redo_into_lmdb", "read_identity", "new_segment_file",
+           "create_empty_db"]
 
 
 @runtime_checkable
@@ -259,6 +260,17 @@ def prepare_restored_db(db_dir: str, cut: int, known: dict[str, dict | None]) ->
         env.close()
     for name in os.listdir(db_dir):
         os.chmod(os.path.join(db_dir, name), FILE_MODE)
+
+
+def create_empty_db(db_dir: str) -> None:
+    """The LMDB of an empty store (every named database), for a restore from LSN 0."""
+    from ..kv import LmdbState
+    state = LmdbState(db_dir)
+    try:
+        state.sync()
+    finally:
+        state.close()
+    prepare_restored_db(db_dir, 0, {})
 
 
 def new_segment_file(wal_dir: str, store_id: bytes, start: int, size: int) -> str:
