@@ -258,7 +258,7 @@ def test_idle_store_sends_no_requests(replica, tmp_path):
 
 def test_compaction_and_retention(replica, tmp_path):
     opts = replica.opts(compact_fanout=4, snapshot_interval=0.0, retain_snapshots=2,
-                        retention_seconds=0.0, delete_grace=0.0)
+                        retention_seconds=3600.0, delete_grace=0.0)
     import walstore.replication.shipper as shipper_mod
     old = shipper_mod.RETENTION_EVERY
     shipper_mod.RETENTION_EVERY = 0.0
@@ -274,9 +274,11 @@ def test_compaction_and_retention(replica, tmp_path):
             if i % 10 == 9:
                 s.checkpoint()  # LMDB moves: snapshots differ
             sh.ship_once()
+        m = Manifest.load(replica.target(), 1 << 26)
+        assert any(e["lv"] > 0 for e in m.wal) and len(m.snapshots) > 2
+        sh.opts.retention_seconds = 0.0
         sh.ship_once()  # a round with nothing new: retention and trash only
         m = Manifest.load(replica.target(), 1 << 26)
-        assert any(e["lv"] > 0 for e in m.wal)
         assert len(m.snapshots) == 2
         assert len(m.wal) < 20
         listed = {e["k"] for e in m.wal} | {x["k"] for x in m.snapshots if x["k"]}

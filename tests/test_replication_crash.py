@@ -205,7 +205,9 @@ def test_follow_keeps_a_readonly_copy_current(replica, tmp_path):
             r = walstore.open(dest, readonly=True)
             try:
                 while not stop.is_set():
-                    a, b = r.get("a"), r.get("b")
+                    tx = r.transaction()  # one snapshot for both reads
+                    a, b = tx.get("a"), tx.get("b")
+                    tx.rollback()
                     if a != b:
                         bad.append((a, b))
                     seen.append(a)

@@ -158,7 +158,7 @@ class Proxy:
                         u.sendall(data)
                     else:
                         c.sendall(data)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: select on a socket drop_all closed
             pass
         finally:
             for s in (c, u):
