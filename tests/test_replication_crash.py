@@ -241,3 +241,41 @@ def test_follow_keeps_a_readonly_copy_current(replica, tmp_path):
     assert read_applied(os.path.join(dest, "db")) > 0  # the follower applied to its LMDB
     with walstore.open(dest, readonly=True) as r:
         assert r.get("a") == 60
+
+
+def test_follower_applies_actions_and_points_to_its_lmdb(replica, tmp_path):
+    from walstore.replication import follow
+    from walstore.replication.source import read_applied
+    src = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                        replicate_options=replica.opts(), compensators={"undo": lambda a: None})
+    dest = str(tmp_path / "f")
+    stop = threading.Event()
+    rounds = []
+    t = threading.Thread(target=follow, args=(replica.url, dest, replica.options),
+                         kwargs={"stop": stop, "interval": 0.05, "apply_every": 0.0,
+                                 "on_round": rounds.append})
+    try:
+        with src.transaction() as tx:
+            tx.put("x", 1)
+        src.sync_replica(timeout=30)
+        t.start()
+        with src.transaction() as tx:
+            with tx.action("charge", args={"n": 1}, compensate="undo") as act:
+                act.result = {"ok": True}
+            tx.put("y", 2)
+        src.restore_point("after-charge")
+        end = src.sync_replica(timeout=30)
+        deadline = time.monotonic() + 30
+        while not any(r["position"] and r["position"] >= end for r in rounds):
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.05)
+        time.sleep(0.3)  # one more round applies it
+    finally:
+        stop.set()
+        t.join(30)
+        src.close()
+    assert read_applied(os.path.join(dest, "db")) >= end - 200
+    with walstore.open(dest, readonly=True) as r:
+        assert r.get("y") == 2
+        assert [a.name for a in r.actions()] == ["charge"]
+        assert "after-charge" in r.restore_points()

@@ -27,6 +27,11 @@ class LeaseLost(ReplicationError):
     """Another writer holds the replica now; this one must stop shipping."""
 
 
+class Refused(ReplicationError):
+    """This writer may not replicate to this URL (another holds it, or it holds another
+    store's replica): nothing was shipped."""
+
+
 class Lease:
     def __init__(self, target: ObjectStore, holder: dict, ttl: float) -> None:
         self.target = target
@@ -63,7 +68,7 @@ class Lease:
                 else:
                     doc, etag = cur
                     if not self._may_take(doc):
-                        raise ReplicationError(
+                        raise Refused(
                             f"replica {self.target.url} is being written by another writer: "
                             f"{describe(doc['holder'])}, lease valid for "
                             f"{max(0, doc.get('expires', 0) - time.time()):.0f} s more; "

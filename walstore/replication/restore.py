@@ -427,9 +427,11 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
         store_id, identity = _src.read_identity(dest)
         origin = identity.get("origin") or {}
         log = RestoredLog.resume(os.path.join(dest, "wal"), store_id)
+        if log.end is None:  # restored without a WAL record: the log goes on at the cut
+            log.end = origin.get("cut")
         etag = None
-        last_apply = time.monotonic()
-        applied_since = 0
+        last_apply = 0.0
+        applied_since = 1  # a restored log is applied to LMDB in the first round
         tmp = tempfile.mkdtemp(prefix="walstore-follow-")
         try:
             while not stop.is_set():

@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import ReplicationError
 from . import logformat, source as _src
-from .lease import Lease, LeaseLost, holder_info
+from .lease import Lease, LeaseLost, Refused, holder_info
 from .manifest import Manifest
 from .options import ReplicateOptions
 from .targets import ObjectStore, PreconditionFailed, display_url, open_target
@@ -47,7 +47,7 @@ class ReplicationStatus:
     """What ``store.replication()`` returns."""
 
     url: str
-    state: str                 # starting | running | stopped | lease-lost
+    state: str                 # starting | running | stopped | lease-lost | refused
     shipped_lsn: int           # every record below it is in the replica (0: nothing yet)
     durable_lsn: int           # the local durable frontier last seen
     lag_bytes: int
@@ -84,41 +84,46 @@ class Shipper:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._first = threading.Event()
+        self._start_error: Exception | None = None
         self._started = False
         self._last_retention = 0.0
         self._snapshot_retry_at = 0.0
         self._tmp = tempfile.mkdtemp(prefix="walstore-ship-")
 
     # ---- lifecycle ---------------------------------------------------------------------
-    def start(self) -> "Shipper":
-        """Take the lease now (a second writer is refused here, naming the holder) and
-        ship in a background thread.  An unreachable server does not fail the start."""
-        try:
-            with self._round:
-                self._ensure_started()
-        except ReplicationError as e:
-            if getattr(e, "transient", False):
-                self.last_error = str(e)
-            else:
-                self.close()
-                raise
+    def start(self, wait: float = 5.0) -> "Shipper":
+        """Ship in a background thread.  The lease is taken first, waiting up to ``wait``
+        seconds: a second writer is refused here (ReplicationError naming the holder).
+        A server that does not answer in time does not fail the start: the thread keeps
+        trying, and a refusal found later stops it with state "refused"."""
+        self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, name="walstore-replication",
                                         daemon=True)
         self._thread.start()
+        self._first.wait(wait)
+        if self.state == "refused" or (self._start_error is not None
+                                       and not getattr(self._start_error, "transient", True)):
+            self.stop(release=False)
+            raise self._start_error
         return self
 
-    def stop(self, release: bool = True) -> None:
-        """Stop shipping (a round in flight finishes or times out) and release the lease."""
+    def stop(self, release: bool = True, wait: float = 5.0) -> None:
+        """Stop shipping and release the lease; waits up to ``wait`` seconds for a round in
+        flight (a hung server does not hold up the store's close)."""
         self._stop.set()
         self._wake.set()
         t = self._thread
         if t is not None and t is not threading.current_thread():
-            t.join(self.opts.connect_timeout + self.opts.read_timeout + 5)
-        if self.state != "lease-lost":
+            t.join(wait)
+        if self.state not in ("lease-lost", "refused"):
             self.state = "stopped"
-        if release and (t is None or not t.is_alive()):
+        with self._cond:
+            self._cond.notify_all()
+        if release and self.state != "refused" and (t is None or not t.is_alive()):
             self.lease.release()
-        self.close()
+        if t is None or not t.is_alive():
+            self.close()
 
     def close(self) -> None:
         self.target.close()
@@ -131,17 +136,22 @@ class Shipper:
                 self.ship_once()
                 self.last_error = None
                 delay = self.opts.interval
-            except LeaseLost as e:
-                self.state, self.last_error = "lease-lost", str(e)
+            except (LeaseLost, Refused) as e:
+                self.state = "lease-lost" if isinstance(e, LeaseLost) else "refused"
+                self.last_error, self._start_error = str(e), e
                 with self._cond:
                     self._cond.notify_all()
                 return
             except Exception as e:  # anything else: retry with backoff; commits go on
                 self.last_error = f"{type(e).__name__}: {e}"
+                if not self._started:
+                    self._start_error = e
                 delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
                 delay *= 0.5 + random.random()
                 with self._cond:
                     self._cond.notify_all()
+            finally:
+                self._first.set()
             self._wake.wait(delay)
             self._wake.clear()
 
@@ -155,7 +165,7 @@ class Shipper:
             m = Manifest.new(src.store_id, src.lineage, src.identity)
         elif m.doc["store_id"] != src.store_id or m.doc["lineage"] != src.lineage:
             self.lease.release()
-            raise ReplicationError(
+            raise Refused(
                 f"{self.url} holds the replica of store {m.doc['store_id'].hex()} (lineage "
                 f"{m.doc['lineage']}); this store is {src.store_id.hex()} (lineage "
                 f"{src.lineage}): replicate it to a new URL")
@@ -199,7 +209,7 @@ class Shipper:
         self._wake.set()
         with self._cond:
             while self.shipped < lsn:
-                if self.state == "lease-lost":
+                if self.state in ("lease-lost", "refused"):
                     raise ReplicationError(f"cannot sync the replica: {self.last_error}")
                 if self.state == "stopped":
                     raise ReplicationError(f"replication to {self.url} is stopped")
@@ -226,6 +236,8 @@ class Shipper:
         with self._round:
             if self.state == "lease-lost":
                 raise LeaseLost(self.last_error or "the lease was lost")
+            if self.state == "refused":
+                raise self._start_error
             self._ensure_started()
             m = self.manifest
             t0 = time.time()
