@@ -81,6 +81,18 @@ def commits(store, n: int, size: int = 100) -> float:
     return n / (time.perf_counter() - t)
 
 
+def paced(store, rate: float, seconds: float) -> int:
+    """Commit at ``rate`` per second for ``seconds``; returns how many."""
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < seconds:
+        with store.transaction() as tx:
+            tx.put(f"k{i}", i)
+        i += 1
+        time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+    return i
+
+
 def throughput(target: Target, tmp: str, n: int, rounds: int) -> dict:
     url, opts = target.new(interval=1.0)
     off = walstore.open(os.path.join(tmp, "off"))
@@ -113,13 +125,7 @@ def steady_lag(target: Target, tmp: str, rate: float, seconds: float) -> dict:
     t = threading.Thread(target=sample)
     t.start()
     try:
-        start = time.perf_counter()
-        i = 0
-        while time.perf_counter() - start < seconds:
-            with s.transaction() as tx:
-                tx.put(f"k{i}", i)
-            i += 1
-            time.sleep(max(0.0, start + i / rate - time.perf_counter()))
+        paced(s, rate, seconds)
         stop.set()
         t.join()
         t0 = time.perf_counter()
@@ -148,13 +154,7 @@ def requests_per_hour(target: Target, tmp: str, seconds: float) -> dict:
         idle = sum(s.replication().requests.values()) - before
         lease = 3600 / (s._shipper.opts.lease_ttl / 3)
         before = dict(s.replication().requests)
-        start = time.perf_counter()
-        i = 0
-        while time.perf_counter() - start < seconds:
-            with s.transaction() as tx:
-                tx.put(f"k{i}", i)
-            i += 1
-            time.sleep(max(0.0, start + i / 10 - time.perf_counter()))
+        paced(s, 10.0, seconds)
         after = dict(s.replication().requests)
     finally:
         s.close()

@@ -354,6 +354,12 @@ def test_cli_restore_and_replicate_once(replica, tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["target"] == f"transaction {txid}"
     with walstore.open(str(tmp_path / "r2")) as r:
         assert r.get("k9") == 9
+    roots = [str(tmp_path / "r1")] + ([replica.url[len("file://"):]] if replica.kind == "file" else [])
+    for root in roots:  # files 0600, directories 0700
+        for d, dirs, files in os.walk(root):
+            assert os.stat(d).st_mode & 0o777 == 0o700, d
+            for f in files:
+                assert os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o600, f
     res = run_cli("restore", replica.url, str(tmp_path / "r3"), "--to", "2001-01-01T00:00:00Z",
                   *replica.cli_args())
     assert res.exit_code == 1 and "before the first commit" in res.output
@@ -469,3 +475,40 @@ def test_uploads_cut_short_leave_nothing_visible(replica):
         assert t.get("wal/x", 10)[0] == b"4"
     finally:
         t.close()
+
+
+def test_log_format_tolerates_seal_and_preallocated_size(tmp_path):
+    """The engine redesign's SEAL record (type 12) and a header recording its
+    preallocated size: read, shipped and restored as a segment boundary."""
+    import struct
+    import uuid as _uuid
+    from walstore.framing import crc32c, encode_record
+    from walstore.replication import logformat
+    from walstore.replication.restore import RestoredLog
+    sid = _uuid.uuid4().bytes
+    head = bytearray(logformat.segment_header(sid, 0))
+    head[48:56] = struct.pack("<Q", 1 << 20)  # preallocated size, under the header CRC
+    head[60:64] = struct.pack("<I", crc32c(bytes(head[:60])))
+    assert logformat.read_segment_header(bytes(head)) == (sid, 0, 1 << 20)
+    salt = logformat.salt(sid, 0)
+    body = walstore.codec.pack({"tx": 1, "ts": 1.5, "meta": None, "w": [[b"sk", b"\x01"]]})
+    rec1 = encode_record(salt, 1, 0, 0, body)
+    seal = encode_record(salt, logformat.SEAL, len(rec1), len(rec1), walstore.codec.pack({}))
+    buf = bytes(head) + rec1 + seal
+    recs = list(logformat.iter_records(buf, 64, 0, salt, len(buf)))
+    assert [r.type for r in recs] == [1, logformat.SEAL]
+    assert logformat.summarize(1, logformat.payload(buf, recs[0])) == {"tx": 1, "ts": 1.5}
+    # a record re-framed under another segment's salt validates there, and only there
+    other = logformat.salt(sid, 0 + 7)
+    moved = logformat.reframe(rec1, other)
+    assert logformat.check_record(moved, 0, other, 0, len(moved))[0] is not None
+    assert logformat.check_record(moved, 0, salt, 0, len(moved))[0] is None
+    # restored: a new segment file begins right after the SEAL
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    log = RestoredLog(str(wal), sid, prealloc=False)
+    log.append(0, rec1, 0, 1)
+    end = len(rec1) + len(seal)
+    log.append(len(rec1), seal, 0, logformat.SEAL)
+    log.finish()
+    assert sorted(os.listdir(wal)) == [f"{0:020d}.wal", f"{end:020d}.wal"]

@@ -15,6 +15,7 @@ Owns the boto3 client setup and every S3 call replication makes.  Choices:
 from __future__ import annotations
 
 import collections
+import io
 from typing import BinaryIO
 
 import boto3
@@ -22,7 +23,7 @@ import botocore.exceptions as bexc
 from botocore.config import Config
 
 from .options import ReplicateOptions
-from .targets import NOT_MODIFIED, PreconditionFailed, TargetError, _bounded_read
+from .targets import NOT_MODIFIED, PreconditionFailed, TargetError
 
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
@@ -83,6 +84,15 @@ class S3Target:
         return 0
 
     def get(self, key: str, max_bytes: int, if_none_match: str | None = None):
+        buf = io.BytesIO()
+        got = self.download(key, buf, max_bytes, if_none_match)
+        if got is None or got == NOT_MODIFIED:
+            return got
+        return buf.getvalue(), got[1]
+
+    def download(self, key: str, f: BinaryIO, max_bytes: int, if_none_match: str | None = None):
+        """Stream the object into ``f`` (never more than ``max_bytes``): (size, etag), None
+        when absent, NOT_MODIFIED when its etag is ``if_none_match``."""
         kw = {"IfNoneMatch": if_none_match} if if_none_match else {}
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kw)
@@ -92,25 +102,6 @@ class S3Target:
                 return None
             if status == 304:
                 return NOT_MODIFIED
-            raise self._fail("GET", key, e) from None
-        body = r["Body"]
-        try:
-            if r.get("ContentLength", 0) > max_bytes:
-                raise TargetError(f"object {key} is larger than the {max_bytes} byte bound", False)
-            return _bounded_read(body, max_bytes, f"object {key}"), r.get("ETag", "")
-        except TargetError:
-            raise
-        except Exception as e:
-            raise self._fail("GET", key, e) from None
-        finally:
-            body.close()
-
-    def download(self, key: str, f: BinaryIO, max_bytes: int):
-        try:
-            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as e:
-            if self._status(e) == 404:
-                return None
             raise self._fail("GET", key, e) from None
         body = r["Body"]
         n = 0
