@@ -92,6 +92,8 @@ def test_restore_to_every_point_equals_at(replica, tmp_path):
         with walstore.open(dest) as r:
             assert rows(r) == rows(src)
             assert r.get("big0") == "b" * 2_000_000
+            for key in ("k010", "k007", "big1"):  # history survives: every version, same txids
+                assert r.history(key) == src.history(key)
             ident = json.load(open(os.path.join(dest, "STORE")))
             assert ident["origin"]["kind"] == "restore" and ident["store_id"] == src.store_id.hex()
             assert ident["origin"]["from"] == replica.url
