@@ -467,6 +467,12 @@ def test_uploads_cut_short_leave_nothing_visible(replica):
         else:
             leftovers = [f for _d, _s, fs in os.walk(t.root) for f in fs if f.startswith(".tmp")]
             assert leftovers == []
+        big = os.urandom(12 << 20)  # a multipart upload that completes, conditionally
+        import io as _io
+        t.put("snapshots/big", _io.BytesIO(big), if_none_match=True)
+        assert t.get("snapshots/big", 13 << 20)[0] == big
+        with pytest.raises(PreconditionFailed):
+            t.put("snapshots/big", _io.BytesIO(big), if_none_match=True)
         t.put("wal/x", b"1", if_none_match=True)
         with pytest.raises(PreconditionFailed):
             t.put("wal/x", b"2", if_none_match=True)
