@@ -32,13 +32,14 @@ __all__ = [
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
-    "ReplicationError",
+    "ReplicationError", "restore",
 ]
 
 
 def open(path: str, *, durability: str = "full", create: bool = True, readonly: bool = False,
          recover: str = "auto", compensators: dict[str, Callable] | None = None,
          map_size: int | None = None, options: Options | None = None,
+         replicate_to: str | None = None, replicate_options: Any = None,
          **tuning: Any) -> Store:
     """Open (creating if missing) the store at ``path``.
 
@@ -46,10 +47,21 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
     ``Options.sync_interval``, 0.2 s by default) or "none".  recover: "auto" recovers an
     unclean shutdown on open; "manual" raises NeedsRecovery instead.  Extra keyword
     arguments are Options fields (segment_size, checkpoint_bytes, ...), validated.
+    ``replicate_to``: an ``s3://bucket/prefix`` or ``file:///dir`` URL the log ships to in
+    the background (see ``Store.replication()``, ``sync_replica()``; the [s3] extra).
     """
     if tuning:
         if options is not None:
             raise TypeError("pass either options= or tuning keywords, not both")
         options = Options.from_keywords(tuning)
     return Store(path, durability=durability, create=create, readonly=readonly, recover=recover,
-                 compensators=compensators, map_size=map_size, options=options)
+                 compensators=compensators, map_size=map_size, options=options,
+                 replicate_to=replicate_to, replicate_options=replicate_options)
+
+
+def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None) -> dict:
+    """A new store at ``dest`` from the replica at ``url``, cut exactly at ``to`` (a txid,
+    a walstore.LSN, a restore point name, an aware datetime; None: everything shipped).
+    Transactions in flight at the cut are listed as pending, never run automatically."""
+    from .replication import restore as _restore
+    return _restore(url, dest, to, replicate_options)

@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
-from .errors import ConflictError
+from .errors import ConflictError, ReplicationError
 from .options import Options
 from .engine.engine import Engine
 from .engine.transaction import Transaction, scan_bounds
@@ -37,7 +37,11 @@ class Store:
                  readonly: bool = False, recover: str = "auto",
                  compensators: dict[str, Callable] | None = None,
                  map_size: int | None = None, options: Options | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 replicate_to: str | None = None, replicate_options: Any = None) -> None:
+        if replicate_to is not None and readonly:
+            raise ValueError("replicate_to= ships a writer's log: open without readonly=True")
+        self._shipper = None
         self._engine = engine = Engine(path, durability=durability, create=create,
                                        readonly=readonly, recover=recover, map_size=map_size,
                                        options=options, progress=progress)
@@ -52,6 +56,9 @@ class Store:
             if not readonly:
                 engine.checkpoint_hooks.append(Retention(engine).trim)
                 self._settle_recovery()
+            if replicate_to is not None:
+                from .replication import start_in_process  # the [s3] extra, only when asked
+                self._shipper = start_in_process(self, replicate_to, replicate_options)
         except BaseException:
             engine.drop_like_a_crash()
             raise
@@ -98,12 +105,37 @@ class Store:
         return self._saga.compensators
 
     def close(self) -> None:
-        """Apply everything, checkpoint, mark the shutdown clean, release the lock."""
+        """Apply everything, checkpoint, mark the shutdown clean, release the lock (and a
+        replication lease: the shipper ships what it can first, within a few seconds)."""
+        self._stop_replication(release=True)
         self._engine.close()
 
     def _drop_like_a_crash(self) -> None:
         """Let go as a killed process would (tests and tools)."""
+        self._stop_replication(release=False)
         self._engine.drop_like_a_crash()
+
+    def _stop_replication(self, release: bool) -> None:
+        shipper, self._shipper = self._shipper, None
+        if shipper is not None:
+            shipper.stop(release)
+
+    # ---- replication --------------------------------------------------------------------
+    def replication(self):
+        """Replication status: ``shipped_lsn``, ``lag_seconds``, ``lag_bytes``,
+        ``last_error`` (see walstore.replication; only with ``open(replicate_to=...)``)."""
+        self._engine.check_open()
+        if self._shipper is None:
+            raise ReplicationError(f"store {self.path} was not opened with replicate_to=")
+        return self._shipper.status()
+
+    def sync_replica(self, timeout: float = 30.0) -> int:
+        """Wait until every commit so far is shipped (an RPO-0 point); returns the shipped
+        LSN.  ReplicationError naming the cause when it cannot within ``timeout``."""
+        self._engine.check_open()
+        if self._shipper is None:
+            raise ReplicationError(f"store {self.path} was not opened with replicate_to=")
+        return self._shipper.sync(self._shipper.source.sync(), timeout)
 
     def __enter__(self) -> "Store":
         return self

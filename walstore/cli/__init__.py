@@ -118,4 +118,4 @@ def main(debug: bool) -> None:
     """
 
 
-from . import agent, data, maintenance, tools, twophase  # noqa: E402,F401  (register commands)
+from . import agent, data, maintenance, replication, tools, twophase  # noqa: E402,F401

@@ -170,7 +170,7 @@ class Engine:
         """UNDO: a loser ends as a rollback ends, with an ABORT record (its actions' rows
         become ``pending``: compensated right after open, or listed).  In a copy of another
         store (backup, restore) they are ``held``: listed, never run automatically."""
-        copied = self.origin is not None
+        copied = self.origin is not None and not self.origin.get("compensate")
         for txid in losers:
             body = {"tx": txid, "recovered": True}
             if copied:
@@ -181,7 +181,7 @@ class Engine:
         if losers or copied:
             self.journal.sync_all()
             self.drain()
-        if copied:
+        if self.origin is not None:
             self.layout.clear_origin()
 
     def _hold_copied_debts(self) -> None:

@@ -117,7 +117,7 @@ class Layout:
     def read_origin(self) -> dict | None:
         """Where a copy came from, until its first open has held the debts it inherited."""
         origin = self._doc().get("origin")
-        return origin if isinstance(origin, dict) else None
+        return origin if isinstance(origin, dict) and not origin.get("settled") else None
 
     def write_identity(self, store_id: bytes, origin: dict | None = None) -> None:
         """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin)."""
@@ -127,9 +127,15 @@ class Layout:
         fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
 
     def clear_origin(self) -> None:
+        """The first open of a copy settled what it inherited; a restored store keeps its
+        lineage (it replicates as a new lineage, never into its source's replica)."""
         doc = self._doc()
-        if doc.pop("origin", None) is not None:
-            fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+        origin = doc.pop("origin", None)
+        if origin is None:
+            return
+        if isinstance(origin, dict) and origin.get("lineage"):
+            doc["origin"] = dict(origin, settled=True)
+        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
 
 
 class ProcessLock:

@@ -1,0 +1,233 @@
+"""The replication commands of the ``walstore`` CLI: ``replicate``, ``restore``, ``replicas``.
+
+Owns the three click commands and their output; :func:`register` adds them to the main
+group (the CLI package calls it).  Exit status: 0 success; 1 a problem (the replica
+refused, unreachable, damaged, a verify mismatch, pending compensations left in a restored
+store); 2 usage (a bad point, a path that is not a store).  ``--json`` is one strict JSON
+document.  No output ever carries credentials: URLs are shown without user info.
+
+Points on the command line: ``tx:N`` or bare digits (a txid), ``lsn:N`` (a log position),
+an ISO-8601 time with an offset (``2026-05-01T12:00:00+00:00``, ``...Z``), else a restore
+point name.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from ..errors import NotAStore, ReplicationError, WalstoreError
+from . import main
+from .common import load_handlers
+from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
+from .output import parse_point as _parse_point
+
+
+def parse_point(text: str) -> Any:
+    """A restore target: an ISO-8601 time with an offset (the last commit at or before
+    it), else a point as every command takes it (tx:N, lsn:N, a txid, a name)."""
+    t = text.strip()
+    if len(t) >= 10 and t[:4].isdigit() and t[4:5] == "-":
+        try:
+            when = _dt.datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(f"{text!r} looks like a time but is not ISO-8601") from None
+        if when.tzinfo is None:
+            raise click.BadParameter(f"time {text!r} needs an offset (e.g. +00:00 or Z)")
+        return when
+    return _parse_point(t)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, lambda *_a: stop.set())
+        except ValueError:  # not the main thread (tests): Ctrl-C ends it the usual way
+            pass
+    return stop
+
+
+def _when(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@click.command("replicate")
+@click.argument("path", type=click.Path(file_okay=False))
+@click.argument("url")
+@click.option("--once", is_flag=True, help="Ship what is durable now, then exit (cron).")
+@click.option("--interval", type=float, default=None, help="Seconds between rounds (1).")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (with --once).")
+def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
+                  endpoint_url: str | None, as_json: bool) -> None:
+    """Ship the store at PATH to the replica URL (s3://bucket/prefix or file:///dir)."""
+    from ..replication import DirectorySource, ReplicateOptions, Shipper
+    try:
+        source = DirectorySource(path)
+    except NotAStore as e:
+        _fail(str(e), EXIT_USAGE)
+    try:
+        opts = ReplicateOptions.from_any(None, interval=interval, endpoint_url=endpoint_url)
+        shipper = Shipper(source, url, opts)
+    except (ValueError, ReplicationError) as e:
+        _fail(str(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_PROBLEM)
+    if once:
+        try:
+            summary = shipper.ship_once()
+        except WalstoreError as e:
+            shipper.stop()
+            _fail(str(e))
+        shipper.stop()
+        if as_json:
+            _emit({"url": shipper.url, **summary})
+        else:
+            snap = f", snapshot at LSN {summary['snapshot']}" if summary["snapshot"] is not None else ""
+            click.echo(f"shipped {summary['objects']} WAL object(s), {summary['bytes']} bytes; "
+                       f"replica at LSN {summary['position']}{snap}")
+        return
+    stop = _stop_on_signals()
+    try:
+        shipper.start()
+    except WalstoreError as e:
+        _fail(str(e))
+    click.echo(f"replicating {source.path} to {shipper.url} (Ctrl-C stops)", err=True)
+    last = None
+    try:
+        while not stop.wait(1.0):
+            st = shipper.status()
+            line = (f"shipped LSN {st.shipped_lsn}  lag {st.lag_bytes} B / {st.lag_seconds:.1f} s"
+                    + (f"  error: {st.last_error}" if st.last_error else ""))
+            if line != last:
+                click.echo(line, err=True)
+                last = line
+            if st.state == "lease-lost":
+                _fail(st.last_error or "lease lost")
+    finally:
+        shipper.stop()
+
+
+@click.command("restore")
+@click.argument("url")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--to", "to", default=None, metavar="POINT|TIME",
+              help="tx:N, lsn:N, a restore point name, or an ISO-8601 time with offset.")
+@click.option("--follow", is_flag=True, help="Keep DEST a current read-only copy (Ctrl-C stops).")
+@click.option("--compensate", is_flag=True,
+              help="Run the compensations of transactions in flight at the cut.")
+@click.option("--handlers", default=None, metavar="MODULE",
+              help="Import compensators (COMPENSATORS dict) from MODULE, for --compensate.")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+@click.option("--interval", type=float, default=None, help="--follow: seconds between polls.")
+@click.option("--apply-every", type=float, default=30.0, show_default=True,
+              help="--follow: seconds between applying the followed log to LMDB.")
+@click.option("--json", "as_json", is_flag=True)
+def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: bool,
+                handlers: str | None, endpoint_url: str | None, interval: float | None,
+                apply_every: float, as_json: bool) -> None:
+    """Rebuild a store at DEST from the replica at URL, to a point or a time."""
+    from ..replication import ReplicateOptions
+    from ..replication.restore import follow as follow_fn, restore
+    point = parse_point(to) if to is not None else None
+    if follow and (to is not None or compensate):
+        _fail("--follow keeps a copy of everything; it takes no --to or --compensate", EXIT_USAGE)
+    opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url, interval=interval)
+    comps = load_handlers(handlers)
+    if follow:
+        stop = _stop_on_signals()
+        from ..replication.targets import display_url
+        click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)
+        try:
+            follow_fn(url, dest, opts, stop=stop, apply_every=apply_every,
+                      on_round=lambda i: i["appended"] and click.echo(
+                          f"at LSN {i['position']} (+{i['appended']} bytes)", err=True))
+        except WalstoreError as e:
+            _fail(str(e))
+        return
+    try:
+        report = restore(url, dest, point, opts, compensate=compensate)
+    except ReplicationError as e:
+        _fail(str(e))
+    except (TypeError, ValueError) as e:
+        _fail(str(e), EXIT_USAGE)
+    import walstore
+    try:
+        store = walstore.open(dest, compensators=comps if compensate else None)
+    except WalstoreError as e:
+        _fail(f"restored {dest}, but opening it failed: {e}")
+    try:
+        pending = [{"id": a.id, "txid": a.txid, "name": a.name, "compensate": a.compensate,
+                    "state": a.state} for a in store.pending_compensations()]
+    finally:
+        store.close()
+    report["pending_compensations"] = pending
+    if as_json:
+        _emit(report)
+    else:
+        click.echo(f"restored {report['dest']} from {report['url']}: {report['target']}")
+        click.echo(f"  snapshot LSN {report['snapshot_lsn']}, {report['wal_objects']} WAL "
+                   f"object(s), {report['wal_bytes']} bytes replayed, cut at LSN "
+                   f"{report['cut_lsn']}, {report['seconds']} s")
+        if report["in_flight_txids"]:
+            click.echo(f"  transactions in flight at the cut (not committed): "
+                       f"{', '.join(map(str, report['in_flight_txids']))}")
+        for a in pending:
+            click.echo(f"  pending compensation {a['id']} {a['name']} -> {a['compensate']}")
+    if pending:
+        if not as_json:
+            click.echo("compensations are pending (the machine that ran those actions is "
+                       "gone): rerun with --compensate --handlers MODULE, or `walstore "
+                       "resolve`", err=True)
+        sys.exit(EXIT_PROBLEM)
+
+
+@click.command("replicas")
+@click.argument("url")
+@click.option("--verify", is_flag=True, help="Restore to a temp dir and compare state digests.")
+@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+@click.option("--json", "as_json", is_flag=True)
+def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, as_json: bool) -> None:
+    """Snapshots, WAL range, restore points and lag of the replica at URL."""
+    from ..replication import ReplicateOptions
+    from ..replication.restore import replicas
+    try:
+        r = replicas(url, verify, ReplicateOptions.from_any(None, endpoint_url=endpoint_url))
+    except ReplicationError as e:
+        _fail(str(e))
+    bad = verify and not r["verify"]["ok"]
+    if as_json:
+        _emit(r)
+        if bad:
+            sys.exit(EXIT_PROBLEM)
+        return
+    w = r["writer"]
+    click.echo(f"replica   {r['url']}  store {r['store_id']}  lineage {r['lineage']}")
+    click.echo(f"writer    process {w['pid']} on {w['host']} ({w['path']})")
+    click.echo(f"updated   {_when(r['updated'])} ({r['age_seconds']:.0f} s ago)")
+    lc = r["last_commit"] or {}
+    click.echo(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
+               f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "
+               f"{_when(lc.get('ts'))}")
+    for s in r["snapshots"]:
+        click.echo(f"snapshot  LSN {s['lsn']:<12} {_when(s['time'])}  {s['bytes']} bytes, "
+                   f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")
+    for p in r["restore_points"]:
+        click.echo(f"point     {p['name']:<20} LSN {p['lsn']:<12} {_when(p['time'])}")
+    for h in r["holes"]:
+        click.echo(f"hole      LSN {h['from']}..{h['to']}: {h['reason']}")
+    if verify:
+        for c in r["verify"]["checks"]:
+            click.echo(f"verify    {c['check']}: {'ok' if c['ok'] else 'FAILED'}"
+                       + (f" ({c['error']})" if c.get("error") else ""))
+        if bad:
+            sys.exit(EXIT_PROBLEM)
+
+
+for _cmd in (replicate_cmd, restore_cmd, replicas_cmd):
+    main.add_command(_cmd)

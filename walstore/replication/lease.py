@@ -1,0 +1,136 @@
+"""One writer per replica URL: the lease object.
+
+Owns the ``lease`` object (msgpack ``{holder: {id, host, pid, path, store_id, lineage},
+expires, renewed}``), taken with If-None-Match (none yet) or If-Match on the etag read
+(an expired lease, or one left by a dead process of the same store on this host), renewed
+with If-Match, and released on a clean stop by writing it expired (If-Match).  A lease
+that cannot be renewed because another holder wrote it is *lost*: the shipper stops.
+Safety never rests on clocks alone: the manifest is written with If-Match too, so a
+writer whose lease expired while it slept cannot overwrite a successor's manifest.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import msgpack
+
+from ..errors import ReplicationError
+from .targets import ObjectStore, PreconditionFailed
+
+LEASE_KEY = "lease"
+MAX_LEASE_BYTES = 64 * 1024
+
+
+class LeaseLost(ReplicationError):
+    """Another writer holds the replica now; this one must stop shipping."""
+
+
+class Refused(ReplicationError):
+    """This writer may not replicate to this URL (another holds it, or it holds another
+    store's replica): nothing was shipped."""
+
+
+class Lease:
+    def __init__(self, target: ObjectStore, holder: dict, ttl: float) -> None:
+        self.target = target
+        self.holder = holder
+        self.ttl = ttl
+        self.etag: str | None = None
+        self.renewed = 0.0
+
+    def _doc(self, expires: float) -> bytes:
+        now = time.time()
+        return msgpack.packb({"holder": self.holder, "expires": expires, "renewed": now},
+                             use_bin_type=True)
+
+    def read(self) -> tuple[dict, str] | None:
+        got = self.target.get(LEASE_KEY, MAX_LEASE_BYTES)
+        if got is None:
+            return None
+        try:
+            doc = msgpack.unpackb(got[0], raw=False, strict_map_key=False)
+            if not isinstance(doc, dict) or not isinstance(doc.get("holder"), dict):
+                raise ValueError("not a lease")
+        except Exception:
+            doc = {"holder": {"id": "?"}, "expires": 0}  # damaged: treat as expired
+        return doc, got[1]
+
+    def acquire(self) -> None:
+        """Take the lease or raise ReplicationError naming its holder."""
+        for _ in range(3):
+            cur = self.read()
+            try:
+                if cur is None:
+                    self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
+                                                if_none_match=True)
+                else:
+                    doc, etag = cur
+                    if not self._may_take(doc):
+                        raise Refused(
+                            f"replica {self.target.url} is being written by another writer: "
+                            f"{describe(doc['holder'])}, lease valid for "
+                            f"{max(0, doc.get('expires', 0) - time.time()):.0f} s more; "
+                            f"one writer per replica URL")
+                    self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
+                                                if_match=etag)
+                self.renewed = time.time()
+                return
+            except PreconditionFailed:
+                continue  # raced with another taker: look again
+        raise ReplicationError(f"could not take the lease of {self.target.url}: it keeps "
+                               f"changing under us (another writer is starting)")
+
+    def _may_take(self, doc: dict) -> bool:
+        h = doc["holder"]
+        if h.get("id") == self.holder["id"] or doc.get("expires", 0) < time.time():
+            return True
+        same_store = (h.get("host") == self.holder["host"] and h.get("path") == self.holder["path"]
+                      and h.get("store_id") == self.holder["store_id"])
+        return same_store and not _pid_alive(h.get("pid"))
+
+    def renew_due(self) -> bool:
+        return time.time() - self.renewed >= self.ttl / 3
+
+    def renew(self) -> None:
+        try:
+            self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
+                                        if_match=self.etag)
+            self.renewed = time.time()
+        except PreconditionFailed:
+            cur = self.read()
+            who = describe(cur[0]["holder"]) if cur else "nobody (the lease was deleted)"
+            raise LeaseLost(f"lost the lease of {self.target.url} to {who}; shipping "
+                            f"stopped") from None
+
+    def release(self) -> None:
+        if self.etag is None:
+            return
+        try:
+            self.target.put(LEASE_KEY, self._doc(0.0), if_match=self.etag)
+        except Exception:
+            pass  # it expires by itself
+        self.etag = None
+
+
+def holder_info(token: str, path: str, store_id: bytes, lineage: str) -> dict:
+    return {"id": token, "host": socket.gethostname(), "pid": os.getpid(), "path": path,
+            "store_id": store_id.hex(), "lineage": lineage}
+
+
+def describe(h: dict) -> str:
+    return (f"process {h.get('pid', '?')} on host {h.get('host', '?')} replicating store "
+            f"{h.get('path', '?')}")
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

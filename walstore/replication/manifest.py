@@ -1,0 +1,231 @@
+"""The replica's manifest: the one object that says what a replica holds.
+
+Owns its document (msgpack, key ``manifest`` under the replica URL), its conditional
+save (If-None-Match for the first, If-Match on the etag last written after that: a
+writer that lost the replica to another can never overwrite its manifest), and the
+planning a restore does from it without listing anything: which snapshot, which WAL
+objects, where the replay starts, and where a hole makes a target unreachable.
+
+Document (short keys, sizes bounded by compaction and retention)::
+
+    v, store_id (bytes16), lineage, identity (the STORE document), created, updated, seq,
+    writer   {id, host, pid, path}            who wrote this version
+    position the shipped LSN: every record below it is in a WAL object listed here
+    open     {txid: first LSN} transactions in flight at ``position``
+    wal      [{k, seg, a, b, n, lv, t0, t1, x0, x1, om}]  WAL objects in LSN order:
+             key, segment start (CRC salt), LSN range [a, b), bytes, level (0 shipped,
+             >0 merged), first/last commit time, min/max commit txid, and ``om``: the
+             lowest first-LSN of the transactions in flight at ``a`` (None: none)
+    snapshots [{k, lsn, n, sha, st, keys, ts}]  LMDB copies by applied LSN, their sha256,
+             and the state digest (sha256 over sorted data rows) for ``replicas --verify``;
+             ``k`` None: the empty store at LSN 0 (a replica that holds the whole log)
+    holes    [{a, b, reason, ts}]  LSN ranges the replica lost (the shipper fell behind
+             a trimmed WAL); a restore to a point inside one is refused by name
+    points   {name: {lsn, ts, dropped}}  restore points seen in the log
+    trash    [[key, ts]]  objects no longer listed, deleted after a grace period
+    last_commit {ts, tx}
+"""
+from __future__ import annotations
+
+import time
+
+import msgpack
+
+from ..errors import ReplicationError
+from .targets import ObjectStore, PreconditionFailed
+
+MANIFEST_KEY = "manifest"
+FORMAT = 1
+
+
+class Manifest:
+    def __init__(self, doc: dict, etag: str | None = None) -> None:
+        self.doc = doc
+        self.etag = etag
+
+    @classmethod
+    def new(cls, store_id: bytes, lineage: str, identity: dict) -> "Manifest":
+        now = time.time()
+        return cls({"v": FORMAT, "store_id": store_id, "lineage": lineage,
+                    "identity": identity, "created": now, "updated": now, "seq": 0,
+                    "writer": None, "position": None, "open": {}, "wal": [],
+                    "snapshots": [], "holes": [], "points": {}, "trash": [],
+                    "last_commit": None})
+
+    @classmethod
+    def load(cls, target: ObjectStore, max_bytes: int) -> "Manifest | None":
+        got = target.get(MANIFEST_KEY, max_bytes)
+        if got is None:
+            return None
+        return cls(decode(got[0], target.url), got[1])
+
+    # ---- fields ------------------------------------------------------------------------
+    @property
+    def wal(self) -> list[dict]:
+        return self.doc["wal"]
+
+    @property
+    def snapshots(self) -> list[dict]:
+        return self.doc["snapshots"]
+
+    @property
+    def position(self) -> int | None:
+        return self.doc["position"]
+
+    @property
+    def open(self) -> dict[int, int]:
+        return self.doc["open"]
+
+    def encode(self) -> bytes:
+        return msgpack.packb(self.doc, use_bin_type=True)
+
+    def save(self, target: ObjectStore, writer: dict) -> None:
+        """Write this version conditionally; PreconditionFailed when another writer did."""
+        self.doc["seq"] += 1
+        self.doc["updated"] = time.time()
+        self.doc["writer"] = writer
+        data = self.encode()
+        try:
+            if self.etag is None:
+                self.etag = target.put(MANIFEST_KEY, data, if_none_match=True)
+            else:
+                self.etag = target.put(MANIFEST_KEY, data, if_match=self.etag)
+        except PreconditionFailed:
+            # A lost response to a write that did land looks the same: check the content.
+            got = target.get(MANIFEST_KEY, len(data) + 1)
+            if got is not None and got[0] == data:
+                self.etag = got[1]
+                return
+            self.doc["seq"] -= 1
+            raise
+        except BaseException:
+            self.doc["seq"] -= 1
+            raise
+
+    # ---- planning ----------------------------------------------------------------------
+    def index_at(self, lsn: int) -> int | None:
+        """Index of the WAL entry holding ``lsn`` (a <= lsn < b), by bisection."""
+        wal = self.wal
+        lo, hi = 0, len(wal)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if wal[mid]["b"] <= lsn:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(wal) and wal[lo]["a"] <= lsn < wal[lo]["b"]:
+            return lo
+        return None
+
+    def wal_start_for(self, applied: int) -> int | None:
+        """Where the WAL must be replayed from on top of a snapshot at ``applied``: the
+        transactions in flight there began earlier (None: not known yet)."""
+        i = self.index_at(applied)
+        if i is not None:
+            e = self.wal[i]
+            return e["a"] if e["om"] is None else min(e["a"], e["om"])
+        if self.position is not None and applied == self.position:
+            return min([applied] + list(self.open.values()))
+        return None
+
+    def hole_at(self, lsn: int) -> dict | None:
+        for h in self.doc["holes"]:
+            if h["a"] <= lsn < h["b"]:
+                return h
+        return None
+
+    def chain(self, start: int, end: int) -> list[dict]:
+        """The WAL entries covering [start, end), contiguous; a gap raises, naming it."""
+        if end <= start:
+            return []
+        i = self.index_at(start)
+        if i is None:
+            raise ReplicationError(self._gap_message(start, start + 1))
+        out = []
+        pos = start
+        while pos < end:
+            if i >= len(self.wal):
+                raise ReplicationError(f"the replica's WAL ends at LSN {pos}, before LSN {end}")
+            e = self.wal[i]
+            if e["a"] > pos:
+                raise ReplicationError(self._gap_message(pos, e["a"]))
+            out.append(e)
+            pos = e["b"]
+            i += 1
+        return out
+
+    def _gap_message(self, a: int, b: int) -> str:
+        h = self.hole_at(a)
+        if h is not None:
+            return (f"hole in the replica's WAL: LSN {h['a']}..{h['b']} is missing "
+                    f"({h.get('reason', 'lost')}); no restore can cross it")
+        return f"hole in the replica's WAL: no WAL object holds LSN {a}..{b}"
+
+    def plan(self, cut: int) -> tuple[dict, list[dict], int]:
+        """(snapshot, WAL entries, replay start) for a restore whose log ends at ``cut``:
+        the newest snapshot at or before it from which the WAL reaches the cut."""
+        first_error = None
+        for snap in sorted(self.snapshots, key=lambda s: s["lsn"], reverse=True):
+            if snap["lsn"] > cut:
+                continue
+            start = self.wal_start_for(snap["lsn"])
+            if start is None:
+                if self.hole_at(snap["lsn"]) is not None:
+                    first_error = first_error or ReplicationError(
+                        self._gap_message(snap["lsn"], snap["lsn"] + 1))
+                continue
+            try:
+                return snap, self.chain(start, cut), start
+            except ReplicationError as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise first_error
+        raise ReplicationError(f"the replica has no snapshot at or before LSN {cut} from which "
+                               f"its WAL reaches that point")
+
+    def end(self) -> int:
+        return self.position if self.position is not None else 0
+
+    # ---- retention ---------------------------------------------------------------------
+    def retention(self, now: float, keep_seconds: float, keep_count: int) -> list[str]:
+        """Drop snapshots past retention (keeping ``keep_count``), and the WAL, holes and
+        points only they needed; returns the keys to move to the trash."""
+        snaps = sorted(self.snapshots, key=lambda s: s["lsn"])
+        usable = [s for s in snaps if self.wal_start_for(s["lsn"]) is not None]
+        if not usable:
+            return []
+        keep = [s for s in usable if s["ts"] >= now - keep_seconds] or []
+        for s in usable[-keep_count:]:
+            if s not in keep:
+                keep.append(s)
+        keep.sort(key=lambda s: s["lsn"])
+        oldest = keep[0]
+        floor = self.wal_start_for(oldest["lsn"])
+        dropped = [s for s in snaps if s["lsn"] < oldest["lsn"]]
+        trash = [s["k"] for s in dropped if s["k"] is not None]
+        self.doc["snapshots"] = [s for s in snaps if s["lsn"] >= oldest["lsn"]]
+        old_wal = [e for e in self.wal if e["b"] <= floor]
+        trash += [e["k"] for e in old_wal]
+        self.doc["wal"] = [e for e in self.wal if e["b"] > floor]
+        self.doc["holes"] = [h for h in self.doc["holes"] if h["b"] > floor]
+        self.doc["points"] = {n: p for n, p in self.doc["points"].items()
+                              if p["lsn"] >= oldest["lsn"]}
+        return trash
+
+    def to_trash(self, keys: list[str], now: float) -> None:
+        self.doc["trash"].extend([k, now] for k in keys)
+
+
+def decode(data: bytes, where: str) -> dict:
+    try:
+        doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as e:
+        raise ReplicationError(f"the manifest at {where} is damaged: {e}") from None
+    if not isinstance(doc, dict) or doc.get("v") != FORMAT:
+        raise ReplicationError(f"the manifest at {where} is not a walstore manifest of "
+                               f"format {FORMAT}")
+    for k in ("wal", "snapshots", "holes", "points", "trash", "open"):
+        if k not in doc:
+            raise ReplicationError(f"the manifest at {where} lacks {k!r}")
+    return doc
+

@@ -1,0 +1,67 @@
+"""Replication options (``replicate_options=`` / CLI flags), with their defaults.
+
+Owns the names and defaults only; each is documented in docs/REPLICATION.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+@dataclass
+class ReplicateOptions:
+    # where
+    endpoint_url: str | None = None     # S3-compatible endpoint; else AWS_ENDPOINT_URL, else AWS
+    region: str | None = None
+    addressing_style: str = "auto"      # "path" for servers without virtual-host buckets
+    # shipping
+    interval: float = 1.0               # seconds between shipping rounds (the RPO bound)
+    max_object_bytes: int = 64 * MiB    # bound of one WAL object
+    compact_fanout: int = 32            # this many adjacent objects of a level merge into one
+    max_pin_bytes: int = 1 * GiB        # WAL the trim pin may hold back before giving up
+    # snapshots and retention
+    snapshot_interval: float = 3600.0   # seconds between LMDB snapshots (if anything changed)
+    snapshot_wal_bytes: int = 256 * MiB  # or after this much WAL shipped since the last one
+    retention_seconds: float = 24 * 3600.0  # keep snapshots (and the WAL they need) this long
+    retain_snapshots: int = 2           # ... and always at least this many
+    delete_grace: float = 600.0         # objects a manifest dropped are deleted this late
+    # lease
+    lease_ttl: float = 600.0            # a lease not renewed this long may be taken over
+    # requests
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_attempts: int = 3               # per request (the client's retries, with jitter)
+    max_backoff: float = 30.0           # between failed shipping rounds
+    multipart_threshold: int = 64 * MiB
+    part_size: int = 16 * MiB
+    max_manifest_bytes: int = 64 * MiB
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_any(cls, value: Any = None, **overrides: Any) -> "ReplicateOptions":
+        if isinstance(value, ReplicateOptions):
+            opts = dataclasses.replace(value)
+        else:
+            known = {f.name for f in dataclasses.fields(cls)}
+            given = dict(value or {})
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ValueError(f"unknown replicate_options: {', '.join(unknown)}")
+            opts = cls(**given)
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(opts, k, v)
+        if opts.endpoint_url is None:
+            opts.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or \
+                os.environ.get("AWS_ENDPOINT_URL") or None
+        if opts.interval <= 0 or opts.compact_fanout < 2 or opts.retain_snapshots < 1:
+            raise ValueError("interval must be positive, compact_fanout >= 2, "
+                             "retain_snapshots >= 1")
+        if opts.part_size < 5 * MiB:
+            raise ValueError("part_size must be at least 5 MiB (S3's minimum part)")
+        return opts

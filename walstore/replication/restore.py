@@ -1,0 +1,555 @@
+"""Restore a store from its replica, keep a follower current, and inspect a replica.
+
+Owns :func:`restore` (newest snapshot at or before the target, then the WAL objects the
+manifest lists, checked contiguous by LSN and CRC, cut exactly at the target), the
+restored log writer (:class:`RestoredLog`: segment files named by start LSN, records
+re-framed under a new salt where a restored segment starts somewhere the original did
+not), :func:`follow` (a read-only copy that keeps applying new WAL objects), and
+:func:`replicas` (listing and ``--verify``).
+
+Targets: ``None`` (everything), an int (a txid: its commit), ``walstore.LSN(n)`` (the
+records at or before log position n), a str (a restore point name), or an aware
+``datetime`` (the last commit at or before it).  The restored log holds exactly the
+records up to the cut; transactions in flight there are losers when the store opens
+(their actions listed as pending, never run automatically: see ``origin`` below).
+
+The restored ``STORE`` file carries ``"origin": {"kind": "restore", "from": <URL without
+credentials>, "lineage": <new uuid hex>, "parent_lineage", "cut", "compensate"}``: a new
+lineage, so the restored store may replicate to a new URL without clashing.
+Nothing is visible at ``dest`` until the restore is complete (built beside it, renamed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+from ..errors import ReplicationError
+from ..log.format import LSN
+from . import logformat, source as _src
+from .manifest import MANIFEST_KEY, Manifest, decode
+from .options import ReplicateOptions
+from .targets import NOT_MODIFIED, ObjectStore, display_url, open_target
+
+MAX_SNAPSHOT_BYTES = 1 << 40
+FIRST_SIZE = 1 << 20
+SEGMENT_SIZE = 16 << 20
+
+
+# ---- the restored log -----------------------------------------------------------------
+class RestoredLog:
+    """Writes records into segment files of a restored store's ``wal/``.
+
+    A new file starts where the original log started a segment (its records are copied
+    byte for byte), at the first record written, after a SEAL record, and when the
+    current file is full (``prealloc``: files are created at their full size, as a
+    follower's readers need; otherwise they grow and only the last is padded).
+    """
+
+    def __init__(self, wal_dir: str, store_id: bytes, prealloc: bool) -> None:
+        self.dir = wal_dir
+        self.store_id = store_id
+        self.prealloc = prealloc
+        self.start = -1
+        self.fd = -1
+        self.salt = 0
+        self.offset = 0
+        self.size = 0
+        self.end = None       # LSN after the last record written
+        self.after_seal = False
+        self.next_size = FIRST_SIZE
+        self.bytes = 0
+
+    @classmethod
+    def resume(cls, wal_dir: str, store_id: bytes) -> "RestoredLog":
+        """Continue the last segment file of an existing restored log."""
+        log = cls(wal_dir, store_id, prealloc=True)
+        segs = [(int(n[:20]), n) for n in os.listdir(wal_dir)
+                if len(n) == 24 and n.endswith(".wal") and n[:20].isdigit()]
+        if not segs:
+            return log
+        start, name = max(segs)
+        path = os.path.join(wal_dir, name)
+        with open(path, "rb") as f:
+            data = f.read()
+        salt = logformat.salt(store_id, start)
+        off, lsn = logformat.HEADER_SIZE, start
+        after_seal = False
+        for rec in logformat.iter_records(data, off, lsn, salt, len(data)):
+            off, lsn, after_seal = off + rec.size, rec.end, rec.type == logformat.SEAL
+        log.start, log.salt, log.offset, log.size, log.end = start, salt, off, len(data), lsn
+        log.after_seal = after_seal
+        log.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        log.next_size = SEGMENT_SIZE
+        return log
+
+    def append(self, lsn: int, raw: bytes, seg: int, rtype: int) -> None:
+        if self.end is not None and lsn != self.end:
+            raise ReplicationError(f"restored log is at LSN {self.end}, next record is at {lsn}")
+        need = len(raw)
+        if (self.fd < 0 or self.after_seal or (lsn == seg and self.start != seg)
+                or (self.prealloc and self.offset + need > self.size)):
+            self._roll(lsn, need)
+        data = raw if self.start == seg else logformat.reframe(raw, self.salt)
+        _pwrite(self.fd, data, self.offset)
+        self.offset += need
+        self.end = lsn + need
+        self.after_seal = rtype == logformat.SEAL
+        self.bytes += need
+
+    def _roll(self, lsn: int, need: int) -> None:
+        self._close_file()
+        size = max(self.next_size, logformat.HEADER_SIZE + need) if self.prealloc \
+            else logformat.HEADER_SIZE
+        path = _src.new_segment_file(self.dir, self.store_id, lsn, size)
+        self.next_size = min(SEGMENT_SIZE, self.next_size * 2)
+        self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        self.start, self.salt = lsn, logformat.salt(self.store_id, lsn)
+        self.offset, self.size = logformat.HEADER_SIZE, size
+
+    def sync(self) -> None:
+        if self.fd >= 0:
+            os.fdatasync(self.fd)
+
+    def finish(self) -> None:
+        """Leave room for the restored store's own appends, make everything durable."""
+        if self.fd >= 0 and self.after_seal:
+            self._roll(self.end, 0)
+        if self.fd >= 0 and not self.prealloc:
+            room = max(FIRST_SIZE, self.offset // FIRST_SIZE * FIRST_SIZE + FIRST_SIZE)
+            os.ftruncate(self.fd, room)
+        self._close_file()
+        _src.fsync_dir(self.dir)
+
+    def _close_file(self) -> None:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+# ---- fetching objects -----------------------------------------------------------------
+class _Fetcher:
+    """Downloads WAL objects into a private temp dir (once each) and reads them back."""
+
+    def __init__(self, target: ObjectStore, store_id: bytes, tmp: str) -> None:
+        self.target = target
+        self.store_id = store_id
+        self.tmp = tmp
+        self.files: dict[str, str] = {}
+        self.bytes = 0
+
+    def path(self, entry: dict) -> str:
+        key = entry["k"]
+        if key not in self.files:
+            p = os.path.join(self.tmp, f"obj-{len(self.files)}")
+            with open(p, "wb") as f:
+                got = _retry(lambda: self._download(key, f, entry["n"]))
+            if got is None:
+                raise ReplicationError(
+                    f"hole in the replica's WAL: object {self.target.url}/{key} (LSN "
+                    f"{entry['a']}..{entry['b']}) is listed in the manifest but missing")
+            if got[0] != entry["n"]:
+                raise ReplicationError(f"WAL object {key} is {got[0]} bytes, the manifest "
+                                       f"says {entry['n']}")
+            self.bytes += got[0]
+            self.files[key] = p
+        return self.files[key]
+
+    def _download(self, key, f, n):
+        f.seek(0)
+        f.truncate()
+        return self.target.download(key, f, n)
+
+    def records(self, entry: dict):
+        """(lsn, type, raw, synced) of one object, every check done as they stream."""
+        key = entry["k"]
+        with open(self.path(entry), "rb") as f:
+            try:
+                head, _hs = logformat.read_object_header(f)
+                if (head["seg"], head["first"], head["end"]) != (entry["seg"], entry["a"],
+                                                                  entry["b"]):
+                    raise ValueError("its header does not match the manifest")
+                yield from logformat.iter_object_records(f, head, self.store_id, key)
+            except ValueError as e:
+                raise ReplicationError(f"WAL object {self.target.url}/{key} is damaged: {e}"
+                                       ) from None
+
+    def drop(self, entry: dict) -> None:
+        p = self.files.pop(entry["k"], None)
+        if p:
+            os.unlink(p)
+
+
+def _retry(fn, attempts: int = 5):
+    delay = 0.2
+    for i in range(attempts):
+        try:
+            return fn()
+        except ReplicationError as e:
+            if not getattr(e, "transient", False) or i == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay *= 2
+
+
+# ---- targets ------------------------------------------------------------------------
+def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
+    """The boundary LSN B (records with LSN <= B are kept; None: everything)."""
+    end = m.end()
+    if to is None:
+        return None, "everything"
+    if isinstance(to, LSN):
+        if to < 0 or to >= end:
+            raise ReplicationError(f"LSN {int(to)} is not in the replica (it ends at LSN {end})")
+        return int(to), f"LSN {int(to)}"
+    if isinstance(to, bool):
+        raise TypeError("a restore target is a txid, walstore.LSN, a restore point name or "
+                        "an aware datetime")
+    if isinstance(to, int):
+        for e in reversed(m.wal):
+            if e["x0"] is not None and e["x0"] <= to <= e["x1"]:
+                for lsn, rtype, raw, _s in fetch.records(e):
+                    if rtype == logformat.COMMIT and logformat.summarize(
+                            rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("tx") == to:
+                        return lsn, f"transaction {to}"
+        raise ReplicationError(f"transaction {to} is not among the commits the replica's WAL "
+                               f"holds (LSN {m.wal[0]['a'] if m.wal else 0}..{end})")
+    if isinstance(to, str):
+        p = m.doc["points"].get(to)
+        if p is None:
+            known = ", ".join(sorted(m.doc["points"])) or "none"
+            raise ReplicationError(f"no restore point named {to!r} in the replica "
+                                   f"(known: {known})")
+        return p["lsn"], f"restore point {to!r}"
+    if isinstance(to, _dt.datetime):
+        if to.tzinfo is None or to.utcoffset() is None:
+            raise ValueError("a restore time must be timezone-aware (e.g. 2026-05-01T12:00Z)")
+        t = to.timestamp()
+        cands = [e for e in m.wal if e["t0"] is not None and e["t0"] <= t]
+        if not cands:
+            raise ReplicationError(f"{to.isoformat()} is before the first commit the replica "
+                                   f"holds")
+        best = None
+        for e in reversed(cands):
+            for lsn, rtype, raw, _s in fetch.records(e):
+                if rtype == logformat.COMMIT:
+                    ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
+                    if isinstance(ts, (int, float)) and ts <= t:
+                        best = lsn
+            if best is not None:
+                return best, f"the last commit at or before {to.isoformat()}"
+        raise ReplicationError(f"no commit at or before {to.isoformat()} in the replica")
+    raise TypeError(f"a restore target is a txid, walstore.LSN, a restore point name or an "
+                    f"aware datetime, not {type(to).__name__}")
+
+
+# ---- restore ------------------------------------------------------------------------
+def load_manifest(target: ObjectStore, opts: ReplicateOptions) -> Manifest:
+    m = _retry(lambda: Manifest.load(target, opts.max_manifest_bytes))
+    if m is None:
+        raise ReplicationError(f"no replica at {target.url} (no manifest)")
+    return m
+
+
+def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, *,
+            compensate: bool = False, follow: bool = False, target: ObjectStore | None = None,
+            progress: Callable[[int, int], None] | None = None,
+            _snapshot: dict | None = None, _cut_end: int | None = None) -> dict:
+    """Rebuild a store at ``dest`` (absent or empty) from the replica at ``url``."""
+    t_start = time.monotonic()
+    opts = ReplicateOptions.from_any(replicate_options)
+    dest = os.path.abspath(dest)
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise ReplicationError(f"restore destination {dest} exists and is not empty")
+    tgt = target if target is not None else open_target(url, opts)
+    parent = os.path.dirname(dest)
+    _src.make_dir(parent) if not os.path.isdir(parent) else None
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.restoring-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix="walstore-restore-")
+    try:
+        m = load_manifest(tgt, opts)
+        store_id = m.doc["store_id"]
+        fetch = _Fetcher(tgt, store_id, tmp)
+        if _cut_end is not None:
+            boundary, what = None, f"end LSN {_cut_end}"
+            cut_goal = _cut_end
+        else:
+            boundary, what = _resolve(m, fetch, to)
+            cut_goal = m.end() if boundary is None else boundary + 1
+        if _snapshot is not None:
+            snap, start = _snapshot, m.wal_start_for(_snapshot["lsn"])
+            chain = m.chain(start, cut_goal) if start is not None else None
+            if chain is None:
+                raise ReplicationError(f"snapshot at LSN {snap['lsn']} is not usable")
+        else:
+            snap, chain, start = m.plan(cut_goal)
+        # the snapshot
+        os.chmod(stage, _src.DIR_MODE)
+        db = os.path.join(stage, "db")
+        wal = os.path.join(stage, "wal")
+        _src.make_dir(db)
+        _src.make_dir(wal)
+        if snap["k"] is not None:
+            _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"))
+            applied = _src.read_applied(db)
+        else:  # the empty store at LSN 0
+            _src.create_empty_db(db)
+            applied = 0
+        if applied != snap["lsn"]:
+            raise ReplicationError(f"snapshot {snap['k']} holds LSN {applied}, the manifest "
+                                   f"says {snap['lsn']}")
+        # the WAL, cut at the target
+        log = RestoredLog(wal, store_id, prealloc=follow)
+        opened: dict[int, int] = {}
+        total = sum(e["n"] for e in chain)
+        done = 0
+        try:
+            for e in chain:
+                for lsn, rtype, raw, _s in fetch.records(e):
+                    if boundary is not None and lsn > boundary:
+                        break
+                    if _cut_end is not None and lsn + len(raw) > _cut_end:
+                        break
+                    log.append(lsn, raw, e["seg"], rtype)
+                    if rtype in logformat.OPENING or rtype in logformat.ENDING:
+                        tx = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("tx")
+                        if isinstance(tx, int):
+                            if rtype in logformat.OPENING:
+                                opened.setdefault(tx, lsn)
+                            else:
+                                opened.pop(tx, None)
+                fetch.drop(e)
+                done += e["n"]
+                if progress:
+                    progress(done, total)
+            log.finish()
+        finally:
+            log.close()
+        cut = log.end if log.end is not None else applied
+        if cut < applied:
+            cut = applied
+        if _cut_end is not None and cut != _cut_end:
+            raise ReplicationError(f"the replica's WAL does not end a record at LSN {_cut_end}")
+        _src.prepare_restored_db(db, cut, _points_at(m, cut))
+        identity = dict(m.doc["identity"])
+        identity["origin"] = {"kind": "restore", "from": display_url(url),
+                              "lineage": uuid.uuid4().hex, "parent_lineage": m.doc["lineage"],
+                              "cut": cut, "restored": time.time(), "compensate": bool(compensate),
+                              "follow": bool(follow)}
+        _src.write_file_atomic(os.path.join(stage, "STORE"), json.dumps(identity).encode())
+        _src.fsync_dir(stage)
+        if os.path.isdir(dest):
+            os.rmdir(dest)
+        os.rename(stage, dest)
+        _src.fsync_dir(parent)
+        stage = None
+        return {"url": display_url(url), "dest": dest, "target": what, "snapshot_lsn": applied,
+                "start_lsn": start, "cut_lsn": cut, "wal_objects": len(chain),
+                "wal_bytes": log.bytes, "downloaded_bytes": fetch.bytes + snap["n"],
+                "in_flight_txids": sorted(opened), "lineage": identity["origin"]["lineage"],
+                "seconds": round(time.monotonic() - t_start, 3)}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if target is None:
+            tgt.close()
+
+
+def _points_at(m: Manifest, cut: int) -> dict[str, dict | None]:
+    """Restore points the manifest knows: alive at the cut -> {lsn, ts}; else None."""
+    out: dict[str, dict | None] = {}
+    for name, p in m.doc["points"].items():
+        alive = p["lsn"] < cut and (p.get("dropped") is None or p["dropped"] >= cut)
+        out[name] = {"lsn": p["lsn"], "ts": p.get("ts") or 0.0} if alive else None
+    return out
+
+
+def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
+    def once():
+        with open(path, "wb") as f:
+            os.fchmod(f.fileno(), _src.FILE_MODE)
+            return tgt.download(snap["k"], f, min(snap["n"], MAX_SNAPSHOT_BYTES))
+    got = _retry(once)
+    if got is None:
+        raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is listed "
+                               f"in the manifest but missing")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            h.update(chunk)
+        os.fsync(f.fileno())
+    if got[0] != snap["n"] or h.hexdigest() != snap["sha"]:
+        raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} is damaged (size or sha256 "
+                               f"differs from the manifest)")
+
+
+# ---- follow -------------------------------------------------------------------------
+def follow(url: str, dest: str, replicate_options: Any = None, *,
+           stop: threading.Event | None = None, interval: float | None = None,
+           apply_every: float = 30.0, on_round: Callable[[dict], None] | None = None,
+           target: ObjectStore | None = None) -> None:
+    """Keep ``dest`` a current read-only copy of the replica until ``stop`` is set.
+
+    New WAL objects are appended to its log as whole records (readers opening it with
+    ``walstore.open(dest, readonly=True)`` see whole commits only) and applied to its
+    LMDB every ``apply_every`` seconds (REDO only, nothing is compensated)."""
+    opts = ReplicateOptions.from_any(replicate_options)
+    interval = interval or opts.interval
+    stop = stop or threading.Event()
+    tgt = target if target is not None else open_target(url, opts)
+    try:
+        if not os.path.exists(dest) or not os.listdir(dest):
+            restore(url, dest, None, opts, follow=True, target=tgt)
+        store_id, identity = _src.read_identity(dest)
+        origin = identity.get("origin") or {}
+        log = RestoredLog.resume(os.path.join(dest, "wal"), store_id)
+        if log.end is None:  # restored without a WAL record: the log goes on at the cut
+            log.end = origin.get("cut")
+        etag = None
+        last_apply = 0.0
+        applied_since = 1  # a restored log is applied to LMDB in the first round
+        tmp = tempfile.mkdtemp(prefix="walstore-follow-")
+        try:
+            while not stop.is_set():
+                got = tgt.get(MANIFEST_KEY, opts.max_manifest_bytes, if_none_match=etag)
+                info = {"position": log.end, "appended": 0}
+                if got is not None and got != NOT_MODIFIED:
+                    m = Manifest(decode(got[0], tgt.url), got[1])
+                    if m.doc["store_id"] != store_id or \
+                            m.doc["lineage"] != origin.get("parent_lineage"):
+                        raise ReplicationError(f"{display_url(url)} now holds another store's "
+                                               f"replica; the follower stops")
+                    if log.end is not None and m.end() > log.end:
+                        fetch = _Fetcher(tgt, store_id, tmp)
+                        for e in m.chain(log.end, m.end()):
+                            for lsn, rtype, raw, _s in fetch.records(e):
+                                if lsn >= log.end:
+                                    log.append(lsn, raw, e["seg"], rtype)
+                                    info["appended"] += len(raw)
+                            log.sync()
+                            fetch.drop(e)
+                    etag = got[1]
+                applied_since += info["appended"]
+                if applied_since and time.monotonic() - last_apply >= apply_every:
+                    keep = _src.redo_into_lmdb(dest)
+                    _trim(os.path.join(dest, "wal"), keep, log.start)
+                    applied_since, last_apply = 0, time.monotonic()
+                info["position"] = log.end
+                if on_round:
+                    on_round(info)
+                stop.wait(interval)
+        finally:
+            log.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if target is None:
+            tgt.close()
+
+
+def _trim(wal_dir: str, keep: int, current: int) -> None:
+    """Remove a follower's segment files wholly below ``keep`` (never the current one)."""
+    names = sorted(n for n in os.listdir(wal_dir) if n.endswith(".wal") and n[:20].isdigit())
+    starts = [int(n[:20]) for n in names]
+    for (s, n), nxt in zip(zip(starts, names), starts[1:]):
+        if nxt <= keep and s != current:
+            os.unlink(os.path.join(wal_dir, n))
+    _src.fsync_dir(wal_dir)
+
+
+# ---- inspection ---------------------------------------------------------------------
+def replicas(url: str, verify: bool = False, replicate_options: Any = None,
+             target: ObjectStore | None = None) -> dict:
+    """What the replica at ``url`` holds; ``verify``: restore it into a temporary
+    directory and compare state digests with those the manifest recorded."""
+    opts = ReplicateOptions.from_any(replicate_options)
+    tgt = target if target is not None else open_target(url, opts)
+    try:
+        m = load_manifest(tgt, opts)
+        now = time.time()
+        d = m.doc
+        report = {
+            "url": display_url(url), "store_id": d["store_id"].hex(), "lineage": d["lineage"],
+            "updated": d["updated"], "age_seconds": round(now - d["updated"], 3),
+            "writer": {k: (d.get("writer") or {}).get(k) for k in ("host", "pid", "path")},
+            "position": m.end(),
+            "snapshots": [{"lsn": s["lsn"], "time": s["ts"], "bytes": s["n"], "keys": s["keys"],
+                           "restorable": m.wal_start_for(s["lsn"]) is not None}
+                          for s in sorted(m.snapshots, key=lambda s: s["lsn"])],
+            "wal": {"first": m.wal[0]["a"] if m.wal else m.end(), "end": m.end(),
+                    "objects": len(m.wal), "bytes": sum(e["n"] for e in m.wal)},
+            "holes": [{"from": h["a"], "to": h["b"], "reason": h["reason"]} for h in d["holes"]],
+            "restore_points": [{"name": n, "lsn": p["lsn"], "time": p.get("ts"),
+                                "dropped": p.get("dropped") is not None}
+                               for n, p in sorted(d["points"].items(), key=lambda x: x[1]["lsn"])],
+            "last_commit": d.get("last_commit"),
+            "lag_seconds": round(now - d["updated"], 3),
+        }
+        if verify:
+            report["verify"] = _verify(url, m, tgt, opts)
+        return report
+    finally:
+        if target is None:
+            tgt.close()
+
+
+def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions) -> dict:
+    """Full restore (every object of the newest chain, CRC by CRC), then the newest
+    snapshot's state rebuilt from the one before it (or itself) and compared by digest."""
+    import walstore
+    checks = []
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="walstore-verify-") as tmp:
+        try:
+            r = restore(url, os.path.join(tmp, "full"), None, opts, target=tgt)
+            s = walstore.open(os.path.join(tmp, "full"))
+            s.close()
+            checks.append({"check": "restore everything", "ok": True, "cut_lsn": r["cut_lsn"],
+                           "wal_objects": r["wal_objects"]})
+        except Exception as e:
+            ok = False
+            checks.append({"check": "restore everything", "ok": False, "error": str(e)})
+        snaps = sorted((s for s in m.snapshots if m.wal_start_for(s["lsn"]) is not None),
+                       key=lambda s: s["lsn"])
+        if snaps:
+            newest = snaps[-1]
+            base = snaps[-2] if len(snaps) > 1 else newest
+            where = os.path.join(tmp, "digest")
+            try:
+                restore(url, where, None, opts, target=tgt, _snapshot=base,
+                        _cut_end=newest["lsn"])
+                s = walstore.open(where)
+                s.close()
+                got = _src.state_digest(os.path.join(where, "db"))
+                same = got["sha256"] == newest["st"]
+                ok = ok and same
+                checks.append({"check": "state digest", "ok": same, "lsn": newest["lsn"],
+                               "base_snapshot_lsn": base["lsn"], "expected": newest["st"],
+                               "got": got["sha256"], "keys": got["keys"]})
+            except Exception as e:
+                ok = False
+                checks.append({"check": "state digest", "ok": False, "error": str(e)})
+    return {"ok": ok, "checks": checks}

@@ -1,0 +1,214 @@
+"""The S3-compatible object store (boto3; the ``walstore[s3]`` extra; nothing else imports it).
+
+Owns the boto3 client setup and every S3 call replication makes.  Choices:
+- checksum calculation and validation "when_required": the AWS SDK's default request
+  checksums break R2, B2 and other S3-compatible servers;
+- the client's "standard" retry mode (exponential backoff with jitter) for each request,
+  on top of which the shipper retries whole rounds with its own backoff;
+- conditional writes with ``put_object(IfNoneMatch="*")`` / ``IfMatch=etag`` (``upload_file``
+  rejects those), and for large bodies a multipart upload completed with the same
+  condition, aborted on failure; leftovers of uploads cut short are aborted by
+  :meth:`S3Target.cleanup_uploads` (the lease holder runs it when it starts);
+- credentials from the standard chain only (boto3's own resolution); nothing here reads,
+  logs or stores them, and error messages carry only the operation, key and error code.
+"""
+from __future__ import annotations
+
+import collections
+import io
+from typing import BinaryIO
+
+import boto3
+import botocore.exceptions as bexc
+from botocore.config import Config
+
+from .options import ReplicateOptions
+from .targets import NOT_MODIFIED, PreconditionFailed, TargetError
+
+_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                    "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
+                    "OperationAborted", "ConditionalRequestConflict"}
+
+
+class S3Target:
+    def __init__(self, bucket: str, prefix: str, options: ReplicateOptions | None = None) -> None:
+        opts = options or ReplicateOptions.from_any()
+        self.bucket = bucket
+        self.prefix = prefix + "/" if prefix else ""
+        self.url = f"s3://{bucket}/{prefix}".rstrip("/")
+        self.multipart_threshold = opts.multipart_threshold
+        self.part_size = opts.part_size
+        self.requests: collections.Counter = collections.Counter()
+        config = Config(request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                        retries={"mode": "standard", "max_attempts": opts.max_attempts},
+                        connect_timeout=opts.connect_timeout, read_timeout=opts.read_timeout,
+                        s3={"addressing_style": opts.addressing_style})
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=opts.endpoint_url,
+                                     region_name=opts.region, config=config)
+        self.client.meta.events.register("before-send.s3", self._count)
+
+    def _count(self, request=None, **_kw) -> None:
+        method = getattr(request, "method", "?")
+        if method == "GET" and "list-type=" in getattr(request, "url", ""):
+            method = "LIST"
+        self.requests[method] += 1
+
+    def _key(self, key: str) -> str:
+        return self.prefix + key
+
+    def _fail(self, op: str, key: str, e: Exception) -> TargetError:
+        if isinstance(e, bexc.ClientError):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", "?"))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status == 412 or code == "PreconditionFailed":
+                return PreconditionFailed(f"{op} {self.url}/{key}: precondition failed")
+            transient = status >= 500 or status == 429 or code in _TRANSIENT_CODES
+            return TargetError(f"{op} {self.url}/{key}: {code} (HTTP {status})", transient)
+        if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError)):
+            return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}: cannot reach the "
+                               f"server", True)
+        if isinstance(e, bexc.NoCredentialsError):
+            return TargetError(f"{op} {self.url}/{key}: no AWS credentials found in the "
+                               f"standard chain (environment, config files, roles)", False)
+        if isinstance(e, bexc.BotoCoreError):
+            return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}", True)
+        return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}", True)
+
+    @staticmethod
+    def _status(e: Exception) -> int:
+        if isinstance(e, bexc.ClientError):
+            return e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return 0
+
+    def get(self, key: str, max_bytes: int, if_none_match: str | None = None):
+        buf = io.BytesIO()
+        got = self.download(key, buf, max_bytes, if_none_match)
+        if got is None or got == NOT_MODIFIED:
+            return got
+        return buf.getvalue(), got[1]
+
+    def download(self, key: str, f: BinaryIO, max_bytes: int, if_none_match: str | None = None):
+        """Stream the object into ``f`` (never more than ``max_bytes``): (size, etag), None
+        when absent, NOT_MODIFIED when its etag is ``if_none_match``."""
+        kw = {"IfNoneMatch": if_none_match} if if_none_match else {}
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kw)
+        except Exception as e:
+            status = self._status(e)
+            if status == 404:
+                return None
+            if status == 304:
+                return NOT_MODIFIED
+            raise self._fail("GET", key, e) from None
+        body = r["Body"]
+        n = 0
+        try:
+            if r.get("ContentLength", 0) > max_bytes:
+                raise TargetError(f"object {key} is larger than the {max_bytes} byte bound", False)
+            for chunk in body.iter_chunks(1 << 20):
+                n += len(chunk)
+                if n > max_bytes:
+                    raise TargetError(f"object {key} is larger than {max_bytes} bytes", False)
+                f.write(chunk)
+        except TargetError:
+            raise
+        except Exception as e:
+            raise self._fail("GET", key, e) from None
+        finally:
+            body.close()
+        return n, r.get("ETag", "")
+
+    def put(self, key: str, body, *, if_none_match: bool = False, if_match: str | None = None):
+        cond = {}
+        if if_none_match:
+            cond["IfNoneMatch"] = "*"
+        elif if_match is not None:
+            cond["IfMatch"] = if_match
+        size = len(body) if isinstance(body, (bytes, bytearray)) else _remaining(body)
+        if size > self.multipart_threshold:
+            return self._multipart(key, body, cond)
+        try:
+            r = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
+                                       ContentLength=size, **cond)
+        except Exception as e:
+            raise self._fail("PUT", key, e) from None
+        return r.get("ETag", "")
+
+    def _multipart(self, key: str, body: BinaryIO, cond: dict) -> str:
+        try:
+            upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            raise self._fail("CreateMultipartUpload", key, e) from None
+        uid = upload["UploadId"]
+        parts = []
+        try:
+            number = 1
+            while True:
+                chunk = body.read(self.part_size)  # one part in memory at a time
+                if not chunk:
+                    break
+                r = self.client.upload_part(Bucket=self.bucket, Key=self._key(key), UploadId=uid,
+                                            PartNumber=number, Body=chunk)
+                parts.append({"PartNumber": number, "ETag": r["ETag"]})
+                number += 1
+            r = self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self._key(key), UploadId=uid,
+                MultipartUpload={"Parts": parts}, **cond)
+            return r.get("ETag", "")
+        except Exception as e:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key),
+                                                   UploadId=uid)
+            except Exception:
+                pass  # cleanup_uploads aborts it later
+            if isinstance(e, TargetError):
+                raise
+            raise self._fail("multipart upload", key, e) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except Exception as e:
+            if self._status(e) != 404:
+                raise self._fail("DELETE", key, e) from None
+
+    def list(self, prefix: str):
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix))
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    yield obj["Key"][len(self.prefix):], obj.get("Size", 0)
+        except Exception as e:
+            raise self._fail("LIST", prefix, e) from None
+
+    def cleanup_uploads(self) -> int:
+        """Abort multipart uploads left under this prefix by a writer that was cut short."""
+        n = 0
+        try:
+            pages = self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=self.prefix)
+            for page in pages:
+                for up in page.get("Uploads", ()):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
+                                                       UploadId=up["UploadId"])
+                    n += 1
+        except Exception as e:
+            raise self._fail("ListMultipartUploads", "", e) from None
+        return n
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+def _remaining(f: BinaryIO) -> int:
+    pos = f.tell()
+    end = f.seek(0, 2)
+    f.seek(pos)
+    return end - pos

@@ -1,0 +1,579 @@
+"""The shipper: continuous replication of one store to one replica URL.
+
+Owns the shipping round (:meth:`Shipper.ship_once`) and the background thread that runs
+it every ``interval`` seconds, the status (:class:`ReplicationStatus`), ``sync`` (wait
+until a given LSN is shipped), periodic snapshots, compaction of small WAL objects into
+larger ones, retention, and the WAL trim pin.
+
+A round: renew the lease when due; read the durable frontier; for every segment from the
+shipped position, cut the CRC-checked records below the frontier into one immutable WAL
+object (If-None-Match), then write the manifest (If-Match).  The position (and
+``shipped_lsn``) advances only after both are complete.  Nothing new: no request at all,
+except a lease renewal every ``lease_ttl / 3`` seconds.
+
+Invariants: the shipper never writes a byte of the store (the pin is a request to the
+engine); it never blocks a commit (it holds no store lock; the LMDB snapshot is a read
+transaction); any failure only grows the lag, and the next round resumes from the
+position in the manifest; a lost lease stops shipping for good and says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ReplicationError
+from . import logformat, source as _src
+from .lease import Lease, LeaseLost, Refused, holder_info
+from .manifest import Manifest
+from .options import ReplicateOptions
+from .targets import ObjectStore, PreconditionFailed, display_url, open_target
+
+IN_MEMORY_OBJECT = 8 << 20   # WAL objects up to this size are built in memory, larger spooled
+SAVE_EVERY = 5.0             # a long round writes the manifest at least this often
+RETENTION_EVERY = 60.0
+
+
+@dataclass
+class ReplicationStatus:
+    """What ``store.replication()`` returns."""
+
+    url: str
+    state: str                 # starting | running | stopped | lease-lost | refused
+    shipped_lsn: int           # every record below it is in the replica (0: nothing yet)
+    durable_lsn: int           # the local durable frontier last seen
+    lag_bytes: int
+    lag_seconds: float
+    last_error: str | None
+    last_shipped_at: float | None = None
+    snapshots: int = 0
+    requests: dict = field(default_factory=dict)
+
+
+def wal_key(a: int, b: int, level: int) -> str:
+    return f"wal/{a:020d}-{b:020d}-L{level}"
+
+
+class Shipper:
+    def __init__(self, source: _src.Source, url: str, options: Any = None,
+                 target: ObjectStore | None = None) -> None:
+        self.source = source
+        self.opts = ReplicateOptions.from_any(options)
+        self.url = display_url(url)
+        self.target = target if target is not None else open_target(url, self.opts)
+        self.token = uuid.uuid4().hex
+        self.holder = holder_info(self.token, source.path, source.store_id, source.lineage)
+        self.lease = Lease(self.target, self.holder, self.opts.lease_ttl)
+        self.manifest: Manifest | None = None
+        self.state = "starting"
+        self.last_error: str | None = None
+        self.shipped = 0
+        self.last_shipped_at: float | None = None
+        self._durable = 0
+        self._behind_since: float | None = None
+        self._round = threading.Lock()
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._first = threading.Event()
+        self._start_error: Exception | None = None
+        self._started = False
+        self._last_retention = 0.0
+        self._snapshot_retry_at = 0.0
+        self._tmp = tempfile.mkdtemp(prefix="walstore-ship-")
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self, wait: float = 5.0) -> "Shipper":
+        """Ship in a background thread.  The lease is taken first, waiting up to ``wait``
+        seconds: a second writer is refused here (ReplicationError naming the holder).
+        A server that does not answer in time does not fail the start: the thread keeps
+        trying, and a refusal found later stops it with state "refused"."""
+        self._first = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="walstore-replication",
+                                        daemon=True)
+        self._thread.start()
+        self._first.wait(wait)
+        if self.state == "refused" or (self._start_error is not None
+                                       and not getattr(self._start_error, "transient", True)):
+            self.stop(release=False)
+            raise self._start_error
+        return self
+
+    def stop(self, release: bool = True, wait: float = 5.0) -> None:
+        """Stop shipping and release the lease; waits up to ``wait`` seconds for a round in
+        flight (a hung server does not hold up the store's close)."""
+        self._stop.set()
+        self._wake.set()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(wait)
+        if self.state not in ("lease-lost", "refused"):
+            self.state = "stopped"
+        with self._cond:
+            self._cond.notify_all()
+        if release and self.state != "refused" and (t is None or not t.is_alive()):
+            self.lease.release()
+        if t is None or not t.is_alive():
+            self.close()
+
+    def close(self) -> None:
+        self.target.close()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _run(self) -> None:
+        delay = self.opts.interval
+        while not self._stop.is_set():
+            try:
+                self.ship_once()
+                self.last_error = None
+                delay = self.opts.interval
+            except (LeaseLost, Refused) as e:
+                self.state = "lease-lost" if isinstance(e, LeaseLost) else "refused"
+                self.last_error, self._start_error = str(e), e
+                with self._cond:
+                    self._cond.notify_all()
+                return
+            except Exception as e:  # anything else: retry with backoff; commits go on
+                self.last_error = f"{type(e).__name__}: {e}"
+                if not self._started:
+                    self._start_error = e
+                delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
+                delay *= 0.5 + random.random()
+                with self._cond:
+                    self._cond.notify_all()
+            finally:
+                self._first.set()
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        src = self.source
+        self.lease.acquire()
+        m = Manifest.load(self.target, self.opts.max_manifest_bytes)
+        if m is None:
+            m = Manifest.new(src.store_id, src.lineage, src.identity)
+        elif m.doc["store_id"] != src.store_id or m.doc["lineage"] != src.lineage:
+            self.lease.release()
+            raise Refused(
+                f"{self.url} holds the replica of store {m.doc['store_id'].hex()} (lineage "
+                f"{m.doc['lineage']}); this store is {src.store_id.hex()} (lineage "
+                f"{src.lineage}): replicate it to a new URL")
+        self.manifest = m
+        self.shipped = m.position or 0
+        self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
+        self._collect_orphans()
+        self._started = True
+        self.state = "running"
+
+    def _collect_orphans(self) -> None:
+        """Objects the manifest never listed (an upload whose manifest write failed)."""
+        m = self.manifest
+        known = {e["k"] for e in m.wal} | {s["k"] for s in m.snapshots}
+        known |= {k for k, _t in m.doc["trash"]}
+        for prefix in ("wal/", "snapshots/"):
+            for key, _size in list(self.target.list(prefix)):
+                if key not in known:
+                    self.target.delete(key)
+
+    # ---- status and sync ---------------------------------------------------------------
+    def status(self) -> ReplicationStatus:
+        try:
+            durable = max(self._durable, self.source.durable_lsn())
+        except Exception:
+            durable = self._durable
+        self._durable = durable
+        lag = max(0, durable - self.shipped)
+        if lag and self._behind_since is None:
+            self._behind_since = time.time()
+        lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
+        m = self.manifest
+        return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
+                                 self.last_error, self.last_shipped_at,
+                                 len(m.snapshots) if m else 0, dict(self.target.requests))
+
+    def sync(self, lsn: int, timeout: float = 30.0) -> int:
+        """Wait until everything below ``lsn`` is shipped; ReplicationError naming the
+        cause when that does not happen within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        with self._cond:
+            while self.shipped < lsn:
+                if self.state in ("lease-lost", "refused"):
+                    raise ReplicationError(f"cannot sync the replica: {self.last_error}")
+                if self.state == "stopped":
+                    raise ReplicationError(f"replication to {self.url} is stopped")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ReplicationError(
+                        f"replica {self.url} holds the log up to LSN {self.shipped}, "
+                        f"{lsn - self.shipped} bytes short of LSN {lsn} after {timeout:g} s: "
+                        f"{self.last_error or 'shipping is still in progress'}")
+                self._cond.wait(min(left, 0.25))
+                self._wake.set()
+        return self.shipped
+
+    def _advanced(self, position: int) -> None:
+        with self._cond:
+            self.shipped = position
+            self.last_shipped_at = time.time()
+            self._cond.notify_all()
+
+    # ---- a round -----------------------------------------------------------------------
+    def ship_once(self) -> dict:
+        """One shipping round; returns what it did.  Raises on failure (the background
+        thread retries with backoff; a cron-style caller runs it again later)."""
+        with self._round:
+            if self.state == "lease-lost":
+                raise LeaseLost(self.last_error or "the lease was lost")
+            if self.state == "refused":
+                raise self._start_error
+            self._ensure_started()
+            m = self.manifest
+            t0 = time.time()
+            if self.lease.renew_due():
+                self.lease.renew()
+            durable = self.source.durable_lsn()
+            self._durable = max(self._durable, durable)
+            if durable > self.shipped and self._behind_since is None:
+                self._behind_since = t0
+            summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
+                       "deleted": 0}
+            if m.position is None:
+                self._begin(summary)
+            self._ship_wal(durable, summary)
+            if self._snapshot_due():
+                self._snapshot(summary)
+            self._compact(summary)
+            self._retain(summary)
+            self._pin(durable)
+            if self.shipped >= self._durable:
+                self._behind_since = None
+            elif self._behind_since is not None:
+                self._behind_since = max(self._behind_since, t0)
+            summary["position"] = self.shipped
+            return summary
+
+    def _save(self) -> None:
+        try:
+            self.manifest.save(self.target, self.holder)
+        except PreconditionFailed:
+            got = Manifest.load(self.target, self.opts.max_manifest_bytes)
+            if got is not None and (got.doc.get("writer") or {}).get("id") == self.token:
+                self.manifest.etag = got.etag  # our own earlier write landed unanswered
+                self.manifest.save(self.target, self.holder)
+                return
+            who = (got.doc.get("writer") if got else None) or {}
+            raise LeaseLost(f"the manifest of {self.url} was written by another writer "
+                            f"(process {who.get('pid', '?')} on host {who.get('host', '?')}); "
+                            f"shipping stopped") from None
+
+    def _begin(self, summary: dict) -> None:
+        """A new replica: ship from the first local segment, with a snapshot."""
+        segs = self.source.segments()
+        if not segs:
+            raise ReplicationError(f"store {self.source.path} has no WAL segment to ship")
+        self.manifest.doc["position"] = segs[0][0]
+        self.manifest.doc["open"] = {}
+        if segs[0][0] == 0:  # the whole log is here: the empty store is a base too
+            self.manifest.snapshots.append({"k": None, "lsn": 0, "n": 0, "sha": None,
+                                            "st": hashlib.sha256().hexdigest(), "keys": 0,
+                                            "ts": time.time()})
+        self._snapshot(summary)
+
+    def _pin(self, durable: int) -> None:
+        pos = self.manifest.position
+        if pos is None or durable - pos > self.opts.max_pin_bytes:
+            self.source.retain_from(None)  # past the bound: let it trim; a hole may follow
+        else:
+            self.source.retain_from(pos)
+
+    # ---- WAL objects -------------------------------------------------------------------
+    def _ship_wal(self, durable: int, summary: dict) -> None:
+        m = self.manifest
+        last_save = time.monotonic()
+        dirty = False
+        while m.position < durable and not self._stop.is_set():
+            pos = m.position
+            segs = self.source.segments()
+            if not segs or pos < segs[0][0]:
+                self._hole(pos, segs, summary)
+                dirty = True
+                continue
+            i = max(j for j, (s, _p) in enumerate(segs) if s <= pos)
+            start, path = segs[i]
+            nxt = segs[i + 1][0] if i + 1 < len(segs) else None
+            limit = durable if nxt is None else min(durable, nxt)
+            try:
+                built = self._build(start, path, pos, limit, self.opts.max_object_bytes)
+            except FileNotFoundError:
+                continue  # trimmed while we looked: the next pass sees the hole
+            if built is None:
+                raise ReplicationError(
+                    f"the local WAL of {self.source.path} has no valid record at LSN {pos} "
+                    f"(segment {os.path.basename(path)}) although LSN {durable} is durable; "
+                    f"run `walstore verify`")
+            body, entry, state = built
+            self._upload_immutable(entry["k"], body)
+            m.wal.append(entry)
+            m.doc["position"] = entry["b"]
+            m.doc["open"], m.doc["points"], m.doc["last_commit"] = state
+            summary["objects"] += 1
+            summary["bytes"] += entry["n"]
+            dirty = True
+            if time.monotonic() - last_save >= SAVE_EVERY:
+                self._save()
+                self._advanced(m.position)
+                last_save, dirty = time.monotonic(), False
+        if dirty:
+            self._save()
+            self._advanced(m.position)
+
+    def _build(self, seg: int, path: str, pos: int, limit: int, max_bytes: int,
+               level: int = 0):
+        """A WAL object of the valid records of one segment in [pos, limit), at most
+        ``max_bytes`` (at least one record); None when there is no valid record at pos.
+        Returns (body, manifest entry, (open, points, last_commit) after it)."""
+        m = self.manifest
+        import mmap
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= logformat.HEADER_SIZE:
+                return None
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                store_id, hstart, _pre = logformat.read_segment_header(
+                    mm[:logformat.HEADER_SIZE])
+                if store_id != self.source.store_id or hstart != seg:
+                    raise ReplicationError(f"segment {path} does not belong to this log")
+                salt = logformat.salt(store_id, seg)
+                off0 = pos - seg + logformat.HEADER_SIZE
+                opened = dict(m.open)
+                points = {k: dict(v) for k, v in m.doc["points"].items()}
+                last = m.doc["last_commit"]
+                om = min(opened.values()) if opened else None
+                t0 = t1 = x0 = x1 = None
+                end, n = pos, 0
+                for rec in logformat.iter_records(mm, off0, pos, salt, len(mm)):
+                    if rec.end > limit or (n and rec.end - pos > max_bytes):
+                        break
+                    end, n = rec.end, n + 1
+                    info = logformat.summarize(rec.type, logformat.payload(mm, rec))
+                    tx = info.get("tx")
+                    if rec.type in logformat.OPENING and isinstance(tx, int):
+                        opened.setdefault(tx, rec.lsn)
+                    elif rec.type in logformat.ENDING and isinstance(tx, int):
+                        opened.pop(tx, None)
+                    if rec.type == logformat.COMMIT and isinstance(tx, int):
+                        ts = info.get("ts") if isinstance(info.get("ts"), (int, float)) else None
+                        if ts is not None:
+                            t0 = ts if t0 is None else min(t0, ts)
+                            t1 = ts if t1 is None else max(t1, ts)
+                        x0 = tx if x0 is None else min(x0, tx)
+                        x1 = tx if x1 is None else max(x1, tx)
+                        last = {"ts": ts, "tx": tx, "lsn": rec.lsn}
+                    elif rec.type == logformat.RESTORE_POINT and isinstance(info.get("name"), str):
+                        name = info["name"]
+                        if info.get("drop"):
+                            if name in points:
+                                points[name]["dropped"] = rec.lsn
+                        else:
+                            points[name] = {"lsn": rec.lsn, "ts": info.get("ts"), "dropped": None}
+                if n == 0:
+                    return None
+                head = logformat.encode_object_header(store_id, self.source.lineage, seg, pos,
+                                                      end, n)
+                a, b = off0, off0 + (end - pos)
+                total = len(head) + (b - a)
+                if total <= IN_MEMORY_OBJECT:
+                    body: Any = head + mm[a:b]
+                else:
+                    body = tempfile.TemporaryFile(dir=self._tmp)
+                    body.write(head)
+                    for o in range(a, b, 1 << 20):
+                        body.write(mm[o:min(b, o + (1 << 20))])
+                    body.seek(0)
+        entry = {"k": wal_key(pos, end, level), "seg": seg, "a": pos, "b": end, "n": total,
+                 "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om}
+        return body, entry, (opened, points, last)
+
+    def _upload_immutable(self, key: str, body) -> None:
+        try:
+            self.target.put(key, body, if_none_match=True)
+        except PreconditionFailed:
+            # Exists: our own earlier upload whose answer was lost?  Same bytes, then.
+            mine = _sha256(body)
+            got = io.BytesIO()
+            size = _size(body)
+            if self.target.download(key, got, size) is None or \
+                    hashlib.sha256(got.getvalue()).hexdigest() != mine:
+                raise ReplicationError(f"object {self.url}/{key} exists with other content; "
+                                       f"is another writer using this URL?") from None
+        finally:
+            if not isinstance(body, (bytes, bytearray)):
+                body.close()
+
+    def _hole(self, pos: int, segs: list, summary: dict) -> None:
+        """The WAL from ``pos`` was trimmed before it was shipped: note the hole, take a
+        fresh snapshot, and ship on from the first local segment."""
+        m = self.manifest
+        if not segs:
+            raise ReplicationError(f"store {self.source.path} has no WAL segment to ship")
+        first = segs[0][0]
+        m.doc["holes"].append({"a": pos, "b": first, "ts": time.time(),
+                               "reason": "the local WAL was trimmed before it was shipped "
+                                         "(replication fell behind by more than the pin allows)"})
+        m.doc["position"] = first
+        m.doc["open"] = {}
+        self._snapshot(summary)  # saves the manifest
+
+    # ---- snapshots ---------------------------------------------------------------------
+    def _snapshot_due(self) -> bool:
+        m = self.manifest
+        if not m.snapshots:
+            return True
+        newest = max(m.snapshots, key=lambda s: s["lsn"])
+        if m.position <= newest["lsn"] or time.time() < self._snapshot_retry_at:
+            return False
+        return (time.time() - newest["ts"] >= self.opts.snapshot_interval
+                or m.position - newest["lsn"] >= self.opts.snapshot_wal_bytes)
+
+    def _snapshot(self, summary: dict) -> None:
+        m = self.manifest
+        d = tempfile.mkdtemp(dir=self._tmp)
+        try:
+            applied = self.source.snapshot(d)
+            if any(s["lsn"] == applied for s in m.snapshots):  # LMDB has not moved yet
+                self._snapshot_retry_at = time.time() + min(60.0, self.opts.snapshot_interval)
+                return
+            digest = _src.state_digest(d)
+            path = os.path.join(d, "data.mdb")
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                sha = _sha256(f)
+                f.seek(0)
+                key = f"snapshots/{applied:020d}-{uuid.uuid4().hex[:8]}.mdb"
+                self.target.put(key, f, if_none_match=True)
+            m.snapshots.append({"k": key, "lsn": applied, "n": size, "sha": sha,
+                                "st": digest["sha256"], "keys": digest["keys"],
+                                "ts": time.time()})
+            for name, p in digest["points"].items():  # named in WAL the shipper never saw
+                m.doc["points"].setdefault(name, {"lsn": p["lsn"], "ts": p.get("ts"),
+                                                  "dropped": None})
+            self._save()
+            self._advanced(m.position)
+            summary["snapshot"] = applied
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
+    # ---- compaction and retention ------------------------------------------------------
+    def _compact(self, summary: dict) -> None:
+        """Merge one run of ``compact_fanout`` adjacent objects of one level and segment."""
+        m = self.manifest
+        fan = self.opts.compact_fanout
+        wal = m.wal
+        run = 1
+        for i in range(1, len(wal)):
+            a, b = wal[i - 1], wal[i]
+            same = a["seg"] == b["seg"] and a["lv"] == b["lv"] and a["b"] == b["a"]
+            run = run + 1 if same else 1
+            if run == fan:
+                group = wal[i - fan + 1:i + 1]
+                break
+        else:
+            return
+        if sum(e["n"] for e in group) > self.opts.max_object_bytes:
+            return
+        seg, lo, hi, level = group[0]["seg"], group[0]["a"], group[-1]["b"], group[0]["lv"] + 1
+        body = self._merged_body(group, seg, lo, hi)
+        n = _size(body)
+        self._upload_immutable(wal_key(lo, hi, level), body)
+        merged = {"k": wal_key(lo, hi, level), "seg": seg, "a": lo, "b": hi, "n": n,
+                  "lv": level, "t0": _agg(min, group, "t0"), "t1": _agg(max, group, "t1"),
+                  "x0": _agg(min, group, "x0"), "x1": _agg(max, group, "x1"),
+                  "om": group[0]["om"]}
+        at = wal.index(group[0])
+        wal[at:at + len(group)] = [merged]
+        m.to_trash([e["k"] for e in group], time.time())
+        self._save()
+        summary["compacted"] += len(group)
+
+    def _merged_body(self, group: list, seg: int, lo: int, hi: int):
+        """The merged object's bytes: from the local segment while it is there (checked
+        record by record), else from the replica's own objects."""
+        path = dict(self.source.segments()).get(seg)
+        try:
+            built = path and self._build(seg, path, lo, hi, hi - lo + 1, group[0]["lv"] + 1)
+            if built and built[1]["b"] == hi:
+                return built[0]
+        except (OSError, ReplicationError, ValueError):
+            pass
+        out = tempfile.TemporaryFile(dir=self._tmp)
+        out.write(logformat.encode_object_header(self.source.store_id, self.source.lineage,
+                                                 seg, lo, hi, 0))
+        for e in group:
+            with tempfile.TemporaryFile(dir=self._tmp) as f:
+                if self.target.download(e["k"], f, e["n"]) is None:
+                    raise ReplicationError(f"WAL object {e['k']} is missing from {self.url}")
+                f.seek(0)
+                head, _hs = logformat.read_object_header(f)
+                for _lsn, _t, raw, _s in logformat.iter_object_records(
+                        f, head, self.source.store_id, e["k"]):
+                    out.write(raw)
+        out.seek(0)
+        return out
+
+    def _retain(self, summary: dict) -> None:
+        now = time.time()
+        if now - self._last_retention < RETENTION_EVERY:
+            return
+        self._last_retention = now
+        m = self.manifest
+        dropped = m.retention(now, self.opts.retention_seconds, self.opts.retain_snapshots)
+        m.to_trash(dropped, now)
+        due = [k for k, t in m.doc["trash"] if t <= now - self.opts.delete_grace]
+        if not dropped and not due:
+            return
+        for key in due:
+            self.target.delete(key)
+        gone = set(due)
+        m.doc["trash"] = [[k, t] for k, t in m.doc["trash"] if k not in gone]
+        self._save()
+        summary["deleted"] += len(due)
+
+
+def _agg(fn, group: list, key: str):
+    vals = [e[key] for e in group if e[key] is not None]
+    return fn(vals) if vals else None
+
+
+def _size(body) -> int:
+    if isinstance(body, (bytes, bytearray)):
+        return len(body)
+    pos = body.tell()
+    end = body.seek(0, 2)
+    body.seek(pos)
+    return end - pos
+
+
+def _sha256(body) -> str:
+    if isinstance(body, (bytes, bytearray)):
+        return hashlib.sha256(body).hexdigest()
+    pos = body.tell()
+    h = hashlib.sha256()
+    while True:
+        chunk = body.read(1 << 20)
+        if not chunk:
+            break
+        h.update(chunk)
+    body.seek(pos)
+    return h.hexdigest()

@@ -1,0 +1,275 @@
+"""Where replication reads a store from, and how it writes a restored one: the ONE place
+(with :mod:`.logformat`) that imports walstore internals.
+
+Owns the :class:`Source` protocol the shipper consumes (store id, path, durable frontier,
+segment files, a consistent LMDB snapshot, the "retain WAL from LSN" pin) and two
+implementations: :class:`DirectorySource` reads a store directory from outside the writer
+process (read-only; durable frontier found by scanning the last segment and fdatasyncing
+it, never ahead of what a crash would keep), and :class:`InProcessSource` adapts an open
+``walstore.Store`` of this branch (the lead re-implements it on the new facade).  It also
+owns the LMDB-side helpers of restore: reading ``applied``, the state digest, dropping
+restore points past a cut, and REDO of a follower's log into its LMDB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import threading
+from typing import Protocol, runtime_checkable
+
+import lmdb
+
+from .. import fileio
+from ..engine.layout import Layout
+from ..log.segment import create_segment, list_segments
+from . import logformat
+
+_U64 = struct.Struct(">Q")
+FILE_MODE, DIR_MODE = fileio.FILE_MODE, fileio.DIR_MODE
+make_dir = fileio.make_dir
+fsync_dir = fileio.fsync_dir
+write_file_atomic = fileio.write_file_atomic
+__all__ = ["Source", "DirectorySource", "InProcessSource", "read_applied", "state_digest",
+           "prepare_restored_db", "redo_into_lmdb", "read_identity", "new_segment_file",
+           "create_empty_db"]
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What the shipper needs from a store."""
+
+    store_id: bytes
+    path: str
+    identity: dict      # the STORE document (format, version, store_id, maybe origin)
+    lineage: str        # store id hex for an original store; origin.lineage for a restore
+
+    def durable_lsn(self) -> int: ...
+    def segments(self) -> list[tuple[int, str]]: ...
+    def snapshot(self, dest_dir: str) -> int: ...
+    def retain_from(self, lsn: int | None) -> None: ...
+    def close(self) -> None: ...
+
+
+def read_identity(path: str) -> tuple[bytes, dict]:
+    """(store id, STORE document) of the store at ``path``; NotAStore when it is not one."""
+    layout = Layout(path)
+    store_id = layout.read_identity()
+    with open(layout.identity, "rb") as f:
+        doc = json.loads(f.read(1 << 16))
+    return store_id, doc
+
+
+def lineage_of(store_id: bytes, identity: dict) -> str:
+    origin = identity.get("origin")
+    if isinstance(origin, dict) and isinstance(origin.get("lineage"), str):
+        return origin["lineage"]
+    return store_id.hex()
+
+
+class DirectorySource:
+    """A store directory read from outside its writer (never writes a byte of it).
+
+    The durable frontier: every segment but the last is durable (the writer fsyncs a
+    segment before creating the next); in the last one, the end of the valid records,
+    made durable by an fdatasync of our own (``fsync=True``), else the largest
+    ``synced_lsn`` seen in its records.
+    """
+
+    def __init__(self, path: str, fsync: bool = True) -> None:
+        self.layout = Layout(path)
+        self.path = self.layout.root
+        self.store_id, self.identity = read_identity(path)
+        self.lineage = lineage_of(self.store_id, self.identity)
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._tail: tuple[int, str] | None = None
+        self._tail_off = logformat.HEADER_SIZE
+        self._tail_lsn = 0
+        self._synced_seen = 0
+        self._durable = 0
+        self.pin: int | None = None
+
+    def segments(self) -> list[tuple[int, str]]:
+        return list_segments(self.layout.wal)
+
+    def durable_lsn(self) -> int:
+        with self._lock:
+            segs = self.segments()
+            if not segs:
+                return self._durable
+            start, path = segs[-1]
+            if self._tail != (start, path):
+                self._tail, self._tail_off, self._tail_lsn = (start, path), logformat.HEADER_SIZE, start
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                return self._durable
+            try:
+                size = os.fstat(fd).st_size
+                if size <= self._tail_off:
+                    return max(self._durable, start)
+                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+                    store_id, hstart, _pre = logformat.read_segment_header(mm[:logformat.HEADER_SIZE])
+                    if store_id != self.store_id or hstart != start:
+                        return self._durable
+                    salt = logformat.salt(self.store_id, start)
+                    moved = False
+                    for rec in logformat.iter_records(mm, self._tail_off, self._tail_lsn, salt,
+                                                      len(mm)):
+                        self._tail_off += rec.size
+                        self._tail_lsn = rec.end
+                        self._synced_seen = max(self._synced_seen, rec.synced)
+                        moved = True
+                if moved and self.fsync:
+                    try:
+                        os.fdatasync(fd)
+                        self._durable = max(self._durable, self._tail_lsn)
+                    except OSError:
+                        self.fsync = False
+                self._durable = max(self._durable, start, min(self._synced_seen, self._tail_lsn))
+                if self.fsync:
+                    self._durable = max(self._durable, self._tail_lsn)
+                return self._durable
+            except ValueError:
+                return self._durable
+            finally:
+                os.close(fd)
+
+    def snapshot(self, dest_dir: str) -> int:
+        """A consistent compact copy of LMDB into ``dest_dir``; returns its applied LSN."""
+        from ..engine.lmdb_state import LmdbState
+        state = LmdbState(self.layout.db, readonly=True)  # shares the env in-process
+        try:
+            slot = state.gate.enter()  # no map resize while LMDB copies itself
+            try:
+                state.env.copy(dest_dir, compact=True)
+            finally:
+                state.gate.leave(slot)
+        finally:
+            state.close()
+        for name in os.listdir(dest_dir):
+            os.chmod(os.path.join(dest_dir, name), FILE_MODE)
+        return read_applied(dest_dir)
+
+    def retain_from(self, lsn: int | None) -> None:
+        """Ask the writer to keep WAL segments from ``lsn`` on (None: no pin).  From outside
+        the writer process there is no way to pin: recorded only (see InProcessSource)."""
+        self.pin = lsn
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessSource(DirectorySource):
+    """An open writer Store: the engine's exact durable frontier, and a real trim pin (a
+    checkpoint keeps every segment at or above it)."""
+
+    def __init__(self, store) -> None:
+        super().__init__(store.path, fsync=False)
+        self._engine = store._engine
+        self._pin = lambda: self.pin
+        self._engine.retention_pins.append(self._pin)
+
+    def durable_lsn(self) -> int:
+        return self._engine.wal.synced_lsn
+
+    def written_lsn(self) -> int:
+        return self._engine.wal.written_lsn
+
+    def sync(self) -> int:
+        """Make every commit so far durable; returns the durable frontier."""
+        self._engine.journal.sync_all()
+        return self._engine.wal.synced_lsn
+
+    def close(self) -> None:
+        if self._pin in self._engine.retention_pins:
+            self._engine.retention_pins.remove(self._pin)
+
+
+# ---- LMDB helpers ---------------------------------------------------------------------
+def _open_env(db_dir: str, write: bool = False) -> lmdb.Environment:
+    return lmdb.open(db_dir, readonly=not write, lock=write, max_dbs=16, subdir=True,
+                     create=False)
+
+
+def read_applied(db_dir: str) -> int:
+    env = _open_env(db_dir)
+    try:
+        with env.begin(db=env.open_db(b"meta", create=False)) as txn:
+            raw = txn.get(b"applied")
+        return _U64.unpack(raw)[0] if raw else 0
+    finally:
+        env.close()
+
+
+def state_digest(db_dir: str) -> dict:
+    """sha256 over the sorted (key, value) rows of the data DB, with applied, the count,
+    and the restore points (name -> {lsn, ts}) the copy holds."""
+    env = _open_env(db_dir)
+    h = hashlib.sha256()
+    n = 0
+    try:
+        meta = env.open_db(b"meta", create=False)
+        data = env.open_db(b"data", create=False)
+        points_db = env.open_db(b"points", create=False)
+        points = {}
+        with env.begin() as txn:
+            raw = txn.get(b"applied", db=meta)
+            for k, v in txn.cursor(db=data):
+                h.update(struct.pack(">I", len(k)) + k + struct.pack(">I", len(v)) + v)
+                n += 1
+            for k, v in txn.cursor(db=points_db):
+                try:
+                    points[k.decode("utf-8")] = logformat.msgpack.unpackb(v, raw=False)
+                except Exception:
+                    continue
+        return {"applied": _U64.unpack(raw)[0] if raw else 0, "sha256": h.hexdigest(),
+                "keys": n, "points": points}
+    finally:
+        env.close()
+
+
+def prepare_restored_db(db_dir: str, cut: int, known: dict[str, dict | None]) -> None:
+    """A downloaded snapshot becomes a restored store's LMDB as it is: the engine applies
+    every event (restore points included) together with the applied LSN, so the snapshot is
+    exactly the state at its LSN and the restored WAL's REDO brings it to the cut at the
+    first open.  (Kept as the one place to adjust a restored LMDB; nothing to do now.)"""
+    for name in os.listdir(db_dir):
+        os.chmod(os.path.join(db_dir, name), FILE_MODE)
+
+
+def create_empty_db(db_dir: str) -> None:
+    """The LMDB of an empty store (every named database), for a restore from LSN 0."""
+    from ..engine.lmdb_state import LmdbState
+    state = LmdbState(db_dir)
+    try:
+        state.sync()
+    finally:
+        state.close()
+    prepare_restored_db(db_dir, 0, {})
+
+
+def new_segment_file(wal_dir: str, store_id: bytes, start: int, size: int) -> str:
+    """A preallocated, durable, empty segment (the engine's own create_segment)."""
+    return create_segment(wal_dir, store_id, start, size)
+
+
+def redo_into_lmdb(root: str) -> int:
+    """Apply a follower's log to its LMDB (REDO only: no ABORT is written, no compensation
+    runs: walstore's own recovery pass, which applies every event — commits, actions,
+    restore points, two-phase records — exactly as the writer's applier did); returns the
+    LSN the log must be kept from (LMDB's applied LSN: intents are applied too)."""
+    from ..engine.lmdb_state import LmdbState
+    from ..engine.recovery import Recovery
+    layout = Layout(root)
+    store_id = layout.read_identity()
+    state = LmdbState(layout.db)
+    try:
+        Recovery(layout.root, store_id, state, "strict").run()
+        state.sync()
+        return state.applied_lsn()
+    finally:
+        state.close()

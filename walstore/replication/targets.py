@@ -1,0 +1,273 @@
+"""Object stores replication writes to: S3-compatible (boto3) and ``file:///dir``.
+
+Owns the one small interface the shipper, lease, restore and follower use
+(:class:`ObjectStore`: get / download / put with If-None-Match or If-Match / delete /
+list / cleanup of interrupted uploads), its errors, and URL parsing.
+
+Invariants:
+- only complete objects are ever visible under their name (S3 does that for a PUT or a
+  completed multipart upload; ``file://`` writes a temp file, fsyncs it, and links or
+  renames it into place);
+- conditional writes are real: ``put(if_none_match=True)`` fails with
+  :class:`PreconditionFailed` when the key exists, ``put(if_match=etag)`` when it changed;
+- credentials come only from the standard AWS chain (environment, config files, roles):
+  a URL carrying any is refused, and no message or stored document ever holds one;
+- every length read from an object is bounded before it is allocated (``max_bytes``).
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import fcntl
+import hashlib
+import io
+import os
+import threading
+import time
+import uuid
+from typing import BinaryIO, Iterator, Protocol, Union
+from urllib.parse import urlsplit
+
+from ..errors import ReplicationError
+from . import source as _fs
+
+Body = Union[bytes, BinaryIO]
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+PART_SIZE = 16 * 1024 * 1024
+
+
+class TargetError(ReplicationError):
+    """An object store request failed; ``transient`` tells whether retrying may help."""
+
+    def __init__(self, message: str, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class PreconditionFailed(TargetError):
+    """A conditional write lost: the key exists (If-None-Match) or changed (If-Match)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
+class ObjectStore(Protocol):
+    url: str                    # for messages: never carries credentials
+    requests: collections.Counter
+
+    def get(self, key: str, max_bytes: int, if_none_match: str | None = None
+            ) -> tuple[bytes, str] | None: ...
+    def download(self, key: str, f: BinaryIO, max_bytes: int) -> tuple[int, str] | None: ...
+    def put(self, key: str, body: Body, *, if_none_match: bool = False,
+            if_match: str | None = None) -> str: ...
+    def delete(self, key: str) -> None: ...
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
+    def cleanup_uploads(self) -> int: ...
+    def close(self) -> None: ...
+
+
+NOT_MODIFIED = ("", "")  # get(..., if_none_match=etag) when the object did not change
+
+
+def display_url(url: str) -> str:
+    """The URL without user info, query or fragment (what messages and documents show)."""
+    p = urlsplit(url)
+    host = p.hostname or ""
+    if p.port:
+        host += f":{p.port}"
+    return f"{p.scheme}://{host}{p.path}"
+
+
+def open_target(url: str, options=None) -> ObjectStore:
+    """The object store a replica URL names: ``s3://bucket/prefix`` or ``file:///dir``."""
+    p = urlsplit(url)
+    if p.username or p.password or p.query:
+        raise ReplicationError(f"replica URL {display_url(url)} carries user info or query "
+                               f"parameters; credentials come only from the standard AWS "
+                               f"chain (environment, config files, roles), never the URL")
+    if p.scheme == "file":
+        if p.netloc not in ("", "localhost"):
+            raise ReplicationError(f"file URL {display_url(url)} must be file:///absolute/dir")
+        return FileTarget(p.path)
+    if p.scheme == "s3":
+        if not p.netloc:
+            raise ReplicationError(f"s3 URL {display_url(url)} names no bucket")
+        from .s3 import S3Target  # boto3 is imported only here (the walstore[s3] extra)
+        return S3Target(p.netloc, p.path.strip("/"), options)
+    raise ReplicationError(f"unsupported replica URL {display_url(url)}: use s3://bucket/prefix "
+                           f"or file:///dir")
+
+
+def _bounded_read(stream, max_bytes: int, what: str) -> bytes:
+    buf = bytearray()
+    while True:
+        chunk = stream.read(min(1 << 20, max_bytes + 1 - len(buf)))
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise TargetError(f"{what} is larger than the {max_bytes} byte bound", False)
+
+
+class FileTarget:
+    """A replica in a local (or mounted) directory; objects are files, 0600 in 0700 dirs.
+
+    The etag of an object is the sha256 (hex, 32 chars) of its bytes.  Conditional writes
+    hold ``<root>/.lock`` (flock): If-None-Match links the temp file into place (EEXIST:
+    lost), If-Match compares the current etag and renames over it.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = f"file://{self.root}"
+        self.requests: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> str:
+        parts = key.split("/")
+        if not key or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"bad object key {key!r}")
+        return os.path.join(self.root, *parts)
+
+    def get(self, key, max_bytes, if_none_match=None):
+        self.requests["GET"] += 1
+        try:
+            with open(self._path(key), "rb") as f:
+                data = _bounded_read(f, max_bytes, f"object {key}")
+        except FileNotFoundError:
+            return None
+        etag = _etag(data)
+        if if_none_match is not None and etag == if_none_match:
+            return NOT_MODIFIED
+        return data, etag
+
+    def download(self, key, f, max_bytes):
+        self.requests["GET"] += 1
+        h = hashlib.sha256()
+        n = 0
+        try:
+            with open(self._path(key), "rb") as src:
+                while True:
+                    chunk = src.read(1 << 20)
+                    if not chunk:
+                        break
+                    n += len(chunk)
+                    if n > max_bytes:
+                        raise TargetError(f"object {key} is larger than {max_bytes} bytes", False)
+                    h.update(chunk)
+                    f.write(chunk)
+        except FileNotFoundError:
+            return None
+        return n, h.hexdigest()[:32]
+
+    def put(self, key, body, *, if_none_match=False, if_match=None):
+        self.requests["PUT"] += 1
+        path = self._path(key)
+        d = os.path.dirname(path)
+        _fs.make_dir(d)
+        tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
+        h = hashlib.sha256()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     _fs.FILE_MODE)
+        try:
+            stream = io.BytesIO(body) if isinstance(body, (bytes, bytearray)) else body
+            while True:
+                chunk = stream.read(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(tmp)
+            raise
+        os.close(fd)
+        etag = h.hexdigest()[:32]
+        try:
+            with self._lock, _FileLock(os.path.join(self.root, ".lock")):
+                if if_none_match:
+                    try:
+                        os.link(tmp, path)
+                    except FileExistsError:
+                        raise PreconditionFailed(f"object {key} already exists") from None
+                elif if_match is not None:
+                    try:
+                        with open(path, "rb") as f:
+                            current = hashlib.sha256(f.read()).hexdigest()[:32]
+                    except FileNotFoundError:
+                        raise PreconditionFailed(f"object {key} does not exist") from None
+                    if current != if_match:
+                        raise PreconditionFailed(f"object {key} changed (If-Match)")
+                    os.rename(tmp, path)
+                else:
+                    os.rename(tmp, path)
+                _fs.fsync_dir(d)
+        finally:
+            _unlink_quietly(tmp)
+        return etag
+
+    def delete(self, key):
+        self.requests["DELETE"] += 1
+        _unlink_quietly(self._path(key))
+
+    def list(self, prefix):
+        self.requests["LIST"] += 1
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        for dirpath, _dirs, files in os.walk(base):
+            for name in sorted(files):
+                if name.startswith(".tmp-") or name == ".lock":
+                    continue
+                full = os.path.join(dirpath, name)
+                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                try:
+                    yield rel, os.path.getsize(full)
+                except FileNotFoundError:
+                    continue
+
+    def cleanup_uploads(self):
+        """Remove temp files of uploads cut short (they were never visible)."""
+        n = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(".tmp-"):
+                    _unlink_quietly(os.path.join(dirpath, name))
+                    n += 1
+        return n
+
+    def close(self):
+        pass
+
+
+def _etag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _FileLock:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0),
+                          _fs.FILE_MODE)
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+                return self
+            except OSError as e:  # pragma: no cover - EINTR
+                if e.errno != errno.EINTR:
+                    os.close(self.fd)
+                    raise
+                time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
