@@ -212,8 +212,8 @@ def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProces
 
 
 # ---- 1 ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fault", ["applier-lmdb-error", "oserror-at-point",
-                                   "runtime-error-at-point"])
+@pytest.mark.parametrize("fault", ["applier-lmdb-commit-error", "applier-lmdb-sync-error",
+                                   "oserror-at-point", "runtime-error-at-point"])
 def test_applier_failure_never_turns_a_commit_into_a_reported_failure(w, fault):
     """Finding 1: after the commit point an LMDB (applier) failure, or any error, never
     makes ``commit()`` fail: no compensation runs, the write is visible, survives reopen,
@@ -222,7 +222,8 @@ def test_applier_failure_never_turns_a_commit_into_a_reported_failure(w, fault):
     compensated exactly once, by the next open."""
     fb = FaultBackend()
     with installed(fb):
-        store = walstore.open(w.path, compensators=COMPS, apply_interval=0.01)
+        store = walstore.open(w.path, compensators=COMPS, apply_interval=0.01,
+                              checkpoint_bytes=64 * 1024)
         with store.transaction() as tx:  # earlier state, applied before any fault
             early = w.charge(tx, 5)
         store.checkpoint()
@@ -231,10 +232,12 @@ def test_applier_failure_never_turns_a_commit_into_a_reported_failure(w, fault):
 
         tx = store.transaction(meta={"step": "pay"})
         act = w.charge(tx, 40)
-        if fault == "applier-lmdb-error":
-            # the background applier's LMDB commit fails while this commit is between its
-            # point of no return and its return: wait there until the store has noticed
-            fb.fail_lmdb("commit", times=None)
+        if fault.startswith("applier-"):
+            # the background applier's LMDB commit (or the sync of the checkpoint it runs
+            # after this big commit) fails while this commit is between its point of no
+            # return and its return: it waits there until the store has noticed
+            tx.put("bulk", "x" * 70_000)
+            fb.fail_lmdb("commit" if "commit" in fault else "sync", times=None)
             fb.at_point("commit.after_durable",
                         lambda _name: wait_until(lambda: store.stats()["failure"],
                                                  "the applier's failure"))
@@ -251,8 +254,11 @@ def test_applier_failure_never_turns_a_commit_into_a_reported_failure(w, fault):
         assert store.log(limit=1)[0].txid == tx.id
         failed = fault != "runtime-error-at-point"
         assert bool(store.stats()["failure"]) == failed
-        if fault != "applier-lmdb-error":
+        if not fault.startswith("applier-"):
             assert store.stats()["background_errors"], "the contained error is not surfaced"
+        assert [c.op for c in fb.calls_to(("lmdb_commit", "lmdb_sync"))
+                if c.injected][:1] == ([f"lmdb_{fault.split('-')[2]}"]
+                                       if fault.startswith("applier-") else [])
         if failed:
             # the issue's order: a failure in the background, *then* a commit with an
             # action: refused before its intent is logged, so nothing is charged
@@ -336,15 +342,17 @@ def test_fsync_error_on_a_commit_record_compensates_nothing_until_recovery_decid
 
 
 # ---- 3 ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("when", ["before", "after"])
-def test_crash_inside_rollback_prepared_compensator_leaves_it_pending_not_forgotten(w, when):
-    """Finding 3: ``rollback_prepared`` of a transaction with two charging actions; the
-    process is SIGKILLed inside the older action's compensator, before or after its
-    refund.  The decision is durable (not in doubt any more, writes discarded); the newer
-    action stays compensated; the older one is listed as owed (open without its
-    compensator), then compensated by the next open with it: refunded exactly once."""
+@pytest.mark.parametrize("where", ["newer-before", "older-before", "older-after"])
+def test_crash_inside_rollback_prepared_compensator_leaves_it_pending_not_forgotten(w, where):
+    """Finding 3: ``rollback_prepared`` of a prepared transaction with two charging
+    actions (compensated newest first); the process is SIGKILLed inside a compensator:
+    the newer one's before its refund (right after the decision), or the older one's
+    before or after its refund.  The decision is durable (not in doubt any more, writes
+    discarded); what was compensated and recorded stays so; what was not is listed as
+    owed (open without the compensator), then compensated by the next open with it:
+    each charge refunded exactly once."""
     marker = w.tmp / "marker"
-    child = Child(w.tmp, SCRIPTS / "commit_point_child.py", f"rollback-prepared-{when}",
+    child = Child(w.tmp, SCRIPTS / "commit_point_child.py", f"rollback-prepared-{where}",
                   w.path, w.ledger, w.calls, str(marker))
     try:
         p = child.line("PREPARED")
@@ -353,22 +361,26 @@ def test_crash_inside_rollback_prepared_compensator_leaves_it_pending_not_forgot
         child.kill()
     assert child.proc.returncode == -signal.SIGKILL, child.stderr()
     (a1, key1), (a2, key2) = p["a1"], p["a2"]
-    assert w.refunds(key2) == 1  # newest first: the newer one was done and recorded
-    assert w.refunds(key1) == (1 if when == "after" else 0)
+    refunded = {"newer-before": (0, 0), "older-before": (0, 1), "older-after": (1, 1)}[where]
+    assert (w.refunds(key1), w.refunds(key2)) == refunded
+    owed = [a2, a1] if where == "newer-before" else [a1]
 
     with walstore.open(w.path) as store:  # no compensator registered: listed, not lost
         assert store.prepared() == [] and store.decision("g") == "abort"
-        assert [a.id for a in store.pending_compensations()] == [a1]
-        assert store.get_action(a2).state == "compensated"
+        assert [a.id for a in store.pending_compensations()] == owed
+        if where != "newer-before":
+            assert store.get_action(a2).state == "compensated"
         assert store.get(f"paid/{key1}") is None and store.get(f"paid/{key2}") is None
-    assert w.refunds(key1) == (1 if when == "after" else 0)  # listing ran nothing
+    assert (w.refunds(key1), w.refunds(key2)) == refunded  # listing ran nothing
 
     with walstore.open(w.path, compensators=COMPS) as store:
         assert store.get_action(a1).state == "compensated"
+        assert store.get_action(a2).state == "compensated"
         assert store.pending_compensations() == []
         assert_agree(store, w, once=False)
     assert w.refunds(key1) == 1 and w.refunds(key2) == 1
-    assert len(w.calls_for(key2)) == 1  # the recorded compensation never ran again
+    if where != "newer-before":
+        assert len(w.calls_for(key2)) == 1  # the recorded compensation never ran again
 
 
 # ---- 4 ---------------------------------------------------------------------------------------

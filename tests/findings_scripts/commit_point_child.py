@@ -14,11 +14,12 @@ and calls paths (``ws_ledger_handlers.refund`` can compensate them after the cra
     where the commit record was written: path, offset, size), then ``CHECKED <json>``
     (what the store says now: refunds, pending compensations, whether it still takes
     writes), and waits.
-``rollback-prepared-before`` / ``rollback-prepared-after``
+``rollback-prepared-WHICH-WHEN`` (WHICH: ``newer`` | ``older``; WHEN: ``before`` | ``after``)
     A transaction runs two charging actions (40, then 2), writes ``paid/<key>`` for each,
-    and is prepared as gid ``g``; ``rollback_prepared("g")`` compensates the newer one,
-    then the older one's compensator writes MARKER and blocks, before (``-before``) or
-    after (``-after``) its refund.  Prints ``PREPARED <json>`` first.
+    and is prepared as gid ``g``; ``rollback_prepared("g")`` compensates them newest first:
+    the WHICH one's compensator writes MARKER and blocks, before or after its refund (so
+    ``newer-before`` stops right after the decision, before any compensation ran).
+    Prints ``PREPARED <json>`` first.
 """
 from __future__ import annotations
 
@@ -106,12 +107,12 @@ def main() -> None:
                             "visible": store.get(f"paid/{act.key}"),
                             "takes_writes": takes_writes})
             wait_forever()
-    elif mode in ("rollback-prepared-before", "rollback-prepared-after"):
+    elif mode.startswith("rollback-prepared-"):
         tx = store.transaction(meta={"step": "prepared"})
         a1 = charge(tx, 40)
         a2 = charge(tx, 2)
         tx.prepare("g")
-        block["id"] = a1.id
+        block["id"] = a2.id if mode.split("-")[2] == "newer" else a1.id
         say("PREPARED", {"txid": tx.id, "a1": [a1.id, a1.key], "a2": [a2.id, a2.key]})
         store.rollback_prepared("g")
         say("NOT-REACHED", {})

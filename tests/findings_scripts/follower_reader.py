@@ -21,7 +21,10 @@ import os
 import sys
 import time
 
-import walstore
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))  # the repository under test, before any installed copy
+
+import walstore  # noqa: E402
 
 
 def whole(a, b, logs) -> bool:

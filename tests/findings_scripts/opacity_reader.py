@@ -18,7 +18,10 @@ import random
 import sys
 import time
 
-import walstore
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))))  # the repository under test, before any installed copy
+
+import walstore  # noqa: E402
 
 READS = ("get", "scan", "reverse-scan", "mixed", "store-scan")
 
