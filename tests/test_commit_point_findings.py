@@ -22,7 +22,6 @@ import errno
 import gc
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -31,7 +30,6 @@ import time
 import weakref
 from pathlib import Path
 
-import lmdb
 import pytest
 
 import walstore
@@ -47,6 +45,7 @@ if str(LEDGER_SCRIPTS) not in sys.path:
 
 import ws_ledger  # noqa: E402
 import ws_ledger_handlers  # noqa: E402
+from test_actions_crash import Child as ActionChild  # noqa: E402
 
 COMPS = dict(ws_ledger_handlers.COMPENSATORS)  # "refund": the ledger refund, noted in calls
 
@@ -145,59 +144,22 @@ def state_of(store: walstore.Store) -> dict:
 
 
 # ---- child processes ------------------------------------------------------------------------
-class Child:
-    """A script in a subprocess: JSON lines read with deadlines, killed with SIGKILL."""
+class Child(ActionChild):
+    """A script of tests/findings_scripts in a subprocess: test_actions_crash's Child
+    (stdout lines read with deadlines, SIGKILL, stderr kept), for any script."""
 
     def __init__(self, tmp: Path, script: Path, *args: str) -> None:
+        # not super().__init__(), which starts action_child.py: the same fields, any script
         self.stderr_path = tmp / f"{script.stem}.{time.monotonic_ns()}.err"
         self._err = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen([sys.executable, str(script), *args],
                                      stdout=subprocess.PIPE, stderr=self._err)
         self._buf = b""
 
-    def line(self, word: str, timeout: float = 30) -> dict | None:
+    def doc(self, word: str, timeout: float = 30) -> dict | None:
         """The next stdout line, which must be ``WORD [json]``; returns the JSON."""
-        deadline = time.monotonic() + timeout
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.kill()
-                pytest.fail(f"no {word!r} line from the child in {timeout}s; "
-                            f"stderr: {self.stderr()}")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    self.proc.wait()
-                    pytest.fail(f"the child exited ({self.proc.returncode}) before "
-                                f"{word!r}; stderr: {self.stderr()}")
-                self._buf += chunk
-        raw, self._buf = self._buf.split(b"\n", 1)
-        head, _, rest = raw.decode().partition(" ")
-        assert head == word, f"expected {word!r}, the child said {raw!r}; {self.stderr()}"
-        return json.loads(rest) if rest else None
-
-    def wait_file(self, path: Path, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                pytest.fail(f"{path.name} never appeared; stderr: {self.stderr()}")
-            time.sleep(0.005)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-        self.proc.stdout.close()
-        self._err.close()
-
-    def stderr(self) -> str:
-        try:
-            return self.stderr_path.read_text()[-3000:]
-        except OSError:
-            return ""
+        rest = self.line(word, words=1, timeout=timeout)
+        return json.loads(rest[0]) if rest else None
 
 
 def cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
@@ -297,8 +259,8 @@ def test_fsync_error_on_a_commit_record_compensates_nothing_until_recovery_decid
     child = Child(w.tmp, SCRIPTS / "commit_point_child.py", "fsync-unknown", w.path, w.ledger,
                   w.calls, str(marker))
     try:
-        info = child.line("UNKNOWN")
-        seen = child.line("CHECKED")
+        info = child.doc("UNKNOWN")
+        seen = child.doc("CHECKED")
     finally:
         child.kill()
     assert child.proc.returncode == -signal.SIGKILL, child.stderr()
@@ -355,7 +317,7 @@ def test_crash_inside_rollback_prepared_compensator_leaves_it_pending_not_forgot
     child = Child(w.tmp, SCRIPTS / "commit_point_child.py", f"rollback-prepared-{where}",
                   w.path, w.ledger, w.calls, str(marker))
     try:
-        p = child.line("PREPARED")
+        p = child.doc("PREPARED")
         child.wait_file(marker)
     finally:
         child.kill()
@@ -859,14 +821,14 @@ def test_follower_never_shows_half_a_commit_when_segments_are_trimmed(w):
     child = Child(w.tmp, SCRIPTS / "follower_reader.py", w.path, str(stop))
     removed = 0
     try:
-        assert child.line("READY") is None
+        assert child.doc("READY") is None
         for i in range(300):
             n += 1
             _pair(writer, n)
             if i % 2:
                 removed += writer.checkpoint()["segments_removed"]
         stop.touch()
-        done = child.line("DONE", timeout=120)
+        done = child.doc("DONE", timeout=120)
     except BaseException:
         child.kill()
         raise

@@ -15,7 +15,6 @@ transfers, and every audit action was run on the constant total.
 from __future__ import annotations
 
 import json
-import os
 import random
 import select
 import subprocess

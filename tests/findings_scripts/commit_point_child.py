@@ -27,7 +27,6 @@ import errno
 import json
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TESTS = os.path.dirname(HERE)
@@ -36,19 +35,12 @@ sys.path.insert(0, os.path.dirname(TESTS))  # the repository: tools.faults
 
 import walstore  # noqa: E402
 import ws_ledger  # noqa: E402
+from action_child import say as say_words, wait_forever  # noqa: E402
 from tools.faults import FaultBackend, installed  # noqa: E402
 
 
 def say(word: str, doc) -> None:
-    sys.stdout.write(f"{word} {json.dumps(doc, sort_keys=True)}\n")
-    sys.stdout.flush()
-
-
-def wait_forever() -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        time.sleep(0.01)
-    sys.exit(5)  # nobody killed us: the test is broken
+    say_words(word, json.dumps(doc, sort_keys=True))
 
 
 def main() -> None:
