@@ -86,7 +86,7 @@ def main() -> None:
             last = writes[-1]
             say("UNKNOWN", {"error": error, "txid": tx.id, "id": act.id, "key": act.key,
                             "tx_state": tx.state, "path": last.path, "offset": last.offset,
-                            "size": last.size})
+                            "size": last.size, "writes": len(writes)})
             try:
                 with store.transaction() as t2:
                     t2.put("after", 1)
