@@ -11,11 +11,15 @@ This module owns the test-side half of the I/O seam (``walstore.fileio.set_backe
   that a failed fsync was never retried on that descriptor;
 * **record** (``record=True``) every write with its bytes and every sync / rename /
   unlink / open-with-truncate in order (``events``), plus test marks (``mark``), the raw
-  material for building power-loss images of the files.
+  material for building power-loss images of the files;
+* reach the seam's two other hooks: make an LMDB ``commit`` / ``sync`` raise
+  ``lmdb.Error`` (``fail_lmdb``), and act at a named place of the commit pipeline, e.g.
+  ``"commit.after_durable"`` (``at_point``: raise an exception, or call a function there).
 
 It does not decide what a crash leaves behind and never touches walstore's code: it is
 installed with ``installed(backend)`` (or ``fileio.set_backend``) and removed afterwards.
-Only I/O that walstore routes through ``walstore.fileio`` is seen (not LMDB's own I/O).
+Only I/O that walstore routes through ``walstore.fileio`` is seen (LMDB's own I/O only as
+the ``lmdb_commit`` / ``lmdb_sync`` calls walstore announces before it).
 
 Ordering semantics of ``events`` (for power-loss images): a ``pwrite`` event gets its
 sequence number when the write has *completed* (its bytes are in the page cache); a sync
@@ -49,6 +53,8 @@ from walstore.fileio import OSBackend
 
 OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink")
 SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")
+LMDB_OPS = ("commit", "sync")  # logged and matched as "lmdb_commit" / "lmdb_sync"
+POINT_OP = "point"             # fault_point(name): logged with the name as its path
 
 
 @dataclass
@@ -95,6 +101,14 @@ class Rule:
             return False
         self.fired += 1
         return True
+
+
+@dataclass
+class PointRule(Rule):
+    """A rule on a named place (``at_point``): ``effect`` is raised when it is an exception,
+    else called with the place's name."""
+
+    effect: Any = None
 
 
 @dataclass
@@ -156,6 +170,30 @@ class FaultBackend(OSBackend):
         if nth < 1:
             raise ValueError("nth counts from 1")
         rule = Rule(ops, error, path, nth, times, partial)
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def fail_lmdb(self, op: str = "commit", path: str | None = None, nth: int = 1,
+                  times: int | None = 1) -> Rule:
+        """Make the nth matching LMDB ``commit`` or ``sync`` (``op``; ``path``: a pattern for
+        the LMDB environment's directory) raise ``lmdb.Error``, before LMDB does it."""
+        if op not in LMDB_OPS:
+            raise ValueError(f"unknown LMDB operation {op!r}; known: {LMDB_OPS}")
+        if nth < 1:
+            raise ValueError("nth counts from 1")
+        rule = Rule((f"lmdb_{op}",), _errno.EIO, path, nth, times)
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def at_point(self, name: str, effect, nth: int = 1, times: int | None = 1) -> PointRule:
+        """At ``fault_point(name)`` (``name``: an fnmatch pattern), the nth matching time and
+        the ``times - 1`` after it: raise ``effect`` if it is an exception, else call
+        ``effect(name)`` (e.g. to wait there for another thread)."""
+        if nth < 1:
+            raise ValueError("nth counts from 1")
+        rule = PointRule((POINT_OP,), _errno.EIO, name, nth, times, effect=effect)
         with self._lock:
             self.rules.append(rule)
         return rule
@@ -327,6 +365,23 @@ class FaultBackend(OSBackend):
             raise
         self._event(op="unlink", path=path)
 
+    def lmdb_io(self, op: str, path: str) -> None:
+        call = Call(0, f"lmdb_{op}", path)
+        if self._check(f"lmdb_{op}", (path,), call) is not None:
+            import lmdb  # walstore's own dependency; imported only when a rule fires
+            raise lmdb.Error(f"injected LMDB {op} failure ({path})")
+
+    def fault_point(self, name: str) -> None:
+        call = Call(0, POINT_OP, name)
+        rule = self._check(POINT_OP, (name,), call)
+        if rule is None:
+            return
+        effect = getattr(rule, "effect", None)
+        if isinstance(effect, BaseException):
+            raise effect
+        if effect is not None:
+            effect(name)
+
 
 @contextlib.contextmanager
 def installed(backend: OSBackend) -> Iterator[OSBackend]:
@@ -338,4 +393,5 @@ def installed(backend: OSBackend) -> Iterator[OSBackend]:
         fileio.set_backend(previous)
 
 
-__all__ = ["FaultBackend", "Rule", "Call", "Event", "installed", "OPS", "SYNC_OPS"]
+__all__ = ["FaultBackend", "Rule", "PointRule", "Call", "Event", "installed", "OPS",
+           "SYNC_OPS", "LMDB_OPS", "POINT_OP"]
