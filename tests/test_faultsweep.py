@@ -6,8 +6,7 @@ with a transaction in flight and the recovery that compensates it) once per faul
 and EIO at every file call, ``lmdb.Error`` at every LMDB commit and sync, a RuntimeError
 and an OSError at every hit of every fault point.  After each, the store is reopened
 with the compensator registered and every promise is checked (see the tool's docstring).
-CI takes every ``WALSTORE_FAULT_STRIDE``-th call of each kind (default 2; 1 is the full
-sweep of the README's table).
+CI runs the full sweep (``WALSTORE_FAULT_STRIDE=N`` takes every Nth call of each kind).
 
 Cases the sweep reports broken because of a known bug in the core are tolerated here only
 by their exact signature (``KNOWN``); each has a deterministic reproduction below marked
@@ -32,14 +31,19 @@ from tools.faults import LMDB_OPS, OPS, FaultBackend, installed  # noqa: E402
 from tools.faultsweep import sweep, ws_ledger  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
-STRIDE = int(os.environ.get("WALSTORE_FAULT_STRIDE", "2"))
+STRIDE = int(os.environ.get("WALSTORE_FAULT_STRIDE", "1"))
 
-# broken-case messages explained by a known core bug -> the test reproducing it
+# Broken-case messages explained by a known core bug (named after the test reproducing
+# it), and whether that bug loses acknowledged commits.
 KNOWN = {
-    "undo_error_after_commit": re.compile(r"^(rev|rew): reported a failure .* but committed"),
-    "lmdb_failure_not_read_only": re.compile(
-        r"after a failed LMDB (commit|sync) \(the store did not turn read-only\)"
-        r"|^LMDB written or synced again after a failed LMDB"),
+    "test_an_error_recording_an_undos_compensation_does_not_report_the_undo_as_failed": (
+        re.compile(r"^(rev|rew): reported a failure .* but committed"), False),
+    "test_a_failed_lmdb_commit_or_sync_turns_the_store_read_only": (
+        re.compile(r"after a failed LMDB (commit|sync) \(the store did not turn read-only\)"
+                   r"|^LMDB written or synced again after a failed LMDB"), False),
+    "test_a_failed_open_of_the_next_segment_in_rotation_loses_no_acknowledged_commit": (
+        re.compile(r"a foreign exception escaped the API: OSError: .*/wal/\d+\.wal'$"
+                   r"|^reopen failed: CorruptionError: gap: segment starts at LSN"), True),
 }
 
 
@@ -48,15 +52,19 @@ def summary(tmp_path_factory):
     return sweep(str(tmp_path_factory.mktemp("sweep")), stride=STRIDE)
 
 
-def unexplained(summary: dict, sites) -> list:
+def unexplained(summary: dict, sites=None) -> list:
+    """Broken cases (at ``sites``) not wholly explained by KNOWN bugs: an error no known
+    bug explains, or lost commits without an error of a known bug that loses them."""
     out = []
     for b in summary["broken"]:
-        if b["site"] not in sites:
+        if sites is not None and b["site"] not in sites:
             continue
-        errors = [e for e in b["errors"] if not any(p.search(e) for p in KNOWN.values())]
-        if errors or b["lost"]:
+        known = [(e, loses) for e in b["errors"] for p, loses in KNOWN.values() if p.search(e)]
+        errors = [e for e in b["errors"] if e not in {k for k, _ in known}]
+        lost = [] if any(loses for _, loses in known) else b["lost"]
+        if errors or lost:
             out.append({"site": b["site"], "nth": b["nth"], "kind": b["kind"],
-                        "lost": b["lost"], "errors": errors})
+                        "lost": lost, "errors": errors})
     return out
 
 
@@ -68,7 +76,7 @@ def test_every_fault_fires_and_no_acknowledged_commit_is_lost(summary):
     assert calls.get("point:commit.after_durable", 0) >= 30
     assert summary["fired"] == summary["faults"] > 200 // STRIDE
     assert summary["acks"] > 20 * summary["faults"]
-    assert summary["lost"] == 0, [b for b in summary["broken"] if b["lost"]][:3]
+    assert [b for b in unexplained(summary) if b["lost"]] == []
 
 
 def test_file_faults_keep_state_actions_and_ledger_agreeing(summary):
@@ -194,3 +202,47 @@ def test_a_failed_lmdb_commit_or_sync_turns_the_store_read_only(tmp_path, op, vi
     assert verify_store(path).ok
     assert late is None, late
     assert again == [], f"LMDB written/synced {len(again)}x more after the failed {op}"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "walstore/log/writer.py WriteAheadLog._rotate: the SEAL is written into the old segment "
+    "and fsynced, synced_lsn/written_lsn move to the new segment's start, and only then "
+    "SegmentWriter(path, ...) opens the new segment; when that open fails (EMFILE, EIO, "
+    "ENOMEM), the raw OSError escapes commit() (a foreign exception: not wrapped, not "
+    "WalWriteError), self.writer stays the old, sealed segment and the log is not failed, "
+    "so the following commits are appended and acknowledged BEHIND the SEAL of the old "
+    "segment while the new, empty segment claims their LSNs: the next open refuses with "
+    "CorruptionError ('gap: segment starts at LSN X but the previous one ends at Y') and "
+    "every acknowledged commit is out of reach. Fix: open the new segment's SegmentWriter "
+    "before writing the SEAL, and if that open fails remove the segment file just created "
+    "(or keep it as the spare) so no file claims LSNs the old segment goes on holding, and "
+    "raise WalWriteError (the commit in hand fails, the log goes on); or treat any error "
+    "after the SEAL as fatal (self.failed = e; LogFailed)"))
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.EIO])
+def test_a_failed_open_of_the_next_segment_in_rotation_loses_no_acknowledged_commit(
+        tmp_path, err):
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    # open #1 of a segment file is the first segment's; #2 is the next one, in rotation
+    rule = fb.fail("open", err, path="*.wal", nth=2)
+    acked, foreign = {}, []
+    with installed(fb):
+        s = walstore.open(path, segment_size=16 * 1024)
+        for i in range(60):
+            # large values until the rotation failed, then small ones that still fit in
+            # the old segment's room
+            value = f"{i:04d}" * (1 if rule.fired else 300)
+            try:
+                with s.transaction() as tx:
+                    tx.put(f"k{i}", value)
+                acked[f"k{i}"] = value
+            except walstore.WalstoreError:
+                pass  # the commit in hand may fail
+            except Exception as e:  # noqa: BLE001 - the contract forbids these
+                foreign.append(repr(e))
+        s._drop_like_a_crash()  # then the process dies (a clean close's checkpoint hides it)
+    assert rule.fired == 1 and len(acked) > 40
+    with walstore.open(path) as s:
+        assert {k: s.get(k) for k in acked} == acked
+    assert verify_store(path).ok
+    assert foreign == []
