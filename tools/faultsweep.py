@@ -13,7 +13,9 @@ refunds keyed by the action's idempotency key):
   ``rewind``-ed, a prepared transaction rolled back (``rollback_prepared``) and one
   committed (``commit_prepared``), a transaction left in flight;
 - a crash (the store dropped as a killed process would), a reopen whose recovery
-  compensates the transaction left in flight, more commits, a close.
+  compensates the transaction left in flight, more commits, the spare segment prepared
+  (the applier thread's job, done in line so call counts repeat) and a rotation that
+  activates it, a close.
 
 It runs once under ``tools.faults.FaultBackend`` to count its calls of each kind: every
 file call (pwrite, fsync, fdatasync, fsync_dir, open, rename, unlink), every LMDB commit
@@ -188,11 +190,24 @@ class Workload:
         self.loser(s, "lost", 70)
 
     def phase_two(self, s) -> None:
+        self.put(s, "b-first", 0)
+        self.prepare_spare(s)
         for i in range(self.N_B):
-            self.put(s, f"b{i}", i)
+            self.put(s, f"b{i}", "y" * 1500)
         self.pay(s, "pay5", 80)
 
     # ---- steps ------------------------------------------------------------------------------
+    @staticmethod
+    def prepare_spare(s) -> None:
+        """The applier thread's other job, done in line (it never runs by itself here, so
+        that call counts repeat), with its reaction to an error (Engine._applier_loop: the
+        store stops writing): the next rotation activates the spare."""
+        eng = s._engine
+        try:
+            eng.wal.prepare_spare()
+        except BaseException as e:  # noqa: BLE001 - as the applier thread does
+            eng.fail(e)
+
     def step(self, fn) -> None:
         """A step that commits nothing of the model's (checkpoint, restore point)."""
         try:
@@ -395,9 +410,9 @@ def check_fsync_failure(w: Workload, fb: FaultBackend, rule, site: str, out: dic
             ops = sorted({c.op for c in again})
             out["errors"].append(f"LMDB written or synced again after a failed LMDB "
                                  f"{site[5:]} in the same process ({len(again)}x {ops})")
-    elif failed.fd is not None:
+    elif failed.fd is not None:  # the same descriptor of the same file (numbers are reused)
         again = [c for c in fb.calls_to(SYNC_OPS, fd=failed.fd, after=failed.seq)
-                 if c.seq < end]
+                 if c.seq < end and c.path == failed.path]
         if again:
             out["errors"].append(f"fsync retried on the failed descriptor ({len(again)}x)")
 
