@@ -556,10 +556,17 @@ def _check_open_store(w: Workload, s, out: dict) -> None:
 
 
 # ---- the sweep ---------------------------------------------------------------------------------
-def sweep(root: str, stride: int = 1, sites=None, progress=None) -> dict:
+def family(site: str) -> str:
+    return "file" if site in OPS else "lmdb" if site in LMDB_OPS else "point"
+
+
+def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
     """Every fault kind at every ``stride``-th call of each site (all sites, or those named
-    in ``sites``: "pwrite", "lmdb_sync", "point:commit.after_durable", "point:*" ...).
-    Returns the totals and every broken case."""
+    in ``sites``: "pwrite", "lmdb_sync", "point:commit.after_durable", "point:*" ...);
+    ``stride`` may be a dict by family ("file", "lmdb", "point"; missing: 1).  Returns the
+    totals and every broken case."""
+    strides = stride if isinstance(stride, dict) else {}
+    default = 1 if isinstance(stride, dict) else stride
     counts = count_calls(root)
     chosen = [s for s in counts if sites is None or any(
         s == p or (p.endswith("*") and s.startswith(p[:-1])) for p in sites)]
@@ -567,7 +574,8 @@ def sweep(root: str, stride: int = 1, sites=None, progress=None) -> dict:
                "in_doubt": 0, "by_kind": Counter(), "broken": [], "seconds": 0.0}
     t0 = time.monotonic()
     for site in chosen:
-        for nth in range(1, counts[site] + 1, stride):
+        step = strides.get(family(site), default)
+        for nth in range(1, counts[site] + 1, step):
             for kind, kw in kinds_for(site):
                 res = one_fault(root, site, nth, kind, kw)
                 summary["faults"] += 1
@@ -580,7 +588,7 @@ def sweep(root: str, stride: int = 1, sites=None, progress=None) -> dict:
                 if res["lost"] or res["errors"]:
                     summary["broken"].append({"site": site, "nth": nth, "kind": kind, **res})
         if progress:
-            progress(f"  {site}: {counts[site]} calls, every {stride}. swept "
+            progress(f"  {site}: {counts[site]} calls, every {step}. swept "
                      f"({len(summary['broken'])} broken so far)")
     summary["seconds"] = time.monotonic() - t0
     return summary
