@@ -385,6 +385,12 @@ def one_fault(root: str, site: str, nth: int, kind: str, kw: dict) -> dict:
     return res
 
 
+def acknowledged(op: Op) -> bool:
+    """A commit reported done: it must be visible after any fault."""
+    return (op.outcome == "returned" and op.commits
+            and (op.kind in ("commit", "undo") or op.kind == "prepared" and op.decide == "commit"))
+
+
 def _phase_end(w: Workload, seq: int) -> int:
     """The sequence number at which the process that made call ``seq`` let the store go
     (the next open: every call of that open has a greater number), or infinity."""
@@ -421,7 +427,7 @@ def check(w: Workload, fb: FaultBackend, rule, site: str = "") -> dict:
     """Reopen (recovery, compensators registered) and check every promise; see the module
     docstring.  Returns {"lost": [labels], "errors": [...], "acks": n, ...}."""
     out: dict = {"lost": [], "errors": [], "acks": 0, "pending": 0, "in_doubt": 0,
-                 "open_failed": w.open_failed}
+                 "open_failed": w.open_failed, "reruns": 0}
     if rule is not None and site in FSYNC_SITES:
         check_fsync_failure(w, fb, rule, site, out)
     for op in w.ops:
@@ -435,7 +441,7 @@ def check(w: Workload, fb: FaultBackend, rule, site: str = "") -> dict:
         store = walstore.open(w.path, compensators=w.compensators())
     except walstore.WalstoreError as e:
         out["errors"].append(f"reopen failed: {type(e).__name__}: {e}")
-        out["lost"] = [op.label for op in w.ops if op.outcome == "returned"]
+        out["lost"] = [op.label for op in w.ops if acknowledged(op)]
         return out
     try:
         _check_open_store(w, store, out)
@@ -446,6 +452,9 @@ def check(w: Workload, fb: FaultBackend, rule, site: str = "") -> dict:
             out["errors"].append(f"a commit after reopening failed: {e}")
     finally:
         store.close()
+    # compensators run again because their COMPENSATED record was lost (the idempotency
+    # key keeps the ledger right): allowed, counted
+    out["reruns"] = sum(n - 1 for n in w.comp_calls.values() if n > 1)
     rep = verify_store(w.path)
     if not rep.ok:
         out["errors"] += [f"verify: {e}" for e in rep.errors]
@@ -480,15 +489,15 @@ def _check_open_store(w: Workload, s, out: dict) -> None:
             if visible:
                 errors.append(f"{op.label}: rolled back (prepared), yet committed")
             continue
-        if op.outcome == "returned" and op.commits:
+        if acknowledged(op):
             out["acks"] += 1
             if not visible:
                 out["lost"].append(op.label)
         elif op.outcome == "failed" and visible:
             errors.append(f"{op.label}: reported a failure ({op.error}) but committed: an "
                           f"error after the commit point became the commit's failure")
-        elif op.outcome == "not run" and visible:
-            errors.append(f"{op.label}: never ran, yet committed")
+        elif op.outcome in ("not run", "returned") and visible:
+            errors.append(f"{op.label}: never ran (or had nothing to commit), yet committed")
 
     # 2. the state is what the visible commits and undos make it (every key is written
     #    by one step only, so an undone key is absent)
@@ -571,7 +580,7 @@ def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
     chosen = [s for s in counts if sites is None or any(
         s == p or (p.endswith("*") and s.startswith(p[:-1])) for p in sites)]
     summary = {"calls": counts, "faults": 0, "fired": 0, "acks": 0, "lost": 0, "pending": 0,
-               "in_doubt": 0, "by_kind": Counter(), "broken": [], "seconds": 0.0}
+               "in_doubt": 0, "reruns": 0, "by_kind": Counter(), "broken": [], "seconds": 0.0}
     t0 = time.monotonic()
     for site in chosen:
         step = strides.get(family(site), default)
@@ -585,6 +594,7 @@ def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
                 summary["lost"] += len(res["lost"])
                 summary["pending"] += res["pending"]
                 summary["in_doubt"] += res["in_doubt"]
+                summary["reruns"] += res["reruns"]
                 if res["lost"] or res["errors"]:
                     summary["broken"].append({"site": site, "nth": nth, "kind": kind, **res})
         if progress:
@@ -605,7 +615,8 @@ def report(s: dict) -> str:
              + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + f"), fired: "
              f"{s['fired']}; acknowledged commits checked: {s['acks']}, lost: {s['lost']}; "
              f"broken: {len(s['broken'])}; left pending: {s['pending']}, in doubt: "
-             f"{s['in_doubt']}; {s['seconds']:.0f} s",
+             f"{s['in_doubt']}, compensations re-run after a lost record: {s['reruns']}; "
+             f"{s['seconds']:.0f} s",
              "calls per run: " + ", ".join(f"{k} {v}" for k, v in s["calls"].items())]
     for b in s["broken"]:
         lines.append(f"  BROKEN {b['site']} #{b['nth']} {b['kind']}: lost {b['lost']} "
