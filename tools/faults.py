@@ -7,19 +7,24 @@ This module owns the test-side half of the I/O seam (``walstore.fileio.set_backe
   ``fsync_dir`` / ``rename`` / ``unlink`` with an errno (ENOSPC, EIO, ...), selected by
   operation, path pattern and call count (``fail``); a failing pwrite can first write a
   prefix of its bytes (``partial=``), as a short write followed by an error does;
-* **log** every call (``calls``: op, path, fd, ok or errno), so a test can assert, e.g.,
-  that a failed fsync was never retried on that descriptor;
+* **fail LMDB**: the Nth LMDB commit (``lmdb_commit``) or sync (``lmdb_sync``) of an
+  environment raises ``lmdb.Error`` as LMDB itself would (``"mdb_txn_commit:
+  Input/output error"``) before it happens (``fail_lmdb``; the seam is
+  ``fileio.lmdb_io``, called inside the write transaction, so the commit is aborted);
+* **raise at a fault point**: the Nth hit of a named place (``fileio.fault_point(name)``,
+  e.g. ``"commit.after_durable"``) raises any exception (``fail_point``);
+* **log** every call (``calls``: op, path, fd, ok or errno; LMDB calls as ``lmdb_commit``
+  / ``lmdb_sync`` with the environment's path, fault points as ``fault_point`` with the
+  point's name as ``path``), so a test can assert, e.g., that a failed fsync was never
+  retried on that descriptor, or count the hits of every fault point;
 * **record** (``record=True``) every write with its bytes and every sync / rename /
   unlink / open-with-truncate in order (``events``), plus test marks (``mark``), the raw
-  material for building power-loss images of the files;
-* reach the seam's two other hooks: make an LMDB ``commit`` / ``sync`` raise
-  ``lmdb.Error`` (``fail_lmdb``), and act at a named place of the commit pipeline, e.g.
-  ``"commit.after_durable"`` (``at_point``: raise an exception, or call a function there).
+  material for building power-loss images of the files.
 
 It does not decide what a crash leaves behind and never touches walstore's code: it is
 installed with ``installed(backend)`` (or ``fileio.set_backend``) and removed afterwards.
-Only I/O that walstore routes through ``walstore.fileio`` is seen (LMDB's own I/O only as
-the ``lmdb_commit`` / ``lmdb_sync`` calls walstore announces before it).
+Only I/O that walstore routes through ``walstore.fileio`` is seen: of LMDB's own I/O,
+only its commits and syncs, as calls (never as recorded ``events``).
 
 Ordering semantics of ``events`` (for power-loss images): a ``pwrite`` event gets its
 sequence number when the write has *completed* (its bytes are in the page cache); a sync
@@ -33,6 +38,8 @@ Example::
 
     fb = FaultBackend()
     rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal")   # the next WAL write fails once
+    fb.fail_lmdb("sync", nth=2)                  # the second LMDB sync raises lmdb.Error
+    fb.fail_point("commit.after_durable", RuntimeError("boom"))   # the next hit raises
     with installed(fb):
         ...
     assert rule.fired == 1
@@ -40,6 +47,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno as _errno
 import fnmatch
 import itertools
@@ -48,13 +56,17 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import lmdb
+
 from walstore import fileio
 from walstore.fileio import OSBackend
 
 OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink")
 SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")
-LMDB_OPS = ("commit", "sync")  # logged and matched as "lmdb_commit" / "lmdb_sync"
-POINT_OP = "point"             # fault_point(name): logged with the name as its path
+LMDB_OPS = ("lmdb_commit", "lmdb_sync")   # fileio.lmdb_io("commit" | "sync", env path)
+POINT_OP = "fault_point"                  # fileio.fault_point(name): path is the name
+ALL_OPS = OPS + LMDB_OPS + (POINT_OP,)
+LMDB_CALL = {"lmdb_commit": "mdb_txn_commit", "lmdb_sync": "mdb_env_sync"}
 
 
 @dataclass
@@ -64,9 +76,13 @@ class Rule:
     ``ops``: operation names; ``path``: an fnmatch pattern tried against the full path and
     against the base name (None: any path; for ``rename`` the source or the destination);
     ``times``: how many calls fail (None: every one from the nth on, until removed);
-    ``partial``: for pwrite, write this many bytes of the data before raising.
+    ``partial``: for pwrite, write this many bytes of the data before raising;
+    ``raises``: raise this instead of the errno's error (an exception instance, copied
+    per firing, or a class / factory called with no argument).  Without it a file
+    operation raises ``OSError(error)`` and an LMDB one ``lmdb.Error`` naming the LMDB
+    call and the errno's message.
     Rules are independent: each counts every call it matches; when several fire on one
-    call, the oldest rule gives the errno and ``partial``.
+    call, the oldest rule gives the error and ``partial``.
     """
 
     ops: tuple
@@ -75,6 +91,8 @@ class Rule:
     nth: int = 1
     times: int | None = 1
     partial: int | None = None
+    raises: Any = None
+    effect: Any = None   # at_point: call this (with the place's name) instead of raising
     seen: int = 0        # matching calls so far
     fired: int = 0       # calls this rule failed
     failed_calls: list = field(default_factory=list)  # Call objects it failed
@@ -102,13 +120,16 @@ class Rule:
         self.fired += 1
         return True
 
-
-@dataclass
-class PointRule(Rule):
-    """A rule on a named place (``at_point``): ``effect`` is raised when it is an exception,
-    else called with the place's name."""
-
-    effect: Any = None
+    def exception(self, op: str, path: str | None) -> BaseException:
+        """The exception this rule raises for a call of ``op`` on ``path``."""
+        r = self.raises
+        if isinstance(r, BaseException):
+            return copy.copy(r)
+        if r is not None:
+            return r()
+        if op in LMDB_OPS:
+            return lmdb.Error(f"{LMDB_CALL[op]}: {os.strerror(self.error)}")
+        return OSError(self.error, os.strerror(self.error), path)
 
 
 @dataclass
@@ -124,6 +145,7 @@ class Call:
     dst: str | None = None
     error: int | None = None  # errno when the call failed (injected or real)
     injected: bool = False
+    raised: str | None = None  # the injected exception's type name (LMDB calls, points)
 
 
 @dataclass
@@ -158,44 +180,47 @@ class FaultBackend(OSBackend):
 
     # ---- configuring faults ------------------------------------------------------------
     def fail(self, ops, error: int = _errno.EIO, path: str | None = None, nth: int = 1,
-             times: int | None = 1, partial: int | None = None) -> Rule:
-        """Arm a rule (see :class:`Rule`); ``ops`` is one op name or a tuple of them.
+             times: int | None = 1, partial: int | None = None, raises: Any = None) -> Rule:
+        """Arm a rule (see :class:`Rule`); ``ops`` is one op name or a tuple of them
+        (any of ``ALL_OPS``; ``fail_lmdb`` and ``fail_point`` are the short forms).
 
         Counting starts now: ``nth=1`` fails the next matching call.
         """
         ops = (ops,) if isinstance(ops, str) else tuple(ops)
-        unknown = set(ops) - set(OPS)
+        unknown = set(ops) - set(ALL_OPS)
         if unknown:
-            raise ValueError(f"unknown operation(s) {sorted(unknown)}; known: {OPS}")
+            raise ValueError(f"unknown operation(s) {sorted(unknown)}; known: {ALL_OPS}")
         if nth < 1:
             raise ValueError("nth counts from 1")
-        rule = Rule(ops, error, path, nth, times, partial)
+        rule = Rule(ops, error, path, nth, times, partial, raises)
         with self._lock:
             self.rules.append(rule)
         return rule
 
-    def fail_lmdb(self, op: str = "commit", path: str | None = None, nth: int = 1,
-                  times: int | None = 1) -> Rule:
-        """Make the nth matching LMDB ``commit`` or ``sync`` (``op``; ``path``: a pattern for
-        the LMDB environment's directory) raise ``lmdb.Error``, before LMDB does it."""
-        if op not in LMDB_OPS:
-            raise ValueError(f"unknown LMDB operation {op!r}; known: {LMDB_OPS}")
-        if nth < 1:
-            raise ValueError("nth counts from 1")
-        rule = Rule((f"lmdb_{op}",), _errno.EIO, path, nth, times)
-        with self._lock:
-            self.rules.append(rule)
-        return rule
+    def fail_lmdb(self, ops=("commit", "sync"), error: int = _errno.EIO,
+                  path: str | None = None, nth: int = 1, times: int | None = 1,
+                  raises: Any = None) -> Rule:
+        """Make the Nth LMDB ``commit`` and/or ``sync`` (of an environment whose path
+        matches ``path``) raise ``lmdb.Error`` ("mdb_txn_commit: <strerror(error)>"), or
+        ``raises``.  ``ops``: "commit", "sync" or both."""
+        ops = (ops,) if isinstance(ops, str) else tuple(ops)
+        return self.fail(tuple(o if o.startswith("lmdb_") else f"lmdb_{o}" for o in ops),
+                         error, path, nth, times, raises=raises)
 
-    def at_point(self, name: str, effect, nth: int = 1, times: int | None = 1) -> PointRule:
-        """At ``fault_point(name)`` (``name``: an fnmatch pattern), the nth matching time and
-        the ``times - 1`` after it: raise ``effect`` if it is an exception, else call
-        ``effect(name)`` (e.g. to wait there for another thread)."""
-        if nth < 1:
-            raise ValueError("nth counts from 1")
-        rule = PointRule((POINT_OP,), _errno.EIO, name, nth, times, effect=effect)
-        with self._lock:
-            self.rules.append(rule)
+    def fail_point(self, name: str | None, raises: Any = RuntimeError, nth: int = 1,
+                   times: int | None = 1) -> Rule:
+        """Make the Nth hit of fault point ``name`` (an fnmatch pattern; None: any point)
+        raise ``raises`` (an exception instance, class or factory)."""
+        return self.fail(POINT_OP, path=name, nth=nth, times=times, raises=raises)
+
+    def at_point(self, name: str, effect: Any, nth: int = 1, times: int | None = 1) -> Rule:
+        """At fault point ``name`` (an fnmatch pattern), the nth matching hit and the
+        ``times - 1`` after it: raise ``effect`` when it is an exception, else call
+        ``effect(name)`` there (e.g. to wait for another thread)."""
+        if isinstance(effect, BaseException):
+            return self.fail_point(name, raises=effect, nth=nth, times=times)
+        rule = self.fail_point(name, nth=nth, times=times)
+        rule.effect = effect
         return rule
 
     def clear(self) -> None:
@@ -264,8 +289,8 @@ class FaultBackend(OSBackend):
         return None
 
     @staticmethod
-    def _raise(rule: Rule, path: str | None):
-        raise OSError(rule.error, os.strerror(rule.error), path)
+    def _raise(rule: Rule, path: str | None, op: str = "open"):
+        raise rule.exception(op, path)
 
     def _event(self, **kw) -> Event | None:
         if not self.record:
@@ -353,6 +378,33 @@ class FaultBackend(OSBackend):
                     self._fd_paths[fd] = dst
         self._event(op="rename", path=src, dst=dst)
 
+    def lmdb_io(self, op: str, path: str) -> None:
+        """Before an LMDB commit or sync: logged as ``lmdb_<op>``; may raise."""
+        self._injected(f"lmdb_{op}", path)
+
+    def fault_point(self, name: str) -> None:
+        """A named place in walstore: logged as ``fault_point`` (path = name); may raise."""
+        self._injected(POINT_OP, name)
+
+    def _injected(self, op: str, path: str) -> None:
+        call = Call(0, op, path)
+        rule = self._check(op, (path,), call)
+        if rule is not None and rule.effect is not None:
+            rule.effect(path)  # an action at the place, not a failure
+            return
+        if rule is not None:
+            exc = rule.exception(op, path)
+            call.raised = type(exc).__name__
+            call.error = rule.error if rule.raises is None else None
+            raise exc
+
+    def point_hits(self, name: str | None = None) -> dict[str, int]:
+        """How many times each fault point (matching ``name``) was hit so far."""
+        hits: dict[str, int] = {}
+        for c in self.calls_to(POINT_OP, path=name):
+            hits[c.path] = hits.get(c.path, 0) + 1
+        return hits
+
     def unlink(self, path: str) -> None:
         call = Call(0, "unlink", path)
         rule = self._check("unlink", (path,), call)
@@ -365,23 +417,6 @@ class FaultBackend(OSBackend):
             raise
         self._event(op="unlink", path=path)
 
-    def lmdb_io(self, op: str, path: str) -> None:
-        call = Call(0, f"lmdb_{op}", path)
-        if self._check(f"lmdb_{op}", (path,), call) is not None:
-            import lmdb  # walstore's own dependency; imported only when a rule fires
-            raise lmdb.Error(f"injected LMDB {op} failure ({path})")
-
-    def fault_point(self, name: str) -> None:
-        call = Call(0, POINT_OP, name)
-        rule = self._check(POINT_OP, (name,), call)
-        if rule is None:
-            return
-        effect = getattr(rule, "effect", None)
-        if isinstance(effect, BaseException):
-            raise effect
-        if effect is not None:
-            effect(name)
-
 
 @contextlib.contextmanager
 def installed(backend: OSBackend) -> Iterator[OSBackend]:
@@ -393,5 +428,5 @@ def installed(backend: OSBackend) -> Iterator[OSBackend]:
         fileio.set_backend(previous)
 
 
-__all__ = ["FaultBackend", "Rule", "PointRule", "Call", "Event", "installed", "OPS",
-           "SYNC_OPS", "LMDB_OPS", "POINT_OP"]
+__all__ = ["FaultBackend", "Rule", "Call", "Event", "installed", "OPS", "SYNC_OPS", "LMDB_OPS",
+           "POINT_OP", "ALL_OPS"]

@@ -1,153 +1,640 @@
-"""I/O fault sweep: ENOSPC and EIO at every file-I/O call of a workload, one at a time.
+"""Fault sweep: one fault at a time at every I/O call and fault point of an agent workload.
 
-A fixed workload (commits with rotation into new segments, a checkpoint, more commits)
-runs once under ``tools.faults.FaultBackend`` to count its calls of each kind (pwrite,
-fsync, fdatasync, fsync_dir, open, rename, unlink).  Then, for every call number n and
-both errnos, it runs again with the n-th call failing and checks the promises of
-contract section 4.6:
+This tool owns the proof that state and the outside world agree under I/O faults
+(contract section 2, "the commit point" and "Action rollback"; section 4, promise 6;
+issue 10, "Proof").  A fixed workload (``Workload``) runs against a real store and a
+payments-like ledger in a file (``tests/agent_scripts/ws_ledger.py``: charges and
+refunds keyed by the action's idempotency key):
 
-- the operation in hand fails with an error (never silently, never a crash of the process);
-- after an fsync-type failure the store is read-only: every later commit raises
-  ReadOnlyError, and no fsync is retried on the failed descriptor;
-- after a write failure (ENOSPC) the store carries on once the fault is gone;
-- every commit acknowledged before (and after) the fault survives a reopen, and
-  ``verify`` passes.
+- plain commits that rotate 16 KiB segments, a checkpoint;
+- actions with a ``refund`` compensation: a committed one, a transaction with two that
+  rolls back (an exception), one rolled back to a savepoint inside a transaction that
+  commits, a committed one then ``revert``-ed, two committed after a restore point then
+  ``rewind``-ed, a prepared transaction rolled back (``rollback_prepared``) and one
+  committed (``commit_prepared``), a transaction left in flight;
+- a crash (the store dropped as a killed process would), a reopen whose recovery
+  compensates the transaction left in flight, more commits, the spare segment prepared
+  (the applier thread's job, done in line so call counts repeat) and a rotation that
+  activates it, a close.
 
-    python tools/faultsweep.py            # prints faults injected, acks checked, lost
+It runs once under ``tools.faults.FaultBackend`` to count its calls of each kind: every
+file call (pwrite, fsync, fdatasync, fsync_dir, open, rename, unlink), every LMDB commit
+and sync, and every hit of every named fault point (``fileio.fault_point``; new points
+are found by the counting run).  Then, for every call number n and every kind of fault
+(ENOSPC and EIO for file calls; ``lmdb.Error`` "Input/output error" for LMDB calls; a
+RuntimeError and an OSError at fault points), it runs again with the n-th call failing,
+reopens the store with the compensator registered (recovery), and checks:
+
+- every commit that returned is visible (else it is *lost*); every commit that raised
+  before the commit point is not; one that raised CommitOutcomeUnknown is all or nothing;
+  a prepared transaction whose decision did not return may stay in doubt;
+- the state is exactly what the visible commits (and undos) make it;
+- what is visible is ``committed`` in ``store.actions()``; every action of a transaction
+  that is not visible, or that an undo claimed, or that a rollback to a savepoint crossed,
+  is ``compensated`` — the ledger shows exactly one refund for its charge — or listed by
+  ``pending_compensations()``; nothing is left in flight but in-doubt prepared ones; no
+  charge exists without its action recorded (write-ahead for side effects);
+- no exception other than a walstore error (or the one injected at a fault point)
+  escaped the API;
+- after an fsync failure (WAL fsync / fdatasync / directory fsync, LMDB commit or sync)
+  nothing is acknowledged until the store is reopened, the failed fsync is never retried
+  (WAL: on that descriptor; LMDB: no LMDB write or sync at all in that process);
+- ``verify`` passes, and the reopened store takes a new commit.
+
+    python tools/faultsweep.py              # every fault, prints the totals
+    python tools/faultsweep.py --stride 3   # every third call of each kind
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import shutil
 import sys
 import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "agent_scripts"))
 
 import walstore  # noqa: E402
-from tools.faults import FaultBackend, installed  # noqa: E402
+import ws_ledger  # noqa: E402
+from tools.faults import LMDB_OPS, OPS, POINT_OP, SYNC_OPS, FaultBackend, installed  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
-SITES = ("pwrite", "fsync", "fdatasync", "fsync_dir", "open", "rename", "unlink")
-SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")
 OPTS = dict(durability="full", segment_size=16 * 1024, checkpoint_bytes=1 << 40,
-            apply_interval=3600.0)
+            apply_interval=3600.0)  # the applier never runs by itself: call counts repeat
+FSYNC_SITES = SYNC_OPS + LMDB_OPS  # after one of these fails: read-only, never retried
 
 
-def workload(path: str, acked: dict, clock=lambda: 0) -> None:
-    """Commits (rotating segments), a checkpoint, more commits; records what was acked
-    (key -> (value, ``clock()`` when the commit returned))."""
-    store = walstore.open(path, **OPTS)
-    try:
-        for i in range(30):
-            _commit(store, f"a{i}", "x" * (i * 37 % 900), acked, clock)
+class InjectedFault(RuntimeError):
+    """What the sweep raises at a fault point (and an OSError subclass, below)."""
+
+
+class InjectedOSError(OSError):
+    pass
+
+
+class Abandon(Exception):
+    """The workload's own exception: the agent gives up, the transaction rolls back."""
+
+
+# ---- fault kinds -----------------------------------------------------------------------------
+def kinds_for(site: str) -> list[tuple[str, dict]]:
+    """(name, FaultBackend.fail keywords) for each fault injected at a site."""
+    if site in OPS:
+        return [("ENOSPC", {"error": errno.ENOSPC}), ("EIO", {"error": errno.EIO})]
+    if site in LMDB_OPS:
+        return [("lmdb.Error", {"error": errno.EIO})]
+    name = site.split(":", 1)[1]
+    return [("RuntimeError", {"raises": lambda: InjectedFault(f"injected at {name}")}),
+            ("OSError", {"raises": lambda: InjectedOSError(errno.EIO, f"injected at {name}")})]
+
+
+def arm(fb: FaultBackend, site: str, nth: int, kw: dict):
+    if site.startswith("point:"):
+        return fb.fail_point(site.split(":", 1)[1], kw["raises"], nth=nth)
+    return fb.fail(site, nth=nth, **kw)
+
+
+# ---- the workload ----------------------------------------------------------------------------
+@dataclass
+class Op:
+    """One step of the workload that may commit (or must not), and how it ended."""
+
+    label: str
+    kind: str                  # commit | undo | rollback | prepared | loser
+    writes: dict = field(default_factory=dict)  # key -> value it leaves when visible
+    undoes: tuple = ()         # labels of the commits whose writes an undo reverses
+    decide: str | None = None  # prepared: "commit" | "rollback"
+    gid: str | None = None
+    txid: int | None = None
+    outcome: str = "not run"   # returned | unknown (CommitOutcomeUnknown) | failed | not run
+    commits: bool = True       # returned None (a rewind with nothing to undo): no commit
+    error: str | None = None
+    foreign: bool = False      # the escaping exception was not a walstore error
+    at: int = 0                # backend sequence number when it ended
+    phase: int = 0
+
+
+class Workload:
+    """The steps above, recording each commit-like step's outcome (``ops``)."""
+
+    N_A, N_B = 24, 12  # plain commits before and after the crash
+
+    def __init__(self, path: str, ledger: str, clock: Callable[[], int] = lambda: 0) -> None:
+        self.path = path
+        self.ledger = ledger
+        self.clock = clock
+        self.ops: list[Op] = []
+        self.by_label: dict[str, Op] = {}
+        self.phase_starts: list[int] = []  # sequence number at each open
+        self.comp_calls: Counter = Counter()
+        self.open_failed = 0
+        self._in_flight = None  # the loser's transaction, referenced until the crash
+
+    def refund(self, action) -> None:
+        self.comp_calls[action.id] += 1
+        ws_ledger.refund(action.args["ledger"], action.key)
+
+    def compensators(self) -> dict:
+        return {"refund": self.refund}
+
+    # ---- running ----------------------------------------------------------------------------
+    def run(self) -> None:
+        store = self._open()
+        if store is None:
+            return
         try:
-            store.checkpoint()
-        except (walstore.WalstoreError, OSError):
-            pass
-        for i in range(20):
-            _commit(store, f"b{i}", i, acked, clock)
-    finally:
+            self.phase_one(store)
+        finally:
+            store._drop_like_a_crash()  # the transaction left in flight is now a loser
+        store = self._open()
+        if store is None:
+            return
         try:
-            store.close()
+            self.phase_two(store)
+        finally:
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - a fault in close: reopened and checked later
+                store._drop_like_a_crash()
+
+    def _open(self):
+        self.phase_starts.append(self.clock())
+        try:
+            return walstore.open(self.path, compensators=self.compensators(), **OPTS)
+        except Exception:  # noqa: BLE001 - the fault hit the open (or its recovery)
+            self.open_failed += 1
+            return None
+
+    def phase_one(self, s) -> None:
+        for i in range(self.N_A):
+            self.put(s, f"a{i}", "x" * (i * 37 % 900))
+        self.pay(s, "pay1", 10)
+        self.rollback(s, "rb", (3, 4))
+        self.savepoint(s, "sp")
+        self.step(lambda: s.checkpoint())
+        self.pay(s, "pay2", 20)
+        self.revert(s, "rev", "pay2")
+        self.step(lambda: s.restore_point("rp"))
+        self.pay(s, "pay3", 30)
+        self.pay(s, "pay4", 40)
+        self.rewind(s, "rew", "rp", ("pay3", "pay4"))
+        self.prepared(s, "prb", 50, "rollback")
+        self.prepared(s, "pc", 60, "commit")
+        self.loser(s, "lost", 70)
+
+    def phase_two(self, s) -> None:
+        self.put(s, "b-first", 0)
+        self.prepare_spare(s)
+        for i in range(self.N_B):
+            self.put(s, f"b{i}", "y" * 1500)
+        self.pay(s, "pay5", 80)
+
+    # ---- steps ------------------------------------------------------------------------------
+    @staticmethod
+    def prepare_spare(s) -> None:
+        """The applier thread's other job, done in line (it never runs by itself here, so
+        that call counts repeat), with its reaction to an error (Engine._applier_loop: the
+        store stops writing): the next rotation activates the spare."""
+        eng = s._engine
+        try:
+            eng.wal.prepare_spare()
+        except BaseException as e:  # noqa: BLE001 - as the applier thread does
+            eng.fail(e)
+
+    def step(self, fn) -> None:
+        """A step that commits nothing of the model's (checkpoint, restore point)."""
+        try:
+            fn()
         except walstore.WalstoreError:
-            store._drop_like_a_crash()
+            pass
 
-
-def _commit(store, key: str, value, acked: dict, clock=lambda: 0) -> None:
-    try:
-        with store.transaction() as tx:
-            tx.put(key, value)
-        acked[key] = (value, clock())
-    except (walstore.WalstoreError, OSError):
-        pass  # the transaction in hand failed: that is allowed, it was not acknowledged
-
-
-def count_calls(root: str) -> dict[str, int]:
-    fb = FaultBackend()
-    with installed(fb):
-        workload(os.path.join(root, "count"), {})
-    return {op: len(fb.calls_to(op)) for op in SITES}
-
-
-def one_fault(root: str, op: str, nth: int, err: int) -> dict:
-    path = os.path.join(root, f"f-{op}-{nth}-{err}")
-    fb = FaultBackend()
-    rule = fb.fail(op, err, nth=nth)
-    acked: dict = {}
-    crashed = None
-    with installed(fb):
+    def _attempt(self, op: Op, fn) -> Any:
+        op.phase = len(self.phase_starts)
+        self.ops.append(op)
+        self.by_label[op.label] = op
+        result = None
         try:
-            workload(path, acked, fb.now)
-        except (walstore.WalstoreError, OSError) as e:  # e.g. the open itself failed
-            crashed = e
-    out = {"fired": rule.fired, "lost": [], "errors": [], "open_failed": crashed is not None}
-    if rule.fired and op in SYNC_OPS:
-        failed_at = _failed_seq(fb, op)
-        retried = [c for c in fb.calls_to(op) if c.seq > failed_at and
-                   c.fd is not None and c.fd == _failed_fd(fb, op)]
-        if retried:
-            out["errors"].append(f"fsync retried on the failed descriptor ({len(retried)}x)")
-        late = [k for k, (_v, t) in acked.items() if t > failed_at]
-        if late:
-            out["errors"].append(f"commits acknowledged after an fsync failure: {late[:3]}")
-    if not os.path.exists(os.path.join(path, "STORE")):
+            result = fn()
+        except walstore.CommitOutcomeUnknown as e:
+            op.outcome, op.error = "unknown", f"{type(e).__name__}: {e}"
+        except Abandon:
+            op.outcome = "returned"  # the rollback went through and re-raised our exception
+        except walstore.CompensationFailed as e:
+            # an undo's documented outcome when its committed claims could not be settled
+            # (contract: escalated, kept pending): it committed
+            op.outcome = "returned" if op.kind == "undo" else "failed"
+            op.error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - classified, then checked
+            op.outcome, op.error = "failed", f"{type(e).__name__}: {e}"
+            op.foreign = not isinstance(e, (walstore.WalstoreError, InjectedFault,
+                                            InjectedOSError))
+        else:
+            op.outcome = "returned"
+        op.at = self.clock()
+        return result
+
+    def _charge(self, tx, amount: int, compensate: str = "refund"):
+        with tx.action("charge", args={"ledger": self.ledger, "amount": amount},
+                       compensate=compensate) as act:
+            act.result = ws_ledger.charge(self.ledger, act.key, amount)
+        return act
+
+    def put(self, s, key: str, value) -> None:
+        op = Op(key, "commit", {key: value})
+
+        def run():
+            with s.transaction(meta={"op": key}) as tx:
+                op.txid = tx.id
+                tx.put(key, value)
+        self._attempt(op, run)
+
+    def pay(self, s, label: str, amount: int) -> None:
+        """A committed transaction whose action charged the ledger."""
+        op = Op(label, "commit", {f"pay/{label}": amount})
+
+        def run():
+            with s.transaction(meta={"op": label}) as tx:
+                op.txid = tx.id
+                self._charge(tx, amount)
+                tx.put(f"pay/{label}", amount)
+        self._attempt(op, run)
+
+    def rollback(self, s, label: str, amounts) -> None:
+        """Two charges, then the agent gives up: ABORT, both refunded (newest first)."""
+        op = Op(label, "rollback")
+
+        def run():
+            with s.transaction(meta={"op": label}) as tx:
+                op.txid = tx.id
+                for amount in amounts:
+                    self._charge(tx, amount)
+                tx.put(f"{label}/x", 1)
+                raise Abandon()
+        self._attempt(op, run)
+
+    def savepoint(self, s, label: str) -> None:
+        """A charge, a savepoint, a charge and a write, rollback_to (refunds the second),
+        a write, commit: the first action is committed, the second compensated."""
+        op = Op(label, "commit", {f"{label}/a": 1, f"{label}/c": 3})
+
+        def run():
+            with s.transaction(meta={"op": label}) as tx:
+                op.txid = tx.id
+                self._charge(tx, 5)
+                tx.put(f"{label}/a", 1)
+                sp = tx.savepoint("plan-b")
+                self._charge(tx, 6)
+                tx.put(f"{label}/b", 2)
+                tx.rollback_to(sp)
+                tx.put(f"{label}/c", 3)
+        self._attempt(op, run)
+
+    def revert(self, s, label: str, target: str) -> None:
+        op = Op(label, "undo", undoes=(target,))
+        txid = self.by_label[target].txid
+
+        def run():
+            info = s.revert(txid, meta={"op": label})
+            op.txid = info.txid if info is not None else None
+        self._attempt(op, run)
+
+    def rewind(self, s, label: str, point: str, after: tuple) -> None:
+        op = Op(label, "undo", undoes=after)
+
+        def run():
+            info = s.rewind(point, meta={"op": label})
+            op.commits = info is not None
+            op.txid = info.txid if info is not None else None
+        self._attempt(op, run)
+
+    def prepared(self, s, label: str, amount: int, decide: str) -> None:
+        """A charge, a write, prepare; then commit_prepared or rollback_prepared.  A failed
+        prepare rolls the transaction back."""
+        op = Op(label, "prepared", {f"prep/{label}": amount}, decide=decide, gid=f"g-{label}")
+
+        def run():
+            tx = s.transaction(meta={"op": label})
+            op.txid = tx.id
+            try:
+                self._charge(tx, amount)
+                tx.put(f"prep/{label}", amount)
+                tx.prepare(op.gid)
+            except BaseException:
+                if tx.state == "active" and tx.gid is None:
+                    try:
+                        tx.rollback()
+                    except walstore.WalstoreError:
+                        pass
+                raise
+            if decide == "commit":
+                s.commit_prepared(op.gid)
+            else:
+                s.rollback_prepared(op.gid)
+        self._attempt(op, run)
+
+    def loser(self, s, label: str, amount: int) -> None:
+        """A charge and a write, never committed: the crash makes it a loser."""
+        op = Op(label, "loser")
+
+        def run():
+            tx = s.transaction(meta={"op": label})
+            op.txid = tx.id
+            self._charge(tx, amount)
+            tx.put(f"{label}/x", 1)
+            self._in_flight = tx  # kept referenced until the crash
+        self._attempt(op, run)
+
+
+# ---- one fault ---------------------------------------------------------------------------------
+def count_calls(root: str) -> dict[str, int]:
+    """Calls of each kind the fault-free workload makes (fault points as ``point:<name>``)."""
+    fb = FaultBackend()
+    path = os.path.join(root, "count")
+    w = Workload(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
+    os.makedirs(path)
+    with installed(fb):
+        w.run()
+    res = check(w, fb, None)
+    if res["lost"] or res["errors"]:
+        raise AssertionError(f"the fault-free workload itself fails its checks: {res}")
+    shutil.rmtree(path, ignore_errors=True)
+    counts = {op: len(fb.calls_to(op)) for op in OPS + LMDB_OPS}
+    for name, n in sorted(fb.point_hits().items()):
+        counts[f"point:{name}"] = n
+    return counts
+
+
+def one_fault(root: str, site: str, nth: int, kind: str, kw: dict) -> dict:
+    path = os.path.join(root, f"f-{site.replace(':', '_')}-{nth}-{kind}")
+    os.makedirs(path)
+    fb = FaultBackend()
+    rule = arm(fb, site, nth, kw)
+    w = Workload(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
+    with installed(fb):
+        w.run()
+    res = check(w, fb, rule if rule.fired else None, site)
+    res["fired"] = rule.fired
+    shutil.rmtree(path, ignore_errors=True)
+    return res
+
+
+def acknowledged(op: Op) -> bool:
+    """A commit reported done: it must be visible after any fault."""
+    return (op.outcome == "returned" and op.commits
+            and (op.kind in ("commit", "undo") or op.kind == "prepared" and op.decide == "commit"))
+
+
+def _phase_end(w: Workload, seq: int) -> int:
+    """The sequence number at which the process that made call ``seq`` let the store go
+    (the next open: every call of that open has a greater number), or infinity."""
+    for start in w.phase_starts:
+        if start >= seq:
+            return start
+    return 1 << 62
+
+
+def check_fsync_failure(w: Workload, fb: FaultBackend, rule, site: str, out: dict) -> None:
+    """Nothing acknowledged after a failed fsync in that process; the fsync never retried."""
+    failed = rule.failed_calls[0]
+    end = _phase_end(w, failed.seq)
+    late = [op.label for op in w.ops if op.outcome == "returned" and op.kind != "rollback"
+            and op.commits and failed.seq < op.at < end]
+    if late:
+        what = "a failed LMDB " + site[5:] if site in LMDB_OPS else f"a failed {site}"
+        out["errors"].append(f"commits acknowledged after {what} (the store did not turn "
+                             f"read-only): {late[:4]}")
+    if site in LMDB_OPS:
+        again = [c for c in fb.calls_to(LMDB_OPS, after=failed.seq) if c.seq < end]
+        if again:
+            ops = sorted({c.op for c in again})
+            out["errors"].append(f"LMDB written or synced again after a failed LMDB "
+                                 f"{site[5:]} in the same process ({len(again)}x {ops})")
+    elif failed.fd is not None:  # the same descriptor of the same file (numbers are reused)
+        again = [c for c in fb.calls_to(SYNC_OPS, fd=failed.fd, after=failed.seq)
+                 if c.seq < end and c.path == failed.path]
+        if again:
+            out["errors"].append(f"fsync retried on the failed descriptor ({len(again)}x)")
+
+
+def check(w: Workload, fb: FaultBackend, rule, site: str = "") -> dict:
+    """Reopen (recovery, compensators registered) and check every promise; see the module
+    docstring.  Returns {"lost": [labels], "errors": [...], "acks": n, ...}."""
+    out: dict = {"lost": [], "errors": [], "acks": 0, "pending": 0, "in_doubt": 0,
+                 "open_failed": w.open_failed, "reruns": 0}
+    if rule is not None and site in FSYNC_SITES:
+        check_fsync_failure(w, fb, rule, site, out)
+    for op in w.ops:
+        if op.foreign:
+            out["errors"].append(f"{op.label}: a foreign exception escaped the API: {op.error}")
+    if not os.path.exists(os.path.join(w.path, "STORE")):
+        if any(op.outcome == "returned" for op in w.ops):
+            out["errors"].append("the store vanished after acknowledging commits")
         return out  # the fault hit store creation: nothing was acknowledged
     try:
-        with walstore.open(path) as s:
-            state = dict(s.scan())
-            _commit(s, "after-fault", 1, acked)  # the store carries on after reopening
+        store = walstore.open(w.path, compensators=w.compensators())
     except walstore.WalstoreError as e:
-        out["errors"].append(f"reopen failed: {e}")
-        out["lost"] = list(acked)
+        out["errors"].append(f"reopen failed: {type(e).__name__}: {e}")
+        out["lost"] = [op.label for op in w.ops if acknowledged(op)]
         return out
-    out["lost"] = [k for k, (v, _t) in acked.items() if k != "after-fault" and state.get(k) != v]
-    rep = verify_store(path)
+    try:
+        _check_open_store(w, store, out)
+        try:
+            with store.transaction() as tx:  # the store carries on after reopening
+                tx.put("after-fault", 1)
+        except walstore.WalstoreError as e:
+            out["errors"].append(f"a commit after reopening failed: {e}")
+    finally:
+        store.close()
+    # compensators run again because their COMPENSATED record was lost (the idempotency
+    # key keeps the ledger right): allowed, counted
+    out["reruns"] = sum(n - 1 for n in w.comp_calls.values() if n > 1)
+    rep = verify_store(w.path)
     if not rep.ok:
-        out["errors"] += rep.errors
-    shutil.rmtree(path, ignore_errors=True)
+        out["errors"] += [f"verify: {e}" for e in rep.errors]
     return out
 
 
-def _failed_seq(fb: FaultBackend, op: str) -> int:
-    failed = [c for c in fb.calls_to(op) if c.injected]
-    return failed[0].seq if failed else 1 << 62
+def _check_open_store(w: Workload, s, out: dict) -> None:
+    errors = out["errors"]
+    log = s.log()
+    info_of = {}
+    for info in log:
+        label = info.meta.get("op") if isinstance(info.meta, dict) else None
+        if label is not None:
+            info_of[label] = info
+    in_doubt = {gid: s.prepared_details(gid).txid for gid in s.prepared()}
+    doubt_txids = set(in_doubt.values())
+    out["in_doubt"] = len(in_doubt)
+
+    # 1. each commit-like step against its outcome
+    for op in w.ops:
+        visible = op.label in info_of
+        if op.kind in ("rollback", "loser"):
+            if visible:
+                errors.append(f"{op.label}: rolled back, yet committed")
+            continue
+        if op.kind == "prepared" and op.gid in in_doubt:
+            if op.outcome == "returned":
+                errors.append(f"{op.label}: {op.decide}_prepared returned, yet {op.gid!r} "
+                              f"is still in doubt")
+            continue
+        if op.kind == "prepared" and op.decide == "rollback":
+            if visible:
+                errors.append(f"{op.label}: rolled back (prepared), yet committed")
+            continue
+        if acknowledged(op):
+            out["acks"] += 1
+            if not visible:
+                out["lost"].append(op.label)
+        elif op.outcome == "failed" and visible:
+            errors.append(f"{op.label}: reported a failure ({op.error}) but committed: an "
+                          f"error after the commit point became the commit's failure")
+        elif op.outcome in ("not run", "returned") and visible:
+            errors.append(f"{op.label}: never ran (or had nothing to commit), yet committed")
+
+    # 2. the state is what the visible commits and undos make it (every key is written
+    #    by one step only, so an undone key is absent)
+    expected: dict = {}
+    for op in w.ops:
+        if op.label in info_of and op.kind in ("commit", "prepared"):
+            expected.update(op.writes)
+    for op in w.ops:
+        if op.label in info_of and op.kind == "undo":
+            for target in op.undoes:
+                for k in w.by_label[target].writes if target in w.by_label else ():
+                    expected.pop(k, None)
+    state = {k: v for k, v in s.scan() if k != "after-fault"}
+    if state != expected:
+        extra = sorted(set(state) - set(expected))[:4]
+        missing = sorted(set(expected) - set(state))[:4]
+        wrong = sorted(k for k in set(state) & set(expected) if state[k] != expected[k])[:4]
+        errors.append(f"state differs from the visible commits: extra {extra}, missing "
+                      f"{missing}, wrong {wrong}")
+
+    # 3. actions: visible ones committed, every other one compensated (or listed pending)
+    live, claimed = set(), set()
+    for info in log:
+        live.update(a["id"] for a in info.actions)
+        claimed.update(info.extra.get("compensate", ()))
+    pending_ids = {a.id for a in s.pending_compensations()}
+    records = ws_ledger.records(w.ledger)
+    charges = Counter(r["key"] for r in records if r["op"] == "charge")
+    refunds = Counter(r["key"] for r in records if r["op"] == "refund")
+    keys = set()
+    for a in s.actions():
+        keys.add(a.key)
+        if a.in_flight:
+            if a.txid not in doubt_txids:
+                errors.append(f"action {a.id}: left in flight (its transaction never ended "
+                              f"and is not prepared)")
+            elif refunds[a.key]:
+                errors.append(f"action {a.id}: in doubt, yet refunded")
+            continue
+        stands = a.id in live and a.id not in claimed
+        if stands:
+            if a.state != "committed":
+                errors.append(f"action {a.id}: its transaction's commit stands, yet it is "
+                              f"{a.state}")
+            if charges[a.key] != 1 or refunds[a.key]:
+                errors.append(f"action {a.id}: committed, but the ledger shows "
+                              f"{charges[a.key]} charge(s) and {refunds[a.key]} refund(s)")
+            continue
+        if a.state == "compensated":
+            if refunds[a.key] != charges[a.key]:
+                errors.append(f"action {a.id}: compensated, but the ledger shows "
+                              f"{charges[a.key]} charge(s) and {refunds[a.key]} refund(s)")
+        elif a.state in ("pending", "failed") and a.id in pending_ids:
+            out["pending"] += 1
+        else:
+            errors.append(f"action {a.id}: its transaction is not visible (or was undone), "
+                          f"yet it is {a.state}" + (" and not listed pending"
+                                                     if a.state in ("pending", "failed") else ""))
+    for key in set(charges) | set(refunds):
+        if key not in keys:
+            errors.append(f"ledger key {key}: an effect with no action recorded (the body "
+                          f"ran without a durable intent?)")
+        if charges[key] > 1 or refunds[key] > 1:
+            errors.append(f"ledger key {key}: {charges[key]} charges, {refunds[key]} refunds")
 
 
-def _failed_fd(fb: FaultBackend, op: str):
-    failed = [c for c in fb.calls_to(op) if c.injected]
-    return failed[0].fd if failed else None
+# ---- the sweep ---------------------------------------------------------------------------------
+def family(site: str) -> str:
+    return "file" if site in OPS else "lmdb" if site in LMDB_OPS else "point"
 
 
-def sweep(root: str, stride: int = 1, progress=None) -> dict:
+def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
+    """Every fault kind at every ``stride``-th call of each site (all sites, or those named
+    in ``sites``: "pwrite", "lmdb_sync", "point:commit.after_durable", "point:*" ...);
+    ``stride`` may be a dict by family ("file", "lmdb", "point"; missing: 1).  Returns the
+    totals and every broken case."""
+    strides = stride if isinstance(stride, dict) else {}
+    default = 1 if isinstance(stride, dict) else stride
     counts = count_calls(root)
-    summary = {"calls": counts, "faults": 0, "fired": 0, "lost": 0, "broken": []}
-    for op, n in counts.items():
-        for nth in range(1, n + 1, stride):
-            for err in (errno.ENOSPC, errno.EIO):
-                res = one_fault(root, op, nth, err)
+    chosen = [s for s in counts if sites is None or any(
+        s == p or (p.endswith("*") and s.startswith(p[:-1])) for p in sites)]
+    summary = {"calls": counts, "faults": 0, "fired": 0, "acks": 0, "lost": 0, "pending": 0,
+               "in_doubt": 0, "reruns": 0, "by_kind": Counter(), "broken": [], "seconds": 0.0}
+    t0 = time.monotonic()
+    for site in chosen:
+        step = strides.get(family(site), default)
+        for nth in range(1, counts[site] + 1, step):
+            for kind, kw in kinds_for(site):
+                res = one_fault(root, site, nth, kind, kw)
                 summary["faults"] += 1
+                summary["by_kind"][f"{site} {kind}"] += 1
                 summary["fired"] += bool(res["fired"])
+                summary["acks"] += res["acks"]
                 summary["lost"] += len(res["lost"])
+                summary["pending"] += res["pending"]
+                summary["in_doubt"] += res["in_doubt"]
+                summary["reruns"] += res["reruns"]
                 if res["lost"] or res["errors"]:
-                    summary["broken"].append({"op": op, "nth": nth, "errno": err, **res})
+                    summary["broken"].append({"site": site, "nth": nth, "kind": kind, **res})
         if progress:
-            progress(f"  {op}: {n} call sites swept")
+            progress(f"  {site}: {counts[site]} calls, every {step}. swept "
+                     f"({len(summary['broken'])} broken so far)")
+    summary["seconds"] = time.monotonic() - t0
     return summary
 
 
+def report(s: dict) -> str:
+    kinds = Counter()
+    for k, n in s["by_kind"].items():
+        site, kind = k.rsplit(" ", 1)
+        family = ("file " + kind if site in OPS else "LMDB " + site[5:] if site in LMDB_OPS
+                  else "fault point " + kind)
+        kinds[family] += n
+    lines = [f"faults injected: {s['faults']} ("
+             + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) + f"), fired: "
+             f"{s['fired']}; acknowledged commits checked: {s['acks']}, lost: {s['lost']}; "
+             f"broken: {len(s['broken'])}; left pending: {s['pending']}, in doubt: "
+             f"{s['in_doubt']}, compensations re-run after a lost record: {s['reruns']}; "
+             f"{s['seconds']:.0f} s",
+             "calls per run: " + ", ".join(f"{k} {v}" for k, v in s["calls"].items())]
+    for b in s["broken"]:
+        lines.append(f"  BROKEN {b['site']} #{b['nth']} {b['kind']}: lost {b['lost']} "
+                     f"{b['errors'][:3]}")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stride", type=int, default=1, help="every Nth call of each kind")
+    ap.add_argument("--sites", nargs="*", help="only these sites (e.g. lmdb_sync 'point:*')")
+    args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="walstore-faultsweep-")
     try:
-        s = sweep(root, progress=print)
+        s = sweep(root, stride=args.stride, sites=args.sites, progress=print)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"I/O faults injected: {s['faults']} ({s['fired']} fired; ENOSPC and EIO at every "
-          f"call of {s['calls']}), acknowledged commits lost: {s['lost']}, broken: "
-          f"{len(s['broken'])}")
-    for b in s["broken"][:5]:
-        print("  ", b)
+    print(report(s))
     sys.exit(1 if s["broken"] else 0)
 
 
