@@ -12,8 +12,8 @@ whose ``paid/<key>`` is visible belongs to a ``committed`` action and was never 
 a charge that is not visible was compensated exactly once, counted in an idempotency-keyed
 payment ledger (tests/agent_scripts/ws_ledger.py) and a log of compensator calls.
 
-Tests marked ``xfail(strict=True)`` reproduce bugs still in the core; their reasons name
-the bug.  No test asserts on timing: costs are measured as work done (Python lines run
+Bugs these tests found were fixed in the core; each keeps its test here.  No test
+asserts on timing: costs are measured as work done (Python lines run
 for a commit, bytes written on the commit path, WAL segments kept, rows in memory).
 """
 from __future__ import annotations
@@ -374,22 +374,12 @@ def test_prepared_transaction_refuses_new_actions(w, decide):
 
 
 # ---- 5 ---------------------------------------------------------------------------------------
-BYLSN_BUG = (
-    "Applier.apply (walstore/engine/apply.py) writes the bylsn rows (commit LSN -> txid) "
-    "only inside `if latest:`, i.e. only when its batch holds some key write: a commit that "
-    "only ran an action, applied in a batch without writes, is missing from the bylsn index, "
-    "so Views.commits_after skips it — store.log() drops it once applied and rewind() "
-    "never undoes it (its action is never compensated; 'nothing to undo')")
-
-
 @pytest.mark.parametrize("undoers,writes", [
     (("revert", "revert"), False),
     (("revert", "revert"), True),
-    pytest.param(("revert", "rewind"), False,
-                 marks=pytest.mark.xfail(strict=True, reason=BYLSN_BUG)),
+    (("revert", "rewind"), False),
     (("revert", "rewind"), True),
-    pytest.param(("rewind", "rewind"), False,
-                 marks=pytest.mark.xfail(strict=True, reason=BYLSN_BUG)),
+    (("rewind", "rewind"), False),
     (("rewind", "rewind"), True),
 ], ids=["revert-revert-action-only", "revert-revert", "revert-rewind-action-only",
         "revert-rewind", "rewind-rewind-action-only", "rewind-rewind"])
@@ -450,7 +440,6 @@ def test_concurrent_reverts_compensate_an_action_exactly_once(w, monkeypatch, un
     store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=BYLSN_BUG)
 def test_rewind_undoes_a_transaction_that_only_ran_an_action(w):
     """Found while testing finding 5: a committed transaction whose only effect is an
     action (no key written) stays in ``store.log()`` once applied, and so does the revert
@@ -555,7 +544,7 @@ def test_unknown_txid_or_lsn_raises_unknown_point_and_changes_nothing(w):
         for name, call in calls.items():
             if name == "revert" and (not isinstance(p, int) or isinstance(p, walstore.LSN)
                                      or p < 0):
-                continue  # revert takes a txid; negative txids: see the xfail test below
+                continue  # revert takes a txid; negative txids: see the test below
             with pytest.raises(walstore.UnknownPoint) as err:
                 call(p)
             assert isinstance(err.value, KeyError)
@@ -580,13 +569,6 @@ def test_unknown_txid_or_lsn_raises_unknown_point_and_changes_nothing(w):
     assert [r["op"] for r in ws_ledger.records(w.ledger)] == ["charge"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "txids outside 0..2**64-1 are not checked before they are packed: History.txn_info "
-    "(walstore/agent/history.py; revert and store.txn_info) and History.resolve's int "
-    "branch (rewind, at) reach tables.txid_key -> struct.pack('>Q'), so struct.error escapes "
-    "(revert(-1), txn_info(-1), at(2**64)); rewind/revert(2**64) build their default meta "
-    "{'rewind'|'revert': point} and check_meta raises TypeError before the point is resolved; "
-    "the CLI then says 'unexpected error' with exit 1 instead of a usage error"))
 def test_out_of_range_txids_raise_unknown_point_not_a_foreign_error(w):
     """Finding 7's promise at the edges of the txid space: a negative txid or one past
     2**64 names nothing, so it raises ``UnknownPoint``, never ``struct.error`` or
@@ -961,13 +943,6 @@ def test_segment_rotation_preallocates_off_the_commit_path(w):
         assert not any(name.endswith(".tmp") and name != SPARE_NAME for name, _n in writes)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "WriteAheadLog._rotate (walstore/log/writer.py) falls back to create_segment — a "
-    "zero-fill of the whole next segment plus fsyncs, under the WAL lock on the commit "
-    "path — whenever the spare is not ready; the spare is prepared only by the applier "
-    "loop (Engine._applier_loop), which sleeps apply_interval (0.5 s) between rounds and is "
-    "not woken when a rotation consumes the spare, nor run at open: back-to-back rotations "
-    "(a burst, or the first rotation after open) preallocate on the commit path"))
 def test_back_to_back_rotations_never_preallocate_on_the_commit_path(w):
     """Finding 12 under a burst: every commit fills a segment, with default options, no
     pause between commits.  No commit may zero-fill a segment on its own path."""

@@ -10,9 +10,9 @@ CI takes every LMDB call and fault-point hit, and every second file call (odd ca
 numbers); ``WALSTORE_FAULT_STRIDE=1`` runs the full sweep of the README's table (or
 ``python tools/faultsweep.py``).
 
-Cases the sweep reports broken because of a known bug in the core are tolerated here only
-by their exact signature (``KNOWN``); each has a deterministic reproduction below marked
-``xfail(strict=True)``, so the fix turns it into a failure that asks for both to go.
+Cases the sweep reports broken because of a known bug in the core would be tolerated here
+only by their exact signature (``KNOWN``, empty now: the three bugs it found are fixed); each
+bug it found keeps a deterministic reproduction below, named after the promise.
 """
 from __future__ import annotations
 
@@ -37,16 +37,7 @@ FILE_STRIDE = int(os.environ.get("WALSTORE_FAULT_STRIDE", "2"))
 
 # Broken-case messages explained by a known core bug (named after the test reproducing
 # it), and whether that bug loses acknowledged commits.
-KNOWN = {
-    "test_an_error_recording_an_undos_compensation_does_not_report_the_undo_as_failed": (
-        re.compile(r"^(rev|rew): reported a failure .* but committed"), False),
-    "test_a_failed_lmdb_commit_or_sync_turns_the_store_read_only": (
-        re.compile(r"after a failed LMDB (commit|sync) \(the store did not turn read-only\)"
-                   r"|^LMDB written or synced again after a failed LMDB"), False),
-    "test_a_failed_open_of_the_next_segment_in_rotation_loses_no_acknowledged_commit": (
-        re.compile(r"a foreign exception escaped the API: OSError: .*/wal/\d+\.wal'$"
-                   r"|^reopen failed: CorruptionError: gap: segment starts at LSN"), True),
-}
+KNOWN: dict = {}  # (every bug the sweep found is fixed; its reproduction below stays)
 
 
 @pytest.fixture(scope="module")
@@ -121,14 +112,6 @@ def _charge_tx(store, ledger: str, key: str, amount: int):
     return tx, act
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "walstore/agent/undo.py Undo._commit: after tx.commit() returned (the revert/rewind is "
-    "committed and claims the actions), self.saga.compensate(owed) runs in the caller's "
-    "frame; an error recording a compensation (WalWriteError from record_state's append, "
-    "LogFailed from its fsync) escapes revert()/rewind(), which reports a committed undo as "
-    "failed. Fix: after the commit, contain errors of the compensation run (the claimed "
-    "actions stay pending for retry_compensations / the next open) and return the TxnInfo, "
-    "or raise CompensationFailed naming the actions, chained"))
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 @pytest.mark.parametrize("verb", ["revert", "rewind"])
 def test_an_error_recording_an_undos_compensation_does_not_report_the_undo_as_failed(
@@ -156,16 +139,6 @@ def test_an_error_recording_an_undos_compensation_does_not_report_the_undo_as_fa
     assert raised is None, f"{verb} committed, yet raised {raised!r}"  # ... yet reported failed
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "walstore/engine/engine.py: a StateWriteError (an lmdb.Error from an LMDB commit or "
-    "sync) raised through Engine.checkpoint() -> _checkpoint() (apply_published, "
-    "state.sync) or Engine.drain() (revert/rewind's _begin_undo) reaches the caller without "
-    "Engine.fail(): the store stays writable, acknowledges later commits, and writes and "
-    "syncs LMDB again (a retried fsync: after which _checkpoint trims the WAL below "
-    "'applied' on the word of a sync that may lie). Only the applier thread calls fail(). "
-    "Fix: call self.fail(e) on StateWriteError wherever apply_published or state.sync run "
-    "(e.g. inside apply_published and _checkpoint), as lmdb_state.StateWriteError's "
-    "docstring requires"))
 @pytest.mark.parametrize("op,via", [("sync", "checkpoint"), ("commit", "checkpoint"),
                                     ("commit", "revert")])
 def test_a_failed_lmdb_commit_or_sync_turns_the_store_read_only(tmp_path, op, via):
@@ -206,20 +179,6 @@ def test_a_failed_lmdb_commit_or_sync_turns_the_store_read_only(tmp_path, op, vi
     assert again == [], f"LMDB written/synced {len(again)}x more after the failed {op}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "walstore/log/writer.py WriteAheadLog._rotate: the SEAL is written into the old segment "
-    "and fsynced, synced_lsn/written_lsn move to the new segment's start, and only then "
-    "SegmentWriter(path, ...) opens the new segment; when that open fails (EMFILE, EIO, "
-    "ENOMEM), the raw OSError escapes commit() (a foreign exception: not wrapped, not "
-    "WalWriteError), self.writer stays the old, sealed segment and the log is not failed, "
-    "so the following commits are appended and acknowledged BEHIND the SEAL of the old "
-    "segment while the new, empty segment claims their LSNs: the next open refuses with "
-    "CorruptionError ('gap: segment starts at LSN X but the previous one ends at Y') and "
-    "every acknowledged commit is out of reach. Fix: open the new segment's SegmentWriter "
-    "before writing the SEAL, and if that open fails remove the segment file just created "
-    "(or keep it as the spare) so no file claims LSNs the old segment goes on holding, and "
-    "raise WalWriteError (the commit in hand fails, the log goes on); or treat any error "
-    "after the SEAL as fatal (self.failed = e; LogFailed)"))
 @pytest.mark.parametrize("err", [errno.EMFILE, errno.EIO])
 def test_a_failed_open_of_the_next_segment_in_rotation_loses_no_acknowledged_commit(
         tmp_path, err):

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import pack
-from ..errors import CompensationFailed, WalstoreError
+from ..errors import CompensationFailed, ReadOnlyError, WalstoreError
 from ..log.format import RecordType
 from ..engine import tables
 
@@ -201,13 +201,23 @@ class Saga:
     def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
         """Log the ABORT (the decision, durable), then compensate the live actions."""
         live = [a for a in tx.effects if isinstance(a, Action)]
+        problem = None
         if not self.engine.writable:
-            return  # cannot record: the intents stay owed in the log; recovery runs them
-        try:
-            self.engine.log_event(RecordType.ABORT, {"tx": tx.id}, tx.id, durable=True)
-        except WalstoreError:
-            return  # same: the next open ends this transaction and compensates
-        self.compensate(live, cause=cause)
+            problem = self.engine.failure or self.engine.wal.failed
+        else:
+            try:
+                self.engine.log_event(RecordType.ABORT, {"tx": tx.id}, tx.id, durable=True)
+            except WalstoreError as e:
+                problem = e
+        if problem is None:
+            self.compensate(live, cause=cause)
+            return
+        owed = [a.id for a in live if a.compensate]
+        if owed:  # cannot record anything: the intents stay owed in the log, and the next
+            # open's recovery ends this transaction and runs them (said, never silent)
+            raise ReadOnlyError(f"transaction {tx.id} rolled back, but the store cannot record "
+                                f"any more ({problem}): the compensations of action(s) {owed} "
+                                f"run when the store is reopened") from (cause or problem)
 
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
         """A rollback to a savepoint crossed these actions: compensate them now."""
@@ -219,6 +229,8 @@ class Saga:
         """Run compensations newest first; returns the actions that failed.  Only actions
         still owing one run; each outcome is one durable record."""
         failed = []
+        unrecorded: list[Action] = []
+        record_error: BaseException | None = None
         for action in sorted(actions, key=newest_first):
             if action.compensate is None:
                 continue
@@ -236,16 +248,26 @@ class Saga:
                 if not self.engine.writable:
                     continue  # owed in the log: the next open compensates
                 fn = self.compensators.get(action.compensate)
-                if fn is None:
-                    action.state = PENDING
-                    action.error = f"no compensator registered for {action.compensate!r}"
-                    self.record_state(action)
-                    continue
-                if not self._run(fn, action):
-                    failed.append(action)
+                try:
+                    if fn is None:
+                        action.state = PENDING
+                        action.error = f"no compensator registered for {action.compensate!r}"
+                        self.record_state(action)
+                        continue
+                    if not self._run(fn, action):
+                        failed.append(action)
+                except WalstoreError as e:  # the outcome could not be recorded: still owed
+                    unrecorded.append(action)
+                    record_error = record_error or e
             finally:
                 with self._running_lock:
                     self._running.discard(action.id)
+        if unrecorded:
+            ids = [a.id for a in unrecorded]
+            raise CompensationFailed(
+                f"the outcome of compensation(s) {ids} could not be recorded ({record_error}); "
+                f"they stay owed and run again, with the same idempotency keys, when the "
+                f"store is reopened", ids) from record_error
         if failed and raise_on_failure:
             ids = [a.id for a in failed]
             because = ""

@@ -73,6 +73,17 @@ class HistoricalView:
                 yield decode_key(k), unpack_value(v)
 
 
+MAX_TXID = (1 << 64) - 1
+
+
+def check_txid(txid: int) -> int:
+    """A txid walstore could have given (1 .. 2**64 - 1), else UnknownPoint naming it."""
+    if not 1 <= txid <= MAX_TXID:
+        raise UnknownPoint(f"txid {txid} names no transaction (txids run from 1 to "
+                           f"{MAX_TXID})", txid)
+    return txid
+
+
 class History:
     def __init__(self, engine: "Engine") -> None:
         self.engine = engine
@@ -92,9 +103,7 @@ class History:
                                    f"ends at LSN {end})", point)
             boundary = int(point)
         elif isinstance(point, int):
-            if point < 1:
-                raise UnknownPoint(f"txid {point} names no transaction (txids start at 1)",
-                                   point)
+            check_txid(point)
             row = eng.views.txn_row(point)
             if row is None:
                 self._raise_unknown_txid(point)
@@ -122,6 +131,9 @@ class History:
 
     # ---- the log ------------------------------------------------------------------------
     def txn_info(self, txid: int) -> TxnInfo:
+        if isinstance(txid, bool) or not isinstance(txid, int):
+            raise TypeError(f"a txid is an int, not {type(txid).__name__}")
+        check_txid(txid)
         self.engine.refresh()
         row = self.engine.views.txn_row(int(txid))
         if row is None:
@@ -137,7 +149,9 @@ class History:
         self.engine.refresh()
         boundary, min_txid = -1, None
         if isinstance(since, int) and not isinstance(since, (bool, LSN)):
-            row = self.engine.views.txn_row(since)
+            if since < 1:
+                since = 0  # every transaction is "after" a txid below the first
+            row = self.engine.views.txn_row(since) if since <= MAX_TXID else None
             if row is None:
                 min_txid = since
             else:

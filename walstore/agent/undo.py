@@ -76,6 +76,7 @@ class Undo:
         scope = check_scope(scope)
         if isinstance(txid, bool) or not isinstance(txid, int):
             raise TypeError(f"revert takes a txid (int), not {type(txid).__name__}")
+        self.history.txn_info(txid)  # UnknownPoint before anything begins
         self.engine.check_writable()
         tx = self._begin_undo(meta if meta is not None else {"revert": int(txid)})
         with tx:
@@ -103,6 +104,7 @@ class Undo:
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
                meta: Any = None) -> TxnInfo | UndoPlan | None:
         scope = check_scope(scope)
+        self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
         self.engine.check_writable()
         tx = self._begin_undo(meta if meta is not None else {"rewind": jsonable_point(to)})
         rng = ScopeRange(scope) if scope is not None else None

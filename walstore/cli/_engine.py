@@ -17,7 +17,8 @@ from ..options import Options
 from ..store import Store
 
 __all__ = ["RECOVERY_MODES", "open_for_recovery", "verify", "wal_records", "backup",
-           "is_store", "lmdb_file", "prepared_details", "run_demo", "benchmarks"]
+           "is_store", "lmdb_file", "prepared_details", "run_demo", "benchmarks",
+           "replication"]
 
 Progress = Callable[[int, int], None] | None
 
@@ -69,3 +70,11 @@ def benchmarks() -> tuple[Callable[..., dict], Callable[[dict], str]]:
     """(run_benchmarks, render_markdown); ImportError when the extras are missing."""
     from ..benchmark import render_markdown, run_benchmarks
     return run_benchmarks, render_markdown
+
+
+def replication(*names: str) -> tuple:
+    """Names from walstore.replication (imported only by the replication commands)."""
+    from .. import replication as _replication
+    from ..replication.targets import display_url
+    found = {"display_url": display_url}
+    return tuple(found[n] if n in found else getattr(_replication, n) for n in names)

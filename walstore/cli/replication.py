@@ -20,7 +20,9 @@ from typing import Any
 
 import click
 
-from ..errors import NotAStore, ReplicationError, WalstoreError
+from walstore import NotAStore, ReplicationError, WalstoreError
+
+from . import _engine
 from . import main
 from .common import load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
@@ -68,7 +70,8 @@ def _when(ts: float | None) -> str:
 def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
                   endpoint_url: str | None, as_json: bool) -> None:
     """Ship the store at PATH to the replica URL (s3://bucket/prefix or file:///dir)."""
-    from ..replication import DirectorySource, ReplicateOptions, Shipper
+    DirectorySource, ReplicateOptions, Shipper = _engine.replication(
+        "DirectorySource", "ReplicateOptions", "Shipper")
     try:
         source = DirectorySource(path)
     except NotAStore as e:
@@ -132,8 +135,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
                 handlers: str | None, endpoint_url: str | None, interval: float | None,
                 apply_every: float, as_json: bool) -> None:
     """Rebuild a store at DEST from the replica at URL, to a point or a time."""
-    from ..replication import ReplicateOptions
-    from ..replication.restore import follow as follow_fn, restore
+    ReplicateOptions, follow_fn, restore = _engine.replication(
+        "ReplicateOptions", "follow", "restore")
     point = parse_point(to) if to is not None else None
     if follow and (to is not None or compensate):
         _fail("--follow keeps a copy of everything; it takes no --to or --compensate", EXIT_USAGE)
@@ -141,7 +144,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     comps = load_handlers(handlers)
     if follow:
         stop = _stop_on_signals()
-        from ..replication.targets import display_url
+        (display_url,) = _engine.replication("display_url")
         click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)
         try:
             follow_fn(url, dest, opts, stop=stop, apply_every=apply_every,
@@ -194,8 +197,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
 @click.option("--json", "as_json", is_flag=True)
 def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, as_json: bool) -> None:
     """Snapshots, WAL range, restore points and lag of the replica at URL."""
-    from ..replication import ReplicateOptions
-    from ..replication.restore import replicas
+    ReplicateOptions, replicas = _engine.replication("ReplicateOptions", "replicas")
     try:
         r = replicas(url, verify, ReplicateOptions.from_any(None, endpoint_url=endpoint_url))
     except ReplicationError as e:

@@ -96,6 +96,7 @@ class Applier:
                     if v is None:
                         txn.delete(k, db=st.data)
                 txn.cursor(db=st.hist).putmulti(hist_rows)
+            if bylsn_rows:  # every commit, with or without key writes (actions only)
                 txn.cursor(db=st.bylsn).putmulti(bylsn_rows)
             if txn_rows:
                 txn.cursor(db=st.txns).putmulti(txn_rows)

@@ -237,6 +237,7 @@ class Engine:
 
     # ---- threads ------------------------------------------------------------------------
     def _start_threads(self) -> None:
+        self.wal.start_spare_thread()
         self._spawn(self._applier_loop, "walstore-applier")
         if self.durability == "normal":
             self._spawn(self._flusher_loop, "walstore-flusher")
@@ -266,8 +267,6 @@ class Engine:
                     pass
                 if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
                     self._checkpoint()
-                if self.wal.needs_spare():
-                    self.wal.prepare_spare()
             except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
                 self.fail(e)
                 return
@@ -299,7 +298,11 @@ class Engine:
                 return 0
             end = batch[-1].end
             self.wal.sync_to(end)  # WAL before data: LMDB never gets ahead of the durable log
-            self.applier.apply(batch, end)
+            try:
+                self.applier.apply(batch, end)
+            except StateWriteError as e:
+                self.fail(e)  # never write (or sync) LMDB again until reopened
+                raise
             with self.journal.lock:
                 self.memtable.drop_applied(batch)
                 self.applied_lsn = end
@@ -328,12 +331,19 @@ class Engine:
         return self._checkpoint()
 
     def _checkpoint(self, ignore_pins: bool = False) -> dict:
+        try:
+            return self._checkpoint_steps(ignore_pins)
+        except StateWriteError as e:
+            self.fail(e)  # LMDB could not be written or synced: stop until reopened
+            raise
+
+    def _checkpoint_steps(self, ignore_pins: bool) -> dict:
         with self._checkpoint_lock:
             self.journal.sync_all()
             while self.apply_published(1 << 30):
                 pass
             self._applied_up_to_the_end()
-            self.state.sync()
+            self.state.sync()  # (a failure stops the store: never retried, nothing trimmed)
             applied = self.applied_lsn
             pins = [] if ignore_pins else [p for p in (pin() for pin in self.retention_pins)
                                            if p is not None]
@@ -509,6 +519,8 @@ class Engine:
             "wal_synced_lsn": self.wal.synced_lsn if self.wal else None,
             "wal_segments": len(segs), "wal_bytes": wal_bytes,
             "wal_fsyncs": self.wal.fsyncs if self.wal else 0,
+            "wal_rotations": self.wal.rotations if self.wal else 0,
+            "wal_inline_preallocations": self.wal.inline_preallocations if self.wal else 0,
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
             "failure": None if self.failure is None else str(self.failure),
             "background_errors": list(self.background_errors),

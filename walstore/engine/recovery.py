@@ -147,7 +147,6 @@ class Recovery:
         t0 = time.monotonic()
         rep = self.report
         rep.applied_before = self.applied
-        self._remove_temp_files()
         self._load_open_transactions()
         log = LogReader(self.wal_dir, self.store_id, self.applied, self.wal_start,
                         resume_after_corruption=self.mode == "skip-corrupt")
@@ -180,6 +179,7 @@ class Recovery:
                                    SEGMENT_HEADER_SIZE, create_new=True)
         else:
             self._sync_tail(position)
+        self._remove_temp_files()  # (after the walk: a refusal leaves every file as it was)
         rep.losers = sorted(self.open_txids - self.prepared_txids)
         rep.applied_after = self.state.applied_lsn()
         rep.seconds = time.monotonic() - t0

@@ -110,7 +110,7 @@ class Spare:
         fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
             _zero_fill(fd, 0, size)
-            fileio.fsync(fd)
+            fsync_or_fail(fileio.fsync, fd)
         except BaseException:
             os.close(fd)
             remove_quietly(self.path)

@@ -67,7 +67,12 @@ class WriteAheadLog:
         self.fsyncs = 0
         self.rotations = 0
         self.spare = Spare(wal_dir)
-        self._spare_lock = threading.Lock()
+        self._spare_lock = threading.Lock()  # held while the spare is made or used
+        self._spare_cond = threading.Condition(threading.Lock())
+        self._spare_wanted = True   # the spare thread makes one as soon as it starts
+        self._spare_thread: threading.Thread | None = None
+        self._spare_stop = False
+        self.inline_preallocations = 0  # rotations that had to zero-fill on the commit path
 
     # ---- appending ---------------------------------------------------------------------
     def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
@@ -107,11 +112,14 @@ class WriteAheadLog:
             seal = old.frame(RecordType.SEAL, SEAL_PAYLOAD, self.synced_lsn, seal_lsn)
             start = seal_lsn + len(seal)  # the log goes on where the SEAL record ends
             try:
+                self._await_spare()
                 with self._spare_lock:
                     if self.spare.size >= size:
                         path = self.spare.activate(self.store_id, start)
                     else:
+                        self.inline_preallocations += 1
                         path = create_segment(self.dir, self.store_id, start, size)
+                self._want_spare()
             except FsyncFailed as e:
                 self.failed = e.__cause__ or e
                 raise LogFailed(f"fsync failed while creating a WAL segment ({e}); the "
@@ -120,22 +128,77 @@ class WriteAheadLog:
                 raise WalWriteError(e.errno, f"could not create a new WAL segment: "
                                              f"{e.strerror or e}") from e
             try:
+                writer = SegmentWriter(path, self.store_id, start, SEGMENT_HEADER_SIZE)
+            except OSError as e:  # no file may claim LSNs the old segment goes on holding
+                self._withdraw(path, e)
+                raise WalWriteError(e.errno, f"could not open the new WAL segment: "
+                                             f"{e.strerror or e}") from e
+            try:
                 old.write_at_end(seal)
             except OSError:
                 pass  # unsealed: the shape of an interrupted rotation, which readers accept
             self._fsync(old)
             self.synced_lsn = max(self.synced_lsn, start)
             self.written_lsn = start
-            self.writer = SegmentWriter(path, self.store_id, start, SEGMENT_HEADER_SIZE)
+            self.writer = writer
             old.close()
             self.rotations += 1
+
+    def _withdraw(self, path: str, cause: OSError) -> None:
+        """Remove a just-made segment that will not be used (durably); if even that fails,
+        the log stops (LogFailed), so no record is ever written behind its start."""
+        try:
+            fileio.unlink(path)
+            fileio.fsync_dir(self.dir)
+        except OSError as e:
+            self.failed = e
+            raise LogFailed(f"could neither open nor remove the new WAL segment {path} "
+                            f"({cause}; {e}); the store is now read-only") from e
+
+    # ---- the spare: the next segment, preallocated off the commit path -------------------
+    def start_spare_thread(self) -> None:
+        """Start the thread that keeps a spare ready (at once, and after each rotation)."""
+        self._spare_thread = threading.Thread(target=self._spare_loop, name="walstore-spare",
+                                              daemon=True)
+        self._spare_thread.start()
+
+    def _spare_loop(self) -> None:
+        while True:
+            with self._spare_cond:
+                while not self._spare_wanted and not self._spare_stop:
+                    self._spare_cond.wait()
+                if self._spare_stop:
+                    return
+            try:
+                self.prepare_spare()
+            except FsyncFailed as e:  # a failing disk: the log stops (never retry an fsync)
+                self.failed = e.__cause__ or e
+            except OSError:
+                pass  # no room for a spare: the next rotation preallocates inline
+            with self._spare_cond:
+                self._spare_wanted = False
+                self._spare_cond.notify_all()
+
+    def _want_spare(self) -> None:
+        with self._spare_cond:
+            self._spare_wanted = True
+            self._spare_cond.notify_all()
+
+    def _await_spare(self, timeout: float = 5.0) -> None:
+        """A rotation right after another waits for the spare being made, rather than
+        zero-filling a second file on the commit path."""
+        if self._spare_thread is None:
+            return
+        with self._spare_cond:
+            self._spare_cond.wait_for(lambda: not self._spare_wanted or self._spare_stop,
+                                      timeout)
 
     def needs_spare(self) -> bool:
         """True when the next rotation would have to preallocate on the commit path."""
         return self.failed is None and self.spare.size < self.next_segment_size()
 
     def prepare_spare(self) -> None:
-        """Preallocate the next segment's file (call from a background thread)."""
+        """Preallocate the next segment's file (the spare thread calls this)."""
         with self._spare_lock:
             if self.needs_spare():
                 self.spare.prepare(self.next_segment_size())
@@ -218,5 +281,10 @@ class WriteAheadLog:
         return sum(os.path.getsize(p) for _, p in list_segments(self.dir) if os.path.exists(p))
 
     def close(self) -> None:
+        with self._spare_cond:
+            self._spare_stop = True
+            self._spare_cond.notify_all()
+        if self._spare_thread is not None and self._spare_thread is not threading.current_thread():
+            self._spare_thread.join()
         with self.lock:
             self.writer.close()
