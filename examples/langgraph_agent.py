@@ -176,15 +176,9 @@ def walstore_story(workdir: str) -> dict:
                       key=lambda s: s.metadata["step"])
     print(f"   checkpoint {after_paris.config['configurable']['checkpoint_id']} "
           f"(step {after_paris.metadata['step']}, booked {after_paris.values['booked']})")
-    if saver.scoped_rewind_available():
-        plan = saver.rewind(after_paris.config, dry_run=True)
-        print(f"   dry run, nothing changed yet: {json.dumps(plan.as_dict(), default=str)}")
-        info = saver.rewind(after_paris.config)
-    else:  # a walstore without scopes: this store holds only this thread, so rewinding
-        #   the whole store to the moment the checkpoint was saved is the same thing
-        print("   (this walstore has no scoped rewind: rewinding the whole store, which "
-              "holds only this thread)")
-        info = store.rewind(saver.checkpoint_lsn(after_paris.config))
+    plan = saver.rewind(after_paris.config, dry_run=True)
+    print(f"   dry run, nothing changed yet: {json.dumps(plan.as_dict(), default=str)}")
+    info = saver.rewind(after_paris.config)
     compensated = [a.args["city"] for a in store.actions() if a.state == "compensated"]
     print(f"   rewind: transaction {info.txid}; compensated bookings: {compensated}")
     show(hotel)

@@ -25,7 +25,7 @@ from langgraph.types import Command  # noqa: E402
 from test_langgraph_branching import _values, observe_history, observe_state, trip_graph  # noqa: E402,E501
 
 import walstore  # noqa: E402
-from walstore.integrations.langgraph import (RewindUnavailable, WalstoreSaver,  # noqa: E402
+from walstore.integrations.langgraph import (WalstoreSaver,  # noqa: E402
                                              WalstoreStore)
 from walstore.integrations.langgraph.saver import current_thread_scope  # noqa: E402
 
@@ -199,12 +199,6 @@ def booking_graph(store, memory):
     return b
 
 
-needs_scopes = pytest.mark.skipif(
-    not scope_providers(), reason="needs walstore's scoped rewind and scope providers "
-                                  "(walstore.agent.scope, arriving with the engine redesign)")
-
-
-@needs_scopes
 def test_rewind_undoes_one_thread_its_memories_keys_and_actions_only(tmp_path):
     store = walstore.open(str(tmp_path / "store"), durability="none")
     cancelled: list = []
@@ -259,20 +253,6 @@ def test_rewind_undoes_one_thread_its_memories_keys_and_actions_only(tmp_path):
     store.close()
 
 
-@pytest.mark.skipif("scope" in inspect.signature(walstore.Store.rewind).parameters,
-                    reason="only on a walstore without scoped rewind")
-def test_rewind_refuses_rather_than_rewinding_every_thread(saver):
-    graph = trip_graph().compile(checkpointer=saver)
-    run_two_trips(graph)
-    first = list(graph.get_state_history(thread("a")))[-1].config
-    keys = sorted(k for k, _v in saver.store.scan())
-    with pytest.raises(RewindUnavailable):
-        saver.rewind(first)
-    assert sorted(k for k, _v in saver.store.scan()) == keys
-
-
-@pytest.mark.skipif(not hasattr(walstore.Store, "purge"),
-                    reason="needs store.purge (arriving with the engine redesign)")
 def test_delete_thread_erases_every_version_and_every_byte(tmp_path):
     marker = "marker-5b1e-erase-me"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import inspect
 import os
 import random
 import signal
@@ -32,10 +31,6 @@ from agents.memory import Session, SessionSettings, SQLiteSession  # noqa: E402
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SCOPED = "scope" in inspect.signature(walstore.Store.rewind).parameters
-needs_scope = pytest.mark.skipif(
-    not SCOPED, reason="store.rewind has no scope= yet (scoped rewind arrives with the engine "
-                       "redesign; enabled at merge)")
 
 
 def run(coro):
@@ -423,18 +418,6 @@ def test_restore_points_are_per_session(store):
     run(go())
 
 
-@pytest.mark.skipif(SCOPED, reason="only for a store without scoped rewind")
-def test_rewind_refuses_without_scoped_rewind(store):
-    async def go():
-        s = WalstoreSession("a", store)
-        await s.restore_point("p")
-        await s.add_items([user("1")])
-        with pytest.raises(NotImplementedError):
-            await s.rewind("p")
-        assert await s.get_items() == [user("1")]     # nothing rewound, not the whole store
-    run(go())
-
-
 # ---- rewind (needs the store's scoped rewind) -------------------------------------------------
 def book(store, session, what):
     """A tool's transaction: a booking action declared in the session's scope."""
@@ -446,7 +429,6 @@ def book(store, session, what):
         tx.put(f"hotel-ledger/{what}", "confirmed")   # outside every session
 
 
-@needs_scope
 def test_rewind_retracts_one_session_and_compensates_its_tools(store):
     cancelled = []
     store.compensator("cancel")(lambda action: cancelled.append(action.result["booking"]))
@@ -478,7 +460,6 @@ def test_rewind_retracts_one_session_and_compensates_its_tools(store):
     run(go())
 
 
-@needs_scope
 def test_rewind_while_another_session_writes(store):
     """A rewind racing another session's commits retries or does not conflict; either way
     the other session keeps every item and this one is back at its point."""
@@ -500,7 +481,6 @@ def test_rewind_while_another_session_writes(store):
     run(go())
 
 
-@needs_scope
 def test_rewind_restores_branches_and_the_current_branch(store):
     async def go():
         s = WalstoreSession("a", store)
@@ -515,7 +495,6 @@ def test_rewind_restores_branches_and_the_current_branch(store):
     run(go())
 
 
-@needs_scope
 def test_rewind_to_txid_and_lsn_and_unknown_points(store):
     async def go():
         s = WalstoreSession("a", store)
@@ -703,7 +682,6 @@ def test_runner_with_walstore_session_matches_sqlite_session(store, tmp_path):
     assert len(mine[1][1]) == 6                    # user, answer, user, call, output, answer
 
 
-@needs_scope
 def test_example_retracts_the_wrong_turn_and_its_booking(tmp_path):
     ex = load_example()
     out = run(ex.main(str(tmp_path / "store")))

@@ -16,7 +16,7 @@ from test_replication_support import (SECRET_KEY, SECRET_KEY_ID, make_s3_replica
 
 import walstore
 from walstore import LSN
-from walstore.replication import DirectorySource, Shipper, replicas, restore
+from walstore.replication import DirectorySource, Shipper, replicas
 from walstore.cli import main as walstore_cli
 from walstore.cli.replication import parse_point
 from walstore.replication.manifest import Manifest

@@ -62,7 +62,6 @@ small), and a deleted branch's name may be used again.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import threading
 import time
@@ -361,10 +360,6 @@ class WalstoreSession:
         """
         self._check_open()
         rewind = self.store.rewind
-        if "scope" not in inspect.signature(rewind).parameters:
-            raise NotImplementedError(
-                "this walstore has no scoped rewind (store.rewind(to, scope=...)); rewinding "
-                "the whole store would undo every other session too")
         if isinstance(to, str):
             point: Any = self._point_name(to)
         elif isinstance(to, int) and not isinstance(to, bool):

@@ -21,9 +21,9 @@ This package owns the integration; its parts:
   to its thread;
 - ``store.py``: ``WalstoreStore``, LangGraph's ``BaseStore`` (long-term memory, TTL).
 """
-from .saver import RewindUnavailable, StaleCheckpointError, WalstoreSaver
+from .saver import StaleCheckpointError, WalstoreSaver
 from .serde import StateSerializer, StateTypeError
 from .store import WalstoreStore
 
 __all__ = ["WalstoreSaver", "StaleCheckpointError", "WalstoreStore", "StateSerializer",
-           "StateTypeError", "RewindUnavailable"]
+           "StateTypeError"]

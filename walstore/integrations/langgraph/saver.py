@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import inspect
 import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -69,7 +68,7 @@ from .blobs import DEFAULT_DELTA_DEPTH, BlobCodec
 from .keys import Namespace, SaverKeys, is_hashed, prefix_end
 from .serde import StateSerializer
 
-__all__ = ["WalstoreSaver", "StaleCheckpointError", "RewindUnavailable",
+__all__ = ["WalstoreSaver", "StaleCheckpointError",
            "current_thread_scope", "SCOPE_PROVIDER_REGISTERED"]
 
 DEFAULT_PREFIX = b"lg"
@@ -94,18 +93,6 @@ class StaleCheckpointError(ConflictError):
         self.checkpoint_ns = checkpoint_ns
         self.parent = parent
         self.head = head
-
-
-class RewindUnavailable(NotImplementedError):
-    """This walstore has no scoped rewind (``store.rewind(to, scope=...)``)."""
-
-
-def _accepts(fn: Callable, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins
-        return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _conf(config: RunnableConfig | None) -> dict:
@@ -177,7 +164,6 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.codec = BlobCodec(self.serde, deltas=deltas, delta_depth=delta_depth,
                                compress=compress)
         self._owns_store = False
-        self._scoped_transactions = _accepts(store.transaction, "scope")
 
     @classmethod
     def from_path(cls, path: str, *, saver_options: dict | None = None,
@@ -225,9 +211,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         return {"langgraph": op, **{k: v for k, v in fields.items() if v is not None}}
 
     def _transaction(self, meta: Any, scope: bytes | None) -> Any:
-        if scope is not None and self._scoped_transactions:
-            return self.store.transaction(meta=meta, scope=scope)
-        return self.store.transaction(meta=meta)
+        return self.store.transaction(meta=meta, scope=scope)
 
     def _run(self, fn: Callable[[Any], Any], *, scope: bytes | None = None,
              meta: Any = None, retries: int = _PUT_RETRIES) -> Any:
@@ -607,19 +591,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     # ---- deleting, copying, pruning ----------------------------------------------------
     def delete_thread(self, thread_id: str) -> None:
-        """Erase the thread: with ``store.purge`` (walstore's erasure: keys and every past
-        version gone from every API, bytes scrubbed at the next checkpoint); on a walstore
-        without it, the thread's keys are deleted (their history stays)."""
+        """Erase the thread with ``store.purge``: its keys and every past version gone from
+        every API, their bytes from every file of the store (the purge's checkpoint)."""
         prefix = self.thread_scope(thread_id)
-        purge = getattr(self.store, "purge", None)
-        if purge is not None:
-            purge(prefix)
-        else:
-            def delete(tx):
-                for k in [k for k, _v in tx.scan(prefix=prefix)]:
-                    tx.delete(k)
-            self._run(delete, scope=prefix,
-                      meta=self._meta("delete_thread", thread_id=str(thread_id)))
+        self.store.purge(prefix)
         self.codec.forget(prefix)
 
     def _drop_checkpoint(self, tx: Any, ns: Namespace, cid: str, rec: dict) -> None:
@@ -793,10 +768,6 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             lsn = older.lsn
         return walstore.LSN(int(lsn))
 
-    def scoped_rewind_available(self) -> bool:
-        """Whether this walstore rewinds one scope (``store.rewind(to, scope=...)``)."""
-        return _accepts(self.store.rewind, "scope")
-
     def rewind(self, config: RunnableConfig, dry_run: bool = False, meta: Any = None) -> Any:
         """Rewind ONE thread to the moment the checkpoint ``config`` names was saved.
 
@@ -820,18 +791,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         before that point stays done (its writes and its actions both: the thread and
         the world still agree).
         """
-        if not self.scoped_rewind_available():
-            raise RewindUnavailable(
-                "this walstore has no scoped rewind (store.rewind(to, scope=...)); "
-                "WalstoreSaver.rewind never rewinds other threads")
         thread_id, _ns = _where(config)
         to = self.rewind_point(config)
         scope = self.thread_scope(thread_id)
-        kwargs: dict[str, Any] = {"scope": scope, "dry_run": dry_run}
-        if _accepts(self.store.rewind, "meta"):
-            kwargs["meta"] = meta if meta is not None else self._meta(
-                "rewind", thread_id=thread_id, checkpoint_id=get_checkpoint_id(config))
-        result = self.store.rewind(to, **kwargs)
+        result = self.store.rewind(to, scope=scope, dry_run=dry_run, meta=meta if meta is not None
+                                   else self._meta("rewind", thread_id=thread_id,
+                                                   checkpoint_id=get_checkpoint_id(config)))
         if not dry_run:
             self.codec.forget(scope)
         return result
