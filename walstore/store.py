@@ -179,26 +179,33 @@ class Store:
         return sum(1 for _ in self._engine.reader.scan(b"", None, False))
 
     # ---- reads --------------------------------------------------------------------------
-    def _read(self, k: bytes) -> bytes | None:
+    def _read(self, key: Key) -> bytes | None:
+        """The newest committed value of ``key`` (packed), the read path kept flat: it is
+        the hottest path of an agent's store."""
         eng = self._engine
-        eng.check_open()
+        if eng.closed:
+            eng.check_open()
         if eng.follower is not None:
             eng.refresh()
-        return eng.reader.latest(k)
+        k = encode_key(key)
+        vs = eng.memtable.versions.get(k)
+        if vs is not None:
+            return eng.reader.latest(k)
+        return eng.state.get(k)
 
     def get(self, key: Key, default: Any = None) -> Any:
         """The latest committed value of ``key`` (``default`` when absent)."""
-        v = self._read(encode_key(key))
+        v = self._read(key)
         return default if v is None else unpack_value(v)
 
     def __getitem__(self, key: Key) -> Any:
-        v = self._read(encode_key(key))
+        v = self._read(key)
         if v is None:
             raise KeyError(key)
         return unpack_value(v)
 
     def __contains__(self, key: Key) -> bool:
-        return self._read(encode_key(key)) is not None
+        return self._read(key) is not None
 
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:

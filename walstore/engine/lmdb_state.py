@@ -101,18 +101,28 @@ class ReadGate:
             return slot
 
     def enter(self):
-        slot = self._slot()
-        slot.depth += 1
-        if slot.depth > 1:
+        try:
+            slot = self._local.slot
+        except AttributeError:
+            slot = self._slot()
+        if slot.depth:
+            slot.depth += 1
             return slot
-        while True:
-            slot.inside = True
-            if not self.paused:
-                return slot
+        slot.depth = 1
+        slot.inside = True
+        if self.paused:  # a resize is under way: step out until it is done
             slot.inside = False
             with self._cond:
                 while self.paused:
                     self._cond.wait()
+            slot.inside = True
+            while self.paused:  # (paused again meanwhile: wait once more)
+                slot.inside = False
+                with self._cond:
+                    while self.paused:
+                        self._cond.wait()
+                slot.inside = True
+        return slot
 
     @staticmethod
     def leave(slot) -> None:
@@ -308,13 +318,21 @@ class LmdbState:
             raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
 
     def get(self, key: bytes, db=DATA) -> bytes | None:
+        """One value in its own read transaction (the gate's fast path inlined: this is
+        every point read of the store)."""
         if db is DATA:
             db = self.data
         elif db is None:
             return None  # a table an older store does not have yet
-        slot = self.gate.enter()
+        gate = self.gate
+        slot = gate.enter()
         try:
-            txn = self._begin()
+            txn = self.env.begin()
+        except lmdb.Error:
+            txn = None
+        try:
+            if txn is None:
+                txn = self._begin()
             try:
                 return txn.get(key, db=db)
             finally:
@@ -322,7 +340,7 @@ class LmdbState:
         except lmdb.Error as e:
             raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
         finally:
-            self.gate.leave(slot)
+            gate.leave(slot)
 
     def meta_int(self, name: bytes, default: int = 0) -> int:
         return from_u64(self.get(name, self.meta), default)
