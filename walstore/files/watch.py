@@ -1,0 +1,403 @@
+"""Manifests of a workspace, and what changed between two of them (``watch()``).
+
+This module owns change detection for changes walstore did not make itself (a build, a
+test run, any subprocess):
+
+- ``snapshot(ws, blobs, previous)`` walks the workspace with ``lstat`` (never following a
+  symlink, never descending into an ignored directory, skipping walstore's temp names)
+  and returns a ``Manifest``: per path its type, mode, size, mtime_ns, ctime_ns, inode,
+  device, owner, symlink target, and a file's sha256.  With a ``BlobStore`` the content of
+  every tracked file is IN the store when ``snapshot`` returns: a manifest taken before a
+  watched block holds the before-image of everything the block may change.
+- Incremental: a file whose (inode, device, size, mtime_ns, ctime_ns) equal the previous
+  manifest's, and whose content is still stored, keeps its hash without being read.  What
+  is read grows with what changed, not with the tree (``Manifest.stats`` counts it).
+  Exception, the "racy git" problem: a file whose mtime falls within ``racy_window_ns`` of
+  the snapshot's start could change again within the same timestamp tick without its
+  metadata changing; such files are re-hashed by the next snapshot.  The walk itself
+  still ``lstat``s every path (an inotify/fanotify monitor could remove that; not done).
+- ``diff(old, new)``: created, deleted, modified (content), mode, symlink (target), type
+  (e.g. a file replaced by a directory) changes; a rename is a delete plus a create.  Each
+  ``Change`` carries the before- and after-``Entry``.
+- ``undo_order`` / ``restore_changes``: put a change set back, removals deepest first,
+  then re-creations shallowest first (children before parents when removing, parents
+  before children when creating).
+- ``Manifest.save`` / ``Manifest.load``: a manifest as one msgpack blob, streamed.
+
+A file that keeps changing while it is stored raises ``FileBusyError`` (ignore it, e.g. a
+log file); one that cannot be read raises the OS error naming it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .apply import FileConflict, restore
+from .blobs import BlobStore
+from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd, open_nofollow
+from .ignore import IgnoreRules
+from .paths import Workspace, depth, display, is_temp_name
+
+__all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", "walk",
+           "undo_order", "restore_changes", "RACY_WINDOW_NS"]
+
+# A file modified this close to (or after) a snapshot's start is re-hashed next time:
+# covers timestamp granularities up to 2 s (FAT) and the coarse kernel clock.
+RACY_WINDOW_NS = 2_000_000_000
+MANIFEST_VERSION = 1
+_CODES = {FILE: "f", DIR: "d", SYMLINK: "l"}
+_KINDS = {v: k for k, v in _CODES.items()}
+
+
+@dataclass(slots=True)
+class Record:
+    """One path of a manifest (an lstat plus what is needed to restore it)."""
+
+    kind: str
+    mode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    uid: int
+    gid: int
+    sha256: str | None = None
+    target: bytes | None = None
+
+    def entry(self) -> Entry:
+        if self.kind == FILE:
+            return Entry(FILE, self.mode, self.size, self.sha256, None, self.uid, self.gid)
+        if self.kind == DIR:
+            return Entry(DIR, self.mode, 0, None, None, self.uid, self.gid)
+        return Entry(SYMLINK, 0, 0, None, self.target, self.uid, self.gid)
+
+    def same_stat(self, st: os.stat_result) -> bool:
+        return (self.ino, self.dev, self.size, self.mtime_ns, self.ctime_ns) == (
+            st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def row(self, rel: bytes) -> list:
+        return [rel, _CODES[self.kind], self.mode, self.size, self.mtime_ns, self.ctime_ns,
+                self.ino, self.dev, self.uid, self.gid, self.sha256, self.target]
+
+    @classmethod
+    def from_row(cls, row: list) -> tuple[bytes, "Record"]:
+        rel, code, *rest = row
+        if not isinstance(rel, bytes) or code not in _KINDS:
+            raise ValueError(f"not a manifest row: {row!r:.200}")
+        return rel, cls(_KINDS[code], *rest)
+
+
+def _record(st: os.stat_result, sha256: str | None = None,
+            target: bytes | None = None) -> Record:
+    m = st.st_mode
+    kind = FILE if stat.S_ISREG(m) else DIR if stat.S_ISDIR(m) else SYMLINK
+    return Record(kind, 0 if kind == SYMLINK else stat.S_IMODE(m),
+                  st.st_size if kind == FILE else 0, st.st_mtime_ns, st.st_ctime_ns,
+                  st.st_ino, st.st_dev, st.st_uid, st.st_gid, sha256, target)
+
+
+@dataclass
+class SnapshotStats:
+    """What a snapshot cost: paths walked (lstat), files whose content was read and their
+    bytes, files and bytes newly written to the blob store, files whose hash was reused,
+    files left racy (re-hashed next time), special files skipped, seconds."""
+
+    walked: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    stored_files: int = 0
+    stored_bytes: int = 0
+    reused: int = 0
+    racy: int = 0
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Manifest:
+    """A workspace's state at one time: ``records`` (rel -> Record), ``taken_ns`` (wall
+    clock when the walk began), ``racy_ns`` (files with an mtime at or after it are
+    re-hashed by the next snapshot), ``stats`` (of the snapshot that made it)."""
+
+    def __init__(self, root: bytes, records: dict[bytes, Record], taken_ns: int,
+                 racy_ns: int, stats: SnapshotStats | None = None) -> None:
+        self.root = root
+        self.records = records
+        self.taken_ns = taken_ns
+        self.racy_ns = racy_ns
+        self.stats = stats or SnapshotStats()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, rel: object) -> bool:
+        return rel in self.records
+
+    def __repr__(self) -> str:
+        return f"<Manifest {os.fsdecode(self.root)!r} {len(self.records)} paths>"
+
+    def entry(self, rel: bytes) -> Entry:
+        r = self.records.get(rel)
+        return Entry.absent() if r is None else r.entry()
+
+    def digests(self) -> set[str]:
+        """Every content hash the manifest refers to (what a gc must keep)."""
+        return {r.sha256 for r in self.records.values() if r.sha256 is not None}
+
+    def is_racy(self, r: Record) -> bool:
+        return r.kind == FILE and r.mtime_ns >= self.racy_ns
+
+    # ---- persistence ------------------------------------------------------------------
+    def save(self, blobs: BlobStore) -> str:
+        """Store the manifest as one msgpack blob (streamed); returns its digest."""
+        def chunks() -> Iterator[bytes]:
+            packer = msgpack.Packer(use_bin_type=True)
+            yield packer.pack({"v": MANIFEST_VERSION, "root": self.root,
+                               "taken_ns": self.taken_ns, "racy_ns": self.racy_ns,
+                               "n": len(self.records)})
+            buf: list[bytes] = []
+            size = 0
+            for rel in sorted(self.records):
+                b = packer.pack(self.records[rel].row(rel))
+                buf.append(b)
+                size += len(b)
+                if size >= 1 << 20:
+                    yield b"".join(buf)
+                    buf, size = [], 0
+            if buf:
+                yield b"".join(buf)
+        return blobs.put_chunks(chunks()).digest
+
+    @classmethod
+    def load(cls, blobs: BlobStore, digest: str) -> "Manifest":
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=16 << 20)
+        header = None
+        records: dict[bytes, Record] = {}
+        for chunk in blobs.get(digest):
+            unpacker.feed(chunk)
+            for obj in unpacker:
+                if header is None:
+                    if not isinstance(obj, dict) or obj.get("v") != MANIFEST_VERSION:
+                        raise ValueError(f"blob {digest[:12]} is not a manifest")
+                    header = obj
+                    continue
+                rel, rec = Record.from_row(obj)
+                records[rel] = rec
+        if header is None or header.get("n") != len(records):
+            raise ValueError(f"manifest blob {digest[:12]} is incomplete")
+        return cls(header["root"], records, header["taken_ns"], header["racy_ns"])
+
+
+# ---- walking ----------------------------------------------------------------------------
+def walk(ws: Workspace, start: bytes = b"", use_ignore: bool = True
+         ) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(rel, lstat) of every path under ``start`` (excluded; b"": the root), parents
+    before children, names in byte order; never follows a symlink, never descends into an
+    ignored directory (``use_ignore``), skips walstore's temp names.  Paths that vanish
+    during the walk are skipped."""
+    ignore = ws.ignore if use_ignore else IgnoreRules()
+    stack = [start]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(ws.abspath(d)) as it:
+                items = sorted((de.name for de in it))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        subdirs = []
+        for name in items:
+            if is_temp_name(name):
+                continue
+            rel = d + b"/" + name if d else name
+            try:
+                st = os.lstat(ws.abspath(rel))
+            except FileNotFoundError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if ignore and ignore.ignored_here(rel, is_dir):
+                continue
+            yield rel, st
+            if is_dir:
+                subdirs.append(rel)
+        stack.extend(reversed(subdirs))
+
+
+def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest | None = None,
+             racy_window_ns: int = RACY_WINDOW_NS) -> Manifest:
+    """The manifest of ``ws`` now (see the module docstring).  With ``blobs``, every
+    tracked file's content is stored; ``previous`` makes it incremental."""
+    t0 = time.perf_counter()
+    taken_ns = time.time_ns()
+    stats = SnapshotStats()
+    records: dict[bytes, Record] = {}
+    prev = previous.records if previous is not None and previous.root == ws.root_b else {}
+    prev_racy = previous.racy_ns if previous is not None else 0
+    for rel, st in walk(ws):
+        stats.walked += 1
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            records[rel] = _record(st)
+        elif stat.S_ISLNK(m):
+            try:
+                records[rel] = _record(st, target=os.readlink(ws.abspath(rel)))
+            except (FileNotFoundError, OSError) as e:
+                if getattr(e, "errno", None) not in (errno.ENOENT, errno.EINVAL):
+                    raise
+                continue  # it went away (or changed type) during the walk
+        elif stat.S_ISREG(m):
+            old = prev.get(rel)
+            if (old is not None and old.kind == FILE and old.same_stat(st)
+                    and old.mtime_ns < prev_racy and old.sha256 is not None
+                    and (blobs is None or blobs.has(old.sha256))):
+                rec = _record(st, sha256=old.sha256)
+                stats.reused += 1
+            else:
+                rec = _hash_file(ws, rel, blobs, stats)
+                if rec is None:
+                    continue
+            records[rel] = rec
+        else:
+            stats.skipped.append(rel)
+    racy_ns = taken_ns - racy_window_ns
+    stats.racy = sum(1 for r in records.values() if r.kind == FILE and r.mtime_ns >= racy_ns)
+    stats.seconds = time.perf_counter() - t0
+    return Manifest(ws.root_b, records, taken_ns, racy_ns, stats)
+
+
+def _hash_file(ws: Workspace, rel: bytes, blobs: BlobStore | None,
+               stats: SnapshotStats) -> Record | None:
+    """Read (and store) one file; its record from the fstat of what was read.  None: it
+    is no longer a regular file (the walk of the next snapshot sees what it became)."""
+    path = ws.abspath(rel)
+    try:
+        fd = open_nofollow(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        raise OSError(e.errno, f"cannot read {display(rel)!r} in workspace {ws.root!r} "
+                               f"(a watch needs every tracked file readable; ignore it "
+                               f"otherwise): {e.strerror}", os.fsdecode(path)) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if blobs is None:
+            digest, size = hash_fd(fd)
+            after = os.fstat(fd)
+            if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
+                    st.st_mtime_ns, st.st_ctime_ns, size):
+                st = after  # changed meanwhile: the stamp will not match next time either
+        else:
+            got = blobs.put_fd(fd, os.fsdecode(path))
+            digest, size = got.digest, got.size
+            st = got.stat or st
+            if got.written:
+                stats.stored_files += 1
+                stats.stored_bytes += got.written
+    finally:
+        os.close(fd)
+    stats.hashed_files += 1
+    stats.hashed_bytes += size
+    rec = _record(st, sha256=digest)
+    rec.size = size
+    return rec
+
+
+# ---- differences ------------------------------------------------------------------------
+CREATED, DELETED, MODIFIED, MODE, SYMLINK_CHANGED, TYPE = (
+    "created", "deleted", "modified", "mode", "symlink", "type")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path that differs: ``kind`` is created | deleted | modified | mode | symlink |
+    type; ``before`` and ``after`` are its Entries (absence included)."""
+
+    path: bytes
+    kind: str
+    before: Entry
+    after: Entry
+
+    def __str__(self) -> str:
+        return f"{self.kind:8} {display(self.path)}"
+
+
+def _classify(before: Entry, after: Entry) -> str | None:
+    if before.kind == ABSENT:
+        return CREATED
+    if after.kind == ABSENT:
+        return DELETED
+    if before.kind != after.kind:
+        return TYPE
+    if before.kind == FILE:
+        if (before.sha256, before.size) != (after.sha256, after.size):
+            return MODIFIED
+        return MODE if before.mode != after.mode else None
+    if before.kind == DIR:
+        return MODE if before.mode != after.mode else None
+    return SYMLINK_CHANGED if before.target != after.target else None
+
+
+def diff(old: Manifest, new: Manifest, ignore: IgnoreRules | None = None) -> list[Change]:
+    """Every path that differs between ``old`` and ``new``, in path order; ``ignore``
+    drops paths it matches (the manifests already skip the workspace's own patterns)."""
+    out: list[Change] = []
+    a, b = old.records, new.records
+    for rel in sorted(a.keys() | b.keys()):
+        ra, rb = a.get(rel), b.get(rel)
+        if ra is not None and rb is not None and ra.kind == rb.kind == FILE and \
+                ra.sha256 == rb.sha256 and ra.mode == rb.mode:
+            continue
+        before = ra.entry() if ra is not None else Entry.absent()
+        after = rb.entry() if rb is not None else Entry.absent()
+        kind = _classify(before, after)
+        if kind is None:
+            continue
+        if ignore and ignore.ignored(rel, DIR in (before.kind, after.kind)):
+            continue
+        out.append(Change(rel, kind, before, after))
+    return out
+
+
+def undo_order(changes: Iterable[Change]) -> list[Change]:
+    """The order to put ``changes`` back in: first what must disappear (created paths, and
+    directories that replaced something), deepest first; then the rest (re-creations,
+    content, modes), shallowest first."""
+    first, then = [], []
+    for c in changes:
+        if c.before.kind == ABSENT or (c.after.kind == DIR and c.before.kind != DIR):
+            first.append(c)
+        else:
+            then.append(c)
+    first.sort(key=lambda c: (-depth(c.path), c.path))
+    then.sort(key=lambda c: (depth(c.path), c.path))
+    return first + then
+
+
+def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
+                    quarantine: str | bytes | None, check: bool = True,
+                    durable: bool = True) -> list[FileConflict]:
+    """Put every change back to its before-image, in ``undo_order``.  ``check``: a path
+    no longer in the change's after-image is a conflict (kept, reported); False: every
+    current state is walstore's own (a crashed watch, a forced revert).  A path under a
+    conflicting directory that cannot be restored is reported too."""
+    conflicts: list[FileConflict] = []
+    for c in undo_order(changes):
+        try:
+            got = restore(ws, c.path, c.before, c.after if check else None, blobs, quarantine,
+                          durable)
+        except (ValueError, NotADirectoryError) as e:
+            # a parent is not (yet) a plain directory: it was itself kept as a conflict
+            got = FileConflict(c.path, c.before, c.after if check else None,
+                               Entry.absent(), None, f"cannot be restored: {e}")
+        if got is not None:
+            conflicts.append(got)
+    return conflicts
