@@ -310,3 +310,728 @@ class TestIgnoreVersusGit:
             mine = {os.fsencode(d) for d in dirs if rules.ignored(os.fsencode(d), True)}
             assert mine == truth, f"patterns {patterns!r}: git {sorted(truth)}, " \
                                   f"walstore {sorted(mine)}"
+
+
+# =========================================================================================
+# entries
+# =========================================================================================
+class TestEntries:
+    def test_kinds_never_following_symlinks(self, ws, outside):
+        build(ws.root, {"f": File(b"hello", 0o640), "d": Dir(0o750), "l": Link("f"),
+                        "out": Link(str(outside)), "dangling": Link("nowhere"),
+                        WEIRD: b"weird"})
+        a = ws.abspath
+        assert read_entry(a(b"f")) == Entry(
+            "file", 0o640, 5, sha(b"hello"), None, os.getuid(), os.getgid())
+        assert read_entry(a(b"d")).same(Entry.dir(0o750))
+        assert read_entry(a(b"l")).same(Entry.symlink(b"f"))
+        assert read_entry(a(b"out")).same(Entry.symlink(os.fsencode(outside)))
+        assert read_entry(a(b"dangling")).same(Entry.symlink("nowhere"))
+        assert read_entry(a(b"missing")) == Entry.absent()
+        assert read_entry(a(WEIRD)).sha256 == sha(b"weird")
+        assert read_entry(a(b"f"), hash=False).sha256 is None
+
+    def test_special_files_are_refused(self, ws):
+        os.mkfifo(ws.abspath(b"fifo"))
+        with pytest.raises(UnsupportedFileType):
+            read_entry(ws.abspath(b"fifo"))
+
+    def test_same_ignores_ownership_not_content_or_mode(self):
+        a = Entry.file(0o644, 3, sha(b"abc"), uid=1, gid=1)
+        assert a.same(Entry.file(0o644, 3, sha(b"abc"), uid=2, gid=2))
+        assert not a.same(Entry.file(0o600, 3, sha(b"abc")))
+        assert not a.same(Entry.file(0o644, 3, sha(b"abd")))
+        assert not a.same(Entry.dir(0o644))
+        assert not Entry.symlink("a").same(Entry.symlink("b"))
+        assert Entry.absent().same(Entry.absent())
+
+    def test_rows_round_trip_through_msgpack(self):
+        for e in (Entry.absent(), Entry.file(0o4755, 1 << 40, sha(b"x"), 0, 0),
+                  Entry.dir(0o1777), Entry.symlink(b"t\n\xff"), Entry.dir(0o700, 5, 6)):
+            row = msgpack.unpackb(msgpack.packb(e.to_row(), use_bin_type=True), raw=False)
+            assert Entry.from_row(row) == e
+
+    @pytest.mark.parametrize("row", [[], ["z"], ["a", 1], ["f", 0o644, -1, sha(b""), None,
+                                     None], ["f", 0o644, 1, "xyz", None, None],
+                                     ["d", 0o70000, None, None], ["l", "str", None, None],
+                                     ["l", b"", None, None], ["d", True, None, None],
+                                     ["f", 0o644, 1, sha(b""), -1, None], "f", None])
+    def test_malformed_rows_are_valueerror(self, row):
+        with pytest.raises(ValueError):
+            Entry.from_row(row)
+
+    def test_a_file_that_keeps_changing_is_busy(self, ws, monkeypatch):
+        from walstore.files import entries
+        build(ws.root, {"log": "x" * 100})
+        real = entries.hash_fd
+
+        def growing(fd, buf=None):
+            with open(ws.abspath(b"log"), "ab") as f:
+                f.write(b"more")
+            return real(fd, buf)
+        monkeypatch.setattr(entries, "hash_fd", growing)
+        with pytest.raises(FileBusyError, match="kept changing"):
+            read_entry(ws.abspath(b"log"))
+
+
+# =========================================================================================
+# blobs
+# =========================================================================================
+def _read_all(blobs: BlobStore, digest: str) -> bytes:
+    return b"".join(blobs.get(digest))
+
+
+class TestBlobs:
+    def test_put_get_and_layout_permissions(self, blobs, tmp_path):
+        src = tmp_path / "src"
+        src.write_bytes(b"content")
+        got = blobs.put_file(str(src))
+        assert got.digest == sha(b"content") and got.size == 7 and got.written == 7
+        assert _read_all(blobs, got.digest) == b"content"
+        p = blobs.path(got.digest)
+        assert p == os.path.join(blobs.dir, got.digest[:2], got.digest[2:])
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
+        for d in (blobs.dir, blobs.tmp, os.path.dirname(p)):
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        assert list(blobs) == [got.digest]
+        assert blobs.put_bytes(b"").digest == EMPTY_SHA256
+        assert _read_all(blobs, EMPTY_SHA256) == b""
+
+    def test_durable_before_named(self, blobs, tmp_path):
+        """temp file written, fsynced, renamed to its hash, then its directory fsynced."""
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(3 * CHUNK + 5))   # the multi-chunk (two-pass) path
+        fb = FaultBackend(record=True)
+        with installed(fb):
+            got = blobs.put_file(str(src))
+        ops = [(e.op, e.path, e.dst) for e in fb.events if e.op != "pwrite"]
+        tmp = ops[0][1]
+        assert ops[0][0] == "open" and tmp.startswith(blobs.tmp)
+        final = blobs.path(got.digest)
+        assert ops[1:] == [("fsync", tmp, None), ("rename", tmp, final),
+                           ("fsync_dir", os.path.dirname(final), None)] or \
+            ops[1:] == [("fsync", tmp, None), ("fsync_dir", blobs.dir, None),
+                        ("rename", tmp, final), ("fsync_dir", os.path.dirname(final), None)]
+        writes = fb.writes()
+        assert sum(len(w.data) for w in writes) == 3 * CHUNK + 5
+        assert all(w.path == tmp for w in writes)
+        assert got.method in ("stream", "clone")
+        assert blobs.verify(got.digest)
+
+    def test_second_put_of_the_same_content_writes_nothing(self, blobs, tmp_path):
+        for size in (10, 3 * CHUNK + 1):
+            data = os.urandom(size)
+            a, b = tmp_path / "a", tmp_path / "b"
+            a.write_bytes(data)
+            b.write_bytes(data)
+            blobs.put_file(str(a))
+            fb = FaultBackend()
+            with installed(fb):
+                again = blobs.put_file(str(b))
+                again2 = blobs.put_bytes(data)
+            assert again.written == 0 and again.method == "dedup"
+            assert again2.written == 0
+            assert fb.calls == [], f"a duplicate put made seam calls: {fb.calls}"
+            assert os.listdir(blobs.tmp) == []
+
+    def test_put_chunks_and_dedup(self, blobs):
+        got = blobs.put_chunks([b"ab", b"", b"cd"])
+        assert got.digest == sha(b"abcd") and got.written == 4
+        assert blobs.put_chunks(iter([b"abcd"])).written == 0
+        assert os.listdir(blobs.tmp) == []
+
+    def test_symlink_is_never_followed(self, blobs, tmp_path):
+        (tmp_path / "real").write_bytes(b"x")
+        (tmp_path / "link").symlink_to(tmp_path / "real")
+        with pytest.raises(OSError) as e:
+            blobs.put_file(str(tmp_path / "link"))
+        assert e.value.errno == errno.ELOOP
+
+    def test_sparse_gib_file_in_bounded_memory(self, blobs, tmp_path, ws):
+        big = tmp_path / "sparse"
+        with open(big, "wb") as f:
+            f.seek(300 << 20)
+            f.write(b"island")
+            f.truncate(1 << 30)
+        expected = hashlib.sha256()
+        zeros = bytes(CHUNK)
+        left = 300 << 20
+        while left:
+            expected.update(zeros[:min(left, CHUNK)])
+            left -= min(left, CHUNK)
+        expected.update(b"island")
+        left = (1 << 30) - (300 << 20) - 6
+        while left:
+            n = min(left, CHUNK)
+            expected.update(zeros[:n])
+            left -= n
+        tracemalloc.start()
+        try:
+            got = blobs.put_file(str(big))
+            applied = apply.write_blob(ws, "restored", blobs, got.digest)
+            _cur, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert got.digest == expected.hexdigest() and got.size == 1 << 30
+        assert peak < 8 << 20, f"peak traced memory {peak} bytes for a 1 GiB file"
+        # holes stay holes, in the blob and in the restored file
+        assert os.stat(blobs.path(got.digest)).st_blocks * 512 < 4 << 20
+        restored = ws.abspath(b"restored")
+        assert os.stat(restored).st_size == 1 << 30
+        assert os.stat(restored).st_blocks * 512 < 4 << 20
+        assert applied.after.sha256 == got.digest
+        with open(restored, "rb") as f:
+            f.seek(300 << 20)
+            assert f.read(6) == b"island"
+
+    def test_corruption_is_detected_on_the_way_out(self, blobs, ws):
+        d = blobs.put_bytes(b"precious content").digest
+        build(ws.root, {"f": "current"})
+        p = blobs.path(d)
+        os.chmod(p, 0o600)
+        with open(p, "r+b") as f:
+            f.write(b"X")
+        with pytest.raises(CorruptionError) as e:
+            _read_all(blobs, d)
+        assert e.value.file == p
+        assert not blobs.verify(d)
+        snap = TreeSnapshot(ws.root)
+        with pytest.raises(CorruptionError):
+            apply.write_blob(ws, "f", blobs, d)
+        snap.assert_same(what="a corrupt blob must not reach the workspace")
+        with pytest.raises(CorruptionError, match="missing"):
+            apply.write_blob(ws, "f", blobs, sha(b"never stored"))
+        snap.assert_same()
+
+    def test_gc_keeps_the_referenced(self, blobs):
+        keep = {blobs.put_bytes(b"keep %d" % i).digest for i in range(5)}
+        drop = {blobs.put_bytes(b"drop %d" % i).digest for i in range(7)}
+        res = blobs.gc(keep)
+        assert (res.removed, res.kept) == (7, 5)
+        assert set(blobs) == keep
+        assert not any(blobs.has(d) for d in drop)
+        assert blobs.put_bytes(b"drop 1").written == 6  # stored again after a gc
+
+    def test_stray_temps_removed(self, blobs):
+        with open(os.path.join(blobs.tmp, "123-0-dead"), "wb") as f:
+            f.write(b"half")
+        assert [os.path.basename(p) for p in blobs.remove_temps()] == ["123-0-dead"]
+        assert os.listdir(blobs.tmp) == []
+
+    def test_a_failed_put_leaves_no_temp(self, blobs, tmp_path):
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(2 * CHUNK))
+        fb = FaultBackend()
+        fb.fail("pwrite", errno.ENOSPC, nth=2)
+        with installed(fb), pytest.raises(OSError) as e:
+            blobs.put_file(str(src))
+        assert e.value.errno == errno.ENOSPC
+        assert os.listdir(blobs.tmp) == [] and list(blobs) == []
+
+    def test_reflink_where_offered_and_a_clean_fallback(self, tmp_path):
+        src = tmp_path / "src"
+        src.write_bytes(os.urandom(2 * CHUNK + 3))
+        data = src.read_bytes()
+
+        class Cloning(fileio.OSBackend):
+            cloned = 0
+
+            def clone(self, s, d):  # a file system with reflinks, emulated by a copy
+                Cloning.cloned += 1
+                os.sendfile(d, s, 0, os.fstat(s).st_size)
+        b1 = BlobStore(str(tmp_path / "b1"))
+        with installed(Cloning()):
+            got = b1.put_file(str(src))
+            again = b1.put_file(str(src))
+        assert got.method == "clone" and got.written == len(data)
+        assert Cloning.cloned == 1, "known content must not even be cloned"
+        assert again.method == "dedup" and os.listdir(b1.tmp) == []
+        assert _read_all(b1, got.digest) == data
+
+        class NoClones(fileio.OSBackend):
+            def clone(self, s, d):
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        b2 = BlobStore(str(tmp_path / "b2"))
+        with installed(NoClones()):
+            got2 = b2.put_file(str(src))
+        assert got2.method == "stream" and got2.digest == got.digest
+        assert b2._clone_ok is False and os.listdir(b2.tmp) == []
+        with installed(NoClones()), pytest.raises(OSError, match="cannot clone"):
+            BlobStore(str(tmp_path / "b3"), copy="clone").put_file(str(src))
+        b4 = BlobStore(str(tmp_path / "b4"), copy="copy_range")
+        got4 = b4.put_file(str(src))
+        assert got4.method == "copy_range" and _read_all(b4, got4.digest) == data
+        # and on this machine's own file system, whatever it offers
+        got5 = BlobStore(str(tmp_path / "b5")).put_file(str(src))
+        assert got5.digest == got.digest and got5.method in ("clone", "stream")
+
+    def test_a_file_changing_during_put_is_retried_then_busy(self, blobs, tmp_path,
+                                                             monkeypatch):
+        from walstore.files import blobs as blobs_mod
+        src = tmp_path / "src"
+        src.write_bytes(b"v0" * 100)
+        real = blobs_mod.iter_content
+        calls = {"n": 0}
+
+        def changing(fd, buf=None):
+            calls["n"] += 1
+            if calls["n"] <= 2:  # changes during the first try only
+                with open(src, "ab") as f:
+                    f.write(b"+")
+            yield from real(fd, buf)
+        monkeypatch.setattr(blobs_mod, "iter_content", changing)
+        got = blobs.put_file(str(src))
+        assert got.digest == sha(src.read_bytes())
+        assert _read_all(blobs, got.digest) == src.read_bytes()
+        calls["n"] = -100  # now it changes on every read
+        with pytest.raises(FileBusyError):
+            blobs.put_file(str(src))
+
+
+# =========================================================================================
+# apply: the primitives
+# =========================================================================================
+def _umask() -> int:
+    return apply._get_umask()
+
+
+class TestApplyPrimitives:
+    def test_write_creates_parents_and_reports_them(self, ws):
+        got = apply.write_file(ws, "a/b/c.txt", "héllo\n")
+        assert got.created == [b"a", b"a/b"]
+        assert got.after.same(Entry.file(0o666 & ~_umask(), 7, sha("héllo\n".encode())))
+        assert_tree_equal(ws.root, {
+            b"a": ("dir", 0o777 & ~_umask()), b"a/b": ("dir", 0o777 & ~_umask()),
+            b"a/b/c.txt": ("file", 0o666 & ~_umask(), 7, sha("héllo\n".encode()))})
+
+    def test_overwrite_keeps_the_mode_unless_given(self, ws):
+        build(ws.root, {"f": File(b"old", 0o751)})
+        apply.write_file(ws, "f", b"new")
+        assert stat.S_IMODE(os.stat(ws.abspath(b"f")).st_mode) == 0o751
+        got = apply.write_file(ws, "f", b"newer", mode=0o600)
+        assert got.created == [] and got.after.mode == 0o600
+        assert stat.S_IMODE(os.stat(ws.abspath(b"f")).st_mode) == 0o600
+
+    def test_write_order_is_temp_fsync_rename_dirfsync(self, ws):
+        fb = FaultBackend(record=True)
+        with installed(fb):
+            apply.write_file(ws, "f", b"data")
+        ops = [e.op for e in fb.events]
+        assert ops == ["open", "pwrite", "fsync", "rename", "fsync_dir"]
+        tmp = fb.events[0].path
+        assert os.path.basename(os.fsencode(tmp)).startswith(TEMP_PREFIX)
+        assert os.path.dirname(tmp) == ws.root
+        assert fb.events[3].dst == os.path.join(ws.root, "f")
+        assert fb.events[4].path == ws.root
+        fb2 = FaultBackend(record=True)
+        with installed(fb2):
+            apply.write_file(ws, "g", b"data", durable=False)
+        assert [e.op for e in fb2.events] == ["open", "pwrite", "rename"]
+
+    def test_write_over_a_directory_or_special_file_is_refused(self, ws):
+        build(ws.root, {"d/x": "x"})
+        with pytest.raises(IsADirectoryError):
+            apply.write_file(ws, "d", b"x")
+        os.mkfifo(ws.abspath(b"fifo"))
+        with pytest.raises(UnsupportedFileType):
+            apply.write_file(ws, "fifo", b"x")
+
+    def test_set_mode(self, ws):
+        build(ws.root, {"f": File("x", 0o644), "d": Dir(0o755), "l": Link("f")})
+        assert apply.set_mode(ws, "f", 0o4750).after.mode == 0o4750
+        assert apply.set_mode(ws, "d", 0o700).after.mode == 0o700
+        with pytest.raises(ValueError, match="symlink"):
+            apply.set_mode(ws, "l", 0o600)
+        with pytest.raises(ValueError):
+            apply.set_mode(ws, "f", 0o10000)
+        with pytest.raises(FileNotFoundError):
+            apply.set_mode(ws, "missing", 0o600)
+
+    def test_make_dir_has_its_exact_mode_at_once(self, ws):
+        old = os.umask(0o077)
+        try:
+            got = apply.make_dir(ws, "p/q", 0o755)
+        finally:
+            os.umask(old)
+        assert got.created == [b"p"] and got.after.same(Entry.dir(0o755))
+        assert stat.S_IMODE(os.stat(ws.abspath(b"p/q")).st_mode) == 0o755
+        with pytest.raises(FileExistsError):
+            apply.make_dir(ws, "p/q")
+        assert not any(n.startswith(TEMP_PREFIX) for n in os.listdir(ws.abspath(b"p")))
+
+    def test_symlinks(self, ws, outside):
+        build(ws.root, {"f": "x", "d": Dir()})
+        got = apply.make_symlink(ws, "f", str(outside / "secret.txt"))
+        assert got.after.same(Entry.symlink(os.fsencode(outside / "secret.txt")))
+        assert (outside / "secret.txt").read_bytes() == b"do not touch"
+        apply.make_symlink(ws, "new/l", b"target\xff")
+        assert os.readlink(ws.abspath(b"new/l")) == b"target\xff"
+        with pytest.raises(IsADirectoryError):
+            apply.make_symlink(ws, "d", "x")
+        with pytest.raises(ValueError):
+            apply.make_symlink(ws, "z", "")
+
+    def test_delete(self, ws):
+        build(ws.root, {"f": "x", "l": Link("f"), "e": Dir(), "full/x": "y"})
+        assert apply.delete(ws, "f").kind == "file"
+        assert apply.delete(ws, "l").kind == "symlink"
+        assert apply.delete(ws, "e").kind == "dir"
+        with pytest.raises(OSError) as e:
+            apply.delete(ws, "full")
+        assert e.value.errno == errno.ENOTEMPTY and "full" in str(e.value)
+        with pytest.raises(FileNotFoundError):
+            apply.delete(ws, "f")
+        assert set(tree_state(ws.root)) == {b"full", b"full/x"}
+
+    def test_rename(self, ws):
+        build(ws.root, {"a.txt": "A", "dir/x": "X", "dst": "old"})
+        got = apply.rename(ws, "a.txt", "deep/er/b.txt")
+        assert got.created == [b"deep", b"deep/er"]
+        assert (Path(ws.root) / "deep/er/b.txt").read_bytes() == b"A"
+        apply.rename(ws, "deep/er/b.txt", "dst")            # over a file
+        assert (Path(ws.root) / "dst").read_bytes() == b"A"
+        apply.rename(ws, "dir", "moved")
+        assert (Path(ws.root) / "moved/x").read_bytes() == b"X"
+        for src, dst, err in [("moved", "moved/inside", ValueError), ("dst", "dst", ValueError),
+                              ("nope", "x", FileNotFoundError),
+                              ("dst", "moved", IsADirectoryError)]:
+            with pytest.raises(err):
+                apply.rename(ws, src, dst)
+
+    def test_rmtree_children_before_parents_never_through_links(self, ws, outside):
+        build(ws.root, {"t/a/b/c": "c", "t/a/d": Dir(), "t/f": "f", "t/out": Link(str(outside)),
+                        "keep": "k"})
+        removed, kept = apply.rmtree(ws, "t")
+        assert kept == []
+        assert set(removed) == {b"t", b"t/a", b"t/a/b", b"t/a/b/c", b"t/a/d", b"t/f", b"t/out"}
+        for i, r in enumerate(removed):
+            assert not any(other.startswith(r + b"/") for other in removed[i + 1:]), \
+                f"{r} removed before its children"
+        assert set(tree_state(ws.root)) == {b"keep"}
+        assert (outside / "secret.txt").read_bytes() == b"do not touch"
+
+    def test_rmtree_with_expected_keeps_what_is_new_or_changed(self, ws):
+        build(ws.root, {"t/a/x": "x", "t/b/y": "y", "t/z": "z"})
+        captured = {rel: read_entry(ws.abspath(rel)) for rel in
+                    (b"t", b"t/a", b"t/a/x", b"t/b", b"t/b/y", b"t/z")}
+        build(ws.root, {"t/a/stranger": "s"})           # appeared after the capture
+        (Path(ws.root) / "t/z").write_bytes(b"zz")       # changed after the capture
+        removed, kept = apply.rmtree(ws, "t", expected=captured)
+        assert set(kept) == {b"t/a/stranger", b"t/a", b"t/z", b"t"}
+        assert set(removed) == {b"t/a/x", b"t/b/y", b"t/b"}
+        assert set(tree_state(ws.root)) == {b"t", b"t/a", b"t/a/stranger", b"t/z"}
+
+    def test_weird_names_everywhere(self, ws, blobs):
+        d = b"dir\nwith newline\xff"
+        got = apply.write_file(ws, d + b"/" + WEIRD, b"x")
+        assert got.created == [d]
+        apply.make_symlink(ws, d + b"/link\n", WEIRD)
+        apply.rename(ws, d + b"/" + WEIRD, WEIRD)
+        apply.set_mode(ws, WEIRD, 0o600)
+        state = tree_state(ws.root)
+        assert state[WEIRD] == ("file", 0o600, 1, sha(b"x"))
+        assert state[d + b"/link\n"] == ("symlink", WEIRD)
+        assert apply.restore(ws, WEIRD, Entry.absent(), None, blobs) is None
+        apply.rmtree(ws, d)
+        assert tree_state(ws.root) == {}
+
+
+class TestNothingHalfDone:
+    """Errors are the OS's own, name the path, and leave no trace of the attempt."""
+
+    def test_permission_denied_for_real(self, ws, blobs):
+        build(ws.root, {"ro/f": File(b"old", 0o644), "ro/d": Dir(), "ok": Dir()})
+        d = blobs.put_bytes(b"before").digest
+        snap = TreeSnapshot(ws.root)
+        with Immutable(ws.abspath(b"ro")):
+            calls = [lambda: apply.write_file(ws, "ro/f", b"new"),
+                     lambda: apply.write_file(ws, "ro/new/deeper/f", b"new"),
+                     lambda: apply.make_dir(ws, "ro/x/y"),
+                     lambda: apply.make_symlink(ws, "ro/l", "t"),
+                     lambda: apply.delete(ws, "ro/f"),
+                     lambda: apply.rename(ws, "ro/f", "ok/f"),
+                     lambda: apply.rename(ws, "ok", "ro/ok"),
+                     lambda: apply.rmtree(ws, "ro/d"),
+                     lambda: apply.restore(ws, "ro/f", Entry.file(0o644, 6, d), None, blobs),
+                     lambda: apply.restore(ws, "ro/f", Entry.absent(), None, blobs)]
+            for call in calls:
+                with pytest.raises(PermissionError) as e:
+                    call()
+                assert "ro" in str(e.value) and ws.root in str(e.value)
+                snap.assert_same(what="after a permission error")
+
+    def test_a_late_failure_removes_the_parents_it_created(self, ws):
+        build(ws.root, {"keep": "k"})
+        snap = TreeSnapshot(ws.root)
+        fb = FaultBackend()
+        fb.fail("rename", errno.EACCES, path=f"*{TEMP_PREFIX.decode()}*", nth=3)
+        with installed(fb), pytest.raises(PermissionError, match="n1/n2/f"):
+            apply.write_file(ws, "n1/n2/f", b"x")   # renames 1, 2: the parents; 3: the file
+        snap.assert_same(what="after the file's rename failed")
+        with pytest.raises(OSError) as e:
+            apply.write_file(ws, "p1/p2/" + "x" * 300, b"x")  # name too long, at the rename
+        assert e.value.errno == errno.ENAMETOOLONG
+        snap.assert_same(what="after ENAMETOOLONG")
+
+    def test_disk_full_while_writing(self, ws):
+        build(ws.root, {"f": "old"})
+        snap = TreeSnapshot(ws.root)
+        fb = FaultBackend()
+        fb.fail("pwrite", errno.ENOSPC, partial=2)
+        with installed(fb), pytest.raises(OSError) as e:
+            apply.write_file(ws, "f", b"new content")
+        assert e.value.errno == errno.ENOSPC and "'f'" in str(e.value)
+        snap.assert_same()
+
+
+# =========================================================================================
+# apply: restore and conflicts
+# =========================================================================================
+STATES = {
+    "absent": None,
+    "file": File(b"file A\n", 0o644),
+    "file-mode": File(b"file A\n", 0o600),
+    "file-B": File(b"B" * 5000, 0o755),
+    "empty": File(b"", 0o640),
+    "dir": Dir(0o750),
+    "dir-mode": Dir(0o700),
+    "symlink": Link("target-1"),
+    "symlink-2": Link(b"target-\xff"),
+}
+
+
+def _put_state(root: str, rel: str, what) -> None:
+    p = os.path.join(root, rel)
+    if os.path.lexists(p):
+        if os.path.isdir(p) and not os.path.islink(p):
+            os.rmdir(p)
+        else:
+            os.unlink(p)
+    if what is not None:
+        build(root, {rel: what})
+
+
+def _entry_now(ws: Workspace, rel: bytes) -> Entry:
+    return read_entry(ws.abspath(rel))
+
+
+class TestRestore:
+    @pytest.mark.parametrize("before", list(STATES))
+    @pytest.mark.parametrize("after", list(STATES))
+    def test_every_before_over_every_after(self, ws, blobs, before, after):
+        """Put ``before`` back over walstore's ``after``: byte-exact, idempotent."""
+        build(ws.root, {"sib": "sibling"})
+        _put_state(ws.root, "p", STATES[before])
+        want = tree_state(ws.root)
+        b = _entry_now(ws, b"p")
+        if b.is_file:
+            blobs.put_file(ws.abspath(b"p"))
+        _put_state(ws.root, "p", STATES[after])
+        a = _entry_now(ws, b"p")
+        assert apply.restore(ws, "p", b, a, blobs, quarantine=None) is None
+        assert_tree_equal(ws.root, want, f"{after} -> {before}", skip_prefix=None)
+        assert apply.restore(ws, "p", b, a, blobs) is None      # again: nothing to do
+        assert_tree_equal(ws.root, want)
+
+    def test_restore_into_a_missing_parent(self, ws, blobs):
+        d = blobs.put_bytes(b"x").digest
+        assert apply.restore(ws, "gone/deep/f", Entry.file(0o600, 1, d), Entry.absent(),
+                             blobs) is None
+        assert (Path(ws.root) / "gone/deep/f").read_bytes() == b"x"
+
+    def test_conflict_keeps_both(self, ws, blobs, tmp_path):
+        q = str(tmp_path / "store" / "quarantine")
+        build(ws.root, {"f": File(b"walstore before", 0o640)})
+        before = _entry_now(ws, b"f")
+        blobs.put_file(ws.abspath(b"f"))
+        apply.write_file(ws, "f", b"walstore after")
+        after = _entry_now(ws, b"f")
+        (Path(ws.root) / "f").write_bytes(b"a stranger's edit")
+        st = apply.restore_status(ws, "f", before, after)
+        assert st.state == "conflict" and st.current.sha256 == sha(b"a stranger's edit")
+        c = apply.restore(ws, "f", before, after, blobs, q)
+        assert c is not None and c.path == b"f" and "behind walstore's back" in c.reason
+        assert (Path(ws.root) / "f").read_bytes() == b"a stranger's edit"   # theirs stays
+        assert c.saved_as == os.path.join(q, "f")
+        assert Path(c.saved_as).read_bytes() == b"walstore before"          # ours is kept
+        assert stat.S_IMODE(os.stat(c.saved_as).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(q).st_mode) == 0o700
+        assert c.before.mode == 0o640                 # the record still knows the real mode
+        again = apply.restore(ws, "f", before, after, blobs, q)
+        assert again.saved_as == os.path.join(q, "f.1")
+        row = msgpack.unpackb(msgpack.packb(c.to_row(), use_bin_type=True), raw=False)
+        assert apply.FileConflict.from_row(row) == c
+        # forced: the before-image wins
+        assert apply.restore(ws, "f", before, None, blobs) is None
+        assert (Path(ws.root) / "f").read_bytes() == b"walstore before"
+
+    def test_conflicts_of_every_kind(self, ws, blobs, tmp_path):
+        q = str(tmp_path / "q")
+        # walstore created a file; a stranger replaced it by a symlink: nothing to save
+        build(ws.root, {"new": Link("x")})
+        c = apply.restore(ws, "new", Entry.absent(), Entry.file(0o644, 1, sha(b"1")), blobs, q)
+        assert c is not None and c.saved_as is None and os.path.islink(ws.abspath(b"new"))
+        # walstore made a directory, a stranger put a file in it: the directory stays
+        build(ws.root, {"made/theirs": "t"})
+        made = _entry_now(ws, b"made")
+        c = apply.restore(ws, "made", Entry.absent(), made, blobs, q)
+        assert c is not None and "holds files" in c.reason
+        assert (Path(ws.root) / "made/theirs").read_bytes() == b"t"
+        # a symlink before-image is kept as a symlink, a dir as a dir
+        build(ws.root, {"s": "stranger", "d": "stranger"})
+        c1 = apply.restore(ws, "s", Entry.symlink(b"/etc/passwd"), Entry.absent(), blobs, q)
+        c2 = apply.restore(ws, "d", Entry.dir(0o755), Entry.absent(), blobs, q)
+        assert os.readlink(c1.saved_as) == "/etc/passwd"
+        assert os.path.isdir(c2.saved_as) and not os.path.islink(c2.saved_as)
+        assert (Path(ws.root) / "s").read_bytes() == b"stranger"
+
+    def test_status_classes(self, ws, blobs):
+        build(ws.root, {"f": "x"})
+        x = _entry_now(ws, b"f")
+        assert apply.restore_status(ws, "f", x, None).state == "done"
+        assert apply.restore_status(ws, "f", Entry.absent(), x).state == "apply"
+        assert apply.restore_status(ws, "f", Entry.absent(), Entry.dir(0o755)).state == \
+            "conflict"
+        assert apply.restore_status(ws, "f", Entry.absent(), None).state == "apply"
+
+
+class TestStrayTemps:
+    def test_recognised_and_removed(self, ws):
+        build(ws.root, {"a/real": "r", "b/c/real": "r"})
+        names = [b"a/" + TEMP_PREFIX + b"1-x", b"b/c/" + TEMP_PREFIX + b"2-y",
+                 TEMP_PREFIX + b"3-z"]
+        for n in names:
+            with open(ws.abspath(n), "wb") as f:
+                f.write(b"half")
+        os.symlink("t", ws.abspath(b"a/" + TEMP_PREFIX + b"link"))
+        os.mkdir(ws.abspath(b"b/" + TEMP_PREFIX + b"dir"))
+        os.mkdir(ws.abspath(b"b/" + TEMP_PREFIX + b"full"))
+        build(ws.root, {"b/" + (TEMP_PREFIX + b"full").decode() + "/x": "someone's"})
+        assert apply.remove_stray_temps(ws, ["a"]) == sorted(
+            [b"a/" + TEMP_PREFIX + b"1-x", b"a/" + TEMP_PREFIX + b"link"])
+        gone = apply.remove_stray_temps(ws)
+        assert set(gone) == {b"b/c/" + TEMP_PREFIX + b"2-y", TEMP_PREFIX + b"3-z",
+                             b"b/" + TEMP_PREFIX + b"dir"}
+        assert os.path.exists(ws.abspath(b"b/" + TEMP_PREFIX + b"full/x"))
+
+
+# =========================================================================================
+# kill -9 in the middle of an apply
+# =========================================================================================
+def _child(spec: dict) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, str(SUPPORT), "child", json.dumps(spec)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+
+
+def _line(proc: subprocess.Popen, timeout: float = 20.0) -> str:
+    import select
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        proc.kill()
+        raise AssertionError("the child said nothing in time")
+    line = proc.stdout.readline().decode()
+    if not line:
+        proc.wait()
+        raise AssertionError(f"the child ended early: {proc.stderr.read().decode()[-2000:]}")
+    return line.strip()
+
+
+BIG = bytes(range(256)) * (10 * 1024) + b"tail"   # 2.5 MiB: several chunks through a blob
+KILL_CASES = {
+    # name: (initial tree, op, args, parents the op creates)
+    "overwrite": ({"d/f": File(b"old content\n" * 1000, 0o640), "d/g": "sibling"},
+                  "write", {"path": "d/f", "data": "new content\n" * 900}, []),
+    "new-with-parents": ({"keep": "k"}, "write",
+                         {"path": "n1/n2/f", "data": "fresh", "mode": 0o600}, ["n1", "n1/n2"]),
+    "restore-big-blob": ({"d/f": File(b"small current", 0o600)}, "restore",
+                         {"path": "d/f", "before": ["f", 0o644, len(BIG), sha(BIG), None, None]},
+                         []),
+    "symlink-over-file": ({"l": "a file"}, "symlink", {"path": "l", "target": "elsewhere"}, []),
+    "mkdir": ({"keep": "k"}, "mkdir", {"path": "m/n", "mode": 0o751}, ["m"]),
+}
+
+
+class TestKillNine:
+    """A real child process runs one apply; the test kills it with SIGKILL while it is
+    stopped before or after each seam call (open, pwrite, fsync, rename, fsync_dir, ...).
+    Afterwards the path holds the old content or the new, never a mix; parents the op
+    created are the only other difference (the engine undoes them: their before-image is
+    absence); stray temp names are recognised and removed."""
+
+    @pytest.mark.parametrize("case", list(KILL_CASES))
+    def test_old_or_new_never_a_mix(self, tmp_path, case):
+        tree, op, args, parents = KILL_CASES[case]
+        blobs = BlobStore(str(tmp_path / "blobs"))
+        blobs.put_bytes(BIG)
+
+        def fresh(name: str) -> Path:
+            root = tmp_path / name
+            root.mkdir()
+            build(str(root), tree)
+            age(str(root))
+            return root
+
+        # a full run: how many seam calls, and the new state
+        done_root = fresh("done")
+        old_state = tree_state(str(done_root))
+        proc = _child({"root": str(done_root), "blobs": blobs.dir, "op": op, "args": args})
+        line = _line(proc)
+        proc.wait()
+        assert line.startswith("DONE"), line
+        n_calls = int(line.split()[1])
+        new_state = tree_state(str(done_root))
+        assert new_state != old_state and n_calls >= 2
+        allowed = [old_state, new_state]
+        for k in range(1, len(parents) + 1):  # old + the first k created parents
+            partial = dict(old_state)
+            for p in parents[:k]:
+                partial[p.encode()] = new_state[p.encode()]
+            allowed.append(partial)
+
+        seen = set()
+        for n in range(1, n_calls + 1):
+            for when in ("before", "after"):
+                root = fresh(f"run-{n}-{when}")
+                proc = _child({"root": str(root), "blobs": blobs.dir, "op": op, "args": args,
+                               "stop": [n, when]})
+                line = _line(proc)
+                assert line.startswith("STOP"), line
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                assert proc.returncode == -signal.SIGKILL
+                seen.add(f"{when} {line.split()[1]}")
+                state = tree_state(str(root), skip_prefix=TEMP_PREFIX)
+                assert state in allowed, (
+                    f"killed {when} seam call {n} ({line}): a state that is neither old "
+                    f"nor new:\n" + "\n".join(f"  {os.fsdecode(k)!r}: {v}" for k, v in
+                                             sorted(state.items())))
+                w = Workspace(str(root))
+                apply.remove_stray_temps(w)
+                assert tree_state(str(root)) == state, "a temp name survived the cleanup"
+                # what the engine's recovery does: put the before-images back
+                for p in reversed(parents + [args["path"]]):
+                    orig = old_state.get(p.encode())
+                    entry = _state_entry(orig)
+                    if entry.is_file:
+                        _ensure_blob(blobs, tree, p)
+                    apply.restore(w, p, entry, None, blobs)
+                assert_tree_equal(str(root), old_state, f"{case}: recovered after {line}")
+        assert {"before rename", "after rename"} <= seen
+        assert any(s.endswith("fsync_dir") for s in seen)
+
+
+def _state_entry(state: tuple | None) -> Entry:
+    if state is None:
+        return Entry.absent()
+    if state[0] == "file":
+        return Entry.file(state[1], state[2], state[3])
+    if state[0] == "dir":
+        return Entry.dir(state[1])
+    return Entry.symlink(state[1])
+
+
+def _ensure_blob(blobs: BlobStore, tree: dict, rel: str) -> None:
+    what = tree[rel]
+    data = what.content if isinstance(what, File) else what
+    blobs.put_bytes(data.encode() if isinstance(data, str) else data)

@@ -10,12 +10,14 @@ and ``<dir>/tmp/`` for puts in progress.  Rules:
 - **Durable before it is named**: temp file -> write -> fsync -> rename to its hash ->
   fsync the directory.  A blob that exists under its name is complete.
 - **Deduplicated**: content already stored writes nothing (not even a temp file): a put
-  hashes first and copies only new content.  A file of at most one chunk is read once.
+  hashes first and copies only new content, then hashes the copy (it must be what was
+  hashed; a file written to meanwhile is tried again).  A file of at most one chunk is
+  read once and written from that buffer.
 - **Reflinks** where the file system offers them: ``copy="auto"`` tries FICLONE (the blob
-  shares the file's blocks; the clone is also an atomic snapshot of the content, hashed
-  afterwards) and falls back cleanly (EOPNOTSUPP, EXDEV, ...) to streaming; ``"copy_range"``
-  uses ``os.copy_file_range`` (server-side copy on NFS/CIFS, reflink on some file
-  systems); ``"stream"`` never asks the kernel to copy.
+  shares the file's blocks, no data is written) and falls back cleanly, once and for all
+  (EOPNOTSUPP, EXDEV, ...), to streaming; ``"copy_range"`` uses ``os.copy_file_range``
+  (server-side copy on NFS/CIFS, reflink on some file systems); ``"stream"`` never asks
+  the kernel to copy.
 - **Verified on the way out**: ``get``/``copy_to`` hash what they stream and raise
   ``CorruptionError`` naming the blob when it does not match its name.
 - **Garbage collection** (``gc``) removes every blob not in the given referenced set.  The
@@ -160,14 +162,17 @@ class BlobStore:
                 size += len(chunk)
             digest = h.hexdigest()
             self.bytes_hashed += size
-            if self.has(digest):
-                return PutResult(digest, size, 0, "dedup")
-            fileio.fsync(fd)
+            duplicate = self.has(digest)
+            if not duplicate:
+                fileio.fsync(fd)
         except BaseException:
             os.close(fd)
             self._drop(tmp)
             raise
         os.close(fd)
+        if duplicate:
+            self._drop(tmp)
+            return PutResult(digest, size, 0, "dedup")
         self._publish(tmp, digest, size)
         return PutResult(digest, size, size, "stream")
 
@@ -186,59 +191,18 @@ class BlobStore:
 
     def put_fd(self, src: int, name: str = "<fd>") -> PutResult:
         """Store the content of an open regular file (see ``put_file``)."""
-        if self._clone_ok:
-            got = self._put_clone(src)
-            if got is not None:
-                return got
         for _attempt in range(PUT_RETRIES):
-            got = self._put_stream(src)
+            got = self._put_once(src)
             if got is not None:
                 return got
         raise FileBusyError(errno.EBUSY, f"{name!r} kept changing while walstore stored "
                             f"it ({PUT_RETRIES} tries)", name)
 
-    def _put_clone(self, src: int) -> PutResult | None:
-        """Clone into a temp file, hash the clone (a frozen copy).  None: no clones here."""
-        st0 = os.fstat(src)
-        tmp, fd = self._temp()
-        try:
-            try:
-                fileio.clone(src, fd)
-            except OSError as e:
-                if e.errno not in _NOT_SUPPORTED:
-                    raise
-                self._clone_ok = False
-                if self.copy == "clone":
-                    raise OSError(e.errno, f"the file system of {self.dir!r} cannot clone "
-                                           f"(FICLONE): {e.strerror}") from e
-                os.close(fd)
-                fd = -1
-                self._drop(tmp)
-                return None
-            if _stamp(os.fstat(src)) != _stamp(st0):
-                os.close(fd)
-                fd = -1
-                self._drop(tmp)
-                return None  # written to while cloned: the streaming path retries
-            digest, size = self._hash(fd)
-            if self.has(digest):
-                os.close(fd)
-                fd = -1
-                self._drop(tmp)
-                return PutResult(digest, size, 0, "dedup", st0)
-            fileio.fsync(fd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            self._drop(tmp)
-            raise
-        os.close(fd)
-        self._publish(tmp, digest, size)
-        return PutResult(digest, size, size, "clone", st0)
-
-    def _put_stream(self, src: int) -> PutResult | None:
-        """Hash first (dedup: nothing written), then copy and hash again.  A file of one
-        chunk is copied from the buffer it was hashed from.  None: it changed meanwhile."""
+    def _put_once(self, src: int) -> PutResult | None:
+        """Hash first (known content: nothing written, no temp file), then copy new
+        content (clone, copy_range or stream) and hash the copy: it must be what was
+        hashed.  A file of one chunk is written from the buffer it was hashed from.
+        None: the file changed meanwhile (try again)."""
         st0 = os.fstat(src)
         buf = bytearray(CHUNK)
         h = hashlib.sha256()
@@ -261,12 +225,8 @@ class BlobStore:
             return got
         tmp, fd = self._temp()
         try:
-            if self.copy == "copy_range":
-                got, n = self._copy_range(src, fd, st0.st_size)
-                method = "copy_range"
-            else:
-                got, n = self._copy_stream(src, fd, buf)
-                method = "stream"
+            method, copied = self._copy_new(src, fd, buf, st0.st_size)
+            got, n = copied if copied is not None else self._hash(fd)
             if got != digest or _stamp(os.fstat(src)) != _stamp(st0):
                 os.close(fd)
                 fd = -1
@@ -281,6 +241,31 @@ class BlobStore:
         os.close(fd)
         self._publish(tmp, digest, n)
         return PutResult(digest, n, n, method, st0)
+
+    def _copy_new(self, src: int, fd: int, buf: bytearray, size: int
+                  ) -> tuple[str, tuple[str, int] | None]:
+        """Copy ``src`` into the empty temp ``fd``: (method, (sha256, size) of the copy
+        when the method hashed it on the way, else None)."""
+        if self._clone_ok:
+            try:
+                fileio.clone(src, fd)
+                return "clone", None
+            except OSError as e:
+                if e.errno not in _NOT_SUPPORTED:
+                    raise
+                self._clone_ok = False
+                if self.copy == "clone":
+                    raise OSError(e.errno, f"the file system of {self.dir!r} cannot clone "
+                                           f"(FICLONE): {e.strerror}") from e
+        if self.copy == "copy_range":
+            off = 0
+            while off < size:
+                n = fileio.copy_range(src, fd, min(size - off, 1 << 30), off, off)
+                if n == 0:
+                    break
+                off += n
+            return "copy_range", None
+        return "stream", self._copy_stream(src, fd, buf)
 
     def _copy_stream(self, src: int, fd: int, buf: bytearray) -> tuple[str, int]:
         h = hashlib.sha256()
@@ -297,15 +282,6 @@ class BlobStore:
             fileio.pwrite_all(fd, b"\0", size - 1)  # the size, without filling the hole
         self.bytes_hashed += size
         return h.hexdigest(), size
-
-    def _copy_range(self, src: int, fd: int, size: int) -> tuple[str, int]:
-        off = 0
-        while off < size:
-            n = fileio.copy_range(src, fd, min(size - off, 1 << 30), off, off)
-            if n == 0:
-                break
-            off += n
-        return self._hash(fd)
 
     def _hash(self, fd: int) -> tuple[str, int]:
         h = hashlib.sha256()
