@@ -528,6 +528,28 @@ class TestBlobs:
         assert e.value.errno == errno.ENOSPC
         assert os.listdir(blobs.tmp) == [] and list(blobs) == []
 
+    def test_batch_names_blobs_only_once_all_are_durable(self, blobs, tmp_path):
+        fb = FaultBackend(record=True)
+        with installed(fb):
+            with blobs.batch():
+                digests = [blobs.put_bytes(b"blob %d" % i).digest for i in range(20)]
+                assert blobs.put_bytes(b"blob 3").written == 0   # dedup inside a batch
+                assert all(blobs.has(d) for d in digests)
+                assert list(blobs) == []                          # nothing named yet
+                with pytest.raises(FileNotFoundError):
+                    _read_all(blobs, digests[0])
+        ops = [e.op for e in fb.events if e.op != "pwrite"]
+        first_rename = ops.index("rename")
+        assert ops[:first_rename].count("fsync") == 20            # every temp durable ...
+        assert "fsync" not in ops[first_rename:]                  # ... before any name
+        assert ops[-1] == "fsync_dir"
+        assert sorted(blobs) == sorted(digests)
+        assert all(_read_all(blobs, d) == b"blob %d" % i for i, d in enumerate(digests))
+        with pytest.raises(RuntimeError), blobs.batch():
+            blobs.put_bytes(b"never named")
+            raise RuntimeError("the snapshot failed")
+        assert not blobs.has(sha(b"never named")) and os.listdir(blobs.tmp) == []
+
     def test_reflink_where_offered_and_a_clean_fallback(self, tmp_path):
         src = tmp_path / "src"
         src.write_bytes(os.urandom(2 * CHUNK + 3))
@@ -1035,3 +1057,253 @@ def _ensure_blob(blobs: BlobStore, tree: dict, rel: str) -> None:
     what = tree[rel]
     data = what.content if isinstance(what, File) else what
     blobs.put_bytes(data.encode() if isinstance(data, str) else data)
+
+
+# =========================================================================================
+# watch: manifests and diffs
+# =========================================================================================
+def _tree_of(n_files: int, size: int = 200) -> dict:
+    return {f"src/m{i // 50}/f{i}.c": os.urandom(size) for i in range(n_files)}
+
+
+class TestManifest:
+    def test_first_snapshot_stores_every_tracked_file(self, ws, blobs):
+        build(ws.root, {"a/x.c": "x", "a/y.o": "obj", "build/out": "o", "l": Link("a/x.c"),
+                        "e": Dir(0o700), WEIRD: b"w"})
+        ws2 = Workspace(ws.root, ignore=["*.o", "build/"])
+        m = snapshot(ws2, blobs)
+        assert set(m.records) == {b"a", b"a/x.c", b"l", b"e", WEIRD}
+        assert all(blobs.has(d) for d in m.digests())
+        assert m.entry(b"l").same(Entry.symlink(b"a/x.c"))
+        assert m.entry(b"e").same(Entry.dir(0o700))
+        assert m.entry(b"nope") == Entry.absent()
+        assert m.stats.hashed_files == 2 and m.stats.stored_files == 2
+
+    def test_incremental_cost_grows_with_what_changed(self, ws, blobs):
+        build(ws.root, _tree_of(400))
+        age(ws.root)
+        m0 = snapshot(ws, blobs)
+        assert m0.stats.hashed_files == 400 and m0.stats.racy == 0
+        m1 = snapshot(ws, blobs, previous=m0)
+        assert (m1.stats.hashed_files, m1.stats.hashed_bytes, m1.stats.reused) == (0, 0, 400)
+        assert m1.stats.walked == m0.stats.walked
+        changed = [f"src/m{i // 50}/f{i}.c" for i in (3, 77, 301)]
+        for c in changed:
+            (Path(ws.root) / c).write_bytes(b"edited " + c.encode())
+        fb = FaultBackend()
+        with installed(fb):
+            m2 = snapshot(ws, blobs, previous=m1)
+        assert m2.stats.hashed_files == 3
+        assert m2.stats.hashed_bytes == sum(len(b"edited " + c.encode()) for c in changed)
+        assert m2.stats.stored_files == 3 and m2.stats.reused == 397
+        assert len(fb.calls_to("pwrite")) == 3          # the store grew by the edits only
+        assert [c.path for c in diff(m1, m2)] == sorted(c.encode() for c in changed)
+        # the three edited files are "racy" (mtime within the window): re-hashed once more
+        m3 = snapshot(ws, blobs, previous=m2)
+        assert m3.stats.hashed_files == 3 and m3.stats.stored_files == 0
+        assert diff(m2, m3) == []
+
+    def test_racy_files_are_rehashed_even_with_identical_metadata(self, ws, blobs):
+        """A file whose mtime falls in the snapshot's own tick may change again without
+        its metadata changing: such a file is never trusted by metadata alone."""
+        build(ws.root, {"old": "o", "hot": "h"})
+        age(ws.root)
+        now = time.time_ns()
+        os.utime(ws.abspath(b"hot"), ns=(now, now))
+        m0 = snapshot(ws, blobs)
+        assert m0.is_racy(m0.records[b"hot"]) and not m0.is_racy(m0.records[b"old"])
+        m1 = snapshot(ws, blobs, previous=m0)       # nothing changed at all
+        assert m1.stats.hashed_files == 1 and m1.stats.reused == 1
+        m2 = snapshot(ws, blobs, previous=m0, racy_window_ns=0)
+        assert m2.stats.hashed_files == 1  # m0's own window still applies to m0's records
+
+    def test_a_tool_restoring_mtimes_is_still_seen(self, ws, blobs):
+        build(ws.root, {"f": "aaaa"})
+        age(ws.root)
+        m0 = snapshot(ws, blobs)
+        st = os.stat(ws.abspath(b"f"))
+        (Path(ws.root) / "f").write_bytes(b"bbbb")                  # same size
+        os.utime(ws.abspath(b"f"), ns=(st.st_atime_ns, st.st_mtime_ns))  # same mtime
+        m1 = snapshot(ws, blobs, previous=m0)
+        assert [(c.path, c.kind) for c in diff(m0, m1)] == [(b"f", "modified")]
+
+    def test_a_gced_blob_is_stored_again(self, ws, blobs):
+        build(ws.root, {"f": "content"})
+        age(ws.root)
+        m0 = snapshot(ws, blobs)
+        blobs.gc(set())
+        m1 = snapshot(ws, blobs, previous=m0)
+        assert m1.stats.stored_files == 1 and blobs.has(m1.records[b"f"].sha256)
+
+    def test_save_and_load(self, ws, blobs):
+        build(ws.root, {**_tree_of(30), "l": Link(b"t\xff"), WEIRD: "w", "d": Dir(0o711)})
+        m = snapshot(ws, blobs)
+        m2 = Manifest.load(blobs, m.save(blobs))
+        assert m2.records == m.records
+        assert (m2.taken_ns, m2.racy_ns, m2.root) == (m.taken_ns, m.racy_ns, m.root)
+        with pytest.raises(ValueError):
+            Manifest.load(blobs, blobs.put_bytes(msgpack.packb({"v": 99})).digest)
+
+    def test_special_files_are_skipped_and_listed(self, ws, blobs):
+        build(ws.root, {"f": "x"})
+        os.mkfifo(ws.abspath(b"pipe"))
+        m = snapshot(ws, blobs)
+        assert set(m.records) == {b"f"} and m.stats.skipped == [b"pipe"]
+
+    def test_temp_names_are_never_tracked(self, ws, blobs):
+        build(ws.root, {"f": "x", (TEMP_PREFIX + b"1-2").decode(): "half"})
+        assert set(snapshot(ws, blobs).records) == {b"f"}
+
+
+class TestDiff:
+    def test_every_kind(self, ws, blobs):
+        build(ws.root, {"mod": "1", "del": "d", "mode": File("m", 0o644), "dmode": Dir(0o755),
+                        "link": Link("a"), "retype": "was a file", "ren/a": "moving",
+                        "ign.o": "x"})
+        w = Workspace(ws.root, ignore=["*.o"])
+        m0 = snapshot(w, blobs)
+        (Path(ws.root) / "mod").write_text("2")
+        os.unlink(ws.abspath(b"del"))
+        os.chmod(ws.abspath(b"mode"), 0o600)
+        os.chmod(ws.abspath(b"dmode"), 0o700)
+        os.unlink(ws.abspath(b"link"))
+        os.symlink("b", ws.abspath(b"link"))
+        os.unlink(ws.abspath(b"retype"))
+        os.mkdir(ws.abspath(b"retype"))
+        os.rename(ws.abspath(b"ren/a"), ws.abspath(b"ren/b"))
+        (Path(ws.root) / "new").write_text("n")
+        (Path(ws.root) / "ign.o").write_text("changed but ignored")
+        (Path(ws.root) / "new.o").write_text("new but ignored")
+        m1 = snapshot(w, blobs, previous=m0)
+        got = {(os.fsdecode(c.path), c.kind) for c in diff(m0, m1)}
+        assert got == {("mod", "modified"), ("del", "deleted"), ("mode", "mode"),
+                       ("dmode", "mode"), ("link", "symlink"), ("retype", "type"),
+                       ("ren/a", "deleted"), ("ren/b", "created"), ("new", "created")}
+        ch = {c.path: c for c in diff(m0, m1)}
+        assert ch[b"mod"].before.sha256 == sha(b"1") and ch[b"mod"].after.sha256 == sha(b"2")
+        assert ch[b"ren/b"].before == Entry.absent()
+        # a diff can also filter by other patterns
+        assert {c.path for c in diff(m0, m1, IgnoreRules(["re*"]))} == \
+            {b"mod", b"del", b"mode", b"dmode", b"link", b"new"}
+
+    def test_undo_order(self):
+        f, d, a = Entry.file(0o644, 1, sha(b"x")), Entry.dir(0o755), Entry.absent()
+        C = watch.Change
+        changes = [C(b"n", "created", a, d), C(b"n/x", "created", a, f),
+                   C(b"g", "deleted", d, a), C(b"g/y", "deleted", f, a),
+                   C(b"t", "type", f, d), C(b"t/z", "created", a, f),
+                   C(b"m", "modified", f, f)]
+        order = [c.path for c in undo_order(changes)]
+        assert order.index(b"n/x") < order.index(b"n")      # remove children first
+        assert order.index(b"t/z") < order.index(b"t")
+        assert order.index(b"g") < order.index(b"g/y")      # re-create parents first
+        assert order.index(b"t") < order.index(b"g")        # removals before re-creations
+
+
+# =========================================================================================
+# watch: real subprocesses
+# =========================================================================================
+SCRIPT = r"""
+set -e
+cd "$1"
+echo edited >> src/app.c
+rm src/old.c
+mv src/keep.h src/renamed.h
+chmod 700 run.sh
+mkdir -p build/obj && echo obj > build/obj/app.o
+echo new > src/new.c
+rm conf && mkdir conf && echo inner > conf/inner.txt
+rm -r data && ln -s "$2" data
+ln -sfn other link
+mkdir emptydir
+printf 'x\nweird' > "$(printf 'we\nird')"
+"""
+
+
+class TestWatchSubprocess:
+    def _tree(self) -> dict:
+        return {"src/app.c": "int main;\n", "src/old.c": "old\n", "src/keep.h": "h\n",
+                "run.sh": File("#!/bin/sh\n", 0o755), "conf": "a=1\n",
+                "data/d1.txt": "precious 1", "data/sub/d2.txt": "precious 2",
+                "link": Link("target"), "ign.log": "log", "deep/e": Dir(0o711)}
+
+    def test_a_subprocess_is_put_back_exactly(self, ws, blobs, outside, tmp_path):
+        build(ws.root, self._tree())
+        w = Workspace(ws.root, ignore=["*.log"])
+        before_ws = tree_state(ws.root)
+        before_out = TreeSnapshot(outside)
+        m0 = snapshot(w, blobs)
+        subprocess.run(["sh", "-c", SCRIPT, "sh", ws.root, str(outside)], check=True)
+        m1 = snapshot(w, blobs, previous=m0)
+        changes = diff(m0, m1)
+        kinds = {(os.fsdecode(c.path), c.kind) for c in changes}
+        assert ("data", "type") in kinds and ("data/sub/d2.txt", "deleted") in kinds
+        assert ("conf", "type") in kinds and ("conf/inner.txt", "created") in kinds
+        assert ("run.sh", "mode") in kinds and ("link", "symlink") in kinds
+        assert not any(p.startswith("data/") and k != "deleted" for p, k in kinds)
+        conflicts = watch.restore_changes(w, changes, blobs, str(tmp_path / "q"))
+        assert conflicts == []
+        assert_tree_equal(ws.root, before_ws, "the workspace after undoing the subprocess")
+        before_out.assert_same(what="the directory the swapped-in symlink pointed to")
+
+    def test_before_images_exist_before_the_subprocess_runs(self, ws, blobs, tmp_path):
+        build(ws.root, {**_tree_of(60, 3000), "x/y": Link("z")})
+        age(ws.root)
+        before = tree_state(ws.root)
+        m0 = snapshot(ws, blobs)
+        subprocess.run(["sh", "-c", 'cd "$1" && rm -rf ./* && echo gone > README', "sh",
+                        ws.root], check=True)
+        m1 = snapshot(ws, blobs, previous=m0)
+        assert watch.restore_changes(ws, diff(m0, m1), blobs, None) == []
+        assert_tree_equal(ws.root, before)
+
+    def test_a_killed_watch_is_undone_from_the_saved_manifest(self, ws, blobs):
+        """What recovery does after a crash inside ``watch()``: load the manifest saved
+        when the watch began, compare with the tree, restore every difference (any current
+        state is the watched processes' own)."""
+        build(ws.root, {**_tree_of(100, 500), "cfg": "a=1"})
+        age(ws.root)
+        before = tree_state(ws.root)
+        digest = snapshot(ws, blobs).save(blobs)
+        proc = subprocess.Popen(["sh", "-c", 'cd "$1"; for i in $(seq 0 49); do '
+                                 'echo changed >> src/m0/f$i.c; done; rm cfg; mkdir cfg; '
+                                 'echo started; sleep 600', "sh", ws.root],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout.readline() == b"started\n"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        m0 = Manifest.load(blobs, digest)
+        now = snapshot(ws, None, previous=m0)       # hashing only: nothing stored
+        assert now.stats.hashed_files == 50
+        assert len(diff(m0, now)) == 51
+        assert watch.restore_changes(ws, diff(m0, now), blobs, None, check=False) == []
+        assert_tree_equal(ws.root, before)
+
+    def test_a_stranger_after_the_watch_is_a_conflict(self, ws, blobs, tmp_path):
+        build(ws.root, {"f": "v0", "g": "g0"})
+        m0 = snapshot(ws, blobs)
+        (Path(ws.root) / "f").write_text("v1 by the watched process")
+        (Path(ws.root) / "g").write_text("g1 by the watched process")
+        m1 = snapshot(ws, blobs, previous=m0)
+        (Path(ws.root) / "f").write_text("v2 by a stranger, later")
+        q = str(tmp_path / "q")
+        conflicts = watch.restore_changes(ws, diff(m0, m1), blobs, q)
+        assert [c.path for c in conflicts] == [b"f"]
+        assert (Path(ws.root) / "f").read_text() == "v2 by a stranger, later"
+        assert Path(conflicts[0].saved_as).read_text() == "v0"
+        assert (Path(ws.root) / "g").read_text() == "g0"
+
+    def test_symlink_swapped_in_during_the_restore_is_refused(self, ws, blobs, outside):
+        """If a parent directory is a symlink when a child is restored, the child is not
+        written through it: reported, and nothing outside changes."""
+        build(ws.root, {"d/f": "x"})
+        m0 = snapshot(ws, blobs)
+        (Path(ws.root) / "d/f").write_text("y")
+        m1 = snapshot(ws, blobs, previous=m0)
+        os.unlink(ws.abspath(b"d/f"))
+        os.rmdir(ws.abspath(b"d"))
+        os.symlink(str(outside), ws.abspath(b"d"))   # after the watch, by someone else
+        snap = TreeSnapshot(outside)
+        conflicts = watch.restore_changes(ws, diff(m0, m1), blobs, None)
+        assert [c.path for c in conflicts] == [b"d/f"] and "symlink" in conflicts[0].reason
+        snap.assert_same(what="outside the workspace")

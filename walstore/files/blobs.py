@@ -8,7 +8,10 @@ and ``<dir>/tmp/`` for puts in progress.  Rules:
   a GiB file costs a GiB of I/O, never a GiB of memory.  Holes of sparse files are neither
   read nor written (the blob stays sparse).
 - **Durable before it is named**: temp file -> write -> fsync -> rename to its hash ->
-  fsync the directory.  A blob that exists under its name is complete.
+  fsync the directory.  A blob that exists under its name is complete.  ``batch()``
+  groups many puts into one pass (all temps fsynced, then all named, each directory
+  fsynced once): a first manifest of a large tree costs one sync pass, not two fsyncs a
+  file.
 - **Deduplicated**: content already stored writes nothing (not even a temp file): a put
   hashes first and copies only new content, then hashes the copy (it must be what was
   hashed; a file written to meanwhile is tried again).  A file of at most one chunk is
@@ -29,6 +32,7 @@ All writes go through ``walstore.fileio`` (the fault seam); reads are plain ``os
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -92,6 +96,7 @@ class BlobStore:
         self._known: set[str] = set()      # digests seen present by this process
         self._fanout: set[str] = set()     # fan-out directories known to exist
         self._active: set[str] = set()     # temp files being written now
+        self._pending: dict[str, str] | None = None  # batch: digest -> complete temp file
         self._seq = itertools.count()
         # counters, for tests and benchmarks
         self.bytes_hashed = 0
@@ -109,7 +114,7 @@ class BlobStore:
         return os.path.join(self.dir, digest[:2], digest[2:])
 
     def has(self, digest: str) -> bool:
-        if digest in self._known:
+        if digest in self._known or (self._pending is not None and digest in self._pending):
             return True
         try:
             st = os.stat(self.path(digest))
@@ -164,7 +169,7 @@ class BlobStore:
             self.bytes_hashed += size
             duplicate = self.has(digest)
             if not duplicate:
-                fileio.fsync(fd)
+                self._durable(fd)
         except BaseException:
             os.close(fd)
             self._drop(tmp)
@@ -173,7 +178,7 @@ class BlobStore:
         if duplicate:
             self._drop(tmp)
             return PutResult(digest, size, 0, "dedup")
-        self._publish(tmp, digest, size)
+        self._name(tmp, digest, size)
         return PutResult(digest, size, size, "stream")
 
     def put_file(self, path: str | bytes) -> PutResult:
@@ -232,14 +237,14 @@ class BlobStore:
                 fd = -1
                 self._drop(tmp)
                 return None
-            fileio.fsync(fd)
+            self._durable(fd)
         except BaseException:
             if fd >= 0:
                 os.close(fd)
             self._drop(tmp)
             raise
         os.close(fd)
-        self._publish(tmp, digest, n)
+        self._name(tmp, digest, n)
         return PutResult(digest, n, n, method, st0)
 
     def _copy_new(self, src: int, fd: int, buf: bytearray, size: int
@@ -301,13 +306,13 @@ class BlobStore:
         tmp, fd = self._temp()
         try:
             n = write(fd)
-            fileio.fsync(fd)
+            self._durable(fd)
         except BaseException:
             os.close(fd)
             self._drop(tmp)
             raise
         os.close(fd)
-        self._publish(tmp, digest, n)
+        self._name(tmp, digest, n)
         return PutResult(digest, n, n, "stream")
 
     def _temp(self) -> tuple[str, int]:
@@ -323,25 +328,79 @@ class BlobStore:
         except FileNotFoundError:
             pass
 
-    def _publish(self, tmp: str, digest: str, size: int) -> None:
-        """The durable naming step: rename into place, fsync the directory."""
-        sub = os.path.join(self.dir, digest[:2])
-        with self._lock:
-            try:
-                if sub not in self._fanout:
-                    if not os.path.isdir(sub):
-                        fileio.make_dir(sub)
-                        fileio.fsync_dir(self.dir)
-                    self._fanout.add(sub)
-                fileio.rename(tmp, os.path.join(sub, digest[2:]))
-            except BaseException:
-                self._drop(tmp)
-                raise
-            self._active.discard(tmp)
-            fileio.fsync_dir(sub)
-            self._known.add(digest)
+    def _durable(self, fd: int) -> None:
+        if self._pending is None:  # in a batch, the flush fsyncs every temp at once
+            fileio.fsync(fd)
+
+    def _name(self, tmp: str, digest: str, size: int) -> None:
+        """A complete temp file becomes the blob ``digest`` (in a batch: at the flush)."""
+        if self._pending is not None:
+            if digest in self._pending:
+                self._drop(tmp)  # the same content twice in one batch
+                return
+            self._pending[digest] = tmp
+        else:
+            with self._lock:
+                try:
+                    sub = self._rename_in(tmp, digest)
+                except BaseException:
+                    self._drop(tmp)
+                    raise
+                fileio.fsync_dir(sub)
         self.bytes_written += size
         self.files_written += 1
+
+    def _rename_in(self, tmp: str, digest: str) -> str:
+        """Rename ``tmp`` to its name (creating the fan-out directory); call with the lock
+        held.  Returns the directory to fsync."""
+        sub = os.path.join(self.dir, digest[:2])
+        if sub not in self._fanout:
+            if not os.path.isdir(sub):
+                fileio.make_dir(sub)
+                fileio.fsync_dir(self.dir)
+            self._fanout.add(sub)
+        fileio.rename(tmp, os.path.join(sub, digest[2:]))
+        self._active.discard(tmp)
+        self._known.add(digest)
+        return sub
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator["BlobStore"]:
+        """Many puts, one sync pass: inside, new blobs stay temp files without an fsync
+        each; at the end every temp is fsynced, then all are named, then each directory
+        is fsynced once (a blob still only exists under its name once complete and
+        durable).  Meanwhile ``has`` knows them, ``get`` does not.  On an exception the
+        temps are dropped.  Nested batches join the outer one."""
+        if self._pending is not None:
+            yield self
+            return
+        self._pending = {}
+        try:
+            yield self
+        except BaseException:
+            pending, self._pending = self._pending, None
+            for tmp in pending.values():
+                self._drop(tmp)
+            raise
+        pending, self._pending = self._pending, None
+        try:
+            for tmp in pending.values():
+                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    fileio.fsync(fd)
+                finally:
+                    os.close(fd)
+            subs = set()
+            with self._lock:
+                for digest, tmp in pending.items():
+                    subs.add(self._rename_in(tmp, digest))
+                for sub in sorted(subs):
+                    fileio.fsync_dir(sub)
+        except BaseException:
+            for tmp in pending.values():
+                if tmp in self._active:
+                    self._drop(tmp)
+            raise
 
     # ---- get ----------------------------------------------------------------------------
     def get(self, digest: str) -> Iterator[bytes]:

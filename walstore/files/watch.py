@@ -7,8 +7,9 @@ test run, any subprocess):
   symlink, never descending into an ignored directory, skipping walstore's temp names)
   and returns a ``Manifest``: per path its type, mode, size, mtime_ns, ctime_ns, inode,
   device, owner, symlink target, and a file's sha256.  With a ``BlobStore`` the content of
-  every tracked file is IN the store when ``snapshot`` returns: a manifest taken before a
-  watched block holds the before-image of everything the block may change.
+  every tracked file is IN the store, durable, when ``snapshot`` returns (one
+  ``BlobStore.batch``): a manifest taken before a watched block holds the before-image of
+  everything the block may change.
 - Incremental: a file whose (inode, device, size, mtime_ns, ctime_ns) equal the previous
   manifest's, and whose content is still stored, keeps its hash without being read.  What
   is read grows with what changed, not with the tree (``Manifest.stats`` counts it).
@@ -29,6 +30,7 @@ log file); one that cannot be read raises the OS error naming it.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -238,6 +240,16 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
     records: dict[bytes, Record] = {}
     prev = previous.records if previous is not None and previous.root == ws.root_b else {}
     prev_racy = previous.racy_ns if previous is not None else 0
+    with blobs.batch() if blobs is not None else contextlib.nullcontext():
+        _walk_into(ws, blobs, prev, prev_racy, records, stats)
+    racy_ns = taken_ns - racy_window_ns
+    stats.racy = sum(1 for r in records.values() if r.kind == FILE and r.mtime_ns >= racy_ns)
+    stats.seconds = time.perf_counter() - t0
+    return Manifest(ws.root_b, records, taken_ns, racy_ns, stats)
+
+
+def _walk_into(ws: Workspace, blobs: BlobStore | None, prev: dict[bytes, Record],
+               prev_racy: int, records: dict[bytes, Record], stats: SnapshotStats) -> None:
     for rel, st in walk(ws):
         stats.walked += 1
         m = st.st_mode
@@ -264,10 +276,6 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
             records[rel] = rec
         else:
             stats.skipped.append(rel)
-    racy_ns = taken_ns - racy_window_ns
-    stats.racy = sum(1 for r in records.values() if r.kind == FILE and r.mtime_ns >= racy_ns)
-    stats.seconds = time.perf_counter() - t0
-    return Manifest(ws.root_b, records, taken_ns, racy_ns, stats)
 
 
 def _hash_file(ws: Workspace, rel: bytes, blobs: BlobStore | None,
