@@ -255,7 +255,7 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
     fd = -1
     try:
         fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
-        digest, size = fill(fd)
+        digest, _size = fill(fd)
         os.fchmod(fd, mode)
         _chown(fd, owner)
         if durable:
@@ -521,7 +521,7 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
                    expected_current: Entry | None) -> RestoreStatus:
     """Classify ``path`` for a restore without changing anything (a revert checks every
     path first and raises RevertConflict naming the conflicts)."""
-    rel, abs_path = ws.resolve(path)
+    _rel, abs_path = ws.resolve(path)
     current = read_entry(abs_path, hash=True)
     if before.same(current):
         return RestoreStatus("done", current)

@@ -415,8 +415,8 @@ class BlobStore:
                 h.update(chunk)
                 yield bytes(chunk)
             if h.hexdigest() != digest:
-                raise CorruptionError(f"blob content does not match its sha256 "
-                                      f"(stored content damaged)", file=path)
+                raise CorruptionError("blob content does not match its sha256 "
+                                      "(stored content damaged)", file=path)
         finally:
             os.close(fd)
 

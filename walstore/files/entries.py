@@ -27,8 +27,9 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["Entry", "ABSENT", "FILE", "DIR", "SYMLINK", "CHUNK", "read_entry", "entry_from_stat",
-           "iter_content", "hash_fd", "stamp", "FileBusyError", "UnsupportedFileType", "open_nofollow"]
+__all__ = ["Entry", "ABSENT", "FILE", "DIR", "SYMLINK", "CHUNK", "read_entry",
+           "entry_from_stat", "iter_content", "hash_fd", "stamp", "FileBusyError",
+           "UnsupportedFileType", "open_nofollow"]
 
 ABSENT, FILE, DIR, SYMLINK = "absent", "file", "dir", "symlink"
 _CODE = {ABSENT: "a", FILE: "f", DIR: "d", SYMLINK: "l"}

@@ -2,7 +2,8 @@
 
 This module owns the boundary between "a path an agent gave us" and "a file walstore may
 touch".  A ``Workspace`` is an absolute, realpath'd root directory plus its ignore
-patterns.  Every path of the files package is RELATIVE to a root and goes through
+patterns and the directories inside it that are walstore's own (``exclude``: the store,
+when it lives in the tree; never tracked, never written through the workspace).  Every path of the files package is RELATIVE to a root and goes through
 ``Workspace.rel`` (lexical checks: not absolute, no NUL, no ``..`` leaving the root) and,
 before any operation, ``Workspace.resolve`` (physical checks: every existing component on
 the way is a real directory, ``lstat``-ed, never followed: a symlink on the way raises
@@ -68,8 +69,8 @@ class Workspace:
     """A registered directory tree: ``root`` (absolute, realpath'd str), ``root_b`` (its
     bytes), ``ignore`` (an IgnoreRules).  The root must exist and be a directory."""
 
-    def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None
-                 ) -> None:
+    def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
+                 exclude: Iterable[PathLike] = ()) -> None:
         raw = os.fsencode(root)
         if b"\0" in raw:
             raise ValueError("a workspace root must not contain a NUL byte")
@@ -87,6 +88,12 @@ class Workspace:
         self.root_b: bytes = real
         self.root: str = os.fsdecode(real)
         self.ignore = ignore if isinstance(ignore, IgnoreRules) else IgnoreRules(ignore)
+        # absolute paths inside the root that are walstore's own (the store, its blobs):
+        # never tracked, never written through the workspace
+        self.exclude: frozenset[bytes] = frozenset(
+            os.path.relpath(os.path.realpath(os.fsencode(p)), real)
+            for p in exclude if self.contains(os.path.realpath(os.fsencode(p)))
+            and os.path.realpath(os.fsencode(p)) != real)
 
     def __repr__(self) -> str:
         return f"Workspace({self.root!r})"
@@ -126,7 +133,13 @@ class Workspace:
         rel = b"/".join(parts)
         if not rel and not allow_root:
             raise ValueError(f"path {display(raw)!r} names the workspace root itself")
+        if self.exclude and self.excluded(rel):
+            raise ValueError(f"path {display(raw)!r} is inside walstore's own directory")
         return rel
+
+    def excluded(self, rel: bytes) -> bool:
+        """Is ``rel`` one of the excluded directories (walstore's own) or inside one?"""
+        return any(rel == x or rel.startswith(x + b"/") for x in self.exclude)
 
     def abspath(self, rel: bytes) -> bytes:
         """The absolute bytes path of an already normalized ``rel`` (no checks)."""
@@ -175,7 +188,7 @@ class Workspace:
         return p == self.root_b or p.startswith(self.root_b.rstrip(b"/") + b"/")
 
     def ignored(self, rel: bytes, is_dir: bool) -> bool:
-        """Ignored by the workspace's patterns, or a walstore temp name."""
-        if is_temp_name(rel.rpartition(b"/")[2]):
+        """Ignored by the workspace's patterns, excluded, or a walstore temp name."""
+        if is_temp_name(rel.rpartition(b"/")[2]) or (self.exclude and self.excluded(rel)):
             return True
         return self.ignore.ignored(rel, is_dir)

@@ -42,7 +42,7 @@ import msgpack
 
 from .apply import FileConflict, restore
 from .blobs import BlobStore
-from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd, open_nofollow
+from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
 from .ignore import IgnoreRules
 from .paths import Workspace, depth, display, is_temp_name
 
@@ -197,37 +197,72 @@ class Manifest:
 
 
 # ---- walking ----------------------------------------------------------------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def walk(ws: Workspace, start: bytes = b"", use_ignore: bool = True
          ) -> Iterator[tuple[bytes, os.stat_result]]:
     """(rel, lstat) of every path under ``start`` (excluded; b"": the root), parents
     before children, names in byte order; never follows a symlink, never descends into an
     ignored directory (``use_ignore``), skips walstore's temp names.  Paths that vanish
     during the walk are skipped."""
+    for rel, st, _dir_fd, _name in _walk_fd(ws, start, use_ignore):
+        yield rel, st
+
+
+def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
+             ) -> Iterator[tuple[bytes, os.stat_result, int, bytes]]:
+    """``walk``, also giving each path's parent directory fd and name (valid until the
+    next step).  Directories are opened relative to their parent with ``O_NOFOLLOW``, so
+    a directory swapped for a symlink during the walk is never entered; at most one fd
+    per level is open."""
     ignore = ws.ignore if use_ignore else IgnoreRules()
-    stack = [start]
-    while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(ws.abspath(d)) as it:
-                items = sorted((de.name for de in it))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        subdirs = []
-        for name in items:
-            if is_temp_name(name):
+    ws.check_parents(start + b"/x" if start else b"x")
+    try:
+        top = os.open(ws.abspath(start), _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    # a stack of (directory fd, its rel, the names still to visit in it)
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = []
+    try:
+        stack.append((top, start, iter(_names(top))))
+        while stack:
+            fd, d, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
                 continue
             rel = d + b"/" + name if d else name
             try:
-                st = os.lstat(ws.abspath(rel))
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
-            if ignore and ignore.ignored_here(rel, is_dir):
+            if (ignore and ignore.ignored_here(rel, is_dir)) or (
+                    ws.exclude and ws.excluded(rel)):
                 continue
-            yield rel, st
+            yield rel, st, fd, name
             if is_dir:
-                subdirs.append(rel)
-        stack.extend(reversed(subdirs))
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        continue  # became a symlink since the stat: not entered
+                    raise
+                stack.append((sub, rel, iter(_names(sub))))
+    finally:
+        for fd, _d, _n in stack:
+            os.close(fd)
+
+
+def _names(fd: int) -> list[bytes]:
+    """The names in the open directory ``fd`` (bytes, sorted), temp names left out."""
+    with os.scandir(fd) as it:
+        names = sorted(os.fsencode(de.name) for de in it)
+    return [n for n in names if not is_temp_name(n)]
 
 
 def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest | None = None,
@@ -250,16 +285,16 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
 
 def _walk_into(ws: Workspace, blobs: BlobStore | None, prev: dict[bytes, Record],
                prev_racy: int, records: dict[bytes, Record], stats: SnapshotStats) -> None:
-    for rel, st in walk(ws):
+    for rel, st, dir_fd, name in _walk_fd(ws, b"", True):
         stats.walked += 1
         m = st.st_mode
         if stat.S_ISDIR(m):
             records[rel] = _record(st)
         elif stat.S_ISLNK(m):
             try:
-                records[rel] = _record(st, target=os.readlink(ws.abspath(rel)))
-            except (FileNotFoundError, OSError) as e:
-                if getattr(e, "errno", None) not in (errno.ENOENT, errno.EINVAL):
+                records[rel] = _record(st, target=os.readlink(name, dir_fd=dir_fd))
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
                     raise
                 continue  # it went away (or changed type) during the walk
         elif stat.S_ISREG(m):
@@ -267,10 +302,11 @@ def _walk_into(ws: Workspace, blobs: BlobStore | None, prev: dict[bytes, Record]
             if (old is not None and old.kind == FILE and old.same_stat(st)
                     and old.mtime_ns < prev_racy and old.sha256 is not None
                     and (blobs is None or blobs.has(old.sha256))):
-                rec = _record(st, sha256=old.sha256)
+                rec = old if old.mode == stat.S_IMODE(m) and (old.uid, old.gid) == (
+                    st.st_uid, st.st_gid) else _record(st, sha256=old.sha256)
                 stats.reused += 1
             else:
-                rec = _hash_file(ws, rel, blobs, stats)
+                rec = _hash_file(ws, rel, dir_fd, name, blobs, stats)
                 if rec is None:
                     continue
             records[rel] = rec
@@ -278,33 +314,33 @@ def _walk_into(ws: Workspace, blobs: BlobStore | None, prev: dict[bytes, Record]
             stats.skipped.append(rel)
 
 
-def _hash_file(ws: Workspace, rel: bytes, blobs: BlobStore | None,
-               stats: SnapshotStats) -> Record | None:
-    """Read (and store) one file; its record from the fstat of what was read.  None: it
-    is no longer a regular file (the walk of the next snapshot sees what it became)."""
-    path = ws.abspath(rel)
+def _hash_file(ws: Workspace, rel: bytes, dir_fd: int, name: bytes,
+               blobs: BlobStore | None, stats: SnapshotStats) -> Record | None:
+    """Read (and store) one file, opened relative to its directory without following a
+    symlink; its record from the fstat of what was read.  None: it is no longer a
+    regular file (the next snapshot sees what it became)."""
     try:
-        fd = open_nofollow(path)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:
             return None
-        raise OSError(e.errno, f"cannot read {display(rel)!r} in workspace {ws.root!r} "
-                               f"(a watch needs every tracked file readable; ignore it "
-                               f"otherwise): {e.strerror}", os.fsdecode(path)) from e
+        path = os.fsdecode(ws.abspath(rel))
+        raise type(e)(e.errno, f"cannot read {display(rel)!r} in workspace {ws.root!r} (a "
+                               f"watch needs every tracked file readable; ignore it "
+                               f"otherwise): {e.strerror}", path) from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
         if blobs is None:
+            # if it changes while being hashed, the stat taken before no longer matches
+            # it, so the next snapshot hashes it again
             digest, size = hash_fd(fd)
-            after = os.fstat(fd)
-            if (after.st_mtime_ns, after.st_ctime_ns, after.st_size) != (
-                    st.st_mtime_ns, st.st_ctime_ns, size):
-                st = after  # changed meanwhile: the stamp will not match next time either
         else:
-            got = blobs.put_fd(fd, os.fsdecode(path))
+            got = blobs.put_fd(fd, os.fsdecode(ws.abspath(rel)))
             digest, size = got.digest, got.size
             st = got.stat or st
             if got.written:
