@@ -20,6 +20,7 @@ What is proven here:
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -1337,3 +1338,121 @@ class TestWatchSubprocess:
         conflicts = watch.restore_changes(ws, diff(m0, m1), blobs, None)
         assert [c.path for c in conflicts] == [b"d/f"] and "symlink" in conflicts[0].reason
         snap.assert_same(what="outside the workspace")
+
+
+# =========================================================================================
+# plans: before-images first, then the change, then undo (and redo) from the steps alone
+# =========================================================================================
+from walstore.files import plan  # noqa: E402
+
+PLAN_TREE = {"src/app.py": File(b"print('v1')\n", 0o644), "src/lib/util.py": "u = 1\n",
+             "src/lib/empty": Dir(0o750), "src/link": Link("app.py"), "old.txt": "old",
+             "bin/run": File(b"#!/bin/sh\n", 0o755), "e": Dir(0o700), WEIRD: b"weird"}
+
+PLAN_OPS = {
+    "write-new-deep": (lambda ws, b: plan.plan_write(ws, "n1/n2/new.txt", "fresh", b),
+                       lambda ws: apply.write_file(ws, "n1/n2/new.txt", "fresh")),
+    "overwrite": (lambda ws, b: plan.plan_write(ws, "src/app.py", b"print('v2')\n", b),
+                  lambda ws: apply.write_file(ws, "src/app.py", b"print('v2')\n")),
+    "write-mode": (lambda ws, b: plan.plan_write(ws, "old.txt", "x", b, mode=0o600),
+                   lambda ws: apply.write_file(ws, "old.txt", "x", mode=0o600)),
+    "over-symlink": (lambda ws, b: plan.plan_write(ws, "src/link", "now a file", b),
+                     lambda ws: apply.write_file(ws, "src/link", "now a file")),
+    "mkdir": (lambda ws, b: plan.plan_mkdir(ws, "build/out", b, 0o711),
+              lambda ws: apply.make_dir(ws, "build/out", 0o711)),
+    "symlink": (lambda ws, b: plan.plan_symlink(ws, "old.txt", b"elsewhere\xff", b),
+                lambda ws: apply.make_symlink(ws, "old.txt", b"elsewhere\xff")),
+    "mode": (lambda ws, b: plan.plan_mode(ws, "bin/run", 0o700, b),
+             lambda ws: apply.set_mode(ws, "bin/run", 0o700)),
+    "delete-file": (lambda ws, b: plan.plan_delete(ws, WEIRD, b),
+                    lambda ws: apply.delete(ws, WEIRD)),
+    "delete-dir": (lambda ws, b: plan.plan_delete(ws, "e", b),
+                   lambda ws: apply.delete(ws, "e")),
+    "rename-file": (lambda ws, b: plan.plan_rename(ws, "old.txt", "archive/2024/old.txt", b),
+                    lambda ws: apply.rename(ws, "old.txt", "archive/2024/old.txt")),
+    "rename-over": (lambda ws, b: plan.plan_rename(ws, "old.txt", "src/app.py", b),
+                    lambda ws: apply.rename(ws, "old.txt", "src/app.py")),
+    "rename-dir": (lambda ws, b: plan.plan_rename(ws, "src", "moved/src", b),
+                   lambda ws: apply.rename(ws, "src", "moved/src")),
+    "rename-dir-onto-empty": (lambda ws, b: plan.plan_rename(ws, "src/lib", "e", b),
+                              lambda ws: apply.rename(ws, "src/lib", "e")),
+    "rmtree": (lambda ws, b: plan.plan_rmtree(ws, "src", b), None),
+}
+
+
+class TestPlans:
+    @pytest.mark.parametrize("op", list(PLAN_OPS))
+    def test_plan_apply_undo_redo(self, ws, blobs, tmp_path, op):
+        build(ws.root, PLAN_TREE)
+        state0 = tree_state(ws.root)
+        make_plan, do = PLAN_OPS[op]
+        steps = make_plan(ws, blobs)
+        assert tree_state(ws.root) == state0, "planning changed the tree"
+        rows = msgpack.unpackb(msgpack.packb([s.to_row() for s in steps], use_bin_type=True),
+                               raw=False)
+        steps = [watch.Change.from_row(r) for r in rows]  # what the engine would read back
+        for s in steps:   # every content a step refers to is stored
+            for e in (s.before, s.after):
+                assert not e.is_file or blobs.has(e.sha256)
+        if do is None:
+            removed, kept = apply.rmtree(ws, "src", expected={s.path: s.before for s in steps})
+            assert kept == []
+        else:
+            got = do(ws)
+            if isinstance(got, apply.Applied):   # what the engine compares after the apply
+                planned = [c for c in steps if c.path == got.path][-1].after
+                if got.after.sha256 is None and got.after.is_file:  # a rename: not re-read
+                    planned = dataclasses.replace(planned, sha256=None)
+                assert got.after.same(planned)
+        for s in steps:    # the plan said what happened, path by path
+            now = read_entry(ws.abspath(s.path))
+            if not any(o.path == s.path for o in steps if o is not s and
+                       steps.index(o) > steps.index(s)):
+                assert now.same(s.after), f"{s.path}: {now.describe()} != {s.after.describe()}"
+        state1 = tree_state(ws.root)
+        assert state1 != state0
+        q = str(tmp_path / "q")
+        assert plan.undo_steps(ws, steps, blobs, q) == []
+        assert_tree_equal(ws.root, state0, f"after undoing {op}")
+        assert plan.undo_steps(ws, steps, blobs, q) == []          # twice: harmless
+        assert_tree_equal(ws.root, state0)
+        for s in steps:    # redo (a revert of the revert) from the steps alone
+            assert apply.restore(ws, s.path, s.after, s.before, blobs, q) is None
+        assert_tree_equal(ws.root, state1, f"after redoing {op}")
+
+    def test_capture_stores_exactly_what_it_describes(self, ws, blobs):
+        build(ws.root, {"f": File(b"x" * (3 * CHUNK), 0o604), "l": Link("f"), "d": Dir(0o710)})
+        e = plan.capture(ws, "f", blobs)
+        assert e.same(Entry.file(0o604, 3 * CHUNK, sha(b"x" * (3 * CHUNK))))
+        assert blobs.verify(e.sha256)
+        assert plan.capture(ws, "l", blobs).same(Entry.symlink("f"))
+        assert plan.capture(ws, "d", blobs).same(Entry.dir(0o710))
+        assert plan.capture(ws, "none", blobs) == Entry.absent()
+
+    def test_refusals_match_the_primitives(self, ws, blobs):
+        build(ws.root, {"d/x": "x", "f": "f", "e": Dir()})
+        for call, err in [(lambda: plan.plan_write(ws, "d", "x", blobs), IsADirectoryError),
+                          (lambda: plan.plan_mkdir(ws, "f", blobs), FileExistsError),
+                          (lambda: plan.plan_symlink(ws, "d", "t", blobs), IsADirectoryError),
+                          (lambda: plan.plan_mode(ws, "nope", 0o600, blobs), FileNotFoundError),
+                          (lambda: plan.plan_delete(ws, "nope", blobs), FileNotFoundError),
+                          (lambda: plan.plan_delete(ws, "d", blobs), OSError),
+                          (lambda: plan.plan_rename(ws, "f", "d", blobs), IsADirectoryError),
+                          (lambda: plan.plan_rename(ws, "d", "d/sub", blobs), ValueError),
+                          (lambda: plan.plan_rmtree(ws, "nope", blobs), FileNotFoundError),
+                          (lambda: plan.plan_write(ws, "../x", "x", blobs), ValueError)]:
+            with pytest.raises(err):
+                call()
+
+    def test_a_stranger_between_apply_and_undo_is_a_conflict(self, ws, blobs, tmp_path):
+        build(ws.root, {"cfg": "a=1"})
+        steps = plan.plan_write(ws, "cfg", "a=2", blobs)
+        apply.write_file(ws, "cfg", "a=2")
+        (Path(ws.root) / "cfg").write_text("a=3 by hand")
+        q = str(tmp_path / "q")
+        conflicts = plan.undo_steps(ws, steps, blobs, q)
+        assert [c.path for c in conflicts] == [b"cfg"]
+        assert (Path(ws.root) / "cfg").read_text() == "a=3 by hand"
+        assert Path(conflicts[0].saved_as).read_text() == "a=1"
+        assert plan.undo_steps(ws, steps, blobs, q, check=False) == []   # forced
+        assert (Path(ws.root) / "cfg").read_text() == "a=1"

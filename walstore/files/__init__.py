@@ -4,6 +4,7 @@
 - ``ignore``:  the gitignore matcher
 - ``entries``: Entry (absent | file | dir | symlink), reading one path, streaming content
 - ``blobs``:   BlobStore (content by sha256: streamed, durable, deduplicated, reflinked)
+- ``plan``:    what an operation will do to each path, before-images stored first
 - ``apply``:   crash-safe primitives that make a path become an Entry; restore; conflicts
 - ``watch``:   Manifest snapshots (incremental, racy-safe), diff, undo order
 
@@ -19,11 +20,15 @@ from .blobs import BlobStore, GcResult, PutResult
 from .entries import Entry, FileBusyError, UnsupportedFileType, read_entry
 from .ignore import IgnoreRules
 from .paths import TEMP_PREFIX, Workspace
+from .plan import (capture, plan_delete, plan_mkdir, plan_mode, plan_rename, plan_rmtree,
+                   plan_symlink, plan_write, undo_steps)
 from .watch import Change, Manifest, diff, restore_changes, snapshot, undo_order, walk
 
 __all__ = ["Applied", "BlobStore", "Change", "Entry", "FileBusyError", "FileConflict",
            "GcResult", "IgnoreRules", "Manifest", "PutResult", "RestoreStatus", "TEMP_PREFIX",
-           "UnsupportedFileType", "Workspace", "delete", "diff", "ensure_parents",
-           "make_dir", "make_symlink", "read_entry", "remove_stray_temps", "rename",
-           "restore", "restore_changes", "restore_status", "rmtree", "set_mode", "snapshot",
-           "undo_order", "walk", "write_blob", "write_file"]
+           "UnsupportedFileType", "Workspace", "capture", "delete", "diff", "ensure_parents",
+           "make_dir", "make_symlink", "plan_delete", "plan_mkdir", "plan_mode",
+           "plan_rename", "plan_rmtree", "plan_symlink", "plan_write", "read_entry",
+           "remove_stray_temps", "rename", "restore", "restore_changes", "restore_status",
+           "rmtree", "set_mode", "snapshot", "undo_order", "undo_steps", "walk",
+           "write_blob", "write_file"]

@@ -47,7 +47,7 @@ from .ignore import IgnoreRules
 from .paths import Workspace, depth, display, is_temp_name
 
 __all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", "walk",
-           "undo_order", "restore_changes", "RACY_WINDOW_NS"]
+           "undo_order", "restore_changes", "restore_in_order", "RACY_WINDOW_NS"]
 
 # A file modified this close to (or after) a snapshot's start is re-hashed next time:
 # covers timestamp granularities up to 2 s (FAT) and the coarse kernel clock.
@@ -373,6 +373,25 @@ class Change:
     def __str__(self) -> str:
         return f"{self.kind:8} {display(self.path)}"
 
+    @classmethod
+    def of(cls, path: bytes, before: Entry, after: Entry) -> "Change":
+        """The change from ``before`` to ``after`` (kind "same" when nothing differs)."""
+        return cls(path, _classify(before, after) or "same", before, after)
+
+    def to_row(self) -> list:
+        """``[path, before row, after row]`` (msgpack-able; the kind is derived)."""
+        return [self.path, self.before.to_row(), self.after.to_row()]
+
+    @classmethod
+    def from_row(cls, row: list) -> "Change":
+        try:
+            path, before, after = row
+        except (TypeError, ValueError):
+            raise ValueError(f"not a change row: {row!r:.200}") from None
+        if not isinstance(path, bytes) or not path:
+            raise ValueError(f"not a change row: {row!r:.200}")
+        return cls.of(path, Entry.from_row(before), Entry.from_row(after))
+
 
 def _classify(before: Entry, after: Entry) -> str | None:
     if before.kind == ABSENT:
@@ -429,19 +448,27 @@ def undo_order(changes: Iterable[Change]) -> list[Change]:
 def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
                     quarantine: str | bytes | None, check: bool = True,
                     durable: bool = True) -> list[FileConflict]:
-    """Put every change back to its before-image, in ``undo_order``.  ``check``: a path
-    no longer in the change's after-image is a conflict (kept, reported); False: every
-    current state is walstore's own (a crashed watch, a forced revert).  A path under a
-    conflicting directory that cannot be restored is reported too."""
+    """Put every change of a change set (a watch's diff) back to its before-image, in
+    ``undo_order``.  ``check``: a path no longer in the change's after-image is a
+    conflict (kept, reported); False: every current state is walstore's own (a crashed
+    watch, a forced revert)."""
+    return restore_in_order(ws, undo_order(changes), blobs, quarantine, check, durable)
+
+
+def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
+                     quarantine: str | bytes | None, check: bool = True,
+                     durable: bool = True) -> list[FileConflict]:
+    """Restore each change's before-image in the order given; the conflicts.  A path
+    that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
+    conflict) is reported as a conflict too, and nothing is written through it."""
     conflicts: list[FileConflict] = []
-    for c in undo_order(changes):
+    for c in ordered:
+        expected = c.after if check else None
         try:
-            got = restore(ws, c.path, c.before, c.after if check else None, blobs, quarantine,
-                          durable)
+            got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable)
         except (ValueError, NotADirectoryError) as e:
-            # a parent is not (yet) a plain directory: it was itself kept as a conflict
-            got = FileConflict(c.path, c.before, c.after if check else None,
-                               Entry.absent(), None, f"cannot be restored: {e}")
+            got = FileConflict(c.path, c.before, expected, Entry.absent(), None,
+                               f"cannot be restored: {e}")
         if got is not None:
             conflicts.append(got)
     return conflicts
