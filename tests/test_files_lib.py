@@ -1129,24 +1129,34 @@ class TestManifest:
         assert m2.stats.stored_files == 3 and m2.stats.reused == 397
         assert len(fb.calls_to("pwrite")) == 3          # the store grew by the edits only
         assert [c.path for c in diff(m1, m2)] == sorted(c.encode() for c in changed)
-        # the three edited files are "racy" (mtime within the window): re-hashed once more
+        # edits in the snapshot's own clock tick are "racy": re-hashed once more, no more
+        racy = {p for p, r in m2.records.items() if m2.is_racy(r)}
+        assert racy <= {c.encode() for c in changed} and m2.stats.racy == len(racy)
         m3 = snapshot(ws, blobs, previous=m2)
-        assert m3.stats.hashed_files == 3 and m3.stats.stored_files == 0
+        assert m3.stats.hashed_files == len(racy) and m3.stats.stored_files == 0
         assert diff(m2, m3) == []
 
     def test_racy_files_are_rehashed_even_with_identical_metadata(self, ws, blobs):
-        """A file whose mtime falls in the snapshot's own tick may change again without
-        its metadata changing: such a file is never trusted by metadata alone."""
-        build(ws.root, {"old": "o", "hot": "h"})
+        """A file whose mtime falls in the snapshot's own clock tick (or later) may change
+        again without its metadata changing: such a file is never trusted by metadata."""
+        build(ws.root, {"old": "o", "hot": "h", "recent": "r"})
         age(ws.root)
-        now = time.time_ns()
-        os.utime(ws.abspath(b"hot"), ns=(now, now))
+        later = time.time_ns() + 5_000_000_000   # at or after any tick of this snapshot
+        os.utime(ws.abspath(b"hot"), ns=(later, later))
+        (Path(ws.root) / "recent").write_text("r2")
+        time.sleep(0.1)                           # well before the next snapshot's tick
         m0 = snapshot(ws, blobs)
+        assert m0.tick_dev == os.stat(ws.root).st_dev   # the file system's own clock
         assert m0.is_racy(m0.records[b"hot"]) and not m0.is_racy(m0.records[b"old"])
+        assert not m0.is_racy(m0.records[b"recent"]), "a 0.1 s old edit is not racy"
         m1 = snapshot(ws, blobs, previous=m0)       # nothing changed at all
-        assert m1.stats.hashed_files == 1 and m1.stats.reused == 1
-        m2 = snapshot(ws, blobs, previous=m0, racy_window_ns=0)
-        assert m2.stats.hashed_files == 1  # m0's own window still applies to m0's records
+        assert (m1.stats.hashed_files, m1.stats.reused) == (1, 2)
+        # without a tick on the same file system: the conservative wall-clock window
+        m2 = snapshot(ws, None, previous=m1)
+        assert m2.tick_dev is None and m2.is_racy(m2.records[b"recent"])
+        assert m2.stats.hashed_files == 1                # m1's own tick decides for m1
+        m3 = snapshot(ws, None, previous=m2)
+        assert m3.stats.hashed_files == 2                # hot and recent, by m2's window
 
     def test_a_tool_restoring_mtimes_is_still_seen(self, ws, blobs):
         build(ws.root, {"f": "aaaa"})

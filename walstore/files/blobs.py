@@ -402,6 +402,18 @@ class BlobStore:
                     self._drop(tmp)
             raise
 
+    def clock_tick(self) -> tuple[int, int]:
+        """(device, mtime_ns) of a marker file created now in the temp directory: the
+        file system's own clock, at its own granularity (what a manifest's racy check
+        compares mtimes with).  The marker is removed at once; nothing is synced."""
+        tmp, fd = self._temp()
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+            self._drop(tmp)
+        return st.st_dev, st.st_mtime_ns
+
     # ---- get ----------------------------------------------------------------------------
     def get(self, digest: str) -> Iterator[bytes]:
         """The content of ``digest`` in chunks of at most 1 MiB (each a new bytes object);

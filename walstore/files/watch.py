@@ -13,9 +13,12 @@ test run, any subprocess):
 - Incremental: a file whose (inode, device, size, mtime_ns, ctime_ns) equal the previous
   manifest's, and whose content is still stored, keeps its hash without being read.  What
   is read grows with what changed, not with the tree (``Manifest.stats`` counts it).
-  Exception, the "racy git" problem: a file whose mtime falls within ``racy_window_ns`` of
-  the snapshot's start could change again within the same timestamp tick without its
-  metadata changing; such files are re-hashed by the next snapshot.  The walk itself
+  Exception, the "racy git" problem: a file whose mtime falls in the snapshot's own
+  clock tick could change again within that tick without its metadata changing; such
+  files are re-hashed by the next snapshot.  The tick is read as git reads it (the mtime
+  of a file written as the snapshot begins: a marker in the blob store's temp directory
+  when it is on the same file system, so the file system's own clock and granularity);
+  otherwise, conservatively, the wall clock less ``RACY_WINDOW_NS`` (2 s).  The walk itself
   still ``lstat``s every path (an inotify/fanotify monitor could remove that; not done).
 - ``diff(old, new)``: created, deleted, modified (content), mode, symlink (target), type
   (e.g. a file replaced by a directory) changes; a rename is a delete plus a create.  Each
@@ -128,11 +131,14 @@ class Manifest:
     re-hashed by the next snapshot), ``stats`` (of the snapshot that made it)."""
 
     def __init__(self, root: bytes, records: dict[bytes, Record], taken_ns: int,
-                 racy_ns: int, stats: SnapshotStats | None = None) -> None:
+                 racy_ns: int, stats: SnapshotStats | None = None,
+                 tick_dev: int | None = None, racy_other_ns: int | None = None) -> None:
         self.root = root
         self.records = records
         self.taken_ns = taken_ns
         self.racy_ns = racy_ns
+        self.tick_dev = tick_dev
+        self.racy_other_ns = racy_ns if racy_other_ns is None else racy_other_ns
         self.stats = stats or SnapshotStats()
 
     def __len__(self) -> int:
@@ -153,7 +159,15 @@ class Manifest:
         return {r.sha256 for r in self.records.values() if r.sha256 is not None}
 
     def is_racy(self, r: Record) -> bool:
-        return r.kind == FILE and r.mtime_ns >= self.racy_ns
+        """Could ``r``'s file have changed after the snapshot without its metadata
+        changing?  Its mtime is at or after the snapshot's own clock tick: the mtime of
+        a marker file created on the same file system as the snapshot began
+        (``racy_ns``, for files on device ``tick_dev``), else the wall clock less
+        ``RACY_WINDOW_NS`` (``racy_other_ns``)."""
+        if r.kind != FILE:
+            return False
+        return r.mtime_ns >= (self.racy_ns if r.dev == self.tick_dev else
+                              self.racy_other_ns)
 
     # ---- persistence ------------------------------------------------------------------
     def save(self, blobs: BlobStore) -> str:
@@ -162,6 +176,8 @@ class Manifest:
             packer = msgpack.Packer(use_bin_type=True)
             yield packer.pack({"v": MANIFEST_VERSION, "root": self.root,
                                "taken_ns": self.taken_ns, "racy_ns": self.racy_ns,
+                               "tick_dev": self.tick_dev,
+                               "racy_other_ns": self.racy_other_ns,
                                "n": len(self.records)})
             buf: list[bytes] = []
             size = 0
@@ -193,7 +209,8 @@ class Manifest:
                 records[rel] = rec
         if header is None or header.get("n") != len(records):
             raise ValueError(f"manifest blob {digest[:12]} is incomplete")
-        return cls(header["root"], records, header["taken_ns"], header["racy_ns"])
+        return cls(header["root"], records, header["taken_ns"], header["racy_ns"],
+                   tick_dev=header.get("tick_dev"), racy_other_ns=header.get("racy_other_ns"))
 
 
 # ---- walking ----------------------------------------------------------------------------
@@ -271,20 +288,28 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
     tracked file's content is stored; ``previous`` makes it incremental."""
     t0 = time.perf_counter()
     taken_ns = time.time_ns()
+    window_ns = taken_ns - racy_window_ns
+    tick_dev, tick_ns = None, window_ns
+    if blobs is not None:
+        try:
+            tick_dev, tick_ns = blobs.clock_tick()
+        except OSError:
+            pass
     stats = SnapshotStats()
     records: dict[bytes, Record] = {}
-    prev = previous.records if previous is not None and previous.root == ws.root_b else {}
-    prev_racy = previous.racy_ns if previous is not None else 0
+    if previous is not None and previous.root != ws.root_b:
+        previous = None
     with blobs.batch() if blobs is not None else contextlib.nullcontext():
-        _walk_into(ws, blobs, prev, prev_racy, records, stats)
-    racy_ns = taken_ns - racy_window_ns
-    stats.racy = sum(1 for r in records.values() if r.kind == FILE and r.mtime_ns >= racy_ns)
+        _walk_into(ws, blobs, previous, records, stats)
+    m = Manifest(ws.root_b, records, taken_ns, tick_ns, stats, tick_dev, window_ns)
+    stats.racy = sum(1 for r in records.values() if m.is_racy(r))
     stats.seconds = time.perf_counter() - t0
-    return Manifest(ws.root_b, records, taken_ns, racy_ns, stats)
+    return m
 
 
-def _walk_into(ws: Workspace, blobs: BlobStore | None, prev: dict[bytes, Record],
-               prev_racy: int, records: dict[bytes, Record], stats: SnapshotStats) -> None:
+def _walk_into(ws: Workspace, blobs: BlobStore | None, previous: Manifest | None,
+               records: dict[bytes, Record], stats: SnapshotStats) -> None:
+    prev = previous.records if previous is not None else {}
     for rel, st, dir_fd, name in _walk_fd(ws, b"", True):
         stats.walked += 1
         m = st.st_mode
@@ -300,7 +325,7 @@ def _walk_into(ws: Workspace, blobs: BlobStore | None, prev: dict[bytes, Record]
         elif stat.S_ISREG(m):
             old = prev.get(rel)
             if (old is not None and old.kind == FILE and old.same_stat(st)
-                    and old.mtime_ns < prev_racy and old.sha256 is not None
+                    and not previous.is_racy(old) and old.sha256 is not None
                     and (blobs is None or blobs.has(old.sha256))):
                 rec = old if old.mode == stat.S_IMODE(m) and (old.uid, old.gid) == (
                     st.st_uid, st.st_gid) else _record(st, sha256=old.sha256)
