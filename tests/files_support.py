@@ -164,7 +164,11 @@ def Immutable(path: str | bytes):
     read-only (``chmod a-w``); undone on exit."""
     p = os.fsencode(path)
     if os.geteuid() == 0:
-        subprocess.run(["chattr", "+i", p], check=True)
+        try:
+            subprocess.run(["chattr", "+i", p], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            import pytest
+            pytest.skip(f"root, and chattr +i does not work here ({e}): no way to deny")
         try:
             yield
         finally:

@@ -16,7 +16,9 @@ What is proven here:
   apply leaves old or new content (never a mix) and removable temp names;
 - watch: manifests, incremental cost counted in hashed files/bytes, racy files re-hashed,
   diff kinds, a real subprocess's changes put back (symlink swap, file replaced by a
-  directory), recovery from a saved manifest.
+  directory), recovery from a saved manifest;
+- plans: every primitive planned (before-images stored, tree untouched), applied as
+  planned, undone and redone from its logged steps alone.
 """
 from __future__ import annotations
 

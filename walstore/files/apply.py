@@ -399,15 +399,21 @@ def delete(ws: Workspace, path: PathLike, durable: bool = True) -> Entry:
         raise FileNotFoundError(errno.ENOENT, f"cannot delete {display(rel)!r} in workspace "
                                 f"{ws.root!r}: it does not exist", _s(abs_path))
     gone = read_entry(abs_path, hash=False)
+    _remove(ws, rel, stat.S_ISDIR(st.st_mode), durable)
+    return gone
+
+
+def _remove(ws: Workspace, rel: bytes, is_dir: bool, durable: bool) -> None:
+    """unlink (rmdir) ``rel``, then fsync its directory; errors name the path."""
+    abs_path = ws.abspath(rel)
     try:
-        if stat.S_ISDIR(st.st_mode):
+        if is_dir:
             _rmdir(abs_path)
         else:
             fileio.unlink(_s(abs_path))
     except OSError as e:
         raise _fail(e, "delete", ws, rel) from e
     _fsync_dir(ws.abspath(parent_of(rel)), durable)
-    return gone
 
 
 def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) -> Applied:
@@ -563,11 +569,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
         current = Entry.absent()
     if before.kind == ABSENT:
         if current.exists:
-            try:
-                fileio.unlink(_s(abs_path))
-            except OSError as e:
-                raise _fail(e, "delete", ws, rel) from e
-            _fsync_dir(ws.abspath(parent_of(rel)), durable)
+            _remove(ws, rel, False, durable)
         return None
     if before.kind == FILE:
         if current.kind == FILE and current.sha256 == before.sha256:
@@ -591,10 +593,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
             raise _fail(e, "change the mode of", ws, rel) from e
         return None
     if current.exists:  # a file or symlink where the directory was
-        try:
-            fileio.unlink(_s(abs_path))
-        except OSError as e:
-            raise _fail(e, "delete", ws, rel) from e
+        _remove(ws, rel, False, durable)
     _make_parents(ws, rel, durable)
     try:
         _mkdir_atomic(ws, rel, before.mode, before, durable)

@@ -158,9 +158,8 @@ class BlobStore:
         """Store a stream of byte chunks (written as they come, hashed on the way; a
         duplicate's temp file is dropped unsynced)."""
         h = hashlib.sha256()
-        tmp, fd = self._temp()
         size = 0
-        try:
+        with self._writing() as (tmp, fd):
             for chunk in chunks:
                 h.update(chunk)
                 fileio.pwrite_all(fd, chunk, size)
@@ -170,11 +169,6 @@ class BlobStore:
             duplicate = self.has(digest)
             if not duplicate:
                 self._durable(fd)
-        except BaseException:
-            os.close(fd)
-            self._drop(tmp)
-            raise
-        os.close(fd)
         if duplicate:
             self._drop(tmp)
             return PutResult(digest, size, 0, "dedup")
@@ -228,22 +222,15 @@ class BlobStore:
             got = self._write_new(lambda fd: self._write_buffer(fd, data), digest)
             got.stat = st0
             return got
-        tmp, fd = self._temp()
-        try:
+        with self._writing() as (tmp, fd):
             method, copied = self._copy_new(src, fd, buf, st0.st_size)
             got, n = copied if copied is not None else self._hash(fd)
-            if got != digest or _stamp(os.fstat(src)) != _stamp(st0):
-                os.close(fd)
-                fd = -1
-                self._drop(tmp)
-                return None
-            self._durable(fd)
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
+            same = got == digest and _stamp(os.fstat(src)) == _stamp(st0)
+            if same:
+                self._durable(fd)
+        if not same:
             self._drop(tmp)
-            raise
-        os.close(fd)
+            return None
         self._name(tmp, digest, n)
         return PutResult(digest, n, n, method, st0)
 
@@ -303,15 +290,9 @@ class BlobStore:
         return len(data)
 
     def _write_new(self, write, digest: str) -> PutResult:
-        tmp, fd = self._temp()
-        try:
+        with self._writing() as (tmp, fd):
             n = write(fd)
             self._durable(fd)
-        except BaseException:
-            os.close(fd)
-            self._drop(tmp)
-            raise
-        os.close(fd)
         self._name(tmp, digest, n)
         return PutResult(digest, n, n, "stream")
 
@@ -320,6 +301,19 @@ class BlobStore:
         fd = fileio.open_file(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         self._active.add(name)
         return name, fd
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[tuple[str, int]]:
+        """A new temp file (path, fd); the fd is closed on the way out, and on an
+        exception the file is removed too."""
+        tmp, fd = self._temp()
+        try:
+            yield tmp, fd
+        except BaseException:
+            os.close(fd)
+            self._drop(tmp)
+            raise
+        os.close(fd)
 
     def _drop(self, tmp: str) -> None:
         self._active.discard(tmp)

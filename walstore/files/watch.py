@@ -239,6 +239,10 @@ def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
         top = os.open(ws.abspath(start), _DIR_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return  # ``start`` is a symlink (now): nothing under it is the workspace's
+        raise
     # a stack of (directory fd, its rel, the names still to visit in it)
     stack: list[tuple[int, bytes, Iterator[bytes]]] = []
     try:
