@@ -1187,6 +1187,12 @@ class TestManifest:
         with pytest.raises(ValueError):
             Manifest.load(blobs, blobs.put_bytes(msgpack.packb({"v": 99})).digest)
 
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file")
+    def test_an_unreadable_file_is_a_clear_error(self, ws, blobs):
+        build(ws.root, {"secret": File("s", 0o000)})
+        with pytest.raises(PermissionError, match="secret.*ignore it"):
+            snapshot(ws, blobs)
+
     def test_special_files_are_skipped_and_listed(self, ws, blobs):
         build(ws.root, {"f": "x"})
         os.mkfifo(ws.abspath(b"pipe"))

@@ -12,8 +12,10 @@ and ``<dir>/tmp/`` for puts in progress.  Rules:
   groups many puts into one pass (all temps fsynced, then all named, each directory
   fsynced once): a first manifest of a large tree costs one sync pass, not two fsyncs a
   file.
-- **Deduplicated**: content already stored writes nothing (not even a temp file): a put
-  hashes first and copies only new content, then hashes the copy (it must be what was
+- **Deduplicated**: content already stored writes nothing (not even a temp file) through
+  ``put_file``/``put_fd``/``put_bytes``: a put hashes first and copies only new content
+  (``put_chunks``, which can only hash a stream as it writes it, drops its unsynced temp
+  file instead), then hashes the copy (it must be what was
   hashed; a file written to meanwhile is tried again).  A file of at most one chunk is
   read once and written from that buffer.
 - **Reflinks** where the file system offers them: ``copy="auto"`` tries FICLONE (the blob
