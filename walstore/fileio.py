@@ -8,6 +8,9 @@ reaches the I/O walstore does not do itself: ``lmdb_io`` is called before every 
 commit and sync (a backend may raise ``lmdb.Error`` there), and ``fault_point`` marks named
 places in the commit pipeline (e.g. between the commit point and the return) where a
 backend may raise anything.  Nothing in the package installs another backend by itself.
+``clone`` / ``copy_range`` are the kernel-side copies (FICLONE, copy_file_range) of the
+reversible-files blob store (``walstore.files.blobs``): bytes they move never pass through
+``pwrite``, so they go through the seam too, where a backend can fail or record them.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import os
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 class OSBackend:
@@ -44,6 +48,17 @@ class OSBackend:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    def clone(self, src_fd: int, dst_fd: int) -> None:
+        """Make ``dst_fd`` share ``src_fd``'s blocks (FICLONE); OSError (EOPNOTSUPP,
+        EXDEV, ...) where the file system cannot."""
+        import fcntl
+        fcntl.ioctl(dst_fd, _FICLONE, src_fd)
+
+    def copy_range(self, src_fd: int, dst_fd: int, count: int, src_offset: int,
+                   dst_offset: int) -> int:
+        """os.copy_file_range: a kernel-side copy (a reflink on some file systems)."""
+        return os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
 
     def lmdb_io(self, op: str, path: str) -> None:
         """Called before an LMDB ``commit`` or ``sync`` of the environment at ``path``."""
@@ -101,6 +116,14 @@ def unlink(path: str) -> None:
 
 def fsync_dir(path: str) -> None:
     _backend.fsync_dir(path)
+
+
+def clone(src_fd: int, dst_fd: int) -> None:
+    _backend.clone(src_fd, dst_fd)
+
+
+def copy_range(src_fd: int, dst_fd: int, count: int, src_offset: int, dst_offset: int) -> int:
+    return _backend.copy_range(src_fd, dst_fd, count, src_offset, dst_offset)
 
 
 def lmdb_io(op: str, path: str) -> None:

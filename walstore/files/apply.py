@@ -1,0 +1,686 @@
+"""Making a workspace path BECOME something, crash-safely, in place.
+
+This module owns every change walstore makes inside a workspace.  Each primitive moves a
+path from one state to the next in ONE atomic step (a kill -9 at any point leaves the old
+state or the new one, plus at most a stray temporary name, never a mix):
+
+- a file: temp file (``TEMP_PREFIX``, same directory) -> write -> fchmod -> fsync ->
+  rename over the path -> fsync the directory;
+- a directory: temp directory -> chmod -> rename into place -> fsync the parent (so it
+  appears with its final mode);
+- a symlink: temp link -> rename over the path -> fsync the directory;
+- a mode: ``fchmod`` of the path opened with ``O_NOFOLLOW`` (one step);
+- delete: ``unlink`` / ``rmdir`` -> fsync the directory.
+
+Missing parent directories are created one by one the same way and REPORTED
+(``Applied.created``), so the caller can log their absence and undo them; when the change
+itself then fails, the parents it created are removed again before the error is raised
+(nothing half-done).  Errors are the OS's own exception types (PermissionError, ...),
+re-raised with a message naming the workspace path and what was being done.
+
+``restore`` puts a before-image back (idempotent: a path already in its before-image is
+left alone), and keeps both versions when the path is neither walstore's after-image nor
+the before-image (changed behind walstore's back): the stranger's version stays, the
+before-image is saved under a quarantine directory, and a ``FileConflict`` says so.
+``remove_stray_temps`` removes the temporary names a crash left behind.
+
+``durable=False`` skips the fsyncs (a store opened with durability="none"): a process
+crash still leaves old-or-new; only power loss can lose the change.  All writes go through
+``walstore.fileio`` (the fault seam); paths are checked by ``Workspace.resolve`` first.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .. import fileio
+from .blobs import BlobStore
+from .entries import (ABSENT, DIR, FILE, SYMLINK, Entry, UnsupportedFileType, entry_from_stat,
+                      read_entry)
+from .paths import TEMP_PREFIX, PathLike, Workspace, display, is_temp_name, parent_of
+
+__all__ = ["Applied", "FileConflict", "RestoreStatus", "write_file", "write_blob", "set_mode",
+           "make_dir", "make_symlink", "delete", "rename", "rmtree", "ensure_parents",
+           "restore", "restore_status", "remove_stray_temps", "default_file_mode",
+           "default_dir_mode"]
+
+_umask: int | None = None
+
+
+def _get_umask() -> int:
+    global _umask
+    if _umask is None:
+        try:
+            with open("/proc/self/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Umask:"):
+                        _umask = int(line.split()[1], 8)
+                        break
+        except OSError:
+            pass
+        if _umask is None:  # no /proc: the racy way, once
+            _umask = os.umask(0o022)
+            os.umask(_umask)
+    return _umask
+
+
+def default_file_mode() -> int:
+    """What ``open(..., "w")`` would give a new file: 0o666 less the umask."""
+    return 0o666 & ~_get_umask()
+
+
+def default_dir_mode() -> int:
+    """What ``mkdir`` would give a new directory: 0o777 less the umask."""
+    return 0o777 & ~_get_umask()
+
+
+@dataclass
+class Applied:
+    """What a change did: the path's new state (``after``) and the parent directories it
+    created, shallowest first (``created``: their before-image is absence)."""
+
+    path: bytes
+    after: Entry
+    created: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class FileConflict:
+    """A path changed behind walstore's back: its state (``current``) is neither the
+    before-image walstore wanted to restore (``before``) nor the state walstore left it in
+    (``expected``).  The stranger's version stays; ``saved_as`` is where the before-image
+    was kept (None: it was absence, or no quarantine was given)."""
+
+    path: bytes
+    before: Entry
+    expected: Entry | None
+    current: Entry
+    saved_as: str | None
+    reason: str
+
+    def to_row(self) -> dict:
+        return {"path": self.path, "before": self.before.to_row(),
+                "expected": None if self.expected is None else self.expected.to_row(),
+                "current": self.current.to_row(), "saved_as": self.saved_as,
+                "reason": self.reason}
+
+    @classmethod
+    def from_row(cls, row: dict) -> "FileConflict":
+        exp = row.get("expected")
+        return cls(bytes(row["path"]), Entry.from_row(row["before"]),
+                   None if exp is None else Entry.from_row(exp),
+                   Entry.from_row(row["current"]), row.get("saved_as"), str(row["reason"]))
+
+    def __str__(self) -> str:
+        where = f"; walstore's version kept at {self.saved_as}" if self.saved_as else ""
+        return f"{display(self.path)}: {self.reason}{where}"
+
+
+@dataclass
+class RestoreStatus:
+    """What ``restore`` would do: ``state`` is ``"done"`` (already the before-image),
+    ``"apply"`` (walstore's own change: restore it), or ``"conflict"``."""
+
+    state: str
+    current: Entry
+
+
+# ---- small helpers ----------------------------------------------------------------------
+def _s(p: bytes) -> str:
+    return os.fsdecode(p)
+
+
+def _fail(e: OSError, doing: str, ws: Workspace, rel: bytes) -> OSError:
+    """The same exception type, with a message naming the workspace path."""
+    msg = f"cannot {doing} {display(rel)!r} in workspace {ws.root!r}: {e.strerror or e}"
+    try:
+        new = type(e)(e.errno, msg, e.filename) if e.errno is not None else type(e)(msg)
+    except TypeError:
+        new = OSError(e.errno, msg)
+    return new
+
+
+def _temp_name(parent_abs: bytes) -> bytes:
+    return parent_abs + b"/" + TEMP_PREFIX + b"%x-" % os.getpid() + os.urandom(6).hex().encode()
+
+
+def _check_mode(mode: int) -> int:
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o7777:
+        raise ValueError(f"mode must be an int between 0 and 0o7777, not {mode!r}")
+    return mode
+
+
+def _lstat(abs_path: bytes) -> os.stat_result | None:
+    try:
+        return os.lstat(abs_path)
+    except FileNotFoundError:
+        return None
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _chown(path_or_fd, entry: Entry | None, follow: bool = False) -> None:
+    if entry is None or entry.uid is None or not _is_root():
+        return
+    if isinstance(path_or_fd, int):
+        os.fchown(path_or_fd, entry.uid, entry.gid if entry.gid is not None else -1)
+    else:
+        os.lchown(path_or_fd, entry.uid, entry.gid if entry.gid is not None else -1)
+
+
+def _fsync_dir(abs_dir: bytes, durable: bool) -> None:
+    if durable:
+        fileio.fsync_dir(_s(abs_dir))
+
+
+def _rmdir(abs_path: bytes) -> None:
+    os.rmdir(abs_path)
+
+
+def _undo_created(ws: Workspace, created: list[bytes], durable: bool) -> None:
+    """Remove parents this call created (deepest first), best effort: the error that
+    made us undo them is the one the caller sees."""
+    for rel in reversed(created):
+        try:
+            _rmdir(ws.abspath(rel))
+            _fsync_dir(ws.abspath(parent_of(rel)), durable)
+        except OSError:
+            pass
+
+
+def _mkdir_atomic(ws: Workspace, rel: bytes, mode: int, owner: Entry | None,
+                  durable: bool) -> None:
+    """Create the directory ``rel`` with exactly ``mode`` in one visible step."""
+    parent = ws.abspath(parent_of(rel))
+    tmp = _temp_name(parent)
+    os.mkdir(tmp, 0o700)
+    try:
+        os.chmod(tmp, mode)
+        _chown(tmp, owner)
+        if os.path.lexists(ws.abspath(rel)):
+            raise FileExistsError(errno.EEXIST, "exists")
+        fileio.rename(_s(tmp), _s(ws.abspath(rel)))
+    except BaseException:
+        try:
+            _rmdir(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(parent, durable)
+
+
+def _make_parents(ws: Workspace, rel: bytes, durable: bool) -> list[bytes]:
+    missing = ws.check_parents(rel)
+    created: list[bytes] = []
+    try:
+        for p in missing:
+            _mkdir_atomic(ws, p, default_dir_mode(), None, durable)
+            created.append(p)
+    except OSError as e:
+        _undo_created(ws, created, durable)
+        raise _fail(e, "create the parent directories of", ws, rel) from e
+    return created
+
+
+def ensure_parents(ws: Workspace, path: PathLike, durable: bool = True) -> list[bytes]:
+    """Create the missing parent directories of ``path`` (default mode); returns them,
+    shallowest first."""
+    rel = ws.rel(path)
+    return _make_parents(ws, rel, durable)
+
+
+def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entry | None,
+                  durable: bool, doing: str = "write") -> Applied:
+    """The file primitive (see the module docstring).  ``fill(fd) -> (sha256, size)``."""
+    abs_path = ws.abspath(rel)
+    st = _lstat(abs_path)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot {doing} {display(rel)!r} in workspace "
+                                f"{ws.root!r}: it is a directory", _s(abs_path))
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise UnsupportedFileType(f"cannot {doing} {display(rel)!r} in workspace {ws.root!r}: "
+                                  f"it is a special file")
+    if mode is None:
+        mode = stat.S_IMODE(st.st_mode) if st is not None and stat.S_ISREG(st.st_mode) \
+            else default_file_mode()
+    _check_mode(mode)
+    created = _make_parents(ws, rel, durable)
+    parent = ws.abspath(parent_of(rel))
+    tmp = _temp_name(parent)
+    fd = -1
+    try:
+        fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        digest, _size = fill(fd)
+        os.fchmod(fd, mode)
+        _chown(fd, owner)
+        if durable:
+            fileio.fsync(fd)
+        st_new = os.fstat(fd)
+        os.close(fd)
+        fd = -1
+        fileio.rename(_s(tmp), _s(abs_path))
+    except BaseException as e:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            fileio.unlink(_s(tmp))
+        except OSError:
+            pass
+        _undo_created(ws, created, durable)
+        if isinstance(e, OSError) and not isinstance(e, UnsupportedFileType):
+            raise _fail(e, doing, ws, rel) from e
+        raise
+    _fsync_dir(parent, durable)
+    return Applied(rel, entry_from_stat(st_new, sha256=digest), created)
+
+
+# ---- the primitives ---------------------------------------------------------------------
+def write_file(ws: Workspace, path: PathLike, data: bytes | str, mode: int | None = None,
+               durable: bool = True) -> Applied:
+    """Make ``path`` a file holding ``data`` (str: UTF-8).  ``mode``: default the current
+    file's mode, else 0o666 less the umask.  IsADirectoryError over a directory."""
+    import hashlib
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"file content is str or bytes, not {type(data).__name__}")
+    rel, _abs = ws.resolve(path)
+
+    def fill(fd: int) -> tuple[str, int]:
+        if len(data):
+            fileio.pwrite_all(fd, data, 0)
+        return hashlib.sha256(data).hexdigest(), len(data)
+    return _replace_file(ws, rel, fill, mode, None, durable)
+
+
+def write_blob(ws: Workspace, path: PathLike, blobs: BlobStore, digest: str,
+               mode: int | None = None, owner: Entry | None = None,
+               durable: bool = True) -> Applied:
+    """Make ``path`` a file holding the stored content ``digest`` (streamed, verified:
+    CorruptionError leaves the path untouched)."""
+    rel, _abs = ws.resolve(path)
+
+    def fill(fd: int) -> tuple[str, int]:
+        return digest, blobs.copy_to(digest, fd)
+    return _replace_file(ws, rel, fill, mode, owner, durable)
+
+
+def set_mode(ws: Workspace, path: PathLike, mode: int, durable: bool = True) -> Applied:
+    """Change the permission bits of a file or directory (a symlink has none: ValueError)."""
+    _check_mode(mode)
+    rel, abs_path = ws.resolve(path)
+    try:
+        _chmod_nofollow(abs_path, mode, durable)
+    except OSError as e:
+        raise _fail(e, "change the mode of", ws, rel) from e
+    return Applied(rel, read_entry(abs_path, hash=True))
+
+
+def _chmod_nofollow(abs_path: bytes, mode: int, durable: bool) -> None:
+    st = os.lstat(abs_path)
+    if stat.S_ISLNK(st.st_mode):
+        raise ValueError(f"{_s(abs_path)!r} is a symlink; a symlink has no mode of its own")
+    try:
+        fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except PermissionError:  # unreadable for us: change it through an O_PATH handle
+        fd = os.open(abs_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+        return
+    try:
+        os.fchmod(fd, mode)
+        if durable:
+            fileio.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(ws: Workspace, path: PathLike, mode: int | None = None,
+             durable: bool = True) -> Applied:
+    """Create the directory ``path`` (and its missing parents); FileExistsError when
+    anything is there."""
+    rel, abs_path = ws.resolve(path)
+    mode = default_dir_mode() if mode is None else _check_mode(mode)
+    if _lstat(abs_path) is not None:
+        raise FileExistsError(errno.EEXIST, f"cannot create directory {display(rel)!r} in "
+                              f"workspace {ws.root!r}: it exists", _s(abs_path))
+    created = _make_parents(ws, rel, durable)
+    try:
+        _mkdir_atomic(ws, rel, mode, None, durable)
+    except OSError as e:
+        _undo_created(ws, created, durable)
+        raise _fail(e, "create directory", ws, rel) from e
+    return Applied(rel, read_entry(abs_path), created)
+
+
+def make_symlink(ws: Workspace, path: PathLike, target: str | bytes,
+                 durable: bool = True, owner: Entry | None = None) -> Applied:
+    """Make ``path`` a symlink to ``target`` (replacing a file or symlink atomically;
+    IsADirectoryError over a directory).  The target is data: never followed."""
+    rel, abs_path = ws.resolve(path)
+    target_b = os.fsencode(target)
+    if not target_b or b"\0" in target_b:
+        raise ValueError("a symlink target must be non-empty and contain no NUL byte")
+    st = _lstat(abs_path)
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot make {display(rel)!r} in workspace "
+                                f"{ws.root!r} a symlink: it is a directory", _s(abs_path))
+    created = _make_parents(ws, rel, durable)
+    parent = ws.abspath(parent_of(rel))
+    tmp = _temp_name(parent)
+    try:
+        os.symlink(target_b, tmp)
+        _chown(tmp, owner)
+        fileio.rename(_s(tmp), _s(abs_path))
+    except OSError as e:
+        try:
+            fileio.unlink(_s(tmp))
+        except OSError:
+            pass
+        _undo_created(ws, created, durable)
+        raise _fail(e, "create symlink", ws, rel) from e
+    _fsync_dir(parent, durable)
+    return Applied(rel, read_entry(abs_path), created)
+
+
+def delete(ws: Workspace, path: PathLike, durable: bool = True) -> Entry:
+    """Remove a file, a symlink or an EMPTY directory; returns what was there (without a
+    content hash).  FileNotFoundError when nothing is."""
+    rel, abs_path = ws.resolve(path)
+    st = _lstat(abs_path)
+    if st is None:
+        raise FileNotFoundError(errno.ENOENT, f"cannot delete {display(rel)!r} in workspace "
+                                f"{ws.root!r}: it does not exist", _s(abs_path))
+    gone = read_entry(abs_path, hash=False)
+    _remove(ws, rel, stat.S_ISDIR(st.st_mode), durable)
+    return gone
+
+
+def _remove(ws: Workspace, rel: bytes, is_dir: bool, durable: bool) -> None:
+    """unlink (rmdir) ``rel``, then fsync its directory; errors name the path."""
+    abs_path = ws.abspath(rel)
+    try:
+        if is_dir:
+            _rmdir(abs_path)
+        else:
+            fileio.unlink(_s(abs_path))
+    except OSError as e:
+        raise _fail(e, "delete", ws, rel) from e
+    _fsync_dir(ws.abspath(parent_of(rel)), durable)
+
+
+def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) -> Applied:
+    """Move ``src`` to ``dst`` (one ``rename``; for the record it is a delete of ``src``
+    and a create of ``dst``).  Missing parents of ``dst`` are created and reported.
+    ``dst`` may be an existing file or symlink (replaced), or an empty directory when
+    ``src`` is one."""
+    srel, sabs = ws.resolve(src)
+    drel, dabs = ws.resolve(dst)
+    if srel == drel:
+        raise ValueError(f"cannot rename {display(srel)!r} onto itself")
+    if drel.startswith(srel + b"/"):
+        raise ValueError(f"cannot move {display(srel)!r} into itself ({display(drel)!r})")
+    sst = _lstat(sabs)
+    if sst is None:
+        raise FileNotFoundError(errno.ENOENT, f"cannot rename {display(srel)!r} in workspace "
+                                f"{ws.root!r}: it does not exist", _s(sabs))
+    dst_st = _lstat(dabs)
+    if dst_st is not None and stat.S_ISDIR(dst_st.st_mode) and not stat.S_ISDIR(sst.st_mode):
+        raise IsADirectoryError(errno.EISDIR, f"cannot rename {display(srel)!r} onto "
+                                f"directory {display(drel)!r}", _s(dabs))
+    created = _make_parents(ws, drel, durable)
+    try:
+        fileio.rename(_s(sabs), _s(dabs))
+    except OSError as e:
+        _undo_created(ws, created, durable)
+        raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
+    _fsync_dir(ws.abspath(parent_of(srel)), durable)
+    if parent_of(drel) != parent_of(srel):
+        _fsync_dir(ws.abspath(parent_of(drel)), durable)
+    return Applied(drel, read_entry(dabs, hash=False), created)
+
+
+def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = None,
+           durable: bool = True) -> tuple[list[bytes], list[bytes]]:
+    """Remove ``path`` and everything under it, children before parents, never following
+    a symlink.  With ``expected`` (rel -> Entry captured before, e.g. the before-images
+    just logged) only paths still in that state are removed (kind, mode, size, target):
+    anything new or changed is kept, and so are its parents.  Returns (removed, kept)."""
+    rel, abs_path = ws.resolve(path)
+    st = _lstat(abs_path)
+    if st is None:
+        raise FileNotFoundError(errno.ENOENT, f"cannot remove {display(rel)!r} in workspace "
+                                f"{ws.root!r}: it does not exist", _s(abs_path))
+    removed: list[bytes] = []
+    kept: list[bytes] = []
+    blocked: set[bytes] = set()   # directories that keep a child
+    dirs_done: set[bytes] = set()
+    for r, is_dir in _bottom_up(ws, rel, st):
+        a = ws.abspath(r)
+        if r in blocked or (expected is not None and not _still(expected.get(r), a)):
+            kept.append(r)
+            blocked.add(parent_of(r))
+            continue
+        try:
+            if is_dir:
+                _rmdir(a)
+            else:
+                fileio.unlink(_s(a))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and is_dir:
+                kept.append(r)
+                blocked.add(parent_of(r))
+                continue
+            raise _fail(e, "remove", ws, r) from e
+        removed.append(r)
+        dirs_done.add(parent_of(r))
+    if durable:
+        for d in sorted(dirs_done, key=len, reverse=True):
+            if os.path.isdir(ws.abspath(d)):
+                _fsync_dir(ws.abspath(d), durable)
+    return removed, kept
+
+
+def _still(entry: Entry | None, abs_path: bytes) -> bool:
+    if entry is None:
+        return False
+    now = read_entry(abs_path, hash=False)
+    if now.kind != entry.kind:
+        return False
+    if now.kind == FILE:
+        return (now.mode, now.size) == (entry.mode, entry.size)
+    return now.same(entry)
+
+
+def _bottom_up(ws: Workspace, rel: bytes, st: os.stat_result):
+    """(rel, is_dir) under and including ``rel``, every child before its parent."""
+    if not stat.S_ISDIR(st.st_mode):
+        yield rel, False
+        return
+    stack = [(rel, False)]
+    while stack:
+        r, expanded = stack.pop()
+        if expanded:
+            yield r, True
+            continue
+        stack.append((r, True))
+        with os.scandir(ws.abspath(r)) as it:
+            for de in sorted(it, key=lambda d: d.name):
+                child = r + b"/" + de.name if r else de.name
+                if de.is_dir(follow_symlinks=False):
+                    stack.append((child, False))
+                else:
+                    yield child, False
+
+
+# ---- restore ----------------------------------------------------------------------------
+def restore_status(ws: Workspace, path: PathLike, before: Entry,
+                   expected_current: Entry | None) -> RestoreStatus:
+    """Classify ``path`` for a restore without changing anything (a revert checks every
+    path first and raises RevertConflict naming the conflicts)."""
+    _rel, abs_path = ws.resolve(path)
+    current = read_entry(abs_path, hash=True)
+    if before.same(current):
+        return RestoreStatus("done", current)
+    if expected_current is not None and not expected_current.same(current):
+        return RestoreStatus("conflict", current)
+    return RestoreStatus("apply", current)
+
+
+def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
+            blobs: BlobStore, quarantine: str | bytes | None = None,
+            durable: bool = True) -> FileConflict | None:
+    """Put the before-image ``before`` back at ``path``.
+
+    ``expected_current``: the state walstore left the path in (its after-image); when the
+    path is neither that nor ``before``, nothing is changed: the before-image is saved
+    under ``quarantine`` (``<quarantine>/<path>``, a numbered suffix if taken) and a
+    FileConflict is returned.  None means any current state is walstore's own (a crashed
+    watch, or a forced revert).  A directory that must go but holds something walstore
+    does not know is kept, as a conflict too.  Returns None when the path is (now) in its
+    before-image.  Missing parents are created (default mode)."""
+    rel, abs_path = ws.resolve(path)
+    status = restore_status(ws, rel, before, expected_current)
+    current = status.current
+    if status.state == "done":
+        return None
+    if status.state == "conflict":
+        return _conflict(ws, rel, before, expected_current, current, blobs, quarantine,
+                         "changed behind walstore's back (neither walstore's version nor "
+                         "the one to restore)")
+    if current.kind == DIR and before.kind != DIR:
+        try:
+            _rmdir(abs_path)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise _fail(e, "remove directory", ws, rel) from e
+            return _conflict(ws, rel, before, expected_current, current, blobs, quarantine,
+                             "a directory to remove holds files walstore does not know")
+        _fsync_dir(ws.abspath(parent_of(rel)), durable)
+        current = Entry.absent()
+    if before.kind == ABSENT:
+        if current.exists:
+            _remove(ws, rel, False, durable)
+        return None
+    if before.kind == FILE:
+        if current.kind == FILE and current.sha256 == before.sha256:
+            try:  # only the mode differs: one chmod
+                _chmod_nofollow(abs_path, before.mode, durable)
+                _chown(abs_path, before)
+            except OSError as e:
+                raise _fail(e, "change the mode of", ws, rel) from e
+            return None
+        write_blob(ws, rel, blobs, before.sha256 or "", before.mode, before, durable)
+        return None
+    if before.kind == SYMLINK:
+        make_symlink(ws, rel, before.target or b"", durable, owner=before)
+        return None
+    # a directory
+    if current.kind == DIR:
+        try:
+            _chmod_nofollow(abs_path, before.mode, durable)
+            _chown(abs_path, before)
+        except OSError as e:
+            raise _fail(e, "change the mode of", ws, rel) from e
+        return None
+    if current.exists:  # a file or symlink where the directory was
+        _remove(ws, rel, False, durable)
+    _make_parents(ws, rel, durable)
+    try:
+        _mkdir_atomic(ws, rel, before.mode, before, durable)
+    except OSError as e:
+        raise _fail(e, "create directory", ws, rel) from e
+    return None
+
+
+def _conflict(ws: Workspace, rel: bytes, before: Entry, expected: Entry | None,
+              current: Entry, blobs: BlobStore, quarantine: str | bytes | None,
+              reason: str) -> FileConflict:
+    saved = None
+    if quarantine is not None and before.exists:
+        saved = _save_aside(rel, before, blobs, os.fsencode(quarantine))
+    return FileConflict(rel, before, expected, current, saved, reason)
+
+
+def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) -> str:
+    """Keep the before-image at ``<quarantine>/<rel>`` (walstore's file: 0600/0700)."""
+    if not os.path.isabs(quarantine):
+        raise ValueError("the quarantine directory must be an absolute path")
+    dest = quarantine + b"/" + rel
+    fileio.make_dir(_s(os.path.dirname(dest)))
+    n = 0
+    candidate = dest
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = dest + b".%d" % n
+    tmp = os.path.dirname(candidate) + b"/" + TEMP_PREFIX + os.urandom(6).hex().encode()
+    if before.kind == FILE:
+        fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+        try:
+            blobs.copy_to(before.sha256 or "", fd)
+            fileio.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            fileio.unlink(_s(tmp))
+            raise
+        os.close(fd)
+        fileio.rename(_s(tmp), _s(candidate))
+    elif before.kind == SYMLINK:
+        os.symlink(before.target or b"", tmp)
+        fileio.rename(_s(tmp), _s(candidate))
+    else:
+        fileio.make_dir(_s(candidate))
+    fileio.fsync_dir(_s(os.path.dirname(candidate)))
+    return _s(candidate)
+
+
+# ---- crash leftovers --------------------------------------------------------------------
+def remove_stray_temps(ws: Workspace, dirs: Iterable[PathLike] | None = None,
+                       durable: bool = True) -> list[bytes]:
+    """Remove the temporary names (``TEMP_PREFIX``) a crashed apply left in ``dirs``
+    (relative directories; None: the whole workspace, ignored paths included).  A temp
+    directory that is not empty is kept (walstore only ever leaves empty ones).  Returns
+    the relative paths removed."""
+    if dirs is None:
+        todo = [b""]
+        recurse = True
+    else:
+        todo = sorted({ws.rel(d, allow_root=True) for d in dirs})
+        recurse = False
+    gone: list[bytes] = []
+    while todo:
+        d = todo.pop()
+        try:
+            ws.check_parents(d + b"/x" if d else b"x")
+            it = os.scandir(ws.abspath(d))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            continue
+        touched = False
+        with it:
+            for de in it:
+                child = d + b"/" + de.name if d else de.name
+                is_dir = de.is_dir(follow_symlinks=False)
+                if is_temp_name(de.name):
+                    try:
+                        if is_dir:
+                            _rmdir(ws.abspath(child))
+                        else:
+                            fileio.unlink(_s(ws.abspath(child)))
+                    except OSError:
+                        continue
+                    gone.append(child)
+                    touched = True
+                elif is_dir and recurse:
+                    todo.append(child)
+        if touched:
+            _fsync_dir(ws.abspath(d), durable)
+    return sorted(gone)

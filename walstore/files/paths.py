@@ -1,0 +1,194 @@
+"""Workspaces and safe relative paths: the only way a path inside a workspace is named.
+
+This module owns the boundary between "a path an agent gave us" and "a file walstore may
+touch".  A ``Workspace`` is an absolute, realpath'd root directory plus its ignore
+patterns and the directories inside it that are walstore's own (``exclude``: the store,
+when it lives in the tree; never tracked, never written through the workspace).  Every path of the files package is RELATIVE to a root and goes through
+``Workspace.rel`` (lexical checks: not absolute, no NUL, no ``..`` leaving the root) and,
+before any operation, ``Workspace.resolve`` (physical checks: every existing component on
+the way is a real directory, ``lstat``-ed, never followed: a symlink on the way raises
+ValueError, even one pointing inside the root).  The last component may be anything (a
+symlink is operated on, never through).
+
+Paths are ``bytes`` internally (``os.fsencode``), so names with newlines or bytes that are
+not UTF-8 work; ``display`` gives a printable ``str`` (surrogate escapes), ``to_str`` the
+lossless ``str`` form for JSON-ish records.
+
+Residual race (documented in docs/FILES.md): the checks are ``lstat``s made just before
+each operation; a directory on the way swapped for a symlink between the check and the
+system call itself is not caught.  Nothing in walstore's own sequence opens such a window
+for longer than one operation.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from typing import Union
+
+from .ignore import IgnoreRules
+
+__all__ = ["Workspace", "PathLike", "TEMP_PREFIX", "is_temp_name", "display", "to_str",
+           "from_str", "depth", "parent_of"]
+
+PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+# Every temporary name the files package creates inside a workspace starts with this,
+# so a crashed apply's leftovers are recognisable (``apply.remove_stray_temps``) and
+# manifests never track them.
+TEMP_PREFIX = b".walstore-tmp-"
+
+
+def is_temp_name(name: bytes) -> bool:
+    return name.startswith(TEMP_PREFIX)
+
+
+def display(rel: bytes) -> str:
+    """A printable form of a relative path (for messages only)."""
+    return repr(os.fsdecode(rel))[1:-1] if rel else "."
+
+
+def to_str(rel: bytes) -> str:
+    """The lossless str form (surrogate escapes for non-UTF-8 bytes)."""
+    return os.fsdecode(rel)
+
+
+def from_str(s: str | bytes) -> bytes:
+    return os.fsencode(s)
+
+
+def depth(rel: bytes) -> int:
+    return rel.count(b"/") + 1 if rel else 0
+
+
+def parent_of(rel: bytes) -> bytes:
+    return rel.rpartition(b"/")[0]
+
+
+class Workspace:
+    """A registered directory tree: ``root`` (absolute, realpath'd str), ``root_b`` (its
+    bytes), ``ignore`` (an IgnoreRules).  The root must exist and be a directory."""
+
+    def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
+                 exclude: Iterable[PathLike] = ()) -> None:
+        raw = os.fsencode(root)
+        if b"\0" in raw:
+            raise ValueError("a workspace root must not contain a NUL byte")
+        if not raw:
+            raise ValueError("a workspace root must not be empty")
+        real = os.path.realpath(os.path.abspath(raw))
+        if real == b"/":
+            raise ValueError("the file system root cannot be a workspace")
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise ValueError(f"workspace root {os.fsdecode(real)!r} does not exist") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"workspace root {os.fsdecode(real)!r} is not a directory")
+        self.root_b: bytes = real
+        self.root: str = os.fsdecode(real)
+        self.ignore = ignore if isinstance(ignore, IgnoreRules) else IgnoreRules(ignore)
+        # absolute paths inside the root that are walstore's own (the store, its blobs):
+        # never tracked, never written through the workspace
+        self.exclude: frozenset[bytes] = frozenset(
+            os.path.relpath(os.path.realpath(os.fsencode(p)), real)
+            for p in exclude if self.contains(os.path.realpath(os.fsencode(p)))
+            and os.path.realpath(os.fsencode(p)) != real)
+
+    def __repr__(self) -> str:
+        return f"Workspace({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Workspace) and other.root_b == self.root_b
+
+    def __hash__(self) -> int:
+        return hash(self.root_b)
+
+    # ---- lexical ------------------------------------------------------------------------
+    def rel(self, path: PathLike, allow_root: bool = False) -> bytes:
+        """The normalized relative form of ``path`` (``a/b``; ``b""`` is the root itself,
+        refused unless ``allow_root``).  ValueError for an absolute path, a NUL byte, or a
+        ``..`` that leaves the root; TypeError for a non-path."""
+        if isinstance(path, os.PathLike):
+            path = os.fspath(path)
+        if not isinstance(path, (str, bytes)):
+            raise TypeError(f"a workspace path is a str or bytes, not {type(path).__name__}")
+        raw = os.fsencode(path)
+        if b"\0" in raw:
+            raise ValueError(f"path {display(raw)!r} contains a NUL byte")
+        if raw.startswith(b"/"):
+            raise ValueError(f"path {display(raw)!r} is absolute; workspace paths are "
+                             f"relative to {self.root!r}")
+        parts: list[bytes] = []
+        for comp in raw.split(b"/"):
+            if comp in (b"", b"."):
+                continue
+            if comp == b"..":
+                if not parts:
+                    raise ValueError(f"path {display(raw)!r} leaves the workspace "
+                                     f"{self.root!r}")
+                parts.pop()
+                continue
+            parts.append(comp)
+        rel = b"/".join(parts)
+        if not rel and not allow_root:
+            raise ValueError(f"path {display(raw)!r} names the workspace root itself")
+        if self.exclude and self.excluded(rel):
+            raise ValueError(f"path {display(raw)!r} is inside walstore's own directory")
+        return rel
+
+    def excluded(self, rel: bytes) -> bool:
+        """Is ``rel`` one of the excluded directories (walstore's own) or inside one?"""
+        return any(rel == x or rel.startswith(x + b"/") for x in self.exclude)
+
+    def abspath(self, rel: bytes) -> bytes:
+        """The absolute bytes path of an already normalized ``rel`` (no checks)."""
+        return self.root_b + b"/" + rel if rel else self.root_b
+
+    # ---- physical -----------------------------------------------------------------------
+    def resolve(self, path: PathLike, allow_root: bool = False) -> tuple[bytes, bytes]:
+        """(rel, absolute path) after checking every existing parent component with
+        ``lstat``: each must be a real directory.  ValueError names a symlink on the way;
+        NotADirectoryError a file on the way.  Missing components are allowed (they may be
+        created as parents); the last component is not looked at."""
+        rel = self.rel(path, allow_root)
+        self.check_parents(rel)
+        return rel, self.abspath(rel)
+
+    def check_parents(self, rel: bytes) -> list[bytes]:
+        """Check the components above ``rel`` (see ``resolve``); returns the missing ones,
+        shallowest first (the parents a create must make)."""
+        parts = rel.split(b"/")[:-1] if rel else []
+        cur = b""
+        missing: list[bytes] = []
+        for comp in parts:
+            cur = cur + b"/" + comp if cur else comp
+            if missing:
+                missing.append(cur)
+                continue
+            try:
+                st = os.lstat(self.abspath(cur))
+            except FileNotFoundError:
+                missing.append(cur)
+                continue
+            except NotADirectoryError:
+                raise NotADirectoryError(f"{display(cur)!r} in workspace {self.root!r} is "
+                                         f"not a directory") from None
+            if stat.S_ISLNK(st.st_mode):
+                raise ValueError(f"{display(cur)!r} in workspace {self.root!r} is a symlink; "
+                                 f"walstore never follows a symlink on the way to a path")
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(f"{display(cur)!r} in workspace {self.root!r} is "
+                                         f"not a directory")
+        return missing
+
+    def contains(self, abs_path: PathLike) -> bool:
+        """Is the absolute ``abs_path`` lexically inside the root (or the root)?"""
+        p = os.path.normpath(os.fsencode(abs_path))
+        return p == self.root_b or p.startswith(self.root_b.rstrip(b"/") + b"/")
+
+    def ignored(self, rel: bytes, is_dir: bool) -> bool:
+        """Ignored by the workspace's patterns, excluded, or a walstore temp name."""
+        if is_temp_name(rel.rpartition(b"/")[2]) or (self.exclude and self.excluded(rel)):
+            return True
+        return self.ignore.ignored(rel, is_dir)

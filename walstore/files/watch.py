@@ -1,0 +1,503 @@
+"""Manifests of a workspace, and what changed between two of them (``watch()``).
+
+This module owns change detection for changes walstore did not make itself (a build, a
+test run, any subprocess):
+
+- ``snapshot(ws, blobs, previous)`` walks the workspace with ``lstat`` (never following a
+  symlink, never descending into an ignored directory, skipping walstore's temp names)
+  and returns a ``Manifest``: per path its type, mode, size, mtime_ns, ctime_ns, inode,
+  device, owner, symlink target, and a file's sha256.  With a ``BlobStore`` the content of
+  every tracked file is IN the store, durable, when ``snapshot`` returns (one
+  ``BlobStore.batch``): a manifest taken before a watched block holds the before-image of
+  everything the block may change.
+- Incremental: a file whose (inode, device, size, mtime_ns, ctime_ns) equal the previous
+  manifest's, and whose content is still stored, keeps its hash without being read.  What
+  is read grows with what changed, not with the tree (``Manifest.stats`` counts it).
+  Exception, the "racy git" problem: a file whose mtime falls in the snapshot's own
+  clock tick could change again within that tick without its metadata changing; such
+  files are re-hashed by the next snapshot.  The tick is read as git reads it (the mtime
+  of a file written as the snapshot begins: a marker in the blob store's temp directory
+  when it is on the same file system, so the file system's own clock and granularity);
+  otherwise, conservatively, the wall clock less ``RACY_WINDOW_NS`` (2 s).  The walk itself
+  still ``lstat``s every path (an inotify/fanotify monitor could remove that; not done).
+- ``diff(old, new)``: created, deleted, modified (content), mode, symlink (target), type
+  (e.g. a file replaced by a directory) changes; a rename is a delete plus a create.  Each
+  ``Change`` carries the before- and after-``Entry``.
+- ``undo_order`` / ``restore_changes``: put a change set back, removals deepest first,
+  then re-creations shallowest first (children before parents when removing, parents
+  before children when creating).
+- ``Manifest.save`` / ``Manifest.load``: a manifest as one msgpack blob, streamed.
+
+A file that keeps changing while it is stored raises ``FileBusyError`` (ignore it, e.g. a
+log file); one that cannot be read raises the OS error naming it.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import msgpack
+
+from .apply import FileConflict, restore
+from .blobs import BlobStore
+from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
+from .ignore import IgnoreRules
+from .paths import Workspace, depth, display, is_temp_name
+
+__all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", "walk",
+           "undo_order", "restore_changes", "restore_in_order", "RACY_WINDOW_NS"]
+
+# A file modified this close to (or after) a snapshot's start is re-hashed next time:
+# covers timestamp granularities up to 2 s (FAT) and the coarse kernel clock.
+RACY_WINDOW_NS = 2_000_000_000
+MANIFEST_VERSION = 1
+_CODES = {FILE: "f", DIR: "d", SYMLINK: "l"}
+_KINDS = {v: k for k, v in _CODES.items()}
+
+
+@dataclass(slots=True)
+class Record:
+    """One path of a manifest (an lstat plus what is needed to restore it)."""
+
+    kind: str
+    mode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+    dev: int
+    uid: int
+    gid: int
+    sha256: str | None = None
+    target: bytes | None = None
+
+    def entry(self) -> Entry:
+        if self.kind == FILE:
+            return Entry(FILE, self.mode, self.size, self.sha256, None, self.uid, self.gid)
+        if self.kind == DIR:
+            return Entry(DIR, self.mode, 0, None, None, self.uid, self.gid)
+        return Entry(SYMLINK, 0, 0, None, self.target, self.uid, self.gid)
+
+    def same_stat(self, st: os.stat_result) -> bool:
+        return (self.ino, self.dev, self.size, self.mtime_ns, self.ctime_ns) == (
+            st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def row(self, rel: bytes) -> list:
+        return [rel, _CODES[self.kind], self.mode, self.size, self.mtime_ns, self.ctime_ns,
+                self.ino, self.dev, self.uid, self.gid, self.sha256, self.target]
+
+    @classmethod
+    def from_row(cls, row: list) -> tuple[bytes, "Record"]:
+        rel, code, *rest = row
+        if not isinstance(rel, bytes) or code not in _KINDS:
+            raise ValueError(f"not a manifest row: {row!r:.200}")
+        return rel, cls(_KINDS[code], *rest)
+
+
+def _record(st: os.stat_result, sha256: str | None = None,
+            target: bytes | None = None) -> Record:
+    m = st.st_mode
+    kind = FILE if stat.S_ISREG(m) else DIR if stat.S_ISDIR(m) else SYMLINK
+    return Record(kind, 0 if kind == SYMLINK else stat.S_IMODE(m),
+                  st.st_size if kind == FILE else 0, st.st_mtime_ns, st.st_ctime_ns,
+                  st.st_ino, st.st_dev, st.st_uid, st.st_gid, sha256, target)
+
+
+@dataclass
+class SnapshotStats:
+    """What a snapshot cost: paths walked (lstat), files whose content was read and their
+    bytes, files and bytes newly written to the blob store, files whose hash was reused,
+    files left racy (re-hashed next time), special files skipped, seconds."""
+
+    walked: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    stored_files: int = 0
+    stored_bytes: int = 0
+    reused: int = 0
+    racy: int = 0
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Manifest:
+    """A workspace's state at one time: ``records`` (rel -> Record), ``taken_ns`` (wall
+    clock when the walk began), ``racy_ns`` (files with an mtime at or after it are
+    re-hashed by the next snapshot), ``stats`` (of the snapshot that made it)."""
+
+    def __init__(self, root: bytes, records: dict[bytes, Record], taken_ns: int,
+                 racy_ns: int, stats: SnapshotStats | None = None,
+                 tick_dev: int | None = None, racy_other_ns: int | None = None) -> None:
+        self.root = root
+        self.records = records
+        self.taken_ns = taken_ns
+        self.racy_ns = racy_ns
+        self.tick_dev = tick_dev
+        self.racy_other_ns = racy_ns if racy_other_ns is None else racy_other_ns
+        self.stats = stats or SnapshotStats()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, rel: object) -> bool:
+        return rel in self.records
+
+    def __repr__(self) -> str:
+        return f"<Manifest {os.fsdecode(self.root)!r} {len(self.records)} paths>"
+
+    def entry(self, rel: bytes) -> Entry:
+        r = self.records.get(rel)
+        return Entry.absent() if r is None else r.entry()
+
+    def digests(self) -> set[str]:
+        """Every content hash the manifest refers to (what a gc must keep)."""
+        return {r.sha256 for r in self.records.values() if r.sha256 is not None}
+
+    def is_racy(self, r: Record) -> bool:
+        """Could ``r``'s file have changed after the snapshot without its metadata
+        changing?  Its mtime is at or after the snapshot's own clock tick: the mtime of
+        a marker file created on the same file system as the snapshot began
+        (``racy_ns``, for files on device ``tick_dev``), else the wall clock less
+        ``RACY_WINDOW_NS`` (``racy_other_ns``)."""
+        if r.kind != FILE:
+            return False
+        return r.mtime_ns >= (self.racy_ns if r.dev == self.tick_dev else
+                              self.racy_other_ns)
+
+    # ---- persistence ------------------------------------------------------------------
+    def save(self, blobs: BlobStore) -> str:
+        """Store the manifest as one msgpack blob (streamed); returns its digest."""
+        def chunks() -> Iterator[bytes]:
+            packer = msgpack.Packer(use_bin_type=True)
+            yield packer.pack({"v": MANIFEST_VERSION, "root": self.root,
+                               "taken_ns": self.taken_ns, "racy_ns": self.racy_ns,
+                               "tick_dev": self.tick_dev,
+                               "racy_other_ns": self.racy_other_ns,
+                               "n": len(self.records)})
+            buf: list[bytes] = []
+            size = 0
+            for rel in sorted(self.records):
+                b = packer.pack(self.records[rel].row(rel))
+                buf.append(b)
+                size += len(b)
+                if size >= 1 << 20:
+                    yield b"".join(buf)
+                    buf, size = [], 0
+            if buf:
+                yield b"".join(buf)
+        return blobs.put_chunks(chunks()).digest
+
+    @classmethod
+    def load(cls, blobs: BlobStore, digest: str) -> "Manifest":
+        unpacker = msgpack.Unpacker(raw=False, max_buffer_size=16 << 20)
+        header = None
+        records: dict[bytes, Record] = {}
+        for chunk in blobs.get(digest):
+            unpacker.feed(chunk)
+            for obj in unpacker:
+                if header is None:
+                    if not isinstance(obj, dict) or obj.get("v") != MANIFEST_VERSION:
+                        raise ValueError(f"blob {digest[:12]} is not a manifest")
+                    header = obj
+                    continue
+                rel, rec = Record.from_row(obj)
+                records[rel] = rec
+        if header is None or header.get("n") != len(records):
+            raise ValueError(f"manifest blob {digest[:12]} is incomplete")
+        return cls(header["root"], records, header["taken_ns"], header["racy_ns"],
+                   tick_dev=header.get("tick_dev"), racy_other_ns=header.get("racy_other_ns"))
+
+
+# ---- walking ----------------------------------------------------------------------------
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def walk(ws: Workspace, start: bytes = b"", use_ignore: bool = True
+         ) -> Iterator[tuple[bytes, os.stat_result]]:
+    """(rel, lstat) of every path under ``start`` (excluded; b"": the root), parents
+    before children, names in byte order; never follows a symlink, never descends into an
+    ignored directory (``use_ignore``), skips walstore's temp names.  Paths that vanish
+    during the walk are skipped."""
+    for rel, st, _dir_fd, _name in _walk_fd(ws, start, use_ignore):
+        yield rel, st
+
+
+def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
+             ) -> Iterator[tuple[bytes, os.stat_result, int, bytes]]:
+    """``walk``, also giving each path's parent directory fd and name (valid until the
+    next step).  Directories are opened relative to their parent with ``O_NOFOLLOW``, so
+    a directory swapped for a symlink during the walk is never entered; at most one fd
+    per level is open."""
+    ignore = ws.ignore if use_ignore else IgnoreRules()
+    ws.check_parents(start + b"/x" if start else b"x")
+    try:
+        top = os.open(ws.abspath(start), _DIR_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return  # ``start`` is a symlink (now): nothing under it is the workspace's
+        raise
+    # a stack of (directory fd, its rel, the names still to visit in it)
+    stack: list[tuple[int, bytes, Iterator[bytes]]] = []
+    try:
+        stack.append((top, start, iter(_names(top))))
+        while stack:
+            fd, d, names = stack[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(fd)
+                stack.pop()
+                continue
+            rel = d + b"/" + name if d else name
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if (ignore and ignore.ignored_here(rel, is_dir)) or (
+                    ws.exclude and ws.excluded(rel)):
+                continue
+            yield rel, st, fd, name
+            if is_dir:
+                try:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                except OSError as e:
+                    if e.errno == errno.ELOOP:
+                        continue  # became a symlink since the stat: not entered
+                    raise
+                stack.append((sub, rel, iter(_names(sub))))
+    finally:
+        for fd, _d, _n in stack:
+            os.close(fd)
+
+
+def _names(fd: int) -> list[bytes]:
+    """The names in the open directory ``fd`` (bytes, sorted), temp names left out."""
+    with os.scandir(fd) as it:
+        names = sorted(os.fsencode(de.name) for de in it)
+    return [n for n in names if not is_temp_name(n)]
+
+
+def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest | None = None,
+             racy_window_ns: int = RACY_WINDOW_NS) -> Manifest:
+    """The manifest of ``ws`` now (see the module docstring).  With ``blobs``, every
+    tracked file's content is stored; ``previous`` makes it incremental."""
+    t0 = time.perf_counter()
+    taken_ns = time.time_ns()
+    window_ns = taken_ns - racy_window_ns
+    tick_dev, tick_ns = None, window_ns
+    if blobs is not None:
+        try:
+            tick_dev, tick_ns = blobs.clock_tick()
+        except OSError:
+            pass
+    stats = SnapshotStats()
+    records: dict[bytes, Record] = {}
+    if previous is not None and previous.root != ws.root_b:
+        previous = None
+    with blobs.batch() if blobs is not None else contextlib.nullcontext():
+        _walk_into(ws, blobs, previous, records, stats)
+    m = Manifest(ws.root_b, records, taken_ns, tick_ns, stats, tick_dev, window_ns)
+    stats.racy = sum(1 for r in records.values() if m.is_racy(r))
+    stats.seconds = time.perf_counter() - t0
+    return m
+
+
+def _walk_into(ws: Workspace, blobs: BlobStore | None, previous: Manifest | None,
+               records: dict[bytes, Record], stats: SnapshotStats) -> None:
+    prev = previous.records if previous is not None else {}
+    for rel, st, dir_fd, name in _walk_fd(ws, b"", True):
+        stats.walked += 1
+        m = st.st_mode
+        if stat.S_ISDIR(m):
+            records[rel] = _record(st)
+        elif stat.S_ISLNK(m):
+            try:
+                records[rel] = _record(st, target=os.readlink(name, dir_fd=dir_fd))
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise
+                continue  # it went away (or changed type) during the walk
+        elif stat.S_ISREG(m):
+            old = prev.get(rel)
+            if (old is not None and old.kind == FILE and old.same_stat(st)
+                    and not previous.is_racy(old) and old.sha256 is not None
+                    and (blobs is None or blobs.has(old.sha256))):
+                rec = old if old.mode == stat.S_IMODE(m) and (old.uid, old.gid) == (
+                    st.st_uid, st.st_gid) else _record(st, sha256=old.sha256)
+                stats.reused += 1
+            else:
+                rec = _hash_file(ws, rel, dir_fd, name, blobs, stats)
+                if rec is None:
+                    continue
+            records[rel] = rec
+        else:
+            stats.skipped.append(rel)
+
+
+def _hash_file(ws: Workspace, rel: bytes, dir_fd: int, name: bytes,
+               blobs: BlobStore | None, stats: SnapshotStats) -> Record | None:
+    """Read (and store) one file, opened relative to its directory without following a
+    symlink; its record from the fstat of what was read.  None: it is no longer a
+    regular file (the next snapshot sees what it became)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None
+        path = os.fsdecode(ws.abspath(rel))
+        raise type(e)(e.errno, f"cannot read {display(rel)!r} in workspace {ws.root!r} (a "
+                               f"watch needs every tracked file readable; ignore it "
+                               f"otherwise): {e.strerror}", path) from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if blobs is None:
+            # if it changes while being hashed, the stat taken before no longer matches
+            # it, so the next snapshot hashes it again
+            digest, size = hash_fd(fd)
+        else:
+            got = blobs.put_fd(fd, os.fsdecode(ws.abspath(rel)))
+            digest, size = got.digest, got.size
+            st = got.stat or st
+            if got.written:
+                stats.stored_files += 1
+                stats.stored_bytes += got.written
+    finally:
+        os.close(fd)
+    stats.hashed_files += 1
+    stats.hashed_bytes += size
+    rec = _record(st, sha256=digest)
+    rec.size = size
+    return rec
+
+
+# ---- differences ------------------------------------------------------------------------
+CREATED, DELETED, MODIFIED, MODE, SYMLINK_CHANGED, TYPE = (
+    "created", "deleted", "modified", "mode", "symlink", "type")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path that differs: ``kind`` is created | deleted | modified | mode | symlink |
+    type; ``before`` and ``after`` are its Entries (absence included)."""
+
+    path: bytes
+    kind: str
+    before: Entry
+    after: Entry
+
+    def __str__(self) -> str:
+        return f"{self.kind:8} {display(self.path)}"
+
+    @classmethod
+    def of(cls, path: bytes, before: Entry, after: Entry) -> "Change":
+        """The change from ``before`` to ``after`` (kind "same" when nothing differs)."""
+        return cls(path, _classify(before, after) or "same", before, after)
+
+    def to_row(self) -> list:
+        """``[path, before row, after row]`` (msgpack-able; the kind is derived)."""
+        return [self.path, self.before.to_row(), self.after.to_row()]
+
+    @classmethod
+    def from_row(cls, row: list) -> "Change":
+        try:
+            path, before, after = row
+        except (TypeError, ValueError):
+            raise ValueError(f"not a change row: {row!r:.200}") from None
+        if not isinstance(path, bytes) or not path:
+            raise ValueError(f"not a change row: {row!r:.200}")
+        return cls.of(path, Entry.from_row(before), Entry.from_row(after))
+
+
+def _classify(before: Entry, after: Entry) -> str | None:
+    if before.kind == ABSENT:
+        return CREATED
+    if after.kind == ABSENT:
+        return DELETED
+    if before.kind != after.kind:
+        return TYPE
+    if before.kind == FILE:
+        if (before.sha256, before.size) != (after.sha256, after.size):
+            return MODIFIED
+        return MODE if before.mode != after.mode else None
+    if before.kind == DIR:
+        return MODE if before.mode != after.mode else None
+    return SYMLINK_CHANGED if before.target != after.target else None
+
+
+def diff(old: Manifest, new: Manifest, ignore: IgnoreRules | None = None) -> list[Change]:
+    """Every path that differs between ``old`` and ``new``, in path order; ``ignore``
+    drops paths it matches (the manifests already skip the workspace's own patterns)."""
+    out: list[Change] = []
+    a, b = old.records, new.records
+    for rel in sorted(a.keys() | b.keys()):
+        ra, rb = a.get(rel), b.get(rel)
+        if ra is not None and rb is not None and ra.kind == rb.kind == FILE and \
+                ra.sha256 == rb.sha256 and ra.mode == rb.mode:
+            continue
+        before = ra.entry() if ra is not None else Entry.absent()
+        after = rb.entry() if rb is not None else Entry.absent()
+        kind = _classify(before, after)
+        if kind is None:
+            continue
+        if ignore and ignore.ignored(rel, DIR in (before.kind, after.kind)):
+            continue
+        out.append(Change(rel, kind, before, after))
+    return out
+
+
+def undo_order(changes: Iterable[Change]) -> list[Change]:
+    """The order to put ``changes`` back in: first what must disappear (created paths, and
+    directories that replaced something), deepest first; then the rest (re-creations,
+    content, modes), shallowest first."""
+    first, then = [], []
+    for c in changes:
+        if c.before.kind == ABSENT or (c.after.kind == DIR and c.before.kind != DIR):
+            first.append(c)
+        else:
+            then.append(c)
+    first.sort(key=lambda c: (-depth(c.path), c.path))
+    then.sort(key=lambda c: (depth(c.path), c.path))
+    return first + then
+
+
+def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
+                    quarantine: str | bytes | None, check: bool = True,
+                    durable: bool = True) -> list[FileConflict]:
+    """Put every change of a change set (a watch's diff) back to its before-image, in
+    ``undo_order``.  ``check``: a path no longer in the change's after-image is a
+    conflict (kept, reported); False: every current state is walstore's own (a crashed
+    watch, a forced revert)."""
+    return restore_in_order(ws, undo_order(changes), blobs, quarantine, check, durable)
+
+
+def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
+                     quarantine: str | bytes | None, check: bool = True,
+                     durable: bool = True) -> list[FileConflict]:
+    """Restore each change's before-image in the order given; the conflicts.  A path
+    that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
+    conflict) is reported as a conflict too, and nothing is written through it."""
+    conflicts: list[FileConflict] = []
+    for c in ordered:
+        expected = c.after if check else None
+        try:
+            got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable)
+        except (ValueError, NotADirectoryError) as e:
+            got = FileConflict(c.path, c.before, expected, Entry.absent(), None,
+                               f"cannot be restored: {e}")
+        if got is not None:
+            conflicts.append(got)
+    return conflicts
