@@ -23,6 +23,7 @@ from ..log.writer import WriteAheadLog
 from .memtable import MemTable
 
 CHUNK_BYTES = 4 * 1024 * 1024  # a commit's writes are split into WAL records of about this
+SMALL_COMMIT = 1  # a commit of this many writes is one record whatever their size
 
 
 class Journal:
@@ -53,10 +54,14 @@ class Journal:
     def append_commit(self, txid: int, writes: list, body: dict) -> Event:
         """Append a commit: its WRITES chunks (if large) and its COMMIT, contiguous."""
         with self.lock:
-            chunks = records.chunk_writes(writes, CHUNK_BYTES)
-            for chunk in chunks[:-1]:
-                self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
-            full = dict(body, tx=txid, w=chunks[-1])
+            if len(writes) <= SMALL_COMMIT:  # (one value is at most 16 MiB: one record)
+                last = [[k, v] for k, v in writes]
+            else:
+                chunks = records.chunk_writes(writes, CHUNK_BYTES)
+                for chunk in chunks[:-1]:
+                    self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
+                last = chunks[-1]
+            full = dict(body, tx=txid, w=last)
             lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
             event = Event(lsn, end, RecordType.COMMIT, txid, body, writes)
             self.memtable.add(event)

@@ -86,6 +86,7 @@ MAX_PAYLOAD = 32 * 1024 * 1024  # bound on any payload length read from disk
 _SEG = struct.Struct("<8sHHI16sQQQ4s")  # 60 bytes, then the u32 crc
 _CRC = struct.Struct("<I")
 _REC = struct.Struct("<IIBB2sQQ")  # crc, length, type, flags, magic, lsn, synced lsn
+_HEAD = struct.Struct("<IBB2sQQ")  # the same without the crc: what the crc covers first
 assert _SEG.size == SEGMENT_HEADER_SIZE - 4 and _REC.size == RECORD_HEADER_SIZE
 
 
@@ -170,8 +171,8 @@ def encode_record(salt: int, rtype: int, lsn: int, synced_lsn: int, payload: byt
     """Frame one record.  ``salt`` comes from :func:`segment_salt`."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} limit")
-    body = _REC.pack(0, len(payload), rtype, 0, RECORD_MAGIC, lsn, synced_lsn)[4:] + payload
-    return _CRC.pack(crc32c(body, salt)) + body
+    head = _HEAD.pack(len(payload), rtype, 0, RECORD_MAGIC, lsn, synced_lsn)
+    return _CRC.pack(crc32c(payload, crc32c(head, salt))) + head + payload
 
 
 def parse_record_header(buf, offset: int) -> RecordHeader:
