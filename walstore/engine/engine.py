@@ -47,6 +47,8 @@ from .snapshot import StateReader
 from .views import Views
 
 DURABILITIES = ("full", "normal", "none")
+DROP_CHUNK = 64  # applied events leave the MemTable this many per hold of the commit lock
+APPLY_BATCH_BYTES = 1 << 20  # the applier thread's LMDB commits cover about this much log
 RECOVER_MODES = ("auto", "manual")
 
 
@@ -293,7 +295,8 @@ class Engine:
     def apply_published(self, limit: int | None = None) -> int:
         """Move published events into LMDB (one batch); returns how many."""
         with self._apply_lock:
-            batch = self.memtable.published_events(limit or self.options.apply_batch)
+            batch = self.memtable.published_events(limit or self.options.apply_batch,
+                                                   None if limit else APPLY_BATCH_BYTES)
             if not batch:
                 return 0
             end = batch[-1].end
@@ -303,8 +306,10 @@ class Engine:
             except StateWriteError as e:
                 self.fail(e)  # never write (or sync) LMDB again until reopened
                 raise
+            for i in range(0, len(batch), DROP_CHUNK):  # a little at a time: committers
+                with self.journal.lock:                 # wait for the lock only briefly
+                    self.memtable.drop_applied(batch[i:i + DROP_CHUNK])
             with self.journal.lock:
-                self.memtable.drop_applied(batch)
                 self.applied_lsn = end
             with self._room:
                 self._room.notify_all()

@@ -61,14 +61,20 @@ class MemTable:
         if upto > self.published:
             self.published = upto
 
-    def published_events(self, limit: int) -> list[Event]:
-        """Up to ``limit`` of the oldest published events (the applier's next batch)."""
+    def published_events(self, limit: int, max_bytes: int | None = None) -> list[Event]:
+        """Up to ``limit`` of the oldest published events (the applier's next batch), and
+        at most about ``max_bytes`` of log (one LMDB commit flushes what its batch wrote:
+        a bounded batch keeps that flush short beside live commits)."""
         out = []
         upto = self.published
+        size = 0
         for e in list(itertools.islice(self.events, limit)):  # copied in one C call: appends
             if e.end > upto:                                   # may go on meanwhile
                 break
             out.append(e)
+            size += e.end - e.lsn
+            if max_bytes is not None and size >= max_bytes:
+                break
         return out
 
     def drop_applied(self, batch: list[Event]) -> None:
