@@ -420,6 +420,32 @@ def test_str_and_bytes_keys_are_distinct_and_keep_their_type(path):
         s.close()
 
 
+def test_every_key_form_reads_the_same_value_from_overlay_and_lmdb(path):
+    """Store.get encodes plain bytes and ASCII text itself (the hot read path); every other
+    key form goes through encode_key.  All forms of one key must find the same value,
+    whether it is still in the in-memory overlay or already in LMDB."""
+    class Text(str):
+        pass
+    s = _open(path)
+    with s.transaction() as tx:
+        tx.put("plain", 1)
+        tx.put("naïve", 2)
+        tx.put(b"raw", 3)
+        tx.put("x" * 500, 4)
+    forms = [("plain", 1), (Text("plain"), 1), ("naïve", 2), (Text("naïve"), 2),
+             (b"raw", 3), (bytearray(b"raw"), 3), (memoryview(b"raw"), 3), ("x" * 500, 4),
+             (b"x" * 500, None), ("raw", None), (b"plain", None)]
+    try:
+        for stage in ("overlay", "lmdb"):
+            for key, want in forms:
+                assert s.get(key) == want, (stage, key)
+                assert (key in s) == (want is not None), (stage, key)
+            s.close()
+            s = _open(path)  # closed: everything applied; reopened: reads come from LMDB
+    finally:
+        s.close()
+
+
 # ---- values ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("value, exc", [
