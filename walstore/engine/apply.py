@@ -51,11 +51,13 @@ class Applier:
             actions: dict[str, dict] = {}
             max_txid = -1
             for e in events:
-                max_txid = max(max_txid, e.txid)
+                if e.txid > max_txid:
+                    max_txid = e.txid
                 t = e.type
                 if t == _T.COMMIT:
                     lsn_raw = u64(e.lsn)
-                    bylsn_rows.append((lsn_raw, tables.txid_key(e.txid)))
+                    txid_raw = tables.txid_key(e.txid)
+                    bylsn_rows.append((lsn_raw, txid_raw))
                     for k, v in e.writes:
                         before = latest[k] if k in latest else txn.get(k, db=st.data)
                         hist_rows.append((tables.hist_prefix(k) + lsn_raw,
@@ -63,11 +65,13 @@ class Applier:
                         if before is None:
                             new_keys.append((k, b""))
                         latest[k] = v
-                    txn_rows.append((tables.txid_key(e.txid), pack(tables.txn_row(e))))
+                    txn_rows.append((txid_raw, pack(tables.txn_row(e))))
                     gid = e.body.get("gid")
                     if gid:
                         self._decide(txn, gid, b"commit")
-                    txn.delete(tables.txid_key(e.txid), db=st.inflight)
+                    txn.delete(txid_raw, db=st.inflight)
+                    if _ACTION_FIELDS.isdisjoint(e.body):
+                        continue  # a commit that names no action changes no action row
                 elif t in (_T.ABORT, _T.ROLLBACK_PREPARED):
                     txn.delete(tables.txid_key(e.txid), db=st.inflight)
                     if t == _T.ROLLBACK_PREPARED and e.body.get("gid"):
@@ -147,6 +151,7 @@ class Applier:
         st.write(body)
 
 
+_ACTION_FIELDS = frozenset({"actions", "compensate", "redo"})  # see tables.action_changes
 _ACTION_EVENTS = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
                             _T.ROLLBACK_PREPARED, _T.COMPENSATED})
 

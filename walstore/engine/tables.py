@@ -100,8 +100,8 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         if row is None:
             return []
         return [dict(row, result=b.get("result"), error=b.get("error"))]
-    if t == RecordType.COMMIT:
-        out = []
+    if t == RecordType.COMMIT:  # reads only "actions", "compensate", "redo" (the applier
+        out = []                # skips commits with none of them: keep apply._ACTION_FIELDS)
         for a in b.get("actions", ()):
             row = get_row(a["id"]) or {}
             if row.get("state") in FINAL_STATES:
