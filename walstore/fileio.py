@@ -118,6 +118,14 @@ def fsync_dir(path: str) -> None:
     _backend.fsync_dir(path)
 
 
+def remove_quietly(path: str) -> None:
+    """Unlink ``path`` if it can be (a leftover temp file: not being there is fine)."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def clone(src_fd: int, dst_fd: int) -> None:
     _backend.clone(src_fd, dst_fd)
 

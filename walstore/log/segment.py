@@ -22,6 +22,7 @@ import re
 import time
 
 from .. import fileio
+from ..fileio import remove_quietly
 from .format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_salt
 
 SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
@@ -84,13 +85,6 @@ def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> 
         raise
     fsync_or_fail(fileio.fsync_dir, wal_dir)
     return path
-
-
-def remove_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class Spare:

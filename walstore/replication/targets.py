@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterator, Protocol, Union
 from urllib.parse import urlsplit
 
 from ..errors import ReplicationError
+from ..fileio import remove_quietly
 from . import source as _fs
 
 Body = Union[bytes, BinaryIO]
@@ -182,7 +183,7 @@ class FileTarget:
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            _unlink_quietly(tmp)
+            remove_quietly(tmp)
             raise
         os.close(fd)
         etag = h.hexdigest()[:32]
@@ -206,12 +207,12 @@ class FileTarget:
                     os.rename(tmp, path)
                 _fs.fsync_dir(d)
         finally:
-            _unlink_quietly(tmp)
+            remove_quietly(tmp)
         return etag
 
     def delete(self, key):
         self.requests["DELETE"] += 1
-        _unlink_quietly(self._path(key))
+        remove_quietly(self._path(key))
 
     def list(self, prefix):
         self.requests["LIST"] += 1
@@ -233,7 +234,7 @@ class FileTarget:
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if name.startswith(".tmp-"):
-                    _unlink_quietly(os.path.join(dirpath, name))
+                    remove_quietly(os.path.join(dirpath, name))
                     n += 1
         return n
 
@@ -243,13 +244,6 @@ class FileTarget:
 
 def _etag(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 class _FileLock:
