@@ -154,6 +154,7 @@ class TypePolicy:
         self.allowed = allowed
         self.app_types = app_types
         self._permitted: set[tuple[str, str]] = set()  # positive verdicts only
+        self._classes: dict[tuple[str, str], Any] = {}  # classes already found and permitted
         self._lock = threading.Lock()
         self._local = threading.local()  # the error an ext hook raised (ormsgpack hides it)
 
@@ -243,14 +244,20 @@ class TypePolicy:
 
     # ---- at read time -------------------------------------------------------------------
     def _class(self, module: str, name: str) -> Any:
+        cls = self._classes.get((module, name))
+        if cls is not None:  # (every message of a conversation names one of a few classes)
+            return cls
         why = self.refusal(module, name)
         if why is not None:
             raise StateTypeError(
                 f"a stored value names {module}.{name}, which this saver does not rebuild "
                 f"({why}); if it is yours, {self._recipe(module, name)}")
         if (module, name) in lg_msgpack.SAFE_MSGPACK_TYPES:
-            return getattr(importlib.import_module(module), name)  # LangGraph's fixed set
-        return getattr(sys.modules[module], name)
+            cls = getattr(importlib.import_module(module), name)  # LangGraph's fixed set
+        else:
+            cls = getattr(sys.modules[module], name)
+        self._classes[(module, name)] = cls
+        return cls
 
     def load(self, data: bytes) -> Any:
         """Unpack a stored msgpack value, rebuilding what the policy allows."""
