@@ -85,9 +85,11 @@ def check_digest(digest: str) -> str:
 
 
 class BlobStore:
-    """Content by sha256 under ``directory`` (created 0700 if missing)."""
+    """Content by sha256 under ``directory`` (created 0700 if missing, unless
+    ``readonly``: then only reads are made)."""
 
-    def __init__(self, directory: str | bytes, copy: str = "auto") -> None:
+    def __init__(self, directory: str | bytes, copy: str = "auto",
+                 readonly: bool = False) -> None:
         if copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {COPY_MODES}, not {copy!r}")
         self.dir = os.path.abspath(os.fsdecode(directory))
@@ -104,8 +106,9 @@ class BlobStore:
         self.bytes_hashed = 0
         self.bytes_written = 0
         self.files_written = 0
-        fileio.make_dir(self.dir)
-        fileio.make_dir(self.tmp)
+        if not readonly:  # (a read-only store's reader creates nothing)
+            fileio.make_dir(self.dir)
+            fileio.make_dir(self.tmp)
 
     def __repr__(self) -> str:
         return f"BlobStore({self.dir!r})"
