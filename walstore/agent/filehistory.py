@@ -169,12 +169,17 @@ class HistoricalFiles:
         return self.entry(path).exists
 
     def read(self, path: PathLike) -> bytes:
-        """The content ``path`` had at the point.  FileNotFoundError when it was absent;
-        IsADirectoryError for a directory; a symlink's content is its target's... never
-        followed: ValueError."""
+        """The content ``path`` had at the point (bytes).  FileNotFoundError when it was
+        absent, IsADirectoryError when it was a directory, ValueError when it was a
+        symlink (never followed: ``entry(path).target`` is its target).  A path walstore
+        never changed is read as it is now."""
         ws = self.workspace
         rel = ws.rel(path)
-        e = self.entry(rel)
+        e = self._history.entry_at(ws.root_b, rel, self.lsn)
+        live = e is None  # walstore never changed it: as it is now
+        if live:
+            ws.check_parents(rel)
+            e = read_entry(ws.abspath(rel), hash=False)
         where = f"{display(rel)!r} in workspace {ws.root!r} at LSN {int(self.lsn)}"
         abs_path = os.fsdecode(ws.abspath(rel))
         if not e.exists:
@@ -184,6 +189,10 @@ class HistoricalFiles:
         if e.is_symlink:
             raise ValueError(f"{where} was a symlink to {os.fsdecode(e.target or b'')!r}; "
                              f"walstore does not follow it")
+        if live:
+            fd = os.open(ws.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
         return self._history.read_content(e, where)
 
     def symlink_target(self, path: PathLike) -> bytes | None:

@@ -446,7 +446,8 @@ class Files:
                     dirs.add(p)
         for p in sorted(files):
             try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = fileio.open_file(os.fsdecode(p), os.O_RDONLY | os.O_NOFOLLOW
+                                      | os.O_NONBLOCK)
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                     continue  # changed since: not walstore's to make durable
@@ -493,6 +494,7 @@ class Files:
         """(txid, LSN, row) of every ``fsteps`` row no live transaction owns (at open:
         all of them), newest first, except prepared (in doubt) and held ones."""
         eng = self.engine
+        eng.drain()
         st = eng.state
         prepared = eng.prepared.txids()
         out = []
@@ -624,9 +626,16 @@ class Files:
             steps_refs(row.get("steps"))
             if row.get("manifest"):
                 manifests.add(row["manifest"])
-        for _k, v in st.scan(b"", None, db=st.fversions):
+        horizon = st.meta_int(b"horizon")
+        below: dict[bytes, list] = {}  # path prefix -> after of its newest version below
+        for k, v in st.scan(b"", None, db=st.fversions):
             _t, before, after = unpack(v)
-            refs.update(_digests(before))
+            if tables.split_fversion_key(k)[2] >= horizon:
+                refs.update(_digests(before))
+                refs.update(_digests(after))
+            else:  # below the horizon only the state the newest version left is read
+                below[k[:-8]] = after
+        for after in below.values():
             refs.update(_digests(after))
         for _k, v in st.scan(b"", None, db=st.fconflicts):
             c = unpack(v).get("conflict") or {}

@@ -245,8 +245,9 @@ def _rows_of_txid(txn, st, pending: dict):
 
 
 def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:
-    """The file history of a trimmed commit: its ``fchanges`` rows, and its versions of
-    paths that have a newer version below the horizon (as for keys)."""
+    """The file history of a trimmed commit: its ``fchanges`` rows, and every version of
+    the paths it changed below the horizon except the newest (which views at or after
+    the horizon read)."""
     prefix = tables.fsteps_prefix(txid)  # fchanges keys start with the txid too
     cur = txn.cursor(db=st.fchanges)
     doomed = []
@@ -258,11 +259,11 @@ def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:
     for raw in doomed:
         _t, ws, path = tables.split_fchange_key(raw)
         vprefix = tables.fpath_prefix(ws, path)
-        vcur = txn.cursor(db=st.fversions)
-        if vcur.set_range(tables.fversion_key(ws, path, lsn + 1)):
-            k = vcur.key()
-            if tables.is_fversion_of(k, vprefix) and tables.split_fversion_key(k)[2] < horizon:
-                txn.delete(tables.fversion_key(ws, path, lsn), db=st.fversions)
+        below = [k for k, _v in _rows(txn, st.fversions, vprefix,
+                                      tables.fversion_key(ws, path, horizon))
+                 if tables.is_fversion_of(k, vprefix)]
+        for k in below[:-1]:  # only the newest below the horizon is ever read again
+            txn.delete(k, db=st.fversions)
         txn.delete(raw, db=st.fchanges)
 
 

@@ -148,7 +148,8 @@ def _subtree(ws: Workspace, rel: bytes, top: Entry, blobs: BlobStore
     """``rel`` and everything under it (ignored paths too), parents first, captured."""
     out = [(rel, top)]
     if top.is_dir:
-        out += [(p, capture(ws, p, blobs)) for p, _st in walk(ws, rel, use_ignore=False)]
+        with blobs.batch():  # one sync pass for the whole subtree's content
+            out += [(p, capture(ws, p, blobs)) for p, _st in walk(ws, rel, use_ignore=False)]
     return [(p, e) for p, e in out if e.exists]
 
 
