@@ -124,6 +124,9 @@ class AgentHooks:
             return done_ids, still, [], failures
         owed = [a for a in saga.actions(pending=True)
                 if a.compensate in saga.compensators and not a.held]
+        # first the temp names an interrupted change left (a directory to remove may
+        # hold one): nothing of walstore's is running at open
+        files.remove_temps_of(effects)
         done: dict[int, list] = {}
         conflicts: dict[int, list] = {}
         found: list[dict] = []
@@ -143,7 +146,6 @@ class AgentHooks:
                     conflicts.setdefault(eff.txid, []).append((eff.lsn, c))
                     found.append(dict(files.conflict_doc(eff.ws.root_b, c), tx=eff.txid))
         finally:
-            files.remove_temps_of([e for effs in done.values() for e in effs])
             for txid in sorted(done):
                 files.record(txid, done[txid], conflicts.get(txid, []))
         compensated = [a.id for a in owed if a not in failed_actions
