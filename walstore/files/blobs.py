@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .. import fileio
+from . import fsops
 from ..errors import CorruptionError
 from .entries import CHUNK, FileBusyError, iter_content, open_nofollow, stamp as _stamp
 
@@ -355,7 +356,7 @@ class BlobStore:
         sub = os.path.join(self.dir, digest[:2])
         if sub not in self._fanout:
             if not os.path.isdir(sub):
-                fileio.make_dir(sub)
+                fsops.make_dirs(sub)
                 fileio.fsync_dir(self.dir)
             self._fanout.add(sub)
         fileio.rename(tmp, os.path.join(sub, digest[2:]))
@@ -384,7 +385,7 @@ class BlobStore:
         pending, self._pending = self._pending, None
         try:
             for tmp in pending.values():
-                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                fd = fileio.open_file(tmp, os.O_RDONLY)  # (the seam knows the fd's file)
                 try:
                     fileio.fsync(fd)
                 finally:
