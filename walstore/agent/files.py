@@ -272,8 +272,10 @@ class Files:
         return self.workspace(real)
 
     def scope_of(self, root: bytes) -> Any:
-        row = self.rows().get(root)
-        return None if row is None else row.get("scope")
+        try:
+            return self.registered(root).scope
+        except ValueError:
+            return None
 
     def _ws_lock(self, ws: Workspace) -> threading.RLock:
         with self._lock:
