@@ -821,3 +821,19 @@ def test_cli_files_and_diff(spath, tree):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     bad = _cli("files", spath, "--workspace", "/nonexistent/dir")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_the_coding_agent_example_runs(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "coding_agent_files.py"),
+                          str(tmp_path)], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "config.toml = 'precision = 2\\n', staging = 'calc v1\\n', coder/attempt = None, " \
+           "test-results.xml exists: False" in out.stdout
+    assert "staging = 'calc v2 (attempt 2)\\n'" in out.stdout
+    assert read(str(tmp_path / "repo"), "calc.py") == REPO_CALC_V1
+    assert not os.path.exists(tmp_path / "repo" / "calc_old.py")
+
+
+REPO_CALC_V1 = b"def mean(xs):\n    return sum(xs) / len(xs)\n"
