@@ -723,10 +723,10 @@ def test_an_interrupted_rollback_is_finished_at_the_next_open(spath, tree, monke
     tx.files(ws).write("src/app.py", "b")
     real = agent_files.Files.undo_one
 
-    def flaky(self, txid, eff):
+    def flaky(self, txid, eff, batch=None):
         if eff.steps[-1].path == b"src/app.py":
             raise PermissionError(13, "injected", "src/app.py")
-        return real(self, txid, eff)
+        return real(self, txid, eff, batch)
     monkeypatch.setattr(agent_files.Files, "undo_one", flaky)
     with pytest.raises(FileConflictError) as ei:
         tx.rollback()
@@ -837,3 +837,109 @@ def test_the_coding_agent_example_runs(tmp_path):
 
 
 REPO_CALC_V1 = b"def mean(xs):\n    return sum(xs) / len(xs)\n"
+
+
+# ---- more edges: big operations, threads, registration updates, the store's own modes ----
+def test_an_operation_logged_in_several_records_undoes_and_recovers(spath, tree,
+                                                                    monkeypatch):
+    from walstore.agent import files as agent_files
+    monkeypatch.setattr(agent_files, "STEP_CHUNK", 3)
+    build(tree, {f"docs/many/f{i:02d}.txt": f"{i}\n" for i in range(10)})
+    s = walstore.open(spath, durability="none")
+    ws = s.workspace(tree)
+    before = TreeSnapshot(tree)
+    tx = s.transaction()
+    tx.files(ws).rmtree("docs")
+    assert len(tx.effects[0].lsns) >= 4              # one operation, several records
+    tx.rollback()
+    before.assert_same(what="after rolling back a chunked rmtree")
+    tx = s.transaction()
+    tx.files(ws).rmtree("docs")
+    s._drop_like_a_crash()
+    with walstore.open(spath, durability="none") as s2:
+        before.assert_same(what="after recovering a chunked rmtree")
+        assert not s2._files.owed_rows()
+
+
+def test_a_watch_owns_its_workspace_while_it_runs(store, tree):
+    import threading
+    ws = store.workspace(tree)
+    order = []
+    started = threading.Event()
+
+    def other_agent():
+        started.wait()
+        with store.transaction() as tx:
+            tx.files(ws).write("other.txt", "x")      # waits for the watch to end
+            order.append("other wrote")
+
+    t = threading.Thread(target=other_agent)
+    t.start()
+    with store.transaction() as tx:
+        with tx.files(ws).watch() as w:
+            started.set()
+            t.join(0.3)
+            order.append("watch ended")
+            with open(P(tree, "mine.txt"), "w") as fh:
+                fh.write("mine\n")
+    t.join(10)
+    assert order == ["watch ended", "other wrote"]
+    assert [c.path for c in w.changes] == [b"mine.txt"]   # not the other agent's file
+
+
+def test_registering_again_with_other_patterns_updates_the_same_object(store, tree):
+    ws = store.workspace(tree, ignore=["*.log"])
+    assert store.workspace(tree, ignore=["*.tmp"]) is ws
+    assert ws.ignore.ignored(b"a.tmp", False) and not ws.ignore.ignored(b"a.log", False)
+    assert store.workspace(tree, scope="agents/x/") is ws and ws.scope == "agents/x/"
+    assert ws.ignore.ignored(b"a.tmp", False)               # kept when not given
+
+
+def test_the_stores_own_file_content_is_0600_and_its_directories_0700(store, spath, tree):
+    ws = store.workspace(tree)
+    tx = store.transaction()
+    f = tx.files(ws)
+    f.write("src/app.py", "x")
+    with f.watch():
+        with open(P(tree, "conf/app.toml"), "w") as fh:
+            fh.write("y")
+    with open(P(tree, "src/app.py"), "w") as fh:
+        fh.write("stranger")
+    with pytest.raises(FileConflictError):
+        tx.rollback()
+    seen = 0
+    for top in ("files", "quarantine"):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(spath, top)):
+            assert stat.S_IMODE(os.stat(dirpath).st_mode) == 0o700, dirpath
+            for n in filenames:
+                assert stat.S_IMODE(os.lstat(os.path.join(dirpath, n)).st_mode) == 0o600
+                seen += 1
+    assert seen >= 4
+
+
+def test_an_undo_run_again_after_a_crash_finds_no_conflict(spath, tree, monkeypatch):
+    """A path changed twice and moved: its undo went all the way back, then the process
+    died before recording it; the next open undoes it again, and walstore's own
+    intermediate states are not taken for a stranger's."""
+    from walstore.agent import files as agent_files
+    s = walstore.open(spath, durability="none")
+    ws = s.workspace(tree)
+    before = TreeSnapshot(tree)
+    tx = s.transaction()
+    f = tx.files(ws)
+    f.write("src/app.py", "v2\n")
+    f.write("src/app.py", "v3\n")
+    f.rename("src/app.py", "src/main.py")
+
+    def die(self, *a, **k):
+        raise RuntimeError("killed before the outcome was recorded")
+    monkeypatch.setattr(agent_files.Files, "record", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        tx.rollback()
+    before.assert_same(what="after the unrecorded undo")
+    monkeypatch.undo()
+    s._drop_like_a_crash()
+    with walstore.open(spath, durability="none") as s2:
+        assert s2.last_recovery.file_conflicts == []
+        before.assert_same(what="after the undo ran again")
+        assert not s2._files.owed_rows() and not s2.file_conflicts()

@@ -14,8 +14,10 @@ empty directories, stray temp names):
 - the same for a transaction whose ``watch()``ed subprocess edits the tree, and for a kill
   INSIDE the watched subprocess (its process group dies with it): the tree returns to its
   state before the watch;
-- at every seam call of the RECOVERY of such a crash (a crash while undoing a crash):
-  the next open still ends with the pre-transaction tree.
+- at every seam call of a ROLLBACK (paths changed twice and moved away), and of the
+  RECOVERY of a crash (a crash while undoing a crash): the next open still ends with
+  the pre-transaction tree, and reports no conflict (walstore's own intermediate states
+  are not a stranger's).
 """
 from __future__ import annotations
 
@@ -170,6 +172,25 @@ def test_kill_inside_the_watched_subprocess(tmp_path):
     tree, done = reopen_state(store, ws)
     assert done is None
     assert_tree_equal(tree, pre, "after kill -9 inside the watched subprocess")
+
+
+def test_kill_at_every_step_of_a_rollback(tmp_path):
+    """A crash in the middle of undoing (paths changed twice, moved): the next open
+    finishes the undo, never reporting walstore's own intermediate states as conflicts."""
+    store, ws = setup(tmp_path / "count")
+    pre = tree_state(ws)
+    counted = run_child({"store": store, "ws": ws, "job": "rollback"})
+    calls = counted["calls"]
+    assert_tree_equal(tree_state(ws), pre, "after an undisturbed rollback")
+    assert calls and calls > 10
+    for n in range(1, calls + 1):
+        store, ws = setup(tmp_path / f"b{n}")
+        got = run_child({"store": store, "ws": ws, "job": "rollback", "stop": n})
+        assert got["stopped"], (n, got)
+        tree, done = reopen_state(store, ws)
+        assert done is None
+        assert_tree_equal(tree, pre, f"after a kill -9 of the rollback before call {n} "
+                                     f"({got['stopped']})")
 
 
 def test_kill_at_every_step_of_the_recovery_of_a_crash(tmp_path):

@@ -5,7 +5,8 @@ stopped before its Nth I/O call through walstore's seam so the test can kill -9 
 
 SPEC: ``store``, ``ws`` (the workspace root, registered by the parent), ``job``
 (``"tx"``: a transaction of file operations and a key, then commit; ``"hold"``: the
-same operations, then ``HELD`` and sleep, never committing; ``"watch"``: a transaction
+same operations, then ``HELD`` and sleep, never committing; ``"rollback"``: the same
+operations, then ``rollback()``, whose calls alone are counted; ``"watch"``: a transaction
 whose watched subprocess edits the tree, then commit; ``"recover"``: just open the
 store, i.e. run recovery), ``stop`` (N: halt before the Nth seam call counted
 after the store is open; 0: never), ``hang`` (``"watch"`` only: the watched subprocess
@@ -103,15 +104,17 @@ def main() -> None:
         return
     store = walstore.open(spec["store"])
     ws = store.workspace(spec["ws"])
-    backend.armed = True
+    backend.armed = spec["job"] != "rollback"
     tx = store.transaction(meta={"job": spec["job"]})
     f = tx.files(ws)
-    if spec["job"] in ("tx", "hold"):
+    if spec["job"] in ("tx", "hold", "rollback"):
         f.write("src/app.py", "print('v2')\n")             # an existing file
         f.write("src/new/mod.py", "NEW = 1\n", mode=0o600)  # parents created
         f.delete("conf/old.toml")
         f.rename("docs/a", "docs/moved")                    # a directory
         f.symlink("link", "conf/app.toml")                  # replaces a symlink
+        f.write("src/app.py", "print('v3')\n")             # a path changed twice
+        f.rename("src/app.py", "src/main.py")               # ... and moved away
     else:
         hang = ""
         if spec.get("hang"):
@@ -120,6 +123,12 @@ def main() -> None:
         with f.watch():
             subprocess.run(["sh", "-c", WATCHED.format(hang=hang)], cwd=ws.root, check=True)
     tx.put("done", spec["job"])
+    if spec["job"] == "rollback":
+        backend.armed = True
+        tx.rollback()
+        print("ROLLED BACK", flush=True)
+        print(f"CALLS {backend.n}", flush=True)
+        os._exit(0)
     if spec["job"] == "hold":
         print("HELD", flush=True)
         time.sleep(600)

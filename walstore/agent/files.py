@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 _T = RecordType
 STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch: several)
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
-_FILE_EVENTS = frozenset({_T.WORKSPACE, _T.FILE_STEPS, _T.WATCH_BEGIN, _T.WATCH_END,
-                          _T.FILE_RESTORED})
 
 
 class FileConflictError(WalstoreError):
@@ -126,6 +124,34 @@ class FileUndo:
     expected: Entry
 
 
+class UndoBatch:
+    """Effects undone together, newest first (one rollback, one recovery).  For each
+    step it knows the before-images of the OLDER steps of the batch on the same path:
+    when an undo interrupted by a crash runs again, a path an older effect also changed
+    may already be further back than this step's before-image, which is not a conflict
+    (``undo_steps(done=...)``)."""
+
+    def __init__(self, effects: list) -> None:
+        self._befores: dict[tuple[bytes, bytes], list] = {}
+        self._keys: dict[int, tuple] = {}
+        for eff in effects:
+            if not isinstance(eff, FileEffect):
+                continue
+            for i, c in enumerate(eff.steps):
+                key = (eff.lsns[0], i)
+                self._keys[id(c)] = key
+                self._befores.setdefault((eff.ws.root_b, c.path), []).append((key, c.before))
+
+    def done(self, eff: "FileEffect") -> Callable[[Change], list[Entry]]:
+        root = eff.ws.root_b
+
+        def older(c: Change) -> list[Entry]:
+            key = self._keys.get(id(c))
+            return [b for k, b in self._befores.get((root, c.path), ()) if key is not None
+                    and k < key]
+        return older
+
+
 def is_file_effect(effect: Any) -> bool:
     return isinstance(effect, (FileEffect, OpenWatch))
 
@@ -178,15 +204,7 @@ class Files:
     # ---- workspaces -----------------------------------------------------------------
     def rows(self) -> dict[bytes, dict]:
         """Registered workspaces: LMDB's rows with the unapplied events folded on top."""
-        eng = self.engine
-        st = eng.state
-        out = {k: unpack(v) for k, v in st.scan(b"", None, db=st.workspaces)} \
-            if st.workspaces is not None else {}
-        for e in eng.memtable.events_of(frozenset({_T.WORKSPACE, _T.WATCH_BEGIN}),
-                                        eng.memtable.published):
-            key = e.body.get("root") if e.type == _T.WORKSPACE else e.body.get("ws")
-            out[key] = tables.workspace_row(e, out.get(key))
-        return out
+        return self.engine.views.workspace_rows()
 
     def workspace(self, root: PathLike, ignore: Any = None, scope: Any = None) -> Workspace:
         """Register ``root`` (durably) or return the Workspace it is registered as."""
@@ -233,12 +251,13 @@ class Files:
 
     def _from_row(self, row: dict) -> Workspace:
         root = row["root"]
-        ws = self._registry.get(root)
-        if ws is None:
-            ws = Workspace(root, row.get("ignore") or None, exclude=[self.engine.path],
-                           scope=row.get("scope"))
-            self._registry[root] = ws
-        return ws
+        with self._lock:
+            ws = self._registry.get(root)
+            if ws is None:
+                ws = Workspace(root, row.get("ignore") or None, exclude=[self.engine.path],
+                               scope=row.get("scope"))
+                self._registry[root] = ws
+            return ws
 
     def registered(self, root: bytes) -> Workspace:
         """The Workspace registered at ``root`` (bytes, realpath'd); ValueError if none."""
@@ -463,13 +482,16 @@ class Files:
                 fileio.fsync_dir(os.fsdecode(d))
 
     # ---- undo -----------------------------------------------------------------------
-    def undo_one(self, txid: int, eff: Any) -> list[FileConflict]:
-        """Put back what one effect changed; its conflicts (raises on an I/O error)."""
+    def undo_one(self, txid: int, eff: Any, batch: UndoBatch | None = None
+                 ) -> list[FileConflict]:
+        """Put back what one effect changed; its conflicts (raises on an I/O error).
+        ``batch``: the effects undone with it (see UndoBatch)."""
         with self._ws_lock(eff.ws), self._lock:
             if isinstance(eff, OpenWatch):
                 return self._undo_open_watch(eff.ws, eff.manifest, txid)
             return undo_steps(eff.ws, eff.steps, self.blobs, self.quarantine(txid),
-                              check=True, durable=self.durable)
+                              check=True, durable=self.durable,
+                              done=batch.done(eff) if batch is not None else None)
 
     def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int) -> list[FileConflict]:
         """A watch that never ended (a crash inside it, or its end could not be read):
@@ -645,7 +667,7 @@ class Files:
         for row in self.rows().values():
             if row.get("manifest"):
                 manifests.add(row["manifest"])
-        for e in eng.memtable.events_of(frozenset({_T.FILE_STEPS, _T.WATCH_BEGIN}), None):
+        for e in eng.views.unapplied_file_events():
             steps_refs(e.body.get("steps"))
             if e.body.get("manifest"):
                 manifests.add(e.body["manifest"])

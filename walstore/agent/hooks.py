@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CompensationFailed, WalstoreError
 from .actions import Action, ActionScope, Saga
-from .files import FileConflictError, Files, TxFiles, abs_display, is_file_effect
+from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
+                    is_file_effect)
 from .twophase import TwoPhase
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class AgentHooks:
         failed_actions: list[Action] = []
         done, conflicts, failed = [], [], []
         writable = self.files.engine.writable
+        batch = UndoBatch(effects)
         try:
             for eff in sorted(effects, key=newest_effect_first):
                 if isinstance(eff, Action):
@@ -79,7 +81,7 @@ class AgentHooks:
                 if not writable:
                     continue  # owed in the log: the next open puts them back
                 try:
-                    got = self.files.undo_one(txid, eff)
+                    got = self.files.undo_one(txid, eff, batch)
                 except (OSError, ValueError, WalstoreError) as e:
                     failed.append((eff, e))
                     continue
@@ -131,13 +133,14 @@ class AgentHooks:
         conflicts: dict[int, list] = {}
         found: list[dict] = []
         failed_actions: list[Action] = []
+        batch = UndoBatch(effects)
         try:
             for eff in sorted(owed + effects, key=newest_effect_first):
                 if isinstance(eff, Action):
                     failed_actions += saga.compensate([eff], raise_on_failure=False)
                     continue
                 try:
-                    got = files.undo_one(eff.txid, eff)
+                    got = files.undo_one(eff.txid, eff, batch)
                 except (OSError, ValueError, WalstoreError) as e:
                     failures.append((eff.txid, eff.lsn, eff.ws.root_b, e))
                     continue

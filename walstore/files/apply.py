@@ -526,12 +526,15 @@ def _bottom_up(ws: Workspace, rel: bytes, st: os.stat_result):
 
 # ---- restore ----------------------------------------------------------------------------
 def restore_status(ws: Workspace, path: PathLike, before: Entry,
-                   expected_current: Entry | None) -> RestoreStatus:
+                   expected_current: Entry | None,
+                   done: Iterable[Entry] = ()) -> RestoreStatus:
     """Classify ``path`` for a restore without changing anything (a revert checks every
-    path first and raises RevertConflict naming the conflicts)."""
+    path first and raises RevertConflict naming the conflicts).  ``done``: states that
+    count as restored already (the before-images of older steps of the same path, when
+    an interrupted undo is run again: it had gone further back)."""
     _rel, abs_path = ws.resolve(path)
     current = read_entry(abs_path, hash=True)
-    if before.same(current):
+    if before.same(current) or any(d.same(current) for d in done):
         return RestoreStatus("done", current)
     if expected_current is not None and not expected_current.same(current):
         return RestoreStatus("conflict", current)
@@ -540,7 +543,7 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
 
 def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
             blobs: BlobStore, quarantine: str | bytes | None = None,
-            durable: bool = True) -> FileConflict | None:
+            durable: bool = True, done: Iterable[Entry] = ()) -> FileConflict | None:
     """Put the before-image ``before`` back at ``path``.
 
     ``expected_current``: the state walstore left the path in (its after-image); when the
@@ -549,9 +552,10 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     FileConflict is returned.  None means any current state is walstore's own (a crashed
     watch, or a forced revert).  A directory that must go but holds something walstore
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
-    before-image.  Missing parents are created (default mode)."""
+    before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
+    parents are created (default mode)."""
     rel, abs_path = ws.resolve(path)
-    status = restore_status(ws, rel, before, expected_current)
+    status = restore_status(ws, rel, before, expected_current, done)
     current = status.current
     if status.state == "done":
         return None
