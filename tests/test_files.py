@@ -550,13 +550,20 @@ def test_rewind_to_a_restore_point(store, tree):
     assert store.rewind("good") is None                   # nothing left to undo
 
 
-def test_scoped_rewind_restores_only_the_scopes_workspace(store, tmp_path):
+@pytest.fixture
+def two_scopes(store, tmp_path):
+    """Two workspaces, one per agent's scope, and a restore point "start"."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     build(a, {"x.txt": "a0\n"})
     build(b, {"x.txt": "b0\n"})
     wa = store.workspace(a, scope="agents/a/")
     wb = store.workspace(b, scope="agents/b/")
     store.restore_point("start")
+    return a, b, wa, wb
+
+
+def test_scoped_rewind_restores_only_the_scopes_workspace(store, two_scopes):
+    a, b, wa, wb = two_scopes
     a0, b0 = TreeSnapshot(a), TreeSnapshot(b)
     for i in range(2):
         with store.transaction(scope="agents/a/") as tx:
@@ -576,13 +583,8 @@ def test_scoped_rewind_restores_only_the_scopes_workspace(store, tmp_path):
     b0.assert_same(what="scope b after its own rewind")
 
 
-def test_a_transaction_in_two_scopes_workspaces_is_partly_undone(store, tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    build(a, {"x.txt": "a0\n"})
-    build(b, {"x.txt": "b0\n"})
-    wa = store.workspace(a, scope="agents/a/")
-    wb = store.workspace(b, scope="agents/b/")
-    store.restore_point("start")
+def test_a_transaction_in_two_scopes_workspaces_is_partly_undone(store, two_scopes):
+    a, b, wa, wb = two_scopes
     a0 = TreeSnapshot(a)
     with store.transaction() as tx:
         tx.files(wa).write("x.txt", "a1\n")

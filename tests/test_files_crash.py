@@ -174,23 +174,31 @@ def test_kill_inside_the_watched_subprocess(tmp_path):
     assert_tree_equal(tree, pre, "after kill -9 inside the watched subprocess")
 
 
-def test_kill_at_every_step_of_a_rollback(tmp_path):
-    """A crash in the middle of undoing (paths changed twice, moved): the next open
-    finishes the undo, never reporting walstore's own intermediate states as conflicts."""
-    store, ws = setup(tmp_path / "count")
-    pre = tree_state(ws)
-    counted = run_child({"store": store, "ws": ws, "job": "rollback"})
-    calls = counted["calls"]
-    assert_tree_equal(tree_state(ws), pre, "after an undisturbed rollback")
-    assert calls and calls > 10
+def kill_at_every_call(tmp_path: Path, job: str, prepare, what: str) -> None:
+    """Count the seam calls of ``job`` (on a store ``prepare(base)`` made: (store, ws,
+    the tree to expect)), then kill -9 it before each one: the next open must end with
+    that tree, the key absent, and no conflict."""
+    store, ws, pre = prepare(tmp_path / "count")
+    calls = run_child({"store": store, "ws": ws, "job": job})["calls"]
+    assert_tree_equal(tree_state(ws), pre, f"after an undisturbed {what}")
+    assert calls and calls > 5
     for n in range(1, calls + 1):
-        store, ws = setup(tmp_path / f"b{n}")
-        got = run_child({"store": store, "ws": ws, "job": "rollback", "stop": n})
+        store, ws, pre = prepare(tmp_path / f"k{n}")
+        got = run_child({"store": store, "ws": ws, "job": job, "stop": n})
         assert got["stopped"], (n, got)
         tree, done = reopen_state(store, ws)
         assert done is None
-        assert_tree_equal(tree, pre, f"after a kill -9 of the rollback before call {n} "
+        assert_tree_equal(tree, pre, f"after a kill -9 of the {what} before call {n} "
                                      f"({got['stopped']})")
+
+
+def test_kill_at_every_step_of_a_rollback(tmp_path):
+    """A crash in the middle of undoing (paths changed twice, moved): the next open
+    finishes the undo, never reporting walstore's own intermediate states as conflicts."""
+    def fresh(base: Path) -> tuple[str, str, dict]:
+        store, ws = setup(base)
+        return store, ws, tree_state(ws)
+    kill_at_every_call(tmp_path, "rollback", fresh, "rollback")
 
 
 def test_kill_at_every_step_of_the_recovery_of_a_crash(tmp_path):
@@ -200,17 +208,4 @@ def test_kill_at_every_step_of_the_recovery_of_a_crash(tmp_path):
         got = run_child({"store": store, "ws": ws, "job": "hold"})
         assert got["killed"] and tree_state(ws) != pre
         return store, ws, pre
-
-    store, ws, pre = crashed(tmp_path / "count")
-    counted = run_child({"store": store, "ws": ws, "job": "recover"})
-    calls = counted["calls"]
-    assert_tree_equal(tree_state(ws), pre, "after an undisturbed recovery")
-    assert calls and calls > 5
-    for n in range(1, calls + 1):
-        store, ws, pre = crashed(tmp_path / f"r{n}")
-        got = run_child({"store": store, "ws": ws, "job": "recover", "stop": n})
-        assert got["stopped"], (n, got)
-        tree, done = reopen_state(store, ws)
-        assert done is None
-        assert_tree_equal(tree, pre, f"after a kill -9 of recovery before call {n} "
-                                     f"({got['stopped']})")
+    kill_at_every_call(tmp_path, "recover", crashed, "recovery")

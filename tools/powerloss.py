@@ -248,8 +248,7 @@ def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: boo
     rnd = random.Random(seed)
     try:
         rec = record_workload(workdir, commits, seed, lie_about_dir_fsync)
-        summary = {"images": 0, "acks_checked": 0, "lost_commits": 0, "broken_images": 0,
-                   "by_variant": {v: 0 for v in VARIANTS}, "examples": []}
+        summary = _summary()
         points = sorted(rnd.sample(range(len(rec.events) + 1),
                                    min(images, len(rec.events) + 1)))
         points += [rnd.randint(0, len(rec.events)) for _ in range(images - len(points))]
@@ -262,18 +261,28 @@ def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: boo
             acked = [a for a in rec.acks if a[0] <= limit]
             found = check_image(rec, model.image(variant, rnd), acked,
                                 os.path.join(workdir, "image"))
-            summary["images"] += 1
-            summary["by_variant"][variant] += 1
-            summary["acks_checked"] += len(acked)
-            summary["lost_commits"] += len(found["lost"])
-            if found["lost"] or found["errors"]:
-                summary["broken_images"] += 1
-                if len(summary["examples"]) < 3:
-                    summary["examples"].append({"point": point, "variant": variant, **found})
+            _tally(summary, point, variant, acked, found)
         return summary
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _summary(**extra) -> dict:
+    return dict({"images": 0, "acks_checked": 0, "lost_commits": 0, "broken_images": 0,
+                 "by_variant": {v: 0 for v in VARIANTS}, "examples": []}, **extra)
+
+
+def _tally(summary: dict, point: int, variant: str, acked: list, found: dict) -> None:
+    """Count one checked image into ``summary`` (a few broken ones kept as examples)."""
+    summary["images"] += 1
+    summary["by_variant"][variant] += 1
+    summary["acks_checked"] += len(acked)
+    summary["lost_commits"] += len(found["lost"])
+    if found["lost"] or found["errors"]:
+        summary["broken_images"] += 1
+        if len(summary["examples"]) < 3:
+            summary["examples"].append({"point": point, "variant": variant, **found})
 
 
 # ---- workspace files: reversible-file transactions -------------------------------------
@@ -670,9 +679,7 @@ def run_files(images: int, seed: int = 0, txns: int = 30, workdir: str | None = 
     rnd = random.Random(seed)
     try:
         rec = record_files_workload(workdir, txns, seed, lie_about_file_fsync)
-        summary = {"images": 0, "acks_checked": 0, "lost_commits": 0, "broken_images": 0,
-                   "trees_checked": 0, "by_variant": {v: 0 for v in VARIANTS},
-                   "events": len(rec.events), "commits": len(rec.acks), "examples": []}
+        summary = _summary(trees_checked=0, events=len(rec.events), commits=len(rec.acks))
         points = sorted(rnd.sample(range(len(rec.events) + 1),
                                    min(images, len(rec.events) + 1)))
         roots = {rec.ws: rec.base_ws}
@@ -691,15 +698,8 @@ def run_files(images: int, seed: int = 0, txns: int = 30, workdir: str | None = 
             found = check_files_image(rec, model.image(variant, rnd), acked,
                                       os.path.join(workdir, f"image{i}"))
             shutil.rmtree(os.path.join(workdir, f"image{i}"), ignore_errors=True)
-            summary["images"] += 1
             summary["trees_checked"] += 1
-            summary["by_variant"][variant] += 1
-            summary["acks_checked"] += len(acked)
-            summary["lost_commits"] += len(found["lost"])
-            if found["lost"] or found["errors"]:
-                summary["broken_images"] += 1
-                if len(summary["examples"]) < 3:
-                    summary["examples"].append({"point": point, "variant": variant, **found})
+            _tally(summary, point, variant, acked, found)
         return summary
     finally:
         if own:
