@@ -945,3 +945,17 @@ def test_an_undo_run_again_after_a_crash_finds_no_conflict(spath, tree, monkeypa
         assert s2.last_recovery.file_conflicts == []
         before.assert_same(what="after the undo ran again")
         assert not s2._files.owed_rows() and not s2.file_conflicts()
+
+
+def test_a_rollback_to_that_cannot_restore_keeps_the_change_in_the_transaction(store, tree):
+    ws = store.workspace(tree)
+    before = TreeSnapshot(tree)
+    tx = store.transaction()
+    sp = tx.savepoint()
+    tx.files(ws).write("conf/new.toml", "x\n")
+    with Immutable(P(tree, "conf")):
+        with pytest.raises(FileConflictError, match="its rollback tries again") as ei:
+            tx.rollback_to(sp)
+    assert ei.value.failed and len(tx.effects) == 1
+    tx.rollback()                                     # tries again, and can now
+    before.assert_same()

@@ -49,8 +49,10 @@ class AgentHooks:
         return body
 
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
-        """A rollback to a savepoint crossed these effects: undo them now."""
-        self.undo(tx.id, actions, cause)
+        """A rollback to a savepoint crossed these effects: undo them now (a file effect
+        that cannot be put back stays in the transaction: its rollback tries again, a
+        commit keeps it)."""
+        self.undo(tx.id, actions, cause, keep=tx.effects)
 
     def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
         self.saga.end_without_commit(tx, cause, undo=lambda effects: self.undo(
@@ -61,10 +63,13 @@ class AgentHooks:
         actions and the file effects it left (from the ``fsteps`` table)."""
         self.undo(txid, owed_actions + self.files.effects_of(txid), None)
 
-    def undo(self, txid: int, effects: list, cause: BaseException | None) -> None:
+    def undo(self, txid: int, effects: list, cause: BaseException | None,
+             keep: list | None = None) -> None:
         """Undo ``effects`` newest first: compensate each action, put back each file
         effect's paths; record the file outcomes (FILE_CONFLICT, FILE_RESTORED).  Raises
-        CompensationFailed, then FileConflictError, after everything was tried."""
+        CompensationFailed, then FileConflictError, after everything was tried.  A file
+        effect that cannot be put back (an I/O error) is appended to ``keep`` (the live
+        transaction's effects) when given, else stays owed for the next open."""
         if not any(is_file_effect(e) for e in effects):
             self.saga.compensate([a for a in effects if isinstance(a, Action)], cause=cause)
             return
@@ -106,7 +111,11 @@ class AgentHooks:
                                  f"{d['path']}" + (f" -> {d['saved_as']}" if d['saved_as']
                                                    else "") for d in docs))
             if bad:
-                parts.append("could not be restored (owed: put back at the next open): "
+                if keep is not None:
+                    keep.extend(e for e, _x in failed)
+                where = ("kept in the transaction: its rollback tries again" if keep
+                         is not None else "owed: put back at the next open")
+                parts.append(f"could not be restored ({where}): "
                              + ", ".join(f"{p} ({why})" for p, why in bad))
             raise FileConflictError(f"transaction {txid} was undone, but some paths "
                                     f"were not put back: " + "; ".join(parts),
