@@ -621,6 +621,9 @@ def test_at_reads_files_as_they_were(store, tree):
     with pytest.raises(ValueError):
         store.at(t1.id).files(ws).read("../x")
     assert store.at(t1.id).files(ws).entry("link").target == b"src/app.py"
+    assert b"".join(store.at(t1.id).files(ws).stream("src/app.py")) == b"one\n"
+    with pytest.raises(FileNotFoundError):
+        list(store.at(t1.id).files(ws).stream("born.txt"))
 
 
 # ---- two-phase commit, retention, durability -------------------------------------------

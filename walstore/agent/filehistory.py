@@ -195,6 +195,17 @@ class HistoricalFiles:
                 return f.read()
         return self._history.read_content(e, where)
 
+    def stream(self, path: PathLike) -> Iterator[bytes]:
+        """The content ``path`` had at the point, in chunks of at most 1 MiB (for large
+        files; verified against its sha256 as it is read).  Errors as ``read``."""
+        ws = self.workspace
+        rel = ws.rel(path)
+        e = self._history.entry_at(ws.root_b, rel, self.lsn)
+        if e is None or not e.is_file:
+            yield self.read(rel)  # (never changed by walstore, or not a file: read says)
+            return
+        yield from self._history.files.blobs.get(e.sha256 or "")
+
     def symlink_target(self, path: PathLike) -> bytes | None:
         e = self.entry(path)
         return e.target if e.is_symlink else None

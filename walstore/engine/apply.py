@@ -10,7 +10,9 @@ trimming it allows, erasure of purged keys) and live here too, so one module ans
 
 Invariants: events are applied in LSN order, exactly once per LMDB state (an event below
 ``applied`` is never applied again); the data, its history rows, the transaction log row,
-action rows and 2PC rows of one event commit in the same LMDB transaction.
+action rows, 2PC rows and the rows of reversible files (workspaces, the file steps of
+uncommitted transactions, file versions, conflicts) of one event commit in the same LMDB
+transaction.
 """
 from __future__ import annotations
 

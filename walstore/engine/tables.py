@@ -15,6 +15,9 @@ function, shared by the LMDB applier and by views that fold events not yet appli
   (compensation owed), ``failed``, ``compensated``, ``resolved``, ``needs-redo``;
   ``held``: owed but never run automatically (a copy of another store).
 
+- file rows (reversible files): ``workspaces``, ``fsteps``, ``fversions``, ``fchanges``,
+  ``fconflicts`` — their layouts are at the end of this module.
+
 Invariants: ``action_changes`` depends only on the event and the rows it names, so
 applying the same events to the same rows gives the same rows (REDO is idempotent); a
 final state (``compensated``, ``resolved``) is never left except by ``redo`` marking.
