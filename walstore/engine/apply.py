@@ -69,8 +69,8 @@ class Applier:
                     gid = e.body.get("gid")
                     if gid:
                         self._decide(txn, gid, b"commit")
-                    txn.delete(tables.txid_key(e.txid), db=st.inflight)
-                    _commit_files(txn, st, e)
+                    if txn.delete(tables.txid_key(e.txid), db=st.inflight):
+                        _commit_files(txn, st, e)  # (only a txn that logged records)
                 elif t in (_T.ABORT, _T.ROLLBACK_PREPARED):
                     txn.delete(tables.txid_key(e.txid), db=st.inflight)
                     if t == _T.ROLLBACK_PREPARED and e.body.get("gid"):
