@@ -13,6 +13,10 @@ files (appends to 40, deletes 5, creates 5 build outputs), and undoes it:
   ``git status --porcelain`` after, then ``git stash -u`` or ``git reset --hard && git
   clean -fd`` (the rollback).
 
+The same rounds run through a store too (``store:`` rows): ``tx.files(ws).watch()``
+around the subprocess and ``tx.rollback()``, with their durable records (durability
+"full").
+
 It also measures the first snapshot against the initial ``git add -A && git commit``,
 and the growth of walstore's blob store vs ``.git`` per edited MiB (then the same edit
 again: deduplicated).  Times are medians over the rounds; ratios are walstore / git
@@ -133,6 +137,41 @@ def bench_walstore(root: str, store: str, rounds: int) -> dict:
     return res
 
 
+def bench_store(root: str, store_dir: str, rounds: int) -> dict:
+    """The same rounds through a store (durability "full"): ``tx.files(ws).watch()``
+    around the subprocess (before: manifest snapshot + save + a durable WATCH_BEGIN;
+    after: snapshot + diff + FILE_STEPS + a durable WATCH_END), then ``tx.rollback()``
+    (a durable ABORT, the undo, a durable FILE_RESTORED).  The first transaction's watch
+    pays the first snapshot."""
+    import walstore
+    res: dict = {"pre": [], "post": [], "rollback": [], "changes": []}
+    store = walstore.open(store_dir, durability="full")
+    try:
+        ws = store.workspace(root)
+        with store.transaction() as tx:
+            t = time.perf_counter()
+            with tx.files(ws).watch():
+                res["first"] = time.perf_counter() - t
+        for r in range(rounds):
+            tx = store.transaction()
+            cm = tx.files(ws).watch()
+            t = time.perf_counter()
+            w = cm.__enter__()
+            res["pre"].append(time.perf_counter() - t)
+            run_make(root, r)
+            t = time.perf_counter()
+            cm.__exit__(None, None, None)
+            res["post"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            tx.rollback()
+            res["rollback"].append(time.perf_counter() - t)
+            res["changes"].append(len(w.changes))
+            assert len(w.changes) >= TOUCHED, len(w.changes)
+    finally:
+        store.close()
+    return res
+
+
 def bench_git(root: str, rounds: int) -> dict:
     res: dict = {"pre": [], "post": [], "stash": [], "reset": []}
     t = time.perf_counter()
@@ -203,6 +242,7 @@ def main() -> None:
         print(f"tree: {args.files:,} files, {size / 2**20:.1f} MiB; {args.rounds} rounds; "
               f"a subprocess touching {TOUCHED} files", flush=True)
         w = bench_walstore(wroot, os.path.join(base, "store"), args.rounds)
+        st = bench_store(wroot, os.path.join(base, "agent-store"), args.rounds)
         g = bench_git(groot, args.rounds)
         gr = growth(w, groot, args.files)
         med = statistics.median
@@ -216,6 +256,13 @@ def main() -> None:
             ("rollback (restore_changes / stash -u)", med(w["rollback"]), med(g["stash"])),
             ("rollback (restore_changes / reset --hard + clean -fd)", med(w["rollback"]),
              med(g["reset"])),
+            ("store: first watch() / initial add+commit", st["first"], g["first"]),
+            ("store: watch() overhead (enter + exit) / add+commit + status",
+             med(a + b for a, b in zip(st["pre"], st["post"])), g_over),
+            ("store: tx.rollback() of the watch / stash -u", med(st["rollback"]),
+             med(g["stash"])),
+            ("store: tx.rollback() of the watch / reset --hard + clean -fd",
+             med(st["rollback"]), med(g["reset"])),
         ]
         print()
         print("| measure | walstore.files | git | walstore / git |")

@@ -185,7 +185,9 @@ def test_record_type_values_are_frozen() -> None:
     assert {t.name: int(t) for t in RecordType} == {
         "COMMIT": 1, "WRITES": 2, "CHECKPOINT": 3, "ABORT": 4, "ACTION_INTENT": 5,
         "ACTION_RESULT": 6, "COMPENSATED": 7, "PREPARE": 8, "COMMIT_PREPARED": 9,
-        "ROLLBACK_PREPARED": 10, "RESTORE_POINT": 11, "SEAL": 12}
+        "ROLLBACK_PREPARED": 10, "RESTORE_POINT": 11, "SEAL": 12, "WORKSPACE": 13,
+        "FILE_STEPS": 14, "WATCH_BEGIN": 15, "WATCH_END": 16, "FILE_RESTORED": 17,
+        "FILE_CONFLICT": 18}
 
 
 def test_records_pack_back_to_back() -> None:
@@ -258,7 +260,7 @@ def test_every_single_bit_flip_is_detected() -> None:
             assert reason is not None, f"flip of bit {bit} of byte {i} went unnoticed"
 
 
-@pytest.mark.parametrize("rtype", [0, 13, 99, 255])
+@pytest.mark.parametrize("rtype", [0, 19, 99, 255])
 def test_unknown_type_with_valid_crc_fails(rtype: int) -> None:
     salt = segment_salt(STORE_A, 0)
     frame = encode_record(salt, rtype, 0, 0, b"\x80")

@@ -1,7 +1,8 @@
 """``walstore demo``: an agent's story, end to end, narrated for a newcomer.
 
 It runs real things: transactions on a real store, a savepoint rolled back after a failed
-step, a child process killed with SIGKILL in the middle of its work, ``walstore recover``
+step, a coding agent's file edits, deploy and watched test run rolled back together, a
+child process killed with SIGKILL in the middle of its work, ``walstore recover``
 as an operator would run it, and a check that every step the child was told was committed
 survived.  Returns the exit status (0 when every check held).
 """
@@ -49,8 +50,9 @@ def run_demo(path: str | None = None) -> int:
     with walstore.open(path, compensators=payments.COMPENSATORS) as store:
         _saga_story(store, ledger)
         _rewind_story(store, ledger)
+    files_ok = _files_story(path)
     acked = _crash_story(path, ledger)
-    return _recovery_story(path, acked, ledger)
+    return _recovery_story(path, acked, ledger, files_ok)
 
 
 def _savepoint_story(store: walstore.Store) -> None:
@@ -116,8 +118,86 @@ def _rewind_story(store: walstore.Store, ledger: str) -> None:
         f"re-executed or forgotten. History is kept: `walstore log` shows all of it.")
 
 
+PROJECT = {
+    "config.toml": "retries = 3\ntimeout = 30\n",
+    "app.py": "def add(a, b):\n    return a + b\n",
+    "test_app.py": ("import os\nfrom app import add\n"
+                    "os.makedirs('.reports', exist_ok=True)\n"
+                    "ok = add(2, 2) == 4 and 'retries = 0' not in open('config.toml').read()\n"
+                    "open('.reports/last.txt', 'w').write('PASS' if ok else 'FAIL')\n"
+                    "raise SystemExit(0 if ok else 1)\n"),
+}
+
+
+def _tree(root: str) -> dict:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            data = b"" if os.path.isdir(p) else open(p, "rb").read()
+            out[os.path.relpath(p, root)] = (st.st_mode, data)
+    return out
+
+
+def _files_story(path: str) -> bool:
+    step(5, "A coding agent edits files, deploys, runs the tests: they fail, all rolls back")
+    base = os.path.dirname(path)
+    project = os.path.join(base, "project")
+    staging = os.path.join(base, "staging.txt")
+    os.makedirs(project, exist_ok=True)
+    for name, text in PROJECT.items():
+        with open(os.path.join(project, name), "w") as f:
+            f.write(text)
+    with open(staging, "w") as f:
+        f.write("app v1\n")
+
+    def undeploy(action) -> None:  # the deploy's compensation: put the old release back
+        with open(staging, "w") as f:
+            f.write(action.result["previous"])
+
+    before = _tree(project)
+    with walstore.open(path, compensators={"undeploy": undeploy}) as store:
+        ws = store.workspace(project, ignore=["__pycache__/"])
+        say(f"The agent's repository {project} is registered as a workspace. In one "
+            f"transaction the agent records its task, edits config.toml and app.py in "
+            f"place (each before-image durable in the store first), deploys to staging "
+            f"(an action with a compensation), and runs the test suite in a watched "
+            f"subprocess: whatever the tests write is part of the transaction too.")
+        try:
+            with store.transaction(meta={"agent": "coder", "task": "faster add"}) as tx:
+                tx.put("coder/task", "make add() faster")
+                f = tx.files(ws)
+                f.write("config.toml", "retries = 0\ntimeout = 30\n")
+                f.write("app.py", "def add(a, b):\n    return a - b  # 'optimized'\n")
+                with tx.action("deploy", args={"to": "staging"}, compensate="undeploy") as act:
+                    with open(staging) as fh:
+                        act.result = {"previous": fh.read()}
+                    with open(staging, "w") as fh:
+                        fh.write("app v2 (the agent's edit)\n")
+                with f.watch() as w:
+                    run = subprocess.run([sys.executable, "-B", "test_app.py"], cwd=project,
+                                         capture_output=True)
+                say(f"The tests exited {run.returncode}; the watch saw "
+                    f"{[f'{c.kind} {os.fsdecode(c.path)}' for c in w.changes]}.")
+                if run.returncode != 0:
+                    raise RuntimeError("the test suite failed")
+        except RuntimeError as e:
+            say(f"The transaction raised ({e}) and rolled back, newest first: the test "
+                f"report the subprocess wrote was removed, the deploy was compensated, "
+                f"app.py and config.toml got their exact bytes and modes back, and the "
+                f"task key was never committed.")
+        with open(staging) as fh:
+            deployed = fh.read()
+        same = _tree(project) == before
+        ok = same and deployed == "app v1\n" and store.get("coder/task") is None
+        say(f"Project tree identical to before: {same}; staging runs {deployed.strip()!r}; "
+            f"task key: {store.get('coder/task')!r}.")
+    return ok
+
+
 def _crash_story(path: str, ledger: str) -> list[dict]:
-    step(5, "A worker process spends the budget step by step, and is killed mid-work")
+    step(6, "A worker process spends the budget step by step, and is killed mid-work")
     say("A child process runs the agent's loop: each step moves 1 unit of budget from "
         "'available' to 'spent' in one transaction, and prints ACK once commit() returned. "
         "After 40 steps it charges a card inside a transaction and we kill it with SIGKILL "
@@ -139,8 +219,8 @@ def _crash_story(path: str, ledger: str) -> list[dict]:
     return acked
 
 
-def _recovery_story(path: str, acked: list[dict], ledger: str) -> int:
-    step(6, "The operator runs `walstore recover --handlers walstore.demo_payments`")
+def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = True) -> int:
+    step(7, "The operator runs `walstore recover --handlers walstore.demo_payments`")
     say(f"The crash left a charge whose transaction never committed (ledger balance "
         f"{payments.balance(ledger)}). Recovery REDOes committed work and, with the payment "
         f"compensators named, refunds it with the same idempotency key.")
@@ -150,7 +230,7 @@ def _recovery_story(path: str, acked: list[dict], ledger: str) -> int:
     if out.returncode != 0:
         say(f"recover exited {out.returncode}: {out.stderr.strip()}")
         return 1
-    step(7, "Checking the state after the crash")
+    step(8, "Checking the state after the crash")
     with walstore.open(path) as store:
         done = store["plan/steps_done"]
         available, spent = store["budget/available"], store["budget/spent"]
@@ -170,10 +250,10 @@ def _recovery_story(path: str, acked: list[dict], ledger: str) -> int:
     rep = verify_store(path)
     say(f"`walstore verify`: {rep.records} WAL records and {rep.lmdb_keys} keys checked: "
         f"{'ok' if rep.ok else rep.errors}.")
-    good = ok_acked and ok_total and ok_money and rep.ok
-    step(8, "Done" if good else "FAILED")
+    good = ok_acked and ok_total and ok_money and rep.ok and files_ok
+    step(9, "Done" if good else "FAILED")
     print("Inspect it yourself:", flush=True)
-    for cmd in ("log", "dump", "stats", "actions"):
+    for cmd in ("log", "dump", "stats", "actions", "files", "diff --from lsn:0"):
         print(f"    walstore {cmd} {path}", flush=True)
     return 0 if good else 1
 

@@ -1,10 +1,10 @@
 """The Store: the facade users hold.  Lifecycle, and every public method as a delegation.
 
 Behind it: the Engine (walstore.engine: log, LMDB, commit pipeline, recovery) and the
-agent layer (walstore.agent: actions and compensations, history, undo, retention, 2PC).
-The Store owns no state of its own beyond wiring them together at open: after the engine
-has recovered, the agent layer runs the compensations recovery found owed (and lists
-the rest in ``last_recovery``).
+agent layer (walstore.agent: actions and compensations, reversible files, history, undo,
+retention, 2PC).  The Store owns no state of its own beyond wiring them together at open:
+after the engine has recovered, the agent layer runs the compensations and file undo
+recovery found owed (and lists the rest, and file conflicts, in ``last_recovery``).
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from .options import Options
 from .engine.engine import Engine
 from .engine.transaction import Transaction, scan_bounds
 from .agent.actions import Action, Saga
+from .agent.files import Files, FilesRecoveryReport
+from .files import Workspace
 from .agent.history import HistoricalView, History, Version
 from .agent.hooks import AgentHooks
 from .agent.purge import Purge
@@ -47,14 +49,17 @@ class Store:
                                        options=options, progress=progress)
         try:
             self._saga = Saga(engine, compensators)
-            self._history = History(engine)
+            self._files = Files(engine)
+            self._history = History(engine, self._files)
             self._twophase = TwoPhase(engine, self._saga)
-            self._hooks = AgentHooks(self._saga, self._twophase)
+            self._hooks = AgentHooks(self._saga, self._twophase, self._files)
+            self._twophase.undo_files = self._hooks.undo_ended
             self._undo = Undo(engine, self._saga, self._history,
-                              lambda meta: self.transaction(meta=meta))
+                              lambda meta: self.transaction(meta=meta), self._files)
             self._purge = Purge(engine, lambda meta: self.transaction(meta=meta))
             if not readonly:
                 engine.checkpoint_hooks.append(Retention(engine).trim)
+                engine.checkpoint_hooks.append(self._files.gc)
                 self._settle_recovery()
             if replicate_to is not None:
                 from .replication import start_in_process  # the [s3] extra, only when asked
@@ -64,12 +69,19 @@ class Store:
             raise
 
     def _settle_recovery(self) -> None:
-        """Run the compensations recovery left owed (those with a compensator, not held)."""
-        report = self._engine.last_recovery
-        done, still = self._saga.run_owed()
+        """Undo what recovery left owed, newest first: the compensations (those with a
+        compensator, not held) and the file changes of transactions that did not commit
+        (held instead in a copy of another store)."""
+        eng = self._engine
+        origin = eng.origin
+        copied = origin is not None and not origin.get("compensate")
+        done, still, conflicts, failures = self._hooks.settle(copied)
+        report = eng.last_recovery
         if report is not None:
+            report = eng.last_recovery = FilesRecoveryReport.of(report)
             report.compensated = done
             report.pending_compensations = [a.id for a in still]
+            report.add_files(conflicts, failures)
 
     # ---- lifecycle ----------------------------------------------------------------------
     @property
@@ -254,6 +266,28 @@ class Store:
                 if attempt > retries:
                     raise
                 time.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + _jitter()))
+
+    # ---- reversible files ---------------------------------------------------------------
+    def workspace(self, root: Any, ignore: Any = None, scope: Any = None) -> Workspace:
+        """Register the directory tree ``root`` for reversible files (durable) and return
+        its Workspace; the same root again returns the same object.  ``ignore``:
+        gitignore-style patterns ``watch()`` does not track; ``scope``: the key prefix a
+        scoped ``rewind``/``revert`` counts it in.  See ``tx.files(ws)``."""
+        self._engine.check_open()
+        return self._files.workspace(root, ignore, scope)
+
+    def workspaces(self) -> list[Workspace]:
+        """Every registered workspace."""
+        self._engine.check_open()
+        self._engine.refresh()
+        return [self._files.registered(r) for r in sorted(self._files.rows())]
+
+    def file_conflicts(self) -> list[dict]:
+        """Every recorded file conflict: a path walstore could not put back because it had
+        changed behind its back (the other version stayed; ``saved_as``: where walstore's
+        was kept), oldest first."""
+        self._engine.check_open()
+        return self._files.conflicts()
 
     # ---- actions and compensations ------------------------------------------------------
     def compensator(self, name: str) -> Callable[[Callable], Callable]:

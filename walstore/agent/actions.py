@@ -198,8 +198,11 @@ class Saga:
         return body
 
     # ---- ending without a commit ---------------------------------------------------------
-    def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
-        """Log the ABORT (the decision, durable), then compensate the live actions."""
+    def end_without_commit(self, tx: "Transaction", cause: BaseException | None,
+                           undo: Callable[[list], None] | None = None) -> None:
+        """Log the ABORT (the decision, durable), then undo the live effects: compensate
+        the actions (``undo``, when given, undoes every effect, files included, in
+        order)."""
         live = [a for a in tx.effects if isinstance(a, Action)]
         problem = None
         if not self.engine.writable:
@@ -210,14 +213,22 @@ class Saga:
             except WalstoreError as e:
                 problem = e
         if problem is None:
-            self.compensate(live, cause=cause)
+            if undo is not None:
+                undo(list(tx.effects))
+            else:
+                self.compensate(live, cause=cause)
             return
         owed = [a.id for a in live if a.compensate]
-        if owed:  # cannot record anything: the intents stay owed in the log, and the next
-            # open's recovery ends this transaction and runs them (said, never silent)
+        files = len(tx.effects) - len(live)
+        if owed or files:  # cannot record anything: the intents and file steps stay owed
+            # in the log, and the next open's recovery ends this transaction and undoes
+            # them (said, never silent)
+            what = " and ".join(x for x in (
+                f"the compensations of action(s) {owed}" if owed else "",
+                f"the undo of {files} file change(s)" if files else "") if x)
             raise ReadOnlyError(f"transaction {tx.id} rolled back, but the store cannot record "
-                                f"any more ({problem}): the compensations of action(s) {owed} "
-                                f"run when the store is reopened") from (cause or problem)
+                                f"any more ({problem}): {what} run when the store is "
+                                f"reopened") from (cause or problem)
 
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
         """A rollback to a savepoint crossed these actions: compensate them now."""

@@ -1,5 +1,5 @@
-"""Reading the past: points, the transaction log, versions of a key, views ``at`` a point,
-and restore points.
+"""Reading the past: points, the transaction log, versions of a key, views ``at`` a point
+(keys, and files through :mod:`walstore.agent.filehistory`), and restore points.
 
 Points (``resolve``) are strict: an ``int`` is a txid (it must have committed), a
 ``walstore.LSN`` a log position (0 .. the end of the log), a ``str`` a restore point
@@ -26,6 +26,8 @@ from .txlog import LSN, TxnInfo, info_from_row
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
+    from .filehistory import HistoricalFiles
+    from .files import Files
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,16 @@ class HistoricalView:
     def __contains__(self, key: Key) -> bool:
         return self._value(encode_key(key)) is not None
 
+    def files(self, ws: Any) -> "HistoricalFiles":
+        """A workspace's files as they were at the point: ``read(path)`` (bytes;
+        FileNotFoundError when absent then), ``entry(path)``, ``exists(path)``."""
+        h = self._history
+        if h.files is None:
+            raise ValueError("this store has no reversible files")
+        from .filehistory import HistoricalFiles
+        return HistoricalFiles(h.file_history, h.files.resolve_ws(ws, register=False),
+                               self.lsn)
+
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """Every key that existed at the point, in order: walks the keys with history in
@@ -85,8 +97,13 @@ def check_txid(txid: int) -> int:
 
 
 class History:
-    def __init__(self, engine: "Engine") -> None:
+    def __init__(self, engine: "Engine", files: "Files | None" = None) -> None:
         self.engine = engine
+        self.files = files
+        self.file_history = None
+        if files is not None:
+            from .filehistory import FileHistory
+            self.file_history = FileHistory(files)
 
     # ---- points -------------------------------------------------------------------------
     def resolve(self, point: Any) -> int:

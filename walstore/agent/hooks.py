@@ -1,38 +1,178 @@
 """What the agent layer does for each transaction: the ``TransactionHooks`` the engine's
 Transaction calls at the points that involve the outside world (actions, their
-compensation, two-phase commit).  One object per store, joining the Saga and 2PC."""
+compensation, file changes and their undo, two-phase commit).  One object per store,
+joining the Saga, reversible files and 2PC.
+
+A transaction's *effects* (``tx.effects``: actions and file changes, in the order they
+were logged) are undone together, newest first: a compensation runs, or a file effect's
+paths are put back, in exactly the reverse of the order they happened (``undo``).
+"""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .actions import ActionScope, Saga
+from ..errors import CompensationFailed, WalstoreError
+from .actions import Action, ActionScope, Saga
+from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
+                    is_file_effect)
 from .twophase import TwoPhase
 
 if TYPE_CHECKING:
     from ..engine.transaction import Transaction
 
 
+def newest_effect_first(effect: Any) -> tuple:
+    """Undo order: by the LSN of the effect's (last) record, newest first."""
+    if isinstance(effect, Action):
+        txid, _, seq = effect.id.partition(".")
+        return (-effect.lsn, -int(txid), -int(seq or 0))
+    return (-effect.lsn, -effect.txid, 0)
+
+
 class AgentHooks:
-    def __init__(self, saga: Saga, twophase: TwoPhase) -> None:
+    def __init__(self, saga: Saga, twophase: TwoPhase, files: Files) -> None:
         self.saga = saga
         self.twophase = twophase
+        self.files = files
 
     def start_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
                      scope: Any) -> ActionScope:
         return ActionScope(self.saga, tx, self.saga.new_action(tx, name, args, compensate,
                                                                 scope))
 
+    def files_of(self, tx: "Transaction", ws: Any) -> TxFiles:
+        return self.files.tx_files(tx, ws)
+
     def commit_body(self, tx: "Transaction") -> dict:
-        return self.saga.commit_fields(tx)
+        body = self.saga.commit_fields(tx)
+        body.update(self.files.commit_fields(tx))
+        return body
 
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
-        self.saga.undo_actions(tx, actions, cause)
+        """A rollback to a savepoint crossed these effects: undo them now (a file effect
+        that cannot be put back stays in the transaction: its rollback tries again, a
+        commit keeps it)."""
+        self.undo(tx.id, actions, cause, keep=tx.effects)
 
     def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
-        self.saga.end_without_commit(tx, cause)
+        self.saga.end_without_commit(tx, cause, undo=lambda effects: self.undo(
+            tx.id, effects, cause))
+
+    def undo_ended(self, txid: int, owed_actions: list) -> None:
+        """A transaction already ended by its decision (``rollback_prepared``): its owed
+        actions and the file effects it left (from the ``fsteps`` table)."""
+        self.undo(txid, owed_actions + self.files.effects_of(txid), None)
+
+    def undo(self, txid: int, effects: list, cause: BaseException | None,
+             keep: list | None = None) -> None:
+        """Undo ``effects`` newest first: compensate each action, put back each file
+        effect's paths; record the file outcomes (FILE_CONFLICT, FILE_RESTORED).  Raises
+        CompensationFailed, then FileConflictError, after everything was tried.  A file
+        effect that cannot be put back (an I/O error) is appended to ``keep`` (the live
+        transaction's effects) when given, else stays owed for the next open."""
+        if not any(is_file_effect(e) for e in effects):
+            self.saga.compensate([a for a in effects if isinstance(a, Action)], cause=cause)
+            return
+        failed_actions: list[Action] = []
+        done, conflicts, failed = [], [], []
+        writable = self.files.engine.writable
+        batch = UndoBatch(effects)
+        try:
+            for eff in sorted(effects, key=newest_effect_first):
+                if isinstance(eff, Action):
+                    failed_actions += self.saga.compensate([eff], cause=cause,
+                                                           raise_on_failure=False)
+                    continue
+                if not writable:
+                    continue  # owed in the log: the next open puts them back
+                try:
+                    got = self.files.undo_one(txid, eff, batch)
+                except (OSError, ValueError, WalstoreError) as e:
+                    failed.append((eff, e))
+                    continue
+                conflicts += [(eff.lsn, c) for c in got]
+                done.append(eff)
+        finally:
+            if done:
+                self.files.record(txid, done, conflicts)
+        if failed_actions:
+            ids = [a.id for a in failed_actions]
+            raise CompensationFailed(
+                f"compensation failed for action(s) {ids}: {failed_actions[0].error}; they "
+                f"are kept as 'failed' (store.pending_compensations())", ids) from cause
+        if conflicts or failed:
+            docs = [self.files.conflict_doc(self._root(done, lsn), c) for lsn, c in conflicts]
+            bad = [(abs_display(e.ws.root_b, e.steps[0].path) if getattr(e, "steps", None)
+                    else e.ws.root, f"{type(x).__name__}: {x}") for e, x in failed]
+            parts = []
+            if docs:
+                parts.append("changed behind walstore's back (their version stays, "
+                             "walstore's is kept aside): " + ", ".join(
+                                 f"{d['path']}" + (f" -> {d['saved_as']}" if d['saved_as']
+                                                   else "") for d in docs))
+            if bad:
+                if keep is not None:
+                    keep.extend(e for e, _x in failed)
+                where = ("kept in the transaction: its rollback tries again" if keep
+                         is not None else "owed: put back at the next open")
+                parts.append(f"could not be restored ({where}): "
+                             + ", ".join(f"{p} ({why})" for p, why in bad))
+            raise FileConflictError(f"transaction {txid} was undone, but some paths "
+                                    f"were not put back: " + "; ".join(parts),
+                                    docs, bad) from cause
+
+    def settle(self, copied: bool = False) -> tuple[list[str], list[Action], list[dict],
+                                                    list]:
+        """At open (after REDO and the losers' ABORTs, before open returns): undo what is
+        owed, newest first across transactions — the compensations of owed actions that
+        have a compensator (not held) and the file effects a crash left — recording each
+        outcome.  Returns (compensated ids, actions still owed, file conflicts, file
+        effects that could not be undone: (txid, LSN, workspace, error))."""
+        saga, files = self.saga, self.files
+        effects, failures = files.owed_effects(copied)
+        if not effects:
+            done_ids, still = saga.run_owed()
+            return done_ids, still, [], failures
+        owed = [a for a in saga.actions(pending=True)
+                if a.compensate in saga.compensators and not a.held]
+        # first the temp names an interrupted change left (a directory to remove may
+        # hold one): nothing of walstore's is running at open
+        files.remove_temps_of(effects)
+        done: dict[int, list] = {}
+        conflicts: dict[int, list] = {}
+        found: list[dict] = []
+        failed_actions: list[Action] = []
+        batch = UndoBatch(effects)
+        try:
+            for eff in sorted(owed + effects, key=newest_effect_first):
+                if isinstance(eff, Action):
+                    failed_actions += saga.compensate([eff], raise_on_failure=False)
+                    continue
+                try:
+                    got = files.undo_one(eff.txid, eff, batch)
+                except (OSError, ValueError, WalstoreError) as e:
+                    failures.append((eff.txid, eff.lsn, eff.ws.root_b, e))
+                    continue
+                done.setdefault(eff.txid, []).append(eff)
+                for c in got:
+                    conflicts.setdefault(eff.txid, []).append((eff.lsn, c))
+                    found.append(dict(files.conflict_doc(eff.ws.root_b, c), tx=eff.txid))
+        finally:
+            for txid in sorted(done):
+                files.record(txid, done[txid], conflicts.get(txid, []))
+        compensated = [a.id for a in owed if a not in failed_actions
+                       and a.state == "compensated"]
+        return compensated, saga.actions(pending=True), found, failures
+
+    @staticmethod
+    def _root(done: list, lsn: int) -> bytes:
+        for e in done:
+            if lsn in e.lsns:
+                return e.ws.root_b
+        return b""
 
     def prepare(self, tx: "Transaction", gid: str) -> None:
-        self.twophase.prepare(tx, gid)
+        self.twophase.prepare(tx, gid, self.files.commit_fields(tx))
 
     def commit_prepared(self, gid: str) -> int:
         return self.twophase.commit_prepared(gid)

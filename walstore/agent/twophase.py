@@ -10,8 +10,9 @@ nor compensated.
 Deciding goes through the same places as everything else: ``commit_prepared`` is an
 ordinary commit through the one pipeline (its COMMIT carries ``gid``; applying it records
 the decision); ``rollback_prepared`` logs ROLLBACK_PREPARED — durable — *then*
-compensates the transaction's actions, so a crash in a compensator leaves them
-``pending`` for the next open, never forgotten.  Decisions are kept so a coordinator
+compensates the transaction's actions and puts back its files (newest first), so a crash
+in a compensator leaves them ``pending`` (and the files owed) for the next open, never
+forgotten.  Decisions are kept so a coordinator
 (:mod:`walstore.agent.coordinator`) can be asked after a crash what it decided.
 """
 from __future__ import annotations
@@ -40,16 +41,18 @@ class UnknownGid(UnknownPoint):
 
 
 class TwoPhase:
-    def __init__(self, engine: "Engine", saga: Saga) -> None:
+    def __init__(self, engine: "Engine", saga: Saga, undo_files=None) -> None:
         self.engine = engine
         self.saga = saga
+        self.undo_files = undo_files  # (txid) -> None: put back an ended txn's file effects
 
-    def prepare(self, tx: "Transaction", gid: str) -> None:
+    def prepare(self, tx: "Transaction", gid: str, file_fields: dict | None = None) -> None:
         check_gid(gid)
         tx._check_writable()
         live = [a for a in tx.effects if isinstance(a, Action)]
         extra = self.saga.commit_fields(tx)
         extra.pop("actions", None)
+        extra.update(file_fields or {})  # the COMMIT of the decision names its file effects
         p = Prepared(gid, tx.id, list(tx.writes.items()), sorted(tx.read_keys),
                      list(tx.read_ranges), tx.meta, [a.id for a in live],
                      self.engine.clock(), extra, tx.scope)
@@ -95,7 +98,10 @@ class TwoPhase:
         eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
                                         f"the rollback of {gid!r}", "the decision")
         owed = [Action.from_row(r) for r in eng.views.action_rows_of(p.txid)]
-        self.saga.compensate([a for a in owed if a.owed])
+        if self.undo_files is not None:
+            self.undo_files(p.txid, [a for a in owed if a.owed])
+        else:
+            self.saga.compensate([a for a in owed if a.owed])
 
     def decision(self, gid: str) -> str | None:
         """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""

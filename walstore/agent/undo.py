@@ -19,6 +19,14 @@ transaction like any other and can itself be reverted.
   RevertConflict naming those actions, unless ``force=True``, which marks them
   ``needs-redo`` (walstore cannot redo the outside world).
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.
+- Files (:mod:`walstore.agent.files`): each path an undone transaction changed goes back
+  to its before-image at the oldest undone version, in the undoing transaction (logged
+  as its own FILE_STEPS, so the undo can itself be reverted).  A path that is no longer
+  the newest undone after-image changed behind walstore's back: RevertConflict naming it
+  (``paths``) unless ``force=True``, which puts the earlier version over it (the
+  stranger's version is kept in the undoing transaction's steps).  A later transaction
+  that changed one of the same paths is a later writer, as for keys.  In a scoped undo, a
+  workspace counts as inside the scope when it was declared with ``scope=``.
 
 Costs grow with what is undone (index lookups per transaction and key), never with the
 age of the store.
@@ -32,13 +40,16 @@ from ..codec import decode_key, encode_key
 from ..errors import RevertConflict
 from ..log.records import jsonable_point
 from ..engine import tables
+from ..files import restore_status
 from .actions import Action, Saga, newest_first
+from .files import FileUndo, abs_display
 from .history import History
 from .scope import ScopeRange, check_scope
 from .txlog import TxnInfo, info_from_row
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
+    from .files import Files
     from ..engine.transaction import Transaction
 
 
@@ -63,11 +74,14 @@ class UndoPlan:
 
 
 class Undo:
-    def __init__(self, engine: "Engine", saga: Saga, history: History, begin) -> None:
+    def __init__(self, engine: "Engine", saga: Saga, history: History, begin,
+                 files: "Files | None" = None) -> None:
         self.engine = engine
         self.saga = saga
         self.history = history
         self.begin = begin  # (meta) -> a new Transaction
+        self.files = files
+        self.fh = history.file_history
 
     # ---- public verbs ---------------------------------------------------------------------
     def revert(self, txid: int, cascade: bool = False, scope: Any = None,
@@ -115,7 +129,8 @@ class Undo:
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
             plan = self._plan(infos, scope, force, boundary)
             self._drop_unchanged(tx, plan)
-            if dry_run or not (plan.keys or plan.compensations or plan.needs_redo):
+            if dry_run or not (plan.keys or plan.compensations or plan.needs_redo
+                               or plan.files):
                 tx.rollback()  # (nothing would change: the state is already as of the point)
                 return plan if dry_run else None
             return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
@@ -148,7 +163,17 @@ class Undo:
                 txid = unpack(_row)[0]
                 if txid not in out and txid != info.txid:
                     out[txid] = self.history.txn_info(txid)
+        if self.fh is not None:  # and the later writers of its files (in the scope)
+            for txid in self.fh.later_writers(info.txid, info.lsn, self._ws_filter(rng)):
+                if txid not in out:
+                    out[txid] = self.history.txn_info(txid)
         return list(out.values())
+
+    def _ws_filter(self, rng: ScopeRange | None):
+        """Is a workspace (root) inside the scope?  (Declared with ``scope=``.)"""
+        if rng is None:
+            return lambda root: True
+        return lambda root: rng.same(self.files.scope_of(root))
 
     def _plan(self, infos: list[TxnInfo], scope: Any, force: bool,
               boundary: int | None) -> UndoPlan:
@@ -156,6 +181,8 @@ class Undo:
         rng = ScopeRange(scope) if scope is not None else None
         plan = UndoPlan(scope=scope, boundary=boundary)
         restore: dict[bytes, int] = {}  # key -> LSN just before the oldest undone writer
+        file_lsns: dict[tuple, list] = {}  # (workspace, path) -> commit LSNs, newest first
+        in_scope = self._ws_filter(rng)
         mixed_with_actions = []
         undone_txids = set()
         for info in infos:  # newest first
@@ -165,8 +192,12 @@ class Undo:
                                          f"cannot come back", [info.txid])
                 continue
             keys = [encode_key(k) for k in info.keys]
-            whole = rng is None or rng.same(info.scope) or all(rng.contains(k) for k in keys)
+            paths = self.fh.changes_of(info.txid) if self.fh is not None else []
+            paths_in = paths if rng is None else [p for p in paths if in_scope(p[0])]
+            whole = rng is None or rng.same(info.scope) or (
+                all(rng.contains(k) for k in keys) and len(paths_in) == len(paths))
             mine = keys if whole else [k for k in keys if rng.contains(k)]
+            mine_paths = paths if whole else paths_in
             committed = [Action.from_row(self._current_row(a)) for a in info.actions]
             committed = [a for a in committed if a.state == tables.COMMITTED and a.compensate]
             if whole:
@@ -175,13 +206,15 @@ class Undo:
             else:
                 declared = [a for a in committed if rng.same(a.scope)]
                 plan.compensations += declared
-                if mine and len(declared) < len(committed):
+                if (mine or mine_paths) and len(declared) < len(committed):
                     mixed_with_actions.append(info.txid)
-                if not mine and not declared:
+                if not mine and not declared and not mine_paths:
                     continue
                 undone_txids.add(info.txid)
             for k in mine:
                 restore[k] = info.lsn  # newest first: ends at the oldest writer's LSN
+            for p in mine_paths:
+                file_lsns.setdefault(p, []).append(info.lsn)
         if mixed_with_actions:
             raise RevertConflict(f"transactions {mixed_with_actions} wrote both inside and "
                                  f"outside scope {scope!r} and ran actions that were not "
@@ -192,7 +225,38 @@ class Undo:
         plan.needs_redo = self._needs_redo(infos, undone_txids, force)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
+        plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
+        plan._force = force  # type: ignore[attr-defined]
+        plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files)
         return plan
+
+    def _plan_files(self, file_lsns: dict, force: bool) -> list:
+        """Per path: back to its before-image at the oldest undone version; it must still
+        be the after-image of the newest undone one (else it changed behind walstore's
+        back: RevertConflict naming it, unless ``force``).  Paths already there drop out."""
+        if not file_lsns:
+            return []
+        items, conflicts = [], []
+        for (root, path), lsns in file_lsns.items():
+            newest = self.fh.version(root, path, lsns[0])
+            oldest = self.fh.version(root, path, lsns[-1])
+            if newest is None or oldest is None:
+                continue
+            ws = self.files.registered(root)
+            status = restore_status(ws, path, oldest.before, newest.after)
+            if status.state == "done":
+                continue
+            if status.state == "conflict":
+                conflicts.append(abs_display(root, path))
+                if not force:
+                    continue
+            items.append(FileUndo(ws, path, oldest.before, newest.after))
+        if conflicts and not force:
+            raise RevertConflict(f"file(s) changed behind walstore's back since the undone "
+                                 f"transaction(s): {sorted(conflicts)}; use force=True to put "
+                                 f"back their earlier version anyway",
+                                 paths=sorted(conflicts))
+        return items
 
     def _needs_redo(self, infos: list[TxnInfo], undone: set, force: bool) -> list[str]:
         """Actions an undone undo had compensated, whose own transaction stays: undoing
@@ -239,6 +303,8 @@ class Undo:
         if plan.scope is not None:
             body["scope"] = plan.scope
         tx.commit_body.update(body)
+        if plan._files:  # type: ignore[attr-defined]
+            self.files.apply_undo(tx, plan._files, plan._force)  # type: ignore[attr-defined]
         tx.commit()
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]

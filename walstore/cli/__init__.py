@@ -118,4 +118,4 @@ def main(debug: bool) -> None:
     """
 
 
-from . import agent, data, maintenance, replication, tools, twophase  # noqa: E402,F401
+from . import agent, data, files, maintenance, replication, tools, twophase  # noqa: E402,F401

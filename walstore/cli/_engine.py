@@ -6,6 +6,7 @@ the engine modules means editing this file only.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator
 
 from ..engine.layout import Layout
@@ -18,7 +19,7 @@ from ..store import Store
 
 __all__ = ["RECOVERY_MODES", "open_for_recovery", "verify", "wal_records", "backup",
            "is_store", "lmdb_file", "prepared_details", "run_demo", "benchmarks",
-           "replication"]
+           "replication", "tracked_files", "changes_between"]
 
 Progress = Callable[[int, int], None] | None
 
@@ -78,3 +79,78 @@ def replication(*names: str) -> tuple:
     from ..replication.targets import display_url
     found = {"display_url": display_url}
     return tuple(found[n] if n in found else getattr(_replication, n) for n in names)
+
+
+# ---- reversible files (``walstore files``, ``walstore diff``) ----------------------------
+def _boundary(store: Store, point: Any) -> int:
+    """The boundary LSN of a point (None: the end of the log)."""
+    eng = store._engine
+    eng.drain()
+    if point is None:
+        return eng.memtable.published
+    return store._history.resolve(point)
+
+
+def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[str, Any]]:
+    """Per workspace (or the one named): its registration and every path walstore changed
+    (retained), with its state at ``point`` (None: now, per the log) and its versions up
+    to then.  ValueError for a directory that is not a registered workspace."""
+    from ..agent.filehistory import describe
+    files, fh = store._files, store._history.file_history
+    boundary = _boundary(store, point)
+    roots = sorted(files.rows())
+    if workspace is not None:
+        roots = [files.resolve_ws(workspace, register=False).root_b]
+    out = []
+    for root in roots:
+        ws = files.registered(root)
+        paths = []
+        for rel in fh.tracked(root):
+            versions = [v for v in fh.versions(root, rel) if v.lsn <= boundary]
+            entry = fh.entry_at(root, rel, boundary)
+            paths.append({"path": os.fsdecode(rel), "entry": describe(entry),
+                          "versions": [{"txid": v.txid, "lsn": int(v.lsn),
+                                        "before": describe(v.before),
+                                        "after": describe(v.after)} for v in versions]})
+        out.append({"root": ws.root, "scope": ws.scope,
+                    "ignore": [os.fsdecode(x) for x in ws.ignore.sources],
+                    "files": paths})
+    return out
+
+
+def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
+    """Keys and files whose state differs between two points (``end`` None: now):
+    [{key, before, after}] and [{path, kind, before, after}] (before/after: None when
+    absent), from the transactions committed in between."""
+    from ..agent.filehistory import describe
+    from ..codec import decode_key, unpack_value
+    from ..files import Change
+    eng = store._engine
+    lo, hi = _boundary(store, start), _boundary(store, end)
+    if hi < lo:
+        lo, hi = hi, lo
+    keys: set[bytes] = set()
+    paths: set[tuple[bytes, bytes]] = set()
+    fh = store._history.file_history
+    for row in eng.views.commits_after(lo):
+        if row["lsn"] > hi:
+            continue
+        keys.update(w[0] for w in row.get("w", []))
+        paths.update(fh.changes_of(row["tx"]))
+    key_docs = []
+    for k in sorted(keys):
+        a, b = eng.reader.as_of(k, lo + 1), eng.reader.as_of(k, hi + 1)
+        if a != b:
+            key_docs.append({"key": decode_key(k),
+                             "before": None if a is None else unpack_value(a),
+                             "after": None if b is None else unpack_value(b),
+                             "existed": a is not None, "exists": b is not None})
+    file_docs = []
+    for root, rel in sorted(paths):
+        a, b = fh.entry_at(root, rel, lo), fh.entry_at(root, rel, hi)
+        if a is None or b is None or a.same(b):
+            continue
+        file_docs.append({"path": os.fsdecode(root + b"/" + rel),
+                          "kind": Change.of(rel, a, b).kind,
+                          "before": describe(a), "after": describe(b)})
+    return {"from_lsn": lo, "to_lsn": hi, "keys": key_docs, "files": file_docs}

@@ -10,7 +10,9 @@ trimming it allows, erasure of purged keys) and live here too, so one module ans
 
 Invariants: events are applied in LSN order, exactly once per LMDB state (an event below
 ``applied`` is never applied again); the data, its history rows, the transaction log row,
-action rows and 2PC rows of one event commit in the same LMDB transaction.
+action rows, 2PC rows and the rows of reversible files (workspaces, the file steps of
+uncommitted transactions, file versions, conflicts) of one event commit in the same LMDB
+transaction.
 """
 from __future__ import annotations
 
@@ -69,7 +71,8 @@ class Applier:
                     gid = e.body.get("gid")
                     if gid:
                         self._decide(txn, gid, b"commit")
-                    txn.delete(txid_raw, db=st.inflight)
+                    if txn.delete(txid_raw, db=st.inflight):
+                        _commit_files(txn, st, e)  # (only a txn that logged records)
                     if _ACTION_FIELDS.isdisjoint(e.body):
                         continue  # a commit that names no action changes no action row
                 elif t in (_T.ABORT, _T.ROLLBACK_PREPARED):
@@ -82,6 +85,8 @@ class Applier:
                     row = dict(e.body, w=[[k, v] for k, v in e.writes])
                     txn.put(PREPARED_PREFIX + str(e.body["gid"]).encode(), pack(row),
                             db=st.twophase)
+                elif t in _FILE_EVENTS:
+                    _apply_file_event(txn, st, e)
                 elif t == _T.RESTORE_POINT:
                     name = str(e.body.get("name", "")).encode("utf-8")
                     if e.body.get("drop"):
@@ -146,12 +151,76 @@ class Applier:
                     if araw is not None and unpack(araw).get("state") in (
                             tables.COMMITTED, tables.COMPENSATED, tables.RESOLVED):
                         txn.delete(a["id"].encode(), db=st.actions)
+                _trim_files(txn, st, lsn, txid, horizon)
                 txn.delete(tables.txid_key(txid), db=st.txns)
                 txn.delete(u64(lsn), db=st.bylsn)
         st.write(body)
 
 
 _ACTION_FIELDS = frozenset({"actions", "compensate", "redo"})  # see tables.action_changes
+_FILE_EVENTS = frozenset({_T.WORKSPACE, _T.FILE_STEPS, _T.WATCH_BEGIN, _T.WATCH_END,
+                          _T.FILE_RESTORED, _T.FILE_CONFLICT})
+
+
+def _apply_file_event(txn, st, e: Event) -> None:
+    """Reversible files: registrations, write-ahead steps, their undo, conflicts (see
+    :mod:`walstore.engine.tables` for the rows).  Rows are put at once, so a COMMIT later
+    in the same batch finds its transaction's steps."""
+    t, b = e.type, e.body
+    if t == _T.WORKSPACE:
+        root = b.get("root")
+        old = txn.get(root, db=st.workspaces)
+        txn.put(root, pack(tables.workspace_row(e, None if old is None else unpack(old))),
+                db=st.workspaces)
+    elif t in (_T.FILE_STEPS, _T.WATCH_BEGIN):
+        txn.put(tables.txid_key(e.txid), b"", db=st.inflight)
+        txn.put(tables.fsteps_key(e.txid, e.lsn), pack(tables.fsteps_row(e)), db=st.fsteps)
+        if t == _T.WATCH_BEGIN:
+            ws = b.get("ws")
+            old = txn.get(ws, db=st.workspaces)
+            txn.put(ws, pack(tables.workspace_row(e, None if old is None else unpack(old))),
+                    db=st.workspaces)
+    elif t == _T.WATCH_END:  # its changes are FILE_STEPS rows now: the manifest row goes
+        txn.delete(tables.fsteps_key(e.txid, int(b.get("begin", -1))), db=st.fsteps)
+    elif t == _T.FILE_RESTORED:
+        for lsn in b.get("effects") or ():
+            key = tables.fsteps_key(e.txid, int(lsn))
+            if b.get("held"):
+                raw = txn.get(key, db=st.fsteps)
+                if raw is not None:
+                    txn.put(key, pack(dict(unpack(raw), held=True)), db=st.fsteps)
+            else:
+                txn.delete(key, db=st.fsteps)
+    elif t == _T.FILE_CONFLICT:
+        txn.put(u64(e.lsn), pack({"tx": e.txid, "ws": b.get("ws"), "effect": b.get("effect"),
+                                  "conflict": b.get("conflict"), "ts": b.get("ts", 0.0)}),
+                db=st.fconflicts)
+
+
+def _commit_files(txn, st, e: Event) -> None:
+    """A COMMIT: the steps of its live file effects (``files``: their LSNs) become the
+    versions of the paths they changed; every ``fsteps`` row of the transaction goes (the
+    effects it undid itself were restored before it committed)."""
+    prefix = tables.fsteps_prefix(e.txid)
+    cur = txn.cursor(db=st.fsteps)
+    if not cur.set_range(prefix) or not cur.key().startswith(prefix):
+        return
+    live = {int(x) for x in e.body.get("files") or ()}
+    rows, doomed = [], []
+    while cur.key().startswith(prefix):
+        doomed.append(cur.key())
+        if tables.split_fsteps_key(cur.key())[1] in live:
+            rows.append(unpack(cur.value()))
+        if not cur.next():
+            break
+    for (ws, path), (before, after) in tables.collapse_steps(rows).items():
+        txn.put(tables.fversion_key(ws, path, e.lsn), pack([e.txid, before, after]),
+                db=st.fversions)
+        txn.put(tables.fchange_key(e.txid, ws, path), b"", db=st.fchanges)
+    for k in doomed:
+        txn.delete(k, db=st.fsteps)
+
+
 _ACTION_EVENTS = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
                             _T.ROLLBACK_PREPARED, _T.COMPENSATED})
 
@@ -180,6 +249,29 @@ def _rows_of_txid(txn, st, pending: dict):
                 found[aid] = row
         return list(found.values())
     return rows
+
+
+def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:
+    """The file history of a trimmed commit: its ``fchanges`` rows, and every version of
+    the paths it changed below the horizon except the newest (which views at or after
+    the horizon read)."""
+    prefix = tables.fsteps_prefix(txid)  # fchanges keys start with the txid too
+    cur = txn.cursor(db=st.fchanges)
+    doomed = []
+    if cur.set_range(prefix):
+        while cur.key().startswith(prefix):
+            doomed.append(cur.key())
+            if not cur.next():
+                break
+    for raw in doomed:
+        _t, ws, path = tables.split_fchange_key(raw)
+        vprefix = tables.fpath_prefix(ws, path)
+        below = [k for k, _v in _rows(txn, st.fversions, vprefix,
+                                      tables.fversion_key(ws, path, horizon))
+                 if tables.is_fversion_of(k, vprefix)]
+        for k in below[:-1]:  # only the newest below the horizon is ever read again
+            txn.delete(k, db=st.fversions)
+        txn.delete(raw, db=st.fchanges)
 
 
 def _has_newer_below(txn, st, key: bytes, lsn: int, horizon: int) -> bool:

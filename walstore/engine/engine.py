@@ -39,7 +39,7 @@ from .apply import Applier
 from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
-from .lmdb_state import LmdbState, StateWriteError
+from .lmdb_state import LmdbState, StateWriteError, from_u64
 from .memtable import MemTable
 from .pipeline import CommitPipeline
 from .recovery import LogPosition, Recovery, RecoveryReport
@@ -144,7 +144,10 @@ class Engine:
         top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1]
                   + [p.txid for p in self.prepared.by_gid.values()])
         self._txids = itertools.count(top + 1)
-        report.losers = sorted(set(report.losers) - self.prepared.txids())
+        # every transaction REDO left in flight is a loser too: one that logged only file
+        # steps (no intent) in the tail is in the ``inflight`` table once REDO applied it
+        report.losers = sorted((set(report.losers) | self._inflight_txids())
+                               - self.prepared.txids())
         self._undo_losers(report.losers)
         if report.redone or report.problems or report.losers:
             self._checkpoint()
@@ -167,6 +170,9 @@ class Engine:
         self.prepared = PreparedSet()
         self.pipeline = CommitPipeline(self, self.journal,
                                        ConflictChecker(self.state, self.memtable), self.prepared)
+
+    def _inflight_txids(self) -> set[int]:
+        return {from_u64(k) for k, _v in self.state.scan(b"", None, db=self.state.inflight)}
 
     def _undo_losers(self, losers: list[int]) -> None:
         """UNDO: a loser ends as a rollback ends, with an ABORT record (its actions' rows

@@ -54,7 +54,9 @@ DATA = object()  # "the data table" as a default argument (None means: a missing
 
 TABLES = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist",
           "bylsn": b"bylsn", "points": b"points", "actions": b"actions",
-          "twophase": b"twophase", "hkeys": b"hkeys", "inflight": b"inflight"}
+          "twophase": b"twophase", "hkeys": b"hkeys", "inflight": b"inflight",
+          "workspaces": b"workspaces", "fsteps": b"fsteps", "fversions": b"fversions",
+          "fchanges": b"fchanges", "fconflicts": b"fconflicts"}
 
 
 class StateWriteError(WalstoreError):

@@ -15,6 +15,9 @@ function, shared by the LMDB applier and by views that fold events not yet appli
   (compensation owed), ``failed``, ``compensated``, ``resolved``, ``needs-redo``;
   ``held``: owed but never run automatically (a copy of another store).
 
+- file rows (reversible files): ``workspaces``, ``fsteps``, ``fversions``, ``fchanges``,
+  ``fconflicts`` — their layouts are at the end of this module.
+
 Invariants: ``action_changes`` depends only on the event and the rows it names, so
 applying the same events to the same rows gives the same rows (REDO is idempotent); a
 final state (``compensated``, ``resolved``) is never left except by ``redo`` marking.
@@ -149,3 +152,101 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         return [new]
     return []
 
+
+
+# ---- reversible files -----------------------------------------------------------------
+# ``workspaces``: root (bytes) -> {root, ignore, scope, lsn, ts, manifest}: registered trees;
+#   ``manifest`` is the digest of the newest saved manifest (a watch's "before"), so the
+#   next process's first snapshot is incremental.
+# ``fsteps``:     u64 txid | u64 LSN -> {ws, op, steps} (a FILE_STEPS record) or {ws, op:
+#   "watch", manifest} (a WATCH_BEGIN not ended yet): the file effects of transactions that
+#   have not committed.  A row of a live transaction is its write-ahead before-image; a row
+#   of an ended one (ABORT, a loser) is an undo still owed, until FILE_RESTORED.
+# ``fversions``:  u16 len(ws) | ws | u16 len(path) | path | u64 commit LSN ->
+#   [txid, before row, after row]: what a committed transaction did to one path (its
+#   first before-image and last after-image there).
+# ``fchanges``:   u64 txid | u16 len(ws) | ws | path -> b"": the paths a committed
+#   transaction changed (the index revert, rewind and diff read).
+# ``fconflicts``: u64 LSN of the FILE_CONFLICT record -> {tx, ws, effect, conflict, ts}.
+def fsteps_prefix(txid: int) -> bytes:
+    return _U64.pack(txid)
+
+
+def fsteps_key(txid: int, lsn: int) -> bytes:
+    return _U64.pack(txid) + _U64.pack(lsn)
+
+
+def split_fsteps_key(raw: bytes) -> tuple[int, int]:
+    return _U64.unpack_from(raw)[0], _U64.unpack_from(raw, 8)[0]
+
+
+def fpath_prefix(ws: bytes, path: bytes) -> bytes:
+    return _U16.pack(len(ws)) + ws + _U16.pack(len(path)) + path
+
+
+def fversion_key(ws: bytes, path: bytes, lsn: int) -> bytes:
+    return fpath_prefix(ws, path) + _U64.pack(lsn)
+
+
+def fws_prefix(ws: bytes) -> bytes:
+    return _U16.pack(len(ws)) + ws
+
+
+def split_fversion_key(raw: bytes) -> tuple[bytes, bytes, int]:
+    n = _U16.unpack_from(raw)[0]
+    ws = raw[2:2 + n]
+    m = _U16.unpack_from(raw, 2 + n)[0]
+    path = raw[4 + n:4 + n + m]
+    return ws, path, _U64.unpack_from(raw, 4 + n + m)[0]
+
+
+def is_fversion_of(raw: bytes, prefix: bytes) -> bool:
+    return raw.startswith(prefix) and len(raw) == len(prefix) + 8
+
+
+def fchange_key(txid: int, ws: bytes, path: bytes) -> bytes:
+    return _U64.pack(txid) + _U16.pack(len(ws)) + ws + path
+
+
+def split_fchange_key(raw: bytes) -> tuple[int, bytes, bytes]:
+    n = _U16.unpack_from(raw, 8)[0]
+    return _U64.unpack_from(raw)[0], raw[10:10 + n], raw[10 + n:]
+
+
+def workspace_row(event: Event, old: dict | None) -> dict:
+    """The ``workspaces`` row after a WORKSPACE or WATCH_BEGIN event."""
+    b = event.body
+    if event.type == RecordType.WATCH_BEGIN:
+        return dict(old or {"root": b.get("ws")}, manifest=b.get("manifest"))
+    row = {"root": b.get("root"), "ignore": list(b.get("ignore") or ()),
+           "scope": b.get("scope"), "lsn": event.lsn, "ts": b.get("ts", 0.0)}
+    if old and old.get("manifest"):
+        row["manifest"] = old["manifest"]
+    return row
+
+
+def fsteps_row(event: Event) -> dict:
+    """The ``fsteps`` row of a FILE_STEPS or WATCH_BEGIN event."""
+    b = event.body
+    if event.type == RecordType.WATCH_BEGIN:
+        return {"ws": b.get("ws"), "op": "watch", "manifest": b.get("manifest")}
+    row = {"ws": b.get("ws"), "op": b.get("op"), "steps": b.get("steps") or []}
+    if "watch" in b:
+        row["watch"] = b["watch"]
+    return row
+
+
+def collapse_steps(rows: list[dict]) -> dict[tuple[bytes, bytes], list]:
+    """(ws, path) -> [first before row, last after row] over the ``fsteps`` rows of one
+    committed transaction, in LSN order: what it did to each path."""
+    out: dict[tuple[bytes, bytes], list] = {}
+    for row in rows:
+        ws = row.get("ws")
+        for step in row.get("steps") or ():
+            path, before, after = step
+            key = (ws, path)
+            if key in out:
+                out[key][1] = after
+            else:
+                out[key] = [before, after]
+    return out

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_value, \
     prefix_end, unpack_value
-from ..errors import CommitOutcomeUnknown, TransactionClosed
+from ..errors import CommitOutcomeUnknown, TransactionClosed, WalstoreError
 from ..log.format import LSN
 from .conflicts import ReadSet
 from .pipeline import CommitRequest
@@ -48,6 +48,8 @@ class TransactionHooks(Protocol):
 
     def start_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
                      scope: Any) -> Any: ...
+
+    def files_of(self, tx: "Transaction", ws: Any) -> Any: ...
 
     def commit_body(self, tx: "Transaction") -> dict: ...
 
@@ -251,6 +253,12 @@ class Transaction:
         return self._hooks.start_action(self, name, args, compensate,
                                         self.scope if scope is None else scope)
 
+    def files(self, ws: Any):
+        """``tx.files(ws)``: this transaction's file operations in a workspace (a
+        ``store.workspace(...)`` or its root path; see walstore.agent.files.TxFiles)."""
+        self._check_active()
+        return self._hooks.files_of(self, ws)
+
     # ---- savepoints ----------------------------------------------------------------------
     def savepoint(self, name: str | None = None) -> Savepoint:
         self._check_active()
@@ -278,6 +286,11 @@ class Transaction:
         self._check_active()
         i = self._find(sp)
         target = self._savepoints[i]
+        for e in self.effects[target.effect_mark:]:
+            why = getattr(e, "blocks_rollback", None)
+            if why:  # (before anything is undone)
+                raise WalstoreError(f"cannot roll back transaction {self.id} to "
+                                        f"{target!r}: {why}")
         while len(self._undo) > target._undo_len:
             k, prev = self._undo.pop()
             if prev is _MISSING:

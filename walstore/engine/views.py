@@ -110,6 +110,23 @@ class Views:
             if raw is not None:
                 yield unpack(raw)
 
+    # ---- reversible files ---------------------------------------------------------------
+    def workspace_rows(self) -> dict[bytes, dict]:
+        """Registered workspaces (root -> row), unapplied registrations and manifests
+        folded in."""
+        st = self.state
+        out = {k: unpack(v) for k, v in st.scan(b"", None, db=st.workspaces)} \
+            if st.workspaces is not None else {}
+        for e in self._events(frozenset({_T.WORKSPACE, _T.WATCH_BEGIN})):
+            key = e.body.get("root") if e.type == _T.WORKSPACE else e.body.get("ws")
+            out[key] = tables.workspace_row(e, out.get(key))
+        return out
+
+    def unapplied_file_events(self) -> list[Event]:
+        """FILE_STEPS and WATCH_BEGIN events not in LMDB yet (published or not): what a
+        garbage collection of the blob store must count as references too."""
+        return self._events(frozenset({_T.FILE_STEPS, _T.WATCH_BEGIN}), True)
+
     # ---- two-phase commit ---------------------------------------------------------------
     def decision(self, gid: str) -> str | None:
         for e in reversed(self._events(frozenset({_T.COMMIT, _T.ROLLBACK_PREPARED}), True)):

@@ -26,7 +26,8 @@ before-image is saved under a quarantine directory, and a ``FileConflict`` says 
 
 ``durable=False`` skips the fsyncs (a store opened with durability="none"): a process
 crash still leaves old-or-new; only power loss can lose the change.  All writes go through
-``walstore.fileio`` (the fault seam); paths are checked by ``Workspace.resolve`` first.
+``walstore.fileio`` (the fault seam), directory, symlink and mode changes through
+``fsops`` (the same seam); paths are checked by ``Workspace.resolve`` first.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .. import fileio
+from . import fsops
 from .blobs import BlobStore
 from .entries import (ABSENT, DIR, FILE, SYMLINK, Entry, UnsupportedFileType, entry_from_stat,
                       read_entry)
@@ -179,7 +181,7 @@ def _fsync_dir(abs_dir: bytes, durable: bool) -> None:
 
 
 def _rmdir(abs_path: bytes) -> None:
-    os.rmdir(abs_path)
+    fsops.rmdir(abs_path)
 
 
 def _undo_created(ws: Workspace, created: list[bytes], durable: bool) -> None:
@@ -198,9 +200,9 @@ def _mkdir_atomic(ws: Workspace, rel: bytes, mode: int, owner: Entry | None,
     """Create the directory ``rel`` with exactly ``mode`` in one visible step."""
     parent = ws.abspath(parent_of(rel))
     tmp = _temp_name(parent)
-    os.mkdir(tmp, 0o700)
+    fsops.mkdir(tmp, 0o700)
     try:
-        os.chmod(tmp, mode)
+        fsops.chmod(tmp, mode)
         _chown(tmp, owner)
         if os.path.lexists(ws.abspath(rel)):
             raise FileExistsError(errno.EEXIST, "exists")
@@ -256,7 +258,7 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
     try:
         fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
         digest, _size = fill(fd)
-        os.fchmod(fd, mode)
+        fsops.fchmod(fd, mode)
         _chown(fd, owner)
         if durable:
             fileio.fsync(fd)
@@ -326,16 +328,16 @@ def _chmod_nofollow(abs_path: bytes, mode: int, durable: bool) -> None:
     if stat.S_ISLNK(st.st_mode):
         raise ValueError(f"{_s(abs_path)!r} is a symlink; a symlink has no mode of its own")
     try:
-        fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = fileio.open_file(_s(abs_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except PermissionError:  # unreadable for us: change it through an O_PATH handle
         fd = os.open(abs_path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            os.chmod(f"/proc/self/fd/{fd}", mode)
+            fsops.chmod(f"/proc/self/fd/{fd}", mode)
         finally:
             os.close(fd)
         return
     try:
-        os.fchmod(fd, mode)
+        fsops.fchmod(fd, mode)
         if durable:
             fileio.fsync(fd)
     finally:
@@ -376,7 +378,7 @@ def make_symlink(ws: Workspace, path: PathLike, target: str | bytes,
     parent = ws.abspath(parent_of(rel))
     tmp = _temp_name(parent)
     try:
-        os.symlink(target_b, tmp)
+        fsops.symlink(target_b, tmp)
         _chown(tmp, owner)
         fileio.rename(_s(tmp), _s(abs_path))
     except OSError as e:
@@ -524,12 +526,15 @@ def _bottom_up(ws: Workspace, rel: bytes, st: os.stat_result):
 
 # ---- restore ----------------------------------------------------------------------------
 def restore_status(ws: Workspace, path: PathLike, before: Entry,
-                   expected_current: Entry | None) -> RestoreStatus:
+                   expected_current: Entry | None,
+                   done: Iterable[Entry] = ()) -> RestoreStatus:
     """Classify ``path`` for a restore without changing anything (a revert checks every
-    path first and raises RevertConflict naming the conflicts)."""
+    path first and raises RevertConflict naming the conflicts).  ``done``: states that
+    count as restored already (the before-images of older steps of the same path, when
+    an interrupted undo is run again: it had gone further back)."""
     _rel, abs_path = ws.resolve(path)
     current = read_entry(abs_path, hash=True)
-    if before.same(current):
+    if before.same(current) or any(d.same(current) for d in done):
         return RestoreStatus("done", current)
     if expected_current is not None and not expected_current.same(current):
         return RestoreStatus("conflict", current)
@@ -538,7 +543,7 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
 
 def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
             blobs: BlobStore, quarantine: str | bytes | None = None,
-            durable: bool = True) -> FileConflict | None:
+            durable: bool = True, done: Iterable[Entry] = ()) -> FileConflict | None:
     """Put the before-image ``before`` back at ``path``.
 
     ``expected_current``: the state walstore left the path in (its after-image); when the
@@ -547,9 +552,10 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     FileConflict is returned.  None means any current state is walstore's own (a crashed
     watch, or a forced revert).  A directory that must go but holds something walstore
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
-    before-image.  Missing parents are created (default mode)."""
+    before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
+    parents are created (default mode)."""
     rel, abs_path = ws.resolve(path)
-    status = restore_status(ws, rel, before, expected_current)
+    status = restore_status(ws, rel, before, expected_current, done)
     current = status.current
     if status.state == "done":
         return None
@@ -616,7 +622,7 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
     if not os.path.isabs(quarantine):
         raise ValueError("the quarantine directory must be an absolute path")
     dest = quarantine + b"/" + rel
-    fileio.make_dir(_s(os.path.dirname(dest)))
+    fsops.make_dirs(os.path.dirname(dest))
     n = 0
     candidate = dest
     while os.path.lexists(candidate):
@@ -635,10 +641,10 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
         os.close(fd)
         fileio.rename(_s(tmp), _s(candidate))
     elif before.kind == SYMLINK:
-        os.symlink(before.target or b"", tmp)
+        fsops.symlink(before.target or b"", tmp)
         fileio.rename(_s(tmp), _s(candidate))
     else:
-        fileio.make_dir(_s(candidate))
+        fsops.make_dirs(candidate)
     fileio.fsync_dir(_s(os.path.dirname(candidate)))
     return _s(candidate)
 

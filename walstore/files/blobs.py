@@ -45,6 +45,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .. import fileio
+from . import fsops
 from ..errors import CorruptionError
 from .entries import CHUNK, FileBusyError, iter_content, open_nofollow, stamp as _stamp
 
@@ -85,9 +86,11 @@ def check_digest(digest: str) -> str:
 
 
 class BlobStore:
-    """Content by sha256 under ``directory`` (created 0700 if missing)."""
+    """Content by sha256 under ``directory`` (created 0700 if missing, unless
+    ``readonly``: then only reads are made)."""
 
-    def __init__(self, directory: str | bytes, copy: str = "auto") -> None:
+    def __init__(self, directory: str | bytes, copy: str = "auto",
+                 readonly: bool = False) -> None:
         if copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {COPY_MODES}, not {copy!r}")
         self.dir = os.path.abspath(os.fsdecode(directory))
@@ -104,8 +107,9 @@ class BlobStore:
         self.bytes_hashed = 0
         self.bytes_written = 0
         self.files_written = 0
-        fileio.make_dir(self.dir)
-        fileio.make_dir(self.tmp)
+        if not readonly:  # (a read-only store's reader creates nothing)
+            fileio.make_dir(self.dir)
+            fileio.make_dir(self.tmp)
 
     def __repr__(self) -> str:
         return f"BlobStore({self.dir!r})"
@@ -352,7 +356,7 @@ class BlobStore:
         sub = os.path.join(self.dir, digest[:2])
         if sub not in self._fanout:
             if not os.path.isdir(sub):
-                fileio.make_dir(sub)
+                fsops.make_dirs(sub)
                 fileio.fsync_dir(self.dir)
             self._fanout.add(sub)
         fileio.rename(tmp, os.path.join(sub, digest[2:]))
@@ -381,7 +385,7 @@ class BlobStore:
         pending, self._pending = self._pending, None
         try:
             for tmp in pending.values():
-                fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+                fd = fileio.open_file(tmp, os.O_RDONLY)  # (the seam knows the fd's file)
                 try:
                     fileio.fsync(fd)
                 finally:

@@ -67,10 +67,11 @@ def parent_of(rel: bytes) -> bytes:
 
 class Workspace:
     """A registered directory tree: ``root`` (absolute, realpath'd str), ``root_b`` (its
-    bytes), ``ignore`` (an IgnoreRules).  The root must exist and be a directory."""
+    bytes), ``ignore`` (an IgnoreRules), ``scope`` (the key prefix a scoped rewind counts
+    it in; None: none).  The root must exist and be a directory."""
 
     def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
-                 exclude: Iterable[PathLike] = ()) -> None:
+                 exclude: Iterable[PathLike] = (), scope: str | bytes | None = None) -> None:
         raw = os.fsencode(root)
         if b"\0" in raw:
             raise ValueError("a workspace root must not contain a NUL byte")
@@ -88,6 +89,7 @@ class Workspace:
         self.root_b: bytes = real
         self.root: str = os.fsdecode(real)
         self.ignore = ignore if isinstance(ignore, IgnoreRules) else IgnoreRules(ignore)
+        self.scope = scope
         # absolute paths inside the root that are walstore's own (the store, its blobs):
         # never tracked, never written through the workspace
         self.exclude: frozenset[bytes] = frozenset(

@@ -24,7 +24,7 @@ import dataclasses
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .apply import FileConflict, default_dir_mode, default_file_mode
 from .blobs import BlobStore
@@ -148,7 +148,8 @@ def _subtree(ws: Workspace, rel: bytes, top: Entry, blobs: BlobStore
     """``rel`` and everything under it (ignored paths too), parents first, captured."""
     out = [(rel, top)]
     if top.is_dir:
-        out += [(p, capture(ws, p, blobs)) for p, _st in walk(ws, rel, use_ignore=False)]
+        with blobs.batch():  # one sync pass for the whole subtree's content
+            out += [(p, capture(ws, p, blobs)) for p, _st in walk(ws, rel, use_ignore=False)]
     return [(p, e) for p, e in out if e.exists]
 
 
@@ -194,10 +195,15 @@ def plan_rename(ws: Workspace, src: PathLike, dst: PathLike, blobs: BlobStore
 
 def undo_steps(ws: Workspace, steps: Iterable[Change], blobs: BlobStore,
                quarantine: str | bytes | None, check: bool = True,
-               durable: bool = True) -> list[FileConflict]:
+               durable: bool = True,
+               done: Callable[[Change], Iterable[Entry]] | None = None
+               ) -> list[FileConflict]:
     """Restore the before-image of every step, newest first (steps in the order they
     were planned and logged).  ``check``: a path no longer in its after-image is a
     conflict (kept, reported); False: any current state is walstore's own (recovery of
-    a crash in the middle of the operation, a forced revert)."""
+    a crash in the middle of the operation, a forced revert).  ``done(step)``: states
+    that count as undone already — when an undo of several operations is run again
+    after a crash, a path an older operation also changed may be further back than this
+    step's before-image (give the before-images of the older steps on that path)."""
     return restore_in_order(ws, list(reversed(list(steps))), blobs, quarantine, check,
-                            durable)
+                            durable, done)

@@ -38,7 +38,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import msgpack
@@ -486,15 +486,20 @@ def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
 
 def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
                      quarantine: str | bytes | None, check: bool = True,
-                     durable: bool = True) -> list[FileConflict]:
+                     durable: bool = True,
+                     done: Callable[[Change], Iterable[Entry]] | None = None
+                     ) -> list[FileConflict]:
     """Restore each change's before-image in the order given; the conflicts.  A path
     that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
-    conflict) is reported as a conflict too, and nothing is written through it."""
+    conflict) is reported as a conflict too, and nothing is written through it.
+    ``done(change)``: states that count as restored already for that change (see
+    ``apply.restore_status``)."""
     conflicts: list[FileConflict] = []
     for c in ordered:
         expected = c.after if check else None
         try:
-            got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable)
+            got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable,
+                          done(c) if done is not None else ())
         except (ValueError, NotADirectoryError) as e:
             got = FileConflict(c.path, c.before, expected, Entry.absent(), None,
                                f"cannot be restored: {e}")

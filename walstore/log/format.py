@@ -105,6 +105,12 @@ class RecordType(enum.IntEnum):
     ROLLBACK_PREPARED = 10  # the decision for a prepared transaction: roll back
     RESTORE_POINT = 11    # a named point in history
     SEAL = 12             # the last record of a segment: the next one starts where it ends
+    WORKSPACE = 13        # a directory tree registered for reversible files
+    FILE_STEPS = 14       # before-images of a file operation, logged before it happens
+    WATCH_BEGIN = 15      # a watch() began: the workspace's manifest before it
+    WATCH_END = 16        # a watch() ended: its changes were logged (as FILE_STEPS)
+    FILE_RESTORED = 17    # the file effects named were undone (or are held)
+    FILE_CONFLICT = 18    # a path changed behind walstore's back: both versions kept
 
 
 VALID_TYPES = frozenset(int(t) for t in RecordType)

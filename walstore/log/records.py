@@ -24,7 +24,25 @@ ROLLBACK_PREPARED    ``tx``, ``gid``
 RESTORE_POINT        ``name``, ``ts``; ``drop``: the name is dropped
 CHECKPOINT           ``applied``, ``ts``
 SEAL                 ``{}``: the segment ends here, the next begins where this record ends
+WORKSPACE            ``root`` (bytes, realpath), ``ignore`` (gitignore patterns), ``scope``,
+                     ``ts``: a directory tree registered for reversible files
+FILE_STEPS           ``tx``, ``ws`` (root), ``op``, ``steps``: [[path, before, after]] (Entry
+                     rows, walstore.files.entries), in the order the operation makes them;
+                     durable BEFORE the operation changes anything (write-ahead); ``watch``:
+                     the WATCH_BEGIN LSN when the steps are a watch's changes (logged after)
+WATCH_BEGIN          ``tx``, ``ws``, ``manifest`` (digest of the saved manifest before the
+                     watched block: every tracked file's content is stored)
+WATCH_END            ``tx``, ``ws``, ``begin`` (WATCH_BEGIN LSN), ``n`` (changes, logged as
+                     FILE_STEPS before it)
+FILE_RESTORED        ``tx``, ``effects``: LSNs of FILE_STEPS / WATCH_BEGIN records whose
+                     undo is done; ``held``: not undone, kept owed (a copy of a store)
+FILE_CONFLICT        ``tx``, ``ws``, ``effect`` (LSN), ``conflict``: a FileConflict row (the
+                     path, before-image, expected and current state, where walstore's
+                     version was kept)
 ===================  ==================================================================
+
+A COMMIT of a transaction with file effects carries ``files``: the LSNs of its live
+FILE_STEPS records (effects undone by ``rollback_to`` are not listed).
 
 An ``Event`` is one decoded record that changes the materialized state (everything but
 WRITES chunks, CHECKPOINT and SEAL).  Commits carry their whole write set; the
@@ -44,7 +62,9 @@ NOT_EVENTS = frozenset({RecordType.WRITES, RecordType.CHECKPOINT, RecordType.SEA
                         RecordType.COMMIT_PREPARED})
 TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
                         RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
-                        RecordType.PREPARE, RecordType.ROLLBACK_PREPARED})
+                        RecordType.PREPARE, RecordType.ROLLBACK_PREPARED,
+                        RecordType.FILE_STEPS, RecordType.WATCH_BEGIN, RecordType.WATCH_END,
+                        RecordType.FILE_RESTORED, RecordType.FILE_CONFLICT})
 
 
 @dataclass(slots=True)

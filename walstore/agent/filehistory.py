@@ -1,0 +1,225 @@
+"""The past of files: what committed transactions did to workspace paths, read back.
+
+Reads the ``fversions`` and ``fchanges`` tables (:mod:`walstore.engine.tables`), which the
+applier fills at each COMMIT with file effects: per path and commit, the path's first
+before-image and last after-image in that transaction.  From them:
+
+- ``entry_at(ws, path, B)``: the state of a path as of a boundary LSN B — the after-image
+  of its newest version at or before B; else the before-image of its oldest version after
+  B; else (walstore never changed it) the path as it is now;
+- ``store.at(point).files(ws)`` (``HistoricalFiles``): ``read``, ``entry``, ``exists``;
+  content comes from the blob store (a path absent then: FileNotFoundError);
+- ``versions`` / ``tracked``: for ``walstore files``; ``changes_of(txid)`` and
+  ``later_writers``: for ``revert`` / ``rewind`` / ``diff``.
+
+Costs grow with what is asked (index lookups per path and per transaction), never with
+the age of the store.  Every reader drains first (the tables are LMDB's).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from ..codec import unpack
+from ..errors import CorruptionError
+from ..engine import tables
+from ..files import Entry, Workspace, read_entry
+from ..files.paths import PathLike, display
+from ..log.format import LSN
+
+if TYPE_CHECKING:
+    from .files import Files
+
+
+@dataclass(frozen=True)
+class FileVersion:
+    """What committed transaction ``txid`` (commit at ``lsn``) did to one path."""
+
+    txid: int
+    lsn: int
+    before: Entry
+    after: Entry
+
+
+class FileHistory:
+    def __init__(self, files: "Files") -> None:
+        self.files = files
+        self.engine = files.engine
+
+    @property
+    def _st(self):
+        return self.engine.state
+
+    def _ready(self) -> bool:
+        return self._st.fversions is not None
+
+    # ---- one path -------------------------------------------------------------------
+    def versions(self, ws_root: bytes, path: bytes) -> list[FileVersion]:
+        """Every retained version of a path, newest first."""
+        if not self._ready():
+            return []
+        st = self._st
+        prefix = tables.fpath_prefix(ws_root, path)
+        out = []
+        for raw, v in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db=st.fversions):
+            if not tables.is_fversion_of(raw, prefix):
+                continue
+            txid, before, after = unpack(v)
+            out.append(FileVersion(txid, LSN(tables.split_fversion_key(raw)[2]),
+                                   Entry.from_row(before), Entry.from_row(after)))
+        return out
+
+    def version(self, ws_root: bytes, path: bytes, lsn: int) -> FileVersion | None:
+        raw = self._st.get(tables.fversion_key(ws_root, path, lsn), self._st.fversions) \
+            if self._ready() else None
+        if raw is None:
+            return None
+        txid, before, after = unpack(raw)
+        return FileVersion(txid, LSN(lsn), Entry.from_row(before), Entry.from_row(after))
+
+    def entry_at(self, ws_root: bytes, path: bytes, boundary: int) -> Entry | None:
+        """The state of ``path`` as of ``boundary`` (None: never changed by walstore)."""
+        if not self._ready():
+            return None
+        st = self._st
+        prefix = tables.fpath_prefix(ws_root, path)
+        for raw, v in st.scan(prefix, tables.fversion_key(ws_root, path, boundary + 1),
+                              reverse=True, db=st.fversions):
+            if tables.is_fversion_of(raw, prefix):
+                return Entry.from_row(unpack(v)[2])
+        for raw, v in st.scan(tables.fversion_key(ws_root, path, boundary + 1),
+                              prefix + b"\xff" * 9, db=st.fversions):
+            if tables.is_fversion_of(raw, prefix):
+                return Entry.from_row(unpack(v)[1])
+        return None
+
+    def tracked(self, ws_root: bytes) -> Iterator[bytes]:
+        """The paths of a workspace with retained versions, in byte order."""
+        if not self._ready():
+            return
+        st = self._st
+        prefix = tables.fws_prefix(ws_root)
+        last = None
+        for raw, _v in st.scan(prefix, prefix + b"\xff" * 3, db=st.fversions):
+            ws, path, _lsn = tables.split_fversion_key(raw)
+            if ws != ws_root or path == last:
+                continue
+            last = path
+            yield path
+
+    # ---- transactions ---------------------------------------------------------------
+    def changes_of(self, txid: int) -> list[tuple[bytes, bytes]]:
+        """(workspace root, path) of every path committed transaction ``txid`` changed."""
+        if not self._ready():
+            return []
+        st = self._st
+        prefix = tables.fsteps_prefix(txid)
+        return [tables.split_fchange_key(raw)[1:]
+                for raw, _v in st.scan(prefix, prefix + b"\xff" * 8, db=st.fchanges)]
+
+    def later_writers(self, txid: int, lsn: int,
+                      in_scope: Callable[[bytes], bool] = lambda _root: True) -> set[int]:
+        """Transactions committed after ``lsn`` that changed a path ``txid`` changed (in
+        a workspace ``in_scope``)."""
+        out = set()
+        st = self._st
+        for ws, path in self.changes_of(txid):
+            if not in_scope(ws):
+                continue
+            prefix = tables.fpath_prefix(ws, path)
+            for raw, v in st.scan(tables.fversion_key(ws, path, lsn + 1),
+                                  prefix + b"\xff" * 9, db=st.fversions):
+                if tables.is_fversion_of(raw, prefix) and unpack(v)[0] != txid:
+                    out.add(unpack(v)[0])
+        return out
+
+    def read_content(self, entry: Entry, what: str) -> bytes:
+        try:
+            return self.files.blobs.read_bytes(entry.sha256 or "", limit=1 << 62)
+        except FileNotFoundError:
+            raise CorruptionError(f"the stored content of {what} (sha256:{entry.sha256}) is "
+                                  f"missing from the content store",
+                                  file=self.files.blobs.path(entry.sha256 or "0" * 64)) from None
+
+
+class HistoricalFiles:
+    """``store.at(point).files(ws)``: a workspace's files as they were at the point."""
+
+    def __init__(self, history: FileHistory, ws: Workspace, boundary: int) -> None:
+        self._history = history
+        self.workspace = ws
+        self.lsn = LSN(boundary)
+
+    def __repr__(self) -> str:
+        return f"<HistoricalFiles {self.workspace.root!r} at LSN {int(self.lsn)}>"
+
+    def entry(self, path: PathLike) -> Entry:
+        """What ``path`` was at the point (``Entry``: absent, file, dir or symlink)."""
+        ws = self.workspace
+        rel = ws.rel(path)
+        got = self._history.entry_at(ws.root_b, rel, self.lsn)
+        if got is not None:
+            return got
+        ws.check_parents(rel)  # (a path walstore never changed: as it is now)
+        return read_entry(ws.abspath(rel), hash=True)
+
+    def exists(self, path: PathLike) -> bool:
+        return self.entry(path).exists
+
+    def read(self, path: PathLike) -> bytes:
+        """The content ``path`` had at the point (bytes).  FileNotFoundError when it was
+        absent, IsADirectoryError when it was a directory, ValueError when it was a
+        symlink (never followed: ``entry(path).target`` is its target).  A path walstore
+        never changed is read as it is now."""
+        ws = self.workspace
+        rel = ws.rel(path)
+        e = self._history.entry_at(ws.root_b, rel, self.lsn)
+        live = e is None  # walstore never changed it: as it is now
+        if live:
+            ws.check_parents(rel)
+            e = read_entry(ws.abspath(rel), hash=False)
+        where = f"{display(rel)!r} in workspace {ws.root!r} at LSN {int(self.lsn)}"
+        abs_path = os.fsdecode(ws.abspath(rel))
+        if not e.exists:
+            raise FileNotFoundError(errno.ENOENT, f"{where} did not exist", abs_path)
+        if e.is_dir:
+            raise IsADirectoryError(errno.EISDIR, f"{where} was a directory", abs_path)
+        if e.is_symlink:
+            raise ValueError(f"{where} was a symlink to {os.fsdecode(e.target or b'')!r}; "
+                             f"walstore does not follow it")
+        if live:
+            fd = os.open(ws.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                return f.read()
+        return self._history.read_content(e, where)
+
+    def stream(self, path: PathLike) -> Iterator[bytes]:
+        """The content ``path`` had at the point, in chunks of at most 1 MiB (for large
+        files; verified against its sha256 as it is read).  Errors as ``read``."""
+        ws = self.workspace
+        rel = ws.rel(path)
+        e = self._history.entry_at(ws.root_b, rel, self.lsn)
+        if e is None or not e.is_file:
+            yield self.read(rel)  # (never changed by walstore, or not a file: read says)
+            return
+        yield from self._history.files.blobs.get(e.sha256 or "")
+
+    def symlink_target(self, path: PathLike) -> bytes | None:
+        e = self.entry(path)
+        return e.target if e.is_symlink else None
+
+
+def describe(e: Entry | None) -> dict[str, Any] | None:
+    """An Entry as plain data (for --json)."""
+    if e is None:
+        return None
+    d: dict[str, Any] = {"kind": e.kind}
+    if e.is_file:
+        d.update(mode=oct(e.mode), size=e.size, sha256=e.sha256)
+    elif e.is_dir:
+        d.update(mode=oct(e.mode))
+    elif e.is_symlink:
+        d.update(target=os.fsdecode(e.target or b""))
+    return d

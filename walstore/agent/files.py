@@ -1,0 +1,872 @@
+"""Reversible files, the store's side (issue 12; the library is :mod:`walstore.files`,
+the design is docs/FILES.md): registered workspaces, the file operations of a
+transaction (``tx.files(ws)``), ``watch()``, and the undo of file effects — by a
+rollback, a ``rollback_to``, or the next open after a crash.
+
+The write-ahead rule for files: every operation first stores the before-image of each
+path it touches (content in the blob store, durable), then logs FILE_STEPS (durable),
+then changes the workspace; a ``watch()`` first stores a manifest of the tree (every
+tracked file's content) and logs WATCH_BEGIN, and logs the changes it found as FILE_STEPS
+after the block.  Every change is an *effect* in ``tx.effects``, in the order logged,
+interleaved with actions, so ``rollback_to`` and rollback undo files and compensations
+together, newest first (:mod:`walstore.agent.hooks`).
+
+Undo is idempotent (a path already in its before-image is left alone) and never
+overwrites a stranger: a path that is neither walstore's after-image nor the before-image
+keeps the stranger's version, walstore's is saved under ``<store>/quarantine/files/``, and
+a FILE_CONFLICT record says so.  Each undone effect is recorded once (FILE_RESTORED, which
+removes its ``fsteps`` row).  What a crash left undone is in ``fsteps``: ``settle`` runs it
+at open, before ``walstore.open`` returns, newest first across transactions.
+
+Concurrency: one lock (``_lock``) around planning, logging and applying a change (so the
+blob store's garbage collection never runs between a put and the record naming it), and
+one lock per workspace held for a whole ``watch()`` block (a watch owns its workspace:
+another thread's file operations there wait for it).
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+from .. import fileio
+from ..codec import unpack
+from ..errors import CorruptionError, WalstoreError
+from ..engine import tables
+from ..engine.recovery import Problem, RecoveryReport
+from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
+                     apply as fapply, diff, plan, remove_stray_temps, restore_changes,
+                     snapshot, undo_order, undo_steps)
+from ..files.paths import PathLike, display, parent_of
+from ..log.format import RecordType
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+    from ..engine.transaction import Transaction
+
+_T = RecordType
+STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch: several)
+SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
+
+
+class FileConflictError(WalstoreError):
+    """Undoing file changes could not put every path back.  ``conflicts``: paths changed
+    behind walstore's back (the stranger's version stays; walstore's is kept where each
+    ``FileConflict.saved_as`` says); ``failed``: (path, error) of paths that could not be
+    written (still owed: undone again at the next open)."""
+
+    def __init__(self, message: str, conflicts: list | None = None,
+                 failed: list | None = None) -> None:
+        super().__init__(message)
+        self.conflicts = list(conflicts or [])
+        self.failed = list(failed or [])
+
+    @property
+    def paths(self) -> list[str]:
+        return [c["path"] if isinstance(c, dict) else c.path for c in self.conflicts]
+
+
+@dataclass(eq=False)
+class FileEffect:
+    """One file operation of a transaction: its steps, logged as FILE_STEPS record(s)."""
+
+    ws: Workspace
+    op: str
+    steps: list
+    lsns: list
+    txid: int
+
+    @property
+    def lsn(self) -> int:
+        """The order of effects (newest first on undo): its last record."""
+        return self.lsns[-1]
+
+
+@dataclass(eq=False)
+class OpenWatch:
+    """A ``watch()`` whose block has not ended (or whose end could not be seen)."""
+
+    ws: Workspace
+    manifest: Manifest
+    digest: str
+    lsn: int
+    txid: int
+    blocks_rollback: str = ("a watch() block is still running; leave it before rolling back "
+                            "to a savepoint taken before it")
+
+    @property
+    def lsns(self) -> list[int]:
+        return [self.lsn]
+
+
+@dataclass
+class Watch:
+    """What ``with f.watch() as w:`` yields: after the block, ``changes`` lists what
+    changed (``walstore.files.Change``: path, kind, before, after)."""
+
+    workspace: Workspace
+    changes: list = field(default_factory=list)
+
+
+@dataclass
+class FileUndo:
+    """One path a revert or rewind puts back: to ``target``; walstore left it as
+    ``expected`` (its newest undone after-image)."""
+
+    ws: Workspace
+    path: bytes
+    target: Entry
+    expected: Entry
+
+
+class UndoBatch:
+    """Effects undone together, newest first (one rollback, one recovery).  For each
+    step it knows the before-images of the OLDER steps of the batch on the same path:
+    when an undo interrupted by a crash runs again, a path an older effect also changed
+    may already be further back than this step's before-image, which is not a conflict
+    (``undo_steps(done=...)``)."""
+
+    def __init__(self, effects: list) -> None:
+        self._befores: dict[tuple[bytes, bytes], list] = {}
+        self._keys: dict[int, tuple] = {}
+        for eff in effects:
+            if not isinstance(eff, FileEffect):
+                continue
+            for i, c in enumerate(eff.steps):
+                key = (eff.lsns[0], i)
+                self._keys[id(c)] = key
+                self._befores.setdefault((eff.ws.root_b, c.path), []).append((key, c.before))
+
+    def done(self, eff: "FileEffect") -> Callable[[Change], list[Entry]]:
+        root = eff.ws.root_b
+
+        def older(c: Change) -> list[Entry]:
+            key = self._keys.get(id(c))
+            return [b for k, b in self._befores.get((root, c.path), ()) if key is not None
+                    and k < key]
+        return older
+
+
+def is_file_effect(effect: Any) -> bool:
+    return isinstance(effect, (FileEffect, OpenWatch))
+
+
+def _digests(row: list | None) -> Iterator[str]:
+    if row and row[0] == "f" and isinstance(row[3], str):
+        yield row[3]
+
+
+def abs_display(ws_root: bytes, path: bytes) -> str:
+    """The absolute path of a workspace path, as a str (surrogate escapes kept)."""
+    return os.fsdecode(ws_root + b"/" + path)
+
+
+class Files:
+    """The store's reversible files (one per open store)."""
+
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+        self.dir = os.path.join(engine.path, "files")
+        self.quarantine_dir = os.path.join(engine.path, "quarantine", "files")
+        self._blobs: BlobStore | None = None
+        self._lock = threading.RLock()
+        self._registry: dict[bytes, Workspace] = {}
+        self._ws_locks: dict[bytes, threading.RLock] = {}
+        self._manifests: dict[bytes, Manifest] = {}
+        self._gc_horizon = -1
+
+    @property
+    def durable(self) -> bool:
+        """Are file changes fsynced?  Unless the store runs with durability="none"."""
+        return self.engine.durability != "none"
+
+    # ---- the blob store -------------------------------------------------------------
+    @property
+    def blobs(self) -> BlobStore:
+        if self._blobs is None:
+            if self.engine.readonly and not os.path.isdir(os.path.join(self.dir, "blobs")):
+                raise CorruptionError("this store keeps no file content (no files/blobs "
+                                      "directory)", file=os.path.join(self.dir, "blobs"))
+            if not self.engine.readonly:
+                fileio.make_dir(self.dir)
+            self._blobs = BlobStore(os.path.join(self.dir, "blobs"),
+                                    readonly=self.engine.readonly)
+        return self._blobs
+
+    def quarantine(self, txid: int) -> str:
+        return os.path.join(self.quarantine_dir, f"tx{txid}")
+
+    # ---- workspaces -----------------------------------------------------------------
+    def rows(self) -> dict[bytes, dict]:
+        """Registered workspaces: LMDB's rows with the unapplied events folded on top."""
+        return self.engine.views.workspace_rows()
+
+    def workspace(self, root: PathLike, ignore: Any = None, scope: Any = None) -> Workspace:
+        """Register ``root`` (durably) or return the Workspace it is registered as."""
+        from .scope import check_scope
+        scope = check_scope(scope)
+        probe = Workspace(root, ignore, exclude=[self.engine.path], scope=scope)
+        real = probe.root_b
+        store = os.fsencode(os.path.realpath(self.engine.path))
+        if real == store or real.startswith(store + b"/"):
+            raise ValueError(f"workspace {probe.root!r} lies inside the store "
+                             f"{self.engine.path!r}")
+        with self._lock:
+            rows = self.rows()
+            row = rows.get(real)
+            if row is not None:
+                ws = self._from_row(row)
+                same_ignore = ignore is None or list(probe.ignore.sources) == list(
+                    ws.ignore.sources)
+                same_scope = scope is None or scope == ws.scope
+                if same_ignore and same_scope:
+                    return ws
+            for other in rows:
+                if other != real and (other.startswith(real + b"/")
+                                      or real.startswith(other + b"/")):
+                    raise ValueError(f"workspace {probe.root!r} overlaps the registered "
+                                     f"workspace {os.fsdecode(other)!r}")
+            self.engine.check_writable()
+            new_ignore = list(probe.ignore.sources) if ignore is not None or row is None \
+                else list(row.get("ignore") or ())
+            new_scope = scope if scope is not None or row is None else row.get("scope")
+            self.engine.log_event(_T.WORKSPACE, {"root": real, "ignore": new_ignore,
+                                                 "scope": new_scope, "ts": time.time()},
+                                  durable=True)
+            ws = self._registry.get(real)
+            if ws is None:
+                ws = Workspace(real, new_ignore, exclude=[self.engine.path], scope=new_scope)
+                self._registry[real] = ws
+            else:  # the same object, updated in place
+                fresh = Workspace(real, new_ignore, exclude=[self.engine.path],
+                                  scope=new_scope)
+                ws.ignore, ws.scope = fresh.ignore, fresh.scope
+                self._manifests.pop(real, None)
+            return ws
+
+    def _from_row(self, row: dict) -> Workspace:
+        root = row["root"]
+        with self._lock:
+            ws = self._registry.get(root)
+            if ws is None:
+                ws = Workspace(root, row.get("ignore") or None, exclude=[self.engine.path],
+                               scope=row.get("scope"))
+                self._registry[root] = ws
+            return ws
+
+    def registered(self, root: bytes) -> Workspace:
+        """The Workspace registered at ``root`` (bytes, realpath'd); ValueError if none."""
+        ws = self._registry.get(root)
+        if ws is not None:
+            return ws
+        row = self.rows().get(root)
+        if row is None:
+            raise ValueError(f"{os.fsdecode(root)!r} is not a registered workspace")
+        return self._from_row(row)
+
+    def resolve_ws(self, ws_or_root: Any, register: bool = True) -> Workspace:
+        """A Workspace of this store from a Workspace or a root path (registered now when
+        ``register`` and not yet)."""
+        if isinstance(ws_or_root, Workspace):
+            root = ws_or_root.root_b
+            if self._registry.get(root) is ws_or_root:
+                return ws_or_root
+            return self.registered(root) if not register else self.workspace(root)
+        if not isinstance(ws_or_root, (str, bytes, os.PathLike)):
+            raise TypeError(f"a workspace is a Workspace or a directory path, not "
+                            f"{type(ws_or_root).__name__}")
+        real = os.path.realpath(os.path.abspath(os.fsencode(ws_or_root)))
+        if real in self._registry:
+            return self._registry[real]
+        row = self.rows().get(real)
+        if row is not None:
+            return self._from_row(row)
+        if not register:
+            raise ValueError(f"{os.fsdecode(real)!r} is not a registered workspace")
+        return self.workspace(real)
+
+    def scope_of(self, root: bytes) -> Any:
+        try:
+            return self.registered(root).scope
+        except ValueError:
+            return None
+
+    def _ws_lock(self, ws: Workspace) -> threading.RLock:
+        with self._lock:
+            lock = self._ws_locks.get(ws.root_b)
+            if lock is None:
+                lock = self._ws_locks[ws.root_b] = threading.RLock()
+            return lock
+
+    # ---- a transaction's operations -------------------------------------------------
+    def tx_files(self, tx: "Transaction", ws_or_root: Any) -> "TxFiles":
+        return TxFiles(self, tx, self.resolve_ws(ws_or_root))
+
+    def log_steps(self, tx: "Transaction", ws: Workspace, op: str, steps: list,
+                  durable: bool = True, watch: int | None = None) -> FileEffect:
+        """Log ``steps`` as FILE_STEPS record(s) (the last one ``durable``)."""
+        tx.logged = True
+        lsns = []
+        for i in range(0, len(steps), STEP_CHUNK):
+            chunk = steps[i:i + STEP_CHUNK]
+            body = {"tx": tx.id, "ws": ws.root_b, "op": op,
+                    "steps": [c.to_row() for c in chunk]}
+            if watch is not None:
+                body["watch"] = watch
+            last = i + STEP_CHUNK >= len(steps)
+            ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable and last)
+            lsns.append(ev.lsn)
+        return FileEffect(ws, op, steps, lsns, tx.id)
+
+    def run(self, tx: "Transaction", ws: Workspace, op: str,
+            make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
+        """One operation: plan (before-images stored), log (durable), effect, apply.  When
+        the apply fails, whatever it left is put back at once (the library leaves nothing
+        half-done, so this is usually nothing) and the error is raised."""
+        tx._check_writable()
+        with self._ws_lock(ws), self._lock:
+            steps = make_plan()
+            if not steps:
+                return None
+            eff = self.log_steps(tx, ws, op, steps)
+            tx.effects.append(eff)
+            try:
+                return act()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conflicts = undo_steps(ws, steps, self.blobs, self.quarantine(tx.id),
+                                           check=True, durable=self.durable)
+                    if not conflicts:
+                        self.record(tx.id, [eff], [], durable=False)
+                        tx.effects.remove(eff)
+                raise
+
+    def apply_undo(self, tx: "Transaction", items: list[FileUndo], force: bool) -> None:
+        """A revert or rewind: put each path back (in ``tx``, before its commit), logged
+        as the undoing transaction's own FILE_STEPS (before = the path now, stored; after =
+        the target), so rolling ``tx`` back, or reverting it later, works like any other
+        file effect.  A path that changed since it was planned: RevertConflict."""
+        from ..errors import RevertConflict
+        tx._check_writable()
+        by_ws: dict[bytes, list[FileUndo]] = {}
+        for it in items:
+            by_ws.setdefault(it.ws.root_b, []).append(it)
+        for root in sorted(by_ws):
+            ws = by_ws[root][0].ws
+            with self._ws_lock(ws), self._lock:
+                back = [Change.of(it.path, it.target, plan.capture(ws, it.path, self.blobs))
+                        for it in by_ws[root]]
+                forward = [Change.of(c.path, c.after, c.before) for c in undo_order(back)]
+                eff = self.log_steps(tx, ws, "revert", forward)
+                tx.effects.append(eff)
+                conflicts = []
+                for c in forward:
+                    got = fapply.restore(ws, c.path, c.after, None if force else c.before,
+                                         self.blobs, self.quarantine(tx.id), self.durable)
+                    if got is not None:
+                        conflicts.append(abs_display(root, c.path))
+                if conflicts:
+                    raise RevertConflict(f"file(s) changed while transaction {tx.id} was "
+                                         f"putting them back: {conflicts}", paths=conflicts)
+
+    # ---- watch() --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def watch(self, tx: "Transaction", ws: Workspace) -> Iterator[Watch]:
+        tx._check_writable()
+        lock = self._ws_lock(ws)
+        with lock:
+            with self._lock:
+                m0 = snapshot(ws, self.blobs, previous=self._previous(ws))
+                digest = m0.save(self.blobs)
+                tx.logged = True
+                ev = self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
+                                                            "manifest": digest},
+                                           tx.id, durable=True)
+                self._manifests[ws.root_b] = m0
+                w = OpenWatch(ws, m0, digest, ev.lsn, tx.id)
+                tx.effects.append(w)
+            handle = Watch(ws)
+            failed = False
+            try:
+                yield handle
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                try:
+                    self._end_watch(tx, w, handle)
+                except Exception:
+                    if not failed:
+                        raise  # (the block's own error wins; the watch stays open)
+
+    def _end_watch(self, tx: "Transaction", w: OpenWatch, handle: Watch) -> None:
+        if tx.state != "active" or w not in tx.effects:
+            return  # ended (rolled back) inside the block: its undo ran already
+        ws = w.ws
+        with self._lock:
+            m1 = snapshot(ws, self.blobs, previous=w.manifest)
+            changes = diff(w.manifest, m1)
+            # logged in an order whose reverse is the undo order (removals deepest first,
+            # then re-creations shallowest first), so they undo like any other steps
+            forward = list(reversed(undo_order(changes)))
+            eff = self.log_steps(tx, ws, "watch", forward, durable=False,
+                                 watch=w.lsn) if forward else None
+            self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
+                                                 "begin": w.lsn, "n": len(changes)},
+                                  tx.id, durable=True)
+            i = tx.effects.index(w)
+            if eff is None:
+                del tx.effects[i]
+            else:
+                tx.effects[i] = eff
+            self._manifests[ws.root_b] = m1
+            handle.changes = changes
+
+    def _previous(self, ws: Workspace) -> Manifest | None:
+        """The newest manifest of ``ws`` (in memory, or saved by an earlier process)."""
+        m = self._manifests.get(ws.root_b)
+        if m is not None:
+            return m
+        row = self.rows().get(ws.root_b) or {}
+        digest = row.get("manifest")
+        if digest and self.blobs.has(digest):
+            with contextlib.suppress(ValueError, OSError, CorruptionError):
+                return Manifest.load(self.blobs, digest)
+        return None
+
+    # ---- commit ---------------------------------------------------------------------
+    def commit_fields(self, tx: "Transaction") -> dict:
+        """COMMIT fields (``files``: the live effects' LSNs).  Under durability "full"
+        (and "normal"), what watched processes changed is fsynced here, before the commit
+        record (walstore's own operations fsynced their changes as they made them)."""
+        effs = [e for e in tx.effects if is_file_effect(e)]
+        if not effs:
+            return {}
+        if any(isinstance(e, OpenWatch) for e in effs):
+            raise WalstoreError(f"transaction {tx.id} cannot commit while a watch() is open "
+                                f"(inside its block, or its changes could not be read)")
+        if self.durable:
+            self._sync_watched([e for e in effs if e.op == "watch"])
+        return {"files": [lsn for e in effs for lsn in e.lsns]}
+
+    def _sync_watched(self, effs: list[FileEffect]) -> None:
+        files: set[bytes] = set()
+        dirs: set[bytes] = set()
+        for eff in effs:
+            for c in eff.steps:
+                p = eff.ws.abspath(c.path)
+                dirs.add(eff.ws.abspath(parent_of(c.path)))
+                if c.after.is_file:
+                    files.add(p)
+                elif c.after.is_dir:
+                    dirs.add(p)
+        for p in sorted(files):
+            try:
+                fd = fileio.open_file(os.fsdecode(p), os.O_RDONLY | os.O_NOFOLLOW
+                                      | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                    continue  # changed since: not walstore's to make durable
+                raise
+            try:
+                fileio.fsync(fd)
+            finally:
+                os.close(fd)
+        for d in sorted(dirs, key=len, reverse=True):
+            if os.path.isdir(d) and not os.path.islink(d):
+                fileio.fsync_dir(os.fsdecode(d))
+
+    # ---- undo -----------------------------------------------------------------------
+    def undo_one(self, txid: int, eff: Any, batch: UndoBatch | None = None
+                 ) -> list[FileConflict]:
+        """Put back what one effect changed; its conflicts (raises on an I/O error).
+        ``batch``: the effects undone with it (see UndoBatch)."""
+        with self._ws_lock(eff.ws), self._lock:
+            if isinstance(eff, OpenWatch):
+                return self._undo_open_watch(eff.ws, eff.manifest, txid)
+            return undo_steps(eff.ws, eff.steps, self.blobs, self.quarantine(txid),
+                              check=True, durable=self.durable,
+                              done=batch.done(eff) if batch is not None else None)
+
+    def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int) -> list[FileConflict]:
+        """A watch that never ended (a crash inside it, or its end could not be read):
+        every difference from its manifest is the watched processes' own."""
+        now = snapshot(ws, None, previous=m0)
+        return restore_changes(ws, diff(m0, now), self.blobs, self.quarantine(txid),
+                               check=False, durable=self.durable)
+
+    def record(self, txid: int, done: list, conflicts: list[tuple[int, FileConflict]],
+               durable: bool = True) -> None:
+        """Log the outcome of undoing ``done`` effects: one FILE_CONFLICT per conflict,
+        then FILE_RESTORED naming them (durable: the last record covers the others)."""
+        for effect_lsn, c in conflicts:
+            self.engine.log_event(_T.FILE_CONFLICT, {
+                "tx": txid, "ws": _ws_of(done, effect_lsn), "effect": effect_lsn,
+                "conflict": c.to_row(), "ts": time.time()}, txid)
+        lsns = [lsn for e in done for lsn in e.lsns]
+        if lsns:
+            self.engine.log_event(_T.FILE_RESTORED, {"tx": txid, "effects": lsns}, txid,
+                                  durable=durable)
+
+    # ---- after a crash --------------------------------------------------------------
+    def owed_rows(self) -> list[tuple[int, int, dict]]:
+        """(txid, LSN, row) of every ``fsteps`` row no live transaction owns (at open:
+        all of them), newest first, except prepared (in doubt) and held ones."""
+        eng = self.engine
+        eng.drain()
+        st = eng.state
+        prepared = eng.prepared.txids()
+        out = []
+        for raw, v in st.scan(b"", None, db=st.fsteps):
+            txid, lsn = tables.split_fsteps_key(raw)
+            row = unpack(v)
+            if txid in prepared or row.get("held"):
+                continue
+            out.append((txid, lsn, row))
+        out.sort(key=lambda t: t[1], reverse=True)
+        return out
+
+    def owed_effects(self, copied: bool = False) -> tuple[list, list]:
+        """At open: the file effects a crash (or an interrupted rollback) left owed, as
+        effects to undo, and (txid, LSN, workspace, error) of rows that cannot even be
+        read back (their workspace is gone, a manifest is damaged).  In a copy of another
+        store (``copied``) they are held instead: never undone automatically, since the
+        workspace on this machine is not the one they changed."""
+        eng = self.engine
+        eng.drain()
+        if os.path.isdir(os.path.join(self.dir, "blobs")):
+            self.blobs.remove_temps()
+        owed = self.owed_rows()
+        if copied:
+            by_tx: dict[int, list[int]] = {}
+            for txid, lsn, _row in owed:
+                by_tx.setdefault(txid, []).append(lsn)
+            for txid, lsns in sorted(by_tx.items()):
+                eng.log_event(_T.FILE_RESTORED, {"tx": txid, "effects": sorted(lsns),
+                                                 "held": True}, txid, durable=True)
+            return [], []
+        effects, failures = [], []
+        for txid, lsn, row in owed:
+            try:
+                effects.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn, row))
+            except (OSError, ValueError, CorruptionError) as e:
+                failures.append((txid, lsn, row.get("ws"), e))
+        return effects, failures
+
+    def remove_temps_of(self, effects: list) -> None:
+        """After a crash: remove the temp names an interrupted change left next to the
+        paths of ``effects`` (anywhere in the tree for a watch)."""
+        dirs: dict[bytes, set | None] = {}
+        for eff in effects:
+            if isinstance(eff, FileEffect):
+                if dirs.get(eff.ws.root_b, set()) is not None:
+                    dirs.setdefault(eff.ws.root_b, set()).update(
+                        parent_of(c.path) for c in eff.steps)
+            else:
+                dirs[eff.ws.root_b] = None
+        for root, ds in dirs.items():
+            with contextlib.suppress(OSError, ValueError):
+                remove_stray_temps(self.registered(root), None if ds is None else sorted(ds),
+                                   durable=self.durable)
+
+    def _effect_of_row(self, ws: Workspace, txid: int, lsn: int, row: dict) -> Any:
+        if row.get("op") == "watch" and "manifest" in row:
+            return OpenWatch(ws, Manifest.load(self.blobs, row["manifest"]), row["manifest"],
+                             lsn, txid)
+        steps = [Change.from_row(s) for s in row.get("steps") or ()]
+        return FileEffect(ws, row.get("op", "?"), steps, [lsn], txid)
+
+    def effects_of(self, txid: int) -> list:
+        """The owed effects of one ended transaction (``rollback_prepared``), newest first."""
+        self.engine.drain()
+        st = self.engine.state
+        prefix = tables.fsteps_prefix(txid)
+        out = []
+        for raw, v in st.scan(prefix, prefix + b"\xff" * 8, db=st.fsteps):
+            _t, lsn = tables.split_fsteps_key(raw)
+            row = unpack(v)
+            out.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn, row))
+        return sorted(out, key=lambda e: e.lsn, reverse=True)
+
+    @staticmethod
+    def conflict_doc(ws_root: bytes, c: FileConflict) -> dict:
+        return {"workspace": os.fsdecode(ws_root), "path": abs_display(ws_root, c.path),
+                "before": c.before.describe(), "current": c.current.describe(),
+                "expected": None if c.expected is None else c.expected.describe(),
+                "saved_as": c.saved_as, "reason": c.reason}
+
+    def conflicts(self) -> list[dict]:
+        """Every file conflict recorded (newest last)."""
+        self.engine.drain()
+        st = self.engine.state
+        out = []
+        if st.fconflicts is None:
+            return out
+        from ..engine.lmdb_state import from_u64
+        for raw, v in st.scan(b"", None, db=st.fconflicts):
+            row = unpack(v)
+            c = FileConflict.from_row(row["conflict"])
+            out.append(dict(self.conflict_doc(row["ws"], c), tx=row.get("tx"),
+                            lsn=from_u64(raw), ts=row.get("ts")))
+        return out
+
+    # ---- retention ------------------------------------------------------------------
+    def gc(self) -> dict:
+        """A checkpoint hook: once retention moved the horizon, remove the blobs nothing
+        retained refers to (skipped while a file operation is under way)."""
+        eng = self.engine
+        horizon = eng.state.meta_int(b"horizon")
+        if horizon <= 0 or horizon == self._gc_horizon \
+                or not os.path.isdir(os.path.join(self.dir, "blobs")):
+            return {}
+        if not self._lock.acquire(blocking=False):
+            return {"blobs_gc": "skipped (a file operation is under way)"}
+        try:
+            refs = self.referenced()
+            res = self.blobs.gc(refs)
+            self._gc_horizon = horizon
+            return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
+        finally:
+            self._lock.release()
+
+    def referenced(self) -> set[str]:
+        """Every blob a retained row, a saved manifest or an unapplied event refers to."""
+        eng = self.engine
+        st = eng.state
+        refs: set[str] = set()
+        manifests: set[str] = set()
+
+        def steps_refs(steps) -> None:
+            for _p, before, after in steps or ():
+                refs.update(_digests(before))
+                refs.update(_digests(after))
+        for _k, v in st.scan(b"", None, db=st.fsteps):
+            row = unpack(v)
+            steps_refs(row.get("steps"))
+            if row.get("manifest"):
+                manifests.add(row["manifest"])
+        horizon = st.meta_int(b"horizon")
+        below: dict[bytes, list] = {}  # path prefix -> after of its newest version below
+        for k, v in st.scan(b"", None, db=st.fversions):
+            _t, before, after = unpack(v)
+            if tables.split_fversion_key(k)[2] >= horizon:
+                refs.update(_digests(before))
+                refs.update(_digests(after))
+            else:  # below the horizon only the state the newest version left is read
+                below[k[:-8]] = after
+        for after in below.values():
+            refs.update(_digests(after))
+        for _k, v in st.scan(b"", None, db=st.fconflicts):
+            c = unpack(v).get("conflict") or {}
+            refs.update(_digests(c.get("before")))
+        for row in self.rows().values():
+            if row.get("manifest"):
+                manifests.add(row["manifest"])
+        for e in eng.views.unapplied_file_events():
+            steps_refs(e.body.get("steps"))
+            if e.body.get("manifest"):
+                manifests.add(e.body["manifest"])
+        for m in self._manifests.values():
+            refs.update(m.digests())
+        for d in manifests:
+            refs.add(d)
+            with contextlib.suppress(ValueError, OSError, CorruptionError):
+                refs.update(Manifest.load(self.blobs, d).digests())
+        return refs
+
+
+def _ws_of(done: list, effect_lsn: int) -> bytes | None:
+    for e in done:
+        if effect_lsn in e.lsns:
+            return e.ws.root_b
+    return None
+
+
+class TxFiles:
+    """``tx.files(ws)``: the transaction's file operations in one workspace.  Paths are
+    relative to the workspace root (str or bytes); an absolute path, a ``..`` leaving the
+    root, or a symlink on the way raises ValueError and changes nothing.  Every change is
+    made in place at once, after its before-images are durable in the store; rollback
+    (and ``rollback_to`` a savepoint taken before it) puts it back."""
+
+    def __init__(self, files: Files, tx: "Transaction", ws: Workspace) -> None:
+        self._files = files
+        self._tx = tx
+        self.workspace = ws
+
+    def __repr__(self) -> str:
+        return f"<TxFiles {self.workspace.root!r} of transaction {self._tx.id}>"
+
+    def _run(self, op: str, make_plan, act):
+        return self._files.run(self._tx, self.workspace, op, make_plan, act)
+
+    @property
+    def _blobs(self) -> BlobStore:
+        return self._files.blobs
+
+    @property
+    def _durable(self) -> bool:
+        return self._files.durable
+
+    # ---- changes ----------------------------------------------------------------------
+    def write(self, path: PathLike, data: str | bytes, mode: int | None = None) -> None:
+        """Make ``path`` a file holding ``data`` (str: UTF-8); ``mode`` default: the
+        current file's, else 0o666 less the umask.  Missing parents are created."""
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"file content is str or bytes, not {type(data).__name__}")
+        data = bytes(data)
+        if mode is not None:
+            fapply._check_mode(mode)
+        ws = self.workspace
+        self._run("write", lambda: plan.plan_write(ws, path, data, self._blobs, mode),
+                  lambda: fapply.write_file(ws, path, data, mode, self._durable))
+
+    def mkdir(self, path: PathLike, mode: int | None = None, exist_ok: bool = False) -> None:
+        """Create the directory ``path`` (and missing parents)."""
+        ws = self.workspace
+        if mode is not None:
+            fapply._check_mode(mode)
+        rel, abs_path = ws.resolve(path)
+        if exist_ok and os.path.isdir(abs_path) and not os.path.islink(abs_path):
+            return
+        self._run("mkdir", lambda: plan.plan_mkdir(ws, rel, self._blobs, mode),
+                  lambda: fapply.make_dir(ws, rel, mode, self._durable))
+
+    def symlink(self, path: PathLike, target: str | bytes) -> None:
+        """Make ``path`` a symlink to ``target`` (data: never followed by walstore)."""
+        ws = self.workspace
+        t = os.fsencode(target)
+        if not t or b"\0" in t:
+            raise ValueError("a symlink target must be non-empty and contain no NUL byte")
+        self._run("symlink", lambda: plan.plan_symlink(ws, path, t, self._blobs),
+                  lambda: fapply.make_symlink(ws, path, t, self._durable))
+
+    def chmod(self, path: PathLike, mode: int) -> None:
+        """Change the permission bits of a file or directory."""
+        ws = self.workspace
+        fapply._check_mode(mode)
+        self._run("chmod", lambda: plan.plan_mode(ws, path, mode, self._blobs),
+                  lambda: fapply.set_mode(ws, path, mode, self._durable))
+
+    def delete(self, path: PathLike) -> None:
+        """Remove a file, a symlink or an empty directory (FileNotFoundError if absent)."""
+        ws = self.workspace
+        self._run("delete", lambda: plan.plan_delete(ws, path, self._blobs),
+                  lambda: fapply.delete(ws, path, self._durable))
+
+    def rename(self, src: PathLike, dst: PathLike) -> None:
+        """Move ``src`` to ``dst`` (replacing a file or symlink there; missing parents of
+        ``dst`` are created)."""
+        ws = self.workspace
+        self._run("rename", lambda: plan.plan_rename(ws, src, dst, self._blobs),
+                  lambda: fapply.rename(ws, src, dst, self._durable))
+
+    def rmtree(self, path: PathLike) -> None:
+        """Remove ``path`` and everything under it (only what was captured before)."""
+        ws = self.workspace
+        holder: dict = {}
+
+        def make_plan() -> list:
+            holder["steps"] = plan.plan_rmtree(ws, path, self._blobs)
+            return holder["steps"]
+
+        def act():
+            expected = {c.path: c.before for c in holder["steps"]}
+            return fapply.rmtree(ws, path, expected, self._durable)
+        self._run("rmtree", make_plan, act)
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[Watch]:
+        """Every change made inside the block, by any process, in the workspace (paths
+        its ``ignore=`` patterns match excepted) becomes part of the transaction."""
+        with self._files.watch(self._tx, self.workspace) as w:
+            yield w
+
+    # ---- reads ------------------------------------------------------------------------
+    def _final(self, path: PathLike) -> tuple[bytes, bytes, os.stat_result]:
+        """(rel, abs, lstat) of ``path`` with symlinks inside the root followed (one
+        leading outside, or too many hops: ValueError)."""
+        ws = self.workspace
+        rel, abs_path = ws.resolve(path)
+        for _hop in range(SYMLINK_HOPS):
+            st = os.lstat(abs_path)
+            if not stat.S_ISLNK(st.st_mode):
+                return rel, abs_path, st
+            target = os.readlink(abs_path)
+            if target.startswith(b"/"):
+                if not ws.contains(target):
+                    raise ValueError(f"{display(rel)!r} is a symlink leading outside the "
+                                     f"workspace {ws.root!r}")
+                nxt = os.path.relpath(os.path.normpath(target), ws.root_b)
+            else:
+                nxt = parent_of(rel) + b"/" + target if parent_of(rel) else target
+            try:
+                rel, abs_path = ws.resolve(nxt)
+            except ValueError as e:
+                raise ValueError(f"{display(rel)!r} is a symlink leading outside the "
+                                 f"workspace {ws.root!r} ({e})") from None
+        raise ValueError(f"too many levels of symlinks at {display(rel)!r}")
+
+    def read(self, path: PathLike) -> bytes:
+        """The content of a file (this transaction's own writes are in place already)."""
+        rel, abs_path, st = self._final(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, f"{display(rel)!r} is a directory",
+                                    os.fsdecode(abs_path))
+        fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while True:
+                b = os.read(fd, 1 << 20)
+                if not b:
+                    return b"".join(chunks)
+                chunks.append(b)
+        finally:
+            os.close(fd)
+
+    def exists(self, path: PathLike) -> bool:
+        _rel, abs_path = self.workspace.resolve(path)
+        return os.path.lexists(abs_path)
+
+    def listdir(self, path: PathLike = "") -> list[str]:
+        rel, abs_path = self.workspace.resolve(path, allow_root=True)
+        return sorted(os.fsdecode(n) for n in os.listdir(abs_path)
+                      if not self.workspace.ignored((rel + b"/" + n) if rel else n,
+                                                    os.path.isdir(abs_path + b"/" + n)))
+
+
+@dataclass
+class FilesRecoveryReport(RecoveryReport):
+    """The recovery report of a store with reversible files: ``file_conflicts`` lists the
+    paths recovery could not put back because they changed behind walstore's back (each
+    also a ``file-conflict`` problem, so ``walstore recover`` lists it and exits 1)."""
+
+    file_conflicts: list = field(default_factory=list)
+
+    @classmethod
+    def of(cls, report: RecoveryReport) -> "FilesRecoveryReport":
+        if isinstance(report, cls):
+            return report
+        return cls(**{f.name: getattr(report, f.name) for f in fields(report)})
+
+    def add_files(self, conflicts: list[dict], failures: list) -> None:
+        self.file_conflicts.extend(conflicts)
+        for c in conflicts:
+            self.problems.append(Problem(
+                "file-conflict", c["path"], 0, 0,
+                f"changed behind walstore's back since transaction {c['tx']} (now "
+                f"{c['current']}; walstore's version: {c['before']}): the other version "
+                f"stays", 0, "kept", c["saved_as"]))
+        for txid, lsn, ws, err in failures:
+            self.problems.append(Problem(
+                "file-undo-failed", os.fsdecode(ws or b"?"), 0, lsn,
+                f"the file changes of transaction {txid} could not be put back "
+                f"({type(err).__name__}: {err}); they stay owed (undone at the next open)",
+                0, "owed"))

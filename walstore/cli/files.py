@@ -1,0 +1,84 @@
+"""Reversible-files verbs: ``walstore files`` (the paths walstore tracks in each registered
+workspace, their state at a point and their versions) and ``walstore diff`` (keys and
+files changed between two points).  Both open the store read-only."""
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from . import _engine, main
+from .common import JSON, PATH, open_store
+from .output import POINT, UsageProblem, emit_json, jsonable, show_key, show_value, table
+
+
+def _entry_text(e: dict | None) -> str:
+    if e is None:
+        return "(unchanged by walstore)"
+    if e["kind"] == "file":
+        return f"file {e['mode']} {e['size']} B sha256:{e['sha256'][:12]}"
+    if e["kind"] == "dir":
+        return f"dir {e['mode']}"
+    if e["kind"] == "symlink":
+        return f"symlink -> {e['target']}"
+    return "absent"
+
+
+@main.command("files")
+@PATH
+@click.option("--workspace", "workspace", default=None, metavar="DIR",
+              help="Only this registered workspace.")
+@click.option("--at", "at", type=POINT, default=None,
+              help="State at tx:N, lsn:N, a TXID or a restore point NAME (default: now).")
+@JSON
+def files_cmd(path: str, workspace: str | None, at: Any, as_json: bool) -> None:
+    """Registered workspaces and the files walstore changed in them, with versions."""
+    with open_store(path, readonly=True) as store:
+        try:
+            docs = _engine.tracked_files(store, workspace, at)
+        except ValueError as e:  # --workspace names no registered workspace
+            raise UsageProblem(str(e)) from None
+    if as_json:
+        emit_json({"at": None if at is None else jsonable(at), "workspaces": docs})
+        return
+    if not docs:
+        click.echo("no registered workspace")
+    for w in docs:
+        extra = [f"scope {show_key(w['scope'])}" if w["scope"] is not None else "",
+                 f"ignore {', '.join(w['ignore'])}" if w["ignore"] else ""]
+        extra = [x for x in extra if x]
+        click.echo(f"workspace {w['root']}" + (f" ({'; '.join(extra)})" if extra else ""))
+        rows = [[f["path"], _entry_text(f["entry"]), len(f["versions"]),
+                 f["versions"][0]["txid"] if f["versions"] else ""] for f in w["files"]]
+        if rows:
+            table(rows, ["PATH", "STATE" + (" AT POINT" if at is not None else ""),
+                         "VERSIONS", "LAST TXID"])
+        else:
+            click.echo("  (no file changed through walstore)")
+
+
+@main.command("diff")
+@PATH
+@click.option("--from", "start", type=POINT, required=True,
+              help="tx:N, lsn:N, a TXID or a restore point NAME.")
+@click.option("--to", "end", type=POINT, default=None, help="Another point (default: now).")
+@JSON
+def diff_cmd(path: str, start: Any, end: Any, as_json: bool) -> None:
+    """Keys and files whose state differs between two points."""
+    with open_store(path, readonly=True) as store:
+        doc = _engine.changes_between(store, start, end)
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"between LSN {doc['from_lsn']} and LSN {doc['to_lsn']}:")
+    if doc["keys"]:
+        table([[show_key(k["key"]), show_value(k["before"]) if k["existed"] else "(absent)",
+                show_value(k["after"]) if k["exists"] else "(absent)"] for k in doc["keys"]],
+              ["KEY", "BEFORE", "AFTER"])
+    else:
+        click.echo("no key changed")
+    if doc["files"]:
+        table([[f["kind"], f["path"], _entry_text(f["before"]), _entry_text(f["after"])]
+               for f in doc["files"]], ["CHANGE", "PATH", "BEFORE", "AFTER"])
+    else:
+        click.echo("no file changed")
