@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import walstore  # noqa: E402
-from walstore.agent.files import FileConflictError  # noqa: E402
+from walstore import FileConflictError  # noqa: E402
 from walstore.files import Workspace  # noqa: E402
 from files_support import (Dir, File, Immutable, Link, TreeSnapshot, age,  # noqa: E402
                            assert_tree_equal, build, tree_state)

@@ -239,7 +239,9 @@ def test_finished_transaction_refuses_everything(store, ending):
 def test_error_hierarchy():
     assert issubclass(walstore.TransactionClosed, walstore.StoreClosed)
     for name in ("ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
-                 "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore"):
+                 "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
+                 "CommitOutcomeUnknown", "UnknownPoint", "HistoryTrimmed", "ReplicationError",
+                 "FileConflictError"):
         assert issubclass(getattr(walstore, name), walstore.WalstoreError), name
 
 

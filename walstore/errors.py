@@ -124,3 +124,20 @@ class UnknownPoint(WalstoreError, KeyError):
 
 class ReplicationError(WalstoreError):
     """Replication could not do what was asked (ship within a timeout, restore, lease)."""
+
+
+class FileConflictError(WalstoreError):
+    """Undoing file changes could not put every path back.  ``conflicts``: paths changed
+    behind walstore's back (the stranger's version stays; walstore's is kept where each
+    ``FileConflict.saved_as`` says); ``failed``: (path, error) of paths that could not be
+    written (still owed: undone again at the next open)."""
+
+    def __init__(self, message: str, conflicts: list | None = None,
+                 failed: list | None = None) -> None:
+        super().__init__(message)
+        self.conflicts = list(conflicts or [])
+        self.failed = list(failed or [])
+
+    @property
+    def paths(self) -> list[str]:
+        return [c["path"] if isinstance(c, dict) else c.path for c in self.conflicts]

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
 from ..codec import unpack
-from ..errors import CorruptionError, WalstoreError
+from ..errors import CorruptionError, FileConflictError, WalstoreError
 from ..engine import tables
 from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
@@ -52,23 +52,6 @@ if TYPE_CHECKING:
 _T = RecordType
 STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch: several)
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
-
-
-class FileConflictError(WalstoreError):
-    """Undoing file changes could not put every path back.  ``conflicts``: paths changed
-    behind walstore's back (the stranger's version stays; walstore's is kept where each
-    ``FileConflict.saved_as`` says); ``failed``: (path, error) of paths that could not be
-    written (still owed: undone again at the next open)."""
-
-    def __init__(self, message: str, conflicts: list | None = None,
-                 failed: list | None = None) -> None:
-        super().__init__(message)
-        self.conflicts = list(conflicts or [])
-        self.failed = list(failed or [])
-
-    @property
-    def paths(self) -> list[str]:
-        return [c["path"] if isinstance(c, dict) else c.path for c in self.conflicts]
 
 
 @dataclass(eq=False)
