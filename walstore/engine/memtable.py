@@ -14,16 +14,20 @@ Invariants:
 - an event leaves only after LMDB holds it (``drop_applied`` is called after the LMDB
   commit), so a reader that finds no version here finds it in LMDB;
 - readers take no lock: ``versions`` values are immutable tuples replaced whole;
+  range reads take only the key index's lock (:mod:`walstore.engine.keyindex`): a key new
+  to the MemTable is noted on entry (an append) and sorted in by the next range read;
 - bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events).
 """
 from __future__ import annotations
 
 import collections
 import itertools
+import threading
 from typing import Iterator
 
 from ..log.format import RecordType
 from ..log.records import Event
+from .keyindex import SLACK, KeyIndex
 
 _COMMIT = RecordType.COMMIT
 
@@ -37,6 +41,11 @@ class MemTable:
         self.published = published
         self.limit = limit
         self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
+        # the key order for range reads: keys noted on entry, folded in by readers
+        self._index_lock = threading.Lock()
+        self._index: KeyIndex | None = KeyIndex()  # None: rebuild from ``versions``
+        self._noted: list[bytes] = []  # keys new to ``versions``, in order of entry
+        self._folded = 0               # how many of ``_noted`` the index holds
 
     def __len__(self) -> int:
         return len(self.events)
@@ -53,7 +62,11 @@ class MemTable:
             lsn = event.lsn
             for k, v in event.writes:
                 old = versions.get(k)
-                versions[k] = ((lsn, v),) if old is None else old + ((lsn, v),)
+                if old is None:
+                    versions[k] = ((lsn, v),)
+                    self._noted.append(k)  # (after the version: see items_in_range)
+                else:
+                    versions[k] = old + ((lsn, v),)
             for aid in event.body.get("compensate", ()):
                 self.claimed[aid] = event.txid
 
@@ -96,6 +109,21 @@ class MemTable:
                 for aid in e.body.get("compensate", ()):
                     if self.claimed.get(aid) == e.txid:
                         del self.claimed[aid]
+        self._bound_index()
+
+    def _bound_index(self) -> None:
+        """Keep the key index and the noted keys bounded by the live keys (the writer's
+        lock is held, so nothing is noted meanwhile; readers wait for the index lock)."""
+        live = len(self.versions)
+        with self._index_lock:
+            if (len(self._noted) - self._folded > 2 * live + SLACK
+                    or (self._index is not None and len(self._index) > 2 * live + SLACK)):
+                self._index = None  # the next range read rebuilds it from the live keys
+                self._noted.clear()
+                self._folded = 0
+            elif self._folded > SLACK:
+                del self._noted[:self._folded]
+                self._folded = 0
 
     # ---- reads (no lock) ----------------------------------------------------------------
     def visible(self, key: bytes, at: int) -> tuple[bool, bytes | None]:
@@ -114,10 +142,30 @@ class MemTable:
 
     def items_in_range(self, lo: bytes, hi: bytes | None, at: int
                        ) -> dict[bytes, bytes | None]:
-        """{key: value} of the newest version below ``at`` of every key in [lo, hi)."""
+        """{key: value} of the newest version below ``at`` of every key in [lo, hi).
+
+        Every key with a version below ``at`` entered before ``at`` was published, so it is
+        in ``versions`` and noted (a key is noted after its version is stored) before this
+        read began; a key that leaves meanwhile is in LMDB already."""
+        versions = self.versions
+        if not versions:
+            return {}
+        with self._index_lock:
+            index = self._index
+            noted = self._noted
+            if index is None:
+                end = len(noted)
+                index = self._index = KeyIndex(list(versions))  # (one C-level copy)
+            else:
+                end = len(noted)
+                for k in noted[self._folded:end]:
+                    index.add(k)
+            self._folded = end
+            keys = index.range(lo, hi)
         out = {}
-        for k, vs in list(self.versions.items()):
-            if k >= lo and (hi is None or k < hi):
+        for k in keys:
+            vs = versions.get(k)
+            if vs is not None:
                 for lsn, v in reversed(vs):
                     if lsn < at:
                         out[k] = v
