@@ -30,7 +30,9 @@ from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
 from .keys import Namespace
 from .serde import StateSerializer
 
-COMPRESS_MIN = 256       # compress serialized values at least this long (zlib)
+COMPRESS_MIN = 1024      # compress serialized values at least this long (zlib): a delta of a
+                         # message or two stays raw (decompressing a chain of small pieces
+                         # cost more per read than it saved on disk)
 MAX_INFLATED = 1 << 30   # refuse a compressed value claiming more (a damaged length)
 DEFAULT_DELTA_DEPTH = 128
 _DELTA_CACHE_SIZE = 1024
