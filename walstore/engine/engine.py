@@ -271,10 +271,12 @@ class Engine:
             if self._stop.is_set():
                 return
             try:
-                while self.apply_published() >= self.options.apply_batch:
-                    pass
-                if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
-                    self._checkpoint()
+                while True:  # the checkpoint is due between batches too: under a load that
+                    applied = self.apply_published()  # never pauses this loop never ends
+                    if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
+                        self._checkpoint()
+                    if applied < self.options.apply_batch or self._stop.is_set():
+                        break
             except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
                 self.fail(e)
                 return
@@ -329,7 +331,13 @@ class Engine:
         self.check_open()
         if self.failure is not None:
             return  # the applier failed: what is unapplied stays in the MemTable
-        while self.apply_published(1 << 30):
+        self._apply_up_to(self.memtable.published)
+
+    def _apply_up_to(self, lsn: int) -> None:
+        """Apply published events until every one ending at or below ``lsn`` is in LMDB.
+        Bounded by ``lsn``: a drain or checkpoint under a load that never pauses must not
+        chase the events committed after it began."""
+        while self.applied_lsn < lsn and self.apply_published(1 << 30):
             pass
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -351,8 +359,7 @@ class Engine:
     def _checkpoint_steps(self, ignore_pins: bool) -> dict:
         with self._checkpoint_lock:
             self.journal.sync_all()
-            while self.apply_published(1 << 30):
-                pass
+            self._apply_up_to(self.memtable.published)
             self._applied_up_to_the_end()
             self.state.sync()  # (a failure stops the store: never retried, nothing trimmed)
             applied = self.applied_lsn
