@@ -49,6 +49,8 @@ from .views import Views
 DURABILITIES = ("full", "normal", "none")
 DROP_CHUNK = 64  # applied events leave the MemTable this many per hold of the commit lock
 APPLY_BATCH_BYTES = 1 << 20  # the applier thread's LMDB commits cover about this much log
+DRAIN_BATCH, DRAIN_BATCH_BYTES = 20_000, 16 << 20  # a drain's or checkpoint's LMDB commits:
+# few syncs, yet bounded memory (one LMDB transaction keeps every page it dirties in RAM)
 RECOVER_MODES = ("auto", "manual")
 
 
@@ -300,11 +302,13 @@ class Engine:
                 self._room.wait(0.05)
 
     # ---- applying -----------------------------------------------------------------------
-    def apply_published(self, limit: int | None = None) -> int:
-        """Move published events into LMDB (one batch); returns how many."""
+    def apply_published(self, limit: int | None = None, max_bytes: int = APPLY_BATCH_BYTES
+                        ) -> int:
+        """Move published events into LMDB (one batch of at most ``limit`` events, default
+        ``apply_batch``, and about ``max_bytes`` of log); returns how many."""
         with self._apply_lock:
             batch = self.memtable.published_events(limit or self.options.apply_batch,
-                                                   None if limit else APPLY_BATCH_BYTES)
+                                                   max_bytes)
             if not batch:
                 return 0
             end = batch[-1].end
@@ -337,7 +341,7 @@ class Engine:
         """Apply published events until every one ending at or below ``lsn`` is in LMDB.
         Bounded by ``lsn``: a drain or checkpoint under a load that never pauses must not
         chase the events committed after it began."""
-        while self.applied_lsn < lsn and self.apply_published(1 << 30):
+        while self.applied_lsn < lsn and self.apply_published(DRAIN_BATCH, DRAIN_BATCH_BYTES):
             pass
 
     # ---- checkpoints --------------------------------------------------------------------
