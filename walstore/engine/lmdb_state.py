@@ -160,7 +160,11 @@ class LmdbState:
     """The open LMDB environment of one store (shared by handles in one process)."""
 
     _registry: dict[str, dict] = {}
-    _registry_lock = threading.Lock()
+    # Reentrant: the garbage collector may run inside a section holding it (any allocation
+    # can trigger it) and finalize a store dropped without close(), whose close() takes it
+    # again on the same thread (a plain Lock deadlocked there, found by the fuzz tests).
+    # Each handle's close touches only its own registry entry.
+    _registry_lock = threading.RLock()
 
     def __init__(self, path: str, map_size: int | None = None, readonly: bool = False) -> None:
         self.path = os.path.realpath(path)
