@@ -41,6 +41,11 @@ _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 def encode_key(key: Any) -> bytes:
     """Validate a user key and return its stored form; TypeError/ValueError name the problem."""
+    t = type(key)  # the common keys first (every point read comes here): plain bytes, ASCII
+    if t is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+        return _BYTES + key
+    if t is str and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
+        return _STR + key.encode()
     if isinstance(key, str):
         try:
             raw = key.encode("utf-8")

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any, Callable, Iterator
 
-from .codec import MAX_KEY_BYTES, Key, decode_key, encode_key, unpack_value
+from .codec import Key, decode_key, encode_key, unpack_value
 from .errors import ConflictError, ReplicationError
 from .options import Options
 from .engine.engine import Engine
@@ -199,13 +199,7 @@ class Store:
             eng.check_open()
         if eng.follower is not None:
             eng.refresh()
-        t = type(key)  # encode_key's answer for plain bytes and ASCII text, computed here
-        if t is bytes and 0 < len(key) <= MAX_KEY_BYTES:
-            k = b"b" + key
-        elif t is str and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
-            k = b"s" + key.encode()
-        else:
-            k = encode_key(key)
+        k = encode_key(key)
         if k in eng.memtable.versions:
             return eng.reader.latest(k)
         return eng.state.get_value(k)

@@ -151,13 +151,11 @@ class MemTable:
         if not versions:
             return {}
         with self._index_lock:
-            index = self._index
-            noted = self._noted
+            noted, index = self._noted, self._index
+            end = len(noted)  # (before the copy below: see _bound_index and add)
             if index is None:
-                end = len(noted)
                 index = self._index = KeyIndex(list(versions))  # (one C-level copy)
             else:
-                end = len(noted)
                 for k in noted[self._folded:end]:
                     index.add(k)
             self._folded = end
