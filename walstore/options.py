@@ -19,8 +19,10 @@ class Options:
     segment_size      largest WAL segment file, bytes (8 KiB .. 1 GiB; default 16 MiB)
     sync_interval     durability="normal": seconds between background fsyncs (0.001 .. 60)
     checkpoint_bytes  WAL bytes between automatic checkpoints (64 KiB .. 1 PiB; 64 MiB)
-    apply_batch       log events applied to LMDB per batch (1 .. 10^9; 2000)
-    apply_interval    seconds the applier waits for a batch to fill (0.001 .. 86400; 0.5)
+    apply_batch       unapplied log events that make the applier write LMDB while commits
+                      go on (1 .. 10^9; 20,000); also caps its LMDB batches (at most 2000)
+    apply_interval    seconds without a commit after which the applier writes LMDB
+                      (0.001 .. 86400; 0.1): LMDB is written in pauses, off the commit tail
     max_unapplied     events waiting for LMDB before committers wait (100 .. 10^9; 50,000)
     recovery_mode     strict | tolerate-tail | point-in-time | skip-corrupt
     retain_transactions  keep history of this many newest transactions (>= 1; None: all)
@@ -30,8 +32,8 @@ class Options:
     segment_size: int = 16 * MIB
     sync_interval: float = 0.2
     checkpoint_bytes: int = 64 * MIB
-    apply_batch: int = 2000
-    apply_interval: float = 0.5
+    apply_batch: int = 20_000
+    apply_interval: float = 0.1
     max_unapplied: int = 50_000
     recovery_mode: str = "strict"
     retain_transactions: int | None = None

@@ -120,6 +120,7 @@ class Profile:
     steady_commits: int
     steady_budget: float
     steady_tuning: tuple[tuple[str, int], ...] = ()
+    sustained_commits: int = 0        # the 2 KiB latency row long enough for LMDB writes
 
     def scaled(self, factor: float) -> Profile:
         """Every count multiplied by factor (at least 2); repeats and budgets kept."""

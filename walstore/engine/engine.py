@@ -49,6 +49,8 @@ from .views import Views
 DURABILITIES = ("full", "normal", "none")
 DROP_CHUNK = 64  # applied events leave the MemTable this many per hold of the commit lock
 APPLY_BATCH_BYTES = 1 << 20  # the applier thread's LMDB commits cover about this much log
+APPLY_BATCH_EVENTS = 2000    # ... and at most this many events
+APPLY_WAKE_BYTES = 32 << 20  # unapplied log bytes that make the applier work under load
 DRAIN_BATCH, DRAIN_BATCH_BYTES = 20_000, 16 << 20  # a drain's or checkpoint's LMDB commits:
 # few syncs, yet bounded memory (one LMDB transaction keeps every page it dirties in RAM)
 RECOVER_MODES = ("auto", "manual")
@@ -258,26 +260,47 @@ class Engine:
         self._threads.append(t)
 
     def wake_applier(self) -> None:
-        if not self._woken and len(self.memtable) >= self.options.apply_batch:
+        """After a commit: wake the applier only when the backlog is big enough (events
+        or log bytes); otherwise it waits for commits to pause (see ``_applier_loop``)."""
+        mt = self.memtable
+        if not self._woken and (len(mt) >= self.options.apply_batch
+                                or mt.log_bytes >= APPLY_WAKE_BYTES):
             self._woken = True  # one wake-up per batch, not one per commit
             with self._wake:
                 self._wake.notify()
 
     def _applier_loop(self) -> None:
-        """Apply published events in batches; checkpoint; keep a spare segment ready."""
+        """Apply published events; checkpoint; keep a spare segment ready.
+
+        Deferred apply: LMDB is written when commits pause (no commit published for a
+        whole ``apply_interval``), or at once when the backlog reaches ``apply_batch``
+        events or APPLY_WAKE_BYTES of log, or when a drain, checkpoint or close asks.  An
+        LMDB commit syncs its pages, and that flush delays the WAL fsyncs of the commits
+        running beside it: deferring it to a pause keeps it off the commit tail of bursts,
+        while the backlog bounds memory, the MemTable and REDO after a crash.
+        """
+        seen = -1  # the published mark at the last look: unchanged means commits paused
         while not self._stop.is_set():
             with self._wake:
                 if not self._woken:
                     self._wake.wait(self.options.apply_interval)
-            self._woken = False
+            woken, self._woken = self._woken, False
             if self._stop.is_set():
                 return
+            mt = self.memtable
+            published = mt.published
+            if not woken and published != seen and len(mt) < self.options.apply_batch \
+                    and mt.log_bytes < APPLY_WAKE_BYTES:
+                seen = published  # commits are still coming: wait for a pause
+                if self.wal.bytes_since_checkpoint < self.options.checkpoint_bytes:
+                    continue
+            seen = published
             try:
                 while True:  # the checkpoint is due between batches too: under a load that
                     applied = self.apply_published()  # never pauses this loop never ends
                     if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
                         self._checkpoint()
-                    if applied < self.options.apply_batch or self._stop.is_set():
+                    if not applied or self.applied_lsn >= published or self._stop.is_set():
                         break
             except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
                 self.fail(e)
@@ -305,10 +328,11 @@ class Engine:
     def apply_published(self, limit: int | None = None, max_bytes: int = APPLY_BATCH_BYTES
                         ) -> int:
         """Move published events into LMDB (one batch of at most ``limit`` events, default
-        ``apply_batch``, and about ``max_bytes`` of log); returns how many."""
+        ``apply_batch`` up to APPLY_BATCH_EVENTS, and about ``max_bytes`` of log); returns
+        how many."""
         with self._apply_lock:
-            batch = self.memtable.published_events(limit or self.options.apply_batch,
-                                                   max_bytes)
+            batch = self.memtable.published_events(
+                limit or min(self.options.apply_batch, APPLY_BATCH_EVENTS), max_bytes)
             if not batch:
                 return 0
             end = batch[-1].end

@@ -16,7 +16,10 @@ Invariants:
 - readers take no lock: ``versions`` values are immutable tuples replaced whole;
   range reads take only the key index's lock (:mod:`walstore.engine.keyindex`): a key new
   to the MemTable is noted on entry (an append) and sorted in by the next range read;
-- bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events).
+- bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events);
+  ``log_bytes`` counts the log bytes of the events here (the applier's other trigger);
+- leaving costs O(versions left) per key a batch touched, never O(versions) per event:
+  a hot key's chain is cut once per batch.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ class MemTable:
         self.published = published
         self.limit = limit
         self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
+        self.log_bytes = 0  # log bytes of the events here
         # the key order for range reads: keys noted on entry, folded in by readers
         self._index_lock = threading.Lock()
         self._index: KeyIndex | None = KeyIndex()  # None: rebuild from ``versions``
@@ -57,6 +61,7 @@ class MemTable:
     # ---- entering and leaving (caller holds the journal lock) ---------------------------
     def add(self, event: Event) -> None:
         self.events.append(event)
+        self.log_bytes += event.end - event.lsn
         if event.writes is not None and event.type == _COMMIT:
             versions = self.versions
             lsn = event.lsn
@@ -93,22 +98,32 @@ class MemTable:
     def drop_applied(self, batch: list[Event]) -> None:
         """Remove ``batch`` (the oldest events, now in LMDB)."""
         versions = self.versions
+        touched: set[bytes] = set()
+        size = 0
         for e in batch:
             first = self.events.popleft()
             assert first is e, "the applier must apply events in LSN order"
+            size += e.end - e.lsn
             if e.writes is not None and e.type == _COMMIT:
-                for k, _v in e.writes:
-                    old = versions.get(k)
-                    if old is None:
-                        continue
-                    rest = tuple(x for x in old if x[0] != e.lsn)
-                    if rest:
-                        versions[k] = rest
-                    else:
-                        del versions[k]
+                touched.update(k for k, _v in e.writes)
                 for aid in e.body.get("compensate", ()):
                     if self.claimed.get(aid) == e.txid:
                         del self.claimed[aid]
+        self.log_bytes -= size
+        if touched:
+            last = batch[-1].lsn  # every version at or below it is in LMDB now
+            for k in touched:
+                old = versions.get(k)
+                if old is None:
+                    continue
+                if old[-1][0] <= last:
+                    del versions[k]
+                    continue
+                cut = 0
+                while old[cut][0] <= last:
+                    cut += 1
+                if cut:
+                    versions[k] = old[cut:]
         self._bound_index()
 
     def _bound_index(self) -> None:

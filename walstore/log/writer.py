@@ -119,7 +119,6 @@ class WriteAheadLog:
                     else:
                         self.inline_preallocations += 1
                         path = create_segment(self.dir, self.store_id, start, size)
-                self._want_spare()
             except FsyncFailed as e:
                 self.failed = e.__cause__ or e
                 raise LogFailed(f"fsync failed while creating a WAL segment ({e}); the "
@@ -143,6 +142,9 @@ class WriteAheadLog:
             self.writer = writer
             old.close()
             self.rotations += 1
+        # only now: the spare's size follows the new segment's (asked for earlier, a young
+        # store's spare came out one size short, and every rotation zero-filled inline)
+        self._want_spare()
 
     def _withdraw(self, path: str, cause: OSError) -> None:
         """Remove a just-made segment that will not be used (durably); if even that fails,

@@ -1,0 +1,137 @@
+"""Deferred apply: LMDB is written when commits pause, or when the backlog is big, never
+beside every burst of commits (an LMDB commit's page flush delays the WAL fsyncs of the
+commits running beside it).  What must hold either way: reads see every commit, nothing is
+lost to a kill -9 with a large backlog, memory and the log stay bounded, and a hot key
+overwritten thousands of times in the backlog costs its reads and the applier no more
+than its live versions."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import walstore
+from walstore.engine.memtable import MemTable
+from walstore.log.format import RecordType
+from walstore.log.records import Event
+
+
+def _stats(st):
+    return st.stats()
+
+
+def test_a_burst_of_commits_is_not_applied_until_commits_pause(tmp_path):
+    with walstore.open(str(tmp_path / "s"), durability="normal", apply_interval=0.3) as st:
+        applied0 = _stats(st)["applied_lsn"]
+        deadline = time.monotonic() + 1.0
+        i = 0
+        while time.monotonic() < deadline:  # commits never pause for 0.3 s
+            with st.transaction() as tx:
+                tx.put(f"k{i}", b"v" * 100)
+            i += 1
+            time.sleep(0.01)
+        s = _stats(st)
+        assert s["unapplied_events"] >= min(i, 50), s
+        assert s["applied_lsn"] == applied0, "LMDB was written during the burst"
+        assert st.get("k0") == b"v" * 100 and st.get(f"k{i - 1}") == b"v" * 100
+        # the pause: within a few intervals everything is in LMDB
+        end = time.monotonic() + 10
+        while _stats(st)["unapplied_events"] and time.monotonic() < end:
+            time.sleep(0.05)
+        s = _stats(st)
+        assert s["unapplied_events"] == 0 and s["applied_lsn"] > applied0
+        assert st.get(f"k{i - 1}") == b"v" * 100
+
+
+def test_a_backlog_of_apply_batch_events_is_applied_while_commits_go_on(tmp_path):
+    """apply_interval is an hour, so only the backlog trigger can make the applier write
+    LMDB here (however slowly the machine schedules it, it must, and without a pause)."""
+    with walstore.open(str(tmp_path / "s"), durability="none", apply_batch=500,
+                       apply_interval=3600) as st:
+        for i in range(5000):
+            with st.transaction() as tx:
+                tx.put(f"k{i}", b"x")
+        end = time.monotonic() + 20
+        while _stats(st)["applied_lsn"] == 0 and time.monotonic() < end:
+            time.sleep(0.01)
+        s = _stats(st)
+        assert s["applied_lsn"] > 0 and s["unapplied_events"] < 5000, s
+        assert list(st.keys("k")) == sorted(f"k{i}" for i in range(5000))
+    with walstore.open(str(tmp_path / "s2"), durability="none", apply_batch=10_000,
+                       apply_interval=3600) as st:  # below the backlog: nothing applied
+        for i in range(2000):
+            with st.transaction() as tx:
+                tx.put(f"k{i}", b"x")
+        time.sleep(0.3)
+        assert _stats(st)["unapplied_events"] >= 2000
+
+
+def test_memtable_drop_cuts_a_hot_keys_chain_once_per_batch():
+    mt = MemTable()
+    events = []
+    lsn = 0
+    for i in range(10):
+        e = Event(lsn=lsn, end=lsn + 10, type=RecordType.COMMIT, txid=i + 1,
+                  body={}, writes=[(b"hot", b"%d" % i)] + ([(b"cold", b"c")] if i == 3 else []))
+        lsn += 10
+        mt.add(e)
+        events.append(e)
+    mt.publish(lsn)
+    assert mt.log_bytes == 100 and len(mt.versions[b"hot"]) == 10
+    mt.drop_applied(events[:6])
+    assert [v for _l, v in mt.versions[b"hot"]] == [b"6", b"7", b"8", b"9"]
+    assert b"cold" not in mt.versions  # all its versions were in the batch
+    assert mt.log_bytes == 40 and len(mt) == 4
+    assert mt.visible(b"hot", 75) == (True, b"7")
+    mt.drop_applied(events[6:])
+    assert not mt.versions and mt.log_bytes == 0
+
+
+def test_a_hot_key_overwritten_in_a_big_backlog(tmp_path):
+    """20,000 overwrites of one key wait in the MemTable, then are applied: the value and
+    the key's history are exact (the chain is cut per batch, never rescanned per event)."""
+    with walstore.open(str(tmp_path / "s"), durability="none", apply_batch=10**6,
+                       apply_interval=3600, max_unapplied=10**6) as st:
+        for i in range(20_000):
+            with st.transaction() as tx:
+                tx.put("counter", i)
+        assert _stats(st)["unapplied_events"] >= 20_000
+        assert st.get("counter") == 19_999
+        st.checkpoint()
+        assert _stats(st)["unapplied_events"] == 0
+        assert st.get("counter") == 19_999
+        assert st.at(walstore.LSN(_stats(st)["applied_lsn"])).get("counter") == 19_999
+
+
+def test_kill_9_with_a_deferred_backlog_loses_no_acknowledged_commit(tmp_path):
+    """A real writer process commits durably (its backlog never applied: it never pauses),
+    prints each acknowledged key, and is killed -9; reopening REDOes every one."""
+    path = str(tmp_path / "s")
+    code = textwrap.dedent(f"""
+        import sys, walstore
+        st = walstore.open({path!r}, durability="full", apply_interval=3600,
+                           apply_batch=10**6, max_unapplied=10**6)
+        i = 0
+        while True:
+            with st.transaction() as tx:
+                tx.put("k%06d" % i, i)
+            print(i, flush=True)
+            i += 1
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    acked = -1
+    try:
+        for line in proc.stdout:
+            acked = int(line)
+            if acked >= 1500:
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert acked >= 1500
+    with walstore.open(path) as st:
+        assert st.last_recovery is not None and st.last_recovery.redone >= acked
+        for i in range(0, acked + 1):
+            assert st.get("k%06d" % i) == i
