@@ -267,17 +267,22 @@ class WriteAheadLog:
 
     # ---- trimming ----------------------------------------------------------------------
     def trim_below(self, lsn: int) -> list[str]:
-        """Remove segments whose every record lies below ``lsn``; returns removed paths."""
+        """Remove segments whose every record lies below ``lsn``; returns removed paths.
+
+        Appends go on meanwhile (unlinking a big file can take milliseconds): only the
+        active segment's start is read under the lock, and the active segment only moves
+        forward, so what is removable stays removable."""
         with self.lock:
+            active = self.writer.start_lsn
             segs = list_segments(self.dir)
-            removed = []
-            for (start, path), (next_start, _) in zip(segs, segs[1:]):
-                if next_start <= lsn and start != self.writer.start_lsn:
-                    fileio.unlink(path)
-                    removed.append(path)
-            if removed:
-                fileio.fsync_dir(self.dir)
-            return removed
+        removed = []
+        for (start, path), (next_start, _) in zip(segs, segs[1:]):
+            if next_start <= lsn and start < active:
+                fileio.unlink(path)
+                removed.append(path)
+        if removed:
+            fileio.fsync_dir(self.dir)
+        return removed
 
     def disk_bytes(self) -> int:
         return sum(os.path.getsize(p) for _, p in list_segments(self.dir) if os.path.exists(p))
