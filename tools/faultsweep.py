@@ -416,8 +416,9 @@ def check_fsync_failure(w: Workload, fb: FaultBackend, rule, site: str, out: dic
             and op.commits and start < op.at < end]
     if late:
         what = "a failed LMDB " + site[5:] if site in LMDB_OPS else f"a failed {site}"
-        out["errors"].append(f"commits acknowledged after {what} (the store did not turn "
-                             f"read-only): {late[:4]}")
+        where = os.path.basename(failed.path) if failed.path else "?"
+        out["errors"].append(f"commits acknowledged after {what} of {where} (the store did "
+                             f"not turn read-only): {late[:4]}")
     if site in LMDB_OPS:
         again = [c for c in fb.calls_to(LMDB_OPS, after=failed.seq) if c.seq < end]
         if again:

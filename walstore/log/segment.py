@@ -105,6 +105,9 @@ class Spare:
         try:
             _zero_fill(fd, 0, size)
             fsync_or_fail(fileio.fsync, fd)
+        except FsyncFailed:
+            os.close(fd)
+            raise  # the caller stops the log first, then discards the file (no I/O between)
         except BaseException:
             os.close(fd)
             remove_quietly(self.path)

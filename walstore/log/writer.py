@@ -178,8 +178,8 @@ class WriteAheadLog:
                     return
             try:
                 self.prepare_spare()
-            except FsyncFailed as e:  # a failing disk: the log stops (never retry an fsync)
-                self.failed = e.__cause__ or e
+            except FsyncFailed:  # a failing disk: prepare_spare stopped the log
+                pass
             except OSError:
                 pass  # no room for a spare: the next rotation preallocates inline
             with self._spare_cond:
@@ -208,7 +208,12 @@ class WriteAheadLog:
         """Preallocate the next segment's file (the spare thread calls this)."""
         with self._spare_lock:
             if self.needs_spare():
-                self.spare.prepare(self.next_segment_size())
+                try:
+                    self.spare.prepare(self.next_segment_size())
+                except FsyncFailed as e:  # the log stops (never retry an fsync) at once,
+                    self.failed = e.__cause__ or e  # before any other I/O: a commit that
+                    self.spare.discard()            # starts after the failure is refused
+                    raise
 
     def rotate(self) -> int:
         """Start a new segment now (sealing the current one); returns its start LSN."""
