@@ -262,9 +262,7 @@ class Engine:
     def wake_applier(self) -> None:
         """After a commit: wake the applier only when the backlog is big enough (events
         or log bytes); otherwise it waits for commits to pause (see ``_applier_loop``)."""
-        mt = self.memtable
-        if not self._woken and (len(mt) >= self.options.apply_batch
-                                or mt.log_bytes >= APPLY_WAKE_BYTES):
+        if not self._woken and self._backlog_full():
             self._woken = True  # one wake-up per batch, not one per commit
             with self._wake:
                 self._wake.notify()
@@ -287,24 +285,28 @@ class Engine:
             woken, self._woken = self._woken, False
             if self._stop.is_set():
                 return
-            mt = self.memtable
-            published = mt.published
-            if not woken and published != seen and len(mt) < self.options.apply_batch \
-                    and mt.log_bytes < APPLY_WAKE_BYTES:
-                seen = published  # commits are still coming: wait for a pause
-                if self.wal.bytes_since_checkpoint < self.options.checkpoint_bytes:
-                    continue
-            seen = published
+            published = self.memtable.published
+            paused, seen = published == seen, published
+            if not (woken or paused or self._backlog_full() or self._checkpoint_due()):
+                continue  # commits are still coming: wait for a pause
             try:
                 while True:  # the checkpoint is due between batches too: under a load that
                     applied = self.apply_published()  # never pauses this loop never ends
-                    if self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes:
+                    if self._checkpoint_due():
                         self._checkpoint()
                     if not applied or self.applied_lsn >= published or self._stop.is_set():
                         break
             except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
                 self.fail(e)
                 return
+
+    def _backlog_full(self) -> bool:
+        """Enough is unapplied that the applier works even while commits go on."""
+        mt = self.memtable
+        return len(mt) >= self.options.apply_batch or mt.log_bytes >= APPLY_WAKE_BYTES
+
+    def _checkpoint_due(self) -> bool:
+        return self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes
 
     def _flusher_loop(self) -> None:
         while not self._stop.wait(self.options.sync_interval):

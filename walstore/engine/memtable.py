@@ -18,8 +18,8 @@ Invariants:
   to the MemTable is noted on entry (an append) and sorted in by the next range read;
 - bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events);
   ``log_bytes`` counts the log bytes of the events here (the applier's other trigger);
-- leaving costs O(versions left) per key a batch touched, never O(versions) per event:
-  a hot key's chain is cut once per batch.
+- leaving costs O(versions left) per key a dropped chunk touched, never O(versions) per
+  event: a hot key's chain is cut once per ``drop_applied`` call.
 """
 from __future__ import annotations
 
