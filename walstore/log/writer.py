@@ -178,10 +178,8 @@ class WriteAheadLog:
                     return
             try:
                 self.prepare_spare()
-            except FsyncFailed:  # a failing disk: prepare_spare stopped the log
-                pass
-            except OSError:
-                pass  # no room for a spare: the next rotation preallocates inline
+            except OSError:  # no room for a spare: the next rotation preallocates inline
+                pass  # (a failed fsync, FsyncFailed: prepare_spare has stopped the log)
             with self._spare_cond:
                 self._spare_wanted = False
                 self._spare_cond.notify_all()
@@ -229,15 +227,17 @@ class WriteAheadLog:
         Group commit: one caller at a time is the leader and fsyncs everything written so
         far; the others wait on a condition and, when it is done, either find their bytes
         covered or one of them leads the next fsync at once.  Raises LogFailed when the
-        fsync fails (the bytes' fate is unknown until recovery).
+        fsync fails (the bytes' fate is unknown until recovery), and also when the log
+        failed while this caller waited (another thread's fsync, e.g. the spare's): a
+        commit is acknowledged only by a log that had not failed when its sync returned.
         """
-        if self.synced_lsn >= lsn:
+        if self.synced_lsn >= lsn and self.failed is None:
             return
         with self._sync_cond:
             while True:
+                self.check_usable()
                 if self.synced_lsn >= lsn:
                     return
-                self.check_usable()
                 if not self._syncing:
                     self._syncing = True
                     break
@@ -257,6 +257,7 @@ class WriteAheadLog:
                 self.after_sync(self.synced_lsn)  # e.g. publish the batch once, for everyone
             with self._sync_cond:
                 self._sync_cond.notify_all()
+        self.check_usable()
 
     def sync(self) -> None:
         self.sync_to(self.written_lsn)
