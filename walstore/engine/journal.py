@@ -63,7 +63,7 @@ class Journal:
                 last = chunks[-1]
             full = dict(body, tx=txid, w=last)
             lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
-            event = Event(lsn, end, RecordType.COMMIT, txid, body, writes)
+            event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes))  # (see Event)
             self.memtable.add(event)
             self._publish_written(end)
             return event
