@@ -167,7 +167,7 @@ class Engine:
         self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
                                  self.options.segment_size)
         self.memtable = MemTable(published=self.wal.written_lsn,
-                                 limit=self.options.max_unapplied)
+                                 limit=self.options.max_unapplied, lock=self.wal.lock)
         self.journal = Journal(self.wal, self.memtable, self.durability)
         self.reader = StateReader(self.state, self.memtable)
         self.views = Views(self.state, self.memtable)

@@ -43,15 +43,17 @@ class Follower:
                 except ValueError:
                     break
                 if ev is not None and ev.end > applied:
-                    mt.add(ev)
+                    with mt.lock:
+                        mt.add(ev)
             mt.publish(max(self.log.position, applied))
-            prune = []
-            for ev in mt.events:
-                if ev.end > applied:
-                    break
-                prune.append(ev)
-            if prune:
-                mt.drop_applied(prune)
+            with mt.lock:
+                prune = []
+                for ev in mt.events:
+                    if ev.end > applied:
+                        break
+                    prune.append(ev)
+                if prune:
+                    mt.drop_applied(prune)
 
     def close(self) -> None:
         with self.lock:

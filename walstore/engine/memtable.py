@@ -38,7 +38,13 @@ _COMMIT = RecordType.COMMIT
 class MemTable:
     """Unapplied log events, in LSN order, with a multi-version index of their writes."""
 
-    def __init__(self, published: int = 0, limit: int = 50_000) -> None:
+    def __init__(self, published: int = 0, limit: int = 50_000,
+                 lock: threading.RLock | None = None) -> None:
+        # ``lock`` guards ``events``: held by whoever adds or drops (the writer's journal
+        # lock, or a follower's) and by the copies of it below.  A copy of a deque is one C
+        # call, yet not atomic: an allocation in it can run the garbage collector, whose
+        # finalizers let another thread append ("deque mutated during iteration").
+        self.lock = lock if lock is not None else threading.RLock()
         self.events: collections.deque[Event] = collections.deque()
         self.versions: dict[bytes, tuple] = {}
         self.published = published
@@ -58,7 +64,7 @@ class MemTable:
     def over_limit(self) -> bool:
         return len(self.events) >= self.limit
 
-    # ---- entering and leaving (caller holds the journal lock) ---------------------------
+    # ---- entering and leaving (caller holds ``lock``: the journal lock) -----------------
     def add(self, event: Event) -> None:
         self.events.append(event)
         self.log_bytes += event.end - event.lsn
@@ -86,8 +92,10 @@ class MemTable:
         out = []
         upto = self.published
         size = 0
-        for e in list(itertools.islice(self.events, limit)):  # copied in one C call: appends
-            if e.end > upto:                                   # may go on meanwhile
+        with self.lock:  # (briefly: a copy of at most ``limit`` references)
+            head = list(itertools.islice(self.events, limit))
+        for e in head:
+            if e.end > upto:
                 break
             out.append(e)
             size += e.end - e.lsn
@@ -196,5 +204,6 @@ class MemTable:
 
     def events_of(self, types: frozenset, upto: int | None = None) -> list[Event]:
         """Events of the given types, oldest first (published ones when ``upto``)."""
-        return [e for e in list(self.events) if e.type in types
-                and (upto is None or e.end <= upto)]
+        with self.lock:
+            events = list(self.events)
+        return [e for e in events if e.type in types and (upto is None or e.end <= upto)]
