@@ -38,13 +38,15 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import lmdb
 
 from .. import fileio
 from ..errors import CorruptionError, ReadOnlyError, WalstoreError
 from .lmdb_check import check_lmdb_files
+
+T = TypeVar("T")
 
 DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with the data
 MAX_DBS = 16
@@ -347,6 +349,40 @@ class LmdbState:
             raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
         finally:
             gate.leave(slot)
+
+    def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(txn, *args)`` in a short read transaction: :meth:`read` with the gate's
+        fast path written out and no generator (every read inside a transaction comes
+        here; the slow path is ``read`` itself)."""
+        try:
+            slot = self.gate._local.slot
+        except AttributeError:
+            slot = None
+        if slot is None or slot.depth or self.gate.paused:
+            with self.read() as txn:
+                return fn(txn, *args)
+        slot.depth = 1
+        slot.inside = True
+        try:
+            if self.gate.paused:  # a resize began as we stepped in: take the slow path
+                slot.depth = 0
+                slot.inside = False
+                with self.read() as txn:
+                    return fn(txn, *args)
+            try:
+                txn = self.env.begin()
+            except lmdb.Error:
+                txn = self._begin()
+            try:
+                return fn(txn, *args)
+            finally:
+                txn.abort()
+        except lmdb.Error as e:
+            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+        finally:
+            if slot.depth == 1:
+                slot.depth = 0
+                slot.inside = False
 
     def get_value(self, key: bytes) -> bytes | None:
         """One value of the data table: :meth:`get` with the gate's fast path written out

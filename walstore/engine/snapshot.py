@@ -61,8 +61,7 @@ class StateReader:
         if found:
             return v
         st = self.state
-        with st.read() as txn:
-            return _lmdb_value_as_of(txn, st, key, at)
+        return st.run_read(_lmdb_value_as_of, st, key, at)
 
     # ---- scans --------------------------------------------------------------------------
     def scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int | None = None
