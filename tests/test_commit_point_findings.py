@@ -875,6 +875,64 @@ def test_open_scan_never_blocks_map_growth(w):
     store.close()
 
 
+
+def test_map_growth_under_busy_readers_finishes_and_reads_stay_right(w):
+    """With a tiny map grown many times by a writer, four threads read without pause
+    (transactions' snapshot reads of applied keys, half of them inside an open scan, so
+    on both the read gate's fast path, ``LmdbState.run_read``, and its nested slow path):
+    every read is right (the pair sums to 0) and never fails, and the writer finishes.
+    Before, it hung: py-lmdb makes a write transaction's abort (here, after MapFullError)
+    wait until no LMDB call is in flight in the process, which busy readers put off
+    forever; the abort now runs with readers held out by the read gate."""
+    store = walstore.open(w.path, durability="none", map_size=1 << 18)
+    with store.transaction() as tx:
+        tx.update({"a": 100, "b": -100})
+        tx.update({f"k/{i:04d}": i for i in range(300)})
+    store.checkpoint()
+    stop = threading.Event()
+    seen = {"reads": 0, "bad": [], "errors": [], "rounds": 0}
+
+    def reader(nested: bool) -> None:
+        try:
+            while not stop.is_set():
+                tx = store.transaction()
+                it = tx.scan(prefix="k/") if nested else None
+                if it is not None:
+                    next(it)  # an open scan: the next reads nest inside the gate
+                a, b = tx.get("a"), tx.get("b")
+                if a + b != 0 or tx.get("k/0123") != 123:
+                    seen["bad"].append((a, b))
+                seen["reads"] += 1
+                tx.rollback()  # (read-only: a commit would validate its reads)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            seen["errors"].append(repr(e))
+
+    def writer() -> None:
+        for r in range(20):
+            with store.transaction() as tx:
+                tx.put("a", r)
+                tx.put("b", -r)
+                tx.update({f"big/{r:02d}/{j:02d}": "x" * 2000 for j in range(20)})
+            store.checkpoint()  # applied now: the map grows under the readers
+            seen["rounds"] = r + 1
+
+    threads = [threading.Thread(target=reader, args=(i % 2 == 1,), daemon=True)
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    map0 = store.stats()["lmdb_map_size"]
+    wt = threading.Thread(target=writer, daemon=True)
+    wt.start()
+    wt.join(120)  # a hang guard
+    stop.set()
+    for t in threads:
+        t.join(30)
+    assert not wt.is_alive() and seen["rounds"] == 20, seen["rounds"]
+    assert not seen["errors"] and not seen["bad"], seen
+    assert seen["reads"] > 20
+    assert store.stats()["lmdb_map_size"] >= 4 * map0
+    store.close()
+
 # ---- 12 --------------------------------------------------------------------------------------
 class _ThreadWrites(FaultBackend):
     """A FaultBackend that also notes, per thread, the bytes every pwrite wrote and where."""

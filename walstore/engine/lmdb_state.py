@@ -448,14 +448,38 @@ class LmdbState:
         with self._write_lock:
             while True:
                 try:
-                    with self.env.begin(write=True) as txn:
-                        fn(txn)
-                        fileio.lmdb_io("commit", self.path)
-                    return
-                except lmdb.MapFullError:
-                    self._grow()
+                    txn = self.env.begin(write=True)
                 except lmdb.Error as e:
                     raise StateWriteError(f"writing LMDB failed: {e}") from e
+                try:
+                    fn(txn)
+                    fileio.lmdb_io("commit", self.path)
+                    txn.commit()
+                    return
+                except lmdb.MapFullError:
+                    self._abort_write(txn)
+                    self._grow()
+                except lmdb.Error as e:
+                    self._abort_write(txn)
+                    raise StateWriteError(f"writing LMDB failed: {e}") from e
+                except BaseException:
+                    self._abort_write(txn)
+                    raise
+
+    def _abort_write(self, txn: lmdb.Transaction) -> None:
+        """Abort a write transaction while no reader of this process is inside LMDB.
+
+        py-lmdb (3.x) makes a write transaction's abort wait until no LMDB call is in
+        flight anywhere in the process; reading threads that never pause all at once can
+        put that off forever (a map growth under four busy readers never finished).  The
+        read gate holds readers out for the moment of the abort (a no-op for a
+        transaction a failed commit already ended)."""
+        def abort() -> None:
+            try:
+                txn.abort()
+            except lmdb.Error:
+                pass  # already ended by LMDB (a failed commit): nothing left to release
+        self.gate.exclusive(abort)
 
     def _grow(self) -> None:
         new_size = self.env.info()["map_size"] * 2
