@@ -503,7 +503,8 @@ class LmdbState:
             self._shared["refs"] -= 1
             if self._shared["refs"] == 0:
                 LmdbState._registry.pop(self.path, None)
-                self._shared["env"].close()
+                # (py-lmdb's close waits for LMDB calls in flight: readers held out)
+                self.gate.exclusive(self._shared["env"].close)
             self._shared = {}
 
 
