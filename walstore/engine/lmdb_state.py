@@ -487,14 +487,21 @@ class LmdbState:
 
     def sync(self) -> None:
         """Force data and meta pages to stable storage (the checkpoint barrier)."""
-        try:
+        slot = self.gate.enter()  # py-lmdb fails (EINVAL) an env call that starts while
+        try:                      # the map is being resized: none does, through the gate
             fileio.lmdb_io("sync", self.path)
             self.env.sync(True)
         except lmdb.Error as e:
             raise StateWriteError(f"syncing LMDB failed: {e}") from e
+        finally:
+            self.gate.leave(slot)
 
     def map_size(self) -> int:
-        return self.env.info()["map_size"]
+        slot = self.gate.enter()  # (not during a resize: see sync)
+        try:
+            return self.env.info()["map_size"]
+        finally:
+            self.gate.leave(slot)
 
     def close(self) -> None:
         with LmdbState._registry_lock:
