@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import walstore
 from walstore.engine import keyindex
@@ -157,3 +158,60 @@ def test_store_scans_over_many_unapplied_keys(tmp_path):
         assert [k for k, _ in st.scan(reverse=True)] == sorted(model, reverse=True)
         st.checkpoint()
         assert dict(st.scan()) == model
+
+
+def test_stats_key_count_is_lmdb_count_corrected_by_the_memtable(tmp_path):
+    """``stats()["keys"]`` counts without a scan (LMDB's entry count corrected by the
+    unapplied versions): it equals a full scan's count after random puts, deletes and
+    re-puts of keys both applied and not, at random apply points, and from a read-only
+    store (which scans)."""
+    rng = random.Random(11)
+    store = walstore.open(str(tmp_path / "s"), durability="none", apply_interval=3600,
+                          apply_batch=10**6)
+    names = [f"k/{i:03d}" for i in range(300)]
+    for round_ in range(40):
+        with store.transaction() as tx:
+            for _ in range(rng.randrange(1, 30)):
+                k = rng.choice(names)
+                if rng.random() < 0.35:
+                    tx.delete(k)
+                else:
+                    tx.put(k, round_)
+        if rng.random() < 0.3:
+            store._engine.apply_published(limit=rng.randrange(1, 5))  # a partial apply
+        if rng.random() < 0.1:
+            store.checkpoint()
+        assert store.stats()["keys"] == sum(1 for _ in store.keys()), round_
+    store.sync()
+    ro = walstore.open(str(tmp_path / "s"), readonly=True)
+    try:
+        assert ro.stats()["keys"] == store.stats()["keys"] == sum(1 for _ in store.keys())
+    finally:
+        ro.close()
+        store.close()
+
+
+def test_stats_key_count_racing_the_applier_never_goes_back(tmp_path):
+    """A thread counting keys while another commits new keys and the applier moves them
+    into LMDB: every count is one the store had (never down, never past the end)."""
+    store = walstore.open(str(tmp_path / "s"), durability="none", apply_batch=50,
+                          apply_interval=0.001)
+    counts, stop = [], threading.Event()
+
+    def counter():
+        while not stop.is_set():
+            counts.append(store.stats()["keys"])
+
+    t = threading.Thread(target=counter, daemon=True)
+    t.start()
+    for i in range(3000):
+        with store.transaction() as tx:
+            tx.put(f"n/{i:05d}", i)
+        if i % 50 == 0:
+            time.sleep(0.001)  # (let the counter and the applier run)
+    stop.set()
+    t.join(30)
+    assert len(counts) > 5
+    assert counts == sorted(counts) and counts[-1] <= 3000, counts[-20:]
+    assert store.stats()["keys"] == 3000
+    store.close()

@@ -188,7 +188,7 @@ class Store:
         return out
 
     def _count_keys(self) -> int:
-        return sum(1 for _ in self._engine.reader.scan(b"", None, False))
+        return self._engine.count_keys()
 
     # ---- reads --------------------------------------------------------------------------
     def _read(self, key: Key) -> bytes | None:

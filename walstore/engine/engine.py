@@ -550,6 +550,31 @@ class Engine:
             self._proc_lock = None
 
     # ---- status -------------------------------------------------------------------------
+    def count_keys(self) -> int:
+        """How many keys the state holds now (as of the published LSN).
+
+        The writer: LMDB's entry count, corrected by the MemTable's unapplied versions,
+        with the applier held off meanwhile (so no event moves from one to the other):
+        O(keys in the MemTable), not O(keys).  A read-only store, whose LMDB another
+        process applies under it, counts by a snapshot scan."""
+        self.check_open()
+        if self.readonly:
+            return sum(1 for _ in self.reader.scan(b"", None, False))
+        mt, st = self.memtable, self.state
+        with self._apply_lock:
+            with mt.lock:  # (committers add keys under it)
+                at = mt.published
+                keys = list(mt.versions)
+
+            def count(txn) -> int:
+                n = txn.stat(st.data)["entries"]
+                for k in keys:
+                    found, v = mt.visible(k, at)
+                    if found:
+                        n += (v is not None) - (txn.get(k, db=st.data) is not None)
+                return n
+            return st.run_read(count)
+
     def stats(self) -> dict[str, Any]:
         self.check_open()
         segs = list_segments(self.layout.wal)
