@@ -22,6 +22,11 @@ Invariants:
   holds a reader slot or old pages while an agent thinks, and the map can always grow.
   ``ReadGate`` keeps a resize out of the few microseconds a read spends inside LMDB
   (py-lmdb invalidates open transactions on a resize);
+- every environment call that py-lmdb (3.x) coordinates process-wide goes through the
+  gate too: a write transaction's abort and ``close`` wait until no LMDB call is in flight
+  anywhere in the process (busy readers could put that off forever), so they run with
+  readers held out (``ReadGate.exclusive``); ``sync`` and ``info`` fail with EINVAL if
+  they start during a resize, so they enter the gate like a read;
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
