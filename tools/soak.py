@@ -32,7 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import walstore  # noqa: E402
-from walstore.errors import ConflictError  # noqa: E402
+from walstore.errors import ConflictError, RevertConflict  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
 ACCOUNTS = [f"acct/{i:03d}" for i in range(50)]
@@ -50,7 +50,8 @@ class Soak:
         self.stop = threading.Event()
         self.errors: list[str] = []
         self.counts = {"snapshots": 0, "scans": 0, "commits": 0, "conflicts": 0,
-                       "checkpoints": 0, "history_reads": 0}
+                       "checkpoints": 0, "history_reads": 0, "reverts": 0, "rewinds": 0,
+                       "undo_conflicts": 0, "purges": 0}
         self.progress: dict[str, int] = {}  # thread name -> operations finished
         self.seed = seed
 
@@ -103,11 +104,31 @@ class Soak:
         time.sleep(0.05)
         r = rng.random()
         store = self.store
-        if r < 0.5:
+        if r < 0.4:
             store.checkpoint()
             self.counts["checkpoints"] += 1
-        elif r < 0.7:
+        elif r < 0.55:
             store.stats()
+        elif r < 0.7:  # undo a recent transaction, or everything since a restore point
+            try:
+                if r < 0.65:
+                    recent = store.log(limit=20)
+                    if recent:
+                        store.revert(rng.choice(recent).txid)
+                        self.counts["reverts"] += 1
+                else:
+                    points = store.restore_points()
+                    if points:
+                        store.rewind(rng.choice(sorted(points)))
+                        self.counts["rewinds"] += 1
+            except (ConflictError, RevertConflict):
+                self.counts["undo_conflicts"] += 1
+        elif r < 0.72:
+            try:  # erases blobs under the writers (a compacting checkpoint)
+                store.purge("blob/")
+                self.counts["purges"] += 1
+            except ConflictError:  # a writer added a blob since it read the prefix
+                self.counts["undo_conflicts"] += 1
         else:
             point = store.restore_point(f"soak-{rng.randrange(8)}")
             view = store.at(point)
