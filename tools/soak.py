@@ -37,6 +37,10 @@ from walstore.ops.verify import verify_store  # noqa: E402
 
 ACCOUNTS = [f"acct/{i:03d}" for i in range(50)]
 TOTAL = 100 * len(ACCOUNTS)
+# blobs are overwritten in a bounded key space: a purge's scans stay short (py-lmdb
+# releases the GIL at every cursor step, so a scan of 100,000 keys beside six busy
+# threads can take minutes: each step may wait out the 5 ms switch interval)
+BLOB_KEYS = 5_000
 
 
 class Soak:
@@ -95,7 +99,7 @@ class Soak:
                 tx.put(b, -10**9)  # rolled back below: never visible
                 tx.rollback_to(sp)
                 tx.put(b, tx.get(b) + amount)
-                tx.put(f"blob/{rng.randrange(10**6)}", os.urandom(rng.choice((100, 3000))))
+                tx.put(f"blob/{rng.randrange(BLOB_KEYS)}", os.urandom(rng.choice((100, 3000))))
             self.counts["commits"] += 1
         except ConflictError:
             self.counts["conflicts"] += 1
