@@ -570,3 +570,50 @@ def test_single_thread_full_durability_fsyncs_every_commit(tmp_path):
         assert s.stats()["wal_fsyncs"] - before >= 20
     finally:
         s.close()
+
+
+def test_a_commit_validated_while_the_applier_drops_a_conflicting_commit_still_conflicts(
+        tmp_path):
+    """The lost update behind a rare failure of test_bank_transfers_keep_the_total (about
+    one run in 200): validation's second step (under the journal lock) looks for commits
+    since the snapshot in the MemTable, and re-reads LMDB only if the engine's applied LSN
+    moved past what its first step checked.  The applier dropped a batch from the MemTable
+    before moving that LSN, so a validation in between found the conflicting commit in
+    neither place.  Here the validation runs at exactly that moment (inside the drop)."""
+    from walstore.codec import encode_key
+    from walstore.engine.conflicts import ReadSet
+
+    s = _open(tmp_path / "s", apply_interval=3600, apply_batch=10**6)
+    with s.transaction() as tx:
+        tx.put("a", 1)
+    s.checkpoint()  # "a" is in LMDB
+    t1 = s.transaction()
+    assert t1.get("a") == 1  # t1's snapshot
+    with s.transaction() as t2:
+        t2.put("a", 2)  # after t1's snapshot; still in the MemTable
+    eng = s._engine
+    checker = eng.pipeline.checker
+    reads = ReadSet(snapshot=t1.snapshot, keys={encode_key("a")})
+    checked = checker.check_applied(t1.id, reads)  # step one: before t2 is in LMDB
+    seen = []
+    real_drop = eng.memtable.drop_applied
+
+    def drop(batch):
+        real_drop(batch)
+        try:  # step two, between t2 leaving the MemTable and the end of the apply
+            checker.check_recent(t1.id, reads, checked, eng.applied_lsn)
+            seen.append("missed")
+        except walstore.ConflictError:
+            seen.append("conflict")
+
+    eng.memtable.drop_applied = drop
+    try:
+        eng.apply_published()
+    finally:
+        del eng.memtable.drop_applied
+    assert seen == ["conflict"]
+    t1.put("a", 10)
+    with pytest.raises(walstore.ConflictError):
+        t1.commit()
+    assert s.get("a") == 2
+    s.close()

@@ -344,11 +344,16 @@ class Engine:
             except StateWriteError as e:
                 self.fail(e)  # never write (or sync) LMDB again until reopened
                 raise
+            # ``applied_lsn`` moves before any event leaves the MemTable: a validator
+            # (ConflictChecker.check_recent, under the journal lock) that no longer finds a
+            # commit there must see that LMDB has it, and re-read LMDB.  In the other order a
+            # commit dropped but not yet counted as applied was missed by both, and two
+            # transfers reading the same account both committed (a lost update).
+            with self.journal.lock:
+                self.applied_lsn = end
             for i in range(0, len(batch), DROP_CHUNK):  # a little at a time: committers
                 with self.journal.lock:                 # wait for the lock only briefly
                     self.memtable.drop_applied(batch[i:i + DROP_CHUNK])
-            with self.journal.lock:
-                self.applied_lsn = end
             with self._room:
                 self._room.notify_all()
             return len(batch)
