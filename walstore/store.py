@@ -56,7 +56,7 @@ class Store:
             self._twophase.undo_files = self._hooks.undo_ended
             self._undo = Undo(engine, self._saga, self._history,
                               lambda meta: self.transaction(meta=meta), self._files)
-            self._purge = Purge(engine, lambda meta: self.transaction(meta=meta))
+            self._purge = Purge(engine, self.run)
             if not readonly:
                 engine.checkpoint_hooks.append(Retention(engine).trim)
                 engine.checkpoint_hooks.append(self._files.gc)

@@ -11,7 +11,7 @@ removed, LMDB is rewritten without its free pages, and quarantined bytes holding
 are removed — their bytes are in no file of the store directory.
 
 A write racing into the prefix while the purge reads it makes the purge conflict; it runs
-again (up to ``PURGE_ATTEMPTS`` times, with a short randomized backoff), so it erases what
+again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what
 that write added too, and raises ConflictError only if every attempt lost.
 
 A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
@@ -20,24 +20,21 @@ cannot bring the keys back: their history is gone).  Copies outside the store di
 """
 from __future__ import annotations
 
-import random
-import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
-from ..errors import ConflictError
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
 
 
-PURGE_ATTEMPTS = 5  # a purge that loses to a write racing into its prefix runs again
+PURGE_RETRIES = 4  # a purge that loses to a write racing into its prefix runs again
 
 
 class Purge:
-    def __init__(self, engine: "Engine", begin: Callable[[Any], Any]) -> None:
+    def __init__(self, engine: "Engine", run: Callable[..., Any]) -> None:
         self.engine = engine
-        self.begin = begin
+        self.run = run  # Store.run: fn(tx) in a transaction, retried on ConflictError
 
     def purge(self, prefix: Any) -> dict:
         if not isinstance(prefix, (str, bytes)) or not prefix:
@@ -46,23 +43,20 @@ class Purge:
         eng = self.engine
         eng.check_writable()
         rng = ScopeRange(prefix)
-        for attempt in range(PURGE_ATTEMPTS):
-            tx = self.begin({"purge": prefix if isinstance(prefix, str) else prefix.hex()})
-            try:
-                with tx:
-                    tx.read_ranges.append((rng.lo, rng.hi))  # a write racing into it conflicts
-                    present = [k for k, _v in eng.reader.scan(rng.lo, rng.hi, False,
-                                                              tx.snapshot)]
-                    had_history = [k for k, _v in eng.state.scan(rng.lo, rng.hi,
-                                                                 db=eng.state.hkeys)]
-                    for k in present:
-                        tx._set(k, None)
-                    tx.commit_body.update({"purge": prefix, "purge_range": [rng.lo, rng.hi]})
-                break
-            except ConflictError:  # a write into the prefix committed first: erase it too
-                if attempt + 1 >= PURGE_ATTEMPTS:
-                    raise
-                time.sleep(0.001 * (2 ** attempt) * (0.5 + random.random()))
+
+        def erase(tx):
+            tx.read_ranges.append((rng.lo, rng.hi))  # a write racing into it conflicts
+            present = [k for k, _v in eng.reader.scan(rng.lo, rng.hi, False, tx.snapshot)]
+            had_history = [k for k, _v in eng.state.scan(rng.lo, rng.hi, db=eng.state.hkeys)]
+            for k in present:
+                tx._set(k, None)
+            tx.commit_body.update({"purge": prefix, "purge_range": [rng.lo, rng.hi]})
+            return tx, present, had_history
+
+        # a write into the prefix committed first: run again, erasing it too
+        tx, present, had_history = self.run(
+            erase, retries=PURGE_RETRIES, backoff=0.001,
+            meta={"purge": prefix if isinstance(prefix, str) else prefix.hex()})
         eng.drain()
         needles = sorted(set(present) | set(had_history))
         out = eng.erase_old_bytes(needles)
