@@ -96,6 +96,9 @@ class CountingTx:
     def __exit__(self, *exc):
         return self.tx.__exit__(*exc)
 
+    def __getattr__(self, name):
+        return getattr(self.tx, name)
+
     def scan(self, *a, **kw):
         self.counts["scan"] += 1
         return self.tx.scan(*a, **kw)

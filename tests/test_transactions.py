@@ -5,6 +5,7 @@ import datetime
 import decimal
 import math
 import os
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -663,3 +664,42 @@ def test_persistence_across_close_and_reopen(path, durability):
 def test_invalid_durability_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="durability"):
         walstore.open(str(tmp_path / "s"), durability="fast")
+
+
+@pytest.mark.parametrize("n", [15, 16, 17, 80, 81, 336, 337, 1400])
+def test_scans_across_chunk_edges_match_a_model_both_ways(tmp_path, n):
+    """A scan reads LMDB in growing chunks (16 rows, then 64, then 256): every count of
+    rows around those edges, with some keys changed or deleted since the last apply (in
+    the MemTable) and some new, scans like a sorted dict, forward and reverse, from a
+    transaction and from the store; the first row of a reverse scan is the last key."""
+    s = walstore.open(str(tmp_path / "s"), durability="none", apply_interval=3600)
+    try:
+        model = {}
+        with s.transaction() as tx:
+            for i in range(n):
+                tx.put(f"k{i:05d}", i)
+                model[f"k{i:05d}"] = i
+        s.checkpoint()  # all of it in LMDB
+        rng = random.Random(n)
+        with s.transaction() as tx:  # and changes on top, in the MemTable
+            for i in rng.sample(range(n), n // 5):
+                tx.delete(f"k{i:05d}")
+                del model[f"k{i:05d}"]
+            for i in rng.sample(range(n), n // 7):
+                if f"k{i:05d}" in model:
+                    tx.put(f"k{i:05d}", -i)
+                    model[f"k{i:05d}"] = -i
+            for i in range(0, n, 9):
+                tx.put(f"k{i:05d}+", i)
+                model[f"k{i:05d}+"] = i
+        want = sorted(model.items())
+        with s.transaction() as tx:
+            assert list(tx.scan(prefix="k")) == want
+            assert list(tx.scan(prefix="k", reverse=True)) == want[::-1]
+            assert next(iter(tx.scan(prefix="k", reverse=True))) == want[-1]
+            mid = want[len(want) // 2][0]
+            assert list(tx.scan(start=mid, end="k~")) == [kv for kv in want if kv[0] >= mid]
+        assert list(s.scan(prefix="k")) == want
+        assert list(s.scan(prefix="k", reverse=True)) == want[::-1]
+    finally:
+        s.close()

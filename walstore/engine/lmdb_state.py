@@ -31,6 +31,10 @@ Invariants:
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
   file, writes a ``StateWriteError`` (the caller turns the store read-only);
+- py-lmdb releases the GIL around every call (each a microsecond or less); beside a busy
+  Python thread a call then costs the wait to get the GIL back, so hot paths make as few
+  calls as they can: one per row of a scan (``iternext``/``iterprev``), and a scan's
+  first chunk is small (a caller after the newest row reads a few, not 256);
 - the data file is checked before it is mapped (:mod:`walstore.engine.lmdb_check`): a
   truncated, zeroed or foreign-format file is a CorruptionError, never a SIGBUS.
 """
@@ -533,22 +537,31 @@ def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes
             hi = after
         else:
             lo = after + b"\x00"
+    # one py-lmdb call per row (iternext/iterprev step and return the item together):
+    # every call releases the GIL, and getting it back beside a busy Python thread is
+    # what a row costs then (see lmdb_state's module doc), so calls are what to save
     cur = txn.cursor(db=db)
     out: list[tuple[bytes, bytes]] = []
     if reverse:
-        ok = (cur.prev() if cur.set_range(hi) else cur.last()) if hi is not None else cur.last()
-        while ok and len(out) < limit:
-            k = cur.key()
+        if hi is None:
+            ok = cur.last()
+        else:
+            ok = cur.prev() if cur.set_range(hi) else cur.last()
+        if not ok:
+            return out
+        for k, v in cur.iterprev():
             if k < lo:
                 break
-            out.append((k, cur.value()))
-            ok = cur.prev()
+            out.append((k, v))
+            if len(out) >= limit:
+                break
     else:
-        ok = cur.set_range(lo)
-        while ok and len(out) < limit:
-            k = cur.key()
+        if not cur.set_range(lo):
+            return out
+        for k, v in cur.iternext():
             if hi is not None and k >= hi:
                 break
-            out.append((k, cur.value()))
-            ok = cur.next()
+            out.append((k, v))
+            if len(out) >= limit:
+                break
     return out

@@ -27,6 +27,8 @@ from typing import Iterator
 from ..codec import unpack
 from ..errors import ConflictError
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
+
+FIRST_CHUNK = 16  # rows of a scan's first LMDB read; each next one 4x, up to SCAN_CHUNK
 from .memtable import MemTable
 from . import tables
 
@@ -74,14 +76,16 @@ class StateReader:
         covered = at  # LMDB commits with LSN in [at, covered) are accounted for in fixes
         after: bytes | None = None
         st = self.state
+        limit = FIRST_CHUNK  # (a caller that wants the first row or two reads few)
         while True:
             with st.read() as txn:
                 applied = from_u64(txn.get(b"applied", db=st.meta))
                 if applied > covered:
                     _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
                     covered = applied
-                chunk = read_chunk(txn, st.data, lo, hi, reverse, after)
-            final = len(chunk) < SCAN_CHUNK
+                chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit)
+            final = len(chunk) < limit
+            limit = min(limit * 4, SCAN_CHUNK)
             edge = None if final else chunk[-1][0]
             merged = dict(chunk)
             for extra in (fixes, over):

@@ -14,10 +14,21 @@ This module owns the stored form of every serialized value of the saver:
 
 The codec decides a delta outside the transaction from a small per-process cache of the
 last list stored per channel (``plan``) and confirms the base inside it (``resolve``).
+
+Reading a delta walks its chain, one point read per link (up to ``delta_depth``).  A
+:class:`ValueCache` (bounded in bytes) keeps, per channel of a namespace, the rebuilt
+bytes of the newest version this process wrote or read, so the next invoke of a thread
+reads its head blob and nothing else.  Its safety rests on one invariant: **a blob key
+never holds two different values** — its version is one this saver made (a counter and
+48 random bits, :data:`UNIQUE_VERSION`), so a key is written once and may later only be
+deleted (rewind, prune, purge) or put back as it was (revert).  Versions of any other form
+(a caller's own ints) are never cached.  The head's stored form is read every time and
+must equal the cached one; an erased thread's entries are dropped (``forget``).
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 import threading
 import zlib
@@ -36,6 +47,9 @@ COMPRESS_MIN = 1024      # compress serialized values at least this long (zlib):
 MAX_INFLATED = 1 << 30   # refuse a compressed value claiming more (a damaged length)
 DEFAULT_DELTA_DEPTH = 128
 _DELTA_CACHE_SIZE = 1024
+DEFAULT_VALUE_CACHE_BYTES = 32 << 20
+# the versions WalstoreSaver.get_next_version makes: unique (a fork draws new random bits)
+UNIQUE_VERSION = re.compile(r"[0-9]{10}\.[0-9a-f]{12}")
 
 Getter = Callable[[bytes], Any]
 
@@ -88,13 +102,80 @@ def _refuse_pickle(type_: str) -> None:
                         "to run code); use a serde without pickle_fallback")
 
 
+class ValueCache:
+    """The rebuilt value of the newest cached version per (namespace blobs prefix,
+    channel): ``(version, stored form, (type, bytes))``, least recently used dropped first
+    once the entries' bytes pass ``max_bytes`` (0: nothing cached).  Only versions
+    matching :data:`UNIQUE_VERSION` enter (see the module doc).  Thread-safe."""
+
+    def __init__(self, max_bytes: int = DEFAULT_VALUE_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError("value_cache_bytes must be >= 0")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0    # reads answered from the cache
+        self.misses = 0  # delta reads that walked their chain (to its base or a cached link)
+        self.links = 0   # chain links read from the store by those walks
+        self._lock = threading.Lock()
+        self._entries: OrderedDict = OrderedDict()
+
+    @staticmethod
+    def cacheable(version: Any) -> bool:
+        return type(version) is str and UNIQUE_VERSION.fullmatch(version) is not None
+
+    def get(self, scope: bytes, channel: str, version: Any) -> tuple | None:
+        """(stored form, (type, bytes)) of ``version`` if it is the cached one."""
+        with self._lock:
+            entry = self._entries.get((scope, channel))
+            if entry is None or entry[0] != version:
+                return None
+            self._entries.move_to_end((scope, channel))
+            return entry[1], entry[2]
+
+    def put(self, scope: bytes, channel: str, version: Any, stored: Any,
+            typed: tuple[str, bytes]) -> None:
+        """Cache ``version`` unless a newer version of the channel is cached (a read of
+        an older checkpoint does not displace the head)."""
+        if not self.max_bytes or not self.cacheable(version):
+            return
+        size = len(typed[1]) + 64
+        if not isinstance(stored, dict):  # a full value: its stored form is kept too
+            size += len(stored[1]) if isinstance(stored[1], bytes) else len(stored[1][0])
+        if size > self.max_bytes // 4:
+            return
+        key = (scope, channel)
+        with self._lock:
+            old = self._entries.get(key)
+            if old is not None:
+                if old[0][:10] > version[:10]:  # (the counter part; a fork's equal
+                    return                      # counter: the last one written wins)
+                self.bytes -= old[3]
+            self._entries[key] = (version, stored, typed, size)
+            self._entries.move_to_end(key)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _k, dropped = self._entries.popitem(last=False)
+                self.bytes -= dropped[3]
+
+    def forget(self, scope_prefix: bytes | None = None) -> None:
+        with self._lock:
+            if scope_prefix is None:
+                self._entries.clear()
+                self.bytes = 0
+                return
+            for k in [k for k in self._entries if k[0].startswith(scope_prefix)]:
+                self.bytes -= self._entries.pop(k)[3]
+
+
 class BlobCodec:
     """Serialized values and channel blobs of one saver (see the module doc)."""
 
     def __init__(self, serde: Any, *, deltas: bool = True,
-                 delta_depth: int = DEFAULT_DELTA_DEPTH, compress: bool = True) -> None:
+                 delta_depth: int = DEFAULT_DELTA_DEPTH, compress: bool = True,
+                 value_cache_bytes: int = DEFAULT_VALUE_CACHE_BYTES) -> None:
         if delta_depth < 1:
             raise ValueError("delta_depth must be at least 1")
+        self.values = ValueCache(value_cache_bytes)  # shared by with_allowlist's copies
         self.serde = serde
         self.deltas = deltas
         self.delta_depth = delta_depth
@@ -175,27 +256,34 @@ class BlobCodec:
         """The stored form of a planned blob, decided inside the writing transaction."""
         if plan[0] == "full":
             _kind, type_, data, me = plan
+            stored = [type_, self.squeeze(data)]
             if me is not None:
-                cache_updates.append(((cache_scope, channel), me))
-            return [type_, self.squeeze(data)]
+                cache_updates.append(((cache_scope, channel), me, stored, (type_, data)))
+            return stored
         _kind, type_, data, me, delta = plan
         # the base must still be there (a rewind or prune may have removed it); reading it
         # also puts it in this transaction's read set, so a concurrent delete conflicts
         if get(ns.blob(channel, delta["b"])) is None:
-            cache_updates.append(((cache_scope, channel), me + (0,)))
-            return [type_, self.squeeze(data)]
-        cache_updates.append(((cache_scope, channel), me + (delta["d"],)))
+            stored = [type_, self.squeeze(data)]
+            cache_updates.append(((cache_scope, channel), me + (0,), stored, (type_, data)))
+            return stored
+        cache_updates.append(((cache_scope, channel), me + (delta["d"],), delta,
+                              (type_, data)))
         return delta
 
     def remember(self, updates: list) -> None:
+        """After the writing transaction committed: the delta bases and the values it
+        stored become the caches' newest (``resolve`` collected them)."""
         if not updates:
             return
         with self._lock:
-            for k, v in updates:
-                self._cache[k] = v
+            for k, me, _stored, _typed in updates:
+                self._cache[k] = me
                 self._cache.move_to_end(k)
             while len(self._cache) > _DELTA_CACHE_SIZE:
                 self._cache.popitem(last=False)
+        for (scope, channel), me, stored, typed in updates:
+            self.values.put(scope, channel, me[0], stored, typed)
 
     def forget(self, scope_prefix: bytes | None = None) -> None:
         """Drop cached delta bases (all, or those under ``scope_prefix``): after a rewind,
@@ -206,6 +294,7 @@ class BlobCodec:
             else:
                 for k in [k for k in self._cache if k[0].startswith(scope_prefix)]:
                     del self._cache[k]
+        self.values.forget(scope_prefix)
 
     # ---- reading ------------------------------------------------------------------------
     def read(self, get: Getter, ns: Namespace, channel: str, version: Any,
@@ -218,29 +307,52 @@ class BlobCodec:
         raw = get(key)
         if raw is None:
             out = None
-        elif isinstance(raw, dict):
-            chain = [unsqueeze(raw["a"])]
-            seen = {str(version)}
-            base = raw
-            while isinstance(base, dict):
-                base_version = base["b"]
-                if str(base_version) in seen:
-                    raise ValueError(f"the delta chain of {channel!r}@{version!r} loops")
-                seen.add(str(base_version))
-                base = get(ns.blob(channel, base_version))
-                if base is None:
-                    raise ValueError(f"the delta base {channel!r}@{base_version!r} of version "
-                                     f"{version!r} is missing from the store")
-                if isinstance(base, dict):
-                    chain.append(unsqueeze(base["a"]))
-            if base[0] != "msgpack":
-                raise ValueError(f"delta base of {channel!r} is {base[0]!r}, not msgpack")
-            items = _array_items(unsqueeze(base[1])) + b"".join(reversed(chain))
-            out = ("msgpack", _array_header(raw["n"]) + items)
         else:
-            out = (raw[0], unsqueeze(raw[1]))
+            scope = ns.blobs()
+            cached = self.values.get(scope, channel, version)
+            if cached is not None and cached[0] == raw:
+                self.values.hits += 1
+                out = cached[1]
+            else:
+                out = self._rebuild(get, ns, scope, channel, version, raw)
+                if isinstance(raw, dict):
+                    self.values.misses += 1
+                    self.values.put(scope, channel, version, raw, out)
         memo[key] = out
         return out
+
+    def _rebuild(self, get: Getter, ns: Namespace, scope: bytes, channel: str,
+                 version: Any, raw: Any) -> tuple[str, bytes]:
+        """(type, bytes) of a stored blob: a delta's chain is read back to its full base,
+        or to the cached version of the channel, whichever comes first."""
+        if not isinstance(raw, dict):
+            return (raw[0], unsqueeze(raw[1]))
+        chain = [unsqueeze(raw["a"])]
+        seen = {str(version)}
+        base = raw
+        base_items = None
+        while isinstance(base, dict):
+            base_version = base["b"]
+            if str(base_version) in seen:
+                raise ValueError(f"the delta chain of {channel!r}@{version!r} loops")
+            seen.add(str(base_version))
+            cached = self.values.get(scope, channel, base_version)
+            if cached is not None and cached[1][0] == "msgpack":
+                base_items = _array_items(cached[1][1])  # (a key never changes value)
+                break
+            base = get(ns.blob(channel, base_version))
+            self.values.links += 1
+            if base is None:
+                raise ValueError(f"the delta base {channel!r}@{base_version!r} of version "
+                                 f"{version!r} is missing from the store")
+            if isinstance(base, dict):
+                chain.append(unsqueeze(base["a"]))
+        if base_items is None:
+            if base[0] != "msgpack":
+                raise ValueError(f"delta base of {channel!r} is {base[0]!r}, not msgpack")
+            base_items = _array_items(unsqueeze(base[1]))
+        items = base_items + b"".join(reversed(chain))
+        return ("msgpack", _array_header(raw["n"]) + items)
 
     def load_values(self, get: Getter, ns: Namespace, versions: dict, memo: dict) -> dict:
         """The channel values of a checkpoint from its ``channel_versions``."""

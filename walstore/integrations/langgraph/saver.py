@@ -64,7 +64,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 import walstore
 from walstore.errors import ConflictError
 
-from .blobs import DEFAULT_DELTA_DEPTH, BlobCodec
+from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
 from .keys import Namespace, SaverKeys, is_hashed, prefix_end
 from .serde import StateSerializer
 
@@ -136,17 +136,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     ``serde`` (your own serializer instead; one with ``pickle_fallback`` is refused);
     ``fencing`` (default True, see the module doc); ``deltas`` (store grown lists as
     appended items, default True); ``delta_depth`` (a full copy every that many versions,
-    default 128); ``compress`` (zlib for serialized values of 256 bytes or more, default
+    default 128); ``compress`` (zlib for serialized values of 1 KiB or more, default
     True); ``key_prefix`` (bytes, default ``b"lg"``: the saver owns every key starting
     with ``key_prefix + b"\\x00"``); ``txn_meta`` (label each walstore transaction,
-    visible in ``walstore log``).
+    visible in ``walstore log``); ``value_cache_bytes`` (default 32 MiB, 0: none): the
+    rebuilt bytes of each channel's newest version, so the next invoke of a thread does
+    not walk its delta chain (``blobs.ValueCache``; never a deserialized object).
     """
 
     def __init__(self, store: "walstore.Store", *, serde: Any = None, fencing: bool = True,
                  deltas: bool = True, delta_depth: int = DEFAULT_DELTA_DEPTH,
                  key_prefix: bytes = DEFAULT_PREFIX, txn_meta: bool = True,
                  compress: bool = True, allowed_types: Sequence[Any] = (),
-                 app_types: bool = True) -> None:
+                 app_types: bool = True,
+                 value_cache_bytes: int = DEFAULT_VALUE_CACHE_BYTES) -> None:
         if getattr(serde, "pickle_fallback", False):
             raise ValueError("WalstoreSaver refuses a serde with pickle_fallback=True: a store "
                              "must never be able to run code when read")
@@ -162,7 +165,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.txn_meta = txn_meta
         self.keys = SaverKeys(bytes(key_prefix))
         self.codec = BlobCodec(self.serde, deltas=deltas, delta_depth=delta_depth,
-                               compress=compress)
+                               compress=compress, value_cache_bytes=value_cache_bytes)
         self._owns_store = False
 
     @classmethod
@@ -231,7 +234,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _read(self, fn: Callable[[Any], Any]) -> Any:
-        return self._run(fn, retries=_READ_RETRIES)
+        """``fn(tx)`` in a transaction that only reads: it sees one consistent snapshot,
+        so it ends in a rollback (no commit-time validation, no journal lock) and is tried
+        again only when its snapshot became too old to finish."""
+        for attempt in range(_READ_RETRIES + 1):
+            tx = self._transaction(None, None)
+            try:
+                return fn(tx)
+            except ConflictError:  # (SnapshotTooOld: history trimmed under a long read)
+                if attempt >= _READ_RETRIES:
+                    raise
+            finally:
+                if tx.state == "active":
+                    tx.rollback()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- reading -----------------------------------------------------------------------
     def _pending_writes(self, scan: Callable, ns: Namespace, cid: str) -> list:
