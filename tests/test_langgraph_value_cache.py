@@ -84,8 +84,9 @@ def test_a_chain_stops_at_the_cached_version_written_by_another_saver(pair):
     for turn in range(3):
         graph(cached).invoke({"log": ["h"], "n": 0}, cfg("t"))
     writer = copy.copy(cached)
-    writer.codec = copy.copy(cached.codec)   # (the same delta-base cache)
-    writer.codec.values = ValueCache(0)
+    writer.codec = copy.copy(cached.codec)   # (the same delta bases ...
+    writer.codec.values = ValueCache()       # ... and, for now, the same cached bytes)
+    writer.codec.values._entries.update(cached.codec.values._entries)
     other = graph(writer)
     for turn in range(1, 6):
         other.invoke({"log": [f"h{turn}"], "n": turn}, cfg("t"))
@@ -168,5 +169,72 @@ def test_the_cache_stays_within_its_bound(tmp_path):
             assert every_state(cached, f"t{t}") == every_state(plain, f"t{t}")
         with pytest.raises(ValueError):
             WalstoreSaver(store, value_cache_bytes=-1)
+    finally:
+        store.close()
+
+
+def full_copies(saver, tid: str) -> int:
+    """How many of the thread's ``log`` versions are stored whole (not appended items)."""
+    versions = {t.checkpoint["channel_versions"]["log"] for t in saver.list(cfg(tid))
+                if "log" in t.checkpoint["channel_versions"]}
+    return sum(not isinstance(saver.store.get(saver.keys.at(tid, "").blob("log", v)), dict)
+               for v in versions)
+
+
+@pytest.mark.parametrize("bound", [0, 4608, 32 << 20])
+def test_lists_are_stored_as_deltas_whether_the_base_is_cached_or_evicted(tmp_path, bound):
+    """The next put checks that a list extends its base against the cached bytes of the
+    base (a memcmp) or, when the cache is off or dropped them, against the base's digest
+    (kept at eviction): either way a growing list is stored as appended items."""
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    try:
+        cached = WalstoreSaver(store, value_cache_bytes=bound)
+        plain = WalstoreSaver(store, value_cache_bytes=0)
+        g = graph(cached)
+        for turn in range(6):
+            for t in range(6):
+                g.invoke({"log": [f"human {turn} " + "w" * 60], "n": turn}, cfg(f"t{t}"))
+        assert [full_copies(cached, f"t{t}") for t in range(6)] == [1] * 6  # the first
+        if bound == 4608:
+            assert len(cached.codec.values._entries) < 6  # (some bases were evicted)
+        for t in range(6):
+            assert every_state(cached, f"t{t}") == every_state(plain, f"t{t}")
+    finally:
+        store.close()
+
+
+def test_a_base_evicted_before_the_next_put_still_gets_a_delta(tmp_path):
+    """A writer that puts without reading through the caching saver: thread a's base is
+    evicted by other threads' values before a's next put, which still stores a delta,
+    checked against the digest taken at eviction."""
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    try:
+        saver = WalstoreSaver(store, value_cache_bytes=4096)
+        plain = WalstoreSaver(store, value_cache_bytes=0)  # reads, leaving saver's cache be
+        heads: dict = {}
+        logs: dict = {}
+
+        def put(tid: str, item: str) -> str:
+            logs.setdefault(tid, []).append(item + " " + "z" * 300)
+            conf = heads.get(tid, {"configurable": {"thread_id": tid, "checkpoint_ns": ""}})
+            prev = plain.get_tuple(conf) if tid in heads else None
+            version = saver.get_next_version(
+                prev.checkpoint["channel_versions"]["log"] if prev else None)
+            cp = empty_checkpoint()
+            cp["channel_values"] = {"log": list(logs[tid])}
+            cp["channel_versions"] = {"log": version}
+            heads[tid] = saver.put(conf, cp, {"step": len(logs[tid])}, {"log": version})
+            return version
+
+        put("a", "a0")
+        put("a", "a1")
+        for other in "bcdefg":  # push a's newest value out of the cache
+            put(other, other)
+        assert not [k for k in saver.codec.values._entries
+                    if k[0].startswith(saver.thread_scope("a"))]
+        version = put("a", "a2")
+        stored = store.get(saver.keys.at("a", "").blob("log", version))
+        assert isinstance(stored, dict), "a full copy: the evicted base's digest was lost"
+        assert plain.get_tuple(cfg("a")).checkpoint["channel_values"]["log"] == logs["a"]
     finally:
         store.close()

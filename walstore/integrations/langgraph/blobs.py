@@ -14,6 +14,10 @@ This module owns the stored form of every serialized value of the saver:
 
 The codec decides a delta outside the transaction from a small per-process cache of the
 last list stored per channel (``plan``) and confirms the base inside it (``resolve``).
+That the new list extends the base is checked byte for byte against the value cache's
+copy of the base (a memcmp), or against the base's blake2b digest when the cache does not
+keep it (off, too large, or dropped for room: the digest is taken as it is dropped), so
+hashing a long list twice per put is the exception, not the rule.
 
 Reading a delta walks its chain, one point read per link (up to ``delta_depth``).  A
 :class:`ValueCache` (bounded in bytes) keeps, per channel of a namespace, the rebuilt
@@ -118,10 +122,17 @@ class ValueCache:
         self.links = 0   # chain links read from the store by those walks
         self._lock = threading.Lock()
         self._entries: OrderedDict = OrderedDict()
+        # called (key, version, (type, bytes)) for each entry dropped for room
+        self.on_evict: Callable[[tuple, Any, tuple], None] | None = None
 
     @staticmethod
     def cacheable(version: Any) -> bool:
         return type(version) is str and UNIQUE_VERSION.fullmatch(version) is not None
+
+    def keeps(self, version: Any, size: int) -> bool:
+        """Would :meth:`put` keep a value of ``size`` bytes at ``version``?"""
+        return bool(self.max_bytes) and size + 64 <= self.max_bytes // 4 and \
+            self.cacheable(version)
 
     def get(self, scope: bytes, channel: str, version: Any) -> tuple | None:
         """(stored form, (type, bytes)) of ``version`` if it is the cached one."""
@@ -138,12 +149,13 @@ class ValueCache:
         an older checkpoint does not displace the head)."""
         if not self.max_bytes or not self.cacheable(version):
             return
+        if not self.keeps(version, len(typed[1])):
+            return
         size = len(typed[1]) + 64
         if not isinstance(stored, dict):  # a full value: its stored form is kept too
             size += len(stored[1]) if isinstance(stored[1], bytes) else len(stored[1][0])
-        if size > self.max_bytes // 4:
-            return
         key = (scope, channel)
+        evicted = []
         with self._lock:
             old = self._entries.get(key)
             if old is not None:
@@ -154,8 +166,12 @@ class ValueCache:
             self._entries.move_to_end(key)
             self.bytes += size
             while self.bytes > self.max_bytes:
-                _k, dropped = self._entries.popitem(last=False)
+                k, dropped = self._entries.popitem(last=False)
                 self.bytes -= dropped[3]
+                evicted.append((k, dropped[0], dropped[2]))
+        if self.on_evict is not None:
+            for k, v, t in evicted:
+                self.on_evict(k, v, t)
 
     def forget(self, scope_prefix: bytes | None = None) -> None:
         with self._lock:
@@ -176,6 +192,7 @@ class BlobCodec:
         if delta_depth < 1:
             raise ValueError("delta_depth must be at least 1")
         self.values = ValueCache(value_cache_bytes)  # shared by with_allowlist's copies
+        self.values.on_evict = self._evicted
         self.serde = serde
         self.deltas = deltas
         self.delta_depth = delta_depth
@@ -233,7 +250,11 @@ class BlobCodec:
             self._audit(type_, data)
             return ("full", type_, data, None)
         items = memoryview(data)[header:]
-        me = (version, count, len(items), hashlib.blake2b(items, digest_size=16).digest())
+        # the next put compares its encoding with this one: byte for byte against the
+        # value cache's copy (a memcmp), or, when the cache will not keep it, by digest
+        digest = (None if self.values.keeps(version, len(data))
+                  else hashlib.blake2b(items, digest_size=16).digest())
+        me = (version, count, len(items), digest)
         with self._lock:
             cached = self._cache.get((cache_scope, channel))
         if cached is None:
@@ -242,7 +263,8 @@ class BlobCodec:
         base_version, base_n, base_len, base_digest, base_depth = cached
         if (base_version == version or base_n > count or base_len > len(items)
                 or base_depth + 1 > self.delta_depth
-                or hashlib.blake2b(items[:base_len], digest_size=16).digest() != base_digest):
+                or not self._extends(cache_scope, channel, base_version, base_len,
+                                     base_digest, data, header)):
             self._audit(type_, data)
             return ("full", type_, data, me + (0,))
         appended = bytes(items[base_len:])
@@ -250,6 +272,36 @@ class BlobCodec:
         delta = {"b": base_version, "d": base_depth + 1, "n": count,
                  "a": self.squeeze(appended)}
         return ("delta", type_, data, me, delta)
+
+    def _evicted(self, key: tuple, version: Any, typed: tuple[str, bytes]) -> None:
+        """The value cache dropped ``version``'s bytes: if it is still the channel's delta
+        base, keep its digest instead (so the next put can still store a delta)."""
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None or entry[0] != version or entry[3] is not None:
+                return
+        _n, header = _array_info(typed[1])
+        digest = hashlib.blake2b(memoryview(typed[1])[header:], digest_size=16).digest()
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None and entry[0] == version and entry[3] is None:
+                self._cache[key] = entry[:3] + (digest,) + entry[4:]
+
+    def _extends(self, scope: bytes, channel: str, base_version: Any, base_len: int,
+                 base_digest: bytes | None, data: bytes, header: int) -> bool:
+        """Do ``data``'s items begin with the items of the base version (``base_len``
+        bytes)?  Compared with the cached bytes of the base, else by its digest; False when
+        neither is at hand (the value cache dropped the base: a full copy)."""
+        if base_digest is not None:
+            return hashlib.blake2b(memoryview(data)[header:header + base_len],
+                                   digest_size=16).digest() == base_digest
+        got = self.values.get(scope, channel, base_version)
+        if got is None or got[1][0] != "msgpack":
+            return False
+        base = got[1][1]
+        _n, base_header = _array_info(base)
+        return (len(base) - base_header == base_len
+                and data.startswith(memoryview(base)[base_header:], header))
 
     def resolve(self, get: Getter, ns: Namespace, cache_scope: bytes, channel: str,
                 plan: tuple, cache_updates: list) -> Any:
