@@ -617,3 +617,50 @@ def test_a_commit_validated_while_the_applier_drops_a_conflicting_commit_still_c
         t1.commit()
     assert s.get("a") == 2
     s.close()
+
+
+def test_the_applied_bound_never_falls_below_what_a_reader_can_see(tmp_path):
+    """Reads skip looking up LMDB's ``applied`` when the in-process bound says nothing past
+    their snapshot can be there; so inside any read transaction the bound (read after it
+    began) must be at least the ``applied`` that transaction sees, while commits, applies
+    and checkpoints run.  A read-only handle left after the writer closed knows no bound
+    (another process may write from then on)."""
+    from walstore.engine.lmdb_state import LmdbState, from_u64
+    s = _open(tmp_path / "s", apply_interval=0.001, apply_batch=50)
+    st = s._engine.state
+    stop = threading.Event()
+    bad: list = []
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            with s.transaction() as tx:
+                tx.put(f"k{i % 300}", i)
+            i += 1
+            if i % 200 == 0:
+                s.checkpoint()
+
+    def read() -> None:
+        while not stop.is_set():
+            with st.read() as txn:
+                bound = st.applied_bound
+                applied = from_u64(txn.get(b"applied", db=st.meta))
+            if bound is None or bound < applied:
+                bad.append((bound, applied))
+
+    threads = [threading.Thread(target=write), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not bad, bad[:5]
+    assert st.applied_bound >= st.applied_lsn() > 0
+    reader = LmdbState(st.path, readonly=True)  # (shares this process's environment)
+    try:
+        assert reader.applied_bound == st.applied_bound
+        s.close()
+        assert reader.applied_bound is None
+    finally:
+        reader.close()

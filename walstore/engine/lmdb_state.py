@@ -35,6 +35,9 @@ Invariants:
   Python thread a call then costs the wait to get the GIL back, so hot paths make as few
   calls as they can: one per row of a scan (``iternext``/``iterprev``), and a scan's
   first chunk is small (a caller after the newest row reads a few, not 256);
+- ``applied_bound`` (in-process, raised by ``write`` before each commit) lets a snapshot
+  read skip reading ``applied`` when nothing newer than its snapshot can be in LMDB; a
+  handle of an environment this process does not write knows no bound;
 - the data file is checked before it is mapped (:mod:`walstore.engine.lmdb_check`): a
   truncated, zeroed or foreign-format file is a CorruptionError, never a SIGBUS.
 """
@@ -190,6 +193,8 @@ class LmdbState:
                 raise WalstoreError(f"{path} is open read-only in this process; close those "
                                     f"handles before opening it for writing")
             shared["refs"] += 1
+            if not readonly:
+                shared["writers"] = shared.get("writers", 0) + 1
         self._shared = shared
         self.gate: ReadGate = shared["gate"]
         self._write_lock: threading.Lock = shared["write_lock"]
@@ -197,6 +202,21 @@ class LmdbState:
         self._adopt(shared)
         if not readonly:
             self.env.reader_check()  # free slots left by killed processes
+            if shared.get("applied_bound") is None:
+                shared["applied_bound"] = self.applied_lsn()
+
+    @property
+    def applied_bound(self) -> int | None:
+        """An upper bound of the ``applied`` LSN of any LMDB state a read transaction begun
+        before this call can see, or None when unknown (read ``applied`` itself).
+
+        Only this process writes a store it opened for writing (the store's LOCK), and
+        ``write`` raises the bound before each commit, so a reader that finds the bound
+        at or below its snapshot, *after* beginning its read transaction, knows LMDB holds
+        nothing newer than the snapshot and skips reading ``applied`` (one py-lmdb call,
+        and one wait for the GIL, fewer per read).  A read-only handle (another process
+        writes) never knows: None."""
+        return self._shared.get("applied_bound")
 
     def _adopt(self, shared: dict) -> None:
         """Take the environment and table handles (again, after a compaction swapped the
@@ -464,6 +484,10 @@ class LmdbState:
                     raise StateWriteError(f"writing LMDB failed: {e}") from e
                 try:
                     fn(txn)
+                    applied = txn.get(b"applied", db=self.meta)
+                    if applied is not None:  # (before the commit: see applied_bound)
+                        bound = self._shared.get("applied_bound") or 0
+                        self._shared["applied_bound"] = max(bound, from_u64(applied))
                     fileio.lmdb_io("commit", self.path)
                     txn.commit()
                     return
@@ -518,6 +542,10 @@ class LmdbState:
         with LmdbState._registry_lock:
             if not self._shared:
                 return
+            if not self.readonly:
+                self._shared["writers"] -= 1
+                if not self._shared["writers"]:  # another process may write it from now
+                    self._shared["applied_bound"] = None
             self._shared["refs"] -= 1
             if self._shared["refs"] == 0:
                 LmdbState._registry.pop(self.path, None)

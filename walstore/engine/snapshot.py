@@ -9,13 +9,16 @@ still in the MemTable (not yet applied) or already in LMDB.  So a read as of P:
    its ``data`` row is the value as of P; when commits after P were applied meanwhile,
    the key's first history version at or after P holds the value it had before, i.e. as
    of P (its before-image); no such version: the ``data`` row is still the one.
+   (``LmdbState.applied_bound``, read once the LMDB transaction began, answers "at or
+   below P" without reading ``applied`` when this process is the one writing LMDB.)
 
 Nothing is held between reads: a snapshot pins no LMDB pages, no reader slot, no WAL, no
 memory, however long a transaction stays open.  The price is paid by the old snapshot
 alone (history lookups), and its defined limit is the history horizon: a snapshot older
 than the retained history raises ``SnapshotTooOld`` (a ConflictError).
 
-Scans are streamed a chunk per short read transaction; chunks read after commits past P
+Scans are streamed a chunk per short read transaction (16 rows first, then 64, then 256:
+a caller after the first row or two reads little); chunks read after commits past P
 were applied are corrected with the keys those commits changed (found through the
 ``bylsn`` and ``txns`` indexes), so the whole scan shows the state as of P, never part of
 a commit.
@@ -79,10 +82,12 @@ class StateReader:
         limit = FIRST_CHUNK  # (a caller that wants the first row or two reads few)
         while True:
             with st.read() as txn:
-                applied = from_u64(txn.get(b"applied", db=st.meta))
-                if applied > covered:
-                    _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
-                    covered = applied
+                bound = st.applied_bound  # (read after the transaction began)
+                if bound is None or bound > covered:
+                    applied = from_u64(txn.get(b"applied", db=st.meta))
+                    if applied > covered:
+                        _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
+                        covered = applied
                 chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit)
             final = len(chunk) < limit
             limit = min(limit * 4, SCAN_CHUNK)
@@ -109,8 +114,8 @@ def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: boo
 
 
 def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int) -> bytes | None:
-    applied = from_u64(txn.get(b"applied", db=st.meta))
-    if applied > at:
+    bound = st.applied_bound  # (read after the transaction began: see applied_bound)
+    if (bound is None or bound > at) and from_u64(txn.get(b"applied", db=st.meta)) > at:
         _check_horizon(txn, st, at)
         cur = txn.cursor(db=st.hist)
         if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(
