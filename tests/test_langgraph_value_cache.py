@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from typing import Annotated, TypedDict
+from typing import Annotated, Any, TypedDict
 
 import pytest
 
@@ -42,6 +42,18 @@ def cfg(tid: str) -> dict:
     return {"configurable": {"thread_id": tid}}
 
 
+def converse(saver, turns: int, tids, pad: str = "", check: Any = None) -> Any:
+    """``turns`` invokes of each thread, round robin (``check()`` after each one);
+    returns the graph."""
+    g = graph(saver)
+    for turn in range(turns):
+        for tid in tids:
+            g.invoke({"log": [f"human {turn} {pad}"], "n": turn}, cfg(tid))
+            if check is not None:
+                check()
+    return g
+
+
 def every_state(saver, tid: str) -> list:
     """(checkpoint id, channel values) of every checkpoint of the thread, newest first."""
     return [(t.config["configurable"]["checkpoint_id"], t.checkpoint["channel_values"])
@@ -59,10 +71,7 @@ def pair(tmp_path):
 
 def test_the_next_invoke_hits_the_cache_and_reads_what_the_store_holds(pair):
     store, cached, plain = pair
-    g = graph(cached)
-    for turn in range(30):
-        for tid in ("a", "b"):
-            g.invoke({"log": [f"human {turn}"], "n": turn}, cfg(tid))
+    converse(cached, 30, ("a", "b"))
     values = cached.codec.values
     hits_before = values.hits
     for tid in ("a", "b"):
@@ -105,10 +114,7 @@ def test_a_chain_stops_at_the_cached_version_written_by_another_saver(pair):
 
 def test_rewind_and_delete_thread_drop_the_threads_cached_values(pair):
     store, cached, plain = pair
-    g = graph(cached)
-    for turn in range(6):
-        for tid in ("a", "b"):
-            g.invoke({"log": [f"human {turn}"], "n": turn}, cfg(tid))
+    g = converse(cached, 6, ("a", "b"))
     target = list(cached.list(cfg("a")))[5].config  # an older checkpoint of thread a
     cached.rewind(target)
     scope_a = cached.thread_scope("a")
@@ -156,11 +162,9 @@ def test_the_cache_stays_within_its_bound(tmp_path):
         bound = 8 << 10
         cached = WalstoreSaver(store, value_cache_bytes=bound)
         plain = WalstoreSaver(store, value_cache_bytes=0)
-        g = graph(cached)
-        for turn in range(8):
-            for t in range(20):
-                g.invoke({"log": [f"human {turn} " + "y" * 30], "n": turn}, cfg(f"t{t}"))
-                assert cached.codec.values.bytes <= bound
+        def within() -> None:
+            assert cached.codec.values.bytes <= bound
+        converse(cached, 8, [f"t{t}" for t in range(20)], "y" * 30, within)
         entries = cached.codec.values._entries
         assert 0 < len(entries) < 20   # evicted, least recently used first
         newest_scope = list(entries)[-1][0]
@@ -190,10 +194,7 @@ def test_lists_are_stored_as_deltas_whether_the_base_is_cached_or_evicted(tmp_pa
     try:
         cached = WalstoreSaver(store, value_cache_bytes=bound)
         plain = WalstoreSaver(store, value_cache_bytes=0)
-        g = graph(cached)
-        for turn in range(6):
-            for t in range(6):
-                g.invoke({"log": [f"human {turn} " + "w" * 60], "n": turn}, cfg(f"t{t}"))
+        converse(cached, 6, [f"t{t}" for t in range(6)], "w" * 60)
         assert [full_copies(cached, f"t{t}") for t in range(6)] == [1] * 6  # the first
         if bound == 4608:
             assert len(cached.codec.values._entries) < 6  # (some bases were evicted)

@@ -8,8 +8,12 @@ recovery found owed (and lists the rest, and file conflicts, in ``last_recovery`
 """
 from __future__ import annotations
 
+import atexit
 import os
+import sys
+import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
@@ -32,8 +36,41 @@ from .agent.undo import Undo, UndoPlan
 _MISSING = object()
 
 
+# Stores not closed by the program are closed at interpreter exit by an ``atexit`` hook:
+# it runs before the interpreter stops its daemon threads (the applier among them).  A
+# close left to ``__del__`` during finalization could wait forever for a lock the applier
+# held when it was stopped (a script that exited right after its commits hung: 5 of 5).
+_OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
+_OPEN_LOCK = threading.Lock()
+_PROCESS = [os.getpid()]  # this process's pid, kept current in a forked child
+
+
+def _forked() -> None:
+    _PROCESS[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+@atexit.register
+def _close_open_stores() -> None:
+    with _OPEN_LOCK:
+        stores = list(_OPEN_STORES)
+    for store in stores:
+        if store._pid != _PROCESS[0]:
+            continue  # a forked child's copy: the store belongs to the parent process
+        try:
+            store.close()
+        except Exception:  # noqa: BLE001 - exiting: each store is let go as best it can be
+            pass
+
+
 class Store:
-    """An open walstore.  Create with :func:`walstore.open`.  Thread-safe."""
+    """An open walstore.  Create with :func:`walstore.open`.  Thread-safe.
+
+    Close it (``close()`` or ``with``): a store still open at interpreter exit is closed
+    then (``atexit``), like ``close()``; one dropped without close lets go in ``__del__``.
+    """
 
     def __init__(self, path: str, *, durability: str = "full", create: bool = True,
                  readonly: bool = False, recover: str = "auto",
@@ -67,6 +104,9 @@ class Store:
         except BaseException:
             engine.drop_like_a_crash()
             raise
+        self._pid = _PROCESS[0]
+        with _OPEN_LOCK:
+            _OPEN_STORES.add(self)
 
     def _settle_recovery(self) -> None:
         """Undo what recovery left owed, newest first: the compensations (those with a
@@ -156,6 +196,9 @@ class Store:
         self.close()
 
     def __del__(self) -> None:  # a store dropped without close() still lets go of its lock
+        if sys.is_finalizing() or getattr(self, "_pid", None) != _PROCESS[0]:
+            return  # (the atexit hook closed it, or could not: the OS lets go of the lock;
+            #          or a forked child's copy of the parent's store)
         try:
             if not self._engine.closed:
                 self.close()
