@@ -53,17 +53,16 @@ class ConflictChecker:
         self.state = state
         self.memtable = memtable
 
-    def check_applied(self, txid: int, reads: ReadSet, known_applied: int | None = None
-                      ) -> int:
+    def check_applied(self, txid: int, reads: ReadSet) -> int:
         """Step one (no lock): commits in LMDB.  Returns the LMDB applied LSN checked.
 
-        ``known_applied`` is the engine's applied LSN (read without a lock): when it has
-        not passed the snapshot, no commit this validation must see has left the MemTable
-        (one leaves only after that LSN moved past it), so LMDB is not read at all; step
-        two re-reads LMDB from there if the LSN moved meanwhile."""
-        if known_applied is not None and known_applied <= reads.snapshot:
-            return known_applied
+        When ``LmdbState.applied_bound`` has not passed the snapshot, LMDB holds no commit
+        this validation must see, so it is not read at all (the bound is returned as the
+        LSN checked: step two re-reads LMDB from there if commits are applied meanwhile)."""
         st = self.state
+        bound = st.applied_bound
+        if bound is not None and bound <= reads.snapshot:
+            return bound
         with st.read() as txn:
             applied = from_u64(txn.get(b"applied", db=st.meta))
             if applied > reads.snapshot:

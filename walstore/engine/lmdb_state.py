@@ -218,6 +218,15 @@ class LmdbState:
         writes) never knows: None."""
         return self._shared.get("applied_bound")
 
+    def applied_past(self, txn: lmdb.Transaction, lsn: int) -> int | None:
+        """The ``applied`` LSN ``txn`` sees if it is past ``lsn``, else None; without an
+        LMDB call when :attr:`applied_bound` (read now, after ``txn`` began) rules it out."""
+        bound = self._shared.get("applied_bound")
+        if bound is not None and bound <= lsn:
+            return None
+        applied = from_u64(txn.get(b"applied", db=self.meta))
+        return applied if applied > lsn else None
+
     def _adopt(self, shared: dict) -> None:
         """Take the environment and table handles (again, after a compaction swapped the
         file: every handle of this process follows)."""

@@ -98,7 +98,7 @@ class CommitPipeline:
         eng.wait_for_room()
         checked = None
         if req.reads:
-            checked = self.checker.check_applied(req.txid, req.reads, eng.applied_lsn)
+            checked = self.checker.check_applied(req.txid, req.reads)
         with self.journal.lock:
             eng.check_writable()
             if req.reads:
@@ -140,8 +140,7 @@ class CommitPipeline:
         """Validate and log a PREPARE (durable before return); its holds start now."""
         eng = self.engine
         eng.check_writable()
-        checked = (self.checker.check_applied(p.txid, reads, eng.applied_lsn) if reads
-                   else None)
+        checked = self.checker.check_applied(p.txid, reads) if reads else None
         with self.journal.lock:
             eng.check_writable()
             if p.gid in self.prepared or eng.views.decision(p.gid) is not None:

@@ -30,10 +30,10 @@ from typing import Iterator
 from ..codec import unpack
 from ..errors import ConflictError
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
-
-FIRST_CHUNK = 16  # rows of a scan's first LMDB read; each next one 4x, up to SCAN_CHUNK
 from .memtable import MemTable
 from . import tables
+
+FIRST_CHUNK = 16  # rows of a scan's first LMDB read; each next one 4x, up to SCAN_CHUNK
 
 
 class SnapshotTooOld(ConflictError):
@@ -82,12 +82,10 @@ class StateReader:
         limit = FIRST_CHUNK  # (a caller that wants the first row or two reads few)
         while True:
             with st.read() as txn:
-                bound = st.applied_bound  # (read after the transaction began)
-                if bound is None or bound > covered:
-                    applied = from_u64(txn.get(b"applied", db=st.meta))
-                    if applied > covered:
-                        _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
-                        covered = applied
+                applied = st.applied_past(txn, covered)
+                if applied is not None:
+                    _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
+                    covered = applied
                 chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit)
             final = len(chunk) < limit
             limit = min(limit * 4, SCAN_CHUNK)
@@ -114,8 +112,7 @@ def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: boo
 
 
 def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int) -> bytes | None:
-    bound = st.applied_bound  # (read after the transaction began: see applied_bound)
-    if (bound is None or bound > at) and from_u64(txn.get(b"applied", db=st.meta)) > at:
+    if st.applied_past(txn, at) is not None:
         _check_horizon(txn, st, at)
         cur = txn.cursor(db=st.hist)
         if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(

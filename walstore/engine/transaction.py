@@ -374,7 +374,7 @@ class Transaction:
         eng = self._engine
         if eng.readonly:
             return  # a read-only store's snapshot cannot have been written over by itself
-        checked = eng.pipeline.checker.check_applied(self.id, reads, eng.applied_lsn)
+        checked = eng.pipeline.checker.check_applied(self.id, reads)
         with eng.journal.lock:
             eng.pipeline.checker.check_recent(self.id, reads, checked, eng.applied_lsn)
             eng.prepared.check(self.id, [], reads)

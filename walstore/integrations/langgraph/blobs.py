@@ -147,8 +147,6 @@ class ValueCache:
             typed: tuple[str, bytes]) -> None:
         """Cache ``version`` unless a newer version of the channel is cached (a read of
         an older checkpoint does not displace the head)."""
-        if not self.max_bytes or not self.cacheable(version):
-            return
         if not self.keeps(version, len(typed[1])):
             return
         size = len(typed[1]) + 64
