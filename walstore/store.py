@@ -393,7 +393,8 @@ class Store:
                dry_run: bool = False, force: bool = False, meta: Any = None
                ) -> TxnInfo | UndoPlan | None:
         """Undo one committed transaction as a new transaction (and compensate its
-        actions); see walstore.agent.undo for scope, dry_run and force."""
+        actions); None when nothing is left to undo.  See walstore.agent.undo for scope,
+        dry_run, force, and how an undo finishes under concurrent writers."""
         return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,

@@ -11,8 +11,9 @@ removed, LMDB is rewritten without its free pages, and quarantined bytes holding
 are removed — their bytes are in no file of the store directory.
 
 A write racing into the prefix while the purge reads it makes the purge conflict; it runs
-again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what
-that write added too, and raises ConflictError only if every attempt lost.
+again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what that write
+added too; if every attempt lost, it runs once more with other threads' commits held out
+(``CommitPipeline.others_held_out``), which cannot lose.
 
 A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
 cannot bring the keys back: their history is gone).  Copies outside the store directory
@@ -23,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
+from ..errors import ConflictError
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -54,9 +56,13 @@ class Purge:
             return tx, present, had_history
 
         # a write into the prefix committed first: run again, erasing it too
-        tx, present, had_history = self.run(
-            erase, retries=PURGE_RETRIES, backoff=0.001,
-            meta={"purge": prefix if isinstance(prefix, str) else prefix.hex()})
+        meta = {"purge": prefix if isinstance(prefix, str) else prefix.hex()}
+        try:
+            tx, present, had_history = self.run(erase, retries=PURGE_RETRIES, backoff=0.001,
+                                                meta=meta)
+        except ConflictError:
+            with eng.pipeline.others_held_out():
+                tx, present, had_history = self.run(erase, retries=0, meta=meta)
         eng.drain()
         needles = sorted(set(present) | set(had_history))
         out = eng.erase_old_bytes(needles)

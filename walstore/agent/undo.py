@@ -9,7 +9,10 @@ transaction like any other and can itself be reverted.
 
 - The undo transaction reads every key it restores (and, for a rewind, the whole scope
   range) at its snapshot, so any commit racing with it makes it conflict rather than be
-  silently overwritten.
+  silently overwritten.  A conflicting undo plans and commits once more with every
+  other thread's commits held out (``CommitPipeline.others_held_out``): under writers
+  that never pause it still finishes; the held commits wait for it, then validate as
+  usual.  Compensations run after the gate opens.
 - ``scope`` (a key prefix): only keys under it return to their values at the point; a
   transaction is undone wholly when it was tagged with the scope or wrote only inside
   it; compensations run for actions of transactions undone wholly, and for actions
@@ -37,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..codec import decode_key, encode_key
-from ..errors import RevertConflict
+from ..errors import ConflictError, RevertConflict
 from ..log.records import jsonable_point
 from ..engine import tables
 from ..files import restore_status
@@ -64,6 +67,10 @@ class UndoPlan:
     needs_redo: list = field(default_factory=list)     # action ids marked needs-redo
     scope: Any = None
     boundary: int | None = None
+
+    def empty(self) -> bool:
+        """Nothing would change: no key, file, compensation or needs-redo mark."""
+        return not (self.keys or self.compensations or self.needs_redo or self.files)
 
     def as_dict(self) -> dict:
         return {"txids": list(self.txids), "keys": list(self.keys), "files": list(self.files),
@@ -92,7 +99,39 @@ class Undo:
             raise TypeError(f"revert takes a txid (int), not {type(txid).__name__}")
         self.history.txn_info(txid)  # UnknownPoint before anything begins
         self.engine.check_writable()
-        tx = self._begin_undo(meta if meta is not None else {"revert": int(txid)})
+        meta = meta if meta is not None else {"revert": int(txid)}
+        return self._run(lambda: self._revert_once(txid, cascade, scope, dry_run, force, meta))
+
+    def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
+               meta: Any = None) -> TxnInfo | UndoPlan | None:
+        scope = check_scope(scope)
+        self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
+        self.engine.check_writable()
+        meta = meta if meta is not None else {"rewind": jsonable_point(to)}
+        return self._run(lambda: self._rewind_once(to, scope, dry_run, force, meta))
+
+    def _run(self, attempt) -> TxnInfo | UndoPlan | None:
+        """Plan and commit an undo; then compensate, newest first.
+
+        First optimistically, beside other writers.  When a commit that landed while it
+        planned makes it conflict (ConflictError, not RevertConflict: that one is about
+        what the undo means and stays), it plans and commits once more with every other
+        thread's commits held out (``CommitGate``), after what they had appended is
+        published: nothing can overtake it, so an undo under continuous writers finishes
+        instead of conflicting forever.  The gate opens before any compensation runs (a
+        compensator is user code and may wait for other threads' commits)."""
+        try:
+            result, owed = attempt()
+        except ConflictError:
+            with self.engine.pipeline.others_held_out():
+                result, owed = attempt()
+        if owed:
+            self.saga.compensate(owed)
+        return result
+
+    def _revert_once(self, txid: int, cascade: bool, scope: Any, dry_run: bool, force: bool,
+                     meta: Any) -> tuple[TxnInfo | UndoPlan | None, list]:
+        tx = self._begin_undo(meta)
         with tx:
             target = self.history.txn_info(txid)
             undo = {target.txid: target}
@@ -110,17 +149,14 @@ class Undo:
                     frontier.append(i)
             infos = sorted(undo.values(), key=lambda i: i.lsn, reverse=True)
             plan = self._plan(infos, scope, force, boundary=None)
-            if dry_run:
-                tx.rollback()
-                return plan
+            if dry_run or plan.empty():
+                tx.rollback()  # (nothing to undo: e.g. its actions were compensated already)
+                return (plan if dry_run else None), []
             return self._commit(tx, plan, {"reverts": plan.txids})
 
-    def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
-               meta: Any = None) -> TxnInfo | UndoPlan | None:
-        scope = check_scope(scope)
-        self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
-        self.engine.check_writable()
-        tx = self._begin_undo(meta if meta is not None else {"rewind": jsonable_point(to)})
+    def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool, meta: Any
+                     ) -> tuple[TxnInfo | UndoPlan | None, list]:
+        tx = self._begin_undo(meta)
         rng = ScopeRange(scope) if scope is not None else None
         # any commit after tx's snapshot that touches the scope is a conflict
         tx.read_ranges.append((rng.lo, rng.hi) if rng else (b"", None))
@@ -129,10 +165,9 @@ class Undo:
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
             plan = self._plan(infos, scope, force, boundary)
             self._drop_unchanged(tx, plan)
-            if dry_run or not (plan.keys or plan.compensations or plan.needs_redo
-                               or plan.files):
+            if dry_run or plan.empty():
                 tx.rollback()  # (nothing would change: the state is already as of the point)
-                return plan if dry_run else None
+                return (plan if dry_run else None), []
             return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
 
     def _begin_undo(self, meta: Any) -> "Transaction":
@@ -289,7 +324,10 @@ class Undo:
         return self.engine.views.action_row(row["id"]) or row
 
     # ---- doing --------------------------------------------------------------------------
-    def _commit(self, tx: "Transaction", plan: UndoPlan, extra: dict) -> TxnInfo:
+    def _commit(self, tx: "Transaction", plan: UndoPlan, extra: dict
+                ) -> tuple[TxnInfo, list[Action]]:
+        """Commit the undoing transaction; returns its TxnInfo and the actions it claimed,
+        still owed their compensations (the caller runs them, outside the gate)."""
         restore = plan._restore  # type: ignore[attr-defined]
         reader = self.engine.reader
         for k, lsn in restore.items():
@@ -308,6 +346,4 @@ class Undo:
         tx.commit()
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
-        if owed:
-            self.saga.compensate(owed)
-        return self.history.txn_info(tx.id)
+        return self.history.txn_info(tx.id), owed

@@ -22,11 +22,18 @@ three phases separated by an explicit point of no return:
 Invariants: validation and append happen under one lock, so no commit can slip between
 a transaction's validation and its record; an event reaches LMDB only through the
 applier after publication; nothing after phase 2 raises to the committer.
+
+The ``CommitGate`` lets one thread hold every other thread's commits and prepares out
+for a while (an undo that would otherwise be overtaken by continuous writers forever):
+it is checked under the journal lock, right before validation, at the cost of one
+attribute test per commit.
 """
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .. import fileio
 from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
@@ -59,6 +66,47 @@ class CommitRequest:
         return list(self.body.get("compensate", ()))
 
 
+class CommitGate:
+    """Holds other threads' commits and prepares out while one thread works.
+
+    ``hold()`` waits for the gate, closes it, and returns once no other thread can append
+    a commit or a PREPARE record until it exits (the check runs under the journal lock,
+    right before validation); the holder's own commits pass.  A committer that finds the
+    gate closed waits on it without holding the journal lock.  Lifetime: held only for
+    the span of one undo's plan and commit (milliseconds to what the undo touches), never
+    across user code.
+    """
+
+    def __init__(self, lock: "threading.RLock") -> None:
+        self._cond = threading.Condition(lock)  # the journal lock
+        self.holder: int | None = None          # the holding thread's ident
+        self.waits = 0                          # commits that waited at the gate
+
+    def wait_open(self) -> None:
+        """Caller holds the journal lock: return when the gate is open or ours."""
+        me = threading.get_ident()
+        while self.holder is not None and self.holder != me:
+            self.waits += 1
+            self._cond.wait()
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self.holder == me:  # already ours (nested): the outer hold opens it
+                yield
+                return
+            while self.holder is not None:
+                self._cond.wait()
+            self.holder = me
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.holder = None
+                self._cond.notify_all()
+
+
 class CommitPipeline:
     def __init__(self, engine: "Engine", journal: Journal, checker: ConflictChecker,
                  prepared: PreparedSet) -> None:
@@ -66,6 +114,17 @@ class CommitPipeline:
         self.journal = journal
         self.checker = checker
         self.prepared = prepared
+        self.gate = CommitGate(journal.lock)
+
+    @contextmanager
+    def others_held_out(self) -> Iterator[None]:
+        """Hold every other thread's commits and prepares out (``CommitGate``) and make what
+        they appended before visible: a transaction begun inside cannot be overtaken, so
+        its commit cannot conflict with another writer.  For the last attempt of work that
+        lost to optimistic concurrency (an undo, a purge); never around user code."""
+        with self.gate.hold():
+            self.journal.sync_all()
+            yield
 
     # ---- commits ------------------------------------------------------------------------
     def commit(self, req: CommitRequest) -> Event:
@@ -100,6 +159,8 @@ class CommitPipeline:
         if req.reads:
             checked = self.checker.check_applied(req.txid, req.reads)
         with self.journal.lock:
+            if self.gate.holder is not None:
+                self.gate.wait_open()
             eng.check_writable()
             if req.reads:
                 self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
@@ -142,6 +203,8 @@ class CommitPipeline:
         eng.check_writable()
         checked = self.checker.check_applied(p.txid, reads) if reads else None
         with self.journal.lock:
+            if self.gate.holder is not None:
+                self.gate.wait_open()
             eng.check_writable()
             if p.gid in self.prepared or eng.views.decision(p.gid) is not None:
                 raise WalstoreError(f"gid {p.gid!r} is already used in this store")
