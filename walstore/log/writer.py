@@ -36,6 +36,7 @@ SEGMENT_GROWTH = 4
 SEAL_ROOM = 64  # bytes kept free at the end of every segment for its SEAL record
 SEAL_PAYLOAD = pack({})  # a SEAL needs no body: the next segment starts where it ends
 SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + len(SEAL_PAYLOAD)
+CHAIN_FSYNCS = 2  # a group-commit leader fsyncs up to this many more times for waiters
 
 
 class WalWriteError(WalstoreError, OSError):
@@ -56,8 +57,9 @@ class WriteAheadLog:
         self.segment_size = segment_size
         self.lock = threading.RLock()      # appends and rotation
         self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
-        self._sync_cond = threading.Condition(threading.Lock())  # group-commit waiters
-        self._syncing = False
+        self._sync_mutex = threading.Lock()  # guards the group commit's state below
+        self._syncing = False               # a leader is fsyncing
+        self._waiters: list[tuple[int, threading.Lock]] = []  # (lsn, its wake-up lock)
         self.after_sync = None  # called by the fsync leader with the new synced LSN
         self.writer = SegmentWriter(os.path.join(wal_dir, segment_name(segment_start)), store_id,
                                     segment_start, offset)
@@ -142,7 +144,10 @@ class WriteAheadLog:
             except OSError:
                 pass  # unsealed: the shape of an interrupted rotation, which readers accept
             self._fsync(old)
-            self.synced_lsn = max(self.synced_lsn, start)
+            if self.after_sync is not None:
+                self.after_sync(start)  # durable: visible before it counts as synced
+            with self._sync_mutex:
+                self.synced_lsn = max(self.synced_lsn, start)
             self.written_lsn = start
             self.writer = writer
             old.close()
@@ -222,18 +227,27 @@ class WriteAheadLog:
 
     # ---- durability --------------------------------------------------------------------
     def sync_to(self, lsn: int) -> None:
-        """Return once every byte below ``lsn`` is durable; concurrent callers share fsyncs.
+        """Return once every byte below ``lsn`` is durable (and, through ``after_sync``,
+        published); concurrent callers share fsyncs.
 
         Group commit: one caller at a time is the leader and fsyncs everything written so
-        far; the others wait on a condition and, when it is done, either find their bytes
-        covered or one of them leads the next fsync at once.  Raises LogFailed when the
-        fsync fails (the bytes' fate is unknown until recovery), and also when the log
-        failed while this caller waited (another thread's fsync, e.g. the spare's): a
-        commit is acknowledged only by a log that had not failed when its sync returned.
+        far; the others wait, each on its own lock, and the leader wakes exactly those its
+        fsync covered.  While callers it did not cover are waiting, it fsyncs again at once
+        (up to CHAIN_FSYNCS more times) instead of leaving the disk idle until one of them
+        wakes up to lead; then it hands the lead to the oldest of them.  Raises LogFailed
+        when the fsync fails (the bytes' fate is unknown until recovery), and also when
+        the log failed while this caller waited (another thread's fsync, e.g. the spare's):
+        a commit is acknowledged only by a log that had not failed when its sync returned.
+
+        ``synced_lsn`` moves only after ``after_sync`` ran for it, here and in rotation: a
+        caller that finds its bytes synced finds them published too (read-your-writes).
         """
         if self.synced_lsn >= lsn and self.failed is None:
             return
-        with self._sync_cond:
+        mutex = self._sync_mutex
+        me = None  # this caller's wake-up lock, made on its first wait
+        mutex.acquire()
+        try:
             while True:
                 self.check_usable()
                 if self.synced_lsn >= lsn:
@@ -241,23 +255,66 @@ class WriteAheadLog:
                 if not self._syncing:
                     self._syncing = True
                     break
-                self._sync_cond.wait()
-        done = None
-        try:
-            with self._sync_lock:
-                target = self.written_lsn
-                self._fsync(self.writer)
-                done = target
+                if me is None:
+                    me = threading.Lock()
+                    me.acquire()
+                self._waiters.append((lsn, me))
+                mutex.release()
+                try:
+                    me.acquire()  # released by a leader: covered, handed the lead, or failed
+                except BaseException:  # (an interrupt): never strand the waiters behind us
+                    mutex.acquire()
+                    self._abandon(me)
+                    raise
+                mutex.acquire()
         finally:
-            with self._sync_cond:
-                if done is not None:
-                    self.synced_lsn = max(self.synced_lsn, done)
-                self._syncing = False
-            if done is not None and self.after_sync is not None:
-                self.after_sync(self.synced_lsn)  # e.g. publish the batch once, for everyone
-            with self._sync_cond:
-                self._sync_cond.notify_all()
+            mutex.release()
+        self._lead()
         self.check_usable()
+
+    def _abandon(self, me: threading.Lock) -> None:
+        """A waiter leaves (caller holds the mutex): forget its entry; if a leader had
+        already woken it to lead, wake the next waiter instead."""
+        mine = [w for w in self._waiters if w[1] is me]
+        if mine:
+            self._waiters = [w for w in self._waiters if w[1] is not me]
+        elif not self._syncing and self._waiters:
+            self._waiters.pop(0)[1].release()
+
+    def _lead(self) -> None:
+        """The leader's loop (see ``sync_to``); ``_syncing`` is ours until it returns."""
+        rounds = 0
+        while True:
+            done = None
+            more = False
+            try:
+                with self._sync_lock:
+                    target = self.written_lsn
+                    self._fsync(self.writer)
+                    done = target
+                if self.after_sync is not None:
+                    self.after_sync(done)  # e.g. publish the batch once, for everyone
+            finally:
+                with self._sync_mutex:
+                    if done is not None and done > self.synced_lsn:
+                        self.synced_lsn = done
+                    waiters = self._waiters
+                    if done is None or self.failed is not None:
+                        wake, self._waiters = waiters, []  # they raise LogFailed
+                    else:
+                        synced = self.synced_lsn
+                        wake = [w for w in waiters if w[0] <= synced]
+                        self._waiters = rest = [w for w in waiters if w[0] > synced]
+                        more = bool(rest) and rounds < CHAIN_FSYNCS
+                        if rest and not more:
+                            wake.append(rest.pop(0))  # the next leader
+                    if not more:
+                        self._syncing = False
+                    for _lsn, lock in wake:
+                        lock.release()
+            if not more:
+                return
+            rounds += 1
 
     def sync(self) -> None:
         self.sync_to(self.written_lsn)
