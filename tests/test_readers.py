@@ -408,3 +408,122 @@ def test_bank_transfers_with_audits_and_two_phase_transfers(tmp_path):
         s.close()
     with _open(tmp_path / "bank") as s:
         assert dict(s.scan(prefix="acct/")) == expected
+
+
+# ---- the writer grows the map under a read-only process's reader threads -------------------
+
+def test_two_readers_remapping_at_once_do_not_wait_on_each_other():
+    """Two reader threads of a read-only process find the map resized at once and both
+    remap through ReadGate.exclusive from inside the gate: before, each waited for the
+    other to leave the gate (a deadlock)."""
+    from walstore.engine.lmdb_state import ReadGate
+    gate = ReadGate()
+    both_inside = threading.Barrier(2)
+    ran: list[int] = []
+
+    def reader(n):
+        slot = gate.enter()
+        try:
+            both_inside.wait(5)
+            gate.exclusive(lambda: ran.append(n))
+        finally:
+            gate.leave(slot)
+
+    threads = [threading.Thread(target=reader, args=(n,), daemon=True) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(ran) == [0, 1]
+
+
+def test_exclusive_from_a_reader_waits_for_the_other_readers():
+    from walstore.engine.lmdb_state import ReadGate
+    gate = ReadGate()
+    inside, leave = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def other():
+        slot = gate.enter()
+        inside.set()
+        leave.wait(5)
+        order.append("other left")
+        gate.leave(slot)
+
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    assert inside.wait(5)
+    slot = gate.enter()
+    threading.Timer(0.2, leave.set).start()
+    gate.exclusive(lambda: order.append("remapped"))
+    gate.leave(slot)
+    t.join(5)
+    assert order == ["other left", "remapped"]
+
+
+def test_reader_threads_beside_a_writer_process_growing_the_map(tmp_path):
+    """A read-only store with four reader threads (point reads, scans, snapshot
+    transactions) while a writer process grows LMDB's map from 256 KiB many times over,
+    so the readers find it resized (MapResizedError) and remap, through the read gate:
+    every read succeeds and sees whole commits (each commit writes one generation to all
+    keys of a group)."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, map_size=256 * 1024)
+    s.close()
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, walstore
+s = walstore.open({path!r}, map_size=256 * 1024)
+sys.stdin.readline()  # the readers are reading
+for gen in range(1, 400):
+    with s.transaction() as tx:
+        for j in range(10):
+            tx.put("g%d/%d" % (gen % 7, j), (gen, os.urandom(1500).hex()))
+    if gen % 40 == 0:
+        s.checkpoint()
+print(s.stats()["lmdb_map_size"])
+s.close()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    r = walstore.open(path, readonly=True, map_size=256 * 1024)  # the writer's size
+    gate = r._engine.state.gate
+    remaps = []
+    real_exclusive = gate.exclusive
+
+    def exclusive(fn):  # count the remaps the readers did
+        remaps.append(1)
+        real_exclusive(fn)
+
+    gate.exclusive = exclusive
+    errors: list[str] = []
+    reads = [0] * 4
+
+    def read(n):
+        rng = random.Random(n)
+        while writer.poll() is None:
+            try:
+                g = rng.randrange(7)
+                if n == 0:
+                    r.get(f"g{g}/{rng.randrange(10)}")
+                elif n == 1:
+                    gens = {v[0] for _k, v in r.scan(prefix=f"g{g}/")}
+                    assert len(gens) <= 1, gens  # one commit wrote the whole group
+                else:
+                    with r.transaction() as tx:
+                        gens = {tx.get(f"g{g}/{j}", (0,))[0] for j in range(10)}
+                        assert len(gens) == 1, gens
+                reads[n] += 1
+            except BaseException as e:
+                errors.append(repr(e)[:300])
+                return
+
+    threads = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(4)]
+    for t in threads:
+        t.start()
+    out, _ = writer.communicate("go\n", timeout=240)
+    for t in threads:
+        t.join(30)
+    assert writer.returncode == 0
+    assert int(out.strip()) >= 64 * 256 * 1024  # the map grew many times over
+    assert not errors, errors[:3]
+    assert all(reads), reads
+    assert remaps, "no reader ever found the map resized"
+    r.close()

@@ -26,7 +26,9 @@ Invariants:
   gate too: a write transaction's abort and ``close`` wait until no LMDB call is in flight
   anywhere in the process (busy readers could put that off forever), so they run with
   readers held out (``ReadGate.exclusive``); ``sync`` and ``info`` fail with EINVAL if
-  they start during a resize, so they enter the gate like a read;
+  they start during a resize, so they enter the gate like a read; in a read-only process
+  a reader that finds the map grown by the writer (MapResizedError) remaps through the
+  gate as well, one at a time, so no other thread's read transaction is open meanwhile;
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
@@ -105,6 +107,7 @@ class ReadGate:
         self._slots: list = []
         self._slots_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
+        self._exclusive_lock = threading.Lock()
         self.paused = False
 
     def _slot(self):
@@ -147,18 +150,31 @@ class ReadGate:
             slot.inside = False
 
     def exclusive(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` while no reader is inside LMDB (readers wait a moment)."""
-        with self._cond:
-            self.paused = True
+        """Run ``fn`` while no other reader is inside LMDB (readers wait a moment).
+
+        One exclusive section at a time.  The caller may itself be a reader inside the
+        gate (a read-only process's reader that found the map grown by the writer, and
+        remaps): it steps out while it waits for another section, so two such readers
+        never wait on each other, and its own slot never holds the section up."""
+        me = getattr(self._local, "slot", None)
+        stepped_out = me is not None and me.inside
+        if stepped_out:
+            me.inside = False
         try:
-            me = getattr(self._local, "slot", None)
-            while any(s.inside and s is not me for s in list(self._slots)):
-                time.sleep(0.0002)
-            fn()
+            with self._exclusive_lock:
+                with self._cond:
+                    self.paused = True
+                try:
+                    while any(s.inside and s is not me for s in list(self._slots)):
+                        time.sleep(0.0002)
+                    fn()
+                finally:
+                    with self._cond:
+                        self.paused = False
+                        self._cond.notify_all()
         finally:
-            with self._cond:
-                self.paused = False
-                self._cond.notify_all()
+            if stepped_out:
+                me.inside = True
 
 
 class _Slot:
@@ -357,8 +373,9 @@ class LmdbState:
     def _begin(self) -> lmdb.Transaction:
         try:
             return self.env.begin()
-        except lmdb.MapResizedError:  # another process grew the map: adopt its size
-            self.env.set_mapsize(0)
+        except lmdb.MapResizedError:  # another process grew the map: adopt its size, with
+            # no other thread inside LMDB (a remap invalidates their open transactions)
+            self.gate.exclusive(lambda: self.env.set_mapsize(0))
             return self.env.begin()
         except lmdb.Error as e:
             raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
