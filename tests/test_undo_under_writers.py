@@ -178,13 +178,27 @@ def test_gate_holds_other_commits_and_prepares_until_released(tmp_path):
         assert landed == []          # both wait at the gate
         with s.transaction() as tx:  # the holder's own commit passes
             tx.put("mine", 1)
-        with gate.hold():            # nested hold by the holder: no deadlock
-            with s.transaction() as tx:
+        with gate.hold():            # nested hold by the holder: no deadlock, and the
+            with s.transaction() as tx:  # journal lock is free (the applier drains)
                 tx.put("mine2", 1)
+            s.checkpoint()
+            body_ran = threading.Event()
+
+            def intent():  # an intent record is not a commit: it passes the gate
+                with s.transaction() as tx:
+                    with tx.action("ping", args={}):
+                        body_ran.set()
+                    tx.put("after-intent", 1)
+                landed.append("after-intent")
+
+            t3 = threading.Thread(target=intent, daemon=True)
+            t3.start()
+            assert body_ran.wait(5), "an intent waited for the journal lock under the gate"
+            threads.append(t3)
         assert landed == []
     for t in threads:
         t.join(10)
-    assert sorted(landed) == ["prepared", "x"]
+    assert sorted(landed) == ["after-intent", "prepared", "x"]
     assert gate.waits >= 2 and s.stats()["commits_held_by_undo"] == gate.waits
     assert s.get("x") == 1 and s.get("p") == 1 and s.get("mine2") == 1
     s.close()

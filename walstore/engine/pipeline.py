@@ -93,12 +93,13 @@ class CommitGate:
     def hold(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._cond:
-            if self.holder == me:  # already ours (nested): the outer hold opens it
-                yield
-                return
-            while self.holder is not None:
+            nested = self.holder == me  # already ours: the outer hold opens it
+            while not nested and self.holder is not None:
                 self._cond.wait()
             self.holder = me
+        if nested:  # (never yield with the journal lock held: the applier needs it)
+            yield
+            return
         try:
             yield
         finally:
