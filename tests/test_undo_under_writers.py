@@ -94,12 +94,18 @@ def test_whole_store_rewind_lands_under_continuous_writers(tmp_path, durability)
     s.close()
 
 
-def test_scoped_rewind_lands_while_the_same_scope_is_written(tmp_path):
+def _two_groups(tmp_path):
+    """A store with keys a/0..39 and b/0..39 (value = index)."""
     s = walstore.open(str(tmp_path / "s"), durability="normal")
     for i in range(40):
         with s.transaction() as tx:
             tx.put(f"a/{i}", i)
             tx.put(f"b/{i}", i)
+    return s
+
+
+def test_scoped_rewind_lands_while_the_same_scope_is_written(tmp_path):
+    s = _two_groups(tmp_path)
     s.restore_point("p")
     in_scope = _state(s.at("p"), "a/")
     with Writers(s, ["a/", "b/"]):
@@ -205,11 +211,7 @@ def test_gate_holds_other_commits_and_prepares_until_released(tmp_path):
 
 
 def test_purge_lands_while_writers_keep_writing_into_its_prefix(tmp_path):
-    s = walstore.open(str(tmp_path / "s"), durability="normal")
-    for i in range(40):
-        with s.transaction() as tx:
-            tx.put(f"a/{i}", i)
-            tx.put(f"b/{i}", i)
+    s = _two_groups(tmp_path)
     with Writers(s, ["a/"], n=3):
         out = s.purge("a/")
         after = s.at(out["txid"])
