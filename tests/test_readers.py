@@ -527,3 +527,57 @@ s.close()
     assert all(reads), reads
     assert remaps, "no reader ever found the map resized"
     r.close()
+
+
+def test_reads_beside_compactions_never_use_a_swapped_out_table_handle(tmp_path):
+    """A purge compacts LMDB and swaps the environment: every table handle of the process
+    is replaced.  A read that took a handle before the swap and began its transaction after
+    it failed with 'Database handle belongs to another environment' (a false
+    CorruptionError; found by the soak once purges landed under load).  Here reader
+    threads read through every kind of call (point reads of the data and index tables,
+    history, the log, actions, restore points) while the main thread compacts 40 times."""
+    s = walstore.open(str(tmp_path / "s"), durability="normal")
+    for i in range(50):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+            with tx.action("note", args={"i": i}):
+                pass
+    s.restore_point("p")
+    stop = threading.Event()
+    errors: list[str] = []
+    reads = [0] * 3
+
+    def read(n):
+        rng = random.Random(n)
+        while not stop.is_set():
+            try:
+                i = rng.randrange(50)
+                if n == 0:
+                    assert s.get(f"k{i}") == i
+                    s.stats()
+                elif n == 1:
+                    assert s.history(f"k{i}")
+                    assert len(s.log(limit=5)) == 5
+                else:
+                    assert s.restore_points()
+                    assert s.actions()
+                reads[n] += 1
+            except BaseException as e:
+                errors.append(repr(e)[:300])
+                return
+
+    threads = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(40):
+            s._engine.state.compact()
+            if errors:
+                break
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    assert all(reads), reads
+    s.close()

@@ -63,7 +63,7 @@ class FileHistory:
         st = self._st
         prefix = tables.fpath_prefix(ws_root, path)
         out = []
-        for raw, v in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db=st.fversions):
+        for raw, v in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="fversions"):
             if not tables.is_fversion_of(raw, prefix):
                 continue
             txid, before, after = unpack(v)
@@ -72,7 +72,7 @@ class FileHistory:
         return out
 
     def version(self, ws_root: bytes, path: bytes, lsn: int) -> FileVersion | None:
-        raw = self._st.get(tables.fversion_key(ws_root, path, lsn), self._st.fversions) \
+        raw = self._st.get(tables.fversion_key(ws_root, path, lsn), "fversions") \
             if self._ready() else None
         if raw is None:
             return None
@@ -86,11 +86,11 @@ class FileHistory:
         st = self._st
         prefix = tables.fpath_prefix(ws_root, path)
         for raw, v in st.scan(prefix, tables.fversion_key(ws_root, path, boundary + 1),
-                              reverse=True, db=st.fversions):
+                              reverse=True, db="fversions"):
             if tables.is_fversion_of(raw, prefix):
                 return Entry.from_row(unpack(v)[2])
         for raw, v in st.scan(tables.fversion_key(ws_root, path, boundary + 1),
-                              prefix + b"\xff" * 9, db=st.fversions):
+                              prefix + b"\xff" * 9, db="fversions"):
             if tables.is_fversion_of(raw, prefix):
                 return Entry.from_row(unpack(v)[1])
         return None
@@ -102,7 +102,7 @@ class FileHistory:
         st = self._st
         prefix = tables.fws_prefix(ws_root)
         last = None
-        for raw, _v in st.scan(prefix, prefix + b"\xff" * 3, db=st.fversions):
+        for raw, _v in st.scan(prefix, prefix + b"\xff" * 3, db="fversions"):
             ws, path, _lsn = tables.split_fversion_key(raw)
             if ws != ws_root or path == last:
                 continue
@@ -117,7 +117,7 @@ class FileHistory:
         st = self._st
         prefix = tables.fsteps_prefix(txid)
         return [tables.split_fchange_key(raw)[1:]
-                for raw, _v in st.scan(prefix, prefix + b"\xff" * 8, db=st.fchanges)]
+                for raw, _v in st.scan(prefix, prefix + b"\xff" * 8, db="fchanges")]
 
     def later_writers(self, txid: int, lsn: int,
                       in_scope: Callable[[bytes], bool] = lambda _root: True) -> set[int]:
@@ -130,7 +130,7 @@ class FileHistory:
                 continue
             prefix = tables.fpath_prefix(ws, path)
             for raw, v in st.scan(tables.fversion_key(ws, path, lsn + 1),
-                                  prefix + b"\xff" * 9, db=st.fversions):
+                                  prefix + b"\xff" * 9, db="fversions"):
                 if tables.is_fversion_of(raw, prefix) and unpack(v)[0] != txid:
                     out.add(unpack(v)[0])
         return out

@@ -505,7 +505,7 @@ class Files:
         st = eng.state
         prepared = eng.prepared.txids()
         out = []
-        for raw, v in st.scan(b"", None, db=st.fsteps):
+        for raw, v in st.scan(b"", None, db="fsteps"):
             txid, lsn = tables.split_fsteps_key(raw)
             row = unpack(v)
             if txid in prepared or row.get("held"):
@@ -570,7 +570,7 @@ class Files:
         st = self.engine.state
         prefix = tables.fsteps_prefix(txid)
         out = []
-        for raw, v in st.scan(prefix, prefix + b"\xff" * 8, db=st.fsteps):
+        for raw, v in st.scan(prefix, prefix + b"\xff" * 8, db="fsteps"):
             _t, lsn = tables.split_fsteps_key(raw)
             row = unpack(v)
             out.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn, row))
@@ -591,7 +591,7 @@ class Files:
         if st.fconflicts is None:
             return out
         from ..engine.lmdb_state import from_u64
-        for raw, v in st.scan(b"", None, db=st.fconflicts):
+        for raw, v in st.scan(b"", None, db="fconflicts"):
             row = unpack(v)
             c = FileConflict.from_row(row["conflict"])
             out.append(dict(self.conflict_doc(row["ws"], c), tx=row.get("tx"),
@@ -628,14 +628,14 @@ class Files:
             for _p, before, after in steps or ():
                 refs.update(_digests(before))
                 refs.update(_digests(after))
-        for _k, v in st.scan(b"", None, db=st.fsteps):
+        for _k, v in st.scan(b"", None, db="fsteps"):
             row = unpack(v)
             steps_refs(row.get("steps"))
             if row.get("manifest"):
                 manifests.add(row["manifest"])
         horizon = st.meta_int(b"horizon")
         below: dict[bytes, list] = {}  # path prefix -> after of its newest version below
-        for k, v in st.scan(b"", None, db=st.fversions):
+        for k, v in st.scan(b"", None, db="fversions"):
             _t, before, after = unpack(v)
             if tables.split_fversion_key(k)[2] >= horizon:
                 refs.update(_digests(before))
@@ -644,7 +644,7 @@ class Files:
                 below[k[:-8]] = after
         for after in below.values():
             refs.update(_digests(after))
-        for _k, v in st.scan(b"", None, db=st.fconflicts):
+        for _k, v in st.scan(b"", None, db="fconflicts"):
             c = unpack(v).get("conflict") or {}
             refs.update(_digests(c.get("before")))
         for row in self.rows().values():

@@ -79,7 +79,7 @@ class HistoricalView:
         the range (``hkeys``), so it costs what the range holds, not the log's length."""
         lo, hi = scan_bounds(prefix, start, end)
         st = self._history.engine.state
-        for k, _v in st.scan(lo, hi, reverse, db=st.hkeys):
+        for k, _v in st.scan(lo, hi, reverse, db="hkeys"):
             v = self._value(k)
             if v is not None:
                 yield decode_key(k), unpack_value(v)
@@ -194,7 +194,7 @@ class History:
         prefix = tables.hist_prefix(k)
         after = st.get(k)  # the newest version set the current value
         out = []
-        for raw, row in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db=st.hist):
+        for raw, row in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="hist"):
             if not tables.is_version_of(raw, prefix):
                 continue
             _k, lsn = tables.split_hist_key(raw)

@@ -49,7 +49,7 @@ class Purge:
         def erase(tx):
             tx.read_ranges.append((rng.lo, rng.hi))  # a write racing into it conflicts
             present = [k for k, _v in eng.reader.scan(rng.lo, rng.hi, False, tx.snapshot)]
-            had_history = [k for k, _v in eng.state.scan(rng.lo, rng.hi, db=eng.state.hkeys)]
+            had_history = [k for k, _v in eng.state.scan(rng.lo, rng.hi, db="hkeys")]
             for k in present:
                 tx._set(k, None)
             tx.commit_body.update({"purge": prefix, "purge_range": [rng.lo, rng.hi]})

@@ -53,7 +53,7 @@ class Retention:
     def _oldest_commits(self, lo: int, hi: int) -> list[tuple[int, int]]:
         st = self.engine.state
         out = []
-        for raw, txid in st.scan(u64(lo), u64(hi), db=st.bylsn):
+        for raw, txid in st.scan(u64(lo), u64(hi), db="bylsn"):
             out.append((from_u64(raw), from_u64(txid)))
             if len(out) >= TRIM_BATCH:
                 break
@@ -65,7 +65,7 @@ class Retention:
         candidates = [st.applied_lsn()]
         if opts.retain_transactions is not None:
             n = 0
-            for raw, _t in st.scan(b"", None, reverse=True, db=st.bylsn):
+            for raw, _t in st.scan(b"", None, reverse=True, db="bylsn"):
                 n += 1
                 if n >= opts.retain_transactions:
                     candidates.append(from_u64(raw))
@@ -75,8 +75,8 @@ class Retention:
         if opts.retain_seconds is not None:
             cutoff = time.time() - opts.retain_seconds
             first_young = st.applied_lsn()
-            for raw, txid in st.scan(b"", None, db=st.bylsn):
-                row = st.get(txid, st.txns)
+            for raw, txid in st.scan(b"", None, db="bylsn"):
+                row = st.get(txid, "txns")
                 if row is not None and unpack(row).get("ts", 0) >= cutoff:
                     first_young = from_u64(raw)
                     break

@@ -191,7 +191,7 @@ class Undo:
                 continue
             prefix = tables.hist_prefix(k)
             for raw, _row in st.scan(tables.hist_key(k, info.lsn + 1), prefix + b"\xff" * 9,
-                                     db=st.hist):
+                                     db="hist"):
                 if not tables.is_version_of(raw, prefix):
                     continue
                 from ..codec import unpack

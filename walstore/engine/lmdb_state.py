@@ -29,6 +29,9 @@ Invariants:
   they start during a resize, so they enter the gate like a read; in a read-only process
   a reader that finds the map grown by the writer (MapResizedError) remaps through the
   gate as well, one at a time, so no other thread's read transaction is open meanwhile;
+- a compaction (a purge's checkpoint) or a reopen swaps the environment and every table
+  handle of the process: callers name tables (``get(key, "txns")``, ``scan(..., db=
+  "hist")``) and the handle is looked up inside the gate, never carried across it;
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
@@ -380,12 +383,21 @@ class LmdbState:
         except lmdb.Error as e:
             raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
 
+    def _table(self, db):
+        """The handle of table ``db`` (DATA, a table name such as ``"meta"``, or a handle
+        taken inside the same read).  Resolved inside the gate: a compaction swaps every
+        handle, and one taken before it belongs to the closed environment (LMDB: "Database
+        handle belongs to another environment", seen by the soak under purges)."""
+        if db is DATA:
+            return self.data
+        if isinstance(db, str):
+            return getattr(self, db)
+        return db
+
     def get(self, key: bytes, db=DATA) -> bytes | None:
         """One value in its own read transaction (the gate's fast path inlined: this is
-        every point read of the store)."""
-        if db is DATA:
-            db = self.data
-        elif db is None:
+        every point read of the store).  ``db``: see :meth:`_table` (pass a name)."""
+        if db is None:
             return None  # a table an older store does not have yet
         gate = self.gate
         slot = gate.enter()
@@ -397,7 +409,8 @@ class LmdbState:
             if txn is None:
                 txn = self._begin()
             try:
-                return txn.get(key, db=db)
+                table = self._table(db)
+                return None if table is None else txn.get(key, db=table)
             finally:
                 txn.abort()
         except lmdb.Error as e:
@@ -473,7 +486,7 @@ class LmdbState:
                 slot.inside = False
 
     def meta_int(self, name: bytes, default: int = 0) -> int:
-        return from_u64(self.get(name, self.meta), default)
+        return from_u64(self.get(name, "meta"), default)
 
     def applied_lsn(self) -> int:
         return self.meta_int(b"applied")
@@ -482,12 +495,13 @@ class LmdbState:
              ) -> Iterator[tuple[bytes, bytes]]:
         """Stream (key, value) with lo <= key < hi in key order, a chunk per short read
         transaction (so not one snapshot: for indexes whose rows do not change under a
-        reader; snapshot-consistent data scans are :mod:`walstore.engine.snapshot`'s)."""
+        reader; snapshot-consistent data scans are :mod:`walstore.engine.snapshot`'s).
+        ``db``: a table name (resolved per chunk, so a compaction between chunks is
+        harmless), see :meth:`_table`."""
         after: bytes | None = None
         while True:
             with self.read() as txn:
-                chunk = read_chunk(txn, self.data if db is DATA else db, lo, hi, reverse,
-                                   after)
+                chunk = read_chunk(txn, self._table(db), lo, hi, reverse, after)
             yield from chunk
             if len(chunk) < SCAN_CHUNK:
                 return
@@ -495,7 +509,8 @@ class LmdbState:
 
     def count(self, db=DATA) -> int:
         with self.read() as txn:
-            return txn.stat(self.data if db is DATA else db)["entries"]
+            table = self._table(db)
+            return 0 if table is None else txn.stat(table)["entries"]
 
     # ---- writes: only walstore.engine.apply calls these --------------------------------
     def write(self, fn: Callable[[lmdb.Transaction], None]) -> None:

@@ -35,7 +35,7 @@ class Views:
 
     # ---- actions ------------------------------------------------------------------------
     def _lmdb_action(self, aid: str) -> dict | None:
-        raw = self.state.get(aid.encode(), self.state.actions)
+        raw = self.state.get(aid.encode(), "actions")
         return None if raw is None else unpack(raw)
 
     def _fold_actions(self, include_unpublished: bool) -> dict[str, dict]:
@@ -57,7 +57,7 @@ class Views:
     def _lmdb_rows_of(self, txid: int) -> list[dict]:
         prefix = tables.action_prefix(txid)
         return [unpack(v) for _k, v in self.state.scan(prefix, prefix[:-1] + b"/",
-                                                     db=self.state.actions)]
+                                                     db="actions")]
 
     def action_row(self, aid: str, include_unpublished: bool = False) -> dict | None:
         changed = self._fold_actions(include_unpublished)
@@ -65,7 +65,7 @@ class Views:
 
     def action_rows(self) -> dict[str, dict]:
         rows = {k.decode(): unpack(v) for k, v in self.state.scan(b"", None,
-                                                                  db=self.state.actions)}
+                                                                  db="actions")}
         rows.update(self._fold_actions(False))
         return rows
 
@@ -77,7 +77,7 @@ class Views:
     # ---- restore points -----------------------------------------------------------------
     def points(self) -> dict[str, dict]:
         out = {k.decode("utf-8"): unpack(v)
-               for k, v in self.state.scan(b"", None, db=self.state.points)}
+               for k, v in self.state.scan(b"", None, db="points")}
         for e in self._events(frozenset({_T.RESTORE_POINT})):
             name = str(e.body.get("name", ""))
             if e.body.get("drop"):
@@ -91,7 +91,7 @@ class Views:
         for e in self._events(frozenset({_T.COMMIT})):
             if e.txid == txid:
                 return tables.txn_row(e)
-        raw = self.state.get(tables.txid_key(txid), self.state.txns)
+        raw = self.state.get(tables.txid_key(txid), "txns")
         return None if raw is None else unpack(raw)
 
     def commits_after(self, lsn: int) -> Iterator[dict]:
@@ -102,11 +102,11 @@ class Views:
             seen.add(e.txid)
             yield tables.txn_row(e)
         st = self.state
-        for _raw, txid_raw in st.scan(u64(lsn + 1), None, reverse=True, db=st.bylsn):
+        for _raw, txid_raw in st.scan(u64(lsn + 1), None, reverse=True, db="bylsn"):
             txid = from_u64(txid_raw)
             if txid in seen:
                 continue
-            raw = st.get(txid_raw, st.txns)
+            raw = st.get(txid_raw, "txns")
             if raw is not None:
                 yield unpack(raw)
 
@@ -115,7 +115,7 @@ class Views:
         """Registered workspaces (root -> row), unapplied registrations and manifests
         folded in."""
         st = self.state
-        out = {k: unpack(v) for k, v in st.scan(b"", None, db=st.workspaces)} \
+        out = {k: unpack(v) for k, v in st.scan(b"", None, db="workspaces")} \
             if st.workspaces is not None else {}
         for e in self._events(frozenset({_T.WORKSPACE, _T.WATCH_BEGIN})):
             key = e.body.get("root") if e.type == _T.WORKSPACE else e.body.get("ws")
@@ -132,13 +132,13 @@ class Views:
         for e in reversed(self._events(frozenset({_T.COMMIT, _T.ROLLBACK_PREPARED}), True)):
             if e.body.get("gid") == gid:
                 return "commit" if e.type == _T.COMMIT else "abort"
-        raw = self.state.get(DECISION_PREFIX + gid.encode(), self.state.twophase)
+        raw = self.state.get(DECISION_PREFIX + gid.encode(), "twophase")
         return None if raw is None else raw.decode()
 
     def prepared_rows(self) -> dict[str, dict]:
         st = self.state
         rows = {unpack(v)["gid"]: unpack(v)
-                for _k, v in st.scan(PREPARED_PREFIX, b"p;", db=st.twophase)}
+                for _k, v in st.scan(PREPARED_PREFIX, b"p;", db="twophase")}
         for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED})):
             gid = e.body.get("gid")
             if not gid:

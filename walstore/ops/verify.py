@@ -140,7 +140,7 @@ def _check_lmdb(state: LmdbState, rep: VerifyReport) -> None:
             unpack_value(v)
         except Exception as e:  # any decode failure is damage
             rep.errors.append(f"LMDB key {k[:40]!r}: undecodable ({type(e).__name__}: {e})")
-    for k, raw in state.scan(b"", None, db=state.txns):
+    for k, raw in state.scan(b"", None, db="txns"):
         try:
             unpack(raw)
         except ValueError as e:
