@@ -461,6 +461,37 @@ def test_exclusive_from_a_reader_waits_for_the_other_readers():
     assert order == ["other left", "remapped"]
 
 
+class ReaderThreads:
+    """``n`` daemon threads, each calling ``step(i, rng)`` until ``stop`` is set; the first
+    exception of a thread is kept in ``errors`` and ends that thread."""
+
+    def __init__(self, n: int, step) -> None:
+        self.stop = threading.Event()
+        self.errors: list[str] = []
+        self.reads = [0] * n
+        self.threads = [threading.Thread(target=self._run, args=(i, step), daemon=True)
+                        for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int, step) -> None:
+        rng = random.Random(i)
+        while not self.stop.is_set():
+            try:
+                step(i, rng)
+                self.reads[i] += 1
+            except BaseException as e:
+                self.errors.append(repr(e)[:300])
+                return
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
+        assert not self.errors, self.errors[:3]
+        assert all(self.reads), self.reads
+
+
 def test_reader_threads_beside_a_writer_process_growing_the_map(tmp_path):
     """A read-only store with four reader threads (point reads, scans, snapshot
     transactions) while a writer process grows LMDB's map from 256 KiB many times over,
@@ -493,38 +524,24 @@ s.close()
         real_exclusive(fn)
 
     gate.exclusive = exclusive
-    errors: list[str] = []
-    reads = [0] * 4
 
-    def read(n):
-        rng = random.Random(n)
-        while writer.poll() is None:
-            try:
-                g = rng.randrange(7)
-                if n == 0:
-                    r.get(f"g{g}/{rng.randrange(10)}")
-                elif n == 1:
-                    gens = {v[0] for _k, v in r.scan(prefix=f"g{g}/")}
-                    assert len(gens) <= 1, gens  # one commit wrote the whole group
-                else:
-                    with r.transaction() as tx:
-                        gens = {tx.get(f"g{g}/{j}", (0,))[0] for j in range(10)}
-                        assert len(gens) == 1, gens
-                reads[n] += 1
-            except BaseException as e:
-                errors.append(repr(e)[:300])
-                return
+    def step(n, rng):
+        g = rng.randrange(7)
+        if n == 0:
+            r.get(f"g{g}/{rng.randrange(10)}")
+        elif n == 1:
+            gens = {v[0] for _k, v in r.scan(prefix=f"g{g}/")}
+            assert len(gens) <= 1, gens  # one commit wrote the whole group
+        else:
+            with r.transaction() as tx:
+                gens = {tx.get(f"g{g}/{j}", (0,))[0] for j in range(10)}
+                assert len(gens) == 1, gens
 
-    threads = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(4)]
-    for t in threads:
-        t.start()
+    readers = ReaderThreads(4, step)
     out, _ = writer.communicate("go\n", timeout=240)
-    for t in threads:
-        t.join(30)
+    readers.finish()
     assert writer.returncode == 0
     assert int(out.strip()) >= 64 * 256 * 1024  # the map grew many times over
-    assert not errors, errors[:3]
-    assert all(reads), reads
     assert remaps, "no reader ever found the map resized"
     r.close()
 
@@ -543,41 +560,25 @@ def test_reads_beside_compactions_never_use_a_swapped_out_table_handle(tmp_path)
             with tx.action("note", args={"i": i}):
                 pass
     s.restore_point("p")
-    stop = threading.Event()
-    errors: list[str] = []
-    reads = [0] * 3
 
-    def read(n):
-        rng = random.Random(n)
-        while not stop.is_set():
-            try:
-                i = rng.randrange(50)
-                if n == 0:
-                    assert s.get(f"k{i}") == i
-                    s.stats()
-                elif n == 1:
-                    assert s.history(f"k{i}")
-                    assert len(s.log(limit=5)) == 5
-                else:
-                    assert s.restore_points()
-                    assert s.actions()
-                reads[n] += 1
-            except BaseException as e:
-                errors.append(repr(e)[:300])
-                return
+    def step(n, rng):
+        i = rng.randrange(50)
+        if n == 0:
+            assert s.get(f"k{i}") == i
+            s.stats()
+        elif n == 1:
+            assert s.history(f"k{i}")
+            assert len(s.log(limit=5)) == 5
+        else:
+            assert s.restore_points()
+            assert s.actions()
 
-    threads = [threading.Thread(target=read, args=(n,), daemon=True) for n in range(3)]
-    for t in threads:
-        t.start()
+    readers = ReaderThreads(3, step)
     try:
         for _ in range(40):
             s._engine.state.compact()
-            if errors:
+            if readers.errors:
                 break
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-    assert not errors, errors[:3]
-    assert all(reads), reads
+        readers.finish()
     s.close()
