@@ -158,7 +158,10 @@ class ReadGate:
         One exclusive section at a time.  The caller may itself be a reader inside the
         gate (a read-only process's reader that found the map grown by the writer, and
         remaps): it steps out while it waits for another section, so two such readers
-        never wait on each other, and its own slot never holds the section up."""
+        never wait on each other, and its own slot never holds the section up.  (A
+        caller with a read of its own still open further up its stack — a scan being
+        iterated while the same thread remaps — would see that read invalidated; no
+        walstore path does that.)"""
         me = getattr(self._local, "slot", None)
         stepped_out = me is not None and me.inside
         if stepped_out:
