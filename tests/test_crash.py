@@ -73,7 +73,7 @@ def dump_lmdb(path: Path) -> tuple:
     st = LmdbState(layout.db, readonly=True)
     try:
         data = list(st.scan(b"", None))
-        txns = list(st.scan(b"", None, db=st.txns))
+        txns = list(st.scan(b"", None, db="txns"))
         return data, txns, st.applied_lsn()
     finally:
         st.close()

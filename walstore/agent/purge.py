@@ -13,7 +13,7 @@ are removed — their bytes are in no file of the store directory.
 A write racing into the prefix while the purge reads it makes the purge conflict; it runs
 again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what that write
 added too; if every attempt lost, it runs once more with other threads' commits held out
-(``CommitPipeline.others_held_out``), which cannot lose.
+(``CommitPipeline.held_out_on_conflict``), which cannot lose.
 
 A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
 cannot bring the keys back: their history is gone).  Copies outside the store directory
@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
-from ..errors import ConflictError
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -57,12 +56,8 @@ class Purge:
 
         # a write into the prefix committed first: run again, erasing it too
         meta = {"purge": prefix if isinstance(prefix, str) else prefix.hex()}
-        try:
-            tx, present, had_history = self.run(erase, retries=PURGE_RETRIES, backoff=0.001,
-                                                meta=meta)
-        except ConflictError:
-            with eng.pipeline.others_held_out():
-                tx, present, had_history = self.run(erase, retries=0, meta=meta)
+        tx, present, had_history = eng.pipeline.held_out_on_conflict(
+            lambda: self.run(erase, retries=PURGE_RETRIES, backoff=0.001, meta=meta))
         eng.drain()
         needles = sorted(set(present) | set(had_history))
         out = eng.erase_old_bytes(needles)

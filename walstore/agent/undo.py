@@ -10,7 +10,7 @@ transaction like any other and can itself be reverted.
 - The undo transaction reads every key it restores (and, for a rewind, the whole scope
   range) at its snapshot, so any commit racing with it makes it conflict rather than be
   silently overwritten.  A conflicting undo plans and commits once more with every
-  other thread's commits held out (``CommitPipeline.others_held_out``): under writers
+  other thread's commits held out (``CommitPipeline.held_out_on_conflict``): under writers
   that never pause it still finishes; the held commits wait for it, then validate as
   usual.  Compensations run after the gate opens.
 - ``scope`` (a key prefix): only keys under it return to their values at the point; a
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..codec import decode_key, encode_key
-from ..errors import ConflictError, RevertConflict
+from ..errors import RevertConflict
 from ..log.records import jsonable_point
 from ..engine import tables
 from ..files import restore_status
@@ -120,11 +120,7 @@ class Undo:
         published: nothing can overtake it, so an undo under continuous writers finishes
         instead of conflicting forever.  The gate opens before any compensation runs (a
         compensator is user code and may wait for other threads' commits)."""
-        try:
-            result, owed = attempt()
-        except ConflictError:
-            with self.engine.pipeline.others_held_out():
-                result, owed = attempt()
+        result, owed = self.engine.pipeline.held_out_on_conflict(attempt)
         if owed:
             self.saga.compensate(owed)
         return result

@@ -69,7 +69,7 @@ DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with
 MAX_DBS = 16
 SCAN_CHUNK = 256
 _U64 = struct.Struct(">Q")
-DATA = object()  # "the data table" as a default argument (None means: a missing table)
+DATA = object()  # "the data table" as a default argument
 
 TABLES = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist",
           "bylsn": b"bylsn", "points": b"points", "actions": b"actions",
@@ -387,21 +387,19 @@ class LmdbState:
             raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
 
     def _table(self, db):
-        """The handle of table ``db`` (DATA, a table name such as ``"meta"``, or a handle
-        taken inside the same read).  Resolved inside the gate: a compaction swaps every
-        handle, and one taken before it belongs to the closed environment (LMDB: "Database
-        handle belongs to another environment", seen by the soak under purges)."""
+        """The handle of table ``db`` (DATA or a table name such as ``"meta"``; None when an
+        older store lacks the table).  Names only, resolved inside the gate: a compaction
+        swaps every handle, and one taken before it belongs to the closed environment
+        (LMDB: "Database handle belongs to another environment", seen by the soak)."""
         if db is DATA:
             return self.data
-        if isinstance(db, str):
-            return getattr(self, db)
-        return db
+        if db not in TABLES:
+            raise TypeError(f"a table is named (one of {sorted(TABLES)}), not {db!r}")
+        return getattr(self, db)
 
     def get(self, key: bytes, db=DATA) -> bytes | None:
         """One value in its own read transaction (the gate's fast path inlined: this is
-        every point read of the store).  ``db``: see :meth:`_table` (pass a name)."""
-        if db is None:
-            return None  # a table an older store does not have yet
+        every point read of the store).  ``db``: a table name (see :meth:`_table`)."""
         gate = self.gate
         slot = gate.enter()
         try:

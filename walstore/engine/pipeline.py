@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from .. import fileio
 from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
@@ -45,6 +45,8 @@ from . import tables
 
 if TYPE_CHECKING:
     from .engine import Engine
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -117,15 +119,19 @@ class CommitPipeline:
         self.prepared = prepared
         self.gate = CommitGate(journal.lock)
 
-    @contextmanager
-    def others_held_out(self) -> Iterator[None]:
-        """Hold every other thread's commits and prepares out (``CommitGate``) and make what
-        they appended before visible: a transaction begun inside cannot be overtaken, so
-        its commit cannot conflict with another writer.  For the last attempt of work that
-        lost to optimistic concurrency (an undo, a purge); never around user code."""
-        with self.gate.hold():
-            self.journal.sync_all()
-            yield
+    def held_out_on_conflict(self, attempt: Callable[[], T]) -> T:
+        """``attempt()`` (which begins and commits its own transaction) beside other
+        writers; if it loses to one of them (ConflictError), once more with every other
+        thread's commits and prepares held out (``CommitGate``) and what they appended
+        before made visible, where it cannot lose: work that plans from a snapshot and
+        must finish under writers that never pause (an undo, a purge).  Never pass user
+        code that waits for other threads' commits (it would wait for the gate)."""
+        try:
+            return attempt()
+        except ConflictError:
+            with self.gate.hold():
+                self.journal.sync_all()  # commits appended before the gate: visible
+                return attempt()
 
     # ---- commits ------------------------------------------------------------------------
     def commit(self, req: CommitRequest) -> Event:
