@@ -340,11 +340,16 @@ class FaultBackend(OSBackend):
         call = Call(0, "pwrite", path, fd=fd, offset=offset, size=size)
         rule = self._check("pwrite", (path,), call)
         if rule is not None:
+            n = 0
             if rule.partial:
                 part = bytes(data[: min(rule.partial, size)])
                 n = super().pwrite(fd, part, offset)
                 self._event(op="pwrite", path=path, offset=offset, data=part[:n], fd=fd)
-            self._raise(rule, path)
+            try:
+                self._raise(rule, path)
+            except OSError as e:  # a short write, then the error: say how much was written
+                e.written = n     # (as fileio.pwrite_all does when a later call fails)
+                raise
         try:
             n = super().pwrite(fd, data, offset)
         except OSError as e:

@@ -63,13 +63,15 @@ class Soak:
                        "undo_conflicts": 0, "purges": 0}
         self.progress: dict[str, int] = {}  # thread name -> operations finished
         self.seed = seed
+        self.go = threading.Event()  # set once every thread is started
 
     # ---- the threads ---------------------------------------------------------------------
     def _loop(self, body, n: int) -> None:
         rng = random.Random(self.seed * 1000 + n)
         me = threading.current_thread().name
         self.progress[me] = 0
-        try:
+        self.go.wait()  # (a start beside running readers waits for the GIL: starting all
+        try:            # threads first keeps the first ones from starving the last)
             while not self.stop.is_set():
                 body(rng)
                 self.progress[me] += 1
@@ -156,9 +158,10 @@ class Soak:
                                     name=f"soak-{body.__name__}-{n}")
                    for n, body in enumerate(bodies)]
         map0 = self.store.stats()["lmdb_map_size"]
-        start = time.monotonic()
         for t in threads:
             t.start()
+        start = time.monotonic()
+        self.go.set()
         last: dict[str, tuple[int, float]] = {}  # thread -> (count, when it last moved)
         longest = 0.0
         while time.monotonic() - start < seconds and not self.stop.is_set():

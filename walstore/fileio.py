@@ -83,19 +83,25 @@ def open_file(path: str, flags: int) -> int:
 
 
 def pwrite_all(fd: int, data, offset: int) -> None:
-    n = _backend.pwrite(fd, data, offset)
-    if n == len(data):
+    """Write all of ``data`` at ``offset``; on failure the OSError raised carries
+    ``written``: how many bytes from the start of ``data`` were written before it."""
+    n = _backend.pwrite(fd, data, offset)  # (an error here: nothing written, or a test
+    if n == len(data):                     # backend's ``written`` prefix)
         return
-    if n <= 0:
-        raise OSError(f"short write at offset {offset}")
-    view = memoryview(data)[n:]
-    offset += n
-    while view:
-        n = _backend.pwrite(fd, view, offset)
-        if n <= 0:
-            raise OSError(f"short write at offset {offset}")
-        view = view[n:]
-        offset += n
+    done = 0
+    view = memoryview(data)
+    try:
+        while True:
+            if n <= 0:
+                raise OSError(f"short write at offset {offset + done}")
+            done += n
+            view = view[n:]
+            if not view:
+                return
+            n = _backend.pwrite(fd, view, offset + done)
+    except OSError as e:
+        e.written = done + getattr(e, "written", 0)
+        raise
 
 
 def fsync(fd: int) -> None:

@@ -48,9 +48,9 @@ def main() -> None:
     journal = a._engine.journal  # the coordinator's only commit is the group's decision
     real_make_durable = journal.make_durable
 
-    def make_durable(end):  # the coordinator's COMMIT (the decision) is written ...
+    def make_durable(end, *rest):  # the coordinator's COMMIT (the decision) is written ...
         die("a-commit-written")
-        real_make_durable(end)
+        real_make_durable(end, *rest)
         die("a-commit-synced")  # ... and durable, nothing else done yet
     journal.make_durable = make_durable
 

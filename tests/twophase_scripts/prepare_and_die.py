@@ -34,8 +34,8 @@ def main() -> None:
         journal = store._engine.journal
         real_force_durable = journal.force_durable
 
-        def force_durable(end):  # the LMDB row is applied after the WAL record is durable
-            real_force_durable(end)
+        def force_durable(end, *rest):  # the LMDB row is applied after the WAL record is durable
+            real_force_durable(end, *rest)
             print("PREPARE-LOGGED", flush=True)
             die()
         journal.force_durable = force_durable

@@ -599,6 +599,8 @@ class Engine:
             "wal_fsyncs": self.wal.fsyncs if self.wal else 0,
             "wal_rotations": self.wal.rotations if self.wal else 0,
             "wal_inline_preallocations": self.wal.inline_preallocations if self.wal else 0,
+            "wal_buffered_commits": self.wal.buffered_records if self.wal else 0,
+            "wal_voided_commits": self.wal.voided_records if self.wal else 0,
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
             "commits_held_by_undo": self.pipeline.gate.waits if self.wal else 0,
             "failure": None if self.failure is None else str(self.failure),

@@ -9,8 +9,15 @@ commit waits for; ``force_durable`` is what an intent or a decision record waits
 before an external effect may follow it (fsync under "full" and "normal", nothing under
 "none").
 
+Under "full", a commit that takes no hold (``buffered=True``) is a *buffered* record:
+the group commit's leader writes it with the others in one write before its fsync.  If
+that write fails, the WAL voids the records it did not write and calls ``_void``, which
+drops their events from the MemTable's tail (they were never published); their
+committers get WalWriteError from ``make_durable``: nothing committed.
+
 Invariants: LSN order of WAL records == order of MemTable events == publication order;
-an event is published only when everything below it is (the watermark is a prefix).
+an event is published only when everything below it is (the watermark is a prefix); the
+WAL's buffered records are the MemTable's newest events.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ class Journal:
         self._publish_lock = threading.Lock()
         if durability == "full":
             wal.after_sync = self.publish
+            wal.on_void = self._void
 
     # ---- appending (callers may hold ``lock`` around validation + append) ---------------
     def append(self, rtype: int, body: dict, txid: int = -1) -> Event:
@@ -51,8 +59,12 @@ class Journal:
         with self.lock:
             return self.wal.append(rtype, pack(body))
 
-    def append_commit(self, txid: int, writes: list, body: dict) -> Event:
-        """Append a commit: its WRITES chunks (if large) and its COMMIT, contiguous."""
+    def append_commit(self, txid: int, writes: list, body: dict, buffered: bool = False
+                      ) -> Event:
+        """Append a commit: its WRITES chunks (if large) and its COMMIT, contiguous.
+        ``buffered``: the COMMIT may wait in the WAL's buffer for the group commit's leader
+        (under "full" only; the caller must be able to lose it to a write error after this
+        returns, i.e. it took no hold that outlives the MemTable event)."""
         with self.lock:
             if len(writes) <= SMALL_COMMIT:  # (one value is at most 16 MiB: one record)
                 last = [[k, v] for k, v in writes]
@@ -62,10 +74,15 @@ class Journal:
                     self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
                 last = chunks[-1]
             full = dict(body, tx=txid, w=last)
-            lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
-            event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes))  # (see Event)
+            if buffered and self.durability == "full":
+                ticket = self.wal.append_buffered(RecordType.COMMIT, pack(full))
+                event = Event(ticket.lsn, ticket.end, RecordType.COMMIT, txid, body,
+                              tuple(writes), ticket)
+            else:
+                lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
+                event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes))  # (see Event)
             self.memtable.add(event)
-            self._publish_written(end)
+            self._publish_written(event.end)
             return event
 
     def append_prepare(self, txid: int, writes: list, body: dict) -> Event:
@@ -78,16 +95,17 @@ class Journal:
             return event
 
     # ---- durability and visibility ------------------------------------------------------
-    def make_durable(self, end: int) -> None:
-        """What ``commit()`` waits for: the fsync under "full" (LogFailed if it fails)."""
+    def make_durable(self, end: int, ticket=None) -> None:
+        """What ``commit()`` waits for: the fsync under "full" (LogFailed if it fails;
+        WalWriteError if the buffered record's write failed: nothing committed)."""
         if self.durability == "full":
-            self.wal.sync_to(end)
+            self.wal.sync_to(end, ticket)
 
-    def force_durable(self, end: int) -> None:
+    def force_durable(self, end: int, ticket=None) -> None:
         """What must precede an external effect (intents, decisions): an fsync unless the
         store runs without any (durability="none")."""
         if self.durability != "none":
-            self.wal.sync_to(end)
+            self.wal.sync_to(end, ticket)
             if self.durability != "full":
                 self.publish(self.wal.synced_lsn)
 
@@ -95,6 +113,10 @@ class Journal:
         """Make everything written durable and visible (checkpoints, close)."""
         self.wal.sync()
         self.publish(self.wal.synced_lsn)
+
+    def _void(self, lsn: int) -> None:
+        """The WAL voided its buffered records from ``lsn`` on (it holds ``lock``)."""
+        self.memtable.void_from(lsn)
 
     def _publish_written(self, end: int) -> None:
         if self.durability != "full":

@@ -81,6 +81,28 @@ class MemTable:
             for aid in event.body.get("compensate", ()):
                 self.claimed[aid] = event.txid
 
+    def void_from(self, lsn: int) -> None:
+        """Forget the newest events, from ``lsn`` on: their records were never written
+        (a failed buffered write).  They were never published, so no reader saw them."""
+        assert lsn >= self.published, "a published event can never be voided"
+        versions = self.versions
+        while self.events and self.events[-1].lsn >= lsn:
+            e = self.events.pop()
+            self.log_bytes -= e.end - e.lsn
+            if e.writes is not None and e.type == _COMMIT:
+                for k, _v in e.writes:
+                    old = versions.get(k)
+                    if old is None:
+                        continue
+                    kept = tuple(x for x in old if x[0] < lsn)
+                    if kept:
+                        versions[k] = kept
+                    else:
+                        del versions[k]  # (a key noted for the index is skipped once gone)
+                for aid in e.body.get("compensate", ()):
+                    if self.claimed.get(aid) == e.txid:
+                        del self.claimed[aid]
+
     def publish(self, upto: int) -> None:
         if upto > self.published:
             self.published = upto

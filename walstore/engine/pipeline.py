@@ -11,10 +11,14 @@ three phases separated by an explicit point of no return:
    ConflictError, a full disk, a store turned read-only — means *nothing was committed*:
    the caller rolls back and compensates.
 2. **The commit record's durability** (``make_durable``): under durability="full" the
-   fsync.  If it fails, the record may or may not be on disk: ``CommitOutcomeUnknown``
-   (a ReadOnlyError), the store is read-only, and *nothing is compensated* — the next
-   open decides (the record durable: committed; not: a loser whose compensations run
-   then).
+   record's write (a commit that takes no hold is buffered: the group commit's leader
+   writes it with the others' just before its fsync) and the fsync.  If that write
+   fails, nothing of the record was logged and its event is gone from the MemTable:
+   WalWriteError, exactly as a write error in phase 1 (nothing committed, the caller
+   compensates).  If the fsync fails, the record may or may not be on disk:
+   ``CommitOutcomeUnknown`` (a ReadOnlyError), the store is read-only, and *nothing is
+   compensated* — the next open decides (the record durable: committed; not: a loser
+   whose compensations run then).
 3. **After the point of no return**: committed.  Waking the applier, bookkeeping, and any
    error of a background thread can never turn this commit into a reported failure; they
    are contained (``fault_point("commit.after_durable")`` lets tests prove it).
@@ -150,7 +154,7 @@ class CommitPipeline:
         that decision is unknown until recovery: the store stops writing and
         CommitOutcomeUnknown is raised (no compensation may run on it)."""
         try:
-            make_durable(event.end)
+            make_durable(event.end, event.ticket)
         except LogFailed as e:
             self.engine.fail(e)
             raise CommitOutcomeUnknown(
@@ -174,7 +178,8 @@ class CommitPipeline:
             self.prepared.check(req.txid, [k for k, _v in req.writes], req.reads, mine=req.gid)
             self._check_claims(req)
             body = dict(req.body, ts=eng.clock(), meta=req.meta)
-            event = self.journal.append_commit(req.txid, req.writes, body)
+            event = self.journal.append_commit(req.txid, req.writes, body,
+                                               buffered=req.gid is None)
             if req.gid is not None:
                 self.prepared.remove(req.gid)
             return event

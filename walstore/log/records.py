@@ -81,6 +81,7 @@ class Event:
     txid: int
     body: dict
     writes: list | tuple | None = None
+    ticket: Any = None  # a buffered commit record's ``Appended`` (durability="full")
 
     def write_bytes(self) -> int:
         return sum(len(k) + (len(v) if v else 0) for k, v in self.writes or ())

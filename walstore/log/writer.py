@@ -14,8 +14,18 @@ Invariants:
   detectable (a sealed segment with no successor);
 - after an fsync error the log is *failed*: nothing is written or synced again, every
   later call raises ``LogFailed`` (a retried fsync can lie: FACTS.md);
-- a write error (ENOSPC, EIO) fails only the append in hand (``WalWriteError``): the end
-  is not advanced, so the next record overwrites the partial bytes;
+- a write error (ENOSPC, EIO) fails only the record(s) not wholly written
+  (``WalWriteError``): the end is not advanced past them, so the next record overwrites
+  the partial bytes;
+- *buffered* appends (commit records under durability="full", ``append_buffered``) are
+  kept in memory and written, all of them in one ``pwrite``, by the group commit's leader
+  right before its fsync (or by the next plain append or rotation, before its own
+  record): the buffer is always the log's tail, so a reader never finds a hole before a
+  valid record.  When that write fails, the records it did not wholly write are *voided*:
+  the end moves back to the last whole record, ``on_void`` (the journal) drops their
+  events, and each one's ``Appended`` ticket says so to the committer waiting on it
+  (``sync_to`` raises WalWriteError: nothing committed, exactly as a plain append's write
+  error).  Flushing takes ``lock``: nobody may wait in ``sync_to`` holding it;
 - segments are removed only when wholly below the trim point, never the active one.
 """
 from __future__ import annotations
@@ -43,6 +53,27 @@ class WalWriteError(WalstoreError, OSError):
     """Writing a record failed (disk full, I/O error); nothing of it counts as logged."""
 
 
+class Appended:
+    """A buffered record's ticket: where it lies and, once its write failed, the error
+    (``voided``: nothing of it was logged, and its LSNs go to the records appended next)."""
+
+    __slots__ = ("lsn", "end", "error")
+
+    def __init__(self, lsn: int, end: int) -> None:
+        self.lsn = lsn
+        self.end = end
+        self.error: OSError | None = None
+
+    @property
+    def voided(self) -> bool:
+        return self.error is not None
+
+    def raise_voided(self) -> None:
+        e = self.error
+        raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e} "
+                                     f"(nothing of it was logged)") from e
+
+
 class LogFailed(ReadOnlyError):
     """An fsync of the log failed: the log takes no more writes (reopen to recover)."""
 
@@ -59,8 +90,13 @@ class WriteAheadLog:
         self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
         self._sync_mutex = threading.Lock()  # guards the group commit's state below
         self._syncing = False               # a leader is fsyncing
-        self._waiters: list[tuple[int, threading.Lock]] = []  # (lsn, its wake-up lock)
+        self._waiters: list[tuple] = []  # (lsn, its wake-up lock, its Appended or None)
         self.after_sync = None  # called by the fsync leader with the new synced LSN
+        self.on_void = None     # called (holding ``lock``) with the first voided LSN
+        self._buffer: list[tuple[bytes, Appended]] = []  # buffered records, in LSN order
+        self._buffered_bytes = 0
+        self.buffered_records = 0  # records that went through the buffer
+        self.voided_records = 0    # buffered records whose write failed
         self.writer = SegmentWriter(os.path.join(wal_dir, segment_name(segment_start)), store_id,
                                     segment_start, offset)
         self.written_lsn = self.writer.end_lsn
@@ -79,9 +115,11 @@ class WriteAheadLog:
 
     # ---- appending ---------------------------------------------------------------------
     def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
-        """Append one record; returns (lsn, end_lsn).  Not yet durable: see ``sync_to``."""
+        """Append one record, written at once (after the buffer); returns (lsn, end_lsn).
+        Not yet durable: see ``sync_to``."""
         with self.lock:
             self.check_usable()
+            self._flush()
             need = RECORD_HEADER_SIZE + len(payload)
             if need + SEAL_ROOM > self.writer.room():
                 self._rotate(need)
@@ -96,6 +134,62 @@ class WriteAheadLog:
             self.written_lsn = self.writer.end_lsn
             self.bytes_since_checkpoint += len(data)
             return lsn, self.written_lsn
+
+    def append_buffered(self, rtype: int, payload: bytes) -> Appended:
+        """Append one record to the in-memory tail; the group commit's leader writes it
+        (see the module doc).  Wait for it with ``sync_to(ticket.end, ticket)``."""
+        with self.lock:
+            self.check_usable()
+            need = RECORD_HEADER_SIZE + len(payload)
+            if need + SEAL_ROOM > self.writer.room() - self._buffered_bytes:
+                self._flush()
+                if need + SEAL_ROOM > self.writer.room():
+                    self._rotate(need)
+            lsn = self.written_lsn
+            data = self.writer.frame(rtype, payload, self.synced_lsn, lsn)
+            ticket = Appended(lsn, lsn + len(data))
+            self._buffer.append((data, ticket))
+            self._buffered_bytes += len(data)
+            self.written_lsn = ticket.end
+            self.bytes_since_checkpoint += len(data)
+            self.buffered_records += 1
+            return ticket
+
+    def _flush(self) -> None:
+        """Write the buffered records in one write (caller holds ``lock``).  When it fails,
+        the records not wholly written are voided (see the module doc) and WalWriteError
+        is raised."""
+        if not self._buffer:
+            return
+        buffer, self._buffer = self._buffer, []
+        self._buffered_bytes = 0
+        data = b"".join(d for d, _t in buffer) if len(buffer) > 1 else buffer[0][0]
+        start = self.writer.offset
+        try:
+            self.writer.write_at_end(data)
+            return
+        except OSError as e:
+            error = e
+        written = getattr(error, "written", 0)  # bytes the failed write did put down
+        whole = 0
+        kept = 0
+        for d, _t in buffer:
+            if whole + len(d) > written:
+                break
+            whole += len(d)
+            kept += 1
+        self.writer.offset = start + whole  # whole records stay: they were written
+        self.writer.scrub(len(data) - whole)  # best effort: no stale half record behind
+        voided = buffer[kept:]
+        for _d, ticket in voided:
+            ticket.error = error
+        self.voided_records += len(voided)
+        self.bytes_since_checkpoint -= len(data) - whole
+        self.written_lsn = self.writer.end_lsn
+        if self.on_void is not None:
+            self.on_void(voided[0][1].lsn)
+        raise WalWriteError(error.errno, f"could not write {len(voided)} buffered WAL "
+                                         f"record(s): {error.strerror or error}") from error
 
     def next_segment_size(self, need: int = 0) -> int:
         """Segments grow: four times the last one, up to segment_size (a small store
@@ -112,6 +206,7 @@ class WriteAheadLog:
         segment without a successor is proof that a segment went missing; a crash in
         between leaves an unsealed segment ending SEAL_RECORD_SIZE short of its
         successor, which readers accept)."""
+        self._flush()  # (the caller holds ``lock``)
         old = self.writer
         size = self.next_segment_size(need)
         with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
@@ -226,29 +321,37 @@ class WriteAheadLog:
             return self.writer.start_lsn
 
     # ---- durability --------------------------------------------------------------------
-    def sync_to(self, lsn: int) -> None:
+    def sync_to(self, lsn: int, ticket: Appended | None = None) -> None:
         """Return once every byte below ``lsn`` is durable (and, through ``after_sync``,
-        published); concurrent callers share fsyncs.
+        published); concurrent callers share fsyncs.  With the ``ticket`` of a buffered
+        record: WalWriteError when its write failed (voided: nothing of it was logged).
 
-        Group commit: one caller at a time is the leader and fsyncs everything written so
-        far; the others wait, each on its own lock, and the leader wakes exactly those its
-        fsync covered.  While callers it did not cover are waiting, it fsyncs again at once
-        (up to CHAIN_FSYNCS more times) instead of leaving the disk idle until one of them
-        wakes up to lead; then it hands the lead to the oldest of them.  Raises LogFailed
-        when the fsync fails (the bytes' fate is unknown until recovery), and also when
-        the log failed while this caller waited (another thread's fsync, e.g. the spare's):
-        a commit is acknowledged only by a log that had not failed when its sync returned.
+        Group commit: one caller at a time is the leader: it writes the buffered records
+        and fsyncs everything written so far; the others wait, each on its own lock, and
+        the leader wakes exactly those its fsync covered (or whose record it voided).
+        While callers it did not cover are waiting, it fsyncs again at once (up to
+        CHAIN_FSYNCS more times) instead of leaving the disk idle until one of them wakes
+        up to lead; then it hands the lead to the oldest of them.  Raises LogFailed when
+        the fsync fails (the bytes' fate is unknown until recovery), and also when the log
+        failed while this caller waited (another thread's fsync, e.g. the spare's): a
+        commit is acknowledged only by a log that had not failed when its sync returned.
 
         ``synced_lsn`` moves only after ``after_sync`` ran for it, here and in rotation: a
         caller that finds its bytes synced finds them published too (read-your-writes).
+        Never call it holding ``lock`` (the leader takes it to write the buffer).
         """
-        if self.synced_lsn >= lsn and self.failed is None:
+        if self.synced_lsn >= lsn and self.failed is None and ticket is None:
             return
+        if self.lock._is_owned():  # the leader may need it to write the buffer: a deadlock
+            raise RuntimeError("WriteAheadLog.sync_to called holding the WAL's lock")
         mutex = self._sync_mutex
         me = None  # this caller's wake-up lock, made on its first wait
         mutex.acquire()
         try:
             while True:
+                if ticket is not None and ticket.error is not None:
+                    self._abandon(me)  # (a lead handed to us goes on to the next waiter)
+                    ticket.raise_voided()
                 self.check_usable()
                 if self.synced_lsn >= lsn:
                     return
@@ -258,7 +361,7 @@ class WriteAheadLog:
                 if me is None:
                     me = threading.Lock()
                     me.acquire()
-                self._waiters.append((lsn, me))
+                self._waiters.append((lsn, me, ticket))
                 mutex.release()
                 try:
                     me.acquire()  # released by a leader: covered, handed the lead, or failed
@@ -270,12 +373,14 @@ class WriteAheadLog:
         finally:
             mutex.release()
         self._lead()
+        if ticket is not None and ticket.error is not None:
+            ticket.raise_voided()
         self.check_usable()
 
-    def _abandon(self, me: threading.Lock) -> None:
+    def _abandon(self, me: threading.Lock | None) -> None:
         """A waiter leaves (caller holds the mutex): forget its entry; if a leader had
         already woken it to lead, wake the next waiter instead."""
-        mine = [w for w in self._waiters if w[1] is me]
+        mine = [w for w in self._waiters if w[1] is me] if me is not None else []
         if mine:
             self._waiters = [w for w in self._waiters if w[1] is not me]
         elif not self._syncing and self._waiters:
@@ -288,8 +393,14 @@ class WriteAheadLog:
             done = None
             more = False
             try:
+                if self._buffer:
+                    with self.lock:
+                        try:
+                            self._flush()
+                        except WalWriteError:
+                            pass  # voided: their waiters are woken below and raise
                 with self._sync_lock:
-                    target = self.written_lsn
+                    target = self.writer.end_lsn
                     self._fsync(self.writer)
                     done = target
                 if self.after_sync is not None:
@@ -303,21 +414,26 @@ class WriteAheadLog:
                         wake, self._waiters = waiters, []  # they raise LogFailed
                     else:
                         synced = self.synced_lsn
-                        wake = [w for w in waiters if w[0] <= synced]
-                        self._waiters = rest = [w for w in waiters if w[0] > synced]
+                        wake = [w for w in waiters
+                                if w[0] <= synced or (w[2] is not None and w[2].error is not None)]
+                        if len(wake) == len(waiters):
+                            rest = self._waiters = []
+                        else:
+                            self._waiters = rest = [w for w in waiters if not (
+                                w[0] <= synced or (w[2] is not None and w[2].error is not None))]
                         more = bool(rest) and rounds < CHAIN_FSYNCS
                         if rest and not more:
                             wake.append(rest.pop(0))  # the next leader
                     if not more:
                         self._syncing = False
-                    for _lsn, lock in wake:
-                        lock.release()
+                    for w in wake:
+                        w[1].release()
             if not more:
                 return
             rounds += 1
 
     def sync(self) -> None:
-        self.sync_to(self.written_lsn)
+        self.sync_to(self.written_lsn)  # (the leader writes the buffer first)
 
     def _fsync(self, writer: SegmentWriter) -> None:
         try:
@@ -362,4 +478,8 @@ class WriteAheadLog:
         if self._spare_thread is not None and self._spare_thread is not threading.current_thread():
             self._spare_thread.join()
         with self.lock:
+            try:
+                self._flush()  # (nothing is buffered once every committer has returned)
+            except WalWriteError:
+                pass
             self.writer.close()

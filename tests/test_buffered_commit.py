@@ -1,0 +1,177 @@
+"""Buffered group commit (walstore.log.writer: ``append_buffered``, ``_flush``).
+
+Under durability="full" a commit's record waits in memory and the group commit's leader
+writes everyone's in one write before its fsync.  What must hold:
+
+- it batches: with many committers, fewer WAL writes than commits, each commit visible
+  when it returns;
+- a write error on a batch fails exactly the commits whose records it did not wholly
+  write (WalWriteError with the disk's errno: nothing committed), never one it wrote;
+  none of the failed ones is visible, now or after reopening; their LSNs go to the next
+  records; the store goes on, and the same keys commit again without a false conflict;
+- a failed commit's actions are compensated once, and the action log says so after a
+  reopen (state and side effects agree).
+"""
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+import walstore
+from walstore.codec import encode_key
+from walstore.log.writer import WalWriteError
+from walstore.ops.verify import verify_store
+from tools.faults import FaultBackend, installed
+
+
+class HeldFsync(FaultBackend):
+    """The next WAL fdatasync (once ``armed``) waits for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def fdatasync(self, fd: int) -> None:
+        if self.armed and (self.path_of(fd) or "").endswith(".wal"):
+            self.armed = False
+            self.entered.set()
+            self.release.wait(20)
+        super().fdatasync(fd)
+
+
+def _commit(s, key, value, outcome):
+    try:
+        with s.transaction() as tx:
+            tx.put(key, value)
+        outcome[key] = "ok"
+    except BaseException as e:  # noqa: BLE001 - the test sorts them out
+        outcome[key] = e
+
+
+def test_many_committers_share_writes_and_see_their_commits(tmp_path):
+    fb = FaultBackend()
+    with installed(fb):
+        s = walstore.open(str(tmp_path / "s"), durability="full")
+        try:
+            before = len(fb.calls_to("pwrite", path="*.wal"))
+            bad = []
+
+            def worker(t):
+                for i in range(60):
+                    with s.transaction() as tx:
+                        tx.put(f"w{t}/{i}", i)
+                    if s.get(f"w{t}/{i}") != i:
+                        bad.append((t, i))
+
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            writes = len(fb.calls_to("pwrite", path="*.wal")) - before
+            assert not bad
+            assert s.stats()["wal_buffered_commits"] >= 480
+            assert writes < 480, f"{writes} WAL writes for 480 commits: nothing was batched"
+        finally:
+            s.close()
+    with walstore.open(str(tmp_path / "s")) as s:
+        assert all(s.get(f"w{t}/{i}") == i for t in range(8) for i in range(60))
+
+
+def test_a_failed_batch_write_fails_only_the_commits_it_did_not_write(tmp_path):
+    path = str(tmp_path / "s")
+    fb = HeldFsync()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            for i in range(5):
+                with s.transaction() as tx:
+                    tx.put(f"seed{i}", i)
+            wal = s._engine.wal
+            outcome: dict = {}
+            fb.armed = True  # the leader's fsync waits while the others buffer their commits
+            lead = threading.Thread(target=_commit, args=(s, "lead", "L", outcome))
+            lead.start()
+            assert fb.entered.wait(20)
+            others = []
+            for i in range(4):
+                t = threading.Thread(target=_commit, args=(s, f"t{i}", f"v{i}", outcome))
+                t.start()
+                others.append(t)
+                deadline = time.monotonic() + 20
+                while len(wal._buffer) < i + 1 and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            assert len(wal._buffer) == 4
+            first = len(wal._buffer[0][0])
+            end_before = wal.written_lsn
+            # the batch's write puts down the first record and 10 bytes of the second
+            rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal", partial=first + 10)
+            fb.release.set()
+            for t in [lead] + others:
+                t.join(30)
+                assert not t.is_alive()
+            assert rule.fired == 1
+            assert outcome["lead"] == "ok"
+            oks = [k for k in outcome if k != "lead" and outcome[k] == "ok"]
+            failed = {k: e for k, e in outcome.items() if e != "ok"}
+            assert len(oks) == 1 and len(failed) == 3, outcome
+            for k, e in failed.items():
+                assert isinstance(e, WalWriteError) and e.errno == errno.ENOSPC, repr(e)
+                assert "nothing of it was logged" in str(e)
+            assert s.stats()["wal_voided_commits"] == 3
+            assert wal.written_lsn < end_before
+            # nothing of the failed ones is visible or left in memory
+            assert s.get(oks[0]) == "v" + oks[0][1:]
+            for k in failed:
+                assert k not in s
+                assert s._engine.memtable.last_write(encode_key(k)) == -1
+            # the store goes on: the same keys commit (no false conflict), at reused LSNs
+            for k in failed:
+                with s.transaction() as tx:
+                    assert tx.get(k) is None
+                    tx.put(k, "again")
+            assert all(s.get(k) == "again" for k in failed)
+        finally:
+            s.close()
+    with walstore.open(path) as s:
+        assert s.get("lead") == "L" and s.get(oks[0]) == "v" + oks[0][1:]
+        assert all(s.get(k) == "again" for k in failed)
+        assert all(s.get(f"seed{i}") == i for i in range(5))
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
+def test_a_voided_commit_compensates_its_actions_once(tmp_path):
+    path = str(tmp_path / "s")
+    calls = []
+    fb = FaultBackend()
+    with installed(fb):
+        s = walstore.open(path, durability="full", compensators={"refund": calls.append})
+        try:
+            try:
+                with s.transaction() as tx:
+                    tx.put("order", "paid")
+                    with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
+                        act.result = {"charge": "ch_1"}
+                    # the next WAL write is the COMMIT record's (the buffer's flush)
+                    fb.fail("pwrite", errno.EIO, path="*.wal")
+                raise AssertionError("the commit did not fail")
+            except WalWriteError as e:
+                assert e.errno == errno.EIO
+            assert len(calls) == 1
+            assert "order" not in s
+            [a] = s.actions()
+            assert a.state == "compensated"
+            with s.transaction() as tx:  # goes on
+                tx.put("after", 1)
+        finally:
+            s.close()
+    with walstore.open(path, compensators={"refund": calls.append}) as s:
+        assert len(calls) == 1  # not again after the reopen
+        assert "order" not in s and s.get("after") == 1
+        [a] = s.actions()
+        assert a.state == "compensated"
+    assert verify_store(path).ok
