@@ -46,6 +46,7 @@ BLOB_KEYS = 5_000
 # them, a few LMDB calls per version, each beside six busy threads a wait for the GIL (the
 # convoy): with a blob in every commit one purge took over 30 s in a 600 s run
 BLOB_SHARE = 0.25
+REPORT_STALL = 2.0  # a thread that finishes nothing for this long is reported, with stacks
 
 
 class Soak:
@@ -164,6 +165,7 @@ class Soak:
         self.go.set()
         last: dict[str, tuple[int, float]] = {}  # thread -> (count, when it last moved)
         longest = 0.0
+        stalls: list[dict] = []  # the first few waits of REPORT_STALL s or more, with stacks
         while time.monotonic() - start < seconds and not self.stop.is_set():
             time.sleep(0.2)
             now = time.monotonic()
@@ -173,6 +175,10 @@ class Soak:
                     last[name] = (count, now)
                     continue
                 longest = max(longest, now - since)
+                if now - since >= REPORT_STALL and len(stalls) < 3 and not any(
+                        s["thread"] == name and s["since"] == since for s in stalls):
+                    stalls.append({"thread": name, "since": since, "counts": dict(self.counts),
+                                   "stacks": _stacks()})
                 if now - since > stall:  # every thread must keep going, not just some
                     sys.stderr.write(f"soak: {name} finished nothing for {stall:.0f} s; "
                                      f"stacks:\n")
@@ -198,7 +204,20 @@ class Soak:
             self.errors.append(f"verify failed: {report.errors[:3]}")
         return {"seconds": round(time.monotonic() - start, 1), **self.counts,
                 "map_growth": round(map_end / map0, 1), "longest_stall_s": round(longest, 2),
+                "stalls": [{k: v for k, v in s.items() if k != "since"} for s in stalls],
                 "errors": self.errors[:5], "ok": not self.errors}
+
+
+def _stacks() -> dict[str, list[str]]:
+    """Where every thread is (the innermost frames of each), to say why one stalled."""
+    frames = sys._current_frames()
+    out = {}
+    for t in threading.enumerate():
+        f = frames.get(t.ident)
+        if f is not None and t is not threading.current_thread():
+            out[t.name] = [f"{fs.filename.rsplit('/', 2)[-1]}:{fs.lineno} {fs.name}"
+                           for fs in traceback.extract_stack(f)[-8:]]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,8 +9,9 @@ commit waits for; ``force_durable`` is what an intent or a decision record waits
 before an external effect may follow it (fsync under "full" and "normal", nothing under
 "none").
 
-Under "full", a commit that takes no hold (``buffered=True``) is a *buffered* record:
-the group commit's leader writes it with the others in one write before its fsync.  If
+Under "full", a commit that takes no hold (``buffered=True``) and arrives while the group
+commit's leader is fsyncing is a *buffered* record: the leader writes it with the others
+in one write before its next fsync.  If
 that write fails, the WAL voids the records it did not write and calls ``_void``, which
 drops their events from the MemTable's tail (they were never published); their
 committers get WalWriteError from ``make_durable``: nothing committed.
@@ -75,9 +76,8 @@ class Journal:
                 last = chunks[-1]
             full = dict(body, tx=txid, w=last)
             if buffered and self.durability == "full":
-                ticket = self.wal.append_buffered(RecordType.COMMIT, pack(full))
-                event = Event(ticket.lsn, ticket.end, RecordType.COMMIT, txid, body,
-                              tuple(writes), ticket)
+                lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, pack(full))
+                event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes), ticket)
             else:
                 lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
                 event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes))  # (see Event)

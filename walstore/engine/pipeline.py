@@ -11,8 +11,9 @@ three phases separated by an explicit point of no return:
    ConflictError, a full disk, a store turned read-only — means *nothing was committed*:
    the caller rolls back and compensates.
 2. **The commit record's durability** (``make_durable``): under durability="full" the
-   record's write (a commit that takes no hold is buffered: the group commit's leader
-   writes it with the others' just before its fsync) and the fsync.  If that write
+   record's write (a commit that takes no hold and arrives while the group commit's
+   leader fsyncs is buffered: the leader writes it with the others' just before its next
+   fsync) and the fsync.  If that write
    fails, nothing of the record was logged and its event is gone from the MemTable:
    WalWriteError, exactly as a write error in phase 1 (nothing committed, the caller
    compensates).  If the fsync fails, the record may or may not be on disk:

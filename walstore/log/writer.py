@@ -17,9 +17,9 @@ Invariants:
 - a write error (ENOSPC, EIO) fails only the record(s) not wholly written
   (``WalWriteError``): the end is not advanced past them, so the next record overwrites
   the partial bytes;
-- *buffered* appends (commit records under durability="full", ``append_buffered``) are
-  kept in memory and written, all of them in one ``pwrite``, by the group commit's leader
-  right before its fsync (or by the next plain append or rotation, before its own
+- *buffered* appends (commit records under durability="full" arriving while a leader
+  fsyncs, ``append_grouped``) are kept in memory and written, all of them in one
+  ``pwrite``, by the group commit's leader right before its next fsync (or by the next plain append or rotation, before its own
   record): the buffer is always the log's tail, so a reader never finds a hole before a
   valid record.  When that write fails, the records it did not wholly write are *voided*:
   the end moves back to the last whole record, ``on_void`` (the journal) drops their
@@ -119,7 +119,8 @@ class WriteAheadLog:
         Not yet durable: see ``sync_to``."""
         with self.lock:
             self.check_usable()
-            self._flush()
+            if self._buffer:
+                self._flush()
             need = RECORD_HEADER_SIZE + len(payload)
             if need + SEAL_ROOM > self.writer.room():
                 self._rotate(need)
@@ -135,9 +136,20 @@ class WriteAheadLog:
             self.bytes_since_checkpoint += len(data)
             return lsn, self.written_lsn
 
-    def append_buffered(self, rtype: int, payload: bytes) -> Appended:
-        """Append one record to the in-memory tail; the group commit's leader writes it
-        (see the module doc).  Wait for it with ``sync_to(ticket.end, ticket)``."""
+    def append_grouped(self, rtype: int, payload: bytes) -> tuple[int, int, Appended | None]:
+        """Append a record its caller will wait for with ``sync_to`` (a commit): while a
+        group commit leader is fsyncing, the record waits in the buffer and the leader's
+        next round writes it with the others' (see the module doc); otherwise nothing
+        would share the write, and it is written at once, as ``append`` does.  Returns
+        (lsn, end, ticket); the ticket (None when written at once) goes to ``sync_to``."""
+        if not (self._syncing or self._buffer or self._waiters):  # (read without the
+            # mutex: either answer is correct; a lead being handed over leaves waiters)
+            lsn, end = self.append(rtype, payload)
+            return lsn, end, None
+        ticket = self._append_buffered(rtype, payload)
+        return ticket.lsn, ticket.end, ticket
+
+    def _append_buffered(self, rtype: int, payload: bytes) -> Appended:
         with self.lock:
             self.check_usable()
             need = RECORD_HEADER_SIZE + len(payload)
@@ -342,40 +354,39 @@ class WriteAheadLog:
         """
         if self.synced_lsn >= lsn and self.failed is None and ticket is None:
             return
-        if self.lock._is_owned():  # the leader may need it to write the buffer: a deadlock
-            raise RuntimeError("WriteAheadLog.sync_to called holding the WAL's lock")
         mutex = self._sync_mutex
         me = None  # this caller's wake-up lock, made on its first wait
-        mutex.acquire()
-        try:
-            while True:
-                if ticket is not None and ticket.error is not None:
-                    self._abandon(me)  # (a lead handed to us goes on to the next waiter)
-                    ticket.raise_voided()
-                self.check_usable()
-                if self.synced_lsn >= lsn:
-                    return
-                if not self._syncing:
-                    self._syncing = True
-                    break
-                if me is None:
-                    me = threading.Lock()
-                    me.acquire()
-                self._waiters.append((lsn, me, ticket))
-                mutex.release()
-                try:
-                    me.acquire()  # released by a leader: covered, handed the lead, or failed
-                except BaseException:  # (an interrupt): never strand the waiters behind us
+        while True:  # (one pass, unless it led a round that did not cover ``lsn``)
+            mutex.acquire()
+            try:
+                while True:
+                    if ticket is not None and ticket.error is not None:
+                        self._abandon(me)  # (a lead handed to us goes on to the next one)
+                        ticket.raise_voided()
+                    self.check_usable()
+                    if self.synced_lsn >= lsn or lsn > self.written_lsn:
+                        return  # (beyond the end: what it waited for was voided)
+                    if not self._syncing:
+                        self._syncing = True
+                        break
+                    if me is None:
+                        if self.lock._is_owned():  # the leader may need it for the buffer
+                            raise RuntimeError("WriteAheadLog.sync_to would wait holding "
+                                               "the WAL's lock (a deadlock)")
+                        me = threading.Lock()
+                        me.acquire()
+                    self._waiters.append((lsn, me, ticket))
+                    mutex.release()
+                    try:
+                        me.acquire()  # released by a leader: covered, the lead, or failed
+                    except BaseException:  # (an interrupt): never strand the waiters
+                        mutex.acquire()
+                        self._abandon(me)
+                        raise
                     mutex.acquire()
-                    self._abandon(me)
-                    raise
-                mutex.acquire()
-        finally:
-            mutex.release()
-        self._lead()
-        if ticket is not None and ticket.error is not None:
-            ticket.raise_voided()
-        self.check_usable()
+            finally:
+                mutex.release()
+            self._lead(lsn)
 
     def _abandon(self, me: threading.Lock | None) -> None:
         """A waiter leaves (caller holds the mutex): forget its entry; if a leader had
@@ -386,14 +397,17 @@ class WriteAheadLog:
         elif not self._syncing and self._waiters:
             self._waiters.pop(0)[1].release()
 
-    def _lead(self) -> None:
-        """The leader's loop (see ``sync_to``); ``_syncing`` is ours until it returns."""
+    def _lead(self, lsn: int) -> None:
+        """The leader's loop (see ``sync_to``); ``_syncing`` is ours until it returns.
+        ``lsn``: the leader's own; when it is not written yet, another thread is writing
+        the buffer that holds it (``_flush`` empties the buffer first): taking ``lock``
+        waits for that write, so the round covers it."""
         rounds = 0
         while True:
             done = None
             more = False
             try:
-                if self._buffer:
+                if self._buffer or self.writer.end_lsn < lsn:
                     with self.lock:
                         try:
                             self._flush()
