@@ -15,10 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_soak_every_thread_progresses_and_every_snapshot_sums(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "soak.py"), "--seconds", "5", "--stall", "30",
-         "--json", "--dir", str(tmp_path)],
+         "--min-commits", "500", "--json", "--dir", str(tmp_path)],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-4000:])
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["ok"] and not out["errors"], out
-    assert out["snapshots"] > 100 and out["commits"] > 50, out  # (out["stalls"]: stacks)
+    # (a slow machine runs longer for its 500 commits; a thread that stalls 2 s or more
+    # is in out["stalls"] with every thread's stack)
+    assert out["snapshots"] > 100 and out["commits"] >= 500, out
     assert out["checkpoints"] >= 1 and out["map_growth"] >= 2, out

@@ -153,7 +153,10 @@ class Soak:
             self.counts["history_reads"] += 1
 
     # ---- the run -------------------------------------------------------------------------
-    def run(self, seconds: float, readers: int, writers: int, stall: float) -> dict:
+    def run(self, seconds: float, readers: int, writers: int, stall: float,
+            min_commits: int = 0) -> dict:
+        """Run for ``seconds``, and on (up to ten times as long) until ``min_commits``
+        commits are in: a slow machine gets the same amount of work, not less."""
         bodies = [self.reader] * readers + [self.writer] * writers + [self.maintenance]
         threads = [threading.Thread(target=self._loop, args=(body, n), daemon=True,
                                     name=f"soak-{body.__name__}-{n}")
@@ -166,7 +169,11 @@ class Soak:
         last: dict[str, tuple[int, float]] = {}  # thread -> (count, when it last moved)
         longest = 0.0
         stalls: list[dict] = []  # the first few waits of REPORT_STALL s or more, with stacks
-        while time.monotonic() - start < seconds and not self.stop.is_set():
+        while not self.stop.is_set():
+            elapsed = time.monotonic() - start
+            if elapsed >= seconds and (self.counts["commits"] >= min_commits
+                                       or elapsed >= 10 * seconds):
+                break
             time.sleep(0.2)
             now = time.monotonic()
             for name, count in list(self.progress.items()):
@@ -223,6 +230,8 @@ def _stacks() -> dict[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--min-commits", type=int, default=0,
+                    help="go on past --seconds (up to 10x) until this many commits are in")
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--writers", type=int, default=2)
     ap.add_argument("--durability", default="normal", choices=("full", "normal", "none"))
@@ -233,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     base = tempfile.mkdtemp(prefix="walstore-soak-", dir=args.dir)
     soak = Soak(os.path.join(base, "store"), args.durability, args.seed)
-    out = soak.run(args.seconds, args.readers, args.writers, args.stall)
+    out = soak.run(args.seconds, args.readers, args.writers, args.stall, args.min_commits)
     if args.json:
         print(json.dumps(out))
     else:
