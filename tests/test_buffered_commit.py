@@ -244,3 +244,40 @@ def test_a_voided_commit_in_a_batch_compensates_its_action_once(tmp_path):
         [a] = s.actions()
         assert a.state == "compensated"
     assert verify_store(path).ok
+
+
+def test_a_rotation_makes_the_old_segments_records_durable_before_the_new_segment(tmp_path):
+    """A rotation that writes a batch into the old segment must sync it before the new
+    segment becomes durable: otherwise a power loss in between leaves the old segment
+    short of a durable successor by more than its SEAL — a gap recovery refuses (found by
+    tools/powerloss.py --threads 8: 3 seeds of 6 left unopenable images)."""
+    import os
+    import uuid
+
+    from walstore.log.segment import create_segment
+    from walstore.log.writer import WriteAheadLog
+    from walstore.log.format import SEGMENT_HEADER_SIZE, RecordType
+
+    wal_dir = str(tmp_path / "wal")
+    os.makedirs(wal_dir)
+    store_id = uuid.uuid4().bytes
+    first = create_segment(wal_dir, store_id, 0, 64 * 1024)
+    fb = FaultBackend(record=True)
+    with installed(fb):
+        wal = WriteAheadLog(wal_dir, store_id, 0, SEGMENT_HEADER_SIZE, segment_size=64 * 1024)
+        wal._syncing = True  # as while a group commit leader fsyncs: commits are buffered
+        tickets = [wal.append_grouped(RecordType.COMMIT, b"\x80" * 300)[2] for _ in range(3)]
+        assert all(t is not None for t in tickets) and len(wal._buffer) == 3
+        wal.rotate()  # writes the batch, then moves to a new segment
+        wal._syncing = False
+        wal.close()
+    events = fb.events
+    made = next(e for e in events if e.op == "rename" and e.dst.endswith(".wal"))
+    dir_sync = next(e for e in events if e.op == "fsync_dir" and e.seq > made.seq)
+    batch = [e for e in events if e.op == "pwrite" and e.path == first and e.seq < made.seq
+             and e.offset >= SEGMENT_HEADER_SIZE]
+    assert batch, "the batch was not written before the rotation"
+    last = max(e.seq for e in batch)
+    assert any(e.op in ("fsync", "fdatasync") and e.path == first and e.seq > last
+               and e.done_seq is not None and e.done_seq < dir_sync.seq for e in events), (
+        "the old segment's records were not synced before the new segment was durable")

@@ -27,6 +27,18 @@ def test_no_acknowledged_commit_is_lost_in_any_power_loss_image(tmp_path):
     assert summary["broken_images"] == 0, summary["examples"]
 
 
+def test_no_acknowledged_commit_is_lost_when_threads_share_the_group_commits_writes(tmp_path):
+    """Eight committing threads: the group commit writes several records at once, and a
+    rotation writes a batch into the old segment just before the new one is made (which
+    left a gap before a durable successor, an unopenable store, until the rotation
+    synced the old segment first)."""
+    summary = run(IMAGES * 2, seed=4, commits=800, threads=8, workdir=str(tmp_path))
+    assert summary["shared_writes"] > 0  # batches were written, so images tear them
+    assert summary["acks_checked"] > IMAGES
+    assert summary["lost_commits"] == 0, summary["examples"]
+    assert summary["broken_images"] == 0, summary["examples"]
+
+
 def test_the_harness_catches_a_missing_directory_fsync(tmp_path):
     summary = run(32, seed=3, commits=60, lie_about_dir_fsync=True, workdir=str(tmp_path))
     assert summary["lost_commits"] > 0

@@ -37,6 +37,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -61,8 +62,11 @@ class Recording:
 
 
 def record_workload(workdir: str, commits: int = 120, seed: int = 0,
-                    lie_about_dir_fsync: bool = False) -> Recording:
-    """Run transfers (with savepoint rollbacks) under a recording backend."""
+                    lie_about_dir_fsync: bool = False, threads: int = 1) -> Recording:
+    """Run transfers (with savepoint rollbacks) under a recording backend; with
+    ``threads`` > 1, that many threads commit at once (the group commit writes their
+    records in shared writes: a torn one tears several commits; ConflictErrors are
+    expected and not counted)."""
     rnd = random.Random(seed)
     live = os.path.join(workdir, "live")
     opts = dict(durability="full", segment_size=16 * 1024, apply_batch=10**9,
@@ -76,11 +80,25 @@ def record_workload(workdir: str, commits: int = 120, seed: int = 0,
     shutil.copytree(live, base)
     fb = FaultBackend(record=True)
     rec = Recording(base, os.path.join(live, "wal"), fb.events)
+    def committer(rnd: random.Random, n: int) -> None:
+        for _ in range(n):
+            try:
+                txid, writes = _one_transfer(store, rnd)
+            except walstore.ConflictError:
+                continue
+            rec.acks.append((fb.mark("ack", txid).seq, txid, writes))  # (list.append: atomic)
+
     with installed(fb):
-        for _ in range(commits):
-            txid, writes = _one_transfer(store, rnd)
-            if txid is not None:
-                rec.acks.append((fb.mark("ack", txid).seq, txid, writes))
+        if threads <= 1:
+            committer(rnd, commits)
+        else:
+            workers = [threading.Thread(target=committer, args=(
+                random.Random(seed * 1000 + t), commits // threads)) for t in range(threads)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+    rec.acks.sort(key=lambda a: a[0])
     store._drop_like_a_crash()
     if lie_about_dir_fsync:  # a broken engine: as if directories were never fsynced
         rec.events = [e for e in rec.events if e.op != "fsync_dir"]
@@ -242,15 +260,20 @@ def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: 
 
 
 def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: bool = False,
-        workdir: str | None = None) -> dict:
+        workdir: str | None = None, threads: int = 1) -> dict:
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="walstore-powerloss-")
     rnd = random.Random(seed)
     try:
-        rec = record_workload(workdir, commits, seed, lie_about_dir_fsync)
-        summary = _summary()
-        points = sorted(rnd.sample(range(len(rec.events) + 1),
-                                   min(images, len(rec.events) + 1)))
+        rec = record_workload(workdir, commits, seed, lie_about_dir_fsync, threads)
+        summary = _summary(acks=len(rec.acks), shared_writes=_shared_writes(rec))
+        # half the images right after a directory fsync (a new segment just became
+        # durable: what the old one holds then is what a rotation got right or wrong),
+        # the rest anywhere
+        after_dir = [i + 1 for i, e in enumerate(rec.events) if e.op == "fsync_dir"]
+        points = rnd.sample(after_dir, min(len(after_dir), images // 2))
+        rest = images - len(points)
+        points += rnd.sample(range(len(rec.events) + 1), min(rest, len(rec.events) + 1))
         points += [rnd.randint(0, len(rec.events)) for _ in range(images - len(points))]
         for i, point in enumerate(sorted(points)):
             model = _FileModel(rec)
@@ -266,6 +289,16 @@ def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: boo
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _shared_writes(rec: Recording) -> int:
+    """WAL writes that carried more than one record (a group commit's batch)."""
+    n = 0
+    for e in rec.events:
+        if e.op == "pwrite" and e.data and len(e.data) > 28:
+            length = int.from_bytes(e.data[4:8], "little")
+            n += len(e.data) > 28 + length and e.data[28 + length + 10:28 + length + 12] == b"WR"
+    return n
 
 
 def _summary(**extra) -> dict:
@@ -711,6 +744,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--commits", type=int, default=120)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="committing threads (their records share the group commit's "
+                         "writes)")
     ap.add_argument("--files", action="store_true",
                     help="the reversible-files workload (a workspace's files, the blob "
                          "store and the WAL); --commits is its number of transactions")
@@ -722,10 +758,11 @@ def main() -> None:
               f"commits checked: {s['acks_checked']}, commits lost: {s['lost_commits']}, "
               f"trees checked: {s['trees_checked']}, broken images: {s['broken_images']}")
     else:
-        s = run(args.images, args.seed, args.commits)
+        s = run(args.images, args.seed, args.commits, threads=args.threads)
         print(f"power-loss images: {s['images']} ({s['by_variant']}), acknowledged commits "
               f"checked: {s['acks_checked']}, commits lost: {s['lost_commits']}, broken "
-              f"images: {s['broken_images']}")
+              f"images: {s['broken_images']}; {args.threads} thread(s), {s['acks']} commits, "
+              f"{s['shared_writes']} WAL writes carrying several records")
     for ex in s["examples"]:
         print("  example:", ex)
     sys.exit(1 if s["lost_commits"] or s["broken_images"] else 0)

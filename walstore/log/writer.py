@@ -214,14 +214,18 @@ class WriteAheadLog:
                    SEGMENT_HEADER_SIZE + need + SEAL_ROOM)
 
     def _rotate(self, need: int) -> None:
-        """Activate the next segment, then seal the old one (in that order: a sealed
-        segment without a successor is proof that a segment went missing; a crash in
-        between leaves an unsealed segment ending SEAL_RECORD_SIZE short of its
-        successor, which readers accept)."""
+        """Make the old segment's records durable, activate the next segment, then seal
+        the old one (in that order: a sealed segment without a successor is proof that a
+        segment went missing; a crash in between leaves an unsealed segment ending
+        SEAL_RECORD_SIZE short of its successor, which readers accept — and nothing
+        else short: records written to the old segment but not yet synced, e.g. a group
+        commit's batch flushed just now, would leave a gap before a durable successor)."""
         self._flush()  # (the caller holds ``lock``)
         old = self.writer
         size = self.next_segment_size(need)
         with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
+            if self.synced_lsn < old.end_lsn:
+                self._fsync(old)
             seal_lsn = old.end_lsn
             seal = old.frame(RecordType.SEAL, SEAL_PAYLOAD, self.synced_lsn, seal_lsn)
             start = seal_lsn + len(seal)  # the log goes on where the SEAL record ends
