@@ -19,13 +19,17 @@ Invariants:
   the partial bytes;
 - *buffered* appends (commit records under durability="full" arriving while a leader
   fsyncs, ``append_grouped``) are kept in memory and written, all of them in one
-  ``pwrite``, by the group commit's leader right before its next fsync (or by the next plain append or rotation, before its own
-  record): the buffer is always the log's tail, so a reader never finds a hole before a
-  valid record.  When that write fails, the records it did not wholly write are *voided*:
-  the end moves back to the last whole record, ``on_void`` (the journal) drops their
-  events, and each one's ``Appended`` ticket says so to the committer waiting on it
-  (``sync_to`` raises WalWriteError: nothing committed, exactly as a plain append's write
-  error).  Flushing takes ``lock``: nobody may wait in ``sync_to`` holding it;
+  ``pwrite``, by the group commit's leader right before its next fsync (or by the next
+  plain append or rotation, before its own record): the buffer is always the log's
+  tail, so a reader never finds a hole before a valid record.  When that write fails,
+  the records it did not wholly write are *voided*: the end moves back to the last
+  whole record, ``on_void`` (the journal) drops their events, and each one's
+  ``Appended`` ticket says so to the committer waiting on it (``sync_to`` raises
+  WalWriteError: nothing committed, exactly as a plain append's write error).  Flushing
+  takes ``lock``: nobody may wait in ``sync_to`` holding it;
+- a rotation syncs the old segment's records before the new segment becomes durable
+  (a batch it just wrote, lost to a power loss beside a durable successor, would leave
+  a gap that recovery refuses);
 - segments are removed only when wholly below the trim point, never the active one.
 """
 from __future__ import annotations
@@ -63,10 +67,6 @@ class Appended:
         self.lsn = lsn
         self.end = end
         self.error: OSError | None = None
-
-    @property
-    def voided(self) -> bool:
-        return self.error is not None
 
     def raise_voided(self) -> None:
         e = self.error
@@ -432,13 +432,11 @@ class WriteAheadLog:
                         wake, self._waiters = waiters, []  # they raise LogFailed
                     else:
                         synced = self.synced_lsn
-                        wake = [w for w in waiters
-                                if w[0] <= synced or (w[2] is not None and w[2].error is not None)]
-                        if len(wake) == len(waiters):
-                            rest = self._waiters = []
-                        else:
-                            self._waiters = rest = [w for w in waiters if not (
-                                w[0] <= synced or (w[2] is not None and w[2].error is not None))]
+                        wake, rest = [], []
+                        for w in waiters:  # covered, or its record voided: it may go
+                            gone = w[2] is not None and w[2].error is not None
+                            (wake if w[0] <= synced or gone else rest).append(w)
+                        self._waiters = rest
                         more = bool(rest) and rounds < CHAIN_FSYNCS
                         if rest and not more:
                             wake.append(rest.pop(0))  # the next leader
