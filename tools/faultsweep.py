@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import os
 import shutil
 import sys
@@ -355,10 +356,18 @@ class Workload:
 
 
 # ---- one fault ---------------------------------------------------------------------------------
+def run_dir(root: str, label: str) -> str:
+    """One run's directory: a name of fixed length, so every run's paths — which the
+    workload's records carry (the ledger's path is an action argument) — have the same
+    length, its records the same sizes and its segments rotate at the same records: the
+    counting run's calls are the faulted runs' calls."""
+    return os.path.join(root, hashlib.sha256(label.encode()).hexdigest()[:16])
+
+
 def count_calls(root: str) -> dict[str, int]:
     """Calls of each kind the fault-free workload makes (fault points as ``point:<name>``)."""
     fb = FaultBackend()
-    path = os.path.join(root, "count")
+    path = run_dir(root, "count")
     w = Workload(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
     os.makedirs(path)
     with installed(fb):
@@ -374,7 +383,7 @@ def count_calls(root: str) -> dict[str, int]:
 
 
 def one_fault(root: str, site: str, nth: int, kind: str, kw: dict) -> dict:
-    path = os.path.join(root, f"f-{site.replace(':', '_')}-{nth}-{kind}")
+    path = run_dir(root, f"f-{site}-{nth}-{kind}")
     os.makedirs(path)
     fb = FaultBackend()
     rule = arm(fb, site, nth, kw)
@@ -597,7 +606,8 @@ def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
     chosen = [s for s in counts if sites is None or any(
         s == p or (p.endswith("*") and s.startswith(p[:-1])) for p in sites)]
     summary = {"calls": counts, "faults": 0, "fired": 0, "acks": 0, "lost": 0, "pending": 0,
-               "in_doubt": 0, "reruns": 0, "by_kind": Counter(), "broken": [], "seconds": 0.0}
+               "in_doubt": 0, "reruns": 0, "by_kind": Counter(), "broken": [], "unfired": [],
+               "seconds": 0.0}
     t0 = time.monotonic()
     for site in chosen:
         step = strides.get(family(site), default)
@@ -607,6 +617,8 @@ def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
                 summary["faults"] += 1
                 summary["by_kind"][f"{site} {kind}"] += 1
                 summary["fired"] += bool(res["fired"])
+                if not res["fired"]:  # (the run made fewer such calls than the count)
+                    summary["unfired"].append(f"{site} #{nth} {kind}")
                 summary["acks"] += res["acks"]
                 summary["lost"] += len(res["lost"])
                 summary["pending"] += res["pending"]
