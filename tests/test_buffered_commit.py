@@ -52,6 +52,36 @@ def _commit(s, key, value, outcome):
         outcome[key] = e
 
 
+def _committer(s, key, value, outcome):
+    """A joiner for ``_buffer_behind_a_held_leader``: a thread committing key = value."""
+    def start() -> threading.Thread:
+        t = threading.Thread(target=_commit, args=(s, key, value, outcome))
+        t.start()
+        return t
+    return start
+
+
+def _buffer_behind_a_held_leader(s, fb: HeldFsync, outcome: dict, joiners: list):
+    """Start a leader whose fsync is held, then make each of ``joiners`` (a callable that
+    makes one more commit arrive, returning its thread or None) act once the previous
+    commit is in the buffer.  Returns (the leader's thread, the joiners' threads)."""
+    wal = s._engine.wal
+    fb.armed = True
+    lead = threading.Thread(target=_commit, args=(s, "lead", "L", outcome))
+    lead.start()
+    assert fb.entered.wait(20)
+    started = []
+    for i, join in enumerate(joiners):
+        t = join()
+        if t is not None:
+            started.append(t)
+        deadline = time.monotonic() + 20
+        while len(wal._buffer) < i + 1 and time.monotonic() < deadline:
+            time.sleep(0.001)
+    assert len(wal._buffer) == len(joiners)
+    return lead, started
+
+
 def test_many_committers_share_writes_and_see_their_commits(tmp_path):
     fb = FaultBackend()
     with installed(fb):
@@ -93,19 +123,8 @@ def test_a_failed_batch_write_fails_only_the_commits_it_did_not_write(tmp_path):
                     tx.put(f"seed{i}", i)
             wal = s._engine.wal
             outcome: dict = {}
-            fb.armed = True  # the leader's fsync waits while the others buffer their commits
-            lead = threading.Thread(target=_commit, args=(s, "lead", "L", outcome))
-            lead.start()
-            assert fb.entered.wait(20)
-            others = []
-            for i in range(4):
-                t = threading.Thread(target=_commit, args=(s, f"t{i}", f"v{i}", outcome))
-                t.start()
-                others.append(t)
-                deadline = time.monotonic() + 20
-                while len(wal._buffer) < i + 1 and time.monotonic() < deadline:
-                    time.sleep(0.001)
-            assert len(wal._buffer) == 4
+            lead, others = _buffer_behind_a_held_leader(
+                s, fb, outcome, [_committer(s, f"t{i}", f"v{i}", outcome) for i in range(4)])
             first = len(wal._buffer[0][0])
             end_before = wal.written_lsn
             # the batch's write puts down the first record and 10 bytes of the second
@@ -145,39 +164,6 @@ def test_a_failed_batch_write_fails_only_the_commits_it_did_not_write(tmp_path):
     assert rep.ok, rep.errors
 
 
-def test_a_voided_commit_compensates_its_actions_once(tmp_path):
-    path = str(tmp_path / "s")
-    calls = []
-    fb = FaultBackend()
-    with installed(fb):
-        s = walstore.open(path, durability="full", compensators={"refund": calls.append})
-        try:
-            try:
-                with s.transaction() as tx:
-                    tx.put("order", "paid")
-                    with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
-                        act.result = {"charge": "ch_1"}
-                    # the next WAL write is the COMMIT record's
-                    fb.fail("pwrite", errno.EIO, path="*.wal")
-                raise AssertionError("the commit did not fail")
-            except WalWriteError as e:
-                assert e.errno == errno.EIO
-            assert len(calls) == 1
-            assert "order" not in s
-            [a] = s.actions()
-            assert a.state == "compensated"
-            with s.transaction() as tx:  # goes on
-                tx.put("after", 1)
-        finally:
-            s.close()
-    with walstore.open(path, compensators={"refund": calls.append}) as s:
-        assert len(calls) == 1  # not again after the reopen
-        assert "order" not in s and s.get("after") == 1
-        [a] = s.actions()
-        assert a.state == "compensated"
-    assert verify_store(path).ok
-
-
 def test_a_voided_commit_in_a_batch_compensates_its_action_once(tmp_path):
     """The last of three buffered commits carries an action; the batch's write puts down
     only the first: the action's commit is voided and its compensation runs once."""
@@ -206,24 +192,9 @@ def test_a_voided_commit_in_a_batch_compensates_its_action_once(tmp_path):
             actor = threading.Thread(target=with_action)
             actor.start()
             assert acted.wait(20)
-            fb.armed = True
-            lead = threading.Thread(target=_commit, args=(s, "lead", "L", outcome))
-            lead.start()
-            assert fb.entered.wait(20)
-            threads = []
-            for i, start in enumerate([lambda: threading.Thread(
-                    target=_commit, args=(s, "p0", 0, outcome)), lambda: threading.Thread(
-                    target=_commit, args=(s, "p1", 1, outcome)), lambda: None]):
-                t = start()
-                if t is None:
-                    go.set()  # the action's commit is the third in the buffer
-                else:
-                    t.start()
-                    threads.append(t)
-                deadline = time.monotonic() + 20
-                while len(wal._buffer) < i + 1 and time.monotonic() < deadline:
-                    time.sleep(0.001)
-            assert len(wal._buffer) == 3
+            lead, threads = _buffer_behind_a_held_leader(s, fb, outcome, [
+                _committer(s, "p0", 0, outcome), _committer(s, "p1", 1, outcome),
+                go.set])  # the action's commit is the third in the buffer
             assert wal._buffer[2][1].lsn > wal._buffer[1][1].lsn
             fb.fail("pwrite", errno.EIO, path="*.wal", partial=len(wal._buffer[0][0]) + 5)
             fb.release.set()
