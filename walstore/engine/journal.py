@@ -11,10 +11,10 @@ before an external effect may follow it (fsync under "full" and "normal", nothin
 
 Under "full", a commit that takes no hold (``buffered=True``) and arrives while the group
 commit's leader is fsyncing is a *buffered* record: the leader writes it with the others
-in one write before its next fsync.  If
-that write fails, the WAL voids the records it did not write and calls ``_void``, which
-drops their events from the MemTable's tail (they were never published); their
-committers get WalWriteError from ``make_durable``: nothing committed.
+in one write before its next fsync.  If that write fails, the WAL voids the records it
+did not write and calls ``_void``, which drops their events from the MemTable's tail
+(they were never published); their committers get WalWriteError from ``make_durable``:
+nothing committed.
 
 Invariants: LSN order of WAL records == order of MemTable events == publication order;
 an event is published only when everything below it is (the watermark is a prefix); the

@@ -13,10 +13,9 @@ three phases separated by an explicit point of no return:
 2. **The commit record's durability** (``make_durable``): under durability="full" the
    record's write (a commit that takes no hold and arrives while the group commit's
    leader fsyncs is buffered: the leader writes it with the others' just before its next
-   fsync) and the fsync.  If that write
-   fails, nothing of the record was logged and its event is gone from the MemTable:
-   WalWriteError, exactly as a write error in phase 1 (nothing committed, the caller
-   compensates).  If the fsync fails, the record may or may not be on disk:
+   fsync) and the fsync.  If that write fails, nothing of the record was logged and its
+   event is gone from the MemTable: WalWriteError, exactly as a write error in phase 1
+   (nothing committed, the caller compensates).  If the fsync fails, the record may or may not be on disk:
    ``CommitOutcomeUnknown`` (a ReadOnlyError), the store is read-only, and *nothing is
    compensated* — the next open decides (the record durable: committed; not: a loser
    whose compensations run then).
