@@ -252,3 +252,30 @@ def test_a_rotation_makes_the_old_segments_records_durable_before_the_new_segmen
     assert any(e.op in ("fsync", "fdatasync") and e.path == first and e.seq > last
                and e.done_seq is not None and e.done_seq < dir_sync.seq for e in events), (
         "the old segment's records were not synced before the new segment was durable")
+
+
+def test_waiting_for_durability_while_holding_the_wal_lock_is_refused(tmp_path):
+    """The leader takes the WAL's lock to write the buffer: a caller that would wait for
+    it while holding that lock would deadlock, so it is refused at once (RuntimeError)."""
+    fb = HeldFsync()
+    with installed(fb):
+        s = walstore.open(str(tmp_path / "s"), durability="full")
+        try:
+            wal = s._engine.wal
+            outcome: dict = {}
+            lead, others = _buffer_behind_a_held_leader(
+                s, fb, outcome, [_committer(s, "t0", 0, outcome)])
+            ticket = wal._buffer[0][1]
+            with wal.lock:
+                try:
+                    wal.sync_to(ticket.end)
+                    raise AssertionError("sync_to waited holding the WAL's lock")
+                except RuntimeError as e:
+                    assert "deadlock" in str(e)
+            fb.release.set()
+            for t in [lead] + others:
+                t.join(30)
+                assert not t.is_alive()
+            assert outcome == {"lead": "ok", "t0": "ok"}
+        finally:
+            s.close()
