@@ -410,8 +410,8 @@ class LmdbState:
             if txn is None:
                 txn = self._begin()
             try:
-                table = self._table(db)
-                return None if table is None else txn.get(key, db=table)
+                table = self.data if db is DATA else self._table(db)  # (the data table:
+                return None if table is None else txn.get(key, db=table)  # no call)
             finally:
                 txn.abort()
         except lmdb.Error as e:

@@ -15,10 +15,10 @@ three phases separated by an explicit point of no return:
    leader fsyncs is buffered: the leader writes it with the others' just before its next
    fsync) and the fsync.  If that write fails, nothing of the record was logged and its
    event is gone from the MemTable: WalWriteError, exactly as a write error in phase 1
-   (nothing committed, the caller compensates).  If the fsync fails, the record may or may not be on disk:
-   ``CommitOutcomeUnknown`` (a ReadOnlyError), the store is read-only, and *nothing is
-   compensated* — the next open decides (the record durable: committed; not: a loser
-   whose compensations run then).
+   (nothing committed, the caller compensates).  If the fsync fails, the record may or
+   may not be on disk: ``CommitOutcomeUnknown`` (a ReadOnlyError), the store is
+   read-only, and *nothing is compensated* — the next open decides (the record durable:
+   committed; not: a loser whose compensations run then).
 3. **After the point of no return**: committed.  Waking the applier, bookkeeping, and any
    error of a background thread can never turn this commit into a reported failure; they
    are contained (``fault_point("commit.after_durable")`` lets tests prove it).
