@@ -135,3 +135,37 @@ def test_kill_9_with_a_deferred_backlog_loses_no_acknowledged_commit(tmp_path):
         assert st.last_recovery is not None and st.last_recovery.redone >= acked
         for i in range(0, acked + 1):
             assert st.get("k%06d" % i) == i
+
+
+def test_a_scan_shows_its_start_while_its_unapplied_keys_move_to_lmdb(tmp_path):
+    """A scan reads the MemTable's values of a chunk only when it gets there: keys that
+    were unapplied when it began, applied (and overwritten) while it runs, still show
+    the state as of its start, in order, every key once."""
+    with walstore.open(str(tmp_path / "s"), durability="none", apply_interval=3600) as st:
+        with st.transaction() as tx:
+            tx.update((f"k{i:03d}", "a") for i in range(200))
+        st.checkpoint()  # in LMDB: the scan reads it in chunks of 16, 64, 256
+        with st.transaction() as tx:  # unapplied: the MemTable
+            tx.update((f"k{i:03d}", "b") for i in range(0, 200, 2))
+            tx.put("k050x", "new")
+            tx.delete("k101")
+        assert st.stats()["unapplied_events"] > 0
+        want = [(f"k{i:03d}", "b" if i % 2 == 0 else "a") for i in range(200) if i != 101]
+        want.insert(51, ("k050x", "new"))
+        for reverse in (False, True):
+            it = st.scan(prefix="k", reverse=reverse)
+            got = [next(it) for _ in range(20)]
+            st.checkpoint()  # the MemTable's versions leave for LMDB mid-scan ...
+            with st.transaction() as tx:  # ... and are overwritten there
+                tx.update((f"k{i:03d}", "c") for i in range(200))
+                tx.delete("k050x")
+            st.checkpoint()
+            got += list(it)
+            assert got == (want[::-1] if reverse else want)
+            with st.transaction() as tx:  # back to the start for the other direction
+                tx.update(want)
+                tx.delete("k101")
+            st.checkpoint()
+            with st.transaction() as tx:
+                tx.update((f"k{i:03d}", "b") for i in range(0, 200, 2))
+            assert st.stats()["unapplied_events"] > 0

@@ -75,7 +75,7 @@ class MemTable:
                 old = versions.get(k)
                 if old is None:
                     versions[k] = ((lsn, v),)
-                    self._noted.append(k)  # (after the version: see items_in_range)
+                    self._noted.append(k)  # (after the version: see keys_in_range)
                 else:
                     versions[k] = old + ((lsn, v),)
             for aid in event.body.get("compensate", ()):
@@ -185,16 +185,16 @@ class MemTable:
         vs = self.versions.get(key)
         return vs[-1][0] if vs else -1
 
-    def items_in_range(self, lo: bytes, hi: bytes | None, at: int
-                       ) -> dict[bytes, bytes | None]:
-        """{key: value} of the newest version below ``at`` of every key in [lo, hi).
+    def keys_in_range(self, lo: bytes, hi: bytes | None) -> list[bytes]:
+        """The keys in [lo, hi) that have versions here now, in ascending order (their
+        values: ``visible``).
 
-        Every key with a version below ``at`` entered before ``at`` was published, so it is
-        in ``versions`` and noted (a key is noted after its version is stored) before this
-        read began; a key that leaves meanwhile is in LMDB already."""
+        Every key with a version below the publication mark when this read began is in
+        ``versions`` and noted (a key is noted after its version is stored), so it is in
+        the list; a key that leaves later is in LMDB by then."""
         versions = self.versions
         if not versions:
-            return {}
+            return []
         with self._index_lock:
             noted, index = self._noted, self._index
             end = len(noted)  # (before the copy below: see _bound_index and add)
@@ -205,15 +205,7 @@ class MemTable:
                     index.add(k)
             self._folded = end
             keys = index.range(lo, hi)
-        out = {}
-        for k in keys:
-            vs = versions.get(k)
-            if vs is not None:
-                for lsn, v in reversed(vs):
-                    if lsn < at:
-                        out[k] = v
-                        break
-        return out
+        return [k for k in keys if k in versions]  # (the order keeps keys that left)
 
     def commits_since(self, lsn: int) -> Iterator[Event]:
         """Commit events here with LSN at or after ``lsn`` (newest first).  Call it holding

@@ -25,6 +25,7 @@ a commit.
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from typing import Iterator
 
 from ..codec import unpack
@@ -71,10 +72,17 @@ class StateReader:
     # ---- scans --------------------------------------------------------------------------
     def scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int | None = None
              ) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) of the state as of ``at`` (default: now) in [lo, hi), in order."""
+        """(key, value) of the state as of ``at`` (default: now) in [lo, hi), in order.
+
+        The MemTable's keys in the range are listed once, in order; each LMDB chunk is
+        merged with just those of them its key interval covers, and their values are
+        looked up as they are yielded: a caller after the first row or two (the head of a
+        conversation) pays for what it reads, not for every unapplied key in the range."""
+        mt = self.memtable
         if at is None:
-            at = self.memtable.published
-        over = self.memtable.items_in_range(lo, hi, at)
+            at = mt.published
+        over = mt.keys_in_range(lo, hi)  # ascending; the unmerged ones are over[first:last]
+        first, last = 0, len(over)
         fixes: dict[bytes, bytes | None] = {}
         covered = at  # LMDB commits with LSN in [at, covered) are accounted for in fixes
         after: bytes | None = None
@@ -90,18 +98,39 @@ class StateReader:
             final = len(chunk) < limit
             limit = min(limit * 4, SCAN_CHUNK)
             edge = None if final else chunk[-1][0]
-            merged = dict(chunk)
-            for extra in (fixes, over):
-                for k, v in extra.items():
-                    if _in_interval(k, after, edge, reverse):
-                        merged[k] = v
-            for k in sorted(merged, reverse=reverse):
-                v = merged[k]
-                if v is not None:
-                    yield k, v
+            if reverse:  # this chunk covers the MemTable keys from ``edge`` up
+                cut = first if edge is None else bisect_left(over, edge, first, last)
+                mine, last = over[cut:last][::-1], cut
+            else:  # ... and those up to ``edge``
+                cut = last if edge is None else bisect_right(over, edge, first, last)
+                mine, first = over[first:cut], cut
+            fixed = [(k, v) for k, v in fixes.items() if _in_interval(k, after, edge, reverse)]
+            if not mine and not fixed:
+                yield from chunk  # (LMDB rows: never a deletion)
+            else:
+                yield from self._merged(chunk, fixed, mine, reverse, at)
             if final:
                 return
             after = edge
+
+    def _merged(self, chunk: list, fixed: list, mine: list[bytes], reverse: bool, at: int
+                ) -> Iterator[tuple[bytes, bytes]]:
+        """One chunk's rows, corrected by ``fixed`` and overlaid with the MemTable keys
+        ``mine`` (newest first wins: MemTable, then fixes, then the LMDB row)."""
+        rows = dict(chunk)
+        rows.update(fixed)
+        ordered = mine if not rows else sorted(rows.keys() | set(mine), reverse=reverse)
+        mine_set = set(mine)
+        visible = self.memtable.visible
+        for k in ordered:
+            if k in mine_set:
+                found, v = visible(k, at)
+                if not found:  # only newer versions here, or it left for LMDB meanwhile
+                    v = self.as_of(k, at)
+            else:
+                v = rows[k]
+            if v is not None:
+                yield k, v
 
 
 def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: bool) -> bool:
