@@ -51,6 +51,7 @@ class MemTable:
         self.limit = limit
         self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
         self.log_bytes = 0  # log bytes of the events here
+        self.drops = 0  # batches dropped so far (counted before any version leaves)
         # the key order for range reads: keys noted on entry, folded in by readers
         self._index_lock = threading.Lock()
         self._index: KeyIndex | None = KeyIndex()  # None: rebuild from ``versions``
@@ -127,6 +128,7 @@ class MemTable:
 
     def drop_applied(self, batch: list[Event]) -> None:
         """Remove ``batch`` (the oldest events, now in LMDB)."""
+        self.drops += 1  # (first: a reader that sees no change saw no version leave)
         versions = self.versions
         touched: set[bytes] = set()
         size = 0
@@ -186,26 +188,24 @@ class MemTable:
         return vs[-1][0] if vs else -1
 
     def keys_in_range(self, lo: bytes, hi: bytes | None) -> list[bytes]:
-        """The keys in [lo, hi) that have versions here now, in ascending order (their
-        values: ``visible``).
-
-        Every key with a version below the publication mark when this read began is in
-        ``versions`` and noted (a key is noted after its version is stored), so it is in
-        the list; a key that leaves later is in LMDB by then."""
-        versions = self.versions
-        if not versions:
+        """The keys in [lo, hi) that may have versions here, in ascending order: every key
+        with a version below the publication mark when this read began (a key is noted
+        after its version is stored), and maybe keys that left already (the order keeps
+        them until it is rebuilt).  Their values: ``visible``; a key without a visible
+        version has its LMDB value, read after this call when ``drops`` did not change
+        meanwhile (no version left), else read anew."""
+        if not self.versions:
             return []
         with self._index_lock:
             noted, index = self._noted, self._index
             end = len(noted)  # (before the copy below: see _bound_index and add)
             if index is None:
-                index = self._index = KeyIndex(list(versions))  # (one C-level copy)
+                index = self._index = KeyIndex(list(self.versions))  # (one C-level copy)
             else:
                 for k in noted[self._folded:end]:
                     index.add(k)
             self._folded = end
-            keys = index.range(lo, hi)
-        return [k for k in keys if k in versions]  # (the order keeps keys that left)
+            return index.range(lo, hi)
 
     def commits_since(self, lsn: int) -> Iterator[Event]:
         """Commit events here with LSN at or after ``lsn`` (newest first).  Call it holding

@@ -81,6 +81,7 @@ class StateReader:
         mt = self.memtable
         if at is None:
             at = mt.published
+        drops = mt.drops  # (before the keys are listed: see keys_in_range)
         over = mt.keys_in_range(lo, hi)  # ascending; the unmerged ones are over[first:last]
         first, last = 0, len(over)
         fixes: dict[bytes, bytes | None] = {}
@@ -108,27 +109,34 @@ class StateReader:
             if not mine and not fixed:
                 yield from chunk  # (LMDB rows: never a deletion)
             else:
-                yield from self._merged(chunk, fixed, mine, reverse, at)
+                yield from self._merged(chunk, fixed, mine, reverse, at, drops)
             if final:
                 return
             after = edge
 
-    def _merged(self, chunk: list, fixed: list, mine: list[bytes], reverse: bool, at: int
-                ) -> Iterator[tuple[bytes, bytes]]:
+    def _merged(self, chunk: list, fixed: list, mine: list[bytes], reverse: bool, at: int,
+                drops: int) -> Iterator[tuple[bytes, bytes]]:
         """One chunk's rows, corrected by ``fixed`` and overlaid with the MemTable keys
         ``mine`` (newest first wins: MemTable, then fixes, then the LMDB row)."""
         rows = dict(chunk)
         rows.update(fixed)
-        ordered = mine if not rows else sorted(rows.keys() | set(mine), reverse=reverse)
-        mine_set = set(mine)
-        visible = self.memtable.visible
+        if rows:
+            listed = set(mine)
+            ordered = sorted(rows.keys() | listed, reverse=reverse)
+        else:
+            listed, ordered = None, mine
+        mt = self.memtable
+        visible = mt.visible
         for k in ordered:
-            if k in mine_set:
-                found, v = visible(k, at)
-                if not found:  # only newer versions here, or it left for LMDB meanwhile
-                    v = self.as_of(k, at)
-            else:
+            if listed is not None and k not in listed:
                 v = rows[k]
+            else:
+                found, v = visible(k, at)
+                if not found:
+                    # no version here below ``at``: its value is in LMDB, i.e. ``rows``,
+                    # unless versions left for LMDB after the keys were listed (this
+                    # chunk may be older than their apply): then read it anew
+                    v = rows.get(k) if mt.drops == drops else self.as_of(k, at)
             if v is not None:
                 yield k, v
 
