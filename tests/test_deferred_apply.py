@@ -169,3 +169,49 @@ def test_a_scan_shows_its_start_while_its_unapplied_keys_move_to_lmdb(tmp_path):
             with st.transaction() as tx:
                 tx.update((f"k{i:03d}", "b") for i in range(0, 200, 2))
             assert st.stats()["unapplied_events"] > 0
+
+
+def test_scans_interleaved_with_partial_applies_match_a_model(tmp_path):
+    """Random commits; scans (forward, reverse, prefix or range) read a row or a few,
+    then part of the MemTable moves to LMDB (a batch, dropped 64 events at a time) and
+    more commits land, then the scan goes on: every scan yields exactly the model's
+    state when it began."""
+    import random
+    rng = random.Random(11)
+    model: dict[str, str] = {}
+    keys = [f"k{i:03d}" for i in range(300)]
+    with walstore.open(str(tmp_path / "s"), durability="none", apply_interval=3600) as st:
+        eng = st._engine
+
+        def commit_some(n):
+            for _ in range(n):
+                with st.transaction() as tx:
+                    for k in rng.sample(keys, rng.randint(1, 8)):
+                        if rng.random() < 0.2:
+                            tx.delete(k)
+                            model.pop(k, None)
+                        else:
+                            v = f"v{rng.randrange(10**6)}"
+                            tx.put(k, v)
+                            model[k] = v
+
+        commit_some(300)
+        eng.apply_published(limit=150)  # LMDB holds some, the MemTable the rest
+        for _round in range(60):
+            commit_some(rng.randint(1, 40))
+            reverse = rng.random() < 0.5
+            if rng.random() < 0.5:
+                prefix = rng.choice(["k", "k0", "k1", "k2", "k15"])
+                it = st.scan(prefix=prefix, reverse=reverse)
+                want = sorted(((k, v) for k, v in model.items() if k.startswith(prefix)),
+                              reverse=reverse)
+            else:
+                lo, hi = sorted(rng.sample(keys, 2))
+                it = st.scan(start=lo, end=hi, reverse=reverse)
+                want = sorted(((k, v) for k, v in model.items() if lo <= k < hi),
+                              reverse=reverse)
+            got = [row for _i, row in zip(range(rng.choice([1, 3, 20, 80])), it)]
+            eng.apply_published(limit=rng.choice([1, 50, 200, 2000]))
+            commit_some(rng.randint(0, 20))
+            got += list(it)
+            assert got == want, f"round {_round}"
