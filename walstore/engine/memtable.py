@@ -12,7 +12,10 @@ LSN P takes the newest version below P (see :mod:`walstore.engine.snapshot`).
 Invariants:
 - events are in LSN order; ``published`` only grows;
 - an event leaves only after LMDB holds it (``drop_applied`` is called after the LMDB
-  commit), so a reader that finds no version here finds it in LMDB;
+  commit), so a reader that finds no version here finds it in LMDB; ``drops`` counts
+  ``drop_applied`` calls and moves before any version leaves, so a reader that sees it
+  unchanged since it listed keys knows none of them left in between (a scan then takes
+  the LMDB row it read meanwhile, see ``StateReader.scan``);
 - readers take no lock: ``versions`` values are immutable tuples replaced whole;
   range reads take only the key index's lock (:mod:`walstore.engine.keyindex`): a key new
   to the MemTable is noted on entry (an append) and sorted in by the next range read;

@@ -153,8 +153,10 @@ class CommitPipeline:
         """Wait for ``event``'s record to be durable; when the fsync fails, the outcome of
         that decision is unknown until recovery: the store stops writing and
         CommitOutcomeUnknown is raised (no compensation may run on it)."""
+        # the event may wait long in the MemTable: it keeps no ticket for the GC to scan
+        ticket, event.ticket = event.ticket, None
         try:
-            make_durable(event.end, event.ticket)
+            make_durable(event.end, ticket)
         except LogFailed as e:
             self.engine.fail(e)
             raise CommitOutcomeUnknown(

@@ -81,7 +81,8 @@ class Event:
     txid: int
     body: dict
     writes: list | tuple | None = None
-    ticket: Any = None  # a buffered commit record's ``Appended`` (durability="full")
+    ticket: Any = None  # a buffered commit record's ``Appended`` (durability="full"),
+    # until its committer takes it to wait for durability
 
     def write_bytes(self) -> int:
         return sum(len(k) + (len(v) if v else 0) for k, v in self.writes or ())
