@@ -44,6 +44,8 @@ class AgentHooks:
         return self.files.tx_files(tx, ws)
 
     def commit_body(self, tx: "Transaction") -> dict:
+        if not tx.effects and tx.scope is None and not tx.commit_body:
+            return {}  # the common commit: no action, no file, no scope
         body = self.saga.commit_fields(tx)
         body.update(self.files.commit_fields(tx))
         return body

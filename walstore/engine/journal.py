@@ -68,7 +68,7 @@ class Journal:
         returns, i.e. it took no hold that outlives the MemTable event)."""
         with self.lock:
             if len(writes) <= SMALL_COMMIT:  # (one value is at most 16 MiB: one record)
-                last = [[k, v] for k, v in writes]
+                last = writes  # (pairs pack as arrays, tuples or lists alike)
             else:
                 chunks = records.chunk_writes(writes, CHUNK_BYTES)
                 for chunk in chunks[:-1]:

@@ -177,7 +177,9 @@ class CommitPipeline:
             eng.check_writable()
             if req.reads:
                 self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
-            self.prepared.check(req.txid, [k for k, _v in req.writes], req.reads, mine=req.gid)
+            if self.prepared:  # (a transaction prepared by 2PC holds keys)
+                self.prepared.check(req.txid, [k for k, _v in req.writes], req.reads,
+                                    mine=req.gid)
             self._check_claims(req)
             body = dict(req.body, ts=eng.clock(), meta=req.meta)
             event = self.journal.append_commit(req.txid, req.writes, body,
