@@ -211,10 +211,13 @@ class PreparedSet:
     def txids(self) -> set[int]:
         return {p.txid for p in self.by_gid.values()}
 
-    def check(self, txid: int, writes, reads: ReadSet | None, mine: str | None = None) -> None:
-        """ConflictError when the transaction collides with a prepared one."""
+    def check(self, txid: int, pairs, reads: ReadSet | None, mine: str | None = None) -> None:
+        """ConflictError when the transaction (its writes as ``(key, value)`` pairs, and
+        its reads) collides with a prepared one.  Nothing prepared: no cost (every commit
+        comes here)."""
         if not self.by_gid:
             return
+        writes = [k for k, _v in pairs]
         out = [(k, self._held[k]) for k in writes if k in self._held and self._held[k] != mine]
         for p in self.by_gid.values():
             if p.gid == mine:

@@ -177,9 +177,7 @@ class CommitPipeline:
             eng.check_writable()
             if req.reads:
                 self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
-            if self.prepared:  # (a transaction prepared by 2PC holds keys)
-                self.prepared.check(req.txid, [k for k, _v in req.writes], req.reads,
-                                    mine=req.gid)
+            self.prepared.check(req.txid, req.writes, req.reads, mine=req.gid)
             self._check_claims(req)
             body = dict(req.body, ts=eng.clock(), meta=req.meta)
             event = self.journal.append_commit(req.txid, req.writes, body,
@@ -226,7 +224,7 @@ class CommitPipeline:
                 raise WalstoreError(f"gid {p.gid!r} is already used in this store")
             if reads:
                 self.checker.check_recent(p.txid, reads, checked, eng.applied_lsn)
-            self.prepared.check(p.txid, [k for k, _v in p.writes], reads)
+            self.prepared.check(p.txid, p.writes, reads)
             event = self.journal.append_prepare(p.txid, p.writes, p.body())
             self.prepared.add(p)
         self.durable_or_unknown(self.journal.force_durable, event, p.txid,
