@@ -77,10 +77,10 @@ class Journal:
             full = dict(body, tx=txid, w=last)
             if buffered and self.durability == "full":
                 lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, pack(full))
-                event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes), ticket)
             else:
-                lsn, end = self.wal.append(RecordType.COMMIT, pack(full))
-                event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes))  # (see Event)
+                (lsn, end), ticket = self.wal.append(RecordType.COMMIT, pack(full)), None
+            event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes),  # (see Event)
+                          ticket)
             self.memtable.add(event)
             self._publish_written(event.end)
             return event
