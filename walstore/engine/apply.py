@@ -39,6 +39,7 @@ class Applier:
         its own LMDB transaction (what it erases must not include later writes)."""
         start = 0
         for i, e in enumerate(events):
+            e.thaw()  # (a body kept packed while it waited: decoded once, here)
             if e.type == _T.COMMIT and "purge" in e.body and i + 1 < len(events):
                 self._apply(events[start:i + 1], e.end)
                 start = i + 1

@@ -81,7 +81,7 @@ class ConflictChecker:
                     if hit is not None:
                         stale.append(hit)
                         break
-                hit = _purge_hit(e.body, reads)
+                hit = _purge_hit(e.field("purge_range"), reads)
                 if hit is not None:
                     stale.append(hit)
                     break
@@ -111,8 +111,8 @@ class ConflictChecker:
                 if raw is None:
                     continue
                 row = unpack(raw)
-                hit = next((k for k, _n in row.get("w", ())
-                            if _in_ranges(k, reads.ranges)), None) or _purge_hit(row, reads)
+                hit = (next((k for k, _n in row.get("w", ()) if _in_ranges(k, reads.ranges)),
+                            None) or _purge_hit(row.get("purge_range"), reads))
                 if hit is not None:
                     stale.append(hit)
                     break
@@ -120,10 +120,9 @@ class ConflictChecker:
             _raise(txid, stale)
 
 
-def _purge_hit(body: dict, reads: ReadSet) -> bytes | None:
-    """A purge erased the history of its range, so it conflicts by range: with any key read
-    in it and any range scanned across it."""
-    rng = body.get("purge_range")
+def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:
+    """A purge erased the history of its range ``rng`` (lo, hi), so it conflicts by range:
+    with any key read in it and any range scanned across it."""
     if not rng:
         return None
     lo, hi = rng

@@ -63,24 +63,28 @@ class Journal:
     def append_commit(self, txid: int, writes: list, body: dict, buffered: bool = False
                       ) -> Event:
         """Append a commit: its WRITES chunks (if large) and its COMMIT, contiguous.
-        ``buffered``: the COMMIT may wait in the WAL's buffer for the group commit's leader
-        (under "full" only; the caller must be able to lose it to a write error after this
-        returns, i.e. it took no hold that outlives the MemTable event)."""
-        with self.lock:
-            if len(writes) <= SMALL_COMMIT:  # (one value is at most 16 MiB: one record)
-                last = writes  # (pairs pack as arrays, tuples or lists alike)
-            else:
-                chunks = records.chunk_writes(writes, CHUNK_BYTES)
-                for chunk in chunks[:-1]:
-                    self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
-                last = chunks[-1]
-            full = dict(body, tx=txid, w=last)
+        ``body``: the COMMIT's fields but ``tx`` and ``w`` (this call owns it: ``tx`` is
+        added).  ``buffered``: the COMMIT may wait in the WAL's buffer for the group
+        commit's leader (under "full" only; the caller must be able to lose it to a write
+        error after this returns, i.e. it took no hold that outlives the MemTable event)."""
+        body["tx"] = txid
+        packed_body = pack(body)
+        if len(writes) <= SMALL_COMMIT:  # (one value is at most 16 MiB: one record)
+            chunks, last = [], writes  # (pairs pack as arrays, tuples or lists alike)
+        else:
+            chunks = records.chunk_writes(writes, CHUNK_BYTES)
+            last = chunks.pop()
+        payload = records.with_writes(packed_body, pack(last))
+        with self.lock:  # (usually held already: the pipeline validates under it)
+            for chunk in chunks:
+                self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
             if buffered and self.durability == "full":
-                lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, pack(full))
+                lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, payload)
             else:
-                (lsn, end), ticket = self.wal.append(RecordType.COMMIT, pack(full)), None
-            event = Event(lsn, end, RecordType.COMMIT, txid, body, tuple(writes),  # (see Event)
-                          ticket)
+                (lsn, end), ticket = self.wal.append(RecordType.COMMIT, payload), None
+            event = Event(lsn, end, RecordType.COMMIT, txid,  # (see Event: plain, packed)
+                          packed_body if body.keys() <= records.PLAIN_FIELDS else body,
+                          tuple(writes), ticket)
             self.memtable.add(event)
             self._publish_written(event.end)
             return event

@@ -82,7 +82,7 @@ class MemTable:
                     self._noted.append(k)  # (after the version: see keys_in_range)
                 else:
                     versions[k] = old + ((lsn, v),)
-            for aid in event.body.get("compensate", ()):
+            for aid in event.field("compensate", ()):
                 self.claimed[aid] = event.txid
 
     def void_from(self, lsn: int) -> None:
@@ -103,7 +103,7 @@ class MemTable:
                         versions[k] = kept
                     else:
                         del versions[k]  # (a key noted for the index is skipped once gone)
-                for aid in e.body.get("compensate", ()):
+                for aid in e.field("compensate", ()):
                     if self.claimed.get(aid) == e.txid:
                         del self.claimed[aid]
 
@@ -141,7 +141,7 @@ class MemTable:
             size += e.end - e.lsn
             if e.writes is not None and e.type == _COMMIT:
                 touched.update(k for k, _v in e.writes)
-                for aid in e.body.get("compensate", ()):
+                for aid in e.field("compensate", ()):
                     if self.claimed.get(aid) == e.txid:
                         del self.claimed[aid]
         self.log_bytes -= size

@@ -89,7 +89,8 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                    rows_of_txid: Callable[[int], list[dict]]) -> list[dict]:
     """The action rows ``event`` creates or changes (whole new rows), given the current
     rows (``get_row(id)``, ``rows_of_txid(txid)``)."""
-    t, b = event.type, event.body
+    t = event.type
+    b = event.body if t != RecordType.COMMIT else None  # (a commit: see below)
     if t == RecordType.ACTION_INTENT:
         if get_row(str(b.get("id"))) is not None:
             return []  # REDO of an intent already applied
@@ -105,7 +106,8 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         return [dict(row, result=b.get("result"), error=b.get("error"))]
     if t == RecordType.COMMIT:  # reads only "actions", "compensate", "redo" (the applier
         out = []                # skips commits with none of them: keep apply._ACTION_FIELDS)
-        for a in b.get("actions", ()):
+        field = event.field     # (a plain commit's packed body holds none: not decoded)
+        for a in field("actions", ()):
             row = get_row(a["id"]) or {}
             if row.get("state") in FINAL_STATES:
                 continue  # compensated by a partial rollback before the commit
@@ -114,11 +116,11 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
             new["state"] = COMMITTED
             out.append(new)
         undone_by = f"undone by transaction {event.txid}"
-        for aid in b.get("compensate", ()):
+        for aid in field("compensate", ()):
             row = get_row(aid)
             if row is not None and row.get("state") == COMMITTED:
                 out.append(dict(row, state=PENDING, error=undone_by))
-        for aid in b.get("redo", ()):
+        for aid in field("redo", ()):
             row = get_row(aid)
             if row is not None:
                 out.append(dict(row, state=NEEDS_REDO,

@@ -130,7 +130,7 @@ class Views:
     # ---- two-phase commit ---------------------------------------------------------------
     def decision(self, gid: str) -> str | None:
         for e in reversed(self._events(frozenset({_T.COMMIT, _T.ROLLBACK_PREPARED}), True)):
-            if e.body.get("gid") == gid:
+            if e.field("gid") == gid:
                 return "commit" if e.type == _T.COMMIT else "abort"
         raw = self.state.get(DECISION_PREFIX + gid.encode(), "twophase")
         return None if raw is None else raw.decode()
@@ -140,7 +140,7 @@ class Views:
         rows = {unpack(v)["gid"]: unpack(v)
                 for _k, v in st.scan(PREPARED_PREFIX, b"p;", db="twophase")}
         for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED})):
-            gid = e.body.get("gid")
+            gid = e.field("gid")
             if not gid:
                 continue
             if e.type == _T.PREPARE:

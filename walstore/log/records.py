@@ -50,7 +50,6 @@ WRITES chunks, CHECKPOINT and SEAL).  Commits carry their whole write set; the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from ..codec import unpack
@@ -67,25 +66,85 @@ TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
                         RecordType.FILE_RESTORED, RecordType.FILE_CONFLICT})
 
 
-@dataclass(slots=True)
+# the only fields a packed event body may hold (see Event): any other marks a commit that
+# does more than write keys (actions, compensations, files, 2PC, purge...), kept decoded
+PLAIN_FIELDS = frozenset({"tx", "ts", "meta", "scope"})
+
+
 class Event:
     """One record that changes materialized state, decoded.  ``writes`` only for commits
-    (and prepares): [(stored key, packed value or None)]; ``body`` without ``w``.  A
-    committed event's writes are a tuple: unapplied events can wait long in the MemTable,
-    and a tuple of immutables drops out of the garbage collector's scans (a list of them
-    made full collections of a 20,000-event backlog cost 8-10% of commit throughput)."""
+    (and prepares): [(stored key, packed value or None)]; ``body`` without ``w``.
 
-    lsn: int
-    end: int
-    type: int
-    txid: int
-    body: dict
-    writes: list | tuple | None = None
-    ticket: Any = None  # a buffered commit record's ``Appended`` (durability="full"),
-    # until its committer takes it to wait for durability
+    Unapplied events can wait long in the MemTable (tens of thousands of them), so a plain
+    commit is kept in a form the garbage collector does not scan: its writes a tuple of
+    (key, value) tuples and its body *packed* (the msgpack map its record was built from),
+    when the body holds nothing but PLAIN_FIELDS.  ``body`` decodes it on each access,
+    ``thaw`` once for good, and ``field`` reads one field, decoding only for a plain
+    field.  (A full collection beside a 20,000-event backlog scanned, per commit, an
+    Event, its body dict and the body's ``meta`` dict: PROFILE.md, ninth round.)"""
+
+    __slots__ = ("lsn", "end", "type", "txid", "_body", "writes", "ticket")
+
+    def __init__(self, lsn: int, end: int, type: int, txid: int, body: dict | bytes,
+                 writes: list | tuple | None = None, ticket: Any = None) -> None:
+        self.lsn = lsn
+        self.end = end
+        self.type = type
+        self.txid = txid
+        self._body = body  # a dict, or a plain body packed
+        self.writes = writes
+        # a buffered commit record's ``Appended`` (durability="full"), until its committer
+        # takes it to wait for durability
+        self.ticket = ticket
+
+    @property
+    def body(self) -> dict:
+        body = self._body
+        return body if type(body) is dict else unpack(body)
+
+    def field(self, name: str, default: Any = None) -> Any:
+        """``body.get(name, default)``, without decoding a packed body for a field it
+        cannot hold."""
+        body = self._body
+        if type(body) is dict:
+            return body.get(name, default)
+        return unpack(body).get(name, default) if name in PLAIN_FIELDS else default
+
+    def thaw(self) -> dict:
+        """Decode a packed body for good (the applier, about to put the event in LMDB)."""
+        body = self._body
+        if type(body) is not dict:
+            body = self._body = unpack(body)
+        return body
+
+    def __repr__(self) -> str:
+        return (f"Event(lsn={self.lsn}, end={self.end}, type={self.type}, txid={self.txid}, "
+                f"body={self.body!r}, writes={self.writes!r})")
 
     def write_bytes(self) -> int:
         return sum(len(k) + (len(v) if v else 0) for k, v in self.writes or ())
+
+
+def with_writes(packed_body: bytes, packed_writes: bytes) -> bytes:
+    """The payload of a commit record from its packed body (a msgpack map) and its packed
+    write list: the map with one more entry, ``w``, last (what packing
+    ``dict(body, w=writes)`` makes, without building that dict)."""
+    first = packed_body[0]
+    if 0x80 <= first < 0x8f:  # fixmap of up to 14 entries
+        head, rest = bytes((first + 1,)), packed_body[1:]
+    else:
+        if first == 0x8f:
+            n, rest = 15, packed_body[1:]
+        elif first == 0xde:
+            n, rest = int.from_bytes(packed_body[1:3], "big"), packed_body[3:]
+        elif first == 0xdf:
+            n, rest = int.from_bytes(packed_body[1:5], "big"), packed_body[5:]
+        else:
+            raise ValueError("a commit body must pack as a msgpack map")
+        n += 1
+        head = (b"\xde" + n.to_bytes(2, "big") if n <= 0xFFFF
+                else b"\xdf" + n.to_bytes(4, "big"))
+    return b"".join((head, rest, b"\xa1w", packed_writes))
 
 
 def decode(payload: bytes) -> dict:

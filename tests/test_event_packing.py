@@ -1,0 +1,95 @@
+"""A plain commit waits in the MemTable with its body packed (nothing for the garbage
+collector to scan), and its record on disk is what it always was."""
+from __future__ import annotations
+
+import gc
+
+import msgpack
+import pytest
+
+import walstore
+from walstore.codec import encode_key, pack, unpack
+from walstore.log.reader import LogReader
+from walstore.log.records import PLAIN_FIELDS, Event, with_writes
+
+
+@pytest.mark.parametrize("n", [0, 1, 13, 14, 15, 16, 300, 65535, 65536])
+def test_with_writes_is_the_map_with_w_last(n):
+    body = {f"f{i}": i for i in range(n)}
+    writes = [[b"k", b"v"], [b"gone", None]]
+    got = with_writes(pack(body), pack(writes))
+    assert got == pack(dict(body, w=writes))  # byte for byte, every map header size
+    assert msgpack.unpackb(got, raw=False) == dict(body, w=writes)
+
+
+def test_with_writes_refuses_what_is_not_a_map():
+    with pytest.raises(ValueError):
+        with_writes(pack([1, 2]), pack([]))
+
+
+def _unapplied(store, txid):
+    mt = store._engine.memtable
+    return next(e for e in mt.events if e.txid == txid and e.type == 1)  # (its COMMIT)
+
+
+def test_a_plain_commit_waits_packed_and_reads_back(tmp_path):
+    with walstore.open(tmp_path / "s", apply_interval=3600, apply_batch=10**6) as s:
+        tx = s.transaction(meta={"agent": "a", "nested": {"step": [1, 2]}}, scope=b"conv-1")
+        tx.put(b"k", {"v": 1})
+        tx.put(b"k2", "x")
+        tx.commit()
+        e = _unapplied(s, tx.id)
+        assert type(e._body) is bytes and not gc.is_tracked(e._body)
+        assert e.body["meta"] == {"agent": "a", "nested": {"step": [1, 2]}}
+        assert e.body["tx"] == tx.id and e.body["scope"] == b"conv-1"
+        assert e.body.keys() <= PLAIN_FIELDS
+        assert e.field("meta")["agent"] == "a" and e.field("compensate", ()) == ()
+        assert e.field("gid") is None
+        gc.collect()  # tuples of atomics leave the collector's lists at a collection
+        gc.collect()  # (the outer one at the next, when it was listed before its items)
+        assert not gc.is_tracked(e.writes)
+        # what readers of the unapplied commit see: its log row, its values
+        info = s.log(limit=1)[0]
+        assert info.meta["nested"] == {"step": [1, 2]} and info.txid == tx.id
+        assert info.scope == b"conv-1"
+        assert s.get(b"k") == {"v": 1}
+        s._engine.drain()
+        assert e.body["meta"]["agent"] == "a"  # (thawed by the applier)
+        assert s.log(limit=1)[0].meta == info.meta and s.log(limit=1)[0].scope == b"conv-1"
+    # the record on disk: the same map it always was, ``tx`` then ``w`` last
+    payloads = [unpack(r.payload) for r in LogReader(str(tmp_path / "s" / "wal"), None)
+                .records() if r.type == 1]
+    body = next(b for b in payloads if b.get("tx") == tx.id)
+    assert list(body)[-2:] == ["tx", "w"]
+    assert sorted(map(tuple, body["w"])) == [(encode_key(b"k"), pack({"v": 1})),
+                                             (encode_key(b"k2"), pack("x"))]
+
+
+def test_a_commit_that_does_more_keeps_its_body_decoded(tmp_path):
+    with walstore.open(tmp_path / "s", apply_interval=3600, apply_batch=10**6) as s:
+        refunds = []
+        s.compensator("refund")(lambda a: refunds.append(a.args))
+        with s.transaction() as tx:
+            with tx.action("charge", {"amount": 5}, compensate="refund") as act:
+                act.result = "ok"
+            tx.put(b"paid", True)
+        e = _unapplied(s, tx.id)
+        assert type(e._body) is dict and e.field("actions") == e.body["actions"]
+        # a revert commits ``compensate`` (claims the MemTable tracks until applied)
+        s.revert(tx.id)
+        undo = next(ev for ev in s._engine.memtable.events
+                    if ev.type == 1 and ev.field("compensate"))
+        assert type(undo._body) is dict
+        assert refunds == [{"amount": 5}] and s.get(b"paid") is None
+        with pytest.raises(walstore.RevertConflict):
+            s.revert(tx.id)  # claimed once: never compensated twice
+        assert refunds == [{"amount": 5}]
+
+
+def test_events_built_by_hand_or_by_the_log_reader_take_a_dict():
+    e = Event(lsn=1, end=2, type=1, txid=3, body={"compensate": ["3.1"], "ts": 1.0})
+    assert e.field("compensate") == ["3.1"] and e.thaw() is e.body
+    p = Event(1, 2, 1, 3, pack({"ts": 2.0, "tx": 3}))
+    assert p.field("ts") == 2.0 and p.field("purge_range") is None
+    assert p.thaw() == {"ts": 2.0, "tx": 3} and type(p._body) is dict
+    assert "ts" in repr(p)
