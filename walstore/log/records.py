@@ -125,25 +125,27 @@ class Event:
         return sum(len(k) + (len(v) if v else 0) for k, v in self.writes or ())
 
 
+_FIXMAP = tuple(bytes((0x80 + n,)) for n in range(16))  # msgpack map headers, 0-15 entries
+
+
 def with_writes(packed_body: bytes, packed_writes: bytes) -> bytes:
     """The payload of a commit record from its packed body (a msgpack map) and its packed
     write list: the map with one more entry, ``w``, last (what packing
     ``dict(body, w=writes)`` makes, without building that dict)."""
+    n = packed_body[0] - 0x80
+    if 0 <= n < 15:  # a fixmap (the common case: a few fields)
+        return b"".join((_FIXMAP[n + 1], packed_body[1:], b"\xa1w", packed_writes))
     first = packed_body[0]
-    if 0x80 <= first < 0x8f:  # fixmap of up to 14 entries
-        head, rest = bytes((first + 1,)), packed_body[1:]
+    if first == 0x8f:
+        n, rest = 15, packed_body[1:]
+    elif first == 0xde:
+        n, rest = int.from_bytes(packed_body[1:3], "big"), packed_body[3:]
+    elif first == 0xdf:
+        n, rest = int.from_bytes(packed_body[1:5], "big"), packed_body[5:]
     else:
-        if first == 0x8f:
-            n, rest = 15, packed_body[1:]
-        elif first == 0xde:
-            n, rest = int.from_bytes(packed_body[1:3], "big"), packed_body[3:]
-        elif first == 0xdf:
-            n, rest = int.from_bytes(packed_body[1:5], "big"), packed_body[5:]
-        else:
-            raise ValueError("a commit body must pack as a msgpack map")
-        n += 1
-        head = (b"\xde" + n.to_bytes(2, "big") if n <= 0xFFFF
-                else b"\xdf" + n.to_bytes(4, "big"))
+        raise ValueError("a commit body must pack as a msgpack map")
+    n += 1
+    head = b"\xde" + n.to_bytes(2, "big") if n <= 0xFFFF else b"\xdf" + n.to_bytes(4, "big")
     return b"".join((head, rest, b"\xa1w", packed_writes))
 
 
