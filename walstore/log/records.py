@@ -46,7 +46,9 @@ FILE_STEPS records (effects undone by ``rollback_to`` are not listed).
 
 An ``Event`` is one decoded record that changes the materialized state (everything but
 WRITES chunks, CHECKPOINT and SEAL).  Commits carry their whole write set; the
-``CommitAssembler`` joins WRITES chunks to their COMMIT for readers of the log.
+``CommitAssembler`` joins WRITES chunks to their COMMIT for readers of the log.  The
+writer builds a COMMIT's payload from its packed body and its packed writes
+(``with_writes``), and a plain commit's Event keeps that packed body (see ``Event``).
 """
 from __future__ import annotations
 
