@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import walstore
@@ -215,3 +216,51 @@ def test_scans_interleaved_with_partial_applies_match_a_model(tmp_path):
             commit_some(rng.randint(0, 20))
             got += list(it)
             assert got == want, f"round {_round}"
+
+
+def test_the_applier_checkpoint_writes_lmdb_in_small_batches_a_waiting_one_in_big(tmp_path):
+    """An LMDB commit's sync delays every WAL fsync issued beside it for as long as it
+    lasts: the applier's own checkpoint (commits may be running) applies its backlog in
+    the applier's usual ~1 MiB batches, not one 16 MiB batch of several hundred ms; a
+    checkpoint or close someone waits for takes the big ones (fewer syncs)."""
+    from walstore.engine import engine as engine_mod
+    value = b"v" * 1024
+    with walstore.open(str(tmp_path / "s"), durability="none", checkpoint_bytes=8 << 20,
+                       apply_batch=10 ** 9, apply_interval=0.3) as st:
+        eng = st._engine
+        spans: list[tuple[str, int]] = []
+        real_apply = eng.applier.apply
+
+        def apply(events, applied_end):
+            spans.append((threading.current_thread().name, applied_end - events[0].lsn))
+            return real_apply(events, applied_end)
+        eng.applier.apply = apply
+        for i in range(9000):  # ~9.5 MiB of log: over checkpoint_bytes, in well under 0.3 s
+            with st.transaction() as tx:
+                tx.put(f"k{i}", value)
+        end = time.monotonic() + 30
+        while st.stats()["unapplied_events"] and time.monotonic() < end:
+            time.sleep(0.05)
+        background = [n for who, n in spans if who != threading.current_thread().name]
+        assert background and sum(background) > 8 << 20, spans
+        assert max(background) <= engine_mod.APPLY_BATCH_BYTES + 4096, spans
+    with walstore.open(str(tmp_path / "s")) as st:
+        assert st.get("k8999") == value
+    # nothing wakes this store's applier (an hour's interval, no backlog or checkpoint
+    # trigger): the explicit checkpoint drains alone, in big batches
+    with walstore.open(str(tmp_path / "s2"), durability="none", checkpoint_bytes=1 << 40,
+                       apply_batch=10 ** 9, apply_interval=3600) as st:
+        eng = st._engine
+        spans.clear()
+        real_apply2 = eng.applier.apply
+
+        def apply2(events, applied_end):
+            spans.append((threading.current_thread().name, applied_end - events[0].lsn))
+            return real_apply2(events, applied_end)
+        eng.applier.apply = apply2
+        for i in range(9000):
+            with st.transaction() as tx:
+                tx.put(f"j{i}", value)
+        st.checkpoint()
+        assert len(spans) == 1 and spans[0][1] > 8 << 20, spans
+        assert st.stats()["unapplied_events"] == 0
