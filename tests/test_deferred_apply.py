@@ -218,6 +218,19 @@ def test_scans_interleaved_with_partial_applies_match_a_model(tmp_path):
             assert got == want, f"round {_round}"
 
 
+def _record_batches(st) -> list[tuple[str, int]]:
+    """(thread name, log bytes) of each LMDB commit the store's applier makes from now."""
+    spans: list[tuple[str, int]] = []
+    applier = st._engine.applier
+    real_apply = applier.apply
+
+    def apply(events, applied_end):
+        spans.append((threading.current_thread().name, applied_end - events[0].lsn))
+        return real_apply(events, applied_end)
+    applier.apply = apply
+    return spans
+
+
 def test_the_applier_checkpoint_writes_lmdb_in_small_batches_a_waiting_one_in_big(tmp_path):
     """An LMDB commit's sync delays every WAL fsync issued beside it for as long as it
     lasts: the applier's own checkpoint (commits may be running) applies its backlog in
@@ -227,14 +240,7 @@ def test_the_applier_checkpoint_writes_lmdb_in_small_batches_a_waiting_one_in_bi
     value = b"v" * 1024
     with walstore.open(str(tmp_path / "s"), durability="none", checkpoint_bytes=8 << 20,
                        apply_batch=10 ** 9, apply_interval=0.3) as st:
-        eng = st._engine
-        spans: list[tuple[str, int]] = []
-        real_apply = eng.applier.apply
-
-        def apply(events, applied_end):
-            spans.append((threading.current_thread().name, applied_end - events[0].lsn))
-            return real_apply(events, applied_end)
-        eng.applier.apply = apply
+        spans = _record_batches(st)
         for i in range(9000):  # ~9.5 MiB of log: over checkpoint_bytes, in well under 0.3 s
             with st.transaction() as tx:
                 tx.put(f"k{i}", value)
@@ -250,14 +256,7 @@ def test_the_applier_checkpoint_writes_lmdb_in_small_batches_a_waiting_one_in_bi
     # trigger): the explicit checkpoint drains alone, in big batches
     with walstore.open(str(tmp_path / "s2"), durability="none", checkpoint_bytes=1 << 40,
                        apply_batch=10 ** 9, apply_interval=3600) as st:
-        eng = st._engine
-        spans.clear()
-        real_apply2 = eng.applier.apply
-
-        def apply2(events, applied_end):
-            spans.append((threading.current_thread().name, applied_end - events[0].lsn))
-            return real_apply2(events, applied_end)
-        eng.applier.apply = apply2
+        spans = _record_batches(st)
         for i in range(9000):
             with st.transaction() as tx:
                 tx.put(f"j{i}", value)

@@ -374,7 +374,7 @@ class Engine:
         chase the events committed after it began.  A drain someone waits for takes big
         batches (few LMDB syncs); the applier's own checkpoint takes its usual ones: an
         LMDB commit's sync delays the WAL fsyncs of the commits running beside it for as
-        long as it lasts (a 16 MiB batch: 300-400 ms here).  60,000 durable 2 KiB commits
+        long as it lasts (a 16 MiB batch: 300-600 ms here).  60,000 durable 2 KiB commits
         in a row, 5 alternating runs: p99.9 2.2-3.2 ms against 3.0-4.4 ms, the slowest
         commit 10-15 ms against 16-20 ms (PROFILE.md, tenth round)."""
         limit, max_bytes = ((None, APPLY_BATCH_BYTES) if background
