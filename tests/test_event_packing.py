@@ -10,7 +10,8 @@ import pytest
 import walstore
 from walstore.codec import encode_key, pack, unpack
 from walstore.log.reader import LogReader
-from walstore.log.records import PLAIN_FIELDS, Event, with_writes
+from walstore.engine import tables
+from walstore.log.records import PLAIN_FIELDS, Event, extend_map, with_writes
 
 
 @pytest.mark.parametrize("n", [0, 1, 13, 14, 15, 16, 300, 65535, 65536])
@@ -25,6 +26,29 @@ def test_with_writes_is_the_map_with_w_last(n):
 def test_with_writes_refuses_what_is_not_a_map():
     with pytest.raises(ValueError):
         with_writes(pack([1, 2]), pack([]))
+
+
+@pytest.mark.parametrize("n", [0, 1, 12, 13, 15, 16, 300, 65533, 65534])
+def test_extend_map_is_the_merged_map_at_every_header_size(n):
+    body = {f"f{i}": i for i in range(n)}
+    extra = {"lsn": 7, "end": 9, "w": [[b"k", None]]}
+    got = extend_map(pack(body), extra)
+    assert got == pack(dict(body, **extra))  # byte for byte: the same entries, in order
+    with pytest.raises(ValueError):
+        extend_map(pack([1]), extra)
+
+
+@pytest.mark.parametrize("scope", [None, b"conv-1", "agents/a/"])
+def test_a_plain_commits_txns_row_is_the_row_of_its_decoded_body(scope):
+    body = {"ts": 1733000000.25, "meta": {"agent": "a", "n": [1, 2]}, "tx": 41}
+    if scope is not None:
+        body["scope"] = scope
+    writes = ((b"k1", pack(1)), (b"gone", None))
+    packed = Event(100, 180, 1, 41, pack(body), writes)
+    decoded = Event(100, 180, 1, 41, dict(body), writes)
+    assert packed.packed_body is not None and decoded.packed_body is None
+    assert (unpack(tables.plain_txn_row(packed, packed.packed_body))
+            == unpack(pack(tables.txn_row(decoded))))
 
 
 def _unapplied(store, txid):
@@ -54,8 +78,10 @@ def test_a_plain_commit_waits_packed_and_reads_back(tmp_path):
         assert info.scope == b"conv-1"
         assert s.get(b"k") == {"v": 1}
         s._engine.drain()
-        assert e.body["meta"]["agent"] == "a"  # (thawed by the applier)
-        assert s.log(limit=1)[0].meta == info.meta and s.log(limit=1)[0].scope == b"conv-1"
+        assert e.body["meta"]["agent"] == "a"  # (still decodable once applied)
+        after = s.log(limit=1)[0]  # its txns row, written from the packed body
+        for f in ("txid", "lsn", "timestamp", "meta", "keys", "actions", "scope"):
+            assert getattr(after, f) == getattr(info, f), f
     # the record on disk: the same map it always was, ``tx`` then ``w`` last
     payloads = [unpack(r.payload) for r in LogReader(str(tmp_path / "s" / "wal"), None)
                 .records() if r.type == 1]

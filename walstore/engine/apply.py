@@ -39,6 +39,8 @@ class Applier:
         its own LMDB transaction (what it erases must not include later writes)."""
         start = 0
         for i, e in enumerate(events):
+            if e.packed_body is not None:
+                continue  # a plain commit (no purge): its body stays packed (see _apply)
             e.thaw()  # (a body kept packed while it waited: decoded once, here)
             if e.type == _T.COMMIT and "purge" in e.body and i + 1 < len(events):
                 self._apply(events[start:i + 1], e.end)
@@ -68,6 +70,12 @@ class Applier:
                         if before is None:
                             new_keys.append((k, b""))
                         latest[k] = v
+                    packed = e.packed_body
+                    if packed is not None:  # plain: no gid, actions, files or purge
+                        txn_rows.append((txid_raw, tables.plain_txn_row(e, packed)))
+                        if txn.delete(txid_raw, db=st.inflight):
+                            _commit_files(txn, st, e)  # (it logged records it undid itself)
+                        continue
                     txn_rows.append((txid_raw, pack(tables.txn_row(e))))
                     gid = e.body.get("gid")
                     if gid:
@@ -116,7 +124,7 @@ class Applier:
                 txn.cursor(db=st.actions).putmulti(
                     [(aid.encode(), pack(row)) for aid, row in actions.items()])
             for e in events:
-                if e.type == _T.COMMIT and "purge" in e.body:
+                if e.type == _T.COMMIT and e.packed_body is None and "purge" in e.body:
                     _erase_range(txn, st, e.body["purge_range"])
                     txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
             txn.put(b"applied", u64(applied_end), db=st.meta)

@@ -28,7 +28,7 @@ import struct
 from typing import Callable
 
 from ..log.format import RecordType
-from ..log.records import Event, commit_ts
+from ..log.records import Event, commit_ts, extend_map
 
 _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
@@ -77,6 +77,15 @@ def txn_row(event: Event) -> dict:
         if f in b:
             row[f] = b[f]
     return row
+
+
+def plain_txn_row(event: Event, packed_body: bytes) -> bytes:
+    """``pack(txn_row(event))`` of a plain commit (``event.packed_body``), without decoding
+    its body: a plain body holds only ``tx``, ``ts`` (the clock's float), ``meta`` and
+    perhaps ``scope`` (the pipeline writes all but ``scope`` for every commit), which
+    ``txn_row`` copies as they are; the row adds ``lsn``, ``end`` and the keys."""
+    return extend_map(packed_body, {"lsn": event.lsn, "end": event.end,
+                                    "w": [[k, None] for k, _v in event.writes or ()]})
 
 
 # ---- action rows ----------------------------------------------------------------------

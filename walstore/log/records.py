@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codec import unpack
+from ..codec import pack, unpack
 from .format import RecordType
 
 _WRITES, _COMMIT = RecordType.WRITES, RecordType.COMMIT
@@ -112,6 +112,13 @@ class Event:
             return body.get(name, default)
         return unpack(body).get(name, default) if name in PLAIN_FIELDS else default
 
+    @property
+    def packed_body(self) -> bytes | None:
+        """The body still packed (a plain commit: only PLAIN_FIELDS), else None.  The
+        applier writes such a commit's ``txns`` row from it without decoding it."""
+        body = self._body
+        return None if type(body) is dict else body
+
     def thaw(self) -> dict:
         """Decode a packed body for good (the applier, about to put the event in LMDB)."""
         body = self._body
@@ -149,6 +156,34 @@ def with_writes(packed_body: bytes, packed_writes: bytes) -> bytes:
     n += 1
     head = b"\xde" + n.to_bytes(2, "big") if n <= 0xFFFF else b"\xdf" + n.to_bytes(4, "big")
     return b"".join((head, rest, b"\xa1w", packed_writes))
+
+
+def extend_map(packed_map: bytes, extra: dict) -> bytes:
+    """``pack(dict(unpack(packed_map), **extra))`` without decoding ``packed_map`` (its
+    keys must differ from ``extra``'s): the entries of both maps under one header."""
+    packed_extra = pack(extra)
+    m, rest = _map_head(packed_map)
+    x, extra_rest = _map_head(packed_extra)
+    n = m + x
+    if n < 16:
+        head = _FIXMAP[n]
+    elif n <= 0xFFFF:
+        head = b"\xde" + n.to_bytes(2, "big")
+    else:
+        head = b"\xdf" + n.to_bytes(4, "big")
+    return b"".join((head, rest, extra_rest))
+
+
+def _map_head(packed: bytes) -> tuple[int, bytes]:
+    """(entries, the bytes after the header) of a packed msgpack map."""
+    first = packed[0]
+    if 0x80 <= first <= 0x8f:
+        return first - 0x80, packed[1:]
+    if first == 0xde:
+        return int.from_bytes(packed[1:3], "big"), packed[3:]
+    if first == 0xdf:
+        return int.from_bytes(packed[1:5], "big"), packed[5:]
+    raise ValueError("not a packed msgpack map")
 
 
 def decode(payload: bytes) -> dict:
