@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      CorruptionError, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
-                     FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreLocked,
+                     FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
+                     StoreLocked,
                      TransactionClosed, UnknownPoint, WalstoreError)
 from .options import Options
 from .engine.recovery import RecoveryReport
@@ -32,7 +33,7 @@ __all__ = [
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
-    "ReplicationError", "FileConflictError", "restore",
+    "ReplicationError", "FileConflictError", "StoreIOError", "restore",
 ]
 
 

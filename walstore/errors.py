@@ -103,6 +103,13 @@ class NotAStore(WalstoreError):
     """The path exists but is not a walstore store (or is of an unknown format version)."""
 
 
+class StoreIOError(WalstoreError, OSError):
+    """The operating system failed an operation on the store's files (a full disk, a
+    read-only file system, EIO, no permission): ``errno``, ``strerror`` and ``filename``
+    are the OSError's, which is chained as the cause.  Also an OSError, so code that
+    handles OS errors keeps working."""
+
+
 class TransactionClosed(StoreClosed):
     """The transaction was already committed or rolled back."""
 

@@ -395,11 +395,13 @@ class Store:
         """Undo one committed transaction as a new transaction (and compensate its
         actions); None when nothing is left to undo.  See walstore.agent.undo for scope,
         dry_run, force, and how an undo finishes under concurrent writers."""
+        self._engine.check_open()
         return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
                meta: Any = None) -> TxnInfo | UndoPlan | None:
         """Undo every transaction committed after ``to``, as one new transaction."""
+        self._engine.check_open()
         return self._undo.rewind(to, scope, dry_run, force, meta)
 
     def purge(self, prefix: Key) -> dict:

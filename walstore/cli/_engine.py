@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Iterator
 
+from ..codec import encode_key
 from ..engine.layout import Layout
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
@@ -17,11 +18,16 @@ from ..ops.verify import VerifyReport, verify_store as _verify_store
 from ..options import Options
 from ..store import Store
 
-__all__ = ["RECOVERY_MODES", "open_for_recovery", "verify", "wal_records", "backup",
+__all__ = ["RECOVERY_MODES", "check_key", "open_for_recovery", "verify", "wal_records", "backup",
            "is_store", "lmdb_file", "prepared_details", "run_demo", "benchmarks",
            "replication", "tracked_files", "changes_between"]
 
 Progress = Callable[[int, int], None] | None
+
+
+def check_key(key: Any) -> None:
+    """TypeError/ValueError naming the problem when walstore would refuse ``key``."""
+    encode_key(key)
 
 
 def open_for_recovery(path: str, mode: str, compensators: dict | None,

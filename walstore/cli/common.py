@@ -10,7 +10,7 @@ import click
 
 import walstore
 
-from .output import UsageProblem, jsonable, show_value, table
+from .output import UsageProblem, show_value, table
 
 PATH = click.argument("path", type=click.Path(file_okay=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
@@ -78,8 +78,10 @@ def last_error(action: walstore.Action, reason: str | None) -> str:
 
 
 def action_docs(actions: list[walstore.Action], compensators: dict | None) -> list[dict]:
-    """--json rows: the action's fields plus ``reason`` (see :func:`owed_reason`)."""
-    return [dict(jsonable(a.as_dict()), reason=owed_reason(a, compensators)) for a in actions]
+    """--json rows: the action's fields plus ``reason`` (see :func:`owed_reason`), left as
+    data: ``emit_json`` renders the whole document once (rendered twice, a tag such as
+    ``{"float": "nan"}`` would read as a one-key map and become ``{"map": ...}``)."""
+    return [dict(a.as_dict(), reason=owed_reason(a, compensators)) for a in actions]
 
 
 def action_table(actions: list[walstore.Action], compensators: dict | None,

@@ -8,7 +8,7 @@ import click
 
 from . import main
 from .common import JSON, PATH, open_store
-from .output import (EXIT_USAGE, KEY, UsageProblem, emit_json, fail, parse_json_value, show_key, show_value,
+from .output import (EXIT_USAGE, KEY, PREFIX, UsageProblem, emit_json, fail, parse_json_value, show_key, show_value,
                      table)
 
 
@@ -76,7 +76,7 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
 
 @main.command()
 @PATH
-@click.option("--prefix", type=KEY, default=None, help="Only keys starting with this KEY.")
+@click.option("--prefix", type=PREFIX, default=None, help="Only keys starting with this KEY.")
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @JSON
 def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool) -> None:

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, NoReturn
 
 import click
 
+from ._engine import check_key
+
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 TAGS = frozenset({"base64", "float", "map"})
@@ -219,13 +221,28 @@ def show_key(k: str | bytes) -> str:
 
 
 class KeyType(click.ParamType):
+    """A KEY on the command line: parsed (:func:`parse_key`) and checked as walstore checks
+    a key (not empty, at most MAX_KEY_BYTES, valid UTF-8), so a bad one is a usage error
+    (exit 2) before the store is opened.  ``allow_empty``: '' means "no prefix" (scan)."""
+
     name = "KEY"
 
+    def __init__(self, allow_empty: bool = False) -> None:
+        self.allow_empty = allow_empty
+
     def convert(self, value: Any, param: Any, ctx: Any) -> str | bytes:
-        return parse_key(value) if isinstance(value, str) else value
+        key = parse_key(value) if isinstance(value, str) else value
+        if self.allow_empty and not key:
+            return key
+        try:
+            check_key(key)
+        except (TypeError, ValueError) as e:
+            raise UsageProblem(f"bad key {value!r}: {e}") from None
+        return key
 
 
 KEY = KeyType()
+PREFIX = KeyType(allow_empty=True)  # scan --prefix: '' is every key
 
 
 # ---- points ----------------------------------------------------------------------------------

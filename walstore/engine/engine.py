@@ -21,6 +21,7 @@ MemTable; reopening recovers.  Errors after a commit's point of no return are co
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import shutil
@@ -29,7 +30,8 @@ import time
 from typing import Any, Callable
 
 from .. import fileio
-from ..errors import NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed
+from ..errors import (NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed, StoreIOError,
+                      WalstoreError)
 from ..log.format import RecordType
 from ..log.records import Event
 from ..log.segment import create_segment, list_segments
@@ -54,6 +56,7 @@ APPLY_WAKE_BYTES = 32 << 20  # unapplied log bytes that make the applier work un
 DRAIN_BATCH, DRAIN_BATCH_BYTES = 20_000, 16 << 20  # a drain's or checkpoint's LMDB commits:
 # few syncs, yet bounded memory (one LMDB transaction keeps every page it dirties in RAM)
 RECOVER_MODES = ("auto", "manual")
+MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
 
 class Engine:
@@ -68,10 +71,10 @@ class Engine:
         if recover not in RECOVER_MODES:
             raise ValueError(f"recover must be 'auto' or 'manual', not {recover!r}")
         if map_size is not None and (not isinstance(map_size, int) or isinstance(map_size, bool)
-                                     or map_size < 1 << 16):
-            raise ValueError(f"map_size={map_size!r} is out of range: an integer of at least "
-                             f"65,536 bytes (LMDB's map grows by itself when full; the default "
-                             f"of 64 GiB of address space suffices)")
+                                     or not 1 << 16 <= map_size <= MAX_MAP_SIZE):
+            raise ValueError(f"map_size={map_size!r} is out of range: an integer from 65,536 "
+                             f"bytes to 64 TiB (LMDB's map grows by itself when full; the "
+                             f"default of 64 GiB of address space suffices)")
         self.layout = Layout(path)
         self.path = self.layout.root
         self.durability = durability
@@ -95,9 +98,9 @@ class Engine:
         self._apply_lock = threading.Lock()
         self._checkpoint_lock = threading.RLock()
         self.applied_lsn = 0
-        if not self.layout.exists() and (readonly or not create):
-            self.layout.read_identity()  # raises NotAStore with the reason
         try:
+            if not self.layout.exists() and (readonly or not create):
+                self.layout.read_identity()  # raises NotAStore with the reason
             if not readonly:
                 self._lock_and_create()
             self.store_id = self.layout.read_identity()
@@ -109,13 +112,27 @@ class Engine:
                 self._open_readonly()
             else:
                 self._open_writer(recover, progress)
-        except BaseException:
+        except BaseException as e:
             self._release()
+            if isinstance(e, OSError) and not isinstance(e, WalstoreError):
+                raise self._open_failed(e) from e
             raise
         if not readonly:
             self._start_threads()
 
     # ---- opening ------------------------------------------------------------------------
+    def _open_failed(self, e: OSError) -> WalstoreError:
+        """The walstore error for an OS error while opening: NotAStore when the path cannot
+        be a store directory (a missing parent, a parent or STORE of the wrong type) while
+        its directory and identity were made or read, else StoreIOError (a full disk, a
+        read-only file system, EIO, no permission) naming the file."""
+        if self.state is None and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+            where = f" ({e.filename})" if e.filename else ""
+            return NotAStore(f"cannot open or create a store at {self.path}: "
+                             f"{e.strerror or e}{where}")
+        return StoreIOError(e.errno, f"opening the store at {self.path} failed: "
+                                     f"{e.strerror or e}", e.filename)
+
     def _lock_and_create(self) -> None:
         """Take the writer lock, creating the store first if needed (under the lock, so
         two processes opening a new path at once cannot both create it)."""

@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import lmdb
 
 from .. import fileio
-from ..errors import CorruptionError, ReadOnlyError, WalstoreError
+from ..errors import CorruptionError, ReadOnlyError, StoreClosed, WalstoreError
 from .lmdb_check import check_lmdb_files
 
 T = TypeVar("T")
@@ -370,11 +370,21 @@ class LmdbState:
             try:
                 yield txn
             except lmdb.Error as e:
-                raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+                raise self._read_failed(e) from e
             finally:
                 txn.abort()
         finally:
             self.gate.leave(slot)
+
+    def _read_failed(self, e: lmdb.Error) -> Exception:
+        """What a failed LMDB read raises: StoreClosed once this state is closed (py-lmdb
+        then fails every handle: not damage), ValueError for a key LMDB cannot look up
+        (empty, or over its 511-byte limit: the caller's input), else CorruptionError."""
+        if not self._shared:
+            return StoreClosed(f"the store's LMDB state ({self.path}) is closed")
+        if isinstance(e, lmdb.BadValsizeError):
+            return ValueError(f"LMDB cannot look up a key of that size: {e}")
+        return CorruptionError(f"LMDB read failed: {e}", file=self.data_file)
 
     def _begin(self) -> lmdb.Transaction:
         try:
@@ -384,7 +394,7 @@ class LmdbState:
             self.gate.exclusive(lambda: self.env.set_mapsize(0))
             return self.env.begin()
         except lmdb.Error as e:
-            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+            raise self._read_failed(e) from e
 
     def _table(self, db):
         """The handle of table ``db`` (DATA or a table name such as ``"meta"``; None when an
@@ -415,7 +425,7 @@ class LmdbState:
             finally:
                 txn.abort()
         except lmdb.Error as e:
-            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+            raise self._read_failed(e) from e
         finally:
             gate.leave(slot)
 
@@ -447,7 +457,7 @@ class LmdbState:
             finally:
                 txn.abort()
         except lmdb.Error as e:
-            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+            raise self._read_failed(e) from e
         finally:
             if slot.depth == 1:
                 slot.depth = 0
@@ -480,7 +490,7 @@ class LmdbState:
             finally:
                 txn.abort()
         except lmdb.Error as e:
-            raise CorruptionError(f"LMDB read failed: {e}", file=self.data_file) from e
+            raise self._read_failed(e) from e
         finally:
             if slot.depth == 1:
                 slot.depth = 0

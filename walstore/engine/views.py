@@ -20,6 +20,7 @@ from .memtable import MemTable
 from . import tables
 
 _T = RecordType
+MAX_ACTION_ID_BYTES = 480  # an action id is "<txid>.<seq>"; LMDB keys stop at 511 bytes
 _ACTION_TYPES = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
                            _T.ROLLBACK_PREPARED, _T.COMPENSATED})
 
@@ -35,7 +36,13 @@ class Views:
 
     # ---- actions ------------------------------------------------------------------------
     def _lmdb_action(self, aid: str) -> dict | None:
-        raw = self.state.get(aid.encode(), "actions")
+        try:
+            key = aid.encode()
+        except UnicodeEncodeError:
+            return None  # (an id is "<txid>.<seq>": no such text names one)
+        if not key or len(key) > MAX_ACTION_ID_BYTES:
+            return None  # (nor can LMDB look it up: MDB_BAD_VALSIZE)
+        raw = self.state.get(key, "actions")
         return None if raw is None else unpack(raw)
 
     def _fold_actions(self, include_unpublished: bool) -> dict[str, dict]:

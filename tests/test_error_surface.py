@@ -1,0 +1,130 @@
+"""Bad input and bad state meet walstore's own errors, never an OSError, an lmdb.Error
+dressed as corruption, or the wrong transaction (found by an adversarial probe of the
+contract, 2026-12-01): opening paths that cannot be a store, a closed store's undo and
+views, action ids LMDB cannot look up, a log position passed where a txid is meant, and
+the command line's usage errors and JSON tags."""
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+
+import pytest
+from click.testing import CliRunner
+
+import walstore
+from walstore.cli import main
+
+
+def cli(*args: str, code: int = 0):
+    r = CliRunner().invoke(main, list(args))
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert "Traceback" not in r.output
+    return r
+
+
+def _store(path, n: int = 3) -> walstore.Store:
+    s = walstore.open(str(path), durability="none")
+    for i in range(1, n + 1):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+    return s
+
+
+# ---- opening ------------------------------------------------------------------------------
+def test_a_path_that_cannot_hold_a_store_is_not_a_store(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for path in (tmp_path / "afile" / "sub", tmp_path / "afile" / "a" / "b"):
+        with pytest.raises(walstore.NotAStore, match="Not a directory"):
+            walstore.open(str(path), durability="none")
+    os.chmod(tmp_path, 0o500)  # no write permission: creating the store directory fails
+    try:
+        if os.geteuid() != 0:  # (root writes anyway)
+            with pytest.raises(walstore.StoreIOError, match="Permission denied") as e:
+                walstore.open(str(tmp_path / "new"), durability="none")
+            assert isinstance(e.value, OSError) and e.value.errno == errno.EACCES
+    finally:
+        os.chmod(tmp_path, 0o700)
+
+
+def test_a_store_file_that_is_a_directory_is_refused_read_only_too(tmp_path):
+    _store(tmp_path / "s").close()
+    os.remove(tmp_path / "s" / "STORE")
+    os.mkdir(tmp_path / "s" / "STORE")
+    for kw in ({"readonly": True}, {}):
+        with pytest.raises(walstore.NotAStore):
+            walstore.open(str(tmp_path / "s"), durability="none", **kw)
+
+
+@pytest.mark.parametrize("size", [2 ** 80, 2 ** 64, (1 << 46) + 1])
+def test_a_map_size_beyond_any_address_space_is_a_value_error_leaving_nothing(tmp_path, size):
+    with pytest.raises(ValueError, match="map_size"):
+        walstore.open(str(tmp_path / "m"), map_size=size)
+    assert not (tmp_path / "m").exists()
+
+
+# ---- a closed store ------------------------------------------------------------------------
+def test_a_closed_stores_undo_and_views_raise_store_closed_not_corruption(tmp_path):
+    s = _store(tmp_path / "s")
+    s.restore_point("rp")
+    view = s.at(2)
+    s.close()
+    calls = [lambda: s.revert(1), lambda: s.revert(1, dry_run=True), lambda: s.rewind("rp"),
+             lambda: s.rewind("rp", dry_run=True), lambda: view.get("k1"),
+             lambda: list(view.scan())]
+    for call in calls:
+        with pytest.raises(walstore.StoreClosed):
+            call()
+    with walstore.open(str(tmp_path / "s"), durability="none") as again:
+        assert [again.get(f"k{i}") for i in (1, 2, 3)] == [1, 2, 3]  # nothing changed
+
+
+# ---- action ids ----------------------------------------------------------------------------
+@pytest.mark.parametrize("aid", ["", "x" * 600, "\ud800", None, 5])
+def test_an_action_id_that_names_nothing_is_a_key_error(tmp_path, aid):
+    with _store(tmp_path / "s") as s:
+        for call in (s.get_action, s.resolve):
+            with pytest.raises(KeyError, match="no action with id"):
+                call(aid)
+
+
+# ---- a log position is not a txid ----------------------------------------------------------
+def test_revert_refuses_a_log_position_and_changes_nothing(tmp_path):
+    with _store(tmp_path / "s", n=40) as s:
+        lsn = s.txn_info(2).lsn
+        assert isinstance(lsn, walstore.LSN) and int(lsn) > 2
+        before = dict(s.scan())
+        for dry in (True, False):
+            with pytest.raises(TypeError, match="log position"):
+                s.revert(lsn, dry_run=dry)
+        assert dict(s.scan()) == before
+        s.revert(2)  # the txid itself still works
+        assert s.get("k2") is None and s.get("k3") == 3
+
+
+# ---- the command line ----------------------------------------------------------------------
+def test_an_empty_or_oversized_key_on_the_command_line_is_a_usage_error(tmp_path):
+    path = str(tmp_path / "s")
+    _store(path).close()
+    for args in (["get", path, ""], ["history", path, ""], ["delete", path, ""],
+                 ["purge", path, "", "--yes"], ["rewind", path, "--to", "1", "--scope", "",
+                                                "--dry-run"], ["put", path, "", "1"],
+                 ["get", path, "x" * 600], ["resolve", path, ""]):
+        r = cli(*args, code=2)
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith("walstore: ")
+    assert json.loads(cli("get", path, "k1").stdout) == 1  # nothing was deleted or purged
+    assert "k3" in cli("scan", path, "--prefix", "").stdout  # '' is every key there
+
+
+def test_actions_json_renders_nan_and_bytes_as_tags_once(tmp_path):
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none", compensators={"c": lambda a: None}) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+            with tx.action("act", args={"n": math.nan, "b": b"\x01"}, compensate="c"):
+                pass
+    log_args = json.loads(cli("log", path, "--json").stdout)["transactions"][0]["actions"][0]
+    acts = json.loads(cli("actions", path, "--json").stdout)["actions"]
+    assert acts[0]["args"] == {"b": {"base64": "AQ=="}, "n": {"float": "nan"}}
+    assert log_args["args"] == acts[0]["args"]
