@@ -51,6 +51,14 @@ def test_a_plain_commits_txns_row_is_the_row_of_its_decoded_body(scope):
             == unpack(pack(tables.txn_row(decoded))))
 
 
+@pytest.mark.parametrize("fields", [9, 12, 13, 20])
+def test_plain_txn_row_joins_any_map_it_is_given(fields):
+    body = {f"x{i}": i for i in range(fields)}  # (past a fixmap's room: the general path)
+    ev = Event(100, 180, 1, 41, pack(body), ((b"k", None),))
+    row = unpack(tables.plain_txn_row(ev, ev.packed_body))
+    assert row == dict(body, lsn=100, end=180, w=[[b"k", None]])
+
+
 def _unapplied(store, txid):
     mt = store._engine.memtable
     return next(e for e in mt.events if e.txid == txid and e.type == 1)  # (its COMMIT)
@@ -119,3 +127,32 @@ def test_events_built_by_hand_or_by_the_log_reader_take_a_dict():
     assert p.field("ts") == 2.0 and p.field("purge_range") is None
     assert p.thaw() == {"ts": 2.0, "tx": 3} and type(p._body) is dict
     assert "ts" in repr(p)
+
+
+@pytest.mark.parametrize("apart", [False, True])
+def test_a_plain_commit_whose_intent_was_rolled_back_leaves_no_in_flight_row(tmp_path, apart):
+    """A transaction that ran an action, rolled it back to a savepoint (compensated), then
+    committed plain writes: its COMMIT is plain, yet its intent left an ``inflight`` row,
+    which the applier must delete (else the next recovery takes it for a loser), whether
+    the intent was applied in an earlier LMDB batch (``apart``) or in the same one."""
+    runs = []
+    s = walstore.open(tmp_path / "s", apply_interval=3600, apply_batch=10**6)
+    s.compensator("undo")(lambda a: runs.append(a.id))
+    with s.transaction() as tx:
+        sp = tx.savepoint("a")
+        with tx.action("x", compensate="undo") as act:
+            act.result = 1
+        tx.rollback_to(sp)
+        if apart:
+            s._engine.drain()  # the intent reaches LMDB before the commit is logged
+            assert list(s._engine.state.scan(b"", None, db="inflight"))
+        tx.put("k", 1)
+    assert runs == ["%d.1" % tx.id]
+    assert _unapplied(s, tx.id).packed_body is not None  # (plain)
+    s._engine.drain()
+    assert list(s._engine.state.scan(b"", None, db="inflight")) == []
+    s._engine.drop_like_a_crash()
+    with walstore.open(tmp_path / "s") as again:
+        again.compensator("undo")(lambda a: runs.append(a.id))
+        assert again.get("k") == 1 and again.pending_compensations() == []
+        assert runs == ["%d.1" % tx.id]  # never compensated twice

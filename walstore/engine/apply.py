@@ -55,6 +55,9 @@ class Applier:
             hist_rows, bylsn_rows, txn_rows, new_keys = [], [], [], []
             actions: dict[str, dict] = {}
             max_txid = -1
+            # whether ``inflight`` may hold a row (exact: its count, then every put below);
+            # a plain commit looks its txid up there only then (most batches: never)
+            inflight_rows = txn.stat(st.inflight)["entries"] > 0
             for e in events:
                 if e.txid > max_txid:
                     max_txid = e.txid
@@ -73,7 +76,7 @@ class Applier:
                     packed = e.packed_body
                     if packed is not None:  # plain: no gid, actions, files or purge
                         txn_rows.append((txid_raw, tables.plain_txn_row(e, packed)))
-                        if txn.delete(txid_raw, db=st.inflight):
+                        if inflight_rows and txn.delete(txid_raw, db=st.inflight):
                             _commit_files(txn, st, e)  # (it logged records it undid itself)
                         continue
                     txn_rows.append((txid_raw, pack(tables.txn_row(e))))
@@ -90,12 +93,14 @@ class Applier:
                         self._decide(txn, e.body["gid"], b"abort")
                 elif t == _T.ACTION_INTENT:
                     txn.put(tables.txid_key(e.txid), b"", db=st.inflight)
+                    inflight_rows = True
                 elif t == _T.PREPARE:
                     row = dict(e.body, w=[[k, v] for k, v in e.writes])
                     txn.put(PREPARED_PREFIX + str(e.body["gid"]).encode(), pack(row),
                             db=st.twophase)
                 elif t in _FILE_EVENTS:
                     _apply_file_event(txn, st, e)
+                    inflight_rows = True  # (FILE_STEPS and WATCH_BEGIN put one)
                 elif t == _T.RESTORE_POINT:
                     name = str(e.body.get("name", "")).encode("utf-8")
                     if e.body.get("drop"):
