@@ -123,11 +123,16 @@ class Journal:
         self.memtable.void_from(lsn)
 
     def _publish_written(self, end: int) -> None:
+        """An append just wrote up to ``end`` (the caller holds ``lock``): under "normal"
+        and "none" it is visible at once."""
         if self.durability != "full":
-            self.publish(end)
+            self.memtable.publish(end)  # (``lock`` is this durability's publication lock)
 
     def publish(self, upto: int) -> None:
-        with self._publish_lock:
+        """Move the watermark up to ``upto`` (never down).  Under "full" the fsync leader
+        publishes without ``lock`` (appenders keep appending meanwhile), so publishers
+        serialize on their own lock; otherwise on ``lock``, which every append holds."""
+        with (self._publish_lock if self.durability == "full" else self.lock):
             self.memtable.publish(upto)
 
     @property
