@@ -136,6 +136,40 @@ def test_in_flight_transaction_at_cut_is_not_run(replica, tmp_path):
         src.close()
 
 
+def test_restore_to_a_time_keeps_what_was_logged_before_it(replica, tmp_path):
+    """A time is a cut of the log, not of the commits: a restore point made and an action
+    begun after the last commit before the time are in the copy (the action listed as
+    owed, not run); nothing logged after the time is."""
+    ran = []
+    src = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                        replicate_options=replica.opts(), compensators={"undo": ran.append})
+    try:
+        src.run(lambda tx: tx.put("a", 1))
+        src.restore_point("before")
+        tx = src.transaction()
+        with tx.action("charge", args={"amount": 5}, compensate="undo") as act:
+            act.result = {"charge": "c1"}
+        time.sleep(0.05)
+        when = dt.datetime.now(dt.timezone.utc)
+        time.sleep(0.05)
+        src.restore_point("after")
+        tx.put("b", 2)
+        tx.commit()
+        src.run(lambda t: t.put("c", 3))
+        src.sync_replica(timeout=30)
+        report = walstore.restore(replica.url, str(tmp_path / "r"), to=when,
+                                  replicate_options=replica.options)
+        assert report["in_flight_txids"] == [tx.id]
+        with walstore.open(str(tmp_path / "r")) as r:
+            assert rows(r) == [("a", 1)]
+            assert set(r.restore_points()) == {"before"}
+            assert [(a.name, a.state) for a in r.pending_compensations()] == [
+                ("charge", "pending")]
+        assert ran == []
+    finally:
+        src.close()
+
+
 def test_hole_in_wal_objects_is_named(replica, tmp_path):
     src = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
                         replicate_options=replica.opts(compact_fanout=1000))

@@ -244,23 +244,39 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
     if isinstance(to, _dt.datetime):
         if to.tzinfo is None or to.utcoffset() is None:
             raise ValueError("a restore time must be timezone-aware (e.g. 2026-05-01T12:00Z)")
-        t = to.timestamp()
-        cands = [e for e in m.wal if e["t0"] is not None and e["t0"] <= t]
-        if not cands:
-            raise ReplicationError(f"{to.isoformat()} is before the first commit the replica "
-                                   f"holds")
-        best = None
-        for e in reversed(cands):
-            for lsn, rtype, raw, _s in fetch.records(e):
-                if rtype == logformat.COMMIT:
-                    ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
-                    if isinstance(ts, (int, float)) and ts <= t:
-                        best = lsn
-            if best is not None:
-                return best, f"the last commit at or before {to.isoformat()}"
-        raise ReplicationError(f"no commit at or before {to.isoformat()} in the replica")
+        return _cut_at_time(m, fetch, to)
     raise TypeError(f"a restore target is a txid, walstore.LSN, a restore point name or an "
                     f"aware datetime, not {type(to).__name__}")
+
+
+def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, str]:
+    """The boundary of a restore to a time: every record logged at or before it.  From the
+    last commit stamped at or before ``to``, the records after it are kept up to the first
+    one stamped later (commits, intents, restore points and prepares carry the time they
+    were logged): a restore point made, or an action begun, after that commit and before
+    ``to`` is in the copy, as in the source at that time.  A record with no stamp (a WRITES
+    chunk, an action's result) lying between is kept; nothing stamped later is."""
+    t = to.timestamp()
+    first = next((i for i in range(len(m.wal) - 1, -1, -1)
+                  if m.wal[i]["t0"] is not None and m.wal[i]["t0"] <= t), None)
+    if first is None:
+        raise ReplicationError(f"{to.isoformat()} is before the first commit the replica "
+                               f"holds")
+    kept = None  # the last record kept, once the first commit at or before ``t`` is seen
+    for e in m.wal[first:]:
+        for lsn, rtype, raw, _s in fetch.records(e):
+            ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
+            stamped = isinstance(ts, (int, float)) and not isinstance(ts, bool)
+            if kept is None:
+                if rtype == logformat.COMMIT and stamped and ts <= t:
+                    kept = lsn
+                continue
+            if stamped and ts > t:
+                return kept, f"the last record at or before {to.isoformat()}"
+            kept = lsn
+    if kept is None:  # (the object's summary said it holds one: a replica changed under us)
+        raise ReplicationError(f"no commit at or before {to.isoformat()} in the replica")
+    return kept, f"the last record at or before {to.isoformat()}"
 
 
 # ---- restore ------------------------------------------------------------------------
