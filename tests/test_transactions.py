@@ -703,3 +703,51 @@ def test_scans_across_chunk_edges_match_a_model_both_ways(tmp_path, n):
         assert list(s.scan(prefix="k", reverse=True)) == want[::-1]
     finally:
         s.close()
+
+
+def test_transaction_ids_are_never_handed_out_twice_across_reopens_and_crashes(tmp_path):
+    """``tx.id`` is unique: ids of transactions that logged nothing (rolled back, read
+    only) are not handed out again after a clean reopen (which goes on where it stopped)
+    nor after a crash (which starts past the durable reservation)."""
+    path = str(tmp_path / "s")
+    seen: list[int] = []
+
+    def some(store, n=4):
+        store.run(lambda tx: tx.put("a", len(seen)))
+        seen.append(store.log(limit=1)[0].txid)
+        for _ in range(n):
+            tx = store.transaction()
+            tx.put("x", 1)
+            seen.append(tx.id)
+            tx.rollback()
+        tx = store.transaction()
+        tx.get("a")
+        tx.commit()
+        seen.append(tx.id)
+
+    s = walstore.open(path, durability="none")
+    some(s)
+    s.close()
+    s = walstore.open(path, durability="none")
+    some(s)
+    assert seen == list(range(seen[0], seen[0] + len(seen)))  # a clean reopen: no gap
+    s._engine.drop_like_a_crash()
+    s = walstore.open(path, durability="none")
+    some(s)
+    s._engine.drop_like_a_crash()
+    s = walstore.open(path, durability="none")
+    some(s)
+    s.close()
+    assert len(seen) == len(set(seen)), sorted(seen)
+
+
+def test_transaction_ids_past_the_reservation_extend_it_durably(tmp_path, monkeypatch):
+    from walstore.engine import engine as engine_mod
+    monkeypatch.setattr(engine_mod, "TXID_BLOCK", 8)
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="none")
+    ids = [s.transaction().id for _ in range(30)]  # crosses the reservation three times
+    assert s._engine.state.meta_int(b"txid_reserved") > max(ids)
+    s._engine.drop_like_a_crash()
+    with walstore.open(path, durability="none") as again:
+        assert again.transaction().id > max(ids)

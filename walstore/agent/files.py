@@ -31,12 +31,13 @@ import os
 import stat
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
 from ..codec import unpack
-from ..errors import CorruptionError, FileConflictError, WalstoreError
+from ..errors import ConflictError, CorruptionError, FileConflictError, WalstoreError
 from ..engine import tables
 from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 _T = RecordType
 STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch: several)
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
+CLAIMS_SLACK = 4096        # stale path claims kept before a prune (see Files._claim)
 
 
 @dataclass(eq=False)
@@ -162,6 +164,11 @@ class Files:
         self._ws_locks: dict[bytes, threading.RLock] = {}
         self._manifests: dict[bytes, Manifest] = {}
         self._gc_horizon = -1
+        # path claims (see ``_claim``): (root, path) -> the txid that last changed it, and
+        # each claimant's Transaction (weakly: a dropped one claims nothing)
+        self._claims: dict[tuple[bytes, bytes], int] = {}
+        self._claimants: dict[int, weakref.ref] = {}
+        self._claims_seeded = False
 
     @property
     def durable(self) -> bool:
@@ -316,6 +323,7 @@ class Files:
             steps = make_plan()
             if not steps:
                 return None
+            self._claim(tx, ws, steps)
             eff = self.log_steps(tx, ws, op, steps)
             tx.effects.append(eff)
             try:
@@ -328,6 +336,60 @@ class Files:
                         self.record(tx.id, [eff], [], durable=False)
                         tx.effects.remove(eff)
                 raise
+
+    # ---- path claims ------------------------------------------------------------------
+    def _claim(self, tx: "Transaction", ws: Workspace, steps: list) -> None:
+        """Changes happen in place at once, so a path changed by a transaction that has not
+        ended (open, or prepared and in doubt) is that transaction's until it ends: a
+        second transaction changing it would overwrite a change its owner may still undo
+        (its rollback would then find a stranger's version and quarantine it).  So the
+        second one gets ConflictError here, before anything is changed (caller holds
+        ``_lock``).  A claim of an ended transaction is stale and simply taken over."""
+        if not self._claims_seeded:
+            self._seed_claims()
+        root = ws.root_b
+        for c in steps:
+            owner = self._claims.get((root, c.path))
+            if owner is not None and owner != tx.id and self._live(owner):
+                where = abs_display(root, c.path)
+                raise ConflictError(f"transaction {tx.id} would change {where}, which "
+                                    f"transaction {owner} changed and has not ended (open, "
+                                    f"or prepared and in doubt); nothing was changed",
+                                    [where])
+        self._note_claims(tx, root, steps)
+
+    def _note_claims(self, tx: "Transaction", root: bytes, steps: list) -> None:
+        for c in steps:
+            self._claims[(root, c.path)] = tx.id
+        self._claimants[tx.id] = weakref.ref(tx)
+        if len(self._claims) > 2 * self._live_claims + CLAIMS_SLACK:
+            self._prune_claims()
+
+    _live_claims = 0  # claims held by live transactions at the last prune
+
+    def _live(self, txid: int) -> bool:
+        """Has transaction ``txid`` not ended: open (and not prepared away), or prepared?"""
+        ref = self._claimants.get(txid)
+        tx = ref() if ref is not None else None
+        if tx is not None and tx.state == "active" and tx.gid is None:
+            return True
+        return txid in self.engine.prepared.txids()
+
+    def _prune_claims(self) -> None:
+        """Forget the claims of ended transactions (bounded memory)."""
+        live = {t for t in set(self._claims.values()) if self._live(t)}
+        self._claims = {k: t for k, t in self._claims.items() if t in live}
+        self._claimants = {t: r for t, r in self._claimants.items() if t in live}
+        self._live_claims = len(self._claims)
+
+    def _seed_claims(self) -> None:
+        """Once per open: the paths of transactions still prepared from before (a crash or
+        a close left them in doubt) are theirs until decided."""
+        self._claims_seeded = True
+        for txid in sorted(self.engine.prepared.txids()):
+            for eff in self.effects_of(txid):
+                for c in getattr(eff, "steps", None) or ():
+                    self._claims[(eff.ws.root_b, c.path)] = txid
 
     def apply_undo(self, tx: "Transaction", items: list[FileUndo], force: bool) -> None:
         """A revert or rewind: put each path back (in ``tx``, before its commit), logged
@@ -399,6 +461,7 @@ class Files:
             forward = list(reversed(undo_order(changes)))
             eff = self.log_steps(tx, ws, "watch", forward, durable=False,
                                  watch=w.lsn) if forward else None
+            self._note_claims(tx, ws.root_b, forward)  # (changed already: claimed, unchecked)
             self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
                                                  "begin": w.lsn, "n": len(changes)},
                                   tx.id, durable=True)

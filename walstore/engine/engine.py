@@ -56,6 +56,7 @@ APPLY_WAKE_BYTES = 32 << 20  # unapplied log bytes that make the applier work un
 DRAIN_BATCH, DRAIN_BATCH_BYTES = 20_000, 16 << 20  # a drain's or checkpoint's LMDB commits:
 # few syncs, yet bounded memory (one LMDB transaction keeps every page it dirties in RAM)
 RECOVER_MODES = ("auto", "manual")
+TXID_BLOCK = 1 << 16  # transaction ids reserved durably at a time (see Engine.next_txid)
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
 
@@ -97,6 +98,8 @@ class Engine:
         self._room = threading.Condition(threading.Lock())
         self._apply_lock = threading.Lock()
         self._checkpoint_lock = threading.RLock()
+        self._txid_lock = threading.Lock()
+        self._txid_horizon = 0
         self.applied_lsn = 0
         try:
             if not self.layout.exists() and (readonly or not create):
@@ -162,9 +165,12 @@ class Engine:
         for row in self.views.prepared_rows().values():
             self.prepared.add(Prepared.from_row(row))
         report.in_doubt = sorted(self.prepared.by_gid)
-        top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1]
+        top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1,
+                   self.state.meta_int(b"txid_reserved", 1) - 1]
                   + [p.txid for p in self.prepared.by_gid.values()])
         self._txids = itertools.count(top + 1)
+        self._txid_horizon = top + 1 + TXID_BLOCK
+        self.applier.set_meta(b"txid_reserved", self._txid_horizon)  # (synced just below)
         # every transaction REDO left in flight is a loser too: one that logged only file
         # steps (no intent) in the tail is in the ``inflight`` table once REDO applied it
         report.losers = sorted((set(report.losers) | self._inflight_txids())
@@ -245,6 +251,7 @@ class Engine:
             # refused here instead of being shown as a silent prefix.
             Recovery(self.path, self.store_id, self.state, "strict", None, dry_run=True).run()
         self._txids = itertools.count(1)  # read-only transactions never log their id
+        self._txid_horizon = 1 << 64        # (nor reserve any)
         self.memtable = MemTable(published=self.state.applied_lsn(), limit=1 << 62)
         self.reader = StateReader(self.state, self.memtable)
         self.views = Views(self.state, self.memtable)
@@ -487,7 +494,23 @@ class Engine:
 
     # ---- writing ------------------------------------------------------------------------
     def next_txid(self) -> int:
-        return next(self._txids)
+        """A transaction id never handed out before in this store, across reopens and
+        crashes: ids below ``txid_reserved`` (durable in LMDB's meta) may have been, so an
+        open starts above it (a clean close writes the next id there, so ids go on where
+        they stopped; after a crash they jump by up to TXID_BLOCK)."""
+        n = next(self._txids)
+        if n >= self._txid_horizon:
+            self._reserve_txids(n)
+        return n
+
+    def _reserve_txids(self, n: int) -> None:
+        """Every TXID_BLOCK ids: move the durable reservation past ``n`` first."""
+        with self._txid_lock:
+            if n >= self._txid_horizon:
+                horizon = n + TXID_BLOCK
+                self.applier.set_meta(b"txid_reserved", horizon)
+                self.state.sync()
+                self._txid_horizon = horizon
 
     def log_event(self, rtype: int, body: dict, txid: int = -1, durable: bool = False) -> Event:
         """Append a non-commit event (an intent, a result, a compensation outcome, a restore
@@ -548,6 +571,7 @@ class Engine:
         try:
             if healthy:
                 self._checkpoint()
+                self.applier.set_meta(b"txid_reserved", next(self._txids))  # no gap next time
                 self.applier.set_meta(b"open", 0)
                 self.state.sync()
         finally:
