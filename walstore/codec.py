@@ -98,7 +98,11 @@ def prefix_end(prefix: bytes) -> bytes | None:
 def pack_value(value: Any, key: Any = None) -> bytes:
     """msgpack a user value, raising TypeError/ValueError that names the key and the problem."""
     try:
-        packed = _packer().pack(value)
+        try:
+            packer = _local.packer
+        except AttributeError:
+            packer = _packer()
+        packed = packer.pack(value)
     except TypeError as e:
         raise TypeError(f"value for key {key!r} cannot be stored: {e} "
                         f"(allowed: None, bool, int, float, str, bytes, list, dict)") from None
@@ -123,7 +127,11 @@ def unpack_value(packed: bytes) -> Any:
 
 def pack(obj: Any) -> bytes:
     """msgpack an internal structure (record payloads, metadata)."""
-    return _packer().pack(obj)
+    try:
+        packer = _local.packer  # (``_packer`` written out: every commit packs twice)
+    except AttributeError:
+        packer = _packer()
+    return packer.pack(obj)
 
 
 def unpack(data: bytes) -> Any:

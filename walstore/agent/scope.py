@@ -27,6 +27,8 @@ def register_scope_provider(fn: Callable[[], Any]) -> None:
 
 
 def current_scope() -> Any:
+    if not _providers:
+        return None  # (every transaction begins here: no integration registered, no cost)
     for fn in list(_providers):
         try:
             scope = fn()

@@ -144,8 +144,14 @@ class Applier:
         txn.put(DECISION_PREFIX + gid.encode(), decision, db=st.twophase)
 
     # ---- the engine's own bookkeeping ---------------------------------------------------
-    def set_meta(self, name: bytes, value: int) -> None:
-        self.state.write(lambda txn: txn.put(name, u64(value), db=self.state.meta))
+    def set_meta(self, name: bytes, value: int, **more: int) -> None:
+        """Set meta ``name`` (and each of ``more``, by its str name) in one LMDB commit."""
+        pairs = [(name, value)] + [(k.encode(), v) for k, v in more.items()]
+
+        def put(txn) -> None:
+            for k, v in pairs:
+                txn.put(k, u64(v), db=self.state.meta)
+        self.state.write(put)
 
     def trim_history(self, commits: list[tuple[int, int]], horizon: int) -> None:
         """Delete the history of ``commits`` [(lsn, txid)] below ``horizon`` (each key keeps

@@ -39,6 +39,7 @@ class Journal:
         self.wal = wal
         self.memtable = memtable
         self.durability = durability
+        self.waits_for_durability = durability == "full"  # does make_durable do anything?
         self.lock = wal.lock  # appends, MemTable entry, and the commit pipeline's validation
         self._publish_lock = threading.Lock()
         if durability == "full":
@@ -85,7 +86,7 @@ class Journal:
             event = Event(lsn, end, RecordType.COMMIT, txid,  # (see Event: plain, packed)
                           packed_body if body.keys() <= records.PLAIN_FIELDS else body,
                           tuple(writes), ticket)
-            self.memtable.add(event)
+            self.memtable.add(event, body.get("compensate", ()))
             self._publish_written(event.end)
             return event
 

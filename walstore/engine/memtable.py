@@ -29,7 +29,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 from ..log.format import RecordType
 from ..log.records import Event
@@ -69,7 +69,9 @@ class MemTable:
         return len(self.events) >= self.limit
 
     # ---- entering and leaving (caller holds ``lock``: the journal lock) -----------------
-    def add(self, event: Event) -> None:
+    def add(self, event: Event, claims: Any = None) -> None:
+        """Enter ``event`` (newest).  ``claims``: the action ids a commit compensates, when
+        the caller has its body at hand (else read from the event)."""
         self.events.append(event)
         self.log_bytes += event.end - event.lsn
         if event.writes is not None and event.type == _COMMIT:
@@ -82,7 +84,7 @@ class MemTable:
                     self._noted.append(k)  # (after the version: see keys_in_range)
                 else:
                     versions[k] = old + ((lsn, v),)
-            for aid in event.field("compensate", ()):
+            for aid in event.field("compensate", ()) if claims is None else claims:
                 self.claimed[aid] = event.txid
 
     def void_from(self, lsn: int) -> None:

@@ -142,9 +142,10 @@ class CommitPipeline:
         """Commit ``req``; returns its COMMIT event (``.lsn``).  See the module docstring
         for which errors mean what."""
         event = self._before_point_of_no_return(req)
-        self.durable_or_unknown(self.journal.make_durable, event, req.txid,
-                                f"transaction {req.txid}'s commit record",
-                                "whether it committed")
+        if self.journal.waits_for_durability:  # (durability="full"; else written is done)
+            self.durable_or_unknown(self.journal.make_durable, event, req.txid,
+                                    f"transaction {req.txid}'s commit record",
+                                    "whether it committed")
         self._after_point_of_no_return()
         return event
 

@@ -177,8 +177,8 @@ def encode_record(salt: int, rtype: int, lsn: int, synced_lsn: int, payload: byt
     """Frame one record.  ``salt`` comes from :func:`segment_salt`."""
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} limit")
-    head = _HEAD.pack(len(payload), rtype, 0, RECORD_MAGIC, lsn, synced_lsn)
-    return _CRC.pack(crc32c(payload, crc32c(head, salt))) + head + payload
+    data = _HEAD.pack(len(payload), rtype, 0, RECORD_MAGIC, lsn, synced_lsn) + payload
+    return _CRC.pack(crc32c(data, salt)) + data  # (the CRC covers header and payload)
 
 
 def parse_record_header(buf, offset: int) -> RecordHeader:

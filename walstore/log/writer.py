@@ -40,7 +40,7 @@ import threading
 from .. import fileio
 from ..errors import ReadOnlyError, WalstoreError
 from ..codec import pack
-from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType
+from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, encode_record
 from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment, list_segments,
                       segment_name)
 
@@ -122,17 +122,19 @@ class WriteAheadLog:
             if self._buffer:
                 self._flush()
             need = RECORD_HEADER_SIZE + len(payload)
-            if need + SEAL_ROOM > self.writer.room():
+            w = self.writer
+            if need + SEAL_ROOM > w.size - w.offset:  # (``room()``: every commit asks)
                 self._rotate(need)
-            lsn = self.writer.end_lsn
-            data = self.writer.frame(rtype, payload, self.synced_lsn, lsn)
+                w = self.writer
+            lsn = w.end_lsn
+            data = encode_record(w.salt, rtype, lsn, self.synced_lsn, payload)  # (``frame``)
             try:
-                self.writer.write_at_end(data)
+                w.write_at_end(data)
             except OSError as e:
-                self.writer.scrub(len(data))  # best effort: no stale half record behind the end
+                w.scrub(len(data))  # best effort: no stale half record behind the end
                 raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
                                     ) from e
-            self.written_lsn = self.writer.end_lsn
+            self.written_lsn = lsn + len(data)  # (== w.end_lsn)
             self.bytes_since_checkpoint += len(data)
             return lsn, self.written_lsn
 
