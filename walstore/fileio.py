@@ -68,13 +68,15 @@ class OSBackend:
 
 
 _backend: OSBackend = OSBackend()
+faults_installed = False  # a test's backend is installed: fault points are live (else free)
 
 
 def set_backend(backend: OSBackend | None) -> OSBackend:
     """Install ``backend`` (None restores the OS); returns the previous one."""
-    global _backend
+    global _backend, faults_installed
     previous = _backend
     _backend = backend if backend is not None else OSBackend()
+    faults_installed = type(_backend) is not OSBackend
     return previous
 
 

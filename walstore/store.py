@@ -278,22 +278,20 @@ class Store:
             yield k
 
     # ---- transactions -------------------------------------------------------------------
-    def _begin(self, meta: Any = None, scope: Any = None) -> Transaction:
-        self._engine.check_open()
-        scope = check_scope(scope) if scope is not None else current_scope()
-        return Transaction(self._engine, self._hooks, self._engine.next_txid(), meta, scope)
-
     def transaction(self, meta: Any = None, scope: Any = None) -> Transaction:
         """Begin a transaction (use ``with``: commit on exit, rollback on exception).
         ``scope``: the key prefix it belongs to (default: a registered scope provider's)."""
-        return self._begin(meta, scope)
+        eng = self._engine
+        eng.check_open()
+        scope = check_scope(scope) if scope is not None else current_scope()
+        return Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
 
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
             backoff: float = 0.005, scope: Any = None) -> Any:
         """Call ``fn(tx)`` in a transaction and commit; retry on ConflictError."""
         attempt = 0
         while True:
-            tx = self._begin(meta, scope)
+            tx = self.transaction(meta, scope)
             try:
                 with tx:
                     result = fn(tx)

@@ -87,7 +87,8 @@ class Journal:
                           packed_body if body.keys() <= records.PLAIN_FIELDS else body,
                           tuple(writes), ticket)
             self.memtable.add(event, body.get("compensate", ()))
-            self._publish_written(event.end)
+            if not self.waits_for_durability:  # (``_publish_written`` written out)
+                self.memtable.publish(event.end)
             return event
 
     def append_prepare(self, txid: int, writes: list, body: dict) -> Event:

@@ -115,7 +115,7 @@ class Transaction:
         self._engine = engine
         self._hooks = hooks
         self.id = txid
-        self.meta = check_meta(meta)
+        self.meta = meta if meta is None else check_meta(meta)
         self.scope = scope
         self.lsn: int | None = None
         self.state = ACTIVE
@@ -354,7 +354,8 @@ class Transaction:
                 lsn = None
             else:
                 req = CommitRequest(self.id, list(self._writes.items()), self.meta,
-                                    self.read_set(), body)
+                                    self.read_set() if self.read_keys or self.read_ranges
+                                    else None, body)
                 lsn = self._engine.pipeline.commit(req).lsn
         except CommitOutcomeUnknown:
             self._finish(UNKNOWN)  # recovery decides; nothing is compensated now

@@ -118,7 +118,8 @@ class WriteAheadLog:
         """Append one record, written at once (after the buffer); returns (lsn, end_lsn).
         Not yet durable: see ``sync_to``."""
         with self.lock:
-            self.check_usable()
+            if self.failed is not None:
+                self.check_usable()
             if self._buffer:
                 self._flush()
             need = RECORD_HEADER_SIZE + len(payload)
