@@ -421,7 +421,7 @@ class LmdbState:
                 txn = self._begin()
             try:
                 table = self.data if db is DATA else self._table(db)  # (the data table:
-                return None if table is None else txn.get(key, db=table)  # no call)
+                return None if table is None else txn.get(key, None, table)  # no call)
             finally:
                 txn.abort()
         except lmdb.Error as e:
@@ -486,7 +486,8 @@ class LmdbState:
             except lmdb.Error:
                 txn = self._begin()
             try:
-                return txn.get(key, db=self.data)
+                return txn.get(key, None, self.data)  # (positional: py-lmdb parses
+                # keywords slowly, 0.16 against 0.28 µs a get)
             finally:
                 txn.abort()
         except lmdb.Error as e:
