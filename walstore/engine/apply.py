@@ -16,11 +16,15 @@ transaction.
 """
 from __future__ import annotations
 
+import struct
+
 from ..codec import pack, unpack
 from ..log.format import RecordType
 from ..log.records import Event
 from . import tables
 from .lmdb_state import LmdbState, from_u64, u64
+
+_pack_u64 = struct.Struct(">Q").pack  # (the layout of ``u64`` and ``tables.txid_key``)
 
 PREPARED_PREFIX = b"p:"
 DECISION_PREFIX = b"d:"
@@ -55,6 +59,7 @@ class Applier:
             hist_rows, bylsn_rows, txn_rows, new_keys = [], [], [], []
             actions: dict[str, dict] = {}
             max_txid = -1
+            purges = []  # commits that purge (a purge ends its batch: see ``apply``)
             # whether ``inflight`` may hold a row (exact: its count, then every put below);
             # a plain commit looks its txid up there only then (most batches: never)
             inflight_rows = txn.stat(st.inflight)["entries"] > 0
@@ -64,8 +69,8 @@ class Applier:
                     max_txid = e.txid
                 t = e.type
                 if t == _T.COMMIT:
-                    lsn_raw = u64(e.lsn)
-                    txid_raw = tables.txid_key(e.txid)
+                    lsn_raw = _pack_u64(e.lsn)    # (``u64`` and ``tables.txid_key``
+                    txid_raw = _pack_u64(e.txid)  # written out: two calls per event)
                     bylsn_rows.append((lsn_raw, txid_raw))
                     for k, v in e.writes:
                         before = latest[k] if k in latest else txn.get(k, None, data)  # (positional: no
@@ -82,6 +87,8 @@ class Applier:
                             _commit_files(txn, st, e)  # (it logged records it undid itself)
                         continue
                     txn_rows.append((txid_raw, pack(tables.txn_row(e))))
+                    if "purge" in e.body:
+                        purges.append(e)
                     gid = e.body.get("gid")
                     if gid:
                         self._decide(txn, gid, b"commit")
@@ -130,10 +137,9 @@ class Applier:
             if actions:
                 txn.cursor(db=st.actions).putmulti(
                     [(aid.encode(), pack(row)) for aid, row in actions.items()])
-            for e in events:
-                if e.type == _T.COMMIT and e.packed_body is None and "purge" in e.body:
-                    _erase_range(txn, st, e.body["purge_range"])
-                    txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
+            for e in purges:
+                _erase_range(txn, st, e.body["purge_range"])
+                txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
             txn.put(b"applied", u64(applied_end), db=st.meta)
             if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta)) <= max_txid:
                 txn.put(b"next_txid", u64(max_txid + 1), db=st.meta)

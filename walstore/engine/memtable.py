@@ -142,10 +142,12 @@ class MemTable:
             assert first is e, "the applier must apply events in LSN order"
             size += e.end - e.lsn
             if e.writes is not None and e.type == _COMMIT:
-                touched.update(k for k, _v in e.writes)
-                for aid in e.field("compensate", ()):
-                    if self.claimed.get(aid) == e.txid:
-                        del self.claimed[aid]
+                for k, _v in e.writes:  # (no generator: most commits write a key or two)
+                    touched.add(k)
+                if self.claimed:  # (an undo's commit claimed actions: it may be this one)
+                    for aid in e.field("compensate", ()):
+                        if self.claimed.get(aid) == e.txid:
+                            del self.claimed[aid]
         self.log_bytes -= size
         if touched:
             last = batch[-1].lsn  # every version at or below it is in LMDB now
