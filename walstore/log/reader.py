@@ -74,7 +74,8 @@ def judge_end(end: ScanEnd, last: bool, applied: int, next_start: int | None
     """What the end of one segment's valid records means for the log as a whole.
 
     Returns (verdict, reason): ``"clean"``; ``"stale"`` (bytes behind the end of a sealed
-    segment: a failed write, nothing missing); ``"torn"`` (a torn tail: last segment, not
+    segment: a failed write, nothing missing; or a torn SEAL in the slot right before its
+    successor); ``"torn"`` (a torn tail: last segment, not
     yet applied to LMDB); or ``"corrupt"`` (anything else: those bytes had been durable).
     """
     if end.kind == "truncated":
@@ -83,6 +84,12 @@ def judge_end(end: ScanEnd, last: bool, applied: int, next_start: int | None
         return "clean", ""
     if end.sealed or next_start == end.lsn:
         return "stale", end.reason + " (behind the end of a sealed segment)"
+    if (end.kind == "torn" and next_start == end.lsn + SEAL_RECORD_SIZE
+            and end.damaged_end - end.offset <= SEAL_RECORD_SIZE):
+        # the SEAL's own slot: a rotation writes it after the successor is durable, so a
+        # power loss can tear it (sectors of one write land apart) like it can omit it
+        return "stale", end.reason + (" (a torn SEAL record: the rotation was cut short "
+                                      "after its successor was durable; nothing is missing)")
     if end.kind == "torn" and last and end.lsn >= applied:
         return "torn", end.reason
     reason = end.reason
