@@ -181,13 +181,28 @@ def test_backup_refuses_a_non_empty_destination(store_path, tmp_path):
     run("backup", store_path, str(tmp_path / "dest"), code=2)
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_demo_runs_end_to_end_touching_nothing_of_the_users(tmp_path):
     env = dict(os.environ)
+    mine = {"project/app.py": "my app\n", "staging.txt": "my release\n",
+            "payments.jsonl": "{}\n"}  # the names the demo's agents use, beside PATH
+    for rel, text in mine.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
     r = subprocess.run([sys.executable, "-m", "walstore", "demo", str(tmp_path / "demo")],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Every acknowledged step survived" in r.stdout
     assert "Done" in r.stdout
+    assert {rel: (tmp_path / rel).read_text() for rel in mine} == mine
+    assert (tmp_path / "demo-demo-files" / "payments.jsonl").exists()
+    again = subprocess.run([sys.executable, "-m", "walstore", "demo", str(tmp_path / "new")],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert again.returncode == 0  # (a second demo beside the first: its own side directory)
+    (tmp_path / "third-demo-files").mkdir()
+    taken = subprocess.run([sys.executable, "-m", "walstore", "demo", str(tmp_path / "third")],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert taken.returncode == 2 and "third-demo-files" in taken.stderr
+    assert not (tmp_path / "third").exists()
 
 
 def test_usage_errors_exit_2():

@@ -32,8 +32,19 @@ def step(n: int, title: str) -> None:
     print(f"\n== {n}. {title}", flush=True)
 
 
+def side_dir(path: str) -> str:
+    """Where the demo keeps what its agents touch outside the store (a payments ledger, a
+    project tree, a staging file): a new directory beside the store, never a user's."""
+    return os.path.abspath(path).rstrip(os.sep) + "-demo-files"
+
+
 def run_demo(path: str | None = None) -> int:
     path = path or os.path.join(tempfile.mkdtemp(prefix="walstore-demo-"), "agent-state")
+    side = side_dir(path)
+    if os.path.lexists(side):
+        raise FileExistsError(f"the demo keeps its agents' outside files in {side}, which "
+                              f"already exists: pick another PATH")
+    os.makedirs(side, mode=0o700)
     step(1, "An agent keeps its world state in walstore")
     say(f"The planner agent opens its store at {path} (durability='full': a commit returns "
         f"only once it is on disk).")
@@ -46,11 +57,11 @@ def run_demo(path: str | None = None) -> int:
         say(f"Setup committed as transaction {tx.id} at log position {tx.lsn}: "
             f"{dict(store.scan())}")
         _savepoint_story(store)
-    ledger = os.path.join(os.path.dirname(path), "payments.jsonl")
+    ledger = os.path.join(side, "payments.jsonl")
     with walstore.open(path, compensators=payments.COMPENSATORS) as store:
         _saga_story(store, ledger)
         _rewind_story(store, ledger)
-    files_ok = _files_story(path)
+    files_ok = _files_story(path, side)
     acked = _crash_story(path, ledger)
     return _recovery_story(path, acked, ledger, files_ok)
 
@@ -140,9 +151,8 @@ def _tree(root: str) -> dict:
     return out
 
 
-def _files_story(path: str) -> bool:
+def _files_story(path: str, base: str) -> bool:
     step(5, "A coding agent edits files, deploys, runs the tests: they fail, all rolls back")
-    base = os.path.dirname(path)
     project = os.path.join(base, "project")
     staging = os.path.join(base, "staging.txt")
     os.makedirs(project, exist_ok=True)

@@ -19,7 +19,7 @@ from ..options import Options
 from ..store import Store
 
 __all__ = ["RECOVERY_MODES", "check_key", "open_for_recovery", "verify", "wal_records", "backup",
-           "is_store", "lmdb_file", "prepared_details", "run_demo", "benchmarks",
+           "is_store", "lmdb_file", "prepared_details", "run_demo", "demo_side_dir", "benchmarks",
            "replication", "tracked_files", "changes_between"]
 
 Progress = Callable[[int, int], None] | None
@@ -71,6 +71,12 @@ def prepared_details(store: Store) -> list[dict[str, Any]]:
 def run_demo(path: str | None) -> int:
     from ..demo import run_demo as _run_demo
     return _run_demo(path)
+
+
+def demo_side_dir(path: str) -> str:
+    """The new directory beside PATH where the demo's agents keep their outside files."""
+    from ..demo import side_dir
+    return side_dir(path)
 
 
 def benchmarks() -> tuple[Callable[..., dict], Callable[[dict], str]]:

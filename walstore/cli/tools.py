@@ -19,6 +19,9 @@ def demo(path: str | None) -> None:
             not os.path.isdir(path) or os.listdir(path)):
         raise UsageProblem(f"demo needs a new store: {path} exists and is not an empty "
                            f"directory")
+    if path is not None and os.path.lexists(_engine.demo_side_dir(path)):
+        raise UsageProblem(f"demo keeps its agents' outside files (a ledger, a project tree) "
+                           f"in {_engine.demo_side_dir(path)}, which exists: pick another PATH")
     raise SystemExit(_engine.run_demo(path))
 
 
