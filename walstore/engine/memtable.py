@@ -6,7 +6,7 @@ of visibility: events ending at or below it are committed and visible (their rec
 durable under durability="full", written to the OS otherwise); later ones are not yet.
 
 Reads consult it before LMDB: ``versions`` maps each key written by an event still here to
-its versions ``((lsn, packed value or None), ...)`` in LSN order, so a read *as of* an
+its versions ``[(lsn, packed value or None), ...]`` in LSN order, so a read *as of* an
 LSN P takes the newest version below P (see :mod:`walstore.engine.snapshot`).
 
 Invariants:
@@ -16,7 +16,13 @@ Invariants:
   ``drop_applied`` calls and moves before any version leaves, so a reader that sees it
   unchanged since it listed keys knows none of them left in between (a scan then takes
   the LMDB row it read meanwhile, see ``StateReader.scan``);
-- readers take no lock: ``versions`` values are immutable tuples replaced whole;
+- readers take no lock: a key's versions are a tuple (one version: the common case, which
+  the garbage collector stops tracking) or, from a second one on, a list that only ever
+  grows at its end (``add``, under the journal lock) and is otherwise replaced whole
+  (``drop_applied``, ``void_from``): a reader iterating it newest first, or reading its
+  last entry, sees a consistent prefix.  (A tuple rebuilt per version made a hot key's
+  writes quadratic: 20,000 unapplied versions of one key, 20,000 copies per commit — a
+  read-only follower catching up on such a backlog took over 20 s to open);
   range reads take only the key index's lock (:mod:`walstore.engine.keyindex`): a key new
   to the MemTable is noted on entry (an append) and sorted in by the next range read;
 - bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events);
@@ -82,8 +88,10 @@ class MemTable:
                 if old is None:
                     versions[k] = ((lsn, v),)
                     self._noted.append(k)  # (after the version: see keys_in_range)
+                elif type(old) is tuple:
+                    versions[k] = [*old, (lsn, v)]  # a second version: a list from now on
                 else:
-                    versions[k] = old + ((lsn, v),)
+                    old.append((lsn, v))  # O(1): a hot key's chain is never copied
             for aid in event.field("compensate", ()) if claims is None else claims:
                 self.claimed[aid] = event.txid
 
