@@ -1071,6 +1071,31 @@ def test_stale_bytes_behind_a_sealed_segment_are_cut_not_refused(killed: Built) 
 # 3. Missing, duplicated, reordered segments
 # =========================================================================================
 
+def test_every_segment_missing_after_lmdb_applied_some_is_refused(tmp_path) -> None:
+    """LMDB's applied LSN is evidence the log reached it; a live log always keeps its active
+    segment.  No segment at all is a missing log (the commits not yet applied are gone),
+    never a clean empty one: strict recovery refuses, verify reports it, and a salvaging
+    mode opens what LMDB holds.  (Found by a probe: it used to open as a silent prefix.)"""
+    root = str(tmp_path / "s")
+    s = walstore.open(root)
+    for i in range(10):
+        s.run(lambda tx: tx.put(f"a{i}", i))
+    s.checkpoint()
+    for i in range(10):
+        s.run(lambda tx: tx.put(f"b{i}", i))
+    s._engine.drop_like_a_crash()
+    for name in os.listdir(os.path.join(root, "wal")):
+        os.remove(os.path.join(root, "wal", name))
+    with pytest.raises(walstore.CorruptionError, match="no WAL segment exists") as ei:
+        walstore.open(root)
+    assert ei.value.file == os.path.join(root, "wal")
+    v = verify_store(root)
+    assert not v.ok and any("no WAL segment exists" in e for e in v.errors), v.errors
+    with walstore.open(root, options=walstore.Options(recovery_mode="skip-corrupt")) as r:
+        assert sorted(k for k, _ in r.scan()) == [f"a{i}" for i in range(10)]
+        assert [p.kind for p in r.last_recovery.problems] == ["gap"]
+
+
 def test_missing_middle_segment_strict_refuses(killed: Built) -> None:
     segs = killed.segments()
     os.unlink(segs[1].path)

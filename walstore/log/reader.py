@@ -309,6 +309,13 @@ class LogReader:
         segs = self.segments
         expected: int | None = None
         sealed_before = False
+        if not segs and self.applied > self.wal_start:  # (a live log always keeps one)
+            yield LogEvent("gap", self.wal_dir, self.applied,
+                           f"no WAL segment exists, but LMDB is applied up to LSN "
+                           f"{self.applied}: the log's segments are missing (what was not yet "
+                           f"applied to LMDB is lost with them)", expected=self.wal_start,
+                           last=True)
+            return
         for i, (start, path) in enumerate(segs):
             last = i == len(segs) - 1
             next_start = segs[i + 1][0] if not last else None
