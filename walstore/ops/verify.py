@@ -12,6 +12,7 @@ walstore.log.reader.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,11 +20,13 @@ from ..codec import decode_key, unpack, unpack_value
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
-from ..engine.layout import Layout
+from ..engine.layout import Layout, writer_alive
 from ..engine.lmdb_state import LmdbState
 from ..engine.snapshot import _lmdb_value_as_of
 
 COMPARE_BATCH = 512
+SETTLE_WALKS = 2     # with a live writer: walks that must find an error again (see _settle)
+SETTLE_PAUSE = 0.05  # seconds between them
 
 
 @dataclass
@@ -63,12 +66,36 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         rep.applied_lsn = state.applied_lsn()
         rep.wal_start = state.meta_int(b"wal_start")
         last_values = _check_wal(layout, store_id, rep, progress)
+        if rep.errors and writer_alive(layout):
+            last_values = _settle(layout, store_id, rep, state)
         _compare(state, rep, last_values)
         _check_lmdb(state, rep)
         return rep
     finally:
         if own_state:
             state.close()
+
+
+def _settle(layout: Layout, store_id: bytes, rep: VerifyReport, state: LmdbState) -> dict:
+    """A writer is appending while we read: the log's tail may be caught mid-write (a
+    record half copied in when we looked, records written after it by the time we looked
+    further), which reads exactly like damage followed by valid records; and a checkpoint
+    may trim the log's head past the ``applied`` LSN read before.  Real damage stays
+    where it is: walk again (twice, a moment apart, each with ``applied`` read anew) and
+    keep only the errors every walk found, word for word; counts come from the last."""
+    errors = list(rep.errors)
+    last: dict = {}
+    for _ in range(SETTLE_WALKS):
+        time.sleep(SETTLE_PAUSE)
+        rep.applied_lsn = state.applied_lsn()  # (``_compare`` reads LMDB as of it)
+        again = VerifyReport(rep.path, applied_lsn=rep.applied_lsn, wal_start=rep.wal_start)
+        last = _check_wal(layout, store_id, again, None)
+        errors = [e for e in errors if e in again.errors]
+        for f in ("segments", "records", "commits", "wal_bytes", "wal_end_lsn"):
+            setattr(rep, f, getattr(again, f))
+        rep.warnings = again.warnings
+    rep.errors = errors
+    return last
 
 
 def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> dict:
@@ -95,6 +122,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
             continue
         if item.kind == "vanished":
             rep.warnings.append(f"{item.path}: trimmed by a checkpoint while verify ran")
+            last.clear()  # (values gathered before it may be older than ones it held)
         elif item.kind in ("gap", "bad-segment", "missing-next"):
             rep.errors.append(f"{item.path}: {item.reason}")
         elif item.verdict == "stale":
