@@ -233,7 +233,7 @@ def test_a_damaged_lmdb_file_is_one_line_in_every_command(store_path):
     with open(data, "wb") as f:
         f.write(os.urandom(size))
     for args in (["get", store_path, "k"], ["scan", store_path], ["stats", store_path],
-                 ["log", store_path], ["actions", store_path], ["verify", store_path],
+                 ["log", store_path], ["actions", store_path],
                  ["recover", store_path], ["put", store_path, "k", "2"],
                  ["checkpoint", store_path], ["history", store_path, "k"]):
         p = run_proc(*args, check_code=1)
@@ -241,6 +241,13 @@ def test_a_damaged_lmdb_file_is_one_line_in_every_command(store_path):
         assert line.startswith((f"walstore: {args[0]} failed: LMDB: ",
                                 f"walstore: {args[0]} failed: corruption: "))
         assert os.path.join(store_path, "db") in line
+    # verify's job is to find it: its report says so (and --json is a document), exit 1
+    p = run_proc("verify", store_path, check_code=1)
+    assert p.stderr == "" and "Traceback" not in p.stdout
+    errors = [x for x in p.stdout.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and os.path.join(store_path, "db") in errors[0]
+    doc = json.loads(run_proc("verify", store_path, "--json", check_code=1).stdout)
+    assert doc["ok"] is False and os.path.join(store_path, "db") in doc["errors"][0]
 
 
 # ---- 3. strict JSON ------------------------------------------------------------------------

@@ -128,3 +128,46 @@ def test_actions_json_renders_nan_and_bytes_as_tags_once(tmp_path):
     acts = json.loads(cli("actions", path, "--json").stdout)["actions"]
     assert acts[0]["args"] == {"b": {"base64": "AQ=="}, "n": {"float": "nan"}}
     assert log_args["args"] == acts[0]["args"]
+
+
+# ---- damage the verbs must name (found by a probe of the maintenance verbs) --------------
+@pytest.mark.parametrize("gone", ["db", "wal"])
+def test_a_missing_db_or_wal_directory_is_corruption_not_not_a_store(tmp_path, gone):
+    path = str(tmp_path / "s")
+    _store(path).close()
+    import shutil
+    shutil.rmtree(os.path.join(path, gone))
+    for ro in (False, True):
+        with pytest.raises(walstore.CorruptionError) as e:
+            walstore.open(path, readonly=ro)
+        assert e.value.file == os.path.join(path, gone)
+    r = cli("verify", path, "--json", code=1)
+    doc = json.loads(r.stdout)
+    assert doc["ok"] is False and gone + "/" in doc["errors"][0]
+
+
+def test_verify_json_is_a_document_when_lmdb_cannot_be_opened(tmp_path):
+    path = str(tmp_path / "s")
+    _store(path).close()
+    open(os.path.join(path, "db", "data.mdb"), "wb").close()  # truncated to nothing
+    doc = json.loads(cli("verify", path, "--json", code=1).stdout)
+    assert doc["ok"] is False and "data.mdb" in doc["errors"][0]
+
+
+def test_dump_exits_1_when_it_shows_damage(tmp_path):
+    path = str(tmp_path / "s")
+    s = walstore.open(path)  # (durable: later records prove the damaged one was durable)
+    for i in range(5):
+        s.run(lambda tx: tx.put(f"k{i}", i))
+    s._engine.drop_like_a_crash()
+    cli("dump", path)  # healthy: 0
+    seg = sorted(os.listdir(os.path.join(path, "wal")))[0]
+    with open(os.path.join(path, "wal", seg), "r+b") as f:  # a bit flipped in the first
+        f.seek(64 + 40)                                     # record's payload, records follow
+        b = f.read(1)
+        f.seek(64 + 40)
+        f.write(bytes([b[0] ^ 0x01]))
+    r = cli("dump", path, code=1)
+    assert "CORRUPT" in r.stdout
+    doc = json.loads(cli("dump", path, "--json", code=1).stdout)
+    assert any(rec["type"] == "CORRUPT" for rec in doc["records"])

@@ -155,10 +155,20 @@ def backup(path: str, dest: str, as_json: bool) -> None:
 @click.option("--from", "from_lsn", type=click.IntRange(min=0), default=0, help="First LSN.")
 @JSON
 def dump(path: str, from_lsn: int, as_json: bool) -> None:
-    """Raw WAL records, decoded."""
-    records = _engine.wal_records(path, from_lsn)
+    """Raw WAL records, decoded (exit 1 when the walk met damage: CORRUPT, TRUNCATED, GAP,
+    BAD-SEGMENT, MISSING-NEXT)."""
+    damaged: list[str] = []
+
+    def noting(records):
+        for r in records:
+            if r["type"] in _engine.WAL_DAMAGE:
+                damaged.append(r["type"])
+            yield r
+    records = noting(_engine.wal_records(path, from_lsn))
     if as_json:  # streamed, one record at a time: bounded memory on any WAL
         emit_json_list("records", records)
-        return
-    for r in records:
-        click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  {r['summary']}")
+    else:
+        for r in records:
+            click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  {r['summary']}")
+    if damaged:
+        raise SystemExit(EXIT_PROBLEM)

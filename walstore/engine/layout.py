@@ -23,7 +23,7 @@ import os
 import uuid
 
 from .. import fileio
-from ..errors import NotAStore, StoreLocked
+from ..errors import CorruptionError, NotAStore, StoreLocked
 
 FORMAT_NAME = "walstore"
 FORMAT_VERSION = 1
@@ -104,9 +104,10 @@ class Layout:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise NotAStore(f"{self.root}/STORE is damaged or not a walstore file: {e}") from None
-        for d in (self.wal, self.db):
-            if not os.path.isdir(d):
-                raise NotAStore(f"{self.root} is missing its {os.path.basename(d)}/ directory")
+        for d, what in ((self.wal, "log"), (self.db, "LMDB state")):
+            if not os.path.isdir(d):  # (STORE is written after both: this is damage)
+                raise CorruptionError(f"the store's {what} is missing: no "
+                                      f"{os.path.basename(d)}/ directory", file=d)
         return store_id
 
 

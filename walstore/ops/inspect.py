@@ -15,17 +15,24 @@ from ..log.format import RecordType
 from ..log.reader import LogReader, Record
 
 
+DAMAGE = frozenset({"CORRUPT", "TRUNCATED", "GAP", "BAD-SEGMENT", "MISSING-NEXT"})
+
+
 def iter_wal(path: str, from_lsn: int = 0) -> Iterator[dict]:
     """Every record from ``from_lsn`` described, and a pseudo-record for each segment end
-    that is not clean (TORN, CORRUPT, STALE, TRUNCATED) or each gap / bad header."""
+    that is not clean (TORN, STALE: crash outcomes recovery cuts; CORRUPT, TRUNCATED:
+    damage) or each gap / bad header / missing segment (GAP, BAD-SEGMENT, MISSING-NEXT:
+    damage; VANISHED: trimmed while read).  DAMAGE names the damage types."""
     layout = Layout(path)
     log = LogReader(layout.wal, layout.read_identity())
     for item in log.walk(from_lsn):
         if isinstance(item, Record):
             yield describe(item, _segment_path(log, item.lsn))
         elif item.kind == "end":
-            if item.verdict != "clean":
-                yield {"lsn": item.lsn, "type": item.scan.kind.upper(), "length":
+            if item.verdict != "clean":  # TORN and STALE are crash outcomes; the rest damage
+                kind = (item.verdict if item.verdict in ("stale", "corrupt")
+                        and item.scan.kind != "truncated" else item.scan.kind)
+                yield {"lsn": item.lsn, "type": kind.upper(), "length":
                        item.scan.damaged_bytes, "file": item.path, "summary": item.reason}
         else:
             yield {"lsn": item.lsn, "type": item.kind.upper(), "length": 0, "file": item.path,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..codec import decode_key, unpack, unpack_value
+from ..errors import CorruptionError
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
@@ -57,10 +58,15 @@ class VerifyReport:
 def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
                  state: LmdbState | None = None) -> VerifyReport:
     layout = Layout(path)
-    store_id = layout.read_identity()
     own_state = state is None
-    if own_state:
-        state = LmdbState(layout.db, readonly=True)
+    try:
+        store_id = layout.read_identity()  # (NotAStore: not a store at all, raised)
+        if own_state:
+            state = LmdbState(layout.db, readonly=True)
+    except CorruptionError as e:  # a store whose LMDB state or log cannot even be opened:
+        rep = VerifyReport(layout.root)  # the report says so (``--json`` prints it too)
+        rep.errors.append(str(e))
+        return rep
     try:
         rep = VerifyReport(layout.root)
         rep.applied_lsn = state.applied_lsn()
