@@ -901,6 +901,58 @@ def test_strict_refuses_valid_crc_bad_payload(killed: Built) -> None:
 BAD_PAYLOAD = "record of type 1 has a valid checksum but a bad payload"
 
 
+def _forged(rec: Rec, change: str) -> bytes:
+    """The record's own COMMIT payload with one thing made impossible, the first write's
+    value resized so the payload keeps its length (only what we change is wrong)."""
+    for m in range(0, 4 * rec.length):
+        body = msgpack.unpackb(rec.payload, raw=False)
+        k, _v = body["w"][0]
+        if change == "txid":
+            body["tx"] = (1 << 64) - 1
+        if change == "key-tag":
+            body["w"][0][0] = b"z" + k[1:]
+        body["w"][0][1] = (b"\xc1" + b"x" * m if change == "value"  # (0xc1: never msgpack)
+                           else msgpack.packb("v" * m))
+        packed = msgpack.packb(body, use_bin_type=True)
+        if len(packed) == rec.length:
+            return packed
+    raise AssertionError(change)
+
+
+@pytest.mark.parametrize("change", ["txid", "key-tag"])
+def test_strict_refuses_an_impossible_txid_or_key_before_applying_it(killed: Built,
+                                                                     change: str) -> None:
+    """A valid CRC around a payload no writer makes (found by a probe: a txid of 2**64-1
+    escaped as struct.error from the applier, a key with an unknown tag was REDOne into
+    LMDB and broke every scan later)."""
+    seg = killed.segments()[1]
+    bad = seg.recs[30]
+    reframe(killed, seg, bad, payload=_forged(bad, change))
+    before = file_digests(killed.root)
+    with pytest.raises(walstore.CorruptionError) as ei:
+        open_store(killed)
+    assert (ei.value.file, ei.value.offset, ei.value.lsn) == (str(seg.path), bad.offset, bad.lsn)
+    assert ei.value.reason.startswith("bad-payload: ")
+    assert file_digests(killed.root) == before and lmdb_applied(killed.root) == (0, 0)
+    assert not verify_store(str(killed.root)).ok
+
+
+def test_an_undecodable_value_is_named_by_verify_and_reads_raise_corruption(killed: Built
+                                                                            ) -> None:
+    """Recovery checks a commit's structure, txid and keys, not each value's encoding (it
+    would cost every REDO a decode per value); verify does, and a read of such a value
+    raises CorruptionError, never msgpack's own exception."""
+    seg = killed.segments()[1]
+    bad = seg.recs[30]
+    reframe(killed, seg, bad, payload=_forged(bad, "value"))
+    v = verify_store(str(killed.root))
+    assert not v.ok and any(f"record at LSN {bad.lsn}" in e and "does not decode" in e
+                            for e in v.errors), v.errors
+    with open_store(killed) as s:
+        with pytest.raises(walstore.CorruptionError, match="does not decode"):
+            dict(s.scan())
+
+
 def test_tolerate_tail_cuts_bad_payload_in_last_segment(killed: Built) -> None:
     """Regression (was a bug): tolerate-tail skipped a valid-CRC bad payload like skip-corrupt,
     applied the commits behind it and quarantined nothing; the next strict open refused."""

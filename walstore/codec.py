@@ -17,6 +17,8 @@ from typing import Any, Union
 
 import msgpack
 
+from .errors import CorruptionError
+
 Key = Union[str, bytes]
 
 # LMDB's default max key size is 511 bytes; the history index stores a key as
@@ -71,7 +73,7 @@ def decode_key(stored: bytes) -> Key:
         return raw.decode("utf-8")
     if tag == _BYTES:
         return raw
-    raise ValueError(f"stored key has unknown type tag {tag!r}")
+    raise CorruptionError(f"stored key has unknown type tag {tag!r}")
 
 
 def encode_prefix(prefix: Any) -> bytes:
@@ -122,7 +124,12 @@ def pack_value(value: Any, key: Any = None) -> bytes:
 
 
 def unpack_value(packed: bytes) -> Any:
-    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    """A stored value (from LMDB or the log); CorruptionError when it does not decode."""
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except Exception as e:  # (no cost on the common path: a try is free in 3.11)
+        raise CorruptionError(f"a stored value does not decode: {type(e).__name__}: "
+                              f"{e}") from None
 
 
 def pack(obj: Any) -> bytes:

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..codec import pack, unpack
+from ..codec import MAX_KEY_BYTES, pack, unpack
 from .format import RecordType
 
 _WRITES, _COMMIT = RecordType.WRITES, RecordType.COMMIT
@@ -186,6 +186,11 @@ def _map_head(packed: bytes) -> tuple[int, bytes]:
     raise ValueError("not a packed msgpack map")
 
 
+MAX_TXID = 1 << 63  # transaction ids below it (they are packed as u64, and one past)
+MAX_STORED_KEY = MAX_KEY_BYTES + 1  # a stored key: its type tag and the key
+_KEY_TAGS = (b"s", b"b")            # str and bytes keys (walstore.codec)
+
+
 def decode(payload: bytes) -> dict:
     """Unpack a payload; ValueError when it is not a msgpack map."""
     body = unpack(payload)
@@ -203,13 +208,16 @@ def parse_writes(body: dict) -> list:
         if (not isinstance(w, list) or len(w) < 2 or not isinstance(w[0], bytes)
                 or not (w[1] is None or isinstance(w[1], bytes))):
             raise ValueError("malformed write entry")
-        out.append((w[0], w[1]))
+        k = w[0]
+        if not 1 < len(k) <= MAX_STORED_KEY or k[:1] not in _KEY_TAGS:
+            raise ValueError(f"write entry with an impossible stored key {k[:24]!r}")
+        out.append((k, w[1]))
     return out
 
 
 def txid_of(body: dict) -> int:
     txid = body.get("tx")
-    if not isinstance(txid, int) or isinstance(txid, bool) or txid < 0:
+    if not isinstance(txid, int) or isinstance(txid, bool) or not 0 <= txid < MAX_TXID:
         raise ValueError("record has no valid transaction id")
     return txid
 

@@ -122,6 +122,13 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
                 continue
             if ev is not None and ev.type == RecordType.COMMIT:
                 rep.commits += 1
+                for k, v in ev.writes:
+                    if v is not None:  # (recovery checks keys, not value encodings: here)
+                        try:
+                            unpack_value(v)
+                        except CorruptionError as e:
+                            rep.errors.append(f"record at LSN {item.lsn} (offset "
+                                              f"{item.offset}): key {k[:40]!r}: {e}")
                 if ev.end <= rep.applied_lsn:
                     for k, v in ev.writes:
                         last[k] = v
