@@ -275,3 +275,68 @@ def test_runs_racing_on_the_head_are_fenced_but_forks_of_older_checkpoints_are_n
     assert children[head_id] == ["input"]
     assert children[first["configurable"]["checkpoint_id"]] == ["input"] * 3
     saver.close()
+
+
+@pytest.mark.parametrize("undo", ["rewind", "delete_thread"])
+def test_a_run_in_flight_cannot_bring_back_what_rewind_or_delete_undid(tmp_path, undo):
+    """A run of a thread is inside its node when the thread is rewound (or deleted); its
+    next put builds on a checkpoint the thread no longer has.  It is fenced
+    (StaleCheckpointError) instead of making the undone line the head again (found by a
+    probe: the rewind was silently cancelled, a deleted conversation came back)."""
+    import operator
+    import threading
+    from typing import Annotated, TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    import walstore
+    from walstore.integrations.langgraph import StaleCheckpointError, WalstoreSaver
+
+    class S(TypedDict):
+        msgs: Annotated[list, operator.add]
+        n: int
+
+    block, inside, release = [False], threading.Event(), threading.Event()
+
+    def step(state: S):
+        if block[0]:
+            inside.set()
+            release.wait(10)
+        return {"msgs": [f"step{state.get('n', 0) + 1}"], "n": state.get("n", 0) + 1}
+
+    with walstore.open(str(tmp_path / "s")) as store:
+        saver = WalstoreSaver(store)
+        g = StateGraph(S)
+        g.add_node("step", step)
+        g.add_edge(START, "step")
+        g.add_edge("step", END)
+        graph = g.compile(checkpointer=saver)
+        cfg = {"configurable": {"thread_id": "t"}}
+        graph.invoke({"msgs": ["u1"]}, cfg)
+        old = graph.get_state(cfg)
+        graph.invoke({"msgs": ["u2"]}, cfg)
+        block[0] = True
+        out: dict = {}
+
+        def run():
+            try:
+                out["result"] = graph.invoke({"msgs": ["u3"]}, cfg)
+            except Exception as e:  # noqa: BLE001 - the outcome is the point
+                out["error"] = e
+        t = threading.Thread(target=run)
+        t.start()
+        assert inside.wait(10)
+        if undo == "rewind":
+            saver.rewind(old.config)
+        else:
+            saver.delete_thread("t")
+        release.set()
+        t.join(20)
+        assert isinstance(out.get("error"), StaleCheckpointError), out
+        st = graph.get_state(cfg)
+        if undo == "rewind":
+            assert st.values == {"msgs": ["u1", "step1"], "n": 1}
+            assert st.config["configurable"]["checkpoint_id"] == \
+                old.config["configurable"]["checkpoint_id"]
+        else:
+            assert st.values == {} and list(graph.get_state_history(cfg)) == []

@@ -527,6 +527,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         cache_updates: list = []
 
         def write(tx):
+            if self.fencing and parent is not None and tx.get(ns.checkpoint(parent)) is None:
+                # (read, so a rewind or delete_thread racing this put makes it conflict)
+                self._fence_gone(thread_id, ns_name, parent, extends_head)
             newer = self._newer_than(tx, ns, parent)
             latest = newer[-1][0] if newer else parent
             if not first_latest:
@@ -573,6 +576,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 f"{latest!r} (reload the thread and retry, or address the checkpoint "
                 f"explicitly to fork from it)",
                 thread_id, ns_name, parent, latest)
+
+    def _fence_gone(self, thread_id: str, ns_name: str, parent: str,
+                    extends_head: bool) -> None:
+        """Refuse a put built on a checkpoint the thread no longer has: a ``rewind`` undid
+        it or ``delete_thread`` erased it while this run was working.  Writing it would
+        bring the undone line back as the thread's head (with a parent that is gone)."""
+        raise StaleCheckpointError(
+            f"thread {thread_id!r} (namespace {ns_name!r}) no longer has checkpoint "
+            f"{parent!r}, which this writer built on: a rewind undid it or the thread was "
+            f"deleted while it ran (reload the thread and retry)",
+            thread_id, ns_name, parent, None)
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
