@@ -486,3 +486,32 @@ def test_transaction_left_open_at_close_is_compensated_on_next_open(path):
         assert rec.ids == [act.id] and rec.seen[0].key == act.key
         assert store.get_action(act.id).state == "compensated"
         assert [store.get(f"k{i}") for i in range(3)] == [0, 1, 2]
+
+
+def test_resolve_is_refused_while_the_compensation_runs_and_stops_a_later_one(tmp_path):
+    """Found by a probe: an operator's resolve during a slow compensator succeeded, both
+    undid the effect (two refunds), and the compensator's record overwrote 'resolved'."""
+    import threading
+    inside, release, runs = threading.Event(), threading.Event(), []
+
+    def slow_refund(action):
+        runs.append(action.id)
+        inside.set()
+        assert release.wait(10)
+
+    with walstore.open(str(tmp_path / "s"), compensators={"refund": slow_refund}) as s:
+        tx = s.transaction()
+        with tx.action("charge", {"amount": 5}, compensate="refund") as act:
+            act.result = "c1"
+        t = threading.Thread(target=tx.rollback)
+        t.start()
+        assert inside.wait(10)
+        with pytest.raises(walstore.WalstoreError, match="running now"):
+            s.resolve(act.id)
+        release.set()
+        t.join(10)
+        assert runs == [act.id] and s.get_action(act.id).state == "compensated"
+        with pytest.raises(walstore.WalstoreError):
+            s.resolve(act.id)  # settled: nothing to resolve
+    with walstore.open(str(tmp_path / "s"), compensators={"refund": slow_refund}) as s:
+        assert runs == [act.id] and s.get_action(act.id).state == "compensated"

@@ -342,14 +342,30 @@ class Saga:
         return Action.from_row(row)
 
     def resolve(self, action_id: str, note: str | None = None) -> Action:
-        action = self.get_action(action_id)
-        if action.state not in OPEN_STATES or action.in_flight:
-            raise WalstoreError(f"action {action_id} is {action.state}"
-                                f"{' (its transaction is still open)' if action.in_flight else ''}"
-                                f"; only pending or failed compensations can be resolved")
-        action.state, action.error = RESOLVED, note
-        self.record_state(action)
-        return action
+        """Mark an owed compensation handled by hand.  Under the same per-action guard as
+        ``compensate``: refused while its compensator runs (both would undo the effect,
+        and the compensator's record would overwrite this one), and a compensation that
+        starts meanwhile finds it resolved."""
+        key = str(action_id)
+        with self._running_lock:
+            if key in self._running:
+                raise WalstoreError(f"action {action_id}'s compensation is running now; it "
+                                    f"cannot be resolved by hand meanwhile (wait for its "
+                                    f"outcome: store.get_action)")
+            self._running.add(key)
+        try:
+            action = self.get_action(action_id)
+            if action.state not in OPEN_STATES or action.in_flight:
+                raise WalstoreError(
+                    f"action {action_id} is {action.state}"
+                    f"{' (its transaction is still open)' if action.in_flight else ''}"
+                    f"; only pending or failed compensations can be resolved")
+            action.state, action.error = RESOLVED, note
+            self.record_state(action)
+            return action
+        finally:
+            with self._running_lock:
+                self._running.discard(key)
 
     def run_owed(self, include_held: bool = False) -> tuple[list[str], list[Action]]:
         """Run every owed compensation that has a compensator; (compensated ids, still
