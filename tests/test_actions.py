@@ -515,3 +515,21 @@ def test_resolve_is_refused_while_the_compensation_runs_and_stops_a_later_one(tm
             s.resolve(act.id)  # settled: nothing to resolve
     with walstore.open(str(tmp_path / "s"), compensators={"refund": slow_refund}) as s:
         assert runs == [act.id] and s.get_action(act.id).state == "compensated"
+
+
+def test_a_store_closed_under_a_transaction_says_its_compensations_are_owed(tmp_path):
+    """The store is closed (another thread, shutdown) while a transaction that ran an action
+    is open: its rollback cannot record anything, so the error names the compensations the
+    next open runs (found by a probe: a bare LMDB 'closed' error, nothing said)."""
+    runs = []
+    s = walstore.open(str(tmp_path / "s"), compensators={"refund": lambda a: runs.append(a.id)})
+    tx = s.transaction()
+    with tx.action("charge", {"amount": 5}, compensate="refund") as act:
+        act.result = "c1"
+    s.close()
+    with pytest.raises(walstore.StoreClosed, match=r"\['1\.1'\] run when the store is reopened"):
+        tx.rollback()
+    assert runs == [] and tx.state == "rolled back"
+    with walstore.open(str(tmp_path / "s"),
+                       compensators={"refund": lambda a: runs.append(a.id)}) as again:
+        assert runs == [act.id] and again.get_action(act.id).state == "compensated"

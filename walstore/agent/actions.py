@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import pack
-from ..errors import CompensationFailed, ReadOnlyError, WalstoreError
+from ..errors import CompensationFailed, ReadOnlyError, StoreClosed, WalstoreError
 from ..log.format import RecordType
 from ..engine import tables
 
@@ -205,8 +205,10 @@ class Saga:
         order)."""
         live = [a for a in tx.effects if isinstance(a, Action)]
         problem = None
+        closed = self.engine.closed
         if not self.engine.writable:
-            problem = self.engine.failure or self.engine.wal.failed
+            problem = (self.engine.failure or self.engine.wal.failed
+                       or f"store {self.engine.path} is closed")
         else:
             try:
                 self.engine.log_event(RecordType.ABORT, {"tx": tx.id}, tx.id, durable=True)
@@ -226,9 +228,11 @@ class Saga:
             what = " and ".join(x for x in (
                 f"the compensations of action(s) {owed}" if owed else "",
                 f"the undo of {files} file change(s)" if files else "") if x)
-            raise ReadOnlyError(f"transaction {tx.id} rolled back, but the store cannot record "
-                                f"any more ({problem}): {what} run when the store is "
-                                f"reopened") from (cause or problem)
+            error = StoreClosed if closed else ReadOnlyError
+            raise error(f"transaction {tx.id} rolled back, but the store cannot record any "
+                        f"more ({problem}): {what} run when the store is reopened"
+                        ) from (cause or (problem if isinstance(problem, BaseException)
+                                          else None))
 
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
         """A rollback to a savepoint crossed these actions: compensate them now."""
