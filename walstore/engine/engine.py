@@ -285,7 +285,9 @@ class Engine:
     def wake_applier(self) -> None:
         """After a commit: wake the applier only when the backlog is big enough (events
         or log bytes); otherwise it waits for commits to pause (see ``_applier_loop``)."""
-        if not self._woken and self._backlog_full():
+        mt = self.memtable  # (``_backlog_full`` written out: every commit asks)
+        if not self._woken and (len(mt.events) >= self.options.apply_batch
+                                or mt.log_bytes >= APPLY_WAKE_BYTES):
             self._woken = True  # one wake-up per batch, not one per commit
             with self._wake:
                 self._wake.notify()

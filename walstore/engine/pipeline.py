@@ -146,7 +146,12 @@ class CommitPipeline:
             self.durable_or_unknown(self.journal.make_durable, event, req.txid,
                                     f"transaction {req.txid}'s commit record",
                                     "whether it committed")
-        self._after_point_of_no_return()
+        try:  # phase 3, after the point of no return (see the module docstring)
+            if fileio.faults_installed:  # (a test's backend: it may raise here)
+                fileio.fault_point("commit.after_durable")
+            self.engine.wake_applier()
+        except BaseException as e:  # committed: contained, surfaced by the store's status
+            self.engine.note_background_error(e)
         return event
 
     def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str,
@@ -188,14 +193,6 @@ class CommitPipeline:
             if req.gid is not None:
                 self.prepared.remove(req.gid)
             return event
-
-    def _after_point_of_no_return(self) -> None:
-        try:
-            if fileio.faults_installed:  # (a test's backend: it may raise here)
-                fileio.fault_point("commit.after_durable")
-            self.engine.wake_applier()
-        except BaseException as e:  # committed: contained, surfaced by the store's status
-            self.engine.note_background_error(e)
 
     def _check_claims(self, req: CommitRequest) -> None:
         claims = req.claims

@@ -200,7 +200,11 @@ class Transaction:
     def put(self, key: Key, value: Any) -> None:
         if self.state != ACTIVE or self.gid is not None or not self._engine.writable:
             self._check_writable()  # one test on the hot path; the reason is raised here
-        self._set(encode_key(key), pack_value(value, key))
+        k = encode_key(key)
+        packed = pack_value(value, key)
+        if self._savepoints:  # (``_set`` written out: every put comes here)
+            self._undo.append((k, self._writes.get(k, _MISSING)))
+        self._writes[k] = packed
 
     def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
@@ -341,7 +345,8 @@ class Transaction:
         ConflictError (nothing written, actions compensated) when validation fails, and
         CommitOutcomeUnknown when the commit record's fsync failed.
         """
-        self._check_active()
+        if self.state != ACTIVE or self._engine.closed:
+            self._check_active()  # (the reason, raised; the common answer is one test)
         if self.gid is not None:
             lsn = self._hooks.commit_prepared(self.gid)
             self._finish(COMMITTED)

@@ -127,7 +127,7 @@ class WriteAheadLog:
             if need + SEAL_ROOM > w.size - w.offset:  # (``room()``: every commit asks)
                 self._rotate(need)
                 w = self.writer
-            lsn = w.end_lsn
+            lsn = w.start_lsn + w.offset - SEGMENT_HEADER_SIZE  # (``w.end_lsn``)
             data = encode_record(w.salt, rtype, lsn, self.synced_lsn, payload)  # (``frame``)
             try:
                 w.write_at_end(data)
