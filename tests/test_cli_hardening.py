@@ -665,3 +665,30 @@ def test_read_only_file_system_gives_one_line_errors(tmpfs):
         assert "Read-only file system [EROFS]" in line and str(tmpfs) in line
     # reading still works on a read-only file system
     assert strict(run_proc("get", store, "k", check_code=0).stdout) == "v"
+
+
+# ---- a failing --json command still prints one JSON document ----------------------------
+def test_a_failing_json_command_prints_one_error_document(store_path, tmp_path):
+    """Scripts parse stdout: under --json a failure is {"error": {...}} there too (the one
+    line stays on stderr), with the same exit status; a command that already printed its
+    document (verify finding damage) prints no second one."""
+    missing = str(tmp_path / "nope")
+    for args, code, kind in ([("verify", missing, "--json"), 2, "NotAStore"],
+                             [("stats", missing, "--json"), 2, "NotAStore"],
+                             [("actions", missing, "--json"), 2, "NotAStore"],
+                             [("log", store_path, "--json", "--limit", "-1"), 2, None]):
+        r = CliRunner().invoke(main, list(args))
+        assert r.exit_code == code, (args, r.output)
+        assert "Traceback" not in r.output
+        if kind is None:  # click's own usage errors are not ours to reshape
+            continue
+        doc = json.loads(r.stdout)
+        assert doc["error"]["exit"] == code and doc["error"]["type"] == kind, doc
+        assert doc["error"]["command"] == args[0] and "nope" in doc["error"]["message"]
+        assert "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # the same command without --json prints nothing on stdout
+    r = CliRunner().invoke(main, ["verify", missing])
+    assert r.exit_code == 2 and r.stdout == ""
+    # a good run after a failed one in the same process is unaffected
+    ok = CliRunner().invoke(main, ["stats", store_path, "--json"])
+    assert ok.exit_code == 0 and "error" not in json.loads(ok.stdout)

@@ -25,7 +25,8 @@ import msgpack
 
 import walstore
 from . import _engine
-from .output import EXIT_PROBLEM, EXIT_USAGE, Failure, error_text
+from .output import (EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command, emit_json_error,
+                     error_text)
 
 __all__ = ["main"]
 
@@ -86,15 +87,28 @@ def report(ctx: click.Context, exc: BaseException) -> NoReturn:
     if debugging(ctx):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     message, code = explain(exc, ctx.info_name or "walstore", ctx.params.get("path"))
-    raise Failure(message, code) from None
+    failure = Failure(message, code)
+    json_error(ctx, failure, type(exc).__name__)
+    raise failure from None
+
+
+def json_error(ctx: click.Context, failure: Failure, kind: str | None) -> None:
+    """Under ``--json`` a failure is a JSON document too (scripts parse stdout)."""
+    if ctx.params.get("as_json"):
+        emit_json_error(ctx.info_name or "walstore", failure.format_message(),
+                        failure.exit_code, kind)
 
 
 class WalstoreCommand(click.Command):
     """A command whose escaping exceptions go through :func:`report`."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        begin_command()
         try:
             return super().invoke(ctx)
+        except Failure as failure:  # a command's own one-line failure (fail(), usage)
+            json_error(ctx, failure, "UsageError" if failure.exit_code == EXIT_USAGE else None)
+            raise
         except (click.exceptions.ClickException, click.exceptions.Exit,
                 click.exceptions.Abort):
             raise

@@ -118,13 +118,38 @@ def json_text(obj: Any, indent: int | None = None) -> str:
     return json.dumps(obj, indent=indent, sort_keys=True, allow_nan=False)
 
 
+# Set once a command has begun its JSON document: a failure after that must not print a
+# second one (see :func:`emit_json_error`).  One command runs per process.
+_json_started = False
+
+
 def emit_json(doc: Any) -> None:
     """Print one JSON document on stdout."""
-    click.echo(json_text(jsonable(doc), indent=2))
+    global _json_started
+    text = json_text(jsonable(doc), indent=2)
+    _json_started = True
+    click.echo(text)
+
+
+def begin_command() -> None:
+    """A command starts: no JSON document begun yet (the CLI may run many in one process)."""
+    global _json_started
+    _json_started = False
+
+
+def emit_json_error(command: str, message: str, code: int, kind: str | None) -> None:
+    """A failing ``--json`` command's one document: ``{"error": {...}}`` on stdout (the one
+    line on stderr stays), unless the command had already begun its own document."""
+    if _json_started:
+        return
+    emit_json({"error": {"command": command, "message": message, "exit": code,
+                         "type": kind}})
 
 
 def emit_json_list(name: str, items: Iterable[Any]) -> None:
     """Print ``{name: [items...]}`` as one JSON document, streaming the items."""
+    global _json_started
+    _json_started = True
     click.echo(f"{{{json_text(name)}: [", nl=False)
     sep = "\n  "
     for item in items:
