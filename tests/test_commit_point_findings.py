@@ -567,7 +567,11 @@ def test_unknown_txid_or_lsn_raises_unknown_point_and_changes_nothing(w):
         for extra in ((), ("--dry-run",), ("--json",)):
             out = cli("rewind", w.path, "--to", to, *extra)
             assert out.returncode == 2, (to, extra, out.stdout, out.stderr)
-            assert "Traceback" not in out.stderr and out.stdout == "", (to, out)
+            assert "Traceback" not in out.stderr, (to, out)
+            if "--json" in extra:  # a failing --json command's one document
+                assert json.loads(out.stdout)["error"]["type"] == "UnknownPoint"
+            else:
+                assert out.stdout == "", (to, out)
             assert len(out.stderr.strip().splitlines()) == 1, out.stderr
             assert to.split(":")[-1] in out.stderr, out.stderr
     with walstore.open(w.path) as store:
@@ -592,6 +596,24 @@ def test_out_of_range_txids_raise_unknown_point_not_a_foreign_error(w):
         assert state_of(store) == before and store.stats()["wal_end_lsn"] == wal_end
     out = cli("rewind", w.path, "--to", f"tx:{2 ** 64}")
     assert out.returncode == 2, out.stderr
+
+
+@pytest.mark.parametrize("point", [1.0, 2.5, True, None, [1], b"p1", float("nan")])
+def test_a_point_of_a_type_that_names_nothing_is_unknown_point_and_type_error(w, point):
+    """A float, bool, None, list or bytes names no point: ``UnknownPoint`` (the contract's
+    "anything that names nothing") that is also a ``TypeError`` (the wrong type), from
+    rewind, at, revert and dry runs alike, and nothing changes."""
+    _five_transactions(w)
+    with walstore.open(w.path, compensators=COMPS) as store:
+        store.restore_point("p1")
+        before = state_of(store)
+        wal_end = store.stats()["wal_end_lsn"]
+        for call in (lambda: store.rewind(point), lambda: store.at(point),
+                     lambda: store.rewind(point, dry_run=True), lambda: store.revert(point)):
+            with pytest.raises(walstore.UnknownPoint) as err:
+                call()
+            assert isinstance(err.value, TypeError)
+        assert state_of(store) == before and store.stats()["wal_end_lsn"] == wal_end
 
 
 # ---- 8 ---------------------------------------------------------------------------------------

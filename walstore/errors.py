@@ -129,6 +129,11 @@ class UnknownPoint(WalstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PointTypeError(UnknownPoint, TypeError):
+    """A point of a type that can name nothing (a float, a bool, None, a list...): an
+    ``UnknownPoint`` (it names nothing, nothing changes) that is also a ``TypeError``."""
+
+
 class ReplicationError(WalstoreError):
     """Replication could not do what was asked (ship within a timeout, restore, lease)."""
 

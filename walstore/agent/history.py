@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..codec import Key, decode_key, encode_key, unpack, unpack_value
-from ..errors import HistoryTrimmed, UnknownPoint
+from ..errors import HistoryTrimmed, PointTypeError, UnknownPoint
 from ..log.format import RecordType
 from ..engine import tables
 from ..engine.transaction import scan_bounds
@@ -111,8 +111,8 @@ class History:
         eng = self.engine
         eng.refresh()
         if isinstance(point, bool):
-            raise TypeError("a point is a txid (int), a walstore.LSN or a restore point name "
-                            "(str), not a bool")
+            raise PointTypeError("a point is a txid (int), a walstore.LSN or a restore point "
+                                 "name (str), not a bool", point)
         if isinstance(point, LSN):
             end = eng.memtable.published
             if point < 0 or point > end:
@@ -131,8 +131,8 @@ class History:
                 raise UnknownPoint(f"no restore point named {point!r}", point)
             boundary = p["lsn"]
         else:
-            raise TypeError(f"a point is a txid (int), a walstore.LSN or a restore point name "
-                            f"(str), not {type(point).__name__}")
+            raise PointTypeError(f"a point is a txid (int), a walstore.LSN or a restore point "
+                                 f"name (str), not {type(point).__name__}", point)
         horizon = eng.state.meta_int(b"horizon")
         if boundary < horizon:
             raise HistoryTrimmed(f"point {point!r} (LSN {boundary}) is older than the retained "

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..codec import decode_key, encode_key
-from ..errors import RevertConflict
+from ..errors import PointTypeError, RevertConflict
 from ..log.format import LSN
 from ..log.records import jsonable_point
 from ..engine import tables
@@ -97,10 +97,11 @@ class Undo:
                ) -> TxnInfo | UndoPlan | None:
         scope = check_scope(scope)
         if isinstance(txid, bool) or not isinstance(txid, int):
-            raise TypeError(f"revert takes a txid (int), not {type(txid).__name__}")
+            raise PointTypeError(f"revert takes a txid (int), not {type(txid).__name__}", txid)
         if isinstance(txid, LSN):  # a log position, never taken for a txid
-            raise TypeError(f"revert takes a txid (int), not a log position ({txid!r}); the "
-                            f"transaction committed there is in store.log() (TxnInfo.txid)")
+            raise PointTypeError(f"revert takes a txid (int), not a log position ({txid!r}); "
+                                 f"the transaction committed there is in store.log() "
+                                 f"(TxnInfo.txid)", txid)
         self.history.txn_info(txid)  # UnknownPoint before anything begins
         self.engine.check_writable()
         meta = meta if meta is not None else {"revert": int(txid)}
