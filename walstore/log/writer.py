@@ -38,6 +38,7 @@ import os
 import threading
 
 from .. import fileio
+from ..fileio import pwrite_all
 from ..errors import ReadOnlyError, WalstoreError
 from ..codec import pack
 from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, encode_record
@@ -130,7 +131,8 @@ class WriteAheadLog:
             lsn = w.start_lsn + w.offset - SEGMENT_HEADER_SIZE  # (``w.end_lsn``)
             data = encode_record(w.salt, rtype, lsn, self.synced_lsn, payload)  # (``frame``)
             try:
-                w.write_at_end(data)
+                pwrite_all(w.fd, data, w.offset)  # (``w.write_at_end`` written out)
+                w.offset += len(data)
             except OSError as e:
                 w.scrub(len(data))  # best effort: no stale half record behind the end
                 raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
