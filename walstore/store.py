@@ -91,6 +91,7 @@ class Store:
             self._twophase = TwoPhase(engine, self._saga)
             self._hooks = AgentHooks(self._saga, self._twophase, self._files)
             self._twophase.undo_files = self._hooks.undo_ended
+            self._files.undoing = self._twophase.undoing
             self._undo = Undo(engine, self._saga, self._history,
                               lambda meta: self.transaction(meta=meta), self._files)
             self._purge = Purge(engine, self.run)
@@ -121,7 +122,8 @@ class Store:
             report = eng.last_recovery = FilesRecoveryReport.of(report)
             report.compensated = done
             report.pending_compensations = [a.id for a in still]
-            report.add_files(conflicts, failures)
+            report.add_files(conflicts, failures, self._files.watch_saved)
+        self._files.watch_saved = []
 
     # ---- lifecycle ----------------------------------------------------------------------
     @property

@@ -65,6 +65,7 @@ class FileEffect:
     steps: list
     lsns: list
     txid: int
+    began_as: Any = None  # a watch's changes: the OpenWatch it replaced (see Savepoint)
 
     @property
     def lsn(self) -> int:
@@ -83,6 +84,12 @@ class OpenWatch:
     txid: int
     blocks_rollback: str = ("a watch() block is still running; leave it before rolling back "
                             "to a savepoint taken before it")
+    # a savepoint taken inside the block cannot be rolled back to: what the watched
+    # processes changed after it cannot be told from what they changed before it
+    blocks_inner_rollback: str = ("the savepoint was taken inside a watch() block (what the "
+                                  "watched processes changed after it cannot be told from "
+                                  "what they changed before it); roll back to a savepoint "
+                                  "taken before the watch began or after it ended")
 
     @property
     def lsns(self) -> list[int]:
@@ -169,6 +176,14 @@ class Files:
         self._claims: dict[tuple[bytes, bytes], int] = {}
         self._claimants: dict[int, weakref.ref] = {}
         self._claims_seeded = False
+        # txids whose decision to roll back is logged while their undo runs (shared with
+        # TwoPhase: ``rollback_prepared``): their claims hold until the paths are back
+        self.undoing: set[int] = set()
+        # root -> txid of the watch() running there (the workspace lock's holder): another
+        # transaction's file operation in the same thread would land in that watch's diff
+        self._watching: dict[bytes, int] = {}
+        # what recovery kept aside of crashed watches (see ``_undo_open_watch``)
+        self.watch_saved: list[dict] = []
 
     @property
     def durable(self) -> bool:
@@ -320,6 +335,7 @@ class Files:
         half-done, so this is usually nothing) and the error is raised."""
         tx._check_writable()
         with self._ws_lock(ws), self._lock:
+            self._check_not_watched(tx, ws)
             steps = make_plan()
             if not steps:
                 return None
@@ -345,18 +361,46 @@ class Files:
         (its rollback would then find a stranger's version and quarantine it).  So the
         second one gets ConflictError here, before anything is changed (caller holds
         ``_lock``).  A claim of an ended transaction is stale and simply taken over."""
+        self._check_claims(tx, ws.root_b, [c.path for c in steps])
+        self._note_claims(tx, ws.root_b, steps)
+
+    def _check_not_watched(self, tx: "Transaction", ws: Workspace) -> None:
+        """Caller holds the workspace's lock.  A watch() of another transaction running
+        there can only be this very thread's (the lock is the watch's): a change made now
+        would be found in that watch's diff and become the other transaction's (undone by
+        its rollback).  Refused before anything changes."""
+        owner = self._watching.get(ws.root_b)
+        if owner is not None and owner != tx.id:
+            raise WalstoreError(
+                f"transaction {tx.id} cannot change files in {ws.root!r} while this thread "
+                f"runs a watch() of transaction {owner} there (the change would become part "
+                f"of that watch); nothing was changed")
+
+    def _check_claims(self, tx: "Transaction", root: bytes, paths: list[bytes]) -> None:
+        """``_claim``'s test alone (nothing noted); caller holds ``_lock``."""
         if not self._claims_seeded:
             self._seed_claims()
-        root = ws.root_b
-        for c in steps:
-            owner = self._claims.get((root, c.path))
+        for path in paths:
+            owner = self._claims.get((root, path))
             if owner is not None and owner != tx.id and self._live(owner):
-                where = abs_display(root, c.path)
+                where = abs_display(root, path)
                 raise ConflictError(f"transaction {tx.id} would change {where}, which "
                                     f"transaction {owner} changed and has not ended (open, "
                                     f"or prepared and in doubt); nothing was changed",
                                     [where])
-        self._note_claims(tx, root, steps)
+
+    def check_unclaimed(self, root: bytes, path: bytes) -> None:
+        """An undo's plan: ConflictError when a transaction that has not ended (open,
+        prepared, or rolling back) changed ``path`` (the undo's own is not begun yet)."""
+        with self._lock:
+            if not self._claims_seeded:
+                self._seed_claims()
+            owner = self._claims.get((root, path))
+            if owner is not None and self._live(owner):
+                where = abs_display(root, path)
+                raise ConflictError(f"{where} was changed by transaction {owner}, which has "
+                                    f"not ended (open, or prepared and in doubt); it cannot "
+                                    f"be put back now; nothing was changed", [where])
 
     def _note_claims(self, tx: "Transaction", root: bytes, steps: list) -> None:
         for c in steps:
@@ -368,12 +412,13 @@ class Files:
     _live_claims = 0  # claims held by live transactions at the last prune
 
     def _live(self, txid: int) -> bool:
-        """Has transaction ``txid`` not ended: open (and not prepared away), or prepared?"""
+        """Has transaction ``txid`` not ended: open (and not prepared away), prepared, or
+        rolled back with its undo still running (its paths are not back yet)?"""
         ref = self._claimants.get(txid)
         tx = ref() if ref is not None else None
-        if tx is not None and tx.state == "active" and tx.gid is None:
+        if tx is not None and (tx.undo_pending or (tx.state == "active" and tx.gid is None)):
             return True
-        return txid in self.engine.prepared.txids()
+        return txid in self.undoing or txid in self.engine.prepared.txids()
 
     def _prune_claims(self) -> None:
         """Forget the claims of ended transactions (bounded memory)."""
@@ -401,12 +446,17 @@ class Files:
         by_ws: dict[bytes, list[FileUndo]] = {}
         for it in items:
             by_ws.setdefault(it.ws.root_b, []).append(it)
+        with self._lock:  # a path an open or prepared transaction changed is its own:
+            for root in sorted(by_ws):  # refused before any workspace is touched
+                self._check_claims(tx, root, [it.path for it in by_ws[root]])
         for root in sorted(by_ws):
             ws = by_ws[root][0].ws
             with self._ws_lock(ws), self._lock:
+                self._check_not_watched(tx, ws)
                 back = [Change.of(it.path, it.target, plan.capture(ws, it.path, self.blobs))
                         for it in by_ws[root]]
                 forward = [Change.of(c.path, c.after, c.before) for c in undo_order(back)]
+                self._claim(tx, ws, forward)
                 eff = self.log_steps(tx, ws, "revert", forward)
                 tx.effects.append(eff)
                 conflicts = []
@@ -426,6 +476,8 @@ class Files:
         lock = self._ws_lock(ws)
         with lock:
             with self._lock:
+                self._check_not_watched(tx, ws)
+                outer = self._watching.get(ws.root_b)
                 m0 = snapshot(ws, self.blobs, previous=self._previous(ws))
                 digest = m0.save(self.blobs)
                 tx.logged = True
@@ -435,6 +487,7 @@ class Files:
                 self._manifests[ws.root_b] = m0
                 w = OpenWatch(ws, m0, digest, ev.lsn, tx.id)
                 tx.effects.append(w)
+                self._watching[ws.root_b] = tx.id
             handle = Watch(ws)
             failed = False
             try:
@@ -448,6 +501,12 @@ class Files:
                 except Exception:
                     if not failed:
                         raise  # (the block's own error wins; the watch stays open)
+                finally:
+                    with self._lock:
+                        if outer is None:
+                            self._watching.pop(ws.root_b, None)
+                        else:  # (a nested watch of the same transaction)
+                            self._watching[ws.root_b] = outer
 
     def _end_watch(self, tx: "Transaction", w: OpenWatch, handle: Watch) -> None:
         if tx.state != "active" or w not in tx.effects:
@@ -469,6 +528,7 @@ class Files:
             if eff is None:
                 del tx.effects[i]
             else:
+                eff.began_as = w
                 tx.effects[i] = eff
             self._manifests[ws.root_b] = m1
             handle.changes = changes
@@ -528,23 +588,46 @@ class Files:
                 fileio.fsync_dir(os.fsdecode(d))
 
     # ---- undo -----------------------------------------------------------------------
-    def undo_one(self, txid: int, eff: Any, batch: UndoBatch | None = None
-                 ) -> list[FileConflict]:
+    def undo_one(self, txid: int, eff: Any, batch: UndoBatch | None = None,
+                 recovering: bool = False) -> list[FileConflict]:
         """Put back what one effect changed; its conflicts (raises on an I/O error).
-        ``batch``: the effects undone with it (see UndoBatch)."""
+        ``batch``: the effects undone with it (see UndoBatch); ``recovering``: at open,
+        after a crash (see ``_undo_open_watch``)."""
         with self._ws_lock(eff.ws), self._lock:
             if isinstance(eff, OpenWatch):
-                return self._undo_open_watch(eff.ws, eff.manifest, txid)
+                return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
             return undo_steps(eff.ws, eff.steps, self.blobs, self.quarantine(txid),
                               check=True, durable=self.durable,
                               done=batch.done(eff) if batch is not None else None)
 
-    def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int) -> list[FileConflict]:
+    def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int,
+                         recovering: bool = False) -> list[FileConflict]:
         """A watch that never ended (a crash inside it, or its end could not be read):
-        every difference from its manifest is the watched processes' own."""
-        now = snapshot(ws, None, previous=m0)
-        return restore_changes(ws, diff(m0, now), self.blobs, self.quarantine(txid),
+        every difference from its manifest is put back, as the watched processes' own.
+
+        After a crash (``recovering``) that is a guess walstore cannot check: anyone may
+        have changed the tree between the crash and this open (an edit, a watched
+        process that outlived its parent).  So before a path is put back, the version
+        found now (a file or symlink) is kept under
+        ``quarantine/files/tx<txid>/watch/<path>`` and listed (``watch_saved``, in the
+        recovery report): put back as promised, and nothing lost."""
+        now = snapshot(ws, self.blobs if recovering else None, previous=m0)
+        changes = diff(m0, now)
+        if recovering:
+            self._keep_found(ws, changes, txid)
+        return restore_changes(ws, changes, self.blobs, self.quarantine(txid),
                                check=False, durable=self.durable)
+
+    def _keep_found(self, ws: Workspace, changes: list, txid: int) -> None:
+        """Keep the current file or symlink of each change aside (see above)."""
+        where = os.fsencode(os.path.join(self.quarantine(txid), "watch"))
+        for c in changes:
+            if not (c.after.is_file or c.after.is_symlink):
+                continue  # a directory's files are changes of their own; absence: nothing
+            saved = fapply._save_aside(c.path, c.after, self.blobs, where)
+            self.watch_saved.append({"tx": txid, "workspace": os.fsdecode(ws.root_b),
+                                     "path": abs_display(ws.root_b, c.path),
+                                     "found": c.after.describe(), "saved_as": saved})
 
     def record(self, txid: int, done: list, conflicts: list[tuple[int, FileConflict]],
                durable: bool = True) -> None:
@@ -895,6 +978,9 @@ class FilesRecoveryReport(RecoveryReport):
     also a ``file-conflict`` problem, so ``walstore recover`` lists it and exits 1)."""
 
     file_conflicts: list = field(default_factory=list)
+    # crashed watches put back: the version each path had at recovery, kept aside (see
+    # ``Files._undo_open_watch``); a normal crash outcome, listed (``watch-undone``)
+    watch_saved: list = field(default_factory=list)
 
     @classmethod
     def of(cls, report: RecoveryReport) -> "FilesRecoveryReport":
@@ -902,8 +988,16 @@ class FilesRecoveryReport(RecoveryReport):
             return report
         return cls(**{f.name: getattr(report, f.name) for f in fields(report)})
 
-    def add_files(self, conflicts: list[dict], failures: list) -> None:
+    def add_files(self, conflicts: list[dict], failures: list,
+                  watch_saved: list[dict] = ()) -> None:
         self.file_conflicts.extend(conflicts)
+        for w in watch_saved:
+            self.watch_saved.append(w)
+            self.problems.append(Problem(
+                "watch-undone", w["path"], 0, 0,
+                f"changed while a watch() of transaction {w['tx']} ran when the store "
+                f"crashed (or after the crash): put back to its state before the watch; "
+                f"the version found ({w['found']}) is kept", 0, "saved", w["saved_as"]))
         for c in conflicts:
             self.problems.append(Problem(
                 "file-conflict", c["path"], 0, 0,

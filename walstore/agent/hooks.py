@@ -151,7 +151,7 @@ class AgentHooks:
                     failed_actions += saga.compensate([eff], raise_on_failure=False)
                     continue
                 try:
-                    got = files.undo_one(eff.txid, eff, batch)
+                    got = files.undo_one(eff.txid, eff, batch, recovering=True)
                 except (OSError, ValueError, WalstoreError) as e:
                     failures.append((eff.txid, eff.lsn, eff.ws.root_b, e))
                     continue

@@ -45,6 +45,9 @@ class TwoPhase:
         self.engine = engine
         self.saga = saga
         self.undo_files = undo_files  # (txid) -> None: put back an ended txn's file effects
+        # txids whose decision is logged and whose undo runs: they keep their file claims
+        # (shared with agent.files.Files, which reads it)
+        self.undoing: set[int] = set()
 
     def prepare(self, tx: "Transaction", gid: str, file_fields: dict | None = None) -> None:
         check_gid(gid)
@@ -94,14 +97,18 @@ class TwoPhase:
             eng.check_writable()
             event = eng.journal.append(RecordType.ROLLBACK_PREPARED, {"tx": p.txid, "gid": gid},
                                        p.txid)
+            self.undoing.add(p.txid)  # (its paths stay claimed until they are put back)
             eng.prepared.remove(gid)
-        eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
-                                        f"the rollback of {gid!r}", "the decision")
-        owed = [Action.from_row(r) for r in eng.views.action_rows_of(p.txid)]
-        if self.undo_files is not None:
-            self.undo_files(p.txid, [a for a in owed if a.owed])
-        else:
-            self.saga.compensate([a for a in owed if a.owed])
+        try:
+            eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
+                                            f"the rollback of {gid!r}", "the decision")
+            owed = [Action.from_row(r) for r in eng.views.action_rows_of(p.txid)]
+            if self.undo_files is not None:
+                self.undo_files(p.txid, [a for a in owed if a.owed])
+            else:
+                self.saga.compensate([a for a in owed if a.owed])
+        finally:
+            self.undoing.discard(p.txid)
 
     def decision(self, gid: str) -> str | None:
         """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""

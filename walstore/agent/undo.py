@@ -278,6 +278,7 @@ class Undo:
             oldest = self.fh.version(root, path, lsns[-1])
             if newest is None or oldest is None:
                 continue
+            self.files.check_unclaimed(root, path)  # an open or prepared txn's: refused
             ws = self.files.registered(root)
             status = restore_status(ws, path, oldest.before, newest.after)
             if status.state == "done":

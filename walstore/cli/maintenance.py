@@ -13,7 +13,7 @@ from .output import (EXIT_PROBLEM, UsageProblem, emit_json, emit_json_list, emit
                      kv_lines, progress_printer)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
-NORMAL_PROBLEMS = ("torn-tail", "stale-bytes")
+NORMAL_PROBLEMS = ("torn-tail", "stale-bytes", "watch-undone")
 
 
 @main.command()

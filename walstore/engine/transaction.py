@@ -84,12 +84,15 @@ class Savepoint:
     """A named point inside a transaction.  Use it with ``rollback_to`` / ``release``."""
 
     def __init__(self, tx: "Transaction", name: str | None, undo_len: int, serial: int,
-                 effect_mark: int) -> None:
+                 effect_mark: int, inside: tuple = ()) -> None:
         self.name = name
         self._tx = tx
         self._undo_len = undo_len
         self._serial = serial
         self.effect_mark = effect_mark  # how many effects (actions, file changes) existed
+        # effects still running when it was taken that cannot be cut at it (an open
+        # watch(): ``blocks_inner_rollback``); rolling back to it is refused
+        self.inside = inside
         self.active = True
 
     def __enter__(self) -> "Savepoint":
@@ -131,6 +134,7 @@ class Transaction:
         self.actions_begun = 0    # numbers action ids
         self.logged = False       # wrote a record before commit (an intent, a before-image)
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
+        self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
 
     # ---- context manager ---------------------------------------------------------------
     def __enter__(self) -> "Transaction":
@@ -267,7 +271,8 @@ class Transaction:
     def savepoint(self, name: str | None = None) -> Savepoint:
         self._check_active()
         self._serial += 1
-        sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects))
+        inside = tuple(e for e in self.effects if getattr(e, "blocks_inner_rollback", None))
+        sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects), inside)
         self._savepoints.append(sp)
         return sp
 
@@ -295,6 +300,11 @@ class Transaction:
             if why:  # (before anything is undone)
                 raise WalstoreError(f"cannot roll back transaction {self.id} to "
                                         f"{target!r}: {why}")
+        for e in target.inside:  # begun before the savepoint, cannot be cut at it
+            if any(x is e or getattr(x, "began_as", None) is e
+                   for x in self.effects[:target.effect_mark]):
+                raise WalstoreError(f"cannot roll back transaction {self.id} to "
+                                    f"{target!r}: {e.blocks_inner_rollback}")
         while len(self._undo) > target._undo_len:
             k, prev = self._undo.pop()
             if prev is _MISSING:
@@ -397,9 +407,17 @@ class Transaction:
             self._finish(ROLLED_BACK)
             self._hooks.rollback_prepared(gid)
             return
+        if not (self.logged or self.effects):
+            self._finish(ROLLED_BACK)
+            return
+        # from here until its effects are undone the transaction still owns what they
+        # changed (a path another transaction must not take over: agent.files claims)
+        self.undo_pending = True
         self._finish(ROLLED_BACK)
-        if self.logged or self.effects:
+        try:
             self._hooks.end_without_commit(self, cause)
+        finally:
+            self.undo_pending = False
 
     def _finish(self, state: str) -> None:
         self.state = state
