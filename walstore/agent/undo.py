@@ -186,10 +186,11 @@ class Undo:
         rng = ScopeRange(scope) if scope is not None else None
         out: dict[int, TxnInfo] = {}
         st = self.engine.state
+        whole = rng is None or self._wholly_in(info, rng)
         for key in info.keys:
             k = encode_key(key)
-            if rng is not None and not rng.contains(k):
-                continue
+            if not whole and not rng.contains(k):
+                continue  # (a key the scoped undo leaves alone)
             prefix = tables.hist_prefix(k)
             for raw, _row in st.scan(tables.hist_key(k, info.lsn + 1), prefix + b"\xff" * 9,
                                      db="hist"):
@@ -204,6 +205,23 @@ class Undo:
                 if txid not in out:
                     out[txid] = self.history.txn_info(txid)
         return list(out.values())
+
+    def _wholly_in(self, info: TxnInfo, rng: ScopeRange) -> bool:
+        """Is ``info`` undone wholly by an undo scoped to ``rng``: tagged with the scope,
+        or untagged with every key and path inside it.  A transaction that wrote nothing
+        (it only ran actions) belongs to a scope only by its tag: otherwise "all its
+        writes inside" would be true of every agent's action-only transactions, and a
+        scoped undo would compensate other agents' actions."""
+        if rng.same(info.scope):
+            return True
+        if info.scope is not None:
+            return False  # another agent's (its in-scope keys still go back, see _plan)
+        keys = [encode_key(k) for k in info.keys]
+        paths = self.fh.changes_of(info.txid) if self.fh is not None else []
+        if not keys and not paths:
+            return False
+        in_scope = self._ws_filter(rng)
+        return all(rng.contains(k) for k in keys) and all(in_scope(p[0]) for p in paths)
 
     def _ws_filter(self, rng: ScopeRange | None):
         """Is a workspace (root) inside the scope?  (Declared with ``scope=``.)"""
@@ -221,6 +239,8 @@ class Undo:
         in_scope = self._ws_filter(rng)
         mixed_with_actions = []
         undone_txids = set()
+        kept_writers: dict[bytes, list[tuple[int, int]]] = {}  # key -> (lsn, txid) not undone
+        in_range_actions: set[str] = set()
         for info in infos:  # newest first
             if "purge" in info.extra:
                 if boundary is None:  # a revert names it: refuse; a rewind passes over it
@@ -230,12 +250,17 @@ class Undo:
             keys = [encode_key(k) for k in info.keys]
             paths = self.fh.changes_of(info.txid) if self.fh is not None else []
             paths_in = paths if rng is None else [p for p in paths if in_scope(p[0])]
-            whole = rng is None or rng.same(info.scope) or (
-                all(rng.contains(k) for k in keys) and len(paths_in) == len(paths))
+            whole = rng is None or self._wholly_in(info, rng)
             mine = keys if whole else [k for k in keys if rng.contains(k)]
+            if not whole:
+                for k in keys:
+                    if not rng.contains(k):
+                        kept_writers.setdefault(k, []).append((info.lsn, info.txid))
             mine_paths = paths if whole else paths_in
-            committed = [Action.from_row(self._current_row(a)) for a in info.actions]
-            committed = [a for a in committed if a.state == tables.COMMITTED and a.compensate]
+            current = [Action.from_row(self._current_row(a)) for a in info.actions]
+            if rng is not None:  # (actions of the undone range declared in the scope)
+                in_range_actions.update(a.id for a in current if rng.same(a.scope))
+            committed = [a for a in current if a.state == tables.COMMITTED and a.compensate]
             if whole:
                 undone_txids.add(info.txid)
                 plan.compensations += committed
@@ -256,9 +281,22 @@ class Undo:
                                  f"outside scope {scope!r} and ran actions that were not "
                                  f"declared in it; they cannot be undone partly",
                                  mixed_with_actions)
+        # a key outside the scope that an undone transaction wrote (it was the scope's
+        # wholly) and a later transaction the undo keeps wrote after it: putting it back
+        # would overwrite that other agent's work — refused, as a revert's later writer
+        overwritten = sorted({t for k, lsn in restore.items()
+                              for w_lsn, t in kept_writers.get(k, ()) if w_lsn > lsn},
+                             reverse=True)
+        if overwritten:
+            keys_hit = sorted({decode_key(k) for k, lsn in restore.items()
+                               if any(w > lsn for w, _t in kept_writers.get(k, ()))}, key=repr)
+            raise RevertConflict(f"later transactions {overwritten} outside scope {scope!r} "
+                                 f"changed {keys_hit}, which the undone transactions also "
+                                 f"wrote; putting them back would overwrite that work "
+                                 f"(nothing was changed)", overwritten)
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
-        plan.needs_redo = self._needs_redo(infos, undone_txids, force)
+        plan.needs_redo = self._needs_redo(infos, undone_txids, force, in_range_actions)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
@@ -295,15 +333,18 @@ class Undo:
                                  paths=sorted(conflicts))
         return items
 
-    def _needs_redo(self, infos: list[TxnInfo], undone: set, force: bool) -> list[str]:
+    def _needs_redo(self, infos: list[TxnInfo], undone: set, force: bool,
+                    in_range: set = frozenset()) -> list[str]:
         """Actions an undone undo had compensated, whose own transaction stays: undoing
-        the undo brings their state back while the outside world stays compensated."""
+        the undo brings their state back while the outside world stays compensated.  An
+        action declared in the scope of a scoped undo, run by a transaction the undo
+        covers, is undone with it, not brought back (rewinding twice to one point)."""
         ids = []
         for info in infos:
             if info.txid not in undone:
                 continue
             for aid in info.extra.get("compensate", ()):
-                if int(aid.partition(".")[0]) not in undone:
+                if int(aid.partition(".")[0]) not in undone and aid not in in_range:
                     ids.append(aid)
         if ids and not force:
             raise RevertConflict(f"undoing this brings back the state of action(s) {ids}, "

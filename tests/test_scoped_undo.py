@@ -1,0 +1,119 @@
+"""Scoped undo (``rewind``/``revert`` with ``scope=``) keeps other agents' work: their
+action-only transactions are not compensated, and a key the undone range wrote outside
+the scope that another agent wrote later is never overwritten (RevertConflict, nothing
+changes).  Rewinding twice to one point is harmless.  (Probe findings: each of these
+changed the outside world or another agent's state before the fix.)"""
+from __future__ import annotations
+
+import pytest
+
+import walstore
+
+
+@pytest.fixture
+def store(tmp_path):
+    ledger: list[str] = []
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    s.ledger = ledger  # type: ignore[attr-defined]
+
+    @s.compensator("undo")
+    def undo(action):
+        ledger.append(f"undo {action.args['what']}")
+    yield s
+    s.close()
+
+
+def act(tx, what: str, scope=None):
+    with tx.action("do", args={"what": what}, compensate="undo", scope=scope):
+        pass
+
+
+def states(store) -> dict[str, str]:
+    return {a.args["what"]: a.state for a in store.actions()}
+
+
+@pytest.mark.parametrize("how", ["tagged", "declared"])
+def test_a_scoped_undo_leaves_other_agents_action_only_transactions_alone(store, how):
+    store.restore_point("p0")
+    with store.transaction(scope="agents/a/") as tx:
+        act(tx, "A1")
+    if how == "tagged":
+        with store.transaction(scope="agents/b/") as tx:
+            act(tx, "B1")
+    else:  # an untagged transaction whose action is declared in B's scope
+        with store.transaction() as tx:
+            act(tx, "B1", scope="agents/b/")
+    with store.transaction() as tx:  # nobody's: neither tagged nor declared
+        act(tx, "N1")
+    plan = store.rewind("p0", scope="agents/a/", dry_run=True)
+    assert [a.args["what"] for a in plan.compensations] == ["A1"]
+    assert store.ledger == []
+    store.rewind("p0", scope="agents/a/")
+    assert store.ledger == ["undo A1"]
+    assert states(store) == {"A1": "compensated", "B1": "committed", "N1": "committed"}
+    b_tx = [a.txid for a in store.actions() if a.args["what"] == "B1"][0]
+    assert store.revert(b_tx, scope="agents/a/") is None  # nothing of A's in it
+    assert store.ledger == ["undo A1"] and states(store)["B1"] == "committed"
+
+
+@pytest.mark.parametrize("later", ["other-scope", "unscoped"])
+@pytest.mark.parametrize("verb", ["rewind", "revert", "dry-run"])
+def test_a_key_another_agent_wrote_later_is_never_overwritten(store, later, verb):
+    """A's transaction (tagged A) wrote ``hotel/rooms_left`` outside A's prefix; B (or an
+    untagged writer) wrote it later.  Undoing A would put B's work back to A's earlier
+    value: RevertConflict naming B's transaction, and nothing changes (no compensation,
+    no commit)."""
+    with store.transaction() as tx:
+        tx.put("hotel/rooms_left", 10)
+    store.restore_point("p")
+    with store.transaction(scope="A/") as tx:
+        act(tx, "book-A")
+        tx.put("hotel/rooms_left", 9)
+        tx.put("A/booking", 1)
+    with store.transaction(scope="B/" if later == "other-scope" else None) as tx:
+        tx.put("hotel/rooms_left", 8)
+        tx.put("B/booking", 1)
+    b_txid = tx.id
+    a_txid = b_txid - 1
+    end = store.stats()["wal_end_lsn"]
+    with pytest.raises(walstore.RevertConflict) as e:
+        if verb == "revert":
+            store.revert(a_txid, scope="A/")
+        else:
+            store.rewind("p", scope="A/", dry_run=verb == "dry-run")
+    assert b_txid in e.value.txids
+    assert store.get("hotel/rooms_left") == 8 and store.get("A/booking") == 1
+    assert store.ledger == [] and states(store) == {"book-A": "committed"}
+    assert store.stats()["wal_end_lsn"] == end
+    # an unscoped rewind undoes both agents' work: it goes through
+    store.rewind("p")
+    assert store.get("hotel/rooms_left") == 10 and store.get("A/booking") is None
+    assert store.get("B/booking") is None and store.ledger == ["undo book-A"]
+
+
+def test_a_later_write_inside_the_scope_is_part_of_the_scope(store):
+    """In-scope keys go back whoever wrote them (the scope is the agent's own)."""
+    store.restore_point("p")
+    with store.transaction(scope="A/") as tx:
+        tx.put("A/x", 1)
+    with store.transaction(scope="B/") as tx:
+        tx.put("A/x", 2)  # B wrote into A's prefix
+        tx.put("B/y", 1)
+    store.rewind("p", scope="A/")
+    assert store.get("A/x") is None and store.get("B/y") == 1
+
+
+def test_rewinding_twice_to_one_point_is_harmless(store):
+    """The tool's action was declared in the session's scope and wrote a key outside it:
+    the first rewind compensates it; the second (a retried call) finds nothing to do —
+    it used to raise RevertConflict (the first rewind's compensation taken for one it
+    would bring back)."""
+    store.restore_point("p")
+    with store.transaction() as tx:
+        act(tx, "tool", scope="sess/1/")
+        tx.put("sess/1/item", "t1")
+        tx.put("outside/log", "t1")
+    assert store.rewind("p", scope="sess/1/") is not None
+    assert store.ledger == ["undo tool"]
+    assert store.rewind("p", scope="sess/1/") is None
+    assert store.ledger == ["undo tool"] and states(store) == {"tool": "compensated"}
