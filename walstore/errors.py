@@ -129,6 +129,13 @@ class UnknownPoint(WalstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TrimmedOrUnknownPoint(HistoryTrimmed, UnknownPoint):
+    """A txid among the trimmed ones that is not in the retained history: it was trimmed,
+    or it never committed (the store keeps no list of trimmed ids to tell which), so it is
+    both a ``HistoryTrimmed`` and an ``UnknownPoint``.  A txid above every trimmed one is
+    a plain ``UnknownPoint``."""
+
+
 class PointTypeError(UnknownPoint, TypeError):
     """A point of a type that can name nothing (a float, a bool, None, a list...): an
     ``UnknownPoint`` (it names nothing, nothing changes) that is also a ``TypeError``."""

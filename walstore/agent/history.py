@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..codec import Key, decode_key, encode_key, unpack, unpack_value
-from ..errors import HistoryTrimmed, PointTypeError, UnknownPoint
+from ..errors import HistoryTrimmed, PointTypeError, TrimmedOrUnknownPoint, UnknownPoint
 from ..log.format import RecordType
 from ..engine import tables
 from ..engine.transaction import scan_bounds
@@ -140,10 +140,16 @@ class History:
         return boundary
 
     def _raise_unknown_txid(self, txid: int) -> None:
-        horizon = self.engine.state.meta_int(b"horizon")
-        if horizon and txid < self.engine.state.meta_int(b"next_txid"):
-            raise HistoryTrimmed(f"transaction {txid} is unknown or older than the retained "
-                                 f"history (horizon LSN {horizon})")
+        st = self.engine.state
+        horizon = st.meta_int(b"horizon")
+        if horizon:
+            # a txid above every trimmed one never committed; at or below it, it may have
+            # been trimmed (stores trimmed before that was recorded: below the next txid)
+            top = st.meta_int(b"trimmed_txid_max", -1)
+            if txid <= top if top >= 0 else txid < st.meta_int(b"next_txid"):
+                raise TrimmedOrUnknownPoint(
+                    f"transaction {txid} is unknown (it never committed) or older than the "
+                    f"retained history (horizon LSN {horizon})", txid)
         raise UnknownPoint(f"no committed transaction with txid {txid}", txid)
 
     # ---- the log ------------------------------------------------------------------------

@@ -40,14 +40,18 @@ class Retention:
         if horizon <= old:
             return {"history_trimmed": 0}
         trimmed = 0
+        top = st.meta_int(b"trimmed_txid_max", 0)
         while True:
             batch = self._oldest_commits(old, horizon)
             if not batch:
                 break
             self.engine.applier.trim_history(batch, horizon)
             trimmed += len(batch)
+            top = max(top, max(txid for _lsn, txid in batch))
             old = batch[-1][0] + 1
-        self.engine.applier.set_meta(b"horizon", horizon)
+        # ``trimmed_txid_max``: a txid above it was never trimmed, so an unknown one there
+        # never committed (UnknownPoint, not HistoryTrimmed: see History)
+        self.engine.applier.set_meta(b"horizon", horizon, trimmed_txid_max=top)
         return {"history_trimmed": trimmed}
 
     def _oldest_commits(self, lo: int, hi: int) -> list[tuple[int, int]]:

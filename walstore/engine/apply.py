@@ -167,18 +167,40 @@ class Applier:
         rows of their settled actions."""
         st = self.state
 
+        trimmed = {txid for _lsn, txid in commits}
+
+        def retained(txid) -> bool:
+            return (isinstance(txid, int) and txid not in trimmed
+                    and txn_ref[0].get(tables.txid_key(txid), db=st.txns) is not None)
+        txn_ref: list = [None]
+
         def body(txn) -> None:
+            txn_ref[0] = txn
             for lsn, txid in commits:
                 raw = txn.get(tables.txid_key(txid), db=st.txns)
                 row = unpack(raw) if raw is not None else {"w": []}
                 for key, _unused in row.get("w", []):
+                    _drop_older_versions(txn, st, key, lsn)  # (an earlier trim's survivor)
                     if _has_newer_below(txn, st, key, lsn, horizon):
                         txn.delete(tables.hist_key(key, lsn), db=st.hist)
                 for a in row.get("actions", []):
                     araw = txn.get(a["id"].encode(), db=st.actions)
-                    if araw is not None and unpack(araw).get("state") in (
-                            tables.COMMITTED, tables.COMPENSATED, tables.RESOLVED):
+                    if araw is None:
+                        continue
+                    arow = unpack(araw)
+                    if arow.get("state") in (tables.COMMITTED, tables.RESOLVED) or (
+                            arow.get("state") == tables.COMPENSATED
+                            and not retained(arow.get("undone_by"))):
                         txn.delete(a["id"].encode(), db=st.actions)
+                    # (compensated by an undo still retained: the row stays while that
+                    # undo can be reverted, which marks it needs-redo)
+                for aid in row.get("compensate", ()):  # an undo trimmed: the rows it kept
+                    araw = txn.get(str(aid).encode(), db=st.actions)
+                    if araw is None:
+                        continue
+                    own = int(str(aid).partition(".")[0] or -1)
+                    if unpack(araw).get("state") in tables.FINAL_STATES and not retained(own):
+                        txn.delete(str(aid).encode(), db=st.actions)
                 _trim_files(txn, st, lsn, txid, horizon)
                 txn.delete(tables.txid_key(txid), db=st.txns)
                 txn.delete(u64(lsn), db=st.bylsn)
@@ -300,6 +322,23 @@ def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:
         for k in below[:-1]:  # only the newest below the horizon is ever read again
             txn.delete(k, db=st.fversions)
         txn.delete(raw, db=st.fchanges)
+
+
+def _drop_older_versions(txn, st, key: bytes, lsn: int) -> None:
+    """Delete the versions of ``key`` before ``lsn`` (a trim reaching ``lsn``'s commit is
+    past them all: the one an earlier trim kept as the newest below ITS horizon would
+    otherwise stay forever, and ``history`` would show it with the next version's
+    before-image as its value)."""
+    cur = txn.cursor(db=st.hist)
+    prefix = tables.hist_prefix(key)
+    doomed = []
+    if cur.set_range(tables.hist_key(key, 0)):
+        for k in cur.iternext(keys=True, values=False):
+            if not tables.is_version_of(k, prefix) or tables.split_hist_key(k)[1] >= lsn:
+                break
+            doomed.append(k)
+    for k in doomed:
+        txn.delete(k, db=st.hist)
 
 
 def _has_newer_below(txn, st, key: bytes, lsn: int, horizon: int) -> bool:

@@ -136,7 +136,7 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         for aid in field("compensate", ()):
             row = get_row(aid)
             if row is not None and row.get("state") == COMMITTED:
-                out.append(dict(row, state=PENDING, error=undone_by))
+                out.append(dict(row, state=PENDING, error=undone_by, undone_by=event.txid))
         for aid in field("redo", ()):
             row = get_row(aid)
             if row is not None:
