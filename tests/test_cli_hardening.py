@@ -692,3 +692,65 @@ def test_a_failing_json_command_prints_one_error_document(store_path, tmp_path):
     # a good run after a failed one in the same process is unaffected
     ok = CliRunner().invoke(main, ["stats", store_path, "--json"])
     assert ok.exit_code == 0 and "error" not in json.loads(ok.stdout)
+
+
+# ---- an undo that leaves compensations owed exits 1 and names them ----------------------
+HANDLERS_MODULE = '''
+import json
+def refund(action):
+    with open(action.args["ledger"], "a") as f:
+        f.write(json.dumps({"refund": action.id}) + "\\n")
+COMPENSATORS = {"refund": refund}
+'''
+
+
+@pytest.mark.parametrize("verb", ["revert", "rewind", "rollback-prepared"])
+def test_an_undo_leaving_compensations_owed_exits_1_naming_them(store_path, tmp_path, verb):
+    """Without the compensator (no --handlers) the undo commits but the refund stays
+    owed: exit 1 and the action listed (human and --json); with --handlers it runs and
+    the command exits 0.  (It used to print success and exit 0.)"""
+    ledger = tmp_path / "ledger.jsonl"
+
+    def charged_store(gid=None):
+        s = walstore.open(store_path)
+        if verb == "rewind":
+            s.restore_point("p")
+        tx = s.transaction()
+        with tx.action("charge", args={"ledger": str(ledger)}, compensate="refund"):
+            pass
+        tx.put("paid", 1)
+        if gid:
+            tx.prepare(gid)
+        else:
+            tx.commit()
+        txid = tx.id
+        s.close()
+        return txid
+    gid = "g1" if verb == "rollback-prepared" else None
+    txid = charged_store(gid)
+    args = {"revert": ["revert", store_path, str(txid)],
+            "rewind": ["rewind", store_path, "--to", "p"],
+            "rollback-prepared": ["rollback-prepared", store_path, "g1"]}[verb]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert f"{txid}.1" in r.stdout and "pending compensations" in r.stdout
+    with walstore.open(store_path) as s:
+        assert [a.id for a in s.pending_compensations()] == [f"{txid}.1"]
+        for a in s.pending_compensations():
+            s.resolve(a.id)
+    if verb == "rollback-prepared":
+        return
+    # with the compensator: it runs, exit 0, nothing owed (JSON says so)
+    mod = tmp_path / "refunds_mod.py"
+    mod.write_text(HANDLERS_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        txid = charged_store()
+        args = {"revert": ["revert", store_path, str(txid)],
+                "rewind": ["rewind", store_path, "--to", "p"]}[verb]
+        r = CliRunner().invoke(main, args + ["--handlers", "refunds_mod", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["pending_actions"] == []
+        assert f'"refund": "{txid}.1"' in ledger.read_text()
+    finally:
+        sys.path.remove(str(tmp_path))

@@ -31,7 +31,9 @@ def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: b
             fail(error_text(e), EXIT_USAGE)
         except walstore.CompensationFailed as e:
             fail(f"reverted, but {e}")
-    _done(info, as_json)
+        owed = still_owed(store, info.extra.get("compensate", ()) if info else ())
+        registered = dict(store.compensators)
+    _done(info, as_json, owed, registered)
 
 
 @main.command()
@@ -52,22 +54,46 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
             result = store.rewind(to, scope=scope, dry_run=dry_run)
         except walstore.CompensationFailed as e:
             fail(f"rewound, but {e}")
+        owed = [] if dry_run or result is None else still_owed(
+            store, result.extra.get("compensate", ()))
+        registered = dict(store.compensators)
     if dry_run:
         _show_plan(result, as_json)
     else:
-        _done(result, as_json)
+        _done(result, as_json, owed, registered)
 
 
-def _done(info: Any, as_json: bool) -> None:
+def still_owed(store: walstore.Store, ids: Any) -> list[walstore.Action]:
+    """Of the actions ``ids`` an undo claimed, those whose compensation is still owed
+    (no compensator in this run: ``--handlers``)."""
+    wanted = set(ids)
+    return [a for a in store.pending_compensations() if a.id in wanted] if wanted else []
+
+
+def report_owed(owed: list[walstore.Action], registered: dict) -> None:
+    """Human output: the compensations the command left owed (the caller exits 1)."""
+    click.echo("pending compensations (need a compensator, --handlers MODULE, or "
+               "`walstore resolve`):")
+    action_table(owed, registered, results=False)
+
+
+def _done(info: Any, as_json: bool, owed: list | None = None,
+          registered: dict | None = None) -> None:
     reverted = list(info.extra.get("reverts", [])) if info else []
+    owed = owed or []
     if as_json:
         emit_json({"txid": info.txid if info else None, "lsn": info.lsn if info else None,
-                   "reverted": reverted})
+                   "reverted": reverted,
+                   "pending_actions": action_docs(owed, registered)})
     elif info is None:
         click.echo("nothing to undo")
     else:
         click.echo(f"committed txid {info.txid} at LSN {info.lsn}, undoing transactions "
                    f"{reverted}")
+        if owed:
+            report_owed(owed, registered or {})
+    if owed:  # committed, but the outside world is not undone yet: a problem to act on
+        raise SystemExit(EXIT_PROBLEM)
 
 
 def _plan_fields(plan: Any) -> dict:

@@ -45,12 +45,19 @@ def commit_prepared(path: str, gid: str) -> None:
 @click.argument("gid")
 @HANDLERS
 def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
-    """Roll back the prepared transaction GID."""
+    """Roll back the prepared transaction GID (exit 1 when compensations stay owed)."""
+    from .agent import report_owed
     with open_store(path, compensators=load_handlers(handlers)) as store:
+        txids = [p["txid"] for p in _engine.prepared_details(store) if p["gid"] == gid]
         try:
             store.rollback_prepared(gid)
         except KeyError as e:
             fail(error_text(e), EXIT_USAGE)
         except walstore.CompensationFailed as e:
             fail(f"rolled back, but {e}")
+        owed = [a for a in store.pending_compensations() if a.txid in txids]
+        registered = dict(store.compensators)
     click.echo(f"rolled back {gid}")
+    if owed:
+        report_owed(owed, registered)
+        raise SystemExit(EXIT_PROBLEM)
