@@ -179,3 +179,49 @@ def test_a_write_committed_while_the_purge_reads_makes_the_purge_run_again(tmp_p
         assert raced and s.get("conv/1/late") is None
         assert list(s.keys(prefix="conv/1/")) == []
         assert out["keys_deleted"] >= 1
+
+
+PURGE_THEN_DIE = r"""
+import os, signal, sys
+import walstore
+from walstore.engine.engine import Engine
+sys.path.insert(0, sys.argv[2])
+from test_purge import fill
+store = walstore.open(sys.argv[1], durability="full")
+fill(store)
+def die(self, needles):  # the purge committed and was applied; its erasure never runs
+    print("PURGED", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+Engine.erase_old_bytes = die
+store.purge("conv/1/")
+"""
+
+
+@pytest.mark.parametrize("then", ["reopen", "reopen-readonly-then-checkpoint"])
+def test_a_crash_between_the_purge_and_its_erasure_is_finished_later(tmp_path, then):
+    """kill -9 right after the purge committed (and was applied) but before its
+    compacting checkpoint: the erasure is owed durably (LMDB meta, with the purge's
+    rows), so the next writable open finishes it — no file holds the marker afterwards.
+    A read-only open cannot erase; the next writable open or checkpoint does.  (Before,
+    the bytes stayed in the WAL and in LMDB's free pages for good.)"""
+    path = str(tmp_path / "s")
+    child = tmp_path / "child.py"
+    child.write_text(PURGE_THEN_DIE)
+    p = subprocess.run([sys.executable, str(child), path, os.path.dirname(__file__)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == -9 and "PURGED" in p.stdout, p.stderr
+    assert files_with(path, MARKER), "the crash left the old bytes (the case under test)"
+    if then == "reopen-readonly-then-checkpoint":
+        with walstore.open(path, readonly=True) as ro:  # shows nothing purged, erases nothing
+            assert list(ro.scan(prefix="conv/1/")) == [] and ro.get("user/name") == "ada"
+        assert files_with(path, MARKER)
+    with walstore.open(path) as store:
+        assert list(store.scan(prefix="conv/1/")) == []
+        assert store.history("conv/1/m0") == []
+        assert files_with(path, MARKER) == [], "erased at open"
+        assert store.get("user/name") == "ada"
+        with store.transaction() as tx:
+            tx.put("after", 1)
+        store.checkpoint()
+    assert files_with(path, MARKER) == []
+    assert verify_store(path).ok

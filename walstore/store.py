@@ -99,6 +99,10 @@ class Store:
                 engine.checkpoint_hooks.append(Retention(engine).trim)
                 engine.checkpoint_hooks.append(self._files.gc)
                 self._settle_recovery()
+            if not readonly:
+                engine.drain()  # (REDOne purges applied, so their owed erasure shows)
+                if engine.erase_owed():  # a purge's erasure a crash cut short: finish it
+                    engine.erase_old_bytes([])
             if replicate_to is not None:
                 from .replication import start_in_process  # the [s3] extra, only when asked
                 self._shipper = start_in_process(self, replicate_to, replicate_options)

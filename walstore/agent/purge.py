@@ -8,7 +8,10 @@ them (walstore.engine.apply).  So afterwards no API returns them: ``get``/``scan
 ``history``, ``log`` and ``revert`` included.  Then the purge checkpoints at once (the
 "next checkpoint" of the contract): the WAL moves to a fresh segment and every older one is
 removed, LMDB is rewritten without its free pages, and quarantined bytes holding the keys
-are removed — their bytes are in no file of the store directory.
+are removed — their bytes are in no file of the store directory.  The erasure is owed
+durably from the moment the purge is applied (``apply.ERASE_OWED``, in the same LMDB
+transaction as its rows): a crash before the compacting checkpoint finishes is finished by
+the next writable open (or checkpoint), and quarantined bytes under the prefix go too.
 
 A write racing into the prefix while the purge reads it makes the purge conflict; it runs
 again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what that write

@@ -24,6 +24,9 @@ from ..log.records import Event
 from . import tables
 from .lmdb_state import LmdbState, from_u64, u64
 
+# meta row: msgpack [[lo, hi], ...]: purge ranges whose old bytes are not erased yet
+ERASE_OWED = b"erase_owed"
+
 _pack_u64 = struct.Struct(">Q").pack  # (the layout of ``u64`` and ``tables.txid_key``)
 
 PREPARED_PREFIX = b"p:"
@@ -140,6 +143,13 @@ class Applier:
             for e in purges:
                 _erase_range(txn, st, e.body["purge_range"])
                 txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
+                # the erasure of its old bytes (WAL segments, LMDB free pages, quarantine)
+                # is owed until a compacting checkpoint is done: a crash before it must
+                # not forget it (Engine.erase_old_bytes, run at the next open)
+                raw = txn.get(ERASE_OWED, db=st.meta)
+                owed = unpack(raw) if raw else []
+                owed.append(list(e.body["purge_range"]))
+                txn.put(ERASE_OWED, pack(owed), db=st.meta)
             txn.put(b"applied", u64(applied_end), db=st.meta)
             if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta)) <= max_txid:
                 txn.put(b"next_txid", u64(max_txid + 1), db=st.meta)
@@ -160,6 +170,19 @@ class Applier:
             for k, v in pairs:
                 txn.put(k, u64(v), db=self.state.meta)
         self.state.write(put)
+
+    def erased(self, ranges: list) -> None:
+        """The erasure owed for these purge ranges is done (see ``ERASE_OWED``)."""
+        st = self.state
+
+        def put(txn) -> None:
+            raw = txn.get(ERASE_OWED, db=st.meta)
+            left = [r for r in (unpack(raw) if raw else []) if r not in ranges]
+            if left:
+                txn.put(ERASE_OWED, pack(left), db=st.meta)
+            else:
+                txn.delete(ERASE_OWED, db=st.meta)
+        st.write(put)
 
     def trim_history(self, commits: list[tuple[int, int]], horizon: int) -> None:
         """Delete the history of ``commits`` [(lsn, txid)] below ``horizon`` (each key keeps

@@ -415,7 +415,10 @@ class Engine:
         if self.readonly:
             raise ReadOnlyError("a read-only store cannot checkpoint")
         self.check_writable()
-        return self._checkpoint()
+        out = self._checkpoint()
+        if self.erase_owed():  # a purge's erasure a crash interrupted: this checkpoint's
+            out = self.erase_old_bytes([])
+        return out
 
     def _checkpoint(self, ignore_pins: bool = False, background: bool = False) -> dict:
         """``background``: the applier's automatic checkpoint (see ``_apply_up_to``)."""
@@ -468,11 +471,25 @@ class Engine:
         with self._checkpoint_lock:
             self.wal.rotate()
             out = self._checkpoint(ignore_pins=True)
+            owed = self.erase_owed()  # (the ranges of every purge applied so far)
+            needles = list(needles) + [bytes(lo) for lo, _hi in owed if lo]
             with self._apply_lock:
                 before, after = self.state.compact()
             out.update({"lmdb_bytes_before": before, "lmdb_bytes_after": after,
                         "quarantine_removed": self._scrub_quarantine(needles)})
+            if owed:
+                self.applier.erased(owed)
+                self.state.sync()
             return out
+
+    def erase_owed(self) -> list:
+        """Purge ranges ([lo, hi]) whose old bytes are not erased yet: a purge applied but
+        its compacting checkpoint not done (a crash between them).  ``open`` and
+        ``checkpoint`` finish them."""
+        from ..codec import unpack
+        from .apply import ERASE_OWED
+        raw = self.state.get(ERASE_OWED, "meta")
+        return unpack(raw) if raw else []
 
     def _scrub_quarantine(self, needles: list[bytes]) -> int:
         qdir = self.layout.quarantine
