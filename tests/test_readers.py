@@ -99,6 +99,40 @@ def test_reader_sees_acknowledged_commits_not_yet_in_lmdb(tmp_path, reader_facto
         w.close()
 
 
+def test_reader_history_and_past_views_include_commits_not_yet_in_lmdb(tmp_path):
+    """``history(key)`` and ``at(point).scan()`` of a read-only store beside a writer whose
+    last commits are in the WAL only: they list those versions and keys too (they read
+    LMDB's history indexes alone and missed them until the writer applied)."""
+    w = _unapplied_writer(tmp_path / "s")
+    try:
+        with w.transaction() as tx:
+            tx.put("k", 0)
+            tx.put("a", 1)
+        w.checkpoint()
+        txids = [tx.id]
+        for i in (1, 2):
+            with w.transaction() as tx:
+                tx.put("k", i)
+                tx.put(f"new{i}", i)
+            txids.append(tx.id)
+        with w.transaction() as tx:
+            tx.delete("a")
+        txids.append(tx.id)
+        assert w.stats()["applied_lsn"] < tx.lsn  # really not applied to LMDB yet
+        with walstore.open(str(tmp_path / "s"), readonly=True) as r:
+            assert [(v.txid, v.value) for v in r.history("k")] == [
+                (txids[2], 2), (txids[1], 1), (txids[0], 0)]
+            assert [(v.txid, v.deleted) for v in r.history("a")] == [
+                (txids[3], True), (txids[0], False)]
+            assert dict(r.at(txids[2]).scan()) == {"k": 2, "a": 1, "new1": 1, "new2": 2}
+            assert dict(r.at(txids[1]).scan()) == {"k": 1, "a": 1, "new1": 1}
+            assert list(r.at(txids[3]).scan(reverse=True)) == [
+                ("new2", 2), ("new1", 1), ("k", 2)]
+            assert [v.value for v in r.history("k")] == [v.value for v in w.history("k")]
+    finally:
+        w.close()
+
+
 def test_long_lived_reader_sees_later_commits(tmp_path, reader_factory):
     """Readers see every commit acknowledged before their read (not only before open)."""
     w = _unapplied_writer(tmp_path / "s")

@@ -78,11 +78,32 @@ class HistoricalView:
         """Every key that existed at the point, in order: walks the keys with history in
         the range (``hkeys``), so it costs what the range holds, not the log's length."""
         lo, hi = scan_bounds(prefix, start, end)
-        st = self._history.engine.state
-        for k, _v in st.scan(lo, hi, reverse, db="hkeys"):
+        eng = self._history.engine
+        # keys with history in LMDB, and keys only the MemTable holds yet (a read-only
+        # store's view of the writer's WAL tail; a writer's ``at`` drained it)
+        fresh = [k for k in eng.memtable.keys_in_range(lo, hi) if k in eng.memtable.versions]
+        keys = eng.state.scan(lo, hi, reverse, db="hkeys")
+        if fresh:
+            keys = _merged(keys, fresh[::-1] if reverse else fresh, reverse)
+        for k, _v in keys:
             v = self._value(k)
             if v is not None:
                 yield decode_key(k), unpack_value(v)
+
+
+def _merged(rows: Iterator[tuple[bytes, Any]], extra: list[bytes], reverse: bool
+            ) -> Iterator[tuple[bytes, Any]]:
+    """``rows`` (key order) with the keys ``extra`` (the same order) merged in, each once."""
+    i = 0
+    for k, v in rows:
+        while i < len(extra) and (extra[i] > k if reverse else extra[i] < k):
+            yield extra[i], None
+            i += 1
+        if i < len(extra) and extra[i] == k:
+            i += 1
+        yield k, v
+    for x in extra[i:]:
+        yield x, None
 
 
 MAX_TXID = (1 << 64) - 1
@@ -196,6 +217,7 @@ class History:
         eng = self.engine
         k = encode_key(key)
         eng.drain()
+        newer = self._unapplied_versions(k)  # (a read-only store: the writer's WAL tail)
         st = eng.state
         prefix = tables.hist_prefix(k)
         after = st.get(k)  # the newest version set the current value
@@ -208,7 +230,26 @@ class History:
             out.append(Version(txid, LSN(lsn), None if after is None else unpack_value(after),
                                after is None))
             after = before
+        if newer:  # (LMDB may hold some of them by now: each version once)
+            oldest = newer[-1].lsn
+            out = newer + [v for v in out if v.lsn < oldest]
         return out
+
+    def _unapplied_versions(self, k: bytes) -> list[Version]:
+        """Versions of ``k`` visible but not in LMDB yet, newest first: a read-only store's
+        MemTable holds the writer's WAL tail (a writer's drain leaves none)."""
+        mt = self.engine.memtable
+        chain = mt.versions.get(k)
+        if not chain:
+            return []
+        visible = [(lsn, v) for lsn, v in list(chain) if lsn < mt.published]
+        if not visible:
+            return []
+        with mt.lock:
+            txids = {e.lsn: e.txid for e in mt.events}
+        return [Version(txids.get(lsn, -1), LSN(lsn),
+                        None if v is None else unpack_value(v), v is None)
+                for lsn, v in reversed(visible)]
 
     def at(self, point: Any) -> HistoricalView:
         self.engine.drain()
