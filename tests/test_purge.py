@@ -225,3 +225,46 @@ def test_a_crash_between_the_purge_and_its_erasure_is_finished_later(tmp_path, t
         store.checkpoint()
     assert files_with(path, MARKER) == []
     assert verify_store(path).ok
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_a_reader_process_beside_a_purge_reads_the_compacted_file_whole(tmp_path, extra):
+    """The purge's checkpoint swaps in a compacted data file.  A reader process that had
+    the store open must then read the new file correctly: LMDB keeps the last
+    transaction id in lock.mdb's shared memory, and with the old lock file kept alive by
+    the reader it picked the new file's meta page by the OLD id — an empty, stale
+    database (every applied key read as absent).  The swap now starts a fresh lock file."""
+    path = str(tmp_path / "s")
+    w = walstore.open(path)
+    try:
+        fill(w)
+        with w.transaction() as tx:
+            for i in range(200):
+                tx.put(f"keep/{i:03d}", i)
+        w.checkpoint()  # everything in LMDB: the reader's MemTable starts empty
+        for i in range(extra):  # (one more LMDB transaction: the other meta page)
+            w.restore_point(f"parity{i}")
+            w.checkpoint()
+        reader = subprocess.Popen(
+            [sys.executable, "-c", (
+                "import json, sys, walstore\n"
+                "r = walstore.open(sys.argv[1], readonly=True)\n"
+                "print(r.get('keep/007'), flush=True)\n"
+                "for line in sys.stdin:\n"
+                "    print(json.dumps([r.get('keep/007'), len(list(r.scan(prefix='keep/'))),"
+                " r.get('user/name'), r.get('conv/1/m0'), len(r.history('conv/1/m0'))]),"
+                " flush=True)\n"), path],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert reader.stdout.readline().strip() == "7"
+        w.purge("conv/1/")
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert json.loads(reader.stdout.readline()) == [7, 200, "ada", None, 0]
+        with w.transaction() as tx:  # the writer goes on in the new file; so does the reader
+            tx.put("keep/007", "seven")
+        w.checkpoint()
+        out, _ = reader.communicate("again\n", timeout=60)
+        assert json.loads(out) == ["seven", 200, "ada", None, 0]
+    finally:
+        w.close()

@@ -350,6 +350,17 @@ class LmdbState:
                 size = shared["env"].info()["map_size"]
                 shared["env"].close()
                 fileio.rename(fresh, self.data_file)
+                # and a fresh lock file: LMDB keeps the last transaction id in lock.mdb's
+                # shared memory, and a reader process that has it open keeps it alive, so
+                # the new file would be read through the OLD file's id (its meta page
+                # chosen by that id's parity: a reader saw an empty, stale database after
+                # a purge).  Readers still on the old file keep the unlinked lock file and
+                # the old inode (never written again); a reader that sees the data file
+                # replaced reopens both.
+                try:
+                    fileio.unlink(os.path.join(self.path, "lock.mdb"))
+                except FileNotFoundError:
+                    pass
                 fileio.fsync_dir(self.path)
                 shared["env"] = self._new_env(False, size)
                 shared["file_id"] = _file_id(self.data_file)
