@@ -81,9 +81,14 @@ class Store:
         if replicate_to is not None and readonly:
             raise ValueError("replicate_to= ships a writer's log: open without readonly=True")
         self._shipper = None
+        keep_pin = None
+        if replicate_to is not None:  # (the options only: no client library imported)
+            from .replication.options import ReplicateOptions
+            keep_pin = ReplicateOptions.from_any(replicate_options).max_pin_bytes
         self._engine = engine = Engine(path, durability=durability, create=create,
                                        readonly=readonly, recover=recover, map_size=map_size,
-                                       options=options, progress=progress)
+                                       options=options, progress=progress,
+                                       keep_replica_pin=keep_pin)
         try:
             self._saga = Saga(engine, compensators)
             self._files = Files(engine)

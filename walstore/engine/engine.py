@@ -57,6 +57,7 @@ DRAIN_BATCH, DRAIN_BATCH_BYTES = 20_000, 16 << 20  # a drain's or checkpoint's L
 # few syncs, yet bounded memory (one LMDB transaction keeps every page it dirties in RAM)
 RECOVER_MODES = ("auto", "manual")
 TXID_BLOCK = 1 << 16  # transaction ids reserved durably at a time (see Engine.next_txid)
+REPLICA_PIN = b"replica_pin"  # meta: the replica's position + 1 (0: none; keep_replica_pin)
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
 
@@ -66,7 +67,13 @@ class Engine:
     def __init__(self, path: str, *, durability: str = "full", create: bool = True,
                  readonly: bool = False, recover: str = "auto", map_size: int | None = None,
                  options: Options | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None,
+                 keep_replica_pin: int | None = None) -> None:
+        """``keep_replica_pin``: the store is opened to replicate (``replicate_to=``): keep
+        the WAL from the replica's last recorded position (meta ``replica_pin``) through
+        recovery's checkpoint and until the shipper pins for itself, as long as it holds
+        back at most this many bytes — a writer killed while replication lagged must not
+        trim, at its next open, what the replica still needs."""
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         if recover not in RECOVER_MODES:
@@ -87,6 +94,9 @@ class Engine:
         self.last_recovery: RecoveryReport | None = None
         self.checkpoint_hooks: list[Callable[[], dict]] = []
         self.retention_pins: list[Callable[[], int | None]] = []
+        self._replica_pin_bound = keep_replica_pin
+        if keep_replica_pin is not None:
+            self.retention_pins.append(self._stored_replica_pin)
         self._proc_lock: ProcessLock | None = None
         self.state: LmdbState | None = None
         self.wal: WriteAheadLog | None = None
@@ -481,6 +491,26 @@ class Engine:
                 self.applier.erased(owed)
                 self.state.sync()
             return out
+
+    # ---- the replica's pin (see ``keep_replica_pin``) ---------------------------------
+    def _stored_replica_pin(self) -> int | None:
+        raw = self.state.meta_int(REPLICA_PIN, 0) if self.state is not None else 0
+        if not raw or self.wal is None:
+            return None
+        pin = raw - 1
+        bound = self._replica_pin_bound or 0
+        return pin if self.wal.synced_lsn - pin <= bound else None  # (past the bound: trim)
+
+    def record_replica_pin(self, lsn: int | None) -> None:
+        """The shipper's pin (the replica's position; None: none), kept for the next open
+        (written only when it changes).  From now on the shipper's own pin rules: the one
+        recorded at open is let go."""
+        if self._stored_replica_pin in self.retention_pins:
+            self.retention_pins.remove(self._stored_replica_pin)
+        value = 0 if lsn is None else lsn + 1
+        if self.readonly or self.state.meta_int(REPLICA_PIN, 0) == value:
+            return
+        self.applier.set_meta(REPLICA_PIN, value)
 
     def erase_owed(self) -> list:
         """Purge ranges ([lo, hi]) whose old bytes are not erased yet: a purge applied but

@@ -21,6 +21,10 @@ from .targets import ObjectStore, PreconditionFailed
 
 LEASE_KEY = "lease"
 MAX_LEASE_BYTES = 64 * 1024
+# holder ids of this process's leases not released yet (taken, not let go): a lease held
+# under this pid by an id not here was left by an earlier shipper of this process (closed
+# while the server was unreachable), never by a running one
+LIVE_IDS: set[str] = set()
 
 
 class LeaseLost(ReplicationError):
@@ -76,6 +80,7 @@ class Lease:
                     self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
                                                 if_match=etag)
                 self.renewed = time.time()
+                LIVE_IDS.add(self.holder["id"])
                 return
             except PreconditionFailed:
                 continue  # raced with another taker: look again
@@ -88,6 +93,8 @@ class Lease:
             return True
         same_store = (h.get("host") == self.holder["host"] and h.get("path") == self.holder["path"]
                       and h.get("store_id") == self.holder["store_id"])
+        if same_store and h.get("pid") == os.getpid():  # this process's own, let go of (a
+            return h.get("id") not in LIVE_IDS        # close during an outage) unless live
         return same_store and not _pid_alive(h.get("pid"))
 
     def renew_due(self) -> bool:
@@ -105,6 +112,7 @@ class Lease:
                             f"stopped") from None
 
     def release(self) -> None:
+        LIVE_IDS.discard(self.holder["id"])
         if self.etag is None:
             return
         try:

@@ -104,6 +104,13 @@ class RestoredLog:
         self.after_seal = rtype == logformat.SEAL
         self.bytes += need
 
+    def start_at(self, lsn: int) -> None:
+        """An empty log beginning at ``lsn`` (the snapshot's LSN): a store whose LMDB is
+        applied up to an LSN must have its log begin there — no segment at all reads as
+        segments lost (a gap)."""
+        self._roll(lsn, 0)
+        self.end = lsn
+
     def _roll(self, lsn: int, need: int) -> None:
         self._close_file()
         size = max(self.next_size, logformat.HEADER_SIZE + need) if self.prealloc \
@@ -358,6 +365,8 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                 done += e["n"]
                 if progress:
                     progress(done, total)
+            if log.end is None:  # no WAL after the snapshot (it sits at the replica's end,
+                log.start_at(applied)  # or at the cut): the log starts, empty, where it does
             log.finish()
         finally:
             log.close()

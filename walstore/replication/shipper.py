@@ -89,6 +89,7 @@ class Shipper:
         self._started = False
         self._last_retention = 0.0
         self._snapshot_retry_at = 0.0
+        self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
         self._tmp = tempfile.mkdtemp(prefix="walstore-ship-")
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -122,6 +123,9 @@ class Shipper:
             self._cond.notify_all()
         if release and self.state != "refused" and (t is None or not t.is_alive()):
             self.lease.release()
+        elif release:  # a round still hung on the server: this process lets go anyway (a
+            from .lease import LIVE_IDS  # reopen here may take it over; the stale round's
+            LIVE_IDS.discard(self.holder["id"])  # writes then fail their If-Match)
         if t is None or not t.is_alive():
             self.close()
 
@@ -243,12 +247,16 @@ class Shipper:
             t0 = time.time()
             if self.lease.renew_due():
                 self.lease.renew()
+            if self._unsaved:  # an earlier round changed the manifest but could not save
+                self._save()   # it (its objects are up): save it first, then go on
+                self._advanced(m.position)
             durable = self.source.durable_lsn()
             self._durable = max(self._durable, durable)
             if durable > self.shipped and self._behind_since is None:
                 self._behind_since = t0
             summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
                        "deleted": 0}
+            shipped_before = self.shipped
             if m.position is None:
                 self._begin(summary)
             self._ship_wal(durable, summary)
@@ -259,12 +267,22 @@ class Shipper:
             self._pin(durable)
             if self.shipped >= self._durable:
                 self._behind_since = None
-            elif self._behind_since is not None:
+            elif self._behind_since is not None and self.shipped > shipped_before:
+                # progress, not caught up: the oldest unshipped commit is no older than this
+                # round (a round without progress leaves the clock running: the lag grows)
                 self._behind_since = max(self._behind_since, t0)
             summary["position"] = self.shipped
             return summary
 
     def _save(self) -> None:
+        """Write the manifest.  Until a write succeeds it stays ``_unsaved``: the next round
+        saves it before anything else (the in-memory manifest is ahead of the replica's,
+        so a round that found nothing new to ship would otherwise never write it)."""
+        self._unsaved = True
+        self._save_once()
+        self._unsaved = False
+
+    def _save_once(self) -> None:
         try:
             self.manifest.save(self.target, self.holder)
         except PreconditionFailed:

@@ -173,6 +173,15 @@ class InProcessSource(DirectorySource):
         self._pin = lambda: self.pin
         self._engine.retention_pins.append(self._pin)
 
+    def retain_from(self, lsn: int | None) -> None:
+        """The trim pin, also recorded in the store for its next open (a writer killed
+        while replication lagged keeps what the replica needs: Engine keep_replica_pin)."""
+        self.pin = lsn
+        try:
+            self._engine.record_replica_pin(lsn)
+        except Exception:  # noqa: BLE001 - a pin not recorded costs a hole at worst,
+            pass           # never a commit: replication never fails the store
+
     def durable_lsn(self) -> int:
         return self._engine.wal.synced_lsn
 

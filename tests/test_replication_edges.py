@@ -1,0 +1,194 @@
+"""Replication at its edges (probe findings): a manifest write that fails once, a replica
+whose newest snapshot sits at its end, a writer killed while the link was down and
+reopened, and a store closed during an outage and reopened by the same process.  Real
+moto S3 server over HTTP (or file://), a real TCP proxy, real processes and kill -9."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_replication_support import (Proxy, make_s3_replica, replica, rows,  # noqa: F401
+                                      s3_endpoint)
+
+import walstore
+from walstore.replication import InProcessSource, Shipper, open_target
+from walstore.replication.manifest import Manifest
+from walstore.replication.options import ReplicateOptions
+
+
+class FailingManifestWrites:
+    """Our own ObjectStore seam, wrapped: the next ``fail`` writes of the manifest raise
+    (as a 503 would, after the boto client's retries)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.fail = 0
+
+    def put(self, key, body, **kw):
+        if key == "manifest" and self.fail:
+            self.fail -= 1
+            raise OSError("503 Service Unavailable (injected)")
+        return self.inner.put(key, body, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_manifest_write_that_failed_is_written_by_the_next_round(replica, tmp_path):
+    """The round uploaded the WAL object, then its manifest write failed: the next round
+    (nothing new to ship: the store is idle) must still write the manifest — it used to
+    think there was nothing to do, and the replica stayed short forever while
+    ``replication()`` showed no error and a lag of a few milliseconds."""
+    s = walstore.open(str(tmp_path / "src"))
+    opts = replica.opts()
+    target = FailingManifestWrites(open_target(replica.url, ReplicateOptions.from_any(opts)))
+    sh = Shipper(InProcessSource(s), replica.url, opts, target=target)
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        sh.ship_once()
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        target.fail = 1
+        with pytest.raises(OSError):
+            sh.ship_once()
+        end = s.stats()["wal_end_lsn"]
+        assert sh.status().lag_bytes > 0
+        time.sleep(0.3)
+        assert sh.status().lag_seconds >= 0.25  # the lag's clock runs while stuck
+        sh.ship_once()  # idle store, healthy server: the manifest is written now
+        assert sh.status().shipped_lsn >= end and sh.status().lag_bytes == 0
+        assert Manifest.load(replica.target(), 1 << 26).position >= end
+        walstore.restore(replica.url, str(tmp_path / "r"), replicate_options=replica.options)
+        with walstore.open(str(tmp_path / "r")) as r:
+            assert r.get("b") == 2
+    finally:
+        sh.stop()
+        s.close()
+
+
+def test_restore_when_the_newest_snapshot_is_at_the_replicas_end(replica, tmp_path):
+    """An idle store's snapshot lands exactly where the shipped log ends: restoring
+    everything needs no WAL object, and the restored store must still have a log (one
+    starting at the snapshot) — it had none, and opened as a "gap" (refused)."""
+    s = walstore.open(str(tmp_path / "src"))
+    opts = replica.opts(snapshot_interval=0.0)
+    sh = Shipper(InProcessSource(s), replica.url, opts)
+    try:
+        for i in range(50):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+        sh.ship_once()
+        deadline = time.monotonic() + 10  # the applier, idle: LMDB reaches the log's end
+        while s.stats()["applied_lsn"] < s.stats()["wal_end_lsn"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        sh.ship_once()  # the snapshot (interval 0) is taken at the end
+        m = Manifest.load(replica.target(), 1 << 26)
+        assert max(x["lsn"] for x in m.snapshots) == m.position
+        expect = rows(s)
+    finally:
+        sh.stop()
+        s.close()
+    walstore.restore(replica.url, str(tmp_path / "r"), replicate_options=replica.options)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == expect
+        with r.transaction() as tx:  # and it is a working store
+            tx.put("after", 1)
+    out = subprocess.run([sys.executable, "-m", "walstore", "replicas", replica.url,
+                          "--verify", *replica.cli_args()], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+KILLED_WRITER = r"""
+import sys, walstore
+path, url, endpoint = sys.argv[1], sys.argv[2], sys.argv[3]
+opts = {"endpoint_url": endpoint, "interval": 0.05, "max_backoff": 0.3,
+        "connect_timeout": 1, "read_timeout": 1, "max_attempts": 1}
+s = walstore.open(path, replicate_to=url, replicate_options=opts, segment_size=256 * 1024,
+                  checkpoint_bytes=512 * 1024, apply_interval=60, apply_batch=10 ** 6,
+                  max_unapplied=10 ** 6)  # (LMDB behind: the reopen REDOes and checkpoints)
+i = 0
+while True:
+    with s.transaction() as tx:
+        tx.put(f"k{i:06d}", "v" * 1000)
+    print(f"C {i}", flush=True)
+    i += 1
+"""
+
+
+def test_a_writer_killed_while_the_link_was_down_leaves_no_hole(s3_endpoint, tmp_path):
+    """The link dies (proxy paused) while the writer commits several segments, then the
+    writer is killed with -9 and reopened with the server back: the replica resumes from
+    its position with no hole (recovery's checkpoint used to trim the segments the
+    replica still needed, before the shipper had pinned them: a hole, and acknowledged
+    commits that could not be restored)."""
+    rep = make_s3_replica(s3_endpoint)
+    host, port = s3_endpoint.split("//")[1].split(":")
+    proxy = Proxy((host, int(port)))
+    path = str(tmp_path / "src")
+    p = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, path, rep.url, proxy.url],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        n = 0
+        for line in p.stdout:
+            n = int(line.split()[1])
+            if n == 50:
+                time.sleep(1.0)  # the first commits are shipped
+                proxy.pause()
+            if n >= 3000:  # ~3 MB of log: a dozen segments, checkpoints trimming
+                break
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        proxy.close()
+    opts = rep.opts(interval=0.05)
+    with walstore.open(path, replicate_to=rep.url, replicate_options=opts) as s:
+        s.sync_replica(timeout=60)
+        expect = rows(s)
+    m = Manifest.load(rep.target(), 1 << 26)
+    assert m.doc["holes"] == []
+    walstore.restore(rep.url, str(tmp_path / "r"), replicate_options=rep.options)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == expect and len(expect) >= 3000
+
+
+def test_the_same_process_reopens_its_store_after_closing_it_during_an_outage(
+        s3_endpoint, tmp_path):
+    """Closed while the server was unreachable, the lease could not be released; the same
+    process reopening the store (its LOCK proves no other writer) takes its own lease
+    back instead of being refused by it."""
+    rep = make_s3_replica(s3_endpoint)
+    host, port = s3_endpoint.split("//")[1].split(":")
+    proxy = Proxy((host, int(port)))
+    opts = rep.opts(endpoint_url=proxy.url, connect_timeout=1, read_timeout=1,
+                    max_attempts=1)
+    path = str(tmp_path / "src")
+    try:
+        s = walstore.open(path, replicate_to=rep.url, replicate_options=opts)
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+        proxy.pause()
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        s.close()  # the lease stays taken (the release could not be sent)
+        proxy.resume()
+        with walstore.open(path, replicate_to=rep.url, replicate_options=opts) as s:
+            s.sync_replica(timeout=30)
+        # another store (another path) is still refused: the lease is this store's
+        other = walstore.open(str(tmp_path / "other"))
+        other.close()
+        with pytest.raises(walstore.ReplicationError):
+            walstore.open(str(tmp_path / "other"), replicate_to=rep.url,
+                          replicate_options=opts).close()
+    finally:
+        proxy.close()
+    walstore.restore(rep.url, str(tmp_path / "r"), replicate_options=rep.options)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert r.get("b") == 2
