@@ -192,3 +192,51 @@ def test_the_same_process_reopens_its_store_after_closing_it_during_an_outage(
     walstore.restore(rep.url, str(tmp_path / "r"), replicate_options=rep.options)
     with walstore.open(str(tmp_path / "r")) as r:
         assert r.get("b") == 2
+
+
+def test_a_followers_destination_is_locked_against_writers_and_other_followers(
+        replica, tmp_path):
+    """While ``restore --follow`` keeps DEST current it is DEST's one writer: opening DEST
+    for writing, or a second follower, is refused (StoreLocked) — both were accepted and
+    a follower's appends then lost a writer's commits (verify failed).  Readers work; once
+    the follower stops, DEST opens as a writer."""
+    import threading
+    from walstore.replication import follow
+    src = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                        replicate_options=replica.opts())
+    dest = str(tmp_path / "dest")
+    stop = threading.Event()
+    rounds = []
+    th = threading.Thread(target=follow, args=(replica.url, dest, replica.options),
+                          kwargs={"stop": stop, "interval": 0.05, "apply_every": 0.2,
+                                  "on_round": rounds.append})
+    try:
+        with src.transaction() as tx:
+            tx.put("a", 1)
+        src.sync_replica(timeout=30)
+        th.start()
+        deadline = time.monotonic() + 30
+        while len(rounds) < 3:
+            assert time.monotonic() < deadline and th.is_alive()
+            time.sleep(0.05)
+        with pytest.raises(walstore.StoreLocked):
+            walstore.open(dest)
+        with pytest.raises(walstore.StoreLocked):
+            follow(replica.url, dest, replica.options, stop=threading.Event())
+        with src.transaction() as tx:
+            tx.put("b", 2)
+        src.sync_replica(timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            with walstore.open(dest, readonly=True) as r:
+                if r.get("b") == 2:
+                    assert r.get("a") == 1
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        stop.set()
+        th.join(30)
+        src.close()
+    with walstore.open(dest) as w:  # the follower stopped: DEST may become a writer
+        assert w.get("b") == 2

@@ -451,48 +451,64 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
             restore(url, dest, None, opts, follow=True, target=tgt)
         store_id, identity = _src.read_identity(dest)
         origin = identity.get("origin") or {}
-        log = RestoredLog.resume(os.path.join(dest, "wal"), store_id)
-        if log.end is None:  # restored without a WAL record: the log goes on at the cut
-            log.end = origin.get("cut")
-        etag = None
-        last_apply = 0.0
-        applied_since = 1  # a restored log is applied to LMDB in the first round
-        tmp = tempfile.mkdtemp(prefix="walstore-follow-")
+        # the follower is DEST's one writer: its lock keeps a writer open (or a second
+        # follower) out — StoreLocked — while it appends and applies
+        from ..engine.layout import Layout, ProcessLock
+        lock = ProcessLock(Layout(dest))
         try:
-            while not stop.is_set():
-                got = tgt.get(MANIFEST_KEY, opts.max_manifest_bytes, if_none_match=etag)
-                info = {"position": log.end, "appended": 0}
-                if got is not None and got != NOT_MODIFIED:
-                    m = Manifest(decode(got[0], tgt.url), got[1])
-                    if m.doc["store_id"] != store_id or \
-                            m.doc["lineage"] != origin.get("parent_lineage"):
-                        raise ReplicationError(f"{display_url(url)} now holds another store's "
-                                               f"replica; the follower stops")
-                    if log.end is not None and m.end() > log.end:
-                        fetch = _Fetcher(tgt, store_id, tmp)
-                        for e in m.chain(log.end, m.end()):
-                            for lsn, rtype, raw, _s in fetch.records(e):
-                                if lsn >= log.end:
-                                    log.append(lsn, raw, e["seg"], rtype)
-                                    info["appended"] += len(raw)
-                            log.sync()
-                            fetch.drop(e)
-                    etag = got[1]
-                applied_since += info["appended"]
-                if applied_since and time.monotonic() - last_apply >= apply_every:
-                    keep = _src.redo_into_lmdb(dest)
-                    _trim(os.path.join(dest, "wal"), keep, log.start)
-                    applied_since, last_apply = 0, time.monotonic()
-                info["position"] = log.end
-                if on_round:
-                    on_round(info)
-                stop.wait(interval)
+            _follow_rounds(url, dest, tgt, opts, stop, interval, apply_every, on_round,
+                           store_id, origin)
         finally:
-            log.close()
-            shutil.rmtree(tmp, ignore_errors=True)
+            lock.release()
     finally:
         if target is None:
             tgt.close()
+
+
+def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions,
+                   stop: threading.Event, interval: float, apply_every: float,
+                   on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict
+                   ) -> None:
+    """The follower's loop (``follow``, which holds DEST's lock)."""
+    log = RestoredLog.resume(os.path.join(dest, "wal"), store_id)
+    if log.end is None:  # restored without a WAL record: the log goes on at the cut
+        log.end = origin.get("cut")
+    etag = None
+    last_apply = 0.0
+    applied_since = 1  # a restored log is applied to LMDB in the first round
+    tmp = tempfile.mkdtemp(prefix="walstore-follow-")
+    try:
+        while not stop.is_set():
+            got = tgt.get(MANIFEST_KEY, opts.max_manifest_bytes, if_none_match=etag)
+            info = {"position": log.end, "appended": 0}
+            if got is not None and got != NOT_MODIFIED:
+                m = Manifest(decode(got[0], tgt.url), got[1])
+                if m.doc["store_id"] != store_id or \
+                        m.doc["lineage"] != origin.get("parent_lineage"):
+                    raise ReplicationError(f"{display_url(url)} now holds another store's "
+                                           f"replica; the follower stops")
+                if log.end is not None and m.end() > log.end:
+                    fetch = _Fetcher(tgt, store_id, tmp)
+                    for e in m.chain(log.end, m.end()):
+                        for lsn, rtype, raw, _s in fetch.records(e):
+                            if lsn >= log.end:
+                                log.append(lsn, raw, e["seg"], rtype)
+                                info["appended"] += len(raw)
+                        log.sync()
+                        fetch.drop(e)
+                etag = got[1]
+            applied_since += info["appended"]
+            if applied_since and time.monotonic() - last_apply >= apply_every:
+                keep = _src.redo_into_lmdb(dest)
+                _trim(os.path.join(dest, "wal"), keep, log.start)
+                applied_since, last_apply = 0, time.monotonic()
+            info["position"] = log.end
+            if on_round:
+                on_round(info)
+            stop.wait(interval)
+    finally:
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _trim(wal_dir: str, keep: int, current: int) -> None:
