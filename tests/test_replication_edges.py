@@ -240,3 +240,45 @@ def test_a_followers_destination_is_locked_against_writers_and_other_followers(
         src.close()
     with walstore.open(dest) as w:  # the follower stopped: DEST may become a writer
         assert w.get("b") == 2
+
+
+@pytest.mark.parametrize("how", ["rolled-back", "copy-behind", "copy-diverged-ahead"])
+def test_a_store_whose_history_is_not_the_replicas_is_refused(replica, tmp_path, how):
+    """A store directory rolled back to an older copy (a disk snapshot), or a copy of it
+    at another path, shares the store id and lineage but not the history after the copy:
+    shipping it spliced two histories into one replica (A0..A14 then B15..).  Refused at
+    open (ReplicationError), the replica untouched."""
+    import shutil
+    a = str(tmp_path / "a")
+    copy = str(tmp_path / "copy")
+    s = walstore.open(a, replicate_to=replica.url, replicate_options=replica.opts())
+    for i in range(5):
+        with s.transaction() as tx:
+            tx.put("k", f"A{i}")
+    s.sync_replica(timeout=30)
+    s.close()
+    shutil.copytree(a, copy)
+    with walstore.open(a, replicate_to=replica.url, replicate_options=replica.opts()) as s:
+        for i in range(5, 15):
+            with s.transaction() as tx:
+                tx.put("k", f"A{i}")
+        s.sync_replica(timeout=30)
+    before = Manifest.load(replica.target(), 1 << 26).doc
+    if how == "rolled-back":
+        shutil.rmtree(a)
+        shutil.copytree(copy, a)
+        path = a
+    else:
+        path = copy
+        if how == "copy-diverged-ahead":
+            with walstore.open(copy) as c:  # its own history, longer than the replica's
+                for i in range(5, 60):
+                    with c.transaction() as tx:
+                        tx.put("k", f"B{i}")
+    with pytest.raises(walstore.ReplicationError, match="does not hold this store's history"):
+        walstore.open(path, replicate_to=replica.url, replicate_options=replica.opts())
+    after = Manifest.load(replica.target(), 1 << 26).doc
+    assert after["position"] == before["position"] and after["wal"] == before["wal"]
+    walstore.restore(replica.url, str(tmp_path / "r"), replicate_options=replica.options)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert r.get("k") == "A14"

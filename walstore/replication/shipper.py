@@ -173,12 +173,48 @@ class Shipper:
                 f"{self.url} holds the replica of store {m.doc['store_id'].hex()} (lineage "
                 f"{m.doc['lineage']}); this store is {src.store_id.hex()} (lineage "
                 f"{src.lineage}): replicate it to a new URL")
+        if m.position is not None:
+            self._check_same_history(m)
         self.manifest = m
         self.shipped = m.position or 0
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
         self._collect_orphans()
         self._started = True
         self.state = "running"
+
+    def _check_same_history(self, m: Manifest) -> None:
+        """The replica must be this log's past: a store directory rolled back to an older
+        copy (a disk snapshot), or a copy of it elsewhere, shares the store id and lineage
+        but not the history after the copy — shipping it would splice two histories into
+        one replica.  Refused when the replica is ahead of the local log, or when the
+        replica's last commit is not the local log's record at that LSN (checked while
+        the local log still holds it)."""
+        src = self.source
+        durable = src.durable_lsn()
+        why = None
+        if durable < m.position:
+            why = (f"the replica holds this store's log up to LSN {m.position}, but the log "
+                   f"here ends at LSN {durable}")
+        else:
+            last = m.doc.get("last_commit") or {}
+            found, digest = _local_commit_at(src, last.get("lsn"))
+            if found is not None and (found != last.get("tx") or (
+                    last.get("h") is not None and digest != last["h"])):
+                why = (f"the replica's last commit (transaction {last.get('tx')} at LSN "
+                       f"{last.get('lsn')}) is not the record at that LSN here ("
+                       + (f"transaction {found}" if found != last.get("tx")
+                          else "the same transaction id with other content") + ")")
+            elif found is None and isinstance(last.get("tx"), int):  # (log trimmed here:
+                at = src.commit_lsn(last["tx"])                      # the history tells)
+                if at is not False and at != last.get("lsn"):
+                    why = (f"the replica's last commit is transaction {last['tx']} at LSN "
+                           f"{last.get('lsn')}; here it " + ("never committed" if at is None
+                                                             else f"committed at LSN {at}"))
+        if why is not None:
+            self.lease.release()
+            raise Refused(f"{self.url} does not hold this store's history: {why} (the store "
+                          f"directory was rolled back to an older copy, or it is a copy of "
+                          f"the store that wrote the replica); replicate it to a new URL")
 
     def _collect_orphans(self) -> None:
         """Objects the manifest never listed (an upload whose manifest write failed)."""
@@ -398,7 +434,8 @@ class Shipper:
                             t1 = ts if t1 is None else max(t1, ts)
                         x0 = tx if x0 is None else min(x0, tx)
                         x1 = tx if x1 is None else max(x1, tx)
-                        last = {"ts": ts, "tx": tx, "lsn": rec.lsn}
+                        last = {"ts": ts, "tx": tx, "lsn": rec.lsn,
+                                "h": _record_digest(logformat.payload(mm, rec))}
                     elif rec.type == logformat.RESTORE_POINT and isinstance(info.get("name"), str):
                         name = info["name"]
                         if info.get("drop"):
@@ -567,6 +604,39 @@ class Shipper:
         m.doc["trash"] = [[k, t] for k, t in m.doc["trash"] if k not in gone]
         self._save()
         summary["deleted"] += len(due)
+
+
+def _record_digest(payload) -> str:
+    """A short digest of a record's payload (the manifest's ``last_commit.h``)."""
+    return hashlib.blake2b(payload, digest_size=8).hexdigest()
+
+
+def _local_commit_at(src: _src.Source, lsn: Any) -> tuple[int | None, str | None]:
+    """(txid, payload digest) of the local log's COMMIT record at ``lsn``; txid -1 when
+    another record (or none) is there; (None, None) when the local log no longer holds
+    that LSN."""
+    if not isinstance(lsn, int):
+        return None, None
+    segs = src.segments()
+    starts = [s for s, _p in segs if s <= lsn]
+    if not starts:
+        return None, None
+    start = max(starts)
+    path = dict(segs)[start]
+    import mmap
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            store_id, hstart, _pre = logformat.read_segment_header(mm[:logformat.HEADER_SIZE])
+            off = lsn - start + logformat.HEADER_SIZE
+            rec, _why = logformat.check_record(mm, off, logformat.salt(store_id, hstart), lsn,
+                                               len(mm))
+            if rec is None or rec.type != logformat.COMMIT:
+                return -1, None
+            body = bytes(logformat.payload(mm, rec))
+            tx = logformat.summarize(rec.type, body).get("tx")
+    except (OSError, ValueError):
+        return None, None
+    return (tx if isinstance(tx, int) else -1), _record_digest(body)
 
 
 def _agg(fn, group: list, key: str):

@@ -154,6 +154,11 @@ class DirectorySource:
             os.chmod(os.path.join(dest_dir, name), FILE_MODE)
         return read_applied(dest_dir)
 
+    def commit_lsn(self, txid: int) -> int | None | bool:
+        """The LSN the local history records for transaction ``txid``'s commit, None when it
+        records none, False when it cannot tell (no history at hand, or trimmed)."""
+        return False
+
     def retain_from(self, lsn: int | None) -> None:
         """Ask the writer to keep WAL segments from ``lsn`` on (None: no pin).  From outside
         the writer process there is no way to pin: recorded only (see InProcessSource)."""
@@ -184,6 +189,20 @@ class InProcessSource(DirectorySource):
 
     def durable_lsn(self) -> int:
         return self._engine.wal.synced_lsn
+
+    def commit_lsn(self, txid: int) -> int | None | bool:
+        eng = self._engine
+        try:
+            eng.drain()
+            row = eng.views.txn_row(int(txid))
+            if row is not None:
+                return int(row["lsn"])
+            if eng.state.meta_int(b"horizon") and txid <= eng.state.meta_int(
+                    b"trimmed_txid_max", 1 << 63):
+                return False  # retention may have trimmed it
+            return None
+        except Exception:  # noqa: BLE001 - cannot tell: the caller checks what it can
+            return False
 
     def written_lsn(self) -> int:
         return self._engine.wal.written_lsn
