@@ -282,3 +282,32 @@ def test_a_store_whose_history_is_not_the_replicas_is_refused(replica, tmp_path,
     walstore.restore(replica.url, str(tmp_path / "r"), replicate_options=replica.options)
     with walstore.open(str(tmp_path / "r")) as r:
         assert r.get("k") == "A14"
+
+
+def test_restore_to_a_point_the_replica_does_not_hold_is_an_unknown_point(replica,
+                                                                          tmp_path):
+    """A txid, LSN or restore point name the replica does not hold: UnknownPoint (and a
+    ReplicationError), nothing restored; the CLI exits 2 (usage), and its --json prints
+    one error document, as `replicas --json` does when the replica cannot be read."""
+    import json
+    with walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                       replicate_options=replica.opts()) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.restore_point("p")
+        s.sync_replica(timeout=30)
+    for i, to in enumerate([999_999, walstore.LSN(10 ** 12), "nope"]):
+        dest = tmp_path / f"r{i}"
+        with pytest.raises(walstore.UnknownPoint) as e:
+            walstore.restore(replica.url, str(dest), to=to, replicate_options=replica.options)
+        assert isinstance(e.value, walstore.ReplicationError) and not dest.exists()
+    out = subprocess.run([sys.executable, "-m", "walstore", "restore", replica.url,
+                          str(tmp_path / "cli"), "--to", "nope", "--json",
+                          *replica.cli_args()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    doc = json.loads(out.stdout)["error"]
+    assert doc["exit"] == 2 and "nope" in doc["message"]
+    bad = replica.url + "-missing"
+    out = subprocess.run([sys.executable, "-m", "walstore", "replicas", bad, "--json",
+                          *replica.cli_args()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and json.loads(out.stdout)["error"]["exit"] == 1

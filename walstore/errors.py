@@ -145,6 +145,11 @@ class ReplicationError(WalstoreError):
     """Replication could not do what was asked (ship within a timeout, restore, lease)."""
 
 
+class UnknownRestorePoint(ReplicationError, UnknownPoint):
+    """A restore target (txid, LSN, restore point name) the replica does not hold: a
+    ``ReplicationError`` about the replica that is also an ``UnknownPoint``."""
+
+
 class FileConflictError(WalstoreError):
     """Undoing file changes could not put every path back.  ``conflicts``: paths changed
     behind walstore's back (the stranger's version stays; walstore's is kept where each

@@ -20,10 +20,10 @@ from typing import Any
 
 import click
 
-from walstore import NotAStore, ReplicationError, WalstoreError
+from walstore import NotAStore, ReplicationError, UnknownPoint, WalstoreError
 
 from . import _engine
-from . import main
+from . import WalstoreCommand, main
 from .common import load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
 from .output import parse_point as _parse_point
@@ -60,7 +60,7 @@ def _when(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
-@click.command("replicate")
+@click.command("replicate", cls=WalstoreCommand)
 @click.argument("path", type=click.Path(file_okay=False))
 @click.argument("url")
 @click.option("--once", is_flag=True, help="Ship what is durable now, then exit (cron).")
@@ -116,7 +116,7 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
         shipper.stop()
 
 
-@click.command("restore")
+@click.command("restore", cls=WalstoreCommand)
 @click.argument("url")
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--to", "to", default=None, metavar="POINT|TIME",
@@ -155,6 +155,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         return
     try:
         report = restore(url, dest, point, opts, compensate=compensate)
+    except UnknownPoint as e:  # (--to names nothing the replica holds: usage)
+        _fail(str(e), EXIT_USAGE)
     except ReplicationError as e:
         _fail(str(e))
     except (TypeError, ValueError) as e:
@@ -190,7 +192,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         sys.exit(EXIT_PROBLEM)
 
 
-@click.command("replicas")
+@click.command("replicas", cls=WalstoreCommand)
 @click.argument("url")
 @click.option("--verify", is_flag=True, help="Restore to a temp dir and compare state digests.")
 @click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")

@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from ..errors import ReplicationError
+from ..errors import ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
@@ -227,7 +227,8 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
         return None, "everything"
     if isinstance(to, LSN):
         if to < 0 or to >= end:
-            raise ReplicationError(f"LSN {int(to)} is not in the replica (it ends at LSN {end})")
+            raise UnknownRestorePoint(f"LSN {int(to)} is not in the replica (it ends at LSN "
+                                      f"{end})", to)
         return int(to), f"LSN {int(to)}"
     if isinstance(to, bool):
         raise TypeError("a restore target is a txid, walstore.LSN, a restore point name or "
@@ -239,14 +240,14 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                     if rtype == logformat.COMMIT and logformat.summarize(
                             rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("tx") == to:
                         return lsn, f"transaction {to}"
-        raise ReplicationError(f"transaction {to} is not among the commits the replica's WAL "
-                               f"holds (LSN {m.wal[0]['a'] if m.wal else 0}..{end})")
+        raise UnknownRestorePoint(f"transaction {to} is not among the commits the replica's "
+                                  f"WAL holds (LSN {m.wal[0]['a'] if m.wal else 0}..{end})", to)
     if isinstance(to, str):
         p = m.doc["points"].get(to)
         if p is None:
             known = ", ".join(sorted(m.doc["points"])) or "none"
-            raise ReplicationError(f"no restore point named {to!r} in the replica "
-                                   f"(known: {known})")
+            raise UnknownRestorePoint(f"no restore point named {to!r} in the replica "
+                                      f"(known: {known})", to)
         return p["lsn"], f"restore point {to!r}"
     if isinstance(to, _dt.datetime):
         if to.tzinfo is None or to.utcoffset() is None:
