@@ -193,6 +193,29 @@ def test_session_keys_all_under_one_prefix(store):
     assert [k for k, _v in store.scan()] == [b.scope + "i/main/" + "1".zfill(20)]
 
 
+def test_long_and_non_ascii_session_ids_work_like_sqlite(store):
+    """An id whose percent-encoding would push the keys past walstore's 500-byte limit
+    (600 ASCII characters, 160 CJK ones) works as with SQLiteSession: its prefix is a
+    digest ('#' + SHA-256: never an encoded id); shorter ids keep their readable prefix."""
+    from agents import SQLiteSession
+
+    async def go(sid):
+        w, q = WalstoreSession(sid, store), SQLiteSession(sid)
+        for s in (w, q):
+            await s.add_items([user("hi"), assistant("hello")])
+            await s.pop_item()
+        return w, await w.get_items(), await q.get_items()
+    seen = set()
+    for sid in ("u" * 600, "日" * 160, "user-" + "x" * 480, "u" * 599, "short/日"):
+        w, mine, theirs = run(go(sid))
+        assert mine == theirs == [user("hi")], sid
+        assert w.scope not in seen
+        seen.add(w.scope)
+        assert len(w.scope.encode()) <= 200
+    assert run(go("short/日"))[0].scope == "oa/short%2F%E6%97%A5/"
+    assert run(go("u" * 600))[0].scope.startswith("oa/#")
+
+
 # ---- pop_items -----------------------------------------------------------------------------
 def test_pop_items_is_one_transaction(store):
     s = WalstoreSession("t", store)

@@ -62,6 +62,7 @@ small), and a deleted branch's name may be used again.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import threading
 import time
@@ -82,6 +83,20 @@ _T = TypeVar("_T")
 MAIN = "main"
 _SEQ_DIGITS = 20
 _RETRIES = 8   # optimistic retries of one call (store.run backs off exponentially: ~1.3 s in all)
+
+MAX_ID_PART = 160  # a session id quoted longer than this is named by its digest
+
+
+def _session_part(session_id: str) -> str:
+    """The session's part of its key prefix: the id percent-encoded (readable in dumps and
+    in ``walstore scan``) or, when that is long (keys hold at most 500 bytes, and the
+    session's keys add to it), ``#`` and a SHA-256 digest of the id — ``#`` is never left
+    unencoded by ``quote``, so the two forms cannot meet."""
+    part = quote(session_id, safe='')
+    if len(part) <= MAX_ID_PART:
+        return part
+    return "#" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+
 
 # One writer lock per (store, session prefix), shared by every WalstoreSession object of
 # that session in this process.
@@ -159,7 +174,7 @@ class WalstoreSession:
         self.session_settings = (coerce_session_settings(session_settings)
                                  if session_settings is not None else SessionSettings())
         self.store = store
-        self._prefix = f"{namespace}{quote(session_id, safe='')}/"
+        self._prefix = f"{namespace}{_session_part(session_id)}/"
         self._lock = _writer_lock(store, self._prefix)
         self._closed = False
 
