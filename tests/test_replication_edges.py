@@ -311,3 +311,16 @@ def test_restore_to_a_point_the_replica_does_not_hold_is_an_unknown_point(replic
     out = subprocess.run([sys.executable, "-m", "walstore", "replicas", bad, "--json",
                           *replica.cli_args()], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and json.loads(out.stdout)["error"]["exit"] == 1
+
+
+def test_sync_replica_timeout_is_checked(replica, tmp_path):
+    """None waits without a limit; anything but a positive number is a ValueError naming
+    it (it was a bare TypeError about operand types)."""
+    with walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                       replicate_options=replica.opts()) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        assert s.sync_replica(None) >= s.stats()["wal_end_lsn"] - 200
+        for bad in (0, -1, "5", True, float("nan")):
+            with pytest.raises(ValueError, match="timeout"):
+                s.sync_replica(bad)

@@ -194,7 +194,14 @@ class Store:
 
     def sync_replica(self, timeout: float = 30.0) -> int:
         """Wait until every commit so far is shipped (an RPO-0 point); returns the shipped
-        LSN.  ReplicationError naming the cause when it cannot within ``timeout``."""
+        LSN.  ReplicationError naming the cause when it cannot within ``timeout`` seconds
+        (a positive number; ``None``: no limit)."""
+        if timeout is None:
+            timeout = float("inf")
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds (or None: no "
+                             f"limit), not {timeout!r}")
         self._engine.check_open()
         if self._shipper is None:
             raise ReplicationError(f"store {self.path} was not opened with replicate_to=")
