@@ -117,3 +117,28 @@ def test_rewinding_twice_to_one_point_is_harmless(store):
     assert store.ledger == ["undo tool"]
     assert store.rewind("p", scope="sess/1/") is None
     assert store.ledger == ["undo tool"] and states(store) == {"tool": "compensated"}
+
+
+@pytest.mark.parametrize("how", ["revert", "rewind"])
+def test_undoing_a_forced_revert_clears_its_needs_redo_mark(store, how):
+    """T charged; R = revert(T) refunded; F = revert(R, force=True) brought the state back
+    and marked the action needs-redo.  Undoing F (revert, or a rewind to before it) puts
+    the state back to the refunded one: the action is ``compensated`` again, never a
+    stale needs-redo (nothing runs: no second refund)."""
+    with store.transaction() as tx:
+        act(tx, "charge")
+        tx.put("paid", 1)
+    store.restore_point("after-charge")
+    r = store.revert(tx.id)
+    assert store.ledger == ["undo charge"] and store.get("paid") is None
+    store.restore_point("after-refund")
+    f = store.revert(r.txid, force=True)
+    assert states(store) == {"charge": "needs-redo"} and store.get("paid") == 1
+    if how == "revert":
+        store.revert(f.txid)
+    else:
+        plan = store.rewind("after-refund", dry_run=True)
+        assert plan.unredo == [store.actions()[0].id]
+        store.rewind("after-refund")
+    assert store.get("paid") is None and states(store) == {"charge": "compensated"}
+    assert store.ledger == ["undo charge"]

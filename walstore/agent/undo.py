@@ -66,18 +66,21 @@ class UndoPlan:
     files: list = field(default_factory=list)          # workspace paths that change
     compensations: list = field(default_factory=list)  # Actions, newest first
     needs_redo: list = field(default_factory=list)     # action ids marked needs-redo
+    unredo: list = field(default_factory=list)         # needs-redo marks undone (compensated)
     scope: Any = None
     boundary: int | None = None
 
     def empty(self) -> bool:
         """Nothing would change: no key, file, compensation or needs-redo mark."""
-        return not (self.keys or self.compensations or self.needs_redo or self.files)
+        return not (self.keys or self.compensations or self.needs_redo or self.files
+                    or self.unredo)
 
     def as_dict(self) -> dict:
         return {"txids": list(self.txids), "keys": list(self.keys), "files": list(self.files),
                 "compensations": [{"id": a.id, "name": a.name, "compensate": a.compensate,
                                    "txid": a.txid} for a in self.compensations],
-                "needs_redo": list(self.needs_redo), "scope": self.scope,
+                "needs_redo": list(self.needs_redo), "unredo": list(self.unredo),
+                "scope": self.scope,
                 "boundary": self.boundary}
 
 
@@ -297,6 +300,7 @@ class Undo:
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
         plan.needs_redo = self._needs_redo(infos, undone_txids, force, in_range_actions)
+        plan.unredo = self._unredo(infos, undone_txids)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
@@ -353,6 +357,19 @@ class Undo:
                                  actions=ids)
         return ids
 
+    def _unredo(self, infos: list[TxnInfo], undone: set) -> list[str]:
+        """Actions a forced undo marked ``needs-redo``, that undo now undone: the state is
+        the compensated one again, so they are ``compensated`` again (a mark left behind
+        would tell an operator to redo what the state says is undone)."""
+        ids = []
+        for info in infos:
+            if info.txid in undone:
+                for aid in info.extra.get("redo", ()):
+                    row = self.engine.views.action_row(aid)
+                    if row is not None and row.get("state") == tables.NEEDS_REDO:
+                        ids.append(aid)
+        return ids
+
     def _drop_unchanged(self, tx: "Transaction", plan: UndoPlan) -> None:
         """Keep in the plan only the keys whose value would really change."""
         restore = plan._restore  # type: ignore[attr-defined]
@@ -381,6 +398,8 @@ class Undo:
             body["compensate"] = [a.id for a in plan.compensations]
         if plan.needs_redo:
             body["redo"] = list(plan.needs_redo)
+        if plan.unredo:
+            body["unredo"] = list(plan.unredo)
         if plan.scope is not None:
             body["scope"] = plan.scope
         tx.commit_body.update(body)

@@ -63,7 +63,8 @@ def txid_key(txid: int) -> bytes:
 
 
 # ---- transaction log rows -------------------------------------------------------------
-TXN_ROW_FIELDS = ("actions", "scope", "compensate", "redo", "gid", "reverts", "rewound_to",
+TXN_ROW_FIELDS = ("actions", "scope", "compensate", "redo", "unredo", "gid", "reverts",
+                  "rewound_to",
                   "purge", "purge_range", "files")
 
 
@@ -121,7 +122,7 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         if row is None:
             return []
         return [dict(row, result=b.get("result"), error=b.get("error"))]
-    if t == RecordType.COMMIT:  # reads only "actions", "compensate", "redo" (the applier
+    if t == RecordType.COMMIT:  # reads only "actions", "compensate", "redo", "unredo" (the
         out = []                # skips commits with none of them: keep apply._ACTION_FIELDS)
         field = event.field     # (a plain commit's packed body holds none: not decoded)
         for a in field("actions", ()):
@@ -143,6 +144,13 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                 out.append(dict(row, state=NEEDS_REDO,
                                 error=f"its compensation was reverted by transaction "
                                       f"{event.txid}: redo it by hand"))
+        for aid in field("unredo", ()):  # the undo that marked it needs-redo is undone:
+            row = get_row(aid)           # the state matches the compensated world again
+            if row is not None and row.get("state") == NEEDS_REDO:
+                out.append(dict(row, state=COMPENSATED,
+                                error=f"its needs-redo mark was undone by transaction "
+                                      f"{event.txid} (the state is back to the compensated "
+                                      f"one)"))
         return out
     if t in (RecordType.ABORT, RecordType.ROLLBACK_PREPARED):
         why = ("in flight in the source store when it was copied: never run automatically"
