@@ -54,6 +54,13 @@ def _when(us: int) -> datetime:
 
 
 # ---- filters (LangGraph's JSONB-like comparison, as InMemoryStore applies it) -----------
+def _filter_matches(value: dict, flt: dict) -> bool:
+    """A search ``filter``: every top-level entry names a field of the item's value (a
+    field name may begin with ``$``: operators are recognised only inside a field's
+    value dict, never at the top level), as InMemoryStore's ``filter_func``."""
+    return all(_matches(value.get(field), wanted) for field, wanted in flt.items())
+
+
 def _matches(value: Any, wanted: Any) -> bool:
     if isinstance(wanted, dict):
         if any(k.startswith("$") for k in wanted):
@@ -188,7 +195,7 @@ class WalstoreStore(BaseStore):
         found: list[tuple[bytes, dict]] = []
         if stop != 0:
             for key, rec in tx.scan(prefix=self.keys.namespace(op.namespace_prefix)):
-                if self._omit(rec, now) or (op.filter and not _matches(rec["v"], op.filter)):
+                if self._omit(rec, now) or (op.filter and not _filter_matches(rec["v"], op.filter)):
                     continue
                 found.append((key, rec))
                 if len(found) == stop:

@@ -1,0 +1,283 @@
+"""Findings of the LangGraph integration probe (f38/f37, f30, f10, f29), one test each.
+
+Real stores in tmp_path, real threads, real LangGraph graphs.
+"""
+from __future__ import annotations
+
+import asyncio
+import operator
+import threading
+import time
+from typing import Annotated, Any, TypedDict
+
+import pytest
+
+pytest.importorskip("langgraph.checkpoint.base")
+pytest.importorskip("langgraph.store.base")
+
+from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
+from langgraph.graph import END, START, StateGraph  # noqa: E402
+from langgraph.store.memory import InMemoryStore  # noqa: E402
+
+import walstore  # noqa: E402
+from walstore.integrations.langgraph import (StaleCheckpointError, WalstoreSaver,  # noqa: E402
+                                             WalstoreStore)
+
+
+class Msgs(TypedDict):
+    msgs: Annotated[list, operator.add]
+
+
+def slow_graph(saver: WalstoreSaver, delay: float = 0.2):
+    def node(state: Msgs) -> dict:
+        time.sleep(delay)
+        return {"msgs": ["reply-to-" + state["msgs"][-1]]}
+    b = StateGraph(Msgs)
+    b.add_node("n", node)
+    b.add_edge(START, "n")
+    b.add_edge("n", END)
+    return b.compile(checkpointer=saver)
+
+
+def cfg(thread_id: str, checkpoint_id: str | None = None) -> dict:
+    c: dict = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+    if checkpoint_id:
+        c["configurable"]["checkpoint_id"] = checkpoint_id
+    return c
+
+
+def checkpoint(**values) -> dict:
+    c = empty_checkpoint()
+    c["channel_values"] = dict(values)
+    c["channel_versions"] = {k: 1 for k in values}
+    return c
+
+
+@pytest.fixture
+def saver(tmp_path):
+    s = WalstoreSaver.from_path(str(tmp_path / "store"), durability="none")
+    yield s
+    s.close()
+
+
+# ---- f38 / f37: racing runs on a NEW thread are fenced like on an existing one -------------
+def _check_race(graph, thread_id: str, outcomes: dict) -> None:
+    msgs = graph.get_state({"configurable": {"thread_id": thread_id}}).values["msgs"]
+    ok = [k for k, r in outcomes.items() if r == "ok"]
+    assert ok, outcomes
+    assert all(r in ("ok", "StaleCheckpointError") for r in outcomes.values()), outcomes
+    for k in ok:  # every run reported successful is in the thread's line
+        assert f"user-{k}" in msgs and f"reply-to-user-{k}" in msgs, (outcomes, msgs)
+    assert len(msgs) == 2 * len(ok), (outcomes, msgs)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_racing_runs_on_a_new_thread_are_fenced_not_lost(saver, existing):
+    graph = slow_graph(saver)
+    config = {"configurable": {"thread_id": "t"}}
+    if existing:
+        graph.invoke({"msgs": ["m0"]}, config, durability="sync")
+    outcomes: dict = {}
+    barrier = threading.Barrier(4)
+
+    def run(k):
+        barrier.wait()
+        try:
+            graph.invoke({"msgs": [f"user-{k}"]}, config, durability="sync")
+            outcomes[k] = "ok"
+        except Exception as e:  # noqa: BLE001 - classified below
+            outcomes[k] = type(e).__name__
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if existing:
+        msgs = graph.get_state(config).values["msgs"]
+        ok = [k for k, r in outcomes.items() if r == "ok"]
+        assert len(ok) == 1 and msgs[:2] == ["m0", "reply-to-m0"], (outcomes, msgs)
+        assert f"user-{ok[0]}" in msgs
+    else:
+        _check_race(graph, "t", outcomes)
+
+
+def test_racing_ainvokes_on_a_new_thread_are_fenced_not_lost(saver):
+    graph = slow_graph(saver, delay=0.05)
+
+    async def main():
+        async def one(k):
+            await graph.ainvoke({"msgs": [f"user-{k}"]},
+                                {"configurable": {"thread_id": "race"}})
+        return await asyncio.gather(*[one(k) for k in range(6)], return_exceptions=True)
+    res = asyncio.run(main())
+    outcomes = {k: "ok" if r is None else type(r).__name__ for k, r in enumerate(res)}
+    _check_race(graph, "race", outcomes)
+
+
+def test_a_put_after_reading_the_thread_empty_is_fenced_when_another_run_got_in(saver):
+    run_a, run_b = cfg("t"), cfg("t")
+    assert saver.get_tuple(run_a) is None and saver.get_tuple(run_b) is None
+    a = saver.put(run_a, checkpoint(x=1), {"source": "input", "step": -1}, {"x": 1})
+    with pytest.raises(StaleCheckpointError) as ei:
+        saver.put(run_b, checkpoint(x=2), {"source": "input", "step": -1}, {"x": 2})
+    assert ei.value.parent is None and ei.value.head == a["configurable"]["checkpoint_id"]
+    assert [t.checkpoint["id"] for t in saver.list(cfg("t"))] == \
+        [a["configurable"]["checkpoint_id"]]
+    # a put with no parent that did not read the thread empty is not a race (as before),
+    # nor is reusing a config after its own first put; nor a fork from an older checkpoint
+    saver.put(cfg("t"), checkpoint(x=3), {"source": "update", "step": 0}, {"x": 3})
+    c = cfg("u")
+    assert saver.get_tuple(c) is None
+    saver.put(c, checkpoint(x=4), {"source": "input", "step": -1}, {"x": 4})
+    saver.put(c, checkpoint(x=5), {"source": "input", "step": -1}, {"x": 5})
+    fork = saver.put(saver.get_tuple(a).config, checkpoint(x=6), {"source": "fork", "step": 0},
+                     {"x": 6})
+    assert saver.get_tuple(fork).parent_config["configurable"]["checkpoint_id"] == \
+        a["configurable"]["checkpoint_id"]
+    # the empty-thread fence is off with fencing=False
+    saver.fencing = False
+    c1, c2 = cfg("v"), cfg("v")
+    assert saver.get_tuple(c1) is None and saver.get_tuple(c2) is None
+    saver.put(c1, checkpoint(x=7), {"source": "input", "step": -1}, {"x": 7})
+    saver.put(c2, checkpoint(x=8), {"source": "input", "step": -1}, {"x": 8})
+
+
+# ---- f30: rewinding a copied thread to any of its checkpoints --------------------------
+def test_rewind_of_a_copied_thread_makes_the_target_the_head(saver):
+    graph = slow_graph(saver, delay=0)
+    for i in range(4):
+        graph.invoke({"msgs": [f"u{i}"]}, {"configurable": {"thread_id": "src"}},
+                     durability="sync")
+    graph.invoke({"msgs": ["other"]}, {"configurable": {"thread_id": "other"}},
+                 durability="sync")
+    src = list(saver.list(cfg("src")))
+    other_before = [t.checkpoint["id"] for t in saver.list(cfg("other"))]
+    for n, target in enumerate(src):
+        dst = f"cp{n}"
+        saver.copy_thread("src", dst)
+        graph.invoke({"msgs": ["after-copy"]}, {"configurable": {"thread_id": dst}},
+                     durability="sync")
+        hist = list(saver.list(cfg(dst)))
+        x = next(t for t in hist if t.checkpoint["id"] == target.checkpoint["id"])
+        before = [t.checkpoint["id"] for t in hist]
+        plan = saver.rewind(x.config, dry_run=True)
+        assert plan is not None
+        assert [t.checkpoint["id"] for t in saver.list(cfg(dst))] == before  # dry run
+        info = saver.rewind(x.config)
+        head = saver.get_tuple(cfg(dst))
+        assert head.checkpoint["id"] == target.checkpoint["id"], n
+        assert head.checkpoint["channel_values"] == target.checkpoint["channel_values"]
+        assert [t.checkpoint["id"] for t in saver.list(cfg(dst))] == \
+            [t.checkpoint["id"] for t in src[n:]]
+        assert [t.checkpoint["id"] for t in saver.list(cfg("src"))] == \
+            [t.checkpoint["id"] for t in src]
+        assert [t.checkpoint["id"] for t in saver.list(cfg("other"))] == other_before
+        # the graph continues from the target; the rewind can be reverted
+        graph.invoke({"msgs": ["again"]}, {"configurable": {"thread_id": dst}},
+                     durability="sync")
+        assert graph.get_state({"configurable": {"thread_id": dst}}).values["msgs"] == \
+            target.checkpoint["channel_values"].get("msgs", []) + ["again", "reply-to-again"]
+        if n == 2:
+            again = saver.get_tuple(cfg(dst)).checkpoint["id"]
+            saver.rewind(saver.get_tuple(cfg(dst, x.checkpoint["id"])).config)
+            saver.store.revert(info.txid, cascade=True)
+            assert again not in [t.checkpoint["id"] for t in saver.list(cfg(dst))]
+
+
+def test_copy_thread_copies_pending_writes_and_subgraph_namespaces(saver):
+    saver.put(cfg("s"), checkpoint(x=1), {"source": "input", "step": -1}, {"x": 1})
+    a = saver.put(cfg("s"), checkpoint(x=2), {"source": "loop", "step": 0}, {"x": 2})
+    saver.put_writes(a, [("x", 9)], "task-1")
+    sub = {"configurable": {"thread_id": "s", "checkpoint_ns": "child:1"}}
+    saver.put(sub, checkpoint(y=1), {"source": "input", "step": -1}, {"y": 1})
+    saver.copy_thread("s", "d")
+    for ns in ("", "child:1"):
+        theirs = list(saver.list({"configurable": {"thread_id": "s", "checkpoint_ns": ns}}))
+        ours = list(saver.list({"configurable": {"thread_id": "d", "checkpoint_ns": ns}}))
+        assert [(t.checkpoint, t.metadata, t.pending_writes) for t in ours] == \
+            [(t.checkpoint, t.metadata, t.pending_writes) for t in theirs]
+        assert ours
+
+
+# ---- f10: filters on $-prefixed field names, differentially against InMemoryStore --------
+ITEMS = {
+    "d1": {"$schema": "v1", "kind": "tool", "n": 1, "meta": {"$ref": "#/a", "depth": 2}},
+    "d2": {"$schema": "v2", "kind": "tool", "n": 3, "meta": {"$ref": "#/b", "depth": 5}},
+    "d3": {"$schema": "v2", "kind": "doc", "n": 5, "tags": ["a", "b"], "$n": 4},
+    "d4": {"kind": "doc", "n": "7", "$eq": "literal", "meta": {"depth": None}},
+}
+DOLLAR_FILTERS = [
+    {"$schema": "v1"}, {"kind": "tool", "$schema": "v2"}, {"$schema": {"$eq": "v2"}},
+    {"$schema": {"$ne": "v2"}}, {"$n": {"$gte": 4}}, {"$n": 4}, {"$eq": "literal"},
+    {"$eq": {"$eq": "literal"}}, {"n": {"$gt": 2}}, {"n": {"$gte": 3, "$lt": 7}},
+    {"n": {"$lte": 3}}, {"n": {"$ne": 3}}, {"n": 3}, {"meta": {"$ref": "#/a"}},
+    {"meta": {"depth": {"$gt": 2}}}, {"meta": {"$ref": {"$ne": "#/a"}}},
+    {"tags": ["a", "b"]}, {"kind": {"$eq": "doc"}, "$schema": "v2"}, {"missing": None},
+    {"$missing": None}, {"meta": {"depth": None}}, {"kind": {"$in": ["doc"]}},
+    {"kind": {"kind": "doc", "$eq": "doc"}}, {"$schema": {"$gt": 1}}, {},
+]
+
+
+def _outcome(store, flt):
+    try:
+        return sorted(i.key for i in store.search(("docs",), filter=flt))
+    except Exception as e:  # noqa: BLE001 - compared with the reference's
+        return (type(e).__name__, str(e))
+
+
+def test_search_filters_match_in_memory_store_for_dollar_field_names(tmp_path):
+    st = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        ours, ref = WalstoreStore(st), InMemoryStore()
+        for s in (ours, ref):
+            for k, v in ITEMS.items():
+                s.put(("docs",), k, v)
+        for flt in DOLLAR_FILTERS:
+            assert _outcome(ours, flt) == _outcome(ref, flt), flt
+        assert _outcome(ours, {"$schema": "v1"}) == ["d1"]
+        assert _outcome(ours, {"kind": "tool", "$schema": "v2"}) == ["d2"]
+    finally:
+        st.close()
+
+
+# ---- f29: contention on one memory item never surfaces a ConflictError -----------------
+def test_many_threads_on_one_item_with_refresh_on_read_never_conflict(tmp_path):
+    st = walstore.open(str(tmp_path / "s"), durability="normal")
+    try:
+        mem = WalstoreStore(st, ttl={"default_ttl": 10, "refresh_on_read": True})
+        errors: list = []
+        barrier = threading.Barrier(24)
+
+        def worker(k):
+            barrier.wait()
+            for i in range(30):
+                op = "put"
+                try:
+                    mem.put(("hot",), "counter", {"by": k, "i": i})
+                    op = "get"
+                    assert mem.get(("hot",), "counter") is not None
+                    op = "search"
+                    mem.search(("hot",))
+                except Exception as e:  # noqa: BLE001 - reported below
+                    errors.append(f"{type(e).__name__} in {op}: {e}")
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+        async def amain():
+            async def one(i):
+                await mem.aput(("hot",), "counter", {"a": i})
+                await mem.aget(("hot",), "counter")
+            return await asyncio.gather(*[one(i) for i in range(200)],
+                                        return_exceptions=True)
+        errors += [repr(r) for r in asyncio.run(amain()) if r is not None]
+        assert not errors, errors[:5]
+        item = mem.get(("hot",), "counter")
+        assert item is not None and item.value.get("a") is not None or "by" in item.value
+        # the expiry index holds exactly one entry for the item
+        entries = list(st.scan(prefix=mem.keys.expiry))
+        assert len(entries) == 1
+    finally:
+        st.close()
