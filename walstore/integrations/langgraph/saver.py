@@ -21,7 +21,14 @@ which thread a transaction begun inside a graph node belongs to.
   fenced.  A run on one branch is not disturbed by a fork made elsewhere in the thread
   (but a run that loads the thread just after a fork's first checkpoint was written
   continues that fork, then the newest checkpoint, as with any LangGraph saver).
-  ``fencing=False`` turns all of it off.
+  A run that loads a namespace as "latest" and finds it *empty* cannot be told so in a
+  returned config (``get_tuple`` returns None), so ``get_tuple`` marks the config it was
+  given (another private ``configurable`` key, which LangGraph merges into the run's
+  ``put`` configs); that run's first ``put`` (parent None) is refused when the namespace
+  has a checkpoint by then (another run on the same new thread got in first), and its
+  later puts extend the head as above.  An unmarked parent-less ``put`` (a direct call)
+  is not fenced, and a marked one clears the mark of the config it was given once it is
+  written.  ``fencing=False`` turns all of it off.
 - **Undo**: :meth:`WalstoreSaver.rewind` rewinds ONE thread to a checkpoint with walstore's
   scoped rewind (``store.rewind(to, scope=thread prefix)``): the thread's later
   checkpoints, and what its later steps wrote and did (memory items, keys, actions with
@@ -74,6 +81,8 @@ __all__ = ["WalstoreSaver", "StaleCheckpointError",
 DEFAULT_PREFIX = b"lg"
 EXTENDS_HEAD = "__walstore_extends_head__"   # configurable key: the ns whose head a run
 #                                              loaded as "latest" (see the module doc)
+READ_EMPTY = "__walstore_read_empty__"       # configurable key: the ns a run loaded as
+#                                              "latest" and found empty (see the module doc)
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 _PUT_RETRIES = 8
 _READ_RETRIES = 20
@@ -107,6 +116,19 @@ def _where(config: RunnableConfig) -> tuple[str, str]:
 def _config(thread_id: str, ns: str, cid: str, **extra: Any) -> RunnableConfig:
     return {"configurable": {"thread_id": thread_id, "checkpoint_ns": ns,
                              "checkpoint_id": cid, **extra}}
+
+
+def _mark(config: RunnableConfig | None, key: str, value: Any) -> None:
+    """Set (None: remove) a private ``configurable`` key in a caller's config, in place
+    (the only way to tell a run that loaded an empty thread from a direct put)."""
+    conf = (config or {}).get("configurable")
+    try:
+        if value is None:
+            conf.pop(key, None)
+        else:
+            conf[key] = value
+    except (AttributeError, TypeError):  # no configurable dict, or a read-only mapping
+        pass
 
 
 def _first(rows: Iterator) -> Any:
@@ -298,8 +320,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 latest = self._latest(tx, ns)
                 found, rec = latest if latest is not None else (None, None)
             if rec is None:
+                if not cid and self.fencing:
+                    _mark(config, READ_EMPTY, ns_name)
                 return None
-            extra = {EXTENDS_HEAD: None if cid else ns_name} if self.fencing else {}
+            extra = ({EXTENDS_HEAD: None if cid else ns_name, READ_EMPTY: None}
+                     if self.fencing else {})
             return self._tuple(tx.get, lambda p: tx.scan(prefix=p), thread_id, ns_name, ns,
                                found, rec, {}, **extra)
         return self._read(read)
@@ -522,7 +547,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         cache_scope = ns.blobs()
         blobs = [(ch, ver, self.codec.plan(cache_scope, ch, ver, values[ch]))
                  for ch, ver in new_versions.items() if ch in values]
-        extends_head = self.fencing and conf.get(EXTENDS_HEAD) == ns_name
+        read_empty = self.fencing and conf.get(READ_EMPTY) == ns_name
+        # a run that found the namespace empty extends its head from its first put on
+        extends_head = self.fencing and (conf.get(EXTENDS_HEAD) == ns_name or read_empty)
         first_latest: list = []
         cache_updates: list = []
 
@@ -535,6 +562,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if not first_latest:
                 first_latest.append(latest)
             rivals = [c for c, rec in newer if rec.get("p") == parent and c != cid]
+            if parent is None and read_empty:
+                # the run found the namespace empty: any checkpoint in it now is a rival's
+                rivals = [c for c, _rec in newer if c != cid]
             self._fence(thread_id, ns_name, parent, latest, rivals, first_latest[0],
                         extends_head)
             cache_updates.clear()
@@ -548,6 +578,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                   meta=self._meta("put", thread_id=thread_id, checkpoint_ns=ns_name or None,
                                   checkpoint_id=cid))
         self.codec.remember(cache_updates)
+        if read_empty and parent is None:
+            _mark(config, READ_EMPTY, None)  # its own next put builds on this one
         return _config(thread_id, ns_name, cid)
 
     @staticmethod
