@@ -66,9 +66,16 @@ def _check_race(graph, thread_id: str, outcomes: dict) -> None:
     ok = [k for k, r in outcomes.items() if r == "ok"]
     assert ok, outcomes
     assert all(r in ("ok", "StaleCheckpointError") for r in outcomes.values()), outcomes
-    for k in ok:  # every run reported successful is in the thread's line
-        assert f"user-{k}" in msgs and f"reply-to-user-{k}" in msgs, (outcomes, msgs)
-    assert len(msgs) == 2 * len(ok), (outcomes, msgs)
+    for k, r in outcomes.items():
+        if r == "ok":  # every run reported successful is in the thread's line
+            assert f"user-{k}" in msgs and f"reply-to-user-{k}" in msgs, (outcomes, msgs)
+        else:  # a fenced run's work never got in (its input may have, when a winner
+            #    loaded the thread after it and built on it: a line, not a lost turn)
+            assert f"reply-to-user-{k}" not in msgs, (outcomes, msgs)
+    history = list(graph.get_state_history({"configurable": {"thread_id": thread_id}}))
+    for newer, older in zip(history, history[1:]):  # one straight line, no fork
+        assert newer.parent_config["configurable"]["checkpoint_id"] == \
+            older.config["configurable"]["checkpoint_id"]
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -172,16 +179,17 @@ def test_rewind_of_a_copied_thread_makes_the_target_the_head(saver):
         assert [t.checkpoint["id"] for t in saver.list(cfg("src"))] == \
             [t.checkpoint["id"] for t in src]
         assert [t.checkpoint["id"] for t in saver.list(cfg("other"))] == other_before
-        # the graph continues from the target; the rewind can be reverted
+        # the rewind can be reverted (everything back), and rewound again
+        if info is not None:
+            saver.store.revert(info.txid)
+            assert [t.checkpoint["id"] for t in saver.list(cfg(dst))] == before
+            saver.rewind(x.config)
+            assert saver.get_tuple(cfg(dst)).checkpoint["id"] == target.checkpoint["id"]
+        # the graph continues from the target
         graph.invoke({"msgs": ["again"]}, {"configurable": {"thread_id": dst}},
                      durability="sync")
         assert graph.get_state({"configurable": {"thread_id": dst}}).values["msgs"] == \
             target.checkpoint["channel_values"].get("msgs", []) + ["again", "reply-to-again"]
-        if n == 2:
-            again = saver.get_tuple(cfg(dst)).checkpoint["id"]
-            saver.rewind(saver.get_tuple(cfg(dst, x.checkpoint["id"])).config)
-            saver.store.revert(info.txid, cascade=True)
-            assert again not in [t.checkpoint["id"] for t in saver.list(cfg(dst))]
 
 
 def test_copy_thread_copies_pending_writes_and_subgraph_namespaces(saver):

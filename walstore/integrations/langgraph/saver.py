@@ -27,8 +27,8 @@ which thread a transaction begun inside a graph node belongs to.
   ``put`` configs); that run's first ``put`` (parent None) is refused when the namespace
   has a checkpoint by then (another run on the same new thread got in first), and its
   later puts extend the head as above.  An unmarked parent-less ``put`` (a direct call)
-  is not fenced, and a marked one clears the mark of the config it was given once it is
-  written.  ``fencing=False`` turns all of it off.
+  is fenced only as before, and a marked one, once written, changes the mark of the
+  config it was given so that config's next parent-less put is not taken for the race.  ``fencing=False`` turns all of it off.
 - **Undo**: :meth:`WalstoreSaver.rewind` rewinds ONE thread to a checkpoint with walstore's
   scoped rewind (``store.rewind(to, scope=thread prefix)``): the thread's later
   checkpoints, and what its later steps wrote and did (memory items, keys, actions with
@@ -83,6 +83,7 @@ EXTENDS_HEAD = "__walstore_extends_head__"   # configurable key: the ns whose he
 #                                              loaded as "latest" (see the module doc)
 READ_EMPTY = "__walstore_read_empty__"       # configurable key: the ns a run loaded as
 #                                              "latest" and found empty (see the module doc)
+_WRITTEN = "\x00written"                      # ... + this: and has put its first checkpoint
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 _PUT_RETRIES = 8
 _READ_RETRIES = 20
@@ -547,9 +548,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         cache_scope = ns.blobs()
         blobs = [(ch, ver, self.codec.plan(cache_scope, ch, ver, values[ch]))
                  for ch, ver in new_versions.items() if ch in values]
-        read_empty = self.fencing and conf.get(READ_EMPTY) == ns_name
-        # a run that found the namespace empty extends its head from its first put on
-        extends_head = self.fencing and (conf.get(EXTENDS_HEAD) == ns_name or read_empty)
+        marker = conf.get(READ_EMPTY) if self.fencing else None
+        read_empty = marker == ns_name   # found it empty, and has put nothing on it yet
+        # a run that found the namespace empty extends the head it made from then on
+        extends_head = self.fencing and (
+            conf.get(EXTENDS_HEAD) == ns_name
+            or (parent is not None and marker in (ns_name, ns_name + _WRITTEN)))
         first_latest: list = []
         cache_updates: list = []
 
@@ -566,7 +570,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 # the run found the namespace empty: any checkpoint in it now is a rival's
                 rivals = [c for c, _rec in newer if c != cid]
             self._fence(thread_id, ns_name, parent, latest, rivals, first_latest[0],
-                        extends_head)
+                        extends_head or read_empty)
             cache_updates.clear()
             for ch, ver, plan in blobs:
                 tx.put(ns.blob(ch, ver),
@@ -579,7 +583,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                   checkpoint_id=cid))
         self.codec.remember(cache_updates)
         if read_empty and parent is None:
-            _mark(config, READ_EMPTY, None)  # its own next put builds on this one
+            # the config's next parent-less put (a direct caller reusing it) is not the
+            # race any more; LangGraph may be copying this config for the run's next put
+            # right now, which is why the mark is changed, never removed
+            _mark(config, READ_EMPTY, ns_name + _WRITTEN)
         return _config(thread_id, ns_name, cid)
 
     @staticmethod
