@@ -72,7 +72,8 @@ import walstore
 from walstore.errors import ConflictError
 
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
-from .keys import Namespace, SaverKeys, is_hashed, prefix_end
+from .keys import (BLOB, CHECKPOINT, RUN, WRITE, Namespace, SaverKeys, is_hashed,
+                   prefix_end, read_part)
 from .serde import StateSerializer
 
 __all__ = ["WalstoreSaver", "StaleCheckpointError",
@@ -718,21 +719,93 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     def copy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
         """Copy every checkpoint, blob, pending write and run entry of a thread (its
-        whole key range: the complete parent chain, as DeltaChannel needs)."""
+        whole key range: the complete parent chain, as DeltaChannel needs).
+
+        The source is read at one snapshot; the copy is written one transaction per
+        checkpoint, oldest first (every namespace, by checkpoint id), each with the blobs
+        it is the first to need, its run entries and the pending writes of the checkpoint
+        before it (a final transaction: the newest one's writes and anything else of the
+        range).  So the copy's checkpoints were saved one after another, as the source's
+        were, and :meth:`rewind` of the copy to any of them leaves exactly that one as
+        its head (one transaction for all would make every copied checkpoint the same
+        moment).  A copy cut short by a crash holds the source's oldest checkpoints, each
+        complete."""
         src, dst = str(source_thread_id), str(target_thread_id)
         src_p, dst_p = self.thread_scope(src), self.thread_scope(dst)
+        rows = self._read(lambda tx: list(tx.scan(prefix=src_p)))
+        data = dict(rows)
         checkpoints = self.keys.all_checkpoints(src_p)
+        meta = self._meta("copy_thread", source=src, target=dst)
+        for keys in self._copy_steps(src_p, data):
+            def copy_some(tx, keys=keys):
+                for k in keys:
+                    v = data[k]
+                    if k.startswith(checkpoints):
+                        v = dict(v)
+                        v.pop("t", None)
+                        if is_hashed(dst):
+                            v["t"] = dst
+                    tx.put(dst_p + k[len(src_p):], v)
+            self._run(copy_some, scope=dst_p, meta=meta)
+        self.codec.forget(dst_p)
 
-        def copy_all(tx):
-            for k, v in list(tx.scan(prefix=src_p)):
-                if k.startswith(checkpoints):
-                    v = dict(v)
-                    v.pop("t", None)
-                    if is_hashed(dst):
-                        v["t"] = dst
-                tx.put(dst_p + k[len(src_p):], v)
-        self._run(copy_all, scope=dst_p,
-                  meta=self._meta("copy_thread", source=src, target=dst))
+    def _copy_steps(self, src_p: bytes, data: dict[bytes, Any]) -> list[list[bytes]]:
+        """The source thread's keys grouped into copy transactions, in commit order (see
+        :meth:`copy_thread`)."""
+        n = len(src_p) + 1  # past the thread prefix and the kind byte
+        order: list[tuple[str, bytes, bytes]] = []          # (checkpoint id, ns part, key)
+        writes: dict[tuple[bytes, str], list[bytes]] = {}
+        runs: dict[tuple[bytes, str], list[bytes]] = {}
+        rest: list[bytes] = []
+        for k in data:
+            kind = k[n - 1:n]
+            try:
+                if kind == CHECKPOINT:
+                    _ns, ns_part, cid = self.keys.parse_checkpoint(src_p, k)
+                    order.append((cid, ns_part, k))
+                    continue
+                if kind == WRITE:
+                    _ns, i = read_part(k, n)
+                    cid = k[i:].split(b"\x00", 1)[0].decode("utf-8")
+                    writes.setdefault((k[n:i], cid), []).append(k)
+                    continue
+                if kind == RUN:
+                    _run, i = read_part(k, n)
+                    _ns, j = read_part(k, i)
+                    runs.setdefault((k[i:j], k[j:].decode("utf-8")), []).append(k)
+                    continue
+            except (ValueError, IndexError, UnicodeDecodeError):
+                pass  # not the saver's layout: copied in the last transaction
+            if kind != BLOB:
+                rest.append(k)
+        order.sort()
+        placed: set[bytes] = set()
+        steps: list[list[bytes]] = []
+        previous: tuple[bytes, str] | None = None
+        for cid, ns_part, key in order:
+            step: list[bytes] = []
+            ns = Namespace(src_p, ns_part)
+            versions = self.codec.loads(data[key]["c"]).get("channel_versions", {})
+            for ch, ver in versions.items():
+                for blob in self.codec.chain_keys(data.get, ns, ch, ver):
+                    if blob in data and blob not in placed:
+                        placed.add(blob)
+                        step.append(blob)
+            step.append(key)
+            step.extend(runs.pop((ns_part, cid), ()))
+            if previous is not None:
+                step.extend(writes.pop(previous, ()))
+            previous = (ns_part, cid)
+            steps.append(step)
+        last = [k for k in data if k[n - 1:n] == BLOB and k not in placed]
+        if previous is not None:
+            last.extend(writes.pop(previous, ()))
+        for group in (*writes.values(), *runs.values()):
+            last.extend(group)
+        last.extend(rest)
+        if last:
+            steps.append(last)
+        return steps
 
     def prune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
         """``"keep_latest"``: keep each namespace's newest checkpoint, and, when the graph
