@@ -42,7 +42,30 @@ __all__ = ["WalstoreStore"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _RETRIES = 8
+_WRITE_RETRIES = 64    # a batch that writes: conflicts are retried, never shown to callers
 _SWEEP_BATCH = 512
+_STRIPES = [threading.Lock() for _ in range(64)]
+
+
+class _ItemLocks:
+    """In this process, writers of one item take turns (a striped lock per item key), so
+    threads hammering one item do not make each other's transactions conflict again and
+    again; other processes' writers are met by the transaction's own retries."""
+
+    def __init__(self, keys: Iterable[bytes]) -> None:
+        self.locks = [_STRIPES[i] for i in sorted({hash(k) % len(_STRIPES) for k in keys})]
+
+    def __enter__(self) -> None:
+        for lock in self.locks:
+            lock.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        for lock in reversed(self.locks):
+            lock.release()
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(0.001 * (2 ** min(attempt, 6)), 0.05) * (0.5 + random.random()))
 
 
 def _now_us() -> int:
@@ -124,32 +147,82 @@ class WalstoreStore(BaseStore):
     # ---- batches ------------------------------------------------------------------------
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         """Run ``ops`` in one walstore transaction: reads see the state before the
-        batch; the last put of a (namespace, key) wins (as InMemoryStore)."""
+        batch; the last put of a (namespace, key) wins (as InMemoryStore).
+
+        A batch without puts reads at one snapshot (a transaction rolled back: it cannot
+        conflict) and then renews the TTL of the items it read with ``refresh_ttl`` in a
+        transaction of its own.  A conflict (another writer got to the same item first)
+        is retried, never raised: writers of one item in this process take turns."""
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
-        kinds = {type(op) for op in ops}
-        meta = {"langgraph": "store"} if self.txn_meta and PutOp in kinds else None
+        if not any(isinstance(op, PutOp) for op in ops):
+            results, touched = self._read_batch(ops)
+            if touched:
+                self._refresh_items(touched)
+            return results
+        meta = {"langgraph": "store"} if self.txn_meta else None
+        keys = [self.keys.item(op.namespace, op.key) for op in ops
+                if isinstance(op, (PutOp, GetOp))]
+        with _ItemLocks(keys):
+            for attempt in range(_WRITE_RETRIES + 1):
+                tx = self.store.transaction(meta=meta)
+                try:
+                    with tx:
+                        return self._batch(tx, ops)
+                except ConflictError:
+                    if attempt >= _WRITE_RETRIES:
+                        raise
+                    _backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _read_batch(self, ops: list[Op]) -> tuple[list[Result], dict[bytes, dict]]:
+        """The results of a batch without puts, and the items to refresh."""
         for attempt in range(_RETRIES + 1):
-            tx = self.store.transaction(meta=meta)
+            tx = self.store.transaction(meta=None)
             try:
-                with tx:
-                    return self._batch(tx, ops)
-            except ConflictError:
+                touched: dict[bytes, dict] = {}
+                return self._reads(tx, ops, _now_us(), touched), touched
+            except ConflictError:  # (SnapshotTooOld: history trimmed under a long read)
                 if attempt >= _RETRIES:
                     raise
-                time.sleep(0.001 * (2 ** min(attempt, 6)) * (0.5 + random.random()))
+            finally:
+                if tx.state == "active":
+                    tx.rollback()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _refresh_items(self, touched: dict[bytes, dict]) -> None:
+        """Renew the TTL of items a read returned, each as it is now."""
+        meta = {"langgraph": "store ttl refresh"} if self.txn_meta else None
+
+        def refresh(tx):
+            now = _now_us()
+            for key in touched:
+                rec = tx.get(key)
+                if rec is not None and rec.get("t") is not None:
+                    self._refresh(tx, key, rec, now)
+        with _ItemLocks(touched):
+            for attempt in range(_WRITE_RETRIES + 1):
+                tx = self.store.transaction(meta=meta)
+                try:
+                    with tx:
+                        refresh(tx)
+                    return
+                except ConflictError:
+                    if attempt >= _WRITE_RETRIES:
+                        # every try met another writer of these items; each such writer
+                        # (a put, a refresh, a delete, the sweeper) set the item's expiry
+                        # itself just now, so there is nothing left to renew
+                        return
+                    _backoff(attempt)
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         ops = list(ops)
         return await asyncio.to_thread(self.batch, ops)
 
-    def _batch(self, tx: Any, ops: list[Op]) -> list[Result]:
-        now = _now_us()
+    def _reads(self, tx: Any, ops: list[Op], now: int, touched: dict,
+               puts: dict[bytes, PutOp] | None = None) -> list[Result]:
         results: list[Result] = []
-        puts: dict[bytes, PutOp] = {}
-        touched: dict[bytes, dict] = {}   # items read with refresh_ttl: key -> record
         for op in ops:
             if isinstance(op, GetOp):
                 results.append(self._get(tx, op, now, touched))
@@ -157,11 +230,18 @@ class WalstoreStore(BaseStore):
                 results.append(self._search(tx, op, now, touched))
             elif isinstance(op, ListNamespacesOp):
                 results.append(self._list_namespaces(tx, op, now))
-            elif isinstance(op, PutOp):
+            elif isinstance(op, PutOp) and puts is not None:
                 puts[self.keys.item(op.namespace, op.key)] = op
                 results.append(None)
             else:
                 raise ValueError(f"Unknown operation type: {type(op)}")
+        return results
+
+    def _batch(self, tx: Any, ops: list[Op]) -> list[Result]:
+        now = _now_us()
+        puts: dict[bytes, PutOp] = {}
+        touched: dict[bytes, dict] = {}   # items read with refresh_ttl: key -> record
+        results = self._reads(tx, ops, now, touched, puts)
         for key, rec in touched.items():
             if key not in puts:
                 self._refresh(tx, key, rec, now)
