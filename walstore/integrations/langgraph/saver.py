@@ -7,7 +7,9 @@ which thread a transaction begun inside a graph node belongs to.
 
 - **Transactions**: every ``put`` / ``put_writes`` / delete is one walstore transaction
   whose scope is the thread's key prefix, so a checkpoint and its channel blobs land
-  together or not at all, and belong to their thread.
+  together or not at all, and belong to their thread.  ``copy_thread`` writes one
+  transaction per copied checkpoint (oldest first), so the copy can be rewound to any
+  of them.
 - **Fencing that tells a fork from a race.**  ``get_tuple`` of a thread's *latest*
   checkpoint marks the returned config as extending that namespace's line (a private
   ``configurable`` key LangGraph carries into the run's ``put`` calls); a ``put`` so marked
