@@ -149,6 +149,20 @@ def test_a_put_after_reading_the_thread_empty_is_fenced_when_another_run_got_in(
     saver.put(c2, checkpoint(x=8), {"source": "input", "step": -1}, {"x": 8})
 
 
+def test_a_config_marked_empty_by_get_state_still_forks_from_an_older_checkpoint(saver):
+    graph = slow_graph(saver, delay=0)
+    config = {"configurable": {"thread_id": "t"}}
+    assert graph.get_state(config).values == {}  # an empty thread: marks the user's config
+    graph.invoke({"msgs": ["a"]}, config, durability="sync")
+    graph.invoke({"msgs": ["b"]}, config, durability="sync")
+    older = [s for s in graph.get_state_history(config)][2]  # has a child already
+    fork = {"configurable": {**config["configurable"],
+                             "checkpoint_id": older.config["configurable"]["checkpoint_id"]}}
+    graph.invoke({"msgs": ["c"]}, fork, durability="sync")  # time travel: a fork, allowed
+    assert graph.get_state(config).values["msgs"] == \
+        older.values["msgs"] + ["c", "reply-to-c"]
+
+
 # ---- f30: rewinding a copied thread to any of its checkpoints --------------------------
 def test_rewind_of_a_copied_thread_makes_the_target_the_head(saver):
     graph = slow_graph(saver, delay=0)

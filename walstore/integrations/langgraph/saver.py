@@ -25,12 +25,15 @@ which thread a transaction begun inside a graph node belongs to.
   continues that fork, then the newest checkpoint, as with any LangGraph saver).
   A run that loads a namespace as "latest" and finds it *empty* cannot be told so in a
   returned config (``get_tuple`` returns None), so ``get_tuple`` marks the config it was
-  given (another private ``configurable`` key, which LangGraph merges into the run's
-  ``put`` configs); that run's first ``put`` (parent None) is refused when the namespace
-  has a checkpoint by then (another run on the same new thread got in first), and its
-  later puts extend the head as above.  An unmarked parent-less ``put`` (a direct call)
-  is fenced only as before, and a marked one, once written, changes the mark of the
-  config it was given so that config's next parent-less put is not taken for the race.  ``fencing=False`` turns all of it off.
+  given, in place (another private ``configurable`` key, which LangGraph merges into the
+  run's ``put`` configs).  That run's first ``put`` (parent None) is refused when the
+  namespace has a checkpoint by then (another run on the same new thread got in first),
+  and its later puts extend the head as above.  An unmarked parent-less ``put`` (a direct
+  call) is fenced only as before; a marked one, once written, changes the mark so the
+  same config's next parent-less put is not taken for the race.  (``graph.get_state`` of
+  an empty thread leaves the mark in the caller's config: harmless, a later load that
+  finds a checkpoint overrides it in the run's config.)  ``fencing=False`` turns all of
+  it off.
 - **Undo**: :meth:`WalstoreSaver.rewind` rewinds ONE thread to a checkpoint with walstore's
   scoped rewind (``store.rewind(to, scope=thread prefix)``): the thread's later
   checkpoints, and what its later steps wrote and did (memory items, keys, actions with
@@ -327,8 +330,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if not cid and self.fencing:
                     _mark(config, READ_EMPTY, ns_name)
                 return None
-            extra = ({EXTENDS_HEAD: None if cid else ns_name, READ_EMPTY: None}
-                     if self.fencing else {})
+            extra = {EXTENDS_HEAD: None if cid else ns_name} if self.fencing else {}
+            if READ_EMPTY in _conf(config):
+                extra[READ_EMPTY] = None  # (LangGraph merges this over the stale mark)
             return self._tuple(tx.get, lambda p: tx.scan(prefix=p), thread_id, ns_name, ns,
                                found, rec, {}, **extra)
         return self._read(read)
