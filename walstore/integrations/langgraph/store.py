@@ -379,15 +379,16 @@ class WalstoreStore(BaseStore):
                     if n >= _SWEEP_BATCH:
                         break
                 return n
-            for attempt in range(_RETRIES + 1):
+            for attempt in range(_WRITE_RETRIES + 1):
                 tx = self.store.transaction(meta={"langgraph": "store ttl sweep"})
                 try:
                     with tx:
                         n = sweep(tx)
                     break
                 except ConflictError:
-                    if attempt >= _RETRIES:
+                    if attempt >= _WRITE_RETRIES:
                         raise
+                    _backoff(attempt)
             deleted += n
             if n < _SWEEP_BATCH:
                 return deleted
