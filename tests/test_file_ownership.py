@@ -269,3 +269,19 @@ def test_a_crashed_watch_is_put_back_and_what_was_found_is_kept(tmp_path):
                           "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["watch_saved"] == []
+
+
+def test_dotdot_after_a_symlink_is_refused(setup):
+    """``lnk/../x.txt`` with lnk -> a/b: the OS resolves it to a/x.txt, a lexical
+    normalization to x.txt — another file.  walstore never follows a symlink on the way,
+    so it refuses it (ValueError), changing nothing; ``..`` after a real directory works."""
+    store, ws, root, _ = setup
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "lnk").symlink_to("a/b")
+    with store.transaction() as tx:
+        f = tx.files(ws)
+        with pytest.raises(ValueError, match="symlink"):
+            f.write("lnk/../x.txt", "wrong file")
+        f.write("a/b/../y.txt", "fine")
+    assert text(root, "x.txt") == "orig" and text(root, "a/y.txt") == "fine"
+    assert not (root / "a" / "x.txt").exists()

@@ -129,6 +129,13 @@ class Workspace:
                 if not parts:
                     raise ValueError(f"path {display(raw)!r} leaves the workspace "
                                      f"{self.root!r}")
+                # ``x/..`` is ``x``'s parent only when ``x`` is not a symlink: the OS would
+                # go up from the link's target, so the lexical answer would name another
+                # file than every other tool does.  Refused, as any symlink on the way is.
+                if os.path.islink(self.abspath(b"/".join(parts))):
+                    raise ValueError(f"path {display(raw)!r} goes up ('..') from the symlink "
+                                     f"{display(b'/'.join(parts))!r}; walstore never follows "
+                                     f"a symlink on the way to a path")
                 parts.pop()
                 continue
             parts.append(comp)
