@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("langgraph.checkpoint.base")
 pytest.importorskip("langgraph.store.base")
 
-from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
 from langgraph.graph import END, START, StateGraph  # noqa: E402
 from langgraph.store.memory import InMemoryStore  # noqa: E402
 
@@ -39,18 +38,7 @@ def slow_graph(saver: WalstoreSaver, delay: float = 0.2):
     return b.compile(checkpointer=saver)
 
 
-def cfg(thread_id: str, checkpoint_id: str | None = None) -> dict:
-    c: dict = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
-    if checkpoint_id:
-        c["configurable"]["checkpoint_id"] = checkpoint_id
-    return c
-
-
-def checkpoint(**values) -> dict:
-    c = empty_checkpoint()
-    c["channel_values"] = dict(values)
-    c["channel_versions"] = {k: 1 for k in values}
-    return c
+from test_langgraph_saver import cfg, checkpoint  # noqa: E402  (the saver tests' helpers)
 
 
 @pytest.fixture

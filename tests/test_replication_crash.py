@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from test_replication_support import (Proxy, make_s3_replica, replica, rows,  # noqa: F401
-                                      s3_endpoint)
+from test_replication_support import (Proxy, follower_thread, make_s3_replica,  # noqa: F401
+                                      replica, rows, s3_endpoint)
 
 import walstore
 from walstore.replication import logformat
@@ -240,16 +240,13 @@ def test_follow_keeps_a_readonly_copy_current(replica, tmp_path):
 
 
 def test_follower_applies_actions_and_points_to_its_lmdb(replica, tmp_path):
-    from walstore.replication import follow
     from walstore.replication.source import read_applied
     src = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
                         replicate_options=replica.opts(), compensators={"undo": lambda a: None})
     dest = str(tmp_path / "f")
     stop = threading.Event()
     rounds = []
-    t = threading.Thread(target=follow, args=(replica.url, dest, replica.options),
-                         kwargs={"stop": stop, "interval": 0.05, "apply_every": 0.0,
-                                 "on_round": rounds.append})
+    t = follower_thread(replica, dest, stop, rounds, apply_every=0.0)
     try:
         with src.transaction() as tx:
             tx.put("x", 1)

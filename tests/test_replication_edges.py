@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from test_replication_support import (Proxy, make_s3_replica, replica, rows,  # noqa: F401
-                                      s3_endpoint)
+from test_replication_support import (Proxy, follower_thread, make_s3_replica,  # noqa: F401
+                                      replica, rows, s3_endpoint)
 
 import walstore
 from walstore.replication import InProcessSource, Shipper, open_target
@@ -207,9 +207,7 @@ def test_a_followers_destination_is_locked_against_writers_and_other_followers(
     dest = str(tmp_path / "dest")
     stop = threading.Event()
     rounds = []
-    th = threading.Thread(target=follow, args=(replica.url, dest, replica.options),
-                          kwargs={"stop": stop, "interval": 0.05, "apply_every": 0.2,
-                                  "on_round": rounds.append})
+    th = follower_thread(replica, dest, stop, rounds, apply_every=0.2)
     try:
         with src.transaction() as tx:
             tx.put("a", 1)

@@ -194,3 +194,13 @@ class Proxy:
         self.closed = True
         self.listener.close()
         self.drop_all()
+
+
+def follower_thread(replica: Replica, dest: str, stop, rounds: list, apply_every: float
+                    ) -> threading.Thread:
+    """A ``restore --follow`` of ``replica`` into ``dest`` in a thread (not started):
+    ``rounds`` collects each round's info; set ``stop`` to end it."""
+    from walstore.replication import follow
+    return threading.Thread(target=follow, args=(replica.url, dest, replica.options),
+                            kwargs={"stop": stop, "interval": 0.05,
+                                    "apply_every": apply_every, "on_round": rounds.append})
