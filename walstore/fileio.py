@@ -129,9 +129,14 @@ def fsync_dir(path: str) -> None:
 
 
 def remove_quietly(path: str) -> None:
-    """Unlink ``path`` if it can be (a leftover temp file: not being there is fine)."""
+    """Unlink ``path`` if it can be (a leftover temp file: not being there is fine).
+    Through the backend like every other unlink: a recording backend (the power-loss
+    tool) must see the old file go, or it takes a file created again at the same name
+    (the WAL's spare, replaced by a bigger one) for the old one truncated."""
+    if not os.path.lexists(path):
+        return
     try:
-        os.unlink(path)
+        _backend.unlink(path)
     except OSError:
         pass
 
