@@ -533,3 +533,40 @@ def test_a_store_closed_under_a_transaction_says_its_compensations_are_owed(tmp_
     with walstore.open(str(tmp_path / "s"),
                        compensators={"refund": lambda a: runs.append(a.id)}) as again:
         assert runs == [act.id] and again.get_action(act.id).state == "compensated"
+
+
+def test_a_copys_new_actions_get_keys_its_source_never_issued(tmp_path):
+    """A backup or a restore keeps the store id and the txid counter: a new action in the
+    copy got the idempotency key of a different action of the source (the source's $100
+    charge and the copy's $7 one shared ``ws-<id>-<txid>.1``: a payment API honouring the
+    key takes the new charge for the old one).  A copy names its keys with a token of its
+    own from its first open; the actions it inherited keep their recorded keys, and the
+    source's keys do not change."""
+    import subprocess
+    import sys
+    src = str(tmp_path / "src")
+    with walstore.open(src) as s:
+        with s.transaction() as tx:
+            with tx.action("charge", args={"amount": 1}, compensate=None):
+                pass
+        inherited = s.actions()[0].key
+    out = subprocess.run([sys.executable, "-m", "walstore", "backup", src,
+                          str(tmp_path / "copy")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    keys = {}
+    for name in ("src", "copy"):
+        with walstore.open(str(tmp_path / name)) as s:
+            with s.transaction() as tx:
+                with tx.action("charge", args={"amount": 100 if name == "src" else 7},
+                               compensate=None) as act:
+                    pass
+            keys[name] = (tx.id, act.key)
+            assert inherited in [a.key for a in s.actions()]
+    assert keys["src"][0] == keys["copy"][0]            # the same txid ...
+    assert keys["src"][1] != keys["copy"][1]            # ... never the same key
+    assert keys["src"][1].startswith(inherited.rsplit("-", 1)[0])  # the source's unchanged
+    with walstore.open(str(tmp_path / "copy")) as s:    # stable across reopens of the copy
+        with s.transaction() as tx:
+            with tx.action("charge", compensate=None) as act:
+                pass
+        assert act.key.rsplit("-", 1)[0] == keys["copy"][1].rsplit("-", 1)[0]

@@ -157,7 +157,7 @@ class Saga:
         tx.actions_begun += 1
         aid = f"{tx.id}.{tx.actions_begun}"
         return Action(aid, tx.id, name, args, None,
-                      f"ws-{self.engine.store_id.hex()[:12]}-{aid}", compensate, scope=scope)
+                      f"ws-{self.engine.key_namespace}-{aid}", compensate, scope=scope)
 
     def log_intent(self, tx: "Transaction", action: Action) -> None:
         tx._check_writable()

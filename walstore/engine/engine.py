@@ -118,6 +118,9 @@ class Engine:
                 self._lock_and_create()
             self.store_id = self.layout.read_identity()
             self.origin = self.layout.read_origin()
+            if self.origin is not None and not readonly:  # a copy's first writable open:
+                self.layout.new_key_namespace()             # its own idempotency keys
+            self.key_namespace = self.layout.key_namespace(self.store_id)
             self.state = LmdbState(self.layout.db, map_size, readonly=readonly)
             self.applier = Applier(self.state)
             self.closed = False  # the open sequence below uses the engine (a failure closes)

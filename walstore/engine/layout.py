@@ -120,6 +120,21 @@ class Layout:
         origin = self._doc().get("origin")
         return origin if isinstance(origin, dict) and not origin.get("settled") else None
 
+    def key_namespace(self, store_id: bytes) -> str:
+        """What this store's action idempotency keys begin with (``ws-<it>-<action id>``):
+        the store id's first 12 hex digits, or, in a copy (backup, restore), a token of its
+        own — a copy keeps the store id AND the txid counter, so a new action there would
+        otherwise get the key of a different action of its source (a payment API would
+        take the copy's new charge for the source's old one)."""
+        own = self._doc().get("keys")
+        return own if isinstance(own, str) and own else store_id.hex()[:12]
+
+    def new_key_namespace(self) -> None:
+        """Give this copy its own key namespace (see ``key_namespace``), durably."""
+        doc = self._doc()
+        doc["keys"] = "c" + uuid.uuid4().hex[:11]
+        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+
     def write_identity(self, store_id: bytes, origin: dict | None = None) -> None:
         """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin)."""
         doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
