@@ -401,3 +401,24 @@ def test_txid_of_an_in_doubt_transaction_is_never_reused(tmp_path):
         s.commit_prepared("g-old")
         assert {i.txid for i in s.log()} >= {tx.id, tp.id}
         assert any(i.keys == ("new",) for i in s.log())
+
+
+def test_rollback_to_on_a_prepared_transaction_is_refused(tmp_path):
+    """Prepared, the write set is fixed: ``rollback_to`` was accepted, ran the refund and
+    hid k2 from ``tx.get`` — and ``commit()`` then committed k2 from the prepared record
+    anyway.  Now refused (TransactionClosed), nothing undone, nothing compensated."""
+    refunds = []
+    with walstore.open(str(tmp_path / "s"), compensators={"refund": refunds.append}) as s:
+        tx = s.transaction()
+        tx.put("k", 1)
+        sp = tx.savepoint("sp")
+        with tx.action("charge", compensate="refund"):
+            pass
+        tx.put("k2", 2)
+        tx.prepare("g1")
+        with pytest.raises(walstore.errors.TransactionClosed, match="prepared"):
+            tx.rollback_to(sp)
+        assert refunds == [] and tx.get("k2") == 2
+        tx.commit()
+        assert s.get("k") == 1 and s.get("k2") == 2
+        assert [a.state for a in s.actions()] == ["committed"]

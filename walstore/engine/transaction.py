@@ -291,8 +291,13 @@ class Transaction:
         raise TypeError(f"expected a Savepoint or its name, not {type(sp).__name__}")
 
     def rollback_to(self, sp: Savepoint | str) -> None:
-        """Undo everything after ``sp``; ``sp`` stays usable, newer savepoints are gone."""
+        """Undo everything after ``sp``; ``sp`` stays usable, newer savepoints are gone.
+        Not on a prepared transaction: its write set is fixed until the decision."""
         self._check_active()
+        if self.gid is not None:
+            raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}: its "
+                                    f"write set and actions are fixed until it is committed "
+                                    f"or rolled back; nothing was undone")
         i = self._find(sp)
         target = self._savepoints[i]
         for e in self.effects[target.effect_mark:]:
