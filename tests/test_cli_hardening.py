@@ -676,13 +676,19 @@ def test_a_failing_json_command_prints_one_error_document(store_path, tmp_path):
     for args, code, kind in ([("verify", missing, "--json"), 2, "NotAStore"],
                              [("stats", missing, "--json"), 2, "NotAStore"],
                              [("actions", missing, "--json"), 2, "NotAStore"],
-                             [("log", store_path, "--json", "--limit", "-1"), 2, None]):
+                             [("dump", missing, "--json"), 2, "NotAStore"],
+                             [("log", store_path, "--json", "--limit", "-1"), 2,
+                              "UsageError"],
+                             [("history", store_path, "hex:0", "--json"), 2, "UsageError"],
+                             [("rewind", store_path, "--to", "lsn:-1", "--json"), 2,
+                              "UsageError"]):
         r = CliRunner().invoke(main, list(args))
         assert r.exit_code == code, (args, r.output)
         assert "Traceback" not in r.output
-        if kind is None:  # click's own usage errors are not ours to reshape
-            continue
         doc = json.loads(r.stdout)
+        if kind == "UsageError":  # click's own, or a malformed key/point: before the run
+            assert doc["error"]["exit"] == 2 and doc["error"]["type"] == kind, doc
+            continue
         assert doc["error"]["exit"] == code and doc["error"]["type"] == kind, doc
         assert doc["error"]["command"] == args[0] and "nope" in doc["error"]["message"]
         assert "nope" in r.stderr and len(r.stderr.strip().splitlines()) == 1

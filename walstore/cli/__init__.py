@@ -119,6 +119,21 @@ class WalstoreCommand(click.Command):
 class WalstoreGroup(click.Group):
     command_class = WalstoreCommand
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """Usage errors found before a command runs (click's own, a malformed key or
+        point) are a JSON document too under ``--json``."""
+        args = [*getattr(ctx, "_protected_args", ()), *ctx.args]
+        begin_command()
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.ClickException as e:
+            if "--json" in args:
+                command = e.ctx.info_name if getattr(e, "ctx", None) is not None else (
+                    args[0] if args else "walstore")
+                emit_json_error(command, e.format_message(), e.exit_code,
+                                "UsageError" if e.exit_code == EXIT_USAGE else None)
+            raise
+
 
 @click.group(cls=WalstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="walstore")

@@ -147,15 +147,33 @@ def emit_json_error(command: str, message: str, code: int, kind: str | None) -> 
 
 
 def emit_json_list(name: str, items: Iterable[Any]) -> None:
-    """Print ``{name: [items...]}`` as one JSON document, streaming the items."""
+    """Print ``{name: [items...]}`` as one JSON document, streaming the items.  The first
+    item is taken before anything is printed (a command failing at once prints its error
+    document instead); a failure after that closes the document with ``"error"`` (what
+    was streamed stays valid JSON) and is raised on."""
     global _json_started
+    it = iter(items)
+    try:
+        first = next(it)
+    except StopIteration:
+        _json_started = True
+        click.echo(f"{{{json_text(name)}: []}}")
+        return
     _json_started = True
     click.echo(f"{{{json_text(name)}: [", nl=False)
     sep = "\n  "
-    for item in items:
-        click.echo(sep + json_text(jsonable(item)), nl=False)
-        sep = ",\n  "
-    click.echo("\n]}" if sep != "\n  " else "]}")
+    item = first
+    try:
+        while True:
+            click.echo(sep + json_text(jsonable(item)), nl=False)
+            sep = ",\n  "
+            item = next(it)
+    except StopIteration:
+        click.echo("\n]}")
+    except Exception as e:
+        click.echo(f"\n], {json_text('error')}: "
+                   f"{json_text(f'{type(e).__name__}: {e}')}}}")
+        raise
 
 
 def emit_summary(doc: dict, as_json: bool) -> None:
