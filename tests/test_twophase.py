@@ -422,3 +422,26 @@ def test_rollback_to_on_a_prepared_transaction_is_refused(tmp_path):
         tx.commit()
         assert s.get("k") == 1 and s.get("k2") == 2
         assert [a.state for a in s.actions()] == ["committed"]
+
+
+def test_prepared_lists_beside_a_running_writer_and_bad_gids_are_usage_errors(tmp_path):
+    """``walstore prepared`` only reads: it works while an agent holds the store (it needed
+    the writer lock, and appended to the log) and exits 1 naming the in-doubt gid; a GID
+    walstore never gives is a usage error (exit 2), not an internal one."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    try:
+        tx = s.transaction()
+        tx.put("k", 1)
+        tx.prepare("g-live")
+        end = s.stats()["wal_end_lsn"]
+        r = CliRunner().invoke(cli, ["prepared", path, "--json"])
+        assert r.exit_code == 1, r.output
+        assert [p["gid"] for p in json.loads(r.stdout)["prepared"]] == ["g-live"]
+        assert s.stats()["wal_end_lsn"] == end
+    finally:
+        s.close()
+    for verb in ("commit-prepared", "rollback-prepared"):
+        for gid in ("", "x" * 300):
+            r = CliRunner().invoke(cli, [verb, path, gid])
+            assert r.exit_code == 2 and "bad GID" in r.output, r.output

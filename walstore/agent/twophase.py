@@ -64,7 +64,16 @@ class TwoPhase:
 
     def prepared(self) -> list[str]:
         self.engine.check_open()
-        return sorted(self.engine.prepared.by_gid)
+        return sorted(self._current())
+
+    def _current(self) -> dict[str, Prepared]:
+        """gid -> Prepared: the writer's in-memory set, or (a read-only store, beside a
+        writer or not) the prepared rows of LMDB and the log it follows."""
+        eng = self.engine
+        if not eng.readonly:
+            return eng.prepared.by_gid
+        eng.refresh()
+        return {gid: Prepared.from_row(row) for gid, row in eng.views.prepared_rows().items()}
 
     def details(self, gid: str) -> Prepared:
         return self._get(gid)
@@ -72,7 +81,7 @@ class TwoPhase:
     def _get(self, gid: str) -> Prepared:
         check_gid(gid)
         self.engine.check_open()
-        p = self.engine.prepared.by_gid.get(gid)
+        p = self._current().get(gid)
         if p is None:
             raise UnknownGid(f"no prepared transaction with gid {gid!r}", gid)
         return p

@@ -15,8 +15,9 @@ from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json, error_text, fail, show_
 @PATH
 @JSON
 def prepared(path: str, as_json: bool) -> None:
-    """In-doubt two-phase transactions (exit 1 when there are any)."""
-    with open_store(path) as store:
+    """In-doubt two-phase transactions (exit 1 when there are any); read-only (works
+    beside a running writer)."""
+    with open_store(path, readonly=True) as store:
         rows = _engine.prepared_details(store)
     if as_json:
         emit_json({"prepared": rows})
@@ -37,6 +38,8 @@ def commit_prepared(path: str, gid: str) -> None:
             lsn = store.commit_prepared(gid)
         except KeyError as e:
             fail(error_text(e), EXIT_USAGE)
+        except (TypeError, ValueError) as e:  # a GID walstore never gives (empty, too long)
+            fail(f"bad GID {gid!r}: {e}", EXIT_USAGE)
     click.echo(f"committed {gid} at LSN {lsn}")
 
 
@@ -53,6 +56,8 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
             store.rollback_prepared(gid)
         except KeyError as e:
             fail(error_text(e), EXIT_USAGE)
+        except (TypeError, ValueError) as e:  # a GID walstore never gives (empty, too long)
+            fail(f"bad GID {gid!r}: {e}", EXIT_USAGE)
         except walstore.CompensationFailed as e:
             fail(f"rolled back, but {e}")
         owed = [a for a in store.pending_compensations() if a.txid in txids]
