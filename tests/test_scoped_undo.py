@@ -142,3 +142,59 @@ def test_undoing_a_forced_revert_clears_its_needs_redo_mark(store, how):
         store.rewind("after-refund")
     assert store.get("paid") is None and states(store) == {"charge": "compensated"}
     assert store.ledger == ["undo charge"]
+
+
+def test_a_forced_undo_of_a_refund_and_its_reversal_leaves_needs_redo(store):
+    """T charged; R = revert(T) refunded; F = revert(R, force=True) marked it needs-redo.
+    A forced rewind to just after T undoes both R and F: the state is charged, the world
+    refunded — needs-redo (the plan had listed it for both needs-redo and its clearing,
+    and the clearing won: 'compensated' while the state said charged)."""
+    with store.transaction() as tx:
+        act(tx, "charge")
+        tx.put("paid", 1)
+    store.restore_point("p1")
+    r = store.revert(tx.id)
+    store.revert(r.txid, force=True)
+    store.rewind("p1", force=True)
+    assert store.get("paid") == 1 and states(store) == {"charge": "needs-redo"}
+    assert store.ledger == ["undo charge"]
+
+
+def test_bringing_back_an_action_whose_compensation_is_still_owed_is_refused(tmp_path):
+    """revert(T) with no compensator registered leaves the refund owed (pending).  Undoing
+    that revert (forced or not) would have to tell a refund about to run from one that
+    never will: refused (RevertConflict naming it), nothing changed — it used to mark the
+    never-refunded action needs-redo (an operator would charge twice)."""
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            act(tx, "charge")
+            tx.put("paid", 1)
+        r = s.revert(tx.id)
+        assert states(s) == {"charge": "pending"}
+        for force in (False, True):
+            with pytest.raises(walstore.RevertConflict, match="still owed"):
+                s.revert(r.txid, force=force)
+        assert states(s) == {"charge": "pending"} and s.get("paid") is None
+
+
+def test_a_forced_scoped_rewind_never_overwrites_another_agents_file(tmp_path):
+    """A transaction tagged with scope A changed shared.txt (a workspace outside the
+    scope); agent B changed it later.  A scoped rewind of A — forced too — refuses
+    (RevertConflict naming B's transaction) and changes nothing; it used to put A's
+    earlier version over B's committed one (force is for strangers, not for agents)."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "shared.txt").write_text("s0")
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        ws = s.workspace(str(root))
+        s.restore_point("p")
+        with s.transaction(scope="agents/a/") as tx:
+            tx.files(ws).write("shared.txt", "s-by-a")
+            tx.put("agents/a/x", 1)
+        with s.transaction(scope="agents/b/") as tb:
+            tb.files(ws).write("shared.txt", "s-by-b")
+        for force in (False, True):
+            with pytest.raises(walstore.RevertConflict) as e:
+                s.rewind("p", scope="agents/a/", force=force)
+            assert tb.id in e.value.txids
+        assert (root / "shared.txt").read_text() == "s-by-b" and s.get("agents/a/x") == 1

@@ -243,6 +243,7 @@ class Undo:
         mixed_with_actions = []
         undone_txids = set()
         kept_writers: dict[bytes, list[tuple[int, int]]] = {}  # key -> (lsn, txid) not undone
+        kept_path_writers: dict[tuple, list[tuple[int, int]]] = {}  # the same for paths
         in_range_actions: set[str] = set()
         for info in infos:  # newest first
             if "purge" in info.extra:
@@ -259,6 +260,9 @@ class Undo:
                 for k in keys:
                     if not rng.contains(k):
                         kept_writers.setdefault(k, []).append((info.lsn, info.txid))
+                for p in paths:
+                    if not in_scope(p[0]):
+                        kept_path_writers.setdefault(p, []).append((info.lsn, info.txid))
             mine_paths = paths if whole else paths_in
             current = [Action.from_row(self._current_row(a)) for a in info.actions]
             if rng is not None:  # (actions of the undone range declared in the scope)
@@ -287,12 +291,19 @@ class Undo:
         # a key outside the scope that an undone transaction wrote (it was the scope's
         # wholly) and a later transaction the undo keeps wrote after it: putting it back
         # would overwrite that other agent's work — refused, as a revert's later writer
+        # (and the same for a path outside the scope's workspaces: even forced, an undo
+        # never puts a path back over another transaction's committed change)
+        oldest_path = {p: min(lsns) for p, lsns in file_lsns.items()}
         overwritten = sorted({t for k, lsn in restore.items()
-                              for w_lsn, t in kept_writers.get(k, ()) if w_lsn > lsn},
+                              for w_lsn, t in kept_writers.get(k, ()) if w_lsn > lsn}
+                             | {t for p, lsn in oldest_path.items()
+                                for w_lsn, t in kept_path_writers.get(p, ()) if w_lsn > lsn},
                              reverse=True)
         if overwritten:
             keys_hit = sorted({decode_key(k) for k, lsn in restore.items()
                                if any(w > lsn for w, _t in kept_writers.get(k, ()))}, key=repr)
+            keys_hit += sorted(abs_display(p[0], p[1]) for p, lsn in oldest_path.items()
+                               if any(w > lsn for w, _t in kept_path_writers.get(p, ())))
             raise RevertConflict(f"later transactions {overwritten} outside scope {scope!r} "
                                  f"changed {keys_hit}, which the undone transactions also "
                                  f"wrote; putting them back would overwrite that work "
@@ -300,7 +311,8 @@ class Undo:
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
         plan.needs_redo = self._needs_redo(infos, undone_txids, force, in_range_actions)
-        plan.unredo = self._unredo(infos, undone_txids)
+        plan.unredo = [a for a in self._unredo(infos, undone_txids)
+                       if a not in plan.needs_redo]  # (both: the state is charged again)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
@@ -343,13 +355,21 @@ class Undo:
         the undo brings their state back while the outside world stays compensated.  An
         action declared in the scope of a scoped undo, run by a transaction the undo
         covers, is undone with it, not brought back (rewinding twice to one point)."""
-        ids = []
+        ids, owed = [], []
         for info in infos:
             if info.txid not in undone:
                 continue
             for aid in info.extra.get("compensate", ()):
                 if int(aid.partition(".")[0]) not in undone and aid not in in_range:
-                    ids.append(aid)
+                    row = self.engine.views.action_row(aid) or {}
+                    (owed if row.get("state") in tables.OWED_STATES else ids).append(aid)
+        if owed:  # its compensation has not run: undoing the claim now could not tell a
+            # refund about to run from one that never will; let it run (or resolve it)
+            raise RevertConflict(f"the compensation of action(s) {owed} that this would "
+                                 f"bring back is still owed (not run yet): let it run (a "
+                                 f"compensator, `walstore recover --handlers`) or "
+                                 f"`store.resolve` it first; nothing was changed",
+                                 actions=owed)
         if ids and not force:
             raise RevertConflict(f"undoing this brings back the state of action(s) {ids}, "
                                  f"which were compensated and cannot be redone by walstore; "

@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any, Callable
 
-from ..errors import ReplicationError, UnknownRestorePoint
+from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
@@ -231,8 +231,8 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                                       f"{end})", to)
         return int(to), f"LSN {int(to)}"
     if isinstance(to, bool):
-        raise TypeError("a restore target is a txid, walstore.LSN, a restore point name or "
-                        "an aware datetime")
+        raise PointTypeError("a restore target is a txid, walstore.LSN, a restore point name "
+                             "or an aware datetime, not a bool", to)
     if isinstance(to, int):
         for e in reversed(m.wal):
             if e["x0"] is not None and e["x0"] <= to <= e["x1"]:
@@ -253,8 +253,8 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
         if to.tzinfo is None or to.utcoffset() is None:
             raise ValueError("a restore time must be timezone-aware (e.g. 2026-05-01T12:00Z)")
         return _cut_at_time(m, fetch, to)
-    raise TypeError(f"a restore target is a txid, walstore.LSN, a restore point name or an "
-                    f"aware datetime, not {type(to).__name__}")
+    raise PointTypeError(f"a restore target is a txid, walstore.LSN, a restore point name or "
+                         f"an aware datetime, not {type(to).__name__}", to)
 
 
 def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, str]:
