@@ -760,3 +760,26 @@ def test_an_undo_leaving_compensations_owed_exits_1_naming_them(store_path, tmp_
         assert f'"refund": "{txid}.1"' in ledger.read_text()
     finally:
         sys.path.remove(str(tmp_path))
+
+
+def test_an_open_failing_on_a_full_disk_lets_go_of_the_lock(tmpfs):
+    """A new store's open on a full disk fails (StoreIOError, ENOSPC) after taking the
+    writer lock: the lock must be let go, so the same process opens the store once space
+    is freed (it stayed StoreLocked 'by another process', naming nobody, for the life of
+    the process)."""
+    path = str(tmpfs / "new")
+    filler = tmpfs / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\1" * (1 << 20))
+        except OSError:
+            pass
+    with pytest.raises(walstore.WalstoreError):
+        walstore.open(path)
+    filler.unlink()
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    with walstore.open(path) as s:
+        assert s.get("k") == 1

@@ -172,8 +172,13 @@ class ProcessLock:
                     who += " (this process: the store is already open here)"
                 raise StoreLocked(f"store {layout.root} is locked by {who}", pid) from None
             raise
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # (a full disk here must not leave the lock held with no owner named)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = -1
+            raise
 
     def _holder(self) -> int | None:
         try:
