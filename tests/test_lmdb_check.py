@@ -556,3 +556,48 @@ def test_check_of_a_big_short_file_is_bounded(tmp_path):
         tracemalloc.stop()
     assert info is not None
     assert peak < 4 * 1024 * 1024, peak
+
+
+def test_verify_reports_a_zeroed_page_inside_a_tree_instead_of_aborting(tmp_path):
+    """A 4 KiB page of zeros inside a deep tree (below the roots the open-time check
+    reads): LMDB's cursor walk asserts (SIGABRT) on it, and `walstore verify` died with it.
+    verify now reads every reachable page in Python first and reports the damage (exit 1,
+    one report), for every page of the tree zeroed in turn."""
+    import shutil
+    import subprocess
+    import sys
+    from walstore.engine.lmdb_check import walk_lmdb_data_file
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        for start in range(0, 6000, 500):
+            with s.transaction() as tx:
+                for i in range(start, start + 500):
+                    tx.put(f"k{i:06d}", "v" * 60)
+    data = os.path.join(path, "db", "data.mdb")
+    reachable = walk_lmdb_data_file(data)
+    assert reachable > 40
+    pristine = open(data, "rb").read()
+    psize = 4096
+    detected = 0
+    for pg in range(2, len(pristine) // psize):
+        with open(data, "r+b") as f:
+            f.seek(pg * psize)
+            f.write(bytes(psize))
+        try:
+            walk_lmdb_data_file(data)
+        except walstore.CorruptionError as e:
+            detected += 1
+            assert e.file == data
+        with open(data, "r+b") as f:
+            f.seek(pg * psize)
+            f.write(pristine[pg * psize:(pg + 1) * psize])
+    assert detected >= reachable - 2  # (every reachable page but the metas' own)
+    with open(data, "r+b") as f:  # one page deep in the data tree: the CLI
+        f.seek(20 * psize)
+        f.write(bytes(psize))
+    out = subprocess.run([sys.executable, "-m", "walstore", "verify", path, "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, (out.returncode, out.stderr)
+    doc = json.loads(out.stdout)
+    assert doc["ok"] is False and any("LMDB" in e for e in doc["errors"])
+    shutil.rmtree(path)

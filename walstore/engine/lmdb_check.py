@@ -825,3 +825,101 @@ def _overflow_ids(pages: _Pages, page: bytes, pgno: int, start: int, dsize: int)
         batch = array.array(lay.word, data)[:left]
         left -= len(batch)
         yield from batch
+
+
+# ---------------------------------------------------------------------------------------
+# the full walk (``verify``)
+def walk_lmdb_data_file(path: str) -> int:
+    """Read every page reachable from the newest meta page — each tree's branch and leaf
+    pages, level by level, named DBs and duplicate sub-trees, the header of every overflow
+    run — and check each as :func:`check_lmdb_data_file` checks roots (page number,
+    kind, bounds, node offsets, child pointers inside the snapshot, leaves exactly at the
+    tree's depth, no page reached twice).  Returns the number of pages read.
+
+    The damage LMDB itself meets with an assertion (SIGABRT: a zeroed or overwritten page
+    inside a tree, found by a cursor walk) is found here first, in Python, so ``verify``
+    reports it as a CorruptionError instead of dying.  O(file size) reads, O(pages / 8)
+    bytes of memory (a bitmap of the pages seen); a live writer is handled as the root
+    check handles it (``ATTEMPTS``).
+    """
+    check_lmdb_data_file(path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        last: _Damage | None = None
+        for _attempt in range(ATTEMPTS):
+            before = _fingerprint(fd)
+            try:
+                return _walk_once(fd)
+            except _Damage as e:
+                last = e
+            if _fingerprint(fd) == before:
+                break
+        assert last is not None
+        raise CorruptionError(last.reason, file=path, offset=last.offset)
+    finally:
+        os.close(fd)
+
+
+def _walk_once(fd: int) -> int:
+    m0, m1 = _read_metas(fd)
+    newest = m1 if m0.txnid < m1.txnid else m0
+    pages = _Pages(fd, newest.psize, _file_size(fd), newest.last_pg)
+    pages.budget = 1 << 62  # (the walk reads what it must: overflow headers included)
+    seen = bytearray(newest.last_pg // 8 + 1)
+    trees: list[tuple[str, _Db, bool]] = [("free-list DB", newest.free, False),
+                                          ("main DB", newest.main, True)]
+    count = 0
+    while trees:
+        label, db, is_main = trees.pop()
+        if db.root == NATIVE.invalid:
+            continue
+        stack = [(db.root, 1)]
+        while stack:
+            pgno, level = stack.pop()
+            what = f"page of the {label} at depth {level}"
+            if NUM_METAS <= pgno <= newest.last_pg:
+                if seen[pgno >> 3] & (1 << (pgno & 7)):
+                    raise _Damage(f"page {pgno} is reached twice (in the {label}): the "
+                                  f"B-trees are damaged", pgno * pages.psize)
+                seen[pgno >> 3] |= 1 << (pgno & 7)
+            page, flags, nkeys = pages.btree(pgno, what)
+            count += 1
+            where = pgno * pages.psize
+            leaf = bool(flags & P_LEAF)
+            if leaf != (level == db.depth) or level > db.depth:
+                raise _Damage(f"the {what} (page {pgno}) is a {_kind_of(flags)}, but the "
+                              f"tree has depth {db.depth}", where)
+            if flags & P_LEAF2:
+                continue  # fixed-size duplicate keys only: no nodes to follow
+            for off, low, nflags, ksize in pages.nodes(page, pgno, nkeys):
+                start = off + NODE_HEADER + ksize
+                if not leaf:
+                    child = low | (nflags << 32) if NATIVE.wsize == 8 else low
+                    if child < NUM_METAS or child > pages.last_pg:
+                        raise _Damage(f"the {what} (page {pgno}) points to child page "
+                                      f"{child}, outside pages {NUM_METAS}..{pages.last_pg}",
+                                      where + off)
+                    stack.append((child, level + 1))
+                    continue
+                if nflags & F_BIGDATA:
+                    if start + NATIVE.wsize > pages.psize:
+                        raise _Damage(f"the {what} (page {pgno}): an overflow reference "
+                                      f"runs past the page", where + off)
+                    (ov,) = struct.unpack_from("=" + NATIVE.word, page, start)
+                    _check_overflow_run(pages, ov, low, f"a value on the {what}")
+                    continue
+                if start + low > pages.psize:
+                    raise _Damage(f"the {what} (page {pgno}): a record of {low} bytes runs "
+                                  f"past the page", where + off)
+                if nflags & F_SUBDATA:  # a named DB (main DB) or a duplicate sub-tree
+                    if low != NATIVE.db.size:
+                        raise _Damage(f"the {what} (page {pgno}): a sub-database record of "
+                                      f"{low} bytes, not {NATIVE.db.size}", where + off)
+                    sub = _Db(*NATIVE.db.unpack_from(page, start))
+                    why = _db_problem(sub, newest.last_pg, DB_PERSISTENT)
+                    if why:
+                        raise _Damage(f"the {what} (page {pgno}): {why}", where + off)
+                    name = page[off + NODE_HEADER:start].decode("utf-8", "replace")
+                    trees.append((f"named DB {name!r}" if is_main and not nflags & F_DUPDATA
+                                  else f"duplicates under a key of the {label}", sub, False))
+    return count

@@ -12,12 +12,14 @@ walstore.log.reader.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..codec import decode_key, unpack, unpack_value
 from ..errors import CorruptionError
+from ..engine.lmdb_check import walk_lmdb_data_file
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
@@ -74,6 +76,11 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         last_values = _check_wal(layout, store_id, rep, progress)
         if rep.errors and writer_alive(layout):
             last_values = _settle(layout, store_id, rep, state)
+        try:  # every page of LMDB's trees, in Python, before LMDB's cursors walk them (it
+            walk_lmdb_data_file(os.path.join(layout.db, "data.mdb"))  # asserts on damage)
+        except CorruptionError as e:
+            rep.errors.append(f"LMDB: {e}")
+            return rep  # (comparing would make LMDB walk the damaged pages: SIGABRT)
         _compare(state, rep, last_values)
         _check_lmdb(state, rep)
         return rep
