@@ -873,7 +873,13 @@ def test_skip_corrupt_skips_several_regions(killed: Built) -> None:
         assert data == damaged[str(seg.path)][r.offset:r.end]
         assert (note["action"], note["offset"]) == ("skipped", r.offset)
     # the salvaged log (holes and all) is not kept as the live WAL: no old segment remains
+    # there — but every one of them is kept, whole, in quarantine/ (nothing is deleted by
+    # recovery: the earlier segments used to go with the checkpoint's trim)
     assert not any(s.path.exists() for s in segs)
+    qdir = killed.root / "quarantine"
+    for seg in segs:
+        kept = list(qdir.glob(f"{seg.path.name}.salvaged.*.bin"))
+        assert len(kept) == 1 and kept[0].read_bytes() == damaged[str(seg.path)], seg.path
     with open_store(killed) as s:
         assert s.last_recovery.problems == []
         assert state_of(s) == expected_state(i for i in range(N_COMMITS) if i not in bad_is)

@@ -188,6 +188,8 @@ class Engine:
         report.losers = sorted((set(report.losers) | self._inflight_txids())
                                - self.prepared.txids())
         self._undo_losers(report.losers)
+        if report.salvaged:
+            self._keep_salvaged_log()
         if report.redone or report.problems or report.losers:
             self._checkpoint()
         if report.salvaged:
@@ -240,18 +242,39 @@ class Engine:
                     error=(row.get("error") or "") + " (owed in the source store when it "
                           "was copied: never run automatically here)"), row.get("tx", -1))
 
+    def _keep_salvaged_log(self, below: int | None = None) -> None:
+        """A log skip-corrupt salvaged is evidence (nothing is deleted by recovery): copy
+        its segments (those starting below ``below``; None: all) into quarantine/,
+        durably, before any checkpoint trims them.  A crash in between leaves both."""
+        fileio.make_dir(self.layout.quarantine)
+        stamp = getattr(self, "_salvage_stamp", None) or int(time.time())
+        self._salvage_stamp = stamp
+        for seg_start, path in list_segments(self.layout.wal):
+            if below is not None and seg_start >= below:
+                continue
+            dest = os.path.join(self.layout.quarantine,
+                                f"{os.path.basename(path)}.salvaged.{stamp}.bin")
+            if os.path.exists(dest):
+                continue
+            shutil.copyfile(path, dest + ".tmp")
+            fd = os.open(dest + ".tmp", os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(dest + ".tmp", fileio.FILE_MODE)
+            os.rename(dest + ".tmp", dest)
+        fileio.fsync_dir(self.layout.quarantine)
+
     def _seal_salvaged_log(self) -> None:
         """After skip-corrupt left holes: start a clean log, move the damaged one aside.
         Everything valid in it is in LMDB now (REDO + checkpoint)."""
         start = self.wal.rotate()
+        self._keep_salvaged_log(start)  # (before the checkpoint's trim deletes it)
         self._checkpoint()
-        fileio.make_dir(self.layout.quarantine)
         for seg_start, path in list_segments(self.layout.wal):
-            if seg_start < start:
-                dest = os.path.join(self.layout.quarantine,
-                                    f"{os.path.basename(path)}.salvaged.{int(time.time())}.bin")
-                shutil.move(path, dest)
-        fileio.fsync_dir(self.layout.quarantine)
+            if seg_start < start:  # (what the checkpoint's trim left: copied already)
+                os.unlink(path)
         fileio.fsync_dir(self.layout.wal)
         self.applier.set_meta(b"wal_start", start)
         self.state.sync()
