@@ -322,3 +322,28 @@ def test_sync_replica_timeout_is_checked(replica, tmp_path):
         for bad in (0, -1, "5", True, float("nan")):
             with pytest.raises(ValueError, match="timeout"):
                 s.sync_replica(bad)
+
+
+def test_a_killed_shippers_scratch_directory_is_swept(replica, tmp_path):
+    """A shipper killed mid-snapshot leaves its scratch directory (an LMDB copy, hundreds
+    of MB) in the temp dir; the next shipper removes those of dead processes and keeps
+    those of live ones."""
+    import os
+    import tempfile
+    from walstore.replication.shipper import TEMP_PREFIX
+    base = tempfile.gettempdir()
+    dead = os.path.join(base, f"{TEMP_PREFIX}999999999-stale")
+    live = os.path.join(base, f"{TEMP_PREFIX}{os.getpid()}-keepme")
+    for d in (dead, live):
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "data.mdb"), "wb") as f:
+            f.write(b"x" * 4096)
+    try:
+        with walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                           replicate_options=replica.opts()) as s:
+            s.sync_replica(timeout=30)
+        assert not os.path.exists(dead) and os.path.exists(live)
+    finally:
+        import shutil
+        shutil.rmtree(dead, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)

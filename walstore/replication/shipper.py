@@ -58,6 +58,45 @@ class ReplicationStatus:
     requests: dict = field(default_factory=dict)
 
 
+TEMP_PREFIX = "walstore-ship-"  # + pid + "-": a shipper's scratch directory
+
+
+def _sweep_stale_temps() -> None:
+    """Remove scratch directories that shippers killed mid-snapshot left behind (an LMDB
+    copy each: hundreds of MB): those of processes no longer alive, ours by owner, and
+    unnamed older ones (no pid in the name) more than a day old."""
+    base = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        pid_part = name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid_part.isdigit() and "-" in name[len(TEMP_PREFIX):]:
+            if _alive(int(pid_part)):
+                continue
+        elif time.time() - st.st_mtime < 86400:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def wal_key(a: int, b: int, level: int) -> str:
     return f"wal/{a:020d}-{b:020d}-L{level}"
 
@@ -90,7 +129,8 @@ class Shipper:
         self._last_retention = 0.0
         self._snapshot_retry_at = 0.0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
-        self._tmp = tempfile.mkdtemp(prefix="walstore-ship-")
+        _sweep_stale_temps()
+        self._tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self, wait: float = 5.0) -> "Shipper":
