@@ -239,3 +239,26 @@ def test_a_base_evicted_before_the_next_put_still_gets_a_delta(tmp_path):
         assert plain.get_tuple(cfg("a")).checkpoint["channel_values"]["log"] == logs["a"]
     finally:
         store.close()
+
+
+def test_the_cache_bound_is_what_its_entries_really_take():
+    """Many small entries (one per conversation): the bytes the cache counts must be
+    about what Python allocates for them (it counted value bytes + 64, and 4 MiB of
+    "cache" took 22 MiB)."""
+    import os
+    import tracemalloc
+    from walstore.integrations.langgraph.blobs import ValueCache
+    bound = 4 << 20
+    cache = ValueCache(bound)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(100_000):
+            typed = ("msgpack", os.urandom(16))
+            cache.put(b"lg/ckpt/thread-%08d/ns/" % i, "messages", "%010d.%012x" % (5, i),
+                      ("msgpack", typed[1]), typed)
+        used = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert cache.bytes <= bound and len(cache._entries) > 1000
+    assert used <= 1.5 * bound, f"{used >> 20} MiB for a {bound >> 20} MiB cache"
