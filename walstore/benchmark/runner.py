@@ -9,6 +9,7 @@ on.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import importlib
@@ -70,10 +71,11 @@ def measure_once(w: Workload, system: str, budget: float, base: str | None
             ctx.peer.close()
         closing = time.perf_counter() - start
         close_ms = round(closing * 1000, 1)
-        if isinstance(result, Sample):
-            result.extra["close_ms"] = close_ms
-            result.extra["timed_s"] = round(result.seconds, 4)  # (the loop alone)
-            result.seconds += closing
+        if isinstance(result, Sample):  # (frozen: a new one, its time with the close)
+            extra = dict(result.extra, close_ms=close_ms,
+                         timed_s=round(result.seconds, 4))  # (the loop alone)
+            result = dataclasses.replace(result, seconds=result.seconds + closing,
+                                         extra=extra)
         return result
     finally:
         shutil.rmtree(directory, ignore_errors=True)
