@@ -32,7 +32,7 @@ from typing import Any
 
 from ..errors import ReplicationError
 from . import logformat, source as _src
-from .lease import Lease, LeaseLost, Refused, holder_info
+from .lease import Lease, LeaseLost, Refused, _pid_alive, holder_info
 from .manifest import Manifest
 from .options import ReplicateOptions
 from .targets import ObjectStore, PreconditionFailed, display_url, open_target
@@ -80,21 +80,11 @@ def _sweep_stale_temps() -> None:
             continue
         pid_part = name[len(TEMP_PREFIX):].split("-", 1)[0]
         if pid_part.isdigit() and "-" in name[len(TEMP_PREFIX):]:
-            if _alive(int(pid_part)):
+            if _pid_alive(int(pid_part)):
                 continue
         elif time.time() - st.st_mtime < 86400:
             continue
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def wal_key(a: int, b: int, level: int) -> str:
