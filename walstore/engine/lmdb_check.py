@@ -610,21 +610,34 @@ def _check_root(pages: _Pages, db: _Db, label: str,
     for off, low, nflags, ksize in pages.nodes(page, db.root, nkeys):
         start = off + NODE_HEADER + ksize
         if flags & P_BRANCH:
-            child = low | (nflags << 32) if NATIVE.wsize == 8 else low
-            if child < NUM_METAS or child > pages.last_pg or child == db.root:
-                raise _Damage(f"the {what} (page {db.root}) points to child page {child}, "
-                              f"outside pages {NUM_METAS}..{pages.last_pg}", where + off)
+            _child(pages, low, nflags, db.root, what, where + off)
             continue
-        if nflags & F_BIGDATA:
-            if start + NATIVE.wsize > pages.psize:
-                raise _Damage(f"the {what} (page {db.root}): an overflow reference runs past "
-                              f"the page", where + off)
-            (ov,) = struct.unpack_from("=" + NATIVE.word, page, start)
-            _check_overflow_run(pages, ov, low, f"a value on the {what}")
-        elif start + low > pages.psize:
-            raise _Damage(f"the {what} (page {db.root}): a record of {low} bytes runs past "
-                          f"the page", where + off)
+        _check_value(pages, page, db.root, what, where + off, start, low, nflags)
     return page, flags, nkeys
+
+
+def _child(pages: _Pages, low: int, nflags: int, pgno: int, what: str, at: int) -> int:
+    """The child page a branch node points to, inside the snapshot (not its own page)."""
+    child = low | (nflags << 32) if NATIVE.wsize == 8 else low
+    if child < NUM_METAS or child > pages.last_pg or child == pgno:
+        raise _Damage(f"the {what} (page {pgno}) points to child page {child}, outside pages "
+                      f"{NUM_METAS}..{pages.last_pg}", at)
+    return child
+
+
+def _check_value(pages: _Pages, page: bytes, pgno: int, what: str, at: int, start: int,
+                 low: int, nflags: int) -> None:
+    """A leaf node's value: an overflow run's reference and header, or its bytes inside
+    the page."""
+    if nflags & F_BIGDATA:
+        if start + NATIVE.wsize > pages.psize:
+            raise _Damage(f"the {what} (page {pgno}): an overflow reference runs past the "
+                          f"page", at)
+        (ov,) = struct.unpack_from("=" + NATIVE.word, page, start)
+        _check_overflow_run(pages, ov, low, f"a value on the {what}")
+    elif start + low > pages.psize:
+        raise _Damage(f"the {what} (page {pgno}): a record of {low} bytes runs past the "
+                      f"page", at)
 
 
 def _kind_of(flags: int) -> str:
@@ -894,23 +907,12 @@ def _walk_once(fd: int) -> int:
             for off, low, nflags, ksize in pages.nodes(page, pgno, nkeys):
                 start = off + NODE_HEADER + ksize
                 if not leaf:
-                    child = low | (nflags << 32) if NATIVE.wsize == 8 else low
-                    if child < NUM_METAS or child > pages.last_pg:
-                        raise _Damage(f"the {what} (page {pgno}) points to child page "
-                                      f"{child}, outside pages {NUM_METAS}..{pages.last_pg}",
-                                      where + off)
-                    stack.append((child, level + 1))
+                    stack.append((_child(pages, low, nflags, pgno, what, where + off),
+                                  level + 1))
                     continue
+                _check_value(pages, page, pgno, what, where + off, start, low, nflags)
                 if nflags & F_BIGDATA:
-                    if start + NATIVE.wsize > pages.psize:
-                        raise _Damage(f"the {what} (page {pgno}): an overflow reference "
-                                      f"runs past the page", where + off)
-                    (ov,) = struct.unpack_from("=" + NATIVE.word, page, start)
-                    _check_overflow_run(pages, ov, low, f"a value on the {what}")
                     continue
-                if start + low > pages.psize:
-                    raise _Damage(f"the {what} (page {pgno}): a record of {low} bytes runs "
-                                  f"past the page", where + off)
                 if nflags & F_SUBDATA:  # a named DB (main DB) or a duplicate sub-tree
                     if low != NATIVE.db.size:
                         raise _Damage(f"the {what} (page {pgno}): a sub-database record of "
