@@ -268,3 +268,47 @@ def test_a_reader_process_beside_a_purge_reads_the_compacted_file_whole(tmp_path
         assert json.loads(out) == ["seven", 200, "ada", None, 0]
     finally:
         w.close()
+
+
+KILLED_BEFORE_APPLY = r"""
+import os, signal, sys
+import walstore
+from walstore.engine import apply as A
+orig = A.Applier.apply
+def apply(self, events, *a, **k):  # kill -9 once the purge's commit is durable, unapplied
+    if any(e.type == A._T.COMMIT and isinstance(e.body, dict) and "purge" in e.body
+           for e in events):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return orig(self, events, *a, **k)
+A.Applier.apply = apply
+s = walstore.open(sys.argv[1])
+s.purge("conv/1/")
+"""
+
+
+def test_a_read_only_open_after_a_purge_died_before_its_apply_shows_nothing_purged(tmp_path):
+    """The purge's commit is durable, its apply never ran (kill -9): LMDB still holds the
+    purged keys' history.  A read-only open (which cannot apply it) must show nothing of
+    them anyway — get, history, at() of a point before the purge, scans of those views —
+    and the CLI's read-only commands neither (history and at() returned the old values)."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        fill(s)
+        s.restore_point("before")
+        s.checkpoint()  # (the history rows are in LMDB)
+    child = tmp_path / "child.py"
+    child.write_text(KILLED_BEFORE_APPLY)
+    p = subprocess.run([sys.executable, str(child), path], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == -9, p.stderr
+    with walstore.open(path, readonly=True) as r:
+        assert r.get("conv/1/m0") is None and r.history("conv/1/m0") == []
+        assert r.at("before").get("conv/1/m0") is None
+        assert [k for k, _v in r.at("before").scan(prefix="conv/")] == [
+            k for k, _v in r.at("before").scan(prefix="conv/2/")]
+        assert r.get("user/name") == "ada" and r.at("before").get("conv/2/m0") is not None
+    out = CliRunner().invoke(cli, ["history", path, "conv/1/m0", "--json"])
+    assert MARKER.decode() not in out.output
+    with walstore.open(path) as s:  # the writer's open applies it and erases the bytes
+        assert s.history("conv/1/m0") == []
+    assert files_with(path, MARKER) == []

@@ -46,8 +46,14 @@ class HistoricalView:
     def __init__(self, history: "History", boundary: int) -> None:
         self._history = history
         self.lsn = LSN(boundary)
+        # purges not in LMDB yet (a read-only store beside, or after, a writer that died
+        # before applying one): a point before one reads nothing in its range
+        self._erased = [(lo, hi) for lsn, lo, hi in history.unapplied_purges()
+                        if lsn > boundary]
 
     def _value(self, k: bytes) -> bytes | None:
+        if self._erased and any(lo <= k and (hi is None or k < hi) for lo, hi in self._erased):
+            return None
         return self._history.engine.reader.as_of(k, self.lsn + 1)
 
     def get(self, key: Key, default: Any = None) -> Any:
@@ -233,6 +239,27 @@ class History:
         if newer:  # (LMDB may hold some of them by now: each version once)
             oldest = newer[-1].lsn
             out = newer + [v for v in out if v.lsn < oldest]
+        for lsn, lo, hi in self.unapplied_purges():  # erased, LMDB not told yet
+            if lo <= k and (hi is None or k < hi):
+                out = [v for v in out if v.lsn > lsn]
+        return out
+
+    def unapplied_purges(self) -> list[tuple[int, bytes, bytes | None]]:
+        """(LSN, lo, hi) of the visible purges LMDB does not hold yet: only a read-only
+        store meets them (a writer drains a purge before it returns, and recovery
+        applies one before open returns); until its writer applies it, the purged
+        range's past stays in LMDB's history and no view may show it."""
+        eng = self.engine
+        if not eng.readonly:
+            return []
+        mt = eng.memtable
+        with mt.lock:
+            events = [e for e in mt.events if e.lsn < mt.published]
+        out = []
+        for e in events:
+            rng = e.field("purge_range") if e.type == RecordType.COMMIT else None
+            if rng:
+                out.append((e.lsn, bytes(rng[0]), None if rng[1] is None else bytes(rng[1])))
         return out
 
     def _unapplied_versions(self, k: bytes) -> list[Version]:
