@@ -445,3 +445,34 @@ def test_prepared_lists_beside_a_running_writer_and_bad_gids_are_usage_errors(tm
         for gid in ("", "x" * 300):
             r = CliRunner().invoke(cli, [verb, path, gid])
             assert r.exit_code == 2 and "bad GID" in r.output, r.output
+
+
+def test_a_rewind_is_not_blocked_by_a_prepared_transaction_on_keys_it_leaves_alone(tmp_path):
+    """An unscoped rewind guards its whole range against racing commits; a prepared
+    (in-doubt) transaction on a key the rewind does not restore is not in its way — it
+    was refused (ConflictError naming the prepared gid) while its dry run said it would
+    go.  A rewind that would restore a held key is still refused."""
+    with walstore.open(str(tmp_path / "s")) as s:
+        with s.transaction() as tx:
+            tx.put("held", 0)
+        s.restore_point("start")
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        p = s.transaction()
+        p.put("c", 3)
+        p.prepare("g1")
+        assert s.rewind("start", dry_run=True).keys == ["a"]
+        s.rewind("start")
+        assert s.get("a") is None and s.prepared() == ["g1"]
+        s.commit_prepared("g1")
+        assert s.get("c") == 3
+        s.restore_point("p2")
+        with s.transaction() as tx:
+            tx.put("held", 1)
+        q = s.transaction()
+        q.put("held", 2)
+        q.prepare("g2")
+        with pytest.raises(walstore.ConflictError, match="g2"):
+            s.rewind("p2")  # would put 'held' back under g2
+        assert s.get("held") == 1
+        s.rollback_prepared("g2")

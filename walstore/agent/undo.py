@@ -162,8 +162,9 @@ class Undo:
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
         tx = self._begin_undo(meta)
         rng = ScopeRange(scope) if scope is not None else None
-        # any commit after tx's snapshot that touches the scope is a conflict
-        tx.read_ranges.append((rng.lo, rng.hi) if rng else (b"", None))
+        # any commit after tx's snapshot that touches the scope is a conflict (a prepared
+        # transaction's keys only where the undo restores or reads them)
+        tx.guard_ranges = [(rng.lo, rng.hi) if rng else (b"", None)]
         with tx:
             boundary = self.history.resolve(to)
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]

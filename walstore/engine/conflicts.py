@@ -39,6 +39,10 @@ class ReadSet:
     snapshot: int
     keys: set = field(default_factory=set)
     ranges: list = field(default_factory=list)
+    # the ranges that count against prepared transactions' holds (None: ``ranges``); an
+    # undo guards its whole scope against racing commits, but a prepared transaction on a
+    # key it does not restore is not in its way (Transaction.guard_ranges)
+    held_ranges: list | None = None
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.ranges)
@@ -224,7 +228,8 @@ class PreparedSet:
             written = p.written
             if reads is not None:
                 out += [(k, p.gid) for k in reads.keys if k in written]
-                out += [(k, p.gid) for k in written if _in_ranges(k, reads.ranges)]
+                ranges = reads.ranges if reads.held_ranges is None else reads.held_ranges
+                out += [(k, p.gid) for k in written if _in_ranges(k, ranges)]
             out += [(k, p.gid) for k in writes if _in_ranges(k, p.read_ranges)]
         if out:
             names = [_show(k) for k, _g in out[:5]]

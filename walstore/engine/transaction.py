@@ -113,6 +113,10 @@ class Savepoint:
 class Transaction:
     """A unit of work; commit on ``with`` exit, roll back on an exception."""
 
+    # ranges guarded against commits that land after the snapshot, as a scan's are, but
+    # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
+    guard_ranges: tuple | list = ()
+
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
         self._engine = engine
@@ -348,8 +352,12 @@ class Transaction:
         self.gid = gid
 
     def read_set(self) -> ReadSet | None:
-        if not self.read_keys and not self.read_ranges:
+        if not self.read_keys and not self.read_ranges and not self.guard_ranges:
             return None
+        if self.guard_ranges:
+            return ReadSet(self.snapshot, set(self.read_keys),
+                           list(self.read_ranges) + list(self.guard_ranges),
+                           held_ranges=list(self.read_ranges))
         return ReadSet(self.snapshot, set(self.read_keys), list(self.read_ranges))
 
     # ---- the end -------------------------------------------------------------------------
@@ -375,7 +383,7 @@ class Transaction:
             else:
                 req = CommitRequest(self.id, list(self._writes.items()), self.meta,
                                     self.read_set() if self.read_keys or self.read_ranges
-                                    else None, body)
+                                    or self.guard_ranges else None, body)
                 lsn = self._engine.pipeline.commit(req).lsn
         except CommitOutcomeUnknown:
             self._finish(UNKNOWN)  # recovery decides; nothing is compensated now
