@@ -69,20 +69,21 @@ def test_a_never_committed_txid_after_a_trim_is_an_unknown_point(tmp_path):
     HistoryTrimmed).  Among the trimmed ids walstore cannot tell a trimmed one from one
     that never committed: the error is both (HistoryTrimmed and UnknownPoint)."""
     with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=3) as s:
-        for i in range(3):
-            with s.transaction() as tx:
-                tx.put("k", i)
-        early = s.transaction()
-        early.put("k", "never")
-        early.rollback()
-        for i in range(8):
-            with s.transaction() as tx:
-                tx.put("k", i)
-        late = s.transaction()
-        late.put("k", "never")
-        late.rollback()
-        with s.transaction() as tx:
-            tx.put("k", "last")
+        def commits(n: int) -> None:
+            for i in range(n):
+                with s.transaction() as tx:
+                    tx.put("k", i)
+
+        def rolled_back():
+            tx = s.transaction()
+            tx.put("k", "never")
+            tx.rollback()
+            return tx
+        commits(3)
+        early = rolled_back()
+        commits(8)
+        late = rolled_back()
+        commits(1)
         s.checkpoint()
         kept = [i.txid for i in s.log()]
         assert 1 not in kept and late.id < max(kept)

@@ -458,9 +458,11 @@ def test_a_rewind_is_not_blocked_by_a_prepared_transaction_on_keys_it_leaves_alo
         s.restore_point("start")
         with s.transaction() as tx:
             tx.put("a", 1)
-        p = s.transaction()
-        p.put("c", 3)
-        p.prepare("g1")
+        def prepared(key: str, value: int, gid: str) -> None:
+            t = s.transaction()
+            t.put(key, value)
+            t.prepare(gid)
+        prepared("c", 3, "g1")
         assert s.rewind("start", dry_run=True).keys == ["a"]
         s.rewind("start")
         assert s.get("a") is None and s.prepared() == ["g1"]
@@ -469,9 +471,7 @@ def test_a_rewind_is_not_blocked_by_a_prepared_transaction_on_keys_it_leaves_alo
         s.restore_point("p2")
         with s.transaction() as tx:
             tx.put("held", 1)
-        q = s.transaction()
-        q.put("held", 2)
-        q.prepare("g2")
+        prepared("held", 2, "g2")
         with pytest.raises(walstore.ConflictError, match="g2"):
             s.rewind("p2")  # would put 'held' back under g2
         assert s.get("held") == 1
