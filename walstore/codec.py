@@ -13,7 +13,7 @@ the size of those bytes (msgpack's limits default to the buffer length).
 from __future__ import annotations
 
 import threading
-from typing import Any, Union
+from typing import Any, Iterable, Union
 
 import msgpack
 
@@ -121,6 +121,42 @@ def pack_value(value: Any, key: Any = None) -> bytes:
         raise TypeError(f"value for key {key!r} cannot be stored: it would not read back "
                         f"({e}); dict keys must be str, bytes, int, float, bool or None") from None
     return packed
+
+
+def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
+    """``{encode_key(k): pack_value(v, k)}`` of many (key, value) pairs (``tx.update``),
+    with the common keys and scalar values done in line; anything else, and every
+    error, goes through ``encode_key``/``pack_value`` (the same checks, the same
+    messages)."""
+    try:
+        packb = _local.packer.pack
+    except AttributeError:
+        packb = _packer().pack
+    out: dict[bytes, bytes] = {}
+    for pair in pairs:
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"update() takes a mapping or (key, value) pairs, not "
+                            f"{pair!r}") from None
+        t = type(key)
+        if t is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+            k = _BYTES + key
+        elif t is str and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
+            k = _STR + key.encode()
+        else:
+            k = encode_key(key)
+        if type(value) in _SCALARS:  # (no map inside: nothing that could fail to read back)
+            try:
+                packed = packb(value)
+            except Exception:
+                packed = pack_value(value, key)  # (raises, naming the key and the problem)
+            if len(packed) > MAX_VALUE_BYTES:
+                pack_value(value, key)  # (raises)
+        else:
+            packed = pack_value(value, key)
+        out[k] = packed
+    return out
 
 
 def unpack_value(packed: bytes) -> Any:

@@ -16,6 +16,8 @@ transaction.
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import struct
 
 from ..codec import pack, unpack
@@ -28,6 +30,10 @@ from .lmdb_state import LmdbState, from_u64, u64
 ERASE_OWED = b"erase_owed"
 
 _pack_u64 = struct.Struct(">Q").pack  # (the layout of ``u64`` and ``tables.txid_key``)
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
+_NONES = itertools.repeat(None)
+_pack_u16 = struct.Struct(">H").pack  # (``tables.hist_prefix`` written out)
 
 PREPARED_PREFIX = b"p:"
 DECISION_PREFIX = b"d:"
@@ -62,6 +68,7 @@ class Applier:
             hist_rows, bylsn_rows, txn_rows, new_keys = [], [], [], []
             actions: dict[str, dict] = {}
             max_txid = -1
+            deletes = False  # whether ``latest`` holds a delete
             purges = []  # commits that purge (a purge ends its batch: see ``apply``)
             # whether ``inflight`` may hold a row (exact: its count, then every put below);
             # a plain commit looks its txid up there only then (most batches: never)
@@ -75,14 +82,27 @@ class Applier:
                     lsn_raw = _pack_u64(e.lsn)    # (``u64`` and ``tables.txid_key``
                     txid_raw = _pack_u64(e.txid)  # written out: two calls per event)
                     bylsn_rows.append((lsn_raw, txid_raw))
-                    for k, v in e.writes:
-                        before = latest[k] if k in latest else txn.get(k, None, data)  # (positional: no
-                        # keyword parsing in py-lmdb, 0.16 against 0.28 µs a get)
-                        hist_rows.append((tables.hist_prefix(k) + lsn_raw,
-                                          pack([e.txid, before])))
-                        if before is None:
-                            new_keys.append((k, b""))
-                        latest[k] = v
+                    # a history row per key: (key, lsn) -> [txid, value before]; a key new
+                    # to the store has the same row each time (a bulk load: all of them)
+                    none_row = pack([e.txid, None])
+                    if len(e.writes) >= SORTED_PUT_ROWS:  # (the same, a column at a time)
+                        deletes = _history_rows(txn, data, e, latest, lsn_raw, none_row,
+                                                hist_rows, new_keys) or deletes
+                    else:
+                        for k, v in e.writes:
+                            before = latest[k] if k in latest else txn.get(k, None, data)
+                            # (positional: no keyword parsing in py-lmdb, 0.16 against 0.28
+                            # µs a get)
+                            if before is None:
+                                hist_rows.append((_pack_u16(len(k)) + k + lsn_raw, none_row))
+                                new_keys.append((k, b""))
+                            else:
+                                hist_rows.append((_pack_u16(len(k)) + k + lsn_raw,
+                                                  pack([e.txid, before])))
+                            if v is None:
+                                deletes = True
+                        latest.update(e.writes)  # (after the loop: one event's keys are
+                        # distinct)
                     packed = e.packed_body
                     if packed is not None:  # plain: no gid, actions, files or purge
                         txn_rows.append((txid_raw, tables.plain_txn_row(e, packed)))
@@ -125,18 +145,21 @@ class Applier:
                                                      _rows_of_txid(txn, st, actions)):
                         actions[row["id"]] = row
             if latest:
-                txn.cursor(db=st.data).putmulti([(k, v) for k, v in latest.items()
-                                                 if v is not None])
-                for k, v in latest.items():
-                    if v is None:
-                        txn.delete(k, db=st.data)
-                txn.cursor(db=st.hist).putmulti(hist_rows)
+                if deletes:
+                    _put_rows(txn, st.data, [(k, v) for k, v in latest.items()
+                                             if v is not None])
+                    for k, v in latest.items():
+                        if v is None:
+                            txn.delete(k, db=st.data)
+                else:
+                    _put_rows(txn, st.data, latest.items())
+                _put_rows(txn, st.hist, hist_rows)
             if bylsn_rows:  # every commit, with or without key writes (actions only)
                 txn.cursor(db=st.bylsn).putmulti(bylsn_rows)
             if txn_rows:
                 txn.cursor(db=st.txns).putmulti(txn_rows)
             if new_keys:
-                txn.cursor(db=st.hkeys).putmulti(new_keys, overwrite=False)
+                _put_rows(txn, st.hkeys, new_keys, overwrite=False)
             if actions:
                 txn.cursor(db=st.actions).putmulti(
                     [(aid.encode(), pack(row)) for aid, row in actions.items()])
@@ -233,6 +256,50 @@ class Applier:
 _ACTION_FIELDS = frozenset({"actions", "compensate", "redo", "unredo"})  # tables.action_changes
 _FILE_EVENTS = frozenset({_T.WORKSPACE, _T.FILE_STEPS, _T.WATCH_BEGIN, _T.WATCH_END,
                           _T.FILE_RESTORED, _T.FILE_CONFLICT})
+
+
+def _history_rows(txn, data, e: Event, latest: dict, lsn_raw: bytes, none_row: bytes,
+                  hist_rows: list, new_keys: list) -> bool:
+    """The history rows and new keys of a commit's many writes (what the per-key loop in
+    ``Applier._apply`` makes, built column by column in C loops, in key order: the rows
+    ``_put_rows`` sorts are then sorted runs already); ``latest`` updated; whether it
+    deletes."""
+    writes = sorted(e.writes, key=_first)
+    keys = list(map(_first, writes))
+    if latest:
+        befores = [latest[k] if k in latest else txn.get(k, None, data) for k in keys]
+    else:
+        befores = list(map(txn.get, keys, _NONES, itertools.repeat(data)))
+    txid = e.txid
+    hist_rows.extend(zip([_pack_u16(len(k)) + k + lsn_raw for k in keys],
+                         [none_row if b is None else pack([txid, b]) for b in befores]))
+    if None in befores:
+        new_keys.extend([(k, b"") for k, b in zip(keys, befores) if b is None])
+    latest.update(writes)  # (one event's keys are distinct)
+    return None in map(_second, writes)
+
+
+SORTED_PUT_ROWS = 256  # from this many rows a batch is put in key order (see _put_rows)
+
+
+def _put_rows(txn, db, rows, overwrite: bool = True) -> None:
+    """Put (key, value) ``rows`` (distinct keys, but with ``overwrite=False``) into ``db``.
+    Many rows go in key order, and appended (MDB_APPEND: no search, full pages) when they
+    all sort after the table's last key, as a bulk load into a new store or a new key
+    range does: 100,000 rows into three tables, 0.40 s unsorted, 0.30 s sorted (the sort
+    included), 0.28 s appended."""
+    if len(rows) < SORTED_PUT_ROWS:
+        txn.cursor(db=db).putmulti(rows, overwrite=overwrite)
+        return
+    rows = sorted(rows, key=_first)
+    cur = txn.cursor(db=db)
+    if not cur.last() or cur.key() < rows[0][0]:
+        _consumed, added = cur.putmulti(rows, overwrite=overwrite, append=True)
+        if added == len(rows) or not overwrite:
+            return  # (without overwrite a repeated key is skipped, appended or not)
+        # an appended row that did not sort after the one before it was not put (LMDB
+        # compares keys as Python does, so only a caller's bug gets here): put them all
+    cur.putmulti(rows, overwrite=overwrite)
 
 
 def _apply_file_event(txn, st, e: Event) -> None:

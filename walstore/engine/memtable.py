@@ -83,15 +83,21 @@ class MemTable:
         if event.writes is not None and event.type == _COMMIT:
             versions = self.versions
             lsn = event.lsn
-            for k, v in event.writes:
-                old = versions.get(k)
-                if old is None:
-                    versions[k] = ((lsn, v),)
-                    self._noted.append(k)  # (after the version: see keys_in_range)
-                elif type(old) is tuple:
-                    versions[k] = [*old, (lsn, v)]  # a second version: a list from now on
-                else:
-                    old.append((lsn, v))  # O(1): a hot key's chain is never copied
+            if not versions and len(event.writes) > 1:
+                # a bulk load into an idle MemTable: one dict built in C (a write set's keys
+                # are distinct); readers see the empty dict or the whole new one
+                self.versions = versions = {k: ((lsn, v),) for k, v in event.writes}
+                self._noted.extend(versions)  # (after the versions: see keys_in_range)
+            else:
+                for k, v in event.writes:
+                    old = versions.get(k)
+                    if old is None:
+                        versions[k] = ((lsn, v),)
+                        self._noted.append(k)  # (after the version: see keys_in_range)
+                    elif type(old) is tuple:
+                        versions[k] = [*old, (lsn, v)]  # a second version: a list from now on
+                    else:
+                        old.append((lsn, v))  # O(1): a hot key's chain is never copied
             for aid in event.field("compensate", ()) if claims is None else claims:
                 self.claimed[aid] = event.txid
 
@@ -143,20 +149,25 @@ class MemTable:
         """Remove ``batch`` (the oldest events, now in LMDB)."""
         self.drops += 1  # (first: a reader that sees no change saw no version leave)
         versions = self.versions
-        touched: set[bytes] = set()
         size = 0
         for e in batch:
             first = self.events.popleft()
             assert first is e, "the applier must apply events in LSN order"
             size += e.end - e.lsn
-            if e.writes is not None and e.type == _COMMIT:
-                for k, _v in e.writes:  # (no generator: most commits write a key or two)
-                    touched.add(k)
-                if self.claimed:  # (an undo's commit claimed actions: it may be this one)
-                    for aid in e.field("compensate", ()):
-                        if self.claimed.get(aid) == e.txid:
-                            del self.claimed[aid]
+            if self.claimed and e.type == _COMMIT:  # (an undo's commit claimed actions)
+                for aid in e.field("compensate", ()):
+                    if self.claimed.get(aid) == e.txid:
+                        del self.claimed[aid]
         self.log_bytes -= size
+        if not self.events:  # every version here is in LMDB now: all leave at once
+            if self.versions:
+                self.versions = {}  # (readers see the old dict or the empty one)
+            self._bound_index()
+            return
+        touched: set[bytes] = set()
+        for e in batch:
+            if e.writes is not None and e.type == _COMMIT:
+                touched.update(e.writes and [k for k, _v in e.writes])
         if touched:
             last = batch[-1].lsn  # every version at or below it is in LMDB now
             for k in touched:

@@ -24,6 +24,8 @@ final state (``compensated``, ``resolved``) is never left except by ``redo`` mar
 """
 from __future__ import annotations
 
+import itertools
+import operator
 import struct
 from typing import Callable
 
@@ -86,14 +88,16 @@ def plain_txn_row(event: Event, packed_body: bytes) -> bytes:
     its body: a plain body holds only ``tx``, ``ts`` (the clock's float), ``meta`` and
     perhaps ``scope`` (the pipeline writes all but ``scope`` for every commit), which
     ``txn_row`` copies as they are; the row adds ``lsn``, ``end`` and the keys."""
-    tail = pack({"lsn": event.lsn, "end": event.end,
-                 "w": [[k, None] for k, _v in event.writes or ()]})
+    tail = pack({"lsn": event.lsn, "end": event.end,  # (pairs pack as arrays)
+                 "w": list(zip(map(_first, event.writes or ()), _NONES))})
     n = packed_body[0] - 0x80
     if 0 <= n <= 12:  # a fixmap, as a plain body always is: the three entries join it
         return b"".join((_FIXMAP_3[n], packed_body[1:], tail[1:]))
     return extend_map(packed_body, unpack(tail))
 
 
+_first = operator.itemgetter(0)
+_NONES = itertools.repeat(None)  # (endless: zip stops at the keys' end)
 _FIXMAP_3 = tuple(bytes((0x80 + n + 3,)) for n in range(13))  # a fixmap's header, 3 more
 
 

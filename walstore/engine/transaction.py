@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_value, \
-    prefix_end, unpack_value
+from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_items, \
+    pack_value, prefix_end, unpack_value
 from ..errors import CommitOutcomeUnknown, TransactionClosed, WalstoreError
 from ..log.format import LSN
 from .conflicts import ReadSet
@@ -221,15 +221,7 @@ class Transaction:
         """Put many pairs at once (a mapping or an iterable of (key, value)): the bulk
         load call, with the same validation as ``put``."""
         self._check_writable()
-        pairs = items.items() if isinstance(items, Mapping) else items
-        staged = {}
-        for pair in pairs:
-            try:
-                key, value = pair
-            except (TypeError, ValueError):
-                raise TypeError(f"update() takes a mapping or (key, value) pairs, not "
-                                f"{pair!r}") from None
-            staged[encode_key(key)] = pack_value(value, key)
+        staged = pack_items(items.items() if isinstance(items, Mapping) else items)
         if self._savepoints:
             writes = self._writes
             self._undo.extend((k, writes.get(k, _MISSING)) for k in staged)

@@ -223,19 +223,18 @@ def txid_of(body: dict) -> int:
 
 
 def chunk_writes(writes: list, chunk_bytes: int) -> list[list]:
-    """Split a write set into chunks of about ``chunk_bytes`` (the last goes in the COMMIT).
-    A chunk stays far below MAX_PAYLOAD: one value is at most 16 MiB."""
+    """Split a write set (a list of (key, value) pairs) into slices of about
+    ``chunk_bytes`` (the last goes in the COMMIT).  A chunk stays far below MAX_PAYLOAD:
+    one value is at most 16 MiB."""
     chunks: list[list] = []
-    cur: list = []
-    size = 0
-    for k, v in writes:
+    start = size = 0
+    for i, (k, v) in enumerate(writes):
         n = len(k) + (len(v) if v is not None else 0) + 16
-        if cur and size + n > chunk_bytes:
-            chunks.append(cur)
-            cur, size = [], 0
-        cur.append([k, v])
+        if size and size + n > chunk_bytes:
+            chunks.append(writes[start:i])  # (a slice: pairs pack as arrays)
+            start, size = i, 0
         size += n
-    chunks.append(cur)
+    chunks.append(writes[start:])
     return chunks
 
 
