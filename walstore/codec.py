@@ -185,12 +185,25 @@ def unpack(data: bytes) -> Any:
         raise ValueError(f"undecodable msgpack: {type(e).__name__}: {e}") from None
 
 
+def storable(what: str, value: Any) -> Any:
+    """``value`` as it will read back from the log (TypeError naming ``what`` when msgpack
+    cannot store it, or when what it stores would not read back: a dict with a tuple
+    key is packed, yet its record would then fail every reader, recovery included)."""
+    try:
+        packed = pack(value)
+    except (TypeError, OverflowError, ValueError) as e:
+        raise TypeError(f"{what} cannot be stored: {e}") from None
+    try:
+        return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} cannot be stored: it would not read back ({e}); dict "
+                        f"keys must be str, bytes, int, float, bool or None") from None
+
+
 def check_meta(meta: Any) -> Any:
-    """Validate transaction metadata (any msgpack-able value) at transaction start."""
+    """Validate transaction metadata (any msgpack-able value) at transaction start; the
+    copy it returns is what the commit logs (a change the caller makes to its own object
+    later cannot make the commit record unreadable)."""
     if meta is None:
         return None
-    try:
-        msgpack.packb(meta, use_bin_type=True)
-    except (TypeError, OverflowError, ValueError) as e:
-        raise TypeError(f"transaction meta cannot be stored: {e}") from None
-    return meta
+    return storable("transaction meta", meta)

@@ -7,6 +7,8 @@ to a call (a key of the wrong type, a value msgpack cannot encode) are the built
 """
 from __future__ import annotations
 
+import functools
+
 
 class WalstoreError(Exception):
     """Base class of every walstore error."""
@@ -108,6 +110,48 @@ class StoreIOError(WalstoreError, OSError):
     read-only file system, EIO, no permission): ``errno``, ``strerror`` and ``filename``
     are the OSError's, which is chained as the cause.  Also an OSError, so code that
     handles OS errors keeps working."""
+
+
+_OS_ERROR_CLASSES: dict[type, type] = {}
+
+
+def as_store_error(e: OSError) -> OSError:
+    """``e`` as a StoreIOError that is also ``e``'s own OSError subclass (a
+    ``FileExistsError`` stays one: ``except FileExistsError`` and ``except WalstoreError``
+    both catch it), with ``errno``, ``strerror`` and ``filename`` kept.  Raise it ``from
+    e``.  A walstore error is returned as it is."""
+    if isinstance(e, WalstoreError):
+        return e
+    cls = type(e)
+    wrapped = _OS_ERROR_CLASSES.get(cls)
+    if wrapped is None:
+        if cls is OSError or not issubclass(cls, OSError):
+            wrapped = StoreIOError
+        else:
+            wrapped = type(f"Store{cls.__name__}", (StoreIOError, cls),
+                           {"__module__": __name__, "__doc__": f"A StoreIOError that is also "
+                                                                f"a {cls.__name__}."})
+        _OS_ERROR_CLASSES[cls] = wrapped
+    if e.errno is None:
+        return wrapped(str(e))
+    if e.filename is None:
+        return wrapped(e.errno, e.strerror)
+    return wrapped(e.errno, e.strerror, e.filename)
+
+
+def os_errors_wrapped(method):
+    """``method`` with its OS errors leaving as ``as_store_error`` makes them (the file
+    operations of reversible files: a FileExistsError is still one)."""
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except OSError as e:
+            wrapped = as_store_error(e)
+            if wrapped is e:
+                raise
+            raise wrapped from e
+    return call
 
 
 class TransactionClosed(StoreClosed):

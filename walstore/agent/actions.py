@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..codec import pack
+from ..codec import pack, storable
 from ..errors import CompensationFailed, ReadOnlyError, StoreClosed, WalstoreError
 from ..log.format import RecordType
 from ..engine import tables
@@ -114,10 +114,8 @@ class ActionScope:
 
 
 def check_packable(what: str, value: Any) -> None:
-    try:
-        pack(value)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise TypeError(f"{what} cannot be stored: {e}") from None
+    """TypeError unless ``value`` can be logged and read back (see codec.storable)."""
+    storable(what, value)
 
 
 def newest_first(a: Action):
@@ -350,6 +348,8 @@ class Saga:
         ``compensate``: refused while its compensator runs (both would undo the effect,
         and the compensator's record would overwrite this one), and a compensation that
         starts meanwhile finds it resolved."""
+        if note is not None and not isinstance(note, str):
+            raise TypeError(f"a resolve note is a str or None, not {type(note).__name__}")
         key = str(action_id)
         with self._running_lock:
             if key in self._running:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..codec import unpack
-from ..errors import CorruptionError
+from ..errors import CorruptionError, os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
 from ..files.paths import PathLike, display
@@ -155,6 +155,7 @@ class HistoricalFiles:
     def __repr__(self) -> str:
         return f"<HistoricalFiles {self.workspace.root!r} at LSN {int(self.lsn)}>"
 
+    @os_errors_wrapped
     def entry(self, path: PathLike) -> Entry:
         """What ``path`` was at the point (``Entry``: absent, file, dir or symlink)."""
         ws = self.workspace
@@ -165,9 +166,11 @@ class HistoricalFiles:
         ws.check_parents(rel)  # (a path walstore never changed: as it is now)
         return read_entry(ws.abspath(rel), hash=True)
 
+    @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:
         return self.entry(path).exists
 
+    @os_errors_wrapped
     def read(self, path: PathLike) -> bytes:
         """The content ``path`` had at the point (bytes).  FileNotFoundError when it was
         absent, IsADirectoryError when it was a directory, ValueError when it was a

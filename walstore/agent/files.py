@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
 from ..codec import unpack
-from ..errors import ConflictError, CorruptionError, FileConflictError, WalstoreError
+from ..errors import ConflictError, CorruptionError, FileConflictError, WalstoreError, \
+    os_errors_wrapped
 from ..engine import tables
 from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
@@ -866,6 +867,7 @@ class TxFiles:
         return self._files.durable
 
     # ---- changes ----------------------------------------------------------------------
+    @os_errors_wrapped
     def write(self, path: PathLike, data: str | bytes, mode: int | None = None) -> None:
         """Make ``path`` a file holding ``data`` (str: UTF-8); ``mode`` default: the
         current file's, else 0o666 less the umask.  Missing parents are created."""
@@ -880,6 +882,7 @@ class TxFiles:
         self._run("write", lambda: plan.plan_write(ws, path, data, self._blobs, mode),
                   lambda: fapply.write_file(ws, path, data, mode, self._durable))
 
+    @os_errors_wrapped
     def mkdir(self, path: PathLike, mode: int | None = None, exist_ok: bool = False) -> None:
         """Create the directory ``path`` (and missing parents)."""
         ws = self.workspace
@@ -891,6 +894,7 @@ class TxFiles:
         self._run("mkdir", lambda: plan.plan_mkdir(ws, rel, self._blobs, mode),
                   lambda: fapply.make_dir(ws, rel, mode, self._durable))
 
+    @os_errors_wrapped
     def symlink(self, path: PathLike, target: str | bytes) -> None:
         """Make ``path`` a symlink to ``target`` (data: never followed by walstore)."""
         ws = self.workspace
@@ -900,6 +904,7 @@ class TxFiles:
         self._run("symlink", lambda: plan.plan_symlink(ws, path, t, self._blobs),
                   lambda: fapply.make_symlink(ws, path, t, self._durable))
 
+    @os_errors_wrapped
     def chmod(self, path: PathLike, mode: int) -> None:
         """Change the permission bits of a file or directory."""
         ws = self.workspace
@@ -907,12 +912,14 @@ class TxFiles:
         self._run("chmod", lambda: plan.plan_mode(ws, path, mode, self._blobs),
                   lambda: fapply.set_mode(ws, path, mode, self._durable))
 
+    @os_errors_wrapped
     def delete(self, path: PathLike) -> None:
         """Remove a file, a symlink or an empty directory (FileNotFoundError if absent)."""
         ws = self.workspace
         self._run("delete", lambda: plan.plan_delete(ws, path, self._blobs),
                   lambda: fapply.delete(ws, path, self._durable))
 
+    @os_errors_wrapped
     def rename(self, src: PathLike, dst: PathLike) -> None:
         """Move ``src`` to ``dst`` (replacing a file or symlink there; missing parents of
         ``dst`` are created)."""
@@ -920,6 +927,7 @@ class TxFiles:
         self._run("rename", lambda: plan.plan_rename(ws, src, dst, self._blobs),
                   lambda: fapply.rename(ws, src, dst, self._durable))
 
+    @os_errors_wrapped
     def rmtree(self, path: PathLike) -> None:
         """Remove ``path`` and everything under it (only what was captured before)."""
         ws = self.workspace
@@ -966,6 +974,7 @@ class TxFiles:
                                  f"workspace {ws.root!r} ({e})") from None
         raise ValueError(f"too many levels of symlinks at {display(rel)!r}")
 
+    @os_errors_wrapped
     def read(self, path: PathLike) -> bytes:
         """The content of a file (this transaction's own writes are in place already)."""
         rel, abs_path, st = self._final(path)
@@ -983,10 +992,12 @@ class TxFiles:
         finally:
             os.close(fd)
 
+    @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:
         _rel, abs_path = self.workspace.resolve(path)
         return os.path.lexists(abs_path)
 
+    @os_errors_wrapped
     def listdir(self, path: PathLike = "") -> list[str]:
         rel, abs_path = self.workspace.resolve(path, allow_root=True)
         return sorted(os.fsdecode(n) for n in os.listdir(abs_path)

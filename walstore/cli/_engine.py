@@ -133,14 +133,15 @@ def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[
 def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     """Keys and files whose state differs between two points (``end`` None: now):
     [{key, before, after}] and [{path, kind, before, after}] (before/after: None when
-    absent), from the transactions committed in between."""
+    absent), from the transactions committed in between.  ``before`` is the state at
+    ``start`` and ``after`` at ``end``, in whichever order the two points come (a later
+    ``start``: what going back to ``end`` would change)."""
     from ..agent.filehistory import describe
     from ..codec import decode_key, unpack_value
     from ..files import Change
     eng = store._engine
-    lo, hi = _boundary(store, start), _boundary(store, end)
-    if hi < lo:
-        lo, hi = hi, lo
+    first, second = _boundary(store, start), _boundary(store, end)
+    lo, hi = min(first, second), max(first, second)
     keys: set[bytes] = set()
     paths: set[tuple[bytes, bytes]] = set()
     fh = store._history.file_history
@@ -151,7 +152,7 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
         paths.update(fh.changes_of(row["tx"]))
     key_docs = []
     for k in sorted(keys):
-        a, b = eng.reader.as_of(k, lo + 1), eng.reader.as_of(k, hi + 1)
+        a, b = eng.reader.as_of(k, first + 1), eng.reader.as_of(k, second + 1)
         if a != b:
             key_docs.append({"key": decode_key(k),
                              "before": None if a is None else unpack_value(a),
@@ -159,10 +160,10 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
                              "existed": a is not None, "exists": b is not None})
     file_docs = []
     for root, rel in sorted(paths):
-        a, b = fh.entry_at(root, rel, lo), fh.entry_at(root, rel, hi)
+        a, b = fh.entry_at(root, rel, first), fh.entry_at(root, rel, second)
         if a is None or b is None or a.same(b):
             continue
         file_docs.append({"path": os.fsdecode(root + b"/" + rel),
                           "kind": Change.of(rel, a, b).kind,
                           "before": describe(a), "after": describe(b)})
-    return {"from_lsn": lo, "to_lsn": hi, "keys": key_docs, "files": file_docs}
+    return {"from_lsn": first, "to_lsn": second, "keys": key_docs, "files": file_docs}

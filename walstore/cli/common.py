@@ -12,7 +12,7 @@ import walstore
 
 from .output import UsageProblem, show_value, table
 
-PATH = click.argument("path", type=click.Path(file_okay=False))
+PATH = click.argument("path", type=click.Path(file_okay=False, readable=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 HANDLERS = click.option("--handlers", "handlers", default=None, metavar="MODULE",
                         help="Import compensators from MODULE's COMPENSATORS dict.")

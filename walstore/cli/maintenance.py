@@ -139,7 +139,7 @@ def checkpoint(path: str, as_json: bool) -> None:
 
 @main.command()
 @PATH
-@click.argument("dest", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False, readable=False))
 @JSON
 def backup(path: str, dest: str, as_json: bool) -> None:
     """Copy PATH to DEST consistently, even while a writer is running."""

@@ -34,6 +34,7 @@ import binascii
 import dataclasses
 import json
 import math
+import os
 import re
 from typing import Any, Callable, Iterable, NoReturn
 
@@ -87,7 +88,15 @@ def b64(data: bytes) -> str:
 
 def jsonable(obj: Any) -> Any:
     """msgpack-shaped data (and report objects) as strict-JSON-ready data; see the module doc."""
-    if obj is None or isinstance(obj, (bool, str)):
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, str):
+        if obj.isascii():
+            return obj
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:  # a file name that is not UTF-8 (surrogate escapes are
+            return {"base64": b64(os.fsencode(obj))}  # no JSON text): its bytes
         return obj
     if isinstance(obj, int):
         return int(obj)  # LSN and other int subclasses
@@ -197,6 +206,8 @@ def parse_json_value(text: str) -> Any:
         return json.loads(text, parse_constant=refuse)
     except ValueError as e:
         raise UsageProblem(f"VALUE must be JSON ({e}); quote strings: '\"text\"'") from None
+    except RecursionError:
+        raise UsageProblem("VALUE nests too deeply to parse") from None
 
 
 # ---- human output ----------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def _when(ts: float | None) -> str:
 
 
 @click.command("replicate", cls=WalstoreCommand)
-@click.argument("path", type=click.Path(file_okay=False))
+@click.argument("path", type=click.Path(file_okay=False, readable=False))
 @click.argument("url")
 @click.option("--once", is_flag=True, help="Ship what is durable now, then exit (cron).")
 @click.option("--interval", type=float, default=None, help="Seconds between rounds (1).")
@@ -118,7 +118,7 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
 
 @click.command("restore", cls=WalstoreCommand)
 @click.argument("url")
-@click.argument("dest", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path(file_okay=False, readable=False))
 @click.option("--to", "to", default=None, metavar="POINT|TIME",
               help="tx:N, lsn:N, a restore point name, or an ISO-8601 time with offset.")
 @click.option("--follow", is_flag=True, help="Keep DEST a current read-only copy (Ctrl-C stops).")

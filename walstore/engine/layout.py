@@ -27,6 +27,7 @@ from ..errors import CorruptionError, NotAStore, StoreLocked
 
 FORMAT_NAME = "walstore"
 FORMAT_VERSION = 1
+MAX_IDENTITY_BYTES = 65536  # STORE is read whole, up to this; written never larger
 
 
 class Layout:
@@ -64,7 +65,7 @@ class Layout:
         fileio.make_dir(self.wal)
         fileio.make_dir(self.db)
         doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
-        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+        fileio.write_file_atomic(self.identity, identity_bytes(doc))
         parent = os.path.dirname(self.root)
         if parent:
             fileio.fsync_dir(parent)
@@ -87,10 +88,12 @@ class Layout:
             raise NotAStore(f"{self.root} does not exist or is not a directory")
         try:
             with open(self.identity, "rb") as f:
-                raw = f.read(4096)
+                raw = f.read(MAX_IDENTITY_BYTES + 1)
         except FileNotFoundError:
             raise NotAStore(f"{self.root} is not a walstore store (no STORE file)") from None
         try:
+            if len(raw) > MAX_IDENTITY_BYTES:
+                raise ValueError(f"larger than {MAX_IDENTITY_BYTES} bytes")
             doc = json.loads(raw)
             if doc.get("format") != FORMAT_NAME:
                 raise ValueError("not a walstore identity file")
@@ -102,7 +105,7 @@ class Layout:
                 raise ValueError("bad store id")
         except NotAStore:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise NotAStore(f"{self.root}/STORE is damaged or not a walstore file: {e}") from None
         for d, what in ((self.wal, "log"), (self.db, "LMDB state")):
             if not os.path.isdir(d):  # (STORE is written after both: this is damage)
@@ -112,8 +115,12 @@ class Layout:
 
 
     def _doc(self) -> dict:
+        """STORE's document (``read_identity`` checked it when the store was opened)."""
         with open(self.identity, "rb") as f:
-            return json.loads(f.read(65536))
+            doc = json.loads(f.read(MAX_IDENTITY_BYTES))
+        if not isinstance(doc, dict):
+            raise NotAStore(f"{self.root}/STORE is damaged or not a walstore file")
+        return doc
 
     def read_origin(self) -> dict | None:
         """Where a copy came from, until its first open has held the debts it inherited."""
@@ -133,14 +140,14 @@ class Layout:
         """Give this copy its own key namespace (see ``key_namespace``), durably."""
         doc = self._doc()
         doc["keys"] = "c" + uuid.uuid4().hex[:11]
-        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+        fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
     def write_identity(self, store_id: bytes, origin: dict | None = None) -> None:
         """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin)."""
         doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
         if origin is not None:
             doc["origin"] = origin
-        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+        fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
     def clear_origin(self) -> None:
         """The first open of a copy settled what it inherited; a restored store keeps its
@@ -151,7 +158,20 @@ class Layout:
             return
         if isinstance(origin, dict) and origin.get("lineage"):
             doc["origin"] = dict(origin, settled=True)
-        fileio.write_file_atomic(self.identity, json.dumps(doc).encode())
+        fileio.write_file_atomic(self.identity, identity_bytes(doc))
+
+
+def identity_bytes(doc: dict) -> bytes:
+    """STORE's bytes for ``doc``, never over MAX_IDENTITY_BYTES: an origin names a path or
+    URL, which may be long (4,096 bytes of accented letters are 12,288 JSON characters),
+    so a long one keeps its two ends (it is there for people to read)."""
+    raw = json.dumps(doc).encode()
+    origin = doc.get("origin")
+    if len(raw) > MAX_IDENTITY_BYTES // 2 and isinstance(origin, dict):
+        doc = dict(doc, origin={k: (v[:500] + "..." + v[-500:] if isinstance(v, str)
+                                    and len(v) > 1100 else v) for k, v in origin.items()})
+        raw = json.dumps(doc).encode()
+    return raw
 
 
 class ProcessLock:

@@ -48,6 +48,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import struct
@@ -60,13 +61,25 @@ from typing import Any, Callable, Iterator, TypeVar
 import lmdb
 
 from .. import fileio
-from ..errors import CorruptionError, ReadOnlyError, StoreClosed, WalstoreError
+from ..errors import CorruptionError, ReadOnlyError, StoreClosed, StoreIOError, WalstoreError
 from .lmdb_check import check_lmdb_files
 
 T = TypeVar("T")
 
 DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with the data
 MAX_DBS = 16
+# LMDB reader slots (64 bytes each in lock.mdb): every open read transaction takes one,
+# and an unfinished scan keeps its own, so this bounds the scans open at once
+MAX_READERS = 1024
+_ERRNO_OF = {os.strerror(n): n for n in errno.errorcode}
+
+
+def os_errno(e: "lmdb.Error") -> int | None:
+    """The errno of an LMDB error that is an operating-system error, else None.  py-lmdb
+    ends its message with the strerror text (and raises most as the base ``lmdb.Error``,
+    but EACCES as ``ReadonlyError``, EIO as ``DiskError``...); LMDB's own errors end with
+    LMDB's texts, none of which is an strerror."""
+    return _ERRNO_OF.get(str(e).rsplit(": ", 1)[-1].strip())
 SCAN_CHUNK = 256
 _U64 = struct.Struct(">Q")
 DATA = object()  # "the data table" as a default argument
@@ -212,8 +225,7 @@ class LmdbState:
                 shared = self._open_shared(path, map_size, readonly)
                 LmdbState._registry[self.path] = shared
             elif shared["readonly"] and not readonly:
-                raise WalstoreError(f"{path} is open read-only in this process; close those "
-                                    f"handles before opening it for writing")
+                self._make_writable(shared, map_size)
             shared["refs"] += 1
             if not readonly:
                 shared["writers"] = shared.get("writers", 0) + 1
@@ -268,9 +280,13 @@ class LmdbState:
         try:
             env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=MAX_DBS,
                             subdir=True, readonly=readonly, sync=True, metasync=False,
-                            map_async=False, writemap=False, lock=True, max_readers=126,
+                            map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
                             create=not readonly, mode=0o600)
         except lmdb.Error as e:
+            code = os_errno(e)
+            if code is not None:  # (no permission, a full disk, EIO: not damage)
+                raise StoreIOError(code, f"cannot open the LMDB environment: "
+                                         f"{os.strerror(code)}", path) from e
             raise CorruptionError(f"cannot open the LMDB environment: {e}",
                                   file=self.data_file) from e
         shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
@@ -300,6 +316,33 @@ class LmdbState:
         it)?  A read-only handle then reopens (``reopen``)."""
         return _file_id(self.data_file) != self.file_id
 
+    def _make_writable(self, shared: dict, map_size: int | None) -> None:
+        """A writer opens what this process holds read-only: the environment is reopened
+        read-write under the read gate, and every handle follows (as after a compaction);
+        if that fails, the read-only one is back and the error is raised."""
+        def swap() -> None:
+            size = max(shared["env"].info()["map_size"], map_size or 0)
+            shared["env"].close()
+            try:
+                env = self._new_env(False, size)
+            except lmdb.Error as e:
+                shared["env"] = self._new_env(True, size)
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
+                code = os_errno(e)
+                if code is not None:
+                    raise StoreIOError(code, f"cannot open the LMDB environment for "
+                                             f"writing: {os.strerror(code)}", self.path) from e
+                raise CorruptionError(f"cannot open the LMDB environment: {e}",
+                                      file=self.data_file) from e
+            shared["env"], shared["readonly"] = env, False
+            shared["file_id"] = _file_id(self.data_file)
+            self._open_tables(shared)
+            for handle in list(shared["handles"]):
+                handle._adopt(shared)
+        shared["gate"].exclusive(swap)
+
     def reopen(self) -> None:
         """Reopen the environment of this process on the current data file."""
         shared = self._shared
@@ -318,7 +361,7 @@ class LmdbState:
         check_lmdb_files(self.path, expect_existing=True)
         return lmdb.open(self.path, map_size=map_size, max_dbs=MAX_DBS,
                          subdir=True, readonly=readonly, sync=True, metasync=False,
-                         map_async=False, writemap=False, lock=True, max_readers=126,
+                         map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
                          create=False, mode=0o600)
 
     def compact(self) -> tuple[int, int]:
@@ -395,6 +438,14 @@ class LmdbState:
             return StoreClosed(f"the store's LMDB state ({self.path}) is closed")
         if isinstance(e, lmdb.BadValsizeError):
             return ValueError(f"LMDB cannot look up a key of that size: {e}")
+        if isinstance(e, lmdb.ReadersFullError):  # (a limit, not damage)
+            return StoreIOError(errno.EAGAIN, f"too many LMDB read transactions open at "
+                                f"once (at most {MAX_READERS}, shared by every process "
+                                f"using this store; an unfinished scan holds one): finish "
+                                f"or close some scans", self.data_file)
+        code = os_errno(e)
+        if code is not None:
+            return StoreIOError(code, f"LMDB read failed: {os.strerror(code)}", self.data_file)
         return CorruptionError(f"LMDB read failed: {e}", file=self.data_file)
 
     def _begin(self) -> lmdb.Transaction:

@@ -6,10 +6,13 @@ decoded payload with values unpacked).
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 from ..codec import decode_key, unpack_value
-from ..engine.layout import Layout
+from ..engine.layout import Layout, writer_alive
+from ..engine.lmdb_state import LmdbState
+from ..errors import WalstoreError
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
@@ -22,21 +25,69 @@ def iter_wal(path: str, from_lsn: int = 0) -> Iterator[dict]:
     """Every record from ``from_lsn`` described, and a pseudo-record for each segment end
     that is not clean (TORN, STALE: crash outcomes recovery cuts; CORRUPT, TRUNCATED:
     damage) or each gap / bad header / missing segment (GAP, BAD-SEGMENT, MISSING-NEXT:
-    damage; VANISHED: trimmed while read).  DAMAGE names the damage types."""
+    damage; VANISHED: trimmed while read).  DAMAGE names the damage types.
+
+    The log is read as the store's state knows it (its ``applied`` LSN and where its log
+    starts: segments trimmed below them are no gap).  Beside a live writer a tail caught
+    mid-write reads like damage: it is read again, a moment later, from where it looked
+    damaged (up to SETTLE_WALKS times) before it is reported."""
     layout = Layout(path)
-    log = LogReader(layout.wal, layout.read_identity())
-    for item in log.walk(from_lsn):
-        if isinstance(item, Record):
-            yield describe(item, _segment_path(log, item.lsn))
-        elif item.kind == "end":
-            if item.verdict != "clean":  # TORN and STALE are crash outcomes; the rest damage
+    store_id = layout.read_identity()
+    applied, wal_start = _state_marks(layout)
+    retries, walks, last_bad = SETTLE_WALKS, 0, -1
+    while True:
+        walks += 1
+        log = LogReader(layout.wal, store_id, applied, wal_start)
+        again = None
+        for item in log.walk(from_lsn):
+            if isinstance(item, Record):
+                yield describe(item, _segment_path(log, item.lsn))
+                continue
+            if item.kind == "end":
+                if item.verdict == "clean":
+                    continue
+                # TORN and STALE are crash outcomes; the rest damage
                 kind = (item.verdict if item.verdict in ("stale", "corrupt")
                         and item.scan.kind != "truncated" else item.scan.kind)
-                yield {"lsn": item.lsn, "type": kind.upper(), "length":
+                out = {"lsn": item.lsn, "type": kind.upper(), "length":
                        item.scan.damaged_bytes, "file": item.path, "summary": item.reason}
-        else:
-            yield {"lsn": item.lsn, "type": item.kind.upper(), "length": 0, "file": item.path,
-                   "summary": item.reason}
+            else:
+                out = {"lsn": item.lsn, "type": item.kind.upper(), "length": 0,
+                       "file": item.path, "summary": item.reason}
+            if writer_alive(layout):
+                if item.lsn != last_bad:  # further on: the tail moved (a new chance)
+                    retries, last_bad = SETTLE_WALKS, item.lsn
+                if walks >= MAX_WALKS:
+                    return  # (chasing a writer faster than us: stop at its tail)
+                if retries:
+                    again = item.lsn
+                    break
+            yield out
+        if again is None:
+            return
+        retries -= 1
+        time.sleep(SETTLE_PAUSE)
+        from_lsn = max(from_lsn, again)
+        applied, wal_start = _state_marks(layout)
+
+
+SETTLE_WALKS, SETTLE_PAUSE = 3, 0.05  # the same damage seen this many times beside a writer
+MAX_WALKS = 20  # walks at most, beside a writer that keeps appending
+
+
+def _state_marks(layout: Layout) -> tuple[int, int]:
+    """(applied LSN, where the log starts) as the store's LMDB state holds them; (0, 0)
+    when it cannot be read (the walk then reports what it finds; ``verify`` says why)."""
+    try:
+        state = LmdbState(layout.db, readonly=True)
+    except WalstoreError:
+        return 0, 0
+    try:
+        return state.applied_lsn(), state.meta_int(b"wal_start")
+    except WalstoreError:
+        return 0, 0
+    finally:
+        state.close()
 
 
 def _segment_path(log: LogReader, lsn: int) -> str:

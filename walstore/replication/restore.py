@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -33,6 +32,7 @@ from typing import Any, Callable
 
 from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
+from ..engine.layout import identity_bytes
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import ReplicateOptions
@@ -382,7 +382,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                               "lineage": uuid.uuid4().hex, "parent_lineage": m.doc["lineage"],
                               "cut": cut, "restored": time.time(), "compensate": bool(compensate),
                               "follow": bool(follow)}
-        _src.write_file_atomic(os.path.join(stage, "STORE"), json.dumps(identity).encode())
+        _src.write_file_atomic(os.path.join(stage, "STORE"), identity_bytes(identity))
         _src.fsync_dir(stage)
         if os.path.isdir(dest):
             os.rmdir(dest)
