@@ -31,11 +31,11 @@ def test_commit_made_durable_by_another_threads_rotation_is_visible_on_return(tm
     real = pipe.durable_or_unknown
     appended, go = threading.Event(), threading.Event()
 
-    def held(make_durable, event, txid, what, unknown):  # A: appended, not yet synced
+    def held(make_durable, event, txid, what, unknown, *ticket):  # A: appended, not synced
         if threading.current_thread().name == "A":
             appended.set()
             go.wait(10)
-        return real(make_durable, event, txid, what, unknown)
+        return real(make_durable, event, txid, what, unknown, *ticket)
 
     pipe.durable_or_unknown = held
 

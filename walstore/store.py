@@ -46,7 +46,13 @@ _PROCESS = [os.getpid()]  # this process's pid, kept current in a forked child
 
 
 def _forked() -> None:
+    """In a forked child: the parent's open stores are the parent's.  The child's copies
+    are closed without touching a file (their writer lock is the parent's flock, their
+    log the parent's to append to: a child that committed through one wrote over the
+    parent's next records, and handed out its txids and idempotency keys again)."""
     _PROCESS[0] = os.getpid()
+    for store in list(_OPEN_STORES):  # (one thread in the child: no lock needed)
+        store._engine.forked_away()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -170,6 +176,8 @@ class Store:
     def close(self) -> None:
         """Apply everything, checkpoint, mark the shutdown clean, release the lock (and a
         replication lease: the shipper ships what it can first, within a few seconds)."""
+        if self._pid != _PROCESS[0]:
+            return  # a forked child's copy of its parent's store: nothing of it is ours
         self._stop_replication(release=True)
         self._engine.close()
 

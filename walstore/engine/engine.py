@@ -37,6 +37,7 @@ from ..log.records import Event
 from ..log.segment import create_segment, list_segments
 from ..log.writer import FIRST_SEGMENT_SIZE, WriteAheadLog
 from ..options import Options
+from ..signals import start_thread
 from .apply import Applier
 from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
@@ -89,6 +90,10 @@ class Engine:
         self.readonly = readonly
         self.options = options or Options()
         self.closed = True
+        self._released = False  # the lock and files let go (see close)
+        self._opened_by = os.getpid()
+        self._forked_from: int | None = None  # in a forked child: the parent's pid
+        self._clean_close: bool | None = None  # close() began: was a clean shutdown owed?
         self.failure: BaseException | None = None
         self.background_errors: list[str] = []
         self.last_recovery: RecoveryReport | None = None
@@ -315,7 +320,7 @@ class Engine:
 
     def _spawn(self, fn, name: str) -> None:
         t = threading.Thread(target=fn, name=name, daemon=True)
-        t.start()
+        start_thread(t)
         self._threads.append(t)
 
     def wake_applier(self) -> None:
@@ -603,7 +608,19 @@ class Engine:
     # ---- health -------------------------------------------------------------------------
     def check_open(self) -> None:
         if self.closed:
+            if self._forked_from is not None:
+                raise StoreClosed(f"store {self.path} was opened by process "
+                                  f"{self._forked_from}, which forked this one: open it "
+                                  f"again here (a store is used by the process that opened it)")
             raise StoreClosed(f"store {self.path} is closed")
+
+    def forked_away(self) -> None:
+        """In a forked child: this engine is the parent's; close it here without any I/O
+        (no checkpoint, no lock release: the flock and the files are the parent's)."""
+        if not self.closed:
+            self._forked_from = self._opened_by
+        self.closed = True
+        self._released = True
 
     def check_writable(self) -> None:
         if not (self.closed or self.readonly or self.failure is not None
@@ -642,12 +659,16 @@ class Engine:
     # ---- closing ------------------------------------------------------------------------
     def close(self) -> None:
         """Apply everything, checkpoint, mark the shutdown clean, release the lock."""
-        if self.closed:
+        if self._released:
             return
-        healthy = self.writable
+        if self._clean_close is None:
+            self._clean_close = self.writable  # (healthy: the clean shutdown is owed)
+        # An interrupt (KeyboardInterrupt) may cut this short anywhere: ``closed`` is set
+        # at once, yet until the lock is released a second close() finishes the job (it
+        # used to find ``closed`` and return, keeping the store locked in this process).
         self._stop_threads()
         try:
-            if healthy:
+            if self._clean_close:
                 self._checkpoint()
                 # the next id, so the next open goes on with no gap
                 self.applier.set_meta(b"open", 0, txid_reserved=next(self._txids))
@@ -671,6 +692,7 @@ class Engine:
 
     def _release(self) -> None:
         self.closed = True
+        self._released = True  # (a later close() has nothing left to do)
         if self.follower is not None:
             self.follower.close()
         if self.wal is not None:

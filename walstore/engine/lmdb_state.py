@@ -135,35 +135,54 @@ class ReadGate:
                 self._slots = [s for s in self._slots if s.thread.is_alive()] + [slot]
             return slot
 
-    def enter(self):
+    def slot(self) -> "_Slot":
+        """This thread's slot (made on first use)."""
         try:
-            slot = self._local.slot
+            return self._local.slot
         except AttributeError:
-            slot = self._slot()
-        if slot.depth:
-            slot.depth += 1
-            return slot
-        slot.depth = 1
+            return self._slot()
+
+    def step_in(self, slot: "_Slot") -> None:
+        """Count this thread in (``slot``: :meth:`slot`), waiting while a resize is under
+        way.  Callers save ``slot.depth`` before and restore it in a ``finally`` with two
+        plain stores (``slot.depth = depth; slot.inside = depth > 0``: no call, where
+        CPython could deliver a signal): whatever an interrupt cuts short, in here or in
+        the read, the slot is left exactly as it was found (a slot left counted in kept
+        every exclusive section, a map resize or close, waiting forever)."""
+        slot.depth += 1
+        if slot.depth > 1:
+            return
         slot.inside = True
-        if self.paused:  # a resize is under way: step out until it is done
+        while self.paused:  # a resize is under way: step out until it is done
             slot.inside = False
             with self._cond:
                 while self.paused:
                     self._cond.wait()
             slot.inside = True
-            while self.paused:  # (paused again meanwhile: wait once more)
-                slot.inside = False
-                with self._cond:
-                    while self.paused:
-                        self._cond.wait()
-                slot.inside = True
+
+    def enter(self) -> "_Slot":
+        """Step in and return the slot, for ``leave`` (a section no interrupt can cut
+        between the two: tests; walstore's own readers restore the depth, see step_in)."""
+        slot = self.slot()
+        self.step_in(slot)
         return slot
 
     @staticmethod
-    def leave(slot) -> None:
+    def leave(slot: "_Slot") -> None:
         slot.depth -= 1
         if slot.depth == 0:
             slot.inside = False
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` inside the gate (no map resize meanwhile)."""
+        slot = self.slot()
+        depth = slot.depth
+        try:
+            self.step_in(slot)
+            return fn(*args)
+        finally:
+            slot.depth = depth
+            slot.inside = depth > 0
 
     def exclusive(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` while no other reader is inside LMDB (readers wait a moment).
@@ -283,6 +302,11 @@ class LmdbState:
                             map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
                             create=not readonly, mode=0o600)
         except lmdb.Error as e:
+            if "already open in this process" in str(e):  # (py-lmdb's own registry)
+                raise WalstoreError(
+                    f"{self.path}: py-lmdb still counts it open for the process this one "
+                    f"was forked from; a forked child cannot open a store its parent had "
+                    f"open (use a process started fresh: multiprocessing's 'spawn')") from e
             code = os_errno(e)
             if code is not None:  # (no permission, a full disk, EIO: not damage)
                 raise StoreIOError(code, f"cannot open the LMDB environment: "
@@ -375,11 +399,7 @@ class LmdbState:
         shutil.rmtree(work, ignore_errors=True)
         fileio.make_dir(work)
         with self._write_lock:
-            slot = self.gate.enter()
-            try:
-                self.env.copy(work, compact=True)
-            finally:
-                self.gate.leave(slot)
+            self.gate.call(lambda: self.env.copy(work, compact=True))
             fresh = os.path.join(work, "data.mdb")
             fd = fileio.open_file(fresh, os.O_RDONLY)
             try:
@@ -418,8 +438,10 @@ class LmdbState:
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A short read transaction (keep the block brief: it pins LMDB pages)."""
-        slot = self.gate.enter()  # no resize can invalidate the transaction meanwhile
+        slot = self.gate.slot()  # no resize can invalidate the transaction meanwhile
+        depth = slot.depth
         try:
+            self.gate.step_in(slot)
             txn = self._begin()
             try:
                 yield txn
@@ -428,7 +450,8 @@ class LmdbState:
             finally:
                 txn.abort()
         finally:
-            self.gate.leave(slot)
+            slot.depth = depth  # (see ReadGate.step_in)
+            slot.inside = depth > 0
 
     def _read_failed(self, e: lmdb.Error) -> Exception:
         """What a failed LMDB read raises: StoreClosed once this state is closed (py-lmdb
@@ -473,13 +496,13 @@ class LmdbState:
         """One value in its own read transaction (the gate's fast path inlined: this is
         every point read of the store).  ``db``: a table name (see :meth:`_table`)."""
         gate = self.gate
-        slot = gate.enter()
+        slot = gate.slot()
+        depth = slot.depth
         try:
-            txn = self.env.begin()
-        except lmdb.Error:
-            txn = None
-        try:
-            if txn is None:
+            gate.step_in(slot)
+            try:
+                txn = self.env.begin()
+            except lmdb.Error:
                 txn = self._begin()
             try:
                 table = self.data if db is DATA else self._table(db)  # (the data table:
@@ -489,7 +512,8 @@ class LmdbState:
         except lmdb.Error as e:
             raise self._read_failed(e) from e
         finally:
-            gate.leave(slot)
+            slot.depth = depth  # (see ReadGate.step_in)
+            slot.inside = depth > 0
 
     def run_read(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(txn, *args)`` in a short read transaction: :meth:`read` with the gate's
@@ -637,21 +661,19 @@ class LmdbState:
 
     def sync(self) -> None:
         """Force data and meta pages to stable storage (the checkpoint barrier)."""
-        slot = self.gate.enter()  # py-lmdb fails (EINVAL) an env call that starts while
-        try:                      # the map is being resized: none does, through the gate
-            fileio.lmdb_io("sync", self.path)
-            self.env.sync(True)
+        try:  # py-lmdb fails (EINVAL) an env call that starts while the map is being
+            # resized: none does, through the gate
+            self.gate.call(self._sync)
         except lmdb.Error as e:
             raise StateWriteError(f"syncing LMDB failed: {e}") from e
-        finally:
-            self.gate.leave(slot)
+
+    def _sync(self) -> None:
+        fileio.lmdb_io("sync", self.path)
+        self.env.sync(True)
 
     def map_size(self) -> int:
-        slot = self.gate.enter()  # (not during a resize: see sync)
-        try:
-            return self.env.info()["map_size"]
-        finally:
-            self.gate.leave(slot)
+        # (not during a resize: see sync; the env is read inside, a swap may replace it)
+        return self.gate.call(lambda: self.env.info())["map_size"]
 
     def close(self) -> None:
         with LmdbState._registry_lock:
@@ -708,3 +730,14 @@ def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes
             if len(out) >= limit:
                 break
     return out
+
+
+def _forget_parent_environments() -> None:
+    """In a forked child: the parent's LMDB environments are not the child's to use (LMDB:
+    an environment is used only by the process that opened it); a store the child opens
+    gets its own.  The registry's lock may have been held by another parent thread."""
+    LmdbState._registry = {}
+    LmdbState._registry_lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_forget_parent_environments)

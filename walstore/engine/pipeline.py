@@ -43,6 +43,7 @@ from .. import fileio
 from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
 from ..log.records import Event
 from ..log.writer import LogFailed
+from ..signals import deferred
 from .conflicts import ConflictChecker, Prepared, PreparedSet, ReadSet
 from .journal import Journal
 from . import tables
@@ -64,6 +65,8 @@ class CommitRequest:
     reads: ReadSet | None = None          # None: blind, or validated at prepare
     body: dict = field(default_factory=dict)  # COMMIT payload fields beyond tx/ts/meta/w
     gid: str | None = None                # committing this prepared transaction
+    committed: bool = False               # past the point of no return (set by ``commit``)
+    lsn: int | None = None                # its COMMIT record's LSN, once appended
 
     @property
     def claims(self) -> list[str]:
@@ -141,26 +144,48 @@ class CommitPipeline:
     def commit(self, req: CommitRequest) -> Event:
         """Commit ``req``; returns its COMMIT event (``.lsn``).  See the module docstring
         for which errors mean what."""
-        event = self._before_point_of_no_return(req)
-        if self.journal.waits_for_durability:  # (durability="full"; else written is done)
-            self.durable_or_unknown(self.journal.make_durable, event, req.txid,
-                                    f"transaction {req.txid}'s commit record",
-                                    "whether it committed")
+        checked = self._before_the_record(req)
+        # From the record's append to the point of no return no asynchronous signal may
+        # cut in (walstore.signals): a KeyboardInterrupt there left the committer unsure
+        # whether a record that became durable was its own, and it compensated a
+        # transaction that committed.  One delivered meanwhile is raised after
+        # ``req.committed`` is set, which tells the committer the truth.
+        with deferred():
+            event = self._append(req, checked)
+            req.lsn = event.lsn
+            interrupt = None
+            ticket, event.ticket = event.ticket, None  # (kept here for a second wait)
+            while self.journal.waits_for_durability:  # (durability="full"; else written
+                try:                                  # is done)
+                    self.durable_or_unknown(self.journal.make_durable, event, req.txid,
+                                            f"transaction {req.txid}'s commit record",
+                                            "whether it committed", ticket)
+                    break
+                except Exception:
+                    raise  # (nothing committed, or CommitOutcomeUnknown)
+                except BaseException as e:  # an interrupt the signal mask could not hold
+                    interrupt = e  # off (another thread took it): the record is appended,
+                    # so its fate is decided by the wait, which goes on; then it is raised
+            req.committed = True
+            if interrupt is not None:
+                raise interrupt
         try:  # phase 3, after the point of no return (see the module docstring)
             if fileio.faults_installed:  # (a test's backend: it may raise here)
                 fileio.fault_point("commit.after_durable")
             self.engine.wake_applier()
-        except BaseException as e:  # committed: contained, surfaced by the store's status
+        except Exception as e:  # committed: contained, surfaced by the store's status
             self.engine.note_background_error(e)
         return event
 
     def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str,
-                           unknown: str) -> None:
+                           unknown: str, ticket=None) -> None:
         """Wait for ``event``'s record to be durable; when the fsync fails, the outcome of
         that decision is unknown until recovery: the store stops writing and
-        CommitOutcomeUnknown is raised (no compensation may run on it)."""
+        CommitOutcomeUnknown is raised (no compensation may run on it).  ``ticket``: the
+        buffered record's, when the caller took it off the event already."""
         # the event may wait long in the MemTable: it keeps no ticket for the GC to scan
-        ticket, event.ticket = event.ticket, None
+        if ticket is None:
+            ticket, event.ticket = event.ticket, None
         try:
             make_durable(event.end, ticket)
         except LogFailed as e:
@@ -170,13 +195,18 @@ class CommitPipeline:
                 f"(recovery decides); the store is now read-only and no compensation ran",
                 txid) from e
 
-    def _before_point_of_no_return(self, req: CommitRequest) -> Event:
+    def _before_the_record(self, req: CommitRequest):
+        """Phase 1's part outside the journal lock: writable, room, reads against LMDB."""
         eng = self.engine
         eng.check_writable()
         eng.wait_for_room()
-        checked = None
         if req.reads:
-            checked = self.checker.check_applied(req.txid, req.reads)
+            return self.checker.check_applied(req.txid, req.reads)
+        return None
+
+    def _append(self, req: CommitRequest, checked) -> Event:
+        """Phase 1's end, under the journal lock: validate, then append the records."""
+        eng = self.engine
         with self.journal.lock:
             if self.gate.holder is not None:
                 self.gate.wait_open()

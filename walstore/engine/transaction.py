@@ -367,6 +367,7 @@ class Transaction:
             self._finish(COMMITTED)
             self.lsn = LSN(lsn)
             return self.lsn
+        req = None
         try:
             body = self._hooks.commit_body(self)
             if not self._writes and not body:
@@ -381,6 +382,13 @@ class Transaction:
             self._finish(UNKNOWN)  # recovery decides; nothing is compensated now
             raise
         except BaseException as e:
+            if req is not None and req.committed:
+                # committed, and then interrupted (a KeyboardInterrupt held off until the
+                # point of no return: walstore.signals): the interrupt goes on, the
+                # commit stands and nothing is compensated
+                self._finish(COMMITTED)
+                self.lsn = LSN(req.lsn)
+                raise
             if self.state == ACTIVE:
                 self._rollback(e)
             raise

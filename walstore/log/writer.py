@@ -36,11 +36,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 from .. import fileio
 from ..fileio import pwrite_all
 from ..errors import ReadOnlyError, WalstoreError
 from ..codec import pack
+from ..signals import deferred, start_thread
+
+LOST_LEAD_S = 1.0  # a waiter looks this often whether the group commit's lead was lost
 from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, encode_record
 from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment, list_segments,
                       segment_name)
@@ -91,6 +95,9 @@ class WriteAheadLog:
         self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
         self._sync_mutex = threading.Lock()  # guards the group commit's state below
         self._syncing = False               # a leader is fsyncing
+        self._in_lead = False               # ... and is inside ``_lead`` (see _lead_is_lost)
+        self._leader: int | None = None     # the thread that took the lead
+        self._lead_taken = 0.0              # when (time.monotonic())
         self._waiters: list[tuple] = []  # (lsn, its wake-up lock, its Appended or None)
         self.after_sync = None  # called by the fsync leader with the new synced LSN
         self.on_void = None     # called (holding ``lock``) with the first voided LSN
@@ -288,7 +295,7 @@ class WriteAheadLog:
         """Start the thread that keeps a spare ready (at once, and after each rotation)."""
         self._spare_thread = threading.Thread(target=self._spare_loop, name="walstore-spare",
                                               daemon=True)
-        self._spare_thread.start()
+        start_thread(self._spare_thread)
 
     def _spare_loop(self) -> None:
         while True:
@@ -363,11 +370,18 @@ class WriteAheadLog:
         """
         if self.synced_lsn >= lsn and self.failed is None and ticket is None:
             return
+        # no asynchronous signal inside (walstore.signals): an interrupt between taking
+        # the lead (``_syncing``) and handing it on, or holding the mutex, left every
+        # later commit of the process waiting for ever
+        with deferred():
+            self._sync_to(lsn, ticket)
+
+    def _sync_to(self, lsn: int, ticket: Appended | None) -> None:
         mutex = self._sync_mutex
         me = None  # this caller's wake-up lock, made on its first wait
+        ident = threading.get_ident()
         while True:  # (one pass, unless it led a round that did not cover ``lsn``)
-            mutex.acquire()
-            try:
+            with mutex:  # (``with``: no interrupt between taking the mutex and the guard)
                 while True:
                     if ticket is not None and ticket.error is not None:
                         self._abandon(me)  # (a lead handed to us goes on to the next one)
@@ -375,8 +389,9 @@ class WriteAheadLog:
                     self.check_usable()
                     if self.synced_lsn >= lsn or lsn > self.written_lsn:
                         return  # (beyond the end: what it waited for was voided)
-                    if not self._syncing:
-                        self._syncing = True
+                    if not self._syncing or self._lead_is_lost(ident):
+                        self._syncing, self._leader = True, ident
+                        self._lead_taken = time.monotonic()
                         break
                     if me is None:
                         if self.lock._is_owned():  # the leader may need it for the buffer
@@ -387,15 +402,26 @@ class WriteAheadLog:
                     self._waiters.append((lsn, me, ticket))
                     mutex.release()
                     try:
-                        me.acquire()  # released by a leader: covered, the lead, or failed
+                        # released by a leader (covered, the lead, or failed); a timeout
+                        # looks whether the lead was lost (see _lead_is_lost)
+                        woken = me.acquire(timeout=LOST_LEAD_S)
                     except BaseException:  # (an interrupt): never strand the waiters
                         mutex.acquire()
                         self._abandon(me)
                         raise
                     mutex.acquire()
-            finally:
-                mutex.release()
+                    if not woken:
+                        self._waiters = [w for w in self._waiters if w[1] is not me]
             self._lead(lsn)
+
+    def _lead_is_lost(self, ident: int) -> bool:
+        """A lead taken and never led (its thread interrupted, KeyboardInterrupt, between
+        taking it and entering ``_lead``): the same thread's next sync takes it again at
+        once; another thread after LOST_LEAD_S.  (Caller holds the mutex.)"""
+        if self._in_lead:
+            return False
+        return (self._leader == ident
+                or time.monotonic() - self._lead_taken > LOST_LEAD_S)
 
     def _abandon(self, me: threading.Lock | None) -> None:
         """A waiter leaves (caller holds the mutex): forget its entry; if a leader had
@@ -412,6 +438,7 @@ class WriteAheadLog:
         the buffer that holds it (``_flush`` empties the buffer first): taking ``lock``
         waits for that write, so the round covers it."""
         rounds = 0
+        self._in_lead = True
         while True:
             done = None
             more = False
@@ -446,7 +473,7 @@ class WriteAheadLog:
                         if rest and not more:
                             wake.append(rest.pop(0))  # the next leader
                     if not more:
-                        self._syncing = False
+                        self._syncing = self._in_lead = False
                     for w in wake:
                         w[1].release()
             if not more:

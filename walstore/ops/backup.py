@@ -58,11 +58,8 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     fileio.make_dir(out.root)
     fileio.make_dir(out.wal)
     fileio.make_dir(out.db)
-    slot = state.gate.enter()  # no map resize while LMDB copies itself
-    try:
-        state.env.copy(out.db, compact=True)
-    finally:
-        state.gate.leave(slot)
+    # no map resize while LMDB copies itself
+    state.gate.call(lambda: state.env.copy(out.db, compact=True))
     for name in os.listdir(out.db):
         os.chmod(os.path.join(out.db, name), fileio.FILE_MODE)
     copied_state = LmdbState(out.db, readonly=True)

@@ -143,11 +143,8 @@ class DirectorySource:
         from ..engine.lmdb_state import LmdbState
         state = LmdbState(self.layout.db, readonly=True)  # shares the env in-process
         try:
-            slot = state.gate.enter()  # no map resize while LMDB copies itself
-            try:
-                state.env.copy(dest_dir, compact=True)
-            finally:
-                state.gate.leave(slot)
+            # no map resize while LMDB copies itself
+            state.gate.call(lambda: state.env.copy(dest_dir, compact=True))
         finally:
             state.close()
         for name in os.listdir(dest_dir):

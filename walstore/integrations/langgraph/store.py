@@ -35,6 +35,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   validate_op_namespace)
 
 from walstore.errors import ConflictError
+from walstore.signals import start_thread
 
 from .keys import MemoryKeys, prefix_end
 
@@ -414,7 +415,7 @@ class WalstoreStore(BaseStore):
                 done.set_exception(e)
         self._sweeper = threading.Thread(target=loop, name="walstore-ttl-sweeper",
                                          daemon=True)
-        self._sweeper.start()
+        start_thread(self._sweeper)
         return done
 
     def stop_ttl_sweeper(self, timeout: float | None = None) -> bool:
