@@ -236,6 +236,17 @@ class Saga:
         """A rollback to a savepoint crossed these actions: compensate them now."""
         self.compensate([a for a in actions if isinstance(a, Action)], cause=cause)
 
+    def settle_uncompensated(self, actions: list[Action]) -> None:
+        """Actions that declare no compensation, undone by a rollback to a savepoint:
+        nothing is owed, so each is recorded ``resolved`` (when the store can record)."""
+        for action in actions:
+            if not self.engine.writable:
+                return  # (the next open ends the transaction: its ABORT settles them)
+            action.state = RESOLVED
+            action.error = ("undone by a rollback to a savepoint; it declares no "
+                            "compensation")
+            self.record_state(action)
+
     # ---- compensation --------------------------------------------------------------------
     def compensate(self, actions: list[Action], cause: BaseException | None = None,
                    raise_on_failure: bool = True, include_held: bool = False) -> list[Action]:

@@ -26,6 +26,7 @@ from ..codec import unpack
 from ..errors import CorruptionError, os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
+from ..files.entries import ABSENT, DIR
 from ..files.paths import PathLike, display
 from ..log.format import LSN
 
@@ -122,9 +123,13 @@ class FileHistory:
     def later_writers(self, txid: int, lsn: int,
                       in_scope: Callable[[bytes], bool] = lambda _root: True) -> set[int]:
         """Transactions committed after ``lsn`` that changed a path ``txid`` changed (in
-        a workspace ``in_scope``)."""
+        a workspace ``in_scope``), or a path under a directory it created: undoing the
+        creation removes the directory, which takes their paths with it (a revert of the
+        transaction that made ``d/`` for ``d/a`` failed half way once a later one had
+        written ``d/b``, and its dry run said it would go)."""
         out = set()
         st = self._st
+        created: dict[bytes, list[bytes]] = {}
         for ws, path in self.changes_of(txid):
             if not in_scope(ws):
                 continue
@@ -132,6 +137,15 @@ class FileHistory:
             for raw, v in st.scan(tables.fversion_key(ws, path, lsn + 1),
                                   prefix + b"\xff" * 9, db="fversions"):
                 if tables.is_fversion_of(raw, prefix) and unpack(v)[0] != txid:
+                    out.add(unpack(v)[0])
+            mine = self.version(ws, path, lsn)
+            if mine is not None and mine.before.kind == ABSENT and mine.after.kind == DIR:
+                created.setdefault(ws, []).append(path + b"/")
+        for ws, dirs in created.items():  # (the workspace's retained versions, once)
+            prefix = tables.fws_prefix(ws)
+            for raw, v in st.scan(prefix, prefix + b"\xff" * 3, db="fversions"):
+                _ws, path, at = tables.split_fversion_key(raw)
+                if at > lsn and path.startswith(tuple(dirs)) and unpack(v)[0] != txid:
                     out.add(unpack(v)[0])
         return out
 

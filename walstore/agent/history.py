@@ -21,6 +21,7 @@ from ..codec import Key, decode_key, encode_key, unpack, unpack_value
 from ..errors import HistoryTrimmed, PointTypeError, TrimmedOrUnknownPoint, UnknownPoint
 from ..log.format import RecordType
 from ..engine import tables
+from ..engine.snapshot import SnapshotTooOld
 from ..engine.transaction import scan_bounds
 from .txlog import LSN, TxnInfo, info_from_row
 
@@ -54,7 +55,12 @@ class HistoricalView:
     def _value(self, k: bytes) -> bytes | None:
         if self._erased and any(lo <= k and (hi is None or k < hi) for lo, hi in self._erased):
             return None
-        return self._history.engine.reader.as_of(k, self.lsn + 1)
+        try:
+            return self._history.engine.reader.as_of(k, self.lsn + 1)
+        except SnapshotTooOld:  # trimmed while this view was in use: the point is gone
+            raise HistoryTrimmed(f"the history of LSN {int(self.lsn)} was trimmed while this "
+                                 f"view of it was in use (retention); it is older than the "
+                                 f"retained history now") from None
 
     def get(self, key: Key, default: Any = None) -> Any:
         v = self._value(encode_key(key))

@@ -53,8 +53,14 @@ class AgentHooks:
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
         """A rollback to a savepoint crossed these effects: undo them now (a file effect
         that cannot be put back stays in the transaction: its rollback tries again, a
-        commit keeps it)."""
-        self.undo(tx.id, actions, cause, keep=tx.effects)
+        commit keeps it).  An action that declares no compensation is settled as
+        ``resolved`` (a whole rollback's ABORT does that; a commit after a rollback_to
+        names only the actions it keeps, and this one stayed in flight for good)."""
+        try:
+            self.undo(tx.id, actions, cause, keep=tx.effects)
+        finally:
+            self.saga.settle_uncompensated(
+                [a for a in actions if isinstance(a, Action) and a.compensate is None])
 
     def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
         self.saga.end_without_commit(tx, cause, undo=lambda effects: self.undo(

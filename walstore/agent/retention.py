@@ -39,19 +39,25 @@ class Retention:
         old = st.meta_int(b"horizon")
         if horizon <= old:
             return {"history_trimmed": 0}
-        trimmed = 0
+        # The horizon moves first, in its own LMDB transaction, then history goes: a
+        # reader (an old snapshot, an ``at()`` view, an undo planning from a point) that
+        # reads while rows are deleted must find the point trimmed, never a later
+        # version's before-image in place of a deleted one (a rewind beside a trim
+        # restored values no point ever had).  ``trimmed_txid_max``: a txid above it was
+        # never trimmed, so an unknown one there never committed (UnknownPoint, not
+        # HistoryTrimmed: see History); set with the horizon, from the commits below it.
         top = st.meta_int(b"trimmed_txid_max", 0)
+        for _raw, txid in st.scan(u64(old), u64(horizon), db="bylsn"):
+            top = max(top, from_u64(txid))
+        self.engine.applier.set_meta(b"horizon", horizon, trimmed_txid_max=top)
+        trimmed = 0
         while True:
             batch = self._oldest_commits(old, horizon)
             if not batch:
                 break
             self.engine.applier.trim_history(batch, horizon)
             trimmed += len(batch)
-            top = max(top, max(txid for _lsn, txid in batch))
             old = batch[-1][0] + 1
-        # ``trimmed_txid_max``: a txid above it was never trimmed, so an unknown one there
-        # never committed (UnknownPoint, not HistoryTrimmed: see History)
-        self.engine.applier.set_meta(b"horizon", horizon, trimmed_txid_max=top)
         return {"history_trimmed": trimmed}
 
     def _oldest_commits(self, lo: int, hi: int) -> list[tuple[int, int]]:

@@ -713,7 +713,7 @@ class Engine:
         process applies under it, counts by a snapshot scan."""
         self.check_open()
         if self.readonly:
-            return sum(1 for _ in self.reader.scan(b"", None, False))
+            return sum(1 for _ in self.reader.scan(b"", None, False, purges=False))
         mt, st = self.memtable, self.state
         with self._apply_lock:
             with mt.lock:  # (committers add keys under it)

@@ -61,23 +61,28 @@ class StateReader:
                     return v
         return self.state.get(key)
 
-    def as_of(self, key: bytes, at: int) -> bytes | None:
-        """The value of ``key`` as of LSN ``at`` (see the module docstring)."""
+    def as_of(self, key: bytes, at: int, purges: bool = False) -> bytes | None:
+        """The value of ``key`` as of LSN ``at`` (see the module docstring).  ``purges``:
+        raise SnapshotTooOld when a purge applied after ``at`` may have erased what this
+        reads (a transaction's reads must be one state that existed; a view of the past
+        reads a purged key as absent, which is what a purge promises)."""
         found, v = self.memtable.visible(key, at)
         if found:
             return v
         st = self.state
-        return st.run_read(_lmdb_value_as_of, st, key, at)
+        return st.run_read(_lmdb_value_as_of, st, key, at, purges)
 
     # ---- scans --------------------------------------------------------------------------
-    def scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int | None = None
-             ) -> Iterator[tuple[bytes, bytes]]:
+    def scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int | None = None,
+             purges: bool = True) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) of the state as of ``at`` (default: now) in [lo, hi), in order.
 
         The MemTable's keys in the range are listed once, in order; each LMDB chunk is
         merged with just those of them its key interval covers, and their values are
         looked up as they are yielded: a caller after the first row or two (the head of a
-        conversation) pays for what it reads, not for every unapplied key in the range."""
+        conversation) pays for what it reads, not for every unapplied key in the range.
+        A purge applied after ``at`` while the scan streams: SnapshotTooOld (with
+        ``purges``; the purge erased history the rest of the scan would need)."""
         mt = self.memtable
         if at is None:
             at = mt.published
@@ -93,7 +98,7 @@ class StateReader:
             with st.read() as txn:
                 applied = st.applied_past(txn, covered)
                 if applied is not None:
-                    _changed_since(txn, st, covered, applied, lo, hi, at, fixes)
+                    _changed_since(txn, st, covered, applied, lo, hi, at, fixes, purges)
                     covered = applied
                 chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit)
             final = len(chunk) < limit
@@ -136,7 +141,7 @@ class StateReader:
                     # no version here below ``at``: its value is in LMDB, i.e. ``rows``,
                     # unless versions left for LMDB after the keys were listed (this
                     # chunk may be older than their apply): then read it anew
-                    v = rows.get(k) if mt.drops == drops else self.as_of(k, at)
+                    v = rows.get(k) if mt.drops == drops else self.as_of(k, at, True)
             if v is not None:
                 yield k, v
 
@@ -148,9 +153,10 @@ def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: boo
     return (after is None or k > after) and (edge is None or k <= edge)
 
 
-def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int) -> bytes | None:
+def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = False
+                      ) -> bytes | None:
     if st.applied_past(txn, at) is not None:
-        _check_horizon(txn, st, at)
+        _check_horizon(txn, st, at, purges)
         cur = txn.cursor(db=st.hist)
         if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(
                 cur.key(), tables.hist_prefix(key)):
@@ -158,18 +164,24 @@ def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int) -> bytes | None:
     return txn.get(key, db=st.data)
 
 
-def _check_horizon(txn, st: LmdbState, at: int) -> None:
+def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False) -> None:
     horizon = from_u64(txn.get(b"horizon", db=st.meta))
     if at < horizon:
         raise SnapshotTooOld(f"this transaction's snapshot (LSN {at}) is older than the "
                              f"retained history (horizon LSN {horizon}); retry it")
+    if purges:
+        purge = from_u64(txn.get(b"last_purge", db=st.meta))
+        if purge >= at:  # (a purge's own commit at or after the snapshot: applied since)
+            raise SnapshotTooOld(f"a purge (LSN {purge}) erased history after this "
+                                 f"snapshot (LSN {at}) was taken; what it would read is not "
+                                 f"one state any more: retry it")
 
 
 def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: bytes | None,
-                   at: int, fixes: dict) -> None:
+                   at: int, fixes: dict, purges: bool = True) -> None:
     """Add to ``fixes`` the value as of ``at`` of every key in [lo, hi) changed by a commit
     applied with LSN in [since, upto)."""
-    _check_horizon(txn, st, at)
+    _check_horizon(txn, st, at, purges)
     for _lsn_raw, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                          limit=1 << 62):
         row = txn.get(txid_raw, db=st.txns)
@@ -177,4 +189,4 @@ def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: byt
             continue
         for k, _none in unpack(row).get("w", ()):
             if k >= lo and (hi is None or k < hi) and k not in fixes:
-                fixes[k] = _lmdb_value_as_of(txn, st, k, at)
+                fixes[k] = _lmdb_value_as_of(txn, st, k, at, purges)

@@ -181,7 +181,7 @@ class Transaction:
             v = self._writes[k]
         else:
             self.read_keys.add(k)
-            v = self._engine.reader.as_of(k, self.snapshot)
+            v = self._engine.reader.as_of(k, self.snapshot, True)
         return default if v is None else unpack_value(v)
 
     def __getitem__(self, key: Key) -> Any:
