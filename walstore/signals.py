@@ -17,7 +17,9 @@ SIGILL, SIGABRT, SIGTRAP, SIGSYS) are never blocked.
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 _SYNCHRONOUS = {getattr(signal, n) for n in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS",
@@ -25,8 +27,62 @@ _SYNCHRONOUS = {getattr(signal, n) for n in ("SIGKILL", "SIGSTOP", "SIGSEGV", "S
                                               "SIGSYS") if hasattr(signal, n)}
 ASYNCHRONOUS = frozenset(signal.valid_signals()) - _SYNCHRONOUS
 _CAN_BLOCK = hasattr(signal, "pthread_sigmask")
-_main = threading.main_thread
 _ident = threading.get_ident
+_MAIN = [threading.main_thread().ident]  # the thread that runs signal handlers (see fork)
+
+
+def _forked() -> None:
+    _MAIN[0] = threading.main_thread().ident  # (the child's: the thread that forked)
+    _DEFERRED.depth, _DEFERRED.old = 0, None
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _libc_sigmask():
+    """``pthread_sigmask`` through ctypes with a prebuilt mask (glibc/musl on Linux: a
+    sigset_t of 1,024 bits, SIG_BLOCK 0, SIG_SETMASK 2): two calls cost about 1 µs,
+    where ``signal.pthread_sigmask`` costs 70 µs (it turns each mask into a set of
+    ``Signals`` objects).  None elsewhere (the stdlib call is used)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        fn = ctypes.CDLL(None, use_errno=True).pthread_sigmask
+    except (OSError, AttributeError):
+        return None
+    bits = ctypes.sizeof(ctypes.c_ulong) * 8
+    words = 1024 // bits
+    block, old = (ctypes.c_ulong * words)(), (ctypes.c_ulong * words)()
+    for sig in ASYNCHRONOUS:
+        block[(sig - 1) // bits] |= 1 << ((sig - 1) % bits)
+    return fn, block, old
+
+
+_LIBC = _libc_sigmask()
+
+
+def _block():
+    """Block the asynchronous signals in this thread; returns what ``_restore`` takes."""
+    if _LIBC is not None:
+        fn, block, old = _LIBC
+        fn(0, block, old)  # SIG_BLOCK
+        return old
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _FEW)
+
+
+def _restore(old) -> None:
+    if _LIBC is not None:
+        _LIBC[0](2, old, None)  # SIG_SETMASK
+    else:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+# without ctypes: the signals programs install handlers for (a mask of every signal costs
+# the stdlib call 70 µs a section; these few, 6 µs)
+_FEW = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGALRM", "SIGHUP",
+                                              "SIGUSR1", "SIGUSR2", "SIGQUIT", "SIGVTALRM",
+                                              "SIGPROF") if hasattr(signal, n))
 
 
 def _nothing() -> None:
@@ -45,28 +101,28 @@ class _Deferred:
         self.old = None
 
     def __enter__(self) -> None:
-        if _ident() != _main().ident:
+        if _ident() != _MAIN[0]:
             return
         if self.depth:
             self.depth += 1
             return
         if _CAN_BLOCK:
-            old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)
+            old = _block()
             try:
                 _nothing()  # (a handler pending from before runs now, outside the section)
             except BaseException:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                _restore(old)
                 raise
             self.old = old
         self.depth = 1
 
     def __exit__(self, *exc) -> None:
-        if not self.depth or _ident() != _main().ident:
+        if not self.depth or _ident() != _MAIN[0]:
             return
         self.depth -= 1
         if not self.depth and self.old is not None:
             old, self.old = self.old, None
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # (pending ones run after this)
+            _restore(old)  # (pending ones run after this)
 
 
 _DEFERRED = _Deferred()
@@ -86,7 +142,7 @@ def start_thread(thread: threading.Thread) -> None:
     if not _CAN_BLOCK:
         thread.start()
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)  # (rare: the stdlib call)
     try:
         thread.start()
     finally:
