@@ -69,6 +69,7 @@ class Applier:
             actions: dict[str, dict] = {}
             max_txid = -1
             deletes = False  # whether ``latest`` holds a delete
+            sorted_latest = False  # ``latest`` is one big commit's writes, in key order
             purges = []  # commits that purge (a purge ends its batch: see ``apply``)
             # whether ``inflight`` may hold a row (exact: its count, then every put below);
             # a plain commit looks its txid up there only then (most batches: never)
@@ -86,9 +87,11 @@ class Applier:
                     # to the store has the same row each time (a bulk load: all of them)
                     none_row = pack([e.txid, None])
                     if len(e.writes) >= SORTED_PUT_ROWS:  # (the same, a column at a time)
-                        deletes = _history_rows(txn, data, e, latest, lsn_raw, none_row,
+                        sorted_latest = not latest  # (then ``latest`` is in key order)
+                        deletes = _history_rows(txn, st, e, latest, lsn_raw, none_row,
                                                 hist_rows, new_keys) or deletes
                     else:
+                        sorted_latest = sorted_latest and not e.writes
                         for k, v in e.writes:
                             before = latest[k] if k in latest else txn.get(k, None, data)
                             # (positional: no keyword parsing in py-lmdb, 0.16 against 0.28
@@ -151,6 +154,8 @@ class Applier:
                     for k, v in latest.items():
                         if v is None:
                             txn.delete(k, db=st.data)
+                elif sorted_latest:  # (no list, no sort: dict items in key order)
+                    _put_in_order(txn, st.data, latest.items, next(iter(latest)))
                 else:
                     _put_rows(txn, st.data, latest.items())
                 _put_rows(txn, st.hist, hist_rows)
@@ -258,25 +263,52 @@ _FILE_EVENTS = frozenset({_T.WORKSPACE, _T.FILE_STEPS, _T.WATCH_BEGIN, _T.WATCH_
                           _T.FILE_RESTORED, _T.FILE_CONFLICT})
 
 
-def _history_rows(txn, data, e: Event, latest: dict, lsn_raw: bytes, none_row: bytes,
+def _history_rows(txn, st, e: Event, latest: dict, lsn_raw: bytes, none_row: bytes,
                   hist_rows: list, new_keys: list) -> bool:
     """The history rows and new keys of a commit's many writes (what the per-key loop in
-    ``Applier._apply`` makes, built column by column in C loops, in key order: the rows
-    ``_put_rows`` sorts are then sorted runs already); ``latest`` updated; whether it
-    deletes."""
+    ``Applier._apply`` makes, built column by column in C loops, in key order); ``latest``
+    updated; whether it deletes.  The rows go straight to their tables (order does not
+    matter there: distinct (key, LSN) rows, and new-key marks put without overwrite)
+    when they are in table order already — the keys all one length, as a bulk load's
+    usually are: the history table orders by length first — through lazy ``zip``s, so no
+    list of a row per key is built (each a tuple the garbage collector would scan);
+    else they join ``hist_rows`` / ``new_keys`` for ``_put_rows``."""
     writes = sorted(e.writes, key=_first)
     keys = list(map(_first, writes))
+    data = st.data
     if latest:
         befores = [latest[k] if k in latest else txn.get(k, None, data) for k in keys]
     else:
         befores = list(map(txn.get, keys, _NONES, itertools.repeat(data)))
     txid = e.txid
-    hist_rows.extend(zip([_pack_u16(len(k)) + k + lsn_raw for k in keys],
-                         [none_row if b is None else pack([txid, b]) for b in befores]))
-    if None in befores:
-        new_keys.extend([(k, b"") for k, b in zip(keys, befores) if b is None])
+    hkeys = [_pack_u16(len(k)) + k + lsn_raw for k in keys]
+    hvals = [none_row if b is None else pack([txid, b]) for b in befores]
+    lengths = set(map(len, keys))
+    if len(lengths) == 1:  # (one length: history keys sort as the keys do)
+        _put_in_order(txn, st.hist, lambda: zip(hkeys, hvals), hkeys[0])
+        if None in befores:
+            fresh = list(itertools.compress(keys, map(operator.is_, befores, _NONES)))
+            _put_in_order(txn, st.hkeys, lambda: zip(fresh, itertools.repeat(b"")), fresh[0],
+                          overwrite=False)
+    else:
+        hist_rows.extend(zip(hkeys, hvals))
+        if None in befores:
+            new_keys.extend([(k, b"") for k, b in zip(keys, befores) if b is None])
     latest.update(writes)  # (one event's keys are distinct)
     return None in map(_second, writes)
+
+
+def _put_in_order(txn, db, rows, first: bytes, overwrite: bool = True) -> None:
+    """Put the rows ``rows()`` yields (in key order, distinct keys, ``first`` the first
+    key) into ``db``: appended (MDB_APPEND) when they all sort after the table's last key,
+    else put one by one.  ``rows`` is called again when an append fell short (a row out
+    of order: a caller's bug)."""
+    cur = txn.cursor(db=db)
+    if not cur.last() or cur.key() < first:
+        _consumed, added = cur.putmulti(rows(), overwrite=overwrite, append=True)
+        if added == _consumed or not overwrite:
+            return
+    cur.putmulti(rows(), overwrite=overwrite)
 
 
 SORTED_PUT_ROWS = 256  # from this many rows a batch is put in key order (see _put_rows)
