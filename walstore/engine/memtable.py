@@ -167,7 +167,8 @@ class MemTable:
         touched: set[bytes] = set()
         for e in batch:
             if e.writes is not None and e.type == _COMMIT:
-                touched.update(e.writes and [k for k, _v in e.writes])
+                for k, _v in e.writes:  # (no generator: most commits write a key or two)
+                    touched.add(k)
         if touched:
             last = batch[-1].lsn  # every version at or below it is in LMDB now
             for k in touched:
