@@ -128,15 +128,21 @@ def as_store_error(e: OSError) -> OSError:
         if cls is OSError or not issubclass(cls, OSError):
             wrapped = StoreIOError
         else:
-            wrapped = type(f"Store{cls.__name__}", (StoreIOError, cls),
-                           {"__module__": __name__, "__doc__": f"A StoreIOError that is also "
-                                                                f"a {cls.__name__}."})
+            name = f"Store{cls.__name__}"
+            wrapped = globals().get(name)
+            if wrapped is None:  # (bound here by name: pickle finds it, e.g. across a
+                wrapped = type(name, (StoreIOError, cls),  # process pool)
+                               {"__module__": __name__, "__qualname__": name,
+                                "__doc__": f"A StoreIOError that is also a {cls.__name__}."})
+                globals()[name] = wrapped
         _OS_ERROR_CLASSES[cls] = wrapped
     if e.errno is None:
         return wrapped(str(e))
     if e.filename is None:
         return wrapped(e.errno, e.strerror)
-    return wrapped(e.errno, e.strerror, e.filename)
+    if e.filename2 is None:
+        return wrapped(e.errno, e.strerror, e.filename)
+    return wrapped(e.errno, e.strerror, e.filename, None, e.filename2)
 
 
 def os_errors_wrapped(method):

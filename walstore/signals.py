@@ -71,6 +71,19 @@ def _block():
     return signal.pthread_sigmask(signal.SIG_BLOCK, _FEW)
 
 
+def _restore_after_failure(old) -> None:
+    """Undo ``_block`` when a handler raised in it or right after it (``old`` None: its
+    result never arrived).  ctypes: the C call wrote the mask before it into the one
+    buffer (or, cut short before it ran, the buffer holds the mask of the last section's
+    start, the same); the stdlib call: the few signals it blocked are let in again."""
+    if _LIBC is not None:
+        _LIBC[0](2, _LIBC[2], None)
+    elif old is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    else:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FEW)
+
+
 def _restore(old) -> None:
     if _LIBC is not None:
         _LIBC[0](2, old, None)  # SIG_SETMASK
@@ -86,8 +99,25 @@ _FEW = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGALRM", "S
 
 
 def _nothing() -> None:
-    """A Python call: the interpreter runs a handler already pending here (a signal that
-    arrived just before the mask was set), before the section begins."""
+    """Run the handlers of signals that arrived just before the mask was set, now, before
+    the section begins (the stdlib ``pthread_sigmask`` does so itself; a ctypes call does
+    not, and a plain Python call was not enough: a probe saw handlers run inside)."""
+    if _CHECK_SIGNALS is not None:
+        _CHECK_SIGNALS()  # (raises what a handler raised)
+
+
+def _check_signals():
+    try:
+        import ctypes
+        fn = ctypes.pythonapi.PyErr_CheckSignals  # (PyDLL: an exception set is raised)
+        fn.restype = ctypes.c_int
+        fn.argtypes = ()
+        return fn
+    except (ImportError, AttributeError):
+        return None
+
+
+_CHECK_SIGNALS = _check_signals() if _LIBC is not None else None
 
 
 class _Deferred:
@@ -106,15 +136,16 @@ class _Deferred:
         if self.depth:
             self.depth += 1
             return
+        self.depth = 1  # (first: a handler that runs below and uses the store nests)
         if _CAN_BLOCK:
-            old = _block()
             try:
-                _nothing()  # (a handler pending from before runs now, outside the section)
-            except BaseException:
-                _restore(old)
+                self.old = _block()  # (one buffer: never blocked again while it is held)
+                _nothing()  # (a handler pending from before runs now, before the section)
+            except BaseException:  # (a handler raised: the section never began)
+                old, self.old = self.old, None
+                self.depth = 0
+                _restore_after_failure(old)
                 raise
-            self.old = old
-        self.depth = 1
 
     def __exit__(self, *exc) -> None:
         if not self.depth or _ident() != _MAIN[0]:
@@ -138,7 +169,11 @@ def start_thread(thread: threading.Thread) -> None:
     thread inherits the mask of the thread that starts it): the kernel then gives a
     process-directed signal (a timer's SIGALRM, a terminal's SIGINT) to a thread that runs
     the program's code, never to ours, and one our thread took cannot make the main
-    thread's handler run inside a section ``deferred()`` holds."""
+    thread's handler run inside a section ``deferred()`` holds.  Only for threads that
+    run walstore's own code (the applier, the spare, the flusher): a process started from
+    such a thread would inherit the mask (a shell's ``wait`` never sees its SIGCHLD), so
+    the replication shipper and LangGraph's TTL sweeper, which run boto3 and the
+    program's code, start as plain threads."""
     if not _CAN_BLOCK:
         thread.start()
         return

@@ -37,8 +37,15 @@ class Retention:
         if pins:
             horizon = min(horizon, min(pins))
         old = st.meta_int(b"horizon")
-        if horizon <= old:
+        # rows below the recorded horizon are a trim a crash cut short (the horizon moves
+        # first): they are trimmed now, from the oldest
+        first = next(iter(st.scan(b"", None, db="bylsn")), None)
+        left = from_u64(first[0]) if first is not None else None
+        if horizon <= old and (left is None or left >= old):
             return {"history_trimmed": 0}
+        horizon = max(horizon, old)
+        if left is not None:
+            old = min(old, left)
         # The horizon moves first, in its own LMDB transaction, then history goes: a
         # reader (an old snapshot, an ``at()`` view, an undo planning from a point) that
         # reads while rows are deleted must find the point trimmed, never a later

@@ -411,17 +411,22 @@ class WriteAheadLog:
                         raise
                     mutex.acquire()
                     if not woken:
-                        self._waiters = [w for w in self._waiters if w[1] is not me]
+                        if any(w[1] is me for w in self._waiters):
+                            self._waiters = [w for w in self._waiters if w[1] is not me]
+                        else:  # a leader took the entry and released ``me`` meanwhile
+                            me.acquire(blocking=False)  # (under this mutex): consume it,
+                            # or the next wait would return at once and queue ``me`` twice
             self._lead(lsn)
 
     def _lead_is_lost(self, ident: int) -> bool:
-        """A lead taken and never led (its thread interrupted, KeyboardInterrupt, between
-        taking it and entering ``_lead``): the same thread's next sync takes it again at
-        once; another thread after LOST_LEAD_S.  (Caller holds the mutex.)"""
-        if self._in_lead:
-            return False
-        return (self._leader == ident
-                or time.monotonic() - self._lead_taken > LOST_LEAD_S)
+        """A lead taken and not led (its thread interrupted, KeyboardInterrupt, between
+        taking it and entering ``_lead``, or inside ``_lead``'s hand-over): the thread
+        that holds it, syncing again, is not leading (it is here), so it takes it again
+        at once; another thread does when the lead was never entered, after LOST_LEAD_S.
+        (Caller holds the mutex.)"""
+        if self._leader == ident:
+            return True
+        return not self._in_lead and time.monotonic() - self._lead_taken > LOST_LEAD_S
 
     def _abandon(self, me: threading.Lock | None) -> None:
         """A waiter leaves (caller holds the mutex): forget its entry; if a leader had

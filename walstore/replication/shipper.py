@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ReplicationError
-from ..signals import start_thread
 from . import logformat, source as _src
 from .lease import Lease, LeaseLost, Refused, _pid_alive, holder_info
 from .manifest import Manifest
@@ -132,7 +131,8 @@ class Shipper:
         self._first = threading.Event()
         self._thread = threading.Thread(target=self._run, name="walstore-replication",
                                         daemon=True)
-        start_thread(self._thread)
+        self._thread.start()  # (signals not blocked: it runs boto3, which may start a
+        # credential process, and a child inherits its thread's mask: see walstore.signals)
         self._first.wait(wait)
         if self.state == "refused" or (self._start_error is not None
                                        and not getattr(self._start_error, "transient", True)):

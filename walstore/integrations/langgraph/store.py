@@ -35,7 +35,6 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   validate_op_namespace)
 
 from walstore.errors import ConflictError
-from walstore.signals import start_thread
 
 from .keys import MemoryKeys, prefix_end
 
@@ -415,7 +414,7 @@ class WalstoreStore(BaseStore):
                 done.set_exception(e)
         self._sweeper = threading.Thread(target=loop, name="walstore-ttl-sweeper",
                                          daemon=True)
-        start_thread(self._sweeper)
+        self._sweeper.start()
         return done
 
     def stop_ttl_sweeper(self, timeout: float | None = None) -> bool:
