@@ -28,6 +28,9 @@ from .lmdb_state import LmdbState, from_u64, u64
 
 # meta row: msgpack [[lo, hi], ...]: purge ranges whose old bytes are not erased yet
 ERASE_OWED = b"erase_owed"
+# meta row: msgpack [[lsn, lo, hi], ...]: the newest KEEP_RECENT_PURGES purges, oldest first
+RECENT_PURGES = b"recent_purges"
+KEEP_RECENT_PURGES = 64
 
 _pack_u64 = struct.Struct(">Q").pack  # (the layout of ``u64`` and ``tables.txid_key``)
 _first = operator.itemgetter(0)
@@ -171,6 +174,12 @@ class Applier:
             for e in purges:
                 _erase_range(txn, st, e.body["purge_range"])
                 txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
+                # and which ranges the newest purges erased, for old snapshots' reads
+                # (engine.snapshot: a read outside them is still exact)
+                raw = txn.get(RECENT_PURGES, db=st.meta)
+                recent = (unpack(raw) if raw else [])[-(KEEP_RECENT_PURGES - 1):]
+                recent.append([e.lsn] + list(e.body["purge_range"]))
+                txn.put(RECENT_PURGES, pack(recent), db=st.meta)
                 # the erasure of its old bytes (WAL segments, LMDB free pages, quarantine)
                 # is owed until a compacting checkpoint is done: a crash before it must
                 # not forget it (Engine.erase_old_bytes, run at the next open)

@@ -30,6 +30,7 @@ from typing import Iterator
 
 from ..codec import unpack
 from ..errors import ConflictError
+from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
 from .memtable import MemTable
 from . import tables
@@ -156,7 +157,7 @@ def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: boo
 def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = False
                       ) -> bytes | None:
     if st.applied_past(txn, at) is not None:
-        _check_horizon(txn, st, at, purges)
+        _check_horizon(txn, st, at, purges, key, key + b"\x00")
         cur = txn.cursor(db=st.hist)
         if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(
                 cur.key(), tables.hist_prefix(key)):
@@ -164,24 +165,39 @@ def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = Fa
     return txn.get(key, db=st.data)
 
 
-def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False) -> None:
+def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False, lo: bytes = b"",
+                   hi: bytes | None = None) -> None:
     horizon = from_u64(txn.get(b"horizon", db=st.meta))
     if at < horizon:
         raise SnapshotTooOld(f"this transaction's snapshot (LSN {at}) is older than the "
                              f"retained history (horizon LSN {horizon}); retry it")
     if purges:
         purge = from_u64(txn.get(b"last_purge", db=st.meta))
-        if purge >= at:  # (a purge's own commit at or after the snapshot: applied since)
+        if purge >= at and _purged_since(txn, st, at, lo, hi):
             raise SnapshotTooOld(f"a purge (LSN {purge}) erased history after this "
                                  f"snapshot (LSN {at}) was taken; what it would read is not "
                                  f"one state any more: retry it")
+
+
+def _purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> bool:
+    """Did a purge applied after snapshot ``at`` erase keys in [lo, hi) (``hi`` None: to
+    the end)?  The newest purges' ranges are kept (apply.RECENT_PURGES); a snapshot older
+    than all of them cannot tell: yes."""
+    raw = txn.get(RECENT_PURGES, db=st.meta)
+    recent = unpack(raw) if raw else []
+    if len(recent) >= KEEP_RECENT_PURGES and recent[0][0] >= at:
+        return True  # (older purges after ``at`` may have fallen out of the list)
+    for lsn, plo, phi in recent:
+        if lsn >= at and (phi is None or lo < phi) and (hi is None or plo < hi):
+            return True
+    return False
 
 
 def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: bytes | None,
                    at: int, fixes: dict, purges: bool = True) -> None:
     """Add to ``fixes`` the value as of ``at`` of every key in [lo, hi) changed by a commit
     applied with LSN in [since, upto)."""
-    _check_horizon(txn, st, at, purges)
+    _check_horizon(txn, st, at, purges, lo, hi)
     for _lsn_raw, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                          limit=1 << 62):
         row = txn.get(txid_raw, db=st.txns)
