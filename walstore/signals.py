@@ -48,7 +48,7 @@ def _libc_sigmask():
         return None
     try:
         import ctypes
-        fn = ctypes.CDLL(None, use_errno=True).pthread_sigmask
+        fn = ctypes.CDLL(None).pthread_sigmask  # (no errno kept: it returns it)
     except (OSError, AttributeError):
         return None
     bits = ctypes.sizeof(ctypes.c_ulong) * 8
@@ -98,7 +98,7 @@ _FEW = frozenset(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGALRM", "S
                                               "SIGPROF") if hasattr(signal, n))
 
 
-def _nothing() -> None:
+def _run_pending() -> None:
     """Run the handlers of signals that arrived just before the mask was set, now, before
     the section begins (the stdlib ``pthread_sigmask`` does so itself; a ctypes call does
     not, and a plain Python call was not enough: a probe saw handlers run inside)."""
@@ -140,7 +140,7 @@ class _Deferred:
         if _CAN_BLOCK:
             try:
                 self.old = _block()  # (one buffer: never blocked again while it is held)
-                _nothing()  # (a handler pending from before runs now, before the section)
+                _run_pending()  # (a handler pending from before runs now, before the section)
             except BaseException:  # (a handler raised: the section never began)
                 old, self.old = self.old, None
                 self.depth = 0

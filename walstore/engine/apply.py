@@ -310,8 +310,10 @@ def _history_rows(txn, st, e: Event, latest: dict, lsn_raw: bytes, none_row: byt
 def _put_in_order(txn, db, rows, first: bytes, overwrite: bool = True) -> None:
     """Put the rows ``rows()`` yields (in key order, distinct keys, ``first`` the first
     key) into ``db``: appended (MDB_APPEND) when they all sort after the table's last key,
-    else put one by one.  ``rows`` is called again when an append fell short (a row out
-    of order: a caller's bug)."""
+    else put one by one.  Without ``overwrite`` a repeated key is skipped, appended or
+    not; with it, an append that fell short (a row that did not sort after the one
+    before: LMDB compares keys as Python does, so only a caller's bug) puts them all
+    again, ``rows()`` called anew."""
     cur = txn.cursor(db=db)
     if not cur.last() or cur.key() < first:
         _consumed, added = cur.putmulti(rows(), overwrite=overwrite, append=True)
@@ -333,14 +335,7 @@ def _put_rows(txn, db, rows, overwrite: bool = True) -> None:
         txn.cursor(db=db).putmulti(rows, overwrite=overwrite)
         return
     rows = sorted(rows, key=_first)
-    cur = txn.cursor(db=db)
-    if not cur.last() or cur.key() < rows[0][0]:
-        _consumed, added = cur.putmulti(rows, overwrite=overwrite, append=True)
-        if added == len(rows) or not overwrite:
-            return  # (without overwrite a repeated key is skipped, appended or not)
-        # an appended row that did not sort after the one before it was not put (LMDB
-        # compares keys as Python does, so only a caller's bug gets here): put them all
-    cur.putmulti(rows, overwrite=overwrite)
+    _put_in_order(txn, db, lambda: rows, rows[0][0], overwrite)
 
 
 def _apply_file_event(txn, st, e: Event) -> None:

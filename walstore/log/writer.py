@@ -43,11 +43,11 @@ from ..fileio import pwrite_all
 from ..errors import ReadOnlyError, WalstoreError
 from ..codec import pack
 from ..signals import deferred, start_thread
-
-LOST_LEAD_S = 1.0  # a waiter looks this often whether the group commit's lead was lost
 from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, encode_record
 from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment, list_segments,
                       segment_name)
+
+LOST_LEAD_S = 1.0  # a waiter looks this often whether the group commit's lead was lost
 
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 FIRST_SEGMENT_SIZE = 1024 * 1024  # a new store's first segment; later ones grow fourfold
