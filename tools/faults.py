@@ -61,7 +61,7 @@ import lmdb
 from walstore import fileio
 from walstore.fileio import OSBackend
 
-OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink")
+OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink", "write_back")
 SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")
 LMDB_OPS = ("lmdb_commit", "lmdb_sync")   # fileio.lmdb_io("commit" | "sync", env path)
 POINT_OP = "fault_point"                  # fileio.fault_point(name): path is the name
@@ -363,6 +363,19 @@ class FaultBackend(OSBackend):
 
     def fdatasync(self, fd: int) -> None:
         self._sync("fdatasync", fd, self.path_of(fd), lambda: OSBackend.fdatasync(self, fd))
+
+    def write_back(self, fd: int, offset: int, length: int) -> bool:
+        """Logged and failable; no event recorded (it makes nothing durable)."""
+        path = self.path_of(fd)
+        call = Call(0, "write_back", path, fd=fd, offset=offset, size=length)
+        rule = self._check("write_back", (path,), call)
+        if rule is not None:
+            self._raise(rule, path)
+        try:
+            return super().write_back(fd, offset, length)
+        except OSError as e:
+            call.error = e.errno
+            raise
 
     def fsync_dir(self, path: str) -> None:
         self._sync("fsync_dir", None, path, lambda: OSBackend.fsync_dir(self, path))

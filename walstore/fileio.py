@@ -14,6 +14,7 @@ reversible-files blob store (``walstore.files.blobs``): bytes they move never pa
 """
 from __future__ import annotations
 
+import errno
 import os
 
 FILE_MODE = 0o600
@@ -60,11 +61,45 @@ class OSBackend:
         """os.copy_file_range: a kernel-side copy (a reflink on some file systems)."""
         return os.copy_file_range(src_fd, dst_fd, count, src_offset, dst_offset)
 
+    def write_back(self, fd: int, offset: int, length: int) -> bool:
+        """Write the range's dirty pages to the device and wait for them (Linux
+        ``sync_file_range`` WAIT_BEFORE|WRITE|WAIT_AFTER).  Not durable: no cache flush,
+        no metadata.  False where the call does not exist or the file system refuses it;
+        OSError for an I/O error."""
+        fn = _sync_file_range()
+        if fn is None:
+            return False
+        if fn(fd, offset, length, _SFR_WAIT_WRITE_WAIT) == 0:
+            return True
+        import ctypes
+        err = ctypes.get_errno()
+        if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ESPIPE):
+            return False
+        raise OSError(err, os.strerror(err))
+
     def lmdb_io(self, op: str, path: str) -> None:
         """Called before an LMDB ``commit`` or ``sync`` of the environment at ``path``."""
 
     def fault_point(self, name: str) -> None:
         """Called at a named place of the commit pipeline."""
+
+
+_SFR_WAIT_WRITE_WAIT = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
+_sfr: list = []  # [the libc function or None], looked up once
+
+
+def _sync_file_range():
+    if not _sfr:
+        fn = None
+        try:
+            import ctypes
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            fn.restype = ctypes.c_int
+        except (ImportError, OSError, AttributeError):  # not Linux, or no ctypes
+            fn = None
+        _sfr.append(fn)
+    return _sfr[0]
 
 
 _backend: OSBackend = OSBackend()
@@ -114,6 +149,12 @@ def fsync(fd: int) -> None:
 
 def fdatasync(fd: int) -> None:
     _backend.fdatasync(fd)
+
+
+def write_back(fd: int, offset: int, length: int) -> bool:
+    """Push a range of written pages to the device now, waiting for them (not durable:
+    see ``OSBackend.write_back``); False where the platform cannot."""
+    return _backend.write_back(fd, offset, length)
 
 
 def rename(src: str, dst: str) -> None:
