@@ -469,7 +469,9 @@ def test_store_run_compensates_each_conflicting_attempt(store):
     assert [r["id"] for r in store.log()[0].actions] == [attempts[1]]
 
 
-def test_transaction_left_open_at_close_is_compensated_on_next_open(path):
+def test_transaction_left_open_at_close_is_compensated_at_the_close(path):
+    """A close rolls the open transaction back, as a rollback would (its compensation
+    runs once, there); the next open has nothing left to undo."""
     rec = Recorder()
     store = walstore.open(path, durability="none", compensators={"undo": rec})
     tx = store.transaction()
@@ -480,6 +482,25 @@ def test_transaction_left_open_at_close_is_compensated_on_next_open(path):
             other.put(f"k{i}", i)
     store.checkpoint()
     store.close()
+    assert rec.ids == [act.id] and rec.seen[0].key == act.key
+    with walstore.open(path, durability="none", compensators={"undo": rec}) as store:
+        assert tx.id not in store.last_recovery.losers
+        assert rec.ids == [act.id]
+        assert store.get_action(act.id).state == "compensated"
+        assert [store.get(f"k{i}") for i in range(3)] == [0, 1, 2]
+
+
+def test_transaction_left_open_at_a_crash_is_compensated_on_next_open(path):
+    rec = Recorder()
+    store = walstore.open(path, durability="none", compensators={"undo": rec})
+    tx = store.transaction()
+    with tx.action("dangling", compensate="undo") as act:
+        pass
+    for i in range(3):
+        with store.transaction() as other:
+            other.put(f"k{i}", i)
+    store.checkpoint()
+    store._drop_like_a_crash()
     assert rec.ids == []
     with walstore.open(path, durability="none", compensators={"undo": rec}) as store:
         assert tx.id in store.last_recovery.losers
@@ -518,15 +539,16 @@ def test_resolve_is_refused_while_the_compensation_runs_and_stops_a_later_one(tm
 
 
 def test_a_store_closed_under_a_transaction_says_its_compensations_are_owed(tmp_path):
-    """The store is closed (another thread, shutdown) while a transaction that ran an action
-    is open: its rollback cannot record anything, so the error names the compensations the
-    next open runs (found by a probe: a bare LMDB 'closed' error, nothing said)."""
+    """The store is let go under a transaction that ran an action (here as a crash lets
+    it go; a close rolls such a transaction back itself: test_close_rolls_back.py): its
+    rollback cannot record anything, so the error names the compensations the next open
+    runs (found by a probe: a bare LMDB 'closed' error, nothing said)."""
     runs = []
     s = walstore.open(str(tmp_path / "s"), compensators={"refund": lambda a: runs.append(a.id)})
     tx = s.transaction()
     with tx.action("charge", {"amount": 5}, compensate="refund") as act:
         act.result = "c1"
-    s.close()
+    s._drop_like_a_crash()
     with pytest.raises(walstore.StoreClosed, match=r"\['1\.1'\] run when the store is reopened"):
         tx.rollback()
     assert runs == [] and tx.state == "rolled back"

@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -174,10 +175,16 @@ class Store:
         return self._saga.compensators
 
     def close(self) -> None:
-        """Apply everything, checkpoint, mark the shutdown clean, release the lock (and a
+        """Roll back open transactions whose effects are out in the world (compensate
+        their actions, put back their files; a prepared one is left for its coordinator),
+        apply everything, checkpoint, mark the shutdown clean, release the lock (and a
         replication lease: the shipper ships what it can first, within a few seconds)."""
         if self._pid != _PROCESS[0]:
             return  # a forked child's copy of its parent's store: nothing of it is ours
+        if self._engine.writable and not self._engine.closed:
+            for txid, error in self._hooks.roll_back_open():  # (recorded: pending actions)
+                warnings.warn(f"closing {self.path}: the rollback of open transaction {txid} "
+                              f"did not finish: {error}", RuntimeWarning, stacklevel=2)
         self._stop_replication(release=True)
         self._engine.close()
 

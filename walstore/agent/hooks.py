@@ -9,6 +9,8 @@ paths are put back, in exactly the reverse of the order they happened (``undo``)
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CompensationFailed, WalstoreError
@@ -34,6 +36,41 @@ class AgentHooks:
         self.saga = saga
         self.twophase = twophase
         self.files = files
+        # open transactions whose effects are out in the world (actions run, files
+        # changed), by txid: closing the store rolls them back (``roll_back_open``).  Weak:
+        # a transaction the program dropped is not kept alive (its memory is bounded); the
+        # next writable open's recovery undoes what it left, as after a crash
+        self._with_effects: "weakref.WeakValueDictionary[int, Transaction]" = \
+            weakref.WeakValueDictionary()
+        self._with_effects_lock = threading.Lock()
+
+    def effects_began(self, tx: "Transaction") -> None:
+        with self._with_effects_lock:
+            self._with_effects[tx.id] = tx
+
+    def effects_ended(self, tx: "Transaction") -> None:
+        with self._with_effects_lock:
+            self._with_effects.pop(tx.id, None)
+
+    def roll_back_open(self) -> list[tuple[int, BaseException]]:
+        """Roll back, newest first, every open transaction whose effects are out in the
+        world (the store is closing under it: as SQLite rolls back an open transaction at
+        close).  Before, its changed files stayed changed and its actions uncompensated
+        until the next writable open's recovery, while the store said neither happened.
+        A prepared transaction (2PC) is left for its coordinator.  Returns (txid, error)
+        for each rollback that raised (the rest still ran)."""
+        with self._with_effects_lock:
+            open_txs = sorted(list(self._with_effects.values()), key=lambda t: t.id,
+                              reverse=True)
+        errors = []
+        for tx in open_txs:
+            if tx.state != "active" or tx.gid is not None:
+                continue
+            try:
+                tx.rollback()
+            except Exception as e:  # (said by the caller; the others still roll back)
+                errors.append((tx.id, e))
+        return errors
 
     def start_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
                      scope: Any) -> ActionScope:

@@ -64,6 +64,13 @@ class TransactionHooks(Protocol):
 
     def rollback_prepared(self, gid: str) -> None: ...
 
+    def effects_began(self, tx: "Transaction") -> None:
+        """``tx`` logged its first effect (an intent, a before-image): until it ends it is
+        one the store must roll back if it is closed under it."""
+
+    def effects_ended(self, tx: "Transaction") -> None:
+        """``tx`` (one ``effects_began`` named) ended."""
+
 
 def scan_bounds(prefix: Key | None, start: Key | None, end: Key | None
                 ) -> tuple[bytes, bytes | None]:
@@ -136,9 +143,21 @@ class Transaction:
         self.read_ranges: list[tuple[bytes, bytes | None]] = []
         self.effects: list = []   # live actions and file changes, in the order logged
         self.actions_begun = 0    # numbers action ids
-        self.logged = False       # wrote a record before commit (an intent, a before-image)
+        self._logged = False      # wrote a record before commit (an intent, a before-image)
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
         self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
+
+    @property
+    def logged(self) -> bool:
+        """Wrote a record before its commit (an intent, a before-image): its effects are
+        in the outside world, so ending it without a commit must undo them."""
+        return self._logged
+
+    @logged.setter
+    def logged(self, value: bool) -> None:
+        if value and not self._logged and self.state == ACTIVE:
+            self._hooks.effects_began(self)
+        self._logged = value
 
     # ---- context manager ---------------------------------------------------------------
     def __enter__(self) -> "Transaction":
@@ -434,6 +453,8 @@ class Transaction:
 
     def _finish(self, state: str) -> None:
         self.state = state
+        if self._logged:
+            self._hooks.effects_ended(self)
         for sp in self._savepoints:
             sp.active = False
         self._savepoints.clear()
