@@ -952,22 +952,25 @@ class TestRestore:
 
 class TestStrayTemps:
     def test_recognised_and_removed(self, ws):
+        def t(tag: bytes) -> bytes:  # walstore's exact form: <pid hex>-<12 hex digits>
+            return TEMP_PREFIX + b"%x-" % (0x100 + len(tag)) + tag.hex().encode().ljust(12, b"0")
         build(ws.root, {"a/real": "r", "b/c/real": "r"})
-        names = [b"a/" + TEMP_PREFIX + b"1-x", b"b/c/" + TEMP_PREFIX + b"2-y",
-                 TEMP_PREFIX + b"3-z"]
+        names = [b"a/" + t(b"1x"), b"b/c/" + t(b"2y"), t(b"3z")]
         for n in names:
             with open(ws.abspath(n), "wb") as f:
                 f.write(b"half")
-        os.symlink("t", ws.abspath(b"a/" + TEMP_PREFIX + b"link"))
-        os.mkdir(ws.abspath(b"b/" + TEMP_PREFIX + b"dir"))
-        os.mkdir(ws.abspath(b"b/" + TEMP_PREFIX + b"full"))
-        build(ws.root, {"b/" + (TEMP_PREFIX + b"full").decode() + "/x": "someone's"})
+        os.symlink("t", ws.abspath(b"a/" + t(b"link")))
+        os.mkdir(ws.abspath(b"b/" + t(b"dir")))
+        os.mkdir(ws.abspath(b"b/" + t(b"full")))
+        build(ws.root, {"b/" + t(b"full").decode() + "/x": "someone's"})
+        # a name that only starts like them is not walstore's: kept
+        build(ws.root, {"a/" + (TEMP_PREFIX + b"notes").decode(): "the user's"})
         assert apply.remove_stray_temps(ws, ["a"]) == sorted(
-            [b"a/" + TEMP_PREFIX + b"1-x", b"a/" + TEMP_PREFIX + b"link"])
+            [b"a/" + t(b"1x"), b"a/" + t(b"link")])
         gone = apply.remove_stray_temps(ws)
-        assert set(gone) == {b"b/c/" + TEMP_PREFIX + b"2-y", TEMP_PREFIX + b"3-z",
-                             b"b/" + TEMP_PREFIX + b"dir"}
-        assert os.path.exists(ws.abspath(b"b/" + TEMP_PREFIX + b"full/x"))
+        assert set(gone) == {b"b/c/" + t(b"2y"), t(b"3z"), b"b/" + t(b"dir")}
+        assert os.path.exists(ws.abspath(b"b/" + t(b"full") + b"/x"))
+        assert os.path.exists(ws.abspath(b"a/" + TEMP_PREFIX + b"notes"))
 
 
 # =========================================================================================
@@ -1200,8 +1203,9 @@ class TestManifest:
         assert set(m.records) == {b"f"} and m.stats.skipped == [b"pipe"]
 
     def test_temp_names_are_never_tracked(self, ws, blobs):
-        build(ws.root, {"f": "x", (TEMP_PREFIX + b"1-2").decode(): "half"})
-        assert set(snapshot(ws, blobs).records) == {b"f"}
+        build(ws.root, {"f": "x", (TEMP_PREFIX + b"1-0123456789ab").decode(): "half",
+                        (TEMP_PREFIX + b"notes").decode(): "the user's"})
+        assert set(snapshot(ws, blobs).records) == {b"f", TEMP_PREFIX + b"notes"}
 
 
 class TestDiff:

@@ -177,8 +177,18 @@ class HistoricalFiles:
         got = self._history.entry_at(ws.root_b, rel, self.lsn)
         if got is not None:
             return got
-        ws.check_parents(rel)  # (a path walstore never changed: as it is now)
-        return read_entry(ws.abspath(rel), hash=True)
+        return self._as_now(rel, hash=True)
+
+    def _as_now(self, rel: bytes, hash: bool) -> Entry:
+        """A path walstore never changed: as it is now.  Under a parent that is a file or
+        a symlink it is absent (walstore never goes through either), not an error: at(p)
+        of a path whose parent a later commit made a symlink said ValueError."""
+        ws = self.workspace
+        try:
+            ws.check_parents(rel)
+        except (NotADirectoryError, ValueError):
+            return Entry.absent()
+        return read_entry(ws.abspath(rel), hash=hash)
 
     @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:
@@ -195,8 +205,7 @@ class HistoricalFiles:
         e = self._history.entry_at(ws.root_b, rel, self.lsn)
         live = e is None  # walstore never changed it: as it is now
         if live:
-            ws.check_parents(rel)
-            e = read_entry(ws.abspath(rel), hash=False)
+            e = self._as_now(rel, hash=False)
         where = f"{display(rel)!r} in workspace {ws.root!r} at LSN {int(self.lsn)}"
         abs_path = os.fsdecode(ws.abspath(rel))
         if not e.exists:

@@ -18,12 +18,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..codec import Key, decode_key, encode_key, unpack, unpack_value
-from ..errors import HistoryTrimmed, PointTypeError, TrimmedOrUnknownPoint, UnknownPoint
+from ..errors import (HistoryTrimmed, PointTypeError, ReadOnlyError, TrimmedOrUnknownPoint,
+                      UnknownPoint)
 from ..log.format import RecordType
 from ..engine import tables
 from ..engine.snapshot import SnapshotTooOld
 from ..engine.transaction import scan_bounds
 from .txlog import LSN, TxnInfo, info_from_row
+
+# records that change a workspace's files (their body names it: ``ws``)
+_FILE_RECORDS = frozenset({RecordType.FILE_STEPS, RecordType.WATCH_BEGIN,
+                           RecordType.WATCH_END, RecordType.FILE_CONFLICT})
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -82,8 +87,15 @@ class HistoricalView:
         if h.files is None:
             raise ValueError("this store has no reversible files")
         from .filehistory import HistoricalFiles
-        return HistoricalFiles(h.file_history, h.files.resolve_ws(ws, register=False),
-                               self.lsn)
+        workspace = h.files.resolve_ws(ws, register=False)
+        pending = h.unapplied_file_records(workspace.root_b)
+        if pending:  # (it read the tree as it is now instead: a crashed transaction's
+            raise ReadOnlyError(  # never-committed bytes as a commit's)
+                f"the file history of workspace {workspace.root!r} is not readable from "
+                f"this read-only store yet: {pending} file record(s) in the log are not "
+                f"applied (the writer applies them; after a crash, a writable open's "
+                f"recovery does)")
+        return HistoricalFiles(h.file_history, workspace, self.lsn)
 
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
@@ -267,6 +279,22 @@ class History:
             if rng:
                 out.append((e.lsn, bytes(rng[0]), None if rng[1] is None else bytes(rng[1])))
         return out
+
+    def unapplied_file_records(self, ws_root: bytes) -> int:
+        """How many records LMDB does not hold yet changed files of workspace ``ws_root``
+        (file steps, watches, restores; committed or not): only a read-only store meets
+        them (a writer drains before it reads file history).  The file history of those
+        commits is not readable yet, and the tree may hold an unfinished transaction's
+        changes (after a crash, until a writable open's recovery puts them back)."""
+        eng = self.engine
+        if not eng.readonly:
+            return 0
+        mt = eng.memtable
+        with mt.lock:
+            events = list(mt.events)
+        return sum(1 for e in events
+                   if e.type in _FILE_RECORDS and e.field("ws") == ws_root
+                   or e.type == RecordType.COMMIT and e.field("files"))
 
     def _unapplied_versions(self, k: bytes) -> list[Version]:
         """Versions of ``k`` visible but not in LMDB yet, newest first: a read-only store's

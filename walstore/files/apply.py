@@ -202,8 +202,8 @@ def _mkdir_atomic(ws: Workspace, rel: bytes, mode: int, owner: Entry | None,
     tmp = _temp_name(parent)
     fsops.mkdir(tmp, 0o700)
     try:
+        _chown(tmp, owner)  # (first: a chown clears the setuid/setgid bits a chmod set)
         fsops.chmod(tmp, mode)
-        _chown(tmp, owner)
         if os.path.lexists(ws.abspath(rel)):
             raise FileExistsError(errno.EEXIST, "exists")
         fileio.rename(_s(tmp), _s(ws.abspath(rel)))
@@ -258,8 +258,8 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
     try:
         fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
         digest, _size = fill(fd)
+        _chown(fd, owner)  # (first: a chown clears the setuid/setgid bits a chmod set)
         fsops.fchmod(fd, mode)
-        _chown(fd, owner)
         if durable:
             fileio.fsync(fd)
         st_new = os.fstat(fd)
@@ -532,13 +532,35 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
     path first and raises RevertConflict naming the conflicts).  ``done``: states that
     count as restored already (the before-images of older steps of the same path, when
     an interrupted undo is run again: it had gone further back)."""
-    _rel, abs_path = ws.resolve(path)
-    current = read_entry(abs_path, hash=True)
+    try:
+        _rel, abs_path = ws.resolve(path)
+    except (NotADirectoryError, ValueError):
+        # a parent is a file or a symlink now: nothing is at this path as the workspace
+        # sees it (walstore never goes through either); a restore that must put something
+        # here puts the parent back first (an undo runs newest first), or finds it a
+        # conflict.  (A revert of a commit that replaced c/ by a file c could not even be
+        # planned: NotADirectoryError for c/x.)
+        if not ws.rel(path):
+            raise
+        current = Entry.absent()
+    else:
+        current = read_entry(abs_path, hash=True)
     if before.same(current) or any(d.same(current) for d in done):
         return RestoreStatus("done", current)
-    if expected_current is not None and not expected_current.same(current):
+    if expected_current is not None and not expected_current.same(current) \
+            and not _between(before, expected_current, current):
         return RestoreStatus("conflict", current)
     return RestoreStatus("apply", current)
+
+
+def _between(before: Entry, after: Entry, current: Entry) -> bool:
+    """``current`` is the state walstore's own restore passes through between ``after``
+    and ``before`` when one is a directory and the other is not: the old one is removed,
+    then the new one made (two visible steps), so a crash between them leaves the path
+    absent.  An undo run again after that crash (recovery of an interrupted revert) used
+    to call it "changed behind walstore's back" and leave the path absent for good."""
+    return (not current.exists and before.exists and after.exists
+            and before.is_dir != after.is_dir)
 
 
 def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
@@ -554,11 +576,15 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
     before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
     parents are created (default mode)."""
-    rel, abs_path = ws.resolve(path)
-    status = restore_status(ws, rel, before, expected_current, done)
+    try:
+        ws.resolve(path)  # (ValueError: a symlink on the way, never gone through)
+    except NotADirectoryError:
+        pass  # a file on the way: nothing is at the path (restore_status says absent)
+    status = restore_status(ws, path, before, expected_current, done)
     current = status.current
-    if status.state == "done":
-        return None
+    if status.state == "done":  # (also a path to stay absent under a parent that is a
+        return None             # file now: a failed rename's undo found conflicts there)
+    rel, abs_path = ws.resolve(path)
     if status.state == "conflict":
         return _conflict(ws, rel, before, expected_current, current, blobs, quarantine,
                          "changed behind walstore's back (neither walstore's version nor "
@@ -579,9 +605,9 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
         return None
     if before.kind == FILE:
         if current.kind == FILE and current.sha256 == before.sha256:
-            try:  # only the mode differs: one chmod
+            try:  # only the mode differs: one chmod (after the chown, which clears
+                _chown(abs_path, before)  # setuid/setgid bits)
                 _chmod_nofollow(abs_path, before.mode, durable)
-                _chown(abs_path, before)
             except OSError as e:
                 raise _fail(e, "change the mode of", ws, rel) from e
             return None
@@ -593,8 +619,8 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     # a directory
     if current.kind == DIR:
         try:
+            _chown(abs_path, before)  # (first: a chown clears setuid/setgid bits)
             _chmod_nofollow(abs_path, before.mode, durable)
-            _chown(abs_path, before)
         except OSError as e:
             raise _fail(e, "change the mode of", ws, rel) from e
         return None
@@ -628,7 +654,7 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
     while os.path.lexists(candidate):
         n += 1
         candidate = dest + b".%d" % n
-    tmp = os.path.dirname(candidate) + b"/" + TEMP_PREFIX + os.urandom(6).hex().encode()
+    tmp = _temp_name(os.path.dirname(candidate))
     if before.kind == FILE:
         fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
         try:

@@ -77,6 +77,7 @@ class GcResult:
     removed: int
     freed: int
     kept: int
+    kept_bytes: int = 0
 
 
 def check_digest(digest: str) -> str:
@@ -473,14 +474,18 @@ class BlobStore:
         """Remove every blob whose digest is not in ``referenced`` (see the module
         docstring for what the caller must guarantee)."""
         keep = set(referenced)
-        removed = freed = kept = 0
+        removed = freed = kept = kept_bytes = 0
         touched: set[str] = set()
         with self._lock:
             for digest in list(self):
+                path = self.path(digest)
                 if digest in keep:
                     kept += 1
+                    try:
+                        kept_bytes += os.stat(path).st_size
+                    except FileNotFoundError:
+                        pass
                     continue
-                path = self.path(digest)
                 try:
                     size = os.stat(path).st_size
                     fileio.unlink(path)
@@ -492,7 +497,7 @@ class BlobStore:
                 freed += size
             for sub in sorted(touched):
                 fileio.fsync_dir(sub)
-        return GcResult(removed, freed, kept)
+        return GcResult(removed, freed, kept, kept_bytes)
 
     def remove_temps(self) -> list[str]:
         """Remove leftovers of puts that did not finish (a crash); returns their paths.

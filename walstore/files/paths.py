@@ -22,6 +22,7 @@ for longer than one operation.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable
 from typing import Union
@@ -33,14 +34,18 @@ __all__ = ["Workspace", "PathLike", "TEMP_PREFIX", "is_temp_name", "display", "t
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
-# Every temporary name the files package creates inside a workspace starts with this,
-# so a crashed apply's leftovers are recognisable (``apply.remove_stray_temps``) and
-# manifests never track them.
+# Every temporary name the files package creates inside a workspace is TEMP_PREFIX, the
+# creating process's pid in hex, "-", 12 random hex digits (``apply._temp_name``), so a
+# crashed apply's leftovers are recognisable (``apply.remove_stray_temps``) and manifests
+# never track them.  Only that exact form is walstore's: a user's ``.walstore-tmp-notes``
+# is an ordinary file (recovery used to delete any name with the prefix, committed files
+# included), and a path of that form is refused to tx.files (``Workspace.rel``).
 TEMP_PREFIX = b".walstore-tmp-"
+_TEMP_NAME = re.compile(rb"\.walstore-tmp-[0-9a-f]{1,16}-[0-9a-f]{12}\Z")
 
 
 def is_temp_name(name: bytes) -> bool:
-    return name.startswith(TEMP_PREFIX)
+    return name.startswith(TEMP_PREFIX) and _TEMP_NAME.match(name) is not None
 
 
 def display(rel: bytes) -> str:
@@ -140,6 +145,10 @@ class Workspace:
                 continue
             parts.append(comp)
         rel = b"/".join(parts)
+        if parts and is_temp_name(parts[-1]):
+            raise ValueError(f"path {display(raw)!r} has the form of walstore's temporary "
+                             f"files ({TEMP_PREFIX.decode()}<pid>-<12 hex digits>), which "
+                             f"recovery removes; choose another name")
         if not rel and not allow_root:
             raise ValueError(f"path {display(raw)!r} names the workspace root itself")
         if self.exclude and self.excluded(rel):

@@ -32,7 +32,7 @@ from .entries import Entry, entry_from_stat, open_nofollow
 from .paths import PathLike, Workspace, display
 from .watch import Change, restore_in_order, walk
 
-__all__ = ["capture", "plan_write", "plan_mkdir", "plan_symlink", "plan_mode", "plan_delete",
+__all__ = ["capture", "capture_reachable", "plan_write", "plan_mkdir", "plan_symlink", "plan_mode", "plan_delete",
            "plan_rename", "plan_rmtree", "undo_steps"]
 
 _RETRIES = 3
@@ -76,6 +76,19 @@ def capture(ws: Workspace, path: PathLike, blobs: BlobStore) -> Entry:
 def _parents(ws: Workspace, rel: bytes) -> list[Change]:
     return [Change.of(p, Entry.absent(), Entry.dir(default_dir_mode()))
             for p in ws.check_parents(rel)]
+
+
+def capture_reachable(ws: Workspace, path: PathLike, blobs: BlobStore) -> Entry:
+    """``capture``, except that a path under a parent that is a file or a symlink now is
+    absent (nothing is there as the workspace sees it) rather than an error: what an
+    undo starts from when a later commit replaced a directory by a file."""
+    try:
+        ws.resolve(path)
+    except (NotADirectoryError, ValueError):
+        if not ws.rel(path):
+            raise
+        return Entry.absent()
+    return capture(ws, path, blobs)
 
 
 def plan_write(ws: Workspace, path: PathLike, data: bytes | str, blobs: BlobStore,
@@ -183,6 +196,10 @@ def plan_rename(ws: Workspace, src: PathLike, dst: PathLike, blobs: BlobStore
     if old_dst.is_dir and not top.is_dir:
         raise IsADirectoryError(errno.EISDIR, f"cannot rename {display(srel)!r} onto "
                                 f"directory {display(drel)!r}", os.fsdecode(dabs))
+    if top.is_dir and old_dst.exists and not old_dst.is_dir:
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot rename directory {display(srel)!r} "
+                                 f"onto {display(drel)!r}: it is not a directory",
+                                 os.fsdecode(dabs))
     if old_dst.is_dir and os.listdir(dabs):
         raise OSError(errno.ENOTEMPTY, f"cannot rename {display(srel)!r} onto "
                       f"{display(drel)!r}: the directory is not empty", os.fsdecode(dabs))

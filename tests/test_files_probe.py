@@ -1,0 +1,232 @@
+"""Reversible files: what an adversarial probe of stop 29 found, each named after the promise
+it broke (the files walstore records and the files on disk agree, after a crash, a failed
+operation, a rollback, a revert or a rewind)."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import walstore
+from walstore.files.paths import is_temp_name
+
+
+def _open(tmp_path, **kw):
+    root = tmp_path / "ws"
+    root.mkdir(exist_ok=True)
+    s = walstore.open(str(tmp_path / "s"), **kw)
+    return s, s.workspace(str(root)), root
+
+
+def _run_child(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
+def test_recovery_keeps_committed_and_users_files_named_like_walstores_temp_files(tmp_path):
+    """Recovery removed every name starting ``.walstore-tmp-`` in a directory a crashed
+    transaction touched: a file walstore itself committed under such a name, and the
+    user's own file, were deleted."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.files(ws).write(".walstore-tmp-notes", "committed by walstore")
+    s.close()
+    (root / ".walstore-tmp-userfile").write_text("the user's own")
+    r = _run_child("""
+        import os, sys, walstore
+        s = walstore.open(sys.argv[1]); ws = s.workspace(sys.argv[2])
+        tx = s.transaction(); tx.files(ws).write("other.txt", "uncommitted")
+        os.kill(os.getpid(), 9)
+    """, str(tmp_path / "s"), str(root))
+    assert r.returncode == -9, r.stderr
+    s = walstore.open(str(tmp_path / "s"))
+    assert (root / ".walstore-tmp-notes").read_text() == "committed by walstore"
+    assert (root / ".walstore-tmp-userfile").read_text() == "the user's own"
+    assert not (root / "other.txt").exists()
+    s.close()
+
+
+def test_only_the_exact_temp_form_is_walstores_and_it_is_refused_as_a_path(tmp_path):
+    assert is_temp_name(b".walstore-tmp-1f3a-0123456789ab")
+    for name in (b".walstore-tmp-notes", b".walstore-tmp-", b".walstore-tmp-1f3a-0123",
+                 b".walstore-tmp-1f3a-0123456789abX", b"x.walstore-tmp-1-0123456789ab"):
+        assert not is_temp_name(name), name
+    s, ws, root = _open(tmp_path)
+    tx = s.transaction()
+    with pytest.raises(ValueError, match="temporary files"):
+        tx.files(ws).write("d/.walstore-tmp-1f3a-0123456789ab", "x")
+    tx.rollback()
+    assert not (root / "d").exists()
+    s.close()
+
+
+def test_a_failed_rename_of_a_directory_onto_a_file_leaves_no_trace(tmp_path):
+    """rename(dir, file) was planned, logged and then refused by the OS: its rollback
+    found a conflict (recorded for good, `walstore recover` exiting 1); its commit
+    recorded a history the tree never had, and a revert of it failed."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        f = tx.files(ws)
+        f.write("d/z", "Z")
+        f.write("e", "E")
+    tx = s.transaction()
+    with pytest.raises(NotADirectoryError):
+        tx.files(ws).rename("d", "e")
+    tx.rollback()
+    assert s.file_conflicts() == []
+    with s.transaction() as tx:
+        with pytest.raises(NotADirectoryError):
+            tx.files(ws).rename("d", "e")
+        tx.files(ws).write("ok", "1")
+        tx.put("k", 1)
+    at = s.at(tx.id).files(ws)
+    assert at.exists("d") and at.entry("e").is_file and at.read("d/z") == b"Z"
+    s.revert(tx.id)
+    assert not (root / "ok").exists() and (root / "e").read_text() == "E"
+    assert (root / "d" / "z").read_text() == "Z" and s.file_conflicts() == []
+    s.close()
+
+
+@pytest.mark.parametrize("replacement", ["file", "symlink"])
+def test_revert_and_rewind_put_back_a_directory_a_commit_replaced(tmp_path, replacement):
+    """A commit replaced c/ (holding c/x) by a file or a symlink: revert and rewind raised
+    NotADirectoryError / ValueError planning c/x (its parent checked against the tree as
+    it is now), and changed nothing."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.files(ws).write("c/x", "X")
+        tx.put("k", 1)
+    s.restore_point("p")
+    with s.transaction() as tx:
+        f = tx.files(ws)
+        f.rmtree("c")
+        if replacement == "file":
+            f.write("c", "now a file")
+        else:
+            f.symlink("c", "elsewhere")
+        tx.put("k", 2)
+    plan = s.rewind("p", dry_run=True)
+    assert plan is not None
+    s.revert(tx.id)
+    assert (root / "c").is_dir() and not (root / "c").is_symlink()
+    assert (root / "c" / "x").read_text() == "X" and s.get("k") == 1
+    s.revert(s.log(limit=1)[0].txid)  # the revert of the revert: c is the replacement again
+    assert (root / "c").is_symlink() if replacement == "symlink" else (root / "c").is_file()
+    s.rewind("p")
+    assert (root / "c" / "x").read_text() == "X" and s.get("k") == 1
+    assert s.file_conflicts() == []
+    s.close()
+
+
+@pytest.mark.parametrize("how", ["rollback", "revert"])
+def test_a_crash_between_the_two_steps_of_a_kind_change_is_finished_by_recovery(tmp_path, how):
+    """An undo turning a file back into a directory removes the file, then makes the
+    directory: a kill -9 between them left the path absent, and the recovery of an
+    interrupted revert called it "changed behind walstore's back" (a conflict; the path
+    absent for good)."""
+    (tmp_path / "ws").mkdir()
+    r = _run_child("""
+        import os, sys, walstore
+        import walstore.files.apply as A
+        path, root, how = sys.argv[1:4]
+        s = walstore.open(path); ws = s.workspace(root)
+        with s.transaction() as tx:
+            tx.files(ws).mkdir("b"); tx.put("k", "dir")
+        tx = s.transaction(); f = tx.files(ws)
+        f.delete("b"); f.write("b", "file"); tx.put("k", "file")
+        def crash(*a, **k):
+            os.kill(os.getpid(), 9)
+        if how == "rollback":
+            A._mkdir_atomic = crash; tx.rollback()
+        else:
+            tx.commit(); A._mkdir_atomic = crash; s.revert(tx.id)
+    """, str(tmp_path / "s"), str(tmp_path / "ws"), how)
+    assert r.returncode == -9, r.stderr
+    s = walstore.open(str(tmp_path / "s"))
+    b = tmp_path / "ws" / "b"
+    kind = "dir" if b.is_dir() else "file" if b.exists() else "absent"
+    assert kind == s.get("k") and s.file_conflicts() == []
+    s.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a chown needs root")
+def test_a_rollback_keeps_the_setuid_and_setgid_bits(tmp_path):
+    """The restore changed the mode, then the owner: the chown cleared S_ISUID/S_ISGID."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.files(ws).write("tool", "#!/bin/sh\n", mode=0o6755)
+    tx = s.transaction()
+    tx.files(ws).write("tool", "changed")
+    tx.rollback()
+    assert stat.S_IMODE(os.lstat(root / "tool").st_mode) == 0o6755
+    with s.transaction() as tx:
+        tx.files(ws).chmod("tool", 0o755)
+    s.revert(tx.id)
+    assert stat.S_IMODE(os.lstat(root / "tool").st_mode) == 0o6755
+    s.close()
+
+
+def test_a_path_under_a_later_symlink_was_absent_at_an_earlier_point(tmp_path):
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.files(ws).write("a", "A")
+    s.restore_point("p1")
+    with s.transaction() as tx:
+        tx.files(ws).symlink("d", "elsewhere")
+    view = s.at("p1").files(ws)
+    assert not view.exists("d/x")
+    with pytest.raises(FileNotFoundError):
+        view.read("d/x")
+    s.close()
+
+
+def test_blobs_of_rolled_back_writes_are_collected_under_the_default_retention(tmp_path):
+    """The blob gc ran only when retention moved its horizon, which the default (keep
+    everything) never does: 20 rolled-back 1 MB writes kept 20 MB for good."""
+    s, ws, root = _open(tmp_path, durability="none")
+    with s.transaction() as tx:
+        tx.files(ws).write("f", b"small")
+    for _ in range(20):
+        tx = s.transaction()
+        tx.files(ws).write("f", os.urandom(1_000_000))
+        tx.rollback()
+    s.checkpoint()
+
+    def blob_bytes():
+        return sum(os.lstat(os.path.join(d, f)).st_size
+                   for d, _s, fs in os.walk(tmp_path / "s" / "files") for f in fs)
+    assert blob_bytes() < 1_000_000
+    assert (root / "f").read_bytes() == b"small"
+    assert s.at(s.log(limit=1)[0].txid).files(ws).read("f") == b"small"
+    s.close()
+
+
+def test_a_read_only_store_after_a_crash_never_reads_uncommitted_file_bytes(tmp_path):
+    """at(commit).files(ws).read() on a read-only open after a crash read the tree as it
+    is now: the crashed transaction's never-committed bytes."""
+    (tmp_path / "ws").mkdir()
+    r = _run_child("""
+        import os, sys, walstore
+        s = walstore.open(sys.argv[1]); ws = s.workspace(sys.argv[2])
+        with s.transaction() as tx:
+            tx.files(ws).write("a", "committed"); tx.put("k", "committed")
+        tx = s.transaction(); tx.files(ws).write("a", "NEVER COMMITTED")
+        os.kill(os.getpid(), 9)
+    """, str(tmp_path / "s"), str(tmp_path / "ws"))
+    assert r.returncode == -9, r.stderr
+    ro = walstore.open(str(tmp_path / "s"), readonly=True)
+    last = ro.log(limit=1)[0].txid
+    assert ro.at(last).get("k") == "committed"
+    with pytest.raises(walstore.ReadOnlyError, match="not applied"):
+        ro.at(last).files(str(tmp_path / "ws")).read("a")
+    ro.close()
+    with walstore.open(str(tmp_path / "s")) as s:  # recovery: the tree is the commit's
+        assert (tmp_path / "ws" / "a").read_text() == "committed"
+    ro = walstore.open(str(tmp_path / "s"), readonly=True)
+    assert ro.at(last).files(str(tmp_path / "ws")).read("a") == b"committed"
+    ro.close()
