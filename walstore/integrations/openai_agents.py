@@ -71,6 +71,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
 from .. import LSN, ConflictError, TxnInfo
+from ._async import finish_despite_cancel
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -111,26 +112,6 @@ def _writer_lock(store: "Store", prefix: str) -> threading.Lock:
         if lock is None:
             lock = per_store[prefix] = threading.Lock()
         return lock
-
-
-async def _finish_despite_cancel(fn: Callable[[], _T]) -> _T:
-    """Run ``fn`` in a worker thread and wait for its outcome even if we are cancelled.
-
-    A cancelled ``await asyncio.to_thread(...)`` does not stop the thread: the commit may
-    still happen.  So wait for it, then re-raise the cancellation (SQLiteSession does the same).
-    """
-    task = asyncio.ensure_future(asyncio.to_thread(fn))
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError as e:
-            cancelled = cancelled or e
-    if cancelled is not None:
-        if not task.cancelled():
-            task.exception()   # retrieved: the cancellation is what the caller sees
-        raise cancelled
-    return task.result()
 
 
 def _normalize(item: Any) -> Any:
@@ -232,7 +213,7 @@ class WalstoreSession:
         def work() -> _T:
             with self._lock:
                 return self.store.run(fn, retries=_RETRIES, meta=meta)
-        return await _finish_despite_cancel(work)
+        return await finish_despite_cancel(work)
 
     # ---- reading inside a transaction -------------------------------------------------------
     def _current_branch(self, tx: "Transaction") -> str:
@@ -399,7 +380,7 @@ class WalstoreSession:
                         time.sleep(0.005 * 2 ** attempt)
         if dry_run:
             return await asyncio.to_thread(work)
-        return await _finish_despite_cancel(work)
+        return await finish_despite_cancel(work)
 
     # ---- branches (AdvancedSQLiteSession's API) ---------------------------------------------
     async def current_branch(self) -> str:

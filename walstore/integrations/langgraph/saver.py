@@ -76,6 +76,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 import walstore
 from walstore.errors import ConflictError
 
+from .._async import finish_despite_cancel
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
 from .keys import (BLOB, CHECKPOINT, RUN, WRITE, Namespace, SaverKeys, is_hashed,
                    prefix_end, read_part)
@@ -949,7 +950,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             self.codec.forget(scope)
         return result
 
-    # ---- async twins -------------------------------------------------------------------
+    # ---- async twins (a mutating one, cancelled, still waits for its commit's outcome) --
     async def aget_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         return await asyncio.to_thread(self.get_tuple, config)
 
@@ -964,23 +965,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     async def aput(self, config: RunnableConfig, checkpoint: Checkpoint,
                    metadata: CheckpointMetadata, new_versions: ChannelVersions
                    ) -> RunnableConfig:
-        return await asyncio.to_thread(self.put, config, checkpoint, metadata, new_versions)
+        return await finish_despite_cancel(
+            lambda: self.put(config, checkpoint, metadata, new_versions))
 
     async def aput_writes(self, config: RunnableConfig, writes: Sequence[tuple[str, Any]],
                           task_id: str, task_path: str = "") -> None:
-        await asyncio.to_thread(self.put_writes, config, writes, task_id, task_path)
+        await finish_despite_cancel(lambda: self.put_writes(config, writes, task_id, task_path))
 
     async def adelete_thread(self, thread_id: str) -> None:
-        await asyncio.to_thread(self.delete_thread, thread_id)
+        await finish_despite_cancel(lambda: self.delete_thread(thread_id))
 
     async def adelete_for_runs(self, run_ids: Sequence[str]) -> None:
-        await asyncio.to_thread(self.delete_for_runs, run_ids)
+        await finish_despite_cancel(lambda: self.delete_for_runs(run_ids))
 
     async def acopy_thread(self, source_thread_id: str, target_thread_id: str) -> None:
-        await asyncio.to_thread(self.copy_thread, source_thread_id, target_thread_id)
+        await finish_despite_cancel(lambda: self.copy_thread(source_thread_id, target_thread_id))
 
     async def aprune(self, thread_ids: Sequence[str], *, strategy: str = "keep_latest") -> None:
-        await asyncio.to_thread(self.prune, thread_ids, strategy=strategy)
+        await finish_despite_cancel(lambda: self.prune(thread_ids, strategy=strategy))
 
     async def aget_delta_channel_history(self, *, config: RunnableConfig,
                                          channels: Sequence[str]) -> Mapping[str, dict]:
@@ -989,7 +991,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     async def arewind(self, config: RunnableConfig, dry_run: bool = False,
                       meta: Any = None) -> Any:
-        return await asyncio.to_thread(self.rewind, config, dry_run, meta)
+        return await finish_despite_cancel(lambda: self.rewind(config, dry_run, meta))
 
 
 # ---- the scope of a transaction begun inside a graph node -------------------------------

@@ -317,6 +317,66 @@ class TypePolicy:
         return np.frombuffer(buf, dtype=np.dtype(dtype)).reshape(shape, order=order)
 
 
+# ---- values the encoding flattens without naming a class ---------------------------------
+# LangGraph's msgpack encoding writes a subclass of dict, list, str or int as the plain
+# base type and an exception as its repr string: no class name is left in the bytes for
+# ``audit`` to check, and the value came back as another type (a probe: a ``Profile(dict)``
+# read back as ``dict``, ``ValueError("boom")`` as ``"ValueError('boom')"``).
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes, bytearray})
+_CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
+_FLATTENED = (dict, list, str, int)
+_verdicts: dict[type, str | None] = {}  # class -> why it is refused (None: fine)
+
+
+def _verdict(cls: type) -> str | None:
+    why = _verdicts.get(cls, "?")
+    if why != "?":
+        return why
+    why = None
+    if issubclass(cls, BaseException):
+        why = "an exception, which LangGraph's encoding stores as its repr string"
+    elif issubclass(cls, _FLATTENED) and not issubclass(cls, (enum.Enum, tuple)):
+        base = next(b for b in _FLATTENED if issubclass(cls, b))
+        why = (f"a subclass of {base.__name__}, which LangGraph's encoding stores as a "
+               f"plain {base.__name__}")
+    if len(_verdicts) < 4096:
+        _verdicts[cls] = why
+    return why
+
+
+def refuse_flattened(obj: Any) -> None:
+    """StateTypeError for a value in ``obj`` (walked through dicts, lists, tuples and
+    sets; other objects are encoded with their class name, which ``audit`` checks) that
+    would come back as another type without a class name in the bytes."""
+    stack = [obj]
+    pop, push = stack.pop, stack.append
+    seen: set[int] = set()  # containers walked (a cycle is the encoder's to refuse)
+    while stack:
+        v = pop()
+        cls = type(v)
+        if cls in _PLAIN:
+            continue
+        if cls in _CONTAINERS:
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if cls is dict:
+                for k, x in v.items():
+                    if type(k) not in _PLAIN:
+                        push(k)
+                    if type(x) not in _PLAIN:
+                        push(x)
+            else:
+                stack.extend(x for x in v if type(x) not in _PLAIN)
+            continue
+        why = _verdict(cls)
+        if why is not None:
+            raise StateTypeError(
+                f"WalstoreSaver refuses to store a {cls.__module__}.{cls.__qualname__}: it "
+                f"is {why}, so it would not come back as that type; store the plain type, "
+                f"or a dataclass / pydantic model (rebuilt by name; see allowed_types)")
+
+
 class StateSerializer(JsonPlusSerializer):
     """LangGraph's JsonPlusSerializer encoding with walstore's type policy.
 
@@ -332,7 +392,10 @@ class StateSerializer(JsonPlusSerializer):
                          __unpack_ext_hook__=self.policy.rebuild_ext)
 
     def encode(self, obj: Any) -> tuple[str, bytes]:
-        """``(type, bytes)`` of ``obj`` without the policy check (see ``audit``)."""
+        """``(type, bytes)`` of ``obj``; the class names in the bytes are checked by
+        ``audit``, the values LangGraph's encoding would flatten without naming a class
+        (``refuse_flattened``) here."""
+        refuse_flattened(obj)
         return super().dumps_typed(obj)
 
     def audit(self, type_: str, data: bytes) -> None:
@@ -340,7 +403,7 @@ class StateSerializer(JsonPlusSerializer):
             self.policy.audit(data)
 
     def dumps_typed(self, obj: Any) -> tuple[str, bytes]:
-        type_, data = super().dumps_typed(obj)
+        type_, data = self.encode(obj)
         self.audit(type_, data)
         return type_, data
 

@@ -21,7 +21,6 @@ as msgpack (JSON-like data, as LangGraph documents).  Key layout: ``keys.py``.
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import random
 import threading
@@ -36,6 +35,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
 
 from walstore.errors import ConflictError
 
+from .._async import finish_despite_cancel
 from .keys import MemoryKeys, prefix_end
 
 __all__ = ["WalstoreStore"]
@@ -218,7 +218,9 @@ class WalstoreStore(BaseStore):
 
     async def abatch(self, ops: Iterable[Op]) -> list[Result]:
         ops = list(ops)
-        return await asyncio.to_thread(self.batch, ops)
+        # a cancelled batch still finishes (its puts, deletes, TTL refreshes): the caller
+        # learns of the cancellation after, never of a write that lands later
+        return await finish_despite_cancel(lambda: self.batch(ops))
 
     def _reads(self, tx: Any, ops: list[Op], now: int, touched: dict,
                puts: dict[bytes, PutOp] | None = None) -> list[Result]:

@@ -1,0 +1,131 @@
+"""The agent-framework integrations: what a probe of stop 29 found, each named after the
+promise it broke."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+pytest.importorskip("langgraph")
+
+import walstore  # noqa: E402
+from walstore.integrations.langgraph import WalstoreSaver, WalstoreStore  # noqa: E402
+
+
+def _slow_commits(monkeypatch, store, seconds=0.05):
+    """Every commit of ``store`` takes ``seconds`` more (before its record): a cancel
+    lands while the worker thread is inside it."""
+    import time
+    from walstore.engine import transaction as T
+    real = T.Transaction.commit
+
+    def slow(self, *a, **kw):
+        time.sleep(seconds)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(T.Transaction, "commit", slow)
+
+
+def test_a_cancelled_memory_write_is_settled_when_the_caller_hears_of_it(tmp_path, monkeypatch):
+    """A cancelled ``aput``/``abatch`` raised CancelledError at once while its worker
+    thread went on and committed the write later: the caller was told "cancelled", the
+    store said "written"."""
+    st = walstore.open(str(tmp_path / "s"))
+    memory = WalstoreStore(st)
+    _slow_commits(monkeypatch, st)
+
+    async def main():
+        for i in range(3):
+            task = asyncio.ensure_future(memory.aput(("n",), f"k{i}", {"v": i}))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            seen_at_cancel = memory.get(("n",), f"k{i}") is not None
+            await asyncio.sleep(0.1)
+            assert (memory.get(("n",), f"k{i}") is not None) == seen_at_cancel
+    asyncio.run(main())
+    st.close()
+
+
+def test_a_cancelled_checkpoint_write_is_settled_when_the_caller_hears_of_it(tmp_path,
+                                                                             monkeypatch):
+    from langgraph.checkpoint.base import empty_checkpoint
+    st = walstore.open(str(tmp_path / "s"))
+    saver = WalstoreSaver(st)
+    _slow_commits(monkeypatch, st)
+
+    async def main():
+        config = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+        for i in range(3):
+            cp = empty_checkpoint()
+            task = asyncio.ensure_future(saver.aput(config, cp, {"step": i}, {}))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            at_cancel = [c.checkpoint["id"] for c in saver.list(config)]
+            await asyncio.sleep(0.1)
+            assert [c.checkpoint["id"] for c in saver.list(config)] == at_cancel
+    asyncio.run(main())
+    st.close()
+
+
+class _Profile(dict):
+    pass
+
+
+class _Tags(list):
+    pass
+
+
+class _UserId(str):
+    pass
+
+
+class _Cents(int):
+    pass
+
+
+@pytest.mark.parametrize("value", [_Profile(a=1), _Tags([1]), _UserId("u1"), _Cents(5),
+                                   ValueError("boom"), {"nested": [{"deep": _Profile()}]}],
+                         ids=["dict-sub", "list-sub", "str-sub", "int-sub", "exception",
+                              "nested"])
+def test_a_value_the_encoding_would_flatten_is_refused_at_put(tmp_path, value):
+    """LangGraph's encoding writes a dict/list/str/int subclass as the plain type and an
+    exception as its repr string, with no class name for the audit to see: the saver gave
+    them back as another type, silently (the contract: refused loudly at put)."""
+    from typing import Any, TypedDict
+
+    from langgraph.graph import END, START, StateGraph
+
+    from walstore.integrations.langgraph.serde import StateTypeError
+
+    S = TypedDict("S", {"v": Any})  # (functional form: its annotation is an object)
+    st = walstore.open(str(tmp_path / "s"), durability="none")
+    g = StateGraph(S)
+    g.add_node("n", lambda s: {})
+    g.add_edge(START, "n")
+    g.add_edge("n", END)
+    graph = g.compile(checkpointer=WalstoreSaver(st))
+    with pytest.raises(StateTypeError, match="would not come back as that type"):
+        graph.invoke({"v": value}, {"configurable": {"thread_id": "t"}})
+    st.close()
+
+
+class Color(str, __import__("enum").Enum):
+    RED = "red"
+
+
+Point = __import__("collections").namedtuple("Point", "x y")
+
+
+def test_plain_values_enums_and_named_tuples_still_round_trip(tmp_path):
+    from walstore.integrations.langgraph.serde import StateSerializer
+
+    serde = StateSerializer(allowed_types=[Color, Point])
+    cyclic: list = [1]
+    cyclic.append({"again": [2]})
+    for value in ({"a": [1, 2.5, True, None, b"x", "s"]}, Color.RED, Point(1, 2),
+                  frozenset({1}), cyclic):
+        back = serde.loads_typed(serde.dumps_typed(value))
+        assert back == value and type(back) is type(value), (value, back)
