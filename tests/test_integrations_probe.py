@@ -129,3 +129,46 @@ def test_plain_values_enums_and_named_tuples_still_round_trip(tmp_path):
                   frozenset({1}), cyclic):
         back = serde.loads_typed(serde.dumps_typed(value))
         assert back == value and type(back) is type(value), (value, back)
+
+
+_TTLState = __import__("typing").TypedDict("_TTLState", {"n": int})
+
+
+@pytest.mark.parametrize("upkeep", ["refresh", "sweep"])
+def test_ttl_upkeep_does_not_block_the_rewind_of_the_items_writer(tmp_path, upkeep):
+    """A memory read with refresh_on_read by thread A (or the TTL sweeper) rewrote thread
+    B's item in a transaction of A's scope (or none): B's rewind then raised
+    RevertConflict naming A's transaction, and B's memory stayed."""
+    from langgraph.config import get_config, get_store
+    from langgraph.graph import END, START, StateGraph
+
+    st = walstore.open(str(tmp_path / "s"), durability="none")
+    ttl = {"default_ttl": 60, "refresh_on_read": True}
+    memory = WalstoreStore(st, ttl=ttl)
+    saver = WalstoreSaver(st)
+
+    def node(s):
+        if get_config()["configurable"]["thread_id"] == "B":
+            short = {"ttl": 0.0001} if upkeep == "sweep" and s["n"] == 1 else {}
+            get_store().put(("notes",), f"b{s['n'] + 1}", {"text": "from B"}, **short)
+        else:
+            get_store().search(("notes",))  # A only reads (a TTL refresh: a write)
+        return {"n": s["n"] + 1}
+    g = StateGraph(_TTLState)
+    g.add_node("a", node)
+    g.add_edge(START, "a")
+    g.add_edge("a", END)
+    graph = g.compile(checkpointer=saver, store=memory)
+    a, b = ({"configurable": {"thread_id": t}} for t in "AB")
+    graph.invoke({"n": 0}, b, durability="sync")
+    first_b = saver.get_tuple(b).config
+    graph.invoke({}, b, durability="sync")  # B writes b2
+    if upkeep == "sweep":
+        import time
+        time.sleep(0.05)
+        assert memory.sweep_ttl() == 1  # b2 expired and swept
+    graph.invoke({"n": 0}, a, durability="sync")
+    saver.rewind(first_b)
+    assert sorted(i.key for i in memory.search(("notes",), refresh_ttl=False)) == ["b1"]
+    assert graph.get_state(b).values == {"n": 1}
+    st.close()

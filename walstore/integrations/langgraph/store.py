@@ -123,6 +123,18 @@ def _namespace_matches(condition: MatchCondition, namespace: tuple[str, ...]) ->
     return all(p == "*" or label == p for label, p in pairs)
 
 
+def _upkeep_groups(records: dict[bytes, dict]) -> dict[Any, list[bytes]]:
+    """Keys grouped by the scope their item's writer recorded (``s``; None: none
+    recorded): TTL upkeep of an item runs in its writer's scope."""
+    groups: dict[Any, list[bytes]] = {}
+    for key, rec in records.items():
+        scope = rec.get("s") if isinstance(rec, dict) else None
+        if isinstance(scope, list):
+            scope = tuple(scope)
+        groups.setdefault(scope, []).append(key)
+    return groups
+
+
 class WalstoreStore(BaseStore):
     """LangGraph ``BaseStore`` over a walstore store (see the module doc).
 
@@ -192,7 +204,12 @@ class WalstoreStore(BaseStore):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _refresh_items(self, touched: dict[bytes, dict]) -> None:
-        """Renew the TTL of items a read returned, each as it is now."""
+        """Renew the TTL of items a read returned, each as it is now: one transaction per
+        scope of the items' writers (``_upkeep_groups``)."""
+        for scope, keys in _upkeep_groups(touched).items():
+            self._refresh_scope(scope, keys)
+
+    def _refresh_scope(self, scope: Any, touched: list[bytes]) -> None:
         meta = {"langgraph": "store ttl refresh"} if self.txn_meta else None
 
         def refresh(tx):
@@ -203,7 +220,7 @@ class WalstoreStore(BaseStore):
                     self._refresh(tx, key, rec, now)
         with _ItemLocks(touched):
             for attempt in range(_WRITE_RETRIES + 1):
-                tx = self.store.transaction(meta=meta)
+                tx = self.store.transaction(meta=meta, scope=scope)
                 try:
                     with tx:
                         refresh(tx)
@@ -353,6 +370,8 @@ class WalstoreStore(BaseStore):
             rec["e"] = now + int(op.ttl * 60_000_000)
         if self.keys.needs_names(op.namespace, op.key):
             rec["ns"], rec["k"] = list(op.namespace), op.key
+        if tx.scope is not None:  # the writer's thread: TTL upkeep runs in its scope
+            rec["s"] = tx.scope
         tx.put(key, rec)
         self._expiry(tx, key, old, rec.get("e"))
 
@@ -369,31 +388,51 @@ class WalstoreStore(BaseStore):
         while True:
             now = _now_us()
             cut = self.keys.expiry_entry(now + 1, self.keys.items)
-
-            def sweep(tx):
-                n = 0
-                for entry, _v in list(tx.scan(start=self.keys.expiry, end=cut)):
-                    _at, key = self.keys.parse_expiry(entry)
-                    tx.delete(entry)
-                    if tx.get(key) is not None:
-                        tx.delete(key)
-                        n += 1
-                    if n >= _SWEEP_BATCH:
-                        break
-                return n
-            for attempt in range(_WRITE_RETRIES + 1):
-                tx = self.store.transaction(meta={"langgraph": "store ttl sweep"})
-                try:
-                    with tx:
-                        n = sweep(tx)
-                    break
-                except ConflictError:
-                    if attempt >= _WRITE_RETRIES:
-                        raise
-                    _backoff(attempt)
-            deleted += n
-            if n < _SWEEP_BATCH:
+            found = self._expired(cut)
+            for scope, entries in _upkeep_groups(found).items():
+                deleted += self._sweep_scope(scope, entries, found)
+            if len(found) < _SWEEP_BATCH:
                 return deleted
+
+    def _expired(self, cut: bytes) -> dict[bytes, dict]:
+        """Up to _SWEEP_BATCH expiry entries before ``cut``: entry -> the item's record
+        ({} when the item is gone), read at one snapshot."""
+        with self.store.transaction() as tx:
+            found: dict[bytes, dict] = {}
+            for entry, _v in tx.scan(start=self.keys.expiry, end=cut):
+                _at, key = self.keys.parse_expiry(entry)
+                found[entry] = tx.get(key) or {}
+                if len(found) >= _SWEEP_BATCH:
+                    break
+            tx.rollback()
+        return found
+
+    def _sweep_scope(self, scope: Any, entries: list[bytes], found: dict) -> int:
+        """Delete the expired items of one writer's scope, in that scope (a thread's
+        rewind then counts the sweep of its own items as its own, not as a stranger's
+        later write: a sweep, or a TTL refresh by another thread's read, made the rewind
+        of the writer's thread raise RevertConflict)."""
+        def sweep(tx):
+            n = 0
+            for entry in entries:
+                if tx.get(entry) is None:
+                    continue  # (swept or refreshed meanwhile)
+                _at, key = self.keys.parse_expiry(entry)
+                tx.delete(entry)
+                if tx.get(key) is not None:
+                    tx.delete(key)
+                    n += 1
+            return n
+        for attempt in range(_WRITE_RETRIES + 1):
+            tx = self.store.transaction(meta={"langgraph": "store ttl sweep"}, scope=scope)
+            try:
+                with tx:
+                    return sweep(tx)
+            except ConflictError:
+                if attempt >= _WRITE_RETRIES:
+                    raise
+                _backoff(attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def start_ttl_sweeper(self, sweep_interval_minutes: float | None = None
                           ) -> concurrent.futures.Future:
