@@ -185,27 +185,33 @@ def _packages_nobody_can_read(top):
     """Copy walstore and the packages it imports into TOP/site, readable by any user.
 
     A CI machine keeps its virtualenv where only root can read (its home), so the other
-    user's interpreter would fail on `import msgpack` before reaching the store."""
-    import sysconfig
-    import walstore.cli  # noqa: F401  (load what the CLI loads)
-    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    user's interpreter would fail on `import msgpack` before reaching the store.  What
+    to copy is asked of a fresh interpreter (this one has imported test modules too)."""
+    import json
+    probe = ("import json, os, sys, sysconfig, walstore.cli\n"
+             "std = os.path.realpath(sysconfig.get_paths()['stdlib']) + os.sep\n"
+             "out = {}\n"
+             "for name, m in list(sys.modules.items()):\n"
+             "    top = name.split('.')[0]\n"
+             "    f = getattr(m, '__file__', None)\n"
+             "    if not f or top in out or top == '__main__' \\\n"
+             "            or os.path.realpath(f).startswith(std):\n"
+             "        continue\n"
+             "    p = sys.modules.get(top)\n"
+             "    where = list(getattr(p, '__path__', None) or [])\n"
+             "    out[top] = where[0] if where else getattr(p, '__file__', None)\n"
+             "print(json.dumps(out))\n")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                       check=True, cwd=os.path.dirname(os.path.dirname(walstore.__file__)))
     site = top / "site"
     site.mkdir()
-    copied = set()
-    for name, module in list(sys.modules.items()):
-        origin = getattr(module, "__file__", None)
-        top_name = name.split(".")[0]
-        if (not origin or top_name in copied or top_name == "__main__"
-                or os.path.realpath(origin).startswith(stdlib + os.sep)):
+    for name, where in json.loads(r.stdout).items():
+        if not where or not os.path.exists(where):
             continue
-        package = sys.modules.get(top_name)
-        where = getattr(package, "__path__", None)
-        if where:
-            shutil.copytree(list(where)[0], site / top_name,
-                            ignore=shutil.ignore_patterns("__pycache__"))
-        elif getattr(package, "__file__", None):
-            shutil.copy(package.__file__, site)
-        copied.add(top_name)
+        if os.path.isdir(where):
+            shutil.copytree(where, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(where, site)
     for dirpath, _dirs, files in os.walk(site):
         os.chmod(dirpath, 0o755)
         for f in files:
