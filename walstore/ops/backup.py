@@ -21,11 +21,11 @@ import shutil
 import time
 
 from .. import fileio
-from ..errors import NotAStore, WalstoreError
+from ..errors import CorruptionError, NotAStore, WalstoreError
 from ..engine.engine import check_not_inside
 from ..engine.layout import Layout
 from ..engine.lmdb_state import LmdbState
-from ..log.reader import LogReader
+from ..log.reader import LogEvent, LogReader
 
 MAX_ATTEMPTS = 5
 
@@ -38,20 +38,29 @@ def backup(src: str, dest: str, progress=None) -> dict:
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise NotAStore(f"backup destination {dest} exists and is not empty")
     state = LmdbState(layout.db, readonly=True)
+    damage = None
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             summary = _attempt(layout, store_id, state, dest, progress)
-            if summary is not None:
+            if isinstance(summary, dict):
                 summary["attempts"] = attempt
                 return summary
+            damage = summary  # (None: raced with a checkpoint; a str: damage seen)
             time.sleep(0.05 * attempt)
+        if os.path.isdir(dest):
+            shutil.rmtree(dest, ignore_errors=True)  # (no copy left that looks whole)
+        if damage is not None:
+            raise CorruptionError(f"backup of {src} refused: its WAL is damaged ({damage}); "
+                                  f"a copy would silently lack the commits behind it")
         raise WalstoreError(f"backup of {src} kept racing with checkpoints; try again")
     finally:
         state.close()
 
 
 def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progress
-             ) -> dict | None:
+             ) -> dict | str | None:
+    """One try: the summary; None (raced with a checkpoint: try again); or what damage of
+    the source's log it met (tried again too: a live writer's tail can look torn)."""
     if os.path.exists(dest):
         shutil.rmtree(dest)
     out = Layout(dest)
@@ -69,11 +78,21 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
         copied_state.close()
     log = LogReader(layout.wal, store_id, applied)
     segs = log.segments
-    if segs and segs[0][0] > applied:
-        return None
-    # the end of the valid log, as the reader sees it now (the last segment's tail)
-    for _item in log.walk(from_lsn=applied):
-        pass
+    if segs and segs[0][0] > applied:  # (a checkpoint trimmed it meanwhile, or it is lost)
+        return (f"the WAL begins at LSN {segs[0][0]} but LMDB is applied only up to "
+                f"{applied}")
+    # the end of the valid log, as the reader sees it now (the last segment's tail); any
+    # damage on the way is refused, never copied as an ordinary end (the copy's log would
+    # end at it: a backup that verifies clean yet lacks every commit behind the damage)
+    for item in log.walk(from_lsn=applied):
+        if not isinstance(item, LogEvent):
+            continue
+        if item.kind == "vanished":
+            return None
+        if item.kind in ("gap", "bad-segment", "missing-next") \
+                or item.kind == "end" and item.verdict == "corrupt":
+            return (f"{item.kind if item.kind != 'end' else 'corrupt record'} at LSN "
+                    f"{item.lsn} in {os.path.basename(item.path)}: {item.reason}")
     copied = 0
     for i, (start, path) in enumerate(segs):
         limit = log.end_offset if start == log.end_segment else None

@@ -123,6 +123,8 @@ class DirectorySource:
                         self._tail_lsn = rec.end
                         self._synced_seen = max(self._synced_seen, rec.synced)
                         moved = True
+                    if self._tail_off < len(mm) and mm[self._tail_off] != 0:
+                        self._refuse_if_corrupt(path, start)
                 if moved and self.fsync:
                     try:
                         os.fdatasync(fd)
@@ -137,6 +139,24 @@ class DirectorySource:
                 return self._durable
             finally:
                 os.close(fd)
+
+    def _refuse_if_corrupt(self, path: str, start: int) -> None:
+        """The records stopped short of non-zero bytes: a record being written right now
+        (a live writer's tail), or damage.  Damage — a valid record behind the invalid
+        one, so the invalid one had been durable — raises CorruptionError: the replica
+        would otherwise end there, and a restore from it verify as a whole store while
+        lacking every commit behind the damage (read with the one WAL reader)."""
+        from ..errors import CorruptionError
+        from ..log.reader import SegmentReader
+        reader = SegmentReader(path, self.store_id, start)
+        if reader.header_error is not None:
+            return
+        for rec in reader.valid_records_after(self._tail_off):
+            raise CorruptionError(
+                f"the WAL of {self.path} is damaged at LSN {self._tail_lsn} "
+                f"({os.path.basename(path)}, offset {self._tail_off}): a valid record at "
+                f"LSN {rec.lsn} follows; nothing past the damage is shipped (run `walstore "
+                f"verify` and `walstore recover`)")
 
     def snapshot(self, dest_dir: str) -> int:
         """A consistent compact copy of LMDB into ``dest_dir``; returns its applied LSN."""
