@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..codec import decode_key, unpack, unpack_value
 from ..errors import CorruptionError
-from ..engine.lmdb_check import walk_lmdb_data_file
+from ..engine.lmdb_check import SnapshotMissed, walk_lmdb_data_file
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
@@ -30,6 +30,7 @@ from ..engine.snapshot import _lmdb_value_as_of
 COMPARE_BATCH = 512
 SETTLE_WALKS = 2     # with a live writer: walks that must find an error again (see _settle)
 SETTLE_PAUSE = 0.05  # seconds between them
+PIN_ATTEMPTS = 8     # read transactions begun to pin the LMDB walk (see _walk_pinned)
 
 
 @dataclass
@@ -77,7 +78,7 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         if rep.errors and writer_alive(layout):
             last_values = _settle(layout, store_id, rep, state)
         try:  # every page of LMDB's trees, in Python, before LMDB's cursors walk them (it
-            walk_lmdb_data_file(os.path.join(layout.db, "data.mdb"))  # asserts on damage)
+            _walk_pinned(state, os.path.join(layout.db, "data.mdb"))  # asserts on damage)
         except CorruptionError as e:
             rep.errors.append(f"LMDB: {e}")
             return rep  # (comparing would make LMDB walk the damaged pages: SIGABRT)
@@ -87,6 +88,18 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
     finally:
         if own_state:
             state.close()
+
+
+def _walk_pinned(state: LmdbState, data_file: str) -> int:
+    """Walk LMDB's pages with a read transaction held open, so a live writer cannot
+    recycle a page of the snapshot walked (see ``walk_lmdb_data_file``)."""
+    for _attempt in range(PIN_ATTEMPTS):
+        try:
+            with state.read() as txn:
+                return walk_lmdb_data_file(data_file, snapshot=txn.id())
+        except SnapshotMissed:
+            continue  # (two commits between the begin and the meta read: again)
+    return walk_lmdb_data_file(data_file)  # (unpinned, with its own re-checks)
 
 
 def _settle(layout: Layout, store_id: bytes, rep: VerifyReport, state: LmdbState) -> dict:
