@@ -42,6 +42,7 @@ from .apply import Applier
 from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
+from .lmdb_check import walk_lmdb_data_file
 from .lmdb_state import LmdbState, StateWriteError, from_u64
 from .memtable import MemTable
 from .pipeline import CommitPipeline
@@ -172,6 +173,12 @@ class Engine:
         if recover == "manual" and self.needs_recovery():
             raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
                                 f"`walstore recover {self.path}` (or open with recover='auto')")
+        if self.needs_recovery():
+            # every page of LMDB's trees read and checked first (the writer lock is ours:
+            # nothing recycles pages meanwhile): REDO writing into a damaged page died of
+            # SIGBUS/SIGABRT inside LMDB (a probe: 40 bytes of 0xFF in one page, `walstore
+            # recover` killed by signal 7, nothing said); CorruptionError names it now
+            walk_lmdb_data_file(self.state.data_file)
         mode = self.options.recovery_mode
         if mode == "strict":  # refuse before changing anything: judge the whole log first
             Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
