@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -160,3 +161,28 @@ def test_recovery_over_a_damaged_lmdb_page_is_an_error_never_a_signal(tmp_path):
             refused += 1
         shutil.rmtree(d)
     assert refused > 0
+
+
+def test_a_restore_removes_what_killed_restores_left_behind(tmp_path):
+    """A restore killed mid-way left its full-size staging directory beside DEST (and its
+    fetch directory in /tmp) for good; a successful re-run left them too."""
+    import tempfile
+    url = f"file://{tmp_path / 'rep'}"
+    with walstore.open(str(tmp_path / "src"), replicate_to=url) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.sync_replica()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    dest = tmp_path / "restored"
+    leftovers = [tmp_path / f".restored.restoring-{dead}-abc",
+                 pathlib.Path(tempfile.gettempdir()) / f"walstore-restore-{dead}-xyz"]
+    alive = tmp_path / f".restored.restoring-{os.getpid()}-live"
+    for d in leftovers + [alive]:
+        d.mkdir()
+        (d / "data").write_bytes(b"x" * 1000)
+    walstore.restore(url, str(dest))
+    assert [d for d in leftovers if d.exists()] == []
+    assert alive.exists()  # (a restore still running in a live process: not ours to take)
+    with walstore.open(str(dest)) as r:
+        assert r.get("k") == 1

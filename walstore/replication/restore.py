@@ -36,7 +36,11 @@ from ..engine.layout import identity_bytes
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import ReplicateOptions
+from .shipper import sweep_dead_scratch
 from .targets import NOT_MODIFIED, ObjectStore, display_url, open_target
+
+RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
+FOLLOW_TEMP = "walstore-follow-"    # + pid + "-": a follower's
 
 MAX_SNAPSHOT_BYTES = 1 << 40
 FIRST_SIZE = 1 << 20
@@ -308,8 +312,13 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
     tgt = target if target is not None else open_target(url, opts)
     parent = os.path.dirname(dest)
     _src.make_dir(parent) if not os.path.isdir(parent) else None
-    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.restoring-", dir=parent)
-    tmp = tempfile.mkdtemp(prefix="walstore-restore-")
+    # scratch named by pid: a restore killed mid-way left a full-size staging directory
+    # beside DEST (and a fetch directory in /tmp) for good; the next restore removes them
+    staging = f".{os.path.basename(dest)}.restoring-"
+    sweep_dead_scratch(parent, staging)
+    sweep_dead_scratch(tempfile.gettempdir(), RESTORE_TEMP)
+    stage = tempfile.mkdtemp(prefix=f"{staging}{os.getpid()}-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f"{RESTORE_TEMP}{os.getpid()}-")
     try:
         m = load_manifest(tgt, opts)
         store_id = m.doc["store_id"]
@@ -477,7 +486,8 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     etag = None
     last_apply = 0.0
     applied_since = 1  # a restored log is applied to LMDB in the first round
-    tmp = tempfile.mkdtemp(prefix="walstore-follow-")
+    sweep_dead_scratch(tempfile.gettempdir(), FOLLOW_TEMP)
+    tmp = tempfile.mkdtemp(prefix=f"{FOLLOW_TEMP}{os.getpid()}-")
     try:
         while not stop.is_set():
             got = tgt.get(MANIFEST_KEY, opts.max_manifest_bytes, if_none_match=etag)

@@ -63,11 +63,16 @@ TEMP_PREFIX = "walstore-ship-"  # + pid + "-": a shipper's scratch directory
 
 def _sweep_stale_temps() -> None:
     """Remove scratch directories that shippers killed mid-snapshot left behind (an LMDB
-    copy each: hundreds of MB): those of processes no longer alive, ours by owner, and
-    unnamed older ones (no pid in the name) more than a day old."""
-    base = tempfile.gettempdir()
+    copy each: hundreds of MB): see ``sweep_dead_scratch``."""
+    sweep_dead_scratch(tempfile.gettempdir(), TEMP_PREFIX)
+
+
+def sweep_dead_scratch(base: str, prefix: str) -> None:
+    """Remove the directories under ``base`` named ``<prefix><pid>-...`` whose process is
+    no longer alive (ours by owner; never a symlink), and unnamed older ones (no pid in
+    the name) more than a day old: what a killed shipper, restore or follower left."""
     try:
-        names = [n for n in os.listdir(base) if n.startswith(TEMP_PREFIX)]
+        names = [n for n in os.listdir(base) if n.startswith(prefix)]
     except OSError:
         return
     for name in names:
@@ -78,8 +83,8 @@ def _sweep_stale_temps() -> None:
             continue
         if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
             continue
-        pid_part = name[len(TEMP_PREFIX):].split("-", 1)[0]
-        if pid_part.isdigit() and "-" in name[len(TEMP_PREFIX):]:
+        pid_part = name[len(prefix):].split("-", 1)[0]
+        if pid_part.isdigit() and "-" in name[len(prefix):]:
             if _pid_alive(int(pid_part)):
                 continue
         elif time.time() - st.st_mtime < 86400:
