@@ -92,10 +92,15 @@ def test_a_failed_write_back_of_the_spare_stops_the_log_and_keeps_what_was_ackno
     acked = []
     with installed(fb):
         st = walstore.open(path, durability="full")
-        fb.fail("write_back", error=errno.EIO, path="*spare.tmp", nth=3)
         value = os.urandom(2048)
+        for i in range(100):  # acknowledged before any fault
+            with st.transaction() as tx:
+                tx.put(f"k{i}", value)
+            acked.append(f"k{i}")
+        st._engine.wal._await_spare(timeout=30)  # (the spare made at open is ready)
+        fb.fail("write_back", error=errno.EIO, path="*spare.tmp", nth=3)  # the next spare's
         with pytest.raises(walstore.WalstoreError):
-            for i in range(5000):
+            for i in range(100, 5000):
                 with st.transaction() as tx:
                     tx.put(f"k{i}", value)
                 acked.append(f"k{i}")
