@@ -13,7 +13,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CompensationFailed, WalstoreError
+from ..errors import CompensationFailed, TransactionClosed, WalstoreError
 from .actions import Action, ActionScope, Saga
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
                     is_file_effect)
@@ -68,6 +68,8 @@ class AgentHooks:
                 continue
             try:
                 tx.rollback()
+            except TransactionClosed:
+                continue  # (it committed: an interrupt had cut its commit() short)
             except Exception as e:  # (said by the caller; the others still roll back)
                 errors.append((tx.id, e))
         return errors
