@@ -186,3 +186,28 @@ def test_a_restore_removes_what_killed_restores_left_behind(tmp_path):
     assert alive.exists()  # (a restore still running in a live process: not ours to take)
     with walstore.open(str(dest)) as r:
         assert r.get("k") == 1
+
+
+def test_a_cli_put_whose_close_fails_after_the_commit_is_not_reported_failed(tmp_path):
+    """`walstore put` on a full disk: the commit landed (the WAL segment is preallocated)
+    and the close's apply to LMDB failed; the command said "put failed", exit 1 (the
+    contract: an error after the commit point never turns a commit into a failure)."""
+    import errno
+
+    from click.testing import CliRunner
+
+    from tools.faults import FaultBackend, installed
+    from walstore.cli import main
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    fb = FaultBackend()
+    # the open writes LMDB once (its open flag); the put's commit waits in the log; the
+    # close's apply to LMDB is the next LMDB commit: a full disk from there on
+    fb.fail_lmdb("commit", error=errno.ENOSPC, nth=2, times=None)
+    with installed(fb):
+        r = CliRunner().invoke(main, ["put", path, "k", "1"])
+    assert r.exit_code == 0, (r.exit_code, r.stdout, r.stderr)
+    assert r.stdout.startswith("committed txid")
+    assert "closing the store failed" in r.stderr and "stands" in r.stderr
+    with walstore.open(path) as s:
+        assert s.get("k") == 1

@@ -3,8 +3,9 @@ store for a command, importing ``--handlers`` modules, and describing actions (t
 ``recover`` and ``actions`` listings)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -21,9 +22,27 @@ HANDLERS = click.option("--handlers", "handlers", default=None, metavar="MODULE"
 FAILED, NO_COMPENSATOR, NOT_RUN = "failed", "no-compensator", "not-run"
 
 
-def open_store(path: str, **kw: Any) -> walstore.Store:
-    """Open the existing store at ``path`` (errors take the CLI's one error path)."""
-    return walstore.open(path, create=False, **kw)
+@contextlib.contextmanager
+def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
+    """``with open_store(path) as store:`` the existing store at ``path`` (errors take the
+    CLI's one error path).  A failure of the close after the block committed is said on
+    stderr, never as the command's failure: what was committed stands (a probe: `walstore
+    put` on a full disk printed "put failed", exit 1, for a put that had committed — the
+    close's apply to LMDB was what failed, and the next open recovers it)."""
+    store = walstore.open(path, create=False, **kw)
+    try:
+        yield store
+    except BaseException:
+        with contextlib.suppress(Exception):  # (the block's own error is the one said)
+            store.close()
+        raise
+    try:
+        store.close()
+    except walstore.WalstoreError as e:
+        if kw.get("readonly"):
+            raise
+        click.echo(f"walstore: warning: what the command committed stands, but closing the "
+                   f"store failed: {e} (the next open recovers)", err=True)
 
 
 def load_handlers(module: str | None) -> dict[str, Callable] | None:

@@ -26,6 +26,7 @@ from ..engine.engine import check_not_inside
 from ..engine.layout import Layout
 from ..engine.lmdb_state import LmdbState
 from ..log.reader import LogEvent, LogReader
+from ..log.writer import SEAL_RECORD_SIZE
 
 MAX_ATTEMPTS = 5
 
@@ -84,18 +85,26 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     # the end of the valid log, as the reader sees it now (the last segment's tail); any
     # damage on the way is refused, never copied as an ordinary end (the copy's log would
     # end at it: a backup that verifies clean yet lacks every commit behind the damage)
+    sealed_end = False
     for item in log.walk(from_lsn=applied):
         if not isinstance(item, LogEvent):
             continue
+        if item.kind == "end" and item.scan is not None:
+            sealed_end = item.scan.sealed  # (of the last segment walked, in the end)
         if item.kind == "vanished":
             return None
         if item.kind in ("gap", "bad-segment", "missing-next") \
                 or item.kind == "end" and item.verdict == "corrupt":
             return (f"{item.kind if item.kind != 'end' else 'corrupt record'} at LSN "
                     f"{item.lsn} in {os.path.basename(item.path)}: {item.reason}")
+    # the last segment listed was sealed meanwhile (a live writer rotated to a segment
+    # made after the listing): copied with its SEAL, the copy's log would end in a sealed
+    # segment without a successor, which no open accepts (a probe: 2 bad copies in 16
+    # backups beside two writer threads); without it, the copy's log ends cleanly there
+    end_limit = log.end_offset - SEAL_RECORD_SIZE if sealed_end else log.end_offset
     copied = 0
     for i, (start, path) in enumerate(segs):
-        limit = log.end_offset if start == log.end_segment else None
+        limit = end_limit if start == log.end_segment else None
         try:
             copied += _copy_file(path, os.path.join(out.wal, os.path.basename(path)), limit)
         except FileNotFoundError:  # trimmed under us
