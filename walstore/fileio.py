@@ -199,8 +199,26 @@ def fault_point(name: str) -> None:
 
 
 def make_dir(path: str) -> None:
-    """Create ``path`` (and parents) with mode 0700; an existing directory is kept."""
-    os.makedirs(path, mode=DIR_MODE, exist_ok=True)
+    """Create ``path`` and its missing parents, each with mode 0700 (``os.makedirs`` gives
+    the mode to the last one only: parents came out 0755 under umask 022); an existing
+    directory is kept (an existing parent's mode is not changed)."""
+    path = os.path.abspath(path)
+    missing = []
+    p = path
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, DIR_MODE)
+        except FileExistsError:
+            if not os.path.isdir(p):
+                raise
+            continue
+        os.chmod(p, DIR_MODE)  # (the umask may have cut bits of 0700: set it exactly)
     os.chmod(path, DIR_MODE)
 
 

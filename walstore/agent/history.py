@@ -320,9 +320,10 @@ class History:
     def restore_point(self, name: str) -> LSN:
         if not isinstance(name, str) or not name:
             raise TypeError("a restore point name must be a non-empty str")
-        if name.isdigit():
-            raise ValueError("a restore point name must not be all digits (it would read as a "
-                             "txid on the command line)")
+        if name.isdigit() or name.startswith(("tx:", "lsn:")):
+            raise ValueError(f"a restore point name must not be all digits or begin with "
+                             f"'tx:' or 'lsn:' ({name!r} would read as a txid or an LSN on "
+                             f"the command line)")
         if len(name.encode("utf-8")) > 400:
             raise ValueError(f"a restore point name is at most 400 bytes of UTF-8 "
                              f"({len(name.encode('utf-8'))} given)")

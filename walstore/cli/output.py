@@ -45,7 +45,8 @@ from ._engine import check_key
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 TAGS = frozenset({"base64", "float", "map"})
-KEY_PREFIXES = ("str:", "hex:", "b64:")
+KEY_PREFIXES = ("str:", "hex:", "b64:", "json:")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # not shown as typed
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -258,6 +259,15 @@ def parse_key(text: str) -> str | bytes:
             raise UsageProblem(f"bad key {text!r}: after 'hex:' come pairs of hex digits "
                                f"(write str:{text} for the str key)")
         return bytes.fromhex(digits)
+    if text.startswith("json:"):
+        try:
+            key = json.loads(text[5:])
+        except ValueError:
+            key = None
+        if not isinstance(key, str):
+            raise UsageProblem(f"bad key {text!r}: after 'json:' comes a JSON string (write "
+                               f"str:{text} for the str key)")
+        return key
     if text.startswith("b64:"):
         try:
             return base64.b64decode(text[4:].encode("ascii"), validate=True)
@@ -271,6 +281,8 @@ def show_key(k: str | bytes) -> str:
     """A key as a user would type it back (the inverse of :func:`parse_key`)."""
     if isinstance(k, (bytes, bytearray, memoryview)):
         return "hex:" + bytes(k).hex()
+    if _CONTROL.search(k):  # (a terminal would act on them, a pipe strip them: shown as a
+        return "json:" + json.dumps(k)  # JSON string, "\x1b[31mred" no longer as "red")
     return "str:" + k if k.startswith(KEY_PREFIXES) else k
 
 

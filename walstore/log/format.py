@@ -118,7 +118,17 @@ VALID_TYPES = frozenset(int(t) for t in RecordType)
 
 class LSN(int):
     """An int that is a log position, so ``rewind``/``at``/``log(since=)`` never take it
-    for a txid (``tx.lsn``, ``TxnInfo.lsn`` and ``restore_point()`` return LSNs)."""
+    for a txid (``tx.lsn``, ``TxnInfo.lsn`` and ``restore_point()`` return LSNs).  Made
+    only from an int (not a bool, float or str: ``LSN(1.5)`` was silently LSN 1)."""
+
+    __slots__ = ()
+
+    def __new__(cls, value: int = 0) -> "LSN":
+        if type(value) is not int and not isinstance(value, LSN):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"an LSN is made from an int, not {type(value).__name__} "
+                                f"({value!r})")
+        return super().__new__(cls, value)  # (a negative one names nothing: UnknownPoint)
 
     def __repr__(self) -> str:
         return f"LSN({int(self)})"
