@@ -71,3 +71,24 @@ def test_an_lsn_is_made_from_an_int_only(value):
         walstore.LSN(value)
     assert walstore.LSN(7) == 7 and repr(walstore.LSN(7)) == "LSN(7)"
     assert walstore.LSN(walstore.LSN(3)) == 3
+
+
+def test_an_open_refused_for_its_replica_settings_leaves_the_store_untouched(tmp_path):
+    """A refused ``replicate_to`` URL was checked after the store was open: a cleanly
+    closed store was left marked as crashed (the next recover="manual" open raised
+    NeedsRecovery), and a new path was created."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    for url, opts in (("s3://user:secret@bucket/x", None), ("ftp://host/x", None),
+                      (f"file://{tmp_path / 'rep'}", {"interval": "x"}),
+                      (f"file://{tmp_path / 'rep'}", {"lease_ttl": 0})):
+        with pytest.raises((walstore.ReplicationError, TypeError, ValueError)) as e:
+            walstore.open(path, replicate_to=url, replicate_options=opts)
+        if opts:
+            assert next(iter(opts)) in str(e.value)
+    walstore.open(path, recover="manual").close()  # still clean
+    with pytest.raises(walstore.ReplicationError):
+        walstore.open(str(tmp_path / "new"), replicate_to="s3://user:pw@b/x")
+    assert not (tmp_path / "new").exists()

@@ -92,6 +92,11 @@ class Store:
         if replicate_to is not None:  # (the options only: no client library imported)
             from .replication.options import ReplicateOptions
             keep_pin = ReplicateOptions.from_any(replicate_options).max_pin_bytes
+        if replicate_to is not None:  # (a bad URL or option refused before the store is
+            from .replication.options import ReplicateOptions  # touched: it was marked
+            from .replication.targets import check_url          # crashed, or created)
+            check_url(replicate_to)
+            ReplicateOptions.from_any(replicate_options)
         self._engine = engine = Engine(path, durability=durability, create=create,
                                        readonly=readonly, recover=recover, map_size=map_size,
                                        options=options, progress=progress,

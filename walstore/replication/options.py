@@ -42,6 +42,25 @@ class ReplicateOptions:
     max_manifest_bytes: int = 64 * MiB
     extra: dict = field(default_factory=dict)
 
+    def _check_types(self) -> None:
+        """Each option of the type its default has (a number, not a bool or a str: an
+        ``interval="x"`` failed later as "'<=' not supported", naming no option)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "extra":
+                ok = isinstance(v, dict)
+                want = "a dict"
+            elif f.type in ("float", "int"):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) \
+                    and (f.type == "float" or isinstance(v, int))
+                want = "a number" if f.type == "float" else "an int"
+            else:  # str or None
+                ok = v is None and "None" in f.type or isinstance(v, str)
+                want = "a str"
+            if not ok:
+                raise TypeError(f"replicate_options {f.name} must be {want}, not "
+                                f"{type(v).__name__} ({v!r})")
+
     @classmethod
     def from_any(cls, value: Any = None, **overrides: Any) -> "ReplicateOptions":
         if isinstance(value, ReplicateOptions):
@@ -59,6 +78,9 @@ class ReplicateOptions:
         if opts.endpoint_url is None:
             opts.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or \
                 os.environ.get("AWS_ENDPOINT_URL") or None
+        opts._check_types()
+        if opts.lease_ttl <= 0 or opts.max_attempts < 1:
+            raise ValueError("lease_ttl must be positive and max_attempts >= 1")
         if opts.interval <= 0 or opts.compact_fanout < 2 or opts.retain_snapshots < 1:
             raise ValueError("interval must be positive, compact_fanout >= 2, "
                              "retain_snapshots >= 1")

@@ -79,8 +79,15 @@ def display_url(url: str) -> str:
     return f"{p.scheme}://{host}{p.path}"
 
 
-def open_target(url: str, options=None) -> ObjectStore:
-    """The object store a replica URL names: ``s3://bucket/prefix`` or ``file:///dir``."""
+def check_url(url: str) -> None:
+    """ReplicationError unless ``url`` names a replica walstore can use (no I/O, nothing
+    imported): what ``open`` checks before it touches the store."""
+    _parse(url)
+
+
+def _parse(url: str):
+    if not isinstance(url, str):
+        raise ReplicationError(f"a replica URL is a str, not {type(url).__name__}")
     p = urlsplit(url)
     if p.username or p.password or p.query:
         raise ReplicationError(f"replica URL {display_url(url)} carries user info or query "
@@ -89,14 +96,22 @@ def open_target(url: str, options=None) -> ObjectStore:
     if p.scheme == "file":
         if p.netloc not in ("", "localhost"):
             raise ReplicationError(f"file URL {display_url(url)} must be file:///absolute/dir")
-        return FileTarget(p.path)
-    if p.scheme == "s3":
+    elif p.scheme == "s3":
         if not p.netloc:
             raise ReplicationError(f"s3 URL {display_url(url)} names no bucket")
-        from .s3 import S3Target  # boto3 is imported only here (the walstore[s3] extra)
-        return S3Target(p.netloc, p.path.strip("/"), options)
-    raise ReplicationError(f"unsupported replica URL {display_url(url)}: use s3://bucket/prefix "
-                           f"or file:///dir")
+    else:
+        raise ReplicationError(f"unsupported replica URL {display_url(url)}: use "
+                               f"s3://bucket/prefix or file:///dir")
+    return p
+
+
+def open_target(url: str, options=None) -> ObjectStore:
+    """The object store a replica URL names: ``s3://bucket/prefix`` or ``file:///dir``."""
+    p = _parse(url)
+    if p.scheme == "file":
+        return FileTarget(p.path)
+    from .s3 import S3Target  # boto3 is imported only here (the walstore[s3] extra)
+    return S3Target(p.netloc, p.path.strip("/"), options)
 
 
 def _bounded_read(stream, max_bytes: int, what: str) -> bytes:
