@@ -230,3 +230,22 @@ def test_a_read_only_store_after_a_crash_never_reads_uncommitted_file_bytes(tmp_
     ro = walstore.open(str(tmp_path / "s"), readonly=True)
     assert ro.at(last).files(str(tmp_path / "ws")).read("a") == b"committed"
     ro.close()
+
+
+def test_a_strangers_delete_of_a_path_a_commit_turned_from_directory_to_file_is_a_conflict(
+        tmp_path):
+    """The recovery-only rule (a path absent between the two steps of walstore's own
+    kind-changing restore) applied to live reverts too: a stranger's delete was taken
+    for it and silently overridden."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.files(ws).write("p/x", "X")
+    with s.transaction() as tx:
+        f = tx.files(ws)
+        f.rmtree("p")
+        f.write("p", "a file now")
+    (root / "p").unlink()  # a stranger
+    with pytest.raises(walstore.RevertConflict):
+        s.revert(tx.id)
+    assert not (root / "p").exists()
+    s.close()

@@ -625,7 +625,8 @@ class Files:
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
             return undo_steps(eff.ws, eff.steps, self.blobs, self.quarantine(txid),
                               check=True, durable=self.durable,
-                              done=batch.done(eff) if batch is not None else None)
+                              done=batch.done(eff) if batch is not None else None,
+                              after_crash=recovering)
 
     def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int,
                          recovering: bool = False) -> list[FileConflict]:

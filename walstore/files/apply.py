@@ -527,11 +527,13 @@ def _bottom_up(ws: Workspace, rel: bytes, st: os.stat_result):
 # ---- restore ----------------------------------------------------------------------------
 def restore_status(ws: Workspace, path: PathLike, before: Entry,
                    expected_current: Entry | None,
-                   done: Iterable[Entry] = ()) -> RestoreStatus:
+                   done: Iterable[Entry] = (), after_crash: bool = False) -> RestoreStatus:
     """Classify ``path`` for a restore without changing anything (a revert checks every
     path first and raises RevertConflict naming the conflicts).  ``done``: states that
     count as restored already (the before-images of older steps of the same path, when
-    an interrupted undo is run again: it had gone further back)."""
+    an interrupted undo is run again: it had gone further back).  ``after_crash``: an
+    undo run again by recovery, which may find a path in the state walstore's own restore
+    passes through (``_between``); anywhere else that state is a stranger's change."""
     try:
         _rel, abs_path = ws.resolve(path)
     except (NotADirectoryError, ValueError):
@@ -548,7 +550,7 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
     if before.same(current) or any(d.same(current) for d in done):
         return RestoreStatus("done", current)
     if expected_current is not None and not expected_current.same(current) \
-            and not _between(before, expected_current, current):
+            and not (after_crash and _between(before, expected_current, current)):
         return RestoreStatus("conflict", current)
     return RestoreStatus("apply", current)
 
@@ -558,14 +560,16 @@ def _between(before: Entry, after: Entry, current: Entry) -> bool:
     and ``before`` when one is a directory and the other is not: the old one is removed,
     then the new one made (two visible steps), so a crash between them leaves the path
     absent.  An undo run again after that crash (recovery of an interrupted revert) used
-    to call it "changed behind walstore's back" and leave the path absent for good."""
+    to call it "changed behind walstore's back" and leave the path absent for good.  Only
+    after a crash: a live revert finding the path absent found a stranger's delete."""
     return (not current.exists and before.exists and after.exists
             and before.is_dir != after.is_dir)
 
 
 def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
             blobs: BlobStore, quarantine: str | bytes | None = None,
-            durable: bool = True, done: Iterable[Entry] = ()) -> FileConflict | None:
+            durable: bool = True, done: Iterable[Entry] = (),
+            after_crash: bool = False) -> FileConflict | None:
     """Put the before-image ``before`` back at ``path``.
 
     ``expected_current``: the state walstore left the path in (its after-image); when the
@@ -580,7 +584,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
         ws.resolve(path)  # (ValueError: a symlink on the way, never gone through)
     except NotADirectoryError:
         pass  # a file on the way: nothing is at the path (restore_status says absent)
-    status = restore_status(ws, path, before, expected_current, done)
+    status = restore_status(ws, path, before, expected_current, done, after_crash)
     current = status.current
     if status.state == "done":  # (also a path to stay absent under a parent that is a
         return None             # file now: a failed rename's undo found conflicts there)

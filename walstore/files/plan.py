@@ -213,8 +213,8 @@ def plan_rename(ws: Workspace, src: PathLike, dst: PathLike, blobs: BlobStore
 def undo_steps(ws: Workspace, steps: Iterable[Change], blobs: BlobStore,
                quarantine: str | bytes | None, check: bool = True,
                durable: bool = True,
-               done: Callable[[Change], Iterable[Entry]] | None = None
-               ) -> list[FileConflict]:
+               done: Callable[[Change], Iterable[Entry]] | None = None,
+               after_crash: bool = False) -> list[FileConflict]:
     """Restore the before-image of every step, newest first (steps in the order they
     were planned and logged).  ``check``: a path no longer in its after-image is a
     conflict (kept, reported); False: any current state is walstore's own (recovery of
@@ -223,4 +223,4 @@ def undo_steps(ws: Workspace, steps: Iterable[Change], blobs: BlobStore,
     after a crash, a path an older operation also changed may be further back than this
     step's before-image (give the before-images of the older steps on that path)."""
     return restore_in_order(ws, list(reversed(list(steps))), blobs, quarantine, check,
-                            durable, done)
+                            durable, done, after_crash)

@@ -487,8 +487,8 @@ def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
 def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
                      quarantine: str | bytes | None, check: bool = True,
                      durable: bool = True,
-                     done: Callable[[Change], Iterable[Entry]] | None = None
-                     ) -> list[FileConflict]:
+                     done: Callable[[Change], Iterable[Entry]] | None = None,
+                     after_crash: bool = False) -> list[FileConflict]:
     """Restore each change's before-image in the order given; the conflicts.  A path
     that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
     conflict) is reported as a conflict too, and nothing is written through it.
@@ -499,7 +499,7 @@ def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
         expected = c.after if check else None
         try:
             got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable,
-                          done(c) if done is not None else ())
+                          done(c) if done is not None else (), after_crash)
         except (ValueError, NotADirectoryError) as e:
             got = FileConflict(c.path, c.before, expected, Entry.absent(), None,
                                f"cannot be restored: {e}")
