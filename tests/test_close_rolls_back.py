@@ -144,3 +144,44 @@ def test_a_dropped_transaction_is_not_kept_alive_and_the_next_open_undoes_it(tmp
     assert (root / "a").read_text() == "new"  # nobody left to roll it back at the close
     walstore.open(str(tmp_path / "s")).close()  # the next writable open's recovery does
     assert (root / "a").read_text() == "old"
+
+
+def test_a_transaction_of_another_running_thread_is_left_to_recovery(tmp_path):
+    """close() rolled back a transaction another thread was still inside (its action's
+    body running, or its commit past the point of no return): the refund ran, then the
+    charge — or the commit — landed.  A transaction begun by a thread still running is
+    left as a crash leaves it; a thread that ended leaves its transactions to the close."""
+    import threading
+    s, ws, root = _store_with_workspace(tmp_path)
+    ledger = []
+    s.compensator("refund")(lambda a: ledger.append("refund"))
+    inside, release = threading.Event(), threading.Event()
+    ended_tx = []
+
+    def agent():
+        tx = s.transaction()
+        with tx.action("charge", args=1, compensate="refund"):
+            inside.set()
+            release.wait(10)
+            ledger.append("charge")
+
+    def ended():
+        tx = s.transaction()
+        tx.files(ws).write("a", "from a thread that ended")
+        ended_tx.append(tx)
+    t = threading.Thread(target=ended)
+    t.start()
+    t.join()
+    worker = threading.Thread(target=agent)
+    worker.start()
+    inside.wait(10)
+    s.close()
+    assert ledger == []  # nothing compensated under the running action
+    assert (root / "a").read_text() == "old"  # the ended thread's change was put back
+    release.set()
+    worker.join()
+    s = walstore.open(str(tmp_path / "s"))
+    s.compensator("refund")(lambda a: ledger.append("refund"))
+    s._settle_recovery()  # (the compensator registered after open: run what is owed)
+    assert ledger == ["charge", "refund"]
+    s.close()

@@ -54,17 +54,26 @@ class AgentHooks:
 
     def roll_back_open(self) -> list[tuple[int, BaseException]]:
         """Roll back, newest first, every open transaction whose effects are out in the
-        world (the store is closing under it: as SQLite rolls back an open transaction at
-        close).  Before, its changed files stayed changed and its actions uncompensated
+        world and whose effects this thread began, or a thread that has ended (the store is
+        closing under it: as SQLite rolls back an open transaction at close).  Before, its changed files stayed changed and its actions uncompensated
         until the next writable open's recovery, while the store said neither happened.
         A prepared transaction (2PC) is left for its coordinator.  Returns (txid, error)
         for each rollback that raised (the rest still ran)."""
         with self._with_effects_lock:
             open_txs = sorted(list(self._with_effects.values()), key=lambda t: t.id,
                               reverse=True)
+        me = threading.current_thread()
         errors = []
         for tx in open_txs:
             if tx.state != "active" or tx.gid is not None:
+                continue
+            began = tx.thread() if tx.thread is not None else None
+            if began is not None and began is not me and began.is_alive():
+                # another thread that is still running began it: it may be inside the
+                # transaction right now (an action's body, a commit past its point of no
+                # return), and rolling it back under that thread compensated a charge
+                # whose commit then landed.  Left as a crash leaves it: the next
+                # writable open's recovery undoes it, if it did not commit
                 continue
             try:
                 tx.rollback()

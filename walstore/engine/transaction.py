@@ -26,6 +26,9 @@ compensated by the next open's recovery).
 """
 from __future__ import annotations
 
+import threading
+import weakref
+
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
@@ -147,6 +150,9 @@ class Transaction:
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
         self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
         self._request: CommitRequest | None = None  # the commit() under way or done
+        # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
+        # its object, not its ident, which a later thread may be given again
+        self.thread: weakref.ref | None = None
 
     @property
     def logged(self) -> bool:
@@ -157,6 +163,7 @@ class Transaction:
     @logged.setter
     def logged(self, value: bool) -> None:
         if value and not self._logged and self.state == ACTIVE:
+            self.thread = weakref.ref(threading.current_thread())
             self._hooks.effects_began(self)
         self._logged = value
 
