@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from typing import Protocol, runtime_checkable
 
 import lmdb
@@ -148,10 +149,17 @@ class DirectorySource:
         lacking every commit behind the damage (read with the one WAL reader)."""
         from ..errors import CorruptionError
         from ..log.reader import SegmentReader
-        reader = SegmentReader(path, self.store_id, start)
-        if reader.header_error is not None:
-            return
-        for rec in reader.valid_records_after(self._tail_off):
+        found = None
+        for look in range(3):  # (a record a live writer was copying in: valid when looked
+            reader = SegmentReader(path, self.store_id, start)  # at again, not damage)
+            if reader.header_error is not None \
+                    or next(iter(reader.records(self._tail_off)), None) is not None:
+                return
+            found = next(iter(reader.valid_records_after(self._tail_off)), None)
+            if found is None:
+                return  # (a torn tail: the writer's next record)
+            time.sleep(0.02 * (look + 1))
+        for rec in (found,):
             raise CorruptionError(
                 f"the WAL of {self.path} is damaged at LSN {self._tail_lsn} "
                 f"({os.path.basename(path)}, offset {self._tail_off}): a valid record at "
