@@ -205,13 +205,15 @@ def make_dir(path: str) -> None:
     path = os.path.abspath(path)
     missing = []
     p = path
-    while not os.path.isdir(p):
+    while not os.path.lexists(p):
         missing.append(p)
         parent = os.path.dirname(p)
         if parent == p:
             break
         p = parent
-    for p in reversed(missing):
+    if not missing and not os.path.isdir(path):
+        raise FileExistsError(errno.EEXIST, "exists and is not a directory", path)
+    for p in reversed(missing):  # (under a file: NotADirectoryError, as os.makedirs)
         try:
             os.mkdir(p, DIR_MODE)
         except FileExistsError:
