@@ -39,6 +39,8 @@ from ..log.format import LSN
 from .conflicts import ReadSet
 from .pipeline import CommitRequest
 
+_lsn = int.__new__  # an LSN of an int walstore made, without LSN()'s check (the commit path)
+
 if TYPE_CHECKING:
     from .engine import Engine
 
@@ -394,8 +396,8 @@ class Transaction:
             self._finish(COMMITTED)
             self.lsn = LSN(lsn)
             return self.lsn
-        if self._committed_request() is not None:  # (committed, then interrupted: above)
-            return self.lsn
+        if self._request is not None and self._committed_request() is not None:
+            return self.lsn  # (committed, then interrupted: see _committed_request)
         req = None
         try:
             body = self._hooks.commit_body(self)
@@ -412,7 +414,7 @@ class Transaction:
             # this line left the transaction "active", and the caller's natural rollback
             # then compensated a charge whose commit stood — a probe, 11-20 in 50,000)
             self._finish(COMMITTED)
-            self.lsn = None if lsn is None else LSN(lsn)
+            self.lsn = None if lsn is None else _lsn(LSN, lsn)
             return self.lsn
         except CommitOutcomeUnknown:
             self._finish(UNKNOWN)  # recovery decides; nothing is compensated now

@@ -124,15 +124,14 @@ class LSN(int):
     __slots__ = ()
 
     def __new__(cls, value: int = 0) -> "LSN":
-        if type(value) is not int and not isinstance(value, LSN):
+        if type(value) is not int and type(value) is not cls:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"an LSN is made from an int, not {type(value).__name__} "
                                 f"({value!r})")
-        return super().__new__(cls, value)  # (a negative one names nothing: UnknownPoint)
+        return int.__new__(cls, value)  # (a negative one names nothing: UnknownPoint)
 
     def __repr__(self) -> str:
         return f"LSN({int(self)})"
-
     __str__ = int.__repr__
 
 
