@@ -469,10 +469,9 @@ def test_store_run_compensates_each_conflicting_attempt(store):
     assert [r["id"] for r in store.log()[0].actions] == [attempts[1]]
 
 
-def test_transaction_left_open_at_close_is_compensated_at_the_close(path):
-    """A close rolls the open transaction back, as a rollback would (its compensation
-    runs once, there); the next open has nothing left to undo."""
-    rec = Recorder()
+def _dangling_then_let_go(path, rec, let_go):
+    """A transaction that ran an action and stays open while three others commit; then
+    ``let_go(store)`` (a close, or a crash).  Returns (tx, act)."""
     store = walstore.open(path, durability="none", compensators={"undo": rec})
     tx = store.transaction()
     with tx.action("dangling", compensate="undo") as act:
@@ -481,7 +480,15 @@ def test_transaction_left_open_at_close_is_compensated_at_the_close(path):
         with store.transaction() as other:
             other.put(f"k{i}", i)
     store.checkpoint()
-    store.close()
+    let_go(store)
+    return tx, act
+
+
+def test_transaction_left_open_at_close_is_compensated_at_the_close(path):
+    """A close rolls the open transaction back, as a rollback would (its compensation
+    runs once, there); the next open has nothing left to undo."""
+    rec = Recorder()
+    tx, act = _dangling_then_let_go(path, rec, lambda s: s.close())
     assert rec.ids == [act.id] and rec.seen[0].key == act.key
     with walstore.open(path, durability="none", compensators={"undo": rec}) as store:
         assert tx.id not in store.last_recovery.losers
@@ -492,15 +499,7 @@ def test_transaction_left_open_at_close_is_compensated_at_the_close(path):
 
 def test_transaction_left_open_at_a_crash_is_compensated_on_next_open(path):
     rec = Recorder()
-    store = walstore.open(path, durability="none", compensators={"undo": rec})
-    tx = store.transaction()
-    with tx.action("dangling", compensate="undo") as act:
-        pass
-    for i in range(3):
-        with store.transaction() as other:
-            other.put(f"k{i}", i)
-    store.checkpoint()
-    store._drop_like_a_crash()
+    tx, act = _dangling_then_let_go(path, rec, lambda s: s._drop_like_a_crash())
     assert rec.ids == []
     with walstore.open(path, durability="none", compensators={"undo": rec}) as store:
         assert tx.id in store.last_recovery.losers

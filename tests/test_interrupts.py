@@ -408,27 +408,24 @@ def test_a_commit_interrupted_after_its_point_of_no_return_is_never_rolled_back(
     from walstore.engine.pipeline import CommitRequest
     refunds = []
     s = walstore.open(str(tmp_path / "s"), compensators={"refund": refunds.append})
-    tx = s.transaction()
-    with tx.action("charge", args={"amount": 5}, compensate="refund"):
-        pass
-    tx.put("paid", True)
-    # what an interrupt escaping commit() between its point of no return and its finish
-    # leaves: a committed request, the transaction still active
-    req = CommitRequest(tx.id, list(tx._writes.items()), tx.meta, None,
-                        tx._hooks.commit_body(tx))
-    s._engine.pipeline.commit(req)
-    tx._request = req
-    assert tx.state == "active" and req.committed
+
+    def committed_but_active(key, amount):
+        """What an interrupt escaping commit() between its point of no return and its
+        finish leaves: a committed request, the transaction still active."""
+        tx = s.transaction()
+        with tx.action("charge", args={"amount": amount}, compensate="refund"):
+            pass
+        tx.put(key, True)
+        req = CommitRequest(tx.id, list(tx._writes.items()), tx.meta, None,
+                            tx._hooks.commit_body(tx))
+        s._engine.pipeline.commit(req)
+        tx._request = req
+        assert tx.state == "active" and req.committed
+        return tx, req
+    tx, req = committed_but_active("paid", 5)
     lsn = tx.commit()  # finishes it; no second record
     assert tx.state == "committed" and lsn == req.lsn
-    tx2 = s.transaction()
-    with tx2.action("charge", args={"amount": 7}, compensate="refund"):
-        pass
-    tx2.put("paid2", True)
-    req2 = CommitRequest(tx2.id, list(tx2._writes.items()), tx2.meta, None,
-                         tx2._hooks.commit_body(tx2))
-    s._engine.pipeline.commit(req2)
-    tx2._request = req2
+    tx2, _req2 = committed_but_active("paid2", 7)
     with pytest.raises(walstore.TransactionClosed, match="already committed"):
         tx2.rollback()
     assert tx2.state == "committed" and refunds == []
