@@ -92,3 +92,20 @@ def test_an_open_refused_for_its_replica_settings_leaves_the_store_untouched(tmp
     with pytest.raises(walstore.ReplicationError):
         walstore.open(str(tmp_path / "new"), replicate_to="s3://user:pw@b/x")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_reader_closing_the_pipe_early_is_not_a_failure(tmp_path):
+    """`walstore stats | head -1` said "stats failed: Broken pipe", exit 1."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.update({f"key-{i:06d}": "v" * 40 for i in range(5000)})  # (> a pipe's buffer)
+    for verb in ("scan", "log"):
+        p = subprocess.Popen([sys.executable, "-c", "import sys; from walstore.cli import "
+                              "main; sys.argv[0] = 'walstore'; main()", verb, path],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        assert p.stdout.read(10)
+        p.stdout.close()  # the reader goes away, as `head -1` does
+        err = p.stderr.read().decode()
+        assert p.wait(60) == 0 and err == "", (verb, p.returncode, err)

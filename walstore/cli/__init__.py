@@ -112,8 +112,20 @@ class WalstoreCommand(click.Command):
         except (click.exceptions.ClickException, click.exceptions.Exit,
                 click.exceptions.Abort):
             raise
+        except BrokenPipeError:
+            _reader_went_away()
         except Exception as exc:  # the one error path: one line, never a traceback
             report(ctx, exc)
+
+
+def _reader_went_away() -> NoReturn:
+    """The reader of stdout closed it (``walstore stats | head -1``): what it wanted was
+    delivered, so exit 0 without a word (was: "stats failed: Broken pipe", exit 1).
+    Stdout goes to /dev/null first, so the interpreter's own flush at exit is quiet."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise SystemExit(0)
 
 
 class WalstoreGroup(click.Group):
