@@ -25,7 +25,7 @@ from ..errors import CorruptionError, NotAStore, WalstoreError
 from ..engine.engine import check_not_inside
 from ..engine.layout import Layout
 from ..engine.lmdb_state import LmdbState
-from ..log.reader import LogEvent, LogReader, SegmentReader
+from ..log.reader import LogEvent, LogReader, damage_that_stays
 from ..log.writer import SEAL_RECORD_SIZE
 
 MAX_ATTEMPTS = 5
@@ -94,7 +94,9 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
         if item.kind == "vanished":
             return None
         if item.kind == "end" and item.verdict == "corrupt" and item.last \
-                and _written_meanwhile(item, store_id):
+                and item.scan is not None and item.reader is not None \
+                and damage_that_stays(item.path, store_id, item.reader.start_lsn,
+                                      item.scan.offset) is None:
             continue  # a live writer's record caught half copied in: the copy ends before
         if item.kind in ("gap", "bad-segment", "missing-next") \
                 or item.kind == "end" and item.verdict == "corrupt":
@@ -120,29 +122,6 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     fileio.fsync_dir(out.root)
     return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
             "segments": len(segs), "wal_bytes": copied}
-
-
-def _written_meanwhile(end: LogEvent, store_id: bytes, looks: int = 3) -> bool:
-    """The last segment's records stopped at a bad record with valid ones behind it: is
-    it a record a live writer was copying in while the walk read it (valid when looked
-    at again), not damage?  Beside a writer committing flat out that race made a backup
-    refuse a healthy store 6 times in 10."""
-    offset = end.scan.offset if end.scan is not None else None
-    if offset is None:
-        return False
-    for look in range(looks):
-        try:
-            reader = SegmentReader(end.path, store_id, _start_of(end))
-            if reader.header_error is None and next(iter(reader.records(offset)), None):
-                return True
-        except (FileNotFoundError, ValueError):
-            return True  # (trimmed or rewritten meanwhile: the next attempt sees)
-        time.sleep(0.02 * (look + 1))
-    return False
-
-
-def _start_of(end: LogEvent) -> int:
-    return end.reader.start_lsn if end.reader is not None else 0
 
 
 def _copy_file(src: str, dst: str, limit: int | None) -> int:

@@ -18,7 +18,6 @@ import mmap
 import os
 import struct
 import threading
-import time
 from typing import Protocol, runtime_checkable
 
 import lmdb
@@ -148,18 +147,9 @@ class DirectorySource:
         would otherwise end there, and a restore from it verify as a whole store while
         lacking every commit behind the damage (read with the one WAL reader)."""
         from ..errors import CorruptionError
-        from ..log.reader import SegmentReader
-        found = None
-        for look in range(3):  # (a record a live writer was copying in: valid when looked
-            reader = SegmentReader(path, self.store_id, start)  # at again, not damage)
-            if reader.header_error is not None \
-                    or next(iter(reader.records(self._tail_off)), None) is not None:
-                return
-            found = next(iter(reader.valid_records_after(self._tail_off)), None)
-            if found is None:
-                return  # (a torn tail: the writer's next record)
-            time.sleep(0.02 * (look + 1))
-        for rec in (found,):
+        from ..log.reader import damage_that_stays
+        rec = damage_that_stays(path, self.store_id, start, self._tail_off)
+        if rec is not None:
             raise CorruptionError(
                 f"the WAL of {self.path} is damaged at LSN {self._tail_lsn} "
                 f"({os.path.basename(path)}, offset {self._tail_off}): a valid record at "

@@ -375,8 +375,8 @@ def refuse_flattened(obj: Any) -> None:
                     cls = type(k)
                     if cls in containers:
                         stack.append(k)
-                    elif _verdict(cls) is not None:
-                        _refuse(cls, _verdict(cls))
+                    elif (why := _verdict(cls)) is not None:
+                        _refuse(cls, why)
     return None
 
 
