@@ -334,7 +334,8 @@ def test_interrupts_at_a_sections_start_never_leave_signals_blocked(tmp_path):
     kept) left the signals blocked and the section counted open: every later section was
     then a no-op and Ctrl-C dead.  A 20-300 µs timer over 5 s of commits."""
     out = run_child("""
-        import signal, sys, time, random, walstore, walstore.signals as S
+        import faulthandler, signal, sys, time, random, walstore, walstore.signals as S
+        faulthandler.dump_traceback_later(90, exit=True)  # (a hang says where, on stderr)
         s = walstore.open(sys.argv[1], durability="none")
         armed = [True]
         def tick(*a):
