@@ -16,11 +16,12 @@ from ..ops.backup import backup as _backup
 from ..ops.inspect import DAMAGE as WAL_DAMAGE, iter_wal as _iter_wal
 from ..ops.verify import VerifyReport, verify_store as _verify_store
 from ..options import Options
+from ..signals import Flag
 from ..store import Store
 
 __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "open_for_recovery", "verify", "wal_records", "backup",
            "is_store", "lmdb_file", "prepared_details", "run_demo", "demo_side_dir", "benchmarks",
-           "replication", "tracked_files", "changes_between"]
+           "replication", "tracked_files", "changes_between", "Flag"]
 
 Progress = Callable[[int, int], None] | None
 

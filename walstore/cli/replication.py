@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as _dt
 import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -44,8 +43,10 @@ def parse_point(text: str) -> Any:
     return _parse_point(t)
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
+def _stop_on_signals() -> "_engine.Flag":
+    # (not an Event: its set() from a handler could wait for the lock its wait() held when
+    # the signal came; see walstore.signals)
+    stop = _engine.Flag()
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
             signal.signal(sig, lambda *_a: stop.set())

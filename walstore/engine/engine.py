@@ -37,7 +37,7 @@ from ..log.records import Event
 from ..log.segment import create_segment, list_segments
 from ..log.writer import FIRST_SEGMENT_SIZE, WriteAheadLog
 from ..options import Options
-from ..signals import start_thread
+from ..signals import Flag, start_thread
 from .apply import Applier
 from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
@@ -108,10 +108,12 @@ class Engine:
         self.wal: WriteAheadLog | None = None
         self.follower = None
         self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._wake = threading.Condition(threading.Lock())
+        self._stop = Flag()
+        self._wake_lock = threading.RLock()  # (entered as itself: walstore.signals)
+        self._wake = threading.Condition(self._wake_lock)
         self._woken = False
-        self._room = threading.Condition(threading.Lock())
+        self._room_lock = threading.RLock()
+        self._room = threading.Condition(self._room_lock)
         self._apply_lock = threading.Lock()
         self._checkpoint_lock = threading.RLock()
         self._txid_lock = threading.Lock()
@@ -337,7 +339,7 @@ class Engine:
         if not self._woken and (len(mt.events) >= self.options.apply_batch
                                 or mt.log_bytes >= APPLY_WAKE_BYTES):
             self._woken = True  # one wake-up per batch, not one per commit
-            with self._wake:
+            with self._wake_lock:
                 self._wake.notify()
 
     def _applier_loop(self) -> None:
@@ -352,7 +354,7 @@ class Engine:
         """
         seen = -1  # the published mark at the last look: unchanged means commits paused
         while not self._stop.is_set():
-            with self._wake:
+            with self._wake_lock:
                 if not self._woken:
                     self._wake.wait(self.options.apply_interval)
             woken, self._woken = self._woken, False
@@ -395,9 +397,9 @@ class Engine:
         while len(mt.events) >= mt.limit:  # (``over_limit``: every commit asks)
             self.check_writable()
             self._woken = True
-            with self._wake:
+            with self._wake_lock:
                 self._wake.notify()
-            with self._room:
+            with self._room_lock:
                 self._room.wait(0.05)
 
     # ---- applying -----------------------------------------------------------------------
@@ -428,7 +430,7 @@ class Engine:
             for i in range(0, len(batch), DROP_CHUNK):  # a little at a time: committers
                 with self.journal.lock:                 # wait for the lock only briefly
                     self.memtable.drop_applied(batch[i:i + DROP_CHUNK])
-            with self._room:
+            with self._room_lock:
                 self._room.notify_all()
             return len(batch)
 
@@ -652,7 +654,7 @@ class Engine:
         """Stop writing for good (until reopened): the log's tail or LMDB is in doubt."""
         if self.failure is None:
             self.failure = error
-        with self._room:
+        with self._room_lock:
             self._room.notify_all()
 
     def note_background_error(self, error: BaseException) -> None:
@@ -691,7 +693,7 @@ class Engine:
     def _stop_threads(self) -> None:
         self.closed = True
         self._stop.set()
-        with self._wake:
+        with self._wake_lock:
             self._wake.notify_all()
         for t in self._threads:
             if t is not threading.current_thread():

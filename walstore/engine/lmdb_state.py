@@ -122,7 +122,8 @@ class ReadGate:
         self._local = threading.local()
         self._slots: list = []
         self._slots_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
+        self._cond_lock = threading.RLock()  # (entered as itself: walstore.signals)
+        self._cond = threading.Condition(self._cond_lock)
         self._exclusive_lock = threading.Lock()
         self.paused = False
 
@@ -155,7 +156,7 @@ class ReadGate:
         slot.inside = True
         while self.paused:  # a resize is under way: step out until it is done
             slot.inside = False
-            with self._cond:
+            with self._cond_lock:
                 while self.paused:
                     self._cond.wait()
             slot.inside = True
@@ -200,14 +201,14 @@ class ReadGate:
             me.inside = False
         try:
             with self._exclusive_lock:
-                with self._cond:
+                with self._cond_lock:
                     self.paused = True
                 try:
                     while any(s.inside and s is not me for s in list(self._slots)):
                         time.sleep(0.0002)
                     fn()
                 finally:
-                    with self._cond:
+                    with self._cond_lock:
                         self.paused = False
                         self._cond.notify_all()
         finally:

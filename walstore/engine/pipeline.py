@@ -87,7 +87,8 @@ class CommitGate:
     """
 
     def __init__(self, lock: "threading.RLock") -> None:
-        self._cond = threading.Condition(lock)  # the journal lock
+        self._lock = lock  # the journal lock (entered as itself: walstore.signals)
+        self._cond = threading.Condition(lock)
         self.holder: int | None = None          # the holding thread's ident
         self.waits = 0                          # commits that waited at the gate
 
@@ -101,7 +102,7 @@ class CommitGate:
     @contextmanager
     def hold(self) -> Iterator[None]:
         me = threading.get_ident()
-        with self._cond:
+        with self._lock:
             nested = self.holder == me  # already ours: the outer hold opens it
             while not nested and self.holder is not None:
                 self._cond.wait()
@@ -112,7 +113,7 @@ class CommitGate:
         try:
             yield
         finally:
-            with self._cond:
+            with self._lock:
                 self.holder = None
                 self._cond.notify_all()
 

@@ -115,7 +115,8 @@ class WriteAheadLog:
         self.rotations = 0
         self.spare = Spare(wal_dir)
         self._spare_lock = threading.Lock()  # held while the spare is made or used
-        self._spare_cond = threading.Condition(threading.Lock())
+        self._spare_lock = threading.RLock()  # (entered as itself: walstore.signals)
+        self._spare_cond = threading.Condition(self._spare_lock)
         self._spare_wanted = True   # the spare thread makes one as soon as it starts
         self._spare_thread: threading.Thread | None = None
         self._spare_stop = False
@@ -299,7 +300,7 @@ class WriteAheadLog:
 
     def _spare_loop(self) -> None:
         while True:
-            with self._spare_cond:
+            with self._spare_lock:
                 while not self._spare_wanted and not self._spare_stop:
                     self._spare_cond.wait()
                 if self._spare_stop:
@@ -308,12 +309,12 @@ class WriteAheadLog:
                 self.prepare_spare()
             except OSError:  # no room for a spare: the next rotation preallocates inline
                 pass  # (a failed fsync, FsyncFailed: prepare_spare has stopped the log)
-            with self._spare_cond:
+            with self._spare_lock:
                 self._spare_wanted = False
                 self._spare_cond.notify_all()
 
     def _want_spare(self) -> None:
-        with self._spare_cond:
+        with self._spare_lock:
             self._spare_wanted = True
             self._spare_cond.notify_all()
 
@@ -322,7 +323,7 @@ class WriteAheadLog:
         zero-filling a second file on the commit path."""
         if self._spare_thread is None:
             return
-        with self._spare_cond:
+        with self._spare_lock:
             self._spare_cond.wait_for(lambda: not self._spare_wanted or self._spare_stop,
                                       timeout)
 
@@ -525,7 +526,7 @@ class WriteAheadLog:
         return sum(os.path.getsize(p) for _, p in list_segments(self.dir) if os.path.exists(p))
 
     def close(self) -> None:
-        with self._spare_cond:
+        with self._spare_lock:
             self._spare_stop = True
             self._spare_cond.notify_all()
         if self._spare_thread is not None and self._spare_thread is not threading.current_thread():

@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
+from ..signals import Flag
 from ..engine.layout import identity_bytes
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
@@ -142,13 +143,13 @@ class RestoredLog:
     def _close_file(self) -> None:
         if self.fd >= 0:
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:
@@ -444,7 +445,7 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
 
 # ---- follow -------------------------------------------------------------------------
 def follow(url: str, dest: str, replicate_options: Any = None, *,
-           stop: threading.Event | None = None, interval: float | None = None,
+           stop: "threading.Event | Flag | None" = None, interval: float | None = None,
            apply_every: float = 30.0, on_round: Callable[[dict], None] | None = None,
            target: ObjectStore | None = None) -> None:
     """Keep ``dest`` a current read-only copy of the replica until ``stop`` is set.
@@ -454,7 +455,7 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     LMDB every ``apply_every`` seconds (REDO only, nothing is compensated)."""
     opts = ReplicateOptions.from_any(replicate_options)
     interval = interval or opts.interval
-    stop = stop or threading.Event()
+    stop = stop or Flag()
     tgt = target if target is not None else open_target(url, opts)
     try:
         if not os.path.exists(dest) or not os.listdir(dest):
@@ -476,7 +477,7 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
 
 
 def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions,
-                   stop: threading.Event, interval: float, apply_every: float,
+                   stop: "threading.Event | Flag", interval: float, apply_every: float,
                    on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict
                    ) -> None:
     """The follower's loop (``follow``, which holds DEST's lock)."""

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ReplicationError
+from ..signals import Flag
 from . import logformat, source as _src
 from .lease import Lease, LeaseLost, Refused, _pid_alive, holder_info
 from .manifest import Manifest
@@ -114,11 +115,12 @@ class Shipper:
         self._durable = 0
         self._behind_since: float | None = None
         self._round = threading.Lock()
-        self._cond = threading.Condition()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
+        self._cond_lock = threading.RLock()  # (entered as itself: walstore.signals)
+        self._cond = threading.Condition(self._cond_lock)
+        self._wake = Flag()
+        self._stop = Flag()
         self._thread: threading.Thread | None = None
-        self._first = threading.Event()
+        self._first = Flag()
         self._start_error: Exception | None = None
         self._started = False
         self._last_retention = 0.0
@@ -133,7 +135,7 @@ class Shipper:
         seconds: a second writer is refused here (ReplicationError naming the holder).
         A server that does not answer in time does not fail the start: the thread keeps
         trying, and a refusal found later stops it with state "refused"."""
-        self._first = threading.Event()
+        self._first = Flag()
         self._thread = threading.Thread(target=self._run, name="walstore-replication",
                                         daemon=True)
         self._thread.start()  # (signals not blocked: it runs boto3, which may start a
@@ -155,7 +157,7 @@ class Shipper:
             t.join(wait)
         if self.state not in ("lease-lost", "refused"):
             self.state = "stopped"
-        with self._cond:
+        with self._cond_lock:
             self._cond.notify_all()
         if release and self.state != "refused" and (t is None or not t.is_alive()):
             self.lease.release()
@@ -179,7 +181,7 @@ class Shipper:
             except (LeaseLost, Refused) as e:
                 self.state = "lease-lost" if isinstance(e, LeaseLost) else "refused"
                 self.last_error, self._start_error = str(e), e
-                with self._cond:
+                with self._cond_lock:
                     self._cond.notify_all()
                 return
             except Exception as e:  # anything else: retry with backoff; commits go on
@@ -188,7 +190,7 @@ class Shipper:
                     self._start_error = e
                 delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
                 delay *= 0.5 + random.random()
-                with self._cond:
+                with self._cond_lock:
                     self._cond.notify_all()
             finally:
                 self._first.set()
@@ -283,7 +285,7 @@ class Shipper:
         cause when that does not happen within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         self._wake.set()
-        with self._cond:
+        with self._cond_lock:
             while self.shipped < lsn:
                 if self.state in ("lease-lost", "refused"):
                     raise ReplicationError(f"cannot sync the replica: {self.last_error}")
@@ -300,7 +302,7 @@ class Shipper:
         return self.shipped
 
     def _advanced(self, position: int) -> None:
-        with self._cond:
+        with self._cond_lock:
             self.shipped = position
             self.last_shipped_at = time.time()
             self._cond.notify_all()

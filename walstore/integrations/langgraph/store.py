@@ -34,6 +34,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   validate_op_namespace)
 
 from walstore.errors import ConflictError
+from walstore.signals import Flag, deferred
 
 from .._async import finish_despite_cancel
 from .keys import MemoryKeys, prefix_end
@@ -55,13 +56,21 @@ class _ItemLocks:
     def __init__(self, keys: Iterable[bytes]) -> None:
         self.locks = [_STRIPES[i] for i in sorted({hash(k) % len(_STRIPES) for k in keys})]
 
+    # Held with the asynchronous signals held off (walstore.signals): an interrupt between
+    # two acquires, or at the start of __exit__, left stripes held and every later writer
+    # of those items waiting for ever.  The section is walstore's own work (a transaction
+    # of store operations, its retries); a Ctrl-C arrives as it ends.
     def __enter__(self) -> None:
+        deferred().__enter__()
         for lock in self.locks:
             lock.acquire()
 
     def __exit__(self, *exc: Any) -> None:
-        for lock in reversed(self.locks):
-            lock.release()
+        try:
+            for lock in reversed(self.locks):
+                lock.release()
+        finally:
+            deferred().__exit__(None, None, None)
 
 
 def _backoff(attempt: int) -> None:
@@ -154,7 +163,7 @@ class WalstoreStore(BaseStore):
         self.keys = MemoryKeys(bytes(key_prefix))
         self.txn_meta = txn_meta
         self._sweeper: threading.Thread | None = None
-        self._sweeper_stop = threading.Event()
+        self._sweeper_stop = Flag()  # (walstore.signals: set by close in the main thread)
 
     # ---- batches ------------------------------------------------------------------------
     def batch(self, ops: Iterable[Op]) -> list[Result]:
