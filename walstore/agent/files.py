@@ -46,6 +46,7 @@ from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace
                      snapshot, undo_order, undo_steps)
 from ..files.paths import PathLike, display, parent_of
 from ..log.format import RecordType
+from ..signals import deferred
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -799,9 +800,16 @@ class Files:
         eng = self.engine
         if not os.path.isdir(os.path.join(self.dir, "blobs")) or not self._gc_due():
             return {}
-        if not self._lock.acquire(blocking=False):
+        # a probe, then the lock by ``with`` (walstore.signals: an interrupt right after an
+        # acquire() outside a ``with`` left the lock held, and every file operation of the
+        # process waited for ever); a file operation that begins in between is waited for
+        with deferred():
+            busy = not self._lock.acquire(blocking=False)
+            if not busy:
+                self._lock.release()
+        if busy:
             return {"blobs_gc": "skipped (a file operation is under way)"}
-        try:
+        with self._lock:
             horizon = eng.state.meta_int(b"horizon")
             written = self.blobs.bytes_written
             refs = self.referenced()
@@ -809,8 +817,6 @@ class Files:
             self._gc_horizon = horizon
             self._gc_written, self._gc_kept = written, res.kept_bytes
             return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
-        finally:
-            self._lock.release()
 
     def referenced(self) -> set[str]:
         """Every blob a retained row, a saved manifest or an unapplied event refers to."""
@@ -823,6 +829,13 @@ class Files:
             for _p, before, after in steps or ():
                 refs.update(_digests(before))
                 refs.update(_digests(after))
+        # the unapplied events first, LMDB after: the applier drops events only once LMDB
+        # holds them, so each is seen in one place or both (the other way round an apply
+        # between the two reads hid its steps, and their blobs went)
+        for e in eng.views.unapplied_file_events():
+            steps_refs(e.body.get("steps"))
+            if e.body.get("manifest"):
+                manifests.add(e.body["manifest"])
         for _k, v in st.scan(b"", None, db="fsteps"):
             row = unpack(v)
             steps_refs(row.get("steps"))
@@ -845,10 +858,6 @@ class Files:
         for row in self.rows().values():
             if row.get("manifest"):
                 manifests.add(row["manifest"])
-        for e in eng.views.unapplied_file_events():
-            steps_refs(e.body.get("steps"))
-            if e.body.get("manifest"):
-                manifests.add(e.body["manifest"])
         for m in self._manifests.values():
             refs.update(m.digests())
         for d in manifests:
