@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..codec import pack, storable
 from ..errors import CompensationFailed, ReadOnlyError, StoreClosed, WalstoreError
 from ..log.format import RecordType
+from ..signals import deferred
 from ..engine import tables
 
 if TYPE_CHECKING:
@@ -124,6 +125,19 @@ def newest_first(a: Action):
     return (-a.lsn, -int(txid), -int(seq or 0))
 
 
+class UndoProgress:
+    """One undo's progress across the interrupts that land in it: the effects already
+    handled (by ``id``), the first interrupt (raised once the files are back), whether
+    the undo ran to its end."""
+
+    __slots__ = ("handled", "interrupt", "finished")
+
+    def __init__(self) -> None:
+        self.handled: set[int] = set()
+        self.interrupt: BaseException | None = None
+        self.finished = False
+
+
 class Saga:
     """The store's side of intents and compensations."""
 
@@ -197,27 +211,49 @@ class Saga:
 
     # ---- ending without a commit ---------------------------------------------------------
     def end_without_commit(self, tx: "Transaction", cause: BaseException | None,
-                           undo: Callable[[list], None] | None = None) -> None:
-        """Log the ABORT (the decision, durable), then undo the live effects: compensate
-        the actions (``undo``, when given, undoes every effect, files included, in
-        order)."""
+                           ended: Callable[[], None],
+                           undo: Callable[[list, "UndoProgress"], None] | None = None) -> None:
+        """Log the ABORT (the decision, durable) and call ``ended`` with no interrupt
+        between the two (walstore.signals), then undo the live effects: compensate the
+        actions (``undo``, when given, undoes every effect, files included, in order)."""
         live = [a for a in tx.effects if isinstance(a, Action)]
         problem = None
         closed = self.engine.closed
-        if not self.engine.writable:
-            problem = (self.engine.failure or self.engine.wal.failed
-                       or f"store {self.engine.path} is closed")
-        else:
-            try:
-                self.engine.log_event(RecordType.ABORT, {"tx": tx.id}, tx.id, durable=True)
-            except WalstoreError as e:
-                problem = e
-        if problem is None:
-            if undo is not None:
-                undo(list(tx.effects))
-            else:
-                self.compensate(live, cause=cause)
-            return
+        progress: UndoProgress | None = None  # set with the ABORT: the undo is owed
+        while True:  # (the ABORT recorded, walstore's own undo work finishes even when an
+            try:     # interrupt lands before ``undo`` could catch it: AgentHooks.undo)
+                if progress is None:
+                    with deferred():
+                        try:
+                            if not self.engine.writable:
+                                problem = (self.engine.failure or self.engine.wal.failed
+                                           or f"store {self.engine.path} is closed")
+                            else:
+                                try:
+                                    self.engine.log_event(RecordType.ABORT, {"tx": tx.id},
+                                                          tx.id, durable=True)
+                                except WalstoreError as e:
+                                    problem = e
+                        finally:
+                            ended()
+                            progress = UndoProgress()
+                if problem is not None:
+                    break
+                if undo is not None:
+                    undo(list(tx.effects), progress)  # (raises the interrupt at its end)
+                    return
+                if progress.interrupt is None:
+                    self.compensate(live, cause=cause)
+                progress.finished = True
+                if progress.interrupt is not None:
+                    raise progress.interrupt
+                return
+            except Exception:
+                raise
+            except BaseException as e:
+                if progress is None or progress.finished:
+                    raise  # (before the ABORT: the transaction has not ended)
+                progress.interrupt = progress.interrupt or e
         owed = [a.id for a in live if a.compensate]
         files = len(tx.effects) - len(live)
         if owed or files:  # cannot record anything: the intents and file steps stay owed
@@ -316,8 +352,9 @@ class Saga:
                 if attempt < COMPENSATION_RETRIES:
                     time.sleep(COMPENSATION_BACKOFF * (2 ** (attempt - 1)))
                 continue
-            action.state, action.error = COMPENSATED, None
-            self.record_state(action)
+            with deferred():  # (an interrupt while the record is written would leave a
+                action.state, action.error = COMPENSATED, None  # compensation that ran
+                self.record_state(action)  # owed still, and run again at the next chance)
             return True
         action.state = FAILED
         self.record_state(action)

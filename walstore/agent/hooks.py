@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import CompensationFailed, TransactionClosed, WalstoreError
-from .actions import Action, ActionScope, Saga
+from ..signals import deferred
+from .actions import Action, ActionScope, Saga, UndoProgress
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
                     is_file_effect)
 from .twophase import TwoPhase
@@ -110,9 +111,10 @@ class AgentHooks:
             self.saga.settle_uncompensated(
                 [a for a in actions if isinstance(a, Action) and a.compensate is None])
 
-    def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None:
-        self.saga.end_without_commit(tx, cause, undo=lambda effects: self.undo(
-            tx.id, effects, cause))
+    def end_without_commit(self, tx: "Transaction", cause: BaseException | None,
+                           ended: Callable[[], None]) -> None:
+        self.saga.end_without_commit(tx, cause, ended, undo=lambda effects, progress: self.undo(
+            tx.id, effects, cause, progress=progress))
 
     def undo_ended(self, txid: int, owed_actions: list) -> None:
         """A transaction already ended by its decision (``rollback_prepared``): its owed
@@ -120,37 +122,71 @@ class AgentHooks:
         self.undo(txid, owed_actions + self.files.effects_of(txid), None)
 
     def undo(self, txid: int, effects: list, cause: BaseException | None,
-             keep: list | None = None) -> None:
+             keep: list | None = None, progress: UndoProgress | None = None) -> None:
         """Undo ``effects`` newest first: compensate each action, put back each file
         effect's paths; record the file outcomes (FILE_CONFLICT, FILE_RESTORED).  Raises
         CompensationFailed, then FileConflictError, after everything was tried.  A file
         effect that cannot be put back (an I/O error) is appended to ``keep`` (the live
-        transaction's effects) when given, else stays owed for the next open."""
+        transaction's effects) when given, else stays owed for the next open.
+
+        An interrupt (Ctrl-C, a raising timer) does not stop the files going back: they are
+        walstore's own work, and a file left as the rolled-back transaction made it
+        disagrees with the state until the next open.  Each put-back is one section no
+        interrupt cuts, with its outcome noted in ``progress``; an interrupt between them,
+        or in a compensator (user code), is raised once every file is back, and the
+        actions not reached stay owed (``pending_compensations()``; the next open runs
+        them).  A caller that passes ``progress`` may call again after an interrupt that
+        came before this could catch it (see Saga.end_without_commit)."""
+        progress = progress if progress is not None else UndoProgress()
         if not any(is_file_effect(e) for e in effects):
-            self.saga.compensate([a for a in effects if isinstance(a, Action)], cause=cause)
+            if progress.interrupt is None:
+                self.saga.compensate([a for a in effects if isinstance(a, Action)],
+                                     cause=cause)
+            progress.finished = True
+            if progress.interrupt is not None:
+                raise progress.interrupt
             return
         failed_actions: list[Action] = []
         done, conflicts, failed = [], [], []
         writable = self.files.engine.writable
         batch = UndoBatch(effects)
+        todo = sorted(effects, key=newest_effect_first)
+        handled = progress.handled
         try:
-            for eff in sorted(effects, key=newest_effect_first):
-                if isinstance(eff, Action):
-                    failed_actions += self.saga.compensate([eff], cause=cause,
-                                                           raise_on_failure=False)
-                    continue
-                if not writable:
-                    continue  # owed in the log: the next open puts them back
+            while True:
                 try:
-                    got = self.files.undo_one(txid, eff, batch)
-                except (OSError, ValueError, WalstoreError) as e:
-                    failed.append((eff, e))
-                    continue
-                conflicts += [(eff.lsn, c) for c in got]
-                done.append(eff)
+                    for eff in todo:
+                        if id(eff) in handled:
+                            continue
+                        if isinstance(eff, Action):
+                            if progress.interrupt is None:
+                                handled.add(id(eff))
+                                failed_actions += self.saga.compensate(
+                                    [eff], cause=cause, raise_on_failure=False)
+                            continue
+                        if not writable:
+                            continue  # owed in the log: the next open puts them back
+                        with deferred():
+                            handled.add(id(eff))
+                            try:
+                                got = self.files.undo_one(txid, eff, batch)
+                            except (OSError, ValueError, WalstoreError) as e:
+                                failed.append((eff, e))
+                                continue
+                            conflicts += [(eff.lsn, c) for c in got]
+                            done.append(eff)
+                    break
+                except Exception:
+                    raise
+                except BaseException as e:  # an interrupt: the files go back first
+                    progress.interrupt = progress.interrupt or e
         finally:
             if done:
-                self.files.record(txid, done, conflicts)
+                with deferred():  # (their outcomes: unrecorded, the next open would undo
+                    self.files.record(txid, done, conflicts)  # them again)
+        progress.finished = True
+        if progress.interrupt is not None:
+            raise progress.interrupt
         if failed_actions:
             ids = [a.id for a in failed_actions]
             raise CompensationFailed(

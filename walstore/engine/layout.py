@@ -184,8 +184,8 @@ class ProcessLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             pid = self._holder()
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 who = f"process {pid}" if pid else "another process"
                 if pid == os.getpid():
@@ -196,8 +196,8 @@ class ProcessLock:
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
         except BaseException:
-            os.close(self.fd)  # closing drops the flock
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # closing drops the flock
             raise
 
     def _holder(self) -> int | None:
@@ -213,8 +213,8 @@ class ProcessLock:
                 os.ftruncate(self.fd, 0)
             except OSError:
                 pass
-            os.close(self.fd)  # closing drops the flock
-            self.fd = -1
+            fd, self.fd = self.fd, -1  # (forgotten first: an interrupt after the close must
+            os.close(fd)  # not leave it to be closed again)  (closing drops the flock)
 
 
 def writer_alive(layout: Layout) -> bool:

@@ -30,7 +30,7 @@ import threading
 import weakref
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_items, \
     pack_value, prefix_end, unpack_value
@@ -61,7 +61,10 @@ class TransactionHooks(Protocol):
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None
                      ) -> None: ...
 
-    def end_without_commit(self, tx: "Transaction", cause: BaseException | None) -> None: ...
+    def end_without_commit(self, tx: "Transaction", cause: BaseException | None,
+                           ended: Callable[[], None]) -> None:
+        """Record that ``tx`` ends uncommitted, call ``ended`` (no interrupt between the
+        two), then undo its effects."""
 
     def prepare(self, tx: "Transaction", gid: str) -> None: ...
 
@@ -477,11 +480,14 @@ class Transaction:
             self._finish(ROLLED_BACK)
             return
         # from here until its effects are undone the transaction still owns what they
-        # changed (a path another transaction must not take over: agent.files claims)
+        # changed (a path another transaction must not take over: agent.files claims).  It
+        # is finished together with its ABORT record (an interrupt between the two left it
+        # finished with no record: its actions neither compensated nor owed, and close()
+        # no longer rolling it back); an interrupt before that leaves it open, to roll
+        # back again
         self.undo_pending = True
-        self._finish(ROLLED_BACK)
         try:
-            self._hooks.end_without_commit(self, cause)
+            self._hooks.end_without_commit(self, cause, lambda: self._finish(ROLLED_BACK))
         finally:
             self.undo_pending = False
 

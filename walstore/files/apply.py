@@ -263,8 +263,8 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
         if durable:
             fileio.fsync(fd)
         st_new = os.fstat(fd)
-        os.close(fd)
-        fd = -1
+        closing, fd = fd, -1  # (forgotten first: an interrupt right after the close left
+        os.close(closing)     # it to be closed again below, perhaps another thread's file)
         fileio.rename(_s(tmp), _s(abs_path))
     except BaseException as e:
         if fd >= 0:

@@ -191,5 +191,5 @@ class SegmentWriter:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1  # (forgotten first: an interrupt after the close must
+            os.close(fd)               # not leave a number a later close would close again)
