@@ -345,20 +345,36 @@ class Saga:
         action.state = PENDING
         for attempt in range(1, COMPENSATION_RETRIES + 1):
             action.attempts += 1
+            returned: list = []
+            recorded: list = []
             try:
-                fn(action)
-            except Exception as e:  # a compensator's failure is data, escalated below
-                action.error = f"{type(e).__name__}: {e}"
-                if attempt < COMPENSATION_RETRIES:
+                # ``extend`` (C) notes fn's return before control comes back to Python,
+                # where an interrupt (walstore.signals) could land: one right after the
+                # compensator returned is told from one inside it, and the compensation
+                # that ran is recorded (once), not run again at the next open
+                returned.extend(map(fn, (action,)))
+                self._record_compensated(action, recorded)
+                return True
+            except Exception as e:
+                if returned:
+                    raise  # (the record failed: not the compensator's failure)
+                action.error = f"{type(e).__name__}: {e}"  # a compensator's failure is
+                if attempt < COMPENSATION_RETRIES:        # data, escalated below
                     time.sleep(COMPENSATION_BACKOFF * (2 ** (attempt - 1)))
                 continue
-            with deferred():  # (an interrupt while the record is written would leave a
-                action.state, action.error = COMPENSATED, None  # compensation that ran
-                self.record_state(action)  # owed still, and run again at the next chance)
-            return True
+            except BaseException:
+                if returned and not recorded:  # it ran: recorded, then the interrupt goes on
+                    self._record_compensated(action, recorded)
+                raise
         action.state = FAILED
         self.record_state(action)
         return False
+
+    def _record_compensated(self, action: Action, recorded: list) -> None:
+        with deferred():  # (an interrupt while the record is written would leave a
+            action.state, action.error = COMPENSATED, None  # compensation that ran owed,
+            self.record_state(action)  # and run again at the next chance)
+            recorded.append(True)
 
     def record_state(self, action: Action) -> None:
         """Durably record an action's compensation state (one COMPENSATED record)."""

@@ -37,7 +37,7 @@ from ..log.records import Event
 from ..log.segment import create_segment, list_segments
 from ..log.writer import FIRST_SEGMENT_SIZE, WriteAheadLog
 from ..options import Options
-from ..signals import Flag, start_thread
+from ..signals import Flag, deferred, start_thread
 from .apply import Applier
 from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
@@ -700,17 +700,20 @@ class Engine:
                 t.join()
 
     def _release(self) -> None:
-        self.closed = True
-        self._released = True  # (a later close() has nothing left to do)
-        if self.follower is not None:
-            self.follower.close()
-        if self.wal is not None:
-            self.wal.close()
-        if self.state is not None:
-            self.state.close()
-        if self._proc_lock is not None:
-            self._proc_lock.release()
-            self._proc_lock = None
+        # one section no interrupt cuts (walstore.signals): cut in the WAL's close, it left
+        # the store locked by this process, and a second close() found nothing to do
+        with deferred():
+            self.closed = True
+            if self.follower is not None:
+                self.follower.close()
+            if self.wal is not None:
+                self.wal.close()
+            if self.state is not None:
+                self.state.close()
+            if self._proc_lock is not None:
+                self._proc_lock.release()
+                self._proc_lock = None
+            self._released = True  # (a later close() has nothing left to do)
 
     # ---- status -------------------------------------------------------------------------
     def count_keys(self) -> int:
