@@ -77,6 +77,11 @@ def charge(tx, k):
 TX, UNDONE = [None], [None]
 
 def setup(k):
+    if mode in ("commit-prepared", "rollback-prepared"):
+        tx = s.transaction()  # (decided by gid below: the coordinator's side)
+        charge(tx, k)
+        tx.put("paid", k)
+        tx.prepare(f"g{k}")
     if mode == "file-revert":
         with s.transaction() as tx:
             tx.files(ws).write("f", b"r%d" % k)
@@ -112,6 +117,15 @@ def step(k):
             tx.rollback_to(sp)
     elif mode in ("revert", "file-revert"):
         s.revert(UNDONE[0])
+    elif mode == "prepare":
+        TX[0] = tx = s.transaction()
+        charge(tx, k)
+        tx.put("paid", k)
+        tx.prepare(f"g{k}")
+    elif mode == "commit-prepared":
+        s.commit_prepared(f"g{k}")
+    elif mode == "rollback-prepared":
+        s.rollback_prepared(f"g{k}")
     elif mode == "file-commit":
         TX[0] = tx = s.transaction()
         with tx:
@@ -126,9 +140,9 @@ def step(k):
 bad, k = [], 0
 while True:
     setup(k)
+    TX[0] = None
     seen = len(refunds)
     at.update(k=k, n=0, where=None)
-    TX[0] = None
     sys.setprofile(hook)
     try:
         step(k)
@@ -141,7 +155,14 @@ while True:
         break  # the transaction ran through: every point was visited
     where = at["where"]
     tx = TX[0]
-    if tx is not None and tx.state == "active":
+    gid = f"g{k}"
+    if mode in ("prepare", "commit-prepared", "rollback-prepared") and gid in s.prepared():
+        # (the decision not reached: the coordinator's natural next step, once more)
+        if mode == "commit-prepared":
+            s.commit_prepared(gid)
+        else:
+            s.rollback_prepared(gid)
+    elif tx is not None and tx.state == "active":
         # the interrupt landed at the very start of the with block's __exit__ (or of
         # rollback()), before any line of it: the transaction is still open, and its
         # rollback compensates as always
@@ -154,14 +175,17 @@ while True:
     undone = bool(new or owed)
     if len(new) > 1:  # (a refund with no charge is the Saga's answer to an intent whose
         bad.append((k, where, "refunds", new))  # body may or may not have run: allowed)
-    if mode in ("action", "rollback", "savepoint"):
+    if mode in ("action", "rollback", "savepoint", "prepare", "commit-prepared",
+                "rollback-prepared"):
         paid = s.get("paid") == k
         if paid and undone:
             bad.append((k, where, "paid and refunded", new, len(owed)))
         if k in charges and not paid and not undone:
             bad.append((k, where, "charged, not paid, never refunded nor owed"))
-        if mode in ("rollback", "savepoint") and paid:
+        if mode in ("rollback", "savepoint", "prepare", "rollback-prepared") and paid:
             bad.append((k, where, "a rolled-back write stands"))
+        if mode == "commit-prepared" and not paid:
+            bad.append((k, where, "a committed write is missing"))
     elif mode == "revert":
         reverted = s.get("paid") != k
         if reverted != undone:
@@ -192,7 +216,8 @@ for b in bad[:20]:
 @pytest.mark.parametrize("mode,durability", [
     ("put", "none"), ("put", "full"), ("action", "none"), ("action", "full"),
     ("rollback", "none"), ("savepoint", "none"), ("revert", "none"), ("revert", "full"),
-    ("file-commit", "none"), ("file-rollback", "none"), ("file-revert", "none")])
+    ("file-commit", "none"), ("file-rollback", "none"), ("file-revert", "none"),
+    ("prepare", "none"), ("commit-prepared", "none"), ("rollback-prepared", "none")])
 def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
     try:
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(SWEEP),
