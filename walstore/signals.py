@@ -24,6 +24,15 @@ condition, 1 in 7 runs of a 20-300 µs timer under load).  So code a main thread
 takes a condition's lock by a ``with`` on the C lock itself (no check between the
 acquire and the block) and calls ``notify``/``wait`` inside it, and uses ``Flag`` below
 where it would use an ``Event``.
+
+Two more habits follow from the same fact: a descriptor is forgotten before it is closed
+(``fd, self.fd = self.fd, -1`` then ``os.close(fd)``: the other order let an interrupt
+between them close the number twice, perhaps another thread's file by then), and what
+must follow a step that already happened (the ABORT and the transaction's end, a
+compensation that ran and its record, a file put back and its record) is written in one
+deferred section or is picked up again by the code that catches the interrupt.
+``tests/test_interrupt_points.py`` raises an interrupt at every point a handler could run
+and holds these to account.
 """
 from __future__ import annotations
 
