@@ -83,8 +83,14 @@ def test_log_lists_transactions_newest_first_with_meta(store_path):
     doc = json.loads(run("log", store_path, "--json").output)
     assert [t["meta"] for t in doc["transactions"]] == [{"step": 2}, {"step": 1}, {"step": 0}]
     assert set(doc["transactions"][0]) >= {"txid", "lsn", "timestamp", "meta", "keys"}
-    lines = run("log", store_path, "--limit", "2").output.splitlines()
+    r = run("log", store_path, "--limit", "2")
+    lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["TXID", "LSN", "TIME"] and len(lines) == 3
+    # a cut list says so (on stderr), a whole one does not
+    assert "older ones with --limit N" in r.stderr
+    assert "older" not in run("log", store_path, "--limit", "3").stderr
+    assert json.loads(run("log", store_path, "--json", "--limit", "2").stdout)["more"] is True
+    assert json.loads(run("log", store_path, "--json").stdout)["more"] is False
 
 
 def test_dump_shows_records_from_an_lsn(store_path):

@@ -100,15 +100,20 @@ def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool
 def log_cmd(path: str, limit: int, as_json: bool) -> None:
     """Committed transactions, newest first."""
     with open_store(path, readonly=True) as store:
-        infos = store.log(limit=limit)
+        infos = store.log(limit=limit + 1)  # (one more: is there anything older?)
+    more = len(infos) > limit
+    infos = infos[:limit]
     if as_json:
         emit_json({"transactions": [{"txid": i.txid, "lsn": i.lsn, "timestamp": i.timestamp,
                                      "meta": i.meta, "keys": list(i.keys),
-                                     "actions": list(i.actions)} for i in infos]})
+                                     "actions": list(i.actions)} for i in infos],
+                   "more": more})
         return
     rows = [[i.txid, i.lsn, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.timestamp)),
              len(i.keys), show_value(i.meta) if i.meta is not None else ""] for i in infos]
     table(rows, ["TXID", "LSN", "TIME", "KEYS", "META"])
+    if more:  # (on stderr: a pipe reading the table gets only the table)
+        click.echo(f"(the newest {limit} shown; older ones with --limit N)", err=True)
 
 
 @main.command("history")
