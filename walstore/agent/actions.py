@@ -127,13 +127,19 @@ def newest_first(a: Action):
 
 class UndoProgress:
     """One undo's progress across the interrupts that land in it: the effects already
-    handled (by ``id``), the first interrupt (raised once the files are back), whether
+    handled (by ``id``), the file effects put back and their conflicts (and how many of
+    each are recorded), the first interrupt (raised once the files are back), whether
     the undo ran to its end."""
 
-    __slots__ = ("handled", "interrupt", "finished")
+    __slots__ = ("handled", "done", "conflicts", "recorded", "conflicts_recorded",
+                 "interrupt", "finished")
 
     def __init__(self) -> None:
         self.handled: set[int] = set()
+        self.done: list = []
+        self.conflicts: list = []
+        self.recorded = 0
+        self.conflicts_recorded = 0
         self.interrupt: BaseException | None = None
         self.finished = False
 

@@ -147,7 +147,8 @@ class AgentHooks:
                 raise progress.interrupt
             return
         failed_actions: list[Action] = []
-        done, conflicts, failed = [], [], []
+        failed: list = []
+        done, conflicts = progress.done, progress.conflicts  # (kept across a call again)
         writable = self.files.engine.writable
         batch = UndoBatch(effects)
         todo = sorted(effects, key=newest_effect_first)
@@ -181,9 +182,11 @@ class AgentHooks:
                 except BaseException as e:  # an interrupt: the files go back first
                     progress.interrupt = progress.interrupt or e
         finally:
-            if done:
+            if len(done) > progress.recorded:
                 with deferred():  # (their outcomes: unrecorded, the next open would undo
-                    self.files.record(txid, done, conflicts)  # them again)
+                    d, c = progress.recorded, progress.conflicts_recorded  # them again)
+                    self.files.record(txid, done[d:], conflicts[c:])
+                    progress.recorded, progress.conflicts_recorded = len(done), len(conflicts)
         progress.finished = True
         if progress.interrupt is not None:
             raise progress.interrupt
