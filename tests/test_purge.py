@@ -312,3 +312,26 @@ def test_a_read_only_open_after_a_purge_died_before_its_apply_shows_nothing_purg
     with walstore.open(path) as s:  # the writer's open applies it and erases the bytes
         assert s.history("conv/1/m0") == []
     assert files_with(path, MARKER) == []
+
+
+def test_purged_key_names_written_in_the_same_apply_are_in_no_file(tmp_path):
+    """Keys written and purged before the applier ran: their rows were put and erased in
+    one LMDB transaction, and LMDB's compacting copy kept the bytes that page space still
+    held (4,150 names of 4,000 purged keys in data.mdb, values gone: a probe).  The data
+    file is now rebuilt row by row."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="none", apply_interval=60)
+    for j in range(20):
+        with s.transaction() as tx:
+            for i in range(200):
+                tx.put(f"{MARKER.decode()}/{j}/{i}", f"v{i}")
+    with s.transaction() as tx:
+        tx.put("keep", 1)
+    assert s.purge(MARKER.decode() + "/")["keys_erased"] == 4000
+    assert s.get("keep") == 1 and s.scan(prefix=MARKER.decode()) is not None
+    s.close()
+    s = walstore.open(path)
+    assert s.get("keep") == 1 and list(s.scan(prefix=MARKER.decode())) == []
+    s.close()
+    # the prefix itself is what the purge logs; every purged key name is gone
+    assert [files_with(path, MARKER + b"/%d/" % j) for j in range(20)] == [[]] * 20
