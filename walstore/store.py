@@ -18,7 +18,7 @@ import weakref
 from typing import Any, Callable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
-from .errors import ConflictError, ReplicationError
+from .errors import ConflictError, ReplicationError, StoreClosed
 from .options import Options
 from .engine.engine import Engine
 from .engine.transaction import Transaction, scan_bounds
@@ -43,6 +43,51 @@ _MISSING = object()
 # held when it was stopped (a script that exited right after its commits hung: 5 of 5).
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
+CLOSE_WAITS_FOR_COMPENSATIONS_S = 30.0  # close() lets a running compensation finish
+
+
+class _Finishing:
+    """The calls that commit and then go on working (revert and rewind compensate, purge
+    erases): ``close()`` waits for them, so their commit is never followed by StoreClosed
+    (a probe: a revert racing close() committed, then raised StoreClosed from its
+    compensation phase, and its caller believed nothing happened).  Once close() began,
+    such a call is refused before it does anything."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._depth: dict[int, int] = {}  # thread ident -> calls under way
+        self.closing = False
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self.closing and me not in self._depth:
+                raise StoreClosed(f"store {self._path} is closing")
+            self._depth[me] = self._depth.get(me, 0) + 1
+
+    def leave(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            n = self._depth.pop(me, 1) - 1
+            if n:
+                self._depth[me] = n
+
+    def close_and_wait(self, timeout: float) -> int:
+        """Refuse new calls; wait (up to ``timeout`` s) for other threads' to end.
+        Returns how many are still under way."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self.closing = True
+        while True:
+            with self._lock:
+                others = sum(1 for t in self._depth if t != me)
+            if not others or time.monotonic() >= deadline:
+                return others
+            time.sleep(0.005)
+
+
 _PROCESS = [os.getpid()]  # this process's pid, kept current in a forked child
 
 
@@ -127,6 +172,8 @@ class Store:
             engine.drop_like_a_crash()
             raise
         self._pid = _PROCESS[0]
+        self._close_lock = threading.Lock()  # one close() at a time (the others wait, then
+        self._finishing = _Finishing(path)   # find nothing left to do)
         with _OPEN_LOCK:
             _OPEN_STORES.add(self)
 
@@ -186,12 +233,29 @@ class Store:
         replication lease: the shipper ships what it can first, within a few seconds)."""
         if self._pid != _PROCESS[0]:
             return  # a forked child's copy of its parent's store: nothing of it is ours
-        if self._engine.writable and not self._engine.closed:
-            for txid, error in self._hooks.roll_back_open():  # (recorded: pending actions)
-                warnings.warn(f"closing {self.path}: the rollback of open transaction {txid} "
-                              f"did not finish: {error}", RuntimeWarning, stacklevel=2)
-        self._stop_replication(release=True)
-        self._engine.close()
+        with self._close_lock:
+            if self._engine.writable and not self._engine.closed:
+                for txid, error in self._hooks.roll_back_open():  # (recorded: pending)
+                    warnings.warn(f"closing {self.path}: the rollback of open transaction "
+                                  f"{txid} did not finish: {error}", RuntimeWarning,
+                                  stacklevel=2)
+                busy = self._finishing.close_and_wait(CLOSE_WAITS_FOR_COMPENSATIONS_S)
+                if busy:
+                    warnings.warn(f"closing {self.path}: {busy} revert/rewind/purge call(s) "
+                                  f"still under way after {CLOSE_WAITS_FOR_COMPENSATIONS_S:g} "
+                                  f"s; the next open finishes what they owe", RuntimeWarning,
+                                  stacklevel=2)
+                # a compensation another thread is running is an effect in the world: its
+                # outcome is recorded before the log closes (else the next open ran it
+                # again); a compensator that takes longer is left to that next open
+                late = self._saga.wait_for_others(CLOSE_WAITS_FOR_COMPENSATIONS_S)
+                if late:
+                    warnings.warn(f"closing {self.path}: compensation(s) {late} still running "
+                                  f"after {CLOSE_WAITS_FOR_COMPENSATIONS_S:g} s; their outcome "
+                                  f"cannot be recorded, so the next open runs them again "
+                                  f"(same idempotency keys)", RuntimeWarning, stacklevel=2)
+            self._stop_replication(release=True)
+            self._engine.close()
 
     def _drop_like_a_crash(self) -> None:
         """Let go as a killed process would (tests and tools)."""
@@ -442,19 +506,31 @@ class Store:
         actions); None when nothing is left to undo.  See walstore.agent.undo for scope,
         dry_run, force, and how an undo finishes under concurrent writers."""
         self._engine.check_open()
-        return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
+        self._finishing.enter()
+        try:
+            return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
+        finally:
+            self._finishing.leave()
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
                meta: Any = None) -> TxnInfo | UndoPlan | None:
         """Undo every transaction committed after ``to``, as one new transaction."""
         self._engine.check_open()
-        return self._undo.rewind(to, scope, dry_run, force, meta)
+        self._finishing.enter()
+        try:
+            return self._undo.rewind(to, scope, dry_run, force, meta)
+        finally:
+            self._finishing.leave()
 
     def purge(self, prefix: Key) -> dict:
         """Erase every key under ``prefix`` and every past version of it, from every API
         and, by the checkpoint it runs, from every file of the store directory.  Logged (the
         prefix, not the data); cannot be reverted.  See walstore.agent.purge."""
-        return self._purge.purge(prefix)
+        self._finishing.enter()
+        try:
+            return self._purge.purge(prefix)
+        finally:
+            self._finishing.leave()
 
     # ---- two-phase commit ---------------------------------------------------------------
     def prepared(self) -> list[str]:

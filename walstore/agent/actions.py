@@ -150,7 +150,9 @@ class Saga:
     def __init__(self, engine: "Engine", compensators: dict[str, Callable] | None) -> None:
         self.engine = engine
         self.compensators: dict[str, Callable] = dict(compensators or {})
-        self._running: set[str] = set()
+        # action id -> the thread running its compensation (or resolving it); close()
+        # waits for other threads' (see ``wait_for_others``)
+        self._running: dict[str, int] = {}
         self._running_lock = threading.Lock()
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
@@ -300,19 +302,24 @@ class Saga:
         for action in sorted(actions, key=newest_first):
             if action.compensate is None:
                 continue
-            with self._running_lock:
-                if action.id in self._running:
-                    continue
-                self._running.add(action.id)
-            try:
-                current = self.engine.views.action_row(action.id)
+            mine = False
+            try:  # (the claim inside: an interrupt right after it cannot leave it claimed)
+                with self._running_lock:
+                    if action.id in self._running:
+                        continue
+                    self._running[action.id] = threading.get_ident()
+                    mine = True
+                if not self.engine.writable:
+                    continue  # owed in the log: the next open compensates
+                try:
+                    current = self.engine.views.action_row(action.id)
+                except StoreClosed:
+                    continue  # (closed meanwhile: owed in the log, as above)
                 if current is not None:
                     fresh = Action.from_row(current)
                     if fresh.state not in OPEN_STATES or (fresh.held and not include_held):
                         continue  # not owed (any more): another path settled it
                     action.result, action.attempts = fresh.result, fresh.attempts
-                if not self.engine.writable:
-                    continue  # owed in the log: the next open compensates
                 fn = self.compensators.get(action.compensate)
                 try:
                     if fn is None:
@@ -326,8 +333,9 @@ class Saga:
                     unrecorded.append(action)
                     record_error = record_error or e
             finally:
-                with self._running_lock:
-                    self._running.discard(action.id)
+                if mine:
+                    with self._running_lock:
+                        self._running.pop(action.id, None)
         if unrecorded:
             ids = [a.id for a in unrecorded]
             raise CompensationFailed(
@@ -426,7 +434,7 @@ class Saga:
                 raise WalstoreError(f"action {action_id}'s compensation is running now; it "
                                     f"cannot be resolved by hand meanwhile (wait for its "
                                     f"outcome: store.get_action)")
-            self._running.add(key)
+            self._running[key] = threading.get_ident()
         try:
             action = self.get_action(action_id)
             if action.state not in OPEN_STATES or action.in_flight:
@@ -439,7 +447,21 @@ class Saga:
             return action
         finally:
             with self._running_lock:
-                self._running.discard(key)
+                self._running.pop(key, None)
+
+    def wait_for_others(self, timeout: float) -> list[str]:
+        """Wait (up to ``timeout`` seconds) until no other thread runs a compensation;
+        returns the ids still running then.  close() calls it: a compensation under way
+        is an effect in the world whose outcome must be recorded before the log closes
+        (else the next open runs it again)."""
+        me = threading.get_ident()
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._running_lock:
+                others = [a for a, t in self._running.items() if t != me]
+            if not others or time.monotonic() >= deadline:
+                return others
+            time.sleep(0.005)
 
     def run_owed(self, include_held: bool = False) -> tuple[list[str], list[Action]]:
         """Run every owed compensation that has a compensator; (compensated ids, still

@@ -1,0 +1,137 @@
+"""close() while other threads are still at work: closers take turns, and a call that has
+committed finishes before the log closes (found by a probe of close() under concurrent use;
+each test fails on the code before).
+
+- four threads calling close() at once: three of them got WalWriteError / StateWriteError
+  / a raw OSError EBADF (each ran the checkpoint while another closed the files under it);
+- a revert, rewind or purge racing close(): committed, then raised StoreClosed from its
+  compensation or erasure phase (its caller believed nothing happened);
+- a compensation running in another thread when close() came: its outcome could not be
+  recorded, so the next open ran the compensator a second time.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import walstore
+
+
+def test_threads_closing_at_once_all_return_quietly(tmp_path):
+    for run in range(5):
+        path = str(tmp_path / f"s{run}")
+        s = walstore.open(path, durability="none")
+        for i in range(200):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+        barrier, results = threading.Barrier(4), []
+
+        def close():
+            barrier.wait()
+            try:
+                s.close()
+                results.append("ok")
+            except Exception as e:  # noqa: BLE001 - what the test looks for
+                results.append(f"{type(e).__name__}: {e}")
+        threads = [threading.Thread(target=close) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert results == ["ok"] * 4
+        s = walstore.open(path)
+        assert s.get("k199") == 199
+        s.close()
+
+
+@pytest.mark.parametrize("how", ["rollback", "revert"])
+def test_close_lets_a_running_compensation_finish_and_record_it(tmp_path, how):
+    path = str(tmp_path / "s")
+    ran, started = [], threading.Event()
+
+    def refund(action):
+        started.set()
+        time.sleep(0.3)
+        ran.append(action.id)
+    s = walstore.open(path, compensators={"refund": refund})
+    if how == "revert":
+        with s.transaction() as tx:
+            tx.put("x", 1)
+            with tx.action("charge", compensate="refund") as act:
+                act.result = 1
+    out = {}
+
+    def worker():
+        try:
+            if how == "revert":
+                out["r"] = s.revert(tx.id)
+            else:
+                with s.transaction() as t2:
+                    t2.put("x", 1)
+                    with t2.action("charge", compensate="refund") as act:
+                        act.result = 1
+                    raise RuntimeError("the agent failed")
+        except BaseException as e:  # noqa: BLE001
+            out["r"] = e
+    t = threading.Thread(target=worker)
+    t.start()
+    assert started.wait(10)
+    s.close()
+    t.join(30)
+    if how == "revert":
+        assert isinstance(out["r"], walstore.TxnInfo), out["r"]  # (committed: no error)
+    else:
+        assert isinstance(out["r"], RuntimeError), out["r"]
+    s = walstore.open(path, compensators={"refund": refund})
+    assert len(ran) == 1, ran  # once: recorded before the log closed, not run again
+    assert [a.state for a in s.actions()] == ["compensated"]
+    assert s.get("x") is None
+    s.close()
+
+
+@pytest.mark.parametrize("call", ["rewind", "purge"])
+def test_a_rewind_or_purge_racing_close_returns_once_it_committed(tmp_path, monkeypatch, call):
+    """close() comes while the call works after its commit (a compensator runs; the purge
+    drains before its erasure)."""
+    path = str(tmp_path / "s")
+    busy = threading.Event()
+
+    def refund(action):
+        busy.set()
+        time.sleep(0.3)
+    s = walstore.open(path, durability="none", compensators={"refund": refund})
+    s.restore_point("start")
+    for i in range(50):
+        with s.transaction() as tx:
+            tx.put(f"p/{i:04d}", i)
+    with s.transaction() as tx:
+        with tx.action("charge", compensate="refund"):
+            pass
+    if call == "purge":
+        eng = s._engine
+        real_drain = eng.drain
+
+        def slow_drain():  # (the purge committed: its erasure is next)
+            busy.set()
+            time.sleep(0.3)
+            real_drain()
+        monkeypatch.setattr(eng, "drain", slow_drain)
+    out = {}
+
+    def work():
+        try:
+            out["r"] = s.rewind("start") if call == "rewind" else s.purge("p/")
+        except BaseException as e:  # noqa: BLE001
+            out["r"] = e
+    t = threading.Thread(target=work)
+    t.start()
+    assert busy.wait(10)
+    s.close()
+    t.join(30)
+    assert not isinstance(out["r"], BaseException), out["r"]
+    monkeypatch.undo()
+    s = walstore.open(path, compensators={"refund": lambda a: None})
+    assert s.get("p/0049") is None and s.pending_compensations() == []
+    s.close()
