@@ -29,9 +29,41 @@ import textwrap
 
 import pytest
 
-SWEEP = r'''
-import faulthandler, signal, sys, threading, time, walstore, walstore.signals as S
+HOOK = r'''
+# ---- the sweep's interrupter (shared by both child programs) ----
+import faulthandler, signal, sys, threading, walstore.signals as S
 faulthandler.dump_traceback_later(150, exit=True)  # (a hang prints where, on stderr)
+MAIN = threading.get_ident()
+at = {"k": -1, "n": 0, "where": None, "in_compensator": False}
+
+def hook(frame, event, arg):
+    if at["k"] < 0 or at["where"] or threading.get_ident() != MAIN or S._DEFERRED.depth:
+        return
+    if event not in ("call", "c_return") or signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        return  # (a handler runs at neither other events nor while signals are blocked)
+    if at["n"] == at["k"]:
+        at["where"] = f"{event} {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
+        at["in_compensator"] = frame.f_code.co_name == "refund"
+        raise KeyboardInterrupt(at["where"])
+    at["n"] += 1
+
+def interrupted(k, fn, *args):
+    """Run fn(*args) with an interrupt at its k-th point; where it landed (None: fn ran
+    through, every point was visited)."""
+    at.update(k=k, n=0, where=None, in_compensator=False)
+    sys.setprofile(hook)
+    try:
+        fn(*args)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+        at["k"] = -1
+    return at["where"]
+'''
+
+SWEEP = HOOK + r'''
+import time, walstore
 path, mode, durability = sys.argv[1], sys.argv[2], sys.argv[3]
 refunds, charges = [], []
 
@@ -56,19 +88,6 @@ def on_disk():
     import os
     f = os.path.join(path + ".ws", "f")
     return open(f, "rb").read() if os.path.exists(f) else None
-
-MAIN = threading.get_ident()
-at = {"k": -1, "n": 0, "where": None}
-
-def hook(frame, event, arg):
-    if at["k"] < 0 or at["where"] or threading.get_ident() != MAIN or S._DEFERRED.depth:
-        return
-    if event not in ("call", "c_return") or signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        return  # (a handler runs at neither other events nor while signals are blocked)
-    if at["n"] == at["k"]:
-        at["where"] = f"{event} {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-        raise KeyboardInterrupt(at["where"])
-    at["n"] += 1
 
 def charge(tx, k):
     with tx.action("charge", args={"k": k}, compensate="refund"):
@@ -142,18 +161,9 @@ while True:
     setup(k)
     TX[0] = None
     seen = len(refunds)
-    at.update(k=k, n=0, where=None)
-    sys.setprofile(hook)
-    try:
-        step(k)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.setprofile(None)
-        at["k"] = -1
-    if not at["where"]:
+    where = interrupted(k, step, k)
+    if not where:
         break  # the transaction ran through: every point was visited
-    where = at["where"]
     tx = TX[0]
     gid = f"g{k}"
     if mode in ("prepare", "commit-prepared", "rollback-prepared") and gid in s.prepared():
@@ -232,23 +242,9 @@ def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
     assert nbad == 0, problems
 
 
-CLOSE_SWEEP = r'''
-import faulthandler, signal, sys, threading, walstore, walstore.signals as S
-faulthandler.dump_traceback_later(150, exit=True)
+CLOSE_SWEEP = HOOK + r'''
+import walstore
 base, mode = sys.argv[1], sys.argv[2]
-MAIN = threading.get_ident()
-at = {"k": -1, "n": 0, "where": None, "in_compensator": False}
-
-def hook(frame, event, arg):
-    if at["k"] < 0 or at["where"] or threading.get_ident() != MAIN or S._DEFERRED.depth:
-        return
-    if event not in ("call", "c_return") or signal.pthread_sigmask(signal.SIG_BLOCK, []):
-        return
-    if at["n"] == at["k"]:
-        at["where"] = f"{event} {frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno}"
-        at["in_compensator"] = frame.f_code.co_name == "refund"
-        raise KeyboardInterrupt(at["where"])
-    at["n"] += 1
 
 refunds = []
 def refund(a):
@@ -265,18 +261,9 @@ while True:
         with tx.action("charge", args={"k": k}, compensate="refund"):
             pass
         tx.put("paid", k)
-    at.update(k=k, n=0, where=None, in_compensator=False)
-    sys.setprofile(hook)
-    try:
-        s.close()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        sys.setprofile(None)
-        at["k"] = -1
-    if not at["where"]:
+    where = interrupted(k, s.close)
+    if not where:
         break
-    where = at["where"]
     try:
         s.close()  # an interrupted close() is finished by a second one
         s = walstore.open(path, compensators={"refund": refund})
