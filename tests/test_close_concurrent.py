@@ -135,3 +135,32 @@ def test_a_rewind_or_purge_racing_close_returns_once_it_committed(tmp_path, monk
     s = walstore.open(path, compensators={"refund": lambda a: None})
     assert s.get("p/0049") is None and s.pending_compensations() == []
     s.close()
+
+
+def test_a_transaction_or_view_keeps_its_store_open_while_it_is_used(tmp_path):
+    """A store the program dropped was closed by its __del__ under a transaction or an
+    at() view still in use (their next call raised StoreClosed; an open action would have
+    been compensated): they keep it open now, as a sqlite3 cursor keeps its connection,
+    and a finished transaction lets it go."""
+    import gc
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+
+    def begin():
+        return walstore.open(path).transaction()  # (a helper that opens and begins)
+    tx = begin()
+    gc.collect()
+    tx.put("b", 2)
+    tx.commit()
+    del tx
+    gc.collect()  # (finished: the store is let go, and closed)
+    view = walstore.open(path).at(1)
+    gc.collect()
+    assert view.get("a") == 1 and view.get("b") is None
+    del view
+    gc.collect()
+    s = walstore.open(path)
+    assert s.get("b") == 2
+    s.close()

@@ -396,7 +396,9 @@ class Store:
         eng = self._engine
         eng.check_open()
         scope = check_scope(scope) if scope is not None else current_scope()
-        return Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
+        tx = Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
+        tx.keepalive = self  # (the store stays open while the transaction is)
+        return tx
 
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
             backoff: float = 0.005, scope: Any = None) -> Any:
@@ -483,7 +485,9 @@ class Store:
     def at(self, point: Any) -> HistoricalView:
         """A read-only view of the state as of ``point`` (txid, LSN or restore point)."""
         self._engine.check_open()
-        return self._history.at(point)
+        view = self._history.at(point)
+        view._store = self  # (as a transaction: the store stays open while it is used)
+        return view
 
     def restore_point(self, name: str) -> LSN:
         """Name the current state; returns its LSN.  It pins history until dropped."""

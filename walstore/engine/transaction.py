@@ -136,6 +136,10 @@ class Transaction:
                  scope: Any = None) -> None:
         self._engine = engine
         self._hooks = hooks
+        # what must stay alive while the transaction is open (the Store facade that began
+        # it: a store the program dropped was closed by its __del__ under an open
+        # transaction); let go when it finishes
+        self.keepalive: Any = None
         self.id = txid
         self.meta = meta if meta is None else check_meta(meta)
         self.scope = scope
@@ -493,6 +497,7 @@ class Transaction:
 
     def _finish(self, state: str) -> None:
         self.state = state
+        self.keepalive = None
         if self._logged:
             self._hooks.effects_ended(self)
         for sp in self._savepoints:
