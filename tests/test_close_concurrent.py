@@ -164,3 +164,29 @@ def test_a_transaction_or_view_keeps_its_store_open_while_it_is_used(tmp_path):
     s = walstore.open(path)
     assert s.get("b") == 2
     s.close()
+
+
+def test_a_closed_stores_iterators_and_views_stop_though_a_read_only_handle_stays(tmp_path):
+    """With a read-only handle of the same store open in the process (one shared LMDB
+    environment), the closed writer's scan iterators, at() views and refresh() went on
+    reading instead of raising StoreClosed."""
+    path = str(tmp_path / "s")
+    w = walstore.open(path, durability="none")
+    with w.transaction() as tx:
+        for i in range(3000):
+            tx.put(f"k/{i:05d}", i)
+    w.checkpoint()
+    r = walstore.open(path, readonly=True)
+    it1 = w.transaction().scan(prefix="k/")
+    next(it1)
+    view = w.at(1)
+    it2 = view.scan(prefix="k/")
+    next(it2)
+    w.close()
+    for use in (lambda: sum(1 for _ in it1), lambda: sum(1 for _ in it2),
+                lambda: view.get("k/00005"), lambda: list(view.scan(prefix="k/")),
+                w.refresh, lambda: w.get("k/00001")):
+        with pytest.raises(walstore.StoreClosed):
+            use()
+    assert r.get("k/02999") == 2999  # (the other handle reads on)
+    r.close()

@@ -315,6 +315,7 @@ class Store:
 
     def refresh(self) -> None:
         """Read-only stores: take in what the writer logged since the last read."""
+        self._engine.check_open()
         self._engine.refresh()
 
     def checkpoint(self) -> dict:

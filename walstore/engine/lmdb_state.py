@@ -717,11 +717,26 @@ class LmdbState:
                 if not self._shared["writers"]:  # another process may write it from now
                     self._shared["applied_bound"] = None
             self._shared["refs"] -= 1
+            self._shared["handles"].discard(self)  # (a later compaction: not ours to follow)
             if self._shared["refs"] == 0:
                 LmdbState._registry.pop(self.path, None)
                 # (py-lmdb's close waits for LMDB calls in flight: readers held out)
                 self.gate.exclusive(self._shared["env"].close)
             self._shared = {}
+            # the environment may stay open for the process's other handles of the store (a
+            # read-only one): this handle's readers (a closed store's scan iterators and
+            # views) must not go on through it
+            self.env = _ClosedEnvironment(self.path)  # type: ignore[assignment]
+
+
+class _ClosedEnvironment:
+    """A closed handle's ``env``: any use raises StoreClosed."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def __getattr__(self, name: str):
+        raise StoreClosed(f"the store's LMDB state ({self._path}) is closed")
 
 
 def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes | None,
