@@ -43,7 +43,7 @@ _MISSING = object()
 # held when it was stopped (a script that exited right after its commits hung: 5 of 5).
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
-CLOSE_WAITS_FOR_COMPENSATIONS_S = 30.0  # close() lets a running compensation finish
+CLOSE_WAIT_S = 30.0  # close() lets other threads' work under way finish this long
 
 
 class _Finishing:
@@ -73,19 +73,16 @@ class _Finishing:
             if n:
                 self._depth[me] = n
 
-    def close_and_wait(self, timeout: float) -> int:
-        """Refuse new calls; wait (up to ``timeout`` s) for other threads' to end.
-        Returns how many are still under way."""
-        me = threading.get_ident()
-        deadline = time.monotonic() + timeout
+    def refuse_new(self) -> None:
+        """From now on such a call raises StoreClosed before it does anything."""
         with self._lock:
             self.closing = True
-        while True:
-            with self._lock:
-                others = sum(1 for t in self._depth if t != me)
-            if not others or time.monotonic() >= deadline:
-                return others
-            time.sleep(0.005)
+
+    def elsewhere(self) -> int:
+        """How many other threads' calls are under way."""
+        me = threading.get_ident()
+        with self._lock:
+            return sum(1 for t in self._depth if t != me)
 
 
 _PROCESS = [os.getpid()]  # this process's pid, kept current in a forked child
@@ -239,23 +236,29 @@ class Store:
                     warnings.warn(f"closing {self.path}: the rollback of open transaction "
                                   f"{txid} did not finish: {error}", RuntimeWarning,
                                   stacklevel=2)
-                busy = self._finishing.close_and_wait(CLOSE_WAITS_FOR_COMPENSATIONS_S)
-                if busy:
-                    warnings.warn(f"closing {self.path}: {busy} revert/rewind/purge call(s) "
-                                  f"still under way after {CLOSE_WAITS_FOR_COMPENSATIONS_S:g} "
-                                  f"s; the next open finishes what they owe", RuntimeWarning,
-                                  stacklevel=2)
-                # a compensation another thread is running is an effect in the world: its
-                # outcome is recorded before the log closes (else the next open ran it
-                # again); a compensator that takes longer is left to that next open
-                late = self._saga.wait_for_others(CLOSE_WAITS_FOR_COMPENSATIONS_S)
-                if late:
-                    warnings.warn(f"closing {self.path}: compensation(s) {late} still running "
-                                  f"after {CLOSE_WAITS_FOR_COMPENSATIONS_S:g} s; their outcome "
-                                  f"cannot be recorded, so the next open runs them again "
-                                  f"(same idempotency keys)", RuntimeWarning, stacklevel=2)
+                self._wait_for_work_elsewhere()
             self._stop_replication(release=True)
             self._engine.close()
+
+    def _wait_for_work_elsewhere(self) -> None:
+        """Before the log closes: other threads' revert/rewind/purge calls and the
+        compensations they run are let finish (up to CLOSE_WAIT_S in all), so a call that
+        committed never ends in StoreClosed and a compensation that ran is recorded once;
+        new such calls are refused.  What is still running then is left to the next open,
+        said in a RuntimeWarning."""
+        self._finishing.refuse_new()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while True:
+            calls, compensations = self._finishing.elsewhere(), self._saga.running_elsewhere()
+            if not (calls or compensations) or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        if calls or compensations:
+            warnings.warn(f"closing {self.path}: after {CLOSE_WAIT_S:g} s, {calls} "
+                          f"revert/rewind/purge call(s) and compensation(s) {compensations} "
+                          f"are still running in other threads; their outcome cannot be "
+                          f"recorded, so the next open finishes them (compensations run "
+                          f"again, same idempotency keys)", RuntimeWarning, stacklevel=3)
 
     def _drop_like_a_crash(self) -> None:
         """Let go as a killed process would (tests and tools)."""

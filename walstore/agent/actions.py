@@ -151,7 +151,7 @@ class Saga:
         self.engine = engine
         self.compensators: dict[str, Callable] = dict(compensators or {})
         # action id -> the thread running its compensation (or resolving it); close()
-        # waits for other threads' (see ``wait_for_others``)
+        # waits for other threads' (see ``running_elsewhere``)
         self._running: dict[str, int] = {}
         self._running_lock = threading.Lock()
 
@@ -449,19 +449,13 @@ class Saga:
             with self._running_lock:
                 self._running.pop(key, None)
 
-    def wait_for_others(self, timeout: float) -> list[str]:
-        """Wait (up to ``timeout`` seconds) until no other thread runs a compensation;
-        returns the ids still running then.  close() calls it: a compensation under way
-        is an effect in the world whose outcome must be recorded before the log closes
-        (else the next open runs it again)."""
+    def running_elsewhere(self) -> list[str]:
+        """The ids of the compensations other threads are running now (close() waits for
+        them: a compensation under way is an effect in the world whose outcome must be
+        recorded before the log closes, else the next open runs it again)."""
         me = threading.get_ident()
-        deadline = time.monotonic() + timeout
-        while True:
-            with self._running_lock:
-                others = [a for a, t in self._running.items() if t != me]
-            if not others or time.monotonic() >= deadline:
-                return others
-            time.sleep(0.005)
+        with self._running_lock:
+            return [a for a, t in self._running.items() if t != me]
 
     def run_owed(self, include_held: bool = False) -> tuple[list[str], list[Action]]:
         """Run every owed compensation that has a compensator; (compensated ids, still
