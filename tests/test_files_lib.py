@@ -1451,6 +1451,16 @@ class TestPlans:
         assert plan.capture(ws, "d", blobs).same(Entry.dir(0o710))
         assert plan.capture(ws, "none", blobs) == Entry.absent()
 
+    def test_a_full_disk_while_keeping_a_before_image_names_the_file(self, ws, blobs):
+        build(ws.root, {"sub/f": File(b"y" * 100, 0o644)})
+        fb = FaultBackend()
+        fb.fail("pwrite", errno.ENOSPC)
+        with installed(fb), pytest.raises(OSError) as e:
+            plan.capture(ws, "sub/f", blobs)
+        assert e.value.errno == errno.ENOSPC
+        assert "'sub/f'" in str(e.value) and ws.root in str(e.value)
+        assert list(blobs) == [] and os.listdir(blobs.tmp) == []
+
     def test_refusals_match_the_primitives(self, ws, blobs):
         build(ws.root, {"d/x": "x", "f": "f", "e": Dir()})
         for call, err in [(lambda: plan.plan_write(ws, "d", "x", blobs), IsADirectoryError),

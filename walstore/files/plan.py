@@ -66,6 +66,12 @@ def capture(ws: Workspace, path: PathLike, blobs: BlobStore) -> Entry:
                           os.fsdecode(abs_path)) from e
         try:
             got = blobs.put_fd(fd, os.fsdecode(abs_path))
+        except OSError as e:  # (disk full, I/O error in the blob store: name the file)
+            if type(e).__module__ != "builtins" or e.filename == os.fsdecode(abs_path):
+                raise  # (a walstore error, or one naming the file already)
+            raise OSError(e.errno, f"cannot keep the before-image of {display(rel)!r} in "
+                                   f"workspace {ws.root!r}: {e.strerror or e}",
+                          os.fsdecode(abs_path)) from e
         finally:
             os.close(fd)
         return entry_from_stat(got.stat or st, sha256=got.digest)
