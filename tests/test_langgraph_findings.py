@@ -194,6 +194,33 @@ def test_rewind_of_a_copied_thread_makes_the_target_the_head(saver):
             target.checkpoint["channel_values"].get("msgs", []) + ["again", "reply-to-again"]
 
 
+def test_rewind_after_a_reverted_rewind_goes_back_to_the_checkpoint_named(saver):
+    # (probe 32: the revert re-created every later checkpoint in one transaction; the
+    # rewind point was taken from that re-creation, so the rewind undid nothing)
+    graph = slow_graph(saver, delay=0)
+    config = {"configurable": {"thread_id": "t"}}
+    for i in range(3):
+        graph.invoke({"msgs": [f"in{i}"]}, config, durability="sync")
+    graph.invoke({"msgs": ["x"]}, {"configurable": {"thread_id": "other"}}, durability="sync")
+    other = graph.get_state({"configurable": {"thread_id": "other"}}).values
+    full = graph.get_state(config).values["msgs"]
+    first = list(graph.get_state_history(config))[-2]
+    info = saver.rewind(first.config)
+    saver.store.revert(info.txid)  # everything back
+    assert graph.get_state(config).values["msgs"] == full
+    for _round in range(2):  # (and again after a second rewind and revert)
+        mid = next(h for h in graph.get_state_history(config)
+                   if h.values.get("msgs") == ["in0", "reply-to-in0", "in1"])
+        info = saver.rewind(mid.config)
+        assert info is not None
+        assert graph.get_state(config).values == mid.values
+        assert graph.get_state({"configurable": {"thread_id": "other"}}).values == other
+        saver.store.revert(info.txid)
+        assert graph.get_state(config).values["msgs"] == full
+    graph.invoke({"msgs": ["in3"]}, config, durability="sync")
+    assert graph.get_state(config).values["msgs"] == full + ["in3", "reply-to-in3"]
+
+
 def test_copy_thread_copies_pending_writes_and_subgraph_namespaces(saver):
     saver.put(cfg("s"), checkpoint(x=1), {"source": "input", "step": -1}, {"x": 1})
     a = saver.put(cfg("s"), checkpoint(x=2), {"source": "loop", "step": 0}, {"x": 2})

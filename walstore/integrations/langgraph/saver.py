@@ -880,19 +880,25 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         ns, cid = self._address(config)
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
         prefix = ns.writes()
-        late: dict[str, int] = {}  # checkpoint id -> its last write committed after point
+        late: dict[str, set[bytes]] = {}  # checkpoint id -> its writes written after point
         for info in self.store.log(since=walstore.LSN(point)):
             for key in info.keys:
                 if isinstance(key, bytes) and key.startswith(prefix):
                     at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
                     if at != cid:
-                        late[at] = max(late.get(at, 0), int(info.lsn))
+                        late.setdefault(at, set()).add(key)
         if late:
             def ancestors(tx):
                 rec = tx.get(ns.checkpoint(cid)) or {}
                 return {c for c, _r in self._ancestors(tx, ns, cid, rec)}
             older = self._read(ancestors)
-            point = max([point] + [lsn for at, lsn in late.items() if at in older])
+            for at, keys in late.items():
+                if at in older:  # when each was first saved (a write an undo brought
+                    for key in keys:  # back counts from its first save, as above)
+                        try:
+                            point = max(point, int(self._created_at(key, "write")))
+                        except KeyError:  # deleted since: not kept, nothing to keep
+                            pass
         return walstore.LSN(point)
 
     def _address(self, config: RunnableConfig) -> tuple[Namespace, str]:
@@ -911,8 +917,16 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not versions or versions[0].deleted:
             raise KeyError(f"no {what} in the store")
         lsn = versions[0].lsn
-        for older in versions[1:]:
+        for i in range(1, len(versions)):
+            older = versions[i]
             if older.deleted:
+                # a deletion undone since (a revert of the rewind that deleted it) brought
+                # back the value it deleted: the checkpoint was saved before it, and a
+                # rewind to the undo would undo nothing (the undo restored everything)
+                before = versions[i + 1] if i + 1 < len(versions) else None
+                if (before is not None and not before.deleted
+                        and before.value == versions[i - 1].value):
+                    continue
                 break
             lsn = older.lsn
         return walstore.LSN(int(lsn))
