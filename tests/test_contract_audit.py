@@ -276,6 +276,18 @@ def test_a_value_nested_too_deep_is_a_usage_error(tmp_path):
     cli("init", path)
     r = cli("put", path, "k", "[" * 5000 + "]" * 5000, code=2)
     assert "nests too deeply" in r.output
+    r = cli("put", path, "k", "[" * 1100 + "]" * 1100, code=2)  # too deep to store
+    assert "nests too deeply" in r.output and len(r.output.strip().splitlines()) == 1
+    s = walstore.open(path)
+    try:
+        value: list = []
+        for _ in range(1100):
+            value = [value]
+        with pytest.raises(ValueError, match="nests too deeply"), s.transaction() as tx:
+            tx.put("k", value)
+        assert s.get("k") is None
+    finally:
+        s.close()
 
 
 def test_files_json_gives_a_non_utf8_name_as_its_bytes(tmp_path):

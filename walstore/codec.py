@@ -109,6 +109,9 @@ def pack_value(value: Any, key: Any = None) -> bytes:
         raise TypeError(f"value for key {key!r} cannot be stored: {e} "
                         f"(allowed: None, bool, int, float, str, bytes, list, dict)") from None
     except (OverflowError, ValueError) as e:
+        if "recursion limit" in str(e):  # (msgpack's: lists and dicts past 1,024 levels)
+            raise ValueError(f"value for key {key!r} cannot be stored: it nests too deeply "
+                             f"(msgpack stores about 1,000 levels of lists and dicts)") from None
         raise ValueError(f"value for key {key!r} cannot be stored: {e}") from None
     if len(packed) > MAX_VALUE_BYTES:
         raise ValueError(f"value for key {key!r} is {len(packed)} bytes packed; "
