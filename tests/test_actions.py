@@ -291,6 +291,75 @@ def test_failed_compensation_in_rollback_to_raises_and_transaction_goes_on(store
     assert store.log()[0].actions == ()
 
 
+def test_an_interrupt_in_a_rollback_tos_compensation_leaves_the_rest_owed(path):
+    # (probe 32: the crossed actions were dropped from the transaction before their
+    # compensations ran; an interrupt in one, caught, then a commit, left them in flight
+    # for good: never compensated, never listed, never run by the next open)
+    refunds: list[str] = []
+    hit = [True]
+
+    def refund(action):
+        if hit[0]:
+            hit[0] = False
+            raise KeyboardInterrupt  # Ctrl-C inside the refund call
+        refunds.append(action.args)
+
+    with walstore.open(path, durability="none", compensators={"refund": refund}) as store:
+        tx = store.transaction()
+        with tx.action("charge", args="keep", compensate="refund"):
+            pass
+        sp = tx.savepoint()
+        with tx.action("charge", args="b1", compensate="refund") as b1:
+            pass
+        with tx.action("charge", args="b2", compensate="refund") as b2:
+            pass
+        tx.put("paid", "b")
+        with pytest.raises(KeyboardInterrupt):
+            tx.rollback_to(sp)  # b2's refund interrupted before it ran; b1 not reached
+        assert tx.get("paid") is None
+        tx.put("plan", "a")
+        tx.commit()
+        assert refunds == []
+        owed = {a.id: a for a in store.pending_compensations()}
+        assert set(owed) == {b1.id, b2.id}
+        assert all(a.state == "pending" and not a.in_flight for a in owed.values())
+        assert {a.args: a.state for a in store.actions()} == {
+            "keep": "committed", "b1": "pending", "b2": "pending"}
+    with walstore.open(path, durability="none", compensators={"refund": refund}) as store:
+        assert sorted(refunds) == ["b1", "b2"]  # the next open ran each once
+        assert store.pending_compensations() == []
+        assert store.get("plan") == "a" and store.get("paid") is None
+    with walstore.open(path, durability="none", compensators={"refund": refund}) as store:
+        assert sorted(refunds) == ["b1", "b2"]
+
+
+def test_a_rollback_inside_an_actions_body_is_refused(store):
+    # (probe 32: it compensated the action before its body had acted; the body then
+    # acted, and the charge stood while the store said "compensated")
+    refunds = []
+    store.compensators["refund"] = refunds.append
+    tx = store.transaction()
+    tx.put("a", 1)
+    sp = tx.savepoint()
+    with tx.action("charge", compensate="refund") as act:
+        with pytest.raises(walstore.WalstoreError, match="still running"):
+            tx.rollback_to(sp)
+        with pytest.raises(walstore.WalstoreError, match="still running"):
+            tx.rollback()
+        act.result = "ch_1"
+    assert refunds == [] and tx.state == "active"
+    tx.rollback_to(sp)  # out of the body: allowed, and compensates
+    assert [a.result for a in refunds] == ["ch_1"]
+    tx.commit()
+    assert store.get_action(act.id).state == "compensated" and store.get("a") == 1
+    tx = store.transaction()
+    with pytest.raises(RuntimeError):
+        with tx:
+            with tx.action("charge", compensate="refund") as act2:
+                raise RuntimeError("the provider said no")  # an error in the body still
+    assert store.get_action(act2.id).state == "compensated"  # rolls back as always
+
+
 # ---- unregistered compensators: pending, listed, resolvable --------------------------------------
 def test_action_without_registered_compensator_is_left_pending_and_listed(path):
     with walstore.open(path, durability="none") as store:

@@ -67,6 +67,9 @@ class Action:
     scope: Any = None
     held: bool = False      # owed, but never run automatically (inherited by a copy)
     in_flight: bool = False  # its transaction has not ended yet
+    # set while its ``with tx.action(...)`` body runs (see ActionScope)
+    blocks_rollback: str | None = field(default=None, repr=False, compare=False)
+    blocks_full_rollback: str | None = field(default=None, repr=False, compare=False)
 
     def row(self) -> dict:
         return {"id": self.id, "tx": self.txid, "name": self.name, "args": self.args,
@@ -105,9 +108,15 @@ class ActionScope:
 
     def __enter__(self) -> Action:
         self._saga.log_intent(self._tx, self.action)
+        # while the body runs, its side effect may not have happened yet: a rollback (or
+        # one to a savepoint before it) would compensate it first, then the body acts
+        why = (f"action {self.action.name!r} ({self.action.id}) is still running (its side "
+               f"effect may not have happened yet); leave its with block before rolling back")
+        self.action.blocks_rollback = self.action.blocks_full_rollback = why
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        self.action.blocks_rollback = self.action.blocks_full_rollback = None
         if exc_type is not None:
             self.action.error = f"{exc_type.__name__}: {exc}"
         self._saga.log_result(self._tx, self.action)
@@ -210,6 +219,12 @@ class Saga:
     def commit_fields(self, tx: "Transaction") -> dict:
         """The COMMIT fields for the transaction's live actions (and its scope)."""
         body = dict(tx.commit_body)
+        # actions a rollback to a savepoint took out whose compensation did not finish
+        # (still pending here: not compensated, failed or resolved, each recorded): the
+        # commit makes them owed (AgentHooks.undo_actions)
+        crossed = [a.id for a in body.pop("crossed", ()) if a.state == PENDING]
+        if crossed:
+            body["crossed"] = crossed
         live = [a for a in tx.effects if isinstance(a, Action)]
         if live:
             body["actions"] = [dict(a.row(), state=COMMITTED) for a in live]
@@ -275,10 +290,6 @@ class Saga:
                         f"more ({problem}): {what} run when the store is reopened"
                         ) from (cause or (problem if isinstance(problem, BaseException)
                                           else None))
-
-    def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
-        """A rollback to a savepoint crossed these actions: compensate them now."""
-        self.compensate([a for a in actions if isinstance(a, Action)], cause=cause)
 
     def settle_uncompensated(self, actions: list[Action]) -> None:
         """Actions that declare no compensation, undone by a rollback to a savepoint:

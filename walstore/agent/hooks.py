@@ -99,12 +99,21 @@ class AgentHooks:
         body.update(self.files.commit_fields(tx))
         return body
 
+    def note_crossed(self, tx: "Transaction", effects: list) -> None:
+        crossed = [a for a in effects if isinstance(a, Action) and a.compensate]
+        if crossed:  # (the COMMIT's ``crossed``: see undo_actions and Saga.commit_fields)
+            tx.commit_body.setdefault("crossed", []).extend(crossed)
+
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None) -> None:
         """A rollback to a savepoint crossed these effects: undo them now (a file effect
         that cannot be put back stays in the transaction: its rollback tries again, a
         commit keeps it).  An action that declares no compensation is settled as
         ``resolved`` (a whole rollback's ABORT does that; a commit after a rollback_to
-        names only the actions it keeps, and this one stayed in flight for good)."""
+        names only the actions it keeps, and this one stayed in flight for good).  The
+        commit names the crossed actions too (``crossed``): one whose compensation did not
+        finish (an interrupt in the compensator, or before it was reached) is owed from
+        the commit on (``pending_compensations()``; the next open runs it), where it
+        stayed in flight for good; a rollback's ABORT makes every one still in flight owed."""
         try:
             self.undo(tx.id, actions, cause, keep=tx.effects)
         finally:

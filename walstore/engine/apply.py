@@ -267,7 +267,7 @@ class Applier:
         st.write(body)
 
 
-_ACTION_FIELDS = frozenset({"actions", "compensate", "redo", "unredo"})  # tables.action_changes
+_ACTION_FIELDS = frozenset({"actions", "crossed", "compensate", "redo", "unredo"})  # tables.action_changes
 _FILE_EVENTS = frozenset({_T.WORKSPACE, _T.FILE_STEPS, _T.WATCH_BEGIN, _T.WATCH_END,
                           _T.FILE_RESTORED, _T.FILE_CONFLICT})
 

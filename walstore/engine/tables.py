@@ -126,9 +126,9 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         if row is None:
             return []
         return [dict(row, result=b.get("result"), error=b.get("error"))]
-    if t == RecordType.COMMIT:  # reads only "actions", "compensate", "redo", "unredo" (the
-        out = []                # skips commits with none of them: keep apply._ACTION_FIELDS)
-        field = event.field     # (a plain commit's packed body holds none: not decoded)
+    if t == RecordType.COMMIT:  # reads only "actions", "crossed", "compensate", "redo",
+        out = []                # "unredo" (apply skips commits with none of them: keep
+        field = event.field     # apply._ACTION_FIELDS; a plain commit's body is not decoded)
         for a in field("actions", ()):
             row = get_row(a["id"]) or {}
             if row.get("state") in FINAL_STATES:
@@ -137,6 +137,12 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
             new.update(a)
             new["state"] = COMMITTED
             out.append(new)
+        for aid in field("crossed", ()):  # rolled back to a savepoint: still in flight
+            row = get_row(aid)            # means its compensation did not finish (an
+            if row is not None and row.get("state") == IN_FLIGHT:  # interrupt): owed
+                out.append(dict(row, state=PENDING,
+                                error="a rollback to a savepoint undid it, and its "
+                                      "compensation did not finish"))
         undone_by = f"undone by transaction {event.txid}"
         for aid in field("compensate", ()):
             row = get_row(aid)

@@ -36,6 +36,7 @@ from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack
     pack_value, prefix_end, unpack_value
 from ..errors import CommitOutcomeUnknown, TransactionClosed, WalstoreError
 from ..log.format import LSN
+from ..signals import deferred
 from .conflicts import ReadSet
 from .pipeline import CommitRequest
 
@@ -57,6 +58,10 @@ class TransactionHooks(Protocol):
     def files_of(self, tx: "Transaction", ws: Any) -> Any: ...
 
     def commit_body(self, tx: "Transaction") -> dict: ...
+
+    def note_crossed(self, tx: "Transaction", effects: list) -> None:
+        """A rollback to a savepoint took ``effects`` out of ``tx`` (called with signals
+        deferred, no I/O): what the commit must still say of them."""
 
     def undo_actions(self, tx: "Transaction", actions: list, cause: BaseException | None
                      ) -> None: ...
@@ -342,17 +347,20 @@ class Transaction:
                    for x in self.effects[:target.effect_mark]):
                 raise WalstoreError(f"cannot roll back transaction {self.id} to "
                                     f"{target!r}: {e.blocks_inner_rollback}")
-        while len(self._undo) > target._undo_len:
-            k, prev = self._undo.pop()
-            if prev is _MISSING:
-                self._writes.pop(k, None)
-            else:
-                self._writes[k] = prev
-        for gone in self._savepoints[i + 1:]:
-            gone.active = False
-        del self._savepoints[i + 1:]
-        crossed = self.effects[target.effect_mark:]
-        del self.effects[target.effect_mark:]
+        with deferred():  # one step (an interrupt inside it left the writes undone and
+            while len(self._undo) > target._undo_len:  # the actions kept, or the actions
+                k, prev = self._undo.pop()              # dropped and never noted)
+                if prev is _MISSING:
+                    self._writes.pop(k, None)
+                else:
+                    self._writes[k] = prev
+            for gone in self._savepoints[i + 1:]:
+                gone.active = False
+            del self._savepoints[i + 1:]
+            crossed = self.effects[target.effect_mark:]
+            del self.effects[target.effect_mark:]
+            if crossed:
+                self._hooks.note_crossed(self, crossed)
         if crossed:
             self._hooks.undo_actions(self, crossed, None)
 
@@ -470,6 +478,10 @@ class Transaction:
                                     f"its point of no return); nothing was rolled back")
         if self.state != ACTIVE:
             raise TransactionClosed(f"transaction {self.id} is already {self.state}")
+        for e in self.effects:
+            why = getattr(e, "blocks_full_rollback", None)
+            if why:  # (before anything is undone)
+                raise WalstoreError(f"cannot roll back transaction {self.id}: {why}")
         self._rollback(None)
 
     def _rollback(self, cause: BaseException | None) -> None:
