@@ -205,6 +205,43 @@ def test_readonly_store_refuses_writes(tmp_path, reader_factory):
         assert w.get("k") == 1
 
 
+def test_reader_of_a_crash_between_a_rotation_and_its_seal_reads_the_whole_log(tmp_path):
+    # (probe 32: the writer killed after activating the next segment, before the old one's
+    # SEAL — a crash image readers accept — made every read-only open spin for ever: the
+    # follower closed the old segment without moving past where its SEAL would end)
+    from walstore.log.segment import list_segments
+    from walstore.log.writer import SEAL_RECORD_SIZE
+    from walstore.log.format import SEGMENT_HEADER_SIZE
+    path = str(tmp_path / "s")
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import time, walstore
+s = walstore.open({path!r}, segment_size=64 * 1024, apply_interval=86400,
+                  apply_batch=10 ** 6, max_unapplied=10 ** 6)
+for i in range(60):
+    with s.transaction() as tx:
+        tx.put(f"k{{i}}", "x" * 2000)
+print("done", flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "done"
+    finally:
+        writer.kill()
+        writer.wait()
+    segs = list_segments(str(tmp_path / "s" / "wal"))
+    assert len(segs) >= 2
+    (old, old_path), (new, _p) = segs[-2], segs[-1]
+    with open(old_path, "r+b") as f:  # the SEAL not written yet: the image of a kill a
+        f.seek(new - SEAL_RECORD_SIZE - old + SEGMENT_HEADER_SIZE)  # step earlier
+        f.write(b"\0" * SEAL_RECORD_SIZE)
+    check = subprocess.run([sys.executable, "-c", f"""
+import walstore
+s = walstore.open({path!r}, readonly=True)
+print(sum(1 for i in range(60) if s.get(f"k{{i}}") == "x" * 2000), len(s.log(limit=100)))
+"""], capture_output=True, text=True, timeout=60)
+    assert check.stdout.split() == ["60", "60"], (check.stdout, check.stderr[-2000:])
+
+
 def test_readonly_open_of_a_missing_store_creates_nothing(tmp_path):
     with pytest.raises(walstore.NotAStore):
         walstore.open(str(tmp_path / "none"), readonly=True)

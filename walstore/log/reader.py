@@ -486,7 +486,8 @@ class LogFollower:
     def _next_starts_at(self, lsn: int) -> bool:
         later = [s for s, _p in list_segments(self.wal_dir) if s > self._seg]
         if later and later[0] in (lsn, lsn + SEAL_RECORD_SIZE):
-            self.close()
+            self.close()  # (sealed, or a rotation cut short before its SEAL: a crash
+            self.position = later[0]  # image; the log goes on where the SEAL would end)
             return True
         if later and not os.path.exists(self._reader.path):
             self.close()  # our segment was trimmed under us
