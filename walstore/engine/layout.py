@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 import uuid
 
 from .. import fileio
@@ -27,6 +28,7 @@ from ..errors import CorruptionError, NotAStore, StoreLocked
 
 FORMAT_NAME = "walstore"
 FORMAT_VERSION = 1
+PROBE_WAIT_S = 1.0  # how long a writer's open waits out read-only processes' lock probes
 MAX_IDENTITY_BYTES = 65536  # STORE is read whole, up to this; written never larger
 
 
@@ -181,7 +183,7 @@ class ProcessLock:
         self.path = layout.lock
         self.fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._take()
         except OSError as e:
             pid = self._holder()
             fd, self.fd = self.fd, -1
@@ -200,6 +202,28 @@ class ProcessLock:
             os.close(fd)  # closing drops the flock
             raise
 
+    def _take(self) -> None:
+        """flock(LOCK_EX) without waiting for a writer; a read-only process's probe
+        (``writer_alive``: a shared lock held for an instant) is waited out, up to
+        PROBE_WAIT_S, while no live process is named as the holder (a refusal then said
+        "locked by another process" with no writer anywhere)."""
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                pid = self._holder()
+                if pid is not None and _alive(pid):
+                    raise  # a writer: refused at once
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + PROBE_WAIT_S
+                if now >= deadline:
+                    raise
+                time.sleep(0.002)
+
     def _holder(self) -> int | None:
         try:
             with open(self.path, "rb") as f:
@@ -215,6 +239,16 @@ class ProcessLock:
                 pass
             fd, self.fd = self.fd, -1  # (forgotten first: an interrupt after the close must
             os.close(fd)  # not leave it to be closed again)  (closing drops the flock)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # (EPERM: another user's live process)
+    return True
 
 
 def writer_alive(layout: Layout) -> bool:
