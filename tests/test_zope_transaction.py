@@ -290,3 +290,78 @@ def test_data_manager_interface_is_complete(store):
     assert isinstance(dm.sortKey(), str)
     assert dm.transaction_manager is transaction.manager
     transaction.abort()
+
+
+# ---- probe 32: the decision is commit once every participant voted yes ----------------------
+@pytest.mark.parametrize("fault", ["once", "lasting"])
+def test_a_failed_finish_after_every_vote_never_rolls_walstore_back(tmp_path, fault):
+    # (the transaction package calls tpc_abort on everyone after a failure in some
+    # participant's tpc_finish; walstore rolled its prepared transaction back and ran its
+    # compensations while the other participant had committed)
+    import errno
+
+    from tools.faults import FaultBackend, installed
+    refunds: list = []
+    s = walstore.open(str(tmp_path / "ws"), durability="full",
+                      compensators={"refund": refunds.append})
+    sql = SqliteDataManager(tmp_path / "o.sqlite", sort_key="a-sqlite")  # finishes first
+    fb = FaultBackend()
+    finish = sql.tpc_finish
+
+    def finish_then_fail_walstore(txn):
+        finish(txn)  # sqlite committed: from here walstore's commit must not be undone
+        fb.fail("pwrite", errno.ENOSPC, path=f"{s.path}/wal/*",
+                times=1 if fault == "once" else None)
+    sql.tpc_finish = finish_then_fail_walstore
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("transfer", "credited")
+        with tx.action("charge", args="c1", compensate="refund"):
+            pass
+        sql.put("transfer", "debited")
+        with installed(fb):
+            if fault == "once":
+                with pytest.raises(OSError):
+                    transaction.commit()  # (the package re-raises the finish's error)
+            else:
+                with pytest.warns(RuntimeWarning, match="in doubt"), \
+                        pytest.raises(OSError):
+                    transaction.commit()
+        transaction.abort()
+        assert sql.rows() == {"transfer": "debited"}
+        assert refunds == []  # never compensated beside a committed participant
+        if fault == "once":  # committed once more in tpc_abort
+            assert s.get("transfer") == "credited" and s.prepared() == []
+        else:  # left prepared, in doubt, for the operator
+            assert s.get("transfer") is None and s.prepared() == [tx.gid]
+            s.commit_prepared(tx.gid)
+            assert s.get("transfer") == "credited" and s.prepared() == []
+        assert [a.state for a in s.actions()] == ["committed"]
+        s.close()
+        s = walstore.open(str(tmp_path / "ws"), compensators={"refund": refunds.append})
+        assert s.get("transfer") == "credited" and refunds == []
+    finally:
+        sql.conn.close()
+        s.close()
+
+
+def test_a_walstore_transaction_ended_outside_the_manager_votes_no(tmp_path, sql):
+    # (store.close() rolled back the joined transaction, compensating its action; the vote
+    # said yes, and the other participant committed without walstore's part)
+    refunds: list = []
+    s = walstore.open(str(tmp_path / "ws"), compensators={"refund": refunds.append})
+    transaction.begin()
+    tx = join(s)
+    tx.put("order", "paid")
+    with tx.action("charge", args=40, compensate="refund"):
+        pass
+    sql.put("order", "paid")
+    s.close()  # rolls back this thread's open transaction (and refunds)
+    assert tx.state == "rolled back" and len(refunds) == 1
+    with pytest.raises(walstore.WalstoreError, match="cannot vote to commit"):
+        transaction.commit()
+    transaction.abort()
+    assert sql.rows() == {}  # the other participant aborted with it
+    with walstore.open(str(tmp_path / "ws")) as s:
+        assert s.get("order") is None

@@ -11,20 +11,30 @@ atomically with every other joined resource::
     transaction.commit()       # two-phase: our vote prepares (durably), finish commits
 
 IDataManager mapping: ``tpc_vote`` prepares the walstore transaction (a ConflictError or any
-failure there is the refusal that aborts everyone); ``tpc_finish`` commits the prepared
-transaction (it cannot conflict any more: its keys are held since the vote);
-``abort``/``tpc_abort`` roll back (a prepared one through rollback_prepared).
+failure there is the refusal that aborts everyone; so is a walstore transaction that ended
+outside the manager, e.g. rolled back by ``store.close()``: voting yes for it committed the
+others without walstore's part); ``tpc_finish`` commits the prepared transaction (it cannot
+conflict any more: its keys are held since the vote); ``abort``/``tpc_abort`` roll back (a
+prepared one through rollback_prepared) — except once every participant voted yes: the
+decision is commit, and the ``transaction`` package calls ``tpc_abort`` after a failure in
+some participant's ``tpc_finish`` (ours, e.g. a full disk, or another's), when others may
+have committed already.  Then the prepared transaction is committed once more, and when
+that fails too it is left prepared, in doubt (``store.prepared()``, ``walstore recover``
+lists it; ``walstore commit-prepared PATH GID`` ends it): never rolled back and
+compensated beside a participant that committed.
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
 ISavepointDataManager contract.
 """
 from __future__ import annotations
 
 import uuid
+import warnings
 from typing import Any
 
 import transaction as _transaction
 
-from ..engine.transaction import ACTIVE, Transaction
+from ..engine.transaction import ACTIVE, COMMITTED, Transaction
+from ..errors import WalstoreError
 
 
 class WalstoreDataManager:
@@ -34,11 +44,14 @@ class WalstoreDataManager:
         self.store = store
         self.transaction_manager = transaction_manager or _transaction.manager
         self.tx: Transaction = store.transaction(meta=meta)
+        self._finishing = False  # tpc_finish began: the decision is commit
         self._joined_to = self.transaction_manager.get()
         self._joined_to.join(self)
 
     # IDataManager
     def abort(self, txn) -> None:
+        if self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn):
+            return  # (after a failed commit: tpc_abort left it in doubt, see above)
         self._end()
 
     def tpc_begin(self, txn) -> None:
@@ -48,16 +61,48 @@ class WalstoreDataManager:
         pass  # writes are buffered in self.tx until the vote
 
     def tpc_vote(self, txn) -> None:
-        if self.tx.state == ACTIVE and self.tx.gid is None:
+        if self.tx.state != ACTIVE:  # (ended outside the manager: a yes would commit the
+            raise WalstoreError(     # others without walstore's part)
+                f"walstore transaction {self.tx.id} of store {self.store.path} is already "
+                f"{self.tx.state} (it ended outside the transaction manager, e.g. the "
+                f"store was closed under it): it cannot vote to commit; nothing of it is "
+                f"committed")
+        if self.tx.gid is None:
             self.tx.prepare(f"zope-{uuid.uuid4().hex}")
 
     def tpc_finish(self, txn) -> None:
+        self._finishing = True
         if self.tx.state == ACTIVE:
             self.tx.commit()
+        elif self.tx.state != COMMITTED:
+            raise WalstoreError(f"walstore transaction {self.tx.id} of store "
+                                f"{self.store.path} is {self.tx.state} after its vote: it "
+                                f"was not committed")
         _forget(self)
 
     def tpc_abort(self, txn) -> None:
+        if self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn):
+            gid = self.tx.gid
+            try:  # the decision is commit: once more (a full disk may have cleared)
+                self.tx.commit()
+            except Exception as e:
+                warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
+                              f"is left prepared, in doubt, as {gid!r}: every participant "
+                              f"voted to commit, and its commit failed ({e}); end it with "
+                              f"`walstore commit-prepared {self.store.path} {gid}` once the "
+                              f"cause is fixed", RuntimeWarning, stacklevel=2)
+            _forget(self)
+            return
         self._end()
+
+    def _decided(self, txn) -> bool:
+        """Every participant voted yes (our tpc_finish began, or the transaction's record
+        of votes covers all its resources): commit is the decision."""
+        if self._finishing:
+            return True
+        voted, resources = getattr(txn, "_voted", None), getattr(txn, "_resources", None)
+        return (isinstance(voted, dict) and isinstance(resources, list) and bool(resources)
+                and all(id(rm) in voted for rm in resources))
 
     def sortKey(self) -> str:
         return f"walstore:{self.store.path}"
