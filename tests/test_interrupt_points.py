@@ -19,7 +19,10 @@ suite); ``actions()`` reading LMDB and the MemTable at two moments (an owed
 compensation shown as committed); a rollback finished before its ABORT was recorded (its
 actions neither compensated nor owed); a file's descriptor closed twice (EBADF, or
 another thread's file closed); and a rollback's file put-backs stopped by the interrupt
-(the file left as the rolled-back transaction wrote it while the state said otherwise).
+(the file left as the rolled-back transaction wrote it while the state said otherwise);
+and (mode "savepoint-commit": the program catches the interrupt of a ``rollback_to`` and
+commits) actions a rollback to a savepoint took out, then an interrupt kept from their
+compensation — neither compensated nor owed.
 """
 from __future__ import annotations
 
@@ -134,6 +137,17 @@ def step(k):
             charge(tx, k)
             tx.put("paid", k)
             tx.rollback_to(sp)
+    elif mode == "savepoint-commit":  # the program catches the interrupt and goes on
+        TX[0] = tx = s.transaction()
+        with tx:
+            tx.put("a", k)
+            sp = tx.savepoint()
+            charge(tx, k)
+            tx.put("paid", k)
+            try:
+                tx.rollback_to(sp)
+            except KeyboardInterrupt:
+                pass
     elif mode in ("revert", "file-revert"):
         s.revert(UNDONE[0])
     elif mode == "prepare":
@@ -185,8 +199,8 @@ while True:
     undone = bool(new or owed)
     if len(new) > 1:  # (a refund with no charge is the Saga's answer to an intent whose
         bad.append((k, where, "refunds", new))  # body may or may not have run: allowed)
-    if mode in ("action", "rollback", "savepoint", "prepare", "commit-prepared",
-                "rollback-prepared"):
+    if mode in ("action", "rollback", "savepoint", "savepoint-commit", "prepare",
+                "commit-prepared", "rollback-prepared"):
         paid = s.get("paid") == k
         if paid and undone:
             bad.append((k, where, "paid and refunded", new, len(owed)))
@@ -225,7 +239,8 @@ for b in bad[:20]:
 
 @pytest.mark.parametrize("mode,durability", [
     ("put", "none"), ("put", "full"), ("action", "none"), ("action", "full"),
-    ("rollback", "none"), ("savepoint", "none"), ("revert", "none"), ("revert", "full"),
+    ("rollback", "none"), ("savepoint", "none"), ("savepoint-commit", "none"),
+    ("revert", "none"), ("revert", "full"),
     ("file-commit", "none"), ("file-rollback", "none"), ("file-revert", "none"),
     ("prepare", "none"), ("commit-prepared", "none"), ("rollback-prepared", "none")])
 def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
