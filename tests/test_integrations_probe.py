@@ -172,3 +172,97 @@ def test_ttl_upkeep_does_not_block_the_rewind_of_the_items_writer(tmp_path, upke
     assert sorted(i.key for i in memory.search(("notes",), refresh_ttl=False)) == ["b1"]
     assert graph.get_state(b).values == {"n": 1}
     st.close()
+
+
+def test_a_refresh_in_a_batch_that_puts_does_not_block_the_rewind_of_the_items_writer(tmp_path):
+    """Thread B read thread A's item with refresh_ttl in a batch that also put B's own
+    note: the refresh was made in the batch's transaction, of B's scope, and A's rewind
+    raised RevertConflict naming it (a read alone refreshed in A's scope)."""
+    import time
+
+    from langgraph.config import get_config, get_store
+    from langgraph.graph import END, START, StateGraph
+    from langgraph.store.base import GetOp, PutOp
+
+    st = walstore.open(str(tmp_path / "s"), durability="none")
+    memory = WalstoreStore(st, ttl={"refresh_on_read": True})
+    saver = WalstoreSaver(st)
+    fact = memory.keys.item(("facts",), "a-fact")
+
+    def node(s):
+        if get_config()["configurable"]["thread_id"] == "A":
+            if s["n"] == 1:  # A's second step writes the item
+                get_store().put(("facts",), "a-fact", {"by": "A"}, ttl=60)
+        else:
+            get_store().batch([GetOp(("facts",), "a-fact", refresh_ttl=True),
+                               PutOp(("notes",), "b-note", {"seen": True})])
+        return {"n": s["n"] + 1}
+    g = StateGraph(_TTLState)
+    g.add_node("a", node)
+    g.add_edge(START, "a")
+    g.add_edge("a", END)
+    graph = g.compile(checkpointer=saver, store=memory)
+    a, b = ({"configurable": {"thread_id": t}} for t in "AB")
+    graph.invoke({"n": 0}, a, durability="sync")
+    first_a = saver.get_tuple(a).config
+    graph.invoke({}, a, durability="sync")
+    written = st.get(fact)["e"]
+    time.sleep(0.01)
+    graph.invoke({"n": 0}, b, durability="sync")
+    assert st.get(fact)["e"] > written           # B's read still renewed A's item
+    saver.rewind(first_a)
+    assert memory.get(("facts",), "a-fact", refresh_ttl=False) is None
+    assert memory.get(("notes",), "b-note").value == {"seen": True}
+    st.close()
+
+
+@pytest.mark.parametrize("upkeep", ["refresh", "sweep"])
+def test_ttl_upkeep_of_an_app_wide_item_is_no_graph_threads_work(tmp_path, upkeep):
+    """An item written outside any graph (its record names no writer scope), renewed by a
+    node's read or swept by a node's sweep_ttl, was kept up in the scope provider's scope:
+    the node's thread.  Its rewind then moved the item's expiry back (or brought the
+    swept item back), and once the app updated the item it raised RevertConflict."""
+    import time
+
+    from langgraph.config import get_store
+    from langgraph.graph import END, START, StateGraph
+
+    st = walstore.open(str(tmp_path / "s"), durability="none")
+    memory = WalstoreStore(st, ttl={"refresh_on_read": True})
+    saver = WalstoreSaver(st)
+    policy = memory.keys.item(("global",), "policy")
+
+    def node(s):
+        if s["n"] == 1:
+            if upkeep == "refresh":
+                get_store().get(("global",), "policy")
+            else:
+                get_store().sweep_ttl()
+        return {"n": s["n"] + 1}
+    g = StateGraph(_TTLState)
+    g.add_node("a", node)
+    g.add_edge(START, "a")
+    g.add_edge("a", END)
+    graph = g.compile(checkpointer=saver, store=memory)
+    a = {"configurable": {"thread_id": "A"}}
+    memory.put(("global",), "policy", {"v": 1}, ttl=60 if upkeep == "refresh" else 0.0001)
+    graph.invoke({"n": 0}, a, durability="sync")
+    first = saver.get_tuple(a).config
+    written = st.get(policy)["e"]
+    time.sleep(0.05)
+    graph.invoke({}, a, durability="sync")              # the node reads / sweeps the policy
+    if upkeep == "refresh":
+        assert st.get(policy)["e"] > written           # renewed, in no thread's scope
+    if upkeep == "sweep":
+        assert st.get(policy) is None
+        saver.rewind(first)
+        assert st.get(policy) is None                  # A's rewind does not bring it back
+    else:
+        renewed = st.get(policy)
+        saver.rewind(first)
+        assert st.get(policy) == renewed               # A's rewind left its expiry alone
+        graph.invoke({}, a, durability="sync")          # A reads (renews) it again
+        memory.put(("global",), "policy", {"v": 2}, ttl=60)  # and the app updates it
+        saver.rewind(first)                            # not refused
+        assert memory.get(("global",), "policy", refresh_ttl=False).value == {"v": 2}
+    st.close()

@@ -29,7 +29,7 @@ from .agent.history import HistoricalView, History, Version
 from .agent.hooks import AgentHooks
 from .agent.purge import Purge
 from .agent.retention import Retention
-from .agent.scope import check_scope, current_scope
+from .agent.scope import NO_SCOPE, check_scope, current_scope
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
 from .agent.undo import Undo, UndoPlan
@@ -396,10 +396,14 @@ class Store:
     # ---- transactions -------------------------------------------------------------------
     def transaction(self, meta: Any = None, scope: Any = None) -> Transaction:
         """Begin a transaction (use ``with``: commit on exit, rollback on exception).
-        ``scope``: the key prefix it belongs to (default: a registered scope provider's)."""
+        ``scope``: the key prefix it belongs to (default: a registered scope provider's;
+        ``walstore.agent.scope.NO_SCOPE``: none, whatever a provider names)."""
         eng = self._engine
         eng.check_open()
-        scope = check_scope(scope) if scope is not None else current_scope()
+        if scope is NO_SCOPE:
+            scope = None
+        else:
+            scope = check_scope(scope) if scope is not None else current_scope()
         tx = Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
         tx.keepalive = self  # (the store stays open while the transaction is)
         return tx

@@ -5,6 +5,8 @@ declared in it).  A transaction belongs to a scope when it is begun with ``scope
 without one, when a registered *scope provider* names one: an integration registers a
 provider that reads its framework's context (LangGraph's run config inside a graph node),
 so a transaction begun inside a node belongs to that node's thread without annotation.
+``scope=NO_SCOPE`` begins one that belongs to no scope whatever a provider names (work
+done inside a node on behalf of no thread, e.g. LangGraph's TTL upkeep of an app-wide item).
 """
 from __future__ import annotations
 
@@ -15,6 +17,16 @@ from ..codec import encode_prefix, prefix_end
 
 _providers: list[Callable[[], Any]] = []
 _lock = threading.Lock()
+
+
+class _NoScope:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "NO_SCOPE"
+
+
+NO_SCOPE: Any = _NoScope()  # transaction(scope=NO_SCOPE): in no scope, providers not asked
 
 
 def register_scope_provider(fn: Callable[[], Any]) -> None:

@@ -33,6 +33,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   Op, PutOp, Result, SearchItem, SearchOp, TTLConfig,
                                   validate_op_namespace)
 
+from walstore.agent.scope import NO_SCOPE
 from walstore.errors import ConflictError
 from walstore.signals import Flag, deferred
 
@@ -132,16 +133,27 @@ def _namespace_matches(condition: MatchCondition, namespace: tuple[str, ...]) ->
     return all(p == "*" or label == p for label, p in pairs)
 
 
+def _writer_scope(rec: Any) -> Any:
+    """The scope the item's writer recorded (``s``; None: written in none)."""
+    scope = rec.get("s") if isinstance(rec, dict) else None
+    return tuple(scope) if isinstance(scope, list) else scope
+
+
 def _upkeep_groups(records: dict[bytes, dict]) -> dict[Any, list[bytes]]:
-    """Keys grouped by the scope their item's writer recorded (``s``; None: none
-    recorded): TTL upkeep of an item runs in its writer's scope."""
+    """Keys grouped by the scope their item's writer recorded: TTL upkeep of an item
+    runs in its writer's scope (``_upkeep_scope``)."""
     groups: dict[Any, list[bytes]] = {}
     for key, rec in records.items():
-        scope = rec.get("s") if isinstance(rec, dict) else None
-        if isinstance(scope, list):
-            scope = tuple(scope)
-        groups.setdefault(scope, []).append(key)
+        groups.setdefault(_writer_scope(rec), []).append(key)
     return groups
+
+
+def _upkeep_scope(scope: Any) -> Any:
+    """The ``scope=`` of an upkeep transaction for items of writer scope ``scope``: an
+    item written in no scope is kept up in none, never in the scope provider's (the graph
+    thread whose node read or swept it: its rewind moved the app-wide item's expiry back,
+    or was refused once the app updated the item)."""
+    return NO_SCOPE if scope is None else scope
 
 
 class WalstoreStore(BaseStore):
@@ -172,8 +184,11 @@ class WalstoreStore(BaseStore):
 
         A batch without puts reads at one snapshot (a transaction rolled back: it cannot
         conflict) and then renews the TTL of the items it read with ``refresh_ttl`` in a
-        transaction of its own.  A conflict (another writer got to the same item first)
-        is retried, never raised: writers of one item in this process take turns."""
+        transaction of its own.  In a batch with puts, an item read with ``refresh_ttl``
+        that another scope wrote (another graph thread, or none) is renewed after the
+        batch commits, in its writer's scope, as a read-only batch does.  A conflict
+        (another writer got to the same item first) is retried, never raised: writers of
+        one item in this process take turns."""
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
@@ -188,14 +203,18 @@ class WalstoreStore(BaseStore):
         with _ItemLocks(keys):
             for attempt in range(_WRITE_RETRIES + 1):
                 tx = self.store.transaction(meta=meta)
+                others: dict[bytes, dict] = {}
                 try:
                     with tx:
-                        return self._batch(tx, ops)
+                        results = self._batch(tx, ops, others)
+                    break
                 except ConflictError:
                     if attempt >= _WRITE_RETRIES:
                         raise
                     _backoff(attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
+        if others:  # (after the item locks are released: _refresh_scope takes them)
+            self._refresh_items(others)
+        return results
 
     def _read_batch(self, ops: list[Op]) -> tuple[list[Result], dict[bytes, dict]]:
         """The results of a batch without puts, and the items to refresh."""
@@ -229,7 +248,7 @@ class WalstoreStore(BaseStore):
                     self._refresh(tx, key, rec, now)
         with _ItemLocks(touched):
             for attempt in range(_WRITE_RETRIES + 1):
-                tx = self.store.transaction(meta=meta, scope=scope)
+                tx = self.store.transaction(meta=meta, scope=_upkeep_scope(scope))
                 try:
                     with tx:
                         refresh(tx)
@@ -265,14 +284,22 @@ class WalstoreStore(BaseStore):
                 raise ValueError(f"Unknown operation type: {type(op)}")
         return results
 
-    def _batch(self, tx: Any, ops: list[Op]) -> list[Result]:
+    def _batch(self, tx: Any, ops: list[Op], others: dict[bytes, dict]) -> list[Result]:
+        """Run ``ops`` in ``tx``; items read with ``refresh_ttl`` (and not put) whose
+        writer's scope is not ``tx``'s go into ``others``: renewed in ``tx``, their refresh
+        belonged to this batch's thread, and the writer thread's rewind met it as a
+        stranger's later write (RevertConflict)."""
         now = _now_us()
         puts: dict[bytes, PutOp] = {}
         touched: dict[bytes, dict] = {}   # items read with refresh_ttl: key -> record
         results = self._reads(tx, ops, now, touched, puts)
         for key, rec in touched.items():
-            if key not in puts:
+            if key in puts:
+                continue
+            if _writer_scope(rec) == tx.scope:
                 self._refresh(tx, key, rec, now)
+            else:
+                others[key] = rec
         for key, op in puts.items():
             self._put(tx, key, op, now)
         return results
@@ -433,7 +460,8 @@ class WalstoreStore(BaseStore):
                     n += 1
             return n
         for attempt in range(_WRITE_RETRIES + 1):
-            tx = self.store.transaction(meta={"langgraph": "store ttl sweep"}, scope=scope)
+            tx = self.store.transaction(meta={"langgraph": "store ttl sweep"},
+                                        scope=_upkeep_scope(scope))
             try:
                 with tx:
                     return sweep(tx)
