@@ -254,6 +254,28 @@ def test_ttl_config_default_ttl_and_omit_expired(tmp_path, clock):
     store.close()
 
 
+@pytest.mark.parametrize("ttl", [float("inf"), float("-inf"), float("nan"), 1e12, -1, "5"])
+def test_a_ttl_with_no_expiry_to_store_is_refused_naming_it(memory, ttl):
+    """ttl=inf raised a bare OverflowError, 1e12 minutes the codec's "Integer value out of
+    range" about the record, NaN "cannot convert float NaN to integer" (none named the
+    TTL); a negative one was stored as an item born expired, or failed packing its expiry
+    entry.  Refused naming the ttl, before anything is written."""
+    memory.put(("a",), "k", {"v": 1})
+    error = TypeError if isinstance(ttl, str) else ValueError
+    with pytest.raises(error, match=r"^ttl must be .*; nothing was written$"):
+        memory.put(("a",), "k", {"v": 2}, ttl=ttl)
+    with pytest.raises(error, match="ttl"):
+        memory.batch([PutOp(("a",), "k2", {"v": 2}), PutOp(("a",), "k", {"v": 3}, ttl=ttl)])
+    assert [(i.key, i.value) for i in memory.search(("a",))] == [("k", {"v": 1})]
+    assert list(memory.store.scan(prefix=memory.keys.expiry)) == []
+    if not isinstance(ttl, str):
+        with pytest.raises(ValueError, match="default_ttl"):
+            WalstoreStore(memory.store, ttl={"default_ttl": ttl})
+    memory.put(("a",), "k", {"v": 4}, ttl=0)               # the edges are taken
+    memory.put(("a",), "k", {"v": 5}, ttl=store_module.MAX_TTL_MINUTES)
+    assert memory.get(("a",), "k").value == {"v": 5}
+
+
 def test_the_sweeper_thread_deletes_expired_items(memory, clock):
     memory.put(("a",), "k", {"v": 1}, ttl=1)
     clock.advance(61)

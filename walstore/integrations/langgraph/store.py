@@ -16,12 +16,16 @@ thread's rewind undoes the memories its undone steps wrote.
 Semantics follow InMemoryStore where LangGraph leaves them open, except: an update keeps
 the item's ``created_at`` (InMemoryStore resets it; SqliteStore keeps it), search results
 and namespace listings are in key order (InMemoryStore: insertion order; SqliteStore:
-newest update first), and only namespaces that hold items are listed.  Values are stored
-as msgpack (JSON-like data, as LangGraph documents).  Key layout: ``keys.py``.
+newest update first), only namespaces that hold items are listed, and a ``ttl`` must be
+a number of minutes from 0 to ``MAX_TTL_MINUTES`` (None: no expiry): inf, NaN, a negative
+one (SqliteStore stores it as already expired) are refused before anything is written.
+Values are stored as msgpack (JSON-like data, as LangGraph documents).  Key layout:
+``keys.py``.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import numbers
 import random
 import threading
 import time
@@ -47,6 +51,9 @@ _RETRIES = 8
 _WRITE_RETRIES = 64    # a batch that writes: conflicts are retried, never shown to callers
 _SWEEP_BATCH = 512
 _STRIPES = [threading.Lock() for _ in range(64)]
+# A TTL's expiry (µs since the epoch) is stored as a 64-bit int and renewed on reads: a TTL
+# is at most ~19,000 years, so every expiry fits with room to spare (None: no expiry).
+MAX_TTL_MINUTES = 1e10
 
 
 class _ItemLocks:
@@ -72,6 +79,18 @@ class _ItemLocks:
                 lock.release()
         finally:
             deferred().__exit__(None, None, None)
+
+
+def _check_ttl(ttl: Any, what: str = "ttl", outcome: str = "nothing was written") -> None:
+    """Refuse a TTL that has no expiry to store (inf, NaN, beyond MAX_TTL_MINUTES: an
+    OverflowError, or the codec's "Integer value out of range" naming no TTL) or a
+    negative one (an item born expired)."""
+    if isinstance(ttl, bool) or not isinstance(ttl, numbers.Real):
+        raise TypeError(f"{what} must be a number of minutes or None, not "
+                        f"{type(ttl).__name__}; {outcome}")
+    if not 0 <= ttl <= MAX_TTL_MINUTES:  # (NaN fails both comparisons)
+        raise ValueError(f"{what} must be a finite number of minutes from 0 to "
+                         f"{MAX_TTL_MINUTES:g} (None: no expiry), not {ttl!r}; {outcome}")
 
 
 def _backoff(attempt: int) -> None:
@@ -170,6 +189,9 @@ class WalstoreStore(BaseStore):
                  key_prefix: bytes = b"lg", txn_meta: bool = True) -> None:
         if not isinstance(key_prefix, (bytes, bytearray)) or not key_prefix:
             raise TypeError("key_prefix must be non-empty bytes")
+        if ttl and ttl.get("default_ttl") is not None:
+            _check_ttl(ttl["default_ttl"], "the ttl config's default_ttl",
+                       "no store was made")
         self.store = store
         self.ttl_config = ttl
         self.keys = MemoryKeys(bytes(key_prefix))
@@ -192,6 +214,8 @@ class WalstoreStore(BaseStore):
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
+            if isinstance(op, PutOp) and op.value is not None and op.ttl is not None:
+                _check_ttl(op.ttl)
         if not any(isinstance(op, PutOp) for op in ops):
             results, touched = self._read_batch(ops)
             if touched:
