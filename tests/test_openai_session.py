@@ -87,6 +87,34 @@ def test_items_round_trip_like_sqlite(store, tmp_path):
     ref.close()
 
 
+def test_items_with_a_lone_surrogate_round_trip_like_sqlite(store, tmp_path):
+    """A string cut inside a UTF-16 pair (a lone surrogate), which SQLiteSession's escaped
+    JSON keeps, was refused by msgpack's UTF-8 ("surrogates not allowed"): add_items
+    raised ValueError and nothing was added.  It comes back as SQLiteSession gives it,
+    also copied into a branch, and the items stored before stay as they were."""
+    plain = user("before")
+    cut = {"role": "assistant", "content": "emoji cut in half: \ud83d",
+           "\udc00key": ["\ude00\ud83d", "pair \ud83d\ude00"]}
+    ref = SQLiteSession("t", tmp_path / "ref.db")
+
+    async def go():
+        s = WalstoreSession("t", store)
+        await s.add_items([plain])
+        await s.add_items([cut, user("after")])
+        await ref.add_items([plain, cut, user("after")])
+        mine, theirs = await s.get_items(), await ref.get_items()
+        await s.create_branch_from_turn(2)
+        await s.add_items([cut])
+        return mine, theirs, await s.get_items(), await s.get_conversation_turns()
+    mine, theirs, branch, turns = run(go())
+    assert mine == theirs and theirs[1]["content"] == "emoji cut in half: \ud83d"
+    assert theirs[1]["\udc00key"] == ["\ude00\ud83d", "pair \U0001f600"]
+    assert branch == [theirs[0], theirs[1], theirs[1]]
+    assert turns == [{"turn": 1, "content": "before"}]
+    assert store.get("oa/t/i/main/00000000000000000001") == plain  # (still a map)
+    ref.close()
+
+
 # ---- differential against SQLiteSession -----------------------------------------------------
 SESSION_IDS = ["alpha", "beta/1", "beta", "gamma"]   # "beta/1" must not fall under "beta"'s keys
 SETTINGS = {"gamma": SessionSettings(limit=2)}

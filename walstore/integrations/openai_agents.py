@@ -24,8 +24,10 @@ the newest ``limit`` items oldest first; ``limit=None`` falls back to
 all items (SQLite's ``LIMIT -1``).  ``pop_item`` returns the newest item or ``None``.  Items
 go through ``json.dumps``/``json.loads`` exactly as SQLiteSession stores them (tuples come
 back as lists, non-str dict keys as str, a non-JSON value raises ``TypeError`` and nothing
-is added); they are stored as msgpack maps, so ``walstore scan`` shows them as data.  One
-difference: an int beyond 64 bits, which JSON text can hold, is refused (``ValueError``).
+is added); they are stored as msgpack maps, so ``walstore scan`` shows them as data (an item
+holding a lone surrogate, e.g. text cut inside an emoji, which msgpack's UTF-8 cannot
+hold, is stored as the bytes of its ASCII JSON text instead).  One difference: an int
+beyond 64 bits, which JSON text can hold, is refused (``ValueError``).
 
 Every call is one walstore transaction (writes go through ``store.run``, which retries an
 optimistic conflict with another process or session object), so an ``add_items`` is on
@@ -117,6 +119,23 @@ def _writer_lock(store: "Store", prefix: str) -> threading.Lock:
 def _normalize(item: Any) -> Any:
     """What SQLiteSession gives back for ``item``: a json.dumps/json.loads round trip."""
     return json.loads(json.dumps(item))
+
+
+def _stored(item: Any) -> Any:
+    """How a normalized item is stored: as itself, or, when one of its strings holds a
+    lone surrogate (SQLiteSession's escaped JSON keeps it; msgpack's UTF-8 refused the
+    item), as the bytes of its ``json.dumps`` text, every surrogate escaped.  An item is
+    JSON-shaped, never bytes, so the two forms cannot be confused (``_loaded``)."""
+    try:
+        json.dumps(item, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(item).encode("ascii")
+    return item
+
+
+def _loaded(stored: Any) -> Any:
+    """The item stored as ``stored`` (see ``_stored``)."""
+    return json.loads(stored) if isinstance(stored, bytes) else stored
 
 
 def _is_user(item: Any) -> bool:
@@ -226,7 +245,7 @@ class WalstoreSession:
         """(seq, item) of one branch, oldest first (newest first with reverse)."""
         prefix = self._items_prefix(branch)
         for k, item in tx.scan(prefix=prefix, reverse=reverse):
-            yield int(k[len(prefix):]), item
+            yield int(k[len(prefix):]), _loaded(item)
 
     def _newest(self, tx: "Transaction", branch: str, n: int | None) -> list[tuple[int, Any]]:
         """The newest ``n`` (seq, item) of ``branch`` (all with None), oldest first."""
@@ -269,7 +288,7 @@ class WalstoreSession:
         self._check_open()
         if not items:
             return
-        normalized = [_normalize(item) for item in items]   # TypeError before any write
+        normalized = [_stored(_normalize(item)) for item in items]  # TypeError before any write
 
         def add(tx: "Transaction") -> None:
             branch = self._current_branch(tx)
@@ -438,7 +457,7 @@ class WalstoreSession:
                                             "from_branch": source, "from_turn": turn_number})
             prefix = self._items_prefix(name)
             for seq, item in copy:
-                tx.put(f"{prefix}{seq:0{_SEQ_DIGITS}d}", item)
+                tx.put(f"{prefix}{seq:0{_SEQ_DIGITS}d}", _stored(item))
             tx.put(self._head_key(), name)
             return name
         return await self._write("create_branch", create)
