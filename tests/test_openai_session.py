@@ -265,6 +265,38 @@ def test_pop_items_is_one_transaction(store):
     run(go())
 
 
+def test_compaction_replaces_the_history_in_one_transaction(store):
+    # (probe 32: without the SDK's replacement hook, its compaction session cleared the
+    # history and added the compacted one in two calls: a crash between lost it all)
+    from agents.memory.openai_responses_compaction_session import (
+        OpenAIResponsesCompactionSession)
+    s = WalstoreSession("t", store)
+    other = WalstoreSession("u", store)
+    compacting = OpenAIResponsesCompactionSession("t", s, client=object())
+
+    async def go():
+        await s.add_items([user(str(i)) for i in range(6)])
+        await s.create_branch_from_turn(2, "alt")
+        await other.add_items([user("keep")])
+        before = len(store.log())
+        await compacting._replace_underlying_session_items(
+            output_items=[assistant("summary"), user("5")], previous_items=await s.get_items())
+        assert len(store.log()) == before + 1  # one commit: no empty history in between
+        assert await s.get_items() == [assistant("summary"), user("5")]
+        assert [b["branch_id"] for b in await s.list_branches()] == ["main"]
+        assert await other.get_items() == [user("keep")]
+        await s.add_items([user("next")])
+        assert await s.get_items() == [assistant("summary"), user("5"), user("next")]
+        with pytest.raises(TypeError):  # nothing replaced when an item cannot be stored
+            await s._atomic_replace_items([{"x": object()}])
+        assert len(await s.get_items()) == 3
+
+        class Mine(WalstoreSession):  # may store items its own way: the SDK falls back
+            pass
+        assert await Mine("v", store)._atomic_replace_items([user("x")]) is False
+    run(go())
+
+
 def test_add_items_is_one_transaction_and_all_or_nothing(store):
     s = WalstoreSession("t", store)
 

@@ -306,13 +306,33 @@ class WalstoreSession:
 
     async def clear_session(self) -> None:
         """Remove every item and branch of the session (tool state under ``key()`` stays)."""
-        def clear(tx: "Transaction") -> None:
-            for sub in ("i/", "br/"):
-                for k, _v in tx.scan(prefix=self._prefix + sub):
-                    tx.delete(k)
-            if self._head_key() in tx:
-                tx.delete(self._head_key())
-        await self._write("clear_session", clear)
+        await self._write("clear_session", self._clear)
+
+    def _clear(self, tx: "Transaction") -> None:
+        for sub in ("i/", "br/"):
+            for k, _v in tx.scan(prefix=self._prefix + sub):
+                tx.delete(k)
+        if self._head_key() in tx:
+            tx.delete(self._head_key())
+
+    async def _atomic_replace_items(self, items: list[Any]) -> bool:
+        """The SDK's hook for history compaction (``OpenAIResponsesCompactionSession``):
+        ``clear_session`` then ``add_items(items)`` as ONE transaction, so a crash or an
+        error leaves the old history or the new one, never the empty gap between the two
+        calls the SDK makes without it (SQLiteSession replaces in one transaction too).
+        Returns True (replaced); False for a subclass, which may store items its own way."""
+        if type(self) is not WalstoreSession:
+            return False
+        self._check_open()
+        normalized = [_stored(_normalize(item)) for item in items]  # TypeError before any write
+
+        def replace(tx: "Transaction") -> None:
+            self._clear(tx)
+            prefix = self._items_prefix(MAIN)
+            for i, item in enumerate(normalized):
+                tx.put(f"{prefix}{i + 1:0{_SEQ_DIGITS}d}", item)
+        await self._write("replace_items", replace)
+        return True
 
     # ---- more than the protocol -------------------------------------------------------------
     async def pop_items(self, n: int) -> list[Any]:
