@@ -118,14 +118,18 @@ def test_log_limit_is_by_commit_order_not_txid(store):
     assert [i.txid for i in store.log(limit=1)] == [older_txid.id]
 
 
-def test_log_since_a_txid_that_never_committed(store):
+def test_log_since_a_txid_that_never_committed_is_an_unknown_point(store):
+    """``since`` is a point like every other (CONTRACT: a txid that never committed, a
+    negative number, names nothing: UnknownPoint); it was read as "the larger txids"."""
     t1 = commit(store, None, a=1)
     rolled = store.transaction()
     rolled.put("b", 1)
     rolled.rollback()
     t3 = commit(store, None, c=1)
-    assert [i.txid for i in store.log(since=0)] == [t3.id, t1.id]
-    assert [i.txid for i in store.log(since=rolled.id)] == [t3.id]
+    assert [i.txid for i in store.log(since=t1.id)] == [t3.id]
+    for bad in (rolled.id, 0, -1, 10**30, t3.id + 1):
+        with pytest.raises(walstore.UnknownPoint):
+            store.log(since=bad)
 
 
 def test_history_of_a_key_is_newest_first(store):

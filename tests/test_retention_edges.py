@@ -96,3 +96,23 @@ def test_a_never_committed_txid_after_a_trim_is_an_unknown_point(tmp_path):
             assert isinstance(e.value, walstore.HistoryTrimmed)
             with pytest.raises(walstore.HistoryTrimmed):
                 call(1)
+
+
+def test_log_since_a_trimmed_txid_raises_history_trimmed(tmp_path):
+    """``log(since=txid)`` of a trimmed transaction raises HistoryTrimmed, as ``at`` and
+    ``since=LSN`` of the same commit do: it returned the retained transactions after it,
+    silently missing the trimmed ones in between."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=5) as s:
+        lsns = {}
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put("k", i)
+            lsns[tx.id] = tx.lsn
+        s.checkpoint()
+        kept = [i.txid for i in s.log()]
+        assert len(kept) == 5 and 3 not in kept
+        for since in (3, walstore.LSN(int(lsns[3]))):
+            with pytest.raises(walstore.HistoryTrimmed):
+                s.log(since=since)
+        assert [i.txid for i in s.log(since=kept[-1])] == kept[:-1]
+        assert [i.txid for i in s.log(since=walstore.LSN(int(lsns[kept[-1]])))] == kept[:-1]

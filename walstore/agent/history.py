@@ -209,29 +209,20 @@ class History:
         return info_from_row(row)
 
     def log(self, limit: int | None = None, since: Any = None) -> list[TxnInfo]:
-        """Committed transactions, newest first in commit order, after ``since`` (a txid, an
-        LSN or a restore point name).  A txid that never committed means "the transactions
-        with larger txids".  Reads the LSN index backwards: costs what it returns."""
+        """Committed transactions, newest first in commit order, after ``since`` (a point,
+        resolved as ``at`` and ``rewind`` resolve it: a txid that never committed, or an
+        LSN past the end, raises UnknownPoint; one older than the retained history,
+        HistoryTrimmed — a txid was read as "the larger txids", which past a trim left the
+        trimmed transactions out without a word).  Reads the LSN index backwards: costs
+        what it returns."""
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
         self.engine.refresh()
-        boundary, min_txid = -1, None
-        if isinstance(since, int) and not isinstance(since, (bool, LSN)):
-            if since < 1:
-                since = 0  # every transaction is "after" a txid below the first
-            row = self.engine.views.txn_row(since) if since <= MAX_TXID else None
-            if row is None:
-                min_txid = since
-            else:
-                boundary = row["lsn"]
-        elif since is not None:
-            boundary = self.resolve(since)
+        boundary = -1 if since is None else self.resolve(since)
         out: list[TxnInfo] = []
         for row in self.engine.views.commits_after(boundary):
             if limit is not None and len(out) >= limit:
                 break
-            if min_txid is not None and row["tx"] <= min_txid:
-                continue
             out.append(info_from_row(row))
         return out
 
