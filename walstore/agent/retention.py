@@ -4,9 +4,10 @@
 ``Options.retain_transactions`` (keep the newest N transactions) and ``retain_seconds``
 (keep the last S seconds) set a horizon LSN; restore points pin it below themselves.
 Trimming deletes, in batches, the history rows of commits below the horizon (each key
-keeps its newest version below it, so views at or after the horizon stay exact), their
-``txns``/``bylsn`` rows and their settled action rows; the horizon is recorded, and a
-point before it raises HistoryTrimmed.  Default: keep everything.
+keeps its newest version below it, so views at or after the horizon stay exact, unless
+that version is a deletion nothing follows: then the key, absent at every retained point,
+keeps no row at all), their ``txns``/``bylsn`` rows and their settled action rows; the
+horizon is recorded, and a point before it raises HistoryTrimmed.  Default: keep everything.
 """
 from __future__ import annotations
 

@@ -223,7 +223,8 @@ class Applier:
 
     def trim_history(self, commits: list[tuple[int, int]], horizon: int) -> None:
         """Delete the history of ``commits`` [(lsn, txid)] below ``horizon`` (each key keeps
-        its newest version below the horizon, so views at or after it stay exact) and the
+        its newest version below the horizon, so views at or after it stay exact, unless
+        it is a deletion nothing follows: then none, and the key leaves ``hkeys``) and the
         rows of their settled actions."""
         st = self.state
 
@@ -241,8 +242,18 @@ class Applier:
                 row = unpack(raw) if raw is not None else {"w": []}
                 for key, _unused in row.get("w", []):
                     _drop_older_versions(txn, st, key, lsn)  # (an earlier trim's survivor)
-                    if _has_newer_below(txn, st, key, lsn, horizon):
+                    newer = _next_version(txn, st, key, lsn)
+                    if newer is not None and newer < horizon:
                         txn.delete(tables.hist_key(key, lsn), db=st.hist)
+                    elif newer is None and txn.get(key, db=st.data) is None:
+                        # the newest version, a deletion, below the horizon: the key is
+                        # absent at every retained point, and a read as of one finds that
+                        # with no version as with this one (no version at or after the
+                        # point: the data row, absent); kept, every short-lived key left
+                        # a row here and in ``hkeys`` for good (a store of scratch keys
+                        # grew without bound under retention)
+                        txn.delete(tables.hist_key(key, lsn), db=st.hist)
+                        txn.delete(key, db=st.hkeys)
                 for a in row.get("actions", []):
                     araw = txn.get(a["id"].encode(), db=st.actions)
                     if araw is None:
@@ -467,16 +478,15 @@ def _drop_older_versions(txn, st, key: bytes, lsn: int) -> None:
         txn.delete(k, db=st.hist)
 
 
-def _has_newer_below(txn, st, key: bytes, lsn: int, horizon: int) -> bool:
-    """Is there a version of ``key`` after ``lsn`` and still below the horizon?"""
+def _next_version(txn, st, key: bytes, lsn: int) -> int | None:
+    """The LSN of the version of ``key`` after ``lsn`` (None: ``lsn``'s is the newest)."""
     cur = txn.cursor(db=st.hist)
-    prefix = tables.hist_prefix(key)
     if not cur.set_range(tables.hist_key(key, lsn + 1)):
-        return False
+        return None
     k = cur.key()
-    if not tables.is_version_of(k, prefix):
-        return False
-    return tables.split_hist_key(k)[1] < horizon
+    if not tables.is_version_of(k, tables.hist_prefix(key)):
+        return None
+    return tables.split_hist_key(k)[1]
 
 
 def _erase_range(txn, st, purge_range: list) -> None:
