@@ -157,6 +157,32 @@ def test_retention_bounds_the_history_of_keys_created_then_deleted(tmp_path):
         assert c["hist"] <= 25 and c["hkeys"] <= 15, counts
 
 
+def test_retention_bounds_the_file_versions_of_paths_written_then_deleted(tmp_path):
+    """A workspace path written then deleted keeps no ``fversions`` row once its deletion
+    is below the horizon (one row per path ever written stayed), and views of retained
+    points still read it as absent, files still there as they were."""
+    path, root = str(tmp_path / "s"), tmp_path / "ws"
+    root.mkdir()
+    with walstore.open(path, durability="none", retain_transactions=10) as s:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:
+            tx.files(ws).write("keep.txt", "kept")
+        for i in range(100):
+            with s.transaction() as tx:
+                tx.files(ws).write(f"tmp{i:03d}.txt", "x" * 10)
+            with s.transaction() as tx:
+                tx.files(ws).delete(f"tmp{i:03d}.txt")
+        s.checkpoint()
+        oldest = s.log()[-1].txid
+        for point in (oldest, s.log()[0].txid):
+            view = s.at(point).files(ws)
+            assert not view.exists("tmp000.txt") and not view.exists("tmp099.txt")
+            assert view.read("keep.txt") == b"kept"
+        assert s.at(s.log()[1].txid).files(ws).read("tmp099.txt") == b"x" * 10
+    rows = _lmdb_rows(path, "fversions", "fchanges")
+    assert rows["fversions"] <= 12 and rows["fchanges"] <= 10, rows
+
+
 def test_views_history_and_undo_agree_with_a_model_before_and_after_a_trim(tmp_path):
     """A random workload of creates, updates, deletes and re-creates: for every point still
     retained after a trim, ``at(point)`` (get and scan) reads what the model says, before

@@ -6,8 +6,9 @@
 Trimming deletes, in batches, the history rows of commits below the horizon (each key
 keeps its newest version below it, so views at or after the horizon stay exact, unless
 that version is a deletion nothing follows: then the key, absent at every retained point,
-keeps no row at all), their ``txns``/``bylsn`` rows and their settled action rows; the
-horizon is recorded, and a point before it raises HistoryTrimmed.  Default: keep everything.
+keeps no row at all, nor does a workspace path left absent), their ``txns``/``bylsn`` rows
+and their settled action rows; the horizon is recorded, and a point before it raises
+HistoryTrimmed.  Default: keep everything.
 """
 from __future__ import annotations
 

@@ -441,7 +441,7 @@ def _rows_of_txid(txn, st, pending: dict):
 def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:
     """The file history of a trimmed commit: its ``fchanges`` rows, and every version of
     the paths it changed below the horizon except the newest (which views at or after
-    the horizon read)."""
+    the horizon read), that one too when it left the path absent and nothing follows."""
     prefix = tables.fsteps_prefix(txid)  # fchanges keys start with the txid too
     cur = txn.cursor(db=st.fchanges)
     doomed = []
@@ -458,7 +458,24 @@ def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:
                  if tables.is_fversion_of(k, vprefix)]
         for k in below[:-1]:  # only the newest below the horizon is ever read again
             txn.delete(k, db=st.fversions)
+        if below and _left_absent(txn, st, below[-1], vprefix):
+            txn.delete(below[-1], db=st.fversions)
         txn.delete(raw, db=st.fchanges)
+
+
+def _left_absent(txn, st, newest_below: bytes, vprefix: bytes) -> bool:
+    """Did the newest version of a path below the horizon, ``newest_below``, leave it
+    absent, with no version after it?  Then no retained point needs it: the path was
+    absent at all of them, which a view reads as it reads a path walstore never changed
+    (as it is now: absent, unless something outside walstore made it since); kept, every
+    short-lived file left a row for good (a workspace of scratch files grew the store
+    without bound under retention)."""
+    cur = txn.cursor(db=st.fversions)
+    if cur.set_key(newest_below) and cur.next() and tables.is_fversion_of(cur.key(), vprefix):
+        return False
+    raw = txn.get(newest_below, db=st.fversions)
+    after = unpack(raw)[2] if raw is not None else None
+    return isinstance(after, (list, tuple)) and tuple(after) == (tables.ABSENT_ROW,)
 
 
 def _drop_older_versions(txn, st, key: bytes, lsn: int) -> None:

@@ -202,9 +202,13 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
 # ``fversions``:  u16 len(ws) | ws | u16 len(path) | path | u64 commit LSN ->
 #   [txid, before row, after row]: what a committed transaction did to one path (its
 #   first before-image and last after-image there).
+#   A path left absent has the after row ``[ABSENT_ROW]`` (``Entry.absent().to_row()``).
 # ``fchanges``:   u64 txid | u16 len(ws) | ws | path -> b"": the paths a committed
 #   transaction changed (the index revert, rewind and diff read).
 # ``fconflicts``: u64 LSN of the FILE_CONFLICT record -> {tx, ws, effect, conflict, ts}.
+ABSENT_ROW = "a"  # (walstore.files.entries: the kind code of an absent path's row)
+
+
 def fsteps_prefix(txid: int) -> bytes:
     return _U64.pack(txid)
 
