@@ -150,6 +150,33 @@ def test_an_undo_cannot_take_a_path_an_open_or_prepared_transaction_holds(setup,
     assert text(root, "x.txt") == "orig"
 
 
+def test_a_view_of_a_committed_point_never_reads_an_open_transactions_files(setup):
+    # (a path with no committed version was read "as it is now": the bytes an open
+    # transaction wrote in place, which it may still roll back)
+    store, ws, root, _tmp = setup
+    with store.transaction() as tx:
+        tx.put("a", 1)
+    point = tx.id
+    tx = store.transaction()
+    tx.files(ws).write("new.txt", "uncommitted")
+    tx.files(ws).write("x.txt", "changed")  # never changed by walstore before: "orig"
+    tx.files(ws).mkdir("d")
+    view = store.at(point).files(ws)
+    for _round in ("open", "rolled back"):
+        with pytest.raises(FileNotFoundError):
+            view.read("new.txt")
+        assert not view.exists("new.txt") and not view.exists("d")
+        assert view.read("x.txt") == b"orig" and view.entry("x.txt").is_file
+        if _round == "open":
+            tx.rollback()
+    assert text(root, "x.txt") == "orig" and text(root, "new.txt") is None
+    tx = store.transaction()  # committed: the view of the earlier point reads its history
+    tx.files(ws).write("x.txt", "committed")
+    tx.commit()
+    assert store.at(point).files(ws).read("x.txt") == b"orig"
+    assert store.at(tx.id).files(ws).read("x.txt") == b"committed"
+
+
 def test_a_second_transaction_in_a_watching_thread_is_refused(setup):
     """T1 watches the workspace; the same thread begins T2 and changes a file there (or
     reverts a transaction that did).  The change would land in T1's watch diff and T1's

@@ -177,7 +177,15 @@ class HistoricalFiles:
         got = self._history.entry_at(ws.root_b, rel, self.lsn)
         if got is not None:
             return got
+        got = self._uncommitted(rel)
+        if got is not None:
+            return got
         return self._as_now(rel, hash=True)
+
+    def _uncommitted(self, rel: bytes) -> Entry | None:
+        """A path with no committed version that a transaction which has not ended
+        changed in place: its before-image (the path as every committed point had it)."""
+        return self._history.files.uncommitted_before(self.workspace.root_b, rel)
 
     def _as_now(self, rel: bytes, hash: bool) -> Entry:
         """A path walstore never changed: as it is now.  Under a parent that is a file or
@@ -203,6 +211,8 @@ class HistoricalFiles:
         ws = self.workspace
         rel = ws.rel(path)
         e = self._history.entry_at(ws.root_b, rel, self.lsn)
+        if e is None:
+            e = self._uncommitted(rel)
         live = e is None  # walstore never changed it: as it is now
         if live:
             e = self._as_now(rel, hash=False)

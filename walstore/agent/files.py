@@ -454,6 +454,26 @@ class Files:
         self._claimants = {t: r for t, r in self._claimants.items() if t in live}
         self._live_claims = len(self._claims)
 
+    def uncommitted_before(self, root: bytes, path: bytes) -> Any:
+        """What ``path`` was before a transaction that has not ended changed it in place
+        (its first step's before-image, an ``Entry``), or None.  A view of a committed
+        point reads this for a path with no committed version, not the uncommitted bytes
+        now on disk (it read them: a dirty read of a file another transaction may still
+        roll back)."""
+        with self._lock:
+            if not self._claims_seeded:
+                self._seed_claims()
+            owner = self._claims.get((root, path))
+            if owner is None or not self._live(owner):
+                return None
+        for eff in reversed(self.effects_of(owner)):  # (oldest first: the first change)
+            if eff.ws.root_b != root:
+                continue
+            for c in getattr(eff, "steps", None) or ():
+                if c.path == path:
+                    return c.before
+        return None
+
     def _seed_claims(self) -> None:
         """Once per open: the paths of transactions still prepared from before (a crash or
         a close left them in doubt) are theirs until decided."""
