@@ -347,3 +347,51 @@ def test_a_killed_shippers_scratch_directory_is_swept(replica, tmp_path):
         import shutil
         shutil.rmtree(dead, ignore_errors=True)
         shutil.rmtree(live, ignore_errors=True)
+
+
+@pytest.mark.parametrize("bad", [1e300, float("inf"), float("nan"), 0, -1, 86400.5])
+def test_an_interval_that_cannot_be_waited_is_refused_at_the_call(tmp_path, bad):
+    """An interval of 1e300 or inf was accepted and killed the shipper thread with an
+    OverflowError (while ``replication()`` said "running"); NaN shipped in a busy loop.
+    A ValueError naming the option at the call, and a usage error (exit 2) on the command
+    line."""
+    path = str(tmp_path / "src")
+    walstore.open(path).close()
+    with pytest.raises(ValueError, match="interval"):
+        walstore.open(path, replicate_to=f"file://{tmp_path}/rep",
+                      replicate_options={"interval": bad})
+    with pytest.raises(ValueError, match="max_backoff"):
+        ReplicateOptions.from_any({"max_backoff": float("inf")})
+    p = subprocess.run([sys.executable, "-m", "walstore.cli", "replicate", path,
+                        f"file://{tmp_path}/rep", "--interval", repr(bad), "--json"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr and "interval" in p.stderr
+    assert ReplicateOptions.from_any({"interval": 86400}).interval == 86400
+
+
+def test_a_shipper_thread_that_dies_says_so(tmp_path):
+    """An error that escapes the shipping rounds (here the wait between them overflowing,
+    as an interval of 1e300 did before options refused it) ends the thread: the status
+    says "failed" with the error, and ``sync`` raises it at once — the thread had died
+    while the status said "running", no error, and sync blamed a slow round."""
+    s = walstore.open(str(tmp_path / "src"))
+    sh = Shipper(InProcessSource(s), f"file://{tmp_path}/rep", {"interval": 0.05})
+    sh.opts.interval = 1e300  # (past the options' check: what the thread meets)
+    try:
+        sh.start()
+        deadline = time.monotonic() + 10
+        while sh.status().state != "failed" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        st = sh.status()
+        assert st.state == "failed", st
+        assert "OverflowError" in (st.last_error or "")
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        t0 = time.monotonic()
+        with pytest.raises(walstore.ReplicationError, match="OverflowError"):
+            sh.sync(s.stats()["wal_end_lsn"], timeout=30)
+        assert time.monotonic() - t0 < 5
+    finally:
+        sh.stop()
+        s.close()

@@ -111,7 +111,7 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
             if line != last:
                 click.echo(line, err=True)
                 last = line
-            if st.state == "lease-lost":
+            if st.state in ("lease-lost", "failed"):  # (shipping stopped for good)
                 _fail(st.last_error or "lease lost")
     finally:
         shipper.stop()
@@ -141,7 +141,10 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     point = parse_point(to) if to is not None else None
     if follow and (to is not None or compensate):
         _fail("--follow keeps a copy of everything; it takes no --to or --compensate", EXIT_USAGE)
-    opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url, interval=interval)
+    try:
+        opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url, interval=interval)
+    except ValueError as e:  # (--interval: a NaN, or beyond a day)
+        _fail(str(e), EXIT_USAGE)
     comps = load_handlers(handlers)
     if follow:
         stop = _stop_on_signals()

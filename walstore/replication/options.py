@@ -5,12 +5,15 @@ Owns the names and defaults only; each is documented in docs/REPLICATION.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 GiB = 1 << 30
 MiB = 1 << 20
+DAY = 24 * 3600.0  # the longest wait between rounds: beyond it a wait overflowed (1e300,
+#                    inf: the shipper thread died of OverflowError while state said running)
 
 
 @dataclass
@@ -79,11 +82,19 @@ class ReplicateOptions:
             opts.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or \
                 os.environ.get("AWS_ENDPOINT_URL") or None
         opts._check_types()
+        for f in dataclasses.fields(opts):  # (NaN passes every comparison below: `interval
+            v = getattr(opts, f.name)        # nan` shipped in a busy loop)
+            if isinstance(v, float) and math.isnan(v):
+                raise ValueError(f"replicate_options {f.name} must be a number, not NaN")
+        for name, low in (("interval", "above 0"), ("max_backoff", "from 0")):
+            v = getattr(opts, name)
+            if not (0 < v if name == "interval" else 0 <= v) or v > DAY:
+                raise ValueError(f"replicate_options {name} must be a number of seconds {low} "
+                                 f"and at most {DAY:g} (a day), not {v!r}")
         if opts.lease_ttl <= 0 or opts.max_attempts < 1:
             raise ValueError("lease_ttl must be positive and max_attempts >= 1")
-        if opts.interval <= 0 or opts.compact_fanout < 2 or opts.retain_snapshots < 1:
-            raise ValueError("interval must be positive, compact_fanout >= 2, "
-                             "retain_snapshots >= 1")
+        if opts.compact_fanout < 2 or opts.retain_snapshots < 1:
+            raise ValueError("compact_fanout must be >= 2 and retain_snapshots >= 1")
         if opts.part_size < 5 * MiB:
             raise ValueError("part_size must be at least 5 MiB (S3's minimum part)")
         return opts

@@ -48,7 +48,7 @@ class ReplicationStatus:
     """What ``store.replication()`` returns."""
 
     url: str
-    state: str                 # starting | running | stopped | lease-lost | refused
+    state: str                 # starting | running | stopped | lease-lost | refused | failed
     shipped_lsn: int           # every record below it is in the replica (0: nothing yet)
     durable_lsn: int           # the local durable frontier last seen
     lag_bytes: int
@@ -155,7 +155,7 @@ class Shipper:
         t = self._thread
         if t is not None and t is not threading.current_thread():
             t.join(wait)
-        if self.state not in ("lease-lost", "refused"):
+        if self.state not in ("lease-lost", "refused", "failed"):
             self.state = "stopped"
         with self._cond_lock:
             self._cond.notify_all()
@@ -172,6 +172,22 @@ class Shipper:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def _run(self) -> None:
+        """The thread: rounds until stopped.  An error that escapes them (a bug of ours,
+        never a server's: those are retried) stops shipping with state "failed" and says
+        why in ``last_error`` (the thread died of an OverflowError while ``replication()``
+        said "running", no error, and ``sync_replica`` blamed a slow round)."""
+        try:
+            self._rounds()
+        except BaseException as e:
+            self.state = "failed"
+            self.last_error = f"the replication thread stopped: {type(e).__name__}: {e}"
+            self._first.set()
+            with self._cond_lock:
+                self._cond.notify_all()
+            if not isinstance(e, Exception):
+                raise
+
+    def _rounds(self) -> None:
         delay = self.opts.interval
         while not self._stop.is_set():
             try:
@@ -287,7 +303,7 @@ class Shipper:
         self._wake.set()
         with self._cond_lock:
             while self.shipped < lsn:
-                if self.state in ("lease-lost", "refused"):
+                if self.state in ("lease-lost", "refused", "failed"):
                     raise ReplicationError(f"cannot sync the replica: {self.last_error}")
                 if self.state == "stopped":
                     raise ReplicationError(f"replication to {self.url} is stopped")
