@@ -783,3 +783,87 @@ def test_an_open_failing_on_a_full_disk_lets_go_of_the_lock(tmpfs):
             tx.put("k", 1)
     with walstore.open(path) as s:
         assert s.get("k") == 1
+
+
+# ---- a dry run or a refusal changes nothing, even on a crashed store ---------------------------
+@pytest.fixture
+def crashed_mid_action(tmp_path, monkeypatch):
+    """A store whose writer crashed inside an action (its transaction a loser, its refund
+    owed), with a restore point before it, and a --handlers module that logs each refund."""
+    path = str(tmp_path / "s")
+    ledger = tmp_path / "refunds.log"
+    (tmp_path / "crash_refunds.py").write_text(
+        f"def refund(action):\n    with open({str(ledger)!r}, 'a') as f:\n"
+        f"        f.write(action.id + '\\n')\nCOMPENSATORS = {{'refund': refund}}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    s = walstore.open(path)
+    with s.transaction() as tx:
+        tx.put("a", 1)
+    s.restore_point("p")
+    with s.transaction() as tx:
+        tx.put("a", 2)
+    tx = s.transaction()
+    tx.put("a", 3)
+    with tx.action("charge", args={}, compensate="refund") as act:
+        pass
+    s._drop_like_a_crash()
+    return path, ledger, tx.id, act.id
+
+
+def test_a_dry_run_or_a_refused_verb_on_a_crashed_store_runs_no_compensation(
+        crashed_mid_action):
+    """`rewind --dry-run --handlers M` recovered the store first, running the crashed
+    transaction's refund for real, then printed "dry run: nothing was changed"; a refused
+    `revert 999 --handlers M` did the same and exited 2; `walstore recover` then reported
+    a clean store with no losers, so the operator never saw the refund.  `revert` and
+    `rewind` (also --dry-run) now refuse a store that needs recovery (exit 1, naming
+    `walstore recover`, which reports what it runs); the other verbs refuse what an
+    argument names before their open recovers."""
+    path, ledger, loser, action = crashed_mid_action
+    line = one_line(cli("rewind", path, "--to", "p", "--dry-run", "--handlers",
+                        "crash_refunds", code=1))
+    assert "not shut down cleanly" in line and f"walstore recover {path}" in line
+    doc = strict(cli("rewind", path, "--to", "p", "--dry-run", "--json", code=1).stdout)
+    assert doc["error"]["type"] == "NeedsRecovery"
+    for args in (["revert", path, "999"], ["revert", path, "2"], ["rewind", path, "--to", "p"],
+                 ["rewind", path, "--to", "no-such-point"]):
+        line = one_line(cli(*args, "--handlers", "crash_refunds", code=1))
+        assert f"walstore recover {path}" in line and "nothing was changed" in line
+    cli("resolve", path, "9.9", code=2)
+    cli("commit-prepared", path, "no-such-gid", code=2)
+    cli("rollback-prepared", path, "no-such-gid", "--handlers", "crash_refunds", code=2)
+    assert not ledger.exists()  # no refund ran
+    doc = strict(cli("recover", path, "--handlers", "crash_refunds", "--json").stdout)
+    assert doc["losers"] == [loser] and doc["compensated"] == [action]  # recover saw it
+    assert ledger.read_text() == f"{action}\n"
+    # recovered: the dry run plans, and changes nothing
+    doc = strict(cli("rewind", path, "--to", "p", "--dry-run", "--handlers", "crash_refunds",
+                     "--json").stdout)
+    assert doc["dry_run"] is True and doc["plan"]["keys"] == ["a"]
+    with walstore.open(path) as s:
+        assert s["a"] == 2
+
+
+def test_revert_and_the_2pc_verbs_report_the_class_of_what_names_nothing(tmp_path):
+    """`revert --json` of an unknown or trimmed txid said "type": "UsageError" with no
+    "revert failed:" prefix, where `rewind` said UnknownPoint / TrimmedOrUnknownPoint for
+    the same txid (README: ``type`` is the exception's class); `resolve`,
+    `commit-prepared` and `rollback-prepared` lacked the prefix too.  Exit 2 stays."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, retain_transactions=2) as s:
+        for i in range(10):
+            with s.transaction() as tx:
+                tx.put("k", i)
+        s.checkpoint()
+    for txid, kind in (("3", "TrimmedOrUnknownPoint"), ("999", "UnknownPoint")):
+        r = cli("revert", path, txid, "--json", code=2)
+        err = strict(r.stdout)["error"]
+        assert err["type"] == kind and err["exit"] == 2
+        assert err["message"].startswith("revert failed: ")
+        rewound = strict(cli("rewind", path, "--to", f"tx:{txid}", "--json", code=2).stdout)
+        assert rewound["error"]["type"] == kind
+    for args in (["resolve", path, "9.9"], ["commit-prepared", path, "no-such-gid"],
+                 ["rollback-prepared", path, "no-such-gid"]):
+        line = one_line(cli(*args, code=2))
+        assert line.startswith(f"walstore: {args[0]} failed: "), line
+

@@ -92,6 +92,21 @@ def report(ctx: click.Context, exc: BaseException) -> NoReturn:
     raise failure from None
 
 
+def refused(exc: BaseException, text: str | None = None) -> NoReturn:
+    """A command's refusal of an argument (an action id or GID that names nothing, a GID
+    walstore never gives) as a usage error (exit 2), said as the one error path says an
+    error: "<command> failed: ..." (``text``, else the error's own words), and under
+    ``--json`` ``type`` the exception's class (`revert 999` said "UsageError" where
+    `rewind --to 999` said UnknownPoint)."""
+    ctx = click.get_current_context()
+    if debugging(ctx):
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    command = ctx.info_name or "walstore"
+    message = (f"{command} failed: {text}" if text is not None
+               else explain(exc, command, ctx.params.get("path"))[0])
+    raise Failure(message, EXIT_USAGE, type(exc).__name__) from None
+
+
 def json_error(ctx: click.Context, failure: Failure, kind: str | None) -> None:
     """Under ``--json`` a failure is a JSON document too (scripts parse stdout)."""
     if ctx.params.get("as_json"):
@@ -107,7 +122,8 @@ class WalstoreCommand(click.Command):
         try:
             return super().invoke(ctx)
         except Failure as failure:  # a command's own one-line failure (fail(), usage)
-            json_error(ctx, failure, "UsageError" if failure.exit_code == EXIT_USAGE else None)
+            json_error(ctx, failure, failure.kind or (
+                "UsageError" if failure.exit_code == EXIT_USAGE else None))
             raise
         except (click.exceptions.ClickException, click.exceptions.Exit,
                 click.exceptions.Abort):

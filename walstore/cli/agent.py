@@ -9,10 +9,19 @@ import click
 
 import walstore
 
-from . import main
-from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
-from .output import (EXIT_PROBLEM, EXIT_USAGE, KEY, POINT, emit_json,
-                     error_text, fail, kv_lines, show_key, show_value, table)
+from . import main, refused
+from .common import (HANDLERS, JSON, PATH, action_docs, action_table, check_before_recovery,
+                     load_handlers, open_store)
+from .output import (EXIT_PROBLEM, KEY, POINT, emit_json, fail, kv_lines, show_key,
+                     show_value, table)
+
+
+# UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
+# (NeedsRecovery, exit 1: run `walstore recover` first, which says what it rolled back and
+# compensated).  They recovered it first: with --handlers the crashed transactions'
+# compensations ran, and then a dry run printed "nothing was changed", or the undo was
+# refused (a txid naming nothing, a RevertConflict) — and `walstore recover` found nothing
+# left to report, so the operator never saw what ran.
 
 
 @main.command()
@@ -24,11 +33,9 @@ from .output import (EXIT_PROBLEM, EXIT_USAGE, KEY, POINT, emit_json,
 def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: bool) -> None:
     """Undo committed transaction TXID as a new transaction."""
     comps = load_handlers(handlers)
-    with open_store(path, compensators=comps) as store:
+    with open_store(path, recover="manual", compensators=comps) as store:  # (see UNRECOVERED)
         try:
             info = store.revert(txid, cascade=cascade)
-        except (KeyError, walstore.HistoryTrimmed) as e:  # TXID names no transaction
-            fail(error_text(e), EXIT_USAGE)
         except walstore.CompensationFailed as e:
             fail(f"reverted, but {e}")
         owed = still_owed(store, info.extra.get("compensate", ()) if info else ())
@@ -49,7 +56,8 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
            as_json: bool) -> None:
     """Undo every transaction after a point, as one new transaction."""
     comps = load_handlers(handlers)
-    with open_store(path, compensators=comps) as store:
+    with open_store(path, recover="manual",  # (see UNRECOVERED; a plan runs no compensator)
+                    compensators=None if dry_run else comps) as store:
         try:
             result = store.rewind(to, scope=scope, dry_run=dry_run)
         except walstore.CompensationFailed as e:
@@ -156,9 +164,13 @@ def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
 @click.option("--note", default=None, help="Why it was handled by hand.")
 def resolve(path: str, action_id: str, note: str | None) -> None:
     """Mark a pending or failed compensation handled by hand."""
+    try:
+        check_before_recovery(path, lambda store: store.get_action(action_id))
+    except KeyError as e:  # ACTION_ID names no action
+        refused(e)
     with open_store(path) as store:
         try:
             store.resolve(action_id, note)
         except KeyError as e:
-            fail(error_text(e), EXIT_USAGE)
+            refused(e)
     click.echo(f"action {action_id} resolved")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 from typing import Any, Callable, Iterator
 
 import click
@@ -28,8 +29,19 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
     CLI's one error path).  A failure of the close after the block committed is said on
     stderr, never as the command's failure: what was committed stands (a probe: `walstore
     put` on a full disk printed "put failed", exit 1, for a put that had committed — the
-    close's apply to LMDB was what failed, and the next open recovers it)."""
-    store = walstore.open(path, create=False, **kw)
+    close's apply to LMDB was what failed, and the next open recovers it).
+
+    ``recover="manual"``: a command that must not recover a store unseen (recovery rolls
+    back the crashed transactions and, with compensators, runs their compensations)
+    refuses one that needs it (NeedsRecovery, exit 1), naming `walstore recover`."""
+    try:
+        store = walstore.open(path, create=False, **kw)
+    except walstore.NeedsRecovery:
+        command = click.get_current_context().info_name
+        raise walstore.NeedsRecovery(
+            f"store {os.path.abspath(path)} was not shut down cleanly and `{command}` does "
+            f"not recover it: run `walstore recover {path}` first (it says what it rolls "
+            f"back and compensates); nothing was changed") from None
     try:
         yield store
     except BaseException:
@@ -43,6 +55,18 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
             raise
         click.echo(f"walstore: warning: what the command committed stands, but closing the "
                    f"store failed: {e} (the next open recovers)", err=True)
+
+
+def check_before_recovery(path: str, check: Callable[[walstore.Store], Any]) -> None:
+    """Before a verb that can refuse what it is asked opens ``path`` to write: on a store
+    that needs recovery, ``check`` (raising the refusal: a txid, point, action id or GID
+    that names nothing) runs on a read-only open first.  The writable open recovers (the
+    crashed transactions rolled back, their files put back and, with ``--handlers``, their
+    compensations run): a refusal after it had changed the store and the outside world,
+    and `walstore recover` then had nothing to report."""
+    with open_store(path, readonly=True) as store:
+        if store.needs_recovery():
+            check(store)
 
 
 def load_handlers(module: str | None) -> dict[str, Callable] | None:

@@ -55,9 +55,10 @@ _DIGITS = re.compile(r"[0-9]+")
 class Failure(click.ClickException):
     """A command's failure: one line on stderr, then exit with ``exit_code``."""
 
-    def __init__(self, message: str, code: int = EXIT_PROBLEM) -> None:
+    def __init__(self, message: str, code: int = EXIT_PROBLEM, kind: str | None = None) -> None:
         super().__init__(" ".join(message.split()) if "\n" in message else message)
         self.exit_code = code
+        self.kind = kind  # the exception's class it reports (``type`` under --json), if any
 
     def show(self, file: Any = None) -> None:
         click.echo(f"walstore: {self.format_message()}", err=True)

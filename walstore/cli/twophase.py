@@ -2,13 +2,15 @@
 rollback-prepared."""
 from __future__ import annotations
 
+from typing import NoReturn
+
 import click
 
 import walstore
 
-from . import _engine, main
-from .common import HANDLERS, JSON, PATH, load_handlers, open_store
-from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json, error_text, fail, show_value, table
+from . import _engine, main, refused
+from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, open_store
+from .output import EXIT_PROBLEM, emit_json, fail, show_value, table
 
 
 @main.command()
@@ -33,13 +35,15 @@ def prepared(path: str, as_json: bool) -> None:
 @click.argument("gid")
 def commit_prepared(path: str, gid: str) -> None:
     """Commit the prepared transaction GID."""
+    try:
+        check_before_recovery(path, lambda store: store.prepared_details(gid))
+    except (KeyError, TypeError, ValueError) as e:
+        _refuse(gid, e)
     with open_store(path) as store:
         try:
             lsn = store.commit_prepared(gid)
-        except KeyError as e:
-            fail(error_text(e), EXIT_USAGE)
-        except (TypeError, ValueError) as e:  # a GID walstore never gives (empty, too long)
-            fail(f"bad GID {gid!r}: {e}", EXIT_USAGE)
+        except (KeyError, TypeError, ValueError) as e:
+            _refuse(gid, e)
     click.echo(f"committed {gid} at LSN {lsn}")
 
 
@@ -50,14 +54,17 @@ def commit_prepared(path: str, gid: str) -> None:
 def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
     """Roll back the prepared transaction GID (exit 1 when compensations stay owed)."""
     from .agent import report_owed
-    with open_store(path, compensators=load_handlers(handlers)) as store:
+    comps = load_handlers(handlers)
+    try:
+        check_before_recovery(path, lambda store: store.prepared_details(gid))
+    except (KeyError, TypeError, ValueError) as e:
+        _refuse(gid, e)
+    with open_store(path, compensators=comps) as store:
         txids = [p["txid"] for p in _engine.prepared_details(store) if p["gid"] == gid]
         try:
             store.rollback_prepared(gid)
-        except KeyError as e:
-            fail(error_text(e), EXIT_USAGE)
-        except (TypeError, ValueError) as e:  # a GID walstore never gives (empty, too long)
-            fail(f"bad GID {gid!r}: {e}", EXIT_USAGE)
+        except (KeyError, TypeError, ValueError) as e:
+            _refuse(gid, e)
         except walstore.CompensationFailed as e:
             fail(f"rolled back, but {e}")
         owed = [a for a in store.pending_compensations() if a.txid in txids]
@@ -66,3 +73,9 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
     if owed:
         report_owed(owed, registered)
         raise SystemExit(EXIT_PROBLEM)
+
+
+def _refuse(gid: str, e: Exception) -> NoReturn:
+    """GID names nothing prepared (UnknownGid), or is one walstore never gives (empty, too
+    long: TypeError): a usage error, exit 2."""
+    refused(e, None if isinstance(e, KeyError) else f"bad GID {gid!r}: {e}")
