@@ -867,3 +867,38 @@ def test_revert_and_the_2pc_verbs_report_the_class_of_what_names_nothing(tmp_pat
         line = one_line(cli(*args, code=2))
         assert line.startswith(f"walstore: {args[0]} failed: "), line
 
+
+def test_files_and_diff_on_a_crashed_store_do_not_say_no_file_changed(tmp_path):
+    """A writer killed after a committed file write that LMDB did not hold yet: `walstore
+    files` and `diff` (read-only) said no file changed, reading the file history without
+    the check ``store.at(p).files(ws)`` makes.  They refuse the same way (ReadOnlyError:
+    not readable yet, exit 1); after recovery they list it."""
+    path, ws = str(tmp_path / "s"), tmp_path / "ws"
+    ws.mkdir()
+    (ws / "a.txt").write_text("original\n")
+    child = ("import sys, time, walstore\n"
+             "s = walstore.open(sys.argv[1], apply_interval=60)\n"
+             "w = s.workspace(sys.argv[2])\n"
+             "with s.transaction() as tx: tx.files(w).write('a.txt', 'committed\\n')\n"
+             "s.restore_point('after')\n"
+             "print('committed', flush=True); time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    p = subprocess.Popen([sys.executable, "-c", child, path, str(ws)],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout.readline().strip() == "committed"
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()
+    for args in (["files", path, "--at", "after"], ["files", path],
+                 ["diff", path, "--from", "lsn:0", "--to", "after"]):
+        r = cli(*args, "--json", code=1)
+        assert strict(r.stdout)["error"]["type"] == "ReadOnlyError"
+        assert "not readable" in one_line(r)
+    cli("recover", path)
+    doc = strict(cli("files", path, "--at", "after", "--json").stdout)
+    assert [f["path"] for w in doc["workspaces"] for f in w["files"]] == ["a.txt"]
+    doc = strict(cli("diff", path, "--from", "lsn:0", "--to", "after", "--json").stdout)
+    assert [f["path"] for f in doc["files"]] == [str(ws / "a.txt")]

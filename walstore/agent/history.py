@@ -88,13 +88,9 @@ class HistoricalView:
             raise ValueError("this store has no reversible files")
         from .filehistory import HistoricalFiles
         workspace = h.files.resolve_ws(ws, register=False)
-        pending = h.unapplied_file_records(workspace.root_b)
-        if pending:  # (it read the tree as it is now instead: a crashed transaction's
-            raise ReadOnlyError(  # never-committed bytes as a commit's)
-                f"the file history of workspace {workspace.root!r} is not readable from "
-                f"this read-only store yet: {pending} file record(s) in the log are not "
-                f"applied (the writer applies them; after a crash, a writable open's "
-                f"recovery does)")
+        # (unchecked, it read the tree as it is now: a crashed transaction's
+        # never-committed bytes as a commit's)
+        h.check_file_history(workspace)
         return HistoricalFiles(h.file_history, workspace, self.lsn)
 
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
@@ -270,6 +266,18 @@ class History:
             if rng:
                 out.append((e.lsn, bytes(rng[0]), None if rng[1] is None else bytes(rng[1])))
         return out
+
+    def check_file_history(self, workspace: Any) -> None:
+        """ReadOnlyError when the file history of ``workspace`` is not readable yet (see
+        ``unapplied_file_records``): every reader of it asks (``at(p).files``, the CLI's
+        ``files`` and ``diff``, which said "no file changed" after a crash)."""
+        pending = self.unapplied_file_records(workspace.root_b)
+        if pending:
+            raise ReadOnlyError(
+                f"the file history of workspace {workspace.root!r} is not readable from "
+                f"this read-only store yet: {pending} file record(s) in the log are not "
+                f"applied (the writer applies them; after a crash, a writable open's "
+                f"recovery does)")
 
     def unapplied_file_records(self, ws_root: bytes) -> int:
         """How many records LMDB does not hold yet changed files of workspace ``ws_root``

@@ -117,6 +117,7 @@ def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[
     out = []
     for root in roots:
         ws = files.registered(root)
+        store._history.check_file_history(ws)  # (read-only: the log's tail not applied yet)
         paths = []
         for rel in fh.tracked(root):
             versions = [v for v in fh.versions(root, rel) if v.lsn <= boundary]
@@ -146,6 +147,8 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     keys: set[bytes] = set()
     paths: set[tuple[bytes, bytes]] = set()
     fh = store._history.file_history
+    for root in sorted(store._files.rows()):  # (read-only: the log's tail not applied yet,
+        store._history.check_file_history(store._files.registered(root))  # files unknown)
     for row in eng.views.commits_after(lo):
         if row["lsn"] > hi:
             continue
