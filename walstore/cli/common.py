@@ -59,7 +59,7 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
 
 def check_before_recovery(path: str, check: Callable[[walstore.Store], Any]) -> None:
     """Before a verb that can refuse what it is asked opens ``path`` to write: on a store
-    that needs recovery, ``check`` (raising the refusal: a txid, point, action id or GID
+    that needs recovery, ``check`` (raising the refusal: an action id or a GID
     that names nothing) runs on a read-only open first.  The writable open recovers (the
     crashed transactions rolled back, their files put back and, with ``--handlers``, their
     compensations run): a refusal after it had changed the store and the outside world,
