@@ -360,6 +360,24 @@ def test_a_rollback_inside_an_actions_body_is_refused(store):
     assert store.get_action(act2.id).state == "compensated"  # rolls back as always
 
 
+def test_an_action_whose_block_exit_was_cut_short_does_not_block_rollbacks(store):
+    # (an interrupt at the very start of the with block's __exit__ never ran it: the
+    # action must not refuse rollbacks for ever once its block is gone)
+    refunds = []
+    store.compensators["refund"] = refunds.append
+    tx = store.transaction()
+    sp = tx.savepoint()
+
+    def enter_and_leave_without_exit():
+        return tx.action("charge", compensate="refund").__enter__()
+    act = enter_and_leave_without_exit()
+    tx.rollback_to(sp)  # allowed: the frame that ran the with block has returned
+    assert [a.id for a in refunds] == [act.id]
+    enter_and_leave_without_exit()
+    tx.rollback()
+    assert len(refunds) == 2
+
+
 # ---- unregistered compensators: pending, listed, resolvable --------------------------------------
 def test_action_without_registered_compensator_is_left_pending_and_listed(path):
     with walstore.open(path, durability="none") as store:

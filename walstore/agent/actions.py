@@ -26,6 +26,7 @@ States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,9 +68,25 @@ class Action:
     scope: Any = None
     held: bool = False      # owed, but never run automatically (inherited by a copy)
     in_flight: bool = False  # its transaction has not ended yet
-    # set while its ``with tx.action(...)`` body runs (see ActionScope)
-    blocks_rollback: str | None = field(default=None, repr=False, compare=False)
-    blocks_full_rollback: str | None = field(default=None, repr=False, compare=False)
+    # (thread ident, id of the frame running the ``with``) while its body runs: see
+    # ActionScope and ``blocks_rollback``
+    _body: tuple[int, int] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def blocks_rollback(self) -> str | None:
+        """Why a rollback (or one to a savepoint before it) must wait: its ``with
+        tx.action(...)`` body is still running, so its side effect may not have happened
+        yet (compensating it first, then the body acting, left the charge standing while
+        the store said "compensated").  Whether the body runs is read off the stack of
+        the thread that entered it — the frame of its ``with`` still there — so an
+        interrupt that cut the block's exit short never leaves the action refusing."""
+        body = self._body
+        if body is None or not _frame_on_stack(*body):
+            return None
+        return (f"action {self.name!r} ({self.id}) is still running (its side effect may "
+                f"not have happened yet); leave its with block before rolling back")
+
+    blocks_full_rollback = blocks_rollback
 
     def row(self) -> dict:
         return {"id": self.id, "tx": self.txid, "name": self.name, "args": self.args,
@@ -109,18 +126,27 @@ class ActionScope:
     def __enter__(self) -> Action:
         self._saga.log_intent(self._tx, self.action)
         # while the body runs, its side effect may not have happened yet: a rollback (or
-        # one to a savepoint before it) would compensate it first, then the body acts
-        why = (f"action {self.action.name!r} ({self.action.id}) is still running (its side "
-               f"effect may not have happened yet); leave its with block before rolling back")
-        self.action.blocks_rollback = self.action.blocks_full_rollback = why
+        # one to a savepoint before it) would compensate it first (Action.blocks_rollback)
+        self.action._body = (threading.get_ident(), id(sys._getframe(1)))
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        self.action.blocks_rollback = self.action.blocks_full_rollback = None
+        self.action._body = None
         if exc_type is not None:
             self.action.error = f"{exc_type.__name__}: {exc}"
         self._saga.log_result(self._tx, self.action)
         return False
+
+
+def _frame_on_stack(ident: int, frame_id: int) -> bool:
+    """Is the frame ``frame_id`` on the stack of thread ``ident`` now?"""
+    f = (sys._getframe() if ident == threading.get_ident()
+         else sys._current_frames().get(ident))
+    while f is not None:
+        if id(f) == frame_id:
+            return True
+        f = f.f_back
+    return False
 
 
 def check_packable(what: str, value: Any) -> None:
