@@ -68,9 +68,10 @@ class Action:
     scope: Any = None
     held: bool = False      # owed, but never run automatically (inherited by a copy)
     in_flight: bool = False  # its transaction has not ended yet
-    # (thread ident, id of the frame running the ``with``) while its body runs: see
-    # ActionScope and ``blocks_rollback``
-    _body: tuple[int, int] | None = field(default=None, repr=False, compare=False)
+    # (thread ident, the frame running the ``with``) while its body runs: see ActionScope
+    # and ``blocks_rollback`` (the frame itself, not its id: a returned frame's id is
+    # soon another's)
+    _body: tuple[int, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def blocks_rollback(self) -> str | None:
@@ -127,7 +128,7 @@ class ActionScope:
         self._saga.log_intent(self._tx, self.action)
         # while the body runs, its side effect may not have happened yet: a rollback (or
         # one to a savepoint before it) would compensate it first (Action.blocks_rollback)
-        self.action._body = (threading.get_ident(), id(sys._getframe(1)))
+        self.action._body = (threading.get_ident(), sys._getframe(1))
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -138,12 +139,12 @@ class ActionScope:
         return False
 
 
-def _frame_on_stack(ident: int, frame_id: int) -> bool:
-    """Is the frame ``frame_id`` on the stack of thread ``ident`` now?"""
+def _frame_on_stack(ident: int, frame: Any) -> bool:
+    """Is ``frame`` on the stack of thread ``ident`` now?"""
     f = (sys._getframe() if ident == threading.get_ident()
          else sys._current_frames().get(ident))
     while f is not None:
-        if id(f) == frame_id:
+        if f is frame:
             return True
         f = f.f_back
     return False
