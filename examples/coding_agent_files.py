@@ -32,10 +32,10 @@ REPO = {
     "config.toml": "precision = 2\n",
     "calc.py": "def mean(xs):\n    return sum(xs) / len(xs)\n",
     "test_calc.py": (
-        "import os, tomllib\n"
+        "import os\n"
         "from calc import mean\n"
-        "cfg = tomllib.load(open('config.toml', 'rb'))\n"
-        "ok = round(mean([1, 2, 4]), cfg['precision']) == 2.33 and mean([]) == 0\n"
+        "cfg = dict(line.split(' = ') for line in open('config.toml').read().splitlines())\n"
+        "ok = round(mean([1, 2, 4]), int(cfg['precision'])) == 2.33 and mean([]) == 0\n"
         "os.makedirs('build', exist_ok=True)\n"
         "open('build/report.txt', 'w').write('PASS' if ok else 'FAIL')\n"
         "open('test-results.xml', 'w').write('<ok/>' if ok else '<failed/>')\n"
