@@ -134,13 +134,22 @@ def test_plain_values_enums_and_named_tuples_still_round_trip(tmp_path):
 _TTLState = __import__("typing").TypedDict("_TTLState", {"n": int})
 
 
+def _one_node_graph(node, saver, memory):
+    """A graph of one node over ``_TTLState``, checkpointed by ``saver``, with ``memory``."""
+    from langgraph.graph import END, START, StateGraph
+    g = StateGraph(_TTLState)
+    g.add_node("a", node)
+    g.add_edge(START, "a")
+    g.add_edge("a", END)
+    return g.compile(checkpointer=saver, store=memory)
+
+
 @pytest.mark.parametrize("upkeep", ["refresh", "sweep"])
 def test_ttl_upkeep_does_not_block_the_rewind_of_the_items_writer(tmp_path, upkeep):
     """A memory read with refresh_on_read by thread A (or the TTL sweeper) rewrote thread
     B's item in a transaction of A's scope (or none): B's rewind then raised
     RevertConflict naming A's transaction, and B's memory stayed."""
     from langgraph.config import get_config, get_store
-    from langgraph.graph import END, START, StateGraph
 
     st = walstore.open(str(tmp_path / "s"), durability="none")
     ttl = {"default_ttl": 60, "refresh_on_read": True}
@@ -154,11 +163,7 @@ def test_ttl_upkeep_does_not_block_the_rewind_of_the_items_writer(tmp_path, upke
         else:
             get_store().search(("notes",))  # A only reads (a TTL refresh: a write)
         return {"n": s["n"] + 1}
-    g = StateGraph(_TTLState)
-    g.add_node("a", node)
-    g.add_edge(START, "a")
-    g.add_edge("a", END)
-    graph = g.compile(checkpointer=saver, store=memory)
+    graph = _one_node_graph(node, saver, memory)
     a, b = ({"configurable": {"thread_id": t}} for t in "AB")
     graph.invoke({"n": 0}, b, durability="sync")
     first_b = saver.get_tuple(b).config
@@ -181,7 +186,6 @@ def test_a_refresh_in_a_batch_that_puts_does_not_block_the_rewind_of_the_items_w
     import time
 
     from langgraph.config import get_config, get_store
-    from langgraph.graph import END, START, StateGraph
     from langgraph.store.base import GetOp, PutOp
 
     st = walstore.open(str(tmp_path / "s"), durability="none")
@@ -197,11 +201,7 @@ def test_a_refresh_in_a_batch_that_puts_does_not_block_the_rewind_of_the_items_w
             get_store().batch([GetOp(("facts",), "a-fact", refresh_ttl=True),
                                PutOp(("notes",), "b-note", {"seen": True})])
         return {"n": s["n"] + 1}
-    g = StateGraph(_TTLState)
-    g.add_node("a", node)
-    g.add_edge(START, "a")
-    g.add_edge("a", END)
-    graph = g.compile(checkpointer=saver, store=memory)
+    graph = _one_node_graph(node, saver, memory)
     a, b = ({"configurable": {"thread_id": t}} for t in "AB")
     graph.invoke({"n": 0}, a, durability="sync")
     first_a = saver.get_tuple(a).config
@@ -225,7 +225,6 @@ def test_ttl_upkeep_of_an_app_wide_item_is_no_graph_threads_work(tmp_path, upkee
     import time
 
     from langgraph.config import get_store
-    from langgraph.graph import END, START, StateGraph
 
     st = walstore.open(str(tmp_path / "s"), durability="none")
     memory = WalstoreStore(st, ttl={"refresh_on_read": True})
@@ -239,11 +238,7 @@ def test_ttl_upkeep_of_an_app_wide_item_is_no_graph_threads_work(tmp_path, upkee
             else:
                 get_store().sweep_ttl()
         return {"n": s["n"] + 1}
-    g = StateGraph(_TTLState)
-    g.add_node("a", node)
-    g.add_edge(START, "a")
-    g.add_edge("a", END)
-    graph = g.compile(checkpointer=saver, store=memory)
+    graph = _one_node_graph(node, saver, memory)
     a = {"configurable": {"thread_id": "A"}}
     memory.put(("global",), "policy", {"v": 1}, ttl=60 if upkeep == "refresh" else 0.0001)
     graph.invoke({"n": 0}, a, durability="sync")

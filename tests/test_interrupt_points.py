@@ -129,15 +129,7 @@ def step(k):
         charge(tx, k)
         tx.put("paid", k)
         tx.rollback()
-    elif mode == "savepoint":
-        TX[0] = tx = s.transaction()
-        with tx:
-            tx.put("a", k)
-            sp = tx.savepoint()
-            charge(tx, k)
-            tx.put("paid", k)
-            tx.rollback_to(sp)
-    elif mode == "savepoint-commit":  # the program catches the interrupt and goes on
+    elif mode in ("savepoint", "savepoint-commit"):
         TX[0] = tx = s.transaction()
         with tx:
             tx.put("a", k)
@@ -147,7 +139,8 @@ def step(k):
             try:
                 tx.rollback_to(sp)
             except KeyboardInterrupt:
-                pass
+                if mode == "savepoint":
+                    raise  # (savepoint-commit: the program catches it and commits)
     elif mode in ("revert", "file-revert"):
         s.revert(UNDONE[0])
     elif mode == "prepare":
