@@ -476,3 +476,137 @@ def test_a_rewind_is_not_blocked_by_a_prepared_transaction_on_keys_it_leaves_alo
             s.rewind("p2")  # would put 'held' back under g2
         assert s.get("held") == 1
         s.rollback_prepared("g2")
+
+
+# ---- probe 33: holds, races on one gid, the decision's durability ---------------------------
+def test_a_prepared_transaction_keeps_its_hold_when_another_holding_the_key_ends(tmp_path):
+    # (one gid per held key: the second prepare took the key's hold over, and its end
+    # released it, so a writer overwrote what the first had read before it committed)
+    s = _open(tmp_path / "s", durability="none")
+    with s.transaction() as tx:
+        tx.put("k", 1)
+    holders = []
+    for gid in ("g1", "g2"):
+        tx = s.transaction()
+        tx.put(f"x-{gid}", tx.get("k") + 100)
+        tx.prepare(gid)
+        holders.append(tx)
+    s.rollback_prepared("g2")
+    with pytest.raises(walstore.ConflictError), s.transaction() as tx:
+        tx.put("k", 2)  # g1 still holds what it read
+    s.commit_prepared("g1")
+    with s.transaction() as tx:
+        tx.put("k", 2)  # free now
+    assert s.get("k") == 2 and s.get("x-g1") == 101 and s.get("x-g2") is None
+    s.close()
+
+
+@pytest.mark.parametrize("race", ["commit+rollback", "commit+commit", "rollback+rollback"])
+def test_one_gid_decided_by_two_threads_at_once_is_decided_once(tmp_path, race):
+    # (the gid was looked up outside the journal lock: both decisions were logged — a
+    # rollback returned while the commit stood, a transaction committed twice — and the
+    # loser got a bare KeyError)
+    import threading
+    refunds = []
+    first, second = race.split("+")
+    for trial in range(25):
+        s = _open(tmp_path / f"s{trial}", durability="none",
+                  compensators={"refund": refunds.append})
+        tx = s.transaction()
+        tx.put("paid", True)
+        with tx.action("charge", compensate="refund"):
+            pass
+        tx.prepare("g")
+        n0 = len(refunds)
+        barrier = threading.Barrier(2)
+        got: dict = {}
+
+        def decide(name, how):
+            barrier.wait()
+            try:
+                (s.commit_prepared if how == "commit" else s.rollback_prepared)("g")
+                got[name] = "ok"
+            except walstore.WalstoreError as e:
+                got[name] = type(e).__name__
+        threads = [threading.Thread(target=decide, args=(i, how))
+                   for i, how in enumerate((first, second))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        assert sorted(got.values()) == ["UnknownGid", "ok"], got
+        committed = s.get("paid") is True
+        assert committed == (s.decision("g") == "commit")
+        assert len(refunds) - n0 == (0 if committed else 1)
+        assert [i.txid for i in s.log()].count(tx.id) == (1 if committed else 0)
+        s.close()
+        s = _open(tmp_path / f"s{trial}", durability="none",
+                  compensators={"refund": refunds.append})
+        assert (s.get("paid") is True) == committed and s.prepared() == []
+        assert len(refunds) - n0 == (0 if committed else 1)
+        s.close()
+
+
+def test_rollback_of_a_transaction_whose_gid_another_caller_committed_says_committed(tmp_path):
+    s = _open(tmp_path / "s", durability="none")
+    tx = s.transaction()
+    tx.put("k", 1)
+    tx.prepare("g")
+    s.commit_prepared("g")
+    with pytest.raises(walstore.UnknownPoint):
+        tx.rollback()
+    assert tx.state == "committed" and s.get("k") == 1
+    s.close()
+
+
+def test_the_decision_of_a_prepared_transaction_is_durable_under_normal(tmp_path):
+    # (its COMMIT waited for nothing under "normal": an atomic group's coordinator then
+    # committed the participants, and a power loss kept their commits but not the
+    # decision — resolve_atomic presumed abort: the stores disagreed)
+    from tools.faults import FaultBackend, installed
+    s = _open(tmp_path / "s", durability="normal", sync_interval=30)
+    tx = s.transaction()
+    tx.put("k", 1)
+    tx.prepare("g")
+    fb = FaultBackend(record=True)
+    with installed(fb):
+        s.commit_prepared("g")
+        synced = [e for e in fb.events if e.op in ("fsync", "fdatasync")]
+    assert synced, "the decision returned before its record was synced"
+    with s.transaction() as t:  # a plain commit under "normal" still waits for none
+        t.put("j", 1)
+    s.close()
+
+
+def test_an_atomic_groups_rollback_reaches_every_participant_when_one_fails(tmp_path):
+    # (the first participant's failed compensation stopped the loop: the second stayed
+    # prepared, holding its keys, its charge not refunded, named by no error)
+    import walstore.agent.actions as wactions
+    refunded = []
+
+    def refund_down(action):
+        raise RuntimeError("payments API down")
+    a = _open(tmp_path / "a", durability="none", compensators={"refund": refund_down})
+    b = _open(tmp_path / "b", durability="none", compensators={"refund": refunded.append})
+    c = _open(tmp_path / "c", durability="none")
+    with c.transaction() as t:
+        t.put("c/k", 1)
+    saved, wactions.COMPENSATION_BACKOFF = wactions.COMPENSATION_BACKOFF, 0.0
+    try:
+        with pytest.raises(walstore.CompensationFailed):
+            with walstore.atomic(a, b, c) as (ta, tb, tc):
+                with ta.action("charge", compensate="refund"):
+                    pass
+                with tb.action("charge", compensate="refund"):
+                    pass
+                tb.put("b/x", 1)
+                tc.put("c/k", tc.get("c/k") + 1)
+                with c.transaction() as other:
+                    other.put("c/k", 99)  # c's prepare conflicts: the group rolls back
+    finally:
+        wactions.COMPENSATION_BACKOFF = saved
+    assert a.prepared() == b.prepared() == c.prepared() == []
+    assert len(refunded) == 1 and [x.state for x in b.actions()] == ["compensated"]
+    assert [x.state for x in a.pending_compensations()] == ["failed"]  # owed, listed
+    with b.transaction() as t:
+        t.put("b/x", 2)  # no hold left
+    for s in (a, b, c):
+        s.close()

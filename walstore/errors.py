@@ -179,6 +179,11 @@ class UnknownPoint(WalstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownGid(UnknownPoint):
+    """No prepared transaction has this gid (never prepared, or already decided: by
+    another thread too, a moment before)."""
+
+
 class TrimmedOrUnknownPoint(HistoryTrimmed, UnknownPoint):
     """A txid among the trimmed ones that is not in the retained history: it was trimmed,
     or it never committed (the store keeps no list of trimmed ids to tell which), so it is

@@ -34,9 +34,13 @@ def main() -> None:
 
     real_prepare, real_commit = Transaction.prepare, Transaction.commit
 
+    deciding = []  # set once every participant is prepared: a's next sync is the decision's
+
     def prepare(self, gid):
         real_prepare(self, gid)
         die(f"{names[id(self._engine)]}-prepared")
+        if names[id(self._engine)] == "b":
+            deciding.append(True)
 
     def commit(self):
         lsn = real_commit(self)
@@ -46,13 +50,15 @@ def main() -> None:
     Transaction.prepare, Transaction.commit = prepare, commit
 
     journal = a._engine.journal  # the coordinator's only commit is the group's decision
-    real_make_durable = journal.make_durable
+    real_force_durable = journal.force_durable  # (a prepared transaction's COMMIT is forced)
 
-    def make_durable(end, *rest):  # the coordinator's COMMIT (the decision) is written ...
-        die("a-commit-written")
-        real_make_durable(end, *rest)
-        die("a-commit-synced")  # ... and durable, nothing else done yet
-    journal.make_durable = make_durable
+    def force_durable(end, *rest):  # the coordinator's COMMIT (the decision) is written ...
+        if deciding:
+            die("a-commit-written")
+        real_force_durable(end, *rest)
+        if deciding:
+            die("a-commit-synced")  # ... and durable, nothing else done yet
+    journal.force_durable = force_durable
 
     group = walstore.atomic(a, b, meta={"step": step})
     print(f"GID {group.gid}", flush=True)

@@ -64,9 +64,24 @@ class Atomic:
                                 f"walstore.resolve_atomic on the same stores: {errors[0]}")
 
     def _rollback_all(self) -> None:
-        for tx in self.txs:
+        """Roll every participant back, each one even when another's rollback fails (a
+        failed compensation of the first left the others prepared, holding their keys,
+        their charges not refunded, and named by no error); the first error is raised
+        after, the others named in it."""
+        errors: list[tuple[int, BaseException]] = []
+        for i, tx in enumerate(self.txs):
             if tx.state == ACTIVE:
-                tx.rollback()
+                try:
+                    tx.rollback()
+                except Exception as e:
+                    errors.append((i, e))
+        if errors:
+            first = errors[0][1]
+            if len(errors) > 1 and hasattr(first, "add_note"):  # (Python 3.11+)
+                others = "; ".join(f"store {self.stores[i].path}: {e}" for i, e in errors[1:])
+                first.add_note(f"the rollback of atomic group {self.gid} also failed in "
+                               f"{len(errors) - 1} other participant(s): {others}")
+            raise first
 
 
 def atomic(*stores, meta: Any = None) -> Atomic:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnknownPoint
+from ..errors import UnknownGid
 from ..log.format import RecordType
 from ..engine.conflicts import Prepared
 from ..engine.pipeline import CommitRequest
@@ -34,10 +34,6 @@ def check_gid(gid: Any) -> str:
     if not isinstance(gid, str) or not gid or len(gid.encode()) > 200:
         raise TypeError("a gid must be a non-empty str of at most 200 bytes")
     return gid
-
-
-class UnknownGid(UnknownPoint):
-    """No prepared transaction has this gid."""
 
 
 class TwoPhase:
@@ -104,6 +100,10 @@ class TwoPhase:
         eng.check_writable()
         with eng.journal.lock:
             eng.check_writable()
+            if gid not in eng.prepared:  # (decided meanwhile, by another thread: its
+                raise UnknownGid(          # decision stands, and one is logged, not two)
+                    f"no prepared transaction with gid {gid!r} (it was just decided by "
+                    f"another caller); nothing was rolled back", gid)
             event = eng.journal.append(RecordType.ROLLBACK_PREPARED, {"tx": p.txid, "gid": gid},
                                        p.txid)
             self.undoing.add(p.txid)  # (its paths stay claimed until they are put back)

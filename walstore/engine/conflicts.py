@@ -191,7 +191,9 @@ class PreparedSet:
 
     def __init__(self) -> None:
         self.by_gid: dict[str, Prepared] = {}
-        self._held: dict[bytes, str] = {}
+        # key -> the gids holding it (several: prepared transactions that read the same
+        # key; one gid per key lost the others' holds when it ended)
+        self._held: dict[bytes, set[str]] = {}
 
     def __contains__(self, gid: str) -> bool:
         return gid in self.by_gid
@@ -202,13 +204,16 @@ class PreparedSet:
     def add(self, p: Prepared) -> None:
         self.by_gid[p.gid] = p
         for k in p.written | set(p.read_keys):
-            self._held[k] = p.gid
+            self._held.setdefault(k, set()).add(p.gid)
 
     def remove(self, gid: str) -> Prepared:
         p = self.by_gid.pop(gid)
         for k in p.written | set(p.read_keys):
-            if self._held.get(k) == gid:
-                del self._held[k]
+            holders = self._held.get(k)
+            if holders is not None:
+                holders.discard(gid)
+                if not holders:
+                    del self._held[k]
         return p
 
     def txids(self) -> set[int]:
@@ -221,7 +226,8 @@ class PreparedSet:
         if not self.by_gid:
             return
         writes = [k for k, _v in pairs]
-        out = [(k, self._held[k]) for k in writes if k in self._held and self._held[k] != mine]
+        held = self._held
+        out = [(k, g) for k in writes if k in held for g in sorted(held[k]) if g != mine]
         for p in self.by_gid.values():
             if p.gid == mine:
                 continue

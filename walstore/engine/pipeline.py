@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from .. import fileio
-from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
+from ..errors import CommitOutcomeUnknown, ConflictError, UnknownGid, WalstoreError
 from ..log.records import Event
 from ..log.writer import LogFailed
 from ..signals import deferred
@@ -156,9 +156,15 @@ class CommitPipeline:
             req.lsn = event.lsn
             interrupt = None
             ticket, event.ticket = event.ticket, None  # (kept here for a second wait)
-            while self.journal.waits_for_durability:  # (durability="full"; else written
-                try:                                  # is done)
-                    self.durable_or_unknown(self.journal.make_durable, event, req.txid,
+            # (durability="full"; else written is done — but a prepared transaction's
+            # COMMIT is a 2PC decision, which must be durable before anyone acts on it
+            # under "normal" too: an atomic group's coordinator commits the others next)
+            make_durable = (self.journal.make_durable if req.gid is None
+                            else self.journal.force_durable)
+            while self.journal.waits_for_durability or (req.gid is not None
+                                                        and self.journal.durability != "none"):
+                try:
+                    self.durable_or_unknown(make_durable, event, req.txid,
                                             f"transaction {req.txid}'s commit record",
                                             "whether it committed", ticket)
                     break
@@ -214,6 +220,12 @@ class CommitPipeline:
             eng.check_writable()
             if req.reads:
                 self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
+            if req.gid is not None and req.gid not in self.prepared:
+                raise UnknownGid(f"no prepared transaction with gid {req.gid!r} (it was "
+                                 f"just decided by another caller); nothing was committed",
+                                 req.gid)  # (checked before, outside this lock: a racing
+                # commit_prepared logged a second COMMIT, a racing rollback_prepared's
+                # decision was overturned)
             if self.prepared.by_gid:  # (something is prepared: its holds apply)
                 self.prepared.check(req.txid, req.writes, req.reads, mine=req.gid)
             if "compensate" in req.body:  # (an undo's commit: it claims actions)

@@ -489,8 +489,13 @@ class Transaction:
             return  # (an interrupt after the point of no return: the commit stands)
         if self.gid is not None:
             gid = self.gid
-            self._finish(ROLLED_BACK)
-            self._hooks.rollback_prepared(gid)
+            try:
+                self._hooks.rollback_prepared(gid)
+            finally:  # decided (by this call, or by another caller just before: its
+                eng = self._engine  # decision stands, UnknownGid says so): the state says
+                if self.state == ACTIVE and gid not in eng.prepared:  # which; still in
+                    decided = eng.views.decision(gid)                 # doubt: open still
+                    self._finish(COMMITTED if decided == "commit" else ROLLED_BACK)
             return
         if not (self.logged or self.effects):
             self._finish(ROLLED_BACK)
