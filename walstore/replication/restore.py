@@ -37,7 +37,7 @@ from ..engine.layout import identity_bytes
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import ReplicateOptions
-from .shipper import sweep_dead_scratch
+from .shipper import BLOB_PREFIX, sweep_dead_scratch
 from .targets import NOT_MODIFIED, ObjectStore, display_url, open_target
 
 RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
@@ -387,6 +387,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         if _cut_end is not None and cut != _cut_end:
             raise ReplicationError(f"the replica's WAL does not end a record at LSN {_cut_end}")
         _src.prepare_restored_db(db, cut, _points_at(m, cut))
+        _fetch_blobs(tgt, stage)
         identity = dict(m.doc["identity"])
         identity["origin"] = {"kind": "restore", "from": display_url(url),
                               "lineage": uuid.uuid4().hex, "parent_lineage": m.doc["lineage"],
@@ -410,6 +411,44 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             shutil.rmtree(stage, ignore_errors=True)
         if target is None:
             tgt.close()
+
+
+def _fetch_blobs(tgt: ObjectStore, root: str) -> int:
+    """Download the replica's blobs (reversible files' content) missing under ``root``'s
+    blob store; each checked against its digest.  Returns how many were fetched."""
+    blobs = os.path.join(root, "files", "blobs")
+    got = 0
+    for key, size in tgt.list(BLOB_PREFIX):
+        digest = key[len(BLOB_PREFIX):]
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            continue
+        path = os.path.join(blobs, digest[:2], digest[2:])
+        if os.path.exists(path):
+            continue
+        for d in (os.path.join(root, "files"), blobs, os.path.dirname(path)):
+            if not os.path.isdir(d):
+                _src.make_dir(d)
+        tmp = path + ".part"
+        with os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "w+b") as f:
+            if _retry(lambda: _download_checked(tgt, key, f, size)) != digest:
+                raise ReplicationError(f"blob {key} of the replica does not match its name")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        got += 1
+    return got
+
+
+def _download_checked(tgt: ObjectStore, key: str, f, size: int) -> str | None:
+    f.seek(0)
+    f.truncate()
+    if tgt.download(key, f, size) is None:
+        raise ReplicationError(f"blob {key} listed in the replica could not be read")
+    f.seek(0)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def _points_at(m: Manifest, cut: int) -> dict[str, dict | None]:
@@ -500,6 +539,7 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                     raise ReplicationError(f"{display_url(url)} now holds another store's "
                                            f"replica; the follower stops")
                 if log.end is not None and m.end() > log.end:
+                    _fetch_blobs(tgt, dest)  # (before the records that name them)
                     fetch = _Fetcher(tgt, store_id, tmp)
                     for e in m.chain(log.end, m.end()):
                         for lsn, rtype, raw, _s in fetch.records(e):

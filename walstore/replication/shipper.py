@@ -113,6 +113,7 @@ class Shipper:
         self.shipped = 0
         self.last_shipped_at: float | None = None
         self._durable = 0
+        self._blobs_up: set[str] | None = None  # blob digests known to be in the replica
         self._behind_since: float | None = None
         self._round = threading.Lock()
         self._cond_lock = threading.RLock()  # (entered as itself: walstore.signals)
@@ -349,6 +350,7 @@ class Shipper:
             shipped_before = self.shipped
             if m.position is None:
                 self._begin(summary)
+            self._ship_blobs(summary)  # (after ``durable`` was read: see _ship_blobs)
             self._ship_wal(durable, summary)
             if self._snapshot_due():
                 self._snapshot(summary)
@@ -398,6 +400,32 @@ class Shipper:
                                             "st": hashlib.sha256().hexdigest(), "keys": 0,
                                             "ts": time.time()})
         self._snapshot(summary)
+
+    # ---- reversible files' content ------------------------------------------------------
+    def _ship_blobs(self, summary: dict) -> None:
+        """Upload the blob store's content not in the replica yet (``blobs/<sha256>``,
+        immutable: the digest names the bytes).  A file step's blobs are durable before its
+        record is logged, so every blob a record up to the durable LSN read before this
+        call names is here now: the WAL shipped after it never names a blob the replica
+        lacks (restored copies read file history, undo and rewind files; without the
+        blobs every historical read said "missing from the content store")."""
+        root = os.path.join(self.source.path, "files", "blobs")
+        if not os.path.isdir(root):
+            return
+        if self._blobs_up is None:
+            self._blobs_up = {k[len(BLOB_PREFIX):] for k, _n in self.target.list(BLOB_PREFIX)}
+        for digest in list_blobs(root):
+            if digest in self._blobs_up or self._stop.is_set():
+                continue
+            try:
+                f = open(os.path.join(root, digest[:2], digest[2:]), "rb")
+            except FileNotFoundError:
+                continue  # collected meanwhile: no retained record names it
+            n = os.fstat(f.fileno()).st_size
+            self._upload_immutable(BLOB_PREFIX + digest, f)  # (closes f)
+            self._blobs_up.add(digest)
+            summary["objects"] += 1
+            summary["bytes"] += n
 
     def _pin(self, durable: int) -> None:
         pos = self.manifest.position
@@ -658,6 +686,20 @@ class Shipper:
         m.doc["trash"] = [[k, t] for k, t in m.doc["trash"] if k not in gone]
         self._save()
         summary["deleted"] += len(due)
+
+
+BLOB_PREFIX = "blobs/"
+
+
+def list_blobs(root: str):
+    """The digests of a blob store directory (``<2 hex>/<62 hex>`` files)."""
+    hexd = set("0123456789abcdef")
+    for sub in sorted(os.listdir(root)):
+        if len(sub) != 2 or not hexd.issuperset(sub):
+            continue
+        for name in sorted(os.listdir(os.path.join(root, sub))):
+            if len(name) == 62 and hexd.issuperset(name):
+                yield sub + name
 
 
 def _record_digest(payload) -> str:
