@@ -427,3 +427,25 @@ def test_a_restored_copy_reads_the_file_history_of_its_source(replica, tmp_path)
                    for p in blobs.rglob("*") if p.is_file())
     finally:
         r.close()
+
+
+def test_a_purge_on_a_replicating_store_leaves_its_replica_contiguous(replica, tmp_path):
+    # (probe 33: the purge's erasure trimmed the old segments — its own record and the
+    # old segment's SEAL unshipped — past the replica's pin: a hole, and every follower
+    # stopped for good at it)
+    s = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                      replicate_options=replica.opts())
+    with s.transaction() as tx:
+        tx.put("user/1", "secret")
+        tx.put("keep", 1)
+    s.sync_replica(30)
+    s.purge("user/")
+    with s.transaction() as tx:
+        tx.put("after", 1)
+    s.sync_replica(30)
+    s.close()
+    m = Manifest.load(replica.target(), 1 << 24)
+    assert m.doc["holes"] == []
+    walstore.restore(replica.url, str(tmp_path / "copy"), replicate_options=replica.opts())
+    with walstore.open(str(tmp_path / "copy")) as r:
+        assert r.get("after") == 1 and r.get("keep") == 1 and r.get("user/1") is None

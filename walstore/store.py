@@ -44,6 +44,7 @@ _MISSING = object()
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
 CLOSE_WAIT_S = 30.0  # close() lets other threads' work under way finish this long
+PURGE_SHIP_WAIT_S = 10.0  # a purge waits this long for its replica to catch up before erasing
 
 
 class _Finishing:
@@ -165,6 +166,7 @@ class Store:
             if replicate_to is not None:
                 from .replication import start_in_process  # the [s3] extra, only when asked
                 self._shipper = start_in_process(self, replicate_to, replicate_options)
+                self._purge.before_erase = self._ship_before_erasure
         except BaseException:
             engine.drop_like_a_crash()
             raise
@@ -293,6 +295,19 @@ class Store:
         if self._shipper is None:
             raise ReplicationError(f"store {self.path} was not opened with replicate_to=")
         return self._shipper.sync(self._shipper.source.sync(), timeout)
+
+    def _ship_before_erasure(self) -> None:
+        """A purge's erasure drops every older WAL segment, overriding the replica's pin:
+        ship up to the purge first (up to PURGE_SHIP_WAIT_S), so the replica keeps a
+        contiguous log and its followers go on.  Replication down or far behind: the
+        erasure goes on anyway (it wins) and the replica records a hole."""
+        shipper = self._shipper
+        if shipper is None or shipper.state != "running":
+            return
+        try:
+            shipper.sync(shipper.source.sync(), PURGE_SHIP_WAIT_S)
+        except ReplicationError:
+            pass
 
     def __enter__(self) -> "Store":
         return self

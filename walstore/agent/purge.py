@@ -39,6 +39,10 @@ class Purge:
     def __init__(self, engine: "Engine", run: Callable[..., Any]) -> None:
         self.engine = engine
         self.run = run  # Store.run: fn(tx) in a transaction, retried on ConflictError
+        # called after the purge commits, before old segments go (the store's replication:
+        # ship up to the purge first, or the erasure's trim left a hole in the replica
+        # that stopped every follower for good)
+        self.before_erase: Callable[[], None] | None = None
 
     def purge(self, prefix: Any) -> dict:
         if not isinstance(prefix, (str, bytes)) or not prefix:
@@ -63,7 +67,8 @@ class Purge:
             lambda: self.run(erase, retries=PURGE_RETRIES, backoff=0.001, meta=meta))
         eng.drain()
         needles = sorted(set(present) | set(had_history))
-        out = eng.erase_old_bytes(needles)
+        out = (eng.erase_old_bytes(needles) if self.before_erase is None
+               else eng.erase_old_bytes(needles, after_rotate=self.before_erase))
         out.update({"txid": tx.id, "lsn": tx.lsn, "keys_deleted": len(present),
                     "keys_erased": len(needles)})
         return out

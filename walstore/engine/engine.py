@@ -512,14 +512,19 @@ class Engine:
             with self.journal.lock:
                 self.applied_lsn = max(self.applied_lsn, mark)
 
-    def erase_old_bytes(self, needles: list[bytes]) -> dict:
+    def erase_old_bytes(self, needles: list[bytes],
+                        after_rotate: Callable[[], None] | None = None) -> dict:
         """After a purge: no file of the store may keep the erased bytes.  The WAL moves to
         a new segment and every older one goes (replication pins are overridden: erasure
         wins), LMDB is rewritten without its free pages, and quarantined bytes holding any
-        of ``needles`` (the erased keys) are removed."""
+        of ``needles`` (the erased keys) are removed.  ``after_rotate``: called once the
+        old segments are sealed, before they go (a replica ships up to the new segment:
+        the old segment's SEAL unshipped was a hole in it)."""
         self.check_writable()
         with self._checkpoint_lock:
             self.wal.rotate()
+            if after_rotate is not None:
+                after_rotate()
             out = self._checkpoint(ignore_pins=True)
             owed = self.erase_owed()  # (the ranges of every purge applied so far)
             needles = list(needles) + [bytes(lo) for lo, _hi in owed if lo]
