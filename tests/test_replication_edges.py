@@ -4,6 +4,7 @@ reopened, and a store closed during an outage and reopened by the same process. 
 moto S3 server over HTTP (or file://), a real TCP proxy, real processes and kill -9."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -449,3 +450,20 @@ def test_a_purge_on_a_replicating_store_leaves_its_replica_contiguous(replica, t
     walstore.restore(replica.url, str(tmp_path / "copy"), replicate_options=replica.opts())
     with walstore.open(str(tmp_path / "copy")) as r:
         assert r.get("after") == 1 and r.get("keep") == 1 and r.get("user/1") is None
+
+
+def test_a_replica_url_naming_the_cwd_or_the_store_itself_is_refused(tmp_path, monkeypatch):
+    # (probe 33: `file://` and `file:rel` meant the current directory; a replica inside
+    # the store directory kept a purge's bytes in the store directory)
+    monkeypatch.chdir(tmp_path)
+    for url in ("file://", "file:rel", "file:///"):
+        with pytest.raises(walstore.ReplicationError, match="file:///absolute/dir"):
+            open_target(url)
+    store = tmp_path / "s"
+    for inside in (f"file://{store}/rep", f"file://{store}", f"file://{tmp_path}"):
+        with pytest.raises(walstore.ReplicationError, match="one inside the other"):
+            walstore.open(str(store), replicate_to=inside)
+    with walstore.open(str(store)) as s:  # refused before anything was held
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    assert sorted(os.listdir(tmp_path)) == ["s"]

@@ -103,6 +103,7 @@ class Shipper:
         self.source = source
         self.opts = ReplicateOptions.from_any(options)
         self.url = display_url(url)
+        _refuse_replica_inside(url, source.path)
         self.target = target if target is not None else open_target(url, self.opts)
         self.token = uuid.uuid4().hex
         self.holder = holder_info(self.token, source.path, source.store_id, source.lineage)
@@ -689,6 +690,22 @@ class Shipper:
 
 
 BLOB_PREFIX = "blobs/"
+
+
+def _refuse_replica_inside(url: str, store_path: str) -> None:
+    """A ``file://`` replica inside the store's own directory (or the store inside it)
+    is refused: a purge's promise — its bytes in no file of the store directory after
+    the next checkpoint — cannot hold with the replica's copy of them in there."""
+    from urllib.parse import urlsplit
+    p = urlsplit(url) if isinstance(url, str) else None
+    if p is None or p.scheme != "file":
+        return
+    rep = os.path.realpath(p.path)
+    root = os.path.realpath(store_path)
+    if os.path.commonpath([rep, root]) in (rep, root):
+        raise ReplicationError(f"replica {display_url(url)} and store {store_path} lie one "
+                               f"inside the other; put the replica in a directory of its "
+                               f"own (nothing was started)")
 
 
 def list_blobs(root: str):

@@ -93,9 +93,11 @@ def _parse(url: str):
         raise ReplicationError(f"replica URL {display_url(url)} carries user info or query "
                                f"parameters; credentials come only from the standard AWS "
                                f"chain (environment, config files, roles), never the URL")
-    if p.scheme == "file":
-        if p.netloc not in ("", "localhost"):
-            raise ReplicationError(f"file URL {display_url(url)} must be file:///absolute/dir")
+    if p.scheme == "file":  # (an empty or relative path meant the current directory)
+        if p.netloc not in ("", "localhost") or not p.path.startswith("/") or \
+                p.path.strip("/") == "":
+            raise ReplicationError(f"file URL {display_url(url)} must be file:///absolute/dir "
+                                   f"(a directory other than /)")
     elif p.scheme == "s3":
         if not p.netloc:
             raise ReplicationError(f"s3 URL {display_url(url)} names no bucket")
