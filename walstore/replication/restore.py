@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
+from ..files.blobs import BlobStore
 from ..signals import Flag
 from ..engine.layout import identity_bytes
 from . import logformat, source as _src
@@ -417,12 +418,14 @@ def _fetch_blobs(tgt: ObjectStore, root: str) -> int:
     """Download the replica's blobs (reversible files' content) missing under ``root``'s
     blob store; each checked against its digest.  Returns how many were fetched."""
     blobs = os.path.join(root, "files", "blobs")
+    names = BlobStore(blobs, readonly=True)  # (its layout only: it makes no directory)
     got = 0
     for key, size in tgt.list(BLOB_PREFIX):
         digest = key[len(BLOB_PREFIX):]
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            continue
-        path = os.path.join(blobs, digest[:2], digest[2:])
+        try:
+            path = names.path(digest)
+        except ValueError:
+            continue  # (not a blob's name)
         if os.path.exists(path):
             continue
         for d in (os.path.join(root, "files"), blobs, os.path.dirname(path)):

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ReplicationError
+from ..files.blobs import BlobStore
 from ..signals import Flag
 from . import logformat, source as _src
 from .lease import Lease, LeaseLost, Refused, _pid_alive, holder_info
@@ -415,11 +416,12 @@ class Shipper:
             return
         if self._blobs_up is None:
             self._blobs_up = {k[len(BLOB_PREFIX):] for k, _n in self.target.list(BLOB_PREFIX)}
-        for digest in list_blobs(root):
+        blobs = BlobStore(root, readonly=True)  # (its names only: it makes no directory)
+        for digest in blobs:
             if digest in self._blobs_up or self._stop.is_set():
                 continue
             try:
-                f = open(os.path.join(root, digest[:2], digest[2:]), "rb")
+                f = open(blobs.path(digest), "rb")
             except FileNotFoundError:
                 continue  # collected meanwhile: no retained record names it
             n = os.fstat(f.fileno()).st_size
@@ -706,17 +708,6 @@ def _refuse_replica_inside(url: str, store_path: str) -> None:
         raise ReplicationError(f"replica {display_url(url)} and store {store_path} lie one "
                                f"inside the other; put the replica in a directory of its "
                                f"own (nothing was started)")
-
-
-def list_blobs(root: str):
-    """The digests of a blob store directory (``<2 hex>/<62 hex>`` files)."""
-    hexd = set("0123456789abcdef")
-    for sub in sorted(os.listdir(root)):
-        if len(sub) != 2 or not hexd.issuperset(sub):
-            continue
-        for name in sorted(os.listdir(os.path.join(root, sub))):
-            if len(name) == 62 and hexd.issuperset(name):
-                yield sub + name
 
 
 def _record_digest(payload) -> str:
