@@ -198,3 +198,16 @@ def test_a_forced_scoped_rewind_never_overwrites_another_agents_file(tmp_path):
                 s.rewind("p", scope="agents/a/", force=force)
             assert tb.id in e.value.txids
         assert (root / "shared.txt").read_text() == "s-by-b" and s.get("agents/a/x") == 1
+
+
+@pytest.mark.parametrize("scope", ["", b""])
+def test_an_action_declared_in_an_empty_scope_is_refused_like_every_scope(store, scope):
+    """``tx.action(..., scope="")`` was accepted and stored, though no scoped undo can
+    name an empty prefix (``transaction(scope="")`` and ``rewind(scope="")`` refuse it):
+    the declaration silently did nothing.  Refused at the call, before any intent."""
+    with store.transaction() as tx:
+        with pytest.raises(TypeError, match="non-empty"):
+            tx.action("do", args={"what": "x"}, compensate="undo", scope=scope)
+        tx.put("k", 1)
+    assert list(store.actions()) == []
+    assert store.get("k") == 1

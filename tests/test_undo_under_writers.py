@@ -219,3 +219,165 @@ def test_purge_lands_while_writers_keep_writing_into_its_prefix(tmp_path):
         assert _state(after, "a/") == {}
     assert _state(s.at(out["txid"]), "b/") == {f"b/{i}": i for i in range(40)}
     s.close()
+
+
+# ---- history trimmed while an undo plans (probe 42) ------------------------------------
+def _trim_in_another_thread(store):
+    """A fault-point effect: a checkpoint (which trims history) runs to its end in another
+    thread while the undo sits between planning and committing."""
+    def effect(_name):
+        t = threading.Thread(target=store.checkpoint)
+        t.start()
+        t.join(30)
+    return effect
+
+
+@pytest.mark.parametrize("verb", ["rewind", "revert"])
+def test_an_undo_whose_history_is_trimmed_while_it_plans_changes_nothing(tmp_path, verb):
+    """A rewind planned from live history rows; a checkpoint trimming them meanwhile made
+    the rows simply absent, so the rewind undid part of the range and committed a state
+    the store never had at the point (the race: 2 wrong rewinds in ~80).  Now the undo
+    checks, after planning, that nothing it read was trimmed: HistoryTrimmed, no change."""
+    from tools.faults import FaultBackend, installed
+    store = walstore.open(tmp_path / "s", durability="none", retain_transactions=3)
+    try:
+        ids = []
+        for i in range(10):
+            with store.transaction() as tx:
+                tx.put("k", i)
+                tx.put(f"k{i % 3}", i)
+            ids.append(tx.id)
+        before = dict(store.scan())
+        fb = FaultBackend()
+        rule = fb.at_point("undo.resolved", _trim_in_another_thread(store))
+        with installed(fb):
+            with pytest.raises(walstore.HistoryTrimmed):
+                if verb == "rewind":
+                    store.rewind(ids[4])
+                else:
+                    store.revert(ids[5], cascade=True)
+        assert rule.seen == 1
+        assert dict(store.scan()) == before
+        assert store.log(limit=1)[0].txid == ids[-1]  # no undo transaction committed
+    finally:
+        store.close()
+
+
+def test_rewinds_racing_a_trimming_checkpoint_are_exact_or_refused(tmp_path):
+    """The probe's race itself, shortened: a thread checkpoints in a loop under
+    ``retain_transactions=30`` while rewinds go 20-35 transactions back."""
+    store = walstore.open(tmp_path / "s", durability="none", retain_transactions=30)
+    rng = random.Random(3)
+    keys = [f"k{i}" for i in range(10)]
+    stop = threading.Event()
+    checkpoints = threading.Thread(target=lambda: [store.checkpoint() for _ in iter(
+        lambda: stop.is_set(), True)], daemon=True)
+    checkpoints.start()
+    state_after, wrong, exact = {}, [], 0
+    try:
+        for step in range(400):
+            with store.transaction() as tx:
+                for k in rng.sample(keys, 3):
+                    if rng.random() < 0.3:
+                        tx.delete(k)
+                    else:
+                        tx.put(k, rng.randint(0, 999))
+            state_after[tx.id] = dict(store.scan())
+            if step % 7 == 0 and step > 40:
+                to = sorted(state_after)[-rng.randint(20, 35)]
+                before = dict(store.scan())
+                try:
+                    info = store.rewind(to)
+                except walstore.HistoryTrimmed:
+                    assert dict(store.scan()) == before
+                    continue
+                now = dict(store.scan())
+                if now != state_after[to]:
+                    wrong.append(to)
+                else:
+                    exact += 1
+                if info is not None:
+                    state_after[info.txid] = now
+    finally:
+        stop.set()
+        checkpoints.join(30)
+        store.close()
+    assert not wrong, f"rewinds to {wrong} committed a state the store never had there"
+    assert exact > 10
+
+
+# ---- a cascading revert under writers (probe 46) --------------------------------------
+def test_a_cascading_revert_finishes_while_writers_keep_writing_its_keys(tmp_path):
+    """The cascade followed each key's live history, so it chased commits made after
+    the revert began and never finished while two threads kept writing the same keys.
+    It walks up to its snapshot now (a later commit makes it conflict and retry with the
+    writers held out)."""
+    store = walstore.open(tmp_path / "s", durability="none")
+    try:
+        with store.transaction() as tx:
+            tx.put("acct/a", 100)
+            tx.put("acct/b", 100)
+        stop = threading.Event()
+
+        def transfer():
+            while not stop.is_set():
+                try:
+                    with store.transaction() as t:
+                        t.put("acct/a", t.get("acct/a") - 1)
+                        t.put("acct/b", t.get("acct/b") + 1)
+                except ConflictError:
+                    pass
+
+        threads = [threading.Thread(target=transfer, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        target = store.log(limit=1)[0].txid
+        done: dict = {}
+        runner = threading.Thread(target=lambda: done.update(
+            r=store.revert(target, cascade=True)), daemon=True)
+        runner.start()
+        runner.join(30)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert not runner.is_alive(), "revert(cascade=True) did not finish in 30 s"
+        assert "r" in done
+        a, b = store.get("acct/a"), store.get("acct/b")
+        assert a + b == 200
+    finally:
+        store.close()
+
+
+def test_a_cascading_revert_costs_what_it_undoes_not_its_square(tmp_path):
+    """Each frontier transaction re-walked every key's later history and loaded the
+    TxnInfo of every later version again: 4x the transactions took 12-15x the time.
+    Counted in history rows met (not seconds; every row the walk reads goes through
+    ``_LaterWalk.info``): linear now."""
+    def rows_read(n: int) -> int:
+        store = walstore.open(tmp_path / f"s{n}", durability="none")
+        try:
+            first = None
+            for i in range(n):
+                with store.transaction() as tx:
+                    tx.put("hot", i)
+                    tx.put(f"k{i}", i)
+                first = first or tx.id
+            loads = []
+            from walstore.agent import undo as undo_mod
+            real = undo_mod._LaterWalk.info
+
+            def counted(self, txid, load):
+                loads.append(txid)
+                return real(self, txid, load)
+            undo_mod._LaterWalk.info = counted
+            try:
+                store.revert(first, cascade=True)
+            finally:
+                undo_mod._LaterWalk.info = real
+            assert store.get("hot") is None
+            return len(loads)
+        finally:
+            store.close()
+    small, big = rows_read(50), rows_read(200)
+    assert big <= 5 * small, (small, big)

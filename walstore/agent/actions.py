@@ -207,8 +207,9 @@ class Saga:
             raise TypeError("an action name must be a non-empty str")
         if compensate is not None and not isinstance(compensate, str):
             raise TypeError("compensate must be the name of a compensator (a str) or None")
-        if scope is not None and not isinstance(scope, (str, bytes)):
-            raise TypeError("an action's scope is a key prefix (str or bytes) or None")
+        if scope is not None:  # (the rule every other scope follows: non-empty, or no
+            from .scope import check_scope  # scoped undo could ever name it)
+            check_scope(scope)
         check_packable(f"args of action {name!r}", args)
         tx.actions_begun += 1
         aid = f"{tx.id}.{tx.actions_begun}"

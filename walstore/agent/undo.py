@@ -39,8 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .. import fileio
 from ..codec import decode_key, encode_key
-from ..errors import PointTypeError, RevertConflict
+from ..errors import HistoryTrimmed, PointTypeError, RevertConflict
 from ..log.format import LSN
 from ..log.records import jsonable_point
 from ..engine import tables
@@ -138,10 +139,15 @@ class Undo:
         tx = self._begin_undo(meta)
         with tx:
             target = self.history.txn_info(txid)
+            fileio.fault_point("undo.resolved")
             undo = {target.txid: target}
             frontier = [target]
+            # a cascade walks each key's history once, up to the undo's snapshot: a commit
+            # after it that touches what the revert restores makes it conflict (and retry)
+            # instead of growing the cascade for as long as other threads write
+            walk = _LaterWalk(tx.snapshot)
             while frontier:
-                later = self._later_writers(frontier.pop(), scope)
+                later = self._later_writers(frontier.pop(), scope, walk)
                 new = [i for i in later if i.txid not in undo]
                 if new and not cascade:
                     ids = sorted({i.txid for i in later}, reverse=True)
@@ -153,6 +159,7 @@ class Undo:
                     frontier.append(i)
             infos = sorted(undo.values(), key=lambda i: i.lsn, reverse=True)
             plan = self._plan(infos, scope, force, boundary=None)
+            self._check_retained(plan)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing to undo: e.g. its actions were compensated already)
                 return (plan if dry_run else None), []
@@ -167,9 +174,11 @@ class Undo:
         tx.guard_ranges = [(rng.lo, rng.hi) if rng else (b"", None)]
         with tx:
             boundary = self.history.resolve(to)
+            fileio.fault_point("undo.resolved")  # (tests: history trimmed while it plans)
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
             plan = self._plan(infos, scope, force, boundary)
             self._drop_unchanged(tx, plan)
+            self._check_retained(plan)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing would change: the state is already as of the point)
                 return (plan if dry_run else None), []
@@ -185,29 +194,38 @@ class Undo:
         return tx
 
     # ---- planning -----------------------------------------------------------------------
-    def _later_writers(self, info: TxnInfo, scope: Any) -> list[TxnInfo]:
-        """Transactions after ``info`` that wrote one of its keys (in the scope)."""
+    def _later_writers(self, info: TxnInfo, scope: Any, walk: "_LaterWalk") -> list[TxnInfo]:
+        """Transactions after ``info``, up to ``walk``'s snapshot, that wrote one of its
+        keys (in the scope).  A key's history already walked from an earlier LSN is not
+        walked again (what it holds was returned then), so a cascade costs what it
+        undoes, not its square."""
+        from ..codec import unpack
         rng = ScopeRange(scope) if scope is not None else None
         out: dict[int, TxnInfo] = {}
         st = self.engine.state
         whole = rng is None or self._wholly_in(info, rng)
+
+        def note(txid: int) -> None:
+            if txid != info.txid and txid not in out:
+                got = walk.info(txid, self.history.txn_info)
+                if got.lsn <= walk.upto:
+                    out[txid] = got
+
         for key in info.keys:
             k = encode_key(key)
             if not whole and not rng.contains(k):
                 continue  # (a key the scoped undo leaves alone)
+            span = walk.span(k, info.lsn + 1)
+            if span is None:
+                continue
             prefix = tables.hist_prefix(k)
-            for raw, _row in st.scan(tables.hist_key(k, info.lsn + 1), prefix + b"\xff" * 9,
+            for raw, _row in st.scan(tables.hist_key(k, span[0]), tables.hist_key(k, span[1]),
                                      db="hist"):
-                if not tables.is_version_of(raw, prefix):
-                    continue
-                from ..codec import unpack
-                txid = unpack(_row)[0]
-                if txid not in out and txid != info.txid:
-                    out[txid] = self.history.txn_info(txid)
+                if tables.is_version_of(raw, prefix):
+                    note(unpack(_row)[0])
         if self.fh is not None:  # and the later writers of its files (in the scope)
             for txid in self.fh.later_writers(info.txid, info.lsn, self._ws_filter(rng)):
-                if txid not in out:
-                    out[txid] = self.history.txn_info(txid)
+                note(txid)
         return list(out.values())
 
     def _wholly_in(self, info: TxnInfo, rng: ScopeRange) -> bool:
@@ -318,6 +336,9 @@ class Undo:
         plan._restore = restore  # type: ignore[attr-defined]
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
         plan._force = force  # type: ignore[attr-defined]
+        # the oldest history the plan reads: the point, or just before the oldest undone
+        plan._oldest = boundary if boundary is not None else min(  # type: ignore[attr-defined]
+            (i.lsn for i in infos), default=None)
         plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files)
         return plan
 
@@ -401,6 +422,24 @@ class Undo:
                 del restore[k]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
 
+    def _check_retained(self, plan: UndoPlan) -> None:
+        """HistoryTrimmed unless the history the plan read is still retained.  The plan
+        reads live history rows (the commits after the point, before-images); a checkpoint
+        in another thread may trim them meanwhile, and a row trimmed away is simply not
+        found, so the plan would undo part of the range and restore values the store
+        never had at the point.  Retention records its horizon before deleting any row,
+        so a horizon still at or below the oldest LSN read means nothing read was
+        trimmed; past it, the undo raises and changes nothing (its transaction rolls
+        back, files included)."""
+        oldest = getattr(plan, "_oldest", None)
+        if oldest is None:
+            return
+        horizon = self.engine.state.meta_int(b"horizon")
+        if horizon > oldest:
+            raise HistoryTrimmed(f"the history this undo read (from LSN {oldest}) was trimmed "
+                                 f"while it planned (horizon LSN {horizon}); nothing was "
+                                 f"changed")
+
     def _current_row(self, row: dict) -> dict:
         return self.engine.views.action_row(row["id"]) or row
 
@@ -426,7 +465,34 @@ class Undo:
         tx.commit_body.update(body)
         if plan._files:  # type: ignore[attr-defined]
             self.files.apply_undo(tx, plan._files, plan._force)  # type: ignore[attr-defined]
+        self._check_retained(plan)  # (the before-images just read came from history too)
         tx.commit()
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
         return self.history.txn_info(tx.id), owed
+
+
+class _LaterWalk:
+    """What a cascading revert has walked so far: per key, the lowest LSN its history was
+    read from (up to ``upto``, the undo's snapshot), and the TxnInfo of every transaction
+    met (each read once)."""
+
+    def __init__(self, upto: int) -> None:
+        self.upto = upto
+        self._from: dict[bytes, int] = {}
+        self._infos: dict[int, TxnInfo] = {}
+
+    def span(self, key: bytes, start: int) -> tuple[int, int] | None:
+        """The LSN range [lo, hi) of ``key``'s history still to read from ``start``, or
+        None when it was read from there already."""
+        hi = self._from.get(key, self.upto + 1)
+        if start >= hi:
+            return None
+        self._from[key] = start
+        return start, hi
+
+    def info(self, txid: int, load) -> TxnInfo:
+        got = self._infos.get(txid)
+        if got is None:
+            got = self._infos[txid] = load(txid)
+        return got
