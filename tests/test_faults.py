@@ -496,3 +496,109 @@ def test_a_failed_store_creation_can_be_retried(tmp_path, faults, op, pattern):
     with walstore.open(str(path)) as s:
         put(s, "a", 1)
     reopen_and_check(path, {"a": 1})
+
+
+# ---- a full disk never kills the process through LMDB's lock file (real mounts) ---------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs mounted for the test and unmounted after (skip if not permitted)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
+                            str(mnt)], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, PermissionError) as e:
+        pytest.skip(f"cannot mount a tmpfs here: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+FILL_DISK = r'''
+import os, sys
+def fill(mnt, leave=0):
+    fd = os.open(os.path.join(mnt, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    for chunk in (1 << 20, 65536, 4096, 512):
+        try:
+            while True:
+                os.write(fd, b"\1" * chunk)
+        except OSError:
+            pass
+    os.close(fd)
+    if leave:
+        filler = os.path.join(mnt, "filler")
+        os.truncate(filler, os.path.getsize(filler) - leave)
+'''
+
+
+def _child(code: str, *args) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-c", FILL_DISK + code, *map(str, args)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != -signal.SIGBUS, f"killed by SIGBUS: {r.stdout} {r.stderr[-800:]}"
+    assert r.returncode == 0, r.stdout + r.stderr[-2000:]
+    return r
+
+
+def test_full_disk_many_open_scans_never_kill_the_process(small_tmpfs):
+    """Each unfinished scan keeps an LMDB reader slot in lock.mdb, which LMDB writes only
+    through a shared mmap; the file was sparse, so on a full disk the first scan to need a
+    new slot page died of SIGBUS.  Now every slot is allocated when the store opens."""
+    r = _child(r'''
+import walstore
+mnt = sys.argv[1]
+s = walstore.open(os.path.join(mnt, "s"))
+for i in range(300):
+    with s.transaction() as tx:
+        tx.put(f"k{i:04d}", "v")
+s.checkpoint()  # rows in LMDB: an unfinished scan keeps its read transaction
+fill(mnt)
+its = []
+for n in range(300):
+    it = s.scan()
+    next(it)
+    its.append(it)
+assert s.get("k0007") == "v"
+print("scans", len(its))
+''', small_tmpfs)
+    assert "scans 300" in r.stdout
+
+
+def test_open_on_a_nearly_full_disk_fails_with_an_error_never_sigbus(small_tmpfs):
+    """Opening a new store with a few KiB free: LMDB initialised its sparse lock file
+    through a shared mmap inside lmdb.open and the process died of SIGBUS.  Now the lock
+    file is allocated first, and a disk too full for it is a StoreIOError (ENOSPC); once
+    there is room the store opens."""
+    r = _child(r'''
+import errno, walstore
+mnt = sys.argv[1]
+for leave in (0, 4096, 8192, 12288, 16384, 32768, 49152):
+    fill(mnt, leave)
+    try:
+        walstore.open(os.path.join(mnt, f"s{leave}")).close()
+        print("opened with", leave, flush=True)
+    except walstore.StoreIOError as e:
+        assert e.errno == errno.ENOSPC, repr(e)
+        print("refused with", leave, flush=True)
+    os.unlink(os.path.join(mnt, "filler"))
+''', small_tmpfs)
+    assert "refused with 0" in r.stdout
+
+
+def test_lock_file_is_allocated_not_sparse(tmp_path):
+    """Every page of lock.mdb has its block once the store is open (writer, and a reader
+    beside it), so LMDB's writes through its mmap never need one."""
+    with walstore.open(str(tmp_path / "s")) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        lock = tmp_path / "s" / "db" / "lock.mdb"
+        st = os.stat(lock)
+        assert st.st_size >= 64 * 1024 and st.st_blocks * 512 >= st.st_size
+        with walstore.open(str(tmp_path / "s"), readonly=True) as r:
+            assert r.get("k") == 1
+            assert list(r.scan()) == [("k", 1)]
+        s.checkpoint()
+        assert s.get("k") == 1

@@ -71,6 +71,14 @@ MAX_DBS = 16
 # LMDB reader slots (64 bytes each in lock.mdb): every open read transaction takes one,
 # and an unfinished scan keeps its own, so this bounds the scans open at once
 MAX_READERS = 1024
+# lock.mdb's size for MAX_READERS (LMDB: a 192-byte header holding the first slot, then
+# 64 bytes per further slot), allocated before LMDB maps it: see _preallocate_lock
+LOCK_FILE_BYTES = 192 + (MAX_READERS - 1) * 64
+# preallocating lock.mdb failed for a reason that is not ours to report: the file cannot be
+# written by this process (a reader of a store it may not write) or the file system cannot
+# preallocate; LMDB is left to open it as it would have
+_PREALLOC_SKIP = {errno.EACCES, errno.EPERM, errno.EROFS, errno.EINVAL, errno.EOPNOTSUPP,
+                  errno.ENOSYS, errno.ENODEV, errno.ESPIPE, errno.EBADF}
 _ERRNO_OF = {os.strerror(n): n for n in errno.errorcode}
 
 
@@ -225,6 +233,37 @@ class _Slot:
         self.thread = threading.current_thread()
 
 
+def _preallocate_lock(db_dir: str) -> None:
+    """Give ``db_dir/lock.mdb`` its blocks before LMDB maps it.  LMDB makes the lock file
+    by ``ftruncate`` (sparse) and writes it only through a shared mmap: on a full disk the
+    first touch of an unallocated page -- its header as the environment opens, a reader
+    slot page when one more read transaction (an unfinished scan) takes a slot -- killed
+    the process with SIGBUS.  Allocated here, those pages never need a block; a disk too
+    full for them is a StoreIOError before LMDB is called, nothing mapped."""
+    path = os.path.join(db_dir, "lock.mdb")
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None:  # (not Linux/BSD: nothing to do it with)
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0),
+                     fileio.FILE_MODE)
+    except OSError as e:
+        if e.errno in _PREALLOC_SKIP:
+            return
+        raise StoreIOError(e.errno, f"cannot create the LMDB lock file: "
+                                    f"{os.strerror(e.errno)}", path) from e
+    try:
+        # (its size as LMDB has it, when larger: LMDB sizes its reader table by the file)
+        fallocate(fd, 0, max(LOCK_FILE_BYTES, os.fstat(fd).st_size))
+    except OSError as e:
+        if e.errno not in _PREALLOC_SKIP:
+            raise StoreIOError(e.errno, f"cannot allocate the LMDB lock file "
+                                        f"({LOCK_FILE_BYTES} bytes) before mapping it: "
+                                        f"{os.strerror(e.errno)}", path) from e
+    finally:
+        os.close(fd)
+
+
 class LmdbState:
     """The open LMDB environment of one store (shared by handles in one process)."""
 
@@ -297,6 +336,7 @@ class LmdbState:
         wal = os.path.join(os.path.dirname(self.path), "wal")
         used = os.path.isdir(wal) and any(n.endswith(".wal") for n in os.listdir(wal))
         check_lmdb_files(path, expect_existing=readonly or used)
+        _preallocate_lock(path)
         try:
             env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=MAX_DBS,
                             subdir=True, readonly=readonly, sync=True, metasync=False,
@@ -366,11 +406,13 @@ class LmdbState:
             self._open_tables(shared)
             for handle in list(shared["handles"]):
                 handle._adopt(shared)
+        _preallocate_lock(self.path)  # (before the read-only environment is closed)
         shared["gate"].exclusive(swap)
 
     def reopen(self) -> None:
         """Reopen the environment of this process on the current data file."""
         shared = self._shared
+        _preallocate_lock(self.path)  # (the writer's new lock file, before ours is closed)
         with LmdbState._registry_lock:
             def swap() -> None:
                 size = shared["env"].info()["map_size"]
@@ -413,6 +455,7 @@ class LmdbState:
             finally:
                 os.close(fd)
             os.chmod(fresh, fileio.FILE_MODE)
+            _preallocate_lock(work)  # the fresh lock file below, allocated before the swap
             shared = self._shared
 
             def swap() -> None:
@@ -425,11 +468,8 @@ class LmdbState:
                 # chosen by that id's parity: a reader saw an empty, stale database after
                 # a purge).  Readers still on the old file keep the unlinked lock file and
                 # the old inode (never written again); a reader that sees the data file
-                # replaced reopens both.
-                try:
-                    fileio.unlink(os.path.join(self.path, "lock.mdb"))
-                except FileNotFoundError:
-                    pass
+                # replaced reopens both.  (Renamed in, allocated: see _preallocate_lock.)
+                fileio.rename(os.path.join(work, "lock.mdb"), os.path.join(self.path, "lock.mdb"))
                 fileio.fsync_dir(self.path)
                 shared["env"] = self._new_env(False, size)
                 shared["file_id"] = _file_id(self.data_file)
@@ -445,8 +485,9 @@ class LmdbState:
         new file's pages hold nothing but what is put in them).  Caller holds the write
         lock: the read transaction sees the final state."""
         size = self.env.info()["map_size"]
+        # (lock=False: this thread alone uses it, and no sparse lock file is mapped)
         dst = lmdb.open(work, map_size=size, max_dbs=MAX_DBS, subdir=True, sync=False,
-                        metasync=False, writemap=False, lock=True, create=True, mode=0o600)
+                        metasync=False, writemap=False, lock=False, create=True, mode=0o600)
         try:
             with self.env.begin() as src:
                 for name, dbname in TABLES.items():
