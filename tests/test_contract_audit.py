@@ -89,6 +89,66 @@ def test_prepare_with_bad_meta_never_reaches_the_log(tmp_path):
         assert s.get("k") == 1
 
 
+def test_oversize_meta_is_refused_at_the_call_naming_the_meta(tmp_path):
+    """A 40 MiB meta was accepted by transaction(meta=...) and failed only at commit, with
+    the log's "record payload ... exceeds" naming no meta.  Refused at the call now."""
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    big = {"note": "x" * (2 << 20)}
+    with pytest.raises(ValueError, match=r"transaction meta is .* bytes packed; the limit"):
+        s.transaction(meta=big)
+    with pytest.raises(ValueError, match="transaction meta"):
+        s.run(lambda tx: tx.put("k", 0), meta=big)
+    with s.transaction(meta={"note": "x" * 500_000}) as tx:  # under the limit: logged
+        tx.put("k", 1)
+    s.close()
+    with walstore.open(str(tmp_path / "s")) as s:
+        assert s.get("k") == 1 and len(s.log()) == 1
+
+
+@pytest.mark.parametrize("how", ["transaction", "revert", "rewind"])
+def test_a_scope_that_is_not_utf8_is_refused_at_the_call(tmp_path, how):
+    """transaction(scope="\ud800") was accepted and failed at commit with a bare
+    UnicodeEncodeError (revert/rewind the same): a ValueError naming the scope now,
+    before anything is begun."""
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    with s.transaction() as tx:
+        tx.put("a", 1)
+    call = {"transaction": lambda: s.transaction(scope="\ud800"),
+            "revert": lambda: s.revert(s.log()[0].txid, scope="\ud800"),
+            "rewind": lambda: s.rewind(0, scope="\ud800")}[how]
+    with pytest.raises(ValueError, match=r"scope '\\ud800' is not valid UTF-8"):
+        call()
+    assert s.get("a") == 1 and len(s.log()) == 1
+    with s.transaction(scope="agé/") as tx:  # non-ASCII, valid: fine
+        tx.put("agé/k", 2)
+    s.close()
+
+
+def test_a_non_contiguous_memoryview_is_refused_as_a_type_error(tmp_path):
+    """A strided memoryview made put/transaction raise BufferError (neither TypeError nor
+    ValueError); values, meta and action args all refuse it with TypeError now, naming
+    the problem; a contiguous one is stored as bytes."""
+    mv = memoryview(b"abcdef")[::2]
+    s = walstore.open(str(tmp_path / "s"), durability="none",
+                      compensators={"undo": lambda a: None})
+    with s.transaction() as tx:
+        tx.put("k", b"before")
+        for call in (lambda: tx.put("k", mv), lambda: tx.put("k", [1, {"v": mv}]),
+                     lambda: tx.update({"k": mv})):
+            with pytest.raises(TypeError, match="value for key 'k' .*C-contiguous"):
+                call()
+        assert tx.get("k") == b"before"
+    with pytest.raises(TypeError, match="transaction meta .*C-contiguous"):
+        s.transaction(meta={"m": mv})
+    with pytest.raises(TypeError, match="args of action .*C-contiguous"):
+        with s.transaction() as tx:
+            tx.action("x", args={"m": mv}, compensate="undo")
+    with s.transaction() as tx:
+        tx.put("c", memoryview(b"abc"))
+    assert s.get("c") == b"abc" and s.get("k") == b"before"
+    s.close()
+
+
 # ---- STORE ----------------------------------------------------------------------------------
 def test_a_backup_of_a_store_under_a_long_path_opens(tmp_path):
     src = tmp_path.joinpath(*(["é" * 120] * 6), "src")  # JSON escapes each é as 6 chars

@@ -25,6 +25,9 @@ Key = Union[str, bytes]
 # u16 length + type tag + key + u64 LSN, so a key may have at most 511 - 11 bytes.
 MAX_KEY_BYTES = 500
 MAX_VALUE_BYTES = 16 * 1024 * 1024
+# transaction meta, packed: it is logged in the COMMIT record beside the last chunk of the
+# writes (up to one 16 MiB value), and a record holds at most 32 MiB (log.format)
+MAX_META_BYTES = 1024 * 1024
 
 _STR, _BYTES = b"s", b"b"
 _local = threading.local()
@@ -108,6 +111,9 @@ def pack_value(value: Any, key: Any = None) -> bytes:
     except TypeError as e:
         raise TypeError(f"value for key {key!r} cannot be stored: {e} "
                         f"(allowed: None, bool, int, float, str, bytes, list, dict)") from None
+    except BufferError as e:  # (msgpack takes a memoryview's buffer whole, or not at all)
+        raise TypeError(f"value for key {key!r} cannot be stored: {_buffer_problem(e)}") \
+            from None
     except (OverflowError, ValueError) as e:
         if "recursion limit" in str(e):  # (msgpack's: lists and dicts past 1,024 levels)
             raise ValueError(f"value for key {key!r} cannot be stored: it nests too deeply "
@@ -188,14 +194,24 @@ def unpack(data: bytes) -> Any:
         raise ValueError(f"undecodable msgpack: {type(e).__name__}: {e}") from None
 
 
-def storable(what: str, value: Any) -> Any:
+def _buffer_problem(e: BufferError) -> str:
+    return f"{e} (a memoryview must be C-contiguous: pass bytes(view), a copy)"
+
+
+def storable(what: str, value: Any, limit: int | None = None) -> Any:
     """``value`` as it will read back from the log (TypeError naming ``what`` when msgpack
     cannot store it, or when what it stores would not read back: a dict with a tuple
-    key is packed, yet its record would then fail every reader, recovery included)."""
+    key is packed, yet its record would then fail every reader, recovery included;
+    ValueError when it packs to more than ``limit`` bytes)."""
     try:
         packed = pack(value)
     except (TypeError, OverflowError, ValueError) as e:
         raise TypeError(f"{what} cannot be stored: {e}") from None
+    except BufferError as e:
+        raise TypeError(f"{what} cannot be stored: {_buffer_problem(e)}") from None
+    if limit is not None and len(packed) > limit:
+        raise ValueError(f"{what} is {len(packed):,} bytes packed; the limit is {limit:,} "
+                         f"bytes; nothing changed")
     try:
         return msgpack.unpackb(packed, raw=False, strict_map_key=False)
     except (TypeError, ValueError) as e:
@@ -206,7 +222,8 @@ def storable(what: str, value: Any) -> Any:
 def check_meta(meta: Any) -> Any:
     """Validate transaction metadata (any msgpack-able value) at transaction start; the
     copy it returns is what the commit logs (a change the caller makes to its own object
-    later cannot make the commit record unreadable)."""
+    later cannot make the commit record unreadable).  Too large a meta is refused here,
+    at the call, not by the log at commit."""
     if meta is None:
         return None
-    return storable("transaction meta", meta)
+    return storable("transaction meta", meta, MAX_META_BYTES)

@@ -56,6 +56,12 @@ def check_scope(scope: Any) -> Any:
         return None
     if not isinstance(scope, (str, bytes)) or not scope:
         raise TypeError(f"a scope is a non-empty key prefix (str or bytes), not {scope!r}")
+    if isinstance(scope, str) and not scope.isascii():
+        try:  # (logged with the commit, and a str key is stored as UTF-8: refused here, at
+            scope.encode("utf-8")  # the call, not by a UnicodeEncodeError at commit)
+        except UnicodeEncodeError as e:
+            raise ValueError(f"scope {scope!r} is not valid UTF-8 text: {e.reason}; "
+                             f"nothing changed") from None
     return scope
 
 
