@@ -280,6 +280,23 @@ def test_bad_gid_is_refused(tmp_path, gid):
         t.rollback()
 
 
+@pytest.mark.parametrize("gid", [5, None, b"gid", "", "x" * 600, "\ud800"])
+def test_decision_checks_its_gid_as_prepared_details_does(tmp_path, gid):
+    """decision(5) raised AttributeError ('int' object has no attribute 'encode') and a
+    600-byte gid, one no prepare can have, answered None: refused like prepared_details
+    and commit_prepared (TypeError; ValueError for text that is not UTF-8)."""
+    with _open(tmp_path / "s") as s:
+        for call in (s.decision, s.prepared_details, s.commit_prepared):
+            with pytest.raises((TypeError, ValueError), match="gid"):
+                call(gid)
+        t = s.transaction()
+        t.put("a", 1)
+        with pytest.raises((TypeError, ValueError), match="gid"):
+            t.prepare(gid)
+        t.prepare("ok")
+        assert s.decision("ok") == "prepared" and s.prepared() == ["ok"]
+
+
 def test_sigkill_after_commit_prepared_keeps_the_commit(crashed):
     """commit_prepared under durability=full is durable: kill -9 right after it."""
     code = ("import os, signal, sys, walstore\n"

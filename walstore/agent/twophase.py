@@ -31,9 +31,21 @@ if TYPE_CHECKING:
 
 
 def check_gid(gid: Any) -> str:
+    if isinstance(gid, str) and not gid.isascii():
+        try:
+            gid.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"gid {gid!r} is not valid UTF-8 text: {e.reason}; nothing "
+                             f"changed") from None
     if not isinstance(gid, str) or not gid or len(gid.encode()) > 200:
-        raise TypeError("a gid must be a non-empty str of at most 200 bytes")
+        raise TypeError(f"a gid must be a non-empty str of at most 200 bytes, not "
+                        f"{_short(gid)}")
     return gid
+
+
+def _short(gid: Any) -> str:
+    text = repr(gid)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
 
 
 class TwoPhase:
@@ -121,6 +133,7 @@ class TwoPhase:
 
     def decision(self, gid: str) -> str | None:
         """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""
+        check_gid(gid)  # (as prepared_details: a gid no prepare can have is a TypeError)
         self.engine.check_open()
         if gid in self.engine.prepared:
             return "prepared"
