@@ -65,6 +65,19 @@ def test_a_map_size_beyond_any_address_space_is_a_value_error_leaving_nothing(tm
 
 
 # ---- a closed store ------------------------------------------------------------------------
+@pytest.mark.parametrize("options", [{"segment_size": 1 << 20}, 5, "strict"])
+def test_options_that_are_not_an_options_object_are_a_type_error_leaving_nothing(tmp_path,
+                                                                                 options):
+    """open(path, options=<a dict>) raised AttributeError after it had created and locked
+    the store directory; a TypeError naming options= now, before any file is touched."""
+    path = tmp_path / "s"
+    with pytest.raises(TypeError, match="options= takes a walstore.Options"):
+        walstore.open(str(path), options=options)
+    assert not path.exists()
+    with walstore.open(str(path), options=walstore.Options(segment_size=1 << 20)) as s:
+        assert s.options.segment_size == 1 << 20
+
+
 def test_a_closed_stores_undo_and_views_raise_store_closed_not_corruption(tmp_path):
     s = _store(tmp_path / "s")
     s.restore_point("rp")

@@ -128,6 +128,10 @@ class Store:
                  map_size: int | None = None, options: Options | None = None,
                  progress: Callable[[int, int], None] | None = None,
                  replicate_to: str | None = None, replicate_options: Any = None) -> None:
+        if options is not None and not isinstance(options, Options):  # (before any file
+            raise TypeError(f"options= takes a walstore.Options, not "         # is touched)
+                            f"{type(options).__name__} (tuning keywords go to walstore."
+                            f"open(path, segment_size=...) directly); nothing was opened")
         if replicate_to is not None and readonly:
             raise ValueError("replicate_to= ships a writer's log: open without readonly=True")
         self._shipper = None
