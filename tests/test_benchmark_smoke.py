@@ -4,6 +4,8 @@ not.  It checks the shape of the report, never the numbers (no timing assertions
 import json
 import sys
 
+import pytest
+
 from walstore.benchmark import render_json, render_markdown, run_benchmarks
 
 ROW_FIELDS = ("system", "key_space", "value_size", "median", "latency_ms", "ratio",
@@ -64,3 +66,58 @@ def test_langgraph_rows_say_skipped_without_langgraph(tmp_path, monkeypatch) -> 
     sync = next(t for t in results["targets"] if t["row"] == "lg-sync/walstore-saver")
     assert sync["met"] is None and sync["why_not_measured"].startswith("skipped: ")
     assert "skipped: langgraph not installed" in render_markdown(results)
+
+
+def test_a_rows_verdict_shows_the_ratio_and_baseline_it_was_judged_on() -> None:
+    """put-8t is judged against put-1t's single-thread SQLite; its row printed "1.80x vs
+    sqlite-full | met" (the ratio against its own 8-thread SQLite) for a >= 2.5x goal.
+    The verdict cell now carries the target's own ratio and baseline."""
+    from walstore.benchmark import workloads as W
+    from walstore.benchmark.report import part_rows
+    from walstore.benchmark.runner import evaluate, judge_rows, sample_summary, summarize_part
+    from walstore.benchmark.spec import Sample
+
+    ws = {w.id: w for w in W.all_workloads(W.QUICK)}
+
+    def rounds(rate):
+        return [sample_summary(Sample(int(rate), 1.0, [1e-3] * 10))]
+    p1 = summarize_part(ws["put-1t"].parts[0], ws["put-1t"],
+                        {"walstore": rounds(1000), "sqlite-full": rounds(1000),
+                         "lmdb-sync": rounds(500), "bare": rounds(1200)}, {}, 1)
+    p8 = summarize_part(ws["put-8t"].parts[0], ws["put-8t"],
+                        {"walstore": rounds(2700), "sqlite-full": rounds(1500),
+                         "sqlite-full-per-thread": rounds(400), "lmdb-sync": rounds(500)},
+                        {}, 1)
+    parts = {"put-1t": p1, "put-8t": p8}
+    for t in W.TARGETS:
+        evaluate(t, parts)
+    judge_rows([p1, p8])
+    row = part_rows(p8)[0]
+    assert "1.80x vs sqlite-full" in row            # the row's own ratio, as before
+    assert "met (2.70x vs put-1t/sqlite-full >= 2.5x)" in row  # and what the verdict used
+
+
+@pytest.mark.parametrize("repeats", [0, -1, 1.5, True])
+def test_a_number_of_rounds_that_is_not_one_or_more_is_refused(repeats) -> None:
+    """``--repeats -1`` exited 0 with empty rows and 0 silently became the default."""
+    from walstore.benchmark import run_benchmarks
+    with pytest.raises(ValueError, match="rounds"):
+        run_benchmarks(quick=True, workloads=["put-1t"], repeats=repeats,
+                       progress=lambda m: None)
+
+
+def test_the_held_open_rows_preload_is_applied_before_the_timing(tmp_path) -> None:
+    """held-open timed a close that applied the 70,000 untimed preload keys (90% of the
+    row's time: a shared term that pulled the ratio toward 1.0).  The preload is settled
+    (applied, checkpointed) first: after ``settle`` nothing is left for the close."""
+    from walstore.benchmark.peers import WalstorePeer
+    peer = WalstorePeer(tmp_path / "s", "normal", hold_open=True)
+    try:
+        for i in range(20):
+            peer.write([(f"k{i}-{j}".encode(), b"v" * 100) for j in range(500)])
+        peer.settle()
+        stats = peer.store.stats()
+        assert stats["unapplied_events"] == 0, stats
+        assert stats["applied_lsn"] == stats["published_lsn"], stats
+    finally:
+        peer.close()

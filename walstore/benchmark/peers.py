@@ -74,6 +74,11 @@ class WalstorePeer:
         self.store.close()
         self.store = self._walstore.open(str(self._path), durability=self._durability)
 
+    def settle(self) -> None:
+        """Apply everything logged so far to LMDB and checkpoint (untimed set-up work
+        that must not land in a timed close)."""
+        self.store.checkpoint()
+
     def close(self) -> None:
         if self.held is not None:
             self.held.rollback()

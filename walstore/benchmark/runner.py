@@ -298,6 +298,9 @@ def run_benchmarks(quick: bool = False, workloads: list[str] | None = None,
     directories are made (default: the system's temporary directory).
     """
     profile = (QUICK if quick else FULL).scaled(scale)
+    if repeats is not None and (isinstance(repeats, bool) or not isinstance(repeats, int)
+                                or repeats < 1):
+        raise ValueError(f"repeats is a number of rounds (1 or more), not {repeats!r}")
     rounds = repeats or profile.repeats
     chosen = select(all_workloads(profile), workloads)
     base = directory or tempfile.gettempdir()
