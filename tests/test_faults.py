@@ -602,3 +602,67 @@ def test_lock_file_is_allocated_not_sparse(tmp_path):
             assert list(r.scan()) == [("k", 1)]
         s.checkpoint()
         assert s.get("k") == 1
+
+# ---- a transaction with an action when the disk fills up ------------------------------------
+@pytest.mark.parametrize("space", ["back-meanwhile", "still-full"])
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_an_abort_that_cannot_be_written_still_compensates_before_the_store_commits_on(
+        tmp_path, faults, end, space):
+    """The disk fills up under a transaction that charged: its COMMIT cannot be written
+    (or, rolled back, nothing is to be written but the ABORT), and neither can the ABORT.
+    It never reached its commit point, so its refund runs at once, once, its outcome
+    recorded ("back-meanwhile": space came back while it ran); when even that cannot be
+    recorded ("still-full") the store turns read-only and the next open decides, running
+    it again with the same idempotency key.  (It said "read-only, the compensations run
+    when the store is reopened" and went on taking commits, the charge neither refunded
+    nor listed as owed.)"""
+    path = tmp_path / "store"
+    ledger = []
+
+    def refund(act):
+        ledger.append(("refund", act.key))
+        if space == "back-meanwhile":
+            faults.clear()
+
+    s = walstore.open(str(path), compensators={"refund": refund})
+    try:
+        tx = s.transaction()
+        tx.put("order", 1)
+        with tx.action("charge", compensate="refund") as charge:
+            ledger.append(("charge", charge.key))
+        with tx.action("note") as note:  # declares no compensation: nothing is owed
+            pass
+        faults.fail("pwrite", errno.ENOSPC, path="*.wal", times=None)
+        error = None
+        try:
+            tx.commit() if end == "commit" else tx.rollback()
+        except walstore.WalstoreError as e:
+            error = e
+        faults.clear()
+        assert tx.state == "rolled back"
+        assert ledger == [("charge", charge.key), ("refund", charge.key)]  # at once
+        if space == "back-meanwhile":
+            if end == "commit":  # the commit's own error, nothing else
+                assert isinstance(error, OSError) and error.errno == errno.ENOSPC, error
+            else:
+                assert error is None, error
+            assert {a.id: a.state for a in s.actions()} == {charge.id: "compensated",
+                                                             note.id: "resolved"}
+            assert s.pending_compensations() == [] and s.retry_compensations() == []
+            put(s, "later", 1)  # the store goes on
+        else:
+            assert isinstance(error, walstore.CompensationFailed), error
+            with pytest.raises(walstore.ReadOnlyError):  # it says so, and is
+                put(s, "later", 1)
+    finally:
+        s.close()
+    with walstore.open(str(path), compensators={"refund": refund}) as s:
+        assert s.get("order") is None
+        assert ("later" in s) is (space == "back-meanwhile")
+        assert {a.id: a.state for a in s.actions()} == {charge.id: "compensated",
+                                                         note.id: "resolved"}
+        assert s.pending_compensations() == []
+    refunds = [x for x in ledger if x[0] == "refund"]
+    assert refunds == [("refund", charge.key)] * (1 if space == "back-meanwhile" else 2)
+    rep = verify_store(str(path))
+    assert rep.ok, rep.errors

@@ -18,7 +18,10 @@ compensator's effect and its record means it runs again at the next open with th
 ``act.key`` (idempotency key), so an external system that honours the key sees it once.
 
 When the store cannot record anything any more (an fsync failed), no compensation runs:
-the actions stay owed in the log and the next open's recovery runs them.
+the actions stay owed in the log and the next open's recovery runs them.  When only the
+ABORT's write failed (disk full, EIO: the log goes on), the transaction, which never
+reached its commit point, is undone at once and every outcome recorded; recovery ends it
+later as a loser, whose ABORT changes no settled row (``Saga._settle_unended``).
 
 States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated``,
 ``resolved``, ``needs-redo``; an action of a transaction still in flight reads
@@ -269,42 +272,57 @@ class Saga:
         actions (``undo``, when given, undoes every effect, files included, in order)."""
         live = [a for a in tx.effects if isinstance(a, Action)]
         problem = None
+        unwritten: WalstoreError | None = None  # the ABORT's write error, the log usable
         closed = self.engine.closed
         progress: UndoProgress | None = None  # set with the ABORT: the undo is owed
-        while True:  # (the ABORT recorded, walstore's own undo work finishes even when an
-            try:     # interrupt lands before ``undo`` could catch it: AgentHooks.undo)
-                if progress is None:
-                    with deferred():
-                        try:
-                            if not self.engine.writable:
-                                problem = (self.engine.failure or self.engine.wal.failed
-                                           or f"store {self.engine.path} is closed")
-                            else:
-                                try:
-                                    self.engine.log_event(RecordType.ABORT, {"tx": tx.id},
-                                                          tx.id, durable=True)
-                                except WalstoreError as e:
-                                    problem = e
-                        finally:
-                            ended()
-                            progress = UndoProgress()
-                if problem is not None:
-                    break
-                if undo is not None:
-                    undo(list(tx.effects), progress)  # (raises the interrupt at its end)
+        try:
+            while True:  # (the ABORT recorded, walstore's own undo work finishes even when
+                try:     # an interrupt lands before ``undo`` could catch it: AgentHooks.undo)
+                    if progress is None:
+                        with deferred():
+                            try:
+                                if not self.engine.writable:
+                                    problem = (self.engine.failure or self.engine.wal.failed
+                                               or f"store {self.engine.path} is closed")
+                                else:
+                                    try:
+                                        self.engine.log_event(RecordType.ABORT, {"tx": tx.id},
+                                                              tx.id, durable=True)
+                                    except WalstoreError as e:
+                                        # a write error (ENOSPC, EIO) leaves the log usable:
+                                        # the transaction never reached its commit point
+                                        # and never will, so its undo runs now, each
+                                        # outcome recorded (see ``_settle_unended``); it
+                                        # used to be left for a "reopen" while the store
+                                        # took commits on, the charge neither refunded
+                                        # nor listed as owed
+                                        if self.engine.writable:
+                                            unwritten = e
+                                        else:
+                                            problem = e
+                            finally:
+                                ended()
+                                progress = UndoProgress()
+                    if problem is not None:
+                        break
+                    if undo is not None:
+                        undo(list(tx.effects), progress)  # (raises the interrupt at its end)
+                        return
+                    if progress.interrupt is None:
+                        self.compensate(live, cause=cause)
+                    progress.finished = True
+                    if progress.interrupt is not None:
+                        raise progress.interrupt
                     return
-                if progress.interrupt is None:
-                    self.compensate(live, cause=cause)
-                progress.finished = True
-                if progress.interrupt is not None:
-                    raise progress.interrupt
-                return
-            except Exception:
-                raise
-            except BaseException as e:
-                if progress is None or progress.finished:
-                    raise  # (before the ABORT: the transaction has not ended)
-                progress.interrupt = progress.interrupt or e
+                except Exception:
+                    raise
+                except BaseException as e:
+                    if progress is None or progress.finished:
+                        raise  # (before the ABORT: the transaction has not ended)
+                    progress.interrupt = progress.interrupt or e
+        finally:
+            if unwritten is not None:
+                self._settle_unended(tx.id, unwritten)
         owed = [a.id for a in live if a.compensate]
         files = len(tx.effects) - len(live)
         if owed or files:  # cannot record anything: the intents and file steps stay owed
@@ -318,6 +336,41 @@ class Saga:
                         f"more ({problem}): {what} run when the store is reopened"
                         ) from (cause or (problem if isinstance(problem, BaseException)
                                           else None))
+
+    def _settle_unended(self, txid: int, error: WalstoreError) -> None:
+        """Transaction ``txid`` rolled back but its ABORT could not be written (``error``,
+        a write error: the log goes on) and its undo ran.  Its actions still in flight in
+        the log — the undo did not reach them (an interrupt), their outcome could not be
+        recorded, they declare no compensation, or a rollback to a savepoint left them —
+        are recorded as the ABORT would have left them: ``pending`` (owed: listed, run by
+        ``retry_compensations`` and by the next open) or ``resolved``.  The next open's
+        recovery ends the transaction (its ABORT changes no settled row, so nothing runs
+        twice).  When even that cannot be recorded, the store stops writing (read-only
+        until reopened): it could neither list nor run them, so the next open decides."""
+        eng = self.engine
+        with deferred():  # (one step: an interrupt inside left rows in flight, unowed)
+            if not eng.writable:
+                return  # (stopped meanwhile: the next open ends it and runs what is owed)
+            stuck = []
+            for row in eng.views.action_rows_of(txid):
+                if row.get("state") != tables.IN_FLIGHT:
+                    continue
+                action = Action.from_row(row)
+                action.in_flight = False
+                if action.compensate:
+                    action.state, action.error = PENDING, "its transaction rolled back"
+                else:
+                    action.state, action.error = RESOLVED, ("its transaction rolled back; "
+                                                            "it declares no compensation")
+                try:
+                    self.record_state(action)
+                except WalstoreError:
+                    stuck.append(action.id)
+            if stuck:
+                eng.fail(ReadOnlyError(
+                    f"transaction {txid} rolled back, but neither its ABORT ({error}) nor "
+                    f"the state of action(s) {stuck} could be recorded; they are settled "
+                    f"when the store is reopened"))
 
     def settle_uncompensated(self, actions: list[Action]) -> None:
         """Actions that declare no compensation, undone by a rollback to a savepoint:
