@@ -666,3 +666,42 @@ def test_an_abort_that_cannot_be_written_still_compensates_before_the_store_comm
     assert refunds == [("refund", charge.key)] * (1 if space == "back-meanwhile" else 2)
     rep = verify_store(str(path))
     assert rep.ok, rep.errors
+
+
+# ---- two-phase commit -----------------------------------------------------------------------
+def test_an_fsync_error_on_prepare_leaves_the_transaction_in_doubt_never_rolled_back(
+        tmp_path, faults):
+    """The PREPARE's fsync fails: CommitOutcomeUnknown, and the transaction's outcome is
+    unknown, as after a commit's failed fsync: a rollback is refused, nothing is
+    compensated, and the next open decides (here the record survived: prepared, in
+    doubt).  (It stayed "active"; its rollback said "rolled back" of a transaction the
+    next open found prepared, and a coordinator's commit_prepared committed it.)"""
+    path = tmp_path / "store"
+    ledger = []
+    comps = {"refund": lambda act: ledger.append("refund")}
+    s = walstore.open(str(path), compensators=comps)
+    try:
+        tx = s.transaction()
+        tx.put("order", 1)
+        with tx.action("charge", compensate="refund"):
+            ledger.append("charge")
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        with pytest.raises(walstore.CommitOutcomeUnknown):
+            tx.prepare("g1")
+        assert rule.fired == 1
+        assert tx.state == "outcome unknown" and tx.gid == "g1"
+        with pytest.raises(walstore.TransactionClosed, match="unknown"):
+            tx.rollback()
+        with pytest.raises(walstore.TransactionClosed):
+            tx.commit()
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "later", 1)
+        assert ledger == ["charge"]
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(str(path), compensators=comps) as s:
+        assert s.prepared() == ["g1"] and s.get("order") is None
+        assert ledger == ["charge"]
+        s.rollback_prepared("g1")
+        assert ledger == ["charge", "refund"] and s.get("order") is None

@@ -384,7 +384,15 @@ class Transaction:
         self._check_active()
         if self.gid is not None:
             raise ValueError(f"transaction {self.id} is already prepared as {self.gid!r}")
-        self._hooks.prepare(self, gid)
+        try:
+            self._hooks.prepare(self, gid)
+        except CommitOutcomeUnknown:
+            # the PREPARE's fsync failed: whether it is prepared is for recovery to decide,
+            # as a commit's is (it stayed "active", and a rollback then said "rolled back"
+            # of a transaction the next open found prepared and a coordinator committed)
+            self.gid = gid
+            self._finish(UNKNOWN)
+            raise
         self.gid = gid
 
     def read_set(self) -> ReadSet | None:
@@ -476,6 +484,11 @@ class Transaction:
             raise TransactionClosed(f"transaction {self.id} is already committed (at LSN "
                                     f"{int(self.lsn)}: an interrupt reached commit() after "
                                     f"its point of no return); nothing was rolled back")
+        if self.state == UNKNOWN:
+            what = "COMMIT" if self.gid is None else f"PREPARE as {self.gid!r}"
+            raise TransactionClosed(f"transaction {self.id}'s outcome is unknown (the fsync of "
+                                    f"its {what} failed): the next open of the store decides "
+                                    f"(recovery); nothing changed")
         if self.state != ACTIVE:
             raise TransactionClosed(f"transaction {self.id} is already {self.state}")
         for e in self.effects:
