@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -705,3 +706,77 @@ def test_an_fsync_error_on_prepare_leaves_the_transaction_in_doubt_never_rolled_
         assert ledger == ["charge"]
         s.rollback_prepared("g1")
         assert ledger == ["charge", "refund"] and s.get("order") is None
+
+
+# ---- checkpoints, stats and close: the WAL directory ----------------------------------------
+def _several_segments(s) -> None:
+    for i in range(60):
+        put(s, f"k{i}", value_for(i, 500))
+    s._engine.wal._await_spare()  # (the spare thread's own directory fsync is done)
+    assert len(list_segments(str(s.path) + "/wal")) >= 3
+
+
+def test_a_wal_directory_gone_under_the_store_is_a_walstore_error_and_close_unlocks(tmp_path):
+    """No OS error leaves the API raw: the wal/ directory removed under an open store made
+    stats(), checkpoint() and close() raise FileNotFoundError."""
+    path = tmp_path / "store"
+    s = walstore.open(str(path))
+    put(s, "a", 1)
+    shutil.rmtree(path / "wal")
+    for call in (s.stats, s.checkpoint, s.close):
+        with pytest.raises(walstore.StoreIOError) as ei:
+            call()
+        assert ei.value.errno == errno.ENOENT and "wal" in str(ei.value), ei.value
+    assert s.closed
+    with pytest.raises(walstore.CorruptionError, match="wal"):  # not StoreLocked
+        walstore.open(str(path))
+
+
+def test_a_wal_segment_that_cannot_be_removed_fails_the_checkpoint_with_a_walstore_error(
+        tmp_path, faults):
+    """checkpoint()'s trim could not unlink an old segment (an unwritable directory,
+    EROFS): StoreIOError naming it, not a raw PermissionError; the store goes on, and the
+    next checkpoint trims."""
+    path = tmp_path / "store"
+    with walstore.open(str(path), segment_size=8192) as s:
+        _several_segments(s)
+        rule = faults.fail("unlink", errno.EACCES, path="*.wal", times=None)
+        with pytest.raises(walstore.StoreIOError) as ei:
+            s.checkpoint()
+        assert rule.fired >= 1
+        assert ei.value.errno == errno.EACCES and ".wal" in str(ei.value), ei.value
+        faults.clear()
+        put(s, "after", 1)
+        assert s.checkpoint()["segments_removed"] >= 2
+        _several_segments(s)
+        faults.fail("unlink", errno.EACCES, path="*.wal", times=None)
+        with pytest.raises(walstore.StoreIOError):  # close() too, and it unlocks
+            s.close()
+        assert s.closed
+    faults.clear()
+    reopen_and_check(path, {"after": 1, "k59": value_for(59, 500)})
+
+
+def test_eio_on_the_directory_fsync_of_a_checkpoints_trim_turns_the_store_read_only(
+        tmp_path, faults):
+    """The WAL directory's fsync after the trim removed old segments fails: as any failed
+    fsync of the log, the store turns read-only (a ReadOnlyError, never a raw OSError) and
+    the fsync is never retried.  (It escaped raw, and the next commit succeeded.)"""
+    path = tmp_path / "store"
+    s = walstore.open(str(path), segment_size=8192)
+    wal_dir = str(path / "wal")
+    try:
+        _several_segments(s)
+        acked = {f"k{i}": value_for(i, 500) for i in range(60)}
+        rule = faults.fail("fsync_dir", errno.EIO, path=wal_dir)
+        with pytest.raises(walstore.ReadOnlyError):
+            s.checkpoint()
+        assert rule.fired == 1
+        with pytest.raises(walstore.ReadOnlyError):
+            put(s, "later", 1)
+        later = faults.calls_to("fsync_dir", path=wal_dir, after=rule.failed_calls[0].seq)
+        assert not later, "the failed directory fsync was retried"
+    finally:
+        s.close()
+    faults.clear()
+    reopen_and_check(path, acked, absent=["later"])

@@ -477,6 +477,11 @@ class Engine:
         except StateWriteError as e:
             self.fail(e)  # LMDB could not be written or synced: stop until reopened
             raise
+        except OSError as e:  # (no OS error leaves the API raw: the directories' errors)
+            if isinstance(e, WalstoreError):
+                raise
+            raise StoreIOError(e.errno, f"the checkpoint of {self.path} failed: "
+                                        f"{e.strerror or e}", e.filename) from e
 
     def _checkpoint_steps(self, ignore_pins: bool, background: bool) -> dict:
         with self._checkpoint_lock:
@@ -748,7 +753,11 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         self.check_open()
-        segs = list_segments(self.layout.wal)
+        try:
+            segs = list_segments(self.layout.wal)
+        except OSError as e:  # (the directory gone or unreadable under the store)
+            raise StoreIOError(e.errno, f"cannot list the WAL segments of {self.path}: "
+                                        f"{e.strerror or e}", e.filename) from e
         wal_bytes = 0
         for _s, p in segs:
             try:

@@ -40,7 +40,7 @@ import time
 
 from .. import fileio
 from ..fileio import pwrite_all
-from ..errors import ReadOnlyError, WalstoreError
+from ..errors import ReadOnlyError, StoreIOError, WalstoreError
 from ..codec import pack
 from ..signals import deferred, start_thread
 from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, encode_record
@@ -509,21 +509,50 @@ class WriteAheadLog:
 
         Appends go on meanwhile (unlinking a big file can take milliseconds): only the
         active segment's start is read under the lock, and the active segment only moves
-        forward, so what is removable stays removable."""
+        forward, so what is removable stays removable.  StoreIOError when the directory
+        cannot be listed or a segment removed (the log goes on); LogFailed when the
+        directory's fsync fails (as any fsync of the log's)."""
         with self.lock:
             active = self.writer.start_lsn
-            segs = list_segments(self.dir)
+            try:
+                segs = list_segments(self.dir)
+            except OSError as e:  # (the directory gone or unreadable under the store)
+                raise StoreIOError(e.errno, f"cannot list the WAL directory to trim it: "
+                                            f"{e.strerror or e}; nothing was removed",
+                                   e.filename) from e
         removed = []
+        error: OSError | None = None
         for (start, path), (next_start, _) in zip(segs, segs[1:]):
             if next_start <= lsn and start < active:
-                fileio.unlink(path)
+                try:
+                    fileio.unlink(path)
+                except OSError as e:  # (an unwritable directory, EROFS, EIO): stop here;
+                    error = e          # what is left is trimmed by a later checkpoint
+                    break
                 removed.append(path)
         if removed:
-            fileio.fsync_dir(self.dir)
+            try:
+                fileio.fsync_dir(self.dir)
+            except OSError as e:  # as a failed fsync of the log: never retried, the log
+                self.failed = e    # stops (it escaped raw, and the store went on writing)
+                raise LogFailed(f"fsync of the WAL directory failed after removing old "
+                                f"segments ({e.strerror or e}); the store is now read-only "
+                                f"(reopen it to recover)") from e
+        if error is not None:
+            raise StoreIOError(error.errno, f"could not remove an old WAL segment: "
+                                            f"{error.strerror or error} ({len(removed)} "
+                                            f"removed before it; the rest stay until a later "
+                                            f"checkpoint)", error.filename) from error
         return removed
 
     def disk_bytes(self) -> int:
-        return sum(os.path.getsize(p) for _, p in list_segments(self.dir) if os.path.exists(p))
+        total = 0
+        for _s, path in list_segments(self.dir):
+            try:
+                total += os.path.getsize(path)
+            except FileNotFoundError:
+                pass  # (trimmed meanwhile)
+        return total
 
     def close(self) -> None:
         with self._spare_lock:
