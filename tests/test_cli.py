@@ -261,3 +261,35 @@ def test_verify_while_a_writer_commits_and_checkpoints_finds_no_error(tmp_path):
         s.close()
     assert all(r.ok for r in reports), [r.errors for r in reports if not r.ok][:1]
     assert sum(r.records for r in reports) > 0
+
+
+def _crashed_store(path, n: int = 600) -> None:
+    """A store killed after LMDB applied everything: several WAL segments kept."""
+    subprocess.run([sys.executable, "-c", f"""
+import os, time, walstore
+s = walstore.open({str(path)!r}, segment_size=16384, checkpoint_bytes=1 << 30)
+for i in range({n}):
+    with s.transaction() as tx:
+        tx.put(f"k{{i:05d}}", {{"v": i, "pad": "x" * 200}})
+s._engine.drain()
+os._exit(0)
+"""], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_backup_checks_every_byte_it_copies_below_the_applied_lsn_too(tmp_path):
+    """Damage in a segment LMDB already applied was copied unchecked: backup exited 0 and
+    its copy was refused by every open (CorruptionError).  It refuses now, naming it."""
+    src, dest = tmp_path / "src", tmp_path / "copy"
+    _crashed_store(src)
+    segs = sorted((src / "wal").glob("*.wal"))
+    assert len(segs) > 4
+    with open(segs[3], "r+b") as f:  # a byte inside its first record
+        f.seek(64 + 100)
+        b = f.read(1)
+        f.seek(64 + 100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    r = subprocess.run([sys.executable, "-m", "walstore", "backup", str(src), str(dest)],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert segs[3].name in r.stderr and "offset 64" in r.stderr, r.stderr
+    assert not dest.exists()

@@ -3,8 +3,9 @@
 Order is what makes it consistent while a writer keeps committing:
 
 1. copy LMDB with ``env.copy`` (a consistent snapshot at its ``applied`` LSN ``A``);
-2. copy the WAL segments from the one holding ``A``, the last one only up to the end of
-   its valid records (read with walstore.log.reader);
+2. copy every retained WAL segment, the last one only up to the end of its valid
+   records, each byte of them checked first (read with walstore.log.reader): damage
+   anywhere in them, below ``A`` too, refuses the backup naming file, offset and LSN;
 3. check that the copied WAL still reaches down to ``A`` (a checkpoint may have trimmed
    a segment in between; then start over).
 
@@ -86,7 +87,9 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     # damage on the way is refused, never copied as an ordinary end (the copy's log would
     # end at it: a backup that verifies clean yet lacks every commit behind the damage)
     sealed_end = False
-    for item in log.walk(from_lsn=applied):
+    # walked from the first segment copied, not from ``applied``: every byte copied is
+    # checked (damage below ``applied`` copied unchecked made a copy no open accepts)
+    for item in log.walk(from_lsn=segs[0][0] if segs else applied):
         if not isinstance(item, LogEvent):
             continue
         if item.kind == "end" and item.scan is not None:
@@ -100,8 +103,9 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
             continue  # a live writer's record caught half copied in: the copy ends before
         if item.kind in ("gap", "bad-segment", "missing-next") \
                 or item.kind == "end" and item.verdict == "corrupt":
+            where = f", offset {item.scan.offset}," if item.scan is not None else ""
             return (f"{item.kind if item.kind != 'end' else 'corrupt record'} at LSN "
-                    f"{item.lsn} in {os.path.basename(item.path)}: {item.reason}")
+                    f"{item.lsn} in {item.path}{where} {item.reason}")
     # the last segment listed was sealed meanwhile (a live writer rotated to a segment
     # made after the listing): copied with its SEAL, the copy's log would end in a sealed
     # segment without a successor, which no open accepts (a probe: 2 bad copies in 16
