@@ -293,3 +293,29 @@ def test_backup_checks_every_byte_it_copies_below_the_applied_lsn_too(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert segs[3].name in r.stderr and "offset 64" in r.stderr, r.stderr
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("payload", [{"tx": 50, "ts": 1.0, "meta": None, "w": "x"}, [1, 2, 3],
+                                     {"tx": 2**64 - 1, "ts": 1.0, "meta": None, "w": []}],
+                         ids=["w-not-a-list", "payload-a-list", "txid-out-of-range"])
+def test_dump_reports_a_bad_payload_as_damage_like_verify(store_path, payload):
+    """A record with a valid checksum but a payload recovery refuses: dump died with "an
+    unexpected error" (no file, offset, LSN) or printed it and exited 0."""
+    import msgpack
+    from walstore.log.format import encode_record, segment_salt
+    for i in range(3):
+        run("put", store_path, f"k{i}", str(i))
+    recs = json.loads(run("dump", store_path, "--json").output)["records"]
+    last = recs[-1]
+    start = int(os.path.basename(last["file"])[:20])
+    sid = bytes.fromhex(json.load(open(os.path.join(store_path, "STORE")))["store_id"])
+    rec = encode_record(segment_salt(sid, start), 1, last["end_lsn"], last["end_lsn"],
+                        msgpack.packb(payload))
+    with open(last["file"], "r+b") as f:
+        f.seek(last["offset"] + 28 + last["length"])
+        f.write(rec)
+    run("verify", store_path, code=1)
+    out = run("dump", store_path, code=1).output
+    line = out.strip().splitlines()[-1]
+    assert "BAD-PAYLOAD" in line and last["file"] in line and str(last["end_lsn"]) in line, out
+    assert f"offset {last['offset'] + 28 + last['length']}" in line, out

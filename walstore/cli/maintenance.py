@@ -169,6 +169,11 @@ def dump(path: str, from_lsn: int, as_json: bool) -> None:
         emit_json_list("records", records)
     else:
         for r in records:
-            click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  {r['summary']}")
+            where = ""
+            if r["type"] in _engine.WAL_DAMAGE:  # where it is, as every damage report says
+                where = f" [{r['file']}" + (f", offset {r['offset']}]" if "offset" in r
+                                             else "]")
+            click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  {r['summary']}"
+                       f"{where}")
     if damaged:
         raise SystemExit(EXIT_PROBLEM)

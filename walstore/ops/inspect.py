@@ -18,14 +18,17 @@ from ..log.format import RecordType
 from ..log.reader import LogReader, Record
 
 
-DAMAGE = frozenset({"CORRUPT", "TRUNCATED", "GAP", "BAD-SEGMENT", "MISSING-NEXT"})
+DAMAGE = frozenset({"CORRUPT", "TRUNCATED", "GAP", "BAD-SEGMENT", "MISSING-NEXT",
+                    "BAD-PAYLOAD"})
 
 
 def iter_wal(path: str, from_lsn: int = 0) -> Iterator[dict]:
     """Every record from ``from_lsn`` described, and a pseudo-record for each segment end
     that is not clean (TORN, STALE: crash outcomes recovery cuts; CORRUPT, TRUNCATED:
     damage) or each gap / bad header / missing segment (GAP, BAD-SEGMENT, MISSING-NEXT:
-    damage; VANISHED: trimmed while read).  DAMAGE names the damage types.
+    damage; VANISHED: trimmed while read).  A record whose checksum is right but whose
+    payload recovery would refuse is BAD-PAYLOAD (``record_type`` its type): damage.
+    DAMAGE names the damage types.
 
     The log is read as the store's state knows it (its ``applied`` LSN and where its log
     starts: segments trimmed below them are no gap).  Beside a live writer a tail caught
@@ -50,7 +53,8 @@ def iter_wal(path: str, from_lsn: int = 0) -> Iterator[dict]:
                 kind = (item.verdict if item.verdict in ("stale", "corrupt")
                         and item.scan.kind != "truncated" else item.scan.kind)
                 out = {"lsn": item.lsn, "type": kind.upper(), "length":
-                       item.scan.damaged_bytes, "file": item.path, "summary": item.reason}
+                       item.scan.damaged_bytes, "file": item.path,
+                       "offset": item.scan.offset, "summary": item.reason}
             else:
                 out = {"lsn": item.lsn, "type": item.kind.upper(), "length": 0,
                        "file": item.path, "summary": item.reason}
@@ -105,19 +109,27 @@ def describe(rec, path: str) -> dict:
         name = str(rec.type)
     out = {"lsn": rec.lsn, "end_lsn": rec.end_lsn, "type": name, "length": len(rec.payload),
            "synced_lsn": rec.synced_lsn, "file": path, "offset": rec.offset}
-    try:
+    try:  # what recovery, verify and open check of a payload: its failure is damage
         body = records.decode(rec.payload)
+        if rec.type in records.TX_RECORDS:
+            records.txid_of(body)
+        writes = (records.parse_writes(body) if "w" in body or rec.type in _WRITE_LISTS
+                  else None)
     except ValueError as e:
-        out["summary"] = f"undecodable payload: {e}"
+        out.update(type="BAD-PAYLOAD", record_type=name,
+                   summary=f"record of type {name} has a valid checksum but a bad payload: "
+                           f"{e}")
         return out
-    if "w" in body:
-        writes = records.parse_writes(body)
+    if writes is not None:
         body = dict(body)
         body["w"] = [{"key": _key(k), "value": None if v is None else unpack_value(v),
                       "deleted": v is None} for k, v in writes]
     out["payload"] = body
     out["summary"] = _summary(name, body)
     return out
+
+
+_WRITE_LISTS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.PREPARE})
 
 
 def _key(k: bytes):
