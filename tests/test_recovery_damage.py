@@ -1483,3 +1483,74 @@ def test_strict_refusal_after_stale_bytes_leaves_wal_unchanged(killed: Built) ->
     assert (ei.value.file, ei.value.offset) == (str(segs[3].path), bad.offset)
     assert file_digests(killed.root) == before
     assert not killed.quarantine.exists()
+
+
+# ---- an action whose intent is lost (skip-corrupt), records of a cut transaction --------
+
+_IN_FLIGHT_CHARGE = """
+import os, sys, time, threading, walstore
+s = walstore.open(sys.argv[1], apply_interval=86400, apply_batch=10**9, max_unapplied=10**9)
+for i in range(20):
+    with s.transaction() as tx: tx.put(f"a{i}", i)
+ev = threading.Event()
+def agent():
+    tx = s.transaction(); tx.__enter__()
+    with tx.action("charge", args={"amt": 40}, compensate="refund") as a:
+        a.result = "ch_1"
+    tx.put("order", "charged"); ev.set(); time.sleep(100)
+threading.Thread(target=agent, daemon=True).start(); ev.wait()
+for i in range(50):
+    with s.transaction() as tx: tx.put(f"b{i}", i)
+os._exit(0)
+"""
+
+
+def _charge_in_flight(path: Path) -> list[dict]:
+    """A store killed with a transaction in flight whose action ran; its records."""
+    subprocess.run([sys.executable, "-c", _IN_FLIGHT_CHARGE, str(path)], check=True,
+                   env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    r = CliRunner().invoke(cli_main, ["dump", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.output)["records"]
+
+
+def _flip(rec: dict, at: int) -> None:
+    with open(rec["file"], "r+b") as f:
+        f.seek(rec["offset"] + at)
+        b = f.read(1)
+        f.seek(rec["offset"] + at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_skip_corrupt_lists_an_action_whose_intent_was_lost_but_whose_result_survives(tmp_path):
+    """The charge ran (its ACTION_RESULT survives) but its ACTION_INTENT was damaged: the
+    transaction was no loser and the action was listed nowhere.  Now the transaction is
+    a loser and the action is owed (pending, with its result), never silently dropped."""
+    path = tmp_path / "s"
+    recs = _charge_in_flight(path)
+    intent = next(r for r in recs if r["type"] == "ACTION_INTENT")
+    result = next(r for r in recs if r["type"] == "ACTION_RESULT")
+    _flip(intent, 40)
+    r = CliRunner().invoke(cli_main, ["recover", str(path), "--mode", "skip-corrupt", "--json"])
+    rep = json.loads(r.output)
+    txid = result["payload"]["tx"]
+    assert txid in rep["losers"], rep
+    owed = {a["id"]: a for a in rep["pending_actions"]}
+    assert result["payload"]["id"] in owed, rep
+    assert owed[result["payload"]["id"]]["result"] == "ch_1"
+    assert owed[result["payload"]["id"]]["state"] == "pending"
+    with walstore.open(str(path)) as s:
+        assert [a.id for a in s.pending_compensations()] == [result["payload"]["id"]]
+
+
+def test_point_in_time_names_every_transaction_whose_records_were_cut(tmp_path):
+    """A cut that gives up a transaction's intent (no COMMIT of it behind the cut) named
+    only the cut COMMITs in given_up_txids."""
+    path = tmp_path / "s"
+    recs = _charge_in_flight(path)
+    intent = next(r for r in recs if r["type"] == "ACTION_INTENT")
+    commits = [r for r in recs if r["type"] == "COMMIT" and r["lsn"] < intent["lsn"]]
+    _flip(commits[-3], 40)
+    r = CliRunner().invoke(cli_main, ["recover", str(path), "--mode", "point-in-time", "--json"])
+    rep = json.loads(r.output)
+    assert intent["payload"]["tx"] in rep["given_up_txids"], rep

@@ -137,6 +137,9 @@ class Recovery:
         self.tail_events: list[records.Event] = []  # dry run: the events REDO would apply
         self.open_txids: set[int] = set()
         self.prepared_txids: set[int] = set()
+        self._intents: set[str] = set()  # action ids whose ACTION_INTENT this pass redid
+        self._orphans: dict[str, tuple[int, int]] = {}  # action id -> (txid, result LSN)
+        self._redo_end = 0  # end LSN of the newest event given to REDO
         self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
         self._new_segment_at: int | None = None
         self._end: tuple[int, int, int] | None = None  # (segment start, offset, LSN)
@@ -163,6 +166,7 @@ class Recovery:
                     self.progress(log.bytes_done, rep.wal_bytes)
         except _Stop as stop:
             self._drop_after(log, *stop.args)
+        self._owe_orphans()
         self._flush_redo()
         position = None
         rep.end_lsn = self.applied
@@ -244,14 +248,53 @@ class Recovery:
         t = ev.type
         if t == RecordType.ACTION_INTENT:
             self.open_txids.add(ev.txid)
+            self._intents.add(str(ev.body.get("id")))
+        elif t == RecordType.ACTION_RESULT:
+            self._orphan_result(ev)
         elif t in _ENDS:
             self.open_txids.discard(ev.txid)
             self.prepared_txids.discard(ev.txid)
         elif t == RecordType.PREPARE:
             self.prepared_txids.add(ev.txid)
         self.redo.append(ev)
+        self._redo_end = ev.end
         if len(self.redo) >= REDO_BATCH:
             self._flush_redo()
+
+    def _orphan_result(self, ev: records.Event) -> None:
+        """An ACTION_RESULT whose ACTION_INTENT is neither in LMDB nor redone in this pass
+        (skip-corrupt skipped it, or it was cut): the action ran, so its transaction is in
+        flight like any with an intent, and the action gets a row from what is known (REDO
+        of the result alone changed nothing: the charge was listed nowhere)."""
+        aid = str(ev.body.get("id"))
+        if aid in self._intents:
+            return
+        st = self.state
+        with st.read() as txn:
+            if txn.get(aid.encode(), db=st.actions) is not None:
+                return
+        self._intents.add(aid)
+        self._orphans[aid] = (ev.txid, ev.lsn)
+        self.open_txids.add(ev.txid)
+        self.redo.append(records.Event(ev.lsn, ev.lsn, RecordType.ACTION_INTENT, ev.txid, {
+            "tx": ev.txid, "id": aid, "name": None, "args": None, "key": "",
+            "compensate": None, "ts": 0.0, "intent_lost": True}))
+
+    def _owe_orphans(self) -> None:
+        """An action whose intent was lost, in a transaction that did not commit, is owed
+        (``pending``): what compensates it is unknown, so it is listed, never run, and the
+        ABORT that ends its transaction would call it 'declares no compensation'."""
+        losers = self.open_txids - self.prepared_txids
+        for aid, (txid, lsn) in self._orphans.items():
+            if txid not in losers:
+                continue
+            self.redo.append(records.Event(self._redo_end, self._redo_end,
+                                           RecordType.COMPENSATED, txid, {
+                "id": aid, "state": "pending",
+                "error": f"its ACTION_INTENT record was lost to damage in the log, but its "
+                         f"ACTION_RESULT (LSN {lsn}) survives: it ran; its name, arguments "
+                         f"and compensation are unknown, and its transaction did not commit: "
+                         f"settle it by hand (walstore resolve)"}))
 
     def _bad_payload(self, rec: Record, reason: str) -> None:
         """A record whose checksum is right but whose payload does not decode: skipped
@@ -324,11 +367,13 @@ class Recovery:
         if rec.end_lsn <= self.applied or rec.type == RecordType.SEAL:
             return  # LMDB already holds it (or it is structure): nothing is lost
         self.report.given_up_records += 1
-        if rec.type == RecordType.COMMIT:
-            try:
-                self.report.given_up_txids.append(records.txid_of(records.decode(rec.payload)))
+        if rec.type in records.TX_RECORDS:  # every record of a transaction, not only
+            try:                            # COMMITs: a cut intent or result gives it up too
+                txid = records.txid_of(records.decode(rec.payload))
             except ValueError:
-                pass
+                return
+            if txid not in self.report.given_up_txids:
+                self.report.given_up_txids.append(txid)
 
     def _drop_after(self, log: LogReader, lsn: int, inclusive: bool, reason: str = "") -> None:
         """Everything after a cut is given up: drop every segment after the one that starts
