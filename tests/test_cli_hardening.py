@@ -902,3 +902,19 @@ def test_files_and_diff_on_a_crashed_store_do_not_say_no_file_changed(tmp_path):
     assert [f["path"] for w in doc["workspaces"] for f in w["files"]] == ["a.txt"]
     doc = strict(cli("diff", path, "--from", "lsn:0", "--to", "after", "--json").stdout)
     assert [f["path"] for f in doc["files"]] == [str(ws / "a.txt")]
+
+
+@pytest.mark.parametrize("command", ["verify", "recover", "stats"])
+def test_a_damaged_store_file_is_a_problem_found_not_a_usage_error(store_path, tmp_path,
+                                                                    command):
+    """A torn STORE file in a store's directory exited 2 (usage) like a path that names no
+    store; damage is exit 1.  A directory holding no store at all stays 2."""
+    ident = os.path.join(store_path, "STORE")
+    text = open(ident).read()
+    with open(ident, "w") as f:
+        f.write(text[:len(text) // 2])
+    r = cli(command, store_path, code=1)
+    assert "STORE is damaged" in r.output
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    cli(command, str(tmp_path / "other"), code=2)

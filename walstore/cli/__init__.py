@@ -1,9 +1,9 @@
 """The ``walstore`` command line: the click group :data:`main` and its ONE error path.
 
 Exit status: 0 success; 1 a problem found (corruption, a refused recovery, a failed
-verify, pending compensations, in-doubt transactions, and every OS, LMDB, decoding or
-walstore error); 2 usage error (click's own, a path that is not a store, a malformed key
-or point, a bad ``--handlers`` module).  Every error is ONE line on stderr naming what
+verify, pending compensations, in-doubt transactions, a store whose STORE file is
+damaged, and every OS, LMDB, decoding or walstore error); 2 usage error (click's own, a
+path that is not a store, a malformed key or point, a bad ``--handlers`` module).  Every error is ONE line on stderr naming what
 failed, the file and the cause; ``--debug`` (or ``WALSTORE_DEBUG=1``) adds the traceback.
 
 The commands live in one module per verb family (:mod:`.maintenance`, :mod:`.data`,
@@ -13,6 +13,7 @@ The commands live in one module per verb family (:mod:`.maintenance`, :mod:`.dat
 from __future__ import annotations
 
 import errno
+import json
 import os
 import struct
 import sys
@@ -25,6 +26,7 @@ import msgpack
 
 import walstore
 from . import _engine
+from ..engine.layout import FORMAT_NAME, FORMAT_VERSION, MAX_IDENTITY_BYTES, Layout
 from .output import (EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command, emit_json_error,
                      error_text)
 
@@ -47,8 +49,36 @@ def debugging(ctx: click.Context | None) -> bool:
 def explain(exc: BaseException, command: str, path: str | None) -> tuple[str, int]:
     """The one line (without the ``walstore:`` prefix) and exit status for an error."""
     usage = isinstance(exc, (walstore.NotAStore, walstore.UnknownPoint))  # named nothing
-    code = EXIT_USAGE if usage else EXIT_PROBLEM
+    code = EXIT_USAGE if usage and not _identity_damaged(exc, path) else EXIT_PROBLEM
     return f"{command} failed: {_cause(exc, command, path)}", code
+
+
+def _identity_damaged(exc: BaseException, path: str | None) -> bool:
+    """NotAStore because PATH's own STORE file is unreadable or torn, in a directory that
+    holds a store's log or LMDB state: damage found (exit 1), not a path that names no
+    store (exit 2).  A store of another format version stays a usage error."""
+    if not path or not isinstance(exc, walstore.NotAStore):
+        return False
+    layout = Layout(path)
+    if not os.path.isfile(layout.identity) or not (
+            os.path.isdir(layout.wal) or os.path.isdir(layout.db)):
+        return False
+    try:
+        layout.read_identity()
+    except walstore.NotAStore as again:
+        if str(again) != str(exc):
+            return False  # (another path's refusal: a backup DEST)
+    except Exception:  # (damage of another kind: its own error says it)
+        return False
+    else:
+        return False
+    try:
+        with open(layout.identity, "rb") as f:
+            doc = json.loads(f.read(MAX_IDENTITY_BYTES))
+        return not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
+                    and doc.get("version") != FORMAT_VERSION)
+    except (ValueError, OSError, RecursionError):
+        return True
 
 
 def _cause(exc: BaseException, command: str, path: str | None) -> str:
