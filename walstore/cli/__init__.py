@@ -13,7 +13,6 @@ The commands live in one module per verb family (:mod:`.maintenance`, :mod:`.dat
 from __future__ import annotations
 
 import errno
-import json
 import os
 import struct
 import sys
@@ -26,7 +25,6 @@ import msgpack
 
 import walstore
 from . import _engine
-from ..engine.layout import FORMAT_NAME, FORMAT_VERSION, MAX_IDENTITY_BYTES, Layout
 from .output import (EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command, emit_json_error,
                      error_text)
 
@@ -49,36 +47,11 @@ def debugging(ctx: click.Context | None) -> bool:
 def explain(exc: BaseException, command: str, path: str | None) -> tuple[str, int]:
     """The one line (without the ``walstore:`` prefix) and exit status for an error."""
     usage = isinstance(exc, (walstore.NotAStore, walstore.UnknownPoint))  # named nothing
-    code = EXIT_USAGE if usage and not _identity_damaged(exc, path) else EXIT_PROBLEM
+    if usage and path and isinstance(exc, walstore.NotAStore) \
+            and _engine.identity_damaged(path, exc):
+        usage = False  # (PATH holds a store whose STORE file is damaged: a problem found)
+    code = EXIT_USAGE if usage else EXIT_PROBLEM
     return f"{command} failed: {_cause(exc, command, path)}", code
-
-
-def _identity_damaged(exc: BaseException, path: str | None) -> bool:
-    """NotAStore because PATH's own STORE file is unreadable or torn, in a directory that
-    holds a store's log or LMDB state: damage found (exit 1), not a path that names no
-    store (exit 2).  A store of another format version stays a usage error."""
-    if not path or not isinstance(exc, walstore.NotAStore):
-        return False
-    layout = Layout(path)
-    if not os.path.isfile(layout.identity) or not (
-            os.path.isdir(layout.wal) or os.path.isdir(layout.db)):
-        return False
-    try:
-        layout.read_identity()
-    except walstore.NotAStore as again:
-        if str(again) != str(exc):
-            return False  # (another path's refusal: a backup DEST)
-    except Exception:  # (damage of another kind: its own error says it)
-        return False
-    else:
-        return False
-    try:
-        with open(layout.identity, "rb") as f:
-            doc = json.loads(f.read(MAX_IDENTITY_BYTES))
-        return not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
-                    and doc.get("version") != FORMAT_VERSION)
-    except (ValueError, OSError, RecursionError):
-        return True
 
 
 def _cause(exc: BaseException, command: str, path: str | None) -> str:

@@ -6,11 +6,13 @@ the engine modules means editing this file only.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Iterator
 
 from ..codec import encode_key
-from ..engine.layout import Layout
+from ..engine.layout import FORMAT_NAME, FORMAT_VERSION, MAX_IDENTITY_BYTES, Layout
+from ..errors import NotAStore
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
 from ..ops.inspect import DAMAGE as WAL_DAMAGE, iter_wal as _iter_wal
@@ -19,7 +21,7 @@ from ..options import Options
 from ..signals import Flag
 from ..store import Store
 
-__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "open_for_recovery", "verify", "wal_records", "backup",
+__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "identity_damaged", "open_for_recovery", "verify", "wal_records", "backup",
            "is_store", "lmdb_file", "prepared_details", "run_demo", "demo_side_dir", "benchmarks",
            "replication", "tracked_files", "changes_between", "Flag"]
 
@@ -52,6 +54,32 @@ def backup(src: str, dest: str) -> dict:
 
 def is_store(path: str) -> bool:
     return Layout(path).exists()
+
+
+def identity_damaged(path: str, exc: BaseException) -> bool:
+    """``exc`` (a NotAStore) because PATH's own STORE file is torn or unreadable, in a
+    directory that holds a store's log or LMDB state: damage found (exit 1), not a path
+    that names no store (exit 2).  A store of another format version is not damage."""
+    layout = Layout(path)
+    if not os.path.isfile(layout.identity) or not (
+            os.path.isdir(layout.wal) or os.path.isdir(layout.db)):
+        return False
+    try:
+        layout.read_identity()
+    except NotAStore as again:
+        if str(again) != str(exc):
+            return False  # (another path's refusal: a backup DEST)
+    except Exception:  # (damage of another kind: its own error says it)
+        return False
+    else:
+        return False
+    try:
+        with open(layout.identity, "rb") as f:
+            doc = json.loads(f.read(MAX_IDENTITY_BYTES))
+    except (ValueError, OSError, RecursionError):
+        return True
+    return not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
+                and doc.get("version") != FORMAT_VERSION)
 
 
 def lmdb_file(path: str) -> str:
