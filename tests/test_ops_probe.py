@@ -234,3 +234,53 @@ def test_verify_memory_does_not_grow_with_the_values_in_the_log(tmp_path):
         tracemalloc.stop()
     assert rep.ok and rep.keys_checked == 3000, rep
     assert peak < 16 << 20, f"verify peaked at {peak >> 20} MB"
+
+
+class _FullDisk(walstore.fileio.OSBackend):
+    """A destination file system that is full: every write into files under ``root``
+    fails with ENOSPC (the source's own writes go through)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self.fds: set[int] = set()
+
+    def open(self, path, flags, mode):
+        fd = super().open(path, flags, mode)
+        if os.path.abspath(path).startswith(self.root):
+            self.fds.add(fd)
+        return fd
+
+    def pwrite(self, fd, data, offset):
+        if fd in self.fds:
+            raise OSError(28, os.strerror(28))
+        return super().pwrite(fd, data, offset)
+
+
+@pytest.mark.parametrize("given", ["new", "empty-dir"])
+def test_a_backup_to_a_full_disk_names_the_destination_and_leaves_nothing(tmp_path, given):
+    """A full destination disk: the error named the source's db directory, and the
+    half-made copy stayed, so a retry after freeing space was refused as not empty."""
+    from walstore.cli import main
+    from click.testing import CliRunner
+    src, dest = str(tmp_path / "src"), str(tmp_path / "copy")
+    with walstore.open(src) as s:
+        for i in range(50):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "x" * 1000)
+    if given == "empty-dir":
+        os.mkdir(dest)
+    previous = walstore.fileio.set_backend(_FullDisk(dest))
+    try:
+        r = CliRunner().invoke(main, ["backup", src, dest])
+    finally:
+        walstore.fileio.set_backend(previous)
+    assert r.exit_code == 1, r.output
+    assert dest in r.output and os.path.join(src, "db") not in r.output, r.output
+    assert "No space left" in r.output
+    if given == "new":
+        assert not os.path.exists(dest)
+    else:
+        assert os.listdir(dest) == []
+    assert CliRunner().invoke(main, ["backup", src, dest]).exit_code == 0  # the retry
+    with walstore.open(dest) as copy:
+        assert copy.get("k49") == "x" * 1000

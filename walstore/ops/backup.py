@@ -17,12 +17,15 @@ destination inside the source is refused.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
 
+import lmdb
+
 from .. import fileio
-from ..errors import CorruptionError, NotAStore, WalstoreError
+from ..errors import CorruptionError, NotAStore, StoreIOError, WalstoreError
 from ..engine.engine import check_not_inside
 from ..engine.layout import Layout
 from ..engine.lmdb_state import LmdbState
@@ -39,24 +42,58 @@ def backup(src: str, dest: str, progress=None) -> dict:
     check_not_inside(src, dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise NotAStore(f"backup destination {dest} exists and is not empty")
+    existed = os.path.isdir(dest)  # (an empty directory given: it is kept on failure)
     state = LmdbState(layout.db, readonly=True)
     damage = None
+    done = False
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             summary = _attempt(layout, store_id, state, dest, progress)
             if isinstance(summary, dict):
                 summary["attempts"] = attempt
+                done = True
                 return summary
             damage = summary  # (None: raced with a checkpoint; a str: damage seen)
             time.sleep(0.05 * attempt)
-        if os.path.isdir(dest):
-            shutil.rmtree(dest, ignore_errors=True)  # (no copy left that looks whole)
         if damage is not None:
             raise CorruptionError(f"backup of {src} refused: its WAL is damaged ({damage}); "
                                   f"a copy would silently lack the commits behind it")
         raise WalstoreError(f"backup of {src} kept racing with checkpoints; try again")
     finally:
         state.close()
+        if not done:  # (a full disk, damage, an interrupt: no half-made copy left behind,
+            _remove_made(dest, existed)  # which a retry would refuse as not empty)
+
+
+def _remove_made(dest: str, existed: bool) -> None:
+    """Remove what a failed backup made at ``dest``: all of it, or, when ``dest`` was an
+    empty directory given to it, what it made inside."""
+    if not os.path.lexists(dest):
+        return
+    if not existed:
+        shutil.rmtree(dest, ignore_errors=True)
+        return
+    for name in os.listdir(dest):
+        p = os.path.join(dest, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def _writing_dest(what: str, path: str, e: Exception) -> StoreIOError:
+    """An error writing the copy, naming the destination (an LMDB copy's error named no
+    file: the CLI named the source's LMDB, whose device was fine)."""
+    code = getattr(e, "errno", None) or _ERRNO_BY_TEXT.get(str(e).rsplit(": ", 1)[-1],
+                                                             errno.EIO)
+    return StoreIOError(code, f"writing {what} failed ({getattr(e, 'strerror', None) or e}); "
+                              f"the partial copy was removed", path)
+
+
+_ERRNO_BY_TEXT = {os.strerror(n): n for n in errno.errorcode}
 
 
 def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progress
@@ -66,11 +103,16 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     if os.path.exists(dest):
         shutil.rmtree(dest)
     out = Layout(dest)
-    fileio.make_dir(out.root)
-    fileio.make_dir(out.wal)
-    fileio.make_dir(out.db)
-    # no map resize while LMDB copies itself
-    state.gate.call(lambda: state.env.copy(out.db, compact=True))
+    try:
+        fileio.make_dir(out.root)
+        fileio.make_dir(out.wal)
+        fileio.make_dir(out.db)
+        # no map resize while LMDB copies itself
+        state.gate.call(lambda: state.env.copy(out.db, compact=True))
+    except (OSError, lmdb.Error) as e:
+        if isinstance(e, WalstoreError):
+            raise
+        raise _writing_dest("the backup's LMDB copy", out.db, e) from e
     for name in os.listdir(out.db):
         os.chmod(os.path.join(out.db, name), fileio.FILE_MODE)
     copied_state = LmdbState(out.db, readonly=True)
@@ -114,14 +156,24 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     copied = 0
     for i, (start, path) in enumerate(segs):
         limit = end_limit if start == log.end_segment else None
+        target = os.path.join(out.wal, os.path.basename(path))
         try:
-            copied += _copy_file(path, os.path.join(out.wal, os.path.basename(path)), limit)
+            copied += _copy_file(path, target, limit)
         except FileNotFoundError:  # trimmed under us
             return None
+        except OSError as e:
+            if isinstance(e, WalstoreError) or not os.path.exists(path):
+                raise
+            raise _writing_dest("the backup's WAL segment", target, e) from e
         if progress:
             progress(i + 1, len(segs))
-    out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
-                                         "ts": time.time()})
+    try:
+        out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
+                                             "ts": time.time()})
+    except OSError as e:
+        if isinstance(e, WalstoreError):
+            raise
+        raise _writing_dest("the backup's identity file", out.identity, e) from e
     fileio.fsync_dir(out.wal)
     fileio.fsync_dir(out.root)
     return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
