@@ -319,3 +319,39 @@ def test_dump_reports_a_bad_payload_as_damage_like_verify(store_path, payload):
     line = out.strip().splitlines()[-1]
     assert "BAD-PAYLOAD" in line and last["file"] in line and str(last["end_lsn"]) in line, out
     assert f"offset {last['offset'] + 28 + last['length']}" in line, out
+
+
+def test_recover_offers_what_its_hint_promises_when_lmdb_is_lost(tmp_path):
+    """Every command's hint said "`walstore recover PATH` shows the options" for a lost
+    LMDB data file, and recover only repeated the error.  It names the options now, and
+    --rebuild-state rebuilds LMDB from a WAL whole from LSN 0 (the old state kept)."""
+    path = tmp_path / "s"
+    _crashed_store(path, n=50)
+    os.remove(path / "db" / "data.mdb")
+    r = run("stats", str(path), code=1)
+    assert "shows the options" in r.output
+    r = run("recover", str(path), code=1)
+    assert "--rebuild-state" in r.output and "backup" in r.output, r.output
+    assert not (path / "db" / "data.mdb").exists()  # nothing changed
+    r = run("recover", str(path), "--rebuild-state")
+    assert "rebuilt from the log" in r.output, r.output
+    assert [p.name.startswith("db.damaged.") for p in (path / "quarantine").iterdir()] == [True]
+    with walstore.open(str(path)) as s:
+        assert s.get("k00049") == {"v": 49, "pad": "x" * 200}
+    run("verify", str(path))
+
+
+def test_recover_says_only_a_backup_helps_when_the_log_cannot_rebuild_lmdb(tmp_path):
+    path = tmp_path / "s"
+    with walstore.open(str(path), segment_size=16384, checkpoint_bytes=65536) as s:
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"k{i:05d}", {"pad": "x" * 200})
+    assert min(p.name for p in (path / "wal").glob("*.wal")) != "0" * 20 + ".wal"
+    with open(path / "db" / "data.mdb", "r+b") as f:  # zeroed
+        f.write(bytes(os.path.getsize(path / "db" / "data.mdb")))
+    r = run("recover", str(path), code=1)
+    assert "--rebuild-state" not in r.output and "backup or a replica" in r.output, r.output
+    r = run("recover", str(path), "--rebuild-state", code=1)
+    assert "cannot be rebuilt" in r.output and "nothing was changed" in r.output, r.output
+    assert not (path / "quarantine").exists() or not list((path / "quarantine").iterdir())

@@ -15,13 +15,15 @@ from ..engine.layout import FORMAT_NAME, FORMAT_VERSION, MAX_IDENTITY_BYTES, Lay
 from ..errors import NotAStore
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
+from ..ops.rebuild import rebuild_refusal, rebuild_state
 from ..ops.inspect import DAMAGE as WAL_DAMAGE, iter_wal as _iter_wal
 from ..ops.verify import VerifyReport, verify_store as _verify_store
 from ..options import Options
 from ..signals import Flag
 from ..store import Store
 
-__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "identity_damaged", "open_for_recovery", "verify", "wal_records", "backup",
+__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "identity_damaged",
+           "rebuild_refusal", "rebuild_state", "open_for_recovery", "verify", "wal_records", "backup",
            "is_store", "lmdb_file", "prepared_details", "run_demo", "demo_side_dir", "benchmarks",
            "replication", "tracked_files", "changes_between", "Flag"]
 

@@ -30,33 +30,49 @@ def init(path: str) -> None:
 @PATH
 @click.option("--mode", type=click.Choice(_engine.RECOVERY_MODES), default="strict",
               show_default=True, help="What to give up when the WAL is damaged.")
+@click.option("--rebuild-state", is_flag=True,
+              help="When LMDB's state is lost or damaged and the WAL is whole from LSN 0: "
+                   "move it to quarantine/ and rebuild it from the log.")
 @HANDLERS
 @JSON
-def recover(path: str, mode: str, handlers: str | None, as_json: bool) -> None:
+def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
+            as_json: bool) -> None:
     """Recover PATH after a crash: REDO committed work, UNDO losers, cut a torn tail.
 
     Lists every action still owing its compensation (id, name, compensator, state, last
     error); exit 1 when any is owed, a transaction is in doubt or damage was found.
+    LMDB's state lost or damaged: says whether ``--rebuild-state`` can rebuild it from
+    the log, or only a backup or replica can bring the store back.
     """
     compensators = load_handlers(handlers)
     progress = None if as_json else progress_printer("recover")
+    rebuilt = None
     try:
         store = _engine.open_for_recovery(path, mode, compensators, progress)
     except walstore.CorruptionError as e:
-        if e.file and e.file.startswith(_engine.lmdb_file(path)):
-            raise  # LMDB itself is damaged: not a log the modes could cut (one error line)
-        _report_refused(e, as_json)
+        if not (e.file and e.file.startswith(_engine.lmdb_file(path))):
+            _report_refused(e, as_json)
+        # LMDB itself is damaged: not a log the modes could cut
+        if not rebuild_state:
+            _report_lmdb_damaged(path, e, as_json)
+        rebuilt = _engine.rebuild_state(path)  # (refuses, changing nothing, if it cannot)
+        store = _engine.open_for_recovery(path, mode, compensators, progress)
     with store:
         report = store.last_recovery
         owed = store.pending_compensations()
         registered = dict(store.compensators)
     doc = report.as_dict()
     doc["pending_actions"] = action_docs(owed, registered)
+    if rebuilt is not None:
+        doc["rebuilt_state"] = {"damaged_state_moved_to": rebuilt}
     problem = (any(p.kind not in NORMAL_PROBLEMS for p in report.problems)
                or bool(report.in_doubt) or bool(owed))
     if as_json:
         emit_json(doc)
     else:
+        if rebuilt is not None:
+            click.echo(f"LMDB's state was rebuilt from the log (the damaged one is kept in "
+                       f"{rebuilt})")
         _print_recovery(doc)
         if owed:
             click.echo("pending compensations (need a compensator, --handlers MODULE, or "
@@ -64,6 +80,27 @@ def recover(path: str, mode: str, handlers: str | None, as_json: bool) -> None:
             action_table(owed, registered, results=False)
         click.echo("recovered" + (" cleanly" if doc["clean"] else ""))
     raise SystemExit(EXIT_PROBLEM if problem else 0)
+
+
+def _report_lmdb_damaged(path: str, e: walstore.CorruptionError, as_json: bool) -> None:
+    """LMDB's state is lost or damaged: the options are a rebuild from the log (when it
+    is whole from LSN 0) or a backup / replica.  Nothing was changed."""
+    why = _engine.rebuild_refusal(path)
+    if why is None:
+        option = (f"options: `walstore recover {path} --rebuild-state` rebuilds LMDB from "
+                  f"the WAL, which is whole from LSN 0 (the damaged state is moved to "
+                  f"quarantine/); or restore the store from a backup or a replica")
+    else:
+        option = (f"it cannot be rebuilt from the log ({why}): the option is to restore "
+                  f"the store from a backup or a replica")
+    if as_json:
+        emit_json({"recovered": False, "refused": True, "reason": e.reason, "file": e.file,
+                   "offset": e.offset, "lsn": e.lsn, "rebuild_possible": why is None,
+                   "options": option})
+    else:
+        click.echo(f"recovery refused: LMDB's state is damaged: {e}")
+        click.echo(f"nothing was changed; {option}")
+    raise SystemExit(EXIT_PROBLEM)
 
 
 def _report_refused(e: walstore.CorruptionError, as_json: bool) -> None:
