@@ -1554,3 +1554,39 @@ def test_point_in_time_names_every_transaction_whose_records_were_cut(tmp_path):
     r = CliRunner().invoke(cli_main, ["recover", str(path), "--mode", "point-in-time", "--json"])
     rep = json.loads(r.output)
     assert intent["payload"]["tx"] in rep["given_up_txids"], rep
+
+
+_DIVERGE = """
+import os, sys, time, walstore
+path, tag, start, n, pad = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+s = walstore.open(path, apply_interval=0.05)
+for i in range(start, start + n):
+    with s.transaction() as tx: tx.put(f"k{i:05d}", {"who": tag, "pad": "x" * pad})
+time.sleep(0.5); os._exit(0)
+"""
+
+
+def test_a_segment_from_a_backup_of_the_store_is_not_taken_for_its_own(tmp_path):
+    """A backup keeps the store id, so its segments validate in the source: one copied
+    over the store's own (the histories diverged, LMDB applied the store's) was REDOne
+    and open served a mix of both histories.  The record at LMDB's last applied commit
+    must be that commit: every recovery mode refuses, changing nothing."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    S, B = tmp_path / "S", tmp_path / "B"
+
+    def go(p, tag, start, n, pad):
+        subprocess.run([sys.executable, "-c", _DIVERGE, str(p), tag, str(start), str(n),
+                        str(pad)], check=True, env=env)
+    go(S, "S", 0, 50, 100)
+    assert CliRunner().invoke(cli_main, ["backup", str(S), str(B)]).exit_code == 0
+    go(S, "S", 50, 100, 100)
+    go(B, "B", 50, 70, 333)
+    seg = sorted(p.name for p in (S / "wal").glob("*.wal"))[-1]
+    shutil.copy(B / "wal" / seg, S / "wal" / seg)
+    before = file_digests(S)
+    for mode in ("strict", "tolerate-tail", "point-in-time", "skip-corrupt"):
+        with pytest.raises(walstore.CorruptionError, match="foreign-log"):
+            walstore.open(str(S), recovery_mode=mode)
+        assert file_digests(S) == before, mode
+    with pytest.raises(walstore.CorruptionError, match="foreign-log"):
+        walstore.open(str(S), readonly=True)

@@ -110,8 +110,11 @@ def _report_refused(e: walstore.CorruptionError, as_json: bool) -> None:
         emit_json(doc)
     else:
         click.echo(f"recovery refused: {e}")
-        click.echo("nothing after the damage was applied; choose what to give up with "
-                   "--mode tolerate-tail | point-in-time | skip-corrupt")
+        if str(e).startswith("foreign-log"):  # (no mode gives up a log that is not this one)
+            click.echo("nothing was changed; no --mode applies a log LMDB did not come from")
+        else:
+            click.echo("nothing after the damage was applied; choose what to give up with "
+                       "--mode tolerate-tail | point-in-time | skip-corrupt")
     raise SystemExit(EXIT_PROBLEM)
 
 

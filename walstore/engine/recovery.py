@@ -44,7 +44,7 @@ from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader, Record, SegmentReader
 from ..log.segment import SPARE_NAME
 from .apply import PREPARED_PREFIX, Applier
-from .lmdb_state import LmdbState, from_u64, read_chunk
+from .lmdb_state import LmdbState, from_u64, read_chunk, u64
 
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 REDO_BATCH = 2000
@@ -140,6 +140,8 @@ class Recovery:
         self._intents: set[str] = set()  # action ids whose ACTION_INTENT this pass redid
         self._orphans: dict[str, tuple[int, int]] = {}  # action id -> (txid, result LSN)
         self._redo_end = 0  # end LSN of the newest event given to REDO
+        # (LSN, txid) of the last commit LMDB applied: the log must hold that commit there
+        self._anchor: tuple[int, int] | None = self._last_applied_commit()
         self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
         self._new_segment_at: int | None = None
         self._end: tuple[int, int, int] | None = None  # (segment start, offset, LSN)
@@ -156,6 +158,9 @@ class Recovery:
         rep.segments = len(log.segments)
         rep.wal_bytes = log.total_bytes
         self._log = log
+        if self._anchor is not None and (not log.segments
+                                         or self._anchor[0] < log.segments[0][0]):
+            self._anchor = None  # (its segment was trimmed: nothing to compare)
         try:
             for item in log.walk():
                 if isinstance(item, Record):
@@ -192,6 +197,9 @@ class Recovery:
     def _handle(self, ev: LogEvent) -> None:
         """React to one non-record item of the walk."""
         rep = self.report
+        if self._anchor is not None and ev.lsn <= self._anchor[0] and not (
+                ev.kind == "end" and ev.verdict == "clean"):
+            self._anchor = None  # (damage before it: the mode judges that, not this check)
         if ev.kind == "gap":
             self._damage("gap", ev.path, 0, ev.lsn, ev.reason, False)
             if self.mode == "point-in-time":
@@ -231,6 +239,8 @@ class Recovery:
 
     def _feed(self, rec: Record) -> None:
         self.report.records += 1
+        if self._anchor is not None and rec.end_lsn > self._anchor[0]:
+            self._check_anchor(rec)
         try:
             body = records.decode(rec.payload)
             ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn, body, len(rec.payload))
@@ -260,6 +270,58 @@ class Recovery:
         self._redo_end = ev.end
         if len(self.redo) >= REDO_BATCH:
             self._flush_redo()
+
+    def _last_applied_commit(self) -> tuple[int, int] | None:
+        """(LSN, txid) of the newest commit LMDB applied (its ``bylsn`` row), or None."""
+        st = self.state
+        with st.read() as txn:
+            cur = txn.cursor(db=st.bylsn)
+            # the last row below ``applied`` (a commit at L is applied once its end is)
+            found = cur.prev() if cur.set_range(u64(self.applied)) else cur.last()
+            if not found:
+                return None
+            lsn, txid = from_u64(cur.key()), from_u64(cur.value())
+        return (lsn, txid) if lsn < self.applied else None
+
+    def _check_anchor(self, rec: Record) -> None:
+        """The first record reaching past LMDB's last applied commit must be that commit.
+        A segment copied from a backup or restored copy of this store (the same store id,
+        so its records validate here) that diverged before it would else be REDOne over
+        LMDB as if it were this store's log: two histories mixed, acknowledged commits
+        replaced.  Refused in every mode (no mode gives up a log that is not this one)."""
+        lsn, txid = self._anchor
+        self._anchor = None
+        found = None
+        if rec.lsn == lsn and rec.type == RecordType.COMMIT:
+            try:
+                found = records.txid_of(records.decode(rec.payload))
+            except ValueError:
+                pass
+        if found == txid:
+            return
+        try:
+            name = RecordType(rec.type).name
+        except ValueError:
+            name = str(rec.type)
+        what = (f"a {name} record at LSN {rec.lsn}" if rec.lsn != lsn
+                or rec.type != RecordType.COMMIT else f"the commit of transaction {found}")
+        path = self._segment_of(rec.lsn)
+        reason = (f"the WAL is not the log LMDB applied: LMDB's last applied commit is "
+                  f"transaction {txid} at LSN {lsn}, but the log holds {what} there (a "
+                  f"segment from another copy of this store, a backup or a restored one, in "
+                  f"place of its own?); nothing was changed: put the store's own segment back, "
+                  f"or restore from a backup")
+        self.report.problems.append(Problem("foreign-log", path, rec.offset, rec.lsn, reason,
+                                            action="refused"))
+        raise CorruptionError(f"foreign-log: {reason}", file=path, offset=rec.offset,
+                              lsn=rec.lsn)
+
+    def _segment_of(self, lsn: int) -> str:
+        path = self.wal_dir
+        for start, p in self._log.segments if self._log is not None else ():
+            if start <= lsn:
+                path = p
+        return path
 
     def _orphan_result(self, ev: records.Event) -> None:
         """An ACTION_RESULT whose ACTION_INTENT is neither in LMDB nor redone in this pass
