@@ -9,7 +9,7 @@ import walstore
 
 from . import _engine, main
 from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
-from .output import (EXIT_PROBLEM, UsageProblem, emit_json, emit_json_list, emit_summary,
+from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
                      kv_lines, progress_printer)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
@@ -54,7 +54,7 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
             _report_refused(e, as_json)
         # LMDB itself is damaged: not a log the modes could cut
         if not rebuild_state:
-            _report_lmdb_damaged(path, e, as_json)
+            _report_lmdb_damaged(path, e)
         rebuilt = _engine.rebuild_state(path)  # (refuses, changing nothing, if it cannot)
         store = _engine.open_for_recovery(path, mode, compensators, progress)
     with store:
@@ -82,9 +82,10 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
     raise SystemExit(EXIT_PROBLEM if problem else 0)
 
 
-def _report_lmdb_damaged(path: str, e: walstore.CorruptionError, as_json: bool) -> None:
+def _report_lmdb_damaged(path: str, e: walstore.CorruptionError) -> None:
     """LMDB's state is lost or damaged: the options are a rebuild from the log (when it
-    is whole from LSN 0) or a backup / replica.  Nothing was changed."""
+    is whole from LSN 0) or a backup / replica.  Nothing was changed.  One error line, as
+    every command says LMDB damage (under --json an error document)."""
     why = _engine.rebuild_refusal(path)
     if why is None:
         option = (f"options: `walstore recover {path} --rebuild-state` rebuilds LMDB from "
@@ -93,14 +94,8 @@ def _report_lmdb_damaged(path: str, e: walstore.CorruptionError, as_json: bool) 
     else:
         option = (f"it cannot be rebuilt from the log ({why}): the option is to restore "
                   f"the store from a backup or a replica")
-    if as_json:
-        emit_json({"recovered": False, "refused": True, "reason": e.reason, "file": e.file,
-                   "offset": e.offset, "lsn": e.lsn, "rebuild_possible": why is None,
-                   "options": option})
-    else:
-        click.echo(f"recovery refused: LMDB's state is damaged: {e}")
-        click.echo(f"nothing was changed; {option}")
-    raise SystemExit(EXIT_PROBLEM)
+    raise Failure(f"recover failed: corruption: {e}; nothing was changed; {option}",
+                  EXIT_PROBLEM, type(e).__name__)
 
 
 def _report_refused(e: walstore.CorruptionError, as_json: bool) -> None:
