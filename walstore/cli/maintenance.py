@@ -124,7 +124,7 @@ def _print_recovery(doc: dict) -> None:
                    + (f" -> {p['quarantined']}" if p['quarantined'] else ""))
     if doc["given_up_records"]:
         click.echo(f"gave up {doc['given_up_records']} valid records behind the damage "
-                   f"(commits of txids {doc['given_up_txids']}); they are in quarantine/")
+                   f"(records of txids {doc['given_up_txids']}); they are in quarantine/")
     if doc.get("compensated"):
         click.echo(f"compensations run: {', '.join(doc['compensated'])}")
     if doc.get("in_doubt"):
