@@ -249,3 +249,248 @@ def test_a_strangers_delete_of_a_path_a_commit_turned_from_directory_to_file_is_
         s.revert(tx.id)
     assert not (root / "p").exists()
     s.close()
+
+
+# ---- probe 41 ---------------------------------------------------------------------------
+
+def _watch_then_crash(store: str, root: str) -> subprocess.CompletedProcess:
+    """A child that re-registers ``root`` without its ``*.log`` pattern inside a watch
+    (after a watched process wrote t.txt), then is killed inside the block."""
+    return _run_child("""
+        import os, subprocess, sys, walstore
+        s = walstore.open(sys.argv[1]); ws = s.workspace(sys.argv[2], ignore=["*.log"])
+        tx = s.transaction()
+        with tx.files(ws).watch():
+            subprocess.run(["sh", "-c", "echo t > t.txt"], cwd=sys.argv[2], check=True)
+            s.workspace(sys.argv[2], ignore=[])
+            os.kill(os.getpid(), 9)
+    """, store, root)
+
+
+@pytest.mark.parametrize("how", ["rollback", "crash"])
+def test_a_watch_never_takes_a_file_it_ignored_at_its_start_for_its_own(tmp_path, how):
+    """Re-registering a workspace with other ignore= patterns while a watch ran there: a
+    file ignored when the watch began (and never touched) was "created" by the watch, and
+    the rollback (or the recovery of a crash inside the block) deleted it."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "precious.log").write_text("walstore never owned this")
+    if how == "rollback":
+        s = walstore.open(str(tmp_path / "s"))
+        ws = s.workspace(str(root), ignore=["*.log"])
+        tx = s.transaction()
+        with tx.files(ws).watch() as w:
+            subprocess.run(["sh", "-c", "echo t > t.txt"], cwd=root, check=True)
+            s.workspace(str(root), ignore=[])  # another part of the agent re-registers
+        assert [(c.path, c.kind) for c in w.changes] == [(b"t.txt", "created")]
+        tx.rollback()
+    else:
+        r = _watch_then_crash(str(tmp_path / "s"), str(root))
+        assert r.returncode == -9, r.stderr
+        s = walstore.open(str(tmp_path / "s"))
+        assert [p.kind for p in s.last_recovery.problems] == ["watch-undone"]
+    assert (root / "precious.log").read_text() == "walstore never owned this"
+    assert not (root / "t.txt").exists() and s.file_conflicts() == []
+    s.close()
+
+
+def test_a_rename_that_would_move_the_store_is_refused(tmp_path):
+    """rename() of a workspace directory holding the store moved the store itself (the
+    rollback could not put it back: FileConflictError, the store left at the new name);
+    only "is the store or inside it" was refused, not "holds it"."""
+    root = tmp_path / "ws"
+    (root / "inner").mkdir(parents=True)
+    store = root / "inner" / "store"
+    s = walstore.open(str(store))
+    ws = s.workspace(str(root))
+    with s.transaction() as tx:
+        tx.files(ws).write("inner/a", "A")
+    tx = s.transaction()
+    with pytest.raises(ValueError, match="holds walstore's own directory 'inner/store'"):
+        tx.files(ws).rename("inner", "inner2")
+    tx.files(ws).rmtree("inner")  # (rmtree keeps the store, and what holds it)
+    assert store.is_dir() and not (root / "inner" / "a").exists()
+    tx.rollback()
+    assert sorted(os.listdir(root)) == ["inner"] and not (root / "inner2").exists()
+    assert (root / "inner" / "a").read_text() == "A" and s.file_conflicts() == []
+    s.close()
+
+
+def test_a_root_replaced_by_a_symlink_is_never_written_through(tmp_path):
+    """A workspace root replaced by a symlink (mv ws ws_old; ln -s other ws) was followed:
+    a live write landed in other/, and the recovery of a crashed transaction deleted and
+    overwrote other/'s own files.  Now refused live; recovery leaves it owed (reported),
+    and puts it back once the root is the directory again."""
+    root, old, other = tmp_path / "ws", tmp_path / "ws_old", tmp_path / "other"
+    root.mkdir()
+    other.mkdir()
+    s = walstore.open(str(tmp_path / "s"))
+    ws = s.workspace(str(root))
+    with s.transaction() as tx:
+        tx.files(ws).write("a", "A0")
+    root.rename(old)
+    root.symlink_to(other)
+    tx = s.transaction()
+    with pytest.raises(ValueError, match="no longer the directory registered"):
+        tx.files(ws).write("live.txt", "L")
+    with pytest.raises(ValueError, match="no longer the directory registered"):
+        with tx.files(ws).watch():
+            pass
+    tx.rollback()
+    assert os.listdir(other) == []
+    s.close()
+    root.unlink()
+    old.rename(root)
+    r = _run_child("""
+        import os, sys, walstore
+        s = walstore.open(sys.argv[1]); ws = s.workspace(sys.argv[2])
+        tx = s.transaction(); f = tx.files(ws); f.write("a", "A1"); f.write("new", "N")
+        os.kill(os.getpid(), 9)
+    """, str(tmp_path / "s"), str(root))
+    assert r.returncode == -9, r.stderr
+    root.rename(old)
+    root.symlink_to(other)
+    (other / "a").write_text("other's a")
+    (other / "new").write_text("other's new")
+    s = walstore.open(str(tmp_path / "s"))
+    assert {p.kind for p in s.last_recovery.problems} == {"file-undo-failed"}
+    assert (other / "a").read_text() == "other's a"
+    assert (other / "new").read_text() == "other's new"
+    s.close()
+    root.unlink()
+    old.rename(root)
+    s = walstore.open(str(tmp_path / "s"))  # owed, not forgotten: put back now
+    assert s.last_recovery.problems == []
+    assert sorted(os.listdir(root)) == ["a"] and (root / "a").read_text() == "A0"
+    s.close()
+
+
+def test_a_watch_inside_a_watch_of_the_same_transaction_is_undone_once(tmp_path):
+    """A watch() nested in the transaction's own watch() of the workspace logged its
+    changes too: the rollback undid them twice (the inner watch's over the outer's),
+    raising FileConflictError and bringing back a file created and deleted inside."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        tx.files(ws).write("a", "A0")
+    tx = s.transaction()
+    f = tx.files(ws)
+    with f.watch() as outer:
+        subprocess.run(["sh", "-c", "echo 1 > a; echo x > x"], cwd=root, check=True)
+        with f.watch() as inner:
+            subprocess.run(["sh", "-c", "echo 2 > a; rm x"], cwd=root, check=True)
+    assert [(c.path, c.kind) for c in inner.changes] == [(b"a", "modified"),
+                                                         (b"x", "deleted")]
+    assert [(c.path, c.kind) for c in outer.changes] == [(b"a", "modified")]
+    tx.rollback()
+    assert sorted(os.listdir(root)) == ["a"] and (root / "a").read_text() == "A0"
+    assert s.file_conflicts() == []
+    s.close()
+
+
+def test_a_forced_revert_removes_what_others_put_in_a_directory_it_removes(tmp_path):
+    """revert(force=True) of a transaction that created d/ raised RevertConflict once
+    another process had put a file in d/: force did nothing.  Now the file goes too, as a
+    step of the revert (its revert brings it back), with a copy in quarantine/."""
+    s, ws, root = _open(tmp_path)
+    with s.transaction() as tx:
+        f = tx.files(ws)
+        f.mkdir("d")
+        f.write("d/a", "A")
+        f.write("keep", "K")
+    (root / "d" / "sub").mkdir()
+    (root / "d" / "sub" / "stranger").write_text("S")
+    (root / "d" / "link").symlink_to("sub")
+    with pytest.raises(walstore.RevertConflict):
+        s.revert(tx.id)  # (unforced: named, nothing changed)
+    assert (root / "d" / "sub" / "stranger").read_text() == "S" and (root / "keep").exists()
+    s.revert(tx.id, force=True)
+    assert os.listdir(root) == []
+    q = tmp_path / "s" / "quarantine" / "files" / f"tx{s.log(limit=1)[0].txid}" / "d"
+    assert (q / "sub" / "stranger").read_text() == "S" and os.readlink(q / "link") == "sub"
+    s.revert(s.log(limit=1)[0].txid)
+    assert (root / "d" / "sub" / "stranger").read_text() == "S"
+    assert os.readlink(root / "d" / "link") == "sub" and (root / "d" / "a").read_text() == "A"
+    assert s.file_conflicts() == []
+    s.close()
+
+
+def test_a_forced_revert_never_removes_a_directory_holding_the_store(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    s = walstore.open(str(tmp_path / "ws" / "d" / "store"))  # (d made by the store)
+    ws = s.workspace(str(root))
+    with s.transaction() as tx:
+        tx.files(ws).write("e/a", "A")
+    s.close()
+    os.rename(root / "d", root / "e" / "d")  # the store now inside e/, which tx created
+    s = walstore.open(str(root / "e" / "d" / "store"))
+    ws = s.workspace(str(root))
+    with pytest.raises(walstore.RevertConflict, match="holds walstore's own directory"):
+        s.revert(tx.id, force=True)
+    assert (root / "e" / "a").read_text() == "A" and (root / "e" / "d" / "store").is_dir()
+    s.close()
+
+
+@pytest.mark.parametrize("how", ["rollback", "revert", "crash"])
+def test_a_watch_puts_back_the_mode_of_the_root_itself(tmp_path, how):
+    """A watched ``chmod -R go-rwx .`` was undone on every path but the root: the walk
+    recorded the root's children, never the root."""
+    root = tmp_path / "ws"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "f").write_text("x")
+    os.chmod(root, 0o755)
+    os.chmod(root / "sub", 0o755)
+    os.chmod(root / "sub" / "f", 0o644)
+    if how == "crash":
+        r = _run_child("""
+            import os, subprocess, sys, walstore
+            s = walstore.open(sys.argv[1]); ws = s.workspace(sys.argv[2])
+            tx = s.transaction()
+            with tx.files(ws).watch():
+                subprocess.run(["chmod", "-R", "go-rwx", "."], cwd=sys.argv[2], check=True)
+                os.kill(os.getpid(), 9)
+        """, str(tmp_path / "s"), str(root))
+        assert r.returncode == -9, r.stderr
+        s = walstore.open(str(tmp_path / "s"))
+    else:
+        s = walstore.open(str(tmp_path / "s"))
+        ws = s.workspace(str(root))
+        tx = s.transaction()
+        with tx.files(ws).watch() as w:
+            subprocess.run(["chmod", "-R", "go-rwx", "."], cwd=root, check=True)
+        assert (b"", "mode") in [(c.path, c.kind) for c in w.changes]
+        if how == "rollback":
+            tx.rollback()
+        else:
+            tx.commit()
+            assert stat.S_IMODE(os.lstat(root).st_mode) == 0o700
+            s.revert(tx.id)
+    modes = {p: stat.S_IMODE(os.lstat(root / p).st_mode) for p in (".", "sub", "sub/f")}
+    assert modes == {".": 0o755, "sub": 0o755, "sub/f": 0o644}
+    assert s.file_conflicts() == []
+    s.close()
+
+
+def test_at_a_point_a_path_through_a_symlink_is_refused_as_the_live_read_refuses_it(
+        tmp_path):
+    """at(point).files(ws).read() of a path through a symlink leading outside the root
+    said FileNotFoundError ("did not exist"); the live read, and the contract, say
+    ValueError."""
+    s, ws, root = _open(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "secret").write_text("SECRET")
+    with s.transaction() as tx:
+        tx.files(ws).write("a", "A0")
+    (root / "ext").symlink_to(tmp_path / "out")
+    p = s.restore_point("p")
+    with s.transaction() as tx:
+        with pytest.raises(ValueError, match="symlink"):
+            tx.files(ws).read("ext/secret")
+    with pytest.raises(ValueError, match="'ext' was a symlink"):
+        s.at(p).files(ws).read("ext/secret")
+    with s.transaction() as tx:  # a symlink committed by walstore: the same
+        tx.files(ws).symlink("in", "sub")
+        tx.files(ws).write("sub/x", "X")
+    with pytest.raises(ValueError, match="'in' was a symlink"):
+        s.at(tx.id).files(ws).read("in/x")
+    s.close()

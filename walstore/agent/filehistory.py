@@ -198,6 +198,25 @@ class HistoricalFiles:
             return Entry.absent()
         return read_entry(ws.abspath(rel), hash=hash)
 
+    def _check_way(self, rel: bytes, where: str) -> None:
+        """ValueError when a directory on the way to ``rel`` was a symlink at the point,
+        as the live read says (walstore never follows a symlink on the way to a path); it
+        said "did not exist" for a path through a symlink leading outside the root."""
+        parts = rel.split(b"/")[:-1]
+        for i in range(1, len(parts) + 1):
+            up = b"/".join(parts[:i])
+            e = self._history.entry_at(self.workspace.root_b, up, self.lsn)
+            if e is None:
+                e = self._uncommitted(up)
+            if e is None:
+                e = self._as_now(up, hash=False)
+            if e.is_symlink:
+                raise ValueError(f"{where}: {display(up)!r} was a symlink (to "
+                                 f"{os.fsdecode(e.target or b'')!r}); walstore never "
+                                 f"follows a symlink on the way to a path")
+            if not e.is_dir:
+                return
+
     @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:
         return self.entry(path).exists
@@ -206,8 +225,8 @@ class HistoricalFiles:
     def read(self, path: PathLike) -> bytes:
         """The content ``path`` had at the point (bytes).  FileNotFoundError when it was
         absent, IsADirectoryError when it was a directory, ValueError when it was a
-        symlink (never followed: ``entry(path).target`` is its target).  A path walstore
-        never changed is read as it is now."""
+        symlink (never followed: ``entry(path).target`` is its target) or a directory on
+        the way to it was.  A path walstore never changed is read as it is now."""
         ws = self.workspace
         rel = ws.rel(path)
         e = self._history.entry_at(ws.root_b, rel, self.lsn)
@@ -219,6 +238,7 @@ class HistoricalFiles:
         where = f"{display(rel)!r} in workspace {ws.root!r} at LSN {int(self.lsn)}"
         abs_path = os.fsdecode(ws.abspath(rel))
         if not e.exists:
+            self._check_way(rel, where)
             raise FileNotFoundError(errno.ENOENT, f"{where} did not exist", abs_path)
         if e.is_dir:
             raise IsADirectoryError(errno.EISDIR, f"{where} was a directory", abs_path)

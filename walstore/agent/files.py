@@ -184,9 +184,9 @@ class Files:
         # txids whose decision to roll back is logged while their undo runs (shared with
         # TwoPhase: ``rollback_prepared``): their claims hold until the paths are back
         self.undoing: set[int] = set()
-        # root -> txid of the watch() running there (the workspace lock's holder): another
+        # root -> the watch() running there (the workspace lock's holder): another
         # transaction's file operation in the same thread would land in that watch's diff
-        self._watching: dict[bytes, int] = {}
+        self._watching: dict[bytes, OpenWatch] = {}
         # what recovery kept aside of crashed watches (see ``_undo_open_watch``)
         self.watch_saved: list[dict] = []
         self._blob_bytes_noted = 0  # blob bytes already counted toward a checkpoint
@@ -266,7 +266,7 @@ class Files:
             ws = self._registry.get(root)
             if ws is None:
                 ws = Workspace(root, row.get("ignore") or None, exclude=[self.engine.path],
-                               scope=row.get("scope"))
+                               scope=row.get("scope"), registered=True)
                 self._registry[root] = ws
             return ws
 
@@ -396,7 +396,8 @@ class Files:
         there can only be this very thread's (the lock is the watch's): a change made now
         would be found in that watch's diff and become the other transaction's (undone by
         its rollback).  Refused before anything changes."""
-        owner = self._watching.get(ws.root_b)
+        running = self._watching.get(ws.root_b)
+        owner = None if running is None else running.txid
         if owner is not None and owner != tx.id:
             raise WalstoreError(
                 f"transaction {tx.id} cannot change files in {ws.root!r} while this thread "
@@ -487,7 +488,8 @@ class Files:
         """A revert or rewind: put each path back (in ``tx``, before its commit), logged
         as the undoing transaction's own FILE_STEPS (before = the path now, stored; after =
         the target), so rolling ``tx`` back, or reverting it later, works like any other
-        file effect.  A path that changed since it was planned: RevertConflict."""
+        file effect.  A path that changed since it was planned: RevertConflict.  Forced,
+        a directory to remove loses what others put in it too (``_strangers_under``)."""
         from ..errors import RevertConflict
         tx._check_writable()
         by_ws: dict[bytes, list[FileUndo]] = {}
@@ -500,9 +502,12 @@ class Files:
             ws = by_ws[root][0].ws
             with self._ws_lock(ws), self._lock:
                 self._check_not_watched(tx, ws)
+                ws.check_root()
                 back = [Change.of(it.path, it.target,
                                   plan.capture_reachable(ws, it.path, self.blobs))
                         for it in by_ws[root]]
+                if force:
+                    back += self._strangers_under(tx, ws, back)
                 forward = [Change.of(c.path, c.after, c.before) for c in undo_order(back)]
                 self._claim(tx, ws, forward)
                 eff = self.log_steps(tx, ws, "revert", forward)
@@ -517,6 +522,37 @@ class Files:
                     raise RevertConflict(f"file(s) changed while transaction {tx.id} was "
                                          f"putting them back: {conflicts}", paths=conflicts)
 
+    def _strangers_under(self, tx: "Transaction", ws: Workspace, back: list) -> list:
+        """A forced undo puts the earlier version over whatever is there, and a directory
+        that must go (the undone transaction created it) may hold paths walstore never
+        recorded (another process put them there): those become absent too, as steps of
+        the undoing transaction (rolling it back, or reverting it, brings them back), and
+        a copy of each file and symlink is kept under ``quarantine/files/tx<txid>/``.
+        (The revert used to raise RevertConflict for the directory, force or not.)  All
+        of it is captured before anything changes; a directory holding walstore's own
+        directory (the store) is refused then."""
+        from ..errors import RevertConflict
+        known = {c.path for c in back}
+        out: list[Change] = []
+        for c in back:
+            if not c.after.is_dir or c.before.is_dir:
+                continue
+            held = ws.holding_excluded(c.path)
+            if held is not None:
+                where = abs_display(ws.root_b, c.path)
+                raise RevertConflict(f"{where} cannot be put back: it holds walstore's own "
+                                     f"directory {abs_display(ws.root_b, held)}; nothing "
+                                     f"was changed", paths=[where])
+            for p, e in plan._subtree(ws, c.path, c.after, self.blobs)[1:]:
+                if p not in known:
+                    known.add(p)
+                    out.append(Change.of(p, Entry.absent(), e))
+        where = os.fsencode(self.quarantine(tx.id))
+        for c in out:
+            if c.after.is_file or c.after.is_symlink:
+                fapply._save_aside(c.path, c.after, self.blobs, where)
+        return out
+
     # ---- watch() --------------------------------------------------------------------
     @contextlib.contextmanager
     def watch(self, tx: "Transaction", ws: Workspace) -> Iterator[Watch]:
@@ -526,6 +562,15 @@ class Files:
             with self._lock:
                 self._check_not_watched(tx, ws)
                 outer = self._watching.get(ws.root_b)
+            if outer is not None:
+                # nested in this transaction's own watch of the workspace, which records
+                # every change of the block already: this one only reports them (it used
+                # to log them as well, so a rollback undid them twice, the second time
+                # over the first: a conflict, and a deleted file back)
+                with self._nested_watch(outer) as handle:
+                    yield handle
+                return
+            with self._lock:
                 m0 = snapshot(ws, self.blobs, previous=self._previous(ws))
                 digest = m0.save(self.blobs)
                 tx.logged = True
@@ -535,7 +580,7 @@ class Files:
                 self._manifests[ws.root_b] = m0
                 w = OpenWatch(ws, m0, digest, ev.lsn, tx.id)
                 tx.effects.append(w)
-                self._watching[ws.root_b] = tx.id
+                self._watching[ws.root_b] = w
             handle = Watch(ws)
             failed = False
             try:
@@ -551,17 +596,28 @@ class Files:
                         raise  # (the block's own error wins; the watch stays open)
                 finally:
                     with self._lock:
-                        if outer is None:
-                            self._watching.pop(ws.root_b, None)
-                        else:  # (a nested watch of the same transaction)
-                            self._watching[ws.root_b] = outer
+                        self._watching.pop(ws.root_b, None)
+
+    @contextlib.contextmanager
+    def _nested_watch(self, outer: OpenWatch) -> Iterator[Watch]:
+        """A watch inside ``outer`` (same transaction, same workspace; caller holds the
+        workspace's lock): nothing stored or logged; ``changes`` (after the block) lists
+        what changed inside it, compared through the outer watch's patterns."""
+        ws = outer.manifest.workspace(outer.ws)
+        m0 = snapshot(ws, None, previous=outer.manifest)
+        handle = Watch(outer.ws)
+        yield handle
+        handle.changes = diff(m0, snapshot(ws, None, previous=m0))
 
     def _end_watch(self, tx: "Transaction", w: OpenWatch, handle: Watch) -> None:
         if tx.state != "active" or w not in tx.effects:
             return  # ended (rolled back) inside the block: its undo ran already
         ws = w.ws
         with self._lock:
-            m1 = snapshot(ws, self.blobs, previous=w.manifest)
+            # through the patterns the watch began with: a registration changing them
+            # meanwhile (``workspace(root, ignore=...)``) made a file ignored then, and
+            # untouched, "created" by the watch, and its rollback deleted it
+            m1 = snapshot(w.manifest.workspace(ws), self.blobs, previous=w.manifest)
             changes = diff(w.manifest, m1)
             # logged in an order whose reverse is the undo order (removals deepest first,
             # then re-creations shallowest first), so they undo like any other steps
@@ -642,6 +698,9 @@ class Files:
         ``batch``: the effects undone with it (see UndoBatch); ``recovering``: at open,
         after a crash (see ``_undo_open_watch``)."""
         with self._ws_lock(eff.ws), self._lock:
+            # a root replaced by a symlink since: nothing is put back through it (the
+            # effect stays owed, reported); path by path it would be a conflict each
+            eff.ws.check_root()
             if isinstance(eff, OpenWatch):
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
             return undo_steps(eff.ws, eff.steps, self.blobs, self.quarantine(txid),
@@ -660,7 +719,7 @@ class Files:
         found now (a file or symlink) is kept under
         ``quarantine/files/tx<txid>/watch/<path>`` and listed (``watch_saved``, in the
         recovery report): put back as promised, and nothing lost."""
-        now = snapshot(ws, self.blobs if recovering else None, previous=m0)
+        now = snapshot(m0.workspace(ws), self.blobs if recovering else None, previous=m0)
         changes = diff(m0, now)
         if recovering:
             self._keep_found(ws, changes, txid)

@@ -427,6 +427,7 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
     drel, dabs = ws.resolve(dst)
     if srel == drel:
         raise ValueError(f"cannot rename {display(srel)!r} onto itself")
+    _refuse_moving_excluded(ws, srel)
     if drel.startswith(srel + b"/"):
         raise ValueError(f"cannot move {display(srel)!r} into itself ({display(drel)!r})")
     sst = _lstat(sabs)
@@ -447,6 +448,17 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
     if parent_of(drel) != parent_of(srel):
         _fsync_dir(ws.abspath(parent_of(drel)), durable)
     return Applied(drel, read_entry(dabs, hash=False), created)
+
+
+def _refuse_moving_excluded(ws: Workspace, rel: bytes) -> None:
+    """ValueError when ``rel`` holds walstore's own directory (the store inside the
+    workspace): a rename would move the store with it (rmtree keeps it, and a delete of
+    a directory that is not empty is refused anyway)."""
+    held = ws.holding_excluded(rel)
+    if held is not None:
+        raise ValueError(f"cannot rename {display(rel)!r} in workspace {ws.root!r}: it "
+                         f"holds walstore's own directory {display(held)!r}; nothing was "
+                         f"changed")
 
 
 def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = None,
@@ -534,15 +546,16 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
     an interrupted undo is run again: it had gone further back).  ``after_crash``: an
     undo run again by recovery, which may find a path in the state walstore's own restore
     passes through (``_between``); anywhere else that state is a stranger's change."""
+    root = not ws.rel(path, allow_root=True)  # (the root itself: a watch's mode change)
     try:
-        _rel, abs_path = ws.resolve(path)
+        _rel, abs_path = ws.resolve(path, allow_root=root)
     except (NotADirectoryError, ValueError):
         # a parent is a file or a symlink now: nothing is at this path as the workspace
         # sees it (walstore never goes through either); a restore that must put something
         # here puts the parent back first (an undo runs newest first), or finds it a
         # conflict.  (A revert of a commit that replaced c/ by a file c could not even be
         # planned: NotADirectoryError for c/x.)
-        if not ws.rel(path):
+        if root:
             raise
         current = Entry.absent()
     else:
@@ -580,19 +593,24 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
     before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
     parents are created (default mode)."""
+    root = not ws.rel(path, allow_root=True)
     try:
-        ws.resolve(path)  # (ValueError: a symlink on the way, never gone through)
-    except NotADirectoryError:
+        ws.resolve(path, allow_root=root)  # (ValueError: a symlink on the way, never
+    except NotADirectoryError:             # gone through)
         pass  # a file on the way: nothing is at the path (restore_status says absent)
     status = restore_status(ws, path, before, expected_current, done, after_crash)
     current = status.current
     if status.state == "done":  # (also a path to stay absent under a parent that is a
         return None             # file now: a failed rename's undo found conflicts there)
-    rel, abs_path = ws.resolve(path)
+    rel, abs_path = ws.resolve(path, allow_root=root)
     if status.state == "conflict":
         return _conflict(ws, rel, before, expected_current, current, blobs, quarantine,
                          "changed behind walstore's back (neither walstore's version nor "
                          "the one to restore)")
+    if root and not (before.kind == current.kind == DIR):
+        # the root is only ever restored to its mode: it is never created or removed
+        return FileConflict(rel, before, expected_current, current, None,
+                            "the workspace root itself is only put back to its mode")
     if current.kind == DIR and before.kind != DIR:
         try:
             _rmdir(abs_path)

@@ -21,6 +21,7 @@ for longer than one operation.
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import stat
@@ -73,16 +74,22 @@ def parent_of(rel: bytes) -> bytes:
 class Workspace:
     """A registered directory tree: ``root`` (absolute, realpath'd str), ``root_b`` (its
     bytes), ``ignore`` (an IgnoreRules), ``scope`` (the key prefix a scoped rewind counts
-    it in; None: none).  The root must exist and be a directory."""
+    it in; None: none).  The root must exist and be a directory.  ``registered``: the
+    root is a store's registered one, taken as it is (see ``check_root``)."""
 
     def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
-                 exclude: Iterable[PathLike] = (), scope: str | bytes | None = None) -> None:
+                 exclude: Iterable[PathLike] = (), scope: str | bytes | None = None,
+                 registered: bool = False) -> None:
         raw = os.fsencode(root)
         if b"\0" in raw:
             raise ValueError("a workspace root must not contain a NUL byte")
         if not raw:
             raise ValueError("a workspace root must not be empty")
-        real = os.path.realpath(os.path.abspath(raw))
+        # ``registered``: the root as the store registered it (realpath'd then), taken as
+        # it is: resolving it again would follow a symlink that replaced the root since
+        # (recovery wrote and deleted in the symlink's target); ``check_root`` refuses it
+        real = os.path.normpath(os.path.abspath(raw)) if registered else \
+            os.path.realpath(os.path.abspath(raw))
         if real == b"/":
             raise ValueError("the file system root cannot be a workspace")
         try:
@@ -91,6 +98,10 @@ class Workspace:
             raise ValueError(f"workspace root {os.fsdecode(real)!r} does not exist") from None
         if not stat.S_ISDIR(st.st_mode):
             raise ValueError(f"workspace root {os.fsdecode(real)!r} is not a directory")
+        lst = os.lstat(real)
+        # the root directory's identity (see ``check_root``); None: not a real directory
+        self._root_id: tuple[int, int] | None = (
+            (lst.st_dev, lst.st_ino) if stat.S_ISDIR(lst.st_mode) else None)
         self.root_b: bytes = real
         self.root: str = os.fsdecode(real)
         self.ignore = ignore if isinstance(ignore, IgnoreRules) else IgnoreRules(ignore)
@@ -159,6 +170,14 @@ class Workspace:
         """Is ``rel`` one of the excluded directories (walstore's own) or inside one?"""
         return any(rel == x or rel.startswith(x + b"/") for x in self.exclude)
 
+    def holding_excluded(self, rel: bytes) -> bytes | None:
+        """The excluded directory (walstore's own) that ``rel`` holds (is an ancestor of),
+        if any: moving ``rel`` would move the store with it."""
+        for x in sorted(self.exclude):
+            if not rel or x.startswith(rel + b"/"):
+                return x
+        return None
+
     def abspath(self, rel: bytes) -> bytes:
         """The absolute bytes path of an already normalized ``rel`` (no checks)."""
         return self.root_b + b"/" + rel if rel else self.root_b
@@ -173,9 +192,38 @@ class Workspace:
         self.check_parents(rel)
         return rel, self.abspath(rel)
 
+    def check_root(self) -> None:
+        """ValueError when the root is no longer a real directory reached without a
+        symlink (replaced by a symlink, or a directory on the way to it was): walstore
+        would write and delete outside the registered root.  A root that is missing is
+        left to the operation itself (the OS says so).  One ``lstat`` when the directory
+        is the one seen before; a directory made anew at the same path is taken when the
+        path still resolves to itself."""
+        try:
+            st = os.lstat(self.root_b)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            ident = (st.st_dev, st.st_ino)
+            if ident == self._root_id:
+                return
+            if os.path.realpath(self.root_b) == self.root_b:
+                self._root_id = ident
+                return
+            what = f"reached through a symlink, to {os.fsdecode(os.path.realpath(self.root_b))!r}"
+        elif stat.S_ISLNK(st.st_mode):
+            what = f"a symlink to {os.fsdecode(os.readlink(self.root_b))!r}"
+        else:
+            what = "not a directory"
+        raise ValueError(f"workspace root {self.root!r} is no longer the directory "
+                         f"registered (it is {what}); walstore never writes through it, "
+                         f"nothing was changed")
+
     def check_parents(self, rel: bytes) -> list[bytes]:
-        """Check the components above ``rel`` (see ``resolve``); returns the missing ones,
-        shallowest first (the parents a create must make)."""
+        """Check the root (``check_root``) and the components above ``rel`` (see
+        ``resolve``); returns the missing ones, shallowest first (the parents a create
+        must make)."""
+        self.check_root()
         parts = rel.split(b"/")[:-1] if rel else []
         cur = b""
         missing: list[bytes] = []
@@ -204,6 +252,15 @@ class Workspace:
         """Is the absolute ``abs_path`` lexically inside the root (or the root)?"""
         p = os.path.normpath(os.fsencode(abs_path))
         return p == self.root_b or p.startswith(self.root_b.rstrip(b"/") + b"/")
+
+    def with_ignore(self, ignore: IgnoreRules) -> "Workspace":
+        """The same workspace seen through other ignore patterns (a watch keeps those it
+        began with, whatever the registration says meanwhile)."""
+        if list(ignore.sources) == list(self.ignore.sources):
+            return self
+        other = copy.copy(self)
+        other.ignore = ignore
+        return other
 
     def ignored(self, rel: bytes, is_dir: bool) -> bool:
         """Ignored by the workspace's patterns, excluded, or a walstore temp name."""

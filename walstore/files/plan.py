@@ -26,7 +26,7 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from .apply import FileConflict, default_dir_mode, default_file_mode
+from .apply import FileConflict, _refuse_moving_excluded, default_dir_mode, default_file_mode
 from .blobs import BlobStore
 from .entries import Entry, entry_from_stat, open_nofollow
 from .paths import PathLike, Workspace, display
@@ -40,8 +40,9 @@ _RETRIES = 3
 
 def capture(ws: Workspace, path: PathLike, blobs: BlobStore) -> Entry:
     """The before-image of ``path`` now, a file's content stored (durable) in ``blobs``;
-    never follows a symlink.  UnsupportedFileType for a special file."""
-    rel, abs_path = ws.resolve(path)
+    never follows a symlink.  UnsupportedFileType for a special file.  The root itself
+    may be captured (its mode: a watch's step), never planned for."""
+    rel, abs_path = ws.resolve(path, allow_root=True)
     for _attempt in range(_RETRIES):
         try:
             st = os.lstat(abs_path)
@@ -88,10 +89,11 @@ def capture_reachable(ws: Workspace, path: PathLike, blobs: BlobStore) -> Entry:
     """``capture``, except that a path under a parent that is a file or a symlink now is
     absent (nothing is there as the workspace sees it) rather than an error: what an
     undo starts from when a later commit replaced a directory by a file."""
+    root = not ws.rel(path, allow_root=True)
     try:
-        ws.resolve(path)
+        ws.resolve(path, allow_root=root)
     except (NotADirectoryError, ValueError):
-        if not ws.rel(path):
+        if root:
             raise
         return Entry.absent()
     return capture(ws, path, blobs)
@@ -194,6 +196,7 @@ def plan_rename(ws: Workspace, src: PathLike, dst: PathLike, blobs: BlobStore
     if srel == drel or drel.startswith(srel + b"/"):
         raise ValueError(f"cannot move {display(srel)!r} onto or into itself "
                          f"({display(drel)!r})")
+    _refuse_moving_excluded(ws, srel)
     top = capture(ws, srel, blobs)
     if not top.exists:
         raise FileNotFoundError(errno.ENOENT, f"cannot rename {display(srel)!r} in workspace "

@@ -21,7 +21,8 @@ test run, any subprocess):
   otherwise, conservatively, the wall clock less ``RACY_WINDOW_NS`` (2 s).  The walk itself
   still ``lstat``s every path (an inotify/fanotify monitor could remove that; not done).
 - ``diff(old, new)``: created, deleted, modified (content), mode, symlink (target), type
-  (e.g. a file replaced by a directory) changes; a rename is a delete plus a create.  Each
+  (e.g. a file replaced by a directory) changes; a rename is a delete plus a create; the
+  root's own mode (``Manifest.top``) as a mode change of path ``b""``.  Each
   ``Change`` carries the before- and after-``Entry``.
 - ``undo_order`` / ``restore_changes``: put a change set back, removals deepest first,
   then re-creations shallowest first (children before parents when removing, parents
@@ -132,8 +133,17 @@ class Manifest:
 
     def __init__(self, root: bytes, records: dict[bytes, Record], taken_ns: int,
                  racy_ns: int, stats: SnapshotStats | None = None,
-                 tick_dev: int | None = None, racy_other_ns: int | None = None) -> None:
+                 tick_dev: int | None = None, racy_other_ns: int | None = None,
+                 ignore: list[bytes] | None = None, top: Record | None = None) -> None:
         self.root = root
+        # the root directory itself (None: not known, a manifest saved before it was
+        # kept), for its mode only: a watched ``chmod -R go-rwx .`` changed it, and the
+        # rollback put back every path but the root (``diff`` reports it as path b"")
+        self.top = top
+        # the ignore patterns it was taken with (None: not known, a manifest saved before
+        # they were kept): a watch compares its end with its start through these, not
+        # through the registration's patterns of the moment
+        self.ignore = ignore
         self.records = records
         self.taken_ns = taken_ns
         self.racy_ns = racy_ns
@@ -178,6 +188,8 @@ class Manifest:
                                "taken_ns": self.taken_ns, "racy_ns": self.racy_ns,
                                "tick_dev": self.tick_dev,
                                "racy_other_ns": self.racy_other_ns,
+                               "ignore": self.ignore,
+                               "top": None if self.top is None else self.top.row(b""),
                                "n": len(self.records)})
             buf: list[bytes] = []
             size = 0
@@ -209,8 +221,16 @@ class Manifest:
                 records[rel] = rec
         if header is None or header.get("n") != len(records):
             raise ValueError(f"manifest blob {digest[:12]} is incomplete")
+        ignore, top = header.get("ignore"), header.get("top")
         return cls(header["root"], records, header["taken_ns"], header["racy_ns"],
-                   tick_dev=header.get("tick_dev"), racy_other_ns=header.get("racy_other_ns"))
+                   tick_dev=header.get("tick_dev"), racy_other_ns=header.get("racy_other_ns"),
+                   ignore=None if ignore is None else [bytes(x) for x in ignore],
+                   top=None if top is None else Record.from_row(top)[1])
+
+    def workspace(self, ws: Workspace) -> Workspace:
+        """``ws`` seen through the ignore patterns this manifest was taken with (a
+        snapshot to compare with it must leave out exactly what it left out)."""
+        return ws if self.ignore is None else ws.with_ignore(IgnoreRules(self.ignore))
 
 
 # ---- walking ----------------------------------------------------------------------------
@@ -303,9 +323,15 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
     records: dict[bytes, Record] = {}
     if previous is not None and previous.root != ws.root_b:
         previous = None
+    top = None
+    with contextlib.suppress(FileNotFoundError):
+        st_root = os.lstat(ws.root_b)
+        if stat.S_ISDIR(st_root.st_mode):
+            top = _record(st_root)
     with blobs.batch() if blobs is not None else contextlib.nullcontext():
         _walk_into(ws, blobs, previous, records, stats)
-    m = Manifest(ws.root_b, records, taken_ns, tick_ns, stats, tick_dev, window_ns)
+    m = Manifest(ws.root_b, records, taken_ns, tick_ns, stats, tick_dev, window_ns,
+                 list(ws.ignore.sources), top)
     stats.racy = sum(1 for r in records.values() if m.is_racy(r))
     stats.seconds = time.perf_counter() - t0
     return m
@@ -417,7 +443,7 @@ class Change:
             path, before, after = row
         except (TypeError, ValueError):
             raise ValueError(f"not a change row: {row!r:.200}") from None
-        if not isinstance(path, bytes) or not path:
+        if not isinstance(path, bytes):
             raise ValueError(f"not a change row: {row!r:.200}")
         return cls.of(path, Entry.from_row(before), Entry.from_row(after))
 
@@ -442,6 +468,9 @@ def diff(old: Manifest, new: Manifest, ignore: IgnoreRules | None = None) -> lis
     """Every path that differs between ``old`` and ``new``, in path order; ``ignore``
     drops paths it matches (the manifests already skip the workspace's own patterns)."""
     out: list[Change] = []
+    if old.top is not None and new.top is not None and old.top.mode != new.top.mode:
+        # the root itself: only its mode (it is never created, deleted or replaced)
+        out.append(Change(b"", MODE, old.top.entry(), new.top.entry()))
     a, b = old.records, new.records
     for rel in sorted(a.keys() | b.keys()):
         ra, rb = a.get(rel), b.get(rel)
