@@ -506,10 +506,14 @@ class Files:
                 back = [Change.of(it.path, it.target,
                                   plan.capture_reachable(ws, it.path, self.blobs))
                         for it in by_ws[root]]
-                if force:
-                    back += self._strangers_under(tx, ws, back)
+                strangers = self._strangers_under(ws, back) if force else []
+                back += strangers
                 forward = [Change.of(c.path, c.after, c.before) for c in undo_order(back)]
                 self._claim(tx, ws, forward)
+                where = os.fsencode(self.quarantine(tx.id))
+                for c in strangers:  # (a copy kept aside as well: see _strangers_under)
+                    if c.after.is_file or c.after.is_symlink:
+                        fapply._save_aside(c.path, c.after, self.blobs, where)
                 eff = self.log_steps(tx, ws, "revert", forward)
                 tx.effects.append(eff)
                 conflicts = []
@@ -522,15 +526,15 @@ class Files:
                     raise RevertConflict(f"file(s) changed while transaction {tx.id} was "
                                          f"putting them back: {conflicts}", paths=conflicts)
 
-    def _strangers_under(self, tx: "Transaction", ws: Workspace, back: list) -> list:
+    def _strangers_under(self, ws: Workspace, back: list) -> list:
         """A forced undo puts the earlier version over whatever is there, and a directory
         that must go (the undone transaction created it) may hold paths walstore never
         recorded (another process put them there): those become absent too, as steps of
         the undoing transaction (rolling it back, or reverting it, brings them back), and
-        a copy of each file and symlink is kept under ``quarantine/files/tx<txid>/``.
-        (The revert used to raise RevertConflict for the directory, force or not.)  All
-        of it is captured before anything changes; a directory holding walstore's own
-        directory (the store) is refused then."""
+        ``apply_undo`` keeps a copy of each file and symlink under
+        ``quarantine/files/tx<txid>/``.  (The revert used to raise RevertConflict for the
+        directory, force or not.)  All of it is captured before anything changes; a
+        directory holding walstore's own directory (the store) is refused then."""
         from ..errors import RevertConflict
         known = {c.path for c in back}
         out: list[Change] = []
@@ -547,10 +551,6 @@ class Files:
                 if p not in known:
                     known.add(p)
                     out.append(Change.of(p, Entry.absent(), e))
-        where = os.fsencode(self.quarantine(tx.id))
-        for c in out:
-            if c.after.is_file or c.after.is_symlink:
-                fapply._save_aside(c.path, c.after, self.blobs, where)
         return out
 
     # ---- watch() --------------------------------------------------------------------
