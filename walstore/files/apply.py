@@ -660,7 +660,7 @@ def _conflict(ws: Workspace, rel: bytes, before: Entry, expected: Entry | None,
               current: Entry, blobs: BlobStore, quarantine: str | bytes | None,
               reason: str) -> FileConflict:
     saved = None
-    if quarantine is not None and before.exists:
+    if quarantine is not None and before.exists and rel:  # (the root: a mode, no copy)
         saved = _save_aside(rel, before, blobs, os.fsencode(quarantine))
     return FileConflict(rel, before, expected, current, saved, reason)
 
