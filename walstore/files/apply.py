@@ -593,10 +593,10 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
     before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
     parents are created (default mode)."""
-    root = not ws.rel(path, allow_root=True)
-    try:
-        ws.resolve(path, allow_root=root)  # (ValueError: a symlink on the way, never
-    except NotADirectoryError:             # gone through)
+    root = not ws.rel(path, allow_root=True)  # (the root itself: a watch's mode change)
+    try:  # (ValueError: a symlink on the way, never gone through)
+        ws.resolve(path, allow_root=root)
+    except NotADirectoryError:
         pass  # a file on the way: nothing is at the path (restore_status says absent)
     status = restore_status(ws, path, before, expected_current, done, after_crash)
     current = status.current
