@@ -320,3 +320,36 @@ def test_many_threads_on_one_item_with_refresh_on_read_never_conflict(tmp_path):
         assert len(entries) == 1
     finally:
         st.close()
+
+
+def test_a_thread_whose_rewind_was_reverted_rewinds_again(tmp_path):
+    # (probe 43: the revert of a scoped rewind was untagged; the memory items it put back,
+    # outside the thread's prefix, made it another writer's work, and the thread's next
+    # rewind raised RevertConflict)
+    from langgraph.config import get_store
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+
+    def node(state: Msgs) -> dict:
+        n = len(state["msgs"])
+        get_store().put(("mem",), f"k{n}", {"n": n})  # long-term memory, by the thread
+        return {"msgs": [n]}
+    b = StateGraph(Msgs)
+    b.add_node("a", node)
+    b.add_edge(START, "a")
+    b.add_edge("a", END)
+    saver = WalstoreSaver(store)
+    graph = b.compile(checkpointer=saver, store=WalstoreStore(store))
+    config = {"configurable": {"thread_id": "T"}}
+    for _ in range(3):
+        graph.invoke({"msgs": []}, config, durability="sync")
+    first = next(h for h in graph.get_state_history(config)
+                 if h.values.get("msgs") == [0] and not h.next)
+    for _round in range(2):
+        info = saver.rewind(first.config)
+        assert graph.get_state(config).values["msgs"] == [0]
+        assert [i.key for i in WalstoreStore(store).search(("mem",))] == ["k0"]
+        store.revert(info.txid)  # the documented undo of a rewind
+        assert graph.get_state(config).values["msgs"] == [0, 1, 2]
+    saver.rewind(first.config)
+    assert graph.get_state(config).values["msgs"] == [0]
+    store.close()

@@ -211,3 +211,22 @@ def test_an_action_declared_in_an_empty_scope_is_refused_like_every_scope(store,
         tx.put("k", 1)
     assert list(store.actions()) == []
     assert store.get("k") == 1
+
+def test_reverting_a_scoped_rewind_leaves_the_scope_rewindable(store):
+    """The revert of a scoped rewind (the documented way to undo it, no scope given)
+    belongs to the rewind's scope: a later rewind of that scope takes it wholly.  It was
+    untagged, and its writes outside the prefix (a key the scope's transaction wrote
+    there) made it another agent's later work: the next scoped rewind raised
+    RevertConflict."""
+    store.restore_point("p")
+    with store.transaction(scope="sess/1/") as tx:
+        act(tx, "tool")
+        tx.put("sess/1/item", "t1")
+        tx.put("memory/fact", "t1")  # written by the session, outside its prefix
+    rewind = store.rewind("p", scope="sess/1/")
+    assert store.get("memory/fact") is None and store.ledger == ["undo tool"]
+    store.revert(rewind.txid, force=True)  # the rewind undone: the state is back
+    assert store.get("memory/fact") == "t1" and store.get("sess/1/item") == "t1"
+    assert store.txn_info(store.log(limit=1)[0].txid).scope == "sess/1/"
+    store.rewind("p", scope="sess/1/")
+    assert store.get("memory/fact") is None and store.get("sess/1/item") is None

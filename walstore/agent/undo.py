@@ -17,7 +17,9 @@ transaction like any other and can itself be reverted.
   transaction is undone wholly when it was tagged with the scope or wrote only inside
   it; compensations run for actions of transactions undone wholly, and for actions
   declared in the scope.  A later transaction with actions that wrote both inside and
-  outside the scope (not tagged with it) raises RevertConflict naming it.
+  outside the scope (not tagged with it) raises RevertConflict naming it.  An unscoped
+  revert of transactions all tagged with one scope (a scoped rewind: the way to undo it)
+  is tagged with that scope too, so the scope can be rewound past it later.
 - Undoing an undo would bring back state whose external effects were compensated:
   RevertConflict naming those actions, unless ``force=True``, which marks them
   ``needs-redo`` (walstore cannot redo the outside world).
@@ -163,7 +165,15 @@ class Undo:
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing to undo: e.g. its actions were compensated already)
                 return (plan if dry_run else None), []
-            return self._commit(tx, plan, {"reverts": plan.txids})
+            extra: dict = {"reverts": plan.txids}
+            # an unscoped revert of work that all belongs to one scope (a scoped rewind, a
+            # thread's node transaction) belongs to that scope too: it restores only what
+            # that work changed, so a later undo of the scope takes it wholly (untagged, its
+            # writes outside the prefix made it a stranger's: RevertConflict)
+            tags = {i.scope for i in infos if i.txid in plan.txids}
+            if scope is None and len(tags) == 1 and None not in tags:
+                extra["scope"] = tags.pop()
+            return self._commit(tx, plan, extra)
 
     def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool, meta: Any
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
