@@ -353,3 +353,73 @@ def test_a_thread_whose_rewind_was_reverted_rewinds_again(tmp_path):
     saver.rewind(first.config)
     assert graph.get_state(config).values["msgs"] == [0]
     store.close()
+
+
+@pytest.mark.parametrize("how", ["delete_thread", "rewind"])
+def test_pending_writes_of_a_run_whose_thread_went_are_fenced_like_its_put(tmp_path, how):
+    # (probe 43: the run's next checkpoint was fenced, but its task's pending writes
+    # landed after delete_thread: the deleted thread's data back under its prefix, in
+    # data.mdb and the WAL; after a rewind, orphan writes of an undone checkpoint)
+    import os
+    import subprocess
+    path = str(tmp_path / "w")
+    store = walstore.open(path, durability="none")
+    saver = WalstoreSaver(store, compress=False)
+    inside, release = threading.Event(), threading.Event()
+
+    def slow(state: Msgs) -> dict:
+        if state["msgs"][-1] == "secret":
+            inside.set()
+            release.wait(10)
+        return {"msgs": ["PRIVATE_ANSWER_7731"]}
+    b = StateGraph(Msgs)
+    b.add_node("slow", slow)
+    b.add_edge(START, "slow")
+    b.add_edge("slow", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "user-42"}}
+    graph.invoke({"msgs": ["hello"]}, config, durability="sync")
+    first = list(graph.get_state_history(config))[-1]  # the first input checkpoint
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            graph.invoke({"msgs": ["secret"]}, config, durability="sync")
+        except Exception as e:  # noqa: BLE001 - the outcome is the test's
+            out["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    assert inside.wait(10)
+    before = dict(store.scan(prefix=saver.thread_scope("user-42")))
+    if how == "delete_thread":
+        saver.delete_thread("user-42")
+    else:
+        saver.rewind(first.config)
+    after_undo = dict(store.scan(prefix=saver.thread_scope("user-42")))
+    release.set()
+    t.join()
+    assert isinstance(out.get("error"), StaleCheckpointError), out
+    assert dict(store.scan(prefix=saver.thread_scope("user-42"))) == after_undo
+    assert before != after_undo
+    if how == "delete_thread":
+        assert after_undo == {}
+        store.checkpoint()
+        store.close()
+        hits = subprocess.run(["grep", "-rla", "PRIVATE_ANSWER_7731", path], capture_output=True,
+                              text=True).stdout.split()
+        assert hits == [], hits
+        assert os.path.isdir(path)
+    else:
+        assert graph.get_state(config).values == first.values
+        store.close()
+
+
+def test_pending_writes_may_come_before_their_checkpoint_with_async_durability(saver):
+    # LangGraph's durability="async" saves a task's writes beside the save of the
+    # checkpoint they belong to: writes for a checkpoint not saved yet are not fenced
+    from langgraph.checkpoint.base.id import uuid6
+    cid = str(uuid6(clock_seq=-1))
+    config = {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": cid}}
+    saver.put_writes(config, [("msgs", ["early"])], "task-1")
+    saver.put(cfg("t"), checkpoint(x=1) | {"id": cid}, {"source": "input", "step": -1}, {})
+    assert saver.get_tuple(config).pending_writes == [("task-1", "msgs", ["early"])]

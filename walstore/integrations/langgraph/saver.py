@@ -54,6 +54,7 @@ import asyncio
 import copy
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Callable
 
@@ -137,6 +138,18 @@ def _mark(config: RunnableConfig | None, key: str, value: Any) -> None:
             conf[key] = value
     except (AttributeError, TypeError):  # no configurable dict, or a read-only mapping
         pass
+
+
+def _uuid6_time(cid: str) -> float | None:
+    """The Unix time a uuid6 checkpoint id (LangGraph's) was made at; None for other ids."""
+    try:
+        u = uuid.UUID(str(cid))
+    except ValueError:
+        return None
+    if u.version != 6:
+        return None
+    t = (u.time_low << 28) | (u.time_mid << 12) | (u.time_hi_version & 0x0FFF)
+    return (t - 0x01B21DD213814000) / 1e7
 
 
 def _first(rows: Iterator) -> Any:
@@ -625,15 +638,46 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 thread_id, ns_name, parent, latest)
 
     def _fence_gone(self, thread_id: str, ns_name: str, parent: str,
-                    extends_head: bool) -> None:
+                    extends_head: bool, what: str = "a checkpoint built on") -> None:
         """Refuse a put built on a checkpoint the thread no longer has: a ``rewind`` undid
         it or ``delete_thread`` erased it while this run was working.  Writing it would
-        bring the undone line back as the thread's head (with a parent that is gone)."""
+        bring the undone line back as the thread's head (with a parent that is gone); the
+        same for pending writes of such a checkpoint (``put_writes``), which would be
+        orphans under the thread's prefix (after a delete: the erased thread's data back
+        in the store)."""
         raise StaleCheckpointError(
             f"thread {thread_id!r} (namespace {ns_name!r}) no longer has checkpoint "
-            f"{parent!r}, which this writer built on: a rewind undid it or the thread was "
-            f"deleted while it ran (reload the thread and retry)",
+            f"{parent!r}: a rewind undid it or the thread was deleted while this run "
+            f"worked, so {what} it was refused and nothing was written (reload the "
+            f"thread and retry)",
             thread_id, ns_name, parent, None)
+
+    def _checkpoint_removed(self, ns: Namespace, cid: str) -> bool:
+        """Was checkpoint ``cid`` (not in the store now) removed, rather than not written
+        yet?  LangGraph's ``durability="async"`` saves a step's pending writes beside
+        the save of the checkpoint they belong to, so writes may come first.  Removed:
+        its key's newest version is a deletion (a rewind, prune or ``delete_for_runs``),
+        or the thread was purged (``delete_thread``, which erases that history too)
+        after the checkpoint's id was made (LangGraph's ids are time-based uuid6)."""
+        key = ns.checkpoint(cid)
+        versions = self.store.history(key)
+        if versions:  # (its newest version: written since this transaction's snapshot)
+            return versions[0].deleted
+        made = _uuid6_time(cid)
+        if made is None:
+            return False
+        n = 64
+        while True:
+            infos = self.store.log(limit=n)
+            for info in infos:
+                if info.timestamp < made:
+                    return False
+                purged = info.extra.get("purge")
+                if isinstance(purged, bytes) and key.startswith(purged):
+                    return True
+            if len(infos) < n:
+                return False
+            n *= 4
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
@@ -656,6 +700,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             rows.append((widx, ns.write(cid, task_id, widx), row))
 
         def write(tx):
+            if self.fencing and tx.get(ns.checkpoint(cid)) is None \
+                    and self._checkpoint_removed(ns, cid):
+                # (read, so a rewind or delete_thread racing these writes conflicts)
+                self._fence_gone(thread_id, ns_name, cid, True, "pending writes for")
             for widx, key, row in rows:
                 # a retried task's regular writes are kept as first written (idempotent);
                 # special writes (errors, interrupts) are replaced, as LangGraph expects
