@@ -53,8 +53,10 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
+import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Callable
 
@@ -94,6 +96,7 @@ READ_EMPTY = "__walstore_read_empty__"       # configurable key: the ns a run lo
 _WRITTEN = "\x00written"                      # ... + this: and has put its first checkpoint
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 _PUT_RETRIES = 8
+_CLOCK_SLACK = 0.05  # s: commit times are taken as commits queue, not quite in log order
 _READ_RETRIES = 20
 
 
@@ -138,6 +141,20 @@ def _mark(config: RunnableConfig | None, key: str, value: Any) -> None:
             conf[key] = value
     except (AttributeError, TypeError):  # no configurable dict, or a read-only mapping
         pass
+
+
+_REMOVALS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
+_REMOVALS_LOCK = threading.Lock()
+
+
+def _removals(store: Any) -> dict[bytes, float]:
+    """thread prefix -> when this process last began removing checkpoints of it (per
+    store object, shared by every saver on it)."""
+    with _REMOVALS_LOCK:
+        got = _REMOVALS.get(store)
+        if got is None:
+            got = _REMOVALS[store] = {}
+        return got
 
 
 def _uuid6_time(cid: str) -> float | None:
@@ -653,31 +670,41 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             thread_id, ns_name, parent, None)
 
     def _checkpoint_removed(self, ns: Namespace, cid: str) -> bool:
-        """Was checkpoint ``cid`` (not in the store now) removed, rather than not written
-        yet?  LangGraph's ``durability="async"`` saves a step's pending writes beside
-        the save of the checkpoint they belong to, so writes may come first.  Removed:
-        its key's newest version is a deletion (a rewind, prune or ``delete_for_runs``),
-        or the thread was purged (``delete_thread``, which erases that history too)
-        after the checkpoint's id was made (LangGraph's ids are time-based uuid6)."""
-        key = ns.checkpoint(cid)
-        versions = self.store.history(key)
-        if versions:  # (its newest version: written since this transaction's snapshot)
-            return versions[0].deleted
+        """Was checkpoint ``cid`` (not in the store now) removed, rather than not saved
+        yet?  LangGraph saves a step's pending writes beside the save of the checkpoint
+        they belong to (in the background), so writes often come first: that path must
+        stay quick.  Removed: the thread was rewound or deleted (``delete_thread``,
+        ``delete_for_runs``) in this process since the checkpoint's id was made (LangGraph's ids are time-based uuid6), or
+        its namespace is empty and the log holds a purge of the thread since then
+        (``delete_thread`` in another process; a brand-new thread's first writes are
+        the only ones that read the log)."""
         made = _uuid6_time(cid)
         if made is None:
+            return False  # (not LangGraph's ids: when it was made is unknown)
+        removed = _removals(self.store).get(ns.thread_prefix)
+        if removed is not None and removed > made:
+            return True
+        if _first(self.store.scan(prefix=ns.checkpoints())) is not None:
             return False
-        n = 64
+        key = ns.checkpoint(cid)
+        n = 8
         while True:
             infos = self.store.log(limit=n)
             for info in infos:
-                if info.timestamp < made:
+                if info.timestamp < made - _CLOCK_SLACK:
                     return False
                 purged = info.extra.get("purge")
-                if isinstance(purged, bytes) and key.startswith(purged):
+                if isinstance(purged, bytes) and key.startswith(purged) \
+                        and info.timestamp > made:
                     return True
             if len(infos) < n:
                 return False
             n *= 4
+
+    def _removing(self, thread_prefix: bytes) -> None:
+        """Note that checkpoints of the thread were (or are being) removed: pending writes
+        of a checkpoint made before now and missing are refused from now on."""
+        _removals(self.store)[thread_prefix] = time.time()
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
@@ -700,10 +727,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             rows.append((widx, ns.write(cid, task_id, widx), row))
 
         def write(tx):
-            if self.fencing and tx.get(ns.checkpoint(cid)) is None \
-                    and self._checkpoint_removed(ns, cid):
-                # (read, so a rewind or delete_thread racing these writes conflicts)
-                self._fence_gone(thread_id, ns_name, cid, True, "pending writes for")
+            if self.fencing:
+                if self.store.get(ns.checkpoint(cid)) is not None:
+                    # (read, so a rewind or delete_thread racing these writes conflicts)
+                    tx.get(ns.checkpoint(cid))
+                elif self._checkpoint_removed(ns, cid):
+                    self._fence_gone(thread_id, ns_name, cid, True, "pending writes for")
+                # (else its save is still under way: not read, so the save landing
+                # first is no conflict, and the writes commit in the order they came)
             for widx, key, row in rows:
                 # a retried task's regular writes are kept as first written (idempotent);
                 # special writes (errors, interrupts) are replaced, as LangGraph expects
@@ -719,6 +750,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Erase the thread with ``store.purge``: its keys and every past version gone from
         every API, their bytes from every file of the store (the purge's checkpoint)."""
         prefix = self.thread_scope(thread_id)
+        self._removing(prefix)
         self.store.purge(prefix)
         self.codec.forget(prefix)
 
@@ -764,6 +796,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                             self._drop_checkpoint(tx, ns, cid, rec)
                         tx.delete(key)
                         touched.add(ns_part)
+                if touched:
+                    self._removing(tp)
                 for ns_part in touched:
                     kept = [rec for _k, rec in tx.scan(prefix=Namespace(tp, ns_part)
                                                        .checkpoints())]
@@ -1009,6 +1043,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                    else self._meta("rewind", thread_id=thread_id,
                                                    checkpoint_id=get_checkpoint_id(config)))
         if not dry_run:
+            if result is not None:
+                self._removing(scope)
             self.codec.forget(scope)
         return result
 
