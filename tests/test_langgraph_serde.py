@@ -12,6 +12,7 @@ import sqlite3
 from typing import Annotated, NamedTuple, TypedDict
 
 import ormsgpack
+import pydantic
 import pytest
 
 pytest.importorskip("langgraph.checkpoint.base")
@@ -221,3 +222,119 @@ def test_a_stored_value_can_only_name_data_classes(tmp_path):
             [module, "Status", "booked"])))])
     assert saver.get_tuple(stored).checkpoint["channel_values"]["v"] is Status.BOOKED
     saver.close()
+
+
+# ---- probe 43: values whose class is rebuilt, but not as they were ----------------------
+@dataclasses.dataclass(frozen=True)
+class Point:
+    coords: tuple
+
+
+class Shape(enum.Enum):
+    SMALL = (1, 2)
+    LARGE = (3, 4)
+
+
+class Pair(NamedTuple):
+    key: tuple
+    value: int
+
+
+class Tagged(BaseModel):
+    tags: tuple
+    extra: object = None
+
+
+@dataclasses.dataclass
+class Task:
+    title: str
+    status: str = dataclasses.field(default="new", init=False)
+
+
+@dataclasses.dataclass
+class Budget:
+    total: int
+    remaining: int = 0
+
+    def __post_init__(self):
+        self.remaining = self.remaining or self.total  # (only fills the default in)
+
+
+@dataclasses.dataclass
+class Reset:
+    total: int
+    remaining: int = 0
+
+    def __post_init__(self):
+        self.remaining = self.total  # overwrites what was stored
+
+
+class Session(BaseModel):
+    user: str
+    _token: str = pydantic.PrivateAttr(default="")
+
+
+class Account(BaseModel):
+    user: str
+    api_key: str = pydantic.Field(exclude=True)
+
+
+class Anything(TypedDict):
+    v: object
+
+
+def put_and_read(saver, value, thread: str = "t"):
+    b = StateGraph(Anything)
+    b.add_node("n", lambda s: {"v": s["v"]})
+    b.add_edge(START, "n")
+    b.add_edge("n", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": thread}}
+    graph.invoke({"v": value}, config)
+    return graph.get_state(config).values["v"]
+
+
+@pytest.mark.parametrize("value", [
+    (1, 2), {"k": (1, [2, (3,)])}, [(1, 2), (3, 4)], Point((1, 2)), Shape.SMALL,
+    Pair((1, "a"), 2), Tagged(tags=("a", "b"), extra=(1, 2)), {(1, 2): "tuple key"},
+    frozenset({(1, 2)}), (), ((),)])
+def test_tuples_come_back_as_tuples_at_every_depth(tmp_path, value):
+    # (probe 43: LangGraph's encoding writes a tuple as a list: a frozen dataclass came
+    # back unhashable, and an Enum of tuple values made the thread unreadable)
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    got = put_and_read(WalstoreSaver(store), value)
+    assert got == value and type(got) is type(value)
+    assert repr(got) == repr(value)  # (the same types inside too)
+    if isinstance(value, Point):
+        assert hash(got) == hash(value)
+    got = put_and_read(WalstoreSaver(store), value)  # read by a fresh saver, again
+    assert repr(got) == repr(value)
+    store.close()
+
+
+@pytest.mark.parametrize("value, what", [
+    (Task("write report"), "init=False"),
+    (Reset(100, 40), "__post_init__"),
+    (Session(user="u"), None), (Account(user="u", api_key="K-1"), "exclude=True"),
+    (Budget(100, 40), None), (Budget(100), None)])
+def test_a_value_rebuilt_changed_or_not_at_all_is_refused_at_put(tmp_path, value, what):
+    # (probe 43: a field(init=False) was accepted and the thread could not be read
+    # again; __post_init__ overwrote a stored field, a private attribute and an
+    # exclude=True field came back changed or missing, all silently)
+    if isinstance(value, Session) and what is None:
+        value._token = "abc"
+        what = "private"
+    if isinstance(value, Reset):
+        value.remaining = 40  # spent since; __post_init__ would reset it
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    saver = WalstoreSaver(store)
+    if what is None:  # (a __post_init__ that leaves stored values alone is fine)
+        assert put_and_read(saver, value) == value
+        store.close()
+        return
+    with pytest.raises(StateTypeError) as e:
+        put_and_read(saver, value)
+    assert type(value).__qualname__ in str(e.value) and "would not come back" in str(e.value)
+    assert list(saver.list({"configurable": {"thread_id": "t"}})) == []
+    assert put_and_read(saver, {"plain": 1}, "t2") == {"plain": 1}  # the saver goes on
+    store.close()

@@ -18,6 +18,15 @@ A class is rebuilt when it is
    the standard library, not site-packages).  That is what a graph's state is made of,
    and it comes back as the same type, as with SqliteSaver.
 
+Values are encoded as LangGraph encodes them, except that tuples stay tuples at every
+depth (:data:`EXT_TUPLE`; LangGraph writes a list), and that a value whose class would be
+rebuilt but not as it is — a dataclass with a ``field(init=False)`` or a required
+``InitVar`` (the read raised), one whose ``__post_init__`` changes a stored field when it
+runs again, a pydantic model whose private attributes or ``exclude=True`` fields are not
+what rebuilding gives — is refused at write time (``_Packer``).  Those last two are
+detected by rebuilding the value once at write time (only classes that have a
+``__post_init__``, private attributes or excluded fields).
+
 Anything else is refused loudly: at write time (``StateTypeError``, a ``TypeError``
 naming the type and the ``allowed_types`` recipe), before anything is stored, so a value
 is never silently turned into a dict on the next turn; and at read time (a stored value
@@ -39,22 +48,30 @@ import site
 import sys
 import sysconfig
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
 import ormsgpack
 from langgraph.checkpoint.serde import _msgpack as lg_msgpack
+from langgraph.checkpoint.serde import jsonplus as lg_jsonplus
 from langgraph.checkpoint.serde.jsonplus import (EXT_CONSTRUCTOR_KW_ARGS,
                                                  EXT_CONSTRUCTOR_POS_ARGS,
                                                  EXT_CONSTRUCTOR_SINGLE_ARG,
                                                  EXT_DELTA_SNAPSHOT, EXT_METHOD_SINGLE_ARG,
                                                  EXT_NUMPY_ARRAY, EXT_PYDANTIC_V1,
                                                  EXT_PYDANTIC_V2, JsonPlusSerializer)
-from langgraph.checkpoint.serde.types import _DeltaSnapshot
+from langgraph.checkpoint.serde.types import SendProtocol, _DeltaSnapshot
+from langgraph.store.base import Item
 
 __all__ = ["StateSerializer", "StateTypeError", "TypePolicy"]
 
 _OPTIONS = ormsgpack.OPT_NON_STR_KEYS
+# walstore's own extension: a tuple (LangGraph's encoding writes one as a list, so a
+# tuple came back as a list: a frozen dataclass unhashable, an Enum of tuple values
+# unreadable).  Its payload is the items as a msgpack array.
+EXT_TUPLE = 87
+_PACK_OPTIONS = lg_jsonplus._option | ormsgpack.OPT_PASSTHROUGH_TUPLE
 # msgpack ext headers (fixext 1..16, ext 8/16/32): data without these bytes has no class
 _EXT_MARKER = re.compile(b"[\xc7-\xc9\xd4-\xd8]")
 
@@ -223,7 +240,7 @@ class TypePolicy:
         and its payload only when that holds extension records itself."""
         if code == EXT_NUMPY_ARRAY:
             return None
-        if code == EXT_DELTA_SNAPSHOT:
+        if code in (EXT_DELTA_SNAPSHOT, EXT_TUPLE):
             names = None
         else:
             names = _leading_strings(payload)
@@ -277,6 +294,8 @@ class TypePolicy:
     def _rebuild(self, code: int, payload: bytes) -> Any:
         if code == EXT_DELTA_SNAPSHOT:
             return _DeltaSnapshot(self._unpack(payload))
+        if code == EXT_TUPLE:
+            return tuple(self._unpack(payload))
         if code == EXT_NUMPY_ARRAY:
             return self._numpy(payload)
         tup = self._unpack(payload)
@@ -387,6 +406,171 @@ def _refuse(cls: type, why: str) -> None:
         f"dataclass / pydantic model (rebuilt by name; see allowed_types)")
 
 
+# ---- values that would come back changed although their class is rebuilt ------------------
+_MISSING = object()
+_kw_verdicts: dict[type, tuple] = {}  # class -> (why refused | None, what to compare | None)
+
+
+def _pydantic_hidden(cls: type) -> list[str]:
+    """Attributes of a pydantic model that its dump leaves out, so a rebuilt model has
+    them at their defaults (or not at all): private attributes, ``exclude=True`` fields."""
+    names = list(getattr(cls, "__private_attributes__", None) or ())
+    fields = getattr(cls, "model_fields", None) or getattr(cls, "__fields__", None) or {}
+    for name, info in fields.items():
+        exclude = getattr(info, "exclude", None)
+        if exclude is None:  # (pydantic v1: field_info.exclude)
+            exclude = getattr(getattr(info, "field_info", None), "exclude", None)
+        if exclude is True:
+            names.append(name)
+    return names
+
+
+def _kw_verdict(cls: type) -> tuple:
+    """(why ``cls`` cannot be rebuilt by calling it with its stored fields, or None;
+    attributes to compare on a rebuilt copy when rebuilding may change them, or None)."""
+    got = _kw_verdicts.get(cls)
+    if got is not None:
+        return got
+    why, check = None, None
+    if dataclasses.is_dataclass(cls):
+        fields = getattr(cls, "__dataclass_fields__", {})
+        not_init = [n for n, f in fields.items()
+                    if f._field_type is dataclasses._FIELD and not f.init]
+        required_initvars = [n for n, f in fields.items()
+                             if f._field_type is dataclasses._FIELD_INITVAR
+                             and f.default is dataclasses.MISSING
+                             and f.default_factory is dataclasses.MISSING]
+        if not_init:
+            why = (f"field(s) {not_init} are field(init=False), and a stored dataclass is "
+                   f"rebuilt by calling the class with every field")
+        elif required_initvars:
+            why = (f"its InitVar(s) {required_initvars} are not fields, so they are not "
+                   f"stored, and the class cannot be called without them")
+        elif hasattr(cls, "__post_init__"):
+            check = [f.name for f in dataclasses.fields(cls)]
+    elif _is_data_class(cls) and not issubclass(cls, (enum.Enum, tuple)):  # pydantic
+        check = _pydantic_hidden(cls) or None
+    if len(_kw_verdicts) < 4096:
+        _kw_verdicts[cls] = (why, check)
+    return why, check
+
+
+class _Packer:
+    """LangGraph's msgpack encoding (``jsonplus._msgpack_default``), with tuples kept
+    (:data:`EXT_TUPLE`) at every depth, and a value refused (``StateTypeError``) when
+    its class is rebuilt but the value would not be: a dataclass with a
+    ``field(init=False)`` or a required ``InitVar`` (the read raised), one whose
+    ``__post_init__`` changes a field when it runs again, a pydantic model whose private
+    attributes or ``exclude=True`` fields would not come back as they are."""
+
+    def __init__(self, policy: "TypePolicy") -> None:
+        self.policy = policy
+        self._local = threading.local()
+
+    def pack(self, obj: Any) -> bytes:
+        self._local.error = None
+        try:
+            return ormsgpack.packb(obj, default=self.default, option=_PACK_OPTIONS)
+        except TypeError:
+            error, self._local.error = getattr(self._local, "error", None), None
+            if error is not None:  # (ormsgpack replaces the hook's error with its own)
+                raise error from None
+            raise
+
+    def default(self, obj: Any) -> Any:
+        try:
+            return self._default(obj)
+        except StateTypeError as e:
+            if getattr(self._local, "error", None) is None:
+                self._local.error = e
+            raise
+
+    def _payload(self, obj: Any, value: Any) -> bytes:
+        cls = type(obj)
+        return self.pack([cls.__module__, cls.__name__, value])
+
+    def _ext(self, code: int, obj: Any, value: Any) -> ormsgpack.Ext:
+        return ormsgpack.Ext(code, self._payload(obj, value))
+
+    def _default(self, obj: Any) -> Any:
+        # the order of LangGraph's own dispatch; what holds no application values is
+        # encoded by LangGraph itself
+        if type(obj) is tuple:
+            return ormsgpack.Ext(EXT_TUPLE, self.pack(list(obj)))
+        if isinstance(obj, _DeltaSnapshot):
+            return ormsgpack.Ext(EXT_DELTA_SNAPSHOT, self.pack(obj.value))
+        if hasattr(obj, "model_dump") and callable(obj.model_dump):  # pydantic v2
+            cls = type(obj)
+            return self._checked(obj, EXT_PYDANTIC_V2, self.pack(
+                [cls.__module__, cls.__name__, obj.model_dump(), "model_validate_json"]))
+        if hasattr(obj, "get_secret_value") and callable(obj.get_secret_value):
+            return lg_jsonplus._msgpack_default(obj)
+        if hasattr(obj, "dict") and callable(obj.dict):  # pydantic v1
+            return self._checked(obj, EXT_PYDANTIC_V1, self._payload(obj, obj.dict()))
+        if hasattr(obj, "_asdict") and callable(obj._asdict):  # NamedTuple
+            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, obj._asdict())
+        if isinstance(obj, (set, frozenset, deque)):
+            return self._ext(EXT_CONSTRUCTOR_SINGLE_ARG, obj, list(obj))
+        if isinstance(obj, enum.Enum):
+            return self._ext(EXT_CONSTRUCTOR_SINGLE_ARG, obj, obj.value)
+        if isinstance(obj, SendProtocol):
+            args = [obj.node, obj.arg]
+            if (timeout := getattr(obj, "timeout", None)) is not None:
+                args.append(timeout)
+            return self._ext(EXT_CONSTRUCTOR_POS_ARGS, obj, args)
+        if dataclasses.is_dataclass(obj) and not _lg_special(obj):
+            return self._checked(obj, EXT_CONSTRUCTOR_KW_ARGS, self._payload(obj, {
+                f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}))
+        if isinstance(obj, Item):
+            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj,
+                             {k: getattr(obj, k) for k in obj.__slots__})
+        return lg_jsonplus._msgpack_default(obj)
+
+    def _checked(self, obj: Any, code: int, payload: bytes) -> ormsgpack.Ext:
+        """The extension record, once the class is known to rebuild this value as it
+        is."""
+        cls = type(obj)
+        why, check = _kw_verdict(cls)
+        if why is None and check:
+            if self.policy.refusal(cls.__module__, cls.__name__) is not None:
+                return ormsgpack.Ext(code, payload)  # (not rebuilt: ``audit`` says why)
+            try:
+                rebuilt = self.policy._rebuild(code, payload)
+            except Exception as e:  # noqa: BLE001 - the read would raise it too
+                rebuilt, why = None, f"rebuilding it raised {type(e).__name__}: {e}"
+            if why is None:
+                changed = [n for n in check if not self._same(getattr(obj, n, _MISSING),
+                                                              getattr(rebuilt, n, _MISSING))]
+                if changed:
+                    how = ("__post_init__ runs again when it is rebuilt"
+                           if dataclasses.is_dataclass(cls) else
+                           "a model is rebuilt from its dump, which leaves out private "
+                           "attributes and exclude=True fields")
+                    why = f"attribute(s) {changed} would come back changed ({how})"
+        if why is not None:
+            raise StateTypeError(
+                f"WalstoreSaver refuses to store a {cls.__module__}.{cls.__qualname__}: it "
+                f"would not come back as it is: {why}; store plain data (dict, list, str, "
+                f"numbers) or a class rebuilt from its fields as they are")
+        return ormsgpack.Ext(code, payload)
+
+    def _same(self, a: Any, b: Any) -> bool:
+        if a is b:
+            return True
+        if a is _MISSING or b is _MISSING:
+            return False
+        try:
+            return self.pack(a) == self.pack(b)
+        except Exception:  # noqa: BLE001 - not encodable: the put refuses it anyway
+            return False
+
+
+def _lg_special(obj: Any) -> bool:
+    """A dataclass LangGraph's dispatch encodes before reaching dataclasses (none today;
+    kept in LangGraph's order should one be added)."""
+    return False
+
+
 class StateSerializer(JsonPlusSerializer):
     """LangGraph's JsonPlusSerializer encoding with walstore's type policy.
 
@@ -398,6 +582,7 @@ class StateSerializer(JsonPlusSerializer):
 
     def __init__(self, allowed_types: Iterable[Any] = (), *, app_types: bool = True) -> None:
         self.policy = TypePolicy(normalize_types(allowed_types), app_types)
+        self._packer = _Packer(self.policy)
         super().__init__(allowed_msgpack_modules=None,
                          __unpack_ext_hook__=self.policy.rebuild_ext)
 
@@ -410,7 +595,9 @@ class StateSerializer(JsonPlusSerializer):
             refuse_flattened(obj)
         elif cls not in _PLAIN and _verdict(cls) is not None:
             _refuse(cls, _verdict(cls))
-        return super().dumps_typed(obj)
+        if obj is None or isinstance(obj, (bytes, bytearray)):
+            return super().dumps_typed(obj)
+        return "msgpack", self._packer.pack(obj)
 
     def audit(self, type_: str, data: bytes) -> None:
         if type_ == "msgpack":
