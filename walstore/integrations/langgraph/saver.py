@@ -1035,6 +1035,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         step before the checkpoint, and a task of the step after it that committed
         before that point stays done (its writes and its actions both: the thread and
         the world still agree).
+
+        A run of the thread inside a node while it rewinds is fenced at its next
+        checkpoint and pending writes (``StaleCheckpointError``), but a walstore
+        transaction its node commits after the rewind is not: its keys and actions stay
+        (walstore asks a scope provider only when a transaction begins, and has no hook
+        to refuse its commit).  Rewind a thread when none of its runs is inside a node.
         """
         thread_id, _ns = _where(config)
         to = self.rewind_point(config)
