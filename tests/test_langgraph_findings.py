@@ -423,3 +423,139 @@ def test_pending_writes_may_come_before_their_checkpoint_with_async_durability(s
     saver.put_writes(config, [("msgs", ["early"])], "task-1")
     saver.put(cfg("t"), checkpoint(x=1) | {"id": cid}, {"source": "input", "step": -1}, {})
     assert saver.get_tuple(config).pending_writes == [("task-1", "msgs", ["early"])]
+
+
+# ---- probe 43 (repro 7): a node's own transaction when its thread is rewound under it ------
+def _sending_graph(store, saver, inside, release, begin_first: bool):
+    """A node that sends message n in its own walstore transaction (an action with a
+    compensator and a key, in the thread's scope with no annotation); on the third
+    message it stops on ``release``: inside its transaction (``begin_first``) or before
+    beginning it."""
+    outcome: dict = {}
+
+    def send(state: Msgs) -> dict:
+        n = len(state["msgs"])
+        tx = None
+        try:
+            if n == 2 and not begin_first:
+                inside.set()
+                release.wait(10)
+            tx = store.transaction()
+            with tx:
+                with tx.action("send", args={"n": n}, compensate="unsend") as act:
+                    act.result = 1
+                tx.put(f"sent/{n}", 1)
+                if n == 2 and begin_first:
+                    inside.set()
+                    release.wait(10)
+        except Exception as e:  # noqa: BLE001 - what the node's transaction met
+            outcome[n] = (tx is not None, e)
+            raise
+        return {"msgs": [n]}
+    b = StateGraph(Msgs)
+    b.add_node("send", send)
+    b.add_edge(START, "send")
+    b.add_edge("send", END)
+    return b.compile(checkpointer=saver), outcome
+
+
+@pytest.mark.parametrize("begin_first", [True, False], ids=["begun-before", "begun-after"])
+@pytest.mark.parametrize("how", ["rewind", "delete_thread"])
+def test_a_node_transaction_of_a_run_whose_thread_went_is_fenced_and_compensated(
+        tmp_path, how, begin_first):
+    # (probe 43, repro 7: the run's next checkpoint was fenced, but the node's own
+    # transaction committed after the rewind: action 2 committed and never compensated,
+    # key sent/2 kept, while the thread showed the checkpoint before it)
+    store = walstore.open(str(tmp_path / "w"), durability="none")
+    compensated: list = []
+    store.compensator("unsend")(lambda a: compensated.append(a.args["n"]))
+    saver = WalstoreSaver(store)
+    inside, release = threading.Event(), threading.Event()
+    graph, outcome = _sending_graph(store, saver, inside, release, begin_first)
+    config = {"configurable": {"thread_id": "T"}}
+    graph.invoke({"msgs": []}, config, durability="sync")
+    graph.invoke({"msgs": []}, config, durability="sync")
+    first = next(h for h in graph.get_state_history(config)
+                 if h.values.get("msgs") == [0] and not h.next)
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            graph.invoke({"msgs": []}, config, durability="sync")
+        except Exception as e:  # noqa: BLE001 - the outcome is the test's
+            out["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    assert inside.wait(10)
+    if how == "rewind":
+        saver.rewind(first.config)
+        assert compensated == [1]  # (the step after the checkpoint kept)
+    else:
+        saver.delete_thread("T")
+    release.set()
+    t.join(20)
+    assert not t.is_alive()
+    assert isinstance(out.get("error"), walstore.ConflictError), out
+    began, err = outcome[2]
+    assert began is begin_first
+    if begin_first:  # its commit is refused: the action it ran is compensated, once
+        assert isinstance(err, walstore.ConflictError), err
+        assert compensated.count(2) == 1, compensated
+    else:  # refused as it begins: the action never ran
+        assert isinstance(err, StaleCheckpointError), err
+        assert 2 not in compensated
+    assert store.get("sent/2") is None
+    assert [a.state for a in store.actions() if a.args["n"] == 2] == \
+        (["compensated"] if begin_first else [])
+    assert store.pending_compensations() == []
+    if how == "rewind":
+        assert graph.get_state(config).values["msgs"] == [0]
+        assert [k for k, _v in store.scan(prefix="sent/")] == ["sent/0"]
+    else:
+        assert graph.get_state(config).values == {}
+    store.close()
+
+
+def test_node_transactions_of_one_step_do_not_conflict_over_its_fence(tmp_path):
+    # the fence is a read of the checkpoint the step builds on, which only a rewind, a
+    # delete or a prune removes: parallel nodes of the thread, each in a transaction
+    # open while the other commits, and a subgraph's node, all commit
+    store = walstore.open(str(tmp_path / "w"), durability="none")
+    saver = WalstoreSaver(store)
+    both = threading.Barrier(2, timeout=10)
+
+    def writer(name: str):
+        def node(state: Msgs) -> dict:
+            with store.transaction() as tx:
+                assert tx.scope == saver.thread_scope("T")
+                both.wait()
+                tx.put(f"k/{name}/{len(state['msgs'])}", 1)
+            both.wait()  # (the other committed while this one was open, and so back)
+            with store.transaction() as tx:
+                tx.put(f"k/{name}/again/{len(state['msgs'])}", 1)
+            return {"msgs": [name]}
+        return node
+
+    def inner(state: Msgs) -> dict:
+        with store.transaction() as tx:
+            tx.put(f"k/sub/{len(state['msgs'])}", 1)
+        return {"msgs": ["sub"]}
+    sb = StateGraph(Msgs)
+    sb.add_node("inner", inner)
+    sb.add_edge(START, "inner")
+    sb.add_edge("inner", END)
+    b = StateGraph(Msgs)
+    b.add_node("a", writer("a"))
+    b.add_node("b", writer("b"))
+    b.add_node("sub", sb.compile())
+    b.add_edge(START, "a")
+    b.add_edge(START, "b")
+    b.add_edge("a", "sub")
+    b.add_edge("b", "sub")
+    b.add_edge("sub", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "T"}}
+    for durability in ("sync", "async"):
+        graph.invoke({"msgs": []}, config, durability=durability)
+    assert len(list(store.scan(prefix="k/"))) == 10
+    store.close()

@@ -29,7 +29,7 @@ from .agent.history import HistoricalView, History, Version
 from .agent.hooks import AgentHooks
 from .agent.purge import Purge
 from .agent.retention import Retention
-from .agent.scope import NO_SCOPE, check_scope, current_scope
+from .agent.scope import NO_SCOPE, check_scope, provided_scope
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
 from .agent.undo import Undo, UndoPlan
@@ -416,15 +416,26 @@ class Store:
     def transaction(self, meta: Any = None, scope: Any = None) -> Transaction:
         """Begin a transaction (use ``with``: commit on exit, rollback on exception).
         ``scope``: the key prefix it belongs to (default: a registered scope provider's;
-        ``walstore.agent.scope.NO_SCOPE``: none, whatever a provider names)."""
+        ``walstore.agent.scope.NO_SCOPE``: none, whatever a provider names).  A provider
+        may fence the transactions it names the scope of (``register_scope_provider``):
+        LangGraph's refuses one of a run whose thread was rewound or deleted."""
         eng = self._engine
         eng.check_open()
+        on_begin = None
         if scope is NO_SCOPE:
             scope = None
+        elif scope is not None:
+            scope = check_scope(scope)
         else:
-            scope = check_scope(scope) if scope is not None else current_scope()
+            scope, on_begin = provided_scope()
         tx = Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
         tx.keepalive = self  # (the store stays open while the transaction is)
+        if on_begin is not None:
+            try:  # (the provider's check: see register_scope_provider)
+                on_begin(self, tx)
+            except BaseException:
+                tx.rollback()  # (it only read: nothing to undo)
+                raise
         return tx
 
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,

@@ -5,6 +5,10 @@ declared in it).  A transaction belongs to a scope when it is begun with ``scope
 without one, when a registered *scope provider* names one: an integration registers a
 provider that reads its framework's context (LangGraph's run config inside a graph node),
 so a transaction begun inside a node belongs to that node's thread without annotation.
+A provider may also check each transaction it named the scope of as it begins (``on_begin``):
+read keys in it, so that the ordinary read-set validation refuses its commit if they
+changed (LangGraph: the checkpoint its step builds on, which a rewind of the thread
+removes), or refuse it outright.
 ``scope=NO_SCOPE`` begins one that belongs to no scope whatever a provider names (work
 done inside a node on behalf of no thread, e.g. LangGraph's TTL upkeep of an app-wide item).
 """
@@ -16,6 +20,7 @@ from typing import Any, Callable
 from ..codec import encode_prefix, prefix_end
 
 _providers: list[Callable[[], Any]] = []
+_on_begin: dict[Callable[[], Any], Callable[[Any, Any], None]] = {}
 _lock = threading.Lock()
 
 
@@ -29,26 +34,42 @@ class _NoScope:
 NO_SCOPE: Any = _NoScope()  # transaction(scope=NO_SCOPE): in no scope, providers not asked
 
 
-def register_scope_provider(fn: Callable[[], Any]) -> None:
+def register_scope_provider(fn: Callable[[], Any],
+                            on_begin: Callable[[Any, Any], None] | None = None) -> None:
     """Register ``fn() -> str | bytes | None``, asked when a transaction begins without a
-    scope; the first provider naming a scope wins.  Registering the same function twice
-    has no effect."""
+    scope; the first provider naming a scope wins.  ``on_begin(store, tx)``, when given,
+    is called with each transaction whose scope ``fn`` named, before ``transaction()``
+    returns it: a key it reads with ``tx.get`` and another commit changes before the
+    transaction commits makes that commit raise ConflictError (the ordinary read-set
+    validation: a check at commit with no hook of its own), and what it raises refuses
+    the transaction (rolled back: nothing changed).  Registering the same function again
+    only replaces its ``on_begin``."""
     with _lock:
         if fn not in _providers:
             _providers.append(fn)
+        if on_begin is not None:
+            _on_begin[fn] = on_begin
+        else:
+            _on_begin.pop(fn, None)
 
 
 def current_scope() -> Any:
+    return provided_scope()[0]
+
+
+def provided_scope() -> tuple[Any, Callable[[Any, Any], None] | None]:
+    """(the scope a registered provider names, that provider's ``on_begin``); (None,
+    None) when none names one."""
     if not _providers:
-        return None  # (every transaction begins here: no integration registered, no cost)
+        return None, None  # (every transaction begins here: no integration, no cost)
     for fn in list(_providers):
         try:
             scope = fn()
         except Exception:  # a provider outside its framework's context: no scope
             scope = None
         if scope is not None:
-            return check_scope(scope)
-    return None
+            return check_scope(scope), _on_begin.get(fn)
+    return None, None
 
 
 def check_scope(scope: Any) -> Any:

@@ -40,7 +40,11 @@ which thread a transaction begun inside a graph node belongs to.
   compensations, in transactions that belong to the thread) are undone; other threads are
   untouched.  A transaction begun inside a graph node belongs to that node's thread with
   no annotation: at import this module registers a scope provider with walstore that
-  reads LangGraph's run config (``langgraph.config.get_config()``).
+  reads LangGraph's run config (``langgraph.config.get_config()``).  The provider fences
+  such a transaction as ``put`` is fenced: it reads the checkpoint its step builds on, so
+  a rewind or ``delete_thread`` that removes it before the transaction commits makes the
+  commit raise ConflictError (its actions compensated), and one begun after that is
+  refused (``StaleCheckpointError``).
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -77,6 +81,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
         return (task_path, task_id, idx)
 
 import walstore
+from walstore.agent.scope import NO_SCOPE
 from walstore.errors import ConflictError
 
 from .._async import finish_despite_cancel
@@ -298,7 +303,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         so it ends in a rollback (no commit-time validation, no journal lock) and is tried
         again only when its snapshot became too old to finish."""
         for attempt in range(_READ_RETRIES + 1):
-            tx = self._transaction(None, None)
+            tx = self._transaction(None, NO_SCOPE)  # (reads: no scope, no step fence)
             try:
                 return fn(tx)
             except ConflictError:  # (SnapshotTooOld: history trimmed under a long read)
@@ -701,6 +706,30 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 return False
             n *= 4
 
+    def _fence_step(self, tx: Any, thread_id: str, checkpoint_map: Mapping) -> None:
+        """Fence ``tx``, begun inside a graph node of a run of the thread, as the run's
+        ``put`` is fenced: read the checkpoint each namespace's step builds on (LangGraph's
+        ``checkpoint_map``), so that a rewind or ``delete_thread`` removing it before
+        ``tx`` commits makes the commit raise ConflictError (the read-set validation; its
+        actions are compensated; before, it committed after the rewind and stayed: an
+        action of an undone step, never compensated).  A checkpoint already removed
+        refuses ``tx`` now.  Only what removes checkpoints (rewind, ``delete_thread``,
+        ``prune``, ``delete_for_runs``) writes those keys: the step's other transactions
+        never conflict over them."""
+        for ns_name, cid in checkpoint_map.items():
+            if not isinstance(ns_name, str) or not isinstance(cid, str):
+                continue
+            ns = self.keys.at(thread_id, ns_name)
+            key = ns.checkpoint(cid)
+            seen = self.store.get(key) is not None
+            if seen and tx.get(key) is not None:
+                continue  # (read: in the transaction's read set)
+            if seen or self._checkpoint_removed(ns, cid):
+                self._fence_gone(thread_id, ns_name, cid, True,
+                                 "a transaction begun in a step built on")
+            # (else its save is still under way, durability="async": not read, so the
+            # save landing is no conflict)
+
     def _removing(self, thread_prefix: bytes) -> None:
         """Note that checkpoints of the thread were (or are being) removed: pending writes
         of a checkpoint made before now and missing are refused from now on."""
@@ -1037,20 +1066,35 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the world still agree).
 
         A run of the thread inside a node while it rewinds is fenced at its next
-        checkpoint and pending writes (``StaleCheckpointError``), but a walstore
-        transaction its node commits after the rewind is not: its keys and actions stay
-        (walstore asks a scope provider only when a transaction begins, and has no hook
-        to refuse its commit).  Rewind a thread when none of its runs is inside a node.
+        checkpoint and pending writes (``StaleCheckpointError``), and so is a walstore
+        transaction its node begins without ``scope=`` (it belongs to the thread): one
+        begun before the rewind raises ConflictError at commit (its actions are
+        compensated), one begun after it is refused when it begins.  (Exact with
+        ``durability="sync"``: with ``"async"``, a transaction begun while its step's
+        checkpoint is still being saved is not fenced.)
         """
         thread_id, _ns = _where(config)
         to = self.rewind_point(config)
         scope = self.thread_scope(thread_id)
+        removals = _removals(self.store)
+        marked = None
+        if not dry_run:
+            # noted before it commits too: a node transaction begun just after the commit
+            # finds its step's checkpoint missing and must take it as removed
+            before = removals.get(scope)
+            self._removing(scope)
+            marked = removals.get(scope)
         result = self.store.rewind(to, scope=scope, dry_run=dry_run, meta=meta if meta is not None
                                    else self._meta("rewind", thread_id=thread_id,
                                                    checkpoint_id=get_checkpoint_id(config)))
         if not dry_run:
             if result is not None:
                 self._removing(scope)
+            elif removals.get(scope) == marked:  # (nothing removed: as it was)
+                if before is None:
+                    removals.pop(scope, None)
+                else:
+                    removals[scope] = before
             self.codec.forget(scope)
         return result
 
@@ -1116,12 +1160,29 @@ def current_thread_scope() -> bytes | None:
     return None
 
 
+def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
+    """walstore calls this with each transaction the provider above named the scope of, as
+    it begins: fenced against a rewind or delete of its thread (``_fence_step``) when it
+    is a transaction of the store that holds the thread."""
+    try:
+        from langgraph.config import get_config
+        config = get_config()
+    except (ImportError, RuntimeError):
+        return
+    conf = config.get("configurable") or {}
+    saver = conf.get(CHECKPOINTER_KEY)
+    thread_id = conf.get("thread_id")
+    if (isinstance(saver, WalstoreSaver) and saver.fencing and saver.store is store
+            and thread_id is not None):
+        saver._fence_step(tx, str(thread_id), conf.get("checkpoint_map") or {})
+
+
 def _register_scope_provider() -> bool:
     try:
         from walstore.agent.scope import register_scope_provider
     except ImportError:  # a walstore without scopes: nothing to register
         return False
-    register_scope_provider(current_thread_scope)
+    register_scope_provider(current_thread_scope, on_begin=fence_node_transaction)
     return True
 
 

@@ -243,7 +243,7 @@ class WalstoreStore(BaseStore):
     def _read_batch(self, ops: list[Op]) -> tuple[list[Result], dict[bytes, dict]]:
         """The results of a batch without puts, and the items to refresh."""
         for attempt in range(_RETRIES + 1):
-            tx = self.store.transaction(meta=None)
+            tx = self.store.transaction(meta=None, scope=NO_SCOPE)  # (reads only)
             try:
                 touched: dict[bytes, dict] = {}
                 return self._reads(tx, ops, _now_us(), touched), touched
@@ -457,7 +457,7 @@ class WalstoreStore(BaseStore):
     def _expired(self, cut: bytes) -> dict[bytes, dict]:
         """Up to _SWEEP_BATCH expiry entries before ``cut``: entry -> the item's record
         ({} when the item is gone), read at one snapshot."""
-        with self.store.transaction() as tx:
+        with self.store.transaction(scope=NO_SCOPE) as tx:  # (reads only)
             found: dict[bytes, dict] = {}
             for entry, _v in tx.scan(start=self.keys.expiry, end=cut):
                 _at, key = self.keys.parse_expiry(entry)
