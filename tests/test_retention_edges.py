@@ -243,3 +243,99 @@ def test_views_history_and_undo_agree_with_a_model_before_and_after_a_trim(tmp_p
         reader.rollback()
         s.rewind(oldest)
         assert dict(s.scan()) == states[oldest]
+
+
+def _commits(s, n, key="pad"):
+    for i in range(n):
+        with s.transaction() as tx:
+            tx.put(key, i)
+
+
+def test_retention_trims_the_settled_actions_of_rolled_back_transactions(tmp_path):
+    """A transaction that rolled back (or a prepared one rolled back) leaves its actions
+    compensated, with no commit row that would lead retention to them: they stayed for
+    good (one row per rolled-back action, however small ``retain_transactions``)."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=3,
+                       compensators={"refund": lambda a: None}) as s:
+        for i in range(20):
+            with pytest.raises(RuntimeError):
+                with s.transaction() as tx:
+                    with tx.action("charge", args={"i": i}, compensate="refund"):
+                        pass
+                    with tx.action("note", args={"i": i}):  # none declared: resolved
+                        pass
+                    raise RuntimeError("abort")
+        for i in range(10):
+            tx = s.transaction()
+            with tx.action("charge", args={"i": i}, compensate="refund"):
+                pass
+            tx.put("q", i)
+            tx.prepare(f"g{i}")
+            s.rollback_prepared(f"g{i}")
+        assert {a.state for a in s.actions()} == {"compensated", "resolved"}
+        _commits(s, 5)
+        s.checkpoint()
+        assert s.actions() == []
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=3) as s:
+        assert s.actions() == []  # (and nothing came back from the log)
+
+
+def test_retention_trims_actions_a_savepoint_rollback_took_out_of_a_trimmed_commit(tmp_path):
+    """An action a rollback to a savepoint compensated is not in its commit's
+    ``actions``: trimming the commit left its row for good."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=3,
+                       compensators={"refund": lambda a: None}) as s:
+        for i in range(20):
+            with s.transaction() as tx:
+                with pytest.raises(ValueError):
+                    with tx.savepoint("sp"):
+                        with tx.action("charge", args={"i": i}, compensate="refund"):
+                            pass
+                        raise ValueError
+                with tx.action("keep", args={"i": i}, compensate="refund"):
+                    pass
+                tx.put("k", i)
+        retained = {t.txid for t in s.log()}
+        assert len(s.actions()) == 40
+        s.checkpoint()
+        retained = {t.txid for t in s.log()}
+        left = s.actions()
+        assert left and {a.txid for a in left} <= retained, left
+        assert len(left) <= 2 * len(retained)
+
+
+def test_retention_keeps_an_owed_action_of_a_rolled_back_transaction_until_settled(tmp_path):
+    """Trimming never removes an action still owed (its compensation failed): the row
+    stays through every trim, and goes at the first trim after it is settled."""
+    fail = [True]
+
+    def refund(a):
+        if fail[0]:
+            raise OSError("payment service down")
+
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=2,
+                       compensators={"refund": refund}) as s:
+        with pytest.raises(walstore.CompensationFailed):
+            with s.transaction() as tx:
+                with tx.action("charge", compensate="refund"):
+                    pass
+                raise RuntimeError("abort")
+        with s.transaction() as tx:  # a committed one, whose undo will fail too
+            with tx.action("charge", compensate="refund"):
+                pass
+            tx.put("x", 1)
+        with pytest.raises(walstore.CompensationFailed):
+            s.revert(tx.id)
+        owed = {a.id for a in s.actions() if a.owed}
+        assert len(owed) == 2, s.actions()
+        for _ in range(3):
+            _commits(s, 4)
+            s.checkpoint()
+            assert {a.id for a in s.actions()} == owed  # still owed: kept
+        fail[0] = False
+        s.retry_compensations()
+        assert {a.state for a in s.actions()} == {"compensated"}
+        _commits(s, 4)
+        s.checkpoint()
+        assert s.actions() == []
+

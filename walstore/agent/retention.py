@@ -7,7 +7,8 @@ Trimming deletes, in batches, the history rows of commits below the horizon (eac
 keeps its newest version below it, so views at or after the horizon stay exact, unless
 that version is a deletion nothing follows: then the key, absent at every retained point,
 keeps no row at all, nor does a workspace path left absent), their ``txns``/``bylsn`` rows
-and their settled action rows; the horizon is recorded, and a point before it raises
+and their settled action rows (every row of the transaction, and those of transactions
+rolled back below the horizon: ``aended``; an action still owed keeps its row); the horizon is recorded, and a point before it raises
 HistoryTrimmed.  Default: keep everything.
 """
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Retention:
         first = next(iter(st.scan(b"", None, db="bylsn")), None)
         left = from_u64(first[0]) if first is not None else None
         if horizon <= old and (left is None or left >= old):
+            self._trim_ended_actions(old)
             return {"history_trimmed": 0}
         horizon = max(horizon, old)
         if left is not None:
@@ -67,7 +69,19 @@ class Retention:
             self.engine.applier.trim_history(batch, horizon)
             trimmed += len(batch)
             old = batch[-1][0] + 1
+        self._trim_ended_actions(horizon)
         return {"history_trimmed": trimmed}
+
+    def _trim_ended_actions(self, horizon: int) -> None:
+        """The settled action rows no trimmed commit reached: those of transactions that
+        rolled back below the horizon (no commit row leads to them), and those still
+        owed, or kept for a retained undo, when their commit was trimmed (settled since).
+        ``aended`` lists them, and loses a transaction once no row of it is left, so the
+        cost is the rows trimmed plus one look at each transaction whose actions are
+        still owed."""
+        start: int | None = 0
+        while start is not None:
+            start = self.engine.applier.trim_ended_actions(start, horizon, TRIM_BATCH)
 
     def _oldest_commits(self, lo: int, hi: int) -> list[tuple[int, int]]:
         st = self.engine.state

@@ -126,7 +126,10 @@ class Applier:
                     if _ACTION_FIELDS.isdisjoint(e.body):
                         continue  # a commit that names no action changes no action row
                 elif t in (_T.ABORT, _T.ROLLBACK_PREPARED):
-                    txn.delete(tables.txid_key(e.txid), db=st.inflight)
+                    if txn.delete(tables.txid_key(e.txid), db=st.inflight):
+                        # it logged intents (or file steps): its action rows outlive it,
+                        # and no commit row leads retention to them (``aended``)
+                        txn.put(u64(e.lsn), tables.txid_key(e.txid), db=st.aended)
                     if t == _T.ROLLBACK_PREPARED and e.body.get("gid"):
                         self._decide(txn, e.body["gid"], b"abort")
                 elif t == _T.ACTION_INTENT:
@@ -254,17 +257,11 @@ class Applier:
                         # grew without bound under retention)
                         txn.delete(tables.hist_key(key, lsn), db=st.hist)
                         txn.delete(key, db=st.hkeys)
-                for a in row.get("actions", []):
-                    araw = txn.get(a["id"].encode(), db=st.actions)
-                    if araw is None:
-                        continue
-                    arow = unpack(araw)
-                    if arow.get("state") in (tables.COMMITTED, tables.RESOLVED) or (
-                            arow.get("state") == tables.COMPENSATED
-                            and not retained(arow.get("undone_by"))):
-                        txn.delete(a["id"].encode(), db=st.actions)
-                    # (compensated by an undo still retained: the row stays while that
-                    # undo can be reverted, which marks it needs-redo)
+                # every action row of the transaction, not only those its COMMIT names:
+                # the ones a rollback to a savepoint took out (compensated before the
+                # commit) share its id prefix and are found only so
+                if _trim_actions(txn, st, txid, retained):
+                    txn.put(u64(lsn), tables.txid_key(txid), db=st.aended)  # (revisited)
                 for aid in row.get("compensate", ()):  # an undo trimmed: the rows it kept
                     araw = txn.get(str(aid).encode(), db=st.actions)
                     if araw is None:
@@ -276,6 +273,37 @@ class Applier:
                 txn.delete(tables.txid_key(txid), db=st.txns)
                 txn.delete(u64(lsn), db=st.bylsn)
         st.write(body)
+
+    def trim_ended_actions(self, start: int, horizon: int, batch: int) -> int | None:
+        """Delete the settled action rows of the transactions ``aended`` lists from LSN
+        ``start`` to ``horizon`` (rolled back, or trimmed while a row was still owed or
+        kept for an undo), at most ``batch`` transactions in one LMDB transaction; a
+        transaction leaves the list once no row of it is left.  Returns where the next
+        batch starts (None: the list is done below ``horizon``)."""
+        st = self.state
+        if next(iter(st.scan(u64(start), u64(horizon), db="aended")), None) is None:
+            return None  # (most checkpoints: nothing listed, no LMDB commit)
+        nxt: list = [None]
+
+        def retained(txid) -> bool:
+            return (isinstance(txid, int)
+                    and txn_ref[0].get(tables.txid_key(txid), db=st.txns) is not None)
+        txn_ref: list = [None]
+
+        def body(txn) -> None:
+            txn_ref[0], nxt[0] = txn, None
+            done, seen = [], 0
+            for raw, txid_raw in _rows(txn, st.aended, u64(start), u64(horizon)):
+                if seen >= batch:
+                    nxt[0] = from_u64(raw)
+                    break
+                seen += 1
+                if not _trim_actions(txn, st, from_u64(txid_raw), retained):
+                    done.append(raw)
+            for raw in done:
+                txn.delete(raw, db=st.aended)
+        st.write(body)
+        return nxt[0]
 
 
 _ACTION_FIELDS = frozenset({"actions", "crossed", "compensate", "redo", "unredo"})  # tables.action_changes
@@ -436,6 +464,29 @@ def _rows_of_txid(txn, st, pending: dict):
                 found[aid] = row
         return list(found.values())
     return rows
+
+
+def _trim_actions(txn, st, txid: int, retained) -> bool:
+    """Delete the settled action rows of ``txid`` (below the horizon: its commit trimmed,
+    or its rollback); whether any row of it is left.  Settled: ``committed``,
+    ``resolved``, or ``compensated`` unless by an undo still ``retained`` (that row stays
+    while the undo can be reverted, which marks it needs-redo).  An action still owed
+    (in flight, pending, failed, needs-redo) keeps its row."""
+    prefix = tables.action_prefix(txid)
+    doomed, left = [], False
+    for k, v in _rows(txn, st.actions, prefix, None):
+        if not k.startswith(prefix):
+            break
+        arow = unpack(v)
+        state = arow.get("state")
+        if state in (tables.COMMITTED, tables.RESOLVED) or (
+                state == tables.COMPENSATED and not retained(arow.get("undone_by"))):
+            doomed.append(k)
+        else:
+            left = True
+    for k in doomed:
+        txn.delete(k, db=st.actions)
+    return left
 
 
 def _trim_files(txn, st, lsn: int, txid: int, horizon: int) -> None:

@@ -11,7 +11,8 @@ Owns ``<store>/db`` and its named databases (tables):
                 (see :mod:`walstore.engine.tables`);
 - ``points``:   restore points;  ``actions``: action rows;  ``inflight``: txids with
                 logged intents that have not ended;  ``twophase``: prepared transactions
-                and 2PC decisions.
+                and 2PC decisions;  ``aended``: end LSN -> txid, transactions whose
+                action rows retention has still to trim (see ``Applier.trim_ended_actions``).
 
 Invariants:
 - opened sync=True, metasync=False, never sync=False / map_async / writemap: a power loss
@@ -96,7 +97,7 @@ TABLES = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist",
           "bylsn": b"bylsn", "points": b"points", "actions": b"actions",
           "twophase": b"twophase", "hkeys": b"hkeys", "inflight": b"inflight",
           "workspaces": b"workspaces", "fsteps": b"fsteps", "fversions": b"fversions",
-          "fchanges": b"fchanges", "fconflicts": b"fconflicts"}
+          "fchanges": b"fchanges", "fconflicts": b"fconflicts", "aended": b"aended"}
 
 
 class StateWriteError(WalstoreError):
