@@ -13,7 +13,9 @@ the decision); ``rollback_prepared`` logs ROLLBACK_PREPARED — durable — *the
 compensates the transaction's actions and puts back its files (newest first), so a crash
 in a compensator leaves them ``pending`` (and the files owed) for the next open, never
 forgotten.  Decisions are kept so a coordinator
-(:mod:`walstore.agent.coordinator`) can be asked after a crash what it decided.
+(:mod:`walstore.agent.coordinator`) can be asked after a crash what it decided: for good,
+one ``d:<gid>`` row each, which retention never trims (under presumed abort a forgotten
+commit would read as an abort, and a late participant would roll back what committed).
 """
 from __future__ import annotations
 
