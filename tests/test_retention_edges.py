@@ -339,3 +339,43 @@ def test_retention_keeps_an_owed_action_of_a_rolled_back_transaction_until_settl
         s.checkpoint()
         assert s.actions() == []
 
+
+def test_a_thread_that_committed_a_big_value_does_not_keep_its_memory(tmp_path):
+    """Each thread's cached msgpack Packer kept its buffer grown to the biggest value it
+    ever packed (about twice that) for the thread's life: a pool of idle workers that
+    each once committed a 16 MiB value held 32 MiB apiece."""
+    import gc
+    import threading
+    import tracemalloc
+
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:  # (the store's own first-use allocations)
+            tx.put("warm", 1)
+        committed, finish = threading.Event(), threading.Event()
+
+        def worker():
+            v = os.urandom(8 << 20)
+            with s.transaction() as tx:
+                tx.put("big", v)
+            del v, tx
+            committed.set()
+            finish.wait(60)  # idle, alive: a pool's worker
+
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            t = threading.Thread(target=worker)
+            t.start()
+            try:
+                assert committed.wait(60)
+                s.checkpoint()
+                gc.collect()
+                held = tracemalloc.get_traced_memory()[0] - base
+            finally:
+                finish.set()
+                t.join()
+        finally:
+            tracemalloc.stop()
+        assert held < 4 << 20, f"{held >> 20} MiB still held by an idle thread"
+        assert len(s.get("big")) == 8 << 20

@@ -31,6 +31,11 @@ MAX_META_BYTES = 1024 * 1024
 
 _STR, _BYTES = b"s", b"b"
 _local = threading.local()
+# a Packer keeps its buffer's capacity after packing (about twice the largest output it
+# ever made) for its thread's life: past this many bytes out, the thread's Packer is
+# dropped, so a big value's memory goes with it (a pool of idle threads that each
+# committed a 16 MiB value once held 32 MiB apiece)
+RELEASE_PACKER_BYTES = 1024 * 1024
 
 
 def _packer() -> msgpack.Packer:
@@ -41,6 +46,13 @@ def _packer() -> msgpack.Packer:
     except AttributeError:
         _local.packer = msgpack.Packer(use_bin_type=True, datetime=False)
         return _local.packer
+
+
+def _release_packer() -> None:
+    """Drop this thread's Packer (it just packed more than ``RELEASE_PACKER_BYTES``)."""
+    _local.__dict__.pop("packer", None)
+
+
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
 
 
@@ -119,9 +131,11 @@ def pack_value(value: Any, key: Any = None) -> bytes:
             raise ValueError(f"value for key {key!r} cannot be stored: it nests too deeply "
                              f"(msgpack stores about 1,000 levels of lists and dicts)") from None
         raise ValueError(f"value for key {key!r} cannot be stored: {e}") from None
-    if len(packed) > MAX_VALUE_BYTES:
-        raise ValueError(f"value for key {key!r} is {len(packed)} bytes packed; "
-                         f"the limit is {MAX_VALUE_BYTES}")
+    if len(packed) > RELEASE_PACKER_BYTES:
+        _release_packer()
+        if len(packed) > MAX_VALUE_BYTES:
+            raise ValueError(f"value for key {key!r} is {len(packed)} bytes packed; "
+                             f"the limit is {MAX_VALUE_BYTES}")
     if type(value) in _SCALARS:
         return packed  # no map inside: nothing that could fail to read back
     try:  # what cannot be read back must not be stored (e.g. a dict with a tuple key)
@@ -160,8 +174,11 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
                 packed = packb(value)
             except Exception:
                 packed = pack_value(value, key)  # (raises, naming the key and the problem)
-            if len(packed) > MAX_VALUE_BYTES:
-                pack_value(value, key)  # (raises)
+            if len(packed) > RELEASE_PACKER_BYTES:
+                _release_packer()
+                packb = _packer().pack
+                if len(packed) > MAX_VALUE_BYTES:
+                    pack_value(value, key)  # (raises)
         else:
             packed = pack_value(value, key)
         out[k] = packed
@@ -183,7 +200,10 @@ def pack(obj: Any) -> bytes:
         packer = _local.packer  # (``_packer`` written out: every commit packs twice)
     except AttributeError:
         packer = _packer()
-    return packer.pack(obj)
+    packed = packer.pack(obj)
+    if len(packed) > RELEASE_PACKER_BYTES:
+        _release_packer()
+    return packed
 
 
 def unpack(data: bytes) -> Any:
