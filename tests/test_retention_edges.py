@@ -280,7 +280,7 @@ def test_retention_trims_the_settled_actions_of_rolled_back_transactions(tmp_pat
         assert s.actions() == []  # (and nothing came back from the log)
 
 
-def test_retention_trims_actions_a_savepoint_rollback_took_out_of_a_trimmed_commit(tmp_path):
+def test_retention_trims_actions_a_savepoint_rollback_took_from_a_trimmed_commit(tmp_path):
     """An action a rollback to a savepoint compensated is not in its commit's
     ``actions``: trimming the commit left its row for good."""
     with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=3,
@@ -304,7 +304,7 @@ def test_retention_trims_actions_a_savepoint_rollback_took_out_of_a_trimmed_comm
         assert len(left) <= 2 * len(retained)
 
 
-def test_retention_keeps_an_owed_action_of_a_rolled_back_transaction_until_settled(tmp_path):
+def test_retention_keeps_an_owed_action_of_a_rolled_back_txn_until_settled(tmp_path):
     """Trimming never removes an action still owed (its compensation failed): the row
     stays through every trim, and goes at the first trim after it is settled."""
     fail = [True]

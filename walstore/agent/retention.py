@@ -8,8 +8,9 @@ keeps its newest version below it, so views at or after the horizon stay exact, 
 that version is a deletion nothing follows: then the key, absent at every retained point,
 keeps no row at all, nor does a workspace path left absent), their ``txns``/``bylsn`` rows
 and their settled action rows (every row of the transaction, and those of transactions
-rolled back below the horizon: ``aended``; an action still owed keeps its row); the horizon is recorded, and a point before it raises
-HistoryTrimmed.  Default: keep everything.
+rolled back below the horizon: ``aended``; an action still owed keeps its row); the
+horizon is recorded, and a point before it raises HistoryTrimmed.  Default: keep
+everything.
 """
 from __future__ import annotations
 

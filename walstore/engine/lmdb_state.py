@@ -12,7 +12,7 @@ Owns ``<store>/db`` and its named databases (tables):
 - ``points``:   restore points;  ``actions``: action rows;  ``inflight``: txids with
                 logged intents that have not ended;  ``twophase``: prepared transactions
                 and 2PC decisions;  ``aended``: end LSN -> txid, transactions whose
-                action rows retention has still to trim (see ``Applier.trim_ended_actions``).
+                action rows retention has still to trim (``Applier.trim_ended_actions``).
 
 Invariants:
 - opened sync=True, metasync=False, never sync=False / map_async / writemap: a power loss
