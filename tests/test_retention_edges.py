@@ -379,3 +379,31 @@ def test_a_thread_that_committed_a_big_value_does_not_keep_its_memory(tmp_path):
             tracemalloc.stop()
         assert held < 4 << 20, f"{held >> 20} MiB still held by an idle thread"
         assert len(s.get("big")) == 8 << 20
+
+
+def test_retention_trims_the_actions_of_a_transaction_a_crash_left_open(tmp_path):
+    """A process killed with an action in flight: recovery ends its transaction (ABORT)
+    and compensates the action; that row, like a rollback's, goes with the history."""
+    import signal
+    import subprocess
+    import sys
+
+    path = str(tmp_path / "s")
+    child = (
+        "import os, signal, walstore\n"
+        f"s = walstore.open({path!r}, durability='normal')\n"
+        "tx = s.transaction()\n"
+        "with tx.action('charge', compensate='refund'):\n"
+        "    pass\n"
+        "tx.put('x', 1)\n"
+        "s.sync()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.run([sys.executable, "-c", child], env=env, timeout=120)
+    assert p.returncode == -signal.SIGKILL
+    with walstore.open(path, durability="none", retain_transactions=2,
+                       compensators={"refund": lambda a: None}) as s:
+        assert [a.state for a in s.actions()] == ["compensated"]
+        _commits(s, 4)
+        s.checkpoint()
+        assert s.actions() == []
