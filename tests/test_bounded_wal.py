@@ -1,6 +1,11 @@
 """The WAL stays bounded under load that never pauses: automatic checkpoints run while the
 applier is busy, not only when it catches up (a sustained writer once kept the applier in
-its batch loop forever, so no checkpoint ran and the log grew with every commit)."""
+its batch loop forever, so no checkpoint ran and the log grew with every commit).
+
+Memory and the WAL stay bounded when the applier falls behind (CONTRACT 4, promise 5):
+the unapplied backlog is bounded in estimated bytes, not only in events (with 1 MiB values,
+or 300 small puts per commit, 50,000 events were gigabytes of MemTable and hundreds of MiB
+of WAL past ``checkpoint_bytes``)."""
 from __future__ import annotations
 
 import os
@@ -42,3 +47,69 @@ def test_checkpoints_trim_the_wal_while_commits_never_pause(tmp_path):
         assert dict(st.scan(prefix="k")) == {f"k{i:03d}": value for i in range(500)}
     with walstore.open(path) as st:
         assert len(dict(st.scan(prefix="k"))) == 500
+
+
+def test_disk_use_stays_bounded_when_large_values_outrun_the_applier(tmp_path):
+    """200 KiB values, committed as fast as one thread can: LMDB's writes of them (and of
+    its history index) are slower than appending them to the WAL, so without a byte bound
+    the backlog, and the WAL behind it, grew with every commit."""
+    from walstore.engine.memtable import footprint
+    path = str(tmp_path / "s")
+    bound, ckpt, seg = 4 << 20, 1 << 20, 1 << 20
+    value = os.urandom(200 << 10)  # (five to a segment: little of one is left unused)
+    with walstore.open(path, durability="none", max_unapplied_bytes=bound,
+                       checkpoint_bytes=ckpt, segment_size=seg) as st:
+        mt = st._engine.memtable
+        peak_memory = peak_log = peak_wal = 0
+        for i in range(300):  # 60 MB of values: 14 times the bound
+            with st.transaction() as tx:
+                tx.put(f"k{i % 8}", value)
+            with mt.lock:
+                held = list(mt.events)
+                memory, log = mt.memory, mt.log_bytes
+            assert memory == sum(footprint(e) for e in held)  # (kept as events come and go)
+            peak_memory, peak_log = max(peak_memory, memory), max(peak_log, log)
+            if i % 5 == 4:
+                peak_wal = max(peak_wal, _wal_bytes(path))
+        one_commit = footprint(held[-1])
+        # a committer waits while the backlog is at the bound: it passes it by one commit
+        assert peak_log <= peak_memory <= bound + one_commit, (peak_memory, peak_log)
+        # the WAL keeps the backlog at the last checkpoint, a checkpoint interval (noticed
+        # by the applier within half a backlog), what came in while the next checkpoint
+        # applied (the backlog again), and whole segments: the oldest, the newest, the spare
+        limit = 3 * (bound + one_commit) + ckpt + 3 * seg
+        assert peak_wal <= limit, (peak_wal, limit)
+        assert st.stats()["wal_end_lsn"] > 300 * len(value)
+        assert st.get("k7") == value
+    with walstore.open(path) as st:
+        assert st.get("k0") == value
+
+
+def test_memory_stays_bounded_when_many_puts_per_commit_outrun_the_applier(tmp_path):
+    """Transactions of 300 small puts with the default options: each unapplied put holds
+    ~200 B of memory for ~14 B of log, so neither the event bound (50,000) nor the
+    applier's 32 MiB of log came near before the heap reached gigabytes.  What is held
+    stays within ``max_unapplied_bytes`` (64 MiB) and one commit, counting 100 B a put."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as st:
+        mt = st._engine.memtable
+        bound = 64 << 20  # (the default max_unapplied_bytes)
+        peak = 0
+        for n in range(3000):  # 900,000 puts: ~180 MB held if nothing bounds them
+            with st.transaction() as tx:
+                for i in range(300):
+                    tx.put(f"k{i:04d}", n)
+            if n % 20 == 19:
+                with mt.lock:
+                    held = list(mt.events)
+                puts = sum(len(e.writes) for e in held if e.writes is not None)
+                assert 100 * puts <= bound + 100 * 300, (n, puts)
+                peak = max(peak, puts)
+        with mt.lock:
+            held = list(mt.events)
+            memory, log = mt.memory, mt.log_bytes
+        puts = sum(len(e.writes) for e in held if e.writes is not None)
+        assert log + 100 * puts <= memory <= bound + 100_000  # (a commit: ~61 KB)
+        assert peak > 1000  # (the applier was behind: the backlog was there to bound)
+        assert st._engine.options.max_unapplied_bytes == bound
+        assert st.get("k0299") == 2999

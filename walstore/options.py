@@ -24,6 +24,9 @@ class Options:
     apply_interval    seconds without a commit after which the applier writes LMDB
                       (0.001 .. 86400; 0.1): LMDB is written in pauses, off the commit tail
     max_unapplied     events waiting for LMDB before committers wait (100 .. 10^9; 50,000)
+    max_unapplied_bytes  estimated memory of the events waiting for LMDB (their log bytes
+                      plus a per-event and per-write overhead) before committers wait
+                      (1 MiB .. 1 PiB; 64 MiB); the applier starts at half of it
     recovery_mode     strict | tolerate-tail | point-in-time | skip-corrupt
     retain_transactions  keep history of this many newest transactions (>= 1; None: all)
     retain_seconds    keep history this many seconds (> 0; None: all)
@@ -35,6 +38,7 @@ class Options:
     apply_batch: int = 20_000
     apply_interval: float = 0.1
     max_unapplied: int = 50_000
+    max_unapplied_bytes: int = 64 * MIB
     recovery_mode: str = "strict"
     retain_transactions: int | None = None
     retain_seconds: float | None = None
@@ -46,6 +50,7 @@ class Options:
         _int_range("apply_batch", self.apply_batch, 1, 10 ** 9)
         _num_range("apply_interval", self.apply_interval, 0.001, 86400)
         _int_range("max_unapplied", self.max_unapplied, 100, 10 ** 9)
+        _int_range("max_unapplied_bytes", self.max_unapplied_bytes, MIB, 1 << 50)
         if self.recovery_mode not in RECOVERY_MODES:
             raise ValueError(f"recovery_mode must be one of {', '.join(RECOVERY_MODES)}, "
                              f"not {self.recovery_mode!r}")

@@ -218,7 +218,8 @@ class Engine:
         self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
                                  self.options.segment_size)
         self.memtable = MemTable(published=self.wal.written_lsn,
-                                 limit=self.options.max_unapplied, lock=self.wal.lock)
+                                 limit=self.options.max_unapplied, lock=self.wal.lock,
+                                 max_memory=self.options.max_unapplied_bytes)
         self.journal = Journal(self.wal, self.memtable, self.durability)
         self.reader = StateReader(self.state, self.memtable)
         self.views = Views(self.state, self.memtable)
@@ -333,11 +334,13 @@ class Engine:
         self._threads.append(t)
 
     def wake_applier(self) -> None:
-        """After a commit: wake the applier only when the backlog is big enough (events
-        or log bytes); otherwise it waits for commits to pause (see ``_applier_loop``)."""
+        """After a commit: wake the applier only when the backlog is big enough (events,
+        log bytes or estimated memory); otherwise it waits for commits to pause (see
+        ``_applier_loop``)."""
         mt = self.memtable  # (``_backlog_full`` written out: every commit asks)
         if not self._woken and (len(mt.events) >= self.options.apply_batch
-                                or mt.log_bytes >= APPLY_WAKE_BYTES):
+                                or mt.log_bytes >= APPLY_WAKE_BYTES
+                                or mt.memory >= mt.max_memory >> 1):
             self._woken = True  # one wake-up per batch, not one per commit
             with self._wake_lock:
                 self._wake.notify()
@@ -347,10 +350,13 @@ class Engine:
 
         Deferred apply: LMDB is written when commits pause (no commit published for a
         whole ``apply_interval``), or at once when the backlog reaches ``apply_batch``
-        events or APPLY_WAKE_BYTES of log, or when a drain, checkpoint or close asks.  An
-        LMDB commit syncs its pages, and that flush delays the WAL fsyncs of the commits
-        running beside it: deferring it to a pause keeps it off the commit tail of bursts,
-        while the backlog bounds memory, the MemTable and REDO after a crash.
+        events, APPLY_WAKE_BYTES of log or half of ``max_unapplied_bytes`` of
+        estimated memory (small writes cost far more memory than log: ~200 B per put for
+        ~14 B of log, so 32 MiB of log was ~600 MiB of heap), or when a drain, checkpoint
+        or close asks.  An LMDB commit syncs its pages, and that flush delays the WAL
+        fsyncs of the commits running beside it: deferring it to a pause keeps it off the
+        commit tail of bursts, while the backlog's bounds (``wait_for_room``) bound memory,
+        the WAL, the MemTable and REDO after a crash.
         """
         seen = -1  # the published mark at the last look: unchanged means commits paused
         while not self._stop.is_set():
@@ -378,7 +384,8 @@ class Engine:
     def _backlog_full(self) -> bool:
         """Enough is unapplied that the applier works even while commits go on."""
         mt = self.memtable
-        return len(mt.events) >= self.options.apply_batch or mt.log_bytes >= APPLY_WAKE_BYTES
+        return (len(mt.events) >= self.options.apply_batch or mt.log_bytes >= APPLY_WAKE_BYTES
+                or mt.memory >= mt.max_memory >> 1)
 
     def _checkpoint_due(self) -> bool:
         return self.wal.bytes_since_checkpoint >= self.options.checkpoint_bytes
@@ -392,9 +399,14 @@ class Engine:
                 return
 
     def wait_for_room(self) -> None:
-        """Backpressure before a commit logs anything: wait while too much is unapplied."""
+        """Backpressure before a commit logs anything: wait while too much is unapplied
+        (``max_unapplied`` events or ``max_unapplied_bytes`` of estimated memory).  Only
+        committers wait here, holding no lock the applier needs; a commit past its point
+        of no return never does.  (Events alone let a backlog of 1 MiB values, or of
+        commits of 300 small puts, grow to gigabytes of memory and of WAL behind an
+        applier that fell behind.)"""
         mt = self.memtable
-        while len(mt.events) >= mt.limit:  # (``over_limit``: every commit asks)
+        while len(mt.events) >= mt.limit or mt.memory >= mt.max_memory:  # (``over_limit``)
             self.check_writable()
             self._woken = True
             with self._wake_lock:

@@ -25,8 +25,12 @@ Invariants:
   read-only follower catching up on such a backlog took over 20 s to open);
   range reads take only the key index's lock (:mod:`walstore.engine.keyindex`): a key new
   to the MemTable is noted on entry (an append) and sorted in by the next range read;
-- bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events);
-  ``log_bytes`` counts the log bytes of the events here (the applier's other trigger);
+- bounded: ``over_limit`` tells committers to wait for the applier (``limit`` events, or
+  ``max_memory`` bytes of ``memory``: an estimate of what the events here hold, their log
+  bytes plus EVENT_COST per event and WRITE_COST per write, kept as they enter and leave);
+  ``log_bytes`` counts the log bytes of the events here (the applier's other trigger).
+  (Counting events alone let 1 MiB values, or commits of 300 small puts, pile up to
+  gigabytes behind an applier that fell behind, and the WAL with them);
 - leaving costs O(versions left) per key a dropped chunk touched, never O(versions) per
   event: a hot key's chain is cut once per ``drop_applied`` call.
 """
@@ -42,13 +46,26 @@ from ..log.records import Event
 from .keyindex import SLACK, KeyIndex
 
 _COMMIT = RecordType.COMMIT
+# Memory an unapplied event holds beyond its log bytes (measured with tracemalloc, CPython
+# 3.11: a single-put commit ~590 B for 170 B of log, a 300-put one ~203 B per put for
+# 14 B of log): the Event, its body and write tuple; per write, the key and value objects'
+# headers, the pair, its version entry and the versions dict's slot.
+EVENT_COST = 300
+WRITE_COST = 190
+
+
+def footprint(event: Event) -> int:
+    """The estimated memory ``event`` holds while unapplied (see MemTable.memory)."""
+    writes = event.writes
+    return (event.end - event.lsn + EVENT_COST
+            + (WRITE_COST * len(writes) if writes is not None else 0))
 
 
 class MemTable:
     """Unapplied log events, in LSN order, with a multi-version index of their writes."""
 
     def __init__(self, published: int = 0, limit: int = 50_000,
-                 lock: threading.RLock | None = None) -> None:
+                 lock: threading.RLock | None = None, max_memory: int = 1 << 62) -> None:
         # ``lock`` guards ``events``: held by whoever adds or drops (the writer's journal
         # lock, or a follower's) and by the copies of it below.  A copy of a deque is one C
         # call, yet not atomic: an allocation in it can run the garbage collector, whose
@@ -58,8 +75,10 @@ class MemTable:
         self.versions: dict[bytes, tuple] = {}
         self.published = published
         self.limit = limit
+        self.max_memory = max_memory
         self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
         self.log_bytes = 0  # log bytes of the events here
+        self.memory = 0  # their estimated memory (``footprint``: kept as they come and go)
         self.drops = 0  # batches dropped so far (counted before any version leaves)
         # the key order for range reads: keys noted on entry, folded in by readers
         self._index_lock = threading.Lock()
@@ -72,15 +91,19 @@ class MemTable:
 
     @property
     def over_limit(self) -> bool:
-        return len(self.events) >= self.limit
+        return len(self.events) >= self.limit or self.memory >= self.max_memory
 
     # ---- entering and leaving (caller holds ``lock``: the journal lock) -----------------
     def add(self, event: Event, claims: Any = None) -> None:
         """Enter ``event`` (newest).  ``claims``: the action ids a commit compensates, when
         the caller has its body at hand (else read from the event)."""
         self.events.append(event)
-        self.log_bytes += event.end - event.lsn
-        if event.writes is not None and event.type == _COMMIT:
+        size = event.end - event.lsn
+        self.log_bytes += size
+        writes = event.writes  # (``footprint`` written out: every commit comes here)
+        self.memory += size + EVENT_COST + (WRITE_COST * len(writes) if writes is not None
+                                            else 0)
+        if writes is not None and event.type == _COMMIT:
             versions = self.versions
             lsn = event.lsn
             if not versions and len(event.writes) > 1:
@@ -109,6 +132,7 @@ class MemTable:
         while self.events and self.events[-1].lsn >= lsn:
             e = self.events.pop()
             self.log_bytes -= e.end - e.lsn
+            self.memory -= footprint(e)
             if e.writes is not None and e.type == _COMMIT:
                 for k, _v in e.writes:
                     old = versions.get(k)
@@ -149,16 +173,19 @@ class MemTable:
         """Remove ``batch`` (the oldest events, now in LMDB)."""
         self.drops += 1  # (first: a reader that sees no change saw no version leave)
         versions = self.versions
-        size = 0
+        size = writes = 0
         for e in batch:
             first = self.events.popleft()
             assert first is e, "the applier must apply events in LSN order"
             size += e.end - e.lsn
+            if e.writes is not None:  # (``footprint`` summed: a call per event costs)
+                writes += len(e.writes)
             if self.claimed and e.type == _COMMIT:  # (an undo's commit claimed actions)
                 for aid in e.field("compensate", ()):
                     if self.claimed.get(aid) == e.txid:
                         del self.claimed[aid]
         self.log_bytes -= size
+        self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
         if not self.events:  # every version here is in LMDB now: all leave at once
             if self.versions:
                 self.versions = {}  # (readers see the old dict or the empty one)
