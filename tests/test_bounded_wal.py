@@ -113,3 +113,26 @@ def test_memory_stays_bounded_when_many_puts_per_commit_outrun_the_applier(tmp_p
         assert peak > 1000  # (the applier was behind: the backlog was there to bound)
         assert st._engine.options.max_unapplied_bytes == bound
         assert st.get("k0299") == 2999
+
+
+def test_a_committed_transaction_kept_by_its_caller_holds_none_of_its_writes(tmp_path):
+    """An agent keeps ``tx`` after its commit (a thread idle until its next step): the
+    transaction's commit request kept every write it made (16 MiB here) for as long."""
+    import gc
+    import tracemalloc
+    with walstore.open(str(tmp_path / "s"), durability="none") as st:
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            tx = st.transaction()
+            for i in range(16):
+                tx.put(f"big{i}", os.urandom(1 << 20))
+            tx.commit()
+            st.checkpoint()  # (the MemTable's copy goes to LMDB)
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert tx.state == "committed"
+        assert held < 2 << 20, held  # (was ~16.8 MB)
+        assert len(st.get("big15")) == 1 << 20

@@ -438,6 +438,7 @@ class Transaction:
             # then compensated a charge whose commit stood — a probe, 11-20 in 50,000)
             self._finish(COMMITTED)
             self.lsn = None if lsn is None else _lsn(LSN, lsn)
+            self._request = None  # (its writes: a caller keeping ``tx`` kept them all)
             return self.lsn
         except CommitOutcomeUnknown:
             self._finish(UNKNOWN)  # recovery decides; nothing is compensated now
