@@ -494,3 +494,26 @@ def test_at_a_point_a_path_through_a_symlink_is_refused_as_the_live_read_refuses
     with pytest.raises(ValueError, match="'in' was a symlink"):
         s.at(tx.id).files(ws).read("in/x")
     s.close()
+
+
+def test_walstore_files_names_the_root_as_dot(tmp_path):
+    """A watched change of the root's own mode is listed by ``walstore files`` as ``.``
+    (the row's PATH cell was empty)."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    os.chmod(root, 0o755)
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        s.restore_point("before")
+        with s.transaction() as tx:
+            with tx.files(ws).watch():
+                os.chmod(root, 0o700)
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                              text=True, check=True).stdout
+    out = cli("files", path)
+    assert [".", "dir", "0o700"] in [line.split()[:3] for line in out.splitlines()], out
+    out = cli("diff", path, "--from", "before")  # (absolute paths: the root's ends in /)
+    assert ["mode", str(root) + "/", "dir", "0o755", "dir", "0o700"] in [
+        line.split() for line in out.splitlines()], out

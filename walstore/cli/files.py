@@ -48,7 +48,7 @@ def files_cmd(path: str, workspace: str | None, at: Any, as_json: bool) -> None:
                  f"ignore {', '.join(w['ignore'])}" if w["ignore"] else ""]
         extra = [x for x in extra if x]
         click.echo(f"workspace {w['root']}" + (f" ({'; '.join(extra)})" if extra else ""))
-        rows = [[f["path"], _entry_text(f["entry"]), len(f["versions"]),
+        rows = [[f["path"] or ".", _entry_text(f["entry"]), len(f["versions"]),
                  f["versions"][0]["txid"] if f["versions"] else ""] for f in w["files"]]
         if rows:
             table(rows, ["PATH", "STATE" + (" AT POINT" if at is not None else ""),
