@@ -780,3 +780,29 @@ def test_eio_on_the_directory_fsync_of_a_checkpoints_trim_turns_the_store_read_o
         s.close()
     faults.clear()
     reopen_and_check(path, acked, absent=["later"])
+
+
+def test_no_commit_is_acknowledged_after_wal_was_deleted_under_the_open_store(tmp_path):
+    """Another process removes ``wal/`` (an operator's cleanup script) while the store is
+    open: every later commit was acknowledged, synced into a file no open could ever find.
+    The first one now raises CommitOutcomeUnknown naming the cause, and the store turns
+    read-only; the next open says the log is missing."""
+    path = str(tmp_path / "s")
+    st = walstore.open(path)
+    try:
+        with st.transaction() as tx:
+            tx.put("before", 1)
+        subprocess.run(["rm", "-rf", os.path.join(path, "wal")], check=True)
+        with pytest.raises(walstore.CommitOutcomeUnknown, match="deleted while the store"):
+            with st.transaction() as tx:
+                tx.put("after", 2)
+        with pytest.raises(walstore.WalstoreError):
+            with st.transaction() as tx:
+                tx.put("later", 3)
+    finally:
+        try:
+            st.close()
+        except walstore.WalstoreError:
+            pass
+    with pytest.raises(walstore.CorruptionError, match="log is missing"):
+        walstore.open(path)

@@ -197,9 +197,12 @@ class CommitPipeline:
             make_durable(event.end, ticket)
         except LogFailed as e:
             self.engine.fail(e)
+            why = getattr(self.engine.wal, "failed", None)  # (the OSError the log stopped on)
+            why = f" ({why.strerror or why})" if isinstance(why, OSError) else ""
             raise CommitOutcomeUnknown(
-                f"the fsync of {what} failed: {unknown} is unknown until the store is reopened "
-                f"(recovery decides); the store is now read-only and no compensation ran",
+                f"the fsync of {what} failed{why}: {unknown} is unknown until the store is "
+                f"reopened (recovery decides); the store is now read-only and no compensation "
+                f"ran",
                 txid) from e
 
     def _before_the_record(self, req: CommitRequest):
