@@ -918,3 +918,35 @@ def test_a_damaged_store_file_is_a_problem_found_not_a_usage_error(store_path, t
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x").write_text("x")
     cli(command, str(tmp_path / "other"), code=2)
+
+
+def _console_script() -> list[str]:
+    """The installed ``walstore`` script (its own directory on sys.path, not the current
+    one), else the same through ``python -I`` (no current directory on sys.path)."""
+    script = os.path.join(os.path.dirname(sys.executable), "walstore")
+    if os.path.exists(script):
+        return [script]
+    return [sys.executable, "-I", "-c", "import sys; from walstore.cli import main; "
+            "sys.exit(main())"]
+
+
+@pytest.mark.parametrize("how", ["module", "file"])
+def test_handlers_module_in_the_current_directory_is_found(tmp_path, how):
+    """``walstore recover store --handlers myhandlers`` run where myhandlers.py lives: the
+    console script could not import it (only ``python -m walstore`` could), so the
+    compensation a killed writer owed stayed owed and the command exited 2."""
+    (tmp_path / "myhandlers.py").write_text(
+        "def unsend(a):\n    open('ran.txt', 'a').write(a.id + '\\n')\n"
+        "COMPENSATORS = {'unsend': unsend}\n")
+    code = ("import os, walstore\ns = walstore.open('store')\ntx = s.transaction()\n"
+            "tx.put('x', 1)\nwith tx.action('email', compensate='unsend'):\n    pass\n"
+            "os.kill(os.getpid(), 9)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path)
+    assert r.returncode == -9
+    handlers = "myhandlers" if how == "module" else "./myhandlers.py"
+    r = subprocess.run([*_console_script(), "recover", "store", "--handlers", handlers],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len((tmp_path / "ran.txt").read_text().split()) == 1
+    with walstore.open(str(tmp_path / "store")) as s:
+        assert [a.state for a in s.actions()] == ["compensated"]

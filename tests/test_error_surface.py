@@ -184,3 +184,18 @@ def test_dump_exits_1_when_it_shows_damage(tmp_path):
     assert "CORRUPT" in r.stdout
     doc = json.loads(cli("dump", path, "--json", code=1).stdout)
     assert any(rec["type"] == "CORRUPT" for rec in doc["records"])
+
+
+@pytest.mark.parametrize("compensators", [{"refund": "not-a-function"}, {1: print},
+                                          [("refund", print)]])
+def test_a_compensator_that_cannot_be_called_is_refused_at_open(tmp_path, compensators):
+    """It was accepted, and failed only when a rollback needed it, after the side effect:
+    three tries, CompensationFailed, the action left ``failed``."""
+    path = str(tmp_path / "s")
+    with pytest.raises(TypeError, match="nothing was opened"):
+        walstore.open(path, compensators=compensators)
+    assert not os.path.exists(path)
+    with walstore.open(path) as s:
+        with pytest.raises(TypeError, match="callable"):
+            s.compensator("refund")("not-a-function")
+        assert "refund" not in s.compensators

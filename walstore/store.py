@@ -22,7 +22,7 @@ from .errors import ConflictError, ReplicationError, StoreClosed
 from .options import Options
 from .engine.engine import Engine
 from .engine.transaction import Transaction, scan_bounds
-from .agent.actions import Action, Saga
+from .agent.actions import Action, Saga, check_compensators
 from .agent.files import Files, FilesRecoveryReport
 from .files import Workspace
 from .agent.history import HistoricalView, History, Version
@@ -132,6 +132,7 @@ class Store:
             raise TypeError(f"options= takes a walstore.Options, not "         # is touched)
                             f"{type(options).__name__} (tuning keywords go to walstore."
                             f"open(path, segment_size=...) directly); nothing was opened")
+        compensators = check_compensators(compensators)  # (before recovery runs them)
         if replicate_to is not None and readonly:
             raise ValueError("replicate_to= ships a writer's log: open without readonly=True")
         self._shipper = None

@@ -32,6 +32,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -183,12 +184,31 @@ class UndoProgress:
         self.finished = False
 
 
+def check_compensators(compensators: Any) -> dict[str, Callable]:
+    """``compensators=`` of ``walstore.open``, checked before the store is touched: a
+    mapping of non-empty str names to callables (a wrong one was accepted and failed only
+    when a rollback, after the side effect, needed it: the action then ``failed``)."""
+    if compensators is None:
+        return {}
+    if not isinstance(compensators, Mapping):
+        raise TypeError(f"compensators= takes a dict of name -> callable, not "
+                        f"{type(compensators).__name__}; nothing was opened")
+    for name, fn in compensators.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a compensator name must be a non-empty str, not {name!r}; "
+                            f"nothing was opened")
+        if not callable(fn):
+            raise TypeError(f"compensator {name!r} is not callable (a "
+                            f"{type(fn).__name__}); nothing was opened")
+    return dict(compensators)
+
+
 class Saga:
     """The store's side of intents and compensations."""
 
     def __init__(self, engine: "Engine", compensators: dict[str, Callable] | None) -> None:
         self.engine = engine
-        self.compensators: dict[str, Callable] = dict(compensators or {})
+        self.compensators: dict[str, Callable] = check_compensators(compensators)
         # action id -> the thread running its compensation (or resolving it); close()
         # waits for other threads' (see ``running_elsewhere``)
         self._running: dict[str, int] = {}
@@ -199,6 +219,9 @@ class Saga:
             raise TypeError("a compensator name must be a non-empty str")
 
         def register(fn: Callable) -> Callable:
+            if not callable(fn):
+                raise TypeError(f"compensator {name!r} must be callable, not "
+                                f"{type(fn).__name__}")
             self.compensators[name] = fn
             return fn
         return register

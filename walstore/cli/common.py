@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
+import sys
 from typing import Any, Callable, Iterator
 
 import click
@@ -75,7 +77,7 @@ def load_handlers(module: str | None) -> dict[str, Callable] | None:
     if module is None:
         return None
     try:
-        mod = importlib.import_module(module)
+        mod = _import_handlers(module)
     except Exception as e:  # any failure to import is the user's module, named below
         raise UsageProblem(f"--handlers {module}: cannot import it "
                            f"({type(e).__name__}: {e})") from None
@@ -88,6 +90,23 @@ def load_handlers(module: str | None) -> dict[str, Callable] | None:
         raise UsageProblem(f"--handlers {module}: COMPENSATORS must map names (str) to "
                            f"functions; not so for {bad!r}")
     return dict(comps)
+
+
+def _import_handlers(module: str) -> Any:
+    """A module name, found first in the current directory (as ``python -m`` would: the
+    ``walstore`` script's own directory is on its path instead), or a ``.py`` file path."""
+    if module.endswith(".py") or os.sep in module:
+        name = os.path.splitext(os.path.basename(module))[0]
+        spec = importlib.util.spec_from_file_location(name, os.path.abspath(module))
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no Python module at {module}")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    return importlib.import_module(module)
 
 
 def owed_reason(action: walstore.Action, compensators: dict | None) -> str | None:
