@@ -2,8 +2,8 @@
 
 Owns the three click commands and their output; :func:`register` adds them to the main
 group (the CLI package calls it).  Exit status: 0 success; 1 a problem (the replica
-refused, unreachable, damaged, a verify mismatch, pending compensations left in a restored
-store); 2 usage (a bad point, a path that is not a store).  ``--json`` is one strict JSON
+refused, unreachable, damaged, a verify mismatch, compensations or file effects owed by a
+restored store); 2 usage (a bad point, a path that is not a store).  ``--json`` is one strict JSON
 document.  No output ever carries credentials: URLs are shown without user info.
 
 Points on the command line: ``tx:N`` or bare digits (a txid), ``lsn:N`` (a log position),
@@ -173,9 +173,16 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     try:
         pending = [{"id": a.id, "txid": a.txid, "name": a.name, "compensate": a.compensate,
                     "state": a.state} for a in store.pending_compensations()]
+        if compensate:  # undone by that open, except those it could not put back
+            rec = store.last_recovery
+            failed = {p.lsn for p in getattr(rec, "problems", ())
+                      if p.kind == "file-undo-failed"}
+            report["owed_file_effects"] = [e for e in report["owed_file_effects"]
+                                           if e["lsn"] in failed]
     finally:
         store.close()
     report["pending_compensations"] = pending
+    owed_files = report["owed_file_effects"]
     if as_json:
         _emit(report)
     else:
@@ -188,11 +195,21 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
                        f"{', '.join(map(str, report['in_flight_txids']))}")
         for a in pending:
             click.echo(f"  pending compensation {a['id']} {a['name']} -> {a['compensate']}")
-    if pending:
-        if not as_json:
-            click.echo("compensations are pending (the machine that ran those actions is "
-                       "gone): rerun with --compensate --handlers MODULE, or `walstore "
-                       "resolve`", err=True)
+        for f in owed_files:
+            more = len(f["paths"]) < (f["paths_total"] or 0)
+            click.echo(f"  owed file effect of transaction {f['txid']} (LSN {f['lsn']}, "
+                       f"{f['op']}) in {f['workspace']}: "
+                       f"{', '.join(f['paths']) or 'the watched tree'}{' ...' if more else ''}")
+    if pending and not as_json:
+        click.echo("compensations are pending (the machine that ran those actions is "
+                   "gone): rerun with --compensate --handlers MODULE, or `walstore "
+                   "resolve`", err=True)
+    if owed_files and not as_json:
+        click.echo("file changes of transactions in flight at the cut were not undone (held: "
+                   "the files on disk may still hold them, the restored state does not): "
+                   "restore with --compensate on the machine that has the workspace to "
+                   "put them back", err=True)
+    if pending or owed_files:
         sys.exit(EXIT_PROBLEM)
 
 

@@ -6,7 +6,8 @@ record (type 12) and of a segment header that records its preallocated size (byt
 48..55, u64 little endian, 0 = not recorded); (2) re-framing a record under another
 segment's salt (a restored log may start a segment where the original had none); (3) the
 few payload fields replication needs, decoded without building the whole payload
-(``tx``, ``ts``, ``name``, ``drop``); (4) the WAL *object* format shipped to storage.
+(``tx``, ``ts``, ``name``, ``drop``), and what a file record says (:func:`file_record`:
+the file effects a restore reports owed); (4) the WAL *object* format shipped to storage.
 
 This module and :mod:`walstore.replication.source` are the only ones importing walstore
 internals; the lead re-points them to ``walstore.log.*``.
@@ -39,8 +40,14 @@ COMMIT, WRITES, ABORT = int(RecordType.COMMIT), int(RecordType.WRITES), int(Reco
 ACTION_INTENT, PREPARE = int(RecordType.ACTION_INTENT), int(RecordType.PREPARE)
 ROLLBACK_PREPARED = int(RecordType.ROLLBACK_PREPARED)
 RESTORE_POINT = int(RecordType.RESTORE_POINT)
-OPENING = frozenset({WRITES, ACTION_INTENT, PREPARE})   # a transaction is in flight after it
+FILE_STEPS, WATCH_BEGIN = int(RecordType.FILE_STEPS), int(RecordType.WATCH_BEGIN)
+WATCH_END, FILE_RESTORED = int(RecordType.WATCH_END), int(RecordType.FILE_RESTORED)
+# a transaction is in flight after one of these (the records the engine's ``inflight`` table
+# counts: a transaction whose only effects are file changes is in flight too, and a restore
+# cut there leaves its changes on disk, owed) ...
+OPENING = frozenset({WRITES, ACTION_INTENT, PREPARE, FILE_STEPS, WATCH_BEGIN})
 ENDING = frozenset({COMMIT, ABORT, ROLLBACK_PREPARED})  # ... and no longer after one of these
+FILE_RECORDS = frozenset({FILE_STEPS, WATCH_BEGIN, WATCH_END, FILE_RESTORED})
 
 OBJ_MAGIC = b"WSREPWAL"
 MAX_OBJECT_HEADER = 1 << 20
@@ -50,7 +57,8 @@ _U64 = struct.Struct("<Q")
 HEADER_SIZE = SEGMENT_HEADER_SIZE
 __all__ = ["Rec", "check_record", "iter_records", "reframe", "salt", "summarize",
            "segment_header", "read_segment_header", "encode_object_header",
-           "read_object_header", "HEADER_SIZE", "RECORD_HEADER_SIZE", "SEAL"]
+           "read_object_header", "file_record", "HEADER_SIZE", "RECORD_HEADER_SIZE",
+           "SEAL"]
 
 
 class Rec(NamedTuple):
@@ -129,6 +137,28 @@ def summarize(rtype: int, body) -> dict:
         return out
     except Exception:  # a payload the engine's own recovery will judge; not ours to refuse
         return {}
+
+
+def file_record(rtype: int, body) -> dict:
+    """What a file record (FILE_STEPS, WATCH_BEGIN, WATCH_END, FILE_RESTORED) says, for
+    tracking the file effects in flight: ``tx``, ``ws`` (root, bytes), ``op``, ``paths``
+    (the workspace paths a FILE_STEPS changes, bytes), ``watch`` / ``begin`` (the
+    WATCH_BEGIN LSN a watch's steps or end name), ``effects`` and ``held`` (FILE_RESTORED);
+    {} for other records or a payload that does not parse (recovery judges those)."""
+    if rtype not in FILE_RECORDS:
+        return {}
+    try:
+        doc = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)
+    except Exception:
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    out = {k: doc.get(k) for k in ("tx", "ws", "op", "watch", "begin", "effects", "held")}
+    if rtype == FILE_STEPS:
+        steps = doc.get("steps")
+        out["paths"] = [s[0] for s in steps if isinstance(s, (list, tuple)) and s] \
+            if isinstance(steps, (list, tuple)) else []
+    return out
 
 
 # ---- WAL objects ---------------------------------------------------------------------

@@ -140,7 +140,7 @@ class Manifest:
             return []
         i = self.index_at(start)
         if i is None:
-            raise ReplicationError(self._gap_message(start, start + 1))
+            raise ReplicationError(self.gap_message(start, start + 1))
         out = []
         pos = start
         while pos < end:
@@ -148,13 +148,14 @@ class Manifest:
                 raise ReplicationError(f"the replica's WAL ends at LSN {pos}, before LSN {end}")
             e = self.wal[i]
             if e["a"] > pos:
-                raise ReplicationError(self._gap_message(pos, e["a"]))
+                raise ReplicationError(self.gap_message(pos, e["a"]))
             out.append(e)
             pos = e["b"]
             i += 1
         return out
 
-    def _gap_message(self, a: int, b: int) -> str:
+    def gap_message(self, a: int, b: int) -> str:
+        """The error for LSN a..b missing: the recorded hole holding ``a`` named, if any."""
         h = self.hole_at(a)
         if h is not None:
             return (f"hole in the replica's WAL: LSN {h['a']}..{h['b']} is missing "
@@ -172,7 +173,7 @@ class Manifest:
             if start is None:
                 if self.hole_at(snap["lsn"]) is not None:
                     first_error = first_error or ReplicationError(
-                        self._gap_message(snap["lsn"], snap["lsn"] + 1))
+                        self.gap_message(snap["lsn"], snap["lsn"] + 1))
                 continue
             try:
                 return snap, self.chain(start, cut), start

@@ -5,13 +5,17 @@ manifest lists, checked contiguous by LSN and CRC, cut exactly at the target), t
 restored log writer (:class:`RestoredLog`: segment files named by start LSN, records
 re-framed under a new salt where a restored segment starts somewhere the original did
 not), :func:`follow` (a read-only copy that keeps applying new WAL objects), and
-:func:`replicas` (listing and ``--verify``).
+:func:`replicas` (listing, and ``--verify``: every object the manifest lists read back
+and checked, one at a time, then a full restore and a state digest).
 
 Targets: ``None`` (everything), an int (a txid: its commit), ``walstore.LSN(n)`` (the
 records at or before log position n), a str (a restore point name), or an aware
 ``datetime`` (the last commit at or before it).  The restored log holds exactly the
 records up to the cut; transactions in flight there are losers when the store opens
-(their actions listed as pending, never run automatically: see ``origin`` below).
+(their actions listed as pending, never run automatically: see ``origin`` below).  The
+report lists them (``in_flight_txids``, a transaction whose only effects are file changes
+included) and their file effects (``owed_file_effects``): a copy does not undo those (held),
+so the files on disk may still hold what the restored state does not.
 
 The restored ``STORE`` file carries ``"origin": {"kind": "restore", "from": <URL without
 credentials>, "lineage": <new uuid hex>, "parent_lineage", "cut", "compensate"}``: a new
@@ -355,7 +359,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                                    f"says {snap['lsn']}")
         # the WAL, cut at the target
         log = RestoredLog(wal, store_id, prealloc=follow)
-        opened: dict[int, int] = {}
+        flight = _InFlight()
         total = sum(e["n"] for e in chain)
         done = 0
         try:
@@ -366,13 +370,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                     if _cut_end is not None and lsn + len(raw) > _cut_end:
                         break
                     log.append(lsn, raw, e["seg"], rtype)
-                    if rtype in logformat.OPENING or rtype in logformat.ENDING:
-                        tx = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("tx")
-                        if isinstance(tx, int):
-                            if rtype in logformat.OPENING:
-                                opened.setdefault(tx, lsn)
-                            else:
-                                opened.pop(tx, None)
+                    flight.see(lsn, rtype, raw)
                 fetch.drop(e)
                 done += e["n"]
                 if progress:
@@ -404,7 +402,9 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         return {"url": display_url(url), "dest": dest, "target": what, "snapshot_lsn": applied,
                 "start_lsn": start, "cut_lsn": cut, "wal_objects": len(chain),
                 "wal_bytes": log.bytes, "downloaded_bytes": fetch.bytes + snap["n"],
-                "in_flight_txids": sorted(opened), "lineage": identity["origin"]["lineage"],
+                "in_flight_txids": sorted(flight.opened),
+                "owed_file_effects": flight.owed_files(held=not compensate),
+                "lineage": identity["origin"]["lineage"],
                 "seconds": round(time.monotonic() - t_start, 3)}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -412,6 +412,76 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             shutil.rmtree(stage, ignore_errors=True)
         if target is None:
             tgt.close()
+
+
+MAX_LISTED_PATHS = 100  # paths listed per owed file effect (``paths_total`` counts all)
+
+
+class _InFlight:
+    """The transactions in flight at the restored log's end (what the restored store's
+    recovery rolls back with an ABORT), and the file effects they leave owed, tracked
+    record by record as the engine's ``inflight`` and ``fsteps`` tables are: a FILE_STEPS
+    or WATCH_BEGIN is an effect, a WATCH_END replaces its WATCH_BEGIN (the watch's changes
+    were logged as FILE_STEPS), a FILE_RESTORED (not held) means undone, the transaction's
+    end takes them all.  A restored copy does not undo a loser's file effects (the
+    workspace on this machine is not the one they changed; FILE_RESTORED ``held``): they
+    are reported owed, so the files on disk and the restored state are never silently
+    out of step.  A prepared (in-doubt) transaction's effects wait for its decision."""
+
+    def __init__(self) -> None:
+        self.opened: dict[int, int] = {}
+        self.prepared: set[int] = set()
+        self.files: dict[int, dict[int, dict]] = {}
+
+    def see(self, lsn: int, rtype: int, raw: bytes) -> None:
+        body = memoryview(raw)[logformat.RECORD_HEADER_SIZE:]
+        if rtype in logformat.OPENING or rtype in logformat.ENDING:
+            tx = logformat.summarize(rtype, body).get("tx")
+            if isinstance(tx, int):
+                if rtype in logformat.OPENING:
+                    self.opened.setdefault(tx, lsn)
+                    if rtype == logformat.PREPARE:
+                        self.prepared.add(tx)
+                else:
+                    self.opened.pop(tx, None)
+                    self.prepared.discard(tx)
+                    self.files.pop(tx, None)
+        if rtype not in logformat.FILE_RECORDS:
+            return
+        f = logformat.file_record(rtype, body)
+        tx = f.get("tx")
+        if not isinstance(tx, int) or tx not in self.opened:
+            return
+        effects = self.files.setdefault(tx, {})
+        if rtype == logformat.FILE_STEPS:
+            paths = f.get("paths") or []
+            effects[lsn] = {"ws": f.get("ws"), "op": f.get("op"), "n": len(paths),
+                            "paths": paths[:MAX_LISTED_PATHS]}
+        elif rtype == logformat.WATCH_BEGIN:
+            effects[lsn] = {"ws": f.get("ws"), "op": "watch", "n": None, "paths": []}
+        elif rtype == logformat.WATCH_END and isinstance(f.get("begin"), int):
+            effects.pop(f["begin"], None)
+        elif rtype == logformat.FILE_RESTORED and not f.get("held"):
+            for undone in f.get("effects") or ():
+                if isinstance(undone, int):
+                    effects.pop(undone, None)
+
+    def owed_files(self, held: bool) -> list[dict]:
+        """The file effects of the transactions in flight (not prepared), oldest first:
+        ``held`` (the restored copy keeps them owed, never undone) or, with
+        ``compensate``, undone in the workspace at the restored store's first open."""
+        out = []
+        for tx, effects in self.files.items():
+            if tx not in self.opened or tx in self.prepared:
+                continue
+            for lsn, e in effects.items():
+                ws = e["ws"]
+                root = os.fsdecode(ws) if isinstance(ws, (bytes, str)) else None
+                paths = [os.fsdecode(os.path.join(os.fsencode(root), os.fsencode(p)))
+                         for p in e["paths"] if isinstance(p, (bytes, str))] if root else []
+                out.append({"txid": tx, "lsn": lsn, "workspace": root, "op": e["op"],
+                            "paths": paths, "paths_total": e["n"], "held": held})
+        return sorted(out, key=lambda d: d["lsn"])
 
 
 def _fetch_blobs(tgt: ObjectStore, root: str) -> int:
@@ -578,9 +648,12 @@ def _trim(wal_dir: str, keep: int, current: int) -> None:
 
 # ---- inspection ---------------------------------------------------------------------
 def replicas(url: str, verify: bool = False, replicate_options: Any = None,
-             target: ObjectStore | None = None) -> dict:
-    """What the replica at ``url`` holds; ``verify``: restore it into a temporary
-    directory and compare state digests with those the manifest recorded."""
+             target: ObjectStore | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """What the replica at ``url`` holds; ``verify``: read every object it lists (every
+    record's CRC, every snapshot's sha256, the WAL contiguous), restore it into a temporary
+    directory and compare state digests with those the manifest recorded (``progress``:
+    bytes checked so far, of the bytes the manifest lists)."""
     opts = ReplicateOptions.from_any(replicate_options)
     tgt = target if target is not None else open_target(url, opts)
     try:
@@ -605,20 +678,40 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
             "lag_seconds": round(now - d["updated"], 3),
         }
         if verify:
-            report["verify"] = _verify(url, m, tgt, opts)
+            report["verify"] = _verify(url, m, tgt, opts, progress)
         return report
     finally:
         if target is None:
             tgt.close()
 
 
-def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions) -> dict:
-    """Full restore (every object of the newest chain, CRC by CRC), then the newest
-    snapshot's state rebuilt from the one before it (or itself) and compared by digest."""
+MAX_NAMED = 10  # damaged objects named in a check's error (``failures`` lists them all)
+
+
+def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
+            progress: Callable[[int, int], None] | None = None) -> dict:
+    """Every object the manifest lists read back and checked, one at a time (the WAL
+    contiguous from its first object to the replica's position, every WAL object's header
+    and every record's CRC and LSN, every snapshot's size, sha256 and applied LSN); then a
+    full restore (the newest chain, opened), and the newest snapshot's state rebuilt from
+    the one before it (or itself) and compared by digest.  A restore reads only the newest
+    chain: damage in an older object or snapshot is found only by the first checks."""
     import walstore
     checks = []
     ok = True
+    total = sum(e["n"] for e in m.wal) + sum(s["n"] for s in m.snapshots if s["k"] is not None)
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(done[0], total)
+
     with tempfile.TemporaryDirectory(prefix="walstore-verify-") as tmp:
+        for check in (_check_continuity(m), _check_wal_objects(m, tgt, tmp, step),
+                      _check_snapshots(m, tgt, tmp, step)):
+            ok = ok and check["ok"]
+            checks.append(check)
         try:
             r = restore(url, os.path.join(tmp, "full"), None, opts, target=tgt)
             s = walstore.open(os.path.join(tmp, "full"))
@@ -649,3 +742,93 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions) -> 
                 ok = False
                 checks.append({"check": "state digest", "ok": False, "error": str(e)})
     return {"ok": ok, "checks": checks}
+
+
+def _named(check: dict, failures: list[dict]) -> dict:
+    if failures:
+        check["ok"] = False
+        shown = "; ".join(f["error"] for f in failures[:MAX_NAMED])
+        more = len(failures) - MAX_NAMED
+        check["error"] = shown + (f"; and {more} more" if more > 0 else "")
+        check["failures"] = failures
+    return check
+
+
+def _check_continuity(m: Manifest) -> dict:
+    """The WAL objects listed follow one another with no gap (a hole the manifest records
+    is one too: no restore crosses it) up to the replica's position, and every snapshot
+    the WAL already reaches can be replayed from."""
+    failures = []
+    named: set[int] = set()  # the recorded holes a gap's message named
+    pos = None
+    for e in m.wal:
+        if pos is not None and e["a"] > pos:
+            h = m.hole_at(pos)
+            named.add(id(h)) if h is not None else None
+            failures.append({"object": e["k"], "error": m.gap_message(pos, e["a"])})
+        elif pos is not None and e["a"] < pos:
+            failures.append({"object": e["k"], "error": f"WAL object {e['k']} overlaps LSN "
+                             f"{e['a']}..{pos} of the object before it"})
+        pos = e["b"]
+    if pos is not None and pos != m.end():
+        failures.append({"object": None, "error": f"the replica's WAL objects end at LSN "
+                         f"{pos}, its position is LSN {m.end()}"})
+    for h in m.doc["holes"]:
+        if id(h) not in named:
+            failures.append({"object": None, "error": m.gap_message(h["a"], h["b"])})
+    for snap in m.snapshots:
+        start = m.wal_start_for(snap["lsn"])
+        if start is None:
+            continue  # (not yet restorable: listed as such)
+        try:
+            m.chain(start, m.end())
+        except ReplicationError as e:
+            failures.append({"object": snap["k"], "error": f"snapshot at LSN {snap['lsn']}: "
+                             f"{e}"})
+    return _named({"check": "WAL contiguous", "ok": True, "objects": len(m.wal),
+                   "from": m.wal[0]["a"] if m.wal else m.end(), "to": m.end()}, failures)
+
+
+def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
+                       step: Callable[[int], None]) -> dict:
+    """Every WAL object downloaded (one at a time, into ``tmp``) and streamed: its header
+    against the manifest, every record's CRC and LSN under its segment's salt."""
+    fetch = _Fetcher(tgt, m.doc["store_id"], tmp)
+    failures = []
+    for e in m.wal:
+        try:
+            for _r in fetch.records(e):
+                pass
+        except ReplicationError as err:
+            failures.append({"object": e["k"], "error": str(err)})
+        finally:
+            fetch.drop(e)
+        step(e["n"])
+    return _named({"check": "every WAL object", "ok": True, "objects": len(m.wal),
+                   "bytes": fetch.bytes}, failures)
+
+
+def _check_snapshots(m: Manifest, tgt: ObjectStore, tmp: str,
+                     step: Callable[[int], None]) -> dict:
+    """Every snapshot downloaded (one at a time): size and sha256 as the manifest says, an
+    LMDB environment applied up to the LSN it is listed at."""
+    failures = []
+    n = 0
+    for snap in sorted(m.snapshots, key=lambda s: s["lsn"]):
+        if snap["k"] is None:
+            continue  # the empty store at LSN 0: no object
+        n += 1
+        db = os.path.join(tmp, f"snapshot-{n}")
+        _src.make_dir(db)
+        try:
+            _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"))
+            applied = _src.read_applied(db)
+            if applied != snap["lsn"]:
+                raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} holds LSN {applied}, "
+                                       f"the manifest says {snap['lsn']}")
+        except Exception as err:
+            failures.append({"object": snap["k"], "error": str(err)})
+        finally:
+            shutil.rmtree(db, ignore_errors=True)
+        step(snap["n"])
+    return _named({"check": "every snapshot", "ok": True, "snapshots": n}, failures)
