@@ -950,3 +950,23 @@ def test_handlers_module_in_the_current_directory_is_found(tmp_path, how):
     assert len((tmp_path / "ran.txt").read_text().split()) == 1
     with walstore.open(str(tmp_path / "store")) as s:
         assert [a.state for a in s.actions()] == ["compensated"]
+
+
+def test_dump_takes_lsn_colon_n_and_actions_json_name_the_txid(tmp_path):
+    """``dump --from lsn:N`` was a usage error (every other point argument takes it); the
+    JSON of an action said ``tx`` where the Python ``Action`` and ``log --json`` say txid."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        tx = s.transaction()
+        tx.put("k", 1)
+        with tx.action("mail", compensate="unmail"):
+            pass
+        tx.commit()
+        second = s.log()[-1].lsn
+    whole = strict(cli("dump", path, "--json").output)["records"]
+    tail = strict(cli("dump", path, "--from", f"lsn:{second}", "--json").output)["records"]
+    assert tail == strict(cli("dump", path, "--from", str(second), "--json").output)["records"]
+    assert 0 < len(tail) < len(whole)
+    assert "not a log position" in one_line(cli("dump", path, "--from", "lsn:x", code=2))
+    (act,) = strict(cli("actions", path, "--json").output)["actions"]
+    assert act["txid"] == act["tx"] == tx.id

@@ -110,7 +110,10 @@ class Action:
                    bool(row.get("held")), in_flight)
 
     def as_dict(self) -> dict:
+        """The JSON view (``walstore actions --json``): the stored row's fields (``tx`` is
+        the txid, the row's name for it) plus ``txid``, as the Python attribute is called."""
         d = self.row()
+        d["txid"] = self.txid
         d["held"] = self.held
         d["in_flight"] = self.in_flight
         return d

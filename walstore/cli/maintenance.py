@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import click
 
@@ -185,9 +186,23 @@ def backup(path: str, dest: str, as_json: bool) -> None:
     emit_summary(doc, as_json)
 
 
+class _Lsn(click.ParamType):
+    """A log position: ``N`` or ``lsn:N`` (as every other point argument writes it)."""
+    name = "LSN"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value)
+        digits = text[4:] if text.startswith("lsn:") else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise UsageProblem(f"--from {text!r} is not a log position (N or lsn:N)")
+        return int(digits)
+
+
 @main.command()
 @PATH
-@click.option("--from", "from_lsn", type=click.IntRange(min=0), default=0, help="First LSN.")
+@click.option("--from", "from_lsn", type=_Lsn(), default=0, help="First LSN (N or lsn:N).")
 @JSON
 def dump(path: str, from_lsn: int, as_json: bool) -> None:
     """Raw WAL records, decoded (exit 1 when the walk met damage: CORRUPT, TRUNCATED, GAP,

@@ -26,7 +26,9 @@ def demo(path: str | None) -> None:
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="A short run (under a minute).")
+@click.option("--quick", is_flag=True,
+              help="A shorter run: smaller workloads, 2 rounds (about a minute on a quiet "
+                   "machine with a fast disk; minutes where fsync is slow).")
 @JSON
 def bench(quick: bool, as_json: bool) -> None:
     """Benchmarks against SQLite and raw LMDB, run in one go (ratios)."""
