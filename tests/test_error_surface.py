@@ -199,3 +199,18 @@ def test_a_compensator_that_cannot_be_called_is_refused_at_open(tmp_path, compen
         with pytest.raises(TypeError, match="callable"):
             s.compensator("refund")("not-a-function")
         assert "refund" not in s.compensators
+
+
+def test_resolving_an_unknown_action_is_a_walstore_error_and_a_key_error(tmp_path):
+    """It was a bare KeyError: ``except walstore.WalstoreError`` let it through, unlike
+    ``commit_prepared`` of an unknown gid (UnknownGid is both)."""
+    from walstore.errors import UnknownAction
+    with walstore.open(str(tmp_path / "s")) as s:
+        for call in (lambda: s.resolve("9.9"), lambda: s.resolve("")):
+            with pytest.raises(UnknownAction) as e:
+                call()
+            assert isinstance(e.value, walstore.WalstoreError)
+            assert isinstance(e.value, KeyError)
+            assert str(e.value).startswith("no action with id")
+    r = CliRunner().invoke(main, ["resolve", str(tmp_path / "s"), "9.9"])
+    assert r.exit_code in (1, 2) and "no action with id '9.9'" in r.output, r.output

@@ -179,6 +179,14 @@ class UnknownPoint(WalstoreError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownAction(WalstoreError, KeyError):
+    """No recorded action has this id (``store.resolve``, ``get_action``): a KeyError, as it
+    always was, and a WalstoreError like the store's other refusals."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class UnknownGid(UnknownPoint):
     """No prepared transaction has this gid (never prepared, or already decided: by
     another thread too, a moment before)."""

@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import pack, storable
-from ..errors import CompensationFailed, ReadOnlyError, StoreClosed, WalstoreError
+from ..errors import (CompensationFailed, ReadOnlyError, StoreClosed, UnknownAction,
+                      WalstoreError)
 from ..log.format import RecordType
 from ..signals import deferred
 from ..engine import tables
@@ -536,7 +537,7 @@ class Saga:
         self.engine.refresh()
         row = self.engine.views.action_row(str(action_id))
         if row is None:
-            raise KeyError(f"no action with id {action_id!r}")
+            raise UnknownAction(f"no action with id {action_id!r}")
         return Action.from_row(row)
 
     def resolve(self, action_id: str, note: str | None = None) -> Action:
