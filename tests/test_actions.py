@@ -678,3 +678,48 @@ def test_a_copys_new_actions_get_keys_its_source_never_issued(tmp_path):
             with tx.action("charge", compensate=None) as act:
                 pass
         assert act.key.rsplit("-", 1)[0] == keys["copy"][1].rsplit("-", 1)[0]
+
+
+@pytest.mark.parametrize("how", ["rollback_to", "savepoint block raises"])
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_a_savepoints_compensator_sees_the_result_its_action_set(tmp_path, how, durability):
+    """The contract's own compensator (``refund(action.result["charge_id"])``) after a
+    rollback to a savepoint: it was handed ``result None`` (the action's row, read before
+    the result's record was published, replaced the result in hand), so it failed three
+    times, or (reading None as "nothing charged") recorded ``compensated`` over a charge
+    that stood."""
+    charges: dict[str, str] = {}
+
+    def refund(action):
+        charges[action.result["charge_id"]] = "refunded"
+
+    with walstore.open(str(tmp_path / "s"), durability=durability,
+                       compensators={"refund": refund}) as s:
+        for n in range(5):
+            tx = s.transaction()
+            tx.put("before", n)
+            sp = tx.savepoint("sp") if how == "rollback_to" else None
+            try:
+                with (s_ := (tx.savepoint("blk") if sp is None else _nothing())):
+                    with tx.action("charge", compensate="refund") as act:
+                        charges[f"ch-{n}"] = "charged"
+                        act.result = {"charge_id": f"ch-{n}"}
+                    if sp is None:
+                        raise RuntimeError("the step after the charge failed")
+            except RuntimeError:
+                pass
+            if sp is not None:
+                tx.rollback_to(sp)
+            tx.commit()
+            del s_
+        assert charges == {f"ch-{n}": "refunded" for n in range(5)}
+        assert {a.state for a in s.actions()} == {"compensated"}
+        assert all(a.result["charge_id"].startswith("ch-") for a in s.actions())
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

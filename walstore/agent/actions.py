@@ -438,7 +438,12 @@ class Saga:
                     fresh = Action.from_row(current)
                     if fresh.state not in OPEN_STATES or (fresh.held and not include_held):
                         continue  # not owed (any more): another path settled it
-                    action.result, action.attempts = fresh.result, fresh.attempts
+                    # the row may lag this object: a result logged but not yet published
+                    # (a savepoint's rollback_to syncs nothing first) read as None there,
+                    # and the compensator, told nothing was charged, left the charge
+                    if fresh.result is not None:
+                        action.result = fresh.result
+                    action.attempts = max(action.attempts, fresh.attempts)
                 fn = self.compensators.get(action.compensate)
                 try:
                     if fn is None:
