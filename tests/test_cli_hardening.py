@@ -943,6 +943,10 @@ def test_handlers_module_in_the_current_directory_is_found(tmp_path, how):
             "os.kill(os.getpid(), 9)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path)
     assert r.returncode == -9
+    r = subprocess.run([*_console_script(), "recover", "store"], cwd=tmp_path,
+                       capture_output=True, text=True)  # (no handlers: the refund is owed)
+    assert r.returncode == 1, r.stderr
+    assert r.stdout.splitlines()[-1] == "recovered; not settled: 1 compensation(s) owed"
     handlers = "myhandlers" if how == "module" else "./myhandlers.py"
     r = subprocess.run([*_console_script(), "recover", "store", "--handlers", handlers],
                        cwd=tmp_path, capture_output=True, text=True)

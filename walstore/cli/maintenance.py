@@ -79,7 +79,12 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
             click.echo("pending compensations (need a compensator, --handlers MODULE, or "
                        "`walstore resolve`):")
             action_table(owed, registered, results=False)
-        click.echo("recovered" + (" cleanly" if doc["clean"] else ""))
+        if problem:  # ("recovered cleanly" above a list of owed compensations misled)
+            click.echo(f"recovered; not settled: {len(owed)} compensation(s) owed"
+                       if owed and not report.in_doubt else
+                       "recovered; not settled (see above)")
+        else:
+            click.echo("recovered" + (" cleanly" if doc["clean"] else ""))
     raise SystemExit(EXIT_PROBLEM if problem else 0)
 
 
