@@ -335,3 +335,142 @@ def test_purged_key_names_written_in_the_same_apply_are_in_no_file(tmp_path):
     s.close()
     # the prefix itself is what the purge logs; every purged key name is gone
     assert [files_with(path, MARKER + b"/%d/" % j) for j in range(20)] == [[]] * 20
+
+
+CRASH_AFTER_WRITES = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+import walstore
+s = walstore.open(sys.argv[1])
+with s.transaction() as tx:
+    tx.put("keep", 1)
+    tx.put("other/x", "kept torn")
+if sys.argv[3] == "checkpoint":
+    with s.transaction() as tx:
+        tx.put("user/42/name", sys.argv[4])
+    s.checkpoint()  # (in LMDB; the WAL still starts at LSN 0)
+else:  # the last record, left to be torn
+    with s.transaction() as tx:
+        tx.put(sys.argv[3], sys.argv[4])
+os._exit(0)
+"""
+
+
+def crashed_store(tmp_path, mode: str, value: str) -> str:
+    path = str(tmp_path / "s")
+    child = tmp_path / "child.py"
+    child.write_text(CRASH_AFTER_WRITES)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, str(child), path, root, mode, value], check=True,
+                   timeout=120)
+    return path
+
+
+def test_purge_removes_the_damaged_lmdb_that_rebuild_state_moved_to_quarantine(tmp_path):
+    """`walstore recover --rebuild-state` moves a damaged LMDB to quarantine/db.damaged.*/;
+    purge only scrubbed quarantine/*.bin, so that data.mdb kept the purged key and value
+    for good (quarantine_removed: 0; probe51).  A damaged database cannot be read with
+    certainty: every purge removes it and names it in its report."""
+    path = crashed_store(tmp_path, "checkpoint", MARKER.decode())
+    db = os.path.join(path, "db", "data.mdb")
+    with open(db, "r+b") as f:  # damage LMDB's two meta pages
+        f.write(b"\xde\xad" * 4096)
+    r = CliRunner().invoke(cli, ["recover", path, "--rebuild-state"])
+    assert r.exit_code == 0, r.output
+    damaged = [n for n in os.listdir(os.path.join(path, "quarantine"))
+               if n.startswith("db.damaged.")]
+    assert len(damaged) == 1
+    assert os.path.join("quarantine", damaged[0], "data.mdb") in files_with(path, MARKER)
+    with walstore.open(path) as s:
+        assert s.get("user/42/name") == MARKER.decode()
+        out = s.purge("user/42/")
+        assert out["quarantine_removed"] == 1 and out["quarantine_removed_names"] == damaged
+        s.checkpoint()
+        assert s.get("user/42/name") is None and s.get("keep") == 1
+    assert files_with(path, MARKER) == []
+    assert verify_store(path).ok
+
+
+def tear_last_record(path: str, key: bytes, at: int, flip: int) -> None:
+    seg = sorted(n for n in os.listdir(os.path.join(path, "wal")) if n.endswith(".wal"))[-1]
+    seg = os.path.join(path, "wal", seg)
+    with open(seg, "rb") as f:
+        data = bytearray(f.read())
+    i = data.rfind(key)
+    data[i + at] ^= flip
+    with open(seg, "wb") as f:
+        f.write(data)
+
+
+def quarantined_bins(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(path, "quarantine")) if n.endswith(".bin"))
+
+
+def test_a_quarantined_torn_write_whose_key_is_damaged_is_scrubbed(tmp_path):
+    """A torn tail quarantined by recovery whose key bytes are damaged (no longer UTF-8,
+    the prefix no longer there) kept a value written under the purged prefix: the scrub
+    matched key names literally (probe51).  A write whose key cannot be attributed makes
+    the quarantined file go."""
+    path = crashed_store(tmp_path, "user/42/card", MARKER.decode())
+    tear_last_record(path, b"user/42/card", 6, 0x80)
+    with walstore.open(path) as s:
+        assert [(p.kind, p.action) for p in s.last_recovery.problems] == [("torn-tail", "cut")]
+        assert files_with(path, MARKER) and quarantined_bins(path)
+        out = s.purge("user/42/")
+        assert out["quarantine_removed"] == 1
+    assert files_with(path, MARKER) == [] and quarantined_bins(path) == []
+
+
+def test_a_quarantined_torn_write_outside_the_prefix_is_kept(tmp_path):
+    """Evidence is kept when every write in it is attributed to a key outside the range
+    (the value's bytes damaged, the key intact)."""
+    path = crashed_store(tmp_path, "other/y", MARKER.decode())
+    tear_last_record(path, MARKER, 3, 0x01)
+    with walstore.open(path) as s:
+        kept = quarantined_bins(path)
+        assert len(kept) == 1
+        with s.transaction() as tx:
+            tx.put("user/42/a", 1)
+        assert s.purge("user/42/")["quarantine_removed"] == 0
+    assert quarantined_bins(path) == kept
+
+
+def test_the_quarantine_scrub_reads_a_whole_large_file(tmp_path):
+    """The scrub read only the first 256 MiB of each quarantined file: an erased key's
+    bytes after that stayed.  It reads the whole file now, a chunk at a time.  (A sparse
+    file: no disk space.)"""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("user/42/a", MARKER.decode())
+        q = os.path.join(path, "quarantine")
+        os.makedirs(q, mode=0o700, exist_ok=True)
+        big = os.path.join(q, "00000000000000000000.wal@64.20260101T000000.bin")
+        with open(big, "wb") as f:
+            f.seek(300 << 20)
+            f.write(b"\xc4\x0asuser/42/a" + MARKER)
+        assert s.purge("user/42/")["quarantine_removed"] == 1
+    assert not os.path.exists(big) and files_with(path, MARKER) == []
+
+
+def test_purge_errors_name_each_key_once_and_the_store_by_its_absolute_path(tmp_path,
+                                                                           monkeypatch):
+    """A purge blocked by a prepared transaction named a key twice ('user/42/a',
+    'user/42/a', ...); a purge on a closed store named it by the relative path it was
+    opened with, where the read-only error names the absolute one (probe51)."""
+    monkeypatch.chdir(tmp_path)
+    s = walstore.open("b1")
+    with s.transaction() as tx:
+        tx.put("user/42/a", 1)
+    p = s.transaction()
+    p.put("user/42/p", 2)
+    p.put("user/42/a", 3)
+    p.prepare("g1")
+    with pytest.raises(walstore.ConflictError) as e:
+        s.purge("user/42/")
+    assert str(e.value).count("'user/42/a'") == 1, e.value
+    s.rollback_prepared("g1")
+    s.close()
+    with pytest.raises(walstore.StoreClosed) as e:
+        s.purge("user/42/")
+    assert str(tmp_path / "b1") in str(e.value), e.value

@@ -177,7 +177,7 @@ class Store:
             raise
         self._pid = _PROCESS[0]
         self._close_lock = threading.Lock()  # one close() at a time (the others wait, then
-        self._finishing = _Finishing(path)   # find nothing left to do)
+        self._finishing = _Finishing(engine.path)  # find nothing left to do)
         with _OPEN_LOCK:
             _OPEN_STORES.add(self)
 

@@ -7,8 +7,11 @@ the history key index, and their names in the log rows of the transactions that 
 them (walstore.engine.apply).  So afterwards no API returns them: ``get``/``scan``, ``at``,
 ``history``, ``log`` and ``revert`` included.  Then the purge checkpoints at once (the
 "next checkpoint" of the contract): the WAL moves to a fresh segment and every older one is
-removed, LMDB is rewritten without its free pages, and quarantined bytes holding the keys
-are removed — their bytes are in no file of the store directory.  The erasure is owed
+removed, LMDB is rewritten without its free pages, and quarantined copies that may hold
+the keys are removed (walstore.engine.scrub: a cut WAL range or segment holding them or
+a write it cannot attribute to a key; every damaged LMDB ``recover --rebuild-state`` moved
+aside), named in the report's ``quarantine_removed_names`` — their bytes are in no file of
+the store directory.  The erasure is owed
 durably from the moment the purge is applied (``apply.ERASE_OWED``, in the same LMDB
 transaction as its rows): a crash before the compacting checkpoint finishes is finished by
 the next writable open (or checkpoint), and quarantined bytes under the prefix go too.
@@ -19,8 +22,13 @@ added too; if every attempt lost, it runs once more with other threads' commits 
 (``CommitPipeline.held_out_on_conflict``), which cannot lose.
 
 A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
-cannot bring the keys back: their history is gone).  Copies outside the store directory
-(backups, replicas) are not touched: purge them too.
+cannot bring the keys back: their history is gone).
+
+What it keeps (README, "purge"): the rows of Saga actions (their args and results) and
+the log's transaction meta, even of transactions that wrote only under the prefix (a
+scoped rewind across the purge still runs their compensations with those args), and its
+own record naming the prefix.  Copies outside the store directory (backups, a replica's
+objects) are not touched, and nothing here can reach them.
 """
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ class PreparedSet:
                 out += [(k, p.gid) for k in written if _in_ranges(k, ranges)]
             out += [(k, p.gid) for k in writes if _in_ranges(k, p.read_ranges)]
         if out:
-            names = [_show(k) for k, _g in out[:5]]
+            names = list(dict.fromkeys(_show(k) for k, _g in out))[:5]  # (once each)
             gids = sorted({g for _k, g in out})
             raise ConflictError(f"transaction {txid} touches {names}, held by prepared "
                                 f"(in-doubt) transaction(s) {gids}", names)

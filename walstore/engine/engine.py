@@ -533,8 +533,9 @@ class Engine:
                         after_rotate: Callable[[], None] | None = None) -> dict:
         """After a purge: no file of the store may keep the erased bytes.  The WAL moves to
         a new segment and every older one goes (replication pins are overridden: erasure
-        wins), LMDB is rewritten without its free pages, and quarantined bytes holding any
-        of ``needles`` (the erased keys) are removed.  ``after_rotate``: called once the
+        wins), LMDB is rewritten without its free pages, and the quarantined copies that
+        may hold erased keys (``needles``, the purged ranges; walstore.engine.scrub) are
+        removed, named in ``quarantine_removed_names``.  ``after_rotate``: called once the
         old segments are sealed, before they go (a replica ships up to the new segment:
         the old segment's SEAL unshipped was a hole in it)."""
         self.check_writable()
@@ -547,8 +548,10 @@ class Engine:
             needles = list(needles) + [bytes(lo) for lo, _hi in owed if lo]
             with self._apply_lock:
                 before, after = self.state.compact()
+            gone = self._scrub_quarantine(needles, [(bytes(lo), None if hi is None
+                                                     else bytes(hi)) for lo, hi in owed])
             out.update({"lmdb_bytes_before": before, "lmdb_bytes_after": after,
-                        "quarantine_removed": self._scrub_quarantine(needles)})
+                        "quarantine_removed": len(gone), "quarantine_removed_names": gone})
             if owed:
                 self.applier.erased(owed)
                 self.state.sync()
@@ -583,25 +586,11 @@ class Engine:
         raw = self.state.get(ERASE_OWED, "meta")
         return unpack(raw) if raw else []
 
-    def _scrub_quarantine(self, needles: list[bytes]) -> int:
-        qdir = self.layout.quarantine
-        if not needles or not os.path.isdir(qdir):
-            return 0
-        removed = 0
-        for name in sorted(os.listdir(qdir)):
-            path = os.path.join(qdir, name)
-            if not name.endswith(".bin") or not os.path.isfile(path):
-                continue
-            with open(path, "rb") as f:
-                data = f.read(256 << 20)
-            if any(n in data for n in needles):
-                for victim in (path, path + ".json"):
-                    if os.path.exists(victim):
-                        fileio.unlink(victim)
-                removed += 1
-        if removed:
-            fileio.fsync_dir(qdir)
-        return removed
+    def _scrub_quarantine(self, needles: list[bytes], ranges: list) -> list[str]:
+        """Remove the quarantined copies that may hold erased keys (walstore.engine.scrub
+        decides); returns their names."""
+        from .scrub import scrub_quarantine
+        return scrub_quarantine(self.layout.quarantine, needles, ranges)
 
     # ---- writing ------------------------------------------------------------------------
     def next_txid(self) -> int:
