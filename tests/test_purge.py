@@ -474,3 +474,27 @@ def test_purge_errors_name_each_key_once_and_the_store_by_its_absolute_path(tmp_
     with pytest.raises(walstore.StoreClosed) as e:
         s.purge("user/42/")
     assert str(tmp_path / "b1") in str(e.value), e.value
+
+
+def test_purge_keeps_action_rows_and_transaction_meta_as_documented(tmp_path):
+    """README ("What it keeps"): a purge erases keys, not the Saga action rows (args,
+    results) nor the log's transaction meta of transactions that wrote under the prefix;
+    a scoped rewind across it still runs their compensations with the kept args.  This
+    pins the documented behaviour (probe51 repro2: it was undocumented)."""
+    path = str(tmp_path / "s")
+    ran = []
+    with walstore.open(path) as s:
+        s.compensator("unsend")(lambda a: ran.append(a.args))
+        s.restore_point("start")
+        with s.transaction(scope="user/42/", meta={"note": "n42"}) as tx:
+            tx.put("user/42/mail", MARKER.decode())
+            with tx.action("send", args={"to": "ref:user/42/mail"}, compensate="unsend") as a:
+                a.result = {"id": 7}
+        s.purge("user/42/")
+        assert [(a.args, a.result) for a in s.actions()] == [({"to": "ref:user/42/mail"},
+                                                              {"id": 7})]
+        assert {"note": "n42"} in [i.meta for i in s.log()]
+        assert {"purge": "user/42/"} in [i.meta for i in s.log()]
+        s.rewind("start", scope="user/42/")
+        assert ran == [{"to": "ref:user/42/mail"}]
+    assert files_with(path, MARKER) == []

@@ -8,8 +8,10 @@ When the log does not reach back to LSN 0, or is damaged, nothing can rebuild wh
 LMDB held: the only way back is a backup or a replica, and :func:`rebuild_refusal` says
 so.
 
-The damaged ``db/`` directory is never deleted: it moves to ``quarantine/`` (evidence),
-and the new LMDB is made beside it before it takes its place, under the writer lock.
+The damaged ``db/`` directory is not deleted here: it moves to ``quarantine/`` (evidence,
+``db.damaged.<stamp>.<pid>``), and the new LMDB is made beside it before it takes its
+place, under the writer lock.  A later ``store.purge`` removes it (it may hold the erased
+keys and cannot be read with certainty: walstore.engine.scrub).
 """
 from __future__ import annotations
 
