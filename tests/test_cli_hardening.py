@@ -974,3 +974,26 @@ def test_dump_takes_lsn_colon_n_and_actions_json_name_the_txid(tmp_path):
     assert "not a log position" in one_line(cli("dump", path, "--from", "lsn:x", code=2))
     (act,) = strict(cli("actions", path, "--json").output)["actions"]
     assert act["txid"] == act["tx"] == tx.id
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats()
+    | st.text(max_size=8) | st.binary(max_size=8),
+    lambda kids: st.lists(kids, max_size=3)
+    | st.dictionaries(st.text(max_size=4) | st.binary(max_size=4) | st.integers(0, 9),
+                      kids, max_size=3), max_leaves=8))
+def test_get_output_pastes_back_through_put_tagged(tmp_path_factory, value):
+    """``get`` prints bytes as {"base64": ...}; ``put`` stored that as a dict, and no form
+    put a bytes value (or a map with int keys) from the command line: ``put --tagged``
+    reads ``get``'s output back to the same value."""
+    path = str(tmp_path_factory.mktemp("s") / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("v", value)
+        stored = s.get("v")
+    printed = cli("get", path, "v").output.strip()
+    cli("put", "--tagged", path, "w", "--", printed)  # (-- : "-1" is no option)
+    with walstore.open(path) as s:
+        back = s.get("w")
+    assert repr(back) == repr(stored)  # (repr: nan == nan, -0.0 kept)

@@ -8,8 +8,8 @@ import click
 
 from . import main
 from .common import JSON, PATH, open_store
-from .output import (EXIT_USAGE, KEY, PREFIX, UsageProblem, emit_json, fail, parse_json_value, show_key, show_value,
-                     table)
+from .output import (EXIT_USAGE, KEY, PREFIX, UsageProblem, emit_json, fail, parse_json_value,
+                     show_key, show_value, table, untag)
 
 
 @main.command()
@@ -27,9 +27,14 @@ def get(path: str, key: str | bytes) -> None:
 @PATH
 @click.argument("key", type=KEY)
 @click.argument("value")
-def put(path: str, key: str | bytes, value: str) -> None:
+@click.option("--tagged", is_flag=True,
+              help='VALUE uses the tags `get` and --json print: {"base64": ...} is bytes, '
+                   '{"float": "nan"} a float, {"map": [[k, v], ...]} a map with non-str keys.')
+def put(path: str, key: str | bytes, value: str, tagged: bool) -> None:
     """Set KEY to the JSON VALUE in one transaction."""
     decoded = parse_json_value(value)
+    if tagged:
+        decoded = untag(decoded)
     with open_store(path) as store:
         with store.transaction(meta={"cli": "put"}) as tx:
             try:

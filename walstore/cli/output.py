@@ -212,6 +212,41 @@ def parse_json_value(text: str) -> Any:
         raise UsageProblem("VALUE nests too deeply to parse") from None
 
 
+def untag(doc: Any) -> Any:
+    """The inverse of the JSON rendering (``put --tagged``: what ``get`` printed, pasted
+    back): a one-key object named ``base64``, ``float`` or ``map`` is its tag's value."""
+    if isinstance(doc, list):
+        return [untag(x) for x in doc]
+    if not isinstance(doc, dict):
+        return doc
+    if len(doc) == 1:
+        (tag, v), = doc.items()
+        if tag == "base64":
+            if not isinstance(v, str):
+                raise UsageProblem('a {"base64": ...} tag holds a str')
+            try:
+                return base64.b64decode(v.encode("ascii"), validate=True)
+            except (ValueError, UnicodeEncodeError):
+                raise UsageProblem(f"bad base64 in a tag: {v[:40]!r}") from None
+        if tag == "float":
+            if v not in ("nan", "inf", "-inf"):
+                raise UsageProblem(f'a {{"float": ...}} tag is "nan", "inf" or "-inf", '
+                                   f'not {v!r}')
+            return float(v)
+        if tag == "map":
+            if not isinstance(v, list) or not all(isinstance(p, list) and len(p) == 2
+                                                  for p in v):
+                raise UsageProblem('a {"map": ...} tag holds [[key, value], ...] pairs')
+            out = {}
+            for k, val in v:
+                k = untag(k)
+                if isinstance(k, (list, dict)):
+                    raise UsageProblem(f"a map key cannot be {type(k).__name__}")
+                out[k] = untag(val)
+            return out
+    return {k: untag(v) for k, v in doc.items()}
+
+
 # ---- human output ----------------------------------------------------------------------------
 def _cell(c: Any) -> str:
     text = c if isinstance(c, str) else str(c)
