@@ -3,8 +3,10 @@
 Owns the three click commands and their output; :func:`register` adds them to the main
 group (the CLI package calls it).  Exit status: 0 success; 1 a problem (the replica
 refused, unreachable, damaged, a verify mismatch, compensations or file effects owed by a
-restored store); 2 usage (a bad point, a path that is not a store).  ``--json`` is one strict JSON
-document.  No output ever carries credentials: URLs are shown without user info.
+restored store); 2 usage (a bad point, a path that is not a store, a replica URL or
+``--endpoint-url`` that cannot work: an invalid bucket name, an endpoint that is no http(s)
+URL).  ``--json`` is one strict JSON document.  No output ever carries credentials: URLs are
+shown without user info.
 
 Points on the command line: ``tx:N`` or bare digits (a txid), ``lsn:N`` (a log position),
 an ISO-8601 time with an offset (``2026-05-01T12:00:00+00:00``, ``...Z``), else a restore
@@ -55,6 +57,21 @@ def _stop_on_signals() -> "_engine.Flag":
     return stop
 
 
+def _check_where(url: str, opts: Any) -> None:
+    """A replica URL or S3 endpoint that cannot work is a usage error (exit 2) naming what
+    is wrong, before any request (a bad bucket name failed as a bare
+    "ParamValidationError", an endpoint that is no URL as "an unexpected error")."""
+    from urllib.parse import urlsplit
+
+    from walstore.replication.targets import check_endpoint, check_url
+    try:
+        check_url(url)
+        if urlsplit(url).scheme == "s3":
+            check_endpoint(opts.endpoint_url)
+    except ReplicationError as e:
+        _fail(str(e), EXIT_USAGE)
+
+
 def _when(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -79,6 +96,10 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
         _fail(str(e), EXIT_USAGE)
     try:
         opts = ReplicateOptions.from_any(None, interval=interval, endpoint_url=endpoint_url)
+    except ValueError as e:
+        _fail(str(e), EXIT_USAGE)
+    _check_where(url, opts)
+    try:
         shipper = Shipper(source, url, opts)
     except (ValueError, ReplicationError) as e:
         _fail(str(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_PROBLEM)
@@ -145,6 +166,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url, interval=interval)
     except ValueError as e:  # (--interval: a NaN, or beyond a day)
         _fail(str(e), EXIT_USAGE)
+    _check_where(url, opts)
     comps = load_handlers(handlers)
     if follow:
         stop = _stop_on_signals()
@@ -222,7 +244,12 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, as_json: bool
     """Snapshots, WAL range, restore points and lag of the replica at URL."""
     ReplicateOptions, replicas = _engine.replication("ReplicateOptions", "replicas")
     try:
-        r = replicas(url, verify, ReplicateOptions.from_any(None, endpoint_url=endpoint_url))
+        opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url)
+    except ValueError as e:
+        _fail(str(e), EXIT_USAGE)
+    _check_where(url, opts)
+    try:
+        r = replicas(url, verify, opts)
     except ReplicationError as e:
         _fail(str(e))
     bad = verify and not r["verify"]["ok"]

@@ -3,8 +3,11 @@
 Owns the ``lease`` object (msgpack ``{holder: {id, host, pid, path, store_id, lineage},
 expires, renewed}``), taken with If-None-Match (none yet) or If-Match on the etag read
 (an expired lease, or one left by a dead process of the same store on this host), renewed
-with If-Match, and released on a clean stop by writing it expired (If-Match).  A lease
-that cannot be renewed because another holder wrote it is *lost*: the shipper stops.
+with If-Match, and released on a clean stop by writing it expired (If-Match), or, by a
+writer refused after it took it, by writing back the document it replaced (same bytes,
+same etag: the holder renews on).  :meth:`Lease.check` refuses a live holder without
+writing.  A lease that cannot be renewed because another holder wrote it, or deleted it,
+is *lost*: the shipper stops.
 Safety never rests on clocks alone: the manifest is written with If-Match too, so a
 writer whose lease expired while it slept cannot overwrite a successor's manifest.
 """
@@ -17,7 +20,7 @@ import time
 import msgpack
 
 from ..errors import ReplicationError
-from .targets import ObjectStore, PreconditionFailed
+from .targets import ObjectStore, PreconditionFailed, TargetError
 
 LEASE_KEY = "lease"
 MAX_LEASE_BYTES = 64 * 1024
@@ -43,6 +46,8 @@ class Lease:
         self.ttl = ttl
         self.etag: str | None = None
         self.renewed = 0.0
+        self._prior: bytes | None = None  # the lease document this one replaced, if any
+        self._last_raw: bytes | None = None  # the bytes the last read found
 
     def _doc(self, expires: float) -> bytes:
         now = time.time()
@@ -50,7 +55,7 @@ class Lease:
                              use_bin_type=True)
 
     def read(self) -> tuple[dict, str] | None:
-        got = self.target.get(LEASE_KEY, MAX_LEASE_BYTES)
+        got = self._read_raw()
         if got is None:
             return None
         try:
@@ -61,10 +66,16 @@ class Lease:
             doc = {"holder": {"id": "?"}, "expires": 0}  # damaged: treat as expired
         return doc, got[1]
 
+    def _read_raw(self) -> tuple[bytes, str] | None:
+        got = self.target.get(LEASE_KEY, MAX_LEASE_BYTES)
+        self._last_raw = got[0] if got is not None else None
+        return got
+
     def acquire(self) -> None:
         """Take the lease or raise ReplicationError naming its holder."""
         for _ in range(3):
             cur = self.read()
+            prior = self._last_raw
             try:
                 if cur is None:
                     self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
@@ -72,13 +83,10 @@ class Lease:
                 else:
                     doc, etag = cur
                     if not self._may_take(doc):
-                        raise Refused(
-                            f"replica {self.target.url} is being written by another writer: "
-                            f"{describe(doc['holder'])}, lease valid for "
-                            f"{max(0, doc.get('expires', 0) - time.time()):.0f} s more; "
-                            f"one writer per replica URL")
+                        raise self._refusal(doc)
                     self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
                                                 if_match=etag)
+                self._prior = prior
                 self.renewed = time.time()
                 LIVE_IDS.add(self.holder["id"])
                 return
@@ -86,6 +94,19 @@ class Lease:
                 continue  # raced with another taker: look again
         raise ReplicationError(f"could not take the lease of {self.target.url}: it keeps "
                                f"changing under us (another writer is starting)")
+
+    def check(self) -> None:
+        """Refused (naming the holder) when another writer holds the lease; writes
+        nothing (a writer checks this, and the replica, before it takes the lease)."""
+        cur = self.read()
+        if cur is not None and not self._may_take(cur[0]):
+            raise self._refusal(cur[0])
+
+    def _refusal(self, doc: dict) -> Refused:
+        return Refused(f"replica {self.target.url} is being written by another writer: "
+                       f"{describe(doc['holder'])}, lease valid for "
+                       f"{max(0, doc.get('expires', 0) - time.time()):.0f} s more; "
+                       f"one writer per replica URL")
 
     def _may_take(self, doc: dict) -> bool:
         h = doc["holder"]
@@ -106,20 +127,30 @@ class Lease:
                                         if_match=self.etag)
             self.renewed = time.time()
         except PreconditionFailed:
-            cur = self.read()
-            who = describe(cur[0]["holder"]) if cur else "nobody (the lease was deleted)"
+            try:
+                cur = self.read()
+                gone = "the lease was deleted"
+            except TargetError as e:  # (the bucket went with it: NoSuchBucket)
+                cur, gone = None, f"the lease is gone: {e}"
+            who = describe(cur[0]["holder"]) if cur else f"nobody ({gone})"
             raise LeaseLost(f"lost the lease of {self.target.url} to {who}; shipping "
                             f"stopped") from None
 
-    def release(self) -> None:
+    def release(self, give_back: bool = False) -> None:
+        """Let go of the lease: write it expired; with ``give_back`` (a writer refused
+        after it took the lease), write back the document it replaced, byte for byte: the
+        same bytes have the same etag, so the holder it was taken from (stalled past the
+        ttl) renews it as if nothing happened."""
         LIVE_IDS.discard(self.holder["id"])
         if self.etag is None:
             return
+        body = self._prior if give_back and self._prior is not None else self._doc(0.0)
         try:
-            self.target.put(LEASE_KEY, self._doc(0.0), if_match=self.etag)
+            self.target.put(LEASE_KEY, body, if_match=self.etag)
         except Exception:
             pass  # it expires by itself
         self.etag = None
+        self._prior = None
 
 
 def holder_info(token: str, path: str, store_id: bytes, lineage: str) -> dict:

@@ -23,7 +23,8 @@ import botocore.exceptions as bexc
 from botocore.config import Config
 
 from .options import ReplicateOptions
-from .targets import NOT_MODIFIED, PreconditionFailed, TargetError
+from .targets import (NOT_MODIFIED, PreconditionFailed, TargetError, check_endpoint,
+                      in_replica_layout)
 
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
@@ -44,9 +45,14 @@ class S3Target:
                         retries={"mode": "standard", "max_attempts": opts.max_attempts},
                         connect_timeout=opts.connect_timeout, read_timeout=opts.read_timeout,
                         s3={"addressing_style": opts.addressing_style})
+        check_endpoint(opts.endpoint_url)
         session = boto3.session.Session()
-        self.client = session.client("s3", endpoint_url=opts.endpoint_url,
-                                     region_name=opts.region, config=config)
+        try:
+            self.client = session.client("s3", endpoint_url=opts.endpoint_url,
+                                         region_name=opts.region, config=config)
+        except (ValueError, bexc.BotoCoreError) as e:  # (a region it cannot use, ...)
+            raise TargetError(f"cannot set up the S3 client for {self.url}: "
+                              f"{type(e).__name__}: {e}", False) from None
         self.client.meta.events.register("before-send.s3", self._count)
 
     def _count(self, request=None, **_kw) -> None:
@@ -58,13 +64,23 @@ class S3Target:
     def _key(self, key: str) -> str:
         return self.prefix + key
 
-    def _fail(self, op: str, key: str, e: Exception) -> TargetError:
+    def _fail(self, op: str, key: str, e: Exception, if_match: bool = False) -> TargetError:
+        """The TargetError for a failed request.  ``if_match``: a conditional write on an
+        object that must exist, which S3 answers 404 (NoSuchKey; NoSuchBucket when the
+        bucket went too) once it is gone: the condition failed, as on ``file://`` (a
+        deleted lease was retried forever as a server error, state "running")."""
         if isinstance(e, bexc.ClientError):
             err = e.response.get("Error", {})
             code = str(err.get("Code", "?"))
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             if status == 412 or code == "PreconditionFailed":
                 return PreconditionFailed(f"{op} {self.url}/{key}: precondition failed")
+            if if_match and code in ("NoSuchKey", "NoSuchBucket"):
+                return PreconditionFailed(f"{op} {self.url}/{key}: the object does not exist "
+                                          f"({code}, HTTP {status})")
+            if code == "NoSuchBucket":
+                return TargetError(f"{op} {self.url}/{key}: NoSuchBucket (HTTP {status}): "
+                                   f"bucket {self.bucket} does not exist", False)
             transient = status >= 500 or status == 429 or code in _TRANSIENT_CODES
             return TargetError(f"{op} {self.url}/{key}: {code} (HTTP {status})", transient)
         if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError)):
@@ -76,6 +92,12 @@ class S3Target:
         if isinstance(e, bexc.BotoCoreError):
             return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}", True)
         return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}", True)
+
+    @staticmethod
+    def _code(e: Exception) -> str:
+        if isinstance(e, bexc.ClientError):
+            return str(e.response.get("Error", {}).get("Code", ""))
+        return ""
 
     @staticmethod
     def _status(e: Exception) -> int:
@@ -98,7 +120,7 @@ class S3Target:
             r = self.client.get_object(Bucket=self.bucket, Key=self._key(key), **kw)
         except Exception as e:
             status = self._status(e)
-            if status == 404:
+            if status == 404 and self._code(e) != "NoSuchBucket":
                 return None
             if status == 304:
                 return NOT_MODIFIED
@@ -134,7 +156,7 @@ class S3Target:
             r = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
                                        ContentLength=size, **cond)
         except Exception as e:
-            raise self._fail("PUT", key, e) from None
+            raise self._fail("PUT", key, e, if_match=if_match is not None) from None
         return r.get("ETag", "")
 
     def _multipart(self, key: str, body: BinaryIO, cond: dict) -> str:
@@ -166,13 +188,13 @@ class S3Target:
                 pass  # cleanup_uploads aborts it later
             if isinstance(e, TargetError):
                 raise
-            raise self._fail("multipart upload", key, e) from None
+            raise self._fail("multipart upload", key, e, if_match="IfMatch" in cond) from None
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as e:
-            if self._status(e) != 404:
+            if self._status(e) != 404 or self._code(e) == "NoSuchBucket":
                 raise self._fail("DELETE", key, e) from None
 
     def list(self, prefix: str):
@@ -186,13 +208,16 @@ class S3Target:
             raise self._fail("LIST", prefix, e) from None
 
     def cleanup_uploads(self) -> int:
-        """Abort multipart uploads left under this prefix by a writer that was cut short."""
+        """Abort multipart uploads left under this prefix by a writer that was cut short
+        (of this replica's own keys: never another replica's, at a prefix under this one)."""
         n = 0
         try:
             pages = self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=self.prefix)
             for page in pages:
                 for up in page.get("Uploads", ()):
+                    if not in_replica_layout(up["Key"][len(self.prefix):]):
+                        continue
                     self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
                                                        UploadId=up["UploadId"])
                     n += 1
@@ -200,7 +225,24 @@ class S3Target:
             raise self._fail("ListMultipartUploads", "", e) from None
         return n
 
+    def enclosing(self) -> list[tuple["S3Target", str]]:
+        """The prefixes enclosing this one in the bucket, innermost first, down to the
+        bucket's root: (a target there, sharing this one's client (closing it does
+        nothing), this one's prefix relative to it)."""
+        out = []
+        parts = self.prefix.strip("/").split("/") if self.prefix else []
+        for i in range(len(parts) - 1, -1, -1):
+            t = object.__new__(S3Target)
+            t.__dict__.update(self.__dict__)
+            t.prefix = "/".join(parts[:i]) + "/" if i else ""
+            t.url = f"s3://{self.bucket}/{t.prefix}".rstrip("/")
+            t._shared = True
+            out.append((t, "/".join(parts[i:])))
+        return out
+
     def close(self) -> None:
+        if getattr(self, "_shared", False):
+            return
         try:
             self.client.close()
         except Exception:

@@ -1,9 +1,11 @@
 """The shipper: continuous replication of one store to one replica URL.
 
 Owns the shipping round (:meth:`Shipper.ship_once`) and the background thread that runs
-it every ``interval`` seconds, the status (:class:`ReplicationStatus`), ``sync`` (wait
-until a given LSN is shipped), periodic snapshots, compaction of small WAL objects into
-larger ones, retention, and the WAL trim pin.
+it every ``interval`` seconds, the start (the replica checked — its store, lineage,
+history, no replica in another's object space — before the lease is taken), the status
+(:class:`ReplicationStatus`), ``sync`` (wait until a given LSN is shipped), periodic
+snapshots, compaction of small WAL objects into larger ones, retention, the collection of
+orphans (only keys of its own naming), and the WAL trim pin.
 
 A round: renew the lease when due; read the durable frontier; for every segment from the
 shipped position, cut the CRC-checked records below the frontier into one immutable WAL
@@ -22,6 +24,7 @@ import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -30,14 +33,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
 from ..errors import ReplicationError
 from ..files.blobs import BlobStore
 from ..signals import Flag
 from . import logformat, source as _src
-from .lease import Lease, LeaseLost, Refused, _pid_alive, holder_info
-from .manifest import Manifest
+from .lease import LEASE_KEY, MAX_LEASE_BYTES, Lease, LeaseLost, Refused, _pid_alive, \
+    holder_info
+from .manifest import MANIFEST_KEY, Manifest, decode as decode_manifest
 from .options import ReplicateOptions
-from .targets import ObjectStore, PreconditionFailed, display_url, open_target
+from .targets import (NOT_MODIFIED, REPLICA_DIRS, ObjectStore, PreconditionFailed, TargetError,
+                      display_url, open_target)
 
 IN_MEMORY_OBJECT = 8 << 20   # WAL objects up to this size are built in memory, larger spooled
 SAVE_EVERY = 5.0             # a long round writes the manifest at least this often
@@ -96,6 +103,19 @@ def sweep_dead_scratch(base: str, prefix: str) -> None:
 
 def wal_key(a: int, b: int, level: int) -> str:
     return f"wal/{a:020d}-{b:020d}-L{level}"
+
+
+def snapshot_key(lsn: int) -> str:
+    return f"snapshots/{lsn:020d}-{uuid.uuid4().hex[:8]}.mdb"
+
+
+_OWN_KEY = re.compile(r"wal/\d{20}-\d{20}-L\d+|snapshots/\d{20}-[0-9a-f]{8}\.mdb")
+
+
+def is_own_key(key: str) -> bool:
+    """Whether ``key`` has the form of a WAL object or snapshot a shipper writes (only
+    those are ever collected as orphans)."""
+    return _OWN_KEY.fullmatch(key) is not None
 
 
 class Shipper:
@@ -220,24 +240,87 @@ class Shipper:
         if self._started:
             return
         src = self.source
-        self.lease.acquire()
+        # The replica is checked before the lease is touched: a store refused here (the
+        # replica holds another store, or another history of this one) must take over no
+        # lease.  It did: the rightful writer, stalled past the lease's ttl, then found its
+        # renewal failing and stopped for good ("lease-lost" to a store that was refused),
+        # and nobody shipped the replica any more.
+        self.lease.check()  # (a live writer is named first, as before)
         m = Manifest.load(self.target, self.opts.max_manifest_bytes)
-        if m is None:
-            m = Manifest.new(src.store_id, src.lineage, src.identity)
-        elif m.doc["store_id"] != src.store_id or m.doc["lineage"] != src.lineage:
-            self.lease.release()
-            raise Refused(
-                f"{self.url} holds the replica of store {m.doc['store_id'].hex()} (lineage "
-                f"{m.doc['lineage']}); this store is {src.store_id.hex()} (lineage "
-                f"{src.lineage}): replicate it to a new URL")
-        if m.position is not None:
-            self._check_same_history(m)
+        if m is not None:
+            self._check_replica(m)
+        else:
+            self._refuse_nested()
+        self.lease.acquire()
+        try:  # again under the lease (a writer may have written it meanwhile)
+            m = self._reload(m)
+            if m is None:
+                m = Manifest.new(src.store_id, src.lineage, src.identity)
+            else:
+                self._check_replica(m)
+        except Refused:
+            self.lease.release(give_back=True)  # (the holder it was taken from keeps it)
+            raise
         self.manifest = m
         self.shipped = m.position or 0
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
         self._collect_orphans()
         self._started = True
         self.state = "running"
+
+    def _reload(self, m: Manifest | None) -> Manifest | None:
+        """The replica's manifest now; ``m`` itself when it did not change (not read again:
+        it may be tens of MB)."""
+        if m is None or m.etag is None:
+            return Manifest.load(self.target, self.opts.max_manifest_bytes)
+        got = self.target.get(MANIFEST_KEY, self.opts.max_manifest_bytes, if_none_match=m.etag)
+        if got is None:
+            return None
+        if got == NOT_MODIFIED:
+            return m
+        return Manifest(decode_manifest(got[0], self.target.url), got[1])
+
+    def _refuse_nested(self) -> None:
+        """A new replica is refused at a URL in another replica's object space (its
+        ``wal/``, ``snapshots/``, ``blobs/``), or when another replica lies in its own:
+        a replica's listing of those is recursive (a replica under another's ``wal/`` was
+        swept away by its orphan collection, and restore reads ``blobs/``).  Replicas side
+        by side, or one beside another's objects (``s3://b/r`` and ``s3://b/r/v2``), are
+        fine."""
+        enclosing = getattr(self.target, "enclosing", None)
+        for outer, rel in (enclosing() if enclosing is not None else ()):
+            if rel.split("/", 1)[0] not in REPLICA_DIRS:
+                continue
+            h = _replica_holder(outer, LEASE_KEY)
+            if h is not None:
+                raise Refused(f"replica URL {self.url} lies in the {rel.split('/', 1)[0]}/ of "
+                              f"the replica at {outer.url} (of store {h.get('path', '?')}), "
+                              f"among its objects: give this replica a URL outside it; "
+                              f"nothing was shipped")
+        for d in REPLICA_DIRS:
+            for i, (key, _size) in enumerate(self.target.list(d + "/")):
+                if i >= NESTED_LIST_BOUND:
+                    break
+                if key.endswith("/" + LEASE_KEY):
+                    h = _replica_holder(self.target, key)
+                    if h is not None:
+                        raise Refused(
+                            f"replica URL {self.url} holds another replica among its "
+                            f"objects, at {self.url}/{key[:-len(LEASE_KEY) - 1]} (of store "
+                            f"{h.get('path', '?')}): give this replica a URL that has none "
+                            f"under its {d}/; nothing was shipped")
+
+    def _check_replica(self, m: Manifest) -> None:
+        """Refused unless the replica holds this store (its id and lineage) and this log's
+        past (see ``_check_same_history``)."""
+        src = self.source
+        if m.doc["store_id"] != src.store_id or m.doc["lineage"] != src.lineage:
+            raise Refused(
+                f"{self.url} holds the replica of store {m.doc['store_id'].hex()} (lineage "
+                f"{m.doc['lineage']}); this store is {src.store_id.hex()} (lineage "
+                f"{src.lineage}): replicate it to a new URL")
+        if m.position is not None:
+            self._check_same_history(m)
 
     def _check_same_history(self, m: Manifest) -> None:
         """The replica must be this log's past: a store directory rolled back to an older
@@ -268,19 +351,21 @@ class Shipper:
                            f"{last.get('lsn')}; here it " + ("never committed" if at is None
                                                              else f"committed at LSN {at}"))
         if why is not None:
-            self.lease.release()
             raise Refused(f"{self.url} does not hold this store's history: {why} (the store "
                           f"directory was rolled back to an older copy, or it is a copy of "
                           f"the store that wrote the replica); replicate it to a new URL")
 
     def _collect_orphans(self) -> None:
-        """Objects the manifest never listed (an upload whose manifest write failed)."""
+        """Objects the manifest never listed (an upload whose manifest write failed): only
+        keys of this shipper's own naming (``wal_key``, ``snapshot_key``).  Listing is
+        recursive: anything else under ``wal/`` or ``snapshots/`` is not ours (another
+        store's replica at a URL under this one's was deleted here without a word)."""
         m = self.manifest
         known = {e["k"] for e in m.wal} | {s["k"] for s in m.snapshots}
         known |= {k for k, _t in m.doc["trash"]}
         for prefix in ("wal/", "snapshots/"):
             for key, _size in list(self.target.list(prefix)):
-                if key not in known:
+                if key not in known and is_own_key(key):
                     self.target.delete(key)
 
     # ---- status and sync ---------------------------------------------------------------
@@ -385,7 +470,10 @@ class Shipper:
                 self.manifest.etag = got.etag  # our own earlier write landed unanswered
                 self.manifest.save(self.target, self.holder)
                 return
-            who = (got.doc.get("writer") if got else None) or {}
+            if got is None:  # (on S3 an If-Match on a missing key: 404, taken as lost)
+                raise LeaseLost(f"the manifest of {self.url} was deleted under this writer; "
+                                f"shipping stopped") from None
+            who = got.doc.get("writer") or {}
             raise LeaseLost(f"the manifest of {self.url} was written by another writer "
                             f"(process {who.get('pid', '?')} on host {who.get('host', '?')}); "
                             f"shipping stopped") from None
@@ -601,7 +689,7 @@ class Shipper:
             with open(path, "rb") as f:
                 sha = _sha256(f)
                 f.seek(0)
-                key = f"snapshots/{applied:020d}-{uuid.uuid4().hex[:8]}.mdb"
+                key = snapshot_key(applied)
                 self.target.put(key, f, if_none_match=True)
             m.snapshots.append({"k": key, "lsn": applied, "n": size, "sha": sha,
                                 "st": digest["sha256"], "keys": digest["keys"],
@@ -692,6 +780,28 @@ class Shipper:
 
 
 BLOB_PREFIX = "blobs/"
+
+
+NESTED_LIST_BOUND = 100_000  # keys a new replica's URL is searched for a replica under it
+
+
+def _replica_holder(target: ObjectStore, key: str) -> dict | None:
+    """The holder named by the lease document at ``key`` of ``target``, None when there
+    is none there (or no lease document: anything else named so is not a replica's)."""
+    try:
+        got = target.get(key, MAX_LEASE_BYTES)
+        if got is None:
+            return None
+        doc = msgpack.unpackb(got[0], raw=False, strict_map_key=False)
+    except TargetError as e:
+        if e.transient:
+            raise  # (the round retries)
+        return None
+    except Exception:  # unreadable, not msgpack: not a replica's lease
+        return None
+    if isinstance(doc, dict) and isinstance(doc.get("holder"), dict) and "expires" in doc:
+        return doc["holder"]
+    return None
 
 
 def _refuse_replica_inside(url: str, store_path: str) -> None:

@@ -2,14 +2,18 @@
 
 Owns the one small interface the shipper, lease, restore and follower use
 (:class:`ObjectStore`: get / download / put with If-None-Match or If-Match / delete /
-list / cleanup of interrupted uploads), its errors, and URL parsing.
+list / cleanup of interrupted uploads / the locations enclosing one), its errors, URL
+parsing with the bucket-name and endpoint checks (before any request), and the replica's
+layout (``REPLICA_DIRS``: the keys a replica owns under its URL).
 
 Invariants:
 - only complete objects are ever visible under their name (S3 does that for a PUT or a
   completed multipart upload; ``file://`` writes a temp file, fsyncs it, and links or
   renames it into place);
 - conditional writes are real: ``put(if_none_match=True)`` fails with
-  :class:`PreconditionFailed` when the key exists, ``put(if_match=etag)`` when it changed;
+  :class:`PreconditionFailed` when the key exists, ``put(if_match=etag)`` when it changed
+  or no longer exists;
+- a replica's cleanup touches only its own layout, never a replica at a URL under it;
 - credentials come only from the standard AWS chain (environment, config files, roles):
   a URL carrying any is refused, and no message or stored document ever holds one;
 - every length read from an object is bounded before it is allocated (``max_bytes``).
@@ -67,6 +71,19 @@ class ObjectStore(Protocol):
     def close(self) -> None: ...
 
 
+REPLICA_DIRS = ("wal", "snapshots", "blobs")  # a replica's objects: these, manifest, lease
+
+
+def in_replica_layout(key: str) -> bool:
+    """Whether ``key`` (relative to a replica URL) is where a replica's own objects live:
+    ``manifest``, ``lease``, or one level under ``wal/``, ``snapshots/``, ``blobs/``.
+    Anything deeper belongs to something else (another replica at a URL under this one)."""
+    head, _, rest = key.partition("/")
+    if not rest:
+        return head in ("manifest", "lease")
+    return head in REPLICA_DIRS and "/" not in rest
+
+
 NOT_MODIFIED = ("", "")  # get(..., if_none_match=etag) when the object did not change
 
 
@@ -101,10 +118,64 @@ def _parse(url: str):
     elif p.scheme == "s3":
         if not p.netloc:
             raise ReplicationError(f"s3 URL {display_url(url)} names no bucket")
+        why = _bad_bucket(p.netloc)
+        if why:
+            raise ReplicationError(f"s3 URL s3://{p.netloc}{p.path}: {p.netloc!r} is not a "
+                                   f"valid bucket name: {why} (a bucket name is 3 to 255 "
+                                   f"letters, digits, '.', '-' and '_', starting and ending "
+                                   f"with a letter or digit)")
     else:
         raise ReplicationError(f"unsupported replica URL {display_url(url)}: use "
                                f"s3://bucket/prefix or file:///dir")
     return p
+
+
+_BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
+
+
+def _bad_bucket(name: str) -> str | None:
+    """What is wrong with a bucket name, None when nothing: S3's rules (3 to 63 lowercase
+    letters, digits, '.' and '-', starting and ending with a letter or digit), widened to
+    what S3-compatible servers and older S3 buckets also use (uppercase letters and '_',
+    up to 255 characters: the client's own bound)."""
+    bad = sorted(set(name) - _BUCKET_CHARS)
+    if bad:
+        return "it has " + ", ".join(repr(c) for c in bad)
+    if not 3 <= len(name) <= 255:
+        return f"it is {len(name)} characters long"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "it does not start and end with a letter or digit"
+    return None
+
+
+def check_endpoint(endpoint: str | None) -> None:
+    """ReplicationError unless ``endpoint`` (an S3 endpoint URL; None: the default) is an
+    ``http://`` or ``https://`` URL with a host and nothing but a path after it (no I/O):
+    a bad one failed on the first request as a bare "EndpointResolutionError" or an
+    unexpected "ValueError: Invalid endpoint"."""
+    if endpoint is None:
+        return
+    if not isinstance(endpoint, str):
+        raise ReplicationError(f"endpoint URL must be a str, not {type(endpoint).__name__}")
+    p = urlsplit(endpoint.strip())
+    try:
+        port_ok = p.port is None or 0 < p.port
+    except ValueError:  # (not a number, or above 65535)
+        port_ok = False
+    shown = repr(endpoint)
+    if p.scheme and p.netloc:  # (never its user info)
+        shown = f"{p.scheme}://{p.netloc.rpartition('@')[2]}{p.path}"
+    if p.scheme not in ("http", "https") or not p.hostname:
+        why = "is not an http:// or https:// URL with a host"
+    elif not port_ok:
+        why = "has an invalid port"
+    elif p.username or p.password or p.query or p.fragment:
+        why = ("carries user info, a query or a fragment (credentials come only from the "
+               "standard AWS chain)")
+    else:
+        return
+    raise ReplicationError(f"endpoint URL {shown} {why} (e.g. https://s3.example.com or "
+                           f"http://127.0.0.1:9000)")
 
 
 def open_target(url: str, options=None) -> ObjectStore:
@@ -246,14 +317,29 @@ class FileTarget:
                     continue
 
     def cleanup_uploads(self):
-        """Remove temp files of uploads cut short (they were never visible)."""
+        """Remove temp files of uploads cut short (they were never visible): only in this
+        replica's own directories, never in another replica's under them."""
         n = 0
-        for dirpath, _dirs, files in os.walk(self.root):
-            for name in files:
+        for d in (self.root, *(os.path.join(self.root, x) for x in REPLICA_DIRS)):
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
                 if name.startswith(".tmp-"):
-                    remove_quietly(os.path.join(dirpath, name))
+                    remove_quietly(os.path.join(d, name))
                     n += 1
         return n
+
+    def enclosing(self) -> list[tuple["FileTarget", str]]:
+        """The directories enclosing this one, innermost first: (a target there, this
+        one's path relative to it)."""
+        out, d = [], os.path.dirname(self.root)
+        while True:
+            out.append((FileTarget(d), os.path.relpath(self.root, d).replace(os.sep, "/")))
+            if d == os.path.dirname(d):
+                return out
+            d = os.path.dirname(d)
 
     def close(self):
         pass
