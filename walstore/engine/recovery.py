@@ -43,7 +43,9 @@ from ..log import records
 from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader, Record, SegmentReader
 from ..log.segment import SPARE_NAME
+from . import tables
 from .apply import PREPARED_PREFIX, Applier
+from .lmdb_check import check_lmdb_paths, walk_lmdb_data_file
 from .lmdb_state import LmdbState, from_u64, read_chunk, u64
 
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
@@ -88,6 +90,7 @@ class RecoveryReport:
     pending_compensations: list = field(default_factory=list)
     in_doubt: list = field(default_factory=list)
     seconds: float = 0.0
+    lmdb_pages_checked: int = 0  # LMDB pages read and checked before REDO wrote (crash)
 
     @property
     def clean(self) -> bool:
@@ -117,7 +120,7 @@ class Recovery:
 
     def __init__(self, root: str, store_id: bytes, state: LmdbState, mode: str = "strict",
                  progress: Callable[[int, int], None] | None = None,
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, check_lmdb: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown recovery mode {mode!r}; choose one of {', '.join(MODES)}")
         self.root = root
@@ -129,6 +132,9 @@ class Recovery:
         self.mode = mode
         self.progress = progress
         self.dry_run = dry_run  # walk and judge only: no file, no LMDB row is changed
+        # after an unclean shutdown: check the LMDB pages each REDO batch will touch first
+        self.check_lmdb = check_lmdb and not dry_run
+        self._walked = False  # the whole file was checked (an event the key list can't map)
         self.report = RecoveryReport(mode=mode)
         self.applied = state.applied_lsn()
         self.wal_start = state.meta_int(b"wal_start")  # where a sealed log begins
@@ -382,8 +388,24 @@ class Recovery:
         if self.dry_run:
             self.tail_events.extend(batch)
             return
+        if self.check_lmdb and not self._walked:
+            self._check_pages(batch)
         self.applier.apply(batch, batch[-1].end)
         self.report.redone += sum(1 for e in batch if e.type == RecordType.COMMIT)
+
+    def _check_pages(self, batch: list) -> None:
+        """Before REDO writes a batch into LMDB after a crash: read and check (in Python,
+        lmdb_check) the pages it will touch, so a damaged page is a CorruptionError naming
+        data.mdb, never LMDB dying of SIGBUS/SIGABRT inside the write.  The pages are those
+        on the paths to the keys below (what ``Applier`` reads and writes for these event
+        types); an event this list does not map checks the whole file once instead."""
+        keys = _touched_keys(batch)
+        rep = self.report
+        if keys is None:
+            rep.lmdb_pages_checked += walk_lmdb_data_file(self.state.data_file)
+            self._walked = True
+            return
+        rep.lmdb_pages_checked += check_lmdb_paths(self.state.data_file, keys)
 
     def _load_open_transactions(self) -> None:
         """Transactions LMDB knows to be in flight (intents applied, no end yet) and
@@ -539,3 +561,38 @@ class Recovery:
             fileio.fdatasync(fd)
         finally:
             os.close(fd)
+
+
+_MAPPED = frozenset({RecordType.COMMIT, RecordType.ABORT, RecordType.ROLLBACK_PREPARED,
+                     RecordType.PREPARE, RecordType.COMMIT_PREPARED,
+                     RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                     RecordType.COMPENSATED})
+
+
+def _touched_keys(batch: list) -> dict[bytes, list[bytes]] | None:
+    """The keys, per LMDB table, REDO of ``batch`` reads or writes in the tables that grow
+    with the store (the small ones are checked whole); None when an event is of a kind
+    (a purge, file steps, a restore point...) this does not map."""
+    keys: dict[bytes, list[bytes]] = {name: [] for name in (
+        b"data", b"hist", b"hkeys", b"txns", b"bylsn", b"actions", b"aended", b"inflight")}
+    for e in batch:
+        if e.type not in _MAPPED:
+            return None
+        if e.type == RecordType.COMMIT and e.packed_body is None and "purge" in e.body:
+            return None
+        keys[b"bylsn"].append(u64(e.lsn))
+        keys[b"aended"].append(u64(e.lsn))
+        if e.txid >= 0:
+            txk = tables.txid_key(e.txid)
+            keys[b"txns"].append(txk)
+            keys[b"inflight"].append(txk)
+            keys[b"actions"].append(tables.action_prefix(e.txid))
+        if e.type in (RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                      RecordType.COMPENSATED):
+            keys[b"actions"].append(str(e.body.get("id")).encode())
+        for k, _v in e.writes or ():
+            keys[b"data"].append(k)
+            keys[b"hkeys"].append(k)
+            keys[b"hist"].append(tables.hist_key(k, 0))
+            keys[b"hist"].append(tables.hist_key(k, e.lsn))
+    return keys
