@@ -80,3 +80,47 @@ def test_a_damaged_leaf_on_the_redo_path_is_refused_not_a_signal(tmp_path):
     assert "CorruptionError" in r.stderr and "data.mdb" in r.stderr
     with pytest.raises(CorruptionError):
         lmdb_check.walk_lmdb_data_file(data)
+
+
+def test_redo_after_skipping_the_applied_records_of_the_segment(tmp_path):
+    """Recovery no longer parses the write lists of the records LMDB applied (the current
+    segment starts with what the checkpoint applied: big chunked commits, parsed and thrown
+    away on every crash, twice in strict mode).  A chunked commit (WRITES records) in the
+    tail, after a chunked commit before the checkpoint in the same segment, is REDOne
+    whole, in every mode."""
+    path = str(tmp_path / "s")
+    code = f'''
+import os, walstore
+s = walstore.open({path!r}, durability="none")
+big = b"x" * 150_000
+with s.transaction() as tx:
+    tx.update(("a%04d" % i, big) for i in range(40))   # 6 MB: WRITES + COMMIT records
+s.checkpoint()
+with s.transaction() as tx:
+    tx.update(("t%04d" % i, bytes([i]) * 150_000) for i in range(40))
+    tx.put("a0005", "changed")
+with s.transaction() as tx:
+    tx.delete("a0007")
+s.sync()
+os.kill(os.getpid(), 9)
+'''
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    import shutil
+    for mode in ("strict", "tolerate-tail", "skip-corrupt"):
+        d = str(tmp_path / mode)
+        shutil.copytree(path, d)
+        (seg,) = [n for n in os.listdir(os.path.join(d, "wal")) if n.endswith(".wal")]
+        s = walstore.open(d, options=walstore.Options(recovery_mode=mode))
+        try:
+            rep = s.last_recovery
+            assert rep.redone == 2 and not rep.problems, rep
+            # the segment holds the applied chunked commit too: read, not parsed
+            assert int(seg[:-4]) < 6_000_000 < rep.applied_before, (seg, rep)
+            assert rep.records >= 5, rep  # 2 applied, 3 REDOne (chunks, commits)
+            assert s.get("t0039") == bytes([39]) * 150_000 and s.get("t0000") == bytes(150_000)
+            assert s.get("a0005") == "changed" and s.get("a0007") is None
+            assert s.get("a0039") == b"x" * 150_000
+            assert sum(1 for _ in s.scan("t")) == 40
+        finally:
+            s.close()

@@ -149,6 +149,7 @@ class Recovery:
         # (LSN, txid) of the last commit LMDB applied: the log must hold that commit there
         self._anchor: tuple[int, int] | None = self._last_applied_commit()
         self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
+        self._early: dict[int, list] = {}  # txid -> raw write lists of chunks before applied
         self._new_segment_at: int | None = None
         self._end: tuple[int, int, int] | None = None  # (segment start, offset, LSN)
         self._log: LogReader | None = None
@@ -249,7 +250,10 @@ class Recovery:
             self._check_anchor(rec)
         try:
             body = records.decode(rec.payload)
+            early = self._early_writes(rec, body)
             ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn, body, len(rec.payload))
+            if early and ev is not None and ev.writes is not None:
+                ev.writes = [w for raw in early for w in records.parse_writes(raw)] + ev.writes
         except ValueError as e:
             reason = f"record of type {rec.type} has a valid checksum but a bad payload: {e}"
             self._bad_payload(rec, reason)
@@ -276,6 +280,31 @@ class Recovery:
         self._redo_end = ev.end
         if len(self.redo) >= REDO_BATCH:
             self._flush_redo()
+
+    def _early_writes(self, rec: Record, body: dict) -> list | None:
+        """The write lists of a record wholly before LMDB's applied LSN are not parsed:
+        LMDB holds them (a checkpoint's segment starts with what it applied, tens of MB of
+        writes parsed and thrown away on every crash, twice in strict mode).  Framing,
+        checksum, the payload map and the txid are checked as for any record; the keys are
+        ``verify``'s.  A chunk (WRITES) may belong to a commit REDO applies: its list is
+        kept raw and parsed when that commit comes (``_feed``), dropped when the commit
+        was applied or the transaction ended.  Returns the raw lists to put before the
+        writes of the event this record completes."""
+        t = rec.type
+        if t not in (RecordType.WRITES, RecordType.COMMIT) and t not in _ENDS:
+            return None
+        txid = records.txid_of(body)
+        if t == RecordType.WRITES:
+            if rec.end_lsn <= self.applied and isinstance(body.get("w"), list):
+                self._early.setdefault(txid, []).append({"w": body["w"]})
+                body["w"] = []
+            return None
+        early = self._early.pop(txid, None)
+        if t == RecordType.COMMIT and rec.end_lsn <= self.applied:
+            if isinstance(body.get("w"), list):
+                body["w"] = []  # (an event before ``applied``: dropped by _feed anyway)
+            return None
+        return early if t == RecordType.COMMIT else None
 
     def _last_applied_commit(self) -> tuple[int, int] | None:
         """(LSN, txid) of the newest commit LMDB applied (its ``bylsn`` row), or None."""
