@@ -59,11 +59,22 @@ def test_timer_interrupts_never_compensate_a_committed_transaction(tmp_path):
         print("interrupted", interrupted)
     """, str(tmp_path / "s"), timeout=300)
     assert int(out.split()[-1]) > 0  # (the timer did interrupt)
-    lines = (tmp_path / "s.outside").read_text().split()
-    done = {lines[i + 1] for i in range(0, len(lines), 2) if lines[i] == "DO"}
-    undone = [lines[i + 1] for i in range(0, len(lines), 2) if lines[i] == "UNDO"]
-    assert len(undone) == len(set(undone))  # each refund once
-    with walstore.open(str(tmp_path / "s"), compensators={"refund": lambda a: None}) as s:
+    outside = tmp_path / "s.outside"
+
+    def note(line):
+        with open(outside, "a") as f:
+            f.write(line + "\n")
+    # the same refund at the next open: a compensation an interrupt cut short (a dropped
+    # transaction's, rolled back by the collector while the next one's timer ran) is owed
+    # and runs there (README: "runs again at the next open"); a no-op here once read as
+    # "compensated, never refunded"
+    with walstore.open(str(tmp_path / "s"),
+                       compensators={"refund": lambda a: note("UNDO " + a.key)}) as s:
+        assert s.pending_compensations() == []
+        lines = outside.read_text().split()
+        done = {lines[i + 1] for i in range(0, len(lines), 2) if lines[i] == "DO"}
+        undone = [lines[i + 1] for i in range(0, len(lines), 2) if lines[i] == "UNDO"]
+        assert len(undone) == len(set(undone))  # each refund once
         acts = {a.key: a for a in s.actions()}
         for key in done:
             a = acts.get(key)

@@ -253,9 +253,12 @@ class Saga:
         if action.scope is not None:
             body["scope"] = action.scope
         tx.logged = True
-        event = self.engine.log_event(RecordType.ACTION_INTENT, body, tx.id, durable=True)
-        action.lsn = event.lsn
-        tx.effects.append(action)
+
+        def known(event) -> None:  # (before the wait for the disk: an interrupt there left
+            action.lsn = event.lsn  # a durable intent the rollback did not know, owed
+            tx.effects.append(action)  # until the next open instead of compensated)
+        self.engine.log_event(RecordType.ACTION_INTENT, body, tx.id, durable=True,
+                              appended=known)
 
     def log_result(self, tx: "Transaction", action: Action) -> None:
         """Log the body's outcome.  A result msgpack cannot store is dropped (the action

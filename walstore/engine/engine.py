@@ -619,12 +619,21 @@ class Engine:
                 self.state.sync()
                 self._txid_horizon = horizon
 
-    def log_event(self, rtype: int, body: dict, txid: int = -1, durable: bool = False) -> Event:
+    def log_event(self, rtype: int, body: dict, txid: int = -1, durable: bool = False,
+                  appended: Callable[[Event], None] | None = None) -> Event:
         """Append a non-commit event (an intent, a result, a compensation outcome, a restore
         point, an abort); ``durable``: wait until it is on disk (per the durability) before
-        returning, because an external effect follows it."""
+        returning, because an external effect follows it.  ``appended(event)`` runs right
+        after the append, with signals held off across both (walstore.signals), before the
+        wait: whoever must know of the record (a transaction, of its action's intent) does
+        so even when an interrupt lands in the wait."""
         self.check_writable()
-        event = self.journal.append(rtype, body, txid)
+        if appended is None:
+            event = self.journal.append(rtype, body, txid)
+        else:
+            with deferred():
+                event = self.journal.append(rtype, body, txid)
+                appended(event)
         if durable:
             self.journal.force_durable(event.end)
         return event
