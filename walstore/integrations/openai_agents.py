@@ -26,8 +26,11 @@ go through ``json.dumps``/``json.loads`` exactly as SQLiteSession stores them (t
 back as lists, non-str dict keys as str, a non-JSON value raises ``TypeError`` and nothing
 is added); they are stored as msgpack maps, so ``walstore scan`` shows them as data (an item
 holding a lone surrogate, e.g. text cut inside an emoji, which msgpack's UTF-8 cannot
-hold, is stored as the bytes of its ASCII JSON text instead).  One difference: an int
-beyond 64 bits, which JSON text can hold, is refused (``ValueError``).
+hold, is stored as the bytes of its ASCII JSON text instead).  Differences: an int
+beyond 64 bits, which JSON text can hold, is refused (``ValueError``), and so is an item
+over 16 MiB (16,777,216 bytes) packed as msgpack: an item is one walstore value (the
+error names the item's index in the batch; nothing of the batch is added).  A ``limit``
+that is not an int (``2.5``, ``nan``) raises ``TypeError`` (SQLiteSession's query fails).
 
 Every call is one walstore transaction (writes go through ``store.run``, which retries an
 optimistic conflict with another process or session object), so an ``add_items`` is on
@@ -36,10 +39,13 @@ work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession does; a m
 whose awaiting task is cancelled still finishes and then re-raises the cancellation, so the
 caller never mistakes a committed write for a dropped one.  Writers of one session in one
 process take a lock (an in-process queue instead of optimistic retries); readers read one
-snapshot and take no lock.
+snapshot and take no lock.  A rewind does not take it: its compensations are user code and
+may write to the session (e.g. add a "booking cancelled" item); the store serializes the
+rewind against other writers itself.
 
 Key layout (str keys; ``S`` is the session id and ``B`` a branch name, both
-percent-encoded so no session's prefix is a prefix of another's)::
+percent-encoded so no session's prefix is a prefix of another's; ``oa/`` is the
+``namespace``)::
 
     oa/S/head            -> current branch name (absent: "main")
     oa/S/i/B/<seq:020d>  -> one item (a JSON-shaped dict), in order of seq within branch B
@@ -52,6 +58,18 @@ state return to the point; compensations run for the actions of undone transacti
 wrote only inside the scope or were declared in it: register a tool's side effects with
 ``tx.action(name, args, compensate=..., scope=session.scope)``.  Restore point names are
 stored as ``"oa/S/<name>"`` so two sessions can both name a point ``"before-turn-3"``.
+
+A ``namespace`` is a str ending in ``/``; every segment after its first must hold a
+character that a percent-encoded session id never holds (anything but ASCII letters,
+digits and ``_.-~%#``; e.g. ``"oa/tenant1:/"``), or the sessions of namespace ``"oa/"``
+would hold it: session ``"tenant1"`` there has scope ``"oa/tenant1/"``, which is every
+key of namespace ``"oa/tenant1/"``.  Such a namespace is refused (``ValueError``).
+
+``erase()`` deletes a session for good: ``store.purge(scope)`` (its items, branches, tool
+state and every past version of them, from every file of the store) and its restore
+points.  What a purge keeps, an erase keeps: the committed transactions' meta (each
+session write carries ``{"openai_session": id, "op": ...}``) and the args and results of
+the actions its tools registered (see ``store.purge``).
 
 Branches follow AdvancedSQLiteSession's API (``create_branch_from_turn``,
 ``switch_to_branch``, ``list_branches``, ``delete_branch``, ``get_conversation_turns``); a
@@ -72,7 +90,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import LSN, ConflictError, TxnInfo
+from .. import LSN, ConflictError, TxnInfo, UnknownPoint
+from ..codec import MAX_KEY_BYTES, pack_value
 from ._async import finish_despite_cancel
 
 if TYPE_CHECKING:
@@ -114,6 +133,59 @@ def _writer_lock(store: "Store", prefix: str) -> threading.Lock:
         if lock is None:
             lock = per_store[prefix] = threading.Lock()
         return lock
+
+
+# What a percent-encoded session id (or its "#" digest form) is made of: a namespace segment
+# (after the first) holding only these could be a session's part of another namespace.
+_PART_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~%#")
+
+
+def _check_namespace(namespace: Any) -> str:
+    """``namespace`` if the scopes of its sessions can never nest with those of another
+    namespace's sessions; TypeError/ValueError otherwise."""
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
+    if not namespace.endswith("/"):
+        raise ValueError(f"namespace must end with '/', not {namespace!r}")
+    segments = namespace[:-1].split("/")
+    for n, seg in enumerate(segments[1:], start=1):
+        if all(c in _PART_CHARS for c in seg):
+            outer = "/".join(segments[:n]) + "/"
+            raise ValueError(
+                f"namespace {namespace!r} lies inside the scope of a session of namespace "
+                f"{outer!r} (its segment {seg!r} could be a session id's encoding: session "
+                f"{unquote(seg)!r} there has scope {outer + seg + '/'!r}, and its "
+                f"clear_session, rewind and erase would reach this namespace's sessions). "
+                f"Use one segment (e.g. {namespace[:-1].replace('/', '-') + '/'!r}), or put "
+                f"a character other than ASCII letters, digits and _.-~%# in every segment "
+                f"after the first (e.g. {outer + seg + ':/'!r})")
+    return namespace
+
+
+def _key_bytes(key: str) -> int:
+    try:
+        return len(key.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{key!r} is not valid UTF-8 text: {e.reason}") from None
+
+
+def _check_item_sizes(stored: list[Any]) -> None:
+    """Each item fits one walstore value (ValueError naming its index, before any write)."""
+    for i, item in enumerate(stored):
+        label = f"items[{i}]"
+        try:
+            pack_value(item, key=label)
+        except ValueError as e:
+            msg = str(e).replace(f"value for key {label!r}", f"item {i} of the batch", 1)
+            raise ValueError(f"{msg} (an item is one walstore value: at most 16 MiB "
+                             f"packed as msgpack, no int beyond 64 bits); nothing was "
+                             f"added") from None
+
+
+def _check_branch_id(name: Any, arg: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{arg} must be a str, not {type(name).__name__}")
+    return name
 
 
 def _normalize(item: Any) -> Any:
@@ -168,13 +240,17 @@ class WalstoreSession:
         from agents.memory.session_settings import SessionSettings, coerce_session_settings
         if not isinstance(session_id, str):
             raise TypeError(f"session_id must be a str, not {type(session_id).__name__}")
-        if not isinstance(namespace, str):
-            raise TypeError("namespace must be a str")
+        _check_namespace(namespace)
         self.session_id = session_id
         self.session_settings = (coerce_session_settings(session_settings)
                                  if session_settings is not None else SessionSettings())
         self.store = store
         self._prefix = f"{namespace}{_session_part(session_id)}/"
+        longest = f"{self._items_prefix(MAIN)}{0:0{_SEQ_DIGITS}d}"
+        if _key_bytes(longest) > MAX_KEY_BYTES:
+            raise ValueError(f"namespace {namespace!r} is too long: the session's item keys "
+                             f"({_key_bytes(longest)} bytes) would not fit walstore's "
+                             f"{MAX_KEY_BYTES}-byte key limit")
         self._lock = _writer_lock(store, self._prefix)
         self._closed = False
 
@@ -199,6 +275,17 @@ class WalstoreSession:
 
     def _branch_key(self, branch: str) -> str:
         return f"{self._prefix}br/{quote(branch, safe='')}"
+
+    def _check_branch_fits(self, branch: str) -> None:
+        """ValueError unless the keys of ``branch``'s items fit walstore's key limit."""
+        longest = f"{self._items_prefix(branch)}{0:0{_SEQ_DIGITS}d}"
+        size = _key_bytes(longest)
+        if size > MAX_KEY_BYTES:
+            room = MAX_KEY_BYTES - (size - len(quote(branch, safe='')))
+            raise ValueError(f"branch name of {len(branch)} characters is too long: its items' "
+                             f"keys would be {size} bytes, over walstore's {MAX_KEY_BYTES}-byte "
+                             f"key limit (this session's branch names may take at most {room} "
+                             f"bytes percent-encoded)")
 
     def _point_name(self, name: str) -> str:
         return self._prefix + _check_name("a restore point name", name)
@@ -239,7 +326,10 @@ class WalstoreSession:
         return tx.get(self._head_key(), MAIN)
 
     def _branch_exists(self, tx: "Transaction", branch: str) -> bool:
-        return branch == MAIN or self._branch_key(branch) in tx
+        if branch == MAIN:
+            return True
+        key = self._branch_key(branch)
+        return _key_bytes(key) <= MAX_KEY_BYTES and key in tx
 
     def _scan_items(self, tx: "Transaction", branch: str, reverse: bool = False):
         """(seq, item) of one branch, oldest first (newest first with reverse)."""
@@ -275,7 +365,12 @@ class WalstoreSession:
         ``branch`` reads another branch than the current one.
         """
         from agents.memory.session_settings import resolve_session_limit
+        if branch is not None:
+            _check_branch_id(branch, "branch")
         n = resolve_session_limit(limit, self.session_settings)
+        if n is not None and not isinstance(n, int):   # (a bool is an int, as for SQLite)
+            what = "limit" if limit is not None else "session_settings.limit"
+            raise TypeError(f"{what} must be an int or None, not {type(n).__name__}")
         if n is not None and n < 0:
             n = None   # SQLite's LIMIT with a negative value: no limit
 
@@ -289,6 +384,7 @@ class WalstoreSession:
         if not items:
             return
         normalized = [_stored(_normalize(item)) for item in items]  # TypeError before any write
+        _check_item_sizes(normalized)
 
         def add(tx: "Transaction") -> None:
             branch = self._current_branch(tx)
@@ -325,6 +421,7 @@ class WalstoreSession:
             return False
         self._check_open()
         normalized = [_stored(_normalize(item)) for item in items]  # TypeError before any write
+        _check_item_sizes(normalized)
 
         def replace(tx: "Transaction") -> None:
             self._clear(tx)
@@ -357,6 +454,28 @@ class WalstoreSession:
                 tx.delete(f"{prefix}{seq:0{_SEQ_DIGITS}d}")
             return [item for _seq, item in newest]
         return await self._write("pop_items", pop)
+
+    async def erase(self) -> None:
+        """Delete the session for good (a user's right to be forgotten; LangGraph's
+        ``delete_thread``): its restore points are dropped, then ``store.purge(scope)``
+        erases its items, branches, current branch and tool state (``key()``) and every
+        past version of them, from every API and every file of the store directory.  It
+        cannot be rewound or reverted.  Kept, as by any purge: the meta of the session's
+        committed transactions (``{"openai_session": session_id, "op": ...}``) and the
+        args and results of actions its tools registered (``tx.action``); copies outside
+        the store directory (backups, replicas).  The object stays usable: an empty session.
+        """
+        self._check_open()
+
+        def work() -> None:
+            for name in self.store.restore_points():
+                if name.startswith(self._prefix):
+                    try:
+                        self.store.drop_restore_point(name)
+                    except UnknownPoint:
+                        pass   # dropped meanwhile by another caller
+            self.store.purge(self._prefix)
+        await finish_despite_cancel(work)
 
     # ---- restore points and rewind ----------------------------------------------------------
     async def restore_point(self, name: str) -> LSN:
@@ -408,15 +527,17 @@ class WalstoreSession:
 
         def work() -> Any:
             # A rewind that conflicts with a concurrent commit wrote nothing and ran no
-            # compensation (they run after its commit): retried like store.run does.
-            with self._lock:
-                for attempt in range(_RETRIES + 1):
-                    try:
-                        return rewind(point, **kwargs)
-                    except ConflictError:
-                        if attempt == _RETRIES:
-                            raise
-                        time.sleep(0.005 * 2 ** attempt)
+            # compensation (they run after its commit): retried like store.run does.  No
+            # session lock is held: the compensations run inside store.rewind, and one
+            # that writes to this session (its add_items waits for that lock in another
+            # thread) would wait for this rewind forever.
+            for attempt in range(_RETRIES + 1):
+                try:
+                    return rewind(point, **kwargs)
+                except ConflictError:
+                    if attempt == _RETRIES:
+                        raise
+                    time.sleep(0.005 * 2 ** attempt)
         if dry_run:
             return await asyncio.to_thread(work)
         return await finish_despite_cancel(work)
@@ -427,6 +548,8 @@ class WalstoreSession:
 
     async def get_conversation_turns(self, branch_id: str | None = None) -> list[dict[str, Any]]:
         """The user turns of a branch (current by default): ``[{"turn", "content"}]``."""
+        if branch_id is not None:
+            _check_branch_id(branch_id, "branch_id")
         def read(tx: "Transaction") -> list[dict[str, Any]]:
             turns = []
             for _seq, item in self._scan_items(tx, self._resolve_branch(tx, branch_id)):
@@ -441,12 +564,14 @@ class WalstoreSession:
 
         The session switches to it (so the next ``add_items`` answers turn ``turn_number``
         anew); the source branch is kept.  Returns the branch name (generated when None).
-        Raises ValueError if the turn has no user message or the name is taken.
+        Raises ValueError if the turn has no user message, the name is taken, or the name is
+        too long for its items' keys (walstore keys hold at most 500 bytes).
         """
         if isinstance(turn_number, bool) or not isinstance(turn_number, int):
             raise TypeError(f"turn_number must be an int, not {type(turn_number).__name__}")
         if branch_name is not None:
             _check_name("a branch name", branch_name)
+            self._check_branch_fits(branch_name)
         stamp = int(time.time())
 
         def create(tx: "Transaction") -> str:
@@ -473,6 +598,7 @@ class WalstoreSession:
                 while self._branch_exists(tx, name):
                     suffix += 1
                     name = f"{base}_{suffix}"
+                self._check_branch_fits(name)
             tx.put(self._branch_key(name), {"created_at": _utc_now(), "ns": time.time_ns(),
                                             "from_branch": source, "from_turn": turn_number})
             prefix = self._items_prefix(name)
@@ -484,6 +610,7 @@ class WalstoreSession:
 
     async def switch_to_branch(self, branch_id: str) -> None:
         """Make ``branch_id`` the current branch (ValueError if it does not exist)."""
+        _check_branch_id(branch_id, "branch_id")
         def switch(tx: "Transaction") -> None:
             if not self._branch_exists(tx, branch_id):
                 raise ValueError(f"Branch '{branch_id}' does not exist")
