@@ -5,8 +5,10 @@ group (the CLI package calls it).  Exit status: 0 success; 1 a problem (the repl
 refused, unreachable, damaged, a verify mismatch, compensations or file effects owed by a
 restored store); 2 usage (a bad point, a path that is not a store, a replica URL or
 ``--endpoint-url`` that cannot work: an invalid bucket name, an endpoint that is no http(s)
-URL).  ``--json`` is one strict JSON document.  No output ever carries credentials: URLs are
-shown without user info.
+URL; a flag's value its replicate option does not take: one line naming the flag).  The
+replicate options a flag sets: ``_FLAGS``; the rest keep their defaults.  ``--json`` is one
+strict JSON document.  No output ever carries credentials: URLs are shown without user
+info.
 
 Points on the command line: ``tx:N`` or bare digits (a txid), ``lsn:N`` (a log position),
 an ISO-8601 time with an offset (``2026-05-01T12:00:00+00:00``, ``...Z``), else a restore
@@ -27,7 +29,7 @@ from . import _engine
 from . import WalstoreCommand, main
 from .common import load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
-from .output import parse_point as _parse_point
+from .output import parse_point as _parse_point, progress_printer
 
 
 def parse_point(text: str) -> Any:
@@ -72,6 +74,29 @@ def _check_where(url: str, opts: Any) -> None:
         _fail(str(e), EXIT_USAGE)
 
 
+# The flags that set a replicate option: option name -> flag (a usage error names the flag).
+_FLAGS = {"endpoint_url": "--endpoint-url", "region": "--region", "interval": "--interval",
+          "snapshot_interval": "--snapshot-interval", "retention_seconds": "--retention"}
+
+ENDPOINT = click.option("--endpoint-url", default=None,
+                        help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+REGION = click.option("--region", default=None,
+                      help="S3 region (else the AWS chain's: AWS_REGION, config files).")
+
+
+def _options(**flags: Any) -> Any:
+    """The ReplicateOptions the flags given set (None: not given, the default); a value
+    no option takes is a one-line usage error (exit 2) naming its flag."""
+    (ReplicateOptions,) = _engine.replication("ReplicateOptions")
+    try:
+        return ReplicateOptions.from_any(None, **flags)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        for name, flag in _FLAGS.items():
+            msg = msg.replace(f"replicate_options {name} ", f"{flag} ")
+        _fail(msg, EXIT_USAGE)
+
+
 def _when(ts: float | None) -> str:
     if not ts:
         return "-"
@@ -83,21 +108,24 @@ def _when(ts: float | None) -> str:
 @click.argument("url")
 @click.option("--once", is_flag=True, help="Ship what is durable now, then exit (cron).")
 @click.option("--interval", type=float, default=None, help="Seconds between rounds (1).")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+@click.option("--snapshot-interval", type=float, default=None, metavar="S",
+              help="Seconds between LMDB snapshots, if the state moved (3600).")
+@click.option("--retention", type=float, default=None, metavar="S",
+              help="Seconds snapshots (and the WAL they need) are kept (86400; at least 2).")
+@ENDPOINT
+@REGION
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (with --once).")
 def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
-                  endpoint_url: str | None, as_json: bool) -> None:
+                  snapshot_interval: float | None, retention: float | None,
+                  endpoint_url: str | None, region: str | None, as_json: bool) -> None:
     """Ship the store at PATH to the replica URL (s3://bucket/prefix or file:///dir)."""
-    DirectorySource, ReplicateOptions, Shipper = _engine.replication(
-        "DirectorySource", "ReplicateOptions", "Shipper")
+    DirectorySource, Shipper = _engine.replication("DirectorySource", "Shipper")
     try:
         source = DirectorySource(path)
     except NotAStore as e:
         _fail(str(e), EXIT_USAGE)
-    try:
-        opts = ReplicateOptions.from_any(None, interval=interval, endpoint_url=endpoint_url)
-    except ValueError as e:
-        _fail(str(e), EXIT_USAGE)
+    opts = _options(interval=interval, endpoint_url=endpoint_url, region=region,
+                    snapshot_interval=snapshot_interval, retention_seconds=retention)
     _check_where(url, opts)
     try:
         shipper = Shipper(source, url, opts)
@@ -113,7 +141,8 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
         if as_json:
             _emit({"url": shipper.url, **summary})
         else:
-            snap = f", snapshot at LSN {summary['snapshot']}" if summary["snapshot"] is not None else ""
+            snap = "" if summary["snapshot"] is None else \
+                f", snapshot at LSN {summary['snapshot']}"
             click.echo(f"shipped {summary['objects']} WAL object(s), {summary['bytes']} bytes; "
                        f"replica at LSN {summary['position']}{snap}")
         return
@@ -148,24 +177,22 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
               help="Run the compensations of transactions in flight at the cut.")
 @click.option("--handlers", default=None, metavar="MODULE",
               help="Import compensators (COMPENSATORS dict) from MODULE, for --compensate.")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+@ENDPOINT
+@REGION
 @click.option("--interval", type=float, default=None, help="--follow: seconds between polls.")
 @click.option("--apply-every", type=float, default=30.0, show_default=True,
               help="--follow: seconds between applying the followed log to LMDB.")
 @click.option("--json", "as_json", is_flag=True)
 def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: bool,
-                handlers: str | None, endpoint_url: str | None, interval: float | None,
-                apply_every: float, as_json: bool) -> None:
+                handlers: str | None, endpoint_url: str | None, region: str | None,
+                interval: float | None, apply_every: float, as_json: bool) -> None:
     """Rebuild a store at DEST from the replica at URL, to a point or a time."""
-    ReplicateOptions, follow_fn, restore = _engine.replication(
-        "ReplicateOptions", "follow", "restore")
+    follow_fn, restore = _engine.replication("follow", "restore")
     point = parse_point(to) if to is not None else None
     if follow and (to is not None or compensate):
         _fail("--follow keeps a copy of everything; it takes no --to or --compensate", EXIT_USAGE)
-    try:
-        opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url, interval=interval)
-    except ValueError as e:  # (--interval: a NaN, or beyond a day)
-        _fail(str(e), EXIT_USAGE)
+    # (--interval: a NaN, or beyond a day, is a usage error)
+    opts = _options(endpoint_url=endpoint_url, region=region, interval=interval)
     _check_where(url, opts)
     comps = load_handlers(handlers)
     if follow:
@@ -238,18 +265,18 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
 @click.command("replicas", cls=WalstoreCommand)
 @click.argument("url")
 @click.option("--verify", is_flag=True, help="Restore to a temp dir and compare state digests.")
-@click.option("--endpoint-url", default=None, help="S3-compatible endpoint (else AWS_ENDPOINT_URL).")
+@ENDPOINT
+@REGION
 @click.option("--json", "as_json", is_flag=True)
-def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, as_json: bool) -> None:
+def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str | None,
+                 as_json: bool) -> None:
     """Snapshots, WAL range, restore points and lag of the replica at URL."""
-    ReplicateOptions, replicas = _engine.replication("ReplicateOptions", "replicas")
-    try:
-        opts = ReplicateOptions.from_any(None, endpoint_url=endpoint_url)
-    except ValueError as e:
-        _fail(str(e), EXIT_USAGE)
+    (replicas,) = _engine.replication("replicas")
+    opts = _options(endpoint_url=endpoint_url, region=region)
     _check_where(url, opts)
-    try:
-        r = replicas(url, verify, opts)
+    try:  # (--verify reads every object: its progress on stderr, never into --json)
+        r = replicas(url, verify, opts,
+                     progress=None if as_json else progress_printer("verify"))
     except ReplicationError as e:
         _fail(str(e))
     bad = verify and not r["verify"]["ok"]

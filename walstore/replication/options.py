@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,9 @@ GiB = 1 << 30
 MiB = 1 << 20
 DAY = 24 * 3600.0  # the longest wait between rounds: beyond it a wait overflowed (1e300,
 #                    inf: the shipper thread died of OverflowError while state said running)
+
+
+_REGION = re.compile(r"(?![0-9]+$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # botocore's
 
 
 @dataclass
@@ -91,6 +95,14 @@ class ReplicateOptions:
             if not (0 < v if name == "interval" else 0 <= v) or v > DAY:
                 raise ValueError(f"replicate_options {name} must be a number of seconds {low} "
                                  f"and at most {DAY:g} (a day), not {v!r}")
+        for name, what in (("snapshot_interval", "between snapshots"),
+                           ("retention_seconds", "snapshots are kept")):
+            if getattr(opts, name) < 0:
+                raise ValueError(f"replicate_options {name} must be a number of seconds "
+                                 f"{what}, 0 or more, not {getattr(opts, name)!r}")
+        if opts.region is not None and not _REGION.fullmatch(opts.region):
+            raise ValueError(f"replicate_options region must be a region name (letters, "
+                             f"digits and '-', e.g. us-east-1), not {opts.region!r}")
         if opts.lease_ttl <= 0 or opts.max_attempts < 1:
             raise ValueError("lease_ttl must be positive and max_attempts >= 1")
         if opts.compact_fanout < 2 or opts.retain_snapshots < 1:

@@ -213,6 +213,7 @@ class Shipper:
     def _rounds(self) -> None:
         delay = self.opts.interval
         while not self._stop.is_set():
+            failed = False
             try:
                 self.ship_once()
                 self.last_error = None
@@ -229,12 +230,32 @@ class Shipper:
                     self._start_error = e
                 delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
                 delay *= 0.5 + random.random()
+                failed = True
                 with self._cond_lock:
                     self._cond.notify_all()
             finally:
                 self._first.set()
-            self._wake.wait(delay)
+            self._pause(delay, failed)
+
+    def _pause(self, delay: float, backoff: bool) -> None:
+        """Wait ``delay`` seconds before the next round.  A wake (``sync``'s request) ends
+        a plain interval at once; a backoff after a failed round it only shortens, to
+        ``interval`` after the failure: a sync asks for one prompt attempt and
+        can never turn the retries into a busy loop (a waiting sync woke the shipper on
+        each failure it was told of and cut every backoff short: thousands of PUTs a
+        second against a failing target).  ``stop`` ends any wait."""
+        start = time.monotonic()
+        deadline = start + delay
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not self._wake.wait(left):
+                continue  # (the time is up: the loop ends)
             self._wake.clear()
+            if self._stop.is_set() or not backoff:
+                break
+            deadline = min(deadline, start + self.opts.interval)
 
     def _ensure_started(self) -> None:
         if self._started:
@@ -388,7 +409,7 @@ class Shipper:
         """Wait until everything below ``lsn`` is shipped; ReplicationError naming the
         cause when that does not happen within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        self._wake.set()
+        self._wake.set()  # once: one prompt round (see _pause); it stays set until then
         with self._cond_lock:
             while self.shipped < lsn:
                 if self.state in ("lease-lost", "refused", "failed"):
@@ -402,7 +423,6 @@ class Shipper:
                         f"{lsn - self.shipped} bytes short of LSN {lsn} after {timeout:g} s: "
                         f"{self.last_error or 'shipping is still in progress'}")
                 self._cond.wait(min(left, 0.25))
-                self._wake.set()
         return self.shipped
 
     def _advanced(self, position: int) -> None:
