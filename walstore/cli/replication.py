@@ -65,7 +65,7 @@ def _check_where(url: str, opts: Any) -> None:
     "ParamValidationError", an endpoint that is no URL as "an unexpected error")."""
     from urllib.parse import urlsplit
 
-    from walstore.replication.targets import check_endpoint, check_url
+    check_url, check_endpoint = _engine.replication("check_url", "check_endpoint")
     try:
         check_url(url)
         if urlsplit(url).scheme == "s3":
