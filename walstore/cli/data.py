@@ -77,6 +77,10 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
                    f"(transaction {doc['txid']}); {doc['segments_removed']} WAL segment(s) "
                    f"and {doc['lmdb_bytes_before'] - doc['lmdb_bytes_after']} bytes of LMDB "
                    f"free pages removed")
+        gone = doc.get("quarantine_removed_names") or []
+        if gone:
+            click.echo(f"removed from quarantine/ (copies that may hold erased bytes): "
+                       f"{', '.join(gone)}")
 
 
 @main.command()
