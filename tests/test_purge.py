@@ -366,7 +366,9 @@ def crashed_store(tmp_path, mode: str, value: str) -> str:
     return path
 
 
-def test_purge_removes_the_damaged_lmdb_that_rebuild_state_moved_to_quarantine(tmp_path):
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_purge_removes_the_damaged_lmdb_that_rebuild_state_moved_to_quarantine(tmp_path,
+                                                                                 how):
     """`walstore recover --rebuild-state` moves a damaged LMDB to quarantine/db.damaged.*/;
     purge only scrubbed quarantine/*.bin, so that data.mdb kept the purged key and value
     for good (quarantine_removed: 0; probe51).  A damaged database cannot be read with
@@ -381,11 +383,18 @@ def test_purge_removes_the_damaged_lmdb_that_rebuild_state_moved_to_quarantine(t
                if n.startswith("db.damaged.")]
     assert len(damaged) == 1
     assert os.path.join("quarantine", damaged[0], "data.mdb") in files_with(path, MARKER)
+    if how == "cli":  # (the text output names what went, as --json does)
+        r = CliRunner().invoke(cli, ["purge", path, "user/42/", "--yes"])
+        assert r.exit_code == 0, r.output
+        assert f"removed from quarantine/ (copies that may hold erased bytes): {damaged[0]}" \
+            in r.output
     with walstore.open(path) as s:
-        assert s.get("user/42/name") == MARKER.decode()
-        out = s.purge("user/42/")
-        assert out["quarantine_removed"] == 1 and out["quarantine_removed_names"] == damaged
-        s.checkpoint()
+        if how == "api":
+            assert s.get("user/42/name") == MARKER.decode()
+            out = s.purge("user/42/")
+            assert out["quarantine_removed"] == 1
+            assert out["quarantine_removed_names"] == damaged
+            s.checkpoint()
         assert s.get("user/42/name") is None and s.get("keep") == 1
     assert files_with(path, MARKER) == []
     assert verify_store(path).ok
