@@ -365,3 +365,57 @@ def test_a_walstore_transaction_ended_outside_the_manager_votes_no(tmp_path, sql
     assert sql.rows() == {}  # the other participant aborted with it
     with walstore.open(str(tmp_path / "ws")) as s:
         assert s.get("order") is None
+
+
+@pytest.mark.parametrize("fault", ["once", "lasting"])
+def test_a_failed_finish_of_walstore_finishing_first_rolls_everyone_back(tmp_path, fault):
+    """The mirror of the test above (probe 54): walstore sorts first, so it finishes first,
+    and its COMMIT hits a full disk.  Nobody committed; the package aborts every
+    participant.  walstore committed "once more" in tpc_abort beside the other's rollback
+    (credited here, nothing debited there); now it rolls back too and refunds."""
+    import errno
+
+    from tools.faults import FaultBackend, installed
+    refunds: list = []
+    s = walstore.open(str(tmp_path / "ws"), durability="full",
+                      compensators={"refund": refunds.append})
+    sql = SqliteDataManager(tmp_path / "o.sqlite", sort_key="zzz-sqlite")  # finishes last
+    fb = FaultBackend()
+    vote = sql.tpc_vote
+
+    def vote_then_fill_the_disk(txn):
+        vote(txn)
+        fb.fail("pwrite", errno.ENOSPC, path=f"{s.path}/wal/*",
+                times=1 if fault == "once" else None)
+    sql.tpc_vote = vote_then_fill_the_disk
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("transfer", "credited")
+        with tx.action("charge", args="c1", compensate="refund"):
+            pass
+        sql.put("transfer", "debited")
+        with installed(fb):
+            if fault == "once":
+                with pytest.raises(OSError):
+                    transaction.commit()
+            else:
+                with pytest.warns(RuntimeWarning, match="rollback-prepared"), \
+                        pytest.raises(OSError):
+                    transaction.commit()
+        transaction.abort()
+        assert sql.rows() == {}  # the package rolled the other participant back
+        assert s.get("transfer") is None
+        if fault == "once":
+            assert s.prepared() == [] and len(refunds) == 1
+            assert [a.state for a in s.actions()] == ["compensated"]
+        else:  # nothing could be written: left prepared, for rollback-prepared
+            assert s.prepared() == [tx.gid] and refunds == []
+            s.rollback_prepared(tx.gid)
+            assert len(refunds) == 1 and s.prepared() == []
+        s.close()
+        s = walstore.open(str(tmp_path / "ws"), compensators={"refund": refunds.append})
+        assert s.get("transfer") is None and len(refunds) == 1
+    finally:
+        sql.conn.close()
+        s.close()

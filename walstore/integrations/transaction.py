@@ -15,13 +15,16 @@ failure there is the refusal that aborts everyone; so is a walstore transaction 
 outside the manager, e.g. rolled back by ``store.close()``: voting yes for it committed the
 others without walstore's part); ``tpc_finish`` commits the prepared transaction (it cannot
 conflict any more: its keys are held since the vote); ``abort``/``tpc_abort`` roll back (a
-prepared one through rollback_prepared) — except once every participant voted yes: the
-decision is commit, and the ``transaction`` package calls ``tpc_abort`` after a failure in
-some participant's ``tpc_finish`` (ours, e.g. a full disk, or another's), when others may
-have committed already.  Then the prepared transaction is committed once more, and when
-that fails too it is left prepared, in doubt (``store.prepared()``, ``walstore recover``
-lists it; ``walstore commit-prepared PATH GID`` ends it): never rolled back and
-compensated beside a participant that committed.
+prepared one through rollback_prepared) — except once every participant voted yes and
+one may have committed: the ``transaction`` package calls ``tpc_abort`` after a failure in
+some participant's ``tpc_finish`` (ours, e.g. a full disk, or another's), when those
+finished before it (in ``sortKey`` order) committed already.  Then the prepared
+transaction is committed once more, and when that fails too it is left prepared, in doubt
+(``store.prepared()``, ``walstore recover`` lists it; ``walstore commit-prepared PATH GID``
+ends it): never rolled back and compensated beside a participant that committed.  When our
+own ``tpc_finish`` failed and none finished before it, nobody committed and the package
+aborts every other participant: walstore rolls back too (left prepared, with a warning
+naming ``walstore rollback-prepared``, if even that cannot be written).
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
 ISavepointDataManager contract.
 """
@@ -81,6 +84,23 @@ class WalstoreDataManager:
         _forget(self)
 
     def tpc_abort(self, txn) -> None:
+        if (self.tx.state == ACTIVE and self.tx.gid is not None and self._finishing
+                and not self._finished_before_us(txn)):
+            # our own tpc_finish failed, and it was the first: no participant committed,
+            # and the package now aborts every one of them (a commit "once more" here
+            # committed walstore beside the rollback of all the others)
+            gid = self.tx.gid
+            try:
+                self._end()
+            except Exception as e:
+                _forget(self)
+                warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
+                              f"is left prepared, in doubt, as {gid!r}: no participant "
+                              f"committed (its own commit failed first) and its rollback "
+                              f"failed too ({e}); end it with `walstore rollback-prepared "
+                              f"{self.store.path} {gid}` once the cause is fixed",
+                              RuntimeWarning, stacklevel=2)
+            return
         if self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn):
             gid = self.tx.gid
             try:  # the decision is commit: once more (a full disk may have cleared)
@@ -103,6 +123,24 @@ class WalstoreDataManager:
         voted, resources = getattr(txn, "_voted", None), getattr(txn, "_resources", None)
         return (isinstance(voted, dict) and isinstance(resources, list) and bool(resources)
                 and all(id(rm) in voted for rm in resources))
+
+    def _finished_before_us(self, txn) -> bool:
+        """Did another participant's tpc_finish run (and commit) before ours?  The package
+        finishes its resources in ``sortKey`` order: those sorting before us did."""
+        resources = getattr(txn, "_resources", None)
+        if not isinstance(resources, list):
+            return True  # (unknown: commit stays the decision, as before)
+        mine = self.sortKey()
+        for rm in resources:
+            if rm is self:
+                continue
+            key = getattr(rm, "sortKey", None)
+            try:
+                if key is None or key() < mine:
+                    return True
+            except Exception:
+                return True
+        return False
 
     def sortKey(self) -> str:
         return f"walstore:{self.store.path}"
