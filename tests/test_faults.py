@@ -810,3 +810,36 @@ def test_no_commit_is_acknowledged_after_wal_was_deleted_under_the_open_store(tm
             pass
     with pytest.raises(walstore.CorruptionError, match="log is missing"):
         walstore.open(path)
+
+
+def test_a_failed_compensation_record_names_the_compensations_it_left_unrun(tmp_path,
+                                                                           faults):
+    """A rollback of three actions; the fsync of the first compensation's record fails:
+    the store turns read-only and the other two are not run (owed to the next open), but
+    CompensationFailed named only the first (probe 54)."""
+    ran = []
+
+    def refund(action):
+        ran.append(action.id)
+        if len(ran) == 1:
+            faults.fail(("fsync", "fdatasync"), errno.EIO, path="*.wal", times=1)
+    s = walstore.open(str(tmp_path / "s"), compensators={"refund": refund})
+    try:
+        tx = s.transaction()
+        tx.put("x", 1)
+        for _ in range(3):
+            with tx.action("charge", compensate="refund"):
+                pass
+        with pytest.raises(walstore.CompensationFailed) as ei:
+            tx.rollback()
+        owed = sorted(a.id for a in s.pending_compensations())
+        assert ran == [owed[-1]] and len(owed) == 3
+        assert sorted(ei.value.action_ids) == owed, (ei.value.action_ids, owed)
+        assert all(repr(i) in str(ei.value) for i in owed), str(ei.value)
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(str(tmp_path / "s"), compensators={"refund": refund}) as s:
+        # the other two ran; the first again only if its record did not survive
+        assert s.pending_compensations() == [] and set(ran) == set(owed)
+        assert len(ran) in (3, 4) and {a.state for a in s.actions()} == {"compensated"}

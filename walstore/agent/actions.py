@@ -420,6 +420,7 @@ class Saga:
         still owing one run; each outcome is one durable record."""
         failed = []
         unrecorded: list[Action] = []
+        skipped: list[Action] = []  # not run: the store stopped writing on a record's failure
         record_error: BaseException | None = None
         for action in sorted(actions, key=newest_first):
             if action.compensate is None:
@@ -432,6 +433,8 @@ class Saga:
                     self._running[action.id] = threading.get_ident()
                     mine = True
                 if not self.engine.writable:
+                    if record_error is not None:  # (this call's record failed: named too)
+                        skipped.append(action)
                     continue  # owed in the log: the next open compensates
                 try:
                     current = self.engine.views.action_row(action.id)
@@ -465,10 +468,13 @@ class Saga:
                         self._running.pop(action.id, None)
         if unrecorded:
             ids = [a.id for a in unrecorded]
+            rest = [a.id for a in skipped]
+            more = (f"; compensation(s) {rest} did not run (the store turned read-only) and "
+                    f"are owed to the next open too" if rest else "")
             raise CompensationFailed(
                 f"the outcome of compensation(s) {ids} could not be recorded ({record_error}); "
                 f"they stay owed and run again, with the same idempotency keys, when the "
-                f"store is reopened", ids) from record_error
+                f"store is reopened{more}", ids + rest) from record_error
         if failed and raise_on_failure:
             ids = [a.id for a in failed]
             because = ""
