@@ -61,6 +61,7 @@ def test_a_waiting_sync_does_not_defeat_the_backoff(tmp_path):
         os.remove(rep)
         os.rename(rep + ".aside", rep)  # repaired
         assert s.sync_replica(timeout=60) >= s.stats()["wal_end_lsn"] - 200
+        assert s.replication().last_error is None  # (it still named the repaired failure)
     finally:
         s.close()
     walstore.restore("file://" + rep, str(tmp_path / "r"))

@@ -429,6 +429,7 @@ class Shipper:
         with self._cond_lock:
             self.shipped = position
             self.last_shipped_at = time.time()
+            self.last_error = None  # (shipped: a sync returning now saw the old failure)
             self._cond.notify_all()
 
     # ---- a round -----------------------------------------------------------------------
