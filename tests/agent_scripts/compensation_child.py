@@ -78,10 +78,10 @@ def install_kill_points() -> None:
     """Wrap the places each step names (class level: recovery runs inside open)."""
     log_event = Engine.log_event
 
-    def log_event_k(self, rtype, body, txid=-1, durable=False):
+    def log_event_k(self, rtype, body, txid=-1, durable=False, **kw):
         if rtype == RecordType.ABORT and at("before-decision"):
             die("before ABORT")
-        event = log_event(self, rtype, body, txid, durable)
+        event = log_event(self, rtype, body, txid, durable, **kw)
         if rtype == RecordType.ABORT and at("after-decision"):
             die("after ABORT")
         if rtype == RecordType.COMPENSATED and body.get("state") == "compensated" and ARMED:

@@ -43,8 +43,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import fileio
 from ..codec import decode_key, encode_key
-from ..errors import HistoryTrimmed, PointTypeError, RevertConflict
+from ..errors import CommitOutcomeUnknown, HistoryTrimmed, PointTypeError, RevertConflict
 from ..log.format import LSN
+from ..log.writer import LogFailed
 from ..log.records import jsonable_point
 from ..engine import tables
 from ..files import restore_status
@@ -144,11 +145,15 @@ class Undo:
         refund that ran (a probe: 2 images in 192).  A failed fsync: CommitOutcomeUnknown,
         nothing compensated (the next open decides)."""
         eng = self.engine
-        event = LogEventEnd(eng.wal.written_lsn)  # (at or past the COMMIT's end)
-        txid = getattr(result, "txid", -1)
-        eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, txid,
-                                        f"the undo's commit (transaction {txid})",
-                                        "whether it committed")
+        try:
+            eng.journal.force_durable(eng.wal.written_lsn)  # (at or past the COMMIT's end)
+        except LogFailed as e:
+            eng.fail(e)
+            txid = getattr(result, "txid", None)
+            raise CommitOutcomeUnknown(
+                f"the fsync of the undo's commit (transaction {txid}) failed: whether it "
+                f"committed is unknown until the store is reopened (recovery decides); the "
+                f"store is now read-only and no compensation ran", txid) from e
 
     def _revert_once(self, txid: int, cascade: bool, scope: Any, dry_run: bool, force: bool,
                      meta: Any) -> tuple[TxnInfo | UndoPlan | None, list]:
@@ -494,17 +499,6 @@ class Undo:
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
         return self.history.txn_info(tx.id), owed
-
-
-class LogEventEnd:
-    """Where the log is written up to, shaped as the event ``durable_or_unknown`` waits
-    for (its end, no buffered ticket)."""
-
-    __slots__ = ("end", "ticket")
-
-    def __init__(self, end: int) -> None:
-        self.end = end
-        self.ticket = None
 
 
 class _LaterWalk:
