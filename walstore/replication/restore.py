@@ -4,7 +4,8 @@ Owns :func:`restore` (newest snapshot at or before the target, then the WAL obje
 manifest lists, checked contiguous by LSN and CRC, cut exactly at the target), the
 restored log writer (:class:`RestoredLog`: segment files named by start LSN, records
 re-framed under a new salt where a restored segment starts somewhere the original did
-not), :func:`follow` (a read-only copy that keeps applying new WAL objects), and
+not, a SEAL written only once its successor exists, as the writer's rotation does),
+:func:`follow` (a read-only copy that keeps applying new WAL objects), and
 :func:`replicas` (listing, and ``--verify``: every object the manifest lists read back
 and checked, one at a time, then a full restore and a state digest).
 
@@ -34,6 +35,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+from .. import fileio
 from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
 from ..files.blobs import BlobStore
@@ -58,9 +60,15 @@ class RestoredLog:
     """Writes records into segment files of a restored store's ``wal/``.
 
     A new file starts where the original log started a segment (its records are copied
-    byte for byte), at the first record written, after a SEAL record, and when the
+    byte for byte), at the first record written, at a SEAL record's end, and when the
     current file is full (``prealloc``: files are created at their full size, as a
     follower's readers need; otherwise they grow and only the last is padded).
+
+    A SEAL is written the way the writer's rotation writes it: the records before it
+    made durable, its successor created (durably) where it ends, then the SEAL written
+    and synced.  A sealed file therefore always has its successor, whenever the process
+    stops (a follower killed or interrupted there leaves a crash image ``verify`` and
+    ``open`` accept: at worst an unsealed file ending one SEAL short of its successor).
     """
 
     def __init__(self, wal_dir: str, store_id: bytes, prealloc: bool) -> None:
@@ -73,7 +81,6 @@ class RestoredLog:
         self.offset = 0
         self.size = 0
         self.end = None       # LSN after the last record written
-        self.after_seal = False
         self.next_size = FIRST_SIZE
         self.bytes = 0
 
@@ -95,24 +102,46 @@ class RestoredLog:
         for rec in logformat.iter_records(data, off, lsn, salt, len(data)):
             off, lsn, after_seal = off + rec.size, rec.end, rec.type == logformat.SEAL
         log.start, log.salt, log.offset, log.size, log.end = start, salt, off, len(data), lsn
-        log.after_seal = after_seal
-        log.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         log.next_size = SEGMENT_SIZE
+        if after_seal:  # sealed with no successor (left by an older follower): make it now
+            log._open_new(lsn, 0)
+            return log
+        log.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         return log
 
     def append(self, lsn: int, raw: bytes, seg: int, rtype: int) -> None:
         if self.end is not None and lsn != self.end:
             raise ReplicationError(f"restored log is at LSN {self.end}, next record is at {lsn}")
         need = len(raw)
-        if (self.fd < 0 or self.after_seal or (lsn == seg and self.start != seg)
+        if (self.fd < 0 or (lsn == seg and self.start != seg)
                 or (self.prealloc and self.offset + need > self.size)):
             self._roll(lsn, need)
         data = raw if self.start == seg else logformat.reframe(raw, self.salt)
-        _pwrite(self.fd, data, self.offset)
-        self.offset += need
+        if rtype == logformat.SEAL:
+            self._seal(data, lsn)
+        else:
+            _pwrite(self.fd, data, self.offset)
+            self.offset += need
         self.end = lsn + need
-        self.after_seal = rtype == logformat.SEAL
         self.bytes += need
+
+    def _seal(self, data: bytes, lsn: int) -> None:
+        """Write a SEAL at ``lsn`` in the writer's order (see the class docstring) and go
+        on in its successor."""
+        os.fdatasync(self.fd)  # (the records before it: no gap before a durable successor)
+        fd, offset = self.fd, self.offset
+        self.fd = -1
+        try:
+            self._open_new(lsn + len(data), 0)
+        except BaseException:
+            self.fd = fd
+            raise
+        try:
+            fileio.fault_point("restore.seal")  # (tests: stopped between the two)
+            _pwrite(fd, data, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def start_at(self, lsn: int) -> None:
         """An empty log beginning at ``lsn`` (the snapshot's LSN): a store whose LMDB is
@@ -123,6 +152,9 @@ class RestoredLog:
 
     def _roll(self, lsn: int, need: int) -> None:
         self._close_file()
+        self._open_new(lsn, need)
+
+    def _open_new(self, lsn: int, need: int) -> None:
         size = max(self.next_size, logformat.HEADER_SIZE + need) if self.prealloc \
             else logformat.HEADER_SIZE
         path = _src.new_segment_file(self.dir, self.store_id, lsn, size)
@@ -137,8 +169,6 @@ class RestoredLog:
 
     def finish(self) -> None:
         """Leave room for the restored store's own appends, make everything durable."""
-        if self.fd >= 0 and self.after_seal:
-            self._roll(self.end, 0)
         if self.fd >= 0 and not self.prealloc:
             room = max(FIRST_SIZE, self.offset // FIRST_SIZE * FIRST_SIZE + FIRST_SIZE)
             os.ftruncate(self.fd, room)

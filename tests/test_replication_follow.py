@@ -1,0 +1,164 @@
+"""A follower (``walstore restore --follow``) stopped at any step leaves a copy that is a
+normal crash image: ``walstore verify`` clean, ``walstore.open`` works (the copy can be
+promoted to a writer once the source is lost) and holds what the replica held up to the
+point copied.  The step probed here is the SEAL that ends a segment: a follower killed
+with SIGKILL (or interrupted) right after copying it left the segment sealed with no
+successor ("the newest segment is missing": verify failed, open raised CorruptionError;
+probe 55).  Real follower processes, a file:// replica, real files."""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import walstore
+from walstore.replication import follow, restore
+
+# The follower: ``walstore restore URL DEST --follow`` (or ``follow()`` for a program that
+# embeds one), stopped at the first SEAL it copies:
+#   kill-after       SIGKILL right after RestoredLog.append wrote the SEAL
+#   interrupt-after  KeyboardInterrupt raised there (a program's Ctrl-C landing there)
+#   kill-between     SIGKILL at the fault point "restore.seal" (the SEAL's successor made,
+#                    the SEAL not yet written)
+# It prints "AT <lsn>": the log position copied so far.
+FOLLOWER = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.replication import follow, logformat
+import importlib
+R = importlib.import_module("walstore.replication.restore")
+from walstore.cli import main
+
+mode, url, dest = sys.argv[1:4]
+seen = {}
+append = R.RestoredLog.append
+
+def append_k(self, lsn, raw, seg, rtype):
+    seen["lsn"] = lsn
+    append(self, lsn, raw, seg, rtype)
+    if rtype == logformat.SEAL and mode.endswith("-after"):
+        print("AT", self.end, flush=True)
+        if mode == "kill-after":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise KeyboardInterrupt
+R.RestoredLog.append = append_k
+
+class KillAtSeal(fileio.OSBackend):
+    def fault_point(self, name):
+        if name == "restore.seal" and mode == "kill-between":
+            print("AT", seen["lsn"], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+fileio.set_backend(KillAtSeal())
+
+if mode == "interrupt-after":
+    try:
+        follow(url, dest, {"interval": 0.05})
+    except KeyboardInterrupt:
+        print("STOPPED", flush=True)
+else:
+    main(["restore", url, dest, "--follow", "--interval", "0.05"])
+"""
+
+CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
+
+
+def _commit(store, i: int) -> None:
+    with store.transaction() as tx:
+        tx.put("n", i)
+        tx.put(f"k{i:04d}", "v" * 2000)
+
+
+@pytest.mark.parametrize("mode", ["kill-after", "interrupt-after", "kill-between"])
+def test_follower_stopped_at_a_seal_leaves_an_openable_copy(tmp_path, mode):
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    # small segments: the source's log rotates (a SEAL each time) every few dozen commits
+    src = walstore.open(str(tmp_path / "src"), segment_size=64 * 1024, replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    for i in range(1, 60):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    # the follower's first run (unarmed): restores DEST, one round, stops
+    stop = threading.Event()
+    follow(url, dest, {"interval": 0.05}, stop=stop, interval=0.05,
+           on_round=lambda info: stop.set())
+    for i in range(60, 200):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    src.close()
+
+    p = subprocess.Popen([sys.executable, "-c", FOLLOWER, mode, url, dest],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+    at = [int(line.split()[1]) for line in out.splitlines() if line.startswith("AT ")]
+    assert at, f"the follower never reached the step: rc {p.returncode}\n{out}\n{err}"
+    if mode.startswith("kill"):
+        assert p.returncode == -9, (out, err)
+    else:
+        assert p.returncode == 0 and "STOPPED" in out, (out, err)
+
+    v = subprocess.run([sys.executable, "-c", CLI, "verify", dest],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    # what the replica held up to the point the follower copied, restored independently
+    expect = str(tmp_path / "expect")
+    restore(url, expect, walstore.LSN(at[0] - 1))  # (the records starting before it)
+    with walstore.open(expect) as e:
+        want = list(e.scan())
+    with walstore.open(dest) as d:  # promoted to a writer: the copy opens
+        got = list(d.scan())
+        assert d.get("n") == len(want) - 1 > 59  # (past the first run: the step was copied)
+        with d.transaction() as tx:
+            tx.put("promoted", True)
+    assert got == want
+    v = subprocess.run([sys.executable, "-c", CLI, "verify", dest],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_a_follower_resumes_a_copy_sealed_with_no_successor(tmp_path):
+    """A copy an older follower left sealed with no successor: the next follower run makes
+    the successor before anything else (and goes on following)."""
+    R = importlib.import_module("walstore.replication.restore")
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    src = walstore.open(str(tmp_path / "src"), segment_size=64 * 1024, replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    for i in range(1, 120):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    src.close()
+    restore(url, dest)
+    wal = os.path.join(dest, "wal")
+    names = sorted(os.listdir(wal))
+    store_id = R._src.read_identity(dest)[0]
+    # cut the copy's log right after a SEAL (the image the old follower left)
+    cut = None
+    for name in names[:-1]:
+        with open(os.path.join(wal, name), "rb") as f:
+            data = f.read()
+        start = int(name[:20])
+        off, lsn = R.logformat.HEADER_SIZE, start
+        for rec in R.logformat.iter_records(data, off, lsn, R.logformat.salt(store_id, start),
+                                            len(data)):
+            off, lsn = off + rec.size, rec.end
+            if rec.type == R.logformat.SEAL:
+                cut = (name, lsn)
+    assert cut is not None
+    for name in names:
+        if int(name[:20]) > int(cut[0][:20]):
+            os.unlink(os.path.join(wal, name))
+    log = R.RestoredLog.resume(wal, store_id)
+    log.close()
+    assert os.path.exists(os.path.join(wal, f"{cut[1]:020d}.wal"))
+    v = subprocess.run([sys.executable, "-c", CLI, "verify", dest],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
