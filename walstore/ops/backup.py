@@ -1,13 +1,23 @@
 """Consistent online backup: a copy of a store that opens as the store was at one moment.
 
-Order is what makes it consistent while a writer keeps committing:
+Order is what makes it consistent while a writer keeps committing and checkpointing (a
+writer in another process: nothing here can hold its checkpoints back):
 
-1. copy LMDB with ``env.copy`` (a consistent snapshot at its ``applied`` LSN ``A``);
-2. copy every retained WAL segment, the last one only up to the end of its valid
-   records, each byte of them checked first (read with walstore.log.reader): damage
-   anywhere in them, below ``A`` too, refuses the backup naming file, offset and LSN;
-3. check that the copied WAL still reaches down to ``A`` (a checkpoint may have trimmed
-   a segment in between; then start over).
+1. open every WAL segment (a checkpoint may remove one from the directory meanwhile: its
+   bytes stay readable through the open file);
+2. begin an LMDB read transaction (the snapshot, at its ``applied`` LSN ``A``) and open the
+   segments made since step 1: every segment that existed at the snapshot is held now
+   (the oldest reaches down to ``A``: a checkpoint trims only below LMDB's ``applied``),
+   unless one was trimmed in the instant between the snapshot and the listing (then
+   start over); copy LMDB from that transaction (``env.copy``, compacting);
+3. copy the held segments' bytes, then check every byte of the copy (read with
+   walstore.log.reader): damage anywhere in them, below ``A`` too, refuses the backup
+   naming file, offset and LSN; the last segment ends at its valid end (a record a live
+   writer was writing, or a SEAL whose successor was made after the listing, is cut).
+
+(LMDB was copied first and the WAL listed after it: under steady load a checkpoint
+trimmed the segments from ``A`` during every copy, and each of the 5 attempts refused a
+healthy store as damaged — probe55.)
 
 The copy's identity file carries ``origin: {"kind": "backup"}``: its first open runs
 recovery, which REDOes the WAL from ``A`` and ends the transactions that were in flight in
@@ -30,6 +40,7 @@ from ..engine.engine import check_not_inside
 from ..engine.layout import Layout
 from ..engine.lmdb_state import LmdbState
 from ..log.reader import LogEvent, LogReader, damage_that_stays
+from ..log.segment import list_segments
 from ..log.writer import SEAL_RECORD_SIZE
 
 MAX_ATTEMPTS = 5
@@ -103,70 +114,181 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
     if os.path.exists(dest):
         shutil.rmtree(dest)
     out = Layout(dest)
+    held: dict[int, tuple[str, int]] = {}  # start LSN -> (source path, open fd)
     try:
-        fileio.make_dir(out.root)
-        fileio.make_dir(out.wal)
-        fileio.make_dir(out.db)
-        # no map resize while LMDB copies itself
-        state.gate.call(lambda: state.env.copy(out.db, compact=True))
-    except (OSError, lmdb.Error) as e:
-        if isinstance(e, WalstoreError):
-            raise
-        raise _writing_dest("the backup's LMDB copy", out.db, e) from e
-    for name in os.listdir(out.db):
-        os.chmod(os.path.join(out.db, name), fileio.FILE_MODE)
-    copied_state = LmdbState(out.db, readonly=True)
-    try:
-        applied = copied_state.applied_lsn()
+        try:
+            fileio.make_dir(out.root)
+            fileio.make_dir(out.wal)
+            fileio.make_dir(out.db)
+        except OSError as e:
+            if isinstance(e, WalstoreError):
+                raise
+            raise _writing_dest("the backup's directory", out.root, e) from e
+        _hold(layout.wal, held, before_snapshot=True)
+        raced = False
+        with state.read() as txn:  # LMDB's snapshot (and no map resize meanwhile)
+            # every segment that exists at the snapshot is held now: those of the first
+            # listing, those made since (a segment trimmed between the two is wholly
+            # below the snapshot's applied LSN, unless it goes in the instant between the
+            # snapshot and this listing: then try again)
+            raced = not _hold(layout.wal, held, before_snapshot=False)
+            if not raced:
+                try:
+                    state.env.copy(out.db, compact=True, txn=txn)
+                except (OSError, lmdb.Error) as e:
+                    if isinstance(e, WalstoreError):
+                        raise
+                    raise _writing_dest("the backup's LMDB copy", out.db, e) from e
+        if raced:
+            return None
+        for name in os.listdir(out.db):
+            os.chmod(os.path.join(out.db, name), fileio.FILE_MODE)
+        copied_state = LmdbState(out.db, readonly=True)
+        try:
+            applied = copied_state.applied_lsn()
+        finally:
+            copied_state.close()
+        segs = sorted(held.items())
+        if segs and segs[0][0] > applied:  # (held since before the snapshot: never trimmed
+            return (f"the WAL begins at LSN {segs[0][0]} but LMDB is applied only up to "
+                    f"{applied}")  # meanwhile; the segment is lost)
+        # the bytes of the held segments, as they are now (a trimmed one's too: the open
+        # file keeps them), copied first and then checked where they lie, in the copy
+        sizes = {}
+        for i, (start, (path, fd)) in enumerate(segs):
+            target = os.path.join(out.wal, os.path.basename(path))
+            sizes[target] = _copy_fd(fd, path, target)
+            if progress:
+                progress(i + 1, len(segs))
     finally:
-        copied_state.close()
-    log = LogReader(layout.wal, store_id, applied)
+        for _path, fd in held.values():
+            os.close(fd)
+    return _check_and_finish(layout, out, store_id, applied, sizes)
+
+
+def _hold(wal_dir: str, held: dict, before_snapshot: bool) -> bool:
+    """Open every segment listed in ``wal_dir`` not held yet (an open file's bytes stay
+    readable after a checkpoint removes it).  False when a segment went between the
+    listing and its open.  Before the snapshot, that is a checkpoint's trim, wholly
+    below the applied LSN the snapshot will have: the held segments older than it are
+    let go too (the chain copied begins after it, without a hole)."""
+    try:
+        listed = list_segments(wal_dir)
+    except OSError as e:
+        raise StoreIOError(e.errno, f"cannot list the WAL directory of the store to back "
+                                    f"it up: {e.strerror or e}", wal_dir) from e
+    _room_for_files(len(held) + len(listed))
+    gone = None
+    for start, path in listed:
+        if start in held:
+            continue
+        try:
+            held[start] = (path, os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        except FileNotFoundError:
+            gone = start
+        except OSError as e:
+            raise StoreIOError(e.errno, f"cannot open the store's WAL segment to back it "
+                                        f"up: {e.strerror or e}", path) from e
+    if gone is not None and before_snapshot:
+        for start in [s for s in held if s < gone]:
+            os.close(held.pop(start)[1])
+        return True
+    return gone is None
+
+
+def _room_for_files(n: int) -> None:
+    """Let this process open ``n`` more files than it has (a store keeping thousands of
+    small segments: the soft limit is often 1,024), as far as the hard limit allows."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = n + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (
+                want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # (then an open that fails says so)
+
+
+def _copy_fd(fd: int, src: str, dst: str) -> int:
+    """Copy the whole segment ``src``, open as ``fd``, to ``dst`` (not synced yet: see
+    ``_check_and_finish``); returns its size."""
+    out = fileio.open_file(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    n = 0
+    try:
+        while True:
+            try:
+                chunk = os.pread(fd, 1 << 20, n)
+            except OSError as e:
+                raise StoreIOError(e.errno, f"reading the store's WAL segment failed "
+                                            f"({e.strerror or e}); the partial copy was "
+                                            f"removed", src) from e
+            if not chunk:
+                break
+            try:
+                fileio.pwrite_all(out, chunk, n)
+            except OSError as e:
+                if isinstance(e, WalstoreError):
+                    raise
+                raise _writing_dest("the backup's WAL segment", dst, e) from e
+            n += len(chunk)
+    finally:
+        os.close(out)
+    return n
+
+
+def _check_and_finish(layout: Layout, out: Layout, store_id: bytes, applied: int,
+                      sizes: dict[str, int]) -> dict | str | None:
+    """Check every byte of the copied WAL (read with walstore.log.reader), end it cleanly,
+    sync it and write the copy's identity: the summary; or the damage met (a str)."""
+    log = LogReader(out.wal, store_id, applied)
     segs = log.segments
-    if segs and segs[0][0] > applied:  # (a checkpoint trimmed it meanwhile, or it is lost)
-        return (f"the WAL begins at LSN {segs[0][0]} but LMDB is applied only up to "
-                f"{applied}")
-    # the end of the valid log, as the reader sees it now (the last segment's tail); any
-    # damage on the way is refused, never copied as an ordinary end (the copy's log would
-    # end at it: a backup that verifies clean yet lacks every commit behind the damage)
+    # the end of the valid log, as the copy holds it (the last segment's tail); any damage
+    # on the way is refused, never copied as an ordinary end (the copy's log would end at
+    # it: a backup that verifies clean yet lacks every commit behind the damage)
     sealed_end = False
     # walked from the first segment copied, not from ``applied``: every byte copied is
     # checked (damage below ``applied`` copied unchecked made a copy no open accepts)
     for item in log.walk(from_lsn=segs[0][0] if segs else applied):
         if not isinstance(item, LogEvent):
             continue
+        source = os.path.join(layout.wal, os.path.basename(item.path))
         if item.kind == "end" and item.scan is not None:
             sealed_end = item.scan.sealed  # (of the last segment walked, in the end)
-        if item.kind == "vanished":
-            return None
         if item.kind == "end" and item.verdict == "corrupt" and item.last \
                 and item.scan is not None and item.reader is not None \
-                and damage_that_stays(item.path, store_id, item.reader.start_lsn,
+                and damage_that_stays(source, store_id, item.reader.start_lsn,
                                       item.scan.offset) is None:
             continue  # a live writer's record caught half copied in: the copy ends before
-        if item.kind in ("gap", "bad-segment", "missing-next") \
+        if item.kind == "missing-next" and _log_went_on(layout.wal, item.lsn):
+            continue  # the last segment copied was sealed since the listing (below)
+        if item.kind in ("gap", "bad-segment", "missing-next", "vanished") \
                 or item.kind == "end" and item.verdict == "corrupt":
             where = f", offset {item.scan.offset}," if item.scan is not None else ""
             return (f"{item.kind if item.kind != 'end' else 'corrupt record'} at LSN "
-                    f"{item.lsn} in {item.path}{where} {item.reason}")
-    # the last segment listed was sealed meanwhile (a live writer rotated to a segment
-    # made after the listing): copied with its SEAL, the copy's log would end in a sealed
+                    f"{item.lsn} in {source}{where} {item.reason}")
+    # the last segment copied was sealed meanwhile (a live writer rotated to a segment
+    # made after the listing): with its SEAL, the copy's log would end in a sealed
     # segment without a successor, which no open accepts (a probe: 2 bad copies in 16
-    # backups beside two writer threads); without it, the copy's log ends cleanly there
-    end_limit = log.end_offset - SEAL_RECORD_SIZE if sealed_end else log.end_offset
+    # backups beside two writer threads); without it, the copy's log ends cleanly there;
+    # what lies after the valid end (a record being written) is not part of the copy
     copied = 0
-    for i, (start, path) in enumerate(segs):
-        limit = end_limit if start == log.end_segment else None
-        target = os.path.join(out.wal, os.path.basename(path))
+    for start, path in segs:
+        if start == log.end_segment:
+            end = log.end_offset - SEAL_RECORD_SIZE if sealed_end else log.end_offset
+            _zero_from(path, end, sizes[path])
+            copied += end
+        else:
+            copied += sizes[path]
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            copied += _copy_file(path, target, limit)
-        except FileNotFoundError:  # trimmed under us
-            return None
+            fileio.fsync(fd)
         except OSError as e:
-            if isinstance(e, WalstoreError) or not os.path.exists(path):
+            if isinstance(e, WalstoreError):
                 raise
-            raise _writing_dest("the backup's WAL segment", target, e) from e
-        if progress:
-            progress(i + 1, len(segs))
+            raise _writing_dest("the backup's WAL segment", path, e) from e
+        finally:
+            os.close(fd)
     try:
         out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
                                              "ts": time.time()})
@@ -180,27 +302,28 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
             "segments": len(segs), "wal_bytes": copied}
 
 
-def _copy_file(src: str, dst: str, limit: int | None) -> int:
-    """Copy ``src`` (only its first ``limit`` bytes, the rest as zeros: a segment keeps its
-    preallocated size, and bytes written after the valid end are not part of the copy)."""
-    fd = fileio.open_file(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    n = 0
-    size = os.path.getsize(src)
+def _log_went_on(wal_dir: str, lsn: int) -> bool:
+    """Does the store's log reach ``lsn`` now (a segment starts there or after it: made
+    since the listing, maybe trimmed again since)?  Else its newest segment is missing."""
     try:
-        with open(src, "rb") as f:
-            while limit is None or n < limit:
-                want = 1 << 20 if limit is None else min(1 << 20, limit - n)
-                chunk = f.read(want)
-                if not chunk:
-                    break
-                fileio.pwrite_all(fd, chunk, n)
-                n += len(chunk)
-        copied = n
+        return any(start >= lsn for start, _path in list_segments(wal_dir))
+    except OSError:
+        return False
+
+
+def _zero_from(path: str, offset: int, size: int) -> None:
+    """Zeros over ``path``'s [offset, size): a segment keeps its preallocated size, and the
+    bytes after the copy's valid end are not part of it."""
+    fd = fileio.open_file(path, os.O_WRONLY)
+    try:
+        n = offset
         while n < size:
             zeros = bytes(min(1 << 20, size - n))
             fileio.pwrite_all(fd, zeros, n)
             n += len(zeros)
-        fileio.fsync(fd)
+    except OSError as e:
+        if isinstance(e, WalstoreError):
+            raise
+        raise _writing_dest("the backup's WAL segment", path, e) from e
     finally:
         os.close(fd)
-    return copied
