@@ -27,10 +27,12 @@ destination inside the source is refused.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import time
+from typing import Iterator
 
 import lmdb
 
@@ -282,20 +284,13 @@ def _check_and_finish(layout: Layout, out: Layout, store_id: bytes, applied: int
             copied += sizes[path]
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         try:
-            fileio.fsync(fd)
-        except OSError as e:
-            if isinstance(e, WalstoreError):
-                raise
-            raise _writing_dest("the backup's WAL segment", path, e) from e
+            with _writing("the backup's WAL segment", path):
+                fileio.fsync(fd)
         finally:
             os.close(fd)
-    try:
+    with _writing("the backup's identity file", out.identity):
         out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
                                              "ts": time.time()})
-    except OSError as e:
-        if isinstance(e, WalstoreError):
-            raise
-        raise _writing_dest("the backup's identity file", out.identity, e) from e
     fileio.fsync_dir(out.wal)
     fileio.fsync_dir(out.root)
     return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
@@ -316,14 +311,23 @@ def _zero_from(path: str, offset: int, size: int) -> None:
     bytes after the copy's valid end are not part of it."""
     fd = fileio.open_file(path, os.O_WRONLY)
     try:
-        n = offset
-        while n < size:
-            zeros = bytes(min(1 << 20, size - n))
-            fileio.pwrite_all(fd, zeros, n)
-            n += len(zeros)
+        with _writing("the backup's WAL segment", path):
+            n = offset
+            while n < size:
+                zeros = bytes(min(1 << 20, size - n))
+                fileio.pwrite_all(fd, zeros, n)
+                n += len(zeros)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: str) -> Iterator[None]:
+    """An OSError writing the copy: StoreIOError naming the destination (``_writing_dest``;
+    a WalstoreError goes through as it is)."""
+    try:
+        yield
     except OSError as e:
         if isinstance(e, WalstoreError):
             raise
-        raise _writing_dest("the backup's WAL segment", path, e) from e
-    finally:
-        os.close(fd)
+        raise _writing_dest(what, path, e) from e
