@@ -162,3 +162,30 @@ def test_a_follower_resumes_a_copy_sealed_with_no_successor(tmp_path):
     v = subprocess.run([sys.executable, "-c", CLI, "verify", dest],
                        capture_output=True, text=True)
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_a_promoted_copy_is_not_followed_again(tmp_path):
+    """DEST followed, stopped, then opened as a writer (promoted: the source was lost) and
+    committed to; a follower started on it again appended the replica's records after the
+    writer's own, two histories in one log.  It refuses now, and DEST is unchanged."""
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    src = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    for i in range(1, 20):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    stop = threading.Event()
+    follow(url, dest, {"interval": 0.05}, stop=stop, interval=0.05,
+           on_round=lambda info: stop.set())
+    with walstore.open(dest) as d:  # promoted
+        with d.transaction() as tx:
+            tx.put("n", "mine")
+    for i in range(20, 40):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    src.close()
+    with pytest.raises(walstore.ReplicationError, match="opened as a writer"):
+        follow(url, dest, {"interval": 0.05}, stop=threading.Event(), interval=0.05)
+    with walstore.open(dest) as d:
+        assert d.get("n") == "mine" and d.get("k0020") is None

@@ -604,6 +604,12 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
             restore(url, dest, None, opts, follow=True, target=tgt)
         store_id, identity = _src.read_identity(dest)
         origin = identity.get("origin") or {}
+        if origin.get("settled"):  # (its first writable open marks it: Layout.clear_origin)
+            raise ReplicationError(
+                f"{dest} was opened as a writer since it was restored (a promoted copy: its "
+                f"log may hold commits of its own, and following the replica again would "
+                f"append the replica's records after them); restore into a new directory "
+                f"to follow {display_url(url)}")
         # the follower is DEST's one writer: its lock keeps a writer open (or a second
         # follower) out — StoreLocked — while it appends and applies
         from ..engine.layout import Layout, ProcessLock
