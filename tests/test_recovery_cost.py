@@ -124,3 +124,72 @@ os.kill(os.getpid(), 9)
             assert sum(1 for _ in s.scan("t")) == 40
         finally:
             s.close()
+
+
+def _leaf_holding(path: str, dbname: bytes, key: bytes) -> tuple[int, int, int]:
+    """(page number, page size, the DB's page count) of the leaf of ``dbname`` holding
+    ``key`` (read with the checker's own page reader)."""
+    from walstore.engine import lmdb_check as lc
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        m0, m1 = lc._read_metas(fd)
+        newest = m1 if m0.txnid < m1.txnid else m0
+        pages = lc._Pages(fd, newest.psize, lc._file_size(fd), newest.last_pg)
+        pages.budget = 1 << 62
+        found: list = []
+        lc._walk_tree(pages, newest, "main DB", newest.main, True,
+                      bytearray(newest.last_pg // 8 + 1), found)
+        (db,) = [d for _label, d, _m, name in found if name == dbname]
+        stack = [db.root]
+        while stack:
+            pgno = stack.pop()
+            page, flags, nkeys = pages.btree(pgno, "x")
+            for off, low, nflags, ksize in pages.nodes(page, pgno, nkeys):
+                if flags & lc.P_LEAF:
+                    if page[off + lc.NODE_HEADER: off + lc.NODE_HEADER + ksize] == key:
+                        return pgno, newest.psize, db.pages
+                else:
+                    stack.append(lc._child(pages, low, nflags, pgno, "x", 0))
+        raise AssertionError(f"{key!r} not in {dbname!r}")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("how", ["revert", "loser"])
+def test_a_damaged_action_leaf_an_undo_or_a_loser_rewrites_is_refused_not_a_signal(
+        tmp_path, how):
+    """Two paths the page check missed at first (probe 56): REDO of an undo's COMMIT that
+    names an old transaction's action (``compensate``), and a loser's ABORT, write action
+    rows anywhere in a big ``actions`` table; the open also reads that table whole to find
+    what is owed.  A damaged leaf there killed the open with SIGBUS; the open checks the
+    table whole now: CorruptionError naming data.mdb."""
+    path = str(tmp_path / "s")
+    tail = ("s.compensators['refund'] = lambda a: os.kill(os.getpid(), 9)\n"
+            "print(ids[700], flush=True)\ns.revert(int(ids[700].split('.')[0]))\n"
+            if how == "revert" else
+            "tx = s.transaction()\n"
+            "with tx.action('charge', args={'pad': 'L'}, compensate='refund') as act:\n"
+            "    pass\nprint(act.id, flush=True)\ns.checkpoint()\n"
+            "os.kill(os.getpid(), 9)\n")
+    code = ("import os, sys, walstore\n"
+            "s = walstore.open(sys.argv[1], durability='none',\n"
+            "                  compensators={'refund': lambda a: None})\nids = []\n"
+            "for i in range(1500):\n"
+            "    tx = s.transaction()\n"
+            "    with tx.action('charge', args={'pad': 'x' * 300}, compensate='refund') as a:\n"
+            "        ids.append(a.id)\n"
+            "    tx.put('k%05d' % i, i)\n    tx.commit()\n"
+            "s.checkpoint()\n" + tail)
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr
+    data = os.path.join(path, "db", "data.mdb")
+    pgno, psize, db_pages = _leaf_holding(data, b"actions", r.stdout.split()[0].encode())
+    assert db_pages > 64  # (a big table: only paths were checked in it)
+    with open(data, "r+b") as f:  # node 0's offset now points ~40 KiB past its page
+        f.seek(pgno * psize + 17)
+        f.write(b"\xa0")
+    r = subprocess.run([sys.executable, "-c", "import sys, walstore\n"
+                        "walstore.open(sys.argv[1], compensators={'refund': print})", path],
+                       capture_output=True, text=True)
+    assert r.returncode == 1, (r.returncode, r.stderr[-800:])  # (not -7: SIGBUS)
+    assert "CorruptionError" in r.stderr and "data.mdb" in r.stderr, r.stderr[-800:]

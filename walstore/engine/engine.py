@@ -179,7 +179,7 @@ class Engine:
         if self.needs_recovery():
             # before anything reads LMDB's tables: the free list, the small tables whole,
             # each big tree's first and last paths (REDO checks its keys' paths per batch)
-            checked = check_lmdb_paths(self.state.data_file, {})
+            checked = check_lmdb_paths(self.state.data_file, {}, whole=(b"actions",))
         mode = self.options.recovery_mode
         if mode == "strict":  # refuse before changing anything: judge the whole log first
             Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
@@ -242,6 +242,11 @@ class Engine:
         become ``pending``: compensated right after open, or listed).  In a copy of another
         store (backup, restore) they are ``held``: listed, never run automatically."""
         copied = self.origin is not None and not self.origin.get("compensate")
+        if losers and not self.readonly:  # (the pages their ABORTs write: their action rows
+            from .tables import txid_key  # were checked with the whole table at open)
+            self.last_recovery.lmdb_pages_checked += check_lmdb_paths(
+                self.state.data_file, {b"txns": [txid_key(t) for t in losers],
+                                       b"inflight": [txid_key(t) for t in losers]})
         for txid in losers:
             body = {"tx": txid, "recovered": True}
             if copied:

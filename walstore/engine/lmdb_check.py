@@ -66,7 +66,8 @@ What it CANNOT detect (documented for users; walstore's other evidence must cove
     (``walk_lmdb_data_file``) costs O(file size) and is left to ``verify``.  walstore's
     small trees (one leaf each) are covered whole; big ones only at their roots.  After an
     unclean shutdown, recovery adds ``check_lmdb_paths`` before each REDO batch: small
-    trees (``SMALL_TREE_PAGES``) whole, in big ones the root-to-leaf paths of the keys the
+    trees (``SMALL_TREE_PAGES``) whole, the action table whole at the open's first call
+    (the open reads it whole; an undo's or a loser's rows lie anywhere), in big ones the root-to-leaf paths of the keys the
     batch touches, of the first and last key, and each path page's two neighbours -- every
     page REDO's writes, cursor steps and rebalancing reach, at a cost that grows with the
     WAL tail times the depth, not with the number of keys (CONTRACT 4.4; the full walk it
@@ -983,7 +984,8 @@ def _visit(pages: _Pages, newest: _Meta, label: str, db: _Db, is_main: bool, pgn
 SMALL_TREE_PAGES = 64   # a tree of at most this many pages is checked whole
 
 
-def check_lmdb_paths(path: str, keys: dict[bytes, list[bytes]]) -> int:
+def check_lmdb_paths(path: str, keys: dict[bytes, list[bytes]],
+                     whole: tuple[bytes, ...] = ()) -> int:
     """Check the pages a batch of writes will touch, before LMDB writes into them.
 
     ``keys`` maps a named DB to the keys the batch reads or writes there.  Checked as
@@ -993,8 +995,11 @@ def check_lmdb_paths(path: str, keys: dict[bytes, list[bytes]]) -> int:
     (appends), with the left and right neighbour of every page on those paths (LMDB
     rebalances a page with a neighbour after a delete; a cursor steps into them).  The
     cost grows with the keys given times the trees' depth, never with the store's size;
-    pages off those paths are left to ``verify`` (see FORMAT.md).  Returns the number of
-    pages read.  Call it with the writer lock held and no write transaction open.
+    pages off those paths are left to ``verify`` (see FORMAT.md).  ``whole``: named DBs
+    checked whole whatever their size (the open's first call: ``actions``, which the open
+    reads whole to find what is owed, and which an undo's or a loser's rows touch
+    anywhere).  Returns the number of pages read.  Call it with the writer lock held and
+    no write transaction open.
     """
     check_lmdb_data_file(path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -1004,14 +1009,15 @@ def check_lmdb_paths(path: str, keys: dict[bytes, list[bytes]]) -> int:
         pages = _Pages(fd, newest.psize, _file_size(fd), newest.last_pg)
         pages.budget = 1 << 62
         try:
-            return _paths_once(pages, newest, keys)
+            return _paths_once(pages, newest, keys, whole)
         except _Damage as e:
             raise CorruptionError(e.reason, file=path, offset=e.offset) from None
     finally:
         os.close(fd)
 
 
-def _paths_once(pages: _Pages, newest: _Meta, keys: dict[bytes, list[bytes]]) -> int:
+def _paths_once(pages: _Pages, newest: _Meta, keys: dict[bytes, list[bytes]],
+                whole: tuple[bytes, ...] = ()) -> int:
     seen = bytearray(newest.last_pg // 8 + 1)
     found: list = []
     count = _walk_tree(pages, newest, "free-list DB", newest.free, False, seen, [])
@@ -1020,7 +1026,7 @@ def _paths_once(pages: _Pages, newest: _Meta, keys: dict[bytes, list[bytes]]) ->
         label, db, _is_main, name = found.pop()
         if db.root == NATIVE.invalid:
             continue
-        if name is None or db.pages <= SMALL_TREE_PAGES:
+        if name is None or db.pages <= SMALL_TREE_PAGES or name in whole:
             count += _walk_tree(pages, newest, label, db, False, seen, found)
             continue
         count += _check_paths(pages, newest, label, db, keys.get(name, ()), found)

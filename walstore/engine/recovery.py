@@ -619,6 +619,12 @@ def _touched_keys(batch: list) -> dict[bytes, list[bytes]] | None:
         if e.type in (RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
                       RecordType.COMPENSATED):
             keys[b"actions"].append(str(e.body.get("id")).encode())
+        elif e.type == RecordType.COMMIT:  # (rows of older transactions an undo or a
+            for name in ("crossed", "compensate", "redo", "unredo"):  # savepoint names)
+                keys[b"actions"].extend(str(a).encode() for a in e.field(name, ()) or ())
+            keys[b"actions"].extend(str(a.get("id")).encode()
+                                    for a in e.field("actions", ()) or ()
+                                    if isinstance(a, dict))
         for k, _v in e.writes or ():
             keys[b"data"].append(k)
             keys[b"hkeys"].append(k)
