@@ -185,7 +185,7 @@ def test_a_promoted_copy_is_not_followed_again(tmp_path):
         _commit(src, i)
     src.sync_replica(timeout=30)
     src.close()
-    with pytest.raises(walstore.ReplicationError, match="opened as a writer"):
+    with pytest.raises(walstore.ReplicationError, match="opened as a store since"):
         follow(url, dest, {"interval": 0.05}, stop=threading.Event(), interval=0.05)
     with walstore.open(dest) as d:
         assert d.get("n") == "mine" and d.get("k0020") is None

@@ -606,10 +606,12 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
         origin = identity.get("origin") or {}
         if origin.get("settled"):  # (its first writable open marks it: Layout.clear_origin)
             raise ReplicationError(
-                f"{dest} was opened as a writer since it was restored (a promoted copy: its "
-                f"log may hold commits of its own, and following the replica again would "
-                f"append the replica's records after them); restore into a new directory "
-                f"to follow {display_url(url)}")
+                f"{dest} has been opened as a store since it was restored (`walstore "
+                f"restore` without --follow opens it to report what is owed; a program may "
+                f"have promoted it): that open ended what was in flight at the cut and "
+                f"wrote records of its own, so its log is no longer a prefix of the "
+                f"replica's, and following would append the replica's records after them; "
+                f"restore into a new directory with --follow to follow {display_url(url)}")
         # the follower is DEST's one writer: its lock keeps a writer open (or a second
         # follower) out — StoreLocked — while it appends and applies
         from ..engine.layout import Layout, ProcessLock
