@@ -221,3 +221,35 @@ def test_a_bucket_that_does_not_exist_is_named(s3_endpoint, tmp_path):  # noqa: 
     res = run_cli("replicas", "s3://no-such-bucket-p50/x", "--endpoint-url", s3_endpoint)
     assert res.exit_code == 1
     assert "NoSuchBucket" in res.output and "no-such-bucket-p50 does not exist" in res.output
+
+
+def test_a_dead_writer_that_opened_the_store_through_a_symlink_is_taken_over(tmp_path):
+    """The lease named the store by the path its writer opened it with: a writer killed
+    -9 that had opened it through a symlink blocked the next writer of the same store
+    (opening it by its real path, on the same host) for the whole lease, 600 s (probe 57).
+    Paths are compared resolved now: taken over at once."""
+    import subprocess
+    import sys
+    real, link, url = str(tmp_path / "real"), str(tmp_path / "link"), f"file://{tmp_path}/rep"
+    walstore.open(real).close()
+    os.symlink(real, link)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, walstore\n"
+        "s = walstore.open(sys.argv[1], replicate_to=sys.argv[2],\n"
+        "                  replicate_options={'interval': 0.05})\n"
+        "with s.transaction() as tx:\n    tx.put('a', 1)\n"
+        "s.sync_replica(timeout=30)\nprint('ok', flush=True)\ntime.sleep(120)\n"),
+        link, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ok"
+    finally:
+        writer.kill()
+        writer.wait()
+    with walstore.open(real, replicate_to=url, replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 2)
+        s.sync_replica(timeout=30)
+        assert s.replication().state == "running"
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert r.get("a") == 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from typing import Any
 
 import msgpack
 
@@ -112,7 +113,8 @@ class Lease:
         h = doc["holder"]
         if h.get("id") == self.holder["id"] or doc.get("expires", 0) < time.time():
             return True
-        same_store = (h.get("host") == self.holder["host"] and h.get("path") == self.holder["path"]
+        same_store = (h.get("host") == self.holder["host"]
+                      and _same_path(h.get("path"), self.holder["path"])
                       and h.get("store_id") == self.holder["store_id"])
         if same_store and h.get("pid") == os.getpid():  # this process's own, let go of (a
             return h.get("id") not in LIVE_IDS        # close during an outage) unless live
@@ -151,6 +153,15 @@ class Lease:
             pass  # it expires by itself
         self.etag = None
         self._prior = None
+
+
+def _same_path(a: Any, b: str) -> bool:
+    """One store directory, however it was spelled (a writer that opened it through a
+    symlink, killed, blocked the next writer opening it by its real path for the whole
+    lease)."""
+    if not isinstance(a, str):
+        return False
+    return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
 def holder_info(token: str, path: str, store_id: bytes, lineage: str) -> dict:
