@@ -16,7 +16,7 @@ import threading
 import pytest
 
 import walstore
-from walstore.replication import follow, restore
+from walstore.replication import follow, replicas, restore
 
 # The follower: ``walstore restore URL DEST --follow`` (or ``follow()`` for a program that
 # embeds one), stopped at the first SEAL it copies:
@@ -189,3 +189,99 @@ def test_a_promoted_copy_is_not_followed_again(tmp_path):
         follow(url, dest, {"interval": 0.05}, stop=threading.Event(), interval=0.05)
     with walstore.open(dest) as d:
         assert d.get("n") == "mine" and d.get("k0020") is None
+
+
+def _wal_bytes(root: str) -> int:
+    """Bytes of the WAL segment files under ``root``/wal (the files' sizes: preallocated
+    zeros count, as they take the disk)."""
+    wal = os.path.join(root, "wal")
+    total = 0
+    for name in os.listdir(wal):
+        if name.endswith(".wal"):
+            try:
+                total += os.stat(os.path.join(wal, name)).st_size
+            except FileNotFoundError:
+                pass  # (trimmed meanwhile)
+    return total
+
+
+def test_a_followers_wal_stays_bounded_by_the_sources(tmp_path, monkeypatch):
+    """A source of 64 KiB segments followed: each source segment became its own 16 MiB
+    preallocated file in DEST, removed only after a REDO of the whole backlog (DEST used
+    70-90x the disk of the source and the replica; probe 57).  Now a follower's files are
+    sized to what they hold, and a backlog is applied and trimmed in bounded steps
+    (``APPLY_STEP``): DEST's WAL stays within a small multiple of the source's plus one
+    step, while the source writes, and when a stopped follower restarts on a backlog."""
+    R = importlib.import_module("walstore.replication.restore")
+    step = 512 * 1024
+    monkeypatch.setattr(R, "APPLY_STEP", step, raising=False)
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    src_dir = str(tmp_path / "src")
+    seg = 64 * 1024
+    src = walstore.open(src_dir, segment_size=seg, checkpoint_bytes=seg, replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    for i in range(1, 20):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    worst = {"dest": 0, "src": 0}
+    goal = {"lsn": None}
+    stop = threading.Event()
+
+    def on_round(info: dict) -> None:
+        worst["dest"] = max(worst["dest"], _wal_bytes(dest))
+        worst["src"] = max(worst["src"], _wal_bytes(src_dir))
+        if goal["lsn"] is not None and info["position"] >= goal["lsn"]:
+            stop.set()
+        if worst["dest"] > 64 << 20:
+            stop.set()  # (the old follower: no need to fill the disk to show it)
+
+    def run() -> None:
+        # applied by time only in its first round: the steps are what bound it after
+        follow(url, dest, {"interval": 0.05}, stop=stop, interval=0.02, apply_every=3600,
+               on_round=on_round)
+
+    # 1. the follower runs while the source writes (about 3 MiB of WAL)
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        for i in range(20, 1500):
+            _commit(src, i)
+            if stop.is_set():
+                break
+        src.sync_replica(timeout=30)
+    finally:
+        goal["lsn"] = _replica_end(url)
+        t.join(timeout=120)
+        stop.set()
+        t.join()
+    bound = 2 * worst["src"] + step + 2 * seg
+    assert worst["dest"] <= bound, worst
+    # 2. stopped; the source writes a backlog; the follower restarts on it
+    for i in range(1500, 3000):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    worst["src"] = max(worst["src"], _wal_bytes(src_dir))
+    goal["lsn"] = _replica_end(url)
+    stop = threading.Event()
+    follow(url, dest, {"interval": 0.05}, stop=stop, interval=0.02, apply_every=3600,
+           on_round=on_round)
+    bound = 2 * worst["src"] + step + 2 * seg
+    assert worst["dest"] <= bound, worst
+    src.close()
+
+    v = subprocess.run([sys.executable, "-c", CLI, "verify", dest],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    expect = str(tmp_path / "expect")
+    restore(url, expect)
+    with walstore.open(expect) as e:
+        want = list(e.scan())
+    with walstore.open(dest) as d:
+        got = list(d.scan())
+        assert d.get("n") == 2999
+    assert got == want
+
+
+def _replica_end(url: str) -> int:
+    return replicas(url)["position"]

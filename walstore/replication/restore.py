@@ -53,6 +53,10 @@ FOLLOW_TEMP = "walstore-follow-"    # + pid + "-": a follower's
 MAX_SNAPSHOT_BYTES = 1 << 40
 FIRST_SIZE = 1 << 20
 SEGMENT_SIZE = 16 << 20
+# a follower applies its log to LMDB (and trims it) whenever this many bytes were appended
+# since it last did, whatever ``apply_every`` says: the WAL a follower holds stays bounded
+# when it has a large backlog to catch up on, or is restarted before a long REDO finishes
+APPLY_STEP = 4 << 20
 
 
 # ---- the restored log -----------------------------------------------------------------
@@ -62,7 +66,15 @@ class RestoredLog:
     A new file starts where the original log started a segment (its records are copied
     byte for byte), at the first record written, at a SEAL record's end, and when the
     current file is full (``prealloc``: files are created at their full size, as a
-    follower's readers need; otherwise they grow and only the last is padded).
+    follower's readers need — they map a segment once, at the size its header records;
+    otherwise they grow and only the last is padded).
+
+    A preallocated file is sized to what it will hold, never a fixed 16 MiB: the rest of
+    its source segment where the replica's manifest shows that segment ended (``know``:
+    the next segment's start is its SEAL's end), else the largest whole source segment
+    seen (the source's own segment size, as near as the replica tells it), at most
+    ``SEGMENT_SIZE``.  A source of 64 KiB segments made a follower 16 MiB files, one per
+    source segment (a follower's disk 70-90x the source's and replica's; probe 57).
 
     A SEAL is written the way the writer's rotation writes it: the records before it
     made durable, its successor created (durably) where it ends, then the SEAL written
@@ -83,6 +95,19 @@ class RestoredLog:
         self.end = None       # LSN after the last record written
         self.next_size = FIRST_SIZE
         self.bytes = 0
+        self.seg_ends: dict[int, int] = {}  # source segment start -> its end (SEAL's end)
+        self.seg_size = 0  # the largest whole source segment seen, header included
+
+    def know(self, wal: list[dict]) -> None:
+        """Learn where source segments ended from the manifest's WAL entries (in LSN
+        order): an entry followed, with no gap, by one starting a new segment."""
+        for e, nxt in zip(wal, wal[1:]):
+            if nxt["seg"] != e["seg"] and e["b"] == nxt["a"] == nxt["seg"] > e["seg"]:
+                self.seg_ends[e["seg"]] = nxt["seg"]
+                self.seg_size = max(self.seg_size,
+                                    logformat.HEADER_SIZE + nxt["seg"] - e["seg"])
+        if self.start >= 0:  # (only the current file's segment and later are needed)
+            self.seg_ends = {s: n for s, n in self.seg_ends.items() if n > self.start}
 
     @classmethod
     def resume(cls, wal_dir: str, store_id: bytes) -> "RestoredLog":
@@ -104,7 +129,7 @@ class RestoredLog:
         log.start, log.salt, log.offset, log.size, log.end = start, salt, off, len(data), lsn
         log.next_size = SEGMENT_SIZE
         if after_seal:  # sealed with no successor (left by an older follower): make it now
-            log._open_new(lsn, 0)
+            log._open_new(lsn, 0, lsn)
             return log
         log.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         return log
@@ -115,7 +140,7 @@ class RestoredLog:
         need = len(raw)
         if (self.fd < 0 or (lsn == seg and self.start != seg)
                 or (self.prealloc and self.offset + need > self.size)):
-            self._roll(lsn, need)
+            self._roll(lsn, need, seg)
         data = raw if self.start == seg else logformat.reframe(raw, self.salt)
         if rtype == logformat.SEAL:
             self._seal(data, lsn)
@@ -132,7 +157,7 @@ class RestoredLog:
         fd, offset = self.fd, self.offset
         self.fd = -1
         try:
-            self._open_new(lsn + len(data), 0)
+            self._open_new(lsn + len(data), 0, lsn + len(data))
         except BaseException:
             self.fd = fd
             raise
@@ -147,16 +172,25 @@ class RestoredLog:
         """An empty log beginning at ``lsn`` (the snapshot's LSN): a store whose LMDB is
         applied up to an LSN must have its log begin there — no segment at all reads as
         segments lost (a gap)."""
-        self._roll(lsn, 0)
+        self._roll(lsn, 0, None)
         self.end = lsn
 
-    def _roll(self, lsn: int, need: int) -> None:
+    def _roll(self, lsn: int, need: int, seg: int | None) -> None:
         self._close_file()
-        self._open_new(lsn, need)
+        self._open_new(lsn, need, seg)
 
-    def _open_new(self, lsn: int, need: int) -> None:
-        size = max(self.next_size, logformat.HEADER_SIZE + need) if self.prealloc \
-            else logformat.HEADER_SIZE
+    def _open_new(self, lsn: int, need: int, seg: int | None) -> None:
+        """A new file at ``lsn`` for records of the source segment starting at ``seg``."""
+        size = logformat.HEADER_SIZE
+        if self.prealloc:
+            end = self.seg_ends.get(seg) if seg is not None else None
+            if end is not None and end > lsn:  # the rest of a segment known to have ended
+                size = logformat.HEADER_SIZE + end - lsn
+            elif self.seg_size:
+                size = min(self.next_size, self.seg_size)
+            else:
+                size = self.next_size
+            size = max(size, logformat.HEADER_SIZE + need)
         path = _src.new_segment_file(self.dir, self.store_id, lsn, size)
         self.next_size = min(SEGMENT_SIZE, self.next_size * 2)
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
@@ -389,6 +423,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                                    f"says {snap['lsn']}")
         # the WAL, cut at the target
         log = RestoredLog(wal, store_id, prealloc=follow)
+        log.know(m.wal)
         flight = _InFlight()
         total = sum(e["n"] for e in chain)
         done = 0
@@ -594,7 +629,9 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
 
     New WAL objects are appended to its log as whole records (readers opening it with
     ``walstore.open(dest, readonly=True)`` see whole commits only) and applied to its
-    LMDB every ``apply_every`` seconds (REDO only, nothing is compensated)."""
+    LMDB every ``apply_every`` seconds (REDO only, nothing is compensated), and whenever
+    ``APPLY_STEP`` bytes were appended since the last time (a backlog in bounded steps);
+    segment files wholly applied are removed after each."""
     opts = ReplicateOptions.from_any(replicate_options)
     interval = interval or opts.interval
     stop = stop or Flag()
@@ -630,13 +667,32 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                    stop: "threading.Event | Flag", interval: float, apply_every: float,
                    on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict
                    ) -> None:
-    """The follower's loop (``follow``, which holds DEST's lock)."""
-    log = RestoredLog.resume(os.path.join(dest, "wal"), store_id)
+    """The follower's loop (``follow``, which holds DEST's lock).
+
+    The log is applied to LMDB and trimmed every ``apply_every`` seconds, and also as soon
+    as ``APPLY_STEP`` bytes were appended since the last time (within a round, between
+    records): a large backlog is caught up in bounded steps, each REDO short and each
+    followed by a trim, so the WAL DEST holds stays within about ``APPLY_STEP`` plus a
+    segment (a follower that appended its whole backlog first, then REDO'd it in one go,
+    held all of it until then, and one restarted more often than that REDO took never
+    trimmed at all; probe 57)."""
+    wal_dir = os.path.join(dest, "wal")
+    log = RestoredLog.resume(wal_dir, store_id)
     if log.end is None:  # restored without a WAL record: the log goes on at the cut
         log.end = origin.get("cut")
     etag = None
     last_apply = 0.0
     applied_since = 1  # a restored log is applied to LMDB in the first round
+    # what an earlier run left unapplied counts toward the first step
+    unapplied = max(0, (log.end or 0) - _src.read_applied(os.path.join(dest, "db")))
+
+    def apply() -> None:
+        nonlocal applied_since, last_apply, unapplied
+        log.sync()
+        keep = _src.redo_into_lmdb(dest)
+        _trim(wal_dir, keep, log.start)
+        applied_since, unapplied, last_apply = 0, 0, time.monotonic()
+
     sweep_dead_scratch(tempfile.gettempdir(), FOLLOW_TEMP)
     tmp = tempfile.mkdtemp(prefix=f"{FOLLOW_TEMP}{os.getpid()}-")
     try:
@@ -652,19 +708,22 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                 if log.end is not None and m.end() > log.end:
                     _fetch_blobs(tgt, dest)  # (before the records that name them)
                     fetch = _Fetcher(tgt, store_id, tmp)
+                    log.know(m.wal)
                     for e in m.chain(log.end, m.end()):
                         for lsn, rtype, raw, _s in fetch.records(e):
                             if lsn >= log.end:
+                                if unapplied >= APPLY_STEP:
+                                    apply()  # (a bounded step of a backlog)
                                 log.append(lsn, raw, e["seg"], rtype)
                                 info["appended"] += len(raw)
+                                applied_since += len(raw)
+                                unapplied += len(raw)
                         log.sync()
                         fetch.drop(e)
                 etag = got[1]
-            applied_since += info["appended"]
-            if applied_since and time.monotonic() - last_apply >= apply_every:
-                keep = _src.redo_into_lmdb(dest)
-                _trim(os.path.join(dest, "wal"), keep, log.start)
-                applied_since, last_apply = 0, time.monotonic()
+            if applied_since and (time.monotonic() - last_apply >= apply_every
+                                  or unapplied >= APPLY_STEP):
+                apply()
             info["position"] = log.end
             if on_round:
                 on_round(info)
