@@ -21,7 +21,9 @@ at open, before ``walstore.open`` returns, newest first across transactions.
 Concurrency: one lock (``_lock``) around planning, logging and applying a change (so the
 blob store's garbage collection never runs between a put and the record naming it), and
 one lock per workspace held for a whole ``watch()`` block (a watch owns its workspace:
-another thread's file operations there wait for it).
+another thread's file operations there wait for it).  Across processes, ``files/gc.lock``
+(``gc_exclusive``): the gc skips its run while ``walstore backup`` or ``verify`` reads the
+blobs their snapshot names.
 """
 from __future__ import annotations
 
@@ -888,7 +890,9 @@ class Files:
                 self._lock.release()
         if busy:
             return {"blobs_gc": "skipped (a file operation is under way)"}
-        with self._lock:
+        with self._lock, gc_exclusive(self.dir) as free:
+            if not free:
+                return {"blobs_gc": "skipped (a backup is copying the file content)"}
             horizon = eng.state.meta_int(b"horizon")
             written = self.blobs.bytes_written
             refs = self.referenced()
@@ -944,6 +948,28 @@ class Files:
             with contextlib.suppress(ValueError, OSError, CorruptionError):
                 refs.update(Manifest.load(self.blobs, d).digests())
         return refs
+
+
+GC_LOCK = "gc.lock"  # under files/: a gc holds it exclusive, a backup shared (ops.backup)
+
+
+@contextlib.contextmanager
+def gc_exclusive(files_dir: str) -> Iterator[bool]:
+    """The blob gc's side of ``files/gc.lock``: yields True with the lock held exclusive,
+    False (and no gc may run) while a backup holds it shared — ``walstore backup``, in any
+    process, copies the blobs its LMDB snapshot names, which a gc in between could remove
+    (a dead backup's lock goes with its process)."""
+    import fcntl
+    fd = fileio.open_file(os.path.join(files_dir, GC_LOCK), os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # (the lock goes with it)
 
 
 def _ws_of(done: list, effect_lsn: int) -> bytes | None:

@@ -13,7 +13,24 @@ writer in another process: nothing here can hold its checkpoints back):
 3. copy the held segments' bytes, then check every byte of the copy (read with
    walstore.log.reader): damage anywhere in them, below ``A`` too, refuses the backup
    naming file, offset and LSN; the last segment ends at its valid end (a record a live
-   writer was writing, or a SEAL whose successor was made after the listing, is cut).
+   writer was writing, or a SEAL whose successor was made after the listing, is cut);
+4. copy the file content (``files/blobs``, the reversible files' content store), after
+   the WAL: every blob the copy's LMDB snapshot and WAL can name existed before the WAL
+   was copied (a blob is durable before a record names it), so the listing taken now
+   holds it, unless the writer's blob gc removed it meanwhile (retention moved on, a
+   transaction ended).  Blobs are immutable and named by their sha256: each is streamed
+   through walstore.files.blobs (hashed; content that does not hash to its name is not
+   copied), blobs added since the snapshot are harmless extras, and one that vanished
+   while listed is skipped.  The writer's blob gc is held off from before the snapshot
+   to the end (``files/gc.lock`` held shared; a gc holds it exclusive, and skips its run
+   while a backup holds it: under a writer whose retention moved every few commits, a
+   gc removed blobs the snapshot named in every attempt).  Then the copy is opened
+   read-only and every blob it refers to (``Files.referenced``: what its own gc would
+   keep) must be there; one a gc took (the lock could not be had: a read-only source)
+   is a race: the attempt is made again (the blobs copied are kept: same name, same
+   bytes); one damaged in the source refuses the backup naming it.  (Only db/ and wal/ were
+   copied: a backup verified clean, listed file versions, yet could read none of them
+   and could not rewind — probe57.)
 
 (LMDB was copied first and the WAL listed after it: under steady load a checkpoint
 trimmed the segments from ``A`` during every copy, and each of the 5 attempts refused a
@@ -41,6 +58,8 @@ from ..errors import CorruptionError, NotAStore, StoreIOError, WalstoreError
 from ..engine.engine import check_not_inside
 from ..engine.layout import Layout
 from ..engine.lmdb_state import LmdbState
+from ..agent.files import GC_LOCK
+from ..files.blobs import BlobStore
 from ..log.reader import LogEvent, LogReader, damage_that_stays
 from ..log.segment import list_segments
 from ..log.writer import SEAL_RECORD_SIZE
@@ -59,23 +78,80 @@ def backup(src: str, dest: str, progress=None) -> dict:
     state = LmdbState(layout.db, readonly=True)
     damage = None
     done = False
+    gc_held = hold_blob_gc(layout)
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             summary = _attempt(layout, store_id, state, dest, progress)
             if isinstance(summary, dict):
+                gone = _copy_blobs(layout, out_root=dest)
+                if gone is not None:  # (the writer's blob gc took one the copy names)
+                    damage = gone
+                    time.sleep(0.05 * attempt)
+                    continue
+                summary.update(_blob_summary(dest))
                 summary["attempts"] = attempt
                 done = True
                 return summary
             damage = summary  # (None: raced with a checkpoint; a str: damage seen)
             time.sleep(0.05 * attempt)
+        if isinstance(damage, _BlobGone):
+            raise WalstoreError(f"backup of {src} kept racing with the file content's "
+                                f"garbage collection ({damage}); try again")
         if damage is not None:
             raise CorruptionError(f"backup of {src} refused: its WAL is damaged ({damage}); "
                                   f"a copy would silently lack the commits behind it")
         raise WalstoreError(f"backup of {src} kept racing with checkpoints; try again")
     finally:
         state.close()
+        if gc_held is not None:
+            os.close(gc_held)  # (the writer's blob gc may run again)
         if not done:  # (a full disk, damage, an interrupt: no half-made copy left behind,
             _remove_made(dest, existed)  # which a retry would refuse as not empty)
+
+
+def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
+    """Hold ``files/gc.lock`` shared (waiting for a gc under way to end): no writer's blob
+    gc runs until it is let go, so every blob the snapshot and the WAL copied name is
+    still there when the blobs are copied.  The fd; None when the store keeps no files, or
+    the lock cannot be made (a read-only source: the check after the copy still catches a
+    blob a gc took, and the attempt is made again)."""
+    import fcntl
+    files_dir = os.path.join(layout.root, "files")
+    if not os.path.isdir(files_dir):
+        return None  # (a gc needs files/ first; one that begins later is caught after)
+    path = os.path.join(files_dir, GC_LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        if not create:  # (verify writes nothing: no writer made one, so none gc'd yet)
+            return None
+        try:
+            fd = fileio.open_file(path, os.O_RDONLY | os.O_CREAT)
+        except OSError:
+            return None
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _clear_but_blobs(dest: str) -> None:
+    """Before an attempt: remove what an earlier attempt made at ``dest``, but the blobs it
+    copied (content named by its hash: still right for the next snapshot)."""
+    if not os.path.exists(dest):
+        return
+    for name in os.listdir(dest):
+        p = os.path.join(dest, name)
+        if name == "files" and os.path.isdir(p) and not os.path.islink(p):
+            continue
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p)
+        else:
+            os.unlink(p)
 
 
 def _remove_made(dest: str, existed: bool) -> None:
@@ -113,8 +189,7 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
              ) -> dict | str | None:
     """One try: the summary; None (raced with a checkpoint: try again); or what damage of
     the source's log it met (tried again too: a live writer's tail can look torn)."""
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
+    _clear_but_blobs(dest)
     out = Layout(dest)
     held: dict[int, tuple[str, int]] = {}  # start LSN -> (source path, open fd)
     try:
@@ -331,3 +406,108 @@ def _writing(what: str, path: str) -> Iterator[None]:
         if isinstance(e, WalstoreError):
             raise
         raise _writing_dest(what, path, e) from e
+
+
+class _BlobGone(str):
+    """A blob the copy refers to was removed from the source by its gc while copied."""
+
+
+def _copy_blobs(layout: Layout, out_root: str) -> _BlobGone | None:
+    """Step 4 (see the module docstring): copy the source's blobs not in the copy yet, then
+    check the copy holds every blob it refers to.  None when it does; a _BlobGone when the
+    source's gc removed one meanwhile (try again); CorruptionError when one is damaged in
+    the source (or missing there for good: the source itself cannot read it)."""
+    src_dir = os.path.join(layout.root, "files", "blobs")
+    out = Layout(out_root)
+    dst_dir = os.path.join(out.root, "files", "blobs")
+    if os.path.isdir(src_dir):
+        with _writing("the backup's file content", dst_dir):
+            fileio.make_dir(os.path.join(out.root, "files"))
+        src_blobs = BlobStore(src_dir, readonly=True)
+        with _writing("the backup's file content", dst_dir):
+            dst_blobs = BlobStore(dst_dir, copy="auto")
+        damaged = {}
+        try:
+            names = list(src_blobs)
+        except OSError as e:
+            raise StoreIOError(e.errno, f"cannot list the store's file content to back it "
+                                        f"up: {e.strerror or e}", src_dir) from e
+        for digest in names:
+            if os.path.exists(dst_blobs.path(digest)):
+                continue  # (an earlier attempt copied it)
+            why = _copy_blob(src_blobs, dst_blobs, digest)
+            if why is not None:
+                damaged[digest] = why
+    else:
+        damaged = {}
+    refs = referenced_blobs(out.root)
+    missing = sorted(d for d in refs
+                     if not os.path.isfile(os.path.join(dst_dir, d[:2], d[2:])))
+    for digest in missing:
+        path = os.path.join(src_dir, digest[:2], digest[2:])
+        if digest in damaged:
+            raise CorruptionError(f"backup of {layout.root} refused: stored file content "
+                                  f"sha256:{digest} is damaged ({damaged[digest]}); a copy "
+                                  f"could not read the file versions that need it", file=path)
+        if os.path.exists(path):  # (not listed yet: copy it now)
+            why = _copy_blob(BlobStore(src_dir, readonly=True), BlobStore(dst_dir), digest)
+            if why is None:
+                continue
+            raise CorruptionError(f"backup of {layout.root} refused: stored file content "
+                                  f"sha256:{digest} is damaged ({why})", file=path)
+        return _BlobGone(f"sha256:{digest} went from {src_dir} while it was copied")
+    return None
+
+
+def _copy_blob(src: BlobStore, dst: BlobStore, digest: str) -> str | None:
+    """Stream one blob (hashed on the way: its name must be its content's sha256).
+    None when copied or gone from the source meanwhile; else why it was not copied."""
+    path = src.path(digest)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None  # (removed by the source's gc since the listing: checked after)
+    except OSError as e:
+        raise StoreIOError(e.errno, f"cannot open the store's file content to back it up: "
+                                    f"{e.strerror or e}", path) from e
+    try:
+        try:
+            got = dst.put_fd(fd, path)
+        except OSError as e:
+            if isinstance(e, WalstoreError):
+                raise
+            if os.fsdecode(getattr(e, "filename", None) or "").startswith(dst.dir):
+                raise _writing_dest("the backup's file content", dst.dir, e) from e
+            raise StoreIOError(e.errno, f"copying the store's file content to the backup "
+                                        f"failed ({e.strerror or e}); the partial copy was "
+                                        f"removed", path) from e
+    finally:
+        os.close(fd)
+    if got.digest != digest:
+        with contextlib.suppress(OSError):  # (its true name in the copy: not kept)
+            fileio.unlink(dst.path(got.digest))
+        return f"its content hashes to sha256:{got.digest}"
+    return None
+
+
+def referenced_blobs(root: str) -> set[str]:
+    """The blobs the copy at ``root`` refers to (what its own gc keeps), read through a
+    read-only open of it (its LMDB snapshot and the WAL after it)."""
+    from ..store import Store  # (late: the store imports the engine's operations)
+    store = Store(root, readonly=True)
+    try:
+        return store._files.referenced()
+    finally:
+        store.close()
+
+
+def _blob_summary(dest: str) -> dict:
+    d = os.path.join(dest, "files", "blobs")
+    if not os.path.isdir(d):
+        return {"blobs": 0, "blob_bytes": 0}
+    b = BlobStore(d, readonly=True)
+    n = size = 0
+    for digest in b:
+        n += 1
+        size += b.size(digest)
+    return {"blobs": n, "blob_bytes": size}
