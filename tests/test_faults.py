@@ -728,6 +728,8 @@ def test_a_wal_directory_gone_under_the_store_is_a_walstore_error_and_close_unlo
     assert ei.value.errno == errno.ENOENT and "wal" in str(ei.value), ei.value
     # the checkpoint's sync finds the segment has no name left: the log stops (read-only),
     # as after any failed fsync (no later commit is acknowledged into the deleted file)
+    from walstore.log.segment import NAME_CHECK_S
+    time.sleep(NAME_CHECK_S * 2)  # (the name is checked at most that often)
     with pytest.raises(walstore.ReadOnlyError, match="deleted while the store was open"):
         s.checkpoint()
     s.close()  # (the log stopped: nothing more to write; the lock is let go)
@@ -789,14 +791,17 @@ def test_eio_on_the_directory_fsync_of_a_checkpoints_trim_turns_the_store_read_o
 def test_no_commit_is_acknowledged_after_wal_was_deleted_under_the_open_store(tmp_path):
     """Another process removes ``wal/`` (an operator's cleanup script) while the store is
     open: every later commit was acknowledged, synced into a file no open could ever find.
-    The first one now raises CommitOutcomeUnknown naming the cause, and the store turns
-    read-only; the next open says the log is missing."""
+    The first one synced NAME_CHECK_S (50 ms) after it now raises CommitOutcomeUnknown
+    naming the cause, and the store turns read-only; the next open says the log is
+    missing."""
     path = str(tmp_path / "s")
     st = walstore.open(path)
     try:
         with st.transaction() as tx:
             tx.put("before", 1)
         subprocess.run(["rm", "-rf", os.path.join(path, "wal")], check=True)
+        from walstore.log.segment import NAME_CHECK_S
+        time.sleep(NAME_CHECK_S * 2)  # (the name is checked at most that often: a cost)
         with pytest.raises(walstore.CommitOutcomeUnknown, match="deleted while the store"):
             with st.transaction() as tx:
                 tx.put("after", 2)
