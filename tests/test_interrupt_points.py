@@ -234,7 +234,9 @@ for b in bad[:20]:
     ("put", "none"), ("put", "full"), ("action", "none"), ("action", "full"),
     ("rollback", "none"), ("savepoint", "none"), ("savepoint-commit", "none"),
     ("revert", "none"), ("revert", "full"),
-    ("file-commit", "none"), ("file-rollback", "none"), ("file-revert", "none"),
+    pytest.param("file-commit", "none", marks=pytest.mark.slow),
+    pytest.param("file-rollback", "none", marks=pytest.mark.slow),
+    pytest.param("file-revert", "none", marks=pytest.mark.slow),
     ("prepare", "none"), ("commit-prepared", "none"), ("rollback-prepared", "none")])
 def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
     try:
@@ -297,7 +299,8 @@ for b in bad[:20]:
 '''
 
 
-@pytest.mark.parametrize("mode", ["plain", "open-transaction"])
+@pytest.mark.parametrize("mode", ["plain",
+                                  pytest.param("open-transaction", marks=pytest.mark.slow)])
 def test_an_interrupt_at_any_point_of_close(tmp_path, mode):
     """Found with it: ``close()`` marked the store released before letting go of the WAL,
     LMDB and the process lock: an interrupt in between left the store locked by this

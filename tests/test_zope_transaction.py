@@ -384,8 +384,8 @@ def test_a_failed_finish_of_walstore_finishing_first_rolls_everyone_back(tmp_pat
     vote = sql.tpc_vote
 
     def vote_then_fill_the_disk(txn):
-        vote(txn)
-        fb.fail("pwrite", errno.ENOSPC, path=f"{s.path}/wal/*",
+        vote(txn)  # (segments only: the spare thread's fill of wal/spare.tmp took the fault)
+        fb.fail("pwrite", errno.ENOSPC, path=f"{s.path}/wal/*.wal",
                 times=1 if fault == "once" else None)
     sql.tpc_vote = vote_then_fill_the_disk
     try:
