@@ -310,7 +310,8 @@ def test_a_failed_finish_after_every_vote_never_rolls_walstore_back(tmp_path, fa
 
     def finish_then_fail_walstore(txn):
         finish(txn)  # sqlite committed: from here walstore's commit must not be undone
-        fb.fail("pwrite", errno.ENOSPC, path=f"{s.path}/wal/*",
+        # (segments only: the spare thread's zero-fill of wal/spare.tmp took a "once" fault)
+        fb.fail("pwrite", errno.ENOSPC, path=f"{s.path}/wal/*.wal",
                 times=1 if fault == "once" else None)
     sql.tpc_finish = finish_then_fail_walstore
     try:

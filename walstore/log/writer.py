@@ -114,8 +114,8 @@ class WriteAheadLog:
         self.fsyncs = 0
         self.rotations = 0
         self.spare = Spare(wal_dir)
-        self._spare_lock = threading.Lock()  # held while the spare is made or used
-        self._spare_lock = threading.RLock()  # (entered as itself: walstore.signals)
+        # held while the spare is made or used (an RLock: walstore.signals enters it as itself)
+        self._spare_lock = threading.RLock()
         self._spare_cond = threading.Condition(self._spare_lock)
         self._spare_wanted = True   # the spare thread makes one as soon as it starts
         self._spare_thread: threading.Thread | None = None
