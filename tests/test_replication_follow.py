@@ -11,7 +11,9 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 
 import pytest
 
@@ -285,3 +287,105 @@ def test_a_followers_wal_stays_bounded_by_the_sources(tmp_path, monkeypatch):
 
 def _replica_end(url: str) -> int:
     return replicas(url)["position"]
+
+
+# Two `walstore restore URL DEST ...` processes on one empty DEST, made to finish their
+# staged copies together: each waits, at the staging directory's fsync once its STORE file
+# is written (the last step before the rename into DEST), until both are there.
+RACER = r"""
+import os, sys, time
+from walstore import fileio
+from walstore.cli import main
+
+barrier = sys.argv[1]
+
+class MeetBeforeInstall(fileio.OSBackend):
+    met = False
+
+    def fsync_dir(self, path):
+        if (not self.met and ".restoring-" in os.path.basename(path)
+                and os.path.exists(os.path.join(path, "STORE"))):
+            self.met = True
+            open(os.path.join(barrier, str(os.getpid())), "w").close()
+            deadline = time.monotonic() + 60
+            while len(os.listdir(barrier)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        super().fsync_dir(path)
+fileio.set_backend(MeetBeforeInstall())
+main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("follow_too", [True, False], ids=["follow", "restore"])
+def test_two_restores_started_together_on_an_empty_dest(tmp_path, follow_too):
+    """Both staged DEST's copy, both renamed it into place: the loser's rename (or its
+    rmdir of DEST, which the winner had already removed) failed with a raw ENOTEMPTY
+    (ENOENT) OSError.  Now the loser of two followers is refused with StoreLocked naming
+    the winner (the winner locks DEST in its staging directory, before DEST appears), the
+    loser of two restores with "exists and is not empty"; one line, exit 1, no staging
+    left; the winner goes on (a follower keeps copying) and DEST verifies."""
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    os.mkdir(dest, 0o700)
+    src = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    for i in range(1, 10):
+        _commit(src, i)
+    src.sync_replica(timeout=30)
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    args = ["restore", url, dest] + (["--follow", "--interval", "0.05"] if follow_too else [])
+    ps = [subprocess.Popen([sys.executable, "-c", RACER, str(barrier)] + args,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(2)]
+    try:
+        if follow_too:  # the loser exits; the winner follows until stopped
+            deadline = time.monotonic() + 60
+            while all(p.poll() is None for p in ps) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            losers = [p for p in ps if p.poll() is not None]
+            assert len(losers) == 1, "neither follower was refused"
+            loser = losers[0]
+            winner = ps[1 - ps.index(loser)]
+            assert len(os.listdir(barrier)) == 2  # (both reached the rename)
+            _out, err = loser.communicate()
+            assert loser.returncode == 1, err
+            lines = [ln for ln in err.splitlines() if not ln.startswith("following ")]
+            assert lines == [f"walstore: store {dest} is locked by process {winner.pid}"]
+            # the winner is unharmed: it copies what the source commits next
+            for i in range(10, 20):
+                _commit(src, i)
+            src.sync_replica(timeout=30)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with walstore.open(dest, readonly=True) as r:
+                    if r.get("n") == 19:
+                        break
+                time.sleep(0.05)
+            assert winner.poll() is None
+            winner.terminate()
+            _out, err = winner.communicate(timeout=60)
+            assert winner.returncode == 0, err
+        else:
+            res = [(p,) + p.communicate(timeout=120) for p in ps]
+            assert len(os.listdir(barrier)) == 2
+            assert sorted(p.returncode for p, _o, _e in res) == [0, 1], res
+            (_p, _o, err), = [r for r in res if r[0].returncode == 1]
+            assert err.splitlines() == [f"walstore: restore destination {dest} "
+                                        f"exists and is not empty (another restore "
+                                        f"or follower filled it meanwhile)"], err
+    finally:
+        for p in ps:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    src.close()
+    assert [n for n in os.listdir(tmp_path) if ".restoring-" in n] == []
+    assert [n for n in os.listdir(tempfile.gettempdir())
+            if n.startswith(("walstore-restore-", "walstore-follow-"))
+            and n.split("-")[2] in {str(p.pid) for p in ps}] == []
+    v = subprocess.run([sys.executable, "-c", CLI, "verify", dest],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    with walstore.open(dest) as d:
+        assert d.get("n") == (19 if follow_too else 9)

@@ -21,11 +21,15 @@ so the files on disk may still hold what the restored state does not.
 The restored ``STORE`` file carries ``"origin": {"kind": "restore", "from": <URL without
 credentials>, "lineage": <new uuid hex>, "parent_lineage", "cut", "compensate"}``: a new
 lineage, so the restored store may replicate to a new URL without clashing.
-Nothing is visible at ``dest`` until the restore is complete (built beside it, renamed).
+Nothing is visible at ``dest`` until the restore is complete (built beside it, renamed);
+of restores racing to one ``dest`` one rename lands, the others raise ``ReplicationError``
+("exists and is not empty"), and a follower's copy is locked before it appears (the loser of
+followers started together is refused with ``StoreLocked``).
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import os
 import shutil
@@ -372,13 +376,18 @@ def load_manifest(target: ObjectStore, opts: ReplicateOptions) -> Manifest:
 def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, *,
             compensate: bool = False, follow: bool = False, target: ObjectStore | None = None,
             progress: Callable[[int, int], None] | None = None,
-            _snapshot: dict | None = None, _cut_end: int | None = None) -> dict:
-    """Rebuild a store at ``dest`` (absent or empty) from the replica at ``url``."""
+            _snapshot: dict | None = None, _cut_end: int | None = None,
+            _locks: list | None = None) -> dict:
+    """Rebuild a store at ``dest`` (absent or empty) from the replica at ``url``.
+
+    ``_locks`` (the follower's): DEST's writer lock is taken in the staging directory
+    before it is renamed into place, and appended to ``_locks`` (the caller releases it)."""
     t_start = time.monotonic()
+    lock = None
     opts = ReplicateOptions.from_any(replicate_options)
     dest = os.path.abspath(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise ReplicationError(f"restore destination {dest} exists and is not empty")
+        raise _DestTaken(f"restore destination {dest} exists and is not empty")
     tgt = target if target is not None else open_target(url, opts)
     parent = os.path.dirname(dest)
     _src.make_dir(parent) if not os.path.isdir(parent) else None
@@ -458,12 +467,21 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                               "cut": cut, "restored": time.time(), "compensate": bool(compensate),
                               "follow": bool(follow)}
         _src.write_file_atomic(os.path.join(stage, "STORE"), identity_bytes(identity))
+        if _locks is not None:  # (a follower: DEST's lock is held from the moment it exists)
+            from ..engine.layout import Layout, ProcessLock
+            lock = ProcessLock(Layout(stage))
         _src.fsync_dir(stage)
-        if os.path.isdir(dest):
-            os.rmdir(dest)
-        os.rename(stage, dest)
+        fileio.fault_point("restore.install")  # (tests: concurrent restores meet here)
+        try:
+            _install(stage, dest)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         _src.fsync_dir(parent)
         stage = None
+        if lock is not None:
+            _locks.append(lock)
         return {"url": display_url(url), "dest": dest, "target": what, "snapshot_lsn": applied,
                 "start_lsn": start, "cut_lsn": cut, "wal_objects": len(chain),
                 "wal_bytes": log.bytes, "downloaded_bytes": fetch.bytes + snap["n"],
@@ -477,6 +495,25 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             shutil.rmtree(stage, ignore_errors=True)
         if target is None:
             tgt.close()
+
+
+class _DestTaken(ReplicationError):
+    """DEST is not empty (another restore or follower got there first)."""
+
+
+def _install(stage: str, dest: str) -> None:
+    """Rename the complete ``stage`` to ``dest`` (absent or an empty directory, which the
+    rename replaces atomically).  Two restores racing to one DEST: exactly one rename
+    wins, the other raises ``_DestTaken`` (an rmdir of DEST before the rename made the
+    loser fail with a raw ENOTEMPTY, or ENOENT when both removed it)."""
+    try:
+        os.rename(stage, dest)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(dest) \
+                and os.listdir(dest):
+            raise _DestTaken(f"restore destination {dest} exists and is not empty (another "
+                             f"restore or follower filled it meanwhile)") from None
+        raise
 
 
 MAX_LISTED_PATHS = 100  # paths listed per owed file effect (``paths_total`` counts all)
@@ -636,9 +673,18 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     interval = interval or opts.interval
     stop = stop or Flag()
     tgt = target if target is not None else open_target(url, opts)
+    # the follower is DEST's one writer: its lock keeps a writer open (or a second
+    # follower) out — StoreLocked — while it appends and applies.  A DEST it restores is
+    # locked before it appears (in the staging directory), so of followers started
+    # together on an empty DEST the one whose restore lands follows, and every other is
+    # refused by that lock (its own restore finds DEST filled and is dropped)
+    locks: list = []
     try:
         if not os.path.exists(dest) or not os.listdir(dest):
-            restore(url, dest, None, opts, follow=True, target=tgt)
+            try:
+                restore(url, dest, None, opts, follow=True, target=tgt, _locks=locks)
+            except _DestTaken:
+                pass  # another follower (or restore) got there first: its lock decides
         store_id, identity = _src.read_identity(dest)
         origin = identity.get("origin") or {}
         if origin.get("settled"):  # (its first writable open marks it: Layout.clear_origin)
@@ -649,16 +695,14 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
                 f"wrote records of its own, so its log is no longer a prefix of the "
                 f"replica's, and following would append the replica's records after them; "
                 f"restore into a new directory with --follow to follow {display_url(url)}")
-        # the follower is DEST's one writer: its lock keeps a writer open (or a second
-        # follower) out — StoreLocked — while it appends and applies
-        from ..engine.layout import Layout, ProcessLock
-        lock = ProcessLock(Layout(dest))
-        try:
-            _follow_rounds(url, dest, tgt, opts, stop, interval, apply_every, on_round,
-                           store_id, origin)
-        finally:
-            lock.release()
+        if not locks:
+            from ..engine.layout import Layout, ProcessLock
+            locks.append(ProcessLock(Layout(dest)))
+        _follow_rounds(url, dest, tgt, opts, stop, interval, apply_every, on_round,
+                       store_id, origin)
     finally:
+        for lock in locks:
+            lock.release()
         if target is None:
             tgt.close()
 
