@@ -55,7 +55,13 @@ PATTERNS = [("a",), ("a", "*"), ("*", "b"), ("users", "*", "prefs"), ("b",), ("*
             ("c",), ("prefs",), ("*", "2")]
 FILTERS = [None, {"tag": "x"}, {"n": {"$gt": 2}}, {"n": {"$lte": 3}, "tag": "y"},
            {"nested": {"d": 1}}, {"list": [1, 2]}, {"n": {"$ne": 1}}, {"missing": None},
-           {"n": {"$eq": 4}}, {"n": {"$gte": 1, "$lt": 4}}]
+           {"n": {"$eq": 4}}, {"n": {"$gte": 1, "$lt": 4}}, {"tup": (1, 2)},
+           {"tup": {"$eq": (1, 2)}}, {"tup": {"$eq": [1, 2]}}, {"list": {"$eq": (1, 2)}},
+           {"tup": {"$eq": (1, (2, 3))}}]
+# values holding tuples (nested, in lists, in dicts, empty): InMemoryStore gives them back
+# as tuples, and ``$eq`` tells a tuple from a list
+TUPLES = [(1, 2), [1, 2], (1, (2, 3)), (1, [2, 3]), [(1, 2), [3]], {"t": (1,), "l": [1]},
+          (), ((),), ({"d": (4,)},)]
 
 
 def random_value(rng: random.Random) -> dict:
@@ -67,7 +73,9 @@ def random_value(rng: random.Random) -> dict:
     if rng.random() < 0.3:
         v["nested"] = {"d": rng.randrange(3)}
     if rng.random() < 0.3:
-        v["list"] = rng.choice([[1, 2], [2, 1], [1]])
+        v["list"] = rng.choice([[1, 2], [2, 1], [1], (1, 2)])
+    if rng.random() < 0.3:
+        v["tup"] = rng.choice(TUPLES)
     return v
 
 
@@ -193,6 +201,32 @@ def test_memory_survives_reopen(tmp_path):
     store.close()
     store = walstore.open(str(tmp_path / "store"), durability="full")
     assert WalstoreStore(store).get(("users", "ana"), "prefs").value == {"seat": "window"}
+    store.close()
+
+
+def test_tuples_come_back_as_tuples_across_reopen_and_refresh(tmp_path):
+    """Tuples (nested, in lists and dicts) came back as lists (msgpack has no tuple), where
+    InMemoryStore gives them back as they were put.  They come back as tuples now, after a
+    reopen and after a TTL refresh rewrote the record; an item in the older record format
+    (no tuple marks: every item written before) reads as it always did."""
+    value = {"t": (1, 2), "n": [(3, (4, 5)), [6]], "d": {"e": (), "f": [7]}, "x": 8}
+    store = walstore.open(str(tmp_path / "store"), durability="full")
+    mem = WalstoreStore(store)
+    mem.put(("users", "ana"), "prefs", value, ttl=60)
+    assert mem.get(("users", "ana"), "prefs", refresh_ttl=True).value == value
+    key = mem.keys.item(("users", "old"), "prefs")
+    with store.transaction() as tx:  # (an item as an older walstore wrote it)
+        tx.put(key, {"v": {"t": [1, 2]}, "c": 1_700_000_000_000_000,
+                     "u": 1_700_000_000_000_000})
+    store.close()
+    store = walstore.open(str(tmp_path / "store"), durability="full")
+    mem = WalstoreStore(store)
+    got = mem.get(("users", "ana"), "prefs").value
+    assert got == value and type(got["n"][0][1]) is tuple
+    assert [i.value for i in mem.search(("users",))] == [value, {"t": [1, 2]}]
+    assert [i.key for i in mem.search(("users",), filter={"t": {"$eq": (1, 2)}})] == ["prefs"]
+    assert [i.namespace for i in mem.search(("users",), filter={"t": [1, 2]})] == \
+        [("users", "ana"), ("users", "old")]
     store.close()
 
 

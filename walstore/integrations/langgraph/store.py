@@ -19,8 +19,12 @@ and namespace listings are in key order (InMemoryStore: insertion order; SqliteS
 newest update first), only namespaces that hold items are listed, and a ``ttl`` must be
 a number of minutes from 0 to ``MAX_TTL_MINUTES`` (None: no expiry): inf, NaN, a negative
 one (SqliteStore stores it as already expired) are refused before anything is written.
-Values are stored as msgpack (JSON-like data, as LangGraph documents).  Key layout:
-``keys.py``.
+Values are stored as msgpack (JSON-like data, as LangGraph documents), and come back as
+InMemoryStore gives them: a tuple (at any depth) as a tuple, not a list.  msgpack writes
+a tuple as an array, so a value holding tuples keeps, beside it in the item's record, where
+they were (``"tp"``: ``_tuple_marks``); the value itself stays plain data (readable as it
+was by anything that reads the rows), and a record without ``"tp"`` (every item an older
+walstore wrote) reads as before.  Key layout: ``keys.py``.
 """
 from __future__ import annotations
 
@@ -103,6 +107,56 @@ def _now_us() -> int:
 
 def _when(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
+
+
+# ---- tuples: where a value holds them (msgpack has no tuple) ---------------------------
+_TUPLE, _LIST, _DICT = 1, 0, 2
+
+
+def _tuple_marks(value: Any) -> list | None:
+    """Where ``value`` holds tuples: None when nowhere; else ``[kind, [[slot, marks],
+    ...]]`` (kind: tuple, list or dict; a slot is an index or a dict key, listed only
+    where a tuple is at or below it)."""
+    if isinstance(value, dict):
+        inner = [[k, m] for k, v in value.items()
+                 if isinstance(v, (dict, list, tuple)) and (m := _tuple_marks(v)) is not None]
+        return [_DICT, inner] if inner else None
+    if isinstance(value, (list, tuple)):
+        inner = [[i, m] for i, v in enumerate(value)
+                 if isinstance(v, (dict, list, tuple)) and (m := _tuple_marks(v)) is not None]
+        if isinstance(value, tuple):
+            return [_TUPLE, inner]
+        return [_LIST, inner] if inner else None
+    return None
+
+
+def _with_tuples(value: Any, marks: Any) -> Any:
+    """``value`` as read (lists) with the tuples ``marks`` names given back: new
+    containers along the marked paths (the record read is left as it is); a mark that
+    does not fit the value is ignored."""
+    if not (isinstance(marks, list) and len(marks) == 2 and isinstance(marks[1], list)):
+        return value
+    kind, inner = marks
+    if kind == _DICT and isinstance(value, dict):
+        out = dict(value)
+        for slot in inner:
+            if isinstance(slot, list) and len(slot) == 2 and slot[0] in out:
+                out[slot[0]] = _with_tuples(out[slot[0]], slot[1])
+        return out
+    if kind in (_TUPLE, _LIST) and isinstance(value, list):
+        items = list(value)
+        for slot in inner:
+            if (isinstance(slot, list) and len(slot) == 2 and type(slot[0]) is int
+                    and 0 <= slot[0] < len(items)):
+                items[slot[0]] = _with_tuples(items[slot[0]], slot[1])
+        return tuple(items) if kind == _TUPLE else items
+    return value
+
+
+def _value(rec: dict) -> dict:
+    """An item record's value, tuples given back."""
+    marks = rec.get("tp")
+    return rec["v"] if marks is None else _with_tuples(rec["v"], marks)
 
 
 # ---- filters (LangGraph's JSONB-like comparison, as InMemoryStore applies it) -----------
@@ -345,26 +399,29 @@ class WalstoreStore(BaseStore):
             return None
         if op.refresh_ttl and rec.get("t") is not None:
             touched[key] = rec
-        return Item(value=rec["v"], key=op.key, namespace=tuple(op.namespace),
+        return Item(value=_value(rec), key=op.key, namespace=tuple(op.namespace),
                     created_at=_when(rec["c"]), updated_at=_when(rec["u"]))
 
     def _search(self, tx: Any, op: SearchOp, now: int, touched: dict) -> list[SearchItem]:
         stop = (op.offset + op.limit if not op.filter and min(op.offset, op.limit) >= 0
                 else None)
-        found: list[tuple[bytes, dict]] = []
+        found: list[tuple[bytes, dict, dict]] = []
         if stop != 0:
             for key, rec in tx.scan(prefix=self.keys.namespace(op.namespace_prefix)):
-                if self._omit(rec, now) or (op.filter and not _filter_matches(rec["v"], op.filter)):
+                if self._omit(rec, now):
                     continue
-                found.append((key, rec))
+                value = _value(rec)  # (filtered as given back: a tuple is no list to $eq)
+                if op.filter and not _filter_matches(value, op.filter):
+                    continue
+                found.append((key, rec, value))
                 if len(found) == stop:
                     break
         out = []
-        for key, rec in found[op.offset:op.offset + op.limit]:
+        for key, rec, value in found[op.offset:op.offset + op.limit]:
             namespace, name = self._names(key, rec)
             if op.refresh_ttl and rec.get("t") is not None:
                 touched[key] = rec
-            out.append(SearchItem(namespace=namespace, key=name, value=rec["v"],
+            out.append(SearchItem(namespace=namespace, key=name, value=value,
                                   created_at=_when(rec["c"]), updated_at=_when(rec["u"])))
         return out
 
@@ -425,6 +482,9 @@ class WalstoreStore(BaseStore):
                 self._expiry(tx, key, old, None)
             return
         rec: dict = {"v": dict(op.value), "c": old["c"] if old is not None else now, "u": now}
+        marks = _tuple_marks(rec["v"])
+        if marks is not None:  # (where the tuples are: msgpack writes them as arrays)
+            rec["tp"] = marks
         if op.ttl is not None:
             rec["t"] = float(op.ttl)
             rec["e"] = now + int(op.ttl * 60_000_000)
