@@ -228,7 +228,7 @@ class History:
         eng = self.engine
         k = encode_key(key)
         eng.drain()
-        newer = self._unapplied_versions(k)  # (a read-only store: the writer's WAL tail)
+        newer = self.unapplied_versions(k)  # (a read-only store: the writer's WAL tail)
         st = eng.state
         prefix = tables.hist_prefix(k)
         after = st.get(k)  # the newest version set the current value
@@ -295,7 +295,26 @@ class History:
                    if e.type in _FILE_RECORDS and e.field("ws") == ws_root
                    or e.type == RecordType.COMMIT and e.field("files"))
 
-    def _unapplied_versions(self, k: bytes) -> list[Version]:
+    def check_file_commits_readable(self, after: int, upto: int) -> None:
+        """ReadOnlyError when a commit with LSN in (``after``, ``upto``) changed files and
+        LMDB does not hold it yet: only a read-only store meets one (the writer applies it
+        when its commits pause); the file history of those commits is not readable, so an
+        undo's plan (a dry run beside a writer) would leave their paths out."""
+        eng = self.engine
+        if not eng.readonly:
+            return
+        mt = eng.memtable
+        with mt.lock:
+            events = list(mt.events)
+        pending = [e.txid for e in events if e.type == RecordType.COMMIT and e.field("files")
+                   and after < e.lsn < upto]
+        if pending:
+            raise ReadOnlyError(
+                f"the file history of transaction(s) {pending} is not readable from this "
+                f"read-only store yet: the writer has not applied them (it does when its "
+                f"commits pause); try again in a moment; nothing was changed")
+
+    def unapplied_versions(self, k: bytes) -> list[Version]:
         """Versions of ``k`` visible but not in LMDB yet, newest first: a read-only store's
         MemTable holds the writer's WAL tail (a writer's drain leaves none)."""
         mt = self.engine.memtable

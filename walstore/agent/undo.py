@@ -23,7 +23,14 @@ transaction like any other and can itself be reverted.
 - Undoing an undo would bring back state whose external effects were compensated:
   RevertConflict naming those actions, unless ``force=True``, which marks them
   ``needs-redo`` (walstore cannot redo the outside world).
-- ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.
+- ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
+  code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
+  no txid, no scope provider's fence, no write path, nothing logged, so it works on a
+  read-only store beside a live writer (the CLI's ``rewind --dry-run`` opens read-only)
+  and never conflicts with the owner's commits.  There it reads the writer's WAL tail
+  too (LMDB may not hold it yet); the file history of a tail commit is not readable
+  before the writer applies it: ReadOnlyError (try again).  A crashed store (no writer
+  alive) is refused, NeedsRecovery: recovery may change what the undo would do.
 - Files (:mod:`walstore.agent.files`): each path an undone transaction changed goes back
   to its before-image at the oldest undone version, in the undoing transaction (logged
   as its own FILE_STEPS, so the undo can itself be reverted).  A path that is no longer
@@ -43,7 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import fileio
 from ..codec import decode_key, encode_key
-from ..errors import CommitOutcomeUnknown, HistoryTrimmed, PointTypeError, RevertConflict
+from ..errors import (CommitOutcomeUnknown, HistoryTrimmed, NeedsRecovery, PointTypeError,
+                      RevertConflict)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -110,17 +118,23 @@ class Undo:
                                  f"the transaction committed there is in store.log() "
                                  f"(TxnInfo.txid)", txid)
         self.history.txn_info(txid)  # UnknownPoint before anything begins
+        if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
+            return self._revert_once(txid, cascade, scope, True, force, self._snapshot())[0]
         self.engine.check_writable()
         meta = meta if meta is not None else {"revert": int(txid)}
-        return self._run(lambda: self._revert_once(txid, cascade, scope, dry_run, force, meta))
+        return self._run(lambda: self._revert_once(txid, cascade, scope, False, force,
+                                                   self._begin_undo(meta)))
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
                meta: Any = None) -> TxnInfo | UndoPlan | None:
         scope = check_scope(scope)
         self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
+        if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
+            return self._rewind_once(to, scope, True, force, self._snapshot())[0]
         self.engine.check_writable()
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
-        return self._run(lambda: self._rewind_once(to, scope, dry_run, force, meta))
+        return self._run(lambda: self._rewind_once(to, scope, False, force,
+                                                   self._begin_undo(meta)))
 
     def _run(self, attempt) -> TxnInfo | UndoPlan | None:
         """Plan and commit an undo; then compensate, newest first.
@@ -156,8 +170,8 @@ class Undo:
                 f"store is now read-only and no compensation ran", txid) from e
 
     def _revert_once(self, txid: int, cascade: bool, scope: Any, dry_run: bool, force: bool,
-                     meta: Any) -> tuple[TxnInfo | UndoPlan | None, list]:
-        tx = self._begin_undo(meta)
+                     tx: "Transaction | _PlanSnapshot"
+                     ) -> tuple[TxnInfo | UndoPlan | None, list]:
         with tx:
             target = self.history.txn_info(txid)
             fileio.fault_point("undo.resolved")
@@ -179,6 +193,8 @@ class Undo:
                     undo[i.txid] = i
                     frontier.append(i)
             infos = sorted(undo.values(), key=lambda i: i.lsn, reverse=True)
+            if dry_run:
+                self.history.check_file_commits_readable(target.lsn, tx.snapshot)
             plan = self._plan(infos, scope, force, boundary=None)
             self._check_retained(plan)
             if dry_run or plan.empty():
@@ -194,9 +210,9 @@ class Undo:
                 extra["scope"] = tags.pop()
             return self._commit(tx, plan, extra)
 
-    def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool, meta: Any
+    def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool,
+                     tx: "Transaction | _PlanSnapshot"
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
-        tx = self._begin_undo(meta)
         rng = ScopeRange(scope) if scope is not None else None
         # any commit after tx's snapshot that touches the scope is a conflict (a prepared
         # transaction's keys only where the undo restores or reads them)
@@ -205,6 +221,9 @@ class Undo:
             boundary = self.history.resolve(to)
             fileio.fault_point("undo.resolved")  # (tests: history trimmed while it plans)
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
+            if dry_run:  # the commits of its snapshot (LMDB may hold later ones already)
+                infos = [i for i in infos if i.lsn < tx.snapshot]
+                self.history.check_file_commits_readable(boundary, tx.snapshot)
             plan = self._plan(infos, scope, force, boundary)
             self._drop_unchanged(tx, plan)
             self._check_retained(plan)
@@ -221,6 +240,20 @@ class Undo:
         _ = tx.snapshot
         self.engine.drain()
         return tx
+
+    def _snapshot(self) -> "_PlanSnapshot":
+        """A dry run's read snapshot, taken as ``_begin_undo`` takes the undo's (on a
+        read-only store ``drain`` takes in the writer's WAL tail).  A crashed store with no
+        writer alive: NeedsRecovery (recovery may change what the undo would do)."""
+        eng = self.engine
+        eng.check_open()
+        if eng.readonly and eng.needs_recovery() and not eng.writer_alive():
+            raise NeedsRecovery(f"store {eng.path} was not shut down cleanly: recovery may "
+                                f"change what an undo would do; run `walstore recover "
+                                f"{eng.path}` first (nothing was changed)")
+        snap = _PlanSnapshot(eng)
+        eng.drain()
+        return snap
 
     # ---- planning -----------------------------------------------------------------------
     def _later_writers(self, info: TxnInfo, scope: Any, walk: "_LaterWalk") -> list[TxnInfo]:
@@ -247,6 +280,11 @@ class Undo:
             span = walk.span(k, info.lsn + 1)
             if span is None:
                 continue
+            # the MemTable's first (a read-only store: the writer's WAL tail, not in LMDB
+            # yet; a writer drained its own), then LMDB's: each version seen at least once
+            for v in self.history.unapplied_versions(k):
+                if span[0] <= v.lsn < span[1]:
+                    note(v.txid)
             prefix = tables.hist_prefix(k)
             for raw, _row in st.scan(tables.hist_key(k, span[0]), tables.hist_key(k, span[1]),
                                      db="hist"):
@@ -499,6 +537,27 @@ class Undo:
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
         return self.history.txn_info(tx.id), owed
+
+
+class _PlanSnapshot:
+    """What a dry run plans in, in place of the undoing transaction: one snapshot (the
+    LSN it reads at) and the sets the planner notes.  No txid, no scope provider, nothing
+    logged; ``rollback`` has nothing to undo."""
+
+    def __init__(self, engine: "Engine") -> None:
+        engine.refresh()  # (a read-only store: what the writer logged so far)
+        self.snapshot = int(engine.memtable.published)
+        self.read_keys: set[bytes] = set()
+        self.guard_ranges: list = []
+
+    def __enter__(self) -> "_PlanSnapshot":
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    def rollback(self) -> None:
+        pass
 
 
 class _LaterWalk:

@@ -56,8 +56,12 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
            as_json: bool) -> None:
     """Undo every transaction after a point, as one new transaction."""
     comps = load_handlers(handlers)
-    with open_store(path, recover="manual",  # (see UNRECOVERED; a plan runs no compensator)
-                    compensators=None if dry_run else comps) as store:
+    # a dry run reads: it opens read-only, so it works beside the agent that holds the
+    # store (StoreLocked before); a crashed store is still refused (see UNRECOVERED: the
+    # planner raises NeedsRecovery), and a plan runs no compensator
+    opened = (open_store(path, readonly=True) if dry_run
+              else open_store(path, recover="manual", compensators=comps))
+    with opened as store:
         try:
             result = store.rewind(to, scope=scope, dry_run=dry_run)
         except walstore.CompensationFailed as e:
