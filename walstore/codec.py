@@ -191,7 +191,7 @@ def unpack_value(packed: bytes) -> Any:
         return msgpack.unpackb(packed, raw=False, strict_map_key=False)
     except Exception as e:  # (no cost on the common path: a try is free in 3.11)
         raise CorruptionError(f"a stored value does not decode: {type(e).__name__}: "
-                              f"{e}") from None
+                              f"{e}") from e
 
 
 def pack(obj: Any) -> bytes:
@@ -207,7 +207,9 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes) -> Any:
-    """Unpack an internal structure read from disk; any damage raises ValueError."""
+    """Unpack an internal structure read from disk; any damage raises ValueError.  (LMDB
+    rows decode through ``walstore.engine.tables.unpack_row``: a CorruptionError naming
+    the table and the key.)"""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several types on damaged input

@@ -18,9 +18,10 @@ import weakref
 from typing import Any, Callable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
-from .errors import ConflictError, ReplicationError, StoreClosed
+from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed
 from .options import Options
 from .engine.engine import Engine
+from .engine.tables import row_damaged
 from .engine.transaction import Transaction, scan_bounds
 from .agent.actions import Action, Saga, check_compensators
 from .agent.files import Files, FilesRecoveryReport
@@ -386,13 +387,21 @@ class Store:
             v = eng.reader.latest(k)
         else:
             v = eng.state.get_value(k)
-        return default if v is None else unpack_value(v)
+        if v is None:
+            return default
+        try:
+            return unpack_value(v)
+        except CorruptionError as e:  # (damage inside the value: name the row)
+            raise row_damaged("data", k, e, eng.state.data_file) from e
 
     def __getitem__(self, key: Key) -> Any:
         v = self._read(key)
         if v is None:
             raise KeyError(key)
-        return unpack_value(v)
+        try:
+            return unpack_value(v)
+        except CorruptionError as e:
+            raise row_damaged("data", encode_key(key), e, self._engine.state.data_file) from e
 
     def __contains__(self, key: Key) -> bool:
         return self._read(key) is not None
@@ -407,7 +416,11 @@ class Store:
         eng.refresh()
         for k, v in eng.reader.scan(lo, hi, reverse):
             eng.check_open()
-            yield decode_key(k), unpack_value(v)
+            try:
+                item = decode_key(k), unpack_value(v)
+            except CorruptionError as e:
+                raise row_damaged("data", k, e, eng.state.data_file) from e
+            yield item
 
     def keys(self, prefix: Key | None = None) -> Iterator[Key]:
         for k, _v in self.scan(prefix=prefix):

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..codec import unpack
 from ..errors import CorruptionError, os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
@@ -67,17 +66,17 @@ class FileHistory:
         for raw, v in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="fversions"):
             if not tables.is_fversion_of(raw, prefix):
                 continue
-            txid, before, after = unpack(v)
+            txid, before, after = tables.unpack_row(v, "fversions", raw, st.data_file)
             out.append(FileVersion(txid, LSN(tables.split_fversion_key(raw)[2]),
                                    Entry.from_row(before), Entry.from_row(after)))
         return out
 
     def version(self, ws_root: bytes, path: bytes, lsn: int) -> FileVersion | None:
-        raw = self._st.get(tables.fversion_key(ws_root, path, lsn), "fversions") \
-            if self._ready() else None
+        key = tables.fversion_key(ws_root, path, lsn)
+        raw = self._st.get(key, "fversions") if self._ready() else None
         if raw is None:
             return None
-        txid, before, after = unpack(raw)
+        txid, before, after = tables.unpack_row(raw, "fversions", key, self._st.data_file)
         return FileVersion(txid, LSN(lsn), Entry.from_row(before), Entry.from_row(after))
 
     def entry_at(self, ws_root: bytes, path: bytes, boundary: int) -> Entry | None:
@@ -89,11 +88,11 @@ class FileHistory:
         for raw, v in st.scan(prefix, tables.fversion_key(ws_root, path, boundary + 1),
                               reverse=True, db="fversions"):
             if tables.is_fversion_of(raw, prefix):
-                return Entry.from_row(unpack(v)[2])
+                return Entry.from_row(tables.unpack_row(v, "fversions", raw, st.data_file)[2])
         for raw, v in st.scan(tables.fversion_key(ws_root, path, boundary + 1),
                               prefix + b"\xff" * 9, db="fversions"):
             if tables.is_fversion_of(raw, prefix):
-                return Entry.from_row(unpack(v)[1])
+                return Entry.from_row(tables.unpack_row(v, "fversions", raw, st.data_file)[1])
         return None
 
     def tracked(self, ws_root: bytes) -> Iterator[bytes]:
@@ -136,8 +135,10 @@ class FileHistory:
             prefix = tables.fpath_prefix(ws, path)
             for raw, v in st.scan(tables.fversion_key(ws, path, lsn + 1),
                                   prefix + b"\xff" * 9, db="fversions"):
-                if tables.is_fversion_of(raw, prefix) and unpack(v)[0] != txid:
-                    out.add(unpack(v)[0])
+                if tables.is_fversion_of(raw, prefix):
+                    other = tables.unpack_row(v, "fversions", raw, st.data_file)[0]
+                    if other != txid:
+                        out.add(other)
             mine = self.version(ws, path, lsn)
             if mine is not None and mine.before.kind == ABSENT and mine.after.kind == DIR:
                 created.setdefault(ws, []).append(path + b"/")
@@ -145,8 +146,10 @@ class FileHistory:
             prefix = tables.fws_prefix(ws)
             for raw, v in st.scan(prefix, prefix + b"\xff" * 3, db="fversions"):
                 _ws, path, at = tables.split_fversion_key(raw)
-                if at > lsn and path.startswith(tuple(dirs)) and unpack(v)[0] != txid:
-                    out.add(unpack(v)[0])
+                if at > lsn and path.startswith(tuple(dirs)):
+                    other = tables.unpack_row(v, "fversions", raw, st.data_file)[0]
+                    if other != txid:
+                        out.add(other)
         return out
 
     def read_content(self, entry: Entry, what: str) -> bytes:

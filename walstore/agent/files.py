@@ -38,7 +38,6 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
-from ..codec import unpack
 from ..errors import ConflictError, CorruptionError, FileConflictError, WalstoreError, \
     os_errors_wrapped
 from ..engine import tables
@@ -763,7 +762,7 @@ class Files:
         out = []
         for raw, v in st.scan(b"", None, db="fsteps"):
             txid, lsn = tables.split_fsteps_key(raw)
-            row = unpack(v)
+            row = tables.unpack_row(v, "fsteps", raw, st.data_file)
             if txid in prepared or row.get("held"):
                 continue
             out.append((txid, lsn, row))
@@ -828,7 +827,7 @@ class Files:
         out = []
         for raw, v in st.scan(prefix, prefix + b"\xff" * 8, db="fsteps"):
             _t, lsn = tables.split_fsteps_key(raw)
-            row = unpack(v)
+            row = tables.unpack_row(v, "fsteps", raw, st.data_file)
             out.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn, row))
         return sorted(out, key=lambda e: e.lsn, reverse=True)
 
@@ -848,7 +847,7 @@ class Files:
             return out
         from ..engine.lmdb_state import from_u64
         for raw, v in st.scan(b"", None, db="fconflicts"):
-            row = unpack(v)
+            row = tables.unpack_row(v, "fconflicts", raw, st.data_file)
             c = FileConflict.from_row(row["conflict"])
             out.append(dict(self.conflict_doc(row["ws"], c), tx=row.get("tx"),
                             lsn=from_u64(raw), ts=row.get("ts")))
@@ -919,15 +918,15 @@ class Files:
             steps_refs(e.body.get("steps"))
             if e.body.get("manifest"):
                 manifests.add(e.body["manifest"])
-        for _k, v in st.scan(b"", None, db="fsteps"):
-            row = unpack(v)
+        for k, v in st.scan(b"", None, db="fsteps"):
+            row = tables.unpack_row(v, "fsteps", k, st.data_file)
             steps_refs(row.get("steps"))
             if row.get("manifest"):
                 manifests.add(row["manifest"])
         horizon = st.meta_int(b"horizon")
         below: dict[bytes, list] = {}  # path prefix -> after of its newest version below
         for k, v in st.scan(b"", None, db="fversions"):
-            _t, before, after = unpack(v)
+            _t, before, after = tables.unpack_row(v, "fversions", k, st.data_file)
             if tables.split_fversion_key(k)[2] >= horizon:
                 refs.update(_digests(before))
                 refs.update(_digests(after))
@@ -935,8 +934,8 @@ class Files:
                 below[k[:-8]] = after
         for after in below.values():
             refs.update(_digests(after))
-        for _k, v in st.scan(b"", None, db="fconflicts"):
-            c = unpack(v).get("conflict") or {}
+        for k, v in st.scan(b"", None, db="fconflicts"):
+            c = tables.unpack_row(v, "fconflicts", k, st.data_file).get("conflict") or {}
             refs.update(_digests(c.get("before")))
         for row in self.rows().values():
             if row.get("manifest"):

@@ -17,8 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..codec import Key, decode_key, encode_key, unpack, unpack_value
-from ..errors import (HistoryTrimmed, PointTypeError, ReadOnlyError, TrimmedOrUnknownPoint,
+from ..codec import Key, decode_key, encode_key, unpack_value
+from ..errors import (CorruptionError, HistoryTrimmed, PointTypeError, ReadOnlyError,
+                      TrimmedOrUnknownPoint,
                       UnknownPoint)
 from ..log.format import RecordType
 from ..engine import tables
@@ -68,14 +69,23 @@ class HistoricalView:
                                  f"retained history now") from None
 
     def get(self, key: Key, default: Any = None) -> Any:
-        v = self._value(encode_key(key))
-        return default if v is None else unpack_value(v)
+        k = encode_key(key)
+        v = self._value(k)
+        return default if v is None else self._decode(k, v)
 
     def __getitem__(self, key: Key) -> Any:
-        v = self._value(encode_key(key))
+        k = encode_key(key)
+        v = self._value(k)
         if v is None:
             raise KeyError(key)
-        return unpack_value(v)
+        return self._decode(k, v)
+
+    def _decode(self, k: bytes, v: bytes) -> Any:
+        try:
+            return unpack_value(v)
+        except CorruptionError as e:
+            raise tables.row_damaged(tables.AS_OF, k, e,
+                                     self._history.engine.state.data_file) from e
 
     def __contains__(self, key: Key) -> bool:
         return self._value(encode_key(key)) is not None
@@ -108,7 +118,7 @@ class HistoricalView:
         for k, _v in keys:
             v = self._value(k)
             if v is not None:
-                yield decode_key(k), unpack_value(v)
+                yield decode_key(k), self._decode(k, v)
 
 
 def _merged(rows: Iterator[tuple[bytes, Any]], extra: list[bytes], reverse: bool
@@ -232,15 +242,19 @@ class History:
         st = eng.state
         prefix = tables.hist_prefix(k)
         after = st.get(k)  # the newest version set the current value
+        after_row = ("data", k)  # (where ``after`` was read: named if it does not decode)
         out = []
         for raw, row in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="hist"):
             if not tables.is_version_of(raw, prefix):
                 continue
             _k, lsn = tables.split_hist_key(raw)
-            txid, before = unpack(row)
-            out.append(Version(txid, LSN(lsn), None if after is None else unpack_value(after),
-                               after is None))
-            after = before
+            txid, before = tables.unpack_row(row, "hist", raw, st.data_file)
+            try:
+                value = None if after is None else unpack_value(after)
+            except CorruptionError as e:
+                raise tables.row_damaged(*after_row, e, st.data_file) from e
+            out.append(Version(txid, LSN(lsn), value, after is None))
+            after, after_row = before, ("hist", raw)
         if newer:  # (LMDB may hold some of them by now: each version once)
             oldest = newer[-1].lsn
             out = newer + [v for v in out if v.lsn < oldest]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from ..codec import unpack
+from ..engine import tables
 from ..engine.lmdb_state import from_u64, u64
 
 if TYPE_CHECKING:
@@ -111,7 +111,8 @@ class Retention:
             first_young = st.applied_lsn()
             for raw, txid in st.scan(b"", None, db="bylsn"):
                 row = st.get(txid, "txns")
-                if row is not None and unpack(row).get("ts", 0) >= cutoff:
+                if row is not None and tables.unpack_row(row, "txns", txid, st.data_file
+                                                         ).get("ts", 0) >= cutoff:
                     first_young = from_u64(raw)
                     break
             candidates.append(first_young)

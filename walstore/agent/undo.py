@@ -261,7 +261,6 @@ class Undo:
         keys (in the scope).  A key's history already walked from an earlier LSN is not
         walked again (what it holds was returned then), so a cascade costs what it
         undoes, not its square."""
-        from ..codec import unpack
         rng = ScopeRange(scope) if scope is not None else None
         out: dict[int, TxnInfo] = {}
         st = self.engine.state
@@ -289,7 +288,7 @@ class Undo:
             for raw, _row in st.scan(tables.hist_key(k, span[0]), tables.hist_key(k, span[1]),
                                      db="hist"):
                 if tables.is_version_of(raw, prefix):
-                    note(unpack(_row)[0])
+                    note(tables.unpack_row(_row, "hist", raw, st.data_file)[0])
         if self.fh is not None:  # and the later writers of its files (in the scope)
             for txid in self.fh.later_writers(info.txid, info.lsn, self._ws_filter(rng)):
                 note(txid)

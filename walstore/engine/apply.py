@@ -20,7 +20,7 @@ import itertools
 import operator
 import struct
 
-from ..codec import pack, unpack
+from ..codec import pack
 from ..log.format import RecordType
 from ..log.records import Event
 from . import tables
@@ -180,14 +180,15 @@ class Applier:
                 # and which ranges the newest purges erased, for old snapshots' reads
                 # (engine.snapshot: a read outside them is still exact)
                 raw = txn.get(RECENT_PURGES, db=st.meta)
-                recent = (unpack(raw) if raw else [])[-(KEEP_RECENT_PURGES - 1):]
+                recent = (_meta_row(raw, RECENT_PURGES, st) if raw else []
+                          )[-(KEEP_RECENT_PURGES - 1):]
                 recent.append([e.lsn] + list(e.body["purge_range"]))
                 txn.put(RECENT_PURGES, pack(recent), db=st.meta)
                 # the erasure of its old bytes (WAL segments, LMDB free pages, quarantine)
                 # is owed until a compacting checkpoint is done: a crash before it must
                 # not forget it (Engine.erase_old_bytes, run at the next open)
                 raw = txn.get(ERASE_OWED, db=st.meta)
-                owed = unpack(raw) if raw else []
+                owed = _meta_row(raw, ERASE_OWED, st) if raw else []
                 owed.append(list(e.body["purge_range"]))
                 txn.put(ERASE_OWED, pack(owed), db=st.meta)
             txn.put(b"applied", u64(applied_end), db=st.meta)
@@ -217,7 +218,8 @@ class Applier:
 
         def put(txn) -> None:
             raw = txn.get(ERASE_OWED, db=st.meta)
-            left = [r for r in (unpack(raw) if raw else []) if r not in ranges]
+            left = [r for r in (_meta_row(raw, ERASE_OWED, st) if raw else [])
+                    if r not in ranges]
             if left:
                 txn.put(ERASE_OWED, pack(left), db=st.meta)
             else:
@@ -241,8 +243,10 @@ class Applier:
         def body(txn) -> None:
             txn_ref[0] = txn
             for lsn, txid in commits:
-                raw = txn.get(tables.txid_key(txid), db=st.txns)
-                row = unpack(raw) if raw is not None else {"w": []}
+                tkey = tables.txid_key(txid)
+                raw = txn.get(tkey, db=st.txns)
+                row = ({"w": []} if raw is None
+                       else tables.unpack_row(raw, "txns", tkey, st.data_file))
                 for key, _unused in row.get("w", []):
                     _drop_older_versions(txn, st, key, lsn)  # (an earlier trim's survivor)
                     newer = _next_version(txn, st, key, lsn)
@@ -267,7 +271,8 @@ class Applier:
                     if araw is None:
                         continue
                     own = int(str(aid).partition(".")[0] or -1)
-                    if unpack(araw).get("state") in tables.FINAL_STATES and not retained(own):
+                    arow = tables.unpack_row(araw, "actions", str(aid).encode(), st.data_file)
+                    if arow.get("state") in tables.FINAL_STATES and not retained(own):
                         txn.delete(str(aid).encode(), db=st.actions)
                 _trim_files(txn, st, lsn, txid, horizon)
                 txn.delete(tables.txid_key(txid), db=st.txns)
@@ -385,16 +390,17 @@ def _apply_file_event(txn, st, e: Event) -> None:
     if t == _T.WORKSPACE:
         root = b.get("root")
         old = txn.get(root, db=st.workspaces)
-        txn.put(root, pack(tables.workspace_row(e, None if old is None else unpack(old))),
-                db=st.workspaces)
+        old = None if old is None else tables.unpack_row(old, "workspaces", root, st.data_file)
+        txn.put(root, pack(tables.workspace_row(e, old)), db=st.workspaces)
     elif t in (_T.FILE_STEPS, _T.WATCH_BEGIN):
         txn.put(tables.txid_key(e.txid), b"", db=st.inflight)
         txn.put(tables.fsteps_key(e.txid, e.lsn), pack(tables.fsteps_row(e)), db=st.fsteps)
         if t == _T.WATCH_BEGIN:
             ws = b.get("ws")
             old = txn.get(ws, db=st.workspaces)
-            txn.put(ws, pack(tables.workspace_row(e, None if old is None else unpack(old))),
-                    db=st.workspaces)
+            old = None if old is None else tables.unpack_row(old, "workspaces", ws,
+                                                             st.data_file)
+            txn.put(ws, pack(tables.workspace_row(e, old)), db=st.workspaces)
     elif t == _T.WATCH_END:  # its changes are FILE_STEPS rows now: the manifest row goes
         txn.delete(tables.fsteps_key(e.txid, int(b.get("begin", -1))), db=st.fsteps)
     elif t == _T.FILE_RESTORED:
@@ -403,7 +409,8 @@ def _apply_file_event(txn, st, e: Event) -> None:
             if b.get("held"):
                 raw = txn.get(key, db=st.fsteps)
                 if raw is not None:
-                    txn.put(key, pack(dict(unpack(raw), held=True)), db=st.fsteps)
+                    row = tables.unpack_row(raw, "fsteps", key, st.data_file)
+                    txn.put(key, pack(dict(row, held=True)), db=st.fsteps)
             else:
                 txn.delete(key, db=st.fsteps)
     elif t == _T.FILE_CONFLICT:
@@ -425,7 +432,7 @@ def _commit_files(txn, st, e: Event) -> None:
     while cur.key().startswith(prefix):
         doomed.append(cur.key())
         if tables.split_fsteps_key(cur.key())[1] in live:
-            rows.append(unpack(cur.value()))
+            rows.append(tables.unpack_row(cur.value(), "fsteps", cur.key(), st.data_file))
         if not cur.next():
             break
     for (ws, path), (before, after) in tables.collapse_steps(rows).items():
@@ -444,8 +451,9 @@ def _row_getter(txn, st, pending: dict):
     def get(aid: str) -> dict | None:
         if aid in pending:
             return pending[aid]
-        raw = txn.get(aid.encode(), db=st.actions)
-        return None if raw is None else unpack(raw)
+        key = aid.encode()
+        raw = txn.get(key, db=st.actions)
+        return None if raw is None else tables.unpack_row(raw, "actions", key, st.data_file)
     return get
 
 
@@ -456,7 +464,9 @@ def _rows_of_txid(txn, st, pending: dict):
         cur = txn.cursor(db=st.actions)
         if cur.set_range(prefix):
             while cur.key().startswith(prefix):
-                found[cur.key().decode()] = unpack(cur.value())
+                key = cur.key()
+                found[key.decode()] = tables.unpack_row(cur.value(), "actions", key,
+                                                        st.data_file)
                 if not cur.next():
                     break
         for aid, row in pending.items():
@@ -477,7 +487,7 @@ def _trim_actions(txn, st, txid: int, retained) -> bool:
     for k, v in _rows(txn, st.actions, prefix, None):
         if not k.startswith(prefix):
             break
-        arow = unpack(v)
+        arow = tables.unpack_row(v, "actions", k, st.data_file)
         state = arow.get("state")
         if state in (tables.COMMITTED, tables.RESOLVED) or (
                 state == tables.COMPENSATED and not retained(arow.get("undone_by"))):
@@ -525,7 +535,8 @@ def _left_absent(txn, st, newest_below: bytes, vprefix: bytes) -> bool:
     if cur.set_key(newest_below) and cur.next() and tables.is_fversion_of(cur.key(), vprefix):
         return False
     raw = txn.get(newest_below, db=st.fversions)
-    after = unpack(raw)[2] if raw is not None else None
+    after = (tables.unpack_row(raw, "fversions", newest_below, st.data_file)[2]
+             if raw is not None else None)
     return isinstance(after, (list, tuple)) and tuple(after) == (tables.ABSENT_ROW,)
 
 
@@ -571,16 +582,22 @@ def _erase_range(txn, st, purge_range: list) -> None:
         versions = list(_rows(txn, st.hist, prefix, prefix + b"\xff" * 9))
         for raw, row in versions:
             if tables.is_version_of(raw, prefix):
-                txids.setdefault(unpack(row)[0], set()).add(k)
+                txid = tables.unpack_row(row, "hist", raw, st.data_file)[0]
+                txids.setdefault(txid, set()).add(k)
                 txn.delete(raw, db=st.hist)
         txn.delete(k, db=st.hkeys)
         txn.delete(k, db=st.data)
     for txid, keys in txids.items():
         raw = txn.get(tables.txid_key(txid), db=st.txns)
         if raw is not None:
-            row = unpack(raw)
+            row = tables.unpack_row(raw, "txns", tables.txid_key(txid), st.data_file)
             row["w"] = [w for w in row.get("w", []) if w[0] not in keys]
             txn.put(tables.txid_key(txid), pack(row), db=st.txns)
+
+
+def _meta_row(raw: bytes, name: bytes, st) -> list:
+    """A list-valued ``meta`` row (``RECENT_PURGES``, ``ERASE_OWED``), decoded."""
+    return tables.unpack_row(raw, "meta", name, st.data_file)
 
 
 def _rows(txn, db, lo: bytes, hi: bytes | None):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import decode_key, unpack
+from ..codec import decode_key
 from ..errors import ConflictError
 from .lmdb_state import LmdbState, from_u64, read_chunk, u64
 from .memtable import MemTable
@@ -114,7 +114,7 @@ class ConflictChecker:
                 raw = txn.get(txid_raw, db=st.txns)
                 if raw is None:
                     continue
-                row = unpack(raw)
+                row = tables.unpack_row(raw, "txns", txid_raw, st.data_file)
                 hit = (next((k for k, _n in row.get("w", ()) if _in_ranges(k, reads.ranges)),
                             None) or _purge_hit(row.get("purge_range"), reads))
                 if hit is not None:

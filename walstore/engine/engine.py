@@ -593,10 +593,10 @@ class Engine:
         """Purge ranges ([lo, hi]) whose old bytes are not erased yet: a purge applied but
         its compacting checkpoint not done (a crash between them).  ``open`` and
         ``checkpoint`` finish them."""
-        from ..codec import unpack
         from .apply import ERASE_OWED
+        from .tables import unpack_row
         raw = self.state.get(ERASE_OWED, "meta")
-        return unpack(raw) if raw else []
+        return unpack_row(raw, "meta", ERASE_OWED, self.state.data_file) if raw else []
 
     def _scrub_quarantine(self, needles: list[bytes], ranges: list) -> list[str]:
         """Remove the quarantined copies that may hold erased keys (walstore.engine.scrub

@@ -443,10 +443,10 @@ class Recovery:
         with st.read() as txn:
             for raw, _v in read_chunk(txn, st.inflight, b"", None, False, None, limit=1 << 62):
                 self.open_txids.add(from_u64(raw))
-            for _k, raw in read_chunk(txn, st.twophase, PREPARED_PREFIX, b"p;", False, None,
-                                      limit=1 << 62):
-                from ..codec import unpack
-                self.prepared_txids.add(unpack(raw).get("tx"))
+            for k, raw in read_chunk(txn, st.twophase, PREPARED_PREFIX, b"p;", False, None,
+                                     limit=1 << 62):
+                row = tables.unpack_row(raw, "twophase", k, st.data_file)
+                self.prepared_txids.add(row.get("tx"))
             self.max_txid = max(0, from_u64(txn.get(b"next_txid", db=st.meta)) - 1)
 
     # ---- damage handling ---------------------------------------------------------------

@@ -28,7 +28,6 @@ from __future__ import annotations
 from bisect import bisect_left, bisect_right
 from typing import Iterator
 
-from ..codec import unpack
 from ..errors import ConflictError
 from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
@@ -161,7 +160,7 @@ def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = Fa
         cur = txn.cursor(db=st.hist)
         if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(
                 cur.key(), tables.hist_prefix(key)):
-            return unpack(cur.value())[1]
+            return tables.unpack_row(cur.value(), "hist", cur.key(), st.data_file)[1]
     return txn.get(key, db=st.data)
 
 
@@ -184,7 +183,7 @@ def _purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> b
     the end)?  The newest purges' ranges are kept (apply.RECENT_PURGES); a snapshot older
     than all of them cannot tell: yes."""
     raw = txn.get(RECENT_PURGES, db=st.meta)
-    recent = unpack(raw) if raw else []
+    recent = tables.unpack_row(raw, "meta", RECENT_PURGES, st.data_file) if raw else []
     if len(recent) >= KEEP_RECENT_PURGES and recent[0][0] >= at:
         return True  # (older purges after ``at`` may have fallen out of the list)
     for lsn, plo, phi in recent:
@@ -203,6 +202,6 @@ def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: byt
         row = txn.get(txid_raw, db=st.txns)
         if row is None:
             continue
-        for k, _none in unpack(row).get("w", ()):
+        for k, _none in tables.unpack_row(row, "txns", txid_raw, st.data_file).get("w", ()):
             if k >= lo and (hi is None or k < hi) and k not in fixes:
                 fixes[k] = _lmdb_value_as_of(txn, st, k, at, purges)

@@ -18,6 +18,10 @@ function, shared by the LMDB applier and by views that fold events not yet appli
 - file rows (reversible files): ``workspaces``, ``fsteps``, ``fversions``, ``fchanges``,
   ``fconflicts`` — their layouts are at the end of this module.
 
+A row whose bytes do not decode (damage inside a value: LMDB's pages are sound) is a
+``CorruptionError`` naming the table and the row's key (``unpack_row``, ``row_damaged``):
+every reader of LMDB rows decodes through them, never through a bare msgpack call.
+
 Invariants: ``action_changes`` depends only on the event and the rows it names, so
 applying the same events to the same rows gives the same rows (REDO is idempotent); a
 final state (``compensated``, ``resolved``) is never left except by ``redo`` marking.
@@ -27,9 +31,12 @@ from __future__ import annotations
 import itertools
 import operator
 import struct
-from typing import Callable
+from typing import Any, Callable
 
-from ..codec import pack, unpack
+import msgpack
+
+from ..codec import decode_key, pack, unpack
+from ..errors import CorruptionError
 from ..log.format import RecordType
 from ..log.records import Event, commit_ts, extend_map
 
@@ -40,6 +47,57 @@ IN_FLIGHT, COMMITTED, PENDING, FAILED = "in-flight", "committed", "pending", "fa
 COMPENSATED, RESOLVED, NEEDS_REDO = "compensated", "resolved", "needs-redo"
 OWED_STATES = (PENDING, FAILED)
 FINAL_STATES = (COMPENSATED, RESOLVED)
+
+
+# ---- decoding rows read from LMDB ----------------------------------------------------
+def unpack_row(raw: bytes, table: str, key: bytes, file: str | None = None) -> Any:
+    """Row ``key`` of ``table`` as LMDB holds it (``raw``), decoded; CorruptionError naming
+    the table, the key and ``file`` (the LMDB data file: ``LmdbState.data_file``) when its
+    bytes do not decode.  (A try costs nothing when nothing is raised: callers on a hot
+    path keep their own decode in a try and raise ``row_damaged`` instead.)"""
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    except Exception as e:  # msgpack raises several types on damaged bytes
+        raise row_damaged(table, key, e, file) from e
+
+
+def row_damaged(table: str, key: bytes, e: BaseException, file: str | None = None
+                ) -> CorruptionError:
+    """The CorruptionError of row ``key`` of ``table`` whose value did not decode (``e``;
+    raise it ``from e``)."""
+    cause = e.__cause__ if isinstance(e, CorruptionError) and e.__cause__ else e
+    return CorruptionError(
+        f"LMDB table {table!r}: the row of {describe_row_key(table, key)} does not decode "
+        f"({type(cause).__name__}: {cause}): the state is damaged", file=file)
+
+
+# the LMDB rows that are msgpack (``unpack_row``; ``data``'s are values): table -> the
+# (lo, hi) range of their keys; and the ``meta`` rows that are (its others are u64s)
+PACKED_ROWS = {"txns": (b"", None), "actions": (b"", None), "points": (b"", None),
+               "hist": (b"", None), "workspaces": (b"", None), "fsteps": (b"", None),
+               "fversions": (b"", None), "fconflicts": (b"", None),
+               "twophase": (b"p:", b"p;")}  # (apply.PREPARED_PREFIX; decisions are text)
+PACKED_META = (b"erase_owed", b"recent_purges")  # (apply.ERASE_OWED, RECENT_PURGES)
+AS_OF = "data or hist"  # (a value read as of a point: the data row or a before-image)
+
+
+def describe_row_key(table: str, key: bytes) -> str:
+    """A row's key as a person reads it (for error messages: never raises)."""
+    try:
+        if table in ("data", AS_OF):
+            return f"key {decode_key(key)!r}"
+        if table in ("txns", "inflight", "aended", "bylsn"):
+            return f"{'LSN' if table in ('bylsn', 'aended') else 'txid'} {_U64.unpack(key)[0]}"
+        if table == "hist":
+            k, lsn = split_hist_key(key)
+            return f"key {decode_key(k)!r} at LSN {lsn}"
+        if table in ("actions", "points", "twophase"):
+            return f"{'action ' if table == 'actions' else ''}{key.decode('utf-8')!r}"
+        if table == "meta":
+            return f"{key.decode('utf-8')!r}"
+    except Exception:
+        pass
+    return f"key {bytes(key)!r}"
 
 
 # ---- history keys ---------------------------------------------------------------------

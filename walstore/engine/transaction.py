@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_items, \
     pack_value, prefix_end, unpack_value
-from ..errors import CommitOutcomeUnknown, TransactionClosed, WalstoreError
+from ..errors import CommitOutcomeUnknown, CorruptionError, TransactionClosed, WalstoreError
 from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
+from .tables import row_damaged
 from .pipeline import CommitRequest
 
 _lsn = int.__new__  # an LSN of an int walstore made, without LSN()'s check (the commit path)
@@ -223,7 +224,12 @@ class Transaction:
         else:
             self.read_keys.add(k)
             v = self._engine.reader.as_of(k, self.snapshot, True)
-        return default if v is None else unpack_value(v)
+        if v is None:
+            return default
+        try:
+            return unpack_value(v)
+        except CorruptionError as e:  # (damage inside the value: name the row)
+            raise row_damaged("data", k, e, self._engine.state.data_file) from e
 
     def __getitem__(self, key: Key) -> Any:
         v = self.get(key, _MISSING)
@@ -243,7 +249,11 @@ class Transaction:
         mine = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
         committed = self._engine.reader.scan(lo, hi, reverse, self.snapshot)
         for k, v in _overlay(committed, mine, reverse):
-            yield decode_key(k), unpack_value(v)
+            try:
+                item = decode_key(k), unpack_value(v)
+            except CorruptionError as e:
+                raise row_damaged("data", k, e, self._engine.state.data_file) from e
+            yield item
 
     # ---- writes --------------------------------------------------------------------------
     def put(self, key: Key, value: Any) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from ..codec import unpack
 from ..log.format import RecordType
 from ..log.records import Event
 from .apply import DECISION_PREFIX, PREPARED_PREFIX
@@ -46,9 +45,10 @@ class Views:
         """The rows ``events`` change, over the rows LMDB holds in ``txn``."""
         changed: dict[str, dict] = {}
         table = self.state.actions
+        file = self.state.data_file
 
         def get_row(aid: str) -> dict | None:
-            return changed[aid] if aid in changed else _action(txn, table, aid)
+            return changed[aid] if aid in changed else _action(txn, table, aid, file)
 
         def rows_of_txid(txid: int) -> list[dict]:
             rows = {r["id"]: r for r in self._lmdb_rows_of(txid, txn)}
@@ -62,19 +62,23 @@ class Views:
 
     def _lmdb_rows_of(self, txid: int, txn) -> list[dict]:
         prefix = tables.action_prefix(txid)
-        return [unpack(v) for _k, v in _all(txn, self.state.actions, prefix,
-                                            prefix[:-1] + b"/")]
+        file = self.state.data_file
+        return [tables.unpack_row(v, "actions", k, file)
+                for k, v in _all(txn, self.state.actions, prefix, prefix[:-1] + b"/")]
 
     def action_row(self, aid: str, include_unpublished: bool = False) -> dict | None:
         events = self._events(_ACTION_TYPES, include_unpublished)
         with self.state.read() as txn:
             changed = self._fold_actions(events, txn)
-            return changed[aid] if aid in changed else _action(txn, self.state.actions, aid)
+            return changed[aid] if aid in changed else _action(txn, self.state.actions, aid,
+                                                               self.state.data_file)
 
     def action_rows(self) -> dict[str, dict]:
         events = self._events(_ACTION_TYPES)
         with self.state.read() as txn:
-            rows = {k.decode(): unpack(v) for k, v in _all(txn, self.state.actions, b"", None)}
+            file = self.state.data_file
+            rows = {k.decode(): tables.unpack_row(v, "actions", k, file)
+                    for k, v in _all(txn, self.state.actions, b"", None)}
             rows.update(self._fold_actions(events, txn))
         return rows
 
@@ -89,7 +93,8 @@ class Views:
     # ---- restore points -----------------------------------------------------------------
     def points(self) -> dict[str, dict]:
         events = self._events(frozenset({_T.RESTORE_POINT}))
-        out = {k.decode("utf-8"): unpack(v)
+        file = self.state.data_file
+        out = {k.decode("utf-8"): tables.unpack_row(v, "points", k, file)
                for k, v in self.state.scan(b"", None, db="points")}
         for e in events:
             name = str(e.body.get("name", ""))
@@ -104,8 +109,10 @@ class Views:
         for e in self._events(frozenset({_T.COMMIT})):
             if e.txid == txid:
                 return tables.txn_row(e)
-        raw = self.state.get(tables.txid_key(txid), "txns")
-        return None if raw is None else unpack(raw)
+        key = tables.txid_key(txid)
+        raw = self.state.get(key, "txns")
+        return None if raw is None else tables.unpack_row(raw, "txns", key,
+                                                          self.state.data_file)
 
     def commits_after(self, lsn: int) -> Iterator[dict]:
         """Rows of the commits with LSN > ``lsn``, newest first (unapplied ones first)."""
@@ -121,7 +128,7 @@ class Views:
                 continue
             raw = st.get(txid_raw, "txns")
             if raw is not None:
-                yield unpack(raw)
+                yield tables.unpack_row(raw, "txns", txid_raw, st.data_file)
 
     # ---- reversible files ---------------------------------------------------------------
     def workspace_rows(self) -> dict[bytes, dict]:
@@ -129,7 +136,8 @@ class Views:
         folded in."""
         st = self.state
         events = self._events(frozenset({_T.WORKSPACE, _T.WATCH_BEGIN}))  # (first: above)
-        out = {k: unpack(v) for k, v in st.scan(b"", None, db="workspaces")} \
+        out = {k: tables.unpack_row(v, "workspaces", k, st.data_file)
+               for k, v in st.scan(b"", None, db="workspaces")} \
             if st.workspaces is not None else {}
         for e in events:
             key = e.body.get("root") if e.type == _T.WORKSPACE else e.body.get("ws")
@@ -152,8 +160,10 @@ class Views:
     def prepared_rows(self) -> dict[str, dict]:
         st = self.state
         events = self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
-        rows = {unpack(v)["gid"]: unpack(v)
-                for _k, v in st.scan(PREPARED_PREFIX, b"p;", db="twophase")}
+        rows = {}
+        for k, v in st.scan(PREPARED_PREFIX, b"p;", db="twophase"):
+            row = tables.unpack_row(v, "twophase", k, st.data_file)
+            rows[row["gid"]] = row
         for e in events:
             gid = e.field("gid")
             if not gid:
@@ -177,7 +187,7 @@ def _all(txn, table, lo: bytes, hi: bytes | None) -> list[tuple[bytes, bytes]]:
         after = chunk[-1][0]
 
 
-def _action(txn, table, aid: str) -> dict | None:
+def _action(txn, table, aid: str, file: str | None = None) -> dict | None:
     """Action ``aid``'s row in ``txn`` (None when there is none, or no such id)."""
     try:
         key = aid.encode()
@@ -186,4 +196,4 @@ def _action(txn, table, aid: str) -> dict | None:
     if not key or len(key) > MAX_ACTION_ID_BYTES or table is None:
         return None  # (nor can LMDB look it up: MDB_BAD_VALSIZE)
     raw = txn.get(key, None, table)
-    return None if raw is None else unpack(raw)
+    return None if raw is None else tables.unpack_row(raw, "actions", key, file)

@@ -1,0 +1,178 @@
+"""Damage inside a row's bytes in LMDB's data file (its pages sound) is a CorruptionError
+naming the table and the key, its cause chained: at open (an ``actions`` row), at the read
+that needs the row (``get``, ``scan``, ``history``, ``log``), in ``walstore verify`` (which
+lists every such row, history before-images too) and on the command line (one line, a
+non-zero exit).  Found by a probe (2026-12-02): a raw ValueError / UnicodeDecodeError /
+msgpack FormatError escaped ``walstore.open``, ``store.log()`` and the CLI ("an unexpected
+error"), and ``walstore verify`` called a store with a damaged history row ok.
+
+Real files: the store is made and closed, then bytes of one msgpack value are overwritten
+in place with plain file writes (every copy LMDB keeps of them); the CLI runs in a
+subprocess.  A store crashed with a compensation owed and a damaged ``actions`` row: its
+open refuses before any compensation runs, again and again, and ``walstore recover`` says
+so (nothing changed) until ``--rebuild-state`` rebuilds LMDB from the log."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import walstore
+
+
+def _make(path: Path) -> None:
+    s = walstore.open(str(path), durability="none")
+    with s.transaction(meta={"note": "MARKERTXN0"}) as tx:
+        tx.put("k1", "MARKERDATA")
+        tx.put("k2", "MARKERHIST")
+    with s.transaction() as tx:
+        tx.put("k2", "newer")
+        with tx.action("charge", args={"a": "MARKERACTN"}, compensate="refund"):
+            pass
+    s.close()
+
+
+def _damage(path: Path, marker: bytes, how: str) -> int:
+    """Overwrite every copy of ``marker`` in db/data.mdb: ``utf8`` makes the string invalid
+    UTF-8, ``header`` makes the byte before it (its msgpack header) 0xc1, never used."""
+    f = path / "db" / "data.mdb"
+    data = bytearray(f.read_bytes())
+    n, i = 0, data.find(marker)
+    while i >= 0:
+        if how == "utf8":
+            data[i:i + 2] = b"\xff\xfe"
+        else:
+            data[i - 1] = 0xC1
+        n += 1
+        i = data.find(marker, i + 1)
+    with open(f, "r+b") as fh:  # (in place: LMDB's pages and checksums-free layout stay)
+        fh.write(data)
+    return n
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def _assert_row_error(e: BaseException, table: str, key_text: str, store: Path) -> None:
+    assert isinstance(e, walstore.CorruptionError), repr(e)
+    msg = str(e)
+    assert f"LMDB table {table!r}" in msg and key_text in msg and "does not decode" in msg, msg
+    assert e.file == str(store.resolve() / "db" / "data.mdb")
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    assert root is not e and not isinstance(root, walstore.WalstoreError), repr(root)
+
+
+# (marker, table, the text naming the row, what reads it)
+CASES = {
+    "data": (b"MARKERDATA", "data", "key 'k1'"),
+    "hist": (b"MARKERHIST", "hist", "key 'k2' at LSN"),
+    "txns": (b"MARKERTXN0", "txns", "txid 1"),
+    "actions": (b"MARKERACTN", "actions", "action '2.1'"),
+}
+
+
+@pytest.mark.parametrize("how", ["utf8", "header"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_damaged_row_is_a_corruption_error_naming_table_and_key(tmp_path, case, how):
+    marker, table, key_text = CASES[case]
+    path = tmp_path / "s"
+    _make(path)
+    assert _damage(path, marker, how) >= 1
+    if case == "actions":  # every open reads the action rows (owed compensations)
+        for _ in range(2):  # (and again: the failed open left nothing half done)
+            with pytest.raises(walstore.CorruptionError) as e:
+                walstore.open(str(path), durability="none")
+            _assert_row_error(e.value, table, key_text, path)
+        with walstore.open(str(path), readonly=True) as ro:  # (reads, owes nothing)
+            with pytest.raises(walstore.CorruptionError) as e:
+                ro.actions()
+        _assert_row_error(e.value, table, key_text, path)
+    else:
+        readers = {"data": [lambda s: s.get("k1"), lambda s: s["k1"], lambda s: list(s.scan()),
+                            lambda s: s.transaction().get("k1")],
+                   "hist": [lambda s: s.history("k2")],
+                   "txns": [lambda s: s.log()]}[case]
+        with walstore.open(str(path), durability="none") as s:
+            for read in readers:
+                with pytest.raises(walstore.CorruptionError) as e:
+                    read(s)
+                _assert_row_error(e.value, table, key_text, path)
+            if case != "data":
+                assert s.get("k1") == "MARKERDATA"  # (the rest of the store reads)
+
+    r = _cli("verify", str(path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    errors = json.loads(r.stdout)["errors"]
+    assert any(key_text in err and (table == "data" or f"LMDB table {table!r}" in err)
+               for err in errors), errors
+
+    command = {"data": ["get", str(path), "k1"], "hist": ["history", str(path), "k2"],
+               "txns": ["log", str(path)], "actions": ["actions", str(path)]}[case]
+    r = _cli(*command)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert len(lines) == 1 and "corruption" in lines[0] and key_text in lines[0], lines
+    assert "unexpected error" not in lines[0], lines[0]
+
+
+CHILD = textwrap.dedent("""
+    import sys, time, walstore
+    s = walstore.open(sys.argv[1], durability="full")
+    tx = s.transaction()
+    tx.put("k", 1)
+    with tx.action("charge", args={"n": "inflight"}, compensate="refund"):
+        print("ready", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_recovery_refuses_a_store_whose_action_rows_do_not_decode(tmp_path):
+    """Crashed with a compensation owed, and another action's row damaged: no open runs a
+    compensation or gets past the damage; ``walstore recover`` refuses, saying nothing was
+    changed; ``--rebuild-state`` rebuilds LMDB from the log, and the owed compensation
+    then runs once."""
+    path = tmp_path / "s"
+    _make(path)
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert _damage(path, b"MARKERACTN", "header") >= 1
+    calls = []
+    for _ in range(2):
+        with pytest.raises(walstore.CorruptionError) as e:
+            walstore.open(str(path), durability="none",
+                          compensators={"refund": lambda a: calls.append(a.id)})
+        _assert_row_error(e.value, "actions", "action '2.1'", path)
+    assert calls == []
+    wal = {n: (path / "wal" / n).read_bytes() for n in os.listdir(path / "wal")}
+
+    r = _cli("recover", str(path))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert len(lines) == 1 and "action '2.1'" in lines[0], lines
+    assert "nothing was changed" in lines[0] and "--rebuild-state" in lines[0], lines[0]
+    assert {n: (path / "wal" / n).read_bytes() for n in os.listdir(path / "wal")} == wal
+
+    r = _cli("recover", str(path), "--rebuild-state")
+    assert "Traceback" not in r.stderr, r.stderr
+    assert "rebuilt" in r.stdout, (r.stdout, r.stderr)
+    with walstore.open(str(path), durability="none",
+                       compensators={"refund": lambda a: calls.append(a.id)}) as s:
+        assert s.get("k1") == "MARKERDATA"
+        assert s.get_action("2.1").args == {"a": "MARKERACTN"}
+        assert s.get("k") is None
+    assert len(calls) == 1 and calls[0] != "2.1"
