@@ -1013,3 +1013,43 @@ def _same(a, b) -> bool:
     if isinstance(a, list):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def test_every_json_failure_names_the_exceptions_class(tmp_path, monkeypatch):
+    """README: under --json a failure's ``type`` is the exception's class.  `replicas` and
+    `restore` (every failure through the replication verbs' fail()), and `revert` /
+    `rewind` "reverted, but <CompensationFailed>" said ``"type": null`` (probe pr-docs)."""
+    missing, store = f"file://{tmp_path}/norepl", str(tmp_path / "s")
+    rep = f"file://{tmp_path}/rep"
+    (tmp_path / "bad_refunds.py").write_text(
+        "def refund(action):\n    raise RuntimeError('the bank is down')\n"
+        "COMPENSATORS = {'refund': refund}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with walstore.open(store, replicate_to=rep) as s:
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.put("k", i)
+                with tx.action("charge", args={}, compensate="refund"):
+                    pass
+        s.sync_replica(timeout=60)
+    cases = [
+        (["replicas", missing], 1, "ReplicationError"),
+        (["replicas", "file:relative/dir"], 2, "ReplicationError"),
+        (["restore", missing, str(tmp_path / "d1")], 1, "ReplicationError"),
+        (["restore", rep, str(tmp_path / "d2"), "--to", "no-such-point"], 2,
+         "UnknownRestorePoint"),
+        (["restore", rep, str(tmp_path / "d3"), "--follow", "--to", "tx:1"], 2, "UsageError"),
+        (["restore", rep, store], 1, "ReplicationError"),  # (DEST taken: a private class)
+        (["replicate", str(tmp_path / "nope"), rep, "--once"], 2, "NotAStore"),
+        (["replicate", store, rep, "--once", "--retention", "-1"], 2, "ValueError"),
+        (["revert", store, "3", "--handlers", "bad_refunds"], 1, "CompensationFailed"),
+        (["rewind", store, "--to", "tx:1", "--handlers", "bad_refunds"], 1,
+         "CompensationFailed"),
+    ]
+    for args, code, kind in cases:
+        r = cli(*args, "--json", code=code)
+        err = strict(r.stdout)["error"]
+        assert (err["type"], err["exit"]) == (kind, code), (args, err)
+        assert err["command"] == args[0] and err["message"] == one_line(r)[len("walstore: "):]
+        if kind == "CompensationFailed":  # (the undo committed; its compensation failed)
+            assert ", but " in err["message"] and "the bank is down" in err["message"]

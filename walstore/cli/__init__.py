@@ -26,7 +26,7 @@ import msgpack
 import walstore
 from . import _engine
 from .output import (EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command, emit_json_error,
-                     error_text)
+                     error_kind, error_text)
 
 __all__ = ["main"]
 
@@ -90,8 +90,8 @@ def report(ctx: click.Context, exc: BaseException) -> NoReturn:
     if debugging(ctx):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     message, code = explain(exc, ctx.info_name or "walstore", ctx.params.get("path"))
-    failure = Failure(message, code)
-    json_error(ctx, failure, type(exc).__name__)
+    failure = Failure(message, code, error_kind(exc))
+    json_error(ctx, failure, failure.kind)
     raise failure from None
 
 
@@ -107,7 +107,7 @@ def refused(exc: BaseException, text: str | None = None) -> NoReturn:
     command = ctx.info_name or "walstore"
     message = (f"{command} failed: {text}" if text is not None
                else explain(exc, command, ctx.params.get("path"))[0])
-    raise Failure(message, EXIT_USAGE, type(exc).__name__) from None
+    raise Failure(message, EXIT_USAGE, error_kind(exc)) from None
 
 
 def json_error(ctx: click.Context, failure: Failure, kind: str | None) -> None:
@@ -115,6 +115,19 @@ def json_error(ctx: click.Context, failure: Failure, kind: str | None) -> None:
     if ctx.params.get("as_json"):
         emit_json_error(ctx.info_name or "walstore", failure.format_message(),
                         failure.exit_code, kind)
+
+
+def failure_kind(failure: Failure) -> str:
+    """``type`` of a command's own failure under ``--json`` (README: the exception's
+    class): the class it names, else that of the exception it was raised while handling
+    (``except ReplicationError: raise Failure(...)``; `replicas`/`restore` said null),
+    else UsageError for exit 2 and Failure for a failure no exception caused."""
+    if failure.kind:
+        return failure.kind
+    cause = failure.__cause__ or failure.__context__
+    if isinstance(cause, Exception) and not isinstance(cause, click.ClickException):
+        return error_kind(cause)
+    return "UsageError" if failure.exit_code == EXIT_USAGE else type(failure).__name__
 
 
 class WalstoreCommand(click.Command):
@@ -125,8 +138,7 @@ class WalstoreCommand(click.Command):
         try:
             return super().invoke(ctx)
         except Failure as failure:  # a command's own one-line failure (fail(), usage)
-            json_error(ctx, failure, failure.kind or (
-                "UsageError" if failure.exit_code == EXIT_USAGE else None))
+            json_error(ctx, failure, failure_kind(failure))
             raise
         except (click.exceptions.ClickException, click.exceptions.Exit,
                 click.exceptions.Abort):
@@ -162,7 +174,8 @@ class WalstoreGroup(click.Group):
                 command = e.ctx.info_name if getattr(e, "ctx", None) is not None else (
                     args[0] if args else "walstore")
                 emit_json_error(command, e.format_message(), e.exit_code,
-                                "UsageError" if e.exit_code == EXIT_USAGE else None)
+                                "UsageError" if e.exit_code == EXIT_USAGE
+                                else type(e).__name__)
             raise
 
 

@@ -19,7 +19,7 @@ def get(path: str, key: str | bytes) -> None:
     """Print the value of KEY as JSON (exit 1 when absent)."""
     with open_store(path, readonly=True) as store:
         if key not in store:
-            fail(f"key {show_key(key)!r} not found")
+            fail(f"key {show_key(key)!r} not found", kind="KeyError")
         click.echo(show_value(store[key]))
 
 
@@ -51,7 +51,7 @@ def delete(path: str, key: str | bytes) -> None:
     """Delete KEY in one transaction."""
     with open_store(path) as store:
         if key not in store:
-            fail(f"key {show_key(key)!r} not found")
+            fail(f"key {show_key(key)!r} not found", kind="KeyError")
         with store.transaction(meta={"cli": "delete"}) as tx:
             tx.delete(key)
     click.echo(f"committed txid {tx.id} at LSN {tx.lsn}")

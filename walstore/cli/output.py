@@ -36,6 +36,7 @@ import json
 import math
 import os
 import re
+import sys
 from typing import Any, Callable, Iterable, NoReturn
 
 import click
@@ -53,12 +54,15 @@ _DIGITS = re.compile(r"[0-9]+")
 
 # ---- failing in one line ---------------------------------------------------------------
 class Failure(click.ClickException):
-    """A command's failure: one line on stderr, then exit with ``exit_code``."""
+    """A command's failure: one line on stderr, then exit with ``exit_code``.  ``kind`` is
+    the class of the exception it reports (``type`` under ``--json``); None: the class of
+    the exception being handled where it was raised, if any (the CLI's one error path
+    looks at ``__context__``)."""
 
     def __init__(self, message: str, code: int = EXIT_PROBLEM, kind: str | None = None) -> None:
         super().__init__(" ".join(message.split()) if "\n" in message else message)
         self.exit_code = code
-        self.kind = kind  # the exception's class it reports (``type`` under --json), if any
+        self.kind = kind
 
     def show(self, file: Any = None) -> None:
         click.echo(f"walstore: {self.format_message()}", err=True)
@@ -68,12 +72,25 @@ class UsageProblem(Failure):
     """A usage error we detect ourselves (bad key syntax, a bad --handlers): exit 2."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_USAGE)
+        super().__init__(message, EXIT_USAGE, "UsageError")
 
 
-def fail(message: str, code: int = EXIT_PROBLEM) -> NoReturn:
-    """Stop the command with one line on stderr and exit status ``code``."""
-    raise Failure(message, code)
+def fail(message: str, code: int = EXIT_PROBLEM, kind: str | None = None) -> NoReturn:
+    """Stop the command with one line on stderr and exit status ``code``.  Under ``--json``
+    the error document's ``type`` is ``kind``, else the class of the exception being
+    handled where fail() is called (``except ReplicationError as e: fail(str(e))`` says
+    ReplicationError; it said null)."""
+    if kind is None:
+        handled = sys.exc_info()[1]
+        if handled is not None and not isinstance(handled, click.ClickException):
+            kind = error_kind(handled)
+    raise Failure(message, code, kind)
+
+
+def error_kind(exc: BaseException) -> str:
+    """The class name ``type`` shows for ``exc`` under ``--json``: its own, or for a
+    private class (``_DestTaken``) the nearest public one it derives from."""
+    return next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
 
 
 def error_text(exc: BaseException) -> str:

@@ -162,7 +162,7 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
                 click.echo(line, err=True)
                 last = line
             if st.state in ("lease-lost", "failed"):  # (shipping stopped for good)
-                _fail(st.last_error or "lease lost")
+                _fail(st.last_error or "lease lost", EXIT_PROBLEM, "ReplicationError")
     finally:
         shipper.stop()
 
