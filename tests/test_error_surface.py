@@ -214,3 +214,57 @@ def test_resolving_an_unknown_action_is_a_walstore_error_and_a_key_error(tmp_pat
             assert str(e.value).startswith("no action with id")
     r = CliRunner().invoke(main, ["resolve", str(tmp_path / "s"), "9.9"])
     assert r.exit_code in (1, 2) and "no action with id '9.9'" in r.output, r.output
+
+
+# ---- every error the docs name is a public name ---------------------------------------------
+# Exceptions the docs name that live elsewhere, on purpose: name -> where users get it.
+_DOCUMENTED_ELSEWHERE = {
+    "StaleCheckpointError": "walstore.integrations.langgraph",  # (an optional extra)
+    "MapFullError": "lmdb",  # (LMDB's own, in a narrative of what the soak found)
+    "TargetError": "walstore.replication.targets",  # (quoted in an error message's text)
+    "UsageError": "click",  # (the CLI's --json ``type`` of a usage error)
+    "CancelledError": "asyncio",
+}
+
+
+def test_every_error_class_the_docs_name_is_importable_from_walstore():
+    """README named SnapshotTooOld, WalWriteError and UnknownGid as errors users meet
+    (retry, a failed commit, a GID decided by another caller) but ``walstore.<Name>`` did
+    not exist, so ``except walstore.SnapshotTooOld`` raised AttributeError (probe pr-docs).
+    Every exception class README and docs/ name in backticks is ``walstore.<Name>`` (or the
+    dotted path they spell, or one of the few documented as living elsewhere)."""
+    import builtins
+    import importlib
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = "\n".join(p.read_text() for p in [root / "README.md", *sorted(
+        (root / "docs").glob("*.md"))])
+    ours = {c.__name__ for m in list(sys.modules.values())
+            if (getattr(m, "__name__", "") or "").startswith("walstore")
+            for c in vars(m).values()
+            if isinstance(c, type) and issubclass(c, BaseException)}
+    missing = []
+    for dotted in sorted(set(re.findall(r"`((?:walstore\.)?(?:[a-z_]+\.)*[A-Z]\w+)`", text))):
+        name = dotted.rsplit(".", 1)[-1]
+        if "." in dotted and not dotted.startswith("walstore."):
+            continue  # (another package's, spelled with its module: `lmdb.Error`)
+        if isinstance(getattr(builtins, name, None), type) or name in _DOCUMENTED_ELSEWHERE:
+            continue
+        if not (name in ours or name.endswith("Error")):
+            continue  # (not an exception: a class or constant the docs name)
+        if dotted.count(".") > 1:  # (a spelled-out path: it must resolve)
+            module, _, attr = dotted.rpartition(".")
+            if not hasattr(importlib.import_module(module), attr):
+                missing.append(dotted)
+            continue
+        if not (hasattr(walstore, name) and name in walstore.__all__):
+            missing.append(name)
+    assert not missing, f"documented errors that are not public names of walstore: {missing}"
+    for name in ("SnapshotTooOld", "WalWriteError", "UnknownGid"):
+        assert issubclass(getattr(walstore, name), walstore.WalstoreError)
+    assert issubclass(walstore.SnapshotTooOld, walstore.ConflictError)
+    assert issubclass(walstore.WalWriteError, OSError)
+    assert issubclass(walstore.UnknownGid, walstore.UnknownPoint)

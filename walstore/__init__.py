@@ -14,7 +14,7 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      CorruptionError, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
-                     TransactionClosed, UnknownPoint, WalstoreError)
+                     TransactionClosed, UnknownGid, UnknownPoint, WalstoreError)
 from .options import Options
 from .engine.recovery import RecoveryReport
 from .engine.transaction import Savepoint, Transaction
@@ -24,6 +24,9 @@ from .agent.history import HistoricalView, Version
 from .agent.txlog import LSN, TxnInfo
 from .agent.undo import UndoPlan
 from .store import Store
+# (errors README names that their own modules own; both are loaded by .store already)
+from .engine.snapshot import SnapshotTooOld
+from .log.writer import WalWriteError
 
 __version__ = "0.2.0"
 
@@ -33,7 +36,8 @@ __all__ = [
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
-    "ReplicationError", "FileConflictError", "StoreIOError", "restore",
+    "ReplicationError", "FileConflictError", "StoreIOError", "SnapshotTooOld",
+    "WalWriteError", "UnknownGid", "restore",
 ]
 
 
