@@ -6,10 +6,14 @@ import time
 
 import click
 
-from . import main
+from . import WalstoreCommand, main
 from .common import JSON, PATH, open_store
-from .output import (EXIT_USAGE, KEY, PREFIX, UsageProblem, emit_json, fail, parse_json_value,
-                     show_key, show_value, table, untag)
+from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
+                     emit_json, fail, parse_json_value, show_key, show_value, table, untag)
+
+
+class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
+    """put's: its JSON VALUE may be a negative number (``walstore put PATH k -5``)."""
 
 
 @main.command()
@@ -23,7 +27,7 @@ def get(path: str, key: str | bytes) -> None:
         click.echo(show_value(store[key]))
 
 
-@main.command()
+@main.command(cls=_ValueCommand)
 @PATH
 @click.argument("key", type=KEY)
 @click.argument("value")
@@ -31,7 +35,8 @@ def get(path: str, key: str | bytes) -> None:
               help='VALUE uses the tags `get` and --json print: {"base64": ...} is bytes, '
                    '{"float": "nan"} a float, {"map": [[k, v], ...]} a map with non-str keys.')
 def put(path: str, key: str | bytes, value: str, tagged: bool) -> None:
-    """Set KEY to the JSON VALUE in one transaction."""
+    """Set KEY to the JSON VALUE in one transaction (a negative number is a VALUE:
+    `walstore put PATH k -5`)."""
     decoded = parse_json_value(value)
     if tagged:
         decoded = untag(decoded)

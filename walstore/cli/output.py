@@ -24,6 +24,9 @@ literally (``str:hex:x`` is the str ``"hex:x"``); anything else is a str key.  A
 ``hex:...``, a str that starts with one of the prefixes as ``str:...``), so a key can be
 pasted back.
 
+VALUE (``put``): strict JSON (no NaN/Infinity, no number beyond a float's range); a
+negative number is a value, not an option (:class:`NegativeNumberArguments`).
+
 Points (``--to``): ``tx:N`` a txid, ``lsn:N`` a log position, bare digits a txid, anything
 else a restore point name; a malformed ``tx:``/``lsn:`` is a usage error.
 """
@@ -218,15 +221,48 @@ def show_value(v: Any) -> str:
 
 
 def parse_json_value(text: str) -> Any:
-    """A VALUE argument: strict JSON (NaN/Infinity are not JSON and are refused)."""
+    """A VALUE argument: strict JSON (NaN/Infinity are not JSON and are refused, and so
+    is a number too large for a float, which ``json`` would read as Infinity)."""
     def refuse(token: str) -> Any:
         raise ValueError(f"{token} is not JSON")
+
+    def finite(token: str) -> float:
+        number = float(token)
+        if not math.isfinite(number):
+            shown = token if len(token) <= 40 else token[:37] + "..."
+            raise ValueError(f"{shown} is beyond a float's range (an infinite float is "
+                             f"{{\"float\": \"inf\"}} with --tagged)")
+        return number
     try:
-        return json.loads(text, parse_constant=refuse)
+        return json.loads(text, parse_constant=refuse, parse_float=finite)
     except ValueError as e:
         raise UsageProblem(f"VALUE must be JSON ({e}); quote strings: '\"text\"'") from None
     except RecursionError:
         raise UsageProblem("VALUE nests too deeply to parse") from None
+
+
+_NEGATIVE_NUMBER = re.compile(r"-(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
+class NegativeNumberArguments(click.Command):
+    """A command whose arguments may be negative JSON numbers: ``put PATH k -5`` (what
+    ``get`` printed pastes back) stores -5, where click took ``-5`` for an unknown option.
+    Only when every dashed word before ``--`` is one of the command's options or a
+    negative number are unknown options let through as arguments, so a mistyped option
+    is still "No such option"."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        words = args[:args.index("--")] if "--" in args else args
+        known = {o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)}
+        dashed = [w.split("=", 1)[0] for w in words if w.startswith("-") and w != "-"]
+        if any(_NEGATIVE_NUMBER.fullmatch(w) for w in dashed):
+            unknown = [w for w in dashed if w not in known and not _NEGATIVE_NUMBER.fullmatch(w)]
+            if unknown:  # (name the mistyped option, not the number)
+                import difflib
+                raise click.NoSuchOption(unknown[0], possibilities=difflib.get_close_matches(
+                    unknown[0], sorted(known)), ctx=ctx)
+            ctx.ignore_unknown_options = True
+        return super().parse_args(ctx, args)
 
 
 def untag(doc: Any) -> Any:
