@@ -1,5 +1,13 @@
 """The one WAL reader: every walker of the log (recovery, verify, read-only followers,
-inspection, backup, replication) reads through this module.
+inspection, backup, rebuild) reads through this module.  Two record loops live elsewhere,
+on purpose, both on the same record check (:func:`walstore.log.format.check_record`):
+replication's ``logformat.iter_records`` tails a live segment from a remembered offset
+and stops at the first record that does not check without judging it (a writer's tail;
+judging reads the rest of the file, and may search it, on every poll), asking
+:func:`damage_that_stays` here when non-zero bytes lie behind it; and a purge's
+``walstore.engine.scrub`` reads the frames of ``quarantine/*.bin`` files without
+checksums (bytes cut from the log as damaged or stale: it must see the keys in them all
+the same).
 
 Two levels, as LevelDB's ``log_reader``:
 
