@@ -18,6 +18,9 @@ empty directories, stray temp names):
   RECOVERY of a crash (a crash while undoing a crash): the next open still ends with
   the pre-transaction tree, and reports no conflict (walstore's own intermediate states
   are not a stranger's).
+
+Every seam call with ``WALSTORE_SLOW=1``; CI kills at every third (``STRIDE``), the first
+and the last always among them.
 """
 from __future__ import annotations
 
@@ -39,6 +42,16 @@ import walstore  # noqa: E402
 from files_support import Dir, File, Link, assert_tree_equal, build, tree_state  # noqa: E402
 
 CHILD = HERE / "agent_scripts" / "files_child.py"
+
+# Each kill is a child process (~0.3 s of imports): CI kills before every STRIDE-th seam
+# call, the first and the last always among them (and right after the last); with
+# WALSTORE_SLOW=1 before every one (README, "Reliability": the long runs).
+STRIDE = 1 if os.environ.get("WALSTORE_SLOW") == "1" else 3
+
+
+def kill_points(calls: int) -> list[int]:
+    """The seam calls a sweep kills before: every one, or every STRIDE-th in CI."""
+    return sorted({1, calls} | set(range(1, calls + 1, STRIDE)))
 ROOT = HERE.parent
 
 SPEC = {
@@ -146,7 +159,7 @@ def test_kill_at_every_step_of_a_file_transaction(tmp_path, job):
     outcomes = {"pre": 0, "post": 0}
     ops = set()
     # before every call, and right after the last one (the commit record's sync)
-    for n, after in [(n, False) for n in range(1, calls + 1)] + [(calls, True)]:
+    for n, after in [(n, False) for n in kill_points(calls)] + [(calls, True)]:
         base = tmp_path / f"n{n}{'a' if after else ''}"
         store, ws = setup(base)
         pre = pre or tree_state(ws)
@@ -188,7 +201,7 @@ def kill_at_every_call(tmp_path: Path, job: str, prepare, what: str) -> None:
     calls = run_child({"store": store, "ws": ws, "job": job})["calls"]
     assert_tree_equal(tree_state(ws), pre, f"after an undisturbed {what}")
     assert calls and calls > 5
-    for n in range(1, calls + 1):
+    for n in kill_points(calls):
         store, ws, pre = prepare(tmp_path / f"k{n}")
         got = run_child({"store": store, "ws": ws, "job": job, "stop": n})
         assert got["stopped"], (n, got)
