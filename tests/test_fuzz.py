@@ -212,7 +212,7 @@ def test_atheris_harness_learns_and_stops_by_itself(tmp_path, target):
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fuzz_wal.py"),
-                        "--atheris", "--target", target, "--seconds", "8",
+                        "--atheris", "--target", target, "--seconds", "4",
                         "--corpus", str(corpus)],
                        capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
