@@ -9,7 +9,6 @@ transaction, and cannot write.
 from __future__ import annotations
 
 import contextlib
-import json
 import random
 import subprocess
 import sys
@@ -21,6 +20,8 @@ import pytest
 
 import walstore
 
+from line_process import LineProcess
+
 SCRIPTS = Path(__file__).resolve().parent / "twophase_scripts"
 
 
@@ -29,32 +30,11 @@ def _open(path, **kw):
     return walstore.open(str(path), **kw)
 
 
-class Reader:
+class Reader(LineProcess):
     """twophase_scripts/reader.py: one read-only walstore process, one command per line."""
 
     def __init__(self, path) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / "reader.py"), str(path)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.strip() == "READY", (line, self.proc.stderr.read())
-
-    def __call__(self, *cmd: str):
-        self.proc.stdin.write(" ".join(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read()
-        return json.loads(line)
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(SCRIPTS / "reader.py", str(path), quit_timeout=30)
 
 
 @pytest.fixture

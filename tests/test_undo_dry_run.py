@@ -21,6 +21,8 @@ import pytest
 
 import walstore
 
+from line_process import LineProcess
+
 SCRIPTS = Path(__file__).resolve().parent / "agent_scripts"
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,30 +39,11 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=120)
 
 
-class Agent:
+class Agent(LineProcess):
+    """agent_scripts/dryrun_writer.py: the agent process holding the store open."""
+
     def __init__(self, store: str, ws: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / "dryrun_writer.py"), store,
-                                      ws], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        assert line.strip() == "READY", (line, self.proc.stderr.read())
-
-    def __call__(self, *cmd: str) -> dict:
-        self.proc.stdin.write(" ".join(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read()
-        return json.loads(line)
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
+        super().__init__(SCRIPTS / "dryrun_writer.py", store, ws)
 
 
 def _dry_run(store: str, *extra: str) -> dict:
