@@ -627,3 +627,69 @@ def test_an_atomic_groups_rollback_reaches_every_participant_when_one_fails(tmp_
         t.put("b/x", 2)  # no hold left
     for s in (a, b, c):
         s.close()
+
+
+# ---- stores written by walstore 0.1.0 -------------------------------------------------------
+def _prepared_by_0_1_0(path) -> int:
+    """A store whose prepared transaction ``g1`` holds an action the way walstore 0.1.0
+    (834c32b) kept it: no intent record and no ``actions`` row, the whole action row inside
+    the ``twophase`` table's ``p:g1`` row.  Built with this version (prepare, checkpoint,
+    close), then that row is rewritten in LMDB to 0.1.0's form.  Returns the txid."""
+    import lmdb
+    import msgpack
+    with _open(path) as s:
+        with s.transaction() as tx:
+            tx.put("x", 1)
+        tx = s.transaction()
+        tx.put("prep", "in-doubt")
+        tx.prepare("g1")
+        txid = s.prepared_details("g1").txid
+        s.checkpoint()
+    env = lmdb.open(str(path / "db"), max_dbs=64)
+    try:
+        db = env.open_db(b"twophase", create=False)
+        with env.begin(write=True, db=db) as t:
+            row = msgpack.unpackb(t.get(b"p:g1"), raw=False)
+            assert row["actions"] == []
+            row["actions"] = [{
+                "id": f"{txid}.1", "tx": txid, "name": "charge", "args": {"amount": 9},
+                "result": {"charged": 9}, "key": f"ws-old-{txid}.1", "compensate": "refund",
+                "state": "pending", "error": None, "attempts": 0, "ts": 1.0, "lsn": 40}]
+            t.put(b"p:g1", msgpack.packb(row, use_bin_type=True))
+    finally:
+        env.close()
+    return txid
+
+
+def test_rollback_prepared_of_a_0_1_0_prepared_transaction_compensates_its_action(tmp_path):
+    """walstore 0.1.0 kept a prepared transaction's actions as whole rows in its
+    ``p:<gid>`` row; read as action ids, ``rollback_prepared`` compensated nothing and
+    listed nothing (the charge stayed, unsaid) and ``commit_prepared`` raised a bare
+    TypeError (found by an upgrade probe with a store written by 0.1.0's code)."""
+    path = tmp_path / "s"
+    txid = _prepared_by_0_1_0(path)
+    refunded = []
+    with _open(path, compensators={"refund": refunded.append}) as s:
+        assert s.prepared() == ["g1"]
+        assert s.prepared_details("g1").actions == [f"{txid}.1"]
+        s.rollback_prepared("g1")
+        assert [(a.key, a.args, a.result) for a in refunded] == [
+            (f"ws-old-{txid}.1", {"amount": 9}, {"charged": 9})]
+        assert [(a.id, a.state) for a in s.actions()] == [(f"{txid}.1", "compensated")]
+        assert s.pending_compensations() == [] and s.get("prep") is None
+        assert s.decision("g1") == "abort"
+    with _open(path, compensators={"refund": refunded.append}) as s:
+        assert len(refunded) == 1 and s.prepared() == []
+        assert [(a.id, a.state) for a in s.actions()] == [(f"{txid}.1", "compensated")]
+
+
+def test_commit_prepared_of_a_0_1_0_prepared_transaction_records_its_action(tmp_path):
+    path = tmp_path / "s"
+    txid = _prepared_by_0_1_0(path)
+    with _open(path, compensators={"refund": lambda a: None}) as s:
+        s.commit_prepared("g1")
+        assert s.get("prep") == "in-doubt" and s.decision("g1") == "commit"
+        assert [(a.id, a.state, a.key) for a in s.actions()] == [
+            (f"{txid}.1", "committed", f"ws-old-{txid}.1")]
+    with _open(path) as s:
+        assert [(a.id, a.state) for a in s.actions()] == [(f"{txid}.1", "committed")]

@@ -100,7 +100,8 @@ class TwoPhase:
         """Commit a prepared transaction through the commit pipeline; returns its LSN."""
         p = self._get(gid)
         body = dict(p.extra, gid=gid)
-        rows = [self.engine.views.action_row(aid) for aid in p.actions]
+        legacy = {str(r["id"]): r for r in p.legacy_actions}
+        rows = [self.engine.views.action_row(aid) or legacy.get(aid) for aid in p.actions]
         actions = [dict(r, state="committed") for r in rows if r is not None]
         if actions:
             body["actions"] = actions
@@ -118,6 +119,7 @@ class TwoPhase:
                 raise UnknownGid(          # decision stands, and one is logged, not two)
                     f"no prepared transaction with gid {gid!r} (it was just decided by "
                     f"another caller); nothing was rolled back", gid)
+            self._log_legacy_actions(p)
             event = eng.journal.append(RecordType.ROLLBACK_PREPARED, {"tx": p.txid, "gid": gid},
                                        p.txid)
             self.undoing.add(p.txid)  # (its paths stay claimed until they are put back)
@@ -132,6 +134,28 @@ class TwoPhase:
                 self.saga.compensate([a for a in owed if a.owed])
         finally:
             self.undoing.discard(p.txid)
+
+    def _log_legacy_actions(self, p: Prepared) -> None:
+        """The actions of a transaction prepared by walstore 0.1.0 (only its PREPARE row
+        holds them, ``Prepared.legacy_actions``): log their intents and results as this
+        version does at ``tx.action``, so the ROLLBACK_PREPARED that follows makes them
+        owed and compensating records them, like any other (without them it compensated
+        nothing and listed nothing: the side effect stayed done, unsaid).  Under the
+        journal lock; an action whose row exists (logged by an earlier rollback that
+        crashed before its decision) is not logged again."""
+        eng = self.engine
+        for row in p.legacy_actions:
+            aid = str(row["id"])
+            if eng.views.action_row(aid, include_unpublished=True) is not None:
+                continue
+            body = {"tx": p.txid, "id": aid, "name": row.get("name"),
+                    "args": row.get("args"), "key": row.get("key", ""),
+                    "compensate": row.get("compensate"), "ts": row.get("ts", 0.0)}
+            eng.journal.append(RecordType.ACTION_INTENT, body, p.txid)
+            if row.get("result") is not None or row.get("error") is not None:
+                eng.journal.append(RecordType.ACTION_RESULT, {
+                    "tx": p.txid, "id": aid, "result": row.get("result"),
+                    "error": row.get("error")}, p.txid)
 
     def decision(self, gid: str) -> str | None:
         """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""

@@ -166,6 +166,10 @@ class Prepared:
     ts: float = 0.0
     extra: dict = field(default_factory=dict)
     scope: Any = None
+    # the rows of its actions, when only its PREPARE row holds them (written by walstore
+    # 0.1.0, which logged no intents of a prepared transaction's actions and kept whole
+    # action rows in the row's ``actions``): agent.twophase records them at the decision
+    legacy_actions: list = field(default_factory=list)
 
     def body(self) -> dict:
         """The PREPARE record's payload (without ``w``: the writes go beside it)."""
@@ -176,10 +180,15 @@ class Prepared:
 
     @classmethod
     def from_row(cls, row: dict) -> "Prepared":
+        """A PREPARE row (or record body) as decoded; its ``actions`` are action ids, or
+        (a row written by walstore 0.1.0) whole action rows: ids, and those rows."""
+        listed = list(row.get("actions", []))
+        legacy = [dict(a) for a in listed if isinstance(a, dict)]
+        ids = [str(a["id"]) if isinstance(a, dict) else a for a in listed]
         return cls(row["gid"], row["tx"], [tuple(w[:2]) for w in row.get("w", [])],
                    list(row.get("r", [])), [tuple(r) for r in row.get("rr", [])],
-                   row.get("meta"), list(row.get("actions", [])), row.get("ts", 0.0),
-                   dict(row.get("extra") or {}), row.get("scope"))
+                   row.get("meta"), ids, row.get("ts", 0.0),
+                   dict(row.get("extra") or {}), row.get("scope"), legacy)
 
     @property
     def written(self) -> set:
