@@ -445,3 +445,48 @@ def test_example_agent_runs_and_undoes_its_bookings(tmp_path):
     assert ours["memories"] == ["Lisbon", "Paris"]
     assert summary["plain"]["active"] == ["Paris", "Rome", "Oslo", "Lisbon"]
     assert os.path.isdir(tmp_path / "store")
+
+
+# ---- checkpoints written by walstore 0.1.x ---------------------------------------------------
+def _old_key(letter: bytes, *parts: str, tail: bytes = b"") -> bytes:
+    """A key of walstore 0.1.x's saver layout (834c32b and before): ``lg`` + one letter +
+    self-delimiting parts (msgpack str) + a tail, e.g. ``lgc <thread> <ns> <checkpoint id>``."""
+    return b"lg" + letter + b"".join(msgpack.packb(p) for p in parts) + tail
+
+
+def test_checkpoints_of_the_0_1_layout_are_refused_loudly_not_read_as_none(tmp_path):
+    """The key layout changed (``lgc...`` to ``lg\\x00...``, c58a9bd); a saver over a store
+    whose threads 0.1.0 wrote saw no checkpoint at all (get_tuple None, list empty) and the
+    next invoke started the thread over, silently (found by an upgrade probe running
+    0.1.0's code).  Now the saver refuses at construction, naming the problem and the ways
+    out; the keys are written here in 0.1.0's layout (as its saver wrote them for thread
+    "t1", namespace "")."""
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        with s.transaction() as tx:
+            tx.put(b"lgcat", "an application key beside the saver's: not a checkpoint")
+        WalstoreSaver(s)  # (fine)
+        with s.transaction() as tx:
+            tx.put(_old_key(b"c", "t1", "", tail=b"1f1ee041-1138-6f93"), {"c": b"x"})
+            tx.put(_old_key(b"h", "t1", ""), b"1f1ee041-1138-6f93")
+            tx.put(_old_key(b"b", "t1", "", "n", "00001.0"), b"x")
+        with pytest.raises(walstore.WalstoreError,
+                           match=r"(?s)written by walstore 0\.1\.x \(thread 't1'.*does not "
+                                 r"read.*Nothing was changed.*store\.purge"):
+            WalstoreSaver(s)
+        assert len(list(s.scan(prefix=b"lg"))) == 4
+        WalstoreSaver(s, key_prefix=b"lg2")  # another prefix leaves them where they are
+        for letter in b"cbhwr":
+            s.purge(b"lg" + bytes([letter]))
+        saver = WalstoreSaver(s)  # erased: the default prefix works again
+        assert saver.get_tuple({"configurable": {"thread_id": "t1"}}) is None
+    finally:
+        s.close()
+    with pytest.raises(walstore.WalstoreError, match="walstore 0.1.x"):
+        path = str(tmp_path / "t")
+        with walstore.open(path, durability="none") as t:
+            with t.transaction() as tx:
+                tx.put(_old_key(b"c", "t" * 40, "sub", tail=b"1ef"), {"c": b"x"})
+        WalstoreSaver.from_path(path, durability="none")
+    with walstore.open(path, durability="none") as t:  # (from_path closed what it opened)
+        assert len(list(t.scan())) == 1

@@ -36,6 +36,12 @@ names).  Byte order of item keys is Python's order of ``(namespace tuple, key)``
 namespace's own items, ``00``/``01``, sort before a deeper label's ``02``), so a namespace
 prefix is a key prefix, a namespace's items are one range, and listings come sorted
 (hashed labels and keys excepted: they sort after, resp. before, the plain ones).
+
+**The layout of walstore 0.1.x** (before the thread prefix; not read by this version):
+``<key_prefix> c|b|h|w|r <thread part> <ns part> ...`` — a checkpoint was
+``<key_prefix> c <thread part> <ns part> <checkpoint_id>``.  ``legacy_checkpoint_ranges``
+and ``is_legacy_checkpoint`` let the saver find such checkpoints (and refuse to run over
+them as if the store held none); ``LEGACY_LETTERS`` are the first bytes of every such key.
 """
 from __future__ import annotations
 
@@ -124,6 +130,30 @@ class Namespace:
     def run(self, run_id: str, checkpoint_id: str) -> bytes:
         return (self.thread_prefix + RUN + part(run_id) + self.ns_part
                 + checkpoint_id.encode("utf-8"))
+
+
+LEGACY_LETTERS = b"cbhwr"  # walstore 0.1.x: <key_prefix> + one of these + ...
+
+
+def legacy_checkpoint_ranges(key_prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """The (start, end) key ranges that hold walstore 0.1.x's checkpoint keys under
+    ``key_prefix``: ``c`` then a thread part (msgpack fixstr, str8, or a bin8 hash)."""
+    c = bytes(key_prefix) + b"c"
+    return [(c + b"\xa0", c + b"\xc0"), (c + b"\xc4\x10", c + b"\xc4\x11"),
+            (c + b"\xd9", c + b"\xda")]
+
+
+def is_legacy_checkpoint(key_prefix: bytes, key: bytes) -> tuple[bool, str | None]:
+    """(whether ``key`` is a walstore 0.1.x checkpoint key under ``key_prefix``: a thread
+    part, a namespace part and a checkpoint id; its thread id, None when hashed)."""
+    i = len(key_prefix) + 1
+    try:
+        thread_id, i = read_part(key, i)
+        _ns, i = read_part(key, i)
+        key[i:].decode("utf-8")
+    except (ValueError, IndexError):
+        return False, None
+    return i < len(key), thread_id
 
 
 class SaverKeys:

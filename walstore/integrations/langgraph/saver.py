@@ -82,11 +82,12 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 
 import walstore
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import ConflictError
+from walstore.errors import ConflictError, WalstoreError
 
 from .._async import finish_despite_cancel
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
-from .keys import (BLOB, CHECKPOINT, RUN, WRITE, Namespace, SaverKeys, is_hashed,
+from .keys import (BLOB, CHECKPOINT, LEGACY_LETTERS, RUN, THREADS, WRITE, Namespace,
+                   SaverKeys, is_hashed, is_legacy_checkpoint, legacy_checkpoint_ranges,
                    prefix_end, read_part)
 from .serde import StateSerializer
 
@@ -119,6 +120,29 @@ class StaleCheckpointError(ConflictError):
         self.checkpoint_ns = checkpoint_ns
         self.parent = parent
         self.head = head
+
+
+def _refuse_legacy_layout(store: "walstore.Store", key_prefix: bytes) -> None:
+    """WalstoreError when the store holds checkpoints that walstore 0.1.x wrote under
+    ``key_prefix`` (``keys.legacy_checkpoint_ranges``): this version does not read that
+    layout, and running over it would show every such thread as empty and start it over.
+    A few short scans, once per saver."""
+    for start, end in legacy_checkpoint_ranges(key_prefix):
+        row = _first(store.scan(start=start, end=end))
+        if row is None:
+            continue
+        legacy, thread_id = is_legacy_checkpoint(key_prefix, row[0])
+        if not legacy:
+            continue
+        erase = ", ".join(repr(key_prefix + bytes([c])) for c in LEGACY_LETTERS)
+        raise WalstoreError(
+            f"store {store.path} holds LangGraph checkpoints written by walstore 0.1.x "
+            f"(thread {thread_id!r}, key {row[0]!r}) in a key layout this version does not "
+            f"read (it reads {key_prefix + THREADS!r}...): this saver would see no "
+            f"checkpoint there and start such threads over, so it refuses.  Nothing was "
+            f"changed.  Read or export them with walstore 0.1.x, then erase them with "
+            f"store.purge(prefix) for each of {erase} (every key under those prefixes), "
+            f"or give this saver another key_prefix to leave them where they are")
 
 
 def _conf(config: RunnableConfig | None) -> dict:
@@ -229,6 +253,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self.fencing = fencing
         self.txn_meta = txn_meta
         self.keys = SaverKeys(bytes(key_prefix))
+        _refuse_legacy_layout(store, bytes(key_prefix))
         self.codec = BlobCodec(self.serde, deltas=deltas, delta_depth=delta_depth,
                                compress=compress, value_cache_bytes=value_cache_bytes)
         self._owns_store = False
@@ -237,7 +262,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def from_path(cls, path: str, *, saver_options: dict | None = None,
                   **open_kwargs: Any) -> "WalstoreSaver":
         """Open (creating) the store at ``path`` and wrap it; ``close()`` closes it."""
-        saver = cls(walstore.open(path, **open_kwargs), **(saver_options or {}))
+        store = walstore.open(path, **open_kwargs)
+        try:
+            saver = cls(store, **(saver_options or {}))
+        except BaseException:
+            store.close()
+            raise
         saver._owns_store = True
         return saver
 
