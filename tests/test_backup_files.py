@@ -7,6 +7,7 @@ A probe (probe57) found a backup copied only db/ and wal/: the copy verified cle
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -151,3 +152,35 @@ def test_verify_names_referenced_file_content_missing_from_the_store(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     assert "sha256:dbcdb1f658e3f2220d1c09474ff99a91b2b19a0bf81e6cde1a3814d5bc35c6d9 is " \
            "missing" in r.stdout
+
+
+def test_verify_names_file_content_missing_with_the_whole_files_directory(tmp_path):
+    """A copy lacking files/ entirely (what ``walstore backup`` copied before it copied
+    blobs) verified ok with 0 blobs checked — the check ran only when files/ existed —
+    while reading its file history raised CorruptionError (found by an upgrade probe with
+    a backup made by the older code).  A store that never used files still verifies."""
+    src, repo = tmp_path / "src", tmp_path / "repo"
+    repo.mkdir()
+    with walstore.open(str(src)) as s:
+        ws = s.workspace(str(repo))
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", b"version one\n")
+        s.restore_point("p1")
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", b"version two\n")
+    shutil.rmtree(src / "files")
+    r = _cli("verify", str(src), "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert not rep["ok"] and rep["blobs_checked"] == 2
+    assert any("refers to 2 blob(s) of file content but has no content store" in e
+               for e in rep["errors"]), rep["errors"]
+    plain = str(tmp_path / "plain")
+    with walstore.open(plain) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    assert not os.path.exists(os.path.join(plain, "files"))
+    r = _cli("verify", plain, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ok"] and rep["blobs_checked"] == 0 and rep["warnings"] == [], rep

@@ -3,8 +3,9 @@
 Checks, without writing a byte: the identity file; every segment header; every record's
 checksum, LSN and payload; that every blob of file content the store refers to (what its
 blob gc keeps: ``Files.referenced``, read through a read-only open) is in files/blobs (a
-backup that lacked them verified clean — probe57; the writer's gc is held off meanwhile,
-as ``walstore backup`` does); the continuity of the segment chain (and a sealed last
+backup that lacked them verified clean — probe57; so did one lacking the whole files/
+directory, which was taken for a store without files; the writer's gc is held off
+meanwhile, as ``walstore backup`` does); the continuity of the segment chain (and a sealed last
 segment, which proves a newer one went missing); that LMDB's ``applied`` LSN lies inside
 the log; that for every key written by a commit in the retained WAL at or below
 ``applied``, LMDB holds exactly the last value the WAL gave it as of that point (WAL vs
@@ -92,8 +93,8 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             return rep  # (comparing would make LMDB walk the damaged pages: SIGABRT)
         _compare(state, rep, last_values)
         _check_lmdb(state, rep)
-        if not rep.errors and os.path.isdir(os.path.join(layout.root, "files")):
-            _check_blobs(layout, rep)  # (not on damage: the errors above say it)
+        if not rep.errors:  # (not on damage: the errors above say it.  Not only when
+            _check_blobs(layout, rep)  # files/ exists: a copy without it passed — probe)
         return rep
     finally:
         if own_state:
@@ -259,6 +260,13 @@ def _check_blobs(layout: Layout, rep: VerifyReport) -> None:
                                 f"failed ({e})")
             return
         blobs = os.path.join(layout.root, "files", "blobs")
+        if refs and not os.path.isdir(blobs):  # (one error, not one per blob)
+            rep.blobs_checked += len(refs)
+            rep.errors.append(f"the store refers to {len(refs)} blob(s) of file content "
+                              f"but has no content store ({blobs} is missing: a copy made "
+                              f"without its file content?): its file versions and undos "
+                              f"cannot be read")
+            return
         for digest in sorted(refs):
             rep.blobs_checked += 1
             path = os.path.join(blobs, digest[:2], digest[2:])
