@@ -407,3 +407,64 @@ def test_retention_trims_the_actions_of_a_transaction_a_crash_left_open(tmp_path
         _commits(s, 4)
         s.checkpoint()
         assert s.actions() == []
+
+
+def test_retention_bounds_the_rows_of_rollbacks_between_commits(tmp_path):
+    """Rollbacks did not count toward ``retain_transactions``: the settled rows of any
+    number of them after the Nth newest commit were kept (5000 rollbacks, 5000
+    ``compensated`` rows and ``aended`` entries kept through a checkpoint).  Now they
+    count for their own rows: the newest N transactions, committed or not, keep theirs,
+    while the history (commits, a restore point) keeps what it kept, and an owed action
+    is kept however old."""
+    fail = [False]
+
+    def refund(a):
+        if fail[0]:
+            raise OSError("payment service down")
+
+    path, root = str(tmp_path / "s"), tmp_path / "ws"
+    root.mkdir()
+    with walstore.open(path, durability="none", retain_transactions=10,
+                       compensators={"refund": refund}) as s:
+        ws = s.workspace(str(root))
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+                if i == 19:
+                    with tx.action("charge", args={"i": i}, compensate="refund"):
+                        pass
+            if i == 5:
+                s.restore_point("rp")
+        fail[0] = True  # an owed one among the rollbacks: kept however old
+        with pytest.raises(walstore.CompensationFailed):
+            with s.transaction() as tx:
+                with tx.action("charge", args={"owed": 1}, compensate="refund"):
+                    pass
+                raise RuntimeError("abort")
+        fail[0] = False
+        owed = [a.id for a in s.actions() if a.owed]
+        assert len(owed) == 1
+        for i in range(300):
+            with pytest.raises(RuntimeError):
+                with s.transaction() as tx:
+                    if i % 2:
+                        tx.files(ws).write(f"f{i}.txt", "x")
+                    else:
+                        with tx.action("charge", args={"i": i}, compensate="refund"):
+                            pass
+                    raise RuntimeError("abort")
+        s.checkpoint()
+        rows = s.actions()
+        by_state = sorted(a.state for a in rows)
+        # the newest 10 transactions are rollbacks, 5 of them with an action; the owed
+        # one; the newest commit's action (its history is retained: commits count as
+        # before, the restore point pins them)
+        assert by_state == ["committed"] + ["compensated"] * 5 + ["failed"], by_state
+        assert {a.args.get("i") for a in rows if a.state == "compensated"} == {
+            290, 292, 294, 296, 298}
+        assert {a.id for a in rows if a.owed} == set(owed)
+        assert len(s.log()) == 14  # k6 .. k19: the restore point pins them
+        s.rewind("rp")
+        assert s.get("k6") is None and s.get("k19") is None and s.get("k5") == 5
+    rows = _lmdb_rows(path, "actions", "aended")
+    assert rows["actions"] <= 1 + 5 + 1 and rows["aended"] <= 10 + 1, rows

@@ -7,13 +7,18 @@ Trimming deletes, in batches, the history rows of commits below the horizon (eac
 keeps its newest version below it, so views at or after the horizon stay exact, unless
 that version is a deletion nothing follows: then the key, absent at every retained point,
 keeps no row at all, nor does a workspace path left absent), their ``txns``/``bylsn`` rows
-and their settled action rows (every row of the transaction, and those of transactions
-rolled back below the horizon: ``aended``; an action still owed keeps its row); the
-horizon is recorded, and a point before it raises HistoryTrimmed.  Default: keep
-everything.
+and their settled action rows (every row of the transaction; an action still owed keeps
+its row); the horizon is recorded, and a point before it raises HistoryTrimmed.
+Transactions that ended without committing (``aended``) are no points and carry no
+history an undo or a view reads: their settled rows go below a horizon of their own,
+where rollbacks count toward ``retain_transactions`` as commits do (kept: the newest N
+transactions, committed or not, and those of the last S seconds) and restore points do
+not pin; else an agent that mostly rolls back grew its store one row per rollback
+between commits.  Default: keep everything.
 """
 from __future__ import annotations
 
+import heapq
 import time
 from typing import TYPE_CHECKING
 
@@ -36,7 +41,7 @@ class Retention:
         if opts.retain_transactions is None and opts.retain_seconds is None:
             return {"history_trimmed": 0}
         st = self.engine.state
-        horizon = self._horizon()
+        horizon, ended = self._horizon()
         pins = [p["lsn"] for p in self.engine.views.points().values()]
         if pins:
             horizon = min(horizon, min(pins))
@@ -46,7 +51,7 @@ class Retention:
         first = next(iter(st.scan(b"", None, db="bylsn")), None)
         left = from_u64(first[0]) if first is not None else None
         if horizon <= old and (left is None or left >= old):
-            self._trim_ended_actions(old)
+            self._trim_ended_actions(max(old, ended))
             return {"history_trimmed": 0}
         horizon = max(horizon, old)
         if left is not None:
@@ -70,12 +75,13 @@ class Retention:
             self.engine.applier.trim_history(batch, horizon)
             trimmed += len(batch)
             old = batch[-1][0] + 1
-        self._trim_ended_actions(horizon)
+        self._trim_ended_actions(max(horizon, ended))
         return {"history_trimmed": trimmed}
 
     def _trim_ended_actions(self, horizon: int) -> None:
         """The settled action rows no trimmed commit reached: those of transactions that
-        rolled back below the horizon (no commit row leads to them), and those still
+        rolled back below ``horizon`` (no commit row leads to them; ``horizon`` is the
+        larger of the history's and the rollbacks' own, see ``_horizon``), and those still
         owed, or kept for a retained undo, when their commit was trimmed (settled since).
         ``aended`` lists them, and loses a transaction once no row of it is left, so the
         cost is the rows trimmed plus one look at each transaction whose actions are
@@ -93,22 +99,31 @@ class Retention:
                 break
         return out
 
-    def _horizon(self) -> int:
+    def _horizon(self) -> tuple[int, int]:
+        """The history horizon (before restore points pin it), and the rollbacks' one:
+        an ``aended`` row below it is trimmed (its settled rows).  For the rollbacks
+        ``retain_transactions`` counts every transaction that ended, committed or not
+        (``bylsn`` and ``aended`` merged, newest first): counting commits only, the rows
+        of any number of rollbacks after the Nth newest commit were kept.  The rollbacks'
+        horizon is never below the history's (more rows counted), and restore points do
+        not pin it: a rolled-back transaction is no point, and no view or undo reads its
+        rows (an owed one is kept by the trim itself).  ``aended`` also lists trimmed
+        commits that kept a row; they lie below the recorded horizon, trimmed as
+        before."""
         opts = self.engine.options
         st = self.engine.state
-        candidates = [st.applied_lsn()]
+        applied = st.applied_lsn()
+        candidates, ended = [applied], [applied]
         if opts.retain_transactions is not None:
-            n = 0
-            for raw, _t in st.scan(b"", None, reverse=True, db="bylsn"):
-                n += 1
-                if n >= opts.retain_transactions:
-                    candidates.append(from_u64(raw))
-                    break
-            else:
-                candidates.append(0)
+            candidates.append(self._nth_newest(opts.retain_transactions,
+                                               st.scan(b"", None, reverse=True, db="bylsn")))
+            ended.append(self._nth_newest(opts.retain_transactions, heapq.merge(
+                st.scan(b"", None, reverse=True, db="bylsn"),
+                st.scan(b"", None, reverse=True, db="aended"),
+                key=_first, reverse=True)))
         if opts.retain_seconds is not None:
             cutoff = time.time() - opts.retain_seconds
-            first_young = st.applied_lsn()
+            first_young = applied
             for raw, txid in st.scan(b"", None, db="bylsn"):
                 row = st.get(txid, "txns")
                 if row is not None and tables.unpack_row(row, "txns", txid, st.data_file
@@ -116,4 +131,19 @@ class Retention:
                     first_young = from_u64(raw)
                     break
             candidates.append(first_young)
-        return min(candidates)
+            ended.append(first_young)
+        return min(candidates), min(ended)
+
+    @staticmethod
+    def _nth_newest(n: int, rows) -> int:
+        """The LSN of the ``n``th of ``rows`` (LSN keys, newest first); 0: fewer."""
+        k = 0
+        for raw, _t in rows:
+            k += 1
+            if k >= n:
+                return from_u64(raw)
+        return 0
+
+
+def _first(row: tuple) -> bytes:
+    return row[0]
