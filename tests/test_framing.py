@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from walstore.errors import NotAStore
 from walstore.log import format as framing
 from walstore.log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE,
                               SEGMENT_MAGIC, RecordType, check_record, crc32c,
@@ -120,8 +121,18 @@ def _reheader(raw: bytes, offset: int, fmt: str, value: int) -> bytes:
 
 
 def test_segment_header_unknown_version_refused() -> None:
+    raw = _reheader(encode_segment_header(STORE_A, 0, 0), 8, "<H", 0)
+    with pytest.raises(ValueError, match="version 0"):
+        decode_segment_header(raw)
+
+
+def test_segment_header_of_a_newer_version_is_a_newer_writers() -> None:
+    """A whole header (its CRC checks) of a larger version: a newer walstore's segment,
+    refused as such (NotAStore), never taken for a damaged header (ValueError: a bad
+    segment, which a salvage mode drops to quarantine)."""
     raw = _reheader(encode_segment_header(STORE_A, 0, 0), 8, "<H", 2)
-    with pytest.raises(ValueError, match="version 2"):
+    with pytest.raises(NotAStore, match="unsupported segment format version 2: the segment "
+                                        "was written by a newer walstore .*upgrade walstore"):
         decode_segment_header(raw)
 
 
@@ -261,20 +272,27 @@ def test_every_single_bit_flip_is_detected() -> None:
 
 
 @pytest.mark.parametrize("rtype", [0, 19, 99, 255])
-def test_unknown_type_with_valid_crc_fails(rtype: int) -> None:
+def test_unknown_type_with_valid_crc_is_a_newer_writers(rtype: int) -> None:
+    """A whole record (CRC valid) of a type this code does not know: a newer walstore
+    wrote it; refused as such, never a reason to cut it as a torn tail."""
     salt = segment_salt(STORE_A, 0)
     frame = encode_record(salt, rtype, 0, 0, b"\x80")
-    h, reason = check_record(frame, 0, salt, 0, len(frame))
-    assert reason == f"unknown record type {rtype}"
+    with pytest.raises(NotAStore, match=f"the log holds a record of type {rtype} "
+                                        f"\\(LSN 0, file seg, offset 0\\) written by a newer "
+                                        f"walstore.*upgrade walstore"):
+        check_record(frame, 0, salt, 0, len(frame), "seg")
 
 
-def test_nonzero_flags_with_valid_crc_fail() -> None:
+def test_nonzero_flags_with_valid_crc_are_a_newer_writers() -> None:
     salt = segment_salt(STORE_A, 0)
     b = bytearray(encode_record(salt, RecordType.COMMIT, 0, 0, b"\x80"))
     b[9] = 0x04
     struct.pack_into("<I", b, 0, _crc32c_ref(bytes(b[4:]), salt))
-    h, reason = check_record(bytes(b), 0, salt, 0, len(b))
-    assert reason == "unknown record flags 4"
+    with pytest.raises(NotAStore, match="a record of type 1 with flags 4 \\(LSN 0\\) "
+                                        "written by a newer walstore"):
+        check_record(bytes(b), 0, salt, 0, len(b))
+    b[0] ^= 1  # the same bytes with a bad CRC: damage, judged as such (no exception)
+    assert check_record(bytes(b), 0, salt, 0, len(b))[1] == "record checksum mismatch"
 
 
 def test_bad_magic_with_valid_crc_fails() -> None:

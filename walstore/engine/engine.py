@@ -181,8 +181,10 @@ class Engine:
             # each big tree's first and last paths (REDO checks its keys' paths per batch)
             checked = check_lmdb_paths(self.state.data_file, {}, whole=(b"actions",))
         mode = self.options.recovery_mode
-        if mode == "strict":  # refuse before changing anything: judge the whole log first
-            Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
+        # refuse before changing anything: judge the whole log first, in every mode (a
+        # record a newer walstore wrote is refused, NotAStore, wherever it lies: a salvage
+        # mode's REDO had changed LMDB before meeting it)
+        Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
         # after an unclean shutdown REDO first reads and checks, in Python, the LMDB pages
         # each batch will touch (lmdb_check.check_lmdb_paths: the paths to its keys, the
         # small tables whole): REDO writing into a damaged page died of SIGBUS/SIGABRT

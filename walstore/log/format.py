@@ -7,7 +7,9 @@ Segment header (64 bytes, at offset 0 of every segment file)::
 
     off size field
       0    8 magic            b"WALSTSEG"
-      8    2 format version   1   (u16, little endian, as every integer here)
+      8    2 format version   1   (u16, little endian, as every integer here); a larger
+                              one (with a valid CRC) was written by a newer walstore:
+                              NotAStore, never damage
      10    2 header size      64
      12    4 reserved         0
      16   16 store id         the store's UUID (bytes)
@@ -26,6 +28,11 @@ the segment header; the LSN of a record is ``segment start LSN + (file offset - 
       4    4 length           payload length, at most MAX_PAYLOAD
       8    1 type             a RecordType, never 0
       9    1 flags            0 (reserved)
+
+A record whose CRC checks but whose type this code does not know, or whose flags are not
+0, was written whole by a newer walstore (no crash and no bit flip yields a valid CRC):
+:func:`check_record` raises NotAStore naming it instead of calling it bad, so no reader
+takes it for a torn tail and cuts it (that destroyed what the newer version wrote).
      10    2 magic            b"WR"
      12    8 lsn              this record's own LSN (its log position)
      20    8 synced lsn       end of the log known durable (fsynced) when it was written
@@ -49,6 +56,8 @@ from __future__ import annotations
 import enum
 import struct
 from typing import NamedTuple
+
+from ..errors import NotAStore
 
 try:  # hardware CRC-32C when the optional package is present; same Castagnoli values
     import crc32c as _crc32c_hw
@@ -175,6 +184,10 @@ def decode_segment_header(data: bytes) -> SegmentHeader:
         raise ValueError("bad segment magic")
     if crc32c(body) != crc:
         raise ValueError("segment header checksum mismatch")
+    if version > FORMAT_VERSION:  # (whole: the CRC checked) a newer writer's, not damage
+        raise NotAStore(f"unsupported segment format version {version}: the segment was "
+                        f"written by a newer walstore (this one reads version "
+                        f"{FORMAT_VERSION}); upgrade walstore to open this store")
     if version != FORMAT_VERSION:
         raise ValueError(f"unsupported segment format version {version}")
     if hsize != SEGMENT_HEADER_SIZE:
@@ -194,12 +207,15 @@ def parse_record_header(buf, offset: int) -> RecordHeader:
     return RecordHeader(*_REC.unpack_from(buf, offset))
 
 
-def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int):
+def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int,
+                 where: str | None = None):
     """Validate the record at ``offset`` of ``buf`` (which holds bytes up to ``limit``).
 
     Returns ``(header, None)`` when it is a whole, valid record with the expected LSN, or
     ``(header_or_None, reason)`` naming the first thing wrong.  Never allocates more than
-    the bytes that are really there.
+    the bytes that are really there.  A record with a valid CRC but an unknown type or
+    non-zero flags raises NotAStore (a newer walstore wrote it; ``where``, the file, is
+    named in the message).
     """
     if offset + RECORD_HEADER_SIZE > limit:
         return None, "truncated record header"
@@ -216,8 +232,17 @@ def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int):
     crc = crc32c(memoryview(buf)[offset + 4:end], salt)
     if crc != h.crc:
         return h, "record checksum mismatch"
-    if h.type not in VALID_TYPES:
-        return h, f"unknown record type {h.type}"
-    if h.flags != 0:
-        return h, f"unknown record flags {h.flags}"
+    if h.type not in VALID_TYPES or h.flags != 0:
+        raise NotAStore(newer_record_message(h, where, offset))
     return h, None
+
+
+def newer_record_message(h: RecordHeader, where: str | None = None,
+                         offset: int | None = None) -> str:
+    """Why a whole record (its CRC checks) of an unknown type or flags is refused."""
+    what = (f"a record of type {h.type}" if h.type not in VALID_TYPES
+            else f"a record of type {h.type} with flags {h.flags}")
+    place = f"LSN {h.lsn}" + (f", file {where}, offset {offset}" if where else "")
+    return (f"the log holds {what} ({place}) written by a newer walstore: this walstore "
+            f"knows record types {min(VALID_TYPES)}-{max(VALID_TYPES)} and flags 0; "
+            f"upgrade walstore to open this store (nothing was changed)")

@@ -25,6 +25,11 @@ Two levels, as LevelDB's ``log_reader``:
 - ``LogFollower`` keeps its place and returns what was appended since the last call
   (read-only stores following a live writer).
 
+A whole record (its CRC checks) of a type or with flags this code does not know, and a
+segment header of a newer format version, raise NotAStore wherever they are met (the
+record check raises it): a newer walstore wrote them, so no walker may take them for
+damage or a torn tail (a cut would destroy what the newer version wrote).
+
 Invariants: no length read from disk is trusted beyond MAX_PAYLOAD or the bytes really
 in the file; the resynchronisation search behind a bad record is bounded
 (RESYNC_BUDGET x the file size); files are only read.
@@ -163,7 +168,7 @@ class SegmentReader:
             sealed = False
             while True:
                 lsn = self.lsn_at(off)
-                h, reason = check_record(mm, off, self.salt, lsn, size)
+                h, reason = check_record(mm, off, self.salt, lsn, size, self.path)
                 if reason is not None:
                     self.end = self._classify(mm, off, size, reason, sealed)
                     return
@@ -214,7 +219,8 @@ class SegmentReader:
                 return None, False
             off = pos - 10
             if off >= start:
-                h, reason = check_record(mm, off, self.salt, self.lsn_at(off), size)
+                h, reason = check_record(mm, off, self.salt, self.lsn_at(off), size,
+                                         self.path)
                 if h is not None and h.lsn == self.lsn_at(off) and h.length <= size:
                     budget -= RECORD_HEADER_SIZE + h.length
                 if reason is None:
@@ -480,7 +486,8 @@ class LogFollower:
         mm, reader = self._mm, self._reader
         while True:
             lsn = reader.lsn_at(self._offset)
-            h, reason = check_record(mm, self._offset, reader.salt, lsn, len(mm))
+            h, reason = check_record(mm, self._offset, reader.salt, lsn, len(mm),
+                                     reader.path)
             if reason is not None:
                 return self._next_starts_at(lsn)
             end = self._offset + RECORD_HEADER_SIZE + h.length
