@@ -102,7 +102,9 @@ class StoreClosed(WalstoreError):
 
 
 class NotAStore(WalstoreError):
-    """The path exists but is not a walstore store (or is of an unknown format version)."""
+    """The path exists but is not a walstore store, or is one of a format version this
+    walstore does not read: a newer walstore's (a newer STORE version, a WAL record of a
+    type or flags it does not know: the message says so and to upgrade walstore)."""
 
 
 class StoreIOError(WalstoreError, OSError):

@@ -11,7 +11,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from ..codec import encode_key
-from ..engine.layout import FORMAT_NAME, FORMAT_VERSION, MAX_IDENTITY_BYTES, Layout
+from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout
 from ..errors import NotAStore
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
@@ -81,7 +81,7 @@ def identity_damaged(path: str, exc: BaseException) -> bool:
     except (ValueError, OSError, RecursionError):
         return True
     return not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
-                and doc.get("version") != FORMAT_VERSION)
+                and doc.get("version") not in READ_VERSIONS)
 
 
 def lmdb_file(path: str) -> str:

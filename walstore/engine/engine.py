@@ -185,6 +185,10 @@ class Engine:
         # record a newer walstore wrote is refused, NotAStore, wherever it lies: a salvage
         # mode's REDO had changed LMDB before meeting it)
         Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
+        # the log is this walstore's to write from here on: a store of an older format
+        # version is marked with this one's before anything is written, so an older
+        # walstore refuses it instead of misreading what this one writes
+        self.layout.upgrade_identity()
         # after an unclean shutdown REDO first reads and checks, in Python, the LMDB pages
         # each batch will touch (lmdb_check.check_lmdb_paths: the paths to its keys, the
         # small tables whole): REDO writing into a damaged page died of SIGBUS/SIGABRT

@@ -2,8 +2,11 @@
 
 A store is a directory (mode 0700)::
 
-    STORE          identity: JSON {"format": "walstore", "version": 1, "store_id": hex,
+    STORE          identity: JSON {"format": "walstore", "version": 2, "store_id": hex,
                    and for a copy not yet opened, "origin": {"kind": "backup"|"restore", ...}}
+                   ("version": the store format version, see docs/FORMAT.md: versions 1
+                   and 2 are read; a writable open marks a version 1 store 2 before it
+                   writes anything; a larger one was made by a newer walstore: NotAStore)
     LOCK           the writer's lock file (flock), holding the writer's pid
     wal/           WAL segments (see walstore.log.segment)
     db/            the LMDB environment (see walstore.engine.lmdb_state)
@@ -27,7 +30,8 @@ from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreLocked
 
 FORMAT_NAME = "walstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this walstore writes (docs/FORMAT.md says what bumps it)
+READ_VERSIONS = (1, 2)  # what it reads: 1 = the same format before the version policy
 PROBE_WAIT_S = 1.0  # how long a writer's open waits out read-only processes' lock probes
 MAX_IDENTITY_BYTES = 65536  # STORE is read whole, up to this; written never larger
 
@@ -99,9 +103,7 @@ class Layout:
             doc = json.loads(raw)
             if doc.get("format") != FORMAT_NAME:
                 raise ValueError("not a walstore identity file")
-            if doc.get("version") != FORMAT_VERSION:
-                raise NotAStore(f"{self.root} has store format version {doc.get('version')}; "
-                                f"this walstore reads version {FORMAT_VERSION}")
+            check_version(doc.get("version"), self.root)
             store_id = bytes.fromhex(doc["store_id"])
             if len(store_id) != 16:
                 raise ValueError("bad store id")
@@ -144,6 +146,19 @@ class Layout:
         doc["keys"] = "c" + uuid.uuid4().hex[:11]
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
+    def upgrade_identity(self) -> bool:
+        """Mark a store of an older format version (``read_identity`` accepted it) with
+        this walstore's, durably (temp file, fsync, rename, dir fsync); True if it did.
+        Only a writer calls it, before it writes anything: from then on an older walstore
+        refuses the store instead of misreading what this one writes."""
+        doc = self._doc()
+        if doc.get("version") == FORMAT_VERSION:
+            return False
+        check_version(doc.get("version"), self.root)  # (never downgrades a newer one)
+        doc["version"] = FORMAT_VERSION
+        fileio.write_file_atomic(self.identity, identity_bytes(doc))
+        return True
+
     def write_identity(self, store_id: bytes, origin: dict | None = None) -> None:
         """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin)."""
         doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
@@ -161,6 +176,19 @@ class Layout:
         if isinstance(origin, dict) and origin.get("lineage"):
             doc["origin"] = dict(origin, settled=True)
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
+
+
+def check_version(version, root: str) -> None:
+    """NotAStore unless ``version`` (STORE's "version") is one this walstore reads."""
+    if type(version) is int and version in READ_VERSIONS:
+        return
+    if type(version) is int and version > FORMAT_VERSION:
+        raise NotAStore(f"{root} has store format version {version}: it was written by a "
+                        f"newer walstore (this walstore reads versions "
+                        f"{READ_VERSIONS[0]} to {READ_VERSIONS[-1]}); upgrade walstore to "
+                        f"open it")
+    raise NotAStore(f"{root} has store format version {version!r}; this walstore reads "
+                    f"versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}")
 
 
 def identity_bytes(doc: dict) -> bytes:

@@ -44,7 +44,7 @@ from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
 from ..files.blobs import BlobStore
 from ..signals import Flag
-from ..engine.layout import identity_bytes
+from ..engine.layout import FORMAT_VERSION, check_version, identity_bytes
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import ReplicateOptions
@@ -400,6 +400,10 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
     tmp = tempfile.mkdtemp(prefix=f"{RESTORE_TEMP}{os.getpid()}-")
     try:
         m = load_manifest(tgt, opts)
+        # a replica of a newer walstore's store is refused before anything is fetched
+        ident = m.doc.get("identity")
+        check_version(ident.get("version") if isinstance(ident, dict) else None,
+                      f"the replica {display_url(url)}")
         store_id = m.doc["store_id"]
         fetch = _Fetcher(tgt, store_id, tmp)
         if _cut_end is not None:
@@ -462,6 +466,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         _src.prepare_restored_db(db, cut, _points_at(m, cut))
         _fetch_blobs(tgt, stage)
         identity = dict(m.doc["identity"])
+        identity["version"] = FORMAT_VERSION  # (this walstore wrote the copy: checked above)
         identity["origin"] = {"kind": "restore", "from": display_url(url),
                               "lineage": uuid.uuid4().hex, "parent_lineage": m.doc["lineage"],
                               "cut": cut, "restored": time.time(), "compensate": bool(compensate),

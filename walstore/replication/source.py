@@ -311,6 +311,7 @@ def redo_into_lmdb(root: str) -> int:
     store_id = layout.read_identity()
     state = LmdbState(layout.db)
     try:
+        layout.upgrade_identity()  # (this walstore writes its LMDB: see Layout)
         Recovery(layout.root, store_id, state, "strict").run()
         state.sync()
         return state.applied_lsn()
