@@ -40,7 +40,7 @@ import uuid
 from typing import Any, Callable
 
 from .. import fileio
-from ..errors import PointTypeError, ReplicationError, UnknownRestorePoint
+from ..errors import CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
 from ..files.blobs import BlobStore
 from ..signals import Flag
@@ -660,6 +660,11 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
     if got[0] != snap["n"] or h.hexdigest() != snap["sha"]:
         raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} is damaged (size or sha256 "
                                f"differs from the manifest)")
+    try:  # (size and sha256 as listed, the manifest may lie too: LMDB must never map it)
+        _src.check_snapshot_file(path)
+    except CorruptionError as e:
+        raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is not "
+                               f"a sound LMDB file: {e.reason}") from None
 
 
 # ---- follow -------------------------------------------------------------------------

@@ -7,8 +7,9 @@ implementations: :class:`DirectorySource` reads a store directory from outside t
 process (read-only; durable frontier found by scanning the last segment and fdatasyncing
 it, never ahead of what a crash would keep), and :class:`InProcessSource` adapts an open
 ``walstore.Store`` of this branch (the lead re-implements it on the new facade).  It also
-owns the LMDB-side helpers of restore: reading ``applied``, the state digest, dropping
-restore points past a cut, and REDO of a follower's log into its LMDB.
+owns the LMDB-side helpers of restore: checking a downloaded snapshot before LMDB maps it,
+reading ``applied``, the state digest, dropping restore points past a cut, and REDO of a
+follower's log into its LMDB.
 """
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ make_dir = fileio.make_dir
 fsync_dir = fileio.fsync_dir
 write_file_atomic = fileio.write_file_atomic
 __all__ = ["Source", "DirectorySource", "InProcessSource", "read_applied", "state_digest",
-           "prepare_restored_db", "redo_into_lmdb", "read_identity", "new_segment_file",
-           "create_empty_db"]
+           "check_snapshot_file", "prepare_restored_db", "redo_into_lmdb", "read_identity",
+           "new_segment_file", "create_empty_db"]
 
 
 @runtime_checkable
@@ -233,7 +234,20 @@ class InProcessSource(DirectorySource):
 
 
 # ---- LMDB helpers ---------------------------------------------------------------------
+def check_snapshot_file(path: str) -> None:
+    """A downloaded LMDB snapshot (untrusted bytes: a replica's object) checked before
+    LMDB maps it: the engine's file check and its walk of every page the newest snapshot
+    reaches, with ``pread``.  A damaged one is a CorruptionError (a tampered replica whose
+    snapshot was cut to its meta pages, its size and sha256 in the manifest updated to
+    match, killed ``walstore restore`` with SIGBUS; a damaged inner page is an assertion in
+    LMDB, SIGABRT, when the state digest reads every row)."""
+    from ..engine.lmdb_check import walk_lmdb_data_file
+    walk_lmdb_data_file(path)
+
+
 def _open_env(db_dir: str, write: bool = False) -> lmdb.Environment:
+    from ..engine.lmdb_check import check_lmdb_files
+    check_lmdb_files(db_dir)  # (never a SIGBUS: a file LMDB cannot map is named instead)
     return lmdb.open(db_dir, readonly=not write, lock=write, max_dbs=16, subdir=True,
                      create=False)
 

@@ -1,0 +1,115 @@
+"""What walstore takes from places it does not control, found by a security probe: a
+replica's objects (a tampered snapshot, a damaged manifest), the credentials a user put in
+a replica or endpoint URL by mistake, and the current directory (a planted module).
+
+Real processes, real files, a ``file://`` replica (and moto's S3 server where boto3 is the
+point); the children run as the ``walstore`` console script does: the repository root on
+``sys.path``, never the current directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+
+import walstore
+from walstore.errors import ReplicationError
+
+ROOT = str(Path(__file__).resolve().parents[1])
+# The console script of this checkout: its own directory (here the repository root) on
+# sys.path, not the current directory (``python -m`` would put that first).
+SCRIPT = [sys.executable, "-c",
+          "import sys\nsys.path[:] = [p for p in sys.path if p != '']\n"
+          f"sys.path.insert(0, {ROOT!r})\nfrom walstore.cli import main\nsys.exit(main())"]
+
+
+def walstore_cli(*args: str, cwd: str | None = None, env: dict | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*SCRIPT, *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("walstore: "), r.stderr
+    return lines[0]
+
+
+def _read_manifest(rep: str) -> dict:
+    with open(os.path.join(rep, "manifest"), "rb") as f:
+        return msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+
+
+def _write_manifest(rep: str, doc: dict) -> None:
+    with open(os.path.join(rep, "manifest"), "wb") as f:
+        f.write(msgpack.packb(doc, use_bin_type=True))
+
+
+@pytest.fixture(scope="module")
+def replica(tmp_path_factory) -> str:
+    """A file:// replica with WAL objects and a snapshot of a non-empty store (copied per
+    test before it is damaged)."""
+    base = tmp_path_factory.mktemp("replica")
+    rep = str(base / "rep")
+    s = walstore.open(str(base / "src"), replicate_to="file://" + rep,
+                      replicate_options={"interval": 0.05, "snapshot_interval": 0.0})
+    try:
+        for i in range(30):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 200)
+        s.sync_replica(timeout=30)
+        s.checkpoint()  # LMDB applied to the end: the next snapshot holds the rows
+        s._shipper.ship_once()
+        with s.transaction() as tx:
+            tx.put("last", 1)
+        s.sync_replica(timeout=30)
+    finally:
+        s.close()
+    assert any(snap["k"] and snap["lsn"] > 0 for snap in _read_manifest(rep)["snapshots"])
+    return rep
+
+
+def _copy(replica: str, tmp_path) -> str:
+    rep = str(tmp_path / "rep")
+    shutil.copytree(replica, rep)
+    return rep
+
+
+# ---- 1. a tampered snapshot: never handed to LMDB (SIGBUS) ----------------------------------
+def test_a_truncated_snapshot_with_a_matching_manifest_is_named_never_a_sigbus(replica,
+                                                                               tmp_path):
+    """The newest snapshot cut to its two meta pages + 100 bytes, its size and sha256 in
+    the manifest updated to match: `restore`, `replicas --verify` and `restore --follow`
+    died with SIGBUS (no message) when LMDB mapped it."""
+    rep = _copy(replica, tmp_path)
+    doc = _read_manifest(rep)
+    snap = max((s for s in doc["snapshots"] if s["k"]), key=lambda s: s["lsn"])
+    path = os.path.join(rep, snap["k"])
+    with open(path, "rb") as f:
+        data = f.read()[:2 * 4096 + 100]
+    with open(path, "wb") as f:
+        f.write(data)
+    snap["n"], snap["sha"] = len(data), hashlib.sha256(data).hexdigest()
+    _write_manifest(rep, doc)
+    url = "file://" + rep
+
+    line = one_error_line(walstore_cli("restore", url, str(tmp_path / "dest")))
+    assert snap["k"] in line and "truncated" in line
+    r = walstore_cli("restore", url, str(tmp_path / "follow"), "--follow")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+    assert snap["k"] in r.stderr.strip().splitlines()[-1]  # (after "following URL ...")
+    r = walstore_cli("replicas", url, "--verify", "--json")
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    failed = [c for c in json.loads(r.stdout)["verify"]["checks"] if not c["ok"]]
+    assert failed and all(snap["k"] in c["error"] for c in failed)
+    with pytest.raises(ReplicationError) as e:  # (last: on the old code, this process died)
+        walstore.restore(url, str(tmp_path / "api"))
+    assert snap["k"] in str(e.value) and "not a sound LMDB file" in str(e.value)
