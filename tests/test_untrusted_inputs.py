@@ -113,3 +113,62 @@ def test_a_truncated_snapshot_with_a_matching_manifest_is_named_never_a_sigbus(r
     with pytest.raises(ReplicationError) as e:  # (last: on the old code, this process died)
         walstore.restore(url, str(tmp_path / "api"))
     assert snap["k"] in str(e.value) and "not a sound LMDB file" in str(e.value)
+
+
+# ---- 4. a damaged manifest: a ReplicationError naming the field -----------------------------
+def _wal0(d, **kw):
+    d["wal"][0].update(kw)
+
+
+DAMAGES = {
+    "wal entry not a map": (lambda d: d["wal"].__setitem__(0, 5), "wal[0] is 5, not a map"),
+    "identity not a map": (lambda d: d.update(identity="hello"), "identity is 'hello'"),
+    "position not an LSN": (lambda d: d.update(position="abc"), "position is 'abc'"),
+    "wal key outside": (lambda d: _wal0(d, k="../../../etc/passwd"), "wal[0].k is"),
+    "wal key in another dir": (lambda d: _wal0(d, k="snapshots/x"), "wal[0].k is"),
+    "wal entry lacks n": (lambda d: d["wal"][0].pop("n"), "wal[0] lacks 'n'"),
+    "wal range reversed": (lambda d: _wal0(d, a=d["wal"][0]["b"] + 1), "wal[0] covers"),
+    "points a list": (lambda d: d.update(points=[1]), "points is [1], not a map"),
+    "point not a map": (lambda d: d.update(points={"p": 3}), "points['p'] is 3"),
+    "snapshot key outside": (lambda d: [s.update(k="snapshots/../../x") for s in
+                                        d["snapshots"] if s["k"]], ".k is"),
+    "snapshot lsn a str": (lambda d: d["snapshots"][0].update(lsn="1"), "snapshots[0].lsn"),
+    "hole a list": (lambda d: d.update(holes=[[1, 2]]), "holes[0] is [1, 2]"),
+    "trash key outside": (lambda d: d.update(trash=[["../x", 1.0]]), "trash[0] is"),
+    "open not a map": (lambda d: d.update(open=[1]), "open is [1]"),
+    "open txid a str": (lambda d: d.update(open={"1": 2}), "open has '1': 2"),
+    "store id a str": (lambda d: d.update(store_id="x"), "store_id is 'x'"),
+    "writer a list": (lambda d: d.update(writer=[]), "writer is []"),
+    "wal a map": (lambda d: d.update(wal={}), "wal is {}, not a list"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_a_damaged_manifest_is_a_replication_error_naming_the_field(replica, tmp_path,
+                                                                     damage):
+    """Fields of the wrong type, a missing one, an object key outside the replica: raw
+    TypeError / ValueError / KeyError / AttributeError from walstore.restore(), and the
+    CLI exited 2 (usage) for most of them."""
+    change, words = DAMAGES[damage]
+    rep = _copy(replica, tmp_path)
+    doc = _read_manifest(rep)
+    change(doc)
+    _write_manifest(rep, doc)
+    url = "file://" + rep
+    with pytest.raises(ReplicationError) as e:
+        walstore.restore(url, str(tmp_path / "api"))
+    assert "manifest" in str(e.value) and "is damaged" in str(e.value) \
+        and words in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "api")
+    for args in (["restore", url, str(tmp_path / "cli")], ["replicas", url],
+                 ["replicas", url, "--verify", "--json"]):
+        r = walstore_cli(*args)
+        assert r.returncode == 1, (args, r.returncode, r.stderr)
+        assert words in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_the_manifests_walstore_writes_pass_the_check(replica):
+    from walstore.replication.manifest import decode
+    with open(os.path.join(replica, "manifest"), "rb") as f:
+        doc = decode(f.read(), "here")
+    assert doc["wal"] and doc["snapshots"]

@@ -1,6 +1,8 @@
 """The replica's manifest: the one object that says what a replica holds.
 
-Owns its document (msgpack, key ``manifest`` under the replica URL), its conditional
+Owns its document (msgpack, key ``manifest`` under the replica URL), the check of its
+structure when it is read (a replica is untrusted input: every field used has its type,
+every object key lies in the replica's layout), its conditional
 save (If-None-Match for the first, If-Match on the etag last written after that: a
 writer that lost the replica to another can never overwrite its manifest), and the
 planning a restore does from it without listing anything: which snapshot, which WAL
@@ -32,7 +34,7 @@ import time
 import msgpack
 
 from ..errors import ReplicationError
-from .targets import ObjectStore, PreconditionFailed
+from .targets import REPLICA_DIRS, ObjectStore, PreconditionFailed, in_replica_layout
 
 MANIFEST_KEY = "manifest"
 FORMAT = 1
@@ -218,6 +220,11 @@ class Manifest:
 
 
 def decode(data: bytes, where: str) -> dict:
+    """The manifest document in ``data``, its structure checked: every field restore,
+    ``replicas`` and the shipper read has its type, and every object key it lists lies in
+    the replica's own layout.  A damaged or tampered one is a ReplicationError naming the
+    field (it was a raw TypeError / KeyError / AttributeError from deep in a restore, and
+    a key such as ``wal/../../x`` named a file outside the replica)."""
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as e:
@@ -228,5 +235,117 @@ def decode(data: bytes, where: str) -> dict:
     for k in ("wal", "snapshots", "holes", "points", "trash", "open"):
         if k not in doc:
             raise ReplicationError(f"the manifest at {where} lacks {k!r}")
+    try:
+        _check(doc)
+    except _Bad as e:
+        raise ReplicationError(f"the manifest at {where} is damaged: {e}") from None
     return doc
 
+
+class _Bad(Exception):
+    pass
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _lsn(v) -> bool:
+    return _int(v) and v >= 0
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _key_in(*dirs: str):
+    """An object key one level under one of ``dirs`` (``wal/<name>``), nothing else."""
+    def ok(v) -> bool:
+        if not isinstance(v, str) or not in_replica_layout(v):
+            return False
+        head, _, name = v.partition("/")
+        return head in dirs and name not in ("", ".", "..")
+    return ok
+
+
+# field -> (check, what it must be); the entries of lists and maps below.
+_TOP = {"store_id": (lambda v: isinstance(v, bytes) and len(v) == 16, "16 bytes"),
+        "lineage": (_str, "a str"), "identity": (lambda v: isinstance(v, dict), "a map"),
+        "created": (_num, "a number"), "updated": (_num, "a number"),
+        "seq": (_int, "an integer"), "writer": (_opt(lambda v: isinstance(v, dict)),
+                                                "a map or nil"),
+        "position": (_opt(_lsn), "an LSN or nil"),
+        "last_commit": (_opt(lambda v: isinstance(v, dict)), "a map or nil")}
+_WAL = {"k": (_key_in("wal"), "a WAL object key of this replica (wal/NAME)"),
+        "seg": (_lsn, "an LSN"), "a": (_lsn, "an LSN"), "b": (_lsn, "an LSN"),
+        "n": (_lsn, "a size"), "lv": (_lsn, "a level"), "t0": (_opt(_num), "a time or nil"),
+        "t1": (_opt(_num), "a time or nil"), "x0": (_opt(_int), "a txid or nil"),
+        "x1": (_opt(_int), "a txid or nil"), "om": (_opt(_lsn), "an LSN or nil")}
+_SNAP = {"k": (_opt(_key_in("snapshots")), "a snapshot key of this replica "
+                                            "(snapshots/NAME) or nil"),
+         "lsn": (_lsn, "an LSN"), "n": (_lsn, "a size"), "sha": (_opt(_str), "a str or nil"),
+         "st": (_opt(_str), "a str or nil"), "keys": (_lsn, "a count"),
+         "ts": (_num, "a time")}
+_HOLE = {"a": (_lsn, "an LSN"), "b": (_lsn, "an LSN"), "reason": (_str, "a str"),
+         "ts": (_num, "a time")}
+_POINT = {"lsn": (_lsn, "an LSN"), "ts": (_opt(_num), "a time or nil"),
+          "dropped": (_opt(_lsn), "an LSN or nil")}
+
+
+def _shown(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields(d, spec: dict, name: str) -> None:
+    if not isinstance(d, dict):
+        raise _Bad(f"{name} is {_shown(d)}, not a map")
+    for k, (ok, what) in spec.items():
+        if k not in d:
+            raise _Bad(f"{name or 'it'} lacks {k!r}")
+        if not ok(d[k]):
+            raise _Bad(f"{name + '.' if name else ''}{k} is {_shown(d[k])}, not {what}")
+
+
+def _list(doc: dict, field: str) -> list:
+    v = doc[field]
+    if not isinstance(v, list):
+        raise _Bad(f"{field} is {_shown(v)}, not a list")
+    return v
+
+
+def _check(doc: dict) -> None:
+    _fields(doc, _TOP, "")
+    for i, e in enumerate(_list(doc, "wal")):
+        _fields(e, _WAL, f"wal[{i}]")
+        if not e["seg"] <= e["a"] <= e["b"]:
+            raise _Bad(f"wal[{i}] covers LSN {e['a']}..{e['b']} of segment {e['seg']}")
+    for i, e in enumerate(_list(doc, "snapshots")):
+        _fields(e, _SNAP, f"snapshots[{i}]")
+        if e["k"] is not None and not isinstance(e["sha"], str):
+            raise _Bad(f"snapshots[{i}].sha is nil for snapshot {e['k']}")
+    for i, e in enumerate(_list(doc, "holes")):
+        _fields(e, _HOLE, f"holes[{i}]")
+    for i, e in enumerate(_list(doc, "trash")):
+        if not (isinstance(e, list) and len(e) == 2 and _key_in(*REPLICA_DIRS)(e[0])
+                and _num(e[1])):
+            raise _Bad(f"trash[{i}] is {_shown(e)}, not [an object key of this replica, "
+                       f"a time]")
+    for field in ("points", "open"):
+        if not isinstance(doc[field], dict):
+            raise _Bad(f"{field} is {_shown(doc[field])}, not a map")
+    for name, p in doc["points"].items():
+        if not isinstance(name, str):
+            raise _Bad(f"points has the name {_shown(name)}, not a str")
+        _fields(p, _POINT, f"points[{name!r}]")
+    for tx, lsn in doc["open"].items():
+        if not (_int(tx) and _lsn(lsn)):
+            raise _Bad(f"open has {_shown(tx)}: {_shown(lsn)}, not txid: LSN")
