@@ -172,3 +172,92 @@ def test_the_manifests_walstore_writes_pass_the_check(replica):
     with open(os.path.join(replica, "manifest"), "rb") as f:
         doc = decode(f.read(), "here")
     assert doc["wal"] and doc["snapshots"]
+
+
+# ---- 2. credentials in a URL: refused, never shown ------------------------------------------
+SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # (AWS secret keys often hold a '/')
+PIECES = ("wJalrXUtnFEMI", "K7MDENG", "bPxRfiCYEXAMPLEKEY")
+BAD_URLS = [f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@mybucket/prefix",
+            f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@mybucket:99999/prefix",
+            f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@my_bucket!/prefix",
+            f"file://AKIAIOSFODNN7EXAMPLE:{SECRET}@localhost/tmp/rep"]
+BAD_ENDPOINTS = [f"http://AKIAIOSFODNN7EXAMPLE:{SECRET}@127.0.0.1:9000",
+                 f"AKIAIOSFODNN7EXAMPLE:{SECRET}@127.0.0.1:9000",
+                 f"https://AKIAIOSFODNN7EXAMPLE:{SECRET.replace('/', '')}@s3.example.com",
+                 f"http://AKIAIOSFODNN7EXAMPLE:{SECRET}@127.0.0.1:9000/?a=b"]
+
+
+def _no_secret(text: str) -> None:
+    assert not any(p in text for p in PIECES), text
+
+
+def _aws_env(**kw: str) -> dict:
+    return dict(os.environ, AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y",
+                AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true", **kw)
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_a_replica_url_with_credentials_is_refused_without_showing_them(url, tmp_path):
+    """A secret with a '/' ends the URL's authority for urlsplit: no user info seen, so
+    the refusal was skipped and the bucket-name error printed the whole URL; a port out
+    of range raised a raw ValueError."""
+    store = str(tmp_path / "s")
+    walstore.open(store).close()
+    with pytest.raises(ReplicationError) as e:
+        walstore.open(str(tmp_path / "api"), replicate_to=url)
+    _no_secret(str(e.value))
+    assert "user info" in str(e.value)
+    with pytest.raises(ReplicationError) as e:
+        walstore.restore(url, str(tmp_path / "api-dest"))
+    _no_secret(str(e.value))
+    env = _aws_env()
+    for args in (["replicate", store, url, "--once"], ["restore", url, str(tmp_path / "d")],
+                 ["restore", url, str(tmp_path / "f"), "--follow"], ["replicas", url],
+                 ["replicas", url, "--verify"]):
+        for extra in ([], ["--json"]):
+            if "--follow" in args and extra:
+                continue
+            r = walstore_cli(*args, *extra, env=env)
+            assert r.returncode in (1, 2), (args, r.returncode, r.stderr)
+            assert "user info" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            _no_secret(r.stdout + r.stderr)
+
+
+@pytest.mark.parametrize("endpoint", BAD_ENDPOINTS)
+def test_an_endpoint_url_with_credentials_is_refused_without_showing_them(endpoint,
+                                                                          tmp_path):
+    """``--endpoint-url`` / AWS_ENDPOINT_URL with user info: shown whole when its secret
+    held a '/' (as "an invalid port"), or by repr() when it had no scheme."""
+    store = str(tmp_path / "s")
+    walstore.open(store).close()
+    with pytest.raises(ReplicationError) as e:
+        walstore.open(str(tmp_path / "api"), replicate_to="s3://mybucket/p",
+                      replicate_options={"endpoint_url": endpoint}).close()
+    _no_secret(str(e.value))
+    url = "s3://mybucket/p"
+    for args in (["replicate", store, url, "--once"], ["restore", url, str(tmp_path / "d")],
+                 ["replicas", url, "--json"]):
+        for how in ("flag", "env"):
+            if how == "flag":
+                r = walstore_cli(*args, "--endpoint-url", endpoint, env=_aws_env())
+            else:
+                r = walstore_cli(*args, env=_aws_env(AWS_ENDPOINT_URL=endpoint))
+            assert r.returncode in (1, 2), (args, how, r.returncode, r.stderr)
+            assert "endpoint URL" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            _no_secret(r.stdout + r.stderr)
+
+
+def test_an_at_sign_in_a_replica_prefix_is_not_user_info(tmp_path):
+    """The stricter user-info check still takes an '@' inside a path (no ':' before it)."""
+    from walstore.replication.targets import check_url, display_url
+    check_url("s3://mybucket/agents/a@b")
+    check_url(f"file://{tmp_path}/a@b")
+    assert display_url("s3://mybucket/agents/a@b") == "s3://mybucket/agents/a@b"
+    with walstore.open(str(tmp_path / "s"), replicate_to=f"file://{tmp_path}/r@1",
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+    walstore.restore(f"file://{tmp_path}/r@1", str(tmp_path / "d"))
+    with walstore.open(str(tmp_path / "d")) as d:
+        assert d.get("a") == 1

@@ -88,12 +88,52 @@ NOT_MODIFIED = ("", "")  # get(..., if_none_match=etag) when the object did not 
 
 
 def display_url(url: str) -> str:
-    """The URL without user info, query or fragment (what messages and documents show)."""
+    """The URL without user info, query or fragment (what messages and documents show);
+    never the text before an ``@`` (user info whose secret holds a ``/`` is not user info
+    to ``urlsplit``: it showed the whole URL, secret included)."""
+    if not isinstance(url, str):
+        return f"<a {type(url).__name__}>"
+    if _has_userinfo(url):
+        return _shown(url)
     p = urlsplit(url)
     host = p.hostname or ""
-    if p.port:
-        host += f":{p.port}"
+    try:
+        port = p.port
+    except ValueError:  # (not a number, or above 65535): shown as written
+        host = p.netloc
+    else:
+        if port:
+            host += f":{port}"
     return f"{p.scheme}://{host}{p.path}"
+
+
+def _shown(text: str) -> str:
+    """``text`` (a URL as given, maybe unparseable) safe to show: no query or fragment,
+    nothing before its last ``@`` (user info, whatever it holds), control characters
+    escaped."""
+    text = text.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        scheme, rest = "", text
+    if "@" in rest:
+        rest = "<user info>@" + rest.rpartition("@")[2]
+    out = f"{scheme}{sep}{rest}"
+    return out if out.isprintable() else repr(out)
+
+
+def _has_userinfo(url: str, anywhere: bool = False) -> bool:
+    """Whether ``url`` carries user info, also where ``urlsplit`` misses it: a secret with
+    a ``/`` (AWS secret keys often have one) ends its authority early, so ``s3://KEY:SE/
+    CRET@bucket/p`` parsed as bucket ``KEY:SE``, no user info.  User info: an ``@`` in the
+    part before the first ``/`` after ``scheme://``, or an ``@`` later when that part has
+    a ``:`` (``KEY:SE``: no bucket name has one).  ``anywhere``: any ``@`` before the query
+    (an endpoint URL has no use for one)."""
+    text = url.split("?", 1)[0].split("#", 1)[0]
+    rest = text.partition("://")[2] if "://" in text else text
+    if "@" not in rest:
+        return False
+    head = rest.split("/", 1)[0]
+    return anywhere or "@" in head or ":" in head
 
 
 def check_url(url: str) -> None:
@@ -105,6 +145,10 @@ def check_url(url: str) -> None:
 def _parse(url: str):
     if not isinstance(url, str):
         raise ReplicationError(f"a replica URL is a str, not {type(url).__name__}")
+    if _has_userinfo(url):
+        raise ReplicationError(f"replica URL {_shown(url)} carries user info; credentials "
+                               f"come only from the standard AWS chain (environment, config "
+                               f"files, roles), never the URL")
     p = urlsplit(url)
     if p.username or p.password or p.query:
         raise ReplicationError(f"replica URL {display_url(url)} carries user info or query "
@@ -120,10 +164,10 @@ def _parse(url: str):
             raise ReplicationError(f"s3 URL {display_url(url)} names no bucket")
         why = _bad_bucket(p.netloc)
         if why:
-            raise ReplicationError(f"s3 URL s3://{p.netloc}{p.path}: {p.netloc!r} is not a "
-                                   f"valid bucket name: {why} (a bucket name is 3 to 255 "
-                                   f"letters, digits, '.', '-' and '_', starting and ending "
-                                   f"with a letter or digit)")
+            raise ReplicationError(f"s3 URL {_shown(f's3://{p.netloc}{p.path}')}: "
+                                   f"{_shown(p.netloc)!r} is not a valid bucket name: {why} "
+                                   f"(a bucket name is 3 to 255 letters, digits, '.', '-' "
+                                   f"and '_', starting and ending with a letter or digit)")
     else:
         raise ReplicationError(f"unsupported replica URL {display_url(url)}: use "
                                f"s3://bucket/prefix or file:///dir")
@@ -157,14 +201,17 @@ def check_endpoint(endpoint: str | None) -> None:
         return
     if not isinstance(endpoint, str):
         raise ReplicationError(f"endpoint URL must be a str, not {type(endpoint).__name__}")
+    if _has_userinfo(endpoint.strip(), anywhere=True):
+        raise ReplicationError(f"endpoint URL {_shown(endpoint.strip())} carries user info "
+                               f"(credentials come only from the standard AWS chain)")
     p = urlsplit(endpoint.strip())
     try:
         port_ok = p.port is None or 0 < p.port
     except ValueError:  # (not a number, or above 65535)
         port_ok = False
-    shown = repr(endpoint)
-    if p.scheme and p.netloc:  # (never its user info)
-        shown = f"{p.scheme}://{p.netloc.rpartition('@')[2]}{p.path}"
+    shown = _shown(endpoint.strip())
+    if not (p.scheme and p.netloc):  # (no URL at all: quoted)
+        shown = repr(shown)
     if p.scheme not in ("http", "https") or not p.hostname:
         why = "is not an http:// or https:// URL with a host"
     elif not port_ok:
