@@ -261,3 +261,34 @@ def test_an_at_sign_in_a_replica_prefix_is_not_user_info(tmp_path):
     walstore.restore(f"file://{tmp_path}/r@1", str(tmp_path / "d"))
     with walstore.open(str(tmp_path / "d")) as d:
         assert d.get("a") == 1
+
+
+# ---- 3. `walstore demo`: nothing from the current directory ---------------------------------
+PLANT = '''
+import os, sys, importlib
+open({marker!r}, "a").write("planted %s ran in pid %d: %r\\n" % (__name__, os.getpid(),
+                                                                  sys.argv))
+sys.path = [p for p in sys.path if os.path.abspath(p or ".") != {here!r}]
+del sys.modules[__name__]
+_real = importlib.import_module(__name__)
+sys.modules[__name__] = _real
+globals().update(_real.__dict__)
+'''
+
+
+def _plant(where: Path, module: str) -> Path:
+    marker = where / "PLANTED-RAN"
+    (where / f"{module}.py").write_text(PLANT.format(marker=str(marker), here=str(where)))
+    return marker
+
+
+def test_demo_children_never_import_from_the_current_directory(tmp_path):
+    """`walstore demo` started its worker and `walstore recover` with ``python -m``: the
+    current directory first on their sys.path, so a msgpack.py there ran."""
+    cwd = tmp_path / "untrusted"
+    cwd.mkdir()
+    marker = _plant(cwd, "msgpack")
+    r = walstore_cli("demo", str(tmp_path / "demo"), cwd=str(cwd), timeout=300)
+    assert not marker.exists(), marker.read_text()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Every acknowledged step survived" in r.stdout

@@ -206,13 +206,29 @@ def _files_story(path: str, base: str) -> bool:
     return ok
 
 
+def _python_m(module: str, *args: str) -> list[str]:
+    """The argv of ``python -m module args`` without the current directory on the child's
+    ``sys.path`` (``-m`` puts it first: a ``msgpack.py`` where ``walstore demo`` ran was
+    imported by the children and ran; ``-P`` needs Python 3.11).  The child imports the
+    same walstore as this process (the directory holding this package), nothing else
+    from an unexpected place."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(walstore.__file__)))
+    boot = ("import sys\n"
+            "sys.path[:] = [p for p in sys.path if p != '']\n"
+            f"if {root!r} not in sys.path:\n"
+            f"    sys.path.insert(0, {root!r})\n"
+            "import runpy\n"
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n")
+    return [sys.executable, "-c", boot, *args]
+
+
 def _crash_story(path: str, ledger: str) -> list[dict]:
     step(6, "A worker process spends the budget step by step, and is killed mid-work")
     say("A child process runs the agent's loop: each step moves 1 unit of budget from "
         "'available' to 'spent' in one transaction, and prints ACK once commit() returned. "
         "After 40 steps it charges a card inside a transaction and we kill it with SIGKILL "
         "right after the charge, before that transaction commits (no cleanup, no close).")
-    proc = subprocess.Popen([sys.executable, "-m", "walstore.demo", "--worker", path, ledger],
+    proc = subprocess.Popen(_python_m("walstore.demo", "--worker", path, ledger),
                             stdout=subprocess.PIPE, text=True)
     acked: list[dict] = []
     deadline = time.monotonic() + 60
@@ -234,8 +250,8 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
     say(f"The crash left a charge whose transaction never committed (ledger balance "
         f"{payments.balance(ledger)}). Recovery REDOes committed work and, with the payment "
         f"compensators named, refunds it with the same idempotency key.")
-    out = subprocess.run([sys.executable, "-m", "walstore", "recover", path, "--handlers",
-                          "walstore.demo_payments"], capture_output=True, text=True)
+    out = subprocess.run(_python_m("walstore", "recover", path, "--handlers",
+                                   "walstore.demo_payments"), capture_output=True, text=True)
     print(textwrap.indent(out.stdout.strip(), "    "), flush=True)
     if out.returncode != 0:
         say(f"recover exited {out.returncode}: {out.stderr.strip()}")
