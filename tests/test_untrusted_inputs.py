@@ -292,3 +292,58 @@ def test_demo_children_never_import_from_the_current_directory(tmp_path):
     assert not marker.exists(), marker.read_text()
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Every acknowledged step survived" in r.stdout
+
+
+# ---- 5. --handlers: the named module from the current directory, nothing else ---------------
+def test_handlers_leave_the_current_directory_off_sys_path(tmp_path, monkeypatch):
+    from walstore.cli.common import load_handlers
+    (tmp_path / "cwdhandlers_x1.py").write_text("COMPENSATORS = {'f': print}\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    before = list(sys.path)
+    try:
+        assert load_handlers("cwdhandlers_x1") == {"f": print}
+        assert sys.path == before
+        load_handlers("walstore.demo_payments")  # (found elsewhere: cwd never searched)
+        assert sys.path == before
+    finally:
+        sys.modules.pop("cwdhandlers_x1", None)
+
+
+def test_restore_handlers_do_not_make_boto3_come_from_the_current_directory(tmp_path):
+    """`restore --compensate --handlers myhandlers` put the current directory first on
+    sys.path for the rest of the command: boto3 (imported afterwards, for the s3://
+    replica) was a planted boto3.py there."""
+    support = pytest.importorskip("test_replication_support")
+    moto_server = support.moto_server
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        env = _aws_env()
+        env.pop("AWS_ENDPOINT_URL", None)
+        rep = support.boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                                   aws_access_key_id="x", aws_secret_access_key="y")
+        rep.create_bucket(Bucket="walstore-handlers-cwd")
+        url = "s3://walstore-handlers-cwd/x"
+        r = subprocess.run([sys.executable, "-c",
+                            "import sys, walstore\ns = walstore.open(sys.argv[1], "
+                            "replicate_to=sys.argv[2], replicate_options={'endpoint_url': "
+                            "sys.argv[3], 'interval': 0.05})\nwith s.transaction() as tx:\n"
+                            "    tx.put('a', 1)\ns.sync_replica(timeout=30)\ns.close()\n",
+                            str(tmp_path / "src"), url, endpoint], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        cwd = tmp_path / "work"
+        cwd.mkdir()
+        (cwd / "myhandlers.py").write_text("COMPENSATORS = {}\n")
+        marker = _plant(cwd, "boto3")
+        r = walstore_cli("restore", url, str(tmp_path / "dest"), "--endpoint-url", endpoint,
+                         "--compensate", "--handlers", "myhandlers", cwd=str(cwd), env=env)
+        assert not marker.exists(), marker.read_text()
+        assert r.returncode == 0, r.stderr
+        with walstore.open(str(tmp_path / "dest")) as d:
+            assert d.get("a") == 1
+    finally:
+        server.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -94,7 +95,13 @@ def load_handlers(module: str | None) -> dict[str, Callable] | None:
 
 def _import_handlers(module: str) -> Any:
     """A module name, found first in the current directory (as ``python -m`` would: the
-    ``walstore`` script's own directory is on its path instead), or a ``.py`` file path."""
+    ``walstore`` script's own directory is on its path instead), or a ``.py`` file path.
+
+    The current directory is on ``sys.path`` only when the named module (its top-level
+    package) is there, and only while it is imported (its own imports of its neighbours
+    included), never after: left at the front, it shadowed what walstore imports later (a
+    probe: a ``boto3.py`` where ``restore --handlers`` ran was imported for an s3://
+    replica, and ran)."""
     if module.endswith(".py") or os.sep in module:
         name = os.path.splitext(os.path.basename(module))[0]
         spec = importlib.util.spec_from_file_location(name, os.path.abspath(module))
@@ -104,9 +111,17 @@ def _import_handlers(module: str) -> Any:
         spec.loader.exec_module(mod)
         return mod
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.insert(0, cwd)
-    return importlib.import_module(module)
+    top = module.partition(".")[0]
+    if (cwd in sys.path or "" in sys.path  # (``python -m walstore``: the interpreter's own)
+            or top in sys.modules or importlib.machinery.PathFinder.find_spec(top, [cwd])
+            is None):  # (not in the current directory: nothing is looked up there)
+        return importlib.import_module(module)
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module)
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
 
 
 def owed_reason(action: walstore.Action, compensators: dict | None) -> str | None:
