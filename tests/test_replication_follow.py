@@ -389,3 +389,52 @@ def test_two_restores_started_together_on_an_empty_dest(tmp_path, follow_too):
     assert v.returncode == 0, v.stdout + v.stderr
     with walstore.open(dest) as d:
         assert d.get("n") == (19 if follow_too else 9)
+
+
+@pytest.mark.parametrize("where", ["before-rename", "after-rename"])
+def test_a_follow_that_fails_while_installing_dest_leaves_it_unlocked(tmp_path, where):
+    # (review of the staging-directory lock: an EIO syncing DEST's parent right after the
+    # rename raised out of follow() with the lock neither released nor handed back, so
+    # this process could never open DEST again: StoreLocked naming itself)
+    import errno
+
+    from walstore import fileio
+    url = f"file://{tmp_path}/replica"
+    src = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    with src.transaction() as tx:
+        tx.put("n", 1)
+    src.sync_replica(timeout=30)
+    src.close()
+    dest = str(tmp_path / "dest")
+
+    class FailingSync(fileio.OSBackend):
+        armed = True
+
+        def fsync_dir(self, path):
+            renamed = os.path.isdir(dest)
+            hit = (os.path.abspath(path) == str(tmp_path) and renamed) if where == \
+                "after-rename" else (os.path.basename(path).startswith(".dest.restoring")
+                                     and not renamed)
+            if self.armed and hit:
+                self.armed = False
+                raise OSError(errno.EIO, "injected EIO", path)
+            super().fsync_dir(path)
+
+    backend = FailingSync()
+    fileio.set_backend(backend)
+    try:
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(OSError):
+            follow(url, dest, stop=stop)
+    finally:
+        fileio.set_backend(None)
+    assert not backend.armed  # the fault fired where the test meant it to
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".dest.restoring")]
+    if where == "after-rename":
+        s = walstore.open(dest)  # not "locked by this process"
+        assert s.get("n") == 1
+        s.close()
+    else:
+        assert not os.path.exists(dest) or not os.listdir(dest)

@@ -475,16 +475,16 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         if _locks is not None:  # (a follower: DEST's lock is held from the moment it exists)
             from ..engine.layout import Layout, ProcessLock
             lock = ProcessLock(Layout(stage))
-        _src.fsync_dir(stage)
-        fileio.fault_point("restore.install")  # (tests: concurrent restores meet here)
-        try:
+        try:  # (any failure from here on releases the lock: the caller never gets it)
+            _src.fsync_dir(stage)
+            fileio.fault_point("restore.install")  # (tests: concurrent restores meet here)
             _install(stage, dest)
+            stage = None
+            _src.fsync_dir(parent)
         except BaseException:
             if lock is not None:
                 lock.release()
             raise
-        _src.fsync_dir(parent)
-        stage = None
         if lock is not None:
             _locks.append(lock)
         return {"url": display_url(url), "dest": dest, "target": what, "snapshot_lsn": applied,
