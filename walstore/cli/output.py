@@ -241,7 +241,9 @@ def parse_json_value(text: str) -> Any:
         raise UsageProblem("VALUE nests too deeply to parse") from None
 
 
-_NEGATIVE_NUMBER = re.compile(r"-(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+# a dashed word that starts like a number is a VALUE (``-5``, ``-1e3``; ``-05`` too, which
+# then fails as JSON, naming the value, where click said "No such option '-0'")
+_NEGATIVE_NUMBER = re.compile(r"-[0-9.][0-9.eE+-]*")
 
 
 class NegativeNumberArguments(click.Command):
