@@ -136,3 +136,53 @@ def test_a_committed_transaction_kept_by_its_caller_holds_none_of_its_writes(tmp
         assert tx.state == "committed"
         assert held < 2 << 20, held  # (was ~16.8 MB)
         assert len(st.get("big15")) == 1 << 20
+
+
+def test_large_transactions_count_their_chunks_in_the_backlog(tmp_path):
+    """A transaction of more than 4 MiB of puts is logged as WRITES chunks and a COMMIT;
+    its MemTable event holds every write but counted only the COMMIT record's bytes, so
+    ``max_unapplied_bytes`` let several times its bound pile up unapplied (24 MiB commits
+    under a 16 MiB bound: 144 MiB unapplied, 420 MiB of WAL).  The event now counts all
+    its records span, in its log bytes (the applier's trigger) and its memory (the
+    committers' bound), entering and leaving alike; a read-only store that follows such
+    a tail counts it the same way."""
+    from walstore.engine.memtable import footprint
+    path = str(tmp_path / "s")
+    bound, ckpt, seg = 2 << 20, 1 << 20, 1 << 20
+    value = os.urandom(256 << 10)
+    slack = 64 << 10  # (CHECKPOINT and SEAL records among the unapplied log)
+    with walstore.open(path, durability="none", max_unapplied_bytes=bound,
+                       checkpoint_bytes=ckpt, segment_size=seg) as st:
+        eng = st._engine
+        mt = eng.memtable
+        peak_unapplied = one_commit = 0
+        for n in range(12):  # 5 MiB a commit (one chunk of 15 puts, 5 in the COMMIT)
+            with st.transaction() as tx:
+                for i in range(20):
+                    tx.put(f"k{i:02d}", value)
+            with mt.lock:
+                held = list(mt.events)
+                memory, log = mt.memory, mt.log_bytes
+                unapplied = eng.wal.written_lsn - eng.applied_lsn
+            assert memory == sum(footprint(e) for e in held)
+            # every unapplied byte of log is some event's (but for a record or two)
+            assert log >= unapplied - slack, (n, log, unapplied)
+            if held:
+                one_commit = max(one_commit, footprint(held[-1]))
+                assert held[-1].end - held[-1].start > 20 * len(value)
+            peak_unapplied = max(peak_unapplied, unapplied)
+        # committers wait while the backlog is at the bound: it passes it by one commit
+        assert peak_unapplied <= bound + one_commit + slack, (peak_unapplied, one_commit)
+        # a read-only store following the writer's unapplied tail counts it alike
+        with walstore.open(path, readonly=True) as ro:
+            ro.get("k00")
+            rmt = ro._engine.memtable
+            with rmt.lock:
+                tail = list(rmt.events)
+            assert tail and rmt.log_bytes == sum(e.end - e.start for e in tail)
+            assert rmt.log_bytes > 20 * len(value) * len(tail)
+            assert rmt.memory == sum(footprint(e) for e in tail)
+        eng.drain()
+        with mt.lock:  # drained: the estimate is back to nothing
+            assert (len(mt.events), mt.memory, mt.log_bytes) == (0, 0, 0)
+        assert st.get("k19") == value

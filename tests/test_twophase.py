@@ -693,3 +693,33 @@ def test_commit_prepared_of_a_0_1_0_prepared_transaction_records_its_action(tmp_
             (f"{txid}.1", "committed", f"ws-old-{txid}.1")]
     with _open(path) as s:
         assert [(a.id, a.state) for a in s.actions()] == [(f"{txid}.1", "committed")]
+
+
+def test_a_prepare_of_more_than_a_records_worth_of_writes_survives_sigkill(tmp_path):
+    """A PREPARE carried every write in one record, so writes totalling more than 32 MiB
+    (three 12 MiB values, each within the 16 MiB limit) could never be prepared, though
+    the same transaction commits (a COMMIT's writes are chunked).  A PREPARE is chunked
+    now too: the child prepares such a transaction and is killed; recovery reads the
+    chunks back, the transaction is in doubt with all its writes, and commits."""
+    path = tmp_path / "s"
+    code = ("import os, signal, sys, walstore\n"
+            "s = walstore.open(sys.argv[1])\n"
+            "tx = s.transaction()\n"
+            "for i in range(3):\n"
+            "    tx.put(f'doc{i}', bytes([65 + i]) * (12 << 20))\n"
+            "tx.prepare(sys.argv[2])\n"
+            "print('PREPARED', flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(path), "big"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL and "PREPARED" in proc.stdout, proc.stderr
+    with _open(path) as s:
+        assert s.prepared() == ["big"]
+        assert sorted(k for k, _v in s.prepared_details("big").writes) == [
+            b"sdoc0", b"sdoc1", b"sdoc2"]
+        assert s.get("doc0") is None  # (in doubt: invisible)
+        s.commit_prepared("big")
+    with _open(path) as s:
+        assert s.prepared() == [] and s.decision("big") == "commit"
+        assert [s.get(f"doc{i}") for i in range(3)] == [
+            bytes([65 + i]) * (12 << 20) for i in range(3)]

@@ -25,13 +25,32 @@ from __future__ import annotations
 import threading
 from ..codec import pack
 from ..log import records
-from ..log.format import RecordType
+from ..log.format import MAX_PAYLOAD, RecordType
 from ..log.records import Event
 from ..log.writer import WriteAheadLog
 from .memtable import MemTable
 
 CHUNK_BYTES = 4 * 1024 * 1024  # a commit's writes are split into WAL records of about this
-SMALL_COMMIT = 1  # a commit of this many writes is one record whatever their size
+SMALL_COMMIT = 1  # a commit of this many writes is one record unless that passes MAX_PAYLOAD
+_NO_WRITES = pack([])
+
+
+def _split(packed_body: bytes, writes: list) -> tuple[list, bytes]:
+    """(the WRITES chunks, the final record's payload) of a commit or prepare: its body
+    and the last chunk of its writes; every write in a chunk when the body beside them
+    would pass the record limit (a 16 MiB value beside large action args or results: the
+    commit failed, after the action's side effect ran).  Each part within its own limit
+    (MAX_VALUE_BYTES, MAX_META_BYTES, MAX_ACTION_BYTES...) makes a final record within it."""
+    if len(writes) <= SMALL_COMMIT:
+        chunks, last = [], writes  # (pairs pack as arrays, tuples or lists alike)
+    else:
+        chunks = records.chunk_writes(writes, CHUNK_BYTES)
+        last = chunks.pop()
+    payload = records.with_writes(packed_body, pack(last))
+    if len(payload) > MAX_PAYLOAD and last:
+        chunks.append(last)
+        payload = records.with_writes(packed_body, _NO_WRITES)
+    return chunks, payload
 
 
 class Journal:
@@ -70,32 +89,37 @@ class Journal:
         error after this returns, i.e. it took no hold that outlives the MemTable event)."""
         body["tx"] = txid
         packed_body = pack(body)
-        if len(writes) <= SMALL_COMMIT:  # (one value is at most 16 MiB: one record)
-            chunks, last = [], writes  # (pairs pack as arrays, tuples or lists alike)
-        else:
-            chunks = records.chunk_writes(writes, CHUNK_BYTES)
-            last = chunks.pop()
-        payload = records.with_writes(packed_body, pack(last))
+        chunks, payload = _split(packed_body, writes)
         with self.lock:  # (usually held already: the pipeline validates under it)
+            start = None  # the first chunk's LSN: the event spans its chunks too
             for chunk in chunks:
-                self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
+                first, _end = self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
+                if start is None:
+                    start = first
             if buffered and self.durability == "full":
                 lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, payload)
             else:
                 (lsn, end), ticket = self.wal.append(RecordType.COMMIT, payload), None
             event = Event(lsn, end, RecordType.COMMIT, txid,  # (see Event: plain, packed)
                           packed_body if body.keys() <= records.PLAIN_FIELDS else body,
-                          tuple(writes), ticket)
+                          tuple(writes), ticket, start)
             self.memtable.add(event, body.get("compensate", ()))
             if not self.waits_for_durability:  # (``_publish_written`` written out)
                 self.memtable.publish(event.end)
             return event
 
     def append_prepare(self, txid: int, writes: list, body: dict) -> Event:
+        """Append a PREPARE: its writes chunked as a commit's are (WRITES records just
+        before it), so any write set a commit takes can be prepared."""
+        chunks, payload = _split(pack(body), writes)
         with self.lock:
-            payload = dict(body, w=[[k, v] for k, v in writes])
-            lsn, end = self.wal.append(RecordType.PREPARE, pack(payload))
-            event = Event(lsn, end, RecordType.PREPARE, txid, body, list(writes))
+            start = None
+            for chunk in chunks:
+                first, _end = self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
+                if start is None:
+                    start = first
+            lsn, end = self.wal.append(RecordType.PREPARE, payload)
+            event = Event(lsn, end, RecordType.PREPARE, txid, body, list(writes), None, start)
             self.memtable.add(event)
             self._publish_written(end)
             return event

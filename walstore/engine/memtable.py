@@ -29,6 +29,9 @@ Invariants:
   ``max_memory`` bytes of ``memory``: an estimate of what the events here hold, their log
   bytes plus EVENT_COST per event and WRITE_COST per write, kept as they enter and leave);
   ``log_bytes`` counts the log bytes of the events here (the applier's other trigger).
+  An event's log bytes are all its records span, ``end - start``: a large commit's WRITES
+  chunks with its COMMIT (counting the COMMIT record alone let transactions of 24 MiB of
+  puts pile up to 144 MiB past a 16 MiB bound, and the WAL to 420 MiB).
   (Counting events alone let 1 MiB values, or commits of 300 small puts, pile up to
   gigabytes behind an applier that fell behind, and the WAL with them);
 - leaving costs O(versions left) per key a dropped chunk touched, never O(versions) per
@@ -57,7 +60,7 @@ WRITE_COST = 190
 def footprint(event: Event) -> int:
     """The estimated memory ``event`` holds while unapplied (see MemTable.memory)."""
     writes = event.writes
-    return (event.end - event.lsn + EVENT_COST
+    return (event.end - event.start + EVENT_COST
             + (WRITE_COST * len(writes) if writes is not None else 0))
 
 
@@ -98,7 +101,7 @@ class MemTable:
         """Enter ``event`` (newest).  ``claims``: the action ids a commit compensates, when
         the caller has its body at hand (else read from the event)."""
         self.events.append(event)
-        size = event.end - event.lsn
+        size = event.end - event.start
         self.log_bytes += size
         writes = event.writes  # (``footprint`` written out: every commit comes here)
         self.memory += size + EVENT_COST + (WRITE_COST * len(writes) if writes is not None
@@ -131,7 +134,7 @@ class MemTable:
         versions = self.versions
         while self.events and self.events[-1].lsn >= lsn:
             e = self.events.pop()
-            self.log_bytes -= e.end - e.lsn
+            self.log_bytes -= e.end - e.start
             self.memory -= footprint(e)
             if e.writes is not None and e.type == _COMMIT:
                 for k, _v in e.writes:
@@ -164,7 +167,7 @@ class MemTable:
             if e.end > upto:
                 break
             out.append(e)
-            size += e.end - e.lsn
+            size += e.end - e.start
             if max_bytes is not None and size >= max_bytes:
                 break
         return out
@@ -177,7 +180,7 @@ class MemTable:
         for e in batch:
             first = self.events.popleft()
             assert first is e, "the applier must apply events in LSN order"
-            size += e.end - e.lsn
+            size += e.end - e.start
             if e.writes is not None:  # (``footprint`` summed: a call per event costs)
                 writes += len(e.writes)
             if self.claimed and e.type == _COMMIT:  # (an undo's commit claimed actions)

@@ -52,6 +52,8 @@ MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 REDO_BATCH = 2000
 MAX_OPEN_TXN_BYTES = 512 * 1024 * 1024  # bound on one uncommitted transaction's chunks
 _ENDS = frozenset({RecordType.COMMIT, RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
+# the records of a transaction's write set: its WRITES chunks, then its COMMIT or PREPARE
+_CHUNKED = frozenset({RecordType.WRITES, RecordType.COMMIT, RecordType.PREPARE})
 
 
 @dataclass
@@ -291,7 +293,7 @@ class Recovery:
         was applied or the transaction ended.  Returns the raw lists to put before the
         writes of the event this record completes."""
         t = rec.type
-        if t not in (RecordType.WRITES, RecordType.COMMIT) and t not in _ENDS:
+        if t not in _CHUNKED and t not in _ENDS:
             return None
         txid = records.txid_of(body)
         if t == RecordType.WRITES:
@@ -300,11 +302,11 @@ class Recovery:
                 body["w"] = []
             return None
         early = self._early.pop(txid, None)
-        if t == RecordType.COMMIT and rec.end_lsn <= self.applied:
+        if t in _CHUNKED and rec.end_lsn <= self.applied:
             if isinstance(body.get("w"), list):
                 body["w"] = []  # (an event before ``applied``: dropped by _feed anyway)
             return None
-        return early if t == RecordType.COMMIT else None
+        return early if t in _CHUNKED else None
 
     def _last_applied_commit(self) -> tuple[int, int] | None:
         """(LSN, txid) of the newest commit LMDB applied (its ``bylsn`` row), or None."""

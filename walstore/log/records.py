@@ -12,7 +12,8 @@ COMMIT               ``tx``, ``ts`` (unix seconds), ``meta``, ``w``: [[key, valu
                      revert/rewind undoes), ``redo`` (ids a forced revert marks
                      needs-redo), ``gid`` (committing a prepared transaction),
                      ``reverts``, ``rewound_to``, ``purge`` (a key prefix erased)
-WRITES               ``tx``, ``w``: an earlier chunk of a large COMMIT (contiguous with it)
+WRITES               ``tx``, ``w``: an earlier chunk of a large COMMIT or PREPARE
+                     (contiguous with it)
 ABORT                ``tx``; ``recovered`` / ``copied``: written by recovery for a loser
 ACTION_INTENT        ``tx``, ``id``, ``name``, ``args``, ``key``, ``compensate``, ``ts``,
                      ``scope``
@@ -83,14 +84,19 @@ class Event:
     when the body holds nothing but PLAIN_FIELDS.  ``body`` decodes it on each access,
     ``thaw`` once for good, and ``field`` reads one field, decoding only for a plain
     field.  (A full collection beside a 20,000-event backlog scanned, per commit, an
-    Event, its body dict and the body's ``meta`` dict: PROFILE.md, ninth round.)"""
+    Event, its body dict and the body's ``meta`` dict: PROFILE.md, ninth round.)
 
-    __slots__ = ("lsn", "end", "type", "txid", "_body", "writes", "ticket")
+    ``start``: where its records begin, its first WRITES chunk's LSN for a chunked commit
+    or prepare (else ``lsn``): ``end - start`` is the log it spans, what its writes hold."""
+
+    __slots__ = ("lsn", "end", "type", "txid", "_body", "writes", "ticket", "start")
 
     def __init__(self, lsn: int, end: int, type: int, txid: int, body: dict | bytes,
-                 writes: list | tuple | None = None, ticket: Any = None) -> None:
+                 writes: list | tuple | None = None, ticket: Any = None,
+                 start: int | None = None) -> None:
         self.lsn = lsn
         self.end = end
+        self.start = lsn if start is None else start
         self.type = type
         self.txid = txid
         self._body = body  # a dict, or a plain body packed
@@ -239,10 +245,13 @@ def chunk_writes(writes: list, chunk_bytes: int) -> list[list]:
 
 
 class CommitAssembler:
-    """Turns the stream of records into Events: joins WRITES chunks to their COMMIT.
+    """Turns the stream of records into Events: joins WRITES chunks to their COMMIT (or
+    PREPARE: a prepare's writes are chunked the same way; a store written before that has
+    none before its PREPARE).
 
-    ``feed`` returns the Event of a record that changes state (a COMMIT with its complete
-    write list, earlier chunks first), and None for the others; an ABORT or
+    ``feed`` returns the Event of a record that changes state (a COMMIT or PREPARE with its
+    complete write list, earlier chunks first; ``start``: its first chunk's LSN), and None
+    for the others; an ABORT or
     ROLLBACK_PREPARED drops buffered chunks.  ``max_bytes`` bounds what one unfinished
     transaction may buffer.  Every reader of the log decodes through it.
     """
@@ -250,6 +259,7 @@ class CommitAssembler:
     def __init__(self, max_bytes: int | None = None) -> None:
         self.chunks: dict[int, list] = {}
         self.sizes: dict[int, int] = {}
+        self.starts: dict[int, int] = {}  # txid -> LSN of its first buffered chunk
         self.max_bytes = max_bytes
 
     def feed(self, rtype: int, lsn: int, end: int, body: dict, payload_len: int = 0
@@ -260,22 +270,23 @@ class CommitAssembler:
             if self.max_bytes is not None and size > self.max_bytes:
                 raise ValueError(f"transaction {txid} exceeds {self.max_bytes} bytes of writes")
             self.sizes[txid] = size
+            self.starts.setdefault(txid, lsn)
             self.chunks.setdefault(txid, []).extend(parse_writes(body))
             return None
         if rtype in NOT_EVENTS:
             return None
         writes = None
-        if rtype == _COMMIT:
+        start = lsn
+        if rtype == _COMMIT or rtype == RecordType.PREPARE:
             self.sizes.pop(txid, None)
+            start = self.starts.pop(txid, lsn)
             writes = self.chunks.pop(txid, []) + parse_writes(body)
-            body = {k: v for k, v in body.items() if k != "w"}
-        elif rtype == RecordType.PREPARE:
-            writes = parse_writes(body)
             body = {k: v for k, v in body.items() if k != "w"}
         elif rtype in _ENDS:
             self.sizes.pop(txid, None)
+            self.starts.pop(txid, None)
             self.chunks.pop(txid, None)
-        return Event(lsn, end, rtype, txid, body, writes)
+        return Event(lsn, end, rtype, txid, body, writes, None, start)
 
 
 def commit_ts(body: dict) -> float:
