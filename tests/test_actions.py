@@ -517,6 +517,56 @@ def test_unpackable_result_fails_with_typeerror_and_is_still_compensated(path):
     assert [r["payload"]["tx"] for r in wal_records(path, "ABORT")] == [tx.id]
 
 
+def test_a_large_value_beside_large_action_args_commits(path):
+    """A 15 MiB value (limit 16 MiB) and an action's 18 MiB args, each accepted alone,
+    made a COMMIT record past the 32 MiB record limit: the commit failed with a bare
+    record-size error after the action's side effect ran (and was compensated).  The
+    writes go into WRITES chunks when the COMMIT would not hold them: it commits."""
+    rec = Recorder()
+    args = {"doc": b"z" * (18 << 20)}
+    with walstore.open(path, durability="none", compensators={"refund": rec}) as store:
+        with store.transaction() as tx:
+            tx.put("report", b"x" * (15 << 20))
+            with tx.action("charge", args=args, compensate="refund") as act:
+                act.result = 2
+        assert rec.ids == []
+    with walstore.open(path) as store:  # (recovery reads the chunked commit back)
+        assert store.get("report") == b"x" * (15 << 20)
+        a = store.get_action(act.id)
+        assert (a.state, a.args, a.result) == ("committed", args, 2)
+
+
+def test_actions_past_the_transactions_record_limit_are_refused_before_their_body(path):
+    """An action's row (its args and result) goes into its transaction's COMMIT, so what a
+    transaction's actions log together is bounded (MAX_ACTION_BYTES, 24 MiB): args that
+    would pass it are refused at ``tx.action()`` with ValueError naming the action, before
+    the intent and the body; a result that would is not recorded (ValueError, as for a
+    result msgpack cannot store), and the action, whose effect happened, is compensated."""
+    rec = Recorder()
+    ran = []
+    with walstore.open(path, durability="none", compensators={"refund": rec}) as store:
+        with store.transaction() as tx:
+            with pytest.raises(ValueError, match=r"action 'charge'.*did not run"):
+                tx.action("charge", args=b"a" * (25 << 20), compensate="refund")
+            with tx.action("charge", args=b"a" * (13 << 20), compensate="refund") as first:
+                ran.append(first.id)
+            with pytest.raises(ValueError, match=r"action 'ship'.*24 MiB"):
+                with tx.action("ship", args=b"b" * (12 << 20), compensate="refund"):
+                    ran.append("ship")  # (never: refused before the body)
+            tx.put("k", 1)
+        assert ran == [first.id]
+        assert [a.name for a in store.actions()] == ["charge"]
+        assert [r["payload"]["name"] for r in wal_records(path, "ACTION_INTENT")] == [
+            "charge"]
+        with pytest.raises(ValueError, match="result of action 'sign'"):
+            with store.transaction() as tx:
+                with tx.action("sign", args=b"c" * (20 << 20), compensate="refund") as act:
+                    act.result = b"r" * (5 << 20)
+        assert rec.ids == [act.id]
+        a = store.get_action(act.id)
+        assert (a.result, a.state) == (None, "compensated")
+
+
 # ---- other ways a transaction ends without committing -------------------------------------------
 def test_conflict_at_commit_compensates_the_actions(store):
     rec = Recorder()

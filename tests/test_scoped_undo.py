@@ -212,6 +212,24 @@ def test_an_action_declared_in_an_empty_scope_is_refused_like_every_scope(store,
     assert list(store.actions()) == []
     assert store.get("k") == 1
 
+def test_a_scope_longer_than_any_key_is_refused_at_the_call(store):
+    """A scope is a key prefix and a key has at most 500 bytes; a 10 MiB scope was taken
+    and stored in every commit record and ``txns`` row, a 40 MiB one refused only at
+    commit by a bare record-size error.  Refused at ``transaction()`` and
+    ``tx.action(scope=)``, naming the limit; 500 bytes (UTF-8) is still a scope."""
+    for scope in ("s" * 501, b"s" * (10 << 20), "é" * 251):
+        with pytest.raises(ValueError, match="limit is 500 bytes"):
+            store.transaction(scope=scope)
+    with store.transaction() as tx:
+        with pytest.raises(ValueError, match="limit is 500 bytes"):
+            tx.action("do", args={"what": "x"}, compensate="undo", scope="s" * 501)
+        tx.put("k", 1)
+    assert list(store.actions()) == []
+    with store.transaction(scope="é" * 250) as tx:
+        tx.put("é" * 250, 1)
+    assert store.log()[0].scope == "é" * 250
+
+
 def test_reverting_a_scoped_rewind_leaves_the_scope_rewindable(store):
     """The revert of a scoped rewind (the documented way to undo it, no scope given)
     belongs to the rewind's scope: a later rewind of that scope takes it wholly.  It was

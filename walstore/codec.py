@@ -28,6 +28,11 @@ MAX_VALUE_BYTES = 16 * 1024 * 1024
 # transaction meta, packed: it is logged in the COMMIT record beside the last chunk of the
 # writes (up to one 16 MiB value), and a record holds at most 32 MiB (log.format)
 MAX_META_BYTES = 1024 * 1024
+# the actions of one transaction (the args and results of every action begun in it, packed,
+# with their names): its COMMIT record carries their rows beside meta (the writes go into
+# chunks when they would not fit), so a commit of parts each within its limit fits 32 MiB
+MAX_ACTION_BYTES = 24 * 1024 * 1024
+ACTION_ROW_BYTES = 256  # what an action's row adds besides those (ids, key, state, ts...)
 
 _STR, _BYTES = b"s", b"b"
 _local = threading.local()

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..codec import pack, storable
+from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable
 from ..errors import (CompensationFailed, ReadOnlyError, StoreClosed, UnknownAction,
                       WalstoreError)
 from ..log.format import RecordType
@@ -241,6 +241,19 @@ class Saga:
             from .scope import check_scope  # scoped undo could ever name it)
             check_scope(scope)
         check_packable(f"args of action {name!r}", args)
+        # its row goes into the COMMIT: refused now, before its body runs, when the
+        # transaction's actions would pass what one record can carry (it failed at commit,
+        # after the side effect, with a bare record-size error)
+        size = (len(pack(args)) + len(name.encode("utf-8", "surrogatepass"))
+                + len((compensate or "").encode("utf-8", "surrogatepass"))
+                + len(scope or "") + ACTION_ROW_BYTES)
+        if tx.action_bytes + size > MAX_ACTION_BYTES:
+            raise ValueError(
+                f"action {name!r}: its args are {size - ACTION_ROW_BYTES:,} bytes packed, "
+                f"and a transaction's actions may log at most {MAX_ACTION_BYTES >> 20} MiB "
+                f"of args and results together ({tx.action_bytes:,} bytes used by its earlier "
+                f"actions); the action did not run, nothing was logged")
+        tx.action_bytes += size
         tx.actions_begun += 1
         aid = f"{tx.id}.{tx.actions_begun}"
         return Action(aid, tx.id, name, args, None,
@@ -262,11 +275,20 @@ class Saga:
 
     def log_result(self, tx: "Transaction", action: Action) -> None:
         """Log the body's outcome.  A result msgpack cannot store is dropped (the action
-        stays compensatable, its error says why) and TypeError is raised."""
-        bad = None
+        stays compensatable, its error says why) and TypeError is raised; one that would
+        pass the transaction's MAX_ACTION_BYTES is dropped the same way (ValueError)."""
+        bad: Exception | None = None
         try:
             check_packable(f"result of action {action.name!r}", action.result)
-        except TypeError as e:
+            if action.result is not None:
+                size = len(pack(action.result))
+                if tx.action_bytes + size > MAX_ACTION_BYTES:
+                    raise ValueError(
+                        f"result of action {action.name!r} is {size:,} bytes packed, and a "
+                        f"transaction's actions may log at most {MAX_ACTION_BYTES >> 20} MiB "
+                        f"of args and results together ({tx.action_bytes:,} bytes used)")
+                tx.action_bytes += size
+        except (TypeError, ValueError) as e:
             bad = e
             action.result = None
             action.error = f"{e}; the result was not recorded"

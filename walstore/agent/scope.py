@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from ..codec import encode_prefix, prefix_end
+from ..codec import MAX_KEY_BYTES, encode_prefix, prefix_end
 
 _providers: list[Callable[[], Any]] = []
 _on_begin: dict[Callable[[], Any], Callable[[Any, Any], None]] = {}
@@ -77,12 +77,17 @@ def check_scope(scope: Any) -> Any:
         return None
     if not isinstance(scope, (str, bytes)) or not scope:
         raise TypeError(f"a scope is a non-empty key prefix (str or bytes), not {scope!r}")
+    size = len(scope)
     if isinstance(scope, str) and not scope.isascii():
         try:  # (logged with the commit, and a str key is stored as UTF-8: refused here, at
-            scope.encode("utf-8")  # the call, not by a UnicodeEncodeError at commit)
-        except UnicodeEncodeError as e:
+            size = len(scope.encode("utf-8"))  # the call, not by a UnicodeEncodeError at
+        except UnicodeEncodeError as e:        # commit)
             raise ValueError(f"scope {scope!r} is not valid UTF-8 text: {e.reason}; "
                              f"nothing changed") from None
+    if size > MAX_KEY_BYTES:  # (a prefix of no key; it was logged in every commit record
+        # and txns row, and one past the record limit failed only at commit)
+        raise ValueError(f"scope is {size:,} bytes long; a scope is a key prefix and the "
+                         f"limit is {MAX_KEY_BYTES} bytes (the key limit); nothing changed")
     return scope
 
 

@@ -161,6 +161,7 @@ class Transaction:
         self.read_ranges: list[tuple[bytes, bytes | None]] = []
         self.effects: list = []   # live actions and file changes, in the order logged
         self.actions_begun = 0    # numbers action ids
+        self.action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
         self._logged = False      # wrote a record before commit (an intent, a before-image)
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
         self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
