@@ -89,7 +89,12 @@ class Journal:
         error after this returns, i.e. it took no hold that outlives the MemTable event)."""
         body["tx"] = txid
         packed_body = pack(body)
-        chunks, payload = _split(packed_body, writes)
+        if len(writes) <= SMALL_COMMIT:  # (the common commit: ``_split`` written out)
+            chunks, payload = (), records.with_writes(packed_body, pack(writes))
+            if len(payload) > MAX_PAYLOAD:
+                chunks, payload = _split(packed_body, writes)
+        else:
+            chunks, payload = _split(packed_body, writes)
         with self.lock:  # (usually held already: the pipeline validates under it)
             start = None  # the first chunk's LSN: the event spans its chunks too
             for chunk in chunks:
