@@ -230,6 +230,95 @@ def test_tuples_come_back_as_tuples_across_reopen_and_refresh(tmp_path):
     store.close()
 
 
+def _nest(depth: int, leaf: Any, kinds: str = "l") -> Any:
+    """``leaf`` inside ``depth`` containers, kinds cycling through ``kinds`` (l: a list,
+    t: a tuple, d: a dict, s: a tuple holding a tuple sibling too), outermost last."""
+    for i in range(depth):
+        kind = kinds[i % len(kinds)]
+        leaf = ([leaf] if kind == "l" else (leaf,) if kind == "t" else {"k": leaf, "x": 1}
+                if kind == "d" else ((i,), leaf))
+    return leaf
+
+
+def _same(a: Any, b: Any) -> bool:
+    """``a == b`` with tuples told from lists, at any depth (``==`` recurses)."""
+    pairs = [(a, b)]
+    while pairs:
+        x, y = pairs.pop()
+        if type(x) is not type(y):
+            return False
+        if isinstance(x, dict):
+            if list(x) != list(y):
+                return False
+            pairs.extend((x[k], y[k]) for k in x)
+        elif isinstance(x, (list, tuple)):
+            if len(x) != len(y):
+                return False
+            pairs.extend(zip(x, y))
+        elif x != y:
+            return False
+    return True
+
+
+def _deepest_storable(mem: WalstoreStore) -> int:
+    """The deepest ``{"t": <lists>}`` the codec stores (msgpack: about 1,000 levels)."""
+    for depth in range(1100, 0, -1):
+        try:
+            mem.put(("probe",), "deepest", {"t": _nest(depth, 1)})
+            return depth
+        except ValueError as e:
+            assert "nests too deeply" in str(e)
+    raise AssertionError("nothing stored")
+
+
+def test_deep_values_with_and_without_tuples_are_stored_as_in_memory(tmp_path):
+    """Found by a review probe: the tuple marking walk recursed, so a value 600 lists deep
+    (no tuple anywhere) raised a raw RecursionError at put, where walstore stored it before
+    and InMemoryStore stores it; and the marks nested 3 msgpack levels per level of the
+    value, so a tuple 400 deep was refused as nesting too deeply.  Marks are now a flat
+    list of paths (two msgpack levels), walked with an explicit stack: whatever depth is
+    stored as plain lists is stored with tuples too, one deeper is refused by the codec's
+    one-line message, and the marks grow with the value, not with its depth squared."""
+    store = walstore.open(str(tmp_path / "store"), durability="full")
+    mem, ref = WalstoreStore(store), InMemoryStore()
+    top = _deepest_storable(mem)
+    assert top > 1000
+    values = {"list600": {"t": _nest(600, [1])}, "tuple400": {"t": _nest(400, (1,))},
+              "top_lists": {"t": _nest(top, 1)}, "top_tuples": {"t": _nest(top, 1, "t")},
+              "top_mixed": {"t": _nest(top, 1, "ltdts")},
+              "siblings": {"t": _nest(top // 2, 1, "s"), "u": [(1,), [(2, ())]]}}
+    for name, value in values.items():
+        ref.put(("ns",), name, value)
+        mem.put(("ns",), name, value)
+        assert _same(mem.get(("ns",), name).value, ref.get(("ns",), name).value)
+        assert _same(mem.get(("ns",), name).value, value)
+    assert not _same(mem.get(("ns",), "top_tuples").value, values["top_lists"])
+    with store.transaction() as tx:  # a tuple at every level: marks linear in the value
+        marks = tx.get(mem.keys.item(("ns",), "siblings"))["tp"]
+    assert all(type(s) is int for m in marks for s in m)  # (flat: two msgpack levels)
+    # (2 tuples a level, each mark [keep, slot]; full paths would be ~top**2 / 4 slots)
+    assert len(marks) == 2 * (top // 2) + 3 and sum(len(m) for m in marks) < 2 * len(marks) + 9
+    for value in ({"t": _nest(top + 1, 1)}, {"t": _nest(top + 1, 1, "t")},
+                  {"t": _nest(top + 1, 1, "ltdts")}):
+        with pytest.raises(ValueError, match="nests too deeply") as err:
+            mem.put(("ns",), "too_deep", value)
+        assert "\n" not in str(err.value)
+    loop: list = [1]
+    loop.append(loop)
+    twice: list = []
+    twice += [twice, twice, (1,)]  # (2**depth paths: refused without walking them all)
+    for value in ({"t": loop}, {"t": (loop,)}, {"t": twice}):
+        with pytest.raises(ValueError, match="nests too deeply"):
+            mem.put(("ns",), "loop", value)
+    assert mem.get(("ns",), "too_deep") is None and mem.get(("ns",), "loop") is None
+    key = mem.keys.item(("ns",), "odd")
+    for marks in ([2, [["t", [1, []]]]], [[5, 0]], [[0, 9]], [[0, "t"]], "x", [[0, 0, 0, 0]]):
+        with store.transaction() as tx:  # (marks that do not fit: the value as stored)
+            tx.put(key, {"v": {"t": [[1]]}, "c": 1, "u": 1, "tp": marks})
+        assert _same(mem.get(("ns",), "odd").value, {"t": [[1]]})
+    store.close()
+
+
 # ---- TTL --------------------------------------------------------------------------------
 class Clock:
     def __init__(self) -> None:

@@ -22,9 +22,10 @@ one (SqliteStore stores it as already expired) are refused before anything is wr
 Values are stored as msgpack (JSON-like data, as LangGraph documents), and come back as
 InMemoryStore gives them: a tuple (at any depth) as a tuple, not a list.  msgpack writes
 a tuple as an array, so a value holding tuples keeps, beside it in the item's record, where
-they were (``"tp"``: ``_tuple_marks``); the value itself stays plain data (readable as it
-was by anything that reads the rows), and a record without ``"tp"`` (every item an older
-walstore wrote) reads as before.  Key layout: ``keys.py``.
+they were (``"tp"``: a flat list of paths, ``_tuple_marks``, so a value with tuples nests
+as deep as a plain one can); the value itself stays plain data (readable as it was by
+anything that reads the rows), and a record without ``"tp"`` (every item an older walstore
+wrote) reads as before.  Key layout: ``keys.py``.
 """
 from __future__ import annotations
 
@@ -110,47 +111,104 @@ def _when(us: int) -> datetime:
 
 
 # ---- tuples: where a value holds them (msgpack has no tuple) ---------------------------
-_TUPLE, _LIST, _DICT = 1, 0, 2
+# Both walks below use an explicit stack (a value may nest as deep as msgpack stores: about
+# 1,000 levels, past Python's recursion limit).  Marking stops at _WALK_DEPTH, beyond
+# msgpack's 1,024 levels: a value deeper than that (or holding itself) is left to the codec,
+# which refuses it ("it nests too deeply").
+_WALK_DEPTH = 2048
+
+
+def _containers(value: dict | list | tuple) -> Iterable[tuple[int, Any]]:
+    """(position, child) for each list, tuple or dict directly in ``value`` (a dict's
+    position is its key's place in the dict's order, which msgpack keeps)."""
+    items = value.values() if isinstance(value, dict) else value
+    return ((i, v) for i, v in enumerate(items) if isinstance(v, (dict, list, tuple)))
 
 
 def _tuple_marks(value: Any) -> list | None:
-    """Where ``value`` holds tuples: None when nowhere; else ``[kind, [[slot, marks],
-    ...]]`` (kind: tuple, list or dict; a slot is an index or a dict key, listed only
-    where a tuple is at or below it)."""
-    if isinstance(value, dict):
-        inner = [[k, m] for k, v in value.items()
-                 if isinstance(v, (dict, list, tuple)) and (m := _tuple_marks(v)) is not None]
-        return [_DICT, inner] if inner else None
-    if isinstance(value, (list, tuple)):
-        inner = [[i, m] for i, v in enumerate(value)
-                 if isinstance(v, (dict, list, tuple)) and (m := _tuple_marks(v)) is not None]
-        if isinstance(value, tuple):
-            return [_TUPLE, inner]
-        return [_LIST, inner] if inner else None
-    return None
+    """Where ``value`` holds tuples: None when nowhere; else a flat list of marks, one per
+    tuple in depth-first order, each ``[keep, slot, ...]``: the tuple's path from
+    ``value`` (a slot is a position in a list, tuple or dict) is the first ``keep`` slots
+    of the previous mark's path followed by the slots given.  Two levels of msgpack
+    whatever the value's depth, and each step of a path is written once (marks grow with
+    the value, never with its depth squared)."""
+    if not isinstance(value, (dict, list, tuple)):
+        return None
+    marks: list[list] = [[0]] if isinstance(value, tuple) else []
+    path: list[int] = []     # slots from value to the container whose children are walked
+    keep = 0                 # how many of path's first slots the last mark's path shares
+    walk = [iter(_containers(value))]
+    while walk:
+        step = next(walk[-1], None)
+        if step is None:
+            walk.pop()
+            if path:
+                path.pop()
+            keep = min(keep, len(path))
+            continue
+        if len(walk) > _WALK_DEPTH:  # deeper than msgpack stores: the codec refuses it
+            break                    # (a value holding itself twice: 2**depth paths)
+        slot, child = step
+        path.append(slot)
+        if isinstance(child, tuple):
+            marks.append([keep, *path[keep:]])
+            keep = len(path)
+        walk.append(iter(_containers(child)))
+    return marks or None
+
+
+class _Open:
+    """A container on the path being given its tuples back: a new copy of the one read,
+    put in its parent (as a tuple when marked) when the path leaves it."""
+    __slots__ = ("copy", "keys", "slot", "is_tuple")
+
+    def __init__(self, value: dict | list, slot: Any) -> None:
+        self.copy: dict | list = dict(value) if isinstance(value, dict) else list(value)
+        self.keys = list(value) if isinstance(value, dict) else None
+        self.slot = slot
+        self.is_tuple = False
+
+    def child(self, pos: Any) -> tuple[Any, Any] | None:
+        """(slot, child) at position ``pos``; None when there is no such position."""
+        if type(pos) is not int or not 0 <= pos < len(self.copy):
+            return None
+        slot = pos if self.keys is None else self.keys[pos]
+        return slot, self.copy[slot]  # type: ignore[index]
+
+    def done(self) -> Any:
+        return tuple(self.copy) if self.is_tuple else self.copy
+
+
+def _close(chain: list[_Open], depth: int) -> None:
+    """Leave the path down to ``depth`` containers, each put back in its parent."""
+    while len(chain) > depth:
+        node = chain.pop()
+        chain[-1].copy[node.slot] = node.done()  # type: ignore[index]
 
 
 def _with_tuples(value: Any, marks: Any) -> Any:
     """``value`` as read (lists) with the tuples ``marks`` names given back: new
     containers along the marked paths (the record read is left as it is); a mark that
     does not fit the value is ignored."""
-    if not (isinstance(marks, list) and len(marks) == 2 and isinstance(marks[1], list)):
+    if not isinstance(value, (dict, list)) or not isinstance(marks, list):
         return value
-    kind, inner = marks
-    if kind == _DICT and isinstance(value, dict):
-        out = dict(value)
-        for slot in inner:
-            if isinstance(slot, list) and len(slot) == 2 and slot[0] in out:
-                out[slot[0]] = _with_tuples(out[slot[0]], slot[1])
-        return out
-    if kind in (_TUPLE, _LIST) and isinstance(value, list):
-        items = list(value)
-        for slot in inner:
-            if (isinstance(slot, list) and len(slot) == 2 and type(slot[0]) is int
-                    and 0 <= slot[0] < len(items)):
-                items[slot[0]] = _with_tuples(items[slot[0]], slot[1])
-        return tuple(items) if kind == _TUPLE else items
-    return value
+    chain = [_Open(value, None)]  # (always a prefix of the last mark's path)
+    for mark in marks:
+        if not (isinstance(mark, list) and mark and type(mark[0]) is int and mark[0] >= 0):
+            _close(chain, 1)  # (a path unknown: only the empty prefix is sure)
+            continue
+        if mark[0] >= len(chain):  # (its path's prefix was not found: neither is it)
+            continue
+        _close(chain, mark[0] + 1)
+        for pos in mark[1:]:
+            found = chain[-1].child(pos)
+            if found is None or not isinstance(found[1], (dict, list)):
+                break
+            chain.append(_Open(found[1], found[0]))
+        else:
+            chain[-1].is_tuple = isinstance(chain[-1].copy, list)
+    _close(chain, 1)
+    return chain[0].done()
 
 
 def _value(rec: dict) -> dict:
