@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -176,3 +177,107 @@ def test_recovery_refuses_a_store_whose_action_rows_do_not_decode(tmp_path):
         assert s.get_action("2.1").args == {"a": "MARKERACTN"}
         assert s.get("k") is None
     assert len(calls) == 1 and calls[0] != "2.1"
+
+
+# ---- u64 rows: ``bylsn``'s keys and txids, ``meta``'s counters ---------------------------
+# Found by a review probe (2026-12-02): a u64 row of 3 bytes in place of 8 escaped as a raw
+# struct.error ("unpack requires a buffer of 8 bytes") from ``walstore.open`` (``meta``'s
+# ``next_txid``), ``store.log()`` (a ``bylsn`` txid), and ``walstore verify`` said ok.
+
+def _shrink_u64(path: Path, key: bytes, value: bytes = b"", part: str = "value") -> int:
+    """Make every copy in db/data.mdb of the LMDB leaf node ``key`` -> (an 8-byte ``value``,
+    or any when b"") hold a 3-byte value (``part`` "value": the node's data size) or a
+    3-byte key ("key": its key size) in place of 8, in place: the rest of the page as it
+    was."""
+    f = path / "db" / "data.mdb"
+    data = bytearray(f.read_bytes())
+    node = struct.pack("=HHHH", 8, 0, 0, len(key)) + key + value
+    n, i = 0, data.find(node)
+    while i >= 0:
+        if part == "value":
+            data[i:i + 2] = struct.pack("=H", 3)
+        else:
+            data[i + 6:i + 8] = struct.pack("=H", 3)
+        n += 1
+        i = data.find(node, i + 1)
+    with open(f, "r+b") as fh:
+        fh.write(data)
+    return n
+
+
+def _first_commit(path: Path) -> tuple[int, int]:
+    with walstore.open(str(path), durability="none") as s:
+        first = s.log()[-1]
+    return int(first.lsn), first.txid
+
+
+def _assert_u64_error(e: BaseException, table: str, key_text: str, what: str,
+                      store: Path) -> None:
+    _assert_row_error(e, table, key_text, store)
+    assert f"{what} is 3 bytes where a u64 (8) belongs" in str(e), str(e)
+    assert isinstance(e.__cause__, struct.error), repr(e.__cause__)
+
+
+def _assert_verify_lists(path: Path, table: str, key_text: str, what: str) -> None:
+    r = _cli("verify", str(path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    errors = json.loads(r.stdout)["errors"]
+    assert any(f"LMDB table {table!r}" in err and key_text in err and
+               f"{what} is 3 bytes" in err for err in errors), errors
+    r = _cli("verify", str(path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert key_text in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
+def _assert_cli_one_line(command: list, key_text: str) -> None:
+    r = _cli(*command)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert len(lines) == 1 and "corruption" in lines[0] and key_text in lines[0], lines
+    assert "unexpected error" not in lines[0], lines[0]
+
+
+def test_a_damaged_bylsn_txid_is_a_corruption_error_naming_the_row(tmp_path):
+    path = tmp_path / "s"
+    _make(path)
+    lsn, txid = _first_commit(path)
+    assert _shrink_u64(path, struct.pack(">Q", lsn), struct.pack(">Q", txid)) >= 1
+    key_text = f"LSN {lsn}"
+    with walstore.open(str(path), durability="none") as s:
+        with pytest.raises(walstore.CorruptionError) as e:
+            s.log()
+        _assert_u64_error(e.value, "bylsn", key_text, "its value", path)
+        assert s.get("k1") == "MARKERDATA"
+    _assert_verify_lists(path, "bylsn", key_text, "its value")
+    _assert_cli_one_line(["log", str(path)], key_text)
+
+
+def test_a_damaged_bylsn_key_is_a_corruption_error_and_verify_lists_it(tmp_path):
+    path = tmp_path / "s"
+    _make(path)
+    lsn, txid = _first_commit(path)
+    assert _shrink_u64(path, struct.pack(">Q", lsn), struct.pack(">Q", txid), "key") >= 1
+    key_text = repr(struct.pack(">Q", lsn)[:3])  # (a key that is no LSN: its bytes)
+    s = walstore.open(str(path), durability="none", retain_transactions=1)
+    with pytest.raises(walstore.CorruptionError) as e:
+        s.checkpoint()  # (retention reads the oldest commit's LSN)
+    _assert_u64_error(e.value, "bylsn", key_text, "its key", path)
+    with pytest.raises(walstore.CorruptionError) as e:
+        s.close()  # (its checkpoint meets the row again; the store is let go all the same)
+    _assert_u64_error(e.value, "bylsn", key_text, "its key", path)
+    walstore.open(str(path), durability="none").close()  # (no retention: nothing reads it)
+    _assert_verify_lists(path, "bylsn", key_text, "its key")
+
+
+@pytest.mark.parametrize("name", ["next_txid", "applied"])
+def test_a_damaged_meta_counter_is_a_corruption_error_naming_it(tmp_path, name):
+    path = tmp_path / "s"
+    _make(path)
+    assert _shrink_u64(path, name.encode()) >= 1
+    key_text = f"the row of {name!r}"
+    for _ in range(2):  # (every open reads it; the failed one left nothing half done)
+        with pytest.raises(walstore.CorruptionError) as e:
+            walstore.open(str(path), durability="none")
+        _assert_u64_error(e.value, "meta", key_text, "its value", path)
+    _assert_verify_lists(path, "meta", key_text, "its value")
+    _assert_cli_one_line(["checkpoint", str(path)], key_text)

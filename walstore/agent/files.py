@@ -850,7 +850,7 @@ class Files:
             row = tables.unpack_row(v, "fconflicts", raw, st.data_file)
             c = FileConflict.from_row(row["conflict"])
             out.append(dict(self.conflict_doc(row["ws"], c), tx=row.get("tx"),
-                            lsn=from_u64(raw), ts=row.get("ts")))
+                            lsn=from_u64(raw, 0, "fconflicts", None, st), ts=row.get("ts")))
         return out
 
     # ---- retention ------------------------------------------------------------------

@@ -49,7 +49,7 @@ class Retention:
         # rows below the recorded horizon are a trim a crash cut short (the horizon moves
         # first): they are trimmed now, from the oldest
         first = next(iter(st.scan(b"", None, db="bylsn")), None)
-        left = from_u64(first[0]) if first is not None else None
+        left = from_u64(first[0], 0, "bylsn", None, st) if first is not None else None
         if horizon <= old and (left is None or left >= old):
             self._trim_ended_actions(max(old, ended))
             return {"history_trimmed": 0}
@@ -64,8 +64,8 @@ class Retention:
         # never trimmed, so an unknown one there never committed (UnknownPoint, not
         # HistoryTrimmed: see History); set with the horizon, from the commits below it.
         top = st.meta_int(b"trimmed_txid_max", 0)
-        for _raw, txid in st.scan(u64(old), u64(horizon), db="bylsn"):
-            top = max(top, from_u64(txid))
+        for raw, txid in st.scan(u64(old), u64(horizon), db="bylsn"):
+            top = max(top, from_u64(txid, 0, "bylsn", raw, st))
         self.engine.applier.set_meta(b"horizon", horizon, trimmed_txid_max=top)
         trimmed = 0
         while True:
@@ -94,7 +94,8 @@ class Retention:
         st = self.engine.state
         out = []
         for raw, txid in st.scan(u64(lo), u64(hi), db="bylsn"):
-            out.append((from_u64(raw), from_u64(txid)))
+            out.append((from_u64(raw, 0, "bylsn", None, st),
+                        from_u64(txid, 0, "bylsn", raw, st)))
             if len(out) >= TRIM_BATCH:
                 break
         return out
@@ -115,12 +116,13 @@ class Retention:
         applied = st.applied_lsn()
         candidates, ended = [applied], [applied]
         if opts.retain_transactions is not None:
-            candidates.append(self._nth_newest(opts.retain_transactions,
-                                               st.scan(b"", None, reverse=True, db="bylsn")))
-            ended.append(self._nth_newest(opts.retain_transactions, heapq.merge(
+            candidates.append(_nth_newest(opts.retain_transactions,
+                                          st.scan(b"", None, reverse=True, db="bylsn"),
+                                          "bylsn", st))
+            ended.append(_nth_newest(opts.retain_transactions, heapq.merge(
                 st.scan(b"", None, reverse=True, db="bylsn"),
                 st.scan(b"", None, reverse=True, db="aended"),
-                key=_first, reverse=True)))
+                key=_first, reverse=True), "bylsn or aended", st))
         if opts.retain_seconds is not None:
             cutoff = time.time() - opts.retain_seconds
             first_young = applied
@@ -128,21 +130,22 @@ class Retention:
                 row = st.get(txid, "txns")
                 if row is not None and tables.unpack_row(row, "txns", txid, st.data_file
                                                          ).get("ts", 0) >= cutoff:
-                    first_young = from_u64(raw)
+                    first_young = from_u64(raw, 0, "bylsn", None, st)
                     break
             candidates.append(first_young)
             ended.append(first_young)
         return min(candidates), min(ended)
 
-    @staticmethod
-    def _nth_newest(n: int, rows) -> int:
-        """The LSN of the ``n``th of ``rows`` (LSN keys, newest first); 0: fewer."""
-        k = 0
-        for raw, _t in rows:
-            k += 1
-            if k >= n:
-                return from_u64(raw)
-        return 0
+
+
+def _nth_newest(n: int, rows, table: str, st) -> int:
+    """The LSN of the ``n``th of ``rows`` (LSN keys of ``table``, newest first); 0: fewer."""
+    k = 0
+    for raw, _t in rows:
+        k += 1
+        if k >= n:
+            return from_u64(raw, 0, table, None, st)
+    return 0
 
 
 def _first(row: tuple) -> bytes:

@@ -192,7 +192,8 @@ class Applier:
                 owed.append(list(e.body["purge_range"]))
                 txn.put(ERASE_OWED, pack(owed), db=st.meta)
             txn.put(b"applied", u64(applied_end), db=st.meta)
-            if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta)) <= max_txid:
+            if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta), 0, "meta",
+                                          b"next_txid", st) <= max_txid:
                 txn.put(b"next_txid", u64(max_txid + 1), db=st.meta)
 
         st.write(body)
@@ -300,10 +301,11 @@ class Applier:
             done, seen = [], 0
             for raw, txid_raw in _rows(txn, st.aended, u64(start), u64(horizon)):
                 if seen >= batch:
-                    nxt[0] = from_u64(raw)
+                    nxt[0] = from_u64(raw, 0, "aended", None, st)
                     break
                 seen += 1
-                if not _trim_actions(txn, st, from_u64(txid_raw), retained):
+                txid = from_u64(txid_raw, 0, "aended", raw, st)
+                if not _trim_actions(txn, st, txid, retained):
                     done.append(raw)
             for raw in done:
                 txn.delete(raw, db=st.aended)

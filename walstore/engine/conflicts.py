@@ -68,7 +68,7 @@ class ConflictChecker:
         if bound is not None and bound <= reads.snapshot:
             return bound
         with st.read() as txn:
-            applied = from_u64(txn.get(b"applied", db=st.meta))
+            applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
             if applied > reads.snapshot:
                 self._check_lmdb(txn, txid, reads, reads.snapshot, applied)
         return applied
@@ -94,7 +94,7 @@ class ConflictChecker:
         if applied_now > checked:
             st = self.state
             with st.read() as txn:
-                applied = from_u64(txn.get(b"applied", db=st.meta))
+                applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
                 self._check_lmdb(txn, txid, reads, max(p, checked), applied)
 
     def _check_lmdb(self, txn, txid: int, reads: ReadSet, since: int, upto: int) -> None:
@@ -107,7 +107,8 @@ class ConflictChecker:
                     cur.key(), tables.hist_prefix(k)):
                 stale.append(k)
                 break
-        purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1) >= since
+        purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
+                                b"last_purge", st) >= since
         if not stale and (reads.ranges or purged_since):
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):

@@ -241,7 +241,9 @@ class Engine:
                                        ConflictChecker(self.state, self.memtable), self.prepared)
 
     def _inflight_txids(self) -> set[int]:
-        return {from_u64(k) for k, _v in self.state.scan(b"", None, db="inflight")}
+        st = self.state
+        return {from_u64(k, 0, "inflight", None, st) for k, _v in st.scan(b"", None,
+                                                                        db="inflight")}
 
     def _undo_losers(self, losers: list[int]) -> None:
         """UNDO: a loser ends as a rollback ends, with an ABORT record (its actions' rows

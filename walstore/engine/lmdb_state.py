@@ -36,7 +36,9 @@ Invariants:
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
-  file, writes a ``StateWriteError`` (the caller turns the store read-only);
+  file, writes a ``StateWriteError`` (the caller turns the store read-only); a u64 row
+  whose key or value is not 8 bytes (``from_u64``, every caller naming the row) is a
+  CorruptionError naming the table, the key and the file (``tables.u64_damaged``);
 - py-lmdb releases the GIL around every call (each a microsecond or less); beside a busy
   Python thread a call then costs the wait to get the GIL back, so hot paths make as few
   calls as they can: one per row of a scan (``iternext``/``iterprev``), and a scan's
@@ -63,6 +65,7 @@ import lmdb
 
 from .. import fileio
 from ..errors import CorruptionError, ReadOnlyError, StoreClosed, StoreIOError, WalstoreError
+from . import tables
 from .lmdb_check import check_lmdb_files
 
 T = TypeVar("T")
@@ -117,8 +120,20 @@ def u64(n: int) -> bytes:
     return _U64.pack(n)
 
 
-def from_u64(raw: bytes | None, default: int = 0) -> int:
-    return default if raw is None else _U64.unpack(raw)[0]
+def from_u64(raw: bytes | None, default: int = 0, table: str = "meta",
+             key: bytes | None = None, state: "LmdbState | None" = None) -> int:
+    """The u64 ``raw`` read from row ``key`` of ``table`` (``key`` None: ``raw`` is that
+    row's key), ``default`` when absent.  Bytes of another length than 8 (damage) are a
+    CorruptionError naming the table, the key and ``state``'s data file, the struct error
+    chained.  (Every reader names its row: the arguments are constants and locals, and the
+    try costs nothing when nothing is raised.)"""
+    if raw is None:
+        return default
+    try:
+        return _U64.unpack(raw)[0]
+    except struct.error as e:
+        raise tables.u64_damaged(table, raw if key is None else key, raw, key is None,
+                                 None if state is None else state.data_file) from e
 
 
 class ReadGate:
@@ -318,7 +333,7 @@ class LmdbState:
         bound = self._shared.get("applied_bound")
         if bound is not None and bound <= lsn:
             return None
-        applied = from_u64(txn.get(b"applied", db=self.meta))
+        applied = from_u64(txn.get(b"applied", db=self.meta), 0, "meta", b"applied", self)
         return applied if applied > lsn else None
 
     def _adopt(self, shared: dict) -> None:
@@ -659,7 +674,7 @@ class LmdbState:
                 slot.inside = False
 
     def meta_int(self, name: bytes, default: int = 0) -> int:
-        return from_u64(self.get(name, "meta"), default)
+        return from_u64(self.get(name, "meta"), default, "meta", name, self)
 
     def applied_lsn(self) -> int:
         return self.meta_int(b"applied")
@@ -701,7 +716,8 @@ class LmdbState:
                     applied = txn.get(b"applied", db=self.meta)
                     if applied is not None:  # (before the commit: see applied_bound)
                         bound = self._shared.get("applied_bound") or 0
-                        self._shared["applied_bound"] = max(bound, from_u64(applied))
+                        self._shared["applied_bound"] = max(
+                            bound, from_u64(applied, 0, "meta", b"applied", self))
                     fileio.lmdb_io("commit", self.path)
                     txn.commit()
                     return

@@ -317,7 +317,9 @@ class Recovery:
             found = cur.prev() if cur.set_range(u64(self.applied)) else cur.last()
             if not found:
                 return None
-            lsn, txid = from_u64(cur.key()), from_u64(cur.value())
+            key = cur.key()
+            lsn, txid = (from_u64(key, 0, "bylsn", None, st),
+                         from_u64(cur.value(), 0, "bylsn", key, st))
         return (lsn, txid) if lsn < self.applied else None
 
     def _check_anchor(self, rec: Record) -> None:
@@ -444,12 +446,13 @@ class Recovery:
         st = self.state
         with st.read() as txn:
             for raw, _v in read_chunk(txn, st.inflight, b"", None, False, None, limit=1 << 62):
-                self.open_txids.add(from_u64(raw))
+                self.open_txids.add(from_u64(raw, 0, "inflight", None, st))
             for k, raw in read_chunk(txn, st.twophase, PREPARED_PREFIX, b"p;", False, None,
                                      limit=1 << 62):
                 row = tables.unpack_row(raw, "twophase", k, st.data_file)
                 self.prepared_txids.add(row.get("tx"))
-            self.max_txid = max(0, from_u64(txn.get(b"next_txid", db=st.meta)) - 1)
+            self.max_txid = max(0, from_u64(txn.get(b"next_txid", db=st.meta), 0, "meta",
+                                            b"next_txid", st) - 1)
 
     # ---- damage handling ---------------------------------------------------------------
     def _damage(self, kind: str, path: str, offset: int, lsn: int, reason: str, last: bool) -> None:

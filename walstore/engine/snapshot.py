@@ -166,12 +166,12 @@ def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = Fa
 
 def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False, lo: bytes = b"",
                    hi: bytes | None = None) -> None:
-    horizon = from_u64(txn.get(b"horizon", db=st.meta))
+    horizon = from_u64(txn.get(b"horizon", db=st.meta), 0, "meta", b"horizon", st)
     if at < horizon:
         raise SnapshotTooOld(f"this transaction's snapshot (LSN {at}) is older than the "
                              f"retained history (horizon LSN {horizon}); retry it")
     if purges:
-        purge = from_u64(txn.get(b"last_purge", db=st.meta))
+        purge = from_u64(txn.get(b"last_purge", db=st.meta), 0, "meta", b"last_purge", st)
         if purge >= at and _purged_since(txn, st, at, lo, hi):
             raise SnapshotTooOld(f"a purge (LSN {purge}) erased history after this "
                                  f"snapshot (LSN {at}) was taken; what it would read is not "

@@ -20,7 +20,10 @@ function, shared by the LMDB applier and by views that fold events not yet appli
 
 A row whose bytes do not decode (damage inside a value: LMDB's pages are sound) is a
 ``CorruptionError`` naming the table and the row's key (``unpack_row``, ``row_damaged``):
-every reader of LMDB rows decodes through them, never through a bare msgpack call.
+every reader of LMDB rows decodes through them, never through a bare msgpack call.  The
+u64 rows (``U64_KEYS``, ``U64_VALUES``, ``meta``'s counters) decode through
+``lmdb_state.from_u64``, which names them the same way (``u64_damaged``): a key or value
+of another length than 8.
 
 Invariants: ``action_changes`` depends only on the event and the rows it names, so
 applying the same events to the same rows gives the same rows (REDO is idempotent); a
@@ -78,6 +81,24 @@ PACKED_ROWS = {"txns": (b"", None), "actions": (b"", None), "points": (b"", None
                "fversions": (b"", None), "fconflicts": (b"", None),
                "twophase": (b"p:", b"p;")}  # (apply.PREPARED_PREFIX; decisions are text)
 PACKED_META = (b"erase_owed", b"recent_purges")  # (apply.ERASE_OWED, RECENT_PURGES)
+# the tables whose keys are a u64 (txid or LSN) and those whose values are (a txid); every
+# ``meta`` row not in PACKED_META is a u64 too (``applied``, ``next_txid``, ``horizon``...)
+U64_KEYS = ("txns", "bylsn", "inflight", "aended", "fconflicts")
+U64_VALUES = ("bylsn", "aended")
+
+
+def u64_damaged(table: str, key: bytes, raw: bytes, is_key: bool = False,
+                file: str | None = None) -> CorruptionError:
+    """The CorruptionError of a u64 row of ``table`` (its key ``key``) whose key
+    (``is_key``) or value ``raw`` is not 8 bytes long (raise it ``from`` the struct error).
+    """
+    what = "its key" if is_key else "its value"
+    return CorruptionError(
+        f"LMDB table {table!r}: the row of {describe_row_key(table, key)} does not decode "
+        f"({what} is {len(raw)} bytes where a u64 (8) belongs): the state is damaged",
+        file=file)
+
+
 AS_OF = "data or hist"  # (a value read as of a point: the data row or a before-image)
 
 
@@ -86,8 +107,9 @@ def describe_row_key(table: str, key: bytes) -> str:
     try:
         if table in ("data", AS_OF):
             return f"key {decode_key(key)!r}"
-        if table in ("txns", "inflight", "aended", "bylsn"):
-            return f"{'LSN' if table in ('bylsn', 'aended') else 'txid'} {_U64.unpack(key)[0]}"
+        if table in ("txns", "inflight", "aended", "bylsn", "fconflicts"):
+            lsn = table in ("bylsn", "aended", "fconflicts")
+            return f"{'LSN' if lsn else 'txid'} {_U64.unpack(key)[0]}"
         if table == "hist":
             k, lsn = split_hist_key(key)
             return f"key {decode_key(k)!r} at LSN {lsn}"

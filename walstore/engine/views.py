@@ -123,7 +123,7 @@ class Views:
             yield tables.txn_row(e)
         st = self.state
         for _raw, txid_raw in st.scan(u64(lsn + 1), None, reverse=True, db="bylsn"):
-            txid = from_u64(txid_raw)
+            txid = from_u64(txid_raw, 0, "bylsn", _raw, st)
             if txid in seen:
                 continue
             raw = st.get(txid_raw, "txns")

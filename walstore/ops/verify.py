@@ -11,7 +11,9 @@ the log; that for every key written by a commit in the retained WAL at or below
 ``applied``, LMDB holds exactly the last value the WAL gave it as of that point (WAL vs
 LMDB, read through the history index in short read transactions, so a writer may run
 meanwhile); that every LMDB value and row decodes (history before-images too: damage inside
-a row is named by table and key).  A torn tail is a warning (it is
+a row is named by table and key), every u64 key and value 8 bytes long (a damaged
+``applied`` or ``wal_start`` is listed, and the WAL vs LMDB comparison, which needs
+``applied``, skipped when it is the one damaged).  A torn tail is a warning (it is
 what recovery cuts), anything else an error.  All log reading goes through
 walstore.log.reader.
 """
@@ -81,17 +83,27 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         return rep
     try:
         rep = VerifyReport(layout.root)
-        rep.applied_lsn = state.applied_lsn()
-        rep.wal_start = state.meta_int(b"wal_start")
+        unreadable = applied_unread = None  # (a damaged u64 row: _check_u64_rows lists it)
+        try:
+            rep.applied_lsn = state.applied_lsn()
+        except CorruptionError as e:
+            unreadable = applied_unread = e
+        try:
+            rep.wal_start = state.meta_int(b"wal_start")
+        except CorruptionError as e:  # (0: as if the log never began sealed)
+            unreadable = unreadable or e
         last_values = _check_wal(layout, store_id, rep, progress)
-        if rep.errors and writer_alive(layout):
+        if rep.errors and writer_alive(layout) and unreadable is None:
             last_values = _settle(layout, store_id, rep, state)
         try:  # every page of LMDB's trees, in Python, before LMDB's cursors walk them (it
             _walk_pinned(state, os.path.join(layout.db, "data.mdb"))  # asserts on damage)
         except CorruptionError as e:
             rep.errors.append(f"LMDB: {e}")
+            if unreadable is not None:
+                rep.errors.append(str(unreadable))
             return rep  # (comparing would make LMDB walk the damaged pages: SIGABRT)
-        _compare(state, rep, last_values)
+        if applied_unread is None:  # (else LMDB's position in the log is unknown)
+            _compare(state, rep, last_values)
         _check_lmdb(state, rep)
         if not rep.errors:  # (not on damage: the errors above say it.  Not only when
             _check_blobs(layout, rep)  # files/ exists: a copy without it passed — probe)
@@ -218,6 +230,21 @@ def _check_lmdb(state: LmdbState, rep: VerifyReport) -> None:
         except Exception as e:  # any decode failure is damage
             rep.errors.append(str(tables.row_damaged("data", k, e, state.data_file)))
     _check_rows(state, rep)
+    _check_u64_rows(state, rep)
+
+
+def _check_u64_rows(state: LmdbState, rep: VerifyReport) -> None:
+    """Every u64 key and value of LMDB's tables (``tables.U64_KEYS``, ``U64_VALUES``, the
+    ``meta`` counters) is 8 bytes: each one that is not is listed by table and key."""
+    file = state.data_file
+    for table in sorted(set(tables.U64_KEYS) | set(tables.U64_VALUES) | {"meta"}):
+        keys, values = table in tables.U64_KEYS, table in tables.U64_VALUES or table == "meta"
+        for k, raw in state.scan(b"", None, db=table):
+            if keys and len(k) != 8:
+                rep.errors.append(str(tables.u64_damaged(table, k, k, True, file)))
+            elif values and len(raw) != 8 and k not in (
+                    tables.PACKED_META if table == "meta" else ()):
+                rep.errors.append(str(tables.u64_damaged(table, k, raw, False, file)))
 
 
 def _check_rows(state: LmdbState, rep: VerifyReport) -> None:
