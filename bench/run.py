@@ -4,8 +4,9 @@
 A full run writes ``bench/results/latest.md`` (machine, targets, every row),
 ``latest.json`` (the whole result, every round) and ``latest.png`` (a chart, when
 matplotlib is installed: ``pip install walstore[bench]``).  A ``--quick`` run writes
-``quick.*`` and a run of chosen workloads ``partial.*`` instead, so ``latest.*`` only ever
-holds a full run.  The measuring itself lives in ``walstore.benchmark``.
+``quick.*`` and a run of chosen workloads (with ``--quick`` or not) ``partial.*`` instead,
+so ``latest.*`` only ever holds a full run and ``quick.*`` a whole quick one.  The
+measuring itself lives in ``walstore.benchmark``.
 
     python bench/run.py [--quick] [--workloads put-1t,reads] [--repeats N] [--out DIR]
                         [--dir TMPDIR] [--json]
@@ -21,6 +22,14 @@ sys.path.insert(0, str(ROOT))
 
 from walstore.benchmark import (render_json, render_markdown, render_png,  # noqa: E402
                                 run_benchmarks)
+
+
+def output_stem(quick: bool, workloads: list[str] | None) -> str:
+    """The result files' name: ``partial`` for chosen workloads (quick or not: a partial
+    run never replaces a whole one), else ``quick`` or ``latest``."""
+    if workloads:
+        return "partial"
+    return "quick" if quick else "latest"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                                  progress=log, directory=args.dir)
     except ValueError as exc:          # unknown workload name
         parser.error(str(exc))
-    stem = "quick" if args.quick else "partial" if names else "latest"
+    stem = output_stem(args.quick, names)
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(results)
     text = render_json(results)

@@ -1,5 +1,6 @@
 """A run's result as Markdown (targets table, then one table of every row), as strict JSON
-(RFC 8259: no NaN or Infinity), and as a PNG chart (targets, commit latency, ratios).
+(RFC 8259: no NaN or Infinity), and as a PNG chart (targets, commit latency, ratios, each
+ratio drawn so that right is better).
 
 Reads only the dict ``run_benchmarks`` returns; measures nothing.
 """
@@ -39,15 +40,35 @@ def fmt_met(met: bool | None, measured: bool = True) -> str:
     return "met" if met else "**not met**"
 
 
+def _beside(t: dict[str, Any]) -> str:
+    """A target's ratio against its second, unjudged baseline ("" when it has none)."""
+    if t.get("beside_measured") is None:
+        return ""
+    return f"; {fmt_ratio(t['beside_measured'])} vs {t['beside_used']}, not judged"
+
+
 def _verdict(row: dict[str, Any]) -> str:
     """The row's met / not met, with each target's own ratio and baseline: a target may
     be judged against another row's system (8 threads against SQLite's single-thread
     best), and a verdict printed beside a ratio it was not computed from read as if
-    1.80x had met a 2.5x goal."""
+    1.80x had met a 2.5x goal.  A target left unjudged says why (too few samples)."""
+    unjudged = [t["why_not_measured"] for t in row["targets"]
+                if t.get("measured") is not None and t["met"] is None
+                and t.get("why_not_measured")]
     verdict = fmt_met(row["met"], measured=bool(row["targets"]))
+    if row["met"] is None and unjudged:
+        verdict = unjudged[0]
     judged = [f"{fmt_ratio(t['measured'])} vs {t['baseline']} {t['op']} {t['goal']}x"
-              for t in row["targets"] if t.get("measured") is not None]
+              f"{_beside(t)}" for t in row["targets"] if t.get("measured") is not None]
     return f"{verdict} ({'; '.join(judged)})" if judged else verdict
+
+
+def fmt_samples(row: dict[str, Any]) -> str:
+    """Per-operation samples per round behind a row's latency columns (the fewest of
+    any round when rounds differ)."""
+    lat = row.get("latency_ms") or {}
+    n = lat.get("n_min", lat.get("n_per_round"))
+    return "-" if n is None else f"{int(n):,}"
 
 
 def _cell(text: Any) -> str:
@@ -65,15 +86,26 @@ def targets_table(targets: list[dict[str, Any]]) -> list[str]:
     for t in targets:
         metric = "" if t["metric"] == "rate" else f" ({t['metric']})"
         baseline = t["baseline_used"] or t["baseline"]
-        measured = fmt_ratio(t["measured"]) if t["met"] is not None else \
-            _cell(t["why_not_measured"] or "-")
+        if t["measured"] is not None:
+            measured = fmt_ratio(t["measured"])
+            if t.get("beside_measured") is not None:
+                measured += (f" ({fmt_ratio(t['beside_measured'])} vs "
+                             f"`{t['beside_used']}`, not judged)")
+        else:
+            measured = _cell(t["why_not_measured"] or "-")
+        met = fmt_met(t["met"])
+        if t["met"] is None and t["measured"] is not None:
+            met = _cell(t["why_not_measured"] or "not measured")
+        elif t.get("samples"):
+            met += " (" + ", ".join(f"{s}: {n:,}" if n is not None else f"{s}: -"
+                                    for s, n in t["samples"].items()) + " samples)"
         lines.append(f"| {_cell(t['figure'])} | {t['source']} | `{t['row']}` / "
                      f"`{baseline}`{metric} | {measured} | {t['op']} {t['goal']:g}x | "
-                     f"{fmt_met(t['met'])} |")
-    met = sum(1 for t in targets if t["met"])
+                     f"{met} |")
+    met_n = sum(1 for t in targets if t["met"])
     unmeasured = sum(1 for t in targets if t["met"] is None)
-    lines += ["", f"Targets met: {met} of {len(targets)} ({unmeasured} not measured in this "
-              "run)."]
+    lines += ["", f"Targets met: {met_n} of {len(targets)} ({unmeasured} not judged in this "
+              "run: not run, or a latency percentile from too few samples)."]
     return lines
 
 
@@ -84,7 +116,7 @@ def part_rows(part: dict[str, Any]) -> list[str]:
         head = [f"**{part['id']}**: {part['title']}", part["key_space"], part["value_size"]] \
             if i == 0 else ["", "", ""]
         if row["error"]:
-            cells = [*head, row["system"], _cell(row["error"]), *[""] * 7]
+            cells = [*head, row["system"], _cell(row["error"]), *[""] * 8]
         else:
             lat = row["latency_ms"] or {}
             ratio = fmt_ratio(row["ratio"])
@@ -94,7 +126,7 @@ def part_rows(part: dict[str, Any]) -> list[str]:
             cells = [*head, row["system"], f"{fmt_rate(row['median'])} {part['unit']}",
                      f"{fmt_rate(row['min'])}–{fmt_rate(row['max'])}",
                      fmt_ms(lat.get("p50")), fmt_ms(lat.get("p99")),
-                     fmt_ms(lat.get("p99.9")), ratio,
+                     fmt_ms(lat.get("p99.9")), fmt_samples(row), ratio,
                      _verdict(row),
                      _cell(_notes({"ops/round": row["ops_per_round"], **row["extra"]}))]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -121,7 +153,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "median over rounds (min–max beside it); latency columns (ms) are "
         "per-operation percentiles of each round, median over rounds. A ratio is the row "
         "against the best of its baseline systems in this same run (for a latency ratio, "
-        "lower is better). Targets are computed from these ratios. The bare loop writes "
+        "lower is better). Targets are computed from these ratios; a latency-percentile "
+        "target is judged only from enough samples per round (10,000 for p99.9: "
+        "`samples/round`), else it says too few samples. The bare loop writes "
         f"records of walstore's framed size ({records or 'not run'}). "
         f"Total time {meta['seconds']} s. Trust ratios, not absolute numbers.", "",
         *(["A quick run: short loops on fresh stores, so first-use costs (files growing, "
@@ -130,8 +164,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## Targets", "", *targets_table(results["targets"]), "",
         "## Rows", "",
         "| row | key space | value size | system | median | min–max | p50 ms | p99 ms "
-        "| p99.9 ms | ratio | met | notes |",
-        "|---|---|---|---|--:|--:|--:|--:|--:|---|---|---|"]
+        "| p99.9 ms | samples/round | ratio | met | notes |",
+        "|---|---|---|---|--:|--:|--:|--:|--:|--:|---|---|---|"]
     for part in results["parts"]:
         lines += part_rows(part)
     lines += ["", "Systems:", ""]
@@ -173,16 +207,21 @@ def _log_x(ax: Any, ticks: list[float]) -> None:
 
 
 def targets_panel(ax: Any, results: dict[str, Any]) -> None:
-    """Each target's measured ratio (green met, red not met), | marks the goal."""
+    """Each target's measured ratio (green met, red not met, gray not judged), | marks
+    the goal; a latency target's label says lower is better."""
     ts = [t for t in results["targets"] if t["measured"] is not None]
-    ax.set_title("Targets: measured ratio (green met, red not met; | = goal)")
+    ax.set_title("Targets: measured ratio (green met, red not met, gray not judged: too few "
+                 "samples; | = goal; latency targets: lower is better)")
     if not ts:
         _not_run(ax)
         return
     for y, t in enumerate(ts):
-        ax.barh(y, t["measured"], color="tab:green" if t["met"] else "tab:red")
+        color = "tab:gray" if t["met"] is None else "tab:green" if t["met"] else "tab:red"
+        ax.barh(y, t["measured"], color=color)
         ax.plot([t["goal"]], [y], marker="|", markersize=14, color="black")
-    ax.set_yticks(range(len(ts)), [t["figure"] for t in ts], fontsize=7)
+    labels = [t["figure"] if t["metric"] == "rate" else
+              f"{t['figure']} ({t['metric']}: lower is better)" for t in ts]
+    ax.set_yticks(range(len(ts)), labels, fontsize=7)
     ax.invert_yaxis()
     _log_x(ax, [0.125, 0.25, 0.5, 1, 2, 4, 8, 16])
 
@@ -207,21 +246,42 @@ def latency_panel(ax: Any, results: dict[str, Any]) -> None:
     _log_x(ax, [0.01, 0.1, 1, 10, 100, 1000])
 
 
+def better_factor(row: dict[str, Any]) -> float:
+    """A row's ratio turned so that above 1 is better and below 1 worse, whatever it is
+    on: a throughput ratio as it is, a latency ratio (lower is better) inverted.  3x the
+    baseline's p99.9 is 0.33x "better", drawn leftward like a throughput loss."""
+    ratio = row["ratio"]
+    return ratio if row.get("ratio_on", "rate") == "rate" else 1.0 / ratio
+
+
+def ratio_label(part_id: str, row: dict[str, Any]) -> str:
+    """The panel's label of a row: latency rows say the ratio was inverted, and on what."""
+    label = f"{part_id} · {row['system']}"
+    on = row.get("ratio_on", "rate")
+    return label if on == "rate" else f"{label} ({on} latency, inverted)"
+
+
 def ratio_panel(ax: Any, results: dict[str, Any]) -> None:
-    """Every row's ratio against its baseline (log), walstore red."""
-    rows = [(f"{p['id']} · {r['system']}", r) for p in results["parts"] for r in p["rows"]
-            if r["ratio"] is not None and r["system"] != r["ratio_baseline"]]
-    ax.set_title("Ratio vs the row's baseline (tail-2k: p99.9, lower is better)")
+    """Every row's ratio against its baseline (log), oriented so that right is better for
+    every row: throughput ratios as they are, latency ratios (lower is better) inverted,
+    hatched and labelled so.  Walstore red, peers gray."""
+    rows = [(ratio_label(p["id"], r), r) for p in results["parts"] for r in p["rows"]
+            if r["ratio"] and r["system"] != r["ratio_baseline"]]
+    ax.set_title("x better than the row's baseline (right = better; latency rows, hatched:\n"
+                 "baseline's percentile / the row's, so a slower tail is drawn leftward)")
     if not rows:
         _not_run(ax)
         return
     for y, (_label, r) in enumerate(rows):
         color = "tab:red" if r["system"].startswith("walstore") else "tab:gray"
-        ax.barh(y, r["ratio"] - 1.0, left=1.0, color=color)
+        latency = r.get("ratio_on", "rate") != "rate"
+        ax.barh(y, better_factor(r) - 1.0, left=1.0, color=color,
+                hatch="//" if latency else None, edgecolor="black" if latency else color)
     ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=6)
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", linewidth=0.8)
-    _log_x(ax, [0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32])
+    ax.set_xlabel("x better (throughput: row / baseline; latency: baseline / row)")
+    _log_x(ax, [1 / 32, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32])
 
 
 def render_png(results: dict[str, Any], path: str | Path) -> str:

@@ -1,7 +1,8 @@
 """Running the suite: rounds in which every system of a workload runs once, in a rotating
 order (A B C, B C A, ...), each in a fresh directory; then medians, min-max, latency
 percentiles (median over rounds), ratios against each row's baseline, and the targets,
-met or not, computed from the ratios of this run.
+met or not, computed from the ratios of this run (a latency-percentile target only from
+enough samples per round: else "too few samples").
 
 ``run_benchmarks`` is the entry point (``walstore bench`` and bench/run.py).  A system that
 fails or cannot run is reported in its row ("error: ...", "skipped: ...") and the run goes
@@ -25,10 +26,22 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .peers import SYSTEMS, unavailable, walstore_record_bytes
-from .spec import Context, Part, Progress, Sample, Target, Workload, percentile
+from .spec import (Context, Part, Progress, Sample, Target, Workload, percentile,
+                   samples_needed)
 from .workloads import ALWAYS, FULL, QUICK, TARGETS, all_workloads
 
 PERCENTILES = (("p50", 50.0), ("p99", 99.0), ("p99.9", 99.9))
+# A latency-percentile target is judged only when every round of both rows had at least
+# this many times the samples the percentile needs not to be the maximum: 10,000 for
+# p99.9, as issue 15 asks (a quick run's or a budget-cut loop's p99.9 of a few hundred
+# samples is its slowest one, and was judged met / not met all the same).
+TAIL_SAMPLES_FACTOR = 10
+
+
+def samples_for_verdict(name: str) -> int:
+    """Samples per round a verdict on latency percentile ``name`` ("p99.9") needs."""
+    q = dict(PERCENTILES).get(name)
+    return 0 if q is None else TAIL_SAMPLES_FACTOR * samples_needed(q)
 
 
 def select(suite: list[Workload], names: Sequence[str] | None) -> list[Workload]:
@@ -193,6 +206,7 @@ def system_row(part: Part, name: str, rounds: list[dict[str, Any]], error: str |
             row["latency_ms"] = {k: statistics.median(x[k] for x in lat)
                                  for k in ("p50", "p99", "p99.9", "max")}
             row["latency_ms"]["n_per_round"] = int(statistics.median(x["n"] for x in lat))
+            row["latency_ms"]["n_min"] = min(x["n"] for x in lat)
     return row
 
 
@@ -213,15 +227,24 @@ def summarize_part(part: Part, w: Workload, runs: dict[str, list[dict[str, Any]]
             "latency": part.latency, "rounds": rounds, "rows": rows}
 
 
+def latency_samples(row: dict[str, Any]) -> int | None:
+    """The fewest per-operation samples any round of a row had (None: no latencies)."""
+    lat = row.get("latency_ms") or {}
+    n = lat.get("n_min", lat.get("n_per_round"))
+    return None if n is None else int(n)
+
+
 def evaluate(target: Target, parts: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The target's ratio in this run and whether it is met (None: not measured)."""
+    """The target's ratio in this run and whether it is met (None: not measured, or a
+    latency percentile from too few samples to judge: the ratio is still reported)."""
     part_id, system = target.row
     base_part, base_systems = target.baseline
     out: dict[str, Any] = {
         "figure": target.figure, "source": target.source, "row": f"{part_id}/{system}",
         "baseline": f"{base_part}/{' or '.join(base_systems)}", "metric": target.metric,
         "op": target.op, "goal": target.goal, "measured": None, "met": None,
-        "baseline_used": None, "why_not_measured": None}
+        "baseline_used": None, "why_not_measured": None, "samples": None,
+        "beside": None, "beside_measured": None, "beside_used": None}
     rows = {r["system"]: r for r in parts.get(part_id, {}).get("rows", [])}
     base_rows = [r for r in parts.get(base_part, {}).get("rows", [])
                  if r["system"] in base_systems]
@@ -234,11 +257,30 @@ def evaluate(target: Target, parts: dict[str, dict[str, Any]]) -> dict[str, Any]
     else:
         out["measured"] = value / base[1]
         out["baseline_used"] = base[0]["system"]
-        out["met"] = out["measured"] >= target.goal if target.op == ">=" else \
-            out["measured"] <= target.goal
+        needed = samples_for_verdict(target.metric)
+        counts = [latency_samples(r) for r in (row, base[0])] if needed else []
+        if counts:
+            out["samples"] = {r["system"]: c for r, c in zip((row, base[0]), counts)}
+        short = [c for c in counts if c is None or c < needed]
+        if short:
+            n = min((c for c in counts if c is not None), default=0)
+            out["why_not_measured"] = (f"too few samples ({n:,} per round; a "
+                                       f"{target.metric} verdict needs {needed:,})")
+        else:
+            out["met"] = out["measured"] >= target.goal if target.op == ">=" else \
+                out["measured"] <= target.goal
+    if target.beside is not None and value is not None:
+        beside_part, beside_systems = target.beside
+        out["beside"] = f"{beside_part}/{' or '.join(beside_systems)}"
+        also = best([r for r in parts.get(beside_part, {}).get("rows", [])
+                     if r["system"] in beside_systems], target.metric)
+        if also is not None:
+            out["beside_measured"] = value / also[1]
+            out["beside_used"] = f"{beside_part}/{also[0]['system']}"
     if row is not None:
-        row["targets"].append({k: out[k] for k in ("figure", "op", "goal", "metric",
-                                                   "baseline", "measured", "met")})
+        row["targets"].append({k: out[k] for k in (
+            "figure", "op", "goal", "metric", "baseline", "measured", "met",
+            "why_not_measured", "beside_measured", "beside_used")})
     return out
 
 

@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field, fields, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -89,6 +90,10 @@ class Target:
     op: str                           # ">=" or "<="
     goal: float
     metric: str = "rate"
+    # a second baseline the ratio is also shown against, never judged: the target's own
+    # baseline may not be the fastest peer (8 threads vs SQLite's single thread, when
+    # SQLite's own 8-thread rows are faster)
+    beside: tuple[str, tuple[str, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -140,10 +145,26 @@ class Profile:
         return replace(self, **changes)
 
 
+def percentile_rank(n: int, q: float) -> int:
+    """The nearest-rank method's 1-based rank of percentile q (0..100) among n values:
+    ceil(q/100 * n), computed exactly (q as the decimal it is written as: in floating
+    point 99.9/100*1000 is 999.0000000000001, which made p99.9 of 1,000 samples the
+    maximum)."""
+    exact = Fraction(str(q)) * n / 100
+    return min(n, max(1, math.ceil(exact)))
+
+
 def percentile(sorted_values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of an ascending sequence."""
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
+    return sorted_values[percentile_rank(len(sorted_values), q) - 1]
+
+
+def samples_needed(q: float) -> int:
+    """The fewest samples for which percentile q is not simply the largest one: the
+    nearest rank is below n only from n = ceil(100 / (100 - q)) on (1,000 for p99.9)."""
+    if q >= 100:
+        return 1
+    return math.ceil(Fraction(100) / (Fraction(100) - Fraction(str(q))))
 
 
 def timed(step: Callable[[int], object], count: int, budget: float, *,
