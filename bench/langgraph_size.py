@@ -45,6 +45,7 @@ import walstore  # noqa: E402
 from walstore.benchmark.data import allocated_bytes as allocated  # noqa: E402
 from walstore.benchmark.graphs import SIZE_GRAPHS as GRAPHS  # noqa: E402
 from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
+from walstore.integrations.langgraph.blobs import COMPRESS_MIN  # noqa: E402
 
 
 def apparent(path: str) -> int:
@@ -146,9 +147,10 @@ def versions() -> dict:
 def render(results: dict, steps: str, segment_sizes: list) -> str:
     v = versions()
     first = next(iter(results.values()))
-    seg_label = {seg: ("default " if seg is None else "") + (fmt(
-        first["walstore"][str(seg)]["segment_size"]) if first["walstore"][str(seg)][
-        "segment_size"] else "") for seg in segment_sizes}
+    sizes = {seg: first["walstore"][str(seg)]["segment_size"] for seg in segment_sizes}
+    seg_label = {seg: " ".join(filter(None, ("default" if seg is None else "",
+                                              fmt(sizes[seg]) if sizes[seg] else "")))
+                 for seg in segment_sizes}
     lines = [
         "# LangGraph checkpoint size: WalstoreSaver vs SqliteSaver",
         "",
@@ -212,8 +214,10 @@ def render(results: dict, steps: str, segment_sizes: list) -> str:
         "- SqliteSaver stores every channel's full value in every checkpoint row, so a "
         "growing message list costs O(steps²). WalstoreSaver stores one blob per new "
         "(channel, version), checkpoints reference versions, a list that only grew is "
-        "stored as its appended items (a full copy every 128 versions), and values of 256 "
-        "bytes or more are zlib-compressed.",
+        "stored as its appended items (a full copy every 128 versions), and values of "
+        f"{COMPRESS_MIN:,} bytes or more are zlib-compressed when that saves a tenth. "
+        "Message text is made-up prose as compressible as English (zlib: ~46% of a "
+        "2,000-character message; `walstore.benchmark.graphs.text`), not word salad.",
         "- walstore's LMDB file holds more than the saver's live bytes: its history index "
         "keeps the before-image of every committed change and the transaction log a row per "
         "transaction listing its keys (what `store.history`, `at()`, `revert` and "

@@ -222,6 +222,10 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d')})", "",
         "Single-thread commits, durability=full, replication interval 1 s; medians of "
         "interleaved rounds on a shared 2-core machine: trust ratios more than absolutes.", "",
+        ("The S3 server is moto's on 127.0.0.1 (no network, no real S3): transfer times "
+         "here are a loopback's, a floor for real S3 (latency per request, bandwidth), not "
+         "an estimate of it." if args.target == "s3" else
+         "The replica is a file:// directory on the same disk (no network)."), "",
         "| measure | value |", "|---|---|",
         f"| commits/s, replication off | {tp['off']:.0f} |",
         f"| commits/s, replication on | {tp['on']:.0f} |",
