@@ -241,9 +241,10 @@ def parse_json_value(text: str) -> Any:
         raise UsageProblem("VALUE nests too deeply to parse") from None
 
 
-# a dashed word that starts like a number is a VALUE (``-5``, ``-1e3``; ``-05`` too, which
-# then fails as JSON, naming the value, where click said "No such option '-0'")
-_NEGATIVE_NUMBER = re.compile(r"-[0-9.][0-9.eE+-]*")
+# a dashed word that starts like a number is a VALUE (``-5``, ``-1e3``; ``-05``, ``-5x``,
+# ``-1,2`` too, which then fail as JSON, naming the value, where click said "No such
+# option '-0'"); ``match``, not ``fullmatch``: whatever follows the first digit
+_NEGATIVE_NUMBER = re.compile(r"-[0-9.]")
 
 
 class NegativeNumberArguments(click.Command):
@@ -257,8 +258,8 @@ class NegativeNumberArguments(click.Command):
         words = args[:args.index("--")] if "--" in args else args
         known = {o for p in self.get_params(ctx) for o in (*p.opts, *p.secondary_opts)}
         dashed = [w.split("=", 1)[0] for w in words if w.startswith("-") and w != "-"]
-        if any(_NEGATIVE_NUMBER.fullmatch(w) for w in dashed):
-            unknown = [w for w in dashed if w not in known and not _NEGATIVE_NUMBER.fullmatch(w)]
+        if any(_NEGATIVE_NUMBER.match(w) for w in dashed):
+            unknown = [w for w in dashed if w not in known and not _NEGATIVE_NUMBER.match(w)]
             if unknown:  # (name the mistyped option, not the number)
                 import difflib
                 raise click.NoSuchOption(unknown[0], possibilities=difflib.get_close_matches(

@@ -187,8 +187,12 @@ class Engine:
         Recovery(self.path, self.store_id, self.state, mode, None, dry_run=True).run()
         # the log is this walstore's to write from here on: a store of an older format
         # version is marked with this one's before anything is written, so an older
-        # walstore refuses it instead of misreading what this one writes
-        self.layout.upgrade_identity()
+        # walstore refuses it instead of misreading what this one writes; first the rows
+        # the open reads are read, so damage in them refuses the open with STORE as it was
+        # (a review: a damaged action row refused the open after STORE said version 2)
+        if self.layout.needs_upgrade():
+            self._check_rows_the_open_reads()
+            self.layout.upgrade_identity()
         # after an unclean shutdown REDO first reads and checks, in Python, the LMDB pages
         # each batch will touch (lmdb_check.check_lmdb_paths: the paths to its keys, the
         # small tables whole): REDO writing into a damaged page died of SIGBUS/SIGABRT
@@ -239,6 +243,30 @@ class Engine:
         self.prepared = PreparedSet()
         self.pipeline = CommitPipeline(self, self.journal,
                                        ConflictChecker(self.state, self.memtable), self.prepared)
+
+    def _check_rows_the_open_reads(self) -> None:
+        """Decode every row of the small tables a writable open reads (actions, prepared
+        transactions, restore points, workspaces, file steps, the u64 rows of ``inflight``,
+        ``aended`` and ``meta``): CorruptionError naming the first damaged one.  Run once,
+        before a store of an older format version is marked with this one's."""
+        from . import tables
+        st, file = self.state, self.state.data_file
+        for table in ("actions", "twophase", "points", "workspaces", "fsteps"):
+            lo, hi = tables.PACKED_ROWS.get(table, (b"", None))
+            if getattr(st, table, None) is None:  # (a table an older store lacks)
+                continue
+            for k, raw in st.scan(lo, hi, db=table):
+                tables.unpack_row(raw, table, k, file)
+        for table in ("inflight", "aended"):
+            if getattr(st, table, None) is None:
+                continue
+            for k, raw in st.scan(b"", None, db=table):
+                from_u64(k, 0, table, None, st)
+                if table in tables.U64_VALUES:
+                    from_u64(raw, 0, table, k, st)
+        for k, raw in st.scan(b"", None, db="meta"):
+            if k not in tables.PACKED_META:
+                from_u64(raw, 0, "meta", k, st)
 
     def _inflight_txids(self) -> set[int]:
         st = self.state

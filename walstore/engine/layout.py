@@ -146,6 +146,10 @@ class Layout:
         doc["keys"] = "c" + uuid.uuid4().hex[:11]
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
+    def needs_upgrade(self) -> bool:
+        """Whether ``STORE`` names an older format version than this walstore writes."""
+        return self._doc().get("version") != FORMAT_VERSION
+
     def upgrade_identity(self) -> bool:
         """Mark a store of an older format version (``read_identity`` accepted it) with
         this walstore's, durably (temp file, fsync, rename, dir fsync); True if it did.
