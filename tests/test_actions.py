@@ -567,6 +567,98 @@ def test_actions_past_the_transactions_record_limit_are_refused_before_their_bod
         assert (a.result, a.state) == (None, "compensated")
 
 
+MAX_ERROR_BYTES = 4096  # (wactions.MAX_ERROR_BYTES; README, the limits)
+
+
+def test_a_failed_actions_error_text_is_bounded_and_counted(path):
+    """The review probe's repro3: 12 actions whose bodies raised ~3 MiB messages (an API's
+    response body in the exception), each caught, then a put: the COMMIT carried every
+    error text whole and the commit failed with a bare record-size error (the transaction
+    lost, its effects done).  The error text recorded is now at most MAX_ERROR_BYTES
+    (4 KiB) plus how much was cut, and counted in the transaction's MAX_ACTION_BYTES."""
+    big = "upstream said: " + "x" * (3 << 20)
+    with walstore.open(path, durability="none", compensators={"refund": Recorder()}) as s:
+        with s.transaction() as tx:
+            for i in range(12):
+                before = tx.action_bytes
+                with pytest.raises(RuntimeError):
+                    with tx.action("call_api", {"i": i}, compensate="refund"):
+                        raise RuntimeError(big)
+                assert MAX_ERROR_BYTES < tx.action_bytes - before <= MAX_ERROR_BYTES + 512
+            tx.put("progress", "handled 12 failures")
+        assert s.get("progress") == "handled 12 failures"
+        acts = s.actions()
+        assert len(acts) == 12 and {a.state for a in acts} == {"committed"}
+        for a in acts:
+            assert a.error.startswith("RuntimeError: upstream said: xxx")
+            assert a.error.endswith(" bytes cut)")
+            assert len(a.error.encode()) <= MAX_ERROR_BYTES + 64
+    with walstore.open(path, readonly=True) as s:  # (what the log says: the same)
+        assert all(a.error.endswith(" bytes cut)") for a in s.actions())
+    assert all(len(r["payload"]["error"]) <= MAX_ERROR_BYTES + 64
+               for r in wal_records(path, "ACTION_RESULT"))
+
+
+def test_a_compensators_huge_error_still_ends_in_compensation_failed(path):
+    """The review probe's t_c4: a compensator raising a > 32 MiB message made the rollback
+    raise a bare ValueError (the COMPENSATED record too big) in place of the user's
+    exception and CompensationFailed, the action left 'pending'.  Now its error text is
+    bounded: CompensationFailed from the user's exception, the action 'failed'."""
+    calls = []
+
+    def refund(action) -> None:
+        calls.append(action.id)
+        raise RuntimeError("R" * (40 << 20))
+    with walstore.open(path, durability="none", compensators={"refund": refund}) as s:
+        with pytest.raises(walstore.CompensationFailed) as ei:
+            with s.transaction() as tx:
+                with tx.action("charge", {"amt": 5}, compensate="refund") as act:
+                    act.result = {"id": 1}
+                raise KeyError("boom")
+        assert isinstance(ei.value.__cause__, KeyError)
+        assert len(str(ei.value)) < 2 * MAX_ERROR_BYTES
+        assert calls == [act.id] * wactions.COMPENSATION_RETRIES
+        a = s.get_action(act.id)
+        assert a.state == "failed" and a.error.startswith("RuntimeError: RRR")
+        assert a.error.endswith(" bytes cut)")
+        assert len(a.error.encode()) <= MAX_ERROR_BYTES + 64
+    with walstore.open(path, durability="none") as s:  # (no compensator: still owed)
+        a = s.get_action(act.id)
+        assert a.state == "failed" and a.error.endswith(" bytes cut)")
+
+
+def test_rollback_to_a_savepoint_gives_back_its_actions_bytes(path):
+    """The review probe's repro4: a retry loop (savepoint, an action with 9 MiB of args,
+    rollback_to) was refused at its third attempt for MAX_ACTION_BYTES, though the
+    actions a rollback to a savepoint takes out are not in the COMMIT (only their ids).
+    Their bytes are given back now; those of the actions kept still count (one that began
+    before the savepoint and set its result after it too)."""
+    rec = Recorder()
+    with walstore.open(path, durability="none", compensators={"undo": rec}) as s:
+        with s.transaction() as tx:
+            with tx.action("kept", b"k" * (6 << 20), compensate="undo") as kept:
+                inner = tx.savepoint()  # (taken while "kept" runs; its result comes after)
+                kept.result = b"r" * (6 << 20)
+            tx.rollback_to(inner)
+            ran = []
+            for attempt in range(3):
+                sp = tx.savepoint()
+                with tx.action("upload", {"blob": "A" * (9 << 20), "n": attempt},
+                               compensate="undo") as a:
+                    a.result = "ok"
+                ran.append(a.id)
+                tx.rollback_to(sp)
+            assert 12 << 20 < tx.action_bytes < (12 << 20) + 4096
+            with pytest.raises(ValueError, match=r"action 'big'.*24 MiB"):  # (kept counts)
+                tx.action("big", b"b" * (13 << 20), compensate="undo")
+            tx.put("done", 1)
+        assert rec.ids == ran and len(ran) == 3
+        assert s.get("done") == 1
+        states = {a.id: a.state for a in s.actions()}
+        assert states[kept.id] == "committed"
+        assert [states[i] for i in ran] == ["compensated"] * 3
+
+
 # ---- other ways a transaction ends without committing -------------------------------------------
 def test_conflict_at_commit_compensates_the_actions(store):
     rec = Recorder()

@@ -49,6 +49,11 @@ if TYPE_CHECKING:
 
 COMPENSATION_RETRIES = 3
 COMPENSATION_BACKOFF = 0.02
+# the error text recorded for an action (its body's exception) or a failed compensation
+# (the compensator's): at most this many UTF-8 bytes of it, then how much was cut (an
+# unbounded one, a 3 MiB response body in the message, overran the COMMIT at commit, or
+# the COMPENSATED record at rollback, with a bare record-size error)
+MAX_ERROR_BYTES = 4096
 PENDING, FAILED, COMPENSATED, RESOLVED, COMMITTED = (
     tables.PENDING, tables.FAILED, tables.COMPENSATED, tables.RESOLVED, tables.COMMITTED)
 OPEN_STATES = tables.OWED_STATES
@@ -77,6 +82,9 @@ class Action:
     # and ``blocks_rollback`` (the frame itself, not its id: a returned frame's id is
     # soon another's)
     _body: tuple[int, Any] | None = field(default=None, repr=False, compare=False)
+    # what its row adds to its transaction's COMMIT (args, result, error, names: counted in
+    # ``tx.action_bytes``); given back by a rollback to a savepoint that takes it out
+    commit_bytes: int = field(default=0, repr=False, compare=False)
 
     @property
     def blocks_rollback(self) -> str | None:
@@ -142,9 +150,36 @@ class ActionScope:
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.action._body = None
         if exc_type is not None:
-            self.action.error = f"{exc_type.__name__}: {exc}"
+            self.action.error = error_text(exc)
         self._saga.log_result(self._tx, self.action)
         return False
+
+
+def error_text(exc: BaseException) -> str:
+    """``"Type: message"`` of ``exc``, as an action's error records it: at most
+    MAX_ERROR_BYTES of it (see ``bounded_error``); a ``__str__`` that fails does not
+    replace the exception on its way."""
+    try:
+        text = f"{type(exc).__name__}: {exc}"
+    except Exception:  # (a broken __str__)
+        text = f"{type(exc).__name__}: (its message could not be read)"
+    return bounded_error(text)
+
+
+def bounded_error(text: str) -> str:
+    """``text`` cut to its first MAX_ERROR_BYTES UTF-8 bytes plus ``"... (N bytes cut)"``
+    when longer (on a character boundary)."""
+    if len(text) <= MAX_ERROR_BYTES // 4:
+        return text
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= MAX_ERROR_BYTES:
+        return text
+    head = raw[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
+    return f"{head}... ({len(raw) - len(head.encode('utf-8')):,} bytes cut)"
+
+
+def _error_bytes(error: str | None) -> int:
+    return 0 if error is None else len(error.encode("utf-8", "surrogatepass"))
 
 
 def _frame_on_stack(ident: int, frame: Any) -> bool:
@@ -257,7 +292,8 @@ class Saga:
         tx.actions_begun += 1
         aid = f"{tx.id}.{tx.actions_begun}"
         return Action(aid, tx.id, name, args, None,
-                      f"ws-{self.engine.key_namespace}-{aid}", compensate, scope=scope)
+                      f"ws-{self.engine.key_namespace}-{aid}", compensate, scope=scope,
+                      commit_bytes=size)
 
     def log_intent(self, tx: "Transaction", action: Action) -> None:
         tx._check_writable()
@@ -288,10 +324,18 @@ class Saga:
                         f"transaction's actions may log at most {MAX_ACTION_BYTES >> 20} MiB "
                         f"of args and results together ({tx.action_bytes:,} bytes used)")
                 tx.action_bytes += size
+                action.commit_bytes += size
         except (TypeError, ValueError) as e:
             bad = e
             action.result = None
             action.error = f"{e}; the result was not recorded"
+        # its error text goes into the COMMIT's row too: bounded (MAX_ERROR_BYTES) and
+        # counted, never refused (the body has run; what it adds stays within the room
+        # the record keeps beside MAX_ACTION_BYTES, as the next action is refused)
+        if action.error is not None:
+            action.error = bounded_error(action.error)
+            tx.action_bytes += _error_bytes(action.error)
+            action.commit_bytes += _error_bytes(action.error)
         if self.engine.writable:
             self.engine.log_event(RecordType.ACTION_RESULT, {
                 "tx": tx.id, "id": action.id, "result": action.result, "error": action.error},
@@ -527,7 +571,7 @@ class Saga:
             except Exception as e:
                 if returned:
                     raise  # (the record failed: not the compensator's failure)
-                action.error = f"{type(e).__name__}: {e}"  # a compensator's failure is
+                action.error = error_text(e)  # a compensator's failure is
                 if attempt < COMPENSATION_RETRIES:        # data, escalated below
                     time.sleep(COMPENSATION_BACKOFF * (2 ** (attempt - 1)))
                 continue

@@ -47,6 +47,9 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 _MISSING = object()
+# what an action a rollback to a savepoint took out still adds to the COMMIT (its id, in
+# ``crossed``), counted in MAX_ACTION_BYTES in place of its ``commit_bytes``
+CROSSED_ID_BYTES = 64
 ACTIVE, COMMITTED, ROLLED_BACK, UNKNOWN = "active", "committed", "rolled back", "outcome unknown"
 
 
@@ -370,6 +373,11 @@ class Transaction:
             del self._savepoints[i + 1:]
             crossed = self.effects[target.effect_mark:]
             del self.effects[target.effect_mark:]
+            # the actions taken out are not in the COMMIT, only their ids (``crossed``):
+            # their args, results and errors no longer count against MAX_ACTION_BYTES
+            for e in crossed:
+                self.action_bytes -= getattr(e, "commit_bytes", CROSSED_ID_BYTES) \
+                    - CROSSED_ID_BYTES
             if crossed:
                 self._hooks.note_crossed(self, crossed)
         if crossed:
