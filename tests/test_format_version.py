@@ -270,3 +270,24 @@ def test_a_refused_open_of_a_version_1_store_leaves_it_version_1(tmp_path: Path)
     with pytest.raises(walstore.CorruptionError, match="actions"):
         walstore.open(str(root), compensators={"refund": lambda a: None})
     assert store_doc(root)["version"] == 1
+
+
+def test_a_backup_refused_for_a_newer_record_names_the_source_segment(tmp_path: Path) -> None:
+    """The review probe's repro6: the backup checks the log on its copy, so the refusal
+    named the copy's segment (bk/wal/...), removed with the copy on the failure; the
+    user was sent to a file that does not exist.  It names the source's segment now, in
+    one line (the CLI and the Python call alike)."""
+    from walstore.ops.backup import backup
+    root = tmp_path / "s"
+    make_store(root)
+    seg, off, _rec = append_record(root, 99)
+    bk = tmp_path / "bk"
+    with pytest.raises(walstore.NotAStore) as ei:
+        backup(str(root), str(bk))
+    msg = str(ei.value)
+    assert f"file {seg}, offset {off}" in msg and str(bk) not in msg, msg
+    assert msg.startswith(f"backup of {root} refused: ") and "\n" not in msg
+    r = cli("backup", str(root), str(bk))
+    assert r.exit_code == 2 and f"file {seg}, offset {off}" in r.output, r.output
+    assert str(bk) not in r.output and len(r.output.strip().splitlines()) == 1
+    assert not bk.exists()

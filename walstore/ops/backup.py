@@ -318,6 +318,27 @@ def _check_and_finish(layout: Layout, out: Layout, store_id: bytes, applied: int
                       sizes: dict[str, int]) -> dict | str | None:
     """Check every byte of the copied WAL (read with walstore.log.reader), end it cleanly,
     sync it and write the copy's identity: the summary; or the damage met (a str)."""
+    try:
+        return _check_copied_log(layout, out, store_id, applied, sizes)
+    except (NotAStore, CorruptionError) as e:  # (raised by the reader, naming the copy's
+        raise _naming_source(e, layout, out) from e  # segment, which goes with the copy)
+
+
+def _naming_source(e: NotAStore | CorruptionError, layout: Layout, out: Layout
+                   ) -> NotAStore | CorruptionError:
+    """``e``, met reading the copy's log, naming the source's segment in place of the
+    copy's (removed on the failure) and saying it was a backup that was refused."""
+    def source(text: str) -> str:
+        return text.replace(os.path.join(out.wal, ""), os.path.join(layout.wal, ""))
+    if isinstance(e, CorruptionError):
+        return CorruptionError(f"backup of {layout.root} refused: {e.reason}",
+                               source(e.file) if e.file else e.file, e.offset, e.lsn)
+    return NotAStore(f"backup of {layout.root} refused: {source(str(e))}")
+
+
+def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int,
+                      sizes: dict[str, int]) -> dict | str | None:
+    """``_check_and_finish`` itself."""
     log = LogReader(out.wal, store_id, applied)
     segs = log.segments
     # the end of the valid log, as the copy holds it (the last segment's tail); any damage
