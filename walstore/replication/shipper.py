@@ -49,6 +49,7 @@ from .targets import (NOT_MODIFIED, REPLICA_DIRS, ObjectStore, PreconditionFaile
 IN_MEMORY_OBJECT = 8 << 20   # WAL objects up to this size are built in memory, larger spooled
 SAVE_EVERY = 5.0             # a long round writes the manifest at least this often
 RETENTION_EVERY = 60.0
+SNAPSHOT_BACKOFF_MAX = 300.0  # between attempts after failed snapshots (see _snapshot_due)
 
 
 @dataclass
@@ -123,6 +124,8 @@ class Shipper:
                  target: ObjectStore | None = None) -> None:
         self.source = source
         self.opts = ReplicateOptions.from_any(options)
+        if hasattr(source, "pin_limit"):  # the source bounds its pin itself (see _pin)
+            source.pin_limit = self.opts.max_pin_bytes
         self.url = display_url(url)
         _refuse_replica_inside(url, source.path)
         self.target = target if target is not None else open_target(url, self.opts)
@@ -148,6 +151,8 @@ class Shipper:
         self._started = False
         self._last_retention = 0.0
         self._snapshot_retry_at = 0.0
+        self._snapshot_error: str | None = None  # the last snapshot failed (until one works)
+        self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
         _sweep_stale_temps()
         self._tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
@@ -204,6 +209,7 @@ class Shipper:
         except BaseException as e:
             self.state = "failed"
             self.last_error = f"the replication thread stopped: {type(e).__name__}: {e}"
+            self._unpin()
             self._first.set()
             with self._cond_lock:
                 self._cond.notify_all()
@@ -221,6 +227,7 @@ class Shipper:
             except (LeaseLost, Refused) as e:
                 self.state = "lease-lost" if isinstance(e, LeaseLost) else "refused"
                 self.last_error, self._start_error = str(e), e
+                self._unpin()  # (stopped for good: nothing will ship what the pin keeps)
                 with self._cond_lock:
                     self._cond.notify_all()
                 return
@@ -231,6 +238,7 @@ class Shipper:
                 delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
                 delay *= 0.5 + random.random()
                 failed = True
+                self._repin()  # (a failed round moves no position; the frontier moved on)
                 with self._cond_lock:
                     self._cond.notify_all()
             finally:
@@ -402,7 +410,7 @@ class Shipper:
         lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
         m = self.manifest
         return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
-                                 self.last_error, self.last_shipped_at,
+                                 self.last_error or self._snapshot_error, self.last_shipped_at,
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
 
     def sync(self, lsn: int, timeout: float = 30.0) -> int:
@@ -461,7 +469,7 @@ class Shipper:
             self._ship_blobs(summary)  # (after ``durable`` was read: see _ship_blobs)
             self._ship_wal(durable, summary)
             if self._snapshot_due():
-                self._snapshot(summary)
+                self._snapshot_or_back_off(summary)
             self._compact(summary)
             self._retain(summary)
             self._pin(durable)
@@ -540,11 +548,35 @@ class Shipper:
             summary["bytes"] += n
 
     def _pin(self, durable: int) -> None:
-        pos = self.manifest.position
+        """Pin the WAL from the replica's position, up to ``max_pin_bytes`` behind the
+        durable frontier.  Past that it lets go (a hole may follow).  The source also
+        applies the bound itself at every checkpoint (``pin_limit``): a round that fails,
+        hangs on a server or never runs again cannot hold the WAL past it (it did: the pin
+        was set only at the end of a successful round, and an outage of 70 s grew the WAL
+        to 6 times the bound)."""
+        m = self.manifest
+        pos = m.position if m is not None else None
         if pos is None or durable - pos > self.opts.max_pin_bytes:
             self.source.retain_from(None)  # past the bound: let it trim; a hole may follow
         else:
             self.source.retain_from(pos)
+
+    def _repin(self) -> None:
+        """The pin again after a failed round, against the frontier now."""
+        if self.manifest is None or self.manifest.position is None:
+            return
+        try:
+            self._pin(self.source.durable_lsn())
+        except Exception:  # noqa: BLE001 - the source bounds its pin at checkpoints anyway
+            pass
+
+    def _unpin(self) -> None:
+        """Shipping stopped for good (lease lost, refused, failed): the WAL is no longer
+        kept for it (the pin stayed until close, and no checkpoint trimmed any more)."""
+        try:
+            self.source.retain_from(None)
+        except Exception:  # noqa: BLE001 - never fails the store
+            pass
 
     # ---- WAL objects -------------------------------------------------------------------
     def _ship_wal(self, durable: int, summary: dict) -> None:
@@ -683,18 +715,47 @@ class Shipper:
                                          "(replication fell behind by more than the pin allows)"})
         m.doc["position"] = first
         m.doc["open"] = {}
-        self._snapshot(summary)  # saves the manifest
+        self._snapshot_or_back_off(summary)
+        self._save()
 
     # ---- snapshots ---------------------------------------------------------------------
     def _snapshot_due(self) -> bool:
         m = self.manifest
+        if self._snapshot_error is not None and time.time() < self._snapshot_retry_at:
+            return False  # (backing off after a failed snapshot)
         if not m.snapshots:
             return True
         newest = max(m.snapshots, key=lambda s: s["lsn"])
         if m.position <= newest["lsn"] or time.time() < self._snapshot_retry_at:
             return False
+        if self._snapshot_error is not None or any(h["b"] > newest["lsn"]
+                                                   for h in m.doc["holes"]):
+            return True  # (a failed one is retried; a hole wants a base past it)
         return (time.time() - newest["ts"] >= self.opts.snapshot_interval
                 or m.position - newest["lsn"] >= self.opts.snapshot_wal_bytes)
+
+    def _snapshot_or_back_off(self, summary: dict) -> None:
+        """A snapshot; when it fails (a bucket policy refusing ``snapshots/``, an object
+        size limit, a full disk for the LMDB copy) the round goes on — WAL shipping,
+        compaction, retention, the pin — and the failure stays in ``replication()``'s
+        ``last_error`` until a snapshot succeeds; attempts back off (each is a full LMDB
+        copy).  It failed the round after its WAL part, every round: the pin stayed where
+        it was, nothing was compacted or retained, and ``last_error`` was cleared by the
+        WAL part's progress."""
+        try:
+            self._snapshot(summary)
+        except (LeaseLost, Refused):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported, retried later
+            self._snapshot_failures += 1
+            wait = min(SNAPSHOT_BACKOFF_MAX,
+                       self.opts.interval * 2 ** min(self._snapshot_failures, 16))
+            self._snapshot_retry_at = time.time() + wait * (0.5 + random.random() / 2)
+            self._snapshot_error = f"a snapshot failed ({type(e).__name__}: {e}); the WAL " \
+                                   f"ships on, the next attempt in {wait:.1f} s"
+            summary["snapshot_error"] = self._snapshot_error
+            return
+        self._snapshot_failures, self._snapshot_error = 0, None
 
     def _snapshot(self, summary: dict) -> None:
         m = self.manifest
@@ -715,9 +776,12 @@ class Shipper:
             m.snapshots.append({"k": key, "lsn": applied, "n": size, "sha": sha,
                                 "st": digest["sha256"], "keys": digest["keys"],
                                 "ts": time.time()})
-            for name, p in digest["points"].items():  # named in WAL the shipper never saw
-                m.doc["points"].setdefault(name, {"lsn": p["lsn"], "ts": p.get("ts"),
-                                                  "dropped": None})
+            oldest = min(s["lsn"] for s in m.snapshots)
+            for name, p in digest["points"].items():  # named in WAL the shipper never saw,
+                if p["lsn"] >= oldest:  # restorable (below: retention dropped them; they
+                    # came back with every snapshot, listed where no restore could reach)
+                    m.doc["points"].setdefault(name, {"lsn": p["lsn"], "ts": p.get("ts"),
+                                                      "dropped": None})
             self._save()
             self._advanced(m.position)
             summary["snapshot"] = applied

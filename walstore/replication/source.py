@@ -92,6 +92,7 @@ class DirectorySource:
         self._synced_seen = 0
         self._durable = 0
         self.pin: int | None = None
+        self.pin_limit: int | None = None  # the pin lets go past this much WAL behind it
 
     def segments(self) -> list[tuple[int, str]]:
         return list_segments(self.layout.wal)
@@ -180,6 +181,22 @@ class DirectorySource:
         the writer process there is no way to pin: recorded only (see InProcessSource)."""
         self.pin = lsn
 
+    def bounded_pin(self) -> int | None:
+        """The pin as a checkpoint sees it: None once the log is more than ``pin_limit``
+        bytes past it, whatever the shipper does meanwhile (its rounds
+        failing, hung on a server, or stopped): a long outage cannot fill the disk."""
+        pin, limit = self.pin, self.pin_limit
+        if pin is None or limit is None:
+            return pin
+        try:
+            frontier = self._frontier()
+        except Exception:  # noqa: BLE001 - cannot tell: keep the pin
+            return pin
+        return pin if frontier - pin <= limit else None
+
+    def _frontier(self) -> int:
+        return self._durable
+
     def close(self) -> None:
         pass
 
@@ -191,7 +208,7 @@ class InProcessSource(DirectorySource):
     def __init__(self, store) -> None:
         super().__init__(store.path, fsync=False)
         self._engine = store._engine
-        self._pin = lambda: self.pin
+        self._pin = self.bounded_pin
         self._engine.retention_pins.append(self._pin)
 
     def retain_from(self, lsn: int | None) -> None:
@@ -205,6 +222,9 @@ class InProcessSource(DirectorySource):
 
     def durable_lsn(self) -> int:
         return self._engine.wal.synced_lsn
+
+    def _frontier(self) -> int:
+        return self._engine.wal.written_lsn  # (the WAL on disk, synced or not)
 
     def commit_lsn(self, txid: int) -> int | None | bool:
         eng = self._engine
