@@ -291,3 +291,28 @@ def test_a_backup_refused_for_a_newer_record_names_the_source_segment(tmp_path: 
     assert r.exit_code == 2 and f"file {seg}, offset {off}" in r.output, r.output
     assert str(bk) not in r.output and len(r.output.strip().splitlines()) == 1
     assert not bk.exists()
+
+
+def test_a_replica_an_older_walstore_made_is_marked_with_this_version(tmp_path: Path) -> None:
+    # (review: an existing replica's manifest kept "version 1" after its store was
+    # upgraded, so an older walstore restored it and misread what this one shipped)
+    import msgpack
+    rep = tmp_path / "rep"
+    url = f"file://{rep}"
+    with walstore.open(str(tmp_path / "s"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+    doc = msgpack.unpackb((rep / "manifest").read_bytes(), raw=False, strict_map_key=False)
+    assert doc["identity"]["version"] == 2
+    doc["identity"]["version"] = 1  # (as an older walstore wrote it)
+    (rep / "manifest").write_bytes(msgpack.packb(doc, use_bin_type=True))
+    set_version(tmp_path / "s", 1)
+    with walstore.open(str(tmp_path / "s"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        s.sync_replica(timeout=30)
+    doc = msgpack.unpackb((rep / "manifest").read_bytes(), raw=False, strict_map_key=False)
+    assert doc["identity"]["version"] == 2

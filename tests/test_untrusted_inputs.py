@@ -363,3 +363,32 @@ def test_restore_handlers_do_not_make_boto3_come_from_the_current_directory(tmp_
             assert d.get("a") == 1
     finally:
         server.stop()
+
+
+def test_a_snapshots_applied_row_of_the_wrong_length_is_named(replica, tmp_path):
+    """A snapshot whose ``meta/applied`` is 3 bytes (the manifest's size and sha256 made to
+    match): `restore` said "undecodable data (error: unpack requires a buffer of 8
+    bytes)", naming no row (a review of the u64-row fix: this read was left raw)."""
+    import lmdb
+    rep = _copy(replica, tmp_path)
+    doc = _read_manifest(rep)
+    snap = max((s for s in doc["snapshots"] if s["k"]), key=lambda s: s["lsn"])
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(os.path.join(rep, snap["k"]), work / "data.mdb")
+    env = lmdb.open(str(work), max_dbs=32, subdir=True)
+    meta = env.open_db(b"meta", create=False)  # (before the write txn: it takes one)
+    with env.begin(write=True) as txn:
+        txn.put(b"applied", b"abc", db=meta)
+    env.close()
+    data = (work / "data.mdb").read_bytes()
+    with open(os.path.join(rep, snap["k"]), "wb") as f:
+        f.write(data)
+    snap["n"], snap["sha"] = len(data), hashlib.sha256(data).hexdigest()
+    _write_manifest(rep, doc)
+    url = "file://" + rep
+    with pytest.raises(walstore.WalstoreError) as e:
+        walstore.restore(url, str(tmp_path / "api"))
+    assert "'applied'" in str(e.value) and "u64" in str(e.value), str(e.value)
+    r = walstore_cli_here("restore", url, str(tmp_path / "cli"))
+    assert r.returncode == 1 and "'applied'" in r.stderr and "unpack requires" not in r.stderr

@@ -290,6 +290,15 @@ class Shipper:
         except Refused:
             self.lease.release(give_back=True)  # (the holder it was taken from keeps it)
             raise
+        # the replica carries the store's format version: a replica an older walstore
+        # made is marked with this one's before the first manifest this shipper writes
+        # lists any record of it (a review: an older walstore restored such a replica,
+        # still "version 1", and committed 230 of a chunked PREPARE's 3,000 keys)
+        ident = m.doc.get("identity") or {}
+        if isinstance(src.identity.get("version"), int) and (
+                not isinstance(ident.get("version"), int)
+                or ident["version"] < src.identity["version"]):
+            m.doc["identity"] = dict(ident, version=src.identity["version"])
         self.manifest = m
         self.shipped = m.position or 0
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short

@@ -272,12 +272,23 @@ def _open_env(db_dir: str, write: bool = False) -> lmdb.Environment:
                      create=False)
 
 
+def _applied(raw: bytes | None, db_dir: str) -> int:
+    """A snapshot's ``meta/applied`` (0: none); a row of the wrong length is a
+    CorruptionError naming it and the file, as the engine's u64 rows are."""
+    try:
+        return _U64.unpack(raw)[0] if raw else 0
+    except struct.error as e:
+        from ..engine.tables import u64_damaged
+        raise u64_damaged("meta", b"applied", raw, False,
+                          os.path.join(db_dir, "data.mdb")) from e
+
+
 def read_applied(db_dir: str) -> int:
     env = _open_env(db_dir)
     try:
         with env.begin(db=env.open_db(b"meta", create=False)) as txn:
             raw = txn.get(b"applied")
-        return _U64.unpack(raw)[0] if raw else 0
+        return _applied(raw, db_dir)
     finally:
         env.close()
 
@@ -303,7 +314,7 @@ def state_digest(db_dir: str) -> dict:
                     points[k.decode("utf-8")] = logformat.msgpack.unpackb(v, raw=False)
                 except Exception:
                     continue
-        return {"applied": _U64.unpack(raw)[0] if raw else 0, "sha256": h.hexdigest(),
+        return {"applied": _applied(raw, db_dir), "sha256": h.hexdigest(),
                 "keys": n, "points": points}
     finally:
         env.close()
