@@ -167,6 +167,15 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
         shipper.stop()
 
 
+def _follow_report(info: dict) -> None:
+    """A follower's round on stderr: what it appended, or the transient error it retries."""
+    if info.get("error"):
+        click.echo(f"at LSN {info['position']}: {info['error']} (retrying in "
+                   f"{info['retry_in']} s)", err=True)
+    elif info["appended"]:
+        click.echo(f"at LSN {info['position']} (+{info['appended']} bytes)", err=True)
+
+
 @click.command("restore", cls=WalstoreCommand)
 @click.argument("url")
 @click.argument("dest", type=click.Path(file_okay=False, readable=False))
@@ -201,8 +210,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)
         try:
             follow_fn(url, dest, opts, stop=stop, apply_every=apply_every,
-                      on_round=lambda i: i["appended"] and click.echo(
-                          f"at LSN {i['position']} (+{i['appended']} bytes)", err=True))
+                      on_round=_follow_report)
         except WalstoreError as e:
             _fail(str(e))
         return

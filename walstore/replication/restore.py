@@ -5,7 +5,9 @@ manifest lists, checked contiguous by LSN and CRC, cut exactly at the target), t
 restored log writer (:class:`RestoredLog`: segment files named by start LSN, records
 re-framed under a new salt where a restored segment starts somewhere the original did
 not, a SEAL written only once its successor exists, as the writer's rotation does),
-:func:`follow` (a read-only copy that keeps applying new WAL objects), and
+:func:`follow` (a read-only copy that keeps applying new WAL objects, its rounds retried
+with backoff through transient target errors), the blobs a copy's history names
+(:class:`_BlobFetcher`: never a LIST of ``blobs/``), and
 :func:`replicas` (listing, and ``--verify``: every object the manifest lists read back
 and checked, one at a time, then a full restore and a state digest).
 
@@ -39,6 +41,8 @@ import time
 import uuid
 from typing import Any, Callable
 
+import msgpack
+
 from .. import fileio
 from ..errors import CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint
 from ..log.format import LSN
@@ -55,6 +59,7 @@ RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
 FOLLOW_TEMP = "walstore-follow-"    # + pid + "-": a follower's
 
 MAX_SNAPSHOT_BYTES = 1 << 40
+MAX_BLOB_BYTES = 1 << 40
 FIRST_SIZE = 1 << 20
 SEGMENT_SIZE = 16 << 20
 # a follower applies its log to LMDB (and trims it) whenever this many bytes were appended
@@ -464,7 +469,6 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         if _cut_end is not None and cut != _cut_end:
             raise ReplicationError(f"the replica's WAL does not end a record at LSN {_cut_end}")
         _src.prepare_restored_db(db, cut, _points_at(m, cut))
-        _fetch_blobs(tgt, stage)
         identity = dict(m.doc["identity"])
         identity["version"] = FORMAT_VERSION  # (this walstore wrote the copy: checked above)
         identity["origin"] = {"kind": "restore", "from": display_url(url),
@@ -472,6 +476,9 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                               "cut": cut, "restored": time.time(), "compensate": bool(compensate),
                               "follow": bool(follow)}
         _src.write_file_atomic(os.path.join(stage, "STORE"), identity_bytes(identity))
+        # the blobs the restored history refers to (its file tables, read through a
+        # read-only open of the staged copy), not every blob the replica ever received
+        blobs = _fetch_referenced_blobs(tgt, stage)
         if _locks is not None:  # (a follower: DEST's lock is held from the moment it exists)
             from ..engine.layout import Layout, ProcessLock
             lock = ProcessLock(Layout(stage))
@@ -490,6 +497,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         return {"url": display_url(url), "dest": dest, "target": what, "snapshot_lsn": applied,
                 "start_lsn": start, "cut_lsn": cut, "wal_objects": len(chain),
                 "wal_bytes": log.bytes, "downloaded_bytes": fetch.bytes + snap["n"],
+                "blobs_fetched": blobs.fetched, "blobs_missing": sorted(blobs.missing),
                 "in_flight_txids": sorted(flight.opened),
                 "owed_file_effects": flight.owed_files(held=not compensate),
                 "lineage": identity["origin"]["lineage"],
@@ -591,39 +599,121 @@ class _InFlight:
         return sorted(out, key=lambda d: d["lsn"])
 
 
-def _fetch_blobs(tgt: ObjectStore, root: str) -> int:
-    """Download the replica's blobs (reversible files' content) missing under ``root``'s
-    blob store; each checked against its digest.  Returns how many were fetched."""
-    blobs = os.path.join(root, "files", "blobs")
-    names = BlobStore(blobs, readonly=True)  # (its layout only: it makes no directory)
-    got = 0
-    for key, size in tgt.list(BLOB_PREFIX):
-        digest = key[len(BLOB_PREFIX):]
-        try:
-            path = names.path(digest)
-        except ValueError:
-            continue  # (not a blob's name)
-        if os.path.exists(path):
-            continue
-        for d in (os.path.join(root, "files"), blobs, os.path.dirname(path)):
+class _BlobFetcher:
+    """Downloads the replica's blobs (reversible files' content) that a copy's history
+    names into its blob store under ``root``, those it lacks only, each checked against
+    its digest.  Never LISTs: the names come from the copy's file tables (a restore) or
+    the records a follower appends; a name the replica does not hold is kept in
+    ``missing`` (the copy's ``walstore verify`` names what needs it)."""
+
+    def __init__(self, tgt: ObjectStore, root: str) -> None:
+        self.tgt = tgt
+        self.root = root
+        self.dir = os.path.join(root, "files", "blobs")
+        self.names = BlobStore(self.dir, readonly=True)  # (its layout only: no directory)
+        self.fetched = 0
+        self.missing: set[str] = set()
+
+    def fetch(self, digests) -> list[str]:
+        """Fetch those of ``digests`` the copy lacks; returns the ones fetched."""
+        got = []
+        for digest in sorted(set(digests)):
+            try:
+                path = self.names.path(digest)
+            except ValueError:
+                continue  # (not a blob's name)
+            if digest in self.missing or os.path.exists(path):
+                continue
+            if self._one(digest, path):
+                got.append(digest)
+        return got
+
+    def fetch_named(self, records) -> None:
+        """The blobs named by ``records`` ((lsn, type, raw, synced), a follower's new
+        ones): a FILE_STEPS's before- and after-images, a WATCH_BEGIN's manifest and the
+        content that manifest lists."""
+        digests: set[str] = set()
+        manifests: set[str] = set()
+        for _lsn, rtype, raw, _s in records:
+            if rtype not in (logformat.FILE_STEPS, logformat.WATCH_BEGIN):
+                continue
+            try:
+                doc = msgpack.unpackb(bytes(raw[logformat.RECORD_HEADER_SIZE:]), raw=False,
+                                      strict_map_key=False)
+            except Exception:
+                continue  # (recovery judges a record that does not parse)
+            if not isinstance(doc, dict):
+                continue
+            for step in doc.get("steps") or ():
+                if isinstance(step, (list, tuple)) and len(step) == 3:
+                    digests.update(d for d in (_row_digest(step[1]), _row_digest(step[2]))
+                                   if d)
+            if isinstance(doc.get("manifest"), str):
+                manifests.add(doc["manifest"])
+        self.fetch(digests | manifests)
+        for d in manifests:
+            self.fetch(_manifest_digests(self.names, d))
+
+    def _one(self, digest: str, path: str) -> bool:
+        key = BLOB_PREFIX + digest
+        for d in (os.path.join(self.root, "files"), self.dir, os.path.dirname(path)):
             if not os.path.isdir(d):
                 _src.make_dir(d)
         tmp = path + ".part"
-        with os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), "w+b") as f:
-            if _retry(lambda: _download_checked(tgt, key, f, size)) != digest:
-                raise ReplicationError(f"blob {key} of the replica does not match its name")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        got += 1
-    return got
+        try:
+            with os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600),
+                           "w+b") as f:
+                got = _retry(lambda: _download_checked(self.tgt, key, f))
+                if got is None:
+                    self.missing.add(digest)
+                    return False
+                if got != digest:
+                    raise ReplicationError(f"blob {key} of the replica does not match its "
+                                           f"name")
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.fetched += 1
+        return True
 
 
-def _download_checked(tgt: ObjectStore, key: str, f, size: int) -> str | None:
+def _row_digest(row: Any) -> str | None:
+    """The content digest of a file-state row (``["f", ..., digest]``), if any."""
+    if isinstance(row, (list, tuple)) and len(row) > 3 and row[0] == "f" \
+            and isinstance(row[3], str):
+        return row[3]
+    return None
+
+
+def _manifest_digests(names: BlobStore, digest: str) -> set[str]:
+    """The content a watch's manifest (a blob, already fetched) lists."""
+    from ..files import Manifest as WatchManifest
+    try:
+        return WatchManifest.load(names, digest).digests()
+    except (ValueError, OSError, CorruptionError):
+        return set()
+
+
+def _fetch_referenced_blobs(tgt: ObjectStore, root: str) -> _BlobFetcher:
+    """A restored copy's blobs: those its history refers to (what its own blob gc keeps:
+    ``Files.referenced``, read through a read-only open of the copy), fetched until none
+    is new (a watch manifest's content is known once the manifest is there)."""
+    from ..ops.backup import referenced_blobs
+    fetcher = _BlobFetcher(tgt, root)
+    while fetcher.fetch(referenced_blobs(root)):
+        pass
+    return fetcher
+
+
+def _download_checked(tgt: ObjectStore, key: str, f) -> str | None:
+    """The sha256 of blob ``key`` downloaded into ``f``; None: the replica lacks it."""
     f.seek(0)
     f.truncate()
-    if tgt.download(key, f, size) is None:
-        raise ReplicationError(f"blob {key} listed in the replica could not be read")
+    if tgt.download(key, f, MAX_BLOB_BYTES) is None:
+        return None
     f.seek(0)
     h = hashlib.sha256()
     for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -729,7 +819,13 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     followed by a trim, so the WAL DEST holds stays within about ``APPLY_STEP`` plus a
     segment (a follower that appended its whole backlog first, then REDO'd it in one go,
     held all of it until then, and one restarted more often than that REDO took never
-    trimmed at all; probe 57)."""
+    trimmed at all; probe 57).
+
+    A round failing with a transient error (``transient`` on the target's error: the
+    server unreachable, 5xx, throttling) is reported to ``on_round`` (``error``,
+    ``retry_in``) and retried after a backoff doubling from ``interval`` to
+    ``max_backoff``; the follower stops only on a permanent error (it stopped on the first
+    failed request: a network blip ended a follower meant to run for weeks)."""
     wal_dir = os.path.join(dest, "wal")
     log = RestoredLog.resume(wal_dir, store_id)
     if log.end is None:  # restored without a WAL record: the log goes on at the cut
@@ -749,32 +845,66 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
 
     sweep_dead_scratch(tempfile.gettempdir(), FOLLOW_TEMP)
     tmp = tempfile.mkdtemp(prefix=f"{FOLLOW_TEMP}{os.getpid()}-")
+    fetch = _Fetcher(tgt, store_id, tmp)
+    blobs = _BlobFetcher(tgt, dest)
+
+    def one_round(info: dict) -> None:
+        nonlocal etag
+        got = tgt.get(MANIFEST_KEY, opts.max_manifest_bytes, if_none_match=etag)
+        if got is not None and got != NOT_MODIFIED:
+            m = Manifest(decode(got[0], tgt.url), got[1])
+            if m.doc["store_id"] != store_id or \
+                    m.doc["lineage"] != origin.get("parent_lineage"):
+                raise ReplicationError(f"{display_url(url)} now holds another store's "
+                                       f"replica; the follower stops")
+            if log.end is not None and m.end() > log.end:
+                _check_retained(m, log.end, dest, url)
+                log.know(m.wal)
+                for e in m.chain(log.end, m.end()):
+                    # the blobs this object's records name, before the records (a reader
+                    # of DEST never sees a file step whose content is not there yet): a
+                    # first pass over the object, only what it names (no LIST)
+                    start = log.end
+                    blobs.fetch_named(r for r in fetch.records(e) if r[0] >= start)
+                    for lsn, rtype, raw, _s in fetch.records(e):
+                        if lsn < log.end:
+                            continue
+                        if unapplied >= APPLY_STEP:
+                            apply()  # (a bounded step of a backlog)
+                        log.append(lsn, raw, e["seg"], rtype)
+                        info["appended"] += len(raw)
+                        _count(len(raw))
+                    log.sync()
+                    fetch.drop(e)
+            etag = got[1]
+
+    def _count(n: int) -> None:
+        nonlocal applied_since, unapplied
+        applied_since += n
+        unapplied += n
+
+    delay = 0.0
     try:
         while not stop.is_set():
-            got = tgt.get(MANIFEST_KEY, opts.max_manifest_bytes, if_none_match=etag)
-            info = {"position": log.end, "appended": 0}
-            if got is not None and got != NOT_MODIFIED:
-                m = Manifest(decode(got[0], tgt.url), got[1])
-                if m.doc["store_id"] != store_id or \
-                        m.doc["lineage"] != origin.get("parent_lineage"):
-                    raise ReplicationError(f"{display_url(url)} now holds another store's "
-                                           f"replica; the follower stops")
-                if log.end is not None and m.end() > log.end:
-                    _fetch_blobs(tgt, dest)  # (before the records that name them)
-                    fetch = _Fetcher(tgt, store_id, tmp)
-                    log.know(m.wal)
-                    for e in m.chain(log.end, m.end()):
-                        for lsn, rtype, raw, _s in fetch.records(e):
-                            if lsn >= log.end:
-                                if unapplied >= APPLY_STEP:
-                                    apply()  # (a bounded step of a backlog)
-                                log.append(lsn, raw, e["seg"], rtype)
-                                info["appended"] += len(raw)
-                                applied_since += len(raw)
-                                unapplied += len(raw)
-                        log.sync()
-                        fetch.drop(e)
-                etag = got[1]
+            info: dict = {"position": log.end, "appended": 0}
+            try:
+                one_round(info)
+                delay = 0.0
+            except ReplicationError as e:
+                # a transient failure (the target unreachable, a 5xx, throttling: what the
+                # target layer marks transient) is retried with capped exponential backoff,
+                # as the shipper's rounds are; anything else (another store's replica,
+                # damage, a hole, DEST's position gone from the replica) stops the follower
+                if not getattr(e, "transient", False):
+                    raise
+                for entry in list(fetch.files):
+                    fetch.drop({"k": entry})
+                delay = min(opts.max_backoff, max(interval, delay * 2))
+                info.update(position=log.end, error=str(e), retry_in=round(delay, 3))
+                if on_round:
+                    on_round(info)
+                stop.wait(delay)
+                continue
             if applied_since and (time.monotonic() - last_apply >= apply_every
                                   or unapplied >= APPLY_STEP):
                 apply()
@@ -785,6 +915,20 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     finally:
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_retained(m: Manifest, position: int, dest: str, url: str) -> None:
+    """A follower's position below the first WAL object the replica still lists, with no
+    hole recorded there: retention dropped what DEST needs next (the follower was stopped
+    longer than the replica keeps history).  Not a hole in the replica: it is sound, DEST
+    is too old to follow it."""
+    first = m.wal[0]["a"] if m.wal else m.end()
+    if position < first and m.hole_at(position) is None:
+        raise ReplicationError(
+            f"{dest}'s position (LSN {position}) is older than what the replica at "
+            f"{display_url(url)} retains (its WAL now begins at LSN {first}: retention "
+            f"removed the history in between while the follower was stopped); DEST cannot "
+            f"catch up: restore anew into a new DEST with --follow")
 
 
 def _trim(wal_dir: str, keep: int, current: int) -> None:
