@@ -129,6 +129,7 @@ def test_restore_and_follower_fetch_only_referenced_blobs(tmp_path):
         for i in range(20):  # one file rewritten 20 times: the replica keeps every version
             with s.transaction() as tx:
                 tx.files(ws).write("f.bin", os.urandom(3000))
+            s.sync_replica(timeout=30)  # (each version's blob shipped before retention's gc)
         s.checkpoint()  # (retention trims the history: the newest version or so is kept)
         with s.transaction() as tx:
             tx.put("after", 1)
