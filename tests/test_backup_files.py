@@ -133,8 +133,9 @@ def test_backups_beside_a_writer_changing_files_read_every_restore_point(tmp_pat
             assert c.get("n") >= 200
 
 
-def test_verify_names_referenced_file_content_missing_from_the_store(tmp_path):
-    src, repo = str(tmp_path / "src"), tmp_path / "repo"
+def _two_file_versions(src: str, repo: Path) -> None:
+    """A store at ``src`` whose workspace ``repo`` wrote a.txt twice, a restore point
+    between (its history refers to both versions' blobs)."""
     repo.mkdir()
     with walstore.open(src) as s:
         ws = s.workspace(str(repo))
@@ -143,6 +144,11 @@ def test_verify_names_referenced_file_content_missing_from_the_store(tmp_path):
         s.restore_point("p1")
         with s.transaction() as tx:
             tx.files(ws).write("a.txt", b"version two\n")
+
+
+def test_verify_names_referenced_file_content_missing_from_the_store(tmp_path):
+    src, repo = str(tmp_path / "src"), tmp_path / "repo"
+    _two_file_versions(src, repo)
     r = _cli("verify", src, "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     blobs = Path(src) / "files" / "blobs"
@@ -160,14 +166,7 @@ def test_verify_names_file_content_missing_with_the_whole_files_directory(tmp_pa
     while reading its file history raised CorruptionError (found by an upgrade probe with
     a backup made by the older code).  A store that never used files still verifies."""
     src, repo = tmp_path / "src", tmp_path / "repo"
-    repo.mkdir()
-    with walstore.open(str(src)) as s:
-        ws = s.workspace(str(repo))
-        with s.transaction() as tx:
-            tx.files(ws).write("a.txt", b"version one\n")
-        s.restore_point("p1")
-        with s.transaction() as tx:
-            tx.files(ws).write("a.txt", b"version two\n")
+    _two_file_versions(str(src), repo)
     shutil.rmtree(src / "files")
     r = _cli("verify", str(src), "--json")
     assert r.returncode == 1, r.stdout + r.stderr

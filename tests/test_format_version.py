@@ -298,21 +298,20 @@ def test_a_replica_an_older_walstore_made_is_marked_with_this_version(tmp_path: 
     # upgraded, so an older walstore restored it and misread what this one shipped)
     import msgpack
     rep = tmp_path / "rep"
-    url = f"file://{rep}"
-    with walstore.open(str(tmp_path / "s"), replicate_to=url,
-                       replicate_options={"interval": 0.05}) as s:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        s.sync_replica(timeout=30)
-    doc = msgpack.unpackb((rep / "manifest").read_bytes(), raw=False, strict_map_key=False)
+
+    def ship(key: str) -> dict:
+        """Commit ``key`` with replication on; the replica's manifest after."""
+        with walstore.open(str(tmp_path / "s"), replicate_to=f"file://{rep}",
+                           replicate_options={"interval": 0.05}) as s:
+            with s.transaction() as tx:
+                tx.put(key, 1)
+            s.sync_replica(timeout=30)
+        return msgpack.unpackb((rep / "manifest").read_bytes(), raw=False,
+                               strict_map_key=False)
+
+    doc = ship("a")
     assert doc["identity"]["version"] == 2
     doc["identity"]["version"] = 1  # (as an older walstore wrote it)
     (rep / "manifest").write_bytes(msgpack.packb(doc, use_bin_type=True))
     set_version(tmp_path / "s", 1)
-    with walstore.open(str(tmp_path / "s"), replicate_to=url,
-                       replicate_options={"interval": 0.05}) as s:
-        with s.transaction() as tx:
-            tx.put("b", 2)
-        s.sync_replica(timeout=30)
-    doc = msgpack.unpackb((rep / "manifest").read_bytes(), raw=False, strict_map_key=False)
-    assert doc["identity"]["version"] == 2
+    assert ship("b")["identity"]["version"] == 2
