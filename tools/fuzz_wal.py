@@ -518,6 +518,14 @@ def run_atheris(target: str, seconds: float, corpus: str | None, libfuzzer_args:
         os.makedirs(artifacts, exist_ok=True)
         args.append(f"-artifact_prefix={artifacts}/")
         print(f"INFO: findings (crashing inputs) go to {artifacts}/", file=sys.stderr)
+    if not any(a.startswith("-rss_limit_mb") for a in libfuzzer_args):
+        # libFuzzer's limit (2,048 MB) judges the peak RSS getrusage reports, and Linux
+        # carries a forking parent's peak across exec: started from a test process that
+        # had reached 2.6 GB, every run was "out-of-memory" at once.  The limit is on
+        # this harness's own growth: 2,048 MB above what it inherited.
+        import resource
+        inherited_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        args.append(f"-rss_limit_mb={inherited_mb + 2048}")
     args += libfuzzer_args + [corpus]
     atheris.Setup(args, one_wal if target == "wal" else one_lmdb)
     atheris.Fuzz()
