@@ -96,11 +96,7 @@ class Journal:
         else:
             chunks, payload = _split(packed_body, writes)
         with self.lock:  # (usually held already: the pipeline validates under it)
-            start = None  # the first chunk's LSN: the event spans its chunks too
-            for chunk in chunks:
-                first, _end = self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
-                if start is None:
-                    start = first
+            start = self._append_chunks(txid, chunks) if chunks else None
             if buffered and self.durability == "full":
                 lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, payload)
             else:
@@ -118,16 +114,23 @@ class Journal:
         before it), so any write set a commit takes can be prepared."""
         chunks, payload = _split(pack(body), writes)
         with self.lock:
-            start = None
-            for chunk in chunks:
-                first, _end = self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
-                if start is None:
-                    start = first
+            start = self._append_chunks(txid, chunks)
             lsn, end = self.wal.append(RecordType.PREPARE, payload)
             event = Event(lsn, end, RecordType.PREPARE, txid, body, list(writes), None, start)
             self.memtable.add(event)
             self._publish_written(end)
             return event
+
+    def _append_chunks(self, txid: int, chunks) -> int | None:
+        """Append a large write set's WRITES records (the caller holds ``lock``, and its
+        COMMIT or PREPARE follows at once); the first one's LSN (the event spans its chunks
+        too), or None when there are none."""
+        start = None
+        for chunk in chunks:
+            first, _end = self.wal.append(RecordType.WRITES, pack({"tx": txid, "w": chunk}))
+            if start is None:
+                start = first
+        return start
 
     # ---- durability and visibility ------------------------------------------------------
     def make_durable(self, end: int, ticket=None) -> None:
