@@ -432,6 +432,28 @@ def test_resolve_through_the_cli(path):
         assert store.compensators["cancel"].ids == []  # resolved: never compensated
 
 
+def test_a_resolve_note_is_bounded_and_a_longer_one_refused_before_anything_runs(path):
+    """A resolve note was kept whole in the action's row (a 100 MB note, 100 MB in LMDB and
+    the WAL): it is bounded as an error text is, and a longer one refused, by the API and
+    the CLI (exit 2, before the open's recovery runs anything), the action still owed."""
+    from walstore.agent.actions import MAX_ERROR_BYTES
+    with walstore.open(path, durability="none") as store:
+        tx = store.transaction()
+        with tx.action("book", compensate="cancel") as act:
+            pass
+        tx.rollback()
+        with pytest.raises(ValueError, match="at most 4,096 bytes"):
+            store.resolve(act.id, "é" * (MAX_ERROR_BYTES // 2 + 1))
+        assert store.get_action(act.id).state == "pending"
+    r = CliRunner().invoke(cli_main, ["resolve", path, act.id, "--note", "x" * 5000])
+    assert r.exit_code == 2 and "at most 4,096 bytes" in r.stderr, r.output
+    with walstore.open(path, durability="none") as store:
+        assert store.get_action(act.id).state == "pending"
+        note = "é" * (MAX_ERROR_BYTES // 2)  # exactly the bound
+        assert store.resolve(act.id, note).error == note
+        assert store.get_action(act.id).state == "resolved"
+
+
 # ---- committed transactions ----------------------------------------------------------------
 def test_txninfo_actions_lists_the_actions_of_a_committed_transaction(path):
     with walstore.open(path, durability="none") as store:

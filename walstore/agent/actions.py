@@ -178,6 +178,17 @@ def bounded_error(text: str) -> str:
     return f"{head}... ({len(raw) - len(head.encode('utf-8')):,} bytes cut)"
 
 
+def check_resolve_note(note: str | None) -> None:
+    """TypeError / ValueError unless ``note`` is a ``resolve`` note: None, or a str of at
+    most MAX_ERROR_BYTES bytes of UTF-8 (it is kept in the action's row, as an error is)."""
+    if note is not None and not isinstance(note, str):
+        raise TypeError(f"a resolve note is a str or None, not {type(note).__name__}")
+    if note is not None and _error_bytes(note) > MAX_ERROR_BYTES:
+        raise ValueError(f"a resolve note is at most {MAX_ERROR_BYTES:,} bytes of UTF-8, "
+                         f"not {_error_bytes(note):,} (it is kept in the action's row; "
+                         f"keep a longer report elsewhere and name it in the note)")
+
+
 def _error_bytes(error: str | None) -> int:
     return 0 if error is None else len(error.encode("utf-8", "surrogatepass"))
 
@@ -625,8 +636,7 @@ class Saga:
         ``compensate``: refused while its compensator runs (both would undo the effect,
         and the compensator's record would overwrite this one), and a compensation that
         starts meanwhile finds it resolved."""
-        if note is not None and not isinstance(note, str):
-            raise TypeError(f"a resolve note is a str or None, not {type(note).__name__}")
+        check_resolve_note(note)
         key = str(action_id)
         with self._running_lock:
             if key in self._running:

@@ -12,8 +12,9 @@ import walstore
 from . import main, refused
 from .common import (HANDLERS, JSON, PATH, action_docs, action_table, check_before_recovery,
                      load_handlers, open_store)
-from .output import (EXIT_PROBLEM, KEY, POINT, emit_json, fail, kv_lines, show_key,
-                     show_value, table)
+from ..agent.actions import check_resolve_note
+from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, fail, kv_lines,
+                     show_key, show_value, table)
 
 
 # UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
@@ -168,6 +169,10 @@ def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
 @click.option("--note", default=None, help="Why it was handled by hand.")
 def resolve(path: str, action_id: str, note: str | None) -> None:
     """Mark a pending or failed compensation handled by hand."""
+    try:
+        check_resolve_note(note)
+    except ValueError as e:
+        raise UsageProblem(str(e)) from None
     try:
         check_before_recovery(path, lambda store: store.get_action(action_id))
     except KeyError as e:  # ACTION_ID names no action
