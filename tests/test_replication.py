@@ -321,9 +321,13 @@ def test_compaction_and_retention(replica, tmp_path):
         walstore.restore(replica.url, dest, replicate_options=replica.options)
         with walstore.open(dest) as r:
             assert rows(r) == rows(s)
-        with pytest.raises(walstore.ReplicationError):
+        with pytest.raises(walstore.ReplicationError) as e:
             walstore.restore(replica.url, str(tmp_path / "old"), to="p0",
                              replicate_options=replica.options)
+        # (it said only "no restore point named 'p0'", as for a name never made)
+        first = min(x["lsn"] for x in m.snapshots)
+        assert f"history begins at LSN {first}" in str(e.value)
+        assert "dropped by the replica's retention" in str(e.value)
     finally:
         shipper_mod.RETENTION_EVERY = old
         sh.stop()

@@ -329,8 +329,12 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
         p = m.doc["points"].get(to)
         if p is None:
             known = ", ".join(sorted(m.doc["points"])) or "none"
+            first = min((s["lsn"] for s in m.snapshots), default=None)
+            since = ("" if first is None else
+                     f"; the replica's history begins at LSN {first}: a point from before "
+                     f"it was dropped by the replica's retention and is no longer restorable")
             raise UnknownRestorePoint(f"no restore point named {to!r} in the replica "
-                                      f"(known: {known})", to)
+                                      f"(known: {known}){since}", to)
         return p["lsn"], f"restore point {to!r}"
     if isinstance(to, _dt.datetime):
         if to.tzinfo is None or to.utcoffset() is None:
