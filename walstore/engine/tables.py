@@ -131,9 +131,20 @@ def hist_key(key: bytes, lsn: int) -> bytes:
     return _U16.pack(len(key)) + key + _U64.pack(lsn)
 
 
+def key_damaged(table: str, raw: bytes, file: str | None = None) -> CorruptionError:
+    """The CorruptionError of a key of ``table`` (one of MULTIPART_KEYS) whose parts do
+    not add up to its length: damaged bytes (a raw struct.error before)."""
+    return CorruptionError(
+        f"LMDB table {table!r}: the key {bytes(raw[:64])!r}{'...' if len(raw) > 64 else ''} "
+        f"({len(raw)} bytes) does not decode (its parts do not add up to its length): the "
+        f"state is damaged", file=file)
+
+
 def split_hist_key(raw: bytes) -> tuple[bytes, int]:
-    n = _U16.unpack_from(raw)[0]
-    return raw[2:2 + n], _U64.unpack_from(raw, 2 + n)[0]
+    """(key, LSN) of a ``hist`` key; CorruptionError when its parts do not add up."""
+    if len(raw) < 10 or len(raw) != 10 + _U16.unpack_from(raw)[0]:
+        raise key_damaged("hist", raw)
+    return raw[2:-8], _U64.unpack_from(raw, len(raw) - 8)[0]
 
 
 def is_version_of(raw: bytes, prefix: bytes) -> bool:
@@ -298,6 +309,9 @@ def fsteps_key(txid: int, lsn: int) -> bytes:
 
 
 def split_fsteps_key(raw: bytes) -> tuple[int, int]:
+    """(txid, LSN) of an ``fsteps`` key; CorruptionError when it is not 16 bytes."""
+    if len(raw) != 16:
+        raise key_damaged("fsteps", raw)
     return _U64.unpack_from(raw)[0], _U64.unpack_from(raw, 8)[0]
 
 
@@ -314,11 +328,15 @@ def fws_prefix(ws: bytes) -> bytes:
 
 
 def split_fversion_key(raw: bytes) -> tuple[bytes, bytes, int]:
-    n = _U16.unpack_from(raw)[0]
-    ws = raw[2:2 + n]
+    """(workspace, path, LSN) of an ``fversions`` key; CorruptionError when its parts do
+    not add up to its length."""
+    n = _U16.unpack_from(raw)[0] if len(raw) >= 2 else len(raw)
+    if len(raw) < 4 + n + 8:
+        raise key_damaged("fversions", raw)
     m = _U16.unpack_from(raw, 2 + n)[0]
-    path = raw[4 + n:4 + n + m]
-    return ws, path, _U64.unpack_from(raw, 4 + n + m)[0]
+    if len(raw) != 4 + n + m + 8:
+        raise key_damaged("fversions", raw)
+    return raw[2:2 + n], raw[4 + n:4 + n + m], _U64.unpack_from(raw, 4 + n + m)[0]
 
 
 def is_fversion_of(raw: bytes, prefix: bytes) -> bool:
@@ -330,8 +348,18 @@ def fchange_key(txid: int, ws: bytes, path: bytes) -> bytes:
 
 
 def split_fchange_key(raw: bytes) -> tuple[int, bytes, bytes]:
+    """(txid, workspace, path) of an ``fchanges`` key; CorruptionError when its parts do
+    not add up to its length."""
+    if len(raw) < 10 or len(raw) < 10 + _U16.unpack_from(raw, 8)[0]:
+        raise key_damaged("fchanges", raw)
     n = _U16.unpack_from(raw, 8)[0]
     return _U64.unpack_from(raw)[0], raw[10:10 + n], raw[10 + n:]
+
+
+# the tables whose keys are made of parts (a length-prefixed key or path, u64s): each
+# one's split, which checks the parts add up (``verify`` checks every key with it)
+MULTIPART_KEYS = {"hist": split_hist_key, "fsteps": split_fsteps_key,
+                  "fversions": split_fversion_key, "fchanges": split_fchange_key}
 
 
 def workspace_row(event: Event, old: dict | None) -> dict:

@@ -250,10 +250,17 @@ def _check_u64_rows(state: LmdbState, rep: VerifyReport) -> None:
 def _check_rows(state: LmdbState, rep: VerifyReport) -> None:
     """Every msgpack row of LMDB's other tables decodes, and so does each history row's
     before-image (a value): damage inside a row's bytes, LMDB's pages sound, is named by
-    its table and key here rather than met by the read that needs the row."""
+    its table and key here rather than met by the read that needs the row; and so is a
+    key of a table whose keys are made of parts (MULTIPART_KEYS) when they do not add up."""
     file = state.data_file
+    for table in sorted(set(tables.MULTIPART_KEYS) - set(tables.PACKED_ROWS)):
+        for k, _raw in state.scan(b"", None, db=table):
+            _check_key(table, k, rep, file)
     for table, (lo, hi) in tables.PACKED_ROWS.items():
+        multipart = table in tables.MULTIPART_KEYS
         for k, raw in state.scan(lo, hi, db=table):
+            if multipart:
+                _check_key(table, k, rep, file)
             try:
                 row = tables.unpack_row(raw, table, k, file)
             except CorruptionError as e:
@@ -272,6 +279,14 @@ def _check_rows(state: LmdbState, rep: VerifyReport) -> None:
                 tables.unpack_row(raw, "meta", name, file)
             except CorruptionError as e:
                 rep.errors.append(str(e))
+
+
+def _check_key(table: str, k: bytes, rep: VerifyReport, file: str | None) -> None:
+    """A key of a MULTIPART_KEYS table whose parts do not add up is listed."""
+    try:
+        tables.MULTIPART_KEYS[table](k)
+    except CorruptionError:
+        rep.errors.append(str(tables.key_damaged(table, k, file)))
 
 
 def _check_blobs(layout: Layout, rep: VerifyReport) -> None:
