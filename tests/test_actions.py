@@ -454,6 +454,27 @@ def test_a_resolve_note_is_bounded_and_a_longer_one_refused_before_anything_runs
         assert store.get_action(act.id).state == "resolved"
 
 
+def test_an_action_id_that_is_not_a_str_is_a_type_error_and_resolves_nothing(path):
+    """``resolve(1.10)`` was str()ed to '1.1' and resolved that other action, 1.10 still owed
+    (probe probe-agree); ``resolve(None)`` said "no action with id None"."""
+    with walstore.open(path, durability="none") as store:
+        tx = store.transaction()
+        for i in range(10):
+            with tx.action(f"charge{i}", compensate="refund"):
+                pass
+        tx.rollback()  # (no compensator: all ten owed)
+        for bad in (1.10, 1.1, None, 11, b"1.1"):
+            for call in (store.resolve, store.get_action):
+                with pytest.raises(TypeError, match="an action id is a str") as e:
+                    call(bad)
+                assert isinstance(e.value, walstore.errors.UnknownAction)  # (a KeyError)
+        assert {a.state for a in store.actions()} == {"pending"}
+        act = store.get_action("1.10")
+        assert store.resolve(act).id == "1.10"  # (an Action names itself)
+        assert store.get_action("1.10").state == "resolved"
+        assert store.get_action("1.1").state == "pending"
+
+
 # ---- committed transactions ----------------------------------------------------------------
 def test_txninfo_actions_lists_the_actions_of_a_committed_transaction(path):
     with walstore.open(path, durability="none") as store:

@@ -201,6 +201,12 @@ class TrimmedOrUnknownPoint(HistoryTrimmed, UnknownPoint):
     a plain ``UnknownPoint``."""
 
 
+class ActionIdTypeError(UnknownAction, TypeError):
+    """An action id of a type that names no action (a float, None, an int...): an
+    ``UnknownAction`` (it names nothing, nothing changes) that is also a ``TypeError`` — a
+    float ``1.10`` was read as ``"1.1"``, another action."""
+
+
 class PointTypeError(UnknownPoint, TypeError):
     """A point of a type that can name nothing (a float, a bool, None, a list...): an
     ``UnknownPoint`` (it names nothing, nothing changes) that is also a ``TypeError``."""

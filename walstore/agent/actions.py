@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable
-from ..errors import (CompensationFailed, ReadOnlyError, StoreClosed, UnknownAction,
-                      WalstoreError)
+from ..errors import (ActionIdTypeError, CompensationFailed, ReadOnlyError, StoreClosed,
+                      UnknownAction, WalstoreError)
 from ..log.format import RecordType
 from ..signals import deferred
 from ..engine import tables
@@ -176,6 +176,18 @@ def bounded_error(text: str) -> str:
         return text
     head = raw[:MAX_ERROR_BYTES].decode("utf-8", "ignore")
     return f"{head}... ({len(raw) - len(head.encode('utf-8')):,} bytes cut)"
+
+
+def action_key(action_id: Any) -> str:
+    """An action's id as given to ``get_action`` / ``resolve``: a str such as ``"1.10"``
+    (or the Action itself); TypeError for anything else — a float ``1.10`` was str()ed to
+    ``"1.1"``, another action, and resolved it."""
+    if isinstance(action_id, Action):
+        return action_id.id
+    if not isinstance(action_id, str):
+        raise ActionIdTypeError(f"no action with id {action_id!r}: an action id is a str "
+                                f"such as '1.10' (Action.id), not {type(action_id).__name__}")
+    return action_id
 
 
 def check_resolve_note(note: str | None) -> None:
@@ -625,8 +637,9 @@ class Saga:
         return sorted(out, key=newest_first)
 
     def get_action(self, action_id: str) -> Action:
+        action_id = action_key(action_id)
         self.engine.refresh()
-        row = self.engine.views.action_row(str(action_id))
+        row = self.engine.views.action_row(action_id)
         if row is None:
             raise UnknownAction(f"no action with id {action_id!r}")
         return Action.from_row(row)
@@ -637,7 +650,7 @@ class Saga:
         and the compensator's record would overwrite this one), and a compensation that
         starts meanwhile finds it resolved."""
         check_resolve_note(note)
-        key = str(action_id)
+        key = action_id = action_key(action_id)
         with self._running_lock:
             if key in self._running:
                 raise WalstoreError(f"action {action_id}'s compensation is running now; it "
