@@ -444,3 +444,38 @@ def test_a_commit_interrupted_after_its_point_of_no_return_is_never_rolled_back(
     assert s.get("paid") is True and s.get("paid2") is True
     assert len([t for t in s.log() if t.txid in (tx.id, tx2.id)]) == 2
     s.close()
+
+
+def test_an_interrupt_inside_a_read_of_the_log_comes_out_as_itself(tmp_path, monkeypatch):
+    """Ctrl-C while a large log was read (``walstore.open``'s recovery, ``verify``): the
+    read's frame held a view of the segment's map while the interrupt unwound, and the
+    map's close raised BufferError ("exported pointers exist") in its place — the
+    program's ``except KeyboardInterrupt`` never ran, and the CLI said "an unexpected
+    error" (probe probe-ops).  Here the interrupt is raised inside each kind of read, a
+    view of the map held in the raising frame, as a signal handler would."""
+    from walstore.log import reader as log_reader
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+    (seg,) = [os.path.join(path, "wal", n) for n in os.listdir(os.path.join(path, "wal"))
+              if n.endswith(".wal")]
+    start = int(os.path.basename(seg).split(".")[0], 16)
+    real_check = log_reader.check_record
+
+    def interrupted(mm, *args, **kw):
+        view = memoryview(mm)  # (held by this frame as the interrupt unwinds)
+        raise KeyboardInterrupt(f"Ctrl-C with {len(view)} bytes in view")
+
+    monkeypatch.setattr(log_reader, "check_record", interrupted)
+    seg_reader = log_reader.SegmentReader(seg, None, start)
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C with"):
+        list(seg_reader.records())
+    follower = log_reader.LogFollower(os.path.join(path, "wal"), seg_reader.store_id, start)
+    with pytest.raises(KeyboardInterrupt, match="Ctrl-C with"):
+        list(follower.poll(1 << 40))
+    follower.close()  # (and its map is let go without an error)
+    monkeypatch.setattr(log_reader, "check_record", real_check)
+    with walstore.open(path, durability="none") as s:  # (nothing was left held)
+        assert s.get("k19") == 19

@@ -36,6 +36,7 @@ in the file; the resynchronisation search behind a bad record is bounded
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import time
@@ -162,7 +163,7 @@ class SegmentReader:
         if size <= SEGMENT_HEADER_SIZE:
             self.end = self._truncated(size) or ScanEnd("clean", size, self.lsn_at(size))
             return
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mapped(self.path) as mm:
             size = min(size, len(mm))
             off = from_offset
             sealed = False
@@ -233,7 +234,7 @@ class SegmentReader:
 
     def valid_records_after(self, offset: int) -> Iterator[Record]:
         """Every valid record found behind ``offset`` (what a cut there gives up)."""
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mapped(self.path) as mm:
             pos = offset + 1
             while True:
                 rec, _exhausted = self.find_valid_after(mm, pos, len(mm))
@@ -244,8 +245,31 @@ class SegmentReader:
 
     def nonzero_end(self, offset: int) -> int:
         """File offset just past the last non-zero byte at or after ``offset``."""
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with mapped(self.path) as mm:
             return last_nonzero_end(mm, offset, len(mm))
+
+
+@contextlib.contextmanager
+def mapped(path: str) -> Iterator[mmap.mmap]:
+    """``path`` mapped read-only, unmapped at the end with ``close_map``."""
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mm
+    finally:
+        close_map(mm)
+
+
+def close_map(mm: mmap.mmap) -> None:
+    """Unmap ``mm``, or leave that to the garbage collector while a view of it is still
+    held: an exception raised inside a read of the map (a KeyboardInterrupt, Ctrl-C while
+    a large log was read) keeps that read's frame, and the view in it, alive while it
+    unwinds, and a plain close raised BufferError ("exported pointers exist"), which took
+    the interrupt's place."""
+    try:
+        mm.close()
+    except BufferError:
+        pass
 
 
 def last_nonzero_end(mm, start: int, size: int) -> int:
@@ -511,6 +535,7 @@ class LogFollower:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
+            mm, self._mm = self._mm, None
+            close_map(mm)
             self._file.close()
         self._mm = self._file = self._reader = None
