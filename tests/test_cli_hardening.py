@@ -1091,3 +1091,52 @@ def test_every_json_failure_names_the_exceptions_class(tmp_path, monkeypatch):
         assert err["command"] == args[0] and err["message"] == one_line(r)[len("walstore: "):]
         if kind == "CompensationFailed":  # (the undo committed; its compensation failed)
             assert ", but " in err["message"] and "the bank is down" in err["message"]
+
+
+# ---- Ctrl-C -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("as_json", [False, True])
+def test_ctrl_c_is_one_line_exit_130_and_a_json_document(store_path, monkeypatch, as_json):
+    """Ctrl-C of a verb: click said "Aborted!", exit 1 (`verify`'s "damage found"), with no
+    JSON document under --json, and the open progress line took the next output on it
+    (probe probe-ops).  Now one line after the progress line, exit 130, and the error
+    document with type KeyboardInterrupt."""
+    def interrupted_walk(path, progress=None):
+        if progress is not None:
+            progress(40 << 20, 100 << 20)  # (a large log, 40% read)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_engine, "verify", interrupted_walk)
+    r = cli("verify", store_path, *(["--json"] if as_json else []), code=130)
+    lines = r.stderr.lstrip("\r").splitlines()  # (a progress line begins with a \r)
+    assert lines[-1] == "walstore: verify interrupted (Ctrl-C)", r.stderr
+    assert "Aborted" not in r.output
+    if as_json:
+        assert strict(r.stdout) == {"error": {"command": "verify", "exit": 130, "type":
+                                              "KeyboardInterrupt",
+                                              "message": "verify interrupted (Ctrl-C)"}}
+    else:
+        assert len(lines) == 2 and "( 40%)" in lines[0], r.stderr  # (the progress, ended)
+        assert r.stdout == ""
+
+
+def test_backup_and_checkpoint_show_progress_on_a_large_store(tmp_path):
+    """`backup` of a 2 GB store and `checkpoint` of an unclean one ran for tens of seconds
+    without a word (CONTRACT 3: progress on long work; probe probe-ops).  Both show it now,
+    on stderr, when the bytes pass the progress threshold, and end its line."""
+    from walstore.cli.output import PROGRESS_MIN_BYTES
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="none", checkpoint_bytes=1 << 40,
+                      segment_size=16 << 20)
+    blob = os.urandom((1 << 20) - 200)
+    for i in range(PROGRESS_MIN_BYTES // (1 << 20) + 4):
+        with s.transaction() as tx:
+            tx.put(f"k{i % 8}", blob)
+    s._drop_like_a_crash()  # (unclean: the next writable open recovers the whole log)
+    r = cli("backup", path, str(tmp_path / "copy"))
+    shown = r.stderr.lstrip("\r").splitlines()
+    assert shown and shown[-1].startswith("backup:") and "(100%)" in shown[-1], r.stderr
+    assert r.stdout.strip()  # (its summary, on stdout)
+    r = cli("checkpoint", path)
+    assert "recover:" in r.stderr and r.stderr.endswith("\n"), r.stderr
+    r = cli("checkpoint", path, "--json")  # (a document only: no progress under --json)
+    assert r.stderr == "" and strict(r.stdout)

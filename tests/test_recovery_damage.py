@@ -1048,6 +1048,11 @@ def test_cli_recover_exit_codes_on_corrupt_middle(killed: Built) -> None:
     doc = json.loads(res.stdout)
     assert doc["refused"] is True and doc["recovered"] is False
     assert (doc["file"], doc["offset"], doc["lsn"]) == (str(seg.path), bad.offset, bad.lsn)
+    # (a recovery report's keys too: a script reading doc["clean"] met a KeyError)
+    assert doc["clean"] is False and doc["mode"] == "strict"
+    (p,) = doc["problems"]
+    assert (p["action"], p["file"], p["offset"], p["lsn"]) == (
+        "refused", str(seg.path), bad.offset, bad.lsn)
     assert not killed.quarantine.exists()
 
     res = run_cli("recover", str(killed.root), "--mode", "point-in-time", "--json")

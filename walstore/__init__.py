@@ -14,7 +14,8 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      CorruptionError, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
-                     TransactionClosed, UnknownGid, UnknownPoint, WalstoreError)
+                     TransactionClosed, UnknownAction, UnknownGid, UnknownPoint,
+                     WalstoreError)
 from .options import Options
 from .engine.recovery import RecoveryReport
 from .engine.transaction import Savepoint, Transaction
@@ -37,7 +38,7 @@ __all__ = [
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
     "ReplicationError", "FileConflictError", "StoreIOError", "SnapshotTooOld",
-    "WalWriteError", "UnknownGid", "restore",
+    "WalWriteError", "UnknownGid", "UnknownAction", "restore",
 ]
 
 
@@ -45,7 +46,7 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
          recover: str = "auto", compensators: dict[str, Callable] | None = None,
          map_size: int | None = None, options: Options | None = None,
          replicate_to: str | None = None, replicate_options: Any = None,
-         **tuning: Any) -> Store:
+         progress: Callable[[int, int], None] | None = None, **tuning: Any) -> Store:
     """Open (creating if missing) the store at ``path``.
 
     durability: "full" (fsync before commit returns), "normal" (fsync within
@@ -54,6 +55,8 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
     arguments are Options fields (segment_size, checkpoint_bytes, ...), validated.
     ``replicate_to``: an ``s3://bucket/prefix`` or ``file:///dir`` URL the log ships to in
     the background (see ``Store.replication()``, ``sync_replica()``; the [s3] extra).
+    ``progress(done, total)``: called as the open's recovery reads the log (bytes), so a
+    long one can be shown.
     """
     if tuning:
         if options is not None:
@@ -61,7 +64,8 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
         options = Options.from_keywords(tuning)
     return Store(path, durability=durability, create=create, readonly=readonly, recover=recover,
                  compensators=compensators, map_size=map_size, options=options,
-                 replicate_to=replicate_to, replicate_options=replicate_options)
+                 replicate_to=replicate_to, replicate_options=replicate_options,
+                 progress=progress)
 
 
 def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None) -> dict:

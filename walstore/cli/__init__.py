@@ -25,8 +25,8 @@ import msgpack
 
 import walstore
 from . import _engine
-from .output import (EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command, emit_json_error,
-                     error_kind, error_text)
+from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command,
+                     emit_json_error, end_progress, error_kind, error_text)
 
 __all__ = ["main"]
 
@@ -140,13 +140,30 @@ class WalstoreCommand(click.Command):
         except Failure as failure:  # a command's own one-line failure (fail(), usage)
             json_error(ctx, failure, failure_kind(failure))
             raise
-        except (click.exceptions.ClickException, click.exceptions.Exit,
-                click.exceptions.Abort):
+        except (click.exceptions.ClickException, click.exceptions.Exit):
             raise
+        except (KeyboardInterrupt, click.exceptions.Abort) as e:
+            _interrupted(ctx, e)
         except BrokenPipeError:
             _reader_went_away()
         except Exception as exc:  # the one error path: one line, never a traceback
             report(ctx, exc)
+        finally:
+            end_progress()  # (before an error's line: click shows it after this)
+
+
+def _interrupted(ctx: click.Context, e: BaseException) -> NoReturn:
+    """Ctrl-C (or a prompt's answer cut off): one line, exit 130 for an interrupt (1 for
+    an abort), and under ``--json`` the error document (click said "Aborted!", exit 1 —
+    `verify`'s "damage found" — and printed no document)."""
+    command = ctx.info_name or "walstore"
+    if isinstance(e, KeyboardInterrupt):
+        failure = Failure(f"{command} interrupted (Ctrl-C)", EXIT_INTERRUPTED,
+                          "KeyboardInterrupt")
+    else:
+        failure = Failure(f"{command} aborted", EXIT_PROBLEM, "Abort")
+    json_error(ctx, failure, failure.kind)
+    raise failure from None
 
 
 def _reader_went_away() -> NoReturn:

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
+from ..agent.actions import check_resolve_note
 from ..codec import encode_key
 from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout
 from ..errors import NotAStore
@@ -22,10 +23,11 @@ from ..options import Options
 from ..signals import Flag
 from ..store import Store
 
-__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "identity_damaged",
-           "rebuild_refusal", "rebuild_state", "open_for_recovery", "verify", "wal_records", "backup",
-           "is_store", "lmdb_file", "prepared_details", "run_demo", "demo_side_dir", "benchmarks",
-           "replication", "tracked_files", "changes_between", "Flag"]
+__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_resolve_note",
+           "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
+           "verify", "wal_records", "backup", "is_store", "lmdb_file", "prepared_details",
+           "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
+           "changes_between", "Flag"]
 
 Progress = Callable[[int, int], None] | None
 
@@ -50,8 +52,8 @@ def wal_records(path: str, from_lsn: int) -> Iterator[dict]:
     return _iter_wal(path, from_lsn)
 
 
-def backup(src: str, dest: str) -> dict:
-    return _backup(src, dest)
+def backup(src: str, dest: str, progress: Progress = None) -> dict:
+    return _backup(src, dest, progress)
 
 
 def is_store(path: str) -> bool:

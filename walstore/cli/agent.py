@@ -9,10 +9,9 @@ import click
 
 import walstore
 
-from . import main, refused
+from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_docs, action_table, check_before_recovery,
                      load_handlers, open_store)
-from ..agent.actions import check_resolve_note
 from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, fail, kv_lines,
                      show_key, show_value, table)
 
@@ -170,7 +169,7 @@ def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
 def resolve(path: str, action_id: str, note: str | None) -> None:
     """Mark a pending or failed compensation handled by hand."""
     try:
-        check_resolve_note(note)
+        _engine.check_resolve_note(note)
     except ValueError as e:
         raise UsageProblem(str(e)) from None
     try:

@@ -11,7 +11,7 @@ import walstore
 from . import _engine, main
 from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
-                     kv_lines, progress_printer)
+                     end_progress, kv_lines, progress_printer)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
 NORMAL_PROBLEMS = ("torn-tail", "stale-bytes", "watch-undone")
@@ -52,12 +52,13 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
         store = _engine.open_for_recovery(path, mode, compensators, progress)
     except walstore.CorruptionError as e:
         if not (e.file and e.file.startswith(_engine.lmdb_file(path))):
-            _report_refused(e, as_json)
+            _report_refused(e, mode, as_json)
         # LMDB itself is damaged: not a log the modes could cut
         if not rebuild_state:
             _report_lmdb_damaged(path, e)
         rebuilt = _engine.rebuild_state(path)  # (refuses, changing nothing, if it cannot)
         store = _engine.open_for_recovery(path, mode, compensators, progress)
+    end_progress()
     with store:
         report = store.last_recovery
         owed = store.pending_compensations()
@@ -104,9 +105,15 @@ def _report_lmdb_damaged(path: str, e: walstore.CorruptionError) -> None:
                   EXIT_PROBLEM, type(e).__name__)
 
 
-def _report_refused(e: walstore.CorruptionError, as_json: bool) -> None:
+def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> None:
+    """A recovery refused (strict, damage in the log): nothing changed.  Its ``--json``
+    document has a recovery report's ``clean``, ``mode`` and ``problems`` too (a script
+    reading ``doc["clean"]`` met a KeyError: probe probe-ops)."""
+    problem = {"kind": "refused", "file": e.file, "offset": e.offset, "lsn": e.lsn,
+               "reason": e.reason, "bytes": 0, "action": "refused", "quarantined": None}
     doc = {"recovered": False, "refused": True, "reason": e.reason, "file": e.file,
-           "offset": e.offset, "lsn": e.lsn}
+           "offset": e.offset, "lsn": e.lsn, "clean": False, "mode": mode,
+           "problems": [problem]}
     if as_json:
         emit_json(doc)
     else:
@@ -144,6 +151,7 @@ def _print_recovery(doc: dict) -> None:
 def verify(path: str, as_json: bool) -> None:
     """Check every checksum and WAL-vs-LMDB consistency (read-only)."""
     rep = _engine.verify(path, None if as_json else progress_printer("verify"))
+    end_progress()
     if as_json:
         emit_json(rep.as_dict())
     else:
@@ -173,7 +181,8 @@ def stats(path: str, as_json: bool) -> None:
 @JSON
 def checkpoint(path: str, as_json: bool) -> None:
     """Apply the WAL to LMDB, sync it, and trim old WAL segments."""
-    with open_store(path) as store:
+    with open_store(path, progress=None if as_json else progress_printer("recover")) as store:
+        end_progress()  # (a store not shut down cleanly: its recovery's walk was shown)
         doc = store.checkpoint()
     emit_summary(doc, as_json)
 
@@ -187,7 +196,8 @@ def backup(path: str, dest: str, as_json: bool) -> None:
     src, target = os.path.realpath(path), os.path.realpath(dest)
     if target == src or target.startswith(src.rstrip(os.sep) + os.sep):
         raise UsageProblem(f"backup destination {dest} is the store {path} or lies inside it")
-    doc = _engine.backup(path, dest)
+    doc = _engine.backup(path, dest, None if as_json else progress_printer("backup"))
+    end_progress()
     emit_summary(doc, as_json)
 
 

@@ -47,6 +47,7 @@ import click
 from ._engine import check_key
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 TAGS = frozenset({"base64", "float", "map"})
 KEY_PREFIXES = ("str:", "hex:", "b64:", "json:")
@@ -325,8 +326,14 @@ def kv_lines(pairs: list[tuple[str, Any]]) -> None:
         click.echo(f"{k.ljust(width)}  {_cell(v)}")
 
 
+_PROGRESS_LINE_OPEN = [False]  # a progress line is on stderr without its newline yet
+
+
 def progress_printer(label: str) -> Callable[[int, int], None]:
-    """A progress callback printing to stderr for large walks (and only then)."""
+    """A progress callback printing to stderr for large walks (and only then).  Its line
+    is ended by ``end_progress`` when the command ends (a walk ends where the log does,
+    often before the preallocated bytes its total counts: the line stayed open, and the
+    next output, an error's line too, was written on it)."""
     state = {"last": -1}
 
     def show(done: int, total: int) -> None:
@@ -337,7 +344,16 @@ def progress_printer(label: str) -> Callable[[int, int], None]:
             state["last"] = pct
             click.echo(f"\r{label}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({pct:3d}%)",
                        err=True, nl=done >= total)
+            _PROGRESS_LINE_OPEN[0] = done < total
     return show
+
+
+def end_progress() -> None:
+    """End a progress line left open on stderr (what follows starts on a line of its
+    own)."""
+    if _PROGRESS_LINE_OPEN[0]:
+        _PROGRESS_LINE_OPEN[0] = False
+        click.echo("", err=True)
 
 
 # ---- keys ----------------------------------------------------------------------------------

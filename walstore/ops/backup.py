@@ -49,7 +49,7 @@ import errno
 import os
 import shutil
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import lmdb
 
@@ -67,8 +67,10 @@ from ..log.writer import SEAL_RECORD_SIZE
 MAX_ATTEMPTS = 5
 
 
-def backup(src: str, dest: str, progress=None) -> dict:
-    """Copy the store at ``src`` to the new directory ``dest``; returns a summary."""
+def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Copy the store at ``src`` to the new directory ``dest``; returns a summary.
+    ``progress(done, total)``: bytes copied of the LMDB copy and the WAL segments (an
+    attempt that must start again starts its count again)."""
     layout = Layout(src)
     store_id = layout.read_identity()
     check_not_inside(src, dest)
@@ -232,11 +234,16 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
         # the bytes of the held segments, as they are now (a trimmed one's too: the open
         # file keeps them), copied first and then checked where they lie, in the copy
         sizes = {}
-        for i, (start, (path, fd)) in enumerate(segs):
+        if progress:
+            done = sum(os.path.getsize(os.path.join(out.db, n)) for n in os.listdir(out.db))
+            total = done + sum(os.fstat(fd).st_size for _p, fd in held.values())
+            progress(done, total)
+        for start, (path, fd) in segs:
             target = os.path.join(out.wal, os.path.basename(path))
             sizes[target] = _copy_fd(fd, path, target)
             if progress:
-                progress(i + 1, len(segs))
+                done += sizes[target]
+                progress(min(done, total), total)
     finally:
         for _path, fd in held.values():
             os.close(fd)
