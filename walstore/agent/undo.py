@@ -22,7 +22,11 @@ transaction like any other and can itself be reverted.
   is tagged with that scope too, so the scope can be rewound past it later.
 - Undoing an undo would bring back state whose external effects were compensated:
   RevertConflict naming those actions, unless ``force=True``, which marks them
-  ``needs-redo`` (walstore cannot redo the outside world).
+  ``needs-redo`` (walstore cannot redo the outside world); undoing that one clears the
+  marks again (``compensated``).  At any depth, an action ends as the state restored
+  (that before the oldest undone undo naming it) says (``_redo_marks``).
+- Only keys whose value changes are planned and written (``_drop_unchanged``): a
+  cascade can end where it began.
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
   code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
   no txid, no scope provider's fence, no write path, nothing logged, so it works on a
@@ -196,6 +200,7 @@ class Undo:
             if dry_run:
                 self.history.check_file_commits_readable(target.lsn, tx.snapshot)
             plan = self._plan(infos, scope, force, boundary=None)
+            self._drop_unchanged(tx, plan)  # (a cascade may end where it began)
             self._check_retained(plan)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing to undo: e.g. its actions were compensated already)
@@ -395,9 +400,8 @@ class Undo:
                                  f"(nothing was changed)", overwritten)
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
-        plan.needs_redo = self._needs_redo(infos, undone_txids, force, in_range_actions)
-        plan.unredo = [a for a in self._unredo(infos, undone_txids)
-                       if a not in plan.needs_redo]  # (both: the state is charged again)
+        plan.needs_redo, plan.unredo = self._redo_marks(infos, undone_txids, force,
+                                                        in_range_actions)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
@@ -437,20 +441,45 @@ class Undo:
                                  paths=sorted(conflicts))
         return items
 
-    def _needs_redo(self, infos: list[TxnInfo], undone: set, force: bool,
-                    in_range: set = frozenset()) -> list[str]:
-        """Actions an undone undo had compensated, whose own transaction stays: undoing
-        the undo brings their state back while the outside world stays compensated.  An
-        action declared in the scope of a scoped undo, run by a transaction the undo
-        covers, is undone with it, not brought back (rewinding twice to one point)."""
-        ids, owed = [], []
-        for info in infos:
+    def _redo_marks(self, infos: list[TxnInfo], undone: set, force: bool,
+                    in_range: set = frozenset()) -> tuple[list[str], list[str]]:
+        """The needs-redo marks an undo makes and clears: ``(needs_redo, unredo)``.
+
+        Each undone undo moved the state of the actions it names: ``compensate`` and
+        ``unredo`` took their charged state away (the world was, or stays, compensated),
+        ``redo`` brought it back.  Undoing a run of them leaves each action's state as it
+        was before the OLDEST undone one (the keys go back there too), whatever the
+        chain's length — a revert of a revert of a revert..., a cascade, a rewind over
+        part of the chain:
+
+        - that was the charged state, and the action's own transaction stays (it is not
+          undone too, nor declared in the scope of a scoped undo covering it): the state
+          comes back while the world stays compensated — RevertConflict naming it unless
+          ``force``, which marks it ``needs-redo``; an action already ``needs-redo``
+          stays so (nothing new is brought back); one whose compensation is still owed
+          is refused (a refund about to run cannot be told from one that never will);
+        - else the state is the compensated one: an action marked ``needs-redo`` is
+          ``compensated`` again (a mark left behind would tell an operator to redo what
+          the state says is undone)."""
+        back: dict[str, bool] = {}  # action id -> its charged state before the oldest move
+        for info in infos:  # newest first: the oldest undone move is seen last and wins
             if info.txid not in undone:
                 continue
-            for aid in info.extra.get("compensate", ()):
-                if int(aid.partition(".")[0]) not in undone and aid not in in_range:
-                    row = self.engine.views.action_row(aid) or {}
-                    (owed if row.get("state") in tables.OWED_STATES else ids).append(aid)
+            for aid in (*info.extra.get("compensate", ()), *info.extra.get("unredo", ())):
+                back[aid] = True
+            for aid in info.extra.get("redo", ()):
+                back[aid] = False
+        ids, owed, unredo = [], [], []
+        for aid, charged in back.items():
+            row = self.engine.views.action_row(aid) or {}
+            state = row.get("state")
+            if charged and int(aid.partition(".")[0]) not in undone and aid not in in_range:
+                if state in tables.OWED_STATES:
+                    owed.append(aid)
+                elif state != tables.NEEDS_REDO:
+                    ids.append(aid)
+            elif state == tables.NEEDS_REDO:
+                unredo.append(aid)
         if owed:  # its compensation has not run: undoing the claim now could not tell a
             # refund about to run from one that never will; let it run (or resolve it)
             raise RevertConflict(f"the compensation of action(s) {owed} that this would "
@@ -463,20 +492,7 @@ class Undo:
                                  f"which were compensated and cannot be redone by walstore; "
                                  f"use force=True to undo anyway and mark them 'needs-redo'",
                                  actions=ids)
-        return ids
-
-    def _unredo(self, infos: list[TxnInfo], undone: set) -> list[str]:
-        """Actions a forced undo marked ``needs-redo``, that undo now undone: the state is
-        the compensated one again, so they are ``compensated`` again (a mark left behind
-        would tell an operator to redo what the state says is undone)."""
-        ids = []
-        for info in infos:
-            if info.txid in undone:
-                for aid in info.extra.get("redo", ()):
-                    row = self.engine.views.action_row(aid)
-                    if row is not None and row.get("state") == tables.NEEDS_REDO:
-                        ids.append(aid)
-        return ids
+        return ids, unredo
 
     def _drop_unchanged(self, tx: "Transaction", plan: UndoPlan) -> None:
         """Keep in the plan only the keys whose value would really change."""
