@@ -901,7 +901,8 @@ class Files:
             return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
 
     def referenced(self) -> set[str]:
-        """Every blob a retained row, a saved manifest or an unapplied event refers to."""
+        """Every blob a retained row, a saved manifest, an unapplied event or a file record
+        of the WAL a retention pin keeps (a replica has not received it yet) refers to."""
         eng = self.engine
         st = eng.state
         refs: set[str] = set()
@@ -940,6 +941,7 @@ class Files:
         for row in self.rows().values():
             if row.get("manifest"):
                 manifests.add(row["manifest"])
+        self._pinned_log_refs(refs, manifests)
         for m in self._manifests.values():
             refs.update(m.digests())
         for d in manifests:
@@ -947,6 +949,41 @@ class Files:
             with contextlib.suppress(ValueError, OSError, CorruptionError):
                 refs.update(Manifest.load(self.blobs, d).digests())
         return refs
+
+
+    def _pinned_log_refs(self, refs: set[str], manifests: set[str]) -> None:
+        """The blobs named by the file records of the local WAL from the lowest retention
+        pin on (the replica's position, bounded by ``max_pin_bytes``: the log from there is
+        kept for a shipper that has not sent it yet), read with the one log reader.  The
+        shipper uploads a record's blobs in the round that ships it: a blob removed before
+        that (retention trimmed the version, the gc ran) was named by the replica's history
+        but never in it — a restore of those points could not read their files (24 of 30
+        restores lacked content with ``retain_transactions=2``: probe-repl)."""
+        eng = self.engine
+        pins = [p for p in (pin() for pin in list(eng.retention_pins)) if p is not None]
+        if not pins or eng.wal is None:
+            return
+        from ..log import records as _records
+        from ..log.reader import LogReader
+        file_types = (_T.FILE_STEPS, _T.WATCH_BEGIN, _T.FILE_CONFLICT)
+        for rec in LogReader(eng.layout.wal, eng.store_id).records(min(pins)):
+            if rec.type not in file_types:
+                continue
+            try:
+                body = _records.decode(rec.payload)
+            except ValueError:
+                continue  # (recovery judges a record that does not decode)
+            for step in body.get("steps") or ():
+                if isinstance(step, (list, tuple)) and len(step) == 3:
+                    for row in step[1:]:
+                        if isinstance(row, (list, tuple)) and len(row) > 3:
+                            refs.update(_digests(row))
+            conflict = body.get("conflict")
+            if isinstance(conflict, dict) and isinstance(conflict.get("before"), list) \
+                    and len(conflict["before"]) > 3:
+                refs.update(_digests(conflict["before"]))
+            if isinstance(body.get("manifest"), str):
+                manifests.add(body["manifest"])
 
 
 GC_LOCK = "gc.lock"  # under files/: a gc holds it exclusive, a backup shared (ops.backup)

@@ -3,12 +3,12 @@
 Owns the three click commands and their output; :func:`register` adds them to the main
 group (the CLI package calls it).  Exit status: 0 success; 1 a problem (the replica
 refused, unreachable, damaged, a verify mismatch, compensations or file effects owed by a
-restored store); 2 usage (a bad point, a path that is not a store, a replica URL or
-``--endpoint-url`` that cannot work: an invalid bucket name, an endpoint that is no http(s)
-URL; a flag's value its replicate option does not take: one line naming the flag).  The
-replicate options a flag sets: ``_FLAGS``; the rest keep their defaults.  ``--json`` is one
-strict JSON document.  No output ever carries credentials: URLs are shown without user
-info.
+restored store, file content its history names that the replica lacks); 2 usage (a bad
+point, a path that is not a store, a replica URL or ``--endpoint-url`` that cannot work:
+an invalid bucket name, an endpoint that is no http(s) URL; a flag's value its replicate
+option does not take: one line naming the flag).  The replicate options a flag sets:
+``_FLAGS``; the rest keep their defaults.  ``--json`` is one strict JSON document.  No
+output ever carries credentials: URLs are shown without user info.
 
 Points on the command line: ``tx:N`` or bare digits (a txid), ``lsn:N`` (a log position),
 an ISO-8601 time with an offset (``2026-05-01T12:00:00+00:00``, ``...Z``), else a restore
@@ -174,6 +174,20 @@ def _follow_report(info: dict) -> None:
                    f"{info['retry_in']} s)", err=True)
     elif info["appended"]:
         click.echo(f"at LSN {info['position']} (+{info['appended']} bytes)", err=True)
+    if info.get("blobs_missing"):
+        click.echo(f"at LSN {info['position']}: {_missing_text(info['blobs_missing'])}; "
+                   f"the records are copied all the same (`walstore verify` of the copy "
+                   f"names the file versions that need it)", err=True)
+
+
+MISSING_SHOWN = 10  # missing blobs named on the terminal (--json lists them all)
+
+
+def _missing_text(digests: list[str]) -> str:
+    shown = ", ".join(digests[:MISSING_SHOWN])
+    more = len(digests) - MISSING_SHOWN
+    return (f"the replica lacks the content of {len(digests)} file version(s) its history "
+            f"names (blobs/{shown}{f' and {more} more' if more > 0 else ''})")
 
 
 @click.command("restore", cls=WalstoreCommand)
@@ -240,6 +254,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         store.close()
     report["pending_compensations"] = pending
     owed_files = report["owed_file_effects"]
+    missing = report["blobs_missing"]
     if as_json:
         _emit(report)
     else:
@@ -266,7 +281,11 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
                    "the files on disk may still hold them, the restored state does not): "
                    "restore with --compensate on the machine that has the workspace to "
                    "put them back", err=True)
-    if pending or owed_files:
+    if missing and not as_json:
+        click.echo(f"{_missing_text(missing)}: the copy's file history at those points "
+                   f"cannot be read (`walstore verify {report['dest']}` names the versions)",
+                   err=True)
+    if pending or owed_files or missing:
         sys.exit(EXIT_PROBLEM)
 
 

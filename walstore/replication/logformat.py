@@ -42,6 +42,7 @@ ROLLBACK_PREPARED = int(RecordType.ROLLBACK_PREPARED)
 RESTORE_POINT = int(RecordType.RESTORE_POINT)
 FILE_STEPS, WATCH_BEGIN = int(RecordType.FILE_STEPS), int(RecordType.WATCH_BEGIN)
 WATCH_END, FILE_RESTORED = int(RecordType.WATCH_END), int(RecordType.FILE_RESTORED)
+FILE_CONFLICT = int(RecordType.FILE_CONFLICT)
 # a transaction is in flight after one of these (the records the engine's ``inflight`` table
 # counts: a transaction whose only effects are file changes is in flight too, and a restore
 # cut there leaves its changes on disk, owed) ...

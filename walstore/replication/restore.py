@@ -635,26 +635,10 @@ class _BlobFetcher:
     def fetch_named(self, records) -> None:
         """The blobs named by ``records`` ((lsn, type, raw, synced), a follower's new
         ones): a FILE_STEPS's before- and after-images, a WATCH_BEGIN's manifest and the
-        content that manifest lists."""
-        digests: set[str] = set()
-        manifests: set[str] = set()
-        for _lsn, rtype, raw, _s in records:
-            if rtype not in (logformat.FILE_STEPS, logformat.WATCH_BEGIN):
-                continue
-            try:
-                doc = msgpack.unpackb(bytes(raw[logformat.RECORD_HEADER_SIZE:]), raw=False,
-                                      strict_map_key=False)
-            except Exception:
-                continue  # (recovery judges a record that does not parse)
-            if not isinstance(doc, dict):
-                continue
-            for step in doc.get("steps") or ():
-                if isinstance(step, (list, tuple)) and len(step) == 3:
-                    digests.update(d for d in (_row_digest(step[1]), _row_digest(step[2]))
-                                   if d)
-            if isinstance(doc.get("manifest"), str):
-                manifests.add(doc["manifest"])
-        self.fetch(digests | manifests)
+        content that manifest lists, a FILE_CONFLICT's before-image."""
+        named = blobs_named(records)
+        manifests = {d for d, n in named.items() if n is None}
+        self.fetch(named)
         for d in manifests:
             self.fetch(_manifest_digests(self.names, d))
 
@@ -682,6 +666,33 @@ class _BlobFetcher:
                 os.unlink(tmp)
         self.fetched += 1
         return True
+
+
+def blobs_named(records) -> dict[str, int | None]:
+    """The blobs the file records among ``records`` ((lsn, type, raw, synced)) name:
+    digest -> size (None: a watch's manifest, whose size no record gives)."""
+    out: dict[str, int | None] = {}
+    for _lsn, rtype, raw, _s in records:
+        if rtype not in (logformat.FILE_STEPS, logformat.WATCH_BEGIN, logformat.FILE_CONFLICT):
+            continue
+        try:
+            doc = msgpack.unpackb(bytes(raw[logformat.RECORD_HEADER_SIZE:]), raw=False,
+                                  strict_map_key=False)
+        except Exception:
+            continue  # (recovery judges a record that does not parse)
+        if not isinstance(doc, dict):
+            continue
+        rows = [r for step in doc.get("steps") or ()
+                if isinstance(step, (list, tuple)) and len(step) == 3 for r in step[1:]]
+        if isinstance(doc.get("conflict"), dict):
+            rows.append(doc["conflict"].get("before"))
+        for row in rows:
+            d = _row_digest(row)
+            if d:
+                out[d] = row[2] if isinstance(row[2], int) else None
+        if isinstance(doc.get("manifest"), str):
+            out.setdefault(doc["manifest"], None)
+    return out
 
 
 def _row_digest(row: Any) -> str | None:
@@ -783,10 +794,12 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     # together on an empty DEST the one whose restore lands follows, and every other is
     # refused by that lock (its own restore finds DEST filled and is dropped)
     locks: list = []
+    missing: list[str] = []  # what the restore below could not fetch (the first round says)
     try:
         if not os.path.exists(dest) or not os.listdir(dest):
             try:
-                restore(url, dest, None, opts, follow=True, target=tgt, _locks=locks)
+                missing = restore(url, dest, None, opts, follow=True, target=tgt,
+                                  _locks=locks)["blobs_missing"]
             except _DestTaken:
                 pass  # another follower (or restore) got there first: its lock decides
         store_id, identity = _src.read_identity(dest)
@@ -803,7 +816,7 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
             from ..engine.layout import Layout, ProcessLock
             locks.append(ProcessLock(Layout(dest)))
         _follow_rounds(url, dest, tgt, opts, stop, interval, apply_every, on_round,
-                       store_id, origin)
+                       store_id, origin, missing)
     finally:
         for lock in locks:
             lock.release()
@@ -813,8 +826,8 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
 
 def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions,
                    stop: "threading.Event | Flag", interval: float, apply_every: float,
-                   on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict
-                   ) -> None:
+                   on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict,
+                   missing: list[str] = ()) -> None:
     """The follower's loop (``follow``, which holds DEST's lock).
 
     The log is applied to LMDB and trimmed every ``apply_every`` seconds, and also as soon
@@ -829,7 +842,12 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     server unreachable, 5xx, throttling) is reported to ``on_round`` (``error``,
     ``retry_in``) and retried after a backoff doubling from ``interval`` to
     ``max_backoff``; the follower stops only on a permanent error (it stopped on the first
-    failed request: a network blip ended a follower meant to run for weeks)."""
+    failed request: a network blip ended a follower meant to run for weeks).
+
+    A round that copied records naming blobs the replica lacks (its content never reached
+    the replica) says so: ``blobs_missing`` in the round's ``on_round`` dict, those not
+    reported before (the first round also those the restore could not fetch); the records
+    are appended all the same (DEST's `walstore verify` names what needs them)."""
     wal_dir = os.path.join(dest, "wal")
     log = RestoredLog.resume(wal_dir, store_id)
     if log.end is None:  # restored without a WAL record: the log goes on at the cut
@@ -851,6 +869,8 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     tmp = tempfile.mkdtemp(prefix=f"{FOLLOW_TEMP}{os.getpid()}-")
     fetch = _Fetcher(tgt, store_id, tmp)
     blobs = _BlobFetcher(tgt, dest)
+    blobs.missing.update(missing)
+    reported: set[str] = set()
 
     def one_round(info: dict) -> None:
         nonlocal etag
@@ -913,6 +933,9 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                                   or unapplied >= APPLY_STEP):
                 apply()
             info["position"] = log.end
+            if blobs.missing - reported:
+                info["blobs_missing"] = sorted(blobs.missing - reported)
+                reported |= blobs.missing
             if on_round:
                 on_round(info)
             stop.wait(interval)
@@ -1006,9 +1029,11 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
         if progress:
             progress(done[0], total)
 
+    named: dict[str, tuple[int | None, str]] = {}  # blob -> (size, what names it first)
     with tempfile.TemporaryDirectory(prefix="walstore-verify-") as tmp:
-        for check in (_check_continuity(m), _check_wal_objects(m, tgt, tmp, step),
-                      _check_snapshots(m, tgt, tmp, step)):
+        for check in (_check_continuity(m), _check_wal_objects(m, tgt, tmp, step, named),
+                      _check_snapshots(m, tgt, tmp, step, named),
+                      _check_blobs(tgt, named)):
             ok = ok and check["ok"]
             checks.append(check)
         try:
@@ -1089,15 +1114,22 @@ def _check_continuity(m: Manifest) -> dict:
 
 
 def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
-                       step: Callable[[int], None]) -> dict:
+                       step: Callable[[int], None],
+                       named: dict[str, tuple[int | None, str]]) -> dict:
     """Every WAL object downloaded (one at a time, into ``tmp``) and streamed: its header
-    against the manifest, every record's CRC and LSN under its segment's salt."""
+    against the manifest, every record's CRC and LSN under its segment's salt.  The blobs
+    its file records name go into ``named`` (those a restore can reach: from where the
+    oldest restorable snapshot's replay begins)."""
     fetch = _Fetcher(tgt, m.doc["store_id"], tmp)
+    starts = [m.wal_start_for(sn["lsn"]) for sn in m.snapshots]
+    lo = min((a for a in starts if a is not None), default=None)
     failures = []
     for e in m.wal:
         try:
-            for _r in fetch.records(e):
-                pass
+            for r in fetch.records(e):
+                if lo is not None and r[0] >= lo and r[1] in _FILE_NAMING:
+                    for d, n in blobs_named([r]).items():
+                        named.setdefault(d, (n, f"the record at LSN {r[0]} ({e['k']})"))
         except ReplicationError as err:
             failures.append({"object": e["k"], "error": str(err)})
         finally:
@@ -1108,9 +1140,11 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
 
 
 def _check_snapshots(m: Manifest, tgt: ObjectStore, tmp: str,
-                     step: Callable[[int], None]) -> dict:
+                     step: Callable[[int], None],
+                     named: dict[str, tuple[int | None, str]]) -> dict:
     """Every snapshot downloaded (one at a time): size and sha256 as the manifest says, an
-    LMDB environment applied up to the LSN it is listed at."""
+    LMDB environment applied up to the LSN it is listed at.  The blobs its file tables
+    name (what a copy restored from it keeps) go into ``named``."""
     failures = []
     n = 0
     for snap in sorted(m.snapshots, key=lambda s: s["lsn"]):
@@ -1125,9 +1159,35 @@ def _check_snapshots(m: Manifest, tgt: ObjectStore, tmp: str,
             if applied != snap["lsn"]:
                 raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} holds LSN {applied}, "
                                        f"the manifest says {snap['lsn']}")
+            for d, size in _src.snapshot_blob_refs(db).items():
+                named.setdefault(d, (size, f"snapshot {snap['k']}"))
         except Exception as err:
             failures.append({"object": snap["k"], "error": str(err)})
         finally:
             shutil.rmtree(db, ignore_errors=True)
         step(snap["n"])
     return _named({"check": "every snapshot", "ok": True, "snapshots": n}, failures)
+
+
+_FILE_NAMING = frozenset({logformat.FILE_STEPS, logformat.WATCH_BEGIN, logformat.FILE_CONFLICT})
+
+
+def _check_blobs(tgt: ObjectStore, named: dict[str, tuple[int | None, str]]) -> dict:
+    """Every blob the retained history names (its WAL objects' file records, its
+    snapshots' file tables) is in ``blobs/``, of the size its record gives: one listing of
+    ``blobs/``, nothing downloaded.  (A replica whose history named content it never
+    received verified clean, and a restore of those points could not read their files.)
+    The content a watch's manifest lists is not checked here (it takes the manifest's
+    download); a restore fetches it and lists what it lacks in ``blobs_missing``."""
+    have = {k[len(BLOB_PREFIX):]: n for k, n in tgt.list(BLOB_PREFIX)}
+    failures = []
+    for d in sorted(named):
+        size, where = named[d]
+        if d not in have:
+            failures.append({"object": BLOB_PREFIX + d,
+                             "error": f"blob {d} is missing from the replica (named by "
+                                      f"{where}: the file content of that point is lost)"})
+        elif size is not None and have[d] != size:
+            failures.append({"object": BLOB_PREFIX + d,
+                             "error": f"blob {d} holds {have[d]} bytes, {where} says {size}"})
+    return _named({"check": "every blob named", "ok": True, "blobs": len(named)}, failures)

@@ -154,6 +154,7 @@ class Shipper:
         self._snapshot_error: str | None = None  # the last snapshot failed (until one works)
         self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
+        self._failed_rounds = 0  # rounds failed in a row (see _round_error)
         _sweep_stale_temps()
         self._tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
 
@@ -223,6 +224,7 @@ class Shipper:
             try:
                 self.ship_once()
                 self.last_error = None
+                self._failed_rounds = 0
                 delay = self.opts.interval
             except (LeaseLost, Refused) as e:
                 self.state = "lease-lost" if isinstance(e, LeaseLost) else "refused"
@@ -232,11 +234,11 @@ class Shipper:
                     self._cond.notify_all()
                 return
             except Exception as e:  # anything else: retry with backoff; commits go on
-                self.last_error = f"{type(e).__name__}: {e}"
                 if not self._started:
                     self._start_error = e
                 delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
                 delay *= 0.5 + random.random()
+                self.last_error = self._round_error(e, delay)
                 failed = True
                 self._repin()  # (a failed round moves no position; the frontier moved on)
                 with self._cond_lock:
@@ -244,6 +246,21 @@ class Shipper:
             finally:
                 self._first.set()
             self._pause(delay, failed)
+
+    def _round_error(self, e: Exception, delay: float) -> str:
+        """``last_error`` after a failed round.  An error the target does not mark
+        transient (an object that exists with other content, a refused request) is said to
+        be one, with the rounds it failed in a row: every round meets it again and nothing
+        ships past it until it is resolved (it read as one more passing error while every
+        later commit stayed unshipped: probe-repl)."""
+        self._failed_rounds += 1
+        msg = f"{type(e).__name__}: {e}"
+        if getattr(e, "transient", None) is False or (
+                isinstance(e, ReplicationError) and not isinstance(e, TargetError)):
+            msg += (f" (not a transient error: {self._failed_rounds} round(s) in a row "
+                    f"failed, nothing ships past LSN {self.shipped} until it is resolved; "
+                    f"retrying in {delay:.1f} s)")
+        return msg
 
     def _pause(self, delay: float, backoff: bool) -> None:
         """Wait ``delay`` seconds before the next round.  A wake (``sync``'s request) ends
@@ -523,6 +540,9 @@ class Shipper:
             raise ReplicationError(f"store {self.source.path} has no WAL segment to ship")
         self.manifest.doc["position"] = segs[0][0]
         self.manifest.doc["open"] = {}
+        # pinned from here at once: the log (and the blobs its file records name: the gc
+        # keeps those of the WAL a pin holds) stays until this round has shipped it
+        self._pin(self.source.durable_lsn())
         if segs[0][0] == 0:  # the whole log is here: the empty store is a base too
             self.manifest.snapshots.append({"k": None, "lsn": 0, "n": 0, "sha": None,
                                             "st": hashlib.sha256().hexdigest(), "keys": 0,
@@ -697,10 +717,19 @@ class Shipper:
         return body, entry, (opened, points, last)
 
     def _upload_immutable(self, key: str, body) -> None:
+        """Upload ``body`` (bytes or an open file, closed after) as ``key``, which must
+        not exist yet; one that exists with the same bytes is our own earlier upload whose
+        answer was lost, and counts as done."""
+        start = None if isinstance(body, (bytes, bytearray)) else body.tell()
         try:
             self.target.put(key, body, if_none_match=True)
         except PreconditionFailed:
             # Exists: our own earlier upload whose answer was lost?  Same bytes, then.
+            # (The upload read a file body to its end: compare from where it began.  It
+            # measured 0 bytes and hashed none, every round failed "larger than the 0 byte
+            # bound" for good, and nothing shipped after it: probe-repl, repro2.)
+            if start is not None:
+                body.seek(start)
             mine = _sha256(body)
             got = io.BytesIO()
             size = _size(body)

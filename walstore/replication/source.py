@@ -8,8 +8,8 @@ process (read-only; durable frontier found by scanning the last segment and fdat
 it, never ahead of what a crash would keep), and :class:`InProcessSource` adapts an open
 ``walstore.Store`` of this branch (the lead re-implements it on the new facade).  It also
 owns the LMDB-side helpers of restore: checking a downloaded snapshot before LMDB maps it,
-reading ``applied``, the state digest, dropping restore points past a cut, and REDO of a
-follower's log into its LMDB.
+reading ``applied``, the state digest, the blobs a snapshot's file tables name, dropping
+restore points past a cut, and REDO of a follower's log into its LMDB.
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ make_dir = fileio.make_dir
 fsync_dir = fileio.fsync_dir
 write_file_atomic = fileio.write_file_atomic
 __all__ = ["Source", "DirectorySource", "InProcessSource", "read_applied", "state_digest",
-           "check_snapshot_file", "prepare_restored_db", "redo_into_lmdb", "read_identity",
-           "new_segment_file", "create_empty_db"]
+           "check_snapshot_file", "prepare_restored_db", "snapshot_blob_refs", "redo_into_lmdb",
+           "read_identity", "new_segment_file", "create_empty_db"]
 
 
 @runtime_checkable
@@ -318,6 +318,78 @@ def state_digest(db_dir: str) -> dict:
                 "keys": n, "points": points}
     finally:
         env.close()
+
+
+def snapshot_blob_refs(db_dir: str) -> dict[str, int | None]:
+    """The blobs an LMDB snapshot's file tables name, as the blob gc of a store holding it
+    keeps them (``Files.referenced``): every ``fsteps`` row's images and watch manifest,
+    the before- and after-images of the versions at or above the retention horizon (below
+    it only the newest after-image of each path), a conflict's before-image and each
+    workspace's newest manifest.  Digest -> size in bytes (None: a watch manifest, whose
+    size no row records).  A snapshot of a store that never kept files names none."""
+    from ..engine import tables
+    out: dict[str, int | None] = {}
+
+    def image(row) -> None:
+        if isinstance(row, (list, tuple)) and len(row) > 3 and row[0] == "f" \
+                and isinstance(row[3], str):
+            out[row[3]] = row[2] if isinstance(row[2], int) else None
+
+    def manifest(d) -> None:
+        if isinstance(d, str):
+            out.setdefault(d, None)
+
+    def rows(txn, dbs, name: bytes):
+        if dbs.get(name) is None:
+            return
+        for k, v in txn.cursor(db=dbs[name]):
+            try:
+                yield bytes(k), logformat.msgpack.unpackb(v, raw=False, strict_map_key=False)
+            except Exception:  # noqa: BLE001 - a damaged row: verify of the copy names it
+                continue
+
+    env = _open_env(db_dir)
+    try:
+        dbs = {}
+        for name in (b"meta", b"fsteps", b"fversions", b"fconflicts", b"workspaces"):
+            try:
+                dbs[name] = env.open_db(name, create=False)
+            except lmdb.Error:  # (a table an older store did not have yet)
+                dbs[name] = None
+        with env.begin() as txn:
+            raw = txn.get(b"horizon", db=dbs[b"meta"]) if dbs[b"meta"] is not None else None
+            horizon = _U64.unpack(raw)[0] if raw and len(raw) == 8 else 0
+            for _k, row in rows(txn, dbs, b"fsteps"):
+                if isinstance(row, dict):
+                    for step in row.get("steps") or ():
+                        if isinstance(step, (list, tuple)) and len(step) == 3:
+                            image(step[1])
+                            image(step[2])
+                    manifest(row.get("manifest"))
+            below: dict[bytes, object] = {}
+            for k, row in rows(txn, dbs, b"fversions"):
+                if not isinstance(row, (list, tuple)) or len(row) != 3:
+                    continue
+                try:
+                    lsn = tables.split_fversion_key(k)[2]
+                except Exception:  # noqa: BLE001 - a damaged key
+                    continue
+                if lsn >= horizon:
+                    image(row[1])
+                    image(row[2])
+                else:
+                    below[k[:-8]] = row[2]
+            for after in below.values():
+                image(after)
+            for _k, row in rows(txn, dbs, b"fconflicts"):
+                if isinstance(row, dict) and isinstance(row.get("conflict"), dict):
+                    image(row["conflict"].get("before"))
+            for _k, row in rows(txn, dbs, b"workspaces"):
+                if isinstance(row, dict):
+                    manifest(row.get("manifest"))
+    finally:
+        env.close()
+    return out
 
 
 def prepare_restored_db(db_dir: str, cut: int, known: dict[str, dict | None]) -> None:

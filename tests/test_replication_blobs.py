@@ -1,0 +1,231 @@
+"""Reversible files' content (blobs) in a replica: a lost answer to a blob upload, the local
+blob gc racing the shipper, and what restore / replicas --verify / a follower say when a
+replica lacks content its history names (probe-repl).  Real S3 server (moto over HTTP) and
+file:// replicas, real stores, the real CLI."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from test_replication_support import make_s3_replica, replica, s3_endpoint  # noqa: F401
+
+import walstore
+from walstore.replication import follow, replicas
+
+WALSTORE = [sys.executable, "-m", "walstore.cli"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run(WALSTORE + list(args), capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_a_blob_upload_whose_answer_was_lost_does_not_stop_replication(replica, tmp_path):
+    # (probe-repl: the object existed — an earlier upload landed unanswered — and the
+    # check compared it with the already-read file body: 0 bytes, "larger than the 0 byte
+    # bound" in every round, while replication() said "running" and nothing shipped again)
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                      replicate_options=replica.opts())
+    try:
+        ws = s.workspace(str(tmp_path / "ws"))
+        with s.transaction() as tx:
+            tx.files(ws).write("first.txt", "first\n")
+        s.sync_replica(30)  # (the shipper has listed blobs/: it does not know of the next)
+        content = b"hello from the agent\n" * 100
+        t = replica.target()
+        try:
+            t.put("blobs/" + hashlib.sha256(content).hexdigest(), content)
+        finally:
+            t.close()
+        with s.transaction() as tx:
+            tx.files(ws).write("f.txt", content)
+        s.sync_replica(30)
+        with s.transaction() as tx:
+            tx.put("later", 1)
+        s.sync_replica(30)
+        assert s.replication().last_error is None
+    finally:
+        s.close()
+    walstore.restore(replica.url, str(tmp_path / "copy"), replicate_options=replica.opts())
+    with walstore.open(str(tmp_path / "copy")) as r:
+        assert r.get("later") == 1
+        assert r.at(r.log()[-2].txid).files(r.workspaces()[0]).read("f.txt") == content
+
+
+def test_a_round_failing_for_good_says_so(tmp_path):
+    # a blob that exists in the replica with other content: every round fails the same
+    # way; replication() says it is not transient and that nothing ships past it
+    (tmp_path / "ws").mkdir()
+    url = f"file://{tmp_path}/replica"
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05, "max_backoff": 0.2})
+    try:
+        ws = s.workspace(str(tmp_path / "ws"))
+        with s.transaction() as tx:
+            tx.files(ws).write("first.txt", "first\n")
+        s.sync_replica(30)  # (the shipper has listed blobs/: it does not know of the next)
+        content = b"the real content\n"
+        from walstore.replication import open_target
+        t = open_target(url)
+        try:
+            t.put("blobs/" + hashlib.sha256(content).hexdigest(), b"something else")
+        finally:
+            t.close()
+        with s.transaction() as tx:
+            tx.files(ws).write("f.txt", content)
+        with pytest.raises(walstore.ReplicationError, match="not a transient error"):
+            s.sync_replica(5)
+        st = s.replication()
+        assert "exists with other content" in st.last_error
+        assert "nothing ships past LSN" in st.last_error and st.lag_bytes > 0
+    finally:
+        s.close()
+
+
+def _history_with_gc(s, ws, n: int) -> list[int]:
+    """``n`` versions of one file, each followed by a checkpoint: retention trims the
+    version before (``retain_transactions=1``) and the blob gc runs — all before the
+    shipper's next round (its interval is an hour)."""
+    txids = []
+    for i in range(n):
+        with s.transaction() as tx:
+            tx.files(ws).write("f.txt", f"version {i}\n")
+        txids.append(tx.id)
+        s.checkpoint()
+    return txids
+
+
+def test_the_blob_gc_keeps_what_the_replica_has_not_received(replica, tmp_path):
+    # (probe-repl, the root cause: retention plus the blob gc removed a version's content
+    # before the shipper's next round uploaded it, and the replica's history named blobs
+    # it never got: 24 of 30 point-in-time restores lacked content, their file history
+    # unreadable, `walstore verify` of the copy failing)
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"), replicate_to=replica.url, retain_transactions=1,
+                      replicate_options=replica.opts(interval=3600))
+    try:
+        s.sync_replica(30)  # the first round is done; the next one waits an hour
+        ws = s.workspace(str(tmp_path / "ws"))
+        txids = _history_with_gc(s, ws, 6)
+        blobs = os.path.join(str(tmp_path / "src"), "files", "blobs")
+        kept = sum(len(fs) for _d, _ds, fs in os.walk(blobs))
+        assert kept >= 6  # (the gc ran, and kept the content the replica lacks)
+        s.sync_replica(30)
+        s.checkpoint()  # shipped now: the pin moved past them, the gc may take them
+    finally:
+        s.close()
+    for i, txid in enumerate(txids):
+        dest = str(tmp_path / f"copy{i}")
+        rep = walstore.restore(replica.url, dest, to=txid, replicate_options=replica.opts())
+        assert rep["blobs_missing"] == []
+        with walstore.open(dest) as r:
+            assert r.at(txid).files(r.workspaces()[0]).read("f.txt") == f"version {i}\n".encode()
+    assert cli("verify", str(tmp_path / "copy2")).returncode == 0
+
+
+def _replica_lacking_a_blob(tmp_path, keep_open: bool = False):
+    """A file:// replica whose history names a blob it lacks (deleted from it, as one the
+    gc had removed before it was shipped): (url, txid of that version, its digest[, the
+    source store and workspace, still open])."""
+    (tmp_path / "ws").mkdir()
+    url = f"file://{tmp_path}/replica"
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05})
+    try:
+        ws = s.workspace(str(tmp_path / "ws"))
+        txids = []
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.files(ws).write("f.txt", f"version {i}\n")
+            txids.append(tx.id)
+        s.sync_replica(30)
+    finally:
+        if not keep_open:
+            s.close()
+    digest = hashlib.sha256(b"version 1\n").hexdigest()
+    os.unlink(os.path.join(str(tmp_path), "replica", "blobs", digest))
+    return (url, txids[1], digest) + ((s, ws) if keep_open else ())
+
+
+def test_restore_and_verify_name_content_the_replica_lacks(tmp_path):
+    # (probe-repl: `restore --to` printed success and exited 0 with blobs_missing; `replicas
+    # --verify` never looked at blobs/ and said all ok)
+    url, txid, digest = _replica_lacking_a_blob(tmp_path)
+    r = cli("restore", url, str(tmp_path / "copy"), "--to", f"tx:{txid}")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert digest in r.stderr and "lacks the content of 1 file version" in r.stderr
+    r = cli("restore", url, str(tmp_path / "copy-j"), "--to", f"tx:{txid}", "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["blobs_missing"] == [digest]
+    v = cli("replicas", url, "--verify")
+    assert v.returncode == 1, v.stdout
+    assert "every blob named: FAILED" in v.stdout and digest in v.stdout
+    v = cli("replicas", url, "--verify", "--json")
+    check = [c for c in json.loads(v.stdout)["verify"]["checks"]
+             if c["check"] == "every blob named"][0]
+    assert not check["ok"] and [f["object"] for f in check["failures"]] == ["blobs/" + digest]
+
+
+def test_replicas_verify_passes_a_replica_holding_every_blob(replica, tmp_path):
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                      replicate_options=replica.opts(snapshot_interval=0))
+    try:
+        ws = s.workspace(str(tmp_path / "ws"))
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.files(ws).write("f.txt", f"version {i}\n")
+                with tx.files(ws).watch():
+                    (tmp_path / "ws" / f"w{i}").write_text("watched\n")
+            s.sync_replica(30)
+    finally:
+        s.close()
+    r = replicas(replica.url, verify=True, replicate_options=replica.opts())
+    check = [c for c in r["verify"]["checks"] if c["check"] == "every blob named"][0]
+    assert r["verify"]["ok"] and check["ok"] and check["blobs"] >= 4, r["verify"]
+
+
+def test_a_follower_says_when_copied_records_name_missing_content(tmp_path):
+    # (probe-repl: a follower's round copying records whose content the replica lacked
+    # reported nothing)
+    url, _txid, digest, s, ws = _replica_lacking_a_blob(tmp_path, keep_open=True)
+    rounds: list[dict] = []
+    stop = threading.Event()
+    go_on = threading.Event()
+
+    def on_round(info: dict) -> None:
+        rounds.append(dict(info))
+        if len(rounds) == 1:
+            go_on.wait(60)  # (the follower waits here while the source moves on)
+        elif any(r.get("appended") for r in rounds[1:]):
+            stop.set()
+
+    t = threading.Thread(target=follow, args=(url, str(tmp_path / "dest"),
+                                              {"interval": 0.05}),
+                         kwargs={"stop": stop, "on_round": on_round})
+    t.start()
+    try:
+        while not rounds:
+            t.join(0.05)
+            assert t.is_alive()
+        with s.transaction() as tx:
+            tx.files(ws).write("g.txt", "lost on the way\n")
+        s.sync_replica(30)
+        lost = hashlib.sha256(b"lost on the way\n").hexdigest()
+        os.unlink(os.path.join(str(tmp_path), "replica", "blobs", lost))
+    finally:
+        go_on.set()
+        t.join(60)
+        stop.set()
+        s.close()
+    assert rounds[0].get("blobs_missing") == [digest]  # (what its restore could not fetch)
+    later = [r for r in rounds[1:] if r.get("appended")]
+    assert later and later[0].get("blobs_missing") == [lost]
+    assert not any(r.get("blobs_missing") for r in rounds[1:] if r is not later[0])
