@@ -193,8 +193,7 @@ PIECES = ("wJalrXUtnFEMI", "K7MDENG", "bPxRfiCYEXAMPLEKEY")
 BAD_URLS = [f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@mybucket/prefix",
             f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@mybucket:99999/prefix",
             f"s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@my_bucket!/prefix",
-            f"file://AKIAIOSFODNN7EXAMPLE:{SECRET}@localhost/tmp/rep",
-            f"s3://{SECRET}@mybucket/prefix"]  # (no ':': read as bucket 'wJalrXUtnFEMI')
+            f"file://AKIAIOSFODNN7EXAMPLE:{SECRET}@localhost/tmp/rep"]
 BAD_ENDPOINTS = [f"http://AKIAIOSFODNN7EXAMPLE:{SECRET}@127.0.0.1:9000",
                  f"AKIAIOSFODNN7EXAMPLE:{SECRET}@127.0.0.1:9000",
                  f"https://AKIAIOSFODNN7EXAMPLE:{SECRET.replace('/', '')}@s3.example.com",

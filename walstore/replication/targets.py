@@ -145,9 +145,7 @@ def check_url(url: str) -> None:
 def _parse(url: str):
     if not isinstance(url, str):
         raise ReplicationError(f"a replica URL is a str, not {type(url).__name__}")
-    if _has_userinfo(url, anywhere=url.startswith("s3://")):  # (an s3 prefix with an
-        # ``@``: ``s3://SE/CRET@bucket``, a secret with a ``/`` and no ``:``, read as
-        # bucket ``SE``; S3 allows ``@`` in a key, but no replica prefix needs one)
+    if _has_userinfo(url):
         raise ReplicationError(f"replica URL {_shown(url)} carries user info; credentials "
                                f"come only from the standard AWS chain (environment, config "
                                f"files, roles), never the URL")
