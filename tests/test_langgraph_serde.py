@@ -9,6 +9,7 @@ import enum
 import http
 import operator
 import sqlite3
+import uuid
 from typing import Annotated, NamedTuple, TypedDict
 
 import ormsgpack
@@ -337,4 +338,34 @@ def test_a_value_rebuilt_changed_or_not_at_all_is_refused_at_put(tmp_path, value
     assert type(value).__qualname__ in str(e.value) and "would not come back" in str(e.value)
     assert list(saver.list({"configurable": {"thread_id": "t"}})) == []
     assert put_and_read(saver, {"plain": 1}, "t2") == {"plain": 1}  # the saver goes on
+    store.close()
+
+
+@pytest.mark.parametrize("key", [
+    Status.DRAFT, Shape.SMALL, datetime.date(2024, 1, 2), datetime.datetime(2024, 1, 2, 3),
+    uuid.UUID(int=7), (1, Status.DRAFT)])
+def test_a_dict_key_that_would_come_back_as_a_string_is_refused_at_put(tmp_path, key):
+    # (probe-integ: {Color.RED: 1}, {date(2024, 1, 2): 1}, {UUID(...): 1} came back keyed
+    # by 'red', '2024-01-02' and the UUID's text, silently: LangGraph's encoding writes
+    # such a key as its string)
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    saver = WalstoreSaver(store)
+    with pytest.raises(StateTypeError) as e:
+        put_and_read(saver, {"k": {key: 1}})
+    assert "dict key" in str(e.value) or "subclass" in str(e.value)
+    assert list(saver.list({"configurable": {"thread_id": "t"}})) == []
+    for fine in ({1: "a", 2.5: "b", True: "c", None: "d", b"x": "e"}, {(1, "a"): 2}):
+        assert put_and_read(saver, fine, "t2") == fine  # keys that come back as they are
+    store.close()
+
+
+def test_a_str_with_a_lone_surrogate_is_refused_at_put(tmp_path):
+    # (probe-integ: "hello \ud83d" came back as "hello ?", silently)
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    saver = WalstoreSaver(store)
+    for value in ("hello \ud83d", {"nested": ["ok", "cut \udc00"]}, {"key \ud83d": 1}):
+        with pytest.raises(StateTypeError, match="lone surrogate"):
+            put_and_read(saver, value)
+    assert list(saver.list({"configurable": {"thread_id": "t"}})) == []
+    assert put_and_read(saver, "hello \U0001F600", "t2") == "hello \U0001F600"
     store.close()

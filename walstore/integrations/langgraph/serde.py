@@ -27,6 +27,10 @@ what rebuilding gives — is refused at write time (``_Packer``).  Those last tw
 detected by rebuilding the value once at write time (only classes that have a
 ``__post_init__``, private attributes or excluded fields).
 
+A dict key LangGraph's encoding would write as its string (anything but a str, number,
+bool, None, bytes or a tuple of those: an Enum, a date, a UUID) is refused, and so is a
+str holding a lone surrogate (LangGraph's encoding writes ``?`` in its place).
+
 Anything else is refused loudly: at write time (``StateTypeError``, a ``TypeError``
 naming the type and the ``allowed_types`` recipe), before anything is stored, so a value
 is never silently turned into a dict on the next turn; and at read time (a stored value
@@ -71,7 +75,9 @@ _OPTIONS = ormsgpack.OPT_NON_STR_KEYS
 # tuple came back as a list: a frozen dataclass unhashable, an Enum of tuple values
 # unreadable).  Its payload is the items as a msgpack array.
 EXT_TUPLE = 87
-_PACK_OPTIONS = lg_jsonplus._option | ormsgpack.OPT_PASSTHROUGH_TUPLE
+# (LangGraph's options but one: a str with a lone surrogate is refused, not given '?')
+_PACK_OPTIONS = ((lg_jsonplus._option & ~ormsgpack.OPT_REPLACE_SURROGATES)
+                 | ormsgpack.OPT_PASSTHROUGH_TUPLE)
 # msgpack ext headers (fixext 1..16, ext 8/16/32): data without these bytes has no class
 _EXT_MARKER = re.compile(b"[\xc7-\xc9\xd4-\xd8]")
 
@@ -391,12 +397,25 @@ def refuse_flattened(obj: Any) -> None:
         if type(v) is dict:
             for k in v:
                 if type(k) not in plain:
-                    cls = type(k)
-                    if cls in containers:
-                        stack.append(k)
-                    elif (why := _verdict(cls)) is not None:
-                        _refuse(cls, why)
+                    _refuse_key(k)
     return None
+
+
+def _refuse_key(key: Any) -> None:
+    """StateTypeError for a dict key that would come back as another type: the encoding
+    writes a key that is not a str, int, float, bool, None, bytes or a tuple of those as
+    its string (an Enum as its value, a date or UUID as its text), without a class name."""
+    cls = type(key)
+    if cls is tuple:
+        for part in key:
+            if type(part) not in _PLAIN:
+                _refuse_key(part)
+        return
+    why = _verdict(cls)
+    if why is None:
+        why = ("used as a dict key, which LangGraph's encoding stores as a plain "
+               "string or number (an Enum as its value, a date or UUID as its text)")
+    _refuse(cls, why)
 
 
 def _refuse(cls: type, why: str) -> None:
@@ -471,10 +490,17 @@ class _Packer:
         self._local.error = None
         try:
             return ormsgpack.packb(obj, default=self.default, option=_PACK_OPTIONS)
-        except TypeError:
+        except TypeError as e:
             error, self._local.error = getattr(self._local, "error", None), None
             if error is not None:  # (ormsgpack replaces the hook's error with its own)
                 raise error from None
+            if "surrogates" in str(e):
+                raise StateTypeError(
+                    "WalstoreSaver refuses to store a str holding a lone surrogate (not "
+                    "valid Unicode text: say, text cut inside an emoji's UTF-16 pair): it "
+                    "cannot be stored as text and would come back changed; repair it first "
+                    "(s.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')) or "
+                    "store it as bytes") from None
             raise
 
     def default(self, obj: Any) -> Any:
