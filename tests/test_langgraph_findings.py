@@ -559,3 +559,119 @@ def test_node_transactions_of_one_step_do_not_conflict_over_its_fence(tmp_path):
         graph.invoke({"msgs": []}, config, durability=durability)
     assert len(list(store.scan(prefix="k/"))) == 10
     store.close()
+
+
+# ---- probe-integ: rewind after an older interrupt is answered late ----------------------
+class Trip(TypedDict):
+    city: str
+    booked: Annotated[list, operator.add]
+
+
+def test_rewind_goes_back_to_the_checkpoint_when_an_older_interrupt_is_answered_late(
+        tmp_path):
+    # (probe-integ: the thread stops at an interrupt A, the user sends new input instead
+    # (target T, then a booking), then answers A.  The resume's writes on A, an ancestor of
+    # T, were taken for late writes of the step before T (durability="async"), so the
+    # rewind point moved past the booking: rewind(T) left the booking committed and the
+    # head after it)
+    from langgraph.types import Command, interrupt
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    saver = WalstoreSaver(store)
+
+    def ask(s: Trip) -> dict:
+        return {"city": interrupt("which city?")}
+
+    def book(s: Trip) -> dict:
+        with store.transaction() as tx:  # the node's thread's (no scope= needed)
+            with tx.action("book", args={"city": s["city"]}, compensate="cancel") as act:
+                world.append(("book", s["city"]))
+                act.result = {"ok": True}
+        return {"booked": [s["city"]]}
+
+    b = StateGraph(Trip)
+    b.add_node("ask", ask)
+    b.add_node("book", book)
+    b.add_conditional_edges(START, lambda s: "book" if s["city"] else "ask")
+    b.add_edge("ask", "book")
+    b.add_edge("book", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "t"}}
+    graph.invoke({"city": "", "booked": []}, config, durability="sync")   # interrupt: A
+    a = graph.get_state(config)
+    graph.invoke({"city": "Oslo", "booked": []}, config, durability="sync")
+    target = next(h for h in graph.get_state_history(config)
+                  if h.next == ("book",) and h.values["city"] == "Oslo")
+    graph.invoke(Command(resume="Rome"), a.config, durability="sync")    # A answered late
+    assert world == [("book", "Oslo"), ("book", "Rome")]
+
+    assert saver.rewind_point(target.config) < max(i.lsn for i in store.log(limit=8)
+                                                  if i.actions)  # before both bookings
+    plan = saver.rewind(target.config, dry_run=True).as_dict()
+    assert len(str(plan)) and world == [("book", "Oslo"), ("book", "Rome")]
+    saver.rewind(target.config)
+    head = graph.get_state(config)
+    assert head.config["configurable"]["checkpoint_id"] == \
+        target.config["configurable"]["checkpoint_id"]
+    assert head.values == {"city": "Oslo", "booked": []} and head.next == ("book",)
+    assert sorted(world[2:]) == [("cancel", "Oslo"), ("cancel", "Rome")]
+    assert sorted((a.args["city"], a.state) for a in store.actions()) == [
+        ("Oslo", "compensated"), ("Rome", "compensated")]
+    store.close()
+
+
+# ---- probe-integ: the losing run of a race on the head leaves nothing behind -------------
+def test_a_run_that_loses_a_race_on_the_head_has_its_node_transactions_undone(tmp_path):
+    # (probe-integ: two Command(resume=...) runs on one interrupted thread; both nodes
+    # booked.  The loser's put was refused (StaleCheckpointError, "nothing of the refused
+    # put was written"), but its node's transaction had committed: its booking and key
+    # stayed, uncompensated, and the thread listed only the winner's)
+    from langgraph.types import Command, interrupt
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.key))})
+    saver = WalstoreSaver(store)
+    barrier = threading.Barrier(2)
+
+    def book(s: Msgs) -> dict:
+        answer = interrupt("confirm?")
+        try:
+            barrier.wait(timeout=5)  # both runs are past loading the head
+        except threading.BrokenBarrierError:
+            pass
+        with store.transaction() as tx:
+            with tx.action("book", args={"answer": answer}, compensate="cancel") as act:
+                world.append(("book", act.key))
+                act.result = 1
+            tx.put("agent/" + act.key, answer)
+        return {"msgs": [act.key]}
+
+    b = StateGraph(Msgs)
+    b.add_node("book", book)
+    b.add_edge(START, "book")
+    b.add_edge("book", END)
+    graph = b.compile(checkpointer=saver)
+    graph.invoke({"msgs": []}, {"configurable": {"thread_id": "t"}})  # interrupted
+    errors: list = []
+
+    def run(answer: str) -> None:
+        try:
+            graph.invoke(Command(resume=answer), {"configurable": {"thread_id": "t"}},
+                         durability="sync")
+        except Exception as e:  # noqa: BLE001 - collected and checked below
+            errors.append(e)
+    runs = [threading.Thread(target=run, args=(a,)) for a in ("yes1", "yes2")]
+    for t in runs:
+        t.start()
+    for t in runs:
+        t.join()
+    assert len(errors) == 1 and isinstance(errors[0], StaleCheckpointError), errors
+    assert "reverted and their actions compensated" in str(errors[0])
+    kept = graph.get_state({"configurable": {"thread_id": "t"}}).values["msgs"]
+    active = {k for op, k in world if op == "book"} - {k for op, k in world if op == "cancel"}
+    assert len(kept) == 1 and set(kept) == active
+    assert {a.key: a.state for a in store.actions()} == {
+        k: ("committed" if k in kept else "compensated") for _op, k in world}
+    assert [k for k, _v in store.scan(prefix="agent/")] == ["agent/" + kept[0]]
+    store.close()

@@ -15,7 +15,12 @@ which thread a transaction begun inside a graph node belongs to.
   ``configurable`` key LangGraph carries into the run's ``put`` calls); a ``put`` so marked
   whose parent already has another child is refused with :class:`StaleCheckpointError`:
   another writer built on the same checkpoint first (two runs, two workers, an
-  ``update_state`` racing a run).  A ``put`` whose parent was addressed explicitly (a
+  ``update_state`` racing a run).  The refused run's step never happened, but its nodes
+  may have committed walstore transactions in it (the rival's nodes ran at the same
+  time): ``get_tuple`` names each load in the run's config (``RUN_TOKEN``, in place,
+  as below), the scope provider notes each node transaction under that name and its
+  step's checkpoint, and the refused ``put`` reverts them, newest first, with their
+  compensations, before raising.  A ``put`` whose parent was addressed explicitly (a
   ``checkpoint_id`` in the config: time travel, new input or ``Command(resume=...)`` sent
   to an older checkpoint, ``update_state`` on a past checkpoint) is a fork and is
   allowed, as SqliteSaver branches; two such writers racing on the head itself (the
@@ -61,6 +66,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any, Callable
 
@@ -100,17 +106,23 @@ EXTENDS_HEAD = "__walstore_extends_head__"   # configurable key: the ns whose he
 READ_EMPTY = "__walstore_read_empty__"       # configurable key: the ns a run loaded as
 #                                              "latest" and found empty (see the module doc)
 _WRITTEN = "\x00written"                      # ... + this: and has put its first checkpoint
+RUN_TOKEN = "__walstore_run__"               # + ns: configurable key naming one run's load
+#                                              of a namespace (its node transactions)
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 _PUT_RETRIES = 8
 _CLOCK_SLACK = 0.05  # s: commit times are taken as commits queue, not quite in log order
 _READ_RETRIES = 20
+NULL_TASK_ID = "00000000-0000-0000-0000-000000000000"  # LangGraph's task of a run's input
 
 
 class StaleCheckpointError(ConflictError):
     """A ``put`` lost the race for a thread: another writer built on the same checkpoint.
 
     ``parent`` is the checkpoint this writer built on, ``head`` the namespace's newest
-    checkpoint now.  Nothing of the refused put was written.
+    checkpoint now.  Nothing of the refused put was written; when it lost a race to a
+    rival (``head`` set), the transactions the run's nodes committed in that step were
+    reverted and their actions compensated first (the message names them, and any that
+    could not be: a rival changed the same keys since).
     """
 
     def __init__(self, message: str, thread_id: str, checkpoint_ns: str,
@@ -183,6 +195,20 @@ def _removals(store: Any) -> dict[bytes, float]:
         got = _REMOVALS.get(store)
         if got is None:
             got = _REMOVALS[store] = {}
+        return got
+
+
+_STEP_TXNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_STEP_TXNS_MAX = 4096  # (run, checkpoint) entries kept per store: abandoned runs' go first
+
+
+def _step_txns(store: Any) -> "OrderedDict[tuple, list[int]]":
+    """(thread prefix, ns, checkpoint id, run token) -> txids of the transactions begun
+    in graph nodes of that run's step built on that checkpoint (per store object)."""
+    with _REMOVALS_LOCK:
+        got = _STEP_TXNS.get(store)
+        if got is None:
+            got = _STEP_TXNS[store] = OrderedDict()
         return got
 
 
@@ -385,6 +411,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         thread_id, ns_name = _where(config)
         cid = get_checkpoint_id(config)
         ns = self.keys.at(thread_id, ns_name)
+        if self.fencing:
+            # names this load (a run's, when LangGraph's loop calls): the run's node
+            # transactions carry it, so a put of the run refused for a race undoes them
+            _mark(config, RUN_TOKEN + ns_name, uuid.uuid4().hex)
 
         def read(tx):
             if cid:
@@ -651,9 +681,19 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             tx.put(ns.checkpoint(cid), record)
             if run_id is not None:
                 tx.put(ns.run(str(run_id), cid), b"")
-        self._run(write, scope=ns.thread_prefix,
-                  meta=self._meta("put", thread_id=thread_id, checkpoint_ns=ns_name or None,
-                                  checkpoint_id=cid))
+        token = conf.get(RUN_TOKEN + ns_name) if self.fencing else None
+        try:
+            self._run(write, scope=ns.thread_prefix,
+                      meta=self._meta("put", thread_id=thread_id,
+                                      checkpoint_ns=ns_name or None, checkpoint_id=cid))
+        except StaleCheckpointError as e:
+            if e.head is not None and token is not None:  # (a rival's race, not a rewind)
+                self._undo_lost_step(e, ns, (parent, cid), token)
+            raise
+        if token is not None:  # (the step's transactions now belong to a checkpoint)
+            registry = _step_txns(self.store)
+            with _REMOVALS_LOCK:
+                registry.pop((ns.thread_prefix, ns_name, parent, token), None)
         self.codec.remember(cache_updates)
         if read_empty and parent is None:
             # the config's next parent-less put (a direct caller reusing it) is not the
@@ -703,6 +743,43 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             f"worked, so {what} it was refused and nothing was written (reload the "
             f"thread and retry)",
             thread_id, ns_name, parent, None)
+
+    def _undo_lost_step(self, error: StaleCheckpointError, ns: Namespace,
+                        checkpoints: tuple, token: str) -> None:
+        """Revert, newest first, the transactions the refused run's nodes committed in
+        the step built on the put's parent (and any it began on the refused checkpoint,
+        LangGraph's ``durability="async"`` runs ahead): the step never happened, so what
+        it wrote is undone and its actions compensated (``store.revert``).  The error's
+        message says what was undone, and what could not be (a rival changed the same
+        keys since: reverting it would undo the rival's work too)."""
+        registry = _step_txns(self.store)
+        txids: list[int] = []
+        with _REMOVALS_LOCK:
+            for cid in checkpoints:
+                if cid is not None:
+                    txids += registry.pop((ns.thread_prefix, error.checkpoint_ns, cid,
+                                           token), [])
+        undone, left = [], []
+        for txid in sorted(set(txids), reverse=True):
+            try:
+                self.store.txn_info(txid)
+            except (KeyError, WalstoreError):
+                continue  # (never committed: its actions, if any, were compensated)
+            try:
+                self.store.revert(txid, scope=ns.thread_prefix,
+                                  meta=self._meta("undo_lost_step",
+                                                  thread_id=error.thread_id,
+                                                  checkpoint_id=error.parent, txid=txid))
+                undone.append(txid)
+            except WalstoreError as e:
+                left.append(f"{txid} ({type(e).__name__}: {e})")
+        if undone:
+            error.args = (error.args[0] + f"; the transactions this run's nodes committed "
+                          f"in that step (txids {', '.join(map(str, undone))}) were "
+                          f"reverted and their actions compensated",) + error.args[1:]
+        if left:
+            error.args = (error.args[0] + f"; NOT undone (revert them by hand, or undo "
+                          f"what they did outside): {'; '.join(left)}",) + error.args[1:]
 
     def _checkpoint_removed(self, ns: Namespace, cid: str) -> bool:
         """Was checkpoint ``cid`` (not in the store now) removed, rather than not saved
@@ -759,6 +836,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                  "a transaction begun in a step built on")
             # (else its save is still under way, durability="async": not read, so the
             # save landing is no conflict)
+
+    def _note_step_txn(self, tx: Any, thread_id: str, conf: Mapping,
+                       checkpoint_map: Mapping) -> None:
+        """Remember ``tx`` (begun in a node of a run's step) under each namespace's
+        checkpoint the step builds on and the run's load token, so a put of that run
+        refused for a race can undo it (:meth:`_undo_lost_step`)."""
+        prefix = self.thread_scope(thread_id)
+        registry = _step_txns(self.store)
+        with _REMOVALS_LOCK:
+            for ns_name, cid in checkpoint_map.items():
+                token = conf.get(RUN_TOKEN + ns_name) if isinstance(ns_name, str) else None
+                if token is None or not isinstance(cid, str):
+                    continue
+                key = (prefix, ns_name, cid, token)
+                registry.setdefault(key, []).append(tx.id)
+                registry.move_to_end(key)
+            while len(registry) > _STEP_TXNS_MAX:
+                registry.popitem(last=False)
 
     def _removing(self, thread_prefix: bytes) -> None:
         """Note that checkpoints of the thread were (or are being) removed: pending writes
@@ -1017,30 +1112,86 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """Where :meth:`rewind` rewinds to: the commit that saved the checkpoint, or, when
         tasks of the steps before it saved their pending writes after it (LangGraph's
         default ``durability="async"`` saves in the background, out of order), the last
-        of those, so the checkpoints the thread keeps keep all their writes."""
+        of those, so the checkpoints the thread keeps keep all their writes.
+
+        Only the late writes of the run that made the checkpoint count: a regular write of
+        a task (not LangGraph's null task, which carries a run's input: ``Command``
+        resume, goto, update) on an ancestor whose child on the checkpoint's line was
+        made by that ancestor's own step (metadata source ``"loop"``), committed before
+        anything that shows another run began: a null-task write, or a checkpoint built
+        on an ancestor beside the line (a fork, a resume or new input sent to an older
+        checkpoint).  Writes a later run saved on an ancestor (answering an old
+        interrupt, say) never move the point: they are undone with everything after it."""
         ns, cid = self._address(config)
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
-        prefix = ns.writes()
-        late: dict[str, set[bytes]] = {}  # checkpoint id -> its writes written after point
-        for info in self.store.log(since=walstore.LSN(point)):
+        prefix, checkpoints = ns.writes(), ns.checkpoints()
+        infos = self.store.log(since=walstore.LSN(point))
+        if not any(isinstance(k, bytes) and k.startswith(prefix)
+                   for info in infos for k in info.keys):
+            return walstore.LSN(point)
+
+        def line(tx):
+            """(ancestors, the ancestors whose child on the line their own step made)"""
+            child = tx.get(ns.checkpoint(cid)) or {}
+            older, made_by_step = set(), set()
+            for at, rec in self._ancestors(tx, ns, cid, child):
+                older.add(at)
+                md = self.codec.loads(child["m"]) if "m" in child else None
+                if isinstance(md, dict) and md.get("source") == "loop":
+                    made_by_step.add(at)
+                child = rec
+            return older, made_by_step
+        older, made_by_step = self._read(line)
+        late: list[bytes] = []
+        for info in reversed(infos):  # oldest first
+            if self._another_run(info, ns, cid, older, prefix, checkpoints):
+                break
             for key in info.keys:
-                if isinstance(key, bytes) and key.startswith(prefix):
-                    at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
-                    if at != cid:
-                        late.setdefault(at, set()).add(key)
-        if late:
-            def ancestors(tx):
-                rec = tx.get(ns.checkpoint(cid)) or {}
-                return {c for c, _r in self._ancestors(tx, ns, cid, rec)}
-            older = self._read(ancestors)
-            for at, keys in late.items():
-                if at in older:  # when each was first saved (a write an undo brought
-                    for key in keys:  # back counts from its first save, as above)
-                        try:
-                            point = max(point, int(self._created_at(key, "write")))
-                        except KeyError:  # deleted since: not kept, nothing to keep
-                            pass
+                if not (isinstance(key, bytes) and key.startswith(prefix)):
+                    continue
+                at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
+                if at not in made_by_step:
+                    continue
+                try:
+                    _task, idx = self.keys.parse_write(ns.writes_of(at), key)
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    continue
+                if isinstance(idx, int) and idx >= 0:
+                    late.append(key)
+        for key in late:
+            # when each was first saved (a write an undo brought back counts from its
+            # first save, as above)
+            try:
+                point = max(point, int(self._created_at(key, "write")))
+            except KeyError:  # deleted since: not kept, nothing to keep
+                pass
         return walstore.LSN(point)
+
+    def _another_run(self, info: Any, ns: Namespace, cid: str, older: set[str],
+                     prefix: bytes, checkpoints: bytes) -> bool:
+        """Does commit ``info`` show that a run other than the one that made checkpoint
+        ``cid`` began: a null-task write (a run's input) in the namespace, or a checkpoint
+        put whose parent is one of ``cid``'s ancestors (``older``), beside the line."""
+        for key in info.keys:
+            if not isinstance(key, bytes):
+                continue
+            if key.startswith(prefix):
+                at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
+                try:
+                    task, _idx = self.keys.parse_write(ns.writes_of(at), key)
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    continue
+                if task == NULL_TASK_ID:
+                    return True
+            elif key.startswith(checkpoints):
+                other = key[len(checkpoints):].decode("utf-8", "replace")
+                if other == cid or other in older:
+                    continue
+                rec = next((v.value for v in self.store.history(key)
+                            if v.lsn == info.lsn and not v.deleted), None)
+                if isinstance(rec, dict) and rec.get("p") in older:
+                    return True
+        return False
 
     def _address(self, config: RunnableConfig) -> tuple[Namespace, str]:
         thread_id, ns_name = _where(config)
@@ -1204,7 +1355,9 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
     thread_id = conf.get("thread_id")
     if (isinstance(saver, WalstoreSaver) and saver.fencing and saver.store is store
             and thread_id is not None):
-        saver._fence_step(tx, str(thread_id), conf.get("checkpoint_map") or {})
+        checkpoint_map = conf.get("checkpoint_map") or {}
+        saver._fence_step(tx, str(thread_id), checkpoint_map)
+        saver._note_step_txn(tx, str(thread_id), conf, checkpoint_map)
 
 
 def _register_scope_provider() -> bool:
