@@ -99,6 +99,7 @@ class TwoPhase:
     def commit_prepared(self, gid: str) -> int:
         """Commit a prepared transaction through the commit pipeline; returns its LSN."""
         p = self._get(gid)
+        self.engine.check_writable()  # (a read-only store has no pipeline: ReadOnlyError)
         body = dict(p.extra, gid=gid)
         legacy = {str(r["id"]): r for r in p.legacy_actions}
         rows = [self.engine.views.action_row(aid) or legacy.get(aid) for aid in p.actions]
@@ -161,6 +162,6 @@ class TwoPhase:
         """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""
         check_gid(gid)  # (as prepared_details: a gid no prepare can have is a TypeError)
         self.engine.check_open()
-        if gid in self.engine.prepared:
-            return "prepared"
+        if gid in self._current():  # (a read-only store's prepared set is the one it reads:
+            return "prepared"         # its engine's in-memory one stays empty)
         return self.engine.views.decision(gid)
