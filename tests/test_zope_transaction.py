@@ -420,3 +420,92 @@ def test_a_failed_finish_of_walstore_finishing_first_rolls_everyone_back(tmp_pat
     finally:
         sql.conn.close()
         s.close()
+
+
+# ---- probe-2pc: walstore commits in tpc_abort only when a participant really finished -------
+@pytest.mark.parametrize("failing", ["first", "second"])
+def test_two_walstore_stores_end_alike_when_one_finish_fails(tmp_path, failing):
+    """Two walstore stores in one transaction: the finish of one of them hits a full disk.
+    When it is the first (``sortKey`` order) nobody committed: both roll back (the second
+    committed "once more" beside the first's rollback and refund: it looked only at the
+    votes).  When it is the second, the first committed: the second commits once more."""
+    import errno
+
+    from tools.faults import FaultBackend, installed
+    refunds: list = []
+    comps = {"refund": refunds.append}
+    a = walstore.open(str(tmp_path / "a"), compensators=comps)  # sorts (finishes) first
+    b = walstore.open(str(tmp_path / "b"), compensators=comps)
+    victim = a if failing == "first" else b
+    try:
+        tm = transaction.TransactionManager()
+        tm.begin()
+        ta, tb = join(a, tm), join(b, tm)
+        ta.put("x", "new")
+        tb.put("x", "new")
+        for t in (ta, tb):
+            with t.action("charge", compensate="refund") as act:
+                act.result = 1
+        fb = FaultBackend()
+        # the victim's WAL writes from here: its PREPARE (the vote), its COMMIT (the finish)
+        rule = fb.fail("pwrite", errno.ENOSPC, path=f"{victim.path}/wal/0*", nth=2)
+        with installed(fb), pytest.raises(walstore.WalWriteError):
+            tm.commit()
+        assert rule.fired == 1
+        if failing == "first":
+            assert a.get("x") is None and b.get("x") is None and len(refunds) == 2
+            assert ta.state == tb.state == "rolled back"
+        else:
+            assert a.get("x") == "new" and b.get("x") == "new" and refunds == []
+            assert ta.state == tb.state == "committed"
+        assert a.prepared() == [] and b.prepared() == []
+    finally:
+        a.close()
+        b.close()
+
+
+class FinishFails(Exception):
+    pass
+
+
+@pytest.mark.parametrize("layout", ["one-foreign-first", "second-of-two-foreign"])
+def test_a_foreign_finish_failing_commits_walstore_only_if_one_finished(tmp_path, layout):
+    """A non-walstore resource sorting before walstore fails its own finish.  When it is
+    the first to finish, nobody committed: walstore rolls back (it committed "once more",
+    every participant having voted).  When another resource finished before it, that one
+    committed: walstore commits too."""
+    refunds: list = []
+    s = walstore.open(str(tmp_path / "ws"), compensators={"refund": refunds.append})
+    first = SqliteDataManager(tmp_path / "first.sqlite", sort_key="a-first")
+    second = (SqliteDataManager(tmp_path / "second.sqlite", sort_key="b-second")
+              if layout == "second-of-two-foreign" else None)
+    failing = second or first
+
+    def finish_fails(txn):
+        failing.calls.append("tpc_finish")
+        raise FinishFails("disk gone")
+    failing.tpc_finish = finish_fails
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("x", "new")
+        with tx.action("charge", compensate="refund") as act:
+            act.result = 1
+        first.put("x", "new")
+        if second is not None:
+            second.put("x", "new")
+        with pytest.raises(FinishFails):
+            transaction.commit()
+        transaction.abort()
+        assert s.prepared() == []
+        if second is None:  # nobody finished
+            assert first.rows() == {}
+            assert s.get("x") is None and len(refunds) == 1 and tx.state == "rolled back"
+        else:  # the first one committed before the second failed
+            assert first.rows() == {"x": "new"} and second.rows() == {}
+            assert s.get("x") == "new" and refunds == [] and tx.state == "committed"
+    finally:
+        first.conn.close()
+        if second is not None:
+            second.conn.close()
+        s.close()

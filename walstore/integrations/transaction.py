@@ -15,21 +15,28 @@ failure there is the refusal that aborts everyone; so is a walstore transaction 
 outside the manager, e.g. rolled back by ``store.close()``: voting yes for it committed the
 others without walstore's part); ``tpc_finish`` commits the prepared transaction (it cannot
 conflict any more: its keys are held since the vote); ``abort``/``tpc_abort`` roll back (a
-prepared one through rollback_prepared) — except once every participant voted yes and
-one may have committed: the ``transaction`` package calls ``tpc_abort`` after a failure in
-some participant's ``tpc_finish`` (ours, e.g. a full disk, or another's), when those
-finished before it (in ``sortKey`` order) committed already.  Then the prepared
-transaction is committed once more, and when that fails too it is left prepared, in doubt
-(``store.prepared()``, ``walstore recover`` lists it; ``walstore commit-prepared PATH GID``
-ends it): never rolled back and compensated beside a participant that committed.  When our
-own ``tpc_finish`` failed and none finished before it, nobody committed and the package
-aborts every other participant: walstore rolls back too (left prepared, with a warning
-naming ``walstore rollback-prepared``, if even that cannot be written).
+prepared one through rollback_prepared) — except once every participant voted yes and one
+of them *finished* (committed): the ``transaction`` package calls ``tpc_abort`` on all
+after a failure in some participant's ``tpc_finish`` (ours, e.g. a full disk, or
+another's), when those that finished before it (in ``sortKey`` order) committed already.
+Then the prepared transaction is committed once more, and when that fails too it is left
+prepared, in doubt (``store.prepared()``, ``walstore recover`` lists it; ``walstore
+commit-prepared PATH GID`` ends it): never rolled back and compensated beside a participant
+that committed.  When nobody finished (the failing finish was the first: ours, another
+walstore store's, or another resource's), the package aborts every participant: walstore
+rolls back too (left prepared, with a warning naming ``walstore rollback-prepared``, if
+even that cannot be written).  Who finished is read off the resources in the package's
+order: every walstore data manager of the transaction notes its own finish (begun, done,
+failed), and the failing finish is the one the package's commit loop stopped at.  When that
+cannot be told (the outcome of the failing walstore finish is unknown: its COMMIT's fsync
+failed; or the failing resource cannot be named), walstore is left prepared, in doubt,
+with a warning naming both commands.
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
 ISavepointDataManager contract.
 """
 from __future__ import annotations
 
+import sys
 import uuid
 import warnings
 from typing import Any
@@ -37,7 +44,7 @@ from typing import Any
 import transaction as _transaction
 
 from ..engine.transaction import ACTIVE, COMMITTED, Transaction
-from ..errors import WalstoreError
+from ..errors import CommitOutcomeUnknown, WalstoreError
 
 
 class WalstoreDataManager:
@@ -47,7 +54,9 @@ class WalstoreDataManager:
         self.store = store
         self.transaction_manager = transaction_manager or _transaction.manager
         self.tx: Transaction = store.transaction(meta=meta)
-        self._finishing = False  # tpc_finish began: the decision is commit
+        self._finishing = False  # tpc_finish began: every participant voted yes
+        self._finished = False   # tpc_finish committed
+        self._finish_error: BaseException | None = None  # why our tpc_finish failed
         self._joined_to = self.transaction_manager.get()
         self._joined_to.join(self)
 
@@ -75,72 +84,107 @@ class WalstoreDataManager:
 
     def tpc_finish(self, txn) -> None:
         self._finishing = True
-        if self.tx.state == ACTIVE:
-            self.tx.commit()
-        elif self.tx.state != COMMITTED:
-            raise WalstoreError(f"walstore transaction {self.tx.id} of store "
-                                f"{self.store.path} is {self.tx.state} after its vote: it "
-                                f"was not committed")
+        try:
+            if self.tx.state == ACTIVE:
+                self.tx.commit()
+            elif self.tx.state != COMMITTED:
+                raise WalstoreError(f"walstore transaction {self.tx.id} of store "
+                                    f"{self.store.path} is {self.tx.state} after its vote: "
+                                    f"it was not committed")
+        except BaseException as e:
+            self._finish_error = e
+            raise
+        self._finished = True
         _forget(self)
 
     def tpc_abort(self, txn) -> None:
-        if (self.tx.state == ACTIVE and self.tx.gid is not None and self._finishing
-                and not self._finished_before_us(txn)):
-            # our own tpc_finish failed, and it was the first: no participant committed,
-            # and the package now aborts every one of them (a commit "once more" here
-            # committed walstore beside the rollback of all the others)
-            gid = self.tx.gid
+        if not (self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn)):
+            self._end()
+            return
+        gid = self.tx.gid
+        finished = self._anyone_finished(txn)
+        if finished is None:
+            _forget(self)
+            warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
+                          f"is left prepared, in doubt, as {gid!r}: every participant "
+                          f"voted to commit and a finish failed, but whether any "
+                          f"participant committed cannot be told; find out, then end it "
+                          f"with `walstore commit-prepared {self.store.path} {gid}` or "
+                          f"`walstore rollback-prepared {self.store.path} {gid}`",
+                          RuntimeWarning, stacklevel=2)
+            return
+        if not finished:
+            # nobody committed (the failing finish was the first), and the package now
+            # aborts every participant (a commit "once more" here committed walstore
+            # beside the rollback of all the others)
             try:
                 self._end()
             except Exception as e:
                 _forget(self)
                 warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
                               f"is left prepared, in doubt, as {gid!r}: no participant "
-                              f"committed (its own commit failed first) and its rollback "
+                              f"committed (the first finish failed) and its rollback "
                               f"failed too ({e}); end it with `walstore rollback-prepared "
                               f"{self.store.path} {gid}` once the cause is fixed",
                               RuntimeWarning, stacklevel=2)
             return
-        if self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn):
-            gid = self.tx.gid
-            try:  # the decision is commit: once more (a full disk may have cleared)
-                self.tx.commit()
-            except Exception as e:
-                warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
-                              f"is left prepared, in doubt, as {gid!r}: every participant "
-                              f"voted to commit, and its commit failed ({e}); end it with "
-                              f"`walstore commit-prepared {self.store.path} {gid}` once the "
-                              f"cause is fixed", RuntimeWarning, stacklevel=2)
-            _forget(self)
-            return
-        self._end()
+        try:  # a participant committed: the decision is commit, once more (a full disk
+            self.tx.commit()  # may have cleared)
+        except Exception as e:
+            warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
+                          f"is left prepared, in doubt, as {gid!r}: every participant "
+                          f"voted to commit, one committed, and its commit failed ({e}); "
+                          f"end it with `walstore commit-prepared {self.store.path} {gid}` "
+                          f"once the cause is fixed", RuntimeWarning, stacklevel=2)
+        _forget(self)
 
     def _decided(self, txn) -> bool:
         """Every participant voted yes (our tpc_finish began, or the transaction's record
-        of votes covers all its resources): commit is the decision."""
+        of votes covers all its resources): a finish failed, or is under way."""
         if self._finishing:
             return True
         voted, resources = getattr(txn, "_voted", None), getattr(txn, "_resources", None)
         return (isinstance(voted, dict) and isinstance(resources, list) and bool(resources)
                 and all(id(rm) in voted for rm in resources))
 
-    def _finished_before_us(self, txn) -> bool:
-        """Did another participant's tpc_finish run (and commit) before ours?  The package
-        finishes its resources in ``sortKey`` order: those sorting before us did."""
+    def _anyone_finished(self, txn) -> bool | None:
+        """After a failed finish (every participant voted): did any participant's
+        tpc_finish commit?  True, False, or None when that cannot be told.
+
+        The package finishes its resources one by one in ``sortKey`` order and stops at the
+        first failure: those before the failing one committed, none after it.  A walstore
+        data manager that finished says so (``_finished``); the failing one is the walstore
+        manager whose finish began and failed, else a foreign resource sorting before every
+        walstore one (the one the package's loop stopped at, or the only candidate)."""
         resources = getattr(txn, "_resources", None)
-        if not isinstance(resources, list):
-            return True  # (unknown: commit stays the decision, as before)
-        mine = self.sortKey()
-        for rm in resources:
-            if rm is self:
-                continue
-            key = getattr(rm, "sortKey", None)
+        if not isinstance(resources, list) or not resources:
+            return None
+        ours = [rm for rm in resources if isinstance(rm, WalstoreDataManager)]
+        if any(rm._finishing and (rm._finished or rm.tx.state == COMMITTED) for rm in ours):
+            return True  # (a commit once more in tpc_abort is not a finish: not counted)
+        try:
+            order = sorted(resources, key=lambda rm: rm.sortKey())  # (the package's order)
+        except Exception:
+            return None
+        failing = [rm for rm in ours if rm._finishing]
+        if failing:
+            rm = failing[0]
+            if isinstance(rm._finish_error, CommitOutcomeUnknown):
+                return None  # (its COMMIT may be durable: it may have committed)
             try:
-                if key is None or key() < mine:
-                    return True
-            except Exception:
-                return True
-        return False
+                if rm.store.decision(rm.tx.gid) == "commit":
+                    return True  # (committed, then interrupted)
+            except WalstoreError:
+                pass
+            return _index(order, rm) > 0
+        first_ours = min(_index(order, rm) for rm in ours)
+        before = order[:first_ours]  # (foreign: the failing one is among them)
+        stopped_at = _finish_loop_resource(txn)
+        if stopped_at is not None and any(rm is stopped_at for rm in before):
+            return _index(order, stopped_at) > 0
+        if len(before) == 1:
+            return False
+        return None
 
     def sortKey(self) -> str:
         return f"walstore:{self.store.path}"
@@ -162,6 +206,23 @@ class _Savepoint:
 
     def rollback(self) -> None:
         self.tx.rollback_to(self.sp)
+
+
+def _index(order: list, rm: Any) -> int:
+    return next(i for i, x in enumerate(order) if x is rm)
+
+
+def _finish_loop_resource(txn) -> Any:
+    """The resource whose ``tpc_finish`` raised: ``rm`` of the package's commit loop
+    (``Transaction._commitResources``), whose ``except`` is handling that error while it
+    calls ``tpc_abort`` on every participant; None when it is not found so."""
+    tb = sys.exc_info()[2]
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "_commitResources" and frame.f_locals.get("self") is txn:
+            return frame.f_locals.get("rm")
+        tb = tb.tb_next
+    return None
 
 
 _managers: dict[tuple[int, int], WalstoreDataManager] = {}
