@@ -159,27 +159,25 @@ def test_random_undos_of_undos_keep_state_and_world_agreeing(store, seed):
         store.restore_point(points[-1])
 
 
-def test_an_undo_plans_only_the_keys_that_change(store):
-    """revert(T, cascade=True) where a later transaction already put one of T's keys back:
-    that key is neither in the plan nor written (its ``TxnInfo.keys``); with no key left
-    to change, nothing is committed (None).  It listed ['b'] and wrote b over itself."""
-    store.restore_point("p")
-    with store.transaction() as t1:
-        t1.put("b", 1)
-    store.rewind("p")  # b deleted again
-    plan = store.revert(t1.id, cascade=True, dry_run=True)
-    assert plan.keys == [] and plan.empty()
-    assert store.revert(t1.id, cascade=True) is None
-    with store.transaction() as t0:
-        t0.put("c", 0)
-    with store.transaction() as t2:
-        t2.put("b", 1)
-        t2.put("c", 1)
-    with store.transaction() as t3:
-        t3.delete("b")
-    plan = store.revert(t2.id, cascade=True, dry_run=True)
-    assert plan.keys == ["c"] and plan.txids == [t3.id, t2.id]
-    info = store.revert(t2.id, cascade=True)
-    assert info.keys == ("c",) or list(info.keys) == ["c"]
-    assert store.get("b") is None and store.get("c") == 0
-    assert t0.id not in info.extra["reverts"]
+def test_a_revert_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(store):
+    """A cascade that undoes T and W ends a key as it began: the revert still writes it.
+    Dropped from the revert's writes (as a rewind drops it), `revert(W)` afterwards found no
+    later writer and brought back T's value: with T's charge refunded, the state said
+    charged, the action compensated (probe-review, a regression of the fix that made
+    reverts drop unchanged keys)."""
+    refunds = []
+    store.compensators["refund"] = lambda a: refunds.append(a.id)
+    with store.transaction() as t:
+        t.put("order/1", "charged")
+        with t.action("charge", compensate="refund") as act:
+            pass
+    with store.transaction() as w:
+        w.delete("order/1")
+    u = store.revert(t.id, cascade=True)
+    assert sorted(u.extra["reverts"]) == sorted([t.id, w.id]) and refunds == [act.id]
+    assert list(u.keys) == ["order/1"]  # (written, though it ends as it began: absent)
+    with pytest.raises(walstore.RevertConflict) as e:
+        store.revert(w.id)
+    assert u.txid in e.value.txids
+    assert store.get("order/1") is None
+    assert store.get_action(act.id).state == "compensated" and refunds == [act.id]

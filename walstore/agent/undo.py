@@ -25,8 +25,10 @@ transaction like any other and can itself be reverted.
   ``needs-redo`` (walstore cannot redo the outside world); undoing that one clears the
   marks again (``compensated``).  At any depth, an action ends as the state restored
   (that before the oldest undone undo naming it) says (``_redo_marks``).
-- Only keys whose value changes are planned and written (``_drop_unchanged``): a
-  cascade can end where it began.
+- A rewind plans and writes only keys whose value changes (``_drop_unchanged``: a
+  second rewind to one point finds nothing to do); a revert writes every key of what it
+  undoes, one that ends as it began too (a later revert meets that write as a later
+  writer of the key).
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
   code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
   no txid, no scope provider's fence, no write path, nothing logged, so it works on a
@@ -200,7 +202,10 @@ class Undo:
             if dry_run:
                 self.history.check_file_commits_readable(target.lsn, tx.snapshot)
             plan = self._plan(infos, scope, force, boundary=None)
-            self._drop_unchanged(tx, plan)  # (a cascade may end where it began)
+            # (every key of the undone transactions is written, even one that ends as it
+            # began: that write is what a later revert of one of them meets as a later
+            # writer — dropped, `revert(W)` after a cascade had undone T and W found none
+            # and brought T's refunded charge back: probe-review)
             self._check_retained(plan)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing to undo: e.g. its actions were compensated already)
