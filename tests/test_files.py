@@ -962,3 +962,37 @@ def test_a_rollback_to_that_cannot_restore_keeps_the_change_in_the_transaction(s
     assert ei.value.failed and len(tx.effects) == 1
     tx.rollback()                                     # tries again, and can now
     before.assert_same()
+
+
+def test_a_path_too_long_for_the_file_history_is_refused_before_anything_changes(
+        store, tree, spath):
+    """A 516-byte path (legal on Linux) was committed, then LMDB refused its file-history
+    key (root + path past 511 bytes): every checkpoint, open and `walstore recover` failed
+    with MDB_BAD_VALSIZE after it — an acknowledged commit that bricked the store
+    (probe-review).  It is refused before the commit now, written or found by a watch."""
+    ws = store.workspace(tree)
+    room = 499 - len(os.fsencode(tree))
+    k = (room - 1) // 41  # (directories of 40 bytes and a '/' each, then the file name)
+    longest = "".join(["d" * 40 + "/"] * k) + "f" * (room - 41 * k)
+    assert len(os.fsencode(longest)) == room
+    too_long = longest + "x"
+    with pytest.raises(ValueError, match="too long for walstore's file history"):
+        with store.transaction() as tx:
+            tx.files(ws).write(too_long, b"x")
+    assert not os.path.exists(P(tree, too_long))
+    with store.transaction() as tx:  # (the longest that fits: committed and readable)
+        tx.files(ws).write(longest, b"fits")
+    tx2 = store.transaction()
+    with pytest.raises(ValueError, match="too long for walstore's file history"):
+        with tx2.files(ws).watch():
+            os.makedirs(os.path.dirname(P(tree, too_long)), exist_ok=True)
+            with open(P(tree, too_long), "wb") as f:
+                f.write(b"made by a tool")
+    # the tool's file could not be recorded: the rollback leaves it, and says so
+    with pytest.raises(walstore.FileConflictError, match="ffffx"):
+        tx2.rollback()
+    assert os.path.exists(P(tree, too_long))
+    store.checkpoint()
+    store.close()
+    with walstore.open(spath, durability="none") as again:
+        assert again.at(tx.id).files(ws).read(longest) == b"fits"

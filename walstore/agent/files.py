@@ -45,7 +45,7 @@ from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
                      apply as fapply, diff, plan, remove_stray_temps, restore_changes,
                      snapshot, undo_order, undo_steps)
-from ..files.paths import PathLike, display, parent_of
+from ..files.paths import PathLike, check_length, display, parent_of
 from ..log.format import RecordType
 from ..signals import deferred
 
@@ -321,7 +321,11 @@ class Files:
 
     def log_steps(self, tx: "Transaction", ws: Workspace, op: str, steps: list,
                   durable: bool = True, watch: int | None = None) -> FileEffect:
-        """Log ``steps`` as FILE_STEPS record(s) (the last one ``durable``)."""
+        """Log ``steps`` as FILE_STEPS record(s) (the last one ``durable``).  ValueError,
+        nothing logged, when a path is too long for the file history's keys (a watch finds
+        paths that no call named)."""
+        for c in steps:
+            check_length(ws.root_b, c.path)
         self._count_blob_bytes()
         tx.logged = True
         lsns = []

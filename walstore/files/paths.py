@@ -71,6 +71,23 @@ def parent_of(rel: bytes) -> bytes:
     return rel.rpartition(b"/")[0]
 
 
+# a file version's LMDB key is u16 len(root) | root | u16 len(path) | path | u64 LSN, and
+# LMDB's keys are at most 511 bytes: the root and the path together at most 499 (a longer
+# one, refused nowhere, committed and then failed the apply: every open failed after it)
+MAX_ROOT_AND_PATH_BYTES = 511 - 12
+
+
+def check_length(root_b: bytes, rel: bytes) -> None:
+    """ValueError when a workspace root and a path in it are too long together for the
+    file history's keys (``MAX_ROOT_AND_PATH_BYTES``)."""
+    if len(root_b) + len(rel) > MAX_ROOT_AND_PATH_BYTES:
+        raise ValueError(
+            f"path {display(rel)!r} is too long for walstore's file history: with the "
+            f"workspace root {display(root_b)!r} it is {len(root_b) + len(rel)} bytes, at "
+            f"most {MAX_ROOT_AND_PATH_BYTES} (LMDB's keys are at most 511 bytes); nothing "
+            f"was changed")
+
+
 class Workspace:
     """A registered directory tree: ``root`` (absolute, realpath'd str), ``root_b`` (its
     bytes), ``ignore`` (an IgnoreRules), ``scope`` (the key prefix a scoped rewind counts
@@ -162,6 +179,7 @@ class Workspace:
                              f"recovery removes; choose another name")
         if not rel and not allow_root:
             raise ValueError(f"path {display(raw)!r} names the workspace root itself")
+        check_length(self.root_b, rel)
         if self.exclude and self.excluded(rel):
             raise ValueError(f"path {display(raw)!r} is inside walstore's own directory")
         return rel
