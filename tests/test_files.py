@@ -989,7 +989,7 @@ def test_a_path_too_long_for_the_file_history_is_refused_before_anything_changes
             with open(P(tree, too_long), "wb") as f:
                 f.write(b"made by a tool")
     # the tool's file could not be recorded: the rollback leaves it, and says so
-    with pytest.raises(walstore.FileConflictError, match="ffffx"):
+    with pytest.raises(walstore.FileConflictError, match=os.path.basename(too_long)):
         tx2.rollback()
     assert os.path.exists(P(tree, too_long))
     store.checkpoint()

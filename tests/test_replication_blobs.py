@@ -229,3 +229,50 @@ def test_a_follower_says_when_copied_records_name_missing_content(tmp_path):
     later = [r for r in rounds[1:] if r.get("appended")]
     assert later and later[0].get("blobs_missing") == [lost]
     assert not any(r.get("blobs_missing") for r in rounds[1:] if r is not later[0])
+
+
+def test_the_pinned_wal_is_read_once_not_at_every_gc(tmp_path):
+    """The blob gc kept a lagging replica's blobs by walking the whole pinned WAL at every
+    gc, under the file operations' lock: 2.5 s per 440 MB, file commits stalled 1.3-2.4 s
+    each behind it while the replica was down (probe-review).  Each gc now reads only the
+    records appended since the last one, and forgets what only records below the pin
+    named."""
+    from walstore.agent.files import PinnedLogRefs
+    from walstore.log.reader import LogReader
+    path = str(tmp_path / "s")
+    root = tmp_path / "ws"
+    root.mkdir()
+    s = walstore.open(path, durability="none")
+    try:
+        ws = s.workspace(str(root))
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.files(ws).write(f"f{i}", os.urandom(100))
+        eng = s._engine
+        reads = []
+
+        class Counting(LogReader):
+            def records(self, from_lsn=0):
+                reads.append(from_lsn)
+                return super().records(from_lsn)
+
+        import walstore.log.reader as reader_mod
+        real = reader_mod.LogReader
+        reader_mod.LogReader = Counting
+        try:
+            pinned = PinnedLogRefs()
+            refs, _m = pinned.update(eng.layout.wal, eng.store_id, 0)
+            assert len(refs) == 3  # (each write's after-image)
+            end = pinned.walked_to
+            refs2, _m = pinned.update(eng.layout.wal, eng.store_id, 0)
+            assert refs2 == refs and reads == [0, end]  # (the second from where it ended)
+            with s.transaction() as tx:
+                tx.files(ws).write("f9", os.urandom(100))
+            refs3, _m = pinned.update(eng.layout.wal, eng.store_id, 0)
+            assert len(refs3) == 4 and reads[-1] == end
+            refs4, _m = pinned.update(eng.layout.wal, eng.store_id, pinned.walked_to)
+            assert refs4 == set()  # (the pin passed every record naming them)
+        finally:
+            reader_mod.LogReader = real
+    finally:
+        s.close()
