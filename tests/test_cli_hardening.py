@@ -1133,10 +1133,17 @@ def test_backup_and_checkpoint_show_progress_on_a_large_store(tmp_path):
             tx.put(f"k{i % 8}", blob)
     s._drop_like_a_crash()  # (unclean: the next writable open recovers the whole log)
     r = cli("backup", path, str(tmp_path / "copy"))
-    shown = r.stderr.lstrip("\r").splitlines()
+    assert "\r" not in r.stderr  # (stderr no terminal: a line each, no carriage returns)
+    shown = r.stderr.splitlines()
     assert shown and shown[-1].startswith("backup:") and "(100%)" in shown[-1], r.stderr
     assert r.stdout.strip()  # (its summary, on stdout)
     r = cli("checkpoint", path)
     assert "recover:" in r.stderr and r.stderr.endswith("\n"), r.stderr
     r = cli("checkpoint", path, "--json")  # (a document only: no progress under --json)
     assert r.stderr == "" and strict(r.stdout)
+
+
+def test_a_progress_that_is_not_callable_is_refused_by_name(tmp_path):
+    with pytest.raises(TypeError, match="progress= is a callable"):
+        walstore.open(str(tmp_path / "s"), progress=123)
+    assert not (tmp_path / "s").exists()

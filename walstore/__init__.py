@@ -58,6 +58,9 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
     ``progress(done, total)``: called as the open's recovery reads the log (bytes), so a
     long one can be shown.
     """
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress= is a callable progress(done, total) or None, not "
+                        f"{type(progress).__name__}")
     if tuning:
         if options is not None:
             raise TypeError("pass either options= or tuning keywords, not both")

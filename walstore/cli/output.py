@@ -342,10 +342,20 @@ def progress_printer(label: str) -> Callable[[int, int], None]:
         pct = int(100 * done / max(total, 1))
         if pct != state["last"] and (pct % 5 == 0 or done >= total):
             state["last"] = pct
-            click.echo(f"\r{label}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({pct:3d}%)",
-                       err=True, nl=done >= total)
+            line = f"{label}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({pct:3d}%)"
+            if not _stderr_is_a_terminal():  # (a log: a line each, no carriage returns)
+                click.echo(line, err=True)
+                return
+            click.echo(f"\r{line}", err=True, nl=done >= total)
             _PROGRESS_LINE_OPEN[0] = done < total
     return show
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def end_progress() -> None:
