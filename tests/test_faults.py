@@ -708,6 +708,84 @@ def test_an_fsync_error_on_prepare_leaves_the_transaction_in_doubt_never_rolled_
         assert ledger == ["charge", "refund"] and s.get("order") is None
 
 
+@pytest.mark.parametrize("via", ["tx", "store"])
+def test_an_fsync_error_on_a_prepared_transactions_commit_leaves_it_in_doubt(
+        tmp_path, faults, via):
+    """The COMMIT deciding a prepared transaction fails its fsync (``tx.commit()`` or
+    ``store.commit_prepared``): the outcome is unknown, as a plain commit's — the
+    transaction reads "outcome unknown" and its rollback says so; ``decision()`` reports
+    no commit (it said "commit" of a record that may not survive, and a coordinator acts
+    on it), ``prepared()`` still lists it; nothing is compensated, and the next open
+    decides (here the record survived: committed).  (Found by probe-engine: tx.state stayed
+    "active", prepared() was [], and tx.rollback() raised "no prepared transaction".)"""
+    path = tmp_path / "store"
+    ledger = []
+    comps = {"refund": lambda act: ledger.append("refund")}
+    s = walstore.open(str(path), compensators=comps)
+    try:
+        tx = s.transaction()
+        tx.put("paid", 1)
+        with tx.action("charge", compensate="refund"):
+            ledger.append("charge")
+        tx.prepare("g1")
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        with pytest.raises(walstore.CommitOutcomeUnknown):
+            tx.commit() if via == "tx" else s.commit_prepared("g1")
+        assert rule.fired == 1
+        assert s.decision("g1") == "prepared" and s.prepared() == ["g1"]
+        assert s.get("paid") is None  # (not published: not visible either)
+        if via == "tx":
+            assert tx.state == "outcome unknown"
+        with pytest.raises(walstore.TransactionClosed, match="outcome is unknown"):
+            tx.rollback()
+        assert tx.state == "outcome unknown"
+        with pytest.raises(walstore.TransactionClosed):
+            tx.commit()
+        with pytest.raises(walstore.ReadOnlyError):
+            s.rollback_prepared("g1")
+        with pytest.raises(walstore.ReadOnlyError):
+            s.commit_prepared("g1")
+        assert ledger == ["charge"]
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(str(path), compensators=comps) as s:
+        assert s.prepared() == [] and s.decision("g1") == "commit" and s.get("paid") == 1
+        assert ledger == ["charge"]
+
+
+def test_an_fsync_error_on_a_prepared_transactions_rollback_leaves_it_in_doubt(
+        tmp_path, faults):
+    """The ROLLBACK_PREPARED of ``tx.rollback()`` fails its fsync: the transaction reads
+    "outcome unknown" (it read "rolled back"), ``decision()`` reports no abort, nothing
+    is compensated then, and the next open decides (the record survived: rolled back,
+    compensated then)."""
+    path = tmp_path / "store"
+    ledger = []
+    comps = {"refund": lambda act: ledger.append("refund")}
+    s = walstore.open(str(path), compensators=comps)
+    try:
+        tx = s.transaction()
+        tx.put("paid", 1)
+        with tx.action("charge", compensate="refund"):
+            ledger.append("charge")
+        tx.prepare("g1")
+        faults.fail(SYNCS, errno.EIO, path="*.wal")
+        with pytest.raises(walstore.CommitOutcomeUnknown):
+            tx.rollback()
+        assert tx.state == "outcome unknown"
+        assert s.decision("g1") == "prepared"
+        with pytest.raises(walstore.TransactionClosed, match="outcome is unknown"):
+            tx.rollback()
+        assert ledger == ["charge"]
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(str(path), compensators=comps) as s:
+        assert s.prepared() == [] and s.decision("g1") == "abort" and s.get("paid") is None
+        assert ledger == ["charge", "refund"]
+
+
 # ---- checkpoints, stats and close: the WAL directory ----------------------------------------
 def _several_segments(s) -> None:
     for i in range(60):

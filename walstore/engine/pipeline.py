@@ -126,6 +126,9 @@ class CommitPipeline:
         self.checker = checker
         self.prepared = prepared
         self.gate = CommitGate(journal.lock)
+        # gid -> txid: prepared transactions whose decision (COMMIT or ROLLBACK_PREPARED)
+        # was logged but whose fsync failed; in doubt again until the next open decides
+        self.in_doubt: dict[str, int] = {}
 
     def held_out_on_conflict(self, attempt: Callable[[], T]) -> T:
         """``attempt()`` (which begins and commits its own transaction) beside other
@@ -152,7 +155,7 @@ class CommitPipeline:
         # transaction that committed.  One delivered meanwhile is raised after
         # ``req.committed`` is set, which tells the committer the truth.
         with deferred():
-            event = self._append(req, checked)
+            event, undecided = self._append(req, checked)
             req.lsn = event.lsn
             interrupt = None
             ticket, event.ticket = event.ticket, None  # (kept here for a second wait)
@@ -166,7 +169,7 @@ class CommitPipeline:
                 try:
                     self.durable_or_unknown(make_durable, event, req.txid,
                                             f"transaction {req.txid}'s commit record",
-                                            "whether it committed", ticket)
+                                            "whether it committed", ticket, undecided)
                     break
                 except Exception:
                     raise  # (nothing committed, or CommitOutcomeUnknown)
@@ -185,11 +188,16 @@ class CommitPipeline:
         return event
 
     def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str,
-                           unknown: str, ticket=None) -> None:
+                           unknown: str, ticket=None, undecided: Prepared | None = None
+                           ) -> None:
         """Wait for ``event``'s record to be durable; when the fsync fails, the outcome of
         that decision is unknown until recovery: the store stops writing and
         CommitOutcomeUnknown is raised (no compensation may run on it).  ``ticket``: the
-        buffered record's, when the caller took it off the event already."""
+        buffered record's, when the caller took it off the event already.  ``undecided``:
+        the prepared transaction ``event`` decides (its COMMIT or ROLLBACK_PREPARED,
+        taken out of the prepared set when it was appended): if the fsync fails it is put
+        back, in doubt (``prepared()`` lists it, ``decision()`` says "prepared") and
+        noted in ``in_doubt``, until the next open decides."""
         # the event may wait long in the MemTable: it keeps no ticket for the GC to scan
         if ticket is None:
             ticket, event.ticket = event.ticket, None
@@ -197,6 +205,11 @@ class CommitPipeline:
             make_durable(event.end, ticket)
         except LogFailed as e:
             self.engine.fail(e)
+            if undecided is not None:
+                with self.journal.lock:  # (the store is read-only now: its holds are moot)
+                    self.in_doubt[undecided.gid] = undecided.txid
+                    if undecided.gid not in self.prepared:
+                        self.prepared.add(undecided)
             why = getattr(self.engine.wal, "failed", None)  # (the OSError the log stopped on)
             why = f" ({why.strerror or why})" if isinstance(why, OSError) else ""
             raise CommitOutcomeUnknown(
@@ -214,8 +227,11 @@ class CommitPipeline:
             return self.checker.check_applied(req.txid, req.reads)
         return None
 
-    def _append(self, req: CommitRequest, checked) -> Event:
-        """Phase 1's end, under the journal lock: validate, then append the records."""
+    def _append(self, req: CommitRequest, checked) -> tuple[Event, Prepared | None]:
+        """Phase 1's end, under the journal lock: validate, then append the records.
+        Returns the COMMIT event and, when it decides a prepared transaction, that one
+        (out of the prepared set from here: no second decision can be logged; in doubt
+        again if the record's fsync fails, see ``durable_or_unknown``)."""
         eng = self.engine
         with self.journal.lock:
             if self.gate.holder is not None:
@@ -236,9 +252,7 @@ class CommitPipeline:
             body = dict(req.body, ts=eng.clock(), meta=req.meta)
             event = self.journal.append_commit(req.txid, req.writes, body,
                                                buffered=req.gid is None)
-            if req.gid is not None:
-                self.prepared.remove(req.gid)
-            return event
+            return event, (None if req.gid is None else self.prepared.remove(req.gid))
 
     def _check_claims(self, req: CommitRequest) -> None:
         claims = req.claims

@@ -169,6 +169,7 @@ class Transaction:
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
         self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
         self._request: CommitRequest | None = None  # the commit() under way or done
+        self._unknown_of = "its COMMIT"  # outcome unknown: the record whose fsync failed
         # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
         # its object, not its ident, which a later thread may be given again
         self.thread: weakref.ref | None = None
@@ -410,7 +411,7 @@ class Transaction:
             # as a commit's is (it stayed "active", and a rollback then said "rolled back"
             # of a transaction the next open found prepared and a coordinator committed)
             self.gid = gid
-            self._finish(UNKNOWN)
+            self._finish(UNKNOWN, f"its PREPARE as {gid!r}")
             raise
         self.gid = gid
 
@@ -434,7 +435,15 @@ class Transaction:
         if self.state != ACTIVE or self._engine.closed:
             self._check_active()  # (the reason, raised; the common answer is one test)
         if self.gid is not None:
-            lsn = self._hooks.commit_prepared(self.gid)
+            self._check_decision_in_doubt()
+            try:
+                lsn = self._hooks.commit_prepared(self.gid)
+            except CommitOutcomeUnknown:
+                # the COMMIT's fsync failed: as a plain commit's, the outcome is for the
+                # next open to decide (it stayed "active", and a rollback then said
+                # "no prepared transaction" of one still in doubt)
+                self._finish(UNKNOWN, f"the COMMIT deciding {self.gid!r}")
+                raise
             self._finish(COMMITTED)
             self.lsn = LSN(lsn)
             return self.lsn
@@ -460,7 +469,7 @@ class Transaction:
             self._request = None  # (its writes: a caller keeping ``tx`` kept them all)
             return self.lsn
         except CommitOutcomeUnknown:
-            self._finish(UNKNOWN)  # recovery decides; nothing is compensated now
+            self._finish(UNKNOWN, "its COMMIT")  # recovery decides; nothing is compensated now
             raise
         except BaseException as e:
             if req is not None and req.committed:
@@ -504,11 +513,12 @@ class Transaction:
             raise TransactionClosed(f"transaction {self.id} is already committed (at LSN "
                                     f"{int(self.lsn)}: an interrupt reached commit() after "
                                     f"its point of no return); nothing was rolled back")
+        if self.state == ACTIVE and self.gid is not None:
+            self._check_decision_in_doubt()  # (decided through the store: its fsync failed)
         if self.state == UNKNOWN:
-            what = "COMMIT" if self.gid is None else f"PREPARE as {self.gid!r}"
             raise TransactionClosed(f"transaction {self.id}'s outcome is unknown (the fsync of "
-                                    f"its {what} failed): the next open of the store decides "
-                                    f"(recovery); nothing changed")
+                                    f"{self._unknown_of} failed): the next open of the store "
+                                    f"decides (recovery); nothing changed")
         if self.state != ACTIVE:
             raise TransactionClosed(f"transaction {self.id} is already {self.state}")
         for e in self.effects:
@@ -522,13 +532,22 @@ class Transaction:
             return  # (an interrupt after the point of no return: the commit stands)
         if self.gid is not None:
             gid = self.gid
+            if gid in self._engine.pipeline.in_doubt:
+                self._finish(UNKNOWN, f"the decision on {gid!r}")
+                return  # (the next open decides; nothing is compensated now)
             try:
                 self._hooks.rollback_prepared(gid)
+            except CommitOutcomeUnknown:
+                self._finish(UNKNOWN, f"the ROLLBACK_PREPARED of {gid!r}")
+                raise
             finally:  # decided (by this call, or by another caller just before: its
                 eng = self._engine  # decision stands, UnknownGid says so): the state says
                 if self.state == ACTIVE and gid not in eng.prepared:  # which; still in
                     decided = eng.views.decision(gid)                 # doubt: open still
-                    self._finish(COMMITTED if decided == "commit" else ROLLED_BACK)
+                    if gid in eng.pipeline.in_doubt:  # (its fsync failed: recovery decides)
+                        self._finish(UNKNOWN, f"the decision on {gid!r}")
+                    elif decided != "prepared":  # ("prepared": being made durable)
+                        self._finish(COMMITTED if decided == "commit" else ROLLED_BACK)
             return
         if not (self.logged or self.effects):
             self._finish(ROLLED_BACK)
@@ -545,8 +564,21 @@ class Transaction:
         finally:
             self.undo_pending = False
 
-    def _finish(self, state: str) -> None:
+    def _check_decision_in_doubt(self) -> None:
+        """A prepared transaction whose decision (made through ``store.commit_prepared``
+        or ``rollback_prepared``) failed its fsync is in doubt until the next open: it
+        is finished as "outcome unknown" and TransactionClosed says so."""
+        gid = self.gid
+        if gid is not None and gid in self._engine.pipeline.in_doubt:
+            self._finish(UNKNOWN, f"the decision on {gid!r}")
+            raise TransactionClosed(f"transaction {self.id}'s outcome is unknown (the fsync of "
+                                    f"{self._unknown_of} failed): the next open of the store "
+                                    f"decides (recovery); nothing changed")
+
+    def _finish(self, state: str, unknown_of: str | None = None) -> None:
         self.state = state
+        if unknown_of is not None:
+            self._unknown_of = unknown_of  # (the record whose fsync failed)
         self.keepalive = None
         if self._logged:
             self._hooks.effects_ended(self)

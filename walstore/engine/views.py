@@ -151,8 +151,15 @@ class Views:
 
     # ---- two-phase commit ---------------------------------------------------------------
     def decision(self, gid: str) -> str | None:
+        """"commit" or "abort" once the decision's record is published (durable, under
+        durability="full"), "prepared" while it is logged and not yet published (its fsync
+        under way, or failed: in doubt until the next open decides — a coordinator must
+        not act on a decision that may not survive), None when ``gid`` has none."""
+        published = self.memtable.published
         for e in reversed(self._events(frozenset({_T.COMMIT, _T.ROLLBACK_PREPARED}), True)):
             if e.field("gid") == gid:
+                if e.end > published:
+                    return "prepared"
                 return "commit" if e.type == _T.COMMIT else "abort"
         raw = self.state.get(DECISION_PREFIX + gid.encode(), "twophase")
         return None if raw is None else raw.decode()
