@@ -468,3 +468,34 @@ def test_retention_bounds_the_rows_of_rollbacks_between_commits(tmp_path):
         assert s.get("k6") is None and s.get("k19") is None and s.get("k5") == 5
     rows = _lmdb_rows(path, "actions", "aended")
     assert rows["actions"] <= 1 + 5 + 1 and rows["aended"] <= 10 + 1, rows
+
+
+def test_a_store_scan_trimmed_under_it_says_so_in_a_scans_words(tmp_path):
+    """Retention trims the history a streamed ``store.scan`` needs while its caller holds
+    it: SnapshotTooOld (a ConflictError: the rows it yielded and the rest would not be one
+    state), worded for a scan — it spoke of "this transaction's snapshot" where there was
+    none (probe-engine).  A transaction's own snapshot keeps its wording."""
+    s = walstore.open(str(tmp_path / "s"), retain_transactions=1)
+    with s.transaction() as tx:
+        for i in range(100):
+            tx.put(f"s/{i:03d}", i)
+    it = s.scan(prefix="s/")
+    got = [next(it) for _ in range(5)]
+    held = s.transaction()
+    assert held.get("s/050") == 50  # (its snapshot: the same as the scan's)
+    for i in range(100):
+        with s.transaction() as tx:
+            tx.put(f"s/{i:03d}", -1)
+    s.checkpoint()
+    with pytest.raises(walstore.SnapshotTooOld) as ei:
+        got += list(it)
+    msg = str(ei.value)
+    assert "store.scan's snapshot" in msg and "retry the scan" in msg, msg
+    assert "this transaction" not in msg, msg
+    assert isinstance(ei.value, walstore.ConflictError) and ei.value.horizon is not None
+    assert all(v >= 0 for _k, v in got)
+    with pytest.raises(walstore.SnapshotTooOld, match="this transaction's snapshot"):
+        list(held.scan(prefix="s/"))
+    held.rollback()
+    assert [v for _k, v in s.scan(prefix="s/")] == [-1] * 100  # (a new scan: retried)
+    s.close()

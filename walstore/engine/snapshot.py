@@ -38,8 +38,27 @@ FIRST_CHUNK = 16  # rows of a scan's first LMDB read; each next one 4x, up to SC
 
 
 class SnapshotTooOld(ConflictError):
-    """A transaction's snapshot is older than the retained history (it cannot be read
-    exactly any more); retry the transaction."""
+    """A snapshot is older than the retained history (it cannot be read exactly any more):
+    a transaction's (retry the transaction) or a streamed ``store.scan``'s (retry the
+    scan).  ``at``: the snapshot's LSN; ``horizon``: the history horizon it fell behind,
+    or ``purge``: the LSN of the purge that erased what it would read (the other None)."""
+
+    at: int | None = None
+    horizon: int | None = None
+    purge: int | None = None
+
+    @classmethod
+    def of(cls, at: int, whose: str, retry: str, horizon: int | None = None,
+           purge: int | None = None) -> "SnapshotTooOld":
+        if horizon is not None:
+            msg = (f"{whose} snapshot (LSN {at}) is older than the retained history "
+                   f"(horizon LSN {horizon}); {retry}")
+        else:
+            msg = (f"a purge (LSN {purge}) erased history after {whose} snapshot (LSN "
+                   f"{at}) was taken; what it would read is not one state any more: {retry}")
+        e = cls(msg)
+        e.at, e.horizon, e.purge = at, horizon, purge
+        return e
 
 
 class StateReader:
@@ -82,10 +101,36 @@ class StateReader:
         looked up as they are yielded: a caller after the first row or two (the head of a
         conversation) pays for what it reads, not for every unapplied key in the range.
         A purge applied after ``at`` while the scan streams: SnapshotTooOld (with
-        ``purges``; the purge erased history the rest of the scan would need)."""
-        mt = self.memtable
+        ``purges``; the purge erased history the rest of the scan would need).
+
+        ``at`` None (a plain ``store.scan``, no transaction): the snapshot is taken at the
+        first row asked for, and a SnapshotTooOld says so, in a scan's words (retention
+        trimming the history the rest needs while the caller holds the scan: retry the
+        scan).  The scan does not pin history: a reader that pauses could hold retention
+        (and the store's growth) for as long as it likes."""
         if at is None:
-            at = mt.published
+            return self._scan_now(lo, hi, reverse, purges)
+        return self._scan(lo, hi, reverse, at, purges)
+
+    def _scan_now(self, lo: bytes, hi: bytes | None, reverse: bool, purges: bool
+                  ) -> Iterator[tuple[bytes, bytes]]:
+        at = self.memtable.published
+        try:
+            yield from self._scan(lo, hi, reverse, at, purges)
+        except SnapshotTooOld as e:
+            if e.at != at:  # (not this scan's own snapshot: as it is)
+                raise
+            why = ("retention trimmed it while the scan streamed (a checkpoint under "
+                   "retain_transactions / retain_seconds), so " if e.horizon is not None
+                   else "")
+            raise SnapshotTooOld.of(
+                at, "this store.scan's", f"{why}the rows it yielded and the rest would not "
+                f"be one state: retry the scan (nothing was changed)",
+                horizon=e.horizon, purge=e.purge) from e
+
+    def _scan(self, lo: bytes, hi: bytes | None, reverse: bool, at: int, purges: bool
+              ) -> Iterator[tuple[bytes, bytes]]:
+        mt = self.memtable
         drops = mt.drops  # (before the keys are listed: see keys_in_range)
         over = mt.keys_in_range(lo, hi)  # ascending; the unmerged ones are over[first:last]
         first, last = 0, len(over)
@@ -168,14 +213,11 @@ def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False, lo: bytes 
                    hi: bytes | None = None) -> None:
     horizon = from_u64(txn.get(b"horizon", db=st.meta), 0, "meta", b"horizon", st)
     if at < horizon:
-        raise SnapshotTooOld(f"this transaction's snapshot (LSN {at}) is older than the "
-                             f"retained history (horizon LSN {horizon}); retry it")
+        raise SnapshotTooOld.of(at, "this transaction's", "retry it", horizon=horizon)
     if purges:
         purge = from_u64(txn.get(b"last_purge", db=st.meta), 0, "meta", b"last_purge", st)
         if purge >= at and _purged_since(txn, st, at, lo, hi):
-            raise SnapshotTooOld(f"a purge (LSN {purge}) erased history after this "
-                                 f"snapshot (LSN {at}) was taken; what it would read is not "
-                                 f"one state any more: retry it")
+            raise SnapshotTooOld.of(at, "this", "retry it", purge=purge)
 
 
 def _purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> bool:
