@@ -633,3 +633,44 @@ def test_reads_beside_compactions_never_use_a_swapped_out_table_handle(tmp_path)
     finally:
         readers.finish()
     s.close()
+
+
+def test_readonly_transaction_ids_never_equal_a_writers_or_each_others(tmp_path):
+    """CONTRACT 2: ``tx.id`` is unique.  A read-only process handed out 1, 2, 3 ... the
+    very ids the writer had committed (probe-engine).  Its ids now lie above every id a
+    writer can hand out (2**63 + pid * 2**40 + n): apart from the writer's before and
+    after, from other read-only processes' and from other read-only handles' of the same
+    process."""
+    path = tmp_path / "s"
+    w = walstore.open(str(path))
+    used = []
+    for i in range(3):
+        with w.transaction() as tx:
+            tx.put("k", i)
+        used.append(tx.id)
+    script = f"""
+import walstore
+r = walstore.open({str(path)!r}, readonly=True)
+ids = [r.transaction().id for _ in range(3)]
+with r.transaction() as tx:
+    assert tx.get("k") == 2
+    ids.append(tx.id)
+r.close()
+print(*ids)
+"""
+    children = [[int(x) for x in subprocess.run([sys.executable, "-c", script], check=True,
+                                                capture_output=True, text=True).stdout.split()]
+                for _ in range(2)]
+    r1 = walstore.open(str(path), readonly=True)
+    r2 = walstore.open(str(path), readonly=True)
+    mine = [r1.transaction().id, r2.transaction().id, r1.transaction().id]
+    for i in range(3):
+        with w.transaction() as tx:
+            tx.put("k", i)
+        used.append(tx.id)
+    logged = [t.txid for t in w.log()]
+    r1.close(), r2.close(), w.close()
+    ro = children[0] + children[1] + mine
+    assert len(set(ro)) == len(ro), ro
+    assert not set(ro) & (set(used) | set(logged)), (ro, used)
+    assert min(ro) > 1 << 63 and max(ro) < 1 << 64

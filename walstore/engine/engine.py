@@ -59,6 +59,10 @@ DRAIN_BATCH, DRAIN_BATCH_BYTES = 20_000, 16 << 20  # a drain's or checkpoint's L
 # few syncs, yet bounded memory (one LMDB transaction keeps every page it dirties in RAM)
 RECOVER_MODES = ("auto", "manual")
 TXID_BLOCK = 1 << 16  # transaction ids reserved durably at a time (see Engine.next_txid)
+# A read-only engine's transaction ids (see Engine.next_txid): 2**63 + pid * 2**40 + n,
+# where no writer's id ever reaches (u64, counted from 1) and no other live process's are
+READONLY_TXID_BASE = 1 << 63
+READONLY_TXID_PID_SHIFT = 40  # n < 2**40 per process; a pid < 2**22 (Linux's PID_MAX_LIMIT)
 REPLICA_PIN = b"replica_pin"  # meta: the replica's position + 1 (0: none; keep_replica_pin)
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
@@ -348,8 +352,10 @@ class Engine:
             # A crashed store: judge its log as strict recovery would, so a damaged log is
             # refused here instead of being shown as a silent prefix.
             Recovery(self.path, self.store_id, self.state, "strict", None, dry_run=True).run()
-        self._txids = itertools.count(1)  # read-only transactions never log their id
-        self._txid_horizon = 1 << 64        # (nor reserve any)
+        # read-only transactions never log their id (nor reserve any): theirs are apart
+        # from every writer's (see next_txid)
+        self._txids = readonly_txids(os.getpid())
+        self._txid_horizon = 1 << 64
         self.memtable = MemTable(published=self.state.applied_lsn(), limit=1 << 62)
         self.reader = StateReader(self.state, self.memtable)
         self.views = Views(self.state, self.memtable)
@@ -645,7 +651,14 @@ class Engine:
         """A transaction id never handed out before in this store, across reopens and
         crashes: ids below ``txid_reserved`` (durable in LMDB's meta) may have been, so an
         open starts above it (a clean close writes the next id there, so ids go on where
-        they stopped; after a crash they jump by up to TXID_BLOCK)."""
+        they stopped; after a crash they jump by up to TXID_BLOCK).
+
+        A read-only engine's transactions never commit, so their ids are never logged, yet
+        each must differ from every id a writer hands out (before or after: the writer goes
+        on beside it) and from every other live transaction's: they are
+        ``READONLY_TXID_BASE + pid * 2**40 + n`` (n counted from 1 by all the read-only
+        engines of the process together), above 2**63, where a writer's ids (counted from
+        1) never reach, and apart per live process."""
         n = next(self._txids)
         if n >= self._txid_horizon:
             self._reserve_txids(n)
@@ -849,3 +862,13 @@ def check_not_inside(src: str, dest: str) -> None:
     if d == s or d.startswith(s + os.sep):
         raise NotAStore(f"{dest} lies inside the store {src}; choose a destination outside it")
 
+
+# one count for every read-only engine of the process (two read-only handles of one store
+# in one process are two engines: their transactions' ids must differ too)
+_READONLY_COUNT = itertools.count(1)
+
+
+def readonly_txids(pid: int):
+    """A read-only engine's transaction ids in process ``pid`` (see Engine.next_txid)."""
+    base = READONLY_TXID_BASE + ((pid % (1 << 22)) << READONLY_TXID_PID_SHIFT)
+    return map(base.__add__, _READONLY_COUNT)
