@@ -774,7 +774,7 @@ def test_an_fsync_error_on_a_prepared_transactions_rollback_leaves_it_in_doubt(
         with pytest.raises(walstore.CommitOutcomeUnknown):
             tx.rollback()
         assert tx.state == "outcome unknown"
-        assert s.decision("g1") == "prepared"
+        assert s.decision("g1") == "prepared" and s.prepared() == ["g1"]  # (in doubt)
         with pytest.raises(walstore.TransactionClosed, match="outcome is unknown"):
             tx.rollback()
         assert ledger == ["charge"]

@@ -127,7 +127,8 @@ class TwoPhase:
             eng.prepared.remove(gid)
         try:
             eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
-                                            f"the rollback of {gid!r}", "the decision")
+                                            f"the rollback of {gid!r}", "the decision",
+                                            undecided=p)  # (a failed fsync: in doubt again)
             owed = [Action.from_row(r) for r in eng.views.action_rows_of(p.txid)]
             if self.undo_files is not None:
                 self.undo_files(p.txid, [a for a in owed if a.owed])
