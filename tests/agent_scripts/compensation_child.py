@@ -111,8 +111,8 @@ def install_kill_points() -> None:
 
     durable_or_unknown = CommitPipeline.durable_or_unknown
 
-    def durable_or_unknown_k(self, make_durable, event, txid, what, unknown, *ticket):
-        durable_or_unknown(self, make_durable, event, txid, what, unknown, *ticket)
+    def durable_or_unknown_k(self, make_durable, event, txid, what, unknown, *args, **kw):
+        durable_or_unknown(self, make_durable, event, txid, what, unknown, *args, **kw)
         if event.type == RecordType.ROLLBACK_PREPARED and at("after-decision"):
             die("after ROLLBACK_PREPARED")
     CommitPipeline.durable_or_unknown = durable_or_unknown_k
