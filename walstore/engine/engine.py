@@ -5,7 +5,9 @@ ProcessLock); the LMDB environment (LmdbState) and its only writer (Applier); th
 (WriteAheadLog) behind the Journal; the MemTable of unapplied events; reads (StateReader)
 and views (Views); the commit pipeline (CommitPipeline) with its conflict checker and
 prepared set; the background threads (the applier, which also checkpoints and prepares
-the next WAL segment; the flusher under durability="normal"); and recovery at open.
+the next WAL segment; the flusher under durability="normal"); the publication mark it
+shares with read-only processes (``SharedMark``, ``<store>/VISIBLE``); and recovery at
+open.
 
 Lifecycle: ``Engine(...)`` opens (creating, locking, recovering: analysis and REDO in
 :mod:`walstore.engine.recovery`, then UNDO here: every loser ends with an ABORT record, as
@@ -49,6 +51,7 @@ from .pipeline import CommitPipeline
 from .recovery import LogPosition, Recovery, RecoveryReport
 from .snapshot import StateReader
 from .views import Views
+from .visible import MarkReader, SharedMark
 
 DURABILITIES = ("full", "normal", "none")
 DROP_CHUNK = 64  # applied events leave the MemTable this many per hold of the commit lock
@@ -111,6 +114,7 @@ class Engine:
         self.state: LmdbState | None = None
         self.wal: WriteAheadLog | None = None
         self.follower = None
+        self.shared_mark: SharedMark | None = None  # the writer's VISIBLE (see _position_log)
         self._threads: list[threading.Thread] = []
         self._stop = Flag()
         self._wake_lock = threading.RLock()  # (entered as itself: walstore.signals)
@@ -241,6 +245,11 @@ class Engine:
         self.memtable = MemTable(published=self.wal.written_lsn,
                                  limit=self.options.max_unapplied, lock=self.wal.lock,
                                  max_memory=self.options.max_unapplied_bytes)
+        # read-only processes publish nothing past this writer's mark (<store>/VISIBLE):
+        # reset to the recovered log's end before anything is appended (a crashed writer's
+        # mark may lie past a log a power loss cut), then moved by every publication
+        self.shared_mark = SharedMark(self.layout.root, self.memtable.published)
+        self.memtable.share = self.shared_mark.set
         self.journal = Journal(self.wal, self.memtable, self.durability)
         self.reader = StateReader(self.state, self.memtable)
         self.views = Views(self.state, self.memtable)
@@ -360,7 +369,8 @@ class Engine:
         self.reader = StateReader(self.state, self.memtable)
         self.views = Views(self.state, self.memtable)
         self.prepared = PreparedSet()
-        self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable)
+        self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable,
+                                 MarkReader(self.layout.root))
         self.refresh()
 
     def writer_alive(self) -> bool:
@@ -763,6 +773,8 @@ class Engine:
                 # the next id, so the next open goes on with no gap
                 self.applier.set_meta(b"open", 0, txid_reserved=next(self._txids))
                 self.state.sync()
+                if self.shared_mark is not None:  # everything logged is decided: all shown
+                    self.shared_mark.set(max(self.wal.written_lsn, self.memtable.published))
         finally:
             self._release()
 
@@ -789,6 +801,8 @@ class Engine:
                 self.follower.close()
             if self.wal is not None:
                 self.wal.close()
+            if self.shared_mark is not None:
+                self.shared_mark.close()  # (its last mark stays for read-only processes)
             if self.state is not None:
                 self.state.close()
             if self._proc_lock is not None:

@@ -9,6 +9,19 @@ later apply by the writer invisible to a snapshot.  So a read sees every commit 
 before it began, and never part of one — even when a checkpoint trims segments the
 follower had not read (their events are in LMDB by then).
 
+It never shows more than the writer does.  The WAL holds more: a record is whole in the
+page cache once written, while under durability="full" the writer publishes it only after
+its fsync (never, after an fsync error: the commit raised CommitOutcomeUnknown).  So every
+record read is queued, but published only up to the writer's own watermark, which it
+shares in ``<store>/VISIBLE`` (:mod:`walstore.engine.visible`); events past it wait,
+unpublished, until the mark passes them.  (It published all it read: a read-only process
+showed a commit whose fsync failed, or was still running, and acted on it while the writer
+hid it; a power loss then erased it.)  The mark is read after the log, so it covers only
+records that were there before it was read.  A new writer generation (a writer opened
+since) voids the events past the follower's own mark and reads them again: they may be a
+crashed writer's tail that the new writer's recovery cut and overwrote.  No VISIBLE file
+(a store whose writers predate it): everything read is published, as before.
+
 Events LMDB already holds are dropped from the MemTable as the writer applies them, so a
 long-lived reader stays bounded.  A record whose payload does not decode ends the read
 (it is the writer's recovery's business, never a reader's guess).
@@ -21,13 +34,22 @@ from ..log import records
 from ..log.reader import LogFollower
 from .lmdb_state import LmdbState
 from .memtable import MemTable
+from .visible import MarkReader
+
+
+RESTARTS = 3  # new writer generations met within one catch-up before it gives up for now
 
 
 class Follower:
     def __init__(self, wal_dir: str, store_id: bytes, state: LmdbState,
-                 memtable: MemTable) -> None:
+                 memtable: MemTable, marks: MarkReader | None = None) -> None:
         self.state = state
         self.memtable = memtable
+        self.marks = marks
+        # the generation before the first read of the log (see ``_bound``)
+        first = marks.read() if marks is not None else None
+        self._generation = first[0] if first is not None else None
+        self._held = False  # records past the writer's mark were read (waiting for it)
         self.log = LogFollower(wal_dir, store_id, state.applied_lsn())
         self._assembler = records.CommitAssembler()
         self.lock = threading.Lock()
@@ -36,16 +58,13 @@ class Follower:
         with self.lock:
             applied = self.state.applied_lsn()
             mt = self.memtable
-            for rec in self.log.poll(applied):
-                try:
-                    ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn,
-                                              records.decode(rec.payload), len(rec.payload))
-                except ValueError:
+            upto = None
+            for _ in range(RESTARTS):
+                self._read(applied)
+                upto = self._bound()
+                if upto is not None:
                     break
-                if ev is not None and ev.end > applied:
-                    with mt.lock:
-                        mt.add(ev)
-            mt.publish(max(self.log.position, applied))
+            mt.publish(max(upto if upto is not None else mt.published, applied))
             with mt.lock:
                 prune = []
                 for ev in mt.events:
@@ -55,6 +74,59 @@ class Follower:
                 if prune:
                     mt.drop_applied(prune)
 
+    def _read(self, applied: int) -> None:
+        """Queue the events of the records appended since the last read."""
+        mt = self.memtable
+        for rec in self.log.poll(applied):
+            try:
+                ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn,
+                                          records.decode(rec.payload), len(rec.payload))
+            except ValueError:
+                break
+            if ev is not None and ev.end > applied:
+                with mt.lock:
+                    mt.add(ev)
+
+    def _bound(self) -> int | None:
+        """How far the follower may publish now: what it read, up to the writer's shared
+        mark; None when a new writer began (the log is to be read again from the
+        follower's own mark)."""
+        pos = self.log.position
+        if self.marks is None or (pos <= self.memtable.published and not self._held):
+            return pos  # nothing read past what is shown (no file read: the common read)
+        got = self.marks.read(recheck=self._held)
+        if got is None:  # no VISIBLE file: as before it existed
+            self._generation = None
+            self._held = False
+            return pos
+        generation, mark = got
+        if generation != self._generation:
+            self._generation = generation
+            self._restart()
+            return None
+        if mark is None:  # no consistent mark (a writer killed mid-store): nothing new
+            self._held = True
+            return self.memtable.published
+        self._held = mark < pos
+        return min(pos, mark)
+
+    def _restart(self) -> None:
+        """A new writer: forget the events past the published mark and read the log again
+        from the end of the last event kept (records before it are final: published, or
+        applied; what lies between is no event, or a chunk of an event forgotten here)."""
+        mt = self.memtable
+        with mt.lock:
+            mt.void_from(mt.published)
+            restart = self.state.applied_lsn()
+            if mt.events:
+                restart = max(restart, mt.events[-1].end)
+        self.log.close()
+        self.log.position = restart
+        self._assembler = records.CommitAssembler()
+        self._held = False
+
     def close(self) -> None:
         with self.lock:
             self.log.close()
+            if self.marks is not None:
+                self.marks.close()

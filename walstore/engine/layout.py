@@ -8,6 +8,8 @@ A store is a directory (mode 0700)::
                    and 2 are read; a writable open marks a version 1 store 2 before it
                    writes anything; a larger one was made by a newer walstore: NotAStore)
     LOCK           the writer's lock file (flock), holding the writer's pid
+    VISIBLE        the writer's publication mark, for read-only processes (never fsynced;
+                   see walstore.engine.visible)
     wal/           WAL segments (see walstore.log.segment)
     db/            the LMDB environment (see walstore.engine.lmdb_state)
     quarantine/    bytes recovery cut off or dropped, each with a JSON note (never deleted)

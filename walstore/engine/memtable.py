@@ -4,6 +4,9 @@ Every event enters here in LSN order when its record is appended (under the jour
 lock) and leaves when the applier has put it into LMDB.  ``published`` is the watermark
 of visibility: events ending at or below it are committed and visible (their records are
 durable under durability="full", written to the OS otherwise); later ones are not yet.
+The writer's watermark is shared with read-only processes through ``share``
+(:mod:`walstore.engine.visible`); a read-only process's own MemTable publishes what its
+follower read, up to that shared mark.
 
 Reads consult it before LMDB: ``versions`` maps each key written by an event still here to
 its versions ``[(lsn, packed value or None), ...]`` in LSN order, so a read *as of* an
@@ -42,7 +45,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from ..log.format import RecordType
 from ..log.records import Event
@@ -77,6 +80,9 @@ class MemTable:
         self.events: collections.deque[Event] = collections.deque()
         self.versions: dict[bytes, tuple] = {}
         self.published = published
+        # called with each new ``published`` (publishers are serialized): the writer's
+        # engine shares its mark with read-only processes (walstore.engine.visible)
+        self.share: Callable[[int], None] | None = None
         self.limit = limit
         self.max_memory = max_memory
         self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
@@ -153,6 +159,9 @@ class MemTable:
     def publish(self, upto: int) -> None:
         if upto > self.published:
             self.published = upto
+            share = self.share
+            if share is not None:  # the writer's: tell read-only processes (see visible.py)
+                share(upto)
 
     def published_events(self, limit: int, max_bytes: int | None = None) -> list[Event]:
         """Up to ``limit`` of the oldest published events (the applier's next batch), and
