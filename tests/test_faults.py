@@ -708,6 +708,20 @@ def test_an_fsync_error_on_prepare_leaves_the_transaction_in_doubt_never_rolled_
         assert ledger == ["charge", "refund"] and s.get("order") is None
 
 
+def _prepared_charge(path):
+    """A store at ``path`` whose transaction put ``paid`` and charged (a refund owed on
+    rollback), prepared as ``g1``: (ledger, compensators, store, transaction)."""
+    ledger: list = []
+    comps = {"refund": lambda act: ledger.append("refund")}
+    s = walstore.open(str(path), compensators=comps)
+    tx = s.transaction()
+    tx.put("paid", 1)
+    with tx.action("charge", compensate="refund"):
+        ledger.append("charge")
+    tx.prepare("g1")
+    return ledger, comps, s, tx
+
+
 @pytest.mark.parametrize("via", ["tx", "store"])
 def test_an_fsync_error_on_a_prepared_transactions_commit_leaves_it_in_doubt(
         tmp_path, faults, via):
@@ -719,15 +733,8 @@ def test_an_fsync_error_on_a_prepared_transactions_commit_leaves_it_in_doubt(
     decides (here the record survived: committed).  (Found by probe-engine: tx.state stayed
     "active", prepared() was [], and tx.rollback() raised "no prepared transaction".)"""
     path = tmp_path / "store"
-    ledger = []
-    comps = {"refund": lambda act: ledger.append("refund")}
-    s = walstore.open(str(path), compensators=comps)
+    ledger, comps, s, tx = _prepared_charge(path)
     try:
-        tx = s.transaction()
-        tx.put("paid", 1)
-        with tx.action("charge", compensate="refund"):
-            ledger.append("charge")
-        tx.prepare("g1")
         rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
         with pytest.raises(walstore.CommitOutcomeUnknown):
             tx.commit() if via == "tx" else s.commit_prepared("g1")
@@ -761,15 +768,8 @@ def test_an_fsync_error_on_a_prepared_transactions_rollback_leaves_it_in_doubt(
     is compensated then, and the next open decides (the record survived: rolled back,
     compensated then)."""
     path = tmp_path / "store"
-    ledger = []
-    comps = {"refund": lambda act: ledger.append("refund")}
-    s = walstore.open(str(path), compensators=comps)
+    ledger, comps, s, tx = _prepared_charge(path)
     try:
-        tx = s.transaction()
-        tx.put("paid", 1)
-        with tx.action("charge", compensate="refund"):
-            ledger.append("charge")
-        tx.prepare("g1")
         faults.fail(SYNCS, errno.EIO, path="*.wal")
         with pytest.raises(walstore.CommitOutcomeUnknown):
             tx.rollback()

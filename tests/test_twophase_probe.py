@@ -182,12 +182,18 @@ def test_resolve_atomic_rolls_the_coordinator_back_first_and_the_live_group_foll
         b.close()
 
 
-def test_decision_on_a_read_only_handle_says_prepared_for_a_gid_in_doubt(tmp_path):
-    path = str(tmp_path / "s")
+def _writer_with_prepared(path: str):
+    """A writer at ``path`` holding transaction ``g`` prepared (it put ``k``)."""
     w = walstore.open(path)
     t = w.transaction()
     t.put("k", 1)
     t.prepare("g")
+    return w
+
+
+def test_decision_on_a_read_only_handle_says_prepared_for_a_gid_in_doubt(tmp_path):
+    path = str(tmp_path / "s")
+    w = _writer_with_prepared(path)
     with walstore.open(path, readonly=True) as ro:  # beside the writer
         assert ro.prepared() == ["g"]
         assert w.decision("g") == ro.decision("g") == "prepared"
@@ -203,10 +209,7 @@ def test_decision_on_a_read_only_handle_says_prepared_for_a_gid_in_doubt(tmp_pat
 
 def test_commit_prepared_on_a_read_only_handle_is_a_read_only_error(tmp_path):
     path = str(tmp_path / "s")
-    w = walstore.open(path)
-    t = w.transaction()
-    t.put("k", 1)
-    t.prepare("g")
+    w = _writer_with_prepared(path)
     try:
         with walstore.open(path, readonly=True) as ro:
             with pytest.raises(walstore.ReadOnlyError, match="read-only"):
