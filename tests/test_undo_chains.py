@@ -5,8 +5,9 @@ state away again or brings it back.  Bringing it back while the world stays refu
 raises RevertConflict naming the action unless ``force=True`` (then it reads
 ``needs-redo``); taking it away clears that mark (``compensated``).  A probe found the
 "unredo" (an undo that cleared the mark) ignored: reverting it brought the charged state
-back silently, the action left ``compensated``.  Also: an undo's plan (and its
-``TxnInfo.keys``) lists only keys whose value changes."""
+back silently, the action left ``compensated``.  Also: an undo's plan lists only keys
+whose value changes, while an undo that does something writes every key of what it
+undid (a later revert of one of those transactions meets it as a later writer)."""
 from __future__ import annotations
 
 import random
@@ -181,3 +182,29 @@ def test_a_revert_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(
     assert u.txid in e.value.txids
     assert store.get("order/1") is None
     assert store.get_action(act.id).state == "compensated" and refunds == [act.id]
+
+def test_a_rewind_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(store):
+    """The same as a revert's, for a rewind: T charges, W deletes the key, a rewind to
+    before T undoes both (T's charge refunded) and leaves the key as it began.  Left out
+    of the rewind's writes, `revert(W)` found no later writer and brought T's "charged"
+    back with the refund standing (left alone at stop 35).  The rewind writes it now (its
+    plan still lists only keys that change); a second rewind to the point does nothing."""
+    store.restore_point("p")
+    t, aid = charge(store)
+    with store.transaction() as w:
+        w.delete("order/1")
+    plan = store.rewind("p", dry_run=True)
+    assert plan.keys == [] and [a.id for a in plan.compensations] == [aid]
+    r = store.rewind("p")
+    assert sorted(r.extra["reverts"]) == sorted([t, w.id]) and store.refunds == [aid]
+    assert list(r.keys) == ["order/1"]  # (written, though it ends as it began: absent)
+    assert store.rewind("p") is None  # (nothing to do: nothing written)
+    with pytest.raises(walstore.RevertConflict) as e:
+        store.revert(w.id)
+    assert r.txid in e.value.txids
+    assert store.get("order/1") is None
+    agrees(store, aid)
+    with pytest.raises(walstore.RevertConflict) as e:  # cascading: undoing the rewind
+        store.revert(w.id, cascade=True)
+    assert e.value.actions == [aid]
+    agrees(store, aid)

@@ -10,7 +10,7 @@ checkpoint), prints ``READY`` and serves one command per line on stdin, answerin
 JSON line each:
 
 ``rewind POINT [SCOPE]``  the real rewind: ``{"reverts", "compensate", "keys", "files",
-                          "refunds"}`` (files: the workspace paths whose content
+                          "refunds"}`` (keys and files: those whose value or content
                           changed; refunds: the action ids the compensator ran for)
 ``quit``                  close the store and exit
 """
@@ -68,13 +68,16 @@ for line in sys.stdin:
     if not cmd or cmd[0] == "quit":
         break
     before, refunds[:] = tree(), []
+    kv_before = dict(s.scan())
     info = s.rewind(cmd[1], scope=cmd[2] if len(cmd) > 2 else None)
-    after = tree()
+    after, kv_after = tree(), dict(s.scan())
     s.checkpoint()  # (applied: the next dry run reads it all from LMDB)
     print(json.dumps({
         "reverts": list(info.extra.get("reverts", ())),
         "compensate": list(info.extra.get("compensate", ())),
-        "keys": sorted(info.keys, key=repr),
+        # the keys whose value changed (the rewind writes others of what it undid too)
+        "keys": sorted((k for k in info.keys if kv_before.get(k) != kv_after.get(k)),
+                       key=repr),
         "files": sorted(p for p in before.keys() | after.keys()
                         if before.get(p) != after.get(p)),
         "refunds": list(refunds)}), flush=True)

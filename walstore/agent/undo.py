@@ -25,10 +25,10 @@ transaction like any other and can itself be reverted.
   ``needs-redo`` (walstore cannot redo the outside world); undoing that one clears the
   marks again (``compensated``).  At any depth, an action ends as the state restored
   (that before the oldest undone undo naming it) says (``_redo_marks``).
-- A rewind plans and writes only keys whose value changes (``_drop_unchanged``: a
-  second rewind to one point finds nothing to do); a revert writes every key of what it
-  undoes, one that ends as it began too (a later revert meets that write as a later
-  writer of the key).
+- A rewind's plan lists only keys whose value changes (``_drop_unchanged``: a second
+  rewind to one point finds nothing to do); but an undo that does something writes
+  every key of what it undoes, one that ends as it began too (a later revert of one of
+  the undone transactions meets that write as a later writer of the key).
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
   code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
   no txid, no scope provider's fence, no write path, nothing logged, so it works on a
@@ -51,6 +51,7 @@ age of the store.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -409,6 +410,7 @@ class Undo:
                                                         in_range_actions)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
+        plan._same = {}  # type: ignore[attr-defined]  # (keys that end as they began)
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
         plan._force = force  # type: ignore[attr-defined]
         # the oldest history the plan reads: the point, or just before the oldest undone
@@ -500,13 +502,20 @@ class Undo:
         return ids, unredo
 
     def _drop_unchanged(self, tx: "Transaction", plan: UndoPlan) -> None:
-        """Keep in the plan only the keys whose value would really change."""
+        """Keep in the plan only the keys whose value would really change; the others go
+        to ``plan._same``.  A rewind that changes nothing else writes none of them (a
+        second rewind to one point finds nothing to do); one that does writes them too
+        (``_commit``): an undone transaction's key that ends as it began is still written,
+        so a later revert of one of the transactions it undid meets the rewind as a later
+        writer of that key, as it meets a revert (left out, `revert(W)` after a rewind
+        that undid T and W brought T's refunded charge back)."""
         restore = plan._restore  # type: ignore[attr-defined]
+        same = plan._same  # type: ignore[attr-defined]
         reader = self.engine.reader
         for k, lsn in list(restore.items()):
             if reader.as_of(k, lsn) == reader.as_of(k, tx.snapshot):
                 tx.read_keys.add(k)  # still read: a change to it meanwhile is a conflict
-                del restore[k]
+                same[k] = restore.pop(k)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
 
     def _check_retained(self, plan: UndoPlan) -> None:
@@ -537,7 +546,8 @@ class Undo:
         still owed their compensations (the caller runs them, outside the gate)."""
         restore = plan._restore  # type: ignore[attr-defined]
         reader = self.engine.reader
-        for k, lsn in restore.items():
+        for k, lsn in itertools.chain(restore.items(),
+                                      plan._same.items()):  # type: ignore[attr-defined]
             tx.read_keys.add(k)
             tx._set(k, reader.as_of(k, lsn))  # its value just before the oldest undone writer
         body = dict(extra)
