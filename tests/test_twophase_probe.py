@@ -10,7 +10,9 @@ fault-injecting file backend of tools/faults.py.
 * ``commit_prepared`` on a read-only handle raised AttributeError;
 * ``resolve_atomic()`` with no store raised a bare IndexError;
 * a CompensationFailed out of ``with walstore.atomic(...)`` did not chain the exception
-  that made the group roll back (a plain transaction's does).
+  that made the group roll back (a plain transaction's does);
+* ``tx.commit()`` on a prepared transaction another caller had decided raised UnknownGid
+  and left the transaction "active" (left alone at stop 35).
 """
 from __future__ import annotations
 
@@ -244,3 +246,34 @@ def test_compensation_failed_out_of_an_atomic_group_chains_the_bodys_error(tmp_p
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("decided", ["commit", "rollback"])
+def test_commit_of_a_prepared_transaction_another_caller_decided_says_how_it_ended(
+        tmp_path, decided):
+    """``store.commit_prepared`` / ``rollback_prepared`` (as ``resolve_atomic`` does)
+    decides a transaction whose owner still holds it; the owner's ``commit()`` then
+    raises UnknownGid saying how it ended, and the transaction reads so (it read
+    "active", and a later ``rollback()`` raised UnknownGid again)."""
+    refunds = []
+    s = walstore.open(str(tmp_path / "s"), durability="full",
+                      compensators={"refund": lambda a: refunds.append(a.id)})
+    try:
+        tx = s.transaction()
+        tx.put("order/1", "charged")
+        with tx.action("charge", compensate="refund"):
+            pass
+        tx.prepare("g1")
+        getattr(s, f"{decided}_prepared")("g1")
+        with pytest.raises(walstore.UnknownGid) as e:
+            tx.commit()
+        ended = "committed" if decided == "commit" else "rolled back"
+        assert tx.state == ended and ended in str(e.value)
+        assert (s.get("order/1") == "charged") == (decided == "commit")
+        assert refunds == ([] if decided == "commit" else [s.actions()[0].id])
+        if decided == "commit":
+            assert tx.lsn is not None and tx.lsn == s.log()[0].lsn
+        with pytest.raises(walstore.TransactionClosed):
+            tx.rollback()
+    finally:
+        s.close()

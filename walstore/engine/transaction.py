@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_items, \
     pack_value, prefix_end, unpack_value
-from ..errors import CommitOutcomeUnknown, CorruptionError, TransactionClosed, WalstoreError
+from ..errors import (CommitOutcomeUnknown, CorruptionError, TransactionClosed, UnknownGid,
+                      WalstoreError)
 from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
@@ -444,6 +445,12 @@ class Transaction:
                 # "no prepared transaction" of one still in doubt)
                 self._finish(UNKNOWN, f"the COMMIT deciding {self.gid!r}")
                 raise
+            except UnknownGid as e:  # decided by another caller (``commit_prepared``,
+                self._finish_as_decided()  # ``resolve_atomic``): it stands, and says so
+                if self.state == ACTIVE:
+                    raise
+                raise UnknownGid(f"prepared transaction {self.gid!r} was already decided "
+                                 f"by another caller: it is {self.state}", self.gid) from e
             self._finish(COMMITTED)
             self.lsn = LSN(lsn)
             return self.lsn
@@ -541,13 +548,7 @@ class Transaction:
                 self._finish(UNKNOWN, f"the ROLLBACK_PREPARED of {gid!r}")
                 raise
             finally:  # decided (by this call, or by another caller just before: its
-                eng = self._engine  # decision stands, UnknownGid says so): the state says
-                if self.state == ACTIVE and gid not in eng.prepared:  # which; still in
-                    decided = eng.views.decision(gid)                 # doubt: open still
-                    if gid in eng.pipeline.in_doubt:  # (its fsync failed: recovery decides)
-                        self._finish(UNKNOWN, f"the decision on {gid!r}")
-                    elif decided != "prepared":  # ("prepared": being made durable)
-                        self._finish(COMMITTED if decided == "commit" else ROLLED_BACK)
+                self._finish_as_decided()  # decision stands, UnknownGid says so)
             return
         if not (self.logged or self.effects):
             self._finish(ROLLED_BACK)
@@ -563,6 +564,25 @@ class Transaction:
             self._hooks.end_without_commit(self, cause, lambda: self._finish(ROLLED_BACK))
         finally:
             self.undo_pending = False
+
+    def _finish_as_decided(self) -> None:
+        """A prepared transaction whose gid is decided (by its own call, or by another
+        caller: ``store.commit_prepared``/``rollback_prepared``, ``resolve_atomic``) is
+        finished as the decision says; one still in doubt (its decision's fsync failed)
+        as "outcome unknown"; one whose decision is still being made durable stays open."""
+        gid, eng = self.gid, self._engine
+        if self.state != ACTIVE or gid is None or gid in eng.prepared:
+            return
+        decided = eng.views.decision(gid)
+        if gid in eng.pipeline.in_doubt:  # (its fsync failed: recovery decides)
+            self._finish(UNKNOWN, f"the decision on {gid!r}")
+        elif decided == "commit":
+            self._finish(COMMITTED)
+            row = eng.views.txn_row(self.id)
+            if row is not None and row.get("lsn") is not None:
+                self.lsn = LSN(row["lsn"])
+        elif decided != "prepared":  # ("prepared": its decision being made durable)
+            self._finish(ROLLED_BACK)
 
     def _check_decision_in_doubt(self) -> None:
         """A prepared transaction whose decision (made through ``store.commit_prepared``
