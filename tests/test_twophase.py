@@ -345,6 +345,23 @@ def test_cli_prepared_json_and_commit_prepared(crashed):
     assert json.loads(r.output)["in_doubt"] == []
 
 
+def test_cli_human_output_shows_a_gid_with_a_newline_as_a_json_string(tmp_path):
+    """A gid holding a newline split `recover`'s list of in-doubt gids into two lines
+    that each named nothing, and the `prepared` table's row: shown as a JSON string now,
+    in every human output that names it (--json gives it as it is)."""
+    path, gid = tmp_path / "store", "pay\n42"
+    _seed(path)
+    assert "PREPARED" in _prepare_in_child(path, gid)
+    r = CliRunner().invoke(cli, ["recover", str(path)])
+    assert r.exit_code == 1 and r.output.splitlines()[-2].endswith(': "pay\\n42"'), r.output
+    r = CliRunner().invoke(cli, ["prepared", str(path)])
+    assert r.output.splitlines()[1].startswith('"pay\\n42"  '), r.output
+    assert json.loads(CliRunner().invoke(cli, ["prepared", str(path), "--json"]).output
+                      )["prepared"][0]["gid"] == gid
+    r = CliRunner().invoke(cli, ["commit-prepared", str(path), gid])
+    assert r.exit_code == 0 and r.output.startswith('committed "pay\\n42" at LSN'), r.output
+
+
 def test_cli_rollback_prepared(crashed):
     r = CliRunner().invoke(cli, ["rollback-prepared", str(crashed), GID])
     assert r.exit_code == 0, r.output

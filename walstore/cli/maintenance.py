@@ -11,7 +11,7 @@ import walstore
 from . import _engine, main
 from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
-                     end_progress, kv_lines, progress_printer)
+                     end_progress, kv_lines, progress_printer, show_gid)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
 NORMAL_PROBLEMS = ("torn-tail", "stale-bytes", "watch-undone")
@@ -142,7 +142,7 @@ def _print_recovery(doc: dict) -> None:
         click.echo(f"compensations run: {', '.join(doc['compensated'])}")
     if doc.get("in_doubt"):
         click.echo(f"in-doubt prepared transactions (need `walstore commit-prepared` or "
-                   f"`rollback-prepared`): {', '.join(doc['in_doubt'])}")
+                   f"`rollback-prepared`): {', '.join(map(show_gid, doc['in_doubt']))}")
 
 
 @main.command()

@@ -404,6 +404,13 @@ def show_key(k: str | bytes) -> str:
     return "str:" + k if k.startswith(KEY_PREFIXES) else k
 
 
+def show_gid(gid: str) -> str:
+    """A 2PC gid as an operator would type it back: as it is, or as a JSON string when it
+    holds characters a terminal would act on (a newline split ``recover``'s list of
+    in-doubt gids into lines that each named nothing)."""
+    return json.dumps(gid) if _CONTROL.search(gid) else gid
+
+
 class KeyType(click.ParamType):
     """A KEY on the command line: parsed (:func:`parse_key`) and checked as walstore checks
     a key (not empty, at most MAX_KEY_BYTES, valid UTF-8), so a bad one is a usage error

@@ -10,7 +10,7 @@ import walstore
 
 from . import _engine, main, refused
 from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, open_store
-from .output import EXIT_PROBLEM, emit_json, fail, show_value, table
+from .output import EXIT_PROBLEM, emit_json, fail, show_gid, show_value, table
 
 
 @main.command()
@@ -24,7 +24,7 @@ def prepared(path: str, as_json: bool) -> None:
     if as_json:
         emit_json({"prepared": rows})
     else:
-        table([[p["gid"], p["txid"], p["keys"], show_value(p["meta"])] for p in rows],
+        table([[show_gid(p["gid"]), p["txid"], p["keys"], show_value(p["meta"])] for p in rows],
               ["GID", "TXID", "WRITES", "META"])
     if rows:
         raise SystemExit(EXIT_PROBLEM)
@@ -44,7 +44,7 @@ def commit_prepared(path: str, gid: str) -> None:
             lsn = store.commit_prepared(gid)
         except (KeyError, TypeError, ValueError) as e:
             _refuse(gid, e)
-    click.echo(f"committed {gid} at LSN {lsn}")
+    click.echo(f"committed {show_gid(gid)} at LSN {lsn}")
 
 
 @main.command("rollback-prepared")
@@ -69,7 +69,7 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
             fail(f"rolled back, but {e}")
         owed = [a for a in store.pending_compensations() if a.txid in txids]
         registered = dict(store.compensators)
-    click.echo(f"rolled back {gid}")
+    click.echo(f"rolled back {show_gid(gid)}")
     if owed:
         report_owed(owed, registered)
         raise SystemExit(EXIT_PROBLEM)
