@@ -248,3 +248,74 @@ def test_reverting_a_scoped_rewind_leaves_the_scope_rewindable(store):
     assert store.txn_info(store.log(limit=1)[0].txid).scope == "sess/1/"
     store.rewind("p", scope="sess/1/")
     assert store.get("memory/fact") is None and store.get("sess/1/item") is None
+
+
+def test_a_scoped_undo_of_a_forced_undo_keeps_the_mark_of_an_action_outside_the_scope(store):
+    """A transaction tagged "a/" charges a/c and writes b/k; revert, then a forced revert
+    of that (a/c back, the charge needs-redo).  Reverting that forced undo scoped to "b/"
+    puts only b/k back: a/c stays charged, so the mark stays.  It was cleared
+    ("compensated") with the charge standing in the state and refunded in the world
+    (probe-undo)."""
+    with store.transaction(scope="a/") as tx:
+        tx.put("a/c", 10)
+        act(tx, "charge")
+        tx.put("b/k", 1)
+    v = store.revert(tx.id)
+    w = store.revert(v.txid, force=True)
+    assert states(store) == {"charge": "needs-redo"} and store.get("a/c") == 10
+    plan = store.revert(w.txid, scope="b/", force=True, dry_run=True)
+    assert plan.keys == ["b/k"] and plan.unredo == [] and plan.needs_redo == []
+    x = store.revert(w.txid, scope="b/", force=True)
+    assert "unredo" not in x.extra
+    assert store.get("a/c") == 10 and store.get("b/k") is None
+    assert states(store) == {"charge": "needs-redo"} and store.ledger == ["undo charge"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_scoped_rewind_brings_back_nothing_of_an_action_outside_the_scope(store, force):
+    """An untagged transaction charges a/c (declared in "a/") and writes b/k; a rewind
+    refunds it.  Rewinding "b/" to just after it brings b/k back and nothing of the
+    charge: no RevertConflict naming it, no needs-redo mark (forced, it read needs-redo
+    with a/c absent and the world refunded: an operator would charge again; probe-undo)."""
+    store.restore_point("start")
+    with store.transaction() as tx:
+        tx.put("a/c", 10)
+        act(tx, "charge", scope="a/")
+        tx.put("b/k", 1)
+    store.restore_point("after")
+    store.rewind("start")
+    assert states(store) == {"charge": "compensated"}
+    store.rewind("after", scope="b/", force=force)
+    assert store.get("b/k") == 1 and store.get("a/c") is None
+    assert states(store) == {"charge": "compensated"} and store.ledger == ["undo charge"]
+
+
+def test_an_action_resolved_by_hand_is_resolved_again_when_its_needs_redo_is_undone(tmp_path):
+    """A refund that failed, resolved by hand with a note; a forced revert of the revert
+    marks it needs-redo; undoing that forced revert ends it as it was: "resolved", its
+    note back.  It read "compensated" (a compensator that never succeeded) with the note
+    gone (probe-undo)."""
+    def refund(action):
+        raise RuntimeError("payments API down")
+    s = walstore.open(str(tmp_path / "s"), durability="none", compensators={"refund": refund})
+    try:
+        with s.transaction() as tx:
+            tx.put("c/1", 10)
+            with tx.action("charge", compensate="refund") as a:
+                pass
+        with pytest.raises(walstore.CompensationFailed):
+            s.revert(tx.id)
+        v = s.log(limit=1)[0]
+        s.resolve(a.id, note="refunded by hand, ticket 42")
+        w = s.revert(v.txid, force=True)
+        assert s.get_action(a.id).state == "needs-redo" and s.get("c/1") == 10
+        s.revert(w.txid)
+        got = s.get_action(a.id)
+        assert (got.state, s.get("c/1")) == ("resolved", None)
+        assert "ticket 42" in (got.error or "")
+        s.close()
+        s = walstore.open(str(tmp_path / "s"), durability="none",
+                          compensators={"refund": refund})
+        assert s.get_action(a.id).state == "resolved"  # (the same, folded from the log)
+    finally:
+        s.close()

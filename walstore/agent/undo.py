@@ -338,6 +338,7 @@ class Undo:
         in_scope = self._ws_filter(rng)
         mixed_with_actions = []
         undone_txids = set()
+        partly: set[int] = set()  # undone only inside the scope (not wholly)
         kept_writers: dict[bytes, list[tuple[int, int]]] = {}  # key -> (lsn, txid) not undone
         kept_path_writers: dict[tuple, list[tuple[int, int]]] = {}  # the same for paths
         in_range_actions: set[str] = set()
@@ -375,6 +376,7 @@ class Undo:
                 if not mine and not declared and not mine_paths:
                     continue
                 undone_txids.add(info.txid)
+                partly.add(info.txid)
             for k in mine:
                 restore[k] = info.lsn  # newest first: ends at the oldest writer's LSN
             for p in mine_paths:
@@ -407,7 +409,7 @@ class Undo:
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
         plan.needs_redo, plan.unredo = self._redo_marks(infos, undone_txids, force,
-                                                        in_range_actions)
+                                                        in_range_actions, rng, partly)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
         plan._same = {}  # type: ignore[attr-defined]  # (keys that end as they began)
@@ -449,7 +451,8 @@ class Undo:
         return items
 
     def _redo_marks(self, infos: list[TxnInfo], undone: set, force: bool,
-                    in_range: set = frozenset()) -> tuple[list[str], list[str]]:
+                    in_range: set = frozenset(), rng: ScopeRange | None = None,
+                    partly: set = frozenset()) -> tuple[list[str], list[str]]:
         """The needs-redo marks an undo makes and clears: ``(needs_redo, unredo)``.
 
         Each undone undo moved the state of the actions it names: ``compensate`` and
@@ -467,15 +470,29 @@ class Undo:
           is refused (a refund about to run cannot be told from one that never will);
         - else the state is the compensated one: an action marked ``needs-redo`` is
           ``compensated`` again (a mark left behind would tell an operator to redo what
-          the state says is undone)."""
+          the state says is undone).
+
+        A scoped undo takes an undo it undoes only ``partly`` (its keys inside the scope)
+        as a move of only the actions whose state lies inside the scope
+        (``_state_in_scope``): the others' keys stay as they are, and so do their marks
+        (moved, a scoped undo cleared a needs-redo mark while the charged keys outside
+        the scope stayed, or refused, or marked needs-redo, an action it brought nothing
+        of back: probe-undo)."""
         back: dict[str, bool] = {}  # action id -> its charged state before the oldest move
+        inside: dict[str, bool] = {}  # action id -> its state lies inside the scope
         for info in infos:  # newest first: the oldest undone move is seen last and wins
             if info.txid not in undone:
                 continue
-            for aid in (*info.extra.get("compensate", ()), *info.extra.get("unredo", ())):
-                back[aid] = True
-            for aid in info.extra.get("redo", ()):
-                back[aid] = False
+            moves = [(aid, True) for aid in (*info.extra.get("compensate", ()),
+                                              *info.extra.get("unredo", ()))]
+            moves += [(aid, False) for aid in info.extra.get("redo", ())]
+            for aid, charged in moves:
+                if info.txid in partly:
+                    if aid not in inside:
+                        inside[aid] = self._state_in_scope(aid, rng)
+                    if not inside[aid]:
+                        continue
+                back[aid] = charged
         ids, owed, unredo = [], [], []
         for aid, charged in back.items():
             row = self.engine.views.action_row(aid) or {}
@@ -500,6 +517,23 @@ class Undo:
                                  f"use force=True to undo anyway and mark them 'needs-redo'",
                                  actions=ids)
         return ids, unredo
+
+    def _state_in_scope(self, aid: str, rng: ScopeRange) -> bool:
+        """Does the state of action ``aid`` lie inside ``rng``: declared in that scope, or
+        (undeclared) its transaction tagged with it, or untagged with a key inside it (a
+        transaction whose keys lie both sides counts as inside: the charged state comes
+        back in part, so RevertConflict asks).  Its transaction's history trimmed: inside
+        (the cautious answer)."""
+        row = self.engine.views.action_row(aid) or {}
+        if row.get("scope") is not None:
+            return rng.same(row["scope"])
+        try:
+            info = self.history.txn_info(int(aid.partition(".")[0]))
+        except (KeyError, HistoryTrimmed, ValueError):
+            return True
+        if info.scope is not None:
+            return rng.same(info.scope)
+        return any(rng.contains(encode_key(k)) for k in info.keys)
 
     def _drop_unchanged(self, tx: "Transaction", plan: UndoPlan) -> None:
         """Keep in the plan only the keys whose value would really change; the others go

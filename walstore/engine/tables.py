@@ -242,16 +242,26 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         for aid in field("redo", ()):
             row = get_row(aid)
             if row is not None:
-                out.append(dict(row, state=NEEDS_REDO,
+                # (``marked_from``: how it ended before the mark, what ``unredo`` restores:
+                # one resolved by hand read "compensated" after it, its note gone)
+                prior = row.get("marked_from") if row.get("state") == NEEDS_REDO else \
+                    [row.get("state"), row.get("error")]
+                out.append(dict(row, state=NEEDS_REDO, marked_from=prior,
                                 error=f"its compensation was reverted by transaction "
                                       f"{event.txid}: redo it by hand"))
         for aid in field("unredo", ()):  # the undo that marked it needs-redo is undone:
             row = get_row(aid)           # the state matches the compensated world again
             if row is not None and row.get("state") == NEEDS_REDO:
-                out.append(dict(row, state=COMPENSATED,
-                                error=f"its needs-redo mark was undone by transaction "
-                                      f"{event.txid} (the state is back to the compensated "
-                                      f"one)"))
+                new = dict(row)
+                prior = new.pop("marked_from", None)
+                if isinstance(prior, list) and len(prior) == 2 and prior[0] == RESOLVED:
+                    new.update(state=RESOLVED, error=prior[1])  # (its note back)
+                else:
+                    new.update(state=COMPENSATED,
+                               error=f"its needs-redo mark was undone by transaction "
+                                     f"{event.txid} (the state is back to the compensated "
+                                     f"one)")
+                out.append(new)
         return out
     if t in (RecordType.ABORT, RecordType.ROLLBACK_PREPARED):
         why = ("in flight in the source store when it was copied: never run automatically"
