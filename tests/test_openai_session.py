@@ -297,6 +297,131 @@ def test_compaction_replaces_the_history_in_one_transaction(store):
     run(go())
 
 
+def _exchange_item(i):
+    return [{"type": "message", "role": "user", "content": f"q{i}"},
+            {"type": "message", "role": "assistant", "status": "completed",
+             "content": [{"type": "output_text", "text": f"a{i}", "annotations": []}]}]
+
+
+async def _auto_compact(session, model_items, during=None):
+    """One automatic compaction by the SDK's own OpenAIResponsesCompactionSession over
+    ``session`` (a fake ``responses.compact``: no network), as Runner starts it after a turn
+    whose model exchange held ``model_items``; ``during()`` runs while the request is in
+    flight.  Returns the items the fake API was sent."""
+    import types
+    from agents.memory.openai_responses_compaction_session import (
+        OpenAIResponsesCompactionSession)
+    from agents.run_internal.items import digest_input_item
+    sent = []
+
+    class Responses:
+        async def compact(self, **kw):
+            sent.append(kw.get("input"))
+            if during is not None:
+                await during()
+            return types.SimpleNamespace(output=[{"type": "message", "role": "user",
+                                                  "content": "summary"}], usage=None)
+    comp = OpenAIResponsesCompactionSession(
+        "c", session, client=types.SimpleNamespace(responses=Responses()),
+        should_trigger_compaction=lambda ctx: True)
+    wrapper = types.SimpleNamespace(
+        _session_compaction_is_automatic=True, usage=None,
+        _session_compaction_model_exchange=(
+            tuple(digest_input_item(i) for i in model_items), None))
+    await comp._run_compaction({"response_id": "resp_1", "compaction_mode": "input"},
+                               wrapper=wrapper)
+    return sent
+
+
+@pytest.mark.parametrize("window", ["whole", "suffix"])
+def test_automatic_compaction_keeps_an_item_added_while_it_ran_like_sqlite(
+        store, tmp_path, window):
+    # (probe-openai: without _get_compaction_snapshot the SDK fell back to
+    # _atomic_replace_items, which replaced the whole history blindly: an item another
+    # session object added while the compaction request was in flight was deleted.
+    # SQLiteSession's snapshot compares the stored suffix and skips the replacement.)
+    history = [it for i in range(6) for it in _exchange_item(i)]
+    model = history if window == "whole" else history[-4:]
+
+    async def scenario(make):
+        base, other = make(), make()
+        await base.add_items(history)
+        await _auto_compact(base, model,
+                            during=lambda: other.add_items([user("CONCURRENT")]))
+        return await base.get_items()
+
+    async def go():
+        db = str(tmp_path / "x.db")
+        expected = await scenario(lambda: SQLiteSession("c", db))
+        assert expected == history + [user("CONCURRENT")]   # SQLite skips the replacement
+        before = len(store.log())
+        got = await scenario(lambda: WalstoreSession("c", store))
+        assert got == expected
+        assert len(store.log()) == before + 2   # the two add_items; the refusal wrote nothing
+    run(go())
+
+
+@pytest.mark.parametrize("window", ["whole", "suffix"])
+def test_automatic_compaction_replaces_the_suffix_in_one_transaction_like_sqlite(
+        store, tmp_path, window):
+    history = [it for i in range(6) for it in _exchange_item(i)]
+    model = history if window == "whole" else history[-4:]
+
+    async def scenario(session):
+        await session.add_items(history)
+        sent = await _auto_compact(session, model)
+        await session.add_items([user("next")])
+        return sent, await session.get_items()
+
+    async def go():
+        expected = await scenario(SQLiteSession("c", str(tmp_path / "x.db")))
+        summary = {"type": "message", "role": "user", "content": "summary"}
+        kept = [] if window == "whole" else history[:-4]
+        assert expected[1] == kept + [summary, user("next")]
+        s = WalstoreSession("c", store)
+        log = len(store.log())
+        assert await scenario(s) == expected
+        assert len(store.log()) == log + 3      # add, ONE replacing commit, add
+        assert [t.meta for t in store.log()[-3:]][1] == {"openai_session": "c",
+                                                         "op": "compact_items"}
+    run(go())
+
+
+def test_compaction_snapshot_refuses_a_changed_branch_or_suffix(store):
+    s = WalstoreSession("t", store)
+
+    async def go():
+        await s.add_items([user(str(i)) for i in range(5)])
+        snap = await s._get_compaction_snapshot(3)
+        assert snap.items == [user("2"), user("3"), user("4")] and snap.complete is False
+        whole = await s._get_compaction_snapshot(10)
+        assert whole.complete is True and len(whole.items) == 5
+        assert (await s._get_compaction_snapshot(5)).complete is True
+        # another branch made current meanwhile: refused, nothing changes
+        await s.create_branch_from_turn(5, "alt")
+        assert await snap.replace_suffix(0, [user("S")]) is False
+        await s.switch_to_branch("main")
+        assert await s.get_items() == [user(str(i)) for i in range(5)]
+        # the newest item popped and added back equal: the history is the same, replaced
+        await s.add_items([await s.pop_item()])
+        assert await snap.replace_suffix(1, [user("S")]) is True
+        assert await s.get_items() == [user("0"), user("1"), user("2"), user("S")]
+        assert await snap.replace_suffix(1, [user("T")]) is False   # the suffix changed
+        assert await snap.replace_suffix(3, [user("T")]) is False   # nothing to replace
+        assert await s.get_items(branch="alt") == [user(str(i)) for i in range(4)]
+        # prune_prefix drops the oldest items it approves, up to the first it refuses
+        snap = await s._get_compaction_snapshot(1, prune_prefix=lambda i: i["content"] != "2")
+        with pytest.raises(TypeError):   # an unstorable item: nothing replaced
+            await snap.replace_suffix(0, [{"x": object()}])
+        assert await snap.replace_suffix(0, [user("U")]) is True
+        assert await s.get_items() == [user("2"), user("U")]
+
+        class Mine(WalstoreSession):   # may store items its own way: the SDK falls back
+            pass
+        assert await Mine("v", store)._get_compaction_snapshot(3) is None
+    run(go())
+
+
 def test_add_items_is_one_transaction_and_all_or_nothing(store):
     s = WalstoreSession("t", store)
 

@@ -33,15 +33,26 @@ error names the item's index in the batch; nothing of the batch is added).  A ``
 that is not an int (``2.5``, ``nan``) raises ``TypeError`` (SQLiteSession's query fails).
 
 Every call is one walstore transaction (writes go through ``store.run``, which retries an
-optimistic conflict with another process or session object), so an ``add_items`` is on
-disk whole or not at all (``durability="full"``: before it returns).  The blocking store
-work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession does; a mutation
-whose awaiting task is cancelled still finishes and then re-raises the cancellation, so the
-caller never mistakes a committed write for a dropped one.  Writers of one session in one
+optimistic conflict with another writer in the process: another session object, thread
+or transaction on the same store), so an ``add_items`` is on disk whole or not at all
+(``durability="full"``: before it returns).  Unlike SQLiteSession, whose file many
+processes may write, a store has ONE writer process (a second ``walstore.open`` of it
+raises ``StoreLocked``): other processes read the sessions with ``readonly=True``.  The
+blocking store work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession
+does; a mutation whose awaiting task is cancelled still finishes and then re-raises the
+cancellation, so the caller never mistakes a committed write for a dropped one.  Writers of one session in one
 process take a lock (an in-process queue instead of optimistic retries); readers read one
 snapshot and take no lock.  A rewind does not take it: its compensations are user code and
 may write to the session (e.g. add a "booking cancelled" item); the store serializes the
 rewind against other writers itself.
+
+History compaction (the SDK's ``OpenAIResponsesCompactionSession``) uses SQLiteSession's
+two hooks: automatic compaction after a run reads ``_get_compaction_snapshot`` (the
+newest items of the current branch) and replaces their suffix in one transaction only
+if it is unchanged, so an item another session object added while the compaction
+request was in flight survives (the replacement is skipped, as over SQLiteSession); a
+manual ``run_compaction()`` replaces the whole history in one transaction
+(``_atomic_replace_items``).
 
 Key layout (str keys; ``S`` is the session id and ``B`` a branch name, both
 percent-encoded so no session's prefix is a prefix of another's; ``oa/`` is the
@@ -416,6 +427,8 @@ class WalstoreSession:
         ``clear_session`` then ``add_items(items)`` as ONE transaction, so a crash or an
         error leaves the old history or the new one, never the empty gap between the two
         calls the SDK makes without it (SQLiteSession replaces in one transaction too).
+        Used by manual ``run_compaction()`` (and by automatic compaction only when
+        ``_get_compaction_snapshot`` gives none): it does not check what it replaces.
         Returns True (replaced); False for a subclass, which may store items its own way."""
         if type(self) is not WalstoreSession:
             return False
@@ -430,6 +443,75 @@ class WalstoreSession:
                 tx.put(f"{prefix}{i + 1:0{_SEQ_DIGITS}d}", item)
         await self._write("replace_items", replace)
         return True
+
+    async def _get_compaction_snapshot(
+            self, limit: int, *,
+            prune_prefix: Callable[[Any], bool] | None = None) -> Any | None:
+        """The SDK's hook for automatic history compaction (``OpenAIResponsesCompactionSession``
+        after a run; SQLiteSession's protocol): the newest ``limit`` items of the current
+        branch, oldest first, whether they are all of it, and ``replace_suffix(start,
+        output)``, a compare-and-swap.  It replaces the snapshot's items from ``start`` on
+        with ``output`` in ONE transaction (the session's write path: an optimistic
+        conflict retries it, re-reading) only if the current branch is still the
+        snapshot's and its newest items are still exactly those (same positions, same
+        contents: an item popped and added back equal counts as unchanged, where
+        SQLiteSession's new row id would refuse); otherwise it changes nothing and returns False (the SDK then keeps the
+        history: an item another session object added while the compaction request was
+        in flight is not lost).  Older items stay, except that ``prune_prefix`` (passed
+        by the SDK's EncryptedSession) removes the oldest items it approves of, up to the
+        first it refuses, in the same transaction.  None for a subclass (it may store
+        items its own way) or an SDK without the snapshot type."""
+        if type(self) is not WalstoreSession:
+            return None
+        try:
+            from agents.memory.session import _CompactionSnapshot
+        except ImportError:   # an SDK without suffix compaction
+            return None
+        self._check_open()
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        want = max(limit, 0)
+
+        def read(tx: "Transaction") -> tuple[str, list[tuple[int, Any]], bool]:
+            branch = self._current_branch(tx)
+            got = self._newest(tx, branch, want + 1)   # one more: are there older items?
+            return branch, got[len(got) - want:] if len(got) > want else got, len(got) <= want
+        branch, rows, complete = await self._read(read)
+        # compared as JSON text, as SQLiteSession compares its rows (an item holding NaN
+        # equals itself)
+        expected_all = [(seq, json.dumps(item)) for seq, item in rows]
+
+        async def replace_suffix(start: int, output: list[Any]) -> bool:
+            expected = expected_all[start:]
+            if not expected:
+                return False
+            self._check_open()
+            stored = [_stored(_normalize(item)) for item in output]  # TypeError before any write
+            _check_item_sizes(stored)
+            first = expected[0][0]
+            prefix = self._items_prefix(branch)
+
+            def replace(tx: "Transaction") -> bool:
+                if self._current_branch(tx) != branch:
+                    return False
+                current = self._newest(tx, branch, len(expected))
+                if [(seq, json.dumps(item)) for seq, item in current] != expected:
+                    return False
+                if prune_prefix is not None:
+                    for seq, item in self._scan_items(tx, branch):
+                        if seq >= first or not prune_prefix(item):
+                            break
+                        tx.delete(f"{prefix}{seq:0{_SEQ_DIGITS}d}")
+                for seq, _item in expected:
+                    tx.delete(f"{prefix}{seq:0{_SEQ_DIGITS}d}")
+                # numbered after the replaced items, as SQLite's new rows are
+                nxt = expected[-1][0] + 1
+                for i, item in enumerate(stored):
+                    tx.put(f"{prefix}{nxt + i:0{_SEQ_DIGITS}d}", item)
+                return True
+            return await self._write("compact_items", replace)
+
+        return _CompactionSnapshot([item for _seq, item in rows], complete, replace_suffix)
 
     # ---- more than the protocol -------------------------------------------------------------
     async def pop_items(self, n: int) -> list[Any]:
