@@ -410,7 +410,15 @@ def test_pending_writes_of_a_run_whose_thread_went_are_fenced_like_its_put(tmp_p
         assert hits == [], hits
         assert os.path.isdir(path)
     else:
-        assert graph.get_state(config).values == first.values
+        # the thread's newest checkpoint is the first one again, nothing of the fenced run
+        # in it; its values are the first's, with its input task's writes applied when
+        # LangGraph committed them before the checkpoint itself (its background put_writes
+        # and put race even with durability="sync": 1 run in ~10 under load), since a
+        # rewind keeps what was saved up to the checkpoint's commit
+        now = graph.get_state(config)
+        assert now.config["configurable"]["checkpoint_id"] == \
+            first.config["configurable"]["checkpoint_id"]
+        assert now.values in (first.values, {"msgs": first.values.get("msgs", []) + ["hello"]})
         store.close()
 
 
