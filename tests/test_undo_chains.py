@@ -208,3 +208,15 @@ def test_a_rewind_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(
         store.revert(w.id, cascade=True)
     assert e.value.actions == [aid]
     agrees(store, aid)
+
+
+def test_drop_restore_point_of_a_name_that_is_not_a_str_is_a_point_type_error(store):
+    """A list raised a bare "unhashable type" TypeError, an int or None an UnknownPoint
+    that was not a TypeError (probe-retention); every other point API says
+    PointTypeError (an UnknownPoint and a TypeError)."""
+    store.restore_point("a")
+    for bad in (["x"], 5, None, b"a"):
+        with pytest.raises(walstore.UnknownPoint) as e:
+            store.drop_restore_point(bad)
+        assert isinstance(e.value, TypeError)
+    assert "a" in store.restore_points()

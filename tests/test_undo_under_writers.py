@@ -383,3 +383,69 @@ def test_a_cascading_revert_costs_what_it_undoes_not_its_square(tmp_path):
             store.close()
     small, big = rows_read(50), rows_read(200)
     assert big <= 5 * small, (small, big)
+
+
+
+def test_a_commit_right_after_an_undos_snapshot_is_not_in_its_walk_of_later_writers(tmp_path):
+    """The undo's snapshot is the END of what it sees: a commit whose record begins there
+    came after it.  The walk of later writers counted it (``<=``), so a purge committed
+    right after a revert's snapshot, not applied yet, read as a later writer: the revert
+    raised RevertConflict advising a cascade the purge refuses, where the same revert run
+    after the purge succeeded (probe-retention, timing-dependent; here white-box: the
+    walk itself, with a commit made exactly at the snapshot)."""
+    from walstore.agent.undo import _LaterWalk
+    store = walstore.open(tmp_path / "s", durability="none")
+    try:
+        with store.transaction() as t:
+            t.put("k", 1)
+        undo = store._undo
+        tx = undo._begin_undo({"op": "test"})
+        snap = int(tx.snapshot)
+        with store.transaction() as w:
+            w.put("k", 2)
+        assert int(w.lsn) == snap  # (its record begins where the snapshot ends)
+        info = undo.history.txn_info(t.id)
+        assert undo._later_writers(info, None, _LaterWalk(snap)) == []
+        later = _LaterWalk(int(store._engine.memtable.published))
+        assert [i.txid for i in undo._later_writers(info, None, later)] == [w.id]
+        tx.rollback()
+    finally:
+        store.close()
+
+
+def test_a_revert_beside_a_purge_of_its_keys_undoes_the_rest_and_keeps_them_erased(
+        tmp_path):
+    """A purge of T's keys runs while a revert of T plans (after its snapshot): the revert
+    conflicts, plans again after the purge and undoes what is left of T (its action
+    compensated once); the purged key stays erased.  (The walk boundary that made this
+    race raise RevertConflict is the white-box test above.)"""
+    from tools.faults import FaultBackend, installed
+    refunds = []
+    store = walstore.open(tmp_path / "s", durability="none",
+                          compensators={"refund": lambda a: refunds.append(a.id)})
+    try:
+        with store.transaction() as tx:
+            tx.put("user/1/x", "OLD")
+        with store.transaction() as t:
+            t.put("user/1/x", "NEW")
+            t.put("pub/y", 1)
+            with t.action("charge", compensate="refund") as act:
+                pass
+        fired = []
+
+        def purge_once(_name):
+            if not fired:
+                fired.append(1)
+                th = threading.Thread(target=store.purge, args=("user/1/",))
+                th.start()
+                th.join(30)
+        fb = FaultBackend()
+        rule = fb.at_point("undo.resolved", purge_once)
+        with installed(fb):
+            info = store.revert(t.id)
+        assert rule.seen >= 2 and fired  # (planned twice: before and after the purge)
+        assert info is not None and refunds == [act.id]
+        assert store.get("pub/y") is None and store.get("user/1/x") is None
+        assert list(store.scan(prefix="user/1/")) == []
+    finally:
+        store.close()

@@ -368,6 +368,9 @@ class History:
         return {n: LSN(p["lsn"]) for n, p in self.engine.views.points().items()}
 
     def drop_restore_point(self, name: str) -> None:
+        if not isinstance(name, str):  # (a list: a bare "unhashable type" TypeError)
+            raise PointTypeError(f"a restore point name is a str, not "
+                                 f"{type(name).__name__}", name)
         if name not in self.engine.views.points():
             raise UnknownPoint(f"no restore point named {name!r}", name)
         self.engine.log_event(RecordType.RESTORE_POINT,

@@ -280,7 +280,7 @@ class Undo:
         def note(txid: int) -> None:
             if txid != info.txid and txid not in out:
                 got = walk.info(txid, self.history.txn_info)
-                if got.lsn <= walk.upto:
+                if got.lsn < walk.upto:  # (the snapshot is an end: a commit AT it is later)
                     out[txid] = got
 
         for key in info.keys:
@@ -626,8 +626,11 @@ class _PlanSnapshot:
 
 class _LaterWalk:
     """What a cascading revert has walked so far: per key, the lowest LSN its history was
-    read from (up to ``upto``, the undo's snapshot), and the TxnInfo of every transaction
-    met (each read once)."""
+    read from (up to ``upto``, the undo's snapshot: the end of what it sees, so a commit
+    whose record begins there is not in it — counted, a purge committed just after the
+    snapshot read as a later writer, and the revert raised RevertConflict advising a
+    cascade the purge refuses, where it conflicts and plans again after the purge now),
+    and the TxnInfo of every transaction met (each read once)."""
 
     def __init__(self, upto: int) -> None:
         self.upto = upto
@@ -637,7 +640,7 @@ class _LaterWalk:
     def span(self, key: bytes, start: int) -> tuple[int, int] | None:
         """The LSN range [lo, hi) of ``key``'s history still to read from ``start``, or
         None when it was read from there already."""
-        hi = self._from.get(key, self.upto + 1)
+        hi = self._from.get(key, self.upto)
         if start >= hi:
             return None
         self._from[key] = start
