@@ -61,8 +61,11 @@ class HistoricalView:
     def _value(self, k: bytes) -> bytes | None:
         if self._erased and any(lo <= k and (hi is None or k < hi) for lo, hi in self._erased):
             return None
+        eng = self._history.engine
+        if eng.follower is not None:  # a read-only store: a purge its writer applied since
+            eng.follow_state()        # the view was made is read from LMDB (absent)
         try:
-            return self._history.engine.reader.as_of(k, self.lsn + 1)
+            return eng.reader.as_of(k, self.lsn + 1)
         except SnapshotTooOld:  # trimmed while this view was in use: the point is gone
             raise HistoryTrimmed(f"the history of LSN {int(self.lsn)} was trimmed while this "
                                  f"view of it was in use (retention); it is older than the "
@@ -109,6 +112,8 @@ class HistoricalView:
         the range (``hkeys``), so it costs what the range holds, not the log's length."""
         lo, hi = scan_bounds(prefix, start, end)
         eng = self._history.engine
+        if eng.follower is not None:
+            eng.follow_state()  # (as ``_value``: the MemTable's keys without applied ones)
         # keys with history in LMDB, and keys only the MemTable holds yet (a read-only
         # store's view of the writer's WAL tail; a writer's ``at`` drained it)
         fresh = [k for k in eng.memtable.keys_in_range(lo, hi) if k in eng.memtable.versions]

@@ -367,6 +367,7 @@ class Engine:
         self._txid_horizon = 1 << 64
         self.memtable = MemTable(published=self.state.applied_lsn(), limit=1 << 62)
         self.reader = StateReader(self.state, self.memtable)
+        self.reader.follow = self.follow_state
         self.views = Views(self.state, self.memtable)
         self.prepared = PreparedSet()
         self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable,
@@ -384,6 +385,22 @@ class Engine:
             if self.state.replaced():
                 self.state.reopen()
             self.follower.catch_up()
+
+    def follow_state(self) -> None:
+        """Read-only engines, before a read at a snapshot taken earlier (a transaction's
+        later reads, an ``at`` view's): follow the LMDB file the writer swapped in and
+        forget the MemTable events the writer applied since, without reading the log (the
+        snapshot does not move; a stat or two and one LMDB read, where ``refresh`` lists
+        the WAL).  Those reads then go to LMDB, whose purge records and history answer
+        them as in the writer: a purge applied after the snapshot raises SnapshotTooOld in
+        a transaction, a view reads the purged keys as absent.  (Only the first read of a
+        transaction followed the writer: one begun before a purge kept returning the
+        erased value from its MemTable, or from the data file the purge's compaction
+        had swapped out.)"""
+        if self.follower is not None:
+            if self.state.replaced():
+                self.state.reopen()
+            self.follower.forget_applied()
 
     # ---- threads ------------------------------------------------------------------------
     def _start_threads(self) -> None:

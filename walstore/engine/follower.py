@@ -23,8 +23,12 @@ crashed writer's tail that the new writer's recovery cut and overwrote.  No VISI
 (a store whose writers predate it): everything read is published, as before.
 
 Events LMDB already holds are dropped from the MemTable as the writer applies them, so a
-long-lived reader stays bounded.  A record whose payload does not decode ends the read
-(it is the writer's recovery's business, never a reader's guess).
+long-lived reader stays bounded.  Reads at a snapshot taken earlier (a transaction's later
+reads, an ``at`` view's, a streamed scan's next chunks and MemTable rows) read no log but
+still follow a data file the writer swapped in and drop what it applied
+(``forget_applied``): what a purge erased meanwhile is then answered by LMDB, as in the
+writer, never from a stale MemTable version or an old file.  A record whose payload does
+not decode ends the read (it is the writer's recovery's business, never a reader's guess).
 """
 from __future__ import annotations
 
@@ -65,14 +69,26 @@ class Follower:
                 if upto is not None:
                     break
             mt.publish(max(upto if upto is not None else mt.published, applied))
-            with mt.lock:
-                prune = []
-                for ev in mt.events:
-                    if ev.end > applied:
-                        break
-                    prune.append(ev)
-                if prune:
-                    mt.drop_applied(prune)
+            self._drop_applied(applied)
+
+    def forget_applied(self) -> None:
+        """Drop the events LMDB holds now, reading no log and publishing nothing (before a
+        read at a snapshot already taken: ``Engine.follow_state``)."""
+        if not self.memtable.events:
+            return  # (nothing to drop: no LMDB read)
+        with self.lock:
+            self._drop_applied(self.state.applied_lsn())
+
+    def _drop_applied(self, applied: int) -> None:
+        mt = self.memtable
+        with mt.lock:
+            prune = []
+            for ev in mt.events:
+                if ev.end > applied:
+                    break
+                prune.append(ev)
+            if prune:
+                mt.drop_applied(prune)
 
     def _read(self, applied: int) -> None:
         """Queue the events of the records appended since the last read."""

@@ -108,12 +108,22 @@ class StateWriteError(WalstoreError):
     everything; the store must stop writing and be reopened (recovery REDOes the log)."""
 
 
-def _file_id(path: str) -> tuple:
+def _file_id(path: str, lock_file: str | None = None) -> tuple:
+    """The identity of the data file ``path`` and of the lock file beside it
+    (``lock_file``, its path if known).  Both: a compaction renames the data file in, then
+    the lock file, and a reader that reopened between the two renames had the new data
+    file under the OLD lock file (never written again: LMDB's transaction id there is
+    stale, so its meta page is chosen by a stale id); it must see the lock file replaced
+    and reopen again."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return ()
-    return (st.st_dev, st.st_ino)
+    try:
+        lk = os.stat(lock_file or os.path.join(os.path.dirname(path), "lock.mdb"))
+    except FileNotFoundError:
+        return (st.st_dev, st.st_ino)
+    return (st.st_dev, st.st_ino, lk.st_dev, lk.st_ino)
 
 
 def u64(n: int) -> bytes:
@@ -293,6 +303,7 @@ class LmdbState:
     def __init__(self, path: str, map_size: int | None = None, readonly: bool = False) -> None:
         self.path = os.path.realpath(path)
         self.data_file = os.path.join(self.path, "data.mdb")
+        self._lock_file = os.path.join(self.path, "lock.mdb")
         self.readonly = readonly
         with LmdbState._registry_lock:
             shared = LmdbState._registry.get(self.path)
@@ -353,6 +364,8 @@ class LmdbState:
         used = os.path.isdir(wal) and any(n.endswith(".wal") for n in os.listdir(wal))
         check_lmdb_files(path, expect_existing=readonly or used)
         _preallocate_lock(path)
+        # (before LMDB opens the files, see reopen; files the open creates: after it)
+        file_id = _file_id(self.data_file)
         try:
             env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=MAX_DBS,
                             subdir=True, readonly=readonly, sync=True, metasync=False,
@@ -372,7 +385,7 @@ class LmdbState:
                                   file=self.data_file) from e
         shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
-                  "file_id": _file_id(self.data_file)}
+                  "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file)}
         self._open_tables(shared)
         return shared
 
@@ -393,9 +406,9 @@ class LmdbState:
                                   file=os.path.join(env.path(), "data.mdb")) from e
 
     def replaced(self) -> bool:
-        """Has the data file been swapped under us (a writer in another process compacted
-        it)?  A read-only handle then reopens (``reopen``)."""
-        return _file_id(self.data_file) != self.file_id
+        """Has the data file (or its lock file) been swapped under us (a writer in another
+        process compacted it)?  A read-only handle then reopens (``reopen``)."""
+        return _file_id(self.data_file, self._lock_file) != self.file_id
 
     def _make_writable(self, shared: dict, map_size: int | None) -> None:
         """A writer opens what this process holds read-only: the environment is reopened
@@ -433,8 +446,10 @@ class LmdbState:
             def swap() -> None:
                 size = shared["env"].info()["map_size"]
                 shared["env"].close()
+                # (taken before LMDB opens the files: a swap after it is seen next time)
+                file_id = _file_id(self.data_file)
                 shared["env"] = self._new_env(shared["readonly"], size)
-                shared["file_id"] = _file_id(self.data_file)
+                shared["file_id"] = file_id
                 self._open_tables(shared)
                 for handle in list(shared["handles"]):
                     handle._adopt(shared)

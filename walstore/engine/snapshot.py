@@ -21,12 +21,14 @@ Scans are streamed a chunk per short read transaction (16 rows first, then 64, t
 a caller after the first row or two reads little); chunks read after commits past P
 were applied are corrected with the keys those commits changed (found through the
 ``bylsn`` and ``txns`` indexes), so the whole scan shows the state as of P, never part of
-a commit.
+a commit.  In a read-only store each chunk after the first follows the writer's LMDB
+first, as does each row it takes from the MemTable (``StateReader.follow``), so a purge
+the writer applied meanwhile is met here as in the writer.
 """
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..errors import ConflictError
 from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
@@ -67,6 +69,11 @@ class StateReader:
     def __init__(self, state: LmdbState, memtable: MemTable) -> None:
         self.state = state
         self.memtable = memtable
+        # a read-only engine's ``follow_state``, called before each chunk of a streamed
+        # scan after the first and before each MemTable row it yields: the writer's purge
+        # or compaction while the caller holds the scan is met as in the writer
+        # (SnapshotTooOld), not read from a stale MemTable version or a swapped-out file
+        self.follow: Callable[[], None] | None = None
 
     # ---- point reads --------------------------------------------------------------------
     def latest(self, key: bytes) -> bytes | None:
@@ -139,7 +146,10 @@ class StateReader:
         after: bytes | None = None
         st = self.state
         limit = FIRST_CHUNK  # (a caller that wants the first row or two reads few)
+        follow = self.follow
         while True:
+            if follow is not None and after is not None:
+                follow()  # (outside the read: a reopen waits for readers to leave)
             with st.read() as txn:
                 applied = st.applied_past(txn, covered)
                 if applied is not None:
@@ -177,10 +187,16 @@ class StateReader:
             listed, ordered = None, mine
         mt = self.memtable
         visible = mt.visible
+        follow = self.follow
         for k in ordered:
             if listed is not None and k not in listed:
                 v = rows[k]
             else:
+                if follow is not None:
+                    # a read-only store: what its writer applied (a purge) since the keys
+                    # were listed leaves the MemTable now, as the writer's applier does
+                    # there (``drops`` below)
+                    follow()
                 found, v = visible(k, at)
                 if not found:
                     # no version here below ``at``: its value is in LMDB, i.e. ``rows``,

@@ -222,6 +222,17 @@ class Transaction:
             self._snapshot = self._engine.memtable.published
         return self._snapshot
 
+    def _read_at(self) -> int:
+        """The snapshot, for a read.  A read-only store's later reads first follow the
+        writer's LMDB (``Engine.follow_state``: the snapshot stays), so a purge applied
+        since the snapshot raises SnapshotTooOld here as it does in the writer."""
+        at = self._snapshot
+        if at is None:
+            return self.snapshot
+        if self._engine.follower is not None:
+            self._engine.follow_state()
+        return at
+
     def get(self, key: Key, default: Any = None) -> Any:
         self._check_active()
         k = encode_key(key)
@@ -229,7 +240,7 @@ class Transaction:
             v = self._writes[k]
         else:
             self.read_keys.add(k)
-            v = self._engine.reader.as_of(k, self.snapshot, True)
+            v = self._engine.reader.as_of(k, self._read_at(), True)
         if v is None:
             return default
         try:
@@ -253,7 +264,7 @@ class Transaction:
         lo, hi = scan_bounds(prefix, start, end)
         self.read_ranges.append((lo, hi))
         mine = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
-        committed = self._engine.reader.scan(lo, hi, reverse, self.snapshot)
+        committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
         for k, v in _overlay(committed, mine, reverse):
             try:
                 item = decode_key(k), unpack_value(v)
