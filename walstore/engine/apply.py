@@ -17,6 +17,7 @@ transaction.
 from __future__ import annotations
 
 import itertools
+from typing import Callable
 import operator
 import struct
 
@@ -48,6 +49,11 @@ class Applier:
 
     def __init__(self, state: LmdbState) -> None:
         self.state = state
+        # purges applied so far (counted once their LMDB transaction committed): a streamed
+        # scan holding rows read before one must not yield what it erased
+        # (``StateReader.purge_epoch``); ``on_purge`` tells read-only processes (VISIBLE)
+        self.purges_applied = 0
+        self.on_purge: "Callable[[int], None] | None" = None
 
     # ---- log events --------------------------------------------------------------------
     def apply(self, events: list[Event], applied_end: int) -> None:
@@ -65,6 +71,7 @@ class Applier:
 
     def _apply(self, events: list[Event], applied_end: int) -> None:
         st = self.state
+        erased: list = []  # the purges of the batch (the LMDB transaction's last attempt)
 
         def body(txn) -> None:
             latest: dict[bytes, bytes | None] = {}
@@ -195,8 +202,13 @@ class Applier:
             if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta), 0, "meta",
                                           b"next_txid", st) <= max_txid:
                 txn.put(b"next_txid", u64(max_txid + 1), db=st.meta)
+            erased[:] = purges
 
         st.write(body)
+        if erased:
+            self.purges_applied += len(erased)
+            if self.on_purge is not None:
+                self.on_purge(self.purges_applied)
 
     def _decide(self, txn, gid: str, decision: bytes) -> None:
         st = self.state

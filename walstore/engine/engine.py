@@ -250,8 +250,11 @@ class Engine:
         # mark may lie past a log a power loss cut), then moved by every publication
         self.shared_mark = SharedMark(self.layout.root, self.memtable.published)
         self.memtable.share = self.shared_mark.set
+        self.applier.on_purge = self.shared_mark.note_purges
         self.journal = Journal(self.wal, self.memtable, self.durability)
         self.reader = StateReader(self.state, self.memtable)
+        applier = self.applier
+        self.reader.purge_epoch = lambda: applier.purges_applied
         self.views = Views(self.state, self.memtable)
         self.prepared = PreparedSet()
         self.pipeline = CommitPipeline(self, self.journal,
@@ -370,8 +373,10 @@ class Engine:
         self.reader.follow = self.follow_state
         self.views = Views(self.state, self.memtable)
         self.prepared = PreparedSet()
+        marks = MarkReader(self.layout.root)
         self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable,
-                                 MarkReader(self.layout.root))
+                                 marks)
+        self.reader.purge_epoch = marks.purge_epoch
         self.refresh()
 
     def writer_alive(self) -> bool:

@@ -28,7 +28,7 @@ the writer applied meanwhile is met here as in the writer.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from ..errors import ConflictError
 from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
@@ -74,6 +74,11 @@ class StateReader:
         # or compaction while the caller holds the scan is met as in the writer
         # (SnapshotTooOld), not read from a stale MemTable version or a swapped-out file
         self.follow: Callable[[], None] | None = None
+        # changes whenever a purge was applied to LMDB (the writer's applier count; a
+        # read-only store's, the writer's shared in VISIBLE): a streamed scan compares it
+        # before each row it yields, so rows it read before a purge that the purge erased
+        # are never yielded after it (they were, up to a chunk's 256)
+        self.purge_epoch: Callable[[], Any] | None = None
 
     # ---- point reads --------------------------------------------------------------------
     def latest(self, key: bytes) -> bytes | None:
@@ -147,6 +152,8 @@ class StateReader:
         st = self.state
         limit = FIRST_CHUNK  # (a caller that wants the first row or two reads few)
         follow = self.follow
+        epoch = self.purge_epoch if purges else None
+        seen = epoch() if epoch is not None else None
         while True:
             if follow is not None and after is not None:
                 follow()  # (outside the read: a reopen waits for readers to leave)
@@ -166,13 +173,31 @@ class StateReader:
                 cut = last if edge is None else bisect_right(over, edge, first, last)
                 mine, first = over[first:cut], cut
             fixed = [(k, v) for k, v in fixes.items() if _in_interval(k, after, edge, reverse)]
-            if not mine and not fixed:
-                yield from chunk  # (LMDB rows: never a deletion)
+            rows = chunk if not mine and not fixed else \
+                self._merged(chunk, fixed, mine, reverse, at, drops)  # (LMDB rows alone:
+            if epoch is None:                                         # never a deletion)
+                yield from rows
             else:
-                yield from self._merged(chunk, fixed, mine, reverse, at, drops)
+                for row in rows:
+                    if epoch() != seen:  # a purge applied since: what it erased stops here
+                        seen = self._purge_met(epoch, at, row[0], lo, hi, reverse)
+                    yield row
             if final:
                 return
             after = edge
+
+    def _purge_met(self, epoch: Callable[[], Any], at: int, key: bytes, lo: bytes,
+                   hi: bytes | None, reverse: bool) -> Any:
+        """A purge was applied while a scan as of ``at`` streams, about to yield ``key``:
+        SnapshotTooOld when it erased keys in what is left of the scan (from ``key`` on),
+        else the new epoch (the scan goes on)."""
+        if self.follow is not None:
+            self.follow()  # (a read-only store: the file the writer's compaction swapped in)
+        now = epoch()
+        rest = (key, hi) if not reverse else (lo, key + b"\x00")
+        st = self.state
+        st.run_read(_check_horizon, st, at, True, *rest)
+        return now
 
     def _merged(self, chunk: list, fixed: list, mine: list[bytes], reverse: bool, at: int,
                 drops: int) -> Iterator[tuple[bytes, bytes]]:

@@ -9,13 +9,19 @@ running), and a power loss then erased a commit another process had acted on.  S
 writer shares its MemTable's ``published`` watermark here, and readers publish nothing
 past it.
 
-The file: 32 bytes, four 64-bit words in the machine's byte order (only live processes
+The file: 40 bytes, five 64-bit words in the machine's byte order (only live processes
 of this machine read it), mapped shared by the writer and by each reader::
 
     0  MAGIC           b"WSVISIB1"
     1  generation      random, new at every writer open (64 bits)
     2  mark            the writer's published LSN
     3  check           mark ^ generation ^ 0xFFFF_FFFF_FFFF_FFFF
+    4  purges          purges this writer generation applied to LMDB so far
+
+``purges`` lets a reader's streamed scan, holding rows read from LMDB before a purge, see
+cheaply (one load a row) that one was applied since and check it before yielding more
+(``engine.snapshot``); a 32-byte file (a writer before it) has none: such a scan meets
+the purge at its next chunk.
 
 Each word is stored and loaded whole (an aligned 8-byte store or load is one instruction),
 the writer storing the mark before its check.  A reader that finds the check disagreeing
@@ -33,7 +39,8 @@ that a new writer began: the records past their own mark that they read before m
 tail that recovery cut and the new writer overwrote, so they read them again.
 
 No file (a store whose writers predate it, a copy, a backup): readers show every whole
-record, as before.  A file that is not 32 bytes starting with MAGIC counts as none.
+record, as before.  A file that is not 40 (or, from an older writer, 32) bytes starting
+with MAGIC counts as none.
 """
 from __future__ import annotations
 
@@ -43,7 +50,8 @@ import time
 
 NAME = "VISIBLE"
 MAGIC = b"WSVISIB1"
-SIZE = 32
+SIZE = 40
+OLD_SIZE = 32  # (a writer before the ``purges`` word)
 MASK = (1 << 64) - 1
 _FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 READ_TRIES = 200  # a torn read is retried this often (yielding between tries)
@@ -54,7 +62,7 @@ def path_in(root: str) -> str:
 
 
 def _words(data) -> tuple[int, int, int, int]:
-    w = memoryview(data).cast("Q")
+    w = memoryview(data)[:OLD_SIZE].cast("Q")
     try:
         return w[0], w[1], w[2], w[3]
     finally:
@@ -78,6 +86,7 @@ class SharedMark:
         # check that agrees with neither the old generation nor the new one, and retries
         w = self._w
         w[1] = self.generation
+        w[4] = 0
         w[2] = mark
         w[3] = mark ^ self._key
 
@@ -104,7 +113,7 @@ class SharedMark:
             data = bytearray(SIZE)
             data[:len(MAGIC)] = MAGIC
             w = memoryview(data).cast("Q")
-            w[1], w[2], w[3] = self.generation, 0, self._key  # mark 0 until set below
+            w[1], w[2], w[3], w[4] = self.generation, 0, self._key, 0  # (mark: set below)
             w.release()
             os.pwrite(fd, bytes(data), 0)
             os.rename(tmp, self.path)
@@ -116,6 +125,10 @@ class SharedMark:
                 pass
             raise
         return fd
+
+    def note_purges(self, count: int) -> None:
+        """Share how many purges this writer has applied to LMDB (after each one)."""
+        self._w[4] = count
 
     def set(self, mark: int) -> None:
         """Share ``mark`` (the caller serializes calls; marks only grow)."""
@@ -137,6 +150,7 @@ class MarkReader:
         self.path = path_in(root)
         self._mm: mmap.mmap | None = None
         self._ident: tuple[int, int] | None = None
+        self._purges: memoryview | None = None  # the mapped words, when 40 bytes
 
     def _map(self) -> bool:
         try:
@@ -145,9 +159,9 @@ class MarkReader:
             return False
         try:
             st = os.fstat(fd)
-            if st.st_size != SIZE:
+            if st.st_size not in (SIZE, OLD_SIZE):
                 return False
-            mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ)
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
         except (OSError, ValueError):
             return False
         finally:
@@ -157,7 +171,14 @@ class MarkReader:
             return False
         self.close()
         self._mm, self._ident = mm, (st.st_dev, st.st_ino)
+        self._purges = memoryview(mm).cast("Q") if st.st_size == SIZE else None
         return True
+
+    def purge_epoch(self) -> tuple[int, int] | None:
+        """(generation, purges) as the writer shares them, or None (no file mapped, or
+        one without the word): it changes whenever the writer applied a purge."""
+        w = self._purges
+        return None if w is None else (w[1], w[4])
 
     def replaced(self) -> bool:
         """Is the file now another one than the one mapped (or gone, or new)?"""
@@ -188,6 +209,9 @@ class MarkReader:
 
     def close(self) -> None:
         if self._mm is not None:
+            if self._purges is not None:
+                self._purges.release()
+                self._purges = None
             self._mm.close()
             self._mm = None
             self._ident = None
