@@ -6,8 +6,9 @@ record (type 12) and of a segment header that records its preallocated size (byt
 48..55, u64 little endian, 0 = not recorded); (2) re-framing a record under another
 segment's salt (a restored log may start a segment where the original had none); (3) the
 few payload fields replication needs, decoded without building the whole payload
-(``tx``, ``ts``, ``name``, ``drop``), and what a file record says (:func:`file_record`:
-the file effects a restore reports owed); (4) the WAL *object* format shipped to storage.
+(``tx``, ``ts``, ``name``, ``drop``), what a file record says (:func:`file_record`:
+the file effects a restore reports owed), and whether a commit is a purge
+(:func:`is_purge`); (4) the WAL *object* format shipped to storage.
 
 This module and :mod:`walstore.replication.source` are the only ones importing walstore
 internals; the lead re-points them to ``walstore.log.*``.
@@ -58,8 +59,8 @@ _U64 = struct.Struct("<Q")
 HEADER_SIZE = SEGMENT_HEADER_SIZE
 __all__ = ["Rec", "check_record", "iter_records", "reframe", "salt", "summarize",
            "segment_header", "read_segment_header", "encode_object_header",
-           "read_object_header", "file_record", "HEADER_SIZE", "RECORD_HEADER_SIZE",
-           "SEAL"]
+           "read_object_header", "file_record", "is_purge", "HEADER_SIZE",
+           "RECORD_HEADER_SIZE", "SEAL"]
 
 
 class Rec(NamedTuple):
@@ -138,6 +139,29 @@ def summarize(rtype: int, body) -> dict:
         return out
     except Exception:  # a payload the engine's own recovery will judge; not ours to refuse
         return {}
+
+
+def is_purge(rtype: int, raw: bytes) -> bool:
+    """Is this record (``raw``: header and payload) a purge's commit, a COMMIT whose
+    payload has ``purge_range``?  A follower that appends one applies and erases promptly
+    (restore ``_follow_rounds``).  A commit without that name among its bytes is never
+    decoded."""
+    if rtype != COMMIT or _PURGE_KEY not in raw:
+        return False
+    body = bytes(raw[RECORD_HEADER_SIZE:])
+    up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(body), 1))
+    try:
+        up.feed(body)
+        for _ in range(up.read_map_header()):
+            if up.unpack() == "purge_range":
+                return True
+            up.skip()
+    except Exception:  # a payload the engine's own recovery will judge
+        return False
+    return False
+
+
+_PURGE_KEY = msgpack.packb("purge_range")
 
 
 def file_record(rtype: int, body) -> dict:

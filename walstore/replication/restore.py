@@ -184,6 +184,15 @@ class RestoredLog:
         self._roll(lsn, 0, None)
         self.end = lsn
 
+    def roll(self) -> None:
+        """Go on in a new file at the log's end: the current one is closed as it is
+        (unsealed, its records ending where the new file begins, as a full preallocated
+        file is left), wholly behind the end, so a trim can remove it (a purge's erasure:
+        its records hold the purged bytes).  Later records of the same source segment are
+        re-framed under the new file's salt."""
+        if self.end is not None and self.fd >= 0 and self.start < self.end:
+            self._roll(self.end, 0, None)
+
     def _roll(self, lsn: int, need: int, seg: int | None) -> None:
         self._close_file()
         self._open_new(lsn, need, seg)
@@ -783,7 +792,9 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     ``walstore.open(dest, readonly=True)`` see whole commits only) and applied to its
     LMDB every ``apply_every`` seconds (REDO only, nothing is compensated), and whenever
     ``APPLY_STEP`` bytes were appended since the last time (a backlog in bounded steps);
-    segment files wholly applied are removed after each."""
+    segment files wholly applied are removed after each.  A round that appended a purge
+    applies at its end and erases what the writer's purge checkpoint erases (the log's
+    files holding records before it, LMDB's free pages: see ``_follow_rounds``)."""
     opts = ReplicateOptions.from_any(replicate_options)
     interval = interval or opts.interval
     stop = stop or Flag()
@@ -847,7 +858,18 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     A round that copied records naming blobs the replica lacks (its content never reached
     the replica) says so: ``blobs_missing`` in the round's ``on_round`` dict, those not
     reported before (the first round also those the restore could not fetch); the records
-    are appended all the same (DEST's `walstore verify` names what needs them)."""
+    are appended all the same (DEST's `walstore verify` names what needs them).
+
+    A purge (``Store.purge``) reaching DEST: the round that appended its commit applies at
+    its end, whatever ``apply_every`` says, and that apply does the erasure the writer's
+    purge checkpoint does (``redo_into_lmdb``): the segment files holding records before
+    the purge removed (the current one first ended at the log's end: ``RestoredLog.roll``),
+    then LMDB rewritten without its free pages (the writer's compaction and its swap, which
+    DEST's readers follow).  Until then DEST's LMDB held the purged rows (readers hid them
+    by the log on top) for up to ``apply_every``, and the purged bytes in its free pages
+    and log for as long as it ran.  Should a transaction still open in the log keep the
+    whole log from being applied, the files holding the purge's bytes go at the first
+    apply that reaches the log's end (an apply every round that appends, meanwhile)."""
     wal_dir = os.path.join(dest, "wal")
     log = RestoredLog.resume(wal_dir, store_id)
     if log.end is None:  # restored without a WAL record: the log goes on at the cut
@@ -858,12 +880,34 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     # what an earlier run left unapplied counts toward the first step
     unapplied = max(0, (log.end or 0) - _src.read_applied(os.path.join(dest, "db")))
 
-    def apply() -> None:
-        nonlocal applied_since, last_apply, unapplied
-        log.sync()
-        keep = _src.redo_into_lmdb(dest)
+    # a purge's erasure: the log DEST holds keeps purged bytes in the files that begin
+    # below this LSN (0: none) until they go (see ``drop_log``)
+    erase_below = 0
+    purge_seen = False  # a purge appended since the last apply: apply at the round's end
+
+    def drop_log(keep: int) -> None:
+        """Remove the segment files wholly below ``keep``; while a purge's erasure is owed
+        and the whole log is applied, the current file first ends where it is (``roll``),
+        so none holding a record before the purge stays."""
+        nonlocal erase_below
+        if erase_below and keep >= log.end and log.start < erase_below:
+            log.roll()
         _trim(wal_dir, keep, log.start)
+        if erase_below and min(_starts(wal_dir), default=log.start) >= erase_below:
+            erase_below = 0
+
+    def erase(keep: int) -> None:  # (redo_into_lmdb: a purge's erasure, the log first)
+        nonlocal erase_below
+        erase_below = max(erase_below, keep)
+        drop_log(keep)
+
+    def apply() -> None:
+        nonlocal applied_since, last_apply, unapplied, purge_seen
+        log.sync()
+        keep = _src.redo_into_lmdb(dest, erase)
+        drop_log(keep)
         applied_since, unapplied, last_apply = 0, 0, time.monotonic()
+        purge_seen = False
 
     sweep_dead_scratch(tempfile.gettempdir(), FOLLOW_TEMP)
     tmp = tempfile.mkdtemp(prefix=f"{FOLLOW_TEMP}{os.getpid()}-")
@@ -898,6 +942,8 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                         log.append(lsn, raw, e["seg"], rtype)
                         info["appended"] += len(raw)
                         _count(len(raw))
+                        if logformat.is_purge(rtype, raw):
+                            _purge_appended()
                     log.sync()
                     fetch.drop(e)
             etag = got[1]
@@ -906,6 +952,10 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
         nonlocal applied_since, unapplied
         applied_since += n
         unapplied += n
+
+    def _purge_appended() -> None:
+        nonlocal purge_seen
+        purge_seen = True
 
     delay = 0.0
     try:
@@ -930,8 +980,8 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                 stop.wait(delay)
                 continue
             if applied_since and (time.monotonic() - last_apply >= apply_every
-                                  or unapplied >= APPLY_STEP):
-                apply()
+                                  or unapplied >= APPLY_STEP or purge_seen or erase_below):
+                apply()  # (a purge: now, not ``apply_every`` later; see the docstring)
             info["position"] = log.end
             if blobs.missing - reported:
                 info["blobs_missing"] = sorted(blobs.missing - reported)
@@ -956,6 +1006,11 @@ def _check_retained(m: Manifest, position: int, dest: str, url: str) -> None:
             f"{display_url(url)} retains (its WAL now begins at LSN {first}: retention "
             f"removed the history in between while the follower was stopped); DEST cannot "
             f"catch up: restore anew into a new DEST with --follow")
+
+
+def _starts(wal_dir: str) -> list[int]:
+    """The start LSNs of a follower's segment files."""
+    return [int(n[:20]) for n in os.listdir(wal_dir) if n.endswith(".wal") and n[:20].isdigit()]
 
 
 def _trim(wal_dir: str, keep: int, current: int) -> None:

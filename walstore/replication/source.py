@@ -9,7 +9,8 @@ it, never ahead of what a crash would keep), and :class:`InProcessSource` adapts
 ``walstore.Store`` of this branch (the lead re-implements it on the new facade).  It also
 owns the LMDB-side helpers of restore: checking a downloaded snapshot before LMDB maps it,
 reading ``applied``, the state digest, the blobs a snapshot's file tables name, dropping
-restore points past a cut, and REDO of a follower's log into its LMDB.
+restore points past a cut, and REDO of a follower's log into its LMDB (with a purge's
+erasure, as the writer does it, when the REDO applied one).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import mmap
 import os
 import struct
 import threading
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import lmdb
 
@@ -417,13 +418,24 @@ def new_segment_file(wal_dir: str, store_id: bytes, start: int, size: int) -> st
     return create_segment(wal_dir, store_id, start, size)
 
 
-def redo_into_lmdb(root: str) -> int:
+def redo_into_lmdb(root: str, drop_log_below: Callable[[int], None] | None = None) -> int:
     """Apply a follower's log to its LMDB (REDO only: no ABORT is written, no compensation
     runs: walstore's own recovery pass, which applies every event — commits, actions,
     restore points, two-phase records — exactly as the writer's applier did); returns the
-    LSN the log must be kept from (LMDB's applied LSN: intents are applied too)."""
+    LSN the log must be kept from (LMDB's applied LSN: intents are applied too).
+
+    When a purge's erasure is owed (LMDB's ``erase_owed``: a purge the REDO applied, or
+    one whose erasure a stopped follower did not finish), it is done here as the writer's
+    purge checkpoint does it (``Engine.erase_old_bytes``, in its order): the log's old
+    bytes first (``drop_log_below(applied)``: the caller owns the log files), then LMDB
+    rewritten without its free pages (``LmdbState.compact``: readers of the copy in other
+    processes see the file replaced and reopen it), the quarantined copies that may hold
+    erased keys removed, and the erasure marked done.  Without ``drop_log_below`` nothing
+    is erased (the copy's own first open does it)."""
+    from ..engine.apply import Applier
     from ..engine.lmdb_state import LmdbState
     from ..engine.recovery import Recovery
+    from ..engine.scrub import scrub_quarantine
     layout = Layout(root)
     store_id = layout.read_identity()
     state = LmdbState(layout.db)
@@ -431,6 +443,24 @@ def redo_into_lmdb(root: str) -> int:
         layout.upgrade_identity()  # (this walstore writes its LMDB: see Layout)
         Recovery(layout.root, store_id, state, "strict").run()
         state.sync()
-        return state.applied_lsn()
+        applied = state.applied_lsn()
+        owed = _erase_owed(state)
+        if owed and drop_log_below is not None:
+            drop_log_below(applied)
+            state.compact()
+            ranges = [(bytes(lo), None if hi is None else bytes(hi)) for lo, hi in owed]
+            scrub_quarantine(layout.quarantine, [lo for lo, _hi in ranges if lo], ranges)
+            Applier(state).erased(owed)
+            state.sync()
+        return applied
     finally:
         state.close()
+
+
+def _erase_owed(state) -> list:
+    """The purge ranges ([lo, hi]) whose old bytes are not erased yet (``Engine.erase_owed``
+    without an engine)."""
+    from ..engine.apply import ERASE_OWED
+    from ..engine.tables import unpack_row
+    raw = state.get(ERASE_OWED, "meta")
+    return unpack_row(raw, "meta", ERASE_OWED, state.data_file) if raw else []
