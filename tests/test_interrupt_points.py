@@ -22,7 +22,10 @@ another thread's file closed); and a rollback's file put-backs stopped by the in
 (the file left as the rolled-back transaction wrote it while the state said otherwise);
 and (mode "savepoint-commit": the program catches the interrupt of a ``rollback_to`` and
 commits) actions a rollback to a savepoint took out, then an interrupt kept from their
-compensation — neither compensated nor owed.
+compensation — neither compensated nor owed; and (mode "file-rollback-prepared") a
+``rollback_prepared`` interrupted between its ROLLBACK_PREPARED and its undo: the state
+rolled back, the file as the prepared transaction wrote it, its path claimed for good,
+``decision()`` reading "prepared" and the charge neither refunded nor owed, until a reopen.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ def interrupted(k, fn, *args):
 SWEEP = HOOK + r'''
 import time, walstore
 path, mode, durability = sys.argv[1], sys.argv[2], sys.argv[3]
+stride = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # (every stride-th point)
 refunds, charges = [], []
 
 def opener():
@@ -100,10 +104,13 @@ def charge(tx, k):
 TX, UNDONE = [None], [None]
 
 def setup(k):
-    if mode in ("commit-prepared", "rollback-prepared"):
+    if mode in ("commit-prepared", "rollback-prepared", "file-rollback-prepared"):
         tx = s.transaction()  # (decided by gid below: the coordinator's side)
         charge(tx, k)
         tx.put("paid", k)
+        if ws is not None:  # (and a file: its undo puts it back)
+            tx.files(ws).write("f", b"p%d" % k)
+            tx.put("v", b"p%d" % k)
         tx.prepare(f"g{k}")
     if mode == "file-revert":
         with s.transaction() as tx:
@@ -151,7 +158,7 @@ def step(k):
         tx.prepare(f"g{k}")
     elif mode == "commit-prepared":
         s.commit_prepared(f"g{k}")
-    elif mode == "rollback-prepared":
+    elif mode in ("rollback-prepared", "file-rollback-prepared"):
         s.rollback_prepared(f"g{k}")
     elif mode == "file-commit":
         TX[0] = tx = s.transaction()
@@ -174,7 +181,8 @@ while True:
         break  # the transaction ran through: every point was visited
     tx = TX[0]
     gid = f"g{k}"
-    if mode in ("prepare", "commit-prepared", "rollback-prepared") and gid in s.prepared():
+    if mode in ("prepare", "commit-prepared", "rollback-prepared",
+                "file-rollback-prepared") and gid in s.prepared():
         # (the decision not reached: the coordinator's natural next step, once more)
         if mode == "commit-prepared":
             s.commit_prepared(gid)
@@ -194,16 +202,27 @@ while True:
     if len(new) > 1:  # (a refund with no charge is the Saga's answer to an intent whose
         bad.append((k, where, "refunds", new))  # body may or may not have run: allowed)
     if mode in ("action", "rollback", "savepoint", "savepoint-commit", "prepare",
-                "commit-prepared", "rollback-prepared"):
+                "commit-prepared", "rollback-prepared", "file-rollback-prepared"):
         paid = s.get("paid") == k
         if paid and undone:
             bad.append((k, where, "paid and refunded", new, len(owed)))
         if k in charges and not paid and not undone:
             bad.append((k, where, "charged, not paid, never refunded nor owed"))
-        if mode in ("rollback", "savepoint", "prepare", "rollback-prepared") and paid:
+        if mode in ("rollback", "savepoint", "prepare", "rollback-prepared",
+                    "file-rollback-prepared") and paid:
             bad.append((k, where, "a rolled-back write stands"))
         if mode == "commit-prepared" and not paid:
             bad.append((k, where, "a committed write is missing"))
+        if mode == "file-rollback-prepared":
+            if s.decision(gid) != "abort":
+                bad.append((k, where, "decision", s.decision(gid)))
+            if on_disk() != s.get("v"):  # (put back at once: the state says rolled back)
+                bad.append((k, where, "on disk", on_disk(), "recorded", s.get("v")))
+            try:  # (its path is not claimed any more)
+                with s.transaction() as tx:
+                    tx.files(ws).write("f", s.get("v"))
+            except walstore.ConflictError as e:
+                bad.append((k, where, "path still claimed", str(e)[:80]))
     elif mode == "revert":
         reverted = s.get("paid") != k
         if reverted != undone:
@@ -220,15 +239,18 @@ while True:
     with s.transaction() as tx:  # the store goes on
         tx.put("alive", k)
     time.sleep(0.002)  # (the applier's wake-up flag resets)
-    k += 1
+    k += stride
 s.close()
 s = opener()
-assert s.get("alive") == k - 1, s.get("alive")
+assert s.get("alive") == k - stride, s.get("alive")
 s.close()
 print(k, len(bad))
 for b in bad[:20]:
     print(*b)
 '''
+
+
+STRIDED = {"file-rollback-prepared"}
 
 
 @pytest.mark.parametrize("mode,durability", [
@@ -238,11 +260,15 @@ for b in bad[:20]:
     pytest.param("file-commit", "none", marks=pytest.mark.slow),
     pytest.param("file-rollback", "none", marks=pytest.mark.slow),
     pytest.param("file-revert", "none", marks=pytest.mark.slow),
-    ("prepare", "none"), ("commit-prepared", "none"), ("rollback-prepared", "none")])
+    ("prepare", "none"), ("commit-prepared", "none"), ("rollback-prepared", "none"),
+    ("file-rollback-prepared", "none"),
+    pytest.param("file-rollback-prepared", "full", marks=pytest.mark.slow)])
 def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
+    # (file-rollback-prepared: every third point in CI; every one with WALSTORE_SLOW=1)
+    stride = "3" if mode in STRIDED and os.environ.get("WALSTORE_SLOW") != "1" else "1"
     try:
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(SWEEP),
-                            str(tmp_path / "s"), mode, durability],
+                            str(tmp_path / "s"), mode, durability, stride],
                            capture_output=True, text=True, timeout=240)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the sweep hung: {e.stdout!r} {e.stderr!r}") from None

@@ -157,6 +157,7 @@ class Store:
             self._twophase = TwoPhase(engine, self._saga)
             self._hooks = AgentHooks(self._saga, self._twophase, self._files)
             self._twophase.undo_files = self._hooks.undo_ended
+            self._twophase.effects_of = self._files.effects_of
             self._files.undoing = self._twophase.undoing
             self._undo = Undo(engine, self._saga, self._history,
                               lambda meta: self.transaction(meta=meta), self._files)

@@ -8,6 +8,8 @@ refused, or the decision's COMMIT itself not written: a full disk, a closed stor
 every participant back, compensating, the coordinator first (its ROLLBACK_PREPARED is then
 the decision); only ``CommitOutcomeUnknown`` from the decision's fsync leaves them in
 doubt, for ``resolve_atomic`` after the next open.
+An interrupt (Ctrl-C, a raising timer) stops neither loop: every participant is still
+rolled back, or committed after the decision, and the first interrupt is raised after.
 
 After a crash at any step, ``walstore.resolve_atomic(a, b, ...)`` (same stores, same
 order) ends every in-doubt transaction of an atomic group the way the coordinator decided:
@@ -38,6 +40,8 @@ class Atomic:
         self.meta = meta
         self.txs: list = []
         self.gid = f"{GID_PREFIX}{stores[0].store_id.hex()}-{uuid.uuid4().hex}"
+        self._rolled_back = False  # _rollback_all ran to its end
+        self._finished = False  # _finish_participants ran to its end
 
     def __enter__(self) -> tuple:
         self.txs = [s.transaction(meta=self.meta) for s in self.stores]
@@ -45,7 +49,9 @@ class Atomic:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is not None:
-            self._rollback_all(exc)
+            problem = self._roll_back_every_one(exc)
+            if problem is not None:
+                raise problem
             return False
         self.commit()
         return False
@@ -55,8 +61,11 @@ class Atomic:
             for tx in self.txs:
                 tx.prepare(self.gid)
         except BaseException as e:
-            self._rollback_all(e)
+            problem = self._roll_back_every_one(e)
+            if problem is not None:
+                raise problem
             raise
+        interrupt = None
         try:
             self.txs[0].commit()  # the decision
         except CommitOutcomeUnknown:
@@ -67,11 +76,35 @@ class Atomic:
                 # decided "abort" by resolve_atomic meanwhile): roll every participant back,
                 # compensating, the coordinator first — left prepared, they held their
                 # keys and their charges until a resolve_atomic or a reopen
-                self._rollback_all(e)
+                problem = self._roll_back_every_one(e)
+                if problem is not None:
+                    raise problem
                 raise
-            self._finish_participants()  # (committed after all: an interrupt after it)
-            raise
-        self._finish_participants()
+            interrupt = e  # (committed after all: an interrupt after it, raised below)
+        # every other participant commits, even across interrupts (see _finish_participants)
+        problem = None
+        while not self._finished:
+            try:
+                problem = self._finish_participants(interrupt)
+            except Exception:
+                raise
+            except BaseException as e:  # (landed before its loop could catch it)
+                interrupt = interrupt or e
+        if problem is not None:
+            raise problem
+
+    def _roll_back_every_one(self, cause: BaseException) -> BaseException | None:
+        """``_rollback_all(cause)`` to its end, even when an interrupt lands before its
+        loop could catch it; returns what to raise (None: nothing went wrong)."""
+        problem = interrupt = None
+        while not self._rolled_back:
+            try:
+                problem = self._rollback_all(cause, interrupt)
+            except Exception:
+                raise
+            except BaseException as e:
+                interrupt = interrupt or e
+        return problem
 
     def _coordinator_committed(self) -> bool:
         try:
@@ -79,46 +112,90 @@ class Atomic:
         except WalstoreError:  # (closed: its commit did not run, nothing was written)
             return False
 
-    def _finish_participants(self) -> None:
-        errors = []
-        for store, tx in zip(self.stores[1:], self.txs[1:]):
+    def _finish_participants(self, interrupt: BaseException | None = None
+                             ) -> BaseException | None:
+        """Commit every other participant: the decision (the coordinator's COMMIT) is
+        durable, so each one left prepared only holds its keys and paths until a
+        resolve_atomic or a reopen.  An interrupt (Ctrl-C, a raising timer) among them
+        does not stop the rest (it left them prepared): the participant it cut short is
+        committed again — or found committed — and the first interrupt (``interrupt``,
+        one that came after the decision, or one here) is returned, to be raised once
+        every participant is finished, the others' failures noted on it; else the error
+        naming the participants that could not finish (or None)."""
+        errors: list[WalstoreError] = []
+        todo = list(zip(self.stores[1:], self.txs[1:]))
+        while todo:
             try:
-                tx.commit()
-            except WalstoreError as e:  # decided already: resolve_atomic finishes it later
-                try:
-                    if store.decision(self.gid) == "commit":
-                        continue  # (committed meanwhile by a resolve_atomic)
-                except WalstoreError:
-                    pass
-                errors.append(e)
+                while todo:
+                    store, tx = todo[0]
+                    if tx.state == ACTIVE:
+                        try:
+                            tx.commit()
+                        except WalstoreError as e:  # decided already: resolve_atomic
+                            try:                      # finishes it later
+                                committed = store.decision(self.gid) == "commit"
+                            except WalstoreError:
+                                committed = False
+                            if not committed:  # (else committed meanwhile: resolve_atomic,
+                                errors.append(e)  # or this loop before an interrupt)
+                    del todo[0]
+            except Exception:
+                raise
+            except BaseException as e:  # an interrupt: the participants still go on
+                interrupt = interrupt or e
+        problem = None
         if errors:
-            raise WalstoreError(f"atomic group {self.gid} committed at the coordinator but "
-                                f"{len(errors)} participant(s) failed to finish; run "
-                                f"walstore.resolve_atomic on the same stores: {errors[0]}")
+            text = (f"atomic group {self.gid} committed at the coordinator but "
+                    f"{len(errors)} participant(s) failed to finish; run "
+                    f"walstore.resolve_atomic on the same stores: {errors[0]}")
+            if interrupt is None:
+                problem = WalstoreError(text)
+            elif hasattr(interrupt, "add_note"):  # (Python 3.11+)
+                interrupt.add_note(text)
+        self._finished = True
+        return interrupt if interrupt is not None else problem
 
-    def _rollback_all(self, cause: BaseException) -> None:
+    def _rollback_all(self, cause: BaseException, interrupt: BaseException | None = None
+                      ) -> BaseException | None:
         """Roll every participant back, each one even when another's rollback fails (a
         failed compensation of the first left the others prepared, holding their keys,
-        their charges not refunded, and named by no error); the first error is raised
-        after, the others named in it.  Each is rolled back as its own ``with`` block is
-        on ``cause``: a CompensationFailed chains it."""
-        errors: list[tuple[int, BaseException]] = []
-        for i, tx in enumerate(self.txs):
-            if tx.state == ACTIVE:
-                try:
-                    tx.__exit__(type(cause), cause, cause.__traceback__)
-                except UnknownGid as e:
-                    if tx.state != ROLLED_BACK:  # (else: rolled back by another caller,
-                        errors.append((i, e))      # resolve_atomic: the same decision)
-                except Exception as e:
-                    errors.append((i, e))
-        if errors:
-            first = errors[0][1]
-            if len(errors) > 1 and hasattr(first, "add_note"):  # (Python 3.11+)
-                others = "; ".join(f"store {self.stores[i].path}: {e}" for i, e in errors[1:])
-                first.add_note(f"the rollback of atomic group {self.gid} also failed in "
-                               f"{len(errors) - 1} other participant(s): {others}")
-            raise first
+        their charges not refunded, and named by no error) or is interrupted (Ctrl-C in a
+        compensator, a raising timer: it stopped the loop, and the others stayed open or
+        prepared, their charges not refunded and their files changed, until
+        ``close()``); a participant an interrupt left active (before its decision) is
+        rolled back again.  Returns what to raise: the first interrupt (``interrupt``,
+        one that came before this could catch it, or one here), else the first error,
+        the others named in it; None when every rollback went through.  Each is rolled
+        back as its own ``with`` block is on ``cause``: a CompensationFailed chains it."""
+        problems: list[tuple[int, BaseException]] = []
+        interrupts = [] if interrupt is None else [(-1, interrupt)]
+        todo = list(enumerate(self.txs))
+        while todo:
+            try:
+                while todo:
+                    i, tx = todo[0]
+                    if tx.state == ACTIVE:
+                        try:
+                            tx.__exit__(type(cause), cause, cause.__traceback__)
+                        except UnknownGid as e:
+                            if tx.state != ROLLED_BACK:  # (else: rolled back by another
+                                problems.append((i, e))    # caller, resolve_atomic: the
+                        except Exception as e:              # same decision)
+                            problems.append((i, e))
+                    del todo[0]
+            except Exception:
+                raise
+            except BaseException as e:  # an interrupt: the others are still rolled back
+                interrupts.append((todo[0][0] if todo else -1, e))
+        problems[:0] = interrupts
+        first = problems[0][1] if problems else None
+        if len(problems) > 1 and hasattr(first, "add_note"):  # (Python 3.11+)
+            others = "; ".join(f"store {self.stores[i].path}: {e!r}" if i >= 0
+                               else repr(e) for i, e in problems[1:])
+            first.add_note(f"the rollback of atomic group {self.gid} also failed or was "
+                           f"interrupted in {len(problems) - 1} other case(s): {others}")
+        self._rolled_back = True
+        return first
 
 
 def atomic(*stores, meta: Any = None) -> Atomic:

@@ -125,10 +125,12 @@ class AgentHooks:
         self.saga.end_without_commit(tx, cause, ended, undo=lambda effects, progress: self.undo(
             tx.id, effects, cause, progress=progress))
 
-    def undo_ended(self, txid: int, owed_actions: list) -> None:
+    def undo_ended(self, txid: int, effects: list, progress: UndoProgress) -> None:
         """A transaction already ended by its decision (``rollback_prepared``): its owed
-        actions and the file effects it left (from the ``fsteps`` table)."""
-        self.undo(txid, owed_actions + self.files.effects_of(txid), None)
+        actions and the file effects it left (``Files.effects_of``: the ``fsteps``
+        table).  ``progress`` as for ``undo``: the caller calls again after an interrupt
+        that came before the undo could catch it."""
+        self.undo(txid, effects, None, progress=progress)
 
     def undo(self, txid: int, effects: list, cause: BaseException | None,
              keep: list | None = None, progress: UndoProgress | None = None) -> None:

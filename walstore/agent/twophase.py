@@ -12,7 +12,9 @@ ordinary commit through the one pipeline (its COMMIT carries ``gid``; applying i
 the decision); ``rollback_prepared`` logs ROLLBACK_PREPARED — durable — *then*
 compensates the transaction's actions and puts back its files (newest first), so a crash
 in a compensator leaves them ``pending`` (and the files owed) for the next open, never
-forgotten.  Decisions are kept so a coordinator
+forgotten; an interrupt (Ctrl-C) from the decision's append on does not skip the undo:
+the files go back and the interrupt is raised after (the compensations not yet run stay
+owed).  Decisions are kept so a coordinator
 (:mod:`walstore.agent.coordinator`) can be asked after a crash what it decided: for good,
 one ``d:<gid>`` row each, which retention never trims (under presumed abort a forgotten
 commit would read as an abort, and a late participant would roll back what committed).
@@ -25,7 +27,8 @@ from ..errors import UnknownGid
 from ..log.format import RecordType
 from ..engine.conflicts import Prepared
 from ..engine.pipeline import CommitRequest
-from .actions import Action, Saga
+from ..signals import deferred
+from .actions import Action, Saga, UndoProgress
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -54,7 +57,11 @@ class TwoPhase:
     def __init__(self, engine: "Engine", saga: Saga, undo_files=None) -> None:
         self.engine = engine
         self.saga = saga
-        self.undo_files = undo_files  # (txid) -> None: put back an ended txn's file effects
+        # (txid, effects, UndoProgress) -> None: undo an ended transaction's effects (its
+        # owed actions and file effects, AgentHooks.undo_ended); (txid) -> list: its file
+        # effects still owed (Files.effects_of)
+        self.undo_files = undo_files
+        self.effects_of = None
         # txids whose decision is logged and whose undo runs: they keep their file claims
         # (shared with agent.files.Files, which reads it)
         self.undoing: set[int] = set()
@@ -110,10 +117,53 @@ class TwoPhase:
         return self.engine.pipeline.commit(req).lsn
 
     def rollback_prepared(self, gid: str) -> None:
-        """Log the decision (durable), release the holds, then compensate the actions."""
+        """Log the decision (durable), release the holds, then undo the transaction's
+        effects (compensate its actions, put back its files, newest first).
+
+        Once the decision is appended the undo is owed, and an interrupt (Ctrl-C, a
+        raising timer: walstore.signals) does not skip it: the append, the release and
+        the wait for the decision's fsync are one ``deferred()`` section (an interrupt
+        the mask could not hold off there is kept, as the commit pipeline keeps one in
+        its fsync wait), and one that lands after it — reading the effects, entering the
+        undo — is kept in the undo's ``UndoProgress``: the files still go back, the
+        compensations not yet run stay owed (``pending_compensations()``), and the
+        interrupt is raised at the end (as ``Saga.end_without_commit`` does after an
+        ABORT).  Before, an interrupt there left the state rolled back while the file
+        held the prepared content, its path claimed (ConflictError for every later
+        writer), ``decision(gid)`` reading "prepared", the charge neither compensated
+        nor listed as owed, until the store was closed and reopened."""
         p = self._get(gid)
         eng = self.engine
         eng.check_writable()
+        progress = UndoProgress()
+        decided = False
+        effects: list | None = None
+        try:
+            while True:
+                try:
+                    if not decided:
+                        with deferred():
+                            event = self._log_decision(p, gid)
+                            decided = True
+                            self._decision_durable(event, p, progress)
+                    if effects is None:  # (the same objects on a call again: the undo
+                        effects = self._owed_effects(p.txid)  # tracks them by id)
+                    self._undo(p.txid, effects, progress)
+                    return
+                except Exception:
+                    raise  # (CommitOutcomeUnknown, CompensationFailed, FileConflictError)
+                except BaseException as e:  # an interrupt: the undo still runs
+                    if not decided or progress.finished:
+                        raise  # (before the decision: still prepared, nothing changed)
+                    progress.interrupt = progress.interrupt or e
+        finally:
+            if decided:
+                self.undoing.discard(p.txid)
+
+    def _log_decision(self, p: Prepared, gid: str):
+        """Append the ROLLBACK_PREPARED and take the gid out of the prepared set, under
+        the journal lock (inside the caller's ``deferred()`` section); returns its event."""
+        eng = self.engine
         with eng.journal.lock:
             eng.check_writable()
             if gid not in eng.prepared:  # (decided meanwhile, by another thread: its
@@ -125,17 +175,42 @@ class TwoPhase:
                                        p.txid)
             self.undoing.add(p.txid)  # (its paths stay claimed until they are put back)
             eng.prepared.remove(gid)
-        try:
-            eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
-                                            f"the rollback of {gid!r}", "the decision",
-                                            undecided=p)  # (a failed fsync: in doubt again)
-            owed = [Action.from_row(r) for r in eng.views.action_rows_of(p.txid)]
-            if self.undo_files is not None:
-                self.undo_files(p.txid, [a for a in owed if a.owed])
-            else:
-                self.saga.compensate([a for a in owed if a.owed])
-        finally:
-            self.undoing.discard(p.txid)
+            return event
+
+    def _decision_durable(self, event, p: Prepared, progress: UndoProgress) -> None:
+        """Wait for the decision's fsync (a failed one: in doubt again, CommitOutcomeUnknown).
+        An interrupt that lands in the wait anyway (another thread took the signal) does
+        not end it: kept in ``progress``, raised once the undo is done."""
+        eng = self.engine
+        ticket, event.ticket = event.ticket, None  # (kept here for a second wait)
+        while True:
+            try:
+                eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, p.txid,
+                                                f"the rollback of {p.gid!r}", "the decision",
+                                                ticket, undecided=p)
+                return
+            except Exception:
+                raise
+            except BaseException as e:
+                progress.interrupt = progress.interrupt or e
+
+    def _owed_effects(self, txid: int) -> list:
+        """What the decided transaction owes: its owed actions, then its file effects."""
+        owed = [a for a in (Action.from_row(r) for r in self.engine.views.action_rows_of(txid))
+                if a.owed]
+        if self.effects_of is not None:
+            return owed + self.effects_of(txid)
+        return owed
+
+    def _undo(self, txid: int, effects: list, progress: UndoProgress) -> None:
+        if self.undo_files is not None:
+            self.undo_files(txid, effects, progress)  # (AgentHooks.undo_ended)
+            return
+        if progress.interrupt is None:
+            self.saga.compensate([a for a in effects if isinstance(a, Action)])
+        progress.finished = True
+        if progress.interrupt is not None:
+            raise progress.interrupt
 
     def _log_legacy_actions(self, p: Prepared) -> None:
         """The actions of a transaction prepared by walstore 0.1.0 (only its PREPARE row
