@@ -182,6 +182,7 @@ def step_caught(k):
 
 bad, k = [], 0
 while True:
+    faulthandler.dump_traceback_later(150, exit=True)  # (per point: a hang, not a long sweep)
     seen = {n: len(refunds[n]) for n in names}
     G[0] = None
     where = interrupted(k, step_caught, k)
