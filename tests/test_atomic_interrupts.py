@@ -196,11 +196,10 @@ while True:
         bad.append((k, where, "left open", states))
     if decided == "commit" and prepared:
         bad.append((k, where, "committed, left prepared", prepared))
-    if decided != "commit" and decided is not None and [
-            n for n, t in zip(names, g.txs) if n in prepared and t.gid is not None]:
+    if decided != "commit" and decided is not None and prepared:
         # (one whose tx.prepare an interrupt cut short after its PREPARE was appended
-        # has no gid: rolled back as a plain transaction, its PREPARE stays in doubt
-        # for resolve_atomic — a gap of prepare(), not of the group's end)
+        # counts as prepared too: it had no gid, was rolled back as a plain transaction
+        # and its PREPARE stayed in doubt, its keys held, until a resolve_atomic)
         bad.append((k, where, "rolled back, left prepared", prepared))
     if not where and mode == "commit":
         break

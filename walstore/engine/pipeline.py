@@ -284,8 +284,11 @@ class CommitPipeline:
             if reads:
                 self.checker.check_recent(p.txid, reads, checked, eng.applied_lsn)
             self.prepared.check(p.txid, p.writes, reads)
-            event = self.journal.append_prepare(p.txid, p.writes, p.body())
-            self.prepared.add(p)
+            with deferred():  # (the record and the hold together: an interrupt between
+                # them left a PREPARE logged whose keys nothing held; Transaction.prepare
+                # takes one that lands after them for "prepared")
+                event = self.journal.append_prepare(p.txid, p.writes, p.body())
+                self.prepared.add(p)
         self.durable_or_unknown(self.journal.force_durable, event, p.txid,
                                 f"the PREPARE of {p.gid!r}", "whether it is prepared")
         return event

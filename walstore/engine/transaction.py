@@ -425,6 +425,14 @@ class Transaction:
             self.gid = gid
             self._finish(UNKNOWN, f"its PREPARE as {gid!r}")
             raise
+        except BaseException:
+            # an interrupt after its PREPARE was logged: it IS prepared (left looking
+            # unprepared, its rollback wrote an ABORT while the gid stayed prepared, its
+            # keys held, until a resolve_atomic or a reopen: fix-interrupts)
+            p = self._engine.prepared.by_gid.get(gid)
+            if p is not None and p.txid == self.id:
+                self.gid = gid
+            raise
         self.gid = gid
 
     def read_set(self) -> ReadSet | None:
