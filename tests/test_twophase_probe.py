@@ -277,3 +277,35 @@ def test_commit_of_a_prepared_transaction_another_caller_decided_says_how_it_end
             tx.rollback()
     finally:
         s.close()
+
+
+def test_an_interrupt_after_the_prepare_was_logged_leaves_the_transaction_prepared(tmp_path):
+    """An interrupt (Ctrl-C) landing after ``tx.prepare``'s PREPARE record was logged, in
+    the wait for its fsync: the transaction IS prepared.  It was left looking unprepared
+    (no gid), so its rollback wrote a plain ABORT while the gid stayed prepared in the
+    store, holding its keys, until a resolve_atomic or a reopen (noticed by the fixer of
+    probe-atomic's findings).  Now its gid is set and its rollback decides the gid."""
+    s = walstore.open(str(tmp_path / "s"), durability="full")
+    try:
+        tx = s.transaction()
+        tx.put("k", 1)
+        journal = s._engine.journal
+        real = journal.force_durable
+
+        def interrupted(*a, **kw):
+            real(*a, **kw)
+            raise KeyboardInterrupt
+        journal.force_durable = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                tx.prepare("g1")
+        finally:
+            del journal.force_durable
+        assert tx.gid == "g1" and s.prepared() == ["g1"]
+        tx.rollback()
+        assert s.prepared() == [] and s.decision("g1") == "abort"
+        with s.transaction() as t2:  # (its key is free)
+            t2.put("k", 2)
+        assert s.get("k") == 2
+    finally:
+        s.close()
