@@ -534,7 +534,8 @@ def test_backup_refuses_its_own_source_or_a_place_inside_it(store_path, tmp_path
                  os.path.join(store_path, "..", "s")):
         line = one_line(cli("backup", store_path, dest, code=2))
         assert "is the store" in line and "lies inside it" in line
-    assert sorted(os.listdir(store_path)) == sorted(["LOCK", "STORE", "VISIBLE", "db", "wal"])
+    assert sorted(os.listdir(store_path)) == sorted(["LOCK", "PURGES", "STORE", "VISIBLE", "db",
+                                                     "wal"])
     doc = strict(cli("backup", store_path, store_path + "2", "--json").stdout)  # a sibling
     assert doc
     with walstore.open(store_path + "2") as copy:

@@ -319,3 +319,39 @@ def test_an_action_resolved_by_hand_is_resolved_again_when_its_needs_redo_is_und
         assert s.get_action(a.id).state == "resolved"  # (the same, folded from the log)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_scoped_undo_whose_actions_history_was_trimmed_refuses_and_changes_nothing(
+        tmp_path, force):
+    """A rewind R undid T (a charge writing b/charge) and a later a/x, refunding the
+    charge; retention then trimmed T.  A revert of R scoped to "a/" cannot tell where the
+    charge's state lies any more: it was taken as inside the scope — refused as bringing
+    the charge back, or forced marked needs-redo with b/charge still refunded
+    (probe-review).  It refuses now (HistoryTrimmed), nothing changed, forced or not."""
+    refunds = []
+    s = walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=2,
+                      compensators={"refund": lambda a: refunds.append(a.id)})
+    try:
+        s.restore_point("start")
+        with s.transaction() as tx:
+            tx.put("b/charge", 40)
+            with tx.action("charge", compensate="refund") as act:
+                pass
+        s.restore_point("mid")  # (pins what came after T: R and its revert stay possible)
+        with s.transaction() as tx:
+            tx.put("a/x", 1)
+        r = s.rewind("start")
+        s.drop_restore_point("start")
+        for i in range(5):
+            with s.transaction() as tx:
+                tx.put(f"z/{i}", i)
+        s.checkpoint()  # (T's history trimmed)
+        before = dict(s.scan())
+        with pytest.raises(walstore.HistoryTrimmed):
+            s.revert(r.txid, scope="a/", cascade=True, force=force)
+        assert dict(s.scan()) == before and s.get("b/charge") is None
+        assert refunds == [act.id]
+        assert [a.state for a in s.actions() if a.id == act.id] in ([], ["compensated"])
+    finally:
+        s.close()

@@ -224,3 +224,29 @@ def test_a_clean_close_shows_everything_and_old_stores_read_as_before(tmp_path, 
     assert procs.reader(path)("scan") == {f"k{i}": i for i in range(5)}
     os.unlink(os.path.join(path, "VISIBLE"))  # a store whose writers predate the file
     assert procs.reader(path)("scan") == {f"k{i}": i for i in range(5)}
+
+
+def test_visible_stays_as_earlier_readers_read_it_and_the_purge_count_is_beside_it(tmp_path):
+    """A fifth word made VISIBLE 40 bytes, which a reader of the previous release takes for
+    no mark at all (it then shows every whole record, unpublished commits too:
+    probe-review).  VISIBLE stays 32 bytes; the writer's purge counter is its own file,
+    PURGES (0600), moved by one at each purge applied and random at each writer open."""
+    from walstore.engine.visible import MarkReader
+    path = str(tmp_path / "s")
+    st = walstore.open(path, durability="none")
+    try:
+        assert os.path.getsize(os.path.join(path, "VISIBLE")) == 32
+        purges = os.path.join(path, "PURGES")
+        assert os.path.getsize(purges) == 16
+        assert stat.S_IMODE(os.stat(purges).st_mode) == 0o600
+        marks = MarkReader(path)
+        first = marks.purge_epoch()
+        assert first is not None
+        with st.transaction() as tx:
+            tx.put("user/1", 1)
+        assert marks.purge_epoch() == first  # (a commit is no purge)
+        st.purge("user/")
+        assert marks.purge_epoch() == (first + 1) % (1 << 64)
+        marks.close()
+    finally:
+        st.close()

@@ -522,15 +522,23 @@ class Undo:
         """Does the state of action ``aid`` lie inside ``rng``: declared in that scope, or
         (undeclared) its transaction tagged with it, or untagged with a key inside it (a
         transaction whose keys lie both sides counts as inside: the charged state comes
-        back in part, so RevertConflict asks).  Its transaction's history trimmed: inside
-        (the cautious answer)."""
+        back in part, so RevertConflict asks).  Its transaction's history trimmed: which
+        keys hold its state is not known any more, so the undo refuses (HistoryTrimmed,
+        nothing changed; an unscoped undo needs no answer) — taken as inside, it was
+        refused as bringing the charge back, or forced marked needs-redo, with nothing of
+        it brought back (probe-review)."""
         row = self.engine.views.action_row(aid) or {}
         if row.get("scope") is not None:
             return rng.same(row["scope"])
+        txid = int(aid.partition(".")[0])
         try:
-            info = self.history.txn_info(int(aid.partition(".")[0]))
-        except (KeyError, HistoryTrimmed, ValueError):
-            return True
+            info = self.history.txn_info(txid)
+        except (KeyError, HistoryTrimmed, ValueError) as e:
+            raise HistoryTrimmed(
+                f"this scoped undo would move the needs-redo mark of action {aid}, but the "
+                f"history of its transaction {txid} was trimmed (retention): whether its "
+                f"state lies in scope {rng.scope!r} is not known; nothing was changed (an "
+                f"unscoped undo does not need to know)") from e
         if info.scope is not None:
             return rng.same(info.scope)
         return any(rng.contains(encode_key(k)) for k in info.keys)

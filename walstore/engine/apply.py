@@ -51,9 +51,9 @@ class Applier:
         self.state = state
         # purges applied so far (counted once their LMDB transaction committed): a streamed
         # scan holding rows read before one must not yield what it erased
-        # (``StateReader.purge_epoch``); ``on_purge`` tells read-only processes (VISIBLE)
+        # (``StateReader.purge_epoch``); ``on_purge`` tells read-only processes (PURGES)
         self.purges_applied = 0
-        self.on_purge: "Callable[[int], None] | None" = None
+        self.on_purge: "Callable[[], None] | None" = None
 
     # ---- log events --------------------------------------------------------------------
     def apply(self, events: list[Event], applied_end: int) -> None:
@@ -208,7 +208,7 @@ class Applier:
         if erased:
             self.purges_applied += len(erased)
             if self.on_purge is not None:
-                self.on_purge(self.purges_applied)
+                self.on_purge()
 
     def _decide(self, txn, gid: str, decision: bytes) -> None:
         st = self.state

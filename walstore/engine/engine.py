@@ -250,7 +250,7 @@ class Engine:
         # mark may lie past a log a power loss cut), then moved by every publication
         self.shared_mark = SharedMark(self.layout.root, self.memtable.published)
         self.memtable.share = self.shared_mark.set
-        self.applier.on_purge = self.shared_mark.note_purges
+        self.applier.on_purge = self.shared_mark.note_purge
         self.journal = Journal(self.wal, self.memtable, self.durability)
         self.reader = StateReader(self.state, self.memtable)
         applier = self.applier
@@ -377,6 +377,7 @@ class Engine:
         self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable,
                                  marks)
         self.reader.purge_epoch = marks.purge_epoch
+        self._followed_epoch: int | None = None  # the writer's purge count last followed
         self.refresh()
 
     def writer_alive(self) -> bool:
@@ -387,9 +388,11 @@ class Engine:
         """Read-only engines: take in what the writer logged since the last read (and the
         writer's compacted LMDB file, after a purge)."""
         if self.follower is not None:
-            if self.state.replaced():
+            epoch = self.follower.marks.purge_epoch()  # (before: a purge meanwhile is
+            if self.state.replaced():                   # followed next time)
                 self.state.reopen()
             self.follower.catch_up()
+            self._followed_epoch = epoch
 
     def follow_state(self) -> None:
         """Read-only engines, before a read at a snapshot taken earlier (a transaction's
@@ -401,11 +404,17 @@ class Engine:
         a transaction, a view reads the purged keys as absent.  (Only the first read of a
         transaction followed the writer: one begun before a purge kept returning the
         erased value from its MemTable, or from the data file the purge's compaction
-        had swapped out.)"""
+        had swapped out.)  Only when the writer's purge count (``<store>/PURGES``) moved
+        since it last followed: otherwise what the MemTable holds at the snapshot is
+        exact, and this is one load (a writer without the file: every time)."""
         if self.follower is not None:
+            epoch = self.follower.marks.purge_epoch()
+            if epoch is not None and epoch == self._followed_epoch:
+                return
             if self.state.replaced():
                 self.state.reopen()
             self.follower.forget_applied()
+            self._followed_epoch = epoch
 
     # ---- threads ------------------------------------------------------------------------
     def _start_threads(self) -> None:

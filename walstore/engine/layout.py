@@ -10,6 +10,7 @@ A store is a directory (mode 0700)::
     LOCK           the writer's lock file (flock), holding the writer's pid
     VISIBLE        the writer's publication mark, for read-only processes (never fsynced;
                    see walstore.engine.visible)
+    PURGES         the writer's purge counter, for read-only processes (the same)
     wal/           WAL segments (see walstore.log.segment)
     db/            the LMDB environment (see walstore.engine.lmdb_state)
     quarantine/    bytes recovery cut off or dropped, each with a JSON note (never deleted)

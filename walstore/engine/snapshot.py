@@ -75,7 +75,8 @@ class StateReader:
         # (SnapshotTooOld), not read from a stale MemTable version or a swapped-out file
         self.follow: Callable[[], None] | None = None
         # changes whenever a purge was applied to LMDB (the writer's applier count; a
-        # read-only store's, the writer's shared in VISIBLE): a streamed scan compares it
+        # read-only store's, the writer's shared in <store>/PURGES, or None without that
+        # file: a scan then meets a purge at its next chunk): a streamed scan compares it
         # before each row it yields, so rows it read before a purge that the purge erased
         # are never yielded after it (they were, up to a chunk's 256)
         self.purge_epoch: Callable[[], Any] | None = None
@@ -213,6 +214,9 @@ class StateReader:
         mt = self.memtable
         visible = mt.visible
         follow = self.follow
+        if follow is not None and self.purge_epoch is not None \
+                and self.purge_epoch() is not None:
+            follow = None  # (the writer's purge count is there: ``_scan`` checks it a row)
         for k in ordered:
             if listed is not None and k not in listed:
                 v = rows[k]

@@ -9,19 +9,13 @@ running), and a power loss then erased a commit another process had acted on.  S
 writer shares its MemTable's ``published`` watermark here, and readers publish nothing
 past it.
 
-The file: 40 bytes, five 64-bit words in the machine's byte order (only live processes
+The file: 32 bytes, four 64-bit words in the machine's byte order (only live processes
 of this machine read it), mapped shared by the writer and by each reader::
 
     0  MAGIC           b"WSVISIB1"
     1  generation      random, new at every writer open (64 bits)
     2  mark            the writer's published LSN
     3  check           mark ^ generation ^ 0xFFFF_FFFF_FFFF_FFFF
-    4  purges          purges this writer generation applied to LMDB so far
-
-``purges`` lets a reader's streamed scan, holding rows read from LMDB before a purge, see
-cheaply (one load a row) that one was applied since and check it before yielding more
-(``engine.snapshot``); a 32-byte file (a writer before it) has none: such a scan meets
-the purge at its next chunk.
 
 Each word is stored and loaded whole (an aligned 8-byte store or load is one instruction),
 the writer storing the mark before its check.  A reader that finds the check disagreeing
@@ -39,8 +33,16 @@ that a new writer began: the records past their own mark that they read before m
 tail that recovery cut and the new writer overwrote, so they read them again.
 
 No file (a store whose writers predate it, a copy, a backup): readers show every whole
-record, as before.  A file that is not 40 (or, from an older writer, 32) bytes starting
-with MAGIC counts as none.
+record, as before.  A file that is not 32 bytes starting with MAGIC counts as none.
+
+Beside it, ``<store>/PURGES`` (16 bytes: ``b"WSPURGE1"``, then a 64-bit word): the
+writer's purge counter, random at every writer open and moved by one each time a purge
+is applied to LMDB.  A reader's streamed scan (``engine.snapshot``) and its later reads
+at an earlier snapshot (``Engine.follow_state``) compare it, one load, before each row or
+read: changed, they follow the writer's LMDB and check what the purge erased first, so
+rows read before a purge are never returned after it.  A separate file, so VISIBLE stays
+as readers of earlier versions read it; without it (an older writer) readers follow the
+writer before every such read instead.
 """
 from __future__ import annotations
 
@@ -50,19 +52,87 @@ import time
 
 NAME = "VISIBLE"
 MAGIC = b"WSVISIB1"
-SIZE = 40
-OLD_SIZE = 32  # (a writer before the ``purges`` word)
+SIZE = 32
 MASK = (1 << 64) - 1
 _FLAGS = os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 READ_TRIES = 200  # a torn read is retried this often (yielding between tries)
+
+
+PURGES_NAME = "PURGES"
+PURGES_MAGIC = b"WSPURGE1"
+PURGES_SIZE = 16
 
 
 def path_in(root: str) -> str:
     return os.path.join(root, NAME)
 
 
+def _take_or_make(path: str, size: int, magic: bytes, words: tuple[int, ...]) -> int:
+    """An fd of the file at ``path`` opened read-write: the existing one when it is
+    well formed (``size`` bytes starting with ``magic``: readers that mapped it see what
+    is stored next at once), else a new one holding ``magic`` and ``words`` put in place
+    whole (a reader never maps a short file)."""
+    try:
+        fd = os.open(path, os.O_RDWR | _FLAGS)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        try:
+            ok = (os.fstat(fd).st_size == size
+                  and os.pread(fd, len(magic), 0) == magic)
+        except OSError:
+            ok = False
+        if ok:
+            return fd
+        os.close(fd)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _FLAGS, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        data = bytearray(size)
+        data[:len(magic)] = magic
+        w = memoryview(data).cast("Q")
+        for i, word in enumerate(words, 1):
+            w[i] = word
+        w.release()
+        os.pwrite(fd, bytes(data), 0)
+        os.rename(tmp, path)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return fd
+
+
+def _map_shared(path: str, size: int, magic: bytes, writable: bool = False
+                ) -> tuple[mmap.mmap, tuple[int, int]] | None:
+    """``path`` mapped shared (with its (dev, ino)) when it is ``size`` bytes starting with
+    ``magic``; else None."""
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | _FLAGS)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_size != size:
+            return None
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+    if mm[:len(magic)] != magic:
+        mm.close()
+        return None
+    return mm, (st.st_dev, st.st_ino)
+
+
 def _words(data) -> tuple[int, int, int, int]:
-    w = memoryview(data)[:OLD_SIZE].cast("Q")
+    w = memoryview(data).cast("Q")
     try:
         return w[0], w[1], w[2], w[3]
     finally:
@@ -70,13 +140,15 @@ def _words(data) -> tuple[int, int, int, int]:
 
 
 class SharedMark:
-    """The writer's side: owns ``VISIBLE`` while the store is open for writing."""
+    """The writer's side: owns ``VISIBLE`` (and ``PURGES``) while the store is open for
+    writing."""
 
     def __init__(self, root: str, mark: int) -> None:
         self.path = path_in(root)
         self.generation = int.from_bytes(os.urandom(8), "little") or 1
         self._key = self.generation ^ MASK
-        fd = self._open()
+        # (mark 0 until set below: a new file's words)
+        fd = _take_or_make(self.path, SIZE, MAGIC, (self.generation, 0, self._key))
         try:
             self._mm = mmap.mmap(fd, SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
@@ -86,49 +158,24 @@ class SharedMark:
         # check that agrees with neither the old generation nor the new one, and retries
         w = self._w
         w[1] = self.generation
-        w[4] = 0
         w[2] = mark
         w[3] = mark ^ self._key
-
-    def _open(self) -> int:
-        """The existing file when it is well formed (readers that mapped it see the reset
-        at once), else a new one put in place whole (a reader never maps a short file)."""
+        # the purge counter: random at each open (a reader never takes a new writer's
+        # count for the one it saw), one more at each purge applied
+        start = int.from_bytes(os.urandom(8), "little")
+        fd = _take_or_make(os.path.join(root, PURGES_NAME), PURGES_SIZE, PURGES_MAGIC,
+                           (start,))
         try:
-            fd = os.open(self.path, os.O_RDWR | _FLAGS)
-        except FileNotFoundError:
-            fd = -1
-        if fd >= 0:
-            try:
-                ok = (os.fstat(fd).st_size == SIZE
-                      and os.pread(fd, len(MAGIC), 0) == MAGIC)
-            except OSError:
-                ok = False
-            if ok:
-                return fd
+            self._pmm = mmap.mmap(fd, PURGES_SIZE, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
             os.close(fd)
-        tmp = self.path + ".tmp"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _FLAGS, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            data = bytearray(SIZE)
-            data[:len(MAGIC)] = MAGIC
-            w = memoryview(data).cast("Q")
-            w[1], w[2], w[3], w[4] = self.generation, 0, self._key, 0  # (mark: set below)
-            w.release()
-            os.pwrite(fd, bytes(data), 0)
-            os.rename(tmp, self.path)
-        except BaseException:
-            os.close(fd)
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return fd
+        self._pw = memoryview(self._pmm).cast("Q")
+        self._pw[1] = start
 
-    def note_purges(self, count: int) -> None:
-        """Share how many purges this writer has applied to LMDB (after each one)."""
-        self._w[4] = count
+    def note_purge(self) -> None:
+        """A purge was applied to LMDB (the applier, after its LMDB commit)."""
+        self._pw[1] = (self._pw[1] + 1) & MASK
 
     def set(self, mark: int) -> None:
         """Share ``mark`` (the caller serializes calls; marks only grow)."""
@@ -141,44 +188,45 @@ class SharedMark:
             self._w.release()
             self._mm.close()
             self._mm = None
+            self._pw.release()
+            self._pmm.close()
 
 
 class MarkReader:
-    """A reader's side: ``read()`` -> (generation, mark), or None (no usable file)."""
+    """A reader's side: ``read()`` -> (generation, mark), or None (no usable file);
+    ``purge_epoch()`` -> the writer's purge counter, or None (no ``PURGES``)."""
 
     def __init__(self, root: str) -> None:
         self.path = path_in(root)
+        self._purges_path = os.path.join(root, PURGES_NAME)
         self._mm: mmap.mmap | None = None
         self._ident: tuple[int, int] | None = None
-        self._purges: memoryview | None = None  # the mapped words, when 40 bytes
+        self._pmm: mmap.mmap | None = None
+        self._pw: memoryview | None = None
+        self._tried = False
 
     def _map(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | _FLAGS)
-        except OSError:
-            return False
-        try:
-            st = os.fstat(fd)
-            if st.st_size not in (SIZE, OLD_SIZE):
-                return False
-            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        except (OSError, ValueError):
-            return False
-        finally:
-            os.close(fd)
-        if mm[:len(MAGIC)] != MAGIC:
-            mm.close()
+        got = _map_shared(self.path, SIZE, MAGIC)
+        if got is None:
             return False
         self.close()
-        self._mm, self._ident = mm, (st.st_dev, st.st_ino)
-        self._purges = memoryview(mm).cast("Q") if st.st_size == SIZE else None
+        self._mm, self._ident = got
+        # (PURGES with it: a writer that made VISIBLE anew may have made it anew too)
+        purges = _map_shared(self._purges_path, PURGES_SIZE, PURGES_MAGIC)
+        if purges is not None:
+            self._pmm = purges[0]
+            self._pw = memoryview(self._pmm).cast("Q")
         return True
 
-    def purge_epoch(self) -> tuple[int, int] | None:
-        """(generation, purges) as the writer shares them, or None (no file mapped, or
-        one without the word): it changes whenever the writer applied a purge."""
-        w = self._purges
-        return None if w is None else (w[1], w[4])
+    def purge_epoch(self) -> int | None:
+        """The writer's purge counter (it changes whenever the writer applied a purge), or
+        None when none is mapped (an older writer's store: callers follow every time)."""
+        w = self._pw
+        if w is None and self._mm is None and not self._tried:
+            self._tried = True  # (mapped once here when no read() mapped it yet)
+            self._map()
+            w = self._pw
+        return None if w is None else w[1]
 
     def replaced(self) -> bool:
         """Is the file now another one than the one mapped (or gone, or new)?"""
@@ -208,10 +256,11 @@ class MarkReader:
         return gen, None
 
     def close(self) -> None:
+        if self._pw is not None:
+            self._pw.release()
+            self._pmm.close()
+            self._pw = self._pmm = None
         if self._mm is not None:
-            if self._purges is not None:
-                self._purges.release()
-                self._purges = None
             self._mm.close()
             self._mm = None
             self._ident = None
