@@ -241,7 +241,7 @@ class Store:
             return  # a forked child's copy of its parent's store: nothing of it is ours
         with self._close_lock:
             if self._engine.writable and not self._engine.closed:
-                for txid, error in self._hooks.roll_back_open():  # (recorded: pending)
+                for txid, error in self._hooks.roll_back_open(CLOSE_WAIT_S):  # (recorded)
                     warnings.warn(f"closing {self.path}: the rollback of open transaction "
                                   f"{txid} did not finish: {error}", RuntimeWarning,
                                   stacklevel=2)

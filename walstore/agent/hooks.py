@@ -10,6 +10,7 @@ paths are put back, in exactly the reverse of the order they happened (``undo``)
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,13 +54,18 @@ class AgentHooks:
         with self._with_effects_lock:
             self._with_effects.pop(tx.id, None)
 
-    def roll_back_open(self) -> list[tuple[int, BaseException]]:
+    def roll_back_open(self, wait: float = 30.0) -> list[tuple[int, BaseException]]:
         """Roll back, newest first, every open transaction whose effects are out in the
         world and whose effects this thread began, or a thread that has ended (the store is
         closing under it: as SQLite rolls back an open transaction at close).  Before, its changed files stayed changed and its actions uncompensated
         until the next writable open's recovery, while the store said neither happened.
-        A prepared transaction (2PC) is left for its coordinator.  Returns (txid, error)
-        for each rollback that raised (the rest still ran)."""
+        A prepared transaction (2PC) is left for its coordinator.  A ``commit()`` (or
+        ``rollback()``) of one that another thread is running is waited for, up to ``wait``
+        seconds in all (``Transaction.end_at_close``: the end is decided once; rolled back
+        under a commit in flight, the commit landed anyway after its refund); a commit that
+        comes after the rollback here raises TransactionClosed.  Returns (txid, error) for
+        each rollback that raised or could not be made (the rest still ran)."""
+        deadline = time.monotonic() + wait
         with self._with_effects_lock:
             open_txs = sorted(list(self._with_effects.values()), key=lambda t: t.id,
                               reverse=True)
@@ -77,7 +83,11 @@ class AgentHooks:
                 # writable open's recovery undoes it, if it did not commit
                 continue
             try:
-                tx.rollback()
+                if not tx.end_at_close(deadline - time.monotonic()):
+                    errors.append((tx.id, WalstoreError(
+                        f"a commit() or rollback() of it in another thread was still running "
+                        f"after {wait:g} s: its outcome is that call's (if the store closes "
+                        f"first, the next open's recovery undoes it)")))
             except TransactionClosed:
                 continue  # (it committed: an interrupt had cut its commit() short)
             except Exception as e:  # (said by the caller; the others still roll back)

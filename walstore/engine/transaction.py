@@ -19,16 +19,22 @@ write (and compensates every action) made after ``sp`` and discards newer savepo
 writes; a name means the innermost savepoint of that name.
 
 States: ``active`` -> ``committed`` | ``rolled back`` | ``outcome unknown``; ``prepared``
-(``gid`` set) is active but takes no more writes or actions.  Lifetime: used by one
-thread; may stay open for hours at no cost to others (it holds no lock, no LMDB reader,
-no WAL); dropped without an end, it simply never commits (actions it logged are
+(``gid`` set) is active but takes no more writes or actions.  The end is decided once:
+``commit``, ``rollback``, ``prepare``, ``rollback_to`` and the store's ``close()`` hold the
+transaction's end lock while they decide, so a ``rollback()`` from another thread (or
+``close()``) waits for a ``commit()`` under way and then raises TransactionClosed, or wins
+and the later ``commit()`` raises it, never both.  Lifetime: used by one thread (another
+may end it); may stay open for hours at no cost to others (it holds no lock, no LMDB
+reader, no WAL); dropped without an end, it simply never commits (actions it logged are
 compensated by the next open's recovery).
 """
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
+from _thread import RLock as _RLock
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
@@ -170,6 +176,17 @@ class Transaction:
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
         self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
         self._request: CommitRequest | None = None  # the commit() under way or done
+        # A transaction's end is decided once: commit(), rollback(), prepare(),
+        # rollback_to() and close()'s rollback hold this lock from their check of the state
+        # to the state they leave (a commit() in one thread and a rollback() in another —
+        # a watchdog, or close() — both went ahead: the rollback logged the ABORT and
+        # refunded, then the COMMIT landed and commit() returned).  The second caller
+        # waits for the first and then finds it ended.  ``_ending`` names the call holding
+        # it: the same thread coming in again (a compensator, a signal handler) is refused
+        # rather than let through the re-entrant lock
+        self._end_lock = _RLock()  # (the C lock: threading.RLock is a wrapper's call)
+        self._ending: str | None = None
+        self.closed_by_store = False  # rolled back by the store's close() (end_at_close)
         self._unknown_of = "its COMMIT"  # outcome unknown: the record whose fsync failed
         # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
         # its object, not its ident, which a later thread may be given again
@@ -196,13 +213,23 @@ class Transaction:
         if self.state != ACTIVE:
             return False
         if exc_type is not None:
-            self._rollback(exc)
+            with self._end_lock:
+                if self._ending is None and self.state == ACTIVE:
+                    self._ending = "rolled back"
+                    try:
+                        self._rollback(exc)
+                    finally:
+                        self._ending = None
         else:
             self.commit()
         return False
 
     def _check_active(self) -> None:
         if self.state != ACTIVE:
+            if self.closed_by_store:
+                raise TransactionClosed(f"transaction {self.id} was rolled back by the store's "
+                                        f"close() (nothing of it was committed; its "
+                                        f"compensations ran)")
             raise TransactionClosed(f"transaction {self.id} is already {self.state}")
         self._engine.check_open()
 
@@ -358,6 +385,17 @@ class Transaction:
         """Undo everything after ``sp``; ``sp`` stays usable, newer savepoints are gone.
         Not on a prepared transaction: its write set is fixed until the decision."""
         self._check_active()
+        with self._end_lock:  # (not beside a commit() or rollback() of another thread)
+            if self._ending is not None or self.state != ACTIVE:
+                self._refuse_end(f"rolled back to {sp!r}")  # (raises)
+            self._ending = "rolled back to a savepoint"
+            try:
+                self._rollback_to(sp)
+            finally:
+                self._ending = None
+
+    def _rollback_to(self, sp: Savepoint | str) -> None:
+        """``rollback_to()``'s work, with the end lock held."""
         if self.gid is not None:
             raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}: its "
                                     f"write set and actions are fixed until it is committed "
@@ -414,6 +452,17 @@ class Transaction:
         ``store.commit_prepared(gid)`` or ``rollback()`` / ``store.rollback_prepared(gid)``.
         """
         self._check_active()
+        with self._end_lock:  # (not beside a commit() or rollback() of another thread)
+            if self._ending is not None or self.state != ACTIVE:
+                self._refuse_end(f"prepared as {gid!r}")  # (raises)
+            self._ending = "prepared"
+            try:
+                self._prepare(gid)
+            finally:
+                self._ending = None
+
+    def _prepare(self, gid: str) -> None:
+        """``prepare()``'s work, with the end lock held."""
         if self.gid is not None:
             raise ValueError(f"transaction {self.id} is already prepared as {self.gid!r}")
         try:
@@ -454,6 +503,17 @@ class Transaction:
         """
         if self.state != ACTIVE or self._engine.closed:
             self._check_active()  # (the reason, raised; the common answer is one test)
+        with self._end_lock:  # (a ``with`` on the C lock: no interrupt between the two)
+            if self._ending is not None or self.state != ACTIVE:
+                self._refuse_end("committed")  # (raises)
+            self._ending = "committed"
+            try:
+                return self._commit()
+            finally:
+                self._ending = None
+
+    def _commit(self) -> int | None:
+        """``commit()``'s work, with the end lock held."""
         if self.gid is not None:
             self._check_decision_in_doubt()
             try:
@@ -534,7 +594,77 @@ class Transaction:
             eng.prepared.check(self.id, [], reads)
 
     def rollback(self) -> None:
-        """Discard every write; compensate the actions this transaction ran."""
+        """Discard every write; compensate the actions this transaction ran.
+
+        A ``commit()`` another thread is running is waited for: then this raises
+        TransactionClosed (it committed) or rolls back what the failed commit left."""
+        with self._end_lock:
+            if self._ending is not None:
+                self._refuse_end("rolled back")  # (raises)
+            self._ending = "rolled back"
+            try:
+                self._rollback_checked()
+            finally:
+                self._ending = None
+
+    def end_at_close(self, timeout: float) -> bool:
+        """The store's ``close()`` rolls this transaction back (``rollback()``), waiting
+        up to ``timeout`` seconds for a ``commit()`` or ``rollback()`` another thread is
+        running: False when that one is still running then (its own outcome stands);
+        True when the end is decided (rolled back here, or by the other call).  A
+        ``commit()`` that comes after this rollback raises TransactionClosed (a
+        StoreClosed) saying close() rolled it back: nothing of it was committed and its
+        compensations ran, once, here."""
+        lock = self._end_lock
+        if lock._is_owned():  # (close() from inside this transaction's own end: refused)
+            return False
+        # wait for the other call without taking the lock (a plain ``acquire`` lets an
+        # interrupt land after it returns, keeping the lock for ever: walstore.signals);
+        # then take it by a ``with``, at worst behind a call that began just now
+        deadline = time.monotonic() + timeout
+        while self._ending is not None:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        with lock:
+            if self._ending is not None or self.state != ACTIVE or self.gid is not None:
+                return True  # (ended meanwhile; or prepared meanwhile: its coordinator's)
+            self._ending = "rolled back"
+            self.closed_by_store = True
+            try:
+                self._rollback_checked()
+            except BaseException:
+                if self.state != ROLLED_BACK:  # (it had committed; or nothing was undone)
+                    self.closed_by_store = False
+                raise
+            finally:
+                self._ending = None
+            return True
+
+    def _refuse_end(self, verb: str) -> None:
+        """Raise TransactionClosed for a commit()/rollback() that finds the end decided
+        (by the call it waited for) or being decided by this same thread."""
+        if self._ending is not None and self.state == ACTIVE:
+            raise TransactionClosed(f"transaction {self.id} is being {self._ending} by this "
+                                    f"thread (this call came from inside that one: a "
+                                    f"compensator or a signal handler); it was not {verb} "
+                                    f"here")
+        if self.state == UNKNOWN:
+            raise TransactionClosed(f"transaction {self.id}'s outcome is unknown (the fsync of "
+                                    f"{self._unknown_of} failed): the next open of the store "
+                                    f"decides (recovery); nothing changed")
+        if self.closed_by_store:
+            raise TransactionClosed(f"transaction {self.id} was rolled back by the store's "
+                                    f"close() (nothing of it was committed; its compensations "
+                                    f"ran); it was not {verb} here")
+        how = self.state
+        if how == COMMITTED and self.lsn is not None:
+            how = f"committed (at LSN {int(self.lsn)})"
+        raise TransactionClosed(f"transaction {self.id} is already {how} (by another call); "
+                                f"it was not {verb} here")
+
+    def _rollback_checked(self) -> None:
+        """``rollback()``'s work, with the end lock held."""
         if self.state == ACTIVE and self._committed_request() is not None:
             raise TransactionClosed(f"transaction {self.id} is already committed (at LSN "
                                     f"{int(self.lsn)}: an interrupt reached commit() after "
