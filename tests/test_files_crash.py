@@ -81,11 +81,12 @@ def setup(base: Path) -> tuple[str, str]:
     return str(store), str(ws)
 
 
-def run_child(spec: dict, timeout: float = 60, until: str | None = None) -> dict:
+def run_child(spec: dict, timeout: float = 60, until: str | None = None,
+              child: Path = CHILD) -> dict:
     """Run files_child.py; kill -9 its process group when it halts (STOP / HELD) or when
     ``until`` (a file path) appears.  Returns what it printed."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, str(CHILD), json.dumps(spec)],
+    proc = subprocess.Popen([sys.executable, str(child), json.dumps(spec)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             start_new_session=True)
     out = {"lines": [], "stopped": None, "committed": False, "calls": None, "killed": False}

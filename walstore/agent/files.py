@@ -16,7 +16,10 @@ overwrites a stranger: a path that is neither walstore's after-image nor the bef
 keeps the stranger's version, walstore's is saved under ``<store>/quarantine/files/``, and
 a FILE_CONFLICT record says so.  Each undone effect is recorded once (FILE_RESTORED, which
 removes its ``fsteps`` row).  What a crash left undone is in ``fsteps``: ``settle`` runs it
-at open, before ``walstore.open`` returns, newest first across transactions.
+at open, before ``walstore.open`` returns, newest first across transactions.  What a
+transaction dropped without an end (garbage-collected) left while the store stays open is
+undone before another transaction changes one of its paths (``_put_back_stale``), so no
+change ever takes uncommitted content as its before-image.
 
 Concurrency: one lock (``_lock``) around planning, logging and applying a change (so the
 blob store's garbage collection never runs between a put and the record naming it), and
@@ -183,6 +186,9 @@ class Files:
         self._claims: dict[tuple[bytes, bytes], int] = {}
         self._claimants: dict[int, weakref.ref] = {}
         self._claims_seeded = False
+        # claimants that have ended (or were dropped) and are known to owe no undo (see
+        # ``_put_back_stale``): a dead claimant logs nothing more, so this never changes
+        self._settled: set[int] = set()
         # txids whose decision to roll back is logged while their undo runs (shared with
         # TwoPhase: ``rollback_prepared``): their claims hold until the paths are back
         self.undoing: set[int] = set()
@@ -358,6 +364,10 @@ class Files:
             steps = make_plan()
             if not steps:
                 return None
+            if self._put_back_stale(tx.id, ws, [c.path for c in steps]):
+                steps = make_plan()  # (the before-images were what the dropped one left)
+                if not steps:
+                    return None
             self._claim(tx, ws, steps)
             eff = self.log_steps(tx, ws, op, steps)
             tx.effects.append(eff)
@@ -393,7 +403,9 @@ class Files:
         second transaction changing it would overwrite a change its owner may still undo
         (its rollback would then find a stranger's version and quarantine it).  So the
         second one gets ConflictError here, before anything is changed (caller holds
-        ``_lock``).  A claim of an ended transaction is stale and simply taken over."""
+        ``_lock``).  A claim of an ended transaction is stale and simply taken over (one
+        that still owes undo — dropped without an end — is put back first by the caller:
+        ``_put_back_stale``)."""
         self._check_claims(tx, ws.root_b, [c.path for c in steps])
         self._note_claims(tx, ws.root_b, steps)
 
@@ -455,11 +467,128 @@ class Files:
         return txid in self.undoing or txid in self.engine.prepared.txids()
 
     def _prune_claims(self) -> None:
-        """Forget the claims of ended transactions (bounded memory)."""
-        live = {t for t in set(self._claims.values()) if self._live(t)}
-        self._claims = {k: t for k, t in self._claims.items() if t in live}
-        self._claimants = {t: r for t, r in self._claimants.items() if t in live}
+        """Forget the claims of ended transactions (bounded memory) — not those of one
+        that still owes undo (dropped without an end): the next change of its paths puts
+        them back first (``_put_back_stale``)."""
+        owners = set(self._claims.values())
+        live = {t for t in owners if self._live(t)}
+        dead = owners - live - self._settled
+        keep = live | set(self._owed_now(dead)) if dead else live
+        self._claims = {k: t for k, t in self._claims.items() if t in keep}
+        self._claimants = {t: r for t, r in self._claimants.items() if t in keep}
+        self._settled &= set(self._claims.values())
         self._live_claims = len(self._claims)
+
+    def _owed_now(self, txids: set[int] | None = None) -> dict[int, list]:
+        """The file effects each transaction of ``txids`` (None: every one) still owes
+        undo — its ``fsteps`` rows, held ones excepted — as effects, newest first; only
+        transactions that owe something are keys.  Without a drain (no LMDB write): the
+        MemTable's unapplied events are taken first and folded over LMDB's rows with the
+        applier's transitions (as ``engine.views`` do), so each event counts once."""
+        eng = self.engine
+        types = frozenset({_T.FILE_STEPS, _T.WATCH_BEGIN, _T.WATCH_END, _T.FILE_RESTORED,
+                           _T.COMMIT})
+        events = [e for e in eng.memtable.events_of(types)
+                  if txids is None or e.txid in txids]
+        st = eng.state
+        rows: dict[int, dict[int, dict | None]] = {}
+        spans = [(b"", None)] if txids is None else [
+            (tables.fsteps_prefix(t), tables.fsteps_prefix(t) + b"\xff" * 8)
+            for t in sorted(txids)]
+        for lo, hi in spans:
+            for raw, v in st.scan(lo, hi, db="fsteps"):
+                txid, lsn = tables.split_fsteps_key(raw)
+                row = tables.unpack_row(v, "fsteps", raw, st.data_file)
+                rows.setdefault(txid, {})[lsn] = None if row.get("held") else row
+        for e in events:
+            mine = rows.setdefault(e.txid, {})
+            if e.type in (_T.FILE_STEPS, _T.WATCH_BEGIN):
+                if mine.get(e.lsn, True) is not None:  # (a held row stays held)
+                    mine[e.lsn] = tables.fsteps_row(e)
+            elif e.type == _T.WATCH_END:
+                mine.pop(int(e.body.get("begin", -1)), None)
+            elif e.type == _T.FILE_RESTORED:
+                for lsn in e.body.get("effects") or ():
+                    if e.body.get("held"):
+                        mine[int(lsn)] = None
+                    else:
+                        mine.pop(int(lsn), None)
+            else:  # COMMIT: every row of the transaction goes
+                mine.clear()
+        out: dict[int, list] = {}
+        for txid, mine in rows.items():
+            effs = []
+            for lsn, row in mine.items():
+                if row is None:
+                    continue
+                try:
+                    effs.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn,
+                                                    row))
+                except (OSError, ValueError, CorruptionError):
+                    continue  # (unreadable: left owed, as at open)
+            if effs:
+                out[txid] = sorted(effs, key=lambda e: e.lsn, reverse=True)
+        return out
+
+    def _put_back_stale(self, txid: int | None, ws: Workspace,
+                        paths: list[bytes] | None = None) -> bool:
+        """Before transaction ``txid`` changes ``paths`` of ``ws`` (None: any path, a
+        ``watch()``), put back what a claimant of one of them that has ended but still owes
+        undo left there: a transaction dropped (garbage-collected) without commit or
+        rollback while the store stays open, or one whose rollback could not put a path
+        back.  Its changes are uncommitted; left in place, the new change took them as its
+        before-image — a revert of it brought back content no transaction committed, and
+        the next open's undo of the dropped one met the new change's committed version as
+        a stranger's (a file conflict, walstore's version quarantined).  Undone as its
+        rollback would (its effects in ``ws``, newest first, FILE_RESTORED and any
+        FILE_CONFLICT recorded): a crash in between leaves rows the next open undoes,
+        idempotently.  Caller holds the workspace's lock and ``_lock``; True when
+        something was undone (the caller plans again).  A path that cannot be put back
+        (an I/O error): ConflictError, nothing of ``txid`` changed."""
+        root = ws.root_b
+        if not self._claims_seeded:
+            self._seed_claims()
+        if paths is None:
+            owners = {t for (r, _p), t in self._claims.items() if r == root}
+        else:
+            owners = {self._claims.get((root, p)) for p in paths}
+        owners = {t for t in owners if t is not None and t != txid
+                  and t not in self._settled and not self._live(t)}
+        if not owners:
+            return False
+        owed = self._owed_now(owners)
+        self._settled |= owners - set(owed)
+        effects = sorted((e for t in owed for e in owed[t] if e.ws.root_b == root),
+                         key=lambda e: (e.lsn, e.txid), reverse=True)
+        if not effects:
+            return False
+        batch = UndoBatch(effects)
+        done: dict[int, list] = {}
+        conflicts: dict[int, list] = {}
+        failed = []
+        try:
+            for eff in effects:
+                try:
+                    got = self.undo_one(eff.txid, eff, batch)
+                except (OSError, ValueError, WalstoreError) as e:
+                    failed.append((eff, e))
+                    continue
+                done.setdefault(eff.txid, []).append(eff)
+                conflicts.setdefault(eff.txid, []).extend((eff.lsn, c) for c in got)
+        finally:
+            for t in sorted(done):
+                self.record(t, done[t], conflicts.get(t, []))
+        if failed:
+            eff, err = failed[0]
+            where = abs_display(root, eff.steps[0].path) if getattr(eff, "steps", None) \
+                else ws.root
+            raise ConflictError(f"transaction {eff.txid} ended without a commit and its "
+                                f"change of {where} could not be put back "
+                                f"({type(err).__name__}: {err}); it stays owed (the next "
+                                f"open puts it back); nothing was changed", [where])
+        if not any(e.ws.root_b != root for t in owed for e in owed[t]):
+            self._settled |= set(owed)
+        return True
 
     def uncommitted_before(self, root: bytes, path: bytes) -> Any:
         """What ``path`` was before a transaction that has not ended changed it in place
@@ -501,6 +630,10 @@ class Files:
         by_ws: dict[bytes, list[FileUndo]] = {}
         for it in items:
             by_ws.setdefault(it.ws.root_b, []).append(it)
+        for root in sorted(by_ws):  # what a dropped transaction left goes first
+            with self._ws_lock(by_ws[root][0].ws), self._lock:
+                self._put_back_stale(tx.id, by_ws[root][0].ws,
+                                     [it.path for it in by_ws[root]])
         with self._lock:  # a path an open or prepared transaction changed is its own:
             for root in sorted(by_ws):  # refused before any workspace is touched
                 self._check_claims(tx, root, [it.path for it in by_ws[root]])
@@ -577,6 +710,9 @@ class Files:
                     yield handle
                 return
             with self._lock:
+                # what a dropped transaction left in the workspace goes first (else the
+                # manifest took it as the before-image: see _put_back_stale)
+                self._put_back_stale(tx.id, ws)
                 m0 = snapshot(ws, self.blobs, previous=self._previous(ws))
                 digest = m0.save(self.blobs)
                 tx.logged = True
@@ -709,10 +845,31 @@ class Files:
             eff.ws.check_root()
             if isinstance(eff, OpenWatch):
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
-            return undo_steps(eff.ws, eff.steps, self.blobs, self.quarantine(txid),
+            steps = eff.steps
+            if recovering:
+                steps = [c for c in steps if not self._committed_since(eff.ws.root_b, c.path,
+                                                                        eff.lsns[0])]
+            return undo_steps(eff.ws, steps, self.blobs, self.quarantine(txid),
                               check=True, durable=self.durable,
                               done=batch.done(eff) if batch is not None else None,
                               after_crash=recovering)
+
+    def _committed_since(self, root: bytes, path: bytes, lsn: int) -> bool:
+        """Has a transaction committed a version of ``path`` after ``lsn`` (LMDB, drained
+        at open)?  Then an owed step of a loser logged at ``lsn`` is superseded: putting its
+        before-image back would undo committed work, and the committed version found there
+        is no stranger's.  (A store written before ``_put_back_stale`` existed could hold a
+        dropped transaction's owed step under a later commit of the same path: its open
+        reported a file conflict and quarantined a file walstore itself had committed.)"""
+        st = self.engine.state
+        if st.fversions is None:
+            return False
+        prefix = tables.fpath_prefix(root, path)
+        for raw, _v in st.scan(tables.fversion_key(root, path, lsn + 1), prefix + b"\xff" * 9,
+                               db="fversions"):
+            if tables.is_fversion_of(raw, prefix):
+                return True
+        return False
 
     def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int,
                          recovering: bool = False) -> list[FileConflict]:
