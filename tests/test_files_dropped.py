@@ -188,3 +188,23 @@ def test_kill_at_every_step_of_a_takeover_from_a_dropped_writer(tmp_path):
             assert_tree_equal(tree, post, f"after kill -9 before call {n} ({got['stopped']})")
             outcomes["post"] += 1
     assert outcomes["pre"] and outcomes["post"], outcomes
+
+
+def test_a_closed_stores_file_reads_raise_store_closed(tmp_path):
+    """``tx.files(ws).read/exists/listdir`` on a store closed under the transaction read
+    the disk (a missing file: StoreFileNotFoundError) where every other read of a closed
+    store raises StoreClosed (probe-lifecycle)."""
+    import os
+    import walstore
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "a").write_text("on disk")
+    s = walstore.open(str(tmp_path / "s"))
+    ws = s.workspace(str(root))
+    f = s.transaction().files(ws)
+    s.close()
+    for call in (lambda: f.read("a"), lambda: f.read("missing"), lambda: f.exists("a"),
+                 lambda: f.listdir()):
+        with pytest.raises(walstore.StoreClosed):
+            call()
+    assert os.path.exists(root / "a")

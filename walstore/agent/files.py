@@ -1363,7 +1363,9 @@ class TxFiles:
 
     @os_errors_wrapped
     def read(self, path: PathLike) -> bytes:
-        """The content of a file (this transaction's own writes are in place already)."""
+        """The content of a file (this transaction's own writes are in place already).
+        A closed store's: StoreClosed, as every read of it (it read the disk)."""
+        self._files.engine.check_open()
         rel, abs_path, st = self._final(path)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, f"{display(rel)!r} is a directory",
@@ -1381,11 +1383,13 @@ class TxFiles:
 
     @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:
+        self._files.engine.check_open()
         _rel, abs_path = self.workspace.resolve(path)
         return os.path.lexists(abs_path)
 
     @os_errors_wrapped
     def listdir(self, path: PathLike = "") -> list[str]:
+        self._files.engine.check_open()
         rel, abs_path = self.workspace.resolve(path, allow_root=True)
         return sorted(os.fsdecode(n) for n in os.listdir(abs_path)
                       if not self.workspace.ignored((rel + b"/" + n) if rel else n,
