@@ -142,7 +142,7 @@ def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:
 
 def _raise(txid: int, stale: list) -> None:
     names = [_show(k) for k in stale[:5]]
-    raise ConflictError(f"transaction {txid} read {names} which another transaction changed "
+    raise ConflictError(f"transaction {txid} read {names} which another transaction wrote "
                         f"after it started; nothing was written", names)
 
 
