@@ -185,3 +185,32 @@ def test_a_transaction_of_another_running_thread_is_left_to_recovery(tmp_path):
     s._settle_recovery()  # (the compensator registered after open: run what is owed)
     assert ledger == ["charge", "refund"]
     s.close()
+
+
+def test_a_compensator_that_closes_the_store_close_is_running_does_not_hang(tmp_path):
+    """close() rolls back an open transaction; its compensator calls store.close(): the
+    same thread took close()'s lock a second time and the process hung for ever
+    (probe-review2).  The inner close() raises StoreClosed now: the compensation fails,
+    is recorded owed, and the next open runs it (README: a compensator must not close its
+    store)."""
+    import subprocess
+    import sys
+    child = (
+        "import sys, warnings, walstore\n"
+        "warnings.simplefilter('ignore')\n"
+        "s = None\n"
+        "def refund(a):\n"
+        "    s.close()\n"
+        "s = walstore.open(sys.argv[1], compensators={'refund': refund})\n"
+        "tx = s.transaction()\n"
+        "with tx.action('charge', compensate='refund'):\n"
+        "    pass\n"
+        "s.close()\n"
+        "print('closed')\n")
+    path = str(tmp_path / "s")
+    r = subprocess.run([sys.executable, "-c", child, path], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "closed", r.stderr[-2000:]
+    refunds = []
+    with walstore.open(path, compensators={"refund": lambda a: refunds.append(a.id)}) as s:
+        assert [a.state for a in s.actions()] == ["compensated"] and len(refunds) == 1

@@ -242,3 +242,39 @@ def test_a_streamed_scan_never_yields_a_row_a_purge_erased_after_it_returned(tmp
             s.close()
         if w is not None:
             w.close()
+
+
+@pytest.mark.parametrize("how", ["deleted", "malformed"])
+def test_a_new_writer_with_a_new_purges_file_is_followed(tmp_path, how):
+    """The reader mapped PURGES once (beside VISIBLE); a new writer that found it missing
+    or malformed made a new one while taking VISIBLE over as it was, so the reader read
+    the old counter for good and a transaction of it returned what the new writer's purge
+    erased (probe-review2).  A new writer generation makes the reader look at PURGES
+    again."""
+    path = str(tmp_path / "s")
+    w = Writer(path, apply_interval=3600)
+    w.put("other", 1)
+    w.put("user/alice", SECRET)
+    ro = walstore.open(path, readonly=True)
+    w2 = None
+    try:
+        tx = ro.transaction()
+        assert tx.get("other") == 1 and tx.get("user/alice") == SECRET
+        w.close()
+        purges = os.path.join(path, "PURGES")
+        if how == "deleted":
+            os.unlink(purges)
+        else:
+            with open(purges + ".x", "wb") as f:
+                f.write(b"garbage")
+            os.rename(purges + ".x", purges)
+        w2 = Writer(path, apply_interval=3600)
+        w2.put("junk", 1)
+        w2("purge", "user/")
+        with pytest.raises(SnapshotTooOld):
+            tx.get("user/alice")
+        tx.rollback()
+    finally:
+        ro.close()
+        if w2 is not None:
+            w2.close()

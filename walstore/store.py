@@ -178,6 +178,7 @@ class Store:
             engine.drop_like_a_crash()
             raise
         self._pid = _PROCESS[0]
+        self._closing: threading.Thread | None = None  # the thread inside close()
         self._close_lock = threading.Lock()  # one close() at a time (the others wait, then
         self._finishing = _Finishing(engine.path)  # find nothing left to do)
         with _OPEN_LOCK:
@@ -239,15 +240,26 @@ class Store:
         replication lease: the shipper ships what it can first, within a few seconds)."""
         if self._pid != _PROCESS[0]:
             return  # a forked child's copy of its parent's store: nothing of it is ours
+        if getattr(self, "_closing", None) is threading.current_thread():
+            # (from inside this close: a compensator of a transaction it rolls back, an
+            # action, a signal handler — it waited on its own lock for ever)
+            raise StoreClosed(f"store {self.path} is being closed by this thread: close() "
+                              f"was called from inside it (a compensator, say); the "
+                              f"compensation it runs cannot be recorded now and runs again "
+                              f"at the next open")
         with self._close_lock:
-            if self._engine.writable and not self._engine.closed:
-                for txid, error in self._hooks.roll_back_open(CLOSE_WAIT_S):  # (recorded)
-                    warnings.warn(f"closing {self.path}: the rollback of open transaction "
-                                  f"{txid} did not finish: {error}", RuntimeWarning,
-                                  stacklevel=2)
-                self._wait_for_work_elsewhere()
-            self._stop_replication(release=True)
-            self._engine.close()
+            self._closing = threading.current_thread()
+            try:
+                if self._engine.writable and not self._engine.closed:
+                    for txid, error in self._hooks.roll_back_open(CLOSE_WAIT_S):
+                        warnings.warn(f"closing {self.path}: the rollback of open "  # (recorded)
+                                      f"transaction {txid} did not finish: {error}",
+                                      RuntimeWarning, stacklevel=2)
+                    self._wait_for_work_elsewhere()
+                self._stop_replication(release=True)
+                self._engine.close()
+            finally:
+                self._closing = None
 
     def _wait_for_work_elsewhere(self) -> None:
         """Before the log closes: other threads' revert/rewind/purge calls and the

@@ -165,6 +165,20 @@ def abs_display(ws_root: bytes, path: bytes) -> str:
     return os.fsdecode(ws_root + b"/" + path)
 
 
+
+def _with_parents(paths: list[bytes]) -> set[bytes]:
+    """``paths`` (workspace-relative) and every parent directory of each."""
+    out = set(paths)
+    for p in paths:
+        cut = p.rfind(b"/")
+        while cut > 0:
+            p = p[:cut]
+            if p in out:
+                break
+            out.add(p)
+            cut = p.rfind(b"/")
+    return out
+
 class Files:
     """The store's reversible files (one per open store)."""
 
@@ -423,10 +437,14 @@ class Files:
                 f"of that watch); nothing was changed")
 
     def _check_claims(self, tx: "Transaction", root: bytes, paths: list[bytes]) -> None:
-        """``_claim``'s test alone (nothing noted); caller holds ``_lock``."""
+        """``_claim``'s test alone (nothing noted); caller holds ``_lock``.  The parent
+        directories of each path count too: a directory another transaction created (or
+        changed) and has not ended is its own — a file written into it made its rollback
+        find the directory holding a file walstore did not know (a conflict reported of
+        walstore's own committed file)."""
         if not self._claims_seeded:
             self._seed_claims()
-        for path in paths:
+        for path in _with_parents(paths):
             owner = self._claims.get((root, path))
             if owner is not None and owner != tx.id and self._live(owner):
                 where = abs_display(root, path)
@@ -550,8 +568,8 @@ class Files:
             self._seed_claims()
         if paths is None:
             owners = {t for (r, _p), t in self._claims.items() if r == root}
-        else:
-            owners = {self._claims.get((root, p)) for p in paths}
+        else:  # (and of their parent directories: one it created holds its files)
+            owners = {self._claims.get((root, p)) for p in _with_parents(paths)}
         owners = {t for t in owners if t is not None and t != txid
                   and t not in self._settled and not self._live(t)}
         if not owners:

@@ -84,10 +84,14 @@ class AgentHooks:
                 continue
             try:
                 if not tx.end_at_close(deadline - time.monotonic()):
+                    why = (f"this thread is inside its commit() or rollback() (close() "
+                           f"was called from there: a signal handler, a compensator)"
+                           if tx.ending_in_this_thread() else
+                           f"a commit() or rollback() of it in another thread was still "
+                           f"running after {wait:g} s")
                     errors.append((tx.id, WalstoreError(
-                        f"a commit() or rollback() of it in another thread was still running "
-                        f"after {wait:g} s: its outcome is that call's (if the store closes "
-                        f"first, the next open's recovery undoes it)")))
+                        f"{why}: its outcome is that call's (if the store closes first, the "
+                        f"next open's recovery undoes it)")))
             except TransactionClosed:
                 continue  # (it committed: an interrupt had cut its commit() short)
             except Exception as e:  # (said by the caller; the others still roll back)

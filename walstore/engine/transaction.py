@@ -641,6 +641,11 @@ class Transaction:
                 self._ending = None
             return True
 
+    def ending_in_this_thread(self) -> bool:
+        """Is the calling thread inside this transaction's commit()/rollback() (its end
+        lock held here)?"""
+        return bool(self._end_lock._is_owned())
+
     def _refuse_end(self, verb: str) -> None:
         """Raise TransactionClosed for a commit()/rollback() that finds the end decided
         (by the call it waited for) or being decided by this same thread."""

@@ -194,15 +194,19 @@ class SharedMark:
 
 class MarkReader:
     """A reader's side: ``read()`` -> (generation, mark), or None (no usable file);
-    ``purge_epoch()`` -> the writer's purge counter, or None (no ``PURGES``)."""
+    ``purge_epoch()`` -> (generation, the writer's purge counter), or None (no
+    ``PURGES``)."""
 
     def __init__(self, root: str) -> None:
         self.path = path_in(root)
         self._purges_path = os.path.join(root, PURGES_NAME)
         self._mm: mmap.mmap | None = None
+        self._vw: memoryview | None = None  # VISIBLE's words (mapped with ``_mm``)
         self._ident: tuple[int, int] | None = None
         self._pmm: mmap.mmap | None = None
         self._pw: memoryview | None = None
+        self._pident: tuple[int, int] | None = None
+        self._pgen: int | None = None  # the generation PURGES was (re)mapped at
         self._tried = False
 
     def _map(self) -> bool:
@@ -211,22 +215,47 @@ class MarkReader:
             return False
         self.close()
         self._mm, self._ident = got
-        # (PURGES with it: a writer that made VISIBLE anew may have made it anew too)
-        purges = _map_shared(self._purges_path, PURGES_SIZE, PURGES_MAGIC)
-        if purges is not None:
-            self._pmm = purges[0]
-            self._pw = memoryview(self._pmm).cast("Q")
+        self._vw = memoryview(self._mm).cast("Q")
+        self._map_purges()
         return True
 
-    def purge_epoch(self) -> int | None:
-        """The writer's purge counter (it changes whenever the writer applied a purge), or
-        None when none is mapped (an older writer's store: callers follow every time)."""
-        w = self._pw
-        if w is None and self._mm is None and not self._tried:
+    def _map_purges(self) -> None:
+        """Map ``PURGES`` afresh when it is another file than the one mapped (a new
+        writer makes it anew when it was missing or malformed, while it may take VISIBLE
+        over as it is: mapped once, a reader kept reading the old counter, which never
+        moved, and missed every later purge: probe-review2)."""
+        self._pgen = self._vw[1] if self._vw is not None else None
+        try:
+            st = os.stat(self._purges_path, follow_symlinks=False)
+            ident = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = None
+        if ident is not None and ident == self._pident:
+            return
+        self._close_purges()
+        got = _map_shared(self._purges_path, PURGES_SIZE, PURGES_MAGIC)
+        if got is not None:
+            self._pmm, self._pident = got
+            self._pw = memoryview(self._pmm).cast("Q")
+
+    def purge_epoch(self) -> tuple[int, int] | None:
+        """(generation, purge counter) as the writer shares them: it changes whenever the
+        writer applied a purge, or a new writer began (then ``PURGES`` is looked at again:
+        it may be a new file); None when none is mapped (an older writer's store: callers
+        follow every time)."""
+        vw = self._vw
+        if vw is None:
+            if self._tried:
+                return None
             self._tried = True  # (mapped once here when no read() mapped it yet)
-            self._map()
-            w = self._pw
-        return None if w is None else w[1]
+            if not self._map():
+                return None
+            vw = self._vw
+        gen = vw[1]
+        if gen != self._pgen:
+            self._map_purges()
+        w = self._pw
+        return None if w is None else (gen, w[1])
 
     def replaced(self) -> bool:
         """Is the file now another one than the one mapped (or gone, or new)?"""
@@ -255,12 +284,18 @@ class MarkReader:
                 time.sleep(0)
         return gen, None
 
-    def close(self) -> None:
+    def _close_purges(self) -> None:
         if self._pw is not None:
             self._pw.release()
             self._pmm.close()
-            self._pw = self._pmm = None
+        self._pw = self._pmm = self._pident = None
+
+    def close(self) -> None:
+        self._close_purges()
         if self._mm is not None:
+            if self._vw is not None:
+                self._vw.release()
+                self._vw = None
             self._mm.close()
             self._mm = None
             self._ident = None
