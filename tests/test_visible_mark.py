@@ -250,3 +250,63 @@ def test_visible_stays_as_earlier_readers_read_it_and_the_purge_count_is_beside_
         marks.close()
     finally:
         st.close()
+
+
+@pytest.mark.parametrize("name", ["VISIBLE", "PURGES"])
+def test_something_else_in_place_of_a_shared_file_neither_hangs_nor_blocks_writers(
+        tmp_path, name):
+    """A FIFO in place of VISIBLE or PURGES hung every read-only open in its open(); a
+    directory or a symlink there refused every writable open (EISDIR, ELOOP) while verify
+    said ok; a stale .tmp beside a well-formed file stayed for good (probe-ops).  A reader
+    takes such a file for none; a writer replaces it (derived files, never fsynced)."""
+    import subprocess
+    import sys
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as st:
+        with st.transaction() as tx:
+            tx.put("a", 1)
+    target = os.path.join(path, name)
+    os.unlink(target)
+    os.mkfifo(target, 0o600)
+    code = ("import sys, walstore\n"
+            "with walstore.open(sys.argv[1], readonly=True) as s:\n"
+            "    print(s.get('a'))\n")
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stdout.strip() == "1", r.stderr[-1000:]
+    for make in (os.mkdir, lambda p: os.symlink(str(tmp_path / "elsewhere"), p),
+                 lambda p: os.mkfifo(p, 0o600)):
+        if os.path.lexists(target):
+            os.rmdir(target) if os.path.isdir(target) and not os.path.islink(target) \
+                else os.unlink(target)
+        make(target)
+        with walstore.open(path, durability="none") as st:
+            with st.transaction() as tx:
+                tx.put("a", 2)
+        assert stat.S_ISREG(os.lstat(target).st_mode)
+        assert not os.path.exists(tmp_path / "elsewhere")
+    with open(target + ".tmp", "wb") as f:
+        f.write(b"stale")
+    with walstore.open(path, durability="none"):
+        pass
+    assert not os.path.lexists(target + ".tmp")
+
+
+def test_a_store_io_error_is_one_line_without_errno_noise(tmp_path):
+    """An OS error while opening (here a non-empty directory where PURGES goes) read
+    "[Errno 21] opening the store at ... failed: ...: '...' (... [EISDIR]: ...)": the
+    cause said twice, one of them in Python's form (probe-ops).  It is said once, in the
+    README's form: "...failed: <what> [ERRNO]: <file>", exit 1."""
+    import subprocess
+    import sys
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none"):
+        pass
+    os.unlink(os.path.join(path, "PURGES"))
+    os.makedirs(os.path.join(path, "PURGES", "x"))
+    r = subprocess.run([sys.executable, "-m", "walstore", "put", path, "a", "1"],
+                       capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "[Errno" not in lines[0] and lines[0].count("[EISDIR]") == 1, lines[0]
+    assert lines[0].endswith(os.path.join(path, "PURGES")), lines[0]

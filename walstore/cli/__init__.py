@@ -54,9 +54,25 @@ def explain(exc: BaseException, command: str, path: str | None) -> tuple[str, in
     return f"{command} failed: {_cause(exc, command, path)}", code
 
 
+def _os_text(exc: OSError, where: str) -> str:
+    """An OS error in one line: its text, ``[ERRNO]``, the file(s) it names."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = (exc.strerror or str(exc)) + (f" [{name}]" if name else "")
+    files = [os.fsdecode(f) if isinstance(f, (str, bytes)) else str(f)
+             for f in (exc.filename, exc.filename2) if f is not None]
+    return text + (f": {' -> '.join(files)}" if files else where)
+
+
 def _cause(exc: BaseException, command: str, path: str | None) -> str:
     where = f" (store {os.path.abspath(path)})" if path else ""
     if isinstance(exc, walstore.WalstoreError):
+        if isinstance(exc, OSError) and exc.errno and exc.strerror:
+            # (a StoreIOError: as an OS error is said — no "[Errno N]" prefix — and its
+            # wrapped OS error not said again: "...failed: Is a directory [EISDIR]: F")
+            inner = exc.__cause__
+            if isinstance(inner, OSError) and inner.errno == exc.errno \
+                    and inner.filename == exc.filename:
+                return _os_text(exc, where)
         text = error_text(exc)
         if isinstance(exc, walstore.CorruptionError):
             text = f"corruption: {text}"
@@ -69,11 +85,7 @@ def _cause(exc: BaseException, command: str, path: str | None) -> str:
             text += f" ({_cause(inner, command, None)})"  # a wrapped OS/LMDB error: say which
         return text
     if isinstance(exc, OSError):
-        name = errno.errorcode.get(exc.errno or 0)
-        text = (exc.strerror or str(exc)) + (f" [{name}]" if name else "")
-        files = [os.fsdecode(f) if isinstance(f, (str, bytes)) else str(f)
-                 for f in (exc.filename, exc.filename2) if f is not None]
-        return text + (f": {' -> '.join(files)}" if files else where)
+        return _os_text(exc, where)
     if isinstance(exc, lmdb.Error):
         db = _engine.lmdb_file(path) if path else None
         return f"LMDB: {exc}" + (f": {db}" if db and db not in str(exc) else "")

@@ -46,8 +46,10 @@ writer before every such read instead.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import time
 
 NAME = "VISIBLE"
@@ -67,25 +69,60 @@ def path_in(root: str) -> str:
     return os.path.join(root, NAME)
 
 
+def _clear_way(path: str) -> None:
+    """Make room at ``path`` for a file walstore makes anew: what is there and is not a
+    regular file — a symlink, a FIFO, a socket — is unlinked (the link itself, never its
+    target), an empty directory removed; a directory holding something is refused with
+    one line saying what to do (these files are derived, never fsynced: safe to delete)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            os.rmdir(path)
+        except OSError as e:
+            raise IsADirectoryError(
+                errno.EISDIR, f"{path} is a directory, where walstore keeps a file shared with "
+                f"read-only processes (never fsynced, made anew at every writable open): "
+                f"move it away", path) from None
+        return
+    os.unlink(path)
+
+
 def _take_or_make(path: str, size: int, magic: bytes, words: tuple[int, ...]) -> int:
     """An fd of the file at ``path`` opened read-write: the existing one when it is
     well formed (``size`` bytes starting with ``magic``: readers that mapped it see what
     is stored next at once), else a new one holding ``magic`` and ``words`` put in place
-    whole (a reader never maps a short file)."""
+    whole (a reader never maps a short file).  Something else in its place (a directory,
+    a symlink, a FIFO) is replaced as a malformed file is (it refused every writable open
+    with EISDIR or ELOOP, or blocked it); a stale ``.tmp`` beside it is removed."""
+    tmp = path + ".tmp"
     try:
-        fd = os.open(path, os.O_RDWR | _FLAGS)
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | _FLAGS)
+    except (FileNotFoundError, IsADirectoryError):
         fd = -1
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        fd = -1  # (a symlink: O_NOFOLLOW; a socket)
     if fd >= 0:
         try:
-            ok = (os.fstat(fd).st_size == size
+            st = os.fstat(fd)
+            ok = (stat.S_ISREG(st.st_mode) and st.st_size == size
                   and os.pread(fd, len(magic), 0) == magic)
         except OSError:
             ok = False
         if ok:
+            _clear_way(tmp)
+            if os.path.lexists(tmp) and stat.S_ISREG(os.lstat(tmp).st_mode):
+                os.unlink(tmp)  # (a stale one: never read)
             return fd
         os.close(fd)
-    tmp = path + ".tmp"
+    _clear_way(path)
+    _clear_way(tmp)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | _FLAGS, 0o600)
     try:
         os.fchmod(fd, 0o600)
@@ -111,13 +148,13 @@ def _map_shared(path: str, size: int, magic: bytes, writable: bool = False
                 ) -> tuple[mmap.mmap, tuple[int, int]] | None:
     """``path`` mapped shared (with its (dev, ino)) when it is ``size`` bytes starting with
     ``magic``; else None."""
-    try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | _FLAGS)
+    try:  # (non-blocking: a FIFO in its place blocked the open for ever)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NONBLOCK | _FLAGS)
     except OSError:
         return None
     try:
         st = os.fstat(fd)
-        if st.st_size != size:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
             return None
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
