@@ -56,8 +56,12 @@ class SnapshotTooOld(ConflictError):
             msg = (f"{whose} snapshot (LSN {at}) is older than the retained history "
                    f"(horizon LSN {horizon}); {retry}")
         else:
-            msg = (f"a purge (LSN {purge}) erased history after {whose} snapshot (LSN "
-                   f"{at}) was taken; what it would read is not one state any more: {retry}")
+            # (a purge whose record begins at the snapshot's LSN is after it: "at or
+            # after"; a scan's ``retry`` says "not one state" itself)
+            tail = retry if "one state" in retry else \
+                f"what it would read is not one state any more: {retry}"
+            msg = (f"a purge (LSN {purge}), at or after {whose} snapshot (LSN {at}), "
+                   f"erased history it would read; {tail}")
         e = cls(msg)
         e.at, e.horizon, e.purge = at, horizon, purge
         return e
