@@ -16,11 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import walstore
+
+from test_replication_follow_rounds import _wait  # (the same polling wait)
 
 MARK = b"PURGED-ON-THE-FOLLOWER-7431"
 CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
@@ -40,13 +41,6 @@ def _files_with(root: str, needle: bytes) -> list[str]:
     return out
 
 
-def _wait(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
 
 
 def _env() -> dict:

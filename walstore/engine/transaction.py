@@ -385,14 +385,8 @@ class Transaction:
         """Undo everything after ``sp``; ``sp`` stays usable, newer savepoints are gone.
         Not on a prepared transaction: its write set is fixed until the decision."""
         self._check_active()
-        with self._end_lock:  # (not beside a commit() or rollback() of another thread)
-            if self._ending is not None or self.state != ACTIVE:
-                self._refuse_end(f"rolled back to {sp!r}")  # (raises)
-            self._ending = "rolled back to a savepoint"
-            try:
-                self._rollback_to(sp)
-            finally:
-                self._ending = None
+        self._deciding(f"rolled back to {sp!r}", "rolled back to a savepoint",
+                       self._rollback_to, sp)  # (not beside another thread's commit())
 
     def _rollback_to(self, sp: Savepoint | str) -> None:
         """``rollback_to()``'s work, with the end lock held."""
@@ -452,14 +446,7 @@ class Transaction:
         ``store.commit_prepared(gid)`` or ``rollback()`` / ``store.rollback_prepared(gid)``.
         """
         self._check_active()
-        with self._end_lock:  # (not beside a commit() or rollback() of another thread)
-            if self._ending is not None or self.state != ACTIVE:
-                self._refuse_end(f"prepared as {gid!r}")  # (raises)
-            self._ending = "prepared"
-            try:
-                self._prepare(gid)
-            finally:
-                self._ending = None
+        self._deciding(f"prepared as {gid!r}", "prepared", self._prepare, gid)
 
     def _prepare(self, gid: str) -> None:
         """``prepare()``'s work, with the end lock held."""
@@ -503,14 +490,7 @@ class Transaction:
         """
         if self.state != ACTIVE or self._engine.closed:
             self._check_active()  # (the reason, raised; the common answer is one test)
-        with self._end_lock:  # (a ``with`` on the C lock: no interrupt between the two)
-            if self._ending is not None or self.state != ACTIVE:
-                self._refuse_end("committed")  # (raises)
-            self._ending = "committed"
-            try:
-                return self._commit()
-            finally:
-                self._ending = None
+        return self._deciding("committed", "committed", self._commit)
 
     def _commit(self) -> int | None:
         """``commit()``'s work, with the end lock held."""
@@ -598,14 +578,7 @@ class Transaction:
 
         A ``commit()`` another thread is running is waited for: then this raises
         TransactionClosed (it committed) or rolls back what the failed commit left."""
-        with self._end_lock:
-            if self._ending is not None:
-                self._refuse_end("rolled back")  # (raises)
-            self._ending = "rolled back"
-            try:
-                self._rollback_checked()
-            finally:
-                self._ending = None
+        self._deciding("rolled back", "rolled back", self._rollback_checked, active=False)
 
     def end_at_close(self, timeout: float) -> bool:
         """The store's ``close()`` rolls this transaction back (``rollback()``), waiting
@@ -640,6 +613,23 @@ class Transaction:
             finally:
                 self._ending = None
             return True
+
+    def _deciding(self, verb: str, ending: str, work: Callable, *args: Any,
+                  active: bool = True) -> Any:
+        """``work(*args)`` with the end lock held and ``_ending`` saying what it does (the
+        end is decided once: see the module docstring); TransactionClosed (naming
+        ``verb``) when another call decided it first, or this thread is inside one
+        already; ``active``: refused too when the transaction has ended (a rollback()
+        says why itself).  A ``with`` on the C lock: no interrupt between its acquire and
+        the block."""
+        with self._end_lock:
+            if self._ending is not None or (active and self.state != ACTIVE):
+                self._refuse_end(verb)  # (raises)
+            self._ending = ending
+            try:
+                return work(*args)
+            finally:
+                self._ending = None
 
     def ending_in_this_thread(self) -> bool:
         """Is the calling thread inside this transaction's commit()/rollback() (its end
