@@ -355,3 +355,28 @@ def test_a_scoped_undo_whose_actions_history_was_trimmed_refuses_and_changes_not
         assert [a.state for a in s.actions() if a.id == act.id] in ([], ["compensated"])
     finally:
         s.close()
+
+
+def test_a_scoped_rewind_leaves_another_agents_unchanged_key_alone(store):
+    """Agent a's tagged transactions hold a shared key and release it (0 -> 1 -> 0); a
+    rewind of scope "a/" undoes them and the key ends as it began.  The rewind wrote it
+    anyway, so agent b's open transaction that read it conflicted, and a revert of the
+    rewind had to cascade into b's later work (probe-langgraph).  Outside the scope such a
+    key is not written now."""
+    with store.transaction() as tx:
+        tx.put("inv/held", 0)
+    store.restore_point("p")
+    for v in (1, 0):
+        with store.transaction(scope="a/") as tx:
+            tx.put("a/step", v)
+            tx.put("inv/held", v)
+    b = store.transaction()
+    assert b.get("inv/held") == 0
+    r = store.rewind("p", scope="a/")
+    assert "inv/held" not in r.keys and store.get("a/step") is None
+    b.put("b/booked", 1)
+    b.commit()  # (conflicted when the rewind wrote inv/held)
+    with store.transaction() as tx:
+        tx.put("inv/held", 5)
+    store.revert(r.txid)  # (no cascade into b's work)
+    assert store.get("a/step") == 0 and store.get("inv/held") == 5

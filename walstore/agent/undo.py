@@ -28,7 +28,9 @@ transaction like any other and can itself be reverted.
 - A rewind's plan lists only keys whose value changes (``_drop_unchanged``: a second
   rewind to one point finds nothing to do); but an undo that does something writes
   every key of what it undoes, one that ends as it began too (a later revert of one of
-  the undone transactions meets that write as a later writer of the key).
+  the undone transactions meets that write as a later writer of the key) — a scoped
+  rewind only those inside its scope (another agent's key that ends as it began is
+  left alone).
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
   code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
   no txid, no scope provider's fence, no write path, nothing logged, so it works on a
@@ -550,14 +552,22 @@ class Undo:
         (``_commit``): an undone transaction's key that ends as it began is still written,
         so a later revert of one of the transactions it undid meets the rewind as a later
         writer of that key, as it meets a revert (left out, `revert(W)` after a rewind
-        that undid T and W brought T's refunded charge back)."""
+        that undid T and W brought T's refunded charge back) — inside a scoped rewind's
+        scope only: another agent's key is left alone (written, other threads' readers
+        of it conflicted, and reverting the rewind cascaded into their work)."""
         restore = plan._restore  # type: ignore[attr-defined]
         same = plan._same  # type: ignore[attr-defined]
+        rng = ScopeRange(plan.scope) if plan.scope is not None else None
         reader = self.engine.reader
         for k, lsn in list(restore.items()):
             if reader.as_of(k, lsn) == reader.as_of(k, tx.snapshot):
                 tx.read_keys.add(k)  # still read: a change to it meanwhile is a conflict
-                same[k] = restore.pop(k)
+                if rng is None or rng.contains(k):
+                    same[k] = restore.pop(k)
+                else:  # (outside a scoped rewind's scope: not written — written, another
+                    # thread's transaction reading it conflicted, and a revert of the
+                    # rewind had to cascade into other threads' work: probe-langgraph)
+                    del restore[k]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
 
     def _check_retained(self, plan: UndoPlan) -> None:
