@@ -683,3 +683,28 @@ def test_a_run_that_loses_a_race_on_the_head_has_its_node_transactions_undone(tm
         k: ("committed" if k in kept else "compensated") for _op, k in world}
     assert [k for k, _v in store.scan(prefix="agent/")] == ["agent/" + kept[0]]
     store.close()
+
+
+def test_rewind_to_a_checkpoint_of_a_deleted_thread_is_unknown_point(tmp_path):
+    """``saver.rewind`` of a checkpoint whose thread was deleted raised a bare KeyError,
+    no walstore error (probe-langgraph); it is ``walstore.UnknownPoint`` (a KeyError
+    too), and nothing changes."""
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        saver = WalstoreSaver(store, compress=False)
+        b = StateGraph(Msgs)
+        b.add_node("n", lambda s: {"msgs": ["x"]})
+        b.add_edge(START, "n")
+        b.add_edge("n", END)
+        graph = b.compile(checkpointer=saver)
+        config = {"configurable": {"thread_id": "a"}}
+        graph.invoke({"msgs": ["hi"]}, config)
+        old = list(graph.get_state_history(config))[-1].config
+        saver.delete_thread("a")
+        before = len(store.log())
+        for call in (lambda: saver.rewind(old), lambda: saver.rewind(config)):
+            with pytest.raises(walstore.UnknownPoint):
+                call()
+        assert len(store.log()) == before
+    finally:
+        store.close()

@@ -1199,7 +1199,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not cid:
             tup = self.get_tuple(config)
             if tup is None:
-                raise KeyError(f"thread {thread_id!r} has no checkpoint")
+                raise walstore.UnknownPoint(f"thread {thread_id!r} has no checkpoint",
+                                            thread_id)  # (a KeyError too)
             cid = tup.config["configurable"]["checkpoint_id"]
         return self.keys.at(thread_id, ns_name), cid
 
@@ -1207,7 +1208,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """The LSN of the commit that created ``key``'s current value (not a re-put)."""
         versions = self.store.history(key)
         if not versions or versions[0].deleted:
-            raise KeyError(f"no {what} in the store")
+            # (a WalstoreError and a KeyError: a bare KeyError named no walstore error)
+            raise walstore.UnknownPoint(f"no {what} in the store (deleted, or never "
+                                        f"saved)", what)
         lsn = versions[0].lsn
         for i in range(1, len(versions)):
             older = versions[i]
