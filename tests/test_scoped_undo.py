@@ -380,3 +380,29 @@ def test_a_scoped_rewind_leaves_another_agents_unchanged_key_alone(store):
         tx.put("inv/held", 5)
     store.revert(r.txid)  # (no cascade into b's work)
     assert store.get("a/step") == 0 and store.get("inv/held") == 5
+
+
+def test_a_revert_after_a_scoped_rewind_meets_the_rewind_through_undone_by(store):
+    """T (tagged "a/") holds inv/held and runs an action; W (tagged "a/") releases it.
+    A rewind of "a/" undoes both, compensating T's action, and leaves inv/held as it
+    began (outside the scope: not written).  `revert(W)` found no later writer and put
+    inv/held back to "held" with the hold compensated (probe-review3).  W's row names the
+    rewind (``undone_by``): RevertConflict, nothing changed; a cascade asks for force."""
+    with store.transaction() as tx:
+        tx.put("inv/held", 0)
+    store.restore_point("p")
+    with store.transaction(scope="a/") as t:
+        t.put("a/step", 1)
+        t.put("inv/held", 1)
+        act(t, "hold")
+    with store.transaction(scope="a/") as w:
+        w.put("inv/held", 0)
+    r = store.rewind("p", scope="a/")
+    assert "inv/held" not in r.keys and states(store) == {"hold": "compensated"}
+    with pytest.raises(walstore.RevertConflict) as e:
+        store.revert(w.id)
+    assert r.txid in e.value.txids
+    with pytest.raises(walstore.RevertConflict):
+        store.revert(w.id, cascade=True)
+    assert store.get("inv/held") == 0 and states(store) == {"hold": "compensated"}
+    assert store.ledger == ["undo hold"]

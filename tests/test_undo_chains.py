@@ -5,9 +5,9 @@ state away again or brings it back.  Bringing it back while the world stays refu
 raises RevertConflict naming the action unless ``force=True`` (then it reads
 ``needs-redo``); taking it away clears that mark (``compensated``).  A probe found the
 "unredo" (an undo that cleared the mark) ignored: reverting it brought the charged state
-back silently, the action left ``compensated``.  Also: an undo's plan lists only keys
-whose value changes, while an undo that does something writes every key of what it
-undid (a later revert of one of those transactions meets it as a later writer)."""
+back silently, the action left ``compensated``.  Also: a rewind's plan and writes are
+only keys whose value changes, a revert writes every key of what it undoes, and either
+is a later writer of the transactions it undid (``undone_by``)."""
 from __future__ import annotations
 
 import random
@@ -183,12 +183,13 @@ def test_a_revert_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(
     assert store.get("order/1") is None
     assert store.get_action(act.id).state == "compensated" and refunds == [act.id]
 
-def test_a_rewind_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(store):
+def test_a_later_revert_meets_the_rewind_that_undid_its_transaction(store):
     """The same as a revert's, for a rewind: T charges, W deletes the key, a rewind to
-    before T undoes both (T's charge refunded) and leaves the key as it began.  Left out
-    of the rewind's writes, `revert(W)` found no later writer and brought T's "charged"
-    back with the refund standing (left alone at stop 35).  The rewind writes it now (its
-    plan still lists only keys that change); a second rewind to the point does nothing."""
+    before T undoes both (T's charge refunded) and leaves the key as it began, unwritten.
+    `revert(W)` then found no later writer and brought T's "charged" back with the refund
+    standing (left alone at stop 35).  W's row now says the rewind undid it
+    (``undone_by``): the rewind is a later writer of W's keys; a second rewind to the
+    point does nothing."""
     store.restore_point("p")
     t, aid = charge(store)
     with store.transaction() as w:
@@ -197,7 +198,7 @@ def test_a_rewind_writes_a_key_that_ends_as_it_began_so_a_later_revert_meets_it(
     assert plan.keys == [] and [a.id for a in plan.compensations] == [aid]
     r = store.rewind("p")
     assert sorted(r.extra["reverts"]) == sorted([t, w.id]) and store.refunds == [aid]
-    assert list(r.keys) == ["order/1"]  # (written, though it ends as it began: absent)
+    assert list(r.keys) == []  # (it ends as it began: not written)
     assert store.rewind("p") is None  # (nothing to do: nothing written)
     with pytest.raises(walstore.RevertConflict) as e:
         store.revert(w.id)

@@ -25,12 +25,12 @@ transaction like any other and can itself be reverted.
   ``needs-redo`` (walstore cannot redo the outside world); undoing that one clears the
   marks again (``compensated``).  At any depth, an action ends as the state restored
   (that before the oldest undone undo naming it) says (``_redo_marks``).
-- A rewind's plan lists only keys whose value changes (``_drop_unchanged``: a second
-  rewind to one point finds nothing to do); but an undo that does something writes
-  every key of what it undoes, one that ends as it began too (a later revert of one of
-  the undone transactions meets that write as a later writer of the key) — a scoped
-  rewind only those inside its scope (another agent's key that ends as it began is
-  left alone).
+- A rewind plans and writes only keys whose value changes (``_drop_unchanged``: a
+  second rewind to one point finds nothing to do); a revert writes every key of what it
+  undoes, one that ends as it began too.  Either way an undone transaction's ``txns``
+  row learns who undid it (``undone_by``, noted by the applier): a later revert of it
+  meets that undo as a later writer of all its keys (``_later_writers``), so a revert of
+  W after a rewind that undid T and W cannot bring back T's refunded charge.
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
   code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
   no txid, no scope provider's fence, no write path, nothing logged, so it works on a
@@ -53,7 +53,6 @@ age of the store.
 """
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -305,6 +304,12 @@ class Undo:
         if self.fh is not None:  # and the later writers of its files (in the scope)
             for txid in self.fh.later_writers(info.txid, info.lsn, self._ws_filter(rng)):
                 note(txid)
+        # and the undos that undid it: later writers of all its keys, though they wrote
+        # none of those that ended as they began (a rewind drops them: a revert of W after
+        # a rewind that undid T and W found no later writer and brought T's refunded
+        # charge back)
+        for txid in self.engine.views.undoers_of(info.txid, info.extra):
+            note(txid)
         return list(out.values())
 
     def _wholly_in(self, info: TxnInfo, rng: ScopeRange) -> bool:
@@ -414,7 +419,6 @@ class Undo:
                                                         in_range_actions, rng, partly)
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
-        plan._same = {}  # type: ignore[attr-defined]  # (keys that end as they began)
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
         plan._force = force  # type: ignore[attr-defined]
         # the oldest history the plan reads: the point, or just before the oldest undone
@@ -546,28 +550,19 @@ class Undo:
         return any(rng.contains(encode_key(k)) for k in info.keys)
 
     def _drop_unchanged(self, tx: "Transaction", plan: UndoPlan) -> None:
-        """Keep in the plan only the keys whose value would really change; the others go
-        to ``plan._same``.  A rewind that changes nothing else writes none of them (a
-        second rewind to one point finds nothing to do); one that does writes them too
-        (``_commit``): an undone transaction's key that ends as it began is still written,
-        so a later revert of one of the transactions it undid meets the rewind as a later
-        writer of that key, as it meets a revert (left out, `revert(W)` after a rewind
-        that undid T and W brought T's refunded charge back) — inside a scoped rewind's
-        scope only: another agent's key is left alone (written, other threads' readers
-        of it conflicted, and reverting the rewind cascaded into their work)."""
+        """Keep in the plan only the keys whose value would really change (a second
+        rewind to one point finds nothing to do).  A key left out that ends as it began
+        is still guarded: a later revert of one of the transactions the rewind undid
+        meets the rewind as a later writer through ``undone_by`` (``_later_writers``).
+        (Written instead, as for a while, another thread's transaction that read it
+        conflicted, and reverting a scoped rewind cascaded into other agents' work:
+        probe-langgraph.)"""
         restore = plan._restore  # type: ignore[attr-defined]
-        same = plan._same  # type: ignore[attr-defined]
-        rng = ScopeRange(plan.scope) if plan.scope is not None else None
         reader = self.engine.reader
         for k, lsn in list(restore.items()):
             if reader.as_of(k, lsn) == reader.as_of(k, tx.snapshot):
                 tx.read_keys.add(k)  # still read: a change to it meanwhile is a conflict
-                if rng is None or rng.contains(k):
-                    same[k] = restore.pop(k)
-                else:  # (outside a scoped rewind's scope: not written — written, another
-                    # thread's transaction reading it conflicted, and a revert of the
-                    # rewind had to cascade into other threads' work: probe-langgraph)
-                    del restore[k]
+                del restore[k]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
 
     def _check_retained(self, plan: UndoPlan) -> None:
@@ -598,8 +593,7 @@ class Undo:
         still owed their compensations (the caller runs them, outside the gate)."""
         restore = plan._restore  # type: ignore[attr-defined]
         reader = self.engine.reader
-        for k, lsn in itertools.chain(restore.items(),
-                                      plan._same.items()):  # type: ignore[attr-defined]
+        for k, lsn in restore.items():
             tx.read_keys.add(k)
             tx._set(k, reader.as_of(k, lsn))  # its value just before the oldest undone writer
         body = dict(extra)

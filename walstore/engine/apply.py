@@ -81,6 +81,7 @@ class Applier:
             deletes = False  # whether ``latest`` holds a delete
             sorted_latest = False  # ``latest`` is one big commit's writes, in key order
             purges = []  # commits that purge (a purge ends its batch: see ``apply``)
+            undone: list[tuple[int, int]] = []  # (txid, the undo that undid it)
             # whether ``inflight`` may hold a row (exact: its count, then every put below);
             # a plain commit looks its txid up there only then (most batches: never)
             inflight_rows = txn.stat(st.inflight)["entries"] > 0
@@ -123,6 +124,8 @@ class Applier:
                             _commit_files(txn, st, e)  # (it logged records it undid itself)
                         continue
                     txn_rows.append((txid_raw, pack(tables.txn_row(e))))
+                    if "reverts" in e.body:  # an undo: its txids learn who undid them
+                        undone.extend((t, e.txid) for t in e.body["reverts"])
                     if "purge" in e.body:
                         purges.append(e)
                     gid = e.body.get("gid")
@@ -176,6 +179,8 @@ class Applier:
                 txn.cursor(db=st.bylsn).putmulti(bylsn_rows)
             if txn_rows:
                 txn.cursor(db=st.txns).putmulti(txn_rows)
+            for t, by in undone:  # (after the rows: one may be of this batch)
+                _note_undone(txn, st, t, by)
             if new_keys:
                 _put_rows(txn, st.hkeys, new_keys, overwrite=False)
             if actions:
@@ -607,6 +612,22 @@ def _erase_range(txn, st, purge_range: list) -> None:
             row = tables.unpack_row(raw, "txns", tables.txid_key(txid), st.data_file)
             row["w"] = [w for w in row.get("w", []) if w[0] not in keys]
             txn.put(tables.txid_key(txid), pack(row), db=st.txns)
+
+
+def _note_undone(txn, st: LmdbState, txid: int, by: int) -> None:
+    """Add undo ``by`` to the ``undone_by`` of transaction ``txid``'s ``txns`` row (kept
+    while the row is: a later revert of ``txid`` meets ``by`` as a later writer of all
+    its keys — ``Undo._later_writers`` — though ``by`` wrote none of those that ended as
+    they began).  A row trimmed already: nothing."""
+    key = tables.txid_key(txid)
+    raw = txn.get(key, db=st.txns)
+    if raw is None:
+        return
+    row = tables.unpack_row(raw, "txns", key, st.data_file)
+    got = row.get("undone_by") or []
+    if by not in got:
+        row["undone_by"] = list(got) + [by]
+        txn.put(key, pack(row), db=st.txns)
 
 
 def _meta_row(raw: bytes, name: bytes, st) -> list:

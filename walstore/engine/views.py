@@ -114,6 +114,16 @@ class Views:
         return None if raw is None else tables.unpack_row(raw, "txns", key,
                                                           self.state.data_file)
 
+    def undoers_of(self, txid: int, row: dict) -> set[int]:
+        """The undos (revert, rewind) that undid transaction ``txid``: its ``txns`` row's
+        ``undone_by`` (``row``; the applier notes each) and those of the commits not
+        applied yet whose ``reverts`` name it."""
+        out = set(row.get("undone_by") or ())
+        for e in self._events(frozenset({_T.COMMIT})):
+            if txid in (e.field("reverts") or ()):
+                out.add(e.txid)
+        return out
+
     def commits_after(self, lsn: int) -> Iterator[dict]:
         """Rows of the commits with LSN > ``lsn``, newest first (unapplied ones first)."""
         unapplied = [e for e in self._events(frozenset({_T.COMMIT})) if e.lsn > lsn]
