@@ -250,3 +250,19 @@ def test_a_file_written_into_a_live_transactions_new_directory_is_refused(ws_sto
         warnings.simplefilter("error")
         tx1.rollback()
     assert not os.path.exists(os.path.join(root, "n"))
+
+
+def test_removing_a_directory_holding_a_live_transactions_change_is_refused(ws_store):
+    """t1 (open) deleted d/c; t2 removed the now empty d and committed: only t2's paths
+    and their parents were looked at, so nothing stopped it, and t1's rollback put d and
+    d/c back behind t2's commit, no conflict said (probe-review3).  A directory holding
+    a path a live transaction changed is that transaction's too: ConflictError."""
+    s, ws, root, _ = ws_store
+    t1 = s.transaction()
+    t1.files(ws).delete("d/c")
+    with pytest.raises(walstore.ConflictError):
+        with s.transaction() as t2:
+            t2.files(ws).rmtree("d")
+    assert os.path.isdir(os.path.join(root, "d"))
+    t1.rollback()
+    assert _read(root, "d/c") == "orig-c" and s.file_conflicts() == []

@@ -452,6 +452,21 @@ class Files:
                                     f"transaction {owner} changed and has not ended (open, "
                                     f"or prepared and in doubt); nothing was changed",
                                     [where])
+        # and a directory holding a path another live transaction changed (removing it
+        # let that one's rollback put the directory back behind the remover's commit)
+        under: dict[bytes, int] = {}
+        for (r, p), owner in self._claims.items():
+            if r == root and owner != tx.id and b"/" in p:
+                for parent in _with_parents([p]) - {p}:
+                    under.setdefault(parent, owner)
+        for path in paths:
+            owner = under.get(path)
+            if owner is not None and self._live(owner):
+                where = abs_display(root, path)
+                raise ConflictError(f"transaction {tx.id} would change {where}, a directory "
+                                    f"holding a path transaction {owner} changed and has "
+                                    f"not ended (open, or prepared and in doubt); nothing "
+                                    f"was changed", [where])
 
     def check_unclaimed(self, root: bytes, path: bytes) -> None:
         """An undo's plan: ConflictError when a transaction that has not ended (open,
