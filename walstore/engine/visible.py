@@ -85,9 +85,9 @@ def _clear_way(path: str) -> None:
             os.rmdir(path)
         except OSError as e:
             raise IsADirectoryError(
-                errno.EISDIR, f"{path} is a directory, where walstore keeps a file shared with "
-                f"read-only processes (never fsynced, made anew at every writable open): "
-                f"move it away", path) from None
+                errno.EISDIR, "a directory stands where walstore keeps a file shared with "
+                "read-only processes (never fsynced, made anew at every writable open): "
+                "move it away", path) from None
         return
     os.unlink(path)
 
