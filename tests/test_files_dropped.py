@@ -266,3 +266,19 @@ def test_removing_a_directory_holding_a_live_transactions_change_is_refused(ws_s
     assert os.path.isdir(os.path.join(root, "d"))
     t1.rollback()
     assert _read(root, "d/c") == "orig-c" and s.file_conflicts() == []
+
+
+def test_a_finished_claimants_file_does_not_hide_a_live_one_in_the_same_directory(ws_store):
+    """The directory check kept one claimant per directory, the first seen: a committed
+    transaction's file there hid a live one's change, and the directory could be removed
+    under it (probe-review4).  Every claimant counts."""
+    s, ws, root, _ = ws_store
+    with s.transaction() as c:
+        c.files(ws).write("d/c2", "c")
+    t1 = s.transaction()
+    t1.files(ws).delete("d/c")
+    with pytest.raises(walstore.ConflictError):
+        with s.transaction() as t2:
+            t2.files(ws).rmtree("d")
+    t1.rollback()
+    assert _read(root, "d/c") == "orig-c" and _read(root, "d/c2") == "c"

@@ -406,3 +406,38 @@ def test_a_revert_after_a_scoped_rewind_meets_the_rewind_through_undone_by(store
         store.revert(w.id, cascade=True)
     assert store.get("inv/held") == 0 and states(store) == {"hold": "compensated"}
     assert store.ledger == ["undo hold"]
+
+
+def test_a_scoped_revert_is_not_refused_for_another_scopes_rewind(store):
+    """An untagged U writes a/x and b/x; a rewind of "a/" undoes only a/x.  A revert of U
+    scoped to "b/" was refused naming that rewind (U's row says the rewind undid it),
+    though the rewind touched nothing in "b/" (probe-review4).  An undo scoped elsewhere
+    is no later writer of a scoped revert's range."""
+    store.restore_point("p")
+    with store.transaction() as u:
+        u.put("a/x", 1)
+        u.put("b/x", 1)
+    store.rewind("p", scope="a/")
+    assert store.get("a/x") is None and store.get("b/x") == 1
+    store.revert(u.id, scope="b/")
+    assert store.get("b/x") is None and store.get("a/x") is None
+
+
+def test_a_revert_of_a_transaction_whose_keys_were_purged_meets_no_undo(tmp_path):
+    """T charges, W deletes the key, a rewind undoes both, then a purge erases every key W
+    wrote: revert(W) was refused naming the rewind, a writer of nothing left (probe-review4);
+    with nothing left of W to guard, it finds nothing to do."""
+    s = walstore.open(str(tmp_path / "s"), durability="none",
+                      compensators={"undo": lambda a: None})
+    try:
+        s.restore_point("p")
+        with s.transaction() as t:
+            t.put("order/1", "charged")
+            act(t, "charge")
+        with s.transaction() as w:
+            w.delete("order/1")
+        s.rewind("p")
+        s.purge("order/")
+        assert s.revert(w.id) is None
+    finally:
+        s.close()

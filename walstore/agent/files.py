@@ -198,6 +198,8 @@ class Files:
         # path claims (see ``_claim``): (root, path) -> the txid that last changed it, and
         # each claimant's Transaction (weakly: a dropped one claims nothing)
         self._claims: dict[tuple[bytes, bytes], int] = {}
+        # (root, directory) -> txids of claims below it (``_note_under``)
+        self._under: dict[tuple[bytes, bytes], set[int]] = {}
         self._claimants: dict[int, weakref.ref] = {}
         self._claims_seeded = False
         # claimants that have ended (or were dropped) and are known to owe no undo (see
@@ -454,14 +456,11 @@ class Files:
                                     [where])
         # and a directory holding a path another live transaction changed (removing it
         # let that one's rollback put the directory back behind the remover's commit)
-        under: dict[bytes, int] = {}
-        for (r, p), owner in self._claims.items():
-            if r == root and owner != tx.id and b"/" in p:
-                for parent in _with_parents([p]) - {p}:
-                    under.setdefault(parent, owner)
+        under = self._under
         for path in paths:
-            owner = under.get(path)
-            if owner is not None and self._live(owner):
+            for owner in under.get((root, path), ()):
+                if owner == tx.id or not self._live(owner):
+                    continue
                 where = abs_display(root, path)
                 raise ConflictError(f"transaction {tx.id} would change {where}, a directory "
                                     f"holding a path transaction {owner} changed and has "
@@ -484,11 +483,21 @@ class Files:
     def _note_claims(self, tx: "Transaction", root: bytes, steps: list) -> None:
         for c in steps:
             self._claims[(root, c.path)] = tx.id
+            self._note_under(root, c.path, tx.id)
         self._claimants[tx.id] = weakref.ref(tx)
         if len(self._claims) > 2 * self._live_claims + CLAIMS_SLACK:
             self._prune_claims()
 
     _live_claims = 0  # claims held by live transactions at the last prune
+
+    def _note_under(self, root: bytes, path: bytes, txid: int) -> None:
+        """Index ``path``'s claim under each of its parent directories (``_under``: (root,
+        directory) -> the txids that changed a path below it; a set, so a finished
+        claimant never hides a live one)."""
+        if b"/" in path:
+            under = self._under
+            for parent in _with_parents([path]) - {path}:
+                under.setdefault((root, parent), set()).add(txid)
 
     def _live(self, txid: int) -> bool:
         """Has transaction ``txid`` not ended: open (and not prepared away), prepared, or
@@ -509,6 +518,9 @@ class Files:
         keep = live | set(self._owed_now(dead)) if dead else live
         self._claims = {k: t for k, t in self._claims.items() if t in keep}
         self._claimants = {t: r for t, r in self._claimants.items() if t in keep}
+        self._under = {}
+        for (root, path), t in self._claims.items():
+            self._note_under(root, path, t)
         self._settled &= set(self._claims.values())
         self._live_claims = len(self._claims)
 
@@ -651,6 +663,7 @@ class Files:
             for eff in self.effects_of(txid):
                 for c in getattr(eff, "steps", None) or ():
                     self._claims[(eff.ws.root_b, c.path)] = txid
+                    self._note_under(eff.ws.root_b, c.path, txid)
 
     def apply_undo(self, tx: "Transaction", items: list[FileUndo], force: bool) -> None:
         """A revert or rewind: put each path back (in ``tx``, before its commit), logged

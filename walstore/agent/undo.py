@@ -308,9 +308,22 @@ class Undo:
         # none of those that ended as they began (a rewind drops them: a revert of W after
         # a rewind that undid T and W found no later writer and brought T's refunded
         # charge back)
-        for txid in self.engine.views.undoers_of(info.txid, info.extra):
-            note(txid)
+        if info.keys or (self.fh is not None and self.fh.changes_of(info.txid)):
+            for txid in self.engine.views.undoers_of(info.txid, info.extra):
+                # (a scoped undo: only an undo that reached into its range — another
+                # scope's rewind undid none of what this one restores; and nothing left to
+                # guard, its keys purged: none)
+                if whole or rng is None or self._reached(walk.info(txid, self.history
+                                                                   .txn_info), rng):
+                    note(txid)
         return list(out.values())
+
+    @staticmethod
+    def _reached(undo: TxnInfo, rng: ScopeRange) -> bool:
+        """Could ``undo`` (a revert or rewind) have undone something inside ``rng``: it was
+        not scoped, or its scope and ``rng`` overlap."""
+        scope = undo.scope
+        return scope is None or rng.same(scope) or ScopeRange(scope).same(rng.scope)
 
     def _wholly_in(self, info: TxnInfo, rng: ScopeRange) -> bool:
         """Is ``info`` undone wholly by an undo scoped to ``rng``: tagged with the scope,

@@ -32,6 +32,9 @@ ERASE_OWED = b"erase_owed"
 # meta row: msgpack [[lsn, lo, hi], ...]: the newest KEEP_RECENT_PURGES purges, oldest first
 RECENT_PURGES = b"recent_purges"
 KEEP_RECENT_PURGES = 64
+# a txns row's ``undone_by`` keeps the newest this many undos (one is what a later revert
+# needs to meet as a later writer; unbounded, 300 rewinds past one row cost seconds each)
+UNDONE_BY_KEPT = 8
 
 _pack_u64 = struct.Struct(">Q").pack  # (the layout of ``u64`` and ``tables.txid_key``)
 _first = operator.itemgetter(0)
@@ -625,8 +628,8 @@ def _note_undone(txn, st: LmdbState, txid: int, by: int) -> None:
         return
     row = tables.unpack_row(raw, "txns", key, st.data_file)
     got = row.get("undone_by") or []
-    if by not in got:
-        row["undone_by"] = list(got) + [by]
+    if by not in got:  # (the newest UNDONE_BY_KEPT: a row rewound past again and again
+        row["undone_by"] = (list(got) + [by])[-UNDONE_BY_KEPT:]  # grew with each rewind)
         txn.put(key, pack(row), db=st.txns)
 
 
