@@ -109,20 +109,23 @@ def remove(self, gid):
     signal.raise_signal(signal.SIGINT)
     return r
 conflicts.PreparedSet.remove = remove
+interrupted = False
 try:
     s.rollback_prepared("g1")
 except KeyboardInterrupt:
-    pass
-else:
-    raise AssertionError("the interrupt was not raised")
+    interrupted = True
 assert s.get("v") == "before"
 assert open(f"{base}/ws/f", "rb").read() == b"before"  # (put back, now)
 assert s.prepared() == [] and s.decision("g1") == "abort", (s.prepared(), s.decision("g1"))
 acts = s.actions()
-# the interrupt came before the compensation: it is owed, listed, run once
-assert [a.state for a in acts] == ["pending"] and not refunds, (acts, refunds)
-assert [a.id for a in s.pending_compensations()] == [acts[0].id]
-s.retry_compensations()
+if interrupted:
+    # the interrupt came before the compensation: it is owed, listed, run once
+    assert [a.state for a in acts] == ["pending"] and not refunds, (acts, refunds)
+    assert [a.id for a in s.pending_compensations()] == [acts[0].id]
+    s.retry_compensations()
+else:  # (CPython ran the handler where it ignores exceptions — a weakref or GC
+    # callback: "Exception ignored"; it happened once in a CI run): nothing cut short
+    assert [a.state for a in acts] == ["compensated"], acts
 assert refunds == [acts[0].id], refunds
 with s.transaction() as t2:  # (the path is not claimed any more)
     t2.files(ws).write("f", b"next")
