@@ -17,7 +17,8 @@ class Options:
     """Tuning knobs; the defaults suit most agents.
 
     segment_size      largest WAL segment file, bytes (8 KiB .. 1 GiB; default 16 MiB)
-    sync_interval     durability="normal": seconds between background fsyncs (0.001 .. 60)
+    sync_interval     durability="normal": the most a power loss may lose, seconds (0.001 .. 60;
+                      a background fdatasync starts every half interval)
     checkpoint_bytes  WAL bytes between automatic checkpoints (64 KiB .. 1 PiB; 64 MiB)
     apply_batch       unapplied log events that make the applier write LMDB while commits
                       go on (1 .. 10^9; 20,000); also caps its LMDB batches (at most 2000)
