@@ -10,7 +10,10 @@ state or the new one, plus at most a stray temporary name, never a mix):
   appears with its final mode);
 - a symlink: temp link -> rename over the path -> fsync the directory;
 - a mode: ``fchmod`` of the path opened with ``O_NOFOLLOW`` (one step);
-- delete: ``unlink`` / ``rmdir`` -> fsync the directory.
+- delete: ``unlink`` / ``rmdir`` -> fsync the directory;
+- rmtree: children before parents, through directory descriptors opened relative to
+  their parent with ``O_NOFOLLOW`` (a directory swapped for a symlink meanwhile is never
+  gone through: ``WorkspaceChanged``).
 
 Missing parent directories are created one by one the same way and REPORTED
 (``Applied.created``), so the caller can log their absence and undo them; when the change
@@ -47,7 +50,7 @@ from .paths import TEMP_PREFIX, PathLike, Workspace, display, is_temp_name, pare
 __all__ = ["Applied", "FileConflict", "RestoreStatus", "write_file", "write_blob", "set_mode",
            "make_dir", "make_symlink", "delete", "rename", "rmtree", "ensure_parents",
            "restore", "restore_status", "remove_stray_temps", "default_file_mode",
-           "default_dir_mode"]
+           "default_dir_mode", "WorkspaceChanged"]
 
 _umask: int | None = None
 
@@ -466,74 +469,170 @@ def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = 
     """Remove ``path`` and everything under it, children before parents, never following
     a symlink.  With ``expected`` (rel -> Entry captured before, e.g. the before-images
     just logged) only paths still in that state are removed (kind, mode, size, target):
-    anything new or changed is kept, and so are its parents.  Returns (removed, kept)."""
+    anything new or changed is kept, and so are its parents.  Returns (removed, kept).
+
+    The tree is walked through directory descriptors, each opened relative to its parent
+    with ``O_NOFOLLOW``, and every name is looked at and removed relative to its
+    directory's descriptor (``fsops.unlink_at`` / ``rmdir_at``): a directory that another
+    process swaps for a symlink while this runs is never gone through, so nothing outside
+    the root is removed.  A directory ``expected`` holds that is a symlink now (or that is
+    swapped between its ``lstat`` and its opening) raises ``WorkspaceChanged`` (a
+    ValueError) naming it; what was removed before stays removed (the caller's undo puts
+    it back: the steps logged describe it)."""
     rel, abs_path = ws.resolve(path)
-    st = _lstat(abs_path)
-    if st is None:
-        raise FileNotFoundError(errno.ENOENT, f"cannot remove {display(rel)!r} in workspace "
-                                f"{ws.root!r}: it does not exist", _s(abs_path))
-    removed: list[bytes] = []
-    kept: list[bytes] = []
-    blocked: set[bytes] = set()   # directories that keep a child
-    dirs_done: set[bytes] = set()
-    for r, is_dir in _bottom_up(ws, rel, st):
-        a = ws.abspath(r)
-        if r in blocked or (expected is not None and not _still(expected.get(r), a)):
-            kept.append(r)
-            blocked.add(parent_of(r))
-            continue
+    pfd = _open_dir(ws, parent_of(rel))
+    try:
+        name = rel.rpartition(b"/")[2]
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"cannot remove {display(rel)!r} in "
+                                    f"workspace {ws.root!r}: it does not exist",
+                                    _s(abs_path)) from None
+        run = _Rmtree(ws, expected)
+        try:
+            run.remove(pfd, name, rel, st)
+        finally:
+            if durable:
+                for d in sorted(run.dirs_done, key=len, reverse=True):
+                    if os.path.isdir(ws.abspath(d)):
+                        _fsync_dir(ws.abspath(d), durable)
+    finally:
+        os.close(pfd)
+    return run.removed, run.kept
+
+
+class WorkspaceChanged(ValueError):
+    """A directory walstore was working in was swapped for a symlink (or replaced) by
+    another process while the operation ran: it stopped rather than go through it."""
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(ws: Workspace, rel: bytes) -> int:
+    """A descriptor of the workspace directory ``rel`` (b"": the root), opened component
+    by component from the root, each relative to its parent with ``O_NOFOLLOW``: a
+    symlink on the way (even one swapped in after ``resolve``) raises ValueError, a file
+    NotADirectoryError, as ``Workspace.check_parents`` does."""
+    ws.check_root()
+    fd = os.open(ws.root_b, _DIR_FLAGS)
+    cur = b""
+    try:
+        for comp in rel.split(b"/") if rel else ():
+            cur = cur + b"/" + comp if cur else comp
+            try:
+                nxt = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ValueError(f"{display(cur)!r} in workspace {ws.root!r} is a "
+                                     f"symlink; walstore never follows a symlink on the way "
+                                     f"to a path") from None
+                if e.errno == errno.ENOTDIR:
+                    raise NotADirectoryError(errno.ENOTDIR, f"{display(cur)!r} in workspace "
+                                             f"{ws.root!r} is not a directory") from None
+                raise
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Rmtree:
+    """One ``rmtree`` run: what it removed and kept, the directories to fsync."""
+
+    def __init__(self, ws: Workspace, expected: dict[bytes, Entry] | None) -> None:
+        self.ws = ws
+        self.expected = expected
+        self.removed: list[bytes] = []
+        self.kept: list[bytes] = []
+        self.dirs_done: set[bytes] = set()
+
+    def _swapped(self, rel: bytes, what: str) -> WorkspaceChanged:
+        return WorkspaceChanged(
+            f"cannot remove {display(rel)!r} in workspace {self.ws.root!r}: the directory "
+            f"{what} while rmtree ran (another process changed it); walstore never goes "
+            f"through a symlink, so it stopped there ({len(self.removed)} path(s) were "
+            f"removed before)")
+
+    def _keep(self, rel: bytes) -> bool:
+        self.kept.append(rel)
+        return False
+
+    def remove(self, pfd: int, name: bytes, rel: bytes, st: os.stat_result) -> bool:
+        """Remove ``rel`` (``name`` in the directory ``pfd``, ``st`` its lstat) and what
+        it holds; False when it (or something under it) is kept."""
+        ws = self.ws
+        if ws.exclude and ws.excluded(rel):
+            return self._keep(rel)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self.expected is not None:
+            want = self.expected.get(rel)
+            if want is not None and want.kind == DIR and not is_dir \
+                    and stat.S_ISLNK(st.st_mode):
+                raise self._swapped(rel, "was replaced by a symlink")
+            if want is None or not _still_at(want, st, pfd, name):
+                return self._keep(rel)
+        a = ws.abspath(rel)
+        if is_dir:
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+            except FileNotFoundError:
+                return True
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise self._swapped(rel, "was replaced (by a symlink or a file)") from None
+                raise _fail(e, "remove", ws, rel) from e
+            try:
+                fst = os.fstat(fd)
+                if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+                    raise self._swapped(rel, "was replaced by another one")
+                all_gone = True
+                for child in sorted(os.fsencode(n) for n in os.listdir(fd)):
+                    try:
+                        cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if not self.remove(fd, child, rel + b"/" + child, cst):
+                        all_gone = False
+            finally:
+                os.close(fd)
+            if not all_gone:
+                return self._keep(rel)
         try:
             if is_dir:
-                _rmdir(a)
+                fsops.rmdir_at(pfd, name, a)
             else:
-                fileio.unlink(_s(a))
+                fsops.unlink_at(pfd, name, _s(a))
         except FileNotFoundError:
-            continue
+            return True
         except OSError as e:
-            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and is_dir:
-                kept.append(r)
-                blocked.add(parent_of(r))
-                continue
-            raise _fail(e, "remove", ws, r) from e
-        removed.append(r)
-        dirs_done.add(parent_of(r))
-    if durable:
-        for d in sorted(dirs_done, key=len, reverse=True):
-            if os.path.isdir(ws.abspath(d)):
-                _fsync_dir(ws.abspath(d), durable)
-    return removed, kept
+            if is_dir and e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                return self._keep(rel)  # (something new in it, or replaced meanwhile)
+            raise _fail(e, "remove", ws, rel) from e
+        self.removed.append(rel)
+        self.dirs_done.add(parent_of(rel))
+        return True
 
 
-def _still(entry: Entry | None, abs_path: bytes) -> bool:
-    if entry is None:
-        return False
-    now = read_entry(abs_path, hash=False)
-    if now.kind != entry.kind:
-        return False
-    if now.kind == FILE:
-        return (now.mode, now.size) == (entry.mode, entry.size)
-    return now.same(entry)
-
-
-def _bottom_up(ws: Workspace, rel: bytes, st: os.stat_result):
-    """(rel, is_dir) under and including ``rel``, every child before its parent."""
-    if not stat.S_ISDIR(st.st_mode):
-        yield rel, False
-        return
-    stack = [(rel, False)]
-    while stack:
-        r, expanded = stack.pop()
-        if expanded:
-            yield r, True
-            continue
-        stack.append((r, True))
-        with os.scandir(ws.abspath(r)) as it:
-            for de in sorted(it, key=lambda d: d.name):
-                child = r + b"/" + de.name if r else de.name
-                if de.is_dir(follow_symlinks=False):
-                    stack.append((child, False))
-                else:
-                    yield child, False
+def _still_at(entry: Entry, st: os.stat_result, dir_fd: int, name: bytes) -> bool:
+    """Is the path (``name`` in ``dir_fd``, lstat ``st``) still in the state ``entry``
+    (a file: kind, mode and size; else ``Entry.same``)?  A special file never is."""
+    m = st.st_mode
+    if stat.S_ISREG(m):
+        return entry.kind == FILE and (stat.S_IMODE(m), st.st_size) == (entry.mode, entry.size)
+    if stat.S_ISDIR(m):
+        return entry.kind == DIR and stat.S_IMODE(m) == entry.mode
+    if stat.S_ISLNK(m):
+        if entry.kind != SYMLINK:
+            return False
+        try:
+            return os.readlink(name, dir_fd=dir_fd) == entry.target
+        except OSError:
+            return False
+    return False
 
 
 # ---- restore ----------------------------------------------------------------------------

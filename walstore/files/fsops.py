@@ -9,6 +9,14 @@ the same name (``mkdir(path, mode)``, ``rmdir(path)``, ``symlink(target, path)``
 ``chmod(path, mode)``, ``fchmod(fd, mode)``), else straight to ``os``.  Paths are bytes
 or str, as ``os`` takes them.
 
+``unlink_at`` / ``rmdir_at`` remove a name relative to an open directory (``dir_fd``), so
+that a directory on the way swapped for a symlink meanwhile is never gone through
+(``apply.rmtree``).  A backend sees them as ``unlinkat(dir_fd, name)`` /
+``rmdirat(dir_fd, name)`` when it has those methods; otherwise an installed backend (a
+test tool: it records or fails paths) gets the path form, ``unlink(path)`` /
+``rmdir(path)``, with the absolute path the caller names; with no backend installed the
+``os`` call takes ``dir_fd=``.
+
 (When ``walstore.fileio`` grows these seam calls itself, this module becomes aliases.)
 """
 from __future__ import annotations
@@ -17,7 +25,8 @@ import os
 
 from .. import fileio
 
-__all__ = ["mkdir", "rmdir", "symlink", "chmod", "fchmod", "make_dirs"]
+__all__ = ["mkdir", "rmdir", "symlink", "chmod", "fchmod", "make_dirs", "unlink_at",
+           "rmdir_at"]
 
 
 def _backend_call(name: str):
@@ -32,6 +41,32 @@ def mkdir(path: str | bytes, mode: int = 0o777) -> None:
 def rmdir(path: str | bytes) -> None:
     fn = _backend_call("rmdir")
     (fn or os.rmdir)(path)
+
+
+def unlink_at(dir_fd: int, name: bytes, path: str | bytes) -> None:
+    """Unlink ``name`` in the open directory ``dir_fd`` (``path``: its absolute form, for
+    a backend without ``unlinkat``; see the module docstring)."""
+    fn = _backend_call("unlinkat")
+    if fn is not None:
+        fn(dir_fd, name)
+    elif fileio.faults_installed:
+        fileio.unlink(os.fsdecode(path))
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def rmdir_at(dir_fd: int, name: bytes, path: str | bytes) -> None:
+    """Remove the empty directory ``name`` in the open directory ``dir_fd`` (``path``: its
+    absolute form, for a backend without ``rmdirat``)."""
+    fn = _backend_call("rmdirat")
+    if fn is not None:
+        fn(dir_fd, name)
+        return
+    fn = _backend_call("rmdir")
+    if fn is not None:
+        fn(path)
+    else:
+        os.rmdir(name, dir_fd=dir_fd)
 
 
 def symlink(target: str | bytes, path: str | bytes) -> None:

@@ -16,8 +16,10 @@ lossless ``str`` form for JSON-ish records.
 
 Residual race (documented in docs/FILES.md): the checks are ``lstat``s made just before
 each operation; a directory on the way swapped for a symlink between the check and the
-system call itself is not caught.  Nothing in walstore's own sequence opens such a window
-for longer than one operation.
+system calls of that one primitive is not caught.  Nothing in walstore's own sequence
+opens such a window for longer than one primitive: ``apply.rmtree``, which runs long,
+goes by directory descriptors opened with ``O_NOFOLLOW`` instead, as the watch's walk
+does.
 """
 from __future__ import annotations
 

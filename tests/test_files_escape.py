@@ -1,0 +1,182 @@
+"""Reversible files never reach outside the workspace, even when another process swaps a
+directory for a symlink while an operation runs (probe-fsescape).
+
+Each test builds an ``outside`` directory next to the workspace whose files look like the
+workspace's own (same names, sizes, modes), so an operation that went through a swapped
+symlink would find them "still as captured" and remove them.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import walstore
+from walstore import fileio
+from walstore.files import apply
+from walstore.files.paths import Workspace
+
+from files_support import TreeSnapshot, build, tree_state
+
+
+def _twins(tmp_path: Path) -> tuple[Path, Path]:
+    """A workspace with t/a.txt and t/sub/f0..f2, and an outside directory holding
+    f0..f2 with the same content and mode."""
+    root = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    build(str(outside), {f"f{i}": f"canary{i}\n" for i in range(3)})
+    build(str(root), {"t/a.txt": "aaa\n", **{f"t/sub/f{i}": f"canary{i}\n" for i in range(3)}})
+    return root, outside
+
+
+class _SwapAfterUnlink(fileio.OSBackend):
+    """A fileio backend that, right after the unlink of a path ending in ``trigger``,
+    does what another process could do at that moment: moves ``sub`` away and puts a
+    symlink to ``outside`` in its place.  It sees both forms of the unlink (by path, and
+    relative to a directory descriptor), so the same test runs against either code."""
+
+    def __init__(self, trigger: bytes, sub: Path, away: Path, outside: Path) -> None:
+        super().__init__()
+        self.trigger, self.sub, self.away, self.outside = trigger, sub, away, outside
+        self.swapped = False
+
+    def _after(self, name: bytes) -> None:
+        if name.endswith(self.trigger) and not self.swapped:
+            os.rename(self.sub, self.away)
+            os.symlink(self.outside, self.sub)
+            self.swapped = True
+
+    def unlink(self, path):
+        os.unlink(path)
+        self._after(os.fsencode(path))
+
+    def unlinkat(self, dir_fd, name):
+        os.unlink(name, dir_fd=dir_fd)
+        self._after(os.fsencode(name))
+
+
+def test_rmtree_never_removes_through_a_directory_swapped_for_a_symlink_midway(tmp_path):
+    root, outside = _twins(tmp_path)
+    before_out = TreeSnapshot(str(outside))
+    before_ws = tree_state(str(root))
+    backend = _SwapAfterUnlink(b"a.txt", root / "t/sub", tmp_path / "moved-away", outside)
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(str(root))
+        old = fileio.set_backend(backend)
+        err = None
+        try:
+            with store.transaction() as tx:
+                tx.files(ws).rmtree("t")
+        except walstore.FileConflictError as e:
+            err = e
+        finally:
+            fileio.set_backend(old)
+        assert backend.swapped
+        before_out.assert_same(what="outside the workspace after the rmtree")
+        assert err is not None, "rmtree did not notice the swap"
+        # the error says what happened: rmtree stopped at the swapped directory...
+        cause = err.__context__
+        assert isinstance(cause, apply.WorkspaceChanged) and isinstance(cause, ValueError)
+        assert "'t/sub'" in str(cause) and "symlink" in str(cause)
+        # ...and what it had removed is back; the stranger's symlink stays (a conflict)
+        assert (root / "t/a.txt").read_bytes() == b"aaa\n"
+        assert os.readlink(root / "t/sub") == str(outside)
+        assert str(root / "t/sub") in str(err)
+        # nothing of the moved directory was touched either
+        assert tree_state(str(tmp_path / "moved-away")) == {
+            k[len(b"t/sub/"):]: v for k, v in before_ws.items() if k.startswith(b"t/sub/")}
+    finally:
+        store.close()
+
+
+def test_rmtree_racing_a_real_swap_never_removes_outside_files(tmp_path):
+    """No hook: a thread swaps t/sub for a symlink to the outside directory as soon as
+    rmtree has removed t's first file (1,000 of them come before t/sub)."""
+    for attempt in range(3):
+        base = tmp_path / str(attempt)
+        root, outside = base / "ws", base / "outside"
+        build(str(outside), {f"f{i}": f"canary{i}\n" for i in range(3)})
+        build(str(root), {**{"t/a%05d" % i: "x" for i in range(1000)},
+                          **{f"t/sub/f{i}": f"canary{i}\n" for i in range(3)}})
+        before_out = TreeSnapshot(str(outside))
+        store = walstore.open(str(base / "store"), durability="none")
+        first, sub = root / "t/a00000", root / "t/sub"
+        go = threading.Event()
+        midway = []
+
+        def racer():
+            go.wait()
+            while os.path.lexists(first):
+                pass
+            os.rename(sub, base / "moved")
+            os.symlink(outside, sub)
+            midway.append(os.path.lexists(root / "t/a00999"))
+        th = threading.Thread(target=racer)
+        th.start()
+        err = None
+        try:
+            ws = store.workspace(str(root))
+            with store.transaction() as tx:
+                f = tx.files(ws)
+                go.set()
+                f.rmtree("t")
+        except walstore.WalstoreError as e:
+            err = e
+        finally:
+            go.set()
+            th.join()
+            store.close()
+        before_out.assert_same(what=f"outside the workspace (attempt {attempt})")
+        if midway == [True]:  # the swap came while rmtree was still in t
+            assert isinstance(err, walstore.FileConflictError), err
+            assert isinstance(err.__context__, apply.WorkspaceChanged)
+            assert len(os.listdir(root / "t")) == 1001  # put back, and the symlink
+            return
+    pytest.skip("the racing thread never swapped while rmtree was in t")
+
+
+def test_rmtree_without_expected_removes_a_swapped_in_symlink_not_its_target(tmp_path):
+    root, outside = _twins(tmp_path)
+    before_out = TreeSnapshot(str(outside))
+    ws = Workspace(str(root))
+    backend = _SwapAfterUnlink(b"a.txt", root / "t/sub", tmp_path / "moved-away", outside)
+    old = fileio.set_backend(backend)
+    try:
+        removed, kept = apply.rmtree(ws, "t")
+    finally:
+        fileio.set_backend(old)
+    assert backend.swapped and kept == []
+    assert set(removed) == {b"t/a.txt", b"t/sub", b"t"}  # the symlink itself
+    before_out.assert_same(what="outside the workspace")
+    assert not (root / "t").exists()
+
+
+def test_rmtree_still_goes_through_a_path_backend(tmp_path):
+    """A seam backend with only the path forms (the crash and power-loss tools) sees
+    rmtree's unlinks and rmdirs by their absolute paths, as before."""
+    root = tmp_path / "ws"
+    build(str(root), {"t/a": "a", "t/d/b": "b"})
+    ws = Workspace(str(root))
+    seen = []
+
+    class Paths(fileio.OSBackend):
+        def unlink(self, path):
+            seen.append(("unlink", os.fsencode(path)))
+            os.unlink(path)
+
+        def rmdir(self, path):
+            seen.append(("rmdir", os.fsencode(path)))
+            os.rmdir(path)
+
+    old = fileio.set_backend(Paths())
+    try:
+        apply.rmtree(ws, "t")
+    finally:
+        fileio.set_backend(old)
+    r = os.fsencode(str(root))
+    assert seen == [("unlink", r + b"/t/a"), ("unlink", r + b"/t/d/b"), ("rmdir", r + b"/t/d"),
+                    ("rmdir", r + b"/t")]
+    assert tree_state(str(root)) == {}
