@@ -8,6 +8,9 @@ symlink would find them "still as captured" and remove them.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -180,3 +183,81 @@ def test_rmtree_still_goes_through_a_path_backend(tmp_path):
     assert seen == [("unlink", r + b"/t/a"), ("unlink", r + b"/t/d/b"), ("rmdir", r + b"/t/d"),
                     ("rmdir", r + b"/t")]
     assert tree_state(str(root)) == {}
+
+
+# ---- a watched process making a path over the history's length limit ----------------------
+
+_DEEP = "/".join(["d" * 100] * 5)  # 504 bytes: over the 499-byte limit with any root
+
+
+def _child(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
+@pytest.mark.parametrize("then", ["rollback", "commit"])
+def test_a_watch_whose_process_made_a_path_too_long_puts_the_block_back(tmp_path, then):
+    """The end of the watch raised "... nothing was changed" (the process had changed
+    things), the watch stayed open, and its rollback could not reach the long paths:
+    they stayed, reported as a stranger's change (FileConflictError)."""
+    root = tmp_path / "ws"
+    build(str(root), {"a.txt": "orig\n"})
+    before = tree_state(str(root))
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(str(root))
+        tx = store.transaction()
+        tx.put("k", "v")
+        with pytest.raises(ValueError) as ei:
+            with tx.files(ws).watch():
+                subprocess.run(["bash", "-c", f"echo changed > a.txt; mkdir -p "
+                                f"{os.path.dirname(_DEEP)}; echo x > {_DEEP}"],
+                               cwd=root, check=True)
+        msg = str(ei.value)
+        assert not isinstance(ei.value, walstore.FileConflictError)
+        assert "too long" in msg and "put back" in msg and "nothing was changed" not in msg
+        # the block's changes are gone at once, the transaction goes on without them
+        assert tree_state(str(root)) == before
+        if then == "rollback":
+            tx.rollback()
+        else:
+            tx.commit()
+            assert store.get("k") == "v"
+        assert tree_state(str(root)) == before
+        assert store.file_conflicts() == []
+    finally:
+        store.close()
+    store = walstore.open(str(tmp_path / "store"))  # nothing owed at the next open
+    try:
+        assert tree_state(str(root)) == before and store.file_conflicts() == []
+        assert [p.kind for p in store.last_recovery.problems] == []
+    finally:
+        store.close()
+
+
+def test_a_crash_inside_a_watch_that_made_a_path_too_long_is_put_back(tmp_path):
+    """Recovery's undo of a crashed watch went through the length check too: the long
+    paths stayed (each a conflict)."""
+    root = tmp_path / "ws"
+    build(str(root), {"a.txt": "orig\n"})
+    before = tree_state(str(root))
+    r = _child("""
+        import os, subprocess, sys, walstore
+        s = walstore.open(sys.argv[1]); ws = s.workspace(sys.argv[2])
+        tx = s.transaction()
+        with tx.files(ws).watch():
+            subprocess.run(["bash", "-c", "echo changed > a.txt; mkdir -p %s; echo x > %s"
+                            % (os.path.dirname(sys.argv[3]), sys.argv[3])],
+                           cwd=sys.argv[2], check=True)
+            os.kill(os.getpid(), 9)
+    """, str(tmp_path / "store"), str(root), _DEEP)
+    assert r.returncode == -9, r.stderr
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        assert tree_state(str(root)) == before
+        assert store.file_conflicts() == []
+        kinds = {p.kind for p in store.last_recovery.problems}
+        assert kinds <= {"watch-undone"}, store.last_recovery.problems
+    finally:
+        store.close()

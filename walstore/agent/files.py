@@ -48,7 +48,8 @@ from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
                      apply as fapply, diff, plan, remove_stray_temps, restore_changes,
                      snapshot, undo_order, undo_steps)
-from ..files.paths import PathLike, check_length, display, parent_of
+from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, display,
+                           parent_of)
 from ..log.format import RecordType
 from ..signals import deferred
 
@@ -810,6 +811,9 @@ class Files:
             # logged in an order whose reverse is the undo order (removals deepest first,
             # then re-creations shallowest first), so they undo like any other steps
             forward = list(reversed(undo_order(changes)))
+            for c in forward:
+                if len(ws.root_b) + len(c.path) > MAX_ROOT_AND_PATH_BYTES:
+                    self._put_back_overlong_watch(tx, w, m1, changes, c.path)
             eff = self.log_steps(tx, ws, "watch", forward, durable=False,
                                  watch=w.lsn) if forward else None
             self._note_claims(tx, ws.root_b, forward)  # (changed already: claimed, unchecked)
@@ -824,6 +828,36 @@ class Files:
                 tx.effects[i] = eff
             self._manifests[ws.root_b] = m1
             handle.changes = changes
+
+    def _put_back_overlong_watch(self, tx: "Transaction", w: OpenWatch, m1: Manifest,
+                                 changes: list, path: bytes) -> None:
+        """A watched process made ``path``, too long for the file history's keys (see
+        ``check_length``): the block's changes cannot be logged, so none of them becomes
+        the transaction's.  They are put back now, from the manifest taken before the
+        block (as ``_undo_open_watch`` does after a crash; a path changed again since the
+        end's snapshot stays, a conflict), the watch ends with no change, and ValueError
+        says so.  (Before, the end raised "nothing was changed", the watch stayed open, and
+        its rollback could not reach the long paths: they stayed, reported as a
+        stranger's change.)  Caller holds ``_lock``."""
+        ws = w.ws
+        unlimited = w.manifest.workspace(ws).without_length_limit()
+        conflicts = restore_changes(unlimited, changes, self.blobs, self.quarantine(tx.id),
+                                    check=True, durable=self.durable)
+        self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
+                                             "begin": w.lsn, "n": 0}, tx.id, durable=True)
+        tx.effects.remove(w)
+        self._manifests[ws.root_b] = m1
+        n = len(ws.root_b) + len(path)
+        kept = ""
+        if conflicts:
+            kept = (f"; {len(conflicts)} path(s) changed again since the block ended were "
+                    f"left as they are: " + ", ".join(str(c) for c in conflicts[:5]))
+        raise ValueError(
+            f"a process watched in workspace {ws.root!r} made {display(path)!r}, too long "
+            f"for walstore's file history: with the root it is {n} bytes, at most "
+            f"{MAX_ROOT_AND_PATH_BYTES} (LMDB's keys are at most 511 bytes); none of the "
+            f"block's {len(changes)} change(s) became part of transaction {tx.id}: they "
+            f"were put back to their state before the watch{kept}")
 
     def _previous(self, ws: Workspace) -> Manifest | None:
         """The newest manifest of ``ws`` (in memory, or saved by an earlier process)."""
@@ -930,9 +964,11 @@ class Files:
         recovery report): put back as promised, and nothing lost."""
         now = snapshot(m0.workspace(ws), self.blobs if recovering else None, previous=m0)
         changes = diff(m0, now)
+        # (paths a watched process made over the history's length limit are put back too)
+        unlimited = ws.without_length_limit()
         if recovering:
-            self._keep_found(ws, changes, txid)
-        return restore_changes(ws, changes, self.blobs, self.quarantine(txid),
+            self._keep_found(unlimited, changes, txid)
+        return restore_changes(unlimited, changes, self.blobs, self.quarantine(txid),
                                check=False, durable=self.durable)
 
     def _keep_found(self, ws: Workspace, changes: list, txid: int) -> None:

@@ -96,6 +96,10 @@ class Workspace:
     it in; None: none).  The root must exist and be a directory.  ``registered``: the
     root is a store's registered one, taken as it is (see ``check_root``)."""
 
+    # paths over ``MAX_ROOT_AND_PATH_BYTES`` are refused (``rel``); False only in the copy
+    # ``without_length_limit`` gives, which puts back what a watched process made there
+    length_limit = True
+
     def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
                  exclude: Iterable[PathLike] = (), scope: str | bytes | None = None,
                  registered: bool = False) -> None:
@@ -181,7 +185,8 @@ class Workspace:
                              f"recovery removes; choose another name")
         if not rel and not allow_root:
             raise ValueError(f"path {display(raw)!r} names the workspace root itself")
-        check_length(self.root_b, rel)
+        if self.length_limit:
+            check_length(self.root_b, rel)
         if self.exclude and self.excluded(rel):
             raise ValueError(f"path {display(raw)!r} is inside walstore's own directory")
         return rel
@@ -280,6 +285,16 @@ class Workspace:
             return self
         other = copy.copy(self)
         other.ignore = ignore
+        return other
+
+    def without_length_limit(self) -> "Workspace":
+        """The same workspace with paths over the file history's length limit allowed
+        (``check_length``): only to put back what a watched process made there, which no
+        history can record (``Files._end_watch``, ``Files._undo_open_watch``)."""
+        if not self.length_limit:
+            return self
+        other = copy.copy(self)
+        other.length_limit = False
         return other
 
     def ignored(self, rel: bytes, is_dir: bool) -> bool:
