@@ -8,6 +8,7 @@ symlink would find them "still as captured" and remove them.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from walstore import fileio
 from walstore.files import apply
 from walstore.files.paths import Workspace
 
-from files_support import TreeSnapshot, build, tree_state
+from files_support import Dir, Link, TreeSnapshot, build, tree_state
 
 
 def _twins(tmp_path: Path) -> tuple[Path, Path]:
@@ -261,3 +262,81 @@ def test_a_crash_inside_a_watch_that_made_a_path_too_long_is_put_back(tmp_path):
         assert kinds <= {"watch-undone"}, store.last_recovery.problems
     finally:
         store.close()
+
+
+# ---- reads and small verbs through a symlink or a hard link --------------------------------
+
+def _store_ws(tmp_path):
+    root = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    build(str(outside), {"f0": "canary\n", "sub/x": "x"})
+    root.mkdir()
+    s = walstore.open(str(tmp_path / "store"))
+    return s, s.workspace(str(root)), root, outside
+
+
+def test_listdir_of_a_symlink_leading_outside_raises_value_error_like_read(tmp_path):
+    s, ws, root, outside = _store_ws(tmp_path)
+    os.symlink(outside, root / "out")
+    build(str(root), {"d/a": "a", "in": Link("d")})
+    try:
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            for call in (lambda: f.read("out"), lambda: f.listdir("out")):
+                with pytest.raises(ValueError, match="leading outside"):
+                    call()
+            assert f.listdir("in") == ["a"]  # (inside the root: followed, as read does)
+            assert f.listdir() == ["d", "in", "out"]
+            with pytest.raises(NotADirectoryError):
+                f.listdir("d/a")
+    finally:
+        s.close()
+
+
+def test_mkdir_exist_ok_on_a_symlink_leading_outside_raises_value_error(tmp_path):
+    s, ws, root, outside = _store_ws(tmp_path)
+    os.symlink(outside, root / "out")
+    build(str(root), {"d": Dir(), "in": Link("d")})
+    try:
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            with pytest.raises(ValueError, match="leading outside") as ei:
+                f.mkdir("out", exist_ok=True)
+            assert not isinstance(ei.value, FileExistsError)
+            f.mkdir("in", exist_ok=True)  # a directory inside the root: it exists
+            with pytest.raises(FileExistsError):
+                f.mkdir("out")
+    finally:
+        s.close()
+
+
+def test_chmod_of_a_hard_link_to_an_outside_file_leaves_the_outside_file_alone(tmp_path):
+    s, ws, root, outside = _store_ws(tmp_path)
+    os.chmod(outside / "f0", 0o600)
+    os.link(outside / "f0", root / "hl")
+    try:
+        with s.transaction() as tx:
+            tx.files(ws).chmod("hl", 0o640)
+        assert stat.S_IMODE(os.stat(outside / "f0").st_mode) == 0o600
+        st = os.lstat(root / "hl")
+        assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_nlink == 1  # a copy now
+        assert (root / "hl").read_bytes() == b"canary\n"
+        # a mode-only restore of a file hard-linked since (a revert) copies it too
+        os.unlink(outside / "f0")
+        os.link(root / "hl", outside / "f0")
+        s.revert(s.log(limit=1)[0].txid)
+        assert stat.S_IMODE(os.stat(root / "hl").st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(outside / "f0").st_mode) == 0o640
+        assert (outside / "f0").read_bytes() == b"canary\n"
+        # and a rolled-back chmod of a hard link puts the workspace's mode back only
+        os.unlink(root / "hl")
+        os.link(outside / "f0", root / "hl")
+        tx = s.transaction()
+        tx.files(ws).chmod("hl", 0o604)
+        assert stat.S_IMODE(os.stat(outside / "f0").st_mode) == 0o640
+        tx.rollback()
+        assert stat.S_IMODE(os.stat(root / "hl").st_mode) == 0o640
+        assert stat.S_IMODE(os.stat(outside / "f0").st_mode) == 0o640
+        assert s.file_conflicts() == []
+    finally:
+        s.close()

@@ -1360,6 +1360,16 @@ class TxFiles:
         rel, abs_path = ws.resolve(path)
         if exist_ok and os.path.isdir(abs_path) and not os.path.islink(abs_path):
             return
+        if exist_ok and os.path.islink(abs_path):
+            # a symlink leading outside: ValueError, as a read of it (it was
+            # FileExistsError); one leading to a directory inside is that directory
+            try:
+                _r, _a, st = self._final(rel)
+            except FileNotFoundError:
+                pass  # (dangling: it exists, FileExistsError below)
+            else:
+                if stat.S_ISDIR(st.st_mode):
+                    return
         self._run("mkdir", lambda: plan.plan_mkdir(ws, rel, self._blobs, mode),
                   lambda: fapply.make_dir(ws, rel, mode, self._durable))
 
@@ -1471,11 +1481,22 @@ class TxFiles:
 
     @os_errors_wrapped
     def listdir(self, path: PathLike = "") -> list[str]:
+        """The names in a directory, ignored ones left out.  A symlink is followed as
+        ``read`` follows it: inside the root only (one leading outside: ValueError)."""
         self._files.engine.check_open()
-        rel, abs_path = self.workspace.resolve(path, allow_root=True)
-        return sorted(os.fsdecode(n) for n in os.listdir(abs_path)
-                      if not self.workspace.ignored((rel + b"/" + n) if rel else n,
-                                                    os.path.isdir(abs_path + b"/" + n)))
+        ws = self.workspace
+        if ws.rel(path, allow_root=True):
+            rel, abs_path, _st = self._final(path)
+        else:
+            rel, abs_path = ws.resolve(path, allow_root=True)
+        fd = os.open(abs_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            names = [os.fsencode(n) for n in os.listdir(fd)]
+        finally:
+            os.close(fd)
+        return sorted(os.fsdecode(n) for n in names
+                      if not ws.ignored((rel + b"/" + n) if rel else n,
+                                        os.path.isdir(abs_path + b"/" + n)))
 
 
 @dataclass

@@ -9,7 +9,9 @@ state or the new one, plus at most a stray temporary name, never a mix):
 - a directory: temp directory -> chmod -> rename into place -> fsync the parent (so it
   appears with its final mode);
 - a symlink: temp link -> rename over the path -> fsync the directory;
-- a mode: ``fchmod`` of the path opened with ``O_NOFOLLOW`` (one step);
+- a mode: ``fchmod`` of the path opened with ``O_NOFOLLOW`` (one step); a file with
+  other hard links (one may be outside the root) becomes a copy with the new mode
+  instead, as a file is written (the other names keep their mode);
 - delete: ``unlink`` / ``rmdir`` -> fsync the directory;
 - rmtree: children before parents, through directory descriptors opened relative to
   their parent with ``O_NOFOLLOW`` (a directory swapped for a symlink meanwhile is never
@@ -316,20 +318,31 @@ def write_blob(ws: Workspace, path: PathLike, blobs: BlobStore, digest: str,
 
 
 def set_mode(ws: Workspace, path: PathLike, mode: int, durable: bool = True) -> Applied:
-    """Change the permission bits of a file or directory (a symlink has none: ValueError)."""
+    """Change the permission bits of a file or directory (a symlink has none: ValueError).
+    A file with other hard links (``st_nlink`` > 1: perhaps one outside the workspace)
+    is made an independent copy with the new mode (temp file, rename over: the write
+    primitive), so the other names keep theirs."""
     _check_mode(mode)
     rel, abs_path = ws.resolve(path)
     try:
-        _chmod_nofollow(abs_path, mode, durable)
+        _chmod_nofollow(abs_path, mode, durable, ws, rel)
     except OSError as e:
+        if isinstance(e, UnsupportedFileType):
+            raise
         raise _fail(e, "change the mode of", ws, rel) from e
     return Applied(rel, read_entry(abs_path, hash=True))
 
 
-def _chmod_nofollow(abs_path: bytes, mode: int, durable: bool) -> None:
+def _chmod_nofollow(abs_path: bytes, mode: int, durable: bool,
+                    ws: Workspace | None = None, rel: bytes | None = None) -> None:
     st = os.lstat(abs_path)
     if stat.S_ISLNK(st.st_mode):
         raise ValueError(f"{_s(abs_path)!r} is a symlink; a symlink has no mode of its own")
+    if ws is not None and rel is not None and stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        # a fchmod would change the shared inode: every other name of it too, one
+        # outside the root included (a hard link to an outside file)
+        _unshare(ws, rel, mode, entry_from_stat(st), durable)
+        return
     try:
         fd = fileio.open_file(_s(abs_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except PermissionError:  # unreadable for us: change it through an O_PATH handle
@@ -345,6 +358,27 @@ def _chmod_nofollow(abs_path: bytes, mode: int, durable: bool) -> None:
             fileio.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _unshare(ws: Workspace, rel: bytes, mode: int, owner: Entry, durable: bool) -> None:
+    """Replace the hard-linked file ``rel`` by a copy of its content with ``mode`` (and,
+    as root, its owner), in one visible step (``_replace_file``)."""
+    import hashlib
+    src = fileio.open_file(_s(ws.abspath(rel)), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        def fill(fd: int) -> tuple[str, int]:
+            h = hashlib.sha256()
+            n = 0
+            while True:
+                chunk = os.pread(src, 1 << 20, n)
+                if not chunk:
+                    return h.hexdigest(), n
+                fileio.pwrite_all(fd, chunk, n)
+                h.update(chunk)
+                n += len(chunk)
+        _replace_file(ws, rel, fill, mode, owner, durable, doing="change the mode of")
+    finally:
+        os.close(src)
 
 
 def make_dir(ws: Workspace, path: PathLike, mode: int | None = None,
@@ -727,8 +761,11 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     if before.kind == FILE:
         if current.kind == FILE and current.sha256 == before.sha256:
             try:  # only the mode differs: one chmod (after the chown, which clears
-                _chown(abs_path, before)  # setuid/setgid bits)
-                _chmod_nofollow(abs_path, before.mode, durable)
+                if os.lstat(abs_path).st_nlink > 1:  # setuid/setgid bits); a hard link:
+                    _unshare(ws, rel, before.mode, before, durable)  # a copy (set_mode)
+                else:
+                    _chown(abs_path, before)
+                    _chmod_nofollow(abs_path, before.mode, durable)
             except OSError as e:
                 raise _fail(e, "change the mode of", ws, rel) from e
             return None
