@@ -74,6 +74,12 @@ class FileEffect:
     lsns: list
     txid: int
     began_as: Any = None  # a watch's changes: the OpenWatch it replaced (see Savepoint)
+    # a watch's changes: special files (FIFO, socket, device) the watched block left at
+    # paths it changed (rel -> (st_dev, st_ino, st_ctime_ns), seen at the block's end; in
+    # memory only: after a crash such a file is a conflict, as before).
+    # Manifests skip them, so the steps say "absent" there; the undo removes such a file
+    # while it is still that one (the block's own), then puts the path back
+    specials: dict = field(default_factory=dict)
 
     @property
     def lsn(self) -> int:
@@ -824,6 +830,7 @@ class Files:
             if eff is None:
                 del tx.effects[i]
             else:
+                eff.specials = _specials_at(ws, m1, changes)
                 eff.began_as = w
                 tx.effects[i] = eff
             self._manifests[ws.root_b] = m1
@@ -925,6 +932,8 @@ class Files:
             eff.ws.check_root()
             if isinstance(eff, OpenWatch):
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
+            if getattr(eff, "specials", None) and not recovering:
+                _remove_own_specials(eff.ws, eff.specials, self.durable)
             steps = eff.steps
             if recovering:
                 steps = [c for c in steps if not self._committed_since(eff.ws.root_b, c.path,
@@ -1300,6 +1309,45 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
         yield True
     finally:
         os.close(fd)  # (the lock goes with it)
+
+
+def _specials_at(ws: Workspace, m1: Manifest, changes: list) -> dict:
+    """The special files a watched block left at the paths of its ``changes`` (its end's
+    manifest ``m1`` skipped them): rel -> (st_dev, st_ino, st_ctime_ns) (an inode number
+    alone is reused at once by a FIFO made anew)."""
+    out: dict = {}
+    if not m1.stats.skipped:
+        return out
+    changed = {c.path for c in changes}
+    for rel in m1.stats.skipped:
+        if rel not in changed:
+            continue
+        try:
+            st = os.lstat(ws.abspath(rel))
+        except OSError:
+            continue
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+                or stat.S_ISLNK(st.st_mode)):
+            out[rel] = (st.st_dev, st.st_ino, st.st_ctime_ns)
+    return out
+
+
+def _remove_own_specials(ws: Workspace, specials: dict, durable: bool) -> None:
+    """Before a watch's changes are undone: remove each special file the block left
+    (``FileEffect.specials``) that is still the very same one; another one there, or
+    anything else, stays (the undo then finds a conflict)."""
+    for rel in sorted(specials, key=len, reverse=True):
+        try:
+            _r, abs_path = ws.resolve(rel)
+            st = os.lstat(abs_path)
+        except (OSError, ValueError):
+            continue
+        if (st.st_dev, st.st_ino, st.st_ctime_ns) != specials[rel] or stat.S_ISREG(st.st_mode) \
+                or stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            continue
+        fileio.unlink(os.fsdecode(abs_path))
+        if durable:
+            fileio.fsync_dir(os.fsdecode(ws.abspath(parent_of(rel))))
 
 
 def _ws_of(done: list, effect_lsn: int) -> bytes | None:
