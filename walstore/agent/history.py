@@ -182,7 +182,7 @@ class History:
                 self._raise_unknown_txid(point)
             boundary = row["lsn"]
         elif isinstance(point, str):
-            p = eng.views.points().get(point)
+            p = eng.views.point(point)
             if p is None:
                 raise UnknownPoint(f"no restore point named {point!r}", point)
             boundary = p["lsn"]
@@ -376,7 +376,7 @@ class History:
         if not isinstance(name, str):  # (a list: a bare "unhashable type" TypeError)
             raise PointTypeError(f"a restore point name is a str, not "
                                  f"{type(name).__name__}", name)
-        if name not in self.engine.views.points():
+        if self.engine.views.point(name) is None:
             raise UnknownPoint(f"no restore point named {name!r}", name)
         self.engine.log_event(RecordType.RESTORE_POINT,
                               {"name": name, "drop": True, "ts": time.time()}, durable=True)

@@ -38,7 +38,11 @@ Invariants:
   (Counting events alone let 1 MiB values, or commits of 300 small puts, pile up to
   gigabytes behind an applier that fell behind, and the WAL with them);
 - leaving costs O(versions left) per key a dropped chunk touched, never O(versions) per
-  event: a hot key's chain is cut once per ``drop_applied`` call.
+  event: a hot key's chain is cut once per ``drop_applied`` call;
+- ``by_action`` (action id -> the parts of the events here naming it) and ``ends`` (txid
+  -> its ABORT / ROLLBACK_PREPARED events) hold exactly the action events here, in LSN
+  order, entered and left with them (bounded as the events are): a view of one action
+  folds its own events only (``Views.action_row``).
 """
 from __future__ import annotations
 
@@ -50,8 +54,12 @@ from typing import Any, Callable, Iterator
 from ..log.format import RecordType
 from ..log.records import Event
 from .keyindex import SLACK, KeyIndex
+from .tables import actions_named
 
 _COMMIT = RecordType.COMMIT
+_ENDS = frozenset({RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
+_NAMING = frozenset({RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                     RecordType.COMPENSATED, RecordType.COMMIT})
 # Memory an unapplied event holds beyond its log bytes (measured with tracemalloc, CPython
 # 3.11: a single-put commit ~590 B for 170 B of log, a 300-put one ~203 B per put for
 # 14 B of log): the Event, its body and write tuple; per write, the key and value objects'
@@ -86,6 +94,12 @@ class MemTable:
         self.limit = limit
         self.max_memory = max_memory
         self.claimed: dict[str, int] = {}  # action ids claimed by an unapplied commit -> txid
+        # the action events here, by what they name (``Views.action_row`` folds one
+        # action's alone): action id -> the parts of the events naming it
+        # (``tables.actions_named``), and txid -> its ABORT / ROLLBACK_PREPARED events;
+        # both in LSN order, kept as events enter and leave
+        self.by_action: dict[str, list[Event]] = {}
+        self.ends: dict[int, list[Event]] = {}
         self.log_bytes = 0  # log bytes of the events here
         self.memory = 0  # their estimated memory (``footprint``: kept as they come and go)
         self.drops = 0  # batches dropped so far (counted before any version leaves)
@@ -107,6 +121,13 @@ class MemTable:
         """Enter ``event`` (newest).  ``claims``: the action ids a commit compensates, when
         the caller has its body at hand (else read from the event)."""
         self.events.append(event)
+        t = event.type
+        if t in _NAMING and (t != _COMMIT or event.packed_body is None):  # (not a plain
+            by_action = self.by_action                                     # commit)
+            for aid, part in actions_named(event):
+                by_action.setdefault(aid, []).append(part)
+        elif t in _ENDS:
+            self.ends.setdefault(event.txid, []).append(event)
         size = event.end - event.start
         self.log_bytes += size
         writes = event.writes  # (``footprint`` written out: every commit comes here)
@@ -140,6 +161,7 @@ class MemTable:
         versions = self.versions
         while self.events and self.events[-1].lsn >= lsn:
             e = self.events.pop()
+            self._unindex(e, -1)
             self.log_bytes -= e.end - e.start
             self.memory -= footprint(e)
             if e.writes is not None and e.type == _COMMIT:
@@ -196,9 +218,13 @@ class MemTable:
                 for aid in e.field("compensate", ()):
                     if self.claimed.get(aid) == e.txid:
                         del self.claimed[aid]
+            if e.type in _NAMING or e.type in _ENDS:
+                self._unindex(e, 0)
         self.log_bytes -= size
         self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
         if not self.events:  # every version here is in LMDB now: all leave at once
+            if self.by_action or self.ends:  # (nothing left to name: none can linger)
+                self.by_action, self.ends = {}, {}
             if self.versions:
                 self.versions = {}  # (readers see the old dict or the empty one)
             self._bound_index()
@@ -223,6 +249,27 @@ class MemTable:
                 if cut:
                     versions[k] = old[cut:]
         self._bound_index()
+
+    def _unindex(self, e: Event, end: int) -> None:
+        """Take ``e``, leaving, out of ``by_action`` and ``ends``: its entries are the
+        oldest of their lists (``end`` 0: applied) or the newest (-1: voided)."""
+        t = e.type
+        if t in _ENDS:
+            lists = ((self.ends, e.txid),)
+        elif t in _NAMING and (t != _COMMIT or e.packed_body is None):
+            lists = tuple((self.by_action, aid) for aid, _part in actions_named(e))
+        else:
+            return
+        for index, key in lists:
+            parts = index.get(key)
+            if not parts:
+                continue
+            if parts[end].lsn == e.lsn:
+                del parts[end]
+            else:  # (not where it belongs: never expected, but never left behind)
+                parts[:] = [p for p in parts if p.lsn != e.lsn]
+            if not parts:
+                del index[key]
 
     def _bound_index(self) -> None:
         """Keep the key index and the noted keys bounded by the live keys (the writer's

@@ -291,6 +291,41 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
     return []
 
 
+_NAMED_BY_ID = frozenset({RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                          RecordType.COMPENSATED})
+ACTION_FIELDS = ("actions", "crossed", "compensate", "redo", "unredo")  # (a COMMIT's)
+
+
+def actions_named(event: Event) -> list[tuple[str, Event]]:
+    """The actions ``event`` names by id, each with the part of ``event`` that concerns it
+    alone: (id, event) for an intent, a result or a COMPENSATED record; for a COMMIT, per
+    id its fields name (``ACTION_FIELDS``), a copy of the event whose body holds only that
+    id's entries, in their order.  ``action_changes`` gives that id the same row from the
+    part as from the whole event (each field reads the row as it was before the event),
+    so a view of one action folds only its parts (``Views.action_row``: folding an undo's
+    COMMIT that claims N actions once per action made N compensations cost N^2).  An
+    ABORT or ROLLBACK_PREPARED names a transaction, not actions (none here).  Only str ids
+    (every action id is one; no other can be looked up)."""
+    t = event.type
+    if t in _NAMED_BY_ID:
+        return [(str(event.body.get("id")), event)]
+    if t != RecordType.COMMIT or event.packed_body is not None:
+        return []  # (a plain commit names no action: its body is not decoded)
+    body = event.body
+    parts: dict[str, dict[str, list]] = {}
+    for f in ACTION_FIELDS:
+        if f not in body:
+            continue
+        entries = body[f]
+        if not isinstance(entries, (list, tuple)):
+            continue  # (no such commit is written; ``action_changes`` would fail on it)
+        for entry in entries:
+            aid = entry.get("id") if f == "actions" and isinstance(entry, dict) else entry
+            if type(aid) is str:
+                parts.setdefault(aid, {}).setdefault(f, []).append(entry)
+    return [(aid, Event(event.lsn, event.end, t, event.txid, part))
+            for aid, part in parts.items()]
+
 
 # ---- reversible files -----------------------------------------------------------------
 # ``workspaces``: root (bytes) -> {root, ignore, scope, lsn, ts, manifest}: registered trees;

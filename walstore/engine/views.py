@@ -67,11 +67,71 @@ class Views:
                 for k, v in _all(txn, self.state.actions, prefix, prefix[:-1] + b"/")]
 
     def action_row(self, aid: str, include_unpublished: bool = False) -> dict | None:
-        events = self._events(_ACTION_TYPES, include_unpublished)
+        """Action ``aid``'s row, folding only the unapplied events that concern it: the
+        parts of those that name it (``MemTable.by_action``) and the ends (ABORT,
+        ROLLBACK_PREPARED) of the transactions its row can belong to.  The same row as
+        folding every unapplied action event (``_fold_actions``), at a cost that does not
+        grow with the others: a compensation reads its action's row before it runs, and
+        folding them all made N compensations (a rollback, a rewind) cost N^2."""
+        mt = self.memtable
+        upto = None if include_unpublished else mt.published
+        own = _own_txid(aid)
+        with mt.lock:
+            parts = list(mt.by_action.get(aid, ()))
+            txids = {own} if own is not None else set()
+            for e in parts:
+                txids.add(e.txid)
+                for a in e.field("actions", ()):  # (a commit's row of it: may set "tx")
+                    tx = a.get("tx")
+                    if type(tx) is int:
+                        txids.add(tx)
+            ends = [e for t in txids for e in mt.ends.get(t, ())]
+        events = sorted(parts + ends, key=_lsn) if ends else parts
+        if upto is not None:
+            events = [e for e in events if e.end <= upto]
         with self.state.read() as txn:
-            changed = self._fold_actions(events, txn)
-            return changed[aid] if aid in changed else _action(txn, self.state.actions, aid,
-                                                               self.state.data_file)
+            stored = _action(txn, self.state.actions, aid, self.state.data_file)
+            row = stored
+            if events:
+                row = self._fold_one(aid, stored, events, txids)
+                if row is _UNSURE:  # its row names a transaction whose end was not taken
+                    changed = self._fold_actions(self._events(_ACTION_TYPES,
+                                                              include_unpublished), txn)
+                    row = changed[aid] if aid in changed else stored
+            return row
+
+    @staticmethod
+    def _fold_one(aid: str, stored: dict | None, events: list[Event], txids: set):
+        """Action ``aid``'s row after ``events`` (those that concern it, in LSN order)
+        over ``stored``, its LMDB row; _UNSURE when its row ever belongs to a transaction
+        not in ``txids`` (whose ABORT would change it: not among ``events``).  The other
+        rows ``action_changes`` reads are left out (its row does not depend on them)."""
+        changed: dict[str, dict] = {}
+
+        def get_row(x: str) -> dict | None:
+            if x in changed:
+                return changed[x]
+            return stored if x == aid else None
+
+        def rows_of_txid(txid: int) -> list[dict]:
+            # of what _fold_actions gives (LMDB's rows of ``txid``, then the changed ones
+            # of it), the row of ``aid`` alone
+            row = changed.get(aid)
+            if row is not None and row.get("tx") == txid:
+                return [row]
+            if stored is not None and aid.startswith(f"{txid}."):
+                return [stored]
+            return []
+
+        if stored is not None and not _known(stored.get("tx"), txids):
+            return _UNSURE
+        for e in events:
+            for row in tables.action_changes(e, get_row, rows_of_txid):
+                changed[row["id"]] = row
+            mine = changed.get(aid)
+            if mine is not None and not _known(mine.get("tx"), txids):
+                return _UNSURE
+        return changed[aid] if aid in changed else stored
 
     def action_rows(self) -> dict[str, dict]:
         events = self._events(_ACTION_TYPES)
@@ -102,6 +162,26 @@ class Views:
                 out.pop(name, None)
             else:
                 out[name] = {"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}
+        return out
+
+    def point(self, name: str) -> dict | None:
+        """Restore point ``name``'s row (None: there is none): its LMDB row and the
+        unapplied events naming it, as ``points()`` gives it, without reading the others
+        (resolving a name read every point kept: an agent naming one per turn paid for all
+        its past turns on each ``at``)."""
+        events = [e for e in self._events(frozenset({_T.RESTORE_POINT}))
+                  if str(e.body.get("name", "")) == name]
+        try:
+            key = name.encode("utf-8")
+        except UnicodeEncodeError:
+            key = b""  # (no row is named so: points() decodes every key as UTF-8)
+        out = None
+        if key and len(key) <= 511:  # (LMDB keys stop there: MDB_BAD_VALSIZE)
+            raw = self.state.get(key, "points")
+            if raw is not None:
+                out = tables.unpack_row(raw, "points", key, self.state.data_file)
+        for e in events:
+            out = None if e.body.get("drop") else {"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}
         return out
 
     # ---- the transaction log ------------------------------------------------------------
@@ -190,6 +270,29 @@ class Views:
             else:
                 rows.pop(gid, None)
         return rows
+
+
+_UNSURE = object()  # (Views._fold_one: fold them all instead)
+
+
+def _known(tx, txids: set) -> bool:
+    """Are the ends of the transaction a row names (``tx``) among those taken?  (None:
+    it names none, so no end concerns it.)"""
+    return tx is None or (type(tx) is int and tx in txids)
+
+
+def _lsn(e: Event) -> int:
+    return e.lsn
+
+
+def _own_txid(aid: str) -> int | None:
+    """The txid T with ``aid`` starting with ``"T."`` (an id is ``"<txid>.<seq>"``)."""
+    head, dot, _ = aid.partition(".")
+    if dot and head.isdigit() and head.isascii():
+        t = int(head)
+        if str(t) == head:
+            return t
+    return None
 
 
 def _all(txn, table, lo: bytes, hi: bytes | None) -> list[tuple[bytes, bytes]]:
