@@ -48,6 +48,7 @@ from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
                      apply as fapply, diff, plan, remove_stray_temps, restore_changes,
                      snapshot, undo_order, undo_steps)
+from ..files.entries import read_whole
 from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, display,
                            parent_of)
 from ..log.format import RecordType
@@ -202,6 +203,9 @@ class Files:
         self._gc_written: int | None = None  # the blob store's bytes_written at the last gc
         self._pinned = PinnedLogRefs()  # what the pinned WAL's file records name
         self._gc_kept = 0                    # and the bytes that gc kept
+        # the last gc kept blobs that unapplied events named (an inline gc in a loop of
+        # file operations): the next checkpoint's, after the apply, may free them
+        self._gc_kept_unapplied = False
         # path claims (see ``_claim``): (root, path) -> the txid that last changed it, and
         # each claimant's Transaction (weakly: a dropped one claims nothing)
         self._claims: dict[tuple[bytes, bytes], int] = {}
@@ -368,11 +372,12 @@ class Files:
             last = i + STEP_CHUNK >= len(steps)
             ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable and last)
             lsns.append(ev.lsn)
-        # retention moved the horizon since the last blob gc: collect now, the steps just
-        # logged (in the MemTable) keeping their blobs (the checkpoint's own attempt is
-        # skipped whenever a file operation holds the lock, which a writer of many files
-        # nearly always does)
-        if self._blobs is not None and self._horizon_moved():
+        # retention moved the horizon since the last blob gc, or enough before-images were
+        # written since: collect now, the steps just logged (in the MemTable) keeping
+        # their blobs (the checkpoint's own attempt is skipped whenever a file operation
+        # holds the lock, which a writer of many files nearly always does: a loop of
+        # rolled-back 1 MiB writes grew files/ by 1 MiB a rollback, 601 MiB after 600)
+        if self._blobs is not None and (self._horizon_moved() or self._bytes_due()):
             self.gc()
         return FileEffect(ws, op, steps, lsns, tx.id)
 
@@ -1114,7 +1119,9 @@ class Files:
     def _gc_due(self) -> bool:
         """A blob gc is worth its scan of the file tables: retention moved the horizon,
         or before-images written since the last gc reached a quarter of what that gc kept
-        (at least GC_AFTER_BYTES), or none ran yet in this process.  (Only the horizon
+        (at least GC_AFTER_BYTES), or none ran yet in this process, or the last one kept
+        blobs only unapplied events named (``log_steps`` collects inline, in a loop of file
+        operations, before the applier caught up).  (Only the horizon
         counted: under the default retention, which never moves it, the blobs of rolled-
         back writes and of watch() manifests stayed for good — 20 rolled-back 1 MB writes
         left 20 MB.)"""
@@ -1123,9 +1130,16 @@ class Files:
         b = self._blobs
         if b is None:
             return False
-        if self._gc_written is None:
+        if self._gc_written is None or self._gc_kept_unapplied:
             return True
         return b.bytes_written - self._gc_written >= max(GC_AFTER_BYTES, self._gc_kept // 4)
+
+    def _bytes_due(self) -> bool:
+        """Before-images written since the last gc (or since this process began, when none
+        ran yet) reached a quarter of what that gc kept, at least GC_AFTER_BYTES."""
+        b = self._blobs
+        since = b.bytes_written - (self._gc_written or 0)
+        return since >= max(GC_AFTER_BYTES, self._gc_kept // 4)
 
     def gc(self) -> dict:
         """A checkpoint hook: when due (``_gc_due``), remove the blobs nothing retained
@@ -1171,7 +1185,9 @@ class Files:
         # the unapplied events first, LMDB after: the applier drops events only once LMDB
         # holds them, so each is seen in one place or both (the other way round an apply
         # between the two reads hid its steps, and their blobs went)
+        self._gc_kept_unapplied = False
         for e in eng.views.unapplied_file_events():
+            self._gc_kept_unapplied = True
             steps_refs(e.body.get("steps"))
             if e.body.get("manifest"):
                 manifests.add(e.body["manifest"])
@@ -1512,12 +1528,7 @@ class TxFiles:
                                     os.fsdecode(abs_path))
         fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            chunks = []
-            while True:
-                b = os.read(fd, 1 << 20)
-                if not b:
-                    return b"".join(chunks)
-                chunks.append(b)
+            return read_whole(fd)  # (the content once in memory, not chunks plus a join)
         finally:
             os.close(fd)
 
