@@ -31,6 +31,15 @@ transaction like any other and can itself be reverted.
   row learns who undid it (``undone_by``, noted by the applier): a later revert of it
   meets that undo as a later writer of all its keys (``_later_writers``), so a revert of
   W after a rewind that undid T and W cannot bring back T's refunded charge.
+- A revert's ``reverts`` names what it undoes (the target and its cascade).  A rewind's
+  names only the transactions after the point it changes something of (``_plan``'s
+  ``_changed``): the newest writer of each key and path it restores (ending as it began
+  or not: that is W above), those whose actions it claims, those whose needs-redo marks
+  it moves.  One whose work an earlier undo took back already (a rewind to the point
+  again) is left out: its keys were overwritten since, so a later revert of it meets
+  those writers, and through them the rewind.  Listing every transaction after the
+  point made the i-th rewind to one point list ~2i txids, the applier rewrite ~2i
+  ``txns`` rows, and each later rewind decode all earlier lists (probe-undoperf).
 - ``dry_run=True`` returns the ``UndoPlan`` and changes nothing.  It plans by the same
   code as the undo, from one read snapshot (``_PlanSnapshot``) instead of a transaction:
   no txid, no scope provider's fence, no write path, nothing logged, so it works on a
@@ -49,7 +58,10 @@ transaction like any other and can itself be reverted.
   workspace counts as inside the scope when it was declared with ``scope=``.
 
 Costs grow with what is undone (index lookups per transaction and key), never with the
-age of the store.
+age of the store — except that a rewind reads the ``txns`` row of every commit after its
+point (no index finds a scope's commits or what an earlier rewind already undid): a
+scoped one loads the actions and file changes only of the commits it takes something of
+(or must refuse), so another scope's commit costs it one row.
 """
 from __future__ import annotations
 
@@ -237,6 +249,9 @@ class Undo:
                 infos = [i for i in infos if i.lsn < tx.snapshot]
                 self.history.check_file_commits_readable(boundary, tx.snapshot)
             plan = self._plan(infos, scope, force, boundary)
+            # (the transactions it changes something of, not every one after the point:
+            # what an earlier undo took back already is not listed again: see _plan)
+            plan.txids = [t for t in plan.txids if t in plan._changed]  # type: ignore
             self._drop_unchanged(tx, plan)
             self._check_retained(plan)
             if dry_run or plan.empty():
@@ -308,7 +323,7 @@ class Undo:
         # none of those that ended as they began (a rewind drops them: a revert of W after
         # a rewind that undid T and W found no later writer and brought T's refunded
         # charge back)
-        if info.keys or (self.fh is not None and self.fh.changes_of(info.txid)):
+        if info.keys or self._paths(info):
             for txid in self.engine.views.undoers_of(info.txid, info.extra):
                 # (a scoped undo: only an undo that reached into its range — another
                 # scope's rewind undid none of what this one restores; and nothing left to
@@ -325,7 +340,8 @@ class Undo:
         scope = undo.scope
         return scope is None or rng.same(scope) or ScopeRange(scope).same(rng.scope)
 
-    def _wholly_in(self, info: TxnInfo, rng: ScopeRange) -> bool:
+    def _wholly_in(self, info: TxnInfo, rng: ScopeRange, paths: list | None = None
+                   ) -> bool:
         """Is ``info`` undone wholly by an undo scoped to ``rng``: tagged with the scope,
         or untagged with every key and path inside it.  A transaction that wrote nothing
         (it only ran actions) belongs to a scope only by its tag: otherwise "all its
@@ -336,11 +352,20 @@ class Undo:
         if info.scope is not None:
             return False  # another agent's (its in-scope keys still go back, see _plan)
         keys = [encode_key(k) for k in info.keys]
-        paths = self.fh.changes_of(info.txid) if self.fh is not None else []
+        if paths is None:
+            paths = self._paths(info)
         if not keys and not paths:
             return False
         in_scope = self._ws_filter(rng)
         return all(rng.contains(k) for k in keys) and all(in_scope(p[0]) for p in paths)
+
+    def _paths(self, info: TxnInfo) -> list:
+        """(workspace root, path) of every path ``info`` changed.  Only a commit whose
+        row lists live file effects (``files``) has any (the applier writes ``fchanges``
+        rows from those alone), so no other commit's file history is read."""
+        if self.fh is None or not info.extra.get("files"):
+            return []
+        return self.fh.changes_of(info.txid)
 
     def _ws_filter(self, rng: ScopeRange | None):
         """Is a workspace (root) inside the scope?  (Declared with ``scope=``.)"""
@@ -350,11 +375,25 @@ class Undo:
 
     def _plan(self, infos: list[TxnInfo], scope: Any, force: bool,
               boundary: int | None) -> UndoPlan:
-        """Which keys go back, which actions are compensated, what conflicts."""
+        """Which keys go back, which actions are compensated, what conflicts.
+
+        Each transaction is judged from its ``txns`` row first (scope tag, keys, whether
+        it changed files, the scopes its actions were declared in); its file changes are
+        read only when the row says it has some, and its actions' current rows only when
+        the undo takes something of it (or must know whether it ran actions it cannot
+        take partly): another scope's commits cost a scoped undo one row each.
+
+        ``plan._changed``: the transactions the undo changes something of — the newest
+        undone writer of each key and path it restores (whether or not the value ends as
+        it began: a later revert of that writer meets the undo through ``undone_by``),
+        those whose actions it compensates, and those whose needs-redo marks it moves
+        (the action's own when it is undone, else the undone undo whose move decides the
+        mark).  A rewind lists only these in ``reverts`` (``_rewind_once``)."""
         rng = ScopeRange(scope) if scope is not None else None
         plan = UndoPlan(scope=scope, boundary=boundary)
         restore: dict[bytes, int] = {}  # key -> LSN just before the oldest undone writer
         file_lsns: dict[tuple, list] = {}  # (workspace, path) -> commit LSNs, newest first
+        newest: dict[tuple, int] = {}  # key or path -> txid of its newest undone writer
         in_scope = self._ws_filter(rng)
         mixed_with_actions = []
         undone_txids = set()
@@ -369,9 +408,9 @@ class Undo:
                                          f"cannot come back", [info.txid])
                 continue
             keys = [encode_key(k) for k in info.keys]
-            paths = self.fh.changes_of(info.txid) if self.fh is not None else []
+            paths = self._paths(info)
             paths_in = paths if rng is None else [p for p in paths if in_scope(p[0])]
-            whole = rng is None or self._wholly_in(info, rng)
+            whole = rng is None or self._wholly_in(info, rng, paths)
             mine = keys if whole else [k for k in keys if rng.contains(k)]
             if not whole:
                 for k in keys:
@@ -381,9 +420,13 @@ class Undo:
                     if not in_scope(p[0]):
                         kept_path_writers.setdefault(p, []).append((info.lsn, info.txid))
             mine_paths = paths if whole else paths_in
+            if rng is not None:  # (actions of the undone range declared in the scope; an
+                # action's scope is fixed when it is logged: the row's is its current one)
+                declared_ids = [a["id"] for a in info.actions if rng.same(a.get("scope"))]
+                in_range_actions.update(declared_ids)
+                if not whole and not mine and not mine_paths and not declared_ids:
+                    continue  # (another scope's: nothing of it is taken, nothing loaded)
             current = [Action.from_row(self._current_row(a)) for a in info.actions]
-            if rng is not None:  # (actions of the undone range declared in the scope)
-                in_range_actions.update(a.id for a in current if rng.same(a.scope))
             committed = [a for a in current if a.state == tables.COMMITTED and a.compensate]
             if whole:
                 undone_txids.add(info.txid)
@@ -399,8 +442,10 @@ class Undo:
                 partly.add(info.txid)
             for k in mine:
                 restore[k] = info.lsn  # newest first: ends at the oldest writer's LSN
+                newest.setdefault((0, k), info.txid)
             for p in mine_paths:
                 file_lsns.setdefault(p, []).append(info.lsn)
+                newest.setdefault((1, p), info.txid)
         if mixed_with_actions:
             raise RevertConflict(f"transactions {mixed_with_actions} wrote both inside and "
                                  f"outside scope {scope!r} and ran actions that were not "
@@ -428,8 +473,15 @@ class Undo:
                                  f"(nothing was changed)", overwritten)
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
+        movers: dict[str, int] = {}
         plan.needs_redo, plan.unredo = self._redo_marks(infos, undone_txids, force,
-                                                        in_range_actions, rng, partly)
+                                                        in_range_actions, rng, partly,
+                                                        movers)
+        changed = set(newest.values()) | {a.txid for a in plan.compensations}
+        for aid in (*plan.needs_redo, *plan.unredo):
+            own = int(aid.partition(".")[0])  # the action's transaction, when undone; else
+            changed.add(own if own in undone_txids else movers[aid])  # the deciding undo
+        plan._changed = changed  # type: ignore[attr-defined]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
         plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
@@ -471,7 +523,8 @@ class Undo:
 
     def _redo_marks(self, infos: list[TxnInfo], undone: set, force: bool,
                     in_range: set = frozenset(), rng: ScopeRange | None = None,
-                    partly: set = frozenset()) -> tuple[list[str], list[str]]:
+                    partly: set = frozenset(), movers: dict | None = None
+                    ) -> tuple[list[str], list[str]]:
         """The needs-redo marks an undo makes and clears: ``(needs_redo, unredo)``.
 
         Each undone undo moved the state of the actions it names: ``compensate`` and
@@ -512,6 +565,8 @@ class Undo:
                     if not inside[aid]:
                         continue
                 back[aid] = charged
+                if movers is not None:  # (the undone undo whose move decides the mark)
+                    movers[aid] = info.txid
         ids, owed, unredo = [], [], []
         for aid, charged in back.items():
             row = self.engine.views.action_row(aid) or {}
