@@ -50,7 +50,7 @@ except CorruptionError as e:
 
 LMDB_READER = r"""
 import lmdb, sys
-env = lmdb.open(sys.argv[1], max_dbs=16)
+env = lmdb.open(sys.argv[1], max_dbs=32)
 n = 0
 with env.begin() as t:
     for name, _ in list(t.cursor()):
@@ -94,7 +94,7 @@ def pristine(tmp_path_factory) -> dict:
         with s.transaction() as tx:
             tx.put("big", "y" * 20000)      # an overflow page
     db = os.path.join(root, "db")
-    env = lmdb.open(db, readonly=True, lock=False, max_dbs=16)
+    env = lmdb.open(db, readonly=True, lock=False, max_dbs=32)
     facts = {"info": env.info(), "stat": env.stat()}
     env.close()
     with open(os.path.join(db, DATA_FILE), "rb") as f:

@@ -1,6 +1,7 @@
 """Damage inside a row's bytes in LMDB's data file (its pages sound) is a CorruptionError
-naming the table and the key, its cause chained: at open (an ``actions`` row), at the read
-that needs the row (``get``, ``scan``, ``history``, ``log``), in ``walstore verify`` (which
+naming the table and the key, its cause chained: at open (an ``actions`` row in flight or
+owed), at the read that needs the row (``get``, ``scan``, ``history``, ``log``,
+``actions``), in ``walstore verify`` (which
 lists every such row, history before-images too) and on the command line (one line, a
 non-zero exit).  Found by a probe (2026-12-02): a raw ValueError / UnicodeDecodeError /
 msgpack FormatError escaped ``walstore.open``, ``store.log()`` and the CLI ("an unexpected
@@ -8,9 +9,9 @@ error"), and ``walstore verify`` called a store with a damaged history row ok.
 
 Real files: the store is made and closed, then bytes of one msgpack value are overwritten
 in place with plain file writes (every copy LMDB keeps of them); the CLI runs in a
-subprocess.  A store crashed with a compensation owed and a damaged ``actions`` row: its
-open refuses before any compensation runs, again and again, and ``walstore recover`` says
-so (nothing changed) until ``--rebuild-state`` rebuilds LMDB from the log."""
+subprocess.  A store crashed with a compensation owed and a damaged settled ``actions`` row:
+its open reads only the rows in flight or owed, so the owed compensation runs once and the
+damage is met where the row is read (and by ``verify``)."""
 from __future__ import annotations
 
 import json
@@ -89,11 +90,14 @@ def test_a_damaged_row_is_a_corruption_error_naming_table_and_key(tmp_path, case
     path = tmp_path / "s"
     _make(path)
     assert _damage(path, marker, how) >= 1
-    if case == "actions":  # every open reads the action rows (owed compensations)
-        for _ in range(2):  # (and again: the failed open left nothing half done)
-            with pytest.raises(walstore.CorruptionError) as e:
-                walstore.open(str(path), durability="none")
-            _assert_row_error(e.value, table, key_text, path)
+    if case == "actions":  # an open reads the rows in flight or owed (the ``owed``
+        for _ in range(2):  # index), not a settled one: met at the read that needs it
+            with walstore.open(str(path), durability="none") as s:
+                assert s.pending_compensations() == []
+                for read in (lambda: s.actions(), lambda: s.get_action("2.1")):
+                    with pytest.raises(walstore.CorruptionError) as e:
+                        read()
+                    _assert_row_error(e.value, table, key_text, path)
         with walstore.open(str(path), readonly=True) as ro:  # (reads, owes nothing)
             with pytest.raises(walstore.CorruptionError) as e:
                 ro.actions()
@@ -137,11 +141,13 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_recovery_refuses_a_store_whose_action_rows_do_not_decode(tmp_path):
-    """Crashed with a compensation owed, and another action's row damaged: no open runs a
-    compensation or gets past the damage; ``walstore recover`` refuses, saying nothing was
-    changed; ``--rebuild-state`` rebuilds LMDB from the log, and the owed compensation
-    then runs once."""
+def test_recovery_settles_what_is_owed_past_a_damaged_settled_row(tmp_path):
+    """Crashed with a compensation owed, and another (settled) action's row damaged.  The
+    open reads the rows in flight or owed (the ``owed`` index: CONTRACT 4.4, recovery's
+    cost is the WAL's, not the store's), never the damaged one: the owed compensation
+    runs, once; the damaged row is a CorruptionError naming it at the reads that need it
+    (``get_action``, ``actions()``, ``walstore actions``) and ``walstore verify`` lists
+    it.  (Before the index every open read every action row, and refused.)"""
     path = tmp_path / "s"
     _make(path)
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE,
@@ -154,29 +160,23 @@ def test_recovery_refuses_a_store_whose_action_rows_do_not_decode(tmp_path):
     assert _damage(path, b"MARKERACTN", "header") >= 1
     calls = []
     for _ in range(2):
-        with pytest.raises(walstore.CorruptionError) as e:
-            walstore.open(str(path), durability="none",
-                          compensators={"refund": lambda a: calls.append(a.id)})
-        _assert_row_error(e.value, "actions", "action '2.1'", path)
-    assert calls == []
-    wal = {n: (path / "wal" / n).read_bytes() for n in os.listdir(path / "wal")}
+        with walstore.open(str(path), durability="none",
+                           compensators={"refund": lambda a: calls.append(a.id)}) as s:
+            assert s.get("k") is None and s.pending_compensations() == []
+            for read in (lambda: s.get_action("2.1"), lambda: s.actions()):
+                with pytest.raises(walstore.CorruptionError) as e:
+                    read()
+                _assert_row_error(e.value, "actions", "action '2.1'", path)
+    assert len(calls) == 1 and calls[0] != "2.1"
 
-    r = _cli("recover", str(path))
+    r = _cli("verify", str(path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert any("action '2.1'" in err for err in json.loads(r.stdout)["errors"])
+
+    r = _cli("actions", str(path))
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
-    assert len(lines) == 1 and "action '2.1'" in lines[0], lines
-    assert "nothing was changed" in lines[0] and "--rebuild-state" in lines[0], lines[0]
-    assert {n: (path / "wal" / n).read_bytes() for n in os.listdir(path / "wal")} == wal
-
-    r = _cli("recover", str(path), "--rebuild-state")
-    assert "Traceback" not in r.stderr, r.stderr
-    assert "rebuilt" in r.stdout, (r.stdout, r.stderr)
-    with walstore.open(str(path), durability="none",
-                       compensators={"refund": lambda a: calls.append(a.id)}) as s:
-        assert s.get("k1") == "MARKERDATA"
-        assert s.get_action("2.1").args == {"a": "MARKERACTN"}
-        assert s.get("k") is None
-    assert len(calls) == 1 and calls[0] != "2.1"
+    assert len(lines) == 1 and "corruption" in lines[0] and "action '2.1'" in lines[0]
 
 
 # ---- u64 rows: ``bylsn``'s keys and txids, ``meta``'s counters ---------------------------

@@ -625,7 +625,11 @@ class Saga:
         ended are owed too (recovery will end them) — except prepared (in-doubt) ones."""
         eng = self.engine
         eng.refresh()
-        out = [Action.from_row(r) for r in eng.views.action_rows().values()]
+        # owed ones: the rows the ``owed`` index names (in flight, pending, failed) and
+        # the unapplied events' (Views.owed_rows), not every action ever recorded: an
+        # open's settle reads this twice (CONTRACT 4.4: recovery's cost is the WAL's)
+        rows = eng.views.owed_rows() if pending else eng.views.action_rows()
+        out = [Action.from_row(r) for r in rows.values()]
         if eng.readonly and not eng.writer_alive():
             in_doubt = {r.get("tx") for r in eng.views.prepared_rows().values()}
             for a in out:

@@ -10,9 +10,9 @@ trimming it allows, erasure of purged keys) and live here too, so one module ans
 
 Invariants: events are applied in LSN order, exactly once per LMDB state (an event below
 ``applied`` is never applied again); the data, its history rows, the transaction log row,
-action rows, 2PC rows and the rows of reversible files (workspaces, the file steps of
-uncommitted transactions, file versions, conflicts) of one event commit in the same LMDB
-transaction.
+action rows (and the ``owed`` index of those in flight or owed, with its stamp), 2PC rows
+and the rows of reversible files (workspaces, the file steps of uncommitted transactions,
+file versions, conflicts) of one event commit in the same LMDB transaction.
 """
 from __future__ import annotations
 
@@ -189,6 +189,12 @@ class Applier:
             if actions:
                 txn.cursor(db=st.actions).putmulti(
                     [(aid.encode(), pack(row)) for aid, row in actions.items()])
+                owed_db = st.owed  # (the index of rows in flight or owed, kept exact in
+                for aid, row in actions.items():  # the same LMDB transaction)
+                    if row.get("state") in tables.OWED_INDEX_STATES:
+                        txn.put(aid.encode(), b"", db=owed_db)
+                    else:
+                        txn.delete(aid.encode(), db=owed_db)
             for e in purges:
                 _erase_range(txn, st, e.body["purge_range"])
                 txn.put(b"last_purge", u64(e.lsn), db=st.meta)  # for conflict checks
@@ -206,6 +212,7 @@ class Applier:
                 owed = _meta_row(raw, ERASE_OWED, st) if raw else []
                 owed.append(list(e.body["purge_range"]))
                 txn.put(ERASE_OWED, pack(owed), db=st.meta)
+            _advance_owed_stamp(txn, st, applied_end)
             txn.put(b"applied", u64(applied_end), db=st.meta)
             if max_txid >= 0 and from_u64(txn.get(b"next_txid", db=st.meta), 0, "meta",
                                           b"next_txid", st) <= max_txid:
@@ -230,8 +237,36 @@ class Applier:
 
         def put(txn) -> None:
             for k, v in pairs:
+                if k == b"applied":  # (no event: the owed index stays as exact as it was)
+                    _advance_owed_stamp(txn, self.state, v)
                 txn.put(k, u64(v), db=self.state.meta)
         self.state.write(put)
+
+    def build_owed_index(self) -> int:
+        """Build the ``owed`` table from every action row (one scan), in one LMDB
+        transaction with its stamp (``tables.OWED_STAMP``): for a store whose index is not
+        exact (``owed_index_current``: written before the table, or since by a walstore
+        without it).  A writable open calls it once; returns the number of ids indexed."""
+        st = self.state
+        count = [0]
+
+        def body(txn) -> None:
+            count[0] = 0
+            txn.drop(st.owed, delete=False)
+            cur = txn.cursor(db=st.actions)
+            puts = []
+            for k, v in cur.iternext():
+                row = tables.unpack_row(v, "actions", k, st.data_file)
+                if row.get("state") in tables.OWED_INDEX_STATES:
+                    puts.append((bytes(k), b""))
+            if puts:
+                txn.cursor(db=st.owed).putmulti(puts)
+            count[0] = len(puts)
+            applied = txn.get(b"applied", None, st.meta)
+            if applied is not None:
+                txn.put(tables.OWED_STAMP, applied, db=st.owed)
+        st.write(body)
+        return count[0]
 
     def erased(self, ranges: list) -> None:
         """The erasure owed for these purge ranges is done (see ``ERASE_OWED``)."""
@@ -467,6 +502,26 @@ def _commit_files(txn, st, e: Event) -> None:
 
 _ACTION_EVENTS = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
                             _T.ROLLBACK_PREPARED, _T.COMPENSATED})
+
+
+def owed_index_current(txn, st) -> bool:
+    """Is the ``owed`` table exact in ``txn`` (its stamp is ``meta`` ``applied``: every
+    action row in flight, pending or failed is in it)?  False for a store without the
+    table (an older store read by a read-only process) or one written without keeping it
+    (before the table existed, or since, by an older walstore): readers then scan every
+    action row."""
+    if st.owed is None:
+        return False
+    return txn.get(tables.OWED_STAMP, None, st.owed) == txn.get(b"applied", None, st.meta)
+
+
+def _advance_owed_stamp(txn, st, applied_end: int) -> None:
+    """In the LMDB transaction that moves ``applied`` to ``applied_end``, before it does:
+    the ``owed`` table's stamp follows when the table was exact (its stamp was the old
+    ``applied``; this transaction kept it), else it stays behind (not exact: built at the
+    next writable open)."""
+    if owed_index_current(txn, st):
+        txn.put(tables.OWED_STAMP, u64(applied_end), db=st.owed)
 
 
 def _row_getter(txn, st, pending: dict):

@@ -186,8 +186,15 @@ class Engine:
         checked = 0
         if self.needs_recovery():
             # before anything reads LMDB's tables: the free list, the small tables whole,
-            # each big tree's first and last paths (REDO checks its keys' paths per batch)
-            checked = check_lmdb_paths(self.state.data_file, {}, whole=(b"actions",))
+            # each big tree's first and last paths (REDO checks its keys' paths per batch);
+            # the ``owed`` index whole, then the paths of the action rows it names (what
+            # the open's settle reads and compensations rewrite) — every action row only
+            # when the index is not exact (an older store: the open reads them all once)
+            checked = check_lmdb_paths(self.state.data_file, {}, whole=(b"owed",))
+            owed = self._owed_ids()
+            checked += (check_lmdb_paths(self.state.data_file, {}, whole=(b"actions",))
+                        if owed is None else
+                        check_lmdb_paths(self.state.data_file, {b"actions": owed}))
         mode = self.options.recovery_mode
         # refuse before changing anything: judge the whole log first, in every mode (a
         # record a newer walstore wrote is refused, NotAStore, wherever it lies: a salvage
@@ -212,6 +219,8 @@ class Engine:
         rec.report.lmdb_pages_checked += checked
         position = rec.run()
         self.last_recovery = report = rec.report
+        if self._owed_ids() is None:  # a store written without the ``owed`` index: built
+            self.applier.build_owed_index()  # once (every action row read), then kept
         self._position_log(position)
         self.applied_lsn = self.state.applied_lsn()
         for row in self.views.prepared_rows().values():
@@ -284,6 +293,18 @@ class Engine:
             if k not in tables.PACKED_META:
                 from_u64(raw, 0, "meta", k, st)
 
+    def _owed_ids(self) -> list[bytes] | None:
+        """The keys the ``owed`` table names (action ids), or None when it is not exact
+        (``apply.owed_index_current``)."""
+        from .apply import owed_index_current
+        from . import tables
+        st = self.state
+        with st.read() as txn:
+            if not owed_index_current(txn, st):
+                return None
+            return [bytes(k) for k in txn.cursor(db=st.owed).iternext(values=False)
+                    if k != tables.OWED_STAMP]
+
     def _inflight_txids(self) -> set[int]:
         st = self.state
         return {from_u64(k, 0, "inflight", None, st) for k, _v in st.scan(b"", None,
@@ -294,11 +315,12 @@ class Engine:
         become ``pending``: compensated right after open, or listed).  In a copy of another
         store (backup, restore) they are ``held``: listed, never run automatically."""
         copied = self.origin is not None and not self.origin.get("compensate")
-        if losers and not self.readonly:  # (the pages their ABORTs write: their action rows
-            from .tables import txid_key  # were checked with the whole table at open)
+        if losers and not self.readonly:  # (the pages their ABORTs write: their action
+            from .tables import action_prefix, txid_key  # rows, found by their prefix)
             self.last_recovery.lmdb_pages_checked += check_lmdb_paths(
                 self.state.data_file, {b"txns": [txid_key(t) for t in losers],
-                                       b"inflight": [txid_key(t) for t in losers]})
+                                       b"inflight": [txid_key(t) for t in losers],
+                                       b"actions": [action_prefix(t) for t in losers]})
         for txid in losers:
             body = {"tx": txid, "recovered": True}
             if copied:
@@ -314,7 +336,7 @@ class Engine:
 
     def _hold_copied_debts(self) -> None:
         """A copy never runs compensations owed in its source: every owed action is held."""
-        for row in self.views.action_rows().values():
+        for row in self.views.owed_rows().values():
             if row.get("state") in ("pending", "failed") and not row.get("held"):
                 self.journal.append(RecordType.COMPENSATED, dict(
                     id=row["id"], state=row["state"], held=True,

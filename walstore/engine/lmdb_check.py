@@ -996,9 +996,10 @@ def check_lmdb_paths(path: str, keys: dict[bytes, list[bytes]],
     rebalances a page with a neighbour after a delete; a cursor steps into them).  The
     cost grows with the keys given times the trees' depth, never with the store's size;
     pages off those paths are left to ``verify`` (see FORMAT.md).  ``whole``: named DBs
-    checked whole whatever their size (the open's first call: ``actions``, which the open
-    reads whole to find what is owed, and which an undo's or a loser's rows touch
-    anywhere).  Returns the number of pages read.  Call it with the writer lock held and
+    checked whole whatever their size (the open's first call: ``owed``, the index of the
+    action rows in flight or owed, which the open reads whole to find what is owed; then
+    the paths of the ``actions`` rows it names; ``actions`` whole only for a store whose
+    index is not exact, which the open reads whole once to build it).  Returns the number of pages read.  Call it with the writer lock held and
     no write transaction open.
     """
     check_lmdb_data_file(path)

@@ -12,7 +12,10 @@ Owns ``<store>/db`` and its named databases (tables):
 - ``points``:   restore points;  ``actions``: action rows;  ``inflight``: txids with
                 logged intents that have not ended;  ``twophase``: prepared transactions
                 and 2PC decisions;  ``aended``: end LSN -> txid, transactions whose
-                action rows retention has still to trim (``Applier.trim_ended_actions``).
+                action rows retention has still to trim (``Applier.trim_ended_actions``);
+                ``owed``: the ids of the action rows in flight, pending or failed (what
+                an open's settle and ``pending_compensations()`` read instead of every
+                action row: ``tables.OWED_INDEX_STATES``, ``Views.owed_rows``).
 
 Invariants:
 - opened sync=True, metasync=False, never sync=False / map_async / writemap: a power loss
@@ -71,7 +74,7 @@ from .lmdb_check import check_lmdb_files
 T = TypeVar("T")
 
 DEFAULT_MAP_SIZE = 64 << 30  # 64 GiB of address space; the file only grows with the data
-MAX_DBS = 16
+MAX_DBS = 32  # (the named tables below, with room: an environment counts them at open)
 # LMDB reader slots (64 bytes each in lock.mdb): every open read transaction takes one,
 # and an unfinished scan keeps its own, so this bounds the scans open at once
 MAX_READERS = 1024
@@ -100,7 +103,8 @@ TABLES = {"data": b"data", "txns": b"txns", "meta": b"meta", "hist": b"hist",
           "bylsn": b"bylsn", "points": b"points", "actions": b"actions",
           "twophase": b"twophase", "hkeys": b"hkeys", "inflight": b"inflight",
           "workspaces": b"workspaces", "fsteps": b"fsteps", "fversions": b"fversions",
-          "fchanges": b"fchanges", "fconflicts": b"fconflicts", "aended": b"aended"}
+          "fchanges": b"fchanges", "fconflicts": b"fconflicts", "aended": b"aended",
+          "owed": b"owed"}
 
 
 class StateWriteError(WalstoreError):

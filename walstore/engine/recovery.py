@@ -635,4 +635,6 @@ def _touched_keys(batch: list) -> dict[bytes, list[bytes]] | None:
             keys[b"hkeys"].append(k)
             keys[b"hist"].append(tables.hist_key(k, 0))
             keys[b"hist"].append(tables.hist_key(k, e.lsn))
+    # the ``owed`` index follows the action rows (the same ids, prefixes) and its stamp
+    keys[b"owed"] = keys[b"actions"] + [tables.OWED_STAMP]
     return keys

@@ -13,7 +13,8 @@ function, shared by the LMDB applier and by views that fold events not yet appli
 - ``actions`` rows: one per external side effect (``action_changes``); states
   ``in-flight`` (intent logged, its transaction not ended), ``committed``, ``pending``
   (compensation owed), ``failed``, ``compensated``, ``resolved``, ``needs-redo``;
-  ``held``: owed but never run automatically (a copy of another store).
+  ``held``: owed but never run automatically (a copy of another store).  The ``owed``
+  table indexes the rows in flight, pending or failed (``OWED_INDEX_STATES``).
 
 - file rows (reversible files): ``workspaces``, ``fsteps``, ``fversions``, ``fchanges``,
   ``fconflicts`` — their layouts are at the end of this module.
@@ -50,6 +51,15 @@ IN_FLIGHT, COMMITTED, PENDING, FAILED = "in-flight", "committed", "pending", "fa
 COMPENSATED, RESOLVED, NEEDS_REDO = "compensated", "resolved", "needs-redo"
 OWED_STATES = (PENDING, FAILED)
 FINAL_STATES = (COMPENSATED, RESOLVED)
+# the ``owed`` table: action id -> b"" for every action row in one of these states (owed,
+# or owed once its transaction ends without committing: what settle and
+# ``pending_compensations()`` read, never every row).  The applier keeps it in the LMDB
+# transaction that writes the rows, and notes there (``OWED_STAMP``: u64) the ``applied``
+# LSN it is exact at; a stamp other than ``meta`` ``applied`` (a store written before the
+# table, or since by a walstore without it) means "not exact": readers scan every action
+# row instead, and the next writable open builds it again (``Applier.build_owed_index``).
+OWED_INDEX_STATES = frozenset({IN_FLIGHT, PENDING, FAILED})
+OWED_STAMP = b"~applied"  # (no action id starts so: an id is "<txid>.<seq>")
 
 
 # ---- decoding rows read from LMDB ----------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from ..log.format import RecordType
 from ..log.records import Event
-from .apply import DECISION_PREFIX, PREPARED_PREFIX
+from .apply import DECISION_PREFIX, PREPARED_PREFIX, owed_index_current
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
 from .memtable import MemTable
 from . import tables
@@ -139,6 +139,34 @@ class Views:
             file = self.state.data_file
             rows = {k.decode(): tables.unpack_row(v, "actions", k, file)
                     for k, v in _all(txn, self.state.actions, b"", None)}
+            rows.update(self._fold_actions(events, txn))
+        return rows
+
+    def owed_rows(self) -> dict[str, dict]:
+        """The rows of every action in flight, pending or failed (others may be among
+        them: callers filter by state), at a cost that grows with those, not with every
+        action recorded: the LMDB rows the ``owed`` table names (``tables.
+        OWED_INDEX_STATES``; the applier keeps it in the transaction that writes the rows)
+        and the unapplied events folded over them.  A row folded into one of those states
+        is among the fold's; one that was in one in LMDB and is unchanged is in the
+        table.  When the table is not exact (``apply.owed_index_current``: a store written
+        without it), every row, as ``action_rows``."""
+        events = self._events(_ACTION_TYPES)
+        st = self.state
+        with st.read() as txn:
+            file = st.data_file
+            if owed_index_current(txn, st):
+                rows = {}
+                for k, _v in _all(txn, st.owed, b"", None):
+                    if k == tables.OWED_STAMP:
+                        continue
+                    aid = bytes(k).decode("utf-8", "replace")
+                    row = _action(txn, st.actions, aid, file)
+                    if row is not None:
+                        rows[aid] = row
+            else:
+                rows = {k.decode(): tables.unpack_row(v, "actions", k, file)
+                        for k, v in _all(txn, st.actions, b"", None)}
             rows.update(self._fold_actions(events, txn))
         return rows
 
