@@ -207,6 +207,13 @@ class ActionIdTypeError(UnknownAction, TypeError):
     float ``1.10`` was read as ``"1.1"``, another action."""
 
 
+class WorkspaceChanged(WalstoreError, ValueError):
+    """A directory walstore was working in inside a workspace was swapped for a symlink
+    (or replaced) by another process while the operation ran: it stopped rather than go
+    through it (nothing outside the root is touched).  Also a ``ValueError``, as every
+    refusal of a path leading outside the root."""
+
+
 class PointTypeError(UnknownPoint, TypeError):
     """A point of a type that can name nothing (a float, a bool, None, a list...): an
     ``UnknownPoint`` (it names nothing, nothing changes) that is also a ``TypeError``."""

@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .. import fileio
+from ..errors import WorkspaceChanged
 from . import fsops
 from .blobs import BlobStore
 from .entries import (ABSENT, DIR, FILE, SYMLINK, Entry, UnsupportedFileType, entry_from_stat,
@@ -536,9 +537,6 @@ def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = 
     return run.removed, run.kept
 
 
-class WorkspaceChanged(ValueError):
-    """A directory walstore was working in was swapped for a symlink (or replaced) by
-    another process while the operation ran: it stopped rather than go through it."""
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
