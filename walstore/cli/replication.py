@@ -324,7 +324,11 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
         click.echo(f"snapshot  LSN {s['lsn']:<12} {_when(s['time'])}  {s['bytes']} bytes, "
                    f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")
     for p in r["restore_points"]:
-        click.echo(f"point     {p['name']:<20} LSN {p['lsn']:<12} {_when(p['time'])}")
+        gone = p.get("dropped_lsn")
+        click.echo(f"point     {p['name']:<20} LSN {p['lsn']:<12} {_when(p['time'])}"
+                   + ("" if not p.get("dropped") else
+                      f"  (dropped at LSN {gone}: a restore to it restores its old position)"
+                      if gone is not None else "  (dropped)"))
     for h in r["holes"]:
         click.echo(f"hole      LSN {h['from']}..{h['to']}: {h['reason']}")
     if verify:

@@ -37,6 +37,7 @@ from ..log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, 
 from ..log.format import check_record as _check_record
 
 SEAL = int(RecordType.SEAL)
+CHECKPOINT = int(RecordType.CHECKPOINT)
 COMMIT, WRITES, ABORT = int(RecordType.COMMIT), int(RecordType.WRITES), int(RecordType.ABORT)
 ACTION_INTENT, PREPARE = int(RecordType.ACTION_INTENT), int(RecordType.PREPARE)
 ROLLBACK_PREPARED = int(RecordType.ROLLBACK_PREPARED)

@@ -9,14 +9,21 @@ not, a SEAL written only once its successor exists, as the writer's rotation doe
 with backoff through transient target errors), the blobs a copy's history names
 (:class:`_BlobFetcher`: never a LIST of ``blobs/``), and
 :func:`replicas` (listing, and ``--verify``: every object the manifest lists read back
-and checked, one at a time, then a full restore and a state digest).
+and checked, one at a time, its restore points against the WAL, then a full restore and a
+state digest).
 
 Targets: ``None`` (everything), an int (a txid: its commit), ``walstore.LSN(n)`` (the
 records at or before log position n), a str (a restore point name), or an aware
-``datetime`` (the last commit at or before it).  The restored log holds exactly the
-records up to the cut; transactions in flight there are losers when the store opens
-(their actions listed as pending, never run automatically: see ``origin`` below).  The
-report lists them (``in_flight_txids``, a transaction whose only effects are file changes
+``datetime`` (the last commit at or before it).  A restore point name is resolved in the
+replica's history, as a txid, an LSN or a time is: a point the source dropped later still
+names the position it was made at (the restored copy holds it, alive, as the source did
+then); a name the replica never saw is ``UnknownRestorePoint`` (a
+``walstore.UnknownPoint``).  The manifest's LSN for a point is checked against the WAL
+(the record there must make that point) before anything is restored; a manifest whose
+WAL objects reach past its position is refused as damaged.  The restored log holds
+exactly the records up to the cut; transactions in flight there are losers when the store
+opens (their actions listed as pending, never run automatically: see ``origin`` below).
+The report lists them (``in_flight_txids``, a transaction whose only effects are file changes
 included) and their file effects (``owed_file_effects``): a copy does not undo those (held),
 so the files on disk may still hold what the restored state does not.
 
@@ -344,6 +351,9 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                      f"it was dropped by the replica's retention and is no longer restorable")
             raise UnknownRestorePoint(f"no restore point named {to!r} in the replica "
                                       f"(known: {known}){since}", to)
+        _check_point_record(m, fetch, to, p["lsn"])
+        if isinstance(p.get("dropped"), int):  # (history: see the module docstring)
+            return p["lsn"], f"restore point {to!r} (dropped later, at LSN {p['dropped']})"
         return p["lsn"], f"restore point {to!r}"
     if isinstance(to, _dt.datetime):
         if to.tzinfo is None or to.utcoffset() is None:
@@ -353,34 +363,107 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                          f"an aware datetime, not {type(to).__name__}", to)
 
 
+def _point_mismatch(name: str, lsn: int, rtype: int | None, info: dict) -> str | None:
+    """Why the record at ``lsn`` (``rtype``, its summary ``info``; None: no record starts
+    there) is not the making of restore point ``name``; None when it is."""
+    if rtype is None:
+        return "no record of the replica's WAL starts there"
+    if rtype != logformat.RESTORE_POINT:
+        return f"the record there is of type {rtype}, not a restore point"
+    if info.get("drop"):
+        return f"the record there drops restore point {info.get('name')!r}"
+    if info.get("name") != name:
+        return f"the record there makes restore point {info.get('name')!r}"
+    return None
+
+
+def _check_point_record(m: Manifest, fetch: _Fetcher, name: str, lsn: int) -> None:
+    """The manifest's LSN for restore point ``name`` must be where the WAL logged that
+    point (a RESTORE_POINT record of that name): a damaged or tampered manifest restored
+    another state silently, or a copy lacking the very point it was restored to.  A point
+    no listed WAL object reaches is left to the plan (no restore can reach it either)."""
+    entry = next((e for e in m.wal if e["a"] <= lsn < e["b"]), None)
+    if entry is None:
+        return
+    rtype, info = None, {}
+    for r_lsn, r_type, raw, _s in fetch.records(entry):
+        if r_lsn == lsn:
+            rtype = r_type
+            info = logformat.summarize(r_type, raw[logformat.RECORD_HEADER_SIZE:])
+            break
+        if r_lsn > lsn:
+            break
+    why = _point_mismatch(name, lsn, rtype, info)
+    if why is not None:
+        raise ReplicationError(f"the replica's manifest puts restore point {name!r} at LSN "
+                               f"{lsn}, but {why}: the manifest is damaged; nothing restored")
+
+
 def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, str]:
     """The boundary of a restore to a time: every record logged at or before it.  From the
     last commit stamped at or before ``to``, the records after it are kept up to the first
     one stamped later (commits, intents, restore points and prepares carry the time they
     were logged): a restore point made, or an action begun, after that commit and before
     ``to`` is in the copy, as in the source at that time.  A record with no stamp (a WRITES
-    chunk, an action's result) lying between is kept; nothing stamped later is."""
-    t = to.timestamp()
+    chunk, an action's result) lying between is kept; nothing stamped later is.  With no
+    commit at or before ``to``, the cut starts at the first stamped record if it is at or
+    before ``to`` (a restore point made on a fresh store before its first commit: the copy
+    holds it, as a restore to its name does); refused when nothing is.
+
+    Stamps are compared with ``to`` at a datetime's resolution, the microsecond (a stamp
+    read as the datetime ``datetime.fromtimestamp`` makes of it): a commit's own time
+    (``TxnInfo.timestamp`` as a datetime) includes that commit.  (Full-precision float
+    stamps against ``to.timestamp()`` left it out whenever its stamp had digits past the
+    microsecond.)"""
+    t = _micros(to)
     first = next((i for i in range(len(m.wal) - 1, -1, -1)
-                  if m.wal[i]["t0"] is not None and m.wal[i]["t0"] <= t), None)
-    if first is None:
-        raise ReplicationError(f"{to.isoformat()} is before the first commit the replica "
-                               f"holds")
-    kept = None  # the last record kept, once the first commit at or before ``t`` is seen
-    for e in m.wal[first:]:
+                  if m.wal[i]["t0"] is not None and _stamp_micros(m.wal[i]["t0"]) <= t),
+                 None)
+    # no commit at or before ``to``: the records logged before the first commit (a restore
+    # point made on a fresh store, an action begun) may still be; from the WAL's first
+    # record, any stamped one at or before ``to`` starts the cut (it was refused)
+    any_stamp = first is None
+    kept = None  # the last record kept, once the first one at or before ``t`` is seen
+    for e in m.wal[first or 0:]:
         for lsn, rtype, raw, _s in fetch.records(e):
             ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
             stamped = isinstance(ts, (int, float)) and not isinstance(ts, bool)
             if kept is None:
-                if rtype == logformat.COMMIT and stamped and ts <= t:
+                if stamped and _stamp_micros(ts) <= t and (any_stamp
+                                                           or rtype == logformat.COMMIT):
                     kept = lsn
+                elif any_stamp and stamped:
+                    break  # (the first stamped record is later: nothing is at or before)
                 continue
-            if stamped and ts > t:
+            if stamped and _stamp_micros(ts) > t:
                 return kept, f"the last record at or before {to.isoformat()}"
             kept = lsn
-    if kept is None:  # (the object's summary said it holds one: a replica changed under us)
-        raise ReplicationError(f"no commit at or before {to.isoformat()} in the replica")
+        else:
+            continue
+        break
+    if kept is None:
+        raise ReplicationError(f"{to.isoformat()} is before the first commit the replica "
+                               f"holds (and before any restore point or action logged ahead "
+                               f"of it)")
     return kept, f"the last record at or before {to.isoformat()}"
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_MICRO = _dt.timedelta(microseconds=1)
+
+
+def _micros(when: _dt.datetime) -> int:
+    """An aware datetime as whole microseconds since the epoch (exact)."""
+    return (when - _EPOCH) // _MICRO
+
+
+def _stamp_micros(ts: float) -> int:
+    """A record's float stamp as the microsecond its datetime shows (rounded as
+    ``datetime.fromtimestamp`` rounds it)."""
+    try:
+        return _micros(_dt.datetime.fromtimestamp(ts, _dt.timezone.utc))
+    except (OverflowError, OSError, ValueError):  # (a stamp no datetime holds)
+        return round(ts * 1_000_000)
 
 
 # ---- restore ------------------------------------------------------------------------
@@ -423,6 +506,12 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         check_version(ident.get("version") if isinstance(ident, dict) else None,
                       f"the replica {display_url(url)}")
         store_id = m.doc["store_id"]
+        past = _end_mismatch(m)
+        if past is not None and m.wal[-1]["b"] > m.end():
+            # a position lowered (damage, tampering) made a restore of everything a silent
+            # prefix of the replica, the objects listed past it ignored (verify's check)
+            raise ReplicationError(f"the replica's manifest is damaged: {past} (objects are "
+                                   f"listed past its position); nothing restored")
         fetch = _Fetcher(tgt, store_id, tmp)
         if _cut_end is not None:
             boundary, what = None, f"end LSN {_cut_end}"
@@ -867,9 +956,14 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     then LMDB rewritten without its free pages (the writer's compaction and its swap, which
     DEST's readers follow).  Until then DEST's LMDB held the purged rows (readers hid them
     by the log on top) for up to ``apply_every``, and the purged bytes in its free pages
-    and log for as long as it ran.  Should a transaction still open in the log keep the
-    whole log from being applied, the files holding the purge's bytes go at the first
-    apply that reaches the log's end (an apply every round that appends, meanwhile)."""
+    and log for as long as it ran.  The SEAL and CHECKPOINT the source's purge checkpoint
+    logs after the purge carry nothing to redo: the apply moves past them to the log's
+    end (``redo_into_lmdb``), so the file the SEAL ends goes in that round (the applied
+    LSN stayed at the SEAL's start, that file was never wholly applied, and a source gone
+    idle after a purge left its bytes in DEST for good).  Should a transaction still open
+    in the log keep the whole log from being applied, the files holding the purge's bytes
+    go at the first apply that reaches the log's end: while the erasure is owed every
+    round applies, idle ones included."""
     wal_dir = os.path.join(dest, "wal")
     log = RestoredLog.resume(wal_dir, store_id)
     if log.end is None:  # restored without a WAL record: the log goes on at the cut
@@ -979,9 +1073,10 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                     on_round(info)
                 stop.wait(delay)
                 continue
-            if applied_since and (time.monotonic() - last_apply >= apply_every
-                                  or unapplied >= APPLY_STEP or purge_seen or erase_below):
-                apply()  # (a purge: now, not ``apply_every`` later; see the docstring)
+            if erase_below or (applied_since and (time.monotonic() - last_apply >= apply_every
+                                                  or unapplied >= APPLY_STEP or purge_seen)):
+                apply()  # (a purge: now, not ``apply_every`` later; an erasure still owed:
+                #          every round, idle ones too, until it is done; see the docstring)
             info["position"] = log.end
             if blobs.missing - reported:
                 info["blobs_missing"] = sorted(blobs.missing - reported)
@@ -1049,7 +1144,8 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
                     "objects": len(m.wal), "bytes": sum(e["n"] for e in m.wal)},
             "holes": [{"from": h["a"], "to": h["b"], "reason": h["reason"]} for h in d["holes"]],
             "restore_points": [{"name": n, "lsn": p["lsn"], "time": p.get("ts"),
-                                "dropped": p.get("dropped") is not None}
+                                "dropped": p.get("dropped") is not None,
+                                "dropped_lsn": p.get("dropped")}
                                for n, p in sorted(d["points"].items(), key=lambda x: x[1]["lsn"])],
             "last_commit": d.get("last_commit"),
             "lag_seconds": round(now - d["updated"], 3),
@@ -1069,7 +1165,8 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
             progress: Callable[[int, int], None] | None = None) -> dict:
     """Every object the manifest lists read back and checked, one at a time (the WAL
     contiguous from its first object to the replica's position, every WAL object's header
-    and every record's CRC and LSN, every snapshot's size, sha256 and applied LSN); then a
+    and every record's CRC and LSN, every restore point's LSN against the record the WAL
+    holds there, every snapshot's size, sha256 and applied LSN); then a
     full restore (the newest chain, opened), and the newest snapshot's state rebuilt from
     the one before it (or itself) and compared by digest.  A restore reads only the newest
     chain: damage in an older object or snapshot is found only by the first checks."""
@@ -1086,7 +1183,9 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
 
     named: dict[str, tuple[int | None, str]] = {}  # blob -> (size, what names it first)
     with tempfile.TemporaryDirectory(prefix="walstore-verify-") as tmp:
-        for check in (_check_continuity(m), _check_wal_objects(m, tgt, tmp, step, named),
+        at: dict[int, tuple[int, dict] | None] = {}  # records where points are put
+        for check in (_check_continuity(m), _check_wal_objects(m, tgt, tmp, step, named, at),
+                      _check_points(m, at),
                       _check_snapshots(m, tgt, tmp, step, named),
                       _check_blobs(tgt, named)):
             ok = ok and check["ok"]
@@ -1133,6 +1232,15 @@ def _named(check: dict, failures: list[dict]) -> dict:
     return check
 
 
+def _end_mismatch(m: Manifest) -> str | None:
+    """Why the manifest's WAL objects and its position disagree (the last object must end
+    at the position); None when they agree."""
+    if m.wal and m.wal[-1]["b"] != m.end():
+        return (f"the replica's WAL objects end at LSN {m.wal[-1]['b']}, its position is "
+                f"LSN {m.end()}")
+    return None
+
+
 def _check_continuity(m: Manifest) -> dict:
     """The WAL objects listed follow one another with no gap (a hole the manifest records
     is one too: no restore crosses it) up to the replica's position, and every snapshot
@@ -1149,9 +1257,9 @@ def _check_continuity(m: Manifest) -> dict:
             failures.append({"object": e["k"], "error": f"WAL object {e['k']} overlaps LSN "
                              f"{e['a']}..{pos} of the object before it"})
         pos = e["b"]
-    if pos is not None and pos != m.end():
-        failures.append({"object": None, "error": f"the replica's WAL objects end at LSN "
-                         f"{pos}, its position is LSN {m.end()}"})
+    why = _end_mismatch(m)
+    if why is not None:
+        failures.append({"object": None, "error": why})
     for h in m.doc["holes"]:
         if id(h) not in named:
             failures.append({"object": None, "error": m.gap_message(h["a"], h["b"])})
@@ -1170,11 +1278,15 @@ def _check_continuity(m: Manifest) -> dict:
 
 def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
                        step: Callable[[int], None],
-                       named: dict[str, tuple[int | None, str]]) -> dict:
+                       named: dict[str, tuple[int | None, str]],
+                       at: dict[int, tuple[int, dict] | None] | None = None) -> dict:
     """Every WAL object downloaded (one at a time, into ``tmp``) and streamed: its header
     against the manifest, every record's CRC and LSN under its segment's salt.  The blobs
     its file records name go into ``named`` (those a restore can reach: from where the
-    oldest restorable snapshot's replay begins)."""
+    oldest restorable snapshot's replay begins); the records at the LSNs the manifest gives
+    its restore points (made or dropped) into ``at`` (LSN -> type, summary)."""
+    wanted = {v for p in m.doc["points"].values() for v in (p["lsn"], p.get("dropped"))
+              if isinstance(v, int)}
     fetch = _Fetcher(tgt, m.doc["store_id"], tmp)
     starts = [m.wal_start_for(sn["lsn"]) for sn in m.snapshots]
     lo = min((a for a in starts if a is not None), default=None)
@@ -1182,16 +1294,49 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
     for e in m.wal:
         try:
             for r in fetch.records(e):
+                if at is not None and r[0] in wanted:
+                    at[r[0]] = (r[1], logformat.summarize(
+                        r[1], r[2][logformat.RECORD_HEADER_SIZE:]))
                 if lo is not None and r[0] >= lo and r[1] in _FILE_NAMING:
                     for d, n in blobs_named([r]).items():
                         named.setdefault(d, (n, f"the record at LSN {r[0]} ({e['k']})"))
         except ReplicationError as err:
             failures.append({"object": e["k"], "error": str(err)})
+            if at is not None:  # (unread past the damage: judged by this check, not by
+                for lsn in wanted:  # _check_points)
+                    if e["a"] <= lsn < e["b"]:
+                        at.setdefault(lsn, None)
         finally:
             fetch.drop(e)
         step(e["n"])
     return _named({"check": "every WAL object", "ok": True, "objects": len(m.wal),
                    "bytes": fetch.bytes}, failures)
+
+
+def _check_points(m: Manifest, at: dict[int, tuple[int, dict] | None]) -> dict:
+    """Every restore point the manifest lists, where its WAL still holds it, is where the
+    WAL logged it: the record at its LSN makes that point (a restore to it is refused
+    otherwise), the record at its ``dropped`` LSN drops it."""
+    failures = []
+    for name, p in sorted(m.doc["points"].items()):
+        for lsn, dropping in ((p["lsn"], False), (p.get("dropped"), True)):
+            if not isinstance(lsn, int) or not any(e["a"] <= lsn < e["b"] for e in m.wal):
+                continue  # (before the WAL retained, or not dropped)
+            if lsn in at and at[lsn] is None:
+                continue  # (its object is damaged: ``every WAL object`` says so)
+            rtype, info = at.get(lsn, (None, {}))
+            if dropping:
+                ok = rtype == logformat.RESTORE_POINT and info.get("drop") and \
+                    info.get("name") == name
+                why = None if ok else "the record there does not drop it"
+            else:
+                why = _point_mismatch(name, lsn, rtype, info)
+            if why is not None:
+                what = "dropped" if dropping else "made"
+                failures.append({"object": None, "error": f"restore point {name!r}: the "
+                                 f"manifest says it was {what} at LSN {lsn}, but {why}"})
+    return _named({"check": "restore points", "ok": True, "points": len(m.doc["points"])},
+                  failures)
 
 
 def _check_snapshots(m: Manifest, tgt: ObjectStore, tmp: str,

@@ -244,6 +244,19 @@ class InProcessSource(DirectorySource):
     def written_lsn(self) -> int:
         return self._engine.wal.written_lsn
 
+    def snapshot(self, dest_dir: str) -> int:
+        """As ``DirectorySource.snapshot``, every published event applied first: the
+        writer defers applying to LMDB until commits pause, so under steady commits its
+        applied LSN stayed where the last snapshot was and every attempt was dropped as
+        "LMDB has not moved" (``snapshot_interval=0`` shipped no snapshot at all, and
+        every restore replayed the whole WAL).  What is applied here is what the applier
+        would apply at the next pause."""
+        try:
+            self._engine.drain()
+        except Exception:  # noqa: BLE001 - a snapshot of what LMDB holds; the engine
+            pass           # reports its own failure, replication never fails the store
+        return super().snapshot(dest_dir)
+
     def sync(self) -> int:
         """Make every commit so far durable; returns the durable frontier."""
         self._engine.journal.sync_all()
@@ -424,6 +437,14 @@ def redo_into_lmdb(root: str, drop_log_below: Callable[[int], None] | None = Non
     restore points, two-phase records — exactly as the writer's applier did); returns the
     LSN the log must be kept from (LMDB's applied LSN: intents are applied too).
 
+    When the records past the last event REDO applied carry nothing to redo (a SEAL, a
+    CHECKPOINT: what a source's purge checkpoint and its rotations log), ``applied`` moves
+    to the log's end, as the writer's checkpoint moves it (``_applied_up_to_the_end``): a
+    sealed file is then wholly applied and can go.  (It stayed at the SEAL's start, so the
+    file the SEAL ends was never wholly below it: a follower whose source went idle after
+    a purge kept the purged bytes in that file for good.)  A transaction's WRITES chunks
+    there (its COMMIT not yet copied) keep ``applied`` where it is.
+
     When a purge's erasure is owed (LMDB's ``erase_owed``: a purge the REDO applied, or
     one whose erasure a stopped follower did not finish), it is done here as the writer's
     purge checkpoint does it (``Engine.erase_old_bytes``, in its order): the log's old
@@ -444,6 +465,11 @@ def redo_into_lmdb(root: str, drop_log_below: Callable[[int], None] | None = Non
         Recovery(layout.root, store_id, state, "strict").run()
         state.sync()
         applied = state.applied_lsn()
+        end = _inert_tail_end(layout.wal, store_id, applied)
+        if end is not None:  # (the writer's ``_applied_up_to_the_end``)
+            Applier(state).set_meta(b"applied", end)
+            state.sync()
+            applied = end
         owed = _erase_owed(state)
         if owed and drop_log_below is not None:
             drop_log_below(applied)
@@ -455,6 +481,32 @@ def redo_into_lmdb(root: str, drop_log_below: Callable[[int], None] | None = Non
         return applied
     finally:
         state.close()
+
+
+_INERT = frozenset({logformat.SEAL, logformat.CHECKPOINT})
+
+
+def _inert_tail_end(wal_dir: str, store_id: bytes, applied: int) -> int | None:
+    """The log's end when it lies past ``applied`` and every record from ``applied`` on
+    carries nothing to redo (SEAL, CHECKPOINT); else None.  Each segment file's records
+    are framed under that file's salt (a follower's log: ``RestoredLog``)."""
+    segs = list_segments(wal_dir)
+    end = applied
+    for (start, path), nxt in zip(segs, [s for s, _p in segs[1:]] + [None]):
+        if nxt is not None and nxt <= applied:
+            continue
+        lsn = max(start, applied)  # (a file's LSNs run on from its header: read from here)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= logformat.HEADER_SIZE:
+                continue
+            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
+                for rec in logformat.iter_records(mm, logformat.HEADER_SIZE + lsn - start,
+                                                  lsn, logformat.salt(store_id, start), size):
+                    if rec.type not in _INERT:
+                        return None
+                    end = rec.end
+    return end if end > applied else None
 
 
 def _erase_owed(state) -> list:
