@@ -294,3 +294,32 @@ def test_a_compacting_purge_keeps_the_index(tmp_path, decoded):
         assert decoded["n"] <= 6, decoded["n"]
     finally:
         s.close()
+
+
+def test_verify_reports_an_owed_action_the_index_misses(tmp_path):
+    """The open settles what the index names: an owed row it misses would be neither
+    compensated nor listed.  ``verify`` compares the two (a review of the index: it said
+    ok, exit 0)."""
+    from walstore.ops.verify import verify_store
+
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    tx = s.transaction()
+    with tx.action("charge", args={}, compensate="refund") as act:
+        act.result = 1
+    tx.rollback()  # (no compensator registered: pending)
+    s.close()
+    assert verify_store(path).ok
+    env = lmdb.open(os.path.join(path, "db"), max_dbs=64, subdir=True)
+    try:
+        db = env.open_db(b"owed", create=False)
+        with env.begin(write=True) as t:
+            gone = [bytes(k) for k, _v in t.cursor(db=db) if bytes(k) != tables.OWED_STAMP]
+            for k in gone:
+                t.delete(k, db=db)
+    finally:
+        env.close()
+    assert gone
+    report = verify_store(path)
+    assert not report.ok
+    assert any("does not list it" in e for e in report.errors), report.errors

@@ -54,3 +54,21 @@ def test_an_open_after_a_crash_without_retention_keeps_everything(tmp_path):
     _kill_a_writer(path, 300)
     with walstore.open(path) as store:
         assert len(store.log()) == 300
+
+
+def test_a_failing_trim_after_recovery_is_recorded_not_a_failed_open(tmp_path, monkeypatch):
+    """The trim stands in for a background checkpoint: its error is recorded (as that
+    one's was), never a failed open (a review: a damaged settled row or ENOSPC there
+    refused the open)."""
+    from walstore.agent import retention
+
+    path = tmp_path / "s"
+    _kill_a_writer(path, 300)
+
+    def broken(self):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(retention.Retention, "trim", broken)
+    with walstore.open(path, retain_transactions=100) as store:
+        assert store.get("k49") is not None
+        assert any("injected" in e for e in store._engine.background_errors)

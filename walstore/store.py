@@ -18,7 +18,7 @@ import weakref
 from typing import Any, Callable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
-from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed
+from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed, WalstoreError
 from .options import Options
 from .engine.engine import Engine
 from .engine.tables import row_damaged
@@ -198,7 +198,11 @@ class Store:
             return
         if opts.retain_transactions is None and opts.retain_seconds is None:
             return
-        eng.checkpoint()
+        try:
+            eng.checkpoint()
+        except (WalstoreError, OSError) as e:  # (as the background checkpoint it stands
+            # in for: recorded, the store read-only if LMDB failed; never a failed open)
+            eng.note_background_error(e)
 
     def _settle_recovery(self) -> None:
         """Undo what recovery left owed, newest first: the compensations (those with a

@@ -231,6 +231,41 @@ def _check_lmdb(state: LmdbState, rep: VerifyReport) -> None:
             rep.errors.append(str(tables.row_damaged("data", k, e, state.data_file)))
     _check_rows(state, rep)
     _check_u64_rows(state, rep)
+    _check_owed(state, rep)
+
+
+def _check_owed(state: LmdbState, rep: VerifyReport) -> None:
+    """When the ``owed`` index is stamped exact (``apply.owed_index_current``), it names
+    exactly the action rows in flight, pending or failed (``tables.OWED_INDEX_STATES``),
+    read in one LMDB snapshot (the applier changes both in one transaction).  An owed
+    row it misses is an error: the open settles what the index names, so that action's
+    compensation would never run, nor be listed as pending (a review of the index)."""
+    if getattr(state, "owed", None) is None:
+        return  # (a store from before the index: every action row is read instead)
+    from ..engine.apply import owed_index_current
+    file = state.data_file
+    with state.read() as txn:
+        if not owed_index_current(txn, state):
+            return  # (not exact: the next writable open rebuilds it; readers scan all)
+        listed = {bytes(k) for k, _v in txn.cursor(db=state.owed).iternext()
+                  if bytes(k) != tables.OWED_STAMP}
+        owed: dict[bytes, str] = {}
+        for k, raw in txn.cursor(db=state.actions).iternext():
+            try:
+                row = tables.unpack_row(raw, "actions", k, file)
+            except CorruptionError:
+                continue  # (_check_rows lists it)
+            if row.get("state") in tables.OWED_INDEX_STATES:
+                owed[bytes(k)] = row.get("state")
+    for k in sorted(set(owed) - listed):
+        rep.errors.append(f"LMDB {file}: action {k.decode('utf-8', 'replace')} is "
+                          f"{owed[k]!r} but the 'owed' index does not list it: the next "
+                          f"open would neither compensate it nor list it as pending "
+                          f"(the index is damaged)")
+    for k in sorted(listed - set(owed)):
+        rep.errors.append(f"LMDB {file}: the 'owed' index lists action "
+                          f"{k.decode('utf-8', 'replace')}, which is not in flight, "
+                          f"pending or failed")
 
 
 def _check_u64_rows(state: LmdbState, rep: VerifyReport) -> None:
