@@ -15,7 +15,7 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
                      TransactionClosed, UnknownAction, UnknownGid, UnknownPoint,
-                     WalstoreError, WorkspaceChanged)
+                     WalstoreError, WorkspaceChanged, UnknownRestorePoint)
 from .options import Options
 from .engine.recovery import RecoveryReport
 from .engine.transaction import Savepoint, Transaction
@@ -38,7 +38,7 @@ __all__ = [
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
     "ReplicationError", "FileConflictError", "StoreIOError", "SnapshotTooOld",
-    "WalWriteError", "UnknownGid", "UnknownAction", "WorkspaceChanged", "restore",
+    "WalWriteError", "UnknownGid", "UnknownAction", "WorkspaceChanged", "UnknownRestorePoint", "restore",
 ]
 
 
