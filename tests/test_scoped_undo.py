@@ -441,3 +441,43 @@ def test_a_revert_of_a_transaction_whose_keys_were_purged_meets_no_undo(tmp_path
         assert s.revert(w.id) is None
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_scoped_rewind_over_an_unscoped_rewind_that_refunded_the_scopes_charge(
+        store, force):
+    """T (tagged "order/") charges order/1; W (untagged) moves it to archive/1; an
+    unscoped rewind R refunds the charge and writes only archive/1 (order/1 ends as it
+    began).  Rewinding "order/" to between T and W brings the charged order/1 back.  R
+    wrote nothing in the scope, so the scoped rewind passed over it and never saw its
+    compensation move: it committed with the refund standing, no RevertConflict, and
+    forced no needs-redo mark (review-undo's model checker).  Now R is undone partly (its
+    move only): RevertConflict naming the charge, nothing changed; forced, needs-redo,
+    R listed in ``reverts`` — and reverting that clears the mark."""
+    store.restore_point("p0")
+    with store.transaction(scope="order/") as t:
+        t.put("order/1", "charged")
+        act(t, "charge")
+    store.restore_point("p1")
+    with store.transaction() as w:
+        w.delete("order/1")
+        w.put("archive/1", "charged")
+    r = store.rewind("p0")
+    assert r.keys == ("archive/1",) and states(store) == {"charge": "compensated"}
+    before = dict(store.scan())
+    if not force:
+        with pytest.raises(walstore.RevertConflict) as e:
+            store.rewind("p1", scope="order/")
+        assert e.value.actions == [f"{t.id}.1"]
+        assert dict(store.scan()) == before and store.get("order/1") is None
+        assert states(store) == {"charge": "compensated"} and store.ledger == ["undo charge"]
+        return
+    plan = store.rewind("p1", scope="order/", force=True, dry_run=True)
+    assert plan.needs_redo == [f"{t.id}.1"] and plan.keys == ["order/1"]
+    u = store.rewind("p1", scope="order/", force=True)
+    assert store.get("order/1") == "charged" and store.get("archive/1") is None
+    assert states(store) == {"charge": "needs-redo"} and store.ledger == ["undo charge"]
+    assert r.txid in u.extra["reverts"] and u.extra["redo"] == [f"{t.id}.1"]
+    store.revert(u.txid)
+    assert store.get("order/1") is None and states(store) == {"charge": "compensated"}
+    assert store.ledger == ["undo charge"]

@@ -17,7 +17,12 @@ transaction like any other and can itself be reverted.
   transaction is undone wholly when it was tagged with the scope or wrote only inside
   it; compensations run for actions of transactions undone wholly, and for actions
   declared in the scope.  A later transaction with actions that wrote both inside and
-  outside the scope (not tagged with it) raises RevertConflict naming it.  An unscoped
+  outside the scope (not tagged with it) raises RevertConflict naming it.  An undo
+  in the undone range that moved the state of an action lying inside the scope
+  (``_state_in_scope``) is undone partly though it wrote nothing there (``_redo_marks``
+  then sees its move: an unscoped rewind that refunded a charge of the scope, the charged
+  key ending as it began, was passed over and a scoped rewind brought the charge back
+  with no RevertConflict, no needs-redo mark).  An unscoped
   revert of transactions all tagged with one scope (a scoped rewind: the way to undo it)
   is tagged with that scope too, so the scope can be rewound past it later.
 - Undoing an undo would bring back state whose external effects were compensated:
@@ -61,7 +66,8 @@ Costs grow with what is undone (index lookups per transaction and key), never wi
 age of the store — except that a rewind reads the ``txns`` row of every commit after its
 point (no index finds a scope's commits or what an earlier rewind already undid): a
 scoped one loads the actions and file changes only of the commits it takes something of
-(or must refuse), so another scope's commit costs it one row.
+(or must refuse), so another scope's commit costs it one row (an undo's, also the rows
+of the actions it moved: is one of them inside the scope?).
 """
 from __future__ import annotations
 
@@ -381,7 +387,9 @@ class Undo:
         it changed files, the scopes its actions were declared in); its file changes are
         read only when the row says it has some, and its actions' current rows only when
         the undo takes something of it (or must know whether it ran actions it cannot
-        take partly): another scope's commits cost a scoped undo one row each.
+        take partly): another scope's commits cost a scoped undo one row each (an undo's
+        commit also the rows of the actions whose state it moved, ``_moves_in_scope``: one
+        inside the scope makes it undone partly, its move taken by ``_redo_marks``).
 
         ``plan._changed``: the transactions the undo changes something of — the newest
         undone writer of each key and path it restores (whether or not the value ends as
@@ -401,6 +409,7 @@ class Undo:
         kept_writers: dict[bytes, list[tuple[int, int]]] = {}  # key -> (lsn, txid) not undone
         kept_path_writers: dict[tuple, list[tuple[int, int]]] = {}  # the same for paths
         in_range_actions: set[str] = set()
+        inside: dict[str, bool] = {}  # action id -> its state lies inside the scope
         for info in infos:  # newest first
             if "purge" in info.extra:
                 if boundary is None:  # a revert names it: refuse; a rewind passes over it
@@ -424,7 +433,8 @@ class Undo:
                 # action's scope is fixed when it is logged: the row's is its current one)
                 declared_ids = [a["id"] for a in info.actions if rng.same(a.get("scope"))]
                 in_range_actions.update(declared_ids)
-                if not whole and not mine and not mine_paths and not declared_ids:
+                if (not whole and not mine and not mine_paths and not declared_ids
+                        and not self._moves_in_scope(info, rng, inside)):
                     continue  # (another scope's: nothing of it is taken, nothing loaded)
             current = [Action.from_row(self._current_row(a)) for a in info.actions]
             committed = [a for a in current if a.state == tables.COMMITTED and a.compensate]
@@ -436,8 +446,14 @@ class Undo:
                 plan.compensations += declared
                 if (mine or mine_paths) and len(declared) < len(committed):
                     mixed_with_actions.append(info.txid)
-                if not mine and not declared and not mine_paths:
+                if (not mine and not declared and not mine_paths
+                        and not self._moves_in_scope(info, rng, inside)):
                     continue
+                # (an undo that moved the state of an action inside the scope is undone
+                # partly too, though it wrote nothing there — a rewind whose scoped key
+                # ended as it began, so it did not write it: skipped, its compensation
+                # move went unseen and a scoped rewind brought the refunded charge back,
+                # no RevertConflict, no needs-redo mark: review-undo)
                 undone_txids.add(info.txid)
                 partly.add(info.txid)
             for k in mine:
@@ -476,7 +492,7 @@ class Undo:
         movers: dict[str, int] = {}
         plan.needs_redo, plan.unredo = self._redo_marks(infos, undone_txids, force,
                                                         in_range_actions, rng, partly,
-                                                        movers)
+                                                        movers, inside)
         changed = set(newest.values()) | {a.txid for a in plan.compensations}
         for aid in (*plan.needs_redo, *plan.unredo):
             own = int(aid.partition(".")[0])  # the action's transaction, when undone; else
@@ -523,8 +539,8 @@ class Undo:
 
     def _redo_marks(self, infos: list[TxnInfo], undone: set, force: bool,
                     in_range: set = frozenset(), rng: ScopeRange | None = None,
-                    partly: set = frozenset(), movers: dict | None = None
-                    ) -> tuple[list[str], list[str]]:
+                    partly: set = frozenset(), movers: dict | None = None,
+                    inside: dict | None = None) -> tuple[list[str], list[str]]:
         """The needs-redo marks an undo makes and clears: ``(needs_redo, unredo)``.
 
         Each undone undo moved the state of the actions it names: ``compensate`` and
@@ -544,21 +560,19 @@ class Undo:
           ``compensated`` again (a mark left behind would tell an operator to redo what
           the state says is undone).
 
-        A scoped undo takes an undo it undoes only ``partly`` (its keys inside the scope)
-        as a move of only the actions whose state lies inside the scope
-        (``_state_in_scope``): the others' keys stay as they are, and so do their marks
-        (moved, a scoped undo cleared a needs-redo mark while the charged keys outside
-        the scope stayed, or refused, or marked needs-redo, an action it brought nothing
-        of back: probe-undo)."""
+        A scoped undo takes an undo it undoes only ``partly`` (its keys inside the scope,
+        or nothing but its moves of actions inside it: ``_moves_in_scope``) as a move of
+        only the actions whose state lies inside the scope (``_state_in_scope``): the
+        others' keys stay as they are, and so do their marks (moved, a scoped undo cleared
+        a needs-redo mark while the charged keys outside the scope stayed, or refused, or
+        marked needs-redo, an action it brought nothing of back: probe-undo)."""
         back: dict[str, bool] = {}  # action id -> its charged state before the oldest move
-        inside: dict[str, bool] = {}  # action id -> its state lies inside the scope
+        if inside is None:  # action id -> its state lies inside the scope (_plan's, shared)
+            inside = {}
         for info in infos:  # newest first: the oldest undone move is seen last and wins
             if info.txid not in undone:
                 continue
-            moves = [(aid, True) for aid in (*info.extra.get("compensate", ()),
-                                              *info.extra.get("unredo", ()))]
-            moves += [(aid, False) for aid in info.extra.get("redo", ())]
-            for aid, charged in moves:
+            for aid, charged in _moves(info):
                 if info.txid in partly:
                     if aid not in inside:
                         inside[aid] = self._state_in_scope(aid, rng)
@@ -592,6 +606,18 @@ class Undo:
                                  actions=ids)
         return ids, unredo
 
+    def _moves_in_scope(self, info: TxnInfo, rng: ScopeRange, inside: dict) -> bool:
+        """Does ``info`` (an undo) move the state of an action whose state lies inside
+        ``rng`` (``_state_in_scope``, noted in ``inside``)?  A scoped undo takes such an
+        undo partly even when it wrote nothing in the scope, so ``_redo_marks`` sees the
+        move.  A commit that moved nothing costs nothing here."""
+        for aid, _charged in _moves(info):
+            if aid not in inside:
+                inside[aid] = self._state_in_scope(aid, rng)
+            if inside[aid]:
+                return True
+        return False
+
     def _state_in_scope(self, aid: str, rng: ScopeRange) -> bool:
         """Does the state of action ``aid`` lie inside ``rng``: declared in that scope, or
         (undeclared) its transaction tagged with it, or untagged with a key inside it (a
@@ -609,7 +635,7 @@ class Undo:
             info = self.history.txn_info(txid)
         except (KeyError, HistoryTrimmed, ValueError) as e:
             raise HistoryTrimmed(
-                f"this scoped undo would move the needs-redo mark of action {aid}, but the "
+                f"this scoped undo may move the needs-redo mark of action {aid}, but the "
                 f"history of its transaction {txid} was trimmed (retention): whether its "
                 f"state lies in scope {rng.scope!r} is not known; nothing was changed (an "
                 f"unscoped undo does not need to know)") from e
@@ -681,6 +707,15 @@ class Undo:
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
         return self.history.txn_info(tx.id), owed
+
+
+def _moves(info: TxnInfo) -> list[tuple[str, bool]]:
+    """The action-state moves an undo's COMMIT records, as ``(action id, charged state
+    before the move)``: ``compensate`` and ``unredo`` took the charged state away, ``redo``
+    brought it back."""
+    moves = [(aid, True) for aid in (*info.extra.get("compensate", ()),
+                                      *info.extra.get("unredo", ()))]
+    return moves + [(aid, False) for aid in info.extra.get("redo", ())]
 
 
 class _PlanSnapshot:
