@@ -323,3 +323,30 @@ def test_verify_reports_an_owed_action_the_index_misses(tmp_path):
     report = verify_store(path)
     assert not report.ok
     assert any("does not list it" in e for e in report.errors), report.errors
+
+
+def test_a_copys_inherited_debts_read_held_before_its_first_writable_open(tmp_path):
+    """A copy never runs what its source owed (promise 10): its first writable open marks
+    those actions held.  Listed read-only before that open, they read held=False (a
+    script took them for compensations the next open would run)."""
+    from walstore.ops.backup import backup
+
+    src, dest = str(tmp_path / "s"), str(tmp_path / "copy")
+    s = walstore.open(src)
+    tx = s.transaction()
+    tx.put("x", 1)
+    with tx.action("charge", args={}, compensate="refund") as act:
+        act.result = 1
+    tx.rollback()  # (no compensator registered: pending)
+    s.close()
+    backup(src, dest)
+    ro = walstore.open(dest, readonly=True)
+    try:
+        before = {a.id: a.held for a in ro.pending_compensations()}
+    finally:
+        ro.close()
+    ran = []
+    with walstore.open(dest, compensators={"refund": ran.append}) as w:
+        after = {a.id: a.held for a in w.pending_compensations()}
+    assert before == after == {"1.1": True}
+    assert ran == []

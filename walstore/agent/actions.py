@@ -636,6 +636,17 @@ class Saga:
                 if a.in_flight and a.txid not in in_doubt and a.compensate:
                     a.in_flight = False
                     a.error = "its transaction did not commit before a crash"
+            origin = getattr(eng, "origin", None)
+            if origin is not None and not origin.get("compensate"):
+                # a copy (backup, restore) not yet opened writable: its first open holds
+                # every debt it inherited (Engine._hold_copied_debts); read-only, they are
+                # shown held already (they read held=False until that open: a script took
+                # them for compensations the next open would run)
+                for a in out:
+                    if a.owed and not a.held and a.txid not in in_doubt:
+                        a.held = True
+                        a.error = ((a.error or "") + " (owed in the source store when it "
+                                   "was copied: never run automatically here)").lstrip()
         if pending:
             out = [a for a in out if a.owed]
         return sorted(out, key=newest_first)
