@@ -481,3 +481,43 @@ def test_a_scoped_rewind_over_an_unscoped_rewind_that_refunded_the_scopes_charge
     store.revert(u.txid)
     assert store.get("order/1") is None and states(store) == {"charge": "compensated"}
     assert store.ledger == ["undo charge"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_scoped_revert_of_an_unscoped_rewind_leaves_another_scopes_refund_alone(
+        store, force):
+    """T (untagged) charges a/c/1: its action's state lies in "a/".  The charge is
+    cancelled, b/n/0 written, and an unscoped rewind R to before T refunds the charge
+    but writes only b/n/0 (a/c/1 ends as it began).  R's keys all lie in "b/", so a
+    "b/" revert of R took it wholly and brought back a/'s action with nothing of it:
+    refused naming it, forced marked needs-redo, and that revert (tagged "b/") was later
+    taken wholly by a "b/" rewind past it, which cleared the mark while an unscoped
+    rewind had brought the charged a/c/1 back: a charged key whose action reads
+    compensated (the undo model checker's seed 128).  Now R is undone partly (its
+    move of a/'s action is not the scope's): the revert moves no mark, and the mark
+    stays with the charge."""
+    store.restore_point("p0")
+    with store.transaction() as t:
+        t.put("a/c/1", "charged")
+        act(t, "charge")
+    aid = f"{t.id}.1"
+    store.restore_point("pA")
+    with store.transaction() as c:
+        c.delete("a/c/1")
+    with store.transaction() as n:
+        n.put("b/n/0", 1)
+    r = store.rewind("p0")
+    assert r.keys == ("b/n/0",) and r.extra["compensate"] == [aid]
+    assert states(store) == {"charge": "compensated"} and store.ledger == ["undo charge"]
+    store.restore_point("pB")
+    plan = store.revert(r.txid, scope="b/", force=force, dry_run=True)
+    assert plan.needs_redo == [] and plan.unredo == [] and plan.keys == ["b/n/0"]
+    s = store.revert(r.txid, scope="b/", force=force)
+    assert s.scope == "b/" and "redo" not in s.extra and store.get("b/n/0") == 1
+    assert store.get("a/c/1") is None and states(store) == {"charge": "compensated"}
+    u = store.rewind("pA", force=True)  # the charged a/c/1 back: needs-redo
+    assert u.extra["redo"] == [aid]
+    assert store.get("a/c/1") == "charged" and states(store) == {"charge": "needs-redo"}
+    store.rewind("pB", scope="b/", force=True)  # past the "b/" revert: no mark of a/'s
+    assert store.get("a/c/1") == "charged" and states(store) == {"charge": "needs-redo"}
+    assert store.get("b/n/0") is None and store.ledger == ["undo charge"]
