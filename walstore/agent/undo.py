@@ -17,8 +17,9 @@ transaction like any other and can itself be reverted.
   transaction is undone wholly when it was tagged with the scope or wrote only inside
   it (an untagged undo: and moved only actions whose state lies inside it, see
   ``_wholly_in``; its written keys do not show what it reached); compensations run for
-  actions of transactions undone wholly, and for actions declared in the scope.  A later transaction with actions that wrote both inside and
-  outside the scope (not tagged with it) raises RevertConflict naming it.  An undo
+  actions of transactions undone wholly, and for actions declared in the scope.  A later
+  transaction with actions that wrote both inside and outside the scope (not tagged with
+  it) raises RevertConflict naming it.  An undo
   in the undone range that moved the state of an action lying inside the scope
   (``_state_in_scope``) is undone partly though it wrote nothing there (``_redo_marks``
   then sees its move: an unscoped rewind that refunded a charge of the scope, the charged
