@@ -1132,7 +1132,7 @@ class Files:
             return False
         if self._gc_written is None or self._gc_kept_unapplied:
             return True
-        return b.bytes_written - self._gc_written >= max(GC_AFTER_BYTES, self._gc_kept // 4)
+        return self._bytes_due()
 
     def _bytes_due(self) -> bool:
         """Before-images written since the last gc (or since this process began, when none

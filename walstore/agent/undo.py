@@ -381,12 +381,8 @@ class Undo:
             return False
         if inside is None:
             inside = {}
-        for aid, _charged in _moves(info):  # (a commit that moved nothing: no row read)
-            if aid not in inside:
-                inside[aid] = self._state_in_scope(aid, rng)
-            if not inside[aid]:
-                return False
-        return True
+        # (a commit that moved nothing: no row read)
+        return all(self._inside(aid, rng, inside) for aid, _charged in _moves(info))
 
     def _paths(self, info: TxnInfo) -> list:
         """(workspace root, path) of every path ``info`` changed.  Only a commit whose
@@ -596,11 +592,8 @@ class Undo:
             if info.txid not in undone:
                 continue
             for aid, charged in _moves(info):
-                if info.txid in partly:
-                    if aid not in inside:
-                        inside[aid] = self._state_in_scope(aid, rng)
-                    if not inside[aid]:
-                        continue
+                if info.txid in partly and not self._inside(aid, rng, inside):
+                    continue
                 back[aid] = charged
                 if movers is not None:  # (the undone undo whose move decides the mark)
                     movers[aid] = info.txid
@@ -634,12 +627,13 @@ class Undo:
         ``rng`` (``_state_in_scope``, noted in ``inside``)?  A scoped undo takes such an
         undo partly even when it wrote nothing in the scope, so ``_redo_marks`` sees the
         move.  A commit that moved nothing costs nothing here."""
-        for aid, _charged in _moves(info):
-            if aid not in inside:
-                inside[aid] = self._state_in_scope(aid, rng)
-            if inside[aid]:
-                return True
-        return False
+        return any(self._inside(aid, rng, inside) for aid, _charged in _moves(info))
+
+    def _inside(self, aid: str, rng: ScopeRange, inside: dict) -> bool:
+        """``_state_in_scope`` of ``aid``, asked once per plan (``inside``: its answers)."""
+        if aid not in inside:
+            inside[aid] = self._state_in_scope(aid, rng)
+        return inside[aid]
 
     def _state_in_scope(self, aid: str, rng: ScopeRange) -> bool:
         """Does the state of action ``aid`` lie inside ``rng``: declared in that scope, or

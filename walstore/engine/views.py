@@ -91,14 +91,19 @@ class Views:
             events = [e for e in events if e.end <= upto]
         with self.state.read() as txn:
             stored = _action(txn, self.state.actions, aid, self.state.data_file)
-            row = stored
-            if events:
-                row = self._fold_one(aid, stored, events, txids)
-                if row is _UNSURE:  # its row names a transaction whose end was not taken
-                    changed = self._fold_actions(self._events(_ACTION_TYPES,
-                                                              include_unpublished), txn)
-                    row = changed[aid] if aid in changed else stored
-            return row
+            row = self._fold_one(aid, stored, events, txids) if events else stored
+        if row is _UNSURE:  # its row names a transaction whose end was not taken: the
+            return self._folded_row(aid, include_unpublished)  # full fold
+        return row
+
+    def _folded_row(self, aid: str, include_unpublished: bool) -> dict | None:
+        """Action ``aid``'s row folding every unapplied action event: the events read
+        first, LMDB after (the applier drops events only once LMDB holds them)."""
+        events = self._events(_ACTION_TYPES, include_unpublished)
+        with self.state.read() as txn:
+            changed = self._fold_actions(events, txn)
+            return changed[aid] if aid in changed else _action(txn, self.state.actions, aid,
+                                                               self.state.data_file)
 
     @staticmethod
     def _fold_one(aid: str, stored: dict | None, events: list[Event], txids: set):
@@ -186,10 +191,11 @@ class Views:
                for k, v in self.state.scan(b"", None, db="points")}
         for e in events:
             name = str(e.body.get("name", ""))
-            if e.body.get("drop"):
+            row = _point_row(e)
+            if row is None:
                 out.pop(name, None)
             else:
-                out[name] = {"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}
+                out[name] = row
         return out
 
     def point(self, name: str) -> dict | None:
@@ -209,7 +215,7 @@ class Views:
             if raw is not None:
                 out = tables.unpack_row(raw, "points", key, self.state.data_file)
         for e in events:
-            out = None if e.body.get("drop") else {"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}
+            out = _point_row(e)
         return out
 
     # ---- the transaction log ------------------------------------------------------------
@@ -301,6 +307,11 @@ class Views:
 
 
 _UNSURE = object()  # (Views._fold_one: fold them all instead)
+
+
+def _point_row(e: Event) -> dict | None:
+    """The ``points`` row a RESTORE_POINT event leaves (None: it dropped the point)."""
+    return None if e.body.get("drop") else {"lsn": e.lsn, "ts": e.body.get("ts", 0.0)}
 
 
 def _known(tx, txids: set) -> bool:
