@@ -708,3 +708,48 @@ def test_rewind_to_a_checkpoint_of_a_deleted_thread_is_unknown_point(tmp_path):
         assert len(store.log()) == before
     finally:
         store.close()
+
+
+# ---- CI run of stop 37: a late write committed after the thread's next save --------------
+@pytest.mark.parametrize("late_first", [True, False])
+def test_the_rewind_point_never_moves_past_other_work_of_the_thread(tmp_path, late_first):
+    # (CI, 1 run in ~10: LangGraph saves a task's pending writes in the background even
+    # with durability="sync".  The writes of the step before checkpoint T (on T's parent)
+    # committed after T and after the booking a node of T's step made.  The rewind point
+    # moved past those writes, so past the booking: rewind(T) put the thread back at T,
+    # whose next step books, while the booking stood uncompensated.  The same race moved
+    # the point past T's child checkpoint, and the rewind left the head after T.)  The
+    # race is played here in a fixed order through the saver's own calls.
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    saver = WalstoreSaver(store)
+    parent = saver.put(cfg("t"), checkpoint(x=1), {"source": "input", "step": -1}, {"x": 1})
+    target = saver.put(parent, checkpoint(x=2), {"source": "loop", "step": 0}, {"x": 2})
+
+    def late_write() -> None:
+        saver.put_writes(parent, [("x", 2)], "task-1")
+
+    def book() -> None:
+        with store.transaction(scope=saver.thread_scope("t")) as tx:
+            with tx.action("book", args={"city": "Oslo"}, compensate="cancel") as act:
+                world.append(("book", "Oslo"))
+                act.result = {"ok": True}
+    other = saver.put(cfg("u"), checkpoint(x=9), {"source": "input", "step": -1}, {"x": 9})
+    (late_write, book)[not late_first]()
+    saver.put_writes(other, [("x", 10)], "task-u")  # another thread's commit: no matter
+    (book, late_write)[not late_first]()
+    saver.put(target, checkpoint(x=3), {"source": "loop", "step": 1}, {"x": 3})
+
+    booking = next(i.lsn for i in store.log() if i.actions)
+    assert saver.rewind_point(target) < booking
+    saver.rewind(target)
+    assert world == [("book", "Oslo"), ("cancel", "Oslo")]
+    head = saver.get_tuple(cfg("t"))
+    assert head.config["configurable"]["checkpoint_id"] == \
+        target["configurable"]["checkpoint_id"]
+    # the parent keeps its task's write when nothing else of the thread came before it
+    kept = saver.get_tuple(parent).pending_writes
+    assert kept == ([("task-1", "x", 2)] if late_first else [])
+    assert saver.get_tuple(other).pending_writes == [("task-u", "x", 10)]
+    store.close()

@@ -1109,89 +1109,71 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         return self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}")
 
     def rewind_point(self, config: RunnableConfig) -> "walstore.LSN":
-        """Where :meth:`rewind` rewinds to: the commit that saved the checkpoint, or, when
-        tasks of the steps before it saved their pending writes after it (LangGraph's
-        default ``durability="async"`` saves in the background, out of order), the last
-        of those, so the checkpoints the thread keeps keep all their writes.
+        """Where :meth:`rewind` rewinds to: the commit that saved the checkpoint, moved past
+        the pending writes that tasks of the steps before it saved after it (LangGraph
+        saves pending writes in the background, out of order, whatever the durability) as
+        long as nothing else of the thread was saved in between, so the checkpoints the
+        thread keeps keep those writes.
 
-        Only the late writes of the run that made the checkpoint count: a regular write of
-        a task (not LangGraph's null task, which carries a run's input: ``Command``
-        resume, goto, update) on an ancestor whose child on the checkpoint's line was
-        made by that ancestor's own step (metadata source ``"loop"``), committed before
-        anything that shows another run began: a null-task write, or a checkpoint built
-        on an ancestor beside the line (a fork, a resume or new input sent to an older
-        checkpoint).  Writes a later run saved on an ancestor (answering an old
-        interrupt, say) never move the point: they are undone with everything after it."""
+        The point moves only across commits of the thread that hold nothing but such late
+        writes: regular writes of a task (not LangGraph's null task, which carries a run's
+        input: ``Command`` resume, goto, update) on an ancestor whose child on the
+        checkpoint's line was made by that ancestor's own step (metadata source
+        ``"loop"``).  It stops at the first other commit of the thread (its keys, its
+        scope tag or an action declared in it): a checkpoint, a node's transaction, its
+        actions, another run's input.  Everything from there on is undone, late writes
+        saved after it included (their ancestor then lists that task as not yet run):
+        moving past it would keep work done after the checkpoint, a booking say, while
+        the thread goes back to before it."""
+        thread_id, _ns_name = _where(config)
         ns, cid = self._address(config)
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
-        prefix, checkpoints = ns.writes(), ns.checkpoints()
+        prefix, scope = ns.writes(), self.thread_scope(thread_id)
         infos = self.store.log(since=walstore.LSN(point))
         if not any(isinstance(k, bytes) and k.startswith(prefix)
                    for info in infos for k in info.keys):
             return walstore.LSN(point)
 
         def line(tx):
-            """(ancestors, the ancestors whose child on the line their own step made)"""
+            """the ancestors whose child on the line their own step made"""
             child = tx.get(ns.checkpoint(cid)) or {}
-            older, made_by_step = set(), set()
+            made_by_step = set()
             for at, rec in self._ancestors(tx, ns, cid, child):
-                older.add(at)
                 md = self.codec.loads(child["m"]) if "m" in child else None
                 if isinstance(md, dict) and md.get("source") == "loop":
                     made_by_step.add(at)
                 child = rec
-            return older, made_by_step
-        older, made_by_step = self._read(line)
-        late: list[bytes] = []
+            return made_by_step
+        made_by_step = self._read(line)
         for info in reversed(infos):  # oldest first
-            if self._another_run(info, ns, cid, older, prefix, checkpoints):
+            if not self._of_thread(info, scope):
+                continue  # (another thread's: a scoped rewind leaves it alone)
+            if info.actions or not info.keys or not all(
+                    self._late_write(key, ns, prefix, made_by_step) for key in info.keys):
                 break
-            for key in info.keys:
-                if not (isinstance(key, bytes) and key.startswith(prefix)):
-                    continue
-                at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
-                if at not in made_by_step:
-                    continue
-                try:
-                    _task, idx = self.keys.parse_write(ns.writes_of(at), key)
-                except (ValueError, IndexError, UnicodeDecodeError):
-                    continue
-                if isinstance(idx, int) and idx >= 0:
-                    late.append(key)
-        for key in late:
-            # when each was first saved (a write an undo brought back counts from its
-            # first save, as above)
-            try:
-                point = max(point, int(self._created_at(key, "write")))
-            except KeyError:  # deleted since: not kept, nothing to keep
-                pass
+            point = int(info.lsn)
         return walstore.LSN(point)
 
-    def _another_run(self, info: Any, ns: Namespace, cid: str, older: set[str],
-                     prefix: bytes, checkpoints: bytes) -> bool:
-        """Does commit ``info`` show that a run other than the one that made checkpoint
-        ``cid`` began: a null-task write (a run's input) in the namespace, or a checkpoint
-        put whose parent is one of ``cid``'s ancestors (``older``), beside the line."""
-        for key in info.keys:
-            if not isinstance(key, bytes):
-                continue
-            if key.startswith(prefix):
-                at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
-                try:
-                    task, _idx = self.keys.parse_write(ns.writes_of(at), key)
-                except (ValueError, IndexError, UnicodeDecodeError):
-                    continue
-                if task == NULL_TASK_ID:
-                    return True
-            elif key.startswith(checkpoints):
-                other = key[len(checkpoints):].decode("utf-8", "replace")
-                if other == cid or other in older:
-                    continue
-                rec = next((v.value for v in self.store.history(key)
-                            if v.lsn == info.lsn and not v.deleted), None)
-                if isinstance(rec, dict) and rec.get("p") in older:
-                    return True
-        return False
+    @staticmethod
+    def _of_thread(info: Any, scope: bytes) -> bool:
+        """Does commit ``info`` belong to the thread whose prefix is ``scope``?"""
+        return (info.scope == scope
+                or any(isinstance(k, bytes) and k.startswith(scope) for k in info.keys)
+                or any(isinstance(a, dict) and a.get("scope") == scope for a in info.actions))
+
+    def _late_write(self, key: Any, ns: Namespace, prefix: bytes,
+                    made_by_step: set[str]) -> bool:
+        """Is ``key`` a regular task's pending write on one of ``made_by_step``?"""
+        if not (isinstance(key, bytes) and key.startswith(prefix)):
+            return False
+        try:
+            at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8")
+            if at not in made_by_step:
+                return False
+            task, idx = self.keys.parse_write(ns.writes_of(at), key)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return False
+        return task != NULL_TASK_ID and isinstance(idx, int) and idx >= 0
 
     def _address(self, config: RunnableConfig) -> tuple[Namespace, str]:
         thread_id, ns_name = _where(config)
@@ -1242,12 +1224,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         (``.as_dict()``: transactions undone, keys that change, compensations that would
         run) and changes nothing.
 
-        Exact when the graph saves checkpoints synchronously (``durability="sync"``):
-        with LangGraph's default ``"async"``, saves run in the background and may commit
-        out of order; the rewind point then moves past the last pending write of the
-        step before the checkpoint, and a task of the step after it that committed
-        before that point stays done (its writes and its actions both: the thread and
-        the world still agree).
+        LangGraph saves pending writes in the background (checkpoints too with its
+        default ``durability="async"``), so they may commit out of order: the rewind
+        point moves past writes of the step before the checkpoint saved after it only
+        while nothing else of the thread came in between (see :meth:`rewind_point`).
+        Anything else of the thread after the checkpoint is undone, so the thread and
+        the world agree: a booking made by a node of the step after it is compensated,
+        as that step will run again.
 
         A run of the thread inside a node while it rewinds is fenced at its next
         checkpoint and pending writes (``StaleCheckpointError``), and so is a walstore
