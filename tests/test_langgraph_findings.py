@@ -753,3 +753,106 @@ def test_the_rewind_point_never_moves_past_other_work_of_the_thread(tmp_path, la
     assert kept == ([("task-1", "x", 2)] if late_first else [])
     assert saver.get_tuple(other).pending_writes == [("task-u", "x", 10)]
     store.close()
+
+
+# ---- probe-lgorder: durability="async" saves a checkpoint after the steps that follow it --
+class Plan(TypedDict):
+    plan: list
+    booked: Annotated[list, operator.add]
+
+
+def test_an_async_rewind_compensates_bookings_committed_before_the_checkpoints_save(
+        tmp_path, monkeypatch):
+    # (probe-lgorder: with LangGraph's default durability="async" the save of checkpoint T
+    # ran in the background while T's step and the next booked; the bookings committed
+    # before T's save, so before the rewind point: rewind(T) compensated nothing, and the
+    # resumed graph booked Rome and Oslo a second time.  Without injected delays: 5-7 of
+    # 30 runs.)  Here T's save is held back 0.4 s.
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    saver = WalstoreSaver(store)
+    put = WalstoreSaver.put
+
+    def slow_put(self, config, checkpoint, metadata, new_versions):
+        if metadata.get("step") == 1:
+            time.sleep(0.4)
+        return put(self, config, checkpoint, metadata, new_versions)
+    monkeypatch.setattr(WalstoreSaver, "put", slow_put)
+
+    def book(s: Plan) -> dict:
+        city = s["plan"][0]
+        with store.transaction() as tx:
+            with tx.action("book", args={"city": city}, compensate="cancel") as act:
+                world.append(("book", city))
+                act.result = {"ok": True}
+        return {"plan": s["plan"][1:], "booked": [city]}
+
+    b = StateGraph(Plan)
+    b.add_node("book", book)
+    b.add_conditional_edges(START, lambda s: "book" if s["plan"] else END)
+    b.add_conditional_edges("book", lambda s: "book" if s["plan"] else END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "a"}}
+    graph.invoke({"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config,
+                 durability="async")
+    monkeypatch.setattr(WalstoreSaver, "put", put)
+    target = next(h for h in graph.get_state_history(config)
+                  if h.values.get("booked") == ["Paris"])
+    booking = {a.args["city"]: store.txn_info(a.txid).lsn for a in store.actions()}
+    assert booking["Rome"] < saver.rewind_point(target.config)  # (the order played)
+
+    plan = saver.rewind(target.config, dry_run=True).as_dict()
+    assert sorted(c["txid"] for c in plan["compensations"]) == sorted(
+        a.txid for a in store.actions() if a.args["city"] != "Paris")
+    saver.rewind(target.config)
+    assert sorted(world[3:]) == [("cancel", "Oslo"), ("cancel", "Rome")]
+    head = graph.get_state(config)
+    assert head.config["configurable"]["checkpoint_id"] == \
+        target.config["configurable"]["checkpoint_id"]
+    assert head.values == target.values and head.next == ("book",)
+    graph.invoke(None, config, durability="sync")
+    standing = [c for k, c in world if k == "book"]
+    for _k, c in (x for x in world if x[0] == "cancel"):
+        standing.remove(c)
+    assert sorted(standing) == ["Oslo", "Paris", "Rome"]  # each booked once in the end
+    store.close()
+
+
+def test_pending_writes_saved_before_the_checkpoint_go_with_a_rewind_to_it(saver):
+    # (probe-lgorder: with durability="async" the save of checkpoint P was still queued
+    # while its step's task ran and saved its pending write on P, and the step after made
+    # C and saved a write on it: both writes committed before P's save, so before the
+    # rewind point; rewind(P) left them under the thread, and a resume from P took the
+    # task for done)
+    from langgraph.checkpoint.base import empty_checkpoint
+    root = saver.put(cfg("t"), checkpoint(x=0), {"source": "input", "step": -1}, {"x": 0})
+    p_cp, c_cp = empty_checkpoint(), None
+    p_cp["channel_values"], p_cp["channel_versions"] = {"x": 1}, {"x": 2}
+    p_config = {"configurable": {**root["configurable"], "checkpoint_id": p_cp["id"]}}
+    saver.put_writes(p_config, [("x", 3)], "task-of-p")      # before P's save
+    c_cp = empty_checkpoint()
+    c_cp["channel_values"], c_cp["channel_versions"] = {"x": 3}, {"x": 3}
+    c_config = {"configurable": {**root["configurable"], "checkpoint_id": c_cp["id"]}}
+    saver.put_writes(c_config, [("x", 4)], "task-of-c")      # before both saves
+    saver.put(root, p_cp, {"source": "loop", "step": 0}, {"x": 2})
+    saver.put(p_config, c_cp, {"source": "loop", "step": 1}, {"x": 3})
+    assert saver.get_tuple(p_config).pending_writes == [("task-of-p", "x", 3)]
+    saver.rewind(p_config)
+    scope = saver.thread_scope("t")
+    assert [k for k in saver.store.keys(prefix=scope) if k[len(scope):][:1] == b"w"] == []
+    head = saver.get_tuple(cfg("t"))
+    assert head.config["configurable"]["checkpoint_id"] == p_cp["id"]
+    assert head.pending_writes == []
+
+
+def test_a_late_pending_write_of_a_pruned_checkpoint_is_refused(saver):
+    # (probe-lgorder: prune never noted the removal, so a task's write saved after it on
+    # a checkpoint it dropped was stored under the thread, an orphan)
+    p = saver.put(cfg("t"), checkpoint(x=1), {"source": "input", "step": -1}, {"x": 1})
+    saver.put(p, checkpoint(x=2), {"source": "loop", "step": 0}, {"x": 2})
+    saver.prune(["t"])
+    with pytest.raises(StaleCheckpointError):
+        saver.put_writes(p, [("x", 2)], "task-late")
+    scope = saver.thread_scope("t")
+    assert [k for k in saver.store.keys(prefix=scope) if k[len(scope):][:1] == b"w"] == []

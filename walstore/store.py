@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
 from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed, WalstoreError
@@ -602,12 +602,16 @@ class Store:
             self._finishing.leave()
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
-               meta: Any = None) -> TxnInfo | UndoPlan | None:
-        """Undo every transaction committed after ``to``, as one new transaction."""
+               meta: Any = None, keep: Iterable[int] | None = None
+               ) -> TxnInfo | UndoPlan | None:
+        """Undo every transaction committed after ``to``, as one new transaction.
+        ``keep``: txids of transactions after ``to`` left as they are (their keys, files
+        and actions); one that wrote a key an undone transaction wrote before it raises
+        RevertConflict, nothing changed."""
         self._engine.check_open()
         self._finishing.enter()
         try:
-            return self._undo.rewind(to, scope, dry_run, force, meta)
+            return self._undo.rewind(to, scope, dry_run, force, meta, keep)
         finally:
             self._finishing.leave()
 

@@ -27,6 +27,11 @@ transaction like any other and can itself be reverted.
   with no RevertConflict, no needs-redo mark).  An unscoped
   revert of transactions all tagged with one scope (a scoped rewind: the way to undo it)
   is tagged with that scope too, so the scope can be rewound past it later.
+- ``rewind(keep=txids)`` leaves those transactions after the point as they are (an
+  integration that knows some of its commits landed out of order: LangGraph's saves of
+  the checkpoint a thread goes back to, done in the background after work of the steps
+  that followed it).  A kept transaction's key that an undone one wrote before it is
+  refused (RevertConflict), never put back under it.
 - Undoing an undo would bring back state whose external effects were compensated:
   RevertConflict naming those actions, unless ``force=True``, which marks them
   ``needs-redo`` (walstore cannot redo the outside world); undoing that one clears the
@@ -97,6 +102,20 @@ if TYPE_CHECKING:
     from ..engine.transaction import Transaction
 
 
+def check_keep(keep: Any) -> frozenset:
+    """``rewind(keep=...)``: txids (ints) of transactions after the point to leave alone."""
+    if keep is None:
+        return frozenset()
+    if isinstance(keep, (str, bytes, int)) or not hasattr(keep, "__iter__"):
+        raise TypeError(f"keep takes an iterable of txids (int), not {keep!r}")
+    out = []
+    for t in keep:
+        if isinstance(t, bool) or not isinstance(t, int) or isinstance(t, LSN):
+            raise TypeError(f"keep takes txids (int), not {t!r}")
+        out.append(int(t))
+    return frozenset(out)
+
+
 @dataclass
 class UndoPlan:
     """What a revert or rewind would do (``dry_run=True``) or did."""
@@ -154,15 +173,16 @@ class Undo:
                                                    self._begin_undo(meta)))
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
-               meta: Any = None) -> TxnInfo | UndoPlan | None:
+               meta: Any = None, keep: Any = None) -> TxnInfo | UndoPlan | None:
         scope = check_scope(scope)
+        kept = check_keep(keep)
         self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
-            return self._rewind_once(to, scope, True, force, self._snapshot())[0]
+            return self._rewind_once(to, scope, True, force, self._snapshot(), kept)[0]
         self.engine.check_writable()
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
         return self._run(lambda: self._rewind_once(to, scope, False, force,
-                                                   self._begin_undo(meta)))
+                                                   self._begin_undo(meta), kept))
 
     def _run(self, attempt) -> TxnInfo | UndoPlan | None:
         """Plan and commit an undo; then compensate, newest first.
@@ -243,7 +263,7 @@ class Undo:
             return self._commit(tx, plan, extra)
 
     def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool,
-                     tx: "Transaction | _PlanSnapshot"
+                     tx: "Transaction | _PlanSnapshot", kept: frozenset = frozenset()
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
         rng = ScopeRange(scope) if scope is not None else None
         # any commit after tx's snapshot that touches the scope is a conflict (a prepared
@@ -256,7 +276,8 @@ class Undo:
             if dry_run:  # the commits of its snapshot (LMDB may hold later ones already)
                 infos = [i for i in infos if i.lsn < tx.snapshot]
                 self.history.check_file_commits_readable(boundary, tx.snapshot)
-            plan = self._plan(infos, scope, force, boundary)
+            plan = self._plan([i for i in infos if i.txid not in kept], scope, force,
+                              boundary, [i for i in infos if i.txid in kept])
             # (the transactions it changes something of, not every one after the point:
             # what an earlier undo took back already is not listed again: see _plan)
             plan.txids = [t for t in plan.txids if t in plan._changed]  # type: ignore
@@ -399,7 +420,7 @@ class Undo:
         return lambda root: rng.same(self.files.scope_of(root))
 
     def _plan(self, infos: list[TxnInfo], scope: Any, force: bool,
-              boundary: int | None) -> UndoPlan:
+              boundary: int | None, kept: list[TxnInfo] = ()) -> UndoPlan:
         """Which keys go back, which actions are compensated, what conflicts.
 
         Each transaction is judged from its ``txns`` row first (scope tag, keys, whether
@@ -415,7 +436,12 @@ class Undo:
         it began: a later revert of that writer meets the undo through ``undone_by``),
         those whose actions it compensates, and those whose needs-redo marks it moves
         (the action's own when it is undone, else the undone undo whose move decides the
-        mark).  A rewind lists only these in ``reverts`` (``_rewind_once``)."""
+        mark).  A rewind lists only these in ``reverts`` (``_rewind_once``).
+
+        ``kept``: transactions after the point a rewind was told to leave as they are
+        (``keep=``): passed over like another scope's, their keys and paths counted as
+        kept writers, so an undone transaction's key one of them wrote later is refused
+        (RevertConflict) rather than put back under it."""
         rng = ScopeRange(scope) if scope is not None else None
         plan = UndoPlan(scope=scope, boundary=boundary)
         restore: dict[bytes, int] = {}  # key -> LSN just before the oldest undone writer
@@ -429,6 +455,11 @@ class Undo:
         kept_path_writers: dict[tuple, list[tuple[int, int]]] = {}  # the same for paths
         in_range_actions: set[str] = set()
         inside: dict[str, bool] = {}  # action id -> its state lies inside the scope
+        for info in kept:
+            for k in info.keys:
+                kept_writers.setdefault(encode_key(k), []).append((info.lsn, info.txid))
+            for p in self._paths(info):
+                kept_path_writers.setdefault(p, []).append((info.lsn, info.txid))
         for info in infos:  # newest first
             if "purge" in info.extra:
                 if boundary is None:  # a revert names it: refuse; a rewind passes over it
@@ -502,7 +533,9 @@ class Undo:
                                if any(w > lsn for w, _t in kept_writers.get(k, ()))}, key=repr)
             keys_hit += sorted(abs_display(p[0], p[1]) for p, lsn in oldest_path.items()
                                if any(w > lsn for w, _t in kept_path_writers.get(p, ())))
-            raise RevertConflict(f"later transactions {overwritten} outside scope {scope!r} "
+            where = ("kept" if scope is None else f"kept or outside scope {scope!r}"
+                     if kept else f"outside scope {scope!r}")
+            raise RevertConflict(f"later transactions {overwritten} ({where}) "
                                  f"changed {keys_hit}, which the undone transactions also "
                                  f"wrote; putting them back would overwrite that work "
                                  f"(nothing was changed)", overwritten)

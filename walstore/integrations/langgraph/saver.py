@@ -682,6 +682,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if run_id is not None:
                 tx.put(ns.run(str(run_id), cid), b"")
         token = conf.get(RUN_TOKEN + ns_name) if self.fencing else None
+        if token is not None:
+            # the transactions the nodes of the step that made this checkpoint began (built
+            # on its parent): with durability="async" they may commit before the parent's
+            # own save, and a rewind to the parent finds them here (_early_work)
+            registry = _step_txns(self.store)
+            with _REMOVALS_LOCK:
+                step = list(registry.get((ns.thread_prefix, ns_name, parent, token), ()))
+            if step:
+                record["s"] = sorted(set(step))
         try:
             self._run(write, scope=ns.thread_prefix,
                       meta=self._meta("put", thread_id=thread_id,
@@ -1072,7 +1081,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                         if cid not in keep:
                             self._drop_checkpoint(tx, ns, cid, rec)
                     self._collect_blobs(tx, ns, [records[c] for c in keep])
+            self._removing(prefix)  # (a late pending write of a dropped one: refused)
             self._run(prune, scope=prefix, meta=self._meta("prune", thread_id=thread_id))
+            self._removing(prefix)
             self.codec.forget(prefix)
 
     def _needed_for_latest(self, tx: Any, ns: Namespace, records: dict[str, dict]) -> set[str]:
@@ -1154,6 +1165,74 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             point = int(info.lsn)
         return walstore.LSN(point)
 
+    def _early_work(self, config: RunnableConfig, point: int
+                    ) -> tuple["walstore.LSN", list[int]] | None:
+        """Work of the thread that belongs after checkpoint ``cid`` (its step's and later
+        steps' node transactions, checkpoints and pending writes) but committed at or
+        before ``point``: LangGraph's ``durability="async"`` saves a checkpoint in the
+        background while the steps after it already run, so a booking of the next step
+        can commit before the checkpoint's own save.  None when there is none; else (the
+        LSN just before the oldest of it, the txids of the thread's commits from there to
+        ``point`` that are not such work: kept by the rewind, ``store.rewind(keep=)``).
+
+        Such work is known by the ids it names (LangGraph's checkpoint ids are uuid6,
+        ordered by time): a checkpoint of any namespace made after ``cid``, a pending
+        write on ``cid`` or a later checkpoint, and the node transactions a later
+        checkpoint's record lists as its step's (``"s"``, noted by :meth:`put`)."""
+        thread_id, _ns_name = _where(config)
+        _ns, cid = self._address(config)
+        if _uuid6_time(cid) is None:
+            return None  # (ids not from LangGraph's clock: no order to go by)
+        scope = self.thread_scope(thread_id)
+        later_keys: set[bytes] = set()
+        step_txids: set[int] = set()
+        for key, rec in self.store.scan(prefix=scope + CHECKPOINT):
+            try:
+                _n, _part, other = self.keys.parse_checkpoint(scope, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            if other > cid and _uuid6_time(other) is not None:
+                later_keys.add(key)
+                listed = rec.get("s") if isinstance(rec, dict) else None
+                if isinstance(listed, list):
+                    step_txids.update(t for t in listed
+                                      if isinstance(t, int) and not isinstance(t, bool))
+        for key in self.store.keys(prefix=scope + WRITE):
+            try:
+                _n, i = read_part(key, len(scope) + 1)
+                other = key[i:].split(b"\x00", 1)[0].decode("utf-8")
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            if other >= cid and _uuid6_time(other) is not None:
+                later_keys.add(key)
+        oldest = None
+        for key in later_keys:
+            try:
+                lsn = int(self._created_at(key, "key"))
+            except KeyError:
+                continue
+            if lsn <= point and (oldest is None or lsn < oldest):
+                oldest = lsn
+        for txid in step_txids:
+            try:
+                lsn = int(self.store.txn_info(txid).lsn)
+            except (KeyError, WalstoreError):
+                continue  # (never committed, or trimmed)
+            if lsn <= point and (oldest is None or lsn < oldest):
+                oldest = lsn
+        if oldest is None:
+            return None
+        keep = []
+        for info in self.store.log(since=walstore.LSN(max(oldest - 1, 0))):
+            if info.lsn > point or not self._of_thread(info, scope):
+                continue
+            if info.txid in step_txids or any(k in later_keys for k in info.keys):
+                continue
+            keep.append(info.txid)
+        # (the store's very first commit being such work, no position lies before it: the
+        # rewind goes to it, and rewind() reverts it after)
+        return walstore.LSN(max(oldest - 1, 0)), keep
+
     @staticmethod
     def _of_thread(info: Any, scope: bytes) -> bool:
         """Does commit ``info`` belong to the thread whose prefix is ``scope``?"""
@@ -1227,10 +1306,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         LangGraph saves pending writes in the background (checkpoints too with its
         default ``durability="async"``), so they may commit out of order: the rewind
         point moves past writes of the step before the checkpoint saved after it only
-        while nothing else of the thread came in between (see :meth:`rewind_point`).
-        Anything else of the thread after the checkpoint is undone, so the thread and
-        the world agree: a booking made by a node of the step after it is compensated,
-        as that step will run again.
+        while nothing else of the thread came in between (see :meth:`rewind_point`), and
+        work of the steps after the checkpoint that committed before its save is undone
+        too, the save itself kept (:meth:`_early_work`, ``store.rewind(keep=)``).
+        Anything of the thread after the checkpoint is undone, so the thread and the
+        world agree: a booking made by a node of the step after it is compensated, as
+        that step will run again.  (When the store's very first commit is such work, no
+        position lies before it: the rewind goes to it, then reverts it.)
 
         A run of the thread inside a node while it rewinds is fenced at its next
         checkpoint and pending writes (``StaleCheckpointError``), and so is a walstore
@@ -1242,6 +1324,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """
         thread_id, _ns = _where(config)
         to = self.rewind_point(config)
+        keep, first = None, None
+        early = self._early_work(config, int(to))
+        if early is not None:
+            to, keep = early
+            if int(to) == 0:
+                first = self.store.log(since=None)[-1]
+                if first.lsn != 0 or not self._of_thread(first, self.thread_scope(thread_id)):
+                    first = None
         scope = self.thread_scope(thread_id)
         removals = _removals(self.store)
         marked = None
@@ -1251,9 +1341,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             before = removals.get(scope)
             self._removing(scope)
             marked = removals.get(scope)
-        result = self.store.rewind(to, scope=scope, dry_run=dry_run, meta=meta if meta is not None
+        result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
+                                   meta=meta if meta is not None
                                    else self._meta("rewind", thread_id=thread_id,
                                                    checkpoint_id=get_checkpoint_id(config)))
+        if first is not None and not dry_run:
+            self.store.revert(first.txid, scope=scope,
+                              meta=self._meta("rewind", thread_id=thread_id,
+                                              checkpoint_id=get_checkpoint_id(config)))
         if not dry_run:
             if result is not None:
                 self._removing(scope)
