@@ -995,6 +995,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     if k.startswith(checkpoints):
                         v = dict(v)
                         v.pop("t", None)
+                        v.pop("s", None)  # (the source's step transactions, not the copy's)
                         if is_hashed(dst):
                             v["t"] = dst
                     tx.put(dst_p + k[len(src_p):], v)
