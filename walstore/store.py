@@ -158,6 +158,7 @@ class Store:
             self._hooks = AgentHooks(self._saga, self._twophase, self._files)
             self._twophase.undo_files = self._hooks.undo_ended
             self._twophase.effects_of = self._files.effects_of
+            self._twophase.file_lsns_of = self._files.step_lsns_of
             self._files.undoing = self._twophase.undoing
             self._undo = Undo(engine, self._saga, self._history,
                               lambda meta: self.transaction(meta=meta), self._files)

@@ -1089,6 +1089,19 @@ class Files:
             out.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn, row))
         return sorted(out, key=lambda e: e.lsn, reverse=True)
 
+    def step_lsns_of(self, txid: int) -> list[int]:
+        """The LSNs of one transaction's ``fsteps`` rows not held (its file effects still
+        owed), read from the rows alone: no workspace is looked at (a copy's
+        ``rollback_prepared`` holds them, TwoPhase; its workspace may be elsewhere)."""
+        self.engine.drain()
+        st = self.engine.state
+        prefix = tables.fsteps_prefix(txid)
+        out = []
+        for raw, v in st.scan(prefix, prefix + b"\xff" * 8, db="fsteps"):
+            if not tables.unpack_row(v, "fsteps", raw, st.data_file).get("held"):
+                out.append(tables.split_fsteps_key(raw)[1])
+        return out
+
     @staticmethod
     def conflict_doc(ws_root: bytes, c: FileConflict) -> dict:
         return {"workspace": os.fsdecode(ws_root), "path": abs_display(ws_root, c.path),

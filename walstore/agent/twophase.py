@@ -18,6 +18,16 @@ owed).  Decisions are kept so a coordinator
 (:mod:`walstore.agent.coordinator`) can be asked after a crash what it decided: for good,
 one ``d:<gid>`` row each, which retention never trims (under presumed abort a forgotten
 commit would read as an abort, and a late participant would roll back what committed).
+
+In a copy (backup, restore), a transaction prepared in the source (``Engine.inherited``:
+its txid is below the first one the copy gave) is the source's: its fate and its side
+effects are decided there.  Rolling it back here rolls back its state as usual but runs
+none of its compensations and puts back none of its files (CONTRACT 4.10): a
+FILE_RESTORED ``held`` for its file effects, then its ROLLBACK_PREPARED with ``copied``,
+whose apply makes its actions ``pending`` and ``held`` (listed, never run automatically:
+``store.resolve``, ``retry_compensations(include_held=True)``), as the first open of the
+copy does with the debts it inherited (``Engine._hold_copied_debts``).  A transaction
+prepared in the copy itself is undone as anywhere else.
 """
 from __future__ import annotations
 
@@ -62,6 +72,9 @@ class TwoPhase:
         # effects still owed (Files.effects_of)
         self.undo_files = undo_files
         self.effects_of = None
+        # (txid) -> list: the LSNs of its file effects still owed, read from its rows only
+        # (Files.step_lsns_of: no workspace is read, a copy's may be on another machine)
+        self.file_lsns_of = None
         # txids whose decision is logged and whose undo runs: they keep their file claims
         # (shared with agent.files.Files, which reads it)
         self.undoing: set[int] = set()
@@ -131,10 +144,16 @@ class TwoPhase:
         ABORT).  Before, an interrupt there left the state rolled back while the file
         held the prepared content, its path claimed (ConflictError for every later
         writer), ``decision(gid)`` reading "prepared", the charge neither compensated
-        nor listed as owed, until the store was closed and reopened."""
+        nor listed as owed, until the store was closed and reopened.
+
+        In a copy, a transaction prepared in its source is rolled back without undoing
+        anything outside the state: its actions and file effects are held (see the
+        module docstring)."""
         p = self._get(gid)
         eng = self.engine
         eng.check_writable()
+        inherited = eng.inherited(p.txid)  # (a copy's, from its source: held, not undone)
+        held_files = self.file_lsns_of(p.txid) if inherited and self.file_lsns_of else []
         progress = UndoProgress()
         decided = False
         effects: list | None = None
@@ -143,11 +162,12 @@ class TwoPhase:
                 try:
                     if not decided:
                         with deferred():
-                            event = self._log_decision(p, gid)
+                            event = self._log_decision(p, gid, inherited, held_files)
                             decided = True
                             self._decision_durable(event, p, progress)
-                    if effects is None:  # (the same objects on a call again: the undo
-                        effects = self._owed_effects(p.txid)  # tracks them by id)
+                    if effects is None:  # (the same objects on a call again: the
+                        # undo tracks them by id)
+                        effects = self._owed_effects(p.txid, inherited)
                     self._undo(p.txid, effects, progress)
                     return
                 except Exception:
@@ -160,9 +180,13 @@ class TwoPhase:
             if decided:
                 self.undoing.discard(p.txid)
 
-    def _log_decision(self, p: Prepared, gid: str):
+    def _log_decision(self, p: Prepared, gid: str, inherited: bool = False,
+                      held_files: list | None = None):
         """Append the ROLLBACK_PREPARED and take the gid out of the prepared set, under
-        the journal lock (inside the caller's ``deferred()`` section); returns its event."""
+        the journal lock (inside the caller's ``deferred()`` section); returns its event.
+        ``inherited`` (a copy's transaction from its source): its file effects
+        (``held_files``, their LSNs) are held first, then the decision carries ``copied``
+        (its actions held): any prefix of the two a crash leaves undoes nothing here."""
         eng = self.engine
         with eng.journal.lock:
             eng.check_writable()
@@ -171,8 +195,13 @@ class TwoPhase:
                     f"no prepared transaction with gid {gid!r} (it was just decided by "
                     f"another caller); nothing was rolled back", gid)
             self._log_legacy_actions(p)
-            event = eng.journal.append(RecordType.ROLLBACK_PREPARED, {"tx": p.txid, "gid": gid},
-                                       p.txid)
+            body: dict[str, Any] = {"tx": p.txid, "gid": gid}
+            if inherited:
+                if held_files:
+                    eng.journal.append(RecordType.FILE_RESTORED, {
+                        "tx": p.txid, "effects": sorted(held_files), "held": True}, p.txid)
+                body["copied"] = True
+            event = eng.journal.append(RecordType.ROLLBACK_PREPARED, body, p.txid)
             self.undoing.add(p.txid)  # (its paths stay claimed until they are put back)
             eng.prepared.remove(gid)
             return event
@@ -194,10 +223,14 @@ class TwoPhase:
             except BaseException as e:
                 progress.interrupt = progress.interrupt or e
 
-    def _owed_effects(self, txid: int) -> list:
-        """What the decided transaction owes: its owed actions, then its file effects."""
+    def _owed_effects(self, txid: int, inherited: bool = False) -> list:
+        """What the decided transaction owes here: its owed actions, then its file
+        effects, held ones excepted — nothing for one a copy ``inherited`` (its decision
+        and the FILE_RESTORED before it hold them all)."""
+        if inherited:
+            return []
         owed = [a for a in (Action.from_row(r) for r in self.engine.views.action_rows_of(txid))
-                if a.owed]
+                if a.owed and not a.held]
         if self.effects_of is not None:
             return owed + self.effects_of(txid)
         return owed

@@ -137,6 +137,9 @@ class Engine:
             if self.origin is not None and not readonly:  # a copy's first writable open:
                 self.layout.new_key_namespace()             # its own idempotency keys
             self.key_namespace = self.layout.key_namespace(self.store_id)
+            # transactions below this txid were made in the store this one was copied
+            # from (0: none; a copy's first writable open notes it, see _undo_losers)
+            self.inherited_below = self.layout.inherited_below()
             self.state = LmdbState(self.layout.db, map_size, readonly=readonly)
             self.applier = Applier(self.state)
             self.closed = False  # the open sequence below uses the engine (a failure closes)
@@ -230,6 +233,7 @@ class Engine:
                    self.state.meta_int(b"txid_reserved", 1) - 1]
                   + [p.txid for p in self.prepared.by_gid.values()])
         self._txids = itertools.count(top + 1)
+        self._first_txid = top + 1  # (a copy's first open notes it: _undo_losers)
         self._txid_horizon = top + 1 + TXID_BLOCK  # (made durable with the open flag)
         # every transaction REDO left in flight is a loser too: one that logged only file
         # steps (no intent) in the tail is in the ``inflight`` table once REDO applied it
@@ -313,7 +317,11 @@ class Engine:
     def _undo_losers(self, losers: list[int]) -> None:
         """UNDO: a loser ends as a rollback ends, with an ABORT record (its actions' rows
         become ``pending``: compensated right after open, or listed).  In a copy of another
-        store (backup, restore) they are ``held``: listed, never run automatically."""
+        store (backup, restore) they are ``held``: listed, never run automatically; and
+        the first txid this open gives (``_first_txid``) is noted in ``STORE`` with the
+        origin's clearing (``inherited_below``): a transaction still prepared (in doubt)
+        is the source's, and ``rollback_prepared`` holds its debts too (TwoPhase), after
+        any reopen or crash."""
         copied = self.origin is not None and not self.origin.get("compensate")
         if losers and not self.readonly:  # (the pages their ABORTs write: their action
             from .tables import action_prefix, txid_key  # rows, found by their prefix)
@@ -332,7 +340,13 @@ class Engine:
             self.journal.sync_all()
             self.drain()
         if self.origin is not None:
-            self.layout.clear_origin()
+            self.layout.clear_origin(self._first_txid if copied else None)
+            self.inherited_below = self.layout.inherited_below()
+
+    def inherited(self, txid: int) -> bool:
+        """Whether transaction ``txid`` was made in the store this one is a copy of
+        (backup, restore) and its debts are held here (``inherited_below``)."""
+        return txid < self.inherited_below
 
     def _hold_copied_debts(self) -> None:
         """A copy never runs compensations owed in its source: every owed action is held."""

@@ -3,7 +3,10 @@
 A store is a directory (mode 0700)::
 
     STORE          identity: JSON {"format": "walstore", "version": 2, "store_id": hex,
-                   and for a copy not yet opened, "origin": {"kind": "backup"|"restore", ...}}
+                   and for a copy not yet opened, "origin": {"kind": "backup"|"restore", ...};
+                   from a copy's first writable open, "keys" (its idempotency key token)
+                   and "inherited_below": the first txid the copy could give, so every
+                   transaction below it was made in the source (``inherited_below``)}
                    ("version": the store format version, see docs/FORMAT.md: versions 1
                    and 2 are read; a writable open marks a version 1 store 2 before it
                    writes anything; a larger one was made by a newer walstore: NotAStore)
@@ -134,6 +137,15 @@ class Layout:
         origin = self._doc().get("origin")
         return origin if isinstance(origin, dict) and not origin.get("settled") else None
 
+    def inherited_below(self) -> int:
+        """The txid below which every transaction was made in the store this one was
+        copied from (0: not a copy, or one opened with ``compensate``).  A copy's first
+        writable open notes it (``clear_origin``), before it gives any txid of its own: a
+        transaction it finds prepared (in doubt) then is its source's, and rolling it back
+        here later holds its compensations instead of running them (CONTRACT 4.10)."""
+        below = self._doc().get("inherited_below")
+        return below if type(below) is int and below > 0 else 0
+
     def key_namespace(self, store_id: bytes) -> str:
         """What this store's action idempotency keys begin with (``ws-<it>-<action id>``):
         the store id's first 12 hex digits, or, in a copy (backup, restore), a token of its
@@ -173,15 +185,21 @@ class Layout:
             doc["origin"] = origin
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
-    def clear_origin(self) -> None:
+    def clear_origin(self, inherited_below: int | None = None) -> None:
         """The first open of a copy settled what it inherited; a restored store keeps its
-        lineage (it replicates as a new lineage, never into its source's replica)."""
+        lineage (it replicates as a new lineage, never into its source's replica).
+        ``inherited_below`` (the first txid the copy gives; None: a copy that compensates
+        what it inherited) is noted in the same atomic write (``inherited_below``; the
+        larger of it and one the identity carries already: a copy of a copy)."""
         doc = self._doc()
         origin = doc.pop("origin", None)
         if origin is None:
             return
         if isinstance(origin, dict) and origin.get("lineage"):
             doc["origin"] = dict(origin, settled=True)
+        if inherited_below is not None:
+            old = doc.get("inherited_below")
+            doc["inherited_below"] = max(inherited_below, old if type(old) is int else 0)
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
 

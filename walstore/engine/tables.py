@@ -274,9 +274,14 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                 out.append(new)
         return out
     if t in (RecordType.ABORT, RecordType.ROLLBACK_PREPARED):
-        why = ("in flight in the source store when it was copied: never run automatically"
-               if b.get("copied") else "its transaction did not commit before a crash"
-               if b.get("recovered") else "its transaction rolled back")
+        if b.get("copied"):  # (a copy's: a loser, or one prepared in its source)
+            why = ("prepared in the source store when it was copied, rolled back here"
+                   if t == RecordType.ROLLBACK_PREPARED else
+                   "in flight in the source store when it was copied") + \
+                ": never run automatically"
+        else:
+            why = ("its transaction did not commit before a crash" if b.get("recovered")
+                   else "its transaction rolled back")
         out = []
         for row in rows_of_txid(event.txid):
             if row.get("state") not in (IN_FLIGHT, COMMITTED):

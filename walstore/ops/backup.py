@@ -39,7 +39,9 @@ healthy store as damaged — probe55.)
 The copy's identity file carries ``origin: {"kind": "backup"}``: its first open runs
 recovery, which REDOes the WAL from ``A`` and ends the transactions that were in flight in
 the source — but never runs their compensations (the source machine did or will): they
-are listed as pending, ``held`` (promise 10).  Files 0600, directories 0700; a
+are listed as pending, ``held`` (promise 10); a transaction prepared there stays in doubt,
+and rolling it back in the copy holds its actions and file changes too
+(walstore.agent.twophase).  Files 0600, directories 0700; a
 destination inside the source is refused.
 """
 from __future__ import annotations
