@@ -856,3 +856,68 @@ def test_a_late_pending_write_of_a_pruned_checkpoint_is_refused(saver):
         saver.put_writes(p, [("x", 2)], "task-late")
     scope = saver.thread_scope("t")
     assert [k for k in saver.store.keys(prefix=scope) if k[len(scope):][:1] == b"w"] == []
+
+
+def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, monkeypatch):
+    # (probe-lgorder: durability="sync"; the user rewound the running thread to T while
+    # the save of the write of T's booking task was still under way.  The rewind
+    # compensated the booking, then the write landed on T, which the rewind kept: a resume
+    # took the task for done, the state said "booked Rome", the world had it cancelled)
+    import threading
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    saver = WalstoreSaver(store)
+    put_writes = WalstoreSaver.put_writes
+    rome_saving = threading.Event()
+
+    def slow_put_writes(self, config, writes, task_id, task_path=""):
+        if any(ch == "booked" and v == ["Rome"] for ch, v in writes):
+            rome_saving.set()
+            time.sleep(0.6)
+        return put_writes(self, config, writes, task_id, task_path)
+    monkeypatch.setattr(WalstoreSaver, "put_writes", slow_put_writes)
+
+    def book(s: Plan) -> dict:
+        city = s["plan"][0]
+        with store.transaction() as tx:
+            with tx.action("book", args={"city": city}, compensate="cancel") as act:
+                world.append(("book", city))
+                act.result = {"ok": True}
+        if city == "Oslo":
+            time.sleep(0.8)
+        return {"plan": s["plan"][1:], "booked": [city]}
+
+    b = StateGraph(Plan)
+    b.add_node("book", book)
+    b.add_conditional_edges(START, lambda s: "book" if s["plan"] else END)
+    b.add_conditional_edges("book", lambda s: "book" if s["plan"] else END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "a"}}
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke({"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config,
+                         durability="sync")
+        except Exception as e:  # noqa: BLE001  (the run cut off by the rewind)
+            errors.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    assert rome_saving.wait(10)
+    time.sleep(0.2)
+    target = next(h for h in graph.get_state_history(config)
+                  if h.values.get("booked") == ["Paris"])
+    saver.rewind(target.config)
+    th.join(30)
+    monkeypatch.setattr(WalstoreSaver, "put_writes", put_writes)
+    assert [type(e).__name__ for e in errors] == ["StaleCheckpointError"]
+    head = graph.get_state(config)
+    assert head.values == target.values and all(t.result is None for t in head.tasks)
+    graph.invoke(None, config, durability="sync")
+    standing = [c for k, c in world if k == "book"]
+    for _k, c in (x for x in world if x[0] == "cancel"):
+        standing.remove(c)
+    assert sorted(graph.get_state(config).values["booked"]) == sorted(standing) == [
+        "Oslo", "Paris", "Rome"]
+    store.close()

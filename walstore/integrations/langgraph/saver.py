@@ -188,6 +188,26 @@ _REMOVALS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKe
 _REMOVALS_LOCK = threading.Lock()
 
 
+_REWINDS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
+
+
+def _rewinds(store: Any) -> dict[bytes, float]:
+    """thread prefix -> when this process last began rewinding it (per store object)."""
+    with _REMOVALS_LOCK:
+        got = _REWINDS.get(store)
+        if got is None:
+            got = _REWINDS[store] = {}
+        return got
+
+
+def _loaded_at(token: Any) -> float | None:
+    """When the run whose load ``token`` is (``RUN_TOKEN``) loaded its thread."""
+    try:
+        return float(str(token).split("-", 1)[0])
+    except ValueError:
+        return None
+
+
 def _removals(store: Any) -> dict[bytes, float]:
     """thread prefix -> when this process last began removing checkpoints of it (per
     store object, shared by every saver on it)."""
@@ -414,7 +434,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if self.fencing:
             # names this load (a run's, when LangGraph's loop calls): the run's node
             # transactions carry it, so a put of the run refused for a race undoes them
-            _mark(config, RUN_TOKEN + ns_name, uuid.uuid4().hex)
+            _mark(config, RUN_TOKEN + ns_name, f"{time.time():.6f}-{uuid.uuid4().hex}")
 
         def read(tx):
             if cid:
@@ -739,13 +759,21 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 thread_id, ns_name, parent, latest)
 
     def _fence_gone(self, thread_id: str, ns_name: str, parent: str,
-                    extends_head: bool, what: str = "a checkpoint built on") -> None:
+                    extends_head: bool, what: str = "a checkpoint built on",
+                    rewound: bool = False) -> None:
         """Refuse a put built on a checkpoint the thread no longer has: a ``rewind`` undid
         it or ``delete_thread`` erased it while this run was working.  Writing it would
         bring the undone line back as the thread's head (with a parent that is gone); the
         same for pending writes of such a checkpoint (``put_writes``), which would be
         orphans under the thread's prefix (after a delete: the erased thread's data back
-        in the store)."""
+        in the store).  ``rewound``: pending writes of a run that loaded the thread
+        before a rewind of it, for a checkpoint the rewind kept."""
+        if rewound:
+            raise StaleCheckpointError(
+                f"thread {thread_id!r} (namespace {ns_name!r}) was rewound while this run "
+                f"worked: its step on checkpoint {parent!r} was undone, so {what} it was "
+                f"refused and nothing was written (reload the thread and retry)",
+                thread_id, ns_name, parent, None)
         raise StaleCheckpointError(
             f"thread {thread_id!r} (namespace {ns_name!r}) no longer has checkpoint "
             f"{parent!r}: a rewind undid it or the thread was deleted while this run "
@@ -889,11 +917,22 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 row.append(task_id)
             rows.append((widx, ns.write(cid, task_id, widx), row))
 
+        # a task of a run that loaded the thread before a rewind of it (in this process)
+        # saving its writes late: the rewind undid its step (and compensated what it did),
+        # the checkpoint kept may be the very one the task worked on — refused, or a
+        # resume would take the task for done
+        loaded = _loaded_at(_conf(config).get(RUN_TOKEN + ns_name)) if self.fencing else None
+        rewound = _rewinds(self.store).get(ns.thread_prefix)
+        cut_off = loaded is not None and rewound is not None and loaded < rewound
+
         def write(tx):
             if self.fencing:
                 if self.store.get(ns.checkpoint(cid)) is not None:
                     # (read, so a rewind or delete_thread racing these writes conflicts)
                     tx.get(ns.checkpoint(cid))
+                    if cut_off:
+                        self._fence_gone(thread_id, ns_name, cid, True,
+                                         "pending writes for", rewound=True)
                 elif self._checkpoint_removed(ns, cid):
                     self._fence_gone(thread_id, ns_name, cid, True, "pending writes for")
                 # (else its save is still under way: not read, so the save landing
@@ -1342,6 +1381,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             before = removals.get(scope)
             self._removing(scope)
             marked = removals.get(scope)
+            rewinds = _rewinds(self.store)
+            rewound_before = rewinds.get(scope)
+            rewinds[scope] = rewound_mark = time.time()
         result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
                                    meta=meta if meta is not None
                                    else self._meta("rewind", thread_id=thread_id,
@@ -1353,11 +1395,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not dry_run:
             if result is not None:
                 self._removing(scope)
+                _rewinds(self.store)[scope] = time.time()
             elif removals.get(scope) == marked:  # (nothing removed: as it was)
                 if before is None:
                     removals.pop(scope, None)
                 else:
                     removals[scope] = before
+                if rewinds.get(scope) == rewound_mark:
+                    if rewound_before is None:
+                        rewinds.pop(scope, None)
+                    else:
+                        rewinds[scope] = rewound_before
             self.codec.forget(scope)
         return result
 
