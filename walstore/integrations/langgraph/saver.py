@@ -1160,53 +1160,99 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         return self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}")
 
     def rewind_point(self, config: RunnableConfig) -> "walstore.LSN":
-        """Where :meth:`rewind` rewinds to: the commit that saved the checkpoint, moved past
-        the pending writes that tasks of the steps before it saved after it (LangGraph
-        saves pending writes in the background, out of order, whatever the durability) as
-        long as nothing else of the thread was saved in between, so the checkpoints the
-        thread keeps keep those writes.
+        """Where :meth:`rewind` rewinds to (the commits after it that it keeps:
+        :meth:`rewind_plan`)."""
+        return self.rewind_plan(config)[0]
 
-        The point moves only across commits of the thread that hold nothing but such late
-        writes: regular writes of a task (not LangGraph's null task, which carries a run's
+    def rewind_plan(self, config: RunnableConfig) -> tuple["walstore.LSN", list[int]]:
+        """See :meth:`_rewind_plan`."""
+        return self._rewind_plan(config)[:2]
+
+    def _rewind_plan(self, config: RunnableConfig
+                     ) -> tuple["walstore.LSN", list[int], int | None]:
+        """(the LSN :meth:`rewind` rewinds the thread to, the txids of the thread's
+        commits after it that the rewind keeps: ``store.rewind(to, scope=, keep=)``).
+
+        The point is the commit that saved the checkpoint.  LangGraph saves pending
+        writes in the background, out of order, whatever the durability: a commit after
+        the point that holds nothing but late writes of the run that made the checkpoint
+        is kept, so the checkpoints the thread keeps keep those writes.  Such a write is
+        a regular write of a task (not LangGraph's null task, which carries a run's
         input: ``Command`` resume, goto, update) on an ancestor whose child on the
         checkpoint's line was made by that ancestor's own step (metadata source
-        ``"loop"``).  It stops at the first other commit of the thread (its keys, its
-        scope tag or an action declared in it): a checkpoint, a node's transaction, its
-        actions, another run's input.  Everything from there on is undone, late writes
-        saved after it included (their ancestor then lists that task as not yet run):
-        moving past it would keep work done after the checkpoint, a booking say, while
-        the thread goes back to before it."""
+        ``"loop"``), committed before anything that shows another run began (a null-task
+        write, or a checkpoint built on an ancestor beside the line).  Everything else of
+        the thread after the point is undone: checkpoints, node transactions and their
+        actions, whatever order they came in.
+
+        With ``durability="async"`` the checkpoint's own save may land after work of the
+        steps that follow it (:meth:`_early_work`): the point then moves to just before
+        the oldest of that work, and the thread's other commits from there (the save
+        itself among them) are kept.  When that work is the store's very first commit, no
+        position lies before it: the point is that commit, and the third item its txid,
+        which :meth:`rewind` reverts after the rewind (else None)."""
         thread_id, _ns_name = _where(config)
         ns, cid = self._address(config)
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
         prefix, scope = ns.writes(), self.thread_scope(thread_id)
+        keep: list[int] = []
         infos = self.store.log(since=walstore.LSN(point))
-        if not any(isinstance(k, bytes) and k.startswith(prefix)
-                   for info in infos for k in info.keys):
-            return walstore.LSN(point)
+        if any(isinstance(k, bytes) and k.startswith(prefix)
+               for info in infos for k in info.keys):
+            def line(tx):
+                """(ancestors, the ancestors whose child on the line their own step made)"""
+                child = tx.get(ns.checkpoint(cid)) or {}
+                older, made_by_step = set(), set()
+                for at, rec in self._ancestors(tx, ns, cid, child):
+                    older.add(at)
+                    md = self.codec.loads(child["m"]) if "m" in child else None
+                    if isinstance(md, dict) and md.get("source") == "loop":
+                        made_by_step.add(at)
+                    child = rec
+                return older, made_by_step
+            older, made_by_step = self._read(line)
+            checkpoints = ns.checkpoints()
+            for info in reversed(infos):  # oldest first
+                if not self._of_thread(info, scope):
+                    continue  # (another thread's: a scoped rewind leaves it alone)
+                if self._another_run(info, ns, cid, older, prefix, checkpoints):
+                    break
+                if not info.actions and info.keys and all(
+                        self._late_write(key, ns, prefix, made_by_step) for key in info.keys):
+                    keep.append(info.txid)
+        early = self._early_work(config, point)
+        if early is None:
+            return walstore.LSN(point), keep, None
+        return early[0], early[1] + keep, early[2]
 
-        def line(tx):
-            """the ancestors whose child on the line their own step made"""
-            child = tx.get(ns.checkpoint(cid)) or {}
-            made_by_step = set()
-            for at, rec in self._ancestors(tx, ns, cid, child):
-                md = self.codec.loads(child["m"]) if "m" in child else None
-                if isinstance(md, dict) and md.get("source") == "loop":
-                    made_by_step.add(at)
-                child = rec
-            return made_by_step
-        made_by_step = self._read(line)
-        for info in reversed(infos):  # oldest first
-            if not self._of_thread(info, scope):
-                continue  # (another thread's: a scoped rewind leaves it alone)
-            if info.actions or not info.keys or not all(
-                    self._late_write(key, ns, prefix, made_by_step) for key in info.keys):
-                break
-            point = int(info.lsn)
-        return walstore.LSN(point)
+    def _another_run(self, info: Any, ns: Namespace, cid: str, older: set[str],
+                     prefix: bytes, checkpoints: bytes) -> bool:
+        """Does commit ``info`` show that a run other than the one that made checkpoint
+        ``cid`` began: a null-task write (a run's input) in the namespace, or a checkpoint
+        put whose parent is one of ``cid``'s ancestors (``older``), beside the line."""
+        for key in info.keys:
+            if not isinstance(key, bytes):
+                continue
+            if key.startswith(prefix):
+                at = key[len(prefix):].split(b"\x00", 1)[0].decode("utf-8", "replace")
+                try:
+                    task, _idx = self.keys.parse_write(ns.writes_of(at), key)
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    continue
+                if task == NULL_TASK_ID:
+                    return True
+            elif key.startswith(checkpoints):
+                other = key[len(checkpoints):].decode("utf-8", "replace")
+                if other == cid or other in older:
+                    continue
+                rec = next((v.value for v in self.store.history(key)
+                            if v.lsn == info.lsn and not v.deleted), None)
+                if isinstance(rec, dict) and rec.get("p") in older:
+                    return True
+        return False
 
     def _early_work(self, config: RunnableConfig, point: int
-                    ) -> tuple["walstore.LSN", list[int]] | None:
+                    ) -> tuple["walstore.LSN", list[int], int | None] | None:
         """Work of the thread that belongs after checkpoint ``cid`` (its step's and later
         steps' node transactions, checkpoints and pending writes) but committed at or
         before ``point``: LangGraph's ``durability="async"`` saves a checkpoint in the
@@ -1245,7 +1291,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 continue
             if other >= cid and _uuid6_time(other) is not None:
                 later_keys.add(key)
-        oldest = None
+        oldest, oldest_txid = None, None
         for key in later_keys:
             try:
                 lsn = int(self._created_at(key, "key"))
@@ -1253,25 +1299,27 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 continue
             if lsn <= point and (oldest is None or lsn < oldest):
                 oldest = lsn
+                oldest_txid = next((v.txid for v in self.store.history(key)
+                                    if int(v.lsn) == lsn), None)
         for txid in step_txids:
             try:
                 lsn = int(self.store.txn_info(txid).lsn)
             except (KeyError, WalstoreError):
                 continue  # (never committed, or trimmed)
             if lsn <= point and (oldest is None or lsn < oldest):
-                oldest = lsn
+                oldest, oldest_txid = lsn, txid
         if oldest is None:
             return None
-        keep = []
+        keep, first = [], None
         for info in self.store.log(since=walstore.LSN(max(oldest - 1, 0))):
             if info.lsn > point or not self._of_thread(info, scope):
                 continue
             if info.txid in step_txids or any(k in later_keys for k in info.keys):
                 continue
             keep.append(info.txid)
-        # (the store's very first commit being such work, no position lies before it: the
-        # rewind goes to it, and rewind() reverts it after)
-        return walstore.LSN(max(oldest - 1, 0)), keep
+        if oldest == 0:  # (the store's very first commit: no position lies before it)
+            first = oldest_txid
+        return walstore.LSN(max(oldest - 1, 0)), keep, first
 
     @staticmethod
     def _of_thread(info: Any, scope: bytes) -> bool:
@@ -1345,14 +1393,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
         LangGraph saves pending writes in the background (checkpoints too with its
         default ``durability="async"``), so they may commit out of order: the rewind
-        point moves past writes of the step before the checkpoint saved after it only
-        while nothing else of the thread came in between (see :meth:`rewind_point`), and
-        work of the steps after the checkpoint that committed before its save is undone
-        too, the save itself kept (:meth:`_early_work`, ``store.rewind(keep=)``).
-        Anything of the thread after the checkpoint is undone, so the thread and the
-        world agree: a booking made by a node of the step after it is compensated, as
-        that step will run again.  (When the store's very first commit is such work, no
-        position lies before it: the rewind goes to it, then reverts it.)
+        keeps the late writes of the steps before the checkpoint, and undoes work of the
+        steps after it that committed before the checkpoint's save, the save itself kept
+        (:meth:`rewind_plan`, ``store.rewind(keep=)``).  Anything else of the thread after
+        the checkpoint is undone, so the thread and the world agree: a booking made by a
+        node of the step after it is compensated, as that step will run again.  (When the
+        store's very first commit is such work, no position lies before it: the rewind
+        goes to it, then reverts it.)
 
         A run of the thread inside a node while it rewinds is fenced at its next
         checkpoint and pending writes (``StaleCheckpointError``), and so is a walstore
@@ -1363,15 +1410,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         checkpoint is still being saved is not fenced.)
         """
         thread_id, _ns = _where(config)
-        to = self.rewind_point(config)
-        keep, first = None, None
-        early = self._early_work(config, int(to))
-        if early is not None:
-            to, keep = early
-            if int(to) == 0:
-                first = self.store.log(since=None)[-1]
-                if first.lsn != 0 or not self._of_thread(first, self.thread_scope(thread_id)):
-                    first = None
+        to, keep, first = self._rewind_plan(config)
         scope = self.thread_scope(thread_id)
         removals = _removals(self.store)
         marked = None
@@ -1389,7 +1428,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                    else self._meta("rewind", thread_id=thread_id,
                                                    checkpoint_id=get_checkpoint_id(config)))
         if first is not None and not dry_run:
-            self.store.revert(first.txid, scope=scope,
+            self.store.revert(first, scope=scope,
                               meta=self._meta("rewind", thread_id=thread_id,
                                               checkpoint_id=get_checkpoint_id(config)))
         if not dry_run:
