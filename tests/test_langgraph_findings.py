@@ -925,3 +925,90 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
     assert sorted(graph.get_state(config).values["booked"]) == sorted(standing) == [
         "Oslo", "Paris", "Rome"]
     store.close()
+
+
+def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkpoint(
+        tmp_path, monkeypatch):
+    # (review38: durability="async"; the save of T landed after the booking of T's step,
+    # and a sibling task failed, so that step never got a checkpoint whose record lists
+    # the booking's transaction: rewind(T) left the booking standing and kept its
+    # transaction, and the resume booked Rome a second time)
+    class S(TypedDict):
+        booked: Annotated[list, operator.add]
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    saver = WalstoreSaver(store)
+    put = WalstoreSaver.put
+
+    def slow_put(self, config, checkpoint, metadata, new_versions):
+        if metadata.get("step") == 1:
+            time.sleep(0.4)
+        return put(self, config, checkpoint, metadata, new_versions)
+    monkeypatch.setattr(WalstoreSaver, "put", slow_put)
+    fail = {"on": True}
+
+    def book(s: S) -> dict:
+        with store.transaction() as tx:
+            with tx.action("book", args={"city": "Rome"}, compensate="cancel") as act:
+                world.append(("book", "Rome"))
+                act.result = {"ok": True}
+        return {"booked": ["Rome"]}
+
+    def other(s: S) -> dict:
+        time.sleep(0.05)
+        if fail["on"]:
+            raise RuntimeError("sibling failed")
+        return {}
+    b = StateGraph(S)
+    b.add_node("plan", lambda s: {})
+    b.add_node("book", book)
+    b.add_node("other", other)
+    b.add_edge(START, "plan")
+    b.add_edge("plan", "book")
+    b.add_edge("plan", "other")
+    b.add_edge("book", END)
+    b.add_edge("other", END)
+    graph = b.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "a"}}
+    with pytest.raises(RuntimeError):
+        graph.invoke({"booked": []}, config, durability="async")
+    monkeypatch.setattr(WalstoreSaver, "put", put)
+    target = next(h for h in graph.get_state_history(config) if "book" in h.next)
+    booking = next(a for a in store.actions())
+    tid = target.config["configurable"]["checkpoint_id"].encode()
+    saved = next(i.lsn for i in store.log() if any(
+        isinstance(k, bytes) and k.endswith(tid) for k in i.keys))
+    assert store.txn_info(booking.txid).lsn < saved  # (the order played)
+    to, keep = saver.rewind_plan(target.config)
+    assert booking.txid not in keep and to < store.txn_info(booking.txid).lsn
+    saver.rewind(target.config)
+    assert world == [("book", "Rome"), ("cancel", "Rome")]
+    fail["on"] = False
+    graph.invoke(None, config, durability="sync")
+    assert world[2:] == [("book", "Rome")]
+    assert graph.get_state(config).values["booked"] == ["Rome"]
+    store.close()
+
+
+def test_a_refused_rewind_does_not_fence_the_runs_of_the_thread(saver):
+    # (review38: a saver.rewind refused with RevertConflict, nothing changed, still
+    # marked the thread rewound: the pending writes of a run that had loaded it were
+    # refused, "its step was undone", and the resume ran that task again)
+    from walstore.integrations.langgraph.saver import RUN_TOKEN
+    store = saver.store
+    p = saver.put(cfg("t"), checkpoint(x=1), {"source": "input", "step": -1}, {"x": 1})
+    t = saver.put(p, checkpoint(x=2), {"source": "loop", "step": 0}, {"x": 2})
+    with store.transaction(scope=saver.thread_scope("t")) as tx:
+        tx.put("shared", "thread")
+    with store.transaction() as tx:  # another agent wrote it later
+        tx.put("shared", "other")
+    saver.get_tuple(t)  # a run loads the thread (its config names the load)
+    run = {"configurable": dict(t["configurable"])}
+    loaded = {"configurable": dict(t["configurable"])}
+    saver.get_tuple(loaded)
+    run["configurable"][RUN_TOKEN] = loaded["configurable"][RUN_TOKEN]
+    with pytest.raises(walstore.RevertConflict):
+        saver.rewind(t)
+    saver.put_writes(run, [("x", 5)], "task-1")
+    assert saver.get_tuple(t).pending_writes == [("task-1", "x", 5)]

@@ -88,7 +88,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 
 import walstore
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import ConflictError, WalstoreError
+from walstore.errors import CommitOutcomeUnknown, ConflictError, WalstoreError
 
 from .._async import finish_despite_cancel
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
@@ -434,7 +434,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if self.fencing:
             # names this load (a run's, when LangGraph's loop calls): the run's node
             # transactions carry it, so a put of the run refused for a race undoes them
-            _mark(config, RUN_TOKEN + ns_name, f"{time.time():.6f}-{uuid.uuid4().hex}")
+            _mark(config, RUN_TOKEN + ns_name, f"{time.monotonic():.6f}-{uuid.uuid4().hex}")
 
         def read(tx):
             if cid:
@@ -771,14 +771,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if rewound:
             raise StaleCheckpointError(
                 f"thread {thread_id!r} (namespace {ns_name!r}) was rewound while this run "
-                f"worked: its step on checkpoint {parent!r} was undone, so {what} it was "
-                f"refused and nothing was written (reload the thread and retry)",
+                f"worked: its step on checkpoint {parent!r} was undone, so {what} it "
+                f"were refused and nothing was written (reload the thread and retry)",
                 thread_id, ns_name, parent, None)
         raise StaleCheckpointError(
             f"thread {thread_id!r} (namespace {ns_name!r}) no longer has checkpoint "
             f"{parent!r}: a rewind undid it or the thread was deleted while this run "
-            f"worked, so {what} it was refused and nothing was written (reload the "
-            f"thread and retry)",
+            f"worked, so {what} it {'were' if what.startswith('pending') else 'was'} "
+            f"refused and nothing was written (reload the thread and retry)",
             thread_id, ns_name, parent, None)
 
     def _undo_lost_step(self, error: StaleCheckpointError, ns: Namespace,
@@ -1264,7 +1264,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         Such work is known by the ids it names (LangGraph's checkpoint ids are uuid6,
         ordered by time): a checkpoint of any namespace made after ``cid``, a pending
         write on ``cid`` or a later checkpoint, and the node transactions a later
-        checkpoint's record lists as its step's (``"s"``, noted by :meth:`put`)."""
+        checkpoint's record lists as its step's (``"s"``, noted by :meth:`put`), or that
+        this process saw begun in a step built on ``cid`` or later (``_step_txns``: a step
+        whose checkpoint was never saved lists its transactions nowhere durable, so a
+        rewind in another process or after a restart cannot find them).  The thread's
+        commits from the oldest of it to ``point`` are kept only when known to be work
+        from before ``cid`` (:meth:`_before`); the rest is undone.  (When the oldest is
+        the store's very first commit, the rewind's dry-run plan does not list it: it is
+        reverted by a transaction of its own after the rewind.)"""
         thread_id, _ns_name = _where(config)
         _ns, cid = self._address(config)
         if _uuid6_time(cid) is None:
@@ -1284,13 +1291,18 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     step_txids.update(t for t in listed
                                       if isinstance(t, int) and not isinstance(t, bool))
         for key in self.store.keys(prefix=scope + WRITE):
-            try:
-                _n, i = read_part(key, len(scope) + 1)
-                other = key[i:].split(b"\x00", 1)[0].decode("utf-8")
-            except (ValueError, IndexError, UnicodeDecodeError):
-                continue
-            if other >= cid and _uuid6_time(other) is not None:
+            other = self._write_checkpoint(scope, key)
+            if other is not None and other >= cid and _uuid6_time(other) is not None:
                 later_keys.add(key)
+        # and the node transactions this process saw begun in steps built on ``cid`` or a
+        # later checkpoint, listed in no record yet (a step whose checkpoint was never
+        # saved: a task failed, an interrupt, a run still going)
+        registry = _step_txns(self.store)
+        with _REMOVALS_LOCK:
+            for (prefix, _ns_name, at, _token), txids in registry.items():
+                if (prefix == scope and isinstance(at, str) and at >= cid
+                        and _uuid6_time(at) is not None):
+                    step_txids.update(txids)
         oldest, oldest_txid = None, None
         for key in later_keys:
             try:
@@ -1314,12 +1326,47 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         for info in self.store.log(since=walstore.LSN(max(oldest - 1, 0))):
             if info.lsn > point or not self._of_thread(info, scope):
                 continue
-            if info.txid in step_txids or any(k in later_keys for k in info.keys):
-                continue
-            keep.append(info.txid)
+            if info.txid not in step_txids and self._before(info, scope, cid):
+                keep.append(info.txid)  # (else: the steps' after ``cid``, undone)
         if oldest == 0:  # (the store's very first commit: no position lies before it)
             first = oldest_txid
         return walstore.LSN(max(oldest - 1, 0)), keep, first
+
+    def _write_checkpoint(self, scope: bytes, key: bytes) -> str | None:
+        """The checkpoint id a pending write key of the thread ``scope`` is for."""
+        try:
+            _n, i = read_part(key, len(scope) + 1)
+            return key[i:].split(b"\x00", 1)[0].decode("utf-8")
+        except (ValueError, IndexError, UnicodeDecodeError):
+            return None
+
+    def _before(self, info: Any, scope: bytes, cid: str) -> bool:
+        """Is commit ``info`` known to be the thread's work from before checkpoint ``cid``
+        (its own save, an ancestor's save, pending writes of an ancestor): no actions, and
+        every key a checkpoint (with its blobs and run index) not made after ``cid``, or a
+        pending write on a checkpoint made before it.  A node transaction is never known
+        to be: one that commits after work of ``cid``'s step began is that step's or a
+        later one's (the steps before ``cid`` ended before ``cid`` was made)."""
+        if info.actions or not info.keys:
+            return False
+        for key in info.keys:
+            if not (isinstance(key, bytes) and key.startswith(scope)):
+                return False
+            kind = key[len(scope):len(scope) + 1]
+            if kind == CHECKPOINT:
+                try:
+                    other = self.keys.parse_checkpoint(scope, key)[2]
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    return False
+                if other > cid:
+                    return False
+            elif kind == WRITE:
+                other = self._write_checkpoint(scope, key)
+                if other is None or other >= cid:
+                    return False
+            elif kind not in (BLOB, RUN):
+                return False
+        return True
 
     @staticmethod
     def _of_thread(info: Any, scope: bytes) -> bool:
@@ -1422,11 +1469,30 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             marked = removals.get(scope)
             rewinds = _rewinds(self.store)
             rewound_before = rewinds.get(scope)
-            rewinds[scope] = rewound_mark = time.time()
-        result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
-                                   meta=meta if meta is not None
-                                   else self._meta("rewind", thread_id=thread_id,
-                                                   checkpoint_id=get_checkpoint_id(config)))
+            rewinds[scope] = rewound_mark = time.monotonic()
+
+        def unmark() -> None:  # (nothing removed: the marks as they were)
+            if removals.get(scope) == marked:
+                if before is None:
+                    removals.pop(scope, None)
+                else:
+                    removals[scope] = before
+            if rewinds.get(scope) == rewound_mark:
+                if rewound_before is None:
+                    rewinds.pop(scope, None)
+                else:
+                    rewinds[scope] = rewound_before
+        try:
+            result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
+                                       meta=meta if meta is not None
+                                       else self._meta("rewind", thread_id=thread_id,
+                                                       checkpoint_id=get_checkpoint_id(config)))
+        except CommitOutcomeUnknown:
+            raise  # (it may have committed: the marks stay)
+        except BaseException:
+            if not dry_run:  # refused (RevertConflict, ...): nothing was changed
+                unmark()
+            raise
         if first is not None and not dry_run:
             self.store.revert(first, scope=scope,
                               meta=self._meta("rewind", thread_id=thread_id,
@@ -1434,17 +1500,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not dry_run:
             if result is not None:
                 self._removing(scope)
-                _rewinds(self.store)[scope] = time.time()
-            elif removals.get(scope) == marked:  # (nothing removed: as it was)
-                if before is None:
-                    removals.pop(scope, None)
-                else:
-                    removals[scope] = before
-                if rewinds.get(scope) == rewound_mark:
-                    if rewound_before is None:
-                        rewinds.pop(scope, None)
-                    else:
-                        rewinds[scope] = rewound_before
+                rewinds[scope] = time.monotonic()
+            else:
+                unmark()
             self.codec.forget(scope)
         return result
 
