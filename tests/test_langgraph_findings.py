@@ -773,10 +773,12 @@ def test_an_async_rewind_compensates_bookings_committed_before_the_checkpoints_s
         "cancel": lambda a: world.append(("cancel", a.args["city"]))})
     saver = WalstoreSaver(store)
     put = WalstoreSaver.put
+    import threading
+    rome_booked = threading.Event()
 
     def slow_put(self, config, checkpoint, metadata, new_versions):
         if metadata.get("step") == 1:
-            time.sleep(0.4)
+            rome_booked.wait(30)  # (T's save lands after the booking of T's step)
         return put(self, config, checkpoint, metadata, new_versions)
     monkeypatch.setattr(WalstoreSaver, "put", slow_put)
 
@@ -786,6 +788,8 @@ def test_an_async_rewind_compensates_bookings_committed_before_the_checkpoints_s
             with tx.action("book", args={"city": city}, compensate="cancel") as act:
                 world.append(("book", city))
                 act.result = {"ok": True}
+        if city == "Rome":
+            rome_booked.set()
         return {"plan": s["plan"][1:], "booked": [city]}
 
     b = StateGraph(Plan)
@@ -873,12 +877,12 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
         "cancel": lambda a: world.append(("cancel", a.args["city"]))})
     saver = WalstoreSaver(store)
     put_writes = WalstoreSaver.put_writes
-    rome_saving = threading.Event()
+    rome_saving, rewound = threading.Event(), threading.Event()
 
     def slow_put_writes(self, config, writes, task_id, task_path=""):
         if any(ch == "booked" and v == ["Rome"] for ch, v in writes):
             rome_saving.set()
-            time.sleep(0.6)
+            rewound.wait(60)  # (the save lands after the rewind, whatever the load)
         return put_writes(self, config, writes, task_id, task_path)
     monkeypatch.setattr(WalstoreSaver, "put_writes", slow_put_writes)
 
@@ -889,7 +893,7 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
                 world.append(("book", city))
                 act.result = {"ok": True}
         if city == "Oslo":
-            time.sleep(0.8)
+            rewound.wait(60)  # (the run cannot finish before the rewind)
         return {"plan": s["plan"][1:], "booked": [city]}
 
     b = StateGraph(Plan)
@@ -908,12 +912,14 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
             errors.append(e)
     th = threading.Thread(target=run)
     th.start()
-    assert rome_saving.wait(10)
-    time.sleep(0.2)
+    assert rome_saving.wait(30)
     target = next(h for h in graph.get_state_history(config)
                   if h.values.get("booked") == ["Paris"])
-    saver.rewind(target.config)
-    th.join(30)
+    try:
+        saver.rewind(target.config)
+    finally:
+        rewound.set()
+    th.join(60)
     monkeypatch.setattr(WalstoreSaver, "put_writes", put_writes)
     assert [type(e).__name__ for e in errors] == ["StaleCheckpointError"]
     head = graph.get_state(config)
@@ -940,10 +946,12 @@ def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkp
         "cancel": lambda a: world.append(("cancel", a.args["city"]))})
     saver = WalstoreSaver(store)
     put = WalstoreSaver.put
+    import threading
+    rome_booked = threading.Event()
 
     def slow_put(self, config, checkpoint, metadata, new_versions):
         if metadata.get("step") == 1:
-            time.sleep(0.4)
+            rome_booked.wait(30)  # (T's save lands after the booking of T's step)
         return put(self, config, checkpoint, metadata, new_versions)
     monkeypatch.setattr(WalstoreSaver, "put", slow_put)
     fail = {"on": True}
@@ -953,6 +961,7 @@ def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkp
             with tx.action("book", args={"city": "Rome"}, compensate="cancel") as act:
                 world.append(("book", "Rome"))
                 act.result = {"ok": True}
+        rome_booked.set()
         return {"booked": ["Rome"]}
 
     def other(s: S) -> dict:
@@ -975,6 +984,7 @@ def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkp
         graph.invoke({"booked": []}, config, durability="async")
     monkeypatch.setattr(WalstoreSaver, "put", put)
     target = next(h for h in graph.get_state_history(config) if "book" in h.next)
+    assert target.metadata["step"] == 1
     booking = next(a for a in store.actions())
     tid = target.config["configurable"]["checkpoint_id"].encode()
     saved = next(i.lsn for i in store.log() if any(
