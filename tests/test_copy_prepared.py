@@ -160,6 +160,9 @@ def test_backup_rollback_prepared_cli_lists_the_held_action(w):
     assert out.returncode == 1 and act.id in out.stdout, out.stdout + out.stderr
     out = cli("recover", dest, "--handlers", "ws_ledger_handlers")
     assert out.returncode == 1 and act.id in out.stdout, out.stdout + out.stderr
+    # (the header said "need a compensator, --handlers MODULE", which never runs a held one)
+    assert "held compensations (owed in the source store" in out.stdout, out.stdout
+    assert "--handlers MODULE" not in out.stdout, out.stdout
     assert w.refunds() == [] and w.calls_made() == []
     with walstore.open(dest, compensators=COMPS) as copy:
         _assert_held(copy, act)

@@ -11,7 +11,7 @@ import walstore
 
 from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_docs, action_table, check_before_recovery,
-                     load_handlers, open_store)
+                     load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, fail, kv_lines,
                      show_key, show_value, table)
 
@@ -84,8 +84,7 @@ def still_owed(store: walstore.Store, ids: Any) -> list[walstore.Action]:
 
 def report_owed(owed: list[walstore.Action], registered: dict) -> None:
     """Human output: the compensations the command left owed (the caller exits 1)."""
-    click.echo("pending compensations (need a compensator, --handlers MODULE, or "
-               "`walstore resolve`):")
+    click.echo(owed_header(owed))
     action_table(owed, registered, results=False)
 
 

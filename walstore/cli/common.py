@@ -161,6 +161,21 @@ def action_docs(actions: list[walstore.Action], compensators: dict | None) -> li
     return [dict(a.as_dict(), reason=owed_reason(a, compensators)) for a in actions]
 
 
+def owed_header(owed: list[walstore.Action]) -> str:
+    """The line above a table of owed compensations: what can settle them.  A ``held``
+    one (a copy's, owed in its source) is never run here, ``--handlers`` or not."""
+    held = sum(1 for a in owed if getattr(a, "held", False))
+    if held == len(owed):
+        return ("held compensations (owed in the source store when it was copied: never "
+                "run here; `walstore resolve` once handled where they ran):")
+    if held:
+        return (f"pending compensations (need a compensator, --handlers MODULE, or "
+                f"`walstore resolve`; the {held} held one(s), owed in the source store "
+                f"when it was copied, are never run here):")
+    return ("pending compensations (need a compensator, --handlers MODULE, or "
+            "`walstore resolve`):")
+
+
 def action_table(actions: list[walstore.Action], compensators: dict | None,
                  results: bool = True) -> None:
     rows = []

@@ -9,7 +9,8 @@ import click
 import walstore
 
 from . import _engine, main
-from .common import HANDLERS, JSON, PATH, action_docs, action_table, load_handlers, open_store
+from .common import (HANDLERS, JSON, PATH, action_docs, action_table, load_handlers,
+                     open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
                      end_progress, kv_lines, progress_printer, show_gid)
 
@@ -77,8 +78,7 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
                        f"{rebuilt})")
         _print_recovery(doc)
         if owed:
-            click.echo("pending compensations (need a compensator, --handlers MODULE, or "
-                       "`walstore resolve`):")
+            click.echo(owed_header(owed))
             action_table(owed, registered, results=False)
         if problem:  # ("recovered cleanly" above a list of owed compensations misled)
             click.echo(f"recovered; not settled: {len(owed)} compensation(s) owed"
