@@ -761,53 +761,84 @@ class Plan(TypedDict):
     booked: Annotated[list, operator.add]
 
 
+def booking_store(tmp_path) -> tuple[Any, list]:
+    """A store whose "cancel" compensator notes ("cancel", city) in the world list."""
+    world: list = []
+    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
+        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    return store, world
+
+
+def book_in(store, world: list, city: str) -> None:
+    """A node's booking: ("book", city) in the world, in a walstore transaction."""
+    with store.transaction() as tx:
+        with tx.action("book", args={"city": city}, compensate="cancel") as act:
+            world.append(("book", city))
+            act.result = {"ok": True}
+
+
+def hold_save(monkeypatch, step: int, until: threading.Event) -> None:
+    """The saver's put of the checkpoint of ``step`` waits for ``until`` (LangGraph's
+    durability="async" saves in the background: the steps after it run meanwhile)."""
+    put = WalstoreSaver.put
+
+    def held(self, config, checkpoint, metadata, new_versions):
+        if metadata.get("step") == step:
+            until.wait(30)
+        return put(self, config, checkpoint, metadata, new_versions)
+    monkeypatch.setattr(WalstoreSaver, "put", held)
+
+
+def plan_graph(saver: WalstoreSaver, node):
+    """Books the first city of the plan per step, until the plan is empty."""
+    b = StateGraph(Plan)
+    b.add_node("book", node)
+    b.add_conditional_edges(START, lambda s: "book" if s["plan"] else END)
+    b.add_conditional_edges("book", lambda s: "book" if s["plan"] else END)
+    return b.compile(checkpointer=saver)
+
+
+def standing(world: list) -> list:
+    """The bookings the world still has (each cancel takes one back)."""
+    left = [c for k, c in world if k == "book"]
+    for _k, c in (x for x in world if x[0] == "cancel"):
+        left.remove(c)
+    return sorted(left)
+
+
+def saved_at(store, config) -> int:
+    """The LSN of the commit that saved the checkpoint ``config`` names."""
+    tid = config["configurable"]["checkpoint_id"].encode()
+    return next(i.lsn for i in store.log() if any(
+        isinstance(k, bytes) and k.endswith(tid) for k in i.keys))
+
+
 def test_an_async_rewind_compensates_bookings_committed_before_the_checkpoints_save(
         tmp_path, monkeypatch):
     # (probe-lgorder: with LangGraph's default durability="async" the save of checkpoint T
     # ran in the background while T's step and the next booked; the bookings committed
     # before T's save, so before the rewind point: rewind(T) compensated nothing, and the
     # resumed graph booked Rome and Oslo a second time.  Without injected delays: 5-7 of
-    # 30 runs.)  Here T's save is held back 0.4 s.
-    world: list = []
-    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
-        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    # 30 runs.)  Here T's save waits for the booking of T's step.
+    store, world = booking_store(tmp_path)
     saver = WalstoreSaver(store)
-    put = WalstoreSaver.put
-    import threading
     rome_booked = threading.Event()
-
-    def slow_put(self, config, checkpoint, metadata, new_versions):
-        if metadata.get("step") == 1:
-            rome_booked.wait(30)  # (T's save lands after the booking of T's step)
-        return put(self, config, checkpoint, metadata, new_versions)
-    monkeypatch.setattr(WalstoreSaver, "put", slow_put)
+    hold_save(monkeypatch, 1, rome_booked)
 
     def book(s: Plan) -> dict:
-        city = s["plan"][0]
-        with store.transaction() as tx:
-            with tx.action("book", args={"city": city}, compensate="cancel") as act:
-                world.append(("book", city))
-                act.result = {"ok": True}
-        if city == "Rome":
+        book_in(store, world, s["plan"][0])
+        if s["plan"][0] == "Rome":
             rome_booked.set()
-        return {"plan": s["plan"][1:], "booked": [city]}
-
-    b = StateGraph(Plan)
-    b.add_node("book", book)
-    b.add_conditional_edges(START, lambda s: "book" if s["plan"] else END)
-    b.add_conditional_edges("book", lambda s: "book" if s["plan"] else END)
-    graph = b.compile(checkpointer=saver)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
     config = {"configurable": {"thread_id": "a"}}
     graph.invoke({"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config,
                  durability="async")
-    monkeypatch.setattr(WalstoreSaver, "put", put)
+    monkeypatch.undo()
     target = next(h for h in graph.get_state_history(config)
                   if h.values.get("booked") == ["Paris"])
     booking = {a.args["city"]: store.txn_info(a.txid).lsn for a in store.actions()}
-    tid = target.config["configurable"]["checkpoint_id"].encode()
-    saved = next(i.lsn for i in store.log() if any(
-        isinstance(k, bytes) and k.endswith(tid) for k in i.keys))
-    assert booking["Rome"] < saved  # (the order played: T saved after the next booking)
+    assert booking["Rome"] < saved_at(store, target.config)  # (the order played)
     assert saver.rewind_point(target.config) < booking["Rome"]
 
     plan = saver.rewind(target.config, dry_run=True).as_dict()
@@ -820,10 +851,7 @@ def test_an_async_rewind_compensates_bookings_committed_before_the_checkpoints_s
         target.config["configurable"]["checkpoint_id"]
     assert head.values == target.values and head.next == ("book",)
     graph.invoke(None, config, durability="sync")
-    standing = [c for k, c in world if k == "book"]
-    for _k, c in (x for x in world if x[0] == "cancel"):
-        standing.remove(c)
-    assert sorted(standing) == ["Oslo", "Paris", "Rome"]  # each booked once in the end
+    assert standing(world) == ["Oslo", "Paris", "Rome"]  # each booked once in the end
     store.close()
 
 
@@ -871,10 +899,7 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
     # the save of the write of T's booking task was still under way.  The rewind
     # compensated the booking, then the write landed on T, which the rewind kept: a resume
     # took the task for done, the state said "booked Rome", the world had it cancelled)
-    import threading
-    world: list = []
-    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
-        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    store, world = booking_store(tmp_path)
     saver = WalstoreSaver(store)
     put_writes = WalstoreSaver.put_writes
     rome_saving, rewound = threading.Event(), threading.Event()
@@ -887,20 +912,11 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
     monkeypatch.setattr(WalstoreSaver, "put_writes", slow_put_writes)
 
     def book(s: Plan) -> dict:
-        city = s["plan"][0]
-        with store.transaction() as tx:
-            with tx.action("book", args={"city": city}, compensate="cancel") as act:
-                world.append(("book", city))
-                act.result = {"ok": True}
-        if city == "Oslo":
+        book_in(store, world, s["plan"][0])
+        if s["plan"][0] == "Oslo":
             rewound.wait(60)  # (the run cannot finish before the rewind)
-        return {"plan": s["plan"][1:], "booked": [city]}
-
-    b = StateGraph(Plan)
-    b.add_node("book", book)
-    b.add_conditional_edges(START, lambda s: "book" if s["plan"] else END)
-    b.add_conditional_edges("book", lambda s: "book" if s["plan"] else END)
-    graph = b.compile(checkpointer=saver)
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
     config = {"configurable": {"thread_id": "a"}}
     errors: list = []
 
@@ -920,15 +936,12 @@ def test_a_late_pending_write_of_a_run_cut_off_by_a_rewind_is_refused(tmp_path, 
     finally:
         rewound.set()
     th.join(60)
-    monkeypatch.setattr(WalstoreSaver, "put_writes", put_writes)
+    monkeypatch.undo()
     assert [type(e).__name__ for e in errors] == ["StaleCheckpointError"]
     head = graph.get_state(config)
     assert head.values == target.values and all(t.result is None for t in head.tasks)
     graph.invoke(None, config, durability="sync")
-    standing = [c for k, c in world if k == "book"]
-    for _k, c in (x for x in world if x[0] == "cancel"):
-        standing.remove(c)
-    assert sorted(graph.get_state(config).values["booked"]) == sorted(standing) == [
+    assert sorted(graph.get_state(config).values["booked"]) == standing(world) == [
         "Oslo", "Paris", "Rome"]
     store.close()
 
@@ -941,26 +954,14 @@ def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkp
     # transaction, and the resume booked Rome a second time)
     class S(TypedDict):
         booked: Annotated[list, operator.add]
-    world: list = []
-    store = walstore.open(str(tmp_path / "s"), durability="none", compensators={
-        "cancel": lambda a: world.append(("cancel", a.args["city"]))})
+    store, world = booking_store(tmp_path)
     saver = WalstoreSaver(store)
-    put = WalstoreSaver.put
-    import threading
     rome_booked = threading.Event()
-
-    def slow_put(self, config, checkpoint, metadata, new_versions):
-        if metadata.get("step") == 1:
-            rome_booked.wait(30)  # (T's save lands after the booking of T's step)
-        return put(self, config, checkpoint, metadata, new_versions)
-    monkeypatch.setattr(WalstoreSaver, "put", slow_put)
+    hold_save(monkeypatch, 1, rome_booked)
     fail = {"on": True}
 
     def book(s: S) -> dict:
-        with store.transaction() as tx:
-            with tx.action("book", args={"city": "Rome"}, compensate="cancel") as act:
-                world.append(("book", "Rome"))
-                act.result = {"ok": True}
+        book_in(store, world, "Rome")
         rome_booked.set()
         return {"booked": ["Rome"]}
 
@@ -982,16 +983,14 @@ def test_an_async_rewind_compensates_a_booking_of_a_step_that_never_got_a_checkp
     config = {"configurable": {"thread_id": "a"}}
     with pytest.raises(RuntimeError):
         graph.invoke({"booked": []}, config, durability="async")
-    monkeypatch.setattr(WalstoreSaver, "put", put)
+    monkeypatch.undo()
     target = next(h for h in graph.get_state_history(config) if "book" in h.next)
     assert target.metadata["step"] == 1
     booking = next(a for a in store.actions())
-    tid = target.config["configurable"]["checkpoint_id"].encode()
-    saved = next(i.lsn for i in store.log() if any(
-        isinstance(k, bytes) and k.endswith(tid) for k in i.keys))
-    assert store.txn_info(booking.txid).lsn < saved  # (the order played)
+    booked_at = store.txn_info(booking.txid).lsn
+    assert booked_at < saved_at(store, target.config)  # (the order played)
     to, keep = saver.rewind_plan(target.config)
-    assert booking.txid not in keep and to < store.txn_info(booking.txid).lsn
+    assert booking.txid not in keep and to < booked_at
     saver.rewind(target.config)
     assert world == [("book", "Rome"), ("cancel", "Rome")]
     fail["on"] = False
