@@ -554,10 +554,12 @@ class Store:
         return self._saga.run_owed(include_held)[1]
 
     # ---- the past -----------------------------------------------------------------------
-    def log(self, limit: int | None = None, since: Any = None) -> list[TxnInfo]:
-        """Committed transactions, newest first (see walstore.agent.history)."""
+    def log(self, limit: int | None = None, since: Any = None,
+            oldest_first: bool = False) -> list[TxnInfo]:
+        """Committed transactions, newest first; ``oldest_first``: the ``limit`` oldest
+        after ``since``, oldest first (see walstore.agent.history)."""
         self._engine.check_open()
-        return self._history.log(limit, since)
+        return self._history.log(limit, since, oldest_first)
 
     def txn_info(self, txid: int) -> TxnInfo:
         self._engine.check_open()

@@ -219,19 +219,23 @@ class History:
             self._raise_unknown_txid(int(txid))
         return info_from_row(row)
 
-    def log(self, limit: int | None = None, since: Any = None) -> list[TxnInfo]:
+    def log(self, limit: int | None = None, since: Any = None,
+            oldest_first: bool = False) -> list[TxnInfo]:
         """Committed transactions, newest first in commit order, after ``since`` (a point,
         resolved as ``at`` and ``rewind`` resolve it: a txid that never committed, or an
         LSN past the end, raises UnknownPoint; one older than the retained history,
         HistoryTrimmed — a txid was read as "the larger txids", which past a trim left the
         trimmed transactions out without a word).  Reads the LSN index backwards: costs
-        what it returns."""
+        what it returns.  ``oldest_first``: the ``limit`` oldest after ``since`` instead,
+        oldest first (page on with ``since=LSN(last.lsn)``)."""
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+        if not isinstance(oldest_first, bool):
+            raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
         self.engine.refresh()
         boundary = -1 if since is None else self.resolve(since)
         out: list[TxnInfo] = []
-        for row in self.engine.views.commits_after(boundary):
+        for row in self.engine.views.commits_after(boundary, oldest_first):
             if limit is not None and len(out) >= limit:
                 break
             out.append(info_from_row(row))

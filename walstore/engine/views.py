@@ -238,21 +238,29 @@ class Views:
                 out.add(e.txid)
         return out
 
-    def commits_after(self, lsn: int) -> Iterator[dict]:
-        """Rows of the commits with LSN > ``lsn``, newest first (unapplied ones first)."""
+    def commits_after(self, lsn: int, oldest_first: bool = False) -> Iterator[dict]:
+        """Rows of the commits with LSN > ``lsn``, newest first (unapplied ones first), or
+        ``oldest_first`` (LMDB's, then the unapplied ones: every unapplied LSN lies above
+        every applied one; one applied while this walks is skipped in LMDB and given in
+        its place among the unapplied, which were listed first).  Lazy: a caller that
+        stops early reads no further."""
         unapplied = [e for e in self._events(frozenset({_T.COMMIT})) if e.lsn > lsn]
-        seen = set()
-        for e in reversed(unapplied):
-            seen.add(e.txid)
-            yield tables.txn_row(e)
+        seen = {e.txid for e in unapplied}
+        if not oldest_first:
+            for e in reversed(unapplied):
+                yield tables.txn_row(e)
         st = self.state
-        for _raw, txid_raw in st.scan(u64(lsn + 1), None, reverse=True, db="bylsn"):
+        for _raw, txid_raw in st.scan(u64(lsn + 1), None, reverse=not oldest_first,
+                                      db="bylsn"):
             txid = from_u64(txid_raw, 0, "bylsn", _raw, st)
             if txid in seen:
                 continue
             raw = st.get(txid_raw, "txns")
             if raw is not None:
                 yield tables.unpack_row(raw, "txns", txid_raw, st.data_file)
+        if oldest_first:
+            for e in unapplied:
+                yield tables.txn_row(e)
 
     # ---- reversible files ---------------------------------------------------------------
     def workspace_rows(self) -> dict[bytes, dict]:

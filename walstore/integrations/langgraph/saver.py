@@ -1196,40 +1196,55 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
         prefix, scope = ns.writes(), self.thread_scope(thread_id)
         keep: list[int] = []
-        infos = self.store.log(since=walstore.LSN(point))
-        if any(isinstance(k, bytes) and k.startswith(prefix)
-               for info in infos for k in info.keys):
-            def line(tx):
-                """(ancestors, the ancestors whose child on the line their own step made)"""
-                child = tx.get(ns.checkpoint(cid)) or {}
-                older, made_by_step = set(), set()
-                for at, rec in self._ancestors(tx, ns, cid, child):
-                    older.add(at)
-                    md = self.codec.loads(child["m"]) if "m" in child else None
-                    if isinstance(md, dict) and md.get("source") == "loop":
-                        made_by_step.add(at)
-                    child = rec
-                return older, made_by_step
-            older, made_by_step = self._read(line)
-            checkpoints = ns.checkpoints()
-            for info in reversed(infos):  # oldest first
-                if not self._of_thread(info, scope):
-                    continue  # (another thread's: a scoped rewind leaves it alone)
-                if self._another_run(info, ns, cid, older, prefix, checkpoints):
-                    break
-                if not info.actions and info.keys and all(
-                        self._late_write(key, ns, prefix, made_by_step) for key in info.keys):
-                    keep.append(info.txid)
+
+        def line(tx):
+            """(T's run id, its ancestors, the ancestors whose child on the line their own
+            step made)"""
+            child = tx.get(ns.checkpoint(cid)) or {}
+            run_id = child.get("r")
+            older, made_by_step = set(), set()
+            for at, rec in self._ancestors(tx, ns, cid, child):
+                older.add(at)
+                md = self.codec.loads(child["m"]) if "m" in child else None
+                if isinstance(md, dict) and md.get("source") == "loop":
+                    made_by_step.add(at)
+                child = rec
+            return run_id, older, made_by_step
+        known = None
+        checkpoints = ns.checkpoints()
+        for info in self._commits_after(point):  # oldest first, read as far as needed
+            if not self._of_thread(info, scope):
+                continue  # (another thread's: a scoped rewind leaves it alone)
+            if known is None:
+                known = self._read(line)
+            run_id, older, made_by_step = known
+            if self._another_run(info, ns, cid, older, prefix, checkpoints, run_id):
+                break
+            if not info.actions and info.keys and all(
+                    self._late_write(key, ns, prefix, made_by_step) for key in info.keys):
+                keep.append(info.txid)
         early = self._early_work(config, point)
         if early is None:
             return walstore.LSN(point), keep, None
         return early[0], early[1] + keep, early[2]
 
+    def _commits_after(self, lsn: int, page: int = 256) -> Iterator[Any]:
+        """The store's commits after ``lsn``, oldest first, a page of ``store.log`` at a
+        time: a walk that stops early reads no further."""
+        while True:
+            infos = self.store.log(limit=page, since=walstore.LSN(lsn), oldest_first=True)
+            yield from infos
+            if len(infos) < page:
+                return
+            lsn = int(infos[-1].lsn)
+
     def _another_run(self, info: Any, ns: Namespace, cid: str, older: set[str],
-                     prefix: bytes, checkpoints: bytes) -> bool:
+                     prefix: bytes, checkpoints: bytes, run_id: Any = None) -> bool:
         """Does commit ``info`` show that a run other than the one that made checkpoint
-        ``cid`` began: a null-task write (a run's input) in the namespace, or a checkpoint
-        put whose parent is one of ``cid``'s ancestors (``older``), beside the line."""
+        ``cid`` (``run_id``) began: a null-task write (a run's input) in the namespace, a
+        checkpoint put whose parent is one of ``cid``'s ancestors (``older``), beside the
+        line, or one another run made (LangGraph waits for a run's background saves
+        before the run returns: no late write of ``cid``'s run comes after it)."""
         for key in info.keys:
             if not isinstance(key, bytes):
                 continue
@@ -1247,7 +1262,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     continue
                 rec = next((v.value for v in self.store.history(key)
                             if v.lsn == info.lsn and not v.deleted), None)
-                if isinstance(rec, dict) and rec.get("p") in older:
+                if isinstance(rec, dict) and (rec.get("p") in older or (
+                        run_id is not None and rec.get("r") not in (None, run_id))):
                     return True
         return False
 
@@ -1323,8 +1339,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if oldest is None:
             return None
         keep, first = [], None
-        for info in self.store.log(since=walstore.LSN(max(oldest - 1, 0))):
-            if info.lsn > point or not self._of_thread(info, scope):
+        for info in self._commits_after(max(oldest - 1, 0)):
+            if info.lsn > point:
+                break
+            if not self._of_thread(info, scope):
                 continue
             if info.txid not in step_txids and self._before(info, scope, cid):
                 keep.append(info.txid)  # (else: the steps' after ``cid``, undone)
