@@ -238,3 +238,22 @@ def test_erase_removes_the_session_from_every_file_and_its_restore_points(tmp_pa
     with walstore.open(path) as store:                                 # and after reopening
         assert run(WalstoreSession("user-42", store).get_items()) == [user("new")]
         assert run(WalstoreSession("user-4", store).get_items()) == [user("other")]
+
+
+def test_a_name_that_is_not_utf8_text_is_a_value_error_naming_the_argument(tmp_path):
+    # (probe-oai: a lone surrogate in a branch or restore point name escaped as a bare
+    # UnicodeEncodeError from the key's encoding, naming neither the argument nor the
+    # problem; SQLiteSession's is a ValueError too, so this one stays one)
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    s = WalstoreSession("A", store)
+    run(s.add_items([{"role": "user", "content": "1"}, {"role": "user", "content": "2"}]))
+    for label, call in [("branch_id", lambda: s.switch_to_branch("x\ud800")),
+                        ("branch", lambda: s.get_items(branch="x\ud800")),
+                        ("branch name", lambda: s.create_branch_from_turn(2, "x\ud800")),
+                        ("restore point name", lambda: s.restore_point("x\ud800"))]:
+        with pytest.raises(ValueError) as ei:
+            run(call())
+        assert not isinstance(ei.value, UnicodeError), label
+        assert label in str(ei.value) and "UTF-8" in str(ei.value), str(ei.value)
+    assert [i["content"] for i in run(s.get_items())] == ["1", "2"]
+    store.close()

@@ -196,7 +196,17 @@ def _check_item_sizes(stored: list[Any]) -> None:
 def _check_branch_id(name: Any, arg: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{arg} must be a str, not {type(name).__name__}")
+    _text(name, arg)
     return name
+
+
+def _text(name: str, arg: str) -> None:
+    """ValueError naming ``arg`` when ``name`` is not valid UTF-8 text (a lone
+    surrogate): it is part of a key (the bare UnicodeEncodeError named neither)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{arg} {name!r} is not valid UTF-8 text: {e.reason}") from None
 
 
 def _normalize(item: Any) -> Any:
@@ -228,6 +238,7 @@ def _is_user(item: Any) -> bool:
 def _check_name(kind: str, name: Any) -> str:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"{kind} must be a non-empty str, not {name!r}")
+    _text(name, kind)
     return name
 
 
