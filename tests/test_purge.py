@@ -19,18 +19,9 @@ import walstore
 from walstore.cli import main as cli
 from walstore.ops.verify import verify_store
 
+from store_support import files_with
+
 MARKER = b"PURGE-ME-7f3a9c"
-
-
-def files_with(root: str, needle: bytes) -> list[str]:
-    out = []
-    for d, _dirs, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            with open(p, "rb") as f:
-                if needle in f.read():
-                    out.append(os.path.relpath(p, root))
-    return out
 
 
 def fill(store) -> dict:

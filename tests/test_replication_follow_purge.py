@@ -22,23 +22,10 @@ import pytest
 import walstore
 
 from test_replication_follow_rounds import _wait  # (the same polling wait)
+from store_support import files_with as _files_with
 
 MARK = b"PURGED-ON-THE-FOLLOWER-7431"
 CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
-
-
-def _files_with(root: str, needle: bytes) -> list[str]:
-    out = []
-    for d, _ds, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            try:
-                with open(p, "rb") as f:
-                    if needle in f.read():
-                        out.append(os.path.relpath(p, root))
-            except OSError:
-                pass  # (removed meanwhile)
-    return out
 
 
 

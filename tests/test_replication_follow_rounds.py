@@ -20,6 +20,7 @@ from walstore.ops.backup import referenced_blobs
 from walstore.replication import follow, replicas, restore
 from walstore.replication.options import ReplicateOptions
 from walstore.replication.targets import open_target
+from store_support import get_readonly as _get
 
 
 def _wait(cond, timeout: float = 20.0) -> bool:
@@ -29,14 +30,6 @@ def _wait(cond, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return cond()
-
-
-def _get(dest: str, key: str):
-    try:
-        with walstore.open(dest, readonly=True) as c:
-            return c.get(key)
-    except walstore.WalstoreError:
-        return None
 
 
 def test_a_follower_retries_through_an_outage(s3_endpoint, tmp_path):  # noqa: F811

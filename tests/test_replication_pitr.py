@@ -35,6 +35,7 @@ import pytest
 import walstore
 
 from test_replication_follow_rounds import _wait  # (the same polling wait)
+from store_support import files_with as _files_with, get_readonly as _get
 
 MARK = b"PURGED-WHILE-THE-SOURCE-IDLES-5521"
 CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
@@ -50,28 +51,6 @@ def _env() -> dict:
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True,
                           text=True, timeout=300, env=_env())
-
-
-def _files_with(root: str, needle: bytes) -> list[str]:
-    out = []
-    for d, _ds, names in os.walk(root):
-        for n in names:
-            p = os.path.join(d, n)
-            try:
-                with open(p, "rb") as f:
-                    if needle in f.read():
-                        out.append(os.path.relpath(p, root))
-            except OSError:
-                pass  # (removed meanwhile)
-    return out
-
-
-def _get(dest: str, key: str):
-    try:
-        with walstore.open(dest, readonly=True) as c:
-            return c.get(key)
-    except walstore.WalstoreError:
-        return None
 
 
 def _rewrite_manifest(rep: str, change) -> None:

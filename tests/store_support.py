@@ -1,0 +1,34 @@
+"""Test support: looking at a store from outside — which files of a directory hold some
+bytes (an erasure's proof), and one key of a copy read through a read-only open
+(tests/test_purge.py, test_replication_pitr.py, test_replication_follow_*.py)."""
+from __future__ import annotations
+
+import os
+
+import walstore
+
+
+def files_with(root: str, needle: bytes) -> list[str]:
+    """The files under ``root`` (relative paths) whose bytes contain ``needle``; a file
+    removed while the walk runs is passed over."""
+    out = []
+    for d, _ds, names in os.walk(root):
+        for n in names:
+            p = os.path.join(d, n)
+            try:
+                with open(p, "rb") as f:
+                    if needle in f.read():
+                        out.append(os.path.relpath(p, root))
+            except OSError:
+                pass  # (removed meanwhile)
+    return out
+
+
+def get_readonly(dest: str, key: str):
+    """``key`` of the store at ``dest`` read through a read-only open; None when it is
+    absent or the store cannot be opened yet (a follower's first round)."""
+    try:
+        with walstore.open(dest, readonly=True) as c:
+            return c.get(key)
+    except walstore.WalstoreError:
+        return None
