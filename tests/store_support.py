@@ -1,6 +1,7 @@
 """Test support: looking at a store from outside — which files of a directory hold some
-bytes (an erasure's proof), and one key of a copy read through a read-only open
-(tests/test_purge.py, test_replication_pitr.py, test_replication_follow_*.py)."""
+bytes (an erasure's proof), one key of a copy read through a read-only open, and the
+CLI run as a real process of this checkout (tests/test_purge.py,
+test_replication_pitr.py, test_replication_follow_*.py)."""
 from __future__ import annotations
 
 import os
@@ -32,3 +33,15 @@ def get_readonly(dest: str, key: str):
             return c.get(key)
     except walstore.WalstoreError:
         return None
+
+
+CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
+
+
+def cli_env() -> dict:
+    """The environment of a CLI process: this checkout's walstore first on its path."""
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.dirname(os.path.abspath(walstore.__file__)))
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+

@@ -22,19 +22,9 @@ import pytest
 import walstore
 
 from test_replication_follow_rounds import _wait  # (the same polling wait)
-from store_support import files_with as _files_with
+from store_support import CLI, cli_env as _env, files_with as _files_with
 
 MARK = b"PURGED-ON-THE-FOLLOWER-7431"
-CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
-
-
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.dirname(os.path.abspath(walstore.__file__)))
-    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.mark.parametrize("arrives", ["with-its-seal", "before-its-seal"])
