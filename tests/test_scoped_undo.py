@@ -119,6 +119,23 @@ def test_rewinding_twice_to_one_point_is_harmless(store):
     assert store.ledger == ["undo tool"] and states(store) == {"tool": "compensated"}
 
 
+@pytest.mark.parametrize("how", ["declared", "tagged"])
+def test_a_declared_actions_outside_keys_stay_a_tagged_transactions_return(store, how):
+    """As the README says: declaring an action in a scope makes the action the scope's,
+    not its transaction's other keys — a scoped rewind compensates it, puts back the
+    keys inside the scope and leaves those outside.  A transaction begun with ``scope=``
+    is the scope's wholly: its outside keys return with its compensation."""
+    store.restore_point("p")
+    with store.transaction(scope="sess/1/" if how == "tagged" else None) as tx:
+        act(tx, "charge", scope="sess/1/" if how == "declared" else None)
+        tx.put("sess/1/paid", True)
+        tx.put("ledger/line", "charged")
+    store.rewind("p", scope="sess/1/")
+    assert store.ledger == ["undo charge"] and states(store) == {"charge": "compensated"}
+    assert store.get("sess/1/paid") is None
+    assert store.get("ledger/line") == ("charged" if how == "declared" else None)
+
+
 @pytest.mark.parametrize("how", ["revert", "rewind"])
 def test_undoing_a_forced_revert_clears_its_needs_redo_mark(store, how):
     """T charged; R = revert(T) refunded; F = revert(R, force=True) brought the state back

@@ -27,6 +27,7 @@ the writer applied meanwhile is met here as in the writer.
 """
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_left, bisect_right
 from typing import Any, Callable, Iterator
 
@@ -210,19 +211,14 @@ class StateReader:
         ``mine`` (newest first wins: MemTable, then fixes, then the LMDB row)."""
         rows = dict(chunk)
         rows.update(fixed)
-        if rows:
-            listed = set(mine)
-            ordered = sorted(rows.keys() | listed, reverse=reverse)
-        else:
-            listed, ordered = None, mine
         mt = self.memtable
         visible = mt.visible
         follow = self.follow
         if follow is not None and self.purge_epoch is not None \
                 and self.purge_epoch() is not None:
             follow = None  # (the writer's purge count is there: ``_scan`` checks it a row)
-        for k in ordered:
-            if listed is not None and k not in listed:
+        for k, overlaid in _in_order(sorted(rows, reverse=reverse), mine, reverse):
+            if not overlaid:
                 v = rows[k]
             else:
                 if follow is not None:
@@ -238,6 +234,32 @@ class StateReader:
                     v = rows.get(k) if mt.drops == drops else self.as_of(k, at, True)
             if v is not None:
                 yield k, v
+
+
+def _in_order(rows: list[bytes], mine: list[bytes], reverse: bool
+              ) -> Iterator[tuple[bytes, bool]]:
+    """The keys of two lists in one scan order, each once: ``(key, in mine)``.  Both
+    lists are in that order already, so this merges them lazily — a scan that stops
+    after its first row costs nothing per key of a large MemTable (sorting their union
+    did: 300,000 keys committed, not yet applied, made the first row take 0.1 s)."""
+    i = j = 0
+    n, m = len(rows), len(mine)
+    while i < n and j < m:
+        a, b = rows[i], mine[j]
+        if a == b:
+            yield b, True
+            i += 1
+            j += 1
+        elif (a < b) != reverse:
+            yield a, False
+            i += 1
+        else:
+            yield b, True
+            j += 1
+    for k in itertools.islice(rows, i, None):
+        yield k, False
+    for k in itertools.islice(mine, j, None):
+        yield k, True
 
 
 def _in_interval(k: bytes, after: bytes | None, edge: bytes | None, reverse: bool) -> bool:
