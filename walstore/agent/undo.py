@@ -283,6 +283,8 @@ class Undo:
             plan.txids = [t for t in plan.txids if t in plan._changed]  # type: ignore
             self._drop_unchanged(tx, plan)
             self._check_retained(plan)
+            if plan.empty():  # (its keys all end as they began: it undoes nothing, and
+                plan.txids = []  # a dry run says so — it listed a rewind's own undo)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing would change: the state is already as of the point)
                 return (plan if dry_run else None), []

@@ -26,7 +26,7 @@ import msgpack
 import walstore
 from . import _engine
 from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command,
-                     emit_json_error, end_progress, error_kind, error_text)
+                     emit_json_error, end_progress, error_kind, error_text, problem_noted)
 
 __all__ = ["main"]
 
@@ -148,7 +148,10 @@ class WalstoreCommand(click.Command):
     def invoke(self, ctx: click.Context) -> Any:
         begin_command()
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if problem_noted():  # (said on stderr as it was found: the work is done)
+                raise SystemExit(EXIT_PROBLEM)
+            return result
         except Failure as failure:  # a command's own one-line failure (fail(), usage)
             json_error(ctx, failure, failure_kind(failure))
             raise

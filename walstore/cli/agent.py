@@ -38,6 +38,8 @@ def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: b
             info = store.revert(txid, cascade=cascade)
         except walstore.CompensationFailed as e:
             fail(f"reverted, but {e}")
+        except walstore.RevertConflict as e:
+            raise _in_cli_words(e) from None
         owed = still_owed(store, info.extra.get("compensate", ()) if info else ())
         registered = dict(store.compensators)
     _done(info, as_json, owed, registered)
@@ -66,6 +68,8 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
             result = store.rewind(to, scope=scope, dry_run=dry_run)
         except walstore.CompensationFailed as e:
             fail(f"rewound, but {e}")
+        except walstore.RevertConflict as e:
+            raise _in_cli_words(e) from None
         owed = [] if dry_run or result is None else still_owed(
             store, result.extra.get("compensate", ()))
         registered = dict(store.compensators)
@@ -73,6 +77,17 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
         _show_plan(result, as_json)
     else:
         _done(result, as_json, owed, registered)
+
+
+def _in_cli_words(e: walstore.RevertConflict) -> walstore.RevertConflict:
+    """A refusal's advice said as the command line takes it (`revert` said "use
+    cascade=True", the Python API's words); ``force`` has no flag here."""
+    text = (str(e).replace("use cascade=True", "use --cascade")
+            .replace("use force=True", "use force=True from Python (store.revert / "
+                     "store.rewind; the command line has no --force)"))
+    out = walstore.RevertConflict(text, e.txids, e.actions, e.paths)
+    out.__cause__ = e.__cause__
+    return out
 
 
 def still_owed(store: walstore.Store, ids: Any) -> list[walstore.Action]:

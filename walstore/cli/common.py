@@ -15,12 +15,15 @@ import click
 
 import walstore
 
-from .output import UsageProblem, show_value, table
+from .output import UsageProblem, note_problem, show_cell, table
 
 PATH = click.argument("path", type=click.Path(file_okay=False, readable=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 HANDLERS = click.option("--handlers", "handlers", default=None, metavar="MODULE",
                         help="Import compensators from MODULE's COMPENSATORS dict.")
+
+# Recovery problems that are a normal crash outcome (said, not a reason to exit 1).
+NORMAL_PROBLEMS = ("torn-tail", "stale-bytes", "watch-undone")
 
 # Why an action still owes its compensation (``reason`` in JSON).
 FAILED, NO_COMPENSATOR, NOT_RUN = "failed", "no-compensator", "not-run"
@@ -47,6 +50,8 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
             f"back and compensates); nothing was changed") from None
     try:
         yield store
+        if not kw.get("readonly"):  # (after the work: a failure stays one line)
+            say_recovery(store, path)
     except BaseException:
         with contextlib.suppress(Exception):  # (the block's own error is the one said)
             store.close()
@@ -58,6 +63,43 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
             raise
         click.echo(f"walstore: warning: what the command committed stands, but closing the "
                    f"store failed: {e} (the next open recovers)", err=True)
+
+
+def say_recovery(store: walstore.Store, path: str) -> None:
+    """A writing verb (put, delete, purge, checkpoint, ...) opened a store that was not
+    shut down cleanly, and the open recovered it: when the verb's work is done, one line
+    on stderr says what recovery did beyond redoing commits (transactions rolled back,
+    compensations run, prepared ones in doubt, damage) and what is owed now, and the
+    command exits 1 when something is left to act on (owed compensations, in-doubt
+    transactions, damage).  `walstore put` said only "committed ..." and exited 0, while
+    the crashed transaction's charge had become owed a refund (a probe).  Said after the
+    work, so a failing verb's error stays its one line."""
+    report = store.last_recovery
+    if report is None or not report.unclean:
+        return
+    owed = [a for a in store.pending_compensations() if not a.in_flight]
+    in_doubt = store.prepared()
+    damage = [p for p in report.problems if p.kind not in NORMAL_PROBLEMS]
+    said = []
+    if report.losers:
+        said.append(f"rolled back {len(report.losers)} unfinished transaction(s) "
+                    f"{list(report.losers)[:10]}")
+    if report.compensated:
+        said.append(f"ran {len(report.compensated)} compensation(s)")
+    if owed:
+        said.append(f"{len(owed)} compensation(s) owed (`walstore actions {path} --pending`)")
+    if report.in_doubt and in_doubt:
+        said.append(f"{len(in_doubt)} prepared transaction(s) in doubt "
+                    f"(`walstore prepared {path}`)")
+    if damage:
+        said.append(f"{len(damage)} problem(s) found (`walstore verify {path}`): "
+                    f"{damage[0].kind}: {damage[0].reason}")
+    if not said:
+        return
+    click.echo(f"walstore: warning: {os.path.abspath(path)} was not shut down cleanly and "
+               f"was recovered as it opened: {'; '.join(said)}", err=True)
+    if owed or (report.in_doubt and in_doubt) or damage:
+        note_problem()
 
 
 def check_before_recovery(path: str, check: Callable[[walstore.Store], Any]) -> None:
@@ -134,7 +176,7 @@ def owed_reason(action: walstore.Action, compensators: dict | None) -> str | Non
     """
     if action.state == "failed":
         return FAILED
-    if action.state != "pending":
+    if action.state != "pending" or action.in_flight:  # (in flight: not owed yet)
         return None
     if compensators is not None and action.compensate in compensators:
         return NOT_RUN
@@ -182,6 +224,6 @@ def action_table(actions: list[walstore.Action], compensators: dict | None,
     for a in actions:
         reason = owed_reason(a, compensators)
         rows.append([a.id, a.txid, a.name, a.compensate or "", a.state]
-                    + ([show_value(a.result)] if results else []) + [last_error(a, reason)])
+                    + ([show_cell(a.result)] if results else []) + [last_error(a, reason)])
     table(rows, ["ID", "TXID", "NAME", "COMPENSATOR", "STATE"] + (["RESULT"] if results else [])
           + ["LAST ERROR"])

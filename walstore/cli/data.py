@@ -9,7 +9,8 @@ import click
 from . import WalstoreCommand, main
 from .common import JSON, PATH, open_store
 from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
-                     emit_json, fail, parse_json_value, show_key, show_value, table, untag)
+                     emit_json, fail, parse_json_value, show_cell, show_key, show_value,
+                     table, untag)
 
 
 class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
@@ -104,7 +105,7 @@ def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool
     if as_json:
         emit_json({"items": [{"key": k, "value": v} for k, v in rows]})
     else:
-        table([[show_key(k), show_value(v)] for k, v in rows], ["KEY", "VALUE"])
+        table([[show_key(k), show_cell(v)] for k, v in rows], ["KEY", "VALUE"])
 
 
 @main.command("log")
@@ -124,7 +125,7 @@ def log_cmd(path: str, limit: int, as_json: bool) -> None:
                    "more": more})
         return
     rows = [[i.txid, i.lsn, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.timestamp)),
-             len(i.keys), show_value(i.meta) if i.meta is not None else ""] for i in infos]
+             len(i.keys), show_cell(i.meta) if i.meta is not None else ""] for i in infos]
     table(rows, ["TXID", "LSN", "TIME", "KEYS", "META"])
     if more:  # (on stderr: a pipe reading the table gets only the table)
         click.echo(f"(the newest {limit} shown; older ones with --limit N)", err=True)
@@ -142,5 +143,5 @@ def history_cmd(path: str, key: str | bytes, as_json: bool) -> None:
         emit_json({"key": key, "versions": [{"txid": v.txid, "lsn": v.lsn, "value": v.value,
                                              "deleted": v.deleted} for v in versions]})
         return
-    table([[v.txid, v.lsn, "(deleted)" if v.deleted else show_value(v.value)] for v in versions],
+    table([[v.txid, v.lsn, "(deleted)" if v.deleted else show_cell(v.value)] for v in versions],
           ["TXID", "LSN", "VALUE"])

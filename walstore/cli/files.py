@@ -9,7 +9,7 @@ import click
 
 from . import _engine, main
 from .common import JSON, PATH, open_store
-from .output import POINT, UsageProblem, emit_json, jsonable, show_key, show_value, table
+from .output import POINT, UsageProblem, emit_json, jsonable, show_cell, show_key, table
 
 
 def _entry_text(e: dict | None) -> str:
@@ -72,8 +72,8 @@ def diff_cmd(path: str, start: Any, end: Any, as_json: bool) -> None:
         return
     click.echo(f"between LSN {doc['from_lsn']} and LSN {doc['to_lsn']}:")
     if doc["keys"]:
-        table([[show_key(k["key"]), show_value(k["before"]) if k["existed"] else "(absent)",
-                show_value(k["after"]) if k["exists"] else "(absent)"] for k in doc["keys"]],
+        table([[show_key(k["key"]), show_cell(k["before"]) if k["existed"] else "(absent)",
+                show_cell(k["after"]) if k["exists"] else "(absent)"] for k in doc["keys"]],
               ["KEY", "BEFORE", "AFTER"])
     else:
         click.echo("no key changed")

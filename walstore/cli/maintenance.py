@@ -9,13 +9,12 @@ import click
 import walstore
 
 from . import _engine, main
-from .common import (HANDLERS, JSON, PATH, action_docs, action_table, load_handlers,
-                     open_store, owed_header)
+from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, action_docs, action_table,
+                     load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
                      end_progress, kv_lines, progress_printer, show_gid)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
-NORMAL_PROBLEMS = ("torn-tail", "stale-bytes", "watch-undone")
 
 
 @main.command()
@@ -64,8 +63,13 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
         report = store.last_recovery
         owed = store.pending_compensations()
         registered = dict(store.compensators)
+        found_now = {(c.get("workspace"), c.get("path")) for c in
+                     getattr(report, "file_conflicts", ())}
+        earlier = [c for c in store.file_conflicts()
+                   if (c.get("workspace"), c.get("path")) not in found_now]
     doc = report.as_dict()
     doc["pending_actions"] = action_docs(owed, registered)
+    doc["file_conflicts_recorded_earlier"] = earlier
     if rebuilt is not None:
         doc["rebuilt_state"] = {"damaged_state_moved_to": rebuilt}
     problem = (any(p.kind not in NORMAL_PROBLEMS for p in report.problems)
@@ -77,6 +81,12 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
             click.echo(f"LMDB's state was rebuilt from the log (the damaged one is kept in "
                        f"{rebuilt})")
         _print_recovery(doc)
+        if earlier:  # (an application's open recovered the store before this command)
+            click.echo(f"file conflicts recorded by earlier recoveries ({len(earlier)}; "
+                       f"walstore's version kept aside, the other one stayed):")
+            for c in earlier[-20:]:
+                click.echo(f"  {c.get('path')} (workspace {c.get('workspace')}, "
+                           f"transaction {c.get('tx')}) -> {c.get('saved_as')}")
         if owed:
             click.echo(owed_header(owed))
             action_table(owed, registered, results=False)
@@ -85,7 +95,7 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
                        if owed and not report.in_doubt else
                        "recovered; not settled (see above)")
         else:
-            click.echo("recovered" + (" cleanly" if doc["clean"] else ""))
+            click.echo("recovered" + (" cleanly" if doc["clean"] and not earlier else ""))
     raise SystemExit(EXIT_PROBLEM if problem else 0)
 
 
@@ -126,20 +136,34 @@ def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> No
     raise SystemExit(EXIT_PROBLEM)
 
 
+def _some(items: list, shown: int = 20) -> str:
+    """A long list in one short line: the first ``shown``, then how many more (``--json``
+    has them all)."""
+    head = ", ".join(map(str, items[:shown]))
+    return head + (f", ... ({len(items) - shown} more; --json lists them all)"
+                   if len(items) > shown else "")
+
+
 def _print_recovery(doc: dict) -> None:
     kv_lines([("mode", doc["mode"]), ("segments", doc["segments"]),
               ("records read", doc["records"]), ("commits redone", doc["redone"]),
               ("log ends at LSN", doc["end_lsn"]), ("torn bytes cut", doc["torn_bytes"]),
               ("losers (no commit)", len(doc["losers"])), ("seconds", f"{doc['seconds']:.3f}")])
     for p in doc["problems"]:
+        if not p["bytes"] and not p["offset"] and not p["lsn"]:  # (a path, not log bytes:
+            click.echo(f"{p['kind']}: {p['reason']}: {p['file']} "  # a file conflict)
+                       f"{p['action'] or 'found'}"
+                       + (f" -> {p['quarantined']}" if p['quarantined'] else ""))
+            continue
         click.echo(f"{p['kind']}: {p['reason']} at {p['file']} offset {p['offset']} "
                    f"(LSN {p['lsn']}), {p['bytes']} bytes {p['action'] or 'found'}"
                    + (f" -> {p['quarantined']}" if p['quarantined'] else ""))
     if doc["given_up_records"]:
         click.echo(f"gave up {doc['given_up_records']} valid records behind the damage "
-                   f"(records of txids {doc['given_up_txids']}); they are in quarantine/")
+                   f"(records of txids {_some(doc['given_up_txids'])}); they are in "
+                   f"quarantine/")
     if doc.get("compensated"):
-        click.echo(f"compensations run: {', '.join(doc['compensated'])}")
+        click.echo(f"compensations run: {_some(doc['compensated'])}")
     if doc.get("in_doubt"):
         click.echo(f"in-doubt prepared transactions (need `walstore commit-prepared` or "
                    f"`rollback-prepared`): {', '.join(map(show_gid, doc['in_doubt']))}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import json
 import math
@@ -164,9 +165,24 @@ def emit_json(doc: Any) -> None:
 
 
 def begin_command() -> None:
-    """A command starts: no JSON document begun yet (the CLI may run many in one process)."""
+    """A command starts: no JSON document begun yet, no problem noted (the CLI may run
+    many in one process)."""
     global _json_started
     _json_started = False
+    _PROBLEM_NOTED[0] = False
+
+
+_PROBLEM_NOTED = [False]
+
+
+def note_problem() -> None:
+    """A problem found on the way (said on stderr already) that does not stop the
+    command: it does its work and prints its output, then exits 1."""
+    _PROBLEM_NOTED[0] = True
+
+
+def problem_noted() -> bool:
+    return _PROBLEM_NOTED[0]
 
 
 def emit_json_error(command: str, message: str, code: int, kind: str | None) -> None:
@@ -217,8 +233,20 @@ def emit_summary(doc: dict, as_json: bool) -> None:
 
 
 def show_value(v: Any) -> str:
-    """A value as compact strict JSON (human output and ``get``)."""
+    """A value as compact strict JSON (``get``, and the start of a table's cell)."""
     return json_text(jsonable(v))
+
+
+CELL_CHARS = 200  # a value in a table row is shown up to this long (--json: whole)
+
+
+def show_cell(v: Any) -> str:
+    """A value in a table row: compact strict JSON, cut at CELL_CHARS with what was left
+    out said (`scan` printed a 200 KB value whole in one row)."""
+    text = show_value(v)
+    if len(text) <= CELL_CHARS:
+        return text
+    return f"{text[:CELL_CHARS]}... ({len(text):,} chars; --json or `get` shows it whole)"
 
 
 def parse_json_value(text: str) -> Any:
@@ -307,7 +335,7 @@ def untag(doc: Any) -> Any:
 # ---- human output ----------------------------------------------------------------------------
 def _cell(c: Any) -> str:
     text = c if isinstance(c, str) else str(c)
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> None:
@@ -343,11 +371,14 @@ def progress_printer(label: str) -> Callable[[int, int], None]:
         if pct != state["last"] and (pct % 5 == 0 or done >= total):
             state["last"] = pct
             line = f"{label}: {done / 1e6:8.1f} / {total / 1e6:.1f} MB ({pct:3d}%)"
-            if not _stderr_is_a_terminal():  # (a log: a line each, no carriage returns)
-                click.echo(line, err=True)
-                return
-            click.echo(f"\r{line}", err=True, nl=done >= total)
-            _PROGRESS_LINE_OPEN[0] = done < total
+            try:
+                if not _stderr_is_a_terminal():  # (a log: a line each, no carriage returns)
+                    click.echo(line, err=True)
+                    return
+                click.echo(f"\r{line}", err=True, nl=done >= total)
+                _PROGRESS_LINE_OPEN[0] = done < total
+            except OSError:  # (stderr on a full disk, closed: progress is not the work —
+                pass  # `verify 2>/dev/full` failed a healthy store, `backup` made no copy)
     return show
 
 
@@ -363,7 +394,8 @@ def end_progress() -> None:
     own)."""
     if _PROGRESS_LINE_OPEN[0]:
         _PROGRESS_LINE_OPEN[0] = False
-        click.echo("", err=True)
+        with contextlib.suppress(OSError):
+            click.echo("", err=True)
 
 
 # ---- keys ----------------------------------------------------------------------------------

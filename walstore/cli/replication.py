@@ -222,11 +222,21 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         stop = _stop_on_signals()
         (display_url,) = _engine.replication("display_url")
         click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)
+        rounds = {"rounds": 0, "position": None, "appended": 0}
+
+        def noted(info: dict) -> None:  # (what the --json document says at the stop)
+            rounds["rounds"] += 1
+            rounds["position"] = info.get("position", rounds["position"])
+            rounds["appended"] += info.get("appended") or 0
+            _follow_report(info)
         try:
-            follow_fn(url, dest, opts, stop=stop, apply_every=apply_every,
-                      on_round=_follow_report)
+            follow_fn(url, dest, opts, stop=stop, apply_every=apply_every, on_round=noted)
         except WalstoreError as e:
             _fail(str(e))
+        if as_json:  # (stopped by Ctrl-C or a signal: where the copy stands)
+            _emit({"followed": display_url(url), "dest": dest, "stopped": True,
+                   "position": rounds["position"], "rounds": rounds["rounds"],
+                   "appended_bytes": rounds["appended"]})
         return
     try:
         report = restore(url, dest, point, opts, compensate=compensate)

@@ -10,7 +10,7 @@ import walstore
 
 from . import _engine, main, refused
 from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, open_store
-from .output import EXIT_PROBLEM, emit_json, fail, show_gid, show_value, table
+from .output import EXIT_PROBLEM, emit_json, fail, show_cell, show_gid, table
 
 
 @main.command()
@@ -24,7 +24,7 @@ def prepared(path: str, as_json: bool) -> None:
     if as_json:
         emit_json({"prepared": rows})
     else:
-        table([[show_gid(p["gid"]), p["txid"], p["keys"], show_value(p["meta"])] for p in rows],
+        table([[show_gid(p["gid"]), p["txid"], p["keys"], show_cell(p["meta"])] for p in rows],
               ["GID", "TXID", "WRITES", "META"])
     if rows:
         raise SystemExit(EXIT_PROBLEM)

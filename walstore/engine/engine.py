@@ -220,6 +220,7 @@ class Engine:
         rec = Recovery(self.path, self.store_id, self.state, mode, progress,
                        check_lmdb=self.needs_recovery())
         rec.report.lmdb_pages_checked += checked
+        rec.report.unclean = self.needs_recovery()
         position = rec.run()
         self.last_recovery = report = rec.report
         if self._owed_ids() is None:  # a store written without the ``owed`` index: built

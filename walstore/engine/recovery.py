@@ -93,6 +93,7 @@ class RecoveryReport:
     in_doubt: list = field(default_factory=list)
     seconds: float = 0.0
     lmdb_pages_checked: int = 0  # LMDB pages read and checked before REDO wrote (crash)
+    unclean: bool = False  # the last writer had not closed the store cleanly
 
     @property
     def clean(self) -> bool:
