@@ -179,6 +179,14 @@ class SegmentReader:
                              self.lsn_at(end), off)
                 off = end
 
+    def truncation(self) -> str | None:
+        """Why the file is damaged when it is shorter than the size its header recorded
+        (a segment gets its name only once preallocated to that size, so no writer's
+        segment, a live one's tail included, is ever shorter: it was truncated); None
+        when it is not, or when its header recorded no size."""
+        end = self._truncated(self.file_size)
+        return None if end is None else end.reason
+
     def _truncated(self, size: int) -> ScanEnd | None:
         if self.made_size and size < self.made_size:
             return ScanEnd("truncated", size, self.lsn_at(max(size, SEGMENT_HEADER_SIZE)),
@@ -408,6 +416,17 @@ class LogReader:
                                f"the segment is sealed: the log goes on at LSN {end.lsn}, but "
                                f"no segment starts there (the newest segment is missing)",
                                last=True)
+
+    def short_of_applied(self) -> str | None:
+        """After a walk: why the log is damaged when its valid end lies below LMDB's
+        ``applied`` LSN (acknowledged records LMDB holds are gone from the log: a cut or
+        truncated tail, not a torn one); None when it reaches it, or when there is no
+        segment (the walk's "gap" event says that)."""
+        end = self.end_lsn or 0
+        if not self.segments or end >= self.applied:
+            return None
+        return (f"the WAL ends at LSN {end} but LMDB is applied up to "
+                f"{self.applied}: acknowledged log records are missing")
 
     def records(self, from_lsn: int = 0) -> Iterator[Record]:
         """Only the records, SEALs left out (for callers that judge nothing: tools)."""

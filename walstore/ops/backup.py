@@ -12,8 +12,11 @@ writer in another process: nothing here can hold its checkpoints back):
    start over); copy LMDB from that transaction (``env.copy``, compacting);
 3. copy the held segments' bytes, then check every byte of the copy (read with
    walstore.log.reader): damage anywhere in them, below ``A`` too, refuses the backup
-   naming file, offset and LSN; the last segment ends at its valid end (a record a live
-   writer was writing, or a SEAL whose successor was made after the listing, is cut);
+   naming file, offset and LSN, and so do a segment shorter than it was made (no live
+   writer's is: it was truncated) and a log whose valid end lies below ``A`` (as
+   ``verify`` says it: records LMDB holds are gone); the last segment ends at its valid
+   end (a record a live writer was writing, or a SEAL whose successor was made after the
+   listing, is cut);
 4. copy the file content (``files/blobs``, the reversible files' content store), after
    the WAL: every blob the copy's LMDB snapshot and WAL can name existed before the WAL
    was copied (a blob is durable before a record names it), so the listing taken now
@@ -364,16 +367,22 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
             sealed_end = item.scan.sealed  # (of the last segment walked, in the end)
         if item.kind == "end" and item.verdict == "corrupt" and item.last \
                 and item.scan is not None and item.reader is not None \
+                and item.scan.kind != "truncated" \
                 and damage_that_stays(source, store_id, item.reader.start_lsn,
                                       item.scan.offset) is None:
             continue  # a live writer's record caught half copied in: the copy ends before
+            # (never a segment shorter than it was made: no writer's tail is, it was cut)
         if item.kind == "missing-next" and _log_went_on(layout.wal, item.lsn):
             continue  # the last segment copied was sealed since the listing (below)
         if item.kind in ("gap", "bad-segment", "missing-next", "vanished") \
                 or item.kind == "end" and item.verdict == "corrupt":
             where = f", offset {item.scan.offset}," if item.scan is not None else ""
-            return (f"{item.kind if item.kind != 'end' else 'corrupt record'} at LSN "
-                    f"{item.lsn} in {source}{where} {item.reason}")
+            what = item.kind if item.kind != "end" else (
+                "truncated segment" if item.scan.kind == "truncated" else "corrupt record")
+            return f"{what} at LSN {item.lsn} in {source}{where} {item.reason}"
+    short = log.short_of_applied()  # (as verify: records LMDB's snapshot holds are gone
+    if short is not None:           # from the log; a live writer logs before it applies)
+        return short
     # the last segment copied was sealed meanwhile (a live writer rotated to a segment
     # made after the listing): with its SEAL, the copy's log would end in a sealed
     # segment without a successor, which no open accepts (a probe: 2 bad copies in 16

@@ -197,9 +197,9 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
         if item.kind == "end" and progress:
             progress(log.bytes_done, rep.wal_bytes)
     rep.wal_end_lsn = log.end_lsn or 0
-    if log.segments and rep.wal_end_lsn < rep.applied_lsn:
-        rep.errors.append(f"the WAL ends at LSN {rep.wal_end_lsn} but LMDB is applied up to "
-                          f"{rep.applied_lsn}: acknowledged log records are missing")
+    short = log.short_of_applied()
+    if short is not None:
+        rep.errors.append(short)
     return last
 
 

@@ -77,7 +77,10 @@ class DirectorySource:
     The durable frontier: every segment but the last is durable (the writer fsyncs a
     segment before creating the next); in the last one, the end of the valid records,
     made durable by an fdatasync of our own (``fsync=True``), else the largest
-    ``synced_lsn`` seen in its records.
+    ``synced_lsn`` seen in its records.  What ends those records is judged as ``walstore
+    verify`` judges it: a last segment shorter than it was made, or with a bad header,
+    a bad record with a valid one behind it, or an end below the LSN LMDB was applied up
+    to when shipping began are damage (CorruptionError), never a frontier to ship up to.
     """
 
     def __init__(self, path: str, fsync: bool = True) -> None:
@@ -92,6 +95,7 @@ class DirectorySource:
         self._tail_lsn = 0
         self._synced_seen = 0
         self._durable = 0
+        self._applied_floor: int | None = None  # LMDB's applied LSN, read once (below)
         self.pin: int | None = None
         self.pin_limit: int | None = None  # the pin lets go past this much WAL behind it
 
@@ -100,6 +104,8 @@ class DirectorySource:
 
     def durable_lsn(self) -> int:
         with self._lock:
+            if self._applied_floor is None:  # (before the listing and the scan: a writer
+                self._applied_floor = self._lmdb_applied()  # logs a record, then applies it)
             segs = self.segments()
             if not segs:
                 return self._durable
@@ -112,6 +118,7 @@ class DirectorySource:
                 return self._durable
             try:
                 size = os.fstat(fd).st_size
+                self._refuse_if_cut_short(path, start)
                 if size <= self._tail_off:
                     return max(self._durable, start)
                 with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
@@ -128,6 +135,7 @@ class DirectorySource:
                         moved = True
                     if self._tail_off < len(mm) and mm[self._tail_off] != 0:
                         self._refuse_if_corrupt(path, start)
+                    self._refuse_if_short_of_applied(path)
                 if moved and self.fsync:
                     try:
                         os.fdatasync(fd)
@@ -142,6 +150,55 @@ class DirectorySource:
                 return self._durable
             finally:
                 os.close(fd)
+
+    def _lmdb_applied(self) -> int:
+        """LMDB's applied LSN now (0 when it cannot be read: the snapshot says why)."""
+        from ..engine.lmdb_state import LmdbState
+        try:
+            state = LmdbState(self.layout.db, readonly=True)
+        except Exception:  # noqa: BLE001 - no LMDB yet, or damaged: not this check's
+            return 0
+        try:
+            return state.applied_lsn()
+        except Exception:  # noqa: BLE001 - a damaged row: verify and the snapshot name it
+            return 0
+        finally:
+            state.close()
+
+    def _refuse_if_short_of_applied(self, path: str) -> None:
+        """The last segment's valid records end below the LSN LMDB was applied up to when
+        shipping began (read before the scan, and a writer logs a record before it applies
+        it): acknowledged records are gone from the log (its tail zeroed or cut), as
+        ``walstore verify`` says it; CorruptionError, never a replica whose log ends
+        there beside a snapshot past it."""
+        floor = self._applied_floor or 0
+        if self._tail_lsn < floor:
+            from ..errors import CorruptionError
+            raise CorruptionError(
+                f"the WAL of {self.path} is damaged: it ends at LSN {self._tail_lsn} but "
+                f"LMDB is applied up to {floor}: acknowledged log records are missing; "
+                f"nothing is shipped (run `walstore verify` and `walstore recover`)", path)
+
+    def _refuse_if_cut_short(self, path: str, start: int) -> None:
+        """The last segment is shorter than its header says it was made, or its header is
+        damaged: CorruptionError.  No writer's segment ever is (each gets its name only
+        once its header is durable and its size preallocated), so this is damage, never a
+        live tail; the records would otherwise stop at the cut, with nothing behind it
+        for ``_refuse_if_corrupt`` to find, and the replica end there (a prefix that
+        verifies clean while lacking every commit behind the cut).  Read with the one
+        WAL reader, as ``walstore verify`` reads it."""
+        from ..errors import CorruptionError
+        from ..log.reader import SegmentReader
+        try:
+            reader = SegmentReader(path, self.store_id, start)
+        except FileNotFoundError:
+            return  # (trimmed meanwhile: the caller's read finds it gone)
+        why = reader.header_error or reader.truncation()
+        if why is not None:
+            raise CorruptionError(
+                f"the WAL of {self.path} is damaged: {why}; "
+                f"nothing is shipped past it (run `walstore verify` and `walstore recover`)",
+                path)
 
     def _refuse_if_corrupt(self, path: str, start: int) -> None:
         """The records stopped short of non-zero bytes: a record being written right now

@@ -1,0 +1,110 @@
+"""Copies of a damaged store: ``walstore backup`` and ``walstore replicate`` refuse a log
+``walstore verify`` calls damaged, naming the damage (CONTRACT section 4, promise 9: a
+truncated WAL segment is detected wherever the store holds evidence of it, never a silent
+prefix), and a blob of file content missing from a store no gc can touch is named as
+damage, not as a race to retry.  Real files, real CLI processes, a SIGKILLed writer."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+from store_support import CLI, cli_env
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True,
+                          timeout=300, env=cli_env())
+
+
+def _segments(store: str) -> list[str]:
+    wal = os.path.join(store, "wal")
+    return [os.path.join(wal, f) for f in sorted(os.listdir(wal)) if f.endswith(".wal")]
+
+
+def _killed_writer_store(store: str) -> None:
+    """A durability="full" writer commits 2,000 transactions, then is SIGKILLed (LMDB
+    not applied past what the applier got to: the log holds the commits)."""
+    code = (f"import os, signal, walstore\n"
+            f"s = walstore.open({store!r}, checkpoint_bytes=1 << 40)\n"
+            f"for i in range(2000):\n"
+            f"    with s.transaction() as tx:\n"
+            f"        tx.put(f'k/{{i:06d}}', 'v' * 100)\n"
+            f"os.kill(os.getpid(), signal.SIGKILL)\n")
+    r = subprocess.run([sys.executable, "-c", code], env=cli_env(), timeout=300)
+    assert r.returncode == -signal.SIGKILL
+
+
+def _closed_store_of_three_segments(store: str) -> None:
+    """300 commits of 10 KB into 1 MiB segments, cleanly closed: LMDB is applied up to
+    the log's end, which lies past 300,000 bytes into the last segment."""
+    code = (f"import walstore\n"
+            f"s = walstore.open({store!r}, segment_size=1 << 20, checkpoint_bytes=1 << 40)\n"
+            f"for i in range(300):\n"
+            f"    with s.transaction() as tx:\n"
+            f"        tx.put(f'k{{i}}', 'v' * 10000)\n"
+            f"s.close()\n")
+    subprocess.run([sys.executable, "-c", code], env=cli_env(), timeout=300, check=True)
+
+
+def _refused(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def test_replicate_refuses_a_killed_writers_truncated_only_segment(tmp_path):
+    """The only segment cut to 171,700 bytes: verify and backup refused it, but
+    `replicate --once` shipped the records before the cut, exited 0, and the replica
+    passed `replicas --verify` (records stopping at the file's end left nothing behind
+    them for the damage check to find)."""
+    store = str(tmp_path / "st")
+    _killed_writer_store(store)
+    (seg,) = _segments(store)
+    os.truncate(seg, 171700)
+    assert _cli("verify", store).returncode == 1
+    _refused(_cli("backup", store, str(tmp_path / "bk")), "truncated")
+    assert not os.path.exists(tmp_path / "bk")
+    _refused(_cli("replicate", store, f"file://{tmp_path / 'rep'}", "--once"),
+             "truncated", os.path.basename(seg))
+    assert _cli("replicas", f"file://{tmp_path / 'rep'}", "--verify").returncode != 0
+
+
+def test_backup_and_replicate_refuse_a_truncated_last_segment_below_applied(tmp_path):
+    """A cleanly closed store, its last segment cut to 300,000 bytes (below LMDB's applied
+    LSN): verify said the acknowledged records were missing, yet backup exited 0 with a
+    copy that failed verify and refused a put, and replicate shipped the WAL up to the cut
+    beside a snapshot past it, exit 0."""
+    store = str(tmp_path / "st")
+    _closed_store_of_three_segments(store)
+    segs = _segments(store)  # (the close's checkpoint may have trimmed the older ones)
+    os.truncate(segs[-1], 300000)
+    assert _cli("verify", store).returncode == 1
+    _refused(_cli("backup", store, str(tmp_path / "bk")), "truncated",
+             os.path.basename(segs[-1]))
+    assert not os.path.exists(tmp_path / "bk")
+    _refused(_cli("replicate", store, f"file://{tmp_path / 'rep'}", "--once"), "truncated")
+
+
+def test_backup_and_replicate_refuse_a_log_ending_below_applied(tmp_path):
+    """The same store with the last segment's tail zeroed from offset 300,000 (its size
+    kept: no truncation to see): the valid log ends below LMDB's applied LSN, which
+    verify reports; backup and replicate now say it too, instead of a copy or a replica
+    whose log stops there."""
+    store = str(tmp_path / "st")
+    _closed_store_of_three_segments(store)
+    last = _segments(store)[-1]
+    size = os.path.getsize(last)
+    with open(last, "r+b") as f:
+        f.seek(300000)
+        f.write(bytes(size - 300000))
+    v = _cli("verify", store)
+    assert v.returncode == 1 and "acknowledged log records are missing" in v.stdout
+    _refused(_cli("backup", store, str(tmp_path / "bk")),
+             "acknowledged log records are missing")
+    assert not os.path.exists(tmp_path / "bk")
+    _refused(_cli("replicate", store, f"file://{tmp_path / 'rep'}", "--once"),
+             "acknowledged log records are missing")
+
