@@ -108,3 +108,25 @@ def test_backup_and_replicate_refuse_a_log_ending_below_applied(tmp_path):
     _refused(_cli("replicate", store, f"file://{tmp_path / 'rep'}", "--once"),
              "acknowledged log records are missing")
 
+
+def test_backup_names_a_missing_blob_as_damage_not_a_gc_race(tmp_path):
+    """No writer running, one blob of file content gone: backup said it "kept racing with
+    the file content's garbage collection ... try again", which no retry can help."""
+    store, ws = str(tmp_path / "st"), str(tmp_path / "ws")
+    os.mkdir(ws)
+    code = (f"import walstore\n"
+            f"with walstore.open({store!r}) as s:\n"
+            f"    w = s.workspace({ws!r})\n"
+            f"    with s.transaction() as tx: tx.files(w).write('a.txt', 'one')\n"
+            f"    with s.transaction() as tx: tx.files(w).write('a.txt', 'two')\n")
+    subprocess.run([sys.executable, "-c", code], env=cli_env(), timeout=300, check=True)
+    blobs_dir = os.path.join(store, "files", "blobs")
+    blobs = sorted(os.path.join(d, f) for d, _ds, fs in os.walk(blobs_dir) for f in fs
+                   if os.path.basename(d) != "tmp")
+    gone = blobs[0]
+    os.remove(gone)
+    digest = os.path.basename(os.path.dirname(gone)) + os.path.basename(gone)
+    r = _cli("backup", store, str(tmp_path / "bk"))
+    _refused(r, "missing", digest)
+    assert "racing" not in r.stderr and "try again" not in r.stderr
+    assert not os.path.exists(tmp_path / "bk")

@@ -31,7 +31,9 @@ writer in another process: nothing here can hold its checkpoints back):
    read-only and every blob it refers to (``Files.referenced``: what its own gc would
    keep) must be there; one a gc took (the lock could not be had: a read-only source)
    is a race: the attempt is made again (the blobs copied are kept: same name, same
-   bytes); one damaged in the source refuses the backup naming it.  (Only db/ and wal/ were
+   bytes); one missing while no gc could run (the lock held, or, after the attempts, no
+   writer running) or damaged in the source refuses the backup naming it (a retry
+   cannot find it).  (Only db/ and wal/ were
    copied: a backup verified clean, listed file versions, yet could read none of them
    and could not rewind — probe57.)
 
@@ -61,7 +63,7 @@ import lmdb
 from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreIOError, WalstoreError
 from ..engine.engine import check_not_inside
-from ..engine.layout import Layout
+from ..engine.layout import Layout, writer_alive
 from ..engine.lmdb_state import LmdbState
 from ..agent.files import GC_LOCK
 from ..files.blobs import BlobStore
@@ -91,8 +93,10 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
             summary = _attempt(layout, store_id, state, dest, progress)
             if isinstance(summary, dict):
                 gone = _copy_blobs(layout, out_root=dest)
-                if gone is not None:  # (the writer's blob gc took one the copy names)
-                    damage = gone
+                if gone is not None and gc_held is not None:
+                    raise _blob_missing(src, gone)  # (no gc ran meanwhile: it is damage)
+                if gone is not None:  # (the writer's blob gc may have taken one the copy
+                    damage = gone     # names: the lock could not be had)
                     time.sleep(0.05 * attempt)
                     continue
                 summary.update(_blob_summary(dest))
@@ -101,6 +105,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
                 return summary
             damage = summary  # (None: raced with a checkpoint; a str: damage seen)
             time.sleep(0.05 * attempt)
+        if isinstance(damage, _BlobGone) and not writer_alive(layout):
+            raise _blob_missing(src, damage)  # (no writer: no gc could have taken it)
         if isinstance(damage, _BlobGone):
             raise WalstoreError(f"backup of {src} kept racing with the file content's "
                                 f"garbage collection ({damage}); try again")
@@ -448,7 +454,26 @@ def _writing(what: str, path: str) -> Iterator[None]:
 
 
 class _BlobGone(str):
-    """A blob the copy refers to was removed from the source by its gc while copied."""
+    """A blob the copy refers to is not in the source: its gc removed it while it was
+    copied (when the gc could run: ``hold_blob_gc`` could not hold it off), else damage."""
+
+    digest: str
+    path: str
+
+
+def _blob_gone(digest: str, path: str, src_dir: str) -> _BlobGone:
+    gone = _BlobGone(f"sha256:{digest} went from {src_dir} while it was copied")
+    gone.digest, gone.path = digest, path
+    return gone
+
+
+def _blob_missing(src: str, gone: _BlobGone) -> CorruptionError:
+    """A blob the copy refers to that no gc can have taken (the gc was held off, or no
+    writer runs): the source lacks it, and a retry cannot find it (as ``verify`` names
+    it)."""
+    return CorruptionError(f"backup of {src} refused: file content sha256:{gone.digest} is "
+                           f"missing from the store's content store: a file version or "
+                           f"undo needs it (run `walstore verify`)", file=gone.path)
 
 
 def _copy_blobs(layout: Layout, out_root: str) -> _BlobGone | None:
@@ -494,7 +519,7 @@ def _copy_blobs(layout: Layout, out_root: str) -> _BlobGone | None:
                 continue
             raise CorruptionError(f"backup of {layout.root} refused: stored file content "
                                   f"sha256:{digest} is damaged ({why})", file=path)
-        return _BlobGone(f"sha256:{digest} went from {src_dir} while it was copied")
+        return _blob_gone(digest, path, src_dir)
     return None
 
 
