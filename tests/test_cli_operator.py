@@ -22,6 +22,14 @@ def run_cli(*args: str, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
                           stdout=subprocess.PIPE, stderr=stderr, timeout=120)
 
 
+def store_with(path: str, *transactions: dict) -> None:
+    """A store at ``path`` with each mapping committed as one transaction, closed."""
+    with walstore.open(path) as s:
+        for items in transactions:
+            with s.transaction() as tx:
+                tx.update(items)
+
+
 def crash_inside_a_charge(path: str) -> None:
     """A writer charges inside a transaction and is killed before it commits."""
     code = (f"import os, signal, walstore\n"
@@ -113,14 +121,8 @@ def test_a_dry_run_that_would_undo_nothing_lists_nothing(tmp_path):
     the dry run listed the first rewind among the transactions undone, the rewind then
     said "nothing to undo"."""
     path = str(tmp_path / "s")
+    store_with(path, {"a": 1}, {"a": 2, "b": 1}, {"c": 1})
     with walstore.open(path) as s:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        with s.transaction() as tx:
-            tx.put("a", 2)
-            tx.put("b", 1)
-        with s.transaction() as tx:
-            tx.put("c", 1)
         s.rewind(walstore.LSN(5))
         plan = s.rewind(walstore.LSN(0), dry_run=True)
         assert plan.txids == [] and plan.empty()
@@ -147,11 +149,7 @@ def test_human_tables_cut_long_values_and_say_so(tmp_path):
 
 def test_a_refused_revert_gives_the_command_lines_advice(tmp_path):
     path = str(tmp_path / "s")
-    with walstore.open(path) as s:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        with s.transaction() as tx:
-            tx.put("a", 2)
+    store_with(path, {"a": 1}, {"a": 2})
     r = run_cli("revert", path, "1")
     assert r.returncode == 1 and "use --cascade" in r.stderr and "cascade=True" not in r.stderr
 
