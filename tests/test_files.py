@@ -233,6 +233,45 @@ def test_undo_interleaves_files_and_compensations_newest_first(spath, tree):
         assert s.actions()[0].state == "compensated"
 
 
+@pytest.mark.parametrize("later", ["delete", "rename", "rollback_to"])
+def test_a_compensation_sees_a_file_created_before_it_and_removed_after_it(spath, tree,
+                                                                            later):
+    """A file created, an action logged, then the file deleted (or moved away): the
+    rollback undoes the delete BEFORE the compensation runs, which finds the file as the
+    action saw it.  (The delete's undo was skipped as "already done" — the path was at the
+    create's before-image, absence — so the compensation found no file; the tree ended
+    right, the promised order did not hold: probe-files2.)"""
+    seen = []
+
+    def undeploy(action):
+        p = P(tree, "build.out")
+        seen.append(read(tree, "build.out") if os.path.lexists(p) else None)
+
+    with walstore.open(spath, durability="none", compensators={"undeploy": undeploy}) as s:
+        ws = s.workspace(tree)
+        before = TreeSnapshot(tree)
+        with pytest.raises(RuntimeError):
+            with s.transaction() as tx:
+                f = tx.files(ws)
+                if later == "rollback_to":
+                    sp = tx.savepoint()
+                f.write("build.out", "artifact v1\n")
+                with tx.action("deploy", compensate="undeploy"):
+                    pass
+                if later == "rename":
+                    f.rename("build.out", "old/build.out")
+                else:
+                    f.delete("build.out")
+                if later == "rollback_to":
+                    tx.rollback_to(sp)
+                    assert seen == [b"artifact v1\n"]
+                    before.assert_same()
+                raise RuntimeError("abort")
+        assert seen == [b"artifact v1\n"]
+        before.assert_same()
+        assert s.actions()[0].state == "compensated"
+
+
 def test_a_conflict_at_commit_rolls_files_back(store, tree):
     ws = store.workspace(tree)
     with store.transaction() as t0:

@@ -14,7 +14,9 @@ empty directories, stray temp names):
 - the same for a transaction whose ``watch()``ed subprocess edits the tree, and for a kill
   INSIDE the watched subprocess (its process group dies with it): the tree returns to its
   state before the watch;
-- at every seam call of a ROLLBACK (paths changed twice and moved away), and of the
+- at every seam call of a ROLLBACK (paths changed twice and moved away; and one with
+  actions logged between a file's creation and its deletion or move: each compensation,
+  in the rollback or at the next open, finds its file as the action left it), and of the
   RECOVERY of a crash (a crash while undoing a crash): the next open still ends with
   the pre-transaction tree, and reports no conflict (walstore's own intermediate states
   are not a stranger's).
@@ -219,6 +221,45 @@ def test_kill_at_every_step_of_a_rollback(tmp_path):
         store, ws = setup(base)
         return store, ws, tree_state(ws)
     kill_at_every_call(tmp_path, "rollback", fresh, "rollback")
+
+
+def test_kill_at_every_step_of_a_rollback_with_compensations_between(tmp_path):
+    """Files created, an action logged, then the files deleted or moved away: every
+    compensation — in the rollback, or at the next open after a kill -9 at any step of it
+    — finds its file as the action left it (the later delete or move undone first), and
+    the next open ends with the pre-transaction tree, no conflict."""
+    from agent_scripts.files_child import undeploy
+    want = {"scratch/out.txt": b"artifact\n".hex(), "dist/app.bin": b"\x00bin".hex()}
+
+    def check_seen(seen: Path, what: str) -> None:
+        rows = [json.loads(line) for line in seen.read_text().splitlines()] \
+            if seen.exists() else []
+        for r in rows:
+            assert r["found"] == want[r["path"]], (what, rows)
+
+    store, ws = setup(tmp_path / "count")
+    pre = tree_state(ws)
+    seen = tmp_path / "count" / "seen.jsonl"
+    got = run_child({"store": store, "ws": ws, "job": "rollback_action", "seen": str(seen)})
+    calls = got["calls"]
+    assert calls and calls > 5
+    assert_tree_equal(tree_state(ws), pre, "after an undisturbed rollback")
+    check_seen(seen, "undisturbed")
+    assert len(seen.read_text().splitlines()) == 2
+    for n in kill_points(calls):
+        base = tmp_path / f"k{n}"
+        store, ws = setup(base)
+        seen = base / "seen.jsonl"
+        got = run_child({"store": store, "ws": ws, "job": "rollback_action", "stop": n,
+                         "seen": str(seen)})
+        assert got["stopped"], (n, got)
+        with walstore.open(store, compensators={"undeploy": undeploy(str(seen), ws)}) as s:
+            assert not s.last_recovery.file_conflicts, s.last_recovery.file_conflicts
+            assert s.get("done") is None
+            assert {a.state for a in s.actions()} == {"compensated"}, s.actions()
+        what = f"after a kill -9 of the rollback before call {n} ({got['stopped']})"
+        assert_tree_equal(tree_state(ws), pre, what)
+        check_seen(seen, what)
 
 
 def test_kill_at_every_step_of_the_recovery_of_a_crash(tmp_path):

@@ -6,7 +6,10 @@ stopped before its Nth I/O call through walstore's seam so the test can kill -9 
 SPEC: ``store``, ``ws`` (the workspace root, registered by the parent), ``job``
 (``"tx"``: a transaction of file operations and a key, then commit; ``"hold"``: the
 same operations, then ``HELD`` and sleep, never committing; ``"rollback"``: the same
-operations, then ``rollback()``, whose calls alone are counted; ``"watch"``: a transaction
+operations, then ``rollback()``, whose calls alone are counted; ``"rollback_action"``:
+the same, plus files created, an action logged (compensator ``undeploy``: appends what
+it finds at the action's ``path`` to ``seen``, a JSON-lines file outside the workspace),
+then those files deleted or moved away, then ``rollback()``; ``"watch"``: a transaction
 whose watched subprocess edits the tree, then commit; ``"recover"``: just open the
 store, i.e. run recovery), ``stop`` (N: halt before the Nth seam call counted
 after the store is open; 0: never), ``hang`` (``"watch"`` only: the watched subprocess
@@ -93,6 +96,17 @@ class Stopper(fileio.OSBackend):
         return self._at("unlink", path, lambda: super(Stopper, self).unlink(path))
 
 
+def undeploy(seen: str | None, root: str):
+    """The compensator of ``rollback_action``: note what the action's file is now."""
+    def compensate(action) -> None:
+        path = os.path.join(root, action.args["path"])
+        found = open(path, "rb").read().hex() if os.path.lexists(path) else None
+        if seen is not None:
+            with open(seen, "a") as out:
+                out.write(json.dumps({"path": action.args["path"], "found": found}) + "\n")
+    return compensate
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     backend = Stopper(spec.get("stop", 0), spec.get("after", False))
@@ -104,12 +118,14 @@ def main() -> None:
         return
     # the applier never runs by itself (an hour's pause): its WAL sync can cover the
     # transaction's own, which would make the count of seam calls differ between runs
-    store = walstore.open(spec["store"], apply_interval=3600)
+    rolls_back = spec["job"] in ("rollback", "rollback_action")
+    store = walstore.open(spec["store"], apply_interval=3600,
+                          compensators={"undeploy": undeploy(spec.get("seen"), spec["ws"])})
     ws = store.workspace(spec["ws"])
-    backend.armed = spec["job"] != "rollback"
+    backend.armed = not rolls_back
     tx = store.transaction(meta={"job": spec["job"]})
     f = tx.files(ws)
-    if spec["job"] in ("tx", "hold", "rollback"):
+    if spec["job"] in ("tx", "hold", "rollback", "rollback_action"):
         f.write("src/app.py", "print('v2')\n")             # an existing file
         f.write("src/new/mod.py", "NEW = 1\n", mode=0o600)  # parents created
         f.delete("conf/old.toml")
@@ -117,6 +133,15 @@ def main() -> None:
         f.symlink("link", "conf/app.toml")                  # replaces a symlink
         f.write("src/app.py", "print('v3')\n")             # a path changed twice
         f.rename("src/app.py", "src/main.py")               # ... and moved away
+        if spec["job"] == "rollback_action":  # created, used by an action, then gone
+            f.write("scratch/out.txt", "artifact\n")
+            with tx.action("deploy", args={"path": "scratch/out.txt"}, compensate="undeploy"):
+                pass
+            f.delete("scratch/out.txt")
+            f.write("dist/app.bin", b"\x00bin")
+            with tx.action("deploy", args={"path": "dist/app.bin"}, compensate="undeploy"):
+                pass
+            f.rename("dist/app.bin", "old/app.bin")
     else:
         hang = ""
         if spec.get("hang"):
@@ -125,7 +150,7 @@ def main() -> None:
         with f.watch():
             subprocess.run(["sh", "-c", WATCHED.format(hang=hang)], cwd=ws.root, check=True)
     tx.put("done", spec["job"])
-    if spec["job"] == "rollback":
+    if rolls_back:
         backend.armed = True
         tx.rollback()
         print("ROLLED BACK", flush=True)

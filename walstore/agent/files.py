@@ -136,7 +136,8 @@ class UndoBatch:
     step it knows the before-images of the OLDER steps of the batch on the same path:
     when an undo interrupted by a crash runs again, a path an older effect also changed
     may already be further back than this step's before-image, which is not a conflict
-    (``undo_steps(done=...)``)."""
+    (``undo_steps(done=...)``; a path still in the step's after-image is put back all the
+    same: ``restore_status``)."""
 
     def __init__(self, effects: list) -> None:
         self._befores: dict[tuple[bytes, bytes], list] = {}

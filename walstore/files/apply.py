@@ -674,7 +674,9 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
     """Classify ``path`` for a restore without changing anything (a revert checks every
     path first and raises RevertConflict naming the conflicts).  ``done``: states that
     count as restored already (the before-images of older steps of the same path, when
-    an interrupted undo is run again: it had gone further back).  ``after_crash``: an
+    an interrupted undo is run again: it had gone further back) — unless the path is in
+    ``expected_current`` (this step's after-image): then it is put back, so a live undo
+    goes back step by step, newest first.  ``after_crash``: an
     undo run again by recovery, which may find a path in the state walstore's own restore
     passes through (``_between``); anywhere else that state is a stranger's change."""
     root = not ws.rel(path, allow_root=True)  # (the root itself: a watch's mode change)
@@ -691,9 +693,19 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
         current = Entry.absent()
     else:
         current = read_entry(abs_path, hash=True)
-    if before.same(current) or any(d.same(current) for d in done):
+    if before.same(current):
         return RestoreStatus("done", current)
-    if expected_current is not None and not expected_current.same(current) \
+    # walstore's own after-image first: a path a later step changed back to an older
+    # before-image (created, then deleted) is still in THIS step's after-image, so it is
+    # put back now, not when the older step's undo comes (a compensation logged between
+    # the two must see the file).  A re-run after a crash may find that state after the
+    # undo had gone further back: restoring it again is a detour the older steps' undo
+    # takes back (each step ends in its before-image, the next older step's after-image)
+    if expected_current is not None and expected_current.same(current):
+        return RestoreStatus("apply", current)
+    if any(d.same(current) for d in done):
+        return RestoreStatus("done", current)
+    if expected_current is not None \
             and not (after_crash and _between(before, expected_current, current)):
         return RestoreStatus("conflict", current)
     return RestoreStatus("apply", current)
