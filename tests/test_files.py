@@ -757,6 +757,107 @@ def test_rollback_when_the_store_cannot_record_leaves_files_owed_for_the_next_op
         before.assert_same(what="after the reopen")
 
 
+# (the blob store's first open is the snapshot's clock tick, which it does without)
+@pytest.mark.parametrize("op,err,nth", [("fsync", "EIO", 1), ("fsync_dir", "EIO", 1),
+                                        ("pwrite", "ENOSPC", 1), ("rename", "EIO", 1),
+                                        ("open", "ENOSPC", 2)])
+def test_a_disk_error_while_a_watch_begins_is_a_store_io_error(spath, tree, op, err, nth):
+    """The first snapshot of a watch stores every file's content in the blob store: a
+    disk error there is a StoreIOError (the OSError chained), the block never runs, the
+    tree is as it was (it was a bare OSError: probe-files2).  A failed fsync of the blob
+    store turns the store read-only, as any failed fsync; the next open is writable."""
+    import errno as errno_mod
+    s = walstore.open(spath, durability="full")
+    ws = s.workspace(tree)
+    before = TreeSnapshot(tree)
+    fb = FaultBackend()
+    rule = fb.fail(op, getattr(errno_mod, err), path=os.path.join(spath, "files", "blobs", "*"),
+                   nth=nth)
+    ran = []
+    with installed(fb):
+        with pytest.raises(walstore.StoreIOError) as ei:
+            with s.transaction() as tx:
+                with tx.files(ws).watch():
+                    ran.append(1)
+    assert rule.fired == 1 and not ran
+    assert isinstance(ei.value.__cause__, OSError)
+    assert ei.value.errno == getattr(errno_mod, err)
+    before.assert_same()
+    if op.startswith("fsync"):
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put("k", 1)
+        s._drop_like_a_crash()
+        s = walstore.open(spath, durability="full")
+        ws = s.workspace(tree)
+    with s.transaction() as tx:  # (writable: a later watch works)
+        with tx.files(ws).watch():
+            subprocess.run(["sh", "-c", "echo w > w.txt"], cwd=tree, check=True)
+    assert read(tree, "w.txt") == b"w\n"
+    s.close()
+
+
+def test_a_failed_fsync_of_watched_files_at_commit_is_a_store_io_error(spath, tree):
+    """The commit fsyncs what watched processes changed before its record: a failed
+    fsync there is a StoreIOError (the OSError chained; it was a bare OSError:
+    probe-files2), the transaction rolls back and the tree is as it was."""
+    s = walstore.open(spath, durability="full")
+    ws = s.workspace(tree)
+    before = TreeSnapshot(tree)
+    fb = FaultBackend()
+    with pytest.raises(walstore.StoreIOError) as ei:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+            with tx.files(ws).watch():
+                subprocess.run(["sh", "-c", "echo new > fresh.txt"], cwd=tree, check=True)
+            fb.fail("fsync", path=os.path.join(os.path.realpath(tree), "*"))
+            fb.fail("fsync", path=os.path.join(tree, "*"))
+            with installed(fb):
+                tx.commit()
+    assert isinstance(ei.value.__cause__, OSError) and ei.value.errno == 5
+    before.assert_same()
+    assert s.get("k") is None
+    s.close()
+
+
+def test_a_failed_fsync_of_the_blob_store_turns_the_store_read_only(spath, tree):
+    """CONTRACT 4.6: after an fsync error the store turns read-only, never retrying an
+    fsync — a before-image's blob (or its directory) too.  The operation fails with
+    StoreIOError, later writes get ReadOnlyError, no fsync follows, and the next open
+    puts the transaction's earlier change back (the store went on writing: probe-files2)."""
+    s = walstore.open(spath, durability="full")
+    ws = s.workspace(tree)
+    before = TreeSnapshot(tree)
+    tx = s.transaction()
+    f = tx.files(ws)
+    f.write("new.txt", "first change\n")
+    fb = FaultBackend()
+    rule = fb.fail("fsync", path=os.path.join(spath, "files", "blobs", "*"))
+    with installed(fb):
+        with pytest.raises(walstore.StoreIOError):
+            f.write("src/app.py", "second change\n")   # its before-image's fsync fails
+        assert rule.fired == 1
+        mark = fb.now()
+        with pytest.raises(walstore.ReadOnlyError):
+            tx.rollback()
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as t2:
+                t2.put("k", 1)
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as t2:
+                t2.files(ws).write("README.md", "other\n")
+        assert not [c for c in fb.calls if c.seq > mark and c.op in ("fsync", "fsync_dir",
+                                                                      "fdatasync")]
+    assert read(tree, "new.txt") == b"first change\n"   # owed: the next open undoes it
+    s._drop_like_a_crash()
+    with walstore.open(spath, durability="full") as s:
+        before.assert_same(what="after the reopen")
+        assert s.get("k") is None
+        with s.transaction() as tx:
+            tx.files(ws).write("README.md", "after\n")
+        assert read(tree, "README.md") == b"after\n"
+
+
 def test_an_interrupted_rollback_is_finished_at_the_next_open(spath, tree, monkeypatch):
     from walstore.agent import files as agent_files
     s = walstore.open(spath, durability="none")

@@ -7,7 +7,9 @@ to a call (a key of the wrong type, a value msgpack cannot encode) are the built
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 
 class WalstoreError(Exception):
@@ -147,18 +149,27 @@ def as_store_error(e: OSError) -> OSError:
     return wrapped(e.errno, e.strerror, e.filename, None, e.filename2)
 
 
+@contextlib.contextmanager
+def os_errors_as_store_errors() -> Iterator[None]:
+    """The OS errors of the block leave as ``as_store_error`` makes them, the cause
+    chained (a part of a call whose other part runs user code: ``watch()``'s begin and
+    end, never its block)."""
+    try:
+        yield
+    except OSError as e:
+        wrapped = as_store_error(e)
+        if wrapped is e:
+            raise
+        raise wrapped from e
+
+
 def os_errors_wrapped(method):
     """``method`` with its OS errors leaving as ``as_store_error`` makes them (the file
     operations of reversible files: a FileExistsError is still one)."""
     @functools.wraps(method)
     def call(*args, **kwargs):
-        try:
+        with os_errors_as_store_errors():
             return method(*args, **kwargs)
-        except OSError as e:
-            wrapped = as_store_error(e)
-            if wrapped is e:
-                raise
-            raise wrapped from e
     return call
 
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
-from ..errors import ConflictError, CorruptionError, FileConflictError, WalstoreError, \
-    os_errors_wrapped
+from ..errors import ConflictError, CorruptionError, FileConflictError, StoreIOError, \
+    WalstoreError, os_errors_as_store_errors, os_errors_wrapped
 from ..engine import tables
 from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
@@ -242,8 +242,19 @@ class Files:
             if not self.engine.readonly:
                 fileio.make_dir(self.dir)
             self._blobs = BlobStore(os.path.join(self.dir, "blobs"),
-                                    readonly=self.engine.readonly)
+                                    readonly=self.engine.readonly,
+                                    on_sync_error=self._blob_sync_failed)
         return self._blobs
+
+    def _blob_sync_failed(self, error: OSError) -> None:
+        """An fsync of the blob store failed: the store turns read-only, as after a
+        failed fsync of its log (never an fsync retried: a blob or directory entry written
+        before may not be durable, and a later put of that content would trust it).  The
+        operation in hand fails with the error (StoreIOError); its transaction's rollback
+        leaves the workspace to the next open, which puts it back."""
+        where = error.filename or os.path.join(self.dir, "blobs")
+        self.engine.fail(StoreIOError(error.errno, f"an fsync of the store's file content "
+                                      f"failed: {error.strerror or error}", where))
 
     def quarantine(self, txid: int) -> str:
         return os.path.join(self.quarantine_dir, f"tx{txid}")
@@ -768,7 +779,10 @@ class Files:
                 with self._nested_watch(outer) as handle:
                     yield handle
                 return
-            with self._lock:
+            # (an OS error of the begin — the first snapshot's blobs: a full disk, EIO —
+            # is a StoreIOError, as a file operation's; the block's own errors pass as
+            # they are)
+            with self._lock, os_errors_as_store_errors():
                 # what a dropped transaction left in the workspace goes first (else the
                 # manifest took it as the before-image: see _put_back_stale)
                 self._put_back_stale(tx.id, ws)
@@ -791,7 +805,8 @@ class Files:
                 raise
             finally:
                 try:
-                    self._end_watch(tx, w, handle)
+                    with os_errors_as_store_errors():
+                        self._end_watch(tx, w, handle)
                 except Exception:
                     if not failed:
                         raise  # (the block's own error wins; the watch stays open)
@@ -805,10 +820,12 @@ class Files:
         workspace's lock): nothing stored or logged; ``changes`` (after the block) lists
         what changed inside it, compared through the outer watch's patterns."""
         ws = outer.manifest.workspace(outer.ws)
-        m0 = snapshot(ws, None, previous=outer.manifest)
+        with os_errors_as_store_errors():
+            m0 = snapshot(ws, None, previous=outer.manifest)
         handle = Watch(outer.ws)
         yield handle
-        handle.changes = diff(m0, snapshot(ws, None, previous=m0))
+        with os_errors_as_store_errors():
+            handle.changes = diff(m0, snapshot(ws, None, previous=m0))
 
     def _end_watch(self, tx: "Transaction", w: OpenWatch, handle: Watch) -> None:
         if tx.state != "active" or w not in tx.effects:
@@ -895,8 +912,9 @@ class Files:
         if any(isinstance(e, OpenWatch) for e in effs):
             raise WalstoreError(f"transaction {tx.id} cannot commit while a watch() is open "
                                 f"(inside its block, or its changes could not be read)")
-        if self.durable:
-            self._sync_watched([e for e in effs if e.op == "watch"])
+        if self.durable:  # (an OS error: StoreIOError, the transaction rolls back)
+            with os_errors_as_store_errors():
+                self._sync_watched([e for e in effs if e.op == "watch"])
         return {"files": [lsn for e in effs for lsn in e.lsns]}
 
     def _sync_watched(self, effs: list[FileEffect]) -> None:

@@ -25,6 +25,11 @@ and ``<dir>/tmp/`` for puts in progress.  Rules:
   the kernel to copy.
 - **Verified on the way out**: ``get``/``copy_to`` hash what they stream and raise
   ``CorruptionError`` naming the blob when it does not match its name.
+- **An fsync error is final**: every fsync of a blob, a temp or a directory goes through
+  ``_sync``/``_sync_dir``, which tell ``on_sync_error`` (the store: it turns read-only,
+  as after a failed fsync of its log) before the error is raised.  After a failed fsync
+  the kernel may have dropped the dirty pages and a later fsync reports success: no
+  later put may then trust a blob, or a directory entry, it cannot know is durable.
 - **Garbage collection** (``gc``) removes every blob not in the given referenced set.  The
   caller must make sure no put whose reference is not yet recorded is running (the engine
   runs it under the lock it logs before-images with; this class serializes gc against its
@@ -41,7 +46,7 @@ import itertools
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .. import fileio
@@ -89,15 +94,19 @@ def check_digest(digest: str) -> str:
 
 class BlobStore:
     """Content by sha256 under ``directory`` (created 0700 if missing, unless
-    ``readonly``: then only reads are made)."""
+    ``readonly``: then only reads are made).  ``on_sync_error(error)``: called when an
+    fsync of the blob store fails, before the error is raised (the store turns
+    read-only)."""
 
     def __init__(self, directory: str | bytes, copy: str = "auto",
-                 readonly: bool = False) -> None:
+                 readonly: bool = False,
+                 on_sync_error: Callable[[OSError], None] | None = None) -> None:
         if copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {COPY_MODES}, not {copy!r}")
         self.dir = os.path.abspath(os.fsdecode(directory))
         self.tmp = os.path.join(self.dir, "tmp")
         self.copy = copy
+        self.on_sync_error = on_sync_error
         self._clone_ok = copy in ("auto", "clone")
         self._lock = threading.Lock()
         self._known: set[str] = set()      # digests seen present by this process
@@ -332,7 +341,25 @@ class BlobStore:
 
     def _durable(self, fd: int) -> None:
         if self._pending is None:  # in a batch, the flush fsyncs every temp at once
+            self._sync(fd)
+
+    def _sync(self, fd: int) -> None:
+        try:
             fileio.fsync(fd)
+        except OSError as e:
+            self._sync_failed(e)
+            raise
+
+    def _sync_dir(self, path: str) -> None:
+        try:
+            fileio.fsync_dir(path)
+        except OSError as e:
+            self._sync_failed(e)
+            raise
+
+    def _sync_failed(self, error: OSError) -> None:
+        if self.on_sync_error is not None:
+            self.on_sync_error(error)
 
     def _name(self, tmp: str, digest: str, size: int) -> None:
         """A complete temp file becomes the blob ``digest`` (in a batch: at the flush)."""
@@ -348,7 +375,7 @@ class BlobStore:
                 except BaseException:
                     self._drop(tmp)
                     raise
-                fileio.fsync_dir(sub)
+                self._sync_dir(sub)
         self.bytes_written += size
         self.files_written += 1
 
@@ -359,7 +386,7 @@ class BlobStore:
         if sub not in self._fanout:
             if not os.path.isdir(sub):
                 fsops.make_dirs(sub)
-                fileio.fsync_dir(self.dir)
+                self._sync_dir(self.dir)
             self._fanout.add(sub)
         fileio.rename(tmp, os.path.join(sub, digest[2:]))
         self._active.discard(tmp)
@@ -389,7 +416,7 @@ class BlobStore:
             for tmp in pending.values():
                 fd = fileio.open_file(tmp, os.O_RDONLY)  # (the seam knows the fd's file)
                 try:
-                    fileio.fsync(fd)
+                    self._sync(fd)
                 finally:
                     os.close(fd)
             subs = set()
@@ -397,7 +424,7 @@ class BlobStore:
                 for digest, tmp in pending.items():
                     subs.add(self._rename_in(tmp, digest))
                 for sub in sorted(subs):
-                    fileio.fsync_dir(sub)
+                    self._sync_dir(sub)
         except BaseException:
             for tmp in pending.values():
                 if tmp in self._active:
@@ -506,7 +533,7 @@ class BlobStore:
                 removed += 1
                 freed += size
             for sub in sorted(touched):
-                fileio.fsync_dir(sub)
+                self._sync_dir(sub)
         return GcResult(removed, freed, kept, kept_bytes)
 
     def remove_temps(self) -> list[str]:
