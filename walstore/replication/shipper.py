@@ -40,7 +40,7 @@ from ..files.blobs import BlobStore
 from ..signals import Flag
 from . import logformat, source as _src
 from .lease import LEASE_KEY, MAX_LEASE_BYTES, Lease, LeaseLost, Refused, _pid_alive, \
-    holder_info
+    describe, holder_info
 from .manifest import MANIFEST_KEY, Manifest, decode as decode_manifest
 from .options import ReplicateOptions
 from .targets import (NOT_MODIFIED, REPLICA_DIRS, ObjectStore, PreconditionFailed, TargetError,
@@ -304,24 +304,72 @@ class Shipper:
                 m = Manifest.new(src.store_id, src.lineage, src.identity)
             else:
                 self._check_replica(m)
+            self._mark_version(m)
+            if m.etag is not None:
+                m = self._fence(m)
         except Refused:
             self.lease.release(give_back=True)  # (the holder it was taken from keeps it)
             raise
-        # the replica carries the store's format version: a replica an older walstore
-        # made is marked with this one's before the first manifest this shipper writes
-        # lists any record of it (a review: an older walstore restored such a replica,
-        # still "version 1", and committed 230 of a chunked PREPARE's 3,000 keys)
+        self.manifest = m
+        self.shipped = m.position or 0
+        self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
+        self._collect_orphans()  # (against the manifest the fence wrote: see _fence)
+        self._started = True
+        self.state = "running"
+
+    def _mark_version(self, m: Manifest) -> None:
+        """The replica carries the store's format version: a replica an older walstore
+        made is marked with this one's before the first manifest this shipper writes
+        lists any record of it (a review: an older walstore restored such a replica,
+        still "version 1", and committed 230 of a chunked PREPARE's 3,000 keys)."""
+        src = self.source
         ident = m.doc.get("identity") or {}
         if isinstance(src.identity.get("version"), int) and (
                 not isinstance(ident.get("version"), int)
                 or ident["version"] < src.identity["version"]):
             m.doc["identity"] = dict(ident, version=src.identity["version"])
-        self.manifest = m
-        self.shipped = m.position or 0
-        self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
-        self._collect_orphans()
-        self._started = True
-        self.state = "running"
+
+    def _fence(self, m: Manifest) -> Manifest:
+        """Write the manifest read under the new lease back (If-Match on its etag) before
+        anything is collected: its etag changes, so a manifest PUT of the previous writer
+        still in flight (killed, or closed while its round hung on the server: its
+        If-Match is on the etag read here, since taking the lease changes only the
+        lease's etag) fails when it lands late.  When such a PUT lands first, the write
+        here fails: the manifest it wrote is read again (checked as the first was) and
+        fenced in turn.  Without this the orphan collection deleted the WAL objects that
+        pending PUT listed, the PUT then landed — a manifest listing deleted objects, no
+        restore to its end — and this writer's next write failed its If-Match: stopped
+        for good as "lease-lost" to a dead process (probe-repl2)."""
+        for _ in range(5):
+            try:
+                m.save(self.target, self.holder)
+                return m
+            except PreconditionFailed:
+                self._still_holding("the manifest changed while this writer fenced it")
+                got = Manifest.load(self.target, self.opts.max_manifest_bytes)
+                if got is None:
+                    raise LeaseLost(f"the manifest of {self.url} was deleted while this "
+                                    f"writer took the replica over; nothing was shipped") \
+                        from None
+                self._check_replica(got)
+                self._mark_version(got)
+                m = got
+        raise ReplicationError(f"the manifest of {self.url} keeps changing while this writer "
+                               f"holds the lease (a previous writer's requests still "
+                               f"landing?); retrying")
+
+    def _still_holding(self, why: str) -> None:
+        """LeaseLost (naming the holder) unless the lease is still this writer's: a
+        manifest write that failed its If-Match under a lease still held was a request of
+        a previous writer landing late (a dead process's, or one this process closed),
+        never a live second writer's (that one would have taken the lease first)."""
+        cur = self.lease.read()
+        if cur is not None and cur[1] == self.lease.etag \
+                and cur[0]["holder"].get("id") == self.token:
+            return
+        who = describe(cur[0]["holder"]) if cur is not None else "nobody (the lease is gone)"
+        raise LeaseLost(f"{why}, and the lease of {self.url} is now held by {who}; "
+                        f"shipping stopped")
 
     def _reload(self, m: Manifest | None) -> Manifest | None:
         """The replica's manifest now; ``m`` itself when it did not change (not read again:
@@ -529,9 +577,17 @@ class Shipper:
                 raise LeaseLost(f"the manifest of {self.url} was deleted under this writer; "
                                 f"shipping stopped") from None
             who = got.doc.get("writer") or {}
-            raise LeaseLost(f"the manifest of {self.url} was written by another writer "
-                            f"(process {who.get('pid', '?')} on host {who.get('host', '?')}); "
-                            f"shipping stopped") from None
+            # Written by another writer.  A live one took the lease first: lost.  With the
+            # lease still ours, it was a request of a writer before us landing late (the
+            # fence at the start makes that rare: an If-None-Match PUT of a first manifest
+            # can still land): this writer's manifest is the replica's (every object it
+            # lists is up), written over it.  (It stopped for good as "lease-lost",
+            # naming a dead process or its own pid: probe-repl2.)
+            self._still_holding(f"the manifest of {self.url} was written by another writer "
+                                f"(process {who.get('pid', '?')} on host "
+                                f"{who.get('host', '?')})")
+            self.manifest.etag = got.etag
+            self.manifest.save(self.target, self.holder)
 
     def _begin(self, summary: dict) -> None:
         """A new replica: ship from the first local segment, with a snapshot."""
