@@ -171,3 +171,40 @@ def test_replicas_verify_shows_progress_on_stderr_only(tmp_path):
     doc = json.loads(js.stdout)
     assert doc["verify"]["ok"] is True
     assert "verify:" not in js.stderr
+
+
+def test_a_sync_against_a_server_that_never_answers_names_the_request(s3_endpoint,  # noqa: F811
+                                                                        tmp_path):
+    """A server that takes the connection and never answers (a proxy that stopped
+    forwarding): the sync's error names the request waiting and how long, and so does
+    ``replication().last_error`` once it has waited ``STALL_REPORTED`` seconds (it said
+    only "shipping is still in progress", and last_error was None: probe-repl2)."""
+    from test_replication_support import Proxy
+    from walstore.replication.shipper import STALL_REPORTED
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy((host.split("//")[1], int(port)))
+    rep = make_s3_replica(s3_endpoint)
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url,
+                      replicate_options=rep.opts(endpoint_url=proxy.url, read_timeout=120,
+                                                 max_attempts=1))
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+        proxy.pause()
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        with pytest.raises(walstore.ReplicationError) as e:
+            s.sync_replica(timeout=1)
+        assert "waiting on the server: a PUT of " + rep.url + "/wal/" in str(e.value), e.value
+        assert "has had no answer yet" in str(e.value)
+        deadline = time.monotonic() + STALL_REPORTED + 30
+        while "no answer" not in (s.replication().last_error or ""):
+            assert time.monotonic() < deadline, s.replication()
+            time.sleep(0.2)
+        assert "a PUT of " in s.replication().last_error
+        proxy.resume()
+        s.sync_replica(timeout=60)
+    finally:
+        s.close()
+        proxy.close()

@@ -44,12 +44,13 @@ from .lease import LEASE_KEY, MAX_LEASE_BYTES, Lease, LeaseLost, Refused, _pid_a
 from .manifest import MANIFEST_KEY, Manifest, decode as decode_manifest
 from .options import ReplicateOptions
 from .targets import (NOT_MODIFIED, REPLICA_DIRS, ObjectStore, PreconditionFailed, TargetError,
-                      display_url, open_target)
+                      WatchedTarget, display_url, open_target)
 
 IN_MEMORY_OBJECT = 8 << 20   # WAL objects up to this size are built in memory, larger spooled
 SAVE_EVERY = 5.0             # a long round writes the manifest at least this often
 RETENTION_EVERY = 60.0
 SNAPSHOT_BACKOFF_MAX = 300.0  # between attempts after failed snapshots (see _snapshot_due)
+STALL_REPORTED = 10.0        # a request unanswered this long shows in ``last_error``
 
 
 @dataclass
@@ -128,7 +129,8 @@ class Shipper:
             source.pin_limit = self.opts.max_pin_bytes
         self.url = display_url(url)
         _refuse_replica_inside(url, source.path)
-        self.target = target if target is not None else open_target(url, self.opts)
+        self.target = WatchedTarget(target if target is not None
+                                    else open_target(url, self.opts))
         self.token = uuid.uuid4().hex
         self.holder = holder_info(self.token, source.path, source.store_id, source.lineage)
         self.lease = Lease(self.target, self.holder, self.opts.lease_ttl)
@@ -483,8 +485,11 @@ class Shipper:
             self._behind_since = time.time()
         lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
         m = self.manifest
+        error = self.last_error or self._snapshot_error
+        if error is None and self.target.waiting_for() >= STALL_REPORTED:
+            error = f"waiting on the server: {self.target.waiting()}"
         return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
-                                 self.last_error or self._snapshot_error, self.last_shipped_at,
+                                 error, self.last_shipped_at,
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
 
     def sync(self, lsn: int, timeout: float = 30.0) -> int:
@@ -500,10 +505,14 @@ class Shipper:
                     raise ReplicationError(f"replication to {self.url} is stopped")
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    waiting = self.target.waiting()
+                    cause = self.last_error or (
+                        f"waiting on the server: {waiting}" if waiting is not None
+                        else "shipping is still in progress")
                     raise ReplicationError(
                         f"replica {self.url} holds the log up to LSN {self.shipped}, "
                         f"{lsn - self.shipped} bytes short of LSN {lsn} after {timeout:g} s: "
-                        f"{self.last_error or 'shipping is still in progress'}")
+                        f"{cause}")
                 self._cond.wait(min(left, 0.25))
         return self.shipped
 

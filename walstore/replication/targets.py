@@ -71,6 +71,67 @@ class ObjectStore(Protocol):
     def close(self) -> None: ...
 
 
+class WatchedTarget:
+    """An object store whose request in progress can be named: ``waiting()`` says which
+    request (operation and key) has been waiting how long for its answer (a ``sync``
+    that timed out against a server accepting connections and never answering said only
+    "shipping is still in progress", and ``replication().last_error`` was None:
+    probe-repl2).  Everything else is the wrapped store's."""
+
+    def __init__(self, target: ObjectStore) -> None:
+        self._target = target
+        self._pending: tuple[str, str, float] | None = None  # (operation, key, since)
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+    def _call(self, op: str, key: str, fn, *args, **kw):
+        self._pending = (op, key, time.monotonic())
+        try:
+            return fn(*args, **kw)
+        finally:
+            self._pending = None
+
+    def get(self, key: str, max_bytes: int, if_none_match: str | None = None):
+        return self._call("GET", key, self._target.get, key, max_bytes, if_none_match)
+
+    def download(self, key: str, f: BinaryIO, max_bytes: int, *args):
+        return self._call("GET", key, self._target.download, key, f, max_bytes, *args)
+
+    def put(self, key: str, body: Body, **kw) -> str:
+        return self._call("PUT", key, self._target.put, key, body, **kw)
+
+    def delete(self, key: str) -> None:
+        return self._call("DELETE", key, self._target.delete, key)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        it = iter(self._call("LIST", prefix, self._target.list, prefix))
+        while True:
+            try:
+                item = self._call("LIST", prefix, next, it)
+            except StopIteration:
+                return
+            yield item
+
+    def cleanup_uploads(self) -> int:
+        return self._call("LIST", "(unfinished uploads)", self._target.cleanup_uploads)
+
+    def waiting(self) -> str | None:
+        """The request waiting for its answer now ("a PUT of URL/KEY sent 12.0 s ago has
+        had no answer yet"), None when none is."""
+        got = self._pending
+        if got is None:
+            return None
+        op, key, since = got
+        return (f"a {op} of {self._target.url}/{key} sent {time.monotonic() - since:.1f} s "
+                f"ago has had no answer yet")
+
+    def waiting_for(self) -> float:
+        """How long the request in progress has waited (0: none)."""
+        got = self._pending
+        return 0.0 if got is None else time.monotonic() - got[2]
+
+
 REPLICA_DIRS = ("wal", "snapshots", "blobs")  # a replica's objects: these, manifest, lease
 
 
