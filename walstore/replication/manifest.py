@@ -26,6 +26,10 @@ Document (short keys, sizes bounded by compaction and retention)::
     points   {name: {lsn, ts, dropped}}  restore points seen in the log
     trash    [[key, ts]]  objects no longer listed, deleted after a grace period
     last_commit {ts, tx}
+    complete_to  a time: the replica holds every commit stamped at or before it (the
+             shipper's round noted it with the log's end and then shipped up to that end);
+             a restore to a later time is refused.  Absent (nil) in a manifest an older
+             walstore wrote: no such check (see docs/REPLICATION.md)
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ class Manifest:
                     "identity": identity, "created": now, "updated": now, "seq": 0,
                     "writer": None, "position": None, "open": {}, "wal": [],
                     "snapshots": [], "holes": [], "points": {}, "trash": [],
-                    "last_commit": None})
+                    "last_commit": None, "complete_to": None})
 
     @classmethod
     def load(cls, target: ObjectStore, max_bytes: int) -> "Manifest | None":
@@ -199,6 +203,11 @@ class Manifest:
     def end(self) -> int:
         return self.position if self.position is not None else 0
 
+    @property
+    def complete_to(self) -> float | None:
+        """The time up to which the replica holds every commit (None: not recorded)."""
+        return self.doc.get("complete_to")
+
     # ---- retention ---------------------------------------------------------------------
     def retention(self, now: float, keep_seconds: float, keep_count: int) -> list[str]:
         """Drop snapshots past retention (keeping ``keep_count``), and the WAL, holes and
@@ -334,6 +343,8 @@ def _list(doc: dict, field: str) -> list:
 
 def _check(doc: dict) -> None:
     _fields(doc, _TOP, "")
+    if not _opt(_num)(doc.get("complete_to")):  # (optional: older manifests lack it)
+        raise _Bad(f"complete_to is {_shown(doc['complete_to'])}, not a time or nil")
     for i, e in enumerate(_list(doc, "wal")):
         _fields(e, _WAL, f"wal[{i}]")
         if not e["seg"] <= e["a"] <= e["b"]:

@@ -37,6 +37,8 @@ class ReplicateOptions:
     retention_seconds: float = 24 * 3600.0  # keep snapshots (and the WAL they need) this long
     retain_snapshots: int = 2           # ... and always at least this many
     delete_grace: float = 600.0         # objects a manifest dropped are deleted this late
+    complete_every: float = 60.0        # an idle shipper writes the manifest's complete_to
+                                        # this often (one PUT each; see docs/REPLICATION.md)
     # lease
     lease_ttl: float = 600.0            # a lease not renewed this long may be taken over
     # requests
@@ -96,6 +98,7 @@ class ReplicateOptions:
                 raise ValueError(f"replicate_options {name} must be a number of seconds {low} "
                                  f"and at most {DAY:g} (a day), not {v!r}")
         for name, what in (("snapshot_interval", "between snapshots"),
+                           ("complete_every", "between idle manifest writes"),
                            ("retention_seconds", "snapshots are kept")):
             if getattr(opts, name) < 0:
                 raise ValueError(f"replicate_options {name} must be a number of seconds "

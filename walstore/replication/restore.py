@@ -358,6 +358,7 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
     if isinstance(to, _dt.datetime):
         if to.tzinfo is None or to.utcoffset() is None:
             raise ValueError("a restore time must be timezone-aware (e.g. 2026-05-01T12:00Z)")
+        _refuse_past_complete(m, to)
         return _cut_at_time(m, fetch, to)
     raise PointTypeError(f"a restore target is a txid, walstore.LSN, a restore point name or "
                          f"an aware datetime, not {type(to).__name__}", to)
@@ -397,6 +398,25 @@ def _check_point_record(m: Manifest, fetch: _Fetcher, name: str, lsn: int) -> No
     if why is not None:
         raise ReplicationError(f"the replica's manifest puts restore point {name!r} at LSN "
                                f"{lsn}, but {why}: the manifest is damaged; nothing restored")
+
+
+def _refuse_past_complete(m: Manifest, to: _dt.datetime) -> None:
+    """A time after the one the replica is known complete up to (``complete_to``) is
+    refused, as a txid or LSN past its end is: a commit logged before ``to`` may not have
+    been shipped (acknowledged while the server failed), and the cut would silently be a
+    prefix of what the source held at ``to`` (it was: exit 0, commit missing, probe-repl2).
+    A manifest without the field (an older walstore wrote it) is not checked."""
+    complete = m.complete_to
+    if complete is None or _micros(to) <= int(complete * 1_000_000):
+        return
+    when = _dt.datetime.fromtimestamp(complete, _dt.timezone.utc)
+    raise UnknownRestorePoint(
+        f"{to.isoformat()} is after the time the replica is known complete up to "
+        f"({when.isoformat()}, {max(0.0, to.timestamp() - complete):.1f} s earlier): a "
+        f"commit logged between them may not be in the replica yet; restore to a time at "
+        f"or before {when.isoformat()}, or to the replica's end (no target), or sync the "
+        f"source and wait for its shipper (an idle one renews this time every "
+        f"complete_every seconds)", to)
 
 
 def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, str]:

@@ -51,6 +51,7 @@ SAVE_EVERY = 5.0             # a long round writes the manifest at least this of
 RETENTION_EVERY = 60.0
 SNAPSHOT_BACKOFF_MAX = 300.0  # between attempts after failed snapshots (see _snapshot_due)
 STALL_REPORTED = 10.0        # a request unanswered this long shows in ``last_error``
+OTHER_PROCESS_SLACK = 1.0    # a commit stamped this long ago is in another process's log file
 
 
 @dataclass
@@ -157,6 +158,8 @@ class Shipper:
         self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
         self._failed_rounds = 0  # rounds failed in a row (see _round_error)
+        self._complete_pending: list[tuple[float, int]] = []  # see _complete_candidate
+        self._complete_saved: float | None = None  # complete_to in the replica's manifest
         _sweep_stale_temps()
         self._tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
 
@@ -314,6 +317,7 @@ class Shipper:
             raise
         self.manifest = m
         self.shipped = m.position or 0
+        self._complete_saved = m.doc.get("complete_to")
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
         self._collect_orphans()  # (against the manifest the fence wrote: see _fence)
         self._started = True
@@ -540,6 +544,7 @@ class Shipper:
             if self._unsaved:  # an earlier round changed the manifest but could not save
                 self._save()   # it (its objects are up): save it first, then go on
                 self._advanced(m.position)
+            self._complete_candidate()  # (before the frontier is read: see there)
             durable = self.source.durable_lsn()
             self._durable = max(self._durable, durable)
             if durable > self.shipped and self._behind_since is None:
@@ -555,6 +560,7 @@ class Shipper:
                 self._snapshot_or_back_off(summary)
             self._compact(summary)
             self._retain(summary)
+            self._refresh_complete_to()
             self._pin(durable)
             if self.shipped >= self._durable:
                 self._behind_since = None
@@ -570,8 +576,10 @@ class Shipper:
         saves it before anything else (the in-memory manifest is ahead of the replica's,
         so a round that found nothing new to ship would otherwise never write it)."""
         self._unsaved = True
+        self._note_complete()
         self._save_once()
         self._unsaved = False
+        self._complete_saved = self.manifest.doc.get("complete_to")
 
     def _save_once(self) -> None:
         try:
@@ -597,6 +605,62 @@ class Shipper:
                                 f"{who.get('host', '?')})")
             self.manifest.etag = got.etag
             self.manifest.save(self.target, self.holder)
+
+    # ---- how far a time restore may go -------------------------------------------------
+    def _complete_candidate(self) -> None:
+        """Note (time, log end) at the start of a round: every commit stamped at or before
+        that time lies below that end, so once the replica's position reaches the end, the
+        replica holds every commit stamped up to the time (the manifest's ``complete_to``:
+        a restore to a later time is refused, see restore.py).  In this process: the time
+        is read, then the journal lock is passed through once (acquired and released at
+        once: nothing is done under it; a commit stamps its time and appends its record
+        under it), then the written end (buffered records included) is read.  Another
+        process's log (``walstore replicate``): the time ``OTHER_PROCESS_SLACK`` before,
+        against what its files hold.  A lock busy for a second (a gate held) skips it."""
+        engine = getattr(self.source, "_engine", None)  # (InProcessSource)
+        if engine is not None:
+            t = time.time()
+            lock = engine.journal.lock
+            if not lock.acquire(timeout=1.0):
+                return
+            lock.release()
+            end = engine.wal.written_lsn
+        else:
+            t = time.time() - OTHER_PROCESS_SLACK
+            end = self.source.durable_lsn()
+        t -= 1e-6  # (a stamp is compared at the microsecond: see restore._cut_at_time)
+        pending = self._complete_pending
+        if len(pending) >= 2:
+            pending.pop()  # (the oldest waiting and the newest are enough)
+        pending.append((t, end))
+
+    def _note_complete(self) -> None:
+        """``complete_to`` in the manifest (in memory) from the noted candidates the
+        position has reached; written with the next save."""
+        m = self.manifest
+        pos = m.position
+        if pos is None:
+            return
+        reached = [t for t, end in self._complete_pending if end <= pos]
+        if not reached:
+            return
+        self._complete_pending = [c for c in self._complete_pending if c[1] > pos]
+        t = max(reached)
+        if t > (m.doc.get("complete_to") or 0.0):
+            m.doc["complete_to"] = t
+
+    def _refresh_complete_to(self) -> None:
+        """A round that wrote no manifest (nothing new to ship) still moves ``complete_to``
+        on: in memory every round, in the replica when it is ``complete_every`` seconds
+        past the one written (one manifest PUT per that period while idle; 0: at every
+        idle round, as often as ``interval``)."""
+        self._note_complete()
+        now_to = self.manifest.doc.get("complete_to")
+        if now_to is None or self._unsaved:
+            return
+        if self._complete_saved is None or now_to - self._complete_saved >= \
+                self.opts.complete_every:
+            self._save()
 
     def _begin(self, summary: dict) -> None:
         """A new replica: ship from the first local segment, with a snapshot."""

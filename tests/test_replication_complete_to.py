@@ -1,0 +1,139 @@
+"""A restore to a time the replica cannot vouch for (probe-repl2): a commit acknowledged
+while the server failed is not in the replica; a restore to a time after it restored a
+silent prefix (exit 0, the commit missing) while the same commit by txid was refused.
+The manifest now records ``complete_to`` (every commit stamped up to it is in the
+replica); a time after it is refused, naming it.  An idle shipper renews it (one
+manifest PUT per ``complete_every`` seconds); a manifest an older walstore wrote, without
+it, restores to a time as before.  moto's S3 server over HTTP behind a pausable proxy,
+``file://`` replicas, the CLI in a subprocess."""
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+
+from test_replication_support import Proxy, make_s3_replica, rows, s3_endpoint  # noqa: F401
+from store_support import CLI, cli_env
+
+import walstore
+from walstore.replication import open_target
+from walstore.replication.options import ReplicateOptions
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _manifest_doc(url: str) -> dict:
+    t = open_target(url, ReplicateOptions.from_any({}))
+    try:
+        return msgpack.unpackb(t.get("manifest", 1 << 30)[0], raw=False,
+                               strict_map_key=False)
+    finally:
+        t.close()
+
+
+def test_a_time_after_an_unshipped_commit_is_refused(s3_endpoint, tmp_path):  # noqa: F811
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy((host.split("//")[1], int(port)))
+    rep = make_s3_replica(s3_endpoint)
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url,
+                      replicate_options=rep.opts(endpoint_url=proxy.url, max_attempts=1,
+                                                 read_timeout=120))
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+        proxy.pause()  # (the server stops answering: b is acknowledged, not shipped)
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        time.sleep(0.01)
+        when = _now()
+        with pytest.raises(walstore.UnknownRestorePoint,
+                           match="after the time the replica is known complete up to"):
+            walstore.restore(rep.url, str(tmp_path / "r1"), to=when,
+                             replicate_options=rep.options)
+        res = subprocess.run([sys.executable, "-c", CLI, "restore", rep.url, str(tmp_path / "r2"), "--to",
+                              when.isoformat(), *rep.cli_args()],
+                             capture_output=True, text=True, env=cli_env(), timeout=120)
+        assert res.returncode != 0 and "known complete up to" in res.stderr, res
+        assert "Traceback" not in res.stderr
+        proxy.resume()
+        s.sync_replica(timeout=60)
+        walstore.restore(rep.url, str(tmp_path / "r3"), to=when,
+                         replicate_options=rep.options)
+        with walstore.open(str(tmp_path / "r3")) as r:
+            assert rows(r) == [("a", 1), ("b", 2)]
+    finally:
+        s.close()
+        proxy.close()
+
+
+def test_an_idle_shipper_renews_complete_to(tmp_path):
+    """Nothing new to ship: ``complete_to`` still moves on, so a restore to a time after
+    the last commit works once the shipper has written it (``complete_every=0``: every
+    idle round)."""
+    url = f"file://{tmp_path}/rep"
+    s = walstore.open(str(tmp_path / "s"), replicate_to=url,
+                      replicate_options={"interval": 0.05, "complete_every": 0})
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+        time.sleep(0.05)
+        when = _now()
+        deadline = time.monotonic() + 30
+        while (_manifest_doc(url).get("complete_to") or 0) < when.timestamp():
+            assert time.monotonic() < deadline, _manifest_doc(url).get("complete_to")
+            time.sleep(0.05)
+    finally:
+        s.close()
+    walstore.restore(url, str(tmp_path / "r"), to=when)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("a", 1)]
+
+
+def test_an_idle_shipper_writes_the_manifest_once_per_complete_every(tmp_path):
+    """The renewal costs one manifest write per ``complete_every`` seconds (60 by
+    default), not one per round: idle rounds write nothing in between."""
+    url = f"file://{tmp_path}/rep"
+    s = walstore.open(str(tmp_path / "s"), replicate_to=url,
+                      replicate_options={"interval": 0.02, "complete_every": 3600})
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+        puts = s.replication().requests.get("PUT", 0)
+        time.sleep(0.5)  # (some 25 idle rounds)
+        assert s.replication().requests.get("PUT", 0) == puts
+    finally:
+        s.close()
+
+
+def test_a_manifest_without_complete_to_restores_to_a_time_as_before(tmp_path):
+    """A replica an older walstore wrote has no ``complete_to``: a time restore is not
+    checked against it (as before)."""
+    url = f"file://{tmp_path}/rep"
+    s = walstore.open(str(tmp_path / "s"), replicate_to=url,
+                      replicate_options={"interval": 0.05})
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+    finally:
+        s.close()
+    doc = _manifest_doc(url)
+    assert isinstance(doc.pop("complete_to"), float)
+    t = open_target(url, ReplicateOptions.from_any({}))
+    try:
+        t.put("manifest", msgpack.packb(doc, use_bin_type=True))
+    finally:
+        t.close()
+    later = _now() + dt.timedelta(hours=1)
+    walstore.restore(url, str(tmp_path / "r"), to=later)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("a", 1)]
