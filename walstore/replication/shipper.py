@@ -2,10 +2,13 @@
 
 Owns the shipping round (:meth:`Shipper.ship_once`) and the background thread that runs
 it every ``interval`` seconds, the start (the replica checked — its store, lineage,
-history, no replica in another's object space — before the lease is taken), the status
-(:class:`ReplicationStatus`), ``sync`` (wait until a given LSN is shipped), periodic
-snapshots, compaction of small WAL objects into larger ones, retention, the collection of
-orphans (only keys of its own naming), and the WAL trim pin.
+history, no replica in another's object space — before the lease is taken; the manifest
+fenced under the new lease before orphans are collected), the status
+(:class:`ReplicationStatus`), ``sync`` (wait until a given LSN is shipped; naming the
+request waiting when it times out), the manifest's ``complete_to`` (the time up to which
+the replica holds every commit), periodic snapshots, compaction of small WAL objects into
+larger ones, retention, the collection of orphans (only keys of its own naming), and the
+WAL trim pin.
 
 A round: renew the lease when due; read the durable frontier; for every segment from the
 shipped position, cut the CRC-checked records below the frontier into one immutable WAL
@@ -14,8 +17,9 @@ object (If-None-Match), then write the manifest (If-Match).  The position (and
 except a lease renewal every ``lease_ttl / 3`` seconds.
 
 Invariants: the shipper never writes a byte of the store (the pin is a request to the
-engine); it never blocks a commit (it holds no store lock; the LMDB snapshot is a read
-transaction); any failure only grows the lag, and the next round resumes from the
+engine); it never blocks a commit (it holds no store lock: once a round it passes
+through the journal lock, acquiring and releasing it with nothing done under it, see
+``_complete_candidate``; the LMDB snapshot is a read transaction); any failure only grows the lag, and the next round resumes from the
 position in the manifest; a lost lease stops shipping for good and says so.
 """
 from __future__ import annotations

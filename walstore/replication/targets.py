@@ -2,7 +2,8 @@
 
 Owns the one small interface the shipper, lease, restore and follower use
 (:class:`ObjectStore`: get / download / put with If-None-Match or If-Match / delete /
-list / cleanup of interrupted uploads / the locations enclosing one), its errors, URL
+list / cleanup of interrupted uploads / the locations enclosing one; ``WatchedTarget``
+names the request in progress), its errors, URL
 parsing with the bucket-name and endpoint checks (before any request), and the replica's
 layout (``REPLICA_DIRS``: the keys a replica owns under its URL).
 
