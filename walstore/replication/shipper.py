@@ -55,7 +55,6 @@ SAVE_EVERY = 5.0             # a long round writes the manifest at least this of
 RETENTION_EVERY = 60.0
 SNAPSHOT_BACKOFF_MAX = 300.0  # between attempts after failed snapshots (see _snapshot_due)
 STALL_REPORTED = 10.0        # a request unanswered this long shows in ``last_error``
-OTHER_PROCESS_SLACK = 1.0    # a commit stamped this long ago is in another process's log file
 
 
 @dataclass
@@ -615,23 +614,12 @@ class Shipper:
         """Note (time, log end) at the start of a round: every commit stamped at or before
         that time lies below that end, so once the replica's position reaches the end, the
         replica holds every commit stamped up to the time (the manifest's ``complete_to``:
-        a restore to a later time is refused, see restore.py).  In this process: the time
-        is read, then the journal lock is passed through once (acquired and released at
-        once: nothing is done under it; a commit stamps its time and appends its record
-        under it), then the written end (buffered records included) is read.  Another
-        process's log (``walstore replicate``): the time ``OTHER_PROCESS_SLACK`` before,
-        against what its files hold.  A lock busy for a second (a gate held) skips it."""
-        engine = getattr(self.source, "_engine", None)  # (InProcessSource)
-        if engine is not None:
-            t = time.time()
-            lock = engine.journal.lock
-            if not lock.acquire(timeout=1.0):
-                return
-            lock.release()
-            end = engine.wal.written_lsn
-        else:
-            t = time.time() - OTHER_PROCESS_SLACK
-            end = self.source.durable_lsn()
+        a restore to a later time is refused, see restore.py).  The source says the pair
+        (``complete_mark``: exact in the writer's process, with a slack from another)."""
+        mark = self.source.complete_mark()
+        if mark is None:
+            return
+        t, end = mark
         t -= 1e-6  # (a stamp is compared at the microsecond: see restore._cut_at_time)
         pending = self._complete_pending
         if len(pending) >= 2:

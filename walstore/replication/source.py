@@ -20,6 +20,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 from typing import Callable, Protocol, runtime_checkable
 
 import lmdb
@@ -28,6 +29,8 @@ from .. import fileio
 from ..engine.layout import Layout
 from ..log.segment import create_segment, list_segments
 from . import logformat
+
+OTHER_PROCESS_SLACK = 1.0  # a commit stamped this long ago is in another process's log file
 
 _U64 = struct.Struct(">Q")
 FILE_MODE, DIR_MODE = fileio.FILE_MODE, fileio.DIR_MODE
@@ -49,6 +52,7 @@ class Source(Protocol):
     lineage: str        # store id hex for an original store; origin.lineage for a restore
 
     def durable_lsn(self) -> int: ...
+    def complete_mark(self) -> tuple[float, int] | None: ...
     def segments(self) -> list[tuple[int, str]]: ...
     def snapshot(self, dest_dir: str) -> int: ...
     def retain_from(self, lsn: int | None) -> None: ...
@@ -150,6 +154,13 @@ class DirectorySource:
                 return self._durable
             finally:
                 os.close(fd)
+
+    def complete_mark(self) -> tuple[float, int] | None:
+        """(time, LSN): every commit stamped at or before the time lies below the LSN
+        (what a time restore may trust once the replica reaches the LSN).  Another
+        process's log: the time ``OTHER_PROCESS_SLACK`` ago against what its files hold
+        durably (a commit stamped that long ago is in its file)."""
+        return time.time() - OTHER_PROCESS_SLACK, self.durable_lsn()
 
     def _lmdb_applied(self) -> int:
         """LMDB's applied LSN now (0 when it cannot be read: the snapshot says why)."""
@@ -280,6 +291,19 @@ class InProcessSource(DirectorySource):
 
     def durable_lsn(self) -> int:
         return self._engine.wal.synced_lsn
+
+    def complete_mark(self) -> tuple[float, int] | None:
+        """Exact in the writer's process: the time is read, then the journal lock is
+        passed through once (acquired and released at once, nothing done under it: a
+        commit stamps its time and appends its record under it), then the written end
+        (buffered records included).  None when the lock stays busy for a second (a gate
+        held: the next round tries again)."""
+        t = time.time()
+        lock = self._engine.journal.lock
+        if not lock.acquire(timeout=1.0):
+            return None
+        lock.release()
+        return t, self._engine.wal.written_lsn
 
     def _frontier(self) -> int:
         return self._engine.wal.written_lsn  # (the WAL on disk, synced or not)
