@@ -49,7 +49,9 @@ which thread a transaction begun inside a graph node belongs to.
   such a transaction as ``put`` is fenced: it reads the checkpoint its step builds on, so
   a rewind or ``delete_thread`` that removes it before the transaction commits makes the
   commit raise ConflictError (its actions compensated), and one begun after that is
-  refused (``StaleCheckpointError``).
+  refused (``StaleCheckpointError``).  It also stamps the transaction's meta with the
+  checkpoint its step builds on (``STEP_META``), the durable link a rewind after a crash
+  follows to the work of a step that never got a checkpoint (``_early_work``).
 - ``delete_thread`` erases the thread with ``store.purge(thread prefix)``: its keys and
   every past version of them.
 
@@ -88,7 +90,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 
 import walstore
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import CommitOutcomeUnknown, ConflictError, WalstoreError
+from walstore.errors import CommitOutcomeUnknown, ConflictError, HistoryTrimmed, WalstoreError
 
 from .._async import finish_despite_cancel
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
@@ -109,6 +111,8 @@ _WRITTEN = "\x00written"                      # ... + this: and has put its firs
 RUN_TOKEN = "__walstore_run__"               # + ns: configurable key naming one run's load
 #                                              of a namespace (its node transactions)
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
+STEP_META = "langgraph_step"                 # node transaction meta: {ns: checkpoint id
+#                                              its step builds on} (``_stamp_step``)
 _PUT_RETRIES = 8
 _CLOCK_SLACK = 0.05  # s: commit times are taken as commits queue, not quite in log order
 _READ_RETRIES = 20
@@ -705,7 +709,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if token is not None:
             # the transactions the nodes of the step that made this checkpoint began (built
             # on its parent): with durability="async" they may commit before the parent's
-            # own save, and a rewind to the parent finds them here (_early_work)
+            # own save, and a rewind to the parent finds them here (_early_work; their
+            # meta names the step too, STEP_META, which is what a rewind after a crash
+            # finds when the step never got this far)
             registry = _step_txns(self.store)
             with _REMOVALS_LOCK:
                 step = list(registry.get((ns.thread_prefix, ns_name, parent, token), ()))
@@ -1228,15 +1234,46 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             return walstore.LSN(point), keep, None
         return early[0], early[1] + keep, early[2]
 
-    def _commits_after(self, lsn: int, page: int = 256) -> Iterator[Any]:
-        """The store's commits after ``lsn``, oldest first, a page of ``store.log`` at a
-        time: a walk that stops early reads no further."""
+    def _commits_after(self, lsn: int | None, page: int = 256) -> Iterator[Any]:
+        """The store's commits after ``lsn`` (None: all), oldest first, a page of
+        ``store.log`` at a time, the first pages short (16, 64, then ``page``): a walk
+        that stops early reads no further."""
+        size = min(16, page)
         while True:
-            infos = self.store.log(limit=page, since=walstore.LSN(lsn), oldest_first=True)
+            infos = self.store.log(limit=size, oldest_first=True,
+                                   since=None if lsn is None else walstore.LSN(lsn))
             yield from infos
-            if len(infos) < page:
+            if len(infos) < size:
                 return
             lsn = int(infos[-1].lsn)
+            size = min(size * 4, page)
+
+    def _commits_between(self, since: float, point: int) -> Iterator[Any]:
+        """The store's commits up to LSN ``point``, oldest first, from where commits were
+        last made before the time ``since`` (within ``_CLOCK_SLACK``: commit times are
+        taken as commits queue, not quite in log order).  That start is found by bisecting
+        the log by commit time (``store.log(limit=1, since=LSN)`` probes), so the cost is
+        the commits from ``since`` to ``point``, not the store's age."""
+        when = since - _CLOCK_SLACK
+        lo, hi = 0, point  # the start lies in [lo, hi]; the first commit after lo < when
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                first = self.store.log(limit=1, since=walstore.LSN(mid), oldest_first=True)
+            except HistoryTrimmed:  # (older than the retained history: nothing there)
+                lo = mid + 1
+                continue
+            if not first or first[0].timestamp >= when:
+                hi = mid
+            else:
+                lo = min(max(int(first[0].lsn), mid + 1), hi)
+        try:
+            for info in self._commits_after(lo if lo > 0 else None):
+                if int(info.lsn) > point:
+                    return
+                yield info
+        except HistoryTrimmed:  # (trimmed under the walk: nothing older to find)
+            return
 
     def _another_run(self, info: Any, ns: Namespace, cid: str, older: set[str],
                      prefix: bytes, checkpoints: bytes, run_id: Any = None) -> bool:
@@ -1279,18 +1316,21 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
         Such work is known by the ids it names (LangGraph's checkpoint ids are uuid6,
         ordered by time): a checkpoint of any namespace made after ``cid``, a pending
-        write on ``cid`` or a later checkpoint, and the node transactions a later
-        checkpoint's record lists as its step's (``"s"``, noted by :meth:`put`), or that
-        this process saw begun in a step built on ``cid`` or later (``_step_txns``: a step
-        whose checkpoint was never saved lists its transactions nowhere durable, so a
-        rewind in another process or after a restart cannot find them).  The thread's
+        write on ``cid`` or a later checkpoint, and the node transactions whose logged
+        meta names a step built on ``cid`` or later (``_stamp_step`` stamps each as it
+        begins: durable, so a rewind in another process or after a kill -9 finds those of
+        a step whose checkpoint was never saved; they began after ``cid`` was made, so the
+        log is read from then to ``point`` only, :meth:`_commits_between`) or that a later
+        checkpoint's record lists as its step's (``"s"``, noted by :meth:`put`: stores
+        written before the stamp).  The thread's
         commits from the oldest of it to ``point`` are kept only when known to be work
         from before ``cid`` (:meth:`_before`); the rest is undone.  (When the oldest is
         the store's very first commit, the rewind's dry-run plan does not list it: it is
         reverted by a transaction of its own after the rewind.)"""
         thread_id, _ns_name = _where(config)
         _ns, cid = self._address(config)
-        if _uuid6_time(cid) is None:
+        made = _uuid6_time(cid)
+        if made is None:
             return None  # (ids not from LangGraph's clock: no order to go by)
         scope = self.thread_scope(thread_id)
         later_keys: set[bytes] = set()
@@ -1310,16 +1350,18 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             other = self._write_checkpoint(scope, key)
             if other is not None and other >= cid and _uuid6_time(other) is not None:
                 later_keys.add(key)
-        # and the node transactions this process saw begun in steps built on ``cid`` or a
-        # later checkpoint, listed in no record yet (a step whose checkpoint was never
-        # saved: a task failed, an interrupt, a run still going)
-        registry = _step_txns(self.store)
-        with _REMOVALS_LOCK:
-            for (prefix, _ns_name, at, _token), txids in registry.items():
-                if (prefix == scope and isinstance(at, str) and at >= cid
-                        and _uuid6_time(at) is not None):
-                    step_txids.update(txids)
         oldest, oldest_txid = None, None
+        # and the node transactions whose meta names a step built on ``cid`` or a later
+        # checkpoint (``_stamp_step``), a step whose checkpoint was never saved (a task
+        # failed, an interrupt, a run still going or killed) among them: each began after
+        # ``cid`` was made, so only the commits from then to ``point`` are read
+        for info in self._commits_between(made - _CLOCK_SLACK, point):
+            if info.scope == scope and any(
+                    at >= cid and _uuid6_time(at) is not None
+                    for at in _stamped_steps(info.meta)):
+                step_txids.add(info.txid)
+                if oldest is None or int(info.lsn) < oldest:
+                    oldest, oldest_txid = int(info.lsn), info.txid
         for key in later_keys:
             try:
                 lsn = int(self._created_at(key, "key"))
@@ -1464,7 +1506,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the checkpoint is undone, so the thread and the world agree: a booking made by a
         node of the step after it is compensated, as that step will run again.  (When the
         store's very first commit is such work, no position lies before it: the rewind
-        goes to it, then reverts it.)
+        goes to it, then reverts it.)  A node transaction of a step that never got a
+        checkpoint (a task failed, the process was killed) is found by the step its meta
+        names (``STEP_META``), in any process, after a restart too.
 
         A run of the thread inside a node while it rewinds is fenced at its next
         checkpoint and pending writes (``StaleCheckpointError``), and so is a walstore
@@ -1598,11 +1642,40 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
     conf = config.get("configurable") or {}
     saver = conf.get(CHECKPOINTER_KEY)
     thread_id = conf.get("thread_id")
-    if (isinstance(saver, WalstoreSaver) and saver.fencing and saver.store is store
-            and thread_id is not None):
+    if isinstance(saver, WalstoreSaver) and saver.store is store and thread_id is not None:
         checkpoint_map = conf.get("checkpoint_map") or {}
-        saver._fence_step(tx, str(thread_id), checkpoint_map)
-        saver._note_step_txn(tx, str(thread_id), conf, checkpoint_map)
+        _stamp_step(tx, checkpoint_map)
+        if saver.fencing:
+            saver._fence_step(tx, str(thread_id), checkpoint_map)
+            saver._note_step_txn(tx, str(thread_id), conf, checkpoint_map)
+
+
+def _stamp_step(tx: Any, checkpoint_map: Mapping) -> None:
+    """Name, in ``tx``'s meta (logged with its commit), the checkpoint each namespace's
+    step builds on (``{STEP_META: {ns: checkpoint id}}``): the durable link from a node
+    transaction to its step, so a rewind in any process, after a restart too, finds the
+    work of a step whose checkpoint was never saved (:meth:`WalstoreSaver._early_work`).
+    A dict meta gains the entry; None becomes one; any other meta is wrapped
+    (``{"meta": it, STEP_META: ...}``)."""
+    steps = {ns: cid for ns, cid in checkpoint_map.items()
+             if isinstance(ns, str) and isinstance(cid, str)}
+    if not steps:
+        return
+    meta = tx.meta
+    if meta is None:
+        tx.meta = {STEP_META: steps}
+    elif isinstance(meta, dict):
+        tx.meta = {**meta, STEP_META: steps}
+    else:
+        tx.meta = {"meta": meta, STEP_META: steps}
+
+
+def _stamped_steps(meta: Any) -> list[str]:
+    """The checkpoint ids a node transaction's meta names as its step's (``_stamp_step``)."""
+    steps = meta.get(STEP_META) if isinstance(meta, dict) else None
+    if not isinstance(steps, dict):
+        return []
+    return [cid for cid in steps.values() if isinstance(cid, str)]
 
 
 def _register_scope_provider() -> bool:
