@@ -3,12 +3,16 @@ SqliteSaver), what would not is refused loudly at put, and a stored value can ne
 the saver run code it names."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import enum
 import http
 import operator
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from typing import Annotated, NamedTuple, TypedDict
 
@@ -369,3 +373,131 @@ def test_a_str_with_a_lone_surrogate_is_refused_at_put(tmp_path):
     assert list(saver.list({"configurable": {"thread_id": "t"}})) == []
     assert put_and_read(saver, "hello \U0001F600", "t2") == "hello \U0001F600"
     store.close()
+
+
+# ---- what the encoding flattens, found inside objects too (probe-lgstore) ----------------
+class Profile(dict):
+    pass
+
+
+class Name(str):
+    pass
+
+
+@dataclasses.dataclass
+class Box:
+    a: object
+
+
+class AnyBox(BaseModel):
+    a: object = None
+
+
+class Nested(BaseModel):  # a field that names its class gets it back
+    traveller: Traveller
+    legs: list[Leg] = []
+    by_status: dict[Status, int] = {}
+
+
+class Cell(NamedTuple):
+    a: object
+
+
+@pytest.mark.parametrize("value, refused", [
+    (Box(Profile(a=1)), "Profile"), (Box(ValueError("boom")), "ValueError"),
+    (Box({Status.DRAFT: 1}), "Status"), (Box(Name("bob")), "Name"),
+    (Box([bytearray(b"xy")]), "bytearray"),
+    (AnyBox(a=Profile(a=1)), "AnyBox.a"), (AnyBox(a={"k": [ValueError("x")]}), "AnyBox.a"),
+    (AnyBox(a={Status.DRAFT: 1}), "AnyBox.a"), (AnyBox(a=Traveller(
+        name="Ana", born=datetime.date(1990, 2, 3))), "AnyBox.a"),
+    (AnyBox(a=Leg("Rome", 1, datetime.date(2026, 1, 1))), "AnyBox.a"),
+    (collections.deque([Profile(a=1)]), "Profile"), (Cell(Profile(a=1)), "Profile"),
+    (Box(collections.deque([ValueError("x")])), "ValueError"),
+    ({"k": [Box(Cell(frozenset({Name("x")})))]}, "Name"),
+])
+def test_a_value_flattened_inside_an_object_is_refused_at_put(tmp_path, value, refused):
+    # (probe-lgstore: only the top of a channel value and plain dicts/lists/tuples/sets
+    # were walked: Box(Profile(a=1)) came back as Box(a={'a': 1}), Box(ValueError('boom'))
+    # as Box(a="ValueError('boom')"), Box({Color.RED: 1}) as Box(a={1: 1}), a Profile in a
+    # pydantic model, a deque or a NamedTuple as a dict, all silently)
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    saver = WalstoreSaver(store)
+    with pytest.raises(StateTypeError) as e:
+        put_and_read(saver, value)
+    assert refused in str(e.value) and "come back" in str(e.value)
+    assert list(saver.list({"configurable": {"thread_id": "t"}})) == []
+    store.close()
+
+
+@pytest.mark.parametrize("value", [
+    Box({"k": [1, (2, 3)], 4: {5: b"x"}}), Box(collections.deque([Leg(
+        "Rome", 1, datetime.date(2026, 1, 1))])), Cell({"a": [Status.DRAFT]}),
+    AnyBox(a={"k": [1, 2.5, None, "s", b"b"]}), AnyBox(a=(1, Status.BOOKED)),
+    Nested(traveller=Traveller(name="Ana", born=datetime.date(1990, 2, 3)),
+           legs=[Leg("Rome", 1, datetime.date(2026, 1, 1))], by_status={Status.DRAFT: 2}),
+])
+def test_what_comes_back_the_same_inside_an_object_is_accepted(tmp_path, value):
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    saver = WalstoreSaver(store)
+    got = put_and_read(saver, value)
+    assert got == value and repr(got) == repr(value) and type(got) is type(value)
+    # a bytearray that is a whole value is stored as one (LangGraph's "bytearray" type)
+    whole = saver.serde.loads_typed(saver.serde.dumps_typed(bytearray(b"xy")))
+    assert type(whole) is bytearray and whole == b"xy"
+    store.close()
+
+
+_MODULE_CHILD = r'''
+import sys
+from typing import TypedDict
+import walstore
+from walstore.integrations.langgraph import WalstoreSaver
+from langgraph.graph import END, START, StateGraph
+
+class S(TypedDict):
+    v: object
+
+mode, path = sys.argv[1], sys.argv[2]
+allowed = [("apptypes_lg", "Point")] if mode == "listed" else []
+if mode == "write":
+    import apptypes_lg
+b = StateGraph(S)
+b.add_node("n", lambda s: {})
+b.add_edge(START, "n")
+b.add_edge("n", END)
+graph = b.compile(checkpointer=WalstoreSaver(walstore.open(path), allowed_types=allowed))
+config = {"configurable": {"thread_id": "t"}}
+if mode == "write":
+    graph.invoke({"v": apptypes_lg.Point(1, 2)}, config)
+else:
+    assert "apptypes_lg" not in sys.modules
+    try:
+        v = graph.get_state(config).values["v"]
+        print("read", type(v).__module__, type(v).__name__, v.x, v.y)
+    except TypeError as e:
+        print("refused", e)
+'''
+
+
+def test_a_class_whose_module_is_not_imported_is_read_once_it_is_listed(tmp_path):
+    # (probe-lgstore: a fresh process that has not imported the state's module cannot
+    # read the thread; SqliteSaver imports any module a stored value names.  walstore
+    # imports only the modules of classes listed in allowed_types as (module, name).)
+    (tmp_path / "apptypes_lg.py").write_text(
+        "import dataclasses\n\n@dataclasses.dataclass\nclass Point:\n    x: int\n    y: int\n")
+    child = tmp_path / "child.py"
+    child.write_text(_MODULE_CHILD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path), os.path.dirname(os.path.dirname(walstore.__file__))])}
+
+    def run(mode: str) -> str:
+        done = subprocess.run([sys.executable, str(child), mode, str(tmp_path / "s")],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    assert run("write") == ""
+    refused = run("plain")
+    assert refused.startswith("refused") and "'apptypes_lg' is not imported" in refused
+    assert "allowed_types=[('apptypes_lg', 'Point')]" in refused
+    assert run("listed") == "read apptypes_lg Point 1 2"

@@ -38,8 +38,12 @@ naming a class the policy does not allow raises, it is not handed back as raw da
 
 Safety: nothing pickles, and a stored value can only ever name a data class of the
 application or an allowlisted one.  Modules are never imported because a stored value
-names them (only LangGraph's fixed safe modules are); functions (``os.system``), methods
-other than LangGraph's safe ``datetime.fromisoformat``, and library classes are refused.
+names them (only LangGraph's fixed safe modules are, and the module of a class listed in
+``allowed_types`` as ``(module, name)``: the application named it); functions
+(``os.system``), methods other than LangGraph's safe ``datetime.fromisoformat``, and
+library classes are refused.  So a process reading a thread whose state holds the
+application's classes must have imported their modules first (SqliteSaver imports any
+module a stored value names), or list them: ``allowed_types=[("mytypes", "Point")]``.
 """
 from __future__ import annotations
 
@@ -191,7 +195,9 @@ class TypePolicy:
             return "it is not one of LangGraph's safe types and not in allowed_types"
         mod = sys.modules.get(module)
         if mod is None:
-            return f"its module {module!r} is not imported (a stored value never imports one)"
+            return (f"its module {module!r} is not imported (a stored value never imports "
+                    f"one): import {module} before reading, or list the class as "
+                    f"allowed_types=[({module!r}, {name!r})], whose modules are imported")
         cls = getattr(mod, name, None)
         if not _is_data_class(cls):
             return (f"{module}.{name} is not a module-level dataclass, Enum, pydantic model "
@@ -277,8 +283,15 @@ class TypePolicy:
                 f"({why}); if it is yours, {self._recipe(module, name)}")
         if (module, name) in lg_msgpack.SAFE_MSGPACK_TYPES:
             cls = getattr(importlib.import_module(module), name)  # LangGraph's fixed set
+        elif module not in sys.modules and (module, name) in self.allowed:
+            # listed by the application in allowed_types: its module is imported by name
+            # (the only module a stored value can have imported, and only when listed)
+            cls = getattr(importlib.import_module(module), name, None)
         else:
-            cls = getattr(sys.modules[module], name)
+            cls = getattr(sys.modules[module], name, None)
+        if not isinstance(cls, type):
+            raise StateTypeError(f"a stored value names {module}.{name}, which is not a "
+                                 f"class in module {module!r}")
         self._classes[(module, name)] = cls
         return cls
 
@@ -344,10 +357,12 @@ class TypePolicy:
 
 # ---- values the encoding flattens without naming a class ---------------------------------
 # LangGraph's msgpack encoding writes a subclass of dict, list, str or int as the plain
-# base type and an exception as its repr string: no class name is left in the bytes for
-# ``audit`` to check, and the value came back as another type (a probe: a ``Profile(dict)``
-# read back as ``dict``, ``ValueError("boom")`` as ``"ValueError('boom')"``).
-_PLAIN = frozenset({str, int, float, bool, type(None), bytes, bytearray})
+# base type, a bytearray (not the whole value) as bytes, a dict key that is not plain as
+# its value or text, and an exception as its repr string: no class name is left in the
+# bytes for ``audit`` to check, and the value came back as another type (a probe: a
+# ``Profile(dict)`` read back as ``dict``, ``ValueError("boom")`` as
+# ``"ValueError('boom')"``), at the top of a value or inside a dataclass alike.
+_PLAIN = frozenset({str, int, float, bool, type(None), bytes})
 _CONTAINERS = frozenset({dict, list, tuple, set, frozenset})
 _FLATTENED = (dict, list, str, int)
 _verdicts: dict[type, str | None] = {}  # class -> why it is refused (None: fine)
@@ -360,6 +375,9 @@ def _verdict(cls: type) -> str | None:
     why = None
     if issubclass(cls, BaseException):
         why = "an exception, which LangGraph's encoding stores as its repr string"
+    elif issubclass(cls, (bytearray, memoryview)):
+        why = (f"a {cls.__name__}, which LangGraph's encoding stores as bytes (a "
+               f"bytearray is given back only as a whole channel value)")
     elif issubclass(cls, _FLATTENED) and not issubclass(cls, (enum.Enum, tuple)):
         base = next(b for b in _FLATTENED if issubclass(cls, b))
         why = (f"a subclass of {base.__name__}, which LangGraph's encoding stores as a "
@@ -370,10 +388,12 @@ def _verdict(cls: type) -> str | None:
 
 
 def refuse_flattened(obj: Any) -> None:
-    """StateTypeError for a value in ``obj`` (walked through dicts, lists, tuples and
-    sets; other objects are encoded with their class name, which ``audit`` checks) that
-    would come back as another type without a class name in the bytes.  About 0.1 µs per
-    value (a message list of 200: ~20 µs, against ~750 µs to encode it)."""
+    """StateTypeError for a value in the container ``obj`` (walked through dicts, lists,
+    tuples and sets) that would come back as another type without a class name in the
+    bytes.  The walk stops at other objects: the encoder (``_Packer``) reaches each of
+    them and walks what it encodes of it (a dataclass's fields, a deque's items ...) with
+    :func:`refuse_flattened_in`, so every value is walked once, at any depth.  About 0.1 µs
+    per value (a message list of 200: ~20 µs, against ~750 µs to encode it)."""
     stack = [obj]
     seen: set[int] = set()  # containers walked (a cycle is the encoder's to refuse)
     verdicts, plain, containers = _verdicts, _PLAIN, _CONTAINERS
@@ -399,6 +419,40 @@ def refuse_flattened(obj: Any) -> None:
                 if type(k) not in plain:
                     _refuse_key(k)
     return None
+
+
+# ormsgpack without a ``default`` encodes plain data only: it raises at anything else
+# (a subclass, a tuple, a set, an Enum, a date, a dataclass, a model, an exception, a key
+# that is not a str), except a bytearray or memoryview, which it writes as bytes
+_PLAIN_ONLY = (ormsgpack.OPT_PASSTHROUGH_SUBCLASS | ormsgpack.OPT_PASSTHROUGH_TUPLE
+               | ormsgpack.OPT_PASSTHROUGH_DATACLASS | ormsgpack.OPT_PASSTHROUGH_DATETIME
+               | ormsgpack.OPT_PASSTHROUGH_ENUM | ormsgpack.OPT_PASSTHROUGH_UUID
+               | ormsgpack.OPT_PASSTHROUGH_BIG_INT)
+
+
+def _surely_plain(value: Any) -> bool:
+    """True when ormsgpack finds only plain data in ``value`` (str keys): a µs where a
+    walk in Python takes ten; False does not mean it is not (an int key, a tuple, bytes)."""
+    try:
+        packed = ormsgpack.packb(value, option=_PLAIN_ONLY)
+    except Exception:  # noqa: BLE001 - something that is not plain data (or an int key)
+        return False
+    return not (b"\xc4" in packed or b"\xc5" in packed or b"\xc6" in packed)
+
+
+def refuse_flattened_in(value: Any) -> None:
+    """:func:`refuse_flattened` for any value: a container is walked, anything else is
+    checked itself (a subclass of dict, list, str or int, an exception)."""
+    cls = type(value)
+    if cls in _PLAIN:
+        return
+    if cls in _CONTAINERS:
+        if not _surely_plain(value):
+            refuse_flattened(value)
+        return
+    why = _verdict(cls)
+    if why is not None:
+        _refuse(cls, why)
 
 
 def _refuse_key(key: Any) -> None:
@@ -474,6 +528,111 @@ def _kw_verdict(cls: type) -> tuple:
     return why, check
 
 
+# ---- pydantic models: rebuilt by validating their dump ------------------------------------
+# A model is stored as its ``model_dump()``, which turns nested models, dataclasses and
+# subclasses of dict into plain dicts (an exception is kept, then written as its repr);
+# reading validates the dump against the model's fields, which gives a nested model back
+# when its field names its class and leaves a dict where the field says ``Any``.  Which
+# one happens is the validator's to say, so a model holding anything but plain data is
+# rebuilt once at write time and compared with the original, type for type, at every
+# depth (``_shape_diff``).  A model of plain data (str, numbers, None, bytes, plain dicts
+# and lists: a LangChain message) is its own dump and is not rebuilt.
+_PLAIN_KEYS = frozenset({str, int, float, bool, type(None), bytes})
+_SHAPE_DEPTH = 256  # (deeper than that the comparison gives up: the value is accepted)
+
+
+def _model_values(obj: Any) -> dict:
+    """A pydantic model's field values (and its extra fields), as they are."""
+    values = getattr(obj, "__dict__", None) or {}
+    extra = getattr(obj, "__pydantic_extra__", None)
+    return {**values, **extra} if extra else values
+
+
+def _plain_data(values: dict) -> bool:
+    """Whether ``values`` holds only str, numbers, None, bytes and plain dicts and lists
+    of those, keyed by those: data a model dump and its validation leave as they are.
+    ormsgpack answers in a µs for the common case (a LangChain message); a value it
+    does not, is walked here."""
+    if _surely_plain(values):
+        return True
+    stack = [values.values()]
+    plain, keys = _PLAIN_KEYS, _PLAIN_KEYS
+    budget = 100_000  # (a huge model: compare it rather than walk it twice)
+    while stack:
+        for x in stack.pop():
+            cls = type(x)
+            if cls in plain:
+                continue
+            if cls is dict:
+                for k in x:
+                    if type(k) not in keys:
+                        return False
+                stack.append(x.values())
+            elif cls is list:
+                stack.append(x)
+            else:
+                return False
+            budget -= 1
+            if not budget:
+                return False
+    return True
+
+
+def _type_name(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else \
+        f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _shape_diff(a: Any, b: Any, path: str, depth: int = 0) -> str | None:
+    """Where ``b`` (``a`` rebuilt) is not of ``a``'s types, at any depth; None when it
+    is.  Values are compared only where a type cannot be seen otherwise (dict keys,
+    set members)."""
+    if a is b or depth > _SHAPE_DEPTH:
+        return None
+    cls = type(a)
+    if cls is not type(b):
+        return (f"{path} (a {_type_name(cls)}) would come back as a "
+                f"{_type_name(type(b))}")
+    if cls in _PLAIN:
+        return None
+    if isinstance(a, dict):
+        if len(a) != len(b):
+            return f"{path} would come back with other keys"
+        for (ka, va), (kb, vb) in zip(a.items(), b.items()):
+            if type(ka) is not type(kb) or ka != kb:
+                return f"the key {ka!r} of {path} would come back as {kb!r}"
+            why = _shape_diff(va, vb, f"{path}[{ka!r}]", depth + 1)
+            if why is not None:
+                return why
+        return None
+    if isinstance(a, (list, tuple, deque)):
+        if len(a) != len(b):
+            return f"{path} would come back with {len(b)} items, not {len(a)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            why = _shape_diff(x, y, f"{path}[{i}]", depth + 1)
+            if why is not None:
+                return why
+        return None
+    if isinstance(a, (set, frozenset)):
+        if a != b or {type(x) for x in a} != {type(x) for x in b}:
+            return f"{path} would come back with other members"
+        return None
+    if dataclasses.is_dataclass(a):
+        for f in dataclasses.fields(a):
+            why = _shape_diff(getattr(a, f.name, _MISSING), getattr(b, f.name, _MISSING),
+                              f"{path}.{f.name}", depth + 1)
+            if why is not None:
+                return why
+        return None
+    if hasattr(a, "model_dump") or hasattr(a, "__fields__"):  # pydantic
+        rebuilt = _model_values(b)
+        for name, va in _model_values(a).items():
+            why = _shape_diff(va, rebuilt.get(name, _MISSING), f"{path}.{name}", depth + 1)
+            if why is not None:
+                return why
+    return None
+
+
 class _Packer:
     """LangGraph's msgpack encoding (``jsonplus._msgpack_default``), with tuples kept
     (:data:`EXT_TUPLE`) at every depth, and a value refused (``StateTypeError``) when
@@ -521,9 +680,14 @@ class _Packer:
     def _default(self, obj: Any) -> Any:
         # the order of LangGraph's own dispatch; what holds no application values is
         # encoded by LangGraph itself
+        # What is encoded of an object is walked for values LangGraph's encoding would
+        # flatten without a class name (refuse_flattened_in): the walk from the top
+        # stops at objects, so each object's own contents are walked here.  A tuple's
+        # were walked with its container's.
         if type(obj) is tuple:
             return ormsgpack.Ext(EXT_TUPLE, self.pack(list(obj)))
         if isinstance(obj, _DeltaSnapshot):
+            refuse_flattened_in(obj.value)
             return ormsgpack.Ext(EXT_DELTA_SNAPSHOT, self.pack(obj.value))
         if hasattr(obj, "model_dump") and callable(obj.model_dump):  # pydantic v2
             cls = type(obj)
@@ -534,22 +698,30 @@ class _Packer:
         if hasattr(obj, "dict") and callable(obj.dict):  # pydantic v1
             return self._checked(obj, EXT_PYDANTIC_V1, self._payload(obj, obj.dict()))
         if hasattr(obj, "_asdict") and callable(obj._asdict):  # NamedTuple
-            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, obj._asdict())
+            fields = obj._asdict()
+            refuse_flattened_in(fields)
+            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
         if isinstance(obj, (set, frozenset, deque)):
-            return self._ext(EXT_CONSTRUCTOR_SINGLE_ARG, obj, list(obj))
+            items = list(obj)
+            refuse_flattened_in(items)
+            return self._ext(EXT_CONSTRUCTOR_SINGLE_ARG, obj, items)
         if isinstance(obj, enum.Enum):
+            refuse_flattened_in(obj.value)
             return self._ext(EXT_CONSTRUCTOR_SINGLE_ARG, obj, obj.value)
         if isinstance(obj, SendProtocol):
             args = [obj.node, obj.arg]
             if (timeout := getattr(obj, "timeout", None)) is not None:
                 args.append(timeout)
+            refuse_flattened_in(args)
             return self._ext(EXT_CONSTRUCTOR_POS_ARGS, obj, args)
         if dataclasses.is_dataclass(obj) and not _lg_special(obj):
-            return self._checked(obj, EXT_CONSTRUCTOR_KW_ARGS, self._payload(obj, {
-                f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}))
+            fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+            refuse_flattened_in(fields)
+            return self._checked(obj, EXT_CONSTRUCTOR_KW_ARGS, self._payload(obj, fields))
         if isinstance(obj, Item):
-            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj,
-                             {k: getattr(obj, k) for k in obj.__slots__})
+            fields = {k: getattr(obj, k) for k in obj.__slots__}
+            refuse_flattened_in(fields)
+            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
         return lg_jsonplus._msgpack_default(obj)
 
     def _checked(self, obj: Any, code: int, payload: bytes) -> ormsgpack.Ext:
@@ -557,14 +729,18 @@ class _Packer:
         is."""
         cls = type(obj)
         why, check = _kw_verdict(cls)
-        if why is None and check:
+        # a pydantic model holding more than plain data: its dump flattened it, and
+        # whether validation gives it back is the validator's to say
+        model = code in (EXT_PYDANTIC_V2, EXT_PYDANTIC_V1)
+        reshaped = model and not _plain_data(_model_values(obj))
+        if why is None and (check or reshaped):
             if self.policy.refusal(cls.__module__, cls.__name__) is not None:
                 return ormsgpack.Ext(code, payload)  # (not rebuilt: ``audit`` says why)
             try:
                 rebuilt = self.policy._rebuild(code, payload)
             except Exception as e:  # noqa: BLE001 - the read would raise it too
                 rebuilt, why = None, f"rebuilding it raised {type(e).__name__}: {e}"
-            if why is None:
+            if why is None and check:
                 changed = [n for n in check if not self._same(getattr(obj, n, _MISSING),
                                                               getattr(rebuilt, n, _MISSING))]
                 if changed:
@@ -573,6 +749,14 @@ class _Packer:
                            "a model is rebuilt from its dump, which leaves out private "
                            "attributes and exclude=True fields")
                     why = f"attribute(s) {changed} would come back changed ({how})"
+            if why is None and reshaped:
+                where = _shape_diff(obj, rebuilt, cls.__name__)
+                if where is not None:
+                    why = (f"{where} (a model is stored as its model_dump() and rebuilt "
+                           f"by validating it: a nested model, dataclass or dict subclass "
+                           f"comes back as a dict, an exception as its repr, where the "
+                           f"field's annotation does not name its class: annotate the "
+                           f"field with the class it holds)")
         if why is not None:
             raise StateTypeError(
                 f"WalstoreSaver refuses to store a {cls.__module__}.{cls.__qualname__}: it "
@@ -616,13 +800,9 @@ class StateSerializer(JsonPlusSerializer):
         """``(type, bytes)`` of ``obj``; the class names in the bytes are checked by
         ``audit``, the values LangGraph's encoding would flatten without naming a class
         (``refuse_flattened``) here."""
-        cls = type(obj)
-        if cls in _CONTAINERS:
-            refuse_flattened(obj)
-        elif cls not in _PLAIN and _verdict(cls) is not None:
-            _refuse(cls, _verdict(cls))
-        if obj is None or isinstance(obj, (bytes, bytearray)):
+        if obj is None or type(obj) in (bytes, bytearray):
             return super().dumps_typed(obj)
+        refuse_flattened_in(obj)  # (what is in objects: as the packer reaches them)
         return "msgpack", self._packer.pack(obj)
 
     def audit(self, type_: str, data: bytes) -> None:
