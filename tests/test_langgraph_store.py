@@ -10,9 +10,10 @@ deleted (a defaultdict) are dropped, as the database-backed stores do.
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -172,6 +173,50 @@ def test_invalid_namespaces_are_refused_like_the_base_store(memory):
     with pytest.raises(TypeError):  # not msgpack data: refused at put, nothing stored
         memory.put(("a",), "k", {"when": object()})
     assert memory.search(()) == []
+
+
+class Profile(dict):
+    pass
+
+
+class Name(str):
+    pass
+
+
+class Level(enum.IntEnum):
+    LOW = 1
+
+
+class Spot(NamedTuple):
+    lat: float
+    lon: float
+
+
+@pytest.mark.parametrize("value, where, kind, base", [
+    ({"p": Profile(a=1)}, "value['p']", "Profile", "dict"),
+    ({"n": Name("bob")}, "value['n']", "Name", "str"),
+    ({"b": bytearray(b"xy")}, "value['b']", "bytearray", "bytes"),
+    ({"x": [1, {"y": (2, Level.LOW)}]}, "value['x'][1]['y'][1]", "Level", "int"),
+    ({"s": Spot(1.0, 2.0)}, "value['s']", "Spot", "tuple"),
+    ({Name("k"): 1}, "a key of value", "Name", "str"),
+    (Profile(a=1), "value is", "Profile", "dict")])
+def test_a_value_that_would_come_back_as_another_type_is_refused_at_put(memory, value,
+                                                                         where, kind, base):
+    # (probe-lgstore: {"p": Profile(a=1)} came back holding a plain dict, a str subclass
+    # as str, a bytearray as bytes, silently; InMemoryStore gives them back as put)
+    memory.put(("users", "u1"), "k", {"v": 1})
+    with pytest.raises(TypeError) as e:
+        memory.put(("users", "u1"), "k", value)
+    message = str(e.value)
+    assert where in message and kind in message
+    assert f"plain {base}" in message and "nothing was written" in message
+    with pytest.raises(TypeError):
+        asyncio.run(memory.aput(("users", "u1"), "k", value))
+    assert memory.get(("users", "u1"), "k").value == {"v": 1}  # nothing was written
+    plain = {"x": [1, {"y": (2, 1)}], "b": b"xy", 3: None, "t": (1.0, 2.0)}
+    memory.put(("users", "u1"), "k", plain)
+    got = memory.get(("users", "u1"), "k").value
+    assert got == plain and repr(got) == repr(plain)
 
 
 def test_items_keep_created_at_and_move_updated_at(memory):

@@ -20,7 +20,12 @@ newest update first), only namespaces that hold items are listed, and a ``ttl`` 
 a number of minutes from 0 to ``MAX_TTL_MINUTES`` (None: no expiry): inf, NaN, a negative
 one (SqliteStore stores it as already expired) are refused before anything is written.
 Values are stored as msgpack (JSON-like data, as LangGraph documents), and come back as
-InMemoryStore gives them: a tuple (at any depth) as a tuple, not a list.  msgpack writes
+InMemoryStore gives them: a tuple (at any depth) as a tuple, not a list.  A value that
+would come back as another type is refused at put with a TypeError naming the type and
+where it is in the value (``_refuse_changed_types``): a subclass of dict, list, tuple, str,
+bytes, int or float (a ``Profile(dict)``, a str Enum, a NamedTuple) comes back as its plain
+base, a bytearray or memoryview as bytes; other types msgpack has no encoding for (a date,
+a set, an Enum, a dataclass) the codec refuses.  msgpack writes
 a tuple as an array, so a value holding tuples keeps, beside it in the item's record, where
 they were (``"tp"``: a flat list of paths, ``_tuple_marks``, so a value with tuples nests
 as deep as a plain one can); the value itself stays plain data (readable as it was by
@@ -34,7 +39,7 @@ import numbers
 import random
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -211,6 +216,56 @@ def _with_tuples(value: Any, marks: Any) -> Any:
     return chain[0].done()
 
 
+# ---- types msgpack would give back as others -------------------------------------------
+_EXACT = frozenset({str, bytes, int, float, bool, type(None)})
+_NESTING = frozenset({dict, list, tuple})
+_FLATTENED = (dict, list, tuple, str, bytes, int, float)
+
+
+def _slot_text(path: tuple) -> str:
+    return "".join(f"[{slot!r}]" for slot in path)
+
+
+def _refuse_changed_types(value: Any, namespace: tuple, key: str) -> None:
+    """TypeError for anything in ``value`` msgpack stores but gives back as another type:
+    a subclass of dict, list, tuple, str, bytes, int or float (as its base), a bytearray
+    or memoryview (as bytes), a dict key that is such a subclass.  Types msgpack cannot
+    store at all are left to the codec, which refuses them."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    seen: set[int] = set()  # (a value holding itself: the codec refuses it)
+    while stack:
+        container, path = stack.pop()
+        if id(container) in seen:
+            continue
+        seen.add(id(container))
+        is_dict = isinstance(container, Mapping)
+        if is_dict:
+            for k in container:
+                if type(k) not in _EXACT and isinstance(k, _FLATTENED):
+                    _refuse_type(k, path, namespace, key, as_key=True)
+        pairs = container.items() if is_dict else enumerate(container)
+        for slot, child in pairs:
+            cls = type(child)
+            if cls in _EXACT:
+                continue
+            if cls in _NESTING:
+                stack.append((child, path + (slot,)))
+            elif isinstance(child, (*_FLATTENED, bytearray, memoryview)):
+                _refuse_type(child, path + (slot,), namespace, key)
+
+
+def _refuse_type(obj: Any, path: tuple, namespace: tuple, key: str,
+                 as_key: bool = False) -> None:
+    cls = type(obj)
+    base = next((b for b in _FLATTENED if isinstance(obj, b)), bytes)
+    where = (f"a key of value{_slot_text(path)}" if as_key else f"value{_slot_text(path)}")
+    raise TypeError(
+        f"WalstoreStore refuses to store item {tuple(namespace)!r}/{key!r}: {where} is a "
+        f"{cls.__module__}.{cls.__qualname__}, which msgpack stores as a plain "
+        f"{base.__name__}, so it would come back as another type; nothing was written "
+        f"(store a plain {base.__name__}: {base.__name__}(x))")
+
+
 def _value(rec: dict) -> dict:
     """An item record's value, tuples given back."""
     marks = rec.get("tp")
@@ -326,8 +381,13 @@ class WalstoreStore(BaseStore):
         ops = list(ops)
         for op in ops:
             validate_op_namespace(op)
-            if isinstance(op, PutOp) and op.value is not None and op.ttl is not None:
-                _check_ttl(op.ttl)
+            if isinstance(op, PutOp) and op.value is not None:
+                if op.ttl is not None:
+                    _check_ttl(op.ttl)
+                if isinstance(op.value, dict) and type(op.value) is not dict:
+                    _refuse_type(op.value, (), op.namespace, op.key)  # (the item's own)
+                if isinstance(op.value, Mapping):  # (else _put's dict() says what it is)
+                    _refuse_changed_types(op.value, op.namespace, op.key)
         if not any(isinstance(op, PutOp) for op in ops):
             results, touched = self._read_batch(ops)
             if touched:
