@@ -16,7 +16,8 @@ import time
 import msgpack
 import pytest
 
-from test_replication_support import Proxy, make_s3_replica, rows, s3_endpoint  # noqa: F401
+from test_replication_support import (behind_proxy, one_shipped_commit, rows,  # noqa: F401
+                                      s3_endpoint)
 from store_support import CLI, cli_env
 
 import walstore
@@ -38,16 +39,8 @@ def _manifest_doc(url: str) -> dict:
 
 
 def test_a_time_after_an_unshipped_commit_is_refused(s3_endpoint, tmp_path):  # noqa: F811
-    host, port = s3_endpoint.rsplit(":", 1)
-    proxy = Proxy((host.split("//")[1], int(port)))
-    rep = make_s3_replica(s3_endpoint)
-    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url,
-                      replicate_options=rep.opts(endpoint_url=proxy.url, max_attempts=1,
-                                                 read_timeout=120))
+    proxy, rep, s = behind_proxy(s3_endpoint, str(tmp_path / "s"))
     try:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        s.sync_replica(timeout=30)
         proxy.pause()  # (the server stops answering: b is acknowledged, not shipped)
         with s.transaction() as tx:
             tx.put("b", 2)
@@ -78,12 +71,8 @@ def test_an_idle_shipper_renews_complete_to(tmp_path):
     the last commit works once the shipper has written it (``complete_every=0``: every
     idle round)."""
     url = f"file://{tmp_path}/rep"
-    s = walstore.open(str(tmp_path / "s"), replicate_to=url,
-                      replicate_options={"interval": 0.05, "complete_every": 0})
+    s = one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05, "complete_every": 0})
     try:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        s.sync_replica(timeout=30)
         time.sleep(0.05)
         when = _now()
         deadline = time.monotonic() + 30
@@ -101,12 +90,8 @@ def test_an_idle_shipper_writes_the_manifest_once_per_complete_every(tmp_path):
     """The renewal costs one manifest write per ``complete_every`` seconds (60 by
     default), not one per round: idle rounds write nothing in between."""
     url = f"file://{tmp_path}/rep"
-    s = walstore.open(str(tmp_path / "s"), replicate_to=url,
-                      replicate_options={"interval": 0.02, "complete_every": 3600})
+    s = one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.02, "complete_every": 3600})
     try:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        s.sync_replica(timeout=30)
         puts = s.replication().requests.get("PUT", 0)
         time.sleep(0.5)  # (some 25 idle rounds)
         assert s.replication().requests.get("PUT", 0) == puts
@@ -118,14 +103,7 @@ def test_a_manifest_without_complete_to_restores_to_a_time_as_before(tmp_path):
     """A replica an older walstore wrote has no ``complete_to``: a time restore is not
     checked against it (as before)."""
     url = f"file://{tmp_path}/rep"
-    s = walstore.open(str(tmp_path / "s"), replicate_to=url,
-                      replicate_options={"interval": 0.05})
-    try:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        s.sync_replica(timeout=30)
-    finally:
-        s.close()
+    one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05}).close()
     doc = _manifest_doc(url)
     assert isinstance(doc.pop("complete_to"), float)
     t = open_target(url, ReplicateOptions.from_any({}))

@@ -204,3 +204,28 @@ def follower_thread(replica: Replica, dest: str, stop, rounds: list, apply_every
     return threading.Thread(target=follow, args=(replica.url, dest, replica.options),
                             kwargs={"stop": stop, "interval": 0.05,
                                     "apply_every": apply_every, "on_round": rounds.append})
+
+
+def one_shipped_commit(path: str, url: str, options) -> walstore.Store:
+    """A store at ``path`` replicating to ``url`` with one commit (a = 1) shipped."""
+    s = walstore.open(path, replicate_to=url, replicate_options=options)
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def behind_proxy(s3_endpoint: str, path: str, **extra):
+    """(proxy, replica, store): a store at ``path`` replicating to moto through a
+    pausable proxy (one attempt a request, long reads), with one commit shipped."""
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy((host.split("//")[1], int(port)))
+    rep = make_s3_replica(s3_endpoint)
+    s = one_shipped_commit(path, rep.url, rep.opts(endpoint_url=proxy.url, max_attempts=1,
+                                                    read_timeout=120, **extra))
+    return proxy, rep, s
+

@@ -179,19 +179,11 @@ def test_a_sync_against_a_server_that_never_answers_names_the_request(s3_endpoin
     forwarding): the sync's error names the request waiting and how long, and so does
     ``replication().last_error`` once it has waited ``STALL_REPORTED`` seconds (it said
     only "shipping is still in progress", and last_error was None: probe-repl2)."""
-    from test_replication_support import Proxy
+    from test_replication_support import behind_proxy
     from walstore.replication import shipper
     stall_reported = getattr(shipper, "STALL_REPORTED", 10.0)
-    host, port = s3_endpoint.rsplit(":", 1)
-    proxy = Proxy((host.split("//")[1], int(port)))
-    rep = make_s3_replica(s3_endpoint)
-    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url,
-                      replicate_options=rep.opts(endpoint_url=proxy.url, read_timeout=120,
-                                                 max_attempts=1))
+    proxy, rep, s = behind_proxy(s3_endpoint, str(tmp_path / "s"))
     try:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-        s.sync_replica(timeout=30)
         proxy.pause()
         with s.transaction() as tx:
             tx.put("b", 2)
