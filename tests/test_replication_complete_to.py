@@ -9,6 +9,7 @@ it, restores to a time as before.  moto's S3 server over HTTP behind a pausable 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 import sys
 import time
@@ -115,3 +116,15 @@ def test_a_manifest_without_complete_to_restores_to_a_time_as_before(tmp_path):
     walstore.restore(url, str(tmp_path / "r"), to=later)
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == [("a", 1)]
+
+
+def test_replicas_says_how_far_the_replica_is_complete(tmp_path):
+    url = f"file://{tmp_path}/rep"
+    one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05}).close()
+    doc = json.loads(subprocess.run([sys.executable, "-c", CLI, "replicas", url, "--json"],
+                                    capture_output=True, text=True, env=cli_env(),
+                                    timeout=120).stdout)
+    assert doc["complete_to"] == _manifest_doc(url)["complete_to"]
+    human = subprocess.run([sys.executable, "-c", CLI, "replicas", url], capture_output=True,
+                           text=True, env=cli_env(), timeout=120).stdout
+    assert "complete  every commit up to " in human

@@ -326,6 +326,8 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
     click.echo(f"replica   {r['url']}  store {r['store_id']}  lineage {r['lineage']}")
     click.echo(f"writer    process {w['pid']} on {w['host']} ({w['path']})")
     click.echo(f"updated   {_when(r['updated'])} ({r['age_seconds']:.0f} s ago)")
+    if r.get("complete_to") is not None:  # (a restore to a later time is refused)
+        click.echo(f"complete  every commit up to {_when(r['complete_to'])}")
     lc = r["last_commit"] or {}
     click.echo(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
                f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "

@@ -1169,6 +1169,9 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
                                for n, p in sorted(d["points"].items(), key=lambda x: x[1]["lsn"])],
             "last_commit": d.get("last_commit"),
             "lag_seconds": round(now - d["updated"], 3),
+            # every commit stamped up to it is in the replica (a time restore past it is
+            # refused); None: a replica written before walstore recorded it
+            "complete_to": d.get("complete_to"),
         }
         if verify:
             report["verify"] = _verify(url, m, tgt, opts, progress)
