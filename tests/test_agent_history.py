@@ -306,6 +306,15 @@ def test_restore_point_returns_an_lsn_and_is_listed(store):
         store.restore_point("1234")  # would read as a txid
     with pytest.raises(TypeError):
         store.restore_point("")
+    # an empty name, prefix or scope is a bad value of the right type: a ValueError too,
+    # as tx.put("", ...)'s (it was only a TypeError: probe-contract)
+    for call in (lambda: store.restore_point(""), lambda: store.purge(""),
+                 lambda: store.purge(b""), lambda: store.rewind("two", scope="")):
+        with pytest.raises(ValueError, match="non-empty"):
+            call()
+    with pytest.raises(TypeError) as e:
+        store.restore_point(5)
+    assert not isinstance(e.value, ValueError)  # (a wrong type stays a TypeError alone)
     store.drop_restore_point("one")
     assert store.restore_points() == {"two": p2}
     with pytest.raises(KeyError):

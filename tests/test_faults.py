@@ -300,10 +300,12 @@ def test_eio_on_wal_fdatasync_turns_the_store_read_only_and_is_never_retried(tmp
             put(s, f"k{i}", value_for(i))
             acked[f"k{i}"] = value_for(i)
         rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        assert not s.readonly
         with pytest.raises(walstore.ReadOnlyError) as ei:
             put(s, "unknown", value_for(99))
         assert "fsync" in str(ei.value)
         assert rule.fired == 1
+        assert s.readonly  # (it said False while every write raised: probe-contract)
         failed_call = rule.failed_calls[0]
         # read-only from now on, for every kind of write
         with pytest.raises(walstore.ReadOnlyError):
@@ -324,6 +326,7 @@ def test_eio_on_wal_fdatasync_turns_the_store_read_only_and_is_never_retried(tmp
     _assert_never_retried(faults, failed_call)
     faults.clear()
     with walstore.open(str(path)) as s:
+        assert not s.readonly  # (a reopen decides, then takes writes again)
         assert s.get("unknown") in (None, value_for(99))  # all or nothing
         assert "later" not in s
     reopen_and_check(path, acked, absent=["later"])

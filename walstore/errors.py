@@ -230,6 +230,13 @@ class PointTypeError(UnknownPoint, TypeError):
     ``UnknownPoint`` (it names nothing, nothing changes) that is also a ``TypeError``."""
 
 
+class EmptyArgumentError(TypeError, ValueError):
+    """An empty str or bytes where a name or key prefix is needed (``restore_point("")``,
+    ``purge("")``, ``scope=""``): the right type with a value that names nothing, so it is
+    both — ``except ValueError`` catches it as ``tx.put("", ...)``'s does, and
+    ``except TypeError`` as it always did."""
+
+
 class ReplicationError(WalstoreError):
     """Replication could not do what was asked (ship within a timeout, restore, lease)."""
 

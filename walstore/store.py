@@ -236,7 +236,12 @@ class Store:
 
     @property
     def readonly(self) -> bool:
-        return self._engine.readonly
+        """True when the store takes no writes: opened with ``readonly=True``, or turned
+        read-only by a failed fsync or LMDB write (``CommitOutcomeUnknown`` and the like)
+        until it is reopened.  (It said False after such a failure while every write
+        raised ReadOnlyError: probe-contract.)"""
+        eng = self._engine
+        return eng.readonly or eng.failure is not None
 
     @property
     def options(self) -> Options:

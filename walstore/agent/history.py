@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..codec import Key, decode_key, encode_key, unpack_value
-from ..errors import (CorruptionError, HistoryTrimmed, PointTypeError, ReadOnlyError,
-                      TrimmedOrUnknownPoint,
-                      UnknownPoint)
+from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, PointTypeError,
+                      ReadOnlyError, TrimmedOrUnknownPoint, UnknownPoint)
 from ..log.format import RecordType
 from ..engine import tables
 from ..engine.snapshot import SnapshotTooOld
@@ -360,7 +359,8 @@ class History:
     # ---- restore points -----------------------------------------------------------------
     def restore_point(self, name: str) -> LSN:
         if not isinstance(name, str) or not name:
-            raise TypeError("a restore point name must be a non-empty str")
+            raise (EmptyArgumentError if isinstance(name, str) else TypeError)(
+                "a restore point name must be a non-empty str")
         if name.isdigit() or name.startswith(("tx:", "lsn:")):
             raise ValueError(f"a restore point name must not be all digits or begin with "
                              f"'tx:' or 'lsn:' ({name!r} would read as a txid or an LSN on "

@@ -35,6 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
+from ..errors import EmptyArgumentError
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -54,8 +55,8 @@ class Purge:
 
     def purge(self, prefix: Any) -> dict:
         if not isinstance(prefix, (str, bytes)) or not prefix:
-            raise TypeError(f"purge takes a non-empty key prefix (str or bytes), not "
-                            f"{prefix!r}")
+            raise (EmptyArgumentError if isinstance(prefix, (str, bytes)) else TypeError)(
+                f"purge takes a non-empty key prefix (str or bytes), not {prefix!r}")
         eng = self.engine
         eng.check_writable()
         rng = ScopeRange(prefix)

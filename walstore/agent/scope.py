@@ -18,6 +18,7 @@ import threading
 from typing import Any, Callable
 
 from ..codec import MAX_KEY_BYTES, encode_prefix, prefix_end
+from ..errors import EmptyArgumentError
 
 _providers: list[Callable[[], Any]] = []
 _on_begin: dict[Callable[[], Any], Callable[[Any, Any], None]] = {}
@@ -76,7 +77,8 @@ def check_scope(scope: Any) -> Any:
     if scope is None:
         return None
     if not isinstance(scope, (str, bytes)) or not scope:
-        raise TypeError(f"a scope is a non-empty key prefix (str or bytes), not {scope!r}")
+        raise (EmptyArgumentError if isinstance(scope, (str, bytes)) else TypeError)(
+            f"a scope is a non-empty key prefix (str or bytes), not {scope!r}")
     size = len(scope)
     if isinstance(scope, str) and not scope.isascii():
         try:  # (logged with the commit, and a str key is stored as UTF-8: refused here, at
