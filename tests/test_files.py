@@ -10,6 +10,7 @@ through walstore's code.  Crash tests with real kill -9 are in test_files_crash.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -209,6 +210,18 @@ def test_rollback_to_a_savepoint_undoes_only_what_came_after(store, tree):
     assert os.path.exists(P(tree, "src/run.sh"))
 
 
+@contextlib.contextmanager
+def rolled_back(s: walstore.Store, tree: str):
+    """``(tx, files, before)``: a transaction on ``tree`` that an exception rolls back
+    when the block ends (``before``: the tree as it was)."""
+    ws = s.workspace(tree)
+    before = TreeSnapshot(tree)
+    with pytest.raises(RuntimeError):
+        with s.transaction() as tx:
+            yield tx, tx.files(ws), before
+            raise RuntimeError("abort")
+
+
 def test_undo_interleaves_files_and_compensations_newest_first(spath, tree):
     seen = []
 
@@ -216,16 +229,11 @@ def test_undo_interleaves_files_and_compensations_newest_first(spath, tree):
         seen.append((action.name, read(tree, "conf/app.toml")))
 
     with walstore.open(spath, durability="none", compensators={"undeploy": undeploy}) as s:
-        ws = s.workspace(tree)
-        before = TreeSnapshot(tree)
-        with pytest.raises(RuntimeError):
-            with s.transaction() as tx:
-                f = tx.files(ws)
-                f.write("conf/app.toml", "debug = true\n")     # 1
-                with tx.action("deploy", compensate="undeploy"):  # 2
-                    pass
-                f.write("conf/app.toml", "debug = 2\n")         # 3
-                raise RuntimeError("validation failed")
+        with rolled_back(s, tree) as (tx, f, before):
+            f.write("conf/app.toml", "debug = true\n")     # 1
+            with tx.action("deploy", compensate="undeploy"):  # 2
+                pass
+            f.write("conf/app.toml", "debug = 2\n")         # 3
         # 3 undone first (the compensation sees the config as the deploy saw it), then the
         # deploy compensated, then 1
         assert seen == [("deploy", b"debug = true\n")]
@@ -248,25 +256,20 @@ def test_a_compensation_sees_a_file_created_before_it_and_removed_after_it(spath
         seen.append(read(tree, "build.out") if os.path.lexists(p) else None)
 
     with walstore.open(spath, durability="none", compensators={"undeploy": undeploy}) as s:
-        ws = s.workspace(tree)
-        before = TreeSnapshot(tree)
-        with pytest.raises(RuntimeError):
-            with s.transaction() as tx:
-                f = tx.files(ws)
-                if later == "rollback_to":
-                    sp = tx.savepoint()
-                f.write("build.out", "artifact v1\n")
-                with tx.action("deploy", compensate="undeploy"):
-                    pass
-                if later == "rename":
-                    f.rename("build.out", "old/build.out")
-                else:
-                    f.delete("build.out")
-                if later == "rollback_to":
-                    tx.rollback_to(sp)
-                    assert seen == [b"artifact v1\n"]
-                    before.assert_same()
-                raise RuntimeError("abort")
+        with rolled_back(s, tree) as (tx, f, before):
+            if later == "rollback_to":
+                sp = tx.savepoint()
+            f.write("build.out", "artifact v1\n")
+            with tx.action("deploy", compensate="undeploy"):
+                pass
+            if later == "rename":
+                f.rename("build.out", "old/build.out")
+            else:
+                f.delete("build.out")
+            if later == "rollback_to":
+                tx.rollback_to(sp)
+                assert seen == [b"artifact v1\n"]
+                before.assert_same()
         assert seen == [b"artifact v1\n"]
         before.assert_same()
         assert s.actions()[0].state == "compensated"

@@ -344,22 +344,19 @@ class BlobStore:
             self._sync(fd)
 
     def _sync(self, fd: int) -> None:
-        try:
-            fileio.fsync(fd)
-        except OSError as e:
-            self._sync_failed(e)
-            raise
+        self._synced(fileio.fsync, fd)
 
     def _sync_dir(self, path: str) -> None:
-        try:
-            fileio.fsync_dir(path)
-        except OSError as e:
-            self._sync_failed(e)
-            raise
+        self._synced(fileio.fsync_dir, path)
 
-    def _sync_failed(self, error: OSError) -> None:
-        if self.on_sync_error is not None:
-            self.on_sync_error(error)
+    def _synced(self, sync: Callable, target: int | str) -> None:
+        """``sync(target)``; a failure is told to ``on_sync_error`` before it is raised."""
+        try:
+            sync(target)
+        except OSError as e:
+            if self.on_sync_error is not None:
+                self.on_sync_error(e)
+            raise
 
     def _name(self, tmp: str, digest: str, size: int) -> None:
         """A complete temp file becomes the blob ``digest`` (in a batch: at the flush)."""

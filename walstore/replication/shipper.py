@@ -17,9 +17,10 @@ object (If-None-Match), then write the manifest (If-Match).  The position (and
 except a lease renewal every ``lease_ttl / 3`` seconds.
 
 Invariants: the shipper never writes a byte of the store (the pin is a request to the
-engine); it never blocks a commit (it holds no store lock: once a round it passes
-through the journal lock, acquiring and releasing it with nothing done under it, see
-``_complete_candidate``; the LMDB snapshot is a read transaction); any failure only grows the lag, and the next round resumes from the
+engine); it never blocks a commit (it holds no store lock: once a round the source
+passes through the journal lock, acquiring and releasing it with nothing done under it,
+``Source.complete_mark``; the LMDB snapshot is a read transaction); any failure only
+grows the lag, and the next round resumes from the
 position in the manifest; a lost lease stops shipping for good and says so.
 """
 from __future__ import annotations

@@ -537,7 +537,6 @@ def _kw_verdict(cls: type) -> tuple:
 # rebuilt once at write time and compared with the original, type for type, at every
 # depth (``_shape_diff``).  A model of plain data (str, numbers, None, bytes, plain dicts
 # and lists: a LangChain message) is its own dump and is not rebuilt.
-_PLAIN_KEYS = frozenset({str, int, float, bool, type(None), bytes})
 _SHAPE_DEPTH = 256  # (deeper than that the comparison gives up: the value is accepted)
 
 
@@ -556,7 +555,7 @@ def _plain_data(values: dict) -> bool:
     if _surely_plain(values):
         return True
     stack = [values.values()]
-    plain, keys = _PLAIN_KEYS, _PLAIN_KEYS
+    plain = _PLAIN  # (the same types as dict keys: a dump keeps those keys as they are)
     budget = 100_000  # (a huge model: compare it rather than walk it twice)
     while stack:
         for x in stack.pop():
@@ -565,7 +564,7 @@ def _plain_data(values: dict) -> bool:
                 continue
             if cls is dict:
                 for k in x:
-                    if type(k) not in keys:
+                    if type(k) not in plain:
                         return False
                 stack.append(x.values())
             elif cls is list:
