@@ -100,6 +100,31 @@ def test_an_idle_shipper_writes_the_manifest_once_per_complete_every(tmp_path):
         s.close()
 
 
+def test_sync_replica_makes_the_replica_vouch_for_the_time_it_was_called(tmp_path):
+    """``sync_replica()`` is an RPO-0 point: a restore to the time it was called restores
+    every commit before it.  With nothing new to ship (an idle store, all shipped) it
+    returned at once and the manifest's ``complete_to`` stayed where the last shipping
+    round left it (renewed once per ``complete_every``): that restore was refused."""
+    url = f"file://{tmp_path}/rep"
+    s = one_shipped_commit(str(tmp_path / "s"), url, {"interval": 3600, "complete_every": 3600})
+    try:
+        time.sleep(0.05)
+        when = _now()
+        s.sync_replica(timeout=30)
+        assert _manifest_doc(url)["complete_to"] >= when.timestamp() - 1e-6
+        walstore.restore(url, str(tmp_path / "r"), to=when)
+        with walstore.open(str(tmp_path / "r")) as r:
+            assert rows(r) == [("a", 1)]
+        with s.transaction() as tx:  # (a commit after it: not in a restore to that time)
+            tx.put("b", 2)
+        s.sync_replica(timeout=30)
+    finally:
+        s.close()
+    walstore.restore(url, str(tmp_path / "r2"), to=when)
+    with walstore.open(str(tmp_path / "r2")) as r:
+        assert rows(r) == [("a", 1)]
+
+
 def test_a_manifest_without_complete_to_restores_to_a_time_as_before(tmp_path):
     """A replica an older walstore wrote has no ``complete_to``: a time restore is not
     checked against it (as before)."""

@@ -164,6 +164,7 @@ class Shipper:
         self._failed_rounds = 0  # rounds failed in a row (see _round_error)
         self._complete_pending: list[tuple[float, int]] = []  # see _complete_candidate
         self._complete_saved: float | None = None  # complete_to in the replica's manifest
+        self._complete_wanted = 0.0  # the newest sync's call time (see sync)
         _sweep_stale_temps()
         self._tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
 
@@ -501,12 +502,18 @@ class Shipper:
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
 
     def sync(self, lsn: int, timeout: float = 30.0) -> int:
-        """Wait until everything below ``lsn`` is shipped; ReplicationError naming the
-        cause when that does not happen within ``timeout`` seconds."""
+        """Wait until everything below ``lsn`` is shipped and the replica's manifest says
+        so up to the time of this call (``complete_to`` at or after it: a restore to a time
+        up to the call is accepted; an idle shipper wrote it only once per
+        ``complete_every``).  ReplicationError naming the cause when that does not happen
+        within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
+        called = time.time()
+        with self._cond_lock:
+            self._complete_wanted = max(self._complete_wanted, called)
         self._wake.set()  # once: one prompt round (see _pause); it stays set until then
         with self._cond_lock:
-            while self.shipped < lsn:
+            while self.shipped < lsn or not self._complete_saved_past(called):
                 if self.state in ("lease-lost", "refused", "failed"):
                     raise ReplicationError(f"cannot sync the replica: {self.last_error}")
                 if self.state == "stopped":
@@ -517,12 +524,21 @@ class Shipper:
                     cause = self.last_error or (
                         f"waiting on the server: {waiting}" if waiting is not None
                         else "shipping is still in progress")
+                    if self.shipped >= lsn:
+                        raise ReplicationError(
+                            f"replica {self.url} holds the log up to LSN {lsn}, but its "
+                            f"manifest does not say so yet (complete_to not written after "
+                            f"{timeout:g} s): {cause}")
                     raise ReplicationError(
                         f"replica {self.url} holds the log up to LSN {self.shipped}, "
                         f"{lsn - self.shipped} bytes short of LSN {lsn} after {timeout:g} s: "
                         f"{cause}")
                 self._cond.wait(min(left, 0.25))
         return self.shipped
+
+    def _complete_saved_past(self, t: float) -> bool:
+        """Does the replica's manifest vouch for every commit stamped up to ``t``?"""
+        return self._complete_saved is not None and self._complete_saved >= t - 1e-6
 
     def _advanced(self, position: int) -> None:
         with self._cond_lock:
@@ -646,14 +662,18 @@ class Shipper:
         """A round that wrote no manifest (nothing new to ship) still moves ``complete_to``
         on: in memory every round, in the replica when it is ``complete_every`` seconds
         past the one written (one manifest PUT per that period while idle; 0: at every
-        idle round, as often as ``interval``)."""
+        idle round, as often as ``interval``), or when a ``sync`` waits for it."""
         self._note_complete()
         now_to = self.manifest.doc.get("complete_to")
         if now_to is None or self._unsaved:
             return
+        wanted = self._complete_wanted  # (a sync waits for the replica to vouch for it)
         if self._complete_saved is None or now_to - self._complete_saved >= \
-                self.opts.complete_every:
+                self.opts.complete_every or (
+                    now_to >= wanted - 1e-6 and not self._complete_saved_past(wanted)):
             self._save()
+            with self._cond_lock:
+                self._cond.notify_all()
 
     def _begin(self, summary: dict) -> None:
         """A new replica: ship from the first local segment, with a snapshot."""
