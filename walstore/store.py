@@ -350,7 +350,7 @@ class Store:
         if shipper is None or shipper.state != "running":
             return
         try:
-            shipper.sync(shipper.source.sync(), PURGE_SHIP_WAIT_S)
+            shipper.sync(shipper.source.sync(), PURGE_SHIP_WAIT_S, vouch=False)
         except ReplicationError:
             pass
 

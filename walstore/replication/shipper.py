@@ -501,19 +501,19 @@ class Shipper:
                                  error, self.last_shipped_at,
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
 
-    def sync(self, lsn: int, timeout: float = 30.0) -> int:
-        """Wait until everything below ``lsn`` is shipped and the replica's manifest says
-        so up to the time of this call (``complete_to`` at or after it: a restore to a time
-        up to the call is accepted; an idle shipper wrote it only once per
-        ``complete_every``).  ReplicationError naming the cause when that does not happen
-        within ``timeout`` seconds."""
+    def sync(self, lsn: int, timeout: float = 30.0, vouch: bool = True) -> int:
+        """Wait until everything below ``lsn`` is shipped and (``vouch``) the replica's
+        manifest says so up to the time of this call (``complete_to`` at or after it: a
+        restore to a time up to the call is accepted; an idle shipper writes it only once
+        per ``complete_every``).  ReplicationError naming the cause when that does not
+        happen within ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
-        called = time.time()
+        called = time.time() if vouch else 0.0
         with self._cond_lock:
             self._complete_wanted = max(self._complete_wanted, called)
         self._wake.set()  # once: one prompt round (see _pause); it stays set until then
         with self._cond_lock:
-            while self.shipped < lsn or not self._complete_saved_past(called):
+            while self.shipped < lsn or (vouch and not self._complete_saved_past(called)):
                 if self.state in ("lease-lost", "refused", "failed"):
                     raise ReplicationError(f"cannot sync the replica: {self.last_error}")
                 if self.state == "stopped":
