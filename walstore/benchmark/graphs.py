@@ -1,5 +1,6 @@
 """LangGraph graphs (scripted, no model) and the per-invoke workloads that run them against
-WalstoreSaver and langgraph-checkpoint-sqlite's SqliteSaver / AsyncSqliteSaver.
+WalstoreSaver and langgraph-checkpoint-sqlite's SqliteSaver / AsyncSqliteSaver, with
+LangGraph's InMemorySaver beside them as the ceiling (no disk: what LangGraph itself costs).
 
 ``turn_graph`` is a ReAct turn: the human's message, the agent's reply with a tool call,
 the tool's result, the agent's answer (four messages per turn, state growing over turns).
@@ -233,6 +234,9 @@ def invoke_sync(ctx: Context, threads: int, turns: int, state_reads: int
             from walstore.integrations.langgraph import WalstoreSaver
             saver = stack.enter_context(WalstoreSaver.from_path(
                 str(ctx.directory / "store"), durability="full"))
+        elif ctx.system == "memory-saver":  # (the ceiling: no disk at all)
+            from langgraph.checkpoint.memory import InMemorySaver
+            saver = InMemorySaver()
         else:
             from langgraph.checkpoint.sqlite import SqliteSaver
             saver = stack.enter_context(SqliteSaver.from_conn_string(
@@ -273,6 +277,9 @@ async def _invoke_async(ctx: Context, threads: int, turns: int, concurrency: int
             from walstore.integrations.langgraph import WalstoreSaver
             saver = await stack.enter_async_context(WalstoreSaver.from_path(
                 str(ctx.directory / "store"), durability="full"))
+        elif ctx.system == "memory-saver-async":  # (the ceiling: no disk at all)
+            from langgraph.checkpoint.memory import InMemorySaver
+            saver = InMemorySaver()
         else:
             from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
             saver = await stack.enter_async_context(AsyncSqliteSaver.from_conn_string(

@@ -298,7 +298,11 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
          "walstore.integrations.langgraph"),
     _sys("sqlite-saver", "langgraph-checkpoint-sqlite SqliteSaver (WAL, synchronous=FULL), "
          "invoke", "langgraph.checkpoint.sqlite"),
+    _sys("memory-saver", "langgraph InMemorySaver, invoke (no disk, nothing durable: the "
+         "ceiling any saver can reach in one Python process)", "langgraph.checkpoint.memory"),
     _sys("walstore-saver-async", "WalstoreSaver, ainvoke", "walstore.integrations.langgraph"),
+    _sys("memory-saver-async", "langgraph InMemorySaver, ainvoke (no disk, nothing durable: "
+         "the ceiling any saver can reach in one Python process)", "langgraph.checkpoint.memory"),
     _sys("async-sqlite-saver", "langgraph-checkpoint-sqlite AsyncSqliteSaver (aiosqlite), "
          "ainvoke", "langgraph.checkpoint.sqlite.aio"),
 )}

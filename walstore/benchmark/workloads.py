@@ -219,7 +219,7 @@ def all_workloads(p: Profile) -> list[Workload]:
                         "commits/s", f"{p.held_keys:,} distinct keys written first, then up "
                         f"to {p.held_commits:,} commits of new keys",
                         baseline=("walstore-normal",), latency=True)),
-        Workload("lg-sync", ("walstore-saver", "sqlite-saver"),
+        Workload("lg-sync", ("walstore-saver", "sqlite-saver", "memory-saver"),
                  partial(graphs.invoke_sync, threads=p.lg_threads, turns=p.lg_turns,
                          state_reads=p.lg_state_reads),
                  (Part("lg-sync", "LangGraph invoke (its default durability), one caller", "invokes/s",
@@ -228,7 +228,7 @@ def all_workloads(p: Profile) -> list[Workload]:
                        f"random threads of the {p.lg_threads}", lg_values,
                        baseline=("sqlite-saver",), latency=True)),
                  isolated=True, requires=graphs.REQUIRES_SYNC, max_rounds=p.lg_repeats),
-        Workload("lg-async", ("walstore-saver-async", "async-sqlite-saver"),
+        Workload("lg-async", ("walstore-saver-async", "async-sqlite-saver", "memory-saver-async"),
                  partial(graphs.invoke_async, threads=p.lg_threads, turns=p.lg_turns,
                          concurrency=p.lg_concurrency, state_reads=p.lg_state_reads),
                  (Part("lg-async", f"LangGraph ainvoke (its default durability), "
