@@ -201,7 +201,11 @@ def fault_point(name: str) -> None:
 def make_dir(path: str) -> None:
     """Create ``path`` and its missing parents, each with mode 0700 (``os.makedirs`` gives
     the mode to the last one only: parents came out 0755 under umask 022); an existing
-    directory is kept (an existing parent's mode is not changed)."""
+    directory is kept (an existing parent's mode is not changed).  Each directory made is
+    durable in its parent before the next is made and before this returns (the parent
+    fsynced): a file fsynced into it later is durable with its whole path.  (A power loss
+    could drop a new ``files/`` with every before-image in it, or a new ``quarantine/``
+    with the cut bytes: only the innermost directory was ever fsynced.)"""
     path = os.path.abspath(path)
     missing = []
     p = path
@@ -221,6 +225,7 @@ def make_dir(path: str) -> None:
                 raise
             continue
         os.chmod(p, DIR_MODE)  # (the umask may have cut bits of 0700: set it exactly)
+        fsync_dir(os.path.dirname(p))
     os.chmod(path, DIR_MODE)
 
 

@@ -233,7 +233,8 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
             return None
         for name in os.listdir(out.db):
             os.chmod(os.path.join(out.db, name), fileio.FILE_MODE)
-        copied_state = LmdbState(out.db, readonly=True)
+        _fsync_files_of(out.db)  # (LMDB's copy writes, never fsyncs: durable before the
+        copied_state = LmdbState(out.db, readonly=True)  # backup says it is done)
         try:
             applied = copied_state.applied_lsn()
         finally:
@@ -415,6 +416,22 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
     fileio.fsync_dir(out.root)
     return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
             "segments": len(segs), "wal_bytes": copied}
+
+
+def _fsync_files_of(directory: str) -> None:
+    """fsync every regular file in ``directory``, then the directory."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            continue
+        with _writing("the backup's LMDB copy", path):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                fileio.fsync(fd)
+            finally:
+                os.close(fd)
+    with _writing("the backup's LMDB copy", directory):
+        fileio.fsync_dir(directory)
 
 
 def _log_went_on(wal_dir: str, lsn: int) -> bool:
