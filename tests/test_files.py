@@ -767,8 +767,9 @@ def test_rollback_when_the_store_cannot_record_leaves_files_owed_for_the_next_op
 def test_a_disk_error_while_a_watch_begins_is_a_store_io_error(spath, tree, op, err, nth):
     """The first snapshot of a watch stores every file's content in the blob store: a
     disk error there is a StoreIOError (the OSError chained), the block never runs, the
-    tree is as it was (it was a bare OSError: probe-files2).  A failed fsync of the blob
-    store turns the store read-only, as any failed fsync; the next open is writable."""
+    tree is as it was (it was a bare OSError: probe-files2).  After a failed fsync of the
+    blob store, file content is refused until a reopen (keys still commit); the next open
+    watches again."""
     import errno as errno_mod
     s = walstore.open(spath, durability="full")
     ws = s.workspace(tree)
@@ -787,9 +788,13 @@ def test_a_disk_error_while_a_watch_begins_is_a_store_io_error(spath, tree, op, 
     assert ei.value.errno == getattr(errno_mod, err)
     before.assert_same()
     if op.startswith("fsync"):
-        with pytest.raises(walstore.ReadOnlyError):
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        with pytest.raises(walstore.StoreIOError, match="earlier fsync"):
             with s.transaction() as tx:
-                tx.put("k", 1)
+                with tx.files(ws).watch():
+                    ran.append(2)
+        assert not ran
         s._drop_like_a_crash()
         s = walstore.open(spath, durability="full")
         ws = s.workspace(tree)
@@ -823,42 +828,53 @@ def test_a_failed_fsync_of_watched_files_at_commit_is_a_store_io_error(spath, tr
     s.close()
 
 
-def test_a_failed_fsync_of_the_blob_store_turns_the_store_read_only(spath, tree):
-    """CONTRACT 4.6: after an fsync error the store turns read-only, never retrying an
-    fsync — a before-image's blob (or its directory) too.  The operation fails with
-    StoreIOError, later writes get ReadOnlyError, no fsync follows, and the next open
-    puts the transaction's earlier change back (the store went on writing: probe-files2)."""
+def test_a_failed_fsync_of_the_blob_store_stops_file_content_not_the_rollback(spath, tree):
+    """CONTRACT 4.6: never an fsync retried — a before-image's blob (or its directory)
+    too: after a failed fsync of the blob store, no file content is stored again until
+    the store is reopened (the operation fails with StoreIOError, and so does every later
+    file operation, before it changes anything; no fsync of the blob store follows).
+    The log is another file: the transaction's rollback puts its files back and runs its
+    compensations at once (the whole store turned read-only, and the rollback left the
+    changed file and the owed refund to the next open: probe-review39)."""
     s = walstore.open(spath, durability="full")
+    refunds = []
+    s.compensator("refund")(lambda action: refunds.append(action.args["n"]))
     ws = s.workspace(tree)
     before = TreeSnapshot(tree)
     tx = s.transaction()
+    with tx.action("charge", args={"n": 1}, compensate="refund") as act:
+        act.result = "charged"
     f = tx.files(ws)
     f.write("new.txt", "first change\n")
     fb = FaultBackend()
-    rule = fb.fail("fsync", path=os.path.join(spath, "files", "blobs", "*"))
+    blobs = os.path.join(spath, "files", "blobs")
+    rule = fb.fail("fsync", path=os.path.join(blobs, "*"))
     with installed(fb):
         with pytest.raises(walstore.StoreIOError):
             f.write("src/app.py", "second change\n")   # its before-image's fsync fails
         assert rule.fired == 1
         mark = fb.now()
-        with pytest.raises(walstore.ReadOnlyError):
-            tx.rollback()
-        with pytest.raises(walstore.ReadOnlyError):
-            with s.transaction() as t2:
-                t2.put("k", 1)
-        with pytest.raises(walstore.ReadOnlyError):
+        tx.rollback()
+        before.assert_same(what="after the rollback")   # at once, not at the next open
+        assert refunds == [1]
+        assert not s.readonly
+        with s.transaction() as t2:                      # the log goes on
+            t2.put("k", 1)
+        with pytest.raises(walstore.StoreIOError, match="earlier fsync"):
             with s.transaction() as t2:
                 t2.files(ws).write("README.md", "other\n")
-        assert not [c for c in fb.calls if c.seq > mark and c.op in ("fsync", "fsync_dir",
-                                                                      "fdatasync")]
-    assert read(tree, "new.txt") == b"first change\n"   # owed: the next open undoes it
-    s._drop_like_a_crash()
+        before.assert_same(what="after a refused write")
+        assert not [c for c in fb.calls if c.seq > mark and c.op in ("fsync", "fsync_dir")
+                    and (c.path or "").startswith(blobs)]
+    s.close()
     with walstore.open(spath, durability="full") as s:
         before.assert_same(what="after the reopen")
-        assert s.get("k") is None
+        assert s.get("k") == 1
+        assert s.pending_compensations() == []
         with s.transaction() as tx:
             tx.files(ws).write("README.md", "after\n")
         assert read(tree, "README.md") == b"after\n"
+    assert refunds == [1]
 
 
 def test_an_interrupted_rollback_is_finished_at_the_next_open(spath, tree, monkeypatch):

@@ -242,19 +242,8 @@ class Files:
             if not self.engine.readonly:
                 fileio.make_dir(self.dir)
             self._blobs = BlobStore(os.path.join(self.dir, "blobs"),
-                                    readonly=self.engine.readonly,
-                                    on_sync_error=self._blob_sync_failed)
+                                    readonly=self.engine.readonly)
         return self._blobs
-
-    def _blob_sync_failed(self, error: OSError) -> None:
-        """An fsync of the blob store failed: the store turns read-only, as after a
-        failed fsync of its log (never an fsync retried: a blob or directory entry written
-        before may not be durable, and a later put of that content would trust it).  The
-        operation in hand fails with the error (StoreIOError); its transaction's rollback
-        leaves the workspace to the next open, which puts it back."""
-        where = error.filename or os.path.join(self.dir, "blobs")
-        self.engine.fail(StoreIOError(error.errno, f"an fsync of the store's file content "
-                                      f"failed: {error.strerror or error}", where))
 
     def quarantine(self, txid: int) -> str:
         return os.path.join(self.quarantine_dir, f"tx{txid}")

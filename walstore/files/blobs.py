@@ -26,10 +26,13 @@ and ``<dir>/tmp/`` for puts in progress.  Rules:
 - **Verified on the way out**: ``get``/``copy_to`` hash what they stream and raise
   ``CorruptionError`` naming the blob when it does not match its name.
 - **An fsync error is final**: every fsync of a blob, a temp or a directory goes through
-  ``_sync``/``_sync_dir``, which tell ``on_sync_error`` (the store: it turns read-only,
-  as after a failed fsync of its log) before the error is raised.  After a failed fsync
-  the kernel may have dropped the dirty pages and a later fsync reports success: no
-  later put may then trust a blob, or a directory entry, it cannot know is durable.
+  ``_sync``/``_sync_dir``; a failure fails this blob store for good (``failed``: every
+  later put raises, naming it; reads go on).  After a failed fsync the kernel may have dropped the dirty pages and a
+  later fsync reports success: no later put may then trust a blob, or a directory
+  entry, it cannot know is durable (a put of content already stored writes nothing).
+  Blobs named before the failure were durable when named, so undoing with them goes on
+  (the store's log is not this store's: a transaction's rollback still logs and undoes
+  its file changes and runs its compensations at once).
 - **Garbage collection** (``gc``) removes every blob not in the given referenced set.  The
   caller must make sure no put whose reference is not yet recorded is running (the engine
   runs it under the lock it logs before-images with; this class serializes gc against its
@@ -94,19 +97,17 @@ def check_digest(digest: str) -> str:
 
 class BlobStore:
     """Content by sha256 under ``directory`` (created 0700 if missing, unless
-    ``readonly``: then only reads are made).  ``on_sync_error(error)``: called when an
-    fsync of the blob store fails, before the error is raised (the store turns
-    read-only)."""
+    ``readonly``: then only reads are made).  Once an fsync of it failed, every put
+    raises (``failed``)."""
 
     def __init__(self, directory: str | bytes, copy: str = "auto",
-                 readonly: bool = False,
-                 on_sync_error: Callable[[OSError], None] | None = None) -> None:
+                 readonly: bool = False) -> None:
         if copy not in COPY_MODES:
             raise ValueError(f"copy must be one of {COPY_MODES}, not {copy!r}")
         self.dir = os.path.abspath(os.fsdecode(directory))
         self.tmp = os.path.join(self.dir, "tmp")
         self.copy = copy
-        self.on_sync_error = on_sync_error
+        self.failed: OSError | None = None  # an fsync failed: no put from then on
         self._clone_ok = copy in ("auto", "clone")
         self._lock = threading.Lock()
         self._known: set[str] = set()      # digests seen present by this process
@@ -163,8 +164,17 @@ class BlobStore:
         return total
 
     # ---- put ----------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        """OSError naming the failed fsync, once one failed (see the module docstring)."""
+        e = self.failed
+        if e is not None:
+            raise OSError(e.errno, f"an earlier fsync of the store's file content failed "
+                                   f"({e.strerror or e}): no file content can be stored "
+                                   f"until the store is reopened", e.filename or self.dir)
+
     def put_bytes(self, data: bytes | bytearray | memoryview) -> PutResult:
         """Store ``data`` (already in memory)."""
+        self._check_usable()
         digest = hashlib.sha256(data).hexdigest()
         self.bytes_hashed += len(data)
         if self.has(digest):
@@ -174,6 +184,7 @@ class BlobStore:
     def put_chunks(self, chunks: Iterable[bytes]) -> PutResult:
         """Store a stream of byte chunks (written as they come, hashed on the way; a
         duplicate's temp file is dropped unsynced)."""
+        self._check_usable()
         h = hashlib.sha256()
         size = 0
         with self._writing() as (tmp, fd):
@@ -207,6 +218,7 @@ class BlobStore:
 
     def put_fd(self, src: int, name: str = "<fd>") -> PutResult:
         """Store the content of an open regular file (see ``put_file``)."""
+        self._check_usable()
         for _attempt in range(PUT_RETRIES):
             got = self._put_once(src)
             if got is not None:
@@ -350,12 +362,12 @@ class BlobStore:
         self._synced(fileio.fsync_dir, path)
 
     def _synced(self, sync: Callable, target: int | str) -> None:
-        """``sync(target)``; a failure is told to ``on_sync_error`` before it is raised."""
+        """``sync(target)``; a failure fails the store (``failed``) before it is raised."""
         try:
             sync(target)
         except OSError as e:
-            if self.on_sync_error is not None:
-                self.on_sync_error(e)
+            if self.failed is None:
+                self.failed = e
             raise
 
     def _name(self, tmp: str, digest: str, size: int) -> None:
