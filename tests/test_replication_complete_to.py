@@ -143,6 +143,31 @@ def test_a_manifest_without_complete_to_restores_to_a_time_as_before(tmp_path):
         assert rows(r) == [("a", 1)]
 
 
+def test_the_time_complete_to_shows_is_accepted(tmp_path):
+    """The refusal names ``complete_to`` as a datetime (rounded to the microsecond, as
+    ``walstore replicas`` shows it) and says to restore at or before it; the check
+    truncated it, so about half the time the very time it named was refused
+    (probe-review39)."""
+    import math
+    url = f"file://{tmp_path}/rep"
+    one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05}).close()
+    doc = _manifest_doc(url)
+    c = math.floor(doc["complete_to"] * 1e6) / 1e6 + 6e-7  # (rounds up, truncates down)
+    assert round(c * 1e6) != int(c * 1e6)
+    doc["complete_to"] = c
+    t = open_target(url, ReplicateOptions.from_any({}))
+    try:
+        t.put("manifest", msgpack.packb(doc, use_bin_type=True))
+    finally:
+        t.close()
+    shown = dt.datetime.fromtimestamp(c, dt.timezone.utc)
+    walstore.restore(url, str(tmp_path / "r"), to=shown)
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("a", 1)]
+    with pytest.raises(walstore.UnknownRestorePoint):
+        walstore.restore(url, str(tmp_path / "r2"), to=shown + dt.timedelta(microseconds=1))
+
+
 def test_replicas_says_how_far_the_replica_is_complete(tmp_path):
     url = f"file://{tmp_path}/rep"
     one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05}).close()

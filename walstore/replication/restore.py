@@ -407,7 +407,10 @@ def _refuse_past_complete(m: Manifest, to: _dt.datetime) -> None:
     prefix of what the source held at ``to`` (it was: exit 0, commit missing, probe-repl2).
     A manifest without the field (an older walstore wrote it) is not checked."""
     complete = m.complete_to
-    if complete is None or _micros(to) <= int(complete * 1_000_000):
+    # (compared at the microsecond its datetime shows, as every stamp is: the time this
+    # message names, or `walstore replicas` shows, is accepted; the shipper's complete_to
+    # lies a microsecond below the time it vouches for, so rounding up stays inside it)
+    if complete is None or _micros(to) <= _stamp_micros(complete):
         return
     when = _dt.datetime.fromtimestamp(complete, _dt.timezone.utc)
     raise UnknownRestorePoint(
