@@ -177,6 +177,8 @@ class Store:
                 self._shipper = start_in_process(self, replicate_to, replicate_options)
                 self._purge.before_erase = self._ship_before_erasure
         except BaseException:
+            if getattr(self, "_files", None) is not None:
+                self._files.close_monitors()
             engine.drop_like_a_crash()
             raise
         self._pid = _PROCESS[0]
@@ -283,7 +285,10 @@ class Store:
                                       RuntimeWarning, stacklevel=2)
                     self._wait_for_work_elsewhere()
                 self._stop_replication(release=True)
-                self._engine.close()
+                try:
+                    self._engine.close()
+                finally:
+                    self._files.close_monitors()
             finally:
                 self._closing = None
 
@@ -310,6 +315,7 @@ class Store:
     def _drop_like_a_crash(self) -> None:
         """Let go as a killed process would (tests and tools)."""
         self._stop_replication(release=False)
+        self._files.close_monitors()
         self._engine.drop_like_a_crash()
 
     def _stop_replication(self, release: bool) -> None:

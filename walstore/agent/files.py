@@ -49,6 +49,8 @@ from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace
                      apply as fapply, diff, plan, remove_stray_temps, restore_changes,
                      snapshot, undo_order, undo_steps)
 from ..files.entries import read_whole
+from ..files.monitor import WorkspaceMonitor, forced_full_walk
+from ..files.monitor import available as monitor_available
 from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, display,
                            parent_of)
 from ..log.format import RecordType
@@ -200,6 +202,9 @@ class Files:
         self._registry: dict[bytes, Workspace] = {}
         self._ws_locks: dict[bytes, threading.RLock] = {}
         self._manifests: dict[bytes, Manifest] = {}
+        # root -> its change monitor (inotify: watch()'s snapshots examine only what
+        # changed; see files/monitor.py); closed by ``close_monitors``
+        self._monitors: dict[bytes, WorkspaceMonitor] = {}
         self._gc_horizon = -1
         self._gc_written: int | None = None  # the blob store's bytes_written at the last gc
         self._pinned = PinnedLogRefs()  # what the pinned WAL's file records name
@@ -294,6 +299,7 @@ class Files:
                                   scope=new_scope)
                 ws.ignore, ws.scope = fresh.ignore, fresh.scope
                 self._manifests.pop(real, None)
+                self._drop_monitor(real)
             return ws
 
     def _from_row(self, row: dict) -> Workspace:
@@ -775,7 +781,8 @@ class Files:
                 # what a dropped transaction left in the workspace goes first (else the
                 # manifest took it as the before-image: see _put_back_stale)
                 self._put_back_stale(tx.id, ws)
-                m0 = snapshot(ws, self.blobs, previous=self._previous(ws))
+                m0 = snapshot(ws, self.blobs, previous=self._previous(ws),
+                              monitor=self._monitor(ws))
                 digest = m0.save(self.blobs)
                 tx.logged = True
                 ev = self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
@@ -824,7 +831,8 @@ class Files:
             # through the patterns the watch began with: a registration changing them
             # meanwhile (``workspace(root, ignore=...)``) made a file ignored then, and
             # untouched, "created" by the watch, and its rollback deleted it
-            m1 = snapshot(w.manifest.workspace(ws), self.blobs, previous=w.manifest)
+            m1 = snapshot(w.manifest.workspace(ws), self.blobs, previous=w.manifest,
+                          monitor=self._monitor(ws))
             changes = diff(w.manifest, m1)
             # logged in an order whose reverse is the undo order (removals deepest first,
             # then re-creations shallowest first), so they undo like any other steps
@@ -877,6 +885,29 @@ class Files:
             f"{MAX_ROOT_AND_PATH_BYTES} (LMDB's keys are at most 511 bytes); none of the "
             f"block's {len(changes)} change(s) became part of transaction {tx.id}: they "
             f"were put back to their state before the watch{kept}")
+
+    def _monitor(self, ws: Workspace) -> WorkspaceMonitor | None:
+        """The change monitor of ``ws`` (made on first use; None: not on this platform,
+        or ``WALSTORE_WATCH_FULL_WALK`` asks for full walks).  Caller holds the
+        workspace's lock and ``_lock``."""
+        if forced_full_walk() or not monitor_available() or self.engine.closed:
+            self._drop_monitor(ws.root_b)
+            return None
+        mon = self._monitors.get(ws.root_b)
+        if mon is None:
+            mon = self._monitors[ws.root_b] = WorkspaceMonitor()
+        return mon
+
+    def _drop_monitor(self, root: bytes) -> None:
+        mon = self._monitors.pop(root, None)
+        if mon is not None:
+            mon.close()
+
+    def close_monitors(self) -> None:
+        """Close every workspace's inotify descriptor (the store closes)."""
+        with self._lock:
+            for root in list(self._monitors):
+                self._drop_monitor(root)
 
     def _previous(self, ws: Workspace) -> Manifest | None:
         """The newest manifest of ``ws`` (in memory, or saved by an earlier process)."""

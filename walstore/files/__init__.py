@@ -7,6 +7,7 @@
 - ``plan``:    what an operation will do to each path, before-images stored first
 - ``apply``:   crash-safe primitives that make a path become an Entry; restore; conflicts
 - ``watch``:   Manifest snapshots (incremental, racy-safe), diff, undo order
+- ``monitor``: a workspace's inotify change monitor (what a snapshot must look at)
 
 Nothing here logs to the WAL or knows about transactions: the engine logs the records
 (before-images, watch manifests, conflicts) and calls these functions in order.

@@ -18,8 +18,14 @@ test run, any subprocess):
   files are re-hashed by the next snapshot.  The tick is read as git reads it (the mtime
   of a file written as the snapshot begins: a marker in the blob store's temp directory
   when it is on the same file system, so the file system's own clock and granularity);
-  otherwise, conservatively, the wall clock less ``RACY_WINDOW_NS`` (2 s).  The walk itself
-  still ``lstat``s every path (an inotify/fanotify monitor could remove that; not done).
+  otherwise, conservatively, the wall clock less ``RACY_WINDOW_NS`` (2 s).
+- Monitored (``monitor=``, a ``monitor.WorkspaceMonitor`` on Linux inotify): when
+  ``previous`` is the manifest the monitor made last, only the paths its events name,
+  new or replaced directories (walked whole, by the same walk), files with several links
+  and racy files are examined; every other record is ``previous``'s.  Otherwise (or when
+  the monitor lost events) the walk is full and arms the monitor: each directory watched
+  before it is listed, each path's inode before it is ``lstat``ed.  The result equals a
+  full walk's (``tests/test_files_monitor.py``).
 - ``diff(old, new)``: created, deleted, modified (content), mode, symlink (target), type
   (e.g. a file replaced by a directory) changes; a rename is a delete plus a create; the
   root's own mode (``Manifest.top``) as a mode change of path ``b""``.  Each
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import os
 import stat
 import time
@@ -48,7 +55,8 @@ from .apply import FileConflict, restore
 from .blobs import BlobStore
 from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
 from .ignore import IgnoreRules
-from .paths import Workspace, depth, display, is_temp_name
+from .monitor import WorkspaceMonitor
+from .paths import Workspace, depth, display, is_temp_name, parent_of
 
 __all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", "walk",
            "undo_order", "restore_changes", "restore_in_order", "RACY_WINDOW_NS"]
@@ -113,7 +121,9 @@ def _record(st: os.stat_result, sha256: str | None = None,
 class SnapshotStats:
     """What a snapshot cost: paths walked (lstat), files whose content was read and their
     bytes, files and bytes newly written to the blob store, files whose hash was reused,
-    files left racy (re-hashed next time), special files skipped, seconds."""
+    files left racy (re-hashed next time), special files skipped (those examined: an
+    incremental snapshot lists only those it looked at), seconds; ``mode`` and
+    ``full_walk_reason`` (see ``snapshot``'s ``monitor``)."""
 
     walked: int = 0
     hashed_files: int = 0
@@ -124,6 +134,11 @@ class SnapshotStats:
     racy: int = 0
     skipped: list = field(default_factory=list)
     seconds: float = 0.0
+    # "walk" (no monitor), "full" (a full walk that armed the monitor), "incremental"
+    # (only what the monitor's events named, plus linked and racy files); why not
+    # incremental when a monitor was given
+    mode: str = "walk"
+    full_walk_reason: str | None = None
 
 
 class Manifest:
@@ -247,12 +262,16 @@ def walk(ws: Workspace, start: bytes = b"", use_ignore: bool = True
         yield rel, st
 
 
-def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
+def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool,
+             monitor: WorkspaceMonitor | None = None
              ) -> Iterator[tuple[bytes, os.stat_result, int, bytes]]:
     """``walk``, also giving each path's parent directory fd and name (valid until the
     next step).  Directories are opened relative to their parent with ``O_NOFOLLOW``, so
     a directory swapped for a symlink during the walk is never entered; at most one fd
-    per level is open."""
+    per level is open.  ``monitor``: each directory entered (``start`` included) is armed
+    after it is opened and BEFORE it is listed, each name before it is ``lstat``ed (the
+    watch of its inode; dropped again when the name is ignored)."""
+    arm = monitor.arm if monitor is not None else None
     ignore = ws.ignore if use_ignore else IgnoreRules()
     ws.check_parents(start + b"/x" if start else b"x")
     try:
@@ -266,6 +285,8 @@ def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
     # a stack of (directory fd, its rel, the names still to visit in it)
     stack: list[tuple[int, bytes, Iterator[bytes]]] = []
     try:
+        if arm is not None:
+            arm(top, start)
         stack.append((top, start, iter(_names(top))))
         while stack:
             fd, d, names = stack[-1]
@@ -275,13 +296,19 @@ def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
                 stack.pop()
                 continue
             rel = d + b"/" + name if d else name
+            if monitor is not None:
+                monitor.arm_name(fd, name, rel)
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
+                if monitor is not None:
+                    monitor.drop_name(rel)
                 continue
             is_dir = stat.S_ISDIR(st.st_mode)
             if (ignore and ignore.ignored_here(rel, is_dir)) or (
                     ws.exclude and ws.excluded(rel)):
+                if monitor is not None:
+                    monitor.drop_name(rel)
                 continue
             yield rel, st, fd, name
             if is_dir:
@@ -293,6 +320,12 @@ def _walk_fd(ws: Workspace, start: bytes, use_ignore: bool
                     if e.errno == errno.ELOOP:
                         continue  # became a symlink since the stat: not entered
                     raise
+                if arm is not None:
+                    try:
+                        arm(sub, rel)
+                    except BaseException:
+                        os.close(sub)
+                        raise
                 stack.append((sub, rel, iter(_names(sub))))
     finally:
         for fd, _d, _n in stack:
@@ -307,9 +340,13 @@ def _names(fd: int) -> list[bytes]:
 
 
 def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest | None = None,
-             racy_window_ns: int = RACY_WINDOW_NS) -> Manifest:
+             racy_window_ns: int = RACY_WINDOW_NS,
+             monitor: WorkspaceMonitor | None = None) -> Manifest:
     """The manifest of ``ws`` now (see the module docstring).  With ``blobs``, every
-    tracked file's content is stored; ``previous`` makes it incremental."""
+    tracked file's content is stored; ``previous`` makes it incremental.  ``monitor``
+    (one per workspace, see ``monitor.py``): when ``previous`` is the manifest the monitor
+    made last (same patterns, same blob store), only what its events name is examined;
+    otherwise the walk is full and arms it (``stats.mode``, ``stats.full_walk_reason``)."""
     t0 = time.perf_counter()
     taken_ns = time.time_ns()
     window_ns = taken_ns - racy_window_ns
@@ -320,7 +357,6 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
         except OSError:
             pass
     stats = SnapshotStats()
-    records: dict[bytes, Record] = {}
     if previous is not None and previous.root != ws.root_b:
         previous = None
     top = None
@@ -328,45 +364,266 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
         st_root = os.lstat(ws.root_b)
         if stat.S_ISDIR(st_root.st_mode):
             top = _record(st_root)
-    with blobs.batch() if blobs is not None else contextlib.nullcontext():
-        _walk_into(ws, blobs, previous, records, stats)
+    key = _monitor_key(ws, blobs)
+    plan = None
+    if monitor is not None:
+        got = monitor.take(previous, key)
+        if isinstance(got, str):
+            stats.full_walk_reason = got
+        else:
+            plan = got
+    examined: set[bytes] | None = None
+    try:
+        with blobs.batch() if blobs is not None else contextlib.nullcontext():
+            if plan is not None:
+                records = dict(previous.records)
+                examined = _walk_dirty(ws, blobs, previous, records, stats, monitor, *plan)
+                stats.mode = "incremental"
+            else:
+                records = {}
+                armed = monitor is not None and monitor.start_full()
+                if monitor is not None and not armed:
+                    stats.full_walk_reason = monitor.take(None, key)
+                linked: dict[bytes, tuple[int, int]] = {}
+                _walk_into(ws, blobs, previous, records, stats,
+                           monitor if armed else None, linked)
+                stats.mode = "full" if armed else "walk"
+                if armed and monitor.lost is not None:
+                    stats.full_walk_reason = monitor.lost  # (arming failed: next is full)
+                elif armed:
+                    children: dict[bytes, set[bytes]] = {}
+                    for rel in records:
+                        children.setdefault(parent_of(rel), set()).add(rel)
+                    monitor.children, monitor.linked = children, linked
+    except BaseException:
+        if monitor is not None:
+            monitor.invalidate("a snapshot failed half-way")
+        raise
     m = Manifest(ws.root_b, records, taken_ns, tick_ns, stats, tick_dev, window_ns,
                  list(ws.ignore.sources), top)
-    stats.racy = sum(1 for r in records.values() if m.is_racy(r))
+    if examined is not None and previous is not None and tick_dev == previous.tick_dev \
+            and m.racy_ns >= previous.racy_ns and m.racy_other_ns >= previous.racy_other_ns:
+        # a record no event named kept its mtime, under the old tick and so the new one
+        racy = {rel for rel in (monitor.racy | examined)
+                if rel in records and m.is_racy(records[rel])}
+    else:
+        racy = {rel for rel, r in records.items() if m.is_racy(r)}
+    stats.racy = len(racy)
+    if monitor is not None:
+        monitor.racy = racy
+        monitor.finish(m, key)
     stats.seconds = time.perf_counter() - t0
     return m
 
 
+def _monitor_key(ws: Workspace, blobs: BlobStore | None) -> tuple:
+    """What a monitored base must share with the snapshot that reuses it: the patterns,
+    the exclusions, the blob store (and no blob removed from it since)."""
+    return (ws.root_b, tuple(ws.ignore.sources), ws.exclude, blobs,
+            None if blobs is None else blobs.removals)
+
+
+def _examine(ws: Workspace, blobs: BlobStore | None, previous: Manifest | None,
+             rel: bytes, st: os.stat_result, dir_fd: int, name: bytes,
+             stats: SnapshotStats) -> Record | None:
+    """The record of one path the walk reached (None: none, it went or is special)."""
+    m = st.st_mode
+    if stat.S_ISDIR(m):
+        return _record(st)
+    if stat.S_ISLNK(m):
+        try:
+            return _record(st, target=os.readlink(name, dir_fd=dir_fd))
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EINVAL):
+                raise
+            return None  # it went away (or changed type) during the walk
+    if stat.S_ISREG(m):
+        old = previous.records.get(rel) if previous is not None else None
+        if (old is not None and old.kind == FILE and old.same_stat(st)
+                and not previous.is_racy(old) and old.sha256 is not None
+                and (blobs is None or blobs.has(old.sha256))):
+            stats.reused += 1
+            return old if old.mode == stat.S_IMODE(m) and (old.uid, old.gid) == (
+                st.st_uid, st.st_gid) else _record(st, sha256=old.sha256)
+        return _hash_file(ws, rel, dir_fd, name, blobs, stats)
+    stats.skipped.append(rel)
+    return None
+
+
 def _walk_into(ws: Workspace, blobs: BlobStore | None, previous: Manifest | None,
-               records: dict[bytes, Record], stats: SnapshotStats) -> None:
-    prev = previous.records if previous is not None else {}
-    for rel, st, dir_fd, name in _walk_fd(ws, b"", True):
+               records: dict[bytes, Record], stats: SnapshotStats,
+               monitor: WorkspaceMonitor | None = None,
+               linked: dict[bytes, tuple[int, int]] | None = None,
+               start: bytes = b"") -> None:
+    """Walk ``start``'s subtree (b"": all) into ``records`` (arming ``monitor``);
+    ``linked`` collects the files with several links."""
+    for rel, st, dir_fd, name in _walk_fd(ws, start, True, monitor):
         stats.walked += 1
-        m = st.st_mode
-        if stat.S_ISDIR(m):
-            records[rel] = _record(st)
-        elif stat.S_ISLNK(m):
-            try:
-                records[rel] = _record(st, target=os.readlink(name, dir_fd=dir_fd))
-            except OSError as e:
-                if e.errno not in (errno.ENOENT, errno.EINVAL):
-                    raise
-                continue  # it went away (or changed type) during the walk
-        elif stat.S_ISREG(m):
-            old = prev.get(rel)
-            if (old is not None and old.kind == FILE and old.same_stat(st)
-                    and not previous.is_racy(old) and old.sha256 is not None
-                    and (blobs is None or blobs.has(old.sha256))):
-                rec = old if old.mode == stat.S_IMODE(m) and (old.uid, old.gid) == (
-                    st.st_uid, st.st_gid) else _record(st, sha256=old.sha256)
-                stats.reused += 1
-            else:
-                rec = _hash_file(ws, rel, dir_fd, name, blobs, stats)
-                if rec is None:
-                    continue
+        rec = _examine(ws, blobs, previous, rel, st, dir_fd, name, stats)
+        if rec is not None:
             records[rel] = rec
+            if linked is not None and rec.kind == FILE and st.st_nlink > 1:
+                linked[rel] = (st.st_dev, st.st_ino)
+
+
+def _walk_dirty(ws: Workspace, blobs: BlobStore | None, previous: Manifest,
+                records: dict[bytes, Record], stats: SnapshotStats,
+                monitor: WorkspaceMonitor, dirty: set[bytes], subtrees: set[bytes]
+                ) -> set[bytes]:
+    """Bring ``records`` (a copy of ``previous``'s, the monitor's base) up to date by
+    examining only what the monitor's events name, the files with several links and the
+    racy files; the paths examined."""
+    ws.check_root()
+    children, linked = monitor.children, monitor.linked
+    linked_inodes = set(linked.values())
+    ignore = ws.ignore
+    examined: set[bytes] = set()
+    walked_whole: set[bytes] = set()
+    dir_fds: dict[bytes, int | None] = {}
+    heap: list[tuple[int, bytes, bool]] = []
+    for rel in subtrees:
+        heapq.heappush(heap, (depth(rel), rel, True))
+    for rel in dirty | set(linked) | monitor.racy:
+        heapq.heappush(heap, (depth(rel), rel, False))
+
+    def index_add(rel: bytes, rec: Record) -> None:
+        records[rel] = rec
+        children.setdefault(parent_of(rel), set()).add(rel)
+
+    def forget(rel: bytes) -> None:
+        """``rel`` and everything under it leave the manifest (and their watches go)."""
+        old = records.pop(rel, None)
+        sibs = children.get(parent_of(rel))
+        if sibs is not None:
+            sibs.discard(rel)
+        linked.pop(rel, None)
+        monitor.drop_name(rel)
+        if old is not None and old.kind == DIR:
+            stack = [rel]
+            while stack:
+                d = stack.pop()
+                monitor.drop_watch(d)
+                for c in children.pop(d, ()):
+                    r = records.pop(c, None)
+                    linked.pop(c, None)
+                    monitor.drop_name(c)
+                    if r is not None and r.kind == DIR:
+                        stack.append(c)
+
+    def open_dir(rel: bytes) -> int | None:
+        if rel in dir_fds:
+            return dir_fds[rel]
+        fd = None
+        if not rel:
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                fd = os.open(ws.root_b, _DIR_FLAGS)
         else:
-            stats.skipped.append(rel)
+            up = open_dir(parent_of(rel))
+            if up is not None:
+                try:
+                    fd = os.open(rel.rpartition(b"/")[2], _DIR_FLAGS, dir_fd=up)
+                except (FileNotFoundError, NotADirectoryError):
+                    pass
+                except OSError as e:
+                    if e.errno != errno.ELOOP:
+                        raise
+        dir_fds[rel] = fd
+        return fd
+
+    def mark_linked(rel: bytes, ident: tuple[int, int]) -> None:
+        """``rel`` has several links: re-examined every round from now on (sticky while
+        it is that inode); when the inode is new to that list, its other names here
+        (which no event named) are examined this round too (one pass over the records)."""
+        if ident not in linked_inodes:
+            linked_inodes.add(ident)
+            for other, r in records.items():
+                if r.kind == FILE and (r.dev, r.ino) == ident and other != rel:
+                    linked[other] = ident
+                    if other not in examined:
+                        heapq.heappush(heap, (depth(other), other, False))
+        linked[rel] = ident
+
+    def note_links(rel: bytes, st: os.stat_result) -> None:
+        ident = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 or linked.get(rel) == ident:
+            mark_linked(rel, ident)
+        else:
+            linked.pop(rel, None)
+
+    try:
+        while heap:
+            _d, rel, whole = heapq.heappop(heap)
+            if any(a in walked_whole for a in _ancestors(rel)) or rel in walked_whole:
+                continue  # walked whole already this round
+            if not whole and rel in examined:
+                continue
+            examined.add(rel)
+            up = parent_of(rel)
+            name = rel.rpartition(b"/")[2]
+            parent = records.get(up) if up else None
+            dfd = open_dir(up) if not up or (parent is not None and parent.kind == DIR) \
+                else None
+            st = None
+            if dfd is not None:
+                monitor.arm_name(dfd, name, rel)
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                stats.walked += 1
+            if st is None:
+                forget(rel)
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if is_temp_name(name) or (ignore and ignore.ignored_here(rel, is_dir)) or (
+                    ws.exclude and ws.excluded(rel)):
+                forget(rel)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    note_links(rel, st)  # an ignored name of a tracked file
+                    linked.pop(rel, None)
+                continue
+            old = records.get(rel)
+            if is_dir:
+                if whole or old is None or old.kind != DIR or (old.ino, old.dev) != (
+                        st.st_ino, st.st_dev) or not monitor.is_armed(rel):
+                    forget(rel)
+                    index_add(rel, _record(st))
+                    walked: dict[bytes, Record] = {}
+                    found: dict[bytes, tuple[int, int]] = {}
+                    _walk_into(ws, blobs, previous, walked, stats, monitor, found, rel)
+                    for r, rec in walked.items():
+                        index_add(r, rec)
+                    examined.update(walked)
+                    for r, ident in found.items():
+                        mark_linked(r, ident)
+                    walked_whole.add(rel)
+                else:
+                    index_add(rel, _record(st))
+                continue
+            if old is not None and old.kind == DIR:
+                forget(rel)
+            rec = _examine(ws, blobs, previous, rel, st, dfd, name, stats)
+            if rec is None:
+                forget(rel)
+                continue
+            index_add(rel, rec)
+            if rec.kind == FILE:
+                note_links(rel, st)
+            else:
+                linked.pop(rel, None)
+    finally:
+        for fd in dir_fds.values():
+            if fd is not None:
+                os.close(fd)
+    return examined
+
+
+def _ancestors(rel: bytes) -> Iterator[bytes]:
+    cut = rel.rfind(b"/")
+    while cut > 0:
+        rel = rel[:cut]
+        yield rel
+        cut = rel.rfind(b"/")
 
 
 def _hash_file(ws: Workspace, rel: bytes, dir_fd: int, name: bytes,

@@ -1,0 +1,341 @@
+"""watch()'s change monitor (walstore/files/monitor.py): a monitored snapshot equals a full
+walk, costs what changed, falls back to the full walk when inotify cannot be trusted.
+
+Real files, real subprocesses making the changes inside ``watch()``; the monitored
+manifest the store keeps is compared with a fresh full walk, and rollbacks with a copy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+from walstore.files import Workspace
+from walstore.files.monitor import FULL_WALK_ENV, available
+from walstore.files.watch import snapshot
+
+from files_support import TreeSnapshot, assert_tree_equal, tree_state
+
+pytestmark = pytest.mark.skipif(not available(), reason="inotify (Linux) only")
+
+IGNORE = ["*.log", "build/"]
+
+# the subprocess that changes the tree: a JSON list of [op, args...] on argv
+CHANGER = r"""
+import json, os, shutil, sys
+root, ops = sys.argv[1], json.loads(sys.argv[2])
+os.chdir(root)
+
+
+def run(op, *a):
+    if op == "write":
+        with open(a[0], "w") as f: f.write(a[1])
+    elif op == "append":
+        with open(a[0], "a") as f: f.write(a[1])
+    elif op == "rm":
+        os.unlink(a[0])
+    elif op == "rmtree":
+        shutil.rmtree(a[0])
+    elif op == "mv":
+        os.rename(a[0], a[1])
+    elif op == "mkdir":
+        os.makedirs(a[0], exist_ok=True)
+    elif op == "chmod":
+        os.chmod(a[0], int(a[1], 8))
+    elif op == "symlink":
+        os.symlink(a[1], a[0])
+    elif op == "link":
+        os.link(a[0], a[1])
+    elif op == "file_to_dir":
+        os.unlink(a[0]); os.mkdir(a[0])
+        with open(os.path.join(a[0], "inside"), "w") as f: f.write(a[1])
+    elif op == "many":
+        for i in range(int(a[1])):
+            with open(os.path.join(a[0], "m%d" % i), "w") as f: f.write(str(i))
+
+
+for op in ops:
+    try:
+        run(*op)
+    except OSError:
+        pass  # (a random op that cannot be done here: a dir moved into itself, ...)
+"""
+
+
+def change(root: str, ops: list) -> None:
+    subprocess.run([sys.executable, "-c", CHANGER, root, json.dumps(ops)], check=True)
+
+
+def kept_manifest(s: walstore.Store, root: str):
+    """The manifest the store keeps for the workspace (the monitored one, read only)."""
+    return s._files._manifests[os.fsencode(os.path.realpath(root))]
+
+
+def assert_same_as_full_walk(m, root: str) -> None:
+    full = snapshot(Workspace(root, IGNORE), None)
+    assert m.records.keys() == full.records.keys(), (
+        sorted(m.records.keys() ^ full.records.keys())[:10])
+    bad = [(k, m.records[k], full.records[k]) for k in m.records
+           if m.records[k] != full.records[k]]
+    assert not bad, bad[:3]
+
+
+def tracked_state(root: str) -> dict:
+    """The tree's state less its ignored paths (a rollback leaves those alone)."""
+    return {rel: v for rel, v in tree_state(root).items()
+            if not (rel == b"build" or rel.startswith(b"build/") or rel.endswith(b".log"))}
+
+
+def _tree(root: str) -> tuple[list[str], list[str]]:
+    files, dirs = [], []
+    for d, dns, fns in os.walk(root):
+        rd = os.path.relpath(d, root)
+        if rd.startswith("build") or rd.startswith("store"):
+            continue
+        for n in fns:
+            if not n.endswith(".log"):
+                files.append(os.path.normpath(os.path.join(rd, n)))
+        for n in dns:
+            if not os.path.islink(os.path.join(d, n)) and not (rd == "." and n == "build"):
+                dirs.append(os.path.normpath(os.path.join(rd, n)))
+    return sorted(files), sorted(dirs)
+
+
+def random_ops(rng: random.Random, root: str, outside: str, k: int) -> list:
+    ops = []
+    files, dirs = _tree(root)
+    files = [f for f in files if not os.path.islink(os.path.join(root, f))]
+    for _ in range(rng.randint(1, 8)):
+        k += 1
+        where = rng.choice(dirs + ["."])
+        new = os.path.normpath(os.path.join(where, f"n{k}"))
+        choice = rng.randrange(14)
+        if choice == 0 or not files:
+            ops.append(["write", new, f"new {k}"])
+            files.append(new)
+        elif choice == 1:
+            ops.append(["append", rng.choice(files), f" more {k}"])
+        elif choice == 2:
+            f = rng.choice(files)
+            ops.append(["rm", f])
+            files.remove(f)
+        elif choice == 3:
+            f = rng.choice(files)
+            ops.append(["mv", f, new])
+            files[files.index(f)] = new
+        elif choice == 4:
+            ops.append(["mkdir", new])
+            ops.append(["write", new + "/x", "x"])
+        elif choice == 5 and dirs:
+            d = rng.choice(dirs)
+            ops.append(["rmtree", d])
+            return ops  # (the lists are stale after it)
+        elif choice == 6 and dirs:
+            ops.append(["mv", rng.choice(dirs), new])
+            return ops
+        elif choice == 7:
+            ops.append(["chmod", rng.choice(files), rng.choice(["600", "755", "644"])])
+        elif choice == 8:
+            ops.append(["symlink", new, rng.choice(files)])
+        elif choice == 9:
+            ops.append(["link", rng.choice(files), new])
+        elif choice == 10:
+            # a hard link OUTSIDE the tree, written through at once and in later rounds
+            f = rng.choice(files)
+            out = os.path.join(outside, f"o{k}")
+            ops.append(["link", os.path.join(root, f), out])
+            ops.append(["append", out, f" outside {k}"])
+        elif choice == 11:
+            f = rng.choice(files)
+            ops.append(["file_to_dir", f, f"was a file {k}"])
+            return ops
+        elif choice == 12:
+            ops.append(["write", os.path.join(rng.choice(["build", "."]), f"i{k}.log"), "log"])
+        else:
+            outs = sorted(os.listdir(outside))
+            if outs:
+                ops.append(["append", os.path.join(outside, rng.choice(outs)), f" o{k}"])
+    return ops
+
+
+@pytest.mark.parametrize("seed", [20261203, 7, 99])
+def test_monitored_watch_equals_full_walk_and_rolls_back_exactly(tmp_path, seed):
+    root, outside = str(tmp_path / "ws"), str(tmp_path / "outside")
+    os.makedirs(root + "/a/b")
+    os.makedirs(root + "/build")
+    os.mkdir(outside)
+    for i in range(30):
+        with open(f"{root}/{['a', 'a/b', '.'][i % 3]}/f{i}", "w") as f:
+            f.write(f"file {i}\n")
+    rng = random.Random(seed)
+    k = 0
+    modes = []
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root, ignore=IGNORE)
+        for rnd in range(40):
+            roll_back = rnd % 4 == 3
+            copy = str(tmp_path / f"copy{rnd}")
+            if roll_back:
+                shutil.copytree(root, copy, symlinks=True)
+                before = tracked_state(root)
+            ops = random_ops(rng, root, outside, k)
+            k += 20
+            try:
+                with s.transaction() as tx:
+                    with tx.files(ws).watch():
+                        change(root, ops)
+                    m1 = kept_manifest(s, root)
+                    modes.append(m1.stats.mode)
+                    assert_same_as_full_walk(m1, root)
+                    if roll_back:
+                        raise RuntimeError("roll back")
+            except RuntimeError:
+                pass
+            if roll_back:
+                assert_tree_equal(tracked_state(root), before)
+                assert_tree_equal(tracked_state(root), tracked_state(copy))
+                # the rollback's own writes are events too: the next round sees them
+                shutil.rmtree(copy)
+        assert modes.count("incremental") >= 30, modes
+
+
+def test_changes_through_links_that_no_directory_event_names(tmp_path):
+    """A write through a hard link made OUTSIDE the workspace (in the same block), and
+    through a second name of an in-tree file, reach no event of the file's directory:
+    the monitor watches each file's own inode too."""
+    root, outside = str(tmp_path / "ws"), str(tmp_path / "outside")
+    os.makedirs(root + "/d")
+    os.mkdir(outside)
+    for name in ("out", "d/a", "quiet"):
+        with open(f"{root}/{name}", "w") as f:
+            f.write(name)
+    before = tracked_state(root)
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root, ignore=IGNORE)
+        with s.transaction() as tx:  # (arms the monitor)
+            with tx.files(ws).watch():
+                pass
+        with pytest.raises(RuntimeError):
+            with s.transaction() as tx:
+                with tx.files(ws).watch() as w:
+                    change(root, [["link", f"{root}/out", f"{outside}/g"],
+                                  ["append", f"{outside}/g", " via outside"],
+                                  ["link", "d/a", "b"], ["append", "b", " via b"]])
+                m1 = kept_manifest(s, root)
+                assert m1.stats.mode == "incremental"
+                assert sorted(str(c) .split()[-1] for c in w.changes) == ["b", "d/a", "out"]
+                assert_same_as_full_walk(m1, root)
+                raise RuntimeError("roll back")
+        assert_tree_equal(tracked_state(root), before)
+        # later rounds: the inode stays watched, a write through ``g`` alone is seen
+        with s.transaction() as tx:
+            with tx.files(ws).watch() as w:
+                change(root, [["link", f"{root}/out", f"{outside}/h"],
+                              ["append", f"{outside}/h", " later"]])
+        assert [str(c).split()[-1] for c in w.changes] == ["out"]
+        with s.transaction() as tx:
+            with tx.files(ws).watch() as w:
+                change(root, [["append", f"{outside}/h", " and again"]])
+        assert [str(c).split()[-1] for c in w.changes] == ["out"]
+        assert_same_as_full_walk(kept_manifest(s, root), root)
+
+
+def test_one_file_change_in_20000_files_examines_a_few_paths(tmp_path):
+    root = str(tmp_path / "ws")
+    for d in range(100):
+        os.makedirs(f"{root}/d{d}")
+        for i in range(200):
+            with open(f"{root}/d{d}/f{i}", "w") as f:
+                f.write(f"{d}/{i}")
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        costs = []
+        for rnd in range(3):
+            with s.transaction() as tx:
+                with tx.files(ws).watch():
+                    begin = kept_manifest(s, root).stats
+                    change(root, [["append", f"d{rnd}/f{rnd}", " changed"]])
+                end = kept_manifest(s, root).stats
+            costs.append((begin.mode, begin.walked, end.mode, end.walked))
+        assert costs[0][:2] == ("full", 20100)  # the first snapshot in a process
+        for b_mode, b_walked, e_mode, e_walked in [costs[0][2:] * 2] + costs[1:]:
+            assert (b_mode, e_mode) == ("incremental", "incremental"), costs
+            assert b_walked <= 4 and e_walked <= 4, costs
+
+
+def test_queue_overflow_falls_back_to_a_full_walk_and_stays_exact(tmp_path):
+    with open("/proc/sys/fs/inotify/max_queued_events") as f:
+        queue = int(f.read())
+    root = str(tmp_path / "ws")
+    os.makedirs(root + "/many")
+    with open(root + "/keep", "w") as f:
+        f.write("keep")
+    before = TreeSnapshot(root)
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as tx:  # (arms the monitor)
+            with tx.files(ws).watch():
+                pass
+        with pytest.raises(RuntimeError):
+            with s.transaction() as tx:
+                with tx.files(ws).watch():
+                    # each file: IN_CREATE, IN_MODIFY, IN_CLOSE_WRITE at least
+                    change(root, [["many", "many", str(queue // 2)], ["rm", "keep"]])
+                m1 = kept_manifest(s, root)
+                assert m1.stats.mode == "full"
+                assert "overflow" in m1.stats.full_walk_reason
+                assert len(m1.records) == queue // 2 + 1
+                assert_same_as_full_walk(m1, root)
+                raise RuntimeError("roll back")
+        before.assert_same()
+
+
+def test_escape_hatch_forces_the_full_walk(tmp_path, monkeypatch):
+    monkeypatch.setenv(FULL_WALK_ENV, "1")
+    root = str(tmp_path / "ws")
+    os.makedirs(root)
+    with open(root + "/f", "w") as f:
+        f.write("f")
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        for rnd in range(3):
+            with s.transaction() as tx:
+                with tx.files(ws).watch():
+                    change(root, [["append", "f", str(rnd)]])
+                m1 = kept_manifest(s, root)
+                assert m1.stats.mode == "walk" and m1.stats.walked == 1
+                assert_same_as_full_walk(m1, root)
+        assert not s._files._monitors
+
+
+def _inotify_fds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                n += 1
+        except OSError:
+            pass
+    return n
+
+
+def test_no_inotify_descriptor_leaks_over_50_open_close_cycles(tmp_path):
+    root = str(tmp_path / "ws")
+    os.makedirs(root)
+    baseline_fds, baseline_inotify = len(os.listdir("/proc/self/fd")), _inotify_fds()
+    for cycle in range(50):
+        with walstore.open(str(tmp_path / "store"), durability="none") as s:
+            ws = s.workspace(root)
+            for _ in range(2):
+                with s.transaction() as tx:
+                    with tx.files(ws).watch():
+                        change(root, [["write", f"f{cycle}", "x"]])
+            assert _inotify_fds() == baseline_inotify + 1
+        assert _inotify_fds() == baseline_inotify
+    assert len(os.listdir("/proc/self/fd")) <= baseline_fds
