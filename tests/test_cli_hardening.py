@@ -409,6 +409,32 @@ def test_prefix_takes_the_key_syntax(store_path):
     assert [i["key"] for i in items] == ["hex:00"]
 
 
+def test_an_empty_but_typed_prefix_keeps_its_type_as_the_api_does(store_path):
+    """``--prefix str:`` is the str prefix '' (every str key, as ``store.scan(prefix="")``)
+    and ``hex:``/``b64:`` the bytes prefix b'' (every bytes key, as ``prefix=b""``); a bare
+    '' is no prefix, every key.  (Both typed ones listed str and bytes keys alike:
+    probe-docs.)  The verbs whose prefix erases or limits an undo refuse an empty one, typed
+    or not, as the core does (EmptyArgumentError): exit 2, nothing changed."""
+    cli("put", store_path, "text", "1")
+    cli("put", store_path, "hex:0072", "2")
+    with walstore.open(store_path) as s:
+        api_str = [k for k, _ in s.scan(prefix="")]
+        api_bytes = [k for k, _ in s.scan(prefix=b"")]
+    assert api_str == ["text"] and api_bytes == [b"\x00r"]
+
+    def keys(*prefix: str) -> list:
+        return [i["key"] for i in strict(cli("scan", store_path, *prefix, "--json").stdout)["items"]]
+    assert keys("--prefix", "str:") == keys("--prefix", 'json:""') == ["text"]
+    assert keys("--prefix", "hex:") == keys("--prefix", "b64:") == [{"base64": "AHI="}]
+    assert keys("--prefix", "") == keys() == [{"base64": "AHI="}, "text"]
+    for empty in ("", "str:", "hex:", "b64:"):
+        assert "bad key" in one_line(cli("purge", store_path, empty, "--yes", code=2))
+        assert "bad key" in one_line(cli("rewind", store_path, "--to", "tx:1", "--scope",
+                                         empty, code=2))
+    with walstore.open(store_path) as s:
+        assert s["text"] == 1 and s[b"\x00r"] == 2
+
+
 @pytest.mark.parametrize("bad", ["hex:zz", "hex:0", "hex:00 ff", "b64:AP8", "b64:!!!!",
                                  "b64:AP8=\n"])
 def test_malformed_bytes_keys_are_usage_errors_everywhere(store_path, bad):

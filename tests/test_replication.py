@@ -403,7 +403,7 @@ def test_cli_restore_and_replicate_once(replica, tmp_path):
                 assert os.stat(os.path.join(d, f)).st_mode & 0o777 == 0o600, f
     res = run_cli("restore", replica.url, str(tmp_path / "r3"), "--to", "2001-01-01T00:00:00Z",
                   *replica.cli_args())
-    assert res.exit_code == 1 and "before the first commit" in res.output
+    assert res.exit_code == 2 and "before the first commit" in res.output  # names nothing
     res = run_cli("restore", replica.url, str(tmp_path / "r4"), "--to", "2001-01-01T00:00:00",
                   *replica.cli_args())
     assert res.exit_code == 2

@@ -235,8 +235,32 @@ def test_a_time_between_a_fresh_stores_restore_point_and_its_first_commit(tmp_pa
     walstore.restore(url, str(tmp_path / "d"), to=t)
     with walstore.open(str(tmp_path / "d")) as r:
         assert list(r.scan()) == [] and list(r.restore_points()) == ["zero"]
-    with pytest.raises(walstore.ReplicationError, match="before the first commit"):
+    with pytest.raises(walstore.UnknownRestorePoint, match="before the first commit"):
         walstore.restore(url, str(tmp_path / "d2"), to=before)
+
+
+def test_a_time_before_every_record_names_nothing_as_other_unknown_points_do(tmp_path):
+    """A time before the replica's first record names no state it has: like a txid past
+    its end or an unknown name, ``UnknownRestorePoint`` (a ``walstore.UnknownPoint``, a
+    ``KeyError``), nothing restored, and exit 2 on the CLI (it was a plain
+    ``ReplicationError``, exit 1: probe-docs)."""
+    url = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=url) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+    early = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    for to in (999, "nope", early):
+        with pytest.raises(walstore.UnknownPoint) as caught:
+            walstore.restore(url, str(tmp_path / "d"), to=to)
+        assert isinstance(caught.value, (walstore.UnknownRestorePoint, KeyError))
+        assert not os.path.exists(tmp_path / "d")
+    res = subprocess.run([sys.executable, "-m", "walstore", "restore", url,
+                          str(tmp_path / "cli"), "--to", "2000-01-01T00:00:00Z"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "before the first commit" in res.stderr and "Traceback" not in res.stderr
+    assert not os.path.exists(tmp_path / "cli")
 
 
 # ---- 6. a dropped restore point ------------------------------------------------------

@@ -91,14 +91,16 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
 
 @main.command()
 @PATH
-@click.option("--prefix", type=PREFIX, default=None, help="Only keys starting with this KEY.")
+@click.option("--prefix", type=PREFIX, default=None,
+              help="Only keys starting with this KEY (str: every str key, hex: every bytes key).")
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @JSON
 def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool) -> None:
     """Keys and values in key order."""
     rows = []
     with open_store(path, readonly=True) as store:
-        for k, v in store.scan(prefix=prefix if prefix else None):
+        # (None: every key; a typed empty prefix, '' or b'', every str or every bytes key)
+        for k, v in store.scan(prefix=prefix):
             rows.append((k, v))
             if limit and len(rows) >= limit:
                 break

@@ -446,14 +446,20 @@ def show_gid(gid: str) -> str:
 class KeyType(click.ParamType):
     """A KEY on the command line: parsed (:func:`parse_key`) and checked as walstore checks
     a key (not empty, at most MAX_KEY_BYTES, valid UTF-8), so a bad one is a usage error
-    (exit 2) before the store is opened.  ``allow_empty``: '' means "no prefix" (scan)."""
+    (exit 2) before the store is opened.  ``allow_empty`` (scan's ``--prefix``): a bare ''
+    is no prefix (None: every key), while an empty but typed prefix stays what it names, as
+    in the Python call it stands for: ``str:`` (or ``json:""``) the str prefix '' (every str
+    key), ``hex:``/``b64:`` the bytes prefix b'' (every bytes key).  (Both became "no
+    prefix", listing str and bytes keys alike: probe-docs.)"""
 
     name = "KEY"
 
     def __init__(self, allow_empty: bool = False) -> None:
         self.allow_empty = allow_empty
 
-    def convert(self, value: Any, param: Any, ctx: Any) -> str | bytes:
+    def convert(self, value: Any, param: Any, ctx: Any) -> str | bytes | None:
+        if self.allow_empty and value == "":
+            return None
         key = parse_key(value) if isinstance(value, str) else value
         if self.allow_empty and not key:
             return key
@@ -465,7 +471,7 @@ class KeyType(click.ParamType):
 
 
 KEY = KeyType()
-PREFIX = KeyType(allow_empty=True)  # scan --prefix: '' is every key
+PREFIX = KeyType(allow_empty=True)  # scan --prefix: '' is every key, str:/hex: every str/bytes key
 
 
 # ---- points ----------------------------------------------------------------------------------

@@ -431,7 +431,10 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     chunk, an action's result) lying between is kept; nothing stamped later is.  With no
     commit at or before ``to``, the cut starts at the first stamped record if it is at or
     before ``to`` (a restore point made on a fresh store before its first commit: the copy
-    holds it, as a restore to its name does); refused when nothing is.
+    holds it, as a restore to its name does); when nothing is, the time names no state
+    the replica has: ``UnknownRestorePoint`` (an ``UnknownPoint``, exit 2 on the CLI), as
+    a txid or a time past the replica's end is (it was a plain ``ReplicationError``,
+    exit 1, probe-docs).
 
     Stamps are compared with ``to`` at a datetime's resolution, the microsecond (a stamp
     read as the datetime ``datetime.fromtimestamp`` makes of it): a commit's own time
@@ -465,9 +468,9 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
             continue
         break
     if kept is None:
-        raise ReplicationError(f"{to.isoformat()} is before the first commit the replica "
-                               f"holds (and before any restore point or action logged ahead "
-                               f"of it)")
+        raise UnknownRestorePoint(f"{to.isoformat()} is before the first commit the replica "
+                                  f"holds (and before any restore point or action logged "
+                                  f"ahead of it): it names no state the replica has", to)
     return kept, f"the last record at or before {to.isoformat()}"
 
 
