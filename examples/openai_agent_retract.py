@@ -11,7 +11,7 @@ API key.  Everything else is the real SDK: ``Runner.run`` with a ``WalstoreSessi
 2. Turn 2: "Book me 2 nights in Oslo".  The model calls ``book_hotel`` with 3 nights and
    answers "booked 3 nights".  The tool registered the booking as a walstore action with
    the compensation ``cancel_booking``, declared in the session's scope.
-3. The wrong answer is noticed: ``session.rewind("before-turn-2")`` retracts the turn's
+3. The wrong answer is noticed: ``await session.rewind("before-turn-2")`` retracts the turn's
    items (the user message, the tool call, its output, the answer) and cancels the booking
    at the hotel; the session's own record of it is gone too.
 4. Turn 2 again, answered right this time.

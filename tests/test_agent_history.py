@@ -286,6 +286,18 @@ def test_a_revert_can_itself_be_reverted(store):
     assert sorted(ei.value.txids) == sorted([r1.txid, r2.txid])
 
 
+def test_a_txid_out_of_range_names_the_range_the_log_can_hold(store):
+    """A txid no commit can have is refused naming the range: 1 to 2**63 - 1 (the log
+    refuses a larger one as corruption, FORMAT.md); the message said 2**64 - 1."""
+    commit(store, None, a=1)
+    for bad in (0, 2**63, 2**64):
+        with pytest.raises(walstore.UnknownPoint, match=f"from 1 to {2**63 - 1},"):
+            store.at(bad)
+        with pytest.raises(walstore.UnknownPoint, match=f"from 1 to {2**63 - 1},"):
+            store.revert(bad)
+    assert state(store) == {"a": 1}
+
+
 def test_revert_unknown_txid(store):
     commit(store, None, a=1)
     with pytest.raises(KeyError):

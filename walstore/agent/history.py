@@ -21,6 +21,7 @@ from ..codec import Key, decode_key, encode_key, unpack_value
 from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, PointTypeError,
                       ReadOnlyError, TrimmedOrUnknownPoint, UnknownPoint)
 from ..log.format import RecordType
+from ..log.records import MAX_TXID as LOGGED_TXID_LIMIT
 from ..engine import tables
 from ..engine.snapshot import SnapshotTooOld
 from ..engine.transaction import scan_bounds
@@ -140,14 +141,16 @@ def _merged(rows: Iterator[tuple[bytes, Any]], extra: list[bytes], reverse: bool
         yield x, None
 
 
-MAX_TXID = (1 << 64) - 1
+MAX_TXID = LOGGED_TXID_LIMIT - 1  # 2**63 - 1: the log holds no larger transaction id
 
 
 def check_txid(txid: int) -> int:
-    """A txid walstore could have given (1 .. 2**64 - 1), else UnknownPoint naming it."""
+    """A txid walstore could have given (1 .. 2**63 - 1: a writer counts from 1, and a
+    record with a txid of 2**63 or more is refused as corruption, see FORMAT.md), else
+    UnknownPoint naming it.  (The message said 2**64 - 1, which no commit can have.)"""
     if not 1 <= txid <= MAX_TXID:
         raise UnknownPoint(f"txid {txid} names no transaction (txids run from 1 to "
-                           f"{MAX_TXID})", txid)
+                           f"{MAX_TXID}, 2**63 - 1)", txid)
     return txid
 
 
