@@ -168,6 +168,94 @@ def test_the_time_complete_to_shows_is_accepted(tmp_path):
         walstore.restore(url, str(tmp_path / "r2"), to=shown + dt.timedelta(microseconds=1))
 
 
+_STALLING_WRITER = r"""
+import os, sys, threading, time, walstore
+path, flag = sys.argv[1], sys.argv[2]
+def slowed(real):
+    def call(fd):
+        if os.path.exists(flag):
+            try:
+                where = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                where = ""
+            if "/wal" in where:
+                time.sleep(3.0)  # (a WAL fsync stalls: later commits wait in the buffer)
+        return real(fd)
+    return call
+os.fsync, os.fdatasync = slowed(os.fsync), slowed(os.fdatasync)
+s = walstore.open(path)
+for i in range(3):
+    with s.transaction() as tx:
+        tx.put(f"pre{i}", i)
+print("ready", flush=True)
+sys.stdin.readline()
+open(flag, "w").close()
+ids = {}
+def commit(name):
+    with s.transaction() as tx:
+        tx.put(name, 1)
+    ids[name] = tx.id
+leader = threading.Thread(target=commit, args=("leader",))
+leader.start()
+time.sleep(0.3)
+victim = threading.Thread(target=commit, args=("victim",))  # stamped, then buffered
+victim.start()
+leader.join(); victim.join()
+os.unlink(flag)
+print("victim", s.txn_info(ids["victim"]).timestamp, flush=True)
+sys.stdin.readline()
+s.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_shipper_outside_the_writer_never_vouches_for_a_commit_it_has_not_seen(tmp_path):
+    """``walstore replicate`` (a shipper in another process than the writer) took every
+    commit stamped a second ago to be in the writer's files: a commit waiting in the
+    group commit's buffer while an fsync stalled longer was not, and ``complete_to``
+    vouched for it — a restore to that time silently lacked it (probe-review39).  With a
+    live writer it vouches up to the newest commit in the files now; with none, up to
+    now."""
+    from walstore.replication.shipper import Shipper
+    from walstore.replication.source import DirectorySource
+    path, url, flag = str(tmp_path / "s"), f"file://{tmp_path}/rep", str(tmp_path / "stall")
+    w = subprocess.Popen([sys.executable, "-c", _STALLING_WRITER, path, flag],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    shipper = None
+    try:
+        assert w.stdout.readline().startswith("ready")
+        shipper = Shipper(DirectorySource(path), url,
+                          ReplicateOptions.from_any({"interval": 0.05, "complete_every": 0}))
+        shipper.start()
+        time.sleep(0.5)
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        time.sleep(2.2)  # (inside the 3 s stall: the victim was stamped 0.3 s into it)
+        during = _manifest_doc(url).get("complete_to")
+        victim_stamp = float(w.stdout.readline().split()[1])
+        assert during is not None
+        assert during < victim_stamp, (
+            f"complete_to {during} vouched for a commit stamped {victim_stamp} that was "
+            f"not in the writer's files")
+        w.stdin.write("\n")
+        w.stdin.flush()
+        assert w.stdout.readline().startswith("closed")
+        closed_at = time.time()
+        deadline = time.monotonic() + 30  # (no writer now: up to the present)
+        while (_manifest_doc(url).get("complete_to") or 0) < closed_at:
+            assert time.monotonic() < deadline, _manifest_doc(url).get("complete_to")
+            time.sleep(0.05)
+    finally:
+        if shipper is not None:
+            shipper.stop()
+        w.kill()
+        w.wait()
+    walstore.restore(url, str(tmp_path / "r"),
+                     to=dt.datetime.fromtimestamp(closed_at, dt.timezone.utc))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert {k for k, _v in r.scan()} == {"pre0", "pre1", "pre2", "leader", "victim"}
+
+
 def test_replicas_says_how_far_the_replica_is_complete(tmp_path):
     url = f"file://{tmp_path}/rep"
     one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05}).close()

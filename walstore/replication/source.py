@@ -26,11 +26,10 @@ from typing import Callable, Protocol, runtime_checkable
 import lmdb
 
 from .. import fileio
-from ..engine.layout import Layout
+from ..engine.layout import Layout, writer_alive
 from ..log.segment import create_segment, list_segments
 from . import logformat
 
-OTHER_PROCESS_SLACK = 1.0  # a commit stamped this long ago is in another process's log file
 
 _U64 = struct.Struct(">Q")
 FILE_MODE, DIR_MODE = fileio.FILE_MODE, fileio.DIR_MODE
@@ -98,6 +97,10 @@ class DirectorySource:
         self._tail_off = logformat.HEADER_SIZE
         self._tail_lsn = 0
         self._synced_seen = 0
+        # commit stamps seen in the last segment: the newest at or below the durable
+        # frontier, and (end, stamp) of those past it (see complete_mark)
+        self._durable_stamp: float | None = None
+        self._stamps_ahead: list[tuple[int, float]] = []
         self._durable = 0
         self._applied_floor: int | None = None  # LMDB's applied LSN, read once (below)
         self.pin: int | None = None
@@ -137,6 +140,11 @@ class DirectorySource:
                         self._tail_lsn = rec.end
                         self._synced_seen = max(self._synced_seen, rec.synced)
                         moved = True
+                        if rec.type == logformat.COMMIT:
+                            ts = logformat.summarize(rec.type,
+                                                     logformat.payload(mm, rec)).get("ts")
+                            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                                self._stamps_ahead.append((rec.end, float(ts)))
                     if self._tail_off < len(mm) and mm[self._tail_off] != 0:
                         self._refuse_if_corrupt(path, start)
                     self._refuse_if_short_of_applied(path)
@@ -149,18 +157,41 @@ class DirectorySource:
                 self._durable = max(self._durable, start, min(self._synced_seen, self._tail_lsn))
                 if self.fsync:
                     self._durable = max(self._durable, self._tail_lsn)
+                self._note_durable_stamps()
                 return self._durable
             except ValueError:
                 return self._durable
             finally:
                 os.close(fd)
 
+    def _note_durable_stamps(self) -> None:
+        """Fold the stamps of commits now below the durable frontier (caller holds the
+        lock)."""
+        ahead, d = self._stamps_ahead, self._durable
+        while ahead and ahead[0][0] <= d:
+            self._durable_stamp = ahead.pop(0)[1]
+
     def complete_mark(self) -> tuple[float, int] | None:
         """(time, LSN): every commit stamped at or before the time lies below the LSN
-        (what a time restore may trust once the replica reaches the LSN).  Another
-        process's log: the time ``OTHER_PROCESS_SLACK`` ago against what its files hold
-        durably (a commit stamped that long ago is in its file)."""
-        return time.time() - OTHER_PROCESS_SLACK, self.durable_lsn()
+        (what a time restore may trust once the replica reaches the LSN), read from outside
+        the writer.  With no writer running, now against what the files hold (a writer
+        that closed since wrote out every commit it had stamped).  With a live writer, the
+        stamp of the newest commit below the durable frontier: the writer stamps and
+        appends each commit under one lock, so a commit not in its files yet (one waiting
+        in its group commit's buffer while an fsync is slow) was stamped later.  (A fixed
+        slack — "stamped a second ago, so it is in the file" — was wrong whenever an fsync
+        took longer: a restore to a time complete_to vouched for lacked a commit stamped
+        before it, probe-review39.)  None when no commit was seen yet."""
+        t = time.time()
+        alive = writer_alive(self.layout)
+        end = self.durable_lsn()
+        if not alive:
+            return t, end
+        with self._lock:
+            stamp = self._durable_stamp
+        if stamp is None:
+            return None
+        return stamp, end
 
     def _lmdb_applied(self) -> int:
         """LMDB's applied LSN now (0 when it cannot be read: the snapshot says why)."""
