@@ -339,3 +339,34 @@ def test_no_inotify_descriptor_leaks_over_50_open_close_cycles(tmp_path):
             assert _inotify_fds() == baseline_inotify + 1
         assert _inotify_fds() == baseline_inotify
     assert len(os.listdir("/proc/self/fd")) <= baseline_fds
+
+
+def test_a_tree_past_the_watch_budget_is_walked_and_lets_its_watches_go(tmp_path,
+                                                                         monkeypatch):
+    """One inotify watch per directory and per tracked path: a tree that would take
+    more than a quarter of the user's fs.inotify.max_user_watches is walked instead (an
+    editor's or a build tool's watcher fails when the user's budget is spent), and the
+    watches taken before the budget ran out are let go at once."""
+    from walstore.files import monitor
+    monkeypatch.setattr(monitor, "_budget", 20)
+    root = str(tmp_path / "ws")
+    os.makedirs(root + "/d")
+    for i in range(40):
+        with open(f"{root}/d/f{i}", "w") as f:
+            f.write(str(i))
+    before = TreeSnapshot(root)
+    baseline = _inotify_fds()
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        for rnd in range(2):
+            with pytest.raises(RuntimeError):
+                with s.transaction() as tx:
+                    with tx.files(ws).watch():
+                        change(root, [["append", "d/f3", "more"], ["rm", "d/f7"]])
+                    m1 = kept_manifest(s, root)
+                    assert m1.stats.mode in ("full", "walk"), m1.stats.mode
+                    assert "max_user_watches" in m1.stats.full_walk_reason
+                    assert_same_as_full_walk(m1, root)
+                    assert _inotify_fds() == baseline  # (let go, not held for nothing)
+                    raise RuntimeError("roll back")
+            before.assert_same()

@@ -34,11 +34,16 @@ import os
 import struct
 import sys
 
-__all__ = ["WorkspaceMonitor", "available", "forced_full_walk", "MAX_DIRTY",
+__all__ = ["WorkspaceMonitor", "available", "forced_full_walk", "watch_budget", "MAX_DIRTY",
            "FULL_WALK_ENV"]
 
 FULL_WALK_ENV = "WALSTORE_WATCH_FULL_WALK"
 MAX_DIRTY = 100_000  # dirty paths past which a round is a full walk (bounded memory)
+# A monitor holds at most this share of the user's inotify watches (one per directory and
+# per tracked path): a larger tree is walked instead, leaving the rest to the user's other
+# watchers (an editor's, a build tool's), which fail when the budget is spent
+WATCH_SHARE = 4  # a quarter of fs.inotify.max_user_watches
+_MAX_USER_WATCHES = "/proc/sys/fs/inotify/max_user_watches"
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
@@ -85,6 +90,22 @@ def _load_libc():
         lib.inotify_rm_watch.restype = ctypes.c_int
         _libc = lib
     return _libc
+
+
+_budget: int | None = None
+
+
+def watch_budget() -> int:
+    """The most watches one monitor may hold (``WATCH_SHARE`` of the user's limit)."""
+    global _budget
+    if _budget is None:
+        try:
+            with open(_MAX_USER_WATCHES, "rb") as f:
+                limit = int(f.read(32).strip())
+        except (OSError, ValueError):
+            limit = 8192  # (the kernel's old default)
+        _budget = max(1, limit // WATCH_SHARE)
+    return _budget
 
 
 def forced_full_walk() -> bool:
@@ -177,18 +198,29 @@ class WorkspaceMonitor:
         return True
 
     def _add_watch(self, path: bytes, mask: int, missing_ok: bool = False) -> int | None:
+        if len(self._wd_rel) + len(self._wd_names) >= watch_budget():
+            self._disable(f"the workspace needs more than {watch_budget()} inotify watches, "
+                          f"a {WATCH_SHARE}th of fs.inotify.max_user_watches (kept for the "
+                          f"user's other watchers)")
+            return None
         wd = _load_libc().inotify_add_watch(self._fd, path, mask)
         if wd >= 0:
             return wd
         err = ctypes.get_errno()
         if missing_ok and err in (errno.ENOENT, errno.ENOTDIR):
             return None
-        self._lost = f"inotify_add_watch failed: {os.strerror(err)}"
         if err in (errno.ENOSPC, errno.EMFILE, errno.ENOMEM):
-            self._disabled = (f"{self._lost} (raise fs.inotify.max_user_watches or "
-                              f"max_user_instances)")
-            self._lost = self._disabled
+            self._disable(f"inotify_add_watch failed: {os.strerror(err)} (raise "
+                          f"fs.inotify.max_user_watches or max_user_instances)")
+        else:
+            self._lost = f"inotify_add_watch failed: {os.strerror(err)}"
         return None
+
+    def _disable(self, reason: str) -> None:
+        """Off until the store is reopened; the watches held so far are let go at once."""
+        self._disabled = reason
+        self.close()
+        self._lost = reason
 
     def arm_name(self, dir_fd: int, name: bytes, rel: bytes) -> None:
         """Watch the inode of ``name`` in the directory open as ``dir_fd`` (workspace path
