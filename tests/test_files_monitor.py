@@ -370,3 +370,94 @@ def test_a_tree_past_the_watch_budget_is_walked_and_lets_its_watches_go(tmp_path
                     assert _inotify_fds() == baseline  # (let go, not held for nothing)
                     raise RuntimeError("roll back")
             before.assert_same()
+
+
+@pytest.mark.parametrize("when", ["between", "inside"])
+def test_a_parent_moved_aside_and_made_anew_is_a_new_root(tmp_path, when):
+    """No inotify event names a workspace whose PARENT was moved aside and made anew (the
+    watches follow the old directories): the monitor kept the old records, the watch
+    saw no change and the rollback left every one (probe-monitor).  The root's identity
+    is compared before each snapshot: another directory there, a full walk."""
+    base = str(tmp_path)
+    root = base + "/p/ws"
+    os.makedirs(root + "/src")
+    with open(root + "/a.txt", "w") as f:
+        f.write("AAAA\n")
+    with open(root + "/src/m.py", "w") as f:
+        f.write("print(1)\n")
+
+    def swap():
+        os.rename(base + "/p", base + "/p_old")
+        shutil.copytree(base + "/p_old/ws", root, symlinks=True)
+
+    with walstore.open(base + "/store", durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as tx:  # (arms the monitor)
+            with tx.files(ws).watch():
+                pass
+        if when == "between":
+            swap()
+        before = TreeSnapshot(root)
+        with pytest.raises(RuntimeError):
+            with s.transaction() as tx:
+                with tx.files(ws).watch() as w:
+                    if when == "inside":
+                        swap()
+                    change(root, [["write", "a.txt", "BBBB\n"], ["write", "new.txt", "n"],
+                                  ["rm", "src/m.py"]])
+                assert {c.path for c in w.changes} >= {b"a.txt", b"new.txt", b"src/m.py"}
+                m1 = kept_manifest(s, root)
+                if when == "inside":  # (between: the watch's begin walked it all)
+                    assert m1.stats.mode == "full", m1.stats
+                    assert "another directory" in m1.stats.full_walk_reason
+                assert_same_as_full_walk(m1, root)
+                raise RuntimeError("roll back")
+        before.assert_same()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="mounts need root and unshare")
+def test_a_file_system_mounted_inside_the_workspace_is_seen(tmp_path):
+    """mount(2) sends no inotify event: a tmpfs mounted on a directory of the workspace
+    inside a watch, and files made in it, were not seen (the directory's watch stays on
+    the covered one) and the rollback left them (probe-monitor).  The mounts at or under
+    the root are compared before each snapshot.  Run in a private mount namespace."""
+    script = r"""
+import os, subprocess, sys
+sys.path[:0] = sys.argv[2:]
+import walstore
+from files_support import TreeSnapshot
+base = sys.argv[1]
+root = base + "/ws"
+os.makedirs(root + "/cache")
+open(root + "/a.txt", "w").write("AAAA\n")
+with walstore.open(base + "/store", durability="none") as s:
+    ws = s.workspace(root)
+    with s.transaction() as tx:
+        with tx.files(ws).watch():
+            pass
+    before = TreeSnapshot(root)
+    try:
+        with s.transaction() as tx:
+            with tx.files(ws).watch() as w:
+                subprocess.run(["mount", "-t", "tmpfs", "none", root + "/cache"], check=True)
+                open(root + "/cache/new.txt", "w").write("n")
+            assert any(c.path == b"cache/new.txt" for c in w.changes), w.changes
+            m = s._files._manifests[os.fsencode(os.path.realpath(root))]
+            assert m.stats.mode == "full" and "mounted" in m.stats.full_walk_reason, m.stats
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    # (the rollback removed new.txt from the tmpfs; what stays is the mount itself, a
+    # thing no rollback of files undoes: the tree seen through it must be as before)
+    subprocess.run(["umount", root + "/cache"], check=True)
+    before.assert_same()
+print("OK")
+"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c",
+                          script, str(tmp_path), here, os.path.dirname(here)],
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode != 0 and "unshare failed" in res.stderr:
+        pytest.skip("no mount namespace here")
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]

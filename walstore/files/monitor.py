@@ -8,20 +8,23 @@ snapshot itself (``watch.snapshot``) decides what to walk.  Contract:
   directory it enters, BEFORE listing it, so any change to a name in it from then on is an
   event; ``arm_name(dir_fd, name, rel)`` watches each path's own inode before it is
   ``lstat``ed (a file written, chmod-ed or linked through a name outside the workspace
-  is an event only there).  ``finish(manifest, key)`` makes the manifest the "clean since" base.
-- ``take(previous, key)``: for a snapshot whose ``previous`` is exactly the base (same
+  is an event only there).  ``finish(manifest, key, place)`` makes the manifest the
+  "clean since" base.
+- ``take(previous, key, place)``: for a snapshot whose ``previous`` is exactly the base (same
   ignore patterns, same exclusions, same blob store, no blob removed since), drains the
   queue (read until EAGAIN) and hands over the dirty set — paths to re-examine and
   directories to walk whole — leaving an empty one for the next round; otherwise, or when
-  anything made the events incomplete (queue overflow, an unmount, the root moved or
+  the root's path names another directory, or the mounts at or under it changed (no
+  event says either: ``place``, ``mounts_at_or_under``), or anything made the events
+  incomplete (queue overflow, an unmount, the root moved or
   deleted, a watch that could not be added: ENOSPC/EMFILE, a malformed event, more than
   ``MAX_DIRTY`` dirty paths, a fork), None and the reason: the caller walks everything.
 - One descriptor per monitor (``close()``; also at garbage collection).  Not Linux, no
   ``/proc/self/fd``, or inotify unavailable: ``available()`` is False, never an error.
 
 Blind spots of inotify itself (the reason ``WALSTORE_WATCH_FULL_WALK=1`` forces the full
-walk; docs/FILES.md): writes through a shared ``mmap`` after the file's descriptor was
-closed, and changes made by another machine (or another kernel: a VM's shared folder, a
+walk; docs/FILES.md): any write through a shared ``mmap`` (its descriptor open or
+closed), and changes made by another machine (or another kernel: a VM's shared folder, a
 container's overlay lower layer changed underneath) to a network file system.  Files known
 to have several links are also re-examined every time (``linked`` in the snapshot).
 """
@@ -108,6 +111,49 @@ def watch_budget() -> int:
     return _budget
 
 
+_MOUNTINFO = "/proc/self/mountinfo"
+_MOUNTINFO_MAX = 16 << 20  # (bounded read: a mount table this large is not walked, it is refused)
+
+
+def _unescape(field: bytes) -> bytes:
+    """A mountinfo path field: space, tab, newline and backslash are written as \\ooo."""
+    if b"\\" not in field:
+        return field
+    out, i = bytearray(), 0
+    while i < len(field):
+        if field[i] == 0x5C and field[i + 1:i + 4].isdigit() and len(field[i + 1:i + 4]) == 3:
+            out.append(int(field[i + 1:i + 4], 8) & 0xFF)
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return bytes(out)
+
+
+def mounts_at_or_under(root: bytes) -> frozenset | None:
+    """The mounts of this process's mount namespace at ``root`` or below it, as (mount id,
+    mount point); None when the table cannot be read.  inotify says nothing when a file
+    system is mounted on a watched directory (its watch stays on the covered one): a
+    snapshot compares this with its base's and walks everything when it changed."""
+    try:
+        with open(_MOUNTINFO, "rb") as f:
+            table = f.read(_MOUNTINFO_MAX + 1)
+    except OSError:
+        return None
+    if len(table) > _MOUNTINFO_MAX:
+        return None
+    below = root.rstrip(b"/") + b"/"
+    found = set()
+    for line in table.split(b"\n"):
+        fields = line.split(b" ", 5)
+        if len(fields) < 5:
+            continue
+        point = _unescape(fields[4])
+        if point == root or point.startswith(below):
+            found.add((fields[0], point))
+    return frozenset(found)
+
+
 def forced_full_walk() -> bool:
     """``WALSTORE_WATCH_FULL_WALK`` set to anything but "" or "0": never use a monitor."""
     return os.environ.get(FULL_WALK_ENV, "") not in ("", "0")
@@ -142,6 +188,7 @@ class WorkspaceMonitor:
         self._disabled: str | None = None     # never again (watch limit reached, ...)
         self.base = None                      # the Manifest clean since the arming
         self._base_key: tuple | None = None
+        self._base_place: tuple | None = None  # (root's (dev, ino), mounts at or under it)
         # of the base: directory rel -> the rels of its entries; paths with several links
         # (rel -> (dev, ino)); racy paths (re-hashed next time)
         self.children: dict[bytes, set[bytes]] = {}
@@ -283,12 +330,14 @@ class WorkspaceMonitor:
         return rel in self._rel_wd
 
     # ---- rounds -----------------------------------------------------------------------
-    def finish(self, manifest, key: tuple) -> None:
-        """``manifest`` (just taken, with this monitor) is the new clean base."""
+    def finish(self, manifest, key: tuple, place: tuple) -> None:
+        """``manifest`` (just taken, with this monitor) is the new clean base; ``place``:
+        the root directory's (dev, ino) and the mounts at or under it, read before the
+        snapshot walked (see ``take``)."""
         if self._fd is None or self._lost is not None:
-            self.base, self._base_key = None, None
+            self.base, self._base_key, self._base_place = None, None, None
             return
-        self.base, self._base_key = manifest, key
+        self.base, self._base_key, self._base_place = manifest, key, place
 
     def invalidate(self, reason: str) -> None:
         """The base cannot be trusted (a snapshot failed half-way): walk all next time."""
@@ -299,16 +348,27 @@ class WorkspaceMonitor:
     def _new_round(self) -> None:
         self._dirty, self._subtrees = set(), set()
 
-    def take(self, previous, key: tuple) -> tuple[set[bytes], set[bytes]] | str:
+    def take(self, previous, key: tuple, place: tuple | None = None
+             ) -> tuple[set[bytes], set[bytes]] | str:
         """The dirty paths and the subtrees to walk whole since the base, when
-        ``previous`` is the base and ``key`` its key; otherwise the reason for a full
-        walk."""
+        ``previous`` is the base, ``key`` its key and ``place`` its place; otherwise the
+        reason for a full walk.  inotify is silent when the root's path comes to name
+        another directory (a parent moved aside and made anew, or exchanged: the watches
+        follow the old directories) or a file system is mounted at or under it: the
+        place, read before each snapshot, says so."""
         if self._pid != os.getpid():
             return "forked process"
         if self._fd is None or self._lost is not None:
             return self._lost or "no inotify descriptor"
         if previous is None or previous is not self.base or key != self._base_key:
             return "previous manifest is not the monitor's base"
+        if place is None or self._base_place is None:
+            return "the mount table could not be read"
+        if place[0] != self._base_place[0]:
+            return ("the workspace root is another directory now (a directory above it "
+                    "moved or was replaced, or a mount over it)")
+        if place[1] is None or place[1] != self._base_place[1]:
+            return "a file system was mounted or unmounted at or under the workspace"
         try:
             self._drain()
         except OSError as e:

@@ -55,7 +55,7 @@ from .apply import FileConflict, restore
 from .blobs import BlobStore
 from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
 from .ignore import IgnoreRules
-from .monitor import WorkspaceMonitor
+from .monitor import WorkspaceMonitor, mounts_at_or_under
 from .paths import Workspace, depth, display, is_temp_name, parent_of
 
 __all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", "walk",
@@ -365,9 +365,11 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
         if stat.S_ISDIR(st_root.st_mode):
             top = _record(st_root)
     key = _monitor_key(ws, blobs)
-    plan = None
+    plan = place = None
     if monitor is not None:
-        got = monitor.take(previous, key)
+        # (read before the walk: what changes during it differs from it next time)
+        place = (None if top is None else (top.dev, top.ino), mounts_at_or_under(ws.root_b))
+        got = monitor.take(previous, key, place)
         if isinstance(got, str):
             stats.full_walk_reason = got
         else:
@@ -411,7 +413,7 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
     stats.racy = len(racy)
     if monitor is not None:
         monitor.racy = racy
-        monitor.finish(m, key)
+        monitor.finish(m, key, place)
     stats.seconds = time.perf_counter() - t0
     return m
 
