@@ -440,10 +440,14 @@ def damage_that_stays(path: str, store_id: bytes | None, start_lsn: int, offset:
     """A live segment's records stop at ``offset`` short of non-zero bytes: a record a
     writer was copying in while it was read, or damage.  Looked at again ``looks`` times
     (20, 40, 60 ms apart): None once a valid record starts at ``offset``, none follows
-    it (a torn tail), or the file went away; else the valid record behind the bad one,
-    which proves the bad one had been durable.  (Without looking again, backup and
-    replication beside a writer committing flat out took its half-copied record for
-    damage: 6 backups in 10 of a healthy store refused.)"""
+    it, none that follows was written after the bad spot was synced (a torn tail: a
+    power loss under durability "normal" or "none" leaves later unsynced writes whole
+    and an earlier one torn; ``SegmentReader._classify``'s rule, so replication judges
+    as verify and recovery do — it refused what they call a torn tail), or the file went
+    away; else the valid record behind the bad one, which proves the bad one had been
+    durable.  (Without looking again, backup and replication beside a writer committing
+    flat out took its half-copied record for damage: 6 backups in 10 of a healthy store
+    refused.)"""
     behind = None
     for look in range(looks):
         try:
@@ -454,7 +458,7 @@ def damage_that_stays(path: str, store_id: bytes | None, start_lsn: int, offset:
             behind = next(iter(reader.valid_records_after(offset)), None)
         except (FileNotFoundError, ValueError):
             return None  # (trimmed or rewritten meanwhile)
-        if behind is None:
+        if behind is None or behind.synced_lsn <= reader.lsn_at(offset):
             return None
         if look + 1 < looks:
             time.sleep(0.02 * (look + 1))
