@@ -27,9 +27,10 @@ and ``<dir>/tmp/`` for puts in progress.  Rules:
   ``CorruptionError`` naming the blob when it does not match its name.
 - **An fsync error is final**: every fsync of a blob, a temp or a directory goes through
   ``_sync``/``_sync_dir``; a failure fails this blob store for good (``failed``: every
-  later put raises, naming it; reads go on).  After a failed fsync the kernel may have dropped the dirty pages and a
-  later fsync reports success: no later put may then trust a blob, or a directory
-  entry, it cannot know is durable (a put of content already stored writes nothing).
+  later put raises, naming it; reads go on).  After a failed fsync the kernel may have
+  dropped the dirty pages and a later fsync reports success: no later put may then trust
+  a blob, or a directory entry, it cannot know is durable (a put of content already
+  stored writes nothing).
   Blobs named before the failure were durable when named, so undoing with them goes on
   (the store's log is not this store's: a transaction's rollback still logs and undoes
   its file changes and runs its compensations at once).

@@ -14,6 +14,7 @@ erasure, as the writer does it, when the REDO applied one).
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import mmap
@@ -100,7 +101,7 @@ class DirectorySource:
         # commit stamps seen in the last segment: the newest at or below the durable
         # frontier, and (end, stamp) of those past it (see complete_mark)
         self._durable_stamp: float | None = None
-        self._stamps_ahead: list[tuple[int, float]] = []
+        self._stamps_ahead: collections.deque[tuple[int, float]] = collections.deque()
         self._durable = 0
         self._applied_floor: int | None = None  # LMDB's applied LSN, read once (below)
         self.pin: int | None = None
@@ -169,7 +170,7 @@ class DirectorySource:
         lock)."""
         ahead, d = self._stamps_ahead, self._durable
         while ahead and ahead[0][0] <= d:
-            self._durable_stamp = ahead.pop(0)[1]
+            self._durable_stamp = ahead.popleft()[1]
 
     def complete_mark(self) -> tuple[float, int] | None:
         """(time, LSN): every commit stamped at or before the time lies below the LSN
