@@ -461,3 +461,90 @@ print("OK")
     if res.returncode != 0 and "unshare failed" in res.stderr:
         pytest.skip("no mount namespace here")
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_changes_in_more_directories_than_open_files_allowed(tmp_path):
+    """An incremental snapshot kept one open fd per directory it examined until the
+    round ended: a watched process changing a file in each of more directories than
+    RLIMIT_NOFILE allows made the watch's end fail with EMFILE, and the rollback threw
+    the work away (probe-review40).  It keeps at most MAX_OPEN_DIRS open now.  A child
+    process under a soft limit of 256, changing files in 400 directories."""
+    script = r"""
+import os, resource, subprocess, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+import walstore
+base = sys.argv[1]
+tree = os.path.join(base, "tree")
+for i in range(400):
+    os.makedirs(os.path.join(tree, f"d{i:03d}"))
+    open(os.path.join(tree, f"d{i:03d}", "f.txt"), "w").write("v0\n")
+with walstore.open(os.path.join(base, "store"), durability="none") as s:
+    ws = s.workspace(tree)
+    with s.transaction() as tx:  # (arms the monitor)
+        with tx.files(ws).watch():
+            pass
+    change = ("import os, sys\n"
+              "for d in sorted(os.listdir(sys.argv[1])):\n"
+              "    open(os.path.join(sys.argv[1], d, 'f.txt'), 'w').write('v1\\n')\n")
+    with s.transaction() as tx:
+        with tx.files(ws).watch() as w:
+            subprocess.run([sys.executable, "-c", change, tree], check=True)
+    assert len(w.changes) == 400, len(w.changes)
+    m = s._files._manifests[os.fsencode(os.path.realpath(tree))]
+    assert m.stats.mode == "incremental", m.stats
+print("OK")
+"""
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a path another user cannot read")
+def test_an_ignored_path_the_user_cannot_read_keeps_snapshots_incremental(tmp_path):
+    """For a user who cannot read an ignored path (a root-only lost+found), the watch of
+    its inode failed with EACCES and every snapshot after was a full walk
+    (probe-review40).  A forked child running as nobody."""
+    import tempfile
+    nobody = 65534
+    base = tempfile.mkdtemp(prefix="walstore-test-")  # (pytest's tmp_path is root's 0700)
+    os.chmod(base, 0o755)
+    _cleanup = base
+    tree = os.path.join(base, "tree")
+    for d in range(5):
+        os.makedirs(os.path.join(tree, f"d{d}"))
+        for i in range(20):
+            with open(os.path.join(tree, f"d{d}", f"f{i}.txt"), "w") as f:
+                f.write("x\n")
+    for root, dirs, files in os.walk(base):
+        for n in dirs + files:
+            os.chown(os.path.join(root, n), nobody, nobody)
+    os.chown(base, nobody, nobody)
+    lost = os.path.join(tree, "lost+found")
+    os.mkdir(lost, 0o700)  # (root's, as on an ext4 mount point)
+    import walstore.files.monitor  # noqa: F401 (imported while still root: the child
+    import walstore.files.watch  # noqa: F401  may not read the virtualenv as nobody)
+    import ctypes.util  # noqa: F401
+    import encodings.idna  # noqa: F401
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(nobody)
+            os.setuid(nobody)
+            s = walstore.open(os.path.join(base, "store"), durability="none")
+            ws = s.workspace(tree, ignore=["lost+found/"])
+            modes = []
+            for i in range(3):
+                with s.transaction() as tx:
+                    with tx.files(ws).watch():
+                        with open(os.path.join(tree, "d0", "f0.txt"), "w") as f:
+                            f.write(f"round {i}\n")
+                    modes.append(kept_manifest(s, tree).stats.mode)
+            s.close()
+            code = 0 if modes[1:] == ["incremental", "incremental"] else 3
+        finally:
+            os._exit(code)
+    _pid, status = os.waitpid(pid, 0)
+    shutil.rmtree(_cleanup, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 0

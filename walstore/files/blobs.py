@@ -113,6 +113,8 @@ class BlobStore:
         self._lock = threading.Lock()
         self._known: set[str] = set()      # digests seen present by this process
         self._fanout: set[str] = set()     # fan-out directories known to exist
+        self._vouched: set[str] = set()    # directories fsynced by this process (has())
+        self.readonly = readonly
         self._active: set[str] = set()     # temp files being written now
         self._pending: dict[str, str] | None = None  # batch: digest -> complete temp file
         self._seq = itertools.count()
@@ -144,8 +146,27 @@ class BlobStore:
             return False
         if not stat.S_ISREG(st.st_mode):
             return False
+        if not self.readonly:
+            self._vouch_for(digest)
         self._known.add(digest)
         return True
+
+    def _vouch_for(self, digest: str) -> None:
+        """A blob this process did not name (an earlier one did) is trusted — a put of its
+        content writes nothing — only once its directory entries are durable: a writer
+        killed between naming a blob and fsyncing its directory left an entry a power loss
+        could still drop (probe-review40).  Its fan-out directory (and the store's, once)
+        is fsynced the first time this process trusts a blob in it."""
+        sub = os.path.join(self.dir, digest[:2])
+        if sub in self._vouched:
+            return
+        with self._lock:
+            if not self._vouched:
+                self._sync_dir(self.dir)
+                self._vouched.add(self.dir)
+            if sub not in self._vouched:
+                self._sync_dir(sub)
+                self._vouched.add(sub)
 
     def size(self, digest: str) -> int:
         return os.stat(self.path(digest)).st_size
@@ -434,10 +455,15 @@ class BlobStore:
                     os.close(fd)
             subs = set()
             with self._lock:
-                for digest, tmp in pending.items():
-                    subs.add(self._rename_in(tmp, digest))
-                for sub in sorted(subs):
-                    self._sync_dir(sub)
+                try:
+                    for digest, tmp in pending.items():
+                        subs.add(self._rename_in(tmp, digest))
+                finally:
+                    # (also when a rename or a new fan-out directory failed half-way: the
+                    # blobs named so far are known, and a later put of their content
+                    # trusts them; their directories were never fsynced: probe-review40)
+                    for sub in sorted(subs):
+                        self._sync_dir(sub)
         except BaseException:
             for tmp in pending.values():
                 if tmp in self._active:

@@ -64,6 +64,9 @@ __all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", 
 # A file modified this close to (or after) a snapshot's start is re-hashed next time:
 # covers timestamp granularities up to 2 s (FAT) and the coarse kernel clock.
 RACY_WINDOW_NS = 2_000_000_000
+# directory fds an incremental snapshot keeps open at once (the oldest closed first; the
+# full walk holds one per level of the tree)
+MAX_OPEN_DIRS = 64
 MANIFEST_VERSION = 1
 _CODES = {FILE: "f", DIR: "d", SYMLINK: "l"}
 _KINDS = {v: k for k, v in _CODES.items()}
@@ -529,6 +532,10 @@ def _walk_dirty(ws: Workspace, blobs: BlobStore | None, previous: Manifest,
                 except OSError as e:
                     if e.errno != errno.ELOOP:
                         raise
+        if fd is not None:  # (bounded: a round over thousands of directories held an fd
+            held = [r for r, f in dir_fds.items() if f is not None]  # each, up to EMFILE,
+            for r in held[:max(0, len(held) + 1 - MAX_OPEN_DIRS)]:    # probe-review40)
+                os.close(dir_fds.pop(r))
         dir_fds[rel] = fd
         return fd
 
