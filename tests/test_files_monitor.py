@@ -548,3 +548,31 @@ def test_an_ignored_path_the_user_cannot_read_keeps_snapshots_incremental(tmp_pa
     _pid, status = os.waitpid(pid, 0)
     shutil.rmtree(_cleanup, ignore_errors=True)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_the_watch_budget_is_the_whole_process_s(tmp_path, monkeypatch):
+    """The budget was per monitor: four workspaces could take the user's whole limit.
+    The process's monitors share it: a second workspace that would pass it is walked."""
+    from walstore.files import monitor
+    monkeypatch.setattr(monitor, "_budget", 50)
+    roots = []
+    for name in ("one", "two"):
+        root = str(tmp_path / name)
+        os.makedirs(root)
+        for i in range(30):
+            with open(f"{root}/f{i}", "w") as f:
+                f.write(str(i))
+        roots.append(root)
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        modes = []
+        for root in roots:
+            ws = s.workspace(root)
+            for _ in range(2):
+                with s.transaction() as tx:
+                    with tx.files(ws).watch():
+                        change(root, [["append", "f3", "more"]])
+                m = kept_manifest(s, root)
+                assert_same_as_full_walk(m, root)
+            modes.append((m.stats.mode, m.stats.full_walk_reason or ""))
+        assert modes[0] == ("incremental", "")
+        assert modes[1][0] != "incremental" and "max_user_watches" in modes[1][1], modes

@@ -36,8 +36,10 @@ import errno
 import os
 import struct
 import sys
+import weakref
 
-__all__ = ["WorkspaceMonitor", "available", "forced_full_walk", "watch_budget", "MAX_DIRTY",
+__all__ = ["WorkspaceMonitor", "available", "forced_full_walk", "watch_budget",
+           "instance_budget", "MAX_DIRTY",
            "FULL_WALK_ENV"]
 
 FULL_WALK_ENV = "WALSTORE_WATCH_FULL_WALK"
@@ -96,19 +98,40 @@ def _load_libc():
 
 
 _budget: int | None = None
+_instance_budget: int | None = None
+_MAX_USER_INSTANCES = "/proc/sys/fs/inotify/max_user_instances"
+_LIVE: "weakref.WeakSet[WorkspaceMonitor]" = weakref.WeakSet()  # this process's monitors
+
+
+def _limit(path: str, default: int) -> int:
+    try:
+        with open(path, "rb") as f:
+            return int(f.read(32).strip())
+    except (OSError, ValueError):
+        return default
 
 
 def watch_budget() -> int:
-    """The most watches one monitor may hold (``WATCH_SHARE`` of the user's limit)."""
+    """The most watches this process's monitors may hold together (``WATCH_SHARE`` of
+    the user's limit)."""
     global _budget
     if _budget is None:
-        try:
-            with open(_MAX_USER_WATCHES, "rb") as f:
-                limit = int(f.read(32).strip())
-        except (OSError, ValueError):
-            limit = 8192  # (the kernel's old default)
-        _budget = max(1, limit // WATCH_SHARE)
+        _budget = max(1, _limit(_MAX_USER_WATCHES, 8192) // WATCH_SHARE)  # (old default)
     return _budget
+
+
+def instance_budget() -> int:
+    """The most inotify instances this process's monitors may hold together (one per
+    monitored workspace; half the user's limit: an editor or a build tool takes one or
+    a few)."""
+    global _instance_budget
+    if _instance_budget is None:
+        _instance_budget = max(1, _limit(_MAX_USER_INSTANCES, 128) // 2)
+    return _instance_budget
+
+
+def _held_by_others(me: "WorkspaceMonitor") -> int:
+    return sum(m.watches for m in list(_LIVE) if m is not me)
 
 
 _MOUNTINFO = "/proc/self/mountinfo"
@@ -177,6 +200,7 @@ class WorkspaceMonitor:
     def __init__(self) -> None:
         self._fd: int | None = None
         self._pid = os.getpid()
+        self._others = 0  # the watches the process's other monitors held, last counted
         self._wd_rel: dict[int, bytes] = {}
         self._rel_wd: dict[bytes, int] = {}
         # the watches of files' own inodes: wd -> the rels of that inode, rel -> wd
@@ -207,6 +231,11 @@ class WorkspaceMonitor:
     def closed(self) -> bool:
         return self._fd is None
 
+    @property
+    def watches(self) -> int:
+        """The inotify watches this monitor holds (directories, and paths' own inodes)."""
+        return len(self._wd_rel) + len(self._wd_names)
+
     def close(self) -> None:
         """Close the inotify descriptor (every watch goes with it); forget the base."""
         fd, self._fd = self._fd, None
@@ -232,6 +261,11 @@ class WorkspaceMonitor:
         if self._disabled is not None or self._pid != os.getpid():
             self._lost = self._disabled or "forked process"
             return False
+        if sum(1 for m in list(_LIVE) if not m.closed) >= instance_budget():
+            self._lost = (f"this process already monitors {instance_budget()} workspaces, "
+                          f"half of fs.inotify.max_user_instances (the rest kept for the "
+                          f"user's other watchers)")
+            return False
         lib = _load_libc()
         fd = lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
@@ -242,13 +276,18 @@ class WorkspaceMonitor:
             return False
         self._fd = fd
         self._lost = None
+        _LIVE.add(self)
         return True
 
     def _add_watch(self, path: bytes, mask: int, missing_ok: bool = False) -> int | None:
-        if len(self._wd_rel) + len(self._wd_names) >= watch_budget():
-            self._disable(f"the workspace needs more than {watch_budget()} inotify watches, "
-                          f"a {WATCH_SHARE}th of fs.inotify.max_user_watches (kept for the "
-                          f"user's other watchers)")
+        mine = self.watches
+        if mine % 256 == 0:  # (the others' count, now and then: their sum is not free)
+            self._others = _held_by_others(self)
+        if mine + self._others >= watch_budget():
+            self._disable(f"this process's workspaces need more than {watch_budget()} "
+                          f"inotify watches, a {WATCH_SHARE}th of "
+                          f"fs.inotify.max_user_watches (kept for the user's other "
+                          f"watchers)")
             return None
         wd = _load_libc().inotify_add_watch(self._fd, path, mask)
         if wd >= 0:
