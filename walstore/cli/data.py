@@ -2,15 +2,13 @@
 of a key (history).  KEY and --prefix follow the key syntax of :mod:`.output`."""
 from __future__ import annotations
 
-import time
-
 import click
 
 from . import WalstoreCommand, main
 from .common import JSON, PATH, open_store
 from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
-                     emit_json, fail, parse_json_value, show_cell, show_key, show_value,
-                     table, untag)
+                     emit_json, fail, parse_json_value, show_cell, show_key, show_time,
+                     show_value, table, untag)
 
 
 class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
@@ -126,7 +124,7 @@ def log_cmd(path: str, limit: int, as_json: bool) -> None:
                                      "actions": list(i.actions)} for i in infos],
                    "more": more})
         return
-    rows = [[i.txid, i.lsn, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.timestamp)),
+    rows = [[i.txid, i.lsn, show_time(i.timestamp, local=True),
              len(i.keys), show_cell(i.meta) if i.meta is not None else ""] for i in infos]
     table(rows, ["TXID", "LSN", "TIME", "KEYS", "META"])
     if more:  # (on stderr: a pipe reading the table gets only the table)

@@ -1,9 +1,10 @@
 """What the command line prints and how it reads what the user types.
 
 Owns: strict RFC 8259 JSON rendering (:func:`jsonable`, :func:`emit_json`), aligned tables
-and key/value lines, progress on stderr, the one-line failure (:func:`fail`,
-:class:`Failure`, :class:`UsageProblem`), and the command-line syntax of keys and points
-(:func:`parse_key` / :func:`show_key`, :func:`parse_point`) with their click types.
+and key/value lines, times (:func:`show_time`), progress on stderr, the one-line failure
+(:func:`fail`, :class:`Failure`, :class:`UsageProblem`), and the command-line syntax of keys
+and points (:func:`parse_key` / :func:`show_key`, :func:`parse_point`) with their click
+types.
 
 JSON rules (one document per command, ``json.dumps(..., allow_nan=False)``):
 
@@ -27,6 +28,11 @@ pasted back.
 VALUE (``put``): strict JSON (no NaN/Infinity, no number beyond a float's range); a
 negative number is a value, not an option (:class:`NegativeNumberArguments`).
 
+Times in human output (``log``, ``replicas``) are ISO 8601 with the offset and the
+microsecond (:func:`show_time`), the resolution a restore compares at: pasted into
+``restore --to`` the time shown for a commit includes that commit (cut to the second, it
+named a state without it).
+
 Points (``--to``): ``tx:N`` a txid, ``lsn:N`` a log position, bare digits a txid, anything
 else a restore point name; a malformed ``tx:``/``lsn:`` is a usage error.
 """
@@ -36,6 +42,7 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import datetime as _dt
 import json
 import math
 import os
@@ -344,6 +351,17 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
     click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in cells:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def show_time(ts: float | None, *, local: bool = False) -> str:
+    """A record's float stamp as ISO 8601 with its offset and the microsecond, rounded as
+    ``datetime.fromtimestamp`` rounds it (as a restore to a time compares stamps): pasted
+    into ``restore --to`` it names a state that includes what it stamps.  UTC, or the local
+    zone (with its offset) when ``local``; ``-`` for no stamp."""
+    if not ts:
+        return "-"
+    when = _dt.datetime.fromtimestamp(ts, _dt.timezone.utc)
+    return (when.astimezone() if local else when).isoformat(timespec="microseconds")
 
 
 def kv_lines(pairs: list[tuple[str, Any]]) -> None:

@@ -29,7 +29,7 @@ from . import _engine
 from . import WalstoreCommand, main
 from .common import load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
-from .output import parse_point as _parse_point, progress_printer
+from .output import parse_point as _parse_point, progress_printer, show_time
 
 
 def parse_point(text: str) -> Any:
@@ -95,12 +95,6 @@ def _options(**flags: Any) -> Any:
         for name, flag in _FLAGS.items():
             msg = msg.replace(f"replicate_options {name} ", f"{flag} ")
         _fail(msg, EXIT_USAGE)
-
-
-def _when(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="seconds")
 
 
 @click.command("replicate", cls=WalstoreCommand)
@@ -325,19 +319,19 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
     w = r["writer"]
     click.echo(f"replica   {r['url']}  store {r['store_id']}  lineage {r['lineage']}")
     click.echo(f"writer    process {w['pid']} on {w['host']} ({w['path']})")
-    click.echo(f"updated   {_when(r['updated'])} ({r['age_seconds']:.0f} s ago)")
+    click.echo(f"updated   {show_time(r['updated'])} ({r['age_seconds']:.0f} s ago)")
     if r.get("complete_to") is not None:  # (a restore to a later time is refused)
-        click.echo(f"complete  every commit up to {_when(r['complete_to'])}")
+        click.echo(f"complete  every commit up to {show_time(r['complete_to'])}")
     lc = r["last_commit"] or {}
     click.echo(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
                f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "
-               f"{_when(lc.get('ts'))}")
+               f"{show_time(lc.get('ts'))}")
     for s in r["snapshots"]:
-        click.echo(f"snapshot  LSN {s['lsn']:<12} {_when(s['time'])}  {s['bytes']} bytes, "
+        click.echo(f"snapshot  LSN {s['lsn']:<12} {show_time(s['time'])}  {s['bytes']} bytes, "
                    f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")
     for p in r["restore_points"]:
         gone = p.get("dropped_lsn")
-        click.echo(f"point     {p['name']:<20} LSN {p['lsn']:<12} {_when(p['time'])}"
+        click.echo(f"point     {p['name']:<20} LSN {p['lsn']:<12} {show_time(p['time'])}"
                    + ("" if not p.get("dropped") else
                       f"  (dropped at LSN {gone}: a restore to it restores its old position)"
                       if gone is not None else "  (dropped)"))
