@@ -576,3 +576,43 @@ def test_the_watch_budget_is_the_whole_process_s(tmp_path, monkeypatch):
             modes.append((m.stats.mode, m.stats.full_walk_reason or ""))
         assert modes[0] == ("incremental", "")
         assert modes[1][0] != "incremental" and "max_user_watches" in modes[1][1], modes
+
+
+def test_the_blob_gc_between_watches_keeps_snapshots_incremental(tmp_path):
+    """Any blob the gc removed made the next snapshot a full walk, and a store's inline
+    gc runs every few watches of a large tree (every manifest it saves is written
+    content): a full walk every fourth watch or so.  The gc keeps every blob the
+    monitor's base names (an in-memory manifest), so the base stays good: the snapshots
+    after a gc are incremental, equal a full walk, and every blob their records name is
+    there."""
+    root = str(tmp_path / "ws")
+    os.makedirs(root)
+    for i in range(30):
+        with open(f"{root}/f{i}", "w") as f:
+            f.write(str(i))
+    with walstore.open(str(tmp_path / "store"), durability="none",
+                       retain_transactions=1) as s:
+        ws = s.workspace(root)
+        removed = 0
+        for rnd in range(6):
+            with s.transaction() as tx:
+                with tx.files(ws).watch():
+                    begin = kept_manifest(s, root)  # (the watch's first snapshot)
+                    change(root, [["write", f"f{rnd}", f"round {rnd}"]])
+            if rnd:  # (after the gc of the round before)
+                assert begin.stats.mode == "incremental", (rnd, begin.stats)
+            had = set(s._files.blobs)
+            s.checkpoint()  # (its hook runs the blob gc: retention moved the horizon)
+            removed += len(had - set(s._files.blobs))
+            m = kept_manifest(s, root)
+            assert_same_as_full_walk(m, root)
+            assert all(s._files.blobs.has(r.sha256) for r in m.records.values()
+                       if r.sha256 is not None)
+        assert removed > 0  # (the gc did remove blobs between the watches)
+        before = TreeSnapshot(root)
+        with pytest.raises(RuntimeError):
+            with s.transaction() as tx:
+                with tx.files(ws).watch():
+                    change(root, [["write", "f1", "last"], ["rm", "f2"]])
+                raise RuntimeError("roll back")
+        before.assert_same()

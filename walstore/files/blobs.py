@@ -122,9 +122,6 @@ class BlobStore:
         self.bytes_hashed = 0
         self.bytes_written = 0
         self.files_written = 0
-        # gcs that removed something (a change monitor's base, whose records are trusted
-        # without ``has``, is stale after one)
-        self.removals = 0
         if not readonly:  # (a read-only store's reader creates nothing)
             fileio.make_dir(self.dir)
             fileio.make_dir(self.tmp)
@@ -571,8 +568,6 @@ class BlobStore:
                 touched.add(os.path.dirname(path))
                 removed += 1
                 freed += size
-            if removed:
-                self.removals += 1
             for sub in sorted(touched):
                 self._sync_dir(sub)
         return GcResult(removed, freed, kept, kept_bytes)

@@ -11,7 +11,7 @@ snapshot itself (``watch.snapshot``) decides what to walk.  Contract:
   is an event only there).  ``finish(manifest, key, place)`` makes the manifest the
   "clean since" base.
 - ``take(previous, key, place)``: for a snapshot whose ``previous`` is exactly the base (same
-  ignore patterns, same exclusions, same blob store, no blob removed since), drains the
+  ignore patterns, same exclusions, same blob store), drains the
   queue (read until EAGAIN) and hands over the dirty set — paths to re-examine and
   directories to walk whole — leaving an empty one for the next round; otherwise, or when
   the root's path names another directory, or the mounts at or under it changed (no

@@ -349,7 +349,9 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
     tracked file's content is stored; ``previous`` makes it incremental.  ``monitor``
     (one per workspace, see ``monitor.py``): when ``previous`` is the manifest the monitor
     made last (same patterns, same blob store), only what its events name is examined;
-    otherwise the walk is full and arms it (``stats.mode``, ``stats.full_walk_reason``)."""
+    otherwise the walk is full and arms it (``stats.mode``, ``stats.full_walk_reason``).
+    With a monitor, the caller keeps every blob the previous manifest names (its records
+    are reused without ``has``)."""
     t0 = time.perf_counter()
     taken_ns = time.time_ns()
     window_ns = taken_ns - racy_window_ns
@@ -423,9 +425,12 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
 
 def _monitor_key(ws: Workspace, blobs: BlobStore | None) -> tuple:
     """What a monitored base must share with the snapshot that reuses it: the patterns,
-    the exclusions, the blob store (and no blob removed from it since)."""
-    return (ws.root_b, tuple(ws.ignore.sources), ws.exclude, blobs,
-            None if blobs is None else blobs.removals)
+    the exclusions, the blob store.  (Its records' content is trusted without ``has``:
+    the caller keeps every blob the base names — ``Files``' gc keeps those of every
+    manifest it holds in memory, and the base is one.  Any blob removed made the next
+    snapshot a full walk, and a store's inline gc ran every few watches of a large tree:
+    a 20,000-file walk every fourth watch.)"""
+    return (ws.root_b, tuple(ws.ignore.sources), ws.exclude, blobs)
 
 
 def _examine(ws: Workspace, blobs: BlobStore | None, previous: Manifest | None,
