@@ -403,12 +403,7 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
             copied += end
         else:
             copied += sizes[path]
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        try:
-            with _writing("the backup's WAL segment", path):
-                fileio.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_file(path, "the backup's WAL segment")
     with _writing("the backup's identity file", out.identity):
         out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
                                              "ts": time.time()})
@@ -418,18 +413,22 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
             "segments": len(segs), "wal_bytes": copied}
 
 
+def _fsync_file(path: str, what: str) -> None:
+    """fsync one file of the copy (an error: StoreIOError naming ``what``)."""
+    with _writing(what, path):
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            fileio.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _fsync_files_of(directory: str) -> None:
     """fsync every regular file in ``directory``, then the directory."""
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if not os.path.isfile(path):
-            continue
-        with _writing("the backup's LMDB copy", path):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            try:
-                fileio.fsync(fd)
-            finally:
-                os.close(fd)
+        if os.path.isfile(path):
+            _fsync_file(path, "the backup's LMDB copy")
     with _writing("the backup's LMDB copy", directory):
         fileio.fsync_dir(directory)
 
