@@ -152,8 +152,14 @@ def test_the_time_complete_to_shows_is_accepted(tmp_path):
     url = f"file://{tmp_path}/rep"
     one_shipped_commit(str(tmp_path / "s"), url, {"interval": 0.05}).close()
     doc = _manifest_doc(url)
-    c = math.floor(doc["complete_to"] * 1e6) / 1e6 + 6e-7  # (rounds up, truncates down)
-    assert round(c * 1e6) != int(c * 1e6)
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    shown_micros = lambda t: (dt.datetime.fromtimestamp(t, dt.timezone.utc)  # noqa: E731
+                              - epoch) // dt.timedelta(microseconds=1)
+    base = math.floor(doc["complete_to"] * 1e6) / 1e6
+    # (a time whose datetime rounds up past its truncation: floats near 1.8e9 s hold
+    # steps of ~0.24 us, so look for one rather than trust one offset)
+    c = next(t for t in (base + k * 1e-7 for k in range(5, 10))
+             if shown_micros(t) != int(t * 1e6))
     doc["complete_to"] = c
     t = open_target(url, ReplicateOptions.from_any({}))
     try:
