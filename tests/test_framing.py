@@ -62,6 +62,24 @@ def test_crc32c_accepts_memoryview() -> None:
     assert crc32c(memoryview(data)[17:4000]) == _crc32c_ref(data[17:4000])
 
 
+def test_crc32c_is_the_hardware_one_and_agrees_with_crcmod() -> None:
+    """The log frames with google-crc32c's C extension (a dependency): the same values
+    as crcmod's on every shape of input the log hands it (bytes, a memoryview of a
+    segment, a bytearray), continued or not."""
+    import google_crc32c
+    assert google_crc32c.implementation == "c"
+    assert crc32c.__module__ == framing.__name__ and crc32c.__name__ == "crc"
+    import random
+    rng = random.Random(7)
+    for n in (0, 1, 3, 28, 181, 4096, 1 << 20):
+        data = rng.randbytes(n)
+        seed = rng.getrandbits(32)
+        want = _crc32c_ref(data, seed)
+        assert crc32c(data, seed) == want
+        assert crc32c(memoryview(b"xx" + data)[2:], seed) == want
+        assert crc32c(bytearray(data), seed) == want
+
+
 # ---- segment header -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("start_lsn", [0, 1, 64490, 2**40 + 7, 2**64 - 1])
