@@ -270,6 +270,9 @@ def _packages_nobody_can_read(top):
             continue
         if os.path.isdir(where):
             shutil.copytree(where, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+            libs = where.rstrip(os.sep) + ".libs"  # (a wheel's bundled shared libraries,
+            if os.path.isdir(libs):                # found beside the package: google-crc32c)
+                shutil.copytree(libs, site / (name + ".libs"))
         else:
             shutil.copy(where, site)
     for dirpath, _dirs, files in os.walk(site):

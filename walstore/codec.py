@@ -12,7 +12,9 @@ the size of those bytes (msgpack's limits default to the buffer length).
 """
 from __future__ import annotations
 
+import operator
 import threading
+from collections.abc import ItemsView
 from typing import Any, Iterable, Union
 
 import msgpack
@@ -160,7 +162,13 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
         packb = _local.packer.pack
     except AttributeError:
         packb = _packer().pack
-    out: dict[bytes, bytes] = {}
+    if not isinstance(pairs, (list, tuple, ItemsView)):
+        pairs = list(pairs)  # (read twice when the fast way declines)
+    if len(pairs) >= 64:
+        out = _pack_items_columns(pairs, packb)
+        if out is not None:
+            return out
+    out = {}
     for pair in pairs:
         try:
             key, value = pair
@@ -188,6 +196,45 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
             packed = pack_value(value, key)
         out[k] = packed
     return out
+
+
+def _pack_items_columns(pairs, packb) -> dict[bytes, bytes] | None:
+    """``pack_items`` of many pairs a column at a time, in C loops (a Python loop per pair
+    was ~60 ms of a 100,000-pair ``tx.update``): when every pair is a pair, every key
+    bytes (or every key an ASCII str) of an allowed length and every value a scalar;
+    None when anything else is met — the loop then does it, with its messages."""
+    try:
+        if set(map(len, pairs)) != {2}:
+            return None
+    except TypeError:
+        return None
+    keys = list(map(_first, pairs))
+    values = list(map(_second, pairs))
+    key_types = set(map(type, keys))
+    if key_types == {bytes}:
+        encoded = map(_BYTES.__add__, keys)
+    elif key_types == {str} and all(map(str.isascii, keys)):
+        encoded = map(_STR.__add__, map(str.encode, keys))
+    else:
+        return None
+    lengths = set(map(len, keys))
+    if min(lengths) <= 0 or max(lengths) > MAX_KEY_BYTES:
+        return None
+    if not set(map(type, values)) <= _SCALARS:
+        return None
+    try:
+        packed = list(map(packb, values))
+    except Exception:  # (an int out of msgpack's range: the loop names it)
+        return None
+    if max(map(len, packed)) > RELEASE_PACKER_BYTES:
+        _release_packer()
+        if max(map(len, packed)) > MAX_VALUE_BYTES:
+            return None
+    return dict(zip(encoded, packed))
+
+
+_first = operator.itemgetter(0)
+_second = operator.itemgetter(1)
 
 
 def unpack_value(packed: bytes) -> Any:
