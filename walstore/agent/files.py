@@ -65,6 +65,7 @@ STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch:
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
 CLAIMS_SLACK = 4096        # stale path claims kept before a prune (see Files._claim)
 GC_AFTER_BYTES = 8 * 1024 * 1024  # before-image bytes that make a blob gc due (at least)
+MANIFEST_REFS_KEPT = 200_000  # blob names of saved manifests the gc keeps in memory (<= ~25 MB)
 
 
 @dataclass(eq=False)
@@ -202,6 +203,12 @@ class Files:
         self._registry: dict[bytes, Workspace] = {}
         self._ws_locks: dict[bytes, threading.RLock] = {}
         self._manifests: dict[bytes, Manifest] = {}
+        # saved manifest digest -> the blobs it names (a manifest never changes: the gc
+        # loads each once, not every retained watch()'s tree at every gc), oldest first,
+        # at most MANIFEST_REFS_KEPT digests in all
+        self._manifest_refs: dict[str, frozenset[str]] = {}
+        self._manifest_refs_count = 0
+        self._manifest_names: dict[str, str] = {}  # (one string per digest among them)
         # root -> its change monitor (inotify: watch()'s snapshots examine only what
         # changed; see files/monitor.py); closed by ``close_monitors``
         self._monitors: dict[bytes, WorkspaceMonitor] = {}
@@ -784,6 +791,8 @@ class Files:
                 m0 = snapshot(ws, self.blobs, previous=self._previous(ws),
                               monitor=self._monitor(ws))
                 digest = m0.save(self.blobs)
+                self._manifest_digests(digest, m0)  # (what the next gc will ask: ~4 ms
+                # here for a 20,000-file tree, against ~60 ms to load it back then)
                 tx.logged = True
                 ev = self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
                                                             "manifest": digest},
@@ -1271,8 +1280,29 @@ class Files:
         for d in manifests:
             refs.add(d)
             with contextlib.suppress(ValueError, OSError, CorruptionError):
-                refs.update(Manifest.load(self.blobs, d).digests())
+                refs.update(self._manifest_digests(d))
         return refs
+
+    def _manifest_digests(self, digest: str, manifest: Manifest | None = None
+                          ) -> frozenset[str]:
+        """The blobs the saved manifest ``digest`` names (loaded once: see
+        ``_manifest_refs``; ``manifest``: the one just saved, read instead of its blob).
+        Digests shared by many manifests share one string."""
+        cache = self._manifest_refs
+        got = cache.pop(digest, None)
+        if got is None:
+            names = (manifest if manifest is not None
+                     else Manifest.load(self.blobs, digest)).digests()
+            shared = self._manifest_names
+            got = frozenset(shared.setdefault(n, n) for n in names)
+            self._manifest_refs_count += len(got)
+        cache[digest] = got  # (now the newest)
+        while self._manifest_refs_count > MANIFEST_REFS_KEPT and len(cache) > 1:
+            oldest = next(iter(cache))
+            self._manifest_refs_count -= len(cache.pop(oldest))
+        if len(self._manifest_names) > 2 * self._manifest_refs_count + 1024:
+            self._manifest_names = {n: n for names in cache.values() for n in names}
+        return got
 
 
     def _pinned_log_refs(self, refs: set[str], manifests: set[str]) -> None:

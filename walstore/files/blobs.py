@@ -112,6 +112,7 @@ class BlobStore:
         self._clone_ok = copy in ("auto", "clone")
         self._lock = threading.Lock()
         self._known: set[str] = set()      # digests seen present by this process
+        self._sizes: dict[str, int] = {}    # the last gc's kept blobs -> their sizes
         self._fanout: set[str] = set()     # fan-out directories known to exist
         self._vouched: set[str] = set()    # directories fsynced by this process (has())
         self.readonly = readonly
@@ -170,12 +171,18 @@ class BlobStore:
 
     def __iter__(self) -> Iterator[str]:
         """Every stored digest (a directory walk)."""
+        for digest, _path in self._stored():
+            yield digest
+
+    def _stored(self) -> Iterator[tuple[str, str]]:
+        """(digest, path) of every stored blob, in digest order (a directory walk)."""
         for sub in sorted(os.listdir(self.dir)):
             if len(sub) != 2 or not _HEX.issuperset(sub):
                 continue
-            for name in sorted(os.listdir(os.path.join(self.dir, sub))):
+            subdir = os.path.join(self.dir, sub) + os.sep
+            for name in sorted(os.listdir(subdir)):
                 if len(name) == 62 and _HEX.issuperset(name):
-                    yield sub + name
+                    yield sub + name, subdir + name
 
     def disk_usage(self) -> int:
         """Bytes the blobs occupy on disk (allocated blocks: a sparse blob's holes cost
@@ -549,15 +556,19 @@ class BlobStore:
         keep = set(referenced)
         removed = freed = kept = kept_bytes = 0
         touched: set[str] = set()
-        with self._lock:
-            for digest in list(self):
-                path = self.path(digest)
+        known, sizes = self._sizes, {}  # (a blob's content never changes, nor its size:
+        with self._lock:                # a kept blob is stat-ed by the first gc only)
+            for digest, path in list(self._stored()):
                 if digest in keep:
                     kept += 1
-                    try:
-                        kept_bytes += os.stat(path).st_size
-                    except FileNotFoundError:
-                        pass
+                    size = known.get(digest)
+                    if size is None:
+                        try:
+                            size = os.stat(path).st_size
+                        except FileNotFoundError:
+                            continue
+                    sizes[digest] = size
+                    kept_bytes += size
                     continue
                 try:
                     size = os.stat(path).st_size
@@ -568,6 +579,7 @@ class BlobStore:
                 touched.add(os.path.dirname(path))
                 removed += 1
                 freed += size
+            self._sizes = sizes  # (bounded: the blobs kept now)
             for sub in sorted(touched):
                 self._sync_dir(sub)
         return GcResult(removed, freed, kept, kept_bytes)
