@@ -211,21 +211,91 @@ class BarePeer:
 
     def __init__(self, path: Path, value_bytes: int) -> None:
         self.record_bytes = walstore_record_bytes(value_bytes)
-        self._fd = os.open(path / "bare.log", os.O_RDWR | os.O_CREAT, 0o644)
-        zeros = bytes(1 << 20)
-        for _ in range(self.PREALLOCATED // len(zeros)):
-            os.write(self._fd, zeros)
-        os.fsync(self._fd)
-        dir_fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self._fd = _preallocated(path / "bare.log", self.PREALLOCATED)
         self._offset = 0
 
     def write(self, items: Sequence[Item]) -> None:
         k, v = items[0]
         record = (k + v).ljust(self.record_bytes, b"\0")
+        if self._offset + len(record) > self.PREALLOCATED:
+            self._offset = 0
+        os.pwrite(self._fd, record, self._offset)
+        os.fdatasync(self._fd)
+        self._offset += len(record)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _preallocated(path: Path, size: int) -> int:
+    """A file of ``size`` zeros, written and synced with its directory entry; its fd."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    zeros = bytes(1 << 20)
+    for _ in range(size // len(zeros)):
+        os.write(fd, zeros)
+    os.fsync(fd)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return fd
+
+
+class PythonFloorPeer:
+    """The least a transactional write-ahead log written in Python does per durable
+    commit, and nothing more: a transaction object used as a context manager, its puts in
+    a dict, at the end the write set msgpack-packed behind a header with a CRC-32C (the
+    same C extension walstore uses), one ``pwrite`` and one ``fdatasync`` into a file
+    preallocated like the bare loop's.  No reads, no conflict check, no savepoints, no
+    index, nothing applied anywhere, no recovery: not a store, a floor — what any store
+    with a Python transaction API pays on top of the bare loop here.  A ratio of walstore
+    to the bare loop above this row's is out of any such store's reach."""
+
+    PREALLOCATED = BarePeer.PREALLOCATED
+
+    class _Transaction:
+        __slots__ = ("peer", "writes")
+
+        def __init__(self, peer: "PythonFloorPeer") -> None:
+            self.peer, self.writes = peer, {}
+
+        def __enter__(self) -> "PythonFloorPeer._Transaction":
+            return self
+
+        def put(self, key: bytes, value: bytes) -> None:
+            self.writes[key] = value
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                self.peer._commit(self.writes)
+
+    def __init__(self, path: Path, value_bytes: int) -> None:
+        import struct
+
+        import msgpack
+
+        from walstore.log.format import crc32c
+        self._fd = _preallocated(path / "floor.log", self.PREALLOCATED)
+        self._offset = self._txid = 0
+        self._pack = msgpack.Packer().pack
+        self._head = struct.Struct("<IQ").pack  # length, txid (the CRC before them)
+        self._crc = struct.Struct("<I").pack
+        self._crc32c = crc32c
+
+    def transaction(self) -> "PythonFloorPeer._Transaction":
+        return self._Transaction(self)
+
+    def write(self, items: Sequence[Item]) -> None:
+        with self.transaction() as tx:
+            for k, v in items:
+                tx.put(k, v)
+
+    def _commit(self, writes: dict) -> None:
+        self._txid += 1
+        payload = self._pack([self._txid, list(writes.items())])
+        head = self._head(len(payload), self._txid)
+        record = self._crc(self._crc32c(payload, self._crc32c(head))) + head + payload
         if self._offset + len(record) > self.PREALLOCATED:
             self._offset = 0
         os.pwrite(self._fd, record, self._offset)
@@ -294,6 +364,10 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
          sync=True),
     System("bare", "bare loop: pwrite + fdatasync of a walstore-sized record into a "
            "preallocated file", "os", lambda ctx: BarePeer(ctx.directory, ctx.value_bytes)),
+    System("python-floor", "the least a Python transactional WAL does per durable commit "
+           "(a transaction object, its dict, msgpack, CRC-32C, pwrite + fdatasync into a "
+           "preallocated file; not a store: the ceiling for any store with a Python API)",
+           "msgpack", lambda ctx: PythonFloorPeer(ctx.directory, ctx.value_bytes)),
     _sys("walstore-saver", 'WalstoreSaver (walstore durability="full"), invoke',
          "walstore.integrations.langgraph"),
     _sys("sqlite-saver", "langgraph-checkpoint-sqlite SqliteSaver (WAL, synchronous=FULL), "

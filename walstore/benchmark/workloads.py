@@ -149,7 +149,8 @@ def all_workloads(p: Profile) -> list[Workload]:
                "(each turn: human, AI with a tool call, tool result, AI answer)")
     lg_values = "messages of 100-400 chars; the state grows by 4 messages per turn"
     return [
-        _workload("put-1t", DURABLE + ("bare",), partial(commits, count=p.commits),
+        _workload("put-1t", DURABLE + ("bare", "python-floor"),
+                  partial(commits, count=p.commits),
                   _part("put-1t", "durable single-put commits, 1 thread", "commits/s",
                         f"up to {p.commits:,} distinct keys (a new key per commit)",
                         baseline=FULL_SQLITE, latency=True)),
