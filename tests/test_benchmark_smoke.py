@@ -84,7 +84,7 @@ def test_a_rows_verdict_shows_the_ratio_and_baseline_it_was_judged_on() -> None:
         return [sample_summary(Sample(int(rate), 1.0, [1e-3] * 10))]
     p1 = summarize_part(ws["put-1t"].parts[0], ws["put-1t"],
                         {"walstore": rounds(1000), "sqlite-full": rounds(1000),
-                         "lmdb-sync": rounds(500), "bare": rounds(1200)}, {}, 1)
+                         "lmdb-sync": rounds(500), "bare": rounds(1200), "python-floor": rounds(1100)}, {}, 1)
     p8 = summarize_part(ws["put-8t"].parts[0], ws["put-8t"],
                         {"walstore": rounds(2700), "sqlite-full": rounds(1500),
                          "sqlite-full-per-thread": rounds(400), "lmdb-sync": rounds(500)},
