@@ -1287,14 +1287,16 @@ class Files:
                           ) -> frozenset[str]:
         """The blobs the saved manifest ``digest`` names (loaded once: see
         ``_manifest_refs``; ``manifest``: the one just saved, read instead of its blob).
-        Digests shared by many manifests share one string."""
+        Digests shared by many loaded manifests share one string."""
         cache = self._manifest_refs
         got = cache.pop(digest, None)
         if got is None:
-            names = (manifest if manifest is not None
-                     else Manifest.load(self.blobs, digest)).digests()
-            shared = self._manifest_names
-            got = frozenset(shared.setdefault(n, n) for n in names)
+            if manifest is not None:  # (its names are its records' own strings, shared
+                got = frozenset(manifest.digests())  # with the manifests built from it)
+            else:
+                shared = self._manifest_names
+                got = frozenset(shared.setdefault(n, n)
+                                for n in Manifest.load(self.blobs, digest).digests())
             self._manifest_refs_count += len(got)
         cache[digest] = got  # (now the newest)
         while self._manifest_refs_count > MANIFEST_REFS_KEPT and len(cache) > 1:
