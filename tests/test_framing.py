@@ -447,3 +447,11 @@ def test_forged_header_does_not_make_foreign_records_valid(tmp_path) -> None:
     assert reader.header_error is None
     assert list(reader.records()) == []
     assert reader.end.reason == "record checksum mismatch"
+
+
+def test_crc32c_refuses_what_has_no_buffer() -> None:
+    """Only bytes-like input: an int or a list is a caller's bug, refused (a wrapper that
+    called ``bytes(x)`` took 5 for five zero bytes; review of stop 41)."""
+    for bad in (5, [1, 2], "text", None):
+        with pytest.raises(TypeError):
+            crc32c(bad)

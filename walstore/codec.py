@@ -162,12 +162,17 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
         packb = _local.packer.pack
     except AttributeError:
         packb = _packer().pack
-    if not isinstance(pairs, (list, tuple, ItemsView)):
-        pairs = list(pairs)  # (read twice when the fast way declines)
-    if len(pairs) >= 64:
+    if isinstance(pairs, (list, ItemsView)) and len(pairs) >= 64:
+        # (a copy first, read once: the columns then come from one consistent list even
+        # if another thread changes the caller's dict or list meanwhile — a dict changed
+        # during the copy raises RuntimeError, as the loop's iteration does)
+        pairs = list(pairs)
+    if isinstance(pairs, (list, tuple)) and len(pairs) >= 64:
         out = _pack_items_columns(pairs, packb)
         if out is not None:
             return out
+    # (any other iterable — a generator — is read one pair at a time, as before: the first
+    # bad pair raises before anything after it is read)
     out = {}
     for pair in pairs:
         try:
@@ -200,14 +205,12 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
 
 def _pack_items_columns(pairs, packb) -> dict[bytes, bytes] | None:
     """``pack_items`` of many pairs a column at a time, in C loops (a Python loop per pair
-    was ~60 ms of a 100,000-pair ``tx.update``): when every pair is a pair, every key
-    bytes (or every key an ASCII str) of an allowed length and every value a scalar;
+    was ~60 ms of a 100,000-pair ``tx.update``): when every pair is a tuple of two (as
+    a dict's items are; read once each: a tuple cannot change between the passes), every
+    key bytes (or every key an ASCII str) of an allowed length and every value a scalar;
     None when anything else is met — the loop then does it, with its messages."""
-    try:
-        if set(map(len, pairs)) != {2}:
-            return None
-    except TypeError:
-        return None
+    if set(map(type, pairs)) != _TUPLE or set(map(len, pairs)) != {2}:
+        return None  # (``key, value = pair`` of anything else: the loop's way)
     keys = list(map(_first, pairs))
     values = list(map(_second, pairs))
     key_types = set(map(type, keys))
@@ -235,6 +238,7 @@ def _pack_items_columns(pairs, packb) -> dict[bytes, bytes] | None:
 
 _first = operator.itemgetter(0)
 _second = operator.itemgetter(1)
+_TUPLE = {tuple}
 
 
 def unpack_value(packed: bytes) -> Any:

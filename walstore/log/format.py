@@ -81,8 +81,8 @@ def _choose_crc32c():
             extend = google_crc32c.extend
 
             def crc(data, crc: int = 0) -> int:  # (it takes bytes only: a memoryview
-                if type(data) is not bytes:      # of a segment is copied, ~50 us a MiB)
-                    data = bytes(data)
+                if type(data) is not bytes:      # of a segment is copied, ~50 us a MiB;
+                    data = bytes(memoryview(data))  # what has no buffer is refused)
                 return extend(crc, data)
             fn = _checked(crc)
             if fn is not None:
