@@ -1,8 +1,8 @@
 """``records.chunk_writes``: how a transaction's write set is cut into WRITES chunks (the
-last part goes in the COMMIT).  A big write set is cut from running sizes by bisection; it
-must cut exactly where the one-pair-at-a-time rule does, or a replica or an older reader
-would see other chunks than the writer meant (the format does not depend on the cuts,
-but recovery's bound on one unfinished transaction's buffer and the chunk sizes do)."""
+last part goes in the COMMIT), against the rule written plainly: a pair counts
+len(key) + len(value) + 16, a chunk ends before the pair that would take it past
+chunk_bytes.  Recovery's bound on one unfinished transaction's buffer and the chunk sizes
+follow from these cuts."""
 from __future__ import annotations
 
 import random

@@ -12,9 +12,7 @@ the size of those bytes (msgpack's limits default to the buffer length).
 """
 from __future__ import annotations
 
-import operator
 import threading
-from collections.abc import ItemsView
 from typing import Any, Iterable, Union
 
 import msgpack
@@ -162,18 +160,7 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
         packb = _local.packer.pack
     except AttributeError:
         packb = _packer().pack
-    if isinstance(pairs, (list, ItemsView)) and len(pairs) >= 64:
-        # (a copy first, read once: the columns then come from one consistent list even
-        # if another thread changes the caller's dict or list meanwhile — a dict changed
-        # during the copy raises RuntimeError, as the loop's iteration does)
-        pairs = list(pairs)
-    if isinstance(pairs, (list, tuple)) and len(pairs) >= 64:
-        out = _pack_items_columns(pairs, packb)
-        if out is not None:
-            return out
-    # (any other iterable — a generator — is read one pair at a time, as before: the first
-    # bad pair raises before anything after it is read)
-    out = {}
+    out: dict[bytes, bytes] = {}
     for pair in pairs:
         try:
             key, value = pair
@@ -201,44 +188,6 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
             packed = pack_value(value, key)
         out[k] = packed
     return out
-
-
-def _pack_items_columns(pairs, packb) -> dict[bytes, bytes] | None:
-    """``pack_items`` of many pairs a column at a time, in C loops (a Python loop per pair
-    was ~60 ms of a 100,000-pair ``tx.update``): when every pair is a tuple of two (as
-    a dict's items are; read once each: a tuple cannot change between the passes), every
-    key bytes (or every key an ASCII str) of an allowed length and every value a scalar;
-    None when anything else is met — the loop then does it, with its messages."""
-    if set(map(type, pairs)) != _TUPLE or set(map(len, pairs)) != {2}:
-        return None  # (``key, value = pair`` of anything else: the loop's way)
-    keys = list(map(_first, pairs))
-    values = list(map(_second, pairs))
-    key_types = set(map(type, keys))
-    if key_types == {bytes}:
-        encoded = map(_BYTES.__add__, keys)
-    elif key_types == {str} and all(map(str.isascii, keys)):
-        encoded = map(_STR.__add__, map(str.encode, keys))
-    else:
-        return None
-    lengths = set(map(len, keys))
-    if min(lengths) <= 0 or max(lengths) > MAX_KEY_BYTES:
-        return None
-    if not set(map(type, values)) <= _SCALARS:
-        return None
-    try:
-        packed = list(map(packb, values))
-    except Exception:  # (an int out of msgpack's range: the loop names it)
-        return None
-    if max(map(len, packed)) > RELEASE_PACKER_BYTES:
-        _release_packer()
-        if max(map(len, packed)) > MAX_VALUE_BYTES:
-            return None
-    return dict(zip(encoded, packed))
-
-
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
-_TUPLE = {tuple}
 
 
 def unpack_value(packed: bytes) -> Any:

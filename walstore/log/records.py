@@ -53,9 +53,6 @@ writer builds a COMMIT's payload from its packed body and its packed writes
 """
 from __future__ import annotations
 
-import bisect
-import itertools
-import operator
 from typing import Any
 
 from ..codec import MAX_KEY_BYTES, pack, unpack
@@ -234,47 +231,17 @@ def txid_of(body: dict) -> int:
 def chunk_writes(writes: list, chunk_bytes: int) -> list[list]:
     """Split a write set (a list of (key, value) pairs) into slices of about
     ``chunk_bytes`` (the last goes in the COMMIT).  A chunk stays far below MAX_PAYLOAD:
-    one value is at most 16 MiB.  A pair counts ``len(key) + len(value) + 16`` (a delete
-    ``len(key) + 16``); a chunk ends before the pair that would take it past
-    ``chunk_bytes`` (a pair bigger than that alone is a chunk of its own)."""
-    if len(writes) < 64 or None in map(_second, writes):
-        return _chunk_writes_loop(writes, chunk_bytes)
-    # (a bulk load's: running sizes in C loops, each boundary found by bisection: a
-    # Python loop per pair was ~25 ms of a 100,000-pair commit)
-    ends = list(itertools.accumulate(map(_PAIR_OVERHEAD.__add__,
-                                         map(operator.add, map(len, map(_first, writes)),
-                                             map(len, map(_second, writes))))))
-    chunks: list[list] = []
-    start, n = 0, len(writes)
-    while True:
-        base = ends[start - 1] if start else 0
-        stop = bisect.bisect_right(ends, base + chunk_bytes, start)
-        if stop == start:
-            stop += 1  # (one pair over chunk_bytes: a chunk of its own)
-        if stop >= n:
-            chunks.append(writes[start:])
-            return chunks
-        chunks.append(writes[start:stop])  # (a slice: pairs pack as arrays)
-        start = stop
-
-
-def _chunk_writes_loop(writes: list, chunk_bytes: int) -> list[list]:
-    """``chunk_writes`` one pair at a time (a write set with deletes, or a small one)."""
+    one value is at most 16 MiB."""
     chunks: list[list] = []
     start = size = 0
     for i, (k, v) in enumerate(writes):
-        n = len(k) + (len(v) if v is not None else 0) + _PAIR_OVERHEAD
+        n = len(k) + (len(v) if v is not None else 0) + 16
         if size and size + n > chunk_bytes:
             chunks.append(writes[start:i])  # (a slice: pairs pack as arrays)
             start, size = i, 0
         size += n
     chunks.append(writes[start:])
     return chunks
-
-
-_PAIR_OVERHEAD = 16
-_first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
 
 
 class CommitAssembler:
