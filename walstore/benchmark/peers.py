@@ -201,22 +201,28 @@ class LmdbPeer:
         self._env.close()
 
 
-class BarePeer:
-    """The physical limit: each write is one ``pwrite`` of a record the size walstore
-    frames the same put into, then ``fdatasync``, into a file preallocated with zeros
-    (and synced) beforehand, so no write changes the file's size or metadata.  Past the
-    end it wraps to the start: still overwriting preallocated blocks."""
+class _PreallocatedLog:
+    """A file of PREALLOCATED zeros, written and synced with its directory entry before
+    the first record, so no record's write changes the file's size or metadata; each
+    ``append`` is one ``pwrite`` and one ``fdatasync``.  Past the end it wraps to the
+    start: still overwriting preallocated blocks."""
 
     PREALLOCATED = 16 * (1 << 20)
 
-    def __init__(self, path: Path, value_bytes: int) -> None:
-        self.record_bytes = walstore_record_bytes(value_bytes)
-        self._fd = _preallocated(path / "bare.log", self.PREALLOCATED)
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        zeros = bytes(1 << 20)
+        for _ in range(self.PREALLOCATED // len(zeros)):
+            os.write(self._fd, zeros)
+        os.fsync(self._fd)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         self._offset = 0
 
-    def write(self, items: Sequence[Item]) -> None:
-        k, v = items[0]
-        record = (k + v).ljust(self.record_bytes, b"\0")
+    def append(self, record: bytes) -> None:
         if self._offset + len(record) > self.PREALLOCATED:
             self._offset = 0
         os.pwrite(self._fd, record, self._offset)
@@ -227,22 +233,20 @@ class BarePeer:
         os.close(self._fd)
 
 
-def _preallocated(path: Path, size: int) -> int:
-    """A file of ``size`` zeros, written and synced with its directory entry; its fd."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    zeros = bytes(1 << 20)
-    for _ in range(size // len(zeros)):
-        os.write(fd, zeros)
-    os.fsync(fd)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return fd
+class BarePeer(_PreallocatedLog):
+    """The physical limit: each write is one ``pwrite`` of a record the size walstore
+    frames the same put into, then ``fdatasync``, into a preallocated file."""
+
+    def __init__(self, path: Path, value_bytes: int) -> None:
+        self.record_bytes = walstore_record_bytes(value_bytes)
+        super().__init__(path / "bare.log")
+
+    def write(self, items: Sequence[Item]) -> None:
+        k, v = items[0]
+        self.append((k + v).ljust(self.record_bytes, b"\0"))
 
 
-class PythonFloorPeer:
+class PythonFloorPeer(_PreallocatedLog):
     """The least a transactional write-ahead log written in Python does per durable
     commit, and nothing more: a transaction object used as a context manager, its puts in
     a dict, at the end the write set msgpack-packed behind a header with a CRC-32C (the
@@ -251,8 +255,6 @@ class PythonFloorPeer:
     index, nothing applied anywhere, no recovery: not a store, a floor — what any store
     with a Python transaction API pays on top of the bare loop here.  A ratio of walstore
     to the bare loop above this row's is out of any such store's reach."""
-
-    PREALLOCATED = BarePeer.PREALLOCATED
 
     class _Transaction:
         __slots__ = ("peer", "writes")
@@ -276,8 +278,8 @@ class PythonFloorPeer:
         import msgpack
 
         from walstore.log.format import crc32c
-        self._fd = _preallocated(path / "floor.log", self.PREALLOCATED)
-        self._offset = self._txid = 0
+        super().__init__(path / "floor.log")
+        self._txid = 0
         self._pack = msgpack.Packer().pack
         self._head = struct.Struct("<IQ").pack  # length, txid (the CRC before them)
         self._crc = struct.Struct("<I").pack
@@ -295,15 +297,7 @@ class PythonFloorPeer:
         self._txid += 1
         payload = self._pack([self._txid, list(writes.items())])
         head = self._head(len(payload), self._txid)
-        record = self._crc(self._crc32c(payload, self._crc32c(head))) + head + payload
-        if self._offset + len(record) > self.PREALLOCATED:
-            self._offset = 0
-        os.pwrite(self._fd, record, self._offset)
-        os.fdatasync(self._fd)
-        self._offset += len(record)
-
-    def close(self) -> None:
-        os.close(self._fd)
+        self.append(self._crc(self._crc32c(payload, self._crc32c(head))) + head + payload)
 
 
 @functools.lru_cache(maxsize=None)
