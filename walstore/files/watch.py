@@ -757,7 +757,15 @@ def diff(old: Manifest, new: Manifest, ignore: IgnoreRules | None = None) -> lis
         # the root itself: only its mode (it is never created, deleted or replaced)
         out.append(Change(b"", MODE, old.top.entry(), new.top.entry()))
     a, b = old.records, new.records
-    for rel in sorted(a.keys() | b.keys()):
+    # A path whose record is the same object in both cannot differ (a Record never changes
+    # once made; an incremental snapshot keeps its previous manifest's records for every
+    # path it did not examine): only the others are compared and sorted (20,000 paths,
+    # one changed: the union's sort took most of a watch's diff)
+    get_a = a.get
+    candidates = [rel for rel, rb in b.items() if get_a(rel) is not rb]
+    if len(a) > len(b) - len(candidates):  # (else every path of ``a`` is one of ``b``'s)
+        candidates.extend(a.keys() - b.keys())
+    for rel in sorted(candidates):
         ra, rb = a.get(rel), b.get(rel)
         if ra is not None and rb is not None and ra.kind == rb.kind == FILE and \
                 ra.sha256 == rb.sha256 and ra.mode == rb.mode:
