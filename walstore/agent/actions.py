@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable
+from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack
 from ..errors import (ActionIdTypeError, CompensationFailed, ReadOnlyError, StoreClosed,
                       UnknownAction, WalstoreError)
 from ..log.format import RecordType
@@ -302,7 +302,8 @@ class Saga:
         # its row goes into the COMMIT: refused now, before its body runs, when the
         # transaction's actions would pass what one record can carry (it failed at commit,
         # after the side effect, with a bare record-size error)
-        size = (len(pack(args)) + len(name.encode("utf-8", "surrogatepass"))
+        packed_args = pack(args)
+        size = (len(packed_args) + len(name.encode("utf-8", "surrogatepass"))
                 + len((compensate or "").encode("utf-8", "surrogatepass"))
                 + len(scope or "") + ACTION_ROW_BYTES)
         if tx.action_bytes + size > MAX_ACTION_BYTES:
@@ -314,6 +315,10 @@ class Saga:
         tx.action_bytes += size
         tx.actions_begun += 1
         aid = f"{tx.id}.{tx.actions_begun}"
+        # the args as the intent logs them, a copy: the caller's object may change after
+        # this call (or become unstorable), and the row, the COMMIT and an in-process
+        # compensation must say what the intent said (a crash's recovery reads the intent)
+        args = unpack(packed_args)
         return Action(aid, tx.id, name, args, None,
                       f"ws-{self.engine.key_namespace}-{aid}", compensate, scope=scope,
                       commit_bytes=size)
@@ -340,7 +345,8 @@ class Saga:
         try:
             check_packable(f"result of action {action.name!r}", action.result)
             if action.result is not None:
-                size = len(pack(action.result))
+                packed = pack(action.result)
+                size = len(packed)
                 if tx.action_bytes + size > MAX_ACTION_BYTES:
                     raise ValueError(
                         f"result of action {action.name!r} is {size:,} bytes packed, and a "
@@ -348,6 +354,8 @@ class Saga:
                         f"of args and results together ({tx.action_bytes:,} bytes used)")
                 tx.action_bytes += size
                 action.commit_bytes += size
+                # fixed as the body ended (a copy, as the args: see new_action)
+                action.result = unpack(packed)
         except (TypeError, ValueError) as e:
             bad = e
             action.result = None
