@@ -16,7 +16,7 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      StoreLocked,
                      TransactionClosed, UnknownAction, UnknownGid, UnknownPoint,
                      WalstoreError, WorkspaceChanged, UnknownRestorePoint)
-from .options import Options
+from .options import Options, check_flag
 from .engine.recovery import RecoveryReport
 from .engine.transaction import Savepoint, Transaction
 from .agent.actions import Action
@@ -58,6 +58,8 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
     ``progress(done, total)``: called as the open's recovery reads the log (bytes), so a
     long one can be shown.
     """
+    check_flag("create", create)
+    check_flag("readonly", readonly)
     if progress is not None and not callable(progress):
         raise TypeError(f"progress= is a callable progress(done, total) or None, not "
                         f"{type(progress).__name__}")

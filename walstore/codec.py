@@ -96,10 +96,19 @@ def decode_key(stored: bytes) -> Key:
     raise CorruptionError(f"stored key has unknown type tag {tag!r}")
 
 
+def utf8(text: str, what: str) -> bytes:
+    """``text`` in UTF-8; ValueError naming ``what`` when it cannot be (a lone surrogate:
+    msgpack and LMDB would raise a bare codec error naming nothing)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} {text!r} is not valid UTF-8 text: {e.reason}") from None
+
+
 def encode_prefix(prefix: Any) -> bytes:
     """Stored form of a scan bound or prefix (may be empty, unlike a key)."""
     if isinstance(prefix, str):
-        return _STR + prefix.encode("utf-8")
+        return _STR + utf8(prefix, "scan bound")
     if isinstance(prefix, (bytes, bytearray, memoryview)):
         return _BYTES + bytes(prefix)
     raise TypeError(f"scan bound must be str or bytes, not {type(prefix).__name__}")
@@ -143,12 +152,59 @@ def pack_value(value: Any, key: Any = None) -> bytes:
                              f"the limit is {MAX_VALUE_BYTES}")
     if type(value) in _SCALARS:
         return packed  # no map inside: nothing that could fail to read back
-    try:  # what cannot be read back must not be stored (e.g. a dict with a tuple key)
-        msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"value for key {key!r} cannot be stored: it would not read back "
-                        f"({e}); dict keys must be str, bytes, int, float, bool or None") from None
+    _read_back(packed, f"value for key {key!r}")  # (raises TypeError)
     return packed
+
+
+class _Extension(TypeError):
+    pass
+
+
+def _no_extension(code: int, data: bytes) -> Any:
+    raise _Extension(f"a msgpack extension type (code {code})")
+
+
+# how a msgpack Timestamp (extension -1) begins: fixext 4, fixext 8, ext 8 of 12 bytes
+_TIMESTAMP_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def _read_back(packed: bytes, what: str) -> Any:
+    """What ``packed`` (a user value: not a bare scalar) reads back as; TypeError naming
+    ``what`` when it would not read back (a dict with a tuple key packs, yet its record
+    would then fail every reader, recovery included), or when it holds a msgpack
+    extension type (``msgpack.ExtType``, ``msgpack.Timestamp``): not among the values a
+    store takes (None, bool, int, float, str, bytes, list, dict), packed by msgpack as
+    they are, and then read back as types no reader of the store (its CLI's JSON
+    included) renders (probe-api42)."""
+    try:
+        back = msgpack.unpackb(packed, raw=False, strict_map_key=False,
+                               ext_hook=_no_extension)
+    except _Extension as e:
+        raise TypeError(f"{what} cannot be stored: it holds {e} (allowed: None, bool, "
+                        f"int, float, str, bytes, list, dict)") from None
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} cannot be stored: it would not read back ({e}); dict "
+                        f"keys must be str, bytes, int, float, bool or None") from None
+    if any(head in packed for head in _TIMESTAMP_HEADS) and _holds_timestamp(back):
+        raise TypeError(f"{what} cannot be stored: it holds a msgpack.Timestamp (allowed: "
+                        f"None, bool, int, float, str, bytes, list, dict; store a time as "
+                        f"a number or a string)")
+    return back
+
+
+def _holds_timestamp(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        t = type(x)
+        if t is list:
+            stack.extend(x)
+        elif t is dict:
+            stack.extend(x)
+            stack.extend(x.values())
+        elif t is msgpack.Timestamp:
+            return True
+    return False
 
 
 def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
@@ -239,11 +295,7 @@ def storable(what: str, value: Any, limit: int | None = None) -> Any:
     if limit is not None and len(packed) > limit:
         raise ValueError(f"{what} is {len(packed):,} bytes packed; the limit is {limit:,} "
                          f"bytes; nothing changed")
-    try:
-        return msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    except (TypeError, ValueError) as e:
-        raise TypeError(f"{what} cannot be stored: it would not read back ({e}); dict "
-                        f"keys must be str, bytes, int, float, bool or None") from None
+    return _read_back(packed, what)
 
 
 def check_meta(meta: Any) -> Any:

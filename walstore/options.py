@@ -71,6 +71,14 @@ class Options:
         return cls(**tuning)
 
 
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` when it is a bool; TypeError naming ``name`` otherwise (a flag taken by
+    its truth: ``readonly="no"`` opened the store read-only)."""
+    if value is not True and value is not False:
+        raise TypeError(f"{name} must be True or False, not {value!r:.80}")
+    return value
+
+
 def _int_range(name: str, value: Any, lo: int, hi: int, extra: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise ValueError(f"option {name}={value!r} is out of range: an integer from {lo:,} to "

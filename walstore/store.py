@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
 from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed, WalstoreError
-from .options import Options
+from .options import Options, check_flag
 from .engine.engine import Engine
 from .engine.tables import row_damaged
 from .engine.transaction import Transaction, scan_bounds
@@ -457,7 +457,7 @@ class Store:
         ``start`` inclusive, ``end`` exclusive."""
         eng = self._engine
         eng.check_open()
-        lo, hi = scan_bounds(prefix, start, end)
+        lo, hi = scan_bounds(prefix, start, end, reverse)
         eng.refresh()
         for k, v in eng.reader.scan(lo, hi, reverse):
             eng.check_open()
@@ -499,7 +499,16 @@ class Store:
 
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
             backoff: float = 0.005, scope: Any = None) -> Any:
-        """Call ``fn(tx)`` in a transaction and commit; retry on ConflictError."""
+        """Call ``fn(tx)`` in a transaction and commit; retry on ConflictError (at most
+        ``retries`` times, after ``backoff`` seconds doubling each time, with jitter)."""
+        if not isinstance(retries, int) or isinstance(retries, bool):
+            raise TypeError(f"retries must be an int, not {retries!r:.80}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 or more, not {retries}")
+        if (not isinstance(backoff, (int, float)) or isinstance(backoff, bool)
+                or not 0 <= backoff < float("inf")):
+            raise ValueError(f"backoff must be a number of seconds, 0 or more, not "
+                             f"{backoff!r:.80}")
         attempt = 0
         while True:
             tx = self.transaction(meta, scope)
@@ -611,6 +620,8 @@ class Store:
         self._engine.check_open()
         self._finishing.enter()
         try:
+            for flag, value in (("cascade", cascade), ("dry_run", dry_run), ("force", force)):
+                check_flag(flag, value)
             return self._undo.revert(txid, cascade, scope, dry_run, force, meta)
         finally:
             self._finishing.leave()
@@ -625,6 +636,8 @@ class Store:
         self._engine.check_open()
         self._finishing.enter()
         try:
+            check_flag("dry_run", dry_run)
+            check_flag("force", force)
             return self._undo.rewind(to, scope, dry_run, force, meta, keep)
         finally:
             self._finishing.leave()

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack
+from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
 from ..errors import (ActionIdTypeError, CompensationFailed, ReadOnlyError, StoreClosed,
                       UnknownAction, WalstoreError)
 from ..log.format import RecordType
@@ -295,6 +295,9 @@ class Saga:
             raise TypeError("an action name must be a non-empty str")
         if compensate is not None and not isinstance(compensate, str):
             raise TypeError("compensate must be the name of a compensator (a str) or None")
+        utf8(name, "action name")  # (logged as text: a bare codec error at the intent)
+        if compensate is not None:
+            utf8(compensate, "compensator name")
         if scope is not None:  # (the rule every other scope follows: non-empty, or no
             from .scope import check_scope  # scoped undo could ever name it)
             check_scope(scope)

@@ -1489,7 +1489,11 @@ class TxFiles:
         """Make ``path`` a file holding ``data`` (str: UTF-8); ``mode`` default: the
         current file's, else 0o666 less the umask.  Missing parents are created."""
         if isinstance(data, str):
-            data = data.encode("utf-8")
+            try:
+                data = data.encode("utf-8")
+            except UnicodeEncodeError as e:  # (a bare codec error named nothing)
+                raise ValueError(f"the str content written to {path!r} is not valid UTF-8 "
+                                 f"text ({e.reason} at character {e.start})") from None
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"file content is str or bytes, not {type(data).__name__}")
         data = bytes(data)

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
-from ..codec import Key, decode_key, encode_key, unpack_value
+from ..codec import Key, decode_key, encode_key, unpack_value, utf8
+from ..options import check_flag
 from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, PointTypeError,
                       ReadOnlyError, TrimmedOrUnknownPoint, UnknownPoint)
 from ..log.format import RecordType
@@ -110,7 +111,7 @@ class HistoricalView:
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """Every key that existed at the point, in order: walks the keys with history in
         the range (``hkeys``), so it costs what the range holds, not the log's length."""
-        lo, hi = scan_bounds(prefix, start, end)
+        lo, hi = scan_bounds(prefix, start, end, reverse)
         eng = self._history.engine
         if eng.follower is not None:
             eng.follow_state()  # (as ``_value``: the MemTable's keys without applied ones)
@@ -230,8 +231,11 @@ class History:
         trimmed transactions out without a word).  Reads the LSN index backwards: costs
         what it returns.  ``oldest_first``: the ``limit`` oldest after ``since`` instead,
         oldest first (page on with ``since=LSN(last.lsn)``)."""
-        if limit is not None and (not isinstance(limit, int) or limit < 0):
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+            raise TypeError(f"limit must be a non-negative int or None, not {limit!r:.80}")
+        if limit is not None and limit < 0:
             raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+        check_flag("oldest_first", oldest_first)
         if not isinstance(oldest_first, bool):
             raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
         self.engine.refresh()
@@ -368,9 +372,10 @@ class History:
             raise ValueError(f"a restore point name must not be all digits or begin with "
                              f"'tx:' or 'lsn:' ({name!r} would read as a txid or an LSN on "
                              f"the command line)")
-        if len(name.encode("utf-8")) > 400:
+        size = len(utf8(name, "restore point name"))
+        if size > 400:
             raise ValueError(f"a restore point name is at most 400 bytes of UTF-8 "
-                             f"({len(name.encode('utf-8'))} given)")
+                             f"({size} given)")
         event = self.engine.log_event(RecordType.RESTORE_POINT,
                                       {"name": name, "ts": time.time()}, durable=True)
         return LSN(event.lsn)

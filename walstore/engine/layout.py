@@ -31,6 +31,7 @@ import json
 import os
 import time
 import uuid
+from typing import Any
 
 from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreLocked
@@ -42,9 +43,35 @@ PROBE_WAIT_S = 1.0  # how long a writer's open waits out read-only processes' lo
 MAX_IDENTITY_BYTES = 65536  # STORE is read whole, up to this; written never larger
 
 
+def store_path(path: Any) -> str:
+    """A store's path as text (a str or an ``os.PathLike``; bytes decoded as the file
+    system's names are), checked before anything is made there: ValueError when it is
+    empty, holds a NUL, or is not valid UTF-8 (LMDB takes its path as UTF-8 text: such a
+    path failed in ``lmdb.open`` with a raw codec error after the store's directory and
+    files were made, and every later open failed the same way)."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"a store path must be a str or an os.PathLike, not "
+                        f"{type(path).__name__}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if not p:
+        raise ValueError("a store path must not be empty (\".\" names the current "
+                         "directory)")
+    if "\0" in p:
+        raise ValueError(f"a store path must not contain a NUL character: {p!r}")
+    try:
+        p.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"the store path {p!r} is not valid UTF-8: LMDB takes its path as "
+                         f"UTF-8 text, so a store must live at a path that is") from None
+    return p
+
+
 class Layout:
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(root)
+    def __init__(self, root: Any) -> None:
+        self.root = os.path.abspath(store_path(root))
         self.identity = os.path.join(self.root, "STORE")
         self.lock = os.path.join(self.root, "LOCK")
         self.wal = os.path.join(self.root, "wal")

@@ -96,9 +96,13 @@ class TransactionHooks(Protocol):
         """``tx`` (one ``effects_began`` named) ended."""
 
 
-def scan_bounds(prefix: Key | None, start: Key | None, end: Key | None
-                ) -> tuple[bytes, bytes | None]:
-    """Stored-key bounds [lo, hi) of a scan (start inclusive, end exclusive)."""
+def scan_bounds(prefix: Key | None, start: Key | None, end: Key | None,
+                reverse: bool = False) -> tuple[bytes, bytes | None]:
+    """Stored-key bounds [lo, hi) of a scan (start inclusive, end exclusive); TypeError
+    when ``reverse`` is not a bool (a str failed deep inside as "'str' object cannot be
+    interpreted as an integer")."""
+    if reverse is not True and reverse is not False:
+        raise TypeError(f"reverse must be a bool, not {type(reverse).__name__}")
     lo, hi = b"", None
     if prefix is not None:
         lo = encode_prefix(prefix)
@@ -288,7 +292,7 @@ class Transaction:
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """(key, value) in key order within the bounds (start inclusive, end exclusive)."""
         self._check_active()
-        lo, hi = scan_bounds(prefix, start, end)
+        lo, hi = scan_bounds(prefix, start, end, reverse)
         self.read_ranges.append((lo, hi))
         mine = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
         committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
@@ -360,6 +364,9 @@ class Transaction:
 
     # ---- savepoints ----------------------------------------------------------------------
     def savepoint(self, name: str | None = None) -> Savepoint:
+        if name is not None and not isinstance(name, str):  # (``rollback_to`` and
+            raise TypeError(f"a savepoint name is a str or None, not "  # ``release`` take
+                            f"{type(name).__name__}")  # no other name: it was accepted here)
         self._check_active()
         self._serial += 1
         inside = tuple(e for e in self.effects if getattr(e, "blocks_inner_rollback", None))

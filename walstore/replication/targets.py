@@ -158,6 +158,8 @@ def display_url(url: str) -> str:
     if _has_userinfo(url):
         return _shown(url)
     p = urlsplit(url)
+    if not p.scheme:  # (no scheme: shown as written, less any query or fragment; it
+        return _shown(p.netloc + p.path)  # read "://bogus" for "bogus")
     host = p.hostname or ""
     try:
         port = p.port

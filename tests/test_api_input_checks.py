@@ -1,0 +1,138 @@
+"""Bad input meets a TypeError/ValueError at the call, naming the problem, and changes
+nothing (CONTRACT, section 2 and "Errors"): the cases probe-api42 found leaking a foreign
+exception, a message that named nothing, or accepted by their truth."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import msgpack
+import pytest
+
+import walstore
+
+
+@pytest.fixture
+def store(tmp_path):
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        yield s
+
+
+def test_a_store_path_that_is_not_utf8_is_refused_before_anything_is_made(tmp_path):
+    path = os.path.join(str(tmp_path), os.fsdecode(b"st\xffore"))
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        walstore.open(path)
+    assert not os.path.exists(path)  # (it was a half-made store that never opened)
+
+
+def test_store_paths_empty_nul_bytes_and_wrong_types(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="empty"):
+        walstore.open("")
+    assert os.listdir(tmp_path) == []  # (not a store made in the current directory)
+    with pytest.raises(ValueError, match="NUL"):
+        walstore.open(str(tmp_path / "a\0b"))
+    with pytest.raises(TypeError, match="str or an os.PathLike"):
+        walstore.open(5)
+    with walstore.open(os.fsencode(str(tmp_path / "b")), durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    with walstore.open(str(tmp_path / "b"), durability="none") as s:
+        assert s.get("k") == 1  # (the bytes path named this store)
+
+
+@pytest.mark.parametrize("value", [
+    msgpack.Timestamp(1, 0), msgpack.ExtType(5, b"x"), [1, {"a": msgpack.Timestamp(2, 0)}],
+    {"k": [msgpack.ExtType(1, b"")]}])
+def test_msgpack_extension_types_are_refused_at_put(store, value):
+    with store.transaction() as tx:
+        with pytest.raises(TypeError, match="extension type|Timestamp"):
+            tx.put("k", value)
+        with pytest.raises(TypeError, match="extension type|Timestamp"):
+            tx.update({"a": 1, "b": value})
+    with pytest.raises(TypeError, match="extension type|Timestamp"):
+        store.transaction(meta={"when": value})
+    assert store.get("k") is None and store.get("a") is None
+
+
+def test_bytes_that_look_like_a_timestamp_header_are_stored(store):
+    """The check looks for a Timestamp's header bytes first: bytes holding them are data."""
+    value = {"t": b"\xd7\xff" * 10, "u": [b"\xd6\xff\x00\x00\x00\x01", b"\xc7\x0c\xff"]}
+    with store.transaction() as tx:
+        tx.put("k", value)
+    assert store.get("k") == value
+
+
+def test_action_args_holding_an_extension_type_are_refused_before_the_body(store):
+    ran = []
+    with store.transaction() as tx:
+        with pytest.raises(TypeError, match="extension type"):
+            with tx.action("charge", args={"x": msgpack.ExtType(2, b"")}):
+                ran.append(1)
+    assert ran == [] and store.actions() == []
+
+
+def test_text_that_is_not_utf8_is_named_in_the_error(store, tmp_path):
+    bad = "x\ud800"
+    with pytest.raises(ValueError, match="restore point name .* not valid UTF-8"):
+        store.restore_point(bad)
+    with store.transaction() as tx:
+        with pytest.raises(ValueError, match="action name .* not valid UTF-8"):
+            with tx.action(bad):
+                pass
+        with pytest.raises(ValueError, match="compensator name .* not valid UTF-8"):
+            with tx.action("a", compensate=bad):
+                pass
+    for kw in ("prefix", "start", "end"):
+        with pytest.raises(ValueError, match="scan bound .* not valid UTF-8"):
+            list(store.scan(**{kw: bad}))
+    root = tmp_path / "ws"
+    root.mkdir()
+    ws = store.workspace(str(root))
+    with store.transaction() as tx:
+        with pytest.raises(ValueError, match="'a.txt' is not valid UTF-8"):
+            tx.files(ws).write("a.txt", bad)
+    assert store.restore_points() == {} and not (root / "a.txt").exists()
+
+
+def test_flags_and_counts_of_the_wrong_type_are_refused(store, tmp_path):
+    with pytest.raises(TypeError, match="reverse must be a bool"):
+        list(store.scan(reverse="no"))
+    with store.transaction() as tx:
+        with pytest.raises(TypeError, match="reverse must be a bool"):
+            list(tx.scan(reverse=1))
+        with pytest.raises(TypeError, match="savepoint name"):
+            tx.savepoint(5)
+        with pytest.raises(TypeError, match="savepoint name"):
+            tx.savepoint(b"x")
+        tx.savepoint(None)
+        tx.savepoint("fine")
+    with pytest.raises(TypeError, match="readonly must be True or False"):
+        walstore.open(str(tmp_path / "s"), readonly="no")
+    with pytest.raises(TypeError, match="create must be True or False"):
+        walstore.open(str(tmp_path / "new"), create="no")
+    assert not (tmp_path / "new").exists()
+    with store.transaction() as tx:
+        tx.put("k", 1)
+    txid = store.log(limit=1)[0].txid
+    with pytest.raises(TypeError, match="cascade must be True or False"):
+        store.revert(txid, cascade="yes")
+    with pytest.raises(TypeError, match="dry_run must be True or False"):
+        store.rewind(txid, dry_run="no")
+    assert store.get("k") == 1  # (nothing undone)
+    with pytest.raises(TypeError, match="limit"):
+        store.log(limit=True)
+    with pytest.raises(TypeError, match="limit"):
+        store.log(limit="3")
+    with pytest.raises(ValueError, match="retries"):
+        store.run(lambda tx: None, retries=-1)
+    with pytest.raises(TypeError, match="retries"):
+        store.run(lambda tx: None, retries="3")
+
+
+def test_a_replica_url_without_a_scheme_is_shown_as_given(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "walstore", "replicas", "bogus"],
+                       capture_output=True, text=True)
+    assert p.returncode != 0
+    assert "://bogus" not in p.stderr and "bogus" in p.stderr
