@@ -41,8 +41,28 @@ class Retention:
         if opts.retain_transactions is None and opts.retain_seconds is None:
             return {"history_trimmed": 0}
         st = self.engine.state
+        with self.engine.history_pins.lock:  # (from reading the pins to recording the
+            old, horizon, ended = self._move_horizon(st)  # horizon: walstore.engine.pins)
+        trimmed = 0
+        while horizon > old:
+            batch = self._oldest_commits(old, horizon)
+            if not batch:
+                break
+            self.engine.applier.trim_history(batch, horizon)
+            trimmed += len(batch)
+            old = batch[-1][0] + 1
+        self._trim_ended_actions(max(horizon, ended))
+        return {"history_trimmed": trimmed}
+
+    def _move_horizon(self, st) -> tuple[int, int, int]:
+        """Record the new horizon (never past a restore point or an undo in flight);
+        returns (the lowest LSN whose history rows may still need trimming, the horizon,
+        the rollbacks' horizon).  Nothing to trim: the first two are equal."""
         horizon, ended = self._horizon()
         pins = [p["lsn"] for p in self.engine.views.points().values()]
+        held = self.engine.history_pins.lowest()  # undos in flight
+        if held is not None:
+            pins.append(held)
         if pins:
             horizon = min(horizon, min(pins))
         old = st.meta_int(b"horizon")
@@ -51,8 +71,7 @@ class Retention:
         first = next(iter(st.scan(b"", None, db="bylsn")), None)
         left = from_u64(first[0], 0, "bylsn", None, st) if first is not None else None
         if horizon <= old and (left is None or left >= old):
-            self._trim_ended_actions(max(old, ended))
-            return {"history_trimmed": 0}
+            return old, old, max(old, ended)
         horizon = max(horizon, old)
         if left is not None:
             old = min(old, left)
@@ -67,16 +86,7 @@ class Retention:
         for raw, txid in st.scan(u64(old), u64(horizon), db="bylsn"):
             top = max(top, from_u64(txid, 0, "bylsn", raw, st))
         self.engine.applier.set_meta(b"horizon", horizon, trimmed_txid_max=top)
-        trimmed = 0
-        while True:
-            batch = self._oldest_commits(old, horizon)
-            if not batch:
-                break
-            self.engine.applier.trim_history(batch, horizon)
-            trimmed += len(batch)
-            old = batch[-1][0] + 1
-        self._trim_ended_actions(max(horizon, ended))
-        return {"history_trimmed": trimmed}
+        return old, horizon, ended
 
     def _trim_ended_actions(self, horizon: int) -> None:
         """The settled action rows no trimmed commit reached: those of transactions that

@@ -194,10 +194,14 @@ class Undo:
         published: nothing can overtake it, so an undo under continuous writers finishes
         instead of conflicting forever.  The gate opens before any compensation runs (a
         compensator is user code and may wait for other threads' commits)."""
-        result, owed = self.engine.pipeline.held_out_on_conflict(attempt)
-        if owed:
-            self._decision_durable(result)
-            self.saga.compensate(owed)
+        eng = self.engine
+        # history stays as it is until the compensations ran (walstore.engine.pins): a trim
+        # between the plan's check and the claim's apply deleted the claimed action rows
+        with eng.history_pins.hold(lambda: eng.state.meta_int(b"horizon")):
+            result, owed = eng.pipeline.held_out_on_conflict(attempt)
+            if owed:
+                self._decision_durable(result)
+                self.saga.compensate(owed)
         return result
 
     def _decision_durable(self, result: Any) -> None:

@@ -47,6 +47,7 @@ from .layout import Layout, ProcessLock, writer_alive
 from .lmdb_check import check_lmdb_paths
 from .lmdb_state import LmdbState, StateWriteError, from_u64
 from .memtable import MemTable
+from .pins import HistoryPins
 from .pipeline import CommitPipeline
 from .recovery import LogPosition, Recovery, RecoveryReport
 from .snapshot import StateReader
@@ -107,6 +108,7 @@ class Engine:
         self.last_recovery: RecoveryReport | None = None
         self.checkpoint_hooks: list[Callable[[], dict]] = []
         self.retention_pins: list[Callable[[], int | None]] = []
+        self.history_pins = HistoryPins()  # undos in flight (see walstore.engine.pins)
         self._replica_pin_bound = keep_replica_pin
         if keep_replica_pin is not None:
             self.retention_pins.append(self._stored_replica_pin)
