@@ -235,12 +235,46 @@ def _trim_in_another_thread(store):
 
 
 @pytest.mark.parametrize("verb", ["rewind", "revert"])
-def test_an_undo_whose_history_is_trimmed_while_it_plans_changes_nothing(tmp_path, verb):
+def test_a_checkpoint_while_an_undo_plans_trims_nothing_it_reads(tmp_path, verb):
     """A rewind planned from live history rows; a checkpoint trimming them meanwhile made
     the rows simply absent, so the rewind undid part of the range and committed a state
-    the store never had at the point (the race: 2 wrong rewinds in ~80).  Now the undo
-    checks, after planning, that nothing it read was trimmed: HistoryTrimmed, no change."""
+    the store never had at the point (the race: 2 wrong rewinds in ~80).  Since stop 42
+    an undo pins history at the horizon recorded when it began (walstore.engine.pins):
+    the trim in the middle of its plan leaves what it reads, and the undo is exact; the
+    history goes at the next checkpoint after it."""
     from tools.faults import FaultBackend, installed
+    store = walstore.open(tmp_path / "s", durability="none", retain_transactions=3)
+    try:
+        ids, states = [], {}
+        for i in range(10):
+            with store.transaction() as tx:
+                tx.put("k", i)
+                tx.put(f"k{i % 3}", i)
+            ids.append(tx.id)
+            states[tx.id] = dict(store.scan())
+        fb = FaultBackend()
+        rule = fb.at_point("undo.resolved", _trim_in_another_thread(store))
+        with installed(fb):
+            if verb == "rewind":
+                info = store.rewind(ids[4])
+            else:
+                info = store.revert(ids[5], cascade=True)
+        assert rule.seen == 1
+        assert info is not None and store.log(limit=1)[0].txid == info.txid
+        assert dict(store.scan()) == states[ids[4]]  # (both undo ids[5] and after it)
+        store.checkpoint()
+        with pytest.raises(walstore.HistoryTrimmed):
+            store.at(ids[4])
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("verb", ["rewind", "revert"])
+def test_an_undo_whose_history_was_trimmed_before_it_pinned_changes_nothing(
+        tmp_path, verb, monkeypatch):
+    """A trim recorded after the undo resolved its point but before it pinned history:
+    what it then plans from is gone, and the check after planning refuses (HistoryTrimmed,
+    no undo transaction, nothing changed)."""
     store = walstore.open(tmp_path / "s", durability="none", retain_transactions=3)
     try:
         ids = []
@@ -250,15 +284,20 @@ def test_an_undo_whose_history_is_trimmed_while_it_plans_changes_nothing(tmp_pat
                 tx.put(f"k{i % 3}", i)
             ids.append(tx.id)
         before = dict(store.scan())
-        fb = FaultBackend()
-        rule = fb.at_point("undo.resolved", _trim_in_another_thread(store))
-        with installed(fb):
-            with pytest.raises(walstore.HistoryTrimmed):
-                if verb == "rewind":
-                    store.rewind(ids[4])
-                else:
-                    store.revert(ids[5], cascade=True)
-        assert rule.seen == 1
+        pins = store._engine.history_pins
+        hold = pins.hold
+
+        def trim_then_hold(recorded_horizon):
+            t = threading.Thread(target=store.checkpoint)
+            t.start()
+            t.join(30)
+            return hold(recorded_horizon)
+        monkeypatch.setattr(pins, "hold", trim_then_hold)
+        with pytest.raises(walstore.HistoryTrimmed):
+            if verb == "rewind":
+                store.rewind(ids[4])
+            else:
+                store.revert(ids[5], cascade=True)
         assert dict(store.scan()) == before
         assert store.log(limit=1)[0].txid == ids[-1]  # no undo transaction committed
     finally:
