@@ -399,10 +399,24 @@ class Engine:
 
     def _open_readonly(self) -> None:
         from .follower import Follower
-        if self.needs_recovery() and not writer_alive(self.layout):
-            # A crashed store: judge its log as strict recovery would, so a damaged log is
-            # refused here instead of being shown as a silent prefix.
+        marks = MarkReader(self.layout.root)
+        first = marks.read()  # (before asking whether a writer lives: see below)
+        if not writer_alive(self.layout):
+            # No writer: judge the log as strict recovery would — a crashed store's, so a
+            # damaged log is refused instead of shown as a silent prefix; and a cleanly
+            # closed one's too, whose LMDB may be an older copy than its log (the log
+            # beginning past LMDB's applied LSN: a gap the writable open and verify
+            # refuse, which a read-only open showed as the old state, exit 0: probe-disk42).
+            # A clean store's log since LMDB's applied LSN is empty: one segment header.
             Recovery(self.path, self.store_id, self.state, "strict", None, dry_run=True).run()
+            # ... and the dead writer's mark does not bound what is shown: the log the
+            # judge accepted is what the next writer's recovery keeps, while VISIBLE is
+            # never fsynced (a power loss leaves an older mark, or a torn one, and the
+            # acknowledged commits past it were hidden: probe-disk42).  A writer that
+            # opens later writes a new generation, whose marks are followed.
+            dead_generation = first[0] if first is not None else None
+        else:
+            dead_generation = None
         # read-only transactions never log their id (nor reserve any): theirs are apart
         # from every writer's (see next_txid)
         self._txids = readonly_txids(os.getpid())
@@ -412,9 +426,8 @@ class Engine:
         self.reader.follow = self.follow_state
         self.views = Views(self.state, self.memtable)
         self.prepared = PreparedSet()
-        marks = MarkReader(self.layout.root)
         self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable,
-                                 marks)
+                                 marks, dead_generation, first)
         self.reader.purge_epoch = marks.purge_epoch
         self._followed_epoch: int | None = None  # the writer's purge count last followed
         self.refresh()

@@ -20,7 +20,12 @@ hid it; a power loss then erased it.)  The mark is read after the log, so it cov
 records that were there before it was read.  A new writer generation (a writer opened
 since) voids the events past the follower's own mark and reads them again: they may be a
 crashed writer's tail that the new writer's recovery cut and overwrote.  No VISIBLE file
-(a store whose writers predate it): everything read is published, as before.
+(a store whose writers predate it): everything read is published, as before; and when
+the process opened the store with no writer alive, the mark it found then is a dead
+writer's, never fsynced (older than the acknowledged commits after a power loss, or
+torn): the open judged the log instead (``Engine._open_readonly``), so everything read
+is published until a new writer's generation appears (probe-disk42: a stale or torn mark
+hid acknowledged commits from every read-only open and CLI read).
 
 Events LMDB already holds are dropped from the MemTable as the writer applies them, so a
 long-lived reader stays bounded.  Reads at a snapshot taken earlier (a transaction's later
@@ -46,13 +51,19 @@ RESTARTS = 3  # new writer generations met within one catch-up before it gives u
 
 class Follower:
     def __init__(self, wal_dir: str, store_id: bytes, state: LmdbState,
-                 memtable: MemTable, marks: MarkReader | None = None) -> None:
+                 memtable: MemTable, marks: MarkReader | None = None,
+                 dead_generation: int | None = None, first: tuple | None = None) -> None:
+        """``dead_generation``: the generation in VISIBLE when the store was opened with no
+        writer alive (its marks bound nothing: see ``_bound``); ``first``: VISIBLE as read
+        then (read here when not given)."""
         self.state = state
         self.memtable = memtable
         self.marks = marks
         # the generation before the first read of the log (see ``_bound``)
-        first = marks.read() if marks is not None else None
+        if first is None and marks is not None:
+            first = marks.read()
         self._generation = first[0] if first is not None else None
+        self._dead = dead_generation
         self._held = False  # records past the writer's mark were read (waiting for it)
         self.log = LogFollower(wal_dir, store_id, state.applied_lsn())
         self._assembler = records.CommitAssembler()
@@ -116,6 +127,9 @@ class Follower:
             self._held = False
             return pos
         generation, mark = got
+        if generation is not None and generation == self._dead:  # (the writer that had
+            self._held = False  # died before this open: its log is judged, its marks,
+            return pos          # never fsynced, stale or torn, bound nothing)
         if generation != self._generation:
             self._generation = generation
             self._restart()

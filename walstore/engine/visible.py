@@ -27,8 +27,11 @@ Lifecycle (the writer, :class:`SharedMark`): created or taken over right after t
 recovery positioned the log, before anything is appended (a crashed writer's mark may lie
 past the end of a log a power loss cut, so it is reset first, with a new generation); then
 set on every publication (``MemTable.publish``, one call: two word stores); set to the
-log's end at a clean close.  A killed writer leaves its last mark: what it never published
-stays hidden until the next writer's recovery decides it.  The generation tells readers
+log's end at a clean close.  A killed writer leaves its last mark, which bounds nothing:
+a reader that opens with no writer alive judges the log itself (a strict dry-run
+recovery) and shows what the next writer's recovery keeps (``Follower``: its dead
+generation); a reader already open when the writer died keeps to the last mark it read
+until a new writer's generation appears.  The generation tells readers
 that a new writer began: the records past their own mark that they read before may be a
 tail that recovery cut and the new writer overwrote, so they read them again.
 

@@ -1,0 +1,106 @@
+"""A read-only open of a store whose writer is gone shows what the next writer's recovery
+keeps, or refuses — never a silent prefix (CONTRACT, section 4, promises 1 and 9;
+probe-disk42): a stale or torn VISIBLE mark (never fsynced: a power loss leaves either)
+hid acknowledged commits, and an LMDB file older than the log (the log beginning past its
+applied LSN) was shown as the store's state, exit 0."""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+
+CHILD = r'''
+import os, signal, sys, walstore
+s = walstore.open(sys.argv[1], durability="full")
+for i in range(5):
+    with s.transaction() as tx:
+        tx.put(f"early{i}", i)
+s.checkpoint()  # LMDB applied up to here
+for i in range(5):
+    with s.transaction() as tx:
+        tx.put(f"late{i}", i)  # acknowledged: fsynced, past LMDB
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("crashed") / "s")
+    subprocess.run([sys.executable, "-c", CHILD, path], check=False)
+    return path
+
+
+def _copy(src, tmp_path, mutate_visible):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(src, dst)
+    vis = os.path.join(dst, "VISIBLE")
+    raw = bytearray(open(vis, "rb").read())
+    mutate_visible(raw)
+    with open(vis, "wb") as f:
+        f.write(bytes(raw))
+    return dst
+
+
+def _torn(raw):
+    raw[24:32] = b"\x01" * 8  # the check word disagrees
+
+
+def _stale(raw):
+    magic, gen, _mark, _check = struct.unpack("=8sQQQ", bytes(raw))
+    raw[:] = struct.pack("=8sQQQ", magic, gen, 100, 100 ^ gen ^ ((1 << 64) - 1))
+
+
+@pytest.mark.parametrize("mutate", [_torn, _stale, lambda raw: None],
+                         ids=["torn-mark", "stale-mark", "mark-as-left"])
+def test_a_dead_writers_mark_hides_no_acknowledged_commit(crashed, tmp_path, mutate):
+    path = _copy(crashed, tmp_path, mutate)
+    with walstore.open(path, readonly=True, create=False) as s:
+        assert [s.get(f"late{i}") for i in range(5)] == list(range(5))
+        assert s.get("early4") == 4
+    cli = subprocess.run([sys.executable, "-m", "walstore", "get", path, "late4"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.strip() == "4"
+    with walstore.open(path) as w:  # (what the writer's recovery keeps: the same)
+        assert [w.get(f"late{i}") for i in range(5)] == list(range(5))
+
+
+def test_a_reader_follows_a_writer_that_opens_after_it(crashed, tmp_path):
+    """Opened with no writer alive, the reader shows the dead writer's log; a writer that
+    opens later makes a new generation, and the reader then follows its marks."""
+    path = _copy(crashed, tmp_path, _torn)
+    r = walstore.open(path, readonly=True, create=False)
+    try:
+        assert r.get("late4") == 4
+        with walstore.open(path) as w:
+            with w.transaction() as tx:
+                tx.put("after", 1)
+            assert r.get("after") == 1 and r.get("late4") == 4
+    finally:
+        r.close()
+
+
+def test_an_lmdb_file_older_than_the_log_is_refused_by_a_read_only_open(tmp_path):
+    path = str(tmp_path / "s")
+    with walstore.open(path, segment_size=8192) as s:
+        with s.transaction() as tx:
+            tx.put("k", 0)
+    old = str(tmp_path / "old.mdb")
+    shutil.copy(os.path.join(path, "db", "data.mdb"), old)  # a clean, older copy
+    with walstore.open(path, segment_size=8192) as s:
+        for i in range(1, 400):
+            with s.transaction() as tx:
+                tx.put("k", i)
+                tx.put(f"new{i}", i)
+        s.checkpoint()  # (the log before it is trimmed)
+    shutil.copy(old, os.path.join(path, "db", "data.mdb"))
+    with pytest.raises(walstore.CorruptionError, match="gap"):
+        walstore.open(path, readonly=True, create=False)
+    cli = subprocess.run([sys.executable, "-m", "walstore", "get", path, "k"],
+                         capture_output=True, text=True)
+    assert cli.returncode != 0 and "gap" in cli.stderr
