@@ -162,6 +162,10 @@ def _print_recovery(doc: dict) -> None:
         click.echo(f"gave up {doc['given_up_records']} valid records behind the damage "
                    f"(records of txids {_some(doc['given_up_txids'])}); they are in "
                    f"quarantine/")
+    if doc.get("given_up_unreadable_bytes"):
+        click.echo(f"gave up {doc['given_up_unreadable_bytes']} bytes of dropped segments "
+                   f"that no valid record could be read from (what they held is unknown); "
+                   f"they are in quarantine/")
     if doc.get("compensated"):
         click.echo(f"compensations run: {_some(doc['compensated'])}")
     if doc.get("in_doubt"):

@@ -87,6 +87,9 @@ class RecoveryReport:
     problems: list = field(default_factory=list)
     given_up_records: int = 0
     given_up_txids: list = field(default_factory=list)
+    # bytes of segments dropped whole that no valid record of this store could be read
+    # from (past LMDB's applied LSN): given up without knowing what they held
+    given_up_unreadable_bytes: int = 0
     salvaged: bool = False  # holes were skipped: the store seals this log after recovery
     compensated: list = field(default_factory=list)
     pending_compensations: list = field(default_factory=list)
@@ -505,11 +508,9 @@ class Recovery:
     def _drop_segment(self, path: str, start: int, reason: str) -> None:
         try:
             reader = SegmentReader(path, self.store_id, start)
+            held = self._count_dropped(reader)
         except FileNotFoundError:
             return
-        if reader.header_error is None:
-            for rec in reader.records():
-                self._count_given_up(rec)
         if self.dry_run:
             return
         dest = self._quarantine_name(os.path.basename(path))
@@ -518,8 +519,57 @@ class Recovery:
         fileio.fsync_dir(self.qdir)
         fileio.fsync_dir(self.wal_dir)
         self._write_note(dest, {"file": path, "reason": reason, "action": "dropped"})
-        self.report.problems.append(Problem("dropped-segment", path, 0, start, reason,
-                                            os.path.getsize(dest), "dropped", dest))
+        self.report.problems.append(Problem("dropped-segment", path, 0, start,
+                                            reason + held, os.path.getsize(dest), "dropped",
+                                            dest))
+
+    def _count_dropped(self, reader: SegmentReader) -> str:
+        """Count what a segment given up whole held (given_up_records, given_up_txids):
+        its records, read by the one reader, behind a header that failed its check too
+        (best effort, as this store's segment at the position its name says: a damaged
+        header does not damage the records behind it), and the valid records behind
+        damage inside it, as a cut counts them.  Non-zero bytes past LMDB's applied LSN
+        that no valid record covers are counted as given_up_unreadable_bytes.  Returns
+        what to add to the dropped-segment problem's reason."""
+        if reader.header_error is not None and not reader.read_past_bad_header():
+            return ""  # (no store id to read it as: never so in recovery)
+        before = self.report.given_up_records
+        floor = max(SEGMENT_HEADER_SIZE, reader.offset_of(self.applied))
+        pos = SEGMENT_HEADER_SIZE  # file offset up to which the bytes are accounted for
+        unreadable = 0
+        first = last = None
+
+        def held(rec: Record) -> None:
+            nonlocal pos, unreadable, first, last
+            if rec.offset >= pos:
+                unreadable += max(0, rec.offset - max(pos, floor))
+            pos = max(pos, reader.offset_of(rec.end_lsn))
+            if rec.end_lsn > self.applied and rec.type != RecordType.SEAL:
+                first = rec.lsn if first is None else first
+                last = rec.end_lsn
+            self._count_given_up(rec)
+
+        for rec in reader.records():
+            held(rec)
+        end = reader.end
+        if end.kind != "clean" and not end.sealed:  # damage inside it: what lies behind
+            for rec in reader.valid_records_after(end.offset):
+                held(rec)
+        unreadable += max(0, reader.nonzero_end(pos) - max(pos, floor))
+        self.report.given_up_unreadable_bytes += unreadable
+        n = self.report.given_up_records - before
+        notes = []
+        if reader.past_bad_header:
+            notes.append("read behind its damaged header as this store's segment at LSN "
+                         f"{reader.start_lsn}")
+        if n:
+            notes.append(f"{n} valid records given up (LSN {first} to {last})")
+        if unreadable:
+            notes.append(f"{unreadable} bytes no valid record could be read from, given "
+                         f"up unread")
+        elif not n:
+            notes.append("nothing in it past LMDB's applied LSN was given up")
+        return " (" + "; ".join(notes) + ")"
 
     def _quarantine_range(self, reader: SegmentReader, start: int, end: int, kind: str,
                           reason: str, action: str, zero: bool = True) -> None:

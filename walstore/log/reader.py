@@ -122,16 +122,19 @@ class SegmentReader:
     """Reads one segment through mmap; allocations are bounded by the file's size.
 
     ``header_error`` is set (and no records are yielded) when the header does not
-    validate or belongs to another store or position.
+    validate or belongs to another store or position, unless ``read_past_bad_header``
+    was asked for (what a segment dropped whole held, best effort).
     """
 
     def __init__(self, path: str, store_id: bytes | None, start_lsn: int) -> None:
         self.path = path
         self.start_lsn = start_lsn
         self.header_error: str | None = None
+        self.past_bad_header = False
         self.end: ScanEnd | None = None
         self.file_size = os.path.getsize(path)
         self.store_id = store_id
+        self._given_store_id = store_id
         self.made_size = 0
         with open(path, "rb") as f:
             head = f.read(SEGMENT_HEADER_SIZE)
@@ -149,6 +152,25 @@ class SegmentReader:
         self.made_size = h.size
         self.salt = segment_salt(h.store_id, h.start_lsn)
 
+    def read_past_bad_header(self) -> bool:
+        """Best effort behind a header that failed its check, to name what dropping the
+        segment gives up: read it as the segment of the store given that its file name
+        says it is (the records' salt is that store id and the name's start LSN).  A record
+        validates only under the salt it was written with, so this store's own records at
+        this position read as they are behind a damaged header (a flipped bit in the
+        magic, a bad header CRC), while another store's, or a segment copied under another
+        name, read as none.  No size recorded in the header is trusted (no truncation
+        check).  ``header_error`` stays set; ``records()`` then reads and ``end`` says how
+        the records end (clean, torn, corrupt), as for any segment.  Returns False, and
+        nothing changes, when the header is valid or no store id was given."""
+        if self.header_error is None or self._given_store_id is None:
+            return False
+        self.store_id = self._given_store_id
+        self.salt = segment_salt(self.store_id, self.start_lsn)
+        self.made_size = 0
+        self.past_bad_header = True
+        return True
+
     def lsn_at(self, offset: int) -> int:
         return self.start_lsn + offset - SEGMENT_HEADER_SIZE
 
@@ -157,7 +179,7 @@ class SegmentReader:
 
     def records(self, from_offset: int = SEGMENT_HEADER_SIZE) -> Iterator[Record]:
         """Yield valid records from ``from_offset``; set ``self.end`` when done."""
-        if self.header_error is not None:
+        if self.header_error is not None and not self.past_bad_header:
             raise ValueError(self.header_error)
         size = self.file_size
         if size <= SEGMENT_HEADER_SIZE:
