@@ -1231,9 +1231,11 @@ class Files:
             self._gc_written, self._gc_kept = written, res.kept_bytes
             return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
 
-    def referenced(self) -> set[str]:
+    def referenced(self, manifests_out: set[str] | None = None) -> set[str]:
         """Every blob a retained row, a saved manifest, an unapplied event or a file record
-        of the WAL a retention pin keeps (a replica has not received it yet) refers to."""
+        of the WAL a retention pin keeps (a replica has not received it yet) refers to.
+        ``manifests_out``: given, the digests among them that are saved watch manifests
+        are added to it (``walstore verify`` loads each one)."""
         eng = self.engine
         st = eng.state
         refs: set[str] = set()
@@ -1281,6 +1283,8 @@ class Files:
             refs.add(d)
             with contextlib.suppress(ValueError, OSError, CorruptionError):
                 refs.update(self._manifest_digests(d))
+        if manifests_out is not None:
+            manifests_out.update(manifests)
         return refs
 
     def _manifest_digests(self, digest: str, manifest: Manifest | None = None

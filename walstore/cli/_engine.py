@@ -44,8 +44,8 @@ def open_for_recovery(path: str, mode: str, compensators: dict | None,
                  compensators=compensators, progress=progress)
 
 
-def verify(path: str, progress: Progress) -> VerifyReport:
-    return _verify_store(path, progress=progress)
+def verify(path: str, progress: Progress, blob_progress: Progress = None) -> VerifyReport:
+    return _verify_store(path, progress=progress, blob_progress=blob_progress)
 
 
 def wal_records(path: str, from_lsn: int) -> Iterator[dict]:

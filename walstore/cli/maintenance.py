@@ -177,14 +177,18 @@ def _print_recovery(doc: dict) -> None:
 @PATH
 @JSON
 def verify(path: str, as_json: bool) -> None:
-    """Check every checksum and WAL-vs-LMDB consistency (read-only)."""
-    rep = _engine.verify(path, None if as_json else progress_printer("verify"))
+    """Check every checksum and WAL-vs-LMDB consistency (read-only; hashes every blob of
+    file content the store refers to)."""
+    rep = _engine.verify(path, *((None, None) if as_json else
+                                 (progress_printer("verify"), _blob_progress())))
     end_progress()
     if as_json:
         emit_json(rep.as_dict())
     else:
         kv_lines([("segments", rep.segments), ("records", rep.records), ("commits", rep.commits),
                   ("LMDB keys", rep.lmdb_keys), ("keys checked vs WAL", rep.keys_checked),
+                  ("blobs checked", rep.blobs_checked),
+                  ("blob bytes hashed", rep.blob_bytes_hashed),
                   ("applied LSN", rep.applied_lsn), ("WAL end LSN", rep.wal_end_lsn)])
         for w in rep.warnings:
             click.echo(f"warning: {w}")
@@ -192,6 +196,20 @@ def verify(path: str, as_json: bool) -> None:
             click.echo(f"error: {e}")
         click.echo("ok" if rep.ok else f"{len(rep.errors)} problem(s) found")
     raise SystemExit(0 if rep.ok else EXIT_PROBLEM)
+
+
+def _blob_progress():
+    """Progress of the hashing of the file content (stderr, as the log walk's), on a line
+    of its own: the walk's line may be left open (it ends where the log does)."""
+    show = progress_printer("verify file content")
+    first = [True]
+
+    def step(done: int, total: int) -> None:
+        if first[0]:
+            first[0] = False
+            end_progress()
+        show(done, total)
+    return step
 
 
 @main.command()

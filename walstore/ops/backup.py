@@ -570,13 +570,14 @@ def _copy_blob(src: BlobStore, dst: BlobStore, digest: str) -> str | None:
     return None
 
 
-def referenced_blobs(root: str) -> set[str]:
+def referenced_blobs(root: str, manifests: set[str] | None = None) -> set[str]:
     """The blobs the copy at ``root`` refers to (what its own gc keeps), read through a
-    read-only open of it (its LMDB snapshot and the WAL after it)."""
+    read-only open of it (its LMDB snapshot and the WAL after it).  ``manifests``: given,
+    the digests among them that are saved watch manifests are added to it."""
     from ..store import Store  # (late: the store imports the engine's operations)
     store = Store(root, readonly=True)
     try:
-        return store._files.referenced()
+        return store._files.referenced(manifests)
     finally:
         store.close()
 

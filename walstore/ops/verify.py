@@ -5,15 +5,17 @@ checksum, LSN and payload; that every blob of file content the store refers to (
 blob gc keeps: ``Files.referenced``, read through a read-only open) is in files/blobs (a
 backup that lacked them verified clean — probe57; so did one lacking the whole files/
 directory, which was taken for a store without files; the writer's gc is held off
-meanwhile, as ``walstore backup`` does); the continuity of the segment chain (and a sealed last
-segment, which proves a newer one went missing); that LMDB's ``applied`` LSN lies inside
-the log; that for every key written by a commit in the retained WAL at or below
-``applied``, LMDB holds exactly the last value the WAL gave it as of that point (WAL vs
-LMDB, read through the history index in short read transactions, so a writer may run
-meanwhile); that every LMDB value and row decodes (history before-images too: damage inside
-a row is named by table and key), every u64 key and value 8 bytes long (a damaged
-``applied`` or ``wal_start`` is listed, and the WAL vs LMDB comparison, which needs
-``applied``, skipped when it is the one damaged).  A torn tail is a warning (it is
+meanwhile, as ``walstore backup`` does) and hashes to its name, and that each one that is
+a watch's saved manifest loads (a damaged blob verified clean while reading it raised
+CorruptionError — probe-disk; this reads every referenced blob once); the continuity of
+the segment chain (and a sealed last segment, which proves a newer one went missing); that
+LMDB's ``applied`` LSN lies inside the log; that for every key written by a commit in the
+retained WAL at or below ``applied``, LMDB holds exactly the last value the WAL gave it as
+of that point (WAL vs LMDB, read through the history index in short read transactions, so
+a writer may run meanwhile); that every LMDB value and row decodes (history before-images
+too: damage inside a row is named by table and key), every u64 key and value 8 bytes long
+(a damaged ``applied`` or ``wal_start`` is listed, and the WAL vs LMDB comparison, which
+needs ``applied``, skipped when it is the one damaged).  A torn tail is a warning (it is
 what recovery cuts), anything else an error.  All log reading goes through
 walstore.log.reader.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,6 +56,7 @@ class VerifyReport:
     lmdb_keys: int = 0
     keys_checked: int = 0
     blobs_checked: int = 0
+    blob_bytes_hashed: int = 0
     applied_lsn: int = 0
     wal_start: int = 0
     wal_end_lsn: int = 0
@@ -70,7 +74,10 @@ class VerifyReport:
 
 
 def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
-                 state: LmdbState | None = None) -> VerifyReport:
+                 state: LmdbState | None = None,
+                 blob_progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """``progress(bytes done, total)``: the walk of the log; ``blob_progress(bytes
+    hashed, total)``: the hashing of the file content the store refers to."""
     layout = Layout(path)
     own_state = state is None
     try:
@@ -106,7 +113,8 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             _compare(state, rep, last_values)
         _check_lmdb(state, rep)
         if not rep.errors:  # (not on damage: the errors above say it.  Not only when
-            _check_blobs(layout, rep)  # files/ exists: a copy without it passed — probe)
+            _check_blobs(layout, rep, blob_progress)  # files/ exists: a copy without it
+            # passed — probe)
         return rep
     finally:
         if own_state:
@@ -324,14 +332,19 @@ def _check_key(table: str, k: bytes, rep: VerifyReport, file: str | None) -> Non
         rep.errors.append(str(tables.key_damaged(table, k, file)))
 
 
-def _check_blobs(layout: Layout, rep: VerifyReport) -> None:
-    """Every blob the store refers to is in its content store (a stat each: their content
-    is hashed wherever it is read)."""
+def _check_blobs(layout: Layout, rep: VerifyReport, progress=None) -> None:
+    """Every blob the store refers to is in its content store and hashes to its name, and
+    each one that is a watch's saved manifest loads.  The cost: every referenced blob is
+    read once, streamed (``iter_content``: one 1 MiB buffer, never a whole blob in
+    memory), a manifest through ``Manifest.load`` (which hashes what it streams; its
+    records are held, as the open's ``referenced`` held them a moment before);
+    ``progress(bytes hashed, bytes of the blobs present)``."""
     from .backup import hold_blob_gc, referenced_blobs
     held = hold_blob_gc(layout, create=False)
     try:
+        manifests: set[str] = set()
         try:
-            refs = referenced_blobs(layout.root)
+            refs = referenced_blobs(layout.root, manifests)
         except WalstoreError as e:  # (what keeps a read-only open out is not this check's)
             rep.warnings.append(f"file content not checked: a read-only open of the store "
                                 f"failed ({e})")
@@ -344,15 +357,101 @@ def _check_blobs(layout: Layout, rep: VerifyReport) -> None:
                               f"without its file content?): its file versions and undos "
                               f"cannot be read")
             return
+        present: list[tuple[str, str, int]] = []
         for digest in sorted(refs):
             rep.blobs_checked += 1
             path = os.path.join(blobs, digest[:2], digest[2:])
-            if not os.path.isfile(path):
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                st = None
+            except OSError as e:
+                rep.errors.append(_blob_problem(digest, path, f"cannot be read ({e})",
+                                                digest in manifests))
+                continue
+            if st is None or not stat.S_ISREG(st.st_mode):
                 rep.errors.append(f"file content sha256:{digest} is missing from the content "
                                   f"store ({path}): a file version or undo needs it")
+                continue
+            present.append((digest, path, st.st_size))
+        _hash_blobs(blobs, present, manifests, rep, progress)
     finally:
         if held is not None:
             os.close(held)
+
+
+def _hash_blobs(blobs: str, present: list, manifests: set, rep: VerifyReport,
+                progress) -> None:
+    """Hash each present blob (``(digest, path, size)``) against its name; load each
+    manifest among them.  Each blob is read once."""
+    from ..files.blobs import BlobStore
+    from ..files.entries import CHUNK, iter_content
+    store = BlobStore(blobs, readonly=True)
+    total = sum(size for _d, _p, size in present)
+    buf = bytearray(CHUNK)
+
+    def sha256_of(path: str) -> str:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            h = hashlib.sha256()
+            for _off, chunk, _hole in iter_content(fd, buf):
+                h.update(chunk)
+                rep.blob_bytes_hashed += len(chunk)
+                if progress:
+                    progress(rep.blob_bytes_hashed, max(total, rep.blob_bytes_hashed))
+            return h.hexdigest()
+        finally:
+            os.close(fd)
+
+    for digest, path, size in present:
+        manifest = digest in manifests
+        try:
+            if not manifest:
+                sound = sha256_of(path) == digest
+                bad_load = None
+            else:
+                before = rep.blob_bytes_hashed
+                sound, bad_load = _load_manifest(store, digest, path, sha256_of)
+                if rep.blob_bytes_hashed == before:  # (else hashed again after the load)
+                    rep.blob_bytes_hashed += size
+                if progress:
+                    progress(rep.blob_bytes_hashed, max(total, rep.blob_bytes_hashed))
+        except OSError as e:  # (EIO on a damaged disk, a blob gone meanwhile: named)
+            why = f"cannot be read ({e})"
+        else:
+            why = ("content does not match its sha256 (the stored content is damaged)"
+                   if not sound else None if bad_load is None else
+                   f"does not load as a watch's saved manifest ({bad_load})")
+        if why is not None:
+            rep.errors.append(_blob_problem(digest, path, why, manifest))
+
+
+def _load_manifest(store, digest: str, path: str, sha256_of) -> tuple[bool, str | None]:
+    """(does the manifest blob hash to its name, why it does not load or None): loaded
+    once, hashed by the load; a load that fails before its end is told from damage by
+    hashing the blob."""
+    from ..files.watch import Manifest
+    try:
+        Manifest.load(store, digest)
+        return True, None
+    except CorruptionError:  # (BlobStore.get: the content does not match its sha256)
+        return False, None
+    except OSError:
+        raise
+    except Exception as e:  # any decode failure: damaged, or not a manifest
+        if sha256_of(path) != digest:
+            return False, None
+        return True, f"{type(e).__name__}: {e}"
+
+
+def _blob_problem(digest: str, path: str, reason: str, manifest: bool) -> str:
+    """A referenced blob that is there but cannot serve its readers, as verify lists it."""
+    if manifest:
+        return (f"file content sha256:{digest} in the content store ({path}): {reason}: it "
+                f"is a watch's saved manifest (the blobs it names could not be listed, "
+                f"nor checked)")
+    return (f"file content sha256:{digest} in the content store ({path}): {reason}: a file "
+            f"version or undo needs it")
 
 
 def _digest(v: bytes | None) -> tuple[int, bytes] | None:
