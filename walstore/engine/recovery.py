@@ -154,6 +154,10 @@ class Recovery:
         self._redo_end = 0  # end LSN of the newest event given to REDO
         # (LSN, txid) of the last commit LMDB applied: the log must hold that commit there
         self._anchor: tuple[int, int] | None = self._last_applied_commit()
+        # ... and no commit after it may end at or below ``applied``: LMDB holds every
+        # commit it applied (its ``bylsn`` row, in the same LMDB transaction as
+        # ``applied``), so one it does not hold below ``applied`` means that LSN is wrong
+        self._anchor_lsn = self._anchor[0] if self._anchor is not None else None
         self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
         self._early: dict[int, list] = {}  # txid -> raw write lists of chunks before applied
         self._new_segment_at: int | None = None
@@ -252,6 +256,10 @@ class Recovery:
 
     def _feed(self, rec: Record) -> None:
         self.report.records += 1
+        if rec.lsn < self.applied < rec.end_lsn or (
+                self._anchor_lsn is not None and rec.type == RecordType.COMMIT
+                and self._anchor_lsn < rec.lsn and rec.end_lsn <= self.applied):
+            self._applied_damaged(rec)
         if self._anchor is not None and rec.end_lsn > self._anchor[0]:
             self._check_anchor(rec)
         try:
@@ -325,6 +333,26 @@ class Recovery:
             lsn, txid = (from_u64(key, 0, "bylsn", None, st),
                          from_u64(cur.value(), 0, "bylsn", key, st))
         return (lsn, txid) if lsn < self.applied else None
+
+    def _applied_damaged(self, rec: Record) -> None:
+        """LMDB's ``applied`` LSN is not where an apply can leave it: inside a record (an
+        apply ends at a record's end), or past a commit LMDB does not hold.  One flipped
+        bit there made REDO skip acknowledged commits, the open reporting nothing (or a
+        read-only open hide the whole tail; probe-disk42).  Refused in every mode: which
+        records LMDB holds is unknown, and REDO of one applied already is not harmless."""
+        where = (f"inside the record at LSN {rec.lsn} (it ends at {rec.end_lsn})"
+                 if rec.lsn < self.applied < rec.end_lsn else
+                 f"past the commit at LSN {rec.lsn}, which LMDB does not hold (the last "
+                 f"commit it holds is at LSN {self._anchor_lsn})")
+        path = self._segment_of(rec.lsn)
+        reason = (f"LMDB's applied LSN {self.applied} lies {where}: its meta row is damaged; "
+                  f"nothing was changed: restore from a backup or a replica, or rebuild "
+                  f"LMDB from the log (`walstore recover PATH --rebuild-state`, when the log "
+                  f"reaches back to LSN 0)")
+        self.report.problems.append(Problem("applied-damaged", path, rec.offset, rec.lsn,
+                                            reason, action="refused"))
+        raise CorruptionError(f"applied-damaged: {reason}", file=path, offset=rec.offset,
+                              lsn=rec.lsn)
 
     def _check_anchor(self, rec: Record) -> None:
         """The first record reaching past LMDB's last applied commit must be that commit.

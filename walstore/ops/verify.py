@@ -167,6 +167,10 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
     for item in log.walk():
         if isinstance(item, Record):
             rep.records += 1
+            if item.lsn < rep.applied_lsn < item.end_lsn:  # (an apply ends at a record's end)
+                rep.errors.append(f"LMDB's applied LSN {rep.applied_lsn} lies inside the "
+                                  f"record at LSN {item.lsn} (it ends at {item.end_lsn}): "
+                                  f"its meta row is damaged")
             try:
                 ev = assembler.feed(item.type, item.lsn, item.end_lsn,
                                     records.decode(item.payload))
