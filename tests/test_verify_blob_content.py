@@ -212,3 +212,38 @@ def test_the_cli_shows_hashing_progress_on_stderr_for_large_content(tmp_path):
     r = _cli("verify", src, "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert json.loads(r.stdout)["blob_bytes_hashed"] == len(big)
+
+
+def test_the_blob_gc_collects_nothing_while_a_saved_manifest_does_not_load(tmp_path):
+    """A damaged manifest's blobs were not in the gc's referenced set, so the content only
+    it named was collected as garbage (helper-179's finding); now the gc skips its run and
+    says why, and verify names the manifest."""
+    import hashlib
+    import walstore
+    root = tmp_path / "ws"
+    root.mkdir()
+    for i in range(5):
+        (root / f"f{i}.txt").write_text(f"content {i}\n")
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:
+            with tx.files(ws).watch():
+                (root / "f0.txt").write_text("changed\n")
+        manifests = set()
+        s._files.referenced(manifests)
+    assert manifests
+    blobs = os.path.join(path, "files", "blobs")
+    unchanged = hashlib.sha256(b"content 3\n").hexdigest()
+    kept = os.path.join(blobs, unchanged[:2], unchanged[2:])
+    assert os.path.exists(kept)
+    for d in manifests:  # a flipped bit in each saved manifest
+        p = os.path.join(blobs, d[:2], d[2:])
+        raw = bytearray(open(p, "rb").read())
+        raw[len(raw) // 2] ^= 1
+        with open(p, "wb") as f:
+            f.write(bytes(raw))
+    with walstore.open(path) as s:
+        out = s._files.gc()
+        assert "skipped" in str(out.get("blobs_gc", "")), out
+    assert os.path.exists(kept)  # (collected as garbage before)

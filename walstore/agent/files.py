@@ -1225,17 +1225,25 @@ class Files:
                 return {"blobs_gc": "skipped (a backup is copying the file content)"}
             horizon = eng.state.meta_int(b"horizon")
             written = self.blobs.bytes_written
-            refs = self.referenced()
+            unread: set[str] = set()
+            refs = self.referenced(unread_out=unread)
+            if unread:  # (what only it names would be taken for garbage: kept, all)
+                return {"blobs_gc": f"skipped (a saved watch manifest does not load: "
+                                    f"{', '.join(sorted(d[:12] for d in unread))}; "
+                                    f"`walstore verify` names it)"}
             res = self.blobs.gc(refs)
             self._gc_horizon = horizon
             self._gc_written, self._gc_kept = written, res.kept_bytes
             return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
 
-    def referenced(self, manifests_out: set[str] | None = None) -> set[str]:
+    def referenced(self, manifests_out: set[str] | None = None,
+                   unread_out: set[str] | None = None) -> set[str]:
         """Every blob a retained row, a saved manifest, an unapplied event or a file record
         of the WAL a retention pin keeps (a replica has not received it yet) refers to.
         ``manifests_out``: given, the digests among them that are saved watch manifests
-        are added to it (``walstore verify`` loads each one)."""
+        are added to it (``walstore verify`` loads each one); ``unread_out``: given, those
+        manifests that could not be read (damaged or missing: the blobs only they name are
+        not in the set — the gc then collects nothing, probe-disk42)."""
         eng = self.engine
         st = eng.state
         refs: set[str] = set()
@@ -1281,8 +1289,11 @@ class Files:
             refs.update(m.digests())
         for d in manifests:
             refs.add(d)
-            with contextlib.suppress(ValueError, OSError, CorruptionError):
+            try:
                 refs.update(self._manifest_digests(d))
+            except (ValueError, OSError, CorruptionError):
+                if unread_out is not None:
+                    unread_out.add(d)
         if manifests_out is not None:
             manifests_out.update(manifests)
         return refs
