@@ -111,3 +111,16 @@ def test_the_undamaged_store_recovers_every_acknowledged_commit(crashed, tmp_pat
     with walstore.open(dst) as s:
         assert [s.get(f"late{i:02d}") for i in range(20)] == list(range(20))
         assert s.last_recovery.problems == []
+
+
+@pytest.mark.parametrize("version", ["2", 1e300, True, None])
+def test_a_store_file_whose_version_is_not_an_integer_is_named_as_damage(tmp_path, version):
+    import json
+    path = str(tmp_path / "s")
+    walstore.open(path, durability="none").close()
+    doc = json.load(open(os.path.join(path, "STORE")))
+    doc["version"] = version
+    with open(os.path.join(path, "STORE"), "w") as f:
+        f.write(json.dumps(doc))
+    with pytest.raises(walstore.NotAStore, match="damaged .*version is not an integer"):
+        walstore.open(path)

@@ -136,7 +136,10 @@ class Layout:
             doc = json.loads(raw)
             if doc.get("format") != FORMAT_NAME:
                 raise ValueError("not a walstore identity file")
-            check_version(doc.get("version"), self.root)
+            version = doc.get("version")
+            if type(version) is not int:  # ("2", 1e400: damage, read as a version mismatch)
+                raise ValueError(f"its version is not an integer: {version!r:.40}")
+            check_version(version, self.root)
             store_id = bytes.fromhex(doc["store_id"])
             if len(store_id) != 16:
                 raise ValueError("bad store id")
