@@ -409,14 +409,18 @@ class Engine:
             # refuse, which a read-only open showed as the old state, exit 0: probe-disk42).
             # A clean store's log since LMDB's applied LSN is empty: one segment header.
             Recovery(self.path, self.store_id, self.state, "strict", None, dry_run=True).run()
-            # ... and the dead writer's mark does not bound what is shown: the log the
-            # judge accepted is what the next writer's recovery keeps, while VISIBLE is
-            # never fsynced (a power loss leaves an older mark, or a torn one, and the
-            # acknowledged commits past it were hidden: probe-disk42).  A writer that
-            # opens later writes a new generation, whose marks are followed.
-            dead_generation = first[0] if first is not None else None
+            # The dead writer's mark (walstore.engine.follower, ``Follower._bound``): in
+            # this boot it still bounds what is shown (records past it may never have
+            # reached the disk: a commit whose fsync failed, one killed before its fsync);
+            # torn, its stored mark word is taken; from an earlier boot it bounds nothing —
+            # every record the judge accepted is on disk, while the mark, never fsynced,
+            # is what the power loss left (older than the acknowledged commits, or torn:
+            # they were hidden, probe-disk42).  A writer that opens later makes a new
+            # generation, whose marks are followed.
+            dead = ((first[0], marks.made_in_an_earlier_boot()) if first is not None
+                    else None)
         else:
-            dead_generation = None
+            dead = None
         # read-only transactions never log their id (nor reserve any): theirs are apart
         # from every writer's (see next_txid)
         self._txids = readonly_txids(os.getpid())
@@ -427,7 +431,7 @@ class Engine:
         self.views = Views(self.state, self.memtable)
         self.prepared = PreparedSet()
         self.follower = Follower(self.layout.wal, self.store_id, self.state, self.memtable,
-                                 marks, dead_generation, first)
+                                 marks, dead, first)
         self.reader.purge_epoch = marks.purge_epoch
         self._followed_epoch: int | None = None  # the writer's purge count last followed
         self.refresh()

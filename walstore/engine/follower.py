@@ -20,12 +20,12 @@ hid it; a power loss then erased it.)  The mark is read after the log, so it cov
 records that were there before it was read.  A new writer generation (a writer opened
 since) voids the events past the follower's own mark and reads them again: they may be a
 crashed writer's tail that the new writer's recovery cut and overwrote.  No VISIBLE file
-(a store whose writers predate it): everything read is published, as before; and when
-the process opened the store with no writer alive, the mark it found then is a dead
-writer's, never fsynced (older than the acknowledged commits after a power loss, or
-torn): the open judged the log instead (``Engine._open_readonly``), so everything read
-is published until a new writer's generation appears (probe-disk42: a stale or torn mark
-hid acknowledged commits from every read-only open and CLI read).
+(a store whose writers predate it): everything read is published, as before.  When the
+process opened the store with no writer alive (the open judged the log:
+``Engine._open_readonly``), the mark it found is a dead writer's: in the boot it was made
+in it bounds as any mark (a torn pair taken as the mark word stored), from an earlier
+boot it bounds nothing — the log is all on disk, the mark what a power loss left
+(probe-disk42: a stale or torn mark hid acknowledged commits from every read-only open).
 
 Events LMDB already holds are dropped from the MemTable as the writer applies them, so a
 long-lived reader stays bounded.  Reads at a snapshot taken earlier (a transaction's later
@@ -52,9 +52,9 @@ RESTARTS = 3  # new writer generations met within one catch-up before it gives u
 class Follower:
     def __init__(self, wal_dir: str, store_id: bytes, state: LmdbState,
                  memtable: MemTable, marks: MarkReader | None = None,
-                 dead_generation: int | None = None, first: tuple | None = None) -> None:
-        """``dead_generation``: the generation in VISIBLE when the store was opened with no
-        writer alive (its marks bound nothing: see ``_bound``); ``first``: VISIBLE as read
+                 dead: tuple[int, bool] | None = None, first: tuple | None = None) -> None:
+        """``dead``: (the generation in VISIBLE, was it made in an earlier boot) when the
+        store was opened with no writer alive (see ``_bound``); ``first``: VISIBLE as read
         then (read here when not given)."""
         self.state = state
         self.memtable = memtable
@@ -63,7 +63,7 @@ class Follower:
         if first is None and marks is not None:
             first = marks.read()
         self._generation = first[0] if first is not None else None
-        self._dead = dead_generation
+        self._dead = dead
         self._held = False  # records past the writer's mark were read (waiting for it)
         self.log = LogFollower(wal_dir, store_id, state.applied_lsn())
         self._assembler = records.CommitAssembler()
@@ -127,9 +127,14 @@ class Follower:
             self._held = False
             return pos
         generation, mark = got
-        if generation is not None and generation == self._dead:  # (the writer that had
-            self._held = False  # died before this open: its log is judged, its marks,
-            return pos          # never fsynced, stale or torn, bound nothing)
+        if self._dead is not None and generation == self._dead[0]:  # (the writer that had
+            if self._dead[1]:  # died before this open) of an earlier boot: the log it
+                self._held = False  # left is on disk, its mark what a power loss left
+                return pos
+            if mark is None:  # torn: it died between its two stores, the mark stored
+                stored = self.marks.stored_mark()  # first is a publication whose fsync
+                if stored is not None:             # had returned
+                    mark = stored
         if generation != self._generation:
             self._generation = generation
             self._restart()

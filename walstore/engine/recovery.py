@@ -256,12 +256,13 @@ class Recovery:
 
     def _feed(self, rec: Record) -> None:
         self.report.records += 1
+        if self._anchor is not None and rec.end_lsn > self._anchor[0]:
+            self._check_anchor(rec)  # (first: another log in place of this one, foreign-log,
+            # also puts ``applied`` off its records)
         if rec.lsn < self.applied < rec.end_lsn or (
                 self._anchor_lsn is not None and rec.type == RecordType.COMMIT
                 and self._anchor_lsn < rec.lsn and rec.end_lsn <= self.applied):
             self._applied_damaged(rec)
-        if self._anchor is not None and rec.end_lsn > self._anchor[0]:
-            self._check_anchor(rec)
         try:
             body = records.decode(rec.payload)
             early = self._early_writes(rec, body)

@@ -27,11 +27,13 @@ Lifecycle (the writer, :class:`SharedMark`): created or taken over right after t
 recovery positioned the log, before anything is appended (a crashed writer's mark may lie
 past the end of a log a power loss cut, so it is reset first, with a new generation); then
 set on every publication (``MemTable.publish``, one call: two word stores); set to the
-log's end at a clean close.  A killed writer leaves its last mark, which bounds nothing:
-a reader that opens with no writer alive judges the log itself (a strict dry-run
-recovery) and shows what the next writer's recovery keeps (``Follower``: its dead
-generation); a reader already open when the writer died keeps to the last mark it read
-until a new writer's generation appears.  The generation tells readers
+log's end at a clean close.  A killed writer leaves its last mark: what it never
+published stays hidden until the next writer's recovery decides it — in the boot it ran
+in.  A reader opened with no writer alive judges the log first (a strict dry-run
+recovery); a torn pair then counts as its stored mark word (the writer died between its
+two stores), and a file made before this boot (``made_in_an_earlier_boot``) bounds
+nothing: every record in the log is on disk, the mark is what a power loss left
+(``Follower``: its dead generation).  The generation tells readers
 that a new writer began: the records past their own mark that they read before may be a
 tail that recovery cut and the new writer overwrote, so they read them again.
 
@@ -232,6 +234,19 @@ class SharedMark:
             self._pmm.close()
 
 
+def boot_time() -> float | None:
+    """When this machine booted (``btime`` of /proc/stat, seconds since the epoch), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class MarkReader:
     """A reader's side: ``read()`` -> (generation, mark), or None (no usable file);
     ``purge_epoch()`` -> (generation, the writer's purge counter), or None (no
@@ -296,6 +311,27 @@ class MarkReader:
             self._map_purges()
         w = self._pw
         return None if w is None else (gen, w[1])
+
+    def made_in_an_earlier_boot(self) -> bool:
+        """Was the file last changed before this machine booted (its ctime: the writer's
+        open made it, each publication's first store after a write-back touches it)?  Then
+        every record of the log is on disk, and the mark — never fsynced — is whatever a
+        power loss left (older than the acknowledged commits, or torn).  False when either
+        time cannot be read (the mark is honoured, as before)."""
+        booted = boot_time()
+        if booted is None:
+            return False
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_ctime < booted
+        except OSError:
+            return False
+
+    def stored_mark(self) -> int | None:
+        """The mark word as stored, whatever its check word says (a writer that died
+        between its two stores left the mark of a publication whose fsync had returned)."""
+        if self._mm is None:
+            return None
+        return _words(self._mm)[2]
 
     def replaced(self) -> bool:
         """Is the file now another one than the one mapped (or gone, or new)?"""
