@@ -32,9 +32,10 @@ import time
 from typing import Any, Callable
 
 from .. import fileio
-from ..errors import (NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed, StoreIOError,
-                      WalstoreError)
+from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed,
+                      StoreIOError, WalstoreError)
 from ..log.format import RecordType
+from ..log.reader import LogEvent, LogReader
 from ..log.records import Event
 from ..log.segment import create_segment, list_segments
 from ..log.writer import FIRST_SEGMENT_SIZE, WriteAheadLog
@@ -402,13 +403,13 @@ class Engine:
         marks = MarkReader(self.layout.root)
         first = marks.read()  # (before asking whether a writer lives: see below)
         if not writer_alive(self.layout):
-            # No writer: judge the log as strict recovery would — a crashed store's, so a
-            # damaged log is refused instead of shown as a silent prefix; and a cleanly
-            # closed one's too, whose LMDB may be an older copy than its log (the log
-            # beginning past LMDB's applied LSN: a gap the writable open and verify
-            # refuse, which a read-only open showed as the old state, exit 0: probe-disk42).
-            # A clean store's log since LMDB's applied LSN is empty: one segment header.
-            Recovery(self.path, self.store_id, self.state, "strict", None, dry_run=True).run()
+            if self.needs_recovery():
+                # A crashed store: judge its log as strict recovery would, so a damaged log
+                # is refused here instead of being shown as a silent prefix.
+                Recovery(self.path, self.store_id, self.state, "strict", None,
+                         dry_run=True).run()
+            else:
+                self._check_log_reaches_applied()
             # The dead writer's mark (walstore.engine.follower, ``Follower._bound``): in
             # this boot it still bounds what is shown (records past it may never have
             # reached the disk: a commit whose fsync failed, one killed before its fsync);
@@ -435,6 +436,17 @@ class Engine:
         self.reader.purge_epoch = marks.purge_epoch
         self._followed_epoch: int | None = None  # the writer's purge count last followed
         self.refresh()
+
+    def _check_log_reaches_applied(self) -> None:
+        """A cleanly closed store: CorruptionError when its log begins past LMDB's applied
+        LSN (an older ``data.mdb`` put back after checkpoints trimmed the log: a gap the
+        writable open and verify refuse, which a read-only open showed as the old state,
+        exit 0: probe-disk42).  The one reader's first step: a segment header, or none."""
+        log = LogReader(self.layout.wal, self.store_id, self.state.applied_lsn(),
+                        self.state.meta_int(b"wal_start"))
+        first = next(iter(log.walk()), None)
+        if isinstance(first, LogEvent) and first.kind == "gap":
+            raise CorruptionError(f"gap: {first.reason}", file=first.path, lsn=first.lsn)
 
     def writer_alive(self) -> bool:
         """Is a writer (this process, or another one) holding the store?"""
