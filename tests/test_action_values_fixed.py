@@ -7,26 +7,26 @@ from __future__ import annotations
 import walstore
 
 
+def _charged(s, amount: int, charge_id: str):
+    """A transaction with one action, then the caller's args and result changed."""
+    args, res = {"amount": amount}, {"charge_id": charge_id}
+    tx = s.transaction()
+    with tx.action("charge", args=args, compensate="refund") as act:
+        act.result = res
+    args["amount"], res["charge_id"] = amount * 100, "changed"
+    return tx
+
+
 def test_args_and_result_changed_after_the_call_change_nothing_recorded(tmp_path):
     path = str(tmp_path / "s")
     seen = []
     with walstore.open(path) as s:
         s.compensator("refund")(lambda a: seen.append((a.args, a.result)))
-        args, res = {"amount": 40}, {"charge_id": "ch_1"}
-        tx = s.transaction()
-        with tx.action("charge", args=args, compensate="refund") as act:
-            act.result = res
-        args["amount"], res["charge_id"] = 4000, "ch_OTHER"
-        tx.commit()
+        _charged(s, 40, "ch_1").commit()
         assert [(a.args, a.result) for a in s.actions()] == [
             ({"amount": 40}, {"charge_id": "ch_1"})]
         # rolled back: the compensator gets what the intent logged, as after a crash
-        args2, res2 = {"amount": 10}, {"charge_id": "ch_2"}
-        tx = s.transaction()
-        with tx.action("charge", args=args2, compensate="refund") as act:
-            act.result = res2
-        args2["amount"], res2["charge_id"] = 9999, "ch_X"
-        tx.rollback()
+        _charged(s, 10, "ch_2").rollback()
         assert seen == [({"amount": 10}, {"charge_id": "ch_2"})]
     with walstore.open(path) as s:
         got = sorted((a.args["amount"], a.result["charge_id"], a.state) for a in s.actions())

@@ -12,34 +12,30 @@ from walstore.files.watch import Change, Manifest, Record, _classify, diff
 
 
 def reference_diff(old: Manifest, new: Manifest, ignore=None) -> list[Change]:
-    """Every path of both manifests, compared by value: the diff as it was before it
-    skipped shared records."""
+    """Every path of both manifests' union, their entries classified by value (what the
+    diff reported before it skipped shared records; the records here have one size per
+    content hash, as real ones do)."""
     out = []
     if old.top is not None and new.top is not None and old.top.mode != new.top.mode:
         out.append(Change(b"", "mode", old.top.entry(), new.top.entry()))
-    a, b = old.records, new.records
-    for rel in sorted(a.keys() | b.keys()):
-        ra, rb = a.get(rel), b.get(rel)
-        if ra is not None and rb is not None and ra.kind == rb.kind == FILE and \
-                ra.sha256 == rb.sha256 and ra.mode == rb.mode:
-            continue
-        before = ra.entry() if ra is not None else Entry.absent()
-        after = rb.entry() if rb is not None else Entry.absent()
+    for rel in sorted(set(old.records) | set(new.records)):
+        before, after = old.entry(rel), new.entry(rel)
         kind = _classify(before, after)
-        if kind is None:
-            continue
-        if ignore and ignore.ignored(rel, DIR in (before.kind, after.kind)):
-            continue
-        out.append(Change(rel, kind, before, after))
+        if kind is not None and not (ignore and ignore.ignored(
+                rel, DIR in (before.kind, after.kind))):
+            out.append(Change(rel, kind, before, after))
     return out
+
+
+_SIZE_OF = {"a" * 64: 1, "b" * 64: 2, "c" * 64: 3}  # (one size per content hash)
 
 
 def _record(rng: random.Random) -> Record:
     kind = rng.choice([FILE, FILE, FILE, DIR, SYMLINK])
+    sha = rng.choice(list(_SIZE_OF)) if kind == FILE else None
     return Record(kind, rng.choice([0o644, 0o600, 0o755]) if kind != SYMLINK else 0,
-                  rng.randrange(3) if kind == FILE else 0, rng.randrange(10**9),
-                  rng.randrange(10**9), rng.randrange(10**6), 1, 0, 0,
-                  rng.choice(["a" * 64, "b" * 64, "c" * 64]) if kind == FILE else None,
+                  _SIZE_OF[sha] if kind == FILE else 0, rng.randrange(10**9),
+                  rng.randrange(10**9), rng.randrange(10**6), 1, 0, 0, sha,
                   rng.choice([b"t1", b"t2"]) if kind == SYMLINK else None)
 
 
