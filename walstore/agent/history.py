@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 from ..codec import Key, decode_key, encode_key, unpack_value, utf8
-from ..options import check_flag
 from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, PointTypeError,
                       ReadOnlyError, TrimmedOrUnknownPoint, UnknownPoint)
 from ..log.format import RecordType
@@ -235,7 +234,6 @@ class History:
             raise TypeError(f"limit must be a non-negative int or None, not {limit!r:.80}")
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
-        check_flag("oldest_first", oldest_first)
         if not isinstance(oldest_first, bool):
             raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
         self.engine.refresh()
