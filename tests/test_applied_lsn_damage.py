@@ -124,3 +124,27 @@ def test_a_store_file_whose_version_is_not_an_integer_is_named_as_damage(tmp_pat
         f.write(json.dumps(doc))
     with pytest.raises(walstore.NotAStore, match="damaged .*version is not an integer"):
         walstore.open(path)
+
+
+def test_a_commit_of_actions_alone_without_a_bylsn_row_is_no_damage(tmp_path):
+    """Walstores before 4481ba1 wrote no ``bylsn`` row for a commit of actions alone in an
+    apply batch without key writes; such a store (format version 1, still opened) must not
+    read as an applied LSN past a commit LMDB does not hold (review42: every open of it
+    was refused as applied-damaged)."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, compensators={"refund": lambda a: None}) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        with s.transaction() as tx:
+            with tx.action("charge", compensate="refund"):
+                pass
+        s.checkpoint()
+        lsn = int(s.log(limit=1)[0].lsn)
+    env = lmdb.open(os.path.join(path, "db"), max_dbs=64, lock=False)
+    with env.begin(write=True) as t:  # the row an older walstore did not write
+        assert t.delete(struct.pack(">Q", lsn), db=env.open_db(b"bylsn", txn=t, create=False))
+    env.close()
+    for readonly in (True, False):
+        with walstore.open(path, readonly=readonly, create=False,
+                           compensators={"refund": lambda a: None}) as s:
+            assert s.get("k") == 1 and [a.name for a in s.actions()] == ["charge"]

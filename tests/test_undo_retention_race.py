@@ -96,3 +96,52 @@ def test_reverts_beside_a_thread_that_commits_and_checkpoints_compensate_once(tm
     s.close()
     assert reverted, "no revert succeeded: the test exercised nothing"
     assert lost == []
+
+
+def test_an_interrupt_while_the_undo_gives_its_pin_back_leaves_no_pin(tmp_path,
+                                                                     monkeypatch):
+    """A real SIGINT while the undo waits for the pins' lock, which a checkpoint's trim
+    holds: the pin was left behind and retention never trimmed again (review42)."""
+    import os
+    import signal
+    from walstore.agent import retention as ret
+    in_lock, go_on = threading.Event(), threading.Event()
+    move = ret.Retention._move_horizon
+
+    def slow_move(self, st):  # (a long scan under retain_seconds, say)
+        if threading.current_thread().name == "ckpt":
+            in_lock.set()
+            go_on.wait(5)
+        return move(self, st)
+    monkeypatch.setattr(ret.Retention, "_move_horizon", slow_move)
+
+    def refund(a):  # runs inside the pin; a checkpoint takes the pins' lock meanwhile
+        threading.Thread(target=s.checkpoint, name="ckpt").start()
+        in_lock.wait(5)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        threading.Timer(0.8, go_on.set).start()
+    s = walstore.open(str(tmp_path / "s"), compensators={"refund": refund},
+                      retain_transactions=2)
+    try:
+        with s.transaction() as tx:
+            tx.put("paid", True)
+            with tx.action("charge", compensate="refund"):
+                pass
+        for i in range(3):
+            with s.transaction() as t2:
+                t2.put(f"o{i}", i)
+        try:
+            s.revert(tx.id)
+            time.sleep(1.2)  # (the interrupt lands after the revert, if not in it)
+        except KeyboardInterrupt:
+            pass
+        time.sleep(1.0)
+        monkeypatch.setattr(ret.Retention, "_move_horizon", move)
+        assert s._engine.history_pins.lowest() is None
+        for i in range(20):
+            with s.transaction() as t3:
+                t3.put(f"n{i}", i)
+        s.checkpoint()
+        assert len(list(s.log())) <= 3  # retention trims again
+    finally:
+        s.close()

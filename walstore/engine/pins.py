@@ -19,30 +19,55 @@ Bounded: one entry per undo in flight.
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from contextlib import contextmanager
 from typing import Callable, Iterator
+
+from ..signals import deferred
 
 
 class HistoryPins:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self._held: Counter[int] = Counter()
+        self._held: dict[int, int] = {}  # horizon -> undos pinning it (never 0: removed)
 
     @contextmanager
     def hold(self, recorded_horizon: Callable[[], int]) -> Iterator[int]:
         """Pin history at ``recorded_horizon()`` (read under ``lock``) while the block
-        runs; yields that horizon."""
-        with self.lock:
-            horizon = recorded_horizon()
-            self._held[horizon] += 1
+        runs; yields that horizon.  The pin is given back whatever interrupts it: its
+        count changes with asynchronous signals held off (walstore.signals), and an
+        interrupt raised as such a section begins or ends (a signal that was pending)
+        still finds the pin given back — once left behind (waiting for ``lock``, which a
+        trim holds through its horizon's reads and write), retention never trimmed again
+        in the process (review42)."""
+        taken = None  # the pinned horizon, once counted
         try:
-            yield horizon
+            with deferred():
+                with self.lock:
+                    horizon = recorded_horizon()
+                    self._held[horizon] = self._held.get(horizon, 0) + 1
+                    taken = horizon
+            yield taken
         finally:
-            with self.lock:
-                self._held[horizon] -= 1
-                if not self._held[horizon]:
-                    del self._held[horizon]
+            if taken is not None:
+                self._give_back(taken)
+
+    def _give_back(self, horizon: int) -> None:
+        interrupt: BaseException | None = None
+        while True:
+            try:
+                with deferred():
+                    with self.lock:
+                        n = self._held.get(horizon, 0) - 1
+                        if n > 0:
+                            self._held[horizon] = n
+                        else:
+                            self._held.pop(horizon, None)
+                break
+            except BaseException as e:  # (a pending signal's handler, as the section
+                if interrupt is None:   # began: the count is still to give back)
+                    interrupt = e
+        if interrupt is not None:
+            raise interrupt
 
     def lowest(self) -> int | None:
         """The lowest pin (call with ``lock`` held), or None."""

@@ -154,9 +154,10 @@ class Recovery:
         self._redo_end = 0  # end LSN of the newest event given to REDO
         # (LSN, txid) of the last commit LMDB applied: the log must hold that commit there
         self._anchor: tuple[int, int] | None = self._last_applied_commit()
-        # ... and no commit after it may end at or below ``applied``: LMDB holds every
-        # commit it applied (its ``bylsn`` row, in the same LMDB transaction as
-        # ``applied``), so one it does not hold below ``applied`` means that LSN is wrong
+        # ... and no commit that wrote keys after it may end at or below ``applied``: LMDB
+        # holds every such commit it applied (its ``bylsn`` row, in the same LMDB
+        # transaction as ``applied``; every commit's since 4481ba1), so one it does not
+        # hold below ``applied`` means that LSN is wrong
         self._anchor_lsn = self._anchor[0] if self._anchor is not None else None
         self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
         self._early: dict[int, list] = {}  # txid -> raw write lists of chunks before applied
@@ -259,14 +260,17 @@ class Recovery:
         if self._anchor is not None and rec.end_lsn > self._anchor[0]:
             self._check_anchor(rec)  # (first: another log in place of this one, foreign-log,
             # also puts ``applied`` off its records)
-        if rec.lsn < self.applied < rec.end_lsn or (
-                self._anchor_lsn is not None and rec.type == RecordType.COMMIT
-                and self._anchor_lsn < rec.lsn and rec.end_lsn <= self.applied):
+        if rec.lsn < self.applied < rec.end_lsn:
             self._applied_damaged(rec)
         try:
             body = records.decode(rec.payload)
             early = self._early_writes(rec, body)
             ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn, body, len(rec.payload))
+            if (ev is not None and ev.writes and ev.type == RecordType.COMMIT
+                    and self._anchor_lsn is not None and self._anchor_lsn < ev.lsn
+                    and ev.end <= self.applied):
+                self._applied_damaged(rec)  # (one that wrote keys: older walstores wrote
+                # no bylsn row for a commit of actions alone in a batch without key writes)
             if early and ev is not None and ev.writes is not None:
                 ev.writes = [w for raw in early for w in records.parse_writes(raw)] + ev.writes
         except ValueError as e:
