@@ -124,3 +124,91 @@ def test_an_lmdb_file_older_than_the_log_is_refused_by_a_read_only_open(tmp_path
     cli = subprocess.run([sys.executable, "-m", "walstore", "get", path, "k"],
                          capture_output=True, text=True)
     assert cli.returncode != 0 and "gap" in cli.stderr
+
+
+_W1 = r'''
+import sys, time, walstore
+s = walstore.open(sys.argv[1], durability="normal")
+lsns = []
+for n in range(1, 201):
+    with s.transaction() as tx:
+        tx.put("seq", n)
+        tx.put("tok", f"1:{n}")
+    lsns.append(tx.lsn)
+print(lsns[149], flush=True)  # the LSN of commit 150
+time.sleep(60)
+'''
+_W2 = r'''
+import errno, os, sys, time, walstore
+from walstore import fileio
+from walstore.fileio import OSBackend
+armed = [False]
+class Slow(OSBackend):  # the WAL's fsync hangs, then fails
+    def _wal(self, fd):
+        return armed[0] and os.readlink(f"/proc/self/fd/{fd}").endswith(".wal")
+    def fsync(self, fd):
+        if self._wal(fd):
+            time.sleep(2); raise OSError(errno.EIO, "injected")
+        return super().fsync(fd)
+    def fdatasync(self, fd):
+        if self._wal(fd):
+            time.sleep(2); raise OSError(errno.EIO, "injected")
+        return super().fdatasync(fd)
+s = walstore.open(sys.argv[1], durability="full")
+fileio.set_backend(Slow()); armed[0] = True
+print("committing", flush=True)
+try:
+    with s.transaction() as tx:
+        tx.put("seq", 150)
+        tx.put("tok", "2:150")
+    print("acknowledged", flush=True)
+except Exception as e:
+    print("failed", type(e).__name__, flush=True)
+time.sleep(60)
+'''
+
+
+def test_a_reader_follows_visible_made_anew_by_the_next_writer(tmp_path):
+    """A reader kept the mapping of a VISIBLE deleted after it opened; the next writer
+    made a new one, and the reader read the dead writer's mark — past the new log's end
+    — and showed that writer's commit before its fsync returned, one that then failed
+    (probe-readers42).  A reader whose read finds new records looks whether VISIBLE is
+    still the file it mapped."""
+    import time
+    from walstore.log.format import SEGMENT_HEADER_SIZE
+    from walstore.log.segment import list_segments
+    store = str(tmp_path / "s")
+    w1 = subprocess.Popen([sys.executable, "-c", _W1, store], stdout=subprocess.PIPE,
+                          text=True)
+    cut = int(w1.stdout.readline())
+    w1.kill()
+    w1.wait()
+    # a power-loss image: from commit 150's record on, nothing was synced
+    start, path = [(s, p) for s, p in list_segments(os.path.join(store, "wal")) if s <= cut][-1]
+    off = cut - start + SEGMENT_HEADER_SIZE
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(b"\0" * (os.path.getsize(path) - off))
+    for s2, p2 in list_segments(os.path.join(store, "wal")):
+        if s2 > start:
+            os.unlink(p2)
+    r = walstore.open(store, readonly=True)
+    w2 = None
+    try:
+        assert r.get("seq") == 149
+        os.unlink(os.path.join(store, "VISIBLE"))  # deleted while no writer runs
+        w2 = subprocess.Popen([sys.executable, "-c", _W2, store], stdout=subprocess.PIPE,
+                              text=True)
+        assert w2.stdout.readline().split()[0] == "committing"
+        shown = []
+        end = time.monotonic() + 1.5  # (the writer's fsync is still running)
+        while time.monotonic() < end:
+            shown.append(r.get("tok"))
+            time.sleep(0.01)
+        assert w2.stdout.readline().split()[:2] == ["failed", "CommitOutcomeUnknown"]
+        assert "2:150" not in shown and r.get("tok") != "2:150"
+    finally:
+        if w2 is not None:
+            w2.kill()
+            w2.wait()
+        r.close()

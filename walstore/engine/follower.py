@@ -121,7 +121,12 @@ class Follower:
         pos = self.log.position
         if self.marks is None or (pos <= self.memtable.published and not self._held):
             return pos  # nothing read past what is shown (no file read: the common read)
-        got = self.marks.read(recheck=self._held)
+        # (a stat: is VISIBLE still the file mapped?  One deleted or replaced since — a new
+        # writer makes it anew — left this reader on the old inode's mark, past the new
+        # writer's log end, and it showed commits that writer never acknowledged, one whose
+        # fsync then failed among them: probe-readers42.  Only reads that found records
+        # past what is shown come here)
+        got = self.marks.read(recheck=True)
         if got is None:  # no VISIBLE file: as before it existed
             self._generation = None
             self._held = False
