@@ -444,6 +444,7 @@ class Recovery:
         if self.mode == "skip-corrupt":
             self.report.problems[-1].action = "skipped"
             self.report.salvaged = True
+            self._count_given_up(rec)  # (skipped: given up, as a cut's records are)
             return
         reader = SegmentReader(path, self.store_id, start)
         self._cut(reader, rec.offset, reason)
