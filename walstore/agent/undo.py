@@ -9,7 +9,12 @@ transaction like any other and can itself be reverted.
 
 - The undo transaction reads every key it restores (and, for a rewind, the whole scope
   range) at its snapshot, so any commit racing with it makes it conflict rather than be
-  silently overwritten.  A conflicting undo plans and commits once more with every
+  silently overwritten.  A rewind also guards its scope whole (``guard_scopes``): a
+  commit that writes no key there but belongs to the scope (tagged with it, or running
+  an action declared in it; any commit, for an unscoped rewind) or may reach into it
+  (file changes, moves of action states) conflicts too — a booking of actions alone that
+  committed after the plan read the range stood, never compensated, beside a rewind that
+  said the scope was as of the point.  A conflicting undo plans and commits once more with every
   other thread's commits held out (``CommitPipeline.held_out_on_conflict``): under writers
   that never pause it still finishes; the held commits wait for it, then validate as
   usual.  Compensations run after the gate opens.
@@ -273,6 +278,9 @@ class Undo:
         # any commit after tx's snapshot that touches the scope is a conflict (a prepared
         # transaction's keys only where the undo restores or reads them)
         tx.guard_ranges = [(rng.lo, rng.hi) if rng else (b"", None)]
+        # and so is one that belongs to the scope writing no key there (actions alone: a
+        # booking committed after the plan read the range stood, never compensated)
+        tx.guard_scopes = [scope]
         with tx:
             boundary = self.history.resolve(to)
             fileio.fault_point("undo.resolved")  # (tests: history trimmed while it plans)
@@ -292,6 +300,7 @@ class Undo:
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing would change: the state is already as of the point)
                 return (plan if dry_run else None), []
+            fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
             return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
 
     def _begin_undo(self, meta: Any) -> "Transaction":
@@ -784,6 +793,7 @@ class _PlanSnapshot:
         self.snapshot = int(engine.memtable.published)
         self.read_keys: set[bytes] = set()
         self.guard_ranges: list = []
+        self.guard_scopes: list = []
 
     def __enter__(self) -> "_PlanSnapshot":
         return self

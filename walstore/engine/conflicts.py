@@ -43,9 +43,14 @@ class ReadSet:
     # undo guards its whole scope against racing commits, but a prepared transaction on a
     # key it does not restore is not in its way (Transaction.guard_ranges)
     held_ranges: list | None = None
+    # the scopes an undo guards whole (Transaction.guard_scopes): a commit since the
+    # snapshot that belongs to one (tagged with it, or running an action declared in it),
+    # or that may (file changes, moves of action states), conflicts though it wrote no key
+    # in the ranges; ``None`` in the list guards every commit (an unscoped rewind)
+    scopes: list | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.ranges)
+        return bool(self.keys or self.ranges or self.scopes)
 
 
 def _in_ranges(key: bytes, ranges) -> bool:
@@ -89,6 +94,8 @@ class ConflictChecker:
                 if hit is not None:
                     stale.append(hit)
                     break
+                if reads.scopes:
+                    _check_scopes(txid, e.txid, e.field, reads.scopes)
         if stale:
             _raise(txid, stale)
         if applied_now > checked:
@@ -109,7 +116,7 @@ class ConflictChecker:
                 break
         purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
                                 b"last_purge", st) >= since
-        if not stale and (reads.ranges or purged_since):
+        if not stale and (reads.ranges or purged_since or reads.scopes):
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):
                 raw = txn.get(txid_raw, db=st.txns)
@@ -121,6 +128,8 @@ class ConflictChecker:
                 if hit is not None:
                     stale.append(hit)
                     break
+                if reads.scopes:
+                    _check_scopes(txid, row.get("tx"), row.get, reads.scopes)
         if stale:
             _raise(txid, stale)
 
@@ -138,6 +147,40 @@ def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:
         if (hi is None or rlo < hi) and (rhi is None or lo < rhi):
             return lo
     return None
+
+
+# the COMMIT fields that move action states or change files: a commit holding one may
+# reach into a guarded scope without writing a key there (an undo's compensations, a
+# workspace declared in the scope), so it conflicts with every guarded scope
+_REACHING = ("files", "compensate", "redo", "unredo", "crossed")
+
+
+def _check_scopes(txid: int, other: Any, field, scopes: list) -> None:
+    """ConflictError when the commit whose COMMIT fields ``field(name, default)`` gives
+    belongs to, or may reach into, one of the guarded ``scopes`` (see ReadSet.scopes).
+    A scope matches as ``ScopeRange.same`` does: a tag or declared scope starting with it,
+    of the same type."""
+    def inside(declared: Any) -> bool:
+        return any(s is None or (declared is not None and type(declared) is type(s)
+                                 and declared.startswith(s)) for s in scopes)
+    why = None
+    if None in scopes:
+        why = "committed"
+    elif inside(field("scope", None)):
+        why = "committed in its scope"
+    elif any(isinstance(a, dict) and inside(a.get("scope")) for a in field("actions", ()) or ()):
+        why = "ran an action declared in its scope"
+    elif any(field(f, None) for f in _REACHING):
+        why = "changed files or action states"
+    if why is not None:
+        raise ConflictError(f"transaction {txid} guards {_scopes_shown(scopes)}, and "
+                            f"transaction {other} {why} after it started; nothing was "
+                            f"written", [])
+
+
+def _scopes_shown(scopes: list) -> str:
+    return ("the whole store" if None in scopes
+            else "scope " + ", ".join(repr(s) for s in scopes))
 
 
 def _raise(txid: int, stale: list) -> None:

@@ -151,6 +151,8 @@ class Transaction:
     # ranges guarded against commits that land after the snapshot, as a scan's are, but
     # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
     guard_ranges: tuple | list = ()
+    # the scopes an undo guards whole, keys or not (ReadSet.scopes; None: every commit)
+    guard_scopes: tuple | list = ()
 
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
@@ -479,12 +481,14 @@ class Transaction:
         self.gid = gid
 
     def read_set(self) -> ReadSet | None:
-        if not self.read_keys and not self.read_ranges and not self.guard_ranges:
+        if not self.read_keys and not self.read_ranges and not self.guard_ranges \
+                and not self.guard_scopes:
             return None
-        if self.guard_ranges:
+        if self.guard_ranges or self.guard_scopes:
             return ReadSet(self.snapshot, set(self.read_keys),
                            list(self.read_ranges) + list(self.guard_ranges),
-                           held_ranges=list(self.read_ranges))
+                           held_ranges=list(self.read_ranges),
+                           scopes=list(self.guard_scopes) or None)
         return ReadSet(self.snapshot, set(self.read_keys), list(self.read_ranges))
 
     # ---- the end -------------------------------------------------------------------------
@@ -532,7 +536,7 @@ class Transaction:
                 req = self._request = CommitRequest(
                     self.id, list(self._writes.items()), self.meta,
                     self.read_set() if self.read_keys or self.read_ranges
-                    or self.guard_ranges else None, body)
+                    or self.guard_ranges or self.guard_scopes else None, body)
                 lsn = self._engine.pipeline.commit(req).lsn
             # (inside the ``try``: an interrupt landing between the commit's return and
             # this line left the transaction "active", and the caller's natural rollback
