@@ -103,3 +103,49 @@ def test_another_scopes_booking_while_a_scoped_rewind_plans_stands(tmp_path):
             "Paris": "compensated", "Rome": "committed"}
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("other", ["rewind", "rewind-unscoped", "purge", "revert",
+                                   "rewind-other-scope"])
+def test_an_undo_fenced_transaction_conflicts_with_a_rewind_of_its_scope(tmp_path, other):
+    """``Transaction.undo_fence`` (set by a scope provider, LangGraph's for a node's
+    transactions): a rewind reaching into its scope, or a purge across it, committed after
+    it began makes its commit conflict though it read nothing the undo changed (its
+    booking compensated); a revert, or another scope's rewind, does not."""
+    world: list = []
+    store = _store(tmp_path, world)
+    try:
+        with store.transaction(scope="a/") as tx:
+            tx.put("a/x", 1)
+        point = tx.id
+        with store.transaction(scope="a/") as tx:
+            tx.put("a/x", 2)
+            tx.put("b/y", 2)
+        later = tx.id
+        with store.transaction(scope="b/") as tx:
+            tx.put("b/z", 1)
+        node = store.transaction(scope="a/")
+        node.undo_fence = "a/"
+        _ = node.snapshot
+        with node.action("book", args={"city": "Oslo"}, compensate="cancel") as act:
+            world.append(("book", "Oslo"))
+            act.result = {"ok": True}
+        if other == "rewind":
+            store.rewind(point, scope="a/")
+        elif other == "rewind-unscoped":
+            store.rewind(point)
+        elif other == "purge":
+            store.purge("a/")
+        elif other == "revert":
+            store.revert(later)
+        else:
+            store.rewind(point, scope="b/")
+        if other in ("revert", "rewind-other-scope"):
+            node.commit()
+            assert _standing(world) == ["Oslo"]
+        else:
+            with pytest.raises(walstore.ConflictError, match="works for scope"):
+                node.commit()
+            assert _standing(world) == [], world  # (compensated, nothing committed)
+    finally:
+        store.close()

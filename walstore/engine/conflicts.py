@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import decode_key
+from ..codec import decode_key, encode_prefix
 from ..errors import ConflictError
 from .lmdb_state import LmdbState, from_u64, read_chunk, u64
 from .memtable import MemTable
@@ -48,9 +48,14 @@ class ReadSet:
     # or that may (file changes, moves of action states), conflicts though it wrote no key
     # in the ranges; ``None`` in the list guards every commit (an unscoped rewind)
     scopes: list | None = None
+    # the scope this transaction works for (Transaction.undo_fence): a rewind of it (or of
+    # a scope holding it, or unscoped) or a purge across it committed since the snapshot
+    # conflicts, whatever it read (a node's booking begun before a rewind of its thread
+    # committed after it, and stood beside a thread rewound past its step)
+    fence: Any = None
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.ranges or self.scopes)
+        return bool(self.keys or self.ranges or self.scopes or self.fence is not None)
 
 
 def _in_ranges(key: bytes, ranges) -> bool:
@@ -96,6 +101,8 @@ class ConflictChecker:
                     break
                 if reads.scopes:
                     _check_scopes(txid, e.txid, e.field, reads.scopes)
+                if reads.fence is not None:
+                    _check_fence(txid, e.txid, e.field, reads.fence)
         if stale:
             _raise(txid, stale)
         if applied_now > checked:
@@ -116,7 +123,8 @@ class ConflictChecker:
                 break
         purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
                                 b"last_purge", st) >= since
-        if not stale and (reads.ranges or purged_since or reads.scopes):
+        if not stale and (reads.ranges or purged_since or reads.scopes
+                          or reads.fence is not None):
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):
                 raw = txn.get(txid_raw, db=st.txns)
@@ -130,6 +138,8 @@ class ConflictChecker:
                     break
                 if reads.scopes:
                     _check_scopes(txid, row.get("tx"), row.get, reads.scopes)
+                if reads.fence is not None:
+                    _check_fence(txid, row.get("tx"), row.get, reads.fence)
         if stale:
             _raise(txid, stale)
 
@@ -175,6 +185,27 @@ def _check_scopes(txid: int, other: Any, field, scopes: list) -> None:
     if why is not None:
         raise ConflictError(f"transaction {txid} guards {_scopes_shown(scopes)}, and "
                             f"transaction {other} {why} after it started; nothing was "
+                            f"written", [])
+
+
+def _check_fence(txid: int, other: Any, field, fence: Any) -> None:
+    """ConflictError when the commit whose COMMIT fields ``field(name, default)`` gives
+    is a rewind reaching into scope ``fence`` (unscoped, or scoped to a prefix of it) or a
+    purge whose range holds the scope's start (see ReadSet.fence)."""
+    what = None
+    if field("rewound_to", None) is not None:
+        scope = field("scope", None)
+        if scope is None or (type(scope) is type(fence) and fence.startswith(scope)):
+            what = "rewound"
+    else:
+        rng = field("purge_range", None)
+        if rng:
+            lo = encode_prefix(fence)
+            if lo >= rng[0] and (rng[1] is None or lo < rng[1]):
+                what = "purged"
+    if what is not None:
+        raise ConflictError(f"transaction {txid} works for scope {fence!r}, which "
+                            f"transaction {other} {what} after it started; nothing was "
                             f"written", [])
 
 

@@ -153,6 +153,9 @@ class Transaction:
     guard_ranges: tuple | list = ()
     # the scopes an undo guards whole, keys or not (ReadSet.scopes; None: every commit)
     guard_scopes: tuple | list = ()
+    # the scope this transaction works for, fenced against undo: a rewind of it or a purge
+    # across it committed after this began makes the commit conflict (ReadSet.fence)
+    undo_fence: Any = None
 
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
@@ -482,14 +485,15 @@ class Transaction:
 
     def read_set(self) -> ReadSet | None:
         if not self.read_keys and not self.read_ranges and not self.guard_ranges \
-                and not self.guard_scopes:
+                and not self.guard_scopes and self.undo_fence is None:
             return None
         if self.guard_ranges or self.guard_scopes:
             return ReadSet(self.snapshot, set(self.read_keys),
                            list(self.read_ranges) + list(self.guard_ranges),
                            held_ranges=list(self.read_ranges),
-                           scopes=list(self.guard_scopes) or None)
-        return ReadSet(self.snapshot, set(self.read_keys), list(self.read_ranges))
+                           scopes=list(self.guard_scopes) or None, fence=self.undo_fence)
+        return ReadSet(self.snapshot, set(self.read_keys), list(self.read_ranges),
+                       fence=self.undo_fence)
 
     # ---- the end -------------------------------------------------------------------------
     def commit(self) -> int | None:
@@ -536,7 +540,8 @@ class Transaction:
                 req = self._request = CommitRequest(
                     self.id, list(self._writes.items()), self.meta,
                     self.read_set() if self.read_keys or self.read_ranges
-                    or self.guard_ranges or self.guard_scopes else None, body)
+                    or self.guard_ranges or self.guard_scopes
+                    or self.undo_fence is not None else None, body)
                 lsn = self._engine.pipeline.commit(req).lsn
             # (inside the ``try``: an interrupt landing between the commit's return and
             # this line left the transaction "active", and the caller's natural rollback

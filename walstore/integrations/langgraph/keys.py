@@ -14,6 +14,7 @@ checkpoint namespace (subgraphs included), starts with the thread's prefix::
     P b <ns part> <channel part> <version part>    -> a channel value (absent: empty)
     P w <ns part> <checkpoint_id> 00 <task part> <msgpack idx>  -> one pending write
     P r <run part> <ns part> <checkpoint_id>       -> b"" (run index, for delete_for_runs)
+    P l <ns part> <run token part>                 -> never a value: a run's fence
 
 so ``store.rewind(to, scope=P)`` and ``store.purge(P)`` address exactly one thread, and
 a scan of ``P c`` lists its checkpoints.  A "part" is a self-delimiting component: the
@@ -59,6 +60,7 @@ MAX_KEY = 480           # walstore's limit is 500 bytes per key; keep a margin
 
 THREADS, MEMORY, EXPIRY = b"\x00", b"\x01", b"\x02"
 CHECKPOINT, BLOB, WRITE, RUN = b"c", b"b", b"w", b"r"
+LOST = b"l"  # P l <ns part> <run token>: never holds a value (see Namespace.lost_run)
 _LABEL, _HASHED_LABEL, _ITEM_KEY, _HASHED_ITEM_KEY = b"\x02", b"\x03", b"\x01", b"\x00"
 
 
@@ -130,6 +132,12 @@ class Namespace:
     def run(self, run_id: str, checkpoint_id: str) -> bytes:
         return (self.thread_prefix + RUN + part(run_id) + self.ns_part
                 + checkpoint_id.encode("utf-8"))
+
+    def lost_run(self, token: str) -> bytes:
+        """A key no value is ever stored at: each node transaction of a run reads it as
+        it begins, and the saver deletes it (a write of nothing) when the run loses a
+        race, so the run's node transactions still open conflict at commit."""
+        return self.thread_prefix + LOST + self.ns_part + part(token)
 
 
 LEGACY_LETTERS = b"cbhwr"  # walstore 0.1.x: <key_prefix> + one of these + ...

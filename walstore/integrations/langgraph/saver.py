@@ -222,6 +222,22 @@ def _removals(store: Any) -> dict[bytes, float]:
         return got
 
 
+_LOST_RUNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
+_LOST_RUNS_MAX = 4096  # run tokens kept per store: the oldest are forgotten first
+
+
+def _lost_runs(store: Any) -> "OrderedDict[str, None]":
+    """The load tokens (``RUN_TOKEN``) of runs whose put lost a race to a rival (per store
+    object): LangGraph goes on running such a run's later steps (``durability="async"``
+    saves in the background; ``"exit"`` saves only at the end), and each of them is
+    refused too, its node transactions reverted."""
+    with _REMOVALS_LOCK:
+        got = _LOST_RUNS.get(store)
+        if got is None:
+            got = _LOST_RUNS[store] = OrderedDict()
+        return got
+
+
 _STEP_TXNS: "weakref.WeakKeyDictionary[Any, OrderedDict]" = weakref.WeakKeyDictionary()
 _STEP_TXNS_MAX = 4096  # (run, checkpoint) entries kept per store: abandoned runs' go first
 
@@ -717,13 +733,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 step = list(registry.get((ns.thread_prefix, ns_name, parent, token), ()))
             if step:
                 record["s"] = sorted(set(step))
+        self._refuse_cut_off(conf, thread_id, ns_name, ns, parent, "a checkpoint built on")
         try:
             self._run(write, scope=ns.thread_prefix,
                       meta=self._meta("put", thread_id=thread_id,
                                       checkpoint_ns=ns_name or None, checkpoint_id=cid))
         except StaleCheckpointError as e:
             if e.head is not None and token is not None:  # (a rival's race, not a rewind)
-                self._undo_lost_step(e, ns, (parent, cid), token)
+                lost = _lost_runs(self.store)
+                with _REMOVALS_LOCK:
+                    lost[token] = None
+                    while len(lost) > _LOST_RUNS_MAX:
+                        lost.popitem(last=False)
+                # the run's node transactions still open conflict at commit (each read
+                # this key as it began); then those committed are reverted
+                self._run(lambda tx: tx.delete(ns.lost_run(token)), scope=ns.thread_prefix,
+                          meta=self._meta("lost_run", thread_id=thread_id,
+                                          checkpoint_ns=ns_name or None))
+                self._undo_lost_step(e, ns, token)
             raise
         if token is not None:  # (the step's transactions now belong to a checkpoint)
             registry = _step_txns(self.store)
@@ -778,7 +805,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             raise StaleCheckpointError(
                 f"thread {thread_id!r} (namespace {ns_name!r}) was rewound while this run "
                 f"worked: its step on checkpoint {parent!r} was undone, so {what} it "
-                f"were refused and nothing was written (reload the thread and retry)",
+                f"{'were' if what.startswith('pending') else 'was'} refused and nothing "
+                f"was written (reload the thread and retry)",
                 thread_id, ns_name, parent, None)
         raise StaleCheckpointError(
             f"thread {thread_id!r} (namespace {ns_name!r}) no longer has checkpoint "
@@ -787,21 +815,63 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             f"refused and nothing was written (reload the thread and retry)",
             thread_id, ns_name, parent, None)
 
+    def _refuse_cut_off(self, conf: Mapping, thread_id: str, ns_name: str, ns: Namespace,
+                        cid: str | None, what: str) -> None:
+        """Refuse (StaleCheckpointError) a save of a run that is cut off: it loaded the
+        thread before a rewind or delete of it began in this process (whatever checkpoint
+        the rewind kept: one to the very checkpoint the run's step builds on undid that
+        step and compensated its bookings, and the run's next checkpoint then brought the
+        step back as done), or one of its puts lost a race to a rival (its later steps
+        too: their node transactions are reverted here, as the first refusal's were)."""
+        if not self.fencing:
+            return
+        token = conf.get(RUN_TOKEN + ns_name)
+        if token is None:
+            return
+        loaded = _loaded_at(token)
+        rewound = _rewinds(self.store).get(ns.thread_prefix)
+        if loaded is not None and rewound is not None and loaded < rewound:
+            self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
+        if token in _lost_runs(self.store):
+            error = StaleCheckpointError(
+                f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
+                f"another writer of the thread at an earlier step, so {what} checkpoint "
+                f"{cid!r} {'were' if what.startswith('pending') else 'was'} refused and "
+                f"nothing was written (reload the thread and retry)",
+                thread_id, ns_name, cid, None)
+            self._undo_lost_step(error, ns, token)
+            raise error
+
+    def _refuse_cut_off_begin(self, conf: Mapping, thread_id: str, ns_name: str,
+                              ns: Namespace, cid: str) -> None:
+        """``_refuse_cut_off`` for a node transaction as it begins: refused, and nothing
+        reverted here (the run's next save does that)."""
+        token = conf.get(RUN_TOKEN + ns_name)
+        if token is None:
+            return
+        loaded = _loaded_at(token)
+        rewound = _rewinds(self.store).get(ns.thread_prefix)
+        if (loaded is not None and rewound is not None and loaded < rewound) \
+                or token in _lost_runs(self.store):
+            self._fence_gone(thread_id, ns_name, cid, True,
+                             "a transaction begun in a step built on", rewound=True)
+
     def _undo_lost_step(self, error: StaleCheckpointError, ns: Namespace,
-                        checkpoints: tuple, token: str) -> None:
-        """Revert, newest first, the transactions the refused run's nodes committed in
-        the step built on the put's parent (and any it began on the refused checkpoint,
-        LangGraph's ``durability="async"`` runs ahead): the step never happened, so what
-        it wrote is undone and its actions compensated (``store.revert``).  The error's
-        message says what was undone, and what could not be (a rival changed the same
-        keys since: reverting it would undo the rival's work too)."""
+                        token: str) -> None:
+        """Revert, newest first, the transactions the refused run's nodes committed, in
+        every step of it noted so far (the step built on the put's parent, and those it
+        ran ahead: ``durability="async"`` saves in the background, ``"exit"`` only at the
+        end, so a loser's later steps ran too): those steps never happened, so what they
+        wrote is undone and their actions compensated (``store.revert``).  Each is
+        reverted once (the registry forgets it).  The error's message says what was
+        undone, and what could not be (a rival changed the same keys since: reverting it
+        would undo the rival's work too)."""
         registry = _step_txns(self.store)
         txids: list[int] = []
         with _REMOVALS_LOCK:
-            for cid in checkpoints:
-                if cid is not None:
-                    txids += registry.pop((ns.thread_prefix, error.checkpoint_ns, cid,
-                                           token), [])
+            for key in [k for k in registry if k[0] == ns.thread_prefix
+                        and k[1] == error.checkpoint_ns and k[3] == token]:
+                txids += registry.pop(key)
         undone, left = [], []
         for txid in sorted(set(txids), reverse=True):
             try:
@@ -856,7 +926,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 return False
             n *= 4
 
-    def _fence_step(self, tx: Any, thread_id: str, checkpoint_map: Mapping) -> None:
+    def _fence_step(self, tx: Any, thread_id: str, checkpoint_map: Mapping,
+                    conf: Mapping | None = None) -> None:
         """Fence ``tx``, begun inside a graph node of a run of the thread, as the run's
         ``put`` is fenced: read the checkpoint each namespace's step builds on (LangGraph's
         ``checkpoint_map``), so that a rewind or ``delete_thread`` removing it before
@@ -865,7 +936,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         action of an undone step, never compensated).  A checkpoint already removed
         refuses ``tx`` now.  Only what removes checkpoints (rewind, ``delete_thread``,
         ``prune``, ``delete_for_runs``) writes those keys: the step's other transactions
-        never conflict over them."""
+        never conflict over them.  A transaction of a run that is cut off (it loaded the
+        thread before a rewind or delete of it, or lost a race: ``_refuse_cut_off``) is
+        refused too, whatever checkpoint its step builds on."""
         for ns_name, cid in checkpoint_map.items():
             if not isinstance(ns_name, str) or not isinstance(cid, str):
                 continue
@@ -879,6 +952,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                  "a transaction begun in a step built on")
             # (else its save is still under way, durability="async": not read, so the
             # save landing is no conflict)
+        if conf is None:
+            return
+        # the snapshot (taken by the read above, else now) comes before the marks are
+        # looked at: a rewind, delete or lost race marked after the look commits after
+        # the snapshot, and the commit conflicts (undo_fence; the lost run's key)
+        _ = tx.snapshot
+        for ns_name, cid in checkpoint_map.items():
+            if not isinstance(ns_name, str) or not isinstance(cid, str):
+                continue
+            ns = self.keys.at(thread_id, ns_name)
+            token = conf.get(RUN_TOKEN + ns_name)
+            if token is not None:  # (a loss of the run's race deletes it: conflict)
+                tx.get(ns.lost_run(str(token)))
+            self._refuse_cut_off_begin(conf, thread_id, ns_name, ns, cid)
 
     def _note_step_txn(self, tx: Any, thread_id: str, conf: Mapping,
                        checkpoint_map: Mapping) -> None:
@@ -923,22 +1010,19 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 row.append(task_id)
             rows.append((widx, ns.write(cid, task_id, widx), row))
 
-        # a task of a run that loaded the thread before a rewind of it (in this process)
-        # saving its writes late: the rewind undid its step (and compensated what it did),
-        # the checkpoint kept may be the very one the task worked on — refused, or a
-        # resume would take the task for done
-        loaded = _loaded_at(_conf(config).get(RUN_TOKEN + ns_name)) if self.fencing else None
-        rewound = _rewinds(self.store).get(ns.thread_prefix)
-        cut_off = loaded is not None and rewound is not None and loaded < rewound
+        # a task of a run that loaded the thread before a rewind or delete of it (in this
+        # process) saving its writes late: the rewind undid its step (and compensated what
+        # it did), the checkpoint kept may be the very one the task worked on — refused,
+        # or a resume would take the task for done (after a delete: writes of a checkpoint
+        # made after it, never saved, were left under the erased thread); and a task of a
+        # run that lost a race earlier
+        self._refuse_cut_off(_conf(config), thread_id, ns_name, ns, cid, "pending writes for")
 
         def write(tx):
             if self.fencing:
                 if self.store.get(ns.checkpoint(cid)) is not None:
                     # (read, so a rewind or delete_thread racing these writes conflicts)
                     tx.get(ns.checkpoint(cid))
-                    if cut_off:
-                        self._fence_gone(thread_id, ns_name, cid, True,
-                                         "pending writes for", rewound=True)
                 elif self._checkpoint_removed(ns, cid):
                     self._fence_gone(thread_id, ns_name, cid, True, "pending writes for")
                 # (else its save is still under way: not read, so the save landing
@@ -959,6 +1043,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         every API, their bytes from every file of the store (the purge's checkpoint)."""
         prefix = self.thread_scope(thread_id)
         self._removing(prefix)
+        # (a run of the thread loaded before it is cut off: its later saves are refused,
+        # its node transactions too — one in flight conflicts with the purge)
+        _rewinds(self.store)[prefix] = time.monotonic()
         self.store.purge(prefix)
         self.codec.forget(prefix)
 
@@ -1646,7 +1733,11 @@ def fence_node_transaction(store: "walstore.Store", tx: Any) -> None:
         checkpoint_map = conf.get("checkpoint_map") or {}
         _stamp_step(tx, checkpoint_map)
         if saver.fencing:
-            saver._fence_step(tx, str(thread_id), checkpoint_map)
+            # a rewind of the thread (or its delete) committed after this began makes its
+            # commit conflict, whatever it read (its snapshot is taken now): a booking of
+            # a step the rewind undid, begun before it, stood beside the rewound thread
+            tx.undo_fence = saver.thread_scope(str(thread_id))
+            saver._fence_step(tx, str(thread_id), checkpoint_map, conf)
             saver._note_step_txn(tx, str(thread_id), conf, checkpoint_map)
 
 
