@@ -88,7 +88,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import fileio
 from ..codec import decode_key, encode_key
-from ..errors import (CommitOutcomeUnknown, HistoryTrimmed, NeedsRecovery, PointTypeError,
+from ..errors import (CommitOutcomeUnknown, ConflictError, HistoryTrimmed, NeedsRecovery, PointTypeError,
                       RevertConflict)
 from ..log.format import LSN
 from ..log.writer import LogFailed
@@ -252,7 +252,12 @@ class Undo:
             infos = sorted(undo.values(), key=lambda i: i.lsn, reverse=True)
             if dry_run:
                 self.history.check_file_commits_readable(target.lsn, tx.snapshot)
-            plan = self._plan(infos, scope, force, boundary=None)
+            plan = self._plan(infos, scope, force, boundary=None,
+                              snapshot=None if dry_run else tx.snapshot)
+            if plan._files and not dry_run:  # type: ignore[attr-defined]
+                # (a later commit changing files conflicts: a walstore write to a path it
+                # restores, committed after the snapshot, was put back over unseen)
+                tx.guard_files = True
             # (every key of the undone transactions is written, even one that ends as it
             # began: that write is what a later revert of one of them meets as a later
             # writer — dropped, `revert(W)` after a cascade had undone T and W found none
@@ -269,6 +274,7 @@ class Undo:
             tags = {i.scope for i in infos if i.txid in plan.txids}
             if scope is None and len(tags) == 1 and None not in tags:
                 extra["scope"] = tags.pop()
+            fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
             return self._commit(tx, plan, extra)
 
     def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool,
@@ -435,7 +441,8 @@ class Undo:
         return lambda root: rng.same(self.files.scope_of(root))
 
     def _plan(self, infos: list[TxnInfo], scope: Any, force: bool,
-              boundary: int | None, kept: list[TxnInfo] = ()) -> UndoPlan:
+              boundary: int | None, kept: list[TxnInfo] = (),
+              snapshot: int | None = None) -> UndoPlan:
         """Which keys go back, which actions are compensated, what conflicts.
 
         Each transaction is judged from its ``txns`` row first (scope tag, keys, whether
@@ -567,7 +574,7 @@ class Undo:
         plan._changed = changed  # type: ignore[attr-defined]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
-        plan._files = self._plan_files(file_lsns, force)  # type: ignore[attr-defined]
+        plan._files = self._plan_files(file_lsns, force, snapshot)  # type: ignore[attr-defined]
         plan._force = force  # type: ignore[attr-defined]
         # the oldest history the plan reads: the point, or just before the oldest undone
         plan._oldest = boundary if boundary is not None else min(  # type: ignore[attr-defined]
@@ -575,10 +582,13 @@ class Undo:
         plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files)
         return plan
 
-    def _plan_files(self, file_lsns: dict, force: bool) -> list:
+    def _plan_files(self, file_lsns: dict, force: bool, snapshot: int | None = None) -> list:
         """Per path: back to its before-image at the oldest undone version; it must still
         be the after-image of the newest undone one (else it changed behind walstore's
-        back: RevertConflict naming it, unless ``force``).  Paths already there drop out."""
+        back: RevertConflict naming it, unless ``force``).  Paths already there drop out.
+        A commit that changed files after the undo's ``snapshot`` may be what changed it
+        (a later writer the plan did not see, not a stranger): ConflictError, and the undo
+        plans again after it (``_run``)."""
         if not file_lsns:
             return []
         items, conflicts = [], []
@@ -598,11 +608,22 @@ class Undo:
                     continue
             items.append(FileUndo(ws, path, oldest.before, newest.after))
         if conflicts and not force:
+            self._conflict_if_files_changed_since(snapshot)
             raise RevertConflict(f"file(s) changed behind walstore's back since the undone "
                                  f"transaction(s): {sorted(conflicts)}; use force=True to put "
                                  f"back their earlier version anyway",
                                  paths=sorted(conflicts))
         return items
+
+    def _conflict_if_files_changed_since(self, snapshot: int | None) -> None:
+        """ConflictError when a commit at or after ``snapshot`` changed files (the
+        undo's own planning missed it: ``_later_writers`` reads up to the snapshot)."""
+        if snapshot is None:
+            return
+        for row in self.engine.views.commits_after(snapshot - 1):
+            if row.get("files"):
+                raise ConflictError(f"transaction {row.get('tx')} changed files after this "
+                                    f"undo began planning; nothing was changed", [])
 
     def _redo_marks(self, infos: list[TxnInfo], undone: set, force: bool,
                     in_range: set = frozenset(), rng: ScopeRange | None = None,
@@ -794,6 +815,7 @@ class _PlanSnapshot:
         self.read_keys: set[bytes] = set()
         self.guard_ranges: list = []
         self.guard_scopes: list = []
+        self.guard_files = False
 
     def __enter__(self) -> "_PlanSnapshot":
         return self

@@ -53,9 +53,13 @@ class ReadSet:
     # conflicts, whatever it read (a node's booking begun before a rewind of its thread
     # committed after it, and stood beside a thread rewound past its step)
     fence: Any = None
+    # an undo restoring files (Transaction.guard_files): a commit since the snapshot that
+    # changed files conflicts (a later walstore writer of a path it puts back)
+    files: bool = False
 
     def __bool__(self) -> bool:
-        return bool(self.keys or self.ranges or self.scopes or self.fence is not None)
+        return bool(self.keys or self.ranges or self.scopes or self.fence is not None
+                    or self.files)
 
 
 def _in_ranges(key: bytes, ranges) -> bool:
@@ -103,6 +107,8 @@ class ConflictChecker:
                     _check_scopes(txid, e.txid, e.field, reads.scopes)
                 if reads.fence is not None:
                     _check_fence(txid, e.txid, e.field, reads.fence)
+                if reads.files:
+                    _check_files(txid, e.txid, e.field)
         if stale:
             _raise(txid, stale)
         if applied_now > checked:
@@ -124,7 +130,7 @@ class ConflictChecker:
         purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
                                 b"last_purge", st) >= since
         if not stale and (reads.ranges or purged_since or reads.scopes
-                          or reads.fence is not None):
+                          or reads.fence is not None or reads.files):
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):
                 raw = txn.get(txid_raw, db=st.txns)
@@ -140,6 +146,8 @@ class ConflictChecker:
                     _check_scopes(txid, row.get("tx"), row.get, reads.scopes)
                 if reads.fence is not None:
                     _check_fence(txid, row.get("tx"), row.get, reads.fence)
+                if reads.files:
+                    _check_files(txid, row.get("tx"), row.get)
         if stale:
             _raise(txid, stale)
 
@@ -207,6 +215,14 @@ def _check_fence(txid: int, other: Any, field, fence: Any) -> None:
         raise ConflictError(f"transaction {txid} works for scope {fence!r}, which "
                             f"transaction {other} {what} after it started; nothing was "
                             f"written", [])
+
+
+def _check_files(txid: int, other: Any, field) -> None:
+    """ConflictError when the commit whose COMMIT fields ``field`` gives changed files
+    (see ReadSet.files)."""
+    if field("files", None):
+        raise ConflictError(f"transaction {txid} restores files, and transaction {other} "
+                            f"changed files after it started; nothing was written", [])
 
 
 def _scopes_shown(scopes: list) -> str:

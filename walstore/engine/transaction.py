@@ -156,6 +156,9 @@ class Transaction:
     # the scope this transaction works for, fenced against undo: a rewind of it or a purge
     # across it committed after this began makes the commit conflict (ReadSet.fence)
     undo_fence: Any = None
+    # an undo restoring files: any commit that changed files since its snapshot conflicts
+    # (the file history it planned from ends there; ReadSet.files)
+    guard_files: bool = False
 
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
@@ -485,15 +488,17 @@ class Transaction:
 
     def read_set(self) -> ReadSet | None:
         if not self.read_keys and not self.read_ranges and not self.guard_ranges \
-                and not self.guard_scopes and self.undo_fence is None:
+                and not self.guard_scopes and self.undo_fence is None \
+                and not self.guard_files:
             return None
         if self.guard_ranges or self.guard_scopes:
             return ReadSet(self.snapshot, set(self.read_keys),
                            list(self.read_ranges) + list(self.guard_ranges),
                            held_ranges=list(self.read_ranges),
-                           scopes=list(self.guard_scopes) or None, fence=self.undo_fence)
+                           scopes=list(self.guard_scopes) or None, fence=self.undo_fence,
+                           files=self.guard_files)
         return ReadSet(self.snapshot, set(self.read_keys), list(self.read_ranges),
-                       fence=self.undo_fence)
+                       fence=self.undo_fence, files=self.guard_files)
 
     # ---- the end -------------------------------------------------------------------------
     def commit(self) -> int | None:
@@ -541,7 +546,7 @@ class Transaction:
                     self.id, list(self._writes.items()), self.meta,
                     self.read_set() if self.read_keys or self.read_ranges
                     or self.guard_ranges or self.guard_scopes
-                    or self.undo_fence is not None else None, body)
+                    or self.undo_fence is not None or self.guard_files else None, body)
                 lsn = self._engine.pipeline.commit(req).lsn
             # (inside the ``try``: an interrupt landing between the commit's return and
             # this line left the transaction "active", and the caller's natural rollback
