@@ -493,6 +493,23 @@ class Files:
                                     f"not ended (open, or prepared and in doubt); nothing "
                                     f"was changed", [where])
 
+    def put_back_dropped(self, root: bytes, path: bytes, dry_run: bool = False) -> bool:
+        """An undo's plan, before it compares ``path`` with its target: what a transaction
+        that ended without commit or rollback (dropped) left there is put back first, as
+        before any change of it (``_put_back_stale``; an undo planned from those
+        uncommitted bytes took the path for done, and the next open's undo of the dropped
+        one brought the undone version back).  ``dry_run``: nothing is changed; True when
+        such bytes are there (the plan keeps the path)."""
+        ws = self.registered(root)
+        with self._ws_lock(ws), self._lock:
+            if dry_run:
+                if not self._claims_seeded:
+                    self._seed_claims()
+                owners = {self._claims.get((root, p)) for p in _with_parents([path])}
+                return any(t is not None and t not in self._settled and not self._live(t)
+                           and self._owed_now({t}) for t in owners)
+            return self._put_back_stale(None, ws, [path])
+
     def check_unclaimed(self, root: bytes, path: bytes) -> None:
         """An undo's plan: ConflictError when a transaction that has not ended (open,
         prepared, or rolling back) changed ``path`` (the undo's own is not begun yet)."""
@@ -849,6 +866,10 @@ class Files:
             for c in forward:
                 if len(ws.root_b) + len(c.path) > MAX_ROOT_AND_PATH_BYTES:
                     self._put_back_overlong_watch(tx, w, m1, changes, c.path)
+            try:  # a path another live transaction changed is its own (``_claim``)
+                self._check_claims(tx, ws.root_b, [c.path for c in forward])
+            except ConflictError as e:
+                self._put_back_claimed_watch(tx, w, m1, changes, e)
             eff = self.log_steps(tx, ws, "watch", forward, durable=False,
                                  watch=w.lsn) if forward else None
             self._note_claims(tx, ws.root_b, forward)  # (changed already: claimed, unchecked)
@@ -864,6 +885,34 @@ class Files:
                 tx.effects[i] = eff
             self._manifests[ws.root_b] = m1
             handle.changes = changes
+
+    def _put_back_claimed_watch(self, tx: "Transaction", w: OpenWatch, m1: Manifest,
+                                changes: list, taken: ConflictError) -> None:
+        """A watched process changed a path another transaction changed and has not ended
+        (open, or prepared and in doubt): taken over unchecked, both committed and the
+        store's view of the path was the other's while the disk held the process's bytes.
+        As any change of a claimed path is refused, none of the block's changes becomes
+        this transaction's: they are put back now, from the manifest taken before the
+        block (the other transaction's bytes included; a path changed again since the end's
+        snapshot stays, a conflict), the watch ends with no change, and ConflictError says
+        so (``run()`` retries the transaction).  Caller holds ``_lock``."""
+        ws = w.ws
+        conflicts = restore_changes(w.manifest.workspace(ws), changes, self.blobs,
+                                    self.quarantine(tx.id), check=True, durable=self.durable)
+        self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
+                                             "begin": w.lsn, "n": 0}, tx.id, durable=True)
+        tx.effects.remove(w)
+        self._manifests[ws.root_b] = m1
+        kept = ""
+        if conflicts:
+            kept = (f"; {len(conflicts)} path(s) changed again since the block ended were "
+                    f"left as they are: " + ", ".join(str(c) for c in conflicts[:5]))
+        raise ConflictError(
+            f"a process watched in workspace {ws.root!r} changed a path another "
+            f"transaction holds ({str(taken).removesuffix('; nothing was changed')}); "
+            f"none of the block's {len(changes)} change(s) "
+            f"became part of transaction {tx.id}: they were put back to their state before "
+            f"the watch{kept}", list(taken.keys))
 
     def _put_back_overlong_watch(self, tx: "Transaction", w: OpenWatch, m1: Manifest,
                                  changes: list, path: bytes) -> None:

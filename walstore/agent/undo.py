@@ -253,7 +253,7 @@ class Undo:
             if dry_run:
                 self.history.check_file_commits_readable(target.lsn, tx.snapshot)
             plan = self._plan(infos, scope, force, boundary=None,
-                              snapshot=None if dry_run else tx.snapshot)
+                              snapshot=None if dry_run else tx.snapshot, dry_run=dry_run)
             if plan._files and not dry_run:  # type: ignore[attr-defined]
                 # (a later commit changing files conflicts: a walstore write to a path it
                 # restores, committed after the snapshot, was put back over unseen)
@@ -295,7 +295,8 @@ class Undo:
                 infos = [i for i in infos if i.lsn < tx.snapshot]
                 self.history.check_file_commits_readable(boundary, tx.snapshot)
             plan = self._plan([i for i in infos if i.txid not in kept], scope, force,
-                              boundary, [i for i in infos if i.txid in kept])
+                              boundary, [i for i in infos if i.txid in kept],
+                              dry_run=dry_run)
             # (the transactions it changes something of, not every one after the point:
             # what an earlier undo took back already is not listed again: see _plan)
             plan.txids = [t for t in plan.txids if t in plan._changed]  # type: ignore
@@ -442,7 +443,7 @@ class Undo:
 
     def _plan(self, infos: list[TxnInfo], scope: Any, force: bool,
               boundary: int | None, kept: list[TxnInfo] = (),
-              snapshot: int | None = None) -> UndoPlan:
+              snapshot: int | None = None, dry_run: bool = False) -> UndoPlan:
         """Which keys go back, which actions are compensated, what conflicts.
 
         Each transaction is judged from its ``txns`` row first (scope tag, keys, whether
@@ -574,7 +575,8 @@ class Undo:
         plan._changed = changed  # type: ignore[attr-defined]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
-        plan._files = self._plan_files(file_lsns, force, snapshot)  # type: ignore[attr-defined]
+        plan._files = self._plan_files(file_lsns, force, snapshot,  # type: ignore[attr-defined]
+                                       dry_run)
         plan._force = force  # type: ignore[attr-defined]
         # the oldest history the plan reads: the point, or just before the oldest undone
         plan._oldest = boundary if boundary is not None else min(  # type: ignore[attr-defined]
@@ -582,13 +584,16 @@ class Undo:
         plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files)
         return plan
 
-    def _plan_files(self, file_lsns: dict, force: bool, snapshot: int | None = None) -> list:
+    def _plan_files(self, file_lsns: dict, force: bool, snapshot: int | None = None,
+                    dry_run: bool = False) -> list:
         """Per path: back to its before-image at the oldest undone version; it must still
         be the after-image of the newest undone one (else it changed behind walstore's
         back: RevertConflict naming it, unless ``force``).  Paths already there drop out.
         A commit that changed files after the undo's ``snapshot`` may be what changed it
         (a later writer the plan did not see, not a stranger): ConflictError, and the undo
-        plans again after it (``_run``)."""
+        plans again after it (``_run``).  What a dropped transaction left on a path is
+        put back before the path is compared (``Files.put_back_dropped``; a dry run keeps
+        such a path in the plan, changing nothing)."""
         if not file_lsns:
             return []
         items, conflicts = [], []
@@ -598,9 +603,10 @@ class Undo:
             if newest is None or oldest is None:
                 continue
             self.files.check_unclaimed(root, path)  # an open or prepared txn's: refused
+            dropped = self.files.put_back_dropped(root, path, dry_run)
             ws = self.files.registered(root)
             status = restore_status(ws, path, oldest.before, newest.after)
-            if status.state == "done":
+            if status.state == "done" and not (dry_run and dropped):
                 continue
             if status.state == "conflict":
                 conflicts.append(abs_display(root, path))

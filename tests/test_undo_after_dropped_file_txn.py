@@ -1,0 +1,50 @@
+"""An undo never takes a dropped transaction's uncommitted file bytes for its target.
+
+probe-undorace (stop 43): T wrote f = "T"; a transaction D wrote f = "before" (T's
+before-image) and was dropped (garbage-collected without commit or rollback).  A
+``rewind`` to before T, or ``revert(T)``, compared the disk with its target, found it
+"done", dropped the path and returned None; the next open undid D, and f was "T" again:
+T's change stood though the undo said it was undone.  Now the plan first puts back what a
+dropped transaction left on the path (as any change of it does), then compares.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+import walstore
+
+
+@pytest.mark.parametrize("verb", ["rewind", "revert", "dry-run"])
+def test_an_undo_after_a_dropped_transaction_wrote_its_target_still_undoes(tmp_path, verb):
+    root = tmp_path / "ws"
+    root.mkdir()
+    store = walstore.open(tmp_path / "s", durability="none")
+    try:
+        ws = store.workspace(str(root), scope="b/")
+        with store.transaction(scope="b/") as tx:
+            tx.files(ws).write("f.txt", "before\n")
+        store.restore_point("P")
+        with store.transaction(scope="b/") as tx:
+            tx.files(ws).write("f.txt", "T\n")
+        t = tx.id
+        d = store.transaction(scope="b/")
+        d.files(ws).write("f.txt", "before\n")  # uncommitted, then dropped
+        del d
+        gc.collect()
+        if verb == "dry-run":
+            plan = store.rewind("P", scope="b/", dry_run=True)
+            assert plan.txids == [t] and len(plan.files) == 1
+            assert (root / "f.txt").read_text() == "before\n"  # (nothing changed)
+            return
+        info = store.rewind("P", scope="b/") if verb == "rewind" else store.revert(t)
+        assert info is not None and info.extra["reverts"] == [t]
+        assert (root / "f.txt").read_text() == "before\n"
+        store.close()
+        store = walstore.open(tmp_path / "s", durability="none")
+        assert (root / "f.txt").read_text() == "before\n"
+        assert store.at(store.log(limit=1)[0].txid).files(str(root)).read(
+            "f.txt") == b"before\n"
+    finally:
+        store.close()
