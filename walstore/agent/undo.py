@@ -606,6 +606,11 @@ class Undo:
             dropped = self.files.put_back_dropped(root, path, dry_run)
             ws = self.files.registered(root)
             status = restore_status(ws, path, oldest.before, newest.after)
+            # and again after the read: bytes another undo (or a transaction) wrote in
+            # place after the first check are its own, claimed before they were written
+            # (read as the path's state, a path taken for done stayed as it was when that
+            # other one rolled back)
+            self.files.check_unclaimed(root, path)
             if status.state == "done" and not (dry_run and dropped):
                 continue
             if status.state == "conflict":
