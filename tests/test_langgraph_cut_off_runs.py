@@ -250,3 +250,54 @@ def test_delete_thread_racing_an_async_run_leaves_nothing_under_the_thread(tmp_p
     assert list(store.keys(prefix=saver.thread_scope("a"))) == []
     assert "Oslo" not in standing(world) and "Nice" not in standing(world)
     store.close()
+
+
+@pytest.mark.parametrize("save", ["put", "put_writes"])
+def test_a_rewind_landing_between_a_saves_mark_check_and_its_transaction_is_seen(
+        tmp_path, save):
+    # (review43: put and put_writes looked at the marks before their transaction's
+    # snapshot; a rewind to the head landing in between was missed and the save
+    # committed: the state said "booked", the world had it cancelled.  The marks are now
+    # looked at again inside the save's transaction, after its snapshot, and the save is
+    # fenced against undo of the thread.)
+    store, world = booking_store(tmp_path)
+    what = "a checkpoint built on" if save == "put" else "pending writes for"
+
+    class Held(WalstoreSaver):
+        reached, release = threading.Event(), threading.Event()
+
+        def _refuse_cut_off(self, conf, thread_id, ns_name, ns, cid, what_):
+            super()._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what_)
+            if what_ == what and not self.reached.is_set() and standing(world) == ["Paris"]:
+                self.reached.set()
+                self.release.wait(30)
+    saver = Held(store)
+
+    def book(s: Plan) -> dict:
+        book_in(store, world, s["plan"][0])
+        return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
+    graph = plan_graph(saver, book)
+    config = {"configurable": {"thread_id": "a"}}
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke({"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config,
+                         durability="sync")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    assert saver.reached.wait(30)
+    target = next(h for h in graph.get_state_history(config)
+                  if h.metadata.get("step") == (0 if save == "put" else -1) or
+                  h.values.get("booked") == [])
+    assert saver.rewind(target.config) is not None  # (Paris's booking compensated)
+    saver.release.set()
+    th.join(60)
+    assert [type(e).__name__ for e in errors] == ["StaleCheckpointError"]
+    assert sorted(graph.get_state(config).values["booked"]) == standing(world), world
+    graph.invoke(None, config, durability="sync")
+    assert sorted(graph.get_state(config).values["booked"]) == standing(world) == [
+        "Oslo", "Paris", "Rome"]
+    store.close()

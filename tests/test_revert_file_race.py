@@ -59,3 +59,39 @@ def test_a_revert_racing_a_later_write_of_its_file_names_it(tmp_path, where, for
         assert info is not None and (root / "f.txt").read_text() == "before\n"
     finally:
         store.close()
+
+
+def test_a_rewind_racing_a_later_write_of_its_file_plans_it_in(tmp_path):
+    """(review43) The same race for a rewind: a file commit after its snapshot was taken
+    for a change behind walstore's back; the rewind now conflicts, plans again and undoes
+    it too (it is after the point)."""
+    from tools.faults import FaultBackend, installed
+    store = walstore.open(tmp_path / "s", durability="none")
+    root = tmp_path / "ws"
+    root.mkdir()
+    ws = store.workspace(str(root))
+    try:
+        with store.transaction() as tx:
+            tx.files(ws).write("f.txt", "before\n")
+        store.restore_point("P")
+        with store.transaction() as tx:
+            tx.files(ws).write("f.txt", "T\n")
+        later: list = []
+
+        def racer(_name):
+            if not later:
+                def w():
+                    with store.transaction() as wtx:
+                        wtx.files(ws).write("f.txt", "W\n")
+                    later.append(wtx.id)
+                th = threading.Thread(target=w)
+                th.start()
+                th.join(30)
+        fb = FaultBackend()
+        fb.at_point("undo.resolved", racer)
+        with installed(fb):
+            info = store.rewind("P")
+        assert later and later[0] in info.extra["reverts"]
+        assert (root / "f.txt").read_text() == "before\n"
+    finally:
+        store.close()

@@ -48,3 +48,28 @@ def test_an_undo_after_a_dropped_transaction_wrote_its_target_still_undoes(tmp_p
             "f.txt") == b"before\n"
     finally:
         store.close()
+
+
+def test_a_dry_run_plans_a_path_a_dropped_transaction_left_as_the_undo_does(tmp_path):
+    """(review43) Dropped bytes that match neither image: the dry run raised
+    RevertConflict where the undo itself (which puts them back first) succeeds."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    store = walstore.open(tmp_path / "s", durability="none")
+    try:
+        ws = store.workspace(str(root), scope="b/")
+        with store.transaction(scope="b/") as tx:
+            tx.files(ws).write("f.txt", "before\n")
+        store.restore_point("P")
+        with store.transaction(scope="b/") as tx:
+            tx.files(ws).write("f.txt", "T\n")
+        d = store.transaction(scope="b/")
+        d.files(ws).write("f.txt", "dropped\n")
+        del d
+        gc.collect()
+        plan = store.rewind("P", scope="b/", dry_run=True)
+        assert len(plan.files) == 1 and (root / "f.txt").read_text() == "dropped\n"
+        assert store.rewind("P", scope="b/") is not None
+        assert (root / "f.txt").read_text() == "before\n"
+    finally:
+        store.close()

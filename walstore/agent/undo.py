@@ -296,7 +296,7 @@ class Undo:
                 self.history.check_file_commits_readable(boundary, tx.snapshot)
             plan = self._plan([i for i in infos if i.txid not in kept], scope, force,
                               boundary, [i for i in infos if i.txid in kept],
-                              dry_run=dry_run)
+                              snapshot=None if dry_run else tx.snapshot, dry_run=dry_run)
             # (the transactions it changes something of, not every one after the point:
             # what an earlier undo took back already is not listed again: see _plan)
             plan.txids = [t for t in plan.txids if t in plan._changed]  # type: ignore
@@ -605,13 +605,16 @@ class Undo:
             self.files.check_unclaimed(root, path)  # an open or prepared txn's: refused
             dropped = self.files.put_back_dropped(root, path, dry_run)
             ws = self.files.registered(root)
+            if dropped and dry_run:  # (the real undo puts the dropped bytes back first)
+                items.append(FileUndo(ws, path, oldest.before, newest.after))
+                continue
             status = restore_status(ws, path, oldest.before, newest.after)
             # and again after the read: bytes another undo (or a transaction) wrote in
             # place after the first check are its own, claimed before they were written
             # (read as the path's state, a path taken for done stayed as it was when that
             # other one rolled back)
             self.files.check_unclaimed(root, path)
-            if status.state == "done" and not (dry_run and dropped):
+            if status.state == "done":
                 continue
             if status.state == "conflict":
                 conflicts.append(abs_display(root, path))

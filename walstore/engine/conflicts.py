@@ -170,7 +170,7 @@ def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:
 # the COMMIT fields that move action states or change files: a commit holding one may
 # reach into a guarded scope without writing a key there (an undo's compensations, a
 # workspace declared in the scope), so it conflicts with every guarded scope
-_REACHING = ("files", "compensate", "redo", "unredo", "crossed")
+_REACHING = ("files", "compensate", "redo", "unredo")  # (all kept in ``txns`` rows too)
 
 
 def _check_scopes(txid: int, other: Any, field, scopes: list) -> None:

@@ -204,6 +204,20 @@ def _rewinds(store: Any) -> dict[bytes, float]:
         return got
 
 
+_MARKS_MAX = 65536  # threads with a removal/rewind mark kept per store: the oldest go first
+
+
+def _note_mark(marks: dict, key: bytes, value: float) -> None:
+    """``marks[key] = value``, the newest last; beyond ``_MARKS_MAX`` threads the oldest
+    mark is forgotten (a run that loaded that thread before it and still runs is then
+    fenced only by its checkpoints and its node transactions' undo fence)."""
+    with _REMOVALS_LOCK:
+        marks.pop(key, None)
+        marks[key] = value
+        while len(marks) > _MARKS_MAX:
+            del marks[next(iter(marks))]
+
+
 def _loaded_at(token: Any) -> float | None:
     """When the run whose load ``token`` is (``RUN_TOKEN``) loaded its thread."""
     try:
@@ -701,6 +715,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         cache_updates: list = []
 
         def write(tx):
+            # the marks again, after the transaction's snapshot, and fenced against undo
+            # of the thread: a rewind marked and committed after the check above conflicts
+            # (read before the snapshot, a rewind to the head slipped in between)
+            self._cut_off_in(tx, conf, thread_id, ns_name, ns, parent, "a checkpoint built on")
             if self.fencing and parent is not None and tx.get(ns.checkpoint(parent)) is None:
                 # (read, so a rewind or delete_thread racing this put makes it conflict)
                 self._fence_gone(thread_id, ns_name, parent, extends_head)
@@ -739,6 +757,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                       meta=self._meta("put", thread_id=thread_id,
                                       checkpoint_ns=ns_name or None, checkpoint_id=cid))
         except StaleCheckpointError as e:
+            if e.head is None and token is not None and token in _lost_runs(self.store):
+                self._undo_lost_step(e, ns, token)  # (refused inside: lost meanwhile)
             if e.head is not None and token is not None:  # (a rival's race, not a rewind)
                 lost = _lost_runs(self.store)
                 with _REMOVALS_LOCK:
@@ -803,8 +823,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         before a rewind of it, for a checkpoint the rewind kept."""
         if rewound:
             raise StaleCheckpointError(
-                f"thread {thread_id!r} (namespace {ns_name!r}) was rewound while this run "
-                f"worked: its step on checkpoint {parent!r} was undone, so {what} it "
+                f"thread {thread_id!r} (namespace {ns_name!r}) was rewound or deleted while "
+                f"this run worked: its step on checkpoint {parent!r} was undone, so {what} it "
                 f"{'were' if what.startswith('pending') else 'was'} refused and nothing "
                 f"was written (reload the thread and retry)",
                 thread_id, ns_name, parent, None)
@@ -823,38 +843,66 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         step and compensated its bookings, and the run's next checkpoint then brought the
         step back as done), or one of its puts lost a race to a rival (its later steps
         too: their node transactions are reverted here, as the first refusal's were)."""
+        why = self._cut_off(conf, ns_name, ns)
+        if why == "removed":
+            self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
+        if why == "lost":
+            error = self._lost_error(thread_id, ns_name, cid, what)
+            self._undo_lost_step(error, ns, conf.get(RUN_TOKEN + ns_name))
+            raise error
+
+    def _cut_off(self, conf: Mapping, ns_name: str, ns: Namespace) -> str | None:
+        """Why the run ``conf`` names is cut off: "removed" (it loaded the thread before a
+        rewind or delete of it began in this process), "lost" (it lost a race), or None."""
         if not self.fencing:
-            return
+            return None
         token = conf.get(RUN_TOKEN + ns_name)
         if token is None:
-            return
+            return None
         loaded = _loaded_at(token)
         rewound = _rewinds(self.store).get(ns.thread_prefix)
         if loaded is not None and rewound is not None and loaded < rewound:
-            self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
+            return "removed"
         if token in _lost_runs(self.store):
-            error = StaleCheckpointError(
-                f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
-                f"another writer of the thread at an earlier step, so {what} checkpoint "
-                f"{cid!r} {'were' if what.startswith('pending') else 'was'} refused and "
-                f"nothing was written (reload the thread and retry)",
-                thread_id, ns_name, cid, None)
-            self._undo_lost_step(error, ns, token)
-            raise error
+            return "lost"
+        return None
+
+    def _cut_off_in(self, tx: Any, conf: Mapping, thread_id: str, ns_name: str,
+                    ns: Namespace, cid: str | None, what: str) -> None:
+        """Inside a save's transaction: fenced against undo of the thread (a rewind or
+        delete committed after its snapshot conflicts, and the retry looks again), its
+        snapshot taken, then the marks looked at (refused: nothing reverted here, the
+        caller does that)."""
+        if not self.fencing:
+            return
+        tx.undo_fence = ns.thread_prefix
+        _ = tx.snapshot
+        why = self._cut_off(conf, ns_name, ns)
+        if why == "removed":
+            self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
+        if why == "lost":
+            raise self._lost_error(thread_id, ns_name, cid, what)
+
+    @staticmethod
+    def _lost_error(thread_id: str, ns_name: str, cid: str | None,
+                    what: str) -> StaleCheckpointError:
+        return StaleCheckpointError(
+            f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
+            f"another writer of the thread at an earlier step, so {what} checkpoint "
+            f"{cid!r} {'were' if what.startswith('pending') else 'was'} refused and "
+            f"nothing was written (reload the thread and retry)",
+            thread_id, ns_name, cid, None)
 
     def _refuse_cut_off_begin(self, conf: Mapping, thread_id: str, ns_name: str,
                               ns: Namespace, cid: str) -> None:
         """``_refuse_cut_off`` for a node transaction as it begins: refused, and nothing
         reverted here (the run's next save does that)."""
-        token = conf.get(RUN_TOKEN + ns_name)
-        if token is None:
-            return
-        loaded = _loaded_at(token)
-        rewound = _rewinds(self.store).get(ns.thread_prefix)
-        if (loaded is not None and rewound is not None and loaded < rewound) \
-                or token in _lost_runs(self.store):
-            self._fence_gone(thread_id, ns_name, cid, True,
-                             "a transaction begun in a step built on", rewound=True)
+        why = self._cut_off(conf, ns_name, ns)
+        what = "a transaction begun in a step built on"
+        if why == "removed":
+            self._fence_gone(thread_id, ns_name, cid, True, what, rewound=True)
+        if why == "lost":
+            raise self._lost_error(thread_id, ns_name, cid, what)
 
     def _undo_lost_step(self, error: StaleCheckpointError, ns: Namespace,
                         token: str) -> None:
@@ -988,7 +1036,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     def _removing(self, thread_prefix: bytes) -> None:
         """Note that checkpoints of the thread were (or are being) removed: pending writes
         of a checkpoint made before now and missing are refused from now on."""
-        _removals(self.store)[thread_prefix] = time.time()
+        _note_mark(_removals(self.store), thread_prefix, time.time())
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
@@ -1019,6 +1067,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self._refuse_cut_off(_conf(config), thread_id, ns_name, ns, cid, "pending writes for")
 
         def write(tx):
+            self._cut_off_in(tx, _conf(config), thread_id, ns_name, ns, cid,
+                             "pending writes for")
             if self.fencing:
                 if self.store.get(ns.checkpoint(cid)) is not None:
                     # (read, so a rewind or delete_thread racing these writes conflicts)
@@ -1033,9 +1083,15 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if widx >= 0 and tx.get(key) is not None:
                     continue
                 tx.put(key, row)
-        self._run(write, scope=ns.thread_prefix,
-                  meta=self._meta("put_writes", thread_id=thread_id, checkpoint_id=cid,
-                                  task_id=task_id))
+        token = _conf(config).get(RUN_TOKEN + ns_name) if self.fencing else None
+        try:
+            self._run(write, scope=ns.thread_prefix,
+                      meta=self._meta("put_writes", thread_id=thread_id, checkpoint_id=cid,
+                                      task_id=task_id))
+        except StaleCheckpointError as e:
+            if token is not None and token in _lost_runs(self.store):
+                self._undo_lost_step(e, ns, token)  # (refused inside: lost meanwhile)
+            raise
 
     # ---- deleting, copying, pruning ----------------------------------------------------
     def delete_thread(self, thread_id: str) -> None:
@@ -1045,7 +1101,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         self._removing(prefix)
         # (a run of the thread loaded before it is cut off: its later saves are refused,
         # its node transactions too — one in flight conflicts with the purge)
-        _rewinds(self.store)[prefix] = time.monotonic()
+        _note_mark(_rewinds(self.store), prefix, time.monotonic())
         self.store.purge(prefix)
         self.codec.forget(prefix)
 
@@ -1618,19 +1674,20 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             marked = removals.get(scope)
             rewinds = _rewinds(self.store)
             rewound_before = rewinds.get(scope)
-            rewinds[scope] = rewound_mark = time.monotonic()
+            rewound_mark = time.monotonic()
+            _note_mark(rewinds, scope, rewound_mark)
 
         def unmark() -> None:  # (nothing removed: the marks as they were)
             if removals.get(scope) == marked:
                 if before is None:
                     removals.pop(scope, None)
                 else:
-                    removals[scope] = before
+                    _note_mark(removals, scope, before)
             if rewinds.get(scope) == rewound_mark:
                 if rewound_before is None:
                     rewinds.pop(scope, None)
                 else:
-                    rewinds[scope] = rewound_before
+                    _note_mark(rewinds, scope, rewound_before)
         try:
             result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
                                        meta=meta if meta is not None
@@ -1649,7 +1706,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if not dry_run:
             if result is not None:
                 self._removing(scope)
-                rewinds[scope] = time.monotonic()
+                _note_mark(rewinds, scope, time.monotonic())
             else:
                 unmark()
             self.codec.forget(scope)
