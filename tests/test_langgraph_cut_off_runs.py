@@ -52,6 +52,20 @@ def _held_saver(store, hold):
     return Held(store)
 
 
+def _start_run(graph, inp, config, durability: str = "sync"):
+    """``graph.invoke(inp, config)`` in a thread: (the thread, the errors it raised)."""
+    errors: list = []
+
+    def run() -> None:
+        try:
+            graph.invoke(inp, config, durability=durability)
+        except Exception as e:  # noqa: BLE001  (the run cut off)
+            errors.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    return th, errors
+
+
 def test_a_rewind_to_the_checkpoint_a_running_step_builds_on_refuses_the_run(tmp_path):
     store, world = booking_store(tmp_path)
     saver = _held_saver(store, lambda md: md.get("step") == 1)
@@ -61,16 +75,7 @@ def test_a_rewind_to_the_checkpoint_a_running_step_builds_on_refuses_the_run(tmp
         return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
     graph = plan_graph(saver, book)
     config = {"configurable": {"thread_id": "a"}}
-    errors: list = []
-
-    def run() -> None:
-        try:
-            graph.invoke({"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config,
-                         durability="sync")
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    th = threading.Thread(target=run)
-    th.start()
+    th, errors = _start_run(graph, {"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config)
     assert saver.reached.wait(30)  # (Paris booked, its write saved, its checkpoint held)
     head = graph.get_state(config)  # (the step's checkpoint is not saved: the head is
     assert standing(world) == ["Paris"]  # the one the running step builds on)
@@ -278,16 +283,7 @@ def test_a_rewind_landing_between_a_saves_mark_check_and_its_transaction_is_seen
         return {"plan": s["plan"][1:], "booked": [s["plan"][0]]}
     graph = plan_graph(saver, book)
     config = {"configurable": {"thread_id": "a"}}
-    errors: list = []
-
-    def run() -> None:
-        try:
-            graph.invoke({"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config,
-                         durability="sync")
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    th = threading.Thread(target=run)
-    th.start()
+    th, errors = _start_run(graph, {"plan": ["Paris", "Rome", "Oslo"], "booked": []}, config)
     assert saver.reached.wait(30)
     target = next(h for h in graph.get_state_history(config)
                   if h.metadata.get("step") == (0 if save == "put" else -1) or

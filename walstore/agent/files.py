@@ -886,6 +886,26 @@ class Files:
             self._manifests[ws.root_b] = m1
             handle.changes = changes
 
+    def _abandon_watch(self, tx: "Transaction", w: OpenWatch, m1: Manifest,
+                       changes: list) -> str:
+        """End the watch ``w`` with none of the block's ``changes`` in ``tx``: put back from
+        the manifest taken before the block (a path changed again since the end's snapshot
+        stays, a conflict), WATCH_END logged with no change, the watch out of ``tx``'s
+        effects, ``m1`` the workspace's manifest.  Returns what the error message adds
+        about the paths left as they are.  Caller holds ``_lock``."""
+        ws = w.ws
+        unlimited = w.manifest.workspace(ws).without_length_limit()
+        conflicts = restore_changes(unlimited, changes, self.blobs, self.quarantine(tx.id),
+                                    check=True, durable=self.durable)
+        self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
+                                             "begin": w.lsn, "n": 0}, tx.id, durable=True)
+        tx.effects.remove(w)
+        self._manifests[ws.root_b] = m1
+        if not conflicts:
+            return ""
+        return (f"; {len(conflicts)} path(s) changed again since the block ended were left "
+                f"as they are: " + ", ".join(str(c) for c in conflicts[:5]))
+
     def _put_back_claimed_watch(self, tx: "Transaction", w: OpenWatch, m1: Manifest,
                                 changes: list, taken: ConflictError) -> None:
         """A watched process changed a path another transaction changed and has not ended
@@ -896,19 +916,9 @@ class Files:
         block (the other transaction's bytes included; a path changed again since the end's
         snapshot stays, a conflict), the watch ends with no change, and ConflictError says
         so (``run()`` retries the transaction).  Caller holds ``_lock``."""
-        ws = w.ws
-        conflicts = restore_changes(w.manifest.workspace(ws), changes, self.blobs,
-                                    self.quarantine(tx.id), check=True, durable=self.durable)
-        self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
-                                             "begin": w.lsn, "n": 0}, tx.id, durable=True)
-        tx.effects.remove(w)
-        self._manifests[ws.root_b] = m1
-        kept = ""
-        if conflicts:
-            kept = (f"; {len(conflicts)} path(s) changed again since the block ended were "
-                    f"left as they are: " + ", ".join(str(c) for c in conflicts[:5]))
+        kept = self._abandon_watch(tx, w, m1, changes)
         raise ConflictError(
-            f"a process watched in workspace {ws.root!r} changed a path another "
+            f"a process watched in workspace {w.ws.root!r} changed a path another "
             f"transaction holds ({str(taken).removesuffix('; nothing was changed')}); "
             f"none of the block's {len(changes)} change(s) "
             f"became part of transaction {tx.id}: they were put back to their state before "
@@ -925,18 +935,8 @@ class Files:
         its rollback could not reach the long paths: they stayed, reported as a
         stranger's change.)  Caller holds ``_lock``."""
         ws = w.ws
-        unlimited = w.manifest.workspace(ws).without_length_limit()
-        conflicts = restore_changes(unlimited, changes, self.blobs, self.quarantine(tx.id),
-                                    check=True, durable=self.durable)
-        self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
-                                             "begin": w.lsn, "n": 0}, tx.id, durable=True)
-        tx.effects.remove(w)
-        self._manifests[ws.root_b] = m1
+        kept = self._abandon_watch(tx, w, m1, changes)
         n = len(ws.root_b) + len(path)
-        kept = ""
-        if conflicts:
-            kept = (f"; {len(conflicts)} path(s) changed again since the block ended were "
-                    f"left as they are: " + ", ".join(str(c) for c in conflicts[:5]))
         raise ValueError(
             f"a process watched in workspace {ws.root!r} made {display(path)!r}, too long "
             f"for walstore's file history: with the root it is {n} bytes, at most "
