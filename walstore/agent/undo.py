@@ -88,8 +88,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import fileio
 from ..codec import decode_key, encode_key
-from ..errors import (CommitOutcomeUnknown, ConflictError, HistoryTrimmed, NeedsRecovery, PointTypeError,
-                      RevertConflict)
+from ..errors import (CommitOutcomeUnknown, ConflictError, HistoryTrimmed, NeedsRecovery,
+                      PointTypeError, RevertConflict)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
