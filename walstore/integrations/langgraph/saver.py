@@ -1657,9 +1657,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         checkpoint and pending writes (``StaleCheckpointError``), and so is a walstore
         transaction its node begins without ``scope=`` (it belongs to the thread): one
         begun before the rewind raises ConflictError at commit (its actions are
-        compensated), one begun after it is refused when it begins.  (Exact with
-        ``durability="sync"``: with ``"async"``, a transaction begun while its step's
-        checkpoint is still being saved is not fenced.)
+        compensated), one begun after it is refused when it begins — whatever the
+        durability: each is fenced against undo of its thread (``Transaction.undo_fence``),
+        so one begun while its step's checkpoint is still being saved (``"async"``)
+        conflicts too.  A run of the thread that loaded it before the rewind (in this
+        process) is refused at its next checkpoint and pending writes, whatever checkpoint
+        the rewind kept (``_refuse_cut_off``).
         """
         thread_id, _ns = _where(config)
         to, keep, first = self._rewind_plan(config)
