@@ -130,8 +130,9 @@ def test_a_resume_racing_a_rewind_to_the_interrupted_head_is_refused(tmp_path):
     store.close()
 
 
-@pytest.mark.parametrize("how", ["rewind-head", "rewind-older", "delete"])
-def test_an_exit_mode_run_is_cut_off_by_a_rewind_or_delete_of_its_thread(tmp_path, how):
+def _graph_held_at_rome(tmp_path):
+    """(store, world, saver, graph, config, rome_booked, done): a plan graph whose step
+    that books Rome waits for ``done`` once Rome is booked (``rome_booked`` set)."""
     store, world = booking_store(tmp_path)
     saver = WalstoreSaver(store)
     rome_booked, done = threading.Event(), threading.Event()
@@ -143,8 +144,13 @@ def test_an_exit_mode_run_is_cut_off_by_a_rewind_or_delete_of_its_thread(tmp_pat
             rome_booked.set()
             done.wait(30)
         return {"plan": s["plan"][1:], "booked": [city]}
-    graph = plan_graph(saver, book)
-    config = {"configurable": {"thread_id": "a"}}
+    return (store, world, saver, plan_graph(saver, book),
+            {"configurable": {"thread_id": "a"}}, rome_booked, done)
+
+
+@pytest.mark.parametrize("how", ["rewind-head", "rewind-older", "delete"])
+def test_an_exit_mode_run_is_cut_off_by_a_rewind_or_delete_of_its_thread(tmp_path, how):
+    store, world, saver, graph, config, rome_booked, done = _graph_held_at_rome(tmp_path)
     graph.invoke({"plan": ["Paris"], "booked": []}, config, durability="exit")
     c1 = graph.get_state(config)
     graph.invoke({"plan": ["Nice"]}, config, durability="exit")
@@ -224,19 +230,7 @@ def test_the_run_that_loses_a_race_has_every_booking_of_its_steps_undone(
 
 
 def test_delete_thread_racing_an_async_run_leaves_nothing_under_the_thread(tmp_path):
-    store, world = booking_store(tmp_path)
-    saver = WalstoreSaver(store)
-    rome, done = threading.Event(), threading.Event()
-
-    def book(s: Plan) -> dict:
-        city = s["plan"][0]
-        book_in(store, world, city)
-        if city == "Rome":
-            rome.set()
-            done.wait(30)
-        return {"plan": s["plan"][1:], "booked": [city]}
-    graph = plan_graph(saver, book)
-    config = {"configurable": {"thread_id": "a"}}
+    store, world, saver, graph, config, rome, done = _graph_held_at_rome(tmp_path)
     errors: list = []
 
     def run() -> None:
@@ -271,8 +265,8 @@ def test_a_rewind_landing_between_a_saves_mark_check_and_its_transaction_is_seen
     class Held(WalstoreSaver):
         reached, release = threading.Event(), threading.Event()
 
-        def _refuse_cut_off(self, conf, thread_id, ns_name, ns, cid, what_):
-            super()._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what_)
+        def _refuse_cut_off(self, conf, thread_id, ns_name, ns, cid, what_, **kw):
+            super()._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what_, **kw)
             if what_ == what and not self.reached.is_set() and standing(world) == ["Paris"]:
                 self.reached.set()
                 self.release.wait(30)

@@ -18,6 +18,23 @@ import pytest
 import walstore
 
 
+def _writer_of_f_at(store, ws, later: list):
+    """A fault-point effect: once, in another thread, a transaction that writes f.txt
+    and commits (its txid noted in ``later``)."""
+    def racer(_name):
+        if later:
+            return
+
+        def w():
+            with store.transaction() as wtx:
+                wtx.files(ws).write("f.txt", "W\n")
+            later.append(wtx.id)
+        th = threading.Thread(target=w)
+        th.start()
+        th.join(30)
+    return racer
+
+
 @pytest.mark.parametrize("where", ["undo.resolved", "undo.planned"])
 @pytest.mark.parametrize("force", [False, True])
 def test_a_revert_racing_a_later_write_of_its_file_names_it(tmp_path, where, force):
@@ -33,20 +50,8 @@ def test_a_revert_racing_a_later_write_of_its_file_names_it(tmp_path, where, for
             tx.files(ws).write("f.txt", "T\n")
         t = tx.id
         later: list = []
-
-        def racer(_name):
-            if later:
-                return
-
-            def w():
-                with store.transaction() as wtx:
-                    wtx.files(ws).write("f.txt", "W\n")
-                later.append(wtx.id)
-            th = threading.Thread(target=w)
-            th.start()
-            th.join(30)
         fb = FaultBackend()
-        fb.at_point(where, racer)
+        fb.at_point(where, _writer_of_f_at(store, ws, later))
         with installed(fb):
             with pytest.raises(walstore.RevertConflict) as err:
                 store.revert(t, force=force)
@@ -77,18 +82,8 @@ def test_a_rewind_racing_a_later_write_of_its_file_plans_it_in(tmp_path):
         with store.transaction() as tx:
             tx.files(ws).write("f.txt", "T\n")
         later: list = []
-
-        def racer(_name):
-            if not later:
-                def w():
-                    with store.transaction() as wtx:
-                        wtx.files(ws).write("f.txt", "W\n")
-                    later.append(wtx.id)
-                th = threading.Thread(target=w)
-                th.start()
-                th.join(30)
         fb = FaultBackend()
-        fb.at_point("undo.resolved", racer)
+        fb.at_point("undo.resolved", _writer_of_f_at(store, ws, later))
         with installed(fb):
             info = store.rewind("P")
         assert later and later[0] in info.extra["reverts"]

@@ -16,6 +16,22 @@ import pytest
 import walstore
 
 
+def _t_then_dropped(store, ws, dropped_bytes: str) -> int:
+    """f.txt "before", restore point P, T writes "T" (its txid returned), then a
+    transaction D writes ``dropped_bytes`` and is dropped (garbage-collected, never
+    ended)."""
+    with store.transaction(scope="b/") as tx:
+        tx.files(ws).write("f.txt", "before\n")
+    store.restore_point("P")
+    with store.transaction(scope="b/") as tx:
+        tx.files(ws).write("f.txt", "T\n")
+    d = store.transaction(scope="b/")
+    d.files(ws).write("f.txt", dropped_bytes)  # uncommitted, then dropped
+    del d
+    gc.collect()
+    return tx.id
+
+
 @pytest.mark.parametrize("verb", ["rewind", "revert", "dry-run"])
 def test_an_undo_after_a_dropped_transaction_wrote_its_target_still_undoes(tmp_path, verb):
     root = tmp_path / "ws"
@@ -23,16 +39,7 @@ def test_an_undo_after_a_dropped_transaction_wrote_its_target_still_undoes(tmp_p
     store = walstore.open(tmp_path / "s", durability="none")
     try:
         ws = store.workspace(str(root), scope="b/")
-        with store.transaction(scope="b/") as tx:
-            tx.files(ws).write("f.txt", "before\n")
-        store.restore_point("P")
-        with store.transaction(scope="b/") as tx:
-            tx.files(ws).write("f.txt", "T\n")
-        t = tx.id
-        d = store.transaction(scope="b/")
-        d.files(ws).write("f.txt", "before\n")  # uncommitted, then dropped
-        del d
-        gc.collect()
+        t = _t_then_dropped(store, ws, "before\n")
         if verb == "dry-run":
             plan = store.rewind("P", scope="b/", dry_run=True)
             assert plan.txids == [t] and len(plan.files) == 1
@@ -58,15 +65,7 @@ def test_a_dry_run_plans_a_path_a_dropped_transaction_left_as_the_undo_does(tmp_
     store = walstore.open(tmp_path / "s", durability="none")
     try:
         ws = store.workspace(str(root), scope="b/")
-        with store.transaction(scope="b/") as tx:
-            tx.files(ws).write("f.txt", "before\n")
-        store.restore_point("P")
-        with store.transaction(scope="b/") as tx:
-            tx.files(ws).write("f.txt", "T\n")
-        d = store.transaction(scope="b/")
-        d.files(ws).write("f.txt", "dropped\n")
-        del d
-        gc.collect()
+        _t_then_dropped(store, ws, "dropped\n")
         plan = store.rewind("P", scope="b/", dry_run=True)
         assert len(plan.files) == 1 and (root / "f.txt").read_text() == "dropped\n"
         assert store.rewind("P", scope="b/") is not None

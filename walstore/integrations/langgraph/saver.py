@@ -836,19 +836,27 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             thread_id, ns_name, parent, None)
 
     def _refuse_cut_off(self, conf: Mapping, thread_id: str, ns_name: str, ns: Namespace,
-                        cid: str | None, what: str) -> None:
-        """Refuse (StaleCheckpointError) a save of a run that is cut off: it loaded the
-        thread before a rewind or delete of it began in this process (whatever checkpoint
-        the rewind kept: one to the very checkpoint the run's step builds on undid that
-        step and compensated its bookings, and the run's next checkpoint then brought the
-        step back as done), or one of its puts lost a race to a rival (its later steps
-        too: their node transactions are reverted here, as the first refusal's were)."""
+                        cid: str | None, what: str, undo: bool = True) -> None:
+        """Refuse (StaleCheckpointError) a save or node transaction of a run that is cut
+        off: it loaded the thread before a rewind or delete of it began in this process
+        (whatever checkpoint the rewind kept: one to the very checkpoint the run's step
+        builds on undid that step and compensated its bookings, and the run's next
+        checkpoint then brought the step back as done), or one of its puts lost a race to
+        a rival.  ``undo``: a lost run's node transactions noted so far are reverted first
+        (its later steps too, as the first refusal's were); without it the caller does
+        that (a refusal inside a transaction, or as a node transaction begins)."""
         why = self._cut_off(conf, ns_name, ns)
         if why == "removed":
             self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
         if why == "lost":
-            error = self._lost_error(thread_id, ns_name, cid, what)
-            self._undo_lost_step(error, ns, conf.get(RUN_TOKEN + ns_name))
+            error = StaleCheckpointError(
+                f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
+                f"another writer of the thread at an earlier step, so {what} checkpoint "
+                f"{cid!r} {'were' if what.startswith('pending') else 'was'} refused and "
+                f"nothing was written (reload the thread and retry)",
+                thread_id, ns_name, cid, None)
+            if undo:
+                self._undo_lost_step(error, ns, conf.get(RUN_TOKEN + ns_name))
             raise error
 
     def _cut_off(self, conf: Mapping, ns_name: str, ns: Namespace) -> str | None:
@@ -871,38 +879,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     ns: Namespace, cid: str | None, what: str) -> None:
         """Inside a save's transaction: fenced against undo of the thread (a rewind or
         delete committed after its snapshot conflicts, and the retry looks again), its
-        snapshot taken, then the marks looked at (refused: nothing reverted here, the
-        caller does that)."""
+        snapshot taken, then ``_refuse_cut_off`` (nothing reverted here: the caller
+        does that)."""
         if not self.fencing:
             return
         tx.undo_fence = ns.thread_prefix
         _ = tx.snapshot
-        why = self._cut_off(conf, ns_name, ns)
-        if why == "removed":
-            self._fence_gone(thread_id, ns_name, str(cid), True, what, rewound=True)
-        if why == "lost":
-            raise self._lost_error(thread_id, ns_name, cid, what)
-
-    @staticmethod
-    def _lost_error(thread_id: str, ns_name: str, cid: str | None,
-                    what: str) -> StaleCheckpointError:
-        return StaleCheckpointError(
-            f"thread {thread_id!r} (namespace {ns_name!r}): this run lost a race to "
-            f"another writer of the thread at an earlier step, so {what} checkpoint "
-            f"{cid!r} {'were' if what.startswith('pending') else 'was'} refused and "
-            f"nothing was written (reload the thread and retry)",
-            thread_id, ns_name, cid, None)
-
-    def _refuse_cut_off_begin(self, conf: Mapping, thread_id: str, ns_name: str,
-                              ns: Namespace, cid: str) -> None:
-        """``_refuse_cut_off`` for a node transaction as it begins: refused, and nothing
-        reverted here (the run's next save does that)."""
-        why = self._cut_off(conf, ns_name, ns)
-        what = "a transaction begun in a step built on"
-        if why == "removed":
-            self._fence_gone(thread_id, ns_name, cid, True, what, rewound=True)
-        if why == "lost":
-            raise self._lost_error(thread_id, ns_name, cid, what)
+        self._refuse_cut_off(conf, thread_id, ns_name, ns, cid, what, undo=False)
 
     def _undo_lost_step(self, error: StaleCheckpointError, ns: Namespace,
                         token: str) -> None:
@@ -1013,7 +996,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             token = conf.get(RUN_TOKEN + ns_name)
             if token is not None:  # (a loss of the run's race deletes it: conflict)
                 tx.get(ns.lost_run(str(token)))
-            self._refuse_cut_off_begin(conf, thread_id, ns_name, ns, cid)
+            self._refuse_cut_off(conf, thread_id, ns_name, ns, cid,
+                                 "a transaction begun in a step built on", undo=False)
 
     def _note_step_txn(self, tx: Any, thread_id: str, conf: Mapping,
                        checkpoint_map: Mapping) -> None:
