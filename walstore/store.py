@@ -627,18 +627,20 @@ class Store:
             self._finishing.leave()
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
-               meta: Any = None, keep: Iterable[int] | None = None
-               ) -> TxnInfo | UndoPlan | None:
+               meta: Any = None, keep: Iterable[int] | None = None,
+               include: Iterable[int] | None = None) -> TxnInfo | UndoPlan | None:
         """Undo every transaction committed after ``to``, as one new transaction.
         ``keep``: txids of transactions after ``to`` left as they are (their keys, files
         and actions); one that wrote a key an undone transaction wrote before it raises
-        RevertConflict, nothing changed."""
+        RevertConflict, nothing changed.  ``include``: txids of transactions at or before
+        ``to`` undone too, in the same transaction (the commits between them and ``to``
+        are kept, as ``keep`` keeps; a txid that never committed raises UnknownPoint)."""
         self._engine.check_open()
         self._finishing.enter()
         try:
             check_flag("dry_run", dry_run)
             check_flag("force", force)
-            return self._undo.rewind(to, scope, dry_run, force, meta, keep)
+            return self._undo.rewind(to, scope, dry_run, force, meta, keep, include)
         finally:
             self._finishing.leave()
 

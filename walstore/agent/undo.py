@@ -37,6 +37,11 @@ transaction like any other and can itself be reverted.
   the checkpoint a thread goes back to, done in the background after work of the steps
   that followed it).  A kept transaction's key that an undone one wrote before it is
   refused (RevertConflict), never put back under it.
+- ``rewind(include=txids)`` undoes those transactions at or before the point too, in the
+  same transaction (the store's very first commit has no position before it: LangGraph's
+  background saves can make it work of a step after the checkpoint a thread goes back
+  to).  The commits between the oldest of them and the point are kept, as ``keep=``
+  keeps; the plan reads history from just before the oldest.
 - Undoing an undo would bring back state whose external effects were compensated:
   RevertConflict naming those actions, unless ``force=True``, which marks them
   ``needs-redo`` (walstore cannot redo the outside world); undoing that one clears the
@@ -107,16 +112,17 @@ if TYPE_CHECKING:
     from ..engine.transaction import Transaction
 
 
-def check_keep(keep: Any) -> frozenset:
-    """``rewind(keep=...)``: txids (ints) of transactions after the point to leave alone."""
+def check_keep(keep: Any, name: str = "keep") -> frozenset:
+    """``rewind(keep=...)``: txids (ints) of transactions after the point to leave alone
+    (``name="include"``: ``rewind(include=...)``, txids at or before it undone too)."""
     if keep is None:
         return frozenset()
     if isinstance(keep, (str, bytes, int)) or not hasattr(keep, "__iter__"):
-        raise TypeError(f"keep takes an iterable of txids (int), not {keep!r}")
+        raise TypeError(f"{name} takes an iterable of txids (int), not {keep!r}")
     out = []
     for t in keep:
         if isinstance(t, bool) or not isinstance(t, int) or isinstance(t, LSN):
-            raise TypeError(f"keep takes txids (int), not {t!r}")
+            raise TypeError(f"{name} takes txids (int), not {t!r}")
         out.append(int(t))
     return frozenset(out)
 
@@ -178,16 +184,23 @@ class Undo:
                                                    self._begin_undo(meta)))
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
-               meta: Any = None, keep: Any = None) -> TxnInfo | UndoPlan | None:
+               meta: Any = None, keep: Any = None, include: Any = None
+               ) -> TxnInfo | UndoPlan | None:
         scope = check_scope(scope)
         kept = check_keep(keep)
+        also = check_keep(include, "include")
+        if kept & also:
+            raise ValueError(f"transactions {sorted(kept & also)} are both kept and included")
         self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
+        for txid in sorted(also):
+            self.history.txn_info(txid)  # UnknownPoint (never committed) before anything
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
-            return self._rewind_once(to, scope, True, force, self._snapshot(), kept)[0]
+            return self._rewind_once(to, scope, True, force, self._snapshot(), kept,
+                                     also)[0]
         self.engine.check_writable()
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
         return self._run(lambda: self._rewind_once(to, scope, False, force,
-                                                   self._begin_undo(meta), kept))
+                                                   self._begin_undo(meta), kept, also))
 
     def _run(self, attempt) -> TxnInfo | UndoPlan | None:
         """Plan and commit an undo; then compensate, newest first.
@@ -278,7 +291,8 @@ class Undo:
             return self._commit(tx, plan, extra)
 
     def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool,
-                     tx: "Transaction | _PlanSnapshot", kept: frozenset = frozenset()
+                     tx: "Transaction | _PlanSnapshot", kept: frozenset = frozenset(),
+                     also: frozenset = frozenset()
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
         rng = ScopeRange(scope) if scope is not None else None
         # any commit after tx's snapshot that touches the scope is a conflict (a prepared
@@ -293,10 +307,16 @@ class Undo:
             infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
             if dry_run:  # the commits of its snapshot (LMDB may hold later ones already)
                 infos = [i for i in infos if i.lsn < tx.snapshot]
-                self.history.check_file_commits_readable(boundary, tx.snapshot)
+            oldest = boundary
+            if also:  # (include=: undone with the range; the commits between them and the
+                # point are kept, so one of them that wrote what they wrote is refused)
+                infos, kept, oldest = self._with_included(infos, also, boundary, kept)
+            if dry_run:
+                self.history.check_file_commits_readable(oldest, tx.snapshot)
             plan = self._plan([i for i in infos if i.txid not in kept], scope, force,
                               boundary, [i for i in infos if i.txid in kept],
                               snapshot=None if dry_run else tx.snapshot, dry_run=dry_run)
+            plan._oldest = oldest  # type: ignore[attr-defined]
             # (the transactions it changes something of, not every one after the point:
             # what an earlier undo took back already is not listed again: see _plan)
             plan.txids = [t for t in plan.txids if t in plan._changed]  # type: ignore
@@ -309,6 +329,24 @@ class Undo:
                 return (plan if dry_run else None), []
             fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
             return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
+
+    def _with_included(self, infos: list[TxnInfo], also: frozenset, boundary: int,
+                       kept: frozenset) -> tuple[list[TxnInfo], frozenset, int]:
+        """``rewind(include=)``: the commits after the point (``infos``, newest first)
+        with the included ones at or before it, and every commit between the oldest of
+        those and the point as kept (``_plan``'s ``kept``: one that wrote a key or path an
+        included one wrote is refused, RevertConflict, never put back under it); and the
+        kept txids with those, and the oldest LSN the plan reads history from (just
+        before the oldest included: ``_check_retained`` holds it against the horizon)."""
+        after = {i.txid for i in infos}
+        extra = [self.history.txn_info(t) for t in sorted(also) if t not in after]
+        if not extra:
+            return infos, kept, boundary
+        oldest = min(i.lsn for i in extra)
+        between = [info for info in map(info_from_row, self.engine.views.commits_after(oldest))
+                   if info.lsn <= boundary and info.txid not in also]
+        merged = sorted([*infos, *extra, *between], key=lambda i: i.lsn, reverse=True)
+        return merged, kept | {i.txid for i in between}, max(oldest - 1, 0)
 
     def _begin_undo(self, meta: Any) -> "Transaction":
         """The undoing transaction: its snapshot first, then every commit up to it applied

@@ -1323,7 +1323,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the oldest of that work, and the thread's other commits from there (the save
         itself among them) are kept.  When that work is the store's very first commit, no
         position lies before it: the point is that commit, and the third item its txid,
-        which :meth:`rewind` reverts after the rewind (else None)."""
+        which :meth:`rewind` undoes in the rewind's own transaction
+        (``store.rewind(include=)``; else None)."""
         thread_id, _ns_name = _where(config)
         ns, cid = self._address(config)
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
@@ -1452,8 +1453,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         written before the stamp).  The thread's
         commits from the oldest of it to ``point`` are kept only when known to be work
         from before ``cid`` (:meth:`_before`); the rest is undone.  (When the oldest is
-        the store's very first commit, the rewind's dry-run plan does not list it: it is
-        reverted by a transaction of its own after the rewind.)"""
+        the store's very first commit, no position lies before it: the rewind goes to it
+        and undoes it too, in one transaction, ``store.rewind(include=)``.)"""
         thread_id, _ns_name = _where(config)
         _ns, cid = self._address(config)
         made = _uuid6_time(cid)
@@ -1633,7 +1634,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         the checkpoint is undone, so the thread and the world agree: a booking made by a
         node of the step after it is compensated, as that step will run again.  (When the
         store's very first commit is such work, no position lies before it: the rewind
-        goes to it, then reverts it.)  A node transaction of a step that never got a
+        goes to it and undoes it in the same transaction, ``store.rewind(include=)``: a
+        crash leaves both or neither.)  A node transaction of a step that never got a
         checkpoint (a task failed, the process was killed) is found by the step its meta
         names (``STEP_META``), in any process, after a restart too.
 
@@ -1677,6 +1679,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     _note_mark(rewinds, scope, rewound_before)
         try:
             result = self.store.rewind(to, scope=scope, dry_run=dry_run, keep=keep,
+                                       include=[first] if first is not None else None,
                                        meta=meta if meta is not None
                                        else self._meta("rewind", thread_id=thread_id,
                                                        checkpoint_id=get_checkpoint_id(config)))
@@ -1686,10 +1689,6 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             if not dry_run:  # refused (RevertConflict, ...): nothing was changed
                 unmark()
             raise
-        if first is not None and not dry_run:
-            self.store.revert(first, scope=scope,
-                              meta=self._meta("rewind", thread_id=thread_id,
-                                              checkpoint_id=get_checkpoint_id(config)))
         if not dry_run:
             if result is not None:
                 self._removing(scope)
