@@ -103,6 +103,13 @@ def test_rewind_include_undoes_a_transaction_at_or_before_the_point(tmp_path):
             store.rewind(walstore.LSN(0), include=7)
         with pytest.raises(ValueError):
             store.rewind(walstore.LSN(0), include=[t6], keep=[t6])
-        assert store.get(b"e") == 6 and sorted(cancelled) == [1, 3]
+        store.purge(b"p/")
+        purge = store.log(limit=1)[0]
+        assert "purge" in purge.extra
+        purge = purge.txid
+        t7 = step(7, b"f", 7)
+        with pytest.raises(walstore.RevertConflict):
+            store.rewind(walstore.LSN(store.txn_info(t7).lsn), include=[purge])
+        assert store.get(b"e") == 6 and store.get(b"f") == 7 and sorted(cancelled) == [1, 3]
     finally:
         store.close()

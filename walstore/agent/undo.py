@@ -342,6 +342,10 @@ class Undo:
         extra = [self.history.txn_info(t) for t in sorted(also) if t not in after]
         if not extra:
             return infos, kept, boundary
+        purges = [i.txid for i in extra if "purge" in i.extra]
+        if purges:  # (as a revert naming one: a rewind's range passes over them)
+            raise RevertConflict(f"transactions {purges} are purges: what they erased cannot "
+                                 f"come back", purges)
         oldest = min(i.lsn for i in extra)
         between = [info for info in map(info_from_row, self.engine.views.commits_after(oldest))
                    if info.lsn <= boundary and info.txid not in also]
