@@ -102,6 +102,18 @@ class Action:
 
     blocks_full_rollback = blocks_rollback
 
+    @property
+    def blocks_commit(self) -> str | None:
+        """Why a commit or prepare must wait: its ``with tx.action(...)`` body is still
+        running, so its result is not known yet (committed or prepared, the COMMIT carried
+        ``result=None``; a prepared transaction's commit kept it so for good, and a later
+        undo's compensator could not tell which charge to refund: probe-2pc44)."""
+        body = self._body
+        if body is None or not _frame_on_stack(*body):
+            return None
+        return (f"action {self.name!r} ({self.id}) is still running (its result is not "
+                f"known yet); leave its with block first")
+
     def row(self) -> dict:
         return {"id": self.id, "tx": self.txid, "name": self.name, "args": self.args,
                 "result": self.result, "key": self.key, "compensate": self.compensate,

@@ -467,6 +467,7 @@ class Transaction:
         """``prepare()``'s work, with the end lock held."""
         if self.gid is not None:
             raise ValueError(f"transaction {self.id} is already prepared as {self.gid!r}")
+        self._check_no_running_body("prepare")
         try:
             self._hooks.prepare(self, gid)
         except CommitOutcomeUnknown:
@@ -514,6 +515,7 @@ class Transaction:
 
     def _commit(self) -> int | None:
         """``commit()``'s work, with the end lock held."""
+        self._check_no_running_body("commit")
         if self.gid is not None:
             self._check_decision_in_doubt()
             try:
@@ -569,6 +571,15 @@ class Transaction:
             if self.state == ACTIVE:
                 self._rollback(e)
             raise
+
+    def _check_no_running_body(self, verb: str) -> None:
+        """WalstoreError, the transaction left as it is (active: nothing rolled back, so
+        nothing is compensated before the body acted), while one of its effects' bodies
+        still runs (``blocks_commit``: a ``with tx.action(...)`` block)."""
+        for e in self.effects:
+            why = getattr(e, "blocks_commit", None)
+            if why:
+                raise WalstoreError(f"cannot {verb} transaction {self.id}: {why}")
 
     def _committed_request(self) -> "CommitRequest | None":
         """The commit request that passed its point of no return while an interrupt cut
