@@ -156,3 +156,49 @@ def test_restore_points_dropped_by_retention_do_not_come_back(tmp_path, monkeypa
     below = [p["name"] for p in rep["restore_points"] if p["lsn"] < oldest]
     assert below == []
     assert {"c0", "c4"} <= {p["name"] for p in rep["restore_points"]}
+
+
+def test_a_replica_lagging_past_max_pin_bytes_still_gets_the_content_its_records_name(
+        s3_endpoint, tmp_path):  # noqa: F811
+    # (probe-repl44: past max_pin_bytes the shipper let go of its pin, and with it the blob
+    # gc's keeping of what the unshipped WAL names; the records were still on disk (in the
+    # current segment: no hole), so they were shipped later, naming content the gc had
+    # removed — 37 blobs missing from the replica, 40 of 40 point restores without their
+    # files, no error anywhere)
+    host, port = s3_endpoint.rsplit(":", 1)
+    proxy = Proxy((host.split("//")[1], int(port)))
+    rep = make_s3_replica(s3_endpoint)
+    opts = rep.opts(endpoint_url=proxy.url, connect_timeout=0.5, read_timeout=0.5,
+                    max_attempts=1, max_backoff=0.2, max_pin_bytes=20_000)
+    os.makedirs(tmp_path / "ws")
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url, replicate_options=opts,
+                      retain_transactions=1)
+    contents = {}
+    try:
+        ws = s.workspace(str(tmp_path / "ws"))
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", "v0")
+        s.sync_replica(timeout=30)
+        proxy.pause()  # the server unreachable: the lag grows past the bound
+        for i in range(1, 21):
+            with s.transaction() as tx:
+                tx.files(ws).write("a.txt", f"version {i}\n" * 200)
+                tx.put("pad", "x" * 1000)
+            contents[tx.id] = f"version {i}\n".encode() * 200
+            if i % 5 == 0:
+                s.checkpoint()  # retention trims the versions, the gc runs
+        assert s.replication().lag_bytes > 20_000
+        proxy.resume()
+        s.sync_replica(timeout=60)
+    finally:
+        s.close()
+        proxy.close()
+    ro = {"endpoint_url": s3_endpoint}
+    report = walstore.restore(rep.url, str(tmp_path / "copy"), replicate_options=ro)
+    assert report["blobs_missing"] == []
+    copy = walstore.open(str(tmp_path / "copy"))
+    try:
+        for txid in list(contents)[::4]:
+            assert copy.at(txid).files(str(tmp_path / "ws")).read("a.txt") == contents[txid]
+    finally:
+        copy.close()

@@ -1378,13 +1378,18 @@ class Files:
         shipper uploads a record's blobs in the round that ships it: a blob removed before
         that (retention trimmed the version, the gc ran) was named by the replica's history
         but never in it — a restore of those points could not read their files (24 of 30
-        restores lacked content with ``retain_transactions=2``: probe-repl).
+        restores lacked content with ``retain_transactions=2``: probe-repl).  A replica
+        lagging past ``max_pin_bytes`` keeps no WAL, but the records still on disk from its
+        position are shipped all the same: its position (``replica_positions``, unbounded)
+        counts here too (probe-repl44: the gc removed their content, and the replica's
+        history named 37 blobs it never received).
 
         Incremental (``PinnedLogRefs``): each call reads only the records appended since
         the last one (a full walk of a lagging replica's pinned WAL took 2.5 s per 440 MB,
         and file operations waited behind it: probe-review)."""
         eng = self.engine
-        pins = [p for p in (pin() for pin in list(eng.retention_pins)) if p is not None]
+        pins = [p for p in (pin() for pin in [*eng.retention_pins, *eng.replica_positions])
+                if p is not None]
         if not pins or eng.wal is None:
             self._pinned.clear()
             return

@@ -110,9 +110,14 @@ class Engine:
         self.checkpoint_hooks: list[Callable[[], dict]] = []
         self.retention_pins: list[Callable[[], int | None]] = []
         self.history_pins = HistoryPins()  # undos in flight (see walstore.engine.pins)
+        # where each shipper's replica stands, whatever its lag (the retention pins let go
+        # past ``max_pin_bytes``): the blob gc keeps what the local WAL from there names,
+        # for the records still on disk are shipped, and their content must go with them
+        self.replica_positions: list[Callable[[], int | None]] = []
         self._replica_pin_bound = keep_replica_pin
         if keep_replica_pin is not None:
             self.retention_pins.append(self._stored_replica_pin)
+            self.replica_positions.append(self._stored_replica_position)
         self._proc_lock: ProcessLock | None = None
         self.state: LmdbState | None = None
         self.wal: WriteAheadLog | None = None
@@ -738,12 +743,20 @@ class Engine:
         bound = self._replica_pin_bound or 0
         return pin if self.wal.synced_lsn - pin <= bound else None  # (past the bound: trim)
 
+    def _stored_replica_position(self) -> int | None:
+        """The replica's position recorded by the last shipper, unbounded (see
+        ``replica_positions``)."""
+        raw = self.state.meta_int(REPLICA_PIN, 0) if self.state is not None else 0
+        return raw - 1 if raw else None
+
     def record_replica_pin(self, lsn: int | None) -> None:
         """The shipper's pin (the replica's position; None: none), kept for the next open
         (written only when it changes).  From now on the shipper's own pin rules: the one
         recorded at open is let go."""
         if self._stored_replica_pin in self.retention_pins:
             self.retention_pins.remove(self._stored_replica_pin)
+        if self._stored_replica_position in self.replica_positions:
+            self.replica_positions.remove(self._stored_replica_position)
         value = 0 if lsn is None else lsn + 1
         if self.readonly or self.state.meta_int(REPLICA_PIN, 0) == value:
             return

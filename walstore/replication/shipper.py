@@ -720,17 +720,19 @@ class Shipper:
 
     def _pin(self, durable: int) -> None:
         """Pin the WAL from the replica's position, up to ``max_pin_bytes`` behind the
-        durable frontier.  Past that it lets go (a hole may follow).  The source also
+        durable frontier.  Past that the source lets the WAL go (a hole may follow); the
+        position stays recorded for the blob gc (see below).  The source also
         applies the bound itself at every checkpoint (``pin_limit``): a round that fails,
         hangs on a server or never runs again cannot hold the WAL past it (it did: the pin
         was set only at the end of a successful round, and an outage of 70 s grew the WAL
         to 6 times the bound)."""
         m = self.manifest
         pos = m.position if m is not None else None
-        if pos is None or durable - pos > self.opts.max_pin_bytes:
-            self.source.retain_from(None)  # past the bound: let it trim; a hole may follow
-        else:
-            self.source.retain_from(pos)
+        # past the bound the source lets the WAL go itself (``bounded_pin``: a hole may
+        # follow), but the position stays recorded: the records still on disk from there
+        # are shipped, and the blob gc keeps the content they name (released here, the gc
+        # removed it and the replica's history named content it never got: probe-repl44)
+        self.source.retain_from(pos)
 
     def _repin(self) -> None:
         """The pin again after a failed round, against the frontier now."""

@@ -311,6 +311,8 @@ class InProcessSource(DirectorySource):
         self._engine = store._engine
         self._pin = self.bounded_pin
         self._engine.retention_pins.append(self._pin)
+        self._position = lambda: self.pin  # (unbounded: the blob gc's, see Engine)
+        self._engine.replica_positions.append(self._position)
 
     def retain_from(self, lsn: int | None) -> None:
         """The trim pin, also recorded in the store for its next open (a writer killed
@@ -378,6 +380,8 @@ class InProcessSource(DirectorySource):
     def close(self) -> None:
         if self._pin in self._engine.retention_pins:
             self._engine.retention_pins.remove(self._pin)
+        if self._position in self._engine.replica_positions:
+            self._engine.replica_positions.remove(self._position)
 
 
 # ---- LMDB helpers ---------------------------------------------------------------------
