@@ -276,3 +276,42 @@ def test_the_pinned_wal_is_read_once_not_at_every_gc(tmp_path):
             reader_mod.LogReader = real
     finally:
         s.close()
+
+
+def test_a_local_blob_damaged_on_disk_is_never_uploaded_under_its_name(tmp_path):
+    # (probe-repl44: the shipper uploaded a blob whose bytes no longer matched its sha256
+    # name — bit rot on the source's disk — as the replica's immutable blobs/<sha256>,
+    # reporting nothing: every restore whose history named it failed, keys and all, and
+    # the good bytes could never be shipped over it)
+    (tmp_path / "ws").mkdir()
+    url = f"file://{tmp_path / 'replica'}"
+    content = b"agent edit\n" * 50
+    digest = hashlib.sha256(content).hexdigest()
+    s = walstore.open(str(tmp_path / "src"))
+    ws = s.workspace(str(tmp_path / "ws"))
+    with s.transaction() as tx:
+        tx.put("k", 1)
+        tx.files(ws).write("a.txt", content)
+    s.close()
+    blob = tmp_path / "src" / "files" / "blobs" / digest[:2] / digest[2:]
+    data = bytearray(blob.read_bytes())
+    data[3] ^= 0x20  # (same size)
+    os.chmod(blob, 0o600)
+    blob.write_bytes(bytes(data))
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05})
+    try:
+        s.sync_replica(timeout=30)
+        status = s.replication()
+        assert status.state == "running"
+        assert "damaged" in (status.last_error or "") and digest[:12] in status.last_error
+    finally:
+        s.close()
+    assert not (tmp_path / "replica" / "blobs" / digest).exists()
+    report = walstore.restore(url, str(tmp_path / "copy"))  # (keys restore; content missing)
+    assert report["blobs_missing"] == [digest]
+    copy = walstore.open(str(tmp_path / "copy"))
+    try:
+        assert copy.get("k") == 1
+    finally:
+        copy.close()

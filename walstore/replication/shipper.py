@@ -146,6 +146,9 @@ class Shipper:
         self.last_shipped_at: float | None = None
         self._durable = 0
         self._blobs_up: set[str] | None = None  # blob digests known to be in the replica
+        # local blobs whose bytes do not match their names (damaged on the source's disk):
+        # digest -> (size, mtime_ns) when found, never uploaded (``_ship_blobs``)
+        self._damaged_blobs: dict[str, tuple[int, int]] = {}
         self._behind_since: float | None = None
         self._round = threading.Lock()
         self._cond_lock = threading.RLock()  # (entered as itself: walstore.signals)
@@ -495,6 +498,13 @@ class Shipper:
         lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
         m = self.manifest
         error = self.last_error or self._snapshot_error
+        if error is None and self._damaged_blobs:
+            names = sorted(self._damaged_blobs)
+            error = (f"{len(names)} local blob(s) damaged, their bytes not matching their "
+                     f"names ({', '.join(d[:12] for d in names[:4])}"
+                     f"{', ...' if len(names) > 4 else ''}): not shipped (the replica's "
+                     f"restores of points naming them report them missing); `walstore "
+                     f"verify` names them")
         if error is None and self.target.waiting_for() >= STALL_REPORTED:
             error = f"waiting on the server: {self.target.waiting()}"
         return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
@@ -712,7 +722,16 @@ class Shipper:
                 f = open(blobs.path(digest), "rb")
             except FileNotFoundError:
                 continue  # collected meanwhile: no retained record names it
-            n = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            n = st.st_size
+            # the name is the content's hash, and the replica's object is immutable: bytes
+            # damaged on this disk uploaded under it could never be replaced, and every
+            # restore naming them failed ("does not match its name", keys and all)
+            if self._damaged_blobs.get(digest) == (n, st.st_mtime_ns) or _sha256(f) != digest:
+                f.close()
+                self._damaged_blobs[digest] = (n, st.st_mtime_ns)
+                continue  # (not shipped: restores of points naming it say it is missing)
+            self._damaged_blobs.pop(digest, None)
             self._upload_immutable(BLOB_PREFIX + digest, f)  # (closes f)
             self._blobs_up.add(digest)
             summary["objects"] += 1
