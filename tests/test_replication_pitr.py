@@ -323,3 +323,45 @@ def test_snapshot_interval_0_snapshots_under_steady_commits(tmp_path):
     assert r["snapshot_lsn"] > 0
     with walstore.open(str(tmp_path / "d")) as c:
         assert c.get(f"k{i % 7}") == i
+
+
+def test_a_restore_to_a_time_leaves_out_what_began_after_it(tmp_path):
+    # (probe-repl44: from the last commit at or before the time, the cut kept every record
+    # with no stamp up to the first stamped later one; a transaction begun after the time
+    # that touched a file (FILE_STEPS, unstamped then) or wrote a large write set (WRITES
+    # chunks, appended with their COMMIT) was restored as in flight at the time — its file
+    # change owed, put back by --compensate — though nothing was in flight in the source)
+    url = f"file://{tmp_path}/rep"
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05})
+    try:
+        ws = s.workspace(str(tmp_path / "ws"))
+        with s.transaction() as tx:
+            tx.put("a", 1)
+            tx.files(ws).write("a.txt", "one")
+        first = tx.id
+        cuts = []
+        for kind in ("file", "chunks"):
+            time.sleep(0.02)
+            cuts.append(dt.datetime.now(dt.timezone.utc))  # nothing in flight now
+            time.sleep(0.02)
+            tx = s.transaction()
+            if kind == "file":
+                tx.files(ws).write("b.txt", "two")  # logged after the time
+            else:
+                for i in range(3):
+                    tx.put(f"big{i}", os.urandom(3 << 20))  # WRITES chunks before its COMMIT
+            time.sleep(0.02)
+            tx.put("b", kind)
+            tx.commit()
+        s.sync_replica(timeout=60)
+    finally:
+        s.close()
+    for k, when in enumerate(cuts):
+        d = str(tmp_path / f"copy{k}")
+        report = walstore.restore(url, d, to=when)
+        assert report["in_flight_txids"] == [] and report["owed_file_effects"] == [], report
+        with walstore.open(d) as r:
+            assert r.get("b") == (None if k == 0 else "file")
+            assert max(x.txid for x in r.log()) == (first if k == 0 else first + 1)

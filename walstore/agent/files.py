@@ -380,7 +380,7 @@ class Files:
         for i in range(0, len(steps), STEP_CHUNK):
             chunk = steps[i:i + STEP_CHUNK]
             body = {"tx": tx.id, "ws": ws.root_b, "op": op,
-                    "steps": [c.to_row() for c in chunk]}
+                    "steps": [c.to_row() for c in chunk], "ts": self.engine.clock()}
             if watch is not None:
                 body["watch"] = watch
             last = i + STEP_CHUNK >= len(steps)
@@ -812,7 +812,8 @@ class Files:
                 # here for a 20,000-file tree, against ~60 ms to load it back then)
                 tx.logged = True
                 ev = self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
-                                                            "manifest": digest},
+                                                            "manifest": digest,
+                                                            "ts": self.engine.clock()},
                                            tx.id, durable=True)
                 self._manifests[ws.root_b] = m0
                 w = OpenWatch(ws, m0, digest, ev.lsn, tx.id)

@@ -30,9 +30,10 @@ WORKSPACE            ``root`` (bytes, realpath), ``ignore`` (gitignore patterns)
 FILE_STEPS           ``tx``, ``ws`` (root), ``op``, ``steps``: [[path, before, after]] (Entry
                      rows, walstore.files.entries), in the order the operation makes them;
                      durable BEFORE the operation changes anything (write-ahead); ``watch``:
-                     the WATCH_BEGIN LSN when the steps are a watch's changes (logged after)
+                     the WATCH_BEGIN LSN when the steps are a watch's changes (logged after);
+                     ``ts`` (when logged: a restore to a time cuts at it; older logs lack it)
 WATCH_BEGIN          ``tx``, ``ws``, ``manifest`` (digest of the saved manifest before the
-                     watched block: every tracked file's content is stored)
+                     watched block: every tracked file's content is stored), ``ts``
 WATCH_END            ``tx``, ``ws``, ``begin`` (WATCH_BEGIN LSN), ``n`` (changes, logged as
                      FILE_STEPS before it)
 FILE_RESTORED        ``tx``, ``effects``: LSNs of FILE_STEPS / WATCH_BEGIN records whose

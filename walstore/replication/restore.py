@@ -427,8 +427,12 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     last commit stamped at or before ``to``, the records after it are kept up to the first
     one stamped later (commits, intents, restore points and prepares carry the time they
     were logged): a restore point made, or an action begun, after that commit and before
-    ``to`` is in the copy, as in the source at that time.  A record with no stamp (a WRITES
-    chunk, an action's result) lying between is kept; nothing stamped later is.  With no
+    ``to`` is in the copy, as in the source at that time.  A record with no stamp (an
+    action's result) lying between is kept; nothing stamped later is, nor the WRITES chunks
+    just before a later one (appended with it), nor file steps logged later (FILE_STEPS and
+    WATCH_BEGIN carry ``ts``: unstamped, a transaction begun after ``to`` that touched a file
+    was restored as in flight at it, its file change owed: probe-repl44; logs written before
+    the stamp keep those records as before).  With no
     commit at or before ``to``, the cut starts at the first stamped record if it is at or
     before ``to`` (a restore point made on a fresh store before its first commit: the copy
     holds it, as a restore to its name does); when nothing is, the time names no state
@@ -450,6 +454,7 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     # record, any stamped one at or before ``to`` starts the cut (it was refused)
     any_stamp = first is None
     kept = None  # the last record kept, once the first one at or before ``t`` is seen
+    before_chunks = None  # the record kept before a run of WRITES chunks (see below)
     for e in m.wal[first or 0:]:
         for lsn, rtype, raw, _s in fetch.records(e):
             ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
@@ -462,7 +467,16 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
                     break  # (the first stamped record is later: nothing is at or before)
                 continue
             if stamped and _stamp_micros(ts) > t:
-                return kept, f"the last record at or before {to.isoformat()}"
+                # a large commit's WRITES chunks are appended with it, under one lock: they
+                # are as late as it is (kept, the copy took a transaction begun after ``to``
+                # for one in flight at it)
+                cut = before_chunks if before_chunks is not None else kept
+                return cut, f"the last record at or before {to.isoformat()}"
+            if rtype == logformat.WRITES:
+                if before_chunks is None:
+                    before_chunks = kept
+            elif rtype != logformat.SEAL:  # (a large write set spans segments)
+                before_chunks = None
             kept = lsn
         else:
             continue
