@@ -193,3 +193,29 @@ def test_a_finished_file_transaction_is_not_in_flight(tmp_path):
         time.sleep(0.1)
     report = walstore.restore(url, str(tmp_path / "r"))
     assert report["in_flight_txids"] == [] and report["owed_file_effects"] == []
+
+
+def test_a_destination_that_is_a_symbolic_link_is_refused_before_anything_is_fetched(
+        tmp_path):
+    # (probe-repl44: the up-front check followed the link and accepted an empty directory
+    # behind it; the restore fetched and staged everything, then the rename into place
+    # failed with a raw ENOTDIR — a dangling link the same)
+    url = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05})
+    try:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.sync_replica(timeout=30)
+    finally:
+        s.close()
+    (tmp_path / "vol").mkdir()
+    for name, to in (("to-empty-dir", tmp_path / "vol"), ("dangling", tmp_path / "gone")):
+        link = tmp_path / name
+        link.symlink_to(to)
+        res = _cli("restore", url, str(link))
+        assert res.returncode == 1 and "symbolic link" in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1
+        assert link.is_symlink() and os.readlink(link) == str(to)
+        assert not [n for n in os.listdir(tmp_path) if ".restoring-" in n]
+    assert os.listdir(tmp_path / "vol") == []

@@ -527,6 +527,11 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
     lock = None
     opts = ReplicateOptions.from_any(replicate_options)
     dest = os.path.abspath(dest)
+    if os.path.islink(dest):  # (checked first: the whole download was wasted, then the
+        # rename into place failed with a raw ENOTDIR — a link, dangling or to a directory)
+        raise ReplicationError(f"restore destination {dest} is a symbolic link (to "
+                               f"{os.readlink(dest)}): name a directory that is not a link "
+                               f"(the finished copy is renamed into place); nothing was done")
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise _DestTaken(f"restore destination {dest} exists and is not empty")
     tgt = target if target is not None else open_target(url, opts)
