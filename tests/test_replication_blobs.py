@@ -315,3 +315,70 @@ def test_a_local_blob_damaged_on_disk_is_never_uploaded_under_its_name(tmp_path)
         assert copy.get("k") == 1
     finally:
         copy.close()
+
+
+@pytest.mark.parametrize("uploads", [1, 8])
+def test_blobs_upload_several_at_once_and_a_failed_one_is_shipped_next_round(
+        tmp_path, monkeypatch, uploads):
+    # (probe-repl44: one PUT at a time, the WAL waiting behind them: at ~200 file commits/s
+    # the replica stood still for seconds; with a 30 ms round trip per PUT, 400 blobs took
+    # 14.7 s to catch up one at a time and 0.8 s eight at once — a /tmp measurement)
+    from walstore.replication import targets
+    put = targets.FileTarget.put
+    lock = threading.Lock()
+    now = {"n": 0, "max": 0, "blob_puts": 0}
+
+    def slow_put(self, key, body, **kw):
+        if not key.startswith("blobs/"):
+            return put(self, key, body, **kw)
+        with lock:
+            now["n"] += 1
+            now["max"] = max(now["max"], now["n"])
+            now["blob_puts"] += 1
+            fail = now["blob_puts"] == 3  # (one upload fails once: the round fails)
+        try:
+            threading.Event().wait(0.02)
+            if fail:
+                raise targets.TargetError(f"PUT {key}: injected failure", True)
+            return put(self, key, body, **kw)
+        finally:
+            with lock:
+                now["n"] -= 1
+    monkeypatch.setattr(targets.FileTarget, "put", slow_put)
+    (tmp_path / "ws").mkdir()
+    url = f"file://{tmp_path / 'replica'}"
+    s = walstore.open(str(tmp_path / "src"))
+    ws = s.workspace(str(tmp_path / "ws"))
+    contents = {}
+    for i in range(24):
+        with s.transaction() as tx:
+            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
+        contents[tx.id] = f"content {i}\n".encode() * 20
+    s.close()
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05, "max_backoff": 0.1,
+                                         "blob_uploads": uploads})
+    try:
+        s.sync_replica(timeout=60)
+    finally:
+        s.close()
+    assert now["max"] == 1 if uploads == 1 else now["max"] > 1
+    assert now["blob_puts"] >= 25  # (24 blobs, the failed one again)
+    report = walstore.restore(url, str(tmp_path / "copy"))
+    assert report["blobs_missing"] == []
+    copy = walstore.open(str(tmp_path / "copy"))
+    try:
+        for txid, data in list(contents.items())[::5]:
+            path = f"f{list(contents).index(txid)}.txt"
+            assert copy.at(txid).files(str(tmp_path / "ws")).read(path) == data
+    finally:
+        copy.close()
+
+
+def test_blob_uploads_is_checked():
+    from walstore.replication.options import ReplicateOptions
+    for bad in (0, 65, -1):
+        with pytest.raises(ValueError, match="blob_uploads"):
+            ReplicateOptions.from_any({"blob_uploads": bad})
+    with pytest.raises(TypeError, match="blob_uploads"):
+        ReplicateOptions.from_any({"blob_uploads": 2.5})

@@ -46,6 +46,7 @@ class ReplicateOptions:
     read_timeout: float = 30.0
     max_attempts: int = 3               # per request (the client's retries, with jitter)
     max_backoff: float = 30.0           # between failed shipping rounds
+    blob_uploads: int = 8               # blobs uploaded at once (each its own request)
     multipart_threshold: int = 64 * MiB
     part_size: int = 16 * MiB
     max_manifest_bytes: int = 64 * MiB
@@ -108,6 +109,9 @@ class ReplicateOptions:
                              f"digits and '-', e.g. us-east-1), not {opts.region!r}")
         if opts.lease_ttl <= 0 or opts.max_attempts < 1:
             raise ValueError("lease_ttl must be positive and max_attempts >= 1")
+        if not 1 <= opts.blob_uploads <= 64:
+            raise ValueError(f"replicate_options blob_uploads must be 1 to 64 (blobs "
+                             f"uploaded at once), not {opts.blob_uploads!r}")
         if opts.compact_fanout < 2 or opts.retain_snapshots < 1:
             raise ValueError("compact_fanout must be >= 2 and retain_snapshots >= 1")
         if opts.part_size < 5 * MiB:
