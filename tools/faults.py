@@ -61,7 +61,12 @@ import lmdb
 from walstore import fileio
 from walstore.fileio import OSBackend
 
-OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink", "write_back")
+# the files package's directory, symlink and mode calls (walstore.files.fsops): they reach
+# a backend only when it implements them (FaultBackend does not; the files fault sweep's
+# backend, tools/faultsweep_files.py, does), so they are sites of their own
+DIR_OPS = ("mkdir", "rmdir", "symlink", "chmod", "fchmod")
+OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink",
+       "write_back") + DIR_OPS
 SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")
 LMDB_OPS = ("lmdb_commit", "lmdb_sync")   # fileio.lmdb_io("commit" | "sync", env path)
 POINT_OP = "fault_point"                  # fileio.fault_point(name): path is the name
@@ -447,4 +452,4 @@ def installed(backend: OSBackend) -> Iterator[OSBackend]:
 
 
 __all__ = ["FaultBackend", "Rule", "Call", "Event", "installed", "OPS", "SYNC_OPS", "LMDB_OPS",
-           "POINT_OP", "ALL_OPS"]
+           "POINT_OP", "ALL_OPS", "DIR_OPS"]

@@ -47,6 +47,7 @@ reopens the store with the compensator registered (recovery), and checks:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import errno
 import hashlib
 import os
@@ -129,6 +130,7 @@ class Workload:
     """The steps above, recording each commit-like step's outcome (``ops``)."""
 
     N_A, N_B = 24, 12  # plain commits before and after the crash
+    backend: type[FaultBackend] = FaultBackend  # the backend its runs are counted under
 
     def __init__(self, path: str, ledger: str, clock: Callable[[], int] = lambda: 0) -> None:
         self.path = path
@@ -147,6 +149,14 @@ class Workload:
 
     def compensators(self) -> dict:
         return {"refund": self.refund}
+
+    def check_failed_sync(self, fb: FaultBackend, rule, site: str, out: dict) -> None:
+        """What must follow the failed sync ``rule`` fired at (``check_fsync_failure``)."""
+        check_fsync_failure(self, fb, rule, site, out)
+
+    def check_reopened(self, store, out: dict) -> None:
+        """More checks on the reopened store (``check``), before it takes a new commit:
+        a subclass's (e.g. tools/faultsweep_files.py: the workspace's tree)."""
 
     # ---- running ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -366,11 +376,11 @@ def run_dir(root: str, label: str) -> str:
     return os.path.join(root, hashlib.sha256(label.encode()).hexdigest()[:16])
 
 
-def count_calls(root: str) -> dict[str, int]:
+def count_calls(root: str, make: type[Workload] = Workload) -> dict[str, int]:
     """Calls of each kind the fault-free workload makes (fault points as ``point:<name>``)."""
-    fb = FaultBackend()
+    fb = make.backend()
     path = run_dir(root, "count")
-    w = Workload(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
+    w = make(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
     os.makedirs(path)
     with installed(fb):
         w.run()
@@ -384,12 +394,16 @@ def count_calls(root: str) -> dict[str, int]:
     return counts
 
 
-def one_fault(root: str, site: str, nth: int, kind: str, kw: dict) -> dict:
+def one_fault(root: str, site: str, nth: int, kind: str, kw: dict | None = None,
+              make: type[Workload] = Workload) -> dict:
+    """One run of ``make``'s workload with the ``nth`` call of ``site`` failing as ``kind``
+    (``kw``: its ``kinds_for`` keywords, looked up when None), then ``check``."""
+    kw = dict(kinds_for(site))[kind] if kw is None else kw
     path = run_dir(root, f"f-{site}-{nth}-{kind}")
     os.makedirs(path)
-    fb = FaultBackend()
+    fb = make.backend()
     rule = arm(fb, site, nth, kw)
-    w = Workload(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
+    w = make(os.path.join(path, "store"), os.path.join(path, "ledger.jsonl"), fb.now)
     with installed(fb):
         w.run()
     res = check(w, fb, rule if rule.fired else None, site)
@@ -457,7 +471,7 @@ def check(w: Workload, fb: FaultBackend, rule, site: str = "") -> dict:
     out: dict = {"lost": [], "errors": [], "acks": 0, "pending": 0, "in_doubt": 0,
                  "open_failed": w.open_failed, "reruns": 0}
     if rule is not None and site in FSYNC_SITES:
-        check_fsync_failure(w, fb, rule, site, out)
+        w.check_failed_sync(fb, rule, site, out)
     for op in w.ops:
         if op.foreign:
             out["errors"].append(f"{op.label}: a foreign exception escaped the API: {op.error}")
@@ -473,6 +487,7 @@ def check(w: Workload, fb: FaultBackend, rule, site: str = "") -> dict:
         return out
     try:
         _check_open_store(w, store, out)
+        w.check_reopened(store, out)
         try:
             with store.transaction() as tx:  # the store carries on after reopening
                 tx.put("after-fault", 1)
@@ -597,40 +612,54 @@ def family(site: str) -> str:
     return "file" if site in OPS else "lmdb" if site in LMDB_OPS else "point"
 
 
-def sweep(root: str, stride: int | dict = 1, sites=None, progress=None) -> dict:
+def _one_fault_task(args: tuple) -> dict:
+    return one_fault(*args)
+
+
+def sweep(root: str, stride: int | dict = 1, sites=None, progress=None,
+          make: type[Workload] = Workload, jobs: int = 1) -> dict:
     """Every fault kind at every ``stride``-th call of each site (all sites, or those named
     in ``sites``: "pwrite", "lmdb_sync", "point:commit.after_durable", "point:*" ...);
-    ``stride`` may be a dict by family ("file", "lmdb", "point"; missing: 1).  Returns the
-    totals and every broken case."""
+    ``stride`` may be a dict by family ("file", "lmdb", "point"; missing: 1).  ``make``:
+    the workload (its class); ``jobs``: runs at once (processes).  Returns the totals and
+    every broken case."""
     strides = stride if isinstance(stride, dict) else {}
     default = 1 if isinstance(stride, dict) else stride
-    counts = count_calls(root)
+    counts = count_calls(root, make)
     chosen = [s for s in counts if sites is None or any(
         s == p or (p.endswith("*") and s.startswith(p[:-1])) for p in sites)]
     summary = {"calls": counts, "faults": 0, "fired": 0, "acks": 0, "lost": 0, "pending": 0,
                "in_doubt": 0, "reruns": 0, "by_kind": Counter(), "broken": [], "unfired": [],
                "seconds": 0.0}
     t0 = time.monotonic()
-    for site in chosen:
-        step = strides.get(family(site), default)
-        for nth in range(1, counts[site] + 1, step):
-            for kind, kw in kinds_for(site):
-                res = one_fault(root, site, nth, kind, kw)
-                summary["faults"] += 1
-                summary["by_kind"][f"{site} {kind}"] += 1
-                summary["fired"] += bool(res["fired"])
-                if not res["fired"]:  # (the run made fewer such calls than the count)
-                    summary["unfired"].append(f"{site} #{nth} {kind}")
-                summary["acks"] += res["acks"]
-                summary["lost"] += len(res["lost"])
-                summary["pending"] += res["pending"]
-                summary["in_doubt"] += res["in_doubt"]
-                summary["reruns"] += res["reruns"]
-                if res["lost"] or res["errors"]:
-                    summary["broken"].append({"site": site, "nth": nth, "kind": kind, **res})
-        if progress:
-            progress(f"  {site}: {counts[site]} calls, every {step}. swept "
-                     f"({len(summary['broken'])} broken so far)")
+    tasks = [(root, site, nth, kind, None, make) for site in chosen
+             for nth in range(1, counts[site] + 1, strides.get(family(site), default))
+             for kind, _kw in kinds_for(site)]
+    pool = concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else None
+    try:
+        results = pool.map(_one_fault_task, tasks) if pool else map(_one_fault_task, tasks)
+        per_site, done_sites = Counter(t[1] for t in tasks), Counter()
+        for (_root, site, nth, kind, _kw, _make), res in zip(tasks, results):
+            summary["faults"] += 1
+            summary["by_kind"][f"{site} {kind}"] += 1
+            summary["fired"] += bool(res["fired"])
+            if not res["fired"]:  # (the run made fewer such calls than the count)
+                summary["unfired"].append(f"{site} #{nth} {kind}")
+            summary["acks"] += res["acks"]
+            summary["lost"] += len(res["lost"])
+            summary["pending"] += res["pending"]
+            summary["in_doubt"] += res["in_doubt"]
+            summary["reruns"] += res["reruns"]
+            if res["lost"] or res["errors"]:
+                summary["broken"].append({"site": site, "nth": nth, "kind": kind, **res})
+            done_sites[site] += 1
+            if progress and done_sites[site] == per_site[site]:
+                step = strides.get(family(site), default)
+                progress(f"  {site}: {counts[site]} calls, every {step}. swept "
+                         f"({len(summary['broken'])} broken so far)")
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
     summary["seconds"] = time.monotonic() - t0
     return summary
 
@@ -655,14 +684,16 @@ def report(s: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(make: type[Workload] = Workload, doc: str | None = None) -> None:
+    ap = argparse.ArgumentParser(description=(doc or __doc__).split("\n\n")[0])
     ap.add_argument("--stride", type=int, default=1, help="every Nth call of each kind")
     ap.add_argument("--sites", nargs="*", help="only these sites (e.g. lmdb_sync 'point:*')")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (processes)")
     args = ap.parse_args()
     root = tempfile.mkdtemp(prefix="walstore-faultsweep-")
     try:
-        s = sweep(root, stride=args.stride, sites=args.sites, progress=print)
+        s = sweep(root, stride=args.stride, sites=args.sites, progress=print, make=make,
+                  jobs=args.jobs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(report(s))
