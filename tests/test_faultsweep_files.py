@@ -115,9 +115,6 @@ def _reopen(tmp_path):
     return walstore.open(str(tmp_path / "store"), durability="full")
 
 
-@pytest.mark.xfail(strict=True, reason="defect 1: an OS error undoing a file in revert/rewind "
-                   "escapes as a bare OSError (sweep: open/pwrite/fsync/fchmod/rename/"
-                   "fsync_dir/unlink/rmdir faults during 'rev' and 'rew')")
 @pytest.mark.parametrize("verb", ["revert", "rewind"])
 def test_an_os_error_while_an_undo_puts_a_file_back_is_a_walstore_error(tmp_path, verb):
     from files_support import TreeSnapshot
@@ -147,9 +144,6 @@ def test_an_os_error_while_an_undo_puts_a_file_back_is_a_walstore_error(tmp_path
     assert escaped is None, f"{verb} let a foreign exception escape: {escaped!r}"
 
 
-@pytest.mark.xfail(strict=True, reason="defect 2: a rollback whose undo of a newer step fails "
-                   "goes on to older steps: the directory it created stays for good and a "
-                   "false file conflict is reported (sweep: unlink #6)")
 def test_a_failed_undo_step_does_not_leave_the_directory_the_transaction_made(tmp_path):
     from files_support import TreeSnapshot
     s, ws, root = _store_and_tree(tmp_path)
@@ -171,9 +165,6 @@ def test_a_failed_undo_step_does_not_leave_the_directory_the_transaction_made(tm
     assert conflicts == [] and owed == []
 
 
-@pytest.mark.xfail(strict=True, reason="defect 3: a WAL write error while rollback_to "
-                   "records what it put back: the transaction's rollback then reports a false "
-                   "file conflict (sp/s.txt) and quarantines a copy (sweep: pwrite #65)")
 def test_a_failed_log_write_in_a_file_transaction_reports_no_false_conflict(tmp_path,
                                                                             monkeypatch):
     """The sweep's workload, the third WAL write from the savepoint transaction's ``mkdir
@@ -242,3 +233,30 @@ def test_the_blob_gc_never_retries_a_failed_fsync_of_a_blob_directory(tmp_path):
         again = [c for c in fb.calls_to("fsync_dir", after=failed.seq) if c.path == failed.path]
     s.close()
     assert again == [], f"{os.path.basename(failed.path)} fsynced again after its failure"
+
+
+def test_a_transaction_whose_rollback_to_could_not_record_its_put_back_cannot_commit(tmp_path):
+    # (the change put back is kept in the transaction for its rollback to record; a commit
+    # would name a change no longer on disk)
+    from files_support import TreeSnapshot
+    s, ws, root = _store_and_tree(tmp_path)
+    before = TreeSnapshot(root)
+    fb = FilesFaultBackend()
+    tx = s.transaction()
+    tx.files(ws).write("a.txt", "a v2\n")
+    sp = tx.savepoint("sp")
+    tx.files(ws).write("s.txt", "s v2\n")
+    rule = fb.fail("pwrite", errno.EIO, path="*.wal")  # the put-back's FILE_RESTORED
+    with installed(fb):
+        with pytest.raises(walstore.WalstoreError):
+            tx.rollback_to(sp)
+    assert rule.fired == 1
+    with pytest.raises(walstore.WalstoreError, match="roll the transaction back"):
+        tx.commit()
+    assert tx.state == "active"
+    tx.rollback()
+    before.assert_same(what="the tree after the rollback")
+    s.close()
+    with _reopen(tmp_path) as s2:
+        assert s2.file_conflicts() == [] and s2._files.owed_rows() == []
+    before.assert_same(what="the tree after the reopen")

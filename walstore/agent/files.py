@@ -84,11 +84,24 @@ class FileEffect:
     # Manifests skip them, so the steps say "absent" there; the undo removes such a file
     # while it is still that one (the block's own), then puts the path back
     specials: dict = field(default_factory=dict)
+    # put back by a rollback_to whose FILE_RESTORED record failed (a log write error):
+    # kept in the transaction, so its rollback records it (done again, a no-op); unkept,
+    # the next open took it for owed and found the path further back (an older step of
+    # the transaction undone since): a false conflict and a quarantined copy (sweep-files)
+    put_back: bool = False
 
     @property
     def lsn(self) -> int:
         """The order of effects (newest first on undo): its last record."""
         return self.lsns[-1]
+
+    @property
+    def blocks_commit(self) -> str | None:
+        """A commit would name a change that is no longer on disk (see ``put_back``)."""
+        if not self.put_back:
+            return None
+        return ("a rollback to a savepoint put a file change back but could not record it "
+                "(a log write failed); roll the transaction back")
 
 
 @dataclass(eq=False)
@@ -145,6 +158,7 @@ class UndoBatch:
     def __init__(self, effects: list) -> None:
         self._befores: dict[tuple[bytes, bytes], list] = {}
         self._keys: dict[int, tuple] = {}
+        self._stopped: set[bytes] = set()  # workspaces where a put-back failed
         for eff in effects:
             if not isinstance(eff, FileEffect):
                 continue
@@ -152,6 +166,22 @@ class UndoBatch:
                 key = (eff.lsns[0], i)
                 self._keys[id(c)] = key
                 self._befores.setdefault((eff.ws.root_b, c.path), []).append((key, c.before))
+
+    def failed(self, eff: Any) -> None:
+        """Putting ``eff`` back failed (an I/O error): the older effects of its workspace
+        wait for it (``held_back``)."""
+        self._stopped.add(eff.ws.root_b)
+
+    def held_back(self, eff: Any) -> WalstoreError | None:
+        """Why ``eff`` must not be put back now: a newer effect of its workspace failed
+        to go back, and undo goes newest first (undone past it, the directory a
+        transaction made — still holding the file whose removal failed — was taken for a
+        stranger's, recorded as a conflict and kept for good: sweep-files).  It stays
+        with the failed one (kept in the transaction, or owed to the next open)."""
+        if eff.ws.root_b not in self._stopped:
+            return None
+        return WalstoreError("not put back yet: a newer change in its workspace could not "
+                             "be, and undo goes newest first")
 
     def done(self, eff: "FileEffect") -> Callable[[Change], list[Entry]]:
         root = eff.ws.root_b
@@ -656,9 +686,14 @@ class Files:
         failed = []
         try:
             for eff in effects:
+                held = batch.held_back(eff)
+                if held is not None:
+                    failed.append((eff, held))
+                    continue
                 try:
                     got = self.undo_one(eff.txid, eff, batch)
                 except (OSError, ValueError, WalstoreError) as e:
+                    batch.failed(eff)
                     failed.append((eff, e))
                     continue
                 done.setdefault(eff.txid, []).append(eff)

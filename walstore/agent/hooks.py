@@ -194,9 +194,14 @@ class AgentHooks:
                             continue  # owed in the log: the next open puts them back
                         with deferred():
                             handled.add(id(eff))
+                            held = batch.held_back(eff)
+                            if held is not None:
+                                failed.append((eff, held))
+                                continue
                             try:
                                 got = self.files.undo_one(txid, eff, batch)
                             except (OSError, ValueError, WalstoreError) as e:
+                                batch.failed(eff)
                                 failed.append((eff, e))
                                 continue
                             conflicts += [(eff.lsn, c) for c in got]
@@ -210,7 +215,14 @@ class AgentHooks:
             if len(done) > progress.recorded:
                 with deferred():  # (their outcomes: unrecorded, the next open would undo
                     d, c = progress.recorded, progress.conflicts_recorded  # them again)
-                    self.files.record(txid, done[d:], conflicts[c:])
+                    try:
+                        self.files.record(txid, done[d:], conflicts[c:])
+                    except BaseException:
+                        if keep is not None:  # (a rollback_to: the transaction keeps them,
+                            for eff in done[d:]:  # its rollback records them; FileEffect
+                                eff.put_back = True  # .put_back)
+                                keep.append(eff)
+                        raise
                     progress.recorded, progress.conflicts_recorded = len(done), len(conflicts)
         progress.finished = True
         if progress.interrupt is not None:
@@ -268,9 +280,14 @@ class AgentHooks:
                 if isinstance(eff, Action):
                     failed_actions += saga.compensate([eff], raise_on_failure=False)
                     continue
+                held = batch.held_back(eff)
+                if held is not None:
+                    failures.append((eff.txid, eff.lsn, eff.ws.root_b, held))
+                    continue
                 try:
                     got = files.undo_one(eff.txid, eff, batch, recovering=True)
                 except (OSError, ValueError, WalstoreError) as e:
+                    batch.failed(eff)
                     failures.append((eff.txid, eff.lsn, eff.ws.root_b, e))
                     continue
                 done.setdefault(eff.txid, []).append(eff)

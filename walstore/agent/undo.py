@@ -94,7 +94,7 @@ from typing import TYPE_CHECKING, Any
 from .. import fileio
 from ..codec import decode_key, encode_key
 from ..errors import (CommitOutcomeUnknown, ConflictError, HistoryTrimmed, NeedsRecovery,
-                      PointTypeError, RevertConflict)
+                      PointTypeError, RevertConflict, os_errors_as_store_errors)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -177,7 +177,9 @@ class Undo:
                                  f"(TxnInfo.txid)", txid)
         self.history.txn_info(txid)  # UnknownPoint before anything begins
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
-            return self._revert_once(txid, cascade, scope, True, force, self._snapshot())[0]
+            with os_errors_as_store_errors():
+                return self._revert_once(txid, cascade, scope, True, force,
+                                         self._snapshot())[0]
         self.engine.check_writable()
         meta = meta if meta is not None else {"revert": int(txid)}
         return self._run(lambda: self._revert_once(txid, cascade, scope, False, force,
@@ -195,8 +197,9 @@ class Undo:
         for txid in sorted(also):
             self.history.txn_info(txid)  # UnknownPoint (never committed) before anything
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
-            return self._rewind_once(to, scope, True, force, self._snapshot(), kept,
-                                     also)[0]
+            with os_errors_as_store_errors():
+                return self._rewind_once(to, scope, True, force, self._snapshot(), kept,
+                                         also)[0]
         self.engine.check_writable()
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
         return self._run(lambda: self._rewind_once(to, scope, False, force,
@@ -216,7 +219,10 @@ class Undo:
         # history stays as it is until the compensations ran (walstore.engine.pins): a trim
         # between the plan's check and the claim's apply deleted the claimed action rows
         with eng.history_pins.hold(lambda: eng.state.meta_int(b"horizon")):
-            result, owed = eng.pipeline.held_out_on_conflict(attempt)
+            # (an OS error reading or putting back a workspace path: a StoreIOError, the
+            # undo's transaction rolled back — a bare OSError escaped: sweep-files)
+            with os_errors_as_store_errors():
+                result, owed = eng.pipeline.held_out_on_conflict(attempt)
             if owed:
                 self._decision_durable(result)
                 self.saga.compensate(owed)
