@@ -13,10 +13,8 @@ pass and the store must take a new commit and a new file write.
 
 CI takes every LMDB call and fault-point hit and every ``WALSTORE_FILES_FAULT_STRIDE``-th
 file call (default 9; 1 is the full sweep, or ``python tools/faultsweep_files.py --jobs 2``),
-two runs at a time.  Nothing broken is tolerated: the file-call family is marked
-``xfail(strict=True)`` while the defects below are open (remove the mark when they are
-fixed).  Each defect the sweep found keeps a deterministic reproduction below, marked
-``xfail(strict=True)`` until it is fixed.
+two runs at a time.  Nothing broken is tolerated.  Each defect the sweep found (five, all
+fixed) keeps a deterministic reproduction below, failing on the code before its fix.
 """
 from __future__ import annotations
 
@@ -63,8 +61,6 @@ def test_every_fault_fires_and_the_workload_reaches_every_kind_of_call(summary):
     assert summary["lost"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="defects 1-5 below (119 broken cases of 1,468 in the "
-                   "full sweep, all at file calls)")
 def test_file_faults_keep_the_tree_the_store_and_the_ledger_agreeing(summary):
     assert broken(summary, OPS) == []
 
@@ -189,9 +185,6 @@ def test_a_failed_log_write_in_a_file_transaction_reports_no_false_conflict(tmp_
     assert res["errors"] == [] and res["lost"] == []
 
 
-@pytest.mark.xfail(strict=True, reason="defect 4: a failed fsync of a directory the blob store "
-                   "makes (files/, files/blobs/) is retried by the next file operation, which "
-                   "then stores content (sweep: fsync_dir #7, #8, #9)")
 def test_a_failed_fsync_of_the_blob_stores_directory_is_never_retried(tmp_path):
     s, ws, root = _store_and_tree(tmp_path)
     blobs = os.path.join(str(tmp_path / "store"), "files", "blobs")
@@ -216,8 +209,6 @@ def test_a_failed_fsync_of_the_blob_stores_directory_is_never_retried(tmp_path):
         f"the blob store synced {len(again)}x more and stored content after its failed fsync"
 
 
-@pytest.mark.xfail(strict=True, reason="defect 5: the blob gc fsyncs a fan-out directory whose "
-                   "fsync failed, in the same process (sweep: fsync_dir #11 and 30 more)")
 def test_the_blob_gc_never_retries_a_failed_fsync_of_a_blob_directory(tmp_path):
     s, ws, root = _store_and_tree(tmp_path)
     blobs = os.path.join(str(tmp_path / "store"), "files", "blobs")

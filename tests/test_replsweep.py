@@ -52,11 +52,6 @@ def test_a_stride_of_the_network_fault_sweep_breaks_nothing(s3_endpoint, tmp_pat
     assert time.monotonic() - t0 < 90
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: replicate_options max_attempts is documented as the attempts per request "
-    "(the tests' behind_proxy says 'one attempt a request'), but it is passed to botocore "
-    "as retries={'max_attempts': N}, which botocore reads as N retries: N + 1 attempts; "
-    "max_attempts=1 cannot turn the client's retry off"))
 def test_max_attempts_1_makes_one_attempt_a_request(s3_endpoint):  # noqa: F811
     rep = make_s3_replica(s3_endpoint)
     proxy = _proxy(s3_endpoint, rep)
@@ -72,12 +67,6 @@ def test_max_attempts_1_makes_one_attempt_a_request(s3_endpoint):  # noqa: F811
         proxy.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect: a lease renewal whose PUT landed but whose answer was lost (a reset, a read "
-    "timeout, a truncated answer; or botocore's own retry then meeting 412) is taken for a "
-    "lost lease: Lease.renew raises LeaseLost naming this very process, the shipper stops "
-    "for good, drops its pin, the next checkpoint trims unshipped WAL, and after a reopen "
-    "the replica records a hole (restores across it refused, replicas --verify fails)"))
 def test_a_renewal_whose_answer_was_lost_keeps_the_lease(s3_endpoint, tmp_path):  # noqa: F811
     rep = make_s3_replica(s3_endpoint)
     proxy = _proxy(s3_endpoint, rep, repeat=0)  # botocore's retry of it goes through

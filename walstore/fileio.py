@@ -225,8 +225,19 @@ def make_dir(path: str) -> None:
                 raise
             continue
         os.chmod(p, DIR_MODE)  # (the umask may have cut bits of 0700: set it exactly)
-        fsync_dir(os.path.dirname(p))
+        try:
+            fsync_dir(os.path.dirname(p))
+        except OSError as e:
+            e.walstore_sync_failed = True  # type: ignore[attr-defined]  (see is_sync_failure)
+            raise
     os.chmod(path, DIR_MODE)
+
+
+def is_sync_failure(e: BaseException) -> bool:
+    """Did ``make_dir`` raise ``e`` because an fsync of a parent directory failed (not the
+    mkdir itself)?  Such a failure is final for what the directory holds: the entry may
+    not survive a power loss, and a later fsync may report success all the same."""
+    return bool(getattr(e, "walstore_sync_failed", False))
 
 
 def write_file_atomic(path: str, data: bytes) -> None:

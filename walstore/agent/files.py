@@ -229,6 +229,7 @@ class Files:
         self.dir = os.path.join(engine.path, "files")
         self.quarantine_dir = os.path.join(engine.path, "quarantine", "files")
         self._blobs: BlobStore | None = None
+        self._blobs_failed: OSError | None = None  # creating it: a directory fsync failed
         self._lock = threading.RLock()
         self._registry: dict[bytes, Workspace] = {}
         self._ws_locks: dict[bytes, threading.RLock] = {}
@@ -278,13 +279,26 @@ class Files:
     @property
     def blobs(self) -> BlobStore:
         if self._blobs is None:
+            if self._blobs_failed is not None:
+                e = self._blobs_failed
+                raise OSError(e.errno, f"an earlier fsync of the directory of the store's file "
+                              f"content failed ({e.strerror}): no file content is stored until "
+                              f"the store is reopened", e.filename)
             if self.engine.readonly and not os.path.isdir(os.path.join(self.dir, "blobs")):
                 raise CorruptionError("this store keeps no file content (no files/blobs "
                                       "directory)", file=os.path.join(self.dir, "blobs"))
-            if not self.engine.readonly:
-                fileio.make_dir(self.dir)
-            self._blobs = BlobStore(os.path.join(self.dir, "blobs"),
-                                    readonly=self.engine.readonly)
+            try:
+                if not self.engine.readonly:
+                    fileio.make_dir(self.dir)
+                self._blobs = BlobStore(os.path.join(self.dir, "blobs"),
+                                        readonly=self.engine.readonly)
+            except OSError as e:
+                # the directory made, its entry's fsync failed: final (made again by the
+                # next file operation, which found it there and stored before-images in a
+                # directory a power loss may drop: sweep-files)
+                if fileio.is_sync_failure(e):
+                    self._blobs_failed = e
+                raise
         return self._blobs
 
     def quarantine(self, txid: int) -> str:

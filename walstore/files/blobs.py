@@ -555,6 +555,9 @@ class BlobStore:
         docstring for what the caller must guarantee)."""
         keep = set(referenced)
         removed = freed = kept = kept_bytes = 0
+        if self.failed is not None:  # (its removals would need fsyncs of directories one
+            # of which failed already: never retried in this process — sweep-files)
+            return GcResult(0, 0, 0, 0)
         touched: set[str] = set()
         known, sizes = self._sizes, {}  # (a blob's content never changes, nor its size:
         with self._lock:                # a kept blob is stat-ed by the first gc only)

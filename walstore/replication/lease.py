@@ -134,9 +134,25 @@ class Lease:
                 gone = "the lease was deleted"
             except TargetError as e:  # (the bucket went with it: NoSuchBucket)
                 cur, gone = None, f"the lease is gone: {e}"
+            if cur is not None and self.adopt_if_mine(cur):
+                return  # (an earlier renewal landed, its answer lost: still ours)
             who = describe(cur[0]["holder"]) if cur else f"nobody ({gone})"
             raise LeaseLost(f"lost the lease of {self.target.url} to {who}; shipping "
                             f"stopped") from None
+
+    def adopt_if_mine(self, cur: tuple[dict, str]) -> bool:
+        """True, taking ``cur``'s etag, when the lease document ``cur`` (from ``read``) is
+        this holder's own and not expired: a renewal whose answer was lost (a reset, a
+        read timeout) landed all the same, so the etag it returned was never seen and the
+        next If-Match failed — taken for a lost lease, shipping stopped for good, its pin
+        dropped, and a checkpoint trimmed WAL the replica never got (a hole: replsweep)."""
+        doc, etag = cur
+        if doc["holder"].get("id") != self.holder["id"] or \
+                doc.get("expires", 0) <= time.time():
+            return False
+        self.etag = etag
+        self.renewed = doc["expires"] - self.ttl
+        return True
 
     def release(self, give_back: bool = False) -> None:
         """Let go of the lease: write it expired; with ``give_back`` (a writer refused

@@ -42,7 +42,8 @@ class S3Target:
         self.requests: collections.Counter = collections.Counter()
         config = Config(request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",
-                        retries={"mode": "standard", "max_attempts": opts.max_attempts},
+                        retries={"mode": "standard",  # (attempts, the first included:
+                                 "total_max_attempts": opts.max_attempts},  # not retries)
                         connect_timeout=opts.connect_timeout, read_timeout=opts.read_timeout,
                         s3={"addressing_style": opts.addressing_style})
         check_endpoint(opts.endpoint_url)

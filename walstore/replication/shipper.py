@@ -379,9 +379,10 @@ class Shipper:
         a previous writer landing late (a dead process's, or one this process closed),
         never a live second writer's (that one would have taken the lease first)."""
         cur = self.lease.read()
-        if cur is not None and cur[1] == self.lease.etag \
-                and cur[0]["holder"].get("id") == self.token:
-            return
+        if cur is not None and (cur[1] == self.lease.etag
+                                and cur[0]["holder"].get("id") == self.token
+                                or self.lease.adopt_if_mine(cur)):
+            return  # (adopted: a renewal of ours landed with its answer lost)
         who = describe(cur[0]["holder"]) if cur is not None else "nobody (the lease is gone)"
         raise LeaseLost(f"{why}, and the lease of {self.url} is now held by {who}; "
                         f"shipping stopped")
@@ -950,11 +951,17 @@ class Shipper:
     # ---- snapshots ---------------------------------------------------------------------
     def _snapshot_due(self) -> bool:
         m = self.manifest
+        newest = max(m.snapshots, key=lambda s: s["lsn"]) if m.snapshots else None
+        if self._snapshot_error is not None and newest is not None \
+                and m.position <= newest["lsn"]:
+            # a base at the replica's position already (the failed attempt's manifest
+            # write landed, its answer lost): the failure no longer matters — kept, it
+            # stayed in ``last_error`` for good on an idle store (replsweep)
+            self._snapshot_failures, self._snapshot_error = 0, None
         if self._snapshot_error is not None and time.time() < self._snapshot_retry_at:
             return False  # (backing off after a failed snapshot)
-        if not m.snapshots:
+        if newest is None:
             return True
-        newest = max(m.snapshots, key=lambda s: s["lsn"])
         if m.position <= newest["lsn"] or time.time() < self._snapshot_retry_at:
             return False
         if self._snapshot_error is not None or any(h["b"] > newest["lsn"]
