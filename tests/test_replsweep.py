@@ -93,3 +93,35 @@ def test_a_renewal_whose_answer_was_lost_keeps_the_lease(s3_endpoint, tmp_path):
         sh.stop()
         s.close()
         proxy.close()
+
+
+def test_a_snapshot_upload_whose_answer_was_lost_counts_as_shipped(s3_endpoint, tmp_path):  # noqa: F811
+    # (replsweep: snapshots went up with a plain If-None-Match PUT; the client's retry of
+    # one that landed with its answer lost met 412 — reported as a failed snapshot, the
+    # object left in the bucket, listed by no manifest)
+    def first_round(plan_snapshot: bool):
+        rep = make_s3_replica(s3_endpoint)
+        proxy = _proxy(s3_endpoint, rep)
+        name = "planned" if plan_snapshot else "counted"
+        s = walstore.open(str(tmp_path / name))
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        sh = Shipper(InProcessSource(s), rep.url, rep.opts(endpoint_url=proxy.url,
+                                                            max_attempts=2, read_timeout=1.0))
+        if plan_snapshot:
+            proxy.plan[at] = "drop"  # it lands; the retry meets 412
+        try:
+            sh.ship_once()
+            return rep, proxy, sh.status(), sh.manifest
+        finally:
+            sh.stop()
+            s.close()
+            proxy.close()
+    _rep, proxy, _st, _m = first_round(False)
+    at = next(r.n for r in proxy.requests if r.label.startswith("PUT snapshot"))
+    rep, proxy, status, manifest = first_round(True)
+    assert [r.label for r in proxy.fired] == ["PUT snapshot if-none-match"]
+    assert status.last_error is None, status.last_error
+    listed = {s["k"] for s in manifest.snapshots if s["k"]}
+    stored = {k for k, _n in rep.target().list("snapshots/")}
+    assert listed and stored == listed

@@ -1008,7 +1008,14 @@ class Shipper:
                 sha = _sha256(f)
                 f.seek(0)
                 key = snapshot_key(applied)
-                self.target.put(key, f, if_none_match=True)
+                try:
+                    self.target.put(key, f, if_none_match=True)
+                except PreconditionFailed:
+                    # the key is this attempt's own (a random id): the client's retry met
+                    # its first attempt, which landed with its answer lost (a PUT lands
+                    # whole or not at all) — it was reported as a failed snapshot, the
+                    # object left behind unlisted (replsweep)
+                    pass
             m.snapshots.append({"k": key, "lsn": applied, "n": size, "sha": sha,
                                 "st": digest["sha256"], "keys": digest["keys"],
                                 "ts": time.time()})
