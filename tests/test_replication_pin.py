@@ -202,3 +202,50 @@ def test_a_replica_lagging_past_max_pin_bytes_still_gets_the_content_its_records
             assert copy.at(txid).files(str(tmp_path / "ws")).read("a.txt") == contents[txid]
     finally:
         copy.close()
+
+
+def test_retention_deletes_nothing_the_saved_manifest_still_lists(tmp_path, monkeypatch):
+    # (replsweep: with delete_grace 0, retention deleted the objects it dropped before the
+    # manifest dropping them was saved; that save failing left the replica's manifest
+    # naming deleted objects — a restore read it and failed — until a later round)
+    import sys
+    from walstore.replication.targets import TargetError
+    url = f"file://{tmp_path / 'rep'}"
+    opts = ReplicateOptions.from_any({"interval": 0.05, "snapshot_interval": 0.0,
+                                      "retention_seconds": 0.0, "retain_snapshots": 1,
+                                      "delete_grace": 0.0})
+    real_save = shipper_mod.Shipper._save
+    armed = {"on": False, "fired": 0}
+
+    def save(self):
+        if armed["on"] and sys._getframe(1).f_code.co_name == "_retain":
+            armed["on"] = False
+            armed["fired"] += 1
+            raise TargetError("PUT manifest: injected failure", True)
+        return real_save(self)
+    monkeypatch.setattr(shipper_mod.Shipper, "_save", save)
+    monkeypatch.setattr(shipper_mod, "RETENTION_EVERY", 0.0)
+    s = walstore.open(str(tmp_path / "s"))
+    from walstore.replication import InProcessSource
+    sh = shipper_mod.Shipper(InProcessSource(s), url, opts)
+    try:
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+            armed["on"] = i == 2
+            try:
+                sh.ship_once()
+            except TargetError:
+                pass
+        assert armed["fired"] == 1
+        target = open_target(url, opts)
+        saved = Manifest.load(target, opts.max_manifest_bytes)
+        stored = {k for k, _n in target.list("")}
+        named = {sn["k"] for sn in saved.snapshots if sn["k"]} | {e["k"] for e in saved.wal}
+        assert named <= stored, named - stored
+    finally:
+        sh.stop()
+        s.close()
+    walstore.restore(url, str(tmp_path / "copy"))
+    with walstore.open(str(tmp_path / "copy")) as c:
+        assert [c.get(f"k{i}") for i in range(3)] == [0, 1, 2]

@@ -1099,6 +1099,11 @@ class Shipper:
         due = [k for k, t in m.doc["trash"] if t <= now - self.opts.delete_grace]
         if not dropped and not due:
             return
+        if dropped:
+            # saved before anything is deleted: with ``delete_grace`` 0 an object was
+            # deleted while the saved manifest still listed it, and a failed save left
+            # restores reading a manifest that named deleted objects (replsweep)
+            self._save()
         for key in due:
             self.target.delete(key)
         gone = set(due)
