@@ -224,6 +224,16 @@ def _error_response(status: int, code: str) -> bytes:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
 
 
+def close_quietly(*socks: socket.socket | None) -> None:
+    """Close each socket given (None skipped), whatever errors closing raises."""
+    for s in socks:
+        if s is not None:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
 class FaultProxy:
     """A TCP proxy in front of an S3 server that parses HTTP/1.1 requests (several per
     keep-alive connection), numbers them from 1, records each (``requests``), and applies
@@ -352,26 +362,13 @@ class FaultProxy:
         except (OSError, ValueError, IndexError):
             pass
         finally:
-            for s in (c, up[0] if up else None):
-                if s is not None:
-                    try:
-                        s.close()
-                    except OSError:
-                        pass
+            close_quietly(c, up[0] if up else None)
 
     def close(self) -> None:
         self.closed = True
-        try:
-            self.listener.close()
-        except OSError:
-            pass
         with self.lock:
             socks, self._socks = self._socks, set()
-        for s in socks:
-            try:
-                s.close()
-            except OSError:
-                pass
+        close_quietly(self.listener, *socks)
 
 
 # ---- the S3 server ------------------------------------------------------------------------------
@@ -543,22 +540,15 @@ class Workload:
         out = self.out
         s = None
         try:
-            s = self.open()
-            watch = StatusWatch(s, out)
-            try:
-                self.phase_a(s)
-                self.settle(s, "first open")
-            finally:
-                watch.close()
-            self._call("close", s.close)
-            s = self.open()
-            watch = StatusWatch(s, out)
-            try:
-                self.phase_b(s)
-                self.settle(s, "reopen")
-            finally:
-                watch.close()
-            self._call("close", s.close)
+            for phase, name in ((self.phase_a, "first open"), (self.phase_b, "reopen")):
+                s = self.open()
+                watch = StatusWatch(s, out)
+                try:
+                    phase(s)
+                    self.settle(s, name)
+                finally:
+                    watch.close()
+                self._call("close", s.close)
             s = None
         except walstore.WalstoreError as e:
             out.notes.append(f"workload stopped: {type(e).__name__}: {e}")
