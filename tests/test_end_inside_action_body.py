@@ -61,3 +61,38 @@ def test_an_end_from_another_thread_waits_for_no_body_of_this_one(tmp_path):
         assert store.actions()[0].result == 1
     finally:
         store.close()
+
+
+def test_a_prepare_while_an_async_action_body_waits_is_refused(tmp_path):
+    # (review44: a body in a coroutine suspended at an await is on no thread's stack:
+    # another task's prepare was accepted, and the action's result was lost for good)
+    import asyncio
+    store = walstore.open(str(tmp_path / "s"), compensators={"refund": lambda a: None})
+    try:
+        tx = store.transaction()
+        tx.put("k", 1)
+        refused: list = []
+
+        async def body(started: asyncio.Event) -> None:
+            with tx.action("charge", args={}, compensate="refund") as act:
+                started.set()
+                await asyncio.sleep(0.05)  # (the payment API)
+                act.result = {"charge_id": "ch_1"}
+
+        async def preparer(started: asyncio.Event) -> None:
+            await started.wait()
+            try:
+                tx.prepare("G")
+            except walstore.WalstoreError as e:
+                refused.append(e)
+
+        async def main() -> None:
+            started = asyncio.Event()
+            await asyncio.gather(body(started), preparer(started))
+        asyncio.run(main())
+        assert refused and "still running" in str(refused[0])
+        tx.prepare("G")  # (the body ended)
+        store.commit_prepared("G")
+        assert store.actions()[0].result == {"charge_id": "ch_1"}
+    finally:
+        store.close()

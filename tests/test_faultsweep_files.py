@@ -251,3 +251,58 @@ def test_a_transaction_whose_rollback_to_could_not_record_its_put_back_cannot_co
     with _reopen(tmp_path) as s2:
         assert s2.file_conflicts() == [] and s2._files.owed_rows() == []
     before.assert_same(what="the tree after the reopen")
+
+
+def test_a_rollback_to_that_can_record_nothing_keeps_what_it_could_not_put_back(tmp_path):
+    # (review44: one cause failing a put-back and the FILE_RESTORED record both — a failing
+    # disk — left the effect not put back in neither the transaction nor a record: the
+    # later rollback() said nothing and left the file as the rolled-back work wrote it)
+    from files_support import age, build
+    roots = []
+    for w in ("ws1", "ws2"):
+        build(str(tmp_path / w), {"f.txt": f"{w} v1\n"})
+        age(str(tmp_path / w))
+        roots.append(os.path.realpath(str(tmp_path / w)))
+    s = walstore.open(str(tmp_path / "store"), durability="full")
+    ws1, ws2 = s.workspace(roots[0]), s.workspace(roots[1])
+    tx = s.transaction()
+    sp = tx.savepoint("sp")
+    tx.files(ws1).write("f.txt", "ws1 v2\n")
+    tx.files(ws2).write("f.txt", "ws2 v2\n")
+    fb = FilesFaultBackend()
+    broken = fb.fail("rename", errno.EIO, path=os.path.join(roots[1], "*"), times=None)
+    fb.fail("pwrite", errno.EIO, path="*.wal")  # the FILE_RESTORED record
+    with installed(fb):
+        with pytest.raises(walstore.WalstoreError):
+            tx.rollback_to(sp)
+    assert broken.fired >= 1
+    assert {e.ws.root for e in tx.effects} == {roots[0], roots[1]}  # both kept
+    with pytest.raises(walstore.WalstoreError):
+        tx.commit()  # (ws1's put-back was not recorded)
+    tx.rollback()
+    for r, w in zip(roots, ("ws1", "ws2")):
+        assert open(os.path.join(r, "f.txt")).read() == f"{w} v1\n"
+    s.close()
+
+
+def test_a_with_block_whose_commit_is_refused_ends_its_transaction(tmp_path):
+    # (review44: a block that caught a failed rollback_to and left normally had its commit
+    # refused — a put-back not recorded — and the transaction stayed active, holding its
+    # paths: another transaction writing them conflicted until someone found it)
+    s, ws, root = _store_and_tree(tmp_path)
+    fb = FilesFaultBackend()
+    with pytest.raises(walstore.WalstoreError, match="roll the transaction back"):
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", "a v2\n")
+            sp = tx.savepoint("sp")
+            tx.files(ws).write("s.txt", "s v2\n")
+            fb.fail("pwrite", errno.EIO, path="*.wal")
+            with installed(fb):
+                with pytest.raises(walstore.WalstoreError):
+                    tx.rollback_to(sp)
+    assert tx.state == "rolled back"
+    with s.transaction() as t2:
+        t2.files(ws).write("s.txt", "s v3\n")
+    assert open(os.path.join(root, "a.txt")).read() == "a v1\n"
+    assert open(os.path.join(root, "s.txt")).read() == "s v3\n"
+    s.close()

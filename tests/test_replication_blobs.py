@@ -382,3 +382,87 @@ def test_blob_uploads_is_checked():
             ReplicateOptions.from_any({"blob_uploads": bad})
     with pytest.raises(TypeError, match="blob_uploads"):
         ReplicateOptions.from_any({"blob_uploads": 2.5})
+
+
+@pytest.mark.parametrize("uploads", [1, 4])
+def test_a_round_whose_blob_upload_fails_stops_there(tmp_path, monkeypatch, uploads):
+    # (review44: every pending blob was still tried after the first failed, each with the
+    # client's retries and timeouts: 40 PUTs and 8 s before the round said so, where the
+    # code before parallel uploads made 1 and said so in 0.3 s)
+    from walstore.replication import targets
+    put = targets.FileTarget.put
+    lock = threading.Lock()
+    made = {"blob_puts": 0}
+
+    def failing_put(self, key, body, **kw):
+        if key.startswith("blobs/"):
+            with lock:
+                made["blob_puts"] += 1
+            threading.Event().wait(0.05)
+            raise targets.TargetError(f"PUT {key}: connection refused (injected)", True)
+        return put(self, key, body, **kw)
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"))
+    ws = s.workspace(str(tmp_path / "ws"))
+    for i in range(40):
+        with s.transaction() as tx:
+            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
+    s.close()
+    monkeypatch.setattr(targets.FileTarget, "put", failing_put)
+    s = walstore.open(str(tmp_path / "src"), replicate_to=f"file://{tmp_path / 'replica'}",
+                      replicate_options={"interval": 0.05, "max_backoff": 60,
+                                         "blob_uploads": uploads})
+    try:
+        for _ in range(600):
+            if s.replication().last_error is not None:
+                break
+            threading.Event().wait(0.01)
+        with lock:
+            first_round = made["blob_puts"]
+        assert s.replication().last_error is not None
+    finally:
+        s.close()
+    assert first_round <= uploads, first_round
+
+
+def test_a_hung_blob_upload_is_reported_while_others_finish(tmp_path, monkeypatch):
+    # (review44: the one slot naming the request in progress was overwritten and cleared
+    # by the other uploads: a PUT the server never answered went unreported)
+    from walstore.replication import targets
+    put = targets.FileTarget.put
+    release, hung, lock = threading.Event(), threading.Event(), threading.Lock()
+    first: list = []
+
+    def put_hanging_one(self, key, body, **kw):
+        if key.startswith("blobs/"):
+            with lock:
+                me = not first
+                if me:
+                    first.append(key)
+            if me:
+                hung.set()
+                release.wait(60)
+        return put(self, key, body, **kw)
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"))
+    ws = s.workspace(str(tmp_path / "ws"))
+    for i in range(12):
+        with s.transaction() as tx:
+            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
+    s.close()
+    monkeypatch.setattr(targets.FileTarget, "put", put_hanging_one)
+    s = walstore.open(str(tmp_path / "src"), replicate_to=f"file://{tmp_path / 'replica'}",
+                      replicate_options={"interval": 0.05, "blob_uploads": 8})
+    try:
+        assert hung.wait(30)
+        waited = None
+        for _ in range(200):  # (the other eleven end meanwhile)
+            waited = s._shipper.target.waiting()
+            if len(list((tmp_path / "replica" / "blobs").glob("*"))) >= 11:
+                break
+            threading.Event().wait(0.02)
+        waited = s._shipper.target.waiting()
+        assert waited is not None and first[0] in waited, waited
+    finally:
+        release.set()
+        s.close()

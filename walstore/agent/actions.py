@@ -94,8 +94,7 @@ class Action:
         the store said "compensated").  Whether the body runs is read off the stack of
         the thread that entered it — the frame of its ``with`` still there — so an
         interrupt that cut the block's exit short never leaves the action refusing."""
-        body = self._body
-        if body is None or not _frame_on_stack(*body):
+        if not _body_running(self._body):
             return None
         return (f"action {self.name!r} ({self.id}) is still running (its side effect may "
                 f"not have happened yet); leave its with block before rolling back")
@@ -108,8 +107,7 @@ class Action:
         running, so its result is not known yet (committed or prepared, the COMMIT carried
         ``result=None``; a prepared transaction's commit kept it so for good, and a later
         undo's compensator could not tell which charge to refund: probe-2pc44)."""
-        body = self._body
-        if body is None or not _frame_on_stack(*body):
+        if not _body_running(self._body):
             return None
         return (f"action {self.name!r} ({self.id}) is still running (its result is not "
                 f"known yet); leave its with block first")
@@ -215,6 +213,23 @@ def check_resolve_note(note: str | None) -> None:
 
 def _error_bytes(error: str | None) -> int:
     return 0 if error is None else len(error.encode("utf-8", "surrogatepass"))
+
+
+# code flags of frames that can be suspended (generator, coroutine, async generator): such
+# a frame is on no thread's stack while it waits at an ``await`` / ``yield``
+_SUSPENDABLE = 0x20 | 0x80 | 0x100 | 0x200
+
+
+def _body_running(body: tuple[int, Any] | None) -> bool:
+    """Does the ``with tx.action(...)`` block ``body`` (thread ident, frame) still run?  A
+    block in a coroutine or generator runs until its exit clears ``_body`` (suspended at an
+    ``await``, its frame is on no stack: another task's ``prepare`` was accepted there and
+    the action's result lost: review44); elsewhere, while its frame is on its thread's
+    stack (an interrupt that cut the exit short never leaves the action refusing)."""
+    if body is None:
+        return False
+    ident, frame = body
+    return bool(frame.f_code.co_flags & _SUSPENDABLE) or _frame_on_stack(ident, frame)
 
 
 def _frame_on_stack(ident: int, frame: Any) -> bool:

@@ -1452,7 +1452,9 @@ class PinnedLogRefs:
     """The blobs (and watch manifests) named by the file records of the WAL from a pin
     on, kept between calls: each ``update`` reads the log from where the last one ended
     (from the pin when it moved below that, or on the first call) and forgets what only
-    records below the pin named.  Bounded by the pinned WAL (``max_pin_bytes``).
+    records below the pin named.  Bounded by the WAL on disk from the lowest pin or replica
+    position (past ``max_pin_bytes`` of lag the WAL is trimmed, and the walk begins at the
+    first segment left).
     Thread-safe."""
 
     FILE_TYPES = (_T.FILE_STEPS, _T.WATCH_BEGIN, _T.FILE_CONFLICT)

@@ -222,6 +222,9 @@ class AgentHooks:
                             for eff in done[d:]:  # its rollback records them; FileEffect
                                 eff.put_back = True  # .put_back)
                                 keep.append(eff)
+                            # and those not put back, as below (raised past it, they were
+                            # in neither the transaction nor a record: review44)
+                            keep.extend(e for e, _x in failed)
                         raise
                     progress.recorded, progress.conflicts_recorded = len(done), len(conflicts)
         progress.finished = True

@@ -30,6 +30,7 @@ compensated by the next open's recovery).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import weakref
@@ -233,7 +234,17 @@ class Transaction:
                     finally:
                         self._ending = None
         else:
-            self.commit()
+            try:
+                self.commit()
+            except WalstoreError:
+                if self.state == ACTIVE:
+                    # refused before anything was decided (``_check_no_running_body``: a
+                    # put-back a rollback_to could not record): the block ends the
+                    # transaction all the same — left active, it kept its claims until
+                    # someone found it (review44)
+                    with contextlib.suppress(WalstoreError):
+                        self.rollback()
+                raise
         return False
 
     def _check_active(self) -> None:

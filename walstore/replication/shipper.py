@@ -718,6 +718,8 @@ class Shipper:
             self._blobs_up = {k[len(BLOB_PREFIX):] for k, _n in self.target.list(BLOB_PREFIX)}
         blobs = BlobStore(root, readonly=True)  # (its names only: it makes no directory)
         todo = [d for d in blobs if d not in self._blobs_up]
+        present = set(todo)  # (a damaged blob the gc removed since is no longer reported)
+        self._damaged_blobs = {d: v for d, v in self._damaged_blobs.items() if d in present}
         if not todo:
             return
         # several at once (``blob_uploads``): one at a time, each a round trip, the WAL
@@ -725,21 +727,26 @@ class Shipper:
         # (probe-repl44).  Every upload ends before this returns (the WAL shipped after
         # names only blobs the replica has); the first failure is raised after the rest
         # ended, those that landed counted
+        # (after a failure none begins: trying every blob, each with the client's retries
+        # and timeouts, kept a failing round going for minutes in an outage: review44)
+        failed = threading.Event()
         workers = max(1, min(self.opts.blob_uploads, len(todo)))
         if workers == 1:
-            errors = [self._ship_blob(blobs, d, summary) for d in todo]
+            errors = [self._ship_blob(blobs, d, summary, failed) for d in todo]
         else:
             from concurrent.futures import ThreadPoolExecutor
             with ThreadPoolExecutor(workers, thread_name_prefix="walstore-blob-upload") as ex:
-                errors = list(ex.map(lambda d: self._ship_blob(blobs, d, summary), todo))
+                errors = list(ex.map(lambda d: self._ship_blob(blobs, d, summary, failed),
+                                     todo))
         for e in errors:
             if e is not None:
                 raise e
 
-    def _ship_blob(self, blobs: BlobStore, digest: str, summary: dict
-                   ) -> BaseException | None:
-        """Upload one blob (``_ship_blobs``); the exception it failed with, else None."""
-        if self._stop.is_set():
+    def _ship_blob(self, blobs: BlobStore, digest: str, summary: dict,
+                   failed: threading.Event) -> BaseException | None:
+        """Upload one blob (``_ship_blobs``); the exception it failed with, else None (also
+        when it was not tried: the store stopping, or another upload of the round failed)."""
+        if self._stop.is_set() or failed.is_set():
             return None
         try:
             f = open(blobs.path(digest), "rb")
@@ -758,6 +765,7 @@ class Shipper:
             self._damaged_blobs.pop(digest, None)
             self._upload_immutable(BLOB_PREFIX + digest, f)  # (closes f)
         except Exception as e:  # noqa: BLE001 - raised by _ship_blobs once all ended
+            failed.set()
             f.close()
             return e
         with self._blob_lock:
@@ -1104,6 +1112,8 @@ class Shipper:
             # deleted while the saved manifest still listed it, and a failed save left
             # restores reading a manifest that named deleted objects (replsweep)
             self._save()
+        if not due:
+            return
         for key in due:
             self.target.delete(key)
         gone = set(due)

@@ -81,17 +81,25 @@ class WatchedTarget:
 
     def __init__(self, target: ObjectStore) -> None:
         self._target = target
-        self._pending: tuple[str, str, float] | None = None  # (operation, key, since)
+        # thread ident -> (operation, key, since): blobs upload on several threads at once
+        # (one slot, a hung upload was hidden once any other request ended: review44)
+        self._pending: dict[int, tuple[str, str, float]] = {}
 
     def __getattr__(self, name: str):
         return getattr(self._target, name)
 
     def _call(self, op: str, key: str, fn, *args, **kw):
-        self._pending = (op, key, time.monotonic())
+        me = threading.get_ident()
+        self._pending[me] = (op, key, time.monotonic())
         try:
             return fn(*args, **kw)
         finally:
-            self._pending = None
+            self._pending.pop(me, None)
+
+    def _oldest(self) -> tuple[str, str, float] | None:
+        """The request waiting longest now, None when none is."""
+        waiting = list(self._pending.values())  # (a copy: other threads add and remove)
+        return min(waiting, key=lambda p: p[2]) if waiting else None
 
     def get(self, key: str, max_bytes: int, if_none_match: str | None = None):
         return self._call("GET", key, self._target.get, key, max_bytes, if_none_match)
@@ -120,7 +128,7 @@ class WatchedTarget:
     def waiting(self) -> str | None:
         """The request waiting for its answer now ("a PUT of URL/KEY sent 12.0 s ago has
         had no answer yet"), None when none is."""
-        got = self._pending
+        got = self._oldest()
         if got is None:
             return None
         op, key, since = got
@@ -129,7 +137,7 @@ class WatchedTarget:
 
     def waiting_for(self) -> float:
         """How long the request in progress has waited (0: none)."""
-        got = self._pending
+        got = self._oldest()
         return 0.0 if got is None else time.monotonic() - got[2]
 
 
