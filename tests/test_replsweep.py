@@ -24,7 +24,7 @@ from walstore.replication import InProcessSource, Shipper, open_target  # noqa: 
 from walstore.replication.options import ReplicateOptions  # noqa: E402
 from walstore.replication.targets import TargetError  # noqa: E402
 
-CI_STRIDE = 13  # one request in 13 from the 2nd, the kinds in turn: 7 faulted runs of 81
+CI_STRIDE = 21  # one request in 21 from the 2nd, CI_KINDS in turn: 4 faulted runs of 81
 
 
 class _Server:
@@ -39,17 +39,21 @@ def _proxy(endpoint: str, rep, **kw) -> FaultProxy:
     return FaultProxy((host.split("//")[1], int(port)), rep.url.split("/", 3)[3] + "/", **kw)
 
 
+# the kinds of the CI stride: those where a request lands and its answer is lost or late
+# (what found the lease and snapshot defects); the full sweep takes all of KINDS
+CI_KINDS = ("drop", "delay", "late", "truncate")
+
+
 def test_a_stride_of_the_network_fault_sweep_breaks_nothing(s3_endpoint, tmp_path):  # noqa: F811
-    t0 = time.monotonic()
-    s = sweep(_Server(s3_endpoint), str(tmp_path), stride=CI_STRIDE, start=2, rotate=True)
+    s = sweep(_Server(s3_endpoint), str(tmp_path), stride=CI_STRIDE, start=2, rotate=True,
+              kinds=CI_KINDS)
     assert s["requests"] >= 60, s["sequence"]  # the workload makes what it should
     for label in ("PUT wal if-none-match", "PUT snapshot if-none-match", "PUT blob if-none-match",
                   "PUT manifest if-match", "PUT lease if-match", "DELETE wal", "LIST"):
         assert s["by_label"][label] > 0, (label, s["by_label"])
-    assert set(s["by_kind"]) == set(KINDS)
+    assert set(s["by_kind"]) == set(CI_KINDS) and set(CI_KINDS) <= set(KINDS)
     assert s["fired"] == s["runs"], s["unfired"]
     assert s["broken"] == [], "\n".join(f"{b['hit']}: {b['errors']}" for b in s["broken"])
-    assert time.monotonic() - t0 < 90
 
 
 def test_max_attempts_1_makes_one_attempt_a_request(s3_endpoint):  # noqa: F811

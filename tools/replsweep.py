@@ -801,7 +801,7 @@ def sweep(server: S3Server, scratch: str, stride: int = 1, kinds=KINDS, attempts
     t0 = time.monotonic()
     base = count(server, scratch, attempts)
     if rotate:
-        cases = rotated(len(base.requests), stride, start)
+        cases = rotated(len(base.requests), stride, start, tuple(kinds))
     else:
         cases = only or [(n, k) for n in range(start, len(base.requests) + 1, stride)
                          for k in kinds]
@@ -830,10 +830,11 @@ def sweep(server: S3Server, scratch: str, stride: int = 1, kinds=KINDS, attempts
     return s
 
 
-def rotated(requests: int, stride: int, first: int = 1) -> list[tuple[int, str]]:
-    """Every ``stride``-th request from ``first``, each with one kind, the kinds in turn (a
-    short sweep touching every kind and many request types: the CI stride)."""
-    return [(n, KINDS[i % len(KINDS)]) for i, n in enumerate(range(first, requests + 1, stride))]
+def rotated(requests: int, stride: int, first: int = 1, kinds=KINDS) -> list[tuple[int, str]]:
+    """Every ``stride``-th request from ``first``, each with one kind of ``kinds``, in turn
+    (a short sweep touching many kinds and request types: the CI stride)."""
+    return [(n, kinds[i % len(kinds)])
+            for i, n in enumerate(range(first, requests + 1, stride))]
 
 
 def report(s: dict) -> str:

@@ -1,7 +1,7 @@
 """Child of tests/test_langgraph_rewind_first_commit.py: a store whose very first commit is
-work after the thread's first checkpoint (``durability="async"``: that checkpoint's
-save is held until the first step's booking committed, so its pending write commits
-first), then ``saver.rewind`` to that
+work after the thread's first checkpoint (``durability="async"``: the first booking waits
+for the input's pending write — the store's first commit, at LSN 0, nothing logged before
+it — and that checkpoint's own save is held until the booking committed), then ``saver.rewind`` to that
 checkpoint, with this process killed (SIGKILL) at the next undo that begins after the
 store's rewind returned (the old code reverted the first commit in a second transaction).
 
@@ -43,8 +43,11 @@ def open_store(path: str, world: str):
         "cancel": lambda a: note(world, "cancel " + a.args["city"])})
 
 
-def graph_of(store, saver, world: str, booked: threading.Event):
+def graph_of(store, saver, world: str, booked: threading.Event,
+             written: threading.Event | None = None):
     def book(s: Plan) -> dict:
+        if written is not None:
+            written.wait(30)  # (after the input's pending write committed)
         city = s["plan"][0]
         with store.transaction() as tx:
             with tx.action("book", args={"city": city}, compensate="cancel") as act:
@@ -71,18 +74,28 @@ def main() -> int:
     path, world, marker = sys.argv[1:4]
     store = open_store(path, world)
     saver = WalstoreSaver(store)
-    booked = threading.Event()
+    booked, written = threading.Event(), threading.Event()
     put = WalstoreSaver.put
+
+    put_writes = WalstoreSaver.put_writes
 
     def held(self, config, checkpoint, metadata, new_versions):
         if metadata.get("step") == -1:  # (the input checkpoint's save, in the background)
             booked.wait(30)
         return put(self, config, checkpoint, metadata, new_versions)
+
+    def held_writes(self, config, writes, task_id, task_path=""):
+        try:
+            return put_writes(self, config, writes, task_id, task_path)
+        finally:
+            written.set()  # (the input's pending write: the store's first commit)
     WalstoreSaver.put = held
-    graph = graph_of(store, saver, world, booked)
+    WalstoreSaver.put_writes = held_writes
+    graph = graph_of(store, saver, world, booked, written)
     config = {"configurable": {"thread_id": "t"}}
     graph.invoke({"plan": ["Paris", "Rome"], "booked": []}, config, durability="async")
     WalstoreSaver.put = put
+    WalstoreSaver.put_writes = put_writes
     target = next(h for h in graph.get_state_history(config)
                   if h.metadata.get("step") == -1)
     if saver._rewind_plan(target.config)[2] is None:
