@@ -12,7 +12,7 @@ agree with ``store.actions()``, no foreign exception may have escaped, ``verify`
 pass and the store must take a new commit and a new file write.
 
 CI takes every LMDB call and fault-point hit and every ``WALSTORE_FILES_FAULT_STRIDE``-th
-file call (default 15; 1 is the full sweep, or ``python tools/faultsweep_files.py --jobs 2``),
+file call (default 25; 1 is the full sweep, or ``python tools/faultsweep_files.py --jobs 2``),
 two runs at a time.  Nothing broken is tolerated.  Each defect the sweep found (five, all
 fixed) keeps a deterministic reproduction below, failing on the code before its fix.
 """
@@ -35,7 +35,7 @@ from tools.faultsweep import check, run_dir, sweep  # noqa: E402
 from tools.faultsweep_files import FilesFaultBackend, FilesWorkload  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
-FILE_STRIDE = int(os.environ.get("WALSTORE_FILES_FAULT_STRIDE", "15"))
+FILE_STRIDE = int(os.environ.get("WALSTORE_FILES_FAULT_STRIDE", "25"))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_every_fault_fires_and_the_workload_reaches_every_kind_of_call(summary):
     assert calls["lmdb_commit"] >= 5 and calls["lmdb_sync"] >= 3
     assert calls.get("point:commit.after_durable", 0) >= 8
     assert calls.get("point:undo.planned", 0) >= 2
-    assert summary["fired"] == summary["faults"] > 100, summary["unfired"]
+    assert summary["fired"] == summary["faults"] > 60, summary["unfired"]
     assert summary["acks"] > 3 * summary["faults"]
     assert summary["lost"] == 0
 
