@@ -317,6 +317,21 @@ def test_a_local_blob_damaged_on_disk_is_never_uploaded_under_its_name(tmp_path)
         copy.close()
 
 
+def store_with_files(tmp_path, n: int) -> dict[int, bytes]:
+    """A closed store at ``tmp_path/src`` whose ``n`` transactions each wrote one file
+    ``f<i>.txt`` of workspace ``tmp_path/ws``; txid -> the content it wrote."""
+    (tmp_path / "ws").mkdir()
+    s = walstore.open(str(tmp_path / "src"))
+    ws = s.workspace(str(tmp_path / "ws"))
+    contents = {}
+    for i in range(n):
+        with s.transaction() as tx:
+            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
+        contents[tx.id] = f"content {i}\n".encode() * 20
+    s.close()
+    return contents
+
+
 @pytest.mark.parametrize("uploads", [1, 8])
 def test_blobs_upload_several_at_once_and_a_failed_one_is_shipped_next_round(
         tmp_path, monkeypatch, uploads):
@@ -345,16 +360,8 @@ def test_blobs_upload_several_at_once_and_a_failed_one_is_shipped_next_round(
             with lock:
                 now["n"] -= 1
     monkeypatch.setattr(targets.FileTarget, "put", slow_put)
-    (tmp_path / "ws").mkdir()
     url = f"file://{tmp_path / 'replica'}"
-    s = walstore.open(str(tmp_path / "src"))
-    ws = s.workspace(str(tmp_path / "ws"))
-    contents = {}
-    for i in range(24):
-        with s.transaction() as tx:
-            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
-        contents[tx.id] = f"content {i}\n".encode() * 20
-    s.close()
+    contents = store_with_files(tmp_path, 24)
     s = walstore.open(str(tmp_path / "src"), replicate_to=url,
                       replicate_options={"interval": 0.05, "max_backoff": 0.1,
                                          "blob_uploads": uploads})
@@ -401,13 +408,7 @@ def test_a_round_whose_blob_upload_fails_stops_there(tmp_path, monkeypatch, uplo
             threading.Event().wait(0.05)
             raise targets.TargetError(f"PUT {key}: connection refused (injected)", True)
         return put(self, key, body, **kw)
-    (tmp_path / "ws").mkdir()
-    s = walstore.open(str(tmp_path / "src"))
-    ws = s.workspace(str(tmp_path / "ws"))
-    for i in range(40):
-        with s.transaction() as tx:
-            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
-    s.close()
+    store_with_files(tmp_path, 40)
     monkeypatch.setattr(targets.FileTarget, "put", failing_put)
     s = walstore.open(str(tmp_path / "src"), replicate_to=f"file://{tmp_path / 'replica'}",
                       replicate_options={"interval": 0.05, "max_backoff": 60,
@@ -443,13 +444,7 @@ def test_a_hung_blob_upload_is_reported_while_others_finish(tmp_path, monkeypatc
                 hung.set()
                 release.wait(60)
         return put(self, key, body, **kw)
-    (tmp_path / "ws").mkdir()
-    s = walstore.open(str(tmp_path / "src"))
-    ws = s.workspace(str(tmp_path / "ws"))
-    for i in range(12):
-        with s.transaction() as tx:
-            tx.files(ws).write(f"f{i}.txt", f"content {i}\n" * 20)
-    s.close()
+    store_with_files(tmp_path, 12)
     monkeypatch.setattr(targets.FileTarget, "put", put_hanging_one)
     s = walstore.open(str(tmp_path / "src"), replicate_to=f"file://{tmp_path / 'replica'}",
                       replicate_options={"interval": 0.05, "blob_uploads": 8})
