@@ -167,21 +167,22 @@ class UndoBatch:
                 self._keys[id(c)] = key
                 self._befores.setdefault((eff.ws.root_b, c.path), []).append((key, c.before))
 
-    def failed(self, eff: Any) -> None:
-        """Putting ``eff`` back failed (an I/O error): the older effects of its workspace
-        wait for it (``held_back``)."""
-        self._stopped.add(eff.ws.root_b)
-
-    def held_back(self, eff: Any) -> WalstoreError | None:
-        """Why ``eff`` must not be put back now: a newer effect of its workspace failed
-        to go back, and undo goes newest first (undone past it, the directory a
-        transaction made — still holding the file whose removal failed — was taken for a
-        stranger's, recorded as a conflict and kept for good: sweep-files).  It stays
-        with the failed one (kept in the transaction, or owed to the next open)."""
-        if eff.ws.root_b not in self._stopped:
-            return None
-        return WalstoreError("not put back yet: a newer change in its workspace could not "
-                             "be, and undo goes newest first")
+    def put_back(self, eff: Any, undo: Callable[[], list]) -> tuple[list, Exception | None]:
+        """``undo()`` — put ``eff`` back — unless a newer effect of its workspace failed to
+        go back: (its conflicts, None), or ([], why) when it was held back or failed (an
+        I/O error; the older effects of that workspace then wait for it).  Undo goes newest
+        first: undone past a failed one, the directory a transaction made, still holding
+        the file whose removal failed, was taken for a stranger's, recorded as a conflict
+        and kept for good (sweep-files).  A held-back effect stays with the failed one
+        (kept in the transaction, or owed to the next open)."""
+        if eff.ws.root_b in self._stopped:
+            return [], WalstoreError("not put back yet: a newer change in its workspace "
+                                     "could not be, and undo goes newest first")
+        try:
+            return undo(), None
+        except (OSError, ValueError, WalstoreError) as e:
+            self._stopped.add(eff.ws.root_b)
+            return [], e
 
     def done(self, eff: "FileEffect") -> Callable[[Change], list[Entry]]:
         root = eff.ws.root_b
@@ -700,15 +701,9 @@ class Files:
         failed = []
         try:
             for eff in effects:
-                held = batch.held_back(eff)
-                if held is not None:
-                    failed.append((eff, held))
-                    continue
-                try:
-                    got = self.undo_one(eff.txid, eff, batch)
-                except (OSError, ValueError, WalstoreError) as e:
-                    batch.failed(eff)
-                    failed.append((eff, e))
+                got, err = batch.put_back(eff, lambda: self.undo_one(eff.txid, eff, batch))
+                if err is not None:
+                    failed.append((eff, err))
                     continue
                 done.setdefault(eff.txid, []).append(eff)
                 conflicts.setdefault(eff.txid, []).extend((eff.lsn, c) for c in got)

@@ -194,15 +194,10 @@ class AgentHooks:
                             continue  # owed in the log: the next open puts them back
                         with deferred():
                             handled.add(id(eff))
-                            held = batch.held_back(eff)
-                            if held is not None:
-                                failed.append((eff, held))
-                                continue
-                            try:
-                                got = self.files.undo_one(txid, eff, batch)
-                            except (OSError, ValueError, WalstoreError) as e:
-                                batch.failed(eff)
-                                failed.append((eff, e))
+                            got, err = batch.put_back(
+                                eff, lambda: self.files.undo_one(txid, eff, batch))
+                            if err is not None:
+                                failed.append((eff, err))
                                 continue
                             conflicts += [(eff.lsn, c) for c in got]
                             done.append(eff)
@@ -283,15 +278,10 @@ class AgentHooks:
                 if isinstance(eff, Action):
                     failed_actions += saga.compensate([eff], raise_on_failure=False)
                     continue
-                held = batch.held_back(eff)
-                if held is not None:
-                    failures.append((eff.txid, eff.lsn, eff.ws.root_b, held))
-                    continue
-                try:
-                    got = files.undo_one(eff.txid, eff, batch, recovering=True)
-                except (OSError, ValueError, WalstoreError) as e:
-                    batch.failed(eff)
-                    failures.append((eff.txid, eff.lsn, eff.ws.root_b, e))
+                got, err = batch.put_back(
+                    eff, lambda: files.undo_one(eff.txid, eff, batch, recovering=True))
+                if err is not None:
+                    failures.append((eff.txid, eff.lsn, eff.ws.root_b, err))
                     continue
                 done.setdefault(eff.txid, []).append(eff)
                 for c in got:
