@@ -678,6 +678,8 @@ def report(s: dict) -> str:
              f"{s['in_doubt']}, compensations re-run after a lost record: {s['reruns']}; "
              f"{s['seconds']:.0f} s",
              "calls per run: " + ", ".join(f"{k} {v}" for k, v in s["calls"].items())]
+    if s["unfired"]:  # (a call the run made fewer times than the counting run did)
+        lines.append(f"unfired ({len(s['unfired'])}): " + ", ".join(s["unfired"][:20]))
     for b in s["broken"]:
         lines.append(f"  BROKEN {b['site']} #{b['nth']} {b['kind']}: lost {b['lost']} "
                      f"{b['errors'][:3]}")
