@@ -9,6 +9,7 @@ recovery found owed (and lists the rest, and file conflicts, in ``last_recovery`
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
@@ -170,15 +171,21 @@ class Store:
                 self._trim_after_recovery()
             if not readonly:
                 engine.drain()  # (REDOne purges applied, so their owed erasure shows)
-                if engine.erase_owed():  # a purge's erasure a crash cut short: finish it
-                    engine.erase_old_bytes([])
             if replicate_to is not None:
                 from .replication import start_in_process  # the [s3] extra, only when asked
                 self._shipper = start_in_process(self, replicate_to, replicate_options)
                 self._purge.before_erase = self._ship_before_erasure
+            if not readonly and engine.erase_owed():  # a purge's erasure a crash cut
+                # short: finish it, shipping up to it first as the purge itself does (done
+                # before the shipper started, it trimmed the log the replica had not
+                # received yet: a hole no restore or follower crosses — probe-follow45)
+                engine.erase_old_bytes([], after_rotate=self._purge.before_erase)
         except BaseException:
             if getattr(self, "_files", None) is not None:
                 self._files.close_monitors()
+            if self._shipper is not None:  # (started before the owed erasure failed)
+                with contextlib.suppress(Exception):
+                    self._shipper.stop()
             engine.drop_like_a_crash()
             raise
         self._pid = _PROCESS[0]
