@@ -154,5 +154,10 @@ print("READY", flush=True)
     log = json.load(open(log_path))
     unsynced = _unsynced(log, os.path.join(base, "backups"))
     assert not unsynced, f"made, parent never fsynced: {unsynced}"
-    # LMDB's copy writes its file and never fsyncs it: the backup does
-    assert ["fsync", os.path.join(dest, "db", "data.mdb")] in log
+    # LMDB's copy writes its file and never fsyncs it: the backup does (in its staging
+    # directory, renamed to DEST once complete; the parent fsynced after the rename)
+    staged = [i for i, (op, p) in enumerate(log) if op == "fsync"
+              and p.startswith(dest + ".incomplete-backup-") and p.endswith("/db/data.mdb")]
+    assert staged, log
+    assert any(op == "fsync" and p == os.path.dirname(dest) for op, p in log[staged[-1]:])
+    assert os.path.isfile(os.path.join(dest, "db", "data.mdb"))

@@ -47,7 +47,9 @@ the source — but never runs their compensations (the source machine did or wil
 are listed as pending, ``held`` (promise 10); a transaction prepared there stays in doubt,
 and rolling it back in the copy holds its actions and file changes too
 (walstore.agent.twophase).  Files 0600, directories 0700; a
-destination inside the source is refused.
+destination inside the source is refused.  All of it is made in a staging directory
+beside the destination and renamed into place when complete (see ``backup``): a backup
+killed mid-way leaves nothing at the destination that opens as a store.
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ import contextlib
 import errno
 import os
 import shutil
+import tempfile
 import time
 from typing import Callable, Iterator
 
@@ -77,31 +80,48 @@ MAX_ATTEMPTS = 5
 def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = None) -> dict:
     """Copy the store at ``src`` to the new directory ``dest``; returns a summary.
     ``progress(done, total)``: bytes copied of the LMDB copy and the WAL segments (an
-    attempt that must start again starts its count again)."""
+    attempt that must start again starts its count again).
+
+    The copy is made in a staging directory beside ``dest`` (``<dest>.incomplete-backup-
+    <pid>-...``) and renamed into place once complete, file content included: a backup
+    killed or failed mid-way leaves no ``dest`` that opens as a store (it wrote STORE
+    before copying the file content, so a backup killed then left a ``dest`` that opened
+    as a good store lacking the content of its file versions — probe-follow45).  A
+    staging directory a killed backup left is removed by the next backup to ``dest``."""
+    from ..replication.shipper import sweep_dead_scratch  # (no client library imported)
     layout = Layout(src)
     store_id = layout.read_identity()
     check_not_inside(src, dest)
+    if os.path.islink(dest):  # (the link's target is the destination, as before)
+        dest = os.path.realpath(dest)
+    dest = os.path.abspath(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise NotAStore(f"backup destination {dest} exists and is not empty")
-    existed = os.path.isdir(dest)  # (an empty directory given: it is kept on failure)
+    parent = os.path.dirname(dest)
+    with _writing("the backup's directory", parent):
+        fileio.make_dir(parent)
+        prefix = f"{os.path.basename(dest)}{STAGING}"
+        sweep_dead_scratch(parent, prefix)
+        stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     state = LmdbState(layout.db, readonly=True)
     damage = None
-    done = False
     gc_held = hold_blob_gc(layout)
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            summary = _attempt(layout, store_id, state, dest, progress)
+            summary = _attempt(layout, store_id, state, stage, progress)
             if isinstance(summary, dict):
-                gone = _copy_blobs(layout, out_root=dest)
+                gone = _copy_blobs(layout, out_root=stage)
                 if gone is not None and gc_held is not None:
                     raise _blob_missing(src, gone)  # (no gc ran meanwhile: it is damage)
                 if gone is not None:  # (the writer's blob gc may have taken one the copy
                     damage = gone     # names: the lock could not be had)
                     time.sleep(0.05 * attempt)
                     continue
-                summary.update(_blob_summary(dest))
+                summary.update(_blob_summary(stage))
                 summary["attempts"] = attempt
-                done = True
+                summary["dest"] = dest
+                _install(stage, dest)
+                stage = None
                 return summary
             damage = summary  # (None: raced with a checkpoint; a str: damage seen)
             time.sleep(0.05 * attempt)
@@ -118,8 +138,27 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         state.close()
         if gc_held is not None:
             os.close(gc_held)  # (the writer's blob gc may run again)
-        if not done:  # (a full disk, damage, an interrupt: no half-made copy left behind,
-            _remove_made(dest, existed)  # which a retry would refuse as not empty)
+        if stage is not None:  # (a full disk, damage, an interrupt: no half-made copy left
+            shutil.rmtree(stage, ignore_errors=True)  # behind; ``dest`` was not touched)
+
+
+STAGING = ".incomplete-backup-"  # <dest><STAGING><pid>-...: the copy until it is complete
+
+
+def _install(stage: str, dest: str) -> None:
+    """Rename the complete, synced ``stage`` to ``dest`` (absent, or an empty directory,
+    which the rename replaces), then make that durable in the parent."""
+    fileio.fsync_dir(stage)
+    try:
+        os.rename(stage, dest)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(dest) \
+                and os.listdir(dest):
+            raise NotAStore(f"backup destination {dest} exists and is not empty (filled "
+                            f"while the backup ran)") from None
+        raise _writing_dest("the backup into place", dest, e) from e
+    with _writing("the backup's directory", dest):
+        fileio.fsync_dir(os.path.dirname(dest))
 
 
 def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
@@ -165,25 +204,6 @@ def _clear_but_blobs(dest: str) -> None:
             shutil.rmtree(p)
         else:
             os.unlink(p)
-
-
-def _remove_made(dest: str, existed: bool) -> None:
-    """Remove what a failed backup made at ``dest``: all of it, or, when ``dest`` was an
-    empty directory given to it, what it made inside."""
-    if not os.path.lexists(dest):
-        return
-    if not existed:
-        shutil.rmtree(dest, ignore_errors=True)
-        return
-    for name in os.listdir(dest):
-        p = os.path.join(dest, name)
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
 
 
 def _writing_dest(what: str, path: str, e: Exception) -> StoreIOError:
