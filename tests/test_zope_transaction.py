@@ -509,3 +509,31 @@ def test_a_foreign_finish_failing_commits_walstore_only_if_one_finished(tmp_path
         if second is not None:
             second.conn.close()
         s.close()
+
+
+@pytest.mark.parametrize("how", ["run", "attempts"])
+def test_a_walstore_conflict_at_the_vote_is_retried_by_the_manager(store, sql, how):
+    """transaction.manager.run / attempts() retry a walstore ConflictError (nothing of the
+    conflicting transaction committed), as they retry ZODB's ConflictError; before,
+    should_retry was missing and the first conflict escaped the retry loop."""
+    seen = []
+
+    def work():
+        tx = join(store)
+        step = tx.get("agent/step")
+        seen.append(step)
+        if len(seen) == 1:  # another writer commits under the first attempt
+            store.run(lambda t: t.put("agent/step", t.get("agent/step") + 100))
+        tx.put("agent/step", step + 1)
+        sql.put("step", str(step + 1))
+
+    if how == "run":
+        transaction.manager.run(work, tries=3)
+    else:
+        for attempt in transaction.manager.attempts(3):
+            with attempt:
+                work()
+    assert seen == [0, 100]
+    assert store.get("agent/step") == 101
+    assert sql.rows() == {"step": "101"}
+    assert store.prepared() == []

@@ -32,7 +32,10 @@ cannot be told (the outcome of the failing walstore finish is unknown: its COMMI
 failed; or the failing resource cannot be named), walstore is left prepared, in doubt,
 with a warning naming both commands.
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
-ISavepointDataManager contract.
+ISavepointDataManager contract.  ``should_retry`` says a walstore ``ConflictError`` is
+transient, so ``transaction.manager.run(fn)`` and ``for attempt in
+transaction.manager.attempts()`` run it again (a conflicting vote commits nothing: the
+package aborts every participant), as they do for ZODB's ConflictError.
 """
 from __future__ import annotations
 
@@ -44,7 +47,7 @@ from typing import Any
 import transaction as _transaction
 
 from ..engine.transaction import ACTIVE, COMMITTED, Transaction
-from ..errors import CommitOutcomeUnknown, WalstoreError
+from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
 
 
 class WalstoreDataManager:
@@ -188,6 +191,13 @@ class WalstoreDataManager:
 
     def sortKey(self) -> str:
         return f"walstore:{self.store.path}"
+
+    def should_retry(self, error: BaseException) -> bool:
+        """The package's retry hook (``transaction.manager.run``, ``attempts()``): a
+        walstore ``ConflictError`` (an optimistic conflict, found at the vote or by the
+        caller's own ``store.run``) wrote nothing and is retried, as ZODB's ConflictError
+        (a ``TransientError``) and zope.sqlalchemy's serialization failures are."""
+        return isinstance(error, ConflictError)
 
     # ISavepointDataManager
     def savepoint(self) -> "_Savepoint":
