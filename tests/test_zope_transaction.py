@@ -368,6 +368,20 @@ def test_a_walstore_transaction_ended_outside_the_manager_votes_no(tmp_path, sql
         assert s.get("order") is None
 
 
+def test_a_walstore_transaction_committed_by_the_caller_lets_the_others_commit(store, sql):
+    """tx.commit() in the body: walstore's writes stand, so its vote is yes and the other
+    participant commits beside them (it voted no, saying "nothing of it is committed",
+    and the other aborted while walstore's writes stood)."""
+    tx = join(store)
+    tx.put("order", "paid")
+    sql.put("order", "paid")
+    tx.commit()
+    transaction.commit()
+    assert store.get("order") == "paid"
+    assert sql.rows() == {"order": "paid"}
+    assert store.prepared() == []
+
+
 @pytest.mark.parametrize("fault", ["once", "lasting"])
 def test_a_failed_finish_of_walstore_finishing_first_rolls_everyone_back(tmp_path, fault):
     """The mirror of the test above (probe 54): walstore sorts first, so it finishes first,

@@ -13,7 +13,8 @@ atomically with every other joined resource::
 IDataManager mapping: ``tpc_vote`` prepares the walstore transaction (a ConflictError or any
 failure there is the refusal that aborts everyone; so is a walstore transaction that ended
 outside the manager, e.g. rolled back by ``store.close()``: voting yes for it committed the
-others without walstore's part); ``tpc_finish`` commits the prepared transaction (it cannot
+others without walstore's part; one the caller committed itself, ``tx.commit()``, votes
+yes: its writes stand, and a "no" aborted the others beside them); ``tpc_finish`` commits the prepared transaction (it cannot
 conflict any more: its keys are held since the vote); ``abort``/``tpc_abort`` roll back (a
 prepared one through rollback_prepared) — except once every participant voted yes and one
 of them *finished* (committed): the ``transaction`` package calls ``tpc_abort`` on all
@@ -76,6 +77,8 @@ class WalstoreDataManager:
         pass  # writes are buffered in self.tx until the vote
 
     def tpc_vote(self, txn) -> None:
+        if self.tx.state == COMMITTED:  # (committed by the caller, tx.commit(): its writes
+            return                      # stand, and a "no" aborted the others beside them)
         if self.tx.state != ACTIVE:  # (ended outside the manager: a yes would commit the
             raise WalstoreError(     # others without walstore's part)
                 f"walstore transaction {self.tx.id} of store {self.store.path} is already "
