@@ -607,6 +607,31 @@ def test_cancelled_add_still_lands_like_sqlite(store, tmp_path):
 
 
 # ---- restore points -----------------------------------------------------------------------------
+def test_a_cancelled_restore_point_or_drop_is_settled_when_the_caller_hears_of_it(
+        store, monkeypatch):
+    """restore_point / drop_restore_point are mutations: a cancelled one finishes before
+    the CancelledError reaches the caller (it ran in to_thread alone: the caller heard
+    "cancelled" and the point was made, or dropped, a moment later)."""
+    for verb in ("restore_point", "drop_restore_point"):
+        real = getattr(store, verb)
+
+        def slow(name, real=real):
+            time.sleep(0.2)      # the store work outlives the cancellation
+            return real(name)
+        monkeypatch.setattr(store, verb, slow)
+
+    async def go():
+        s = WalstoreSession("a", store)
+        for verb, exists_after in (("restore_point", True), ("drop_restore_point", False)):
+            task = asyncio.ensure_future(getattr(s, verb)("p"))
+            await asyncio.sleep(0.02)           # under way in its worker thread
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert ("p" in await s.restore_points()) is exists_after, verb
+    run(go())
+
+
 def test_restore_points_are_per_session(store):
     async def go():
         a, b = WalstoreSession("a", store), WalstoreSession("b", store)

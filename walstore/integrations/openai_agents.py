@@ -39,8 +39,9 @@ or transaction on the same store), so an ``add_items`` is on disk whole or not a
 processes may write, a store has ONE writer process (a second ``walstore.open`` of it
 raises ``StoreLocked``): other processes read the sessions with ``readonly=True``.  The
 blocking store work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession
-does; a mutation whose awaiting task is cancelled still finishes and then re-raises the
-cancellation, so the caller never mistakes a committed write for a dropped one.  Writers of one session in one
+does; a mutation (restore points and their drops included) whose awaiting task is
+cancelled still finishes and then re-raises the cancellation, so the caller never
+mistakes a committed write for a dropped one.  Writers of one session in one
 process take a lock (an in-process queue instead of optimistic retries); readers read one
 snapshot and take no lock.  A rewind does not take it: its compensations are user code and
 may write to the session (e.g. add a "booking cancelled" item); the store serializes the
@@ -579,7 +580,9 @@ class WalstoreSession:
         """
         self._check_open()
         point = self._point_name(name)
-        return await asyncio.to_thread(self.store.restore_point, point)
+        # (a durable write: a cancelled caller hears of it only once it is made, as for
+        # every other mutation; through to_thread alone it appeared after the cancellation)
+        return await finish_despite_cancel(lambda: self.store.restore_point(point))
 
     async def restore_points(self) -> dict[str, LSN]:
         """This session's restore points, by the names they were given."""
@@ -590,7 +593,8 @@ class WalstoreSession:
 
     async def drop_restore_point(self, name: str) -> None:
         self._check_open()
-        await asyncio.to_thread(self.store.drop_restore_point, self._point_name(name))
+        point = self._point_name(name)
+        await finish_despite_cancel(lambda: self.store.drop_restore_point(point))
 
     async def rewind(self, to: str | int | LSN, *, dry_run: bool = False,
                      force: bool = False) -> TxnInfo | Any | None:
