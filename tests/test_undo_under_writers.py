@@ -381,7 +381,10 @@ def test_a_cascading_revert_finishes_while_writers_keep_writing_its_keys(tmp_pat
         # (finishing is the promise, not a time: ~1 s on a quiet machine; under a loaded
         # one, where the two writers outran the undo's share of the GIL, its first attempt
         # took seconds and its second, writers held out, undid all they wrote meanwhile:
-        # one run of the parallel suite needed more than 30 s)
+        # one run of the parallel suite needed more than 30 s, another 105 s: each
+        # transaction the cascade met was looked up by a pass over the writers' unapplied
+        # backlog, and its scope tag was O(n^2) — both fixed in stop 45,
+        # test_undo_scaling.py)
         runner.join(180)
         stop.set()
         for t in threads:

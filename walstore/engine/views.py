@@ -220,9 +220,10 @@ class Views:
 
     # ---- the transaction log ------------------------------------------------------------
     def txn_row(self, txid: int) -> dict | None:
-        for e in self._events(frozenset({_T.COMMIT})):
-            if e.txid == txid:
-                return tables.txn_row(e)
+        mt = self.memtable
+        e = mt.commits.get(txid)  # (its own entry: not a pass over every event here)
+        if e is not None and e.end <= mt.published:
+            return tables.txn_row(e)
         key = tables.txid_key(txid)
         raw = self.state.get(key, "txns")
         return None if raw is None else tables.unpack_row(raw, "txns", key,
@@ -233,8 +234,12 @@ class Views:
         ``undone_by`` (``row``; the applier notes each) and those of the commits not
         applied yet whose ``reverts`` name it."""
         out = set(row.get("undone_by") or ())
-        for e in self._events(frozenset({_T.COMMIT})):
-            if txid in (e.field("reverts") or ()):
+        mt = self.memtable
+        with mt.lock:  # (a copy: the applier drops, committers add, as this reads)
+            undos = list(mt.undos)
+        published = mt.published
+        for e in undos:
+            if e.end <= published and txid in (e.field("reverts") or ()):
                 out.add(e.txid)
         return out
 
