@@ -6,8 +6,10 @@ The backup wrote DEST's STORE file once the WAL was copied, and only then copied
 content (``files/blobs``): killed in between, it left a DEST that ``walstore.open``
 accepted — reads, commits, everything — while the content of its file versions was
 missing (only ``verify`` said so; probe-follow45).  Now the copy is made in a staging
-directory beside DEST and renamed into place once complete: a killed backup leaves no
-DEST, and the next backup to it removes the staging directory it left.
+directory beside DEST and renamed into place once complete (inside DEST when an empty
+directory is given, and moved up with STORE last: a mount point cannot be renamed over):
+a killed backup leaves no store at DEST, and the next backup to it removes the staging
+directory it left.
 
 Real processes: the backup runs in a child killed with SIGKILL as it copies the first
 blob."""
@@ -51,19 +53,69 @@ def test_a_backup_killed_copying_file_content_leaves_no_store_at_dest(tmp_path, 
     assert p.returncode == -9
     if given == "new":
         assert not os.path.exists(dest)
-    else:
-        assert os.listdir(dest) == []
+        left = [n for n in os.listdir(tmp_path) if n.startswith("bk.incomplete-backup-")]
+    else:  # (staged inside the directory given: see test_a_backup_into_an_empty_...)
+        left = [n for n in os.listdir(dest) if n.startswith(".incomplete-backup-")]
+        assert os.listdir(dest) == left
     with pytest.raises(walstore.NotAStore):
         walstore.open(dest, readonly=True)
-    left = [n for n in os.listdir(tmp_path) if n.startswith("bk.incomplete-backup-")]
     assert len(left) == 1  # (what the killed backup made: clearly not the backup)
 
     from walstore.ops.backup import backup
     summary = backup(src, dest)  # the retry: DEST as it was, the leftover swept
     assert summary["dest"] == dest
     assert [n for n in os.listdir(tmp_path) if "incomplete-backup" in n] == []
+    assert [n for n in os.listdir(dest) if "incomplete-backup" in n] == []
     from walstore.ops.verify import verify_store
     assert verify_store(dest).ok
     with walstore.open(dest) as copy:
         assert copy.get("k2") == 2
         assert copy.at("end").files(ws).read("f1.txt") == b"version 1\n" * 100
+
+
+
+def _mounted_tmpfs(path: str) -> bool:
+    """Mount a tmpfs on ``path`` (root with the right to mount only)."""
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "none",
+                               path], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.parametrize("case", ["mount-point", "read-only-parent"])
+def test_a_backup_into_an_empty_directory_it_cannot_rename_over_is_made_inside_it(
+        tmp_path, case):
+    """An empty directory given as DEST — a mounted volume's root, or a directory the user
+    owns in a parent they may not write — is staged inside, not beside it: a rename over a
+    mount point fails (EBUSY; a staging directory beside it lies on the other file
+    system: EXDEV), and beside it in a read-only parent nothing can be made at all."""
+    src, parent = str(tmp_path / "src"), tmp_path / "parent"
+    parent.mkdir()
+    dest = str(parent / "bk")
+    os.mkdir(dest)
+    with walstore.open(src) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.restore_point("end")
+    mounted = False
+    if case == "mount-point":
+        mounted = _mounted_tmpfs(dest)
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (not root, or no right to mount)")
+    elif os.geteuid() == 0:
+        pytest.skip("root writes into a read-only directory")
+    else:
+        os.chmod(parent, 0o500)
+    try:
+        from walstore.ops.backup import backup
+        summary = backup(src, dest)
+        assert summary["dest"] == dest
+        names = os.listdir(dest)
+        assert "STORE" in names and not [n for n in names if "incomplete-backup" in n]
+        with walstore.open(dest) as copy:
+            assert copy.get("k") == 1 and "end" in copy.restore_points()
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", dest], capture_output=True, timeout=30)
+        os.chmod(parent, 0o700)

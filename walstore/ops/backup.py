@@ -82,12 +82,16 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     ``progress(done, total)``: bytes copied of the LMDB copy and the WAL segments (an
     attempt that must start again starts its count again).
 
-    The copy is made in a staging directory beside ``dest`` (``<dest>.incomplete-backup-
-    <pid>-...``) and renamed into place once complete, file content included: a backup
-    killed or failed mid-way leaves no ``dest`` that opens as a store (it wrote STORE
-    before copying the file content, so a backup killed then left a ``dest`` that opened
-    as a good store lacking the content of its file versions — probe-follow45).  A
-    staging directory a killed backup left is removed by the next backup to ``dest``."""
+    The copy is made in a staging directory and put into place once complete, file
+    content included: a backup killed or failed mid-way leaves no ``dest`` that opens as
+    a store (it wrote STORE before copying the file content, so a backup killed then left
+    a ``dest`` that opened as a good store lacking the content of its file versions —
+    probe-follow45).  A new ``dest``: staged beside it (``<dest>.incomplete-backup-<pid>-
+    ...``) and renamed.  An empty directory given as ``dest`` (a mounted volume's root, a
+    directory in a parent the user may not write): staged inside it (``.incomplete-backup-
+    <pid>-...``), its entries moved up with STORE last — the rename of a directory over
+    a mount point or across file systems fails.  A staging directory a killed backup left
+    is removed by the next backup to ``dest``."""
     from ..replication.shipper import sweep_dead_scratch  # (no client library imported)
     layout = Layout(src)
     store_id = layout.read_identity()
@@ -95,14 +99,19 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     if os.path.islink(dest):  # (the link's target is the destination, as before)
         dest = os.path.realpath(dest)
     dest = os.path.abspath(dest)
-    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+    inside = os.path.isdir(dest)  # (an empty directory given: staged inside it)
+    if inside:
+        with _writing("the backup's directory", dest):
+            sweep_dead_scratch(dest, STAGING)  # (a killed backup's, before the check)
+    if os.path.exists(dest) and (not inside or os.listdir(dest)):
         raise NotAStore(f"backup destination {dest} exists and is not empty")
-    parent = os.path.dirname(dest)
-    with _writing("the backup's directory", parent):
-        fileio.make_dir(parent)
-        prefix = f"{os.path.basename(dest)}{STAGING}"
-        sweep_dead_scratch(parent, prefix)
-        stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    base = dest if inside else os.path.dirname(dest)
+    with _writing("the backup's directory", base):
+        fileio.make_dir(base)
+        prefix = STAGING if inside else f"{os.path.basename(dest)}{STAGING}"
+        if not inside:
+            sweep_dead_scratch(base, prefix)
+        stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
     state = LmdbState(layout.db, readonly=True)
     damage = None
     gc_held = hold_blob_gc(layout)
@@ -120,7 +129,10 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
                 summary.update(_blob_summary(stage))
                 summary["attempts"] = attempt
                 summary["dest"] = dest
-                _install(stage, dest)
+                if inside:
+                    _move_up(stage, dest)
+                else:
+                    _install(stage, dest)
                 stage = None
                 return summary
             damage = summary  # (None: raced with a checkpoint; a str: damage seen)
@@ -159,6 +171,23 @@ def _install(stage: str, dest: str) -> None:
         raise _writing_dest("the backup into place", dest, e) from e
     with _writing("the backup's directory", dest):
         fileio.fsync_dir(os.path.dirname(dest))
+
+
+def _move_up(stage: str, dest: str) -> None:
+    """Move the complete, synced ``stage`` (inside ``dest``) up into ``dest``, STORE last
+    (until it is there, ``dest`` is no store: a kill in between leaves one that open
+    refuses), then make that durable and remove the empty ``stage``."""
+    names = sorted(os.listdir(stage), key=lambda n: n == "STORE")
+    with _writing("the backup into place", dest):
+        for name in names:
+            if os.path.lexists(os.path.join(dest, name)):
+                raise NotAStore(f"backup destination {dest} exists and is not empty "
+                                f"(filled while the backup ran)")
+            if name == "STORE":  # (everything else durable in ``dest`` before it)
+                fileio.fsync_dir(dest)
+            os.rename(os.path.join(stage, name), os.path.join(dest, name))
+        os.rmdir(stage)
+        fileio.fsync_dir(dest)
 
 
 def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
