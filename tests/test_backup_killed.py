@@ -6,10 +6,10 @@ The backup wrote DEST's STORE file once the WAL was copied, and only then copied
 content (``files/blobs``): killed in between, it left a DEST that ``walstore.open``
 accepted — reads, commits, everything — while the content of its file versions was
 missing (only ``verify`` said so; probe-follow45).  Now the copy is made in a staging
-directory beside DEST and renamed into place once complete (inside DEST when an empty
-directory is given, and moved up with STORE last: a mount point cannot be renamed over):
-a killed backup leaves no store at DEST, and the next backup to it removes the staging
-directory it left.
+directory beside DEST and renamed into place once complete (inside an empty DEST that is
+a mount point or whose parent cannot be written, and moved up with STORE last: a mount
+point cannot be renamed over): a killed backup leaves no store at DEST, and the next
+backup to it removes the staging directory it left.
 
 Real processes: the backup runs in a child killed with SIGKILL as it copies the first
 blob."""
@@ -53,10 +53,9 @@ def test_a_backup_killed_copying_file_content_leaves_no_store_at_dest(tmp_path, 
     assert p.returncode == -9
     if given == "new":
         assert not os.path.exists(dest)
-        left = [n for n in os.listdir(tmp_path) if n.startswith("bk.incomplete-backup-")]
-    else:  # (staged inside the directory given: see test_a_backup_into_an_empty_...)
-        left = [n for n in os.listdir(dest) if n.startswith(".incomplete-backup-")]
-        assert os.listdir(dest) == left
+    else:
+        assert os.listdir(dest) == []
+    left = [n for n in os.listdir(tmp_path) if n.startswith("bk.incomplete-backup-")]
     with pytest.raises(walstore.NotAStore):
         walstore.open(dest, readonly=True)
     assert len(left) == 1  # (what the killed backup made: clearly not the backup)

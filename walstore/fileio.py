@@ -251,3 +251,37 @@ def write_file_atomic(path: str, data: bytes) -> None:
         os.close(fd)
     rename(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def stage_inside(dest: str) -> bool:
+    """Must a copy meant for ``dest`` (an existing empty directory) be made inside it and
+    moved up (``move_up``), rather than beside it and renamed over it?  Yes when ``dest``
+    is a mount point (a rename over it fails, EBUSY; beside it is another file system) or
+    its parent cannot be written (nothing can be made beside it)."""
+    parent = os.path.dirname(os.path.abspath(dest))
+    return os.path.isdir(dest) and (os.path.ismount(dest) or not os.access(parent, os.W_OK))
+
+
+def move_up(stage: str, dest: str, taken) -> None:
+    """Move every entry of ``stage`` (a complete, synced copy made inside ``dest``) up into
+    ``dest``, ``STORE`` last (until it is there ``dest`` is no store: a kill in between
+    leaves one that open refuses), then remove the empty ``stage``, durably.  Under an
+    exclusive lock of ``dest`` (flock): of two copies racing into it, the second finds
+    the first's entries and raises ``taken()`` (what its rename over ``dest`` would
+    have met), moving nothing."""
+    import fcntl
+    fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        stage_name = os.path.basename(stage)
+        if [n for n in os.listdir(dest) if n != stage_name]:
+            raise taken()
+        names = sorted(os.listdir(stage), key=lambda n: n == "STORE")
+        for name in names:
+            if name == "STORE":  # (everything else durable in ``dest`` before it)
+                fsync_dir(dest)
+            rename(os.path.join(stage, name), os.path.join(dest, name))
+        os.rmdir(stage)
+        fsync_dir(dest)
+    finally:
+        os.close(fd)  # (the lock goes with it)

@@ -86,12 +86,12 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     content included: a backup killed or failed mid-way leaves no ``dest`` that opens as
     a store (it wrote STORE before copying the file content, so a backup killed then left
     a ``dest`` that opened as a good store lacking the content of its file versions —
-    probe-follow45).  A new ``dest``: staged beside it (``<dest>.incomplete-backup-<pid>-
-    ...``) and renamed.  An empty directory given as ``dest`` (a mounted volume's root, a
-    directory in a parent the user may not write): staged inside it (``.incomplete-backup-
-    <pid>-...``), its entries moved up with STORE last — the rename of a directory over
-    a mount point or across file systems fails.  A staging directory a killed backup left
-    is removed by the next backup to ``dest``."""
+    probe-follow45): staged beside ``dest`` (``<dest>.incomplete-backup-<pid>-...``) and
+    renamed over it; or, for an empty directory given as ``dest`` that is a mount point
+    (a mounted volume's root: a rename over it fails) or whose parent cannot be written,
+    staged inside it (``.incomplete-backup-<pid>-...``) and moved up, STORE last
+    (``fileio.move_up``).  A staging directory a killed backup left is removed by the
+    next backup to ``dest``."""
     from ..replication.shipper import sweep_dead_scratch  # (no client library imported)
     layout = Layout(src)
     store_id = layout.read_identity()
@@ -99,11 +99,11 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     if os.path.islink(dest):  # (the link's target is the destination, as before)
         dest = os.path.realpath(dest)
     dest = os.path.abspath(dest)
-    inside = os.path.isdir(dest)  # (an empty directory given: staged inside it)
+    inside = fileio.stage_inside(dest)  # (a mount point's root, an unwritable parent)
     if inside:
         with _writing("the backup's directory", dest):
             sweep_dead_scratch(dest, STAGING)  # (a killed backup's, before the check)
-    if os.path.exists(dest) and (not inside or os.listdir(dest)):
+    if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise NotAStore(f"backup destination {dest} exists and is not empty")
     base = dest if inside else os.path.dirname(dest)
     with _writing("the backup's directory", base):
@@ -130,7 +130,10 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
                 summary["attempts"] = attempt
                 summary["dest"] = dest
                 if inside:
-                    _move_up(stage, dest)
+                    with _writing("the backup into place", dest):
+                        fileio.move_up(stage, dest, lambda: NotAStore(
+                            f"backup destination {dest} exists and is not empty (filled "
+                            f"while the backup ran)"))
                 else:
                     _install(stage, dest)
                 stage = None
@@ -171,23 +174,6 @@ def _install(stage: str, dest: str) -> None:
         raise _writing_dest("the backup into place", dest, e) from e
     with _writing("the backup's directory", dest):
         fileio.fsync_dir(os.path.dirname(dest))
-
-
-def _move_up(stage: str, dest: str) -> None:
-    """Move the complete, synced ``stage`` (inside ``dest``) up into ``dest``, STORE last
-    (until it is there, ``dest`` is no store: a kill in between leaves one that open
-    refuses), then make that durable and remove the empty ``stage``."""
-    names = sorted(os.listdir(stage), key=lambda n: n == "STORE")
-    with _writing("the backup into place", dest):
-        for name in names:
-            if os.path.lexists(os.path.join(dest, name)):
-                raise NotAStore(f"backup destination {dest} exists and is not empty "
-                                f"(filled while the backup ran)")
-            if name == "STORE":  # (everything else durable in ``dest`` before it)
-                fileio.fsync_dir(dest)
-            os.rename(os.path.join(stage, name), os.path.join(dest, name))
-        os.rmdir(stage)
-        fileio.fsync_dir(dest)
 
 
 def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:

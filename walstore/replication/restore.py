@@ -532,14 +532,21 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         raise ReplicationError(f"restore destination {dest} is a symbolic link (to "
                                f"{os.readlink(dest)}): name a directory that is not a link "
                                f"(the finished copy is renamed into place); nothing was done")
+    staging = f".{os.path.basename(dest)}.restoring-"
+    inside = fileio.stage_inside(dest)  # (see below)
+    if inside:  # (what a killed restore staged inside DEST, before DEST is checked)
+        sweep_dead_scratch(dest, staging)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise _DestTaken(f"restore destination {dest} exists and is not empty")
     tgt = target if target is not None else open_target(url, opts)
     parent = os.path.dirname(dest)
     _src.make_dir(parent) if not os.path.isdir(parent) else None
     # scratch named by pid: a restore killed mid-way left a full-size staging directory
-    # beside DEST (and a fetch directory in /tmp) for good; the next restore removes them
-    staging = f".{os.path.basename(dest)}.restoring-"
+    # beside DEST (and a fetch directory in /tmp) for good; the next restore removes them.
+    # Beside DEST, renamed over it; inside an empty DEST that is a mount point (a rename
+    # over it failed with a raw EBUSY) or whose parent cannot be written, moved up
+    if inside:
+        parent = dest
     sweep_dead_scratch(parent, staging)
     sweep_dead_scratch(tempfile.gettempdir(), RESTORE_TEMP)
     stage = tempfile.mkdtemp(prefix=f"{staging}{os.getpid()}-", dir=parent)
@@ -666,13 +673,18 @@ def _install(stage: str, dest: str) -> None:
     rename replaces atomically).  Two restores racing to one DEST: exactly one rename
     wins, the other raises ``_DestTaken`` (an rmdir of DEST before the rename made the
     loser fail with a raw ENOTEMPTY, or ENOENT when both removed it)."""
+    def taken() -> _DestTaken:
+        return _DestTaken(f"restore destination {dest} exists and is not empty (another "
+                          f"restore or follower filled it meanwhile)")
+    if os.path.dirname(stage) == dest:  # (staged inside DEST: see ``restore``)
+        fileio.move_up(stage, dest, taken)
+        return
     try:
         os.rename(stage, dest)
     except OSError as e:
         if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(dest) \
                 and os.listdir(dest):
-            raise _DestTaken(f"restore destination {dest} exists and is not empty (another "
-                             f"restore or follower filled it meanwhile)") from None
+            raise taken() from None
         raise
 
 
