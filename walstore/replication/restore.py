@@ -68,6 +68,10 @@ FOLLOW_TEMP = "walstore-follow-"    # + pid + "-": a follower's
 MAX_SNAPSHOT_BYTES = 1 << 40
 MAX_BLOB_BYTES = 1 << 40
 FIRST_SIZE = 1 << 20
+# a follower's first preallocated file while the source's segment size is not known yet
+# (doubling from here, up to it once known): 1 MiB for a source of 64 KiB segments kept
+# DEST's WAL over its bound until the first apply trimmed it
+FOLLOW_FIRST_SIZE = 64 << 10
 SEGMENT_SIZE = 16 << 20
 # a follower applies its log to LMDB (and trims it) whenever this many bytes were appended
 # since it last did, whatever ``apply_every`` says: the WAL a follower holds stays bounded
@@ -109,7 +113,7 @@ class RestoredLog:
         self.offset = 0
         self.size = 0
         self.end = None       # LSN after the last record written
-        self.next_size = FIRST_SIZE
+        self.next_size = FOLLOW_FIRST_SIZE if prealloc else FIRST_SIZE
         self.bytes = 0
         self.seg_ends: dict[int, int] = {}  # source segment start -> its end (SEAL's end)
         self.seg_size = 0  # the largest whole source segment seen, header included
