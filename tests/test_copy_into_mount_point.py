@@ -83,3 +83,42 @@ def test_a_restore_into_an_empty_mount_point_is_made_inside_it(tmp_path, mount_p
         assert "end" in copy.restore_points()
     with pytest.raises(walstore.ReplicationError, match="not empty"):
         walstore.restore(url, mount_point)  # (a store there now: refused, untouched)
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    vol = tmp_path / "small"
+    vol.mkdir()
+    try:
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "none", str(vol)],
+                            capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        ok = False
+    if not ok:
+        pytest.skip("cannot mount a tmpfs here (not root, or no right to mount)")
+    try:
+        yield str(vol)
+    finally:
+        subprocess.run(["umount", "-l", str(vol)], capture_output=True, timeout=30)
+
+
+def test_a_restore_or_backup_onto_a_full_disk_raises_a_store_error_and_leaves_nothing(
+        tmp_path, small_volume):
+    """A restore filling its disk let a raw ``OSError`` (ENOSPC) out of
+    ``walstore.restore``; now a ``StoreIOError`` (also an OSError), the cause chained, and
+    no staging directory left behind.  A backup already said so."""
+    url = f"file://{tmp_path}/replica"
+    src = str(tmp_path / "src")
+    with walstore.open(src, replicate_to=url, replicate_options={"interval": 0.05}) as s:
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", os.urandom(4000))
+        s.sync_replica(timeout=30)
+    with pytest.raises(walstore.StoreIOError) as got:
+        walstore.restore(url, os.path.join(small_volume, "dest"))
+    assert got.value.errno == 28 and isinstance(got.value.__cause__, OSError)
+    assert os.listdir(small_volume) == []
+    from walstore.ops.backup import backup
+    with pytest.raises(walstore.StoreIOError):
+        backup(src, os.path.join(small_volume, "bk"))
+    assert os.listdir(small_volume) == []

@@ -51,7 +51,8 @@ from typing import Any, Callable
 import msgpack
 
 from .. import fileio
-from ..errors import CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint
+from ..errors import (CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint,
+                      os_errors_wrapped)
 from ..log.format import LSN
 from ..files.blobs import BlobStore
 from ..signals import Flag
@@ -518,6 +519,7 @@ def load_manifest(target: ObjectStore, opts: ReplicateOptions) -> Manifest:
     return m
 
 
+@os_errors_wrapped  # (a full disk, EIO: a StoreIOError, never a raw OSError)
 def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, *,
             compensate: bool = False, follow: bool = False, target: ObjectStore | None = None,
             progress: Callable[[int, int], None] | None = None,
@@ -932,6 +934,7 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
 
 
 # ---- follow -------------------------------------------------------------------------
+@os_errors_wrapped  # (a full disk, EIO: a StoreIOError, never a raw OSError)
 def follow(url: str, dest: str, replicate_options: Any = None, *,
            stop: "threading.Event | Flag | None" = None, interval: float | None = None,
            apply_every: float = 30.0, on_round: Callable[[dict], None] | None = None,
@@ -1180,6 +1183,7 @@ def _trim(wal_dir: str, keep: int, current: int) -> None:
 
 
 # ---- inspection ---------------------------------------------------------------------
+@os_errors_wrapped  # (a full disk, EIO: a StoreIOError, never a raw OSError)
 def replicas(url: str, verify: bool = False, replicate_options: Any = None,
              target: ObjectStore | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict:
