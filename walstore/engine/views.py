@@ -9,6 +9,7 @@ from the writer's WAL.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Iterator
 
 from ..log.format import RecordType
@@ -184,12 +185,26 @@ class Views:
         return list(rows.values())
 
     # ---- restore points -----------------------------------------------------------------
+    def _point_events(self, name: str | None = None) -> list[Event]:
+        """The published RESTORE_POINT events here (of ``name`` alone when given), each
+        name's in LSN order: read from ``MemTable.points``, not from a pass over every
+        unapplied event (an agent dropping the point of each past turn beside writers
+        passed over the whole backlog per drop)."""
+        mt = self.memtable
+        upto = mt.published
+        with mt.lock:  # (copies in C: nothing else runs under the journal lock here)
+            if name is None:
+                events = list(itertools.chain.from_iterable(mt.points.values()))
+            else:
+                events = list(mt.points.get(name, ()))
+        return [e for e in events if e.end <= upto]
+
     def points(self) -> dict[str, dict]:
-        events = self._events(frozenset({_T.RESTORE_POINT}))
+        events = self._point_events()  # (first: the events before LMDB, see above)
         file = self.state.data_file
         out = {k.decode("utf-8"): tables.unpack_row(v, "points", k, file)
                for k, v in self.state.scan(b"", None, db="points")}
-        for e in events:
+        for e in events:  # (each name's in LSN order: its newest decides)
             name = str(e.body.get("name", ""))
             row = _point_row(e)
             if row is None:
@@ -203,8 +218,7 @@ class Views:
         unapplied events naming it, as ``points()`` gives it, without reading the others
         (resolving a name read every point kept: an agent naming one per turn paid for all
         its past turns on each ``at``)."""
-        events = [e for e in self._events(frozenset({_T.RESTORE_POINT}))
-                  if str(e.body.get("name", "")) == name]
+        events = self._point_events(name)
         try:
             key = name.encode("utf-8")
         except UnicodeEncodeError:
@@ -292,12 +306,15 @@ class Views:
         durability="full"), "prepared" while it is logged and not yet published (its fsync
         under way, or failed: in doubt until the next open decides — a coordinator must
         not act on a decision that may not survive), None when ``gid`` has none."""
-        published = self.memtable.published
-        for e in reversed(self._events(frozenset({_T.COMMIT, _T.ROLLBACK_PREPARED}), True)):
-            if e.field("gid") == gid:
-                if e.end > published:
-                    return "prepared"
-                return "commit" if e.type == _T.COMMIT else "abort"
+        mt = self.memtable
+        published = mt.published
+        with mt.lock:  # (its own decisions here, ``MemTable.decided``: a pass over every
+            events = mt.decided.get(gid)  # unapplied event made each 2PC prepare, which
+            e = events[-1] if events else None  # asks under the journal lock, cost the
+        if e is not None:                       # backlog: 20,000 in a row took 54 s)
+            if e.end > published:
+                return "prepared"
+            return "commit" if e.type == _T.COMMIT else "abort"
         raw = self.state.get(DECISION_PREFIX + gid.encode(), "twophase")
         return None if raw is None else raw.decode()
 
