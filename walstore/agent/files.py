@@ -594,7 +594,7 @@ class Files:
         tx = ref() if ref is not None else None
         if tx is not None and (tx.undo_pending or (tx.state == "active" and tx.gid is None)):
             return True
-        return txid in self.undoing or txid in self.engine.prepared.txids()
+        return txid in self.undoing or self.engine.prepared.holds_txid(txid)
 
     def _prune_claims(self) -> None:
         """Forget the claims of ended transactions (bounded memory) — not those of one

@@ -27,6 +27,7 @@ from typing import Any
 from ..codec import decode_key, encode_prefix
 from ..errors import ConflictError
 from .lmdb_state import LmdbState, from_u64, read_chunk, u64
+from .keyindex import KeyIndex
 from .memtable import MemTable
 from .snapshot import _check_horizon
 from . import tables
@@ -287,13 +288,26 @@ class Prepared:
 
 
 class PreparedSet:
-    """The in-doubt transactions of this store and the keys and ranges they hold."""
+    """The in-doubt transactions of this store and the keys and ranges they hold.
+
+    Every commit asks ``check`` while anything is prepared, so its cost grows with what
+    the committing transaction wrote, read and scanned, never with what the prepared ones
+    hold: their keys are indexed (``_held``: written or read; ``_written``; ``_order``,
+    the written keys in order for scanned ranges), their read ranges kept apart
+    (``_ranged``).  (Each commit rebuilt the written-key set of every prepared transaction
+    and compared its reads with each: one in-doubt bulk load of 40,000 keys made every
+    other commit take 30 ms, 2,000 single puts a minute.)  Changed under the journal lock
+    (``add``, ``remove``), as ``check`` reads it."""
 
     def __init__(self) -> None:
         self.by_gid: dict[str, Prepared] = {}
         # key -> the gids holding it (several: prepared transactions that read the same
         # key; one gid per key lost the others' holds when it ended)
         self._held: dict[bytes, set[str]] = {}
+        self._written: dict[bytes, set[str]] = {}  # key -> the gids that wrote it
+        self._order = KeyIndex()  # the keys of ``_written``, in order
+        self._ranged: dict[str, list] = {}  # gid -> its read ranges (those with some)
+        self._txids: dict[int, int] = {}  # txid -> its prepared gids (how many)
 
     def __contains__(self, gid: str) -> bool:
         return gid in self.by_gid
@@ -303,40 +317,74 @@ class PreparedSet:
 
     def add(self, p: Prepared) -> None:
         self.by_gid[p.gid] = p
-        for k in p.written | set(p.read_keys):
+        written = p.written
+        for k in written | set(p.read_keys):
             self._held.setdefault(k, set()).add(p.gid)
+        for k in written:
+            gids = self._written.get(k)
+            if gids is None:
+                gids = self._written[k] = set()
+                self._order.add(k)
+            gids.add(p.gid)
+        if p.read_ranges:
+            self._ranged[p.gid] = list(p.read_ranges)
+        self._txids[p.txid] = self._txids.get(p.txid, 0) + 1
 
     def remove(self, gid: str) -> Prepared:
         p = self.by_gid.pop(gid)
-        for k in p.written | set(p.read_keys):
+        written = p.written
+        for k in written | set(p.read_keys):
             holders = self._held.get(k)
             if holders is not None:
                 holders.discard(gid)
                 if not holders:
                     del self._held[k]
+        for k in written:
+            gids = self._written.get(k)
+            if gids is not None:
+                gids.discard(gid)
+                if not gids:
+                    del self._written[k]
+                    self._order.discard(k)
+        self._ranged.pop(gid, None)
+        n = self._txids.get(p.txid, 0) - 1
+        if n > 0:
+            self._txids[p.txid] = n
+        else:
+            self._txids.pop(p.txid, None)
         return p
 
     def txids(self) -> set[int]:
-        return {p.txid for p in self.by_gid.values()}
+        return set(self._txids)
+
+    def holds_txid(self, txid: int) -> bool:
+        """Is transaction ``txid`` prepared (in doubt) here?  (No copy of the set.)"""
+        return txid in self._txids
 
     def check(self, txid: int, pairs, reads: ReadSet | None, mine: str | None = None) -> None:
         """ConflictError when the transaction (its writes as ``(key, value)`` pairs, and
-        its reads) collides with a prepared one.  Nothing prepared: no cost (every commit
-        comes here)."""
+        its reads) collides with a prepared one: it writes a key one holds (wrote or
+        read) or into a range one scanned, reads a key one wrote, or scans a range holding
+        one's write.  Nothing prepared: no cost (every commit comes here)."""
         if not self.by_gid:
             return
         writes = [k for k, _v in pairs]
         held = self._held
         out = [(k, g) for k in writes if k in held for g in sorted(held[k]) if g != mine]
-        for p in self.by_gid.values():
-            if p.gid == mine:
-                continue
-            written = p.written
-            if reads is not None:
-                out += [(k, p.gid) for k in reads.keys if k in written]
-                ranges = reads.ranges if reads.held_ranges is None else reads.held_ranges
-                out += [(k, p.gid) for k in written if _in_ranges(k, ranges)]
-            out += [(k, p.gid) for k in writes if _in_ranges(k, p.read_ranges)]
+        if reads is not None:
+            written = self._written
+            for k in reads.keys:
+                gids = written.get(k)
+                if gids:
+                    out += [(k, g) for g in sorted(gids) if g != mine]
+            ranges = reads.ranges if reads.held_ranges is None else reads.held_ranges
+            for lo, hi in ranges or ():
+                for k in self._order.range(lo, hi):
+                    out += [(k, g) for g in sorted(written.get(k, ())) if g != mine]
+        if writes:
+            for gid, read_ranges in self._ranged.items():
+                if gid != mine:
+                    out += [(k, gid) for k in writes if _in_ranges(k, read_ranges)]
         if out:
             names = list(dict.fromkeys(_show(k) for k, _g in out))[:5]  # (once each)
             gids = sorted({g for _k, g in out})

@@ -24,7 +24,7 @@ SLACK = 4096
 
 
 class KeyIndex:
-    """An ordered set of ``bytes`` keys: ``add``, ``range``, ``__len__``.  Not
+    """An ordered set of ``bytes`` keys: ``add``, ``discard``, ``range``, ``__len__``.  Not
     thread-safe by itself (the MemTable serializes access with its index lock)."""
 
     def __init__(self, keys: Iterable[bytes] = (), *, distinct: bool = False) -> None:
@@ -64,6 +64,24 @@ class KeyIndex:
         if len(chunk) > 2 * CHUNK:
             self._chunks[i:i + 1] = [chunk[:CHUNK], chunk[CHUNK:]]
             lasts[i:i + 1] = [chunk[CHUNK - 1], chunk[-1]]
+
+    def discard(self, key: bytes) -> None:
+        """Remove ``key`` when present (O(log n) and a short memmove)."""
+        lasts = self._lasts
+        i = bisect_left(lasts, key)
+        if i == len(lasts):
+            return
+        chunk = self._chunks[i]
+        j = bisect_left(chunk, key)
+        if chunk[j] != key:  # (j < len(chunk): key <= the chunk's last)
+            return
+        del chunk[j]
+        self._len -= 1
+        if not chunk:
+            del self._chunks[i]
+            del lasts[i]
+        elif j == len(chunk):
+            lasts[i] = chunk[-1]
 
     def range(self, lo: bytes, hi: bytes | None) -> list[bytes]:
         """The keys in [lo, hi) (``hi`` None: no upper bound), in order."""
