@@ -341,18 +341,21 @@ class History:
                 f"read-only store yet: the writer has not applied them (it does when its "
                 f"commits pause); try again in a moment; nothing was changed")
 
-    def unapplied_versions(self, k: bytes) -> list[Version]:
-        """Versions of ``k`` visible but not in LMDB yet, newest first: a read-only store's
-        MemTable holds the writer's WAL tail (a writer's drain leaves none)."""
+    def unapplied_versions(self, k: bytes, below: int | None = None) -> list[Version]:
+        """Versions of ``k`` visible but not in LMDB yet, newest first (those with LSN
+        below ``below`` alone, when given): a read-only store's MemTable holds the writer's
+        WAL tail (a writer's drain leaves none).  Each version's txid is looked up by its
+        LSN (``MemTable.txids_at``): a map of every event here, built per key, made a
+        cascade planned beside writers of its keys cost its keys times the backlog."""
         mt = self.engine.memtable
         chain = mt.versions.get(k)
         if not chain:
             return []
-        visible = [(lsn, v) for lsn, v in list(chain) if lsn < mt.published]
+        upto = mt.published if below is None else min(below, mt.published)
+        visible = [(lsn, v) for lsn, v in list(chain) if lsn < upto]
         if not visible:
             return []
-        with mt.lock:
-            txids = {e.lsn: e.txid for e in mt.events}
+        txids = mt.txids_at([lsn for lsn, _v in visible])
         return [Version(txids.get(lsn, -1), LSN(lsn),
                         None if v is None else unpack_value(v), v is None)
                 for lsn, v in reversed(visible)]

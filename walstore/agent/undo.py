@@ -409,7 +409,7 @@ class Undo:
                 continue
             # the MemTable's first (a read-only store: the writer's WAL tail, not in LMDB
             # yet; a writer drained its own), then LMDB's: each version seen at least once
-            for v in self.history.unapplied_versions(k):
+            for v in self.history.unapplied_versions(k, span[1]):
                 if span[0] <= v.lsn < span[1]:
                     note(v.txid)
             prefix = tables.hist_prefix(k)

@@ -55,6 +55,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import itertools
 import threading
@@ -80,6 +81,10 @@ _NAMING = frozenset({RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
 # headers, the pair, its version entry and the versions dict's slot.
 EVENT_COST = 300
 WRITE_COST = 190
+
+
+def _event_lsn(event: Event) -> int:
+    return event.lsn
 
 
 def point_name(event: Event) -> str:
@@ -394,6 +399,21 @@ class MemTable:
                 return
             if e.type == _COMMIT:
                 yield e
+
+    def txids_at(self, lsns: list[int]) -> dict[int, int]:
+        """LSN -> txid of the events here at those LSNs (one still here: an LSN whose
+        event left is not in the answer).  A bisect per LSN, not a pass over every event:
+        a cascade's plan asks, per key with unapplied versions, who wrote them."""
+        out = {}
+        with self.lock:  # (nothing enters or leaves while the bisects index the deque)
+            events = self.events
+            lo, n = 0, len(events)
+            for lsn in sorted(lsns):
+                i = bisect.bisect_left(events, lsn, lo, n, key=_event_lsn)
+                if i < n and events[i].lsn == lsn:
+                    out[lsn] = events[i].txid
+                lo = i
+        return out
 
     def events_of(self, types: frozenset, upto: int | None = None) -> list[Event]:
         """Events of the given types, oldest first (published ones when ``upto``)."""
