@@ -22,21 +22,26 @@ import walstore
 from store_support import cli_env
 
 
-@pytest.fixture
-def mount_point(tmp_path):
-    dest = tmp_path / "vol"
-    dest.mkdir()
+def _tmpfs(path, size: str):
+    """A tmpfs of ``size`` mounted on the new directory ``path`` for the test's length
+    (root with the right to mount only: skipped elsewhere)."""
+    path.mkdir()
     try:
-        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "none", str(dest)],
+        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "none", str(path)],
                             capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         ok = False
     if not ok:
         pytest.skip("cannot mount a tmpfs here (not root, or no right to mount)")
     try:
-        yield str(dest)
+        yield str(path)
     finally:
-        subprocess.run(["umount", "-l", str(dest)], capture_output=True, timeout=30)
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def mount_point(tmp_path):
+    yield from _tmpfs(tmp_path / "vol", "64m")
 
 
 def _replica(tmp_path) -> str:
@@ -87,19 +92,7 @@ def test_a_restore_into_an_empty_mount_point_is_made_inside_it(tmp_path, mount_p
 
 @pytest.fixture
 def small_volume(tmp_path):
-    vol = tmp_path / "small"
-    vol.mkdir()
-    try:
-        ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "none", str(vol)],
-                            capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        ok = False
-    if not ok:
-        pytest.skip("cannot mount a tmpfs here (not root, or no right to mount)")
-    try:
-        yield str(vol)
-    finally:
-        subprocess.run(["umount", "-l", str(vol)], capture_output=True, timeout=30)
+    yield from _tmpfs(tmp_path / "small", "600k")
 
 
 def test_a_restore_or_backup_onto_a_full_disk_raises_a_store_error_and_leaves_nothing(
