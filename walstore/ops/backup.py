@@ -48,8 +48,9 @@ are listed as pending, ``held`` (promise 10); a transaction prepared there stays
 and rolling it back in the copy holds its actions and file changes too
 (walstore.agent.twophase).  Files 0600, directories 0700; a
 destination inside the source is refused.  All of it is made in a staging directory
-beside the destination and renamed into place when complete (see ``backup``): a backup
-killed mid-way leaves nothing at the destination that opens as a store.
+beside the destination and renamed into place when complete (inside an empty destination
+that is a mount point, and moved up: see ``backup``): a backup killed mid-way leaves
+nothing at the destination that opens as a store.
 """
 from __future__ import annotations
 
