@@ -203,3 +203,29 @@ def test_child_without_crash_commits(tmp_path):
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stderr
     with _open(pa) as a, _open(pb) as b:
         assert _end_state(a, b) == "committed"
+
+
+def test_resolving_many_groups_in_doubt_costs_linear_in_them(pair, monkeypatch):
+    """A coordinator that crashed with G atomic groups in doubt: ``resolve_atomic`` asked
+    each participant for its whole sorted list of prepared gids once per gid (G x G gids
+    passed over: minutes at tens of thousands); it asks per gid now.  Counted, not timed."""
+    a, b = pair
+    groups = 300
+    for _ in range(groups):
+        group = walstore.atomic(a, b)
+        ta, tb = group.__enter__()
+        ta.prepare(group.gid)
+        tb.prepare(group.gid)
+        # (never exited: as if the process died before deciding)
+    listed = [0]
+    real = type(b).prepared
+
+    def counted(self):
+        out = real(self)
+        listed[0] += len(out)
+        return out
+    monkeypatch.setattr(type(b), "prepared", counted)
+    outcomes = walstore.resolve_atomic(a, b)
+    assert len(outcomes) == groups and set(outcomes.values()) == {"rolled back"}
+    assert a.prepared() == [] and b.prepared() == []
+    assert listed[0] <= 4 * groups, listed[0]

@@ -219,7 +219,9 @@ def resolve_atomic(*stores) -> dict[str, str]:
     for gid in gids:
         commit = _decide_coordinator(coordinator, gid)
         for store in stores[1:]:
-            if gid not in store.prepared():
+            # (asked per gid, not `gid in store.prepared()`: that list sorts every gid
+            # in doubt, so a crash that left G groups cost G x G)
+            if store.decision(gid) != "prepared":
                 continue
             try:
                 if commit:
