@@ -136,3 +136,18 @@ def test_a_replica_url_without_a_scheme_is_shown_as_given(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode != 0
     assert "://bogus" not in p.stderr and "bogus" in p.stderr
+
+
+def test_an_empty_compensator_name_is_refused_before_the_action_runs(store):
+    """``compensate=""`` names no compensator (``store.compensator("")`` and
+    ``open(compensators={"": f})`` refuse it), yet ``tx.action`` took it and a rollback
+    then marked the action ``resolved``, "it declares no compensation": the side effect
+    the caller meant to have compensated stayed, and nothing was owed or listed."""
+    ran = []
+    tx = store.transaction()
+    with pytest.raises(ValueError, match="compensate"):
+        with tx.action("charge", compensate=""):
+            ran.append("body")
+    assert ran == []  # the body never ran
+    assert store.actions() == []  # no intent was logged
+    tx.rollback()

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
-from ..errors import (ActionIdTypeError, CompensationFailed, ReadOnlyError, StoreClosed,
-                      UnknownAction, WalstoreError)
+from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
+                      StoreClosed, UnknownAction, WalstoreError)
 from ..log.format import RecordType
 from ..signals import deferred
 from ..engine import tables
@@ -322,6 +322,11 @@ class Saga:
             raise TypeError("an action name must be a non-empty str")
         if compensate is not None and not isinstance(compensate, str):
             raise TypeError("compensate must be the name of a compensator (a str) or None")
+        if compensate == "":  # (no compensator can be registered so; a rollback took it
+            # for "declares no compensation" and owed nothing for the side effect)
+            raise EmptyArgumentError("compensate must be the name of a compensator (a "
+                                     "non-empty str) or None, not ''; the action did not "
+                                     "run, nothing was logged")
         utf8(name, "action name")  # (logged as text: a bare codec error at the intent)
         if compensate is not None:
             utf8(compensate, "compensator name")
