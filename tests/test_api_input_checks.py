@@ -151,3 +151,19 @@ def test_an_empty_compensator_name_is_refused_before_the_action_runs(store):
     assert ran == []  # the body never ran
     assert store.actions() == []  # no intent was logged
     tx.rollback()
+
+
+def test_the_flags_of_actions_and_retry_compensations_are_bools(store):
+    """``store.actions(pending="no")`` took the flag by its truth: it answered with the
+    owed actions only (none here) for a store holding a committed action — a listing
+    that silently left actions out; ``retry_compensations(include_held=...)`` too (an
+    inherited, held compensation run on a truthy "no")."""
+    with store.transaction() as tx:
+        with tx.action("charge"):
+            pass
+    with pytest.raises(TypeError, match="pending must be True or False"):
+        store.actions(pending="no")
+    with pytest.raises(TypeError, match="include_held must be True or False"):
+        store.retry_compensations(include_held="no")
+    assert [a.name for a in store.actions(pending=False)] == ["charge"]
+    assert store.actions(pending=True) == [] and store.retry_compensations() == []

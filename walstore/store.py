@@ -558,6 +558,7 @@ class Store:
 
     def actions(self, pending: bool = False) -> list[Action]:
         """Every recorded action (``pending=True``: only those owing compensation)."""
+        check_flag("pending", pending)  # (by its truth, "no" listed the owed ones only)
         self._engine.check_open()
         return self._saga.actions(pending)
 
@@ -577,6 +578,7 @@ class Store:
     def retry_compensations(self, include_held: bool = False) -> list[Action]:
         """Run every owed compensation that has a compensator now; returns those still
         owed.  ``include_held``: also those a copy inherited from its source."""
+        check_flag("include_held", include_held)  # (by its truth, "no" ran the held ones)
         self._engine.check_writable()
         return self._saga.run_owed(include_held)[1]
 
