@@ -32,3 +32,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def passed(monkeypatch):
+    """Events passed over by ``MemTable.events_of`` (each call passes over them all):
+    the scaling tests count a lookup's cost in these, never in seconds."""
+    from walstore.engine.memtable import MemTable
+    n = [0]
+    real = MemTable.events_of
+
+    def counted(self, types, upto=None):
+        n[0] += len(self.events)
+        return real(self, types, upto)
+    monkeypatch.setattr(MemTable, "events_of", counted)
+    return n

@@ -28,19 +28,6 @@ IDLE = dict(durability="none", apply_batch=10 ** 6, apply_interval=86400.0,
             max_unapplied=10 ** 6)
 
 
-@pytest.fixture
-def passed(monkeypatch):
-    """Events passed over by ``MemTable.events_of`` (each call passes over them all)."""
-    n = [0]
-    real = MemTable.events_of
-
-    def counted(self, types, upto=None):
-        n[0] += len(self.events)
-        return real(self, types, upto)
-    monkeypatch.setattr(MemTable, "events_of", counted)
-    return n
-
-
 def _backlog(store, n: int) -> None:
     for i in range(n):
         with store.transaction() as tx:
