@@ -32,6 +32,13 @@ MAX_META_BYTES = 1024 * 1024
 # with their names): its COMMIT record carries their rows beside meta (the writes go into
 # chunks when they would not fit), so a commit of parts each within its limit fits 32 MiB
 MAX_ACTION_BYTES = 24 * 1024 * 1024
+# the writes of one transaction, counted as ``log.records.chunk_writes`` counts them (key,
+# value, WRITE_OVERHEAD bytes each), refused at the put that would pass it: recovery takes
+# back at most 512 MiB of one transaction's WRITES chunks (engine.recovery's
+# MAX_OPEN_TXN_BYTES, the bound that keeps a damaged log from exhausting memory), and a
+# bigger commit was acknowledged, then could not be recovered after a crash
+MAX_TXN_WRITE_BYTES = 480 * 1024 * 1024
+WRITE_OVERHEAD = 16
 ACTION_ROW_BYTES = 256  # what an action's row adds besides those (ids, key, state, ts...)
 
 _STR, _BYTES = b"s", b"b"

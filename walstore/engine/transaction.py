@@ -39,8 +39,8 @@ from _thread import RLock as _RLock
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
-from ..codec import Key, check_meta, decode_key, encode_key, encode_prefix, pack_items, \
-    pack_value, prefix_end, unpack_value
+from ..codec import MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, check_meta, decode_key, \
+    encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_value
 from ..errors import (CommitOutcomeUnknown, CorruptionError, TransactionClosed, UnknownGid,
                       WalstoreError)
 from ..log.format import LSN
@@ -55,6 +55,14 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 _MISSING = object()
+
+
+def _entry_bytes(k: bytes, v: Any) -> int:
+    """What the write of ``k`` (packed value ``v``; None: a delete; _MISSING: none) counts
+    against MAX_TXN_WRITE_BYTES, as ``log.records.chunk_writes`` counts it."""
+    if v is _MISSING:
+        return 0
+    return len(k) + WRITE_OVERHEAD + (len(v) if v is not None else 0)
 # what an action a rollback to a savepoint took out still adds to the COMMIT (its id, in
 # ``crossed``), counted in MAX_ACTION_BYTES in place of its ``commit_bytes``
 CROSSED_ID_BYTES = 64
@@ -176,6 +184,7 @@ class Transaction:
         self.state = ACTIVE
         self.gid: str | None = None
         self._writes: dict[bytes, bytes | None] = {}
+        self._write_bytes = 0  # the write set's size as MAX_TXN_WRITE_BYTES counts it
         self._undo: list[tuple[bytes, Any]] = []
         self._savepoints: list[Savepoint] = []
         self._serial = 0
@@ -328,9 +337,18 @@ class Transaction:
             self._check_writable()  # one test on the hot path; the reason is raised here
         k = encode_key(key)
         packed = pack_value(value, key)
-        if self._savepoints:  # (``_set`` written out: every put comes here)
-            self._undo.append((k, self._writes.get(k, _MISSING)))
-        self._writes[k] = packed
+        writes = self._writes  # (``_set`` written out: every put comes here)
+        prev = writes.get(k, _MISSING)
+        if prev is _MISSING:
+            size = self._write_bytes + len(k) + len(packed) + WRITE_OVERHEAD
+        else:
+            size = self._write_bytes + len(packed) - (0 if prev is None else len(prev))
+        if size > MAX_TXN_WRITE_BYTES:
+            self._too_big(size, key)
+        if self._savepoints:
+            self._undo.append((k, prev))
+        writes[k] = packed
+        self._write_bytes = size
 
     def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
@@ -340,10 +358,18 @@ class Transaction:
         load call, with the same validation as ``put``."""
         self._check_writable()
         staged = pack_items(items.items() if isinstance(items, Mapping) else items)
+        writes = self._writes
+        size = (self._write_bytes + sum(map(len, staged)) + sum(map(len, staged.values()))
+                + WRITE_OVERHEAD * len(staged))  # (packed values: never None)
+        if writes:
+            for k in staged.keys() & writes.keys():  # (rewritten: the old one goes)
+                size -= _entry_bytes(k, writes[k])
+        if size > MAX_TXN_WRITE_BYTES:
+            self._too_big(size, None)
         if self._savepoints:
-            writes = self._writes
             self._undo.extend((k, writes.get(k, _MISSING)) for k in staged)
-        self._writes.update(staged)
+        writes.update(staged)
+        self._write_bytes = size
 
     def delete(self, key: Key) -> None:
         self._check_writable()
@@ -353,9 +379,26 @@ class Transaction:
         self.delete(key)
 
     def _set(self, k: bytes, packed: bytes | None) -> None:
+        prev = self._writes.get(k, _MISSING)
+        size = self._write_bytes + _entry_bytes(k, packed) - _entry_bytes(k, prev)
+        if size > MAX_TXN_WRITE_BYTES:
+            self._too_big(size, decode_key(k))
         if self._savepoints:
-            self._undo.append((k, self._writes.get(k, _MISSING)))
+            self._undo.append((k, prev))
         self._writes[k] = packed
+        self._write_bytes = size
+
+    def _too_big(self, size: int, key: Any) -> None:
+        """The write that would take the write set past MAX_TXN_WRITE_BYTES is refused at
+        its call (recovery takes back no bigger transaction: committed, it was lost with
+        the store at the next crash); nothing of it is written, the transaction stays
+        open."""
+        what = "this update()" if key is None else f"the write of key {key!r:.80}"
+        raise ValueError(f"transaction {self.id}: {what} would take its writes to {size:,} "
+                         f"bytes; one transaction writes at most {MAX_TXN_WRITE_BYTES:,} "
+                         f"(keys and values, {WRITE_OVERHEAD} bytes more each): split the "
+                         f"work into several transactions (nothing of this write was made; "
+                         f"the transaction is still open)")
 
     @property
     def writes(self) -> dict[bytes, bytes | None]:
@@ -435,6 +478,8 @@ class Transaction:
         with deferred():  # one step (an interrupt inside it left the writes undone and
             while len(self._undo) > target._undo_len:  # the actions kept, or the actions
                 k, prev = self._undo.pop()              # dropped and never noted)
+                self._write_bytes += _entry_bytes(k, prev) \
+                    - _entry_bytes(k, self._writes.get(k, _MISSING))
                 if prev is _MISSING:
                     self._writes.pop(k, None)
                 else:
@@ -793,6 +838,7 @@ class Transaction:
             sp.active = False
         self._savepoints.clear()
         self._writes = {}
+        self._write_bytes = 0
         self._undo.clear()
 
     def __repr__(self) -> str:
