@@ -10,6 +10,10 @@ store.  Now the put that would pass the bound raises ValueError and the transact
 stays usable; a write set just under it is recovered after a crash."""
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import pytest
 
 import walstore
@@ -17,9 +21,6 @@ from walstore.codec import MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES
 from walstore.engine.recovery import MAX_OPEN_TXN_BYTES
 
 BIG = b"x" * (MAX_VALUE_BYTES - 1024)  # a value within the per-value limit
-# (held off LMDB until the crash, so the reopen's recovery REDOes the big commit)
-NO_APPLY = dict(apply_interval=86400, apply_batch=10 ** 9, max_unapplied=10 ** 9,
-                max_unapplied_bytes=1 << 50)
 
 
 def test_the_write_set_bound_fits_what_recovery_takes_back():
@@ -61,20 +62,123 @@ def test_rewriting_one_key_and_savepoints_count_only_what_stays(tmp_path):
         tx.rollback()
 
 
-def test_a_write_set_just_under_the_bound_is_recovered_after_a_crash(tmp_path):
+CHILD = """
+import sys, time, walstore
+from walstore.codec import MAX_VALUE_BYTES
+BIG = b"x" * (MAX_VALUE_BYTES - 1024)
+s = walstore.open(sys.argv[1], apply_interval=86400, apply_batch=10 ** 9,
+                  max_unapplied=10 ** 9, max_unapplied_bytes=1 << 50)
+tx = s.transaction()
+n = 0
+try:
+    while True:
+        tx.put(f"k{n:03}", BIG)
+        n += 1
+except walstore.TransactionTooLarge:
+    pass
+tx.commit()  # (durability "full": acknowledged = fsynced)
+print(n, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_write_set_just_under_the_bound_is_recovered_after_a_kill(tmp_path):
+    """A real writer commits the biggest write set it may (held off LMDB: the reopen's
+    recovery REDOes all of it) and is killed with SIGKILL once the commit is acknowledged;
+    the store opens with every write (before the fix: CorruptionError, the store lost)."""
     path = str(tmp_path / "s")
-    s = walstore.open(path, durability="none", **NO_APPLY)
-    tx = s.transaction()
-    n = 0
+    child = subprocess.Popen([sys.executable, "-c", CHILD, path], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
-        while True:
-            tx.put(f"k{n:03}", BIG)
-            n += 1
-    except ValueError:
-        pass
-    tx.commit()
-    s._drop_like_a_crash()  # (as kill -9: LMDB never got it, recovery must REDO it)
+        line = child.stdout.readline()
+        assert line.strip().isdigit(), child.stderr.read() if child.poll() is not None else line
+        n = int(line)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
     with walstore.open(path, durability="none") as s:
         assert s.last_recovery.redone == 1
         assert s.get(f"k{n - 1:03}") == BIG
         assert sum(1 for _ in s.keys()) == n
+
+
+# ---- the same bound, lowered in-process so the paths that build a write set for the user
+# (purge, revert, rewind) are driven past it with a few hundred small keys ----------------
+SMALL = 64 * 1024
+
+
+@pytest.fixture
+def small_bound(monkeypatch):
+    from walstore.engine import transaction as t
+    monkeypatch.setattr(t, "MAX_TXN_WRITE_BYTES", SMALL)
+    monkeypatch.setattr(t.Transaction, "_write_trigger", SMALL)
+    return SMALL
+
+
+def _fill(s, prefix, n, size=400):
+    with s.transaction() as tx:
+        with tx.action("charge", args={"p": prefix}, compensate="refund"):
+            pass
+        for i in range(n):
+            tx.put(f"{prefix}{i:04}", "v" * size)
+        return tx.id
+
+
+def test_the_refusal_is_a_value_error_of_walstore(small_bound, tmp_path):
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        tx = s.transaction()
+        with pytest.raises(walstore.TransactionTooLarge) as e:
+            for i in range(1000):
+                tx.put(f"k{i}", "v" * 400)
+        assert isinstance(e.value, ValueError) and isinstance(e.value, walstore.WalstoreError)
+        assert "nothing of this write was made" in str(e.value)
+        assert sum(1 for _ in tx.scan()) == i  # every put before the refused one
+        tx.commit()
+        assert sum(1 for _ in s.keys()) == i
+
+
+def test_the_upper_bound_turns_exact_only_when_it_must(small_bound, tmp_path):
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        tx = s.transaction()
+        for _ in range(1000):  # 400 KB put, one 400-byte value held: the bound passes
+            tx.put("same", "v" * 400)  # the limit, the exact count keeps going
+        tx.delete("same")
+        for i in range(100):
+            tx.put(f"k{i}", "v" * 400)
+        sp = tx.savepoint()
+        with pytest.raises(walstore.TransactionTooLarge):
+            for i in range(100, 1000):
+                tx.put(f"k{i}", "v" * 400)
+        tx.rollback_to(sp)  # the exact count gives back what the rollback took out
+        for i in range(100, 140):
+            tx.put(f"k{i}", "v" * 400)
+        tx.commit()
+        assert s.get("same") is None and s.get("k139") == "v" * 400
+
+
+def test_a_purge_too_big_for_one_transaction_changes_nothing(small_bound, tmp_path):
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        for part in range(4):
+            _fill(s, f"p/{part}/", 900, size=10)  # a delete counts its key + 16 bytes:
+        before = dict(s.scan())                   # 900 deletes fit, 3,600 do not
+        with pytest.raises(walstore.TransactionTooLarge, match=r"purge\('p/'\).*narrower"):
+            s.purge("p/")
+        assert dict(s.scan()) == before
+        assert s.purge("p/0/")["keys_deleted"] == 900  # a narrower one goes through
+
+
+def test_an_undo_too_big_for_one_transaction_undoes_nothing(small_bound, tmp_path):
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        refunds = []
+        s.compensator("refund")(lambda a: refunds.append(a.id))
+        for j in range(4):
+            _fill(s, f"u{j}/", 120, size=400)  # 4 x 50 KB, each fits alone
+        point = s.restore_point("start")
+        txids = [_fill(s, f"u{j}/", 120, size=1) for j in range(4)]  # (small rewrites:
+        before = dict(s.scan())                     # undone, each restores 50 KB)
+        with pytest.raises(walstore.TransactionTooLarge, match="nothing was undone"):
+            s.rewind(point)
+        assert dict(s.scan()) == before and refunds == []  # no state and no side effect
+        assert [a.state for a in s.actions()] == ["committed"] * 8
+        s.revert(txids[-1])  # one at a time fits: its compensation runs with it
+        assert len(refunds) == 1 and s.get("u3/0000") == "v" * 400

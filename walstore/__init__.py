@@ -14,7 +14,8 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      CorruptionError, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
-                     TransactionClosed, UnknownAction, UnknownGid, UnknownPoint,
+                     TransactionClosed, TransactionTooLarge, UnknownAction, UnknownGid,
+                     UnknownPoint,
                      WalstoreError, WorkspaceChanged, UnknownRestorePoint)
 from .options import Options, check_flag
 from .engine.recovery import RecoveryReport
@@ -36,7 +37,7 @@ __all__ = [
     "Action", "LSN", "Version", "HistoricalView", "UndoPlan", "atomic", "resolve_atomic",
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
-    "TransactionClosed", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
+    "TransactionClosed", "TransactionTooLarge", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
     "ReplicationError", "FileConflictError", "StoreIOError", "SnapshotTooOld",
     "WalWriteError", "UnknownGid", "UnknownAction", "WorkspaceChanged", "UnknownRestorePoint", "restore",
 ]

@@ -225,6 +225,15 @@ class WorkspaceChanged(WalstoreError, ValueError):
     refusal of a path leading outside the root."""
 
 
+class TransactionTooLarge(WalstoreError, ValueError):
+    """The write that would take one transaction's write set past
+    ``codec.MAX_TXN_WRITE_BYTES`` (keys and values, 16 bytes more each) was refused at its
+    call: recovery takes back no bigger transaction.  Nothing of that write was made and the
+    transaction is still open (roll back to a savepoint, or commit what it holds and go on
+    in another).  A purge or undo that would write that much is refused before it changes
+    anything."""
+
+
 class PointTypeError(UnknownPoint, TypeError):
     """A point of a type that can name nothing (a float, a bool, None, a list...): an
     ``UnknownPoint`` (it names nothing, nothing changes) that is also a ``TypeError``."""

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
-from ..errors import EmptyArgumentError
+from ..errors import EmptyArgumentError, TransactionTooLarge
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -72,8 +72,13 @@ class Purge:
 
         # a write into the prefix committed first: run again, erasing it too
         meta = {"purge": prefix if isinstance(prefix, str) else prefix.hex()}
-        tx, present, had_history = eng.pipeline.held_out_on_conflict(
-            lambda: self.run(erase, retries=PURGE_RETRIES, backoff=0.001, meta=meta))
+        try:
+            tx, present, had_history = eng.pipeline.held_out_on_conflict(
+                lambda: self.run(erase, retries=PURGE_RETRIES, backoff=0.001, meta=meta))
+        except TransactionTooLarge as e:
+            raise TransactionTooLarge(
+                f"purge({prefix!r}) deletes more keys than one transaction may write "
+                f"({e}); nothing was purged: purge narrower prefixes first") from e
         eng.drain()
         needles = sorted(set(present) | set(had_history))
         out = (eng.erase_old_bytes(needles) if self.before_erase is None

@@ -94,7 +94,8 @@ from typing import TYPE_CHECKING, Any
 from .. import fileio
 from ..codec import decode_key, encode_key
 from ..errors import (CommitOutcomeUnknown, ConflictError, HistoryTrimmed, NeedsRecovery,
-                      PointTypeError, RevertConflict, os_errors_as_store_errors)
+                      PointTypeError, RevertConflict, TransactionTooLarge,
+                      os_errors_as_store_errors)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -837,9 +838,14 @@ class Undo:
         still owed their compensations (the caller runs them, outside the gate)."""
         restore = plan._restore  # type: ignore[attr-defined]
         reader = self.engine.reader
-        for k, lsn in restore.items():
-            tx.read_keys.add(k)
-            tx._set(k, reader.as_of(k, lsn))  # its value just before the oldest undone writer
+        try:
+            for k, lsn in restore.items():
+                tx.read_keys.add(k)
+                tx._set(k, reader.as_of(k, lsn))  # its value just before the oldest undoer
+        except TransactionTooLarge as e:
+            raise TransactionTooLarge(
+                f"this undo restores {len(restore):,} keys, more than one transaction may "
+                f"write ({e}); nothing was undone: undo fewer transactions at a time") from e
         body = dict(extra)
         if plan.compensations:
             body["compensate"] = [a.id for a in plan.compensations]

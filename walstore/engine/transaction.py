@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, check_meta, decode_key, \
     encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_value
-from ..errors import (CommitOutcomeUnknown, CorruptionError, TransactionClosed, UnknownGid,
-                      WalstoreError)
+from ..errors import (CommitOutcomeUnknown, CorruptionError, TransactionClosed,
+                      TransactionTooLarge, UnknownGid, WalstoreError)
 from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
@@ -157,6 +157,14 @@ class Savepoint:
 class Transaction:
     """A unit of work; commit on ``with`` exit, roll back on an exception."""
 
+    # the write set's size as MAX_TXN_WRITE_BYTES counts it is bounded at each write:
+    # ``_write_bytes`` is an upper bound of it (each write adds its key and value, a
+    # rewrite's old value is not taken off: no lookup on the hot path); once the bound
+    # passes this trigger, the transaction's own trigger drops to -1 and its size is
+    # counted exactly from then on (``_count_exactly``, a lookup per write).  (A class
+    # attribute: the instance's dict stays small; an attribute more costs every put.)
+    _write_trigger = MAX_TXN_WRITE_BYTES
+
     # ranges guarded against commits that land after the snapshot, as a scan's are, but
     # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
     guard_ranges: tuple | list = ()
@@ -184,7 +192,7 @@ class Transaction:
         self.state = ACTIVE
         self.gid: str | None = None
         self._writes: dict[bytes, bytes | None] = {}
-        self._write_bytes = 0  # the write set's size as MAX_TXN_WRITE_BYTES counts it
+        self._write_bytes = 0  # (see ``_write_trigger``)
         self._undo: list[tuple[bytes, Any]] = []
         self._savepoints: list[Savepoint] = []
         self._serial = 0
@@ -337,17 +345,12 @@ class Transaction:
             self._check_writable()  # one test on the hot path; the reason is raised here
         k = encode_key(key)
         packed = pack_value(value, key)
-        writes = self._writes  # (``_set`` written out: every put comes here)
-        prev = writes.get(k, _MISSING)
-        if prev is _MISSING:
-            size = self._write_bytes + len(k) + len(packed) + WRITE_OVERHEAD
-        else:
-            size = self._write_bytes + len(packed) - (0 if prev is None else len(prev))
-        if size > MAX_TXN_WRITE_BYTES:
-            self._too_big(size, key)
+        size = self._write_bytes + len(k) + len(packed) + WRITE_OVERHEAD
+        if size > self._write_trigger:  # (``_set`` written out: every put comes here)
+            size = self._count_exactly(((k, packed),), key)
         if self._savepoints:
-            self._undo.append((k, prev))
-        writes[k] = packed
+            self._undo.append((k, self._writes.get(k, _MISSING)))
+        self._writes[k] = packed
         self._write_bytes = size
 
     def __setitem__(self, key: Key, value: Any) -> None:
@@ -361,11 +364,8 @@ class Transaction:
         writes = self._writes
         size = (self._write_bytes + sum(map(len, staged)) + sum(map(len, staged.values()))
                 + WRITE_OVERHEAD * len(staged))  # (packed values: never None)
-        if writes:
-            for k in staged.keys() & writes.keys():  # (rewritten: the old one goes)
-                size -= _entry_bytes(k, writes[k])
-        if size > MAX_TXN_WRITE_BYTES:
-            self._too_big(size, None)
+        if size > self._write_trigger:
+            size = self._count_exactly(staged.items(), None)
         if self._savepoints:
             self._undo.extend((k, writes.get(k, _MISSING)) for k in staged)
         writes.update(staged)
@@ -379,14 +379,29 @@ class Transaction:
         self.delete(key)
 
     def _set(self, k: bytes, packed: bytes | None) -> None:
-        prev = self._writes.get(k, _MISSING)
-        size = self._write_bytes + _entry_bytes(k, packed) - _entry_bytes(k, prev)
-        if size > MAX_TXN_WRITE_BYTES:
-            self._too_big(size, decode_key(k))
+        size = self._write_bytes + len(k) + WRITE_OVERHEAD + (0 if packed is None
+                                                              else len(packed))
+        if size > self._write_trigger:
+            size = self._count_exactly(((k, packed),), decode_key(k))
         if self._savepoints:
-            self._undo.append((k, prev))
+            self._undo.append((k, self._writes.get(k, _MISSING)))
         self._writes[k] = packed
         self._write_bytes = size
+
+    def _count_exactly(self, new: Iterable[tuple[bytes, bytes | None]], key: Any) -> int:
+        """The write set's exact size once ``new`` (distinct keys) is written, counting it
+        from the writes already made the first time (the upper bound passed the limit:
+        from then on every write comes here); refused (``_too_big``) past the limit."""
+        writes = self._writes
+        if self._write_trigger >= 0:
+            self._write_bytes = sum(_entry_bytes(k, v) for k, v in writes.items())
+            self._write_trigger = -1
+        size = self._write_bytes
+        for k, v in new:
+            size += _entry_bytes(k, v) - _entry_bytes(k, writes.get(k, _MISSING))
+        if size > MAX_TXN_WRITE_BYTES:
+            self._too_big(size, key)
+        return size
 
     def _too_big(self, size: int, key: Any) -> None:
         """The write that would take the write set past MAX_TXN_WRITE_BYTES is refused at
@@ -394,11 +409,11 @@ class Transaction:
         the store at the next crash); nothing of it is written, the transaction stays
         open."""
         what = "this update()" if key is None else f"the write of key {key!r:.80}"
-        raise ValueError(f"transaction {self.id}: {what} would take its writes to {size:,} "
-                         f"bytes; one transaction writes at most {MAX_TXN_WRITE_BYTES:,} "
-                         f"(keys and values, {WRITE_OVERHEAD} bytes more each): split the "
-                         f"work into several transactions (nothing of this write was made; "
-                         f"the transaction is still open)")
+        raise TransactionTooLarge(
+            f"transaction {self.id}: {what} would take its writes to {size:,} bytes; one "
+            f"transaction writes at most {MAX_TXN_WRITE_BYTES:,} (keys and values, "
+            f"{WRITE_OVERHEAD} bytes more each): split the work into several transactions "
+            f"(nothing of this write was made; the transaction is still open)")
 
     @property
     def writes(self) -> dict[bytes, bytes | None]:
@@ -478,8 +493,9 @@ class Transaction:
         with deferred():  # one step (an interrupt inside it left the writes undone and
             while len(self._undo) > target._undo_len:  # the actions kept, or the actions
                 k, prev = self._undo.pop()              # dropped and never noted)
-                self._write_bytes += _entry_bytes(k, prev) \
-                    - _entry_bytes(k, self._writes.get(k, _MISSING))
+                if self._write_trigger < 0:  # (exact: else the bound still holds)
+                    self._write_bytes += _entry_bytes(k, prev) \
+                        - _entry_bytes(k, self._writes.get(k, _MISSING))
                 if prev is _MISSING:
                     self._writes.pop(k, None)
                 else:
@@ -839,6 +855,7 @@ class Transaction:
         self._savepoints.clear()
         self._writes = {}
         self._write_bytes = 0
+        self.__dict__.pop("_write_trigger", None)
         self._undo.clear()
 
     def __repr__(self) -> str:
