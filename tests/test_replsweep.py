@@ -52,7 +52,12 @@ def test_a_stride_of_the_network_fault_sweep_breaks_nothing(s3_endpoint, tmp_pat
                   "PUT manifest if-match", "PUT lease if-match", "DELETE wal", "LIST"):
         assert s["by_label"][label] > 0, (label, s["by_label"])
     assert set(s["by_kind"]) == set(CI_KINDS) and set(CI_KINDS) <= set(KINDS)
-    assert s["fired"] == s["runs"], s["unfired"]
+    # a faulted run makes about as many requests as the healthy one, not always as many
+    # (background shipping batches by timing): a fault numbered near the healthy run's last
+    # request may find its run ended (CI saw #83 of 84 unfired); one earlier never may
+    tail = s["requests"] - max(5, s["requests"] // 10)
+    early = [u for u in s["unfired"] if int(u.split()[0].lstrip("#")) <= tail]
+    assert early == [] and s["fired"] >= s["runs"] - 1, (s["requests"], s["unfired"])
     assert s["broken"] == [], "\n".join(f"{b['hit']}: {b['errors']}" for b in s["broken"])
 
 
