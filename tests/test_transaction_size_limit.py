@@ -18,7 +18,7 @@ import pytest
 
 import walstore
 from walstore.codec import MAX_TXN_WRITE_BYTES, MAX_VALUE_BYTES
-from walstore.engine.recovery import MAX_OPEN_TXN_BYTES
+from walstore.log.records import MAX_OPEN_TXN_BYTES
 
 BIG = b"x" * (MAX_VALUE_BYTES - 1024)  # a value within the per-value limit
 
@@ -182,3 +182,44 @@ def test_an_undo_too_big_for_one_transaction_undoes_nothing(small_bound, tmp_pat
         assert [a.state for a in s.actions()] == ["committed"] * 8
         s.revert(txids[-1])  # one at a time fits: its compensation runs with it
         assert len(refunds) == 1 and s.get("u3/0000") == "v" * 400
+
+
+def test_every_reader_of_the_log_bounds_a_transaction_s_chunks(tmp_path, monkeypatch):
+    """Recovery bounded the WRITES chunks it buffers for one transaction (a damaged log,
+    chunks whose COMMIT never comes, must not exhaust memory: promise 8); ``verify`` read
+    them without a bound.  Every reader now takes the bound of log.records; lowered here,
+    a 12 MiB write set (three chunks) passes it."""
+    from walstore.log import records
+    from walstore.ops.verify import verify_store
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        with s.transaction() as tx:
+            for i in range(12):
+                tx.put(f"k{i}", b"x" * (1024 * 1024))
+    assert verify_store(path).ok
+    monkeypatch.setattr(records, "MAX_OPEN_TXN_BYTES", 2 * 1024 * 1024)
+    rep = verify_store(path)
+    assert not rep.ok and any("exceeds 2097152 bytes of writes" in e for e in rep.errors), \
+        rep.errors
+
+
+def test_a_prepare_whose_read_set_cannot_be_logged_is_refused_and_the_tx_goes_on(
+        tmp_path, monkeypatch):
+    """A prepared transaction's PREPARE record carries the keys it read; past the record
+    limit the prepare raised a bare ValueError about a payload.  Now TransactionTooLarge
+    says why, nothing is logged or held, and the transaction can still commit (the record
+    limit lowered here: 1.2 million keys read pass the real one)."""
+    from walstore.engine import journal
+    monkeypatch.setattr(journal, "MAX_PAYLOAD", 256 * 1024)
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            tx.update({f"key-{i:08}": i for i in range(20000)})
+        tx = s.transaction()
+        total = sum(tx.get(f"key-{i:08}") for i in range(20000))
+        tx.put("total", total)
+        with pytest.raises(walstore.TransactionTooLarge, match="20,000 keys"):
+            tx.prepare("g1")
+        assert s.prepared() == [] and s.decision("g1") is None
+        tx.put("after", 1)  # still open, not prepared
+        tx.commit()
+        assert s.get("total") == total and s.get("after") == 1

@@ -34,7 +34,7 @@ MAX_META_BYTES = 1024 * 1024
 MAX_ACTION_BYTES = 24 * 1024 * 1024
 # the writes of one transaction, counted as ``log.records.chunk_writes`` counts them (key,
 # value, WRITE_OVERHEAD bytes each), refused at the put that would pass it: recovery takes
-# back at most 512 MiB of one transaction's WRITES chunks (engine.recovery's
+# back at most 512 MiB of one transaction's WRITES chunks (log.records'
 # MAX_OPEN_TXN_BYTES, the bound that keeps a damaged log from exhausting memory), and a
 # bigger commit was acknowledged, then could not be recovered after a crash
 MAX_TXN_WRITE_BYTES = 480 * 1024 * 1024

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from ..codec import pack
+from ..errors import TransactionTooLarge
 from ..log import records
 from ..log.format import MAX_PAYLOAD, RecordType
 from ..log.records import Event
@@ -112,7 +113,16 @@ class Journal:
     def append_prepare(self, txid: int, writes: list, body: dict) -> Event:
         """Append a PREPARE: its writes chunked as a commit's are (WRITES records just
         before it), so any write set a commit takes can be prepared."""
-        chunks, payload = _split(pack(body), writes)
+        packed_body = pack(body)
+        if len(packed_body) > MAX_PAYLOAD - 64:  # (its writes all in chunks, still too big)
+            raise TransactionTooLarge(
+                f"transaction {txid} cannot be prepared: its PREPARE record would carry "
+                f"{len(packed_body):,} bytes besides its writes (mostly the keys and ranges "
+                f"it read, {len(body.get('r', ())):,} keys, which a prepared transaction "
+                f"keeps to validate against), at most {MAX_PAYLOAD - 64:,}: read fewer keys "
+                f"(a scan counts as one range) or commit it without prepare; nothing was "
+                f"written, the transaction is still open")
+        chunks, payload = _split(packed_body, writes)
         with self.lock:
             start = self._append_chunks(txid, chunks)
             lsn, end = self.wal.append(RecordType.PREPARE, payload)

@@ -50,7 +50,6 @@ from .lmdb_state import LmdbState, from_u64, read_chunk, u64
 
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 REDO_BATCH = 2000
-MAX_OPEN_TXN_BYTES = 512 * 1024 * 1024  # bound on one uncommitted transaction's chunks
 _ENDS = frozenset({RecordType.COMMIT, RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
 # the records of a transaction's write set: its WRITES chunks, then its COMMIT or PREPARE
 _CHUNKED = frozenset({RecordType.WRITES, RecordType.COMMIT, RecordType.PREPARE})
@@ -159,7 +158,7 @@ class Recovery:
         # transaction as ``applied``; every commit's since 4481ba1), so one it does not
         # hold below ``applied`` means that LSN is wrong
         self._anchor_lsn = self._anchor[0] if self._anchor is not None else None
-        self._assembler = records.CommitAssembler(MAX_OPEN_TXN_BYTES)
+        self._assembler = records.CommitAssembler()
         self._early: dict[int, list] = {}  # txid -> raw write lists of chunks before applied
         self._new_segment_at: int | None = None
         self._end: tuple[int, int, int] | None = None  # (segment start, offset, LSN)

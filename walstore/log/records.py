@@ -245,6 +245,13 @@ def chunk_writes(writes: list, chunk_bytes: int) -> list[list]:
     return chunks
 
 
+# what one transaction's WRITES chunks not yet joined to their COMMIT or PREPARE may take
+# in a reader's memory (payload bytes): every reader of the log (recovery, verify,
+# followers) refuses past it, so a damaged log (chunks whose COMMIT never comes) cannot
+# exhaust memory; writers refuse a write set past codec.MAX_TXN_WRITE_BYTES, below it
+MAX_OPEN_TXN_BYTES = 512 * 1024 * 1024
+
+
 class CommitAssembler:
     """Turns the stream of records into Events: joins WRITES chunks to their COMMIT (or
     PREPARE: a prepare's writes are chunked the same way; a store written before that has
@@ -261,14 +268,14 @@ class CommitAssembler:
         self.chunks: dict[int, list] = {}
         self.sizes: dict[int, int] = {}
         self.starts: dict[int, int] = {}  # txid -> LSN of its first buffered chunk
-        self.max_bytes = max_bytes
+        self.max_bytes = MAX_OPEN_TXN_BYTES if max_bytes is None else max_bytes
 
-    def feed(self, rtype: int, lsn: int, end: int, body: dict, payload_len: int = 0
+    def feed(self, rtype: int, lsn: int, end: int, body: dict, payload_len: int
              ) -> Event | None:
         txid = txid_of(body) if rtype in TX_RECORDS else -1
         if rtype == _WRITES:
             size = self.sizes.get(txid, 0) + payload_len
-            if self.max_bytes is not None and size > self.max_bytes:
+            if size > self.max_bytes:
                 raise ValueError(f"transaction {txid} exceeds {self.max_bytes} bytes of writes")
             self.sizes[txid] = size
             self.starts.setdefault(txid, lsn)

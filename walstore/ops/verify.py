@@ -173,7 +173,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
                                   f"its meta row is damaged")
             try:
                 ev = assembler.feed(item.type, item.lsn, item.end_lsn,
-                                    records.decode(item.payload))
+                                    records.decode(item.payload), len(item.payload))
             except ValueError as e:
                 rep.errors.append(f"record at LSN {item.lsn} (offset {item.offset}): {e}")
                 continue
