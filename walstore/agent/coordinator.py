@@ -176,7 +176,7 @@ class Atomic:
                     i, tx = todo[0]
                     if tx.state == ACTIVE:
                         try:
-                            tx.__exit__(type(cause), cause, cause.__traceback__)
+                            tx.rollback_on(cause)
                         except UnknownGid as e:
                             if tx.state != ROLLED_BACK:  # (else: rolled back by another
                                 problems.append((i, e))    # caller, resolve_atomic: the

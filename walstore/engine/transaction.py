@@ -155,7 +155,8 @@ class Savepoint:
 
 
 class Transaction:
-    """A unit of work; commit on ``with`` exit, roll back on an exception."""
+    """A unit of work; commit on ``with`` exit, roll back on an exception (a prepared one
+    is left in doubt for its coordinator: see ``__exit__``)."""
 
     # the write set's size as MAX_TXN_WRITE_BYTES counts it is bounded at each write:
     # ``_write_bytes`` is an upper bound of it (each write adds its key and value, a
@@ -242,14 +243,14 @@ class Transaction:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if self.state != ACTIVE:
             return False
+        if self.gid is not None:
+            # prepared (it voted yes): only the coordinator decides — ``commit()`` /
+            # ``rollback()`` or the store's ``commit_prepared`` / ``rollback_prepared``.
+            # The block's end leaves it in doubt, an exception included (it committed
+            # here, deciding for a coordinator that might still abort the others)
+            return False
         if exc_type is not None:
-            with self._end_lock:
-                if self._ending is None and self.state == ACTIVE:
-                    self._ending = "rolled back"
-                    try:
-                        self._rollback(exc)
-                    finally:
-                        self._ending = None
+            self.rollback_on(exc)
         else:
             try:
                 self.commit()
@@ -263,6 +264,18 @@ class Transaction:
                         self.rollback()
                 raise
         return False
+
+    def rollback_on(self, cause: BaseException) -> None:
+        """Roll back because of ``cause``, as a ``with`` block ending on it does (a
+        CompensationFailed chains it), a prepared transaction too (its coordinator
+        deciding abort: ``atomic``); nothing when it already ended."""
+        with self._end_lock:
+            if self._ending is None and self.state == ACTIVE:
+                self._ending = "rolled back"
+                try:
+                    self._rollback(cause)
+                finally:
+                    self._ending = None
 
     def _check_active(self) -> None:
         if self.state != ACTIVE:
