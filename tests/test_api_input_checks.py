@@ -167,3 +167,16 @@ def test_the_flags_of_actions_and_retry_compensations_are_bools(store):
         store.retry_compensations(include_held="no")
     assert [a.name for a in store.actions(pending=False)] == ["charge"]
     assert store.actions(pending=True) == [] and store.retry_compensations() == []
+
+
+def test_a_kept_txid_that_never_committed_is_an_unknown_point(store):
+    """``rewind(include=)`` refused a txid that never committed; ``keep=`` took it and
+    kept nothing (a typo meant the transaction meant to be kept was undone)."""
+    point = store.restore_point("p")
+    with store.transaction() as tx:
+        tx.put("a", 1)
+    with pytest.raises(walstore.UnknownPoint, match="999"):
+        store.rewind(point, keep=[tx.id, 999])
+    assert store.get("a") == 1  # nothing changed
+    assert store.rewind(point, keep=[tx.id]) is None  # (kept: nothing left to undo)
+    assert store.get("a") == 1

@@ -643,7 +643,8 @@ class Store:
         and actions); one that wrote a key an undone transaction wrote before it raises
         RevertConflict, nothing changed.  ``include``: txids of transactions at or before
         ``to`` undone too, in the same transaction (the commits between them and ``to``
-        are kept, as ``keep`` keeps; a txid that never committed raises UnknownPoint)."""
+        are kept, as ``keep`` keeps).  A txid in either that never committed raises
+        UnknownPoint, nothing changed."""
         self._engine.check_open()
         self._finishing.enter()
         try:

@@ -195,8 +195,8 @@ class Undo:
         if kept & also:
             raise ValueError(f"transactions {sorted(kept & also)} are both kept and included")
         self.history.resolve(to)  # UnknownPoint/HistoryTrimmed before anything begins
-        for txid in sorted(also):
-            self.history.txn_info(txid)  # UnknownPoint (never committed) before anything
+        for txid in sorted(also | kept):  # (a kept txid that never committed: a typo
+            self.history.txn_info(txid)  # kept nothing) UnknownPoint before anything
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
             with os_errors_as_store_errors():
                 return self._rewind_once(to, scope, True, force, self._snapshot(), kept,
