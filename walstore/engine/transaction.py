@@ -37,6 +37,7 @@ import weakref
 
 from _thread import RLock as _RLock
 from collections.abc import Iterable, Mapping
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, check_meta, decode_key, \
@@ -46,6 +47,7 @@ from ..errors import (CommitOutcomeUnknown, CorruptionError, TransactionClosed,
 from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
+from .keyindex import KeyIndex
 from .tables import row_damaged
 from .pipeline import CommitRequest
 
@@ -165,6 +167,9 @@ class Transaction:
     # counted exactly from then on (``_count_exactly``, a lookup per write).  (A class
     # attribute: the instance's dict stays small; an attribute more costs every put.)
     _write_trigger = MAX_TXN_WRITE_BYTES
+    # the write set's key order for scans, made by the first scan of a large write set
+    # (``_writes_in``); dropped when keys leave the write set (``rollback_to``)
+    _write_order: "_WriteOrder | None" = None
 
     # ranges guarded against commits that land after the snapshot, as a scan's are, but
     # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
@@ -343,7 +348,7 @@ class Transaction:
         self._check_active()
         lo, hi = scan_bounds(prefix, start, end, reverse)
         self.read_ranges.append((lo, hi))
-        mine = {k: v for k, v in self._writes.items() if k >= lo and (hi is None or k < hi)}
+        mine = self._writes_in(lo, hi)
         committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
         for k, v in _overlay(committed, mine, reverse):
             try:
@@ -351,6 +356,20 @@ class Transaction:
             except CorruptionError as e:
                 raise row_damaged("data", k, e, self._engine.state.data_file) from e
             yield item
+
+    def _writes_in(self, lo: bytes, hi: bytes | None) -> dict[bytes, bytes | None]:
+        """This transaction's writes in [lo, hi): a pass over a small write set, else a
+        range of its key order (``_WriteOrder``), so a scan beside 100,000 writes costs
+        what it reads, not the write set (it cost ~7 ms a scan)."""
+        writes = self._writes
+        if len(writes) <= _SMALL_WRITE_SET:
+            return {k: v for k, v in writes.items() if k >= lo and (hi is None or k < hi)}
+        order = self._write_order
+        if order is None:
+            order = self._write_order = _WriteOrder(writes)
+        else:
+            order.catch_up(writes)
+        return {k: writes[k] for k in order.keys.range(lo, hi)}
 
     # ---- writes --------------------------------------------------------------------------
     def put(self, key: Key, value: Any) -> None:
@@ -511,6 +530,7 @@ class Transaction:
                         - _entry_bytes(k, self._writes.get(k, _MISSING))
                 if prev is _MISSING:
                     self._writes.pop(k, None)
+                    self.__dict__.pop("_write_order", None)  # (keys only ever added)
                 else:
                     self._writes[k] = prev
             for gone in self._savepoints[i + 1:]:
@@ -869,10 +889,35 @@ class Transaction:
         self._writes = {}
         self._write_bytes = 0
         self.__dict__.pop("_write_trigger", None)
+        self.__dict__.pop("_write_order", None)
         self._undo.clear()
 
     def __repr__(self) -> str:
         return f"<Transaction {self.id} {self.state}>"
+
+
+_SMALL_WRITE_SET = 256  # a scan passes over a write set this small (no order kept)
+
+
+class _WriteOrder:
+    """A transaction's written keys in order (``keys``, a KeyIndex), kept up to date
+    without a cost on the put path: a dict keeps its keys in insertion order and a write
+    set only gains keys while this lives (a rollback_to that takes one out drops it), so
+    the keys put since the last scan are the dict's last ``len(writes) - count``."""
+
+    __slots__ = ("keys", "count")
+
+    def __init__(self, writes: dict[bytes, Any]) -> None:
+        self.keys = KeyIndex(writes, distinct=True)
+        self.count = len(writes)
+
+    def catch_up(self, writes: dict[bytes, Any]) -> None:
+        new = len(writes) - self.count
+        if new:
+            add = self.keys.add
+            for k in islice(reversed(writes), new):
+                add(k)
+            self.count = len(writes)
 
 
 def _overlay(base: Iterator[tuple[bytes, bytes]], mine: dict[bytes, bytes | None],
