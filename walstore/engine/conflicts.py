@@ -21,6 +21,7 @@ holding one of their writes, until they are decided (serializability across the 
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,34 @@ def _in_ranges(key: bytes, ranges) -> bool:
     return any(key >= lo and (hi is None or key < hi) for lo, hi in ranges)
 
 
+class RangeSet:
+    """Key ranges [lo, hi) (``hi`` None: no bound) merged and sorted once, so a key is
+    tested against all of them by one bisect: a transaction that scanned 10,000 ranges
+    tested each key written since its snapshot against every one (10,000 commits since:
+    a 7 s commit, under the commit lock)."""
+
+    __slots__ = ("los", "his")
+
+    def __init__(self, ranges) -> None:
+        los: list[bytes] = []
+        his: list[bytes | None] = []
+        for lo, hi in sorted(ranges, key=lambda r: r[0]):
+            if los and (his[-1] is None or lo <= his[-1]):  # overlaps or touches the last
+                if his[-1] is not None and (hi is None or hi > his[-1]):
+                    his[-1] = hi
+            elif hi is None or lo < hi:  # (an empty range holds nothing)
+                los.append(lo)
+                his.append(hi)
+        self.los, self.his = los, his
+
+    def __contains__(self, key: bytes) -> bool:
+        i = bisect_right(self.los, key) - 1
+        return i >= 0 and (self.his[i] is None or key < self.his[i])
+
+    def __bool__(self) -> bool:
+        return bool(self.los)
+
+
 class ConflictChecker:
     def __init__(self, state: LmdbState, memtable: MemTable) -> None:
         self.state = state
@@ -94,9 +123,10 @@ class ConflictChecker:
         mt = self.memtable
         stale = [k for k in reads.keys if mt.last_write(k) >= p]
         if not stale:
+            ranged = RangeSet(reads.ranges) if reads.ranges else None
             for e in mt.commits_since(p):
-                if reads.ranges:
-                    hit = next((k for k, _v in e.writes if _in_ranges(k, reads.ranges)), None)
+                if ranged:
+                    hit = next((k for k, _v in e.writes if k in ranged), None)
                     if hit is not None:
                         stale.append(hit)
                         break
@@ -132,14 +162,15 @@ class ConflictChecker:
                                 b"last_purge", st) >= since
         if not stale and (reads.ranges or purged_since or reads.scopes
                           or reads.fence is not None or reads.files):
+            ranged = RangeSet(reads.ranges)
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):
                 raw = txn.get(txid_raw, db=st.txns)
                 if raw is None:
                     continue
                 row = tables.unpack_row(raw, "txns", txid_raw, st.data_file)
-                hit = (next((k for k, _n in row.get("w", ()) if _in_ranges(k, reads.ranges)),
-                            None) or _purge_hit(row.get("purge_range"), reads))
+                hit = (next((k for k, _n in row.get("w", ()) if k in ranged), None)
+                       if ranged else None) or _purge_hit(row.get("purge_range"), reads)
                 if hit is not None:
                     stale.append(hit)
                     break
@@ -306,7 +337,7 @@ class PreparedSet:
         self._held: dict[bytes, set[str]] = {}
         self._written: dict[bytes, set[str]] = {}  # key -> the gids that wrote it
         self._order = KeyIndex()  # the keys of ``_written``, in order
-        self._ranged: dict[str, list] = {}  # gid -> its read ranges (those with some)
+        self._ranged: dict[str, RangeSet] = {}  # gid -> its read ranges (those with some)
         self._txids: dict[int, int] = {}  # txid -> its prepared gids (how many)
 
     def __contains__(self, gid: str) -> bool:
@@ -327,7 +358,7 @@ class PreparedSet:
                 self._order.add(k)
             gids.add(p.gid)
         if p.read_ranges:
-            self._ranged[p.gid] = list(p.read_ranges)
+            self._ranged[p.gid] = RangeSet(p.read_ranges)
         self._txids[p.txid] = self._txids.get(p.txid, 0) + 1
 
     def remove(self, gid: str) -> Prepared:
@@ -384,7 +415,7 @@ class PreparedSet:
         if writes:
             for gid, read_ranges in self._ranged.items():
                 if gid != mine:
-                    out += [(k, gid) for k in writes if _in_ranges(k, read_ranges)]
+                    out += [(k, gid) for k in writes if k in read_ranges]
         if out:
             names = list(dict.fromkeys(_show(k) for k, _g in out))[:5]  # (once each)
             gids = sorted({g for _k, g in out})
