@@ -180,3 +180,26 @@ def test_a_kept_txid_that_never_committed_is_an_unknown_point(store):
     assert store.get("a") == 1  # nothing changed
     assert store.rewind(point, keep=[tx.id]) is None  # (kept: nothing left to undo)
     assert store.get("a") == 1
+
+
+def test_an_action_without_compensation_after_rollback_and_after_revert(store):
+    """(README, action states) rolled back it never committed: ``resolved``, nothing owed;
+    its committed transaction reverted, its effect still stands in the world: ``committed``,
+    never listed pending, while a declared compensation of the same transaction runs."""
+    refunds = []
+    store.compensator("refund")(lambda a: refunds.append(a.id))
+    tx = store.transaction()
+    with tx.action("notify") as rolled:
+        pass
+    tx.rollback()
+    with store.transaction() as tx:
+        tx.put("k", 1)
+        with tx.action("notify") as kept:
+            pass
+        with tx.action("charge", compensate="refund") as charged:
+            pass
+    store.revert(tx.id)
+    assert store.get_action(rolled.id).state == "resolved"
+    assert store.get_action(kept.id).state == "committed"
+    assert store.get_action(charged.id).state == "compensated" and refunds == [charged.id]
+    assert store.pending_compensations() == [] and store.get("k") is None
