@@ -57,6 +57,10 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 _MISSING = object()
+# what an action a rollback to a savepoint took out still adds to the COMMIT (its id, in
+# ``crossed``), counted in MAX_ACTION_BYTES in place of its ``commit_bytes``
+CROSSED_ID_BYTES = 64
+ACTIVE, COMMITTED, ROLLED_BACK, UNKNOWN = "active", "committed", "rolled back", "outcome unknown"
 
 
 def _entry_bytes(k: bytes, v: Any) -> int:
@@ -65,10 +69,6 @@ def _entry_bytes(k: bytes, v: Any) -> int:
     if v is _MISSING:
         return 0
     return len(k) + WRITE_OVERHEAD + (len(v) if v is not None else 0)
-# what an action a rollback to a savepoint took out still adds to the COMMIT (its id, in
-# ``crossed``), counted in MAX_ACTION_BYTES in place of its ``commit_bytes``
-CROSSED_ID_BYTES = 64
-ACTIVE, COMMITTED, ROLLED_BACK, UNKNOWN = "active", "committed", "rolled back", "outcome unknown"
 
 
 class TransactionHooks(Protocol):
