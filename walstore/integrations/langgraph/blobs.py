@@ -220,8 +220,11 @@ class BlobCodec:
         return self.serde.loads_typed((type_, data))
 
     def squeeze(self, data: bytes) -> bytes | list:
-        """``data``, or ``[zlib(data), len(data)]`` when compression saves a tenth."""
-        if not self.compress or len(data) < COMPRESS_MIN:
+        """``data``, or ``[zlib(data), len(data)]`` when compression saves a tenth.  Never
+        compressed past MAX_INFLATED, the length every reader refuses (``unsqueeze``): such
+        a value stays raw, and the store refuses it at the put (over its value limit)
+        instead of storing what no read could inflate."""
+        if not self.compress or not COMPRESS_MIN <= len(data) <= MAX_INFLATED:
             return data
         z = zlib.compress(data, 6)
         return [z, len(data)] if len(z) <= len(data) * 0.9 else data
