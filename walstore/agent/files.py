@@ -316,6 +316,15 @@ class Files:
         scope = check_scope(scope)
         probe = Workspace(root, ignore, exclude=[self.engine.path], scope=scope)
         real = probe.root_b
+        if len(real) + 1 > MAX_ROOT_AND_PATH_BYTES:
+            # (the root is the ``workspaces`` table's LMDB key, and with each path the file
+            # history's: one past 511 bytes was logged, then failed the apply, and every
+            # open of the store after it; one past 498 leaves room for no path at all)
+            raise ValueError(f"workspace root {probe.root!r} is {len(real)} bytes long; a "
+                             f"root and a path in it are at most {MAX_ROOT_AND_PATH_BYTES} "
+                             f"bytes together (LMDB's keys are at most 511 bytes), so a "
+                             f"root is at most {MAX_ROOT_AND_PATH_BYTES - 1}; nothing was "
+                             f"registered")
         store = os.fsencode(os.path.realpath(self.engine.path))
         if real == store or real.startswith(store + b"/"):
             raise ValueError(f"workspace {probe.root!r} lies inside the store "
