@@ -62,10 +62,41 @@ if TYPE_CHECKING:
 
 _T = RecordType
 STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch: several)
+# ... and their rows' bytes per record, about: a step is at most ~9 KB (a 499-byte path and
+# two symlink rows of 4,095-byte targets), so 4,000 of them passed the 32 MiB record limit
+# (log.format.MAX_PAYLOAD) and the operation failed with a bare record-size error (a watch:
+# after the tool's changes, which were put back)
+STEP_CHUNK_BYTES = 4 << 20
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
 CLAIMS_SLACK = 4096        # stale path claims kept before a prune (see Files._claim)
 GC_AFTER_BYTES = 8 * 1024 * 1024  # before-image bytes that make a blob gc due (at least)
 MANIFEST_REFS_KEPT = 200_000  # blob names of saved manifests the gc keeps in memory (<= ~25 MB)
+
+
+def _step_chunks(steps: list) -> list[list]:
+    """The rows of ``steps`` cut into FILE_STEPS records: at most STEP_CHUNK steps and
+    about STEP_CHUNK_BYTES of rows each (a step's row is never cut)."""
+    chunks: list[list] = []
+    rows: list = []
+    size = 0
+    for c in steps:
+        row = c.to_row()
+        n = len(c.path) + _row_bytes(row[1]) + _row_bytes(row[2]) + 16
+        if rows and (len(rows) >= STEP_CHUNK or size + n > STEP_CHUNK_BYTES):
+            chunks.append(rows)
+            rows, size = [], 0
+        rows.append(row)
+        size += n
+    if rows:
+        chunks.append(rows)
+    return chunks
+
+
+def _row_bytes(entry_row: Any) -> int:
+    """About what an Entry row packs to (its strings and bytes, 9 bytes per other item)."""
+    if not isinstance(entry_row, (list, tuple)):
+        return 16
+    return sum(len(x) if isinstance(x, (str, bytes)) else 9 for x in entry_row)
 
 
 @dataclass(eq=False)
@@ -431,13 +462,13 @@ class Files:
         self._count_blob_bytes()
         tx.logged = True
         lsns = []
-        for i in range(0, len(steps), STEP_CHUNK):
-            chunk = steps[i:i + STEP_CHUNK]
-            body = {"tx": tx.id, "ws": ws.root_b, "op": op,
-                    "steps": [c.to_row() for c in chunk], "ts": self.engine.clock()}
+        chunks = _step_chunks(steps)
+        for i, rows in enumerate(chunks):
+            body = {"tx": tx.id, "ws": ws.root_b, "op": op, "steps": rows,
+                    "ts": self.engine.clock()}
             if watch is not None:
                 body["watch"] = watch
-            last = i + STEP_CHUNK >= len(steps)
+            last = i == len(chunks) - 1
             ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable and last)
             lsns.append(ev.lsn)
         # retention moved the horizon since the last blob gc, or enough before-images were
