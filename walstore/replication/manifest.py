@@ -38,8 +38,8 @@ import time
 import msgpack
 
 from ..errors import ReplicationError
-from .targets import REPLICA_DIRS, ObjectStore, PreconditionFailed, TargetError, \
-    in_replica_layout
+from .targets import REPLICA_DIRS, ManifestTooLarge, ObjectStore, PreconditionFailed, \
+    TargetError, in_replica_layout
 
 MANIFEST_KEY = "manifest"
 FORMAT = 1
@@ -86,12 +86,24 @@ class Manifest:
     def encode(self) -> bytes:
         return msgpack.packb(self.doc, use_bin_type=True)
 
-    def save(self, target: ObjectStore, writer: dict) -> None:
-        """Write this version conditionally; PreconditionFailed when another writer did."""
+    def save(self, target: ObjectStore, writer: dict, max_bytes: int | None = None) -> None:
+        """Write this version conditionally; PreconditionFailed when another writer did.
+        ``max_bytes``: the readers' bound (``max_manifest_bytes``): a larger manifest is
+        not written (ManifestTooLarge): one was, and then no restore, and no shipper of the
+        next open, could read the replica again."""
         self.doc["seq"] += 1
         self.doc["updated"] = time.time()
         self.doc["writer"] = writer
         data = self.encode()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ManifestTooLarge(
+                f"the replica's manifest would be {len(data):,} bytes, over max_manifest_bytes "
+                f"({max_bytes:,}), the bound its readers refuse past: not written (the replica "
+                f"keeps its last manifest; nothing ships past it). It lists "
+                f"{len(self.doc['points']):,} restore point(s), dropped ones kept for "
+                f"restores to times before the drop, {len(self.doc['wal']):,} WAL object(s) "
+                f"and {len(self.doc['snapshots']):,} snapshot(s) within retention: shorten "
+                f"retention, or raise max_manifest_bytes (for restores too)")
         try:
             if self.etag is None:
                 self.etag = target.put(MANIFEST_KEY, data, if_none_match=True)

@@ -48,8 +48,9 @@ from .lease import LEASE_KEY, MAX_LEASE_BYTES, Lease, LeaseLost, Refused, _pid_a
     describe, holder_info
 from .manifest import MANIFEST_KEY, Manifest, decode as decode_manifest
 from .options import ReplicateOptions
-from .targets import (NOT_MODIFIED, REPLICA_DIRS, ObjectStore, PreconditionFailed, TargetError,
-                      WatchedTarget, display_url, open_target)
+from .targets import (NOT_MODIFIED, REPLICA_DIRS, ManifestTooLarge, ObjectStore,
+                      PreconditionFailed, TargetError, WatchedTarget, display_url,
+                      open_target)
 
 IN_MEMORY_OBJECT = 8 << 20   # WAL objects up to this size are built in memory, larger spooled
 SAVE_EVERY = 5.0             # a long round writes the manifest at least this often
@@ -357,7 +358,7 @@ class Shipper:
         for good as "lease-lost" to a dead process (probe-repl2)."""
         for _ in range(5):
             try:
-                m.save(self.target, self.holder)
+                m.save(self.target, self.holder, self.opts.max_manifest_bytes)
                 return m
             except PreconditionFailed:
                 self._still_holding("the manifest changed while this writer fenced it")
@@ -609,18 +610,27 @@ class Shipper:
         so a round that found nothing new to ship would otherwise never write it)."""
         self._unsaved = True
         self._note_complete()
-        self._save_once()
+        try:
+            self._save_once()
+        except ManifestTooLarge:
+            # retention first (it runs later in a round, and this save comes first in the
+            # next one: a manifest retention would bring under the bound stayed unsaved
+            # for good); what it drops goes to the trash, deleted only after this save
+            m, now = self.manifest, time.time()
+            m.to_trash(m.retention(now, self.opts.retention_seconds,
+                                   self.opts.retain_snapshots), now)
+            self._save_once()  # (still too large: ManifestTooLarge, the round fails)
         self._unsaved = False
         self._complete_saved = self.manifest.doc.get("complete_to")
 
     def _save_once(self) -> None:
         try:
-            self.manifest.save(self.target, self.holder)
+            self.manifest.save(self.target, self.holder, self.opts.max_manifest_bytes)
         except PreconditionFailed:
             got = Manifest.load(self.target, self.opts.max_manifest_bytes)
             if got is not None and (got.doc.get("writer") or {}).get("id") == self.token:
                 self.manifest.etag = got.etag  # our own earlier write landed unanswered
-                self.manifest.save(self.target, self.holder)
+                self.manifest.save(self.target, self.holder, self.opts.max_manifest_bytes)
                 return
             if got is None:  # (on S3 an If-Match on a missing key: 404, taken as lost)
                 raise LeaseLost(f"the manifest of {self.url} was deleted under this writer; "
@@ -636,7 +646,7 @@ class Shipper:
                                 f"(process {who.get('pid', '?')} on host "
                                 f"{who.get('host', '?')})")
             self.manifest.etag = got.etag
-            self.manifest.save(self.target, self.holder)
+            self.manifest.save(self.target, self.holder, self.opts.max_manifest_bytes)
 
     # ---- how far a time restore may go -------------------------------------------------
     def _complete_candidate(self) -> None:

@@ -50,6 +50,16 @@ class TargetError(ReplicationError):
         self.transient = transient
 
 
+class ManifestTooLarge(TargetError):
+    """A manifest the shipper would write is larger than ``max_manifest_bytes``, the
+    bound every reader of it (a restore, the next shipper) refuses past: it is not
+    written (the replica keeps its last one, under the bound), and the round fails until
+    retention trims it or the bound is raised.  Not transient."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 class PreconditionFailed(TargetError):
     """A conditional write lost: the key exists (If-None-Match) or changed (If-Match)."""
 
