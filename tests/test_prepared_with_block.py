@@ -76,3 +76,14 @@ def test_a_prepare_that_fails_is_not_left_in_doubt(store):
             t2.put("b", 1)
             t2.prepare("g1")
     assert t2.state == "rolled back" and store.prepared() == []
+
+
+def test_store_run_commits_a_transaction_its_function_prepared(store):
+    """``store.run(fn)`` is "call fn(tx) in a transaction and commit": calling it decides."""
+    def move(tx):
+        tx.put("a", 1)
+        tx.prepare("g-run")
+        return "done"
+    assert store.run(move) == "done"
+    assert store.prepared() == [] and store.decision("g-run") == "commit"
+    assert store.get("a") == 1

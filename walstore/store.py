@@ -507,7 +507,9 @@ class Store:
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
             backoff: float = 0.005, scope: Any = None) -> Any:
         """Call ``fn(tx)`` in a transaction and commit; retry on ConflictError (at most
-        ``retries`` times, after ``backoff`` seconds doubling each time, with jitter)."""
+        ``retries`` times, after ``backoff`` seconds doubling each time, with jitter).  A
+        transaction ``fn`` prepared is committed too (calling ``run`` decides it: a
+        ``with`` block alone leaves a prepared one in doubt)."""
         if not isinstance(retries, int) or isinstance(retries, bool):
             raise TypeError(f"retries must be an int, not {retries!r:.80}")
         if retries < 0:
@@ -522,6 +524,8 @@ class Store:
             try:
                 with tx:
                     result = fn(tx)
+                    if tx.gid is not None:  # (prepared by ``fn``: run's commit decides it)
+                        tx.commit()
                 return result
             except ConflictError:
                 attempt += 1
