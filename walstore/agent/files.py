@@ -901,6 +901,7 @@ class Files:
                                            tx.id, durable=True)
                 self._manifests[ws.root_b] = m0
                 w = OpenWatch(ws, m0, digest, ev.lsn, tx.id)
+                tx.note_inner_blocker(w)  # (a savepoint taken now is inside it)
                 tx.effects.append(w)
                 self._watching[ws.root_b] = w
             handle = Watch(ws)
