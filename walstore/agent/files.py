@@ -361,20 +361,19 @@ class Files:
             raise ValueError(f"workspace {probe.root!r} lies inside the store "
                              f"{self.engine.path!r}")
         with self._lock:
-            rows = self.rows()
-            row = rows.get(real)
-            if row is not None:
+            views = self.engine.views
+            row = views.workspace_row(real)  # (its row alone: reading every workspace's
+            if row is not None:              # made N registrations cost N^2)
                 ws = self._from_row(row)
                 same_ignore = ignore is None or list(probe.ignore.sources) == list(
                     ws.ignore.sources)
                 same_scope = scope is None or scope == ws.scope
                 if same_ignore and same_scope:
                     return ws
-            for other in rows:
-                if other != real and (other.startswith(real + b"/")
-                                      or real.startswith(other + b"/")):
-                    raise ValueError(f"workspace {probe.root!r} overlaps the registered "
-                                     f"workspace {os.fsdecode(other)!r}")
+            other = views.workspace_overlapping(real)
+            if other is not None:
+                raise ValueError(f"workspace {probe.root!r} overlaps the registered "
+                                 f"workspace {os.fsdecode(other)!r}")
             self.engine.check_writable()
             new_ignore = list(probe.ignore.sources) if ignore is not None or row is None \
                 else list(row.get("ignore") or ())
@@ -409,7 +408,7 @@ class Files:
         ws = self._registry.get(root)
         if ws is not None:
             return ws
-        row = self.rows().get(root)
+        row = self.engine.views.workspace_row(root)
         if row is None:
             raise ValueError(f"{os.fsdecode(root)!r} is not a registered workspace")
         return self._from_row(row)
@@ -428,7 +427,7 @@ class Files:
         real = os.path.realpath(os.path.abspath(os.fsencode(ws_or_root)))
         if real in self._registry:
             return self._registry[real]
-        row = self.rows().get(real)
+        row = self.engine.views.workspace_row(real)
         if row is not None:
             return self._from_row(row)
         if not register:
@@ -1058,7 +1057,7 @@ class Files:
         m = self._manifests.get(ws.root_b)
         if m is not None:
             return m
-        row = self.rows().get(ws.root_b) or {}
+        row = self.engine.views.workspace_row(ws.root_b) or {}
         digest = row.get("manifest")
         if digest and self.blobs.has(digest):
             with contextlib.suppress(ValueError, OSError, CorruptionError):

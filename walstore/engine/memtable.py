@@ -51,7 +51,10 @@ Invariants:
   COMMIT / ROLLBACK_PREPARED deciding it) and ``points`` (restore point name -> its
   RESTORE_POINT events): ``Views.decision``, ``point`` (each ``tx.prepare`` asks whether
   its gid was used, under the journal lock: a pass over the backlog made 20,000 two-phase
-  transactions in a row take 54 s).
+  transactions in a row take 54 s); and ``roots`` (workspace root -> its WORKSPACE and
+  WATCH_BEGIN events): ``Views.workspace_row``, ``workspace_overlapping`` (registering a
+  workspace, or looking one up by its path, read every workspace's row: 4,000
+  registrations took 17 s).
 """
 from __future__ import annotations
 
@@ -68,6 +71,7 @@ from .tables import actions_named
 
 _COMMIT = RecordType.COMMIT
 _POINT = RecordType.RESTORE_POINT
+_WS = frozenset({RecordType.WORKSPACE, RecordType.WATCH_BEGIN})
 _ROLLBACK_PREPARED = RecordType.ROLLBACK_PREPARED
 # A range read folds a backlog of noted keys larger than a quarter of the key index plus
 # this many by rebuilding the index from the live keys, not by adding them one by one.
@@ -90,6 +94,22 @@ def _event_lsn(event: Event) -> int:
 def point_name(event: Event) -> str:
     """The restore point a RESTORE_POINT event names (as ``Views.points`` reads it)."""
     return str(event.body.get("name", ""))
+
+
+def ws_root(event: Event) -> Any:
+    """The workspace root a WORKSPACE or WATCH_BEGIN event names (as
+    ``Views.workspace_rows`` reads it)."""
+    b = event.body
+    return b.get("root") if event.type == RecordType.WORKSPACE else b.get("ws")
+
+
+def root_parents(root: Any) -> list[bytes]:
+    """The directories above workspace root ``root`` that could be roots (each prefix
+    ending before a "/", the empty one aside): a root R overlaps ``root`` when R is one
+    of these, or ``root`` one of R's."""
+    if not isinstance(root, bytes):
+        return []
+    return [root[:i] for i in range(1, len(root)) if root[i] == 0x2F]
 
 
 def footprint(event: Event) -> int:
@@ -131,6 +151,11 @@ class MemTable:
         # and leave (``Views.decision``, ``point``, ``points``)
         self.decided: dict[str, list[Event]] = {}
         self.points: dict[str, list[Event]] = {}
+        # workspace root -> its WORKSPACE and WATCH_BEGIN events here, in LSN order
+        self.roots: dict[Any, list[Event]] = {}
+        # directory -> how many of those events name a root below it (``root_parents``):
+        # whether a root registered here lies under a directory is one lookup
+        self.under_roots: dict[bytes, int] = {}
         self.log_bytes = 0  # log bytes of the events here
         self.memory = 0  # their estimated memory (``footprint``: kept as they come and go)
         self.drops = 0  # batches dropped so far (counted before any version leaves)
@@ -172,6 +197,12 @@ class MemTable:
                 self.decided.setdefault(gid, []).append(event)
         elif t == _POINT:
             self.points.setdefault(point_name(event), []).append(event)
+        elif t in _WS:
+            root = ws_root(event)
+            self.roots.setdefault(root, []).append(event)
+            under = self.under_roots
+            for parent in root_parents(root):
+                under[parent] = under.get(parent, 0) + 1
         size = event.end - event.start
         self.log_bytes += size
         writes = event.writes  # (``footprint`` written out: every commit comes here)
@@ -268,16 +299,17 @@ class MemTable:
                     for aid in e.field("compensate", ()):
                         if self.claimed.get(aid) == e.txid:
                             del self.claimed[aid]
-            if e.type in _NAMING or e.type in _ENDS or e.type == _POINT:
+            if e.type in _NAMING or e.type in _ENDS or e.type == _POINT or e.type in _WS:
                 self._unindex(e, 0)
         self.log_bytes -= size
         self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
         if not self.events:  # every version here is in LMDB now: all leave at once
-            if (self.by_action or self.ends or self.commits or self.undos
-                    or self.decided or self.points):  # (nothing left to name: none lingers)
-                self.by_action, self.ends = {}, {}
+            if (self.by_action or self.ends or self.commits or self.undos or self.decided
+                    or self.points or self.roots or self.under_roots):  # (nothing left to
+                self.by_action, self.ends = {}, {}                  # name: none lingers)
                 self.commits, self.undos = {}, collections.deque()
-                self.decided, self.points = {}, {}
+                self.decided, self.points, self.roots = {}, {}, {}
+                self.under_roots = {}
             if self.versions:
                 self.versions = {}  # (readers see the old dict or the empty one)
             self._bound_index()
@@ -326,6 +358,17 @@ class MemTable:
                 lists.append((self.decided, gid))
         elif t == _POINT:
             lists = [(self.points, point_name(e))]
+        elif t in _WS:
+            root = ws_root(e)
+            if any(p.lsn == e.lsn for p in self.roots.get(root, ())):
+                under = self.under_roots
+                for parent in root_parents(root):
+                    n = under.get(parent, 0) - 1
+                    if n > 0:
+                        under[parent] = n
+                    else:
+                        under.pop(parent, None)
+            lists = [(self.roots, root)]
         else:
             return
         for index, key in lists:

@@ -16,7 +16,7 @@ from ..log.format import RecordType
 from ..log.records import Event
 from .apply import DECISION_PREFIX, PREPARED_PREFIX, owed_index_current
 from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
-from .memtable import MemTable
+from .memtable import MemTable, root_parents, ws_root
 from . import tables
 
 _T = RecordType
@@ -286,7 +286,7 @@ class Views:
         """Registered workspaces (root -> row), unapplied registrations and manifests
         folded in."""
         st = self.state
-        events = self._events(frozenset({_T.WORKSPACE, _T.WATCH_BEGIN}))  # (first: above)
+        events = self._workspace_events()  # (first: above)
         out = {k: tables.unpack_row(v, "workspaces", k, st.data_file)
                for k, v in st.scan(b"", None, db="workspaces")} \
             if st.workspaces is not None else {}
@@ -294,6 +294,67 @@ class Views:
             key = e.body.get("root") if e.type == _T.WORKSPACE else e.body.get("ws")
             out[key] = tables.workspace_row(e, out.get(key))
         return out
+
+    def _workspace_events(self, root: bytes | None = None) -> list[Event]:
+        """The published WORKSPACE and WATCH_BEGIN events here (of ``root`` alone when
+        given), each root's in LSN order: from ``MemTable.roots``, not a pass over every
+        unapplied event."""
+        mt = self.memtable
+        upto = mt.published
+        with mt.lock:  # (copies in C)
+            if root is None:
+                events = list(itertools.chain.from_iterable(mt.roots.values()))
+            else:
+                events = list(mt.roots.get(root, ()))
+        return [e for e in events if e.end <= upto]
+
+    def workspace_row(self, root: bytes) -> dict | None:
+        """The row of the workspace registered at ``root`` (None: none is), as
+        ``workspace_rows()`` gives it, without reading the others (registering or looking
+        up one workspace read every workspace's row: N registrations cost N^2)."""
+        events = self._workspace_events(root)  # (first: the events before LMDB)
+        st = self.state
+        out = None
+        if st.workspaces is not None and isinstance(root, bytes) and 0 < len(root) <= 511:
+            raw = st.get(root, "workspaces")
+            if raw is not None:
+                out = tables.unpack_row(raw, "workspaces", root, st.data_file)
+        for e in events:
+            out = tables.workspace_row(e, out)
+        return out
+
+    def workspace_overlapping(self, root: bytes) -> bytes | None:
+        """A registered workspace root other than ``root`` that lies under it or above it
+        (``other`` starts with ``root`` + "/", or ``root`` with ``other`` + "/"), or None:
+        the parents of ``root`` looked up and the roots under it scanned (rows are never
+        removed, so reading them in several transactions misses none)."""
+        mt = self.memtable
+        upto = mt.published
+        parents = root_parents(root)
+        with mt.lock:  # (first: the events before LMDB; the roots near ``root`` alone)
+            events = [e for p in parents for e in mt.roots.get(p, ())]
+            if root in mt.under_roots:  # (one lies below: which, found by a pass)
+                below = root + b"/"
+                events += [e for r, es in mt.roots.items()
+                           if isinstance(r, bytes) and r.startswith(below) for e in es]
+        for e in events:
+            if e.end <= upto:
+                return ws_root(e)
+        st = self.state
+        if st.workspaces is None:
+            return None
+        if len(root) < 511:  # (a longer one has no registered root under it: LMDB keys
+            it = st.scan(root + b"/", root + b"0", db="workspaces")  # stop at 511 bytes)
+            try:
+                first = next(it, None)
+            finally:
+                it.close()
+            if first is not None:
+                return first[0]
+        for parent in parents:
+            if len(parent) <= 511 and st.get(parent, "workspaces") is not None:
+                return parent
+        return None
 
     def unapplied_file_events(self) -> list[Event]:
         """FILE_STEPS and WATCH_BEGIN events not in LMDB yet (published or not): what a
