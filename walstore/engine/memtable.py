@@ -91,6 +91,10 @@ def _event_lsn(event: Event) -> int:
     return event.lsn
 
 
+def _version_lsn(version: tuple) -> int:
+    return version[0]
+
+
 def point_name(event: Event) -> str:
     """The restore point a RESTORE_POINT event names (as ``Views.points`` reads it)."""
     return str(event.body.get("name", ""))
@@ -398,12 +402,18 @@ class MemTable:
 
     # ---- reads (no lock) ----------------------------------------------------------------
     def visible(self, key: bytes, at: int) -> tuple[bool, bytes | None]:
-        """(found, value) of the newest version of ``key`` with LSN below ``at``."""
+        """(found, value) of the newest version of ``key`` with LSN below ``at``: the
+        newest one, or a bisect of the chain (in LSN order) — a walk back from the newest
+        made a transaction reading a hot key at its older snapshot pay for every version
+        committed since, on each read (2,000 reads beside 16,000 newer versions: 0.57 s)."""
         vs = self.versions.get(key)
         if vs is not None:
-            for lsn, v in reversed(vs):
-                if lsn < at:
-                    return True, v
+            lsn, v = vs[-1]
+            if lsn < at:
+                return True, v
+            i = bisect.bisect_left(vs, at, key=_version_lsn)
+            if i:
+                return True, vs[i - 1][1]
         return False, None
 
     def last_write(self, key: bytes) -> int:
