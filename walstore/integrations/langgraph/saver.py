@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import heapq
 import random
 import threading
 import time
@@ -505,10 +506,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             end = ns.checkpoint(before_id) if before_id else prefix_end(prefix)
             candidates = ((thread_id, ns_name, ns, k[len(prefix):].decode("utf-8"), rec)
                           for k, rec in self._scan_batched(prefix, end, reverse=True))
+        elif thread_id is not None:
+            # every namespace of the thread, each read newest first and merged by id: a
+            # ``limit`` reads about that many of each (all of the thread's checkpoints
+            # were read and sorted: ``list(thread, limit=5)`` beside 12,000 checkpoints
+            # took 0.34 s, and an agent listing its last few per turn paid N^2)
+            tp = self.keys.thread(thread_id)
+            candidates = heapq.merge(*(self._checkpoints_newest_first(tp, ns_part, before_id)
+                                       for ns_part in self._ns_parts(tp)),
+                                     key=lambda r: r[3], reverse=True)
         else:
-            threads = ([self.keys.thread(thread_id)] if thread_id is not None
-                       else self._thread_prefixes())
-            found = [row for tp in threads for row in self._checkpoints_of(tp)
+            found = [row for tp in self._thread_prefixes() for row in self._checkpoints_of(tp)
                      if not (before_id and row[3] >= before_id)]
             found.sort(key=lambda r: r[3], reverse=True)
             candidates = iter(found)
@@ -536,6 +544,34 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             ns_name, ns_part, cid = self.keys.parse_checkpoint(thread_prefix, k)
             yield (rec.get("t", parsed_thread), rec.get("n", ns_name),
                    Namespace(thread_prefix, ns_part), cid, rec)
+
+    def _ns_parts(self, thread_prefix: bytes) -> list[bytes]:
+        """The namespace parts of the thread's checkpoints, in key order: one short scan
+        per namespace (a part is self-delimiting: no other is a prefix of it)."""
+        prefix = self.keys.all_checkpoints(thread_prefix)
+        start, end = prefix, prefix_end(prefix)
+        parts = []
+        while True:
+            row = _first(self.store.scan(start=start, end=end))
+            if row is None:
+                return parts
+            _ns, ns_part, _cid = self.keys.parse_checkpoint(thread_prefix, row[0])
+            parts.append(ns_part)
+            start = prefix_end(prefix + ns_part)
+            if start is None:
+                return parts
+
+    def _checkpoints_newest_first(self, thread_prefix: bytes, ns_part: bytes,
+                                  before_id: str | None) -> Iterator[tuple]:
+        """``_checkpoints_of``'s rows of one namespace, newest first (by checkpoint id),
+        those before ``before_id`` alone when given."""
+        ns = Namespace(thread_prefix, ns_part)
+        prefix = ns.checkpoints()
+        end = ns.checkpoint(before_id) if before_id else prefix_end(prefix)
+        _tp, parsed_thread = self.keys.thread_of(thread_prefix)
+        for k, rec in self._scan_batched(prefix, end, reverse=True):
+            ns_name, _part, cid = self.keys.parse_checkpoint(thread_prefix, k)
+            yield (rec.get("t", parsed_thread), rec.get("n", ns_name), ns, cid, rec)
 
     def _thread_prefixes(self) -> Iterator[bytes]:
         """The prefix of every thread in the store: one short scan per thread."""
