@@ -79,7 +79,7 @@ class Applier:
         def body(txn) -> None:
             latest: dict[bytes, bytes | None] = {}
             hist_rows, bylsn_rows, txn_rows, new_keys = [], [], [], []
-            actions: dict[str, dict] = {}
+            actions = tables.ActionRows()  # (each transaction's rows found alone)
             max_txid = -1
             deletes = False  # whether ``latest`` holds a delete
             sorted_latest = False  # ``latest`` is one big commit's writes, in key order
@@ -556,7 +556,7 @@ def _advance_owed_stamp(txn, st, applied_end: int) -> None:
         txn.put(tables.OWED_STAMP, u64(applied_end), db=st.owed)
 
 
-def _row_getter(txn, st, pending: dict):
+def _row_getter(txn, st, pending: tables.ActionRows):
     def get(aid: str) -> dict | None:
         if aid in pending:
             return pending[aid]
@@ -566,7 +566,7 @@ def _row_getter(txn, st, pending: dict):
     return get
 
 
-def _rows_of_txid(txn, st, pending: dict):
+def _rows_of_txid(txn, st, pending: tables.ActionRows):
     def rows(txid: int) -> list[dict]:
         prefix = tables.action_prefix(txid)
         found = {}
@@ -578,9 +578,8 @@ def _rows_of_txid(txn, st, pending: dict):
                                                         st.data_file)
                 if not cur.next():
                     break
-        for aid, row in pending.items():
-            if row.get("tx") == txid:
-                found[aid] = row
+        for aid, row in pending.items_of(txid):
+            found[aid] = row
         return list(found.values())
     return rows
 

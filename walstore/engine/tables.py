@@ -203,6 +203,34 @@ _FIXMAP_3 = tuple(bytes((0x80 + n + 3,)) for n in range(13))  # a fixmap's heade
 
 
 # ---- action rows ----------------------------------------------------------------------
+class ActionRows(dict):
+    """Action rows by id (the rows a fold changed so far) that know each transaction's ids
+    too: ``items_of(txid)`` is that transaction's rows alone.  A pass over every changed
+    row per ABORT made an apply batch, a recovery, or a view (``store.actions()``) of N
+    rolled-back transactions cost N^2 (4,000 in one batch: 0.5 s; a view beside them:
+    0.46 s).  Rows are only ever set, never removed."""
+
+    __slots__ = ("_ids",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ids: dict[Any, dict[str, None]] = {}
+
+    def __setitem__(self, aid: str, row: dict) -> None:
+        dict.__setitem__(self, aid, row)
+        self._ids.setdefault(row.get("tx"), {})[aid] = None
+
+    def items_of(self, txid: Any) -> list[tuple[str, dict]]:
+        """(id, row) of the rows whose ``tx`` is ``txid``, in the order they were first
+        set (as a pass over the whole dict finds them)."""
+        out = []
+        for aid in self._ids.get(txid, ()):
+            row = dict.__getitem__(self, aid)
+            if row.get("tx") == txid:
+                out.append((aid, row))
+        return out
+
+
 def action_prefix(txid: int) -> bytes:
     """Action ids are ``"<txid>.<seq>"``: the rows of one transaction share this prefix."""
     return f"{txid}.".encode()

@@ -44,7 +44,7 @@ class Views:
 
     def _fold_actions(self, events: list[Event], txn) -> dict[str, dict]:
         """The rows ``events`` change, over the rows LMDB holds in ``txn``."""
-        changed: dict[str, dict] = {}
+        changed = tables.ActionRows()  # (each transaction's rows found alone)
         table = self.state.actions
         file = self.state.data_file
 
@@ -53,7 +53,7 @@ class Views:
 
         def rows_of_txid(txid: int) -> list[dict]:
             rows = {r["id"]: r for r in self._lmdb_rows_of(txid, txn)}
-            rows.update({a: r for a, r in changed.items() if r.get("tx") == txid})
+            rows.update(changed.items_of(txid))
             return list(rows.values())
 
         for e in events:
