@@ -170,6 +170,11 @@ class Transaction:
     # the write set's key order for scans, made by the first scan of a large write set
     # (``_writes_in``); dropped when keys leave the write set (``rollback_to``)
     _write_order: "_WriteOrder | None" = None
+    # the effects that joined ``effects`` with ``blocks_inner_rollback`` (an open
+    # watch()): ``note_inner_blocker``.  A savepoint looks only at these (it tested every
+    # effect: an agent loop taking a savepoint per action paid for all the earlier
+    # actions, 16,000 steps in 24 s).  A list of the instance's own once one is noted
+    _inner_blockers: "list | tuple" = ()
 
     # ranges guarded against commits that land after the snapshot, as a scan's are, but
     # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
@@ -206,11 +211,6 @@ class Transaction:
         self.read_keys: set[bytes] = set()
         self.read_ranges: list[tuple[bytes, bytes | None]] = []
         self.effects: list = []   # live actions and file changes, in the order logged
-        # the effects that joined ``effects`` with ``blocks_inner_rollback`` (an open
-        # watch()): ``note_inner_blocker``.  A savepoint looks only at these (it tested
-        # every effect: an agent loop taking a savepoint per action paid for all the
-        # earlier actions, 16,000 steps in 24 s)
-        self._inner_blockers: list = []
         self.actions_begun = 0    # numbers action ids
         self.action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
         self._logged = False      # wrote a record before commit (an intent, a before-image)
@@ -492,7 +492,7 @@ class Transaction:
         """``effect`` (one with ``blocks_inner_rollback``: an open watch()) is about to
         join ``effects``: savepoints taken while it is there are taken inside it.  Called
         before the append, so no effect with it is in ``effects`` unnoted."""
-        self._inner_blockers.append(effect)
+        self._inner_blockers = [*self._inner_blockers, effect]
 
     def _inside(self) -> tuple:
         """The effects in ``effects`` that a savepoint taken now is inside of (those with
@@ -911,6 +911,7 @@ class Transaction:
         self._write_bytes = 0
         self.__dict__.pop("_write_trigger", None)
         self.__dict__.pop("_write_order", None)
+        self.__dict__.pop("_inner_blockers", None)
         self._undo.clear()
 
     def __repr__(self) -> str:
