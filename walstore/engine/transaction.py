@@ -544,16 +544,21 @@ class Transaction:
                 raise WalstoreError(f"cannot roll back transaction {self.id} to "
                                     f"{target!r}: {e.blocks_inner_rollback}")
         with deferred():  # one step (an interrupt inside it left the writes undone and
-            while len(self._undo) > target._undo_len:  # the actions kept, or the actions
-                k, prev = self._undo.pop()              # dropped and never noted)
-                if self._write_trigger < 0:  # (exact: else the bound still holds)
+            undo, writes = self._undo, self._writes     # the actions kept, or the actions
+            exact = self._write_trigger < 0             # dropped and never noted)
+            taken_out = False
+            while len(undo) > target._undo_len:
+                k, prev = undo.pop()
+                if exact:  # (else the upper bound of the size still holds)
                     self._write_bytes += _entry_bytes(k, prev) \
-                        - _entry_bytes(k, self._writes.get(k, _MISSING))
+                        - _entry_bytes(k, writes.get(k, _MISSING))
                 if prev is _MISSING:
-                    self._writes.pop(k, None)
-                    self.__dict__.pop("_write_order", None)  # (keys only ever added)
+                    writes.pop(k, None)
+                    taken_out = True
                 else:
-                    self._writes[k] = prev
+                    writes[k] = prev
+            if taken_out:  # (the write set's key order assumes keys only ever added)
+                self.__dict__.pop("_write_order", None)
             for gone in self._savepoints[i + 1:]:
                 gone.active = False
             del self._savepoints[i + 1:]
