@@ -10,6 +10,7 @@ from the writer's WAL.
 from __future__ import annotations
 
 import itertools
+from bisect import bisect_right
 from typing import Iterator
 
 from ..log.format import RecordType
@@ -23,6 +24,10 @@ _T = RecordType
 MAX_ACTION_ID_BYTES = 480  # an action id is "<txid>.<seq>"; LMDB keys stop at 511 bytes
 _ACTION_TYPES = frozenset({_T.ACTION_INTENT, _T.ACTION_RESULT, _T.COMMIT, _T.ABORT,
                            _T.ROLLBACK_PREPARED, _T.COMPENSATED})
+
+
+def _event_lsn(e: Event) -> int:
+    return e.lsn
 
 
 class Views:
@@ -263,7 +268,7 @@ class Views:
         every applied one; one applied while this walks is skipped in LMDB and given in
         its place among the unapplied, which were listed first).  Lazy: a caller that
         stops early reads no further."""
-        unapplied = [e for e in self._events(frozenset({_T.COMMIT})) if e.lsn > lsn]
+        unapplied = self._unapplied_commits_after(lsn)
         seen = {e.txid for e in unapplied}
         if not oldest_first:
             for e in reversed(unapplied):
@@ -280,6 +285,18 @@ class Views:
         if oldest_first:
             for e in unapplied:
                 yield tables.txn_row(e)
+
+    def _unapplied_commits_after(self, lsn: int) -> list[Event]:
+        """The published unapplied COMMIT events with LSN > ``lsn``, oldest first: the
+        tail of ``MemTable.commits`` (txid -> COMMIT, entered in LSN order), copied in C
+        and cut by a bisect — a pass over every unapplied event in Python made each
+        ``store.log(limit=10)`` pay for the whole backlog (2.4 ms beside 32,000)."""
+        mt = self.memtable
+        upto = mt.published
+        with mt.lock:
+            commits = list(mt.commits.values())
+        i = bisect_right(commits, lsn, key=_event_lsn)
+        return [e for e in commits[i:] if e.end <= upto]
 
     # ---- reversible files ---------------------------------------------------------------
     def workspace_rows(self) -> dict[bytes, dict]:
