@@ -454,7 +454,9 @@ class Transaction:
 
     @property
     def writes(self) -> dict[bytes, bytes | None]:
-        """The buffered write set (stored key -> packed value, None for a delete)."""
+        """The buffered write set (stored key -> packed value, None for a delete).  Read
+        it, never change it: writes go through ``put``/``update``/``delete``, which bound
+        its size and keep its key order for scans (``_WriteOrder``)."""
         return self._writes
 
     # ---- external side effects -----------------------------------------------------------
