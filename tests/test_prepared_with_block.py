@@ -87,3 +87,25 @@ def test_store_run_commits_a_transaction_its_function_prepared(store):
     assert store.run(move) == "done"
     assert store.prepared() == [] and store.decision("g-run") == "commit"
     assert store.get("a") == 1
+
+
+def test_store_run_leaves_a_prepared_transaction_its_function_decided_alone(store):
+    """``fn`` may prepare and then decide itself (``tx.commit()`` / ``tx.rollback()``, the
+    coordinator's decision taken in the same process): ``run`` returns fn's result, as it
+    did before 3241ed0 — its own ``tx.commit()`` of the decided transaction raised
+    TransactionClosed ("already committed") after the commit had landed."""
+    def prepare_and_commit(tx):
+        tx.put("a", 1)
+        tx.prepare("g-c")
+        tx.commit()
+        return "committed"
+
+    def prepare_and_roll_back(tx):
+        tx.put("b", 1)
+        tx.prepare("g-r")
+        tx.rollback()
+        return "rolled back"
+    assert store.run(prepare_and_commit) == "committed"
+    assert store.run(prepare_and_roll_back) == "rolled back"
+    assert store.get("a") == 1 and store.get("b") is None and store.prepared() == []
+    assert store.decision("g-c") == "commit" and store.decision("g-r") == "abort"

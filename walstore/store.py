@@ -23,7 +23,7 @@ from .errors import ConflictError, CorruptionError, ReplicationError, StoreClose
 from .options import Options, check_flag
 from .engine.engine import Engine
 from .engine.tables import row_damaged
-from .engine.transaction import Transaction, scan_bounds
+from .engine.transaction import ACTIVE, Transaction, scan_bounds
 from .agent.actions import Action, Saga, check_compensators
 from .agent.files import Files, FilesRecoveryReport
 from .files import Workspace
@@ -524,8 +524,8 @@ class Store:
             try:
                 with tx:
                     result = fn(tx)
-                    if tx.gid is not None:  # (prepared by ``fn``: run's commit decides it)
-                        tx.commit()
+                    if tx.gid is not None and tx.state == ACTIVE:  # (prepared by ``fn``
+                        tx.commit()  # and not decided by it: run's commit decides it)
                 return result
             except ConflictError:
                 attempt += 1
