@@ -123,9 +123,11 @@ class ConflictChecker:
         mt = self.memtable
         stale = [k for k in reads.keys if mt.last_write(k) >= p]
         if not stale:
-            ranged = RangeSet(reads.ranges) if reads.ranges else None
+            ranged = None  # (built at the first commit with writes: none, no cost)
             for e in mt.commits_since(p):
-                if ranged:
+                if reads.ranges and e.writes:
+                    if ranged is None:
+                        ranged = RangeSet(reads.ranges)
                     hit = next((k for k, _v in e.writes if k in ranged), None)
                     if hit is not None:
                         stale.append(hit)
@@ -162,15 +164,19 @@ class ConflictChecker:
                                 b"last_purge", st) >= since
         if not stale and (reads.ranges or purged_since or reads.scopes
                           or reads.fence is not None or reads.files):
-            ranged = RangeSet(reads.ranges)
+            ranged = None  # (built at the first commit with writes, as above)
             for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
                                              limit=1 << 62):
                 raw = txn.get(txid_raw, db=st.txns)
                 if raw is None:
                     continue
                 row = tables.unpack_row(raw, "txns", txid_raw, st.data_file)
-                hit = (next((k for k, _n in row.get("w", ()) if k in ranged), None)
-                       if ranged else None) or _purge_hit(row.get("purge_range"), reads)
+                hit = None
+                if reads.ranges and row.get("w"):
+                    if ranged is None:
+                        ranged = RangeSet(reads.ranges)
+                    hit = next((k for k, _n in row["w"] if k in ranged), None)
+                hit = hit or _purge_hit(row.get("purge_range"), reads)
                 if hit is not None:
                     stale.append(hit)
                     break
