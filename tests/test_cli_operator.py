@@ -200,3 +200,60 @@ def test_recover_lists_file_conflicts_an_earlier_open_recorded(tmp_path):
     (c,) = doc["file_conflicts_recorded_earlier"]
     assert c["path"].endswith("a.txt") and c["saved_as"]
     assert (root / "a.txt").read_text() == "stranger"
+
+
+def test_verify_exits_1_while_a_compensation_is_owed_or_a_transaction_is_in_doubt(tmp_path):
+    """CONTRACT 3: exit 1 for pending compensations and in-doubt transactions.  `walstore
+    verify` said "ok", exit 0, of a store whose killed writer left a charge owed its
+    refund and a prepared transaction in doubt (stop 48); it lists them now, and says ok
+    once they are decided."""
+    path = str(tmp_path / "s")
+    code = (f"import os, walstore\n"
+            f"s = walstore.open({path!r})\n"
+            f"p = s.transaction(); p.put('held', 1); p.prepare('g1')\n"
+            f"tx = s.transaction(); tx.put('order', 1)\n"
+            f"with tx.action('charge', args={{'amount': 40}}, compensate='refund') as a:\n"
+            f"    a.result = {{'charge_id': 'ch_1'}}\n"
+            f"os.kill(os.getpid(), 9)\n")
+    subprocess.run([sys.executable, "-c", code], env=cli_env(), timeout=60)
+    before = run_cli("verify", path)
+    assert before.returncode == 1, before.stdout + before.stderr
+    assert "not shut down cleanly" in before.stdout
+    assert "'g1'" in before.stdout and "charge" in before.stdout and "refund" in before.stdout
+    assert "no damage found; 2 thing(s) need a decision" in before.stdout
+    assert run_cli("recover", path).returncode == 1  # (nothing registered for 'refund')
+    doc = run_cli("verify", path, "--json")
+    assert doc.returncode == 1
+    rep = json.loads(doc.stdout)
+    assert rep["errors"] == [] and rep["ok"] is False and rep["settled"] is False
+    assert rep["needs_recovery"] is False and rep["in_doubt"] == ["g1"]
+    [owed] = rep["pending_compensations"]
+    assert owed["name"] == "charge" and owed["compensate"] == "refund"
+    assert owed["result"] == {"charge_id": "ch_1"}
+    assert run_cli("resolve", path, owed["id"]).returncode == 0
+    assert run_cli("verify", path).returncode == 1  # (g1 still in doubt)
+    assert run_cli("rollback-prepared", path, "g1").returncode == 0
+    after = run_cli("verify", path, "--json")
+    assert after.returncode == 0, after.stdout
+    rep = json.loads(after.stdout)
+    assert rep["ok"] and rep["settled"] and not rep["in_doubt"]
+    assert not rep["pending_compensations"]
+
+
+def test_verify_beside_a_live_writer_does_not_call_its_open_action_owed(tmp_path):
+    """A live writer's action whose transaction is still open is in flight, not owed:
+    verify beside it stays ok."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    try:
+        tx = s.transaction()
+        with tx.action("charge", args={}, compensate="refund") as a:
+            a.result = 1
+        out = run_cli("verify", path, "--json")
+        assert out.returncode == 0, out.stdout
+        rep = json.loads(out.stdout)
+        assert rep["ok"] and rep["pending_compensations"] == []
+        assert rep["needs_recovery"] is False
+        tx.commit()
+    finally:
+        s.close()

@@ -308,7 +308,9 @@ def test_verify_reports_an_owed_action_the_index_misses(tmp_path):
         act.result = 1
     tx.rollback()  # (no compensator registered: pending)
     s.close()
-    assert verify_store(path).ok
+    clean = verify_store(path)  # (no damage; the refund is owed: listed, exit 1)
+    assert not clean.errors and not clean.ok
+    assert [a["id"] for a in clean.pending_compensations] == [act.id]
     env = lmdb.open(os.path.join(path, "db"), max_dbs=64, subdir=True)
     try:
         db = env.open_db(b"owed", create=False)

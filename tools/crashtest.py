@@ -214,7 +214,7 @@ def check_fill_state(state: dict, ledger: Ledger) -> None:
 def reopen_and_check(path: Path, ledger: Ledger, mode: str = "transfer", **open_kw) -> dict:
     """Verify the crashed store, recover it by opening, check everything, close, verify."""
     before = verify_store(str(path))
-    assert before.ok, f"verify after the kill, before recovery: {before.errors}"
+    assert not before.errors, f"verify after the kill, before recovery: {before.errors}"
     with walstore.open(str(path), **open_kw) as s:
         state = snapshot(s)
         txn_lsn = {i.txid: i.lsn for i in s.log()}
@@ -229,7 +229,7 @@ def reopen_and_check(path: Path, ledger: Ledger, mode: str = "transfer", **open_
     else:
         check_fill_state(state, ledger)
     after = verify_store(str(path))
-    assert after.ok, f"verify after recovery: {after.errors}"
+    assert not after.errors, f"verify after recovery: {after.errors}"
     assert not after.warnings, after.warnings
     return state
 

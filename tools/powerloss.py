@@ -268,7 +268,7 @@ def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: 
     if None in balances or sum(balances) != TOTAL or any(b < -10_000 for b in balances):
         out["errors"].append(f"invariant broken: balances {balances}")
     report = verify_store(dest)
-    if not report.ok:
+    if report.errors:
         out["errors"].extend(report.errors)
     return out
 
@@ -715,7 +715,7 @@ def check_files_image(rec: FilesRecording, image: dict, acked: list, dest: str) 
         diff = sorted(set(got.items()) ^ set((want or {}).items()))[:4]
         out["errors"].append(f"the workspace is not the tree committed by ver {ver}: {diff}")
     report = verify_store(dest)
-    if not report.ok:
+    if report.errors:
         out["errors"].extend(report.errors)
     return out
 

@@ -207,7 +207,7 @@ class Soak:
             reopened.close()
         if total != TOTAL:
             self.errors.append(f"after reopen the accounts sum to {total}")
-        if not report.ok:
+        if report.errors:
             self.errors.append(f"verify failed: {report.errors[:3]}")
         return {"seconds": round(time.monotonic() - start, 1), **self.counts,
                 "map_growth": round(map_end / map0, 1), "longest_stall_s": round(longest, 2),

@@ -194,7 +194,17 @@ def verify(path: str, as_json: bool) -> None:
             click.echo(f"warning: {w}")
         for e in rep.errors:
             click.echo(f"error: {e}")
-        click.echo("ok" if rep.ok else f"{len(rep.errors)} problem(s) found")
+        if rep.needs_recovery:
+            click.echo("note: the store was not shut down cleanly: the next open (or "
+                       "`walstore recover`) recovers it")
+        for a in rep.attention():
+            click.echo(f"needs a decision: {a}")
+        if rep.errors:
+            click.echo(f"{len(rep.errors)} problem(s) found")
+        elif not rep.settled:
+            click.echo(f"no damage found; {len(rep.attention())} thing(s) need a decision")
+        else:
+            click.echo("ok")
     raise SystemExit(0 if rep.ok else EXIT_PROBLEM)
 
 

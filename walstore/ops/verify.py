@@ -62,14 +62,36 @@ class VerifyReport:
     wal_end_lsn: int = 0
     errors: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    # what needs a decision, no damage (CONTRACT 3: exit 1 all the same): in-doubt gids,
+    # owed compensations (``Action.as_dict()``), and whether the last writer crashed
+    in_doubt: list = field(default_factory=list)
+    pending_compensations: list = field(default_factory=list)
+    needs_recovery: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.errors
+        """Nothing damaged and nothing owed (``settled``)."""
+        return not self.errors and self.settled
+
+    @property
+    def settled(self) -> bool:
+        """No in-doubt transaction and no owed compensation waits for a decision."""
+        return not self.in_doubt and not self.pending_compensations
+
+    def attention(self) -> list[str]:
+        """One line per thing that needs a decision (not damage)."""
+        said = [f"in-doubt prepared transaction {gid!r}: needs `walstore commit-prepared` "
+                f"or `rollback-prepared`" for gid in self.in_doubt]
+        for a in self.pending_compensations:
+            why = a.get("error") or a.get("state")
+            said.append(f"compensation owed: action {a['id']} ({a['name']}, compensator "
+                        f"{a.get('compensate')!r}, txid {a['txid']}): {why}")
+        return said
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["ok"] = self.ok
+        d["settled"] = self.settled
         return d
 
 
@@ -115,10 +137,36 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         if not rep.errors:  # (not on damage: the errors above say it.  Not only when
             _check_blobs(layout, rep, blob_progress)  # files/ exists: a copy without it
             # passed — probe)
+        if not rep.errors:
+            _check_settled(layout, rep, state)
         return rep
     finally:
         if own_state:
             state.close()
+
+
+def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
+    """What waits for a decision, read through a read-only open (it changes nothing):
+    in-doubt prepared transactions and owed compensations (a live writer's actions still
+    in flight are not owed).  `walstore verify` said "ok", exit 0, of a store holding an
+    in-doubt transaction and a refund owed (CONTRACT 3: exit 1 for those).  A store whose
+    writer died is said too (a warning: the next open recovers it; its unfinished
+    transactions' actions are listed owed, as `walstore recover` would leave them with
+    no compensator registered); ``needs_recovery`` says it, not a warning."""
+    from ..store import Store  # (late: the store imports the engine's operations)
+    try:
+        store = Store(layout.root, readonly=True)
+    except WalstoreError as e:  # (what keeps a read-only open out is not this check's)
+        rep.warnings.append(f"in-doubt transactions and owed compensations not checked: "
+                            f"a read-only open of the store failed ({e})")
+        return
+    try:
+        rep.in_doubt = sorted(store.prepared())
+        rep.pending_compensations = [a.as_dict() for a in store.pending_compensations()
+                                     if not a.in_flight]
+    finally:
+        store.close()
+    rep.needs_recovery = state.meta_int(b"open") == 1 and not writer_alive(layout)
 
 
 def _walk_pinned(state: LmdbState, data_file: str) -> int:
