@@ -67,3 +67,20 @@ def test_retention_is_given_its_chance_before_the_save_is_refused(tmp_path):
     assert os.path.getsize(os.path.join(rep, MANIFEST_KEY)) <= BOUND
     assert s.replication().last_error is None
     s.close()
+
+
+def test_a_refused_save_leaves_the_manifest_version_as_it_was(tmp_path):
+    """A save refused for its size wrote nothing: the manifest's ``seq`` stays the
+    written one's (it was bumped before the check and never given back)."""
+    from walstore.replication.manifest import Manifest, ManifestTooLarge
+    from walstore.replication.targets import open_target
+    rep = str(tmp_path / "rep")
+    os.makedirs(rep)
+    target = open_target("file://" + rep)
+    m = Manifest.new(b"s" * 16, "lineage", {})
+    m.save(target, {"pid": 1})
+    seq = m.doc["seq"]
+    m.doc["points"] = [{"name": NAME + str(i)} for i in range(200)]
+    with pytest.raises(ManifestTooLarge):
+        m.save(target, {"pid": 1}, max_bytes=BOUND)
+    assert m.doc["seq"] == seq

@@ -96,6 +96,7 @@ class Manifest:
         self.doc["writer"] = writer
         data = self.encode()
         if max_bytes is not None and len(data) > max_bytes:
+            self.doc["seq"] -= 1  # (not written: the next save is the next version)
             raise ManifestTooLarge(
                 f"the replica's manifest would be {len(data):,} bytes, over max_manifest_bytes "
                 f"({max_bytes:,}), the bound its readers refuse past: not written (the replica "
