@@ -16,7 +16,7 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
 from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed, WalstoreError
@@ -35,6 +35,10 @@ from .agent.scope import NO_SCOPE, check_scope, provided_scope
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
 from .agent.undo import Undo, UndoPlan
+
+if TYPE_CHECKING:  # (names for annotations only: replication is imported when used)
+    from .engine.conflicts import Prepared
+    from .replication.shipper import ReplicationStatus
 
 _MISSING = object()
 
@@ -331,7 +335,7 @@ class Store:
             shipper.stop(release)
 
     # ---- replication --------------------------------------------------------------------
-    def replication(self):
+    def replication(self) -> "ReplicationStatus":
         """Replication status: ``shipped_lsn``, ``lag_seconds``, ``lag_bytes``,
         ``last_error`` (see walstore.replication; only with ``open(replicate_to=...)``)."""
         self._engine.check_open()
@@ -673,7 +677,7 @@ class Store:
         """The gids of prepared (in-doubt) transactions."""
         return self._twophase.prepared()
 
-    def prepared_details(self, gid: str):
+    def prepared_details(self, gid: str) -> "Prepared":
         """The prepared transaction ``gid`` (txid, writes, meta, actions, ts)."""
         return self._twophase.details(gid)
 

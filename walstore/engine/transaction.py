@@ -55,6 +55,8 @@ _lsn = int.__new__  # an LSN of an int walstore made, without LSN()'s check (the
 
 if TYPE_CHECKING:
     from .engine import Engine
+    from ..agent.actions import ActionScope
+    from ..agent.files import TxFiles
 
 _MISSING = object()
 # what an action a rollback to a savepoint took out still adds to the COMMIT (its id, in
@@ -461,7 +463,7 @@ class Transaction:
 
     # ---- external side effects -----------------------------------------------------------
     def action(self, name: str, args: Any = None, compensate: str | None = None,
-               scope: Any = None):
+               scope: Any = None) -> "ActionScope":
         """``with tx.action("charge", args=..., compensate="refund") as act:`` (Saga).
 
         Entering logs a durable intent before the body runs; ``act.key`` is a stable
@@ -472,7 +474,7 @@ class Transaction:
         return self._hooks.start_action(self, name, args, compensate,
                                         self.scope if scope is None else scope)
 
-    def files(self, ws: Any):
+    def files(self, ws: Any) -> "TxFiles":
         """``tx.files(ws)``: this transaction's file operations in a workspace (a
         ``store.workspace(...)`` or its root path; see walstore.agent.files.TxFiles)."""
         self._check_active()
