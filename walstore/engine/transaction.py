@@ -42,8 +42,9 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, check_meta, decode_key, \
     encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_value
-from ..errors import (CommitOutcomeUnknown, CorruptionError, TransactionClosed,
-                      TransactionTooLarge, UnknownGid, WalstoreError)
+from ..errors import (CommitOutcomeUnknown, CompensationFailed, CorruptionError,
+                      FileConflictError, TransactionClosed, TransactionTooLarge, UnknownGid,
+                      WalstoreError)
 from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
@@ -150,7 +151,16 @@ class Savepoint:
         if not self.active or self._tx.state != ACTIVE:
             return False
         if exc_type is not None:
-            self._tx.rollback_to(self)
+            try:
+                self._tx.rollback_to_on(self, exc)
+            except (CompensationFailed, FileConflictError):
+                # the writes after it were undone and its effects' undo was tried (some
+                # failed: owed, listed): the block still ends, so the savepoint goes with
+                # it (left active, a later ``rollback_to(name)`` outside the block undid
+                # the transaction's writes since — probe-audit48)
+                if self.active and self._tx.state == ACTIVE:
+                    self._tx.release(self)
+                raise
         self._tx.release(self)
         return False
 
@@ -527,10 +537,20 @@ class Transaction:
         Not on a prepared transaction: its write set is fixed until the decision."""
         self._check_active()
         self._deciding(f"rolled back to {sp!r}", "rolled back to a savepoint",
-                       self._rollback_to, sp)  # (not beside another thread's commit())
+                       self._rollback_to, sp, None)  # (not beside another thread's commit())
 
-    def _rollback_to(self, sp: Savepoint | str) -> None:
-        """``rollback_to()``'s work, with the end lock held."""
+    def rollback_to_on(self, sp: Savepoint | str, cause: BaseException) -> None:
+        """``rollback_to(sp)`` because of ``cause``, as a ``with tx.savepoint()`` block
+        ending on it does: a CompensationFailed chains ``cause`` and names it, as a
+        ``with`` transaction's (``rollback_on``) does (it had neither: the exception that
+        made the block roll back showed only as the context — probe-audit48)."""
+        self._check_active()
+        self._deciding(f"rolled back to {sp!r}", "rolled back to a savepoint",
+                       self._rollback_to, sp, cause)
+
+    def _rollback_to(self, sp: Savepoint | str, cause: BaseException | None) -> None:
+        """``rollback_to()``'s work, with the end lock held; ``cause``: what made it roll
+        back (chained by a CompensationFailed)."""
         if self.gid is not None:
             raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}: its "
                                     f"write set and actions are fixed until it is committed "
@@ -576,7 +596,7 @@ class Transaction:
             if crossed:
                 self._hooks.note_crossed(self, crossed)
         if crossed:
-            self._hooks.undo_actions(self, crossed, None)
+            self._hooks.undo_actions(self, crossed, cause)
 
     def release(self, sp: Savepoint | str) -> None:
         """Forget ``sp`` and every newer savepoint; their writes are kept."""
