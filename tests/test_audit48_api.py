@@ -57,3 +57,46 @@ def test_a_savepoint_block_still_re_raises_and_releases_without_actions(store):
             tx.rollback_to("s")
     assert store["k"] == 0
 
+
+# ---- Reads: scan bounds of str and bytes keys ---------------------------------------------
+def _mixed(store):
+    with store.transaction() as tx:
+        for k in ("a", "a/1", "a/2", "b"):
+            tx.put(k, k)
+        tx.put(b"a/3", 3)
+        tx.put(b"\xff", 4)
+    return tx.id
+
+
+def test_a_scan_bound_names_its_own_key_type(store):
+    """str and bytes keys are distinct and never ordered against each other: a str bound
+    scans str keys, a bytes bound bytes keys (``scan(end="m")`` yielded every bytes key
+    too, ``scan(start=b"a")`` every str key after the bytes ones) — in store.scan,
+    tx.scan and an at() view alike."""
+    txid = _mixed(store)
+    with store.transaction() as tx:
+        readers = [store.scan, tx.scan, store.at(txid).scan]
+        for scan in readers:
+            assert list(scan(end="m")) == [("a", "a"), ("a/1", "a/1"), ("a/2", "a/2"),
+                                           ("b", "b")]
+            assert list(scan(end="b", reverse=True)) == [("a/2", "a/2"), ("a/1", "a/1"),
+                                                         ("a", "a")]
+            assert list(scan(start=b"a")) == [(b"a/3", 3), (b"\xff", 4)]
+            assert list(scan(start=b"a", reverse=True)) == [(b"\xff", 4), (b"a/3", 3)]
+            assert list(scan(end="")) == []
+            assert list(scan(prefix=b"")) == [(b"a/3", 3), (b"\xff", 4)]
+            # no bound: every key, bytes keys first (as before)
+            assert [k for k, _v in scan()] == [b"a/3", b"\xff", "a", "a/1", "a/2", "b"]
+
+
+def test_scan_bounds_of_both_key_types_are_refused(store):
+    """``scan(prefix="a/", start=b"a/2")`` silently ignored its start (it yielded "a/1"):
+    bounds of both types name no range, a TypeError naming them."""
+    txid = _mixed(store)
+    with store.transaction() as tx:
+        for scan in (store.scan, tx.scan, store.at(txid).scan):
+            for kw in (dict(prefix="a/", start=b"a/2"), dict(start="a", end=b"z"),
+                       dict(prefix=b"a", end="b"), dict(prefix=bytearray(b"a"), start="a")):
+                with pytest.raises(TypeError, match="all str or all bytes"):
+                    list(scan(**kw))
+            assert list(scan(prefix=bytearray(b"a"), start=b"a/")) == [(b"a/3", 3)]

@@ -114,18 +114,36 @@ def scan_bounds(prefix: Key | None, start: Key | None, end: Key | None,
                 reverse: bool = False) -> tuple[bytes, bytes | None]:
     """Stored-key bounds [lo, hi) of a scan (start inclusive, end exclusive); TypeError
     when ``reverse`` is not a bool (a str failed deep inside as "'str' object cannot be
-    interpreted as an integer")."""
+    interpreted as an integer").
+
+    str and bytes keys are distinct and never ordered against each other (as in Python),
+    so a bound names its own type's keys: a str ``start`` or ``end`` scans str keys only,
+    a bytes one bytes keys only, and bounds of both types are a TypeError.  (The stored
+    order puts every bytes key before every str key: ``scan(end="m")`` yielded every bytes
+    key too, ``scan(start=b"x")`` every str key, and ``scan(prefix="a/", start=b"a/2")``
+    ignored its start — probe-audit48.)"""
     if reverse is not True and reverse is not False:
         raise TypeError(f"reverse must be a bool, not {type(reverse).__name__}")
     lo, hi = b"", None
-    if prefix is not None:
-        lo = encode_prefix(prefix)
-        hi = prefix_end(lo)
-    if start is not None:
-        lo = max(lo, encode_prefix(start))
-    if end is not None:
-        e = encode_prefix(end)
-        hi = e if hi is None else min(hi, e)
+    space = b""  # the type tag of the bounds given (encode_key's ``s`` or ``b``)
+    for which, bound in (("prefix", prefix), ("start", start), ("end", end)):
+        if bound is None:
+            continue
+        b = encode_prefix(bound)
+        if not space:
+            space = b[:1]
+            lo, hi = space, prefix_end(space)  # (never None: the tag is not 0xff)
+        elif b[:1] != space:
+            raise TypeError(f"scan bounds must be all str or all bytes: str and bytes keys "
+                            f"are distinct and never ordered against each other ({which} "
+                            f"is {type(bound).__name__}, an earlier bound is "
+                            f"{'str' if space == b's' else 'bytes'})")
+        if which == "prefix":
+            lo, hi = max(lo, b), min(hi, prefix_end(b) or hi)
+        elif which == "start":
+            lo = max(lo, b)
+        else:
+            hi = min(hi, b)
     return lo, hi
 
 
