@@ -100,3 +100,28 @@ def test_scan_bounds_of_both_key_types_are_refused(store):
                 with pytest.raises(TypeError, match="all str or all bytes"):
                     list(scan(**kw))
             assert list(scan(prefix=bytearray(b"a"), start=b"a/")) == [(b"a/3", 3)]
+
+
+# ---- Action rollback: a dry run is the plan the undo carries out --------------------------
+def test_a_revert_dry_run_that_would_change_nothing_lists_no_transaction(store):
+    """``revert(t)`` that changes nothing commits nothing and returns None; its dry run
+    listed ``t`` as undone all the same (a rewind's said so already): a caller acting on
+    ``plan.txids`` then met None.  Here: a transaction whose keys were all purged, and one
+    that only ran an action declaring no compensation."""
+    with store.transaction() as tx:
+        tx.put("user/1", "secret")
+    purged = tx.id
+    store.purge("user/")
+    with store.transaction() as tx:
+        with tx.action("note", compensate=None) as act:
+            act.result = 1
+    noted = tx.id
+    for txid in (purged, noted):
+        plan = store.revert(txid, dry_run=True)
+        assert plan.empty() and plan.txids == []
+        assert store.revert(txid) is None
+    with store.transaction() as tx:
+        tx.put("k", 1)
+    plan = store.revert(tx.id, dry_run=True)  # (one that changes something: listed)
+    assert plan.txids == [tx.id] and plan.keys == ["k"]
+    assert store.revert(tx.id).extra["reverts"] == [tx.id]

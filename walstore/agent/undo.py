@@ -283,6 +283,9 @@ class Undo:
             # writer — dropped, `revert(W)` after a cascade had undone T and W found none
             # and brought T's refunded charge back: probe-review)
             self._check_retained(plan)
+            if plan.empty():  # (it undoes nothing and returns None: a dry run says so, as
+                plan.txids = []  # a rewind's does — it listed the target, e.g. one whose
+                # keys were all purged or that only ran actions declaring no compensation)
             if dry_run or plan.empty():
                 tx.rollback()  # (nothing to undo: e.g. its actions were compensated already)
                 return (plan if dry_run else None), []
