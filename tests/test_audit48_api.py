@@ -125,3 +125,21 @@ def test_a_revert_dry_run_that_would_change_nothing_lists_no_transaction(store):
     plan = store.revert(tx.id, dry_run=True)  # (one that changes something: listed)
     assert plan.txids == [tx.id] and plan.keys == ["k"]
     assert store.revert(tx.id).extra["reverts"] == [tx.id]
+
+
+def test_txn_info_never_takes_a_log_position_for_a_txid(store):
+    """``store.txn_info(info.lsn)`` answered with the TxnInfo of whichever transaction had
+    that number as its txid (revert refuses an LSN for this reason): a PointTypeError
+    (an UnknownPoint and a TypeError, as ``txn_info("x")``'s TypeError)."""
+    for i in range(70):
+        with store.transaction() as tx:
+            tx.put("k", i)
+    # a transaction whose commit LSN is another committed transaction's txid
+    info = next(i for i in store.log() if 1 <= int(i.lsn) <= tx.id and int(i.lsn) != i.txid)
+    assert store.txn_info(int(info.lsn)).txid == int(info.lsn)  # (that txid exists)
+    for lsn in (info.lsn, tx.lsn):
+        with pytest.raises(walstore.UnknownPoint) as err:
+            store.txn_info(lsn)
+        assert isinstance(err.value, TypeError) and "log position" in str(err.value)
+    with pytest.raises(TypeError):
+        store.txn_info("1")

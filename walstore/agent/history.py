@@ -214,6 +214,12 @@ class History:
     def txn_info(self, txid: int) -> TxnInfo:
         if isinstance(txid, bool) or not isinstance(txid, int):
             raise TypeError(f"a txid is an int, not {type(txid).__name__}")
+        if isinstance(txid, LSN):  # a log position (TxnInfo.lsn, tx.lsn), never taken for
+            # the txid of the same number, as revert refuses it (it answered with that
+            # other transaction's TxnInfo — probe-audit48); a TypeError as before
+            raise PointTypeError(f"txn_info takes a txid (int), not a log position "
+                                 f"({txid!r}); the transaction committed there is in "
+                                 f"store.log(since=...) (TxnInfo.txid)", txid)
         check_txid(txid)
         self.engine.refresh()
         row = self.engine.views.txn_row(int(txid))
