@@ -143,3 +143,47 @@ def test_txn_info_never_takes_a_log_position_for_a_txid(store):
         assert isinstance(err.value, TypeError) and "log position" in str(err.value)
     with pytest.raises(TypeError):
         store.txn_info("1")
+
+
+# ---- External side effects: a compensation is done only when its body ran -----------------
+async def _async_refund(action):  # pragma: no cover - its body is what never ran
+    raise AssertionError("never reached")
+
+
+def _generator_refund(action):  # pragma: no cover
+    yield action
+
+
+def test_an_async_or_generator_compensator_is_refused_when_registered(tmp_path):
+    """An ``async def`` compensator was called, its coroutine dropped ("never awaited"),
+    and the action recorded ``compensated`` with no refund made: refused at registration,
+    by ``walstore.open(compensators=)`` (nothing opened) and by ``store.compensator``."""
+    path = str(tmp_path / "s")
+    for fn in (_async_refund, _generator_refund):
+        with pytest.raises(TypeError, match="refund"):
+            walstore.open(path, compensators={"refund": fn})
+    assert not (tmp_path / "s").exists()
+    with walstore.open(path, durability="none") as store:
+        for fn in (_async_refund, _generator_refund):
+            with pytest.raises(TypeError):
+                store.compensator("refund")(fn)
+        assert "refund" not in store.compensators
+
+
+def test_a_compensator_returning_an_awaitable_is_a_failed_compensation(store, recwarn):
+    """A callable registration cannot tell (an object with an ``async def __call__``) that
+    returns a coroutine instead of running is not a compensation done: retried, then
+    ``failed``, still owed, CompensationFailed — never ``compensated``."""
+    class Refunder:
+        async def __call__(self, action):  # pragma: no cover - never awaited
+            raise AssertionError("never reached")
+
+    store.compensator("refund")(Refunder())
+    tx = store.transaction()
+    with tx.action("charge", compensate="refund") as act:
+        act.result = {"charge": 1}
+    with pytest.raises(walstore.CompensationFailed, match="coroutine"):
+        tx.rollback()
+    [action] = store.pending_compensations()
+    assert action.state == "failed" and action.attempts == 3
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

@@ -29,6 +29,7 @@ States (``Action.state``): ``committed``, ``pending``, ``failed``, ``compensated
 """
 from __future__ import annotations
 
+import inspect
 import sys
 import threading
 import time
@@ -273,6 +274,31 @@ class UndoProgress:
         self.finished = False
 
 
+def never_runs(fn: Callable) -> str | None:
+    """Why calling ``fn`` would not run its body (an ``async def`` makes a coroutine, a
+    generator function a generator): a compensator is called and its return taken as
+    done, so such a one was recorded ``compensated`` with no refund made (Python only
+    warned "coroutine ... was never awaited" — probe-audit48).  None for a plain one."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return ("is an async function: walstore calls a compensator and takes its return "
+                "as done, so its body would never run; register a plain function (e.g. "
+                "lambda action: asyncio.run(fn(action)))")
+    if inspect.isgeneratorfunction(fn):
+        return ("is a generator function: calling it runs none of its body; register a "
+                "plain function")
+    return None
+
+
+def _unrun(result: Any) -> str | None:
+    """What a compensator returned instead of running (a coroutine, a generator, another
+    awaitable), closed so Python does not warn of it; None for any other return."""
+    if inspect.iscoroutine(result) or inspect.isgenerator(result):
+        result.close()
+    elif not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+        return None
+    return f"a {type(result).__name__}"
+
+
 def check_compensators(compensators: Any) -> dict[str, Callable]:
     """``compensators=`` of ``walstore.open``, checked before the store is touched: a
     mapping of non-empty str names to callables (a wrong one was accepted and failed only
@@ -289,6 +315,9 @@ def check_compensators(compensators: Any) -> dict[str, Callable]:
         if not callable(fn):
             raise TypeError(f"compensator {name!r} is not callable (a "
                             f"{type(fn).__name__}); nothing was opened")
+        why = never_runs(fn)
+        if why:
+            raise TypeError(f"compensator {name!r} {why}; nothing was opened")
     return dict(compensators)
 
 
@@ -311,6 +340,9 @@ class Saga:
             if not callable(fn):
                 raise TypeError(f"compensator {name!r} must be callable, not "
                                 f"{type(fn).__name__}")
+            why = never_runs(fn)
+            if why:
+                raise TypeError(f"compensator {name!r} {why}")
             self.compensators[name] = fn
             return fn
         return register
@@ -632,6 +664,12 @@ class Saga:
                 # compensator returned is told from one inside it, and the compensation
                 # that ran is recorded (once), not run again at the next open
                 returned.extend(map(fn, (action,)))
+                unrun = _unrun(returned[0])
+                if unrun:  # (a callable never_runs could not tell: an object whose
+                    returned.clear()  # __call__ is async) — its body did not run: a
+                    raise TypeError(  # failure, never recorded "compensated"
+                        f"compensator {action.compensate!r} returned {unrun} instead of "
+                        f"running: walstore calls a compensator synchronously")
                 self._record_compensated(action, recorded)
                 return True
             except Exception as e:
