@@ -187,3 +187,18 @@ def test_a_compensator_returning_an_awaitable_is_a_failed_compensation(store, re
     [action] = store.pending_compensations()
     assert action.state == "failed" and action.attempts == 3
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_a_resolve_note_that_is_not_utf8_is_refused_naming_it(store):
+    """A note with a lone surrogate failed inside the record's packing with a bare
+    UnicodeEncodeError naming nothing; it is refused up front, as every other name or
+    text that is not UTF-8, and nothing changes."""
+    tx = store.transaction()
+    with tx.action("charge", compensate="nobody-registered") as act:
+        act.result = 1
+    tx.rollback()
+    with pytest.raises(ValueError, match="resolve note .* is not valid UTF-8") as err:
+        store.resolve(act.id, note="refunded \ud800")
+    assert not isinstance(err.value, UnicodeError)
+    assert store.get_action(act.id).state == "pending"
+    assert store.resolve(act.id, note="refunded by hand").state == "resolved"

@@ -206,6 +206,8 @@ def check_resolve_note(note: str | None) -> None:
     most MAX_ERROR_BYTES bytes of UTF-8 (it is kept in the action's row, as an error is)."""
     if note is not None and not isinstance(note, str):
         raise TypeError(f"a resolve note is a str or None, not {type(note).__name__}")
+    if note is not None:  # (a lone surrogate failed in the record's packing, with a bare
+        utf8(note, "resolve note")  # codec error naming nothing — probe-audit48)
     if note is not None and _error_bytes(note) > MAX_ERROR_BYTES:
         raise ValueError(f"a resolve note is at most {MAX_ERROR_BYTES:,} bytes of UTF-8, "
                          f"not {_error_bytes(note):,} (it is kept in the action's row; "
