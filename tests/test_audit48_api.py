@@ -202,3 +202,23 @@ def test_a_resolve_note_that_is_not_utf8_is_refused_naming_it(store):
     assert not isinstance(err.value, UnicodeError)
     assert store.get_action(act.id).state == "pending"
     assert store.resolve(act.id, note="refunded by hand").state == "resolved"
+
+
+def test_a_savepoint_of_another_transaction_is_refused_naming_its_own(store):
+    """``tx2.rollback_to(sp_of_tx1)`` said ``sp`` was "no longer active (released, or
+    discarded...)" while it was active in its own transaction: the refusal names the
+    transaction it belongs to, and neither transaction changes."""
+    tx1, tx2 = store.transaction(), store.transaction()
+    tx1.put("k", 1)
+    sp = tx1.savepoint("a")
+    tx1.put("k", 2)
+    tx2.put("k", 3)
+    for verb in (tx2.rollback_to, tx2.release):
+        with pytest.raises(ValueError, match=f"belongs to transaction {tx1.id}, not to "
+                                             f"transaction {tx2.id}"):
+            verb(sp)
+    assert sp.active and tx1.get("k") == 2 and tx2.get("k") == 3
+    tx1.rollback_to(sp)
+    assert tx1.get("k") == 1
+    tx1.rollback()
+    tx2.rollback()

@@ -538,6 +538,10 @@ class Transaction:
 
     def _find(self, sp: Savepoint | str) -> int:
         if isinstance(sp, Savepoint):
+            if sp._tx is not self:  # (it said "no longer active" of one still active in
+                # its own transaction — probe-audit48)
+                raise ValueError(f"{sp!r} belongs to transaction {sp._tx.id}, not to "
+                                 f"transaction {self.id}; nothing was changed")
             for i in range(len(self._savepoints) - 1, -1, -1):
                 if self._savepoints[i] is sp:
                     return i
