@@ -222,3 +222,28 @@ def test_a_savepoint_of_another_transaction_is_refused_naming_its_own(store):
     assert tx1.get("k") == 1
     tx1.rollback()
     tx2.rollback()
+
+
+def test_a_compensator_that_schedules_a_task_is_done_once(store):
+    """A Task or Future a compensator schedules runs by itself: its return is the
+    compensator's word that the compensation is under way (done once, never retried as a
+    failure, which would schedule it again)."""
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        scheduled = []
+
+        async def refund_later(action):
+            scheduled.append(action.id)
+
+        store.compensator("refund")(lambda action: loop.create_task(refund_later(action)))
+        tx = store.transaction()
+        with tx.action("charge", compensate="refund") as act:
+            act.result = 1
+        tx.rollback()
+        loop.run_until_complete(asyncio.sleep(0))
+        assert scheduled == [act.id]
+        assert store.get_action(act.id).state == "compensated"
+    finally:
+        loop.close()

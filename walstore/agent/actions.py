@@ -292,11 +292,13 @@ def never_runs(fn: Callable) -> str | None:
 
 
 def _unrun(result: Any) -> str | None:
-    """What a compensator returned instead of running (a coroutine, a generator, another
-    awaitable), closed so Python does not warn of it; None for any other return."""
+    """What a compensator returned instead of running its body (a coroutine, a generator:
+    nothing of it runs unless driven), closed so Python does not warn of it; None for any
+    other return — a Task or Future it scheduled runs by itself, the compensator's own
+    choice (counted failed and retried, it was scheduled once per try)."""
     if inspect.iscoroutine(result) or inspect.isgenerator(result):
         result.close()
-    elif not (inspect.isawaitable(result) or inspect.isasyncgen(result)):
+    elif not inspect.isasyncgen(result):
         return None
     return f"a {type(result).__name__}"
 
