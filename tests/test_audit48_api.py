@@ -247,3 +247,21 @@ def test_a_compensator_that_schedules_a_task_is_done_once(store):
         assert store.get_action(act.id).state == "compensated"
     finally:
         loop.close()
+
+
+def test_recover_handlers_with_an_async_compensator_is_a_usage_error(tmp_path, monkeypatch):
+    """``walstore recover --handlers MODULE`` whose COMPENSATORS holds an ``async def``:
+    a usage error naming it (exit 2), as a non-callable one is — not "recover failed ...
+    an unexpected error"."""
+    from click.testing import CliRunner
+    from walstore.cli import main
+
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    (tmp_path / "asynchandlers48.py").write_text(
+        "async def refund(action):\n    pass\n\nCOMPENSATORS = {'refund': refund}\n")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(main, ["recover", path, "--handlers", "asynchandlers48"])
+    assert r.exit_code == 2, r.output
+    assert "'refund' is an async function" in r.output
+    assert "unexpected" not in r.output

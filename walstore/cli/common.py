@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import click
 
 import walstore
+from ..agent.actions import never_runs
 
 from .output import UsageProblem, note_problem, show_cell, table
 
@@ -132,6 +133,10 @@ def load_handlers(module: str | None) -> dict[str, Callable] | None:
     if bad:
         raise UsageProblem(f"--handlers {module}: COMPENSATORS must map names (str) to "
                            f"functions; not so for {bad!r}")
+    for name, fn in comps.items():  # (an async one: a usage error like the above, not
+        why = never_runs(fn)         # "recover failed ... an unexpected error")
+        if why:
+            raise UsageProblem(f"--handlers {module}: compensator {name!r} {why}")
     return dict(comps)
 
 
