@@ -10,7 +10,7 @@ import json
 import os
 from typing import Any, Callable, Iterator
 
-from ..agent.actions import check_resolve_note
+from ..agent.actions import check_resolve_note, never_runs
 from ..codec import encode_key
 from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout
 from ..errors import NotAStore
@@ -27,7 +27,7 @@ __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_resolve_note",
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
            "verify", "wal_records", "backup", "is_store", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
-           "changes_between", "Flag"]
+           "changes_between", "Flag", "never_runs"]
 
 Progress = Callable[[int, int], None] | None
 

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 import click
 
 import walstore
-from ..agent.actions import never_runs
 
+from ._engine import never_runs
 from .output import UsageProblem, note_problem, show_cell, table
 
 PATH = click.argument("path", type=click.Path(file_okay=False, readable=False))
