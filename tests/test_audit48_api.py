@@ -265,3 +265,13 @@ def test_recover_handlers_with_an_async_compensator_is_a_usage_error(tmp_path, m
     assert r.exit_code == 2, r.output
     assert "'refund' is an async function" in r.output
     assert "unexpected" not in r.output
+
+
+def test_registering_a_compensator_on_a_closed_store_raises_store_closed(tmp_path):
+    """Every public method of a closed store raises StoreClosed; ``store.compensator``
+    registered a compensator that could never run, without a word."""
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    store.close()
+    with pytest.raises(walstore.StoreClosed):
+        store.compensator("refund")(lambda action: None)
+    assert "refund" not in store.compensators

@@ -561,7 +561,10 @@ class Store:
 
     # ---- actions and compensations ------------------------------------------------------
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
-        """Decorator: register ``fn(action)`` as the compensator called ``name``."""
+        """Decorator: register ``fn(action)`` as the compensator called ``name``.  Not on a
+        closed store (StoreClosed, as its every other call: a compensator registered there
+        never runs — it was accepted without a word, probe-audit48)."""
+        self._engine.check_open()
         return self._saga.compensator(name)
 
     def actions(self, pending: bool = False) -> list[Action]:
