@@ -938,3 +938,25 @@ def test_an_undos_commit_is_on_disk_before_its_compensations_run(tmp_path, how):
         assert store.get("order") is None
         (synced, written), = seen
         assert synced >= written, (synced, written)
+
+
+def test_one_action_scope_is_entered_once(tmp_path):
+    """A second ``with`` on one ``tx.action(...)`` logged a second intent under the same
+    id and idempotency key (two side effects, one action row): refused now, nothing
+    logged, and a rollback compensates the one side effect once (audit48)."""
+    refunds = []
+    s = walstore.open(str(tmp_path / "s"), compensators={"refund": refunds.append})
+    try:
+        tx = s.transaction()
+        scope = tx.action("charge", args={"amount": 5}, compensate="refund")
+        with scope as act:
+            act.result = "ch_1"
+        with pytest.raises(walstore.WalstoreError, match="entered already"):
+            with scope:
+                raise AssertionError("the body of a second entry must not run")
+        assert [a.id for a in s.actions()] == [act.id]
+        tx.rollback()
+        assert [a.result for a in refunds] == ["ch_1"]
+        assert [a.state for a in s.actions()] == ["compensated"]
+    finally:
+        s.close()

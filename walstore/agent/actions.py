@@ -150,9 +150,16 @@ class ActionScope:
         self._saga = saga
         self._tx = tx
         self.action = action
+        self._entered = False
 
     def __enter__(self) -> Action:
+        if self._entered:  # (a second ``with`` on one scope logged a second intent under
+            # the same id and idempotency key: two side effects, one action row — audit48)
+            raise WalstoreError(f"action {self.action.id} ({self.action.name!r}) was "
+                                f"entered already: one tx.action(...) is one side effect; "
+                                f"call tx.action(...) again for another; nothing was logged")
         self._saga.log_intent(self._tx, self.action)
+        self._entered = True
         # while the body runs, its side effect may not have happened yet: a rollback (or
         # one to a savepoint before it) would compensate it first (Action.blocks_rollback)
         self.action._body = (threading.get_ident(), sys._getframe(1))
