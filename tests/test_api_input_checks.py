@@ -203,3 +203,28 @@ def test_an_action_without_compensation_after_rollback_and_after_revert(store):
     assert store.get_action(kept.id).state == "committed"
     assert store.get_action(charged.id).state == "compensated" and refunds == [charged.id]
     assert store.pending_compensations() == [] and store.get("k") is None
+
+
+def test_scan_bounds_are_checked_at_the_call_not_at_the_first_next(tmp_path):
+    """store.scan, tx.scan and at().scan were generators: a bad bound raised only when the
+    first row was asked for, far from the mistake (audit48).  They raise at the call now;
+    what is read still begins at the first ``next``."""
+    with walstore.open(str(tmp_path / "s")) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        point = s.log()[0].txid
+        tx = s.transaction()
+        for scan in (s.scan, tx.scan, s.at(point).scan):
+            with pytest.raises(TypeError):
+                scan(prefix=5)
+            with pytest.raises(TypeError):
+                scan(reverse="yes")
+            assert list(scan(prefix="a")) == [("a", 1)]
+        with pytest.raises(TypeError):
+            s.keys(prefix=1.5)
+        rows = tx.scan()
+        tx.rollback()
+        with pytest.raises(walstore.WalstoreError):
+            tx.scan()
+        with pytest.raises(walstore.WalstoreError):
+            next(rows)  # (made before the rollback, read after it: refused too)

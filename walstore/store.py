@@ -465,10 +465,15 @@ class Store:
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """(key, value) of committed state in key order, one consistent snapshot;
-        ``start`` inclusive, ``end`` exclusive."""
+        ``start`` inclusive, ``end`` exclusive.  Bad bounds raise here, at the call (a
+        generator raised them at the first ``next``, far from the mistake)."""
         eng = self._engine
         eng.check_open()
-        lo, hi = scan_bounds(prefix, start, end, reverse)
+        return self._scan(eng, *scan_bounds(prefix, start, end, reverse), reverse)
+
+    def _scan(self, eng: Engine, lo: bytes, hi: bytes | None, reverse: bool
+              ) -> Iterator[tuple[Key, Any]]:
+        eng.check_open()  # (again: it may have closed between the call and the first read)
         eng.refresh()
         for k, v in eng.reader.scan(lo, hi, reverse):
             eng.check_open()
@@ -479,8 +484,7 @@ class Store:
             yield item
 
     def keys(self, prefix: Key | None = None) -> Iterator[Key]:
-        for k, _v in self.scan(prefix=prefix):
-            yield k
+        return (k for k, _v in self.scan(prefix=prefix))
 
     # ---- transactions -------------------------------------------------------------------
     def transaction(self, meta: Any = None, scope: Any = None) -> Transaction:

@@ -109,8 +109,12 @@ class HistoricalView:
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
         """Every key that existed at the point, in order: walks the keys with history in
-        the range (``hkeys``), so it costs what the range holds, not the log's length."""
-        lo, hi = scan_bounds(prefix, start, end, reverse)
+        the range (``hkeys``), so it costs what the range holds, not the log's length.
+        Bad bounds raise here, at the call."""
+        return self._scan(*scan_bounds(prefix, start, end, reverse), reverse)
+
+    def _scan(self, lo: bytes, hi: bytes | None, reverse: bool
+              ) -> Iterator[tuple[Key, Any]]:
         eng = self._history.engine
         if eng.follower is not None:
             eng.follow_state()  # (as ``_value``: the MemTable's keys without applied ones)

@@ -379,9 +379,15 @@ class Transaction:
 
     def scan(self, prefix: Key | None = None, start: Key | None = None, end: Key | None = None,
              reverse: bool = False) -> Iterator[tuple[Key, Any]]:
-        """(key, value) in key order within the bounds (start inclusive, end exclusive)."""
+        """(key, value) in key order within the bounds (start inclusive, end exclusive).
+        Bad bounds and an ended transaction raise here, at the call; what is read (and
+        the range recorded for validation) begins at the first ``next``."""
         self._check_active()
-        lo, hi = scan_bounds(prefix, start, end, reverse)
+        return self._scan(*scan_bounds(prefix, start, end, reverse), reverse)
+
+    def _scan(self, lo: bytes, hi: bytes | None, reverse: bool
+              ) -> Iterator[tuple[Key, Any]]:
+        self._check_active()  # (again: it may have ended between the call and the first read)
         self.read_ranges.append((lo, hi))
         mine = self._writes_in(lo, hi)
         committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
