@@ -228,3 +228,16 @@ def test_scan_bounds_are_checked_at_the_call_not_at_the_first_next(tmp_path):
             tx.scan()
         with pytest.raises(walstore.WalstoreError):
             next(rows)  # (made before the rollback, read after it: refused too)
+
+
+def test_an_empty_action_name_is_a_value_error_as_every_empty_name(tmp_path):
+    """``tx.action("")`` raised a bare TypeError; an empty name elsewhere (a restore
+    point, a scope, a compensator) is ``EmptyArgumentError``, a ValueError too (audit48)."""
+    with walstore.open(str(tmp_path / "s")) as s:
+        tx = s.transaction()
+        with pytest.raises(ValueError, match="non-empty"):
+            tx.action("")
+        with pytest.raises(TypeError):
+            tx.action(5)
+        tx.rollback()
+        assert s.actions() == []

@@ -361,8 +361,9 @@ class Saga:
     # ---- logging ------------------------------------------------------------------------
     def new_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
                    scope: Any) -> Action:
-        if not isinstance(name, str) or not name:
-            raise TypeError("an action name must be a non-empty str")
+        if not isinstance(name, str) or not name:  # (an empty str: a ValueError too, as
+            raise (EmptyArgumentError if isinstance(name, str) else TypeError)(  # every
+                "an action name must be a non-empty str")  # other empty name — audit48)
         if compensate is not None and not isinstance(compensate, str):
             raise TypeError("compensate must be the name of a compensator (a str) or None")
         if compensate == "":  # (no compensator can be registered so; a rollback took it
