@@ -960,3 +960,26 @@ def test_one_action_scope_is_entered_once(tmp_path):
         assert [a.state for a in s.actions()] == ["compensated"]
     finally:
         s.close()
+
+
+def test_a_revert_whose_compensation_fails_names_the_undo_that_stands(tmp_path):
+    """A revert commits, then compensates: when the compensation keeps failing the caller
+    got CompensationFailed and nothing naming the undo that committed (audit48); its
+    ``undo`` is that transaction's TxnInfo now."""
+    def refund(action):
+        raise RuntimeError("payments down")
+
+    s = walstore.open(str(tmp_path / "s"), compensators={"refund": refund})
+    try:
+        with s.transaction() as tx:
+            tx.put("order", 1)
+            with tx.action("charge", compensate="refund") as act:
+                act.result = "ch_1"
+        with pytest.raises(walstore.CompensationFailed) as info:
+            s.revert(tx.id)
+        undo = info.value.undo
+        assert undo is not None and undo.txid == s.log()[0].txid != tx.id
+        assert s.get("order") is None
+        assert [a.state for a in s.actions()] == ["failed"]
+    finally:
+        s.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import Any
 
 
 class WalstoreError(Exception):
@@ -42,7 +43,12 @@ class RevertConflict(WalstoreError):
 
 
 class CompensationFailed(WalstoreError):
-    """A compensation kept failing after its retries; it is marked ``failed`` and kept pending."""
+    """A compensation kept failing after its retries; it is marked ``failed`` and kept
+    pending.  ``undo``: raised by a ``revert`` or ``rewind`` whose undo committed before
+    its compensations ran, the ``TxnInfo`` of that undoing transaction (it stands), else
+    None."""
+
+    undo: Any = None
 
     def __init__(self, message: str, action_ids: list | None = None) -> None:
         super().__init__(message)

@@ -93,9 +93,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import fileio
 from ..codec import decode_key, encode_key
-from ..errors import (CommitOutcomeUnknown, ConflictError, HistoryTrimmed, NeedsRecovery,
-                      PointTypeError, RevertConflict, TransactionTooLarge,
-                      os_errors_as_store_errors)
+from ..errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
+                      HistoryTrimmed, NeedsRecovery, PointTypeError, RevertConflict,
+                      TransactionTooLarge, os_errors_as_store_errors)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -226,7 +226,13 @@ class Undo:
                 result, owed = eng.pipeline.held_out_on_conflict(attempt)
             if owed:
                 self._decision_durable(result)
-                self.saga.compensate(owed)
+                try:
+                    self.saga.compensate(owed)
+                except CompensationFailed as e:
+                    # the undo committed (it stands); say which transaction did it, or the
+                    # caller, given only the failure, could not find it (audit48)
+                    e.undo = result
+                    raise
         return result
 
     def _decision_durable(self, result: Any) -> None:
