@@ -12,7 +12,7 @@ from . import _engine, main
 from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, action_docs, action_table,
                      load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
-                     end_progress, kv_lines, progress_printer, show_gid)
+                     end_progress, kv_lines, one_line, progress_printer, show_gid, show_key)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
 
@@ -271,6 +271,23 @@ class _Lsn(click.ParamType):
         return int(digits)
 
 
+def _dump_summary(r: dict) -> str:
+    """A record's summary for ``dump``'s human line: the keys it writes as the command line
+    writes keys (:func:`show_key`: ``hex:...`` for bytes, ``str:hex:00`` for that str
+    key), and nothing that breaks the line.  The walk's own summary said ``b'\\x00'`` for a
+    bytes key and ``hex:00`` for the str key "hex:00" (which pasted back names the bytes
+    key), and a key or restore point name holding a newline split the record's line in
+    two, the second looking like a record of its own (probe audit48).  ``--json`` keeps
+    the walk's summary: its ``payload`` has the keys, tagged."""
+    payload = r.get("payload")
+    if isinstance(payload, dict) and isinstance(payload.get("w"), list):
+        keys = [w["key"] for w in payload["w"]]
+        shown = ", ".join(show_key(k) for k in keys[:4]) + (
+            f" (+{len(keys) - 4})" if len(keys) > 4 else "")
+        return f"tx {payload.get('tx')}: {len(keys)} write(s): {one_line(shown)}"
+    return one_line(str(r.get("summary", "")))
+
+
 @main.command()
 @PATH
 @click.option("--from", "from_lsn", type=_Lsn(), default=0, help="First LSN (N or lsn:N).")
@@ -294,7 +311,7 @@ def dump(path: str, from_lsn: int, as_json: bool) -> None:
             if r["type"] in _engine.WAL_DAMAGE:  # where it is, as every damage report says
                 where = f" [{r['file']}" + (f", offset {r['offset']}]" if "offset" in r
                                              else "]")
-            click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  {r['summary']}"
-                       f"{where}")
+            click.echo(f"{r['lsn']:>12}  {r['type']:<17} {r['length']:>7}  "
+                       f"{_dump_summary(r)}{where}")
     if damaged:
         raise SystemExit(EXIT_PROBLEM)

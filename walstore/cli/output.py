@@ -454,6 +454,12 @@ def show_key(k: str | bytes) -> str:
     return "str:" + k if k.startswith(KEY_PREFIXES) else k
 
 
+def one_line(text: str) -> str:
+    """Free text (a record's summary) on one line: each control character (a newline, an
+    ESC a terminal would act on) written as its JSON escape (``\\n``, ``\\u001b``)."""
+    return _CONTROL.sub(lambda m: json.dumps(m.group())[1:-1], text)
+
+
 def show_gid(gid: str) -> str:
     """A 2PC gid as an operator would type it back: as it is, or as a JSON string when it
     holds characters a terminal would act on (a newline split ``recover``'s list of
