@@ -63,3 +63,83 @@ def test_dump_shows_keys_as_the_command_line_writes_them_one_line_per_record(tmp
     doc = strict(run_cli("dump", path, "--json").stdout)
     (rec,) = [x for x in doc["records"] if x["type"] == "COMMIT"]
     assert {"base64": "AAE="} in [w["key"] for w in rec["payload"]["w"]]
+
+
+# ---- file history of a workspace whose root is gone --------------------------------------
+def _store_with_file_history(tmp_path):
+    path, root = str(tmp_path / "s"), tmp_path / "ws"
+    root.mkdir()
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", "one\n")
+            tx.put("k", 1)
+        s.restore_point("rp")
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", "two\n")
+            tx.put("k", 2)
+    return path, root
+
+
+def test_file_history_reads_when_the_workspace_root_is_gone(tmp_path):
+    """A store whose workspace root no longer exists here (a copy restored or backed up
+    onto another machine, whose history the README says it "reads"; the tree deleted
+    since): `walstore files` exited 2 ("workspace root ... does not exist", a usage
+    error for a store the user named rightly), `walstore diff` exited 1 with "an
+    unexpected error", and ``store.at(p).files(ws)`` and ``store.workspaces()`` raised
+    ValueError, though the history they read is in the store."""
+    import shutil
+    path, root = _store_with_file_history(tmp_path)
+    shutil.rmtree(root)
+
+    r = run_cli("files", path, "--json")
+    assert r.returncode == 0, r.stderr
+    (w,) = strict(r.stdout)["workspaces"]
+    (f,) = w["files"]
+    assert (f["path"], len(f["versions"])) == ("a.txt", 2)
+    r = run_cli("files", path, "--workspace", str(root))
+    assert r.returncode == 0 and "a.txt" in r.stdout, r.stderr
+    r = run_cli("diff", path, "--from", "rp", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = strict(r.stdout)
+    assert [k["key"] for k in doc["keys"]] == ["k"]
+    assert [(x["path"], x["kind"]) for x in doc["files"]] == [(str(root / "a.txt"),
+                                                                "modified")]
+
+    with walstore.open(path) as s:
+        (ws,) = s.workspaces()
+        assert ws.root == str(root)
+        assert s.at("rp").files(ws).read("a.txt") == b"one\n"
+        assert s.at("rp").files(str(root)).read("a.txt") == b"one\n"
+        try:  # a path walstore never changed: absent, as the tree now says
+            s.at("rp").files(ws).read("never.txt")
+        except FileNotFoundError:
+            pass
+        else:
+            raise AssertionError("read of an absent path did not raise FileNotFoundError")
+        # changing files there still fails, and creates nothing (no root is made anew)
+        with s.transaction() as tx:
+            try:
+                tx.files(ws).write("b.txt", "x")
+            except (OSError, ValueError):
+                pass
+            else:
+                raise AssertionError("a write into a missing root succeeded")
+            tx.rollback()
+    assert not root.exists()
+
+    # a root that is a file now: the history reads too, and nothing writes through it
+    root.write_text("not a directory")
+    assert run_cli("files", path).returncode == 0
+    assert run_cli("diff", path, "--from", "rp").returncode == 0
+    with walstore.open(path) as s:
+        assert s.at("rp").files(str(root)).read("a.txt") == b"one\n"
+        with s.transaction() as tx:
+            try:
+                tx.files(s.workspaces()[0]).write("b.txt", "x")
+            except (OSError, ValueError):
+                pass
+            else:
+                raise AssertionError("a write through a root that is a file succeeded")
+            tx.rollback()
+    assert root.read_text() == "not a directory"

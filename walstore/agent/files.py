@@ -403,24 +403,39 @@ class Files:
                 self._registry[root] = ws
             return ws
 
-    def registered(self, root: bytes) -> Workspace:
-        """The Workspace registered at ``root`` (bytes, realpath'd); ValueError if none."""
+    def registered(self, root: bytes, reading: bool = False) -> Workspace:
+        """The Workspace registered at ``root`` (bytes, realpath'd); ValueError if none.
+
+        ``reading``: to read its recorded history (``store.workspaces()``,
+        ``at(p).files(ws)``, the CLI's ``files`` and ``diff``), a root that no longer
+        exists or is no directory is no error: that history is in the store (a copy
+        restored or backed up onto another machine "reads file history too"; the tree
+        deleted since).  It was: ``walstore files`` exited 2 (a usage error) and ``diff``
+        said "an unexpected error" (probe audit48).  Such a Workspace is not kept: what
+        changes or undoes files still refuses the root (recovery leaves its undo owed)."""
         ws = self._registry.get(root)
         if ws is not None:
             return ws
         row = self.engine.views.workspace_row(root)
         if row is None:
             raise ValueError(f"{os.fsdecode(root)!r} is not a registered workspace")
-        return self._from_row(row)
+        if not reading:
+            return self._from_row(row)
+        try:
+            return self._from_row(row)
+        except ValueError:  # (the root is gone, or no directory: its history stays)
+            return Workspace(root, row.get("ignore") or None, exclude=[self.engine.path],
+                             scope=row.get("scope"), registered=True, missing_ok=True)
 
-    def resolve_ws(self, ws_or_root: Any, register: bool = True) -> Workspace:
+    def resolve_ws(self, ws_or_root: Any, register: bool = True,
+                   reading: bool = False) -> Workspace:
         """A Workspace of this store from a Workspace or a root path (registered now when
-        ``register`` and not yet)."""
+        ``register`` and not yet; ``reading``: see ``registered``)."""
         if isinstance(ws_or_root, Workspace):
             root = ws_or_root.root_b
             if self._registry.get(root) is ws_or_root:
                 return ws_or_root
-            return self.registered(root) if not register else self.workspace(root)
+            return self.registered(root, reading) if not register else self.workspace(root)
         if not isinstance(ws_or_root, (str, bytes, os.PathLike)):
             raise TypeError(f"a workspace is a Workspace or a directory path, not "
                             f"{type(ws_or_root).__name__}")
@@ -429,7 +444,7 @@ class Files:
             return self._registry[real]
         row = self.engine.views.workspace_row(real)
         if row is not None:
-            return self._from_row(row)
+            return self.registered(real, reading) if reading else self._from_row(row)
         if not register:
             raise ValueError(f"{os.fsdecode(real)!r} is not a registered workspace")
         return self.workspace(real)

@@ -146,10 +146,10 @@ def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[
     boundary = _boundary(store, point)
     roots = sorted(files.rows())
     if workspace is not None:
-        roots = [files.resolve_ws(workspace, register=False).root_b]
+        roots = [files.resolve_ws(workspace, register=False, reading=True).root_b]
     out = []
     for root in roots:
-        ws = files.registered(root)
+        ws = files.registered(root, reading=True)  # (its root may be gone: a copy's)
         store._history.check_file_history(ws)  # (read-only: the log's tail not applied yet)
         paths = []
         for rel in fh.tracked(root):
@@ -180,8 +180,9 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     keys: set[bytes] = set()
     paths: set[tuple[bytes, bytes]] = set()
     fh = store._history.file_history
-    for root in sorted(store._files.rows()):  # (read-only: the log's tail not applied yet,
-        store._history.check_file_history(store._files.registered(root))  # files unknown)
+    # (read-only: the log's tail not applied yet, files unknown; a root gone is read too)
+    for root in sorted(store._files.rows()):
+        store._history.check_file_history(store._files.registered(root, reading=True))
     for row in eng.views.commits_after(lo):
         if row["lsn"] > hi:
             continue

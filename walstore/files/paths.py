@@ -102,7 +102,7 @@ class Workspace:
 
     def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
                  exclude: Iterable[PathLike] = (), scope: str | bytes | None = None,
-                 registered: bool = False) -> None:
+                 registered: bool = False, missing_ok: bool = False) -> None:
         raw = os.fsencode(root)
         if b"\0" in raw:
             raise ValueError("a workspace root must not contain a NUL byte")
@@ -115,16 +115,28 @@ class Workspace:
             os.path.realpath(os.path.abspath(raw))
         if real == b"/":
             raise ValueError("the file system root cannot be a workspace")
+        # ``missing_ok`` (with ``registered``): a registered root that no longer exists or
+        # is no directory (a copy restored on another machine, a deleted tree) is taken,
+        # to read its recorded history (``Files.registered(root, reading=True)``); its
+        # identity is unknown (None), so ``check_root`` refuses it until it is a directory
+        # again, and every change of the live tree meets the OS's error
         try:
             st = os.stat(real)
         except FileNotFoundError:
-            raise ValueError(f"workspace root {os.fsdecode(real)!r} does not exist") from None
-        if not stat.S_ISDIR(st.st_mode):
+            if not (registered and missing_ok):
+                raise ValueError(f"workspace root {os.fsdecode(real)!r} does not exist") \
+                    from None
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode) and not (registered and missing_ok):
             raise ValueError(f"workspace root {os.fsdecode(real)!r} is not a directory")
-        lst = os.lstat(real)
+        try:
+            lst = os.lstat(real)
+        except FileNotFoundError:  # (missing_ok: checked above)
+            lst = None
         # the root directory's identity (see ``check_root``); None: not a real directory
         self._root_id: tuple[int, int] | None = (
-            (lst.st_dev, lst.st_ino) if stat.S_ISDIR(lst.st_mode) else None)
+            (lst.st_dev, lst.st_ino) if lst is not None and stat.S_ISDIR(lst.st_mode)
+            else None)
         self.root_b: bytes = real
         self.root: str = os.fsdecode(real)
         self.ignore = ignore if isinstance(ignore, IgnoreRules) else IgnoreRules(ignore)
