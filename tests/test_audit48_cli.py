@@ -143,3 +143,35 @@ def test_file_history_reads_when_the_workspace_root_is_gone(tmp_path):
                 raise AssertionError("a write through a root that is a file succeeded")
             tx.rollback()
     assert root.read_text() == "not a directory"
+
+
+# ---- restore shows progress on long work ---------------------------------------------------
+def test_restore_shows_progress_on_stderr_only(tmp_path):
+    """`walstore restore` of a replica holding a large WAL (replayed into DEST, then
+    redone by the open) printed nothing until it ended (CONTRACT 3: human output shows
+    progress on long work; `backup`, `recover`, `replicas --verify` do).  It shows the
+    bytes replayed on stderr now, and --json stays one document with nothing on stderr."""
+    path, url = str(tmp_path / "src"), f"file://{tmp_path}/replica"
+    s = walstore.open(path, durability="none", replicate_to=url,
+                      replicate_options={"snapshot_interval": 3600, "interval": 0.2})
+    try:
+        with s.transaction() as tx:
+            tx.put("first", 1)
+        s.sync_replica(60)  # (its snapshot: at the start; what follows is WAL only)
+        for i in range(36):  # 36 MiB: above the size from which progress is shown
+            with s.transaction() as tx:
+                tx.put(f"k{i}", os.urandom(1 << 20))
+        s.sync_replica(120)
+    finally:
+        s.close()
+    text = run_cli("restore", url, str(tmp_path / "r1"))
+    assert text.returncode == 0, text.stderr
+    assert "restore:" in text.stderr and "(100%)" in text.stderr, text.stderr
+    assert "restore:" not in text.stdout
+    js = run_cli("restore", url, str(tmp_path / "r2"), "--json")
+    assert js.returncode == 0, js.stderr
+    doc = strict(js.stdout)
+    assert doc["cut_lsn"] > 36 << 20
+    assert js.stderr == "", js.stderr
+    with walstore.open(str(tmp_path / "r2"), readonly=True) as r:
+        assert len(r.get("k35")) == 1 << 20

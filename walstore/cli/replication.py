@@ -29,7 +29,7 @@ from . import _engine
 from . import WalstoreCommand, main
 from .common import load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
-from .output import parse_point as _parse_point, progress_printer, show_time
+from .output import end_progress, parse_point as _parse_point, progress_printer, show_time
 
 
 def parse_point(text: str) -> Any:
@@ -232,19 +232,28 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
                    "position": rounds["position"], "rounds": rounds["rounds"],
                    "appended_bytes": rounds["appended"]})
         return
+    # progress on stderr (text mode): the WAL replayed into DEST, then the open's REDO of
+    # it; a restore of a large replica said nothing until the end (as `replicas --verify`
+    # did; `backup` and `recover` show theirs)
+    replayed = None if as_json else progress_printer("restore")
     try:
-        report = restore(url, dest, point, opts, compensate=compensate)
+        report = restore(url, dest, point, opts, compensate=compensate, progress=replayed)
     except UnknownPoint as e:  # (--to names nothing the replica holds: usage)
         _fail(str(e), EXIT_USAGE)
     except ReplicationError as e:
         _fail(str(e))
     except (TypeError, ValueError) as e:
         _fail(str(e), EXIT_USAGE)
+    finally:
+        end_progress()
     import walstore
     try:
-        store = walstore.open(dest, compensators=comps if compensate else None)
+        store = walstore.open(dest, compensators=comps if compensate else None,
+                              progress=None if as_json else progress_printer("recover"))
     except WalstoreError as e:
         _fail(f"restored {dest}, but opening it failed: {e}")
+    finally:
+        end_progress()
     try:
         pending = [{"id": a.id, "txid": a.txid, "name": a.name, "compensate": a.compensate,
                     "state": a.state} for a in store.pending_compensations()]
