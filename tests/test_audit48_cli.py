@@ -175,3 +175,29 @@ def test_restore_shows_progress_on_stderr_only(tmp_path):
     assert js.stderr == "", js.stderr
     with walstore.open(str(tmp_path / "r2"), readonly=True) as r:
         assert len(r.get("k35")) == 1 << 20
+
+
+# ---- an empty PATH or DEST is a usage error -------------------------------------------------
+def test_an_empty_path_or_dest_is_a_usage_error(tmp_path):
+    """An empty PATH reached ``walstore.open``, whose ValueError every command said as
+    "an unexpected error" with exit 1 (`commit-prepared` as "bad GID"); `backup` and
+    `restore` took an empty DEST for the current directory ("exists and is not empty"),
+    and `demo ''` ran.  CONTRACT 3: a usage error is exit 2, one line; under --json the
+    error document."""
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    for args in (["init", ""], ["get", "", "k"], ["put", "", "k", "1"], ["stats", ""],
+                 ["commit-prepared", "", "g"], ["rewind", "", "--to", "1"],
+                 ["backup", path, ""], ["demo", ""],
+                 ["restore", f"file://{tmp_path}/rep", ""],
+                 ["replicate", "", f"file://{tmp_path}/rep", "--once"]):
+        r = run_cli(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        (line,) = r.stderr.splitlines()
+        assert "must not be empty" in line and "unexpected" not in line, (args, line)
+        assert r.stdout == "", (args, r.stdout)
+    r = run_cli("verify", "", "--json")
+    assert r.returncode == 2, r.stderr
+    err = strict(r.stdout)["error"]
+    assert (err["exit"], err["type"]) == (2, "UsageError")
+    assert not (tmp_path / "rep").exists()

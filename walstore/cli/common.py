@@ -18,7 +18,21 @@ import walstore
 from ._engine import never_runs
 from .output import UsageProblem, note_problem, show_cell, table
 
-PATH = click.argument("path", type=click.Path(file_okay=False, readable=False))
+class DirPath(click.Path):
+    """A directory argument (a store's PATH, a DEST): click's ``Path``, and an empty one is
+    a usage error (exit 2) naming the argument.  '' reached ``walstore.open``, whose
+    ValueError every command said as "an unexpected error", exit 1 (`commit-prepared`
+    as "bad GID"), while ``backup``/``restore`` took an empty DEST for the current
+    directory (probe audit48)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, (str, bytes)) and not value:
+            name = param.human_readable_name if param is not None else "PATH"
+            raise UsageProblem(f"{name} must not be empty (. names the current directory)")
+        return super().convert(value, param, ctx)
+
+
+PATH = click.argument("path", type=DirPath(file_okay=False, readable=False))
 JSON = click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 HANDLERS = click.option("--handlers", "handlers", default=None, metavar="MODULE",
                         help="Import compensators from MODULE's COMPENSATORS dict.")

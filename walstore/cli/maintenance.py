@@ -9,7 +9,7 @@ import click
 import walstore
 
 from . import _engine, main
-from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, action_docs, action_table,
+from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, DirPath, action_docs, action_table,
                      load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
                      end_progress, kv_lines, one_line, progress_printer, show_gid, show_key)
@@ -245,7 +245,7 @@ def checkpoint(path: str, as_json: bool) -> None:
 
 @main.command()
 @PATH
-@click.argument("dest", type=click.Path(file_okay=False, readable=False))
+@click.argument("dest", type=DirPath(file_okay=False, readable=False))
 @JSON
 def backup(path: str, dest: str, as_json: bool) -> None:
     """Copy PATH to DEST consistently, even while a writer is running."""

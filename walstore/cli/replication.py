@@ -27,7 +27,7 @@ from walstore import NotAStore, ReplicationError, UnknownPoint, WalstoreError
 
 from . import _engine
 from . import WalstoreCommand, main
-from .common import load_handlers
+from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
 from .output import end_progress, parse_point as _parse_point, progress_printer, show_time
 
@@ -98,7 +98,7 @@ def _options(**flags: Any) -> Any:
 
 
 @click.command("replicate", cls=WalstoreCommand)
-@click.argument("path", type=click.Path(file_okay=False, readable=False))
+@click.argument("path", type=DirPath(file_okay=False, readable=False))
 @click.argument("url")
 @click.option("--once", is_flag=True, help="Ship what is durable now, then exit (cron).")
 @click.option("--interval", type=float, default=None, help="Seconds between rounds (1).")
@@ -186,7 +186,7 @@ def _missing_text(digests: list[str]) -> str:
 
 @click.command("restore", cls=WalstoreCommand)
 @click.argument("url")
-@click.argument("dest", type=click.Path(file_okay=False, readable=False))
+@click.argument("dest", type=DirPath(file_okay=False, readable=False))
 @click.option("--to", "to", default=None, metavar="POINT|TIME",
               help="tx:N, lsn:N, a restore point name, or an ISO-8601 time with offset.")
 @click.option("--follow", is_flag=True, help="Keep DEST a current read-only copy (Ctrl-C stops).")

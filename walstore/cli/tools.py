@@ -6,12 +6,12 @@ import os
 import click
 
 from . import _engine, main
-from .common import JSON
+from .common import JSON, DirPath
 from .output import UsageProblem, emit_json, fail
 
 
 @main.command()
-@click.argument("path", required=False, type=click.Path())
+@click.argument("path", required=False, type=DirPath())
 def demo(path: str | None) -> None:
     """An agent scenario end to end, narrated (in a new store: PATH must not exist or be an
     empty directory)."""
