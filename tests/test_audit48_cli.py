@@ -201,3 +201,24 @@ def test_an_empty_path_or_dest_is_a_usage_error(tmp_path):
     err = strict(r.stdout)["error"]
     assert (err["exit"], err["type"]) == (2, "UsageError")
     assert not (tmp_path / "rep").exists()
+
+
+def _run_bytes(*args: bytes) -> subprocess.CompletedProcess:
+    """The CLI with arguments that are not valid UTF-8 (argv holds bytes)."""
+    return subprocess.run([sys.executable.encode(), b"-c", CLI.encode(), *args],
+                          capture_output=True, env=cli_env(), timeout=120)
+
+
+def test_a_store_path_that_is_not_utf8_is_a_usage_error(tmp_path):
+    """A PATH that is not valid UTF-8 (LMDB takes a store's path as UTF-8 text:
+    ``walstore.open`` refuses it before any I/O) was said as "an unexpected error",
+    exit 1, by every command, and `demo` printed its first section before failing."""
+    odd = os.fsencode(str(tmp_path)) + b"/st\xff"
+    for args in ([b"init", odd], [b"put", odd, b"k", b"1"], [b"verify", odd],
+                 [b"demo", odd + b"-demo"], [b"backup", os.fsencode(str(tmp_path)), odd]):
+        r = _run_bytes(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        (line,) = r.stderr.splitlines()
+        assert b"not valid UTF-8" in line and b"unexpected" not in line, (args, line)
+        assert r.stdout == b"", (args, r.stdout)
+    assert not os.path.lexists(odd)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator
 
 from ..agent.actions import check_resolve_note, never_runs
 from ..codec import encode_key
-from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout
+from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout, store_path
 from ..errors import NotAStore
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
@@ -23,7 +23,7 @@ from ..options import Options
 from ..signals import Flag
 from ..store import Store
 
-__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_resolve_note",
+__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "check_resolve_note",
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
            "verify", "wal_records", "backup", "is_store", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
@@ -35,6 +35,12 @@ Progress = Callable[[int, int], None] | None
 def check_key(key: Any) -> None:
     """TypeError/ValueError naming the problem when walstore would refuse ``key``."""
     encode_key(key)
+
+
+def check_store_path(path: Any) -> None:
+    """ValueError naming the problem when no store can live at ``path`` (empty, a NUL,
+    not valid UTF-8), as ``walstore.open`` would refuse it."""
+    store_path(path)
 
 
 def open_for_recovery(path: str, mode: str, compensators: dict | None,

@@ -15,20 +15,26 @@ import click
 
 import walstore
 
+from . import _engine
 from ._engine import never_runs
 from .output import UsageProblem, note_problem, show_cell, table
 
+
 class DirPath(click.Path):
-    """A directory argument (a store's PATH, a DEST): click's ``Path``, and an empty one is
-    a usage error (exit 2) naming the argument.  '' reached ``walstore.open``, whose
+    """A store's directory argument (PATH, a DEST): click's ``Path``, and one no store
+    can live at (empty, not valid UTF-8: what ``walstore.open`` refuses before any I/O) is
+    a usage error (exit 2) naming the argument.  It reached ``walstore.open``, whose
     ValueError every command said as "an unexpected error", exit 1 (`commit-prepared`
-    as "bad GID"), while ``backup``/``restore`` took an empty DEST for the current
-    directory (probe audit48)."""
+    as "bad GID", `demo` after its first section), while ``backup``/``restore`` took an
+    empty DEST for the current directory (probe audit48)."""
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        if isinstance(value, (str, bytes)) and not value:
-            name = param.human_readable_name if param is not None else "PATH"
-            raise UsageProblem(f"{name} must not be empty (. names the current directory)")
+        if isinstance(value, (str, bytes)):
+            try:
+                _engine.check_store_path(value)
+            except ValueError as e:
+                name = param.human_readable_name if param is not None else "PATH"
+                raise UsageProblem(f"bad {name}: {e}") from None
         return super().convert(value, param, ctx)
 
 
