@@ -222,3 +222,17 @@ def test_a_store_path_that_is_not_utf8_is_a_usage_error(tmp_path):
         assert b"not valid UTF-8" in line and b"unexpected" not in line, (args, line)
         assert r.stdout == b"", (args, r.stdout)
     assert not os.path.lexists(odd)
+
+
+def test_the_json_error_message_is_always_a_string(tmp_path):
+    """Under --json a failure's document is ``{"error": {"command", "message", "exit",
+    "type"}}`` with ``message`` the error's text; a message naming a URL or file that
+    is not valid UTF-8 (as argv gives it) became ``{"base64": ...}`` there, an object
+    where a script reads a string."""
+    url = b"file://" + os.fsencode(str(tmp_path)) + b"/rep\xff"
+    r = _run_bytes(b"replicas", url, b"--json")
+    assert r.returncode == 1, r.stderr
+    err = strict(r.stdout.decode("utf-8"))["error"]
+    assert isinstance(err["message"], str), err
+    assert "no replica" in err["message"] and "\\udcff" in err["message"], err
+    assert (err["exit"], err["type"]) == (1, "ReplicationError")

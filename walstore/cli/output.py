@@ -197,6 +197,11 @@ def emit_json_error(command: str, message: str, code: int, kind: str | None) -> 
     line on stderr stays), unless the command had already begun its own document."""
     if _json_started:
         return
+    # the message is text, always a JSON string: one naming a file or URL that is not
+    # valid UTF-8 (surrogate escapes, as argv holds it) became {"base64": ...}, an object
+    # where scripts read a string (probe audit48); its surrogates are written as \udcff,
+    # as the stderr line shows them
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     emit_json({"error": {"command": command, "message": message, "exit": code,
                          "type": kind}})
 
