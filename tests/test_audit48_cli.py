@@ -236,3 +236,34 @@ def test_the_json_error_message_is_always_a_string(tmp_path):
     assert isinstance(err["message"], str), err
     assert "no replica" in err["message"] and "\\udcff" in err["message"], err
     assert (err["exit"], err["type"]) == (1, "ReplicationError")
+
+
+# ---- human output: control characters never reach the terminal ------------------------------
+def test_tables_escape_every_control_character(tmp_path):
+    """A file or action name holding an ESC sequence (``\\x1b[2J`` clears the screen) or
+    a vertical tab reached the terminal from the tables of `files`, `diff` and `actions`
+    (only \\r, \\n and \\t were escaped), breaking the alignment CONTRACT 3 promises and
+    acting on the terminal; `rewind --dry-run` already wrote them escaped.  ``color=True``:
+    as on a terminal, where click strips nothing."""
+    from click.testing import CliRunner
+    from walstore.cli import main
+    path, root = str(tmp_path / "s"), tmp_path / "ws"
+    root.mkdir()
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        s.restore_point("rp")
+        with s.transaction() as tx:
+            tx.files(ws).write("a\x1b[2Jb", "x")
+            tx.files(ws).write("v\x0bt", "y")
+            with tx.action("na\x1b[31mme", args={}, compensate="c\x0bx") as a:
+                a.result = 1
+    for args in (["files", path], ["diff", path, "--from", "rp"], ["actions", path],
+                 ["rewind", path, "--to", "rp", "--dry-run"]):
+        r = CliRunner().invoke(main, args, color=True)
+        assert r.exit_code == 0, (args, r.output)
+        assert "\x1b" not in r.output and "\x0b" not in r.output, (args, r.output)
+        assert "\\u001b" in r.output, (args, r.output)
+    rows = CliRunner().invoke(main, ["files", path], color=True).output.splitlines()
+    assert len(rows) == 4, rows  # the workspace, the header, a row per path
+    cols = {len(ln.split("  file ")[0]) for ln in rows[2:]}
+    assert len(cols) == 1, rows  # aligned

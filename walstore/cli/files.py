@@ -9,7 +9,8 @@ import click
 
 from . import _engine, main
 from .common import JSON, PATH, open_store
-from .output import POINT, UsageProblem, emit_json, jsonable, show_cell, show_key, table
+from .output import (POINT, UsageProblem, emit_json, jsonable, one_line, show_cell, show_key,
+                     table)
 
 
 def _entry_text(e: dict | None) -> str:
@@ -47,7 +48,8 @@ def files_cmd(path: str, workspace: str | None, at: Any, as_json: bool) -> None:
         extra = [f"scope {show_key(w['scope'])}" if w["scope"] is not None else "",
                  f"ignore {', '.join(w['ignore'])}" if w["ignore"] else ""]
         extra = [x for x in extra if x]
-        click.echo(f"workspace {w['root']}" + (f" ({'; '.join(extra)})" if extra else ""))
+        click.echo(one_line(f"workspace {w['root']}"
+                            + (f" ({'; '.join(extra)})" if extra else "")))
         rows = [[f["path"] or ".", _entry_text(f["entry"]), len(f["versions"]),
                  f["versions"][0]["txid"] if f["versions"] else ""] for f in w["files"]]
         if rows:

@@ -85,8 +85,8 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
             click.echo(f"file conflicts recorded by earlier recoveries ({len(earlier)}; "
                        f"walstore's version kept aside, the other one stayed):")
             for c in earlier[-20:]:
-                click.echo(f"  {c.get('path')} (workspace {c.get('workspace')}, "
-                           f"transaction {c.get('tx')}) -> {c.get('saved_as')}")
+                click.echo(one_line(f"  {c.get('path')} (workspace {c.get('workspace')}, "
+                                    f"transaction {c.get('tx')}) -> {c.get('saved_as')}"))
         if owed:
             click.echo(owed_header(owed))
             action_table(owed, registered, results=False)
@@ -151,9 +151,9 @@ def _print_recovery(doc: dict) -> None:
               ("losers (no commit)", len(doc["losers"])), ("seconds", f"{doc['seconds']:.3f}")])
     for p in doc["problems"]:
         if not p["bytes"] and not p["offset"] and not p["lsn"]:  # (a path, not log bytes:
-            click.echo(f"{p['kind']}: {p['reason']}: {p['file']} "  # a file conflict)
-                       f"{p['action'] or 'found'}"
-                       + (f" -> {p['quarantined']}" if p['quarantined'] else ""))
+            click.echo(one_line(f"{p['kind']}: {p['reason']}: {p['file']} "  # a file
+                                f"{p['action'] or 'found'}"  # conflict: a path on one line)
+                                + (f" -> {p['quarantined']}" if p['quarantined'] else "")))
             continue
         click.echo(f"{p['kind']}: {p['reason']} at {p['file']} offset {p['offset']} "
                    f"(LSN {p['lsn']}), {p['bytes']} bytes {p['action'] or 'found'}"

@@ -346,8 +346,11 @@ def untag(doc: Any) -> Any:
 
 # ---- human output ----------------------------------------------------------------------------
 def _cell(c: Any) -> str:
-    text = c if isinstance(c, str) else str(c)
-    return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    """A table cell or a key/value line's value on one line: every control character
+    escaped (:func:`one_line`).  Only \\r, \\n and \\t were: a file or action name
+    holding an ESC sequence (``\\x1b[2J`` clears the screen) or a vertical tab reached
+    the terminal from `files`, `diff` and `actions` (probe audit48)."""
+    return one_line(c if isinstance(c, str) else str(c))
 
 
 def table(rows: list[list[Any]], headers: list[str]) -> None:
