@@ -267,3 +267,16 @@ def test_tables_escape_every_control_character(tmp_path):
     assert len(rows) == 4, rows  # the workspace, the header, a row per path
     cols = {len(ln.split("  file ")[0]) for ln in rows[2:]}
     assert len(cols) == 1, rows  # aligned
+
+
+def test_an_error_line_escapes_control_characters(tmp_path):
+    """An error is ONE line on stderr (CONTRACT 3); a \\r or a vertical tab in what the
+    user typed (here a ``--handlers`` module name) reached the terminal raw inside it
+    (a \\r sends the cursor back and what follows overwrites the start of the line)."""
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    r = run_cli("recover", path, "--handlers", "x\ry\x0bz")
+    assert r.returncode == 2, r.stderr
+    assert "\r" not in r.stderr and "\x0b" not in r.stderr, repr(r.stderr)
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("walstore: --handlers x\\ry\\u000bz: cannot import it"), line

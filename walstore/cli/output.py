@@ -72,7 +72,10 @@ class Failure(click.ClickException):
     looks at ``__context__``)."""
 
     def __init__(self, message: str, code: int = EXIT_PROBLEM, kind: str | None = None) -> None:
-        super().__init__(" ".join(message.split()) if "\n" in message else message)
+        # one line: a multi-line message is joined; any other control character (a \r or
+        # a vertical tab in what the user typed, `--handlers $'x\ry'`) is escaped, as
+        # :func:`one_line` writes it (it reached the terminal raw: probe audit48)
+        super().__init__(one_line(" ".join(message.split()) if "\n" in message else message))
         self.exit_code = code
         self.kind = kind
 
