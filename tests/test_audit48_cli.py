@@ -280,3 +280,25 @@ def test_an_error_line_escapes_control_characters(tmp_path):
     assert "\r" not in r.stderr and "\x0b" not in r.stderr, repr(r.stderr)
     (line,) = r.stderr.splitlines()
     assert line.startswith("walstore: --handlers x\\ry\\u000bz: cannot import it"), line
+
+
+def test_an_undo_refused_for_a_workspace_root_gone_is_said_as_its_cause(tmp_path):
+    """`rewind` (also --dry-run) and `revert` of transactions that changed files in a
+    workspace whose root is gone (a copy on another machine) are refused, nothing
+    changed; the CLI said "ValueError: ... (an unexpected error; `walstore --debug`
+    shows where)", as it says of a bug.  Now: "<command> failed: <the cause>", exit 1."""
+    import shutil
+    path, root = _store_with_file_history(tmp_path)
+    shutil.rmtree(root)
+    for args in (["rewind", path, "--to", "rp", "--dry-run"], ["rewind", path, "--to", "rp"],
+                 ["revert", path, "2"]):
+        r = run_cli(*args)
+        assert r.returncode == 1, (args, r.stderr)
+        (line,) = r.stderr.splitlines()
+        assert line == (f"walstore: {args[0]} failed: workspace root {str(root)!r} does not "
+                        f"exist"), line
+    r = run_cli("rewind", path, "--to", "rp", "--json")
+    err = strict(r.stdout)["error"]
+    assert (err["exit"], err["type"]) == (1, "ValueError")
+    assert run_cli("get", path, "k").stdout.strip() == "2"  # nothing changed
+    assert not root.exists()

@@ -24,6 +24,14 @@ from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, fail, kv
 # left to report, so the operator never saw what ran.
 
 
+# REFUSED: an undo the store refuses with a ValueError naming its cause (a workspace
+# root that is gone or no longer the directory registered: its files cannot be put back;
+# a rename that would move the store) is a problem found, exit 1, said in that cause's
+# words; the one error path called it "an unexpected error; `walstore --debug` shows
+# where", as it says of a bug (probe audit48: `rewind --dry-run` of a copy whose
+# workspace is on another machine).
+
+
 @main.command()
 @PATH
 @click.argument("txid", type=click.IntRange(min=1))
@@ -40,6 +48,8 @@ def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: b
             fail(f"reverted, but {e}")
         except walstore.RevertConflict as e:
             raise _in_cli_words(e) from None
+        except ValueError as e:  # (see REFUSED)
+            fail(f"revert failed: {e}")
         owed = still_owed(store, info.extra.get("compensate", ()) if info else ())
         registered = dict(store.compensators)
     _done(info, as_json, owed, registered)
@@ -70,6 +80,8 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
             fail(f"rewound, but {e}")
         except walstore.RevertConflict as e:
             raise _in_cli_words(e) from None
+        except ValueError as e:  # (see REFUSED)
+            fail(f"rewind failed: {e}")
         owed = [] if dry_run or result is None else still_owed(
             store, result.extra.get("compensate", ()))
         registered = dict(store.compensators)
