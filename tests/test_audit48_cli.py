@@ -302,3 +302,51 @@ def test_an_undo_refused_for_a_workspace_root_gone_is_said_as_its_cause(tmp_path
     assert (err["exit"], err["type"]) == (1, "ValueError")
     assert run_cli("get", path, "k").stdout.strip() == "2"  # nothing changed
     assert not root.exists()
+
+
+# ---- a transaction in doubt in a workspace whose root is gone ----------------------------
+def test_a_prepared_transaction_in_a_workspace_gone_blocks_nothing_else(tmp_path):
+    """A transaction prepared (in doubt) in workspace A whose root is gone (deleted; a
+    copy on another machine), the store reopened: every ``tx.files`` change in ANOTHER
+    workspace raised ValueError naming A (the in-doubt claims are loaded at the first
+    file operation and read A's effects through a check of A's live root), and
+    ``rollback_prepared`` logged its decision and then raised that ValueError: the
+    transaction was rolled back, its compensations did not run, and `walstore
+    rollback-prepared` said "bad GID 'g1': workspace root ... does not exist", exit 2.
+    Now it rolls back as a live rollback does (a path it created is absent already)."""
+    import shutil
+    path, a, b = str(tmp_path / "s"), tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    with walstore.open(path) as s:
+        wa = s.workspace(str(a))
+        s.workspace(str(b))
+        tx = s.transaction()
+        tx.files(wa).write("new.txt", "prepared\n")
+        tx.put("k", 1)
+        with tx.action("charge", args={}, compensate="refund") as act:
+            act.result = 1
+        tx.prepare("g1")
+    shutil.rmtree(a)
+    with walstore.open(path) as s:
+        with s.transaction() as tx:  # another workspace: not A's business
+            tx.files(str(b)).write("b.txt", "B")
+        assert (b / "b.txt").read_text() == "B"
+        assert s.prepared() == ["g1"]
+    r = run_cli("rollback-prepared", path, "g1", "--handlers",
+                str(_handlers_module(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "rolled back g1", r.stdout
+    with walstore.open(path) as s:
+        assert s.prepared() == [] and s.get("k") is None
+        assert s.pending_compensations() == []
+        assert [x.state for x in s.actions()] == ["compensated"]
+        assert not (s.last_recovery and [p for p in s.last_recovery.problems
+                                         if p.kind == "file-undo-failed"])
+    assert not a.exists()
+
+
+def _handlers_module(tmp_path) -> object:
+    mod = tmp_path / "audit48_handlers.py"
+    mod.write_text("COMPENSATORS = {'refund': lambda action: None}\n")
+    return mod

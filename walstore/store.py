@@ -554,7 +554,7 @@ class Store:
         """Every registered workspace."""
         self._engine.check_open()
         self._engine.refresh()
-        return [self._files.registered(r, reading=True) for r in sorted(self._files.rows())]
+        return [self._files.registered(r, gone_ok=True) for r in sorted(self._files.rows())]
 
     def file_conflicts(self) -> list[dict]:
         """Every recorded file conflict: a path walstore could not put back because it had

@@ -403,23 +403,27 @@ class Files:
                 self._registry[root] = ws
             return ws
 
-    def registered(self, root: bytes, reading: bool = False) -> Workspace:
+    def registered(self, root: bytes, gone_ok: bool = False) -> Workspace:
         """The Workspace registered at ``root`` (bytes, realpath'd); ValueError if none.
 
-        ``reading``: to read its recorded history (``store.workspaces()``,
-        ``at(p).files(ws)``, the CLI's ``files`` and ``diff``), a root that no longer
-        exists or is no directory is no error: that history is in the store (a copy
-        restored or backed up onto another machine "reads file history too"; the tree
-        deleted since).  It was: ``walstore files`` exited 2 (a usage error) and ``diff``
-        said "an unexpected error" (probe audit48).  Such a Workspace is not kept: what
-        changes or undoes files still refuses the root (recovery leaves its undo owed)."""
+        ``gone_ok``: a root that no longer exists or is no directory is no error, for
+        what reads the store's own records of it: its recorded history
+        (``store.workspaces()``, ``at(p).files(ws)``, the CLI's ``files`` and ``diff``: a
+        copy restored or backed up onto another machine "reads file history too"; the
+        tree deleted since) and a prepared transaction's file effects (``effects_of``).
+        It was: ``walstore files`` exited 2 (a usage error), ``diff`` said "an unexpected
+        error", and a transaction in doubt in such a workspace made every ``tx.files``
+        change in any other workspace raise ValueError naming it (probe audit48).  Such
+        a Workspace is not kept; the live tree's operations meet the OS's error there
+        (nothing creates the root anew), and a change through ``tx.files`` still refuses
+        it (``workspace()``)."""
         ws = self._registry.get(root)
         if ws is not None:
             return ws
         row = self.engine.views.workspace_row(root)
         if row is None:
             raise ValueError(f"{os.fsdecode(root)!r} is not a registered workspace")
-        if not reading:
+        if not gone_ok:
             return self._from_row(row)
         try:
             return self._from_row(row)
@@ -428,14 +432,14 @@ class Files:
                              scope=row.get("scope"), registered=True, missing_ok=True)
 
     def resolve_ws(self, ws_or_root: Any, register: bool = True,
-                   reading: bool = False) -> Workspace:
+                   gone_ok: bool = False) -> Workspace:
         """A Workspace of this store from a Workspace or a root path (registered now when
-        ``register`` and not yet; ``reading``: see ``registered``)."""
+        ``register`` and not yet; ``gone_ok``: see ``registered``)."""
         if isinstance(ws_or_root, Workspace):
             root = ws_or_root.root_b
             if self._registry.get(root) is ws_or_root:
                 return ws_or_root
-            return self.registered(root, reading) if not register else self.workspace(root)
+            return self.registered(root, gone_ok) if not register else self.workspace(root)
         if not isinstance(ws_or_root, (str, bytes, os.PathLike)):
             raise TypeError(f"a workspace is a Workspace or a directory path, not "
                             f"{type(ws_or_root).__name__}")
@@ -444,7 +448,7 @@ class Files:
             return self._registry[real]
         row = self.engine.views.workspace_row(real)
         if row is not None:
-            return self.registered(real, reading) if reading else self._from_row(row)
+            return self.registered(real, gone_ok) if gone_ok else self._from_row(row)
         if not register:
             raise ValueError(f"{os.fsdecode(real)!r} is not a registered workspace")
         return self.workspace(real)
@@ -1275,7 +1279,10 @@ class Files:
         return FileEffect(ws, row.get("op", "?"), steps, [lsn], txid)
 
     def effects_of(self, txid: int) -> list:
-        """The owed effects of one ended transaction (``rollback_prepared``), newest first."""
+        """The owed effects of one ended transaction (``rollback_prepared``), newest first.
+        A workspace whose root is gone still names its paths (``gone_ok``): the claims of
+        a transaction in doubt there, and its rollback, which puts back what it can (a
+        path it created is absent already) as a live rollback does."""
         self.engine.drain()
         st = self.engine.state
         prefix = tables.fsteps_prefix(txid)
@@ -1283,7 +1290,8 @@ class Files:
         for raw, v in st.scan(prefix, prefix + b"\xff" * 8, db="fsteps"):
             _t, lsn = tables.split_fsteps_key(raw)
             row = tables.unpack_row(v, "fsteps", raw, st.data_file)
-            out.append(self._effect_of_row(self.registered(row["ws"]), txid, lsn, row))
+            out.append(self._effect_of_row(self.registered(row["ws"], gone_ok=True), txid,
+                                           lsn, row))
         return sorted(out, key=lambda e: e.lsn, reverse=True)
 
     def step_lsns_of(self, txid: int) -> list[int]:

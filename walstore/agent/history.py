@@ -100,7 +100,7 @@ class HistoricalView:
         if h.files is None:
             raise ValueError("this store has no reversible files")
         from .filehistory import HistoricalFiles
-        workspace = h.files.resolve_ws(ws, register=False, reading=True)
+        workspace = h.files.resolve_ws(ws, register=False, gone_ok=True)
         # (unchecked, it read the tree as it is now: a crashed transaction's
         # never-committed bytes as a commit's)
         h.check_file_history(workspace)

@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from ..agent.actions import check_resolve_note, never_runs
+from ..agent.twophase import check_gid
 from ..codec import encode_key
 from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout, store_path
 from ..errors import NotAStore
@@ -23,7 +24,8 @@ from ..options import Options
 from ..signals import Flag
 from ..store import Store
 
-__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "check_resolve_note",
+__all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "check_gid",
+           "check_resolve_note",
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
            "verify", "wal_records", "backup", "is_store", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
@@ -152,10 +154,10 @@ def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[
     boundary = _boundary(store, point)
     roots = sorted(files.rows())
     if workspace is not None:
-        roots = [files.resolve_ws(workspace, register=False, reading=True).root_b]
+        roots = [files.resolve_ws(workspace, register=False, gone_ok=True).root_b]
     out = []
     for root in roots:
-        ws = files.registered(root, reading=True)  # (its root may be gone: a copy's)
+        ws = files.registered(root, gone_ok=True)  # (its root may be gone: a copy's)
         store._history.check_file_history(ws)  # (read-only: the log's tail not applied yet)
         paths = []
         for rel in fh.tracked(root):
@@ -188,7 +190,7 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     fh = store._history.file_history
     # (read-only: the log's tail not applied yet, files unknown; a root gone is read too)
     for root in sorted(store._files.rows()):
-        store._history.check_file_history(store._files.registered(root, reading=True))
+        store._history.check_file_history(store._files.registered(root, gone_ok=True))
     for row in eng.views.commits_after(lo):
         if row["lsn"] > hi:
             continue

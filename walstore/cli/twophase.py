@@ -13,6 +13,13 @@ from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, 
 from .output import EXIT_PROBLEM, emit_json, fail, show_cell, show_gid, table
 
 
+# AFTER_CHECK: the GID is checked (it is one walstore gives; it names a prepared
+# transaction, when the store needs recovery) before the store is opened for the
+# decision; a ValueError the decision raises after that is no bad GID: it was said as "bad GID 'g1': workspace root ... does not
+# exist", exit 2, for a rollback that had been decided (probe audit48).  It is a problem
+# found, exit 1, in its own words.
+
+
 @main.command()
 @PATH
 @JSON
@@ -36,14 +43,17 @@ def prepared(path: str, as_json: bool) -> None:
 def commit_prepared(path: str, gid: str) -> None:
     """Commit the prepared transaction GID."""
     try:
+        _engine.check_gid(gid)  # (one walstore never gives: before anything, see AFTER_CHECK)
         check_before_recovery(path, lambda store: store.prepared_details(gid))
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
     with open_store(path) as store:
         try:
             lsn = store.commit_prepared(gid)
-        except (KeyError, TypeError, ValueError) as e:
+        except KeyError as e:  # (decided meanwhile; the GID itself was checked above)
             _refuse(gid, e)
+        except ValueError as e:  # (see AFTER_CHECK)
+            fail(f"commit-prepared failed: {e}")
     click.echo(f"committed {show_gid(gid)} at LSN {lsn}")
 
 
@@ -56,6 +66,7 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
     from .agent import report_owed
     comps = load_handlers(handlers)
     try:
+        _engine.check_gid(gid)  # (one walstore never gives: before anything, see AFTER_CHECK)
         check_before_recovery(path, lambda store: store.prepared_details(gid))
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
@@ -63,8 +74,10 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
         txids = [p["txid"] for p in _engine.prepared_details(store) if p["gid"] == gid]
         try:
             store.rollback_prepared(gid)
-        except (KeyError, TypeError, ValueError) as e:
+        except KeyError as e:  # (decided meanwhile; the GID itself was checked above)
             _refuse(gid, e)
+        except ValueError as e:  # (see AFTER_CHECK)
+            fail(f"rollback-prepared failed: {e}")
         except walstore.CompensationFailed as e:
             fail(f"rolled back, but {e}")
         owed = [a for a in store.pending_compensations() if a.txid in txids]

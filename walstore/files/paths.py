@@ -117,7 +117,7 @@ class Workspace:
             raise ValueError("the file system root cannot be a workspace")
         # ``missing_ok`` (with ``registered``): a registered root that no longer exists or
         # is no directory (a copy restored on another machine, a deleted tree) is taken,
-        # to read its recorded history (``Files.registered(root, reading=True)``); its
+        # to read its recorded history (``Files.registered(root, gone_ok=True)``); its
         # identity is unknown (None), so ``check_root`` refuses it until it is a directory
         # again, and every change of the live tree meets the OS's error
         try:
