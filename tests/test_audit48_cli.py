@@ -350,3 +350,65 @@ def _handlers_module(tmp_path) -> object:
     mod = tmp_path / "audit48_handlers.py"
     mod.write_text("COMPENSATORS = {'refund': lambda action: None}\n")
     return mod
+
+
+# ---- a registered root reached through a symlink since -------------------------------------
+def test_a_root_reached_through_a_symlink_since_is_refused_after_a_reopen(tmp_path):
+    """README: a root replaced by a symlink (or reached through one) is refused live, and
+    nothing outside a registered root is written.  A directory on the way to the root
+    swapped for a symlink between two opens was not: the reopened store adopted the
+    directory found there as the root, and ``tx.files(ws)`` wrote through the symlink
+    into the other tree; naming the root by its path (``tx.files("/p/ws")``) resolved the
+    symlink, registered its target as a new workspace and wrote there too (also after
+    the root itself became a symlink, in the same process).  The history still reads."""
+    path = str(tmp_path / "s")
+    (tmp_path / "p" / "ws").mkdir(parents=True)
+    (tmp_path / "other" / "ws").mkdir(parents=True)
+    root = str(tmp_path / "p" / "ws")
+    with walstore.open(path) as s:
+        ws = s.workspace(root)
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", "one")
+        s.restore_point("rp")
+    os.rename(tmp_path / "p", tmp_path / "p_old")
+    os.symlink(tmp_path / "other", tmp_path / "p")
+    with walstore.open(path) as s:
+        for target in (s.workspaces()[0], root):
+            with s.transaction() as tx:
+                try:
+                    tx.files(target).write("b.txt", "B")
+                except ValueError as e:
+                    assert "no longer the directory registered" in str(e), e
+                else:
+                    raise AssertionError(f"wrote through a symlink ({target!r})")
+                tx.rollback()
+        try:
+            s.workspace(root)
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("registering the root through a symlink succeeded")
+        assert [w.root for w in s.workspaces()] == [root]  # nothing registered anew
+        assert s.at("rp").files(root).read("a.txt") == b"one"
+    assert os.listdir(tmp_path / "other" / "ws") == []
+    r = run_cli("files", path, "--workspace", root)
+    assert r.returncode == 0 and "a.txt" in r.stdout, r.stderr
+
+    # the root itself replaced by a symlink, in one process: the path form is refused too
+    path2, root2 = str(tmp_path / "s2"), tmp_path / "ws2"
+    root2.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    with walstore.open(path2) as s:
+        s.workspace(str(root2))
+        os.rename(root2, tmp_path / "moved")
+        os.symlink(tmp_path / "elsewhere", root2)
+        with s.transaction() as tx:
+            try:
+                tx.files(str(root2)).write("b.txt", "B")
+            except ValueError:
+                pass
+            else:
+                raise AssertionError("wrote through the root's symlink")
+            tx.rollback()
+        assert [w.root for w in s.workspaces()] == [str(root2)]
+    assert os.listdir(tmp_path / "elsewhere") == []

@@ -345,6 +345,10 @@ class Files:
         """Register ``root`` (durably) or return the Workspace it is registered as."""
         from .scope import check_scope
         scope = check_scope(scope)
+        named = self._registered_as_named(root)
+        if named is not None:  # (see _registered_as_named)
+            named.check_root()  # ValueError: no longer the directory registered
+            return named
         probe = Workspace(root, ignore, exclude=[self.engine.path], scope=scope)
         real = probe.root_b
         if len(real) + 1 > MAX_ROOT_AND_PATH_BYTES:
@@ -392,6 +396,24 @@ class Files:
                 self._manifests.pop(real, None)
                 self._drop_monitor(real)
             return ws
+
+    def _registered_as_named(self, root: Any) -> Workspace | None:
+        """The registered workspace whose root ``root`` names as written (absolute,
+        normalized, no symlink resolved) when resolving symlinks would name another
+        directory: the root, or a directory on the way to it, is a symlink now.  That
+        workspace is meant, and its ``check_root`` refuses every change (README: a root
+        replaced by a symlink, or reached through one, is refused live).  Resolved
+        first, the path named the symlink's target, which was registered as a new
+        workspace and written in (probe audit48).  None otherwise."""
+        try:
+            lexical = os.path.normpath(os.path.abspath(os.fsencode(root)))
+        except (TypeError, ValueError):
+            return None  # (the caller's own checks say what is wrong)
+        if lexical not in self._registry and self.engine.views.workspace_row(lexical) is None:
+            return None
+        if os.path.realpath(lexical) == lexical:
+            return None  # (the usual way: resolved, it is the same root)
+        return self.registered(lexical, gone_ok=True)
 
     def _from_row(self, row: dict) -> Workspace:
         root = row["root"]
@@ -443,6 +465,9 @@ class Files:
         if not isinstance(ws_or_root, (str, bytes, os.PathLike)):
             raise TypeError(f"a workspace is a Workspace or a directory path, not "
                             f"{type(ws_or_root).__name__}")
+        named = self._registered_as_named(ws_or_root)
+        if named is not None:  # (its root is a symlink now: see _registered_as_named)
+            return named
         real = os.path.realpath(os.path.abspath(os.fsencode(ws_or_root)))
         if real in self._registry:
             return self._registry[real]

@@ -133,10 +133,14 @@ class Workspace:
             lst = os.lstat(real)
         except FileNotFoundError:  # (missing_ok: checked above)
             lst = None
-        # the root directory's identity (see ``check_root``); None: not a real directory
+        # the root directory's identity (see ``check_root``); None: not a real directory,
+        # or (``registered``) one reached through a symlink now: a directory on the way
+        # to the registered root swapped for a symlink between two opens was taken as
+        # the root (its identity adopted here), and every change went through the
+        # symlink into another tree (probe audit48); ``check_root`` refuses it instead
         self._root_id: tuple[int, int] | None = (
             (lst.st_dev, lst.st_ino) if lst is not None and stat.S_ISDIR(lst.st_mode)
-            else None)
+            and not (registered and os.path.realpath(real) != real) else None)
         self.root_b: bytes = real
         self.root: str = os.fsdecode(real)
         self.ignore = ignore if isinstance(ignore, IgnoreRules) else IgnoreRules(ignore)
