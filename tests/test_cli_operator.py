@@ -257,3 +257,16 @@ def test_verify_beside_a_live_writer_does_not_call_its_open_action_owed(tmp_path
         tx.commit()
     finally:
         s.close()
+
+
+def test_stats_human_output_shows_nothing_as_a_dash_not_python(tmp_path):
+    """`walstore stats` printed Python's ``None`` and ``[]`` (audit48): nothing is ``-``."""
+    path = str(tmp_path / "s")
+    store_with(path, {"a": 1})
+    out = run_cli("stats", path)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(None, 1) for line in out.stdout.splitlines())
+    assert lines["failure"].strip() == "-" and lines["background_errors"].strip() == "-"
+    assert "None" not in out.stdout and "[]" not in out.stdout
+    doc = json.loads(run_cli("stats", path, "--json").stdout)
+    assert doc["failure"] is None and doc["background_errors"] == []

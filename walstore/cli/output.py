@@ -244,7 +244,20 @@ def emit_summary(doc: dict, as_json: bool) -> None:
     if as_json:
         emit_json(doc)
     else:
-        kv_lines(sorted(doc.items()))
+        kv_lines([(k, _summary_value(v)) for k, v in sorted(doc.items())])
+
+
+def _summary_value(v: Any) -> Any:
+    """A summary's value for a human: ``-`` for nothing (None, an empty list or mapping),
+    a list's items joined by commas, a mapping as compact JSON (`stats` printed Python's
+    ``None`` and ``[]`` — audit48)."""
+    if v is None or (isinstance(v, (list, tuple, dict)) and not v):
+        return "-"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) if isinstance(x, (str, int)) else show_value(x) for x in v)
+    if isinstance(v, dict):
+        return show_value(v)
+    return v
 
 
 def show_value(v: Any) -> str:
