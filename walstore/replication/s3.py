@@ -152,6 +152,10 @@ class S3Target:
             cond["IfMatch"] = if_match
         size = len(body) if isinstance(body, (bytes, bytearray)) else _remaining(body)
         if size > self.multipart_threshold:
+            if isinstance(body, (bytes, bytearray)):
+                # (a lease or manifest past the threshold: the parts are read from a
+                # stream; ``bytes.read`` raised AttributeError and no round ever shipped)
+                body = io.BytesIO(body)
             return self._multipart(key, body, cond)
         try:
             r = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
