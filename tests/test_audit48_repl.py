@@ -35,3 +35,34 @@ def test_s3_bytes_body_over_multipart_threshold_ships(s3_endpoint, tmp_path):  #
     walstore.restore(rep.url, dest, to="p3", replicate_options=rep.opts())
     with walstore.open(dest) as r:
         assert list(r.scan()) == want[:4]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("addressing_style", "bogus"), ("connect_timeout", 0), ("connect_timeout", -1),
+    ("read_timeout", 0), ("read_timeout", float("inf")), ("multipart_threshold", -1),
+    ("max_object_bytes", 0), ("max_object_bytes", -1), ("max_manifest_bytes", 0),
+    ("delete_grace", -1), ("max_pin_bytes", -1), ("snapshot_wal_bytes", -1)])
+def test_replicate_option_out_of_range_is_a_value_error_naming_it(tmp_path, name, value):
+    """"A value an option does not take is a ValueError naming it" (docs/REPLICATION.md).
+    These were accepted: ``addressing_style="bogus"`` then escaped ``walstore.open`` as
+    botocore's InvalidS3AddressingStyleError (no foreign exception may escape), a
+    timeout of 0 was refused only when the S3 client was built ("cannot set up the S3
+    client", and never for file://), ``multipart_threshold=-1`` made every round fail,
+    ``max_manifest_bytes=0`` every manifest write, and negative sizes and grace periods
+    were taken as given."""
+    with pytest.raises(ValueError, match=name):
+        ReplicateOptions.from_any({name: value})
+    for url in ("s3://walstore-bucket/p", f"file://{tmp_path}/rep"):
+        with pytest.raises(ValueError, match=name):
+            walstore.open(str(tmp_path / "src"), replicate_to=url,
+                          replicate_options={name: value})
+        with pytest.raises(ValueError, match=name):
+            walstore.restore(url, str(tmp_path / "dest"), replicate_options={name: value})
+
+
+@pytest.mark.parametrize("value", [[1], "interval=1", 5])
+def test_replicate_options_not_a_mapping_is_named(tmp_path, value):
+    """``replicate_options=[1]`` raised ``cannot convert dictionary update sequence
+    element #0 to a sequence``, naming neither the argument nor what it takes."""
+    with pytest.raises(TypeError, match="replicate_options"):
+        ReplicateOptions.from_any(value)

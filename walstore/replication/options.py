@@ -9,6 +9,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 GiB = 1 << 30
@@ -17,6 +18,7 @@ DAY = 24 * 3600.0  # the longest wait between rounds: beyond it a wait overflowe
 #                    inf: the shipper thread died of OverflowError while state said running)
 
 
+_ADDRESSING = ("auto", "virtual", "path")  # botocore's S3 addressing styles
 _REGION = re.compile(r"(?![0-9]+$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")  # botocore's
 
 
@@ -77,6 +79,11 @@ class ReplicateOptions:
             opts = dataclasses.replace(value)
         else:
             known = {f.name for f in dataclasses.fields(cls)}
+            if value is not None and not isinstance(value, Mapping):
+                # (``dict([1])`` said "cannot convert dictionary update sequence element
+                # #0 to a sequence", naming neither the argument nor what it takes)
+                raise TypeError(f"replicate_options must be a dict of option names to "
+                                f"values (or None), not {type(value).__name__}")
             given = dict(value or {})
             unknown = sorted(set(given) - known)
             if unknown:
@@ -112,6 +119,23 @@ class ReplicateOptions:
         if not 1 <= opts.blob_uploads <= 64:
             raise ValueError(f"replicate_options blob_uploads must be 1 to 64 (blobs "
                              f"uploaded at once), not {opts.blob_uploads!r}")
+        # Each was accepted and failed later, or never: botocore's own exception escaping
+        # open() for an addressing style, a timeout refused only when an S3 client was
+        # built, every round failing on a negative threshold or a bound of 0 bytes.
+        if opts.addressing_style not in _ADDRESSING:
+            raise ValueError(f"replicate_options addressing_style must be one of "
+                             f"{', '.join(_ADDRESSING)}, not {opts.addressing_style!r}")
+        for name in ("connect_timeout", "read_timeout"):
+            v = getattr(opts, name)
+            if not 0 < v <= DAY:
+                raise ValueError(f"replicate_options {name} must be a number of seconds "
+                                 f"above 0 and at most {DAY:g} (a day), not {v!r}")
+        for name, low in (("max_object_bytes", 1), ("max_manifest_bytes", 1),
+                          ("multipart_threshold", 0), ("max_pin_bytes", 0),
+                          ("snapshot_wal_bytes", 0), ("delete_grace", 0)):
+            if getattr(opts, name) < low:
+                raise ValueError(f"replicate_options {name} must be {low} or more, not "
+                                 f"{getattr(opts, name)!r}")
         if opts.compact_fanout < 2 or opts.retain_snapshots < 1:
             raise ValueError("compact_fanout must be >= 2 and retain_snapshots >= 1")
         if opts.part_size < 5 * MiB:
