@@ -4,6 +4,8 @@ contract's "Replication: beyond one machine", "Integrations" and section 4 promi
 Each test failed before its fix (see the commit naming it)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import walstore
@@ -66,3 +68,39 @@ def test_replicate_options_not_a_mapping_is_named(tmp_path, value):
     element #0 to a sequence``, naming neither the argument nor what it takes."""
     with pytest.raises(TypeError, match="replicate_options"):
         ReplicateOptions.from_any(value)
+
+
+@pytest.mark.parametrize("length", [230, 250, 255])
+def test_restore_and_backup_to_a_long_destination_name(tmp_path, length):
+    """A destination whose name is valid (up to 255 bytes, as ``walstore.open`` takes)
+    but long: the staging directory beside it was named ``.<name>.restoring-<pid>-<rnd>``
+    (``<name>.incomplete-backup-...`` for a backup), past NAME_MAX, and the restore
+    failed with ``StoreIOError: File name too long`` (the backup likewise)."""
+    import subprocess
+    import sys
+    rep = f"file://{tmp_path}/rep"
+    src = str(tmp_path / "src")
+    with walstore.open(src, replicate_to=rep, replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("k", "v")
+        s.sync_replica(timeout=30)
+    dest = str(tmp_path / ("d" * length))
+    walstore.restore(rep, dest)
+    with walstore.open(dest) as r:
+        assert list(r.scan()) == [("k", "v")]
+    backup = str(tmp_path / ("b" * length))
+    res = subprocess.run([sys.executable, "-m", "walstore", "backup", src, backup],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    with walstore.open(backup) as b:
+        assert list(b.scan()) == [("k", "v")]
+    assert sorted(os.listdir(tmp_path)) == sorted(["rep", "src", "d" * length, "b" * length])
+
+
+def test_scratch_stem_keeps_short_names_and_bounds_long_ones():
+    from walstore import fileio
+    assert fileio.scratch_stem("dest") == "dest"
+    long = "é" * 120  # 240 bytes
+    stem = fileio.scratch_stem(long)
+    assert len(os.fsencode(stem)) + 64 <= fileio.NAME_MAX
+    assert stem == fileio.scratch_stem(long) != fileio.scratch_stem(long[:-1] + "e")

@@ -11,6 +11,7 @@ backend may raise anything.  Nothing in the package installs another backend by 
 ``clone`` / ``copy_range`` are the kernel-side copies (FICLONE, copy_file_range) of the
 reversible-files blob store (``walstore.files.blobs``): bytes they move never pass through
 ``pwrite``, so they go through the seam too, where a backend can fail or record them.
+``stage_inside`` / ``move_up`` / ``scratch_stem``: where a copy (backup, restore) is staged.
 """
 from __future__ import annotations
 
@@ -251,6 +252,24 @@ def write_file_atomic(path: str, data: bytes) -> None:
         os.close(fd)
     rename(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+NAME_MAX = 255  # bytes of one file name (Linux, macOS)
+
+
+def scratch_stem(name: str, room: int = 64) -> str:
+    """``name`` (the base name of a copy's destination) as the stem of the name of the
+    scratch directory staged beside it, leaving ``room`` bytes for what is added (a
+    ``.restoring-<pid>-<random>`` suffix): a valid destination name of 230 to 255 bytes
+    made a staging name past NAME_MAX, and the restore or backup failed with
+    ENAMETOOLONG.  A long name keeps its start and gets a digest of the whole (the same
+    for the same destination: a killed copy's scratch is still found and swept)."""
+    raw = os.fsencode(name)
+    if len(raw) + room <= NAME_MAX:
+        return name
+    import hashlib
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return os.fsdecode(raw[:NAME_MAX - room - len(digest) - 1]) + "~" + digest
 
 
 def stage_inside(dest: str) -> bool:

@@ -109,7 +109,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     base = dest if inside else os.path.dirname(dest)
     with _writing("the backup's directory", base):
         fileio.make_dir(base)
-        prefix = STAGING if inside else f"{os.path.basename(dest)}{STAGING}"
+        stem = fileio.scratch_stem(os.path.basename(dest))  # (within NAME_MAX)
+        prefix = STAGING if inside else f"{stem}{STAGING}"
         if not inside:
             sweep_dead_scratch(base, prefix)
         stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)

@@ -538,7 +538,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         raise ReplicationError(f"restore destination {dest} is a symbolic link (to "
                                f"{os.readlink(dest)}): name a directory that is not a link "
                                f"(the finished copy is renamed into place); nothing was done")
-    staging = f".{os.path.basename(dest)}.restoring-"
+    staging = f".{fileio.scratch_stem(os.path.basename(dest))}.restoring-"
     inside = fileio.stage_inside(dest)  # (see below)
     if inside:  # (what a killed restore staged inside DEST, before DEST is checked)
         sweep_dead_scratch(dest, staging)
