@@ -104,3 +104,33 @@ def test_scratch_stem_keeps_short_names_and_bounds_long_ones():
     stem = fileio.scratch_stem(long)
     assert len(os.fsencode(stem)) + 64 <= fileio.NAME_MAX
     assert stem == fileio.scratch_stem(long) != fileio.scratch_stem(long[:-1] + "e")
+
+
+def test_restore_dest_is_checked_as_a_store_path(tmp_path, monkeypatch):
+    """``walstore.restore(url, "")`` restored into the current directory (when empty)
+    where ``walstore.open("")`` is refused ("." names it); a bytes DEST, which
+    ``walstore.open`` takes, failed with ``TypeError: startswith first arg must be
+    bytes``; the CLI's ``walstore restore URL ""`` did the same as the first."""
+    import subprocess
+    import sys
+    rep = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("k", "v")
+        s.sync_replica(timeout=30)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(ValueError, match="must not be empty"):
+        walstore.restore(rep, "")
+    res = subprocess.run([sys.executable, "-m", "walstore", "restore", rep, ""],
+                         capture_output=True, text=True, timeout=120, cwd=str(cwd))
+    assert res.returncode == 2 and "empty" in res.stderr, (res.returncode, res.stderr)
+    assert os.listdir(cwd) == []
+    with pytest.raises(ValueError, match="NUL"):
+        walstore.restore(rep, str(tmp_path / "a\0b"))
+    dest = os.fsencode(str(tmp_path / "bytes-dest"))
+    assert walstore.restore(rep, dest)["dest"] == os.fsdecode(dest)
+    with walstore.open(dest) as r:
+        assert list(r.scan()) == [("k", "v")]

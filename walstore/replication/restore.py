@@ -56,7 +56,7 @@ from ..errors import (CorruptionError, PointTypeError, ReplicationError, Unknown
 from ..log.format import LSN
 from ..files.blobs import BlobStore
 from ..signals import Flag
-from ..engine.layout import FORMAT_VERSION, check_version, identity_bytes
+from ..engine.layout import FORMAT_VERSION, check_version, identity_bytes, store_path
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import ReplicateOptions
@@ -532,7 +532,10 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
     t_start = time.monotonic()
     lock = None
     opts = ReplicateOptions.from_any(replicate_options)
-    dest = os.path.abspath(dest)
+    # checked as open() checks a store path: "" restored into the current directory
+    # (open("") is refused), and a bytes DEST, which open() takes, failed with a raw
+    # "startswith first arg must be bytes"
+    dest = os.path.abspath(store_path(dest))
     if os.path.islink(dest):  # (checked first: the whole download was wasted, then the
         # rename into place failed with a raw ENOTDIR — a link, dangling or to a directory)
         raise ReplicationError(f"restore destination {dest} is a symbolic link (to "
