@@ -134,3 +134,45 @@ def test_restore_dest_is_checked_as_a_store_path(tmp_path, monkeypatch):
     assert walstore.restore(rep, dest)["dest"] == os.fsdecode(dest)
     with walstore.open(dest) as r:
         assert list(r.scan()) == [("k", "v")]
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--apply-every", "nan"), ("--apply-every", "-1"), ("--apply-every", "inf")])
+def test_follow_apply_every_out_of_range_is_a_usage_error(tmp_path, flag, value):
+    """``walstore restore URL DEST --follow --apply-every nan`` (or -1, inf) was taken
+    and the follower ran, never applying on time: "A value an option does not take is a
+    ValueError naming it, and on the CLI a one-line usage error naming the flag (exit
+    2)"; ``--interval`` was checked, ``--apply-every`` not."""
+    import subprocess
+    import sys
+    rep = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("k", "v")
+        s.sync_replica(timeout=30)
+    dest = str(tmp_path / "dest")
+    res = subprocess.run([sys.executable, "-m", "walstore", "restore", rep, dest, "--follow",
+                          "--interval", "0.1", f"{flag}={value}"],
+                         capture_output=True, text=True, timeout=20)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert flag in res.stderr and "Traceback" not in res.stderr
+    assert not os.path.exists(dest)
+
+
+@pytest.mark.parametrize("kw", [{"interval": -1.0}, {"interval": float("nan")},
+                                {"interval": 0}, {"apply_every": float("nan")},
+                                {"apply_every": -1}, {"apply_every": "5"}])
+def test_follow_api_checks_interval_and_apply_every(tmp_path, kw):
+    """``walstore.replication.follow(url, dest, interval=-1)`` (or NaN) polled in a busy
+    loop, ``interval=0`` took the default without a word, and ``apply_every`` was never
+    checked: each is a ValueError naming it, before anything is restored."""
+    from walstore.replication import follow
+    rep = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                       replicate_options={"interval": 0.05}) as s:
+        s.sync_replica(timeout=30)
+    dest = str(tmp_path / "dest")
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        follow(rep, dest, **kw)
+    assert not os.path.exists(dest)

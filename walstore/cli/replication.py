@@ -213,6 +213,11 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     _check_where(url, opts)
     comps = load_handlers(handlers)
     if follow:
+        (check_apply_every,) = _engine.replication("check_apply_every")
+        try:  # (a NaN, negative or inf one was taken: never applied on time)
+            check_apply_every(apply_every)
+        except ValueError as e:
+            _fail(str(e).replace("apply_every", "--apply-every", 1), EXIT_USAGE)
         stop = _stop_on_signals()
         (display_url,) = _engine.replication("display_url")
         click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)

@@ -59,7 +59,7 @@ from ..signals import Flag
 from ..engine.layout import FORMAT_VERSION, check_version, identity_bytes, store_path
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
-from .options import ReplicateOptions
+from .options import DAY, ReplicateOptions
 from .shipper import BLOB_PREFIX, sweep_dead_scratch
 from .targets import NOT_MODIFIED, ObjectStore, display_url, open_target
 
@@ -937,6 +937,15 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
 
 
 # ---- follow -------------------------------------------------------------------------
+def check_apply_every(apply_every: Any) -> None:
+    """ValueError unless ``apply_every`` is a number of seconds from 0 (every round) to a
+    day (``--apply-every``)."""
+    if isinstance(apply_every, bool) or not isinstance(apply_every, (int, float)) \
+            or not 0 <= apply_every <= DAY:  # (NaN fails both comparisons)
+        raise ValueError(f"apply_every must be a number of seconds from 0 (every round) "
+                         f"to {DAY:g} (a day), not {apply_every!r}")
+
+
 @os_errors_wrapped  # (a full disk, EIO: a StoreIOError, never a raw OSError)
 def follow(url: str, dest: str, replicate_options: Any = None, *,
            stop: "threading.Event | Flag | None" = None, interval: float | None = None,
@@ -952,7 +961,11 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     applies at its end and erases what the writer's purge checkpoint erases (the log's
     files holding records before it, LMDB's free pages: see ``_follow_rounds``)."""
     opts = ReplicateOptions.from_any(replicate_options)
-    interval = interval or opts.interval
+    # checked as the ``interval`` option is (a NaN or negative one polled in a busy loop,
+    # 0 took the default without a word), and ``apply_every`` likewise (a NaN or inf one
+    # never applied on time, a negative or a str one was taken as given)
+    interval = ReplicateOptions.from_any(opts, interval=interval).interval
+    check_apply_every(apply_every)
     stop = stop or Flag()
     tgt = target if target is not None else open_target(url, opts)
     # the follower is DEST's one writer: its lock keeps a writer open (or a second
