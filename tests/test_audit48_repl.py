@@ -176,3 +176,35 @@ def test_follow_api_checks_interval_and_apply_every(tmp_path, kw):
     with pytest.raises(ValueError, match=next(iter(kw))):
         follow(rep, dest, **kw)
     assert not os.path.exists(dest)
+
+
+class _PlainClass:  # (not a dataclass: LangGraph's encoding cannot store it)
+    def __init__(self) -> None:
+        self.x = 1
+
+
+@pytest.mark.parametrize("value,named", [(_PlainClass(), "_PlainClass"),
+                                         (complex(1, 2), "builtins.complex"),
+                                         (2 ** 70, "int"), ({"deep": [-(2 ** 64)]}, "int")])
+def test_saver_put_of_an_unstorable_value_names_the_type_and_the_recipe(tmp_path, value,
+                                                                         named):
+    """A state value LangGraph's encoding cannot store was refused at ``put`` with
+    ormsgpack's own words: "Type is not msgpack serializable: _PlainClass" (no recipe),
+    "Integer exceeds 64-bit range" (not even the type).  The contract: refused loudly at
+    put, "naming the type and the allowed_types recipe"; nothing is stored."""
+    pytest.importorskip("langgraph")
+    from langgraph.checkpoint.base import empty_checkpoint
+    from walstore.integrations.langgraph import WalstoreSaver
+    from walstore.integrations.langgraph.serde import StateTypeError
+    with walstore.open(str(tmp_path / "st")) as s:
+        saver = WalstoreSaver(s)
+        cp = empty_checkpoint()
+        version = saver.get_next_version(None)
+        cp["channel_values"] = {"v": value}
+        cp["channel_versions"] = {"v": version}
+        with pytest.raises(StateTypeError) as e:
+            saver.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, cp, {},
+                      {"v": version})
+        assert named in str(e.value)
+        assert "allowed_types" in str(e.value) or "str(n)" in str(e.value)
+        assert saver.get_tuple({"configurable": {"thread_id": "t"}}) is None

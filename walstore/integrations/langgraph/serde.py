@@ -652,6 +652,11 @@ class _Packer:
             error, self._local.error = getattr(self._local, "error", None), None
             if error is not None:  # (ormsgpack replaces the hook's error with its own)
                 raise error from None
+            if "Integer exceeds 64-bit range" in str(e):  # (it named neither type nor way)
+                raise StateTypeError(
+                    "WalstoreSaver refuses to store an int outside msgpack's range (-2**63 "
+                    "to 2**64-1): store it as a str (str(n)) or a decimal.Decimal, which "
+                    "come back as they are") from None
             if "surrogates" in str(e):
                 raise StateTypeError(
                     "WalstoreSaver refuses to store a str holding a lone surrogate (not "
@@ -721,7 +726,19 @@ class _Packer:
             fields = {k: getattr(obj, k) for k in obj.__slots__}
             refuse_flattened_in(fields)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
-        return lg_jsonplus._msgpack_default(obj)
+        try:
+            return lg_jsonplus._msgpack_default(obj)
+        except TypeError:
+            # (ormsgpack said only "Type is not msgpack serializable: Weird": no recipe)
+            cls = type(obj)
+            raise StateTypeError(
+                f"WalstoreSaver refuses to store a {cls.__module__}.{cls.__qualname__}: "
+                f"LangGraph's encoding cannot store it (it stores plain data, and "
+                f"dataclasses, Enums, pydantic models and NamedTuples rebuilt by name); "
+                f"make it one of those at the top level of your own module, or list a "
+                f"library's one: WalstoreSaver(store, allowed_types=[{cls.__qualname__}]) "
+                f"(or allowed_types=[({cls.__module__!r}, {cls.__qualname__!r})]); or store "
+                f"plain data (dict, list, str, numbers)") from None
 
     def _checked(self, obj: Any, code: int, payload: bytes) -> ormsgpack.Ext:
         """The extension record, once the class is known to rebuild this value as it
