@@ -669,13 +669,19 @@ class Store:
         finally:
             self._finishing.leave()
 
-    def purge(self, prefix: Key) -> dict:
+    def purge(self, prefix: Key, *, progress: Callable[[int, int], None] | None = None
+              ) -> dict:
         """Erase every key under ``prefix`` and every past version of it, from every API
         and, by the checkpoint it runs, from every file of the store directory.  Logged (the
-        prefix, not the data); cannot be reverted.  See walstore.agent.purge."""
+        prefix, not the data); cannot be reverted.  See walstore.agent.purge.
+        ``progress(done, total)``: called after each batch of the LMDB rewrite (bytes of
+        the data file, by its rows copied); None: nothing is counted."""
         self._finishing.enter()
         try:
-            return self._purge.purge(prefix)
+            if progress is not None and not callable(progress):
+                raise TypeError(f"progress= is a callable (done, total) or None, not "
+                                f"{progress!r}")
+            return self._purge.purge(prefix, progress)
         finally:
             self._finishing.leave()
 

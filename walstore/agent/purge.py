@@ -53,7 +53,10 @@ class Purge:
         # that stopped every follower for good)
         self.before_erase: Callable[[], None] | None = None
 
-    def purge(self, prefix: Any) -> dict:
+    def purge(self, prefix: Any, progress: Callable[[int, int], None] | None = None
+              ) -> dict:
+        """``progress(done, total)``: the rewrite of LMDB at the purge's checkpoint (its
+        longest part on a large store): the rows copied, as a share of the file's bytes."""
         if not isinstance(prefix, (str, bytes)) or not prefix:
             raise (EmptyArgumentError if isinstance(prefix, (str, bytes)) else TypeError)(
                 f"purge takes a non-empty key prefix (str or bytes), not {prefix!r}")
@@ -81,8 +84,7 @@ class Purge:
                 f"({e}); nothing was purged: purge narrower prefixes first") from e
         eng.drain()
         needles = sorted(set(present) | set(had_history))
-        out = (eng.erase_old_bytes(needles) if self.before_erase is None
-               else eng.erase_old_bytes(needles, after_rotate=self.before_erase))
+        out = eng.erase_old_bytes(needles, after_rotate=self.before_erase, progress=progress)
         out.update({"txid": tx.id, "lsn": tx.lsn, "keys_deleted": len(present),
                     "keys_erased": len(needles)})
         return out

@@ -7,8 +7,8 @@ import click
 from . import WalstoreCommand, main
 from .common import JSON, PATH, open_store
 from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
-                     emit_json, fail, parse_json_value, show_cell, show_key, show_time,
-                     show_value, table, untag)
+                     emit_json, end_progress, fail, parse_json_value, progress_printer,
+                     show_cell, show_key, show_time, show_value, table, untag)
 
 
 class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
@@ -71,8 +71,14 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
     if not yes:
         raise UsageProblem("purge erases every key under the prefix and all its history, "
                            "for good: add --yes to confirm")
-    with open_store(path) as store:
-        doc = store.purge(prefix)
+    # progress on stderr (text mode): the open's recovery of an unclean store, then the
+    # rewrite of LMDB at the purge's checkpoint (a purge of a large store said nothing)
+    with open_store(path, progress=None if as_json else progress_printer("recover")) as store:
+        end_progress()
+        try:
+            doc = store.purge(prefix, progress=None if as_json else progress_printer("purge"))
+        finally:
+            end_progress()
     doc["lsn"] = int(doc["lsn"]) if doc.get("lsn") is not None else None
     if as_json:
         emit_json(doc)

@@ -126,11 +126,18 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
     except (ValueError, ReplicationError) as e:
         _fail(str(e), EXIT_USAGE if isinstance(e, ValueError) else EXIT_PROBLEM)
     if once:
+        # progress on stderr (text mode): the WAL and file content shipped, and a
+        # snapshot's upload, each on a line of its own (a round shipping hundreds of MiB
+        # said nothing until it ended)
+        shown = (None, None) if as_json else (_phase_progress("replicate"),
+                                               _phase_progress("replicate snapshot"))
         try:
-            summary = shipper.ship_once()
+            summary = shipper.ship_once(*shown)
         except WalstoreError as e:
+            end_progress()
             shipper.stop()
             _fail(str(e))
+        end_progress()
         shipper.stop()
         if as_json:
             _emit({"url": shipper.url, **summary})
@@ -159,6 +166,20 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
                 _fail(st.last_error or "lease lost", EXIT_PROBLEM, "ReplicationError")
     finally:
         shipper.stop()
+
+
+def _phase_progress(label: str):
+    """A progress printer for one part of a longer work (stderr, text mode), starting on a
+    line of its own: the line of the part before may be left open."""
+    show = progress_printer(label)
+    first = [True]
+
+    def step(done: int, total: int) -> None:
+        if first[0]:
+            first[0] = False
+            end_progress()
+        show(done, total)
+    return step
 
 
 def _follow_report(info: dict) -> None:

@@ -707,14 +707,16 @@ class Engine:
                 self.applied_lsn = max(self.applied_lsn, mark)
 
     def erase_old_bytes(self, needles: list[bytes],
-                        after_rotate: Callable[[], None] | None = None) -> dict:
+                        after_rotate: Callable[[], None] | None = None,
+                        progress: Callable[[int, int], None] | None = None) -> dict:
         """After a purge: no file of the store may keep the erased bytes.  The WAL moves to
         a new segment and every older one goes (replication pins are overridden: erasure
         wins), LMDB is rewritten without its free pages, and the quarantined copies that
         may hold erased keys (``needles``, the purged ranges; walstore.engine.scrub) are
         removed, named in ``quarantine_removed_names``.  ``after_rotate``: called once the
         old segments are sealed, before they go (a replica ships up to the new segment:
-        the old segment's SEAL unshipped was a hole in it)."""
+        the old segment's SEAL unshipped was a hole in it).  ``progress``: the LMDB
+        rewrite's (``LmdbState.compact``)."""
         self.check_writable()
         with self._checkpoint_lock:
             self.wal.rotate()
@@ -724,7 +726,7 @@ class Engine:
             owed = self.erase_owed()  # (the ranges of every purge applied so far)
             needles = list(needles) + [bytes(lo) for lo, _hi in owed if lo]
             with self._apply_lock:
-                before, after = self.state.compact()
+                before, after = self.state.compact(progress)
             gone = self._scrub_quarantine(needles, [(bytes(lo), None if hi is None
                                                      else bytes(hi)) for lo, hi in owed])
             out.update({"lmdb_bytes_before": before, "lmdb_bytes_after": after,

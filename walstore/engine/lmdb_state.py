@@ -466,10 +466,12 @@ class LmdbState:
                          map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
                          create=False, mode=0o600)
 
-    def compact(self) -> tuple[int, int]:
+    def compact(self, progress: Callable[[int, int], None] | None = None
+                ) -> tuple[int, int]:
         """Rewrite the data file with its live rows only and swap it in, so the bytes of
         erased data are in no file any more.  Call with no write in progress.  Returns the
-        file's size before and after.
+        file's size before and after.  ``progress(done, total)``: the rows copied so far
+        (after each batch), shown as that share of the file's size before (``total``).
 
         Row by row (``_copy_rows``), not LMDB's compacting copy: that one copies each live
         page whole, and the unused part of a page keeps the bytes of rows deleted from it
@@ -482,7 +484,9 @@ class LmdbState:
         shutil.rmtree(work, ignore_errors=True)
         fileio.make_dir(work)
         with self._write_lock:
-            self.gate.call(self._copy_rows, work)
+            shown = None if progress is None else \
+                (lambda rows, of: progress(before * rows // max(of, 1), before))
+            self.gate.call(lambda: self._copy_rows(work, progress=shown))
             fresh = os.path.join(work, "data.mdb")
             fd = fileio.open_file(fresh, os.O_RDONLY)
             try:
@@ -515,30 +519,41 @@ class LmdbState:
         shutil.rmtree(work, ignore_errors=True)
         return before, os.path.getsize(self.data_file)
 
-    def _copy_rows(self, work: str, chunk: int = 10_000) -> None:
+    def _copy_rows(self, work: str, chunk: int = 10_000, chunk_bytes: int = 16 << 20,
+                   progress: Callable[[int, int], None] | None = None) -> None:
         """Every row of every table into a fresh environment at ``work``, in key order (a
-        new file's pages hold nothing but what is put in them).  Caller holds the write
-        lock: the read transaction sees the final state."""
+        new file's pages hold nothing but what is put in them), in batches of at most
+        ``chunk`` rows or ``chunk_bytes`` (a batch of 10,000 large rows held them all in
+        memory at once).  Caller holds the write lock: the read transaction sees the final
+        state.  ``progress(rows copied, rows in all)`` after each batch."""
         size = self.env.info()["map_size"]
         # (lock=False: this thread alone uses it, and no sparse lock file is mapped)
         dst = lmdb.open(work, map_size=size, max_dbs=MAX_DBS, subdir=True, sync=False,
                         metasync=False, writemap=False, lock=False, create=True, mode=0o600)
         try:
             with self.env.begin() as src:
-                for name, dbname in TABLES.items():
-                    table = self._shared.get(name)
+                tables = [(dbname, self._shared.get(name)) for name, dbname in TABLES.items()]
+                rows_in_all = 0 if progress is None else sum(
+                    src.stat(t)["entries"] for _n, t in tables if t is not None)
+                copied = 0
+                for dbname, table in tables:
                     if table is None:
                         continue  # (an older store without this table)
                     out = dst.open_db(dbname, create=True)
                     cur = src.cursor(db=table)
                     ok = cur.first()
                     while ok:
-                        rows = []
-                        while ok and len(rows) < chunk:
-                            rows.append(cur.item())
+                        rows, batch = [], 0
+                        while ok and len(rows) < chunk and batch < chunk_bytes:
+                            row = cur.item()
+                            rows.append(row)
+                            batch += len(row[0]) + len(row[1])
                             ok = cur.next()
                         with dst.begin(write=True) as w:
                             w.cursor(db=out).putmulti(rows, append=True)
+                        copied += len(rows)
+                        if progress is not None:
+                            progress(copied, max(rows_in_all, copied))
             dst.sync(True)
         finally:
             dst.close()

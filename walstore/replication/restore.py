@@ -593,8 +593,17 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         wal = os.path.join(stage, "wal")
         _src.make_dir(db)
         _src.make_dir(wal)
+        # ``progress``: the bytes downloaded, the snapshot's first (per MiB), then the WAL
+        # objects' (per object); the snapshot was not counted, and the download of a large
+        # one showed nothing
+        snap_n = snap["n"] if snap["k"] is not None else 0
+        total = snap_n + sum(e["n"] for e in chain)
         if snap["k"] is not None:
-            _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"))
+            _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"),
+                               None if not progress else
+                               (lambda n: progress(min(n, snap_n), total)))
+            if progress:
+                progress(snap_n, total)
             applied = _src.read_applied(db)
         else:  # the empty store at LSN 0
             _src.create_empty_db(db)
@@ -606,8 +615,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         log = RestoredLog(wal, store_id, prealloc=follow)
         log.know(m.wal)
         flight = _InFlight()
-        total = sum(e["n"] for e in chain)
-        done = 0
+        done = snap_n
         try:
             for e in chain:
                 for lsn, rtype, raw, _s in fetch.records(e):
@@ -909,11 +917,14 @@ def _points_at(m: Manifest, cut: int) -> dict[str, dict | None]:
     return out
 
 
-def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
+def _download_snapshot(tgt: ObjectStore, snap: dict, path: str,
+                       progress: Callable[[int], None] | None = None) -> None:
+    """``progress``: called with the bytes downloaded so far, per MiB at most."""
     def once():
         with open(path, "wb") as f:
             os.fchmod(f.fileno(), _src.FILE_MODE)
-            return tgt.download(snap["k"], f, min(snap["n"], MAX_SNAPSHOT_BYTES))
+            out = f if progress is None else _Counted(f, progress)
+            return tgt.download(snap["k"], out, min(snap["n"], MAX_SNAPSHOT_BYTES))
     got = _retry(once)
     if got is None:
         raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is listed "
@@ -934,6 +945,26 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str) -> None:
     except CorruptionError as e:
         raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is not "
                                f"a sound LMDB file: {e.reason}") from None
+
+
+class _Counted:
+    """A file a download writes into, its bytes counted: ``progress(bytes so far)`` each
+    time another MiB is in (the targets write in chunks of at most a MiB)."""
+
+    def __init__(self, f, progress: Callable[[int], None]) -> None:
+        self._f, self._progress = f, progress
+        self._n = self._shown = 0
+
+    def write(self, data) -> int:
+        n = self._f.write(data)
+        self._n += len(data)
+        if self._n - self._shown >= 1 << 20:
+            self._shown = self._n
+            self._progress(self._n)
+        return n
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 # ---- follow -------------------------------------------------------------------------

@@ -144,7 +144,10 @@ class S3Target:
             body.close()
         return n, r.get("ETag", "")
 
-    def put(self, key: str, body, *, if_none_match: bool = False, if_match: str | None = None):
+    def put(self, key: str, body, *, if_none_match: bool = False, if_match: str | None = None,
+            progress=None):
+        """``progress``: called with the bytes sent so far (after each part of a multipart
+        upload, once after a single PUT)."""
         cond = {}
         if if_none_match:
             cond["IfNoneMatch"] = "*"
@@ -156,21 +159,24 @@ class S3Target:
                 # (a lease or manifest past the threshold: the parts are read from a
                 # stream; ``bytes.read`` raised AttributeError and no round ever shipped)
                 body = io.BytesIO(body)
-            return self._multipart(key, body, cond)
+            return self._multipart(key, body, cond, progress)
         try:
             r = self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=body,
                                        ContentLength=size, **cond)
         except Exception as e:
             raise self._fail("PUT", key, e, if_match=if_match is not None) from None
+        if progress is not None:
+            progress(size)
         return r.get("ETag", "")
 
-    def _multipart(self, key: str, body: BinaryIO, cond: dict) -> str:
+    def _multipart(self, key: str, body: BinaryIO, cond: dict, progress=None) -> str:
         try:
             upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=self._key(key))
         except Exception as e:
             raise self._fail("CreateMultipartUpload", key, e) from None
         uid = upload["UploadId"]
         parts = []
+        sent = 0
         try:
             number = 1
             while True:
@@ -181,6 +187,9 @@ class S3Target:
                                             PartNumber=number, Body=chunk)
                 parts.append({"PartNumber": number, "ETag": r["ETag"]})
                 number += 1
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent)
             r = self.client.complete_multipart_upload(
                 Bucket=self.bucket, Key=self._key(key), UploadId=uid,
                 MultipartUpload={"Parts": parts}, **cond)

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 
@@ -170,6 +170,9 @@ class Shipper:
         self._complete_pending: list[tuple[float, int]] = []  # see _complete_candidate
         self._complete_saved: float | None = None  # complete_to in the replica's manifest
         self._complete_wanted = 0.0  # the newest sync's call time (see sync)
+        # the progress of the round in flight (``ship_once``'s callbacks; None: not asked)
+        self._shown: _Shown | None = None
+        self._snapshot_shown: Callable[[int, int], None] | None = None
         _sweep_stale_temps()
         self._tmp = tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
 
@@ -561,48 +564,66 @@ class Shipper:
             self._cond.notify_all()
 
     # ---- a round -----------------------------------------------------------------------
-    def ship_once(self) -> dict:
+    def ship_once(self, progress: Callable[[int, int], None] | None = None,
+                  snapshot_progress: Callable[[int, int], None] | None = None) -> dict:
         """One shipping round; returns what it did.  Raises on failure (the background
-        thread retries with backoff; a cron-style caller runs it again later)."""
+        thread retries with backoff; a cron-style caller runs it again later).
+
+        ``progress(done, total)``: the bytes of WAL and file content shipped so far this
+        round, of those to ship as the round began (after each MiB an upload sends, or
+        each part or object a server takes); ``snapshot_progress(done, total)``: a
+        snapshot's bytes uploaded, of its size (once its LMDB copy is made).  None (the
+        default): nothing is counted."""
         with self._round:
-            if self.state == "lease-lost":
-                raise LeaseLost(self.last_error or "the lease was lost")
-            if self.state == "refused":
-                raise self._start_error
-            self._ensure_started()
-            m = self.manifest
-            t0 = time.time()
-            if self.lease.renew_due():
-                self.lease.renew()
-            if self._unsaved:  # an earlier round changed the manifest but could not save
-                self._save()   # it (its objects are up): save it first, then go on
-                self._advanced(m.position)
-            self._complete_candidate()  # (before the frontier is read: see there)
-            durable = self.source.durable_lsn()
-            self._durable = max(self._durable, durable)
-            if durable > self.shipped and self._behind_since is None:
-                self._behind_since = t0
-            summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
-                       "deleted": 0}
-            shipped_before = self.shipped
-            if m.position is None:
-                self._begin(summary)
-            self._ship_blobs(summary)  # (after ``durable`` was read: see _ship_blobs)
-            self._ship_wal(durable, summary)
-            if self._snapshot_due():
-                self._snapshot_or_back_off(summary)
-            self._compact(summary)
-            self._retain(summary)
-            self._refresh_complete_to()
-            self._pin(durable)
-            if self.shipped >= self._durable:
-                self._behind_since = None
-            elif self._behind_since is not None and self.shipped > shipped_before:
-                # progress, not caught up: the oldest unshipped commit is no older than this
-                # round (a round without progress leaves the clock running: the lag grows)
-                self._behind_since = max(self._behind_since, t0)
-            summary["position"] = self.shipped
-            return summary
+            self._shown = None if progress is None else _Shown(progress)
+            self._snapshot_shown = snapshot_progress
+            try:
+                return self._ship_once()
+            finally:
+                self._shown = self._snapshot_shown = None
+
+    def _ship_once(self) -> dict:
+        """The round, under ``_round`` (see ship_once)."""
+        if self.state == "lease-lost":
+            raise LeaseLost(self.last_error or "the lease was lost")
+        if self.state == "refused":
+            raise self._start_error
+        self._ensure_started()
+        m = self.manifest
+        t0 = time.time()
+        if self.lease.renew_due():
+            self.lease.renew()
+        if self._unsaved:  # an earlier round changed the manifest but could not save
+            self._save()   # it (its objects are up): save it first, then go on
+            self._advanced(m.position)
+        self._complete_candidate()  # (before the frontier is read: see there)
+        durable = self.source.durable_lsn()
+        self._durable = max(self._durable, durable)
+        if durable > self.shipped and self._behind_since is None:
+            self._behind_since = t0
+        summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
+                   "deleted": 0}
+        shipped_before = self.shipped
+        if m.position is None:
+            self._begin(summary)
+        if self._shown is not None:  # (the WAL from the replica's position on)
+            self._shown.grow(max(0, durable - m.position))
+        self._ship_blobs(summary)  # (after ``durable`` was read: see _ship_blobs)
+        self._ship_wal(durable, summary)
+        if self._snapshot_due():
+            self._snapshot_or_back_off(summary)
+        self._compact(summary)
+        self._retain(summary)
+        self._refresh_complete_to()
+        self._pin(durable)
+        if self.shipped >= self._durable:
+            self._behind_since = None
+        elif self._behind_since is not None and self.shipped > shipped_before:
+            # progress, not caught up: the oldest unshipped commit is no older than this
+            # round (a round without progress leaves the clock running: the lag grows)
+            self._behind_since = max(self._behind_since, t0)
+        summary["position"] = self.shipped
+        return summary
 
     def _save(self) -> None:
         """Write the manifest.  Until a write succeeds it stays ``_unsaved``: the next round
@@ -732,6 +753,8 @@ class Shipper:
         self._damaged_blobs = {d: v for d, v in self._damaged_blobs.items() if d in present}
         if not todo:
             return
+        if self._shown is not None:  # (their sizes: only when progress is shown)
+            self._shown.grow(sum(_file_size(blobs.path(d)) for d in todo))
         # several at once (``blob_uploads``): one at a time, each a round trip, the WAL
         # waited behind them — at ~200 file commits/s the replica stood still for ~7 s
         # (probe-repl44).  Every upload ends before this returns (the WAL shipped after
@@ -782,6 +805,8 @@ class Shipper:
             self._blobs_up.add(digest)
             summary["objects"] += 1
             summary["bytes"] += n
+            if self._shown is not None:
+                self._shown.step(n)
         return None
 
     def _pin(self, durable: int) -> None:
@@ -843,7 +868,11 @@ class Shipper:
                     f"(segment {os.path.basename(path)}) although LSN {durable} is durable; "
                     f"run `walstore verify`")
             body, entry, state = built
-            self._upload_immutable(entry["k"], body)
+            shown = self._shown
+            self._upload_immutable(entry["k"], body, None if shown is None else
+                                   shown.within(entry["b"] - entry["a"]))
+            if shown is not None:
+                shown.step(entry["b"] - entry["a"])
             m.wal.append(entry)
             m.doc["position"] = entry["b"]
             m.doc["open"], m.doc["points"], m.doc["last_commit"] = state
@@ -926,13 +955,16 @@ class Shipper:
                  "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om}
         return body, entry, (opened, points, last)
 
-    def _upload_immutable(self, key: str, body) -> None:
+    def _upload_immutable(self, key: str, body, sent: Callable[[int], None] | None = None
+                          ) -> None:
         """Upload ``body`` (bytes or an open file, closed after) as ``key``, which must
         not exist yet; one that exists with the same bytes is our own earlier upload whose
-        answer was lost, and counts as done."""
+        answer was lost, and counts as done.  ``sent``: the target's progress hook (passed
+        only when given: a target of the caller's own need not take it)."""
         start = None if isinstance(body, (bytes, bytearray)) else body.tell()
+        kw = {} if sent is None else {"progress": sent}
         try:
-            self.target.put(key, body, if_none_match=True)
+            self.target.put(key, body, if_none_match=True, **kw)
         except PreconditionFailed:
             # Exists: our own earlier upload whose answer was lost?  Same bytes, then.
             # (The upload read a file body to its end: compare from where it began.  It
@@ -1022,12 +1054,16 @@ class Shipper:
             digest = _src.state_digest(d)
             path = os.path.join(d, "data.mdb")
             size = os.path.getsize(path)
+            shown = self._snapshot_shown
+            kw = {} if shown is None else {"progress": lambda n: shown(min(n, size), size)}
+            if shown is not None:
+                shown(0, size)
             with open(path, "rb") as f:
                 sha = _sha256(f)
                 f.seek(0)
                 key = snapshot_key(applied)
                 try:
-                    self.target.put(key, f, if_none_match=True)
+                    self.target.put(key, f, if_none_match=True, **kw)
                 except PreconditionFailed:
                     # the key is this attempt's own (a random id): the client's retry met
                     # its first attempt, which landed with its answer lost (a PUT lands
@@ -1209,6 +1245,44 @@ def _local_commit_at(src: _src.Source, lsn: Any) -> tuple[int | None, str | None
 def _agg(fn, group: list, key: str):
     vals = [e[key] for e in group if e[key] is not None]
     return fn(vals) if vals else None
+
+
+class _Shown:
+    """A round's progress (``ship_once``): bytes shipped of the bytes to ship, the total
+    grown as the round learns it (never below what was done).  Steps come from the blob
+    upload threads too: one at a time."""
+
+    def __init__(self, fn: Callable[[int, int], None]) -> None:
+        self.fn = fn
+        self.done = 0
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def grow(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+    def step(self, n: int) -> None:
+        with self._lock:
+            self.done += n
+            self.total = max(self.total, self.done)
+            self.fn(self.done, self.total)
+
+    def within(self, n: int) -> Callable[[int], None]:
+        """The target's hook for one upload of ``n`` bytes counted: its bytes sent so far
+        shown on top of what is done (the step after it counts them for good)."""
+        def sent(k: int) -> None:
+            with self._lock:
+                if k < n:  # (its last MiB: the step after the upload shows it)
+                    self.fn(self.done + k, max(self.total, self.done + k))
+        return sent
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # (collected meanwhile: not uploaded)
 
 
 def _size(body) -> int:

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 import uuid
-from typing import BinaryIO, Iterator, Protocol, Union
+from typing import BinaryIO, Callable, Iterator, Protocol, Union
 from urllib.parse import urlsplit
 
 from ..errors import ReplicationError
@@ -75,7 +75,10 @@ class ObjectStore(Protocol):
             ) -> tuple[bytes, str] | None: ...
     def download(self, key: str, f: BinaryIO, max_bytes: int) -> tuple[int, str] | None: ...
     def put(self, key: str, body: Body, *, if_none_match: bool = False,
-            if_match: str | None = None) -> str: ...
+            if_match: str | None = None, progress: Callable[[int], None] | None = None
+            ) -> str: ...
+    # (``progress``: called with the bytes of ``body`` sent so far, per MiB or per part;
+    # passed only when a caller asks for progress: a store without it still works)
     def delete(self, key: str) -> None: ...
     def list(self, prefix: str) -> Iterator[tuple[str, int]]: ...
     def cleanup_uploads(self) -> int: ...
@@ -378,8 +381,9 @@ class FileTarget:
             return None
         return n, h.hexdigest()[:32]
 
-    def put(self, key, body, *, if_none_match=False, if_match=None):
+    def put(self, key, body, *, if_none_match=False, if_match=None, progress=None):
         self.requests["PUT"] += 1
+        sent = 0
         path = self._path(key)
         d = os.path.dirname(path)
         _fs.make_dir(d)
@@ -397,6 +401,9 @@ class FileTarget:
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view):]
+                sent += len(chunk)
+                if progress is not None:
+                    progress(sent)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
