@@ -84,7 +84,9 @@ class Purge:
                 f"({e}); nothing was purged: purge narrower prefixes first") from e
         eng.drain()
         needles = sorted(set(present) | set(had_history))
-        out = eng.erase_old_bytes(needles, after_rotate=self.before_erase, progress=progress)
+        kw = {} if progress is None else {"progress": progress}  # (as before when unasked)
+        out = (eng.erase_old_bytes(needles, **kw) if self.before_erase is None
+               else eng.erase_old_bytes(needles, after_rotate=self.before_erase, **kw))
         out.update({"txid": tx.id, "lsn": tx.lsn, "keys_deleted": len(present),
                     "keys_erased": len(needles)})
         return out
