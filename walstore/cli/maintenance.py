@@ -12,7 +12,8 @@ from . import _engine, main
 from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, DirPath, action_docs, action_table,
                      load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
-                     end_progress, kv_lines, one_line, progress_printer, show_gid, show_key)
+                     end_progress, kv_lines, one_line, phase_progress, progress_printer,
+                     show_gid, show_key)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
 
@@ -178,9 +179,11 @@ def _print_recovery(doc: dict) -> None:
 @JSON
 def verify(path: str, as_json: bool) -> None:
     """Check every checksum and WAL-vs-LMDB consistency (read-only; hashes every blob of
-    file content the store refers to)."""
+    file content the store refers to); list in-doubt transactions and owed compensations
+    (exit 1: they need a decision)."""
     rep = _engine.verify(path, *((None, None) if as_json else
-                                 (progress_printer("verify"), _blob_progress())))
+                                 (progress_printer("verify"),
+                                  phase_progress("verify file content"))))
     end_progress()
     if as_json:
         emit_json(rep.as_dict())
@@ -206,20 +209,6 @@ def verify(path: str, as_json: bool) -> None:
         else:
             click.echo("ok")
     raise SystemExit(0 if rep.ok else EXIT_PROBLEM)
-
-
-def _blob_progress():
-    """Progress of the hashing of the file content (stderr, as the log walk's), on a line
-    of its own: the walk's line may be left open (it ends where the log does)."""
-    show = progress_printer("verify file content")
-    first = [True]
-
-    def step(done: int, total: int) -> None:
-        if first[0]:
-            first[0] = False
-            end_progress()
-        show(done, total)
-    return step
 
 
 @main.command()

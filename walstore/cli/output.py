@@ -442,6 +442,21 @@ def end_progress() -> None:
             click.echo("", err=True)
 
 
+def phase_progress(label: str) -> Callable[[int, int], None]:
+    """A progress printer for one part of a longer work (stderr, text mode), starting on a
+    line of its own: the line of the part before may be left open (a log walk ends where
+    the log does, before the total its preallocated bytes count)."""
+    show = progress_printer(label)
+    first = [True]
+
+    def step(done: int, total: int) -> None:
+        if first[0]:
+            first[0] = False
+            end_progress()
+        show(done, total)
+    return step
+
+
 # ---- keys ----------------------------------------------------------------------------------
 def parse_key(text: str) -> str | bytes:
     """A key as typed: ``hex:``/``b64:`` bytes, ``str:`` a literal str, else a str."""

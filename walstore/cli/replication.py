@@ -29,7 +29,8 @@ from . import _engine
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
-from .output import end_progress, parse_point as _parse_point, progress_printer, show_time
+from .output import end_progress, parse_point as _parse_point, phase_progress, \
+    progress_printer, show_time
 
 
 def parse_point(text: str) -> Any:
@@ -129,8 +130,8 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
         # progress on stderr (text mode): the WAL and file content shipped, and a
         # snapshot's upload, each on a line of its own (a round shipping hundreds of MiB
         # said nothing until it ended)
-        shown = (None, None) if as_json else (_phase_progress("replicate"),
-                                               _phase_progress("replicate snapshot"))
+        shown = (None, None) if as_json else (phase_progress("replicate"),
+                                               phase_progress("replicate snapshot"))
         try:
             summary = shipper.ship_once(*shown)
         except WalstoreError as e:
@@ -166,20 +167,6 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
                 _fail(st.last_error or "lease lost", EXIT_PROBLEM, "ReplicationError")
     finally:
         shipper.stop()
-
-
-def _phase_progress(label: str):
-    """A progress printer for one part of a longer work (stderr, text mode), starting on a
-    line of its own: the line of the part before may be left open."""
-    show = progress_printer(label)
-    first = [True]
-
-    def step(done: int, total: int) -> None:
-        if first[0]:
-            first[0] = False
-            end_progress()
-        show(done, total)
-    return step
 
 
 def _follow_report(info: dict) -> None:
