@@ -14,6 +14,17 @@ from walstore.replication.options import ReplicateOptions
 from test_replication_support import make_s3_replica, s3_endpoint  # noqa: F401
 
 
+def _one_key_replica(tmp_path) -> str:
+    """A file:// replica of a store holding one committed key, shipped; its URL."""
+    rep = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("k", "v")
+        s.sync_replica(timeout=30)
+    return rep
+
+
 def test_s3_bytes_body_over_multipart_threshold_ships(s3_endpoint, tmp_path):  # noqa: F811
     """A lease or manifest (sent as bytes) larger than ``multipart_threshold`` went the
     multipart way, which reads its body as a stream: ``bytes.read`` raised
@@ -113,12 +124,7 @@ def test_restore_dest_is_checked_as_a_store_path(tmp_path, monkeypatch):
     bytes``; the CLI's ``walstore restore URL ""`` did the same as the first."""
     import subprocess
     import sys
-    rep = f"file://{tmp_path}/rep"
-    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
-                       replicate_options={"interval": 0.05}) as s:
-        with s.transaction() as tx:
-            tx.put("k", "v")
-        s.sync_replica(timeout=30)
+    rep = _one_key_replica(tmp_path)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -145,12 +151,7 @@ def test_follow_apply_every_out_of_range_is_a_usage_error(tmp_path, flag, value)
     2)"; ``--interval`` was checked, ``--apply-every`` not."""
     import subprocess
     import sys
-    rep = f"file://{tmp_path}/rep"
-    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
-                       replicate_options={"interval": 0.05}) as s:
-        with s.transaction() as tx:
-            tx.put("k", "v")
-        s.sync_replica(timeout=30)
+    rep = _one_key_replica(tmp_path)
     dest = str(tmp_path / "dest")
     res = subprocess.run([sys.executable, "-m", "walstore", "restore", rep, dest, "--follow",
                           "--interval", "0.1", f"{flag}={value}"],
