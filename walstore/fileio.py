@@ -199,10 +199,15 @@ def fault_point(name: str) -> None:
     _backend.fault_point(name)
 
 
-def make_dir(path: str) -> None:
+def make_dir(path: str, own: bool = True) -> None:
     """Create ``path`` and its missing parents, each with mode 0700 (``os.makedirs`` gives
     the mode to the last one only: parents came out 0755 under umask 022); an existing
-    directory is kept (an existing parent's mode is not changed).  Each directory made is
+    directory is kept (an existing parent's mode is not changed).  ``own``: ``path`` is
+    the store's own (its root, ``wal/``, a staging copy): made 0700 even when it existed
+    (an empty directory the user made for the store).  ``own=False`` for a directory that
+    only holds what walstore makes (a backup's parent, a file:// replica's folders): an
+    existing one keeps its mode — `walstore backup SRC /tmp/copy` made /tmp itself 0700,
+    sticky bit gone, and every other user of the machine lost /tmp (stop 48).  Each directory made is
     durable in its parent before the next is made and before this returns (the parent
     fsynced): a file fsynced into it later is durable with its whole path.  (A power loss
     could drop a new ``files/`` with every before-image in it, or a new ``quarantine/``
@@ -231,7 +236,8 @@ def make_dir(path: str) -> None:
         except OSError as e:
             e.walstore_sync_failed = True  # type: ignore[attr-defined]  (see is_sync_failure)
             raise
-    os.chmod(path, DIR_MODE)
+    if own and not missing:
+        os.chmod(path, DIR_MODE)  # (made above: set already)
 
 
 def is_sync_failure(e: BaseException) -> bool:

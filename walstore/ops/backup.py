@@ -108,7 +108,7 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         raise NotAStore(f"backup destination {dest} exists and is not empty")
     base = dest if inside else os.path.dirname(dest)
     with _writing("the backup's directory", base):
-        fileio.make_dir(base)
+        fileio.make_dir(base, own=inside)  # (DEST's parent is the user's: its mode stays)
         stem = fileio.scratch_stem(os.path.basename(dest))  # (within NAME_MAX)
         prefix = STAGING if inside else f"{stem}{STAGING}"
         if not inside:

@@ -386,7 +386,7 @@ class FileTarget:
         sent = 0
         path = self._path(key)
         d = os.path.dirname(path)
-        _fs.make_dir(d)
+        _fs.make_dir(d, own=False)  # (the replica's folder may be the user's: mode kept)
         tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}")
         h = hashlib.sha256()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
