@@ -236,8 +236,8 @@ def make_dir(path: str, own: bool = True) -> None:
         except OSError as e:
             e.walstore_sync_failed = True  # type: ignore[attr-defined]  (see is_sync_failure)
             raise
-    if own and not missing:
-        os.chmod(path, DIR_MODE)  # (made above: set already)
+    if own and not missing:  # (an existing directory that is the store's own; one made
+        os.chmod(path, DIR_MODE)  # above has its mode set already)
 
 
 def is_sync_failure(e: BaseException) -> bool:
