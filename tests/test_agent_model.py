@@ -1,0 +1,361 @@
+"""Model-based test of the agent layer: the recorded state and the outside world agree.
+
+A hypothesis RuleBasedStateMachine drives two agents ("a/" and "b/") through everything
+that moves state and side effects together: transactions with puts and deletes,
+charges (``tx.action`` whose body charges an outside ledger, compensated by a refund),
+savepoints and ``rollback_to``/``release``, commit and rollback, outages of the refund
+service (compensations fail, are kept owed, retried later or resolved by hand by an
+operator who refunds), two-phase commit
+(prepare, then commit_prepared or rollback_prepared, or a crash in between), restore
+points, reverts (cascading, forced, scoped), rewinds (to names and txids, forced,
+scoped), checkpoints, clean reopens, and crashes (the store dropped as a killed process
+leaves it, then reopened: recovery).  The ledger is the outside world: it knows nothing
+of walstore but what the action bodies and the refund compensator did to it.
+
+After every step with no transaction open, for every charge the store records:
+- the ledger holds 0 or 1 of it (a refund never runs twice, never without a charge);
+- ``committed`` (its transaction committed, nothing undid it): charged in the ledger,
+  and the transaction's evidence key (``<agent>paid/<n>``) is in the state;
+- ``compensated``: refunded, and the evidence is gone from the state;
+- ``needs-redo`` (a forced undo of its undo): refunded, the evidence back (that is what
+  the mark says); ``pending``/``failed`` (owed): charged, the evidence gone;
+  ``resolved``: refunded by hand, the evidence gone; in doubt (prepared): charged, the
+  evidence not visible;
+and every charge standing in the ledger is one the store records as standing.
+An unscoped rewind that succeeds leaves exactly the state the point named (recorded
+when the point was made); a scoped undo moves only keys under its scope (a transaction
+begun with ``scope=`` is that agent's wholly and is undone wholly, so here it writes
+only its agent's keys; an untagged one writes anywhere).  At teardown
+``verify`` finds no errors.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule)
+
+import walstore
+from walstore.agent import actions as actions_module
+from walstore.ops.verify import verify_store
+
+AGENTS = st.sampled_from(["a/", "b/"])
+KEYS = st.sampled_from(["a/x", "a/y", "b/x", "b/y"])
+SAVEPOINTS = st.sampled_from(["s1", "s2"])
+STANDING = ("committed", "needs-redo")
+
+
+def _scoped(state: dict, scope: str | None) -> dict:
+    return {k: v for k, v in state.items() if scope is None or k.startswith(scope)}
+
+
+class AgentModel(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.mkdtemp(prefix="walstore-agent-model-")
+        self.path = self.dir + "/store"
+        self.ledger: dict[str, int] = {}        # action key -> charges minus refunds
+        self.evidence: dict[str, str] = {}      # action key -> its evidence key
+        self.down = False                       # the refund service fails while down
+        self._backoff = actions_module.COMPENSATION_BACKOFF
+        actions_module.COMPENSATION_BACKOFF = 0  # (its retries at once: a model, no clock)
+        self.store = self._open()
+        self.tx = None
+        self.agent, self.tagged = "a/", False
+        self.savepoints: list[str] = []
+        self.prepared: list[str] = []           # gids this model prepared, undecided
+        self.points: dict[str, dict] = {}       # restore point -> the state it names
+        self.after: dict[int, dict] = {}        # txid -> the state right after it
+        self.counter = 0
+
+    def _open(self) -> walstore.Store:
+        return walstore.open(self.path, durability="none", segment_size=16384,
+                             compensators={"refund": self._refund})
+
+    def _refund(self, action) -> None:
+        if self.down:
+            raise RuntimeError("the refund service is down")
+        self.ledger[action.key] = self.ledger.get(action.key, 0) - 1
+
+    def _fresh(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def _state(self) -> dict:
+        return dict(self.store.scan())
+
+    def _note(self, info) -> None:
+        """Remember the state after a transaction that just committed (its txid)."""
+        txid = getattr(info, "txid", info)
+        if isinstance(txid, int):
+            self.after[txid] = self._state()
+
+    # ---- transactions --------------------------------------------------------------------
+    @precondition(lambda self: self.tx is None)
+    @rule(agent=AGENTS, tagged=st.booleans())
+    def begin(self, agent, tagged) -> None:
+        self.tx = self.store.transaction(scope=agent if tagged else None)
+        self.agent, self.tagged = agent, tagged
+        self.savepoints = []
+
+    def _key(self, key: str) -> str:
+        """A tagged transaction is its agent's wholly (a scoped undo takes all of it
+        back): it writes only its agent's keys here, so that what a scoped undo may move
+        is the keys under its scope; an untagged one writes anywhere."""
+        return self.agent + key[2:] if self.tagged else key
+
+    @precondition(lambda self: self.tx is not None)
+    @rule(key=KEYS)
+    def put(self, key) -> None:
+        self.tx.put(self._key(key), {"n": self._fresh()})
+
+    @precondition(lambda self: self.tx is not None)
+    @rule(key=KEYS)
+    def delete(self, key) -> None:
+        self.tx.delete(self._key(key))
+
+    @precondition(lambda self: self.tx is not None)
+    @rule()
+    def charge(self) -> None:
+        n = self._fresh()
+        with self.tx.action("charge", args={"n": n}, compensate="refund",
+                            scope=self.agent) as act:
+            self.ledger[act.key] = self.ledger.get(act.key, 0) + 1
+            act.result = n
+        evidence = f"{self.agent}paid/{n}"
+        self.evidence[act.key] = evidence
+        self.tx.put(evidence, n)
+
+    @precondition(lambda self: self.tx is not None)
+    @rule(name=SAVEPOINTS)
+    def savepoint(self, name) -> None:
+        self.tx.savepoint(name)
+        if name in self.savepoints:
+            self.savepoints.remove(name)
+        self.savepoints.append(name)
+
+    @precondition(lambda self: self.tx is not None and self.savepoints)
+    @rule(data=st.data())
+    def rollback_to(self, data) -> None:
+        name = data.draw(st.sampled_from(self.savepoints))
+        try:
+            self.tx.rollback_to(name)
+        except walstore.CompensationFailed:  # rolled back; the refunds it owes stay owed
+            assert self.down
+        del self.savepoints[self.savepoints.index(name) + 1:]
+
+    @precondition(lambda self: self.tx is not None and self.savepoints)
+    @rule(data=st.data())
+    def release(self, data) -> None:
+        name = data.draw(st.sampled_from(self.savepoints))
+        self.tx.release(name)
+        del self.savepoints[self.savepoints.index(name):]
+
+    @precondition(lambda self: self.tx is not None)
+    @rule()
+    def commit(self) -> None:
+        tx, self.tx = self.tx, None
+        try:
+            tx.commit()
+        except walstore.ConflictError:  # (a prepared transaction holds a key it wrote)
+            assert tx.state == "rolled back"
+            return
+        except walstore.CompensationFailed as e:  # (that conflict, and the refund failed)
+            assert self.down and isinstance(e.__cause__, walstore.ConflictError), e
+            assert tx.state == "rolled back"
+            return
+        if tx.lsn is not None:  # (nothing written: no commit record, no point)
+            self._note(tx.id)
+
+    @precondition(lambda self: self.tx is not None)
+    @rule()
+    def rollback(self) -> None:
+        tx, self.tx = self.tx, None
+        try:
+            tx.rollback()
+        except walstore.CompensationFailed:
+            assert self.down
+        assert tx.state == "rolled back"
+
+    @precondition(lambda self: self.tx is not None and len(self.prepared) < 2)
+    @rule()
+    def prepare(self) -> None:
+        tx, self.tx = self.tx, None
+        gid = f"g{self._fresh()}"
+        try:
+            tx.prepare(gid)
+        except walstore.ConflictError:
+            try:
+                tx.rollback()
+            except walstore.CompensationFailed:
+                assert self.down
+            return
+        self.prepared.append(gid)
+
+    @precondition(lambda self: self.tx is None and self.prepared)
+    @rule(data=st.data(), commit=st.booleans())
+    def decide(self, data, commit) -> None:
+        gid = data.draw(st.sampled_from(self.prepared))
+        self.prepared.remove(gid)
+        if commit:
+            self.store.commit_prepared(gid)
+            self._note(self.store.log(limit=1)[0])
+        else:
+            try:
+                self.store.rollback_prepared(gid)
+            except walstore.CompensationFailed:
+                assert self.down
+            assert gid not in self.store.prepared()
+
+    # ---- the past ------------------------------------------------------------------------
+    @precondition(lambda self: self.tx is None)
+    @rule()
+    def restore_point(self) -> None:
+        name = f"p{self._fresh()}"
+        self.store.restore_point(name)
+        self.points[name] = self._state()
+
+    @precondition(lambda self: self.tx is None)
+    @rule(data=st.data(), cascade=st.booleans(), force=st.booleans(),
+          scope=st.sampled_from([None, "a/", "b/"]))
+    def revert(self, data, cascade, force, scope) -> None:
+        log = self.store.log(limit=12)
+        if not log:
+            return
+        txid = data.draw(st.sampled_from([i.txid for i in log]))
+        before = self._state()
+        try:
+            info = self.store.revert(txid, cascade=cascade, force=force, scope=scope)
+        except (walstore.RevertConflict, walstore.ConflictError):
+            assert self._state() == before  # refused: nothing changed
+            return
+        except walstore.CompensationFailed as e:  # the undo committed; refunds owed
+            assert self.down and e.undo is not None, e
+            info = e.undo
+        now = self._state()
+        if scope is not None:  # nothing outside the scope moved
+            assert {k: v for k, v in now.items() if not k.startswith(scope)} == \
+                {k: v for k, v in before.items() if not k.startswith(scope)}
+        self._note(info)
+
+    @precondition(lambda self: self.tx is None and (self.points or self.after))
+    @rule(data=st.data(), force=st.booleans(), scope=st.sampled_from([None, "a/", "b/"]))
+    def rewind(self, data, force, scope) -> None:
+        targets = [(name, state) for name, state in self.points.items()]
+        targets += [(txid, state) for txid, state in self.after.items()]
+        to, expected = data.draw(st.sampled_from(targets))
+        before = self._state()
+        try:
+            info = self.store.rewind(to, scope=scope, force=force)
+        except (walstore.RevertConflict, walstore.ConflictError):
+            assert self._state() == before
+            return
+        except walstore.CompensationFailed as e:  # the undo committed; refunds owed
+            assert self.down and e.undo is not None, e
+            info = e.undo
+        now = self._state()
+        if self.prepared:  # a prepared transaction's keys are not the rewind's to take
+            return
+        assert _scoped(now, scope) == _scoped(expected, scope), (to, scope)
+        if scope is not None:
+            outside = {k: v for k, v in now.items() if not k.startswith(scope)}
+            assert outside == {k: v for k, v in before.items() if not k.startswith(scope)}
+        self._note(info)
+
+    # ---- the refund service, and the operator ---------------------------------------------
+    @rule(down=st.booleans())
+    def outage(self, down) -> None:
+        self.down = down
+
+    @precondition(lambda self: self.tx is None and not self.down)
+    @rule()
+    def retry_compensations(self) -> None:
+        assert self.store.retry_compensations() == []
+
+    @precondition(lambda self: self.tx is None)
+    @rule(data=st.data())
+    def resolve_by_hand(self, data) -> None:
+        owed = self.store.pending_compensations()
+        if not owed:
+            return
+        action = data.draw(st.sampled_from(owed))
+        self.ledger[action.key] -= 1  # the operator refunded it, and says so
+        assert self.store.resolve(action.id, note="refunded by hand").state == "resolved"
+
+    # ---- the store's life ----------------------------------------------------------------
+    @precondition(lambda self: self.tx is None)
+    @rule()
+    def checkpoint(self) -> None:
+        self.store.checkpoint()
+
+    @rule()
+    def crash_and_reopen(self) -> None:
+        self.store.sync()  # durability="none": a killed process keeps what reached the OS
+        self.store._drop_like_a_crash()
+        self.tx = None
+        self.store = self._open()  # recovery: the open transaction's charges refunded
+        assert sorted(self.store.prepared()) == sorted(self.prepared)
+
+    @precondition(lambda self: self.tx is None)
+    @rule()
+    def clean_reopen(self) -> None:
+        self.store.close()
+        self.store = self._open()
+        assert sorted(self.store.prepared()) == sorted(self.prepared)
+
+    # ---- agreement -----------------------------------------------------------------------
+    @invariant()
+    def ledger_counts_are_zero_or_one(self) -> None:
+        for key, count in self.ledger.items():
+            assert count in (0, 1), (key, count)
+
+    @invariant()
+    def state_and_world_agree(self) -> None:
+        if self.tx is not None:
+            return  # (its charges are neither committed nor undone yet)
+        state = self._state()
+        in_doubt = {self.store.prepared_details(g).txid for g in self.store.prepared()}
+        recorded = {}
+        for a in self.store.actions():
+            recorded[a.key] = a
+            charged = self.ledger.get(a.key, 0) == 1
+            shown = self.evidence[a.key] in state
+            if a.txid in in_doubt and a.state != "compensated":
+                assert charged and not shown, (a, charged, shown)  # (held, undecided)
+            elif a.state == "committed":
+                assert charged and shown, (a, charged, shown)
+            elif a.state == "compensated":
+                assert not charged and not shown, (a, charged, shown)
+            elif a.state == "needs-redo":
+                assert not charged and shown, (a, charged, shown)
+            elif a.state in ("pending", "failed"):  # owed: the refund has not run
+                assert charged and not shown, (a, charged, shown)
+            elif a.state == "resolved":  # (refunded by hand here)
+                assert not charged and not shown, (a, charged, shown)
+            else:
+                raise AssertionError(f"an action in state {a.state!r}: {a}")
+        for key, count in self.ledger.items():
+            if count:
+                assert key in recorded, key  # (a charge the store forgot)
+
+    def teardown(self) -> None:
+        try:
+            self.down = False
+            if self.tx is not None:
+                self.tx.rollback()
+            self.store.close()
+            report = verify_store(self.path)
+            assert not report.errors, report.errors
+        finally:
+            actions_module.COMPENSATION_BACKOFF = self._backoff
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# WALSTORE_MODEL_EXAMPLES: a longer search than CI's (tools/README: the figures)
+AgentModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 60)), stateful_step_count=50,
+    deadline=None)
+TestAgentModel = AgentModel.TestCase
