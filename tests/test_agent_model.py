@@ -30,22 +30,28 @@ only its agent's keys; an untagged one writes anywhere).  At teardown
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 
-from hypothesis import settings
+from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule)
 
 import walstore
 from walstore.agent import actions as actions_module
 from walstore.ops.verify import verify_store
+from tools.faults import FaultBackend, installed
 
 AGENTS = st.sampled_from(["a/", "b/"])
 KEYS = st.sampled_from(["a/x", "a/y", "b/x", "b/y"])
 SAVEPOINTS = st.sampled_from(["s1", "s2"])
 STANDING = ("committed", "needs-redo")
+
+
+def _content(value: dict) -> bytes:
+    return b"%d\n" % value["n"]
 
 
 def _scoped(state: dict, scope: str | None) -> dict:
@@ -60,6 +66,7 @@ class AgentModel(RuleBasedStateMachine):
         self.ledger: dict[str, int] = {}        # action key -> charges minus refunds
         self.evidence: dict[str, str] = {}      # action key -> its evidence key
         self.down = False                       # the refund service fails while down
+        self.double_refunds: list = []
         self._backoff = actions_module.COMPENSATION_BACKOFF
         actions_module.COMPENSATION_BACKOFF = 0  # (its retries at once: a model, no clock)
         self.store = self._open()
@@ -71,14 +78,39 @@ class AgentModel(RuleBasedStateMachine):
         self.after: dict[int, dict] = {}        # txid -> the state right after it
         self.counter = 0
 
+    mirrored = False  # FilesModel: every key has a file beside it (the files' world)
+    durability = "none"  # FaultModel: "full"
+    repeats_allowed = False  # FaultModel: a refund whose record failed runs again (its key)
+
     def _open(self) -> walstore.Store:
-        return walstore.open(self.path, durability="none", segment_size=16384,
-                             compensators={"refund": self._refund})
+        store = walstore.open(self.path, durability=self.durability, segment_size=16384,
+                              compensators={"refund": self._refund})
+        if self.mirrored:  # a workspace per agent, in its scope (registered again: the same)
+            for a in ("a", "b"):
+                os.makedirs(f"{self.dir}/ws-{a}", exist_ok=True)
+            self.ws = {a: store.workspace(f"{self.dir}/ws-{a[0]}", scope=a)
+                       for a in ("a/", "b/")}
+        return store
+
+    def _mirror(self, key: str):
+        """The workspace and file name that mirror ``key``."""
+        return self.ws[key[:2]], key[2:].replace("/", "_")
 
     def _refund(self, action) -> None:
+        """The payment service's refund: of a charge that never happened (an intent whose
+        body did not run: recovery cannot tell it from one that crashed inside, so it
+        compensates with ``result`` None) it refunds nothing, as a real one declines
+        an unknown idempotency key; of a charge refunded already it counts a double."""
         if self.down:
             raise RuntimeError("the refund service is down")
-        self.ledger[action.key] = self.ledger.get(action.key, 0) - 1
+        count = self.ledger.get(action.key)
+        if count is None:
+            assert action.result is None, action  # (a result: its body ran, and charged)
+            self.ledger[action.key] = 0
+        elif count == 0:  # (the service declines it: idempotency keys; where no fault
+            self.double_refunds.append(action)  # kept the first from being recorded,
+        else:                                   # walstore never runs one twice)
+            self.ledger[action.key] = count - 1
 
     def _fresh(self) -> int:
         self.counter += 1
@@ -110,23 +142,40 @@ class AgentModel(RuleBasedStateMachine):
     @precondition(lambda self: self.tx is not None)
     @rule(key=KEYS)
     def put(self, key) -> None:
-        self.tx.put(self._key(key), {"n": self._fresh()})
+        key, value = self._key(key), {"n": self._fresh()}
+        self.tx.put(key, value)
+        if self.mirrored:
+            ws, name = self._mirror(key)
+            self._file_op(lambda files: files.write(name, _content(value)), ws)
 
     @precondition(lambda self: self.tx is not None)
     @rule(key=KEYS)
     def delete(self, key) -> None:
-        self.tx.delete(self._key(key))
+        key = self._key(key)
+        self.tx.delete(key)
+        if self.mirrored:
+            ws, name = self._mirror(key)
+            self._file_op(lambda files: files.exists(name) and files.delete(name), ws)
+
+    def _file_op(self, op, ws) -> None:
+        """A file change beside the key's; a path a prepared transaction holds is refused
+        (ConflictError, nothing changed): the key's write then goes too (a rollback)."""
+        try:
+            op(self.tx.files(ws))
+        except walstore.ConflictError:
+            assert self.store.prepared()
+            self.rollback()
 
     @precondition(lambda self: self.tx is not None)
     @rule()
     def charge(self) -> None:
         n = self._fresh()
+        evidence = f"{self.agent}paid/{n}"
         with self.tx.action("charge", args={"n": n}, compensate="refund",
                             scope=self.agent) as act:
+            self.evidence[act.key] = evidence
             self.ledger[act.key] = self.ledger.get(act.key, 0) + 1
             act.result = n
-        evidence = f"{self.agent}paid/{n}"
-        self.evidence[act.key] = evidence
         self.tx.put(evidence, n)
 
     @precondition(lambda self: self.tx is not None)
@@ -282,7 +331,8 @@ class AgentModel(RuleBasedStateMachine):
         if not owed:
             return
         action = data.draw(st.sampled_from(owed))
-        self.ledger[action.key] -= 1  # the operator refunded it, and says so
+        if self.ledger.get(action.key, 0) > 0:  # the operator refunds it (if it was
+            self.ledger[action.key] -= 1         # charged at all), and says so
         assert self.store.resolve(action.id, note="refunded by hand").state == "resolved"
 
     # ---- the store's life ----------------------------------------------------------------
@@ -309,6 +359,7 @@ class AgentModel(RuleBasedStateMachine):
     # ---- agreement -----------------------------------------------------------------------
     @invariant()
     def ledger_counts_are_zero_or_one(self) -> None:
+        assert self.repeats_allowed or not self.double_refunds, self.double_refunds
         for key, count in self.ledger.items():
             assert count in (0, 1), (key, count)
 
@@ -322,17 +373,18 @@ class AgentModel(RuleBasedStateMachine):
         for a in self.store.actions():
             recorded[a.key] = a
             charged = self.ledger.get(a.key, 0) == 1
-            shown = self.evidence[a.key] in state
-            if a.txid in in_doubt and a.state != "compensated":
-                assert charged and not shown, (a, charged, shown)  # (held, undecided)
+            shown = a.key in self.evidence and self.evidence[a.key] in state
+            if a.txid in in_doubt and a.state == "pending":  # (held, undecided: not owed)
+                assert charged and not shown and a.in_flight, (a, charged, shown)
             elif a.state == "committed":
                 assert charged and shown, (a, charged, shown)
             elif a.state == "compensated":
                 assert not charged and not shown, (a, charged, shown)
             elif a.state == "needs-redo":
                 assert not charged and shown, (a, charged, shown)
-            elif a.state in ("pending", "failed"):  # owed: the refund has not run
-                assert charged and not shown, (a, charged, shown)
+            elif a.state in ("pending", "failed"):  # owed: the refund has not run (of a
+                assert not shown and (charged or a.result is None), (a, charged, shown)
+                # body that may not have run, either: an intent logged, no result)
             elif a.state == "resolved":  # (refunded by hand here)
                 assert not charged and not shown, (a, charged, shown)
             else:
@@ -340,6 +392,21 @@ class AgentModel(RuleBasedStateMachine):
         for key, count in self.ledger.items():
             if count:
                 assert key in recorded, key  # (a charge the store forgot)
+
+    @invariant()
+    def files_mirror_the_state(self) -> None:
+        if not self.mirrored or self.tx is not None or self.store.prepared():
+            return  # (a prepared transaction's files changed in place; its keys wait)
+        state = self._state()
+        for agent in ("a/", "b/"):
+            root = f"{self.dir}/ws-{agent[0]}"
+            on_disk = {}
+            for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+                with open(os.path.join(root, name), "rb") as f:
+                    on_disk[name] = f.read()
+            wanted = {k[2:].replace("/", "_"): _content(v) for k, v in state.items()
+                      if k.startswith(agent) and "/paid/" not in k}
+            assert on_disk == wanted, (agent, on_disk, wanted)
 
     def teardown(self) -> None:
         try:
@@ -359,3 +426,92 @@ AgentModel.TestCase.settings = settings(
     max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 60)), stateful_step_count=50,
     deadline=None)
 TestAgentModel = AgentModel.TestCase
+
+
+class FilesModel(AgentModel):
+    """The same, with every key mirrored by a file in its agent's workspace (declared in
+    the agent's scope), written and deleted in the same transaction as the key: after
+    every step the files on disk are exactly the state's keys (reversible files follow
+    commits, rollbacks, savepoints, reverts, rewinds, 2PC and crashes as keys do)."""
+
+    mirrored = True
+
+
+FilesModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=40,
+    deadline=None)
+TestFilesModel = FilesModel.TestCase
+
+
+FAULTS = st.sampled_from([
+    ("pwrite", "*.wal"), ("fdatasync", "*.wal"), ("lmdb", "commit"),
+    ("point", "commit.after_durable"), ("point", "undo.*")])
+
+
+class FaultModel(AgentModel):
+    """The same under durability="full", with one more step: an operation (a charge
+    committed, a charge rolled back, a prepared charge committed, a revert, a rewind) run
+    while a disk fault is armed (the Nth WAL write or fdatasync fails, the Nth LMDB commit
+    fails, or the Nth hit of a point right after the commit point or inside an undo
+    raises), then a crash and a reopen (recovery).  Whatever the operation raised, the
+    state and the ledger agree after the reopen, as after every other step."""
+
+    durability = "full"
+    repeats_allowed = True  # (CompensationFailed: "they stay owed and run again, with the
+    # same idempotency keys": a refund that ran but could not be recorded)
+
+    @precondition(lambda self: self.tx is None)
+    @rule(op=st.sampled_from(["commit", "rollback", "prepared", "revert", "rewind"]),
+          fault=FAULTS, nth=st.integers(1, 4), data=st.data())
+    def fault_during(self, op, fault, nth, data) -> None:
+        fb = FaultBackend()
+        kind, where = fault
+        if kind == "lmdb":
+            armed = fb.fail_lmdb(where, nth=nth)
+        elif kind == "point":
+            armed = fb.fail_point(where, nth=nth)
+        else:
+            armed = fb.fail(kind, errno.EIO, path=where, nth=nth)
+        raised = None
+        with installed(fb):
+            try:
+                self._faulty(op, data)
+            except Exception as e:  # noqa: BLE001 - whatever it was, the reopen must agree
+                raised = type(e).__name__
+        event(f"{op}: {kind} {where} {'fired' if armed.fired else 'not reached'}, "
+              f"raised {raised}")  # (--hypothesis-show-statistics)
+        if self.tx is not None:
+            self.tx = None  # (dropped with the store, as a killed process drops it)
+        self.store._drop_like_a_crash()
+        self.store = self._open()
+        self.prepared = sorted(self.store.prepared())  # (a PREPARE may be in doubt now)
+
+    def _faulty(self, op: str, data) -> None:
+        if op == "revert":
+            log = self.store.log(limit=6)
+            if log:
+                self.store.revert(data.draw(st.sampled_from([i.txid for i in log])))
+            return
+        if op == "rewind":
+            if self.points:
+                self.store.rewind(data.draw(st.sampled_from(sorted(self.points))))
+            return
+        self.tx = self.store.transaction()
+        self.agent, self.tagged = "a/", False
+        self.put("a/x")
+        self.charge()
+        tx, self.tx = self.tx, None
+        if op == "commit":
+            tx.commit()
+        elif op == "rollback":
+            tx.rollback()
+        else:
+            gid = f"g{self._fresh()}"
+            tx.prepare(gid)
+            self.store.commit_prepared(gid)
+
+
+FaultModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=30,
+    deadline=None)
+TestFaultModel = FaultModel.TestCase
