@@ -1,7 +1,8 @@
 """Model-based test of the agent layer: the recorded state and the outside world agree.
 
 A hypothesis RuleBasedStateMachine drives two agents ("a/" and "b/") through everything
-that moves state and side effects together: transactions with puts and deletes,
+that moves state and side effects together: transactions with puts, deletes and reads (and
+another transaction committing while one is open: a conflict at commit),
 charges (``tx.action`` whose body charges an outside ledger, compensated by a refund),
 savepoints and ``rollback_to``/``release``, commit and rollback, outages of the refund
 service (compensations fail, are kept owed, retried later or resolved by hand by an
@@ -157,13 +158,35 @@ class AgentModel(RuleBasedStateMachine):
             ws, name = self._mirror(key)
             self._file_op(lambda files: files.exists(name) and files.delete(name), ws)
 
+    @precondition(lambda self: self.tx is not None)
+    @rule(key=KEYS)
+    def read(self, key) -> None:
+        self.tx.get(key)  # (its snapshot; a later commit of the key makes ours conflict)
+
+    @precondition(lambda self: self.tx is not None)
+    @rule(key=KEYS, charge=st.booleans())
+    def interloper(self, key, charge) -> None:
+        """Another transaction (of the other agent, in the same thread: nothing here
+        waits) commits while ours is open: a key, maybe a charge; ours then conflicts at
+        commit if it read that key (ConflictError: its charges refunded)."""
+        mine = (self.tx, self.agent, self.tagged, self.savepoints)
+        self.tx, self.agent, self.tagged = self.store.transaction(), key[:2], False
+        try:
+            self.put(key)
+            if charge and self.tx is not None:
+                self.charge()
+            if self.tx is not None:
+                self.commit()
+        finally:
+            self.tx, self.agent, self.tagged, self.savepoints = mine
+
     def _file_op(self, op, ws) -> None:
-        """A file change beside the key's; a path a prepared transaction holds is refused
-        (ConflictError, nothing changed): the key's write then goes too (a rollback)."""
+        """A file change beside the key's; a path a prepared or open transaction holds is
+        refused (ConflictError, nothing changed): the key's write then goes too (a
+        rollback)."""
         try:
             op(self.tx.files(ws))
         except walstore.ConflictError:
-            assert self.store.prepared()
             self.rollback()
 
     @precondition(lambda self: self.tx is not None)
@@ -209,8 +232,8 @@ class AgentModel(RuleBasedStateMachine):
         tx, self.tx = self.tx, None
         try:
             tx.commit()
-        except walstore.ConflictError:  # (a prepared transaction holds a key it wrote)
-            assert tx.state == "rolled back"
+        except walstore.ConflictError:  # (a key it read changed since: ``interloper``; or
+            assert tx.state == "rolled back"  # a prepared transaction holds one it wrote)
             return
         except walstore.CompensationFailed as e:  # (that conflict, and the refund failed)
             assert self.down and isinstance(e.__cause__, walstore.ConflictError), e
@@ -313,6 +336,21 @@ class AgentModel(RuleBasedStateMachine):
             outside = {k: v for k, v in now.items() if not k.startswith(scope)}
             assert outside == {k: v for k, v in before.items() if not k.startswith(scope)}
         self._note(info)
+
+    @precondition(lambda self: self.points or self.after)
+    @rule(data=st.data())
+    def read_the_past(self, data) -> None:
+        """``store.at(point)`` is the state the point named, whatever came after it (undos,
+        undos of undos, crashes, checkpoints); its files too (FilesModel)."""
+        targets = sorted(self.points.items()) + sorted(self.after.items())
+        point, expected = data.draw(st.sampled_from(targets))
+        view = self.store.at(point)
+        assert dict(view.scan()) == expected, point
+        if self.mirrored:
+            for key, value in expected.items():
+                if "/paid/" not in key:
+                    ws, name = self._mirror(key)
+                    assert view.files(ws).read(name) == _content(value), (point, key)
 
     # ---- the refund service, and the operator ---------------------------------------------
     @rule(down=st.booleans())
