@@ -85,13 +85,17 @@ class AgentModel(RuleBasedStateMachine):
 
     def _open(self) -> walstore.Store:
         store = walstore.open(self.path, durability=self.durability, segment_size=16384,
-                              compensators={"refund": self._refund})
+                              compensators={"refund": self._refund},
+                              **self._replication())
         if self.mirrored:  # a workspace per agent, in its scope (registered again: the same)
             for a in ("a", "b"):
                 os.makedirs(f"{self.dir}/ws-{a}", exist_ok=True)
             self.ws = {a: store.workspace(f"{self.dir}/ws-{a[0]}", scope=a)
                        for a in ("a/", "b/")}
         return store
+
+    def _replication(self) -> dict:
+        return {}
 
     def _mirror(self, key: str):
         """The workspace and file name that mirror ``key``."""
@@ -479,6 +483,51 @@ FilesModel.TestCase.settings = settings(
     max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=40,
     deadline=None)
 TestFilesModel = FilesModel.TestCase
+
+
+class ReplicaModel(AgentModel):
+    """The same, replicating to a ``file://`` replica, with one more step: wait until the
+    replica holds every commit (``sync_replica``), restore a copy at a point the model
+    knows (a restore point or a txid) and open it.  The copy reads exactly as the point
+    named (a point-in-time cut), lists the restore points up to it, and opening it runs
+    no compensation (the actions of transactions in flight at the cut are listed as owed,
+    never run: the machine that ran them is gone)."""
+
+    def _replication(self) -> dict:
+        return {"replicate_to": f"file://{self.dir}/replica",
+                "replicate_options": {"interval": 0.05}}
+
+    @precondition(lambda self: self.points or self.after)
+    @rule(data=st.data())
+    def restore_a_copy(self, data) -> None:
+        targets = sorted(self.points.items()) + sorted(self.after.items())
+        point, expected = data.draw(st.sampled_from(targets))
+        self.store.sync_replica(timeout=30)
+        self.copies = getattr(self, "copies", 0) + 1
+        dest = f"{self.dir}/copy-{self.copies}"
+        walstore.restore(f"file://{self.dir}/replica", dest, to=point)
+        ran: list = []
+        copy = walstore.open(dest, compensators={"refund": ran.append})
+        event(f"restored a copy at a {type(point).__name__} point, "
+              f"{'with' if copy.pending_compensations() else 'no'} refunds owed")
+        try:
+            assert dict(copy.scan()) == expected, point
+            assert ran == []  # (nothing runs in a copy)
+            for a in copy.pending_compensations():  # (in flight at the cut: owed, held)
+                assert a.held and self.ledger.get(a.key, 0) in (0, 1), a
+            names = {n for n, state in self.points.items()}
+            assert set(copy.restore_points()) <= names
+            if isinstance(point, str):
+                assert point in copy.restore_points()
+        finally:
+            copy.close()
+            shutil.rmtree(dest, ignore_errors=True)
+
+
+ReplicaModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 15)), stateful_step_count=30,
+    deadline=None)
+TestReplicaModel = ReplicaModel.TestCase
 
 
 FAULTS = st.sampled_from([

@@ -325,7 +325,11 @@ class Store:
 
     def _drop_like_a_crash(self) -> None:
         """Let go as a killed process would (tests and tools)."""
+        shipper = self._shipper
         self._stop_replication(release=False)
+        if shipper is not None:  # (its process is gone: a reopen here takes the lease it
+            from .replication.lease import LIVE_IDS  # left over, as a new process would)
+            LIVE_IDS.discard(shipper.holder["id"])
         self._files.close_monitors()
         self._engine.drop_like_a_crash()
 
