@@ -82,11 +82,12 @@ class AgentModel(RuleBasedStateMachine):
     mirrored = False  # FilesModel: every key has a file beside it (the files' world)
     durability = "none"  # FaultModel: "full"
     repeats_allowed = False  # FaultModel: a refund whose record failed runs again (its key)
+    retain = None  # RetentionModel: history of the newest N transactions only
 
     def _open(self) -> walstore.Store:
         store = walstore.open(self.path, durability=self.durability, segment_size=16384,
                               compensators={"refund": self._refund},
-                              **self._replication())
+                              **self._options())
         if self.mirrored:  # a workspace per agent, in its scope (registered again: the same)
             for a in ("a", "b"):
                 os.makedirs(f"{self.dir}/ws-{a}", exist_ok=True)
@@ -94,8 +95,8 @@ class AgentModel(RuleBasedStateMachine):
                        for a in ("a/", "b/")}
         return store
 
-    def _replication(self) -> dict:
-        return {}
+    def _options(self) -> dict:
+        return {"retain_transactions": self.retain} if self.retain else {}
 
     def _mirror(self, key: str):
         """The workspace and file name that mirror ``key``."""
@@ -308,6 +309,9 @@ class AgentModel(RuleBasedStateMachine):
         except (walstore.RevertConflict, walstore.ConflictError):
             assert self._state() == before  # refused: nothing changed
             return
+        except walstore.HistoryTrimmed:  # (a cascade reaching below the horizon)
+            assert self.retain and self._state() == before
+            return
         except walstore.CompensationFailed as e:  # the undo committed; refunds owed
             assert self.down and e.undo is not None, e
             info = e.undo
@@ -329,6 +333,9 @@ class AgentModel(RuleBasedStateMachine):
         except (walstore.RevertConflict, walstore.ConflictError):
             assert self._state() == before
             return
+        except walstore.HistoryTrimmed:  # (a txid below the horizon; restore points pin)
+            assert self.retain and isinstance(to, int) and self._state() == before
+            return
         except walstore.CompensationFailed as e:  # the undo committed; refunds owed
             assert self.down and e.undo is not None, e
             info = e.undo
@@ -348,7 +355,11 @@ class AgentModel(RuleBasedStateMachine):
         undos of undos, crashes, checkpoints); its files too (FilesModel)."""
         targets = sorted(self.points.items()) + sorted(self.after.items())
         point, expected = data.draw(st.sampled_from(targets))
-        view = self.store.at(point)
+        try:
+            view = self.store.at(point)
+        except walstore.HistoryTrimmed:  # (a txid below the horizon; restore points pin)
+            assert self.retain and isinstance(point, int), point
+            return
         assert dict(view.scan()) == expected, point
         if self.mirrored:
             for key, value in expected.items():
@@ -432,8 +443,9 @@ class AgentModel(RuleBasedStateMachine):
             else:
                 raise AssertionError(f"an action in state {a.state!r}: {a}")
         for key, count in self.ledger.items():
-            if count:
-                assert key in recorded, key  # (a charge the store forgot)
+            if count and key not in recorded:  # (a charge the store forgot? or one whose
+                assert self.retain and self.evidence[key] in state, key  # settled row
+                # retention trimmed with its commit: it stands, and so does its state)
 
     @invariant()
     def files_mirror_the_state(self) -> None:
@@ -485,6 +497,29 @@ FilesModel.TestCase.settings = settings(
 TestFilesModel = FilesModel.TestCase
 
 
+class RetentionModel(AgentModel):
+    """The same with history kept for the newest 3 transactions only (trimmed at
+    checkpoints) and restore points dropped now and then: a restore point pins what it
+    needs (``at`` and ``rewind`` to it stay exact however much was trimmed), a txid below
+    the horizon raises HistoryTrimmed and changes nothing, and trimming never loses an
+    owed compensation (a settled charge's row may go with its commit; it still stands)."""
+
+    retain = 3
+
+    @precondition(lambda self: self.tx is None and self.points)
+    @rule(data=st.data())
+    def drop_point(self, data) -> None:
+        name = data.draw(st.sampled_from(sorted(self.points)))
+        self.store.drop_restore_point(name)
+        del self.points[name]
+
+
+RetentionModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=50,
+    deadline=None)
+TestRetentionModel = RetentionModel.TestCase
+
+
 class ReplicaModel(AgentModel):
     """The same, replicating to a ``file://`` replica, with one more step: wait until the
     replica holds every commit (``sync_replica``), restore a copy at a point the model
@@ -493,7 +528,7 @@ class ReplicaModel(AgentModel):
     no compensation (the actions of transactions in flight at the cut are listed as owed,
     never run: the machine that ran them is gone)."""
 
-    def _replication(self) -> dict:
+    def _options(self) -> dict:
         return {"replicate_to": f"file://{self.dir}/replica",
                 "replicate_options": {"interval": 0.05}}
 
