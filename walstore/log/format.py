@@ -160,6 +160,22 @@ class LSN(int):
                                 f"({value!r})")
         return int.__new__(cls, value)  # (a negative one names nothing: UnknownPoint)
 
+    # Arithmetic keeps the kind: an LSN moved by a number of bytes is still a log position
+    # (``store.rewind(tx.lsn - 1)``, "just before this commit", became an int, i.e. a
+    # txid: it rewound to whichever transaction had that number); the distance between
+    # two LSNs is a plain int.
+    def __add__(self, other):
+        if type(other) is int:
+            return LSN(int(self) + other)
+        return int.__add__(self, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if type(other) is int:
+            return LSN(int(self) - other)
+        return int.__sub__(self, other)  # (LSN - LSN: a distance; an int)
+
     def __repr__(self) -> str:
         return f"LSN({int(self)})"
     __str__ = int.__repr__
