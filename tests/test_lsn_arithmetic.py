@@ -61,3 +61,31 @@ def test_log_since_an_lsn_moved_by_bytes_stays_an_lsn(store):
     second = store.log(oldest_first=True)[1]
     newer = store.log(since=second.lsn + 1)  # (as an int: "after txid 64", which never was)
     assert [t.txid for t in newer] == [4, 3]
+
+
+def test_files_json_names_the_kind_of_its_point(tmp_path):
+    """``walstore files --at lsn:N --json`` and ``--at tx:N`` echoed the same bare number
+    as "at": a script could not tell which it had asked for."""
+    import json
+
+    from click.testing import CliRunner
+
+    from walstore.cli import main
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:
+            tx.files(ws).write("a.txt", "one")
+        s.restore_point("p1")
+    runner = CliRunner()
+    seen = {}
+    for point in ("tx:1", "lsn:0", "1", "p1"):
+        r = runner.invoke(main, ["files", path, "--at", point, "--json"])
+        assert r.exit_code == 0, r.output
+        seen[point] = json.loads(r.output)["at"]
+    assert seen == {"tx:1": "tx:1", "lsn:0": "lsn:0", "1": "tx:1", "p1": "p1"}
+    r = runner.invoke(main, ["files", path, "--json"])
+    assert json.loads(r.output)["at"] is None

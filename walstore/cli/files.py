@@ -9,8 +9,8 @@ import click
 
 from . import _engine, main
 from .common import JSON, PATH, open_store
-from .output import (POINT, UsageProblem, emit_json, jsonable, one_line, show_cell, show_key,
-                     table)
+from .output import (POINT, UsageProblem, emit_json, jsonable, one_line, point_text, show_cell,
+                     show_key, table)
 
 
 def _entry_text(e: dict | None) -> str:
@@ -40,7 +40,8 @@ def files_cmd(path: str, workspace: str | None, at: Any, as_json: bool) -> None:
         except ValueError as e:  # --workspace names no registered workspace
             raise UsageProblem(str(e)) from None
     if as_json:
-        emit_json({"at": None if at is None else jsonable(at), "workspaces": docs})
+        emit_json({"at": None if at is None else jsonable(point_text(at)),
+                   "workspaces": docs})
         return
     if not docs:
         click.echo("no registered workspace")

@@ -557,6 +557,17 @@ def parse_point(text: str) -> Any:
     return text
 
 
+def point_text(point: Any) -> str:
+    """A point as the command line spells it (``tx:N``, ``lsn:N``, a name): a JSON
+    document that echoed a txid and an LSN as the same bare number named neither."""
+    import walstore
+    if isinstance(point, walstore.LSN):
+        return f"lsn:{int(point)}"
+    if isinstance(point, int):
+        return f"tx:{point}"
+    return str(point)
+
+
 class PointType(click.ParamType):
     name = "POINT"
 
