@@ -83,6 +83,7 @@ class AgentModel(RuleBasedStateMachine):
     durability = "none"  # FaultModel: "full"
     repeats_allowed = False  # FaultModel: a refund whose record failed runs again (its key)
     retain = None  # RetentionModel: history of the newest N transactions only
+    wide_tags = False  # ScopeModel: a tagged transaction writes the other agent's keys too
 
     def _open(self) -> walstore.Store:
         store = walstore.open(self.path, durability=self.durability, segment_size=16384,
@@ -143,7 +144,7 @@ class AgentModel(RuleBasedStateMachine):
         """A tagged transaction is its agent's wholly (a scoped undo takes all of it
         back): it writes only its agent's keys here, so that what a scoped undo may move
         is the keys under its scope; an untagged one writes anywhere."""
-        return self.agent + key[2:] if self.tagged else key
+        return self.agent + key[2:] if self.tagged and not self.wide_tags else key
 
     @precondition(lambda self: self.tx is not None)
     @rule(key=KEYS)
@@ -316,7 +317,7 @@ class AgentModel(RuleBasedStateMachine):
             assert self.down and e.undo is not None, e
             info = e.undo
         now = self._state()
-        if scope is not None:  # nothing outside the scope moved
+        if scope is not None and not self.wide_tags:  # nothing outside the scope moved
             assert {k: v for k, v in now.items() if not k.startswith(scope)} == \
                 {k: v for k, v in before.items() if not k.startswith(scope)}
         self._note(info)
@@ -343,7 +344,7 @@ class AgentModel(RuleBasedStateMachine):
         if self.prepared:  # a prepared transaction's keys are not the rewind's to take
             return
         assert _scoped(now, scope) == _scoped(expected, scope), (to, scope)
-        if scope is not None:
+        if scope is not None and not self.wide_tags:
             outside = {k: v for k, v in now.items() if not k.startswith(scope)}
             assert outside == {k: v for k, v in before.items() if not k.startswith(scope)}
         self._note(info)
@@ -518,6 +519,22 @@ RetentionModel.TestCase.settings = settings(
     max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=50,
     deadline=None)
 TestRetentionModel = RetentionModel.TestCase
+
+
+class ScopeModel(AgentModel):
+    """The same, with transactions begun with ``scope=`` writing the other agent's keys
+    too: a scoped undo takes such a transaction back wholly, its keys outside the scope
+    included (or refuses, RevertConflict, where a transaction it keeps wrote them later).
+    Keys inside the scope still end exactly as at the point; outside, only the agreement
+    of state and ledger is checked."""
+
+    wide_tags = True
+
+
+ScopeModel.TestCase.settings = settings(
+    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=50,
+    deadline=None)
+TestScopeModel = ScopeModel.TestCase
 
 
 class ReplicaModel(AgentModel):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("Agent", "Files", "Fault", "Retention", "Replica")
+MODELS = ("Agent", "Files", "Fault", "Retention", "Scope", "Replica")
 
 
 def main(argv: list[str] | None = None) -> int:
