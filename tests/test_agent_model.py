@@ -22,12 +22,21 @@ After every step with no transaction open, for every charge the store records:
   the mark says); ``pending``/``failed`` (owed): charged, the evidence gone;
   ``resolved``: refunded by hand, the evidence gone; in doubt (prepared): charged, the
   evidence not visible;
-and every charge standing in the ledger is one the store records as standing.
-An unscoped rewind that succeeds leaves exactly the state the point named (recorded
-when the point was made); a scoped undo moves only keys under its scope (a transaction
-begun with ``scope=`` is that agent's wholly and is undone wholly, so here it writes
-only its agent's keys; an untagged one writes anywhere).  At teardown
-``verify`` finds no errors.
+and every charge standing in the ledger is one the store records as standing (an owed
+refund of an intent whose body may not have run, ``result`` None, may find nothing
+charged: the refund service declines it, as a real one declines an unknown idempotency
+key).  An unscoped rewind that succeeds leaves exactly the state the point named
+(recorded when the point was made); a scoped undo moves only keys under its scope (a
+transaction begun with ``scope=`` is that agent's wholly and is undone wholly, so here it
+writes only its agent's keys; an untagged one writes anywhere); ``store.at`` of every
+point reads as the point named.  At teardown ``verify`` finds no errors.
+
+Variants, each a state machine of its own: ``FilesModel`` (every key mirrored by a file
+in its agent's workspace), ``FaultModel`` (durability="full", disk faults armed during
+an operation, then a crash), ``RetentionModel`` (history of the newest 3 transactions,
+restore points dropped), ``ScopeModel`` (tagged transactions write outside their scope),
+``ReplicaModel`` (copies restored from a ``file://`` replica at every point).  CI runs
+15-60 examples of each; ``tools/agentmodel.py`` runs thousands.
 """
 from __future__ import annotations
 
