@@ -69,6 +69,16 @@ STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch:
 STEP_CHUNK_BYTES = 4 << 20
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
 CLAIMS_SLACK = 4096        # stale path claims kept before a prune (see Files._claim)
+
+
+def _fingerprint(root: bytes, rel: bytes) -> tuple | None:
+    """What a read of a path can see change without reading it again: its type and mode,
+    inode, size and times (None: absent)."""
+    try:
+        st = os.lstat(root + b"/" + rel if rel else root)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 GC_AFTER_BYTES = 8 * 1024 * 1024  # before-image bytes that make a blob gc due (at least)
 MANIFEST_REFS_KEPT = 200_000  # blob names of saved manifests the gc keeps in memory (<= ~25 MB)
 
@@ -538,6 +548,8 @@ class Files:
                 steps = make_plan()  # (the before-images were what the dropped one left)
                 if not steps:
                     return None
+            if tx.file_reads:  # a path it read and changes now: unchanged since the read?
+                self._check_reads(tx, [(ws.root_b, c.path) for c in steps])
             self._claim(tx, ws, steps)
             eff = self.log_steps(tx, ws, op, steps)
             tx.effects.append(eff)
@@ -551,6 +563,54 @@ class Files:
                         self.record(tx.id, [eff], [], durable=False)
                         tx.effects.remove(eff)
                 raise
+
+    # ---- paths read (serializable file reads) -------------------------------------------
+    def note_read(self, tx: "Transaction", ws: Workspace, rel: bytes) -> None:
+        """``tx`` read ``rel`` (its content or its existence) in the live tree: remembered
+        with the path's claimant and metadata then, so that its commit (or prepare)
+        conflicts when the path changed since — another transaction changed it and
+        committed, still holds it uncommitted, or put it back by a rollback (a read
+        followed by a write of one's own was a lost update: the other's commit between
+        them was overwritten).  A path this transaction changed itself is its own (claimed:
+        no other transaction can change it)."""
+        reads = tx.file_reads
+        key = (ws.root_b, rel)
+        if reads is not None and key in reads:
+            return
+        with self._lock:
+            if not self._claims_seeded:
+                self._seed_claims()
+            owner = self._claims.get(key)
+        if owner == tx.id:
+            return
+        if reads is None:
+            reads = tx.file_reads = {}
+            tx.commit_check = lambda: self._check_reads(tx, None)
+        reads[key] = (owner, _fingerprint(ws.root_b, rel))
+
+    def _check_reads(self, tx: "Transaction", keys: list | None) -> None:
+        """ConflictError when a path ``tx`` read (``keys`` of them; None: every one it did
+        not change itself) changed since it read it.  Run under the journal lock at commit
+        and prepare (it takes no lock of this class: a file change takes ours, then the
+        journal's), and under ours before ``tx`` changes a path it read.  A change by
+        walstore shows as a new claimant (every change is claimed; a stale claim
+        pruned since shows as one too: a conflict, never a miss) and as new metadata (its
+        writes rename a new inode into place); a change by another process, by its
+        metadata (size, times, inode, mode)."""
+        reads = tx.file_reads or {}
+        items = reads.items() if keys is None else ((k, reads[k]) for k in keys if k in reads)
+        claims = self._claims
+        for (root, rel), (owner, seen) in items:
+            now = claims.get((root, rel))
+            if now == tx.id:
+                continue  # (changed by this transaction after the read: checked then)
+            live = now is not None and now != tx.id and self._live(now)
+            if now != owner or live or _fingerprint(root, rel) != seen:
+                where = abs_display(root, rel)
+                who = (f"transaction {now}, which has not ended, changed it" if live else
+                       "it changed since")
+                raise ConflictError(f"transaction {tx.id} read {where}, and {who}; nothing "
+                                    f"was written", [where])
 
     def _count_blob_bytes(self) -> None:
         """Before-images stored since the last look count toward the next checkpoint like
@@ -1814,7 +1874,10 @@ class TxFiles:
         """The content of a file (this transaction's own writes are in place already).
         A closed store's: StoreClosed, as every read of it (it read the disk)."""
         self._files.engine.check_open()
+        self._note_read(path)
         rel, abs_path, st = self._final(path)
+        if rel != self.workspace.rel(path):  # (through a symlink: the file it leads to too)
+            self._files.note_read(self._tx, self.workspace, rel)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, f"{display(rel)!r} is a directory",
                                     os.fsdecode(abs_path))
@@ -1827,8 +1890,15 @@ class TxFiles:
     @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:
         self._files.engine.check_open()
+        self._note_read(path)
         _rel, abs_path = self.workspace.resolve(path)
         return os.path.lexists(abs_path)
+
+    def _note_read(self, path: PathLike) -> None:
+        """A read of ``path`` (before it reads: a change between the note and the read
+        shows at commit as a conflict, never as a miss)."""
+        rel, _abs = self.workspace.resolve(path)
+        self._files.note_read(self._tx, self.workspace, rel)
 
     @os_errors_wrapped
     def listdir(self, path: PathLike = "") -> list[str]:

@@ -90,7 +90,7 @@ class TwoPhase:
                      list(tx.read_ranges), tx.meta, [a.id for a in live],
                      self.engine.clock(), extra, tx.scope)
         tx.logged = True
-        self.engine.pipeline.prepare(p, tx.read_set())
+        self.engine.pipeline.prepare(p, tx.read_set(), tx.commit_check)
 
     def prepared(self) -> list[str]:
         self.engine.check_open()

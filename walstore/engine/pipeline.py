@@ -67,6 +67,10 @@ class CommitRequest:
     gid: str | None = None                # committing this prepared transaction
     committed: bool = False               # past the point of no return (set by ``commit``)
     lsn: int | None = None                # its COMMIT record's LSN, once appended
+    # the agent layer's validation of what the engine does not see (the workspace paths
+    # the transaction read: walstore.agent.files): run under the journal lock right after
+    # the read set's, ConflictError when it fails (nothing committed)
+    check: Callable[[], None] | None = None
 
     @property
     def claims(self) -> list[str]:
@@ -239,6 +243,8 @@ class CommitPipeline:
             eng.check_writable()
             if req.reads:
                 self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
+            if req.check is not None:
+                req.check()
             if req.gid is not None and req.gid not in self.prepared:
                 raise UnknownGid(f"no prepared transaction with gid {req.gid!r} (it was "
                                  f"just decided by another caller); nothing was committed",
@@ -270,8 +276,10 @@ class CommitPipeline:
                                 f"written", [])
 
     # ---- two-phase commit, phase one ----------------------------------------------------
-    def prepare(self, p: Prepared, reads: ReadSet | None) -> Event:
-        """Validate and log a PREPARE (durable before return); its holds start now."""
+    def prepare(self, p: Prepared, reads: ReadSet | None,
+                check: Callable[[], None] | None = None) -> Event:
+        """Validate and log a PREPARE (durable before return); its holds start now.
+        ``check``: as CommitRequest.check."""
         eng = self.engine
         eng.check_writable()
         checked = self.checker.check_applied(p.txid, reads) if reads else None
@@ -283,6 +291,8 @@ class CommitPipeline:
                 raise WalstoreError(f"gid {p.gid!r} is already used in this store")
             if reads:
                 self.checker.check_recent(p.txid, reads, checked, eng.applied_lsn)
+            if check is not None:
+                check()
             self.prepared.check(p.txid, p.writes, reads)
             with deferred():  # (the record and the hold together: an interrupt between
                 # them left a PREPARE logged whose keys nothing held; Transaction.prepare

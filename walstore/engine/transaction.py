@@ -217,6 +217,11 @@ class Transaction:
     # an undo restoring files: any commit that changed files since its snapshot conflicts
     # (the file history it planned from ends there; ReadSet.files)
     guard_files: bool = False
+    # workspace paths this transaction read (``tx.files(ws).read``/``exists``), and the
+    # check its commit runs on them under the journal lock (CommitRequest.check): set by
+    # walstore.agent.files at the first such read
+    file_reads: "dict | None" = None
+    commit_check: "Callable[[], None] | None" = None
 
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
@@ -731,7 +736,8 @@ class Transaction:
                     self.id, list(self._writes.items()), self.meta,
                     self.read_set() if self.read_keys or self.read_ranges
                     or self.guard_ranges or self.guard_scopes
-                    or self.undo_fence is not None or self.guard_files else None, body)
+                    or self.undo_fence is not None or self.guard_files else None, body,
+                    check=self.commit_check)
                 lsn = self._engine.pipeline.commit(req).lsn
             # (inside the ``try``: an interrupt landing between the commit's return and
             # this line left the transaction "active", and the caller's natural rollback
@@ -778,15 +784,18 @@ class Transaction:
 
     def _validate_reads_only(self) -> None:
         reads = self.read_set()
-        if reads is None:
+        if reads is None and self.commit_check is None:
             return
         eng = self._engine
         if eng.readonly:
             return  # a read-only store's snapshot cannot have been written over by itself
-        checked = eng.pipeline.checker.check_applied(self.id, reads)
+        checked = None if reads is None else eng.pipeline.checker.check_applied(self.id, reads)
         with eng.journal.lock:
-            eng.pipeline.checker.check_recent(self.id, reads, checked, eng.applied_lsn)
-            eng.prepared.check(self.id, [], reads)
+            if reads is not None:
+                eng.pipeline.checker.check_recent(self.id, reads, checked, eng.applied_lsn)
+                eng.prepared.check(self.id, [], reads)
+            if self.commit_check is not None:
+                self.commit_check()
 
     def rollback(self) -> None:
         """Discard every write; compensate the actions this transaction ran.
@@ -969,6 +978,8 @@ class Transaction:
         self.__dict__.pop("_write_trigger", None)
         self.__dict__.pop("_write_order", None)
         self.__dict__.pop("_inner_blockers", None)
+        self.__dict__.pop("file_reads", None)
+        self.__dict__.pop("commit_check", None)  # (a closure over this transaction)
         self._undo.clear()
 
     def __repr__(self) -> str:
