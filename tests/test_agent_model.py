@@ -60,6 +60,13 @@ SAVEPOINTS = st.sampled_from(["s1", "s2"])
 STANDING = ("committed", "needs-redo")
 
 
+def _settings(examples: int, steps: int) -> settings:
+    """CI's search: ``examples`` runs of up to ``steps`` steps; WALSTORE_MODEL_EXAMPLES
+    asks for more (``tools/agentmodel.py``)."""
+    return settings(max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", examples)),
+                    stateful_step_count=steps, deadline=None)
+
+
 def _content(value: dict) -> bytes:
     return b"%d\n" % value["n"]
 
@@ -485,10 +492,7 @@ class AgentModel(RuleBasedStateMachine):
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-# WALSTORE_MODEL_EXAMPLES: a longer search than CI's (tools/README: the figures)
-AgentModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 60)), stateful_step_count=50,
-    deadline=None)
+AgentModel.TestCase.settings = _settings(60, 50)
 TestAgentModel = AgentModel.TestCase
 
 
@@ -501,9 +505,7 @@ class FilesModel(AgentModel):
     mirrored = True
 
 
-FilesModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=40,
-    deadline=None)
+FilesModel.TestCase.settings = _settings(30, 40)
 TestFilesModel = FilesModel.TestCase
 
 
@@ -524,9 +526,7 @@ class RetentionModel(AgentModel):
         del self.points[name]
 
 
-RetentionModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=50,
-    deadline=None)
+RetentionModel.TestCase.settings = _settings(30, 50)
 TestRetentionModel = RetentionModel.TestCase
 
 
@@ -540,9 +540,7 @@ class ScopeModel(AgentModel):
     wide_tags = True
 
 
-ScopeModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=50,
-    deadline=None)
+ScopeModel.TestCase.settings = _settings(30, 50)
 TestScopeModel = ScopeModel.TestCase
 
 
@@ -585,9 +583,7 @@ class ReplicaModel(AgentModel):
             shutil.rmtree(dest, ignore_errors=True)
 
 
-ReplicaModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 15)), stateful_step_count=30,
-    deadline=None)
+ReplicaModel.TestCase.settings = _settings(15, 30)
 TestReplicaModel = ReplicaModel.TestCase
 
 
@@ -659,7 +655,5 @@ class FaultModel(AgentModel):
             self.store.commit_prepared(gid)
 
 
-FaultModel.TestCase.settings = settings(
-    max_examples=int(os.environ.get("WALSTORE_MODEL_EXAMPLES", 30)), stateful_step_count=30,
-    deadline=None)
+FaultModel.TestCase.settings = _settings(30, 30)
 TestFaultModel = FaultModel.TestCase
