@@ -151,3 +151,23 @@ def test_concurrent_read_modify_write_of_one_file_loses_no_update(env):
     lines = (root / "cfg").read_text().splitlines()
     assert lines[0] == "v1" and len(lines) == 1 + 2 * per_thread
     assert sorted(lines[1:]) == sorted(f"{t}{i}" for t in "ab" for i in range(per_thread))
+
+
+def test_a_dropped_reader_lets_go_of_its_paths_at_once(env):
+    """A transaction that read a path holds no reference cycle through its check: dropped
+    (garbage, never ended), its changes are put back by the next change of its paths at
+    once, not after a collector run (a claimant still referenced counts as live)."""
+    import gc
+    store, ws, root = env
+    gc.disable()
+    try:
+        t = store.transaction()
+        f = t.files(ws)
+        f.read("cfg")
+        f.write("q", "dropped\n")
+        del f, t
+        with store.transaction() as t2:
+            t2.files(ws).write("q", "mine\n")  # (no ConflictError: the dropped one is gone)
+    finally:
+        gc.enable()
+    assert (root / "q").read_text() == "mine\n"

@@ -69,6 +69,8 @@ STEP_CHUNK = 4000          # steps per FILE_STEPS record (a big rmtree or watch:
 STEP_CHUNK_BYTES = 4 << 20
 SYMLINK_HOPS = 40          # read() follows at most this many symlinks inside the root
 CLAIMS_SLACK = 4096        # stale path claims kept before a prune (see Files._claim)
+GC_AFTER_BYTES = 8 * 1024 * 1024  # before-image bytes that make a blob gc due (at least)
+MANIFEST_REFS_KEPT = 200_000  # blob names of saved manifests the gc keeps in memory (<= ~25 MB)
 
 
 def _fingerprint(root: bytes, rel: bytes) -> tuple | None:
@@ -79,8 +81,6 @@ def _fingerprint(root: bytes, rel: bytes) -> tuple | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-GC_AFTER_BYTES = 8 * 1024 * 1024  # before-image bytes that make a blob gc due (at least)
-MANIFEST_REFS_KEPT = 200_000  # blob names of saved manifests the gc keeps in memory (<= ~25 MB)
 
 
 def _step_chunks(steps: list) -> list[list]:
@@ -585,7 +585,8 @@ class Files:
             return
         if reads is None:
             reads = tx.file_reads = {}
-            tx.commit_check = lambda: self._check_reads(tx, None)
+            ref = weakref.ref(tx)  # (no cycle: a dropped transaction must still be freed
+            tx.commit_check = lambda: self._check_reads(ref(), None)  # at once, see _live)
         reads[key] = (owner, _fingerprint(ws.root_b, rel))
 
     def _check_reads(self, tx: "Transaction", keys: list | None) -> None:
@@ -604,7 +605,7 @@ class Files:
             now = claims.get((root, rel))
             if now == tx.id:
                 continue  # (changed by this transaction after the read: checked then)
-            live = now is not None and now != tx.id and self._live(now)
+            live = now is not None and self._live(now)
             if now != owner or live or _fingerprint(root, rel) != seen:
                 where = abs_display(root, rel)
                 who = (f"transaction {now}, which has not ended, changed it" if live else
@@ -1874,9 +1875,9 @@ class TxFiles:
         """The content of a file (this transaction's own writes are in place already).
         A closed store's: StoreClosed, as every read of it (it read the disk)."""
         self._files.engine.check_open()
-        self._note_read(path)
+        asked = self._note_read(path)
         rel, abs_path, st = self._final(path)
-        if rel != self.workspace.rel(path):  # (through a symlink: the file it leads to too)
+        if rel != asked:  # (through a symlink: the file it leads to too)
             self._files.note_read(self._tx, self.workspace, rel)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, f"{display(rel)!r} is a directory",
@@ -1894,11 +1895,12 @@ class TxFiles:
         _rel, abs_path = self.workspace.resolve(path)
         return os.path.lexists(abs_path)
 
-    def _note_read(self, path: PathLike) -> None:
+    def _note_read(self, path: PathLike) -> bytes:
         """A read of ``path`` (before it reads: a change between the note and the read
-        shows at commit as a conflict, never as a miss)."""
+        shows at commit as a conflict, never as a miss); returns its relative form."""
         rel, _abs = self.workspace.resolve(path)
         self._files.note_read(self._tx, self.workspace, rel)
+        return rel
 
     @os_errors_wrapped
     def listdir(self, path: PathLike = "") -> list[str]:
