@@ -171,6 +171,34 @@ class AgentModel(RuleBasedStateMachine):
             ws, name = self._mirror(key)
             self._file_op(lambda files: files.write(name, _content(value)), ws)
 
+    @precondition(lambda self: self.tx is not None and self.mirrored)
+    @rule(key=KEYS, gone=st.booleans())
+    def watched_change(self, key, gone) -> None:
+        """FilesModel: the key's file changed by plain file I/O inside ``watch()`` (as a
+        tool the agent runs changes it), the key beside it: the watch makes the change
+        the transaction's (its rollback, revert and rewind put it back); a path another
+        live transaction holds makes the watch's end put the block's changes back and
+        raise ConflictError: the key's write then goes too (a rollback)."""
+        key = self._key(key)
+        ws, name = self._mirror(key)
+        path = os.path.join(ws.root, name)
+        value = {"n": self._fresh()}
+        try:
+            with self.tx.files(ws).watch():
+                if gone:
+                    if os.path.lexists(path):
+                        os.unlink(path)
+                else:
+                    with open(path, "wb") as f:
+                        f.write(_content(value))
+        except walstore.ConflictError:
+            self.rollback()
+            return
+        if gone:
+            self.tx.delete(key)
+        else:
+            self.tx.put(key, value)
+
     @precondition(lambda self: self.tx is not None)
     @rule(key=KEYS)
     def delete(self, key) -> None:

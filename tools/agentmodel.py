@@ -17,8 +17,10 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("Agent", "Files", "Fault", "Retention", "Scope", "Replica")
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     selector = " or ".join(f"Test{m}Model" for m in only)
     env = dict(os.environ, WALSTORE_MODEL_EXAMPLES=str(args.examples))
     pending = list(seeds)
-    running: list[tuple[int, subprocess.Popen, float]] = []
+    running: list[tuple[int, subprocess.Popen, float, Any]] = []
     failed = 0
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
@@ -56,20 +58,27 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:randomly",
                    "-p", "no:cacheprovider", str(ROOT / "tests" / "test_agent_model.py"),
                    "-k", selector, f"--hypothesis-seed={seed}"]
-            running.append((seed, subprocess.Popen(cmd, cwd=ROOT, env=env, text=True,
-                                                   stdout=subprocess.PIPE,
-                                                   stderr=subprocess.STDOUT), time.monotonic()))
+            out = tempfile.TemporaryFile("w+")  # (not a pipe: a long failure report
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, text=True,  # would fill it)
+                                    stdout=out, stderr=subprocess.STDOUT)
+            running.append((seed, proc, time.monotonic(), out))
             print(f"seed {seed}: started ({args.examples} examples of {', '.join(only)})",
                   flush=True)
-        seed, proc, started = running.pop(0)
-        out, _ = proc.communicate()
-        took = time.monotonic() - started
-        if proc.returncode == 0:
-            print(f"seed {seed}: clean in {took:.0f} s", flush=True)
-        else:
-            failed += 1
-            print(f"seed {seed}: FAILED (exit {proc.returncode}) in {took:.0f} s\n{out}",
-                  flush=True)
+        done = [r for r in running if r[1].poll() is not None]
+        if not done:
+            time.sleep(0.5)
+            continue
+        for seed, proc, started, out in done:
+            running.remove((seed, proc, started, out))
+            took = time.monotonic() - started
+            if proc.returncode == 0:
+                print(f"seed {seed}: clean in {took:.0f} s", flush=True)
+            else:
+                failed += 1
+                out.seek(0)
+                print(f"seed {seed}: FAILED (exit {proc.returncode}) in {took:.0f} s\n"
+                      f"{out.read()}", flush=True)
+            out.close()
     print(f"{len(seeds)} seed(s), {failed} failed")
     return 1 if failed else 0
 
