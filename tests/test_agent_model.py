@@ -32,7 +32,8 @@ writes only its agent's keys; an untagged one writes anywhere); ``store.at`` of 
 point reads as the point named.  At teardown ``verify`` finds no errors.
 
 Variants, each a state machine of its own: ``FilesModel`` (every key mirrored by a file
-in its agent's workspace), ``FaultModel`` (durability="full", disk faults armed during
+in its agent's workspace, changed through ``tx.files`` and by plain file I/O inside
+``watch()``), ``FaultModel`` (durability="full", disk faults armed during
 an operation, then a crash), ``RetentionModel`` (history of the newest 3 transactions,
 restore points dropped), ``ScopeModel`` (tagged transactions write outside their scope),
 ``ReplicaModel`` (copies restored from a ``file://`` replica at every point).  CI runs
