@@ -978,8 +978,8 @@ class Transaction:
         self.__dict__.pop("_write_trigger", None)
         self.__dict__.pop("_write_order", None)
         self.__dict__.pop("_inner_blockers", None)
-        self.__dict__.pop("file_reads", None)
-        self.__dict__.pop("commit_check", None)  # (a closure over this transaction)
+        if self.commit_check is not None:  # (set with file_reads; one test per commit)
+            del self.file_reads, self.commit_check
         self._undo.clear()
 
     def __repr__(self) -> str:
