@@ -83,6 +83,35 @@ def _fingerprint(root: bytes, rel: bytes) -> tuple | None:
     return (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
+def _listing(ws: Workspace, rel: bytes) -> frozenset[bytes] | None:
+    """The names in directory ``rel`` (no symlink followed), the workspace's ignored ones
+    left out (None: no such directory)."""
+    where = ws.root_b + b"/" + rel if rel else ws.root_b
+    try:
+        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # (a symlink there now)
+            return None
+        raise
+    try:
+        names = [os.fsencode(n) for n in os.listdir(fd)]
+    finally:
+        os.close(fd)
+    return frozenset(n for n in names
+                     if not ws.ignored((rel + b"/" + n) if rel else n,
+                                       os.path.isdir(where + b"/" + n)))
+
+
+def _child(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+# a listed directory's key among a transaction's file reads: (root, rel, LISTED)
+LISTED = "listed"
+
+
 def _step_chunks(steps: list) -> list[list]:
     """The rows of ``steps`` cut into FILE_STEPS records: at most STEP_CHUNK steps and
     about STEP_CHUNK_BYTES of rows each (a step's row is never cut)."""
@@ -299,6 +328,14 @@ class Files:
         self._under: dict[tuple[bytes, bytes], set[int]] = {}
         self._claimants: dict[int, weakref.ref] = {}
         self._claims_seeded = False
+        # what prepared transactions read (``hold_reads``), held against every change by
+        # walstore until their decision: (root, path) -> the txids that read the path;
+        # (root, directory) -> the txids that listed it; (root, path) -> the txids that
+        # read or listed something at or below it (changing it changes what they read)
+        self._read_holds: dict[tuple[bytes, bytes], set[int]] = {}
+        self._list_holds: dict[tuple[bytes, bytes], set[int]] = {}
+        self._hold_below: dict[tuple[bytes, bytes], set[int]] = {}
+        self._holds_of: dict[int, list[tuple[bytes, bytes, bool]]] = {}
         # claimants that have ended (or were dropped) and are known to owe no undo (see
         # ``_put_back_stale``): a dead claimant logs nothing more, so this never changes
         self._settled: set[int] = set()
@@ -589,19 +626,44 @@ class Files:
             tx.commit_check = lambda: self._check_reads(ref(), None)  # at once, see _live)
         reads[key] = (owner, _fingerprint(ws.root_b, rel))
 
+    def note_list(self, tx: "Transaction", ws: Workspace, rel: bytes,
+                  names: frozenset[bytes]) -> None:
+        """``tx`` listed directory ``rel`` and saw ``names``: its commit (or prepare)
+        conflicts when the names there changed since — by another transaction (committed
+        or not) or another process — but for the names of paths this transaction changed
+        itself (its own creations and deletions are not conflicts)."""
+        reads = tx.file_reads
+        key = (ws.root_b, rel, LISTED)
+        if reads is not None and key in reads:
+            return
+        if reads is None:
+            reads = tx.file_reads = {}
+            ref = weakref.ref(tx)
+            tx.commit_check = lambda: self._check_reads(ref(), None)
+        reads[key] = (None, names)
+
     def _check_reads(self, tx: "Transaction", keys: list | None) -> None:
         """ConflictError when a path ``tx`` read (``keys`` of them; None: every one it did
-        not change itself) changed since it read it.  Run under the journal lock at commit
-        and prepare (it takes no lock of this class: a file change takes ours, then the
-        journal's), and under ours before ``tx`` changes a path it read.  A change by
-        walstore shows as a new claimant (every change is claimed; a stale claim
-        pruned since shows as one too: a conflict, never a miss) and as new metadata (its
-        writes rename a new inode into place); a change by another process, by its
-        metadata (size, times, inode, mode)."""
+        not change itself) changed since it read it, or a directory it listed holds other
+        names (``keys``: the paths it is about to change, so also their directories'
+        listings).  Run under the journal lock at commit and prepare (it takes no lock of
+        this class: a file change takes ours, then the journal's), and under ours before
+        ``tx`` changes a path it read.  A change by walstore shows as a new claimant
+        (every change is claimed; a stale claim pruned since shows as one too: a conflict,
+        never a miss) and as new metadata (its writes rename a new inode into place); a
+        change by another process, by its metadata (size, times, inode, mode)."""
         reads = tx.file_reads or {}
-        items = reads.items() if keys is None else ((k, reads[k]) for k in keys if k in reads)
+        if keys is None:
+            items = reads.items()
+        else:
+            wanted = [*keys, *((root, parent_of(rel), LISTED) for root, rel in keys)]
+            items = [(k, reads[k]) for k in dict.fromkeys(wanted) if k in reads]
         claims = self._claims
-        for (root, rel), (owner, seen) in items:
+        for key, (owner, seen) in items:
+            if len(key) == 3:
+                self._check_listing(tx, key[0], key[1], seen)
+                continue
+            root, rel = key
             now = claims.get((root, rel))
             if now == tx.id:
                 continue  # (changed by this transaction after the read: checked then)
@@ -612,6 +674,112 @@ class Files:
                        "it changed since")
                 raise ConflictError(f"transaction {tx.id} read {where}, and {who}; nothing "
                                     f"was written", [where])
+
+    def _check_listing(self, tx: "Transaction", root: bytes, rel: bytes,
+                       seen: frozenset[bytes]) -> None:
+        """``_check_reads`` of one listed directory: the names now against those seen,
+        leaving out the paths ``tx`` changed itself; a name another transaction that has
+        not ended changed is a conflict too (its creation may yet be rolled back)."""
+        ws = self._registry.get(root)
+        now = _listing(ws, rel) if ws is not None else None
+        claims = self._claims
+        mine = tx.id
+        changed = [n for n in (seen ^ (now or frozenset()))
+                   if claims.get((root, _child(rel, n))) != mine]
+        if now is None and ws is not None and not changed:
+            # the directory itself gone: a change unless this transaction removed it
+            changed = [] if claims.get((root, rel)) == mine else [b""]
+        live = None
+        if not changed:
+            for n in now or ():
+                t = claims.get((root, _child(rel, n)))
+                if t is not None and t != mine and self._live(t):
+                    live = t
+                    break
+        if changed or live is not None:
+            where = abs_display(root, rel)
+            who = (f"transaction {live}, which has not ended, changed a name in it"
+                   if live is not None else "the names in it changed since")
+            raise ConflictError(f"transaction {tx.id} listed {where}, and {who}; nothing "
+                                f"was written", [where])
+
+    # ---- what prepared transactions read, held until their decision -------------------
+    def hold_reads(self, tx: "Transaction") -> dict:
+        """Before ``tx`` prepares: the paths it read and the directories it listed are
+        held against every change by walstore (``_check_claims`` refuses a change of one
+        while ``tx`` is live — open, or prepared until decided), as a prepared
+        transaction's read keys are; returns the PREPARE record's fields naming them, so a
+        reopened store holds them again (``_seed_claims``).  Held before the prepare's
+        check runs: a change made before the hold is what that check finds, and one after
+        it is refused."""
+        reads = tx.file_reads
+        if not reads:
+            return {}
+        paths: dict[bytes, list[bytes]] = {}
+        lists: dict[bytes, list[bytes]] = {}
+        for key in reads:
+            (lists if len(key) == 3 else paths).setdefault(key[0], []).append(key[1])
+        with self._lock:
+            for ended in [t for t in self._holds_of if not self._live(t)]:
+                self._drop_holds(ended)  # (decided since: bounded by what is in doubt)
+            self._add_holds(tx.id, paths, lists)
+        out = {}
+        if paths:
+            out["file_reads"] = [[root, rels] for root, rels in paths.items()]
+        if lists:
+            out["file_lists"] = [[root, rels] for root, rels in lists.items()]
+        return out
+
+    def _add_holds(self, txid: int, paths: dict, lists: dict) -> None:
+        """Caller holds ``_lock``."""
+        noted = self._holds_of.setdefault(txid, [])
+        for held, index in ((paths, self._read_holds), (lists, self._list_holds)):
+            for root, rels in held.items():
+                for rel in rels:
+                    index.setdefault((root, rel), set()).add(txid)
+                    for at in _with_parents([rel]):
+                        self._hold_below.setdefault((root, at), set()).add(txid)
+                    noted.append((root, rel, index is self._list_holds))
+
+    def _drop_holds(self, txid: int) -> None:
+        """Caller holds ``_lock``: ``txid`` ended, nothing of it is held any more."""
+        for root, rel, listed in self._holds_of.pop(txid, ()):
+            index = self._list_holds if listed else self._read_holds
+            for idx, at in ((index, rel), *((self._hold_below, p)
+                                            for p in _with_parents([rel]))):
+                owners = idx.get((root, at))
+                if owners is not None:
+                    owners.discard(txid)
+                    if not owners:
+                        del idx[(root, at)]
+
+    def release_holds(self, txid: int) -> None:
+        """``txid``'s prepare failed: what it read is not held any more."""
+        with self._lock:
+            self._drop_holds(txid)
+
+    def _check_holds(self, tx: "Transaction", root: bytes, paths: list[bytes]) -> None:
+        """``_check_claims``'s test of what prepared transactions read (caller holds
+        ``_lock``): changing a path one read, a directory at or above one, or a name in a
+        directory one listed is refused while that transaction is live."""
+        ended = set()
+        for path in paths:
+            holders = (self._read_holds.get((root, path), set())
+                       | self._hold_below.get((root, path), set())
+                       | self._list_holds.get((root, parent_of(path)), set()))
+            for holder in sorted(holders):
+                if holder == tx.id:
+                    continue
+                if not self._live(holder):
+                    ended.add(holder)
+                    continue
+                where = abs_display(root, path)
+                raise ConflictError(f"transaction {tx.id} would change {where}, which "
+                                    f"transaction {holder} read and has not ended (open, "
+                                    f"or prepared and in doubt); nothing was changed",
+                                    [where])
+        for holder in ended:
+            self._drop_holds(holder)
 
     def _count_blob_bytes(self) -> None:
         """Before-images stored since the last look count toward the next checkpoint like
@@ -661,6 +829,8 @@ class Files:
         walstore's own committed file)."""
         if not self._claims_seeded:
             self._seed_claims()
+        if self._holds_of:
+            self._check_holds(tx, root, paths)
         for path in _with_parents(paths):
             owner = self._claims.get((root, path))
             if owner is not None and owner != tx.id and self._live(owner):
@@ -890,6 +1060,9 @@ class Files:
         """Once per open: the paths of transactions still prepared from before (a crash or
         a close left them in doubt) are theirs until decided."""
         self._claims_seeded = True
+        for p in self.engine.prepared.by_gid.values():  # (and what they read: hold_reads)
+            self._add_holds(p.txid, dict(p.extra.get("file_reads") or ()),
+                            dict(p.extra.get("file_lists") or ()))
         for txid in sorted(self.engine.prepared.txids()):
             for eff in self.effects_of(txid):
                 for c in getattr(eff, "steps", None) or ():
@@ -1909,17 +2082,20 @@ class TxFiles:
         self._files.engine.check_open()
         ws = self.workspace
         if ws.rel(path, allow_root=True):
+            asked, _abs = ws.resolve(path)
             rel, abs_path, _st = self._final(path)
+            if rel != asked:  # (through a symlink: the link is read too)
+                self._files.note_read(self._tx, ws, asked)
         else:
             rel, abs_path = ws.resolve(path, allow_root=True)
-        fd = os.open(abs_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            names = [os.fsencode(n) for n in os.listdir(fd)]
-        finally:
+        names = _listing(ws, rel)
+        if names is None:  # (as os.listdir says it: absent, or not a directory)
+            fd = os.open(abs_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
             os.close(fd)
-        return sorted(os.fsdecode(n) for n in names
-                      if not ws.ignored((rel + b"/" + n) if rel else n,
-                                        os.path.isdir(abs_path + b"/" + n)))
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", os.fsdecode(abs_path))
+        # validated at commit like a read (the names, not what the files hold)
+        self._files.note_list(self._tx, ws, rel, names)
+        return sorted(os.fsdecode(n) for n in names)
 
 
 @dataclass

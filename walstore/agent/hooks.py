@@ -302,7 +302,14 @@ class AgentHooks:
         return b""
 
     def prepare(self, tx: "Transaction", gid: str) -> None:
-        self.twophase.prepare(tx, gid, self.files.commit_fields(tx))
+        fields = self.files.commit_fields(tx)
+        held = self.files.hold_reads(tx)  # (its file reads: held until the decision)
+        try:
+            self.twophase.prepare(tx, gid, {**fields, **held})
+        except BaseException:
+            if held:
+                self.files.release_holds(tx.id)
+            raise
 
     def commit_prepared(self, gid: str) -> int:
         return self.twophase.commit_prepared(gid)

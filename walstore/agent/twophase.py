@@ -121,6 +121,8 @@ class TwoPhase:
         p = self._get(gid)
         self.engine.check_writable()  # (a read-only store has no pipeline: ReadOnlyError)
         body = dict(p.extra, gid=gid)
+        body.pop("file_reads", None)  # (what it read was held until now: not the COMMIT's)
+        body.pop("file_lists", None)
         legacy = {str(r["id"]): r for r in p.legacy_actions}
         rows = [self.engine.views.action_row(aid) or legacy.get(aid) for aid in p.actions]
         actions = [dict(r, state="committed") for r in rows if r is not None]
