@@ -359,3 +359,28 @@ def test_a_listing_that_saw_an_uncommitted_name_commits_only_behind_it(env):
     with pytest.raises(walstore.ConflictError, match="has not ended"):
         t1.commit()
     t2.rollback()
+
+
+def test_a_revert_or_rewind_over_a_held_path_is_refused_before_any_compensation(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    refunds = []
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": lambda a: refunds.append(a.id)}) as store:
+        ws = store.workspace(str(root))
+        with store.transaction() as t:
+            with t.action("charge", compensate="refund"):
+                pass
+            t.files(ws).write("f", "1\n")
+            t.put("k", 1)
+        reader = store.transaction()
+        reader.files(ws).read("f")
+        reader.prepare("g-held")
+        for undo in (lambda: store.revert(t.id), lambda: store.rewind(walstore.LSN(1))):
+            with pytest.raises(walstore.ConflictError, match="read and has not ended"):
+                undo()
+            assert refunds == [] and store.get("k") == 1
+            assert (root / "f").read_text() == "1\n"
+        store.commit_prepared("g-held")
+        store.revert(t.id)
+        assert refunds == [f"{t.id}.1"] and not (root / "f").exists()
