@@ -169,6 +169,16 @@ def os_errors_as_store_errors() -> Iterator[None]:
         raise wrapped from e
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)`` for an error message, cut to about ``limit`` characters with the
+    length said (a 100 KB name asked for was echoed whole into the message, and into
+    every log line that printed it)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 20]}... ({len(text):,} characters)"
+
+
 def os_errors_wrapped(method):
     """``method`` with its OS errors leaving as ``as_store_error`` makes them (the file
     operations of reversible files: a FileExistsError is still one)."""

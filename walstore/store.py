@@ -19,7 +19,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
-from .errors import ConflictError, CorruptionError, ReplicationError, StoreClosed, WalstoreError
+from .errors import (ConflictError, CorruptionError, ReplicationError, StoreClosed,
+                     WalstoreError, os_errors_as_store_errors)
 from .options import Options, check_flag
 from .engine.engine import Engine
 from .engine.tables import row_damaged
@@ -552,7 +553,8 @@ class Store:
         gitignore-style patterns ``watch()`` does not track; ``scope``: the key prefix a
         scoped ``rewind``/``revert`` counts it in.  See ``tx.files(ws)``."""
         self._engine.check_open()
-        return self._files.workspace(root, ignore, scope)
+        with os_errors_as_store_errors():  # (registering writes: a disk error is ours)
+            return self._files.workspace(root, ignore, scope)
 
     def workspaces(self) -> list[Workspace]:
         """Every registered workspace."""

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
 from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
-                      StoreClosed, UnknownAction, WalstoreError)
+                      StoreClosed, UnknownAction, WalstoreError, shown)
 from ..log.format import RecordType
 from ..signals import deferred
 from ..engine import tables
@@ -749,7 +749,7 @@ class Saga:
         self.engine.refresh()
         row = self.engine.views.action_row(action_id)
         if row is None:
-            raise UnknownAction(f"no action with id {action_id!r}")
+            raise UnknownAction(f"no action with id {shown(action_id)}")
         return Action.from_row(row)
 
     def resolve(self, action_id: str, note: str | None = None) -> Action:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from ..codec import Key, decode_key, encode_key, unpack_value, utf8
 from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, PointTypeError,
-                      ReadOnlyError, TrimmedOrUnknownPoint, UnknownPoint)
+                      ReadOnlyError, TrimmedOrUnknownPoint, UnknownPoint, shown)
 from ..log.format import RecordType
 from ..log.records import MAX_TXID as LOGGED_TXID_LIMIT
 from ..engine import tables
@@ -190,7 +190,7 @@ class History:
         elif isinstance(point, str):
             p = eng.views.point(point)
             if p is None:
-                raise UnknownPoint(f"no restore point named {point!r}", point)
+                raise UnknownPoint(f"no restore point named {shown(point)}", point)
             boundary = p["lsn"]
         else:
             raise PointTypeError(f"a point is a txid (int), a walstore.LSN or a restore point "
@@ -400,6 +400,6 @@ class History:
             raise PointTypeError(f"a restore point name is a str, not "
                                  f"{type(name).__name__}", name)
         if self.engine.views.point(name) is None:
-            raise UnknownPoint(f"no restore point named {name!r}", name)
+            raise UnknownPoint(f"no restore point named {shown(name)}", name)
         self.engine.log_event(RecordType.RESTORE_POINT,
                               {"name": name, "drop": True, "ts": time.time()}, durable=True)

@@ -24,12 +24,14 @@ does.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
 import stat
 from collections.abc import Iterable
 from typing import Union
 
+from ..errors import as_store_error, shown
 from .ignore import IgnoreRules
 
 __all__ = ["Workspace", "PathLike", "TEMP_PREFIX", "is_temp_name", "display", "to_str",
@@ -67,6 +69,16 @@ def from_str(s: str | bytes) -> bytes:
 
 def depth(rel: bytes) -> int:
     return rel.count(b"/") + 1 if rel else 0
+
+
+def _root_error(real: bytes, e: OSError) -> Exception:
+    """A root the OS refuses to look at: a name too long for it is bad input
+    (ValueError, as a root that does not exist); any other error (no permission, I/O) a
+    StoreIOError keeping the OS error's class — never a bare OSError out of the API."""
+    if e.errno == errno.ENAMETOOLONG:
+        return ValueError(f"workspace root {shown(os.fsdecode(real))} is too long for the "
+                          f"file system ({e.strerror})")
+    return as_store_error(e)
 
 
 def parent_of(rel: bytes) -> bytes:
@@ -127,12 +139,16 @@ class Workspace:
                 raise ValueError(f"workspace root {os.fsdecode(real)!r} does not exist") \
                     from None
             st = None
+        except OSError as e:
+            raise _root_error(real, e) from e
         if st is not None and not stat.S_ISDIR(st.st_mode) and not (registered and missing_ok):
             raise ValueError(f"workspace root {os.fsdecode(real)!r} is not a directory")
         try:
             lst = os.lstat(real)
         except FileNotFoundError:  # (missing_ok: checked above)
             lst = None
+        except OSError as e:
+            raise _root_error(real, e) from e
         # the root directory's identity (see ``check_root``); None: not a real directory,
         # or (``registered``) one reached through a symlink now: a directory on the way
         # to the registered root swapped for a symlink between two opens was taken as
