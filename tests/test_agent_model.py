@@ -95,6 +95,11 @@ class AgentModel(RuleBasedStateMachine):
         self.points: dict[str, dict] = {}       # restore point -> the state it names
         self.after: dict[int, dict] = {}        # txid -> the state right after it
         self.counter = 0
+        # FilesModel: txid -> the (root, names) of each workspace it listed, and the
+        # names it changed there itself; gid -> the same, for a prepared one
+        self.listings: dict[int, list] = {}
+        self.touched: dict[int, set] = {}
+        self.prepared_listings: dict[str, tuple] = {}
 
     mirrored = False  # FilesModel: every key has a file beside it (the files' world)
     durability = "none"  # FaultModel: "full"
@@ -154,6 +159,7 @@ class AgentModel(RuleBasedStateMachine):
     @rule(agent=AGENTS, tagged=st.booleans())
     def begin(self, agent, tagged) -> None:
         self.tx = self.store.transaction(scope=agent if tagged else None)
+        self._forget(self.tx.id)
         self.agent, self.tagged = agent, tagged
         self.savepoints = []
 
@@ -170,7 +176,7 @@ class AgentModel(RuleBasedStateMachine):
         self.tx.put(key, value)
         if self.mirrored:
             ws, name = self._mirror(key)
-            self._file_op(lambda files: files.write(name, _content(value)), ws)
+            self._file_op(lambda files: files.write(name, _content(value)), ws, name)
 
     @precondition(lambda self: self.tx is not None and self.mirrored)
     @rule(key=KEYS, gone=st.booleans())
@@ -179,11 +185,20 @@ class AgentModel(RuleBasedStateMachine):
         tool the agent runs changes it), the key beside it: the watch makes the change
         the transaction's (its rollback, revert and rewind put it back); a path another
         live transaction holds makes the watch's end put the block's changes back and
-        raise ConflictError: the key's write then goes too (a rollback)."""
+        raise ConflictError: the key's write then goes too (a rollback).  The tool
+        deletes the file if it is there: a read walstore does not see (a subprocess's), so
+        the agent asks ``exists`` first — what a transaction relies on, it reads through
+        ``tx.files`` (without it: begin; the tool finds no file; another transaction
+        writes the key and its file and commits; ours deletes the key and commits, and
+        the file stays — serializable as walstore saw it, a blind delete after that
+        commit; README, "Reversible files")."""
         key = self._key(key)
         ws, name = self._mirror(key)
         path = os.path.join(ws.root, name)
         value = {"n": self._fresh()}
+        self.touched.setdefault(self.tx.id, set()).add((ws.root, name))
+        if gone:
+            self.tx.files(ws).exists(name)
         try:
             with self.tx.files(ws).watch():
                 if gone:
@@ -207,12 +222,39 @@ class AgentModel(RuleBasedStateMachine):
         self.tx.delete(key)
         if self.mirrored:
             ws, name = self._mirror(key)
-            self._file_op(lambda files: files.exists(name) and files.delete(name), ws)
+            self._file_op(lambda files: files.exists(name) and files.delete(name), ws, name)
 
     @precondition(lambda self: self.tx is not None)
     @rule(key=KEYS)
     def read(self, key) -> None:
         self.tx.get(key)  # (its snapshot; a later commit of the key makes ours conflict)
+
+    @precondition(lambda self: self.tx is not None and self.mirrored)
+    @rule(agent=AGENTS)
+    def list_files(self, agent) -> None:
+        """FilesModel: the transaction lists an agent's workspace (what a planner does
+        before deciding what to write): when it commits, the names there are those it
+        saw, but for the ones it changed itself (``_check_listing``); prepared, they stay
+        so until its decision (``hold_reads``)."""
+        ws = self.ws[agent]
+        names = frozenset(self.tx.files(ws).listdir(""))
+        self.listings.setdefault(self.tx.id, []).append((ws.root, names))
+
+    def _forget(self, txid: int) -> None:
+        """A new transaction: nothing noted under its txid (one that ended without a
+        commit, or was lost in a crash, may have had the same number)."""
+        self.listings.pop(txid, None)
+        self.touched.pop(txid, None)
+
+    def _check_listings(self, txid: int, listings=None, touched=None) -> None:
+        """Right after ``txid`` committed (single-threaded: nothing ran between its
+        commit check and here): every listing it made still holds."""
+        listings = self.listings.pop(txid, []) if listings is None else listings
+        touched = self.touched.pop(txid, set()) if touched is None else touched
+        for root, seen in listings:
+            own = {n for r, n in touched if r == root}
+            now = frozenset(os.listdir(root))
+            assert seen - own == now - own, (txid, root, sorted(seen), sorted(now))
 
     @precondition(lambda self: self.tx is not None)
     @rule(key=KEYS, charge=st.booleans())
@@ -222,6 +264,7 @@ class AgentModel(RuleBasedStateMachine):
         commit if it read that key (ConflictError: its charges refunded)."""
         mine = (self.tx, self.agent, self.tagged, self.savepoints)
         self.tx, self.agent, self.tagged = self.store.transaction(), key[:2], False
+        self._forget(self.tx.id)
         try:
             self.put(key)
             if charge and self.tx is not None:
@@ -231,10 +274,12 @@ class AgentModel(RuleBasedStateMachine):
         finally:
             self.tx, self.agent, self.tagged, self.savepoints = mine
 
-    def _file_op(self, op, ws) -> None:
+    def _file_op(self, op, ws, name=None) -> None:
         """A file change beside the key's; a path a prepared or open transaction holds is
         refused (ConflictError, nothing changed): the key's write then goes too (a
         rollback)."""
+        if name is not None:
+            self.touched.setdefault(self.tx.id, set()).add((ws.root, name))
         try:
             op(self.tx.files(ws))
         except walstore.ConflictError:
@@ -292,6 +337,7 @@ class AgentModel(RuleBasedStateMachine):
             return
         if tx.lsn is not None:  # (nothing written: no commit record, no point)
             self._note(tx.id)
+        self._check_listings(tx.id)
 
     @precondition(lambda self: self.tx is not None)
     @rule()
@@ -317,15 +363,19 @@ class AgentModel(RuleBasedStateMachine):
                 assert self.down
             return
         self.prepared.append(gid)
+        self.prepared_listings[gid] = (self.listings.pop(tx.id, []),
+                                       self.touched.pop(tx.id, set()))
 
     @precondition(lambda self: self.tx is None and self.prepared)
     @rule(data=st.data(), commit=st.booleans())
     def decide(self, data, commit) -> None:
         gid = data.draw(st.sampled_from(self.prepared))
         self.prepared.remove(gid)
+        listings, touched = self.prepared_listings.pop(gid, ([], set()))
         if commit:
             self.store.commit_prepared(gid)
             self._note(self.store.log(limit=1)[0])
+            self._check_listings(-1, listings, touched)  # (held since its prepare)
         else:
             try:
                 self.store.rollback_prepared(gid)
