@@ -1,0 +1,342 @@
+"""Agent-layer soak: many threads charging, conflicting, reverting and rewinding at once,
+killed with SIGKILL at random moments; after every kill the outside world and the store
+must agree.
+
+The agent model (``tests/test_agent_model.py``) checks the agent layer one step at a time
+in one thread; this tool checks the same agreement under concurrency and real kills.  A
+child process (``--child``) runs ``--threads`` threads on one store, each looping over:
+
+- a charge: a transaction that reads and bumps a shared counter (so transactions
+  conflict), charges an outside ledger inside ``tx.action(..., compensate="refund")``
+  and writes the charge's evidence key ``ev/<action key>`` and a file of that name in a
+  workspace (reversible files: undone with the key); sometimes a second charge
+  inside a savepoint that is rolled back, sometimes an exception (a rollback), sometimes
+  prepared and then committed or rolled back by its gid (two-phase commit);
+- a revert of a recent transaction (cascade and force now and then: a forced revert of a
+  revert marks actions ``needs-redo``), a restore point, a rewind to one;
+- plain counter bumps.
+
+The ledger is a file of ``C <key>`` / ``R <key>`` lines appended with one ``write`` each
+(a kill never tears one): a charge and a refund per idempotency key at most count (a
+repeat is declined, as a payment API declines a reused key).  The parent kills the child
+after a random time, reopens the store with the same compensator (recovery refunds the
+charges of transactions that did not commit), decides what the kill left in doubt, and
+checks, for every action the store knows:
+
+- its key was charged and refunded at most once each (net 0 or 1);
+- ``committed``: charged, not refunded, its evidence key present;
+- ``compensated``: net 0, its evidence absent; ``needs-redo``: net 0, evidence present;
+- nothing ``pending``/``failed`` (the refund service never fails here), nothing in flight;
+- every charge in the ledger belongs to an action the store knows (nothing forgotten),
+  and every evidence key to a committed or needs-redo action;
+- the workspace's files are exactly the evidence keys (nothing recovery had to set
+  aside as a conflict);
+- ``verify`` passes.
+
+    python tools/agentsoak.py --rounds 20 --threads 4      # exit 0: clean
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import walstore  # noqa: E402
+from walstore.ops.verify import verify_store  # noqa: E402
+
+COUNTERS = [f"n/{i}" for i in range(3)]
+EXPECTED = (walstore.ConflictError, walstore.RevertConflict)
+
+
+class Ledger:
+    """The outside world: charges and refunds by idempotency key, in an append-only file
+    that outlives the process (one ``write`` of a short line per effect)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.charged: set[str] = set()
+        self.refunded: set[str] = set()
+        self.repeats = 0  # refunds asked again of a refunded key (declined)
+        for op, key in read_ledger(path):
+            (self.charged if op == "C" else self.refunded).add(key)
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+    def charge(self, key: str) -> dict:
+        with self.lock:
+            if key not in self.charged:
+                os.write(self.fd, f"C {key}\n".encode())
+                self.charged.add(key)
+        return {"charge_id": key}
+
+    def refund(self, action) -> None:
+        with self.lock:
+            if action.key in self.refunded:
+                self.repeats += 1
+                return
+            if action.key not in self.charged:
+                return  # (an intent whose body never charged: declined, nothing moves)
+            os.write(self.fd, f"R {action.key}\n".encode())
+            self.refunded.add(action.key)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def read_ledger(path: str) -> list[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [tuple(line.split()) for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def open_store(path: str, ledger: Ledger) -> walstore.Store:
+    return walstore.open(path, durability="full", segment_size=65536,
+                         compensators={"refund": ledger.refund})
+
+
+def workspace(store: walstore.Store, path: str):
+    os.makedirs(path + ".ws", mode=0o700, exist_ok=True)
+    return store.workspace(path + ".ws")
+
+
+# ---- the child: threads doing agent work until killed ---------------------------------
+def child(path: str, threads: int, seed: int, seconds: float) -> None:
+    ledger = Ledger(path + ".ledger")
+    store = open_store(path, ledger)
+    ws = workspace(store, path)
+    points: list[str] = list(store.restore_points())  # (earlier rounds' too)
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+
+    def charge_tx(rng: random.Random, tid: int) -> None:
+        tx = store.transaction(meta={"thread": tid})
+        try:
+            key = rng.choice(COUNTERS)
+            tx.put(key, (tx.get(key) or 0) + 1)
+            with tx.action("charge", args={"amount": 1}, compensate="refund") as act:
+                act.result = ledger.charge(act.key)
+            tx.put(f"ev/{act.key}", 1)
+            tx.files(ws).write(act.key, f"charged {act.key}\n")
+            if rng.random() < 0.3:
+                sp = tx.savepoint("try")
+                with tx.action("charge", args={"amount": 2}, compensate="refund") as a2:
+                    a2.result = ledger.charge(a2.key)
+                tx.put(f"ev/{a2.key}", 1)
+                tx.files(ws).write(a2.key, f"charged {a2.key}\n")
+                if rng.random() < 0.5:
+                    tx.rollback_to(sp)
+            r = rng.random()
+            if r < 0.1:
+                raise RuntimeError("the agent changed its mind")
+            if r < 0.25:
+                gid = f"g-{os.getpid()}-{tid}-{rng.getrandbits(40)}"
+                tx.prepare(gid)
+                if rng.random() < 0.5:
+                    store.commit_prepared(gid)
+                else:
+                    store.rollback_prepared(gid)
+                return
+            tx.commit()
+        except RuntimeError:
+            tx.rollback()
+        except EXPECTED:
+            if tx.state == "active":
+                tx.rollback()
+
+    def revert(rng: random.Random) -> None:
+        log = store.log(limit=30)
+        if log:
+            store.revert(rng.choice(log).txid, cascade=rng.random() < 0.3,
+                         force=rng.random() < 0.2)
+
+    def rewind(rng: random.Random) -> None:
+        with lock:
+            if not points:
+                return
+            to = rng.choice(points)
+        store.rewind(to, force=rng.random() < 0.3)
+
+    def restore_point(rng: random.Random, tid: int) -> None:
+        name = f"p-{os.getpid()}-{tid}-{rng.getrandbits(32)}"
+        store.restore_point(name)
+        with lock:
+            points.append(name)
+
+    def bump(rng: random.Random) -> None:
+        with store.transaction() as tx:
+            key = rng.choice(COUNTERS)
+            tx.put(key, (tx.get(key) or 0) + 1)
+
+    def work(tid: int) -> None:
+        rng = random.Random(seed * 1000 + tid)
+        while time.monotonic() < stop:
+            r = rng.random()
+            try:
+                if r < 0.55:
+                    charge_tx(rng, tid)
+                elif r < 0.7:
+                    revert(rng)
+                elif r < 0.72:
+                    rewind(rng)
+                elif r < 0.76:
+                    restore_point(rng, tid)
+                else:
+                    bump(rng)
+            except EXPECTED:
+                pass
+        print("DONE", tid, flush=True)
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    print("STARTED", flush=True)
+    for t in ts:
+        t.join()
+    store.close()
+    ledger.close()
+
+
+# ---- the parent: kill, recover, check ---------------------------------------------------
+def check(path: str, rng: random.Random) -> dict:
+    """Reopen (recovery), decide what is in doubt, and check agreement; the findings."""
+    ledger = Ledger(path + ".ledger")
+    problems: list[str] = []
+    with open_store(path, ledger) as store:
+        for gid in store.prepared():  # (in doubt at the kill: decided now, either way)
+            if rng.random() < 0.5:
+                store.commit_prepared(gid)
+            else:
+                store.rollback_prepared(gid)
+        state = dict(store.scan(prefix="ev/"))
+        actions = store.actions()
+        known = {a.key for a in actions}
+        counts: dict[tuple[str, str], int] = {}
+        for op, key in read_ledger(path + ".ledger"):
+            counts[(op, key)] = counts.get((op, key), 0) + 1
+        for (op, key), n in counts.items():
+            if n > 1:
+                problems.append(f"{key}: {op} written {n} times")
+            if key not in known:
+                problems.append(f"{key}: in the ledger ({op}) but no action has it")
+        for a in actions:
+            net = int(a.key in ledger.charged) - int(a.key in ledger.refunded)
+            shown = f"ev/{a.key}" in state
+            if a.key in ledger.refunded and a.key not in ledger.charged:
+                problems.append(f"{a.id}: refunded, never charged")
+            if a.in_flight:
+                problems.append(f"{a.id}: in flight after recovery")
+            elif a.state == "committed" and not (net == 1 and shown):
+                problems.append(f"{a.id}: committed, net {net}, evidence {shown}")
+            elif a.state == "compensated" and not (net == 0 and not shown):
+                problems.append(f"{a.id}: compensated, net {net}, evidence {shown}")
+            elif a.state == "needs-redo" and not (net == 0 and shown):
+                problems.append(f"{a.id}: needs-redo, net {net}, evidence {shown}")
+            elif a.state in ("pending", "failed", "resolved"):
+                problems.append(f"{a.id}: {a.state} ({a.error})")
+        by_key = {a.key: a for a in actions}
+        for k in state:
+            a = by_key.get(k[3:])
+            if a is None or a.state not in ("committed", "needs-redo"):
+                problems.append(f"{k}: evidence of an action that is "
+                                f"{'unknown' if a is None else a.state}")
+        files = set(os.listdir(path + ".ws"))
+        wanted = {k[3:] for k in state}
+        for name in sorted(files ^ wanted)[:10]:
+            what = "a file without its key" if name in files else "a key without its file"
+            problems.append(f"{name}: {what}")
+        states: dict[str, int] = {}
+        for a in actions:
+            states[a.state] = states.get(a.state, 0) + 1
+    ledger.close()
+    report = verify_store(path)
+    if not report.ok:
+        problems.append(f"verify: {report.errors[:3]} in doubt {report.in_doubt[:3]} "
+                        f"owed {report.pending_compensations[:3]}")
+    return {"problems": problems, "actions": len(actions), "states": states,
+            "repeats": ledger.repeats}
+
+
+def run_round(path: str, threads: int, rng: random.Random, min_s: float,
+              max_s: float) -> dict:
+    seed = rng.getrandbits(30)
+    proc = subprocess.Popen([sys.executable, __file__, "--child", path, "--threads",
+                             str(threads), "--seed", str(seed), "--seconds", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(ROOT))
+    line = proc.stdout.readline()
+    if b"STARTED" not in line:
+        proc.kill()
+        _out, err = proc.communicate()
+        raise SystemExit(f"the child did not start: {line!r} {err.decode()[-2000:]}")
+    time.sleep(rng.uniform(min_s, max_s))
+    proc.send_signal(signal.SIGKILL)
+    _out, err = proc.communicate()
+    if proc.returncode != -signal.SIGKILL:
+        raise SystemExit(f"the child ended by itself ({proc.returncode}): "
+                         f"{err.decode()[-3000:]}")
+    return check(path, rng)
+
+
+def soak(rounds: int, threads: int, seed: int, directory: str | None = None,
+         min_s: float = 0.3, max_s: float = 2.5, verbose: bool = True) -> dict:
+    rng = random.Random(seed)
+    base = tempfile.mkdtemp(prefix="walstore-agentsoak-", dir=directory)
+    path = os.path.join(base, "store")
+    total = {"rounds": 0, "actions": 0, "problems": [], "states": {}, "repeats": 0}
+    for i in range(rounds):
+        got = run_round(path, threads, rng, min_s, max_s)
+        total["rounds"] += 1
+        total["actions"] = got["actions"]
+        total["states"] = got["states"]
+        total["repeats"] += got["repeats"]
+        total["problems"] += [f"round {i + 1}: {p}" for p in got["problems"]]
+        if verbose:
+            print(f"round {i + 1}: {got['actions']} actions so far {got['states']}, "
+                  f"{len(got['problems'])} problem(s)", flush=True)
+        if got["problems"]:
+            break
+    total["store"] = path
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="agent-layer soak under SIGKILL")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=int(time.time()))
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=600, help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.threads, args.seed, args.seconds)
+        return
+    print(f"seed {args.seed}", flush=True)
+    total = soak(args.rounds, args.threads, args.seed, args.dir, verbose=not args.json)
+    if args.json:
+        print(json.dumps(total, indent=2))
+    else:
+        print(f"{total['rounds']} kill rounds, {total['actions']} actions checked, "
+              f"{len(total['problems'])} problem(s); refunds asked again and declined: "
+              f"{total['repeats']}")
+        for p in total["problems"][:20]:
+            print("  " + p)
+    sys.exit(1 if total["problems"] else 0)
+
+
+if __name__ == "__main__":
+    main()
