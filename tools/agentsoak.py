@@ -4,17 +4,20 @@ must agree.
 
 The agent model (``tests/test_agent_model.py``) checks the agent layer one step at a time
 in one thread; this tool checks the same agreement under concurrency and real kills.  A
-child process (``--child``) runs ``--threads`` threads on one store, each looping over:
+child process (``--child``) runs ``--threads`` threads on one store, each an agent's ("a/"
+or "b/": its keys, its workspace declared in its scope), each looping over:
 
 - a charge: a transaction that reads and bumps a shared counter (so transactions
   conflict), charges an outside ledger inside ``tx.action(..., compensate="refund")``
-  and writes the charge's evidence key ``ev/<action key>`` and a file of that name in a
-  workspace (reversible files: undone with the key); sometimes a second charge
+  and writes the charge's evidence key ``<agent>ev/<action key>`` and a file of that name
+  in its workspace (reversible files: undone with the key), in a transaction tagged with
+  the agent's scope half the time; sometimes a second charge
   inside a savepoint that is rolled back, sometimes an exception (a rollback), sometimes
   prepared and then committed or rolled back by its gid (two-phase commit);
 - a revert of a recent transaction (cascade and force now and then: a forced revert of a
-  revert marks actions ``needs-redo``), a restore point, a rewind to one;
-- plain counter bumps.
+  revert marks actions ``needs-redo``), a restore point, a rewind to one — scoped to the
+  thread's agent now and then;
+- counter bumps of both agents in one transaction (no scope holds all of it).
 
 The ledger is a file of ``C <key>`` / ``R <key>`` lines appended with one ``write`` each
 (a kill never tears one): a charge and a refund per idempotency key at most count (a
@@ -29,8 +32,8 @@ checks, for every action the store knows:
 - nothing ``pending``/``failed`` (the refund service never fails here), nothing in flight;
 - every charge in the ledger belongs to an action the store knows (nothing forgotten),
   and every evidence key to a committed or needs-redo action;
-- the workspace's files are exactly the evidence keys (nothing recovery had to set
-  aside as a conflict);
+- each workspace's files are exactly its agent's evidence keys (nothing recovery had to
+  set aside as a conflict);
 - ``verify`` passes.
 
     python tools/agentsoak.py --rounds 20 --threads 4      # exit 0: clean
@@ -56,6 +59,7 @@ if str(ROOT) not in sys.path:
 import walstore  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
+AGENTS = ("a/", "b/")  # two agents: their keys, workspaces and scopes
 COUNTERS = [f"n/{i}" for i in range(3)]
 EXPECTED = (walstore.ConflictError, walstore.RevertConflict)
 
@@ -108,34 +112,45 @@ def open_store(path: str, ledger: Ledger) -> walstore.Store:
                          compensators={"refund": ledger.refund})
 
 
-def workspace(store: walstore.Store, path: str):
-    os.makedirs(path + ".ws", mode=0o700, exist_ok=True)
-    return store.workspace(path + ".ws")
+def workspaces(store: walstore.Store, path: str) -> dict:
+    """Each agent's workspace, declared in its scope."""
+    out = {}
+    for agent in AGENTS:
+        os.makedirs(ws_dir(path, agent), mode=0o700, exist_ok=True)
+        out[agent] = store.workspace(ws_dir(path, agent), scope=agent)
+    return out
+
+
+def ws_dir(path: str, agent: str) -> str:
+    return f"{path}.ws-{agent[0]}"
 
 
 # ---- the child: threads doing agent work until killed ---------------------------------
 def child(path: str, threads: int, seed: int, seconds: float) -> None:
     ledger = Ledger(path + ".ledger")
     store = open_store(path, ledger)
-    ws = workspace(store, path)
+    spaces = workspaces(store, path)
     points: list[str] = list(store.restore_points())  # (earlier rounds' too)
     stop = time.monotonic() + seconds
     lock = threading.Lock()
+    outcomes: dict[str, int] = {}  # (counted loosely: a look at the mix, not a check)
 
-    def charge_tx(rng: random.Random, tid: int) -> None:
-        tx = store.transaction(meta={"thread": tid})
+    def charge_tx(rng: random.Random, tid: int, agent: str) -> None:
+        tx = store.transaction(meta={"thread": tid},
+                               scope=agent if rng.random() < 0.5 else None)
+        ws = spaces[agent]
         try:
-            key = rng.choice(COUNTERS)
+            key = agent + rng.choice(COUNTERS)
             tx.put(key, (tx.get(key) or 0) + 1)
             with tx.action("charge", args={"amount": 1}, compensate="refund") as act:
                 act.result = ledger.charge(act.key)
-            tx.put(f"ev/{act.key}", 1)
+            tx.put(f"{agent}ev/{act.key}", 1)
             tx.files(ws).write(act.key, f"charged {act.key}\n")
             if rng.random() < 0.3:
                 sp = tx.savepoint("try")
                 with tx.action("charge", args={"amount": 2}, compensate="refund") as a2:
                     a2.result = ledger.charge(a2.key)
-                tx.put(f"ev/{a2.key}", 1)
+                tx.put(f"{agent}ev/{a2.key}", 1)
                 tx.files(ws).write(a2.key, f"charged {a2.key}\n")
                 if rng.random() < 0.5:
                     tx.rollback_to(sp)
@@ -157,18 +172,20 @@ def child(path: str, threads: int, seed: int, seconds: float) -> None:
             if tx.state == "active":
                 tx.rollback()
 
-    def revert(rng: random.Random) -> None:
+    def revert(rng: random.Random, agent: str) -> None:
         log = store.log(limit=30)
         if log:
             store.revert(rng.choice(log).txid, cascade=rng.random() < 0.3,
-                         force=rng.random() < 0.2)
+                         force=rng.random() < 0.2,
+                         scope=agent if rng.random() < 0.3 else None)
 
-    def rewind(rng: random.Random) -> None:
+    def rewind(rng: random.Random, agent: str) -> None:
         with lock:
             if not points:
                 return
             to = rng.choice(points)
-        store.rewind(to, force=rng.random() < 0.3)
+        store.rewind(to, force=rng.random() < 0.3,
+                     scope=agent if rng.random() < 0.5 else None)
 
     def restore_point(rng: random.Random, tid: int) -> None:
         name = f"p-{os.getpid()}-{tid}-{rng.getrandbits(32)}"
@@ -177,27 +194,33 @@ def child(path: str, threads: int, seed: int, seconds: float) -> None:
             points.append(name)
 
     def bump(rng: random.Random) -> None:
-        with store.transaction() as tx:
-            key = rng.choice(COUNTERS)
-            tx.put(key, (tx.get(key) or 0) + 1)
+        with store.transaction() as tx:  # (both agents' counters: no scope is all of it)
+            for agent in AGENTS:
+                key = agent + rng.choice(COUNTERS)
+                tx.put(key, (tx.get(key) or 0) + 1)
 
     def work(tid: int) -> None:
         rng = random.Random(seed * 1000 + tid)
+        agent = AGENTS[tid % len(AGENTS)]
         while time.monotonic() < stop:
             r = rng.random()
+            op = ("charge" if r < 0.55 else "revert" if r < 0.7 else "rewind" if r < 0.72
+                  else "restore_point" if r < 0.76 else "bump")
             try:
-                if r < 0.55:
-                    charge_tx(rng, tid)
-                elif r < 0.7:
-                    revert(rng)
-                elif r < 0.72:
-                    rewind(rng)
-                elif r < 0.76:
+                if op == "charge":
+                    charge_tx(rng, tid, agent)
+                elif op == "revert":
+                    revert(rng, agent)
+                elif op == "rewind":
+                    rewind(rng, agent)
+                elif op == "restore_point":
                     restore_point(rng, tid)
                 else:
                     bump(rng)
-            except EXPECTED:
-                pass
+                outcomes[op + " ok"] = outcomes.get(op + " ok", 0) + 1
+            except EXPECTED as e:
+                name = f"{op} {type(e).__name__}"
+                outcomes[name] = outcomes.get(name, 0) + 1
         print("DONE", tid, flush=True)
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
@@ -206,6 +229,7 @@ def child(path: str, threads: int, seed: int, seconds: float) -> None:
     print("STARTED", flush=True)
     for t in ts:
         t.join()
+    print("OUTCOMES", json.dumps(outcomes, sort_keys=True), flush=True)  # (if not killed)
     store.close()
     ledger.close()
 
@@ -221,7 +245,8 @@ def check(path: str, rng: random.Random) -> dict:
                 store.commit_prepared(gid)
             else:
                 store.rollback_prepared(gid)
-        state = dict(store.scan(prefix="ev/"))
+        state = {k[len(agent) + 3:]: agent for agent in AGENTS
+                 for k, _v in store.scan(prefix=agent + "ev/")}  # action key -> agent
         actions = store.actions()
         known = {a.key for a in actions}
         counts: dict[tuple[str, str], int] = {}
@@ -234,7 +259,7 @@ def check(path: str, rng: random.Random) -> dict:
                 problems.append(f"{key}: in the ledger ({op}) but no action has it")
         for a in actions:
             net = int(a.key in ledger.charged) - int(a.key in ledger.refunded)
-            shown = f"ev/{a.key}" in state
+            shown = a.key in state
             if a.key in ledger.refunded and a.key not in ledger.charged:
                 problems.append(f"{a.id}: refunded, never charged")
             if a.in_flight:
@@ -248,13 +273,13 @@ def check(path: str, rng: random.Random) -> dict:
             elif a.state in ("pending", "failed", "resolved"):
                 problems.append(f"{a.id}: {a.state} ({a.error})")
         by_key = {a.key: a for a in actions}
-        for k in state:
-            a = by_key.get(k[3:])
+        for k, agent in state.items():
+            a = by_key.get(k)
             if a is None or a.state not in ("committed", "needs-redo"):
-                problems.append(f"{k}: evidence of an action that is "
+                problems.append(f"{agent}ev/{k}: evidence of an action that is "
                                 f"{'unknown' if a is None else a.state}")
-        files = set(os.listdir(path + ".ws"))
-        wanted = {k[3:] for k in state}
+        files = {(agent, n) for agent in AGENTS for n in os.listdir(ws_dir(path, agent))}
+        wanted = {(agent, k) for k, agent in state.items()}
         for name in sorted(files ^ wanted)[:10]:
             what = "a file without its key" if name in files else "a key without its file"
             problems.append(f"{name}: {what}")
