@@ -31,3 +31,20 @@ def test_the_checker_finds_a_charge_the_store_forgot(tmp_path):
         f.write("C ws-forgotten-1.1\n")
     got = agentsoak.check(total["store"], agentsoak.random.Random(0))
     assert any("ws-forgotten-1.1" in p and "no action" in p for p in got["problems"])
+
+
+def test_the_checker_finds_a_compensation_run_twice(tmp_path):
+    """A refund asked again by the process that made it (two concurrent reverts both
+    compensating, issue 10's finding 5) is reported, though the ledger declined it."""
+    total = agentsoak.soak(rounds=1, threads=2, seed=52, directory=str(tmp_path),
+                           min_s=0.5, max_s=0.6, verbose=False)
+    assert total["problems"] == []
+    ledger = agentsoak.Ledger(total["store"] + ".ledger", repeats_are_bugs=True)
+    charged = sorted(ledger.refunded)[0]
+
+    class Again:
+        key = charged
+    ledger.refund(Again())
+    ledger.close()
+    got = agentsoak.check(total["store"], agentsoak.random.Random(0))
+    assert any(charged in p and "ran twice" in p for p in got["problems"]), got["problems"]

@@ -26,7 +26,9 @@ after a random time, reopens the store with the same compensator (recovery refun
 charges of transactions that did not commit), decides what the kill left in doubt, and
 checks, for every action the store knows:
 
-- its key was charged and refunded at most once each (net 0 or 1);
+- its key was charged and refunded at most once each (net 0 or 1), and no process asked
+  to refund what it had refunded itself (a compensation run twice; only recovery may
+  ask again, for a refund whose record a kill cut off — the contract's at-least-once);
 - ``committed``: charged, not refunded, its evidence key present;
 - ``compensated``: net 0, its evidence absent; ``needs-redo``: net 0, evidence present;
 - nothing ``pending``/``failed`` (the refund service never fails here), nothing in flight;
@@ -68,14 +70,19 @@ class Ledger:
     """The outside world: charges and refunds by idempotency key, in an append-only file
     that outlives the process (one ``write`` of a short line per effect)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, repeats_are_bugs: bool = False) -> None:
         self.path = path
+        # the child: nothing was owed when it opened (the parent's check recovered the
+        # store), so a refund asked again there is a compensation run twice; written down
+        # (``X <key>``) for the check, the process being killed before it could say so
+        self.repeats_are_bugs = repeats_are_bugs
         self.lock = threading.Lock()
         self.charged: set[str] = set()
         self.refunded: set[str] = set()
         self.repeats = 0  # refunds asked again of a refunded key (declined)
         for op, key in read_ledger(path):
-            (self.charged if op == "C" else self.refunded).add(key)
+            if op != "X":
+                (self.charged if op == "C" else self.refunded).add(key)
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def charge(self, key: str) -> dict:
@@ -89,6 +96,8 @@ class Ledger:
         with self.lock:
             if action.key in self.refunded:
                 self.repeats += 1
+                if self.repeats_are_bugs:
+                    os.write(self.fd, f"X {action.key}\n".encode())
                 return
             if action.key not in self.charged:
                 return  # (an intent whose body never charged: declined, nothing moves)
@@ -127,7 +136,7 @@ def ws_dir(path: str, agent: str) -> str:
 
 # ---- the child: threads doing agent work until killed ---------------------------------
 def child(path: str, threads: int, seed: int, seconds: float) -> None:
-    ledger = Ledger(path + ".ledger")
+    ledger = Ledger(path + ".ledger", repeats_are_bugs=True)
     store = open_store(path, ledger)
     spaces = workspaces(store, path)
     points: list[str] = list(store.restore_points())  # (earlier rounds' too)
@@ -253,7 +262,10 @@ def check(path: str, rng: random.Random) -> dict:
         for op, key in read_ledger(path + ".ledger"):
             counts[(op, key)] = counts.get((op, key), 0) + 1
         for (op, key), n in counts.items():
-            if n > 1:
+            if op == "X":
+                problems.append(f"{key}: refunded again by the process that refunded it "
+                                f"({n} time(s)): a compensation ran twice")
+            elif n > 1:
                 problems.append(f"{key}: {op} written {n} times")
             if key not in known:
                 problems.append(f"{key}: in the ledger ({op}) but no action has it")
