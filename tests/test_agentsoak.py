@@ -17,20 +17,22 @@ def test_kills_leave_the_ledger_the_actions_and_the_files_agreeing(tmp_path):
     total = agentsoak.soak(rounds=2, threads=3, seed=50, directory=str(tmp_path),
                            min_s=0.8, max_s=1.5, verbose=False)
     assert total["problems"] == [], total["problems"][:10]
-    assert total["rounds"] == 2 and total["actions"] > 20, total
+    assert total["rounds"] == 2 and total["actions"] > 20 and total["acked"] > 5, total
     # the run reached every kind of end an action can have here
     assert {"committed", "compensated"} <= set(total["states"]), total["states"]
 
 
-def test_the_checker_finds_a_charge_the_store_forgot(tmp_path):
-    """The check can fail: a charge in the ledger that no action has is reported."""
+def test_the_checker_finds_a_charge_the_store_forgot_and_a_lost_commit(tmp_path):
+    """The check can fail: a charge in the ledger that no action has is reported, and so
+    is an acknowledged commit missing from the log."""
     total = agentsoak.soak(rounds=1, threads=2, seed=51, directory=str(tmp_path),
                            min_s=0.5, max_s=0.6, verbose=False)
     assert total["problems"] == []
     with open(total["store"] + ".ledger", "a") as f:
         f.write("C ws-forgotten-1.1\n")
-    got = agentsoak.check(total["store"], agentsoak.random.Random(0))
+    got = agentsoak.check(total["store"], agentsoak.random.Random(0), acked={10**9})
     assert any("ws-forgotten-1.1" in p and "no action" in p for p in got["problems"])
+    assert any(f"transaction {10**9}" in p and "lost" in p for p in got["problems"])
 
 
 def test_the_checker_finds_a_compensation_run_twice(tmp_path):

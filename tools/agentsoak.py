@@ -36,6 +36,8 @@ checks, for every action the store knows:
   and every evidence key to a committed or needs-redo action;
 - each workspace's files are exactly its agent's evidence keys (nothing recovery had to
   set aside as a conflict);
+- every charge transaction whose commit returned before the kill (``ACK`` lines) is in
+  the log (its later undo, if any, is a transaction of its own);
 - ``verify`` passes.
 
     python tools/agentsoak.py --rounds 20 --threads 4      # exit 0: clean
@@ -171,10 +173,12 @@ def child(path: str, threads: int, seed: int, seconds: float) -> None:
                 tx.prepare(gid)
                 if rng.random() < 0.5:
                     store.commit_prepared(gid)
+                    print(f"ACK {tx.id}", flush=True)
                 else:
                     store.rollback_prepared(gid)
                 return
             tx.commit()
+            print(f"ACK {tx.id}", flush=True)
         except RuntimeError:
             tx.rollback()
         except EXPECTED:
@@ -244,11 +248,15 @@ def child(path: str, threads: int, seed: int, seconds: float) -> None:
 
 
 # ---- the parent: kill, recover, check ---------------------------------------------------
-def check(path: str, rng: random.Random) -> dict:
-    """Reopen (recovery), decide what is in doubt, and check agreement; the findings."""
+def check(path: str, rng: random.Random, acked: set[int] = frozenset()) -> dict:
+    """Reopen (recovery), decide what is in doubt, and check agreement; the findings.
+    ``acked``: the txids whose commit returned in the child before the kill."""
     ledger = Ledger(path + ".ledger")
     problems: list[str] = []
     with open_store(path, ledger) as store:
+        committed = {i.txid for i in store.log()}
+        for txid in sorted(acked - committed)[:10]:
+            problems.append(f"transaction {txid}: its commit returned, then it was lost")
         for gid in store.prepared():  # (in doubt at the kill: decided now, either way)
             if rng.random() < 0.5:
                 store.commit_prepared(gid)
@@ -320,11 +328,15 @@ def run_round(path: str, threads: int, rng: random.Random, min_s: float,
         raise SystemExit(f"the child did not start: {line!r} {err.decode()[-2000:]}")
     time.sleep(rng.uniform(min_s, max_s))
     proc.send_signal(signal.SIGKILL)
-    _out, err = proc.communicate()
+    out, err = proc.communicate()
+    acked = {int(w[1]) for w in (ln.split() for ln in out.decode().splitlines())
+             if len(w) == 2 and w[0] == "ACK"}
     if proc.returncode != -signal.SIGKILL:
         raise SystemExit(f"the child ended by itself ({proc.returncode}): "
                          f"{err.decode()[-3000:]}")
-    return check(path, rng)
+    got = check(path, rng, acked)
+    got["acked"] = len(acked)
+    return got
 
 
 def soak(rounds: int, threads: int, seed: int, directory: str | None = None,
@@ -332,13 +344,15 @@ def soak(rounds: int, threads: int, seed: int, directory: str | None = None,
     rng = random.Random(seed)
     base = tempfile.mkdtemp(prefix="walstore-agentsoak-", dir=directory)
     path = os.path.join(base, "store")
-    total = {"rounds": 0, "actions": 0, "problems": [], "states": {}, "repeats": 0}
+    total = {"rounds": 0, "actions": 0, "problems": [], "states": {}, "repeats": 0,
+             "acked": 0}
     for i in range(rounds):
         got = run_round(path, threads, rng, min_s, max_s)
         total["rounds"] += 1
         total["actions"] = got["actions"]
         total["states"] = got["states"]
         total["repeats"] += got["repeats"]
+        total["acked"] += got["acked"]
         total["problems"] += [f"round {i + 1}: {p}" for p in got["problems"]]
         if verbose:
             print(f"round {i + 1}: {got['actions']} actions so far {got['states']}, "
@@ -367,9 +381,9 @@ def main() -> None:
     if args.json:
         print(json.dumps(total, indent=2))
     else:
-        print(f"{total['rounds']} kill rounds, {total['actions']} actions checked, "
-              f"{len(total['problems'])} problem(s); refunds asked again and declined: "
-              f"{total['repeats']}")
+        print(f"{total['rounds']} kill rounds, {total['acked']} acknowledged commits and "
+              f"{total['actions']} actions checked, {len(total['problems'])} problem(s); "
+              f"refunds recovery asked again (declined): {total['repeats']}")
         for p in total["problems"][:20]:
             print("  " + p)
     sys.exit(1 if total["problems"] else 0)
