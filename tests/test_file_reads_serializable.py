@@ -384,3 +384,38 @@ def test_a_revert_or_rewind_over_a_held_path_is_refused_before_any_compensation(
         store.commit_prepared("g-held")
         store.revert(t.id)
         assert refunds == [f"{t.id}.1"] and not (root / "f").exists()
+
+
+def test_an_os_error_checking_the_reads_fails_the_commit_as_a_store_error(env, monkeypatch):
+    """(stop 50) EIO or EACCES from the lstat or listing a commit's check makes left as a
+    bare OSError out of ``commit()`` (CONTRACT: no OSError escapes the API); now a
+    StoreIOError, the transaction rolled back, the store usable."""
+    import errno
+    import os
+    store, ws, root = env
+    (root / "d").mkdir()
+    for how in ("read", "listdir"):
+        t1 = store.transaction()
+        if how == "read":
+            t1.files(ws).read("cfg")
+        else:
+            t1.files(ws).listdir("d")
+        t1.put("k", how)
+        real_lstat, real_open = os.lstat, os.open
+        bad = os.fsencode(str(root))
+
+        def failing(fn):
+            def call(path, *a, **kw):
+                if os.fsencode(path).startswith(bad):
+                    raise OSError(errno.EIO, "Input/output error", path)
+                return fn(path, *a, **kw)
+            return call
+        monkeypatch.setattr(os, "lstat", failing(real_lstat))
+        monkeypatch.setattr(os, "open", failing(real_open))
+        with pytest.raises(walstore.StoreIOError, match="Input/output error"):
+            t1.commit()
+        monkeypatch.undo()
+        assert t1.state == "rolled back" and store.get("k") is None
+    with store.transaction() as t2:
+        t2.put("k", "after")
+    assert store.get("k") == "after"

@@ -651,7 +651,12 @@ class Files:
         ``tx`` changes a path it read.  A change by walstore shows as a new claimant
         (every change is claimed; a stale claim pruned since shows as one too: a conflict,
         never a miss) and as new metadata (its writes rename a new inode into place); a
-        change by another process, by its metadata (size, times, inode, mode)."""
+        change by another process, by its metadata (size, times, inode, mode).  An OS
+        error looking (EIO, EACCES) is a StoreIOError: the transaction does not commit."""
+        with os_errors_as_store_errors():
+            self._check_reads_now(tx, keys)
+
+    def _check_reads_now(self, tx: "Transaction", keys: list | None) -> None:
         reads = tx.file_reads or {}
         if keys is None:
             items = reads.items()
