@@ -263,6 +263,7 @@ class WalstoreSession:
         from agents.memory.session_settings import SessionSettings, coerce_session_settings
         if not isinstance(session_id, str):
             raise TypeError(f"session_id must be a str, not {type(session_id).__name__}")
+        _text(session_id, "session_id")  # (quote's bare UnicodeEncodeError named nothing)
         _check_namespace(namespace)
         self.session_id = session_id
         self.session_settings = (coerce_session_settings(session_settings)

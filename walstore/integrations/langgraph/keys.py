@@ -214,8 +214,20 @@ class SaverKeys:
 
 
 # ---- long-term memory -----------------------------------------------------------------
+def _utf8(text: str, what: str) -> bytes:
+    """``text`` as UTF-8; a ValueError naming ``what`` when it holds a lone surrogate
+    (the bare UnicodeEncodeError from the key's encoding named neither the label or key
+    nor the item, and a get or search raised it just the same)."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} {text[:80]!r} is not valid UTF-8 text ({e.reason}): "
+                         f"WalstoreStore keys are UTF-8, so no such item can be stored "
+                         f"or found") from None
+
+
 def _label(text: str) -> bytes:
-    raw = text.encode("utf-8")
+    raw = _utf8(text, "namespace label")
     if len(raw) <= MAX_LABEL:
         return _LABEL + raw + b"\x00"
     return _HASHED_LABEL + hashlib.blake2b(raw, digest_size=16).hexdigest().encode() + b"\x00"
@@ -243,7 +255,7 @@ class MemoryKeys:
         return namespace_prefix + _LABEL
 
     def item(self, namespace: tuple[str, ...], key: str) -> bytes:
-        raw = key.encode("utf-8")
+        raw = _utf8(key, "key")
         if len(raw) <= MAX_LABEL:
             out = self.namespace(namespace) + _ITEM_KEY + raw
         else:

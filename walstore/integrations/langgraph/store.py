@@ -19,6 +19,9 @@ and namespace listings are in key order (InMemoryStore: insertion order; SqliteS
 newest update first), only namespaces that hold items are listed, and a ``ttl`` must be
 a number of minutes from 0 to ``MAX_TTL_MINUTES`` (None: no expiry): inf, NaN, a negative
 one (SqliteStore stores it as already expired) are refused before anything is written.
+A namespace label or key that is not UTF-8 text (a lone surrogate) is a ValueError naming
+it (``keys.py``), at put as at get or search.  A read on a read-only store (a replica, a
+reader process) renews no TTL: the items keep the expiry their writer gave them.
 Values are stored as msgpack (JSON-like data, as LangGraph documents), and come back as
 InMemoryStore gives them: a tuple (at any depth) as a tuple, not a list.  A value that
 would come back as another type is refused at put with a TypeError naming the type and
@@ -373,7 +376,7 @@ class WalstoreStore(BaseStore):
 
         A batch without puts reads at one snapshot (a transaction rolled back: it cannot
         conflict) and then renews the TTL of the items it read with ``refresh_ttl`` in a
-        transaction of its own.  In a batch with puts, an item read with ``refresh_ttl``
+        transaction of its own (none on a read-only store: the items keep their expiry).  In a batch with puts, an item read with ``refresh_ttl``
         that another scope wrote (another graph thread, or none) is renewed after the
         batch commits, in its writer's scope, as a read-only batch does.  A conflict
         (another writer got to the same item first) is retried, never raised: writers of
@@ -390,7 +393,11 @@ class WalstoreStore(BaseStore):
                     _refuse_changed_types(op.value, op.namespace, op.key)
         if not any(isinstance(op, PutOp) for op in ops):
             results, touched = self._read_batch(ops)
-            if touched:
+            # a read-only store (opened readonly=True, a replica, or turned read-only by a
+            # failed fsync) cannot renew expiries: the items read keep the expiry their
+            # writer gave them (the refresh raised ReadOnlyError, and the read's answer
+            # was lost, for every item with a TTL)
+            if touched and not self.store.readonly:
                 self._refresh_items(touched)
             return results
         meta = {"langgraph": "store"} if self.txn_meta else None
