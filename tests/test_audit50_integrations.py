@@ -114,3 +114,10 @@ def test_a_session_id_that_is_not_utf8_is_a_value_error_naming_it(store, session
         WalstoreSession(session_id, store)
     assert not isinstance(e.value, UnicodeError)
     assert "session_id" in str(e.value) and "UTF-8" in str(e.value), str(e.value)
+
+
+def test_a_namespace_that_is_not_utf8_is_a_value_error_naming_it(store):
+    # (audit50: the ValueError named the session's first item key, not the namespace)
+    with pytest.raises(ValueError) as e:
+        WalstoreSession("u", store, namespace="oa\ud800/")
+    assert str(e.value).startswith("namespace ") and "UTF-8" in str(e.value), str(e.value)

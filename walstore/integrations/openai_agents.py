@@ -159,6 +159,7 @@ def _check_namespace(namespace: Any) -> str:
         raise TypeError(f"namespace must be a str, not {type(namespace).__name__}")
     if not namespace.endswith("/"):
         raise ValueError(f"namespace must end with '/', not {namespace!r}")
+    _text(namespace, "namespace")  # (else the error named a whole item key, not namespace)
     segments = namespace[:-1].split("/")
     for n, seg in enumerate(segments[1:], start=1):
         if all(c in _PART_CHARS for c in seg):
