@@ -376,9 +376,10 @@ class WalstoreStore(BaseStore):
 
         A batch without puts reads at one snapshot (a transaction rolled back: it cannot
         conflict) and then renews the TTL of the items it read with ``refresh_ttl`` in a
-        transaction of its own (none on a read-only store: the items keep their expiry).  In a batch with puts, an item read with ``refresh_ttl``
-        that another scope wrote (another graph thread, or none) is renewed after the
-        batch commits, in its writer's scope, as a read-only batch does.  A conflict
+        transaction of its own (none on a read-only store: the items keep their
+        expiry).  In a batch with puts, an item read with ``refresh_ttl`` that another
+        scope wrote (another graph thread, or none) is renewed after the batch commits,
+        in its writer's scope, as a read-only batch does.  A conflict
         (another writer got to the same item first) is retried, never raised: writers of
         one item in this process take turns."""
         ops = list(ops)
