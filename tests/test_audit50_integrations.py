@@ -121,3 +121,18 @@ def test_a_namespace_that_is_not_utf8_is_a_value_error_naming_it(store):
     with pytest.raises(ValueError) as e:
         WalstoreSession("u", store, namespace="oa\ud800/")
     assert str(e.value).startswith("namespace ") and "UTF-8" in str(e.value), str(e.value)
+
+
+# ---- WalstoreSaver ---------------------------------------------------------------------
+@pytest.mark.parametrize("field", ["thread_id", "checkpoint_ns"])
+def test_a_checkpoint_key_part_that_is_not_utf8_is_a_value_error_naming_it(store, field):
+    """(helper's note, fixed) a lone surrogate in a thread id made get_tuple and put fail
+    with a bare UnicodeEncodeError naming nothing (SqliteSaver's sqlite3 raises one too):
+    now a ValueError saying which parts of a key must be text, nothing written."""
+    from walstore.integrations.langgraph import WalstoreSaver
+    saver = WalstoreSaver(store)
+    conf = {"thread_id": "t", "checkpoint_ns": "", field: "x\ud800"}
+    with pytest.raises(ValueError, match="not valid UTF-8.*thread id") as e:
+        saver.get_tuple({"configurable": conf})
+    assert not isinstance(e.value, UnicodeError)
+    assert list(store.scan()) == []

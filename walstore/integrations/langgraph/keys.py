@@ -77,7 +77,12 @@ def part(text: Any) -> bytes:
 
 @functools.lru_cache(maxsize=8192)
 def _part(text: str) -> bytes:
-    raw = text.encode("utf-8")
+    try:
+        raw = text.encode("utf-8")
+    except UnicodeEncodeError as e:  # (a bare UnicodeEncodeError named nothing)
+        raise ValueError(f"{text[:80]!r} is not valid UTF-8 text ({e.reason}): a thread "
+                         f"id, checkpoint namespace, checkpoint id or task id is part of a "
+                         f"key, and keys are UTF-8; nothing was read or written") from None
     if len(raw) <= MAX_PART:
         return msgpack.packb(text, use_bin_type=True)
     return b"\xc4\x10" + hashlib.blake2b(raw, digest_size=16).digest()
