@@ -56,10 +56,13 @@ def test_an_owed_erasure_at_open_ships_first_and_leaves_no_hole(tmp_path):
         s.close()
     assert files_with(src, b"ERASE-ME-4512") == []  # (the erasure was done all the same)
     assert replicas(url)["holes"] == []
-    # every commit is in the replica's log: a restore to one before the purge works
+    # every commit is in the replica's log: a restore to one before the purge works (and
+    # applies the purge the replica holds after the cut: the erased keys stay erased)
     cut = walstore.restore(url, str(tmp_path / "pitr"), to=walstore.LSN(_lsn_of_keep(src)))
     with walstore.open(str(tmp_path / "pitr"), readonly=True) as c:
-        assert c.get("keep/19") == 19 and c.get("user/19") == "ERASE-ME-4512" + "x" * 100, cut
+        assert c.get("keep/19") == 19 and c.get("user/19") is None, cut
+    assert cut["purges_applied"] == ["user/"]
+    assert files_with(str(tmp_path / "pitr"), b"ERASE-ME-4512") == []
 
 
 def _lsn_of_keep(src: str) -> int:

@@ -288,6 +288,10 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         click.echo(f"  snapshot LSN {report['snapshot_lsn']}, {report['wal_objects']} WAL "
                    f"object(s), {report['wal_bytes']} bytes replayed, cut at LSN "
                    f"{report['cut_lsn']}, {report['seconds']} s")
+        for p in report.get("purges_applied", ()):
+            shown = p if isinstance(p, str) else f"bytes {p['hex']}"
+            click.echo(f"  purge of {shown!r} after the cut applied here too (erased keys "
+                       f"stay erased)")
         if report["in_flight_txids"]:
             click.echo(f"  transactions in flight at the cut (not committed): "
                        f"{', '.join(map(str, report['in_flight_txids']))}")

@@ -60,7 +60,7 @@ _U64 = struct.Struct("<Q")
 HEADER_SIZE = SEGMENT_HEADER_SIZE
 __all__ = ["Rec", "check_record", "iter_records", "reframe", "salt", "summarize",
            "segment_header", "read_segment_header", "encode_object_header",
-           "read_object_header", "file_record", "is_purge", "HEADER_SIZE",
+           "read_object_header", "file_record", "is_purge", "purge_prefix", "HEADER_SIZE",
            "RECORD_HEADER_SIZE", "SEAL"]
 
 
@@ -163,6 +163,35 @@ def is_purge(rtype: int, raw: bytes) -> bool:
 
 
 _PURGE_KEY = msgpack.packb("purge_range")
+
+
+def purge_prefix(rtype: int, buf, rec: "Rec"):
+    """The prefix a purge's commit erased (its payload's ``purge``: str or bytes), or None
+    for any other record; ``buf`` holds ``rec`` (an mmap: searched, not copied, unless
+    the name is among its bytes).  The shipper marks each WAL object with the purges in
+    it (manifest ``pg``), so a restore to a point before a purge can apply it."""
+    if rtype != COMMIT:
+        return None
+    start = rec.offset + RECORD_HEADER_SIZE
+    if buf.find(_PURGE_KEY, start, rec.offset + rec.size) < 0:
+        return None
+    body = bytes(buf[start:rec.offset + rec.size])
+    up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max(len(body), 1))
+    try:
+        up.feed(body)
+        found, prefix = False, None
+        for _ in range(up.read_map_header()):
+            k = up.unpack()
+            if k == "purge_range":
+                found = True
+                up.skip()
+            elif k == "purge":
+                prefix = up.unpack()
+            else:
+                up.skip()
+    except Exception:  # a payload the engine's own recovery will judge
+        return None
+    return prefix if found and isinstance(prefix, (str, bytes)) and prefix else None
 
 
 def file_record(rtype: int, body) -> dict:

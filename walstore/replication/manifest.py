@@ -362,6 +362,11 @@ def _check(doc: dict) -> None:
         _fields(e, _WAL, f"wal[{i}]")
         if not e["seg"] <= e["a"] <= e["b"]:
             raise _Bad(f"wal[{i}] covers LSN {e['a']}..{e['b']} of segment {e['seg']}")
+        if "pg" in e and not (isinstance(e["pg"], list) and all(
+                isinstance(p, list) and len(p) == 2 and _lsn(p[0]) and e["a"] <= p[0] < e["b"]
+                and isinstance(p[1], (str, bytes)) and p[1] for p in e["pg"])):
+            # (optional: objects shipped before it was kept carry no marks)
+            raise _Bad(f"wal[{i}].pg is {_shown(e['pg'])}, not [[an LSN in it, a prefix], ...]")
     for i, e in enumerate(_list(doc, "snapshots")):
         _fields(e, _SNAP, f"snapshots[{i}]")
         if e["k"] is not None and not isinstance(e["sha"], str):

@@ -615,6 +615,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         log = RestoredLog(wal, store_id, prealloc=follow)
         log.know(m.wal)
         flight = _InFlight()
+        replayed_purge = False  # (a purge in the restored log: its erasure is owed)
         done = snap_n
         try:
             for e in chain:
@@ -625,6 +626,8 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                         break
                     log.append(lsn, raw, e["seg"], rtype)
                     flight.see(lsn, rtype, raw)
+                    if not follow and logformat.is_purge(rtype, raw):
+                        replayed_purge = True
                 fetch.drop(e)
                 done += e["n"]
                 if progress:
@@ -650,6 +653,14 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         # the blobs the restored history refers to (its file tables, read through a
         # read-only open of the staged copy), not every blob the replica ever received
         blobs = _fetch_referenced_blobs(tgt, stage)
+        # a purge the replica holds after the cut erases here too, and one in the restored
+        # log finishes its erasure (its old segments removed, LMDB compacted), before DEST
+        # exists: no file of DEST ever holds the erased bytes (they stayed in DEST's first
+        # segment until its first writable open, and a cut before the purge brought the
+        # erased keys back for good)
+        purged = _purges_after(m, fetch, cut) if boundary is not None else []
+        if purged or replayed_purge:
+            _apply_purges(stage, purged)
         if _locks is not None:  # (a follower: DEST's lock is held from the moment it exists)
             from ..engine.layout import Layout, ProcessLock
             lock = ProcessLock(Layout(stage))
@@ -670,6 +681,8 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
                 "wal_bytes": log.bytes, "downloaded_bytes": fetch.bytes + snap["n"],
                 "blobs_fetched": blobs.fetched, "blobs_missing": sorted(blobs.missing),
                 "in_flight_txids": sorted(flight.opened),
+                "purges_applied": [p if isinstance(p, str) else {"hex": p.hex()}
+                                   for p in purged],
                 "owed_file_effects": flight.owed_files(held=not compensate),
                 "lineage": identity["origin"]["lineage"],
                 "seconds": round(time.monotonic() - t_start, 3)}
@@ -679,6 +692,41 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             shutil.rmtree(stage, ignore_errors=True)
         if target is None:
             tgt.close()
+
+
+def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
+    """The prefixes of the purges the replica holds after ``cut``, oldest first.  A purge
+    is a user's right to be forgotten: a restore to a point before it must not bring the
+    erased keys back (in the source, ``at`` that point shows them gone).  The shipper
+    marks each WAL object with its purges (``pg``); an object shipped before the marks
+    were kept is downloaded and read."""
+    out: list = []
+    for e in m.wal:
+        if e["b"] <= cut:
+            continue
+        if "pg" in e:
+            out += [p for lsn, p in e["pg"] if lsn >= cut]
+            continue
+        for lsn, rtype, raw, _s in fetch.records(e):
+            if lsn >= cut and logformat.is_purge(rtype, raw):
+                rec = logformat.Rec(0, lsn, rtype, lsn + len(raw), 0, len(raw))
+                prefix = logformat.purge_prefix(rtype, raw, rec)
+                if prefix is not None:
+                    out.append(prefix)
+        fetch.drop(e)
+    return list(dict.fromkeys(out))
+
+
+def _apply_purges(stage: str, prefixes: list) -> None:
+    """Purge ``prefixes`` in the staged copy: its first writable open (a copy's: the
+    debts it inherited held, as the user's first open would hold them; with
+    ``--compensate`` its file effects put back and its actions left pending for that
+    open's compensators; and the erasure a replayed purge owes finished), then
+    ``purge``, which erases and compacts as in any store."""
+    from .. import open as open_store
+    with open_store(stage, durability="full") as store:
+        for prefix in prefixes:
+            store.purge(prefix)
 
 
 class _DestTaken(ReplicationError):

@@ -910,11 +910,15 @@ class Shipper:
                 last = m.doc["last_commit"]
                 om = min(opened.values()) if opened else None
                 t0 = t1 = x0 = x1 = None
+                purges: list = []  # [LSN, prefix] of each purge's commit in it
                 end, n = pos, 0
                 for rec in logformat.iter_records(mm, off0, pos, salt, len(mm)):
                     if rec.end > limit or (n and rec.end - pos > max_bytes):
                         break
                     end, n = rec.end, n + 1
+                    erased = logformat.purge_prefix(rec.type, mm, rec)
+                    if erased is not None:
+                        purges.append([rec.lsn, erased])
                     info = logformat.summarize(rec.type, logformat.payload(mm, rec))
                     tx = info.get("tx")
                     if rec.type in logformat.OPENING and isinstance(tx, int):
@@ -952,7 +956,7 @@ class Shipper:
                         body.write(mm[o:min(b, o + (1 << 20))])
                     body.seek(0)
         entry = {"k": wal_key(pos, end, level), "seg": seg, "a": pos, "b": end, "n": total,
-                 "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om}
+                 "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om, "pg": purges}
         return body, entry, (opened, points, last)
 
     def _upload_immutable(self, key: str, body, sent: Callable[[int], None] | None = None
@@ -1111,6 +1115,8 @@ class Shipper:
                   "lv": level, "t0": _agg(min, group, "t0"), "t1": _agg(max, group, "t1"),
                   "x0": _agg(min, group, "x0"), "x1": _agg(max, group, "x1"),
                   "om": group[0]["om"]}
+        if all("pg" in e for e in group):  # (one unmarked, shipped by an older walstore:
+            merged["pg"] = [p for e in group for p in e["pg"]]  # the merge is unmarked)
         at = wal.index(group[0])
         wal[at:at + len(group)] = [merged]
         m.to_trash([e["k"] for e in group], time.time())
