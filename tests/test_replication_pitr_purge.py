@@ -146,3 +146,56 @@ def test_the_cli_restore_to_before_a_purge_says_it_applied_it(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["purges_applied"] == ["user/1/"]
     assert files_with(dest, SECRET.encode()) == []
+
+
+def test_compensate_with_a_purge_after_the_cut_compensates_once(tmp_path):
+    """``--compensate`` (the machine that ran the actions): the restore's own first open
+    (for the purge) leaves the in-flight action pending, and the next open with the
+    compensators runs it — once; the purge's keys stay erased."""
+    rep = Replica("file", f"file://{tmp_path}/replica", {})
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url)
+    with s.transaction() as t:
+        t.put("user/1/email", SECRET)
+    tx = s.transaction()
+    with tx.action("charge", args={"amount": 5}, compensate="refund") as act:
+        act.result = {"charge_id": "c-1"}
+    tx.put("order", "paid")
+    s.restore_point("p")  # (the charge's transaction still open here)
+    tx.commit()
+    s.purge("user/")
+    s.sync_replica(timeout=30)
+    s.close()
+    dest = str(tmp_path / "d")
+    from walstore.replication import restore as restore_with  # (the CLI's --compensate)
+    report = restore_with(rep.url, dest, "p", compensate=True)
+    assert report["purges_applied"] == ["user/"] and report["in_flight_txids"] == [tx.id]
+    refunds = []
+    with walstore.open(dest, compensators={"refund": lambda a: refunds.append(a.key)}) as c:
+        assert c.get("order") is None and c.get("user/1/email") is None
+        assert c.get_action(act.id).state == "compensated"
+    with walstore.open(dest, compensators={"refund": lambda a: refunds.append(a.key)}):
+        pass
+    assert refunds == [act.key]
+    assert files_with(dest, SECRET.encode()) == []
+
+
+def test_without_compensate_the_in_flight_action_stays_held(tmp_path):
+    rep = Replica("file", f"file://{tmp_path}/replica", {})
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url)
+    with s.transaction() as t:
+        t.put("user/1/email", SECRET)
+    tx = s.transaction()
+    with tx.action("charge", compensate="refund") as act:
+        act.result = {"charge_id": "c-1"}
+    s.restore_point("p")
+    tx.commit()
+    s.purge("user/")
+    s.sync_replica(timeout=30)
+    s.close()
+    dest = str(tmp_path / "d")
+    walstore.restore(rep.url, dest, to="p")
+    refunds = []
+    with walstore.open(dest, compensators={"refund": lambda a: refunds.append(a.key)}) as c:
+        (owed,) = c.pending_compensations()
+        assert owed.id == act.id and owed.held
+    assert refunds == []  # (a copy runs none of its source's compensations)
