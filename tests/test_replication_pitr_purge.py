@@ -199,3 +199,22 @@ def test_without_compensate_the_in_flight_action_stays_held(tmp_path):
         (owed,) = c.pending_compensations()
         assert owed.id == act.id and owed.held
     assert refunds == []  # (a copy runs none of its source's compensations)
+
+
+def test_a_bytes_prefix_purge_is_applied_too(tmp_path):
+    """(``delete_thread`` of the LangGraph saver purges a bytes prefix)"""
+    rep = Replica("file", f"file://{tmp_path}/replica", {})
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url)
+    with s.transaction() as t:
+        t.put(b"thr\x00/1", SECRET)
+        t.put("kept", 1)
+    s.restore_point("p")
+    s.purge(b"thr\x00/")
+    s.sync_replica(timeout=30)
+    s.close()
+    dest = str(tmp_path / "d")
+    report = walstore.restore(rep.url, dest, to="p")
+    assert report["purges_applied"] == [{"hex": b"thr\x00/".hex()}]
+    assert files_with(dest, SECRET.encode()) == []
+    with walstore.open(dest, readonly=True) as c:
+        assert c.get(b"thr\x00/1") is None and c.get("kept") == 1
