@@ -218,3 +218,22 @@ def test_a_bytes_prefix_purge_is_applied_too(tmp_path):
     assert files_with(dest, SECRET.encode()) == []
     with walstore.open(dest, readonly=True) as c:
         assert c.get(b"thr\x00/1") is None and c.get("kept") == 1
+
+
+def test_replicas_verify_checks_the_marks(tmp_path):
+    """A WAL object whose ``pg`` marks lack its purge (damage, or tampering: a restore to
+    a point before it would bring the keys back) fails ``replicas --verify``."""
+    from walstore.replication.restore import replicas
+    rep = Replica("file", f"file://{tmp_path}/replica", {})
+    _source(str(tmp_path / "s"), rep)
+    assert replicas(rep.url, verify=True)["verify"]["ok"]
+    path = os.path.join(str(tmp_path / "replica"), MANIFEST_KEY)
+    doc = msgpack.unpackb(open(path, "rb").read(), raw=False, strict_map_key=False)
+    for e in doc["wal"]:
+        e["pg"] = []
+    with open(path, "wb") as f:
+        f.write(msgpack.packb(doc, use_bin_type=True))
+    got = replicas(rep.url, verify=True)["verify"]
+    assert not got["ok"]
+    (check,) = [c for c in got["checks"] if c["check"] == "every WAL object"]
+    assert "marks []" in check["error"] and "user/1/" in check["error"]

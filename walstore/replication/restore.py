@@ -1455,14 +1455,23 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
     lo = min((a for a in starts if a is not None), default=None)
     failures = []
     for e in m.wal:
+        purges: list = []
         try:
             for r in fetch.records(e):
+                if logformat.is_purge(r[1], r[2]):
+                    rec = logformat.Rec(0, r[0], r[1], r[0] + len(r[2]), 0, len(r[2]))
+                    purges.append([r[0], logformat.purge_prefix(r[1], r[2], rec)])
                 if at is not None and r[0] in wanted:
                     at[r[0]] = (r[1], logformat.summarize(
                         r[1], r[2][logformat.RECORD_HEADER_SIZE:]))
                 if lo is not None and r[0] >= lo and r[1] in _FILE_NAMING:
                     for d, n in blobs_named([r]).items():
                         named.setdefault(d, (n, f"the record at LSN {r[0]} ({e['k']})"))
+            if "pg" in e and [list(p) for p in e["pg"]] != purges:
+                # (a mark missing, a restore to a point before that purge would bring
+                # its erased keys back)
+                failures.append({"object": e["k"], "error": f"WAL object {e['k']} holds the "
+                                 f"purges {purges}, its manifest marks {e['pg']}"})
         except ReplicationError as err:
             failures.append({"object": e["k"], "error": str(err)})
             if at is not None:  # (unread past the damage: judged by this check, not by
