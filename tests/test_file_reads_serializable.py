@@ -419,3 +419,21 @@ def test_an_os_error_checking_the_reads_fails_the_commit_as_a_store_error(env, m
     with store.transaction() as t2:
         t2.put("k", "after")
     assert store.get("k") == "after"
+
+
+def test_walstore_prepared_json_counts_what_it_holds(env):
+    import json
+    from click.testing import CliRunner
+    from walstore.cli import main as cli
+    store, ws, root = env
+    (root / "d").mkdir()
+    t1 = store.transaction()
+    t1.files(ws).read("cfg")
+    t1.files(ws).exists("nope")
+    t1.files(ws).listdir("d")
+    t1.put("k", 1)
+    t1.prepare("g-json")
+    r = CliRunner().invoke(cli, ["prepared", store.path, "--json"])
+    (row,) = json.loads(r.output)["prepared"]
+    assert (row["gid"], row["files_read"], row["dirs_listed"]) == ("g-json", 2, 1)
+    store.rollback_prepared("g-json")
