@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import time
 
 import msgpack
 import pytest
@@ -237,3 +238,39 @@ def test_replicas_verify_checks_the_marks(tmp_path):
     assert not got["ok"]
     (check,) = [c for c in got["checks"] if c["check"] == "every WAL object"]
     assert "marks []" in check["error"] and "user/1/" in check["error"]
+
+
+@pytest.mark.parametrize("to", [None, "before"])
+def test_a_snapshot_holding_the_keys_leaves_no_byte_in_dest(tmp_path, to):
+    """The snapshot a restore starts from was taken before the purge (its LMDB file holds
+    the keys): the restored store's LMDB is compacted by the erasure all the same."""
+    rep = Replica("file", f"file://{tmp_path}/replica", {})
+    opts = {"interval": 0.02, "snapshot_interval": 0}
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url, replicate_options=opts)
+    with s.transaction() as t:
+        t.put("user/1/email", SECRET)
+        for i in range(50):
+            t.put(f"k{i}", "v" * 200)
+    s.checkpoint()
+    s.sync_replica(timeout=30)
+    deadline = time.monotonic() + 30
+    while not any(sn["lsn"] > 0 for sn in _manifest(tmp_path)["snapshots"]):
+        assert time.monotonic() < deadline, "no snapshot shipped"
+        with s.transaction() as t:
+            t.put("tick", 1)
+        s.checkpoint()
+        s.sync_replica(timeout=30)
+    s.restore_point("before")
+    s.purge("user/")
+    s.sync_replica(timeout=30)
+    s.close()
+    dest = str(tmp_path / "d")
+    walstore.restore(rep.url, dest, to=to)
+    assert files_with(dest, SECRET.encode()) == []
+    with walstore.open(dest, readonly=True) as c:
+        assert c.get("user/1/email") is None and c.get("k3") == "v" * 200
+
+
+def _manifest(tmp_path) -> dict:
+    path = os.path.join(str(tmp_path / "replica"), MANIFEST_KEY)
+    return msgpack.unpackb(open(path, "rb").read(), raw=False, strict_map_key=False)
