@@ -59,3 +59,25 @@ def test_a_huge_name_asked_for_is_not_echoed_whole(store, ask):
     text = str(e.value)
     assert len(text) < 300 and "100,002 characters" in text, text[:300]
     assert isinstance(e.value, walstore.WalstoreError)
+
+
+def test_resolve_without_a_note_keeps_the_last_error(tmp_path):
+    """``resolve(id)`` with no note replaced the action's error (why its compensation
+    failed) by None: the record of the failure lost.  A note still replaces it."""
+    def refund(action):
+        raise RuntimeError("payments API down (503)")
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as store:
+        ids = []
+        for _ in range(2):
+            tx = store.transaction()
+            with tx.action("charge", compensate="refund") as act:
+                act.result = {"id": 1}
+            ids.append(act.id)
+            with pytest.raises(walstore.CompensationFailed):
+                tx.rollback()
+        assert "payments API down" in store.get_action(ids[0]).error
+        assert "payments API down" in store.resolve(ids[0]).error
+        assert "payments API down" in store.get_action(ids[0]).error
+        assert store.get_action(ids[0]).state == "resolved"
+        assert store.resolve(ids[1], note="refunded by phone").error == "refunded by phone"

@@ -772,7 +772,11 @@ class Saga:
                     f"action {action_id} is {action.state}"
                     f"{' (its transaction is still open)' if action.in_flight else ''}"
                     f"; only pending or failed compensations can be resolved")
-            action.state, action.error = RESOLVED, note
+            # the note says how it was handled; without one, the last error stays (it
+            # was replaced by None: the record of why the compensation failed, lost)
+            action.state = RESOLVED
+            if note is not None:
+                action.error = note
             self.record_state(action)
             return action
         finally:
