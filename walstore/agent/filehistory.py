@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from ..errors import CorruptionError, os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
-from ..files.entries import ABSENT, DIR
+from ..files.entries import ABSENT, DIR, UnsupportedFileType, open_nofollow
 from ..files.paths import PathLike, display
 from ..log.format import LSN
 
@@ -249,8 +250,14 @@ class HistoricalFiles:
             raise ValueError(f"{where} was a symlink to {os.fsdecode(e.target or b'')!r}; "
                              f"walstore does not follow it")
         if live:
-            fd = os.open(ws.abspath(rel), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # (O_NONBLOCK and the fstat: a FIFO swapped in since the look above is
+            # refused, as the look refuses one, rather than block the reader forever)
+            fd = open_nofollow(ws.abspath(rel))
             with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UnsupportedFileType(f"{where} is a special file (FIFO, socket or "
+                                              f"device); walstore tracks files, "
+                                              f"directories and symlinks")
                 return f.read()
         return self._history.read_content(e, where)
 

@@ -48,11 +48,11 @@ from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
                      apply as fapply, diff, plan, remove_stray_temps, restore_changes,
                      snapshot, undo_order, undo_steps)
-from ..files.entries import read_whole
+from ..files.entries import UnsupportedFileType, open_nofollow, read_whole
 from ..files.monitor import WorkspaceMonitor, forced_full_walk
 from ..files.monitor import available as monitor_available
 from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, display,
-                           parent_of)
+                           fs_bytes, parent_of)
 from ..log.format import RecordType
 from ..signals import deferred
 
@@ -517,7 +517,7 @@ class Files:
         named = self._registered_as_named(ws_or_root)
         if named is not None:  # (its root is a symlink now: see _registered_as_named)
             return named
-        real = os.path.realpath(os.path.abspath(os.fsencode(ws_or_root)))
+        real = os.path.realpath(os.path.abspath(fs_bytes(ws_or_root, "workspace root")))
         if real in self._registry:
             return self._registry[real]
         row = self.engine.views.workspace_row(real)
@@ -1974,7 +1974,7 @@ class TxFiles:
     def symlink(self, path: PathLike, target: str | bytes) -> None:
         """Make ``path`` a symlink to ``target`` (data: never followed by walstore)."""
         ws = self.workspace
-        t = os.fsencode(target)
+        t = fs_bytes(target, "symlink target")
         if not t or b"\0" in t:
             raise ValueError("a symlink target must be non-empty and contain no NUL byte")
         self._run("symlink", lambda: plan.plan_symlink(ws, path, t, self._blobs),
@@ -2062,11 +2062,21 @@ class TxFiles:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, f"{display(rel)!r} is a directory",
                                     os.fsdecode(abs_path))
-        fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # A FIFO, socket or device is refused, looked at before and after the open (one
+        # swapped in between): opened as a file, a FIFO without a writer blocked the
+        # caller forever and a character device (a /dev/zero twin) was read without end.
+        # O_NONBLOCK makes the open of a FIFO return at once, so the fstat can say so.
+        fd = open_nofollow(abs_path) if stat.S_ISREG(st.st_mode) else None
         try:
+            if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsupportedFileType(f"cannot read {display(rel)!r} in workspace "
+                                          f"{self.workspace.root!r}: it is a special file "
+                                          f"(FIFO, socket or device); walstore tracks files, "
+                                          f"directories and symlinks")
             return read_whole(fd)  # (the content once in memory, not chunks plus a join)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
 
     @os_errors_wrapped
     def exists(self, path: PathLike) -> bool:

@@ -92,9 +92,19 @@ def _trim_trailing_spaces(line: bytes) -> bytes:
     return line if last_space is None else line[:last_space]
 
 
+def _pattern_bytes(line: str) -> bytes:
+    """A str pattern as bytes; one no file name can match (a lone surrogate outside the
+    surrogate escapes) is a ValueError naming it, not a bare UnicodeEncodeError."""
+    try:
+        return os.fsencode(line)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the ignore pattern {line!r} is not valid file-name text "
+                         f"({e.reason} at character {e.start})") from None
+
+
 def parse_pattern(line: str | bytes) -> Pattern | None:
     """Parse one gitignore line; None for a blank line or a comment."""
-    raw = os.fsencode(line) if isinstance(line, str) else bytes(line)
+    raw = _pattern_bytes(line) if isinstance(line, str) else bytes(line)
     if raw.endswith(b"\n"):
         raw = raw[:-1]
     if raw.endswith(b"\r"):
@@ -265,7 +275,7 @@ class IgnoreRules:
                 if not isinstance(line, (str, bytes)):
                     raise TypeError(f"an ignore pattern is a str or bytes, not "
                                     f"{type(line).__name__}: {line!r}")
-        self.sources = [os.fsencode(x) if isinstance(x, str) else bytes(x) for x in lines]
+        self.sources = [_pattern_bytes(x) if isinstance(x, str) else bytes(x) for x in lines]
         self.patterns = [p for p in (parse_pattern(x) for x in self.sources) if p is not None]
 
     def __bool__(self) -> bool:

@@ -35,7 +35,7 @@ from ..errors import as_store_error, shown
 from .ignore import IgnoreRules
 
 __all__ = ["Workspace", "PathLike", "TEMP_PREFIX", "is_temp_name", "display", "to_str",
-           "from_str", "depth", "parent_of"]
+           "from_str", "fs_bytes", "depth", "parent_of"]
 
 PathLike = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
@@ -64,7 +64,19 @@ def to_str(rel: bytes) -> str:
 
 
 def from_str(s: str | bytes) -> bytes:
-    return os.fsencode(s)
+    return fs_bytes(s)
+
+
+def fs_bytes(value: "PathLike", what: str = "path") -> bytes:
+    """``os.fsencode(value)``; a str no file name can hold (a lone surrogate outside the
+    surrogate escapes, e.g. ``"\\ud800"``) is a ValueError naming ``what`` and the value:
+    the bare UnicodeEncodeError named neither (the contract: bad input is a ValueError
+    naming the problem, no codec error escapes)."""
+    try:
+        return os.fsencode(value)
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} {shown(value)} is not a valid file name ({e.reason} at "
+                         f"character {e.start})") from None
 
 
 def depth(rel: bytes) -> int:
@@ -115,7 +127,7 @@ class Workspace:
     def __init__(self, root: PathLike, ignore: Iterable[str | bytes] | str | None = None,
                  exclude: Iterable[PathLike] = (), scope: str | bytes | None = None,
                  registered: bool = False, missing_ok: bool = False) -> None:
-        raw = os.fsencode(root)
+        raw = fs_bytes(root, "workspace root")
         if b"\0" in raw:
             raise ValueError("a workspace root must not contain a NUL byte")
         if not raw:
@@ -186,7 +198,7 @@ class Workspace:
             path = os.fspath(path)
         if not isinstance(path, (str, bytes)):
             raise TypeError(f"a workspace path is a str or bytes, not {type(path).__name__}")
-        raw = os.fsencode(path)
+        raw = fs_bytes(path)
         if b"\0" in raw:
             raise ValueError(f"path {display(raw)!r} contains a NUL byte")
         if raw.startswith(b"/"):

@@ -1,0 +1,148 @@
+"""Adversarial audit of reversible files (audit 50): the edges earlier audits missed.
+
+- A str path, symlink target, workspace root or ignore pattern that the file system
+  cannot name (a lone surrogate such as ``"\\ud800"``, which ``os.fsencode``'s
+  surrogate escapes do not cover) is a ValueError naming what was given, not a bare
+  ``UnicodeEncodeError`` (the contract: bad input is ValueError/TypeError naming the
+  problem, no foreign exception type escapes).
+- ``tx.files(ws).read(p)`` of a FIFO (directly or through a symlink inside the root)
+  or of a device node is refused with a ValueError (walstore tracks files, directories
+  and symlinks), where it blocked forever in ``open()`` (a FIFO with no writer) or read
+  without end (a character device like /dev/zero).
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import pytest
+
+import walstore
+from walstore.files.entries import UnsupportedFileType
+
+from files_support import build, tree_state
+
+
+@pytest.fixture
+def env(tmp_path):
+    root = tmp_path / "ws"
+    build(str(root), {"a.txt": "aaa\n", "d/x": "x\n"})
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        yield store, str(root)
+    finally:
+        store.close()
+
+
+BAD = "bad\ud800name"  # a lone high surrogate: no file name can hold it
+
+
+def _no_unicode_error(call):
+    """``call()`` raises ValueError (not a UnicodeError) whose message names the input."""
+    with pytest.raises(ValueError) as info:
+        call()
+    assert not isinstance(info.value, UnicodeError), repr(info.value)
+    assert "\\ud800" in str(info.value) or "ud800" in str(info.value)
+
+
+@pytest.mark.parametrize("op", ["write", "read", "exists", "delete", "mkdir", "rmtree",
+                                "chmod", "listdir", "rename_src", "rename_dst", "symlink"])
+def test_unencodable_path_is_a_valueerror(env, op):
+    store, root = env
+    ws = store.workspace(root)
+    before = tree_state(root)
+    with store.transaction() as tx:
+        f = tx.files(ws)
+        calls = {
+            "write": lambda: f.write(BAD, "x"),
+            "read": lambda: f.read(BAD),
+            "exists": lambda: f.exists(BAD),
+            "delete": lambda: f.delete(BAD),
+            "mkdir": lambda: f.mkdir(BAD),
+            "rmtree": lambda: f.rmtree(BAD),
+            "chmod": lambda: f.chmod(BAD, 0o600),
+            "listdir": lambda: f.listdir(BAD),
+            "rename_src": lambda: f.rename(BAD, "b.txt"),
+            "rename_dst": lambda: f.rename("a.txt", BAD),
+            "symlink": lambda: f.symlink(BAD, "a.txt"),
+        }
+        _no_unicode_error(calls[op])
+        tx.rollback()
+    assert tree_state(root) == before
+
+
+def test_unencodable_symlink_target_is_a_valueerror(env):
+    store, root = env
+    ws = store.workspace(root)
+    before = tree_state(root)
+    with store.transaction() as tx:
+        _no_unicode_error(lambda: tx.files(ws).symlink("link", BAD))
+    assert tree_state(root) == before
+
+
+def test_unencodable_past_read_is_a_valueerror(env):
+    store, root = env
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        tx.files(ws).write("a.txt", "v2\n")
+        txid = tx.id
+    _no_unicode_error(lambda: store.at(txid).files(ws).read(BAD))
+
+
+def test_unencodable_workspace_root_and_ignore_are_valueerrors(env, tmp_path):
+    store, root = env
+    _no_unicode_error(lambda: store.workspace(str(tmp_path / BAD)))
+    _no_unicode_error(lambda: store.workspace(root, ignore=["*.log", BAD]))
+    with store.transaction() as tx:
+        _no_unicode_error(lambda: tx.files(str(tmp_path / BAD)))
+        tx.rollback()
+    # nothing was registered by the refusals, and the good registration still works
+    assert store.workspace(root).root == os.path.realpath(root)
+
+
+def _read_with_timeout(call, seconds=5.0):
+    """(finished, result or exception) of ``call()`` in a daemon thread."""
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = call()
+        except BaseException as e:  # noqa: BLE001 (reported to the test)
+            out["error"] = e
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    return (not t.is_alive()), out
+
+
+@pytest.mark.parametrize("through_link", [False, True])
+def test_read_of_a_fifo_is_refused_not_a_hang(env, through_link):
+    store, root = env
+    os.mkfifo(os.path.join(root, "fifo"))
+    if through_link:
+        os.symlink("fifo", os.path.join(root, "to_fifo"))
+    ws = store.workspace(root)
+    tx = store.transaction()
+    f = tx.files(ws)
+    finished, out = _read_with_timeout(lambda: f.read("to_fifo" if through_link else "fifo"))
+    if not finished:  # unblock the reader so the test process can end
+        fd = os.open(os.path.join(root, "fifo"), os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+    assert finished, "tx.files(ws).read() of a FIFO blocked"
+    assert isinstance(out.get("error"), UnsupportedFileType), out
+    assert "fifo" in str(out["error"])
+    tx.rollback()
+    assert stat.S_ISFIFO(os.lstat(os.path.join(root, "fifo")).st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mknod of a device needs root")
+def test_read_of_a_device_is_refused_not_an_endless_read(env):
+    store, root = env
+    os.mknod(os.path.join(root, "zero"), 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        finished, out = _read_with_timeout(lambda: tx.files(ws).read("zero"), 2.0)
+        assert finished, "tx.files(ws).read() of /dev/zero's twin read without end"
+        assert isinstance(out.get("error"), UnsupportedFileType), out
+        tx.rollback()
