@@ -192,3 +192,16 @@ def test_write_never_lands_outside_when_a_parent_is_swapped_for_a_symlink(tmp_pa
         assert landed == [], f"a write landed outside the workspace: {landed}"
     finally:
         store.close()
+
+
+def test_non_path_inputs_are_typeerrors_naming_the_argument(env):
+    store, root = env
+    with pytest.raises(TypeError, match="workspace root"):
+        store.workspace(5)
+    with pytest.raises(TypeError, match="ignore="):
+        store.workspace(root, ignore=5)
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        with pytest.raises(TypeError, match="symlink target"):
+            tx.files(ws).symlink("link", 5)
+        tx.rollback()

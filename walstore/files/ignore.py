@@ -270,7 +270,12 @@ class IgnoreRules:
             lines = (patterns.split(b"\n") if isinstance(patterns, bytes)
                      else patterns.split("\n"))
         else:
-            lines = list(patterns)
+            try:
+                lines = list(patterns)
+            except TypeError:  # (a bare "'int' object is not iterable" named nothing)
+                raise TypeError(f"ignore= takes gitignore patterns (a str, bytes or an "
+                                f"iterable of them), not {type(patterns).__name__}"
+                                ) from None
             for line in lines:
                 if not isinstance(line, (str, bytes)):
                     raise TypeError(f"an ignore pattern is a str or bytes, not "

@@ -71,12 +71,15 @@ def fs_bytes(value: "PathLike", what: str = "path") -> bytes:
     """``os.fsencode(value)``; a str no file name can hold (a lone surrogate outside the
     surrogate escapes, e.g. ``"\\ud800"``) is a ValueError naming ``what`` and the value:
     the bare UnicodeEncodeError named neither (the contract: bad input is a ValueError
-    naming the problem, no codec error escapes)."""
+    naming the problem, no codec error escapes); a non-path a TypeError naming ``what``."""
     try:
         return os.fsencode(value)
     except UnicodeEncodeError as e:
         raise ValueError(f"{what} {shown(value)} is not a valid file name ({e.reason} at "
                          f"character {e.start})") from None
+    except TypeError:  # (os.fsencode's message does not say which argument it was)
+        raise TypeError(f"a {what} is a str, bytes or os.PathLike, not "
+                        f"{type(value).__name__}") from None
 
 
 def depth(rel: bytes) -> int:
