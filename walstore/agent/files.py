@@ -1381,11 +1381,16 @@ class Files:
                 fd = fileio.open_file(os.fsdecode(p), os.O_RDONLY | os.O_NOFOLLOW
                                       | os.O_NONBLOCK)
             except OSError as e:
-                if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
-                    continue  # changed since: not walstore's to make durable
+                # changed since: not walstore's to make durable (ENXIO: a socket now)
+                if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
+                    continue
                 raise
             try:
-                fileio.fsync(fd)
+                # a FIFO or device put there since the watch ended is a stranger's, as
+                # a removal is: its fsync (EINVAL) failed the commit, which then rolled
+                # the whole transaction back over another process's file
+                if stat.S_ISREG(os.fstat(fd).st_mode):
+                    fileio.fsync(fd)
             finally:
                 os.close(fd)
         for d in sorted(dirs, key=len, reverse=True):
