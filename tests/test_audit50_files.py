@@ -238,3 +238,60 @@ def test_commit_of_a_watch_does_not_fail_on_a_special_file_put_there_since(env, 
     finally:
         if sock is not None:
             sock.close()
+
+
+def test_rename_onto_another_hard_link_of_the_same_file(env, tmp_path):
+    """``rename(a, b)`` where ``a`` and ``b`` are two names of one inode: rename(2) does
+    nothing and succeeds, so ``a`` stayed on disk while walstore recorded it removed
+    (``at(tx).exists("a")`` False, the disk True, from the commit on).  Now ``a`` is
+    removed (the move's one effect), rollback and revert put it back, and a kill -9
+    with the move in flight is undone at open."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    store, root = env
+    a, b = os.path.join(root, "a.txt"), os.path.join(root, "b.txt")
+    os.link(a, b)
+    before = tree_state(root)
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        tx.files(ws).rename("a.txt", "b.txt")
+        tx.rollback()
+    assert tree_state(root) == before
+    with store.transaction() as tx:
+        f = tx.files(ws)
+        f.rename("a.txt", "b.txt")
+        assert not f.exists("a.txt")
+        txid = tx.id
+    assert not os.path.lexists(a), "the disk kept a.txt that the store recorded removed"
+    assert store.at(txid).files(ws).exists("a.txt") is False
+    assert store.at(txid).files(ws).read("b.txt") == b"aaa\n"
+    store.revert(txid)
+    assert tree_state(root) == before
+    store.close()
+    # kill -9 of a real writer with the move done and its transaction open
+    child = textwrap.dedent(f"""
+        import sys, time, walstore
+        st = walstore.open({str(tmp_path / "store")!r})
+        tx = st.transaction()
+        tx.files(st.workspace({root!r})).rename("a.txt", "b.txt")
+        print("moved", flush=True)
+        time.sleep(60)
+    """)
+    env_vars = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(walstore.__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    p = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, env=env_vars)
+    try:
+        assert p.stdout.readline() == b"moved\n"
+        assert not os.path.lexists(a)
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    reopened = walstore.open(str(tmp_path / "store"))
+    try:
+        assert tree_state(root) == before
+        assert reopened.last_recovery.file_conflicts == []
+    finally:
+        reopened.close()
