@@ -476,7 +476,8 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
     if dst_st is not None and stat.S_ISDIR(dst_st.st_mode) and not stat.S_ISDIR(sst.st_mode):
         raise IsADirectoryError(errno.EISDIR, f"cannot rename {display(srel)!r} onto "
                                 f"directory {display(drel)!r}", _s(dabs))
-    if dst_st is not None and (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
+    if dst_st is not None and not stat.S_ISDIR(sst.st_mode) \
+            and (sst.st_dev, sst.st_ino) == (dst_st.st_dev, dst_st.st_ino):
         # two names of one inode (hard links): rename(2) does nothing and succeeds, so
         # ``src`` stayed while the steps logged said it was gone (the store's view and
         # the disk disagreed from the commit on).  ``dst`` already is the file: the
