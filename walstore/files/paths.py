@@ -75,7 +75,7 @@ def fs_bytes(value: "PathLike", what: str = "path") -> bytes:
     try:
         return os.fsencode(value)
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} {shown(value)} is not a valid file name ({e.reason} at "
+        raise ValueError(f"{what} {shown(value, 240)} is not a valid file name ({e.reason} at "
                          f"character {e.start})") from None
     except TypeError:  # (os.fsencode's message does not say which argument it was)
         raise TypeError(f"a {what} is a str, bytes or os.PathLike, not "
