@@ -60,7 +60,8 @@ _U64 = struct.Struct("<Q")
 HEADER_SIZE = SEGMENT_HEADER_SIZE
 __all__ = ["Rec", "check_record", "iter_records", "reframe", "salt", "summarize",
            "segment_header", "read_segment_header", "encode_object_header",
-           "read_object_header", "file_record", "is_purge", "purge_prefix", "HEADER_SIZE",
+           "read_object_header", "file_record", "is_purge", "purge_prefix",
+           "purge_prefix_of", "HEADER_SIZE",
            "RECORD_HEADER_SIZE", "SEAL"]
 
 
@@ -192,6 +193,11 @@ def purge_prefix(rtype: int, buf, rec: "Rec"):
     except Exception:  # a payload the engine's own recovery will judge
         return None
     return prefix if found and isinstance(prefix, (str, bytes)) and prefix else None
+
+
+def purge_prefix_of(rtype: int, raw: bytes):
+    """``purge_prefix`` of one whole record's bytes (header and payload)."""
+    return purge_prefix(rtype, raw, Rec(0, 0, rtype, len(raw), 0, len(raw)))
 
 
 def file_record(rtype: int, body) -> dict:

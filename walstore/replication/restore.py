@@ -708,11 +708,9 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
             out += [p for lsn, p in e["pg"] if lsn >= cut]
             continue
         for lsn, rtype, raw, _s in fetch.records(e):
-            if lsn >= cut and logformat.is_purge(rtype, raw):
-                rec = logformat.Rec(0, lsn, rtype, lsn + len(raw), 0, len(raw))
-                prefix = logformat.purge_prefix(rtype, raw, rec)
-                if prefix is not None:
-                    out.append(prefix)
+            prefix = logformat.purge_prefix_of(rtype, raw) if lsn >= cut else None
+            if prefix is not None:
+                out.append(prefix)
         fetch.drop(e)
     return list(dict.fromkeys(out))
 
@@ -1458,9 +1456,9 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
         purges: list = []
         try:
             for r in fetch.records(e):
-                if logformat.is_purge(r[1], r[2]):
-                    rec = logformat.Rec(0, r[0], r[1], r[0] + len(r[2]), 0, len(r[2]))
-                    purges.append([r[0], logformat.purge_prefix(r[1], r[2], rec)])
+                erased = logformat.purge_prefix_of(r[1], r[2])
+                if erased is not None:
+                    purges.append([r[0], erased])
                 if at is not None and r[0] in wanted:
                     at[r[0]] = (r[1], logformat.summarize(
                         r[1], r[2][logformat.RECORD_HEADER_SIZE:]))
