@@ -148,15 +148,12 @@ def test_read_of_a_device_is_refused_not_an_endless_read(env):
         tx.rollback()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known residual race (docs/FILES.md, Missing / limits): a write's temp create and "
-    "rename go by absolute path, so a parent directory swapped for a symlink to outside "
-    "the root right after resolve() makes the write land outside; closing it needs "
-    "*at() calls (a parent directory fd opened O_NOFOLLOW) through the fileio seam for "
-    "every primitive, too large for this audit.  The doc's parenthesis 'its final "
-    "rename then fails rather than land outside' holds only for a swap after the temp "
-    "was created"))
 def test_write_never_lands_outside_when_a_parent_is_swapped_for_a_symlink(tmp_path, monkeypatch):
+    """A parent directory swapped for a symlink to outside the root by another process
+    right after walstore's checks made the write's temp file (and then the file) land
+    in the symlink's target, outside the root (the temp create and rename went by
+    absolute path).  Now the parent is pinned — opened component by component from the
+    root with O_NOFOLLOW and named through /proc/self/fd — so the swap is refused."""
     from walstore.files import apply as fapply
     root = tmp_path / "ws"
     outside = tmp_path / "outside"

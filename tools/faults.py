@@ -323,12 +323,13 @@ class FaultBackend(OSBackend):
 
     # ---- the OSBackend interface -------------------------------------------------------
     def open(self, path: str, flags: int, mode: int) -> int:
+        real, path = path, real_path(path)
         call = Call(0, "open", path)
         rule = self._check("open", (path,), call)
         if rule is not None:
             self._raise(rule, path)
         try:
-            fd = super().open(path, flags, mode)
+            fd = super().open(real, flags, mode)
         except OSError as e:
             call.error = e.errno
             raise
@@ -383,15 +384,17 @@ class FaultBackend(OSBackend):
             raise
 
     def fsync_dir(self, path: str) -> None:
-        self._sync("fsync_dir", None, path, lambda: OSBackend.fsync_dir(self, path))
+        self._sync("fsync_dir", None, real_path(path), lambda: OSBackend.fsync_dir(self, path))
 
     def rename(self, src: str, dst: str) -> None:
+        real_src, real_dst = src, dst
+        src, dst = real_path(src), real_path(dst)
         call = Call(0, "rename", src, dst=dst)
         rule = self._check("rename", (src, dst), call)
         if rule is not None:
             self._raise(rule, src)
         try:
-            super().rename(src, dst)
+            super().rename(real_src, real_dst)
         except OSError as e:
             call.error = e.errno
             raise
@@ -429,16 +432,32 @@ class FaultBackend(OSBackend):
         return hits
 
     def unlink(self, path: str) -> None:
+        real, path = path, real_path(path)
         call = Call(0, "unlink", path)
         rule = self._check("unlink", (path,), call)
         if rule is not None:
             self._raise(rule, path)
         try:
-            super().unlink(path)
+            super().unlink(real)
         except OSError as e:
             call.error = e.errno
             raise
         self._event(op="unlink", path=path)
+
+
+def real_path(path: str) -> str:
+    """``path`` as the file system names it: walstore names a directory it holds open
+    (a workspace file's parent, pinned against a symlink swapped in) through
+    ``/proc/self/fd/N``; the calls are logged, matched by rules and recorded under the
+    directory's own path, as before the pinning."""
+    if not isinstance(path, str) or not path.startswith("/proc/self/fd/"):
+        return path
+    num, _, tail = path[len("/proc/self/fd/"):].partition("/")
+    try:
+        base = os.readlink(f"/proc/self/fd/{num}")
+    except OSError:
+        return path
+    return base + "/" + tail if tail else base
 
 
 @contextlib.contextmanager

@@ -258,7 +258,17 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
             else default_file_mode()
     _check_mode(mode)
     created = _make_parents(ws, rel, durable)
-    parent = ws.abspath(parent_of(rel))
+    # the parent pinned (walked from the root, no symlink followed) and named through
+    # /proc/self/fd: a directory on the way swapped for a symlink by another process
+    # after the checks above made the write land in the symlink's target, outside the
+    # root; now the walk refuses it, and one swapped after the walk changes nothing
+    try:
+        pin = _pin_dir(ws, parent_of(rel))
+    except BaseException:
+        _undo_created(ws, created, durable)
+        raise
+    parent = pin.path if pin is not None else ws.abspath(parent_of(rel))
+    target = parent + b"/" + rel.rpartition(b"/")[2] if pin is not None else abs_path
     tmp = _temp_name(parent)
     fd = -1
     try:
@@ -271,7 +281,8 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
         st_new = os.fstat(fd)
         closing, fd = fd, -1  # (forgotten first: an interrupt right after the close left
         os.close(closing)     # it to be closed again below, perhaps another thread's file)
-        fileio.rename(_s(tmp), _s(abs_path))
+        fileio.rename(_s(tmp), _s(target))
+        _fsync_dir(parent, durable)
     except BaseException as e:
         if fd >= 0:
             os.close(fd)
@@ -279,12 +290,60 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
             fileio.unlink(_s(tmp))
         except OSError:
             pass
+        if pin is not None:
+            pin.close()
+            pin = None
         _undo_created(ws, created, durable)
         if isinstance(e, OSError) and not isinstance(e, UnsupportedFileType):
             raise _fail(e, doing, ws, rel) from e
         raise
-    _fsync_dir(parent, durable)
+    finally:
+        if pin is not None:
+            pin.close()
     return Applied(rel, entry_from_stat(st_new, sha256=digest), created)
+
+
+class _PinnedDir:
+    """A directory held open; ``path`` names it through /proc/self/fd (whatever is at its
+    old path now)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.path = b"/proc/self/fd/%d" % fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
+    """Open ``rel_dir`` of ``ws`` component by component from the root, following no
+    symlink (None where /proc is not mounted: the absolute path is used, as before).  A
+    component that is a symlink (or no directory) now: ValueError, nothing written."""
+    if not _PROC_FD:
+        return None
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(ws.root_b, flags)
+    try:
+        for part in rel_dir.split(b"/") if rel_dir else ():
+            try:
+                nfd = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise ValueError(f"{display(rel_dir)!r} in workspace {ws.root!r} is no "
+                                 f"longer a directory inside it (a symlink put there by "
+                                 f"another process?); nothing was written") from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return _PinnedDir(fd)
 
 
 # ---- the primitives ---------------------------------------------------------------------
