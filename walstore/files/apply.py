@@ -264,8 +264,10 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
     # root; now the walk refuses it, and one swapped after the walk changes nothing
     try:
         pin = _pin_dir(ws, parent_of(rel))
-    except BaseException:
+    except BaseException as e:
         _undo_created(ws, created, durable)
+        if isinstance(e, OSError):  # (a parent gone meanwhile, EIO: as the write's own)
+            raise _fail(e, doing, ws, rel) from e
         raise
     parent = pin.path if pin is not None else ws.abspath(parent_of(rel))
     target = parent + b"/" + rel.rpartition(b"/")[2] if pin is not None else abs_path
@@ -282,7 +284,6 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
         closing, fd = fd, -1  # (forgotten first: an interrupt right after the close left
         os.close(closing)     # it to be closed again below, perhaps another thread's file)
         fileio.rename(_s(tmp), _s(target))
-        _fsync_dir(parent, durable)
     except BaseException as e:
         if fd >= 0:
             os.close(fd)
@@ -292,11 +293,12 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
             pass
         if pin is not None:
             pin.close()
-            pin = None
         _undo_created(ws, created, durable)
         if isinstance(e, OSError) and not isinstance(e, UnsupportedFileType):
             raise _fail(e, doing, ws, rel) from e
         raise
+    try:
+        _fsync_dir(parent, durable)
     finally:
         if pin is not None:
             pin.close()
