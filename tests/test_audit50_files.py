@@ -292,3 +292,40 @@ def test_rename_onto_another_hard_link_of_the_same_file(env, tmp_path):
         assert reopened.last_recovery.file_conflicts == []
     finally:
         reopened.close()
+
+
+def test_delete_never_removes_outside_when_a_parent_is_swapped_for_a_symlink(tmp_path,
+                                                                              monkeypatch):
+    """(stop 50, after the audit) ``delete`` went by absolute path too: a parent swapped
+    for a symlink to outside the root right after the checks made the unlink remove the
+    file of the same name outside.  Now the parent is pinned as for a write."""
+    from walstore.files import apply as fapply
+    root = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    build(str(root), {"sub/f": "inside\n"})
+    outside.mkdir()
+    (outside / "f").write_text("a stranger's file\n")
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(str(root))
+        real_read_entry = fapply.read_entry
+
+        def read_then_swap(*a, **kw):  # (right after delete's checks, before its unlink)
+            got = real_read_entry(*a, **kw)
+            if not (tmp_path / "sub-aside").exists():
+                os.rename(root / "sub", tmp_path / "sub-aside")
+                os.symlink(outside, root / "sub")
+            return got
+        monkeypatch.setattr(fapply, "read_entry", read_then_swap)
+        tx = store.transaction()
+        with pytest.raises(ValueError, match="no longer a directory"):
+            tx.files(ws).delete("sub/f")
+        monkeypatch.undo()
+        assert (outside / "f").read_text() == "a stranger's file\n"
+        try:
+            tx.rollback()
+        except walstore.FileConflictError:
+            pass
+        assert (outside / "f").read_text() == "a stranger's file\n"
+    finally:
+        store.close()

@@ -51,7 +51,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import walstore  # noqa: E402
 from files_support import Dir, File, Link, age, build, describe_differences, tree_state  # noqa: E402
-from tools.faults import Call, FaultBackend  # noqa: E402
+from tools.faults import Call, FaultBackend, real_path  # noqa: E402
 from tools.faultsweep import (Abandon, Op, Workload, _phase_end, check_fsync_failure,  # noqa: E402
                               main)
 
@@ -68,9 +68,7 @@ class FilesFaultBackend(FaultBackend):
 
     def _dir_call(self, op: str, path: Any, real: Callable[[], None],
                   fd: int | None = None) -> None:
-        p = None if path is None else os.fsdecode(path)
-        if p is not None and p.startswith("/proc/self/fd/"):
-            p = self.path_of(int(p.rsplit("/", 1)[1]))
+        p = None if path is None else real_path(os.fsdecode(path))
         call = Call(0, op, p, fd=fd)
         rule = self._check(op, (p,), call)
         if rule is not None:

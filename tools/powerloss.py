@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import walstore  # noqa: E402
-from tools.faults import FaultBackend, installed  # noqa: E402
+from tools.faults import FaultBackend, installed, real_path  # noqa: E402
 from walstore import fileio  # noqa: E402
 from walstore.ops.verify import verify_store  # noqa: E402
 
@@ -352,20 +352,18 @@ class TreeRecorder(FaultBackend):
 
     def mkdir(self, path, mode):
         os.mkdir(path, mode)
-        self._event(op="mkdir", path=os.fsdecode(path), flags=mode)
+        self._event(op="mkdir", path=real_path(os.fsdecode(path)), flags=mode)
 
     def rmdir(self, path):
         os.rmdir(path)
-        self._event(op="rmdir", path=os.fsdecode(path))
+        self._event(op="rmdir", path=real_path(os.fsdecode(path)))
 
     def symlink(self, target, path):
         os.symlink(target, path)
-        self._event(op="symlink", path=os.fsdecode(path), data=os.fsencode(target))
+        self._event(op="symlink", path=real_path(os.fsdecode(path)), data=os.fsencode(target))
 
     def chmod(self, path, mode):
-        p = os.fsdecode(path)
-        if p.startswith("/proc/self/fd/"):
-            p = os.readlink(p)
+        p = real_path(os.fsdecode(path))
         os.chmod(path, mode)
         self._event(op="chmod", path=p, flags=mode)
 

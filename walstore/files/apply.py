@@ -325,7 +325,8 @@ _PROC_FD = os.path.isdir("/proc/self/fd")
 def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
     """Open ``rel_dir`` of ``ws`` component by component from the root, following no
     symlink (None where /proc is not mounted: the absolute path is used, as before).  A
-    component that is a symlink (or no directory) now: ValueError, nothing written."""
+    component that is a symlink (or no directory) now: WorkspaceChanged (a ValueError),
+    nothing done there."""
     if not _PROC_FD:
         return None
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -337,9 +338,10 @@ def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
             except OSError as e:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
-                raise ValueError(f"{display(rel_dir)!r} in workspace {ws.root!r} is no "
-                                 f"longer a directory inside it (a symlink put there by "
-                                 f"another process?); nothing was written") from None
+                raise WorkspaceChanged(f"{display(rel_dir)!r} in workspace {ws.root!r} is "
+                                       f"no longer a directory inside it (a symlink put "
+                                       f"there by another process?); walstore never goes "
+                                       f"through one, so nothing was done there") from None
             os.close(fd)
             fd = nfd
     except BaseException:
@@ -505,16 +507,27 @@ def delete(ws: Workspace, path: PathLike, durable: bool = True) -> Entry:
 
 
 def _remove(ws: Workspace, rel: bytes, is_dir: bool, durable: bool) -> None:
-    """unlink (rmdir) ``rel``, then fsync its directory; errors name the path."""
-    abs_path = ws.abspath(rel)
+    """unlink (rmdir) ``rel``, then fsync its directory; errors name the path.  In its
+    parent pinned (``_pin_dir``): a directory on the way swapped for a symlink after the
+    checks made the unlink remove a file outside the root."""
     try:
-        if is_dir:
-            _rmdir(abs_path)
-        else:
-            fileio.unlink(_s(abs_path))
+        pin = _pin_dir(ws, parent_of(rel))
     except OSError as e:
         raise _fail(e, "delete", ws, rel) from e
-    _fsync_dir(ws.abspath(parent_of(rel)), durable)
+    try:
+        parent = pin.path if pin is not None else ws.abspath(parent_of(rel))
+        abs_path = parent + b"/" + rel.rpartition(b"/")[2]
+        try:
+            if is_dir:
+                _rmdir(abs_path)
+            else:
+                fileio.unlink(_s(abs_path))
+        except OSError as e:
+            raise _fail(e, "delete", ws, rel) from e
+        _fsync_dir(parent, durable)
+    finally:
+        if pin is not None:
+            pin.close()
 
 
 def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) -> Applied:
