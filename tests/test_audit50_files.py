@@ -329,3 +329,44 @@ def test_delete_never_removes_outside_when_a_parent_is_swapped_for_a_symlink(tmp
         assert (outside / "f").read_text() == "a stranger's file\n"
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("which", ["src", "dst"])
+def test_rename_never_moves_across_a_parent_swapped_for_a_symlink(tmp_path, monkeypatch,
+                                                                  which):
+    """(stop 50) ``rename`` went by absolute paths: a parent of the source swapped for a
+    symlink right after the checks moved a file from outside into the root (removing it
+    there), one of the destination moved the file out of the root.  Both parents are
+    pinned now."""
+    from walstore.files import apply as fapply
+    root = tmp_path / "ws"
+    outside = tmp_path / "outside"
+    build(str(root), {"sub/f": "inside\n", "other/g": "g\n"})
+    outside.mkdir()
+    (outside / "f").write_text("a stranger's file\n")
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(str(root))
+        real_make_parents = fapply._make_parents
+
+        def make_parents_then_swap(ws_, rel, durable):
+            created = real_make_parents(ws_, rel, durable)
+            if not (tmp_path / "sub-aside").exists():
+                os.rename(root / "sub", tmp_path / "sub-aside")
+                os.symlink(outside, root / "sub")
+            return created
+        monkeypatch.setattr(fapply, "_make_parents", make_parents_then_swap)
+        tx = store.transaction()
+        src, dst = ("sub/f", "moved") if which == "src" else ("other/g", "sub/g")
+        with pytest.raises(ValueError, match="no longer a directory"):
+            tx.files(ws).rename(src, dst)
+        monkeypatch.undo()
+        assert sorted(os.listdir(outside)) == ["f"]
+        assert (outside / "f").read_text() == "a stranger's file\n"
+        try:
+            tx.rollback()
+        except walstore.FileConflictError:
+            pass
+        assert sorted(os.listdir(outside)) == ["f"]
+    finally:
+        store.close()

@@ -556,21 +556,39 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
         # ``src`` stayed while the steps logged said it was gone (the store's view and
         # the disk disagreed from the commit on).  ``dst`` already is the file: the
         # move's one effect is ``src``'s removal (as coreutils' mv does).
-        try:
-            fileio.unlink(_s(sabs))
-        except OSError as e:
-            raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
-        _fsync_dir(ws.abspath(parent_of(srel)), durable)
+        _remove(ws, srel, False, durable)  # (in its parent pinned, as any removal)
         return Applied(drel, read_entry(dabs, hash=False))
     created = _make_parents(ws, drel, durable)
+    # both parents pinned (see _replace_file): a directory on the way swapped for a
+    # symlink after the checks above made the rename take a file from, or put it,
+    # outside the root
+    pins: list = []
     try:
-        fileio.rename(_s(sabs), _s(dabs))
-    except OSError as e:
-        _undo_created(ws, created, durable)
-        raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
-    _fsync_dir(ws.abspath(parent_of(srel)), durable)
-    if parent_of(drel) != parent_of(srel):
-        _fsync_dir(ws.abspath(parent_of(drel)), durable)
+        for rel_dir in (parent_of(srel), parent_of(drel)):
+            try:
+                pins.append(_pin_dir(ws, rel_dir))
+            except OSError as e:  # (a parent gone meanwhile, EIO: the rename's own error)
+                _undo_created(ws, created, durable)
+                raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
+        src_dir = pins[0].path if pins[0] is not None else ws.abspath(parent_of(srel))
+        dst_dir = pins[1].path if pins[1] is not None else ws.abspath(parent_of(drel))
+        try:
+            fileio.rename(_s(src_dir + b"/" + srel.rpartition(b"/")[2]),
+                          _s(dst_dir + b"/" + drel.rpartition(b"/")[2]))
+        except OSError as e:
+            _undo_created(ws, created, durable)
+            raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
+        _fsync_dir(src_dir, durable)
+        if parent_of(drel) != parent_of(srel):
+            _fsync_dir(dst_dir, durable)
+    except WorkspaceChanged:
+        if len(pins) < 2:  # (refused before the rename: what it created goes)
+            _undo_created(ws, created, durable)
+        raise
+    finally:
+        for pin in pins:
+            if pin is not None:
+                pin.close()
     return Applied(drel, read_entry(dabs, hash=False), created)
 
 
