@@ -876,6 +876,29 @@ class Files:
                            and self._owed_now({t}) for t in owners)
             return self._put_back_stale(None, ws, [path])
 
+    def dropped_before(self, root: bytes, path: bytes) -> Any:
+        """A dry run's stand-in for ``put_back_dropped``: what ``path`` holds once the
+        real undo has put back what dropped transactions left there (the before-image of
+        their oldest owed step of it, an ``Entry``), or None when none of them changed
+        the path itself (a parent only: the plan keeps the path, as it did).  Compared
+        with the dropped bytes instead, the plan listed a path and a transaction the
+        real undo, after the put-back, found done (it returned None), or planned one
+        the real undo refused as changed behind walstore's back (RevertConflict)."""
+        with self._lock:
+            if not self._claims_seeded:
+                self._seed_claims()
+            owner = self._claims.get((root, path))
+            if owner is None or owner in self._settled or self._live(owner):
+                return None
+            owed = self._owed_now({owner})
+        for eff in reversed(owed.get(owner, ())):  # (newest first: the oldest step last)
+            if eff.ws.root_b != root:
+                continue
+            for c in getattr(eff, "steps", None) or ():
+                if c.path == path:
+                    return c.before
+        return None
+
     def check_unclaimed(self, root: bytes, path: bytes) -> None:
         """An undo's plan: ConflictError when a transaction that has not ended (open,
         prepared, or rolling back) changed ``path`` (the undo's own is not begun yet)."""

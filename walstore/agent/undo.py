@@ -652,8 +652,9 @@ class Undo:
         A commit that changed files after the undo's ``snapshot`` may be what changed it
         (a later writer the plan did not see, not a stranger): ConflictError, and the undo
         plans again after it (``_run``).  What a dropped transaction left on a path is
-        put back before the path is compared (``Files.put_back_dropped``; a dry run keeps
-        such a path in the plan, changing nothing)."""
+        put back before the path is compared (``Files.put_back_dropped``; a dry run,
+        changing nothing, compares what the put-back would leave there instead:
+        ``Files.dropped_before``)."""
         if not file_lsns:
             return []
         items, conflicts = [], []
@@ -665,10 +666,15 @@ class Undo:
             self.files.check_unclaimed(root, path)  # an open or prepared txn's: refused
             dropped = self.files.put_back_dropped(root, path, dry_run)
             ws = self.files.registered(root)
-            if dropped and dry_run:  # (the real undo puts the dropped bytes back first)
-                items.append(FileUndo(ws, path, oldest.before, newest.after))
-                continue
-            status = restore_status(ws, path, oldest.before, newest.after)
+            current = None
+            if dropped and dry_run:  # (the real undo puts the dropped bytes back first:
+                # the path is judged as it will hold then — judged by the dropped bytes,
+                # the plan listed what the real undo found done, or missed its conflict)
+                current = self.files.dropped_before(root, path)
+                if current is None:  # (a parent's change only: kept, as the undo will)
+                    items.append(FileUndo(ws, path, oldest.before, newest.after))
+                    continue
+            status = restore_status(ws, path, oldest.before, newest.after, current=current)
             # and again after the read: bytes another undo (or a transaction) wrote in
             # place after the first check are its own, claimed before they were written
             # (read as the path's state, a path taken for done stayed as it was when that

@@ -774,7 +774,8 @@ def _still_at(entry: Entry, st: os.stat_result, dir_fd: int, name: bytes) -> boo
 # ---- restore ----------------------------------------------------------------------------
 def restore_status(ws: Workspace, path: PathLike, before: Entry,
                    expected_current: Entry | None,
-                   done: Iterable[Entry] = (), after_crash: bool = False) -> RestoreStatus:
+                   done: Iterable[Entry] = (), after_crash: bool = False,
+                   current: Entry | None = None) -> RestoreStatus:
     """Classify ``path`` for a restore without changing anything (a revert checks every
     path first and raises RevertConflict naming the conflicts).  ``done``: states that
     count as restored already (the before-images of older steps of the same path, when
@@ -782,21 +783,24 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
     ``expected_current`` (this step's after-image): then it is put back, so a live undo
     goes back step by step, newest first.  ``after_crash``: an
     undo run again by recovery, which may find a path in the state walstore's own restore
-    passes through (``_between``); anywhere else that state is a stranger's change."""
+    passes through (``_between``); anywhere else that state is a stranger's change.
+    ``current``: what the path holds, in place of reading it (a dry run's stand-in for
+    bytes a dropped transaction left there, which the real undo puts back first)."""
     root = not ws.rel(path, allow_root=True)  # (the root itself: a watch's mode change)
-    try:
-        _rel, abs_path = ws.resolve(path, allow_root=root)
-    except (NotADirectoryError, ValueError):
-        # a parent is a file or a symlink now: nothing is at this path as the workspace
-        # sees it (walstore never goes through either); a restore that must put something
-        # here puts the parent back first (an undo runs newest first), or finds it a
-        # conflict.  (A revert of a commit that replaced c/ by a file c could not even be
-        # planned: NotADirectoryError for c/x.)
-        if root:
-            raise
-        current = Entry.absent()
-    else:
-        current = read_entry(abs_path, hash=True)
+    if current is None:
+        try:
+            _rel, abs_path = ws.resolve(path, allow_root=root)
+        except (NotADirectoryError, ValueError):
+            # a parent is a file or a symlink now: nothing is at this path as the workspace
+            # sees it (walstore never goes through either); a restore that must put
+            # something here puts the parent back first (an undo runs newest first), or
+            # finds it a conflict.  (A revert of a commit that replaced c/ by a file c
+            # could not even be planned: NotADirectoryError for c/x.)
+            if root:
+                raise
+            current = Entry.absent()
+        else:
+            current = read_entry(abs_path, hash=True)
     if before.same(current):
         return RestoreStatus("done", current)
     # walstore's own after-image first: a path a later step changed back to an older
