@@ -9,6 +9,14 @@
   or of a device node is refused with a ValueError (walstore tracks files, directories
   and symlinks), where it blocked forever in ``open()`` (a FIFO with no writer) or read
   without end (a character device like /dev/zero).
+- A commit's fsync pass over watched files skips a FIFO or socket another process put in
+  place of one since (its EINVAL/ENXIO failed the commit and rolled the transaction back).
+- ``rename`` onto another hard link of the same file removes the source (rename(2) does
+  nothing there: the source stayed while the store recorded it gone).
+- A parent directory swapped for a symlink to outside the root by another process right
+  after walstore's checks: a write landed outside, a delete removed a file outside, a
+  rename moved a file in from outside or out of the root.  The parent is pinned now
+  (walked from the root with O_NOFOLLOW, named through /proc/self/fd).
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
                      TransactionClosed, TransactionTooLarge, UnknownAction, UnknownGid,
-                     UnknownPoint,
+                     UnknownPoint, UnsupportedFileType,
                      WalstoreError, WorkspaceChanged, UnknownRestorePoint)
 from .options import Options, check_flag
 from .engine.recovery import RecoveryReport
@@ -40,6 +40,7 @@ __all__ = [
     "TransactionClosed", "TransactionTooLarge", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
     "ReplicationError", "FileConflictError", "StoreIOError", "SnapshotTooOld",
     "WalWriteError", "UnknownGid", "UnknownAction", "WorkspaceChanged", "UnknownRestorePoint", "restore",
+    "UnsupportedFileType",
 ]
 
 

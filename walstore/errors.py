@@ -241,6 +241,12 @@ class WorkspaceChanged(WalstoreError, ValueError):
     refusal of a path leading outside the root."""
 
 
+class UnsupportedFileType(WalstoreError, ValueError):
+    """A FIFO, socket or device where reversible files needed a file, a directory or a
+    symlink (the only kinds walstore tracks): refused before anything changes.  Also a
+    ``ValueError``, as every refusal of a path."""
+
+
 class TransactionTooLarge(WalstoreError, ValueError):
     """The write that would take one transaction's write set past
     ``codec.MAX_TXN_WRITE_BYTES`` (keys and values, 16 bytes more each) was refused at its

@@ -106,6 +106,19 @@ def _listing(ws: Workspace, rel: bytes) -> frozenset[bytes] | None:
                      if not ws.ignored((rel + b"/" + n) if rel else n, is_dir))
 
 
+def _first_before(effects, root: bytes, path: bytes):
+    """The before-image ``path`` of ``root`` had at the first change ``effects`` (one
+    transaction's file effects, newest first, as ``effects_of`` and ``_owed_now`` give
+    them) made to it; None when they never did."""
+    for eff in reversed(effects):  # (oldest first: the first match is the first change)
+        if eff.ws.root_b != root:
+            continue
+        for c in getattr(eff, "steps", None) or ():
+            if c.path == path:
+                return c.before
+    return None
+
+
 def _child(rel: bytes, name: bytes) -> bytes:
     return rel + b"/" + name if rel else name
 
@@ -891,13 +904,7 @@ class Files:
             if owner is None or owner in self._settled or self._live(owner):
                 return None
             owed = self._owed_now({owner})
-        for eff in reversed(owed.get(owner, ())):  # (newest first: the oldest step last)
-            if eff.ws.root_b != root:
-                continue
-            for c in getattr(eff, "steps", None) or ():
-                if c.path == path:
-                    return c.before
-        return None
+        return _first_before(owed.get(owner, ()), root, path)
 
     def check_unclaimed(self, root: bytes, path: bytes) -> None:
         """An undo's plan: ConflictError when a transaction that has not ended (open,
@@ -1078,13 +1085,7 @@ class Files:
             owner = self._claims.get((root, path))
             if owner is None or not self._live(owner):
                 return None
-        for eff in reversed(self.effects_of(owner)):  # (oldest first: the first change)
-            if eff.ws.root_b != root:
-                continue
-            for c in getattr(eff, "steps", None) or ():
-                if c.path == path:
-                    return c.before
-        return None
+        return _first_before(self.effects_of(owner), root, path)
 
     def _seed_claims(self) -> None:
         """Once per open: the paths of transactions still prepared from before (a crash or

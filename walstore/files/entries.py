@@ -28,6 +28,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..errors import UnsupportedFileType  # (defined there: a public walstore error)
+
 __all__ = ["Entry", "ABSENT", "FILE", "DIR", "SYMLINK", "CHUNK", "read_entry",
            "entry_from_stat", "iter_content", "hash_fd", "stamp", "FileBusyError",
            "UnsupportedFileType", "open_nofollow"]
@@ -44,10 +46,6 @@ MAX_TARGET = 4096        # PATH_MAX: a symlink target in a row is bounded
 
 class FileBusyError(OSError):
     """A file kept changing while walstore read it (a writer is active on it)."""
-
-
-class UnsupportedFileType(ValueError):
-    """A FIFO, socket or device: walstore tracks files, directories and symlinks only."""
 
 
 @dataclass(frozen=True)
