@@ -237,9 +237,9 @@ def child(path: str, threads: int, seed: int, seconds: float) -> None:
         print("DONE", tid, flush=True)
 
     ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
-    for t in ts:
+    print("STARTED", flush=True)  # (first: a thread's ACK line came before it, and the
+    for t in ts:                  # parent took the child for one that did not start)
         t.start()
-    print("STARTED", flush=True)
     for t in ts:
         t.join()
     print("OUTCOMES", json.dumps(outcomes, sort_keys=True), flush=True)  # (if not killed)
