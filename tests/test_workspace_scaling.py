@@ -70,9 +70,12 @@ def test_registering_and_looking_up_workspaces_reads_their_own_rows(tmp_path, pa
     big_lookups = _register(tmp_path, "b", 320, passed, rows_read)
     # before: each registration and each lookup passed over every unapplied event and
     # decoded every applied workspace's row (320 lookups: ~320 x (160 rows + 320 events));
-    # now at most its own row per lookup
+    # now at most its own row per lookup — per lookup, not a ratio of the two runs: a
+    # row is decoded from LMDB once the background applier applied it, else found among
+    # the unapplied events, so each run reads 0.5 to 1 row a lookup as the applier's
+    # timing falls (a ratio bound of 10x failed under CI's load: 20 and 207)
+    assert small_lookups <= 2 * 40, (small_lookups, big_lookups)
     assert big_lookups <= 2 * 320, (small_lookups, big_lookups)
-    assert big_lookups <= 10 * max(small_lookups, 1), (small_lookups, big_lookups)
 
 
 def test_registering_n_workspaces_is_linear(tmp_path, passed, rows_read):
