@@ -324,12 +324,8 @@ def _drop(s, ws, name: str, data: str) -> None:
     gc.collect()
 
 
-def test_dry_run_judges_a_dropped_path_as_the_put_back_leaves_it_done(tmp_path):
-    """The path a rewind restores holds a dropped transaction's bytes, and under them the
-    point's version already (a revert took the change back).  The real rewind puts the
-    dropped bytes back, finds the path done and undoes nothing (None); the dry run kept
-    the path in the plan, judged by the dropped bytes: it listed the path and the revert
-    as undone, a plan of something the real call does not do."""
+def _x_at_p_then_changed(tmp_path):
+    """A store whose workspace file x was "v0" at restore point "p" and "v1" since."""
     s = walstore.open(str(tmp_path / "s"), durability="none")
     (tmp_path / "ws").mkdir()
     ws = s.workspace(str(tmp_path / "ws"))
@@ -338,6 +334,16 @@ def test_dry_run_judges_a_dropped_path_as_the_put_back_leaves_it_done(tmp_path):
     s.restore_point("p")
     with s.transaction() as tx:
         tx.files(ws).write("x", "v1")
+    return s, ws
+
+
+def test_dry_run_judges_a_dropped_path_as_the_put_back_leaves_it_done(tmp_path):
+    """The path a rewind restores holds a dropped transaction's bytes, and under them the
+    point's version already (a revert took the change back).  The real rewind puts the
+    dropped bytes back, finds the path done and undoes nothing (None); the dry run kept
+    the path in the plan, judged by the dropped bytes: it listed the path and the revert
+    as undone, a plan of something the real call does not do."""
+    s, ws = _x_at_p_then_changed(tmp_path)
     s.revert(s.log()[0].txid)
     _drop(s, ws, "x", "dropped")
     plan = s.rewind("p", dry_run=True)
@@ -353,14 +359,7 @@ def test_dry_run_judges_a_dropped_path_as_the_put_back_leaves_it_conflict(tmp_pa
     behind walstore's back): the real rewind puts the dropped bytes back, meets the
     stranger's and raises RevertConflict; the dry run, judging the dropped bytes, planned
     the rewind as if it would go through."""
-    s = walstore.open(str(tmp_path / "s"), durability="none")
-    (tmp_path / "ws").mkdir()
-    ws = s.workspace(str(tmp_path / "ws"))
-    with s.transaction() as tx:
-        tx.files(ws).write("x", "v0")
-    s.restore_point("p")
-    with s.transaction() as tx:
-        tx.files(ws).write("x", "v1")
+    s, ws = _x_at_p_then_changed(tmp_path)
     (tmp_path / "ws" / "x").write_text("stranger")
     _drop(s, ws, "x", "dropped")
     with pytest.raises(RevertConflict):
