@@ -645,7 +645,10 @@ def test_a_run_that_loses_a_race_on_the_head_has_its_node_transactions_undone(tm
     def book(s: Msgs) -> dict:
         answer = interrupt("confirm?")
         try:
-            barrier.wait(timeout=5)  # both runs are past loading the head
+            # both runs are past loading the head; under CI's load a thread took over 5 s
+            # to get here, the barrier broke, and the loser was refused before its node ran
+            # (nothing to revert): wait long enough that the race is the one meant
+            barrier.wait(timeout=120)
         except threading.BrokenBarrierError:
             pass
         with store.transaction() as tx:
