@@ -646,6 +646,38 @@ def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _clear_ignored(ws: Workspace, rel: bytes) -> bool:
+    """Empty the directory ``rel`` that an undo must remove when every name in it is one
+    of the workspace's ignored paths (``ignore=``: untracked by declaration, e.g. the
+    ``__pycache__`` a test run left in a package the transaction created): they are
+    removed with it, as ``git clean -X`` would.  Such a directory did not exist in the
+    before-image, so nothing in it predates what is undone.  Anything not ignored in it:
+    False and nothing removed (the caller reports a conflict).  Walked through directory
+    descriptors, never following a symlink (``_Rmtree``)."""
+    if not ws.ignore:
+        return False
+    try:
+        fd = _open_dir(ws, rel)
+    except (OSError, ValueError):
+        return False
+    try:
+        children = []
+        for child in sorted(os.fsencode(n) for n in os.listdir(fd)):
+            try:
+                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            crel = rel + b"/" + child
+            if (ws.exclude and ws.excluded(crel)) \
+                    or not ws.ignored(crel, stat.S_ISDIR(cst.st_mode)):
+                return False
+            children.append((child, crel, cst))
+        run = _Rmtree(ws, None)
+        return all([run.remove(fd, child, crel, cst) for child, crel, cst in children])
+    finally:
+        os.close(fd)
+
+
 def _open_dir(ws: Workspace, rel: bytes) -> int:
     """A descriptor of the workspace directory ``rel`` (b"": the root), opened component
     by component from the root, each relative to its parent with ``O_NOFOLLOW``: a
@@ -864,7 +896,13 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
                             "the workspace root itself is only put back to its mode")
     if current.kind == DIR and before.kind != DIR:
         try:
-            _rmdir(abs_path)
+            try:
+                _rmdir(abs_path)
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) \
+                        or not _clear_ignored(ws, rel):
+                    raise
+                _rmdir(abs_path)  # (it held only ignored paths, now removed)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise _fail(e, "remove directory", ws, rel) from e
