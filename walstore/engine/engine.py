@@ -152,7 +152,7 @@ class Engine:
             self.applier = Applier(self.state)
             self.closed = False  # the open sequence below uses the engine (a failure closes)
             if readonly:
-                self._open_readonly()
+                self._open_readonly(recover)
             else:
                 self._open_writer(recover, progress)
         except BaseException as e:
@@ -403,11 +403,20 @@ class Engine:
         self.applier.set_meta(b"wal_start", start)
         self.state.sync()
 
-    def _open_readonly(self) -> None:
+    def _open_readonly(self, recover: str = "auto") -> None:
+        """A read-only open.  A crashed store (no writer alive, not closed cleanly) is
+        shown as its committed state, its log judged first as strict recovery would judge
+        it; with ``recover="manual"`` it raises NeedsRecovery instead, as a writable open
+        does (the operator asked to be told: it opened silently)."""
         from .follower import Follower
         marks = MarkReader(self.layout.root)
         first = marks.read()  # (before asking whether a writer lives: see below)
         if not writer_alive(self.layout):
+            if self.needs_recovery() and recover == "manual":
+                raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
+                                    f"`walstore recover {self.path}` (or open with "
+                                    f"recover='auto': a read-only open then shows its "
+                                    f"committed state)")
             if self.needs_recovery():
                 # A crashed store: judge its log as strict recovery would, so a damaged log
                 # is refused here instead of being shown as a silent prefix.
