@@ -36,6 +36,7 @@ crash still leaves old-or-new; only power loss can lose the change.  All writes 
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -195,31 +196,33 @@ def _undo_created(ws: Workspace, created: list[bytes], durable: bool) -> None:
     made us undo them is the one the caller sees."""
     for rel in reversed(created):
         try:
-            _rmdir(ws.abspath(rel))
-            _fsync_dir(ws.abspath(parent_of(rel)), durable)
-        except OSError:
+            with _pinned(ws, rel) as (parent, path):
+                _rmdir(path)
+                _fsync_dir(parent, durable)
+        except (OSError, ValueError):
             pass
 
 
 def _mkdir_atomic(ws: Workspace, rel: bytes, mode: int, owner: Entry | None,
                   durable: bool) -> None:
-    """Create the directory ``rel`` with exactly ``mode`` in one visible step."""
-    parent = ws.abspath(parent_of(rel))
-    tmp = _temp_name(parent)
-    fsops.mkdir(tmp, 0o700)
-    try:
-        _chown(tmp, owner)  # (first: a chown clears the setuid/setgid bits a chmod set)
-        fsops.chmod(tmp, mode)
-        if os.path.lexists(ws.abspath(rel)):
-            raise FileExistsError(errno.EEXIST, "exists")
-        fileio.rename(_s(tmp), _s(ws.abspath(rel)))
-    except BaseException:
+    """Create the directory ``rel`` with exactly ``mode`` in one visible step, in its
+    parent pinned (``_pinned``)."""
+    with _pinned(ws, rel) as (parent, path):
+        tmp = _temp_name(parent)
+        fsops.mkdir(tmp, 0o700)
         try:
-            _rmdir(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(parent, durable)
+            _chown(tmp, owner)  # (first: a chown clears the setuid/setgid bits a chmod set)
+            fsops.chmod(tmp, mode)
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "exists")
+            fileio.rename(_s(tmp), _s(path))
+        except BaseException:
+            try:
+                _rmdir(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(parent, durable)
 
 
 def _make_parents(ws: Workspace, rel: bytes, durable: bool) -> list[bytes]:
@@ -232,6 +235,9 @@ def _make_parents(ws: Workspace, rel: bytes, durable: bool) -> list[bytes]:
     except OSError as e:
         _undo_created(ws, created, durable)
         raise _fail(e, "create the parent directories of", ws, rel) from e
+    except ValueError:  # (WorkspaceChanged: a directory on the way swapped meanwhile)
+        _undo_created(ws, created, durable)
+        raise
     return created
 
 
@@ -350,6 +356,33 @@ def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
     return _PinnedDir(fd)
 
 
+@contextlib.contextmanager
+def _pinned(ws: Workspace, rel: bytes):
+    """``with _pinned(ws, rel) as (parent, path):`` ``rel``'s parent pinned
+    (``_pin_dir``) and both named through it, so a directory on the way swapped for a
+    symlink by another process after walstore's checks is refused (WorkspaceChanged),
+    never gone through: nothing outside the root is created, changed or removed."""
+    if not rel:  # the root itself (a watch's mode change): pinned as it is
+        pin = _pin_dir(ws, b"")
+        try:
+            # (b"/.": the directory itself; /proc/self/fd/N alone lstats as a symlink)
+            yield ((pin.path + b"/.", pin.path + b"/.") if pin is not None
+                   else (ws.root_b, ws.root_b))
+        finally:
+            if pin is not None:
+                pin.close()
+        return
+    pin = _pin_dir(ws, parent_of(rel))
+    try:
+        if pin is None:
+            yield ws.abspath(parent_of(rel)), ws.abspath(rel)
+        else:
+            yield pin.path, pin.path + b"/" + rel.rpartition(b"/")[2]
+    finally:
+        if pin is not None:
+            pin.close()
+
+
 # ---- the primitives ---------------------------------------------------------------------
 def write_file(ws: Workspace, path: PathLike, data: bytes | str, mode: int | None = None,
                durable: bool = True) -> Applied:
@@ -389,7 +422,8 @@ def set_mode(ws: Workspace, path: PathLike, mode: int, durable: bool = True) -> 
     _check_mode(mode)
     rel, abs_path = ws.resolve(path)
     try:
-        _chmod_nofollow(abs_path, mode, durable, ws, rel)
+        with _pinned(ws, rel) as (_parent, pinned):
+            _chmod_nofollow(pinned, mode, durable, ws, rel)
     except OSError as e:
         if isinstance(e, UnsupportedFileType):
             raise
@@ -476,20 +510,26 @@ def make_symlink(ws: Workspace, path: PathLike, target: str | bytes,
         raise IsADirectoryError(errno.EISDIR, f"cannot make {display(rel)!r} in workspace "
                                 f"{ws.root!r} a symlink: it is a directory", _s(abs_path))
     created = _make_parents(ws, rel, durable)
-    parent = ws.abspath(parent_of(rel))
-    tmp = _temp_name(parent)
     try:
-        fsops.symlink(target_b, tmp)
-        _chown(tmp, owner)
-        fileio.rename(_s(tmp), _s(abs_path))
+        with _pinned(ws, rel) as (parent, pinned):  # (see _pinned)
+            tmp = _temp_name(parent)
+            try:
+                fsops.symlink(target_b, tmp)
+                _chown(tmp, owner)
+                fileio.rename(_s(tmp), _s(pinned))
+            except OSError:
+                try:
+                    fileio.unlink(_s(tmp))
+                except OSError:
+                    pass
+                raise
+            _fsync_dir(parent, durable)
     except OSError as e:
-        try:
-            fileio.unlink(_s(tmp))
-        except OSError:
-            pass
         _undo_created(ws, created, durable)
         raise _fail(e, "create symlink", ws, rel) from e
-    _fsync_dir(parent, durable)
+    except ValueError:
+        _undo_created(ws, created, durable)
+        raise
     return Applied(rel, read_entry(abs_path), created)
 
 
@@ -896,13 +936,14 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
                             "the workspace root itself is only put back to its mode")
     if current.kind == DIR and before.kind != DIR:
         try:
-            try:
-                _rmdir(abs_path)
-            except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) \
-                        or not _clear_ignored(ws, rel):
-                    raise
-                _rmdir(abs_path)  # (it held only ignored paths, now removed)
+            with _pinned(ws, rel) as (_parent, pinned):
+                try:
+                    _rmdir(pinned)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) \
+                            or not _clear_ignored(ws, rel):
+                        raise
+                    _rmdir(pinned)  # (it held only ignored paths, now removed)
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise _fail(e, "remove directory", ws, rel) from e
@@ -920,8 +961,9 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
                 if os.lstat(abs_path).st_nlink > 1:  # setuid/setgid bits); a hard link:
                     _unshare(ws, rel, before.mode, before, durable)  # a copy (set_mode)
                 else:
-                    _chown(abs_path, before)
-                    _chmod_nofollow(abs_path, before.mode, durable)
+                    with _pinned(ws, rel) as (_parent, pinned):
+                        _chown(pinned, before)
+                        _chmod_nofollow(pinned, before.mode, durable)
             except OSError as e:
                 raise _fail(e, "change the mode of", ws, rel) from e
             return None
@@ -933,8 +975,9 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     # a directory
     if current.kind == DIR:
         try:
-            _chown(abs_path, before)  # (first: a chown clears setuid/setgid bits)
-            _chmod_nofollow(abs_path, before.mode, durable)
+            with _pinned(ws, rel) as (_parent, pinned):
+                _chown(pinned, before)  # (first: a chown clears setuid/setgid bits)
+                _chmod_nofollow(pinned, before.mode, durable)
         except OSError as e:
             raise _fail(e, "change the mode of", ws, rel) from e
         return None
