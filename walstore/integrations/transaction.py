@@ -47,7 +47,7 @@ from typing import Any
 
 import transaction as _transaction
 
-from ..engine.transaction import ACTIVE, COMMITTED, Transaction
+from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, Transaction
 from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
 
 
@@ -127,6 +127,16 @@ class WalstoreDataManager:
                 self._end()
             except Exception as e:
                 _forget(self)
+                if self.tx.state == ROLLED_BACK:  # (its ROLLBACK_PREPARED is durable: not
+                    # in doubt; what failed is the undo — a compensation kept owed)
+                    warnings.warn(f"walstore transaction {self.tx.id} of store "
+                                  f"{self.store.path} ({gid!r}) was rolled back (no "
+                                  f"participant committed), but undoing its effects "
+                                  f"failed: {e}; what is still owed is listed by "
+                                  f"`walstore actions {self.store.path} --pending` "
+                                  f"(store.pending_compensations())",
+                                  RuntimeWarning, stacklevel=2)
+                    return
                 warnings.warn(f"walstore transaction {self.tx.id} of store {self.store.path} "
                               f"is left prepared, in doubt, as {gid!r}: no participant "
                               f"committed (the first finish failed) and its rollback "
