@@ -4,10 +4,13 @@ Each test is named after the promise it checks; its comment says what went wrong
 """
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +20,16 @@ import walstore  # noqa: E402
 from walstore.integrations.transaction import join  # noqa: E402
 
 WALSTORE = [sys.executable, "-m", "walstore"]
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "tests" / "twophase_scripts"
+
+
+def _env() -> dict:
+    """A child imports this checkout's walstore, wherever it runs."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]]
+                                                      if env.get("PYTHONPATH") else []))
+    return env
 
 
 class FinishFails(Exception):
@@ -110,5 +123,53 @@ def test_zope_abort_whose_compensation_fails_is_said_rolled_back_not_in_doubt(tm
         s.close()
     # the command the warning named before refuses: the gid is decided
     out = subprocess.run(WALSTORE + ["rollback-prepared", path, gid], capture_output=True,
-                         text=True, timeout=60)
+                         text=True, timeout=60, env=_env())
     assert out.returncode == 2 and "no prepared transaction" in out.stderr
+
+
+def test_zope_stores_left_mixed_by_a_crash_can_be_decided_like_the_one_that_decided(tmp_path):
+    # Before: every walstore store of one ``transaction`` transaction prepared under its
+    # own random gid (zope-<uuid4> each).  A kill -9 between the two finishes left store
+    # A committed and store B prepared, in doubt, under a gid store A had never heard of:
+    # nothing told the operator (or a script) that B's transaction belonged with A's
+    # committed one, so "decide it with commit-prepared / rollback-prepared" was a guess,
+    # and a wrong one broke the atomicity the data manager promises.  Now they share one
+    # gid per ``transaction`` transaction: A.decision(gid) answers for B.
+    child = SCRIPTS / "zope_two_stores_child.py"
+    pa, pb = tmp_path / "a", tmp_path / "b"
+    proc = subprocess.run([sys.executable, str(child), str(pa), str(pb)], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    said = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line[:2] in
+                ("A ", "B "))
+    assert said["A"].startswith("committed ") and said["B"].startswith("active ")
+    with walstore.open(str(pa)) as a, walstore.open(str(pb)) as b:
+        assert a.prepared() == [] and a.get("order/1") == "paid"
+        [gid] = b.prepared()
+        assert b.get("stock/1") is None
+        # the one that decided says how: commit, so B commits too (not a guess)
+        assert a.decision(gid) == "commit", (gid, said)
+        b.commit_prepared(gid)
+        assert b.get("stock/1") == 0 and b.decision(gid) == "commit"
+
+
+def test_zope_two_stores_share_one_gid_and_a_retry_takes_a_new_one(tmp_path):
+    # (the companion of the test above: one gid per ``transaction`` transaction, a new one
+    # for the next; both stores record the same decision under it)
+    a = walstore.open(str(tmp_path / "a"), durability="none")
+    b = walstore.open(str(tmp_path / "b"), durability="none")
+    try:
+        gids = []
+        for n in range(2):
+            transaction.begin()
+            ta, tb = join(a), join(b)
+            ta.put("n", n)
+            tb.put("n", n)
+            transaction.commit()
+            assert ta.gid == tb.gid and ta.gid.startswith("zope-")
+            assert a.decision(ta.gid) == b.decision(tb.gid) == "commit"
+            gids.append(ta.gid)
+        assert gids[0] != gids[1]
+    finally:
+        a.close()
+        b.close()

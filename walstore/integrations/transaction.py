@@ -86,7 +86,7 @@ class WalstoreDataManager:
                 f"store was closed under it): it cannot vote to commit; nothing of it is "
                 f"committed")
         if self.tx.gid is None:
-            self.tx.prepare(f"zope-{uuid.uuid4().hex}")
+            self.tx.prepare(_shared_gid(txn))
 
     def tpc_finish(self, txn) -> None:
         self._finishing = True
@@ -229,6 +229,26 @@ class _Savepoint:
 
     def rollback(self) -> None:
         self.tx.rollback_to(self.sp)
+
+
+_GID = object()  # (the key of the gid in each transaction's data: ``Transaction.data``)
+
+
+def _shared_gid(txn) -> str:
+    """One gid per ``transaction`` transaction, shared by every walstore store taking
+    part: after a crash between their finishes, a store left in doubt is decided as the
+    one that decided (``store.decision(gid)`` there).  (Each prepared under its own random
+    gid: nothing tied the in-doubt one to the other's commit.)  A transaction object
+    without ``data``/``set_data`` gets a gid of its own."""
+    try:
+        return txn.data(_GID)
+    except KeyError:
+        pass
+    except AttributeError:
+        return f"zope-{uuid.uuid4().hex}"
+    gid = f"zope-{uuid.uuid4().hex}"
+    txn.set_data(_GID, gid)
+    return gid
 
 
 def _index(order: list, rm: Any) -> int:
