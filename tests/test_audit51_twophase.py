@@ -173,3 +173,44 @@ def test_zope_two_stores_share_one_gid_and_a_retry_takes_a_new_one(tmp_path):
     finally:
         a.close()
         b.close()
+
+
+def test_zope_a_read_only_stores_reads_never_veto_the_commit(tmp_path):
+    # Before: a store opened read-only (an agent reading its configuration beside the
+    # writer) joined to a ``transaction`` transaction only to read: its vote prepared,
+    # prepare raised ReadOnlyError, and the package aborted every participant — no
+    # transaction that read walstore through a read-only handle could ever commit, while
+    # the same reads in ``with ro.transaction():`` commit (nothing to write).
+    path = str(tmp_path / "ws")
+    with walstore.open(path) as w:
+        with w.transaction() as t:
+            t.put("config/limit", 40)
+    ro = walstore.open(path, readonly=True)
+    other = sqlite3.connect(str(tmp_path / "other.sqlite"), isolation_level=None)
+    other.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT)")
+
+    class Sqlite(ForeignFailingFinish):
+        def __init__(self) -> None:
+            self.conn = other
+            self.transaction_manager = transaction.manager
+
+        def tpc_finish(self, txn) -> None:
+            self.conn.execute("COMMIT")
+
+    try:
+        transaction.begin()
+        tx = join(ro)
+        limit = tx.get("config/limit")
+        Sqlite().put("charge", str(limit))
+        transaction.commit()
+        assert tx.state == "committed" and tx.gid is None and ro.prepared() == []
+        assert dict(other.execute("SELECT k, v FROM kv")) == {"charge": "40"}
+        # a write through it is still refused at the put, as ever
+        transaction.begin()
+        with pytest.raises(walstore.ReadOnlyError):
+            join(ro).put("config/limit", 41)
+        transaction.abort()
+    finally:
+        transaction.abort()
+        other.close()
+        ro.close()

@@ -14,7 +14,9 @@ IDataManager mapping: ``tpc_vote`` prepares the walstore transaction (a Conflict
 failure there is the refusal that aborts everyone; so is a walstore transaction that ended
 outside the manager, e.g. rolled back by ``store.close()``: voting yes for it committed the
 others without walstore's part; one the caller committed itself, ``tx.commit()``, votes
-yes: its writes stand, and a "no" aborted the others beside them); ``tpc_finish`` commits the prepared transaction (it cannot
+yes: its writes stand, and a "no" aborted the others beside them; one of a store opened
+read-only, which can hold no writes, prepares nothing: its reads commit and it votes yes;
+every walstore store of one transaction prepares under one gid); ``tpc_finish`` commits the prepared transaction (it cannot
 conflict any more: its keys are held since the vote); ``abort``/``tpc_abort`` roll back (a
 prepared one through rollback_prepared) — except once every participant voted yes and one
 of them *finished* (committed): the ``transaction`` package calls ``tpc_abort`` on all
@@ -86,6 +88,12 @@ class WalstoreDataManager:
                 f"store was closed under it): it cannot vote to commit; nothing of it is "
                 f"committed")
         if self.tx.gid is None:
+            if self.store.readonly and not self.tx.writes and not self.tx.effects:
+                # (a read-only store's transaction holds nothing it could prepare: its
+                # commit writes nothing, as in ``with ro.transaction()``, and votes yes;
+                # preparing it raised ReadOnlyError, which aborted every participant)
+                self.tx.commit()
+                return
             self.tx.prepare(_shared_gid(txn))
 
     def tpc_finish(self, txn) -> None:
