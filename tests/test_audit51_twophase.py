@@ -214,3 +214,49 @@ def test_zope_a_read_only_stores_reads_never_veto_the_commit(tmp_path):
         transaction.abort()
         other.close()
         ro.close()
+
+
+class SqliteParticipant(ForeignFailingFinish):
+    """A foreign resource that commits (sorting first: it finishes before walstore)."""
+
+    def tpc_finish(self, txn) -> None:
+        self.conn.execute("COMMIT")
+
+    def rows(self) -> dict:
+        return dict(self.conn.execute("SELECT k, v FROM kv"))
+
+
+@pytest.mark.parametrize("decided", ["rollback", "commit"])
+def test_zope_a_walstore_transaction_decided_outside_the_manager_votes_as_it_ended(
+        tmp_path, decided):
+    # Before: a walstore transaction the caller prepared itself (``tx.prepare(gid)``, then
+    # ``store.rollback_prepared(gid)`` / ``commit_prepared(gid)`` outside the manager) still
+    # read "active", so the vote said yes for it.  Rolled back: the other resource then
+    # committed and walstore's finish raised UnknownGid — a mixed outcome, the one the
+    # "ended outside the manager votes no" rule exists to prevent.  Committed: every
+    # resource committed, yet ``transaction.commit()`` raised UnknownGid from the finish
+    # (the package logged "Resources may be in an inconsistent state").
+    s = walstore.open(str(tmp_path / "ws"), durability="none")
+    other = SqliteParticipant(tmp_path / "other.sqlite")
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("order/1", "paid")
+        other.put("order/1", "paid")
+        tx.prepare("mine")
+        getattr(s, f"{decided}_prepared")("mine")
+        if decided == "rollback":
+            with pytest.raises(walstore.WalstoreError, match="rolled back"):
+                transaction.commit()
+            transaction.abort()
+            assert other.rows() == {} and s.get("order/1") is None
+            assert tx.state == "rolled back"
+        else:
+            transaction.commit()
+            assert other.rows() == {"order/1": "paid"} and s.get("order/1") == "paid"
+            assert tx.state == "committed"
+        assert s.prepared() == []
+    finally:
+        transaction.abort()
+        other.conn.close()
+        s.close()

@@ -79,6 +79,11 @@ class WalstoreDataManager:
         pass  # writes are buffered in self.tx until the vote
 
     def tpc_vote(self, txn) -> None:
+        if self.tx.state == ACTIVE and self.tx.gid is not None:
+            # prepared by the caller: decided outside the manager meanwhile
+            # (``store.commit_prepared`` / ``rollback_prepared``)?  Its state says so from
+            # here (it read "active": a rolled-back one voted yes beside the others' commit)
+            self.tx._finish_as_decided()
         if self.tx.state == COMMITTED:  # (committed by the caller, tx.commit(): its writes
             return                      # stand, and a "no" aborted the others beside them)
         if self.tx.state != ACTIVE:  # (ended outside the manager: a yes would commit the
