@@ -260,3 +260,36 @@ def test_zope_a_walstore_transaction_decided_outside_the_manager_votes_as_it_end
         transaction.abort()
         other.conn.close()
         s.close()
+
+
+def test_zope_a_read_only_stores_finish_is_not_a_commit_of_the_others(tmp_path):
+    # (the companion of the read-only vote above: the read-only store sorts first and
+    # "finishes" having written nothing; the foreign resource after it fails its finish
+    # before committing.  Nobody committed anything, so the writable walstore store rolls
+    # back with the foreign one — counted as a finish, the read-only store's made it
+    # commit "once more" beside the foreign rollback: mixed.)
+    with walstore.open(str(tmp_path / "a-ro")) as w:
+        with w.transaction() as t:
+            t.put("config/limit", 40)
+    ro = walstore.open(str(tmp_path / "a-ro"), readonly=True)
+    rw = walstore.open(str(tmp_path / "c-rw"), durability="none")
+    foreign = ForeignFailingFinish(tmp_path / "other.sqlite")
+    foreign.sortKey = lambda: f"walstore:{ro.path}~"
+    assert f"walstore:{ro.path}" < foreign.sortKey() < f"walstore:{rw.path}"
+    try:
+        transaction.begin()
+        limit = join(ro).get("config/limit")
+        tx = join(rw)
+        tx.put("order/1", limit)
+        foreign.put("order/1", str(limit))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(FinishFails):
+                transaction.commit()
+        assert tx.state == "rolled back" and rw.get("order/1") is None
+        assert rw.prepared() == []
+    finally:
+        transaction.abort()
+        foreign.conn.close()
+        rw.close()
+        ro.close()

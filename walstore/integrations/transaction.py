@@ -63,6 +63,7 @@ class WalstoreDataManager:
         self._finishing = False  # tpc_finish began: every participant voted yes
         self._finished = False   # tpc_finish committed
         self._finish_error: BaseException | None = None  # why our tpc_finish failed
+        self._wrote_nothing = False  # a read-only store's: its vote committed its reads
         self._joined_to = self.transaction_manager.get()
         self._joined_to.join(self)
 
@@ -98,7 +99,8 @@ class WalstoreDataManager:
                 # commit writes nothing, as in ``with ro.transaction()``, and votes yes;
                 # preparing it raised ReadOnlyError, which aborted every participant)
                 self.tx.commit()
-                return
+                self._wrote_nothing = True  # (its finish commits nothing: not a finish
+                return                      # that decides the others, _anyone_finished)
             self.tx.prepare(_shared_gid(txn))
 
     def tpc_finish(self, txn) -> None:
@@ -188,6 +190,9 @@ class WalstoreDataManager:
         resources = getattr(txn, "_resources", None)
         if not isinstance(resources, list) or not resources:
             return None
+        # (a read-only store's data manager wrote nothing: its finish, before or after the
+        # failing one, committed nothing, so it is left out of the order)
+        resources = [rm for rm in resources if not getattr(rm, "_wrote_nothing", False)]
         ours = [rm for rm in resources if isinstance(rm, WalstoreDataManager)]
         if any(rm._finishing and (rm._finished or rm.tx.state == COMMITTED) for rm in ours):
             return True  # (a commit once more in tpc_abort is not a finish: not counted)
