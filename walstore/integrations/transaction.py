@@ -16,12 +16,13 @@ outside the manager, e.g. rolled back by ``store.close()``: voting yes for it co
 others without walstore's part; one the caller committed itself, ``tx.commit()``, votes
 yes: its writes stand, and a "no" aborted the others beside them; one of a store opened
 read-only, which can hold no writes, prepares nothing: its reads commit and it votes yes;
-every walstore store of one transaction prepares under one gid); ``tpc_finish`` commits the prepared transaction (it cannot
-conflict any more: its keys are held since the vote); ``abort``/``tpc_abort`` roll back (a
-prepared one through rollback_prepared) — except once every participant voted yes and one
-of them *finished* (committed): the ``transaction`` package calls ``tpc_abort`` on all
-after a failure in some participant's ``tpc_finish`` (ours, e.g. a full disk, or
-another's), when those that finished before it (in ``sortKey`` order) committed already.
+every walstore store of one transaction prepares under one gid); ``tpc_finish`` commits
+the prepared transaction (it cannot conflict any more: its keys are held since the
+vote); ``abort``/``tpc_abort`` roll back (a prepared one through rollback_prepared) —
+except once every participant voted yes and one of them *finished* (committed): the
+``transaction`` package calls ``tpc_abort`` on all after a failure in some participant's
+``tpc_finish`` (ours, e.g. a full disk, or another's), when those that finished before it
+(in ``sortKey`` order) committed already.
 Then the prepared transaction is committed once more, and when that fails too it is left
 prepared, in doubt (``store.prepared()``, ``walstore recover`` lists it; ``walstore
 commit-prepared PATH GID`` ends it): never rolled back and compensated beside a participant
