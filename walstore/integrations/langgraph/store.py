@@ -529,21 +529,36 @@ class WalstoreStore(BaseStore):
                     created_at=_when(rec["c"]), updated_at=_when(rec["u"]))
 
     def _search(self, tx: Any, op: SearchOp, now: int, touched: dict) -> list[SearchItem]:
-        stop = (op.offset + op.limit if not op.filter and min(op.offset, op.limit) >= 0
-                else None)
-        found: list[tuple[bytes, dict, dict]] = []
-        if stop != 0:
+        # With a non-negative offset and limit the page is matches offset..offset+limit,
+        # and only the page is kept (a filtered search kept every match of the
+        # namespace, values decoded, before slicing: memory grew with the namespace, not
+        # with the page).  Without a filter the scan stops at the page's end; with one it
+        # goes on testing the filter, not keeping, so a filter that fails on a later item
+        # (``$gt`` on a str) raises as InMemoryStore's does.  A negative offset or limit
+        # is a Python slice bound, as InMemoryStore applies it: every match is kept.
+        paged = min(op.offset, op.limit) >= 0
+        end = op.offset + op.limit if paged else None
+        found: list[tuple[bytes, dict, Any]] = []
+        matched = 0
+        if end != 0 or op.filter:
             for key, rec in tx.scan(prefix=self.keys.namespace(op.namespace_prefix)):
                 if self._omit(rec, now):
                     continue
-                value = _value(rec)  # (filtered as given back: a tuple is no list to $eq)
-                if op.filter and not _filter_matches(value, op.filter):
-                    continue
-                found.append((key, rec, value))
-                if len(found) == stop:
+                value = None  # (given back below, for the page only)
+                if op.filter:
+                    value = _value(rec)  # (filtered as given back: a tuple is no list)
+                    if not _filter_matches(value, op.filter):
+                        continue
+                matched += 1
+                if not paged or op.offset < matched <= end:
+                    found.append((key, rec, value))
+                if matched == end and not op.filter:
                     break
+        page = found if paged else found[op.offset:op.offset + op.limit]
         out = []
-        for key, rec, value in found[op.offset:op.offset + op.limit]:
+        for key, rec, value in page:
+            if value is None:
+                value = _value(rec)
             namespace, name = self._names(key, rec)
             if op.refresh_ttl and rec.get("t") is not None:
                 touched[key] = rec
