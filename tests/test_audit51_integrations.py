@@ -13,11 +13,12 @@ import pytest
 
 pytest.importorskip("langgraph.store.base")
 
-from langgraph.store.base import PutOp  # noqa: E402
+from langgraph.store.base import ListNamespacesOp, MatchCondition, PutOp  # noqa: E402
 from langgraph.store.memory import InMemoryStore  # noqa: E402
 
 import walstore  # noqa: E402
 from walstore.integrations.langgraph import WalstoreStore  # noqa: E402
+from walstore.integrations.langgraph.keys import MemoryKeys  # noqa: E402
 
 
 @pytest.fixture
@@ -75,3 +76,68 @@ def test_a_filtered_search_holds_only_the_page_it_returns(store):
     assert peak < 5_000_000, peak
     _, peak = _peak(lambda: memory.search(("docs",), limit=3, offset=3500))
     assert peak < 5_000_000, peak
+
+
+@pytest.fixture
+def namespaces_read(monkeypatch):
+    """Namespaces the listing visits (one item key parsed per namespace found)."""
+    n = [0]
+    real = MemoryKeys.parse_item
+
+    def counted(self, key):
+        n[0] += 1
+        return real(self, key)
+    monkeypatch.setattr(MemoryKeys, "parse_item", counted)
+    return n
+
+
+def test_list_namespaces_holds_the_page_and_skips_what_max_depth_folds(tmp_path,
+                                                                      namespaces_read):
+    """list_namespaces gathered every matching namespace of the store into a set (and,
+    with max_depth, a second one) before slicing the page: memory grew with the number of
+    namespaces whatever the ``limit`` (20,000 users' namespaces: ~11 MB for 10 answers),
+    and ``max_depth=1`` visited every namespace under each first label to answer
+    ``[("users",)]`` (2.3 s for 20,000).  Now only the page is held, and the namespaces
+    under an answer's first ``max_depth`` labels are skipped.  Answers are InMemoryStore's
+    (hashed long labels, which sort out of key order, and negative bounds included)."""
+    store = walstore.open(str(tmp_path / "store"), durability="none")
+    memory = WalstoreStore(store)
+    reference = InMemoryStore()
+    ops = [PutOp(("users", f"u{i:05d}", "memories"), "k", {"i": i}) for i in range(3000)]
+    ops += [PutOp(("users", f"u{i:05d}"), "profile", {"i": i}) for i in range(0, 3000, 7)]
+    ops += [PutOp(("users", "L" * 120 + str(i), "memories"), "k", {"i": i}) for i in range(3)]
+    ops += [PutOp(("a" * 130,), "k", {}), PutOp(("docs", "x", "y", "z"), "k", {}),
+            PutOp(("docs",), "k", {}), PutOp(("zz", "a"), "k", {})]
+    for start in range(0, len(ops), 1000):
+        memory.batch(ops[start:start + 1000])
+        reference.batch(ops[start:start + 1000])
+
+    def both(**kw):
+        return memory.list_namespaces(**kw), reference.list_namespaces(**kw)
+
+    for kw in ({}, {"limit": 10}, {"limit": 5, "offset": 2998}, {"max_depth": 1},
+               {"max_depth": 2, "limit": 7}, {"max_depth": 0}, {"max_depth": 3, "limit": 4},
+               {"prefix": ("users",), "max_depth": 2, "limit": 3, "offset": 3000},
+               {"prefix": ("users", "*"), "max_depth": 1}, {"suffix": ("memories",),
+                                                            "max_depth": 2, "limit": 3},
+               {"prefix": ("docs",), "max_depth": 2}, {"max_depth": -1, "limit": 4},
+               {"limit": -2}, {"offset": -3, "limit": 2}, {"max_depth": 1, "offset": -1},
+               {"limit": 0}):
+        ours, ref = both(**kw)
+        assert ours == ref, kw
+    suffix = [MatchCondition("suffix", ("memories",))]
+    assert (memory.batch([ListNamespacesOp(tuple(suffix), 1, 10, 0)])
+            == reference.batch([ListNamespacesOp(tuple(suffix), 1, 10, 0)]))
+
+    namespaces_read[0] = 0
+    assert memory.list_namespaces(max_depth=1) == [("a" * 130,), ("docs",), ("users",),
+                                                   ("zz",)]
+    assert namespaces_read[0] <= 10, namespaces_read[0]   # was 3,433: every namespace
+
+    store.close()   # (reopened: the rows are read from LMDB, as in a store's usual life)
+    with walstore.open(str(tmp_path / "store"), durability="none") as store:
+        memory = WalstoreStore(store)
+        memory.list_namespaces(limit=1)
+        _, peak = _peak(lambda: memory.list_namespaces(limit=10))
+        # (was ~1.26 MB: every namespace held; ~0.46 MB now, the read set of the scans)
+        assert peak < 750_000, peak

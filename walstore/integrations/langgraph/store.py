@@ -38,6 +38,7 @@ wrote) reads as before.  Key layout: ``keys.py``.
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import numbers
 import random
 import threading
@@ -580,21 +581,38 @@ class WalstoreStore(BaseStore):
                 fixed = lead if len(lead) > len(fixed) else fixed
         start = self.keys.namespace(tuple(fixed))
         end = prefix_end(start)
-        seen: set[tuple[str, ...]] = set()
-        while True:
-            row = self._first_live(tx, start, end, now)
-            if row is None:
-                break
-            ns_bytes = self.keys.namespace_of(row[0])
-            namespace, _name = self._names(row[0], row[1])
-            if all(_namespace_matches(c, namespace) for c in conditions):
-                seen.add(namespace)
-            start = self.keys.deeper(ns_bytes)
-        if op.max_depth is not None:
-            listed = sorted({ns[:op.max_depth] for ns in seen})
-        else:
-            listed = sorted(seen)
-        return listed[op.offset:op.offset + op.limit]
+        depth = op.max_depth
+        # A max_depth >= 0 truncates every namespace under a found one's first ``depth``
+        # labels to the same answer: the scan skips that whole key range (it visited
+        # every namespace under it: max_depth=1 over 20,000 users' namespaces read
+        # 20,000 to answer one).  Each answer is then found once, and only the page
+        # (the offset + limit smallest, in Python's order) is held, not every namespace.
+        skips = depth is None or depth >= 0
+
+        def found() -> Iterable[tuple[str, ...]]:
+            at = start
+            while True:
+                row = self._first_live(tx, at, end, now)
+                if row is None:
+                    return
+                ns_bytes = self.keys.namespace_of(row[0])
+                namespace, _name = self._names(row[0], row[1])
+                at = self.keys.deeper(ns_bytes)
+                if not all(_namespace_matches(c, namespace) for c in conditions):
+                    continue
+                if depth is None:
+                    yield namespace
+                    continue
+                yield namespace[:depth]
+                if skips and len(namespace) >= depth:
+                    after = prefix_end(self.keys.namespace(namespace[:depth]))
+                    if after is None or (end is not None and after >= end):
+                        return
+                    at = after
+
+        if skips and min(op.offset, op.limit) >= 0:
+            return heapq.nsmallest(op.offset + op.limit, found())[op.offset:]
+        return sorted(set(found()))[op.offset:op.offset + op.limit]
 
     def _first_live(self, tx: Any, start: bytes, end: bytes | None,
                     now: int) -> tuple[bytes, dict] | None:
