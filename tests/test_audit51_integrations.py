@@ -13,7 +13,8 @@ import pytest
 
 pytest.importorskip("langgraph.store.base")
 
-from langgraph.store.base import ListNamespacesOp, MatchCondition, PutOp  # noqa: E402
+from langgraph.store.base import (GetOp, ListNamespacesOp, MatchCondition, PutOp,  # noqa: E402
+                                  SearchOp)
 from langgraph.store.memory import InMemoryStore  # noqa: E402
 
 import walstore  # noqa: E402
@@ -141,3 +142,34 @@ def test_list_namespaces_holds_the_page_and_skips_what_max_depth_folds(tmp_path,
         _, peak = _peak(lambda: memory.list_namespaces(limit=10))
         # (was ~1.26 MB: every namespace held; ~0.46 MB now, the read set of the scans)
         assert peak < 750_000, peak
+
+
+@pytest.mark.parametrize("op", [PutOp(("a",), 5, {"x": 1}), PutOp(("a",), None, {"x": 1}),
+                                PutOp(("a",), 5, None), GetOp(("a",), 5),
+                                GetOp(("a",), b"k")],
+                         ids=["put-int", "put-none", "delete-int", "get-int", "get-bytes"])
+def test_an_item_key_that_is_not_a_str_is_a_type_error_naming_it(store, op):
+    """A GetOp or PutOp built with a key that is not a str (``batch`` takes ops as they
+    come; only ``put``/``get`` pass the key through ``str()``) raised AttributeError
+    ("'int' object has no attribute 'encode'") from the key's encoding: a foreign error
+    type naming neither the key nor the problem."""
+    memory = WalstoreStore(store)
+    memory.put(("a",), "5", {"x": 0})
+    with pytest.raises(TypeError, match=r"key must be a str, not (int|NoneType|bytes)"):
+        memory.batch([op])
+    assert memory.get(("a",), "5").value == {"x": 0}    # nothing written
+
+
+def test_a_search_bound_that_is_not_an_int_is_refused_as_in_memory_store(store):
+    """(A guard for the paged search above: a float ``limit`` or ``offset`` is a
+    TypeError, as InMemoryStore's slice raises, not a page of 2.0 items.)"""
+    memory = WalstoreStore(store)
+    reference = InMemoryStore()
+    for m in (memory, reference):
+        m.put(("a",), "k", {"x": 1})
+    for limit, offset in ((2.0, 0), (2, 1.0)):
+        for filt in (None, {"x": 1}):
+            with pytest.raises(TypeError):
+                memory.batch([SearchOp(("a",), filt, limit, offset)])
+            with pytest.raises(TypeError):
+                reference.batch([SearchOp(("a",), filt, limit, offset)])

@@ -222,7 +222,11 @@ class SaverKeys:
 def _utf8(text: str, what: str) -> bytes:
     """``text`` as UTF-8; a ValueError naming ``what`` when it holds a lone surrogate
     (the bare UnicodeEncodeError from the key's encoding named neither the label or key
-    nor the item, and a get or search raised it just the same)."""
+    nor the item, and a get or search raised it just the same); a TypeError when it is
+    not a str (a GetOp or PutOp built with an int key raised AttributeError)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, not {type(text).__name__} ({text!r:.80}); "
+                        f"nothing was read or written")
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures
 import heapq
 import numbers
+import operator
 import random
 import threading
 import time
@@ -538,7 +539,10 @@ class WalstoreStore(BaseStore):
         # (``$gt`` on a str) raises as InMemoryStore's does.  A negative offset or limit
         # is a Python slice bound, as InMemoryStore applies it: every match is kept.
         paged = min(op.offset, op.limit) >= 0
-        end = op.offset + op.limit if paged else None
+        if paged:  # (a float bound: TypeError, as InMemoryStore's slice raises)
+            end = operator.index(op.offset) + operator.index(op.limit)
+        else:
+            end = None
         found: list[tuple[bytes, dict, Any]] = []
         matched = 0
         if end != 0 or op.filter:
