@@ -7,11 +7,13 @@ what went wrong.
 """
 from __future__ import annotations
 
+import asyncio
 import tracemalloc
 
 import pytest
 
 pytest.importorskip("langgraph.store.base")
+pytest.importorskip("agents")
 
 from langgraph.store.base import (GetOp, ListNamespacesOp, MatchCondition, PutOp,  # noqa: E402
                                   SearchOp)
@@ -20,6 +22,7 @@ from langgraph.store.memory import InMemoryStore  # noqa: E402
 import walstore  # noqa: E402
 from walstore.integrations.langgraph import WalstoreStore  # noqa: E402
 from walstore.integrations.langgraph.keys import MemoryKeys  # noqa: E402
+from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
 
 
 @pytest.fixture
@@ -173,3 +176,40 @@ def test_a_search_bound_that_is_not_an_int_is_refused_as_in_memory_store(store):
                 memory.batch([SearchOp(("a",), filt, limit, offset)])
             with pytest.raises(TypeError):
                 reference.batch([SearchOp(("a",), filt, limit, offset)])
+
+
+# ---- WalstoreSession ----------------------------------------------------------------------
+def test_list_branches_counts_without_holding_the_conversation(tmp_path):
+    """list_branches built a list of every item of every branch to report two counts per
+    branch: a 20,000-item conversation of 1 KiB items held ~26 MB for an answer of a few
+    numbers (AdvancedSQLiteSession counts in SQL).  Now the items are counted as read."""
+    path = str(tmp_path / "store")
+    pad = "x" * 2048
+
+    async def fill():
+        with walstore.open(path, durability="none") as store:
+            s = WalstoreSession("big", store)
+            for b in range(3):
+                await s.add_items([{"role": "user", "content": f"{b}.{i}", "pad": pad}
+                                   if i % 2 == 0 else
+                                   {"role": "assistant", "content": "ok", "pad": pad}
+                                   for i in range(1000)])
+            await s.create_branch_from_turn(1001, "late")   # holds 2,000 items
+            await s.switch_to_branch("main")
+
+    async def listing():
+        with walstore.open(path, durability="none") as store:
+            s = WalstoreSession("big", store)
+            await s.list_branches()      # (warm: imports, caches)
+            tracemalloc.start()
+            try:
+                got = await s.list_branches()
+                return got, tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+
+    asyncio.run(fill())
+    branches, peak = asyncio.run(listing())
+    assert [(b["branch_id"], b["message_count"], b["user_turns"], b["is_current"])
+            for b in branches] == [("main", 3000, 1500, True), ("late", 2000, 1000, False)]
+    assert peak < 2_000_000, peak    # (was ~13 MB: all 5,000 items held)

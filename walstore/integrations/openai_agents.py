@@ -753,9 +753,14 @@ class WalstoreSession:
             infos[1:] = sorted(infos[1:], key=lambda p: (p[1].get("ns", 0), p[0]))
             out = []
             for name, info in infos:
-                items = [item for _seq, item in self._scan_items(tx, name)]
-                out.append({"branch_id": name, "message_count": len(items),
-                            "user_turns": sum(1 for i in items if _is_user(i)),
+                # counted as read: a list of every item of every branch held the whole
+                # conversation in memory to give two numbers per branch
+                count = turns = 0
+                for _seq, item in self._scan_items(tx, name):
+                    count += 1
+                    turns += _is_user(item)
+                out.append({"branch_id": name, "message_count": count,
+                            "user_turns": turns,
                             "is_current": name == current,
                             "created_at": info.get("created_at"),
                             "from_branch": info.get("from_branch"),
