@@ -213,3 +213,21 @@ def test_list_branches_counts_without_holding_the_conversation(tmp_path):
     assert [(b["branch_id"], b["message_count"], b["user_turns"], b["is_current"])
             for b in branches] == [("main", 3000, 1500, True), ("late", 2000, 1000, False)]
     assert peak < 2_000_000, peak    # (was ~13 MB: all 5,000 items held)
+
+
+@pytest.mark.parametrize("given", ["agent-state.db", None, b"state"], ids=["path", "none", "bytes"])
+def test_a_path_or_none_given_for_the_store_is_a_type_error_naming_it(tmp_path, given):
+    """SQLiteSession's second argument is a database path: ``WalstoreSession("u-42",
+    "agent-state.db")`` raised "TypeError: cannot create weak reference to 'str' object"
+    (naming neither the argument nor what to pass), and ``WalstoreStore("path")`` was
+    accepted and raised AttributeError ("'str' object has no attribute 'transaction'")
+    at its first call.  Both now refuse at construction, naming walstore.open."""
+    with pytest.raises(TypeError, match=r"WalstoreSession needs a walstore\.Store"):
+        WalstoreSession("u-42", given)
+    with pytest.raises(TypeError, match=r"WalstoreStore needs a walstore\.Store"):
+        WalstoreStore(given)
+    with walstore.open(str(tmp_path / "s"), durability="none") as store:   # still taken
+        assert asyncio.run(WalstoreSession("u-42", store).get_items()) == []
+        assert WalstoreStore(store).search(("a",)) == []
+    with walstore.open(str(tmp_path / "s"), readonly=True) as reader:
+        assert WalstoreStore(reader).search(("a",)) == []

@@ -105,6 +105,7 @@ from urllib.parse import quote, unquote
 from .. import LSN, ConflictError, TxnInfo, UnknownPoint
 from ..codec import MAX_KEY_BYTES, pack_value
 from ._async import finish_despite_cancel
+from ._checks import check_store as _check_store
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -265,6 +266,7 @@ class WalstoreSession:
         if not isinstance(session_id, str):
             raise TypeError(f"session_id must be a str, not {type(session_id).__name__}")
         _text(session_id, "session_id")  # (quote's bare UnicodeEncodeError named nothing)
+        _check_store(store, "WalstoreSession")
         _check_namespace(namespace)
         self.session_id = session_id
         self.session_settings = (coerce_session_settings(session_settings)

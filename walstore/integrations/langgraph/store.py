@@ -57,6 +57,7 @@ from walstore.errors import ConflictError
 from walstore.signals import Flag, deferred
 
 from .._async import finish_despite_cancel
+from .._checks import check_store as _check_store
 from .keys import MemoryKeys, prefix_end
 
 __all__ = ["WalstoreStore"]
@@ -359,6 +360,7 @@ class WalstoreStore(BaseStore):
 
     def __init__(self, store: Any, *, ttl: TTLConfig | None = None,
                  key_prefix: bytes = b"lg", txn_meta: bool = True) -> None:
+        _check_store(store, "WalstoreStore")
         if not isinstance(key_prefix, (bytes, bytearray)) or not key_prefix:
             raise TypeError("key_prefix must be non-empty bytes")
         if ttl and ttl.get("default_ttl") is not None:
