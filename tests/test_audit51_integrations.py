@@ -3,7 +3,12 @@ WalstoreSession (OpenAI Agents SDK), compared with LangGraph's InMemoryStore/Sql
 and the SDK's SQLiteSession for the same call sequences.
 
 Each test is named after the promise the code broke before its fix; its docstring says
-what went wrong.
+what went wrong.  Findings: a filtered (or offset) ``search`` and ``list_namespaces`` held
+every match of the namespace/store in memory to return one page, and ``max_depth``
+visited every namespace it folded; ``list_branches`` held every item of every branch
+to count them; a non-str item key in a raw GetOp/PutOp escaped as AttributeError; a
+path (SQLiteSession's second argument) or None given as the store raised "cannot
+create weak reference" or AttributeError at first use.
 """
 from __future__ import annotations
 
