@@ -145,6 +145,21 @@ def _merged(rows: Iterator[tuple[bytes, Any]], extra: list[bytes], reverse: bool
         yield x, None
 
 
+def hide_purged(row: dict, purges: list[tuple[int, bytes, bytes | None]]) -> dict:
+    """A ``txns`` row without the names of the keys a later purge erased, when LMDB does
+    not hold that purge yet (``purges``: ``History.unapplied_purges``, a read-only store's
+    alone; applying one erases the names from the rows, ``apply._erase_range``).  A
+    read-only open after a writer was killed between a purge's commit and its apply
+    listed them in ``TxnInfo.keys`` (and ``walstore diff`` showed their values)."""
+    w = row.get("w")
+    if not purges or not w:
+        return row
+    lsn = row["lsn"]
+    kept = [x for x in w if not any(p > lsn and lo <= x[0] and (hi is None or x[0] < hi)
+                                    for p, lo, hi in purges)]
+    return row if len(kept) == len(w) else {**row, "w": kept}
+
+
 MAX_TXID = LOGGED_TXID_LIMIT - 1  # 2**63 - 1: the log holds no larger transaction id
 
 
@@ -229,7 +244,7 @@ class History:
         row = self.engine.views.txn_row(int(txid))
         if row is None:
             self._raise_unknown_txid(int(txid))
-        return info_from_row(row)
+        return info_from_row(hide_purged(row, self.unapplied_purges()))
 
     def log(self, limit: int | None = None, since: Any = None,
             oldest_first: bool = False) -> list[TxnInfo]:
@@ -248,11 +263,12 @@ class History:
             raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
         self.engine.refresh()
         boundary = -1 if since is None else self.resolve(since)
+        purges = self.unapplied_purges()
         out: list[TxnInfo] = []
         for row in self.engine.views.commits_after(boundary, oldest_first):
             if limit is not None and len(out) >= limit:
                 break
-            out.append(info_from_row(row))
+            out.append(info_from_row(hide_purged(row, purges) if purges else row))
         return out
 
     # ---- versions and views -------------------------------------------------------------

@@ -186,6 +186,7 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     ``start`` and ``after`` at ``end``, in whichever order the two points come (a later
     ``start``: what going back to ``end`` would change)."""
     from ..agent.filehistory import describe
+    from ..agent.history import hide_purged
     from ..codec import decode_key, unpack_value
     from ..files import Change
     eng = store._engine
@@ -197,14 +198,25 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     # (read-only: the log's tail not applied yet, files unknown; a root gone is read too)
     for root in sorted(store._files.rows()):
         store._history.check_file_history(store._files.registered(root, gone_ok=True))
+    # a purge LMDB does not hold yet (a read-only open after its writer was killed before
+    # applying it): the keys it erased are absent at every point before it, and their
+    # names are in no row (the diff printed their past values)
+    purges = store._history.unapplied_purges()
+
+    def value(k: bytes, boundary: int) -> bytes | None:
+        if any(p > boundary and plo <= k and (phi is None or k < phi)
+               for p, plo, phi in purges):
+            return None
+        return eng.reader.as_of(k, boundary + 1)
+
     for row in eng.views.commits_after(lo):
         if row["lsn"] > hi:
             continue
-        keys.update(w[0] for w in row.get("w", []))
+        keys.update(w[0] for w in hide_purged(row, purges).get("w", []))
         paths.update(fh.changes_of(row["tx"]))
     key_docs = []
     for k in sorted(keys):
-        a, b = eng.reader.as_of(k, first + 1), eng.reader.as_of(k, second + 1)
+        a, b = value(k, first), value(k, second)
         if a != b:
             key_docs.append({"key": decode_key(k),
                              "before": None if a is None else unpack_value(a),

@@ -1,0 +1,85 @@
+"""Findings of stop 51 in history, retention and purge, each named after the promise it
+broke (contract, "Action rollback"); crash cases use real processes killed with -9."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+import walstore
+from walstore.cli import main as cli
+
+from store_support import cli_env
+
+MARKER = "FORGET-ME-51c2"
+
+
+# ---- purge: no API returns the keys, a read-only open after a crash included ------------
+
+PURGE_KILLED_BEFORE_APPLY = textwrap.dedent(r"""
+    import os, signal, sys
+    import walstore
+    from walstore.engine import apply as A
+    orig = A.Applier.apply
+    def apply(self, events, *a, **k):  # kill -9 once the purge's commit is durable,
+        if any(e.type == A._T.COMMIT and isinstance(e.body, dict) and "purge" in e.body
+               for e in events):                                 # before its apply
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, events, *a, **k)
+    A.Applier.apply = apply
+    s = walstore.open(sys.argv[1])
+    with s.transaction() as tx:  # (not applied either: the log's tail, in no LMDB row)
+        tx.put("conv/1/late", sys.argv[2] + "-late")
+        tx.put("keep/late", 1)
+    s.purge("conv/1/")
+""")
+
+
+def _purge_killed_before_its_apply(tmp_path) -> tuple[str, dict]:
+    path = str(tmp_path / "s")
+    txids = {}
+    with walstore.open(path) as s:
+        for i in range(6):
+            with s.transaction() as tx:
+                tx.put(f"conv/1/m{i % 2}", f"{MARKER}-{i}")
+                tx.put(f"keep/{i % 3}", i)
+            txids[i] = tx.id
+        s.restore_point("before")
+        s.checkpoint()  # (those rows are in LMDB)
+    p = subprocess.run([sys.executable, "-c", PURGE_KILLED_BEFORE_APPLY, path, MARKER],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert p.returncode == -9, p.stderr
+    return path, txids
+
+
+def test_no_api_returns_purged_keys_log_txn_info_diff_after_a_purge_killed_before_apply(
+        tmp_path):
+    # Before: a read-only open of a store whose writer was killed after the purge's commit
+    # was durable but before it was applied hid the keys from get/history/at, yet
+    # store.log() and txn_info() listed their names in TxnInfo.keys (and .extra), and
+    # `walstore diff --json` printed the purged values.
+    path, txids = _purge_killed_before_its_apply(tmp_path)
+    with walstore.open(path, readonly=True) as r:
+        assert r.get("conv/1/m0") is None and r.history("conv/1/m0") == []
+        for info in r.log():
+            assert not [k for k in info.keys if k.startswith("conv/1/")], info
+            assert MARKER not in repr(info.extra) and "conv/1/m" not in repr(info.extra)
+        assert r.txn_info(txids[0]).keys == ("keep/0",)
+        assert r.get("keep/late") == 1  # (the rest of the log's tail is as it was)
+        assert [i.keys for i in r.log(limit=2)][1] == ("keep/late",)
+    for args in (["diff", path, "--from", "lsn:0", "--json"],
+                 ["diff", path, "--from", "before", "--json"],
+                 ["log", path, "--json"]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 0, out.output
+        assert MARKER not in out.output and "conv/1/" not in out.output.replace(
+            '"purge": "conv/1/"', ""), (args, out.output)
+    doc = json.loads(CliRunner().invoke(cli, ["diff", path, "--from", "lsn:0",
+                                              "--json"]).output)
+    assert {k["key"] for k in doc["keys"]} == {"keep/0", "keep/1", "keep/2", "keep/late"}
+    with walstore.open(path) as s:  # (the writer's open applies and erases it)
+        assert [k for i in s.log() for k in i.keys if k.startswith("conv/")] == []
