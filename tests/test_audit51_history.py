@@ -83,3 +83,37 @@ def test_no_api_returns_purged_keys_log_txn_info_diff_after_a_purge_killed_befor
     assert {k["key"] for k in doc["keys"]} == {"keep/0", "keep/1", "keep/2", "keep/late"}
     with walstore.open(path) as s:  # (the writer's open applies and erases it)
         assert [k for i in s.log() for k in i.keys if k.startswith("conv/")] == []
+
+
+# ---- retention: a point trimmed while a view of it is in use raises, never empties -------
+
+def test_a_view_trimmed_while_in_use_raises_history_trimmed_from_scan_never_an_empty_range(
+        tmp_path):
+    # Before: get() and `in` of the view raised HistoryTrimmed, but view.scan(prefix=...)
+    # of a range whose keys retention trimmed out of the history index (a key deleted
+    # after the point, nothing following: it keeps no row) returned [] — the range read
+    # as empty at a point where it held a key.
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=2) as s:
+        with s.transaction() as tx:
+            tx.put("d/1", "was here")
+            tx.put("e", 0)
+        with s.transaction() as tx:
+            tx.put("e", 1)
+        view = s.at(tx.id)
+        assert list(view.scan(prefix="d/")) == [("d/1", "was here")]
+        with s.transaction() as tx:
+            tx.delete("d/1")
+        for i in range(4):
+            with s.transaction() as tx:
+                tx.put("e", 10 + i)
+        s.checkpoint()  # (trims: the view's point is older than the horizon now)
+        with pytest.raises(walstore.HistoryTrimmed):
+            view.get("d/1")
+        with pytest.raises(walstore.HistoryTrimmed):
+            list(view.scan(prefix="d/"))
+        with pytest.raises(walstore.HistoryTrimmed):
+            list(view.scan(prefix="nothing-here/"))
+        with pytest.raises(walstore.HistoryTrimmed):
+            list(view.scan(prefix="d/", reverse=True))
+        fresh = s.at(s.log(limit=1)[0].txid)  # (a retained point's view reads as before)
+        assert list(fresh.scan(prefix="d/")) == [] and fresh.get("e") == 13

@@ -67,9 +67,17 @@ class HistoricalView:
         try:
             return eng.reader.as_of(k, self.lsn + 1)
         except SnapshotTooOld:  # trimmed while this view was in use: the point is gone
-            raise HistoryTrimmed(f"the history of LSN {int(self.lsn)} was trimmed while this "
-                                 f"view of it was in use (retention); it is older than the "
-                                 f"retained history now") from None
+            raise self._trimmed() from None
+
+    def _trimmed(self) -> HistoryTrimmed:
+        return HistoryTrimmed(f"the history of LSN {int(self.lsn)} was trimmed while this "
+                              f"view of it was in use (retention); it is older than the "
+                              f"retained history now")
+
+    def _check_retained(self) -> None:
+        """HistoryTrimmed when retention moved the horizon past this view's point."""
+        if self.lsn < self._history.engine.state.meta_int(b"horizon"):
+            raise self._trimmed()
 
     def get(self, key: Key, default: Any = None) -> Any:
         k = encode_key(key)
@@ -121,6 +129,10 @@ class HistoricalView:
         # keys with history in LMDB, and keys only the MemTable holds yet (a read-only
         # store's view of the writer's WAL tail; a writer's ``at`` drained it)
         fresh = [k for k in eng.memtable.keys_in_range(lo, hi) if k in eng.memtable.versions]
+        # a trim drops the history index rows of keys no retained point holds (one deleted
+        # after this view's point): checked before and after the walk, so a range whose
+        # keys a trim took raises HistoryTrimmed as a get of them does (it read as empty)
+        self._check_retained()
         keys = eng.state.scan(lo, hi, reverse, db="hkeys")
         if fresh:
             keys = _merged(keys, fresh[::-1] if reverse else fresh, reverse)
@@ -128,6 +140,7 @@ class HistoricalView:
             v = self._value(k)
             if v is not None:
                 yield decode_key(k), self._decode(k, v)
+        self._check_retained()
 
 
 def _merged(rows: Iterator[tuple[bytes, Any]], extra: list[bytes], reverse: bool
