@@ -117,3 +117,45 @@ def test_a_view_trimmed_while_in_use_raises_history_trimmed_from_scan_never_an_e
             list(view.scan(prefix="d/", reverse=True))
         fresh = s.at(s.log(limit=1)[0].txid)  # (a retained point's view reads as before)
         assert list(fresh.scan(prefix="d/")) == [] and fresh.get("e") == 13
+
+
+# ---- retention: the log lists only retained transactions, after a trim a crash cut short --
+
+TRIM_KILLED = textwrap.dedent(r"""
+    import os, signal, sys
+    import walstore
+    from walstore.engine import apply as A
+    def die(self, commits, horizon):  # kill -9 once the horizon moved, before any row goes
+        os.kill(os.getpid(), signal.SIGKILL)
+    s = walstore.open(sys.argv[1], retain_transactions=3)
+    for i in range(10):
+        with s.transaction(meta={"i": i}) as tx:
+            tx.put("k", i)
+    A.Applier.trim_history = die
+    s.checkpoint()  # (applies every commit, then trims: the open after the kill redoes none)
+""")
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_log_lists_only_retained_transactions_after_a_trim_killed_midway(tmp_path, readonly):
+    # Before: kill -9 after a trim recorded its horizon but before it deleted the rows
+    # below it; the next open (which redid nothing, so did not trim) listed all 10
+    # transactions in log() and txn_info(), though at(txid) and log(since=...) of the
+    # 7 older than the horizon raised HistoryTrimmed: paging with log(oldest_first=True)
+    # then since=LSN(last.lsn), as documented, failed on the first page.
+    path = str(tmp_path / "s")
+    p = subprocess.run([sys.executable, "-c", TRIM_KILLED, path], capture_output=True,
+                       text=True, timeout=120, env=cli_env())
+    assert p.returncode == -9, p.stderr
+    with walstore.open(path, retain_transactions=3, readonly=readonly) as s:
+        log = s.log()
+        assert [i.meta["i"] for i in log] == [9, 8, 7]
+        for info in log:
+            assert s.at(info.txid).get("k") == info.meta["i"]
+        first = s.log(limit=1, oldest_first=True)[0]
+        assert first.meta["i"] == 7
+        assert [i.meta["i"] for i in s.log(since=walstore.LSN(first.lsn))] == [9, 8]
+        with pytest.raises(walstore.HistoryTrimmed):
+            s.txn_info(log[-1].txid - 1)  # (its row is still there: trimmed all the same)
+    out = CliRunner().invoke(cli, ["log", path, "--json"])
+    assert [t["meta"]["i"] for t in json.loads(out.output)["transactions"]] == [9, 8, 7]

@@ -257,6 +257,11 @@ class History:
         row = self.engine.views.txn_row(int(txid))
         if row is None:
             self._raise_unknown_txid(int(txid))
+        horizon = self.engine.state.meta_int(b"horizon")
+        if row["lsn"] < horizon:  # (a trim under way, or one a crash cut short, has not
+            # deleted its row yet: trimmed all the same, as ``resolve`` says of it)
+            raise HistoryTrimmed(f"transaction {txid} (LSN {row['lsn']}) is older than the "
+                                 f"retained history (horizon LSN {horizon})")
         return info_from_row(hide_purged(row, self.unapplied_purges()))
 
     def log(self, limit: int | None = None, since: Any = None,
@@ -276,6 +281,10 @@ class History:
             raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
         self.engine.refresh()
         boundary = -1 if since is None else self.resolve(since)
+        # the retained commits alone: those at or after the horizon (the rows of older
+        # ones outlive it while a trim deletes them, or after a crash cut one short until
+        # the next checkpoint; listed, they were points that every other call refused)
+        boundary = max(boundary, self.engine.state.meta_int(b"horizon") - 1)
         purges = self.unapplied_purges()
         out: list[TxnInfo] = []
         for row in self.engine.views.commits_after(boundary, oldest_first):
