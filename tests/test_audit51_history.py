@@ -159,3 +159,66 @@ def test_log_lists_only_retained_transactions_after_a_trim_killed_midway(tmp_pat
             s.txn_info(log[-1].txid - 1)  # (its row is still there: trimmed all the same)
     out = CliRunner().invoke(cli, ["log", path, "--json"])
     assert [t["meta"]["i"] for t in json.loads(out.output)["transactions"]] == [9, 8, 7]
+
+
+# ---- purge on a full disk: a walstore error, and the half-made copy is not left behind ----
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only: skipped where nothing can be mounted)."""
+    import os
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+            capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_purge_whose_erasure_meets_a_full_disk_raises_a_walstore_error_and_frees_its_copy(
+        small_disk):
+    # Before: the purge's LMDB rewrite ran out of room and a raw lmdb.Error
+    # ("mdb_txn_commit: Input/output error") left store.purge(); the half-written copy
+    # (db.compact/) stayed, filling the disk to the last block, and every later writable
+    # open (which retries the owed erasure) raised the same raw lmdb.Error.
+    import os
+    path = os.path.join(small_disk, "s")
+    s = walstore.open(path, durability="none", segment_size=65536)
+    try:
+        i = 0
+        while True:
+            with s.transaction() as tx:
+                for j in range(10):
+                    tx.put(f"keep/{i}-{j}", "x" * 400)
+                tx.put("conv/a", f"{MARKER}-{i}")
+            i += 1
+            if i % 20 == 0:
+                s.checkpoint()
+                st = os.statvfs(small_disk)
+                if st.f_bavail * st.f_frsize < 700_000:
+                    break
+        with pytest.raises(walstore.WalstoreError) as err:
+            s.purge("conv/")
+        assert isinstance(err.value, OSError) and err.value.errno is not None, err.value
+        assert not os.path.exists(os.path.join(path, "db.compact"))
+        st = os.statvfs(small_disk)  # (its half-made copy went: the disk is not full)
+        assert st.f_bavail * st.f_frsize > 300_000
+        assert s.get("conv/a") is None and s.history("conv/a") == []  # (it committed)
+        with s.transaction() as tx:  # and the store goes on
+            tx.put("after", 1)
+    finally:
+        s.close()
+    with pytest.raises(walstore.WalstoreError):  # the owed erasure still cannot run:
+        walstore.open(path)                       # said so, as a walstore error
+    assert not os.path.exists(os.path.join(path, "db.compact"))
+    with walstore.open(path, readonly=True) as r:
+        assert r.get("after") == 1 and r.get("conv/a") is None
+    subprocess.run(["mount", "-o", "remount,size=16m", small_disk], check=True)
+    with walstore.open(path) as s:  # room again: the open finishes the erasure
+        assert s.get("after") == 1
+    from store_support import files_with
+    assert files_with(path, MARKER.encode()) == []

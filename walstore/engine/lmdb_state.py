@@ -481,20 +481,34 @@ class LmdbState:
             raise ReadOnlyError("LMDB state is open read-only")
         before = os.path.getsize(self.data_file)
         work = self.path + ".compact"
-        shutil.rmtree(work, ignore_errors=True)
-        fileio.make_dir(work)
         with self._write_lock:
             shown = None if progress is None else \
                 (lambda rows, of: progress(before * rows // max(of, 1), before))
-            self.gate.call(lambda: self._copy_rows(work, progress=shown))
             fresh = os.path.join(work, "data.mdb")
-            fd = fileio.open_file(fresh, os.O_RDONLY)
             try:
-                fileio.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(fresh, fileio.FILE_MODE)
-            _preallocate_lock(work)  # the fresh lock file below, allocated before the swap
+                shutil.rmtree(work, ignore_errors=True)
+                fileio.make_dir(work)
+                self.gate.call(lambda: self._copy_rows(work, progress=shown))
+                fd = fileio.open_file(fresh, os.O_RDONLY)
+                try:
+                    fileio.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.chmod(fresh, fileio.FILE_MODE)
+                _preallocate_lock(work)  # the fresh lock file, allocated before the swap
+            except (lmdb.Error, OSError) as e:
+                # (the copy failed, a full disk most often: nothing was swapped, the data
+                # file is as it was.  The half-made copy goes — left, it kept the disk
+                # full — and the error is a walstore one: a raw lmdb.Error left purge()
+                # and every open that retried the erasure)
+                shutil.rmtree(work, ignore_errors=True)
+                code = e.errno if isinstance(e, OSError) else os_errno(e)
+                raise StoreIOError(code if code is not None else errno.EIO,
+                                   f"rewriting the LMDB data file without its free pages (a "
+                                   f"purge's erasure) failed: {e} (it needs room for a copy "
+                                   f"of the live rows, up to {before} bytes); nothing was "
+                                   f"swapped, and the erasure stays owed: the next checkpoint "
+                                   f"or writable open tries again", work) from e
             shared = self._shared
 
             def swap() -> None:
