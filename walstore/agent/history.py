@@ -333,11 +333,11 @@ class History:
         if not eng.readonly:
             return []
         mt = eng.memtable
-        with mt.lock:
-            events = [e for e in mt.events if e.lsn < mt.published]
+        with mt.lock:  # (its purges' own index: a pass over every event here cost the
+            events = [e for e in mt.purges if e.lsn < mt.published]  # backlog per call)
         out = []
         for e in events:
-            rng = e.field("purge_range") if e.type == RecordType.COMMIT else None
+            rng = e.field("purge_range")
             if rng:
                 out.append((e.lsn, bytes(rng[0]), None if rng[1] is None else bytes(rng[1])))
         return out

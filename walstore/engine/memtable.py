@@ -150,6 +150,9 @@ class MemTable:
         self.ends: dict[int, list[Event]] = {}
         self.commits: dict[int, Event] = {}  # txid -> its COMMIT event here
         self.undos: collections.deque[Event] = collections.deque()  # undos' COMMITs
+        # purges' COMMITs here, in LSN order (``History.unapplied_purges``: a read-only
+        # store's ``log()`` asks on each call; a pass over every event here cost the backlog)
+        self.purges: collections.deque[Event] = collections.deque()
         # gid -> its decisions here (a COMMIT or ROLLBACK_PREPARED naming it), and restore
         # point name -> its RESTORE_POINT events here; in LSN order, kept as events enter
         # and leave (``Views.decision``, ``point``, ``points``)
@@ -191,6 +194,8 @@ class MemTable:
             if t == _COMMIT:
                 if event.field("reverts"):
                     self.undos.append(event)
+                if event.field("purge_range") is not None:
+                    self.purges.append(event)
                 gid = event.field("gid")
                 if type(gid) is str:  # (commit_prepared's: its decision)
                     self.decided.setdefault(gid, []).append(event)
@@ -243,6 +248,8 @@ class MemTable:
             self._unindex(e, -1)
             if e.type == _COMMIT and self.commits.get(e.txid) is e:
                 del self.commits[e.txid]
+            if self.purges and self.purges[-1] is e:
+                self.purges.pop()
             self.log_bytes -= e.end - e.start
             self.memory -= footprint(e)
             if e.writes is not None and e.type == _COMMIT:
@@ -299,6 +306,8 @@ class MemTable:
             if e.type == _COMMIT:
                 if commits.get(e.txid) is e:
                     del commits[e.txid]
+                if self.purges and self.purges[0] is e:
+                    self.purges.popleft()
                 if self.claimed:  # (an undo's commit claimed actions)
                     for aid in e.field("compensate", ()):
                         if self.claimed.get(aid) == e.txid:
@@ -309,9 +318,11 @@ class MemTable:
         self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
         if not self.events:  # every version here is in LMDB now: all leave at once
             if (self.by_action or self.ends or self.commits or self.undos or self.decided
-                    or self.points or self.roots or self.under_roots):  # (nothing left to
-                self.by_action, self.ends = {}, {}                  # name: none lingers)
+                    or self.points or self.roots or self.under_roots
+                    or self.purges):  # (nothing left to name: none lingers)
+                self.by_action, self.ends = {}, {}
                 self.commits, self.undos = {}, collections.deque()
+                self.purges = collections.deque()
                 self.decided, self.points, self.roots = {}, {}, {}
                 self.under_roots = {}
             if self.versions:
