@@ -222,3 +222,34 @@ def test_a_purge_whose_erasure_meets_a_full_disk_raises_a_walstore_error_and_fre
         assert s.get("after") == 1
     from store_support import files_with
     assert files_with(path, MARKER.encode()) == []
+
+
+def test_a_files_view_trimmed_while_in_use_raises_history_trimmed_never_absent_or_corrupt(
+        tmp_path):
+    # Before: store.at(p).files(ws) kept after retention trimmed p answered from what
+    # was left: a file that existed at p (deleted since) read as "did not exist"
+    # (FileNotFoundError) and exists() said False, and a file whose old content the
+    # blob gc removed raised CorruptionError ("the stored content ... is damaged").
+    root = tmp_path / "ws"
+    root.mkdir()
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=2) as s:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:
+            tx.files(ws).write("f.txt", "v1")
+            tx.files(ws).write("g.txt", "g1")
+        files = s.at(tx.id).files(ws)
+        with s.transaction() as tx:
+            tx.files(ws).write("f.txt", "v2")
+            tx.files(ws).delete("g.txt")
+        assert files.read("f.txt") == b"v1" and files.exists("g.txt")
+        for i in range(5):
+            with s.transaction() as tx:
+                tx.files(ws).write("f.txt", f"v{3 + i}")
+        s.checkpoint()  # (trims the view's point; the blob gc drops v1's content)
+        for call in (lambda: files.read("f.txt"), lambda: files.read("g.txt"),
+                     lambda: files.exists("g.txt"), lambda: files.entry("f.txt"),
+                     lambda: b"".join(files.stream("f.txt"))):
+            with pytest.raises(walstore.HistoryTrimmed):
+                call()
+        now = s.at(tx.id).files(ws)  # (a retained point reads as before)
+        assert now.read("f.txt") == b"v7" and not now.exists("g.txt")

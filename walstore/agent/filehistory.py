@@ -23,7 +23,7 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..errors import CorruptionError, os_errors_wrapped
+from ..errors import CorruptionError, HistoryTrimmed, os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
 from ..files.entries import ABSENT, DIR, UnsupportedFileType, open_nofollow
@@ -173,9 +173,39 @@ class HistoricalFiles:
     def __repr__(self) -> str:
         return f"<HistoricalFiles {self.workspace.root!r} at LSN {int(self.lsn)}>"
 
+    def _check_retained(self) -> None:
+        """HistoryTrimmed when retention moved the horizon past the point (the view may
+        be kept while a checkpoint trims): asked after each answer is read, so what was
+        read from a trim half done (a path's versions gone: read as absent; its content
+        gc'd: read as damage) is never given out."""
+        horizon = self._history._st.meta_int(b"horizon")
+        if self.lsn < horizon:
+            raise HistoryTrimmed(f"the history of LSN {int(self.lsn)} was trimmed while this "
+                                 f"view of workspace {self.workspace.root!r} was in use "
+                                 f"(retention); it is older than the retained history now "
+                                 f"(horizon LSN {horizon})")
+
+    def _retained(self, call: Callable[[], Any]) -> Any:
+        try:
+            out = call()
+        except Exception as e:
+            self._check_retained_from(e)
+            raise
+        self._check_retained()
+        return out
+
+    def _check_retained_from(self, e: Exception) -> None:
+        try:
+            self._check_retained()
+        except HistoryTrimmed as trimmed:
+            raise trimmed from e
+
     @os_errors_wrapped
     def entry(self, path: PathLike) -> Entry:
         """What ``path`` was at the point (``Entry``: absent, file, dir or symlink)."""
+        return self._retained(lambda: self._entry(path))
+
+    def _entry(self, path: PathLike) -> Entry:
         ws = self.workspace
         rel = ws.rel(path)
         got = self._history.entry_at(ws.root_b, rel, self.lsn)
@@ -230,7 +260,11 @@ class HistoricalFiles:
         """The content ``path`` had at the point (bytes).  FileNotFoundError when it was
         absent, IsADirectoryError when it was a directory, ValueError when it was a
         symlink (never followed: ``entry(path).target`` is its target) or a directory on
-        the way to it was.  A path walstore never changed is read as it is now."""
+        the way to it was.  A path walstore never changed is read as it is now.
+        HistoryTrimmed when retention trimmed the point while this view was kept."""
+        return self._retained(lambda: self._read(path))
+
+    def _read(self, path: PathLike) -> bytes:
         ws = self.workspace
         rel = ws.rel(path)
         e = self._history.entry_at(ws.root_b, rel, self.lsn)
@@ -266,11 +300,18 @@ class HistoricalFiles:
         files; verified against its sha256 as it is read).  Errors as ``read``."""
         ws = self.workspace
         rel = ws.rel(path)
-        e = self._history.entry_at(ws.root_b, rel, self.lsn)
+        e = self._retained(lambda: self._history.entry_at(ws.root_b, rel, self.lsn))
         if e is None or not e.is_file:
             yield self.read(rel)  # (never changed by walstore, or not a file: read says)
             return
-        yield from self._history.files.blobs.get(e.sha256 or "")
+        try:
+            for chunk in self._history.files.blobs.get(e.sha256 or ""):
+                self._check_retained()  # (its content gc'd meanwhile: trimmed, not damage)
+                yield chunk
+        except Exception as err:
+            self._check_retained_from(err)
+            raise
+        self._check_retained()
 
     def symlink_target(self, path: PathLike) -> bytes | None:
         e = self.entry(path)
