@@ -1,5 +1,7 @@
 """Findings of stop 51 in history, retention and purge, each named after the promise it
-broke (contract, "Action rollback"); crash cases use real processes killed with -9."""
+broke (contract, "Action rollback").  Crash cases use real processes killed with -9 (the
+child sends itself SIGKILL at the chosen point: a purge's commit durable but not applied,
+a trim's horizon recorded but no row deleted); the full-disk case a real small tmpfs."""
 from __future__ import annotations
 
 import json

@@ -195,10 +195,14 @@ class HistoricalFiles:
         return out
 
     def _check_retained_from(self, e: Exception) -> None:
+        """HistoryTrimmed (from ``e``) when the point was trimmed; else ``e`` stands (its
+        caller raises it), also when the horizon cannot be read."""
         try:
             self._check_retained()
         except HistoryTrimmed as trimmed:
             raise trimmed from e
+        except Exception:
+            return
 
     @os_errors_wrapped
     def entry(self, path: PathLike) -> Entry:
