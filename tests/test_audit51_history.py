@@ -255,3 +255,57 @@ def test_a_files_view_trimmed_while_in_use_raises_history_trimmed_never_absent_o
                 call()
         now = s.at(tx.id).files(ws)  # (a retained point reads as before)
         assert now.read("f.txt") == b"v7" and not now.exists("g.txt")
+
+
+# ---- purge: a purge whose apply failed is still a purge to every read of that process ----
+
+PURGE_APPLY_FAILS = textwrap.dedent(r"""
+    import json, os, resource, signal, sys, time
+    import walstore
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (EFBIG instead)
+    path, marker = sys.argv[1], sys.argv[2]
+    s = walstore.open(path, durability="none", segment_size=8 << 20)
+    for i in range(40):
+        with s.transaction() as tx:
+            for j in range(50):
+                tx.put(f"conv/{i}-{j}", marker + "z" * 200)
+            tx.put("o", i)
+    first = tx.id - 39
+    s.restore_point("rp")
+    s.checkpoint()
+    time.sleep(0.5)  # (the WAL's spare segment is made: the log itself needs no growth)
+    size = os.path.getsize(os.path.join(path, "db", "data.mdb"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))  # LMDB cannot grow: the
+    out = {}                                                   # purge's apply fails
+    try:
+        s.purge("conv/")
+    except walstore.WalstoreError as e:
+        out["purge"] = type(e).__name__
+    out["history"] = [v.value for v in s.history("conv/0-0")]
+    out["at"] = s.at("rp").get("conv/0-0")
+    out["at_scan"] = [k for k, _v in s.at("rp").scan(prefix="conv/")]
+    out["log"] = [k for i in s.log() for k in i.keys if k.startswith("conv/")]
+    out["txn_info"] = list(s.txn_info(first).keys)
+    print(json.dumps(out), flush=True)
+    os._exit(0)
+""")
+
+
+def test_no_api_of_the_writer_returns_purged_keys_when_the_purges_apply_failed(tmp_path):
+    # Before: the purge committed (durable; every later open shows it) but applying it to
+    # LMDB failed (no room to grow the file) and the store turned read-only; the same
+    # process then still returned the purged values from history() and at(point) (get
+    # and scan, of a point before the purge) and their names from log() and txn_info():
+    # only a read-only store hid a purge LMDB did not hold yet.
+    path = str(tmp_path / "s")
+    p = subprocess.run([sys.executable, "-c", PURGE_APPLY_FAILS, path, MARKER],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["purge"] in ("StateWriteError", "ReadOnlyError"), out  # (the apply failed)
+    assert out["history"] == [] and out["at"] is None and out["at_scan"] == [], out
+    assert out["log"] == [] and out["txn_info"] == ["o"], out
+    with walstore.open(path) as s:  # (it was committed: the next open applies it)
+        assert s.history("conv/0-0") == [] and s.get("o") == 39
+    from store_support import files_with
+    assert files_with(path, MARKER.encode()) == []

@@ -325,14 +325,16 @@ class History:
         return out
 
     def unapplied_purges(self) -> list[tuple[int, bytes, bytes | None]]:
-        """(LSN, lo, hi) of the visible purges LMDB does not hold yet: only a read-only
-        store meets them (a writer drains a purge before it returns, and recovery
-        applies one before open returns); until its writer applies it, the purged
-        range's past stays in LMDB's history and no view may show it."""
-        eng = self.engine
-        if not eng.readonly:
+        """(LSN, lo, hi) of the visible purges LMDB does not hold yet: a read-only
+        store's (its writer's log tail), and a writer's whose apply of one failed (the
+        store turned read-only: the purge is committed, LMDB still holds the range's
+        past) or is under way (a writer drains a purge before it returns, and recovery
+        applies one before open returns); until LMDB holds it, the purged range's past
+        stays in LMDB's history and no view may show it.  (Read-only stores alone were
+        asked: a writer whose apply failed went on showing the purged values.)"""
+        mt = self.engine.memtable
+        if not mt.purges:  # (the common case: none here, nothing read)
             return []
-        mt = eng.memtable
         with mt.lock:  # (its purges' own index: a pass over every event here cost the
             events = [e for e in mt.purges if e.lsn < mt.published]  # backlog per call)
         out = []
