@@ -200,6 +200,10 @@ class Transaction:
     # the write set's key order for scans, made by the first scan of a large write set
     # (``_writes_in``); dropped when keys leave the write set (``rollback_to``)
     _write_order: "_WriteOrder | None" = None
+    # counts the rollback_to()s that took keys out of the write set: a key order made
+    # before one (perhaps by another thread's scan, while its keys were being taken out)
+    # is not used (``_writes_in``)
+    _order_gen = 0
     # the effects that joined ``effects`` with ``blocks_inner_rollback`` (an open
     # watch()): ``note_inner_blocker``.  A savepoint looks only at these (it tested every
     # effect: an agent loop taking a savepoint per action paid for all the earlier
@@ -361,9 +365,9 @@ class Transaction:
     def get(self, key: Key, default: Any = None) -> Any:
         self._check_active()
         k = encode_key(key)
-        if k in self._writes:
-            v = self._writes[k]
-        else:
+        v = self._writes.get(k, _MISSING)  # (one lookup: a test then a lookup raised
+        if v is _MISSING:                  # KeyError when another thread's rollback_to
+            # took the key out in between — probe-audit51)
             self.read_keys.add(k)
             v = self._engine.reader.as_of(k, self._read_at(), True)
         if v is None:
@@ -408,14 +412,27 @@ class Transaction:
         range of its key order (``_WriteOrder``), so a scan beside 100,000 writes costs
         what it reads, not the write set (it cost ~7 ms a scan)."""
         writes = self._writes
-        if len(writes) <= _SMALL_WRITE_SET:
-            return {k: v for k, v in writes.items() if k >= lo and (hi is None or k < hi)}
+        if len(writes) <= _SMALL_WRITE_SET:  # (a copy made at once: a pass over the dict
+            # raised RuntimeError when another thread wrote meanwhile — probe-audit51)
+            return {k: v for k, v in list(writes.items())
+                    if k >= lo and (hi is None or k < hi)}
+        # Another thread may write, or roll back to a savepoint, while this one scans (a
+        # transaction shared by an agent's threads): the order is brought up to date
+        # under its own lock, made again when it cannot be, and a key it lists that left
+        # the write set meanwhile is passed over (before: RuntimeError, and an order
+        # that lost the keys written during its catch_up, left out of every later scan)
+        gen = self._order_gen
         order = self._write_order
-        if order is None:
-            order = self._write_order = _WriteOrder(writes)
-        else:
-            order.catch_up(writes)
-        return {k: writes[k] for k in order.keys.range(lo, hi)}
+        if order is None or order.gen != gen or not order.catch_up(writes):
+            order = self._write_order = _WriteOrder(writes, gen)
+        with order.lock:
+            keys = order.keys.range(lo, hi)
+        out = {}
+        for k in keys:
+            v = writes.get(k, _MISSING)
+            if v is not _MISSING:
+                out[k] = v
+        return out
 
     # ---- writes --------------------------------------------------------------------------
     def put(self, key: Key, value: Any) -> None:
@@ -615,6 +632,7 @@ class Transaction:
                 else:
                     writes[k] = prev
             if taken_out:  # (the write set's key order assumes keys only ever added)
+                self._order_gen += 1
                 self.__dict__.pop("_write_order", None)
             for gone in self._savepoints[i + 1:]:
                 gone.active = False
@@ -995,19 +1013,32 @@ class _WriteOrder:
     set only gains keys while this lives (a rollback_to that takes one out drops it), so
     the keys put since the last scan are the dict's last ``len(writes) - count``."""
 
-    __slots__ = ("keys", "count")
+    __slots__ = ("keys", "count", "gen", "lock")
 
-    def __init__(self, writes: dict[bytes, Any]) -> None:
-        self.keys = KeyIndex(writes, distinct=True)
-        self.count = len(writes)
+    def __init__(self, writes: dict[bytes, Any], gen: int) -> None:
+        keys = list(writes)  # (at once: another thread may write meanwhile)
+        self.keys = KeyIndex(keys, distinct=True)
+        self.count = len(keys)
+        self.gen = gen  # (Transaction._order_gen when it was made)
+        self.lock = threading.Lock()  # (scans of two threads bring it up to date)
 
-    def catch_up(self, writes: dict[bytes, Any]) -> None:
-        new = len(writes) - self.count
-        if new:
+    def catch_up(self, writes: dict[bytes, Any]) -> bool:
+        """Add the keys written since; False when that cannot be told (the write set
+        changed under the pass, or lost keys): the caller makes a new order."""
+        with self.lock:
+            it = reversed(writes)  # (before the length: a write after it makes the pass
+            new = len(writes) - self.count  # raise, never go unseen)
+            if new <= 0:
+                return new == 0
+            try:
+                keys = list(islice(it, new))
+            except RuntimeError:  # (another thread wrote meanwhile)
+                return False
             add = self.keys.add
-            for k in islice(reversed(writes), new):
+            for k in keys:
                 add(k)
-            self.count = len(writes)
+            self.count += new
+            return True
 
 
 def _overlay(base: Iterator[tuple[bytes, bytes]], mine: dict[bytes, bytes | None],
