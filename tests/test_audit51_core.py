@@ -8,12 +8,17 @@ breaking (each failed on the code before its fix).
    keys for good: long after the threads were done, a single-threaded ``tx.scan`` left
    out thousands of keys the transaction had written (and that its commit would write).
    A ``tx.get`` racing a ``rollback_to`` in another thread raised KeyError.
+2. ``store.run(fn, retries=...)``: the backoff doubled without bound (retries=30 meant a
+   last sleep of ~31 days), and with ``backoff=0.0`` the 1,025th retry raised
+   OverflowError ("int too large to convert to float") instead of retrying.
 """
 from __future__ import annotations
 
 import sys
 import threading
 import time
+
+import pytest
 
 import walstore
 from walstore.codec import decode_key
@@ -102,3 +107,46 @@ def test_a_transaction_read_racing_a_rollback_to_in_another_thread_is_never_a_fo
     tx.put("r/x", 1)
     assert list(tx.scan(prefix="r/")) == [("r/x", 1)]
     tx.rollback()
+
+
+def _always_conflicting(store, tries):
+    def fn(tx):
+        tries.append(1)
+        tx.get("hot")
+        with store.transaction() as other:
+            other.put("hot", len(tries))
+        tx.put("hot", -1)
+    return fn
+
+
+def test_store_run_retries_with_a_bounded_backoff(store, monkeypatch):
+    # before: the sleeps doubled for ever (0.005 s * 2**39 before the 40th retry)
+    slept = []
+    real_sleep = time.sleep
+    main = threading.current_thread()
+
+    def sleep(s):  # (the main thread's sleeps are recorded, not slept)
+        if threading.current_thread() is main:
+            slept.append(s)
+        else:
+            real_sleep(s)
+    monkeypatch.setattr(time, "sleep", sleep)
+    tries: list = []
+    with pytest.raises(walstore.ConflictError):
+        store.run(_always_conflicting(store, tries), retries=40)
+    assert len(tries) == 41 and len(slept) == 40
+    assert max(slept) <= 1.5  # (at most 1 s, times the jitter's at most 1.5)
+    assert slept[0] <= 0.0075
+    slept.clear()
+    tries.clear()
+    with pytest.raises(walstore.ConflictError):  # (a backoff asked for above 1 s is kept)
+        store.run(_always_conflicting(store, tries), retries=3, backoff=4.0)
+    assert len(slept) == 3 and all(2.0 <= s <= 6.0 for s in slept)
+
+
+def test_store_run_with_a_zero_backoff_retries_as_often_as_asked(store):
+    # before: OverflowError at the 1,025th retry (0.0 * 2**1024)
+    tries: list = []
+    with pytest.raises(walstore.ConflictError):
+        store.run(_always_conflicting(store, tries), retries=1100, backoff=0.0)
+    assert len(tries) == 1101

@@ -50,6 +50,7 @@ _MISSING = object()
 # held when it was stopped (a script that exited right after its commits hung: 5 of 5).
 _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
+RUN_MAX_BACKOFF_S = 1.0  # run()'s wait between retries stops doubling here
 CLOSE_WAIT_S = 30.0  # close() lets other threads' work under way finish this long
 PURGE_SHIP_WAIT_S = 10.0  # a purge waits this long for its replica to catch up before erasing
 
@@ -520,7 +521,8 @@ class Store:
     def run(self, fn: Callable[[Transaction], Any], retries: int = 5, meta: Any = None,
             backoff: float = 0.005, scope: Any = None) -> Any:
         """Call ``fn(tx)`` in a transaction and commit; retry on ConflictError (at most
-        ``retries`` times, after ``backoff`` seconds doubling each time, with jitter).  A
+        ``retries`` times, after ``backoff`` seconds doubling each time up to 1 s, or
+        ``backoff`` when larger, with jitter).  A
         transaction ``fn`` prepared is committed too (calling ``run`` decides it: a
         ``with`` block alone leaves a prepared one in doubt)."""
         if not isinstance(retries, int) or isinstance(retries, bool):
@@ -544,7 +546,12 @@ class Store:
                 attempt += 1
                 if attempt > retries:
                     raise
-                time.sleep(backoff * (2 ** (attempt - 1)) * (0.5 + _jitter()))
+                # doubling up to RUN_MAX_BACKOFF_S (or ``backoff`` when larger): it doubled
+                # for ever (a 30th retry slept ~31 days) and a float ``backoff`` met
+                # 2**1024 at the 1,025th retry: OverflowError (probe-audit51)
+                delay = min(backoff * 2.0 ** min(attempt - 1, 64),
+                            max(backoff, RUN_MAX_BACKOFF_S))
+                time.sleep(delay * (0.5 + _jitter()))
 
     # ---- reversible files ---------------------------------------------------------------
     def workspace(self, root: Any, ignore: Any = None, scope: Any = None) -> Workspace:
