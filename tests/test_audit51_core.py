@@ -11,6 +11,9 @@ breaking (each failed on the code before its fix).
 2. ``store.run(fn, retries=...)``: the backoff doubled without bound (retries=30 meant a
    last sleep of ~31 days), and with ``backoff=0.0`` the 1,025th retry raised
    OverflowError ("int too large to convert to float") instead of retrying.
+3. ``store.run(async_fn)`` (or a generator function) committed an empty transaction and
+   returned the coroutine: nothing of ``fn`` ran in the transaction, and awaiting it later
+   raised TransactionClosed, with no error at the call.
 """
 from __future__ import annotations
 
@@ -150,3 +153,22 @@ def test_store_run_with_a_zero_backoff_retries_as_often_as_asked(store):
     with pytest.raises(walstore.ConflictError):
         store.run(_always_conflicting(store, tries), retries=1100, backoff=0.0)
     assert len(tries) == 1101
+
+
+def test_store_run_calls_fn_in_the_transaction_or_refuses_it(store):
+    # before: an async fn's body never ran in the transaction, which committed empty
+    async def put_async(tx):
+        tx.put("a", 1)
+
+    def put_gen(tx):
+        tx.put("g", 1)
+        yield
+
+    before = len(store.log())
+    for fn in (put_async, put_gen, lambda tx: put_async(tx)):
+        with pytest.raises(TypeError, match="run"):
+            store.run(fn)
+    assert store.get("a") is None and store.get("g") is None
+    assert len(store.log()) == before  # (nothing committed)
+    assert store.run(lambda tx: tx.put("b", 2) or "done") == "done"
+    assert store.get("b") == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import inspect
 import os
 import sys
 import threading
@@ -25,7 +26,7 @@ from .options import Options, check_flag
 from .engine.engine import Engine
 from .engine.tables import row_damaged
 from .engine.transaction import ACTIVE, Transaction, scan_bounds
-from .agent.actions import Action, Saga, check_compensators
+from .agent.actions import Action, Saga, check_compensators, never_runs
 from .agent.files import Files, FilesRecoveryReport
 from .files import Workspace
 from .agent.history import HistoricalView, History, Version
@@ -533,12 +534,22 @@ class Store:
                 or not 0 <= backoff < float("inf")):
             raise ValueError(f"backoff must be a number of seconds, 0 or more, not "
                              f"{backoff!r:.80}")
+        if never_runs(fn):  # (``async def``, a generator function: its body did not run
+            # in the transaction, which committed empty — probe-audit51)
+            raise TypeError(f"run(fn): fn {fn!r:.80} is an async or generator function: "
+                            f"calling it runs none of its body in the transaction; pass a "
+                            f"plain function (nothing was begun)")
         attempt = 0
         while True:
             tx = self.transaction(meta, scope)
             try:
                 with tx:
                     result = fn(tx)
+                    if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+                        result.close()  # (never run: refused, the transaction rolled back)
+                        raise TypeError(f"run(fn): fn returned a {type(result).__name__}, "
+                                        f"whose body does not run in the transaction; "
+                                        f"pass a plain function (nothing was committed)")
                     if tx.gid is not None and tx.state == ACTIVE:  # (prepared by ``fn``
                         tx.commit()  # and not decided by it: run's commit decides it)
                 return result
