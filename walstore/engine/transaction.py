@@ -542,10 +542,14 @@ class Transaction:
             raise TypeError(f"a savepoint name is a str or None, not "  # ``release`` take
                             f"{type(name).__name__}")  # no other name: it was accepted here)
         self._check_active()
-        self._serial += 1
-        inside = self._inside() if self._inner_blockers else ()
-        sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects), inside)
-        self._savepoints.append(sp)
+        with self._end_lock:  # (as rollback_to and release: another thread's release
+            # emptied the undo log between its length and the append, and a rollback to
+            # this savepoint then undid nothing — probe-audit51)
+            self._serial += 1
+            inside = self._inside() if self._inner_blockers else ()
+            sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects),
+                           inside)
+            self._savepoints.append(sp)
         return sp
 
     def note_inner_blocker(self, effect: Any) -> None:
@@ -652,12 +656,13 @@ class Transaction:
     def release(self, sp: Savepoint | str) -> None:
         """Forget ``sp`` and every newer savepoint; their writes are kept."""
         self._check_active()
-        i = self._find(sp)
-        for gone in self._savepoints[i:]:
-            gone.active = False
-        del self._savepoints[i:]
-        if not self._savepoints:
-            self._undo.clear()
+        with self._end_lock:  # (the savepoints change under no other thread's lookup:
+            i = self._find(sp)  # an IndexError came out of it — probe-audit51)
+            for gone in self._savepoints[i:]:
+                gone.active = False
+            del self._savepoints[i:]
+            if not self._savepoints:
+                self._undo.clear()
 
     # ---- two-phase commit ----------------------------------------------------------------
     def prepare(self, gid: str) -> None:
