@@ -50,3 +50,19 @@ def test_recover_manual_raises_needs_recovery_on_a_read_only_open_too(tmp_path):
         assert s.get("b") is None
     with walstore.open(path, readonly=True, recover="manual") as ro:  # clean now
         assert ro.get("a") == 1
+
+
+@pytest.mark.parametrize("what", ["store", "transaction", "view"])
+def test_iterating_a_store_transaction_or_view_is_a_type_error_naming_scan(tmp_path, what):
+    # (no __iter__ beside __getitem__: ``for k in store`` called store[0], store[1]... and
+    # raised "key must be str or bytes, not int: 0", a KeyError for a view)
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        obj = {"store": lambda: s, "transaction": s.transaction,
+               "view": lambda: s.at(tx.id)}[what]()
+        with pytest.raises(TypeError, match=r"scan\(\)"):
+            iter(obj)
+        with pytest.raises(TypeError, match="not iterable"):
+            list(obj)
+        assert list(obj.scan()) == [("a", 1)]

@@ -98,6 +98,13 @@ class HistoricalView:
             raise tables.row_damaged(tables.AS_OF, k, e,
                                      self._history.engine.state.data_file) from e
 
+    def __iter__(self) -> Iterator[Any]:
+        """Not iterable: ``for k in x`` fell back to ``x[0]``, ``x[1]`` ... (Python's old
+        protocol, as ``__getitem__`` is defined) and raised a KeyError or "key must be str
+        or bytes, not int: 0"; iterate ``scan()`` instead (probe-audit51)."""
+        raise TypeError(f"a view of a past point (store.at) is not iterable; iterate its scan() (key, value pairs "
+                        f"in key order), e.g. for key, value in x.scan(prefix=...)")
+
     def __contains__(self, key: Key) -> bool:
         return self._value(encode_key(key)) is not None
 

@@ -383,6 +383,13 @@ class Transaction:
             raise KeyError(key)
         return v
 
+    def __iter__(self) -> Iterator[Any]:
+        """Not iterable: ``for k in x`` fell back to ``x[0]``, ``x[1]`` ... (Python's old
+        protocol, as ``__getitem__`` is defined) and raised a KeyError or "key must be str
+        or bytes, not int: 0"; iterate ``scan()`` instead (probe-audit51)."""
+        raise TypeError(f"a Transaction is not iterable; iterate its scan() (key, value pairs "
+                        f"in key order), e.g. for key, value in x.scan(prefix=...)")
+
     def __contains__(self, key: Key) -> bool:
         return self.get(key, _MISSING) is not _MISSING
 
