@@ -33,6 +33,7 @@ Document (short keys, sizes bounded by compaction and retention)::
 """
 from __future__ import annotations
 
+import math
 import time
 
 import msgpack
@@ -290,6 +291,18 @@ def _lsn(v) -> bool:
     return _int(v) and v >= 0
 
 
+# The times a manifest holds are ``time.time()`` stamps: finite and within what a
+# datetime shows (1970 .. 9999).  A NaN, an infinite or an out-of-range one (a flipped
+# bit) passed as "a number", and `walstore replicas` then failed as "an unexpected
+# error" (OverflowError / ValueError from showing it), `restore --to TIME` as a usage
+# error ("cannot convert float NaN to integer"), while `replicas --json` exited 0.
+_LAST_TIME = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def _time(v) -> bool:
+    return _num(v) and math.isfinite(v) and 0 <= v <= _LAST_TIME
+
+
 def _opt(check):
     return lambda v: v is None or check(v)
 
@@ -311,24 +324,24 @@ def _key_in(*dirs: str):
 # field -> (check, what it must be); the entries of lists and maps below.
 _TOP = {"store_id": (lambda v: isinstance(v, bytes) and len(v) == 16, "16 bytes"),
         "lineage": (_str, "a str"), "identity": (lambda v: isinstance(v, dict), "a map"),
-        "created": (_num, "a number"), "updated": (_num, "a number"),
+        "created": (_time, "a time"), "updated": (_time, "a time"),
         "seq": (_int, "an integer"), "writer": (_opt(lambda v: isinstance(v, dict)),
                                                 "a map or nil"),
         "position": (_opt(_lsn), "an LSN or nil"),
         "last_commit": (_opt(lambda v: isinstance(v, dict)), "a map or nil")}
 _WAL = {"k": (_key_in("wal"), "a WAL object key of this replica (wal/NAME)"),
         "seg": (_lsn, "an LSN"), "a": (_lsn, "an LSN"), "b": (_lsn, "an LSN"),
-        "n": (_lsn, "a size"), "lv": (_lsn, "a level"), "t0": (_opt(_num), "a time or nil"),
-        "t1": (_opt(_num), "a time or nil"), "x0": (_opt(_int), "a txid or nil"),
+        "n": (_lsn, "a size"), "lv": (_lsn, "a level"), "t0": (_opt(_time), "a time or nil"),
+        "t1": (_opt(_time), "a time or nil"), "x0": (_opt(_int), "a txid or nil"),
         "x1": (_opt(_int), "a txid or nil"), "om": (_opt(_lsn), "an LSN or nil")}
 _SNAP = {"k": (_opt(_key_in("snapshots")), "a snapshot key of this replica "
                                             "(snapshots/NAME) or nil"),
          "lsn": (_lsn, "an LSN"), "n": (_lsn, "a size"), "sha": (_opt(_str), "a str or nil"),
          "st": (_opt(_str), "a str or nil"), "keys": (_lsn, "a count"),
-         "ts": (_num, "a time")}
+         "ts": (_time, "a time")}
 _HOLE = {"a": (_lsn, "an LSN"), "b": (_lsn, "an LSN"), "reason": (_str, "a str"),
-         "ts": (_num, "a time")}
-_POINT = {"lsn": (_lsn, "an LSN"), "ts": (_opt(_num), "a time or nil"),
+         "ts": (_time, "a time")}
+_POINT = {"lsn": (_lsn, "an LSN"), "ts": (_opt(_time), "a time or nil"),
           "dropped": (_opt(_lsn), "an LSN or nil")}
 
 
@@ -356,8 +369,14 @@ def _list(doc: dict, field: str) -> list:
 
 def _check(doc: dict) -> None:
     _fields(doc, _TOP, "")
-    if not _opt(_num)(doc.get("complete_to")):  # (optional: older manifests lack it)
+    if not _opt(_time)(doc.get("complete_to")):  # (optional: older manifests lack it)
         raise _Bad(f"complete_to is {_shown(doc['complete_to'])}, not a time or nil")
+    last = doc["last_commit"]
+    if last is not None:  # (`walstore replicas` shows its time and txid)
+        if not _opt(_time)(last.get("ts")):
+            raise _Bad(f"last_commit.ts is {_shown(last['ts'])}, not a time or nil")
+        if not _opt(_int)(last.get("tx")):
+            raise _Bad(f"last_commit.tx is {_shown(last['tx'])}, not a txid or nil")
     for i, e in enumerate(_list(doc, "wal")):
         _fields(e, _WAL, f"wal[{i}]")
         if not e["seg"] <= e["a"] <= e["b"]:
@@ -375,7 +394,7 @@ def _check(doc: dict) -> None:
         _fields(e, _HOLE, f"holes[{i}]")
     for i, e in enumerate(_list(doc, "trash")):
         if not (isinstance(e, list) and len(e) == 2 and _key_in(*REPLICA_DIRS)(e[0])
-                and _num(e[1])):
+                and _time(e[1])):
             raise _Bad(f"trash[{i}] is {_shown(e)}, not [an object key of this replica, "
                        f"a time]")
     for field in ("points", "open"):
