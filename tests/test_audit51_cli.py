@@ -117,3 +117,22 @@ def test_a_manifest_time_that_is_no_time_is_said_as_damage_naming_the_field(
     assert "manifest" in line and "damaged" in line and field in line, line
     assert not dest.exists()
 
+
+def test_replicas_verify_fails_a_restore_point_past_the_replicas_end(shipped, tmp_path):
+    """`replicas --verify` checks "every restore point's LSN against the record the WAL
+    holds there"; one the manifest put past the end of the replica's WAL (damage: the
+    shipper lists only points it shipped) was skipped as "before the WAL retained", so
+    verify said "restore points: ok", exit 0, of a point no restore can reach (`restore
+    --to rp` then failed: "the replica's WAL ends at LSN 683, before LSN 2492")."""
+    rep = tmp_path / "rep"
+    shutil.copytree(shipped, rep)
+    doc = msgpack.unpackb((rep / "manifest").read_bytes(), raw=False, strict_map_key=False)
+    doc["points"]["rp"]["lsn"] = doc["position"] + 1000
+    (rep / "manifest").write_bytes(msgpack.packb(doc, use_bin_type=True))
+    p = run("replicas", f"file://{rep}", "--verify", "--json")
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    checks = {c["check"]: c for c in strict(p.stdout)["verify"]["checks"]}
+    assert not checks["restore points"]["ok"], checks["restore points"]
+    assert "'rp'" in checks["restore points"]["error"], checks["restore points"]
+    p = run("restore", f"file://{rep}", str(tmp_path / "dest"), "--to", "rp")
+    assert p.returncode == 1 and not (tmp_path / "dest").exists(), (p.stdout, p.stderr)

@@ -1490,6 +1490,15 @@ def _check_points(m: Manifest, at: dict[int, tuple[int, dict] | None]) -> dict:
     failures = []
     for name, p in sorted(m.doc["points"].items()):
         for lsn, dropping in ((p["lsn"], False), (p.get("dropped"), True)):
+            if isinstance(lsn, int) and lsn >= m.end():
+                # (the shipper lists only points it shipped: one past the replica's end
+                # was skipped as "before the WAL retained", and verify said ok of a point
+                # no restore reaches)
+                what = "dropped" if dropping else "made"
+                failures.append({"object": None, "error": f"restore point {name!r}: the "
+                                 f"manifest says it was {what} at LSN {lsn}, past the "
+                                 f"replica's end (LSN {m.end()})"})
+                continue
             if not isinstance(lsn, int) or not any(e["a"] <= lsn < e["b"] for e in m.wal):
                 continue  # (before the WAL retained, or not dropped)
             if lsn in at and at[lsn] is None:
