@@ -136,3 +136,26 @@ def test_replicas_verify_fails_a_restore_point_past_the_replicas_end(shipped, tm
     assert "'rp'" in checks["restore points"]["error"], checks["restore points"]
     p = run("restore", f"file://{rep}", str(tmp_path / "dest"), "--to", "rp")
     assert p.returncode == 1 and not (tmp_path / "dest").exists(), (p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("field,delta", [("x0", 64), ("x1", -1), ("t0", 1.0), ("t1", -0.5)])
+def test_replicas_verify_fails_a_wal_entry_whose_txids_or_times_are_not_its_commits(
+        shipped, tmp_path, field, delta):
+    """The manifest lists, per WAL object, its first/last commit txid (x0, x1) and time
+    (t0, t1): a restore to a txid or a time picks the object by them.  `replicas --verify`
+    read every record of every object but never held them against these: with x0 off
+    (a flipped bit: 1 -> 65) verify said ok, exit 0, and then `restore --to tx:2` said
+    "transaction 2 is not among the commits the replica's WAL holds", exit 2, of a
+    transaction it holds."""
+    rep = tmp_path / "rep"
+    shutil.copytree(shipped, rep)
+    doc = msgpack.unpackb((rep / "manifest").read_bytes(), raw=False, strict_map_key=False)
+    entry = doc["wal"][0]
+    assert entry["x0"] is not None and entry["x1"] - entry["x0"] >= 2  # (3 commits in it)
+    entry[field] += delta
+    (rep / "manifest").write_bytes(msgpack.packb(doc, use_bin_type=True))
+    p = run("replicas", f"file://{rep}", "--verify", "--json")
+    assert p.returncode == 1, (p.returncode, p.stdout, p.stderr)
+    checks = {c["check"]: c for c in strict(p.stdout)["verify"]["checks"]}
+    wal = checks["every WAL object"]
+    assert not wal["ok"] and entry["k"] in wal["error"], wal

@@ -1454,11 +1454,18 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
     failures = []
     for e in m.wal:
         purges: list = []
+        # its commits' txids and times, as the shipper lists them (x0, x1, t0, t1): a
+        # restore to a txid or a time picks the object by them (not checked, a damaged
+        # x0 made `restore --to tx:N` refuse a txid the replica holds, verify said ok)
+        seen = {"x0": None, "x1": None, "t0": None, "t1": None}
         try:
             for r in fetch.records(e):
                 erased = logformat.purge_prefix_of(r[1], r[2])
                 if erased is not None:
                     purges.append([r[0], erased])
+                if r[1] == logformat.COMMIT:
+                    _note_commit(seen, logformat.summarize(
+                        r[1], r[2][logformat.RECORD_HEADER_SIZE:]))
                 if at is not None and r[0] in wanted:
                     at[r[0]] = (r[1], logformat.summarize(
                         r[1], r[2][logformat.RECORD_HEADER_SIZE:]))
@@ -1470,6 +1477,11 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
                 # its erased keys back)
                 failures.append({"object": e["k"], "error": f"WAL object {e['k']} holds the "
                                  f"purges {purges}, its manifest marks {e['pg']}"})
+            wrong = [k for k in seen if e[k] != seen[k]]
+            if wrong:
+                failures.append({"object": e["k"], "error": f"WAL object {e['k']} holds "
+                                 f"commits {seen}, its manifest entry says "
+                                 f"{ {k: e[k] for k in seen} }"})
         except ReplicationError as err:
             failures.append({"object": e["k"], "error": str(err)})
             if at is not None:  # (unread past the damage: judged by this check, not by
@@ -1481,6 +1493,20 @@ def _check_wal_objects(m: Manifest, tgt: ObjectStore, tmp: str,
         step(e["n"])
     return _named({"check": "every WAL object", "ok": True, "objects": len(m.wal),
                    "bytes": fetch.bytes}, failures)
+
+
+def _note_commit(seen: dict, info: dict) -> None:
+    """Fold a COMMIT record's txid and time into ``seen`` (x0, x1, t0, t1) as the
+    shipper folds them into an object's manifest entry."""
+    tx = info.get("tx")
+    if not isinstance(tx, int):
+        return
+    ts = info.get("ts") if isinstance(info.get("ts"), (int, float)) else None
+    if ts is not None:
+        seen["t0"] = ts if seen["t0"] is None else min(seen["t0"], ts)
+        seen["t1"] = ts if seen["t1"] is None else max(seen["t1"], ts)
+    seen["x0"] = tx if seen["x0"] is None else min(seen["x0"], tx)
+    seen["x1"] = tx if seen["x1"] is None else max(seen["x1"], tx)
 
 
 def _check_points(m: Manifest, at: dict[int, tuple[int, dict] | None]) -> dict:
