@@ -159,3 +159,65 @@ def test_replicas_verify_fails_a_wal_entry_whose_txids_or_times_are_not_its_comm
     checks = {c["check"]: c for c in strict(p.stdout)["verify"]["checks"]}
     wal = checks["every WAL object"]
     assert not wal["ok"] and entry["k"] in wal["error"], wal
+
+
+def test_replicas_and_restore_escape_control_characters_from_the_replica(tmp_path):
+    """Human output is one line per row, every control character escaped (as the tables
+    of `files`, `actions`, `log` are since audit 48).  `replicas` and `restore` printed
+    what the replica holds raw: a restore point named "rp\\nevil" split its row in two,
+    and an action's name or compensator holding an OSC sequence ("\\x1b]0;title\\x07":
+    sets the terminal's title) reached the terminal from `restore`'s "pending
+    compensation" line.  Names come from the replica: input walstore does not control."""
+    src, rep = str(tmp_path / "src"), f"file://{tmp_path}/rep"
+    s = walstore.open(src, replicate_to=rep, replicate_options={"interval": 0.05})
+    try:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.restore_point("rp\nevil\x0b")
+        tx = s.transaction()  # (in flight at the cut: its action is listed as pending)
+        tx.put("j", 2)
+        with tx.action("charge\x07\nx", args={}, compensate="refund\x1b]0;t\x07") as act:
+            act.result = 1
+        s.sync_replica(timeout=30)
+        shown = run("replicas", rep)
+        restored = run("restore", rep, str(tmp_path / "dest"))
+        tx.rollback()
+    finally:
+        s.close()
+    assert shown.returncode == 0, (shown.stdout, shown.stderr)
+    assert restored.returncode == 1, (restored.stdout, restored.stderr)  # (one owed)
+    for p in (shown, restored):
+        assert not any(c in p.stdout for c in "\x07\x0b\x1b"), repr(p.stdout)
+    points = [ln for ln in shown.stdout.splitlines() if ln.startswith("point ")]
+    assert len(points) == 1 and "rp\\nevil\\u000b" in points[0], shown.stdout
+    assert "evil" not in shown.stdout.replace(points[0], "")
+    pend = [ln for ln in restored.stdout.splitlines() if "pending compensation" in ln]
+    assert len(pend) == 1 and "charge\\u0007\\nx" in pend[0], restored.stdout
+
+
+def test_verify_escapes_control_characters_in_what_needs_a_decision(tmp_path):
+    """`verify`'s "needs a decision: compensation owed: action 1.1 (NAME, compensator
+    ...)" printed the action's name raw: a name holding a newline split the line (the
+    second half looking like a line of its own) and a BEL/ESC reached the terminal, where
+    `actions` and `recover` show the same name escaped."""
+    path = str(tmp_path / "s")
+    code = ("import sys, time, walstore\n"
+            "s = walstore.open(sys.argv[1])\n"
+            "tx = s.transaction(); tx.put('k', 1)\n"
+            "with tx.action('charge\\x07\\nx', args={}, compensate='refund') as a:\n"
+            "    a.result = 1\n"
+            "print('ready', flush=True); time.sleep(60)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    w = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE,
+                         text=True, env=env)
+    try:
+        assert w.stdout.readline().strip() == "ready"
+    finally:
+        w.kill()  # (kill -9: the action's transaction never commits)
+        w.wait()
+    p = run("verify", path)
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert "\x07" not in p.stdout, repr(p.stdout)
+    owed = [ln for ln in p.stdout.splitlines() if ln.startswith("needs a decision")]
+    assert len(owed) == 1 and "charge\\u0007\\nx" in owed[0], p.stdout
+    assert not any(ln.startswith("x, compensator") for ln in p.stdout.splitlines())

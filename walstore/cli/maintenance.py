@@ -193,15 +193,17 @@ def verify(path: str, as_json: bool) -> None:
                   ("blobs checked", rep.blobs_checked),
                   ("blob bytes hashed", rep.blob_bytes_hashed),
                   ("applied LSN", rep.applied_lsn), ("WAL end LSN", rep.wal_end_lsn)])
+        # (one line each, control characters escaped: they name actions, compensators and
+        # files, whose names may hold any; an action named "charge\a\nx" split its line)
         for w in rep.warnings:
-            click.echo(f"warning: {w}")
+            click.echo(one_line(f"warning: {w}"))
         for e in rep.errors:
-            click.echo(f"error: {e}")
+            click.echo(one_line(f"error: {e}"))
         if rep.needs_recovery:
             click.echo("note: the store was not shut down cleanly: the next open (or "
                        "`walstore recover`) recovers it")
         for a in rep.attention():
-            click.echo(f"needs a decision: {a}")
+            click.echo(one_line(f"needs a decision: {a}"))
         if rep.errors:
             click.echo(f"{len(rep.errors)} problem(s) found")
         elif not rep.settled:

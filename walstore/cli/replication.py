@@ -29,7 +29,7 @@ from . import _engine
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
-from .output import end_progress, parse_point as _parse_point, phase_progress, \
+from .output import end_progress, one_line, parse_point as _parse_point, phase_progress, \
     progress_printer, show_time
 
 
@@ -182,6 +182,14 @@ def _follow_report(info: dict) -> None:
                    f"names the file versions that need it)", err=True)
 
 
+def _say(text: str) -> None:
+    """A human line of `restore`/`replicas` on one line, every control character escaped
+    (:func:`one_line`): it shows what the replica holds (restore point, action and
+    compensator names, the writer's host and path), input walstore does not control; a
+    name holding a newline split its row, an OSC/ESC sequence reached the terminal."""
+    click.echo(one_line(text))
+
+
 MISSING_SHOWN = 10  # missing blobs named on the terminal (--json lists them all)
 
 
@@ -284,24 +292,24 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     if as_json:
         _emit(report)
     else:
-        click.echo(f"restored {report['dest']} from {report['url']}: {report['target']}")
-        click.echo(f"  snapshot LSN {report['snapshot_lsn']}, {report['wal_objects']} WAL "
-                   f"object(s), {report['wal_bytes']} bytes replayed, cut at LSN "
-                   f"{report['cut_lsn']}, {report['seconds']} s")
+        _say(f"restored {report['dest']} from {report['url']}: {report['target']}")
+        _say(f"  snapshot LSN {report['snapshot_lsn']}, {report['wal_objects']} WAL "
+             f"object(s), {report['wal_bytes']} bytes replayed, cut at LSN "
+             f"{report['cut_lsn']}, {report['seconds']} s")
         for p in report.get("purges_applied", ()):
             shown = p if isinstance(p, str) else f"bytes {p['hex']}"
-            click.echo(f"  purge of {shown!r} after the cut applied here too (erased keys "
-                       f"stay erased)")
+            _say(f"  purge of {shown!r} after the cut applied here too (erased keys "
+                 f"stay erased)")
         if report["in_flight_txids"]:
-            click.echo(f"  transactions in flight at the cut (not committed): "
-                       f"{', '.join(map(str, report['in_flight_txids']))}")
+            _say(f"  transactions in flight at the cut (not committed): "
+                 f"{', '.join(map(str, report['in_flight_txids']))}")
         for a in pending:
-            click.echo(f"  pending compensation {a['id']} {a['name']} -> {a['compensate']}")
+            _say(f"  pending compensation {a['id']} {a['name']} -> {a['compensate']}")
         for f in owed_files:
             more = len(f["paths"]) < (f["paths_total"] or 0)
-            click.echo(f"  owed file effect of transaction {f['txid']} (LSN {f['lsn']}, "
-                       f"{f['op']}) in {f['workspace']}: "
-                       f"{', '.join(f['paths']) or 'the watched tree'}{' ...' if more else ''}")
+            _say(f"  owed file effect of transaction {f['txid']} (LSN {f['lsn']}, "
+                 f"{f['op']}) in {f['workspace']}: "
+                 f"{', '.join(f['paths']) or 'the watched tree'}{' ...' if more else ''}")
     if pending and not as_json:
         click.echo("compensations are pending (the machine that ran those actions is "
                    "gone): rerun with --compensate --handlers MODULE, or `walstore "
@@ -343,30 +351,30 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
             sys.exit(EXIT_PROBLEM)
         return
     w = r["writer"]
-    click.echo(f"replica   {r['url']}  store {r['store_id']}  lineage {r['lineage']}")
-    click.echo(f"writer    process {w['pid']} on {w['host']} ({w['path']})")
-    click.echo(f"updated   {show_time(r['updated'])} ({r['age_seconds']:.0f} s ago)")
+    _say(f"replica   {r['url']}  store {r['store_id']}  lineage {r['lineage']}")
+    _say(f"writer    process {w['pid']} on {w['host']} ({w['path']})")
+    _say(f"updated   {show_time(r['updated'])} ({r['age_seconds']:.0f} s ago)")
     if r.get("complete_to") is not None:  # (a restore to a later time is refused)
-        click.echo(f"complete  every commit up to {show_time(r['complete_to'])}")
+        _say(f"complete  every commit up to {show_time(r['complete_to'])}")
     lc = r["last_commit"] or {}
-    click.echo(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
-               f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "
-               f"{show_time(lc.get('ts'))}")
+    _say(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
+         f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "
+         f"{show_time(lc.get('ts'))}")
     for s in r["snapshots"]:
-        click.echo(f"snapshot  LSN {s['lsn']:<12} {show_time(s['time'])}  {s['bytes']} bytes, "
-                   f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")
+        _say(f"snapshot  LSN {s['lsn']:<12} {show_time(s['time'])}  {s['bytes']} bytes, "
+             f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")
     for p in r["restore_points"]:
         gone = p.get("dropped_lsn")
-        click.echo(f"point     {p['name']:<20} LSN {p['lsn']:<12} {show_time(p['time'])}"
-                   + ("" if not p.get("dropped") else
-                      f"  (dropped at LSN {gone}: a restore to it restores its old position)"
-                      if gone is not None else "  (dropped)"))
+        _say(f"point     {one_line(p['name']):<20} LSN {p['lsn']:<12} {show_time(p['time'])}"
+             + ("" if not p.get("dropped") else
+                f"  (dropped at LSN {gone}: a restore to it restores its old position)"
+                if gone is not None else "  (dropped)"))
     for h in r["holes"]:
-        click.echo(f"hole      LSN {h['from']}..{h['to']}: {h['reason']}")
+        _say(f"hole      LSN {h['from']}..{h['to']}: {h['reason']}")
     if verify:
         for c in r["verify"]["checks"]:
-            click.echo(f"verify    {c['check']}: {'ok' if c['ok'] else 'FAILED'}"
-                       + (f" ({c['error']})" if c.get("error") else ""))
+            _say(f"verify    {c['check']}: {'ok' if c['ok'] else 'FAILED'}"
+                 + (f" ({c['error']})" if c.get("error") else ""))
         if bad:
             sys.exit(EXIT_PROBLEM)
 
