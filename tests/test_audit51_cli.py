@@ -221,3 +221,26 @@ def test_verify_escapes_control_characters_in_what_needs_a_decision(tmp_path):
     owed = [ln for ln in p.stdout.splitlines() if ln.startswith("needs a decision")]
     assert len(owed) == 1 and "charge\\u0007\\nx" in owed[0], p.stdout
     assert not any(ln.startswith("x, compensator") for ln in p.stdout.splitlines())
+
+
+def test_restore_shows_a_bytes_purge_prefix_as_the_command_line_writes_bytes_keys(tmp_path):
+    """`restore` lists the purges after its cut it applied (`purges_applied`).  A bytes
+    prefix came out of `--json` as {"hex": "00ff"} where every bytes key of the CLI's JSON
+    is {"base64": ...}, and in the human line as "purge of 'bytes 00ff'", exactly what a
+    str prefix "bytes 00ff" shows; now {"base64": "AP8="} and hex:00ff (the key syntax
+    every command takes)."""
+    src, rep = str(tmp_path / "src"), f"file://{tmp_path}/rep"
+    with walstore.open(src, replicate_to=rep, replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put(b"\x00\xffa", 1)
+            tx.put("kept", 2)
+        s.restore_point("before")
+        s.purge(b"\x00\xff")
+        s.sync_replica(timeout=30)
+    p = run("restore", rep, str(tmp_path / "d1"), "--to", "before", "--json")
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert strict(p.stdout)["purges_applied"] == [{"base64": "AP8="}], p.stdout
+    p = run("restore", rep, str(tmp_path / "d2"), "--to", "before")
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    (line,) = [ln for ln in p.stdout.splitlines() if "purge of" in ln]
+    assert "hex:00ff" in line and "bytes 00ff" not in line, line

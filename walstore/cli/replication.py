@@ -28,7 +28,7 @@ from walstore import NotAStore, ReplicationError, UnknownPoint, WalstoreError
 from . import _engine
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
-from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail
+from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail, show_key
 from .output import end_progress, one_line, parse_point as _parse_point, phase_progress, \
     progress_printer, show_time
 
@@ -287,6 +287,12 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     finally:
         store.close()
     report["pending_compensations"] = pending
+    # a bytes prefix is bytes again (the report gives it as {"hex": ...}): `--json` says
+    # it as every bytes key, {"base64": ...}, the human line as the key syntax, hex:...
+    # (it was {"hex": "00ff"}, and "purge of 'bytes 00ff'", as a str prefix
+    # "bytes 00ff" shows)
+    report["purges_applied"] = [p if isinstance(p, str) else bytes.fromhex(p["hex"])
+                                for p in report.get("purges_applied", ())]
     owed_files = report["owed_file_effects"]
     missing = report["blobs_missing"]
     if as_json:
@@ -296,9 +302,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         _say(f"  snapshot LSN {report['snapshot_lsn']}, {report['wal_objects']} WAL "
              f"object(s), {report['wal_bytes']} bytes replayed, cut at LSN "
              f"{report['cut_lsn']}, {report['seconds']} s")
-        for p in report.get("purges_applied", ()):
-            shown = p if isinstance(p, str) else f"bytes {p['hex']}"
-            _say(f"  purge of {shown!r} after the cut applied here too (erased keys "
+        for p in report["purges_applied"]:
+            _say(f"  purge of {show_key(p)} after the cut applied here too (erased keys "
                  f"stay erased)")
         if report["in_flight_txids"]:
             _say(f"  transactions in flight at the cut (not committed): "
