@@ -244,3 +244,33 @@ def test_restore_shows_a_bytes_purge_prefix_as_the_command_line_writes_bytes_key
     assert p.returncode == 0, (p.stdout, p.stderr)
     (line,) = [ln for ln in p.stdout.splitlines() if "purge of" in ln]
     assert "hex:00ff" in line and "bytes 00ff" not in line, line
+
+
+def test_dump_json_interrupted_mid_stream_is_still_one_json_document(tmp_path):
+    """`dump --json` streams its records (bounded memory); a failure mid-way closes the
+    document with "error" so what was printed stays valid JSON.  Ctrl-C (a
+    KeyboardInterrupt, no Exception) went past that: stdout ended in the middle of the
+    list, no document at all, exit 130.  Here the reader stops reading (the pipe fills,
+    dump blocks on its write) and SIGINT comes then, as an operator's Ctrl-C on
+    `walstore dump --json | slow-consumer` would."""
+    import signal
+    import time
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        for i in range(3000):  # (~650 KiB of JSON: far past a pipe's buffer)
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "walstore", "dump", path, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
+        time.sleep(1.0)  # (and is blocked on the full pipe)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130, (p.returncode, err)
+    doc = strict((first + out).decode())
+    assert doc["records"] and "interrupted" in doc["error"], doc.get("error")
+    assert "Traceback" not in err.decode()

@@ -233,9 +233,12 @@ def emit_json_list(name: str, items: Iterable[Any]) -> None:
             item = next(it)
     except StopIteration:
         click.echo("\n]}")
-    except Exception as e:
-        click.echo(f"\n], {json_text('error')}: "
-                   f"{json_text(f'{type(e).__name__}: {e}')}}}")
+    except (Exception, KeyboardInterrupt) as e:
+        # (Ctrl-C too: a KeyboardInterrupt is no Exception, and went past this, leaving
+        # stdout in the middle of the list: no JSON document at all)
+        why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
+               else f"{type(e).__name__}: {e}")
+        click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
         raise
 
 
