@@ -274,3 +274,39 @@ def test_dump_json_interrupted_mid_stream_is_still_one_json_document(tmp_path):
     doc = strict((first + out).decode())
     assert doc["records"] and "interrupted" in doc["error"], doc.get("error")
     assert "Traceback" not in err.decode()
+
+
+def test_a_deeply_nested_value_the_store_took_reads_back_through_every_command(tmp_path):
+    """The store takes values nesting about 1,000 levels deep (msgpack's bound), and `put`
+    parses as deep; but the commands that show a value rendered it recursively within
+    Python's default recursion limit: from about 480 levels `get`, `scan`, `history` and
+    `dump` failed with "RecursionError: maximum recursion depth exceeded (an unexpected
+    error ...)", exit 1, of a value `walstore put` had just committed (probe: 500 levels)."""
+    deep: list = []
+    for _ in range(999):
+        deep = [deep]
+    nested: dict = {"leaf": 1}
+    for _ in range(999):
+        nested = {"a": nested}
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("deep", deep)
+            tx.put("nested", nested)
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 10000))  # (this process parses the 1,000 levels back)
+    try:
+        for args in (["get", path, "deep"], ["get", path, "nested"],
+                     ["scan", path, "--json"], ["history", path, "deep", "--json"],
+                     ["dump", path, "--json"], ["scan", path]):
+            p = run(*args)
+            assert p.returncode == 0, (args, p.stderr)
+            assert "Recursion" not in p.stderr + p.stdout
+            if args[0] == "get":
+                assert strict(p.stdout) == (deep if args[2] == "deep" else nested)
+            elif "--json" in args:
+                strict(p.stdout)
+        p = run("put", path, "again", json.dumps(deep))  # (and it pastes back)
+        assert p.returncode == 0, p.stderr
+    finally:
+        sys.setrecursionlimit(old)

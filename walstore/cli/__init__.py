@@ -221,6 +221,15 @@ def main(debug: bool) -> None:
     Keys: hex:00ff and b64:AP8= name bytes keys, str:TEXT the str key TEXT literally,
     anything else is a str key.  Points: tx:N, lsn:N, a txid, or a restore point name.
     """
+    # a value nests up to about 1,024 levels (msgpack's bound, and `put` parses as deep);
+    # rendering one recurses about twice a level: within Python's default 1,000, `get`,
+    # `scan`, `history`, `dump` failed with RecursionError from ~480 levels on a value
+    # the store (and `put`) had taken
+    if sys.getrecursionlimit() < RECURSION_LIMIT:
+        sys.setrecursionlimit(RECURSION_LIMIT)
+
+
+RECURSION_LIMIT = 3000
 
 
 from . import agent, data, files, maintenance, replication, tools, twophase  # noqa: E402,F401
