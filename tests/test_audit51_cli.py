@@ -1,7 +1,17 @@
 """Audit 51 (the command line as an operator uses it; the replication verbs): regressions
 found by probing section 3 ("Command line", "Replication", "Errors") with real processes.
 
-Each test failed before its fix (see the commit naming it)."""
+Each test failed before its fix (see the commit naming it):
+
+- a replica manifest's time that is no time (NaN, infinite, out of range): `replicas`
+  said "an unexpected error", `restore --to TIME` a usage error; `--json` exited 0;
+- `replicas --verify` said ok of a restore point past the replica's end, and of a WAL
+  object whose listed commit txid/time range (x0, x1, t0, t1) is not its commits';
+- `replicas`, `restore` and `verify` printed names from the replica/log raw (newlines,
+  ESC/OSC sequences);
+- `restore` gave a bytes purge prefix as {"hex": ...} / 'bytes 00ff';
+- `dump --json` interrupted by Ctrl-C left no JSON document;
+- values nesting past ~480 levels (the store takes ~1,024) could not be shown."""
 from __future__ import annotations
 
 import json
