@@ -61,12 +61,13 @@ class Problem:
 
     kind: str  # torn-tail | stale-bytes | corrupt-record | bad-segment | gap | lmdb-ahead
     #            | bad-payload | missing-segment | truncated | dropped-segment
+    #            | given-up-action (an action in records given up: owed, ``_owe_given_up``)
     file: str
     offset: int
     lsn: int
     reason: str
     bytes: int = 0
-    action: str = ""    # cut | refused | skipped | dropped
+    action: str = ""    # cut | refused | skipped | dropped | owed
     quarantined: str | None = None
 
 
@@ -150,6 +151,11 @@ class Recovery:
         self.prepared_txids: set[int] = set()
         self._intents: set[str] = set()  # action ids whose ACTION_INTENT this pass redid
         self._orphans: dict[str, tuple[int, int]] = {}  # action id -> (txid, result LSN)
+        # the actions whose ACTION_INTENT a cut or a dropped segment gave up (valid records
+        # past the damage): txid -> {action id -> [intent body, result body, state]}; an
+        # intent is durable before the action's body runs, so each may have run while its
+        # transaction's commit is given up with it (``_owe_given_up``)
+        self._given_up_actions: dict[int, dict[str, list]] = {}
         self._redo_end = 0  # end LSN of the newest event given to REDO
         # (LSN, txid) of the last commit LMDB applied: the log must hold that commit there
         self._anchor: tuple[int, int] | None = self._last_applied_commit()
@@ -188,7 +194,8 @@ class Recovery:
                     self.progress(log.bytes_done, rep.wal_bytes)
         except _Stop as stop:
             self._drop_after(log, *stop.args)
-        self._owe_orphans()
+        self._owe_given_up()  # (first: an action known by its given-up result alone is
+        self._owe_orphans()   # owed as an orphan is)
         self._flush_redo()
         position = None
         rep.end_lsn = self.applied
@@ -292,6 +299,8 @@ class Recovery:
         elif t in _ENDS:
             self.open_txids.discard(ev.txid)
             self.prepared_txids.discard(ev.txid)
+            if self._given_up_actions:  # (a segment dropped before its end: it ended)
+                self._given_up_actions.pop(ev.txid, None)
         elif t == RecordType.PREPARE:
             self.prepared_txids.add(ev.txid)
         self.redo.append(ev)
@@ -524,11 +533,74 @@ class Recovery:
         self.report.given_up_records += 1
         if rec.type in records.TX_RECORDS:  # every record of a transaction, not only
             try:                            # COMMITs: a cut intent or result gives it up too
-                txid = records.txid_of(records.decode(rec.payload))
+                body = records.decode(rec.payload)
+                txid = records.txid_of(body)
             except ValueError:
                 return
             if txid not in self.report.given_up_txids:
                 self.report.given_up_txids.append(txid)
+            self._note_given_up_action(rec.type, txid, body, rec.lsn)
+
+    def _note_given_up_action(self, rtype: int, txid: int, body: dict, lsn: int) -> None:
+        """Keep what a given-up ACTION_INTENT, ACTION_RESULT or COMPENSATED record says
+        of its action (``_owe_given_up``)."""
+        if rtype not in (RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                         RecordType.COMPENSATED):
+            return
+        aid = body.get("id")
+        if not isinstance(aid, str):
+            return
+        acts = self._given_up_actions.setdefault(txid, {})
+        row = acts.setdefault(aid, [None, None, None, lsn])
+        row[{RecordType.ACTION_INTENT: 0, RecordType.ACTION_RESULT: 1}.get(rtype, 2)] = body
+        if rtype == RecordType.ACTION_RESULT:
+            row[3] = lsn
+
+    def _owe_given_up(self) -> None:
+        """The actions a salvage mode gave up with the log past damage (a cut, a segment
+        dropped) whose transaction did not end in the log kept: their intents were durable
+        before their bodies ran, so each may have run, and its transaction is not in the
+        recovered state.  Each is REDOne from its given-up records (intent, and result when
+        there) as the loser it now is: UNDO compensates it (its compensator registered) or
+        lists it pending, and the report names it.  (Given up silently, its side effect
+        stood with nothing owed, and `verify` said ok: probe-audit51.)  One a given-up
+        COMPENSATED record says was compensated or resolved is settled: nothing is owed."""
+        if not self._given_up_actions or self.dry_run:
+            return
+        st = self.state
+        for txid, acts in sorted(self._given_up_actions.items()):
+            owed = []
+            for aid, (intent, result, ended, lsn) in acts.items():
+                if (intent is None and result is None) or aid in self._intents:
+                    continue
+                if ended is not None and ended.get("state") in ("compensated", "resolved"):
+                    continue
+                with st.read() as txn:
+                    if txn.get(aid.encode(), db=st.actions) is not None:
+                        continue
+                owed.append((aid, intent, result, lsn))
+            if not owed:
+                continue
+            self.open_txids.add(txid)
+            self.max_txid = max(self.max_txid, txid)
+            for aid, intent, result, lsn in owed:
+                self._intents.add(aid)
+                at = max(self._redo_end, self.applied)  # (never below what LMDB holds)
+                if intent is None:  # (only its result was readable: owed as an orphan,
+                    self._orphans[aid] = (txid, lsn)  # its name and compensation unknown)
+                    intent = {"tx": txid, "id": aid, "name": None, "args": None, "key": "",
+                              "compensate": None, "ts": 0.0, "intent_lost": True}
+                self.redo.append(records.Event(at, at, RecordType.ACTION_INTENT, txid,
+                                               dict(intent)))
+                if result is not None:
+                    self.redo.append(records.Event(at, at, RecordType.ACTION_RESULT, txid,
+                                                   dict(result)))
+                self.report.problems.append(Problem(
+                    "given-up-action", self.wal_dir, 0, at,
+                    f"action {aid} ({intent.get('name')!r}) of transaction {txid} was in the "
+                    f"log given up: it may have run, and its transaction is not in the "
+                    f"recovered state; it is compensated now, or listed pending",
+                    action="owed"))
 
     def _drop_after(self, log: LogReader, lsn: int, inclusive: bool, reason: str = "") -> None:
         """Everything after a cut is given up: drop every segment after the one that starts
