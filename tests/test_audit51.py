@@ -23,15 +23,20 @@ CRASHING_WRITER = textwrap.dedent("""
 """)
 
 
-def _crashed_store(tmp_path) -> str:
-    path = str(tmp_path / "s")
-    child = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, path],
+def _kill_when_ready(script: str, *args: str) -> None:
+    """Run ``script`` in a real process until it prints READY, then kill -9 it."""
+    child = subprocess.Popen([sys.executable, "-c", script, *args],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "READY"
     finally:
         child.kill()
         child.wait()
+
+
+def _crashed_store(tmp_path) -> str:
+    path = str(tmp_path / "s")
+    _kill_when_ready(CRASHING_WRITER, path)
     return path
 
 
@@ -97,13 +102,7 @@ def test_a_salvage_mode_that_gives_up_an_action_intent_compensates_or_lists_it(t
     import os
     from walstore.log.format import SEGMENT_HEADER_SIZE
     path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger")
-    child = subprocess.Popen([sys.executable, "-c", GIVEN_UP_WRITER, path, ledger],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "READY"
-    finally:
-        child.kill()
-        child.wait()
+    _kill_when_ready(GIVEN_UP_WRITER, path, ledger)
     (seg,) = glob.glob(os.path.join(path, "wal", "*.wal"))
     with open(seg, "r+b") as f:  # damage inside the first record (the first commit)
         f.seek(SEGMENT_HEADER_SIZE + 12)
