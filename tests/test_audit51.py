@@ -135,3 +135,17 @@ def test_a_salvage_mode_that_gives_up_an_action_intent_compensates_or_lists_it(t
     else:
         assert lines == ["charge"] and states == {"2.1": "pending"}
         assert "2.1" in json.dumps(rep["pending_compensations"])
+
+
+def test_a_rewind_to_an_lsn_records_it_as_an_lsn_not_a_txid(tmp_path):
+    # (rewind(LSN(n))'s meta said {"rewind": n}: by the points' own convention txid n)
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        with s.transaction() as tx2:
+            tx2.put("a", 2)
+        info = s.rewind(walstore.LSN(tx.lsn))
+        assert info.meta == {"rewind": f"lsn:{tx.lsn}"}
+        assert s.get("a") == 1
+        info = s.rewind(tx.id)
+        assert info is None or info.meta == {"rewind": tx.id}

@@ -303,4 +303,9 @@ def commit_ts(body: dict) -> float:
 
 
 def jsonable_point(point: Any) -> Any:
+    """A point as a rewind's meta records it: a txid as an int, an LSN as ``"lsn:N"``
+    (the CLI's spelling; it was the bare int, which reads as txid N), a name as a str."""
+    from .format import LSN
+    if isinstance(point, LSN):
+        return f"lsn:{int(point)}"
     return int(point) if isinstance(point, int) else str(point)
