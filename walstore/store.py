@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import inspect
 import os
 import sys
@@ -141,6 +142,10 @@ class Store:
             raise TypeError(f"options= takes a walstore.Options, not "         # is touched)
                             f"{type(options).__name__} (tuning keywords go to walstore."
                             f"open(path, segment_size=...) directly); nothing was opened")
+        if options is not None:  # a private copy, validated again (``replace`` runs
+            options = dataclasses.replace(options)  # __post_init__): a field set on the
+            # caller's object after it was made went past every range (sync_interval=nan:
+            # the flusher spun), and a later change reached the running store
         compensators = check_compensators(compensators)  # (before recovery runs them)
         if replicate_to is not None and readonly:
             raise ValueError("replicate_to= ships a writer's log: open without readonly=True")
