@@ -35,3 +35,24 @@ def test_lag_seconds_is_the_age_of_the_oldest_unshipped_commit(tmp_path):
         assert s.replication().lag_seconds == 0.0
     finally:
         s.close()
+
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("kw", [{"stop": True}, {"stop": "soon"}, {"on_round": 5}])
+def test_follow_api_checks_stop_and_on_round_before_anything_is_restored(tmp_path, kw):
+    # before: the whole replica was restored into DEST, then the first round failed with a
+    # bare "'bool' object has no attribute 'is_set'" / "'int' object is not callable",
+    # leaving a restored DEST behind for a call that could never run
+    from walstore.replication import follow
+    rep = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                       replicate_options={"interval": 0.05}) as s:
+        s.sync_replica(timeout=30)
+    dest = str(tmp_path / "dest")
+    with pytest.raises(TypeError, match=next(iter(kw))):
+        follow(rep, dest, interval=0.05, **kw)
+    assert not os.path.exists(dest)

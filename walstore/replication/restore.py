@@ -1043,7 +1043,16 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     # never applied on time, a negative or a str one was taken as given)
     interval = ReplicateOptions.from_any(opts, interval=interval).interval
     check_apply_every(apply_every)
-    stop = stop or Flag()
+    # (a ``stop`` without ``is_set``, an ``on_round`` not callable: the whole replica was
+    # restored into DEST first, then the first round failed with a bare AttributeError /
+    # "'int' object is not callable"; refused here, before anything is done)
+    if stop is not None and not callable(getattr(stop, "is_set", None)):
+        raise TypeError(f"stop must be a threading.Event (or anything with is_set()) or "
+                        f"None, not {type(stop).__name__}")
+    if on_round is not None and not callable(on_round):
+        raise TypeError(f"on_round must be a callable taking each round's report, or "
+                        f"None, not {type(on_round).__name__}")
+    stop = stop if stop is not None else Flag()
     tgt = target if target is not None else open_target(url, opts)
     # the follower is DEST's one writer: its lock keeps a writer open (or a second
     # follower) out — StoreLocked — while it appends and applies.  A DEST it restores is
