@@ -56,3 +56,26 @@ def test_follow_api_checks_stop_and_on_round_before_anything_is_restored(tmp_pat
     with pytest.raises(TypeError, match=next(iter(kw))):
         follow(rep, dest, interval=0.05, **kw)
     assert not os.path.exists(dest)
+
+
+def test_sync_replica_takes_any_positive_timeout(tmp_path):
+    # before: a timeout too large for a float (10**400, a positive number as documented)
+    # escaped as a bare OverflowError ("int too large to convert to float")
+    rep = "file://" + str(tmp_path / "rep")
+    with walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        assert s.sync_replica(timeout=10 ** 400) == s.replication().durable_lsn
+
+
+@pytest.mark.parametrize("name", ["lease_ttl", "delete_grace", "retention_seconds"])
+def test_a_replicate_option_no_float_holds_is_refused_at_open(tmp_path, name):
+    # before: accepted; lease_ttl=10**400 made every shipping round fail with
+    # "OverflowError: int too large to convert to float" (nothing ever shipped), and
+    # delete_grace / retention_seconds did the same once retention had work to do
+    rep = "file://" + str(tmp_path / "rep")
+    with pytest.raises(ValueError, match=name):
+        walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={name: 10 ** 400})
+    assert not os.path.exists(tmp_path / "src")

@@ -365,6 +365,10 @@ class Store:
                 or not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds (or None: no "
                              f"limit), not {timeout!r}")
+        try:  # (an int no float holds, 10**400: it escaped as a bare OverflowError)
+            timeout = float(timeout)
+        except OverflowError:
+            timeout = float("inf")
         self._engine.check_open()
         if self._shipper is None:
             raise ReplicationError(f"store {self.path} was not opened with replicate_to=")

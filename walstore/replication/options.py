@@ -96,6 +96,15 @@ class ReplicateOptions:
             opts.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or \
                 os.environ.get("AWS_ENDPOINT_URL") or None
         opts._check_types()
+        for f in dataclasses.fields(opts):  # (an int no float holds: lease_ttl=10**400 made
+            v = getattr(opts, f.name)       # every round fail with OverflowError, nothing
+            if f.type == "float" and isinstance(v, int):  # shipped; delete_grace and
+                try:                                      # retention likewise, later)
+                    float(v)
+                except OverflowError:
+                    raise ValueError(f"replicate_options {f.name} must be a number of "
+                                     f"seconds a float holds, not an int of {len(str(v))} "
+                                     f"digits") from None
         for f in dataclasses.fields(opts):  # (NaN passes every comparison below: `interval
             v = getattr(opts, f.name)        # nan` shipped in a busy loop)
             if isinstance(v, float) and math.isnan(v):
