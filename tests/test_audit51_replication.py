@@ -79,3 +79,15 @@ def test_a_replicate_option_no_float_holds_is_refused_at_open(tmp_path, name):
         walstore.open(str(tmp_path / "src"), replicate_to=rep,
                       replicate_options={name: 10 ** 400})
     assert not os.path.exists(tmp_path / "src")
+
+
+@pytest.mark.parametrize("options", [{"bogus": 1}, {"interval": "1"}, 5])
+def test_replicate_options_are_checked_even_without_replicate_to(tmp_path, options):
+    # before: with replicate_to=None (e.g. a URL read from an unset environment variable)
+    # replicate_options were never looked at: an unknown option, a wrong type, a
+    # non-mapping all opened the store without a word
+    with pytest.raises((TypeError, ValueError), match="replicate_options"):
+        walstore.open(str(tmp_path / "s"), replicate_to=None, replicate_options=options)
+    assert not os.path.exists(tmp_path / "s")
+    with walstore.open(str(tmp_path / "s"), replicate_options={"interval": 2}) as s:
+        s.run(lambda tx: tx.put("a", 1))  # (valid options without a URL: a store that does not replicate)

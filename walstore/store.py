@@ -159,6 +159,9 @@ class Store:
             from .replication.targets import check_url          # crashed, or created)
             check_url(replicate_to)
             ReplicateOptions.from_any(replicate_options)
+        elif replicate_options is not None:  # (checked all the same: an unknown option,
+            from .replication.options import ReplicateOptions  # a wrong type, opened
+            ReplicateOptions.from_any(replicate_options)        # without a word)
         self._engine = engine = Engine(path, durability=durability, create=create,
                                        readonly=readonly, recover=recover, map_size=map_size,
                                        options=options, progress=progress,
