@@ -91,3 +91,15 @@ def test_replicate_options_are_checked_even_without_replicate_to(tmp_path, optio
     assert not os.path.exists(tmp_path / "s")
     with walstore.open(str(tmp_path / "s"), replicate_options={"interval": 2}) as s:
         s.run(lambda tx: tx.put("a", 1))  # (valid options without a URL: a store that does not replicate)
+
+
+def test_a_replica_url_with_a_nul_is_refused_before_the_store_is_touched(tmp_path):
+    # before: check_url let it through, so open() created the store and then failed with
+    # a bare "ValueError: embedded null byte" naming nothing; restore likewise
+    url = f"file://{tmp_path}/rep\0"
+    with pytest.raises(walstore.ReplicationError, match="NUL"):
+        walstore.open(str(tmp_path / "s"), replicate_to=url)
+    assert not os.path.exists(tmp_path / "s")
+    with pytest.raises(walstore.ReplicationError, match="NUL"):
+        walstore.restore(url, str(tmp_path / "d"))
+    assert not os.path.exists(tmp_path / "d")

@@ -230,6 +230,9 @@ def check_url(url: str) -> None:
 def _parse(url: str):
     if not isinstance(url, str):
         raise ReplicationError(f"a replica URL is a str, not {type(url).__name__}")
+    if "\0" in url:  # (no directory or object key holds one: open() created the store,
+        # then failed with a bare "ValueError: embedded null byte" naming nothing)
+        raise ReplicationError(f"replica URL {_shown(url)} contains a NUL character")
     if _has_userinfo(url):
         raise ReplicationError(f"replica URL {_shown(url)} carries user info; credentials "
                                f"come only from the standard AWS chain (environment, config "
