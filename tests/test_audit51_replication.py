@@ -103,3 +103,18 @@ def test_a_replica_url_with_a_nul_is_refused_before_the_store_is_touched(tmp_pat
     with pytest.raises(walstore.ReplicationError, match="NUL"):
         walstore.restore(url, str(tmp_path / "d"))
     assert not os.path.exists(tmp_path / "d")
+
+
+@pytest.mark.parametrize("endpoint", ["http://[::1", "ftp://127.0.0.1:9000"])
+def test_a_bad_endpoint_is_a_replication_error_before_the_store_is_touched(tmp_path, endpoint):
+    # before: the endpoint was checked only when the S3 client was built, after open()
+    # had created the store (left behind by the refused call); "http://[::1" escaped
+    # check_endpoint as urllib's bare "ValueError: Invalid IPv6 URL" (restore too)
+    pytest.importorskip("boto3")
+    opts = {"endpoint_url": endpoint}
+    with pytest.raises(walstore.ReplicationError, match="endpoint URL"):
+        walstore.open(str(tmp_path / "s"), replicate_to="s3://bucket/p",
+                      replicate_options=opts)
+    assert not os.path.exists(tmp_path / "s")
+    with pytest.raises(walstore.ReplicationError, match="endpoint URL"):
+        walstore.restore("s3://bucket/p", str(tmp_path / "d"), replicate_options=opts)

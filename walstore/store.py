@@ -158,7 +158,10 @@ class Store:
             from .replication.options import ReplicateOptions  # touched: it was marked
             from .replication.targets import check_url          # crashed, or created)
             check_url(replicate_to)
-            ReplicateOptions.from_any(replicate_options)
+            opts = ReplicateOptions.from_any(replicate_options)
+            if replicate_to.partition(":")[0].lower() == "s3":  # (checked only when the S3
+                from .replication.targets import check_endpoint  # client was built: the
+                check_endpoint(opts.endpoint_url)                 # store was created)
         elif replicate_options is not None:  # (checked all the same: an unknown option,
             from .replication.options import ReplicateOptions  # a wrong type, opened
             ReplicateOptions.from_any(replicate_options)        # without a word)

@@ -292,12 +292,16 @@ def check_endpoint(endpoint: str | None) -> None:
     if _has_userinfo(endpoint.strip(), anywhere=True):
         raise ReplicationError(f"endpoint URL {_shown(endpoint.strip())} carries user info "
                                f"(credentials come only from the standard AWS chain)")
-    p = urlsplit(endpoint.strip())
+    shown = _shown(endpoint.strip())
+    try:
+        p = urlsplit(endpoint.strip())
+    except ValueError as e:  # ("http://[::1": urllib's bare "Invalid IPv6 URL" escaped)
+        raise ReplicationError(f"endpoint URL {shown!r} is not a URL: {e} (e.g. "
+                               f"https://s3.example.com or http://127.0.0.1:9000)") from None
     try:
         port_ok = p.port is None or 0 < p.port
     except ValueError:  # (not a number, or above 65535)
         port_ok = False
-    shown = _shown(endpoint.strip())
     if not (p.scheme and p.netloc):  # (no URL at all: quoted)
         shown = repr(shown)
     if p.scheme not in ("http", "https") or not p.hostname:
