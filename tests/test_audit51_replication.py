@@ -5,12 +5,24 @@
   *noticed* the lag: a commit left unshipped for 3 s between rounds (interval=10) showed
   ``lag_seconds`` ~0.000001, and after a partly-shipped round the clock restarted at the
   round's start although older commits were still unshipped.
+* ``walstore.replication.follow`` checked ``stop`` and ``on_round`` only after restoring
+  the whole replica into DEST (bare AttributeError / "'int' object is not callable").
+* ``sync_replica(timeout=10**400)`` escaped as a bare OverflowError; ``replicate_options``
+  in seconds given as such an int were accepted and failed every round (lease_ttl).
+* ``replicate_options`` were ignored (never checked) when ``replicate_to`` was None.
+* A replica URL holding a NUL passed the URL check: ``open`` created the store, then
+  failed with a bare "embedded null byte".
+* A bad S3 endpoint was checked only after ``open`` had created the store, and
+  "http://[::1" escaped as urllib's bare ValueError.
 
 Real stores, real files, ``file://`` replicas; no mocks.
 """
 from __future__ import annotations
 
+import os
 import time
+
+import pytest
 
 import walstore
 
@@ -35,11 +47,6 @@ def test_lag_seconds_is_the_age_of_the_oldest_unshipped_commit(tmp_path):
         assert s.replication().lag_seconds == 0.0
     finally:
         s.close()
-
-
-import os  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("kw", [{"stop": True}, {"stop": "soon"}, {"on_round": 5}])
