@@ -14,6 +14,8 @@
   failed with a bare "embedded null byte".
 * A bad S3 endpoint was checked only after ``open`` had created the store, and
   "http://[::1" escaped as urllib's bare ValueError.
+* A restore to a point made before replication began was refused as "dropped by the
+  replica's retention" (retention had dropped nothing).
 
 Real stores, real files, ``file://`` replicas; no mocks.
 """
@@ -125,3 +127,22 @@ def test_a_bad_endpoint_is_a_replication_error_before_the_store_is_touched(tmp_p
     assert not os.path.exists(tmp_path / "s")
     with pytest.raises(walstore.ReplicationError, match="endpoint URL"):
         walstore.restore("s3://bucket/p", str(tmp_path / "d"), replicate_options=opts)
+
+
+def test_a_point_made_before_replication_began_is_not_blamed_on_retention(tmp_path):
+    # before: "no restore point named 'early' ...: a point from before it was dropped by
+    # the replica's retention" for a point the replica never had (the store was made to
+    # replicate after it; retention had dropped nothing): the message named a wrong cause
+    src = str(tmp_path / "src")
+    with walstore.open(src) as s:
+        s.run(lambda tx: tx.put("a", 1))
+        s.restore_point("early")
+        for i in range(200):  # (segments rotate; the checkpoint trims the early ones)
+            s.run(lambda tx: tx.put(f"k{i % 20}", os.urandom(20000)))
+        s.checkpoint()
+    rep = "file://" + str(tmp_path / "rep")
+    with walstore.open(src, replicate_to=rep) as s:
+        s.sync_replica(timeout=10)
+    with pytest.raises(walstore.UnknownPoint) as e:
+        walstore.restore(rep, str(tmp_path / "d"), to="early")
+    assert "replication" in str(e.value) and "began" in str(e.value), str(e.value)

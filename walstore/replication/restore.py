@@ -353,7 +353,10 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
             first = min((s["lsn"] for s in m.snapshots), default=None)
             since = ("" if first is None else
                      f"; the replica's history begins at LSN {first}: a point from before "
-                     f"it was dropped by the replica's retention and is no longer restorable")
+                     f"it was dropped by the replica's retention, or was made before "
+                     f"replication to it began, and is not restorable from it (a restore "
+                     f"of everything may still hold it among the copy's restore points, "
+                     f"from the source's history: read it there with store.at(name))")
             raise UnknownRestorePoint(f"no restore point named {to!r} in the replica "
                                       f"(known: {known}){since}", to)
         _check_point_record(m, fetch, to, p["lsn"])
