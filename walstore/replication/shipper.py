@@ -500,7 +500,7 @@ class Shipper:
         self._durable = durable
         lag = max(0, durable - self.shipped)
         if lag and self._behind_since is None:
-            self._behind_since = self._oldest_unshipped_stamp(time.time())
+            self._behind_since = time.time()
         lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
         m = self.manifest
         error = self.last_error or self._snapshot_error
@@ -516,39 +516,6 @@ class Shipper:
         return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
                                  error, self.last_shipped_at,
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
-
-    def _oldest_unshipped_stamp(self, default: float) -> float:
-        """The time the oldest record not shipped yet was logged (the first stamped record
-        at or after ``shipped``: a commit, an intent, a restore point), read from the local
-        log; ``default`` when it cannot be read.  ``lag_seconds`` counts from it: counted
-        from the moment the lag was first noticed (a round's start, or the first
-        ``replication()`` call), a commit left unshipped for seconds between rounds showed
-        a lag of ~0 s (probe6)."""
-        try:
-            import mmap
-            pos, n = self.shipped, 0
-            segs = sorted(self.source.segments())
-            first = max((i for i, (start, _p) in enumerate(segs) if start <= pos),
-                        default=None)
-            for seg, path in segs[first:] if first is not None else []:
-                pos = max(pos, seg)  # (the record at ``shipped`` may open the next one)
-                with open(path, "rb") as f:
-                    if os.fstat(f.fileno()).st_size <= logformat.HEADER_SIZE:
-                        continue
-                    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                        salt = logformat.salt(self.source.store_id, seg)
-                        off = pos - seg + logformat.HEADER_SIZE
-                        for rec in logformat.iter_records(mm, off, pos, salt, len(mm)):
-                            n += 1
-                            if n > 4096:  # (bounded: a write set's chunks are unstamped)
-                                return default
-                            ts = logformat.summarize(rec.type, logformat.payload(mm, rec)
-                                                     ).get("ts")
-                            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-                                return min(float(ts), default)
-        except Exception:  # noqa: BLE001 - a status never fails: the lag counts from now
-            pass
-        return default
 
     def sync(self, lsn: int, timeout: float = 30.0, vouch: bool = True) -> int:
         """Wait until everything below ``lsn`` is shipped and (``vouch``) the replica's
@@ -633,7 +600,7 @@ class Shipper:
         durable = self.source.durable_lsn()
         self._durable = max(self._durable, durable)
         if durable > self.shipped and self._behind_since is None:
-            self._behind_since = self._oldest_unshipped_stamp(t0)
+            self._behind_since = t0
         summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
                    "deleted": 0}
         shipped_before = self.shipped
@@ -652,9 +619,9 @@ class Shipper:
         if self.shipped >= self._durable:
             self._behind_since = None
         elif self._behind_since is not None and self.shipped > shipped_before:
-            # progress, not caught up: the clock restarts at the oldest record still
-            # unshipped (a round without progress leaves the clock running: the lag grows)
-            self._behind_since = max(self._behind_since, self._oldest_unshipped_stamp(t0))
+            # progress, not caught up: the oldest unshipped commit is no older than this
+            # round (a round without progress leaves the clock running: the lag grows)
+            self._behind_since = max(self._behind_since, t0)
         summary["position"] = self.shipped
         return summary
 
