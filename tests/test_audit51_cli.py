@@ -271,8 +271,12 @@ def test_dump_json_interrupted_mid_stream_is_still_one_json_document(tmp_path):
             with s.transaction() as tx:
                 tx.put(f"k{i}", i)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # (SIGINT's default disposition in the child: a parent that ignores it, as a test
+    # runner's worker may, passes SIG_IGN on, and Python then installs no KeyboardInterrupt
+    # handler — in CI the dump ran to its end, exit 0)
     p = subprocess.Popen([sys.executable, "-m", "walstore", "dump", path, "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
         time.sleep(1.0)  # (and is blocked on the full pipe)
