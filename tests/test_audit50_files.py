@@ -156,6 +156,14 @@ def test_read_of_a_device_is_refused_not_an_endless_read(env):
         tx.rollback()
 
 
+def _swap_sub_for_symlink(tmp_path, root, outside) -> None:
+    """What another process can do right after walstore's checks: move ``sub`` aside and
+    put a symlink to a directory outside the root in its place (once)."""
+    if not (tmp_path / "sub-aside").exists():
+        os.rename(root / "sub", tmp_path / "sub-aside")
+        os.symlink(outside, root / "sub")
+
+
 def test_write_never_lands_outside_when_a_parent_is_swapped_for_a_symlink(tmp_path, monkeypatch):
     """A parent directory swapped for a symlink to outside the root by another process
     right after walstore's checks made the write's temp file (and then the file) land
@@ -171,16 +179,10 @@ def test_write_never_lands_outside_when_a_parent_is_swapped_for_a_symlink(tmp_pa
     try:
         ws = store.workspace(str(root))
         real_make_parents = fapply._make_parents
-        swapped = []
 
         def make_parents_then_swap(ws_, rel, durable):
-            # what another process can do right after the checks: move ``sub`` aside
-            # and put a symlink to a directory outside the root in its place
             created = real_make_parents(ws_, rel, durable)
-            if not swapped:
-                os.rename(root / "sub", tmp_path / "sub-aside")
-                os.symlink(outside, root / "sub")
-                swapped.append(True)
+            _swap_sub_for_symlink(tmp_path, root, outside)
             return created
         monkeypatch.setattr(fapply, "_make_parents", make_parents_then_swap)
         tx = store.transaction()
@@ -320,9 +322,7 @@ def test_delete_never_removes_outside_when_a_parent_is_swapped_for_a_symlink(tmp
 
         def read_then_swap(*a, **kw):  # (right after delete's checks, before its unlink)
             got = real_read_entry(*a, **kw)
-            if not (tmp_path / "sub-aside").exists():
-                os.rename(root / "sub", tmp_path / "sub-aside")
-                os.symlink(outside, root / "sub")
+            _swap_sub_for_symlink(tmp_path, root, outside)
             return got
         monkeypatch.setattr(fapply, "read_entry", read_then_swap)
         tx = store.transaction()
@@ -359,9 +359,7 @@ def test_rename_never_moves_across_a_parent_swapped_for_a_symlink(tmp_path, monk
 
         def make_parents_then_swap(ws_, rel, durable):
             created = real_make_parents(ws_, rel, durable)
-            if not (tmp_path / "sub-aside").exists():
-                os.rename(root / "sub", tmp_path / "sub-aside")
-                os.symlink(outside, root / "sub")
+            _swap_sub_for_symlink(tmp_path, root, outside)
             return created
         monkeypatch.setattr(fapply, "_make_parents", make_parents_then_swap)
         tx = store.transaction()
