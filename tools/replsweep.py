@@ -242,7 +242,8 @@ class FaultProxy:
     up to ``repeat`` requests right after it that repeat it (the same method and target:
     the client's own retries; botocore's ``max_attempts`` N makes N + 1 attempts, so a
     fault on one attempt alone never reaches walstore unless ``repeat`` covers them).
-    ``prefix``: the replica's key prefix in the bucket (for the labels)."""
+    ``prefix``: the replica's key prefix in the bucket (for the labels).  ``rule``, when
+    set, is asked about every request the plan leaves alone: label -> a kind, or None."""
 
     def __init__(self, upstream: tuple[str, int], prefix: str = "", hold: float = HOLD,
                  repeat: int = 0) -> None:
@@ -252,6 +253,7 @@ class FaultProxy:
         self.repeat = repeat  # the client's retries of a faulted request faulted too
         self._sticky: list | None = None
         self.plan: dict[int, str] = {}
+        self.rule: Callable[[str], str | None] | None = None
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self.closed = False
@@ -318,6 +320,8 @@ class FaultProxy:
                         self._sticky[2] -= 1
                     else:
                         self._sticky = None
+                        if self.rule is not None:
+                            fault = self.rule(label)
                     self.requests.append(Request(n, method, key, label, fault))
                 if fault == "reset":
                     _reset(c)

@@ -166,6 +166,7 @@ class Shipper:
         self._snapshot_error: str | None = None  # the last snapshot failed (until one works)
         self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
+        self._saved_position: int | None = None  # the position the replica's manifest holds
         self._failed_rounds = 0  # rounds failed in a row (see _round_error)
         self._complete_pending: list[tuple[float, int]] = []  # see _complete_candidate
         self._complete_saved: float | None = None  # complete_to in the replica's manifest
@@ -330,6 +331,7 @@ class Shipper:
             raise
         self.manifest = m
         self.shipped = m.position or 0
+        self._saved_position = m.position
         self._complete_saved = m.doc.get("complete_to")
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
         self._collect_orphans()  # (against the manifest the fence wrote: see _fence)
@@ -642,6 +644,7 @@ class Shipper:
                                    self.opts.retain_snapshots), now)
             self._save_once()  # (still too large: ManifestTooLarge, the round fails)
         self._unsaved = False
+        self._saved_position = self.manifest.position
         self._complete_saved = self.manifest.doc.get("complete_to")
 
     def _save_once(self) -> None:
@@ -819,6 +822,13 @@ class Shipper:
         to 6 times the bound)."""
         m = self.manifest
         pos = m.position if m is not None else None
+        # from the position the replica HOLDS: a round moves the position in memory as its
+        # objects go up, and the manifest naming them is written after; until that write
+        # lands the replica stands where the last one put it (the pin used the position in
+        # memory: with manifest writes failing, checkpoints trimmed the log past the saved
+        # position, and a writer killed then reopened to a hole)
+        if pos is not None and self._saved_position is not None:
+            pos = min(pos, self._saved_position)
         # past the bound the source lets the WAL go itself (``bounded_pin``: a hole may
         # follow), but the position stays recorded: the records still on disk from there
         # are shipped, and the blob gc keeps the content they name (released here, the gc
