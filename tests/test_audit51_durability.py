@@ -9,6 +9,12 @@ Findings (each test below failed before its fix):
    without sleeping (a core busy, no bound on anything), ``segment_size=10`` opened a store
    that made a new WAL segment for every commit; and a change to the object after open
    reached the running store.  ``open`` now takes a validated private copy.
+2. ``checkpoint_bytes`` ("WAL bytes between automatic checkpoints") was looked at only when
+   the applier woke by itself, every ``apply_interval`` (in range up to 86,400 s), or at a
+   backlog of 32 MiB of log / ``apply_batch`` events: with ``apply_interval=86400`` and
+   ``checkpoint_bytes=64 KiB`` the WAL grew linearly past 3 MiB in 3,000 small commits
+   (to 32 MiB before anything checkpointed).  A commit that makes a checkpoint due now
+   wakes the applier.
 """
 from __future__ import annotations
 
@@ -59,5 +65,22 @@ def test_options_changed_after_open_do_not_reach_the_running_store(tmp_path):
         assert s.options.apply_batch == walstore.Options().apply_batch
         with s.transaction() as t:
             t.put("k", 1)
+    finally:
+        s.close()
+
+
+def test_checkpoint_bytes_bounds_the_wal_whatever_the_apply_interval(tmp_path):
+    """Promise 5 and Options.checkpoint_bytes.  Before: with apply_interval=86400 the
+    WAL reached ~6.4 MiB here (64 KiB checkpoint_bytes), growing with every commit."""
+    s = walstore.open(str(tmp_path / "store"), durability="none", apply_interval=86400,
+                      checkpoint_bytes=64 * 1024, segment_size=64 * 1024)
+    try:
+        peak = 0
+        for i in range(6000):
+            with s.transaction() as t:
+                t.put(f"k{i % 100}", os.urandom(1000))
+            if i % 250 == 0:
+                peak = max(peak, s.stats()["wal_bytes"])
+        assert peak < 3 * 1024 * 1024, peak
     finally:
         s.close()

@@ -512,12 +512,17 @@ class Engine:
 
     def wake_applier(self) -> None:
         """After a commit: wake the applier only when the backlog is big enough (events,
-        log bytes or estimated memory); otherwise it waits for commits to pause (see
-        ``_applier_loop``)."""
+        log bytes or estimated memory) or a checkpoint is due; otherwise it waits for
+        commits to pause (see ``_applier_loop``)."""
         mt = self.memtable  # (``_backlog_full`` written out: every commit asks)
         if not self._woken and (len(mt.events) >= self.options.apply_batch
                                 or mt.log_bytes >= APPLY_WAKE_BYTES
-                                or mt.memory >= mt.max_memory >> 1):
+                                or mt.memory >= mt.max_memory >> 1
+                                # a checkpoint due wakes it too: it was seen only when the
+                                # applier woke on its own, every ``apply_interval`` (up to a
+                                # day), so the WAL grew far past ``checkpoint_bytes``
+                                or self.wal.bytes_since_checkpoint
+                                >= self.options.checkpoint_bytes):
             self._woken = True  # one wake-up per batch, not one per commit
             with self._wake_lock:
                 self._wake.notify()
