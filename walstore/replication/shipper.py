@@ -55,6 +55,8 @@ from .targets import (NOT_MODIFIED, REPLICA_DIRS, ManifestTooLarge, ObjectStore,
 IN_MEMORY_OBJECT = 8 << 20   # WAL objects up to this size are built in memory, larger spooled
 SAVE_EVERY = 5.0             # a long round writes the manifest at least this often
 RETENTION_EVERY = 60.0
+MAX_STAMP_WALK = 4096  # records read to find the oldest unshipped stamp (write-set chunks
+#                       carry none): past it the lag counts from when it was noticed
 SNAPSHOT_BACKOFF_MAX = 300.0  # between attempts after failed snapshots (see _snapshot_due)
 STALL_REPORTED = 10.0        # a request unanswered this long shows in ``last_error``
 
@@ -502,7 +504,7 @@ class Shipper:
         self._durable = durable
         lag = max(0, durable - self.shipped)
         if lag and self._behind_since is None:
-            self._behind_since = time.time()
+            self._behind_since = self._oldest_unshipped_stamp(time.time(), durable)
         lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
         m = self.manifest
         error = self.last_error or self._snapshot_error
@@ -518,6 +520,42 @@ class Shipper:
         return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
                                  error, self.last_shipped_at,
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
+
+    def _oldest_unshipped_stamp(self, default: float, durable: int) -> float:
+        """When the oldest record not shipped yet was logged: the stamp of the first
+        stamped record (a commit, an intent, a restore point) from ``shipped`` on, below
+        ``durable``, read through the one WAL reader (``walstore.log.reader``'s
+        SegmentReader, from that record's offset); ``default`` when none is found within
+        MAX_STAMP_WALK records or the log cannot be read (a source that is no store
+        directory, a segment trimmed meanwhile).  ``lag_seconds`` counts from it: counted
+        from the moment the lag was first noticed (a round's start, or the first
+        ``replication()`` call), a commit left unshipped for seconds between rounds showed
+        a lag of ~0 s, and a partly shipped round restarted the clock (probe6).  Read only
+        when the clock (re)starts, never per commit."""
+        from ..log.reader import SegmentReader
+        try:
+            pos, seen = self.shipped, 0
+            segs = sorted(self.source.segments())
+            store_id = self.source.store_id
+            first = max((i for i, (start, _p) in enumerate(segs) if start <= pos), default=0)
+            for start, path in segs[first:]:
+                if start >= durable:
+                    break
+                reader = SegmentReader(path, store_id, start)
+                if reader.header_error is not None:
+                    break
+                # (stopping at the last record below ``durable``: the reader judges the
+                # segment's end only when it reaches it, a live writer's tail)
+                for rec in reader.records(reader.offset_of(max(pos, start))):
+                    seen += 1
+                    ts = logformat.summarize(rec.type, rec.payload).get("ts")
+                    if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                        return min(float(ts), default)
+                    if seen >= MAX_STAMP_WALK or rec.end_lsn >= durable:
+                        return default
+        except Exception:  # noqa: BLE001 - a status never fails: the lag counts from now
+            pass
+        return default
 
     def sync(self, lsn: int, timeout: float = 30.0, vouch: bool = True) -> int:
         """Wait until everything below ``lsn`` is shipped and (``vouch``) the replica's
@@ -602,7 +640,7 @@ class Shipper:
         durable = self.source.durable_lsn()
         self._durable = max(self._durable, durable)
         if durable > self.shipped and self._behind_since is None:
-            self._behind_since = t0
+            self._behind_since = self._oldest_unshipped_stamp(t0, durable)
         summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
                    "deleted": 0}
         shipped_before = self.shipped
@@ -621,9 +659,10 @@ class Shipper:
         if self.shipped >= self._durable:
             self._behind_since = None
         elif self._behind_since is not None and self.shipped > shipped_before:
-            # progress, not caught up: the oldest unshipped commit is no older than this
-            # round (a round without progress leaves the clock running: the lag grows)
-            self._behind_since = max(self._behind_since, t0)
+            # progress, not caught up: the clock restarts at the oldest record still
+            # unshipped (a round without progress leaves the clock running: the lag grows)
+            self._behind_since = max(self._behind_since,
+                                     self._oldest_unshipped_stamp(t0, self._durable))
         summary["position"] = self.shipped
         return summary
 
