@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
-                     CorruptionError, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
+                     CorruptionError, ErasureOwed, HistoryTrimmed, NeedsRecovery, NotAStore, ReadOnlyError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
                      TransactionClosed, TransactionTooLarge, UnknownAction, UnknownGid,
@@ -38,7 +38,7 @@ __all__ = [
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
     "TransactionClosed", "TransactionTooLarge", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
-    "ReplicationError", "FileConflictError", "StoreIOError", "SnapshotTooOld",
+    "ReplicationError", "FileConflictError", "StoreIOError", "ErasureOwed", "SnapshotTooOld",
     "WalWriteError", "UnknownGid", "UnknownAction", "WorkspaceChanged", "UnknownRestorePoint", "restore",
     "UnsupportedFileType",
 ]

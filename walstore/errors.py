@@ -122,6 +122,34 @@ class StoreIOError(WalstoreError, OSError):
     handles OS errors keeps working."""
 
 
+class ErasureOwed(StoreIOError):
+    """``store.purge`` committed — its keys are gone from every API and the purge stands
+    (it cannot be undone, and retrying it is not needed) — but a step after its commit
+    failed: applying it to LMDB or erasing the old bytes from the store's files (the cause
+    is chained: a full disk, an I/O error).  The erasure is owed, recorded with the purge's
+    rows in LMDB (or by its record in the log, which the next open replays), and the next checkpoint
+    or writable open finishes it; when the failure turned the store read-only, reopen it.
+    So the data is erased from every API now and from every file once that runs: do not
+    report the purge as failed.  ``report``: the purge's ``txid``, ``lsn``,
+    ``keys_deleted``, ``keys_erased`` and ``"erasure_owed": True``; ``errno``: the cause's
+    (None when it had none).  A ``StoreIOError`` (an ``OSError``), as the failures it
+    wraps mostly were."""
+
+    def __init__(self, message: str, report: dict | None = None,
+                 code: int | None = None) -> None:
+        if code is None:
+            super().__init__(message)
+        else:
+            super().__init__(code, message)
+        self.report = dict(report or {})
+        self.txid = self.report.get("txid")
+        self.lsn = self.report.get("lsn")
+
+    def __reduce__(self):
+        return (type(self), (self.strerror if self.errno is not None else str(self),
+                             self.report, self.errno))
+
+
 _OS_ERROR_CLASSES: dict[type, type] = {}
 
 

@@ -721,7 +721,9 @@ class Store:
         and, by the checkpoint it runs, from every file of the store directory.  Logged (the
         prefix, not the data); cannot be reverted.  See walstore.agent.purge.
         ``progress(done, total)``: called after each batch of the LMDB rewrite (bytes of
-        the data file, by its rows copied); None: nothing is counted."""
+        the data file, by its rows copied); None: nothing is counted.  Raises
+        ``ErasureOwed`` (the purge committed; its erasure failed and is owed) when a step
+        after the commit fails."""
         self._finishing.enter()
         try:
             if progress is not None and not callable(progress):

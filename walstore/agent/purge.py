@@ -15,6 +15,9 @@ the store directory.  The erasure is owed
 durably from the moment the purge is applied (``apply.ERASE_OWED``, in the same LMDB
 transaction as its rows): a crash before the compacting checkpoint finishes is finished by
 the next writable open (or checkpoint), and quarantined bytes under the prefix go too.
+A step after the commit that fails (the apply, the checkpoint, the LMDB rewrite or its
+swap, the quarantine scrub) raises ``ErasureOwed`` (the step's error chained, the purge's
+report in ``.report``): the purge committed and stands, only its erasure is owed.
 
 A write racing into the prefix while the purge reads it makes the purge conflict; it runs
 again (``Store.run``'s retry, ``PURGE_RETRIES`` times), so it erases what that write
@@ -35,7 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
-from ..errors import EmptyArgumentError, TransactionTooLarge
+from ..errors import EmptyArgumentError, ErasureOwed, TransactionTooLarge
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -82,11 +85,33 @@ class Purge:
             raise TransactionTooLarge(
                 f"purge({prefix!r}) deletes more keys than one transaction may write "
                 f"({e}); nothing was purged: purge narrower prefixes first") from e
-        eng.drain()
         needles = sorted(set(present) | set(had_history))
+        done = {"txid": tx.id, "lsn": tx.lsn, "keys_deleted": len(present),
+                "keys_erased": len(needles)}
         kw = {} if progress is None else {"progress": progress}  # (as before when unasked)
-        out = (eng.erase_old_bytes(needles, **kw) if self.before_erase is None
-               else eng.erase_old_bytes(needles, after_rotate=self.before_erase, **kw))
-        out.update({"txid": tx.id, "lsn": tx.lsn, "keys_deleted": len(present),
-                    "keys_erased": len(needles)})
+        try:  # (committed: whatever fails from here on fails the erasure, not the purge)
+            eng.drain()
+            if eng.failure is not None:  # (the applier failed: the purge is not in LMDB)
+                eng.check_writable()
+            out = (eng.erase_old_bytes(needles, **kw) if self.before_erase is None
+                   else eng.erase_old_bytes(needles, after_rotate=self.before_erase, **kw))
+        except Exception as e:
+            raise _erasure_owed(eng, prefix, done, e) from e
+        out.update(done)
         return out
+
+
+def _erasure_owed(eng: "Engine", prefix: Any, done: dict, e: Exception) -> ErasureOwed:
+    """The error of a purge that committed but whose apply or erasure failed (``e``): says
+    so, with the purge's report (``erasure_owed``: True) and ``e``'s errno.  It raised
+    ``e`` itself before (a StateWriteError, a raw OSError from the LMDB swap...), which
+    read as a purge that failed: a caller retried, or recorded the data as not erased."""
+    read_only = eng.failure is not None or getattr(eng.wal, "failed", None) is not None
+    code = e.errno if isinstance(e, OSError) else None
+    return ErasureOwed(
+        f"purge({prefix!r}) committed (txid {done['txid']}): its keys are gone from every "
+        f"API and the purge stands, but erasing their old bytes from the store's files "
+        f"failed ({type(e).__name__}: {e}); the erasure is owed: "
+        + ("the store turned read-only, and reopening it finishes the erasure"
+           if read_only else "the next checkpoint or writable open finishes it"),
+        dict(done, erasure_owed=True), code)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+import walstore
+
 from . import WalstoreCommand, main
 from .common import JSON, PATH, open_store
 from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
@@ -77,6 +79,13 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
         end_progress()
         try:
             doc = store.purge(prefix, progress=None if as_json else progress_printer("purge"))
+        except walstore.ErasureOwed as e:  # (committed: never said as "purge failed")
+            cause = e.__cause__
+            fail(f"purge of {show_key(prefix)} committed (transaction {e.txid}, "
+                 f"{e.report.get('keys_erased')} key(s) erased from every read), but erasing "
+                 f"their old bytes from the store's files failed: "
+                 f"{type(cause).__name__}: {cause}; the erasure is owed: the next writable "
+                 f"open of the store (or `walstore checkpoint {path}`) finishes it")
         finally:
             end_progress()
     doc["lsn"] = int(doc["lsn"]) if doc.get("lsn") is not None else None

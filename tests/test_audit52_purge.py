@@ -1,0 +1,135 @@
+"""Audit 52, purge: what a purge reports when a step after its commit fails, and the
+purge's own steps under real faults and real processes.
+
+Faults are real: ``tools.faults.FaultBackend`` (the ``walstore.fileio`` seam) fails the
+LMDB commit that applies the purge, LMDB's sync at its checkpoint, a rename or a directory
+fsync of the LMDB swap, the WAL's new segment, the quarantine scrub's unlink — on real
+files; afterwards the marker is grepped in every file of the store directory.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import walstore  # noqa: E402
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+from store_support import files_with  # noqa: E402
+
+MARKER = b"AUDIT52-PURGE-c41d"
+
+
+def fill(s) -> None:
+    for i in range(30):
+        with s.transaction() as tx:
+            tx.put(f"conv/{i % 4}", f"{MARKER.decode()}-{i}")
+            tx.put(f"keep/{i}", i)
+
+
+# ---- 1. a purge that committed but whose apply or erasure failed says so ---------------------
+
+FAULTS = {
+    # the LMDB commit that applies the purge (a disk error in LMDB)
+    "apply": (lambda fb: fb.fail_lmdb("commit"), True),
+    # LMDB's sync at the purge's checkpoint
+    "lmdb-sync": (lambda fb: fb.fail_lmdb("sync"), True),
+    # the WAL's fresh segment the purge's erasure rotates to (a full disk)
+    "new-segment": (lambda fb: fb.fail("open", errno.ENOSPC, path="*.wal"), False),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_a_purge_that_committed_but_whose_erasure_failed_raises_erasure_owed(tmp_path, fault):
+    # Before: the purge raised the step's own error (StateWriteError, WalWriteError, a raw
+    # OSError from the LMDB swap), which read as a purge that failed although it had
+    # committed: nothing said its keys were gone for good and the erasure owed.
+    path = str(tmp_path / "s")
+    arm, turns_read_only = FAULTS[fault]
+    s = walstore.open(path)
+    try:
+        fill(s)
+        fb = FaultBackend()
+        with installed(fb):
+            rule = arm(fb)
+            with pytest.raises(walstore.ErasureOwed) as err:
+                s.purge("conv/")
+        assert rule.fired == 1
+        e = err.value
+        assert isinstance(e, walstore.StoreIOError) and isinstance(e, OSError)
+        assert e.report["erasure_owed"] is True and e.txid == e.report["txid"]
+        assert e.report["keys_deleted"] == 4 and e.lsn is not None
+        assert "committed" in str(e) and e.__cause__ is not None
+        assert ("reopen" in str(e)) == turns_read_only
+        # the purge stands in this process: no API returns the keys
+        assert s.get("conv/1") is None and s.history("conv/1") == []
+        assert s.get("keep/3") == 3  # (reads go on: the swap's failure left LMDB readable)
+        assert s.log(limit=1)[0].txid == e.txid
+        if not turns_read_only:  # the store goes on, and its next checkpoint erases
+            with s.transaction() as tx:
+                tx.put("after", 1)
+            assert files_with(path, MARKER)
+            s.checkpoint()
+            assert files_with(path, MARKER) == []
+    finally:
+        try:
+            s.close()
+        except walstore.WalstoreError:
+            pass  # (a store that turned read-only may say so at close)
+    with walstore.open(path) as s:  # the open finishes the owed erasure
+        assert s.get("conv/1") is None and s.get("keep/29") == 29
+        assert s._engine.erase_owed() == []
+        assert [t.txid for t in s.log(limit=3)].count(e.txid) == 1  # (committed once)
+    assert files_with(path, MARKER) == []
+
+
+def test_a_purge_whose_quarantine_scrub_fails_raises_erasure_owed_and_the_open_finishes(
+        tmp_path):
+    from test_purge import crashed_store, quarantined_bins, tear_last_record
+    path = crashed_store(tmp_path, "user/42/card", MARKER.decode())
+    tear_last_record(path, b"user/42/card", 6, 0x80)
+    with walstore.open(path) as s:
+        assert quarantined_bins(path)
+        fb = FaultBackend()
+        with installed(fb):
+            rule = fb.fail("unlink", errno.EIO, path="*/quarantine/*")
+            with pytest.raises(walstore.ErasureOwed) as err:
+                s.purge("user/42/")
+        assert rule.fired == 1 and "the next checkpoint" in str(err.value)
+        assert files_with(path, MARKER)  # (the quarantined copy is still there)
+    with walstore.open(path) as s:
+        assert s._engine.erase_owed() == []
+    assert files_with(path, MARKER) == [] and quarantined_bins(path) == []
+
+
+def test_the_cli_says_a_purge_committed_when_its_erasure_failed(tmp_path):
+    """`walstore purge` run in a process whose WAL cannot make its next segment: exit 1, and the message
+    (and --json's type) says the purge committed and the erasure is owed."""
+    import json
+    import subprocess
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        fill(s)
+    code = (
+        "import sys, errno; sys.path.insert(0, sys.argv[1])\n"
+        "from tools.faults import FaultBackend, installed\n"
+        "from walstore.cli import main\n"
+        "fb = FaultBackend(); fb.fail('open', errno.ENOSPC, path='*/wal/*[1-9]*.wal')\n"
+        "with installed(fb):\n"
+        "    main(['purge', sys.argv[2], 'conv/', '--yes', '--json'])\n")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT), path], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["error"]["type"] == "ErasureOwed", doc
+    assert "committed" in r.stdout and "owed" in r.stdout
+    with walstore.open(path) as s:
+        assert s.get("conv/1") is None
+    assert files_with(path, MARKER) == []
