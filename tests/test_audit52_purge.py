@@ -43,6 +43,12 @@ FAULTS = {
     "lmdb-sync": (lambda fb: fb.fail_lmdb("sync"), True),
     # the WAL's fresh segment the purge's erasure rotates to (a full disk)
     "new-segment": (lambda fb: fb.fail("open", errno.ENOSPC, path="*.wal"), False),
+    # the compacted data file renamed in over the old one
+    "swap-data": (lambda fb: fb.fail("rename", errno.EIO, path="*/db.compact/data.mdb"), False),
+    # the fresh lock file renamed in after the data file
+    "swap-lock": (lambda fb: fb.fail("rename", errno.EIO, path="*/db.compact/lock.mdb"), True),
+    # the directory's fsync after both renames
+    "swap-fsync": (lambda fb: fb.fail("fsync_dir", errno.EIO, path="*/s/db"), True),
 }
 
 
@@ -132,4 +138,47 @@ def test_the_cli_says_a_purge_committed_when_its_erasure_failed(tmp_path):
     assert "committed" in r.stdout and "owed" in r.stdout
     with walstore.open(path) as s:
         assert s.get("conv/1") is None
+    assert files_with(path, MARKER) == []
+
+
+# ---- 2. a failed swap of the rewritten LMDB file left the process unable to read -------------
+
+@pytest.mark.parametrize("which", ["data.mdb", "lock.mdb"])
+def test_a_failed_swap_of_the_rewritten_lmdb_file_leaves_the_store_readable(tmp_path, which):
+    # Before: the swap closed this process's LMDB environment, then a rename failed and
+    # the raw OSError left (not a WalstoreError); the environment stayed closed, so every
+    # later read raised CorruptionError ("the LMDB environment is not a walstore state")
+    # and close() an LMDB error ("Attempt to operate on closed/deleted/dropped object").
+    # Now it is reopened on the data file in place: a failed data rename leaves the old
+    # file and the store goes on (the erasure owed); a failed lock rename after the new
+    # data file went in stops writing (as a crash between the renames), reads go on.
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    try:
+        fill(s)
+        fb = FaultBackend()
+        with installed(fb):
+            fb.fail("rename", errno.EIO, path=f"*/db.compact/{which}")
+            with pytest.raises(walstore.ErasureOwed) as err:
+                s.purge("conv/")
+        assert isinstance(err.value.__cause__, walstore.WalstoreError)
+        assert not os.path.exists(os.path.join(path, "db.compact"))
+        assert [k for k, _v in s.scan(prefix="keep/")] == sorted(f"keep/{i}" for i in range(30))
+        assert s.get("conv/2") is None and s.history("keep/5")[0].value == 5
+        if which == "data.mdb":
+            with s.transaction() as tx:
+                tx.put("after", 1)
+            assert s.get("after") == 1
+        else:
+            with pytest.raises(walstore.ReadOnlyError):
+                with s.transaction() as tx:
+                    tx.put("after", 1)
+    finally:
+        try:
+            s.close()
+        except walstore.WalstoreError:
+            pass
+    with walstore.open(path) as s:
+        assert s.get("keep/7") == 7 and s.get("conv/2") is None
+        assert s._engine.erase_owed() == []
     assert files_with(path, MARKER) == []

@@ -740,7 +740,11 @@ class Engine:
             owed = self.erase_owed()  # (the ranges of every purge applied so far)
             needles = list(needles) + [bytes(lo) for lo, _hi in owed if lo]
             with self._apply_lock:
-                before, after = self.state.compact(progress)
+                try:
+                    before, after = self.state.compact(progress)
+                except StateWriteError as e:  # (the swap failed half-way: stop writing)
+                    self.fail(e)
+                    raise
             gone = self._scrub_quarantine(needles, [(bytes(lo), None if hi is None
                                                      else bytes(hi)) for lo, hi in owed])
             out.update({"lmdb_bytes_before": before, "lmdb_bytes_after": after,

@@ -54,6 +54,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -514,7 +515,41 @@ class LmdbState:
             def swap() -> None:
                 size = shared["env"].info()["map_size"]
                 shared["env"].close()
-                fileio.rename(fresh, self.data_file)
+                try:
+                    renamed_in = False
+                    fileio.rename(fresh, self.data_file)
+                    renamed_in = True
+                    _swap_lock_file()
+                except OSError as e:
+                    # (a rename or the directory's fsync failed: this process's environment
+                    # was closed already, and every read raised CorruptionError ("not a
+                    # walstore state") and close() an LMDB error, while the OSError left
+                    # raw.  Reopened on the data file now in place, so reads go on)
+                    with contextlib.suppress(lmdb.Error, OSError, WalstoreError):
+                        shared["env"] = self._new_env(False, size)
+                        shared["file_id"] = _file_id(self.data_file)
+                        self._open_tables(shared)
+                        for handle in list(shared["handles"]):
+                            handle._adopt(shared)
+                    if not renamed_in:  # nothing swapped: the old file and lock file stand
+                        raise StoreIOError(
+                            e.errno if e.errno is not None else errno.EIO,
+                            f"swapping in the LMDB data file rewritten without its free "
+                            f"pages (a purge's erasure) failed: {e}; nothing was swapped, "
+                            f"and the erasure stays owed: the next checkpoint or writable "
+                            f"open tries again", e.filename) from e
+                    # the new data file is in, beside a lock file in doubt: stop writing
+                    # until reopened (as a crash between the two renames would leave it)
+                    raise StateWriteError(f"swapping in the LMDB data file rewritten "
+                                          f"without its free pages failed after the data "
+                                          f"file was renamed in: {e}; reopen the store") from e
+                shared["env"] = self._new_env(False, size)
+                shared["file_id"] = _file_id(self.data_file)
+                self._open_tables(shared)
+                for handle in list(shared["handles"]):
+                    handle._adopt(shared)
+
+            def _swap_lock_file() -> None:
                 # and a fresh lock file: LMDB keeps the last transaction id in lock.mdb's
                 # shared memory, and a reader process that has it open keeps it alive, so
                 # the new file would be read through the OLD file's id (its meta page
@@ -524,12 +559,11 @@ class LmdbState:
                 # replaced reopens both.  (Renamed in, allocated: see _preallocate_lock.)
                 fileio.rename(os.path.join(work, "lock.mdb"), os.path.join(self.path, "lock.mdb"))
                 fileio.fsync_dir(self.path)
-                shared["env"] = self._new_env(False, size)
-                shared["file_id"] = _file_id(self.data_file)
-                self._open_tables(shared)
-                for handle in list(shared["handles"]):
-                    handle._adopt(shared)
-            self.gate.exclusive(swap)
+            try:
+                self.gate.exclusive(swap)
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
         shutil.rmtree(work, ignore_errors=True)
         return before, os.path.getsize(self.data_file)
 
