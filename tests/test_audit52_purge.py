@@ -182,3 +182,35 @@ def test_a_failed_swap_of_the_rewritten_lmdb_file_leaves_the_store_readable(tmp_
         assert s.get("keep/7") == 7 and s.get("conv/2") is None
         assert s._engine.erase_owed() == []
     assert files_with(path, MARKER) == []
+
+
+# ---- 3. the owed erasure's quarantine scrub failing in checkpoint() / open() -----------------
+
+def test_a_failing_quarantine_scrub_of_an_owed_erasure_is_a_walstore_error_everywhere(tmp_path):
+    # Before: checkpoint() and open() finishing an owed erasure let the scrub's raw OSError
+    # out (README: no raw OSError leaves the API); now a StoreIOError (errno and file
+    # kept) that says the erasure stays owed — and the store still opens once it can.
+    from test_purge import crashed_store, quarantined_bins, tear_last_record
+    path = crashed_store(tmp_path, "user/42/card", MARKER.decode())
+    tear_last_record(path, b"user/42/card", 6, 0x80)
+    fb = FaultBackend()
+    s = walstore.open(path)
+    try:
+        with installed(fb):
+            fb.fail("unlink", errno.EIO, path="*/quarantine/*", times=None)
+            with pytest.raises(walstore.ErasureOwed):
+                s.purge("user/42/")
+            with pytest.raises(walstore.StoreIOError) as err:
+                s.checkpoint()
+            assert err.value.errno == errno.EIO and "owed" in str(err.value)
+            assert "quarantine" in str(err.value.filename)
+            s.close()
+            with pytest.raises(walstore.StoreIOError) as err:
+                walstore.open(path)
+            assert err.value.errno == errno.EIO and "owed" in str(err.value)
+    finally:
+        s.close()
+    assert files_with(path, MARKER)  # (still owed: the copy could not be removed)
+    with walstore.open(path) as s:
+        assert s._engine.erase_owed() == []
+    assert files_with(path, MARKER) == [] and quarantined_bins(path) == []

@@ -795,7 +795,15 @@ class Engine:
         """Remove the quarantined copies that may hold erased keys (walstore.engine.scrub
         decides); returns their names."""
         from .scrub import scrub_quarantine
-        return scrub_quarantine(self.layout.quarantine, needles, ranges)
+        try:
+            return scrub_quarantine(self.layout.quarantine, needles, ranges)
+        except OSError as e:  # (left raw from checkpoint() and open(): never an OSError
+            if isinstance(e, WalstoreError):  # outside the family)
+                raise
+            raise StoreIOError(e.errno if e.errno is not None else errno.EIO,
+                               f"removing the quarantined copies that may hold erased keys "
+                               f"failed: {e.strerror or e}; the erasure stays owed: the next "
+                               f"checkpoint or writable open tries again", e.filename) from e
 
     # ---- writing ------------------------------------------------------------------------
     def next_txid(self) -> int:
