@@ -214,3 +214,74 @@ def test_a_failing_quarantine_scrub_of_an_owed_erasure_is_a_walstore_error_every
     with walstore.open(path) as s:
         assert s._engine.erase_owed() == []
     assert files_with(path, MARKER) == [] and quarantined_bins(path) == []
+
+
+# ---- 4. restore --compensate with a purge after the cut -------------------------------------
+
+def _in_flight_at_the_cut_then_purged(tmp_path, seen):
+    """A replica (file://) whose log has, at the cut (tx3), a transaction in flight (tx2)
+    that wrote f.txt (v1) and then ran a compensable action; tx2 commits after the cut,
+    then a purge."""
+    from walstore.replication.restore import restore  # noqa: F401  (the [s3]-free path)
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "f.txt").write_text("orig")
+    url = "file://" + str(tmp_path / "replica")
+
+    def refund(act):
+        seen.append((root / "f.txt").read_text())
+    s = walstore.open(str(tmp_path / "s"), replicate_to=url, compensators={"refund": refund})
+    try:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:
+            tx.put("conv/1", MARKER.decode())
+        tx2 = s.transaction()
+        tx2.files(ws).write("f.txt", "v1")
+        with tx2.action("charge", compensate="refund") as act:  # (newer than the write)
+            act.result = {"charge": 1}
+        tx3 = s.transaction()
+        tx3.put("other", 1)
+        tx3.commit()
+        tx2.put("x", 1)
+        tx2.commit()
+        s.purge("conv/")
+        s.sync_replica()
+    finally:
+        s.close()
+    assert (root / "f.txt").read_text() == "v1" and seen == []
+    return url, root, tx3.id, refund
+
+
+def test_restore_compensate_across_a_purge_undoes_newest_first_at_the_first_open(tmp_path):
+    # Before: with a purge after the cut, restore() applied it in the staged copy through
+    # an ordinary first open, which (a --compensate copy) put the in-flight transaction's
+    # files back right there — inside restore(), before DEST existed — while its
+    # compensations waited for DEST's open with the handlers: the refund, newer than the
+    # file write, ran after the write was undone (it saw "orig", not "v1"). Without the
+    # purge the same restore undoes both at the first open, newest first.
+    from walstore.replication.restore import restore
+    seen: list = []
+    url, root, cut, refund = _in_flight_at_the_cut_then_purged(tmp_path, seen)
+    dest = str(tmp_path / "dest")
+    rep = restore(url, dest, to=cut, compensate=True)
+    assert rep["purges_applied"] == ["conv/"] and len(rep["in_flight_txids"]) == 1
+    assert (root / "f.txt").read_text() == "v1"  # restore() itself changes no workspace
+    with walstore.open(dest, compensators={"refund": refund}) as d:
+        assert seen == ["v1"]  # newest first: the compensation before the file's undo
+        assert (root / "f.txt").read_text() == "orig"
+        assert [(a.name, a.state) for a in d.actions()] == [("charge", "compensated")]
+        assert d.get("conv/1") is None and d.get("other") == 1 and d.get("x") is None
+    assert files_with(dest, MARKER) == []
+
+
+def test_restore_without_compensate_across_a_purge_still_holds_the_debts(tmp_path):
+    from walstore.replication.restore import restore
+    seen: list = []
+    url, root, cut, refund = _in_flight_at_the_cut_then_purged(tmp_path, seen)
+    dest = str(tmp_path / "dest")
+    rep = restore(url, dest, to=cut)
+    assert [e["held"] for e in rep["owed_file_effects"]] == [True]
+    with walstore.open(dest, compensators={"refund": refund}) as d:
+        assert seen == [] and (root / "f.txt").read_text() == "v1"  # held: never undone
+        assert [(a.name, a.state, a.held) for a in d.actions()] == [("charge", "pending", True)]
+        assert d.get("conv/1") is None

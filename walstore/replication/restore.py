@@ -719,13 +719,29 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
 
 
 def _apply_purges(stage: str, prefixes: list) -> None:
-    """Purge ``prefixes`` in the staged copy: its first writable open (a copy's: the
-    debts it inherited held, as the user's first open would hold them; with
-    ``--compensate`` its file effects put back and its actions left pending for that
-    open's compensators; and the erasure a replayed purge owes finished), then
+    """Purge ``prefixes`` in the staged copy: its first writable open (recovery's REDO
+    and the losers' ABORTs; the debts it inherited — compensations and file effects of
+    the transactions in flight at the cut — held, as a copy's first open holds them, or
+    with ``--compensate`` left owed, untouched, for DEST's first open to undo newest
+    first with its handlers; and the erasure a replayed purge owes finished), then
     ``purge``, which erases and compacts as in any store."""
-    from .. import open as open_store
-    with open_store(stage, durability="full") as store:
+    from ..store import Store
+
+    class _Staged(Store):
+        def _settle_recovery(self) -> None:
+            """Left to DEST's first open.  Settled here, a ``--compensate`` copy's files
+            were put back inside ``restore`` (the workspace changed before DEST existed,
+            even when the install then failed) and before the compensations, which only
+            DEST's open with the handlers runs: an action newer than a file change was
+            compensated after the change was undone, not newest first as on rollback
+            (audit 52).  Owed rows stay owed.  A copy without ``--compensate`` holds them
+            here as before (this open clears the copy's origin: DEST's open would undo
+            what it did not hold)."""
+            origin = self._engine.origin
+            if origin is None or not origin.get("compensate"):
+                super()._settle_recovery()
+
+    with _Staged(stage, durability="full") as store:
         for prefix in prefixes:
             store.purge(prefix)
 
