@@ -285,3 +285,72 @@ def test_restore_without_compensate_across_a_purge_still_holds_the_debts(tmp_pat
         assert seen == [] and (root / "f.txt").read_text() == "v1"  # held: never undone
         assert [(a.name, a.state, a.held) for a in d.actions()] == [("charge", "pending", True)]
         assert d.get("conv/1") is None
+
+
+# ---- 5. an owed erasure finished by a checkpoint ships first (no hole in the replica) --------
+
+def test_a_checkpoint_finishing_an_owed_erasure_ships_first_and_leaves_no_hole(tmp_path):
+    # Before: store.checkpoint() finished an owed erasure (a purge that raised
+    # ErasureOwed) with no shipping first: its trim (pins overridden) dropped the commits
+    # made since, unshipped; the replica recorded a hole and a restore to any of them
+    # failed (UnknownRestorePoint / "hole in the replica's WAL"), as the open did before
+    # probe-follow45.
+    from walstore.replication.restore import replicas, restore
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/replica"
+    s = walstore.open(path, replicate_to=url, replicate_options={"interval": 3600})
+    try:
+        fill(s)
+        s.sync_replica(timeout=30)
+        fb = FaultBackend()
+        with installed(fb):
+            fb.fail("rename", errno.EIO, path="*/db.compact/data.mdb")
+            with pytest.raises(walstore.ErasureOwed):
+                s.purge("conv/")
+        txids = []
+        for i in range(10):  # not shipped: the next round is an hour away
+            with s.transaction() as tx:
+                tx.put(f"after/{i}", i)
+            txids.append(tx.id)
+        assert s._engine.erase_owed()
+        s.checkpoint()
+        assert s._engine.erase_owed() == [] and files_with(path, MARKER) == []
+        s.sync_replica(timeout=30)
+    finally:
+        s.close()
+    assert replicas(url)["holes"] == []
+    rep = restore(url, str(tmp_path / "pitr"), to=txids[4])
+    with walstore.open(str(tmp_path / "pitr"), readonly=True) as c:
+        assert c.get("after/4") == 4 and c.get("after/5") is None and c.get("conv/1") is None
+    assert rep["cut_lsn"] > 0
+
+
+def test_an_open_with_retention_finishing_an_owed_erasure_ships_first(tmp_path):
+    # Before: a writable open after a crash with retention set ran its trimming
+    # checkpoint (Store._trim_after_recovery) before the shipper started, and that
+    # checkpoint finished the owed erasure: the probe-follow45 hole again, for every
+    # store with retain_transactions / retain_seconds.
+    import subprocess
+    from test_replication_purge_crash import DIE_AT_THE_ERASURE, _lsn_of_keep
+    from walstore.replication.restore import replicas
+    from store_support import cli_env
+    src, url = str(tmp_path / "s"), f"file://{tmp_path}/replica"
+    # killed before the purge is applied (its commit durable): the open REDOes it, so
+    # its trimming checkpoint runs, with the erasure owed
+    die = DIE_AT_THE_ERASURE.replace("s._engine.erase_old_bytes = killed",
+                                     "s._engine.drain = killed")
+    assert die != DIE_AT_THE_ERASURE
+    p = subprocess.run([sys.executable, "-c", die, src, url], env=cli_env(), timeout=120)
+    assert p.returncode == -9
+    s = walstore.open(src, replicate_to=url, replicate_options={"interval": 0.05},
+                      retain_transactions=1000)
+    assert s.last_recovery.redone
+    try:
+        assert s.get("user/1") is None and s.get("keep/19") == 19
+        s.sync_replica(timeout=30)
+    finally:
+        s.close()
+    assert files_with(src, b"ERASE-ME-4512") == []
+    assert replicas(url)["holes"] == []
+    walstore.restore(url, str(tmp_path / "pitr"), to=walstore.LSN(_lsn_of_keep(src)))
+    with walstore.open(str(tmp_path / "pitr"), readonly=True) as c:
+        assert c.get("keep/19") == 19 and c.get("user/19") is None

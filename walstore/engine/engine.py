@@ -662,15 +662,20 @@ class Engine:
             pass
 
     # ---- checkpoints --------------------------------------------------------------------
-    def checkpoint(self) -> dict:
-        """Apply all, sync LMDB, log a checkpoint, drop WAL segments no longer needed."""
+    def checkpoint(self, after_rotate: Callable[[], None] | None = None,
+                   finish_erasure: bool = True) -> dict:
+        """Apply all, sync LMDB, log a checkpoint, drop WAL segments no longer needed.
+        With a purge's erasure owed (``finish_erasure``) it finishes it, ``after_rotate``
+        as ``erase_old_bytes`` takes it: the store's replication ships up to the log's end
+        first — called without it, the erasure's trim (pins overridden) dropped segments
+        the replica had not received, a hole no point-in-time restore crossed."""
         self.check_open()
         if self.readonly:
             raise ReadOnlyError("a read-only store cannot checkpoint")
         self.check_writable()
         out = self._checkpoint()
-        if self.erase_owed():  # a purge's erasure a crash interrupted: this checkpoint's
-            out = self.erase_old_bytes([])
+        if finish_erasure and self.erase_owed():  # a purge's erasure a crash (or a
+            out = self.erase_old_bytes([], after_rotate=after_rotate)  # failure) cut short
         return out
 
     def _checkpoint(self, ignore_pins: bool = False, background: bool = False) -> dict:
