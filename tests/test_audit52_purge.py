@@ -1,10 +1,22 @@
 """Audit 52, purge: what a purge reports when a step after its commit fails, and the
 purge's own steps under real faults and real processes.
 
+1. A purge that committed but whose apply or erasure failed raises ``ErasureOwed``
+   (it raised the step's own error, read as a failed purge); the CLI says so too.
+2. A failed swap of the rewritten LMDB file leaves the store readable (its environment
+   was left closed: every read raised CorruptionError).
+3. The owed erasure's quarantine scrub failing in ``checkpoint()``/``open()`` is a
+   StoreIOError (a raw OSError left).
+4. ``restore --compensate`` across a purge after the cut undoes files and compensations
+   at DEST's first open, newest first (the files were put back inside ``restore``).
+5. An owed erasure finished by ``checkpoint()`` or by an open's trimming checkpoint ships
+   first (it trimmed unshipped commits: a hole in the replica).
+
 Faults are real: ``tools.faults.FaultBackend`` (the ``walstore.fileio`` seam) fails the
 LMDB commit that applies the purge, LMDB's sync at its checkpoint, a rename or a directory
 fsync of the LMDB swap, the WAL's new segment, the quarantine scrub's unlink — on real
-files; afterwards the marker is grepped in every file of the store directory.
+files; writers are killed with SIGKILL in real processes; replicas are file:// ones.
+Afterwards the marker is grepped in every file of the store directory.
 """
 from __future__ import annotations
 
