@@ -127,10 +127,10 @@ class ErasureOwed(StoreIOError):
     (it cannot be undone, and retrying it is not needed) — but a step after its commit
     failed: applying it to LMDB or erasing the old bytes from the store's files (the cause
     is chained: a full disk, an I/O error).  The erasure is owed, recorded with the purge's
-    rows in LMDB (or by its record in the log, which the next open replays), and the next checkpoint
-    or writable open finishes it; when the failure turned the store read-only, reopen it.
-    So the data is erased from every API now and from every file once that runs: do not
-    report the purge as failed.  ``report``: the purge's ``txid``, ``lsn``,
+    rows in LMDB (or by its record in the log, which the next open replays), and
+    ``store.checkpoint()`` or the next writable open finishes it; when the failure
+    turned the store read-only, reopen it.  So the data is erased from every API now
+    and from every file once that runs: do not report the purge as failed.  ``report``: the purge's ``txid``, ``lsn``,
     ``keys_deleted``, ``keys_erased`` and ``"erasure_owed": True``; ``errno``: the cause's
     (None when it had none).  A ``StoreIOError`` (an ``OSError``), as the failures it
     wraps mostly were."""

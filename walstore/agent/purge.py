@@ -113,5 +113,5 @@ def _erasure_owed(eng: "Engine", prefix: Any, done: dict, e: Exception) -> Erasu
         f"API and the purge stands, but erasing their old bytes from the store's files "
         f"failed ({type(e).__name__}: {e}); the erasure is owed: "
         + ("the store turned read-only, and reopening it finishes the erasure"
-           if read_only else "the next checkpoint or writable open finishes it"),
+           if read_only else "store.checkpoint() or the next writable open finishes it"),
         dict(done, erasure_owed=True), code)
