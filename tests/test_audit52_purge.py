@@ -366,3 +366,25 @@ def test_an_open_with_retention_finishing_an_owed_erasure_ships_first(tmp_path):
     walstore.restore(url, str(tmp_path / "pitr"), to=walstore.LSN(_lsn_of_keep(src)))
     with walstore.open(str(tmp_path / "pitr"), readonly=True) as c:
         assert c.get("keep/19") == 19 and c.get("user/19") is None
+
+
+# ---- documented (README, purge), checked: a prepared transaction's key under the prefix ------
+
+@pytest.mark.parametrize("decide", ["commit_prepared", "rollback_prepared"])
+def test_a_purge_over_a_prepared_transactions_key_is_refused_until_it_is_decided(tmp_path,
+                                                                                   decide):
+    # (passes before: the behaviour was right but undocumented; README now says it)
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("conv/a", MARKER.decode() + "-old")
+        tx = s.transaction()
+        tx.put("conv/x", MARKER.decode() + "-prepared")
+        tx.prepare("g1")
+        with pytest.raises(walstore.ConflictError) as err:
+            s.purge("conv/")
+        assert err.value.keys == ["conv/x"] and s.get("conv/a") is not None  # nothing purged
+        getattr(s, decide)("g1")
+        s.purge("conv/")
+        assert s.get("conv/x") is None and s.get("conv/a") is None
+    assert files_with(path, MARKER) == []
