@@ -35,7 +35,10 @@ Invariants:
   gate as well, one at a time, so no other thread's read transaction is open meanwhile;
 - a compaction (a purge's checkpoint) or a reopen swaps the environment and every table
   handle of the process: callers name tables (``get(key, "txns")``, ``scan(..., db=
-  "hist")``) and the handle is looked up inside the gate, never carried across it;
+  "hist")``) and the handle is looked up inside the gate, never carried across it; a
+  swap whose rename or directory fsync fails reopens the environment on the data file
+  then in place (the old one: a StoreIOError, the store goes on; the new one, beside a
+  lock file in doubt: a StateWriteError, the store stops writing until reopened);
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
   not with the map) and doubles when full, which the user never sees;
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
