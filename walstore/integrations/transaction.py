@@ -16,7 +16,9 @@ outside the manager, e.g. rolled back by ``store.close()``: voting yes for it co
 others without walstore's part; one the caller committed itself, ``tx.commit()``, votes
 yes: its writes stand, and a "no" aborted the others beside them; one of a store opened
 read-only, which can hold no writes, prepares nothing: its reads commit and it votes yes;
-every walstore store of one transaction prepares under one gid); ``tpc_finish`` commits
+every walstore store of one transaction prepares under one gid; one that holds nothing —
+no write, no action, no file change — commits at its vote, its reads validated there, and
+logs nothing: no fsync, no decision row); ``tpc_finish`` commits
 the prepared transaction (it cannot conflict any more: its keys are held since the
 vote); ``abort``/``tpc_abort`` roll back (a prepared one through rollback_prepared) —
 except once every participant voted yes and one of them *finished* (committed): the
@@ -95,6 +97,16 @@ class WalstoreDataManager:
                 f"store was closed under it): it cannot vote to commit; nothing of it is "
                 f"committed")
         if self.tx.gid is None:
+            if self._holds_nothing():
+                # nothing written, no action, no file change: its commit writes no record
+                # (``tx.commit()`` of an empty transaction validates its reads and logs
+                # nothing), so it commits now and votes yes at no fsync; preparing it
+                # logged a PREPARE and its finish a COMMIT, two fsyncs for nothing.  Its
+                # reads are validated here, against every commit and every prepared
+                # transaction's hold, as a prepare would (a conflict is the "no")
+                self.tx.commit()
+                self._wrote_nothing = True  # (not a finish deciding the others: _anyone_finished)
+                return
             if self.store.readonly and not self.tx.writes and not self.tx.effects:
                 # (a read-only store's transaction holds nothing it could prepare: its
                 # commit writes nothing, as in ``with ro.transaction()``, and votes yes;
@@ -103,6 +115,12 @@ class WalstoreDataManager:
                 self._wrote_nothing = True  # (its finish commits nothing: not a finish
                 return                      # that decides the others, _anyone_finished)
             self.tx.prepare(_shared_gid(txn))
+
+    def _holds_nothing(self) -> bool:
+        """Its commit would log nothing: no write, no effect, no scope, no commit body."""
+        tx = self.tx
+        return (not tx.writes and not tx.effects and tx.scope is None and not tx.commit_body
+                and not self.store.readonly)
 
     def tpc_finish(self, txn) -> None:
         self._finishing = True

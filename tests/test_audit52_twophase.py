@@ -1,0 +1,178 @@
+"""Audit 52 (probe4): two-phase commit, the ``transaction`` data manager and the 2PC verbs.
+
+Each test is named after the promise it checks; its comment says what went wrong before.
+Real stores, a real second resource (stdlib sqlite3), real processes where a crash is
+involved; nothing of walstore is mocked.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+transaction = pytest.importorskip("transaction")
+
+import walstore  # noqa: E402
+from walstore.integrations.transaction import join  # noqa: E402
+
+WALSTORE = [sys.executable, "-m", "walstore"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _env() -> dict:
+    """A child imports this checkout's walstore, wherever it runs."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]]
+                                                      if env.get("PYTHONPATH") else []))
+    return env
+
+
+class Sqlite:
+    """A foreign IDataManager over one sqlite3 connection (table kv); ``on_vote`` runs
+    inside its tpc_vote (what another thread does in the window between the votes and
+    the finishes)."""
+
+    def __init__(self, path, sort_key: str = "z-sqlite") -> None:
+        self.conn = sqlite3.connect(str(path), isolation_level=None)
+        self.conn.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT)")
+        self.transaction_manager = transaction.manager
+        self._sort_key = sort_key
+        self.on_vote = None
+
+    def put(self, k: str, v: str) -> None:
+        if not self.conn.in_transaction:
+            transaction.get().join(self)
+            self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (k, v))
+
+    def rows(self) -> dict:
+        return dict(self.conn.execute("SELECT k, v FROM kv"))
+
+    def abort(self, txn) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    tpc_abort = abort
+
+    def tpc_begin(self, txn) -> None:
+        pass
+
+    def commit(self, txn) -> None:
+        pass
+
+    def tpc_vote(self, txn) -> None:
+        if self.on_vote is not None:
+            self.on_vote()
+
+    def tpc_finish(self, txn) -> None:
+        self.conn.execute("COMMIT")
+
+    def sortKey(self) -> str:
+        return self._sort_key
+
+
+@pytest.fixture(autouse=True)
+def clean_manager():
+    transaction.manager.abort()
+    yield
+    transaction.manager.abort()
+
+
+class SyncCounter:
+    """Counts the fdatasync/fsync calls the calling thread makes while it is entered
+    (os-level: walstore's WAL syncs of a commit go through them in the committing
+    thread; a background thread's own work, the applier's, is not the commit's cost)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.thread = threading.get_ident()
+
+    def __enter__(self) -> "SyncCounter":
+        self._fd, self._fs = os.fdatasync, os.fsync
+
+        def fd(f):
+            self.calls += threading.get_ident() == self.thread
+            return self._fd(f)
+
+        def fs(f):
+            self.calls += threading.get_ident() == self.thread
+            return self._fs(f)
+
+        os.fdatasync, os.fsync = fd, fs
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.fdatasync, os.fsync = self._fd, self._fs
+
+
+@pytest.mark.parametrize("body", ["nothing", "reads"])
+def test_zope_an_empty_walstore_participant_costs_no_fsync(tmp_path, body):
+    # Before: a store joined to a ``transaction`` transaction with nothing written (an
+    # agent step that only read its state, or wrote nothing this time) prepared at the
+    # vote (a PREPARE, fsynced) and committed at the finish (a COMMIT, fsynced): two
+    # fsyncs, two WAL records and a decision row kept for good, for nothing.  Now its
+    # reads are validated at the vote and nothing is logged.
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    other = Sqlite(tmp_path / "other.sqlite")
+    try:
+        with s.transaction() as t:
+            t.put("config/limit", 40)
+        transaction.begin()
+        tx = join(s)
+        if body == "reads":
+            assert tx.get("config/limit") == 40
+        other.put("k", "v")
+        with SyncCounter() as syncs:
+            transaction.commit()
+        assert syncs.calls == 0
+        assert tx.state == "committed" and tx.gid is None
+        assert s.prepared() == []
+        assert other.rows() == {"k": "v"}
+    finally:
+        other.conn.close()
+        s.close()
+
+
+def test_zope_a_writing_walstore_participant_still_prepares_durably(tmp_path):
+    # (the companion: a participant that wrote prepares (fsync) and commits (fsync) as
+    # before — the empty case's shortcut weakens nothing)
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("agent/step", 8)
+        with SyncCounter() as syncs:
+            transaction.commit()
+        assert syncs.calls >= 2
+        assert tx.gid is not None and s.decision(tx.gid) == "commit"
+        assert s.get("agent/step") == 8
+    finally:
+        s.close()
+
+
+def test_zope_an_empty_participant_whose_reads_were_overwritten_votes_no(tmp_path):
+    # (the empty case's vote still validates what it read: a read overwritten by a
+    # commit since is a conflict, and the other resource commits nothing)
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    other = Sqlite(tmp_path / "other.sqlite")
+    try:
+        with s.transaction() as t:
+            t.put("config/limit", 40)
+        transaction.begin()
+        tx = join(s)
+        assert tx.get("config/limit") == 40
+        other.put("limit-seen", "40")
+        with s.transaction() as t:
+            t.put("config/limit", 10)
+        with pytest.raises(walstore.ConflictError):
+            transaction.commit()
+        assert other.rows() == {}
+    finally:
+        transaction.abort()
+        other.conn.close()
+        s.close()
