@@ -176,3 +176,86 @@ def test_zope_an_empty_participant_whose_reads_were_overwritten_votes_no(tmp_pat
         transaction.abort()
         other.conn.close()
         s.close()
+
+
+@pytest.mark.parametrize("decide", ["commit", "rollback"])
+def test_zope_abort_after_an_outside_decision_ends_quietly(tmp_path, decide):
+    # Before: a joined walstore transaction the caller prepared and then decided through
+    # the store (store.commit_prepared / rollback_prepared) still read "active"; the
+    # package's transaction.abort() rolled it back once more: rollback_prepared raised
+    # UnknownGid ("no prepared transaction") out of transaction.abort(), the data
+    # manager stayed registered, and join() handed the stale decided transaction out
+    # again (its writes refused: "prepared, takes no more writes").
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("a", 1)
+        tx.prepare("g-outside")
+        if decide == "commit":
+            s.commit_prepared("g-outside")
+        else:
+            s.rollback_prepared("g-outside")
+        transaction.abort()  # (raised UnknownGid)
+        want = "committed" if decide == "commit" else "rolled back"
+        assert tx.state == want
+        assert s.get("a") == (1 if decide == "commit" else None)
+        assert s.decision("g-outside") == ("commit" if decide == "commit" else "abort")
+        # the next transaction gets a fresh walstore transaction that commits
+        transaction.begin()
+        tx2 = join(s)
+        assert tx2 is not tx and tx2.state == "active"
+        tx2.put("b", 2)
+        transaction.commit()
+        assert s.get("b") == 2
+    finally:
+        s.close()
+
+
+def test_zope_join_after_an_outside_commit_prepared_gives_a_fresh_transaction(tmp_path):
+    # Before: after store.commit_prepared(gid) of the joined transaction, join() in the
+    # same ``transaction`` transaction returned that (committed) transaction, still
+    # "active", and every write through it raised TransactionClosed.
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("a", 1)
+        tx.prepare("g-c")
+        s.commit_prepared("g-c")
+        tx2 = join(s)
+        assert tx2 is not tx and tx.state == "committed"
+        tx2.put("a2", 2)
+        transaction.commit()
+        assert (s.get("a"), s.get("a2")) == (1, 2)
+    finally:
+        s.close()
+
+
+def test_zope_a_decision_made_between_vote_and_finish_is_a_finish_not_a_failure(tmp_path):
+    # Before: the joined transaction's gid committed by another caller after the votes
+    # (another thread's store.commit_prepared(gid), an operator's resolve loop) made
+    # walstore's tpc_finish raise UnknownGid ("already decided by another caller: it is
+    # committed"); the package then aborted the resources finishing after it: walstore
+    # committed, sqlite rolled back — the mixed outcome 2PC exists to prevent.
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    other = Sqlite(tmp_path / "other.sqlite", sort_key="z-after-walstore")
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("order/1", "paid")
+        other.put("order/1", "paid")
+
+        def decide_meanwhile():
+            [gid] = s.prepared()
+            s.commit_prepared(gid)
+
+        other.on_vote = decide_meanwhile  # (the votes are over for walstore: it sorts first)
+        transaction.commit()
+        assert tx.state == "committed"
+        assert s.get("order/1") == "paid"
+        assert other.rows() == {"order/1": "paid"}
+    finally:
+        transaction.abort()
+        other.conn.close()
+        s.close()

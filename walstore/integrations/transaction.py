@@ -20,7 +20,8 @@ every walstore store of one transaction prepares under one gid; one that holds n
 no write, no action, no file change — commits at its vote, its reads validated there, and
 logs nothing: no fsync, no decision row); ``tpc_finish`` commits
 the prepared transaction (it cannot conflict any more: its keys are held since the
-vote); ``abort``/``tpc_abort`` roll back (a prepared one through rollback_prepared) —
+vote; one another caller committed meanwhile, ``store.commit_prepared(gid)``, is
+finished); ``abort``/``tpc_abort`` roll back (a prepared one through rollback_prepared) —
 except once every participant voted yes and one of them *finished* (committed): the
 ``transaction`` package calls ``tpc_abort`` on all after a failure in some participant's
 ``tpc_finish`` (ours, e.g. a full disk, or another's), when those that finished before it
@@ -37,6 +38,9 @@ failed), and the failing finish is the one the package's commit loop stopped at.
 cannot be told (the outcome of the failing walstore finish is unknown: its COMMIT's fsync
 failed; or the failing resource cannot be named), walstore is left prepared, in doubt,
 with a warning naming both commands.
+A transaction the caller prepared and decided outside the manager (``store.commit_prepared``
+/ ``rollback_prepared``) ends as decided: the package's abort leaves it so, and ``join``
+then gives a fresh walstore transaction when it committed.
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
 ISavepointDataManager contract.  ``should_retry`` says a walstore ``ConflictError`` is
 transient, so ``transaction.manager.run(fn)`` and ``for attempt in
@@ -53,7 +57,8 @@ from typing import Any
 import transaction as _transaction
 
 from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, Transaction
-from ..errors import CommitOutcomeUnknown, ConflictError, WalstoreError
+from ..errors import (CommitOutcomeUnknown, ConflictError, UnknownGid,
+                      WalstoreError)
 
 
 class WalstoreDataManager:
@@ -72,6 +77,7 @@ class WalstoreDataManager:
 
     # IDataManager
     def abort(self, txn) -> None:
+        self._see_outside_decision()
         if self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn):
             return  # (after a failed commit: tpc_abort left it in doubt, see above)
         self._end()
@@ -83,11 +89,9 @@ class WalstoreDataManager:
         pass  # writes are buffered in self.tx until the vote
 
     def tpc_vote(self, txn) -> None:
-        if self.tx.state == ACTIVE and self.tx.gid is not None:
-            # prepared by the caller: decided outside the manager meanwhile
-            # (``store.commit_prepared`` / ``rollback_prepared``)?  Its state says so from
-            # here (it read "active": a rolled-back one voted yes beside the others' commit)
-            self.tx._finish_as_decided()
+        # (prepared by the caller and decided outside the manager meanwhile: a rolled-back
+        # one read "active" and voted yes beside the others' commit)
+        self._see_outside_decision()
         if self.tx.state == COMMITTED:  # (committed by the caller, tx.commit(): its writes
             return                      # stand, and a "no" aborted the others beside them)
         if self.tx.state != ACTIVE:  # (ended outside the manager: a yes would commit the
@@ -125,8 +129,17 @@ class WalstoreDataManager:
     def tpc_finish(self, txn) -> None:
         self._finishing = True
         try:
+            self._see_outside_decision()
             if self.tx.state == ACTIVE:
-                self.tx.commit()
+                try:
+                    self.tx.commit()
+                except UnknownGid:
+                    # decided by another caller between the vote and here (another
+                    # thread's ``store.commit_prepared(gid)``, a ``resolve_atomic``):
+                    # committed, the finish is done (raising it made the package abort
+                    # the participants after us beside walstore's commit: mixed)
+                    if self.tx.state != COMMITTED:
+                        raise
             elif self.tx.state != COMMITTED:
                 raise WalstoreError(f"walstore transaction {self.tx.id} of store "
                                     f"{self.store.path} is {self.tx.state} after its vote: "
@@ -138,6 +151,7 @@ class WalstoreDataManager:
         _forget(self)
 
     def tpc_abort(self, txn) -> None:
+        self._see_outside_decision()
         if not (self.tx.state == ACTIVE and self.tx.gid is not None and self._decided(txn)):
             self._end()
             return
@@ -187,6 +201,16 @@ class WalstoreDataManager:
                           f"end it with `walstore commit-prepared {self.store.path} {gid}` "
                           f"once the cause is fixed", RuntimeWarning, stacklevel=2)
         _forget(self)
+
+    def _see_outside_decision(self) -> None:
+        """A transaction the caller prepared and someone decided outside the manager
+        (``store.commit_prepared`` / ``rollback_prepared``, ``resolve_atomic``) reads
+        "active" until asked: its state is made to say the decision.  (An abort then
+        rolled it back: ``rollback_prepared`` raised UnknownGid out of
+        ``transaction.abort()`` and the manager stayed registered; ``join`` handed the
+        stale, decided transaction out again.)"""
+        if self.tx.state == ACTIVE and self.tx.gid is not None:
+            self.tx._finish_as_decided()
 
     def _decided(self, txn) -> bool:
         """Every participant voted yes (our tpc_finish began, or the transaction's record
@@ -254,9 +278,11 @@ class WalstoreDataManager:
         return _Savepoint(self.tx, self.tx.savepoint("zope"))
 
     def _end(self) -> None:
-        if self.tx.state == ACTIVE:
-            self.tx.rollback()
-        _forget(self)
+        try:
+            if self.tx.state == ACTIVE:
+                self.tx.rollback()
+        finally:
+            _forget(self)
 
 
 class _Savepoint:
@@ -317,6 +343,8 @@ def join(store, transaction_manager=None, meta: Any = None) -> Transaction:
     tm = transaction_manager or _transaction.manager
     key = (id(tm.get()), id(store))
     dm = _managers.get(key)
+    if dm is not None:
+        dm._see_outside_decision()
     if dm is None or dm.tx.state != ACTIVE:
         dm = WalstoreDataManager(store, tm, meta)
         _managers[key] = dm
