@@ -259,3 +259,56 @@ def test_zope_a_decision_made_between_vote_and_finish_is_a_finish_not_a_failure(
         transaction.abort()
         other.conn.close()
         s.close()
+
+
+def test_zope_join_after_the_walstore_transaction_was_rolled_back_refuses(tmp_path):
+    # Before: tx = join(store); tx.put(...); tx.rollback() (the walstore transaction's own
+    # rollback, e.g. by a helper that hit an error), then join(store) again in the same
+    # ``transaction`` transaction handed out a fresh walstore transaction, silently: the
+    # rolled-back one stayed joined and voted no, so the fresh one's writes (and every
+    # other resource's) could never commit, and the failure came only at commit, as
+    # "ended outside the transaction manager".  Now join says so at once, and nothing
+    # of either commits.
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    other = Sqlite(tmp_path / "other.sqlite")
+    try:
+        transaction.begin()
+        tx = join(s)
+        tx.put("c", 1)
+        other.put("c", "1")
+        tx.rollback()
+        with pytest.raises(walstore.TransactionClosed, match="abort it"):
+            join(s)
+        with pytest.raises(walstore.WalstoreError):
+            transaction.commit()
+        transaction.abort()
+        assert s.get("c") is None and other.rows() == {}
+        # a new transaction joins afresh and commits
+        transaction.begin()
+        join(s).put("d", 1)
+        transaction.commit()
+        assert s.get("d") == 1
+    finally:
+        other.conn.close()
+        s.close()
+
+
+def test_zope_join_after_a_savepoint_rollback_unjoined_it_is_fresh(tmp_path):
+    # (the companion, fine before and after: a savepoint taken before the join, rolled
+    # back, aborts and unjoins the data manager (the package's AbortSavepoint); a join
+    # after it is a fresh one that commits, and nothing of the first does)
+    s = walstore.open(str(tmp_path / "ws"), durability="full")
+    try:
+        transaction.begin()
+        sp = transaction.savepoint()
+        tx = join(s)
+        tx.put("a", 1)
+        sp.rollback()
+        assert tx.state == "rolled back"
+        tx2 = join(s)
+        assert tx2 is not tx
+        tx2.put("b", 2)
+        transaction.commit()
+        assert (s.get("a"), s.get("b")) == (None, 2)
+    finally:
+        s.close()

@@ -40,7 +40,11 @@ failed; or the failing resource cannot be named), walstore is left prepared, in 
 with a warning naming both commands.
 A transaction the caller prepared and decided outside the manager (``store.commit_prepared``
 / ``rollback_prepared``) ends as decided: the package's abort leaves it so, and ``join``
-then gives a fresh walstore transaction when it committed.
+then gives a fresh walstore transaction when it committed.  ``join`` refuses
+(TransactionClosed) while the store's walstore transaction in the current transaction was
+rolled back outside the manager (``tx.rollback()``, ``store.close()``): it stays joined
+and votes no, so the transaction can only be aborted; after ``transaction.abort()`` (or
+the rollback of a savepoint taken before the join, which unjoins it) a join is fresh.
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
 ISavepointDataManager contract.  ``should_retry`` says a walstore ``ConflictError`` is
 transient, so ``transaction.manager.run(fn)`` and ``for attempt in
@@ -57,7 +61,7 @@ from typing import Any
 import transaction as _transaction
 
 from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, Transaction
-from ..errors import (CommitOutcomeUnknown, ConflictError, UnknownGid,
+from ..errors import (CommitOutcomeUnknown, ConflictError, TransactionClosed, UnknownGid,
                       WalstoreError)
 
 
@@ -345,6 +349,17 @@ def join(store, transaction_manager=None, meta: Any = None) -> Transaction:
     dm = _managers.get(key)
     if dm is not None:
         dm._see_outside_decision()
+        if dm.tx.state not in (ACTIVE, COMMITTED):
+            # rolled back (or its outcome unknown) outside the manager while it stays
+            # joined: its vote says no, so a fresh walstore transaction joined beside it
+            # could never commit; and one that could have committed the rest of the
+            # transaction without the writes rolled back here (another part of the code
+            # wrote them, and its other resources' writes beside them stand)
+            raise TransactionClosed(
+                f"walstore transaction {dm.tx.id} of store {store.path} in the current "
+                f"transaction is already {dm.tx.state} (it ended outside the transaction "
+                f"manager): this transaction cannot commit (walstore's vote is no); abort "
+                f"it (transaction.abort()) and begin again")
     if dm is None or dm.tx.state != ACTIVE:
         dm = WalstoreDataManager(store, tm, meta)
         _managers[key] = dm
