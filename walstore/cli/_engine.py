@@ -100,18 +100,11 @@ def lmdb_file(path: str) -> str:
 
 
 def prepared_details(store: Store) -> list[dict[str, Any]]:
-    """In-doubt two-phase transactions: gid, txid, number of writes, prepare time, meta,
-    and how many workspace paths it read and directories it listed (held until its
-    decision: a change of them through walstore is refused meanwhile)."""
-    out = []
-    for gid in store.prepared():
-        p = store.prepared_details(gid)
-        held = {f: sum(len(rels) for _root, rels in p.extra.get(f) or ())
-                for f in ("file_reads", "file_lists")}
-        out.append({"gid": gid, "txid": p.txid, "keys": len(p.writes), "ts": p.ts,
-                    "meta": p.meta, "files_read": held["file_reads"],
-                    "dirs_listed": held["file_lists"]})
-    return out
+    """In-doubt two-phase transactions, sorted by gid: gid, txid, number of writes,
+    prepare time, meta, and how many workspace paths it read and directories it listed
+    (held until its decision: a change of them through walstore is refused meanwhile).
+    One pass, summaries only (``TwoPhase.summaries``)."""
+    return store._twophase.summaries()
 
 
 def run_demo(path: str | None) -> int:

@@ -10,7 +10,7 @@ import walstore
 
 from . import _engine, main, refused
 from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, open_store
-from .output import EXIT_PROBLEM, emit_json, fail, show_cell, show_gid, table
+from .output import EXIT_PROBLEM, emit_json_list, fail, show_cell, show_gid, table
 
 
 # AFTER_CHECK: the GID is checked (it is one walstore gives; it names a prepared
@@ -29,7 +29,7 @@ def prepared(path: str, as_json: bool) -> None:
     with open_store(path, readonly=True) as store:
         rows = _engine.prepared_details(store)
     if as_json:
-        emit_json({"prepared": rows})
+        emit_json_list("prepared", rows)
     else:
         table([[show_gid(p["gid"]), p["txid"], p["keys"], show_cell(p["meta"])] for p in rows],
               ["GID", "TXID", "WRITES", "META"])
@@ -71,7 +71,10 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
     with open_store(path, compensators=comps) as store:
-        txids = [p["txid"] for p in _engine.prepared_details(store) if p["gid"] == gid]
+        try:  # (its own row: listing every prepared one to find it cost N per call)
+            txids = [store.prepared_details(gid).txid]
+        except KeyError:
+            txids = []  # (decided meanwhile: the rollback below says so)
         try:
             store.rollback_prepared(gid)
         except KeyError as e:  # (decided meanwhile; the GID itself was checked above)

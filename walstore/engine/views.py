@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from bisect import bisect_right
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from ..log.format import RecordType
 from ..log.records import Event
@@ -395,6 +395,29 @@ class Views:
             return "commit" if e.type == _T.COMMIT else "abort"
         raw = self.state.get(DECISION_PREFIX + gid.encode(), "twophase")
         return None if raw is None else raw.decode()
+
+    def prepared_summaries(self, summarize: Callable[[dict], Any]) -> list:
+        """``summarize(row)`` of every prepared row, in one pass: the log's PREPARE and
+        decision events (what is not applied yet) over LMDB's rows, streamed.  Nothing
+        but the summaries is kept: ``prepared_rows`` holds every prepared transaction's
+        whole write set at once (a listing of thousands in doubt asked it once per gid:
+        2,000 took 34 s)."""
+        st = self.state
+        events = self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
+        latest: dict[str, Event] = {}  # (the log's last word on each gid it names)
+        for e in events:
+            gid = e.field("gid")
+            if gid:
+                latest[gid] = e
+        out = []
+        for k, v in st.scan(PREPARED_PREFIX, b"p;", db="twophase"):
+            row = tables.unpack_row(v, "twophase", k, st.data_file)
+            if row["gid"] not in latest:
+                out.append(summarize(row))
+        for gid, e in latest.items():
+            if e.type == _T.PREPARE:
+                out.append(summarize(dict(e.body, w=[[k, v] for k, v in e.writes or ()])))
+        return out
 
     def prepared_rows(self) -> dict[str, dict]:
         st = self.state
