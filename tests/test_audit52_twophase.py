@@ -348,3 +348,55 @@ def test_prepared_listing_of_thousands_in_doubt_is_one_pass(tmp_path):
     out = subprocess.run(WALSTORE + ["prepared", path], capture_output=True, text=True,
                          timeout=600, env=_env())
     assert out.returncode == 1 and out.stdout.count("\ng") == n  # (a header first)
+
+
+def test_rollback_prepared_after_a_crash_does_not_blame_recovery_for_its_own_refund(tmp_path):
+    # Before: `walstore rollback-prepared` on a store a kill -9 left with a transaction in
+    # doubt (an action with a compensation, none registered on the command line) listed
+    # the refund it left owed — and then also warned "... was not shut down cleanly and
+    # was recovered as it opened: 1 compensation(s) owed": recovery had left nothing
+    # owed (a prepared transaction's actions are not compensated by recovery); the
+    # rollback had.  The warning now names only what recovery left owed.
+    path = str(tmp_path / "ws")
+    child = (
+        "import os, signal, sys, walstore\n"
+        "s = walstore.open(sys.argv[1], durability='full')\n"
+        "tx = s.transaction()\n"
+        "tx.put('order/1', 'paid')\n"
+        "with tx.action('charge', compensate='refund') as act:\n"
+        "    act.result = {'charge': 1}\n"
+        "tx.prepare('G1')\n"
+        "print(act.id, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", child, path], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert proc.returncode == -9, proc.stderr
+    action_id = proc.stdout.strip()
+    out = subprocess.run(WALSTORE + ["rollback-prepared", path, "G1"], capture_output=True,
+                         text=True, timeout=60, env=_env())
+    assert out.returncode == 1  # (a refund is owed: the rollback says so)
+    assert "rolled back" in out.stdout and action_id in out.stdout
+    assert "recovered as it opened" not in out.stderr, out.stderr
+    with walstore.open(path) as s:
+        assert s.decision("G1") == "abort" and s.get("order/1") is None
+        assert [a.id for a in s.pending_compensations()] == [action_id]
+
+
+def test_a_put_after_a_crash_still_says_what_recovery_left_owed(tmp_path):
+    # (the companion, as before: a crashed transaction's refund that recovery made owed is
+    # said by the next writing verb, which exits 1)
+    path = str(tmp_path / "ws")
+    child = (
+        "import os, signal, sys, walstore\n"
+        "s = walstore.open(sys.argv[1], durability='full')\n"
+        "tx = s.transaction()\n"
+        "with tx.action('charge', compensate='refund') as act:\n"
+        "    act.result = {'charge': 1}\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", child, path], capture_output=True,
+                          text=True, timeout=60, env=_env())
+    assert proc.returncode == -9, proc.stderr
+    out = subprocess.run(WALSTORE + ["put", path, "k", "1"], capture_output=True,
+                         text=True, timeout=60, env=_env())
+    assert out.returncode == 1
+    assert "recovered as it opened" in out.stderr and "1 compensation(s) owed" in out.stderr

@@ -70,9 +70,12 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
             f"not recover it: run `walstore recover {path}` first (it says what it rolls "
             f"back and compensates); nothing was changed") from None
     try:
+        owed_at_open = None
+        if not kw.get("readonly"):
+            owed_at_open = owed_after_recovery(store)
         yield store
         if not kw.get("readonly"):  # (after the work: a failure stays one line)
-            say_recovery(store, path)
+            say_recovery(store, path, owed_at_open)
     except BaseException:
         with contextlib.suppress(Exception):  # (the block's own error is the one said)
             store.close()
@@ -86,11 +89,21 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
                    f"store failed: {e} (the next open recovers)", err=True)
 
 
-def say_recovery(store: walstore.Store, path: str) -> None:
+def owed_after_recovery(store: walstore.Store) -> set | None:
+    """The ids of the compensations owed when the open's recovery ended (None: the store
+    was shut down cleanly, nothing to say)."""
+    report = store.last_recovery
+    if report is None or not report.unclean:
+        return None
+    return {a.id for a in store.pending_compensations() if not a.in_flight}
+
+
+def say_recovery(store: walstore.Store, path: str, owed_at_open: set | None = None) -> None:
     """A writing verb (put, delete, purge, checkpoint, ...) opened a store that was not
     shut down cleanly, and the open recovered it: when the verb's work is done, one line
     on stderr says what recovery did beyond redoing commits (transactions rolled back,
-    compensations run, prepared ones in doubt, damage) and what is owed now, and the
+    compensations run, prepared ones in doubt, damage) and what of it is owed still
+    (``owed_at_open``: what was owed when recovery ended, ``owed_after_recovery``), and the
     command exits 1 when something is left to act on (owed compensations, in-doubt
     transactions, damage).  `walstore put` said only "committed ..." and exited 0, while
     the crashed transaction's charge had become owed a refund (a probe).  Said after the
@@ -98,7 +111,12 @@ def say_recovery(store: walstore.Store, path: str) -> None:
     report = store.last_recovery
     if report is None or not report.unclean:
         return
-    owed = [a for a in store.pending_compensations() if not a.in_flight]
+    # (still owed of those owed when the open's recovery ended: one the verb itself left
+    # owed — `rollback-prepared` of a gid in doubt with no compensator — is the verb's
+    # to list, and it does; said here too, as "recovered as it opened: 1 compensation
+    # owed", it blamed recovery for the verb's own refund)
+    owed = [a for a in store.pending_compensations() if not a.in_flight
+            and (owed_at_open is None or a.id in owed_at_open)]
     in_doubt = store.prepared()
     damage = [p for p in report.problems if p.kind not in NORMAL_PROBLEMS]
     said = []
