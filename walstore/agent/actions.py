@@ -724,7 +724,7 @@ class Saga:
         rows = eng.views.owed_rows() if pending else eng.views.action_rows()
         out = [Action.from_row(r) for r in rows.values()]
         if eng.readonly and not eng.writer_alive():
-            in_doubt = {r.get("tx") for r in eng.views.prepared_rows().values()}
+            in_doubt = set(eng.views.prepared_summaries(lambda r: r.get("tx")))
             for a in out:
                 if a.in_flight and a.txid not in in_doubt and a.compensate:
                     a.in_flight = False

@@ -419,6 +419,22 @@ class Views:
                 out.append(summarize(dict(e.body, w=[[k, v] for k, v in e.writes or ()])))
         return out
 
+    def prepared_row(self, gid: str) -> dict | None:
+        """The prepared row of ``gid`` (None: not prepared), as ``prepared_rows()[gid]``
+        without building the others: the log's last word on it, else LMDB's row."""
+        st = self.state
+        last = None
+        for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED})):
+            if e.field("gid") == gid:
+                last = e
+        if last is not None:
+            if last.type != _T.PREPARE:
+                return None
+            return dict(last.body, w=[[k, v] for k, v in last.writes or ()])
+        key = PREPARED_PREFIX + gid.encode()
+        raw = st.get(key, "twophase")
+        return None if raw is None else tables.unpack_row(raw, "twophase", key, st.data_file)
+
     def prepared_rows(self) -> dict[str, dict]:
         st = self.state
         events = self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
