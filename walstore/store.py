@@ -655,10 +655,18 @@ class Store:
         self._engine.check_open()
         return self._history.txn_info(txid)
 
-    def history(self, key: Key) -> list[Version]:
-        """Every retained version of ``key``, newest first."""
+    def history(self, key: Key, limit: int | None = None) -> list[Version]:
+        """Every retained version of ``key``, newest first; ``limit``: the newest
+        ``limit`` only (what is older is not read).  ``iter_history`` streams them."""
         self._engine.check_open()
-        return self._history.versions(key)
+        return self._history.versions(key, limit)
+
+    def iter_history(self, key: Key, limit: int | None = None) -> Iterator[Version]:
+        """The versions of ``key``, newest first, read as they are consumed (bounded
+        memory on a key with any number of versions); not one snapshot: versions trimmed
+        or purged meanwhile may be left out."""
+        self._engine.check_open()
+        return self._history.iter_versions(key, limit)
 
     def at(self, point: Any) -> HistoricalView:
         """A read-only view of the state as of ``point`` (txid, LSN or restore point)."""

@@ -183,6 +183,14 @@ def hide_purged(row: dict, purges: list[tuple[int, bytes, bytes | None]]) -> dic
 MAX_TXID = LOGGED_TXID_LIMIT - 1  # 2**63 - 1: the log holds no larger transaction id
 
 
+def check_limit(limit: int | None) -> None:
+    """``limit`` of ``log`` and ``history``: a non-negative int, or None for no bound."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+        raise TypeError(f"limit must be a non-negative int or None, not {limit!r:.80}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+
+
 def check_txid(txid: int) -> int:
     """A txid walstore could have given (1 .. 2**63 - 1: a writer counts from 1, and a
     record with a txid of 2**63 or more is refused as corruption, see FORMAT.md), else
@@ -280,10 +288,7 @@ class History:
         trimmed transactions out without a word).  Reads the LSN index backwards: costs
         what it returns.  ``oldest_first``: the ``limit`` oldest after ``since`` instead,
         oldest first (page on with ``since=LSN(last.lsn)``)."""
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
-            raise TypeError(f"limit must be a non-negative int or None, not {limit!r:.80}")
-        if limit is not None and limit < 0:
-            raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
+        check_limit(limit)
         if not isinstance(oldest_first, bool):
             raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
         self.engine.refresh()
@@ -301,35 +306,62 @@ class History:
         return out
 
     # ---- versions and views -------------------------------------------------------------
-    def versions(self, key: Key) -> list[Version]:
-        """Every retained version of ``key``, newest first."""
+    def versions(self, key: Key, limit: int | None = None) -> list[Version]:
+        """Every retained version of ``key``, newest first; ``limit``: the newest
+        ``limit`` alone (reading no further)."""
+        return list(self.iter_versions(key, limit))
+
+    def iter_versions(self, key: Key, limit: int | None = None) -> Iterator[Version]:
+        """The versions of ``key``, newest first, read lazily from the history index (a
+        chunk of rows per short read transaction): a caller that stops early reads no
+        further, and one that streams them holds one version at a time (``versions`` was a
+        list of every version: a key with a million versions held whole in memory, and
+        ``walstore history`` had no way to ask for fewer).  ``key`` and ``limit`` are
+        checked here, at the call; the WAL tail not in LMDB yet is taken here too."""
+        check_limit(limit)
         eng = self.engine
         k = encode_key(key)
         eng.drain()
         newer = self.unapplied_versions(k)  # (a read-only store: the writer's WAL tail)
-        st = eng.state
+        # erased, LMDB not told yet: versions at or below the newest such purge are gone
+        cut = max((lsn for lsn, lo, hi in self.unapplied_purges()
+                   if lo <= k and (hi is None or k < hi)), default=-1)
+        return self._versions(k, newer, cut, limit)
+
+    def _versions(self, k: bytes, newer: list[Version], cut: int, limit: int | None
+                  ) -> Iterator[Version]:
+        left = limit
+        for v in newer:
+            if left == 0 or v.lsn <= cut:
+                return
+            yield v
+            left = None if left is None else left - 1
+        if left == 0:
+            return
+        # (LMDB may hold some of the unapplied ones by now: each version once)
+        oldest = newer[-1].lsn if newer else None
+        st = self.engine.state
         prefix = tables.hist_prefix(k)
         after = st.get(k)  # the newest version set the current value
         after_row = ("data", k)  # (where ``after`` was read: named if it does not decode)
-        out = []
         for raw, row in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="hist"):
             if not tables.is_version_of(raw, prefix):
                 continue
             _k, lsn = tables.split_hist_key(raw)
             txid, before = tables.unpack_row(row, "hist", raw, st.data_file)
-            try:
-                value = None if after is None else unpack_value(after)
-            except CorruptionError as e:
-                raise tables.row_damaged(*after_row, e, st.data_file) from e
-            out.append(Version(txid, LSN(lsn), value, after is None))
+            if oldest is None or lsn < oldest:
+                if lsn <= cut:
+                    return
+                try:
+                    value = None if after is None else unpack_value(after)
+                except CorruptionError as e:
+                    raise tables.row_damaged(*after_row, e, st.data_file) from e
+                yield Version(txid, LSN(lsn), value, after is None)
+                if left is not None:
+                    left -= 1
+                    if left == 0:
+                        return
             after, after_row = before, ("hist", raw)
-        if newer:  # (LMDB may hold some of them by now: each version once)
-            oldest = newer[-1].lsn
-            out = newer + [v for v in out if v.lsn < oldest]
-        for lsn, lo, hi in self.unapplied_purges():  # erased, LMDB not told yet
-            if lo <= k and (hi is None or k < hi):
-                out = [v for v in out if v.lsn > lsn]
-        return out
 
     def unapplied_purges(self) -> list[tuple[int, bytes, bytes | None]]:
         """(LSN, lo, hi) of the visible purges LMDB does not hold yet: a read-only

@@ -2,6 +2,8 @@
 of a key (history).  KEY and --prefix follow the key syntax of :mod:`.output`."""
 from __future__ import annotations
 
+from typing import Any, Iterator
+
 import click
 
 import walstore
@@ -9,8 +11,9 @@ import walstore
 from . import WalstoreCommand, main
 from .common import JSON, PATH, open_store
 from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
-                     emit_json, end_progress, fail, parse_json_value, progress_printer,
-                     show_cell, show_key, show_time, show_value, table, untag)
+                     emit_json, emit_json_list, end_progress, fail, parse_json_value,
+                     progress_printer, show_cell, show_key, show_time, show_value,
+                     stream_table, table, untag)
 
 
 class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
@@ -146,17 +149,36 @@ def log_cmd(path: str, limit: int, as_json: bool) -> None:
         click.echo(f"(the newest {limit} shown; older ones with --limit N)", err=True)
 
 
+def _first(items: Iterator[Any], limit: int | None, more: list[bool]) -> Iterator[Any]:
+    """The first ``limit`` of ``items`` (all when None); ``more[0]`` set when there was
+    another after them (``items`` was asked for one more than ``limit``)."""
+    for n, item in enumerate(items):
+        if limit is not None and n >= limit:
+            more[0] = True
+            return
+        yield item
+
+
 @main.command("history")
 @PATH
 @click.argument("key", type=KEY)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Only the newest N versions (default: every retained version).")
 @JSON
-def history_cmd(path: str, key: str | bytes, as_json: bool) -> None:
-    """Versions of KEY, newest first."""
+def history_cmd(path: str, key: str | bytes, limit: int | None, as_json: bool) -> None:
+    """Versions of KEY, newest first (streamed: any number of versions in bounded
+    memory; --limit N: the newest N, and whether there are older ones)."""
+    more = [False]
     with open_store(path, readonly=True) as store:
-        versions = store.history(key)
-    if as_json:
-        emit_json({"key": key, "versions": [{"txid": v.txid, "lsn": v.lsn, "value": v.value,
-                                             "deleted": v.deleted} for v in versions]})
-        return
-    table([[v.txid, v.lsn, "(deleted)" if v.deleted else show_cell(v.value)] for v in versions],
-          ["TXID", "LSN", "VALUE"])
+        versions = _first(store.iter_history(key, None if limit is None else limit + 1),
+                          limit, more)
+        if as_json:
+            emit_json_list("versions", ({"txid": v.txid, "lsn": v.lsn, "value": v.value,
+                                         "deleted": v.deleted} for v in versions),
+                           head={"key": key}, tail=lambda: {"more": more[0]})
+            return
+        stream_table(([v.txid, v.lsn, "(deleted)" if v.deleted else show_cell(v.value)]
+                      for v in versions), ["TXID", "LSN", "VALUE"])
+    if more[0]:
+        click.echo(f"(the newest {limit} shown; older ones with a larger --limit, or "
+                   f"without it)", err=True)

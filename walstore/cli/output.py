@@ -209,21 +209,31 @@ def emit_json_error(command: str, message: str, code: int, kind: str | None) -> 
                          "type": kind}})
 
 
-def emit_json_list(name: str, items: Iterable[Any]) -> None:
-    """Print ``{name: [items...]}`` as one JSON document, streaming the items.  The first
-    item is taken before anything is printed (a command failing at once prints its error
-    document instead); a failure after that closes the document with ``"error"`` (what
-    was streamed stays valid JSON) and is raised on."""
+def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
+                   tail: Callable[[], dict] | None = None) -> None:
+    """Print ``{**head, name: [items...], **tail()}`` as one JSON document, streaming the
+    items (``head``'s members first, ``tail()``'s after the list: what is known only once
+    the items are out, e.g. ``more``).  The first item is taken before anything is printed
+    (a command failing at once prints its error document instead); a failure after that
+    closes the document with ``"error"`` (what was streamed stays valid JSON) and is
+    raised on."""
     global _json_started
     it = iter(items)
+    opening = "{" + "".join(f"{json_text(k)}: {json_text(jsonable(v))}, "
+                            for k, v in (head or {}).items()) + f"{json_text(name)}: ["
+
+    def closing() -> str:
+        return "".join(f", {json_text(k)}: {json_text(jsonable(v))}"
+                       for k, v in (tail() if tail else {}).items()) + "}"
     try:
         first = next(it)
     except StopIteration:
+        end = closing()
         _json_started = True
-        click.echo(f"{{{json_text(name)}: []}}")
+        click.echo(f"{opening}]{end}")
         return
     _json_started = True
-    click.echo(f"{{{json_text(name)}: [", nl=False)
+    click.echo(opening, nl=False)
     sep = "\n  "
     item = first
     try:
@@ -232,7 +242,7 @@ def emit_json_list(name: str, items: Iterable[Any]) -> None:
             sep = ",\n  "
             item = next(it)
     except StopIteration:
-        click.echo("\n]}")
+        end = None
     except (Exception, KeyboardInterrupt) as e:
         # (Ctrl-C too: a KeyboardInterrupt is no Exception, and went past this, leaving
         # stdout in the middle of the list: no JSON document at all)
@@ -240,6 +250,14 @@ def emit_json_list(name: str, items: Iterable[Any]) -> None:
                else f"{type(e).__name__}: {e}")
         click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
         raise
+    try:
+        end = closing()
+    except (Exception, KeyboardInterrupt) as e:
+        why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
+               else f"{type(e).__name__}: {e}")
+        click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
+        raise
+    click.echo(f"\n]{end}")
 
 
 def emit_summary(doc: dict, as_json: bool) -> None:
@@ -378,6 +396,38 @@ def table(rows: list[list[Any]], headers: list[str]) -> None:
     click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
     for r in cells:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+TABLE_PAGE = 500  # rows a streamed table aligns at a time
+
+
+def stream_table(rows: Iterable[list[Any]], headers: list[str]) -> None:
+    """:func:`table` of rows that come one at a time (``scan``, ``log``, ``history``),
+    printed a page of TABLE_PAGE rows at a time, so a listing of any length is never held
+    whole in memory (those verbs collected every row first).  A listing of one page is
+    what :func:`table` prints; past it, each page is aligned at least as wide as those
+    before it."""
+    widths = [len(h) for h in headers]
+    page: list[list[str]] = []
+    first = True
+
+    def flush() -> None:
+        nonlocal first
+        for r in page:
+            for i, c in enumerate(r):
+                widths[i] = max(widths[i], len(c))
+        if first:
+            click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+            first = False
+        for r in page:
+            click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        page.clear()
+    for r in rows:
+        page.append([_cell(c) for c in r])
+        if len(page) >= TABLE_PAGE:
+            flush()
+    if page or first:
+        flush()
 
 
 def show_time(ts: float | None, *, local: bool = False) -> str:
