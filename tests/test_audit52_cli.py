@@ -4,14 +4,18 @@
 Each test failed before its fix (see the commit naming it):
 
 - `Store.history(key)` and `walstore history` read every version of a key into memory,
-  with no way to ask for fewer (no ``limit=``, no ``--limit``)."""
+  with no way to ask for fewer (no ``limit=``, no ``--limit``);
+- `scan --json`, `log --json` and `history --json` cut by Ctrl-C left half a JSON
+  document (built whole, then written: the interrupt came while it was written)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +136,71 @@ def test_walstore_history_takes_limit_and_says_when_there_are_older_ones(version
     assert len(p.stdout.splitlines()) == 2 and p.stderr == ""
     p = run("history", versions_store, "h", "--limit", "0")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_listings_longer_than_a_page_are_whole_and_aligned(tmp_path):
+    """`scan`, `log` and `history` print their tables a page at a time now: every row is
+    there, in order, and the columns stay aligned."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        for i in range(1203):
+            with s.transaction() as tx:
+                tx.put(f"k{i:05d}", i)
+                tx.put("h", i)
+    p = run("scan", path, "--prefix", "k")
+    assert p.returncode == 0, p.stderr
+    rows = p.stdout.splitlines()
+    assert len(rows) == 1204 and rows[1].split() == ["k00000", "0"]
+    assert [r.split()[0] for r in rows[1:]] == [f"k{i:05d}" for i in range(1203)]
+    assert len({r.index(r.split()[1], len(r.split()[0])) for r in rows[1:]}) == 1
+    p = run("history", path, "h")
+    assert [r.split()[2] for r in p.stdout.splitlines()[1:]] == [
+        str(i) for i in range(1202, -1, -1)]
+    p = run("log", path, "--limit", "1203")
+    assert len(p.stdout.splitlines()) == 1204 and p.stderr == ""
+    doc = strict(run("log", path, "--limit", "1000", "--json").stdout)
+    assert len(doc["transactions"]) == 1000 and doc["more"] is True
+    doc = strict(run("scan", path, "--limit", "7", "--json").stdout)
+    assert [i["key"] for i in doc["items"]] == ["h"] + [f"k{i:05d}" for i in range(6)]
+
+
+# ---- Ctrl-C mid-document ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_store(tmp_path_factory) -> str:
+    """Each of scan / log / history --json prints far more than a pipe's buffer."""
+    path = str(tmp_path_factory.mktemp("big") / "s")
+    with walstore.open(path, durability="none") as s:
+        for i in range(3000):
+            with s.transaction(meta={"step": i, "note": "n" * 40}) as tx:
+                tx.put(f"k{i:05d}", "v" * 100)
+                tx.put("h", {"i": i, "pad": "p" * 60})
+    return path
+
+
+@pytest.mark.parametrize("args", [["scan", "--json"], ["log", "--limit", "3000", "--json"],
+                                  ["history", "h", "--json"]], ids=["scan", "log", "history"])
+def test_json_listing_interrupted_mid_document_is_still_one_json_document(big_store, args):
+    """`scan --json`, `log --json` and `history --json` built the whole document, then
+    wrote it: Ctrl-C while it was written (the reader slow, the pipe full) left stdout in
+    the middle of it, no JSON document, and the error document was not printed either
+    (one had begun).  Streamed now, as `dump --json`: the document is closed with
+    ``"error": "interrupted (Ctrl-C)"``, exit 130."""
+    name = args[0]
+    cmd = [sys.executable, "-m", "walstore", name, big_store, *args[1:]]
+    # (SIGINT's default disposition in the child: a parent ignoring it passes SIG_IGN on,
+    # and Python then installs no KeyboardInterrupt handler)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
+        time.sleep(1.5)  # (and is blocked on the full pipe, even on a loaded machine)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, (p.returncode, err)
+    doc = strict((first + out).decode())
+    listed = {"scan": "items", "log": "transactions", "history": "versions"}[name]
+    assert doc[listed] and "interrupted" in doc["error"], doc.get("error")
+    assert "Traceback" not in err.decode()
+    assert err.decode().strip() == f"walstore: {name} interrupted (Ctrl-C)"

@@ -288,6 +288,12 @@ class History:
         trimmed transactions out without a word).  Reads the LSN index backwards: costs
         what it returns.  ``oldest_first``: the ``limit`` oldest after ``since`` instead,
         oldest first (page on with ``since=LSN(last.lsn)``)."""
+        return list(self.iter_log(limit, since, oldest_first))
+
+    def iter_log(self, limit: int | None = None, since: Any = None,
+                 oldest_first: bool = False) -> Iterator[TxnInfo]:
+        """``log``, read as it is consumed (the CLI streams it: ``walstore log --limit
+        1000000`` held every row first).  Arguments are checked at the call."""
         check_limit(limit)
         if not isinstance(oldest_first, bool):
             raise TypeError(f"oldest_first must be a bool, not {oldest_first!r}")
@@ -297,13 +303,19 @@ class History:
         # ones outlive it while a trim deletes them, or after a crash cut one short until
         # the next checkpoint; listed, they were points that every other call refused)
         boundary = max(boundary, self.engine.state.meta_int(b"horizon") - 1)
+        return self._log(boundary, limit, oldest_first)
+
+    def _log(self, boundary: int, limit: int | None, oldest_first: bool
+             ) -> Iterator[TxnInfo]:
         purges = self.unapplied_purges()
-        out: list[TxnInfo] = []
+        if limit == 0:
+            return
+        n = 0
         for row in self.engine.views.commits_after(boundary, oldest_first):
-            if limit is not None and len(out) >= limit:
-                break
-            out.append(info_from_row(hide_purged(row, purges) if purges else row))
-        return out
+            yield info_from_row(hide_purged(row, purges) if purges else row)
+            n += 1
+            if limit is not None and n >= limit:
+                return
 
     # ---- versions and views -------------------------------------------------------------
     def versions(self, key: Key, limit: int | None = None) -> list[Version]:

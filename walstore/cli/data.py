@@ -2,6 +2,7 @@
 of a key (history).  KEY and --prefix follow the key syntax of :mod:`.output`."""
 from __future__ import annotations
 
+import itertools
 from typing import Any, Iterator
 
 import click
@@ -112,18 +113,14 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @JSON
 def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool) -> None:
-    """Keys and values in key order."""
-    rows = []
+    """Keys and values in key order (streamed: any number of keys in bounded memory)."""
     with open_store(path, readonly=True) as store:
         # (None: every key; a typed empty prefix, '' or b'', every str or every bytes key)
-        for k, v in store.scan(prefix=prefix):
-            rows.append((k, v))
-            if limit and len(rows) >= limit:
-                break
-    if as_json:
-        emit_json({"items": [{"key": k, "value": v} for k, v in rows]})
-    else:
-        table([[show_key(k), show_cell(v)] for k, v in rows], ["KEY", "VALUE"])
+        items = itertools.islice(store.scan(prefix=prefix), limit)
+        if as_json:  # (one at a time; Ctrl-C or a failure mid-way closes the document)
+            emit_json_list("items", ({"key": k, "value": v} for k, v in items))
+        else:
+            stream_table(([show_key(k), show_cell(v)] for k, v in items), ["KEY", "VALUE"])
 
 
 @main.command("log")
@@ -132,20 +129,20 @@ def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool
 @JSON
 def log_cmd(path: str, limit: int, as_json: bool) -> None:
     """Committed transactions, newest first."""
+    more = [False]
     with open_store(path, readonly=True) as store:
-        infos = store.log(limit=limit + 1)  # (one more: is there anything older?)
-    more = len(infos) > limit
-    infos = infos[:limit]
-    if as_json:
-        emit_json({"transactions": [{"txid": i.txid, "lsn": i.lsn, "timestamp": i.timestamp,
-                                     "meta": i.meta, "keys": list(i.keys),
-                                     "actions": list(i.actions)} for i in infos],
-                   "more": more})
-        return
-    rows = [[i.txid, i.lsn, show_time(i.timestamp, local=True),
-             len(i.keys), show_cell(i.meta) if i.meta is not None else ""] for i in infos]
-    table(rows, ["TXID", "LSN", "TIME", "KEYS", "META"])
-    if more:  # (on stderr: a pipe reading the table gets only the table)
+        # (one more: is there anything older?)
+        infos = _first(store._history.iter_log(limit + 1), limit, more)
+        if as_json:
+            emit_json_list("transactions", (
+                {"txid": i.txid, "lsn": i.lsn, "timestamp": i.timestamp, "meta": i.meta,
+                 "keys": list(i.keys), "actions": list(i.actions)} for i in infos),
+                tail=lambda: {"more": more[0]})
+            return
+        stream_table(([i.txid, i.lsn, show_time(i.timestamp, local=True), len(i.keys),
+                       show_cell(i.meta) if i.meta is not None else ""] for i in infos),
+                     ["TXID", "LSN", "TIME", "KEYS", "META"])
+    if more[0]:  # (on stderr: a pipe reading the table gets only the table)
         click.echo(f"(the newest {limit} shown; older ones with --limit N)", err=True)
 
 
