@@ -6,7 +6,9 @@ Each test failed before its fix (see the commit naming it):
 - `Store.history(key)` and `walstore history` read every version of a key into memory,
   with no way to ask for fewer (no ``limit=``, no ``--limit``);
 - `scan --json`, `log --json` and `history --json` cut by Ctrl-C left half a JSON
-  document (built whole, then written: the interrupt came while it was written)."""
+  document (built whole, then written: the interrupt came while it was written);
+- `walstore init PATH` (and `backup` DEST, `demo` PATH) made a store inside another
+  store's directory (its WAL or LMDB directory, or beside them)."""
 
 from __future__ import annotations
 
@@ -204,3 +206,38 @@ def test_json_listing_interrupted_mid_document_is_still_one_json_document(big_st
     assert doc[listed] and "interrupted" in doc["error"], doc.get("error")
     assert "Traceback" not in err.decode()
     assert err.decode().strip() == f"walstore: {name} interrupted (Ctrl-C)"
+
+
+# ---- init inside a store ------------------------------------------------------------------
+def test_init_backup_and_demo_refuse_a_path_inside_another_store(tmp_path):
+    """`walstore init STORE/wal/x` (or STORE/sub, STORE/db/y, through a symlink) made a
+    store among another store's files: inside its WAL directory (its segment listing
+    and trims walk there), inside its LMDB directory, or beside them where the outer
+    store's backup, restore and purge never look.  Refused now: one line, exit 2
+    (a usage error, as `init` of an existing store), nothing created.  `backup` DEST and
+    `demo` PATH (which make a store too) refuse the same."""
+    outer = tmp_path / "outer"
+    assert run("init", str(outer)).returncode == 0
+    os.symlink(outer / "db", tmp_path / "link")
+    before = {d: sorted(os.listdir(outer / d)) for d in ("", "wal", "db")}
+    for inner in (outer / "sub", outer / "wal" / "x", outer / "db" / "y",
+                  outer / "a" / "b" / "c", tmp_path / "link" / "z"):
+        p = run("init", str(inner))
+        assert p.returncode == 2, (inner, p.stdout, p.stderr)
+        line = one_line(p)
+        assert "inside the store" in line and str(outer) in line, line
+        assert not os.path.lexists(inner)
+    assert {d: sorted(os.listdir(outer / d)) for d in ("", "wal", "db")} == before
+    other = tmp_path / "other"
+    with walstore.open(str(other)) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    p = run("backup", str(other), str(outer / "copy"))
+    assert p.returncode == 2 and "inside the store" in one_line(p)
+    assert not os.path.lexists(outer / "copy")
+    p = run("demo", str(outer / "demo"))
+    assert p.returncode == 2 and "inside the store" in one_line(p)
+    assert not os.path.lexists(outer / "demo")
+    # (beside a store, not inside: as before)
+    assert run("init", str(tmp_path / "beside")).returncode == 0
+    assert run("verify", str(outer)).returncode == 0

@@ -27,7 +27,7 @@ from ..store import Store
 __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "check_gid",
            "check_resolve_note",
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
-           "verify", "wal_records", "backup", "is_store", "lmdb_file", "prepared_details",
+           "verify", "wal_records", "backup", "is_store", "enclosing_store", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
            "changes_between", "Flag", "never_runs"]
 
@@ -66,6 +66,20 @@ def backup(src: str, dest: str, progress: Progress = None) -> dict:
 
 def is_store(path: str) -> bool:
     return Layout(path).exists()
+
+
+def enclosing_store(path: str) -> str | None:
+    """The store whose directory ``path`` lies inside (below it, at any depth, symlinks
+    resolved), or None.  A store made there would live among another store's files: its
+    WAL directory, its LMDB directory, or beside them, where a backup, restore or purge of
+    the outer store does not know it (``walstore init STORE/wal/x`` was accepted)."""
+    here = os.path.realpath(os.path.abspath(path))
+    parent = os.path.dirname(here)
+    while parent != here:
+        here, parent = parent, os.path.dirname(parent)
+        if is_store(here):
+            return here
+    return None
 
 
 def identity_damaged(path: str, exc: BaseException) -> bool:

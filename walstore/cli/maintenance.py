@@ -24,6 +24,10 @@ def init(path: str) -> None:
     """Create an empty store at PATH."""
     if _engine.is_store(path):
         raise UsageProblem(f"{path} is already a store")
+    outer = _engine.enclosing_store(path)
+    if outer is not None:  # (its WAL or LMDB directory, or beside them: see enclosing_store)
+        raise UsageProblem(f"init failed: {path} lies inside the store {outer}; choose a "
+                           f"path outside it")
     walstore.open(path).close()
     click.echo(f"created store {os.path.abspath(path)}")
 
@@ -243,6 +247,10 @@ def backup(path: str, dest: str, as_json: bool) -> None:
     src, target = os.path.realpath(path), os.path.realpath(dest)
     if target == src or target.startswith(src.rstrip(os.sep) + os.sep):
         raise UsageProblem(f"backup destination {dest} is the store {path} or lies inside it")
+    outer = _engine.enclosing_store(dest)
+    if outer is not None:
+        raise UsageProblem(f"backup destination {dest} lies inside the store {outer}; "
+                           f"choose a destination outside it")
     doc = _engine.backup(path, dest, None if as_json else progress_printer("backup"))
     end_progress()
     emit_summary(doc, as_json)

@@ -19,6 +19,10 @@ def demo(path: str | None) -> None:
             not os.path.isdir(path) or os.listdir(path)):
         raise UsageProblem(f"demo needs a new store: {path} exists and is not an empty "
                            f"directory")
+    outer = None if path is None else _engine.enclosing_store(path)
+    if outer is not None:
+        raise UsageProblem(f"demo needs a new store: {path} lies inside the store {outer}; "
+                           f"choose a path outside it")
     if path is not None and os.path.lexists(_engine.demo_side_dir(path)):
         raise UsageProblem(f"demo keeps its agents' outside files (a ledger, a project tree) "
                            f"in {_engine.demo_side_dir(path)}, which exists: pick another PATH")
