@@ -8,8 +8,9 @@ Each test failed before its fix (see the commit naming it):
 - `scan --json`, `log --json` and `history --json` cut by Ctrl-C left half a JSON
   document (built whole, then written: the interrupt came while it was written);
 - `walstore init PATH` (and `backup` DEST, `demo` PATH) made a store inside another
-  store's directory (its WAL or LMDB directory, or beside them)."""
-
+  store's directory (its WAL or LMDB directory, or beside them);
+- `walstore stats` showed the read-only handle it opened (durability "full", its own
+  64 GiB map, ``readonly`` true, 0 fsyncs) as the store's figures."""
 from __future__ import annotations
 
 import json
@@ -241,3 +242,34 @@ def test_init_backup_and_demo_refuse_a_path_inside_another_store(tmp_path):
     # (beside a store, not inside: as before)
     assert run("init", str(tmp_path / "beside")).returncode == 0
     assert run("verify", str(outer)).returncode == 0
+
+
+# ---- stats of a store, not of the CLI's handle --------------------------------------------
+def test_stats_shows_the_stores_figures_not_its_read_only_handles(tmp_path):
+    """`walstore stats` opens the store read-only and printed that handle's own
+    ``stats()``: durability "full" of a store whose writer runs with "none", the reader's
+    64 GiB map of one whose writer set a 1 MiB map, ``readonly`` true, 0 fsyncs of a
+    store being written.  Now: the handle's own fields are null (``-``), the map size is
+    the one in ``data.mdb`` (the writer's), and ``lmdb_bytes`` is that file's size."""
+    path = str(tmp_path / "s")
+    w = walstore.open(path, durability="none", map_size=1 << 20)
+    try:
+        for i in range(20):
+            with w.transaction() as tx:
+                tx.put(f"k{i}", "v" * 100)
+        w.checkpoint()
+        mine = w.stats()
+        p = run("stats", path, "--json")
+        assert p.returncode == 0, p.stderr
+        doc = strict(p.stdout)
+        assert doc["durability"] is None and doc["readonly"] is None
+        assert doc["wal_fsyncs"] is None and doc["wal_rotations"] is None
+        assert doc["lmdb_map_size"] == mine["lmdb_map_size"] == 1 << 20
+        assert doc["lmdb_bytes"] == os.path.getsize(os.path.join(path, "db", "data.mdb"))
+        assert doc["keys"] == 20 and doc["store_id"] == mine["store_id"]
+        p = run("stats", path)
+        lines = dict(ln.split(None, 1) for ln in p.stdout.splitlines())
+        assert lines["durability"].strip() == "-" and lines["readonly"].strip() == "-"
+        assert lines["lmdb_map_size"].strip() == str(1 << 20)
+    finally:
+        w.close()

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from ..agent.actions import check_resolve_note, never_runs
 from ..agent.twophase import check_gid
 from ..codec import encode_key
+from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
 from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout, store_path
 from ..errors import NotAStore
 from ..engine.recovery import MODES as RECOVERY_MODES
@@ -27,7 +28,7 @@ from ..store import Store
 __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "check_gid",
            "check_resolve_note",
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
-           "verify", "wal_records", "backup", "is_store", "enclosing_store", "lmdb_file", "prepared_details",
+           "verify", "wal_records", "backup", "is_store", "enclosing_store", "store_stats", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
            "changes_between", "Flag", "never_runs"]
 
@@ -106,6 +107,33 @@ def identity_damaged(path: str, exc: BaseException) -> bool:
         return True
     return not (isinstance(doc, dict) and doc.get("format") == FORMAT_NAME
                 and doc.get("version") not in READ_VERSIONS)
+
+
+# what a read-only handle's ``stats()`` says of itself, not of the store: the durability
+# it was opened with (each writer's open chooses its own; a reader's is never used), and
+# the counters of its own WAL writer (a reader has none: always 0)
+HANDLE_ONLY_STATS = ("durability", "wal_fsyncs", "wal_rotations", "wal_inline_preallocations",
+                     "wal_buffered_commits", "wal_voided_commits", "commits_held_by_undo",
+                     "wal_synced_lsn")
+
+
+def store_stats(store: Store, path: str) -> dict[str, Any]:
+    """``walstore stats``: the store's figures as a read-only handle can know them.  Its
+    own ``stats()`` said ``durability full`` of a store its writer runs with "none", a map
+    size of 64 GiB (the reader's own mapping) of one whose writer set 1 MiB, ``readonly
+    true`` and 0 fsyncs of a store being written: those of the handle the command opened.
+    Here the handle's own fields are null (unknown from outside the writer), the map size
+    is the one recorded in ``data.mdb`` (set by the writer), ``lmdb_bytes`` its size, and
+    ``readonly`` says whether the command's handle is the store's writer (never)."""
+    doc = store.stats()
+    for name in HANDLE_ONLY_STATS:
+        doc[name] = None
+    doc["readonly"] = None
+    info = check_lmdb_data_file(os.path.join(Layout(path).db, DATA_FILE),
+                                expect_existing=False)
+    doc["lmdb_map_size"] = None if info is None else info.map_size
+    doc["lmdb_bytes"] = None if info is None else info.file_size
+    return doc
 
 
 def lmdb_file(path: str) -> str:

@@ -223,7 +223,7 @@ def verify(path: str, as_json: bool) -> None:
 def stats(path: str, as_json: bool) -> None:
     """Sizes, positions and counters of a store."""
     with open_store(path, readonly=True) as store:
-        doc = store.stats()
+        doc = _engine.store_stats(store, path)
     emit_summary(doc, as_json)
 
 
