@@ -167,6 +167,22 @@ def test_listings_longer_than_a_page_are_whole_and_aligned(tmp_path):
     assert [i["key"] for i in doc["items"]] == ["h"] + [f"k{i:05d}" for i in range(6)]
 
 
+def test_a_limit_past_sys_maxsize_lists_everything(versions_store):
+    """`scan --limit N` (streamed since this audit) cut its stream with itertools.islice,
+    which refuses a stop past sys.maxsize: `scan --limit 99999999999999999999999` failed
+    with "ValueError ... (an unexpected error)", exit 1, where it had listed every key
+    (click takes any int).  `log` and `history` take it too."""
+    huge = str(10 ** 23)
+    for args, listed, n in ((["scan", versions_store], "items", 2),
+                            (["log", versions_store], "transactions", 41),
+                            (["history", versions_store, "h"], "versions", 40)):
+        p = run(*args, "--limit", huge, "--json")
+        assert p.returncode == 0, (args, p.stderr)
+        assert len(strict(p.stdout)[listed]) == n
+        p = run(*args, "--limit", huge)
+        assert p.returncode == 0 and p.stderr == "", (args, p.stderr)
+
+
 # ---- Ctrl-C mid-document ------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def big_store(tmp_path_factory) -> str:

@@ -2,7 +2,6 @@
 of a key (history).  KEY and --prefix follow the key syntax of :mod:`.output`."""
 from __future__ import annotations
 
-import itertools
 from typing import Any, Iterator
 
 import click
@@ -116,7 +115,8 @@ def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool
     """Keys and values in key order (streamed: any number of keys in bounded memory)."""
     with open_store(path, readonly=True) as store:
         # (None: every key; a typed empty prefix, '' or b'', every str or every bytes key)
-        items = itertools.islice(store.scan(prefix=prefix), limit)
+        # (not islice: a --limit past sys.maxsize, which click takes, is a ValueError there)
+        items = _first(store.scan(prefix=prefix), limit, [False])
         if as_json:  # (one at a time; Ctrl-C or a failure mid-way closes the document)
             emit_json_list("items", ({"key": k, "value": v} for k, v in items))
         else:
