@@ -10,7 +10,9 @@ Each test failed before its fix (see the commit naming it):
 - `walstore init PATH` (and `backup` DEST, `demo` PATH) made a store inside another
   store's directory (its WAL or LMDB directory, or beside them);
 - `walstore stats` showed the read-only handle it opened (durability "full", its own
-  64 GiB map, ``readonly`` true, 0 fsyncs) as the store's figures."""
+  64 GiB map, ``readonly`` true, 0 fsyncs) as the store's figures;
+- every other `--json` document (`actions`, `files`, `diff`, ...) cut by Ctrl-C too;
+- `scan --limit` past sys.maxsize failed (a regression of this audit's streaming)."""
 from __future__ import annotations
 
 import json
@@ -223,6 +225,34 @@ def test_json_listing_interrupted_mid_document_is_still_one_json_document(big_st
     assert doc[listed] and "interrupted" in doc["error"], doc.get("error")
     assert "Traceback" not in err.decode()
     assert err.decode().strip() == f"walstore: {name} interrupted (Ctrl-C)"
+
+
+def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
+    """The verbs that print one JSON document at once (`actions`, `files`, `diff`,
+    `recover`, `verify`, `replicas` ...) were cut by a Ctrl-C while the reader was slow:
+    `actions --json` of 3,000 actions stopped at 64 KiB (a pipe's buffer), mid-string,
+    exit 130, and no error document followed (one had begun).  SIGINT is held while the
+    document is written and taken after it: the document whole, then exit 130."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        with s.transaction() as tx:
+            for i in range(3000):  # (~1.7 MB of JSON)
+                with tx.action("charge", args={"n": i, "pad": "p" * 100}) as a:
+                    a.result = {"ok": i}
+    p = subprocess.Popen([sys.executable, "-m", "walstore", "actions", path, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
+        time.sleep(1.5)  # (and is blocked on the full pipe)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 130, (p.returncode, err)
+    doc = strict((first + out).decode())
+    assert len(doc["actions"]) == 3000
+    assert err.decode().strip() == "walstore: actions interrupted (Ctrl-C)"
 
 
 # ---- init inside a store ------------------------------------------------------------------

@@ -47,7 +47,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import threading
 from typing import Any, Callable, Iterable, NoReturn
 
 import click
@@ -166,12 +168,33 @@ def json_text(obj: Any, indent: int | None = None) -> str:
 _json_started = False
 
 
+@contextlib.contextmanager
+def sigint_held() -> Any:
+    """Ctrl-C (SIGINT) held off while a piece of a JSON document is written, and taken
+    (KeyboardInterrupt) right after it: a document, or a streamed list's item, is on
+    stdout whole or not at all.  A Ctrl-C while the reader was slow (the write blocked on
+    a full pipe) cut `actions --json`, `files --json`, `diff --json` ... in the middle of
+    their document, and no error document followed (one had begun).  A write blocked on
+    a reader that never reads stays blocked until it reads or goes away (a Ctrl-C in a
+    terminal reaches the reader too); SIGTERM and SIGKILL end it as before."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
 def emit_json(doc: Any) -> None:
-    """Print one JSON document on stdout."""
+    """Print one JSON document on stdout (whole, or not at all: :func:`sigint_held`)."""
     global _json_started
     text = json_text(jsonable(doc), indent=2)
-    _json_started = True
-    click.echo(text)
+    with sigint_held():
+        _json_started = True
+        click.echo(text)
 
 
 def begin_command() -> None:
@@ -229,16 +252,20 @@ def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
         first = next(it)
     except StopIteration:
         end = closing()
-        _json_started = True
-        click.echo(f"{opening}]{end}")
+        with sigint_held():
+            _json_started = True
+            click.echo(f"{opening}]{end}")
         return
-    _json_started = True
-    click.echo(opening, nl=False)
     sep = "\n  "
     item = first
     try:
+        with sigint_held():  # (a Ctrl-C taken as this ends: the document is closed below)
+            _json_started = True
+            click.echo(opening, nl=False)
         while True:
-            click.echo(sep + json_text(jsonable(item)), nl=False)
+            text = sep + json_text(jsonable(item))
+            with sigint_held():  # (an item whole or not at all)
+                click.echo(text, nl=False)
             sep = ",\n  "
             item = next(it)
     except StopIteration:
@@ -248,16 +275,19 @@ def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
         # stdout in the middle of the list: no JSON document at all)
         why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
                else f"{type(e).__name__}: {e}")
-        click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
+        with sigint_held():
+            click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
         raise
     try:
         end = closing()
     except (Exception, KeyboardInterrupt) as e:
         why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
                else f"{type(e).__name__}: {e}")
-        click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
+        with sigint_held():
+            click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
         raise
-    click.echo(f"\n]{end}")
+    with sigint_held():
+        click.echo(f"\n]{end}")
 
 
 def emit_summary(doc: dict, as_json: bool) -> None:
