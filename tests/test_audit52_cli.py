@@ -7,7 +7,7 @@ Each test failed before its fix (see the commit naming it):
   with no way to ask for fewer (no ``limit=``, no ``--limit``);
 - `scan --json`, `log --json` and `history --json` cut by Ctrl-C left half a JSON
   document (built whole, then written: the interrupt came while it was written);
-- `walstore init PATH` (and `backup` DEST, `demo` PATH) made a store inside another
+- `walstore init PATH` (and `backup`/`restore` DEST, `demo` PATH) made a store inside another
   store's directory (its WAL or LMDB directory, or beside them);
 - `walstore stats` showed the read-only handle it opened (durability "full", its own
   64 GiB map, ``readonly`` true, 0 fsyncs) as the store's figures;
@@ -256,7 +256,7 @@ def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
 
 
 # ---- init inside a store ------------------------------------------------------------------
-def test_init_backup_and_demo_refuse_a_path_inside_another_store(tmp_path):
+def test_init_backup_restore_and_demo_refuse_a_path_inside_another_store(tmp_path):
     """`walstore init STORE/wal/x` (or STORE/sub, STORE/db/y, through a symlink) made a
     store among another store's files: inside its WAL directory (its segment listing
     and trims walk there), inside its LMDB directory, or beside them where the outer
@@ -285,6 +285,18 @@ def test_init_backup_and_demo_refuse_a_path_inside_another_store(tmp_path):
     p = run("demo", str(outer / "demo"))
     assert p.returncode == 2 and "inside the store" in one_line(p)
     assert not os.path.lexists(outer / "demo")
+    # a restore (and a follower) makes a store too
+    rep = tmp_path / "rep"
+    with walstore.open(str(tmp_path / "src"), replicate_to=f"file://{rep}",
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=60)
+    for extra in ([], ["--follow"]):
+        p = run("restore", f"file://{rep}", str(outer / "restored"), *extra)
+        assert p.returncode == 2 and "inside the store" in one_line(p), p.stderr
+        assert not any(n.startswith("restored") for n in os.listdir(outer))
+    assert run("restore", f"file://{rep}", str(tmp_path / "restored")).returncode == 0
     # (beside a store, not inside: as before)
     assert run("init", str(tmp_path / "beside")).returncode == 0
     assert run("verify", str(outer)).returncode == 0

@@ -227,6 +227,10 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     # (--interval: a NaN, or beyond a day, is a usage error)
     opts = _options(endpoint_url=endpoint_url, region=region, interval=interval)
     _check_where(url, opts)
+    outer = _engine.enclosing_store(dest)
+    if outer is not None:  # (as `init` and `backup` refuse one: a store inside a store)
+        _fail(f"restore destination {dest} lies inside the store {outer}; choose a "
+              f"destination outside it", EXIT_USAGE)
     comps = load_handlers(handlers)
     if follow:
         (check_apply_every,) = _engine.replication("check_apply_every")
