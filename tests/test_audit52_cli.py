@@ -12,7 +12,9 @@ Each test failed before its fix (see the commit naming it):
 - `walstore stats` showed the read-only handle it opened (durability "full", its own
   64 GiB map, ``readonly`` true, 0 fsyncs) as the store's figures;
 - every other `--json` document (`actions`, `files`, `diff`, ...) cut by Ctrl-C too;
-- `scan --limit` past sys.maxsize failed (a regression of this audit's streaming)."""
+- `scan --limit` past sys.maxsize failed (a regression of this audit's streaming);
+- `history` beside a writer applying paired the newest version with the value it
+  replaced (the value and the history rows read in two read transactions)."""
 from __future__ import annotations
 
 import json
@@ -115,6 +117,43 @@ def test_history_limit_reads_the_unapplied_tail_and_lmdb_alike(tmp_path):
                 assert r.history("k", limit=n) == every[:n], n
     finally:
         w.close()
+
+
+def test_history_beside_a_writer_applying_never_pairs_a_version_with_anothers_value(
+        tmp_path):
+    """`history` read the key's current value, then (another read transaction) the
+    newest history rows: a writer applying a new version of the key between the two made
+    the newest version show the value it had replaced (a reader's history said txid 5155
+    held what txid 5153 wrote: the state recorded and what is shown disagreed).  Both
+    are read in one read transaction now.  A writer process commits ``k = txid - 1`` as
+    fast as it can, applying each at once; a reader checks every version it is shown
+    (a race: on the code before, 2 of 3 runs of 10 s failed)."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("k", 0)  # (txid 1)
+    code = (f"import time, walstore\n"
+            f"s = walstore.open({path!r}, durability='none', apply_interval=0.001, "
+            f"apply_batch=1)\n"
+            f"i, end = 1, time.monotonic() + 10\n"
+            f"while time.monotonic() < end:\n"
+            f"    with s.transaction() as tx: tx.put('k', i)\n"
+            f"    i += 1\n"
+            f"    if i % 2: s._engine.drain()  # (applied now, in this thread)\n"
+            f"s.close()\n")
+    writer = subprocess.Popen([sys.executable, "-c", code], env=env())
+    wrong, seen = [], 0
+    try:
+        with walstore.open(path, readonly=True) as r:
+            while writer.poll() is None:
+                for v in r.history("k", limit=1):
+                    seen += 1
+                    if v.value != v.txid - 1:
+                        wrong.append(v)
+    finally:
+        writer.wait(timeout=120)
+    assert writer.returncode == 0
+    assert seen > 1000 and not wrong, (seen, wrong[:5])
 
 
 def test_walstore_history_takes_limit_and_says_when_there_are_older_ones(versions_store):

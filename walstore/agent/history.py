@@ -13,6 +13,7 @@ of the store: ``hist`` rows per key, ``bylsn`` and ``txns`` rows per transaction
 """
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
@@ -23,6 +24,7 @@ from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, Point
 from ..log.format import RecordType
 from ..log.records import MAX_TXID as LOGGED_TXID_LIMIT
 from ..engine import tables
+from ..engine.lmdb_state import SCAN_CHUNK, read_chunk
 from ..engine.snapshot import SnapshotTooOld
 from ..engine.transaction import scan_bounds
 from .txlog import LSN, TxnInfo, info_from_row
@@ -354,9 +356,20 @@ class History:
         oldest = newer[-1].lsn if newer else None
         st = self.engine.state
         prefix = tables.hist_prefix(k)
-        after = st.get(k)  # the newest version set the current value
+        hi = prefix + b"\xff" * 9
+        # the newest version set the current value: it and the first chunk of history
+        # rows are read in ONE read transaction.  Read apart (the value, then the rows),
+        # beside a writer applying a new version of the key between the two, the newest
+        # row was shown with the value it replaced (a reader's history showed txid 5155
+        # holding what txid 5153 wrote).  Later chunks only ever lose their oldest rows
+        # (a trim) or all of them (a purge): the rows already read stay a true chain.
+        with st.read() as txn:
+            after = txn.get(k, None, st.data)
+            chunk = read_chunk(txn, st.hist, prefix, hi, True, None)
+        rows = chunk if len(chunk) < SCAN_CHUNK else itertools.chain(
+            chunk, st.scan(prefix, chunk[-1][0], reverse=True, db="hist"))
         after_row = ("data", k)  # (where ``after`` was read: named if it does not decode)
-        for raw, row in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="hist"):
+        for raw, row in rows:
             if not tables.is_version_of(raw, prefix):
                 continue
             _k, lsn = tables.split_hist_key(raw)
