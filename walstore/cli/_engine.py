@@ -28,7 +28,7 @@ from ..store import Store
 __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "check_gid",
            "check_resolve_note",
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
-           "verify", "wal_records", "backup", "is_store", "enclosing_store", "store_stats", "lmdb_file", "prepared_details",
+           "verify", "wal_records", "backup", "is_store", "enclosing_store", "store_stats", "iter_log", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
            "changes_between", "Flag", "never_runs"]
 
@@ -134,6 +134,12 @@ def store_stats(store: Store, path: str) -> dict[str, Any]:
     doc["lmdb_map_size"] = None if info is None else info.map_size
     doc["lmdb_bytes"] = None if info is None else info.file_size
     return doc
+
+
+def iter_log(store: Store, limit: int | None) -> Iterator[Any]:
+    """``store.log(limit)``, read as it is consumed (``walstore log`` streams it)."""
+    store._engine.check_open()
+    return store._history.iter_log(limit)
 
 
 def lmdb_file(path: str) -> str:

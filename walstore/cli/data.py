@@ -8,7 +8,7 @@ import click
 
 import walstore
 
-from . import WalstoreCommand, main
+from . import WalstoreCommand, _engine, main
 from .common import JSON, PATH, open_store
 from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
                      emit_json, emit_json_list, end_progress, fail, parse_json_value,
@@ -132,7 +132,7 @@ def log_cmd(path: str, limit: int, as_json: bool) -> None:
     more = [False]
     with open_store(path, readonly=True) as store:
         # (one more: is there anything older?)
-        infos = _first(store._history.iter_log(limit + 1), limit, more)
+        infos = _first(_engine.iter_log(store, limit + 1), limit, more)
         if as_json:
             emit_json_list("transactions", (
                 {"txid": i.txid, "lsn": i.lsn, "timestamp": i.timestamp, "meta": i.meta,
