@@ -336,7 +336,10 @@ def test_init_backup_restore_and_demo_refuse_a_path_inside_another_store(tmp_pat
         assert p.returncode == 2 and "inside the store" in one_line(p), p.stderr
         assert not any(n.startswith("restored") for n in os.listdir(outer))
     assert run("restore", f"file://{rep}", str(tmp_path / "restored")).returncode == 0
-    # (beside a store, not inside: as before)
+    # (beside a store, not inside: as before; nor is a stray file named STORE a store)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "STORE").write_text("my notes")
+    assert run("init", str(tmp_path / "home" / "s")).returncode == 0
     assert run("init", str(tmp_path / "beside")).returncode == 0
     assert run("verify", str(outer)).returncode == 0
 

@@ -78,7 +78,9 @@ def enclosing_store(path: str) -> str | None:
     parent = os.path.dirname(here)
     while parent != here:
         here, parent = parent, os.path.dirname(parent)
-        if is_store(here):
+        layout = Layout(here)  # (a STORE file with a store's log or state beside it: a
+        if layout.exists() and (os.path.isdir(layout.wal)  # file named STORE alone, in a
+                                or os.path.isdir(layout.db)):  # home directory, is none)
             return here
     return None
 
