@@ -261,7 +261,7 @@ def test_json_listing_interrupted_mid_document_is_still_one_json_document(big_st
     assert p.returncode == 130, (p.returncode, err)
     doc = strict((first + out).decode())
     listed = {"scan": "items", "log": "transactions", "history": "versions"}[name]
-    assert doc[listed] and "interrupted" in doc["error"], doc.get("error")
+    assert isinstance(doc[listed], list) and "interrupted" in doc["error"], doc.get("error")
     assert "Traceback" not in err.decode()
     assert err.decode().strip() == f"walstore: {name} interrupted (Ctrl-C)"
 
