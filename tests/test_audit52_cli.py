@@ -17,7 +17,6 @@ Each test failed before its fix (see the commit naming it):
   replaced (the value and the history rows read in two read transactions)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 import pytest
 
 import walstore
+from test_audit51_cli import one_line, strict  # noqa: E402  (the same checks)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,21 +42,6 @@ def env() -> dict:
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
                           text=True, timeout=120, env=env())
-
-
-def one_line(p: subprocess.CompletedProcess) -> str:
-    assert "Traceback" not in p.stderr + p.stdout
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("walstore: "), p.stderr
-    return lines[0]
-
-
-def _no_constants(name: str):
-    raise ValueError(f"not RFC 8259 JSON: {name}")
-
-
-def strict(text: str):
-    return json.loads(text, parse_constant=_no_constants)
 
 
 # ---- history: bounded ----------------------------------------------------------------------
