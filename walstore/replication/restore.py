@@ -544,6 +544,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         raise ReplicationError(f"restore destination {dest} is a symbolic link (to "
                                f"{os.readlink(dest)}): name a directory that is not a link "
                                f"(the finished copy is renamed into place); nothing was done")
+    _refuse_dest_inside(url, dest)
     staging = f".{fileio.scratch_stem(os.path.basename(dest))}.restoring-"
     inside = fileio.stage_inside(dest)  # (see below)
     if inside:  # (what a killed restore staged inside DEST, before DEST is checked)
@@ -744,6 +745,34 @@ def _apply_purges(stage: str, prefixes: list) -> None:
     with _Staged(stage, durability="full") as store:
         for prefix in prefixes:
             store.purge(prefix)
+
+
+def _refuse_dest_inside(url: str, dest: str) -> None:
+    """A DEST inside a store's directory (the source's, or any store's) or inside the
+    ``file://`` replica's directory is refused before anything is done: a copy in there
+    is swept, trimmed or purged by what owns that directory (a store's purge promises
+    its bytes in no file of its directory; a replica's objects are its own), and it put
+    a second store's segments and LMDB under the first's.  Both were accepted."""
+    from urllib.parse import urlsplit
+    real = os.path.realpath(dest)
+    p = urlsplit(url) if isinstance(url, str) else None
+    if p is not None and p.scheme == "file" and p.path:
+        rep = os.path.realpath(p.path)
+        if os.path.commonpath([rep, real]) in (rep, real):
+            raise ReplicationError(f"restore destination {dest} lies inside the replica's "
+                                   f"directory {rep} (or holds it): restore into a "
+                                   f"directory of its own; nothing was done")
+    up = os.path.dirname(real)
+    while True:
+        if os.path.isfile(os.path.join(up, "STORE")) and (
+                os.path.isdir(os.path.join(up, "wal")) or os.path.isdir(os.path.join(up, "db"))):
+            raise ReplicationError(f"restore destination {dest} lies inside the store at "
+                                   f"{up}: restore into a directory of its own; nothing "
+                                   f"was done")
+        nxt = os.path.dirname(up)
+        if nxt == up:
+            return
+        up = nxt
 
 
 class _DestTaken(ReplicationError):
