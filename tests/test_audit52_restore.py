@@ -64,3 +64,67 @@ def test_restore_into_the_file_replica_directory_is_refused(tmp_path):
     assert sorted(p for p, _d, _f in os.walk(rep_dir)) == before
     r = run_cli("restore", url, rep_dir / "copy")
     assert r.exit_code == 1 and "inside the replica's directory" in r.output, r.output
+
+
+# ---- 2. a lease_ttl the shipping rounds cannot keep renewed -----------------------------
+
+def test_a_lease_ttl_shorter_than_three_intervals_is_refused(tmp_path):
+    """The lease is renewed by the rounds only.  Before: ``interval=1, lease_ttl=0.5``
+    (or the CLI's ``--interval 900`` under the default 600 s ttl) was taken, and the lease
+    lapsed between every two rounds: a second shipper of the store took it over."""
+    from walstore.replication import InProcessSource, Shipper
+    url = f"file://{tmp_path / 'rep'}"
+    path = str(tmp_path / "s")
+    for opts in ({"interval": 1.0, "lease_ttl": 0.5}, {"interval": 900.0},
+                 {"interval": 1.0, "lease_ttl": 2.9}):
+        with pytest.raises(ValueError) as e:
+            walstore.open(path, replicate_to=url, replicate_options=opts)
+        assert "lease_ttl" in str(e.value) and "interval" in str(e.value), e.value
+        assert not os.path.exists(path)  # refused before the store was touched
+    with walstore.open(path) as s:
+        with pytest.raises(ValueError, match="lease_ttl .* interval"):
+            Shipper(InProcessSource(s), url, {"interval": 1.0, "lease_ttl": 0.5})
+    assert not os.path.exists(tmp_path / "rep")
+    # exactly 3 intervals is fine; a restore or a follower takes no lease: not checked
+    with walstore.open(path, replicate_to=url,
+                       replicate_options={"interval": 0.2, "lease_ttl": 0.6}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=60)
+    walstore.restore(url, str(tmp_path / "r"), replicate_options={"interval": 900.0})
+
+
+def test_cli_replicate_with_a_long_interval_takes_a_lease_of_three_rounds(tmp_path):
+    """``walstore replicate`` has no flag for lease_ttl: a long ``--interval`` takes a
+    lease lasting three rounds (not refused, and not the default 600 s lapsing between
+    rounds of 900 s)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import msgpack
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    url = f"file://{tmp_path / 'rep'}"
+    p = subprocess.Popen([sys.executable, "-m", "walstore", "replicate", path, url,
+                          "--interval", "900"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        lease = tmp_path / "rep" / "lease"
+        deadline = time.monotonic() + 120
+        while not (lease.exists() and (tmp_path / "rep" / "manifest").exists()):
+            assert p.poll() is None, p.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        doc = msgpack.unpackb(lease.read_bytes(), raw=False)
+        assert doc["expires"] - doc["renewed"] >= 2700 - 1, doc
+    finally:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

@@ -110,7 +110,7 @@ def test_the_blob_gc_keeps_what_the_replica_has_not_received(replica, tmp_path):
     # unreadable, `walstore verify` of the copy failing)
     (tmp_path / "ws").mkdir()
     s = walstore.open(str(tmp_path / "src"), replicate_to=replica.url, retain_transactions=1,
-                      replicate_options=replica.opts(interval=3600))
+                      replicate_options=replica.opts(interval=3600, lease_ttl=3 * 3600))
     try:
         s.sync_replica(30)  # the first round is done; the next one waits an hour
         ws = s.workspace(str(tmp_path / "ws"))

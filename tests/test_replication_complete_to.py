@@ -106,7 +106,8 @@ def test_sync_replica_makes_the_replica_vouch_for_the_time_it_was_called(tmp_pat
     returned at once and the manifest's ``complete_to`` stayed where the last shipping
     round left it (renewed once per ``complete_every``): that restore was refused."""
     url = f"file://{tmp_path}/rep"
-    s = one_shipped_commit(str(tmp_path / "s"), url, {"interval": 3600, "complete_every": 3600})
+    s = one_shipped_commit(str(tmp_path / "s"), url, {"interval": 3600, "complete_every": 3600,
+                                                                 "lease_ttl": 3 * 3600})
     try:
         time.sleep(0.05)
         when = _now()

@@ -159,6 +159,7 @@ class Store:
             from .replication.targets import check_url          # crashed, or created)
             check_url(replicate_to)
             opts = ReplicateOptions.from_any(replicate_options)
+            opts.check_lease()  # (a lease_ttl the rounds cannot keep renewed)
             if replicate_to.partition(":")[0].lower() == "s3":  # (checked only when the S3
                 from .replication.targets import check_endpoint  # client was built: the
                 check_endpoint(opts.endpoint_url)                 # store was created)

@@ -150,3 +150,17 @@ class ReplicateOptions:
         if opts.part_size < 5 * MiB:
             raise ValueError("part_size must be at least 5 MiB (S3's minimum part)")
         return opts
+
+    def check_lease(self) -> None:
+        """For a shipper: ``lease_ttl`` at least 3 times ``interval``.  The lease is renewed
+        by the shipping rounds, every ``lease_ttl / 3`` when rounds come that often; rounds
+        further apart renew it once a round, and with ``lease_ttl`` below ``interval`` it
+        lapsed between every two rounds: another writer (a second shipper of the store, a
+        copy of it) could take the replica over, and this one stopped for good,
+        "lease-lost".  (A restore or a follower takes no lease: not checked there.)"""
+        if self.lease_ttl < 3 * self.interval * (1 - 1e-9):  # (0.6 vs 3 * 0.2: a float's slack)
+            raise ValueError(f"replicate_options lease_ttl ({self.lease_ttl:g} s) must be at "
+                             f"least 3 times interval ({self.interval:g} s): the shipping "
+                             f"rounds renew the lease, and with rounds further apart than "
+                             f"lease_ttl / 3 it lapses between them (another writer may take "
+                             f"the replica over); raise lease_ttl or lower interval")

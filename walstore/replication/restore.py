@@ -754,6 +754,8 @@ def _refuse_dest_inside(url: str, dest: str) -> None:
     its bytes in no file of its directory; a replica's objects are its own), and it put
     a second store's segments and LMDB under the first's.  Both were accepted."""
     from urllib.parse import urlsplit
+    from .targets import check_url
+    check_url(url)  # (a NUL in it named, as open_target names it: realpath raised raw)
     real = os.path.realpath(dest)
     p = urlsplit(url) if isinstance(url, str) else None
     if p is not None and p.scheme == "file" and p.path:

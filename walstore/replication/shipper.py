@@ -133,6 +133,7 @@ class Shipper:
                  target: ObjectStore | None = None) -> None:
         self.source = source
         self.opts = ReplicateOptions.from_any(options)
+        self.opts.check_lease()  # (before anything is touched: see check_lease)
         if hasattr(source, "pin_limit"):  # the source bounds its pin itself (see _pin)
             source.pin_limit = self.opts.max_pin_bytes
         self.url = display_url(url)
