@@ -128,3 +128,95 @@ def test_cli_replicate_with_a_long_interval_takes_a_lease_of_three_rounds(tmp_pa
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+# ---- 3. a damaged or missing newest snapshot: an older one and the WAL stand in ----------
+
+def _manifest(rep) -> dict:
+    from walstore.replication.manifest import decode
+    return decode(rep.read("manifest"), "test")
+
+
+def _with_snapshots(path: str, rep) -> tuple[walstore.Store, list[dict]]:
+    """A store shipped in three rounds, a snapshot after each (snapshot_interval 0)."""
+    s = walstore.open(path, replicate_to=rep.url,
+                      replicate_options=rep.opts(snapshot_interval=0))
+    for r in range(3):
+        with s.transaction() as tx:
+            for i in range(20):
+                tx.put(f"r{r}-{i}", {"round": r, "i": i})
+        s.sync_replica(timeout=60)
+    deadline = __import__("time").monotonic() + 60
+    while True:  # (a snapshot is taken by the round after the WAL shipped)
+        snaps = [x for x in _manifest(rep)["snapshots"] if x["k"]]
+        if len({x["lsn"] for x in snaps}) >= 2 and \
+                max(x["lsn"] for x in snaps) >= s.replication().shipped_lsn:
+            break
+        assert __import__("time").monotonic() < deadline, snaps
+        with s.transaction() as tx:
+            tx.put("tick", 1)
+        s.sync_replica(timeout=60)
+    return s, snaps
+
+
+def _rows(path: str) -> dict:
+    with walstore.open(path, readonly=True) as c:
+        return dict(c.scan())
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_a_damaged_newest_snapshot_is_stood_in_for_by_an_older_one(replica, tmp_path,
+                                                                  damage):
+    """Before: the newest snapshot's object damaged (a byte flipped) or missing made every
+    restore to the end refuse ("is damaged" / "missing"), though an older snapshot and the
+    WAL after it, sound in the replica, give the same state."""
+    s, snaps = _with_snapshots(str(tmp_path / "src"), replica)
+    try:
+        s.sync_replica(timeout=60)
+        want = dict(s.scan())
+    finally:
+        s.close()
+    newest = max(snaps, key=lambda x: x["lsn"])
+    t = replica.target()
+    try:
+        if damage == "missing":
+            t.delete(newest["k"])
+        else:
+            body = bytearray(t.get(newest["k"], 1 << 30)[0])
+            body[len(body) // 2] ^= 0xFF
+            t.delete(newest["k"])
+            t.put(newest["k"], bytes(body))
+    finally:
+        t.close()
+    got = walstore.restore(replica.url, str(tmp_path / "r"), replicate_options=replica.opts())
+    assert [k["key"] for k in got["snapshots_skipped"]] == [newest["k"]]
+    assert ("missing" if damage == "missing" else "damaged") in \
+        got["snapshots_skipped"][0]["error"]
+    assert got["snapshot_lsn"] < newest["lsn"]
+    assert _rows(str(tmp_path / "r")) == want
+    r = run_cli("restore", replica.url, tmp_path / "cli", *replica.cli_args())
+    assert r.exit_code == 0, r.output
+    assert f"snapshot LSN {newest['lsn']} skipped" in r.output and newest["k"] in r.output
+    assert _rows(str(tmp_path / "cli")) == want
+
+
+def test_a_stand_in_whose_state_differs_from_the_skipped_digest_is_refused(tmp_path):
+    """The older snapshot and the WAL must rebuild the state the skipped snapshot recorded
+    (its digest in the manifest): a manifest whose digest for it differs refuses the
+    restore, nothing at DEST."""
+    import msgpack
+    from test_replication_support import Replica
+    rep = Replica("file", f"file://{tmp_path}/replica", {"interval": 0.05, "max_backoff": 0.5})
+    s, snaps = _with_snapshots(str(tmp_path / "src"), rep)
+    s.close()
+    newest = max(snaps, key=lambda x: x["lsn"])
+    os.remove(tmp_path / "replica" / newest["k"])
+    mpath = tmp_path / "replica" / "manifest"
+    doc = msgpack.unpackb(mpath.read_bytes(), raw=False, strict_map_key=False)
+    for x in doc["snapshots"]:
+        if x["k"] == newest["k"]:
+            x["st"] = "0" * 64
+    mpath.write_bytes(msgpack.packb(doc, use_bin_type=True))
+    with pytest.raises(walstore.ReplicationError, match="differs from the digest"):
+        walstore.restore(rep.url, str(tmp_path / "r"), replicate_options=rep.opts())
+    assert not os.path.exists(tmp_path / "r")

@@ -308,6 +308,10 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         _say(f"  snapshot LSN {report['snapshot_lsn']}, {report['wal_objects']} WAL "
              f"object(s), {report['wal_bytes']} bytes replayed, cut at LSN "
              f"{report['cut_lsn']}, {report['seconds']} s")
+        for k in report.get("snapshots_skipped", ()):
+            _say(f"  snapshot LSN {k['lsn']} skipped ({k['error']}): restored from the "
+                 f"snapshot at LSN {report['snapshot_lsn']} and the WAL after it (the state "
+                 f"at LSN {k['lsn']} checked against the manifest's digest where it has one)")
         for p in report["purges_applied"]:
             _say(f"  purge of {show_key(p)} after the cut applied here too (erased keys "
                  f"stay erased)")

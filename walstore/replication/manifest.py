@@ -195,7 +195,14 @@ class Manifest:
     def plan(self, cut: int) -> tuple[dict, list[dict], int]:
         """(snapshot, WAL entries, replay start) for a restore whose log ends at ``cut``:
         the newest snapshot at or before it from which the WAL reaches the cut."""
+        return next(iter(self.plans(cut)))
+
+    def plans(self, cut: int):
+        """Every plan ``plan`` could make, newest snapshot first (a restore falls back to
+        the next when a snapshot's object is missing or damaged); raises, as ``plan``
+        does, when there is none."""
         first_error = None
+        found = False
         for snap in sorted(self.snapshots, key=lambda s: s["lsn"], reverse=True):
             if snap["lsn"] > cut:
                 continue
@@ -206,9 +213,14 @@ class Manifest:
                         self.gap_message(snap["lsn"], snap["lsn"] + 1))
                 continue
             try:
-                return snap, self.chain(start, cut), start
+                chain = self.chain(start, cut)
             except ReplicationError as e:
                 first_error = first_error or e
+                continue
+            found = True
+            yield snap, chain, start
+        if found:
+            return
         if first_error is not None:
             raise first_error
         raise ReplicationError(f"the replica has no snapshot at or before LSN {cut} from which "

@@ -589,32 +589,55 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             chain = m.chain(start, cut_goal) if start is not None else None
             if chain is None:
                 raise ReplicationError(f"snapshot at LSN {snap['lsn']} is not usable")
+            plans = iter([(snap, chain, start)])
         else:
-            snap, chain, start = m.plan(cut_goal)
+            plans = m.plans(cut_goal)
         # the snapshot
         os.chmod(stage, _src.DIR_MODE)
         db = os.path.join(stage, "db")
         wal = os.path.join(stage, "wal")
-        _src.make_dir(db)
         _src.make_dir(wal)
-        # ``progress``: the bytes downloaded, the snapshot's first (per MiB), then the WAL
-        # objects' (per object); the snapshot was not counted, and the download of a large
-        # one showed nothing
-        snap_n = snap["n"] if snap["k"] is not None else 0
-        total = snap_n + sum(e["n"] for e in chain)
-        if snap["k"] is not None:
-            _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"),
-                               None if not progress else
-                               (lambda n: progress(min(n, snap_n), total)))
-            if progress:
-                progress(snap_n, total)
-            applied = _src.read_applied(db)
-        else:  # the empty store at LSN 0
-            _src.create_empty_db(db)
-            applied = 0
-        if applied != snap["lsn"]:
-            raise ReplicationError(f"snapshot {snap['k']} holds LSN {applied}, the manifest "
-                                   f"says {snap['lsn']}")
+        # A snapshot whose object is missing or damaged is stood in for by the next older
+        # one the WAL reaches the cut from (the same state: the WAL from there is the
+        # history between them), checked below against the skipped one's state digest.
+        # (Before, one damaged newest snapshot made every restore refuse, an older
+        # snapshot and the WAL after it sound in the replica.)
+        skipped: list[dict] = []
+        for snap, chain, start in plans:
+            shutil.rmtree(db, ignore_errors=True)
+            _src.make_dir(db)
+            # ``progress``: the bytes downloaded, the snapshot's first (per MiB), then the
+            # WAL objects' (per object); the snapshot was not counted, and the download of
+            # a large one showed nothing
+            snap_n = snap["n"] if snap["k"] is not None else 0
+            total = snap_n + sum(e["n"] for e in chain)
+            try:
+                if snap["k"] is not None:
+                    _download_snapshot(tgt, snap, os.path.join(db, "data.mdb"),
+                                       None if not progress else
+                                       (lambda n: progress(min(n, snap_n), total)))
+                    if progress:
+                        progress(snap_n, total)
+                    applied = _src.read_applied(db)
+                else:  # the empty store at LSN 0
+                    _src.create_empty_db(db)
+                    applied = 0
+                if applied != snap["lsn"]:
+                    raise ReplicationError(f"snapshot {snap['k']} holds LSN {applied}, the "
+                                           f"manifest says {snap['lsn']}")
+            except (ReplicationError, CorruptionError) as e:
+                if _snapshot is not None:
+                    raise
+                skipped.append({"snap": snap, "error": str(e)})
+                continue
+            break
+        else:
+            first = skipped[0]["error"] if skipped else "no snapshot"
+            raise ReplicationError(f"{first}; no older snapshot from which the WAL reaches "
+                                   f"the target could stand in for it ({len(skipped)} "
+                                   f"tried); nothing restored")
+        if skipped:
+            _check_stand_in(url, tgt, opts, tmp, snap, [k["snap"] for k in skipped])
         # the WAL, cut at the target
         log = RestoredLog(wal, store_id, prealloc=follow)
         log.know(m.wal)
@@ -681,6 +704,8 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         if lock is not None:
             _locks.append(lock)
         return {"url": display_url(url), "dest": dest, "target": what, "snapshot_lsn": applied,
+                "snapshots_skipped": [{"lsn": k["snap"]["lsn"], "key": k["snap"]["k"],
+                                       "error": k["error"]} for k in skipped],
                 "start_lsn": start, "cut_lsn": cut, "wal_objects": len(chain),
                 "wal_bytes": log.bytes, "downloaded_bytes": fetch.bytes + snap["n"],
                 "blobs_fetched": blobs.fetched, "blobs_missing": sorted(blobs.missing),
@@ -696,6 +721,31 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             shutil.rmtree(stage, ignore_errors=True)
         if target is None:
             tgt.close()
+
+
+def _check_stand_in(url: str, tgt: ObjectStore, opts: ReplicateOptions, tmp: str,
+                    base: dict, skipped: list[dict]) -> None:
+    """The restore stands in ``base`` (and the WAL after it) for the ``skipped``
+    snapshots, which it could not read: the newest of them whose state digest the manifest
+    recorded is rebuilt from ``base`` (a restore cut exactly at its LSN, opened) and
+    compared; a mismatch refuses the restore (the WAL between them is not the history the
+    skipped snapshot captured)."""
+    ref = max((s for s in skipped if s.get("st")), key=lambda s: s["lsn"], default=None)
+    if ref is None:
+        return
+    from .. import open as open_store
+    where = os.path.join(tmp, "stand-in")
+    try:
+        restore(url, where, None, opts, target=tgt, _snapshot=base, _cut_end=ref["lsn"])
+        open_store(where).close()
+        got = _src.state_digest(os.path.join(where, "db"))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+    if got["sha256"] != ref["st"]:
+        raise ReplicationError(f"snapshot {ref['k']} (LSN {ref['lsn']}) could not be read, and "
+                               f"the state rebuilt at its LSN from the snapshot at LSN "
+                               f"{base['lsn']} and the WAL after it differs from the digest "
+                               f"the manifest recorded for it; nothing restored")
 
 
 def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
