@@ -220,3 +220,82 @@ def test_a_stand_in_whose_state_differs_from_the_skipped_digest_is_refused(tmp_p
     with pytest.raises(walstore.ReplicationError, match="differs from the digest"):
         walstore.restore(rep.url, str(tmp_path / "r"), replicate_options=rep.opts())
     assert not os.path.exists(tmp_path / "r")
+
+
+# ---- 4. max_backoff below interval: failed rounds retried in a busy loop ----------------
+
+def test_failed_rounds_are_not_retried_sooner_than_interval(s3_endpoint, tmp_path):  # noqa: F811
+    """``max_backoff`` may be 0 to a day, ``interval`` above 0: with ``max_backoff`` below
+    ``interval`` the backoff after a failed round was ``min(max_backoff, ...)``, 0 for
+    ``max_backoff=0``: a failing server got rounds in a busy loop (hundreds of requests a
+    second at ``interval`` 0.5 s), though a failed round is retried no sooner than
+    ``interval`` after it (docs/REPLICATION.md)."""
+    import sys
+    import time
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tools.replsweep import FaultProxy
+    rep = make_s3_replica(s3_endpoint)
+    host, port = s3_endpoint.rsplit("/", 1)[1].split(":")
+    proxy = FaultProxy((host, int(port)), rep.url.split("/", 3)[3] + "/")
+    s = walstore.open(str(tmp_path / "s"), replicate_to=rep.url,
+                      replicate_options=rep.opts(endpoint_url=proxy.url, interval=0.5,
+                                                 max_backoff=0, max_attempts=1))
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=60)
+        proxy.rule = lambda label: "500"  # every request from now on
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        time.sleep(0.5)
+        n0 = len(proxy.requests)
+        time.sleep(3.0)
+        n = len(proxy.requests) - n0
+        assert s.replication().last_error, s.replication()
+        # at most one failed round (one request: the first fails) per 0.5 s, with slack
+        assert n <= 12, f"{n} requests in 3 s against a failing server"
+        proxy.rule = None
+        s.sync_replica(timeout=60)
+    finally:
+        s.close()
+        proxy.close()
+
+
+def test_a_follower_does_not_poll_a_failing_server_sooner_than_interval(s3_endpoint,  # noqa: F811
+                                                                        tmp_path):
+    """The follower's backoff had the same ``min(max_backoff, ...)``: 0 with
+    ``max_backoff=0``, a failing server polled in a busy loop."""
+    import sys
+    import threading
+    import time
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tools.replsweep import FaultProxy
+    rep = make_s3_replica(s3_endpoint)
+    _shipped(str(tmp_path / "src"), rep, n=2)
+    host, port = s3_endpoint.rsplit("/", 1)[1].split(":")
+    proxy = FaultProxy((host, int(port)), rep.url.split("/", 3)[3] + "/")
+    stop = threading.Event()
+    errors: list = []
+    ready = threading.Event()
+
+    def on_round(info):
+        ready.set()
+        if info.get("error"):
+            errors.append(time.monotonic())
+
+    opts = rep.opts(endpoint_url=proxy.url, max_backoff=0, max_attempts=1)
+    t = threading.Thread(target=walstore.replication.follow,
+                         args=(rep.url, str(tmp_path / "f"), opts),
+                         kwargs={"stop": stop, "interval": 0.5, "on_round": on_round},
+                         daemon=True)
+    t.start()
+    try:
+        assert ready.wait(120)
+        proxy.rule = lambda label: "500"
+        time.sleep(3.5)
+        n = len(errors)
+        assert 1 <= n <= 12, f"{n} failed rounds in 3.5 s"
+    finally:
+        stop.set()
+        t.join(60)
+        proxy.close()

@@ -1333,7 +1333,9 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                     raise
                 for entry in list(fetch.files):
                     fetch.drop({"k": entry})
-                delay = min(opts.max_backoff, max(interval, delay * 2))
+                # (never sooner than ``interval``: a ``max_backoff`` below it polled a
+                # failing server in a busy loop, as the shipper did)
+                delay = max(interval, min(opts.max_backoff, delay * 2))
                 info.update(position=log.end, error=str(e), retry_in=round(delay, 3))
                 if on_round:
                     on_round(info)

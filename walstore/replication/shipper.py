@@ -258,8 +258,10 @@ class Shipper:
             except Exception as e:  # anything else: retry with backoff; commits go on
                 if not self._started:
                     self._start_error = e
+                # (never sooner than ``interval``: a ``max_backoff`` below it, 0 allowed,
+                # made the backoff 0 and a failing server got rounds in a busy loop)
                 delay = min(self.opts.max_backoff, max(self.opts.interval, delay * 2))
-                delay *= 0.5 + random.random()
+                delay = max(self.opts.interval, delay * (0.5 + random.random()))
                 self.last_error = self._round_error(e, delay)
                 failed = True
                 self._repin()  # (a failed round moves no position; the frontier moved on)
