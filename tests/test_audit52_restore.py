@@ -75,7 +75,7 @@ def test_a_lease_ttl_shorter_than_three_intervals_is_refused(tmp_path):
     from walstore.replication import InProcessSource, Shipper
     url = f"file://{tmp_path / 'rep'}"
     path = str(tmp_path / "s")
-    for opts in ({"interval": 1.0, "lease_ttl": 0.5}, {"interval": 900.0},
+    for opts in ({"interval": 1.0, "lease_ttl": 0.5}, {"interval": 900.0, "lease_ttl": 600},
                  {"interval": 1.0, "lease_ttl": 2.9}):
         with pytest.raises(ValueError) as e:
             walstore.open(path, replicate_to=url, replicate_options=opts)
@@ -85,6 +85,10 @@ def test_a_lease_ttl_shorter_than_three_intervals_is_refused(tmp_path):
         with pytest.raises(ValueError, match="lease_ttl .* interval"):
             Shipper(InProcessSource(s), url, {"interval": 1.0, "lease_ttl": 0.5})
     assert not os.path.exists(tmp_path / "rep")
+    # a lease_ttl not given follows a long interval (three rounds)
+    from walstore.replication.options import ReplicateOptions
+    assert ReplicateOptions.from_any({"interval": 900}).lease_ttl == 2700
+    assert ReplicateOptions.from_any({"interval": 1}).lease_ttl == 600
     # exactly 3 intervals is fine; a restore or a follower takes no lease: not checked
     with walstore.open(path, replicate_to=url,
                        replicate_options={"interval": 0.2, "lease_ttl": 0.6}) as s:

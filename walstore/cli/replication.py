@@ -122,8 +122,6 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
     opts = _options(interval=interval, endpoint_url=endpoint_url, region=region,
                     snapshot_interval=snapshot_interval, retention_seconds=retention)
     _check_where(url, opts)
-    if opts.lease_ttl < 3 * opts.interval:  # (no flag sets lease_ttl: a long --interval
-        opts.lease_ttl = 3 * opts.interval  # takes a lease that lasts three rounds)
     try:
         shipper = Shipper(source, url, opts)
     except (ValueError, ReplicationError) as e:

@@ -92,6 +92,14 @@ class ReplicateOptions:
         for k, v in overrides.items():
             if v is not None:
                 setattr(opts, k, v)
+        if not isinstance(value, ReplicateOptions) and "lease_ttl" not in (value or {}) \
+                and overrides.get("lease_ttl") is None:
+            # a lease_ttl not given follows a long interval: three rounds (see check_lease;
+            # a bad interval is refused below, named as such)
+            iv = opts.interval
+            if isinstance(iv, (int, float)) and not isinstance(iv, bool) \
+                    and 0 < iv <= DAY and opts.lease_ttl < 3 * iv:
+                opts.lease_ttl = 3.0 * iv
         if opts.endpoint_url is None:
             opts.endpoint_url = os.environ.get("AWS_ENDPOINT_URL_S3") or \
                 os.environ.get("AWS_ENDPOINT_URL") or None
