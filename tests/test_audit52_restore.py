@@ -303,3 +303,54 @@ def test_a_follower_does_not_poll_a_failing_server_sooner_than_interval(s3_endpo
         stop.set()
         t.join(60)
         proxy.close()
+
+
+# ---- 5. a snapshot whose content is not the state the manifest recorded -----------------
+
+def test_a_snapshot_holding_another_state_is_caught_by_restore_and_verify(tmp_path):
+    """The newest snapshot's rows changed (a sound LMDB file; its size and sha256 in the
+    manifest made to match, as a replica tampered with together with its manifest, or a
+    bad copy uploaded under a recomputed sha): every restore to the end returned the
+    changed value, and ``replicas --verify`` passed every check (the state digest the
+    manifest recorded for the snapshot was compared only with a state rebuilt from the
+    snapshot before it, never with the snapshot's own rows)."""
+    import hashlib
+    import json
+
+    import lmdb
+    import msgpack
+    from test_replication_support import Replica
+    rep = Replica("file", f"file://{tmp_path}/replica", {"interval": 0.05, "max_backoff": 0.5})
+    s, snaps = _with_snapshots(str(tmp_path / "src"), rep)
+    try:
+        want = dict(s.scan())
+    finally:
+        s.close()
+    newest = max(snaps, key=lambda x: x["lsn"])
+    obj = tmp_path / "replica" / newest["k"]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "data.mdb").write_bytes(obj.read_bytes())
+    env = lmdb.open(str(work), max_dbs=32, subdir=True)
+    data = env.open_db(b"data", create=False)
+    with env.begin(write=True) as txn:
+        k, v = next(iter(txn.cursor(db=data)))
+        txn.put(k, v[:-1] + bytes([v[-1] ^ 1]), db=data)  # one value, one bit
+    env.close()
+    body = (work / "data.mdb").read_bytes()
+    obj.write_bytes(body)
+    mpath = tmp_path / "replica" / "manifest"
+    doc = msgpack.unpackb(mpath.read_bytes(), raw=False, strict_map_key=False)
+    for x in doc["snapshots"]:
+        if x["k"] == newest["k"]:
+            x["n"], x["sha"] = len(body), hashlib.sha256(body).hexdigest()
+    mpath.write_bytes(msgpack.packb(doc, use_bin_type=True))
+
+    r = run_cli("replicas", rep.url, "--verify", "--json")
+    assert r.exit_code == 1, r.output
+    bad = [c for c in json.loads(r.output)["verify"]["checks"] if not c["ok"]]
+    assert any(c["check"] == "every snapshot" and newest["k"] in json.dumps(c) for c in bad), bad
+    got = walstore.restore(rep.url, str(tmp_path / "r"), replicate_options=rep.opts())
+    assert [k["key"] for k in got["snapshots_skipped"]] == [newest["k"]]
+    assert "state digest" in got["snapshots_skipped"][0]["error"]
+    assert _rows(str(tmp_path / "r")) == want

@@ -48,6 +48,7 @@ import time
 import uuid
 from typing import Any, Callable
 
+import lmdb
 import msgpack
 
 from .. import fileio
@@ -1091,6 +1092,19 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str,
     except CorruptionError as e:
         raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is not "
                                f"a sound LMDB file: {e.reason}") from None
+    # its rows against the state digest the manifest recorded for it (taken from the very
+    # copy the shipper uploaded): a snapshot holding another state, its size and sha256
+    # listed to match, was restored silently and passed `replicas --verify`
+    if snap.get("st"):
+        try:
+            got = _src.state_digest(os.path.dirname(path))["sha256"]
+        except (CorruptionError, lmdb.Error) as e:
+            raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is "
+                                   f"not a sound LMDB file: {e}") from None
+        if got != snap["st"]:
+            raise ReplicationError(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) does "
+                                   f"not hold the state the manifest recorded for it (its "
+                                   f"state digest differs)")
 
 
 class _Counted:
