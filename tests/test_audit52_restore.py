@@ -354,3 +354,45 @@ def test_a_snapshot_holding_another_state_is_caught_by_restore_and_verify(tmp_pa
     assert [k["key"] for k in got["snapshots_skipped"]] == [newest["k"]]
     assert "state digest" in got["snapshots_skipped"][0]["error"]
     assert _rows(str(tmp_path / "r")) == want
+
+
+def test_no_stand_in_across_a_hole(tmp_path):
+    """The snapshot the shipper took after a hole is missing: no older snapshot can stand
+    in (the WAL from it would cross the hole); refused naming the snapshot and the hole,
+    nothing at DEST.  A point before the hole still restores."""
+    from walstore import LSN
+    from walstore.replication import DirectorySource, Shipper
+    url = f"file://{tmp_path}/rep"
+    path = str(tmp_path / "src")
+    s = walstore.open(path, segment_size=64 * 1024)
+    try:
+        with s.transaction() as tx:
+            tx.put("start", 1)
+        sh = Shipper(DirectorySource(path), url, {"interval": 0.05})
+        sh.ship_once()
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 500)
+        s.checkpoint()  # trims the segments the shipper never read: a hole
+        with s.transaction() as tx:
+            tx.put("late", 1)
+        sh.ship_once()
+        sh.ship_once()
+        sh.stop()
+    finally:
+        s.close()
+    import msgpack
+    doc = msgpack.unpackb((tmp_path / "rep" / "manifest").read_bytes(), raw=False,
+                          strict_map_key=False)
+    (hole,) = doc["holes"]
+    fresh = max((x for x in doc["snapshots"] if x["k"]), key=lambda x: x["lsn"])
+    assert fresh["lsn"] >= hole["b"]
+    os.remove(tmp_path / "rep" / fresh["k"])
+    with pytest.raises(walstore.ReplicationError) as e:
+        walstore.restore(url, str(tmp_path / "r"))
+    assert fresh["k"] in str(e.value) and "missing" in str(e.value)
+    assert f"LSN {hole['a']}..{hole['b']}" in str(e.value), str(e.value)
+    assert not os.path.exists(tmp_path / "r")
+    got = walstore.restore(url, str(tmp_path / "before"), to=LSN(hole["a"] - 1))
+    assert got["cut_lsn"] == hole["a"] and got["snapshots_skipped"] == []
+    assert _rows(str(tmp_path / "before")) == {"start": 1}

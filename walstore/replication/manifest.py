@@ -216,6 +216,7 @@ class Manifest:
                 chain = self.chain(start, cut)
             except ReplicationError as e:
                 first_error = first_error or e
+                self.plan_error = e  # (why an older snapshot cannot stand in: a hole)
                 continue
             found = True
             yield snap, chain, start

@@ -634,9 +634,11 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             break
         else:
             first = skipped[0]["error"] if skipped else "no snapshot"
+            why = getattr(m, "plan_error", None)
             raise ReplicationError(f"{first}; no older snapshot from which the WAL reaches "
                                    f"the target could stand in for it ({len(skipped)} "
-                                   f"tried); nothing restored")
+                                   f"tried{'; ' + str(why) if why is not None else ''}); "
+                                   f"nothing restored")
         if skipped:
             _check_stand_in(url, tgt, opts, tmp, snap, [k["snap"] for k in skipped])
         # the WAL, cut at the target
@@ -1481,7 +1483,8 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
             s = walstore.open(os.path.join(tmp, "full"))
             s.close()
             checks.append({"check": "restore everything", "ok": True, "cut_lsn": r["cut_lsn"],
-                           "wal_objects": r["wal_objects"]})
+                           "wal_objects": r["wal_objects"],
+                           "snapshots_skipped": r["snapshots_skipped"]})
         except Exception as e:
             ok = False
             checks.append({"check": "restore everything", "ok": False, "error": str(e)})
