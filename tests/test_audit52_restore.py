@@ -396,3 +396,30 @@ def test_no_stand_in_across_a_hole(tmp_path):
     got = walstore.restore(url, str(tmp_path / "before"), to=LSN(hole["a"] - 1))
     assert got["cut_lsn"] == hole["a"] and got["snapshots_skipped"] == []
     assert _rows(str(tmp_path / "before")) == {"start": 1}
+
+
+def test_verify_and_a_stand_in_work_with_the_temp_directory_inside_a_file_replica(tmp_path):
+    """The refusal of a DEST inside the replica's directory is for the user's DEST: the
+    copies ``replicas --verify`` and a restore's stand-in check make in the temp directory
+    are not refused when that directory lies inside the replica's (TMPDIR under it)."""
+    import subprocess
+    import sys
+    from test_replication_support import Replica
+    rep = Replica("file", f"file://{tmp_path}/replica", {"interval": 0.05, "max_backoff": 0.5})
+    s, snaps = _with_snapshots(str(tmp_path / "src"), rep)
+    s.close()
+    newest = max(snaps, key=lambda x: x["lsn"])
+    os.remove(tmp_path / "replica" / newest["k"])
+    tmpdir = tmp_path / "replica" / "scratch"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    r = subprocess.run([sys.executable, "-m", "walstore", "restore", rep.url,
+                        str(tmp_path / "r")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert f"snapshot LSN {newest['lsn']} skipped" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "walstore", "replicas", rep.url, "--verify",
+                        "--json"], env=env, capture_output=True, text=True)
+    import json
+    checks = {c["check"]: c["ok"] for c in json.loads(r.stdout)["verify"]["checks"]}
+    assert checks["restore everything"] and checks["state digest"], checks
+    assert not checks["every snapshot"]  # (the missing one is named there)

@@ -528,7 +528,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
             compensate: bool = False, follow: bool = False, target: ObjectStore | None = None,
             progress: Callable[[int, int], None] | None = None,
             _snapshot: dict | None = None, _cut_end: int | None = None,
-            _locks: list | None = None) -> dict:
+            _locks: list | None = None, _scratch: bool = False) -> dict:
     """Rebuild a store at ``dest`` (absent or empty) from the replica at ``url``.
 
     ``_locks`` (the follower's): DEST's writer lock is taken in the staging directory
@@ -545,7 +545,8 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
         raise ReplicationError(f"restore destination {dest} is a symbolic link (to "
                                f"{os.readlink(dest)}): name a directory that is not a link "
                                f"(the finished copy is renamed into place); nothing was done")
-    _refuse_dest_inside(url, dest)
+    if not _scratch:  # (verify's and the stand-in check's own copies, in the temp
+        _refuse_dest_inside(url, dest)  # directory, whatever the replica's path)
     staging = f".{fileio.scratch_stem(os.path.basename(dest))}.restoring-"
     inside = fileio.stage_inside(dest)  # (see below)
     if inside:  # (what a killed restore staged inside DEST, before DEST is checked)
@@ -739,7 +740,8 @@ def _check_stand_in(url: str, tgt: ObjectStore, opts: ReplicateOptions, tmp: str
     from .. import open as open_store
     where = os.path.join(tmp, "stand-in")
     try:
-        restore(url, where, None, opts, target=tgt, _snapshot=base, _cut_end=ref["lsn"])
+        restore(url, where, None, opts, target=tgt, _snapshot=base, _cut_end=ref["lsn"],
+                _scratch=True)
         open_store(where).close()
         got = _src.state_digest(os.path.join(where, "db"))
     finally:
@@ -1479,7 +1481,7 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
             ok = ok and check["ok"]
             checks.append(check)
         try:
-            r = restore(url, os.path.join(tmp, "full"), None, opts, target=tgt)
+            r = restore(url, os.path.join(tmp, "full"), None, opts, target=tgt, _scratch=True)
             s = walstore.open(os.path.join(tmp, "full"))
             s.close()
             checks.append({"check": "restore everything", "ok": True, "cut_lsn": r["cut_lsn"],
@@ -1496,7 +1498,7 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
             where = os.path.join(tmp, "digest")
             try:
                 restore(url, where, None, opts, target=tgt, _snapshot=base,
-                        _cut_end=newest["lsn"])
+                        _cut_end=newest["lsn"], _scratch=True)
                 s = walstore.open(where)
                 s.close()
                 got = _src.state_digest(os.path.join(where, "db"))
