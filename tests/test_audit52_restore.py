@@ -141,26 +141,32 @@ def _manifest(rep) -> dict:
     return decode(rep.read("manifest"), "test")
 
 
-def _with_snapshots(path: str, rep) -> tuple[walstore.Store, list[dict]]:
-    """A store shipped in three rounds, a snapshot after each (snapshot_interval 0)."""
+def _with_snapshots(path: str, rep) -> tuple[dict, list[dict]]:
+    """A store shipped in rounds, a snapshot after each (snapshot_interval 0), until the
+    replica lists two snapshots of it; returns its rows and, read after it was closed
+    (no round adds one later), the snapshots the manifest lists."""
+    import time
     s = walstore.open(path, replicate_to=rep.url,
                       replicate_options=rep.opts(snapshot_interval=0))
-    for r in range(3):
-        with s.transaction() as tx:
-            for i in range(20):
-                tx.put(f"r{r}-{i}", {"round": r, "i": i})
+    try:
+        deadline = time.monotonic() + 120
+        r = 0
+        while True:
+            with s.transaction() as tx:
+                for i in range(20):
+                    tx.put(f"r{r}-{i}", {"round": r, "i": i})
+            r += 1
+            s.sync_replica(timeout=60)
+            time.sleep(0.1)  # (a snapshot is taken by a round after the WAL shipped)
+            snaps = [x for x in _manifest(rep)["snapshots"] if x["k"]]
+            if r >= 3 and len({x["lsn"] for x in snaps}) >= 2:
+                break
+            assert time.monotonic() < deadline, snaps
         s.sync_replica(timeout=60)
-    deadline = __import__("time").monotonic() + 60
-    while True:  # (a snapshot is taken by the round after the WAL shipped)
-        snaps = [x for x in _manifest(rep)["snapshots"] if x["k"]]
-        if len({x["lsn"] for x in snaps}) >= 2 and \
-                max(x["lsn"] for x in snaps) >= s.replication().shipped_lsn:
-            break
-        assert __import__("time").monotonic() < deadline, snaps
-        with s.transaction() as tx:
-            tx.put("tick", 1)
-        s.sync_replica(timeout=60)
-    return s, snaps
+        want = dict(s.scan())
+    finally:
+        s.close()
+    return want, [x for x in _manifest(rep)["snapshots"] if x["k"]]
 
 
 def _rows(path: str) -> dict:
@@ -174,12 +180,7 @@ def test_a_damaged_newest_snapshot_is_stood_in_for_by_an_older_one(replica, tmp_
     """Before: the newest snapshot's object damaged (a byte flipped) or missing made every
     restore to the end refuse ("is damaged" / "missing"), though an older snapshot and the
     WAL after it, sound in the replica, give the same state."""
-    s, snaps = _with_snapshots(str(tmp_path / "src"), replica)
-    try:
-        s.sync_replica(timeout=60)
-        want = dict(s.scan())
-    finally:
-        s.close()
+    want, snaps = _with_snapshots(str(tmp_path / "src"), replica)
     newest = max(snaps, key=lambda x: x["lsn"])
     t = replica.target()
     try:
@@ -211,8 +212,7 @@ def test_a_stand_in_whose_state_differs_from_the_skipped_digest_is_refused(tmp_p
     import msgpack
     from test_replication_support import Replica
     rep = Replica("file", f"file://{tmp_path}/replica", {"interval": 0.05, "max_backoff": 0.5})
-    s, snaps = _with_snapshots(str(tmp_path / "src"), rep)
-    s.close()
+    _want, snaps = _with_snapshots(str(tmp_path / "src"), rep)
     newest = max(snaps, key=lambda x: x["lsn"])
     os.remove(tmp_path / "replica" / newest["k"])
     mpath = tmp_path / "replica" / "manifest"
@@ -321,11 +321,7 @@ def test_a_snapshot_holding_another_state_is_caught_by_restore_and_verify(tmp_pa
     import msgpack
     from test_replication_support import Replica
     rep = Replica("file", f"file://{tmp_path}/replica", {"interval": 0.05, "max_backoff": 0.5})
-    s, snaps = _with_snapshots(str(tmp_path / "src"), rep)
-    try:
-        want = dict(s.scan())
-    finally:
-        s.close()
+    want, snaps = _with_snapshots(str(tmp_path / "src"), rep)
     newest = max(snaps, key=lambda x: x["lsn"])
     obj = tmp_path / "replica" / newest["k"]
     work = tmp_path / "work"
@@ -406,8 +402,7 @@ def test_verify_and_a_stand_in_work_with_the_temp_directory_inside_a_file_replic
     import sys
     from test_replication_support import Replica
     rep = Replica("file", f"file://{tmp_path}/replica", {"interval": 0.05, "max_backoff": 0.5})
-    s, snaps = _with_snapshots(str(tmp_path / "src"), rep)
-    s.close()
+    _want, snaps = _with_snapshots(str(tmp_path / "src"), rep)
     newest = max(snaps, key=lambda x: x["lsn"])
     os.remove(tmp_path / "replica" / newest["k"])
     tmpdir = tmp_path / "replica" / "scratch"
