@@ -14,7 +14,8 @@ from ..agent.actions import check_resolve_note, never_runs
 from ..agent.twophase import check_gid
 from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
-from ..engine.layout import FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout, store_path
+from ..engine.layout import (FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout,
+                              enclosing_store, store_path)
 from ..errors import NotAStore
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
@@ -67,22 +68,6 @@ def backup(src: str, dest: str, progress: Progress = None) -> dict:
 
 def is_store(path: str) -> bool:
     return Layout(path).exists()
-
-
-def enclosing_store(path: str) -> str | None:
-    """The store whose directory ``path`` lies inside (below it, at any depth, symlinks
-    resolved), or None.  A store made there would live among another store's files: its
-    WAL directory, its LMDB directory, or beside them, where a backup, restore or purge of
-    the outer store does not know it (``walstore init STORE/wal/x`` was accepted)."""
-    here = os.path.realpath(os.path.abspath(path))
-    parent = os.path.dirname(here)
-    while parent != here:
-        here, parent = parent, os.path.dirname(parent)
-        layout = Layout(here)  # (a STORE file with a store's log or state beside it: a
-        if layout.exists() and (os.path.isdir(layout.wal)  # file named STORE alone, in a
-                                or os.path.isdir(layout.db)):  # home directory, is none)
-            return here
-    return None
 
 
 def identity_damaged(path: str, exc: BaseException) -> bool:

@@ -233,6 +233,22 @@ class Layout:
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
 
+def enclosing_store(path: str) -> str | None:
+    """The store whose directory ``path`` lies inside (below it, at any depth, symlinks
+    resolved), or None.  A store made there would live among another store's files: its
+    WAL directory, its LMDB directory, or beside them, where a backup, restore or purge of
+    the outer store does not know it (``walstore init STORE/wal/x`` was accepted)."""
+    here = os.path.realpath(os.path.abspath(path))
+    parent = os.path.dirname(here)
+    while parent != here:
+        here, parent = parent, os.path.dirname(parent)
+        layout = Layout(here)  # (a STORE file with a store's log or state beside it: a
+        if layout.exists() and (os.path.isdir(layout.wal)  # file named STORE alone, in a
+                                or os.path.isdir(layout.db)):  # home directory, is none)
+            return here
+    return None
+
+
 def check_version(version, root: str) -> None:
     """NotAStore unless ``version`` (STORE's "version") is one this walstore reads."""
     if type(version) is int and version in READ_VERSIONS:

@@ -57,7 +57,8 @@ from ..errors import (CorruptionError, PointTypeError, ReplicationError, Unknown
 from ..log.format import LSN
 from ..files.blobs import BlobStore
 from ..signals import Flag
-from ..engine.layout import FORMAT_VERSION, check_version, identity_bytes, store_path
+from ..engine.layout import (FORMAT_VERSION, check_version, enclosing_store, identity_bytes,
+                              store_path)
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import DAY, ReplicateOptions
@@ -819,17 +820,11 @@ def _refuse_dest_inside(url: str, dest: str) -> None:
             raise ReplicationError(f"restore destination {dest} lies inside the replica's "
                                    f"directory {rep} (or holds it): restore into a "
                                    f"directory of its own; nothing was done")
-    up = os.path.dirname(real)
-    while True:
-        if os.path.isfile(os.path.join(up, "STORE")) and (
-                os.path.isdir(os.path.join(up, "wal")) or os.path.isdir(os.path.join(up, "db"))):
-            raise ReplicationError(f"restore destination {dest} lies inside the store at "
-                                   f"{up}: restore into a directory of its own; nothing "
-                                   f"was done")
-        nxt = os.path.dirname(up)
-        if nxt == up:
-            return
-        up = nxt
+    outer = enclosing_store(dest)
+    if outer is not None:
+        raise ReplicationError(f"restore destination {dest} lies inside the store at "
+                               f"{outer}: restore into a directory of its own; nothing "
+                               f"was done")
 
 
 class _DestTaken(ReplicationError):
