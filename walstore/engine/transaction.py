@@ -419,10 +419,14 @@ class Transaction:
         range of its key order (``_WriteOrder``), so a scan beside 100,000 writes costs
         what it reads, not the write set (it cost ~7 ms a scan)."""
         writes = self._writes
-        if len(writes) <= _SMALL_WRITE_SET:  # (a copy made at once: a pass over the dict
-            # raised RuntimeError when another thread wrote meanwhile — probe-audit51)
-            return {k: v for k, v in list(writes.items())
-                    if k >= lo and (hi is None or k < hi)}
+        if len(writes) <= _SMALL_WRITE_SET:
+            # a copy made in one C step that runs no Python code, so no other thread runs
+            # during it (a pass over the dict raised RuntimeError when another thread wrote
+            # meanwhile — probe-audit51; so did ``list(writes.items())``, seen once in CI:
+            # its tuples can set off a garbage collection, whose finalizers run Python
+            # code and let another thread's rollback_to in mid-pass)
+            snap = writes.copy()
+            return {k: v for k, v in snap.items() if k >= lo and (hi is None or k < hi)}
         # Another thread may write, or roll back to a savepoint, while this one scans (a
         # transaction shared by an agent's threads): the order is brought up to date
         # under its own lock, made again when it cannot be, and a key it lists that left
