@@ -4,13 +4,11 @@ Each test is named after the promise it checks; its comment says what went wrong
 """
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -18,58 +16,25 @@ transaction = pytest.importorskip("transaction")
 
 import walstore  # noqa: E402
 from walstore.integrations.transaction import join  # noqa: E402
+from zope_support import REPO, Sqlite, child_env as _env  # noqa: E402
 
 WALSTORE = [sys.executable, "-m", "walstore"]
-REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "tests" / "twophase_scripts"
-
-
-def _env() -> dict:
-    """A child imports this checkout's walstore, wherever it runs."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + ([env["PYTHONPATH"]]
-                                                      if env.get("PYTHONPATH") else []))
-    return env
 
 
 class FinishFails(Exception):
     pass
 
 
-class ForeignFailingFinish:
+class ForeignFailingFinish(Sqlite):
     """A foreign resource (sqlite3) sorting before walstore whose ``tpc_finish`` fails
     before it commits: nobody committed, and the package aborts every participant."""
 
     def __init__(self, path) -> None:
-        self.conn = sqlite3.connect(str(path), isolation_level=None)
-        self.conn.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT)")
-        self.transaction_manager = transaction.manager
-
-    def put(self, k: str, v: str) -> None:
-        transaction.get().join(self)
-        self.conn.execute("BEGIN IMMEDIATE")
-        self.conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (k, v))
-
-    def abort(self, txn) -> None:
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-
-    tpc_abort = abort
-
-    def tpc_begin(self, txn) -> None:
-        pass
-
-    def commit(self, txn) -> None:
-        pass
-
-    def tpc_vote(self, txn) -> None:
-        pass
+        super().__init__(path, sort_key="a-foreign")
 
     def tpc_finish(self, txn) -> None:
         raise FinishFails("the foreign resource lost its disk before committing")
-
-    def sortKey(self) -> str:
-        return "a-foreign"
 
 
 @pytest.fixture(autouse=True)
@@ -189,19 +154,15 @@ def test_zope_a_read_only_stores_reads_never_veto_the_commit(tmp_path):
     other = sqlite3.connect(str(tmp_path / "other.sqlite"), isolation_level=None)
     other.execute("CREATE TABLE kv (k TEXT PRIMARY KEY, v TEXT)")
 
-    class Sqlite(ForeignFailingFinish):
+    class Foreign(Sqlite):  # (sorting before walstore: it finishes first)
         def __init__(self) -> None:
-            self.conn = other
-            self.transaction_manager = transaction.manager
-
-        def tpc_finish(self, txn) -> None:
-            self.conn.execute("COMMIT")
+            super().__init__(tmp_path / "other.sqlite", sort_key="a-foreign")
 
     try:
         transaction.begin()
         tx = join(ro)
         limit = tx.get("config/limit")
-        Sqlite().put("charge", str(limit))
+        Foreign().put("charge", str(limit))
         transaction.commit()
         assert tx.state == "committed" and tx.gid is None and ro.prepared() == []
         assert dict(other.execute("SELECT k, v FROM kv")) == {"charge": "40"}
@@ -216,14 +177,11 @@ def test_zope_a_read_only_stores_reads_never_veto_the_commit(tmp_path):
         ro.close()
 
 
-class SqliteParticipant(ForeignFailingFinish):
+class SqliteParticipant(Sqlite):
     """A foreign resource that commits (sorting first: it finishes before walstore)."""
 
-    def tpc_finish(self, txn) -> None:
-        self.conn.execute("COMMIT")
-
-    def rows(self) -> dict:
-        return dict(self.conn.execute("SELECT k, v FROM kv"))
+    def __init__(self, path) -> None:
+        super().__init__(path, sort_key="a-foreign")
 
 
 @pytest.mark.parametrize("decided", ["rollback", "commit"])
