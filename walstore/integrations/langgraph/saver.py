@@ -1122,8 +1122,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # (a run of the thread loaded before it is cut off: its later saves are refused,
         # its node transactions too — one in flight conflicts with the purge)
         _note_mark(_rewinds(self.store), prefix, time.monotonic())
-        self.store.purge(prefix)
-        self.codec.forget(prefix)
+        try:
+            self.store.purge(prefix)
+        finally:  # (also when it raised: an ErasureOwed purge committed, the thread is
+            self.codec.forget(prefix)  # gone; forgetting a live one costs a cache miss)
 
     def _drop_checkpoint(self, tx: Any, ns: Namespace, cid: str, rec: dict) -> None:
         tx.delete(ns.checkpoint(cid))
