@@ -45,6 +45,29 @@ def one_line(p: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def interrupted_with_a_slow_reader(argv: list, env: dict, wait: float = 1.5
+                                   ) -> tuple[int, str, str]:
+    """Run ``walstore *argv``, read one byte (it has begun its document), stop reading
+    for ``wait`` seconds (it blocks on the full pipe, even on a loaded machine), then send
+    SIGINT, as an operator's Ctrl-C on ``walstore ... | slow-consumer`` would; (exit code,
+    all of stdout, stderr).  The child gets SIGINT's default disposition: a parent that
+    ignores it, as a test runner's worker may, passes SIG_IGN on, and Python then
+    installs no KeyboardInterrupt handler (in CI a dump ran to its end, exit 0)."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "-m", "walstore", *argv], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        first = os.read(p.stdout.fileno(), 1)
+        time.sleep(wait)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    return p.returncode, (first + out).decode(), err.decode()
+
+
 def _no_constants(name: str):
     raise ValueError(f"not RFC 8259 JSON: {name}")
 
@@ -263,31 +286,17 @@ def test_dump_json_interrupted_mid_stream_is_still_one_json_document(tmp_path):
     list, no document at all, exit 130.  Here the reader stops reading (the pipe fills,
     dump blocks on its write) and SIGINT comes then, as an operator's Ctrl-C on
     `walstore dump --json | slow-consumer` would."""
-    import signal
-    import time
     path = str(tmp_path / "s")
     with walstore.open(path, durability="none") as s:
         for i in range(3000):  # (~650 KiB of JSON: far past a pipe's buffer)
             with s.transaction() as tx:
                 tx.put(f"k{i}", i)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # (SIGINT's default disposition in the child: a parent that ignores it, as a test
-    # runner's worker may, passes SIG_IGN on, and Python then installs no KeyboardInterrupt
-    # handler — in CI the dump ran to its end, exit 0)
-    p = subprocess.Popen([sys.executable, "-m", "walstore", "dump", path, "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
-        time.sleep(1.0)  # (and is blocked on the full pipe)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        p.kill()
-    assert p.returncode == 130, (p.returncode, err)
-    doc = strict((first + out).decode())
+    code, out, err = interrupted_with_a_slow_reader(
+        ["dump", path, "--json"], dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert code == 130, (code, err)
+    doc = strict(out)
     assert doc["records"] and "interrupted" in doc["error"], doc.get("error")
-    assert "Traceback" not in err.decode()
+    assert "Traceback" not in err
 
 
 def test_a_deeply_nested_value_the_store_took_reads_back_through_every_command(tmp_path):

@@ -18,16 +18,15 @@ Each test failed before its fix (see the commit naming it):
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import walstore
-from test_audit51_cli import one_line, strict  # noqa: E402  (the same checks)
+from test_audit51_cli import (interrupted_with_a_slow_reader, one_line,  # noqa: E402
+                             strict)  # (the same checks)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -231,24 +230,13 @@ def test_json_listing_interrupted_mid_document_is_still_one_json_document(big_st
     (one had begun).  Streamed now, as `dump --json`: the document is closed with
     ``"error": "interrupted (Ctrl-C)"``, exit 130."""
     name = args[0]
-    cmd = [sys.executable, "-m", "walstore", name, big_store, *args[1:]]
-    # (SIGINT's default disposition in the child: a parent ignoring it passes SIG_IGN on,
-    # and Python then installs no KeyboardInterrupt handler)
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
-        time.sleep(1.5)  # (and is blocked on the full pipe, even on a loaded machine)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    assert p.returncode == 130, (p.returncode, err)
-    doc = strict((first + out).decode())
+    code, out, err = interrupted_with_a_slow_reader([name, big_store, *args[1:]], env())
+    assert code == 130, (code, err)
+    doc = strict(out)
     listed = {"scan": "items", "log": "transactions", "history": "versions"}[name]
     assert isinstance(doc[listed], list) and "interrupted" in doc["error"], doc.get("error")
-    assert "Traceback" not in err.decode()
-    assert err.decode().strip() == f"walstore: {name} interrupted (Ctrl-C)"
+    assert "Traceback" not in err
+    assert err.strip() == f"walstore: {name} interrupted (Ctrl-C)"
 
 
 def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
@@ -263,20 +251,11 @@ def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
             for i in range(3000):  # (~1.7 MB of JSON)
                 with tx.action("charge", args={"n": i, "pad": "p" * 100}) as a:
                     a.result = {"ok": i}
-    p = subprocess.Popen([sys.executable, "-m", "walstore", "actions", path, "--json"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(),
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        first = os.read(p.stdout.fileno(), 1)  # (it has begun its document)
-        time.sleep(1.5)  # (and is blocked on the full pipe)
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=120)
-    finally:
-        p.kill()
-    assert p.returncode == 130, (p.returncode, err)
-    doc = strict((first + out).decode())
+    code, out, err = interrupted_with_a_slow_reader(["actions", path, "--json"], env())
+    assert code == 130, (code, err)
+    doc = strict(out)
     assert len(doc["actions"]) == 3000
-    assert err.decode().strip() == "walstore: actions interrupted (Ctrl-C)"
+    assert err.strip() == "walstore: actions interrupted (Ctrl-C)"
 
 
 # ---- init inside a store ------------------------------------------------------------------
