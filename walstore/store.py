@@ -194,6 +194,7 @@ class Store:
                 from .replication import start_in_process  # the [s3] extra, only when asked
                 self._shipper = start_in_process(self, replicate_to, replicate_options)
                 self._purge.before_erase = self._ship_before_erasure
+                engine.before_erase = self._ship_before_erasure  # (its background erasure)
             if not readonly and engine.erase_owed():  # a purge's erasure a crash cut
                 # short: finish it, shipping up to it first as the purge itself does (done
                 # before the shipper started, it trimmed the log the replica had not

@@ -78,6 +78,11 @@ class Purge:
 
         # a write into the prefix committed first: run again, erasing it too
         meta = {"purge": prefix if isinstance(prefix, str) else prefix.hex()}
+        with eng.erasure_lock:  # (the applier's checkpoint must not erase it meanwhile)
+            return self._purge(eng, prefix, erase, meta, progress)
+
+    def _purge(self, eng: "Engine", prefix: Any, erase: Callable, meta: dict,
+               progress: Callable[[int, int], None] | None) -> dict:
         try:
             tx, present, had_history = eng.pipeline.held_out_on_conflict(
                 lambda: self.run(erase, retries=PURGE_RETRIES, backoff=0.001, meta=meta))

@@ -69,6 +69,8 @@ TXID_BLOCK = 1 << 16  # transaction ids reserved durably at a time (see Engine.n
 READONLY_TXID_BASE = 1 << 63
 READONLY_TXID_PID_SHIFT = 40  # n < 2**40 per process; a pid < 2**22 (Linux's PID_MAX_LIMIT)
 REPLICA_PIN = b"replica_pin"  # meta: the replica's position + 1 (0: none; keep_replica_pin)
+ERASURE_RETRY_S = 60.0  # a background checkpoint's owed erasure that failed waits this long
+ERASURE_ROOM_MARGIN = 64 << 20  # free space beyond the data file's size it needs to try
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
 
@@ -132,6 +134,12 @@ class Engine:
         self._room = threading.Condition(self._room_lock)
         self._apply_lock = threading.Lock()
         self._checkpoint_lock = threading.RLock()
+        # held by a purge from before its commit to the end of its erasure, and by every
+        # erasure: the applier's checkpoint finishes an owed erasure only when no one else
+        # is erasing (it had compacted LMDB a second time, under the purge's feet)
+        self.erasure_lock = threading.RLock()
+        self.before_erase: Callable[[], None] | None = None  # the store's: ship first
+        self._erasure_retry_at = 0.0  # (monotonic) a failed background erasure's next try
         self._txid_lock = threading.Lock()
         self._txid_horizon = 0
         self.applied_lsn = 0
@@ -557,11 +565,44 @@ class Engine:
                     applied = self.apply_published()  # never pauses this loop never ends
                     if self._checkpoint_due():
                         self._checkpoint(background=True)
+                        self._finish_owed_erasure()
                     if not applied or self.applied_lsn >= published or self._stop.is_set():
                         break
             except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
                 self.fail(e)
                 return
+
+    def _finish_owed_erasure(self) -> None:
+        """The applier's checkpoint finishes an erasure a purge left owed (CONTRACT: "after
+        the next checkpoint their bytes are in no file"), as ``checkpoint()`` and the next
+        writable open do: before, only those did, so a store that stayed open after a purge
+        raised ErasureOwed kept the erased bytes for as long as it ran.  Not while a purge
+        or another caller is erasing (``erasure_lock``), not sooner than ERASURE_RETRY_S
+        after a failed try, and only with room on the disk for the rewrite's copy (the
+        data file's size and ERASURE_ROOM_MARGIN): a try on a full disk filled it again,
+        failing the commits running beside it.  A failure is recorded in ``stats()``'s
+        ``background_errors`` and stays owed; one that stopped the store (LMDB's swap or
+        sync) stopped it as the foreground's would."""
+        if time.monotonic() < self._erasure_retry_at or not self.writable:
+            return
+        if not self.erasure_lock.acquire(blocking=False):
+            return
+        try:
+            if not self.erase_owed():
+                return
+            need = os.path.getsize(self.state.data_file) + ERASURE_ROOM_MARGIN
+            room = _free_bytes(self.path)
+            if room is not None and room < need:
+                raise StoreIOError(errno.ENOSPC, f"a purge's erasure is owed, and rewriting "
+                                                 f"LMDB needs {need} bytes free ({room} are)",
+                                   self.path)
+            self.erase_old_bytes([], after_rotate=self.before_erase)
+        except (WalstoreError, OSError) as e:
+            self._erasure_retry_at = time.monotonic() + ERASURE_RETRY_S
+            self.background_errors.append(f"erasure owed: {type(e).__name__}: {e}")
+            del self.background_errors[:-10]
+        finally:
+            self.erasure_lock.release()
 
     def _backlog_full(self) -> bool:
         """Enough is unapplied that the applier works even while commits go on."""
@@ -713,14 +754,19 @@ class Engine:
             return out
 
     def _applied_up_to_the_end(self) -> None:
-        """With no event left unapplied, every record below the log's end is either in LMDB
-        or carries nothing to redo (a SEAL, a CHECKPOINT): ``applied`` moves to the end, so
-        the segments behind it can go."""
+        """Every record below the oldest unapplied event's first record (the log's end when
+        none is left) is either in LMDB or carries nothing to redo (a SEAL, a CHECKPOINT):
+        ``applied`` moves there, so the segments behind it can go.  (It moved only when no
+        event at all was unapplied: one commit of another thread in its fsync kept it at
+        the last applied event, so a purge's erasure rotated the log and then kept the old
+        segment, erased values and all, and recorded the erasure done.)  Under the journal
+        lock the MemTable holds every record's event not yet applied, published or not."""
         with self._apply_lock:
             with self.journal.lock:
-                if len(self.memtable) or self.wal.written_lsn <= self.applied_lsn:
+                events = self.memtable.events
+                mark = events[0].start if events else self.wal.written_lsn
+                if mark <= self.applied_lsn:
                     return
-                mark = self.wal.written_lsn
             self.applier.set_meta(b"applied", mark)
             with self.journal.lock:
                 self.applied_lsn = max(self.applied_lsn, mark)
@@ -737,7 +783,7 @@ class Engine:
         the old segment's SEAL unshipped was a hole in it).  ``progress``: the LMDB
         rewrite's (``LmdbState.compact``)."""
         self.check_writable()
-        with self._checkpoint_lock:
+        with self.erasure_lock, self._checkpoint_lock:
             self.wal.rotate()
             if after_rotate is not None:
                 after_rotate()
@@ -1042,6 +1088,15 @@ def check_not_inside(src: str, dest: str) -> None:
 # one count for every read-only engine of the process (two read-only handles of one store
 # in one process are two engines: their transactions' ids must differ too)
 _READONLY_COUNT = itertools.count(1)
+
+
+def _free_bytes(path: str) -> int | None:
+    """Bytes free to an unprivileged writer on ``path``'s file system (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 def readonly_txids(pid: int):
