@@ -72,6 +72,7 @@ import lmdb
 
 from .. import fileio
 from ..errors import CorruptionError, ReadOnlyError, StoreClosed, StoreIOError, WalstoreError
+from ..signals import deferred
 from . import tables
 from .lmdb_check import check_lmdb_files
 
@@ -562,8 +563,14 @@ class LmdbState:
                 # replaced reopens both.  (Renamed in, allocated: see _preallocate_lock.)
                 fileio.rename(os.path.join(work, "lock.mdb"), os.path.join(self.path, "lock.mdb"))
                 fileio.fsync_dir(self.path)
+            def swap_with_signals_held() -> None:
+                # (once the readers are out): a Ctrl-C between the close and the reopen
+                # left this process's environment closed, every later read failing
+                with deferred():
+                    swap()
+
             try:
-                self.gate.exclusive(swap)
+                self.gate.exclusive(swap_with_signals_held)
             except BaseException:
                 shutil.rmtree(work, ignore_errors=True)
                 raise
