@@ -58,3 +58,44 @@ def test_a_write_set_changed_during_a_collection_mid_scan_is_no_foreign_error(tm
             assert keys[:39] == [f"r/{i:03}" for i in range(39)]
             assert len(keys) in ((39, 40) if fired else (40,))  # (before or after the step)
         assert ran >= 1  # (the step ran inside the pass at least once)
+
+
+def test_a_write_set_changed_mid_count_of_its_size_is_no_foreign_error(tmp_path):
+    # The write set's exact size (counted once a large transaction's upper bound passes
+    # the limit's trigger) was a generator over ``writes.items()``: another thread's
+    # ``rollback_to`` between two of its steps raised RuntimeError out of ``put``.  The
+    # count now runs over a copy taken in one step.
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        ran = 0
+        for n in range(1, 12):
+            tx = s.transaction()
+            for i in range(40):
+                tx.put(f"r/{i:03}", "v" * 50)
+            tx._write_trigger = 1000  # (the count's trigger, as a 480 MiB write set's)
+            victim = encode_key("r/039")
+            fired, seen = [], []
+
+            def other_thread(phase, info, n=n, tx=tx, fired=fired, seen=seen, victim=victim):
+                if phase != "start" or fired:
+                    return
+                names = {sys._getframe(d).f_code.co_name for d in range(1, 4)}
+                if "_count_exactly" not in names and "<genexpr>" not in names:
+                    return
+                seen.append(phase)
+                if len(seen) == n and victim in tx._writes:
+                    fired.append(True)
+                    tx._writes.pop(victim, None)
+
+            threshold = gc.get_threshold()
+            gc.collect()
+            gc.callbacks.append(other_thread)
+            gc.set_threshold(1, 1, 1)
+            try:
+                tx.put("r/new", "x")  # (before: RuntimeError, dictionary changed size)
+            finally:
+                gc.set_threshold(*threshold)
+                gc.callbacks.remove(other_thread)
+            ran += bool(fired)
+            assert tx.get("r/new") == "x"
+            tx.rollback()
+        assert ran >= 1

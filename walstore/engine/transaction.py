@@ -500,7 +500,9 @@ class Transaction:
         from then on every write comes here); refused (``_too_big``) past the limit."""
         writes = self._writes
         if self._write_trigger >= 0:
-            self._write_bytes = sum(_entry_bytes(k, v) for k, v in writes.items())
+            # (over a copy taken in one C step: another thread's rollback_to between two
+            # steps of the generator raised RuntimeError out of put)
+            self._write_bytes = sum(_entry_bytes(k, v) for k, v in writes.copy().items())
             self._write_trigger = -1
         size = self._write_bytes
         for k, v in new:
