@@ -39,9 +39,9 @@ naming a class the policy does not allow raises, it is not handed back as raw da
 Safety: nothing pickles, and a stored value can only ever name a data class of the
 application or an allowlisted one.  Modules are never imported because a stored value
 names them (only LangGraph's fixed safe modules are, and the module of a class listed in
-``allowed_types`` as ``(module, name)``: the application named it); functions
-(``os.system``), methods other than LangGraph's safe ``datetime.fromisoformat``, and
-library classes are refused.  So a process reading a thread whose state holds the
+``allowed_types`` as ``(module, name)``: the application named it); functions other
+than LangGraph's safe ``re.compile`` (a stored ``re.Pattern``; ``os.system`` is refused),
+methods other than its safe ``datetime.fromisoformat``, and library classes are refused.  So a process reading a thread whose state holds the
 application's classes must have imported their modules first (SqliteSaver imports any
 module a stored value names), or list them: ``allowed_types=[("mytypes", "Point")]``.
 """
@@ -289,7 +289,10 @@ class TypePolicy:
             cls = getattr(importlib.import_module(module), name, None)
         else:
             cls = getattr(sys.modules[module], name, None)
-        if not isinstance(cls, type):
+        # (LangGraph's safe set names one function, ``re.compile``: a pattern is stored
+        # as its call; anything else named must be a class)
+        if not (isinstance(cls, type) or ((module, name) in lg_msgpack.SAFE_MSGPACK_TYPES
+                                          and callable(cls))):
             raise StateTypeError(f"a stored value names {module}.{name}, which is not a "
                                  f"class in module {module!r}")
         self._classes[(module, name)] = cls
