@@ -62,3 +62,44 @@ def test_a_compiled_regex_in_the_state_comes_back_as_one(store):
                                                                       pattern.flags)
         again = graph.invoke({"n": 10}, config)   # a new turn loads the thread's head
         assert again["n"] == 11 and again["pattern"] == pattern
+
+
+def _round_trip(saver, value, thread_id="t"):
+    from langgraph.checkpoint.base import empty_checkpoint
+    checkpoint = empty_checkpoint()
+    version = saver.get_next_version(None)
+    checkpoint["channel_values"] = {"x": value}
+    checkpoint["channel_versions"] = {"x": version}
+    config = saver.put({"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}},
+                       checkpoint, {}, {"x": version})
+    return saver.get_tuple(config).checkpoint["channel_values"]["x"]
+
+
+def test_a_datetime_in_a_named_time_zone_comes_back_in_that_zone(store):
+    """A datetime whose tzinfo is a ``zoneinfo.ZoneInfo`` came back with a fixed-offset
+    ``datetime.timezone`` (LangGraph's encoding writes a datetime as its ISO text): the
+    same instant, but no longer in the zone, so ``tzinfo.key`` raised AttributeError and
+    date arithmetic across a daylight-saving change gave the wrong wall-clock time (seen:
+    2026-01-15 09:00 Europe/Oslo + 180 days came back at 09:00+01:00, where the zone
+    says 10:00+02:00) — a value changed silently where the contract says it comes back
+    as itself.  A datetime in a zone that is not a fixed offset is now stored by its
+    fields and its ZoneInfo (as LangGraph stores a ``time``), and comes back in it."""
+    from datetime import datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+    saver = WalstoreSaver(store)
+    oslo = ZoneInfo("Europe/Oslo")
+    when = datetime(2026, 1, 15, 9, 0, tzinfo=oslo)
+    ambiguous = datetime(2026, 10, 25, 2, 30, tzinfo=oslo, fold=1)   # the second 02:30
+    for i, value in enumerate([when, ambiguous, {"at": [when]}]):
+        got = _round_trip(saver, value, f"t{i}")
+        assert got == value
+    got = _round_trip(saver, when, "a")
+    assert type(got.tzinfo) is ZoneInfo and got.tzinfo.key == "Europe/Oslo"
+    assert (got + timedelta(days=180)).utcoffset() == timedelta(hours=2)
+    late = _round_trip(saver, ambiguous, "b")
+    assert late.fold == 1 and late.utcoffset() == timedelta(hours=1)
+    # a fixed offset and a naive datetime are stored as before (LangGraph's ISO text)
+    for value in (datetime(2026, 1, 1, tzinfo=timezone(timedelta(hours=5))),
+                  datetime(2026, 1, 1, 12, 30)):
+        got = _round_trip(saver, value, "c")
+        assert got == value and got.tzinfo == value.tzinfo

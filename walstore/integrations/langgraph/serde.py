@@ -19,8 +19,10 @@ A class is rebuilt when it is
    and it comes back as the same type, as with SqliteSaver.
 
 Values are encoded as LangGraph encodes them, except that tuples stay tuples at every
-depth (:data:`EXT_TUPLE`; LangGraph writes a list), and that a value whose class would be
-rebuilt but not as it is — a dataclass with a ``field(init=False)`` or a required
+depth (:data:`EXT_TUPLE`; LangGraph writes a list), that a datetime in a time zone other
+than a fixed offset (a ``ZoneInfo``) is written as its fields and zone (LangGraph writes
+its ISO text, which gave the offset back, not the zone), and that a value whose class
+would be rebuilt but not as it is — a dataclass with a ``field(init=False)`` or a required
 ``InitVar`` (the read raised), one whose ``__post_init__`` changes a stored field when it
 runs again, a pydantic model whose private attributes or ``exclude=True`` fields are not
 what rebuilding gives — is refused at write time (``_Packer``).  Those last two are
@@ -41,13 +43,15 @@ application or an allowlisted one.  Modules are never imported because a stored 
 names them (only LangGraph's fixed safe modules are, and the module of a class listed in
 ``allowed_types`` as ``(module, name)``: the application named it); functions other
 than LangGraph's safe ``re.compile`` (a stored ``re.Pattern``; ``os.system`` is refused),
-methods other than its safe ``datetime.fromisoformat``, and library classes are refused.  So a process reading a thread whose state holds the
-application's classes must have imported their modules first (SqliteSaver imports any
-module a stored value names), or list them: ``allowed_types=[("mytypes", "Point")]``.
+methods other than its safe ``datetime.fromisoformat``, and library classes are
+refused.  So a process reading a thread whose state holds the application's classes
+must have imported their modules first (SqliteSaver imports any module a stored value
+names), or list them: ``allowed_types=[("mytypes", "Point")]``.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import importlib
 import os
@@ -729,6 +733,15 @@ class _Packer:
             fields = {k: getattr(obj, k) for k in obj.__slots__}
             refuse_flattened_in(fields)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
+        if (isinstance(obj, datetime.datetime)
+                and not isinstance(obj.tzinfo, (datetime.timezone, type(None)))):
+            # LangGraph writes a datetime as its ISO text, which keeps the offset, not
+            # the zone: a ZoneInfo came back as a fixed offset.  Its fields and tzinfo
+            # instead, as LangGraph writes a ``time`` (a tzinfo it cannot store: refused)
+            return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, {
+                "year": obj.year, "month": obj.month, "day": obj.day, "hour": obj.hour,
+                "minute": obj.minute, "second": obj.second,
+                "microsecond": obj.microsecond, "tzinfo": obj.tzinfo, "fold": obj.fold})
         try:
             return lg_jsonplus._msgpack_default(obj)
         except TypeError:
