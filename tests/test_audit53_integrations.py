@@ -103,3 +103,27 @@ def test_a_datetime_in_a_named_time_zone_comes_back_in_that_zone(store):
                   datetime(2026, 1, 1, 12, 30)):
         got = _round_trip(saver, value, "c")
         assert got == value and got.tzinfo == value.tzinfo
+
+
+class _Login(__import__("pydantic").BaseModel):
+    password: __import__("pydantic").SecretStr
+    tries: int = 0
+
+
+def test_a_model_holding_a_refused_class_names_that_class_and_the_recipe(store):
+    """A pydantic model with a field of a class the saver does not rebuild unlisted (a
+    ``SecretStr``: library code) was refused at ``put`` as "rebuilding it raised
+    ValueError: ext_hook failed", naming only the model and advising plain data: the
+    class at fault and the ``allowed_types`` recipe (which makes it work) were lost
+    inside msgpack's hook, where the contract says the refusal names the type and the
+    recipe.  The refusal now carries the inner one's words."""
+    from pydantic import SecretStr
+    from walstore.integrations.langgraph.serde import StateTypeError
+    with pytest.raises(StateTypeError) as refused:
+        _round_trip(WalstoreSaver(store), _Login(password="pw"))
+    message = str(refused.value)
+    assert "_Login" in message and "SecretStr" in message and "allowed_types" in message
+    assert "ext_hook" not in message
+    listed = WalstoreSaver(store, allowed_types=[SecretStr])
+    got = _round_trip(listed, _Login(password="pw", tries=2), "listed")
+    assert type(got) is _Login and got.password.get_secret_value() == "pw" and got.tries == 2

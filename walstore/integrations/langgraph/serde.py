@@ -768,9 +768,19 @@ class _Packer:
         if why is None and (check or reshaped):
             if self.policy.refusal(cls.__module__, cls.__name__) is not None:
                 return ormsgpack.Ext(code, payload)  # (not rebuilt: ``audit`` says why)
+            self.policy._local.error = None
             try:
                 rebuilt = self.policy._rebuild(code, payload)
             except Exception as e:  # noqa: BLE001 - the read would raise it too
+                inner, self.policy._local.error = getattr(self.policy._local, "error",
+                                                          None), None
+                if isinstance(inner, StateTypeError):
+                    # a class inside it is refused (msgpack's hook said only "ext_hook
+                    # failed"): its words name that class and the allowed_types recipe
+                    raise StateTypeError(
+                        f"WalstoreSaver refuses to store a {cls.__module__}."
+                        f"{cls.__qualname__}: a value inside it would not come back: "
+                        f"{inner}") from None
                 rebuilt, why = None, f"rebuilding it raised {type(e).__name__}: {e}"
             if why is None and check:
                 changed = [n for n in check if not self._same(getattr(obj, n, _MISSING),
