@@ -127,3 +127,79 @@ def test_a_model_holding_a_refused_class_names_that_class_and_the_recipe(store):
     listed = WalstoreSaver(store, allowed_types=[SecretStr])
     got = _round_trip(listed, _Login(password="pw", tries=2), "listed")
     assert type(got) is _Login and got.password.get_secret_value() == "pw" and got.tries == 2
+
+
+# ---- WalstoreSaver: a delete_thread that failed --------------------------------------------
+class _Count(TypedDict):
+    n: int
+
+
+def test_a_delete_thread_that_failed_does_not_cut_off_the_threads_runs(tmp_path):
+    """``delete_thread`` marked the thread as removed (its runs in flight cut off, the
+    pending writes of checkpoints not saved yet taken for removed) before its purge, and
+    left the marks when the purge failed without committing.  Seen with the WAL's disk
+    full (FaultBackend, ENOSPC): the purge raised, the thread was all there, and the run
+    working in it meanwhile was refused at its next checkpoint — "was rewound or
+    deleted while this run worked: its step ... was undone" — though nothing was
+    deleted or undone (what its step did stood, its checkpoint was lost).  The marks
+    now go back as they were when the purge did not commit, as ``rewind`` does."""
+    import errno
+    import os
+    import sys
+    import threading
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tools.faults import FaultBackend, installed
+
+    store = walstore.open(str(tmp_path / "s"))
+    saver = WalstoreSaver(store)
+    inside, go = threading.Event(), threading.Event()
+
+    def step(state):
+        if state["n"] == 1:
+            inside.set()
+            go.wait(60)
+        return {"n": state["n"] + 1}
+    builder = StateGraph(_Count)
+    builder.add_node("step", step)
+    builder.add_edge(START, "step")
+    builder.add_edge("step", END)
+    graph = builder.compile(checkpointer=saver)
+    config = {"configurable": {"thread_id": "t"}}
+    graph.invoke({"n": 0}, config, durability="sync")
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(graph.invoke({"n": 1}, config, durability="sync"))
+        except Exception as e:  # noqa: BLE001 - what the run saw
+            outcome.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        assert inside.wait(60)
+        fb = FaultBackend()
+        with installed(fb):
+            rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=None)
+            with pytest.raises(walstore.WalstoreError) as failed:
+                saver.delete_thread("t")
+        assert rule.fired >= 1 and not isinstance(failed.value, walstore.ErasureOwed)
+    finally:
+        go.set()
+        th.join(60)
+    assert outcome == [{"n": 2}], outcome
+    assert graph.get_state(config).values == {"n": 2}
+    # a delete that commits still cuts off a run that loaded the thread before it
+    inside.clear()
+    go.clear()
+    outcome.clear()
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        assert inside.wait(60)
+        saver.delete_thread("t")
+    finally:
+        go.set()
+        th.join(60)
+    assert [type(e).__name__ for e in outcome] == ["StaleCheckpointError"]
+    assert graph.get_state(config).values == {}
+    store.close()

@@ -91,7 +91,8 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 
 import walstore
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import CommitOutcomeUnknown, ConflictError, HistoryTrimmed, WalstoreError
+from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
+                             HistoryTrimmed, WalstoreError)
 
 from .._async import finish_despite_cancel
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
@@ -1116,14 +1117,35 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
     # ---- deleting, copying, pruning ----------------------------------------------------
     def delete_thread(self, thread_id: str) -> None:
         """Erase the thread with ``store.purge``: its keys and every past version gone from
-        every API, their bytes from every file of the store (the purge's checkpoint)."""
+        every API, their bytes from every file of the store (the purge's checkpoint).  Runs
+        of the thread loaded before it are cut off — unless the purge failed without
+        committing (a full disk): then nothing changed, for them either."""
         prefix = self.thread_scope(thread_id)
+        removals, rewinds = _removals(self.store), _rewinds(self.store)
+        removed_before, rewound_before = removals.get(prefix), rewinds.get(prefix)
         self._removing(prefix)
+        removed_mark = removals.get(prefix)
         # (a run of the thread loaded before it is cut off: its later saves are refused,
         # its node transactions too — one in flight conflicts with the purge)
-        _note_mark(_rewinds(self.store), prefix, time.monotonic())
+        rewound_mark = time.monotonic()
+        _note_mark(rewinds, prefix, rewound_mark)
         try:
             self.store.purge(prefix)
+        except (ErasureOwed, CommitOutcomeUnknown):
+            raise  # (committed, or may have: the marks stay)
+        except BaseException:
+            # not committed (a full disk, a conflict): the thread is all there, so its
+            # runs are not cut off — the marks as they were, as a refused rewind leaves
+            # them (else the run in flight lost its next checkpoint, told its step was
+            # undone)
+            for marks, mark, before in ((removals, removed_mark, removed_before),
+                                        (rewinds, rewound_mark, rewound_before)):
+                if marks.get(prefix) == mark:
+                    if before is None:
+                        marks.pop(prefix, None)
+                    else:
+                        _note_mark(marks, prefix, before)
+            raise
         finally:  # (also when it raised: an ErasureOwed purge committed, the thread is
             self.codec.forget(prefix)  # gone; forgetting a live one costs a cache miss)
 
