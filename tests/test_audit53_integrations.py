@@ -203,3 +203,26 @@ def test_a_delete_thread_that_failed_does_not_cut_off_the_threads_runs(tmp_path)
     assert [type(e).__name__ for e in outcome] == ["StaleCheckpointError"]
     assert graph.get_state(config).values == {}
     store.close()
+
+
+# ---- WalstoreStore: a value walstore cannot store -------------------------------------------
+def test_a_memory_item_walstore_cannot_store_is_refused_naming_the_item(store):
+    """An item over walstore's 16 MiB value limit (or holding an int beyond 64 bits, or a
+    set) was refused naming the store's internal key (``value for key
+    b'lg\\x01\\x02a\\x00\\x01big' is 17825825 bytes packed``), not the item the caller put:
+    in a batch of many puts, which one was too big could not be told.  InMemoryStore
+    takes all three.  The error now names the item ``namespace/key``; nothing of the
+    batch is written, as before."""
+    from langgraph.store.base import PutOp
+    from walstore.integrations.langgraph import WalstoreStore
+    memory = WalstoreStore(store)
+    cases = [(ValueError, {"v": "x" * (17 << 20)}, "16777216"),
+             (ValueError, {"v": 2 ** 70}, "out of range"),
+             (TypeError, {"v": {1, 2}}, "set")]
+    for error, value, why in cases:
+        with pytest.raises(error) as refused:
+            memory.batch([PutOp(("a",), "small", {"v": 1}), PutOp(("a", "b"), "big", value)])
+        message = str(refused.value)
+        assert "('a', 'b')/'big'" in message and why in message, message
+        assert "lg\\x01" not in message, message
+        assert memory.get(("a",), "small") is None   # (nothing of the batch)

@@ -28,7 +28,8 @@ would come back as another type is refused at put with a TypeError naming the ty
 where it is in the value (``_refuse_changed_types``): a subclass of dict, list, tuple, str,
 bytes, int or float (a ``Profile(dict)``, a str Enum, a NamedTuple) comes back as its plain
 base, a bytearray or memoryview as bytes; other types msgpack has no encoding for (a date,
-a set, an Enum, a dataclass) the codec refuses.  msgpack writes
+a set, an Enum, a dataclass) the codec refuses, as it refuses a value over 16 MiB packed
+or an int beyond 64 bits (the error names the item, ``_put``).  msgpack writes
 a tuple as an array, so a value holding tuples keeps, beside it in the item's record, where
 they were (``"tp"``: a flat list of paths, ``_tuple_marks``, so a value with tuples nests
 as deep as a plain one can); the value itself stays plain data (readable as it was by
@@ -657,7 +658,16 @@ class WalstoreStore(BaseStore):
             rec["ns"], rec["k"] = list(op.namespace), op.key
         if tx.scope is not None:  # the writer's thread: TTL upkeep runs in its scope
             rec["s"] = tx.scope
-        tx.put(key, rec)
+        try:
+            tx.put(key, rec)
+        except (TypeError, ValueError) as e:  # (over 16 MiB, an int beyond 64 bits, a set)
+            if type(e) not in (TypeError, ValueError):  # (TransactionTooLarge ...: as is)
+                raise
+            # named as the caller put it, not by walstore's key for it (in a batch of
+            # many puts, which one failed could not be told); the batch writes nothing
+            item = f"item {tuple(op.namespace)!r}/{op.key!r}"
+            raise type(e)(str(e).replace(f"value for key {key!r}", f"the value of {item}", 1)
+                          + "; nothing of the batch was written") from None
         self._expiry(tx, key, old, rec.get("e"))
 
     def _refresh(self, tx: Any, key: bytes, rec: dict, now: int) -> None:
