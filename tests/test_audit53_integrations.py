@@ -103,6 +103,22 @@ def test_a_datetime_in_a_named_time_zone_comes_back_in_that_zone(store):
                   datetime(2026, 1, 1, 12, 30)):
         got = _round_trip(saver, value, "c")
         assert got == value and got.tzinfo == value.tzinfo
+    # so is one in another library's tzinfo (dateutil's, pytz's): its offset, as before
+    # (LangGraph cannot store such a tzinfo by name; refusing it broke what worked)
+    other = datetime(2026, 1, 1, 12, tzinfo=_OtherTz())
+    got = _round_trip(saver, other, "d")
+    assert got == other and got.utcoffset() == timedelta(hours=1)
+
+
+class _OtherTz(__import__("datetime").tzinfo):
+    def utcoffset(self, dt):
+        return __import__("datetime").timedelta(hours=1)
+
+    def dst(self, dt):
+        return __import__("datetime").timedelta(0)
+
+    def tzname(self, dt):
+        return "OTHER"
 
 
 class _Login(__import__("pydantic").BaseModel):

@@ -19,11 +19,10 @@ A class is rebuilt when it is
    and it comes back as the same type, as with SqliteSaver.
 
 Values are encoded as LangGraph encodes them, except that tuples stay tuples at every
-depth (:data:`EXT_TUPLE`; LangGraph writes a list), that a datetime in a time zone other
-than a fixed offset (a ``ZoneInfo``) is written as its fields and zone (LangGraph writes
-its ISO text, which gave the offset back, not the zone), and that a value whose class
-would be rebuilt but not as it is — a dataclass with a ``field(init=False)`` or a required
-``InitVar`` (the read raised), one whose ``__post_init__`` changes a stored field when it
+depth (:data:`EXT_TUPLE`; LangGraph writes a list), that a datetime in a ``ZoneInfo`` zone
+is written as its fields and zone (LangGraph writes its ISO text, which gave the offset
+back, not the zone), and that a value whose class would be rebuilt but not as it is — a
+dataclass with a ``field(init=False)`` or a required ``InitVar`` (the read raised), one whose ``__post_init__`` changes a stored field when it
 runs again, a pydantic model whose private attributes or ``exclude=True`` fields are not
 what rebuilding gives — is refused at write time (``_Packer``).  Those last two are
 detected by rebuilding the value once at write time (only classes that have a
@@ -63,6 +62,7 @@ import threading
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import ormsgpack
 from langgraph.checkpoint.serde import _msgpack as lg_msgpack
@@ -733,11 +733,11 @@ class _Packer:
             fields = {k: getattr(obj, k) for k in obj.__slots__}
             refuse_flattened_in(fields)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
-        if (isinstance(obj, datetime.datetime)
-                and not isinstance(obj.tzinfo, (datetime.timezone, type(None)))):
+        if isinstance(obj, datetime.datetime) and type(obj.tzinfo) is ZoneInfo:
             # LangGraph writes a datetime as its ISO text, which keeps the offset, not
-            # the zone: a ZoneInfo came back as a fixed offset.  Its fields and tzinfo
-            # instead, as LangGraph writes a ``time`` (a tzinfo it cannot store: refused)
+            # the zone: a ZoneInfo came back as a fixed offset.  Its fields and ZoneInfo
+            # instead, as LangGraph writes a ``time`` (another tzinfo, dateutil's or
+            # pytz's, is written as before: LangGraph cannot store those by name)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, {
                 "year": obj.year, "month": obj.month, "day": obj.day, "hour": obj.hour,
                 "minute": obj.minute, "second": obj.second,
