@@ -22,9 +22,10 @@ Values are encoded as LangGraph encodes them, except that tuples stay tuples at 
 depth (:data:`EXT_TUPLE`; LangGraph writes a list), that a datetime in a ``ZoneInfo`` zone
 is written as its fields and zone (LangGraph writes its ISO text, which gave the offset
 back, not the zone), and that a value whose class would be rebuilt but not as it is — a
-dataclass with a ``field(init=False)`` or a required ``InitVar`` (the read raised), one whose ``__post_init__`` changes a stored field when it
-runs again, a pydantic model whose private attributes or ``exclude=True`` fields are not
-what rebuilding gives — is refused at write time (``_Packer``).  Those last two are
+dataclass with a ``field(init=False)`` or a required ``InitVar`` (the read raised), one
+whose ``__post_init__`` changes a stored field when it runs again, a pydantic model whose
+private attributes or ``exclude=True`` fields are not what rebuilding gives — is refused
+at write time (``_Packer``).  Those last two are
 detected by rebuilding the value once at write time (only classes that have a
 ``__post_init__``, private attributes or excluded fields).
 
