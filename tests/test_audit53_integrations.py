@@ -242,3 +242,35 @@ def test_a_memory_item_walstore_cannot_store_is_refused_naming_the_item(store):
         assert "('a', 'b')/'big'" in message and why in message, message
         assert "lg\\x01" not in message, message
         assert memory.get(("a",), "small") is None   # (nothing of the batch)
+
+
+# ---- WalstoreSaver: lookups by id and namespace, as the reference savers answer them ------
+def test_a_checkpoint_id_of_another_type_matches_nothing_and_list_honours_the_namespace(store):
+    """``get_tuple`` with an int ``checkpoint_id`` raised AttributeError ('int' object has
+    no attribute 'encode'; SqliteSaver and InMemorySaver return None), and ``list`` of a
+    config naming a namespace but no thread gave every namespace's checkpoints."""
+    import uuid
+
+    from langgraph.checkpoint.base import empty_checkpoint
+    saver = WalstoreSaver(store)
+    ids = {}
+    for t in ("t1", "t2"):
+        for ns in ("", "sub"):
+            c = empty_checkpoint()
+            c["id"] = str(uuid.uuid4())
+            ids[(t, ns)] = c["id"]
+            saver.put({"configurable": {"thread_id": t, "checkpoint_ns": ns}}, c,
+                      {"source": "input", "step": 1}, {})
+    conf = {"configurable": {"thread_id": "t1", "checkpoint_ns": "", "checkpoint_id": 5}}
+    assert saver.get_tuple(conf) is None
+    assert InMemorySaver().get_tuple(conf) is None  # (the reference's answer)
+    assert list(saver.list(conf)) == []
+    list(saver.list({"configurable": {"thread_id": "t1", "checkpoint_ns": ""}}, before=conf))
+    got = sorted((c.config["configurable"]["thread_id"],
+                  c.config["configurable"]["checkpoint_ns"])
+                 for c in saver.list({"configurable": {"checkpoint_ns": "sub"}}))
+    assert got == [("t1", "sub"), ("t2", "sub")]
+    assert len(list(saver.list(None))) == 4
+    one = saver.get_tuple({"configurable": {"thread_id": "t2", "checkpoint_ns": "sub",
+                                            "checkpoint_id": ids[("t2", "sub")]}})
+    assert one is not None and one.checkpoint["id"] == ids[("t2", "sub")]

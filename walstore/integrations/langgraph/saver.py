@@ -167,6 +167,12 @@ def _conf(config: RunnableConfig | None) -> dict:
     return (config or {}).get("configurable", {}) or {}
 
 
+def _id_text(cid: Any) -> str | None:
+    """A checkpoint id as the keys spell it: one given as another type (an int) matches
+    no checkpoint, as in SqliteSaver and InMemorySaver (it raised AttributeError)."""
+    return cid if cid is None or isinstance(cid, str) else str(cid)
+
+
 def _where(config: RunnableConfig) -> tuple[str, str]:
     conf = _conf(config)
     return str(conf["thread_id"]), conf.get("checkpoint_ns", "") or ""
@@ -465,7 +471,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     def get_tuple(self, config: RunnableConfig) -> CheckpointTuple | None:
         thread_id, ns_name = _where(config)
-        cid = get_checkpoint_id(config)
+        cid = _id_text(get_checkpoint_id(config))
         ns = self.keys.at(thread_id, ns_name)
         if self.fencing:
             # names this load (a run's, when LangGraph's loop calls): the run's node
@@ -497,8 +503,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         conf = _conf(config)
         thread_id = str(conf["thread_id"]) if conf.get("thread_id") is not None else None
         ns_name = conf.get("checkpoint_ns") if config else None
-        want_id = conf.get("checkpoint_id")
-        before_id = get_checkpoint_id(before) if before else None
+        want_id = _id_text(conf.get("checkpoint_id"))
+        before_id = _id_text(get_checkpoint_id(before)) if before else None
         if limit is not None and limit <= 0:
             return
         if thread_id is not None and ns_name is not None:
@@ -517,8 +523,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                        for ns_part in self._ns_parts(tp)),
                                      key=lambda r: r[3], reverse=True)
         else:
+            # (every thread's: the namespace filter holds here too — it was ignored, and
+            # ``list({"configurable": {"checkpoint_ns": "sub"}})`` gave every namespace)
             found = [row for tp in self._thread_prefixes() for row in self._checkpoints_of(tp)
-                     if not (before_id and row[3] >= before_id)]
+                     if not (before_id and row[3] >= before_id)
+                     and (ns_name is None or row[1] == ns_name)]
             found.sort(key=lambda r: r[3], reverse=True)
             candidates = iter(found)
         memo: dict = {}
