@@ -274,3 +274,34 @@ def test_a_checkpoint_id_of_another_type_matches_nothing_and_list_honours_the_na
     one = saver.get_tuple({"configurable": {"thread_id": "t2", "checkpoint_ns": "sub",
                                             "checkpoint_id": ids[("t2", "sub")]}})
     assert one is not None and one.checkpoint["id"] == ids[("t2", "sub")]
+
+
+def test_delete_thread_from_a_node_of_its_own_run_is_refused_plainly(store):
+    """A node deleting its own thread failed with a StaleCheckpointError that said the
+    run's checkpoint was gone and to reload the thread and retry (the purge, a transaction
+    of the node, is fenced against the deletion it makes); now a ValueError saying what
+    happened and what to do, nothing deleted.  Another thread's delete from a node works."""
+    saver = WalstoreSaver(store)
+
+    class S(TypedDict):
+        n: int
+        victim: str
+
+    def forget(state):
+        saver.delete_thread(state["victim"])
+        return {"n": state["n"] + 1}
+
+    builder = StateGraph(S)
+    builder.add_node("forget", forget)
+    builder.add_edge(START, "forget")
+    builder.add_edge("forget", END)
+    graph = builder.compile(checkpointer=saver)
+    other = {"configurable": {"thread_id": "other"}}
+    graph.invoke({"n": 0, "victim": "nobody"}, other)
+    assert saver.get_tuple(other) is not None
+    with pytest.raises(ValueError, match="own run") as err:
+        graph.invoke({"n": 0, "victim": "t1"}, {"configurable": {"thread_id": "t1"}})
+    assert not isinstance(err.value, walstore.WalstoreError)
+    assert saver.get_tuple({"configurable": {"thread_id": "t1"}}) is not None  # not deleted
+    out = graph.invoke({"n": 5, "victim": "other"}, {"configurable": {"thread_id": "t2"}})
+    assert out["n"] == 6 and saver.get_tuple(other) is None  # (another thread's: deleted)

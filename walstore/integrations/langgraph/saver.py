@@ -1130,6 +1130,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         of the thread loaded before it are cut off — unless the purge failed without
         committing (a full disk): then nothing changed, for them either."""
         prefix = self.thread_scope(thread_id)
+        if current_thread_scope() == prefix:
+            # (it failed with a StaleCheckpointError saying the run's checkpoint was gone
+            # and to "reload the thread and retry": the purge, a transaction of the node,
+            # is fenced against the very deletion it makes)
+            raise ValueError(f"delete_thread({thread_id!r}) was called from a node of that "
+                             f"thread's own run, which would go on writing into the "
+                             f"thread it erases; nothing was deleted: delete it after the "
+                             f"run returns (or from another thread's run)")
         removals, rewinds = _removals(self.store), _rewinds(self.store)
         removed_before, rewound_before = removals.get(prefix), rewinds.get(prefix)
         self._removing(prefix)
