@@ -723,8 +723,20 @@ class Saga:
         # open's settle reads this twice (CONTRACT 4.4: recovery's cost is the WAL's)
         rows = eng.views.owed_rows() if pending else eng.views.action_rows()
         out = [Action.from_row(r) for r in rows.values()]
-        if eng.readonly and not eng.writer_alive():
-            in_doubt = set(eng.views.prepared_summaries(lambda r: r.get("tx")))
+        # an action of a prepared transaction reads pending and in flight (not owed): its
+        # row says which gid is in doubt (else a listing showed it "pending" with nothing
+        # more, the words of an owed compensation nobody ran; read only when one is in
+        # flight, or by a read-only process while no writer runs)
+        crashed = eng.readonly and not eng.writer_alive()
+        gids = (dict(eng.views.prepared_summaries(lambda r: (r.get("tx"), r.get("gid"))))
+                if crashed or any(a.in_flight for a in out) else {})
+        for a in out:
+            if a.in_flight and a.txid in gids:
+                a.error = ((a.error or "") + f" in doubt: its transaction is prepared as "
+                           f"gid {shown(gids[a.txid])} (commit-prepared or rollback-prepared "
+                           f"decides; not owed until then)").lstrip()
+        if crashed:
+            in_doubt = set(gids)
             for a in out:
                 if a.in_flight and a.txid not in in_doubt and a.compensate:
                     a.in_flight = False
