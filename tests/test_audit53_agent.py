@@ -78,3 +78,57 @@ def test_actions_says_an_in_doubt_actions_transaction_is_prepared_not_that_it_is
         if owner is not None:
             owner.rollback_prepared("G53")
             owner.close()
+
+
+# ---- a rollback whose compensation's outcome cannot be recorded still puts back every file -
+
+def test_a_rollback_puts_back_older_files_when_a_compensations_record_fails(tmp_path):
+    # Before: a transaction changed f1, ran a charge, changed f2, and rolled back; the
+    # refund ran but its COMPENSATED record hit ENOSPC (the log goes on: the store stays
+    # writable).  The record's error left AgentHooks.undo at once: f2 (newer) was back,
+    # f1 (older than the charge) never tried — it kept the rolled-back transaction's
+    # bytes beside a state that said it never happened, until the next open.  Now the
+    # undo goes on past it (as it does past a compensation that fails) and raises it
+    # once every path is back; the refund stays owed and runs again at the next open,
+    # with the same idempotency key.
+    import errno
+    from tools.faults import FaultBackend, installed
+
+    ws_dir = tmp_path / "ws"
+    ws_dir.mkdir()
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    refunds = []
+
+    def refund(action):
+        refunds.append(action.key)
+        fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (the next: this refund's record)
+
+    with installed(fb):
+        s = walstore.open(path, compensators={"refund": refund})
+        try:
+            ws = s.workspace(str(ws_dir))
+            with s.transaction() as tx:
+                tx.files(ws).write("f1", "orig1")
+                tx.files(ws).write("f2", "orig2")
+                tx.put("k", 0)
+            with pytest.raises(walstore.WalstoreError) as got:
+                with s.transaction() as tx:
+                    tx.put("k", 1)
+                    tx.files(ws).write("f1", "new1")
+                    with tx.action("charge", compensate="refund") as act:
+                        act.result = {"charge": 1}
+                    tx.files(ws).write("f2", "new2")
+                    raise ValueError("the agent failed")
+            assert isinstance(got.value, walstore.CompensationFailed), repr(got.value)
+            assert got.value.action_ids == [act.id]
+            assert (ws_dir / "f2").read_text() == "orig2"
+            assert (ws_dir / "f1").read_text() == "orig1"  # (was "new1")
+            assert s.get("k") == 0 and len(refunds) == 1
+            assert [a.id for a in s.pending_compensations()] == [act.id]  # owed, listed
+        finally:
+            s.close()
+    with walstore.open(path, compensators={"refund": refund}) as s:
+        assert [a.state for a in s.actions()] == ["compensated"]
+        assert refunds == [act.key, act.key]  # (run again: its outcome was never recorded)
+        assert (ws_dir / "f1").read_text() == "orig1" and s.get("k") == 0

@@ -172,6 +172,7 @@ class AgentHooks:
                 raise progress.interrupt
             return
         failed_actions: list[Action] = []
+        unrecorded: list[CompensationFailed] = []
         failed: list = []
         done, conflicts = progress.done, progress.conflicts  # (kept across a call again)
         writable = self.files.engine.writable
@@ -187,8 +188,16 @@ class AgentHooks:
                         if isinstance(eff, Action):
                             if progress.interrupt is None:
                                 handled.add(id(eff))
-                                failed_actions += self.saga.compensate(
-                                    [eff], cause=cause, raise_on_failure=False)
+                                try:
+                                    failed_actions += self.saga.compensate(
+                                        [eff], cause=cause, raise_on_failure=False)
+                                except CompensationFailed as e:
+                                    # its outcome could not be recorded (still owed, run
+                                    # again at the next open): the older effects are
+                                    # undone all the same, then it is raised (raised at
+                                    # once, the files older than the action kept the
+                                    # rolled-back transaction's bytes)
+                                    unrecorded.append(e)
                             continue
                         if not writable:
                             continue  # owed in the log: the next open puts them back
@@ -225,6 +234,13 @@ class AgentHooks:
         progress.finished = True
         if progress.interrupt is not None:
             raise progress.interrupt
+        if unrecorded:
+            first = unrecorded[0]
+            if len(unrecorded) > 1:  # (one error naming them all, the first's words)
+                ids = [i for e in unrecorded for i in e.action_ids]
+                raise CompensationFailed(f"{first} (also: {ids[len(first.action_ids):]})",
+                                         ids) from first.__cause__
+            raise first
         if failed_actions:
             ids = [a.id for a in failed_actions]
             raise CompensationFailed(
