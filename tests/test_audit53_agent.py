@@ -132,3 +132,33 @@ def test_a_rollback_puts_back_older_files_when_a_compensations_record_fails(tmp_
         assert [a.state for a in s.actions()] == ["compensated"]
         assert refunds == [act.key, act.key]  # (run again: its outcome was never recorded)
         assert (ws_dir / "f1").read_text() == "orig1" and s.get("k") == 0
+
+
+def test_resolve_of_an_in_doubt_action_says_why_and_names_the_gid(tmp_path):
+    # Before: `walstore resolve` (and store.resolve) of the charge of a prepared
+    # transaction said "action 1.1 is pending (its transaction is still open); only
+    # pending or failed compensations can be resolved": refused for being what it says
+    # may be resolved, and not a word of the gid in doubt.  An open transaction's action
+    # (a live writer's) said the same.
+    path = str(tmp_path / "s")
+    proc = subprocess.run([sys.executable, "-c", PREPARED_THEN_KILLED, path],
+                          capture_output=True, text=True, timeout=120, env=cli_env())
+    assert proc.returncode == -9, proc.stderr
+    action_id = proc.stdout.strip()
+    out = _cli("resolve", path, action_id)
+    assert out.returncode == 1, out.stderr
+    assert "G53" in out.stderr and "is pending" not in out.stderr, out.stderr
+    with walstore.open(path) as s:
+        with pytest.raises(walstore.WalstoreError, match="G53") as got:
+            s.resolve(action_id)
+        assert "is pending" not in str(got.value)
+        tx = s.transaction()
+        with tx.action("charge", compensate="refund") as act:
+            pass
+        with pytest.raises(walstore.WalstoreError, match="still open") as got:
+            s.resolve(act.id)
+        assert "is pending" not in str(got.value)
+        tx.rollback()
+        s.rollback_prepared("G53")
+        assert s.get_action(action_id).state == "pending"  # (owed now: resolvable)
+        assert s.resolve(action_id).state == "resolved"

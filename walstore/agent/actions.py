@@ -258,6 +258,12 @@ def check_packable(what: str, value: Any) -> None:
     storable(what, value)
 
 
+def _in_doubt_note(gid: Any) -> str:
+    """What an action of the prepared transaction ``gid`` says of itself."""
+    return (f"in doubt: its transaction is prepared as gid {shown(gid)} (commit-prepared "
+            f"or rollback-prepared decides; not owed until then)")
+
+
 def newest_first(a: Action):
     """Newest first by when the intent was logged (its LSN), then by id."""
     txid, _, seq = a.id.partition(".")
@@ -728,13 +734,10 @@ class Saga:
         # more, the words of an owed compensation nobody ran; read only when one is in
         # flight, or by a read-only process while no writer runs)
         crashed = eng.readonly and not eng.writer_alive()
-        gids = (dict(eng.views.prepared_summaries(lambda r: (r.get("tx"), r.get("gid"))))
-                if crashed or any(a.in_flight for a in out) else {})
+        gids = self._in_doubt() if crashed or any(a.in_flight for a in out) else {}
         for a in out:
             if a.in_flight and a.txid in gids:
-                a.error = ((a.error or "") + f" in doubt: its transaction is prepared as "
-                           f"gid {shown(gids[a.txid])} (commit-prepared or rollback-prepared "
-                           f"decides; not owed until then)").lstrip()
+                a.error = ((a.error or "") + " " + _in_doubt_note(gids[a.txid])).lstrip()
         if crashed:
             in_doubt = set(gids)
             for a in out:
@@ -755,6 +758,10 @@ class Saga:
         if pending:
             out = [a for a in out if a.owed]
         return sorted(out, key=newest_first)
+
+    def _in_doubt(self) -> dict:
+        """txid -> gid of every prepared (in-doubt) transaction."""
+        return dict(self.engine.views.prepared_summaries(lambda r: (r.get("tx"), r.get("gid"))))
 
     def get_action(self, action_id: str) -> Action:
         action_id = action_key(action_id)
@@ -779,11 +786,17 @@ class Saga:
             self._running[key] = threading.get_ident()
         try:
             action = self.get_action(action_id)
-            if action.state not in OPEN_STATES or action.in_flight:
+            if action.in_flight:  # (it read "is pending (...); only pending ... can be
+                # resolved", and said nothing of the gid of a prepared one)
+                gid = self._in_doubt().get(action.txid)
+                why = (_in_doubt_note(gid) if gid is not None else
+                       "its transaction is still open (not owed unless it rolls back)")
+                raise WalstoreError(f"action {action_id} owes nothing yet: {why}; only "
+                                    f"pending or failed compensations can be resolved")
+            if action.state not in OPEN_STATES:
                 raise WalstoreError(
-                    f"action {action_id} is {action.state}"
-                    f"{' (its transaction is still open)' if action.in_flight else ''}"
-                    f"; only pending or failed compensations can be resolved")
+                    f"action {action_id} is {action.state}; only pending or failed "
+                    f"compensations can be resolved")
             # the note says how it was handled; without one, the last error stays (it
             # was replaced by None: the record of why the compensation failed, lost)
             action.state = RESOLVED
