@@ -162,3 +162,51 @@ def test_resolve_of_an_in_doubt_action_says_why_and_names_the_gid(tmp_path):
         s.rollback_prepared("G53")
         assert s.get_action(action_id).state == "pending"  # (owed now: resolvable)
         assert s.resolve(action_id).state == "resolved"
+
+
+# ---- rollback_to a savepoint: a compensation whose outcome was not recorded stays owed --
+
+@pytest.mark.parametrize("outcome", ["compensated", "failed"])
+def test_an_unrecorded_compensation_after_rollback_to_stays_owed_once_the_transaction_commits(
+        tmp_path, outcome):
+    # Before: rollback_to a savepoint taken before a charge ran its refund, whose outcome
+    # record (COMPENSATED, or FAILED after 3 tries) hit ENOSPC; CompensationFailed said
+    # "they stay owed and run again ... when the store is reopened".  But the action
+    # object kept the unrecorded state in memory, so the transaction's COMMIT left it out
+    # of the actions it makes owed (``crossed``): its row stayed in flight for good —
+    # listed "pending", in no pending_compensations(), never run again at any open, and
+    # refused by resolve.  For a refund that kept failing, the charge stood and nothing
+    # said so.  An unrecorded outcome now leaves the action pending (owed), as the
+    # message says.
+    import errno
+    from tools.faults import FaultBackend, installed
+
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    tries = []
+
+    def refund(action):
+        tries.append(action.key)
+        if outcome == "compensated" or len(tries) == 3:
+            fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (its outcome's record)
+        if outcome == "failed":
+            raise RuntimeError("the refund API is down")
+
+    with installed(fb):
+        s = walstore.open(path, compensators={"refund": refund})
+        try:
+            tx = s.transaction()
+            tx.put("k", 1)
+            sp = tx.savepoint()
+            with tx.action("charge", compensate="refund") as act:
+                act.result = {"charge": 1}
+            with pytest.raises(walstore.CompensationFailed, match="could not be recorded"):
+                tx.rollback_to(sp)
+            tx.commit()
+            assert [a.id for a in s.pending_compensations()] == [act.id]
+        finally:
+            s.close()
+    ran = []
+    with walstore.open(path, compensators={"refund": lambda a: ran.append(a.key)}) as s:
+        assert ran == [act.key]  # (run again, with the same idempotency key)
+        assert s.get_action(act.id).state == "compensated" and s.get("k") == 1

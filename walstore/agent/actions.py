@@ -642,6 +642,10 @@ class Saga:
                     if not self._run(fn, action):
                         failed.append(action)
                 except WalstoreError as e:  # the outcome could not be recorded: still owed
+                    # (and pending here too: a commit after a rollback_to names only its
+                    # pending actions as owed, ``commit_fields``; left "compensated" or
+                    # "failed" unrecorded, its row stayed in flight for good, never run)
+                    action.state = PENDING
                     unrecorded.append(action)
                     record_error = record_error or e
             finally:
