@@ -735,10 +735,11 @@ class Saga:
         out = [Action.from_row(r) for r in rows.values()]
         # an action of a prepared transaction reads pending and in flight (not owed): its
         # row says which gid is in doubt (else a listing showed it "pending" with nothing
-        # more, the words of an owed compensation nobody ran; read only when one is in
-        # flight, or by a read-only process while no writer runs)
+        # more, the words of an owed compensation nobody ran; read only when one is
+        # listed in flight, or by a read-only process while no writer runs)
         crashed = eng.readonly and not eng.writer_alive()
-        gids = self._in_doubt() if crashed or any(a.in_flight for a in out) else {}
+        gids = (self._in_doubt() if crashed or (not pending and any(a.in_flight for a in out))
+                else {})  # (``pending`` drops the in-flight ones: an open's settle reads none)
         for a in out:
             if a.in_flight and a.txid in gids:
                 a.error = ((a.error or "") + " " + _in_doubt_note(gids[a.txid])).lstrip()
