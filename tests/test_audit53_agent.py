@@ -210,3 +210,44 @@ def test_an_unrecorded_compensation_after_rollback_to_stays_owed_once_the_transa
     with walstore.open(path, compensators={"refund": lambda a: ran.append(a.key)}) as s:
         assert ran == [act.key]  # (run again, with the same idempotency key)
         assert s.get_action(act.id).state == "compensated" and s.get("k") == 1
+
+
+# ---- a dry run beside a trimming checkpoint ----------------------------------------------
+
+@pytest.mark.parametrize("verb", ["rewind", "revert"])
+def test_a_dry_run_is_not_cut_short_by_a_trim_while_it_plans(tmp_path, verb):
+    # Before: a dry run (rewind or revert) pinned no history, as the real undo does
+    # (walstore.engine.pins): a checkpoint's retention trim in the same process while it
+    # planned moved the horizon past the history it read, and the dry run raised
+    # SnapshotTooOld — a ConflictError saying "this transaction's snapshot ... retry it",
+    # of a dry run that has no transaction (seen: dry runs in a loop beside a writer
+    # checkpointing with retain_transactions=5).  It now holds history as the undo does,
+    # and returns the plan as of its snapshot.
+    from tools.faults import FaultBackend, installed
+
+    s = walstore.open(str(tmp_path / "s"), retain_transactions=2)
+    try:
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.put("k", i)
+        point = tx.id
+        with s.transaction() as tx:
+            tx.put("k", 99)
+        target = tx.id
+
+        def trim(_name):  # (a checkpoint in the middle of the plan, enough commits after
+            for i in range(6):  # the point for the trim to pass it)
+                with s.transaction() as t:
+                    t.put("other", i)
+            s.checkpoint()
+
+        fb = FaultBackend()
+        fb.at_point("undo.resolved", trim)
+        with installed(fb):
+            if verb == "rewind":
+                plan = s.rewind(point, dry_run=True)
+            else:
+                plan = s.revert(target, dry_run=True)
+        assert plan.txids == [target] and plan.keys == ["k"], plan
+    finally:
+        s.close()

@@ -100,6 +100,7 @@ from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
 from ..engine import tables
+from ..engine.snapshot import SnapshotTooOld
 from ..files import restore_status
 from .actions import Action, Saga, newest_first
 from .files import FileUndo, abs_display
@@ -178,9 +179,8 @@ class Undo:
                                  f"(TxnInfo.txid)", txid)
         self.history.txn_info(txid)  # UnknownPoint before anything begins
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
-            with os_errors_as_store_errors():
-                return self._revert_once(txid, cascade, scope, True, force,
-                                         self._snapshot())[0]
+            return self._dry(lambda: self._revert_once(txid, cascade, scope, True, force,
+                                                       self._snapshot())[0])
         self.engine.check_writable()
         meta = meta if meta is not None else {"revert": int(txid)}
         return self._run(lambda: self._revert_once(txid, cascade, scope, False, force,
@@ -198,13 +198,28 @@ class Undo:
         for txid in sorted(also | kept):  # (a kept txid that never committed: a typo
             self.history.txn_info(txid)  # kept nothing) UnknownPoint before anything
         if dry_run:  # (a read: no write path, nothing to retry, see _PlanSnapshot)
-            with os_errors_as_store_errors():
-                return self._rewind_once(to, scope, True, force, self._snapshot(), kept,
-                                         also)[0]
+            return self._dry(lambda: self._rewind_once(to, scope, True, force,
+                                                       self._snapshot(), kept, also)[0])
         self.engine.check_writable()
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
         return self._run(lambda: self._rewind_once(to, scope, False, force,
                                                    self._begin_undo(meta), kept, also))
+
+    def _dry(self, plan) -> UndoPlan:
+        """A dry run's ``plan()``, with history pinned as an undo pins it (``_run``): a
+        checkpoint's trim in this process while it planned made it fail where the undo
+        would not — HistoryTrimmed, or SnapshotTooOld, a ConflictError saying "this
+        transaction's snapshot ... retry it" of a dry run that has no transaction.  (A
+        read-only process cannot pin its writer's trims: there the trim is said as what
+        it is, HistoryTrimmed, nothing changed.)"""
+        eng = self.engine
+        with eng.history_pins.hold(lambda: eng.state.meta_int(b"horizon")):
+            try:
+                with os_errors_as_store_errors():
+                    return plan()
+            except SnapshotTooOld as e:
+                raise HistoryTrimmed(f"the history this dry run read was trimmed while it "
+                                     f"planned ({e}); nothing was changed") from e
 
     def _run(self, attempt) -> TxnInfo | UndoPlan | None:
         """Plan and commit an undo; then compensate, newest first.
