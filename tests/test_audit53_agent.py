@@ -251,3 +251,39 @@ def test_a_dry_run_is_not_cut_short_by_a_trim_while_it_plans(tmp_path, verb):
         assert plan.txids == [target] and plan.keys == ["k"], plan
     finally:
         s.close()
+
+
+def test_an_action_without_compensation_undone_by_rollback_to_is_settled_when_its_record_fails(
+        tmp_path):
+    # Before: rollback_to a savepoint taken before an action declaring no compensation
+    # records it "resolved"; when that record hit ENOSPC, the transaction's COMMIT (which
+    # names only crossed actions with a compensation) left its row in flight for good:
+    # listed "pending" at every open, its row kept through every trim, and resolve
+    # refused it saying its transaction "is still open" — committed long ago.  The
+    # COMMIT now names it too, and settles it "resolved" (nothing is owed for it).
+    import errno
+    from tools.faults import FaultBackend, installed
+
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    with installed(fb):
+        s = walstore.open(path)
+        try:
+            tx = s.transaction()
+            tx.put("k", 1)
+            sp = tx.savepoint()
+            with tx.action("notify", compensate=None) as act:
+                act.result = 1
+            fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (its "resolved" record)
+            with pytest.raises(walstore.WalstoreError):
+                tx.rollback_to(sp)
+            tx.commit()
+            [a] = s.actions()
+            assert (a.state, a.in_flight) == ("resolved", False), a
+            assert s.pending_compensations() == []
+        finally:
+            s.close()
+    with walstore.open(path) as s:
+        [a] = s.actions()
+        assert (a.state, a.in_flight) == ("resolved", False), a
+        assert s.get("k") == 1

@@ -593,7 +593,11 @@ class Saga:
             action.state = RESOLVED
             action.error = ("undone by a rollback to a savepoint; it declares no "
                             "compensation")
-            self.record_state(action)
+            try:
+                self.record_state(action)
+            except BaseException:  # unrecorded: still in flight, so a commit settles it
+                action.state, action.error = PENDING, None  # (``crossed``)
+                raise
 
     # ---- compensation --------------------------------------------------------------------
     def compensate(self, actions: list[Action], cause: BaseException | None = None,

@@ -114,7 +114,9 @@ class AgentHooks:
         return body
 
     def note_crossed(self, tx: "Transaction", effects: list) -> None:
-        crossed = [a for a in effects if isinstance(a, Action) and a.compensate]
+        # (one declaring no compensation too: its "resolved" record may fail, and then
+        # the commit settles it — left out, its row stayed in flight for good)
+        crossed = [a for a in effects if isinstance(a, Action)]
         if crossed:  # (the COMMIT's ``crossed``: see undo_actions and Saga.commit_fields)
             tx.commit_body.setdefault("crossed", []).extend(crossed)
 

@@ -269,6 +269,11 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         for aid in field("crossed", ()):  # rolled back to a savepoint: still in flight
             row = get_row(aid)            # means its compensation did not finish (an
             if row is not None and row.get("state") == IN_FLIGHT:  # interrupt): owed
+                if not row.get("compensate"):  # (declaring none, its "resolved" record
+                    out.append(dict(row, state=RESOLVED,  # failed: nothing is owed)
+                                    error="undone by a rollback to a savepoint; it "
+                                          "declares no compensation"))
+                    continue
                 out.append(dict(row, state=PENDING,
                                 error="a rollback to a savepoint undid it, and its "
                                       "compensation did not finish"))
