@@ -287,3 +287,56 @@ def test_an_action_without_compensation_undone_by_rollback_to_is_settled_when_it
         [a] = s.actions()
         assert (a.state, a.in_flight) == ("resolved", False), a
         assert s.get("k") == 1
+
+
+CHARGE_BETWEEN_FILES_THEN_KILLED = textwrap.dedent(r"""
+    import os, signal, sys, walstore
+    s = walstore.open(sys.argv[1], durability="full")
+    ws = s.workspace(sys.argv[2])
+    with s.transaction() as tx:
+        tx.files(ws).write("f1", "orig1")
+        tx.files(ws).write("f2", "orig2")
+        tx.put("k", 0)
+    tx = s.transaction()
+    tx.put("k", 1)
+    tx.files(ws).write("f1", "new1")
+    with tx.action("charge", compensate="refund") as act:
+        act.result = {"charge": 1}
+    tx.files(ws).write("f2", "new2")
+    print(act.key, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_recovery_puts_back_older_files_when_a_compensations_record_fails(tmp_path):
+    # Before: the open after a kill -9 undid the crashed transaction newest first; the
+    # refund ran, its record hit ENOSPC, and the open raised at once: f2 was back, f1
+    # (older than the charge) still held the crashed transaction's bytes until some
+    # later open succeeded.  The open now puts back every path, then raises.
+    import errno
+    from tools.faults import FaultBackend, installed
+
+    ws_dir = tmp_path / "ws"
+    ws_dir.mkdir()
+    path = str(tmp_path / "s")
+    proc = subprocess.run([sys.executable, "-c", CHARGE_BETWEEN_FILES_THEN_KILLED, path,
+                           str(ws_dir)], capture_output=True, text=True, timeout=120,
+                          env=cli_env())
+    assert proc.returncode == -9, proc.stderr
+    key = proc.stdout.strip()
+    fb = FaultBackend()
+    refunds = []
+
+    def refund(action):
+        refunds.append(action.key)
+        fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (its outcome's record)
+
+    with installed(fb):
+        with pytest.raises(walstore.CompensationFailed, match="could not be recorded"):
+            walstore.open(path, compensators={"refund": refund})
+    assert (ws_dir / "f2").read_text() == "orig2"
+    assert (ws_dir / "f1").read_text() == "orig1"  # (was "new1")
+    with walstore.open(path, compensators={"refund": refund}) as s:
+        assert refunds == [key, key]  # (run again: its outcome was never recorded)
+        assert [a.state for a in s.actions()] == ["compensated"] and s.get("k") == 0
+        assert (ws_dir / "f1").read_text() == "orig1"

@@ -33,6 +33,17 @@ def newest_effect_first(effect: Any) -> tuple:
     return (-effect.lsn, -effect.txid, 0)
 
 
+def _raise_unrecorded(unrecorded: list[CompensationFailed]) -> None:
+    """Raise the CompensationFailed of compensations whose outcome could not be recorded
+    (still owed), once the rest of an undo was done: one error naming them all."""
+    first = unrecorded[0]
+    if len(unrecorded) > 1:  # (the first's words)
+        ids = [i for e in unrecorded for i in e.action_ids]
+        raise CompensationFailed(f"{first} (also: {ids[len(first.action_ids):]})",
+                                 ids) from first.__cause__
+    raise first
+
+
 class AgentHooks:
     def __init__(self, saga: Saga, twophase: TwoPhase, files: Files) -> None:
         self.saga = saga
@@ -237,12 +248,7 @@ class AgentHooks:
         if progress.interrupt is not None:
             raise progress.interrupt
         if unrecorded:
-            first = unrecorded[0]
-            if len(unrecorded) > 1:  # (one error naming them all, the first's words)
-                ids = [i for e in unrecorded for i in e.action_ids]
-                raise CompensationFailed(f"{first} (also: {ids[len(first.action_ids):]})",
-                                         ids) from first.__cause__
-            raise first
+            _raise_unrecorded(unrecorded)
         if failed_actions:
             ids = [a.id for a in failed_actions]
             raise CompensationFailed(
@@ -290,11 +296,15 @@ class AgentHooks:
         conflicts: dict[int, list] = {}
         found: list[dict] = []
         failed_actions: list[Action] = []
+        unrecorded: list[CompensationFailed] = []
         batch = UndoBatch(effects)
         try:
             for eff in sorted(owed + effects, key=newest_effect_first):
                 if isinstance(eff, Action):
-                    failed_actions += saga.compensate([eff], raise_on_failure=False)
+                    try:
+                        failed_actions += saga.compensate([eff], raise_on_failure=False)
+                    except CompensationFailed as e:  # (its outcome unrecorded: the older
+                        unrecorded.append(e)  # paths go back all the same, as in undo)
                     continue
                 got, err = batch.put_back(
                     eff, lambda: files.undo_one(eff.txid, eff, batch, recovering=True))
@@ -308,6 +318,8 @@ class AgentHooks:
         finally:
             for txid in sorted(done):
                 files.record(txid, done[txid], conflicts.get(txid, []))
+        if unrecorded:
+            _raise_unrecorded(unrecorded)
         compensated = [a.id for a in owed if a not in failed_actions
                        and a.state == "compensated"]
         return compensated, saga.actions(pending=True), found, failures
