@@ -1,11 +1,10 @@
 """Findings of stop 53 in the agent layer (contract, "Action rollback" and "External side
 effects"), each named after the promise it broke.  Crash cases use real processes killed
-with -9; the CLI runs as a real process of this checkout."""
+with -9; disk faults come from tools/faults.py's FaultBackend (ENOSPC on the WAL, real
+files); the CLI runs as a real process of this checkout."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import textwrap
