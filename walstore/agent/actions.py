@@ -144,13 +144,37 @@ class Action:
 
 
 class ActionScope:
-    """``with tx.action(...) as act:`` — logs the intent on entry, the result on exit."""
+    """``with tx.action(...) as act:`` — logs the intent on entry, the result on exit.
+
+    Not the action: used without ``with`` (``act = tx.action(...)``) nothing is logged,
+    so reading or setting an action's field on it (``act.key``, ``act.result = ...``)
+    raises AttributeError saying so — setting ``result`` was silently kept on this object,
+    and a charge made that way had no intent, no result and no compensation."""
+
+    __slots__ = ("_saga", "_tx", "action", "_entered")
 
     def __init__(self, saga: "Saga", tx: "Transaction", action: Action) -> None:
         self._saga = saga
         self._tx = tx
         self.action = action
         self._entered = False
+
+    def _not_entered(self, name: str) -> AttributeError:
+        return AttributeError(
+            f"tx.action({self.action.name!r}) returns a context manager, not the action: "
+            f"write `with tx.action(...) as act:` and use act.{name} inside it (entering "
+            f"logs the durable intent before the side effect runs; nothing was logged for "
+            f"this one)")
+
+    def __getattr__(self, name: str) -> Any:  # (only for what the object does not have)
+        if name in _ACTION_FIELDS:
+            raise self._not_entered(name)
+        raise AttributeError(f"'ActionScope' object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in ActionScope.__slots__:
+            raise self._not_entered(name)
+        object.__setattr__(self, name, value)
 
     def __enter__(self) -> Action:
         if self._entered:  # (a second ``with`` on one scope logged a second intent under
@@ -171,6 +195,11 @@ class ActionScope:
             self.action.error = error_text(exc)
         self._saga.log_result(self._tx, self.action)
         return False
+
+
+# what a misused ActionScope (never entered) is asked for: the fields of an Action
+_ACTION_FIELDS = frozenset({"id", "txid", "name", "args", "result", "key", "compensate",
+                            "state", "error", "scope"})
 
 
 def error_text(exc: BaseException) -> str:
