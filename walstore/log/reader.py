@@ -281,9 +281,14 @@ class SegmentReader:
 
 @contextlib.contextmanager
 def mapped(path: str) -> Iterator[mmap.mmap]:
-    """``path`` mapped read-only, unmapped at the end with ``close_map``."""
+    """``path`` mapped read-only, unmapped at the end with ``close_map``.  An empty file
+    (a segment truncated to nothing) is no map: it reads as ``b""`` (mmap refuses it, and
+    a salvage mode dropping such a segment failed with "cannot mmap an empty file")."""
     with open(path, "rb") as f:
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if os.fstat(f.fileno()).st_size == 0:
+            mm = b""
+        else:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         yield mm
     finally:
@@ -296,6 +301,8 @@ def close_map(mm: mmap.mmap) -> None:
     a large log was read) keeps that read's frame, and the view in it, alive while it
     unwinds, and a plain close raised BufferError ("exported pointers exist"), which took
     the interrupt's place."""
+    if not isinstance(mm, mmap.mmap):
+        return  # (an empty file's ``b""``: nothing mapped)
     try:
         mm.close()
     except BufferError:
