@@ -87,3 +87,26 @@ def test_a_first_segment_truncated_to_nothing_through_the_api(tmp_path):
     with walstore.open(path, recovery_mode="point-in-time") as s:
         assert any(p.kind == "dropped-segment" for p in s.last_recovery.problems)
         assert s.get("k0") == "v" * 500
+
+
+@pytest.mark.parametrize("mode", ["point-in-time", "skip-corrupt"])
+def test_a_stray_segment_named_past_any_lsn_is_dropped_not_a_struct_error(tmp_path, mode):
+    """Seen: a file ``wal/99999999999999999999.wal`` (a segment's name, an LSN no 64-bit
+    log reaches) holding garbage: strict recovery refused it (a gap), but point-in-time
+    and skip-corrupt failed with "undecodable data (error: argument out of range)", a
+    struct.error from reading it behind its bad header as this store's segment at that
+    position.  It cannot be one: it is dropped (quarantined) unread, and said so."""
+    path = str(tmp_path / "s")
+    _killed_store(path)
+    stray = os.path.join(path, "wal", "99999999999999999999.wal")
+    with open(stray, "wb") as f:
+        f.write(os.urandom(100))
+    assert _cli("recover", path).returncode == 1
+    r = _cli("recover", path, "--mode", mode, "--json")
+    assert "Traceback" not in r.stderr and "out of range" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert ("dropped-segment", "dropped") in {(p["kind"], p["action"]) for p in doc["problems"]}
+    assert not os.path.exists(stray)
+    assert _cli("verify", path).returncode == 0
+    with walstore.open(path) as s:
+        assert s.get("k%d" % (N - 1)) == "v" * 500  # (the log before it is all kept)

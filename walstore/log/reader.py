@@ -162,8 +162,11 @@ class SegmentReader:
         name, read as none.  No size recorded in the header is trusted (no truncation
         check).  ``header_error`` stays set; ``records()`` then reads and ``end`` says how
         the records end (clean, torn, corrupt), as for any segment.  Returns False, and
-        nothing changes, when the header is valid or no store id was given."""
-        if self.header_error is None or self._given_store_id is None:
+        nothing changes, when the header is valid or no store id was given, or when the
+        name is no LSN a log reaches (past 64 bits: no record there has a salt; reading
+        it raised struct.error out of a salvage recovery dropping a stray file)."""
+        if (self.header_error is None or self._given_store_id is None
+                or not 0 <= self.start_lsn < 1 << 64):
             return False
         self.store_id = self._given_store_id
         self.salt = segment_salt(self.store_id, self.start_lsn)
