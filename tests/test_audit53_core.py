@@ -110,3 +110,60 @@ def test_a_stray_segment_named_past_any_lsn_is_dropped_not_a_struct_error(tmp_pa
     assert _cli("verify", path).returncode == 0
     with walstore.open(path) as s:
         assert s.get("k%d" % (N - 1)) == "v" * 500  # (the log before it is all kept)
+
+
+KILLED_REBUILD = r'''
+import os, signal, sys
+from walstore import fileio
+from walstore.ops.rebuild import rebuild_state
+
+class KilledAtTheSecondRename(fileio.OSBackend):
+    """kill -9 of this process right before the fresh LMDB is renamed into db/ (the
+    damaged one was moved to quarantine/ just before)."""
+    def rename(self, src, dst):
+        if os.path.basename(dst) == "db":
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().rename(src, dst)
+
+fileio.set_backend(KilledAtTheSecondRename())
+rebuild_state(sys.argv[1])
+'''
+
+
+def test_recover_rebuild_state_killed_between_its_renames_is_run_again(tmp_path):
+    """Seen: ``walstore recover --rebuild-state`` killed after it moved the damaged db/
+    to quarantine/ and before the fresh one took its place left a store with no db/;
+    running the command again failed at once with "the store's LMDB state is missing:
+    no db/ directory" (the identity check refused the missing directory, before the
+    rebuild could make it), so the one command that rebuilds it could not.  Now the re-run
+    rebuilds: LMDB missing is what it is for."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:  # (a young store: its log is whole from LSN 0)
+        for i in range(50):
+            with s.transaction() as tx:
+                tx.put("k%d" % i, i)
+    with open(os.path.join(path, "db", "data.mdb"), "r+b") as f:
+        f.write(bytes(8192))  # (both meta pages destroyed)
+    r = subprocess.run([sys.executable, "-c", KILLED_REBUILD, path], env=ENV, timeout=120)
+    assert r.returncode == -9
+    assert not os.path.exists(os.path.join(path, "db"))  # (the state the kill left)
+    r = _cli("recover", path, "--rebuild-state")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "rebuilt" in r.stdout
+    with walstore.open(path) as s:
+        assert [s.get("k%d" % i) for i in range(50)] == list(range(50))
+    assert _cli("verify", path).returncode == 0
+
+
+def test_recover_without_a_db_directory_names_the_rebuild(tmp_path):
+    """The same store state, plain ``walstore recover``: it says LMDB's state is lost and
+    that ``--rebuild-state`` can rebuild it (it said only "no db/ directory")."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    os.rename(os.path.join(path, "db"), os.path.join(str(tmp_path), "db.elsewhere"))
+    r = _cli("recover", path)
+    assert r.returncode == 1
+    assert "--rebuild-state" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -121,8 +121,10 @@ class Layout:
                 return False
         return True
 
-    def read_identity(self) -> bytes:
-        """The store id; NotAStore when the directory is not a store of a known version."""
+    def read_identity(self, lmdb_lost_ok: bool = False) -> bytes:
+        """The store id; NotAStore when the directory is not a store of a known version.
+        ``lmdb_lost_ok``: no db/ directory is no error (the LMDB rebuild, which makes it:
+        a rebuild killed between its two renames leaves none, and refused to run again)."""
         if not os.path.isdir(self.root):
             raise NotAStore(f"{self.root} does not exist or is not a directory")
         try:
@@ -148,6 +150,8 @@ class Layout:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise NotAStore(f"{self.root}/STORE is damaged or not a walstore file: {e}") from None
         for d, what in ((self.wal, "log"), (self.db, "LMDB state")):
+            if d == self.db and lmdb_lost_ok and not os.path.lexists(d):
+                continue
             if not os.path.isdir(d):  # (STORE is written after both: this is damage)
                 raise CorruptionError(f"the store's {what} is missing: no "
                                       f"{os.path.basename(d)}/ directory", file=d)

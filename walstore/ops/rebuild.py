@@ -30,7 +30,7 @@ from ..log.segment import list_segments
 def rebuild_refusal(path: str) -> str | None:
     """Why LMDB cannot be rebuilt from the WAL at ``path`` (None: it can)."""
     layout = Layout(path)
-    store_id = layout.read_identity()
+    store_id = layout.read_identity(lmdb_lost_ok=True)
     segs = list_segments(layout.wal)
     if not segs:
         return "the store has no WAL segment"
