@@ -167,3 +167,51 @@ def test_recover_without_a_db_directory_names_the_rebuild(tmp_path):
     assert r.returncode == 1
     assert "--rebuild-state" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def _same_shape(path: str, value: str) -> None:
+    """A store made by the same script as every other one here: the same LSNs, the same
+    txids, only the values differ (agents of one fleet, each with its own store)."""
+    with walstore.open(path) as s:
+        for i in range(100):
+            with s.transaction() as tx:
+                tx.put("k%d" % i, value)
+
+
+@pytest.mark.parametrize("readonly", [False, True])
+def test_a_db_copied_from_another_store_is_refused_not_shown(tmp_path, readonly):
+    """Seen: two stores made by one script, store B's ``db/data.mdb`` copied over store
+    A's: ``walstore.open(A)`` (strict recovery) opened without a word and showed B's
+    values — every key read "b" — over A's log (the anchor check compares LSN and txid,
+    which were the same).  Now every writable open stamps LMDB with its store's id
+    (``meta`` ``owner``), and an open, read-only too, refuses another store's; ``verify``
+    says so once (it listed every key as disagreeing, and only while the log held it)."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _same_shape(a, "a")
+    _same_shape(b, "b")
+    with open(os.path.join(b, "db", "data.mdb"), "rb") as src, \
+            open(os.path.join(a, "db", "data.mdb"), "wb") as dst:
+        dst.write(src.read())
+    with pytest.raises(walstore.CorruptionError) as e:
+        walstore.open(a, readonly=readonly)
+    assert "foreign-state" in str(e.value)
+    assert e.value.file == os.path.join(os.path.realpath(a), "db", "data.mdb")
+    v = _cli("verify", a)
+    assert v.returncode == 1 and "foreign-state" in v.stdout
+    assert v.stdout.count("error:") == 1, v.stdout
+    r = _cli("recover", a)
+    assert r.returncode == 1 and "foreign-state" in r.stderr
+    with walstore.open(b) as s:  # (B itself is fine)
+        assert s.get("k0") == "b"
+    assert _cli("verify", b).returncode == 0
+
+
+def test_its_own_db_back_from_a_backup_still_opens(tmp_path):
+    """The owner stamp is the store's, so a backup's db/ (the same store) is no stranger."""
+    a, bk = str(tmp_path / "a"), str(tmp_path / "bk")
+    _same_shape(a, "a")
+    assert _cli("backup", a, bk).returncode == 0
+    with walstore.open(bk) as s:
+        assert s.get("k99") == "a"
+    assert _cli("verify", bk).returncode == 0
+

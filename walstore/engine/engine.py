@@ -50,7 +50,7 @@ from .lmdb_state import LmdbState, StateWriteError, from_u64
 from .memtable import MemTable
 from .pins import HistoryPins
 from .pipeline import CommitPipeline
-from .recovery import LogPosition, Recovery, RecoveryReport
+from .recovery import LogPosition, Recovery, RecoveryReport, check_owner, owner_of
 from .snapshot import StateReader
 from .views import Views
 from .visible import MarkReader, SharedMark
@@ -263,7 +263,8 @@ class Engine:
             self._checkpoint()
         if report.salvaged:
             self._seal_salvaged_log()
-        self.applier.set_meta(b"open", 1, txid_reserved=self._txid_horizon)
+        self.applier.set_meta(b"open", 1, txid_reserved=self._txid_horizon,
+                              owner=owner_of(self.store_id))  # (recovery.check_owner)
         self.state.sync()
 
     def _position_log(self, pos: LogPosition) -> None:
@@ -464,6 +465,7 @@ class Engine:
         LSN (an older ``data.mdb`` put back after checkpoints trimmed the log: a gap the
         writable open and verify refuse, which a read-only open showed as the old state,
         exit 0: probe-disk42).  The one reader's first step: a segment header, or none."""
+        check_owner(self.state, self.store_id)
         log = LogReader(self.layout.wal, self.store_id, self.state.applied_lsn(),
                         self.state.meta_int(b"wal_start"))
         first = next(iter(log.walk()), None)

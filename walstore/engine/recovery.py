@@ -4,9 +4,10 @@ way a rollback ends, see ``Engine._undo_losers``.)
 
 Owns the decision of what the log *is* after a crash: where it ends, which bytes are a
 torn tail (cut and kept in ``<store>/quarantine``), which damage is real corruption, and
-what each recovery mode gives up.  REDO brings LMDB forward by applying every log event
-past LMDB's ``applied`` LSN with the same ``Applier.apply`` the live store uses; the
-losers are the transactions with logged intents (LMDB's ``inflight`` table, plus intents
+what each recovery mode gives up; and whether LMDB's state is this store's at all
+(``check_owner``: its ``meta`` ``owner`` stamp).  REDO brings LMDB forward by applying
+every log event past LMDB's ``applied`` LSN with the same ``Applier.apply`` the live
+store uses; the losers are the transactions with logged intents (LMDB's ``inflight`` table, plus intents
 in the redone tail) that neither committed nor ended, minus the prepared (in doubt) ones.
 
 Modes (after RocksDB's WAL recovery modes):
@@ -49,6 +50,9 @@ from .lmdb_check import check_lmdb_paths, walk_lmdb_data_file
 from .lmdb_state import LmdbState, from_u64, read_chunk, u64
 
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
+# meta: the store LMDB's state belongs to (the first 8 bytes of its store id, a u64), put
+# by every writable open; 0 or absent: not known (a store written before it, a rebuild)
+OWNER = b"owner"
 REDO_BATCH = 2000
 _ENDS = frozenset({RecordType.COMMIT, RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
 # the records of a transaction's write set: its WRITES chunks, then its COMMIT or PREPARE
@@ -117,6 +121,25 @@ class LogPosition:
     create_new: bool = False  # no usable segment: create one at ``segment_start``
 
 
+def owner_of(store_id: bytes) -> int:
+    """The ``meta`` ``owner`` value of the store ``store_id`` (never 0: 0 is "not known")."""
+    return int.from_bytes(store_id[:8], "big") or 1
+
+
+def check_owner(state: LmdbState, store_id: bytes) -> None:
+    """CorruptionError naming the data file when LMDB's state belongs to another store (a
+    ``db/`` put back from another store: two stores of one script make the same LSNs and
+    txids, so the log's anchor check passed, and the open showed the other store's values
+    over this one's log, exit 0; verify alone saw it, and only in keys the log still
+    held)."""
+    owner = state.meta_int(OWNER, 0)
+    if owner and owner != owner_of(store_id):
+        reason = (f"LMDB's state belongs to another store (its owner stamp {owner:016x} is "
+                  f"not this store's {owner_of(store_id):016x}: a db/ copied from another "
+                  f"store?): put this store's own db/ back, or restore from a backup")
+        raise CorruptionError(f"foreign-state: {reason}", file=state.data_file)
+
+
 class _Stop(Exception):
     """Point-in-time recovery met damage: everything after it is given up."""
 
@@ -173,6 +196,7 @@ class Recovery:
     # ---- the pass ----------------------------------------------------------------------
     def run(self) -> LogPosition:
         t0 = time.monotonic()
+        check_owner(self.state, self.store_id)
         rep = self.report
         rep.applied_before = self.applied
         self._load_open_transactions()

@@ -38,6 +38,7 @@ from ..log.reader import LogReader, Record
 from ..engine.layout import Layout, writer_alive
 from ..engine import tables
 from ..engine.lmdb_state import LmdbState
+from ..engine.recovery import check_owner
 from ..engine.snapshot import _lmdb_value_as_of
 
 COMPARE_BATCH = 512
@@ -121,6 +122,11 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             rep.wal_start = state.meta_int(b"wal_start")
         except CorruptionError as e:  # (0: as if the log never began sealed)
             unreadable = unreadable or e
+        try:  # (another store's LMDB: said once, not as every key disagreeing with the log)
+            check_owner(state, store_id)
+        except CorruptionError as e:
+            rep.errors.append(str(e))
+            return rep
         last_values = _check_wal(layout, store_id, rep, progress)
         if rep.errors and writer_alive(layout) and unreadable is None:
             last_values = _settle(layout, store_id, rep, state)
