@@ -215,3 +215,47 @@ def test_its_own_db_back_from_a_backup_still_opens(tmp_path):
         assert s.get("k99") == "a"
     assert _cli("verify", bk).returncode == 0
 
+
+GAP_STORE = r'''
+import os, sys, time, walstore
+s = walstore.open(sys.argv[1], segment_size=1 << 16, apply_interval=0.01)
+for i in range(500):
+    with s.transaction() as tx:
+        tx.put("k%d" % i, "v" * 500)
+    if i == 100:
+        s.checkpoint()
+deadline = time.monotonic() + 60  # (commits paused: the applier applies, no checkpoint trims)
+while s.stats()["applied_lsn"] < s.stats()["published_lsn"] and time.monotonic() < deadline:
+    time.sleep(0.01)
+for i in range(500, 700):
+    with s.transaction() as tx:
+        tx.put("k%d" % i, "v" * 500)
+os._exit(0)
+'''
+
+
+def test_skip_corrupt_goes_past_a_missing_segment_that_held_lmdbs_last_commit(tmp_path):
+    """Seen: a middle segment missing — the one holding the last commit LMDB applied —
+    with segments after it: ``walstore recover --mode skip-corrupt`` (whose job is to skip
+    such a hole) refused with "foreign-log: the WAL is not the log LMDB applied ... a
+    segment from another copy of this store ... no --mode applies a log LMDB did not come
+    from".  The check that the log holds LMDB's last applied commit where LMDB says is
+    dropped when damage comes before that position, but a gap was judged by where the
+    next segment starts, past the commit, not where the hole begins.  A killed skip-corrupt
+    recovery of a truncated segment (re-run after its cut was zero-filled) met the same."""
+    path = str(tmp_path / "s")
+    subprocess.run([sys.executable, "-c", GAP_STORE, path], env=ENV, check=True, timeout=180)
+    with walstore.open(path, readonly=True) as s:
+        applied = s.stats()["applied_lsn"]
+    segs = [(int(os.path.basename(p)[:20]), p) for p in _segments(path)]
+    holding = [p for (start, p), nxt in zip(segs, segs[1:]) if start <= applied < nxt[0]]
+    assert holding, (applied, segs)  # (LMDB's last commit is in a segment before the last)
+    os.remove(holding[0])
+    assert _cli("recover", path).returncode == 1  # (strict: a gap, refused)
+    r = _cli("recover", path, "--mode", "skip-corrupt", "--json")
+    assert "foreign-log" not in r.stdout + r.stderr, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["mode"] == "skip-corrupt" and "gap" in {p["kind"] for p in doc["problems"]}
+    assert _cli("verify", path).returncode == 0
+    with walstore.open(path) as s:
+        assert s.get("k699") == "v" * 500  # (what lies past the hole is salvaged)

@@ -245,7 +245,10 @@ class Recovery:
     def _handle(self, ev: LogEvent) -> None:
         """React to one non-record item of the walk."""
         rep = self.report
-        if self._anchor is not None and ev.lsn <= self._anchor[0] and not (
+        # (a gap by where its hole begins: the next segment's start lies past the anchor
+        # when the hole swallowed it, and the check then refused a salvage as foreign-log)
+        at = ev.expected if ev.kind == "gap" and ev.expected is not None else ev.lsn
+        if self._anchor is not None and at <= self._anchor[0] and not (
                 ev.kind == "end" and ev.verdict == "clean"):
             self._anchor = None  # (damage before it: the mode judges that, not this check)
         if ev.kind == "gap":
