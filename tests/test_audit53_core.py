@@ -259,3 +259,21 @@ def test_skip_corrupt_goes_past_a_missing_segment_that_held_lmdbs_last_commit(tm
     assert _cli("verify", path).returncode == 0
     with walstore.open(path) as s:
         assert s.get("k699") == "v" * 500  # (what lies past the hole is salvaged)
+
+
+def test_verify_reports_a_segment_whose_name_leads_nowhere(tmp_path):
+    """Seen: a segment replaced by a symlink to a file that is not there (segments moved to
+    another disk, not mounted): strict recovery and a read-only open refused the store,
+    but ``walstore verify`` said "ok", exit 0 — it took the unopenable segment for one a
+    live writer's checkpoint trimmed while it read.  A trimmed segment's name is gone; one
+    still there is damage: exit 1."""
+    path = str(tmp_path / "s")
+    _killed_store(path)
+    last = _segments(path)[-1]
+    os.remove(last)
+    os.symlink(str(tmp_path / "elsewhere" / os.path.basename(last)), last)
+    with pytest.raises(walstore.CorruptionError):
+        walstore.open(path, readonly=True)
+    r = _cli("verify", path)
+    assert r.returncode == 1, r.stdout
+    assert os.path.basename(last) in r.stdout and "cannot be opened" in r.stdout

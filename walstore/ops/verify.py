@@ -244,7 +244,12 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
                     for k, v in ev.writes:
                         last[k] = _digest(v)
             continue
-        if item.kind == "vanished":
+        if item.kind == "vanished" and os.path.lexists(item.path):  # (a trim unlinks the
+            # name; one still there that opens nothing — a symlink to a disk not mounted —
+            # is damage: strict recovery refuses it, and verify said "ok", exit 0)
+            rep.errors.append(f"{item.path}: the segment cannot be opened: its name leads to "
+                              f"no file (a dangling symlink?)")
+        elif item.kind == "vanished":
             rep.warnings.append(f"{item.path}: trimmed by a checkpoint while verify ran")
             last.clear()  # (values gathered before it may be older than ones it held)
         elif item.kind in ("gap", "bad-segment", "missing-next"):
