@@ -277,3 +277,31 @@ def test_verify_reports_a_segment_whose_name_leads_nowhere(tmp_path):
     r = _cli("verify", path)
     assert r.returncode == 1, r.stdout
     assert os.path.basename(last) in r.stdout and "cannot be opened" in r.stdout
+
+
+def test_a_segment_header_claiming_a_petabyte_is_damage_not_a_size_to_restore(tmp_path):
+    """Seen: a last segment whose header (its CRC recomputed) says it was made 4 PiB long:
+    ``walstore recover --mode tolerate-tail`` took the file for a truncated segment and
+    extended it back to that size — EFBIG on ext4 ("opening the store failed: File too
+    large"), no recovery possible; a petabyte sparse segment where the file system allows
+    it, which the writer then never rotated out of.  A size past any segment's is a bad
+    header: the segment is given up (dropped to quarantine) like any other."""
+    from walstore.log.format import decode_segment_header, encode_segment_header
+    path = str(tmp_path / "s")
+    _killed_store(path)
+    last = _segments(path)[-1]
+    with open(last, "r+b") as f:
+        h = decode_segment_header(f.read(64))
+        f.seek(0)
+        f.write(encode_segment_header(h.store_id, h.start_lsn, h.created_ns, 1 << 52))
+    assert _cli("recover", path).returncode == 1  # (strict: refused)
+    assert _cli("verify", path).returncode == 1
+    r = _cli("recover", path, "--mode", "tolerate-tail", "--json")
+    assert "File too large" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert ("dropped-segment", "dropped") in {(p["kind"], p["action"]) for p in doc["problems"]}
+    assert os.path.getsize(last) < 1 << 30 if os.path.exists(last) else True
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("after", 1)
+    assert _cli("verify", path).returncode == 0

@@ -112,6 +112,9 @@ SEGMENT_HEADER_SIZE = 64
 RECORD_MAGIC = b"WR"
 RECORD_HEADER_SIZE = 28
 MAX_PAYLOAD = 32 * 1024 * 1024  # bound on any payload length read from disk
+# bound on a segment header's made size (the largest ``segment_size``, 1 GiB, or one record
+# past it): a size beyond it is no writer's, and recovery extended a truncated segment to it
+MAX_SEGMENT_SIZE = 1024 * 1024 * 1024 + MAX_PAYLOAD + 1024 * 1024
 
 _SEG = struct.Struct("<8sHHI16sQQQ4s")  # 60 bytes, then the u32 crc
 _CRC = struct.Struct("<I")

@@ -43,8 +43,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from .format import (RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE, RecordType,
-                     check_record, decode_segment_header, segment_salt)
+from .format import (MAX_SEGMENT_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE,
+                     RecordType, check_record, decode_segment_header, segment_salt)
 from .segment import list_segments, segment_name
 
 SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + 1  # a SEAL's payload is the empty map (1 byte)
@@ -148,6 +148,10 @@ class SegmentReader:
         elif h.start_lsn != start_lsn:
             self.header_error = (f"segment header says start LSN {h.start_lsn} but the file "
                                  f"is named for {start_lsn}")
+        elif h.size > MAX_SEGMENT_SIZE:  # (a tolerate-tail cut then extended the file to
+            # it: EFBIG, or a petabyte sparse segment the writer never rotated out of)
+            self.header_error = (f"segment header says the file was made {h.size} bytes "
+                                 f"long, past any segment's ({MAX_SEGMENT_SIZE})")
         self.store_id = h.store_id
         self.made_size = h.size
         self.salt = segment_salt(h.store_id, h.start_lsn)
