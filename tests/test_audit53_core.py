@@ -305,3 +305,25 @@ def test_a_segment_header_claiming_a_petabyte_is_damage_not_a_size_to_restore(tm
         with s.transaction() as tx:
             tx.put("after", 1)
     assert _cli("verify", path).returncode == 0
+
+
+@pytest.mark.parametrize("mode", ["tolerate-tail", "point-in-time", "skip-corrupt"])
+def test_the_salvage_modes_give_up_a_segment_whose_name_leads_nowhere(tmp_path, mode):
+    """Seen: the last segment a symlink to a file that is not there.  tolerate-tail and
+    point-in-time "accepted" it (bad-segment) but dropped nothing — the name stayed, and
+    the store they said was recovered refused every open after; skip-corrupt failed with
+    "opening the store failed: No such file or directory" (copying the log aside).  The
+    name is moved to quarantine/ as a dropped segment, and the store opens."""
+    path = str(tmp_path / "s")
+    _killed_store(path)
+    last = _segments(path)[-1]
+    os.remove(last)
+    os.symlink(str(tmp_path / "elsewhere" / os.path.basename(last)), last)
+    r = _cli("recover", path, "--mode", mode, "--json")
+    assert "Traceback" not in r.stderr and "failed" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert ("dropped-segment", "dropped") in {(p["kind"], p["action"]) for p in doc["problems"]}
+    assert not os.path.lexists(last)
+    assert _cli("verify", path).returncode == 0
+    with walstore.open(path) as s:
+        assert s.get("k0") == "v" * 500

@@ -633,7 +633,7 @@ class Recovery:
         """Everything after a cut is given up: drop every segment after the one that starts
         at ``lsn`` (and that one too when ``inclusive``: a gap or a bad header there)."""
         for start, path in log.segments:
-            if (start >= lsn if inclusive else start > lsn) and os.path.exists(path):
+            if (start >= lsn if inclusive else start > lsn) and os.path.lexists(path):
                 why = reason if start == lsn and reason else "after the point-in-time cut"
                 self._drop_segment(path, start, why)
 
@@ -642,7 +642,11 @@ class Recovery:
             reader = SegmentReader(path, self.store_id, start)
             held = self._count_dropped(reader)
         except FileNotFoundError:
-            return
+            if not os.path.lexists(path):
+                return  # (gone: nothing to drop)
+            # its name leads to no file (a symlink to a disk not mounted): the name is
+            # dropped, else the recovery "accepted" it and left a log no open could read
+            held = " (its name leads to no file; what it held is unknown)"
         if self.dry_run:
             return
         dest = self._quarantine_name(os.path.basename(path))
@@ -652,7 +656,7 @@ class Recovery:
         fileio.fsync_dir(self.wal_dir)
         self._write_note(dest, {"file": path, "reason": reason, "action": "dropped"})
         self.report.problems.append(Problem("dropped-segment", path, 0, start,
-                                            reason + held, os.path.getsize(dest), "dropped",
+                                            reason + held, os.lstat(dest).st_size, "dropped",
                                             dest))
 
     def _count_dropped(self, reader: SegmentReader) -> str:
