@@ -28,7 +28,7 @@ def _killed_store(path: str) -> None:
     closing: LMDB holds the first ~300, the log all of them, over several segments."""
     script = f"""
 import os, walstore
-s = walstore.open({path!r}, segment_size=1 << 16)
+s = walstore.open({path!r}, segment_size=1 << 16, apply_interval=3600)
 for i in range({N}):
     with s.transaction() as tx:
         tx.put('k%d' % i, 'v' * 500)
