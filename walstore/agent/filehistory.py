@@ -23,10 +23,11 @@ import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from ..errors import CorruptionError, HistoryTrimmed, os_errors_wrapped
+from ..errors import CorruptionError, HistoryTrimmed, os_errors_as_store_errors, \
+    os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
-from ..files.entries import ABSENT, DIR, UnsupportedFileType, open_nofollow
+from ..files.entries import ABSENT, DIR, UnsupportedFileType, iter_content, open_nofollow
 from ..files.paths import PathLike, display
 from ..log.format import LSN
 
@@ -269,6 +270,19 @@ class HistoricalFiles:
         return self._retained(lambda: self._read(path))
 
     def _read(self, path: PathLike) -> bytes:
+        e, live, where, abs_path = self._located(path)
+        if live:
+            # (O_NONBLOCK and the fstat: a FIFO swapped in since the look above is
+            # refused, as the look refuses one, rather than block the reader forever)
+            with os.fdopen(self._open_live(abs_path, where), "rb") as f:
+                return f.read()
+        return self._history.read_content(e, where)
+
+    def _located(self, path: PathLike) -> tuple[Entry, bool, str, bytes]:
+        """(the file ``path`` was at the point, read live?, how to name it, its absolute
+        path): its newest committed version at or before the point; else, changed only by
+        a transaction that has not ended, its before-image; else (``live``) as it is now.
+        The errors ``read`` names when it was no file then."""
         ws = self.workspace
         rel = ws.rel(path)
         e = self._history.entry_at(ws.root_b, rel, self.lsn)
@@ -278,44 +292,64 @@ class HistoricalFiles:
         if live:
             e = self._as_now(rel, hash=False)
         where = f"{display(rel)!r} in workspace {ws.root!r} at LSN {int(self.lsn)}"
-        abs_path = os.fsdecode(ws.abspath(rel))
+        abs_path = ws.abspath(rel)
         if not e.exists:
             self._check_way(rel, where)
-            raise FileNotFoundError(errno.ENOENT, f"{where} did not exist", abs_path)
+            raise FileNotFoundError(errno.ENOENT, f"{where} did not exist",
+                                    os.fsdecode(abs_path))
         if e.is_dir:
-            raise IsADirectoryError(errno.EISDIR, f"{where} was a directory", abs_path)
+            raise IsADirectoryError(errno.EISDIR, f"{where} was a directory",
+                                    os.fsdecode(abs_path))
         if e.is_symlink:
             raise ValueError(f"{where} was a symlink to {os.fsdecode(e.target or b'')!r}; "
                              f"walstore does not follow it")
-        if live:
-            # (O_NONBLOCK and the fstat: a FIFO swapped in since the look above is
-            # refused, as the look refuses one, rather than block the reader forever)
-            fd = open_nofollow(ws.abspath(rel))
-            with os.fdopen(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise UnsupportedFileType(f"{where} is a special file (FIFO, socket or "
-                                              f"device); walstore tracks files, "
-                                              f"directories and symlinks")
-                return f.read()
-        return self._history.read_content(e, where)
+        return e, live, where, abs_path
+
+    @staticmethod
+    def _open_live(abs_path: bytes, where: str) -> int:
+        """A descriptor of the file at ``abs_path`` now (a special file: refused)."""
+        fd = open_nofollow(abs_path)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsupportedFileType(f"{where} is a special file (FIFO, socket or "
+                                          f"device); walstore tracks files, "
+                                          f"directories and symlinks")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def stream(self, path: PathLike) -> Iterator[bytes]:
         """The content ``path`` had at the point, in chunks of at most 1 MiB (for large
-        files; verified against its sha256 as it is read).  Errors as ``read``."""
-        ws = self.workspace
-        rel = ws.rel(path)
-        e = self._retained(lambda: self._history.entry_at(ws.root_b, rel, self.lsn))
-        if e is None or not e.is_file:
-            yield self.read(rel)  # (never changed by walstore, or not a file: read says)
-            return
-        try:
-            for chunk in self._history.files.blobs.get(e.sha256 or ""):
-                self._check_retained()  # (its content gc'd meanwhile: trimmed, not damage)
-                yield chunk
-        except Exception as err:
-            self._check_retained_from(err)
-            raise
-        self._check_retained()
+        files; stored content is verified against its sha256 as it is read).  Errors as
+        ``read``.  Every case streams: a path walstore never changed is read from the
+        file as it is now, one only a transaction that has not ended changed from its
+        before-image (both fell back to ``read``, which holds the whole file: 64 MiB
+        streamed cost 64 MiB of memory); content missing from the store is a
+        CorruptionError, as ``read`` says (it escaped as a bare FileNotFoundError)."""
+        with os_errors_as_store_errors():
+            e, live, where, abs_path = self._retained(lambda: self._located(path))
+            if live:
+                fd = self._open_live(abs_path, where)
+                try:
+                    for _off, chunk, _hole in iter_content(fd):
+                        yield bytes(chunk)
+                finally:
+                    os.close(fd)
+                return
+            try:
+                for chunk in self._history.files.blobs.get(e.sha256 or ""):
+                    self._check_retained()  # (its content gc'd meanwhile: trimmed, not damage)
+                    yield chunk
+            except Exception as err:
+                self._check_retained_from(err)
+                if isinstance(err, FileNotFoundError):
+                    raise CorruptionError(
+                        f"the stored content of {where} (sha256:{e.sha256}) is missing "
+                        f"from the content store",
+                        file=self._history.files.blobs.path(e.sha256 or "0" * 64)) from None
+                raise
+            self._check_retained()
 
     def symlink_target(self, path: PathLike) -> bytes | None:
         e = self.entry(path)
