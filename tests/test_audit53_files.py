@@ -5,11 +5,16 @@
   the whole file into memory (it fell back to ``read``): a GiB file cost a GiB, where
   the contract streams large files.  And a before-image missing from the content store
   escaped ``stream`` as a bare FileNotFoundError where ``read`` says CorruptionError.
+- A conflict keeps walstore's version at ``quarantine/files/tx<N>/<path>``; when an earlier
+  conflict of the same rollback had kept a FILE at a directory on that way (``a`` kept,
+  then ``a/b``), the copy could not be made (FileExistsError): the undo failed, and stayed
+  owed at every open after, failing the same way each time.
 """
 from __future__ import annotations
 
 import glob
 import os
+import shutil
 import tracemalloc
 
 import pytest
@@ -89,3 +94,44 @@ def test_stream_of_content_missing_from_the_store_is_a_corruption_error(env, tmp
     with pytest.raises(walstore.CorruptionError) as info:
         list(view.stream("a.txt"))
     assert "a.txt" in str(info.value)
+
+
+def test_a_conflict_under_a_path_kept_as_a_file_is_kept_too(env, tmp_path):
+    """The rollback meets ``a`` (once walstore's file) as a stranger's directory first and
+    keeps walstore's file at ``tx<N>/a``; then ``a/b`` changed by the stranger too: its
+    copy needs a directory ``tx<N>/a``."""
+    store, root = env
+    os.makedirs(os.path.join(root, "a"))
+    with open(os.path.join(root, "a", "b"), "w") as f:
+        f.write("old")
+    ws = store.workspace(root)
+    tx = store.transaction()
+    f = tx.files(ws)
+    f.write("a/b", "new")
+    f.rmtree("a")
+    f.write("a", "A")
+    f.write("a", "A2")
+    os.unlink(os.path.join(root, "a"))  # another process: a directory (of another mode)
+    os.mkdir(os.path.join(root, "a"), 0o700)
+    with open(os.path.join(root, "a", "b"), "w") as out:
+        out.write("S")
+    with pytest.raises(walstore.FileConflictError) as info:
+        tx.rollback()
+    assert "could not be restored" not in str(info.value), str(info.value)
+    kept = {}
+    for c in store.file_conflicts():
+        if c["saved_as"] and os.path.isfile(c["saved_as"]):
+            with open(c["saved_as"], "rb") as saved:
+                kept.setdefault(c["path"][len(root) + 1:], set()).add(saved.read())
+    assert kept == {"a": {b"A"}, "a/b": {b"old", b"new"}}, kept
+    # the stranger's versions stay; nothing is owed to the next open
+    with open(os.path.join(root, "a", "b"), "rb") as now:
+        assert now.read() == b"S"
+    store.close()
+    again = walstore.open(str(tmp_path / "store"))
+    try:
+        report = again.last_recovery
+        assert report is None or not [p for p in report.problems
+                                      if p.kind == "file-undo-failed"], report.problems
+    finally:
+        again.close()

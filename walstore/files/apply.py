@@ -1001,10 +1001,22 @@ def _conflict(ws: Workspace, rel: bytes, before: Entry, expected: Entry | None,
 
 
 def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) -> str:
-    """Keep the before-image at ``<quarantine>/<rel>`` (walstore's file: 0600/0700)."""
+    """Keep the before-image at ``<quarantine>/<rel>`` (walstore's file: 0600/0700).  A
+    name taken there gets a numbered suffix (``b.1``), and so does a directory on the way
+    taken by a file or symlink kept earlier (``a`` kept, then ``a/b``: ``a.1/b``; the copy
+    could not be made, FileExistsError, and the undo failed at every open)."""
     if not os.path.isabs(quarantine):
         raise ValueError("the quarantine directory must be an absolute path")
-    dest = quarantine + b"/" + rel
+    *ways, name = rel.split(b"/")
+    where = quarantine
+    for part in ways:
+        n = 0
+        step = where + b"/" + part
+        while os.path.lexists(step) and (os.path.islink(step) or not os.path.isdir(step)):
+            n += 1
+            step = where + b"/" + part + b".%d" % n
+        where = step
+    dest = where + b"/" + name
     fsops.make_dirs(os.path.dirname(dest))
     n = 0
     candidate = dest
