@@ -9,12 +9,20 @@
   conflict of the same rollback had kept a FILE at a directory on that way (``a`` kept,
   then ``a/b``), the copy could not be made (FileExistsError): the undo failed, and stayed
   owed at every open after, failing the same way each time.
+- A path a rollback (or the recovery after kill -9) cannot even reach — another process
+  replaced a directory on its way by a file or a symlink — is a conflict as it should be,
+  but walstore's version was kept nowhere (``saved_as`` None): the committed content the
+  transaction had overwritten was lost to the user, where the contract keeps it under
+  ``quarantine/``.
 """
 from __future__ import annotations
 
 import glob
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import tracemalloc
 
 import pytest
@@ -133,5 +141,79 @@ def test_a_conflict_under_a_path_kept_as_a_file_is_kept_too(env, tmp_path):
         report = again.last_recovery
         assert report is None or not [p for p in report.problems
                                       if p.kind == "file-undo-failed"], report.problems
+    finally:
+        again.close()
+
+
+def _replace_dir_by(root: str, how: str) -> None:
+    """Another process: directory ``a`` becomes a file, or a symlink leading outside."""
+    shutil.rmtree(os.path.join(root, "a"))
+    if how == "file":
+        with open(os.path.join(root, "a"), "w") as out:
+            out.write("theirs")
+    else:
+        os.symlink("/tmp", os.path.join(root, "a"))
+
+
+def _kept_copies(conflicts: list, root: str) -> dict:
+    out = {}
+    for c in conflicts:
+        saved = c["saved_as"]
+        rel = c["path"][len(root) + 1:]
+        if saved is not None and os.path.isfile(saved) and not os.path.islink(saved):
+            with open(saved, "rb") as f:
+                out.setdefault(rel, set()).add(f.read())
+        else:
+            out.setdefault(rel, set()).add(saved)
+    return out
+
+
+@pytest.mark.parametrize("how", ["file", "symlink"])
+def test_rollback_keeps_walstores_version_of_a_path_it_cannot_reach(env, how):
+    store, root = env
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        tx.files(ws).write("a/b", "committed\n")
+    tx = store.transaction()
+    tx.files(ws).write("a/b", "uncommitted\n")
+    _replace_dir_by(root, how)
+    with pytest.raises(walstore.FileConflictError):
+        tx.rollback()
+    assert _kept_copies(store.file_conflicts(), root) == {"a/b": {b"committed\n"}}
+    assert os.path.islink(os.path.join(root, "a")) == (how == "symlink")  # theirs stays
+
+
+CHILD = """
+import sys, walstore
+store = walstore.open(sys.argv[1])
+ws = store.workspace(sys.argv[2])
+tx = store.transaction()
+tx.files(ws).write("a/b", "uncommitted\\n")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_recovery_keeps_walstores_version_of_a_path_it_cannot_reach(env, tmp_path):
+    store, root = env
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        tx.files(ws).write("a/b", "committed\n")
+    store.close()
+    path = str(tmp_path / "store")
+    child = subprocess.Popen([sys.executable, "-c", CHILD, path, root],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    _replace_dir_by(root, "file")
+    again = walstore.open(path)
+    try:
+        kinds = [p.kind for p in again.last_recovery.problems]
+        assert "file-conflict" in kinds and "file-undo-failed" not in kinds, kinds
+        assert _kept_copies(again.file_conflicts(), root) == {"a/b": {b"committed\n"}}
     finally:
         again.close()

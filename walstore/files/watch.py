@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from .apply import FileConflict, restore
+from .apply import FileConflict, _save_aside, restore
 from .blobs import BlobStore
 from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
 from .ignore import IgnoreRules
@@ -813,7 +813,8 @@ def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
                      after_crash: bool = False) -> list[FileConflict]:
     """Restore each change's before-image in the order given; the conflicts.  A path
     that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
-    conflict) is reported as a conflict too, and nothing is written through it.
+    conflict) is reported as a conflict too, and nothing is written through it (its
+    before-image is kept under ``quarantine``, as any conflict's).
     ``done(change)``: states that count as restored already for that change (see
     ``apply.restore_status``)."""
     conflicts: list[FileConflict] = []
@@ -823,7 +824,12 @@ def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
             got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable,
                           done(c) if done is not None else (), after_crash)
         except (ValueError, NotADirectoryError) as e:
-            got = FileConflict(c.path, c.before, expected, Entry.absent(), None,
+            # walstore's version is kept all the same, as any conflict's (it was kept
+            # nowhere: the content the transaction had overwritten was lost to the user)
+            saved = None
+            if quarantine is not None and c.before.exists and c.path:
+                saved = _save_aside(c.path, c.before, blobs, os.fsencode(quarantine))
+            got = FileConflict(c.path, c.before, expected, Entry.absent(), saved,
                                f"cannot be restored: {e}")
         if got is not None:
             conflicts.append(got)
