@@ -14,6 +14,10 @@
   but walstore's version was kept nowhere (``saved_as`` None): the committed content the
   transaction had overwritten was lost to the user, where the contract keeps it under
   ``quarantine/``.
+- ``tx.files(ws).listdir()`` left out a symlink to a directory matched by a directory-only
+  pattern (``build/``): it asked the directory entry "is a directory?" following the
+  link, where git (and walstore's own manifests, which track that symlink) say a symlink
+  is no directory.
 """
 from __future__ import annotations
 
@@ -217,3 +221,18 @@ def test_recovery_keeps_walstores_version_of_a_path_it_cannot_reach(env, tmp_pat
         assert _kept_copies(again.file_conflicts(), root) == {"a/b": {b"committed\n"}}
     finally:
         again.close()
+
+
+def test_listdir_keeps_a_symlink_a_directory_only_pattern_does_not_match(env):
+    store, root = env
+    os.mkdir(os.path.join(root, "real"))
+    os.symlink("real", os.path.join(root, "build"))
+    os.mkdir(os.path.join(root, "out"))
+    ws = store.workspace(root, ignore=["build/", "out/"])
+    with store.transaction() as tx:
+        f = tx.files(ws)
+        assert f.listdir() == ["a.txt", "build", "d", "real"]  # (git: the same)
+        with f.watch() as w:  # and the watch tracks it
+            os.unlink(os.path.join(root, "build"))
+            os.symlink("d", os.path.join(root, "build"))
+    assert [c.path for c in w.changes] == [b"build"]

@@ -98,8 +98,10 @@ def _listing(ws: Workspace, rel: bytes) -> frozenset[bytes] | None:
     try:
         if not ws.ignore.patterns:  # (nothing to ignore: no file type asked of any name)
             return frozenset(os.fsencode(n) for n in os.listdir(fd))
-        with os.scandir(fd) as it:  # (the type from the directory entry: no stat each)
-            found = [(os.fsencode(d.name), d.is_dir()) for d in it]
+        with os.scandir(fd) as it:  # (the type from the directory entry: no stat each;
+            # a symlink is no directory, as git and the manifests say: followed, a
+            # directory-only pattern hid a symlink to a directory that watch() tracks)
+            found = [(os.fsencode(d.name), d.is_dir(follow_symlinks=False)) for d in it]
     finally:
         os.close(fd)
     return frozenset(n for n, is_dir in found
