@@ -18,6 +18,11 @@
   pattern (``build/``): it asked the directory entry "is a directory?" following the
   link, where git (and walstore's own manifests, which track that symlink) say a symlink
   is no directory.
+- The directories of ``quarantine/files/tx<N>/...`` a conflict's copy creates were never
+  fsynced into their parents (the copy's own directory only): after the durable
+  FILE_CONFLICT record naming ``saved_as``, a power loss could drop ``tx<N>/`` and the
+  copy with it.  Every other directory walstore makes for itself has its parent fsynced
+  (``fileio.make_dir``; the blob store's fan-out).
 """
 from __future__ import annotations
 
@@ -236,3 +241,28 @@ def test_listdir_keeps_a_symlink_a_directory_only_pattern_does_not_match(env):
             os.unlink(os.path.join(root, "build"))
             os.symlink("d", os.path.join(root, "build"))
     assert [c.path for c in w.changes] == [b"build"]
+
+
+def test_the_quarantine_directories_a_conflict_makes_are_durable(env, tmp_path):
+    from tools.faults import installed
+    from tools.powerloss import TreeRecorder
+    store, root = env
+    ws = store.workspace(root)
+    tx = store.transaction()
+    tx.files(ws).write("d/x", "walstore's\n")
+    with open(os.path.join(root, "d", "x"), "w") as out:
+        out.write("theirs\n")  # another process
+    rec = TreeRecorder(record=True)
+    with installed(rec), pytest.raises(walstore.FileConflictError):
+        tx.rollback()
+    quarantine = os.path.realpath(str(tmp_path / "store" / "quarantine"))
+    made = [e for e in rec.events if e.op == "mkdir"
+            and (e.path == quarantine or e.path.startswith(quarantine + "/"))]
+    assert made, [(e.op, e.path) for e in rec.events]
+    for m in made:
+        parent = os.path.dirname(m.path)
+        assert [e for e in rec.events if e.op == "fsync_dir" and e.path == parent
+                and e.seq > m.seq and e.done_seq is not None], \
+            f"{m.path} made, its directory {parent} never fsynced after"
+    saved = store.file_conflicts()[0]["saved_as"]
+    assert saved.startswith(quarantine + "/")

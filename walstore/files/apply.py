@@ -1017,7 +1017,7 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
             step = where + b"/" + part + b".%d" % n
         where = step
     dest = where + b"/" + name
-    fsops.make_dirs(os.path.dirname(dest))
+    _make_aside_dirs(os.path.dirname(dest))
     n = 0
     candidate = dest
     while os.path.lexists(candidate):
@@ -1039,9 +1039,27 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
         fsops.symlink(before.target or b"", tmp)
         fileio.rename(_s(tmp), _s(candidate))
     else:
-        fsops.make_dirs(candidate)
+        _make_aside_dirs(candidate)
     fileio.fsync_dir(_s(os.path.dirname(candidate)))
     return _s(candidate)
+
+
+def _make_aside_dirs(path: bytes) -> None:
+    """``fsops.make_dirs(path)``, each directory it creates fsynced into its parent (as
+    ``fileio.make_dir`` does for the store's own): the FILE_CONFLICT record naming a copy
+    is durable, and a power loss dropped ``quarantine/files/tx<N>/`` and the copy with
+    it (only the copy's own directory was fsynced)."""
+    missing = []
+    cur = path
+    while not os.path.isdir(cur):
+        missing.append(cur)
+        up = os.path.dirname(cur)
+        if up == cur:
+            break
+        cur = up
+    fsops.make_dirs(path)
+    for made in reversed(missing):
+        fileio.fsync_dir(_s(os.path.dirname(made)))
 
 
 # ---- crash leftovers --------------------------------------------------------------------
