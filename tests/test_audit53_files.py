@@ -23,6 +23,13 @@
   FILE_CONFLICT record naming ``saved_as``, a power loss could drop ``tx<N>/`` and the
   copy with it.  Every other directory walstore makes for itself has its parent fsynced
   (``fileio.make_dir``; the blob store's fan-out).
+- ``revert``/``rewind`` of a transaction whose path holds a FIFO (or socket, device) now —
+  another process put it there, or the watched process itself — raised
+  UnsupportedFileType, forced or not: not a RevertConflict naming the path, and with
+  ``force=True`` (which puts the before-image back over whatever is there) the
+  transaction could not be reverted at all.  Likewise a kill -9 inside a ``watch()`` whose
+  process had replaced a file by a FIFO: recovery, which puts every path the watched
+  processes changed back, left the FIFO and called the path a conflict.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ import glob
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tracemalloc
@@ -266,3 +274,70 @@ def test_the_quarantine_directories_a_conflict_makes_are_durable(env, tmp_path):
             f"{m.path} made, its directory {parent} never fsynced after"
     saved = store.file_conflicts()[0]["saved_as"]
     assert saved.startswith(quarantine + "/")
+
+
+@pytest.mark.parametrize("who", ["the watched process", "another process later"])
+@pytest.mark.parametrize("how", ["revert", "rewind"])
+def test_a_fifo_where_a_reverted_transaction_left_a_path(env, who, how):
+    store, root = env
+    ws = store.workspace(root)
+    p = os.path.join(root, "a.txt")
+    with store.transaction() as before:
+        before.put("k", 0)
+    with store.transaction() as tx:
+        if who == "the watched process":
+            with tx.files(ws).watch():
+                os.unlink(p)
+                os.mkfifo(p)
+        else:
+            tx.files(ws).write("a.txt", "walstore's\n")
+    if who != "the watched process":
+        os.unlink(p)
+        os.mkfifo(p)
+
+    def undo(**kw):
+        return store.revert(tx.id, **kw) if how == "revert" else store.rewind(before.id, **kw)
+    with pytest.raises(walstore.RevertConflict) as info:
+        undo()
+    assert info.value.paths == [p]
+    assert stat.S_ISFIFO(os.lstat(p).st_mode)  # nothing changed
+    undo(force=True)
+    with open(p, "rb") as f:
+        assert f.read() == b"aaa\n"
+
+
+WATCH_CHILD = """
+import os, sys, walstore
+store = walstore.open(sys.argv[1])
+ws = store.workspace(sys.argv[2])
+tx = store.transaction()
+with tx.files(ws).watch():
+    p = os.path.join(sys.argv[2], "a.txt")
+    os.unlink(p)
+    os.mkfifo(p)
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_recovery_of_a_crashed_watch_puts_a_file_back_over_the_fifo_it_left(env, tmp_path):
+    store, root = env
+    store.workspace(root)
+    store.close()
+    path = str(tmp_path / "store")
+    child = subprocess.Popen([sys.executable, "-c", WATCH_CHILD, path, root],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    again = walstore.open(path)
+    try:
+        kinds = [p.kind for p in again.last_recovery.problems]
+        assert "file-conflict" not in kinds, again.last_recovery.problems
+        with open(os.path.join(root, "a.txt"), "rb") as f:
+            assert f.read() == b"aaa\n"
+    finally:
+        again.close()

@@ -1125,8 +1125,7 @@ class Files:
             with self._ws_lock(ws), self._lock:
                 self._check_not_watched(tx, ws)
                 ws.check_root()
-                back = [Change.of(it.path, it.target,
-                                  plan.capture_reachable(ws, it.path, self.blobs))
+                back = [Change.of(it.path, it.target, self._capture_undone(ws, it.path))
                         for it in by_ws[root]]
                 strangers = self._strangers_under(ws, back) if force else []
                 back += strangers
@@ -1147,6 +1146,15 @@ class Files:
                 if conflicts:
                     raise RevertConflict(f"file(s) changed while transaction {tx.id} was "
                                          f"putting them back: {conflicts}", paths=conflicts)
+
+    def _capture_undone(self, ws: Workspace, path: bytes) -> Entry:
+        """What a path an undo puts back holds now (its step's before-image); a FIFO,
+        socket or device (a forced undo puts the path back over it: ``apply.restore``
+        removes it) is absent, as the manifests describe one."""
+        try:
+            return plan.capture_reachable(ws, path, self.blobs)
+        except UnsupportedFileType:
+            return Entry.absent()
 
     def _strangers_under(self, ws: Workspace, back: list) -> list:
         """A forced undo puts the earlier version over whatever is there, and a directory

@@ -101,7 +101,8 @@ from ..log.writer import LogFailed
 from ..log.records import jsonable_point
 from ..engine import tables
 from ..engine.snapshot import SnapshotTooOld
-from ..files import restore_status
+from ..files import Entry, RestoreStatus, restore_status
+from ..files.entries import UnsupportedFileType
 from .actions import Action, Saga, newest_first
 from .files import FileUndo, abs_display
 from .history import History
@@ -689,7 +690,14 @@ class Undo:
                 if current is None:  # (a parent's change only: kept, as the undo will)
                     items.append(FileUndo(ws, path, oldest.before, newest.after))
                     continue
-            status = restore_status(ws, path, oldest.before, newest.after, current=current)
+            try:
+                status = restore_status(ws, path, oldest.before, newest.after,
+                                        current=current)
+            except UnsupportedFileType:
+                # a FIFO, socket or device there now: no state walstore left (its
+                # manifests skip them), so changed behind its back (it escaped as
+                # UnsupportedFileType, forced or not)
+                status = RestoreStatus("conflict", Entry.absent())
             # and again after the read: bytes another undo (or a transaction) wrote in
             # place after the first check are its own, claimed before they were written
             # (read as the path's state, a path taken for done stayed as it was when that

@@ -921,6 +921,8 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
         ws.resolve(path, allow_root=root)
     except NotADirectoryError:
         pass  # a file on the way: nothing is at the path (restore_status says absent)
+    if expected_current is None and not root:
+        _remove_special(ws, path, durable)
     status = restore_status(ws, path, before, expected_current, done, after_crash)
     current = status.current
     if status.state == "done":  # (also a path to stay absent under a parent that is a
@@ -989,6 +991,21 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     except OSError as e:
         raise _fail(e, "create directory", ws, rel) from e
     return None
+
+
+def _remove_special(ws: Workspace, path: PathLike, durable: bool) -> None:
+    """A restore over any current state (``expected_current`` None: a forced revert, a
+    crashed watch) puts the before-image over a FIFO, socket or device too: it is removed
+    first (walstore tracks none; its manifests skip them, so no step describes one).  It
+    was UnsupportedFileType, and a forced revert of such a path could not be done."""
+    try:
+        rel, abs_path = ws.resolve(path)
+    except (NotADirectoryError, ValueError):
+        return  # (nothing reachable there: restore_status says so)
+    st = _lstat(abs_path)
+    if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)
+                               or stat.S_ISLNK(st.st_mode)):
+        _remove(ws, rel, False, durable)
 
 
 def _conflict(ws: Workspace, rel: bytes, before: Entry, expected: Entry | None,
