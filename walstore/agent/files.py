@@ -1127,7 +1127,8 @@ class Files:
                 ws.check_root()
                 back = [Change.of(it.path, it.target, self._capture_undone(ws, it.path))
                         for it in by_ws[root]]
-                strangers = self._strangers_under(ws, back) if force else []
+                specials: list[bytes] = []  # (FIFOs, sockets, devices in such a directory)
+                strangers = self._strangers_under(ws, back, specials) if force else []
                 back += strangers
                 forward = [Change.of(c.path, c.after, c.before) for c in undo_order(back)]
                 self._claim(tx, ws, forward)
@@ -1137,6 +1138,8 @@ class Files:
                         fapply._save_aside(c.path, c.after, self.blobs, where)
                 eff = self.log_steps(tx, ws, "revert", forward)
                 tx.effects.append(eff)
+                for rel in sorted(specials, key=len, reverse=True):
+                    fapply._remove_special(ws, rel, self.durable)
                 conflicts = []
                 for c in forward:
                     got = fapply.restore(ws, c.path, c.after, None if force else c.before,
@@ -1156,7 +1159,7 @@ class Files:
         except UnsupportedFileType:
             return Entry.absent()
 
-    def _strangers_under(self, ws: Workspace, back: list) -> list:
+    def _strangers_under(self, ws: Workspace, back: list, specials: list) -> list:
         """A forced undo puts the earlier version over whatever is there, and a directory
         that must go (the undone transaction created it) may hold paths walstore never
         recorded (another process put them there): those become absent too, as steps of
@@ -1164,7 +1167,9 @@ class Files:
         ``apply_undo`` keeps a copy of each file and symlink under
         ``quarantine/files/tx<txid>/``.  (The revert used to raise RevertConflict for the
         directory, force or not.)  All of it is captured before anything changes; a
-        directory holding walstore's own directory (the store) is refused then."""
+        directory holding walstore's own directory (the store) is refused then.  A FIFO,
+        socket or device there (no step can describe one) is listed in ``specials``, which
+        the caller removes after logging the steps (it was UnsupportedFileType)."""
         from ..errors import RevertConflict
         known = {c.path for c in back}
         out: list[Change] = []
@@ -1177,7 +1182,7 @@ class Files:
                 raise RevertConflict(f"{where} cannot be put back: it holds walstore's own "
                                      f"directory {abs_display(ws.root_b, held)}; nothing "
                                      f"was changed", paths=[where])
-            for p, e in plan._subtree(ws, c.path, c.after, self.blobs)[1:]:
+            for p, e in plan._subtree(ws, c.path, c.after, self.blobs, specials)[1:]:
                 if p not in known:
                     known.add(p)
                     out.append(Change.of(p, Entry.absent(), e))

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 
 from .apply import FileConflict, _refuse_moving_excluded, default_dir_mode, default_file_mode
 from .blobs import BlobStore
-from .entries import Entry, entry_from_stat, open_nofollow
+from .entries import Entry, UnsupportedFileType, entry_from_stat, open_nofollow
 from .paths import PathLike, Workspace, display
 from .watch import Change, restore_in_order, walk
 
@@ -164,13 +164,21 @@ def plan_delete(ws: Workspace, path: PathLike, blobs: BlobStore) -> list[Change]
     return [Change.of(rel, before, Entry.absent())]
 
 
-def _subtree(ws: Workspace, rel: bytes, top: Entry, blobs: BlobStore
-             ) -> list[tuple[bytes, Entry]]:
-    """``rel`` and everything under it (ignored paths too), parents first, captured."""
+def _subtree(ws: Workspace, rel: bytes, top: Entry, blobs: BlobStore,
+             specials: list[bytes] | None = None) -> list[tuple[bytes, Entry]]:
+    """``rel`` and everything under it (ignored paths too), parents first, captured.
+    ``specials``: given, a FIFO, socket or device found is listed there and left out
+    (else UnsupportedFileType)."""
     out = [(rel, top)]
     if top.is_dir:
         with blobs.batch():  # one sync pass for the whole subtree's content
-            out += [(p, capture(ws, p, blobs)) for p, _st in walk(ws, rel, use_ignore=False)]
+            for p, _st in walk(ws, rel, use_ignore=False):
+                try:
+                    out.append((p, capture(ws, p, blobs)))
+                except UnsupportedFileType:
+                    if specials is None:
+                        raise
+                    specials.append(p)
     return [(p, e) for p, e in out if e.exists]
 
 
