@@ -33,6 +33,11 @@
   revert of a transaction that created a directory another process has put a FIFO in
   since (the directory must go; what others put in it goes too, kept aside) raised
   UnsupportedFileType capturing that subtree.
+- A watched process that made a directory and a FIFO or a unix socket in it (a test
+  server's socket): the rollback could not remove the directory ("changed behind
+  walstore's back", a FileConflictError about the watched process's own file), and it
+  stayed with the socket in it.  The watch remembered only special files left AT a path
+  it changed, not inside a directory it created.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ import glob
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -359,3 +365,22 @@ def test_a_forced_revert_removes_a_created_directory_holding_a_fifo(env):
     assert info.value.paths == [os.path.join(root, "made")]
     store.revert(tx.id, force=True)
     assert not os.path.lexists(os.path.join(root, "made"))
+
+
+def test_rollback_of_a_watch_removes_a_directory_it_made_with_a_socket_in_it(env):
+    store, root = env
+    ws = store.workspace(root)
+    from files_support import tree_state
+    pre = tree_state(root)
+    tx = store.transaction()
+    with tx.files(ws).watch() as w:  # the block: a test run making a server's socket
+        os.makedirs(os.path.join(root, "run", "deep"))
+        with open(os.path.join(root, "run", "log"), "w") as out:
+            out.write("started\n")
+        os.mkfifo(os.path.join(root, "run", "deep", "fifo"))
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.path.join(root, "run", "server.sock"))
+        sock.close()
+    assert sorted(c.path for c in w.changes) == [b"run", b"run/deep", b"run/log"]
+    tx.rollback()  # no FileConflictError
+    assert tree_state(root) == pre

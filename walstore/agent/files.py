@@ -166,8 +166,9 @@ class FileEffect:
     txid: int
     began_as: Any = None  # a watch's changes: the OpenWatch it replaced (see Savepoint)
     # a watch's changes: special files (FIFO, socket, device) the watched block left at
-    # paths it changed (rel -> (st_dev, st_ino, st_ctime_ns), seen at the block's end; in
-    # memory only: after a crash such a file is a conflict, as before).
+    # paths it changed or inside directories it made (rel -> (st_dev, st_ino,
+    # st_ctime_ns), seen at the block's end; in memory only: after a crash such a file is
+    # a conflict, as before).
     # Manifests skip them, so the steps say "absent" there; the undo removes such a file
     # while it is still that one (the block's own), then puts the path back
     specials: dict = field(default_factory=dict)
@@ -1901,15 +1902,18 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
 
 
 def _specials_at(ws: Workspace, m1: Manifest, changes: list) -> dict:
-    """The special files a watched block left at the paths of its ``changes`` (its end's
-    manifest ``m1`` skipped them): rel -> (st_dev, st_ino, st_ctime_ns) (an inode number
-    alone is reused at once by a FIFO made anew)."""
+    """The special files a watched block left at the paths of its ``changes`` or inside a
+    directory it made (its end's manifest ``m1`` skipped them): rel -> (st_dev, st_ino,
+    st_ctime_ns) (an inode number alone is reused at once by a FIFO made anew).  (Only
+    those at a changed path were: a test run's socket in a directory it made kept the
+    directory from its rollback, reported as changed behind walstore's back.)"""
     out: dict = {}
     if not m1.stats.skipped:
         return out
     changed = {c.path for c in changes}
+    made = {c.path for c in changes if c.after.is_dir and not c.before.is_dir}
     for rel in m1.stats.skipped:
-        if rel not in changed:
+        if rel not in changed and not (made and _with_parents([rel]) & made):
             continue
         try:
             st = os.lstat(ws.abspath(rel))
