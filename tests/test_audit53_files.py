@@ -384,3 +384,21 @@ def test_rollback_of_a_watch_removes_a_directory_it_made_with_a_socket_in_it(env
     assert sorted(c.path for c in w.changes) == [b"run", b"run/deep", b"run/log"]
     tx.rollback()  # no FileConflictError
     assert tree_state(root) == pre
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root makes files of another owner")
+@pytest.mark.parametrize("mode", [None, 0o4755])
+def test_a_write_as_root_keeps_the_files_owner(env, mode):
+    store, root = env
+    p = os.path.join(root, "tool")
+    with open(p, "w") as out:
+        out.write("#!/bin/sh\n")
+    os.chown(p, 4321, 4321)
+    os.chmod(p, 0o4750)  # setuid to its owner, 4321
+    ws = store.workspace(root)
+    with store.transaction() as tx:
+        tx.files(ws).write("tool", "#!/bin/sh\necho changed\n", mode=mode)
+    st = os.lstat(p)
+    assert (st.st_uid, st.st_gid) == (4321, 4321)
+    assert not (st.st_uid == 0 and st.st_mode & stat.S_ISUID)
+    assert stat.S_IMODE(st.st_mode) == (mode if mode is not None else 0o4750)

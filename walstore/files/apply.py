@@ -262,6 +262,11 @@ def _replace_file(ws: Workspace, rel: bytes, fill, mode: int | None, owner: Entr
     if mode is None:
         mode = stat.S_IMODE(st.st_mode) if st is not None and stat.S_ISREG(st.st_mode) \
             else default_file_mode()
+    if owner is None and st is not None and stat.S_ISREG(st.st_mode):
+        # a file replaced keeps its owner, as a write in place keeps the inode's (as root:
+        # the temp file was root's, so another user's file setuid to them became setuid
+        # ROOT with the mode kept, and its owner could no longer write it)
+        owner = entry_from_stat(st)
     _check_mode(mode)
     created = _make_parents(ws, rel, durable)
     # the parent pinned (walked from the root, no symlink followed) and named through
