@@ -402,3 +402,21 @@ def test_a_write_as_root_keeps_the_files_owner(env, mode):
     assert (st.st_uid, st.st_gid) == (4321, 4321)
     assert not (st.st_uid == 0 and st.st_mode & stat.S_ISUID)
     assert stat.S_IMODE(st.st_mode) == (mode if mode is not None else 0o4750)
+
+
+def test_new_files_follow_the_umask_set_after_the_first_one(env):
+    store, root = env
+    ws = store.workspace(root)
+    old = os.umask(0o022)
+    try:
+        with store.transaction() as tx:
+            tx.files(ws).write("public.txt", "hello\n")
+        os.umask(0o077)  # from now on: private
+        with store.transaction() as tx:
+            tx.files(ws).write("secret/key.txt", "hunter2\n")
+            tx.files(ws).mkdir("private")
+    finally:
+        os.umask(old)
+    mode = lambda rel: stat.S_IMODE(os.lstat(os.path.join(root, rel)).st_mode)  # noqa: E731
+    assert mode("public.txt") == 0o644
+    assert (mode("secret"), mode("secret/key.txt"), mode("private")) == (0o700, 0o600, 0o700)

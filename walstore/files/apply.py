@@ -60,19 +60,20 @@ _umask: int | None = None
 
 
 def _get_umask() -> int:
+    """The process's umask now, read from /proc each time (kept from the first call, an
+    ``os.umask(0o077)`` the application set later to keep what it writes private still
+    gave new files 0644); without /proc, the racy way (set and reset), once."""
     global _umask
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     if _umask is None:
-        try:
-            with open("/proc/self/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Umask:"):
-                        _umask = int(line.split()[1], 8)
-                        break
-        except OSError:
-            pass
-        if _umask is None:  # no /proc: the racy way, once
-            _umask = os.umask(0o022)
-            os.umask(_umask)
+        _umask = os.umask(0o022)
+        os.umask(_umask)
     return _umask
 
 
