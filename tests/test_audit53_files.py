@@ -42,6 +42,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -209,6 +210,12 @@ def test_rollback_keeps_walstores_version_of_a_path_it_cannot_reach(env, how):
     assert os.path.islink(os.path.join(root, "a")) == (how == "symlink")  # theirs stays
 
 
+def _child_env() -> dict:
+    """The child imports the walstore this process runs (``-c`` puts the working
+    directory first on its path: each child runs in its test's own directory)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+
 CHILD = """
 import sys, walstore
 store = walstore.open(sys.argv[1])
@@ -229,7 +236,7 @@ def test_recovery_keeps_walstores_version_of_a_path_it_cannot_reach(env, tmp_pat
     path = str(tmp_path / "store")
     child = subprocess.Popen([sys.executable, "-c", CHILD, path, root],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                             env=_child_env(), cwd=str(tmp_path))
     try:
         assert child.stdout.readline().strip() == b"ready"
     finally:
@@ -336,7 +343,7 @@ def test_recovery_of_a_crashed_watch_puts_a_file_back_over_the_fifo_it_left(env,
     path = str(tmp_path / "store")
     child = subprocess.Popen([sys.executable, "-c", WATCH_CHILD, path, root],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+                             env=_child_env(), cwd=str(tmp_path))
     try:
         assert child.stdout.readline().strip() == b"ready"
     finally:
@@ -420,3 +427,97 @@ def test_new_files_follow_the_umask_set_after_the_first_one(env):
     mode = lambda rel: stat.S_IMODE(os.lstat(os.path.join(root, rel)).st_mode)  # noqa: E731
     assert mode("public.txt") == 0o644
     assert (mode("secret"), mode("secret/key.txt"), mode("private")) == (0o700, 0o600, 0o700)
+
+
+CONFLICT_CHILD = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+from agent_scripts.files_child import Stopper
+import walstore
+from walstore import fileio
+spec = json.loads(sys.argv[1])
+stopper = Stopper(spec["stop"])
+fileio.set_backend(stopper)
+store = walstore.open(spec["store"], apply_interval=3600)
+ws = store.workspace(spec["ws"])
+root = spec["ws"]
+tx = store.transaction()
+f = tx.files(ws)
+f.write("a/b", "new")
+f.rmtree("a")
+f.write("a", "A")
+f.write("a", "A2")
+f.write("d/x", "mine")
+f.write("e/y", "mine")
+os.unlink(os.path.join(root, "a"))          # other processes, meanwhile
+os.mkdir(os.path.join(root, "a"), 0o700)
+open(os.path.join(root, "a", "b"), "w").write("S")
+open(os.path.join(root, "d", "x"), "w").write("theirs")
+os.rename(os.path.join(root, "e"), os.path.join(root, "e.moved"))
+open(os.path.join(root, "e"), "w").write("a file now")
+stopper.armed = True
+try:
+    tx.rollback()
+except walstore.FileConflictError:
+    pass
+print("CALLS", stopper.n, flush=True)
+os._exit(0)
+"""
+
+
+def _conflict_run(base, stop: int) -> tuple[str, str, str | None, int | None]:
+    root = base / "ws"
+    build(str(root), {"a/b": "old", "d/x": "x\n", "e/y": "y\n", "keep": "k\n"})
+    store = str(base / "store")
+    walstore.open(store).close()
+    tests = os.path.dirname(os.path.abspath(__file__))
+    child = subprocess.Popen([sys.executable, "-c", CONFLICT_CHILD,
+                              json.dumps({"store": store, "ws": str(root), "stop": stop}),
+                              tests], stdout=subprocess.PIPE, env=_child_env(), cwd=str(base))
+    try:
+        line = child.stdout.readline().decode()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    calls = int(line.split()[1]) if line.startswith("CALLS") else None
+    return store, str(root), line, calls
+
+
+def _check_after(store: str, root: str, what: str) -> None:
+    """Reopened: the other processes' versions stay, the rest is back, and every
+    conflict's copy of walstore's version is where it says, with that content."""
+    import hashlib
+    s = walstore.open(store)
+    try:
+        problems = s.last_recovery.problems if s.last_recovery else []
+        assert not [p for p in problems if p.kind == "file-undo-failed"], (what, problems)
+        conflicts = s.file_conflicts()
+    finally:
+        s.close()
+    from files_support import tree_state
+    tree = tree_state(root)
+    assert tree[b"a"][:2] == ("dir", 0o700) and tree[b"d/x"][2] == len(b"theirs"), what
+    assert tree[b"e"][0] == "file" and tree[b"e.moved/y"][2] == len(b"mine"), what
+    assert tree[b"keep"][2] == len(b"k\n"), what
+    paths = {c["path"][len(root) + 1:] for c in conflicts}
+    assert {"a", "a/b", "d/x", "e/y"} <= paths, (what, paths)
+    for c in conflicts:
+        if c["saved_as"] is None or not c["before"].startswith("file"):
+            continue
+        with open(c["saved_as"], "rb") as saved:
+            got = hashlib.sha256(saved.read()).hexdigest()
+        assert c["before"].split("sha256:")[1] == got[:12], (what, c)
+
+
+def test_kill_at_every_step_of_a_rollback_that_keeps_conflicts_aside(tmp_path):
+    """A rollback meeting other processes' versions (one kept at a path a later copy's
+    directory needs, one path unreachable under a file): killed before any I/O call of
+    it, the next open finishes, keeps their versions and walstore's copies, and owes
+    nothing."""
+    store, root, line, calls = _conflict_run(tmp_path / "count", 0)
+    assert calls and calls > 10, line
+    _check_after(store, root, "undisturbed")
+    for n in range(1, calls + 1, 1 if calls <= 60 else 2):
+        store, root, line, _ = _conflict_run(tmp_path / f"k{n}", n)
+        assert line.startswith("STOP"), (n, line)
+        _check_after(store, root, f"killed before call {n} ({line.strip()})")
