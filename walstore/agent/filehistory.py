@@ -7,7 +7,8 @@ before-image and last after-image in that transaction.  From them:
 - ``entry_at(ws, path, B)``: the state of a path as of a boundary LSN B — the after-image
   of its newest version at or before B; else the before-image of its oldest version after
   B; else (walstore never changed it) the path as it is now;
-- ``store.at(point).files(ws)`` (``HistoricalFiles``): ``read``, ``entry``, ``exists``;
+- ``store.at(point).files(ws)`` (``HistoricalFiles``): ``read``, ``stream`` (1 MiB chunks,
+  whichever way the content is read), ``entry``, ``exists``;
   content comes from the blob store (a path absent then: FileNotFoundError);
 - ``versions`` / ``tracked``: for ``walstore files``; ``changes_of(txid)`` and
   ``later_writers``: for ``revert`` / ``rewind`` / ``diff``.
