@@ -237,9 +237,11 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
             return None
         return eng.reader.as_of(k, boundary + 1)
 
-    for row in eng.views.commits_after(lo):
+    # oldest first, stopping past ``hi``: what is read grows with the commits between the
+    # two points, not with those logged since (newest first read them all, skipped)
+    for row in eng.views.commits_after(lo, oldest_first=True):
         if row["lsn"] > hi:
-            continue
+            break
         keys.update(w[0] for w in hide_purged(row, purges).get("w", []))
         paths.update(fh.changes_of(row["tx"]))
     key_docs = []
