@@ -9,9 +9,17 @@ Each test failed before its fix (see the commit naming it):
   since them, not what changed between them."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import walstore
 from walstore.cli import _engine
 from walstore.engine.views import Views
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _commits_read(monkeypatch, store, start, end) -> int:
@@ -56,3 +64,90 @@ def test_a_diff_between_two_past_points_reads_what_lies_between_not_the_store_si
     # commits logged after its end (it read 52, then 202)
     assert big == small, (small, big)
     assert small <= 4, small
+
+
+# ---- walstore actions: every action streamed ------------------------------------------
+_PEAK = """\
+import sys, tracemalloc
+tracemalloc.start()
+from walstore.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+sys.stderr.write("PEAK %d\\n" % tracemalloc.get_traced_memory()[1])
+"""
+
+
+def _cli_peak(args: list[str]) -> int:
+    """tracemalloc's peak of a walstore command run in a process of its own (its output
+    thrown away: a listing's text is not what is measured)."""
+    r = subprocess.run([sys.executable, "-c", _PEAK, *args], env=_env(), text=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+    return int(r.stderr.rsplit("PEAK ", 1)[1].split()[0])
+
+
+def _env() -> dict:
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    e.pop("WALSTORE_DEBUG", None)
+    return e
+
+
+def _actions(store, n: int) -> None:
+    for _ in range(n // 50):
+        with store.transaction() as tx:
+            for i in range(50):
+                with tx.action("charge", args={"i": i, "pad": "x" * 200},
+                               compensate="refund") as act:
+                    act.result = {"ok": i}
+
+
+def test_walstore_actions_lists_every_action_in_memory_that_does_not_hold_them(tmp_path):
+    path = str(tmp_path / "s")
+    peaks = {}
+    with walstore.open(path, durability="none") as store:
+        for n in (1000, 4000):
+            _actions(store, n - len(store.actions()))
+            store.checkpoint()
+            peaks[n] = {flag: _cli_peak(["actions", path, *flag.split()])
+                        for flag in ("--json", "")}
+    for flag in ("--json", ""):
+        grew = peaks[4000][flag] - peaks[1000][flag]
+        # every action held as an Action, its document and its row (~3-6 KB each: 3,000
+        # more actions grew the peak by 9-18 MB); now a sort key each (~160 B)
+        assert grew < 3000 * 1024, (flag, peaks)
+
+
+def test_walstore_actions_streamed_lists_what_store_actions_lists_in_its_order(tmp_path):
+    path = str(tmp_path / "s")
+    store = walstore.open(path, durability="none", apply_interval=86400)
+    with store:
+        _actions(store, 600)  # (more than a chunk of rows)
+        store.checkpoint()
+        early = store.transaction()  # an older txid logging its action later
+        early.put("e", 1)
+        with store.transaction() as tx:
+            with tx.action("unapplied", compensate="refund"):
+                pass
+        with early.action("late", compensate="refund"):
+            pass
+        early.commit()
+        try:
+            with store.transaction() as tx:
+                with tx.action("rolled-back", compensate="refund"):
+                    pass
+                raise RuntimeError
+        except RuntimeError:
+            pass
+        want = [(a.id, a.state) for a in store.actions()]
+        assert [(a.id, a.state) for a in store.iter_actions()] == want
+        assert want[0][1] == "pending" and want[1][0].startswith(f"{early.id}.")
+        assert int(want[2][0].partition(".")[0]) > early.id
+    r = subprocess.run([sys.executable, "-m", "walstore", "actions", path, "--json"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = [(a["id"], a["state"]) for a in json.loads(r.stdout)["actions"]]
+    with walstore.open(path, readonly=True) as store:
+        assert got == [(a.id, a.state) for a in store.actions()]
+    assert len(got) == 603

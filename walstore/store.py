@@ -625,6 +625,14 @@ class Store:
         self._engine.check_open()
         return self._saga.actions(pending)
 
+    def iter_actions(self, pending: bool = False) -> Iterator[Action]:
+        """``actions(pending)``, newest first, read as they are consumed (memory grows by
+        a small sort key per action, not by the action); not one snapshot: an action
+        trimmed meanwhile may be left out."""
+        check_flag("pending", pending)
+        self._engine.check_open()
+        return self._saga.iter_actions(pending)
+
     def pending_compensations(self) -> list[Action]:
         """Actions whose compensation is owed: ``pending`` or ``failed``."""
         return self.actions(pending=True)

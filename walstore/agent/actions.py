@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
 from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
@@ -765,37 +765,59 @@ class Saga:
         # the unapplied events' (Views.owed_rows), not every action ever recorded: an
         # open's settle reads this twice (CONTRACT 4.4: recovery's cost is the WAL's)
         rows = eng.views.owed_rows() if pending else eng.views.action_rows()
-        out = [Action.from_row(r) for r in rows.values()]
-        # an action of a prepared transaction reads pending and in flight (not owed): its
-        # row says which gid is in doubt (else a listing showed it "pending" with nothing
-        # more, the words of an owed compensation nobody ran; read only when one is
-        # listed in flight, or by a read-only process while no writer runs)
-        crashed = eng.readonly and not eng.writer_alive()
-        gids = (self._in_doubt() if crashed or (not pending and any(a.in_flight for a in out))
-                else {})  # (``pending`` drops the in-flight ones: an open's settle reads none)
-        for a in out:
-            if a.in_flight and a.txid in gids:
-                a.error = ((a.error or "") + " " + _in_doubt_note(gids[a.txid])).lstrip()
-        if crashed:
-            in_doubt = set(gids)
-            for a in out:
-                if a.in_flight and a.txid not in in_doubt and a.compensate:
-                    a.in_flight = False
-                    a.error = "its transaction did not commit before a crash"
-            origin = getattr(eng, "origin", None)
-            if origin is not None and not origin.get("compensate"):
-                # a copy (backup, restore) not yet opened writable: its first open holds
-                # every debt it inherited (Engine._hold_copied_debts); read-only, they are
-                # shown held already (they read held=False until that open: a script took
-                # them for compensations the next open would run)
-                for a in out:
-                    if a.owed and not a.held and a.txid not in in_doubt:
-                        a.held = True
-                        a.error = ((a.error or "") + " (owed in the source store when it "
-                                   "was copied: never run automatically here)").lstrip()
+        out = list(self._as_seen((Action.from_row(r) for r in rows.values()),
+                                 note_in_doubt=not pending))
         if pending:
             out = [a for a in out if a.owed]
         return sorted(out, key=newest_first)
+
+    def iter_actions(self, pending: bool = False) -> Iterator[Action]:
+        """``actions(pending)`` read as it is consumed: every action in memory that grows
+        by a small sort key per action, not by its row (``Views.action_rows_newest_first``;
+        the owed ones are few and listed as ``actions`` lists them).  Not one snapshot: an
+        action trimmed meanwhile may be left out."""
+        if pending:
+            yield from self.actions(pending=True)
+            return
+        self.engine.refresh()
+        yield from self._as_seen(Action.from_row(r)
+                                 for r in self.engine.views.action_rows_newest_first())
+
+    def _as_seen(self, actions: Iterable[Action], note_in_doubt: bool = True
+                 ) -> Iterator[Action]:
+        """``actions`` as a reader sees them.  An action of a prepared transaction reads
+        pending and in flight (not owed): its error says which gid is in doubt (else a
+        listing showed it "pending" with nothing more, the words of an owed compensation
+        nobody ran); the prepared rows are read once, at the first action in flight
+        (``note_in_doubt`` False: the owed listing, which drops in-flight ones — an open's
+        settle — reads none unless crashed).  From a read-only process while no writer
+        runs (it crashed), the actions of transactions that never ended are owed too
+        (recovery will end them), except prepared (in-doubt) ones; in a copy not yet
+        opened writable, owed ones are held."""
+        eng = self.engine
+        crashed = eng.readonly and not eng.writer_alive()
+        gids = self._in_doubt() if crashed else None
+        origin = getattr(eng, "origin", None) if crashed else None
+        held = origin is not None and not origin.get("compensate")
+        for a in actions:
+            if a.in_flight and (crashed or note_in_doubt):
+                if gids is None:
+                    gids = self._in_doubt()
+                if a.txid in gids:
+                    a.error = ((a.error or "") + " " + _in_doubt_note(gids[a.txid])).lstrip()
+            if crashed:
+                if a.in_flight and a.txid not in gids and a.compensate:
+                    a.in_flight = False
+                    a.error = "its transaction did not commit before a crash"
+                if held and a.owed and not a.held and a.txid not in gids:
+                    # a copy (backup, restore) not yet opened writable: its first open
+                    # holds every debt it inherited (Engine._hold_copied_debts); read-only,
+                    # they are shown held already (they read held=False until that open: a
+                    # script took them for compensations the next open would run)
+                    a.held = True
+                    a.error = ((a.error or "") + " (owed in the source store when it "
+                               "was copied: never run automatically here)").lstrip()
+            yield a
 
     def _in_doubt(self) -> dict:
         """txid -> gid of every prepared (in-doubt) transaction."""

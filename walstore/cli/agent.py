@@ -10,10 +10,10 @@ import click
 import walstore
 
 from . import _engine, main, refused
-from .common import (HANDLERS, JSON, PATH, action_docs, action_table, check_before_recovery,
-                     load_handlers, open_store, owed_header)
-from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, fail, kv_lines,
-                     show_key, show_value, table)
+from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
+                     check_before_recovery, load_handlers, open_store, owed_header)
+from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, emit_json_list, fail,
+                     kv_lines, show_key, show_value, table)
 
 
 # UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
@@ -178,14 +178,24 @@ def _plan_cell(v: Any) -> str:
 @JSON
 def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
     """External side effects: intents, results, compensation state (and why one is owed)."""
+    if pending:  # (the owed ones: few, listed whole)
+        with open_store(path, readonly=True) as store:
+            acts = store.actions(pending=True)
+        if as_json:
+            emit_json({"actions": action_docs(acts, None)})
+        else:
+            action_table(acts, None)
+        if acts:
+            raise SystemExit(EXIT_PROBLEM)
+        return
+    # every action: streamed (a store with 100,000 actions held each, as an Action, its
+    # JSON document and its text: ~6.7 KB an action, 165 MB for 20,000)
     with open_store(path, readonly=True) as store:
-        acts = store.actions(pending=pending)
-    if as_json:
-        emit_json({"actions": action_docs(acts, None)})
-    else:
-        action_table(acts, None)
-    if pending and acts:
-        raise SystemExit(EXIT_PROBLEM)
+        acts = store.iter_actions()
+        if as_json:
+            emit_json_list("actions", (action_doc(a, None) for a in acts))
+        else:
+            action_table(acts, None, stream=True)
 
 
 @main.command()

@@ -9,7 +9,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import click
 
@@ -17,7 +17,7 @@ import walstore
 
 from . import _engine
 from ._engine import never_runs
-from .output import UsageProblem, note_problem, show_cell, table
+from .output import UsageProblem, note_problem, show_cell, stream_table, table
 
 
 class DirPath(click.Path):
@@ -243,7 +243,12 @@ def action_docs(actions: list[walstore.Action], compensators: dict | None) -> li
     """--json rows: the action's fields plus ``reason`` (see :func:`owed_reason`), left as
     data: ``emit_json`` renders the whole document once (rendered twice, a tag such as
     ``{"float": "nan"}`` would read as a one-key map and become ``{"map": ...}``)."""
-    return [dict(a.as_dict(), reason=owed_reason(a, compensators)) for a in actions]
+    return [action_doc(a, compensators) for a in actions]
+
+
+def action_doc(a: walstore.Action, compensators: dict | None) -> dict:
+    """One row of :func:`action_docs` (``emit_json_list`` renders each once)."""
+    return dict(a.as_dict(), reason=owed_reason(a, compensators))
 
 
 def owed_header(owed: list[walstore.Action]) -> str:
@@ -261,12 +266,14 @@ def owed_header(owed: list[walstore.Action]) -> str:
             "`walstore resolve`):")
 
 
-def action_table(actions: list[walstore.Action], compensators: dict | None,
-                 results: bool = True) -> None:
-    rows = []
-    for a in actions:
-        reason = owed_reason(a, compensators)
-        rows.append([a.id, a.txid, a.name, a.compensate or "", a.state]
-                    + ([show_cell(a.result)] if results else []) + [last_error(a, reason)])
-    table(rows, ["ID", "TXID", "NAME", "COMPENSATOR", "STATE"] + (["RESULT"] if results else [])
-          + ["LAST ERROR"])
+def action_table(actions: Iterable[walstore.Action], compensators: dict | None,
+                 results: bool = True, stream: bool = False) -> None:
+    """A table of ``actions``; ``stream``: printed a page at a time as they come
+    (:func:`stream_table`), never held whole."""
+    rows = ([a.id, a.txid, a.name, a.compensate or "", a.state]
+            + ([show_cell(a.result)] if results else [])
+            + [last_error(a, owed_reason(a, compensators))] for a in actions)
+    (stream_table if stream else table)(
+        rows if stream else list(rows),
+        ["ID", "TXID", "NAME", "COMPENSATOR", "STATE"] + (["RESULT"] if results else [])
+        + ["LAST ERROR"])
