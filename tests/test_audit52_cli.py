@@ -245,26 +245,33 @@ def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
     `actions --json` of 3,000 actions stopped at 64 KiB (a pipe's buffer), mid-string,
     exit 130, and no error document followed (one had begun).  SIGINT is held while the
     document is written and taken after it: the document whole, then exit 130.
-    (`actions --json` is streamed since audit 53, as `log --json`: its document is closed
-    with ``"error"``; `diff --json` is written whole.)"""
+    (`actions --json` and `diff --json` are streamed since audit 53, as `log --json`:
+    their document is closed with ``"error"``; `files --json` is written whole.)"""
     path = str(tmp_path / "s")
+    root = tmp_path / "ws"
+    root.mkdir()
     with walstore.open(path, durability="none") as s:
+        ws = s.workspace(str(root))
         with s.transaction() as tx:
+            f = tx.files(ws)
             for i in range(3000):  # (~1.7 MB of JSON)
                 with tx.action("charge", args={"n": i, "pad": "p" * 100}) as a:
                     a.result = {"ok": i}
                 tx.put(f"k{i:05d}", "p" * 100)
-    code, out, err = interrupted_with_a_slow_reader(["actions", path, "--json"], env())
+                if i < 600:
+                    f.write(f"d/file-{i:05d}.txt", "x")
+    for verb, listed in (("actions", "actions"), ("diff", "keys")):
+        extra = ["--from", "lsn:0"] if verb == "diff" else []
+        code, out, err = interrupted_with_a_slow_reader([verb, path, *extra, "--json"], env())
+        assert code == 130, (code, err)
+        doc = strict(out)
+        assert isinstance(doc[listed], list) and "interrupted" in doc["error"], doc
+        assert err.strip() == f"walstore: {verb} interrupted (Ctrl-C)"
+    code, out, err = interrupted_with_a_slow_reader(["files", path, "--json"], env())
     assert code == 130, (code, err)
     doc = strict(out)
-    assert isinstance(doc["actions"], list) and "interrupted" in doc["error"], doc.get("error")
-    assert err.strip() == "walstore: actions interrupted (Ctrl-C)"
-    code, out, err = interrupted_with_a_slow_reader(["diff", path, "--from", "lsn:0",
-                                                     "--json"], env())
-    assert code == 130, (code, err)
-    doc = strict(out)
-    assert len(doc["keys"]) == 3000 and "error" not in doc
-    assert err.strip() == "walstore: diff interrupted (Ctrl-C)"
+    assert len(doc["workspaces"][0]["files"]) == 601 and "error" not in doc
+    assert err.strip() == "walstore: files interrupted (Ctrl-C)"
 
 
 # ---- init inside a store ------------------------------------------------------------------

@@ -212,7 +212,10 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
     [{key, before, after}] and [{path, kind, before, after}] (before/after: None when
     absent), from the transactions committed in between.  ``before`` is the state at
     ``start`` and ``after`` at ``end``, in whichever order the two points come (a later
-    ``start``: what going back to ``end`` would change)."""
+    ``start``: what going back to ``end`` would change).  ``keys`` is an iterator, in key
+    order, whose values are read as it is consumed (only the changed keys' names are
+    held: every key's two values held at once made a diff of 400 values of 100 KB peak at
+    170 MB); consume it while ``store`` is open."""
     from ..agent.filehistory import describe
     from ..agent.history import hide_purged
     from ..codec import decode_key, unpack_value
@@ -244,14 +247,14 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
             break
         keys.update(w[0] for w in hide_purged(row, purges).get("w", []))
         paths.update(fh.changes_of(row["tx"]))
-    key_docs = []
-    for k in sorted(keys):
-        a, b = value(k, first), value(k, second)
-        if a != b:
-            key_docs.append({"key": decode_key(k),
-                             "before": None if a is None else unpack_value(a),
-                             "after": None if b is None else unpack_value(b),
-                             "existed": a is not None, "exists": b is not None})
+    def key_docs() -> Iterator[dict[str, Any]]:
+        for k in sorted(keys):
+            a, b = value(k, first), value(k, second)
+            if a != b:
+                yield {"key": decode_key(k),
+                       "before": None if a is None else unpack_value(a),
+                       "after": None if b is None else unpack_value(b),
+                       "existed": a is not None, "exists": b is not None}
     file_docs = []
     for root, rel in sorted(paths):
         a, b = fh.entry_at(root, rel, first), fh.entry_at(root, rel, second)
@@ -260,4 +263,4 @@ def changes_between(store: Store, start: Any, end: Any) -> dict[str, Any]:
         file_docs.append({"path": os.fsdecode(root + b"/" + rel),
                           "kind": Change.of(rel, a, b).kind,
                           "before": describe(a), "after": describe(b)})
-    return {"from_lsn": first, "to_lsn": second, "keys": key_docs, "files": file_docs}
+    return {"from_lsn": first, "to_lsn": second, "keys": key_docs(), "files": file_docs}

@@ -3,14 +3,15 @@ workspace, their state at a point and their versions) and ``walstore diff`` (key
 files changed between two points).  Both open the store read-only."""
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import click
 
 from . import _engine, main
 from .common import JSON, PATH, open_store
-from .output import (POINT, UsageProblem, emit_json, jsonable, one_line, point_text, show_cell,
-                     show_key, table)
+from .output import (POINT, UsageProblem, emit_json, emit_json_list, jsonable, one_line,
+                     point_text, show_cell, show_key, stream_table, table)
 
 
 def _entry_text(e: dict | None) -> str:
@@ -70,16 +71,21 @@ def diff_cmd(path: str, start: Any, end: Any, as_json: bool) -> None:
     """Keys and files whose state differs between two points."""
     with open_store(path, readonly=True) as store:
         doc = _engine.changes_between(store, start, end)
-    if as_json:
-        emit_json(doc)
-        return
-    click.echo(f"between LSN {doc['from_lsn']} and LSN {doc['to_lsn']}:")
-    if doc["keys"]:
-        table([[show_key(k["key"]), show_cell(k["before"]) if k["existed"] else "(absent)",
-                show_cell(k["after"]) if k["exists"] else "(absent)"] for k in doc["keys"]],
-              ["KEY", "BEFORE", "AFTER"])
-    else:
-        click.echo("no key changed")
+        # the changed keys streamed with their values, one at a time (held whole, a diff
+        # of many large values took their size several times over)
+        if as_json:
+            emit_json_list("keys", doc["keys"], head={"from_lsn": doc["from_lsn"],
+                                                      "to_lsn": doc["to_lsn"]},
+                           tail=lambda: {"files": doc["files"]})
+            return
+        click.echo(f"between LSN {doc['from_lsn']} and LSN {doc['to_lsn']}:")
+        rows = ([show_key(k["key"]), show_cell(k["before"]) if k["existed"] else "(absent)",
+                 show_cell(k["after"]) if k["exists"] else "(absent)"] for k in doc["keys"])
+        first = next(rows, None)
+        if first is not None:
+            stream_table(itertools.chain([first], rows), ["KEY", "BEFORE", "AFTER"])
+        else:
+            click.echo("no key changed")
     if doc["files"]:
         table([[f["kind"], f["path"], _entry_text(f["before"]), _entry_text(f["after"])]
                for f in doc["files"]], ["CHANGE", "PATH", "BEFORE", "AFTER"])
