@@ -245,8 +245,9 @@ def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
     `actions --json` of 3,000 actions stopped at 64 KiB (a pipe's buffer), mid-string,
     exit 130, and no error document followed (one had begun).  SIGINT is held while the
     document is written and taken after it: the document whole, then exit 130.
-    (`actions --json` and `diff --json` are streamed since audit 53, as `log --json`:
-    their document is closed with ``"error"``; `files --json` is written whole.)"""
+    (`actions --json`, `diff --json` and `files --json` are streamed since audit 53, as
+    `log --json`: their document is closed with ``"error"``, at any depth; `actions
+    --pending --json` is written whole.)"""
     path = str(tmp_path / "s")
     root = tmp_path / "ws"
     root.mkdir()
@@ -260,18 +261,27 @@ def test_a_json_document_written_whole_is_never_cut_by_ctrl_c(tmp_path):
                 tx.put(f"k{i:05d}", "p" * 100)
                 if i < 600:
                     f.write(f"d/file-{i:05d}.txt", "x")
-    for verb, listed in (("actions", "actions"), ("diff", "keys")):
+        tx = s.transaction()
+        for i in range(3000):  # (owed: rolled back, no compensator registered)
+            with tx.action("charge", args={"n": i, "pad": "p" * 100}, compensate="refund"):
+                pass
+        try:
+            tx.rollback()
+        except walstore.CompensationFailed:
+            pass
+    for verb, listed in (("actions", "actions"), ("diff", "keys"), ("files", "workspaces")):
         extra = ["--from", "lsn:0"] if verb == "diff" else []
         code, out, err = interrupted_with_a_slow_reader([verb, path, *extra, "--json"], env())
         assert code == 130, (code, err)
         doc = strict(out)
         assert isinstance(doc[listed], list) and "interrupted" in doc["error"], doc
         assert err.strip() == f"walstore: {verb} interrupted (Ctrl-C)"
-    code, out, err = interrupted_with_a_slow_reader(["files", path, "--json"], env())
+    code, out, err = interrupted_with_a_slow_reader(["actions", path, "--pending", "--json"],
+                                                    env())
     assert code == 130, (code, err)
     doc = strict(out)
-    assert len(doc["workspaces"][0]["files"]) == 601 and "error" not in doc
-    assert err.strip() == "walstore: files interrupted (Ctrl-C)"
+    assert len(doc["actions"]) == 3000 and "error" not in doc
+    assert err.strip() == "walstore: actions interrupted (Ctrl-C)"
 
 
 # ---- init inside a store ------------------------------------------------------------------

@@ -71,6 +71,7 @@ _PEAK = """\
 import sys, tracemalloc
 tracemalloc.start()
 from walstore.cli import main
+tracemalloc.reset_peak()  # (the command's own peak, not the imports')
 try:
     main(sys.argv[1:])
 except SystemExit:
@@ -178,3 +179,39 @@ def test_walstore_diff_holds_one_changed_value_at_a_time_not_all(tmp_path):
     assert list(doc) == ["from_lsn", "to_lsn", "keys", "files"] and doc["files"] == []
     assert len(doc["keys"]) == 200 and doc["keys"][0]["after"] == "v" * 100_000
     assert [k["key"] for k in doc["keys"]] == sorted(k["key"] for k in doc["keys"])
+
+
+# ---- walstore files: workspaces, paths and versions streamed --------------------------
+def test_walstore_files_lists_any_number_of_versions_in_memory_that_does_not_hold_them(
+        tmp_path):
+    path, root = str(tmp_path / "s"), tmp_path / "ws"
+    root.mkdir()
+    peaks = {}
+    with walstore.open(path, durability="none") as store:
+        ws = store.workspace(str(root))
+        done = 0
+        for n in (400, 1600):
+            for j in range(done // 10, n // 10):
+                with store.transaction() as tx:
+                    f = tx.files(ws)
+                    for i in range(10):
+                        f.write(f"f{i:02d}.txt", f"c{j}")
+            done = n
+            peaks[n] = {flag: _cli_peak(["files", path, *flag.split()])
+                        for flag in ("--json", "")}
+    for flag in ("--json", ""):
+        grew = peaks[1600][flag] - peaks[400][flag]
+        # every version's document held (~4 KB each under --json: 1,200 more versions
+        # grew the peak by ~5 MB); now one at a time
+        assert grew < 1024 * 1024, (flag, peaks)
+    r = subprocess.run([sys.executable, "-m", "walstore", "files", path, "--json"],
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    doc = json.loads(r.stdout)
+    (w,) = doc["workspaces"]
+    assert doc["at"] is None and w["root"] == str(root) and len(w["files"]) == 10
+    assert [len(f["versions"]) for f in w["files"]] == [160] * 10
+    assert w["files"][0]["versions"][0]["txid"] > w["files"][0]["versions"][1]["txid"]
+    r = subprocess.run([sys.executable, "-m", "walstore", "files", path], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.splitlines()[2].split()[-2:] == ["160", str(
+        w["files"][0]["versions"][0]["txid"])]

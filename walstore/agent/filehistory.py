@@ -61,18 +61,21 @@ class FileHistory:
     # ---- one path -------------------------------------------------------------------
     def versions(self, ws_root: bytes, path: bytes) -> list[FileVersion]:
         """Every retained version of a path, newest first."""
+        return list(self.iter_versions(ws_root, path))
+
+    def iter_versions(self, ws_root: bytes, path: bytes) -> Iterator[FileVersion]:
+        """``versions``, read as they are consumed (``walstore files``: a path with any
+        number of versions in bounded memory)."""
         if not self._ready():
-            return []
+            return
         st = self._st
         prefix = tables.fpath_prefix(ws_root, path)
-        out = []
         for raw, v in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="fversions"):
             if not tables.is_fversion_of(raw, prefix):
                 continue
             txid, before, after = tables.unpack_row(v, "fversions", raw, st.data_file)
-            out.append(FileVersion(txid, LSN(tables.split_fversion_key(raw)[2]),
-                                   Entry.from_row(before), Entry.from_row(after)))
-        return out
+            yield FileVersion(txid, LSN(tables.split_fversion_key(raw)[2]),
+                              Entry.from_row(before), Entry.from_row(after))
 
     def version(self, ws_root: bytes, path: bytes, lsn: int) -> FileVersion | None:
         key = tables.fversion_key(ws_root, path, lsn)

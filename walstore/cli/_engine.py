@@ -182,28 +182,34 @@ def _boundary(store: Store, point: Any) -> int:
 def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[str, Any]]:
     """Per workspace (or the one named): its registration and every path walstore changed
     (retained), with its state at ``point`` (None: now, per the log) and its versions up
-    to then.  ValueError for a directory that is not a registered workspace."""
+    to then.  ValueError for a directory that is not a registered workspace.  A
+    workspace's ``files``, and a path's ``versions``, are iterators read as they are
+    consumed (held whole, 2,000 versions took 9 MB and any number could be asked for):
+    consume them in order while ``store`` is open."""
     from ..agent.filehistory import describe
     files, fh = store._files, store._history.file_history
     boundary = _boundary(store, point)
     roots = sorted(files.rows())
     if workspace is not None:
         roots = [files.resolve_ws(workspace, register=False, gone_ok=True).root_b]
+
+    def versions(root: bytes, rel: bytes) -> Iterator[dict[str, Any]]:
+        for v in fh.iter_versions(root, rel):
+            if v.lsn <= boundary:
+                yield {"txid": v.txid, "lsn": int(v.lsn), "before": describe(v.before),
+                       "after": describe(v.after)}
+
+    def paths(root: bytes) -> Iterator[dict[str, Any]]:
+        for rel in fh.tracked(root):
+            yield {"path": os.fsdecode(rel), "entry": describe(fh.entry_at(root, rel, boundary)),
+                   "versions": versions(root, rel)}
     out = []
     for root in roots:
         ws = files.registered(root, gone_ok=True)  # (its root may be gone: a copy's)
         store._history.check_file_history(ws)  # (read-only: the log's tail not applied yet)
-        paths = []
-        for rel in fh.tracked(root):
-            versions = [v for v in fh.versions(root, rel) if v.lsn <= boundary]
-            entry = fh.entry_at(root, rel, boundary)
-            paths.append({"path": os.fsdecode(rel), "entry": describe(entry),
-                          "versions": [{"txid": v.txid, "lsn": int(v.lsn),
-                                        "before": describe(v.before),
-                                        "after": describe(v.after)} for v in versions]})
         out.append({"root": ws.root, "scope": ws.scope,
                     "ignore": [os.fsdecode(x) for x in ws.ignore.sources],
-                    "files": paths})
+                    "files": paths(root)})
     return out
 
 

@@ -10,7 +10,7 @@ import click
 
 from . import _engine, main
 from .common import JSON, PATH, open_store
-from .output import (POINT, UsageProblem, emit_json, emit_json_list, jsonable, one_line,
+from .output import (POINT, JsonStream, UsageProblem, emit_json_list, jsonable, one_line,
                      point_text, show_cell, show_key, stream_table, table)
 
 
@@ -40,25 +40,42 @@ def files_cmd(path: str, workspace: str | None, at: Any, as_json: bool) -> None:
             docs = _engine.tracked_files(store, workspace, at)
         except ValueError as e:  # --workspace names no registered workspace
             raise UsageProblem(str(e)) from None
-    if as_json:
-        emit_json({"at": None if at is None else jsonable(point_text(at)),
-                   "workspaces": docs})
-        return
-    if not docs:
-        click.echo("no registered workspace")
-    for w in docs:
-        extra = [f"scope {show_key(w['scope'])}" if w["scope"] is not None else "",
-                 f"ignore {', '.join(w['ignore'])}" if w["ignore"] else ""]
-        extra = [x for x in extra if x]
-        click.echo(one_line(f"workspace {w['root']}"
-                            + (f" ({'; '.join(extra)})" if extra else "")))
-        rows = [[f["path"] or ".", _entry_text(f["entry"]), len(f["versions"]),
-                 f["versions"][0]["txid"] if f["versions"] else ""] for f in w["files"]]
-        if rows:
-            table(rows, ["PATH", "STATE" + (" AT POINT" if at is not None else ""),
-                         "VERSIONS", "LAST TXID"])
-        else:
-            click.echo("  (no file changed through walstore)")
+        # streamed: workspaces, their paths and each path's versions as they are read
+        # (held whole, a workspace's document took ~4 KB a version)
+        if as_json:
+            emit_json_list("workspaces", (
+                JsonStream({k: w[k] for k in ("root", "scope", "ignore")}, "files", (
+                    JsonStream({"path": f["path"], "entry": f["entry"]}, "versions",
+                               f["versions"]) for f in w["files"])) for w in docs),
+                head={"at": None if at is None else jsonable(point_text(at))})
+            return
+        if not docs:
+            click.echo("no registered workspace")
+        for w in docs:
+            extra = [f"scope {show_key(w['scope'])}" if w["scope"] is not None else "",
+                     f"ignore {', '.join(w['ignore'])}" if w["ignore"] else ""]
+            extra = [x for x in extra if x]
+            click.echo(one_line(f"workspace {w['root']}"
+                                + (f" ({'; '.join(extra)})" if extra else "")))
+            rows = (_path_row(f) for f in w["files"])
+            first = next(rows, None)
+            if first is not None:
+                stream_table(itertools.chain([first], rows),
+                             ["PATH", "STATE" + (" AT POINT" if at is not None else ""),
+                              "VERSIONS", "LAST TXID"])
+            else:
+                click.echo("  (no file changed through walstore)")
+
+
+def _path_row(f: dict) -> list:
+    """A ``files`` table row: the path, its state, how many versions, the newest's txid
+    (the versions counted as they are read, not held)."""
+    count, last = 0, ""
+    for v in f["versions"]:
+        if not count:
+            last = v["txid"]
+        count += 1
+    return [f["path"] or ".", _entry_text(f["entry"]), count, last]
 
 
 @main.command("diff")

@@ -1,6 +1,7 @@
 """What the command line prints and how it reads what the user types.
 
-Owns: strict RFC 8259 JSON rendering (:func:`jsonable`, :func:`emit_json`), aligned tables
+Owns: strict RFC 8259 JSON rendering (:func:`jsonable`, :func:`emit_json`; streamed:
+:func:`emit_json_list`, nested with :class:`JsonStream`), aligned tables
 and key/value lines, times (:func:`show_time`), progress on stderr, the one-line failure
 (:func:`fail`, :class:`Failure`, :class:`UsageProblem`), and the command-line syntax of keys
 and points (:func:`parse_key` / :func:`show_key`, :func:`parse_point`) with their click
@@ -50,7 +51,7 @@ import re
 import signal
 import sys
 import threading
-from typing import Any, Callable, Iterable, NoReturn
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import click
 
@@ -232,6 +233,34 @@ def emit_json_error(command: str, message: str, code: int, kind: str | None) -> 
                          "type": kind}})
 
 
+class JsonStream:
+    """An item of :func:`emit_json_list` that is itself streamed: the object
+    ``{**head, name: [items...]}``, each of ``items`` an item or a JsonStream again (a
+    listing nested in a listing: ``files``' workspaces, their paths, their versions)."""
+
+    __slots__ = ("head", "name", "items")
+
+    def __init__(self, head: dict, name: str, items: Iterable[Any]) -> None:
+        self.head, self.name, self.items = head, name, items
+
+
+def _json_pieces(item: Any, prefix: str, depth: int) -> Iterator[tuple[str, int]]:
+    """``item``'s text in pieces, each whole JSON tokens (``prefix``, the separator before
+    it, joined to its first piece: never a separator without what follows it), with how
+    many JsonStreams each opens (1) or closes (-1)."""
+    if not isinstance(item, JsonStream):
+        yield prefix + json_text(jsonable(item)), 0
+        return
+    yield (prefix + "{" + "".join(f"{json_text(k)}: {json_text(jsonable(v))}, "
+                                  for k, v in item.head.items())
+           + f"{json_text(item.name)}: [", 1)
+    sep = "\n" + "  " * (depth + 1)
+    for sub in item.items:
+        yield from _json_pieces(sub, sep, depth + 1)
+        sep = ",\n" + "  " * (depth + 1)
+    yield "]}", -1
+
+
 def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
                    tail: Callable[[], dict] | None = None) -> None:
     """Print ``{**head, name: [items...], **tail()}`` as one JSON document, streaming the
@@ -258,14 +287,19 @@ def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
         return
     sep = "\n  "
     item = first
+    closers: list[str] = []  # (what closes the JsonStreams an item left open)
     try:
         with sigint_held():  # (a Ctrl-C taken as this ends: the document is closed below)
             _json_started = True
             click.echo(opening, nl=False)
         while True:
-            text = sep + json_text(jsonable(item))
-            with sigint_held():  # (an item whole or not at all)
-                click.echo(text, nl=False)
+            for text, opens in _json_pieces(item, sep, 1):
+                with sigint_held():  # (an item, or a piece of a streamed one, whole or not
+                    click.echo(text, nl=False)  # at all, and ``closers`` kept with it)
+                    if opens > 0:
+                        closers.append("]}")
+                    elif opens < 0:
+                        closers.pop()
             sep = ",\n  "
             item = next(it)
     except StopIteration:
@@ -276,7 +310,8 @@ def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
         why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
                else f"{type(e).__name__}: {e}")
         with sigint_held():
-            click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
+            click.echo("".join(reversed(closers))
+                       + f"\n], {json_text('error')}: {json_text(why)}}}")
         raise
     try:
         end = closing()
