@@ -47,8 +47,13 @@ def test_an_interrupt_inside_the_lmdb_swap_leaves_the_store_readable(tmp_path, m
                 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, right after this rename
 
         monkeypatch.setattr(fileio._backend, "rename", rename)
-        with pytest.raises(KeyboardInterrupt):
-            s.purge("conv/")
+        # (Python's own Ctrl-C handler: a pytest-xdist worker ignores SIGINT)
+        old = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                s.purge("conv/")
+        finally:
+            signal.signal(signal.SIGINT, old)
         monkeypatch.undo()
         assert fired
         # the store reads on, and the swap finished: the purge stands, its bytes are gone

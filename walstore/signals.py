@@ -13,7 +13,11 @@ stay pending in the kernel) and lets them in when it ends, where their handlers 
 the interrupt arrives just after the section instead of inside it.  Only the main thread
 runs handlers, so only there is anything done (two system calls); nested sections cost
 nothing more.  Signals a program raises itself for faults (SIGSEGV, SIGBUS, SIGFPE,
-SIGILL, SIGABRT, SIGTRAP, SIGSYS) are never blocked.
+SIGILL, SIGABRT, SIGTRAP, SIGSYS) are never blocked.  The mask is the main thread's: a
+signal it blocks goes to another thread if one runs that does not block it, and CPython
+then runs the main thread's handler anyway — so while such threads run
+(``_other_threads``) the section also puts a stand-in in place of the Python handlers,
+which notes the signal, and raises it again at the section's end.
 
 The same exception can land between a lock's acquisition and the ``with`` block that
 would release it, when the lock is taken through a Python ``__enter__``: a
@@ -40,6 +44,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 _SYNCHRONOUS = {getattr(signal, n) for n in ("SIGKILL", "SIGSTOP", "SIGSEGV", "SIGBUS",
                                               "SIGFPE", "SIGILL", "SIGABRT", "SIGTRAP",
@@ -52,7 +57,10 @@ _MAIN = [threading.main_thread().ident]  # the thread that runs signal handlers 
 
 def _forked() -> None:
     _MAIN[0] = threading.main_thread().ident  # (the child's: the thread that forked)
-    _DEFERRED.depth, _DEFERRED.old = 0, None
+    _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []
+    _OWN[0] = 0  # (the forking thread alone goes on in the child)
+    _TASKS[0] = -1.0
+    _HELD.clear()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -139,15 +147,82 @@ def _check_signals():
 _CHECK_SIGNALS = _check_signals() if _LIBC is not None else None
 
 
+# walstore's own threads running with the asynchronous signals blocked (start_thread)
+_OWN = [0]
+_OWN_LOCK = threading.Lock()
+_HELD: list[int] = []  # signals a section's stand-in handler took (see _hold_handlers)
+
+
+def _other_threads() -> bool:
+    """Does a thread run that may take a process-directed signal: one not started by
+    ``start_thread`` (the program's, a library's pool, walstore's shipper)?  The kernel
+    gives a signal the main thread blocks to such a thread, and CPython then runs the
+    main thread's handler at its next bytecode anyway — inside the section: the mask
+    alone held nothing off (seen under pytest-xdist, whose worker runs I/O threads: a
+    Ctrl-C inside a purge's LMDB swap left the store unreadable).  Counted from
+    ``threading``'s tables and from the kernel's (``/proc/self/task``, read at most every
+    0.1 s: threads started by ``_thread`` or C code, as execnet's, are in no table)."""
+    known = len(threading._active) + len(threading._limbo)  # type: ignore[attr-defined]
+    if known == _TASKS[2] and _OWN[0] == _TASKS[3] and time.monotonic() < _TASKS[0]:
+        return _TASKS[1]  # (as at the last count: the commit path pays ~0.1 µs)
+    answer = max(_os_threads(), known) > 1 + _OWN[0]
+    _TASKS[1:] = [answer, known, _OWN[0]]
+    return answer
+
+
+# the last count: (monotonic time it holds until, its answer, threading's tables then,
+# walstore's own threads then)
+_TASKS: list = [-1.0, False, -1, -1]
+
+
+def _os_threads() -> int:
+    """The process's threads, from the kernel (read at most every 0.1 s)."""
+    _TASKS[0] = time.monotonic() + 0.1
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1  # (no /proc: threading's tables alone)
+
+
+def _stand_in(signum: int, frame) -> None:
+    _HELD.append(signum)
+
+
+def _hold_handlers() -> list:
+    """With other threads running: the Python handlers of the signals programs install
+    handlers for, replaced by a stand-in that notes the signal (the originals come back
+    at the section's end and the noted signals are raised again then).  Costs two
+    ``signal.signal`` calls per handler (~6 µs), paid only when such threads run."""
+    saved = []
+    for sig in _FEW:
+        handler = signal.getsignal(sig)
+        if callable(handler) and handler is not _stand_in:
+            signal.signal(sig, _stand_in)
+            saved.append((sig, handler))
+    return saved
+
+
+def _give_back_handlers(saved: list) -> None:
+    """The section ended: the original handlers back, then each signal the stand-in took
+    raised again in this thread (its handler runs at once, just after the section)."""
+    for sig, handler in saved:
+        signal.signal(sig, handler)
+    held = list(_HELD)
+    _HELD.clear()
+    for sig in held:
+        signal.raise_signal(sig)
+
+
 class _Deferred:
     """The context manager ``deferred()`` returns (one object, reentrant per thread:
     only the main thread's outermost section does anything)."""
 
-    __slots__ = ("depth", "old")
+    __slots__ = ("depth", "old", "saved")
 
     def __init__(self) -> None:
         self.depth = 0
         self.old = None
+        self.saved: list = []
 
     def __enter__(self) -> None:
         if _ident() != _MAIN[0]:
@@ -165,14 +240,29 @@ class _Deferred:
                 self.depth = 0
                 _restore_after_failure(old)
                 raise
+        if _other_threads():
+            try:
+                self.saved = _hold_handlers()
+            except BaseException:  # (a handler raised between two swaps: undo, unwind)
+                saved, self.saved = self.saved, []
+                self._end(saved)
+                raise
 
     def __exit__(self, *exc) -> None:
         if not self.depth or _ident() != _MAIN[0]:
             return
         self.depth -= 1
-        if not self.depth and self.old is not None:
+        if not self.depth:
+            saved, self.saved = self.saved, []
+            self._end(saved)
+
+    def _end(self, saved: list) -> None:
+        self.depth = 0
+        if self.old is not None:
             old, self.old = self.old, None
             _restore(old)  # (pending ones run after this)
+        if saved or _HELD:
+            _give_back_handlers(saved)
 
 
 _DEFERRED = _Deferred()
@@ -228,6 +318,18 @@ def start_thread(thread: threading.Thread) -> None:
     if not _CAN_BLOCK:
         thread.start()
         return
+    run = thread.run
+
+    def counted_run() -> None:  # (counted while it runs: see _other_threads)
+        with _OWN_LOCK:
+            _OWN[0] += 1
+        try:
+            run()
+        finally:
+            with _OWN_LOCK:
+                _OWN[0] -= 1
+
+    thread.run = counted_run  # type: ignore[method-assign]
     old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNCHRONOUS)  # (rare: the stdlib call)
     try:
         thread.start()
