@@ -19,17 +19,17 @@ import walstore
 from walstore.codec import encode_key
 
 
-def _scan_with_a_step_at_collection(s, n: int) -> tuple[bool, list]:
-    """Scan a 40-key write set while, at the n-th collection inside the write-set pass,
-    another thread's step takes a key out; (whether the step ran, the keys scanned)."""
-    tx = s.transaction()
-    for i in range(40):
-        tx.put(f"r/{i:03}", i)
+def _step_at_collection(tx, n: int, inside: set, work):
+    """``work()`` while, at the n-th collection inside a frame named in ``inside`` (within
+    the 3 frames below the collection), another thread's step takes key r/039 out of
+    ``tx``'s write set; (whether the step ran, what ``work`` returned)."""
     victim = encode_key("r/039")
     fired, seen = [], []
 
     def other_thread(phase, info):
-        if phase != "start" or fired or sys._getframe(1).f_code.co_name != "_writes_in":
+        if phase != "start" or fired:
+            return
+        if not inside & {sys._getframe(d).f_code.co_name for d in range(1, 4)}:
             return
         seen.append(phase)
         if len(seen) == n and victim in tx._writes:
@@ -41,12 +41,24 @@ def _scan_with_a_step_at_collection(s, n: int) -> tuple[bool, list]:
     gc.callbacks.append(other_thread)
     gc.set_threshold(1, 1, 1)
     try:
-        keys = [k for k, _v in tx.scan(prefix="r/")]
+        out = work()
     finally:
         gc.set_threshold(*threshold)
         gc.callbacks.remove(other_thread)
+    return bool(fired), out
+
+
+def _scan_with_a_step_at_collection(s, n: int) -> tuple[bool, list]:
+    """Scan a 40-key write set while, at the n-th collection inside the write-set pass,
+    another thread's step takes a key out; (whether the step ran, the keys scanned)."""
+    tx = s.transaction()
+    for i in range(40):
+        tx.put(f"r/{i:03}", i)
+    try:
+        return _step_at_collection(tx, n, {"_writes_in"},
+                                   lambda: [k for k, _v in tx.scan(prefix="r/")])
+    finally:
         tx.rollback()
-    return bool(fired), keys
 
 
 def test_a_write_set_changed_during_a_collection_mid_scan_is_no_foreign_error(tmp_path):
@@ -72,29 +84,8 @@ def test_a_write_set_changed_mid_count_of_its_size_is_no_foreign_error(tmp_path)
             for i in range(40):
                 tx.put(f"r/{i:03}", "v" * 50)
             tx._write_trigger = 1000  # (the count's trigger, as a 480 MiB write set's)
-            victim = encode_key("r/039")
-            fired, seen = [], []
-
-            def other_thread(phase, info, n=n, tx=tx, fired=fired, seen=seen, victim=victim):
-                if phase != "start" or fired:
-                    return
-                names = {sys._getframe(d).f_code.co_name for d in range(1, 4)}
-                if "_count_exactly" not in names and "<genexpr>" not in names:
-                    return
-                seen.append(phase)
-                if len(seen) == n and victim in tx._writes:
-                    fired.append(True)
-                    tx._writes.pop(victim, None)
-
-            threshold = gc.get_threshold()
-            gc.collect()
-            gc.callbacks.append(other_thread)
-            gc.set_threshold(1, 1, 1)
-            try:
-                tx.put("r/new", "x")  # (before: RuntimeError, dictionary changed size)
-            finally:
-                gc.set_threshold(*threshold)
-                gc.callbacks.remove(other_thread)
+            fired, _ = _step_at_collection(  # (before: RuntimeError, dictionary changed size)
+                tx, n, {"_count_exactly", "<genexpr>"}, lambda: tx.put("r/new", "x"))
             ran += bool(fired)
             assert tx.get("r/new") == "x"
             tx.rollback()

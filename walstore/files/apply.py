@@ -1068,21 +1068,11 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
 
 
 def _make_aside_dirs(path: bytes) -> None:
-    """``fsops.make_dirs(path)``, each directory it creates fsynced into its parent (as
-    ``fileio.make_dir`` does for the store's own): the FILE_CONFLICT record naming a copy
-    is durable, and a power loss dropped ``quarantine/files/tx<N>/`` and the copy with
-    it (only the copy's own directory was fsynced)."""
-    missing = []
-    cur = path
-    while not os.path.isdir(cur):
-        missing.append(cur)
-        up = os.path.dirname(cur)
-        if up == cur:
-            break
-        cur = up
-    fsops.make_dirs(path)
-    for made in reversed(missing):
-        fileio.fsync_dir(_s(os.path.dirname(made)))
+    """The directories of a conflict's copy, each fsynced into its parent: the
+    FILE_CONFLICT record naming the copy is durable, and a power loss dropped
+    ``quarantine/files/tx<N>/`` and the copy with it (only the copy's own directory was
+    fsynced)."""
+    fsops.make_dirs(path, durable=True)
 
 
 # ---- crash leftovers --------------------------------------------------------------------

@@ -84,9 +84,10 @@ def fchmod(fd: int, mode: int) -> None:
     (fn or os.fchmod)(fd, mode)
 
 
-def make_dirs(path: str | bytes, mode: int = fileio.DIR_MODE) -> None:
+def make_dirs(path: str | bytes, mode: int = fileio.DIR_MODE, durable: bool = False) -> None:
     """``fileio.make_dir`` through the seam: every missing component created (0700 for
-    walstore's own directories), an existing directory kept."""
+    walstore's own directories), an existing directory kept.  ``durable``: each one
+    created is fsynced into its parent (a durable record naming a file in it)."""
     path = os.fsdecode(path)
     missing = []
     cur = path
@@ -104,3 +105,5 @@ def make_dirs(path: str | bytes, mode: int = fileio.DIR_MODE) -> None:
                 raise
             continue
         chmod(p, mode)
+        if durable:
+            fileio.fsync_dir(os.path.dirname(p))
