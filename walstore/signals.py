@@ -204,13 +204,23 @@ def _hold_handlers() -> list:
 
 def _give_back_handlers(saved: list) -> None:
     """The section ended: the original handlers back, then each signal the stand-in took
-    raised again in this thread (its handler runs at once, just after the section)."""
-    for sig, handler in saved:
-        signal.signal(sig, handler)
-    held = list(_HELD)
-    _HELD.clear()
-    for sig in held:
-        signal.raise_signal(sig)
+    raised again in this thread (its handler runs at once, just after the section).  A
+    handler that raises (a Ctrl-C's KeyboardInterrupt: one taken in the section, or one
+    landing here, the handlers being back) stops neither: every handler still comes back
+    and every signal taken still reaches its handler, then the last exception is raised
+    (a SIGTERM taken with a Ctrl-C was dropped, and a stand-in left in place for good)."""
+    raised = None
+    while saved or _HELD:
+        try:
+            while saved:
+                signal.signal(*saved[-1])
+                saved.pop()
+            while _HELD:
+                signal.raise_signal(_HELD.pop(0))
+        except BaseException as e:  # noqa: B036 (a handler's: raised once all is given back)
+            raised = e
+    if raised is not None:
+        raise raised
 
 
 class _Deferred:

@@ -1,0 +1,116 @@
+"""Audit 53, concurrency: threads and processes, and interrupts landing while other
+threads run (``signals.deferred()`` standing in for the Python handlers)."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from walstore import signals
+
+
+def _with_another_thread(fn):
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, args=(10,), daemon=True)
+    t.start()
+    try:
+        time.sleep(0.01)
+        return fn()
+    finally:
+        stop.set()
+        t.join(5)
+
+
+def test_every_signal_a_section_held_reaches_its_handler_when_the_first_raises():
+    """A Ctrl-C and a SIGUSR1 (the program's handler) both land inside one section while
+    another thread runs: the stand-in takes both, and the section's end raised them again
+    one by one — the Ctrl-C's KeyboardInterrupt stopped that loop, and the SIGUSR1 had
+    already been taken off the list: its handler never ran (a program's SIGTERM handler
+    would have missed its shutdown the same way)."""
+    ran = []
+    mine = lambda signum, frame: ran.append(signum)  # noqa: E731
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_usr = signal.signal(signal.SIGUSR1, mine)
+
+    def once():
+        seen = []
+        try:
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGUSR1)
+                for _ in range(200_000):  # (bytecodes: the stand-in runs among them)
+                    pass
+                time.sleep(0.05)
+                seen.append("section ended")
+        except KeyboardInterrupt:
+            seen.append("interrupt")
+        for _ in range(20):  # (a handler still pending runs at a bytecode here)
+            if ran:
+                break
+            time.sleep(0.01)
+        return seen
+
+    try:
+        for _ in range(3):
+            ran.clear()
+            assert _with_another_thread(once) == ["section ended", "interrupt"]
+            assert ran == [signal.SIGUSR1]
+            assert signal.getsignal(signal.SIGUSR1) is mine
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGUSR1, old_usr)
+
+
+def test_a_ctrl_c_landing_as_the_handlers_come_back_leaves_none_replaced(monkeypatch):
+    """A Ctrl-C landing at a section's end just after the first handler came back (the
+    program's SIGINT handler, with another thread running: SIGINT's back, SIGUSR1's not
+    yet) raised there and left the stand-in in place of the program's SIGUSR1 handler for
+    good: its signals were noted, never delivered.  The landing is placed by a wrapper
+    around ``signal.signal`` as the section's end calls it."""
+    got = []
+    mine = lambda signum, frame: got.append(signum)  # noqa: E731
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_usr = signal.signal(signal.SIGUSR1, mine)
+    landing = []
+
+    class Signal:
+        def __getattr__(self, name):
+            return getattr(signal, name)
+
+        def signal(self, sig, handler):
+            old = signal.signal(sig, handler)
+            if landing and handler is not signals._stand_in:
+                landing.clear()  # (once: the first handler given back)
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(200_000):  # (a handler runs among these bytecodes)
+                    pass
+                time.sleep(0.05)
+            return old
+
+    monkeypatch.setattr(signals, "signal", Signal())
+
+    def once():
+        seen = []
+        try:
+            with signals.deferred():
+                landing.append(1)
+            seen.append("section ended")
+        except KeyboardInterrupt:
+            seen.append("interrupt")
+        return seen
+
+    try:
+        assert _with_another_thread(once) == ["interrupt"]
+        assert signal.getsignal(signal.SIGUSR1) is mine
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        os.kill(os.getpid(), signal.SIGUSR1)
+        for _ in range(50):
+            if got:
+                break
+            time.sleep(0.01)
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGUSR1, old_usr)
