@@ -114,3 +114,56 @@ def test_a_ctrl_c_landing_as_the_handlers_come_back_leaves_none_replaced(monkeyp
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGUSR1, old_usr)
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def test_a_handler_raising_as_a_section_puts_its_stand_in_in_place_leaves_none_replaced(
+        monkeypatch):
+    """A section's start with another thread running swaps the handlers one by one; a
+    program's SIGTERM handler raising between two swaps (SIGINT's done, SIGTERM's not
+    yet) unwound the section without the list of what it had swapped, so the stand-in
+    stayed in place of the SIGINT handler for good: every later Ctrl-C was noted, never
+    delivered.  The SIGTERM is placed by a wrapper around ``signal.signal``."""
+    def shutdown(signum, frame):
+        raise _Shutdown
+
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_term = signal.signal(signal.SIGTERM, shutdown)
+    landing = [1]
+
+    class Signal:
+        def __getattr__(self, name):
+            return getattr(signal, name)
+
+        def signal(self, sig, handler):
+            old = signal.signal(sig, handler)
+            if landing and handler is signals._stand_in and sig == signal.SIGINT:
+                landing.clear()
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(200_000):  # (the handler runs among these bytecodes)
+                    pass
+                time.sleep(0.05)
+            return old
+
+    monkeypatch.setattr(signals, "signal", Signal())
+
+    def once():
+        seen = []
+        try:
+            with signals.deferred():
+                seen.append("section ran")
+        except _Shutdown:
+            seen.append("shutdown")
+        return seen
+
+    try:
+        assert _with_another_thread(once) == ["shutdown"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is shutdown
+        assert signals._DEFERRED.depth == 0 and not signals._DEFERRED.saved
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)

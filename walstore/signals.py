@@ -188,18 +188,19 @@ def _stand_in(signum: int, frame) -> None:
     _HELD.append(signum)
 
 
-def _hold_handlers() -> list:
+def _hold_handlers(saved: list) -> None:
     """With other threads running: the Python handlers of the signals programs install
     handlers for, replaced by a stand-in that notes the signal (the originals come back
-    at the section's end and the noted signals are raised again then).  Costs two
-    ``signal.signal`` calls per handler (~6 µs), paid only when such threads run."""
-    saved = []
+    at the section's end and the noted signals are raised again then).  Each original
+    goes into ``saved`` before its swap: a handler that raises between two swaps leaves
+    the caller the list of what to give back (the stand-in stayed in place of SIGINT's
+    for good).  Costs two ``signal.signal`` calls per handler (~6 µs), paid only when
+    such threads run."""
     for sig in _FEW:
         handler = signal.getsignal(sig)
         if callable(handler) and handler is not _stand_in:
-            signal.signal(sig, _stand_in)
             saved.append((sig, handler))
-    return saved
+            signal.signal(sig, _stand_in)
 
 
 def _give_back_handlers(saved: list) -> None:
@@ -252,7 +253,7 @@ class _Deferred:
                 raise
         if _other_threads():
             try:
-                self.saved = _hold_handlers()
+                _hold_handlers(self.saved)  # (empty here: filled as it swaps)
             except BaseException:  # (a handler raised between two swaps: undo, unwind)
                 saved, self.saved = self.saved, []
                 self._end(saved)
