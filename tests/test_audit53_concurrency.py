@@ -167,3 +167,45 @@ def test_a_handler_raising_as_a_section_puts_its_stand_in_in_place_leaves_none_r
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+
+
+def test_a_ctrl_c_as_a_section_counts_the_other_threads_leaves_no_signal_blocked(monkeypatch):
+    """With another thread running, the section's start blocks the signals, then counts
+    the threads (``_other_threads``), then puts its stand-in in place.  A Ctrl-C taken by
+    the other thread while the count ran raised in the main thread there, outside the
+    start's unwinding: the signals stayed blocked in the main thread and the section
+    counted open (every later section a no-op).  Placed by a wrapper around the count."""
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    real = signals._other_threads
+    landing = [1]
+
+    def counting():
+        if landing:
+            landing.clear()
+            os.kill(os.getpid(), signal.SIGINT)  # (the main thread blocks it: the other's)
+            for _ in range(200_000):  # (the handler runs among these bytecodes)
+                pass
+            time.sleep(0.05)
+        return real()
+
+    monkeypatch.setattr(signals, "_other_threads", counting)
+
+    def once():
+        seen = []
+        try:
+            with signals.deferred():
+                seen.append("section ran")
+        except KeyboardInterrupt:
+            seen.append("interrupt")
+        return seen, signal.pthread_sigmask(signal.SIG_BLOCK, []), signals._DEFERRED.depth
+
+    try:
+        seen, blocked, depth = _with_another_thread(once)
+        assert seen == ["interrupt"]
+        assert (blocked, depth) == (set(), 0)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        signals._DEFERRED.depth = 0
+        signals._DEFERRED.old = None
+        signal.signal(signal.SIGINT, old_int)

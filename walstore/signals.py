@@ -251,13 +251,13 @@ class _Deferred:
                 self.depth = 0
                 _restore_after_failure(old)
                 raise
-        if _other_threads():
-            try:
+        try:  # (the count too: with the mask set, another thread may take a signal now)
+            if _other_threads():
                 _hold_handlers(self.saved)  # (empty here: filled as it swaps)
-            except BaseException:  # (a handler raised between two swaps: undo, unwind)
-                saved, self.saved = self.saved, []
-                self._end(saved)
-                raise
+        except BaseException:  # (a handler raised, in the count or between two swaps: undo)
+            saved, self.saved = self.saved, []
+            self._end(saved)
+            raise
 
     def __exit__(self, *exc) -> None:
         if not self.depth or _ident() != _MAIN[0]:
