@@ -13,8 +13,9 @@ LMDB's ``applied`` LSN lies inside the log; that for every key written by a comm
 retained WAL at or below ``applied``, LMDB holds exactly the last value the WAL gave it as
 of that point (WAL vs LMDB, read through the history index in short read transactions, so
 a writer may run meanwhile: a key whose history its purge or retention erased after
-``applied`` was read is counted in a warning, not compared); that every LMDB value and row decodes (history before-images
-too: damage inside a row is named by table and key), every u64 key and value 8 bytes long
+``applied`` was read is counted in a warning, not compared); that every LMDB value and
+row decodes (history before-images too: damage inside a row is named by table and key),
+every u64 key and value 8 bytes long
 (a damaged ``applied`` or ``wal_start`` is listed, and the WAL vs LMDB comparison, which
 needs ``applied``, skipped when it is the one damaged).  A torn tail is a warning (it is
 what recovery cuts), anything else an error.  All log reading goes through
