@@ -375,3 +375,27 @@ def test_ctrl_c_during_main_thread_commits_while_workers_commit(tmp_path):
             assert (key in run_undone or key in again) == (a.state == "compensated"), key
         mains = sum(1 for i in out["states"] if s.get(f"k{i}") == int(i))
         assert s.get("counter", 0) == mains + s.get("w0", 0) + s.get("w1", 0)
+
+
+def test_a_read_only_open_racing_the_writers_creation_is_not_told_of_damage(tmp_path):
+    """A store is created STORE file first, then its LMDB file, then its log.  A
+    read-only open in between (a reader polling for the store a writer is creating;
+    seen 5-30 times per creation with a reader looping beside a real writer process)
+    raised CorruptionError "the LMDB data file is missing" of a store nothing damaged.
+    Now NotAStore says the store holds no state yet; the same state on disk (what a
+    creation killed there leaves, made here by the creation's first step) opens
+    writable, and then read-only, as before."""
+    import pytest
+
+    import walstore
+    from walstore.engine.layout import Layout
+
+    path = str(tmp_path / "s")
+    Layout(path).create()  # (the writer's first step: STORE, empty wal/ and db/)
+    with pytest.raises(walstore.NotAStore, match="no state yet"):
+        walstore.open(path, readonly=True)
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        with walstore.open(path, readonly=True) as r:
+            assert r.get("a") == 1

@@ -71,7 +71,8 @@ from typing import Any, Callable, Iterator, TypeVar
 import lmdb
 
 from .. import fileio
-from ..errors import CorruptionError, ReadOnlyError, StoreClosed, StoreIOError, WalstoreError
+from ..errors import (CorruptionError, NotAStore, ReadOnlyError, StoreClosed, StoreIOError,
+                      WalstoreError)
 from ..signals import deferred
 from . import tables
 from .lmdb_check import check_lmdb_files
@@ -368,10 +369,16 @@ class LmdbState:
         if not readonly:
             fileio.make_dir(path)
         # Before LMDB maps the file: a damaged one is a CorruptionError, never a SIGBUS.  A
-        # store whose log has segments must have its data file (else it was lost).
+        # store whose log has segments must have its data file (else it was lost).  One
+        # with neither is a creation under way (its STORE file is written first) or cut
+        # short: a read-only open says so (NotAStore; it said "the LMDB data file is
+        # missing", a CorruptionError, to a reader racing the writer's first open)
         wal = os.path.join(os.path.dirname(self.path), "wal")
         used = os.path.isdir(wal) and any(n.endswith(".wal") for n in os.listdir(wal))
-        check_lmdb_files(path, expect_existing=readonly or used)
+        if check_lmdb_files(path, expect_existing=used) is None and readonly:
+            raise NotAStore(f"{os.path.dirname(self.path)} holds no state yet: its creation "
+                            f"is under way or was cut short (no LMDB data file, no log); "
+                            f"a writable open completes it")
         _preallocate_lock(path)
         # (before LMDB opens the files, see reopen; files the open creates: after it)
         file_id = _file_id(self.data_file)
