@@ -40,7 +40,7 @@ from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, emit_jso
 @JSON
 def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: bool) -> None:
     """Undo committed transaction TXID as a new transaction."""
-    comps = load_handlers(handlers)
+    comps = load_handlers(handlers, as_json)
     with open_store(path, recover="manual", compensators=comps) as store:  # (see UNRECOVERED)
         try:
             info = store.revert(txid, cascade=cascade)
@@ -67,7 +67,7 @@ def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: b
 def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handlers: str | None,
            as_json: bool) -> None:
     """Undo every transaction after a point, as one new transaction."""
-    comps = load_handlers(handlers)
+    comps = load_handlers(handlers, as_json)
     # a dry run reads: it opens read-only, so it works beside the agent that holds the
     # store (StoreLocked before); a crashed store is still refused (see UNRECOVERED: the
     # planner raises NeedsRecovery), and a plan runs no compensator

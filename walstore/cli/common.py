@@ -4,6 +4,7 @@ store for a command, importing ``--handlers`` modules, and describing actions (t
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.machinery
 import importlib.util
@@ -153,13 +154,19 @@ def check_before_recovery(path: str, check: Callable[[walstore.Store], Any]) -> 
             check(store)
 
 
-def load_handlers(module: str | None) -> dict[str, Callable] | None:
+def load_handlers(module: str | None, as_json: bool = False) -> dict[str, Callable] | None:
     """``--handlers MODULE``: its ``COMPENSATORS`` dict (name -> function); usage error when
-    the module cannot be imported or has no such dict."""
+    the module cannot be imported or has no such dict.
+
+    ``as_json``: the command prints one JSON document on stdout, so what the module prints
+    (on import, in a compensator: a refund that logs with ``print``) goes to stderr; it was
+    written into stdout beside the document, which no script could parse (audit53)."""
     if module is None:
         return None
+    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
     try:
-        mod = _import_handlers(module)
+        with quiet:
+            mod = _import_handlers(module)
     except Exception as e:  # any failure to import is the user's module, named below
         raise UsageProblem(f"--handlers {module}: cannot import it "
                            f"({type(e).__name__}: {e})") from None
@@ -175,7 +182,19 @@ def load_handlers(module: str | None) -> dict[str, Callable] | None:
         why = never_runs(fn)         # "recover failed ... an unexpected error")
         if why:
             raise UsageProblem(f"--handlers {module}: compensator {name!r} {why}")
+    if as_json:
+        return {name: _stdout_to_stderr(fn) for name, fn in comps.items()}
     return dict(comps)
+
+
+def _stdout_to_stderr(fn: Callable) -> Callable:
+    """``fn`` run with ``sys.stdout`` pointed at stderr (compensators run synchronously in
+    the command, before its document is written)."""
+    @functools.wraps(fn)
+    def compensator(*args: Any, **kwargs: Any) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn(*args, **kwargs)
+    return compensator
 
 
 def _import_handlers(module: str) -> Any:

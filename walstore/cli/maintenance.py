@@ -50,7 +50,7 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
     LMDB's state lost or damaged: says whether ``--rebuild-state`` can rebuild it from
     the log, or only a backup or replica can bring the store back.
     """
-    compensators = load_handlers(handlers)
+    compensators = load_handlers(handlers, as_json)
     progress = None if as_json else progress_printer("recover")
     rebuilt = None
     try:

@@ -231,7 +231,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     if outer is not None:  # (as `init` and `backup` refuse one: a store inside a store)
         _fail(f"restore destination {dest} lies inside the store {outer}; choose a "
               f"destination outside it", EXIT_USAGE)
-    comps = load_handlers(handlers)
+    comps = load_handlers(handlers, as_json)
     if follow:
         (check_apply_every,) = _engine.replication("check_apply_every")
         try:  # (a NaN, negative or inf one was taken: never applied on time)

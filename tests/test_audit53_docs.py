@@ -1,0 +1,93 @@
+"""Audit 53 (the documentation read as a demanding new user would, each claim run):
+regressions of the code-side discrepancies found.
+
+Each test failed before its fix (see the commit naming it):
+
+- ``--json`` prints one strict JSON document on stdout (README, "Command line"; the
+  contract's "one JSON document, for scripts"), but a ``--handlers`` module's compensator
+  (or the module's import) that printed, as a logging refund does, wrote its text into
+  stdout beside the document: ``recover --handlers M --json`` gave a script
+  ``REFUND ...`` then the document, which no JSON parser reads."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env() -> dict:
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    e.pop("WALSTORE_DEBUG", None)
+    return e
+
+
+def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                          text=True, timeout=120, env=env(), cwd=cwd)
+
+
+CRASH = textwrap.dedent("""
+    import os, sys, walstore
+    s = walstore.open(sys.argv[1])
+    s.run(lambda tx: tx.put("a", 1))
+    tx = s.transaction()
+    tx.put("b", 2)
+    with tx.action("charge", args={"n": 1}, compensate="refund") as act:
+        act.result = {"charge_id": 7}
+    os._exit(9)   # killed before the commit: the charge is owed a refund
+""")
+
+HANDLERS = textwrap.dedent("""
+    print("handlers module imported")
+    def refund(action):
+        print("REFUND", action.id, action.result)
+    COMPENSATORS = {"refund": refund}
+""")
+
+
+def crashed_store(tmp_path: Path) -> str:
+    path = str(tmp_path / "s")
+    r = subprocess.run([sys.executable, "-c", CRASH, path], env=env(), timeout=120)
+    assert r.returncode == 9
+    (tmp_path / "loud_handlers.py").write_text(HANDLERS)
+    return path
+
+
+def test_recover_json_with_printing_handlers_is_one_document(tmp_path):
+    path = crashed_store(tmp_path)
+    r = run("recover", path, "--handlers", str(tmp_path / "loud_handlers.py"), "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    doc = json.loads(r.stdout)  # the document alone: nothing else on stdout
+    assert doc["compensated"] == ["2.1"]
+    assert "REFUND 2.1" in r.stderr and "handlers module imported" in r.stderr
+
+
+def test_revert_json_with_printing_handlers_is_one_document(tmp_path):
+    path = str(tmp_path / "s")
+    subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import sys, walstore
+        with walstore.open(sys.argv[1], compensators={"refund": lambda a: None}) as s:
+            with s.transaction() as tx:
+                tx.put("k", 1)
+                with tx.action("charge", compensate="refund") as act:
+                    act.result = {"charge_id": 7}
+        """), path], check=True, env=env(), timeout=120)
+    (tmp_path / "loud_handlers.py").write_text(HANDLERS)
+    r = run("revert", path, "1", "--handlers", "loud_handlers", "--json", cwd=str(tmp_path))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    json.loads(r.stdout)
+    assert "REFUND 1.1" in r.stderr
+
+
+def test_handlers_print_to_stdout_without_json(tmp_path):
+    """Human output is unchanged: a handler's print stays on stdout there."""
+    path = crashed_store(tmp_path)
+    r = run("recover", path, "--handlers", str(tmp_path / "loud_handlers.py"))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert "REFUND 2.1" in r.stdout
