@@ -7,7 +7,12 @@ Each test failed before its fix (see the commit naming it):
   contract's "one JSON document, for scripts"), but a ``--handlers`` module's compensator
   (or the module's import) that printed, as a logging refund does, wrote its text into
   stdout beside the document: ``recover --handlers M --json`` gave a script
-  ``REFUND ...`` then the document, which no JSON parser reads."""
+  ``REFUND ...`` then the document, which no JSON parser reads;
+- a value (or meta, or action args) of exactly 1,025 levels of lists packs but does not
+  read back: ``put`` refused it with a ``TypeError`` saying "it would not read back ();
+  dict keys must be str, bytes, ..." (a list of lists holds no dict), where one level more
+  said "it nests too deeply", a ``ValueError`` (README: a bad value is refused at ``put``,
+  naming the problem)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +21,10 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+
+import walstore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,3 +100,31 @@ def test_handlers_print_to_stdout_without_json(tmp_path):
     r = run("recover", path, "--handlers", str(tmp_path / "loud_handlers.py"))
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert "REFUND 2.1" in r.stdout
+
+
+def nested(levels: int) -> list:
+    v: list = []
+    for _ in range(levels - 1):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("levels", [1025, 1026, 3000])
+def test_too_deep_a_value_is_named_as_such(tmp_path, levels):
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        tx = s.transaction()
+        for what, call in [("value for key 'k'", lambda: tx.put("k", nested(levels))),
+                           ("value for key 'd'", lambda: tx.put("d", {"a": nested(levels - 1)})),
+                           ("transaction meta", lambda: s.transaction(meta=nested(levels))),
+                           ("args of action 'a'",
+                            lambda: tx.action("a", args=nested(levels)).__enter__())]:
+            with pytest.raises(ValueError) as e:
+                call()
+            assert what in str(e.value) and "nests too deeply" in str(e.value), e.value
+            assert "dict keys" not in str(e.value)
+        tx.put("ok", nested(1024))  # (1,024 levels of lists: stored, and read back)
+        tx.commit()
+        v, depth = s.get("ok"), 0
+        while v:  # (== recurses past Python's limit at this depth)
+            v, depth = v[0], depth + 1
+        assert v == [] and depth == 1023

@@ -149,8 +149,7 @@ def pack_value(value: Any, key: Any = None) -> bytes:
             from None
     except (OverflowError, ValueError) as e:
         if "recursion limit" in str(e):  # (msgpack's: lists and dicts past 1,024 levels)
-            raise ValueError(f"value for key {key!r} cannot be stored: it nests too deeply "
-                             f"(msgpack stores about 1,000 levels of lists and dicts)") from None
+            raise _too_deep(f"value for key {key!r}") from None
         raise ValueError(f"value for key {key!r} cannot be stored: {e}") from None
     if len(packed) > RELEASE_PACKER_BYTES:
         _release_packer()
@@ -165,6 +164,14 @@ def pack_value(value: Any, key: Any = None) -> bytes:
 
 class _Extension(TypeError):
     pass
+
+
+def _too_deep(what: str) -> ValueError:
+    """A value nested past what msgpack reads back: its packer takes one level more than its
+    unpacker (1,025 levels of lists packed, then failed to read back with a bare
+    ``StackError``, refused as "would not read back (); dict keys must be ..." — audit53)."""
+    return ValueError(f"{what} cannot be stored: it nests too deeply (msgpack stores about "
+                      f"1,000 levels of lists and dicts)")
 
 
 def _no_extension(code: int, data: bytes) -> Any:
@@ -189,6 +196,8 @@ def _read_back(packed: bytes, what: str) -> Any:
     except _Extension as e:
         raise TypeError(f"{what} cannot be stored: it holds {e} (allowed: None, bool, "
                         f"int, float, str, bytes, list, dict)") from None
+    except msgpack.StackError:  # (a ValueError: nested past the unpacker's limit)
+        raise _too_deep(what) from None
     except (TypeError, ValueError) as e:
         raise TypeError(f"{what} cannot be stored: it would not read back ({e}); dict "
                         f"keys must be str, bytes, int, float, bool or None") from None
@@ -295,7 +304,11 @@ def storable(what: str, value: Any, limit: int | None = None) -> Any:
     ValueError when it packs to more than ``limit`` bytes)."""
     try:
         packed = pack(value)
-    except (TypeError, OverflowError, ValueError) as e:
+    except (OverflowError, ValueError) as e:
+        if "recursion limit" in str(e):
+            raise _too_deep(what) from None
+        raise TypeError(f"{what} cannot be stored: {e}") from None
+    except TypeError as e:
         raise TypeError(f"{what} cannot be stored: {e}") from None
     except BufferError as e:
         raise TypeError(f"{what} cannot be stored: {_buffer_problem(e)}") from None
