@@ -12,7 +12,10 @@ Each test failed before its fix (see the commit naming it):
   read back: ``put`` refused it with a ``TypeError`` saying "it would not read back ();
   dict keys must be str, bytes, ..." (a list of lists holds no dict), where one level more
   said "it nests too deeply", a ``ValueError`` (README: a bad value is refused at ``put``,
-  naming the problem)."""
+  naming the problem);
+- README ("Command line", progress): "In the library: ... ``restore(..., progress=)``",
+  but ``walstore.restore`` took no ``progress`` (a ``TypeError``): only the internal
+  ``walstore.replication.restore`` did."""
 from __future__ import annotations
 
 import json
@@ -128,3 +131,18 @@ def test_too_deep_a_value_is_named_as_such(tmp_path, levels):
         while v:  # (== recurses past Python's limit at this depth)
             v, depth = v[0], depth + 1
         assert v == [] and depth == 1023
+
+
+def test_walstore_restore_takes_progress(tmp_path):
+    src = str(tmp_path / "src")
+    url = (tmp_path / "replica").as_uri()
+    with walstore.open(src, durability="none", replicate_to=url) as s:
+        s.run(lambda tx: tx.put("k", b"x" * 100_000))
+        s.sync_replica(timeout=60)
+    calls: list = []
+    report = walstore.restore(url, str(tmp_path / "dest"),
+                              progress=lambda done, total: calls.append((done, total)))
+    assert report
+    assert calls and all(0 <= d <= t for d, t in calls), calls
+    with walstore.open(str(tmp_path / "dest")) as d:
+        assert d.get("k") == b"x" * 100_000

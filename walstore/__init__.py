@@ -75,9 +75,13 @@ def open(path: str, *, durability: str = "full", create: bool = True, readonly: 
                  progress=progress)
 
 
-def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None) -> dict:
+def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, *,
+            progress: Callable[[int, int], None] | None = None) -> dict:
     """A new store at ``dest`` from the replica at ``url``, cut exactly at ``to`` (a txid,
     a walstore.LSN, a restore point name, an aware datetime; None: everything shipped).
-    Transactions in flight at the cut are listed as pending, never run automatically."""
+    Transactions in flight at the cut are listed as pending, never run automatically.
+    ``progress(done, total)``: called as the snapshot is downloaded and the WAL replayed
+    (bytes), as the README documents (it was refused here: only the internal
+    ``walstore.replication.restore`` took it)."""
     from .replication import restore as _restore
-    return _restore(url, dest, to, replicate_options)
+    return _restore(url, dest, to, replicate_options, progress=progress)
