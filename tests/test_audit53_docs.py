@@ -1,7 +1,8 @@
 """Audit 53 (the documentation read as a demanding new user would, each claim run):
 regressions of the code-side discrepancies found.
 
-Each test failed before its fix (see the commit naming it):
+Each finding's tests failed before its fix (see the commit naming it; the guard that
+human output keeps a handler's print on stdout passed before too):
 
 - ``--json`` prints one strict JSON document on stdout (README, "Command line"; the
   contract's "one JSON document, for scripts"), but a ``--handlers`` module's compensator
