@@ -20,7 +20,6 @@ human output keeps a handler's print on stdout passed before too):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -30,14 +29,7 @@ import pytest
 
 import walstore
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def env() -> dict:
-    e = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    e.pop("WALSTORE_DEBUG", None)
-    return e
+from test_audit52_cli import env  # noqa: E402  (a CLI child: this checkout first)
 
 
 def run(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
