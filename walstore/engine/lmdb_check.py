@@ -104,6 +104,7 @@ import os
 import stat
 import struct
 import sys
+import time
 from dataclasses import dataclass
 
 from walstore.errors import CorruptionError
@@ -134,7 +135,9 @@ DB_PERSISTENT = 0x7E               # REVERSEKEY|DUPSORT|INTEGERKEY|DUPFIXED|INTE
 # mdb_env_init_meta0 copies in: FIXEDMAP and NOSUBDIR (DUPSORT there trips an assertion)
 FREE_DB_FLAGS = 0x01 | 0x08 | 0x4000
 
-ATTEMPTS = 5                       # re-checks when a live writer changes the meta pages
+ATTEMPTS = 10                      # re-checks when a live writer changes the meta pages
+RETRY_PAUSE_S = 0.0005             # ... the first pause before one, doubled each time (0.5 s
+#                                    in all at most: a writer's burst gives a quiet window)
 FREE_LIST_BUDGET = 16 << 20        # bytes of free-list pages read to prove a short tail free
 NODE_HEADER = 8                    # mn_lo, mn_hi, mn_flags, mn_ksize (u16 each)
 
@@ -321,7 +324,7 @@ def _file_size(fd: int) -> int:
 def _check_fd(fd: int, path: str, expect_existing: bool) -> LmdbFileInfo | None:
     """Run the check; when it fails while the meta pages change under it, run it again."""
     last: _Damage | None = None
-    for _attempt in range(ATTEMPTS):
+    for attempt in range(ATTEMPTS):
         before = _fingerprint(fd)
         try:
             return _check_once(fd, path, expect_existing)
@@ -329,6 +332,10 @@ def _check_fd(fd: int, path: str, expect_existing: bool) -> LmdbFileInfo | None:
             last = e
         if _fingerprint(fd) == before:
             break          # the file held still: the damage is real
+        # a writer committed meanwhile (its reused pages read as damage): again, after a
+        # pause that grows — five at once were all cut by a fast writer on a loaded
+        # machine, and a reader's open was refused as damaged (a CI run, 1 in ~10)
+        time.sleep(RETRY_PAUSE_S * (1 << attempt))
     assert last is not None
     raise CorruptionError(last.reason, file=path, offset=last.offset)
 
