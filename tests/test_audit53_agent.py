@@ -70,9 +70,15 @@ def test_actions_says_an_in_doubt_actions_transaction_is_prepared_not_that_it_is
         doc = json.loads(_cli("actions", path, "--json").stdout)["actions"][0]
         assert doc["in_flight"] is True and "G53" in doc["error"], doc
         assert _cli("actions", path, "--pending").returncode == 0  # (still not owed)
-        if owner is not None:  # (the Python API says the same)
+        if owner is not None:  # (the Python API says the same, get_action too)
             [a] = owner.actions()
             assert a.in_flight and "G53" in a.error and not a.owed
+            one = owner.get_action(action_id)
+            assert one.in_flight and "G53" in one.error and not one.owed
+        else:
+            with walstore.open(path, readonly=True) as reader:
+                one = reader.get_action(action_id)
+                assert one.in_flight and "G53" in one.error and not one.owed
     finally:
         if owner is not None:
             owner.rollback_prepared("G53")

@@ -638,8 +638,9 @@ class Store:
         return self.actions(pending=True)
 
     def get_action(self, action_id: str) -> Action:
+        """One action, as ``actions()`` shows it (an in-doubt one names its gid)."""
         self._engine.check_open()
-        return self._saga.get_action(action_id)
+        return self._saga.shown_action(action_id)
 
     def resolve(self, action_id: str, note: str | None = None) -> Action:
         """Mark a pending or failed compensation as handled by hand."""

@@ -831,6 +831,12 @@ class Saga:
             raise UnknownAction(f"no action with id {shown(action_id)}")
         return Action.from_row(row)
 
+    def shown_action(self, action_id: str) -> Action:
+        """``get_action`` as ``actions()`` shows it (``_as_seen``): an action of a prepared
+        transaction names its gid in ``error`` (``store.get_action`` said nothing of it,
+        where ``store.actions()`` did)."""
+        return next(self._as_seen([self.get_action(action_id)]))
+
     def resolve(self, action_id: str, note: str | None = None) -> Action:
         """Mark an owed compensation handled by hand.  Under the same per-action guard as
         ``compensate``: refused while its compensator runs (both would undo the effect,
