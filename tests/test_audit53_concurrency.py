@@ -63,6 +63,29 @@ def test_every_signal_a_section_held_reaches_its_handler_when_the_first_raises()
         signal.signal(signal.SIGUSR1, old_usr)
 
 
+def _sending_once(when, send: int):
+    """A stand-in for the ``signal`` module inside walstore.signals: its ``signal()``, the
+    first time ``when(sig, handler)`` holds right after a swap, sends ``send`` to this
+    process and lets the handler run there (the landing placed, not timed)."""
+    armed = [True]
+
+    class Signal:
+        def __getattr__(self, name):
+            return getattr(signal, name)
+
+        def signal(self, sig, handler):
+            old = signal.signal(sig, handler)
+            if armed[0] and when(sig, handler):
+                armed[0] = False
+                os.kill(os.getpid(), send)
+                for _ in range(200_000):  # (a handler runs among these bytecodes)
+                    pass
+                time.sleep(0.05)
+            return old
+
+    return Signal()
+
+
 def test_a_ctrl_c_landing_as_the_handlers_come_back_leaves_none_replaced(monkeypatch):
     """A Ctrl-C landing at a section's end just after the first handler came back (the
     program's SIGINT handler, with another thread running: SIGINT's back, SIGUSR1's not
@@ -75,21 +98,8 @@ def test_a_ctrl_c_landing_as_the_handlers_come_back_leaves_none_replaced(monkeyp
     old_usr = signal.signal(signal.SIGUSR1, mine)
     landing = []
 
-    class Signal:
-        def __getattr__(self, name):
-            return getattr(signal, name)
-
-        def signal(self, sig, handler):
-            old = signal.signal(sig, handler)
-            if landing and handler is not signals._stand_in:
-                landing.clear()  # (once: the first handler given back)
-                os.kill(os.getpid(), signal.SIGINT)
-                for _ in range(200_000):  # (a handler runs among these bytecodes)
-                    pass
-                time.sleep(0.05)
-            return old
-
-    monkeypatch.setattr(signals, "signal", Signal())
+    monkeypatch.setattr(signals, "signal", _sending_once(  # (the first handler given back)
+        lambda sig, handler: landing and handler is not signals._stand_in, signal.SIGINT))
 
     def once():
         seen = []
@@ -134,21 +144,9 @@ def test_a_handler_raising_as_a_section_puts_its_stand_in_in_place_leaves_none_r
     old_term = signal.signal(signal.SIGTERM, shutdown)
     landing = [1]
 
-    class Signal:
-        def __getattr__(self, name):
-            return getattr(signal, name)
-
-        def signal(self, sig, handler):
-            old = signal.signal(sig, handler)
-            if landing and handler is signals._stand_in and sig == signal.SIGINT:
-                landing.clear()
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(200_000):  # (the handler runs among these bytecodes)
-                    pass
-                time.sleep(0.05)
-            return old
-
-    monkeypatch.setattr(signals, "signal", Signal())
+    monkeypatch.setattr(signals, "signal", _sending_once(
+        lambda sig, handler: landing and handler is signals._stand_in
+        and sig == signal.SIGINT, signal.SIGTERM))
 
     def once():
         seen = []
