@@ -216,6 +216,19 @@ def _child_env() -> dict:
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
 
 
+def _killed_when_ready(script: str, path: str, root: str, cwd) -> None:
+    """Run ``script`` (a child writer of the store at ``path``, workspace ``root``) in its
+    test's directory and kill -9 it once it prints "ready"."""
+    child = subprocess.Popen([sys.executable, "-c", script, path, root],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             env=_child_env(), cwd=str(cwd))
+    try:
+        assert child.stdout.readline().strip() == b"ready"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
 CHILD = """
 import sys, walstore
 store = walstore.open(sys.argv[1])
@@ -234,14 +247,7 @@ def test_recovery_keeps_walstores_version_of_a_path_it_cannot_reach(env, tmp_pat
         tx.files(ws).write("a/b", "committed\n")
     store.close()
     path = str(tmp_path / "store")
-    child = subprocess.Popen([sys.executable, "-c", CHILD, path, root],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=_child_env(), cwd=str(tmp_path))
-    try:
-        assert child.stdout.readline().strip() == b"ready"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    _killed_when_ready(CHILD, path, root, tmp_path)
     _replace_dir_by(root, "file")
     again = walstore.open(path)
     try:
@@ -341,14 +347,7 @@ def test_recovery_of_a_crashed_watch_puts_a_file_back_over_the_fifo_it_left(env,
     store.workspace(root)
     store.close()
     path = str(tmp_path / "store")
-    child = subprocess.Popen([sys.executable, "-c", WATCH_CHILD, path, root],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             env=_child_env(), cwd=str(tmp_path))
-    try:
-        assert child.stdout.readline().strip() == b"ready"
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+    _killed_when_ready(WATCH_CHILD, path, root, tmp_path)
     again = walstore.open(path)
     try:
         kinds = [p.kind for p in again.last_recovery.problems]
