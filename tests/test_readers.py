@@ -190,7 +190,7 @@ def test_reader_of_a_crash_between_a_rotation_and_its_seal_reads_the_whole_log(t
     # SEAL — a crash image readers accept — made every read-only open spin for ever: the
     # follower closed the old segment without moving past where its SEAL would end)
     from walstore.log.segment import list_segments
-    from walstore.log.writer import SEAL_RECORD_SIZE
+    from walstore.log.format import SEAL_RECORD_SIZE
     from walstore.log.format import SEGMENT_HEADER_SIZE
     path = str(tmp_path / "s")
     writer = subprocess.Popen([sys.executable, "-c", f"""

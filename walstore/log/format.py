@@ -112,6 +112,10 @@ SEGMENT_HEADER_SIZE = 64
 RECORD_MAGIC = b"WR"
 RECORD_HEADER_SIZE = 28
 MAX_PAYLOAD = 32 * 1024 * 1024  # bound on any payload length read from disk
+# a segment ends with a SEAL record whose body is the empty map (msgpack 0x80): the next
+# segment starts where it ends
+SEAL_PAYLOAD = b"\x80"
+SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + len(SEAL_PAYLOAD)
 # bound on a segment header's made size (the largest ``segment_size``, 1 GiB, or one record
 # past it): a size beyond it is no writer's, and recovery extended a truncated segment to it
 MAX_SEGMENT_SIZE = 1024 * 1024 * 1024 + MAX_PAYLOAD + 1024 * 1024

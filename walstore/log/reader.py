@@ -43,11 +43,11 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from .format import (MAX_SEGMENT_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE,
-                     RecordType, check_record, decode_segment_header, segment_salt)
+from .format import (MAX_SEGMENT_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEAL_RECORD_SIZE,
+                     SEGMENT_HEADER_SIZE, RecordType, check_record, decode_segment_header,
+                     segment_salt)
 from .segment import list_segments, segment_name
 
-SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + 1  # a SEAL's payload is the empty map (1 byte)
 
 RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
 

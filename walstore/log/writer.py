@@ -41,9 +41,9 @@ import time
 from .. import fileio
 from ..fileio import pwrite_all
 from ..errors import ReadOnlyError, StoreIOError, WalstoreError
-from ..codec import pack
 from ..signals import deferred, start_thread
-from .format import RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, encode_record
+from .format import (RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE, SEGMENT_HEADER_SIZE,
+                     RecordType, encode_record)
 from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment, list_segments,
                       segment_name)
 
@@ -53,8 +53,6 @@ DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 FIRST_SEGMENT_SIZE = 1024 * 1024  # a new store's first segment; later ones grow fourfold
 SEGMENT_GROWTH = 4
 SEAL_ROOM = 64  # bytes kept free at the end of every segment for its SEAL record
-SEAL_PAYLOAD = pack({})  # a SEAL needs no body: the next segment starts where it ends
-SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + len(SEAL_PAYLOAD)
 CHAIN_FSYNCS = 2  # a group-commit leader fsyncs up to this many more times for waiters
 
 

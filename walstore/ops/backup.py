@@ -73,7 +73,7 @@ from ..agent.files import GC_LOCK
 from ..files.blobs import BlobStore
 from ..log.reader import LogEvent, LogReader, damage_that_stays
 from ..log.segment import list_segments
-from ..log.writer import SEAL_RECORD_SIZE
+from ..log.format import SEAL_RECORD_SIZE
 
 MAX_ATTEMPTS = 5
 

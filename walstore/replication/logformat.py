@@ -32,8 +32,10 @@ from typing import BinaryIO, Iterator, NamedTuple
 
 import msgpack
 
-from ..log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE, RecordType, crc32c,
-                          decode_segment_header, encode_segment_header, segment_salt)
+from ..log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE,
+                          SEGMENT_HEADER_SIZE, RecordType, crc32c,
+                          decode_segment_header, encode_record, encode_segment_header,
+                          segment_salt)
 from ..log.format import check_record as _check_record
 
 SEAL = int(RecordType.SEAL)
@@ -76,6 +78,11 @@ class Rec(NamedTuple):
 
 def salt(store_id: bytes, seg_start: int) -> int:
     return segment_salt(store_id, seg_start)
+
+
+def seal_record(salt_: int, lsn: int) -> bytes:
+    """The SEAL record the writer ends a segment with, at ``lsn``."""
+    return encode_record(salt_, SEAL, lsn, lsn, SEAL_PAYLOAD)
 
 
 def segment_header(store_id: bytes, start: int, created_ns: int = 0) -> bytes:

@@ -914,6 +914,8 @@ class Shipper:
                 built = self._build(start, path, pos, limit, self.opts.max_object_bytes)
             except FileNotFoundError:
                 continue  # trimmed while we looked: the next pass sees the hole
+            if built is None and nxt is not None and nxt - pos == logformat.SEAL_RECORD_SIZE:
+                built = self._missing_seal(start, pos, nxt)
             if built is None:
                 raise ReplicationError(
                     f"the local WAL of {self.source.path} has no valid record at LSN {pos} "
@@ -938,6 +940,27 @@ class Shipper:
         if dirty:
             self._save()
             self._advanced(m.position)
+
+    def _missing_seal(self, seg: int, pos: int, nxt: int):
+        """The SEAL record a rotation cut short, as a WAL object of its own.
+
+        A rotation makes the next segment durable first and then ends the old one with a
+        SEAL record; a writer killed in between leaves the old segment's records ending
+        exactly one SEAL short of its successor (which the log reader accepts).  The
+        replica's WAL must stay contiguous, so the shipper frames the SEAL the writer
+        would have written (same salt, LSN and empty body) and ships that; it carries no
+        state.  (The shipper stopped there for good: "no valid record at LSN ...".)"""
+        m = self.manifest
+        store_id = self.source.store_id
+        seal = logformat.seal_record(logformat.salt(store_id, seg), pos)
+        assert len(seal) == nxt - pos
+        body = logformat.encode_object_header(store_id, self.source.lineage, seg, pos, nxt,
+                                              1) + seal
+        entry = {"k": wal_key(pos, nxt, 0), "seg": seg, "a": pos, "b": nxt, "n": len(body),
+                 "lv": 0, "t0": None, "t1": None, "x0": None, "x1": None,
+                 "om": min(m.open.values()) if m.open else None, "pg": []}
+        return body, entry, (dict(m.open), {k: dict(v) for k, v in m.doc["points"].items()},
+                             m.doc["last_commit"])
 
     def _build(self, seg: int, path: str, pos: int, limit: int, max_bytes: int,
                level: int = 0):
