@@ -203,13 +203,15 @@ def verify(path: str, as_json: bool) -> None:
             click.echo(one_line(f"warning: {w}"))
         for e in rep.errors:
             click.echo(one_line(f"error: {e}"))
+        if rep.errors.omitted:
+            click.echo(f"error: ... and {rep.errors.omitted} more problem(s), not listed")
         if rep.needs_recovery:
             click.echo("note: the store was not shut down cleanly: the next open (or "
                        "`walstore recover`) recovers it")
         for a in rep.attention():
             click.echo(one_line(f"needs a decision: {a}"))
         if rep.errors:
-            click.echo(f"{len(rep.errors)} problem(s) found")
+            click.echo(f"{rep.errors.total} problem(s) found")
         elif not rep.settled:
             click.echo(f"no damage found; {len(rep.attention())} thing(s) need a decision")
         else:

@@ -47,6 +47,30 @@ COMPARE_BATCH = 512
 SETTLE_WALKS = 2     # with a live writer: walks that must find an error again (see _settle)
 SETTLE_PAUSE = 0.05  # seconds between them
 PIN_ATTEMPTS = 8     # read transactions begun to pin the LMDB walk (see _walk_pinned)
+MAX_LISTED = 1000    # problems a report names word for word; past it they are counted
+
+
+class ProblemList(list):
+    """The problems a check found: the first ``limit`` kept word for word, the rest only
+    counted in ``omitted`` (a store with a million damaged rows made verify build a
+    million strings, and ``--json`` print them all: memory grew with the damage)."""
+
+    def __init__(self, items=(), limit: int = MAX_LISTED) -> None:
+        super().__init__()
+        self.limit, self.omitted = limit, 0
+        for x in items:
+            self.append(x)
+
+    def append(self, item) -> None:
+        if len(self) < self.limit:
+            super().append(item)
+        else:
+            self.omitted += 1
+
+    @property
+    def total(self) -> int:
+        """Every problem found, listed or not."""
+        return len(self) + self.omitted
 
 
 @dataclass
@@ -63,7 +87,7 @@ class VerifyReport:
     applied_lsn: int = 0
     wal_start: int = 0
     wal_end_lsn: int = 0
-    errors: list = field(default_factory=list)
+    errors: ProblemList = field(default_factory=ProblemList)
     warnings: list = field(default_factory=list)
     # what needs a decision, no damage (CONTRACT 3: exit 1 all the same): in-doubt gids,
     # owed compensations (``Action.as_dict()``), and whether the last writer crashed
@@ -93,6 +117,8 @@ class VerifyReport:
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        d["errors"] = list(self.errors)
+        d["errors_omitted"] = self.errors.omitted  # found beyond the MAX_LISTED listed
         d["ok"] = self.ok
         d["settled"] = self.settled
         return d
@@ -196,14 +222,16 @@ def _settle(layout: Layout, store_id: bytes, rep: VerifyReport, state: LmdbState
     may trim the log's head past the ``applied`` LSN read before.  Real damage stays
     where it is: walk again (twice, a moment apart, each with ``applied`` read anew) and
     keep only the errors every walk found, word for word; counts come from the last."""
-    errors = list(rep.errors)
+    errors = rep.errors
     last: dict = {}
     for _ in range(SETTLE_WALKS):
         time.sleep(SETTLE_PAUSE)
         rep.applied_lsn = state.applied_lsn()  # (``_compare`` reads LMDB as of it)
         again = VerifyReport(rep.path, applied_lsn=rep.applied_lsn, wal_start=rep.wal_start)
         last = _check_wal(layout, store_id, again, None)
-        errors = [e for e in errors if e in again.errors]
+        kept = ProblemList(e for e in errors if e in again.errors)
+        kept.omitted = min(getattr(errors, "omitted", 0), again.errors.omitted)
+        errors = kept
         for f in ("segments", "records", "commits", "wal_bytes", "wal_end_lsn"):
             setattr(rep, f, getattr(again, f))
         rep.warnings = again.warnings
