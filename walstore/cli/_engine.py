@@ -75,6 +75,8 @@ def identity_damaged(path: str, exc: BaseException) -> bool:
     directory that holds a store's log or LMDB state: damage found (exit 1), not a path
     that names no store (exit 2).  A store of another format version is not damage."""
     layout = Layout(path)
+    if not os.path.lexists(layout.identity) and layout.holds_store_data():
+        return True  # (its STORE file lost: read_identity names the damage)
     if not os.path.isfile(layout.identity) or not (
             os.path.isdir(layout.wal) or os.path.isdir(layout.db)):
         return False

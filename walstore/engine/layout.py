@@ -90,6 +90,8 @@ class Layout:
             if not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} exists and is not a directory")
             if os.listdir(self.root) and not self._interrupted_creation():
+                if self.holds_store_data():
+                    raise NotAStore(self._identity_lost())
                 raise NotAStore(f"{self.root} is not empty and holds no walstore store "
                                 f"(no STORE file)")
 
@@ -121,6 +123,20 @@ class Layout:
                 return False
         return True
 
+    def holds_store_data(self) -> bool:
+        """A log segment in wal/ or LMDB's data file in db/: what only a store (not the
+        skeleton of an interrupted creation) holds."""
+        try:
+            if any(n.endswith(".wal") for n in os.listdir(self.wal)):
+                return True
+        except OSError:
+            pass
+        return os.path.isfile(os.path.join(self.db, "data.mdb"))
+
+    def _identity_lost(self) -> str:
+        return (f"{self.root} holds a store's log or LMDB state but its STORE file is "
+                f"missing: the store is damaged (put STORE back from a backup of this store)")
+
     def read_identity(self, lmdb_lost_ok: bool = False) -> bytes:
         """The store id; NotAStore when the directory is not a store of a known version.
         ``lmdb_lost_ok``: no db/ directory is no error (the LMDB rebuild, which makes it:
@@ -131,6 +147,8 @@ class Layout:
             with open(self.identity, "rb") as f:
                 raw = f.read(MAX_IDENTITY_BYTES + 1)
         except FileNotFoundError:
+            if self.holds_store_data():  # (damage, not a path that names no store)
+                raise NotAStore(self._identity_lost()) from None
             raise NotAStore(f"{self.root} is not a walstore store (no STORE file)") from None
         try:
             if len(raw) > MAX_IDENTITY_BYTES:

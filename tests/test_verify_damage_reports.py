@@ -1,6 +1,6 @@
-"""`walstore verify` on a store with more damage than a report should hold: it names the
-first MAX_LISTED problems and counts the rest (memory and output grew with the damage:
-one string per damaged row, every one printed)."""
+"""`walstore verify` on damaged stores: more damage than a report should hold (it names
+the first MAX_LISTED problems and counts the rest: memory and output grew with the damage,
+one string per damaged row, every one printed), and a store that lost its STORE file."""
 from __future__ import annotations
 
 import json
@@ -50,3 +50,26 @@ def test_verify_lists_a_bounded_number_of_problems_and_counts_the_rest(tmp_path)
     assert sum(1 for x in lines if x.startswith("error: ")) == MAX_LISTED + 1
     assert f"and {rep.errors.omitted} more problem(s)" in res.output
     assert f"{rep.errors.total} problem(s) found" in res.output
+
+
+def test_a_store_whose_store_file_is_lost_is_damage_not_a_wrong_path(tmp_path):
+    """A store directory (log segments, LMDB's data file) without its STORE file is a
+    damaged store: exit 1 and a message saying so — not exit 2 and "not a walstore store",
+    which told the operator they had typed the wrong path."""
+    import os
+    import pytest
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        s.run(lambda tx: tx.put("a", 1))
+    os.remove(os.path.join(path, "STORE"))
+    for args in (["verify", path], ["verify", path, "--json"], ["get", path, "a"]):
+        res = CliRunner().invoke(walstore_cli, args)
+        assert res.exit_code == 1, (args, res.output)
+        assert "STORE file is missing" in res.output and "damaged" in res.output
+    with pytest.raises(walstore.NotAStore, match="STORE file is missing"):
+        walstore.open(path)
+    # a directory that holds no store is still a usage error, exit 2
+    empty = tmp_path / "e"
+    (empty / "wal").mkdir(parents=True)
+    res = CliRunner().invoke(walstore_cli, ["verify", str(empty)])
+    assert res.exit_code == 2 and "not a walstore store" in res.output
