@@ -25,7 +25,7 @@ def store(path):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` (the longest interrupt sweeps) run only with WALSTORE_SLOW=1:
-    CI stays within its budget; README's Reliability section says how to run them."""
+    CI stays within its budget; docs/GUIDE.md ("Interrupts") says how to run them."""
     if os.environ.get("WALSTORE_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="long: run with WALSTORE_SLOW=1")

@@ -81,7 +81,7 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
     a walstore.LSN, a restore point name, an aware datetime; None: everything shipped).
     Transactions in flight at the cut are listed as pending, never run automatically.
     ``progress(done, total)``: called as the snapshot is downloaded and the WAL replayed
-    (bytes), as the README documents (it was refused here: only the internal
+    (bytes), as docs/GUIDE.md documents (it was refused here: only the internal
     ``walstore.replication.restore`` took it)."""
     from .replication import restore as _restore
     return _restore(url, dest, to, replicate_options, progress=progress)

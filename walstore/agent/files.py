@@ -466,7 +466,7 @@ class Files:
         """The registered workspace whose root ``root`` names as written (absolute,
         normalized, no symlink resolved) when resolving symlinks would name another
         directory: the root, or a directory on the way to it, is a symlink now.  That
-        workspace is meant, and its ``check_root`` refuses every change (README: a root
+        workspace is meant, and its ``check_root`` refuses every change (docs/GUIDE.md: a root
         replaced by a symlink, or reached through one, is refused live).  Resolved
         first, the path named the symlink's target, which was registered as a new
         workspace and written in (probe audit48).  None otherwise."""

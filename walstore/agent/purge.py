@@ -27,7 +27,7 @@ added too; if every attempt lost, it runs once more with other threads' commits 
 A purge cannot be reverted (``revert`` of it raises RevertConflict; a rewind across it
 cannot bring the keys back: their history is gone).
 
-What it keeps (README, "purge"): the rows of Saga actions (their args and results) and
+What it keeps (docs/GUIDE.md, "purge"): the rows of Saga actions (their args and results) and
 the log's transaction meta, even of transactions that wrote only under the prefix (a
 scoped rewind across the purge still runs their compensations with those args), and its
 own record naming the prefix.  Copies outside the store directory (backups, a replica's

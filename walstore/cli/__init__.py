@@ -130,7 +130,7 @@ def json_error(ctx: click.Context, failure: Failure, kind: str | None) -> None:
 
 
 def failure_kind(failure: Failure) -> str:
-    """``type`` of a command's own failure under ``--json`` (README: the exception's
+    """``type`` of a command's own failure under ``--json`` (docs/CLI.md: the exception's
     class): the class it names, else that of the exception it was raised while handling
     (``except ReplicationError: raise Failure(...)``; `replicas`/`restore` said null),
     else UsageError for exit 2 and Failure for a failure no exception caused."""

@@ -978,7 +978,7 @@ class Engine:
                 if self.shared_mark is not None:  # everything logged is decided: all shown
                     self.shared_mark.set(max(self.wal.written_lsn, self.memtable.published))
         except StateWriteError as e:
-            # README, "Errors": what fails while closing is a StoreIOError (errno, file);
+            # docs/GUIDE.md, errors: what fails while closing is a StoreIOError (errno, file);
             # the log was synced first, so the next open REDOes what LMDB missed
             cause = e.__cause__
             code = getattr(cause, "errno", None) or errno.EIO
