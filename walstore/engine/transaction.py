@@ -508,13 +508,21 @@ class Transaction:
         back; the later ones only replace values of that same level, which no rollback
         ever puts back.  (So the undo log holds at most one entry per key and level, not
         one per write.)"""
+        sps = self._savepoints
         try:
-            level = self._savepoints[-1].recorded
+            sp = sps[-1]
         except IndexError:  # (released meanwhile by another thread: nothing to keep)
             return
+        level = sp.recorded
         if k not in level:
+            # noted, then logged, then checked (no lock on the write path): another
+            # thread's savepoint() taken in between puts the entry at the new level, so
+            # the key is not counted at this one (a later write there then logs it again,
+            # as it must); any other interleaving leaves at worst an entry more
             level.add(k)
             self._undo.append((k, self._writes.get(k, _MISSING)))
+            if not sps or sps[-1] is not sp:
+                level.discard(k)
 
     def _count_exactly(self, new: Iterable[tuple[bytes, bytes | None]], key: Any) -> int:
         """The write set's exact size once ``new`` (distinct keys) is written, counting it
