@@ -68,7 +68,7 @@ class Purge:
         rng = ScopeRange(prefix)
 
         def erase(tx):
-            tx.read_ranges.append((rng.lo, rng.hi))  # a write racing into it conflicts
+            tx.read_ranges[(rng.lo, rng.hi)] = None  # a write racing into it conflicts
             present = [k for k, _v in eng.reader.scan(rng.lo, rng.hi, False, tx.snapshot)]
             had_history = [k for k, _v in eng.state.scan(rng.lo, rng.hi, db="hkeys")]
             for k in present:

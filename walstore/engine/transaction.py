@@ -254,7 +254,10 @@ class Transaction:
         self._serial = 0
         self._snapshot: int | None = None
         self.read_keys: set[bytes] = set()
-        self.read_ranges: list[tuple[bytes, bytes | None]] = []
+        # scanned ranges, each once (an ordered set: a transaction polling one prefix kept
+        # a range per scan — 100,000 polls held 14 MiB and logged 100,000 ranges in its
+        # PREPARE, past whose record limit prepare was refused — probe-audit54)
+        self.read_ranges: dict[tuple[bytes, bytes | None], None] = {}
         self.effects: list = []   # live actions and file changes, in the order logged
         self.actions_begun = 0    # numbers action ids
         self.action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
@@ -410,7 +413,7 @@ class Transaction:
     def _scan(self, lo: bytes, hi: bytes | None, reverse: bool
               ) -> Iterator[tuple[Key, Any]]:
         self._check_active()  # (again: it may have ended between the call and the first read)
-        self.read_ranges.append((lo, hi))
+        self.read_ranges[(lo, hi)] = None
         mine = self._writes_in(lo, hi)
         committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
         for k, v in _overlay(committed, mine, reverse):
