@@ -14,6 +14,10 @@ Findings (each test named below fails on the code before its fix):
   polling one prefix 100,000 times held 14 MiB and its PREPARE logged (and its prepared
   row kept) 100,000 ranges, past whose record limit ~1.6 million polls made prepare fail.
   Each range is kept once now (``test_polling_one_prefix_keeps_its_range_once``).
+- ``tx.update(iterable)`` packed the whole iterable before the write-set bound
+  (480 MiB) refused it: an update from a multi-GiB stream held all of it in memory
+  first (an endless one never returned). It now stops reading at the pair that passes
+  the bound (``test_an_update_from_a_stream_past_the_bound_stops_reading_it``).
 
 The model test (``test_transactions_agree_with_a_dict_model``) guards the semantics the
 fix touches: nested savepoints, rollback to outer ones, release, read-your-writes, scans
@@ -119,6 +123,37 @@ def test_a_range_scanned_many_times_still_meets_a_phantom(store):
     with pytest.raises(ConflictError):
         tx.commit()
     assert store.get("jobs/summary") is None
+
+
+SMALL = 100_000  # a write-set bound a test can pass in a blink
+
+
+@pytest.fixture
+def small_bound(monkeypatch):
+    from walstore.engine import transaction as t
+    monkeypatch.setattr(t, "MAX_TXN_WRITE_BYTES", SMALL)
+    monkeypatch.setattr(t.Transaction, "_write_trigger", SMALL)
+    return SMALL
+
+
+def test_an_update_from_a_stream_past_the_bound_stops_reading_it(small_bound, store):
+    tx = store.transaction()
+    tx.put("before", 1)
+    read = [0]
+
+    def rows():  # 20 times the bound (a bulk load of a big export, say)
+        for i in range(5_000):
+            read[0] += 1
+            yield f"row/{i:05}", "v" * 400
+    with pytest.raises(walstore.TransactionTooLarge, match="this update"):
+        tx.update(rows())
+    assert read[0] <= SMALL // 400 + 1, f"read {read[0]} rows of a stream past the bound"
+    assert [k for k, _v in tx.scan()] == ["before"]  # nothing of the update was made
+    # a key repeated far past the bound is one pair: not refused
+    tx.update(("same", "w" * 400) for _ in range(2_000))
+    tx.update({f"ok/{i}": i for i in range(100)})
+    tx.commit()
+    assert store.get("same") == "w" * 400 and store.get("ok/99") == 99
 
 
 # ---- the model ------------------------------------------------------------------------

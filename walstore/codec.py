@@ -13,7 +13,7 @@ the size of those bytes (msgpack's limits default to the buffer length).
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Union
+from typing import Any, Callable, Iterable, Union
 
 import msgpack
 
@@ -223,16 +223,28 @@ def _holds_timestamp(obj: Any) -> bool:
     return False
 
 
-def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
+def pack_items(pairs: Iterable, limit: int | None = None,
+               over: Callable[[int], Any] | None = None) -> dict[bytes, bytes]:
     """``{encode_key(k): pack_value(v, k)}`` of many (key, value) pairs (``tx.update``),
     with the common keys and scalar values done in line; anything else, and every
     error, goes through ``encode_key``/``pack_value`` (the same checks, the same
-    messages)."""
+    messages).
+
+    ``limit``: once the pairs packed so far pass this many bytes (as a write set counts
+    them: key, value, WRITE_OVERHEAD each, a repeated key once), ``over(size)`` is called
+    (it raises) before another pair is read: a generator far past the bound is not
+    packed whole first (an update() of a multi-GiB stream held it all in memory, then
+    was refused by the write-set bound — probe-audit54)."""
     try:
         packb = _local.packer.pack
     except AttributeError:
         packb = _packer().pack
     out: dict[bytes, bytes] = {}
+    size = 0
+    exact = False  # (an upper bound until it first passes ``limit``; then counted exactly)
+    if limit is None:
+        limit = 1 << 62
+    overhead = WRITE_OVERHEAD
     for pair in pairs:
         try:
             key, value = pair
@@ -258,7 +270,19 @@ def pack_items(pairs: Iterable) -> dict[bytes, bytes]:
                     pack_value(value, key)  # (raises)
         else:
             packed = pack_value(value, key)
+        if exact:
+            old = out.get(k)
+            if old is not None:  # (a key repeated: its earlier value goes)
+                size -= len(k) + len(old) + WRITE_OVERHEAD
         out[k] = packed
+        size += len(k) + len(packed) + overhead  # (a repeated key: an upper bound)
+        if size > limit:
+            if not exact:
+                exact = True  # (rare: an update near the bound; each pair looked up now)
+                size = sum(len(x) + len(y) for x, y in out.items()) \
+                    + WRITE_OVERHEAD * len(out)
+            if size > limit and over is not None:
+                over(size)
     return out
 
 

@@ -475,7 +475,9 @@ class Transaction:
         """Put many pairs at once (a mapping or an iterable of (key, value)): the bulk
         load call, with the same validation as ``put``."""
         self._check_writable()
-        staged = pack_items(items.items() if isinstance(items, Mapping) else items)
+        # (the pairs alone passing the bound: refused before the rest is read and packed)
+        staged = pack_items(items.items() if isinstance(items, Mapping) else items,
+                            MAX_TXN_WRITE_BYTES, lambda size: self._too_big(size, None))
         writes = self._writes
         size = (self._write_bytes + sum(map(len, staged)) + sum(map(len, staged.values()))
                 + WRITE_OVERHEAD * len(staged))  # (packed values: never None)
