@@ -18,6 +18,11 @@ Findings (each test named below fails on the code before its fix):
   (480 MiB) refused it: an update from a multi-GiB stream held all of it in memory
   first (an endless one never returned). It now stops reading at the pair that passes
   the bound (``test_an_update_from_a_stream_past_the_bound_stops_reading_it``).
+- An exception leaving a ``with tx.savepoint()`` block in which the transaction was
+  prepared came out as TransactionClosed ("prepared ...; nothing was undone"), the
+  block's own exception only its context; now the block re-raises it and leaves the
+  prepared transaction in doubt, as the ``with`` transaction's end does
+  (``test_a_savepoint_block_around_a_prepare_re_raises_its_own_exception``).
 
 The model test (``test_transactions_agree_with_a_dict_model``) guards the semantics the
 fix touches: nested savepoints, rollback to outer ones, release, read-your-writes, scans
@@ -123,6 +128,22 @@ def test_a_range_scanned_many_times_still_meets_a_phantom(store):
     with pytest.raises(ConflictError):
         tx.commit()
     assert store.get("jobs/summary") is None
+
+
+def test_a_savepoint_block_around_a_prepare_re_raises_its_own_exception(store):
+    class CoordinatorSaidNo(Exception):
+        pass
+    with pytest.raises(CoordinatorSaidNo):
+        with store.transaction() as tx:
+            with tx.savepoint("vote"):
+                tx.put("k", 1)
+                tx.prepare("g1")
+                raise CoordinatorSaidNo()
+    assert store.prepared() == ["g1"] and tx.state == "active"  # in doubt, held
+    with pytest.raises(ValueError, match="no active savepoint"):
+        tx.release("vote")  # the block's savepoint ended with the block
+    store.rollback_prepared("g1")
+    assert store.get("k") is None and store.decision("g1") == "abort"
 
 
 SMALL = 100_000  # a write-set bound a test can pass in a blink

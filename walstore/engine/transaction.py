@@ -174,6 +174,13 @@ class Savepoint:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if not self.active or self._tx.state != ACTIVE:
             return False
+        if exc_type is not None and self._tx.gid is not None:
+            # prepared inside the block (it voted yes): its write set is fixed until its
+            # coordinator decides, as the ``with`` transaction's end leaves it; the block's
+            # exception goes on (a rollback_to here raised TransactionClosed in its place,
+            # the caller's error only as its context — probe-audit54)
+            self._tx.release(self)
+            return False
         if exc_type is not None:
             try:
                 self._tx.rollback_to_on(self, exc)
