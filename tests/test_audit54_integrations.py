@@ -92,3 +92,49 @@ def test_alist_streams_the_thread_as_list_does(tmp_path):
         assert asyncio.run(closed_early()) == want[:3]
     finally:
         saver.close()
+
+
+def test_listing_a_whole_history_holds_no_more_than_a_checkpoint_at_a_time(tmp_path):
+    """``list`` (and ``alist``, ``get_state_history``) kept, in the memo that spares
+    re-reading a version two checkpoints share, every channel version it had read: a
+    whole history of a growing ``messages`` list held each step's rebuilt list at once
+    (160 checkpoints of one 1 KB message more each: 13 MB, quadratic in the thread's
+    length; the newest value is 0.16 MB).  The memo now keeps the versions of the
+    checkpoint just read; the values listed are the same."""
+    def fill(saver):
+        head, msgs, version = None, [], None
+        for i in range(160):
+            msgs = msgs + [os.urandom(500).hex()]
+            version = saver.get_next_version(version)
+            c = empty_checkpoint()
+            c["channel_values"] = {"messages": msgs, "fixed": "same"}
+            c["channel_versions"] = {"messages": version, "fixed": "0000000001.0"}
+            conf = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+            if head is not None:
+                conf["configurable"]["checkpoint_id"] = head
+            head = saver.put(conf, c, {"step": i},
+                             {"messages": version} if i else c["channel_versions"]
+                             )["configurable"]["checkpoint_id"]
+
+    saver = WalstoreSaver.from_path(str(tmp_path / "s"), durability="none")
+    try:
+        fill(saver)
+        conf = {"configurable": {"thread_id": "t"}}
+
+        async def alisted():
+            return [len(t.checkpoint["channel_values"]["messages"])
+                    async for t in saver.alist(conf)]
+        tracemalloc.start()
+        try:
+            lengths = []
+            for t in saver.list(conf):
+                assert t.checkpoint["channel_values"]["fixed"] == "same"
+                lengths.append(len(t.checkpoint["channel_values"]["messages"]))
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert lengths == list(range(160, 0, -1))
+        assert peak < 4_000_000, peak  # before: ~13.5 MB
+        assert asyncio.run(alisted()) == lengths
+    finally:
+        saver.close()

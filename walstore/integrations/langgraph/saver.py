@@ -541,7 +541,17 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             metadata = self.codec.loads(rec["m"])
             if filter and not all(metadata.get(k) == v for k, v in filter.items()):
                 continue
-            yield self._tuple(get, scan, t, n, ns, cid, rec, memo, metadata)
+            tup = self._tuple(get, scan, t, n, ns, cid, rec, memo, metadata)
+            # the memo keeps the versions of the checkpoint just read, no older ones: the
+            # next (its parent, most often) shares those of the channels its step did not
+            # write.  It kept every version the listing had read, so a whole history of a
+            # growing ``messages`` list held each step's rebuilt list at once (200
+            # checkpoints of one 1 KB message more each: 20 MB, the newest value 0.2 MB;
+            # quadratic in the thread's length)
+            memo = {k: memo[k] for k in (ns.blob(ch, ver) for ch, ver in
+                                         tup.checkpoint.get("channel_versions", {}).items())
+                    if k in memo}
+            yield tup
             if limit is not None:
                 limit -= 1
                 if limit <= 0:
