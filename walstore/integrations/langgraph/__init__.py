@@ -6,8 +6,10 @@
     from walstore.integrations.langgraph import WalstoreSaver, WalstoreStore
 
     store = walstore.open("agent-state")
-    graph = builder.compile(checkpointer=WalstoreSaver(store), store=WalstoreStore(store))
+    saver = WalstoreSaver(store)
+    graph = builder.compile(checkpointer=saver, store=WalstoreStore(store))
     graph.invoke(inputs, {"configurable": {"thread_id": "t1"}})
+    old_state = list(graph.get_state_history({"configurable": {"thread_id": "t1"}}))[-2]
     saver.rewind(old_state.config)        # rewind thread t1 only, with compensations
 
 This package owns the integration; its parts:
