@@ -186,3 +186,36 @@ def test_sessions_that_are_gone_leave_nothing_behind(store):
         tracemalloc.stop()
     assert retained < 500_000, retained  # before: ~3.5 MB
     assert a._lock is WalstoreSession("u", store)._lock
+
+
+# ---- reads of big items (the store's scans) ----------------------------------------------
+def test_reading_the_first_of_many_big_items_holds_a_few_of_them(store):
+    """A snapshot scan read LMDB in chunks of rows (16, then 64, then 256) whatever their
+    size, so ``WalstoreStore.search(ns, limit=1)`` over items of 2 MiB held 16 of them
+    (34 MB, tracemalloc) and a session's ``get_items(1)`` the same (items up to 16 MiB:
+    up to 4 GiB for a chunk of 256).  A chunk now also stops at 8 MiB of values."""
+    from walstore.integrations.langgraph import WalstoreStore
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+    memory = WalstoreStore(store)
+    session = WalstoreSession("big", store)
+    for i in range(20):
+        memory.put(("big",), f"k{i:02d}", {"b": os.urandom(2 << 20)})
+    asyncio.run(session.add_items([{"role": "user", "content": os.urandom(1 << 20).hex()}
+                                   for _ in range(20)]))
+    store.checkpoint()  # (the items in LMDB, where scans read chunks)
+
+    def peak_of(fn):
+        tracemalloc.start()
+        try:
+            out = fn()
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    found, peak = peak_of(lambda: memory.search(("big",), limit=1))
+    assert [i.key for i in found] == ["k00"]
+    assert peak < 16_000_000, peak  # before: ~34 MB
+    items, peak = peak_of(lambda: asyncio.run(session.get_items(1)))
+    assert len(items) == 1
+    assert peak < 16_000_000, peak  # before: ~34 MB
+    assert len(list(store.scan(prefix="oa/big/"))) == 20

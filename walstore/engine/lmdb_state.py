@@ -102,6 +102,9 @@ def os_errno(e: "lmdb.Error") -> int | None:
     LMDB's texts, none of which is an strerror."""
     return _ERRNO_OF.get(str(e).rsplit(": ", 1)[-1].strip())
 SCAN_CHUNK = 256
+# a snapshot scan's chunk stops at this many bytes of values too: 256 rows of values up to
+# 16 MiB each were read at once (a scan's first row over 4 MiB values held 16 of them)
+SCAN_CHUNK_BYTES = 8 << 20
 _U64 = struct.Struct(">Q")
 DATA = object()  # "the data table" as a default argument
 
@@ -897,9 +900,11 @@ class _ClosedEnvironment:
 
 
 def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes | None,
-               limit: int = SCAN_CHUNK) -> list[tuple[bytes, bytes]]:
+               limit: int = SCAN_CHUNK, max_bytes: int | None = None
+               ) -> list[tuple[bytes, bytes]]:
     """Up to ``limit`` rows of [lo, hi) strictly past ``after`` (the last key of the
-    previous chunk), in order, read inside ``txn``."""
+    previous chunk), in order, read inside ``txn``; with ``max_bytes``, no row more once
+    the values read hold that many bytes (``chunk_ended``: was the range's end met?)."""
     if db is None:
         return []
     if after is not None:
@@ -912,6 +917,7 @@ def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes
     # what a row costs then (see lmdb_state's module doc), so calls are what to save
     cur = txn.cursor(db=db)
     out: list[tuple[bytes, bytes]] = []
+    room = max_bytes
     if reverse:
         if hi is None:
             ok = cur.last()
@@ -925,6 +931,10 @@ def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes
             out.append((k, v))
             if len(out) >= limit:
                 break
+            if room is not None:
+                room -= len(v)
+                if room <= 0:
+                    break
     else:
         if not cur.set_range(lo):
             return out
@@ -934,7 +944,17 @@ def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes
             out.append((k, v))
             if len(out) >= limit:
                 break
+            if room is not None:
+                room -= len(v)
+                if room <= 0:
+                    break
     return out
+
+
+def chunk_ended(chunk: list[tuple[bytes, bytes]], limit: int, max_bytes: int) -> bool:
+    """Did ``read_chunk(..., limit, max_bytes)`` return ``chunk`` because the range ended
+    (not because it read ``limit`` rows or ``max_bytes`` of values)?"""
+    return len(chunk) < limit and sum(len(v) for _k, v in chunk) < max_bytes
 
 
 def _forget_parent_environments() -> None:

@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator
 
 from ..errors import ConflictError
 from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
-from .lmdb_state import SCAN_CHUNK, LmdbState, from_u64, read_chunk, u64
+from .lmdb_state import (SCAN_CHUNK, SCAN_CHUNK_BYTES, LmdbState, chunk_ended, from_u64,
+                         read_chunk, u64)
 from .memtable import MemTable
 from . import tables
 
@@ -168,8 +169,9 @@ class StateReader:
                 if applied is not None:
                     _changed_since(txn, st, covered, applied, lo, hi, at, fixes, purges)
                     covered = applied
-                chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit)
-            final = len(chunk) < limit
+                chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit,
+                                   SCAN_CHUNK_BYTES)
+            final = chunk_ended(chunk, limit, SCAN_CHUNK_BYTES)
             limit = min(limit * 4, SCAN_CHUNK)
             edge = None if final else chunk[-1][0]
             if reverse:  # this chunk covers the MemTable keys from ``edge`` up
