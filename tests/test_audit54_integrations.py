@@ -219,3 +219,44 @@ def test_reading_the_first_of_many_big_items_holds_a_few_of_them(store):
     assert len(items) == 1
     assert peak < 16_000_000, peak  # before: ~34 MB
     assert len(list(store.scan(prefix="oa/big/"))) == 20
+
+
+def test_copy_thread_holds_a_step_of_the_source_not_all_of_it(tmp_path):
+    """``copy_thread`` read the whole source thread (every checkpoint, blob and pending
+    write, values and all) into memory before writing the first copy transaction: 240
+    checkpoints of 100 KB peaked at 32.6 MB (a long thread: all of it).  It now keeps a
+    snapshot transaction open and reads each copy step's values as it writes it (what
+    plans the steps is kept: keys, checkpoint records, delta bases); the copy is the same,
+    one transaction per checkpoint, and rewinds to any of its checkpoints as before."""
+    saver = WalstoreSaver.from_path(str(tmp_path / "s"), durability="none",
+                                    max_unapplied_bytes=1 << 20)
+    try:
+        head = None
+        for i in range(240):
+            c = empty_checkpoint()
+            c["channel_values"] = {"blob": os.urandom(100_000)}
+            c["channel_versions"] = {"blob": i + 1}
+            conf = {"configurable": {"thread_id": "t", "checkpoint_ns": ""}}
+            if head is not None:
+                conf["configurable"]["checkpoint_id"] = head
+            head = saver.put(conf, c, {"step": i}, {"blob": i + 1})
+            head = head["configurable"]["checkpoint_id"]
+        tracemalloc.start()
+        try:
+            saver.copy_thread("t", "u")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 16_000_000, peak  # before: ~32.6 MB
+        src = list(saver.list({"configurable": {"thread_id": "t"}}))
+        dst = list(saver.list({"configurable": {"thread_id": "u"}}))
+        assert [t.checkpoint["id"] for t in dst] == [t.checkpoint["id"] for t in src]
+        assert all(a.checkpoint["channel_values"] == b.checkpoint["channel_values"]
+                   for a, b in zip(src, dst))
+        mid = dst[100].config
+        saver.rewind(mid)
+        assert saver.get_tuple({"configurable": {"thread_id": "u"}}).checkpoint["id"] \
+            == mid["configurable"]["checkpoint_id"]
+        assert len(list(saver.list({"configurable": {"thread_id": "t"}}))) == 240
+    finally:
+        saver.close()

@@ -192,6 +192,7 @@ class StateReader:
                     yield row
             if final:
                 return
+            del chunk, rows  # (let go before the next is read: two chunks were held at once)
             after = edge
 
     def _purge_met(self, epoch: Callable[[], Any], at: int, key: bytes, lo: bytes,
