@@ -260,3 +260,62 @@ def test_copy_thread_holds_a_step_of_the_source_not_all_of_it(tmp_path):
         assert len(list(saver.list({"configurable": {"thread_id": "t"}}))) == 240
     finally:
         saver.close()
+
+
+def test_a_page_of_every_threads_checkpoints_holds_the_page(tmp_path):
+    """``list(None, limit=k)`` (every thread's checkpoints, newest first) held every
+    checkpoint record of the store to sort them, whatever ``k``: 2,000 threads of three
+    checkpoints peaked at 7.8 MB for one row (1,000: 3.8 MB).  It now keeps the ``k`` newest that pass the
+    filter; the rows and their order are the full sort's (``before``, ``filter``, a
+    namespace, and copied threads sharing checkpoint ids included)."""
+    saver = WalstoreSaver.from_path(str(tmp_path / "s"), durability="none")
+    try:
+        def fill(first: int, n: int) -> None:
+            for t in range(first, first + n):
+                head = None
+                for i in range(3):
+                    c = empty_checkpoint()
+                    c["channel_values"] = {"x": i}
+                    c["channel_versions"] = {"x": i + 1}
+                    conf = {"configurable": {"thread_id": f"t{t}", "checkpoint_ns": ""}}
+                    if head is not None:
+                        conf["configurable"]["checkpoint_id"] = head
+                    head = saver.put(conf, c, {"step": i, "even": t % 2 == 0, "pad": "p" * 300},
+                                     {"x": i + 1})["configurable"]["checkpoint_id"]
+
+        def peak(n: int) -> int:
+            saver.store.checkpoint()  # (applied: the unapplied keys' index is not measured)
+            tracemalloc.start()
+            try:
+                assert len(list(saver.list(None, limit=1))) == 1
+                return tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+        fill(0, 250)
+        small = peak(250)
+        fill(250, 750)
+        big = peak(1000)
+        assert big < small + 1_000_000, (small, big)  # before: ~1 MB and ~3.8 MB
+
+        saver.copy_thread("t7", "copy-of-t7")  # (checkpoint ids shared with t7)
+        every = [(t.config["configurable"]["thread_id"], t.checkpoint["id"])
+                 for t in saver.list(None)]
+        assert len(every) == 1001 * 3
+        assert [r[1] for r in every] == sorted((r[1] for r in every), reverse=True)
+        for kw in ({"limit": 5}, {"limit": 4, "filter": {"even": True}},
+                   {"limit": 3, "filter": {"step": 0}},
+                   {"limit": 6, "before": {"configurable": {"checkpoint_id": every[40][1]}}}):
+            got = [(t.config["configurable"]["thread_id"], t.checkpoint["id"])
+                   for t in saver.list(None, **kw)]
+            want = [(t.config["configurable"]["thread_id"], t.checkpoint["id"])
+                    for t in saver.list(None, **{k: v for k, v in kw.items() if k != "limit"})]
+            assert got == want[:kw["limit"]], kw
+        ids_of_t7 = {t.checkpoint["id"] for t in saver.list({"configurable": {"thread_id": "t7"}})}
+        both = [r for r in every if r[1] in ids_of_t7]
+        got = [(t.config["configurable"]["thread_id"], t.checkpoint["id"])
+               for t in saver.list({"configurable": {"checkpoint_ns": ""}},
+                                   filter={"step": 2}, limit=10**6)]
+        assert [r for r in got if r[1] in ids_of_t7] == [r for r in both
+                                                       if r[1] == max(ids_of_t7)]
+    finally:
+        saver.close()
