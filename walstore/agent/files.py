@@ -155,6 +155,18 @@ def _row_bytes(entry_row: Any) -> int:
     return sum(len(x) if isinstance(x, (str, bytes)) else 9 for x in entry_row)
 
 
+def _row_since_ns(row: dict) -> int | None:
+    """When the steps of an ``fsteps`` row began (``FileEffect.since_ns``): a watch's
+    ``began``, else the record's ``ts``; None in a row logged before either was kept."""
+    began = row.get("began")
+    if isinstance(began, int) and not isinstance(began, bool):
+        return began
+    ts = row.get("ts")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0:
+        return int(ts * 1e9)
+    return None
+
+
 @dataclass(eq=False)
 class FileEffect:
     """One file operation of a transaction: its steps, logged as FILE_STEPS record(s)."""
@@ -177,6 +189,11 @@ class FileEffect:
     # the next open took it for owed and found the path further back (an older step of
     # the transaction undone since): a false conflict and a quarantined copy (sweep-files)
     put_back: bool = False
+    # when its change began (ns, wall clock; a watch's: when the block began; None: not
+    # known, a row logged before it was): a directory its undo removes keeps the ignored
+    # paths older than that (``apply._clear_ignored``: a watched ``mv src dst`` carries
+    # src's ignored ``.env`` along, and the undo deleted it for good)
+    since_ns: int | None = None
 
     @property
     def lsn(self) -> int:
@@ -233,6 +250,9 @@ class FileUndo:
     path: bytes
     target: Entry
     expected: Entry
+    # no later than the undone change of the path (the oldest undone transaction's commit
+    # time, ns; None: not known): see ``FileEffect.since_ns``
+    since_ns: int | None = None
 
 
 class UndoBatch:
@@ -561,10 +581,14 @@ class Files:
         return TxFiles(self, tx, self.resolve_ws(ws_or_root))
 
     def log_steps(self, tx: "Transaction", ws: Workspace, op: str, steps: list,
-                  durable: bool = True, watch: int | None = None) -> FileEffect:
+                  durable: bool = True, watch: int | None = None,
+                  began_ns: int | None = None) -> FileEffect:
         """Log ``steps`` as FILE_STEPS record(s) (the last one ``durable``).  ValueError,
         nothing logged, when a path is too long for the file history's keys (a watch finds
-        paths that no call named)."""
+        paths that no call named).  ``began_ns``: a watch's steps, when its block began
+        (logged as ``began``: the undo's bound for ignored paths, ``FileEffect.since_ns``);
+        other steps began now (``ts``)."""
+        since_ns = began_ns if began_ns is not None else time.time_ns()
         for c in steps:
             check_length(ws.root_b, c.path)
         self._count_blob_bytes()
@@ -576,6 +600,8 @@ class Files:
                     "ts": self.engine.clock()}
             if watch is not None:
                 body["watch"] = watch
+            if began_ns is not None:
+                body["began"] = began_ns
             last = i == len(chunks) - 1
             ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable and last)
             lsns.append(ev.lsn)
@@ -586,7 +612,7 @@ class Files:
         # rolled-back 1 MiB writes grew files/ by 1 MiB a rollback, 601 MiB after 600)
         if self._blobs is not None and (self._horizon_moved() or self._bytes_due()):
             self.gc()
-        return FileEffect(ws, op, steps, lsns, tx.id)
+        return FileEffect(ws, op, steps, lsns, tx.id, since_ns=since_ns)
 
     def run(self, tx: "Transaction", ws: Workspace, op: str,
             make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
@@ -613,7 +639,8 @@ class Files:
             except BaseException:
                 with contextlib.suppress(Exception):
                     conflicts = undo_steps(ws, steps, self.blobs, self.quarantine(tx.id),
-                                           check=True, durable=self.durable)
+                                           check=True, durable=self.durable,
+                                           since_ns=eff.since_ns)
                     if not conflicts:
                         self.record(tx.id, [eff], [], durable=False)
                         tx.effects.remove(eff)
@@ -1142,9 +1169,11 @@ class Files:
                 for rel in sorted(specials, key=len, reverse=True):
                     fapply._remove_special(ws, rel, self.durable)
                 conflicts = []
+                since = {it.path: it.since_ns for it in by_ws[root]}
                 for c in forward:
                     got = fapply.restore(ws, c.path, c.after, None if force else c.before,
-                                         self.blobs, self.quarantine(tx.id), self.durable)
+                                         self.blobs, self.quarantine(tx.id), self.durable,
+                                         since_ns=since.get(c.path))
                     if got is not None:
                         conflicts.append(abs_display(root, c.path))
                 if conflicts:
@@ -1280,8 +1309,8 @@ class Files:
                 self._check_claims(tx, ws.root_b, [c.path for c in forward])
             except ConflictError as e:
                 self._put_back_claimed_watch(tx, w, m1, changes, e)
-            eff = self.log_steps(tx, ws, "watch", forward, durable=False,
-                                 watch=w.lsn) if forward else None
+            eff = self.log_steps(tx, ws, "watch", forward, durable=False, watch=w.lsn,
+                                 began_ns=w.manifest.taken_ns) if forward else None
             self._note_claims(tx, ws.root_b, forward)  # (changed already: claimed, unchecked)
             self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
                                                  "begin": w.lsn, "n": len(changes)},
@@ -1306,7 +1335,8 @@ class Files:
         ws = w.ws
         unlimited = w.manifest.workspace(ws).without_length_limit()
         conflicts = restore_changes(unlimited, changes, self.blobs, self.quarantine(tx.id),
-                                    check=True, durable=self.durable)
+                                    check=True, durable=self.durable,
+                                    since_ns=w.manifest.taken_ns)
         self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
                                              "begin": w.lsn, "n": 0}, tx.id, durable=True)
         tx.effects.remove(w)
@@ -1458,7 +1488,7 @@ class Files:
             return undo_steps(eff.ws, steps, self.blobs, self.quarantine(txid),
                               check=True, durable=self.durable,
                               done=batch.done(eff) if batch is not None else None,
-                              after_crash=recovering)
+                              after_crash=recovering, since_ns=eff.since_ns)
 
     def _committed_since(self, root: bytes, path: bytes, lsn: int) -> bool:
         """Has a transaction committed a version of ``path`` after ``lsn`` (LMDB, drained
@@ -1495,7 +1525,7 @@ class Files:
         if recovering:
             self._keep_found(unlimited, changes, txid)
         return restore_changes(unlimited, changes, self.blobs, self.quarantine(txid),
-                               check=False, durable=self.durable)
+                               check=False, durable=self.durable, since_ns=m0.taken_ns)
 
     def _keep_found(self, ws: Workspace, changes: list, txid: int) -> None:
         """Keep the current file or symlink of each change aside (see above)."""
@@ -1587,7 +1617,8 @@ class Files:
             return OpenWatch(ws, Manifest.load(self.blobs, row["manifest"]), row["manifest"],
                              lsn, txid)
         steps = [Change.from_row(s) for s in row.get("steps") or ()]
-        return FileEffect(ws, row.get("op", "?"), steps, [lsn], txid)
+        return FileEffect(ws, row.get("op", "?"), steps, [lsn], txid,
+                          since_ns=_row_since_ns(row))
 
     def effects_of(self, txid: int) -> list:
         """The owed effects of one ended transaction (``rollback_prepared``), newest first.

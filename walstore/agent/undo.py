@@ -674,6 +674,16 @@ class Undo:
         if not file_lsns:
             return []
         items, conflicts = [], []
+        stamps: dict[int, int | None] = {}
+
+        def since(txid: int) -> int | None:
+            """The commit time of ``txid`` (ns): no earlier than its change of a path, so
+            an ignored path older than it predates that change (``FileUndo.since_ns``)."""
+            if txid not in stamps:
+                ts = self.history.txn_info(txid).timestamp
+                stamps[txid] = int(ts * 1e9) if ts else None
+            return stamps[txid]
+
         for (root, path), lsns in file_lsns.items():
             newest = self.fh.version(root, path, lsns[0])
             oldest = self.fh.version(root, path, lsns[-1])
@@ -688,7 +698,8 @@ class Undo:
                 # the plan listed what the real undo found done, or missed its conflict)
                 current = self.files.dropped_before(root, path)
                 if current is None:  # (a parent's change only: kept, as the undo will)
-                    items.append(FileUndo(ws, path, oldest.before, newest.after))
+                    items.append(FileUndo(ws, path, oldest.before, newest.after,
+                                          since(oldest.txid)))
                     continue
             try:
                 status = restore_status(ws, path, oldest.before, newest.after,
@@ -709,7 +720,7 @@ class Undo:
                 conflicts.append(abs_display(root, path))
                 if not force:
                     continue
-            items.append(FileUndo(ws, path, oldest.before, newest.after))
+            items.append(FileUndo(ws, path, oldest.before, newest.after, since(oldest.txid)))
         if conflicts and not force:
             self._conflict_if_files_changed_since(snapshot)
             raise RevertConflict(f"file(s) changed behind walstore's back since the undone "

@@ -475,6 +475,11 @@ def fsteps_row(event: Event) -> dict:
     row = {"ws": b.get("ws"), "op": b.get("op"), "steps": b.get("steps") or []}
     if "watch" in b:
         row["watch"] = b["watch"]
+    # when the steps began (an undo keeps the ignored paths older than that in a
+    # directory it removes: agent.files.FileEffect.since_ns)
+    for f in ("ts", "began"):
+        if f in b:
+            row[f] = b[f]
     return row
 
 

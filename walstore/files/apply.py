@@ -692,14 +692,28 @@ def rmtree(ws: Workspace, path: PathLike, expected: dict[bytes, Entry] | None = 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _clear_ignored(ws: Workspace, rel: bytes) -> bool:
+# a file system stamps ctime from a coarse clock (one kernel tick, 1-10 ms, behind the
+# clock an undone change's time was read from): a path made right after that change may
+# carry a ctime this much older than it
+CTIME_SLACK_NS = 20_000_000
+
+
+def _clear_ignored(ws: Workspace, rel: bytes, since_ns: int | None = None) -> bool:
     """Empty the directory ``rel`` that an undo must remove when every name in it is one
     of the workspace's ignored paths (``ignore=``: untracked by declaration, e.g. the
     ``__pycache__`` a test run left in a package the transaction created): they are
-    removed with it, as ``git clean -X`` would.  Such a directory did not exist in the
-    before-image, so nothing in it predates what is undone.  Anything not ignored in it:
-    False and nothing removed (the caller reports a conflict).  Walked through directory
-    descriptors, never following a symlink (``_Rmtree``)."""
+    removed with it, as ``git clean -X`` would.  Anything not ignored in it: False and
+    nothing removed (the caller reports a conflict).  Walked through directory
+    descriptors, never following a symlink (``_Rmtree``).
+
+    ``since_ns``: when the undone change that made the directory ran (None: not known,
+    every ignored path goes).  The directory did not exist in the before-image, but what
+    it holds may predate it: a watched ``mv src dst`` moves ``src``'s ignored ``.env``,
+    ``.venv/``, ``__pycache__/`` along, and its undo removes ``dst`` and makes ``src``
+    anew from the steps, which never name ignored paths — they were deleted for good.  So
+    a path anywhere under an ignored name whose ctime is older than ``since_ns`` (less
+    ``CTIME_SLACK_NS``; ctime cannot be set back, and a rename or link of it moves it
+    forward) keeps the directory: a conflict, nothing removed."""
     if not ws.ignore:
         return False
     try:
@@ -718,8 +732,39 @@ def _clear_ignored(ws: Workspace, rel: bytes) -> bool:
                     or not ws.ignored(crel, stat.S_ISDIR(cst.st_mode)):
                 return False
             children.append((child, crel, cst))
+        if since_ns is not None and any(
+                _older_inside(fd, child, cst, since_ns - CTIME_SLACK_NS)
+                for child, _crel, cst in children):
+            return False
         run = _Rmtree(ws, None)
         return all([run.remove(fd, child, crel, cst) for child, crel, cst in children])
+    finally:
+        os.close(fd)
+
+
+def _older_inside(pfd: int, name: bytes, st: os.stat_result, bound_ns: int) -> bool:
+    """Is ``name`` (in the directory ``pfd``, ``st`` its lstat), or anything under it, of
+    a ctime older than ``bound_ns``?  Never follows a symlink; a name gone meanwhile is
+    not older; a directory that cannot be opened is (kept rather than lost)."""
+    if st.st_ctime_ns < bound_ns:
+        return True
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    try:
+        for child in os.listdir(fd):
+            try:
+                cst = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if _older_inside(fd, os.fsencode(child), cst, bound_ns):
+                return True
+        return False
     finally:
         os.close(fd)
 
@@ -911,7 +956,7 @@ def _between(before: Entry, after: Entry, current: Entry) -> bool:
 def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
             blobs: BlobStore, quarantine: str | bytes | None = None,
             durable: bool = True, done: Iterable[Entry] = (),
-            after_crash: bool = False) -> FileConflict | None:
+            after_crash: bool = False, since_ns: int | None = None) -> FileConflict | None:
     """Put the before-image ``before`` back at ``path``.
 
     ``expected_current``: the state walstore left the path in (its after-image); when the
@@ -921,7 +966,8 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     watch, or a forced revert).  A directory that must go but holds something walstore
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
     before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
-    parents are created (default mode)."""
+    parents are created (default mode).  ``since_ns``: when the undone change ran (a
+    directory to remove keeps ignored paths older than it: ``_clear_ignored``)."""
     root = not ws.rel(path, allow_root=True)  # (the root itself: a watch's mode change)
     try:  # (ValueError: a symlink on the way, never gone through)
         ws.resolve(path, allow_root=root)
@@ -949,7 +995,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
                     _rmdir(pinned)
                 except OSError as e:
                     if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) \
-                            or not _clear_ignored(ws, rel):
+                            or not _clear_ignored(ws, rel, since_ns):
                         raise
                     _rmdir(pinned)  # (it held only ignored paths, now removed)
         except OSError as e:

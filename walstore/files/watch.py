@@ -798,31 +798,35 @@ def undo_order(changes: Iterable[Change]) -> list[Change]:
 
 def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
                     quarantine: str | bytes | None, check: bool = True,
-                    durable: bool = True) -> list[FileConflict]:
+                    durable: bool = True, since_ns: int | None = None
+                    ) -> list[FileConflict]:
     """Put every change of a change set (a watch's diff) back to its before-image, in
     ``undo_order``.  ``check``: a path no longer in the change's after-image is a
     conflict (kept, reported); False: every current state is walstore's own (a crashed
-    watch, a forced revert)."""
-    return restore_in_order(ws, undo_order(changes), blobs, quarantine, check, durable)
+    watch, a forced revert).  ``since_ns``: when the changes began (``apply.restore``)."""
+    return restore_in_order(ws, undo_order(changes), blobs, quarantine, check, durable,
+                            since_ns=since_ns)
 
 
 def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
                      quarantine: str | bytes | None, check: bool = True,
                      durable: bool = True,
                      done: Callable[[Change], Iterable[Entry]] | None = None,
-                     after_crash: bool = False) -> list[FileConflict]:
+                     after_crash: bool = False,
+                     since_ns: int | None = None) -> list[FileConflict]:
     """Restore each change's before-image in the order given; the conflicts.  A path
     that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
     conflict) is reported as a conflict too, and nothing is written through it (its
     before-image is kept under ``quarantine``, as any conflict's).
     ``done(change)``: states that count as restored already for that change (see
-    ``apply.restore_status``)."""
+    ``apply.restore_status``).  ``since_ns``: when the changes began (a directory to
+    remove keeps the ignored paths older than that: ``apply._clear_ignored``)."""
     conflicts: list[FileConflict] = []
     for c in ordered:
         expected = c.after if check else None
         try:
             got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable,
-                          done(c) if done is not None else (), after_crash)
+                          done(c) if done is not None else (), after_crash, since_ns)
         except (ValueError, NotADirectoryError) as e:
             # walstore's version is kept all the same, as any conflict's (it was kept
             # nowhere: the content the transaction had overwritten was lost to the user)

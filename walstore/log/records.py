@@ -30,7 +30,8 @@ WORKSPACE            ``root`` (bytes, realpath), ``ignore`` (gitignore patterns)
 FILE_STEPS           ``tx``, ``ws`` (root), ``op``, ``steps``: [[path, before, after]] (Entry
                      rows, walstore.files.entries), in the order the operation makes them;
                      durable BEFORE the operation changes anything (write-ahead); ``watch``:
-                     the WATCH_BEGIN LSN when the steps are a watch's changes (logged after);
+                     the WATCH_BEGIN LSN when the steps are a watch's changes (logged after),
+                     ``began`` (ns) when its block began;
                      ``ts`` (when logged: a restore to a time cuts at it; older logs lack it)
 WATCH_BEGIN          ``tx``, ``ws``, ``manifest`` (digest of the saved manifest before the
                      watched block: every tracked file's content is stored), ``ts``
