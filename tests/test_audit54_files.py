@@ -130,6 +130,26 @@ def test_revert_of_a_committed_directory_rename_keeps_its_ignored_files(tmp_path
         store.close()
 
 
+def test_revert_still_removes_ignored_files_made_inside_the_undone_transaction(tmp_path):
+    """The bound of a revert is when the undone transaction's change of the directory
+    began (kept with its commit), not the commit: a test run between the write and the
+    commit made ``__pycache__`` after the directory, and it goes with it."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        ws = store.workspace(str(root), ignore=IGNORE)
+        with store.transaction() as tx:
+            tx.files(ws).write("pkg/mod.py", "x = 1\n")
+            subprocess.run([sys.executable, "-m", "py_compile", "pkg/mod.py"], cwd=root,
+                           check=True)
+            _aged(root / "pkg" / "__pycache__")  # (older than the commit by far)
+        store.revert(tx.id)
+        assert os.listdir(root) == []
+    finally:
+        store.close()
+
+
 CHILD = """
 import os, subprocess, sys, walstore
 store = walstore.open(sys.argv[1])

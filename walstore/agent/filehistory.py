@@ -125,6 +125,14 @@ class FileHistory:
         return [tables.split_fchange_key(raw)[1:]
                 for raw, _v in st.scan(prefix, prefix + b"\xff" * 8, db="fchanges")]
 
+    def began(self, txid: int, ws_root: bytes, path: bytes) -> int | None:
+        """When committed transaction ``txid``'s first change of ``path`` began (ns; None:
+        not kept, a commit applied before it was)."""
+        if not self._ready():
+            return None
+        raw = self._st.get(tables.fchange_key(txid, ws_root, path), "fchanges")
+        return int.from_bytes(raw, "big") if raw is not None and len(raw) == 8 else None
+
     def later_writers(self, txid: int, lsn: int,
                       in_scope: Callable[[bytes], bool] = lambda _root: True) -> set[int]:
         """Transactions committed after ``lsn`` that changed a path ``txid`` changed (in

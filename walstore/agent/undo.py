@@ -676,9 +676,13 @@ class Undo:
         items, conflicts = [], []
         stamps: dict[int, int | None] = {}
 
-        def since(txid: int) -> int | None:
-            """The commit time of ``txid`` (ns): no earlier than its change of a path, so
-            an ignored path older than it predates that change (``FileUndo.since_ns``)."""
+        def since(txid: int, root: bytes, path: bytes) -> int | None:
+            """When ``txid``'s change of ``path`` began (ns), kept with its commit; else
+            its commit time, no earlier than the change: an ignored path older than it
+            predates the change (``FileUndo.since_ns``)."""
+            began = self.fh.began(txid, root, path)
+            if began is not None:
+                return began
             if txid not in stamps:
                 ts = self.history.txn_info(txid).timestamp
                 stamps[txid] = int(ts * 1e9) if ts else None
@@ -699,7 +703,7 @@ class Undo:
                 current = self.files.dropped_before(root, path)
                 if current is None:  # (a parent's change only: kept, as the undo will)
                     items.append(FileUndo(ws, path, oldest.before, newest.after,
-                                          since(oldest.txid)))
+                                          since(oldest.txid, root, path)))
                     continue
             try:
                 status = restore_status(ws, path, oldest.before, newest.after,
@@ -720,7 +724,8 @@ class Undo:
                 conflicts.append(abs_display(root, path))
                 if not force:
                     continue
-            items.append(FileUndo(ws, path, oldest.before, newest.after, since(oldest.txid)))
+            items.append(FileUndo(ws, path, oldest.before, newest.after,
+                                  since(oldest.txid, root, path)))
         if conflicts and not force:
             self._conflict_if_files_changed_since(snapshot)
             raise RevertConflict(f"file(s) changed behind walstore's back since the undone "

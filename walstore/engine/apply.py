@@ -524,10 +524,13 @@ def _commit_files(txn, st, e: Event) -> None:
             rows.append(tables.unpack_row(cur.value(), "fsteps", cur.key(), st.data_file))
         if not cur.next():
             break
+    began = tables.steps_began(rows)
     for (ws, path), (before, after) in tables.collapse_steps(rows).items():
         txn.put(tables.fversion_key(ws, path, e.lsn), pack([e.txid, before, after]),
                 db=st.fversions)
-        txn.put(tables.fchange_key(e.txid, ws, path), b"", db=st.fchanges)
+        since = began.get((ws, path))
+        txn.put(tables.fchange_key(e.txid, ws, path),
+                b"" if since is None else u64(since), db=st.fchanges)
     for k in doomed:
         txn.delete(k, db=st.fsteps)
 

@@ -387,7 +387,8 @@ def actions_named(event: Event) -> list[tuple[str, Event]]:
 #   [txid, before row, after row]: what a committed transaction did to one path (its
 #   first before-image and last after-image there).
 #   A path left absent has the after row ``[ABSENT_ROW]`` (``Entry.absent().to_row()``).
-# ``fchanges``:   u64 txid | u16 len(ws) | ws | path -> b"": the paths a committed
+# ``fchanges``:   u64 txid | u16 len(ws) | ws | path -> b"" or u64 (when the
+#                 transaction's first step on the path began, ns: ``steps_began``): the paths a committed
 #   transaction changed (the index revert, rewind and diff read).
 # ``fconflicts``: u64 LSN of the FILE_CONFLICT record -> {tx, ws, effect, conflict, ts}.
 ABSENT_ROW = "a"  # (walstore.files.entries: the kind code of an absent path's row)
@@ -481,6 +482,25 @@ def fsteps_row(event: Event) -> dict:
         if f in b:
             row[f] = b[f]
     return row
+
+
+def steps_began(rows: list[dict]) -> dict[tuple[bytes, bytes], int]:
+    """(ws, path) -> when the first of these ``fsteps`` rows that changed it began (ns:
+    its ``began``, a watch's block, else its ``ts``); a path whose rows keep neither
+    (logged before they were) is left out.  An undo keeps the ignored paths older than
+    that in a directory it removes (agent.files.FileEffect.since_ns)."""
+    out: dict[tuple[bytes, bytes], int] = {}
+    for row in rows:
+        began = row.get("began")
+        if not (isinstance(began, int) and not isinstance(began, bool)):
+            ts = row.get("ts")
+            if not (isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0):
+                continue
+            began = int(ts * 1e9)
+        for step in row.get("steps") or ():
+            key = (row.get("ws"), step[0])
+            out[key] = min(out.get(key, began), began)
+    return out
 
 
 def collapse_steps(rows: list[dict]) -> dict[tuple[bytes, bytes], list]:
