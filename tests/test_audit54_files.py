@@ -181,3 +181,33 @@ def test_recovery_of_a_watch_killed_after_a_rename_keeps_its_ignored_files(tmp_p
     assert b"dst" in out.stdout
     assert (tree / "src" / "app.py").read_text() == "print('hi')\n"
     _ignored_survive(tree)
+
+
+# ---- a tracked file replaced by a directory a directory-only pattern ignores -------------
+@pytest.mark.parametrize("undo", ["rollback", "revert"])
+def test_undo_of_a_file_replaced_by_an_ignored_directory_puts_the_file_back(tmp_path, undo):
+    """``cache`` is a tracked file; ``cache/`` (directory-only) is ignored.  A watched
+    ``rm cache; mkdir cache`` is the step "cache: file -> absent" (manifests leave ignored
+    paths out); its undo called the block's own directory a stranger's change: a
+    FileConflictError (RevertConflict) and the file never put back."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "cache").write_text("precious\n")
+    store = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        ws = store.workspace(str(root), ignore=["cache/"])
+        tx = store.transaction()
+        with tx.files(ws).watch() as w:
+            subprocess.run(["sh", "-c", "rm cache && mkdir cache && echo 1 > cache/x"],
+                           cwd=root, check=True)
+        assert [(c.path, c.after.kind) for c in w.changes] == [(b"cache", "absent")]
+        if undo == "rollback":
+            tx.rollback()
+        else:
+            tx.commit()
+            store.revert(tx.id)
+        assert sorted(os.listdir(root)) == ["cache"]
+        assert (root / "cache").read_text() == "precious\n"
+        assert store.file_conflicts() == []
+    finally:
+        store.close()

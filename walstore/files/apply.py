@@ -936,6 +936,15 @@ def restore_status(ws: Workspace, path: PathLike, before: Entry,
         return RestoreStatus("apply", current)
     if any(d.same(current) for d in done):
         return RestoreStatus("done", current)
+    if expected_current is not None and not expected_current.exists and current.is_dir \
+            and not root and ws.ignored(ws.rel(path), True):
+        # a directory the workspace ignores reads as absent to a watch (its manifests
+        # leave ignored paths out): a watched ``rm cache; mkdir cache`` under ``cache/``
+        # is the step "cache: file -> absent", and its undo called the block's own
+        # directory a stranger's change (a conflict: the file not put back).  It is
+        # removed like a directory the transaction made (``restore``: the ignored paths in
+        # it go when made since the change, else it is kept, a conflict then)
+        return RestoreStatus("apply", current)
     if expected_current is not None \
             and not (after_crash and _between(before, expected_current, current)):
         return RestoreStatus("conflict", current)
