@@ -388,8 +388,8 @@ def actions_named(event: Event) -> list[tuple[str, Event]]:
 #   first before-image and last after-image there).
 #   A path left absent has the after row ``[ABSENT_ROW]`` (``Entry.absent().to_row()``).
 # ``fchanges``:   u64 txid | u16 len(ws) | ws | path -> b"" or u64 (when the
-#                 transaction's first step on the path began, ns: ``steps_began``): the paths a committed
-#   transaction changed (the index revert, rewind and diff read).
+#                 transaction's first step on the path began, ns: ``steps_began``): the
+#   paths a committed transaction changed (the index revert, rewind and diff read).
 # ``fconflicts``: u64 LSN of the FILE_CONFLICT record -> {tx, ws, effect, conflict, ts}.
 ABSENT_ROW = "a"  # (walstore.files.entries: the kind code of an absent path's row)
 
