@@ -211,3 +211,28 @@ def test_undo_of_a_file_replaced_by_an_ignored_directory_puts_the_file_back(tmp_
         assert store.file_conflicts() == []
     finally:
         store.close()
+
+
+def test_recover_names_an_earlier_conflict_without_a_copy_in_words(tmp_path, tree):
+    """``walstore recover`` lists the file conflicts recorded before it ran; one with no
+    copy kept (a directory walstore made holds others' files: its version is absence)
+    printed its ``saved_as`` as the Python ``None``."""
+    path = str(tmp_path / "s")
+    store = walstore.open(path, durability="none")
+    try:
+        ws = store.workspace(str(tree), ignore=IGNORE)
+        tx = store.transaction()
+        with tx.files(ws).watch():
+            _mv(tree)
+        with pytest.raises(walstore.FileConflictError):
+            tx.rollback()
+    finally:
+        store.close()
+    out = subprocess.run([sys.executable, "-m", "walstore", "recover", path],
+                         capture_output=True, text=True, cwd=str(tmp_path),
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             p for p in sys.path if p)))
+    assert out.returncode == 0, out.stderr  # (recorded earlier: not this run's problem)
+    line = [ln for ln in out.stdout.splitlines() if "dst" in ln]
+    assert len(line) == 1 and "None" not in line[0], out.stdout
+    assert "walstore's version: absent; no copy" in line[0], out.stdout

@@ -90,8 +90,13 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
             click.echo(f"file conflicts recorded by earlier recoveries ({len(earlier)}; "
                        f"walstore's version kept aside, the other one stayed):")
             for c in earlier[-20:]:
+                # (a conflict with nothing of walstore's to keep — a directory it made
+                # holding others' files, walstore's version absent — has no copy: it
+                # printed "-> None")
+                kept = (f"-> {c['saved_as']}" if c.get("saved_as") else
+                        f"(walstore's version: {c.get('before')}; no copy)")
                 click.echo(one_line(f"  {c.get('path')} (workspace {c.get('workspace')}, "
-                                    f"transaction {c.get('tx')}) -> {c.get('saved_as')}"))
+                                    f"transaction {c.get('tx')}) {kept}"))
         if owed:
             click.echo(owed_header(owed))
             action_table(owed, registered, results=False)
