@@ -765,6 +765,8 @@ def _older_inside(pfd: int, name: bytes, st: os.stat_result, bound_ns: int) -> b
             if _older_inside(fd, os.fsencode(child), cst, bound_ns):
                 return True
         return False
+    except OSError:
+        return True  # (what cannot be looked at is kept, not removed unseen)
     finally:
         os.close(fd)
 
