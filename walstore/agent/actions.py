@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
@@ -376,6 +377,10 @@ class Saga:
         # action id -> the thread running its compensation (or resolving it); close()
         # waits for other threads' (see ``running_elsewhere``)
         self._running: dict[str, int] = {}
+        # action id -> the thread undoing the transaction (or undo) it belongs to: that
+        # thread runs it in its turn, newest first and between the file effects; another
+        # thread's ``compensate`` (``retry_compensations``) passes it over (see ``reserved``)
+        self._reserved: dict[str, int] = {}
         self._running_lock = threading.Lock()
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
@@ -510,8 +515,17 @@ class Saga:
                            undo: Callable[[list, "UndoProgress"], None] | None = None) -> None:
         """Log the ABORT (the decision, durable) and call ``ended`` with no interrupt
         between the two (walstore.signals), then undo the live effects: compensate the
-        actions (``undo``, when given, undoes every effect, files included, in order)."""
+        actions (``undo``, when given, undoes every effect, files included, in order).
+        Their compensations are reserved for this thread from before the ABORT (which
+        makes them owed) to the end of the undo (see ``reserved``)."""
         live = [a for a in tx.effects if isinstance(a, Action)]
+        with self.reserved(live):
+            self._end_without_commit(tx, cause, ended, undo, live)
+
+    def _end_without_commit(self, tx: "Transaction", cause: BaseException | None,
+                            ended: Callable[[], None],
+                            undo: Callable[[list, "UndoProgress"], None] | None,
+                            live: list[Action]) -> None:
         problem = None
         unwritten: WalstoreError | None = None  # the ABORT's write error, the log usable
         closed = self.engine.closed
@@ -629,10 +643,58 @@ class Saga:
                 raise
 
     # ---- compensation --------------------------------------------------------------------
+    @contextmanager
+    def reserved(self, actions: Iterable[Any]) -> Iterator[None]:
+        """Reserve the compensations of ``actions`` (other effects are passed over) for
+        this thread while it undoes them, one at a time, newest first (a rollback, an
+        undo's claimed actions): their rows read ``pending`` from the decision on, and
+        another thread's ``retry_compensations`` ran the older ones at once, before the
+        newer one and the file changes between them were undone (a refund saw the file
+        as the rolled-back transaction left it), or while the rollback ran, which then
+        passed over the one running elsewhere and returned before its outcome was known.
+        Reserved by another thread already: left to it.  Nested calls keep the outer
+        reservation."""
+        claimed: list[str] = []
+        try:  # (claimed inside: an interrupt right after a claim cannot leave it held)
+            self.reserve(actions, claimed)
+            yield
+        finally:
+            self.release(claimed)
+
+    def reserve(self, actions: Iterable[Any], into: list[str], take: bool = False) -> None:
+        """Reserve the compensations of ``actions`` not reserved yet for this thread,
+        appending their ids to ``into`` (``release`` them at the end).  ``take``: those
+        another thread reserved too (an undo whose COMMIT claimed them: they are its to
+        run, and the other undo that reserved them before its commit lost the race)."""
+        me = threading.get_ident()
+        with self._running_lock:
+            for a in actions:
+                if not (isinstance(a, Action) and a.compensate):
+                    continue
+                owner = self._reserved.get(a.id)
+                if owner is None or (take and owner != me):
+                    into.append(a.id)  # (first: released even if interrupted here)
+                    self._reserved[a.id] = me
+
+    def release(self, ids: Iterable[str]) -> None:
+        """End this thread's reservation of ``ids`` (from ``reserve``)."""
+        me = threading.get_ident()
+        with self._running_lock:
+            for aid in ids:
+                if self._reserved.get(aid) == me:
+                    del self._reserved[aid]
+
     def compensate(self, actions: list[Action], cause: BaseException | None = None,
                    raise_on_failure: bool = True, include_held: bool = False) -> list[Action]:
         """Run compensations newest first; returns the actions that failed.  Only actions
-        still owing one run; each outcome is one durable record."""
+        still owing one run; each outcome is one durable record.  Those another thread
+        has reserved (``reserved``: it is undoing their transaction) are left to it."""
+        with self.reserved(actions):
+            return self._compensate(actions, cause, raise_on_failure, include_held)
+
+    def _compensate(self, actions: list[Action], cause: BaseException | None,
+                    raise_on_failure: bool, include_held: bool) -> list[Action]:
+        me = threading.get_ident()
         failed = []
         unrecorded: list[Action] = []
         skipped: list[Action] = []  # not run: the store stopped writing on a record's failure
@@ -643,9 +705,10 @@ class Saga:
             mine = False
             try:  # (the claim inside: an interrupt right after it cannot leave it claimed)
                 with self._running_lock:
-                    if action.id in self._running:
+                    if (action.id in self._running
+                            or self._reserved.get(action.id, me) != me):
                         continue
-                    self._running[action.id] = threading.get_ident()
+                    self._running[action.id] = me
                     mine = True
                 if not self.engine.writable:
                     if record_error is not None:  # (this call's record failed: named too)

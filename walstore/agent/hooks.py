@@ -174,7 +174,13 @@ class AgentHooks:
         or in a compensator (user code), is raised once every file is back, and the
         actions not reached stay owed (``pending_compensations()``; the next open runs
         them).  A caller that passes ``progress`` may call again after an interrupt that
-        came before this could catch it (see Saga.end_without_commit)."""
+        came before this could catch it (see Saga.end_without_commit).  The compensations
+        are reserved for this thread meanwhile (``Saga.reserved``)."""
+        with self.saga.reserved(effects):
+            self._undo(txid, effects, cause, keep, progress)
+
+    def _undo(self, txid: int, effects: list, cause: BaseException | None,
+              keep: list | None, progress: UndoProgress | None) -> None:
         progress = progress if progress is not None else UndoProgress()
         if not any(is_file_effect(e) for e in effects):
             if progress.interrupt is None:

@@ -184,8 +184,10 @@ class Undo:
                                                        self._snapshot())[0])
         self.engine.check_writable()
         meta = meta if meta is not None else {"revert": int(txid)}
+        reserved: list[str] = []  # (the claimed actions' compensations: see _commit)
         return self._run(lambda: self._revert_once(txid, cascade, scope, False, force,
-                                                   self._begin_undo(meta)))
+                                                   self._begin_undo(meta), reserved),
+                         reserved)
 
     def rewind(self, to: Any, scope: Any = None, dry_run: bool = False, force: bool = False,
                meta: Any = None, keep: Any = None, include: Any = None
@@ -203,8 +205,10 @@ class Undo:
                                                        self._snapshot(), kept, also)[0])
         self.engine.check_writable()
         meta = meta if meta is not None else {"rewind": jsonable_point(to)}
+        reserved: list[str] = []  # (the claimed actions' compensations: see _commit)
         return self._run(lambda: self._rewind_once(to, scope, False, force,
-                                                   self._begin_undo(meta), kept, also))
+                                                   self._begin_undo(meta), kept, also,
+                                                   reserved), reserved)
 
     def _dry(self, plan) -> UndoPlan:
         """A dry run's ``plan()``, with history pinned as an undo pins it (``_run``): a
@@ -222,7 +226,7 @@ class Undo:
                 raise HistoryTrimmed(f"the history this dry run read was trimmed while it "
                                      f"planned ({e}); nothing was changed") from e
 
-    def _run(self, attempt) -> TxnInfo | UndoPlan | None:
+    def _run(self, attempt, reserved: list[str]) -> TxnInfo | UndoPlan | None:
         """Plan and commit an undo; then compensate, newest first.
 
         First optimistically, beside other writers.  When a commit that landed while it
@@ -231,7 +235,16 @@ class Undo:
         thread's commits held out (``CommitGate``), after what they had appended is
         published: nothing can overtake it, so an undo under continuous writers finishes
         instead of conflicting forever.  The gate opens before any compensation runs (a
-        compensator is user code and may wait for other threads' commits)."""
+        compensator is user code and may wait for other threads' commits).  The claimed
+        actions' compensations stay reserved for this thread (``reserved``, taken by
+        ``_commit``) until they ran, so another thread's ``retry_compensations`` cannot
+        run the older ones first."""
+        try:
+            return self._run_reserved(attempt)
+        finally:
+            self.saga.release(reserved)
+
+    def _run_reserved(self, attempt) -> TxnInfo | UndoPlan | None:
         eng = self.engine
         # history stays as it is until the compensations ran (walstore.engine.pins): a trim
         # between the plan's check and the claim's apply deleted the claimed action rows
@@ -269,7 +282,7 @@ class Undo:
                 f"store is now read-only and no compensation ran", txid) from e
 
     def _revert_once(self, txid: int, cascade: bool, scope: Any, dry_run: bool, force: bool,
-                     tx: "Transaction | _PlanSnapshot"
+                     tx: "Transaction | _PlanSnapshot", reserved: list[str] | None = None
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
         with tx:
             target = self.history.txn_info(txid)
@@ -322,11 +335,11 @@ class Undo:
             if scope is None and len(tags) == 1 and None not in tags:
                 extra["scope"] = tags.pop()
             fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
-            return self._commit(tx, plan, extra)
+            return self._commit(tx, plan, extra, reserved)
 
     def _rewind_once(self, to: Any, scope: Any, dry_run: bool, force: bool,
                      tx: "Transaction | _PlanSnapshot", kept: frozenset = frozenset(),
-                     also: frozenset = frozenset()
+                     also: frozenset = frozenset(), reserved: list[str] | None = None
                      ) -> tuple[TxnInfo | UndoPlan | None, list]:
         rng = ScopeRange(scope) if scope is not None else None
         # any commit after tx's snapshot that touches the scope is a conflict (a prepared
@@ -362,7 +375,8 @@ class Undo:
                 tx.rollback()  # (nothing would change: the state is already as of the point)
                 return (plan if dry_run else None), []
             fileio.fault_point("undo.planned")  # (tests: a commit racing the planned undo)
-            return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids})
+            return self._commit(tx, plan, {"rewound_to": boundary, "reverts": plan.txids},
+                                reserved)
 
     def _with_included(self, infos: list[TxnInfo], also: frozenset, boundary: int,
                        kept: frozenset) -> tuple[list[TxnInfo], frozenset, int]:
@@ -886,10 +900,12 @@ class Undo:
         return self.engine.views.action_row(row["id"]) or row
 
     # ---- doing --------------------------------------------------------------------------
-    def _commit(self, tx: "Transaction", plan: UndoPlan, extra: dict
-                ) -> tuple[TxnInfo, list[Action]]:
+    def _commit(self, tx: "Transaction", plan: UndoPlan, extra: dict,
+                reserved: list[str] | None = None) -> tuple[TxnInfo, list[Action]]:
         """Commit the undoing transaction; returns its TxnInfo and the actions it claimed,
-        still owed their compensations (the caller runs them, outside the gate)."""
+        still owed their compensations (the caller runs them, outside the gate).  Their
+        compensations are reserved for this thread (into ``reserved``) before the COMMIT
+        makes them owed; an attempt that does not commit lets them go again."""
         restore = plan._restore  # type: ignore[attr-defined]
         reader = self.engine.reader
         try:
@@ -913,7 +929,18 @@ class Undo:
         if plan._files:  # type: ignore[attr-defined]
             self.files.apply_undo(tx, plan._files, plan._force)  # type: ignore[attr-defined]
         self._check_retained(plan)  # (the before-images just read came from history too)
-        tx.commit()
+        if reserved is not None:
+            self.saga.reserve(plan.compensations, reserved)
+        try:
+            tx.commit()
+        except BaseException:
+            if reserved is not None:  # (not claimed: another undo may claim them now)
+                self.saga.release(reserved)
+                reserved.clear()
+            raise
+        if reserved is not None:  # (claimed by this COMMIT: this thread's to run, also
+            # those a concurrent undo reserved before its commit, which then conflicted)
+            self.saga.reserve(plan.compensations, reserved, take=True)
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
         return self.history.txn_info(tx.id), owed
