@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
+
 import walstore
 
 
@@ -98,3 +100,34 @@ def test_an_undos_compensations_are_not_run_early_by_another_threads_retry(tmp_p
         assert [a.state for a in s.actions()] == ["compensated"] * 3
         # and a later retry (nothing reserved any more) finds nothing owed
         assert s.retry_compensations() == []
+
+
+def test_a_dry_run_refuses_as_the_real_undo_does_when_a_prepared_transaction_holds_a_key(
+        tmp_path):
+    """A key the undo would put back is held by a prepared (in-doubt) transaction: the
+    real revert and rewind raise ConflictError; their dry runs returned a plan as if they
+    could run (probe-audit54).  Now the dry run raises the same, and changes nothing."""
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        with s.transaction() as t1:
+            t1.put("k", 1)
+            t1.put("j", 1)
+        s.restore_point("p")
+        with s.transaction() as t2:
+            t2.put("k", 5)
+        held = s.transaction()
+        held.put("k", 2)
+        held.prepare("g")
+        for call in (lambda **kw: s.revert(t2.id, **kw), lambda **kw: s.rewind("p", **kw)):
+            with pytest.raises(walstore.ConflictError, match="held by prepared"):
+                call()
+            with pytest.raises(walstore.ConflictError, match="dry run.*held by prepared"):
+                call(dry_run=True)
+        assert s["k"] == 5 and s.prepared() == ["g"]
+        s.rollback_prepared("g")
+        plan = s.rewind("p", dry_run=True)  # (free again: the plan, and the real call)
+        assert plan.txids == [t2.id]
+        s.rewind("p")
+        assert s["k"] == 1
+    finally:
+        s.close()

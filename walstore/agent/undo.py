@@ -221,10 +221,18 @@ class Undo:
         with eng.history_pins.hold(lambda: eng.state.meta_int(b"horizon")):
             try:
                 with os_errors_as_store_errors():
-                    return plan()
+                    made = plan()
             except SnapshotTooOld as e:
                 raise HistoryTrimmed(f"the history this dry run read was trimmed while it "
                                      f"planned ({e}); nothing was changed") from e
+        # the keys it would put back, held by a prepared (in-doubt) transaction: the real
+        # call's commit raises ConflictError, so the dry run does (it returned a plan the
+        # real call then refused — probe-audit54)
+        restore = getattr(made, "_restore", None)
+        if restore:
+            eng.prepared.check(0, [(k, None) for k in restore], None,
+                               who="this undo (a dry run: nothing was changed)")
+        return made
 
     def _run(self, attempt, reserved: list[str]) -> TxnInfo | UndoPlan | None:
         """Plan and commit an undo; then compensate, newest first.

@@ -398,7 +398,8 @@ class PreparedSet:
         """Is transaction ``txid`` prepared (in doubt) here?  (No copy of the set.)"""
         return txid in self._txids
 
-    def check(self, txid: int, pairs, reads: ReadSet | None, mine: str | None = None) -> None:
+    def check(self, txid: int, pairs, reads: ReadSet | None, mine: str | None = None,
+              who: str | None = None) -> None:
         """ConflictError when the transaction (its writes as ``(key, value)`` pairs, and
         its reads) collides with a prepared one: it writes a key one holds (wrote or
         read) or into a range one scanned, reads a key one wrote, or scans a range holding
@@ -425,5 +426,5 @@ class PreparedSet:
         if out:
             names = list(dict.fromkeys(_show(k) for k, _g in out))[:5]  # (once each)
             gids = sorted({g for _k, g in out})
-            raise ConflictError(f"transaction {txid} touches {names}, held by prepared "
-                                f"(in-doubt) transaction(s) {gids}", names)
+            raise ConflictError(f"{who or f'transaction {txid}'} touches {names}, held by "
+                                f"prepared (in-doubt) transaction(s) {gids}", names)
