@@ -73,3 +73,48 @@ def test_a_store_whose_store_file_is_lost_is_damage_not_a_wrong_path(tmp_path):
     (empty / "wal").mkdir(parents=True)
     res = CliRunner().invoke(walstore_cli, ["verify", str(empty)])
     assert res.exit_code == 2 and "not a walstore store" in res.output
+
+
+OWED_FILE_CHILD = r"""
+import sys, time, walstore
+s = walstore.open(sys.argv[1])
+tx = s.transaction()
+tx.files(s.workspace(sys.argv[2])).write("a.txt", "hello\n")
+print("ready", flush=True)
+time.sleep(100)
+"""
+
+
+def test_verify_lists_a_file_undo_left_owed(tmp_path):
+    """A crashed transaction's file changes whose undo failed (its workspace root gone):
+    `walstore recover` lists them owed, exit 1; `verify` said "ok", exit 0.  Now it
+    lists them under "needs a decision", exit 1, until an open puts them back."""
+    import subprocess
+    import sys
+    path, root = str(tmp_path / "s"), tmp_path / "root"
+    root.mkdir()
+    p = subprocess.Popen([sys.executable, "-c", OWED_FILE_CHILD, path, str(root)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+    finally:
+        p.kill()
+        p.wait()
+    assert (root / "a.txt").exists()
+    root.rename(tmp_path / "gone")
+    res = CliRunner().invoke(walstore_cli, ["recover", path])
+    assert res.exit_code == 1 and "file-undo-failed" in res.output
+    rep = verify_store(path)
+    assert not rep.errors and not rep.settled and not rep.ok
+    assert rep.owed_file_undos == [{"txid": rep.owed_file_undos[0]["txid"],
+                                    "workspace": str(root), "changes": 1}]
+    res = CliRunner().invoke(walstore_cli, ["verify", path])
+    assert res.exit_code == 1 and "file undo owed" in res.output
+    doc = json.loads(CliRunner().invoke(walstore_cli, ["verify", path, "--json"]).output)
+    assert doc["owed_file_undos"] and doc["settled"] is False
+    (tmp_path / "gone").rename(root)  # the root back: the next open puts the file back
+    with walstore.open(path):
+        pass
+    assert not (root / "a.txt").exists()
+    rep = verify_store(path)
+    assert rep.ok and rep.owed_file_undos == []

@@ -93,6 +93,10 @@ class VerifyReport:
     # owed compensations (``Action.as_dict()``), and whether the last writer crashed
     in_doubt: list = field(default_factory=list)
     pending_compensations: list = field(default_factory=list)
+    # file changes of ended transactions an undo could not put back (their workspace
+    # gone, a manifest unreadable): owed, retried at every open ({"txid", "workspace",
+    # "changes"}; read only when no writer lives and the last one closed or recovered)
+    owed_file_undos: list = field(default_factory=list)
     needs_recovery: bool = False
 
     @property
@@ -103,7 +107,8 @@ class VerifyReport:
     @property
     def settled(self) -> bool:
         """No in-doubt transaction and no owed compensation waits for a decision."""
-        return not self.in_doubt and not self.pending_compensations
+        return not self.in_doubt and not self.pending_compensations \
+            and not self.owed_file_undos
 
     def attention(self) -> list[str]:
         """One line per thing that needs a decision (not damage)."""
@@ -113,6 +118,10 @@ class VerifyReport:
             why = a.get("error") or a.get("state")
             said.append(f"compensation owed: action {a['id']} ({a['name']}, compensator "
                         f"{a.get('compensate')!r}, txid {a['txid']}): {why}")
+        for f in self.owed_file_undos:
+            said.append(f"file undo owed: {f['changes']} file change(s) of transaction "
+                        f"{f['txid']} in workspace {f['workspace']} were not put back "
+                        f"(the next open tries again; `walstore recover` says why)")
         return said
 
     def as_dict(self) -> dict:
@@ -198,9 +207,34 @@ def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
         rep.in_doubt = sorted(store.prepared())
         rep.pending_compensations = [a.as_dict() for a in store.pending_compensations()
                                      if not a.in_flight]
+        in_doubt = store._engine.prepared.txids()
     finally:
         store.close()
-    rep.needs_recovery = state.meta_int(b"open") == 1 and not writer_alive(layout)
+    alive = writer_alive(layout)
+    rep.needs_recovery = state.meta_int(b"open") == 1 and not alive
+    if not alive and not rep.needs_recovery:
+        # (a live writer's rows are its open transactions' changes; a crashed store's
+        # are undone by the next open: ``needs_recovery`` says so.  A closed or recovered
+        # store's rows are undos that failed: `walstore verify` said "ok", exit 0, while
+        # `walstore recover` listed them owed, exit 1 — probe-audit54)
+        rep.owed_file_undos = _owed_file_undos(state, in_doubt)
+
+
+def _owed_file_undos(state: LmdbState, in_doubt: set) -> list[dict]:
+    """The ``fsteps`` rows no undo put back, per transaction (a prepared one's and a
+    copy's held ones are not owed)."""
+    by_tx: dict[int, dict] = {}
+    for raw, v in state.scan(b"", None, db="fsteps"):
+        txid, _lsn = tables.split_fsteps_key(raw)
+        row = tables.unpack_row(v, "fsteps", raw, state.data_file)
+        if txid in in_doubt or row.get("held"):
+            continue
+        ws = row.get("ws")
+        entry = by_tx.setdefault(txid, {"txid": txid, "workspace": os.fsdecode(ws)
+                                        if isinstance(ws, (bytes, str)) else None,
+                                        "changes": 0})
+        entry["changes"] += 1
+    return [by_tx[t] for t in sorted(by_tx)]
 
 
 def _walk_pinned(state: LmdbState, data_file: str) -> int:
