@@ -21,8 +21,10 @@ Document (short keys, sizes bounded by compaction and retention)::
     snapshots [{k, lsn, n, sha, st, keys, ts}]  LMDB copies by applied LSN, their sha256,
              and the state digest (sha256 over sorted data rows) for ``replicas --verify``;
              ``k`` None: the empty store at LSN 0 (a replica that holds the whole log)
-    holes    [{a, b, reason, ts}]  LSN ranges the replica lost (the shipper fell behind
-             a trimmed WAL); a restore to a point inside one is refused by name
+    holes    [{a, b, reason, ts, pg}]  LSN ranges the replica lost (the shipper fell
+             behind a trimmed WAL); a restore to a point inside one is refused by name;
+             ``pg`` the purges committed in the range (as a WAL object's; nil: not known,
+             a restore to a point before the hole is refused; absent in older manifests)
     points   {name: {lsn, ts, dropped}}  restore points seen in the log
     trash    [[key, ts]]  objects no longer listed, deleted after a grace period
     last_commit {ts, tx}
@@ -380,6 +382,14 @@ def _list(doc: dict, field: str) -> list:
     return v
 
 
+def _purge_marks(v, a: int, b: int) -> bool:
+    """``v`` lists purges as ``[[LSN in [a, b), prefix], ...]`` (a WAL object's or a
+    hole's ``pg``)."""
+    return isinstance(v, list) and all(
+        isinstance(p, list) and len(p) == 2 and _lsn(p[0]) and a <= p[0] < b
+        and isinstance(p[1], (str, bytes)) and p[1] for p in v)
+
+
 def _check(doc: dict) -> None:
     _fields(doc, _TOP, "")
     if not _opt(_time)(doc.get("complete_to")):  # (optional: older manifests lack it)
@@ -394,9 +404,7 @@ def _check(doc: dict) -> None:
         _fields(e, _WAL, f"wal[{i}]")
         if not e["seg"] <= e["a"] <= e["b"]:
             raise _Bad(f"wal[{i}] covers LSN {e['a']}..{e['b']} of segment {e['seg']}")
-        if "pg" in e and not (isinstance(e["pg"], list) and all(
-                isinstance(p, list) and len(p) == 2 and _lsn(p[0]) and e["a"] <= p[0] < e["b"]
-                and isinstance(p[1], (str, bytes)) and p[1] for p in e["pg"])):
+        if "pg" in e and not _purge_marks(e["pg"], e["a"], e["b"]):
             # (optional: objects shipped before it was kept carry no marks)
             raise _Bad(f"wal[{i}].pg is {_shown(e['pg'])}, not [[an LSN in it, a prefix], ...]")
     for i, e in enumerate(_list(doc, "snapshots")):
@@ -405,6 +413,11 @@ def _check(doc: dict) -> None:
             raise _Bad(f"snapshots[{i}].sha is nil for snapshot {e['k']}")
     for i, e in enumerate(_list(doc, "holes")):
         _fields(e, _HOLE, f"holes[{i}]")
+        # (optional: holes recorded before it was kept carry none; nil: the source could
+        # not tell which purges the lost range held)
+        if e.get("pg") is not None and not _purge_marks(e["pg"], e["a"], e["b"]):
+            raise _Bad(f"holes[{i}].pg is {_shown(e['pg'])}, not [[an LSN in it, a prefix], "
+                       f"...] or nil")
     for i, e in enumerate(_list(doc, "trash")):
         if not (isinstance(e, list) and len(e) == 2 and _key_in(*REPLICA_DIRS)(e[0])
                 and _time(e[1])):

@@ -759,20 +759,36 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
     is a user's right to be forgotten: a restore to a point before it must not bring the
     erased keys back (in the source, ``at`` that point shows them gone).  The shipper
     marks each WAL object with its purges (``pg``); an object shipped before the marks
-    were kept is downloaded and read."""
-    out: list = []
+    were kept is downloaded and read.  A hole after the cut lists the purges committed in
+    the range it lost (its ``pg``, from the source's record of them): a purge whose
+    erasure trimmed the log while the replica was down is in no WAL object, and a restore
+    to a point before it brought the erased keys back.  A hole whose purges the source
+    could not tell (``pg`` nil) refuses the restore (ReplicationError) rather than risk
+    it."""
+    found: list[tuple[int, Any]] = []
+    for h in m.doc["holes"]:
+        if h["b"] <= cut or "pg" not in h:  # (no ``pg``: recorded by an older walstore)
+            continue
+        if h["pg"] is None:
+            raise ReplicationError(
+                f"the replica lost LSN {h['a']}..{h['b']} ({h['reason']}), after the cut at "
+                f"LSN {cut}, and which purges were committed in it is not known: a restore "
+                f"to a point before it could bring back keys a purge erased; nothing "
+                f"restored (restore to a point after LSN {h['b']})")
+        found += [(lsn, p) for lsn, p in h["pg"] if lsn >= cut]
     for e in m.wal:
         if e["b"] <= cut:
             continue
         if "pg" in e:
-            out += [p for lsn, p in e["pg"] if lsn >= cut]
+            found += [(lsn, p) for lsn, p in e["pg"] if lsn >= cut]
             continue
         for lsn, rtype, raw, _s in fetch.records(e):
             prefix = logformat.purge_prefix_of(rtype, raw) if lsn >= cut else None
             if prefix is not None:
-                out.append(prefix)
+                found.append((lsn, prefix))
         fetch.drop(e)
-    return list(dict.fromkeys(out))
+    found.sort(key=lambda x: x[0])
+    return list(dict.fromkeys(p for _lsn, p in found))
 
 
 def _apply_purges(stage: str, prefixes: list) -> None:

@@ -1069,7 +1069,12 @@ class Shipper:
         if not segs:
             raise ReplicationError(f"store {self.source.path} has no WAL segment to ship")
         first = segs[0][0]
-        m.doc["holes"].append({"a": pos, "b": first, "ts": time.time(),
+        # the purges committed in the lost range, as the WAL objects' ``pg`` marks list
+        # theirs (None: the source cannot tell): a purge whose erasure trimmed the log
+        # while the replica was down lies in the hole, and a restore to a point before it
+        # brought the erased keys back (restore._purges_after found no record of it)
+        hole_purges = getattr(self.source, "purges_between", lambda a, b: None)(pos, first)
+        m.doc["holes"].append({"a": pos, "b": first, "ts": time.time(), "pg": hole_purges,
                                "reason": "the local WAL was trimmed before it was shipped "
                                          "(replication fell behind by more than the pin allows)"})
         m.doc["position"] = first

@@ -208,6 +208,33 @@ class DirectorySource:
         finally:
             state.close()
 
+    def purges_between(self, a: int, b: int) -> list[list] | None:
+        """The purges committed at LSNs in [a, b), oldest first: ``[[LSN, prefix], ...]``
+        (the prefix as ``purge`` took it, str or bytes), read from LMDB's record of the
+        newest purges (``apply.RECENT_PURGES``).  None when it cannot tell: that record
+        dropped older purges that may lie in the range, or LMDB cannot be read.  The
+        shipper asks when the local WAL of [a, b) was trimmed before it was shipped (a
+        hole): a purge in there never reaches the replica as a record, and a restore to
+        a point before the hole must still apply it (see ``restore._purges_after``)."""
+        from ..codec import decode_key
+        from ..engine.apply import KEEP_RECENT_PURGES, RECENT_PURGES
+        from ..engine.lmdb_state import LmdbState
+        from ..engine.tables import unpack_row
+        try:
+            state = LmdbState(self.layout.db, readonly=True)  # (shares the env in-process)
+        except Exception:  # noqa: BLE001 - cannot read LMDB: cannot tell
+            return None
+        try:
+            raw = state.get(RECENT_PURGES, "meta")
+            recent = unpack_row(raw, "meta", RECENT_PURGES, state.data_file) if raw else []
+            if len(recent) >= KEEP_RECENT_PURGES and recent[0][0] >= a:
+                return None  # (older purges dropped from the record may lie in [a, b))
+            return [[lsn, decode_key(bytes(lo))] for lsn, lo, _hi in recent if a <= lsn < b]
+        except Exception:  # noqa: BLE001 - a damaged row: verify names it; cannot tell
+            return None
+        finally:
+            state.close()
+
     def _refuse_if_short_of_applied(self, path: str) -> None:
         """The last segment's valid records end below the LSN LMDB was applied up to when
         shipping began (read before the scan, and a writer logs a record before it applies

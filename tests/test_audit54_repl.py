@@ -1,0 +1,67 @@
+"""Audit 54, replication and restore under faults: regression tests (each failed on the
+code before its fix).
+
+A ``file://`` replica made unwritable by turning its directory into a file (as root a
+chmod stops nothing); the source is a real store in this process, its shipper the real
+one.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import walstore
+import walstore.store
+from walstore.replication import replicas
+
+
+def _down(rep: str) -> None:
+    """The replica's directory goes away, a file in its place: every write fails."""
+    os.rename(rep, rep + ".away")
+    with open(rep, "w"):
+        pass
+
+
+def _up(rep: str) -> None:
+    os.unlink(rep)
+    os.rename(rep + ".away", rep)
+
+
+def test_a_purge_lost_in_a_hole_is_applied_by_a_restore_to_a_point_before_it(
+        tmp_path, monkeypatch):
+    """A purge made while the replica is unreachable waits for its shipper, then erases
+    the local log past its own commit: the purge's record never reaches the replica (a
+    hole).  A restore to a restore point made before the purge brought the erased key
+    back (the replica's older WAL objects hold it, and no ``pg`` mark named the purge),
+    though the source's ``at(point)`` shows it gone.  The hole now lists the purges of
+    the range it lost, and the restore applies them."""
+    monkeypatch.setattr(walstore.store, "PURGE_SHIP_WAIT_S", 0.5)  # (the wait, not the logic)
+    path, rep = str(tmp_path / "src"), str(tmp_path / "rep")
+    url = "file://" + rep
+    opts = {"interval": 0.05, "max_backoff": 0.2}
+    with walstore.open(path, replicate_to=url, replicate_options=opts) as s:
+        with s.transaction() as tx:
+            tx.put("secret/a", "SSN-123")
+            tx.put("pub", 1)
+        s.restore_point("before")
+        s.sync_replica(timeout=10)
+        _down(rep)
+        try:
+            with s.transaction() as tx:
+                tx.put("pub", 2)
+            report = s.purge("secret/")
+            with s.transaction() as tx:
+                tx.put("pub", 3)
+        finally:
+            _up(rep)
+        s.sync_replica(timeout=20)
+        assert s.at("before").get("secret/a") is None and s.at("before").get("pub") == 1
+    holes = replicas(url)["holes"]
+    assert len(holes) == 1 and holes[0]["from"] <= report["lsn"] < holes[0]["to"], holes
+    r = walstore.restore(url, str(tmp_path / "r"), to="before")
+    assert r["purges_applied"] == ["secret/"]
+    with walstore.open(str(tmp_path / "r")) as c:
+        assert c.get("secret/a") is None  # (was "SSN-123")
+        assert c.get("pub") == 1
+        assert c.at("before").get("secret/a") is None
