@@ -65,3 +65,40 @@ def test_a_purge_lost_in_a_hole_is_applied_by_a_restore_to_a_point_before_it(
         assert c.get("secret/a") is None  # (was "SSN-123")
         assert c.get("pub") == 1
         assert c.at("before").get("secret/a") is None
+
+
+def test_sync_replica_waits_for_a_snapshot_past_a_hole(tmp_path, monkeypatch):
+    """A hole's snapshot failed (the server down when the hole was found, or refusing
+    ``snapshots/``) while the WAL after the hole shipped on: ``sync_replica`` returned —
+    an RPO-0 point — though no restore of the replica's end could cross the hole (the
+    source lost then, every commit after the hole was gone).  It now waits for a
+    snapshot past the hole, and names the snapshot's failure when it times out."""
+    monkeypatch.setattr(walstore.store, "PURGE_SHIP_WAIT_S", 0.5)  # (the wait, not the logic)
+    path, rep = str(tmp_path / "src"), str(tmp_path / "rep")
+    url = "file://" + rep
+    with walstore.open(path, replicate_to=url,
+                       replicate_options={"interval": 0.05, "max_backoff": 0.2}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=10)
+        _down(rep)
+        try:
+            s.purge("zzz/")  # (its erasure trims the log the replica lacks: a hole)
+            with s.transaction() as tx:
+                tx.put("a", 2)
+        finally:
+            _up(rep)
+        snaps = os.path.join(rep, "snapshots")
+        os.makedirs(snaps, exist_ok=True)
+        _down(snaps)  # (the replica takes WAL objects, refuses snapshots)
+        try:
+            with pytest.raises(walstore.ReplicationError, match="no snapshot past the hole"):
+                s.sync_replica(timeout=1.5)
+            with pytest.raises(walstore.ReplicationError, match="no restore can cross it"):
+                walstore.restore(url, str(tmp_path / "lost"))  # (what it had vouched for)
+        finally:
+            _up(snaps)
+        s.sync_replica(timeout=10)
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as c:
+        assert c.get("a") == 2

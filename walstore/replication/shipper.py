@@ -170,6 +170,9 @@ class Shipper:
         self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
         self._saved_position: int | None = None  # the position the replica's manifest holds
+        # the newest hole the replica's manifest records with no snapshot past it: until
+        # one is saved, no restore reaches the WAL shipped after the hole (see sync)
+        self._saved_unbased: dict | None = None
         self._failed_rounds = 0  # rounds failed in a row (see _round_error)
         self._complete_pending: list[tuple[float, int]] = []  # see _complete_candidate
         self._complete_saved: float | None = None  # complete_to in the replica's manifest
@@ -337,6 +340,7 @@ class Shipper:
         self.manifest = m
         self.shipped = m.position or 0
         self._saved_position = m.position
+        self._saved_unbased = _hole_without_base(m)
         self._complete_saved = m.doc.get("complete_to")
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
         self._collect_orphans()  # (against the manifest the fence wrote: see _fence)
@@ -565,14 +569,24 @@ class Shipper:
         manifest says so up to the time of this call (``complete_to`` at or after it: a
         restore to a time up to the call is accepted; an idle shipper writes it only once
         per ``complete_every``).  ReplicationError naming the cause when that does not
-        happen within ``timeout`` seconds."""
+        happen within ``timeout`` seconds.
+
+        With ``vouch``, also until the replica holds a snapshot past every hole it records:
+        the WAL shipped after a hole is restorable only from a base past it, and a hole's
+        snapshot that failed (the server refusing it, or down when the hole was found)
+        backs off while the WAL ships on — a sync returned, the source was lost, and every
+        restore of the replica's end was refused ("no restore can cross it"): the commits
+        it had vouched for were gone.  Such a sync asks for one prompt snapshot attempt."""
         deadline = time.monotonic() + timeout
         called = time.time() if vouch else 0.0
         with self._cond_lock:
             self._complete_wanted = max(self._complete_wanted, called)
+        if vouch and self._saved_unbased is not None:
+            self._snapshot_retry_at = 0.0  # (one prompt attempt, as a wake is one round)
         self._wake.set()  # once: one prompt round (see _pause); it stays set until then
         with self._cond_lock:
-            while self.shipped < lsn or (vouch and not self._complete_saved_past(called)):
+            while self.shipped < lsn or (vouch and (not self._complete_saved_past(called)
+                                                    or self._saved_unbased is not None)):
                 if self.state in ("lease-lost", "refused", "failed"):
                     raise ReplicationError(f"cannot sync the replica: {self.last_error}")
                 if self.state == "stopped":
@@ -583,6 +597,13 @@ class Shipper:
                     cause = self.last_error or (
                         f"waiting on the server: {waiting}" if waiting is not None
                         else "shipping is still in progress")
+                    hole = self._saved_unbased
+                    if self.shipped >= lsn and vouch and hole is not None:
+                        raise ReplicationError(
+                            f"replica {self.url} holds the log up to LSN {lsn}, but no "
+                            f"snapshot past the hole it records at LSN {hole['a']}.."
+                            f"{hole['b']} yet (no restore of its end can cross the hole; "
+                            f"after {timeout:g} s): {self._snapshot_error or cause}")
                     if self.shipped >= lsn:
                         raise ReplicationError(
                             f"replica {self.url} holds the log up to LSN {lsn}, but its "
@@ -687,6 +708,7 @@ class Shipper:
             self._save_once()  # (still too large: ManifestTooLarge, the round fails)
         self._unsaved = False
         self._saved_position = self.manifest.position
+        self._saved_unbased = _hole_without_base(self.manifest)
         self._complete_saved = self.manifest.doc.get("complete_to")
 
     def _save_once(self) -> None:
@@ -1258,6 +1280,17 @@ BLOB_PREFIX = "blobs/"
 
 
 NESTED_LIST_BOUND = 100_000  # keys a new replica's URL is searched for a replica under it
+
+
+def _hole_without_base(m: Manifest) -> dict | None:
+    """The newest hole ``m`` records with no snapshot past it that its WAL reaches (None:
+    there is none): the WAL after it is restorable only from such a base
+    (``_snapshot_due`` wants one at once; one taken past the position is a base once the
+    WAL shipped reaches it)."""
+    end = m.end()
+    newest = max((s["lsn"] for s in m.snapshots if s["lsn"] <= end), default=None)
+    holes = [h for h in m.doc["holes"] if newest is None or h["b"] > newest]
+    return max(holes, key=lambda h: h["b"]) if holes else None
 
 
 def _replica_holder(target: ObjectStore, key: str) -> dict | None:
