@@ -102,3 +102,39 @@ def test_sync_replica_waits_for_a_snapshot_past_a_hole(tmp_path, monkeypatch):
     walstore.restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as c:
         assert c.get("a") == 2
+
+
+def test_a_restore_to_a_time_whose_commits_a_hole_lost_is_refused(tmp_path):
+    """The store written while not replicating (its pin ignored), its log trimmed: the
+    replica records a hole.  A restore to a time inside the hole — the source's state
+    then had commits the hole lost — cut before the hole, because the first record after
+    it was stamped later: a silent prefix (exit 0, ``a`` = 0 where the source had 39).
+    It is now refused naming the hole, as a restore needing a replay across one is."""
+    import datetime as dt
+    import time
+    path, rep = str(tmp_path / "src"), str(tmp_path / "rep")
+    url = "file://" + rep
+    kw = {"segment_size": 64 * 1024}
+    opts = {"interval": 0.05, "max_backoff": 0.2}
+    with walstore.open(path, replicate_to=url, replicate_options=opts, **kw) as s:
+        with s.transaction() as tx:
+            tx.put("a", 0)
+        s.sync_replica(timeout=10)
+    with walstore.open(path, **kw) as s:  # (no replicate_to: the trim pin is not kept)
+        for i in range(1, 40):
+            with s.transaction() as tx:
+                tx.put("a", i)
+                tx.put(f"pad{i}", "x" * 300)
+        when = dt.datetime.now(dt.timezone.utc)
+        time.sleep(0.01)  # (the next stamp is later than ``when``, at the microsecond)
+        with s.transaction() as tx:  # too large for the segment: it opens the next one
+            tx.put("big", "y" * 60000)
+        s.checkpoint()  # (every segment before it trimmed)
+        assert s.at(next(t.txid for t in s.log() if t.timestamp <= when.timestamp())
+                    ).get("a") == 39
+    with walstore.open(path, replicate_to=url, replicate_options=opts, **kw) as s:
+        s.sync_replica(timeout=10)
+    [hole] = replicas(url)["holes"]
+    with pytest.raises(walstore.ReplicationError, match=f"LSN {hole['from']}..{hole['to']}"):
+        walstore.restore(url, str(tmp_path / "r"), to=when)
+    assert not os.path.exists(tmp_path / "r")

@@ -465,7 +465,17 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     any_stamp = first is None
     kept = None  # the last record kept, once the first one at or before ``t`` is seen
     before_chunks = None  # the record kept before a run of WRITES chunks (see below)
+    prev_end = None  # where the entry before ``e`` ended (a gap after it: a hole)
     for e in m.wal[first or 0:]:
+        if prev_end is not None and e["a"] > prev_end:
+            # the cut is not decided before a hole: the records the replica lost there
+            # may be stamped at or before ``to`` (the first one after it is later, or
+            # unstamped).  Cut before it, the copy was a silent prefix of the source's
+            # state at ``to`` (exit 0, every commit of the hole missing)
+            raise ReplicationError(f"{m.gap_message(prev_end, e['a'])}; the records it "
+                                   f"lost may be logged at or before {to.isoformat()}, so "
+                                   f"no restore to that time is exact; nothing restored")
+        prev_end = e["b"]
         for lsn, rtype, raw, _s in fetch.records(e):
             ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
             stamped = isinstance(ts, (int, float)) and not isinstance(ts, bool)
