@@ -92,7 +92,7 @@ def test_sync_replica_waits_for_a_snapshot_past_a_hole(tmp_path, monkeypatch):
         os.makedirs(snaps, exist_ok=True)
         _down(snaps)  # (the replica takes WAL objects, refuses snapshots)
         try:
-            with pytest.raises(walstore.ReplicationError, match="no snapshot past the hole"):
+            with pytest.raises(walstore.ReplicationError, match="no restore can reach it"):
                 s.sync_replica(timeout=1.5)
             with pytest.raises(walstore.ReplicationError, match="no restore can cross it"):
                 walstore.restore(url, str(tmp_path / "lost"))  # (what it had vouched for)
@@ -102,6 +102,37 @@ def test_sync_replica_waits_for_a_snapshot_past_a_hole(tmp_path, monkeypatch):
     walstore.restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as c:
         assert c.get("a") == 2
+
+
+def test_sync_replica_waits_for_the_first_snapshot_of_a_trimmed_store(tmp_path):
+    """A store whose log was trimmed before replication began has no replica without a
+    snapshot: with ``snapshots/`` refused, the WAL shipped and ``sync_replica`` returned
+    (``replication().last_error`` None) though no restore could reach anything ("no
+    snapshot at or before LSN ... from which its WAL reaches").  It now times out naming
+    why, and returns once the snapshot is in."""
+    path, rep = str(tmp_path / "src"), str(tmp_path / "rep")
+    url = "file://" + rep
+    kw = {"segment_size": 64 * 1024}
+    with walstore.open(path, **kw) as s:
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 400)
+        s.checkpoint()
+    os.makedirs(os.path.join(rep, "snapshots"))
+    _down(os.path.join(rep, "snapshots"))
+    with walstore.open(path, replicate_to=url,
+                       replicate_options={"interval": 0.05, "max_backoff": 0.2}, **kw) as s:
+        with s.transaction() as tx:
+            tx.put("last", 1)
+        try:
+            with pytest.raises(walstore.ReplicationError, match="no restore can reach it"):
+                s.sync_replica(timeout=1.5)
+        finally:
+            _up(os.path.join(rep, "snapshots"))
+        s.sync_replica(timeout=10)
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as c:
+        assert c.get("last") == 1 and c.get("k299") == "v" * 400
 
 
 def test_a_restore_to_a_time_whose_commits_a_hole_lost_is_refused(tmp_path):

@@ -170,9 +170,9 @@ class Shipper:
         self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
         self._saved_position: int | None = None  # the position the replica's manifest holds
-        # the newest hole the replica's manifest records with no snapshot past it: until
-        # one is saved, no restore reaches the WAL shipped after the hole (see sync)
-        self._saved_unbased: dict | None = None
+        # why no restore can reach the end of the replica's saved manifest (None: one
+        # can): no snapshot the WAL reaches it from, past a hole or at all (see sync)
+        self._saved_unbased: str | None = None
         self._failed_rounds = 0  # rounds failed in a row (see _round_error)
         self._complete_pending: list[tuple[float, int]] = []  # see _complete_candidate
         self._complete_saved: float | None = None  # complete_to in the replica's manifest
@@ -340,7 +340,7 @@ class Shipper:
         self.manifest = m
         self.shipped = m.position or 0
         self._saved_position = m.position
-        self._saved_unbased = _hole_without_base(m)
+        self._saved_unbased = _end_unrestorable(m)
         self._complete_saved = m.doc.get("complete_to")
         self.target.cleanup_uploads()  # we hold the lease: leftovers of a writer cut short
         self._collect_orphans()  # (against the manifest the fence wrote: see _fence)
@@ -571,12 +571,13 @@ class Shipper:
         per ``complete_every``).  ReplicationError naming the cause when that does not
         happen within ``timeout`` seconds.
 
-        With ``vouch``, also until the replica holds a snapshot past every hole it records:
-        the WAL shipped after a hole is restorable only from a base past it, and a hole's
-        snapshot that failed (the server refusing it, or down when the hole was found)
-        backs off while the WAL ships on — a sync returned, the source was lost, and every
-        restore of the replica's end was refused ("no restore can cross it"): the commits
-        it had vouched for were gone.  Such a sync asks for one prompt snapshot attempt."""
+        With ``vouch``, also until a restore can reach the end of the replica's manifest:
+        it lists a snapshot its WAL reaches the end from (past every hole it records).  A
+        snapshot that failed (the server refusing ``snapshots/``, or down when a hole was
+        found) backs off while the WAL ships on — a sync returned, the source was lost,
+        and every restore of the replica's end was refused ("no restore can cross it", or
+        "no snapshot ... from which its WAL reaches"): the commits it had vouched for were
+        gone.  Such a sync asks for one prompt snapshot attempt."""
         deadline = time.monotonic() + timeout
         called = time.time() if vouch else 0.0
         with self._cond_lock:
@@ -597,13 +598,12 @@ class Shipper:
                     cause = self.last_error or (
                         f"waiting on the server: {waiting}" if waiting is not None
                         else "shipping is still in progress")
-                    hole = self._saved_unbased
-                    if self.shipped >= lsn and vouch and hole is not None:
+                    unrestorable = self._saved_unbased
+                    if self.shipped >= lsn and vouch and unrestorable is not None:
                         raise ReplicationError(
                             f"replica {self.url} holds the log up to LSN {lsn}, but no "
-                            f"snapshot past the hole it records at LSN {hole['a']}.."
-                            f"{hole['b']} yet (no restore of its end can cross the hole; "
-                            f"after {timeout:g} s): {self._snapshot_error or cause}")
+                            f"restore can reach it yet after {timeout:g} s ({unrestorable}): "
+                            f"{self._snapshot_error or cause}")
                     if self.shipped >= lsn:
                         raise ReplicationError(
                             f"replica {self.url} holds the log up to LSN {lsn}, but its "
@@ -708,7 +708,7 @@ class Shipper:
             self._save_once()  # (still too large: ManifestTooLarge, the round fails)
         self._unsaved = False
         self._saved_position = self.manifest.position
-        self._saved_unbased = _hole_without_base(self.manifest)
+        self._saved_unbased = _end_unrestorable(self.manifest)
         self._complete_saved = self.manifest.doc.get("complete_to")
 
     def _save_once(self) -> None:
@@ -1282,15 +1282,17 @@ BLOB_PREFIX = "blobs/"
 NESTED_LIST_BOUND = 100_000  # keys a new replica's URL is searched for a replica under it
 
 
-def _hole_without_base(m: Manifest) -> dict | None:
-    """The newest hole ``m`` records with no snapshot past it that its WAL reaches (None:
-    there is none): the WAL after it is restorable only from such a base
-    (``_snapshot_due`` wants one at once; one taken past the position is a base once the
-    WAL shipped reaches it)."""
-    end = m.end()
-    newest = max((s["lsn"] for s in m.snapshots if s["lsn"] <= end), default=None)
-    holes = [h for h in m.doc["holes"] if newest is None or h["b"] > newest]
-    return max(holes, key=lambda h: h["b"]) if holes else None
+def _end_unrestorable(m: Manifest) -> str | None:
+    """Why no restore can reach the end of ``m`` (the plan a restore of everything makes:
+    a snapshot its WAL reaches the end from); None when one can, or nothing is shipped
+    yet.  No I/O: the manifest's lists only."""
+    if m.position is None:
+        return None
+    try:
+        next(iter(m.plans(m.end())))
+    except ReplicationError as e:
+        return str(e)
+    return None
 
 
 def _replica_holder(target: ObjectStore, key: str) -> dict | None:
