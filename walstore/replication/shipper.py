@@ -522,6 +522,8 @@ class Shipper:
                      f"{', ...' if len(names) > 4 else ''}): not shipped (the replica's "
                      f"restores of points naming them report them missing); `walstore "
                      f"verify` names them")
+        if error is None and self._saved_unbased is not None:  # (a snapshot to come)
+            error = f"no restore can reach the replica's end yet: {self._saved_unbased}"
         if error is None and self.target.waiting_for() >= STALL_REPORTED:
             error = f"waiting on the server: {self.target.waiting()}"
         return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
