@@ -161,11 +161,14 @@ def test_a_restore_to_a_time_whose_commits_a_hole_lost_is_refused(tmp_path):
         with s.transaction() as tx:  # too large for the segment: it opens the next one
             tx.put("big", "y" * 60000)
         s.checkpoint()  # (every segment before it trimmed)
-        assert s.at(next(t.txid for t in s.log() if t.timestamp <= when.timestamp())
-                    ).get("a") == 39
+        lost_txid = next(t.txid for t in s.log() if t.timestamp <= when.timestamp())
+        assert s.at(lost_txid).get("a") == 39
     with walstore.open(path, replicate_to=url, replicate_options=opts, **kw) as s:
         s.sync_replica(timeout=10)
     [hole] = replicas(url)["holes"]
     with pytest.raises(walstore.ReplicationError, match=f"LSN {hole['from']}..{hole['to']}"):
         walstore.restore(url, str(tmp_path / "r"), to=when)
     assert not os.path.exists(tmp_path / "r")
+    # a txid the hole lost: refused naming the hole (it read as a txid that never committed)
+    with pytest.raises(walstore.UnknownPoint, match=f"lost LSN {hole['from']}..{hole['to']}"):
+        walstore.restore(url, str(tmp_path / "r"), to=lost_txid)

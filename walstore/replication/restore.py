@@ -346,8 +346,14 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                     if rtype == logformat.COMMIT and logformat.summarize(
                             rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("tx") == to:
                         return lsn, f"transaction {to}"
+        # (a hole's lost commits are not known by txid: it is named, as a restore needing
+        # it is refused naming it, never as if the transaction had not committed)
+        lost = "".join(f"; the replica lost LSN {h['a']}..{h['b']} ({h['reason']}): a "
+                       f"transaction committed there cannot be restored"
+                       for h in m.doc["holes"])
         raise UnknownRestorePoint(f"transaction {to} is not among the commits the replica's "
-                                  f"WAL holds (LSN {m.wal[0]['a'] if m.wal else 0}..{end})", to)
+                                  f"WAL holds (LSN {m.wal[0]['a'] if m.wal else 0}..{end})"
+                                  f"{lost}", to)
     if isinstance(to, str):
         p = m.doc["points"].get(to)
         if p is None:
