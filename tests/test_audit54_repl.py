@@ -13,7 +13,9 @@ import pytest
 
 import walstore
 import walstore.store
+import walstore.replication
 from walstore.replication import replicas
+from walstore.replication.targets import FileTarget
 
 
 def _down(rep: str) -> None:
@@ -172,3 +174,106 @@ def test_a_restore_to_a_time_whose_commits_a_hole_lost_is_refused(tmp_path):
     # a txid the hole lost: refused naming the hole (it read as a txid that never committed)
     with pytest.raises(walstore.UnknownPoint, match=f"lost LSN {hole['from']}..{hole['to']}"):
         walstore.restore(url, str(tmp_path / "r"), to=lost_txid)
+
+
+class _WriterGoesOn(FileTarget):
+    """The replica as a restore or follower reads it (the real file target): the first
+    time it is armed and downloads a WAL object, the replica's writer goes on first —
+    commits, compaction merging that object, retention deleting it (``delete_grace`` 0:
+    what a restore or follower round longer than the grace meets) — until the object is
+    gone."""
+
+    def __init__(self, root: str, store) -> None:
+        super().__init__(root)
+        self.store = store
+        self.armed = False
+        self.dropped: list[str] = []
+
+    def download(self, key, f, max_bytes):
+        if self.armed and key.startswith("wal/"):
+            self.armed = False
+            for i in range(40):
+                if key not in {k for k, _n in self.list("wal/")}:
+                    break
+                with self.store.transaction() as tx:
+                    tx.put(f"more{i}", i)
+                self.store._shipper.ship_once()
+            self.dropped.append(key)
+        return super().download(key, f, max_bytes)
+
+
+def _compacting_writer(tmp_path, monkeypatch):
+    import walstore.replication.shipper as shipper
+    monkeypatch.setattr(shipper, "RETENTION_EVERY", 0.0)  # (retention's cadence: each round)
+    rep = str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to="file://" + rep,
+                      replicate_options={"interval": 3600, "lease_ttl": 3 * 3600,
+                                         "compact_fanout": 2, "delete_grace": 0})
+    for i in range(3):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+        s._shipper.ship_once()
+    return s, rep
+
+
+def test_a_restore_outlasting_delete_grace_begins_again_from_the_manifest_now(
+        tmp_path, monkeypatch):
+    """A restore reads the manifest, then downloads what it lists; the replica's writer
+    meanwhile merged and deleted an object it listed (a restore longer than
+    ``delete_grace`` of a live replica): it failed with "hole in the replica's WAL ...
+    listed in the manifest but missing" though the replica had no hole.  It now begins
+    again from the manifest as it is now."""
+    s, rep = _compacting_writer(tmp_path, monkeypatch)
+    try:
+        t = _WriterGoesOn(rep, s)
+        t.armed = True
+        r = walstore.replication.restore("file://" + rep, str(tmp_path / "r"), target=t)
+        assert t.dropped and r["cut_lsn"] > 0
+        with walstore.open(str(tmp_path / "r")) as c:
+            assert c.get("k2") == 2
+            assert c.get("more0") == 0  # (the manifest it began again from has it)
+    finally:
+        s.close()
+
+
+def test_a_follower_round_outlasting_delete_grace_goes_on(tmp_path, monkeypatch):
+    """As above, for a follower's round: it stopped for good (not a transient error).  It
+    now retries, reads the manifest now and goes on from DEST's position."""
+    import threading
+    s, rep = _compacting_writer(tmp_path, monkeypatch)
+    stop = threading.Event()
+    rounds: list[dict] = []
+    failed: list[BaseException] = []
+    t = _WriterGoesOn(rep, s)
+
+    def on_round(info: dict) -> None:
+        rounds.append(info)
+        if len(rounds) == 1:  # (the restore is done: its next round meets the writer)
+            with s.transaction() as tx:
+                tx.put("next", 1)
+            s._shipper.ship_once()
+            t.armed = True
+        elif t.dropped and info.get("position") == s._shipper.shipped:
+            stop.set()
+
+    def run() -> None:
+        try:
+            walstore.replication.follow("file://" + rep, str(tmp_path / "f"), stop=stop,
+                                        interval=0.01, apply_every=0, on_round=on_round,
+                                        target=t)
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            failed.append(e)
+            stop.set()
+
+    th = threading.Thread(target=run)
+    th.start()
+    try:
+        assert stop.wait(30)
+    finally:
+        stop.set()
+        th.join(30)
+        s.close()
+    assert not failed, failed
+    assert t.dropped and any("error" in r for r in rounds)
+    with walstore.open(str(tmp_path / "f"), readonly=True) as c:
+        assert c.get("next") == 1 and c.get("more0") == 0

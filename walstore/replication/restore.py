@@ -261,6 +261,29 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
 
 
 # ---- fetching objects -----------------------------------------------------------------
+class _ObjectGone(ReplicationError):
+    """A WAL object the manifest read lists is missing: damage (a hole), unless the
+    replica's writer dropped it since (merged into a larger one, or past retention, and
+    deleted ``delete_grace`` later): see ``_dropped_since``."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _dropped_since(tgt: ObjectStore, opts: ReplicateOptions, key: str) -> bool:
+    """Does the replica's manifest now no longer list WAL object ``key`` (its writer
+    compacted or retained it away since the manifest that listed it was read)?"""
+    try:
+        m = Manifest.load(tgt, opts.max_manifest_bytes)
+    except ReplicationError:
+        return False
+    return m is not None and all(e["k"] != key for e in m.wal)
+
+
+GONE_RETRIES = 5  # restores begun again from a fresh manifest when its objects were dropped
+
+
 class _Fetcher:
     """Downloads WAL objects into a private temp dir (once each) and reads them back."""
 
@@ -278,9 +301,9 @@ class _Fetcher:
             with open(p, "wb") as f:
                 got = _retry(lambda: self._download(key, f, entry["n"]))
             if got is None:
-                raise ReplicationError(
+                raise _ObjectGone(
                     f"hole in the replica's WAL: object {self.target.url}/{key} (LSN "
-                    f"{entry['a']}..{entry['b']}) is listed in the manifest but missing")
+                    f"{entry['a']}..{entry['b']}) is listed in the manifest but missing", key)
             if got[0] != entry["n"]:
                 raise ReplicationError(f"WAL object {key} is {got[0]} bytes, the manifest "
                                        f"says {entry['n']}")
@@ -549,7 +572,41 @@ def restore(url: str, dest: str, to: Any = None, replicate_options: Any = None, 
     """Rebuild a store at ``dest`` (absent or empty) from the replica at ``url``.
 
     ``_locks`` (the follower's): DEST's writer lock is taken in the staging directory
-    before it is renamed into place, and appended to ``_locks`` (the caller releases it)."""
+    before it is renamed into place, and appended to ``_locks`` (the caller releases it).
+
+    A WAL object the manifest listed that is gone when it is fetched, and no longer
+    listed by the replica's manifest now, was dropped by its live writer meanwhile
+    (compaction merged it, retention passed it; deleted ``delete_grace`` later): the
+    restore begins again from the manifest now (up to ``GONE_RETRIES`` times).  A restore
+    longer than ``delete_grace`` (600 s) of a replica being written failed near its end
+    with "hole in the replica's WAL ... listed in the manifest but missing"."""
+    for attempt in range(GONE_RETRIES):
+        try:
+            return _restore_from(url, dest, to, replicate_options, compensate=compensate,
+                                 follow=follow, target=target, progress=progress,
+                                 _snapshot=_snapshot, _cut_end=_cut_end, _locks=_locks,
+                                 _scratch=_scratch)
+        except _ObjectGone as e:
+            if attempt == GONE_RETRIES - 1 or _snapshot is not None:
+                raise  # (a stand-in's or verify's check: its caller's manifest decides)
+            opts = ReplicateOptions.from_any(replicate_options)
+            tgt = target if target is not None else open_target(url, opts)
+            try:
+                if not _dropped_since(tgt, opts, e.key):
+                    raise  # (still listed: damage, a hole)
+            finally:
+                if target is None:
+                    tgt.close()
+    raise AssertionError("unreachable")
+
+
+def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = None, *,
+                  compensate: bool = False, follow: bool = False,
+                  target: ObjectStore | None = None,
+                  progress: Callable[[int, int], None] | None = None,
+                  _snapshot: dict | None = None, _cut_end: int | None = None,
+                  _locks: list | None = None, _scratch: bool = False) -> dict:
+    """One attempt of ``restore``, from the manifest as it is now."""
     t_start = time.monotonic()
     lock = None
     opts = ReplicateOptions.from_any(replicate_options)
@@ -1333,25 +1390,38 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
             if log.end is not None and m.end() > log.end:
                 _check_retained(m, log.end, dest, url)
                 log.know(m.wal)
-                for e in m.chain(log.end, m.end()):
-                    # the blobs this object's records name, before the records (a reader
-                    # of DEST never sees a file step whose content is not there yet): a
-                    # first pass over the object, only what it names (no LIST)
-                    start = log.end
-                    blobs.fetch_named(r for r in fetch.records(e) if r[0] >= start)
-                    for lsn, rtype, raw, _s in fetch.records(e):
-                        if lsn < log.end:
-                            continue
-                        if unapplied >= APPLY_STEP:
-                            apply()  # (a bounded step of a backlog)
-                        log.append(lsn, raw, e["seg"], rtype)
-                        info["appended"] += len(raw)
-                        _count(len(raw))
-                        if logformat.is_purge(rtype, raw):
-                            _purge_appended()
-                    log.sync()
-                    fetch.drop(e)
+                try:
+                    _append_chain(m, info)
+                except _ObjectGone as e:
+                    # dropped by the writer since this manifest was read (merged, retained;
+                    # deleted ``delete_grace`` later): the next round reads the manifest
+                    # now and goes on from DEST's position (a follower whose round outlasted
+                    # the grace stopped for good: "hole in the replica's WAL")
+                    if _dropped_since(tgt, opts, e.key):
+                        e.transient = True
+                    raise
             etag = got[1]
+
+    def _append_chain(m: Manifest, info: dict) -> None:
+        """Append the records of ``m``'s WAL from DEST's position to its end."""
+        for e in m.chain(log.end, m.end()):
+            # the blobs this object's records name, before the records (a reader
+            # of DEST never sees a file step whose content is not there yet): a
+            # first pass over the object, only what it names (no LIST)
+            start = log.end
+            blobs.fetch_named(r for r in fetch.records(e) if r[0] >= start)
+            for lsn, rtype, raw, _s in fetch.records(e):
+                if lsn < log.end:
+                    continue
+                if unapplied >= APPLY_STEP:
+                    apply()  # (a bounded step of a backlog)
+                log.append(lsn, raw, e["seg"], rtype)
+                info["appended"] += len(raw)
+                _count(len(raw))
+                if logformat.is_purge(rtype, raw):
+                    _purge_appended()
+            log.sync()
+            fetch.drop(e)
 
     def _count(n: int) -> None:
         nonlocal applied_since, unapplied
