@@ -277,3 +277,24 @@ def test_a_follower_round_outlasting_delete_grace_goes_on(tmp_path, monkeypatch)
     assert t.dropped and any("error" in r for r in rounds)
     with walstore.open(str(tmp_path / "f"), readonly=True) as c:
         assert c.get("next") == 1 and c.get("more0") == 0
+
+
+def test_verify_outlasting_delete_grace_does_not_report_dropped_objects_as_holes(
+        tmp_path, monkeypatch):
+    """`replicas --verify` of a replica being written: an object its manifest listed,
+    merged and deleted by the writer while verify ran (a verify longer than
+    ``delete_grace``), was a failure ("hole in the replica's WAL ... listed in the
+    manifest but missing"), exit 1, on a sound replica.  It is now listed as dropped
+    since the manifest was read."""
+    s, rep = _compacting_writer(tmp_path, monkeypatch)
+    try:
+        t = _WriterGoesOn(rep, s)
+        t.armed = True
+        report = replicas("file://" + rep, verify=True, target=t)
+    finally:
+        s.close()
+    v = report["verify"]
+    assert t.dropped, "the writer dropped nothing: the test proves nothing"
+    assert v["ok"], [c for c in v["checks"] if not c["ok"]]
+    [objects] = [c for c in v["checks"] if c["check"] == "every WAL object"]
+    assert t.dropped[0] in objects["dropped_since_read"]
