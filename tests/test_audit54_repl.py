@@ -1,9 +1,13 @@
 """Audit 54, replication and restore under faults: regression tests (each failed on the
 code before its fix).
 
+Holes (the local WAL trimmed before it was shipped): a purge lost in one, a sync that
+returned with no snapshot past one (or none at all), a restore to a time inside one.
 A ``file://`` replica made unwritable by turning its directory into a file (as root a
-chmod stops nothing); the source is a real store in this process, its shipper the real
-one.
+chmod stops nothing).  A replica whose live writer merges and deletes objects while a
+restore, a follower or a verify reads them (a real file target whose download lets the
+writer go on first: what a read longer than ``delete_grace`` meets).  The sources are
+real stores in this process, their shippers the real ones.
 """
 from __future__ import annotations
 
