@@ -302,3 +302,62 @@ def test_verify_outlasting_delete_grace_does_not_report_dropped_objects_as_holes
     assert v["ok"], [c for c in v["checks"] if not c["ok"]]
     [objects] = [c for c in v["checks"] if c["check"] == "every WAL object"]
     assert t.dropped[0] in objects["dropped_since_read"]
+
+
+def test_a_follower_goes_on_after_its_file_replica_was_unreadable_for_a_while(tmp_path):
+    """A ``file://`` replica unreadable for a moment (its mount gone: here its directory
+    turned into a file, ENOTDIR) stopped the follower for good with a StoreIOError, where
+    an S3 server unreachable is retried.  It is now a transient error: reported in the
+    round, retried, and the follower goes on."""
+    import threading
+    rep = str(tmp_path / "rep")
+    url = "file://" + rep
+    stop = threading.Event()
+    rounds: list[dict] = []
+    failed: list[BaseException] = []
+    first = threading.Event()
+    erred = threading.Event()
+
+    def on_round(info: dict) -> None:
+        rounds.append(info)
+        first.set()
+        if "error" in info:
+            erred.set()
+        elif erred.is_set() and info.get("position") == target[0]:
+            stop.set()
+
+    def run() -> None:
+        try:
+            walstore.replication.follow(url, str(tmp_path / "f"), stop=stop, interval=0.01,
+                                        apply_every=0, on_round=on_round)
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            failed.append(e)
+            stop.set()
+
+    target = [-1]
+    with walstore.open(str(tmp_path / "src"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=10)
+        th = threading.Thread(target=run)
+        th.start()
+        try:
+            assert first.wait(10)
+            _down(rep)
+            try:
+                assert erred.wait(10) or failed, "no round met the unreadable replica"
+            finally:
+                _up(rep)
+            with s.transaction() as tx:
+                tx.put("a", 2)
+            s.sync_replica(timeout=10)
+            target[0] = s.replication().shipped_lsn
+            assert stop.wait(20)
+        finally:
+            stop.set()
+            th.join(20)
+    assert not failed, failed
+    assert any("Not a directory" in r.get("error", "") for r in rounds)
+    with walstore.open(str(tmp_path / "f"), readonly=True) as c:
+        assert c.get("a") == 2

@@ -63,7 +63,7 @@ from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import DAY, ReplicateOptions
 from .shipper import BLOB_PREFIX, sweep_dead_scratch
-from .targets import NOT_MODIFIED, ObjectStore, display_url, open_target
+from .targets import NOT_MODIFIED, ObjectStore, TargetError, display_url, open_target
 
 RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
 FOLLOW_TEMP = "walstore-follow-"    # + pid + "-": a follower's
@@ -1294,6 +1294,38 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
             tgt.close()
 
 
+class _ReplicaReads:
+    """A follower's target: an ``OSError`` reading the replica (a ``file://`` replica on a
+    mount gone for a moment, an NFS hiccup: EIO, ESTALE, ENOTDIR) is a transient
+    ``TargetError`` naming the replica, retried with backoff as an unreachable S3 server
+    is (it escaped as a StoreIOError and the follower, meant to run for weeks, stopped for
+    good).  Everything else is the wrapped target's."""
+
+    def __init__(self, target: ObjectStore, url: str) -> None:
+        self._target = target
+        self._url = url
+
+    def __getattr__(self, name: str):
+        return getattr(self._target, name)
+
+    def _failed(self, what: str, key: str, e: OSError) -> TargetError:
+        return TargetError(f"{what} {key} of the replica {display_url(self._url)} failed: "
+                           f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""),
+                           True)
+
+    def get(self, key: str, max_bytes: int, if_none_match: str | None = None):
+        try:
+            return self._target.get(key, max_bytes, if_none_match=if_none_match)
+        except OSError as e:
+            raise self._failed("reading", key, e) from e
+
+    def download(self, key: str, f, max_bytes: int):
+        try:
+            return self._target.download(key, f, max_bytes)
+        except OSError as e:
+            raise self._failed("downloading", key, e) from e
+
+
 def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions,
                    stop: "threading.Event | Flag", interval: float, apply_every: float,
                    on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict,
@@ -1334,6 +1366,7 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     in the log keep the whole log from being applied, the files holding the purge's bytes
     go at the first apply that reaches the log's end: while the erasure is owed every
     round applies, idle ones included."""
+    tgt = _ReplicaReads(tgt, url)  # (its read errors are retried: see there)
     wal_dir = os.path.join(dest, "wal")
     log = RestoredLog.resume(wal_dir, store_id)
     if log.end is None:  # restored without a WAL record: the log goes on at the cut
