@@ -26,7 +26,8 @@ import msgpack
 import walstore
 from . import _engine
 from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command,
-                     emit_json_error, end_progress, error_kind, error_text, problem_noted)
+                     emit_json_error, end_progress, error_kind, error_text, problem_noted,
+                     stdout_to_devnull)
 
 __all__ = ["main"]
 
@@ -183,12 +184,14 @@ def _interrupted(ctx: click.Context, e: BaseException) -> NoReturn:
 
 def _reader_went_away() -> NoReturn:
     """The reader of stdout closed it (``walstore stats | head -1``): what it wanted was
-    delivered, so exit 0 without a word (was: "stats failed: Broken pipe", exit 1).
-    Stdout goes to /dev/null first, so the interpreter's own flush at exit is quiet."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    raise SystemExit(0)
+    delivered, so exit without a word (was: "stats failed: Broken pipe", exit 1): 0, or
+    1 when the command had found a problem before it printed (noted: `verify` of a
+    damaged store, `prepared` with transactions in doubt, `recover` leaving a refund owed
+    exited 0 under ``| head -1``, a script's ``pipefail`` or ``PIPESTATUS`` reading
+    "nothing to act on").  Stdout goes to /dev/null first, so the interpreter's own flush
+    at exit is quiet."""
+    stdout_to_devnull()
+    raise SystemExit(EXIT_PROBLEM if problem_noted() else 0)
 
 
 class WalstoreGroup(click.Group):

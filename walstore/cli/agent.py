@@ -13,7 +13,7 @@ from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
                      check_before_recovery, load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, emit_json_list, fail,
-                     kv_lines, show_key, show_value, table)
+                     kv_lines, note_problem, show_key, show_value, table)
 
 
 # UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
@@ -119,6 +119,8 @@ def _done(info: Any, as_json: bool, owed: list | None = None,
           registered: dict | None = None) -> None:
     reverted = list(info.extra.get("reverts", [])) if info else []
     owed = owed or []
+    if owed:  # (before printing: a reader gone mid-output keeps exit 1, see note_problem)
+        note_problem()
     if as_json:
         emit_json({"txid": info.txid if info else None, "lsn": info.lsn if info else None,
                    "reverted": reverted,
@@ -181,6 +183,8 @@ def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
     if pending:  # (the owed ones: few, listed whole)
         with open_store(path, readonly=True) as store:
             acts = store.actions(pending=True)
+        if acts:  # (before printing: see note_problem)
+            note_problem()
         if as_json:
             emit_json({"actions": action_docs(acts, None)})
         else:

@@ -12,8 +12,8 @@ from . import _engine, main
 from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, DirPath, action_docs, action_table,
                      load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
-                     end_progress, kv_lines, one_line, phase_progress, progress_printer,
-                     show_gid, show_key)
+                     end_progress, kv_lines, note_problem, one_line, phase_progress,
+                     progress_printer, show_gid, show_key)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
 
@@ -79,6 +79,8 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
         doc["rebuilt_state"] = {"damaged_state_moved_to": rebuilt}
     problem = (any(p.kind not in NORMAL_PROBLEMS for p in report.problems)
                or bool(report.in_doubt) or bool(owed))
+    if problem:  # (before printing: a reader gone mid-output keeps exit 1, see note_problem)
+        note_problem()
     if as_json:
         emit_json(doc)
     else:
@@ -131,6 +133,7 @@ def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> No
     reading ``doc["clean"]`` met a KeyError: probe probe-ops)."""
     problem = {"kind": "refused", "file": e.file, "offset": e.offset, "lsn": e.lsn,
                "reason": e.reason, "bytes": 0, "action": "refused", "quarantined": None}
+    note_problem()  # (before printing: see note_problem)
     doc = {"recovered": False, "refused": True, "reason": e.reason, "file": e.file,
            "offset": e.offset, "lsn": e.lsn, "clean": False, "mode": mode,
            "problems": [problem]}
@@ -194,6 +197,8 @@ def verify(path: str, as_json: bool) -> None:
                                  (progress_printer("verify"),
                                   phase_progress("verify file content"))))
     end_progress()
+    if not rep.ok:  # (before printing: a reader gone mid-output keeps exit 1)
+        note_problem()
     if as_json:
         emit_json(rep.as_dict())
     else:
@@ -307,6 +312,7 @@ def dump(path: str, from_lsn: int, as_json: bool) -> None:
         for r in records:
             if r["type"] in _engine.WAL_DAMAGE:
                 damaged.append(r["type"])
+                note_problem()  # (a reader gone after it keeps exit 1)
             yield r
     records = noting(_engine.wal_records(path, from_lsn))
     if as_json:  # streamed, one record at a time: bounded memory on any WAL

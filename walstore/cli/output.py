@@ -211,7 +211,9 @@ _PROBLEM_NOTED = [False]
 
 def note_problem() -> None:
     """A problem found on the way (said on stderr already) that does not stop the
-    command: it does its work and prints its output, then exits 1."""
+    command: it does its work and prints its output, then exits 1.  A command that knows
+    its verdict before it prints (`verify`, `recover`, `prepared`, ...) notes it first, so
+    a reader that goes away mid-output (``| head -1``) still gets exit 1."""
     _PROBLEM_NOTED[0] = True
 
 
@@ -229,8 +231,25 @@ def emit_json_error(command: str, message: str, code: int, kind: str | None) -> 
     # where scripts read a string (probe audit48); its surrogates are written as \udcff,
     # as the stderr line shows them
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    emit_json({"error": {"command": command, "message": message, "exit": code,
-                         "type": kind}})
+    try:
+        emit_json({"error": {"command": command, "message": message, "exit": code,
+                             "type": kind}})
+    except BrokenPipeError:
+        # the reader of stdout went away (``| head -1``, a script that stopped reading):
+        # the document is nobody's, but the error's line on stderr and its exit status
+        # still are; raised on from here, click ended the process at once with exit 1
+        # and said nothing (`stats MISSING --json | true`: no line, 1 for a usage error)
+        stdout_to_devnull()
+
+
+def stdout_to_devnull() -> None:
+    """Point stdout at /dev/null (its reader went away): later writes, and the
+    interpreter's own flush at exit, are quiet instead of raising BrokenPipeError."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 class JsonStream:

@@ -29,8 +29,8 @@ from . import _engine
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail, show_key
-from .output import end_progress, one_line, parse_point as _parse_point, phase_progress, \
-    progress_printer, show_time
+from .output import end_progress, note_problem, one_line, parse_point as _parse_point, \
+    phase_progress, progress_printer, show_time
 
 
 def parse_point(text: str) -> Any:
@@ -299,6 +299,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
                                 for p in report.get("purges_applied", ())]
     owed_files = report["owed_file_effects"]
     missing = report["blobs_missing"]
+    if pending or owed_files or missing:  # (before printing: see note_problem)
+        note_problem()
     if as_json:
         _emit(report)
     else:
@@ -358,6 +360,8 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
     except ReplicationError as e:
         _fail(str(e))
     bad = verify and not r["verify"]["ok"]
+    if bad:  # (before printing: a reader gone mid-output keeps exit 1, see note_problem)
+        note_problem()
     if as_json:
         _emit(r)
         if bad:

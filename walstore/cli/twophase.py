@@ -10,7 +10,8 @@ import walstore
 
 from . import _engine, main, refused
 from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, open_store
-from .output import EXIT_PROBLEM, emit_json_list, fail, show_cell, show_gid, table
+from .output import (EXIT_PROBLEM, emit_json_list, fail, note_problem, show_cell, show_gid,
+                     table)
 
 
 # AFTER_CHECK: the GID is checked (it is one walstore gives; it names a prepared
@@ -28,6 +29,8 @@ def prepared(path: str, as_json: bool) -> None:
     beside a running writer)."""
     with open_store(path, readonly=True) as store:
         rows = _engine.prepared_details(store)
+    if rows:  # (before printing: a reader gone mid-output keeps exit 1, see note_problem)
+        note_problem()
     if as_json:
         emit_json_list("prepared", rows)
     else:
@@ -85,6 +88,8 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
             fail(f"rolled back, but {e}")
         owed = [a for a in store.pending_compensations() if a.txid in txids]
         registered = dict(store.compensators)
+    if owed:  # (before printing: see note_problem)
+        note_problem()
     click.echo(f"rolled back {show_gid(gid)}")
     if owed:
         report_owed(owed, registered)

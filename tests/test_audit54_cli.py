@@ -1,0 +1,145 @@
+"""Audit 54 of the command line (CONTRACT section 3: exit status, one-line errors, one
+``--json`` document): regressions found by probing with real CLI processes.
+
+Each test failed on the code before its fix (see the commit naming it):
+
+- a reader of stdout that went away (``walstore verify S | head -1``) turned every exit
+  status into 0: `prepared` with a transaction in doubt, `verify` listing it, `recover`
+  leaving a refund owed all said "nothing to act on" to ``pipefail``/``PIPESTATUS``;
+- a failing ``--json`` command whose stdout reader went away printed nothing at all, not
+  even its one line on stderr, and exited 1 whatever the error (a usage error too): the
+  error document's write raised BrokenPipeError past the CLI's error path into click's,
+  which exits 1 without a word.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+
+from store_support import CLI, cli_env
+
+
+def run_to_a_gone_reader(*args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI as a real process whose stdout is a pipe nobody reads any more (its
+    read end closed before the child starts: every write fails with EPIPE, as under
+    ``| head -1`` once head has exited).  Returns (exit status, stderr)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, "-c", CLI, *map(str, args)], stdout=w,
+                              stderr=subprocess.PIPE, text=True, env=cli_env(),
+                              timeout=timeout)
+    finally:
+        os.close(w)
+    return proc.returncode, proc.stderr
+
+
+@pytest.fixture
+def in_doubt(tmp_path) -> str:
+    """A store holding one prepared (in-doubt) transaction, closed cleanly."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        tx = s.transaction()
+        tx.put("k", 1)
+        tx.prepare("g1")
+    return path
+
+
+CRASH_CHILD = """
+import os, sys, walstore
+s = walstore.open(sys.argv[1])
+tx = s.transaction()
+with tx.action("charge", args={"amount": 5}, compensate="refund") as act:
+    act.result = {"charge": 1}
+tx.put("x", 1)
+print("READY", flush=True)
+sys.stdin.read()  # (killed here, the transaction open)
+"""
+
+
+def crashed_with_a_charge(path: str) -> None:
+    """A writer killed -9 (a real process) with a charge in an open transaction: the
+    next open rolls it back and, with no compensator, leaves its refund owed."""
+    child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, path], env=cli_env(),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "READY"
+    finally:
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
+# ---- a problem found stays exit 1 when stdout's reader went away ---------------------------
+@pytest.mark.parametrize("args", [["prepared"], ["prepared", "--json"], ["verify"],
+                                  ["verify", "--json"]])
+def test_a_problem_found_exits_1_even_when_the_reader_of_stdout_went_away(in_doubt, args):
+    """CONTRACT 3: exit 1 for "in-doubt transactions that need a decision".  With stdout
+    read by a reader that stopped (``walstore prepared S | head -1``), the BrokenPipe
+    path exited 0: a script under ``set -o pipefail`` read a store with a transaction in
+    doubt as settled."""
+    code, err = run_to_a_gone_reader(args[0], in_doubt, *args[1:])
+    assert code == 1, err
+    assert "Traceback" not in err
+
+
+def test_recover_leaving_a_refund_owed_exits_1_when_the_reader_went_away(tmp_path):
+    """`walstore recover S | head -1` after a kill -9 with a charge in flight: recovery
+    rolled the transaction back and left its refund owed (no compensator), which is exit
+    1; with the reader gone it said 0."""
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    crashed_with_a_charge(path)
+    code, err = run_to_a_gone_reader("recover", path)
+    assert code == 1, err
+    with walstore.open(path, readonly=True) as s:  # (the recovery itself was done)
+        assert [a.name for a in s.pending_compensations()] == ["charge"]
+        assert "x" not in s
+
+
+def test_a_healthy_listing_still_exits_0_when_the_reader_went_away(tmp_path):
+    """The other side: nothing found, a reader gone mid-output is exit 0, no word."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.update((f"k{i:05d}", i) for i in range(3000))
+    for args in (["scan", path], ["verify", path], ["prepared", path, "--json"]):
+        code, err = run_to_a_gone_reader(*args)
+        assert (code, err) == (0, ""), args
+
+
+# ---- a --json failure keeps its line and exit status when the reader went away ------------
+def test_a_json_failure_keeps_its_line_and_exit_status_when_the_reader_went_away(tmp_path):
+    """A failing ``--json`` command prints its error document on stdout and its one line
+    on stderr.  With stdout's reader gone, the document's write raised BrokenPipeError
+    into click, which exited 1 and said nothing: a missing store, a malformed point, a
+    file given as PATH (usage errors, exit 2) all became a silent exit 1."""
+    missing = str(tmp_path / "nothing-here")
+    code, err = run_to_a_gone_reader("stats", missing, "--json")
+    assert code == 2
+    assert err.startswith("walstore: stats failed: ") and missing in err
+    assert len(err.strip().splitlines()) == 1
+
+    store = str(tmp_path / "s")
+    walstore.open(store).close()
+    code, err = run_to_a_gone_reader("rewind", store, "--to", "lsn:-1", "--json")
+    assert code == 2
+    assert err.strip() == ("walstore: bad point 'lsn:-1': after 'lsn:' comes a "
+                           "non-negative number")
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    code, err = run_to_a_gone_reader("scan", str(a_file), "--json")  # (click's own usage)
+    assert code == 2
+    assert "is a file" in err and "Traceback" not in err
+
+    code, err = run_to_a_gone_reader("revert", store, "99", "--json")  # (names nothing)
+    assert code == 2
+    assert err.startswith("walstore: revert failed: ") and "99" in err
+
