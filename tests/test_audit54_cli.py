@@ -9,7 +9,8 @@ Each test failed on the code before its fix (see the commit naming it):
 - a failing ``--json`` command whose stdout reader went away printed nothing at all, not
   even its one line on stderr, and exited 1 whatever the error (a usage error too): the
   error document's write raised BrokenPipeError past the CLI's error path into click's,
-  which exits 1 without a word.
+  which exits 1 without a word;
+- `replicate --json` (no ``--once``) stopped by Ctrl-C or SIGTERM printed no document.
 """
 from __future__ import annotations
 
@@ -143,3 +144,43 @@ def test_a_json_failure_keeps_its_line_and_exit_status_when_the_reader_went_away
     assert code == 2
     assert err.startswith("walstore: revert failed: ") and "99" in err
 
+
+# ---- replicate --json (no --once): one document at its stop -----------------------------
+def test_replicate_json_stopped_by_a_signal_prints_one_document(tmp_path):
+    """README: `walstore replicate ... [--json]`, and every ``--json`` command prints one
+    document.  Running (no ``--once``) and stopped as it is meant to stop (Ctrl-C or
+    SIGTERM, exit 0), it printed nothing on stdout: a script's ``json.loads`` of it
+    failed.  Now it says where the replica stands, as `restore --follow --json` does."""
+    import json
+    import signal
+    import threading
+
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    url = (tmp_path / "replica").as_uri()
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "replicate", path, url, "--json",
+                             "--interval", "0.5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=cli_env())
+    guard = threading.Timer(60, proc.kill)  # (a bound on the wait below, never its pace)
+    guard.start()
+    try:
+        for line in proc.stderr:  # (a status line once the store is shipped: no lag)
+            if line.startswith("shipped LSN") and " lag 0 B " in line:
+                break
+        else:
+            raise AssertionError("the shipper never reported the store shipped")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        guard.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert doc["stopped"] is True and doc["url"] == url and doc["state"] == "stopped"
+    assert doc["shipped_lsn"] > 0 and doc["lag_bytes"] == 0
+    with walstore.open(path, readonly=True) as s:
+        assert doc["shipped_lsn"] == s.stats()["wal_end_lsn"]

@@ -109,7 +109,9 @@ def _options(**flags: Any) -> Any:
               help="Seconds snapshots (and the WAL they need) are kept (86400; at least 2).")
 @ENDPOINT
 @REGION
-@click.option("--json", "as_json", is_flag=True, help="One JSON document (with --once).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document (with --once: what was shipped; else, at the stop: "
+                   "where the replica stands).")
 def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
                   snapshot_interval: float | None, retention: float | None,
                   endpoint_url: str | None, region: str | None, as_json: bool) -> None:
@@ -167,6 +169,17 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
                 _fail(st.last_error or "lease lost", EXIT_PROBLEM, "ReplicationError")
     finally:
         shipper.stop()
+    if as_json:  # stopped by Ctrl-C or SIGTERM: where the replica stands, one document
+        _emit(_stopped_doc(shipper))  # (as `restore --follow --json` says; it printed nothing)
+
+
+def _stopped_doc(shipper: Any) -> dict[str, Any]:
+    """``replicate --json`` (no ``--once``) at its stop: the shipper's last status."""
+    st = shipper.status()
+    return {"url": shipper.url, "stopped": True, "state": st.state,
+            "shipped_lsn": st.shipped_lsn, "durable_lsn": st.durable_lsn,
+            "lag_bytes": st.lag_bytes, "lag_seconds": st.lag_seconds,
+            "last_error": st.last_error, "snapshots": st.snapshots}
 
 
 def _follow_report(info: dict) -> None:
