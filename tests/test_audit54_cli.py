@@ -10,7 +10,11 @@ Each test failed on the code before its fix (see the commit naming it):
   even its one line on stderr, and exited 1 whatever the error (a usage error too): the
   error document's write raised BrokenPipeError past the CLI's error path into click's,
   which exits 1 without a word;
-- `replicate --json` (no ``--once``) stopped by Ctrl-C or SIGTERM printed no document.
+- `replicate --json` (no ``--once``) stopped by Ctrl-C or SIGTERM printed no document;
+- an ``--endpoint-url`` whose host the S3 client refuses (``h_st``, a space, non-ASCII)
+  and an ``s3://`` URL that is not UTF-8 passed the checks: exit 1 with the client's bare
+  "Invalid endpoint" / "UnicodeEncodeError" (``open`` made the store first, or opened
+  one that never shipped).
 """
 from __future__ import annotations
 
@@ -184,3 +188,47 @@ def test_replicate_json_stopped_by_a_signal_prints_one_document(tmp_path):
     assert doc["shipped_lsn"] > 0 and doc["lag_bytes"] == 0
     with walstore.open(path, readonly=True) as s:
         assert doc["shipped_lsn"] == s.stats()["wal_end_lsn"]
+
+
+# ---- an S3 endpoint or URL no client can use: a usage error before anything is made -------
+def run_cli(*args: str | bytes) -> subprocess.CompletedProcess:
+    """The CLI as a real process; ``bytes`` arguments reach it as argv bytes (not UTF-8)."""
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True,
+                          text=True, errors="surrogateescape", env=cli_env(), timeout=60)
+
+
+@pytest.mark.parametrize("endpoint", ["http://h_st:9000", "http://h st:9000",
+                                      "http://-minio:9000", "http://h\u00e9st:9000",
+                                      b"http://h\xffst:9000"])
+def test_an_endpoint_host_the_s3_client_refuses_is_a_usage_error(tmp_path, endpoint):
+    """README: an ``--endpoint-url`` that cannot work is a usage error (exit 2).  One whose
+    host is no DNS name or IP address (an underscore, a space, a leading '-', a non-ASCII
+    or non-UTF-8 name) passed the check and the S3 client refused it when it was made:
+    "cannot set up the S3 client ...: ValueError: Invalid endpoint", exit 1 — and
+    ``walstore.open(replicate_to=...)`` raised it after it had created the store."""
+    r = run_cli("replicas", "s3://bucket/agents", "--endpoint-url", endpoint)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("walstore: endpoint URL ") and "host name" in r.stderr
+    assert "Invalid endpoint" not in r.stderr and len(r.stderr.splitlines()) == 1
+    path = tmp_path / "s"
+    shown = endpoint if isinstance(endpoint, str) else os.fsdecode(endpoint)
+    with pytest.raises(walstore.ReplicationError, match="endpoint URL"):
+        walstore.open(str(path), replicate_to="s3://bucket/agents",
+                      replicate_options={"endpoint_url": shown})
+    assert not path.exists()  # (refused before the store was touched)
+
+
+def test_an_s3_url_that_is_not_utf8_is_a_usage_error(tmp_path):
+    """An S3 URL whose prefix is not UTF-8 (argv bytes): object keys are UTF-8, so no
+    request could be made.  `replicas` failed with "GET ...: UnicodeEncodeError", exit 1,
+    and ``walstore.open(replicate_to=...)`` opened and shipped nothing, ever (every round:
+    "UnicodeEncodeError")."""
+    r = run_cli("replicas", b"s3://bucket/agents\xff", "--endpoint-url",
+                "http://127.0.0.1:9")
+    assert r.returncode == 2, r.stderr
+    assert "not valid UTF-8" in r.stderr and "UnicodeEncodeError" not in r.stderr
+    path = tmp_path / "s"
+    with pytest.raises(walstore.ReplicationError, match="not valid UTF-8"):
+        walstore.open(str(path), replicate_to="s3://bucket/agents\udcff",
+                      replicate_options={"endpoint_url": "http://127.0.0.1:9"})
+    assert not path.exists()

@@ -26,7 +26,9 @@ import errno
 import fcntl
 import hashlib
 import io
+import ipaddress
 import os
+import re
 import threading
 import time
 import uuid
@@ -250,6 +252,11 @@ def _parse(url: str):
     elif p.scheme == "s3":
         if not p.netloc:
             raise ReplicationError(f"s3 URL {display_url(url)} names no bucket")
+        if not _utf8(url):  # (object keys are UTF-8 text: a prefix holding bytes that are
+            # not, as argv gives them, was taken, and every request of the shipper then
+            # failed with a bare "UnicodeEncodeError", nothing ever shipped)
+            raise ReplicationError(f"s3 URL {_shown(url)} is not valid UTF-8 text (S3 "
+                                   f"object keys are UTF-8)")
         why = _bad_bucket(p.netloc)
         if why:
             raise ReplicationError(f"s3 URL {_shown(f's3://{p.netloc}{p.path}')}: "
@@ -260,6 +267,34 @@ def _parse(url: str):
         raise ReplicationError(f"unsupported replica URL {display_url(url)}: use "
                                f"s3://bucket/prefix or file:///dir")
     return p
+
+
+def _utf8(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogates: bytes argv held that are
+    not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# a host name an S3 client takes (botocore's rule: labels of letters, digits and '-', not
+# beginning or ending with '-', up to 63 characters each), else an IP address literal
+_HOST_LABELS = re.compile(r"((?!-)[A-Za-z0-9-]{1,63}(?<!-)\.)*(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _bad_host(host: str) -> bool:
+    """Whether the client would refuse ``host`` (an endpoint URL's, as urlsplit gives
+    it) with its bare "ValueError: Invalid endpoint" (`h_st`, a space, a non-ASCII or
+    non-UTF-8 name, `-h`)."""
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+        return False
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    return len(host) > 255 or not _HOST_LABELS.fullmatch(name)
 
 
 _BUCKET_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
@@ -306,6 +341,12 @@ def check_endpoint(endpoint: str | None) -> None:
         shown = repr(shown)
     if p.scheme not in ("http", "https") or not p.hostname:
         why = "is not an http:// or https:// URL with a host"
+    elif not _utf8(endpoint) or any(c in endpoint for c in "\t\r\n") \
+            or _bad_host(p.hostname):
+        # (the S3 client refused it only when it was made: "cannot set up the S3 client
+        # ...: ValueError: Invalid endpoint", exit 1, after open() had created the store)
+        why = ("has a host name that is no DNS name (letters, digits, '-' and '.') or IP "
+               "address")
     elif not port_ok:
         why = "has an invalid port"
     elif p.username or p.password or p.query or p.fragment:
