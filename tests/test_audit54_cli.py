@@ -14,7 +14,9 @@ Each test failed on the code before its fix (see the commit naming it):
 - an ``--endpoint-url`` whose host the S3 client refuses (``h_st``, a space, non-ASCII)
   and an ``s3://`` URL that is not UTF-8 passed the checks: exit 1 with the client's bare
   "Invalid endpoint" / "UnicodeEncodeError" (``open`` made the store first, or opened
-  one that never shipped).
+  one that never shipped);
+- a `backup` refused because the source's LMDB could not be opened left its staging
+  directory (``DEST.incomplete-backup-PID-...``) beside DEST.
 """
 from __future__ import annotations
 
@@ -232,3 +234,23 @@ def test_an_s3_url_that_is_not_utf8_is_a_usage_error(tmp_path):
         walstore.open(str(path), replicate_to="s3://bucket/agents\udcff",
                       replicate_options={"endpoint_url": "http://127.0.0.1:9"})
     assert not path.exists()
+
+
+# ---- a refused backup leaves nothing beside DEST -----------------------------------------
+def test_a_backup_refused_for_a_damaged_lmdb_leaves_no_staging_directory(tmp_path):
+    """`walstore backup SRC DEST` of a store whose LMDB data file is missing (or not a
+    file) fails, exit 1, one line naming it — and left ``DEST.incomplete-backup-PID-...``
+    beside DEST, one more empty directory at every try: the staging directory was made
+    before LMDB was opened, outside the block that removes it."""
+    src = str(tmp_path / "src")
+    with walstore.open(src) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    os.remove(os.path.join(src, "db", "data.mdb"))
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    for _ in range(2):
+        r = run_cli("backup", src, str(backups / "copy"))
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.startswith("walstore: backup failed: ") and "data.mdb" in r.stderr
+    assert os.listdir(backups) == []

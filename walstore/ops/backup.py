@@ -114,10 +114,13 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         if not inside:
             sweep_dead_scratch(base, prefix)
         stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
-    state = LmdbState(layout.db, readonly=True)
+    state: LmdbState | None = None
     damage = None
-    gc_held = hold_blob_gc(layout)
-    try:
+    gc_held: int | None = None
+    try:  # (LMDB opened, gc held inside: a source whose LMDB cannot be opened, or a Ctrl-C
+        # while a gc is waited for, left the empty staging directory beside DEST for good)
+        state = LmdbState(layout.db, readonly=True)
+        gc_held = hold_blob_gc(layout)
         for attempt in range(1, MAX_ATTEMPTS + 1):
             summary = _attempt(layout, store_id, state, stage, progress)
             if isinstance(summary, dict):
@@ -152,7 +155,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
                                   f"a copy would silently lack the commits behind it")
         raise WalstoreError(f"backup of {src} kept racing with checkpoints; try again")
     finally:
-        state.close()
+        if state is not None:
+            state.close()
         if gc_held is not None:
             os.close(gc_held)  # (the writer's blob gc may run again)
         if stage is not None:  # (a full disk, damage, an interrupt: no half-made copy left
