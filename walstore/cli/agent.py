@@ -13,7 +13,7 @@ from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
                      check_before_recovery, load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, emit_json_list, fail,
-                     kv_lines, note_problem, show_key, show_value, table)
+                     kv_lines, note_problem, show_key, show_value, some, table)
 
 
 # UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
@@ -128,8 +128,9 @@ def _done(info: Any, as_json: bool, owed: list | None = None,
     elif info is None:
         click.echo("nothing to undo")
     else:
+        # (the first 20: a rewind of 100,000 transactions printed them all on one line)
         click.echo(f"committed txid {info.txid} at LSN {info.lsn}, undoing transactions "
-                   f"{reverted}")
+                   f"[{some(reverted)}]")
         if owed:
             report_owed(owed, registered or {})
     if owed:  # committed, but the outside world is not undone yet: a problem to act on
@@ -162,7 +163,8 @@ def _show_plan(plan: Any, as_json: bool) -> None:
             table([[_plan_cell(row.get(h)) for h in headers] for row in value],
                   [str(h).upper() for h in headers])
         elif isinstance(value, (list, tuple, set, frozenset)):
-            scalars.append((name, ", ".join(_plan_cell(v) for v in value) or "(none)"))
+            # (the first 20: a plan over 20,000 keys printed them on one 180 KB line)
+            scalars.append((name, some(value, text=_plan_cell) or "(none)"))
         else:
             scalars.append((name, _plan_cell(value)))
     kv_lines(scalars)

@@ -13,7 +13,7 @@ from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, DirPath, action_docs
                      load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, Failure, UsageProblem, emit_json, emit_json_list, emit_summary,
                      end_progress, kv_lines, note_problem, one_line, phase_progress,
-                     progress_printer, show_gid, show_key)
+                     progress_printer, show_gid, show_key, some)
 
 # Recovery problems that are a normal crash outcome (exit 0), not a problem found.
 
@@ -149,14 +149,6 @@ def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> No
     raise SystemExit(EXIT_PROBLEM)
 
 
-def _some(items: list, shown: int = 20) -> str:
-    """A long list in one short line: the first ``shown``, then how many more (``--json``
-    has them all)."""
-    head = ", ".join(map(str, items[:shown]))
-    return head + (f", ... ({len(items) - shown} more; --json lists them all)"
-                   if len(items) > shown else "")
-
-
 def _print_recovery(doc: dict) -> None:
     kv_lines([("mode", doc["mode"]), ("segments", doc["segments"]),
               ("records read", doc["records"]), ("commits redone", doc["redone"]),
@@ -173,14 +165,14 @@ def _print_recovery(doc: dict) -> None:
                    + (f" -> {p['quarantined']}" if p['quarantined'] else ""))
     if doc["given_up_records"]:
         click.echo(f"gave up {doc['given_up_records']} valid records behind the damage "
-                   f"(records of txids {_some(doc['given_up_txids'])}); they are in "
+                   f"(records of txids {some(doc['given_up_txids'])}); they are in "
                    f"quarantine/")
     if doc.get("given_up_unreadable_bytes"):
         click.echo(f"gave up {doc['given_up_unreadable_bytes']} bytes of dropped segments "
                    f"that no valid record could be read from (what they held is unknown); "
                    f"they are in quarantine/")
     if doc.get("compensated"):
-        click.echo(f"compensations run: {_some(doc['compensated'])}")
+        click.echo(f"compensations run: {some(doc['compensated'])}")
     if doc.get("in_doubt"):
         click.echo(f"in-doubt prepared transactions (need `walstore commit-prepared` or "
                    f"`rollback-prepared`): {', '.join(map(show_gid, doc['in_doubt']))}")

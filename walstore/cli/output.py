@@ -365,6 +365,18 @@ def _summary_value(v: Any) -> Any:
     return v
 
 
+LIST_SHOWN = 20  # items of a list a human line shows (--json: all)
+
+
+def some(items: Any, shown: int = LIST_SHOWN, text: Callable[[Any], str] = str) -> str:
+    """A long list in one short line: the first ``shown``, then how many more (``--json``
+    has them all)."""
+    items = list(items)
+    head = ", ".join(map(text, items[:shown]))
+    return head + (f", ... ({len(items) - shown} more; --json lists them all)"
+                   if len(items) > shown else "")
+
+
 def show_value(v: Any) -> str:
     """A value as compact strict JSON (``get``, and the start of a table's cell)."""
     return json_text(jsonable(v))
