@@ -18,7 +18,8 @@ Each test failed on the code before its fix (see the commit naming it):
 - a `backup` refused because the source's LMDB could not be opened left its staging
   directory (``DEST.incomplete-backup-PID-...``) beside DEST;
 - `rewind --dry-run` printed every key and txid of its plan on one line (180 KB for
-  20,000 keys), `rewind` every txid it undid.
+  20,000 keys), `rewind` every txid it undid;
+- `restore --follow` showed no progress of its first restore into an empty DEST.
 """
 from __future__ import annotations
 
@@ -288,3 +289,44 @@ def test_rewind_lines_show_the_first_20_of_a_long_list(tmp_path):
     assert f"({len(txids) - 20} more;" in r.stdout
     with walstore.open(path, readonly=True) as s:
         assert len(list(s.scan())) == 60 - len(txids)
+
+
+# ---- restore --follow shows the progress of its first restore ------------------------------
+def test_restore_follow_shows_the_progress_of_its_first_restore(tmp_path):
+    """CONTRACT 3: progress on long work.  `restore --follow` into an empty DEST restores
+    the whole replica first (the snapshot's download, the WAL after it) and said nothing
+    but "following ... (Ctrl-C stops)" until its first round, however large the replica;
+    `restore` without --follow shows that same work (test_progress_long_verbs)."""
+    import signal
+    import threading
+
+    from test_progress_long_verbs import checkpointed_store, shown
+
+    path = str(tmp_path / "s")
+    checkpointed_store(path)  # (past the size from which progress is shown)
+    url = (tmp_path / "replica").as_uri()
+    assert run_cli("replicate", path, url, "--once", "--json").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "restore", url,
+                             str(tmp_path / "copy"), "--follow", "--interval", "0.5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())
+    guard = threading.Timer(30, proc.kill)  # (a bound on the wait below, never its pace:
+    guard.start()                           # before the fix no progress line ever came)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if line.startswith("restore:") and "(100%)" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        guard.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(seen) + err
+    lines = shown("".join(seen), "restore")
+    assert len(lines) >= 5 and "(100%)" in lines[-1], seen
+    with walstore.open(str(tmp_path / "copy"), readonly=True) as c:
+        assert c.get("k0") is not None

@@ -261,10 +261,14 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
             rounds["position"] = info.get("position", rounds["position"])
             rounds["appended"] += info.get("appended") or 0
             _follow_report(info)
-        try:
-            follow_fn(url, dest, opts, stop=stop, apply_every=apply_every, on_round=noted)
+        try:  # (progress on stderr, text mode: the first restore into an empty DEST, which
+            # said nothing until the first round however large the replica)
+            follow_fn(url, dest, opts, stop=stop, apply_every=apply_every, on_round=noted,
+                      progress=None if as_json else progress_printer("restore"))
         except WalstoreError as e:
             _fail(str(e))
+        finally:
+            end_progress()
         if as_json:  # (stopped by Ctrl-C or a signal: where the copy stands)
             _emit({"followed": display_url(url), "dest": dest, "stopped": True,
                    "position": rounds["position"], "rounds": rounds["rounds"],

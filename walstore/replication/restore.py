@@ -1231,8 +1231,12 @@ def check_apply_every(apply_every: Any) -> None:
 def follow(url: str, dest: str, replicate_options: Any = None, *,
            stop: "threading.Event | Flag | None" = None, interval: float | None = None,
            apply_every: float = 30.0, on_round: Callable[[dict], None] | None = None,
-           target: ObjectStore | None = None) -> None:
+           target: ObjectStore | None = None,
+           progress: Callable[[int, int], None] | None = None) -> None:
     """Keep ``dest`` a current read-only copy of the replica until ``stop`` is set.
+    ``progress(done, total)``: the first restore into an empty ``dest``, as
+    :func:`restore` counts it (`restore --follow` of a large replica said nothing until
+    its first round).
 
     New WAL objects are appended to its log as whole records (readers opening it with
     ``walstore.open(dest, readonly=True)`` see whole commits only) and applied to its
@@ -1269,7 +1273,7 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
         if not os.path.exists(dest) or not os.listdir(dest):
             try:
                 missing = restore(url, dest, None, opts, follow=True, target=tgt,
-                                  _locks=locks)["blobs_missing"]
+                                  _locks=locks, progress=progress)["blobs_missing"]
             except _DestTaken:
                 pass  # another follower (or restore) got there first: its lock decides
         store_id, identity = _src.read_identity(dest)
