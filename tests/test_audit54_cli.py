@@ -19,7 +19,9 @@ Each test failed on the code before its fix (see the commit naming it):
   directory (``DEST.incomplete-backup-PID-...``) beside DEST;
 - `rewind --dry-run` printed every key and txid of its plan on one line (180 KB for
   20,000 keys), `rewind` every txid it undid;
-- `restore --follow` showed no progress of its first restore into an empty DEST.
+- `restore --follow` showed no progress of its first restore into an empty DEST;
+- a ``--handlers`` module exiting at import (``sys.exit``, argparse) ended `recover` with
+  its status (0, nothing recovered), no line, no --json document.
 """
 from __future__ import annotations
 
@@ -330,3 +332,30 @@ def test_restore_follow_shows_the_progress_of_its_first_restore(tmp_path):
     assert len(lines) >= 5 and "(100%)" in lines[-1], seen
     with walstore.open(str(tmp_path / "copy"), readonly=True) as c:
         assert c.get("k0") is not None
+
+
+# ---- a --handlers module that exits at import is a usage error ------------------------------
+@pytest.mark.parametrize("body", ["import sys\nsys.exit(0)\n",
+                                  "import argparse\n"
+                                  "argparse.ArgumentParser().parse_args(['--bogus'])\n"])
+def test_a_handlers_module_exiting_at_import_is_a_usage_error(tmp_path, body):
+    """`--handlers MODULE` that cannot be imported is a usage error (README).  One that
+    exits while it is imported (``sys.exit()``, or argparse on its own argv: an
+    application module) went past the check (SystemExit is no Exception): `recover`
+    exited with the module's status — 0, having recovered nothing — and under --json
+    printed no document."""
+    import json
+
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    crashed_with_a_charge(path)
+    module = tmp_path / "app_handlers.py"
+    module.write_text(body)
+    for extra in ([], ["--json"]):
+        r = run_cli("recover", path, "--handlers", str(module), *extra)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert "--handlers" in r.stderr and "SystemExit" in r.stderr
+        if extra:
+            assert json.loads(r.stdout)["error"]["exit"] == 2
+    with walstore.open(path, readonly=True) as s:  # (nothing was done: still to recover)
+        assert s.needs_recovery()

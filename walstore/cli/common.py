@@ -167,7 +167,10 @@ def load_handlers(module: str | None, as_json: bool = False) -> dict[str, Callab
     try:
         with quiet:
             mod = _import_handlers(module)
-    except Exception as e:  # any failure to import is the user's module, named below
+    except (Exception, SystemExit) as e:  # any failure to import is the user's module,
+        # named below; a SystemExit too (a module that exits, or parses its own argv with
+        # argparse, at import): it ended the command with the module's status, `recover`
+        # exiting 0 having recovered nothing, no --json document
         raise UsageProblem(f"--handlers {module}: cannot import it "
                            f"({type(e).__name__}: {e})") from None
     comps = getattr(mod, "COMPENSATORS", None)
