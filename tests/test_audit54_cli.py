@@ -21,7 +21,8 @@ Each test failed on the code before its fix (see the commit naming it):
   20,000 keys), `rewind` every txid it undid;
 - `restore --follow` showed no progress of its first restore into an empty DEST;
 - a ``--handlers`` module exiting at import (``sys.exit``, argparse) ended `recover` with
-  its status (0, nothing recovered), no line, no --json document.
+  its status (0, nothing recovered), no line, no --json document; a compensator calling
+  ``sys.exit(3)`` ended `recover` mid-way with status 3.
 """
 from __future__ import annotations
 
@@ -359,3 +360,24 @@ def test_a_handlers_module_exiting_at_import_is_a_usage_error(tmp_path, body):
             assert json.loads(r.stdout)["error"]["exit"] == 2
     with walstore.open(path, readonly=True) as s:  # (nothing was done: still to recover)
         assert s.needs_recovery()
+
+
+def test_a_compensator_calling_sys_exit_is_a_failed_compensation(tmp_path):
+    """`recover --handlers M` whose refund calls ``sys.exit(3)``: the SystemExit went
+    through the compensation's retries and ended the command with status 3 (walstore
+    gives 0, 1 or 2), nothing said, the store still needing recovery.  It is a failure of
+    that compensation now: retried, escalated, the action listed owed (failed), exit 1."""
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    crashed_with_a_charge(path)
+    module = tmp_path / "exiting_refund.py"
+    module.write_text("import sys\ndef refund(action):\n    sys.exit(3)\n"
+                      "COMPENSATORS = {'refund': refund}\n")
+    r = run_cli("recover", path, "--handlers", str(module))
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "sys.exit(3)" in r.stdout and "recovered; not settled" in r.stdout
+    with walstore.open(path, readonly=True) as s:
+        assert not s.needs_recovery()
+        (owed,) = s.pending_compensations()
+        assert owed.name == "charge" and owed.state == "failed"
+        assert "sys.exit(3)" in owed.error

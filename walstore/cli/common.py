@@ -185,18 +185,29 @@ def load_handlers(module: str | None, as_json: bool = False) -> dict[str, Callab
         why = never_runs(fn)         # "recover failed ... an unexpected error")
         if why:
             raise UsageProblem(f"--handlers {module}: compensator {name!r} {why}")
-    if as_json:
-        return {name: _stdout_to_stderr(fn) for name, fn in comps.items()}
-    return dict(comps)
+    return {name: _as_compensator(fn, as_json) for name, fn in comps.items()}
 
 
-def _stdout_to_stderr(fn: Callable) -> Callable:
-    """``fn`` run with ``sys.stdout`` pointed at stderr (compensators run synchronously in
-    the command, before its document is written)."""
+class CompensatorExited(Exception):
+    """A compensator called ``sys.exit()``: a failure of that compensation."""
+
+
+def _as_compensator(fn: Callable, as_json: bool) -> Callable:
+    """``fn`` as the command runs it: a ``sys.exit()`` in it is a failure of that
+    compensation (retried, then escalated: the action stays owed and `recover` lists it,
+    exit 1), not the end of the command — it ended `recover` mid-way with the
+    compensator's status (3: no exit status walstore gives), the store still needing
+    recovery and nothing said.  ``as_json``: run with ``sys.stdout`` pointed at stderr
+    (compensators run synchronously in the command, before its document is written)."""
     @functools.wraps(fn)
     def compensator(*args: Any, **kwargs: Any) -> Any:
-        with contextlib.redirect_stdout(sys.stderr):
-            return fn(*args, **kwargs)
+        quiet = (contextlib.redirect_stdout(sys.stderr) if as_json
+                 else contextlib.nullcontext())
+        try:
+            with quiet:
+                return fn(*args, **kwargs)
+        except SystemExit as e:
+            raise CompensatorExited(f"the compensator called sys.exit({e.code!r})") from None
     return compensator
 
 
