@@ -54,8 +54,10 @@ def open_for_recovery(path: str, mode: str, compensators: dict | None,
                  compensators=compensators, progress=progress)
 
 
-def verify(path: str, progress: Progress, blob_progress: Progress = None) -> VerifyReport:
-    return _verify_store(path, progress=progress, blob_progress=blob_progress)
+def verify(path: str, progress: Progress, blob_progress: Progress = None,
+           lmdb_progress: Progress = None, rows_progress: Progress = None) -> VerifyReport:
+    return _verify_store(path, progress=progress, blob_progress=blob_progress,
+                         lmdb_progress=lmdb_progress, rows_progress=rows_progress)
 
 
 def wal_records(path: str, from_lsn: int) -> Iterator[dict]:

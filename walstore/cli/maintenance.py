@@ -185,9 +185,13 @@ def verify(path: str, as_json: bool) -> None:
     """Check every checksum and WAL-vs-LMDB consistency (read-only; hashes every blob of
     file content the store refers to); list in-doubt transactions and owed compensations
     (exit 1: they need a decision)."""
-    rep = _engine.verify(path, *((None, None) if as_json else
+    # (progress, text mode: the log's walk, the file content hashed, LMDB's pages walked
+    # and its rows decoded — those two took seconds a GB, nothing shown)
+    rep = _engine.verify(path, *((None, None, None, None) if as_json else
                                  (progress_printer("verify"),
-                                  phase_progress("verify file content"))))
+                                  phase_progress("verify file content"),
+                                  phase_progress("verify LMDB pages"),
+                                  phase_progress("verify LMDB rows"))))
     end_progress()
     if not rep.ok:  # (before printing: a reader gone mid-output keeps exit 1)
         note_problem()

@@ -106,6 +106,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from walstore.errors import CorruptionError
 
@@ -497,6 +498,11 @@ class _Pages:
         self.file_pages = size // psize
         self.last_pg = last_pg
         self.budget = FREE_LIST_BUDGET
+        self.walked = 0  # (pages a walk covered, overflow runs whole: its progress)
+        self.step = max(WALK_PROGRESS_PAGES, (last_pg + 1) // WALK_PROGRESS_STEPS)
+        self.next_report = self.step
+        self.progress: Progress = None
+        self.total = 0
 
     def raw(self, pgno: int, what: str, budget: bool = False) -> bytes:
         if pgno >= self.file_pages:
@@ -665,6 +671,7 @@ def _check_overflow_run(pages: _Pages, ov: int, dsize: int, what: str) -> None:
     if ov < NUM_METAS or ov + need - 1 > pages.last_pg:
         raise _Damage(f"{what} is on overflow pages {ov}..{ov + need - 1}, outside pages "
                       f"{NUM_METAS}..{pages.last_pg}", ov * pages.psize)
+    pages.walked += need - 1  # (its header is read below: the run counts whole in progress)
     if pages.budget < pages.psize:
         return
     first = pages.raw(ov, f"overflow page of {what}", budget=True)
@@ -856,7 +863,13 @@ def _overflow_ids(pages: _Pages, page: bytes, pgno: int, start: int, dsize: int)
 
 # ---------------------------------------------------------------------------------------
 # the full walk (``verify``)
-def walk_lmdb_data_file(path: str, snapshot: int | None = None) -> int:
+Progress = Callable[[int, int], None] | None
+WALK_PROGRESS_STEPS = 200  # progress calls of a walk (one every 1/200 of its pages, at
+WALK_PROGRESS_PAGES = 64   # least this many pages apart)
+
+
+def walk_lmdb_data_file(path: str, snapshot: int | None = None,
+                        progress: Progress = None) -> int:
     """Read every page reachable from the newest meta page — each tree's branch and leaf
     pages, level by level, named DBs and duplicate sub-trees, the header of every overflow
     run — and check each as :func:`check_lmdb_data_file` checks roots (page number,
@@ -873,6 +886,9 @@ def walk_lmdb_data_file(path: str, snapshot: int | None = None) -> int:
     commit already rewrote it).  Unpinned, a writer recycling pages faster than the
     re-checks looked made ``verify`` report damage that was not there (a probe: 1 run in
     20-40 beside a writer, tens of MB of data file).
+
+    ``progress(bytes of pages read, bytes of the snapshot's pages)``: about
+    WALK_PROGRESS_STEPS times (an attempt walked again counts again).
     """
     check_lmdb_data_file(path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -884,14 +900,14 @@ def walk_lmdb_data_file(path: str, snapshot: int | None = None) -> int:
                 raise SnapshotMissed(f"the meta page of transaction {snapshot} was "
                                      f"rewritten before it was read")
             try:
-                return _walk_once(fd, meta)
+                return _walk_once(fd, meta, progress)
             except _Damage as e:
                 raise CorruptionError(e.reason, file=path, offset=e.offset) from None
         last: _Damage | None = None
         for _attempt in range(ATTEMPTS):
             before = _fingerprint(fd)
             try:
-                return _walk_once(fd)
+                return _walk_once(fd, None, progress)
             except _Damage as e:
                 last = e
             if _fingerprint(fd) == before:
@@ -907,11 +923,14 @@ class SnapshotMissed(Exception):
     it was read; begin a newer read transaction and walk again."""
 
 
-def _walk_once(fd: int, newest: "_Meta | None" = None) -> int:
+def _walk_once(fd: int, newest: "_Meta | None" = None, progress: Progress = None) -> int:
     if newest is None:
         m0, m1 = _read_metas(fd)
         newest = m1 if m0.txnid < m1.txnid else m0
     pages = _Pages(fd, newest.psize, _file_size(fd), newest.last_pg)
+    if progress is not None:  # (the walk reads at most the snapshot's pages)
+        pages.progress = progress
+        pages.total = (newest.last_pg + 1) * newest.psize
     pages.budget = 1 << 62  # (the walk reads what it must: overflow headers included)
     seen = bytearray(newest.last_pg // 8 + 1)
     trees: list = [("free-list DB", newest.free, False, None),
@@ -920,6 +939,8 @@ def _walk_once(fd: int, newest: "_Meta | None" = None) -> int:
     while trees:
         label, db, is_main, _name = trees.pop()
         count += _walk_tree(pages, newest, label, db, is_main, seen, trees)
+    if progress is not None:  # (done: the pages no tree reaches, free ones, are not read)
+        progress(pages.total, pages.total)
     return count
 
 
@@ -939,6 +960,10 @@ def _walk_tree(pages: _Pages, newest: _Meta, label: str, db: _Db, is_main: bool,
             seen[pgno >> 3] |= 1 << (pgno & 7)
         children, subs = _visit(pages, newest, label, db, is_main, pgno, level)
         count += 1
+        pages.walked += 1
+        if pages.progress is not None and pages.walked >= pages.next_report:
+            pages.next_report = pages.walked + pages.step
+            pages.progress(pages.walked * pages.psize, pages.total)
         stack.extend((child, level + 1) for _key, child in children)
         trees.extend(subs)
     return count

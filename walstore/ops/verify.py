@@ -135,9 +135,15 @@ class VerifyReport:
 
 def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
                  state: LmdbState | None = None,
-                 blob_progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+                 blob_progress: Callable[[int, int], None] | None = None,
+                 lmdb_progress: Callable[[int, int], None] | None = None,
+                 rows_progress: Callable[[int, int], None] | None = None) -> VerifyReport:
     """``progress(bytes done, total)``: the walk of the log; ``blob_progress(bytes
-    hashed, total)``: the hashing of the file content the store refers to."""
+    hashed, total)``: the hashing of the file content the store refers to;
+    ``lmdb_progress(bytes, total)``: the walk of LMDB's pages; ``rows_progress(bytes,
+    total)``: the decoding of its rows (the rows read as a share of the data file's
+    size).  A store of GBs in LMDB with a short WAL (checkpointed) took seconds a GB in
+    those two, with nothing shown."""
     layout = Layout(path)
     own_state = state is None
     try:
@@ -168,7 +174,8 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         if rep.errors and writer_alive(layout) and unreadable is None:
             last_values = _settle(layout, store_id, rep, state)
         try:  # every page of LMDB's trees, in Python, before LMDB's cursors walk them (it
-            _walk_pinned(state, os.path.join(layout.db, "data.mdb"))  # asserts on damage)
+            _walk_pinned(state, os.path.join(layout.db, "data.mdb"),  # asserts on damage)
+                         lmdb_progress)
         except CorruptionError as e:
             rep.errors.append(f"LMDB: {e}")
             if unreadable is not None:
@@ -176,7 +183,7 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             return rep  # (comparing would make LMDB walk the damaged pages: SIGABRT)
         if applied_unread is None:  # (else LMDB's position in the log is unknown)
             _compare(state, rep, last_values)
-        _check_lmdb(state, rep)
+        _check_lmdb(state, rep, rows_progress)
         if not rep.errors:  # (not on damage: the errors above say it.  Not only when
             _check_blobs(layout, rep, blob_progress)  # files/ exists: a copy without it
             # passed — probe)
@@ -237,16 +244,18 @@ def _owed_file_undos(state: LmdbState, in_doubt: set) -> list[dict]:
     return [by_tx[t] for t in sorted(by_tx)]
 
 
-def _walk_pinned(state: LmdbState, data_file: str) -> int:
+def _walk_pinned(state: LmdbState, data_file: str,
+                 progress: Callable[[int, int], None] | None = None) -> int:
     """Walk LMDB's pages with a read transaction held open, so a live writer cannot
     recycle a page of the snapshot walked (see ``walk_lmdb_data_file``)."""
     for _attempt in range(PIN_ATTEMPTS):
         try:
             with state.read() as txn:
-                return walk_lmdb_data_file(data_file, snapshot=txn.id())
+                return walk_lmdb_data_file(data_file, snapshot=txn.id(), progress=progress)
         except SnapshotMissed:
             continue  # (two commits between the begin and the meta read: again)
-    return walk_lmdb_data_file(data_file)  # (unpinned, with its own re-checks)
+    return walk_lmdb_data_file(data_file, progress=progress)  # (unpinned, with its own
+    # re-checks)
 
 
 def _settle(layout: Layout, store_id: bytes, rep: VerifyReport, state: LmdbState) -> dict:
@@ -365,14 +374,25 @@ def _compare(state: LmdbState, rep: VerifyReport, last: dict) -> None:
                             f"them, or trimmed their history, while verify ran")
 
 
-def _check_lmdb(state: LmdbState, rep: VerifyReport) -> None:
+ROWS_PROGRESS = 1024  # rows between two progress calls of the row check
+
+
+def _check_lmdb(state: LmdbState, rep: VerifyReport,
+                progress: Callable[[int, int], None] | None = None) -> None:
+    if progress is not None:  # (rows as a share of the data file: bytes, as every count)
+        total = max(state.count(), 1)
+        size = os.path.getsize(state.data_file)
     for k, v in state.scan(b"", None):
         rep.lmdb_keys += 1
+        if progress is not None and not rep.lmdb_keys % ROWS_PROGRESS:
+            progress(min(size, size * rep.lmdb_keys // total), size)
         try:
             decode_key(k)
             unpack_value(v)
         except Exception as e:  # any decode failure is damage
             rep.errors.append(str(tables.row_damaged("data", k, e, state.data_file)))
+    if progress is not None:
+        progress(size, size)
     _check_rows(state, rep)
     _check_u64_rows(state, rep)
     _check_owed(state, rep)
