@@ -23,7 +23,9 @@ Each test failed on the code before its fix (see the commit naming it):
 - a ``--handlers`` module exiting at import (``sys.exit``, argparse) ended `recover` with
   its status (0, nothing recovered), no line, no --json document; a compensator calling
   ``sys.exit(3)`` ended `recover` mid-way with status 3;
-- `verify` showed no progress while it walked LMDB's pages and decoded its rows.
+- `verify` showed no progress while it walked LMDB's pages and decoded its rows;
+- under a UTF-8 locale (stdout errors "strict") human output of a non-UTF-8 file name,
+  and under a latin-1 locale of any non-ASCII key, failed as "undecodable data", exit 1.
 """
 from __future__ import annotations
 
@@ -412,3 +414,33 @@ def test_verify_shows_progress_while_it_checks_lmdb(tmp_path):
     assert "verify" not in r.stdout.replace("keys checked", "")
     js = run_cli("verify", path, "--json")
     assert js.returncode == 0 and js.stderr == "", js.stderr
+
+
+# ---- human output under a strict (UTF-8 locale) or non-UTF-8 stdout ------------------------
+def test_human_output_shows_non_utf8_names_under_a_utf8_locale(tmp_path):
+    """Under a UTF-8 locale (en_US.UTF-8) Python's stdout is UTF-8 with errors "strict"
+    (only the C locale gives "surrogateescape"): `files`, `diff` and `rewind --dry-run`
+    of a workspace holding a file whose name is not UTF-8 failed as "undecodable data
+    (UnicodeEncodeError ...)", exit 1, as if the store were damaged.  Under a latin-1
+    locale `scan` failed so on any non-ASCII key.  PYTHONIOENCODING stands in for the
+    locale here (this machine has C.UTF-8 only, which Python coerces)."""
+    ws_root = tmp_path / "ws"
+    ws_root.mkdir()
+    path = str(tmp_path / "s")
+    bad = os.fsdecode(b"bad\xffname.txt")
+    with walstore.open(path) as s:
+        ws = s.workspace(str(ws_root))
+        with s.transaction() as tx:
+            tx.files(ws).write(bad, "x")
+            tx.put("\u65e5\u672c", "v")
+    strict_utf8 = dict(cli_env(), PYTHONIOENCODING="utf-8")
+    for args in (["files", path], ["diff", path, "--from", "lsn:0"],
+                 ["rewind", path, "--to", "lsn:0", "--dry-run"]):
+        r = subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True,
+                           env=strict_utf8, timeout=60)
+        assert r.returncode == 0, (args, r.stderr)
+        assert b"bad\xffname.txt" in r.stdout, args  # (the name's own bytes, as ls shows)
+    r = subprocess.run([sys.executable, "-c", CLI, "scan", path], capture_output=True,
+                       env=dict(cli_env(), PYTHONIOENCODING="latin-1"), timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert b"\\u65e5\\u672c" in r.stdout

@@ -12,6 +12,7 @@ The commands live in one module per verb family (:mod:`.maintenance`, :mod:`.dat
 """
 from __future__ import annotations
 
+import codecs
 import errno
 import os
 import struct
@@ -230,9 +231,28 @@ def main(debug: bool) -> None:
     # the store (and `put`) had taken
     if sys.getrecursionlimit() < RECURSION_LIMIT:
         sys.setrecursionlimit(RECURSION_LIMIT)
+    printable_stdout()
 
 
 RECURSION_LIMIT = 3000
+
+
+def printable_stdout() -> None:
+    """Human output never fails on what it shows.  Under a UTF-8 locale (en_US.UTF-8:
+    stdout's errors "strict"; only the C locale gives "surrogateescape") a file name that
+    is not UTF-8 (`files`, `diff`, `rewind --dry-run`) failed the command as "undecodable
+    data (UnicodeEncodeError ...)", exit 1, as if the store were damaged, and under a
+    non-UTF-8 locale (latin-1) so did any non-ASCII key `scan` showed.  A UTF-8 stdout
+    writes such a name's own bytes back (as ``ls`` does), another encoding escapes what
+    it cannot hold (``\u65e5``).  ``--json`` is ASCII whatever the locale."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) != "strict" or not hasattr(stream, "reconfigure"):
+        return
+    try:
+        utf8 = codecs.lookup(stream.encoding).name == "utf-8"
+        stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+    except (LookupError, ValueError, OSError):  # (a stream that cannot change: left as is)
+        pass
 
 
 from . import agent, data, files, maintenance, replication, tools, twophase  # noqa: E402,F401
