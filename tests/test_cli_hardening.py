@@ -1127,7 +1127,7 @@ def test_ctrl_c_is_one_line_exit_130_and_a_json_document(store_path, monkeypatch
     JSON document under --json, and the open progress line took the next output on it
     (probe probe-ops).  Now one line after the progress line, exit 130, and the error
     document with type KeyboardInterrupt."""
-    def interrupted_walk(path, progress=None, blob_progress=None):
+    def interrupted_walk(path, progress=None, blob_progress=None, *lmdb_phases):
         if progress is not None:
             progress(40 << 20, 100 << 20)  # (a large log, 40% read)
         raise KeyboardInterrupt
