@@ -25,7 +25,8 @@ Each test failed on the code before its fix (see the commit naming it):
   ``sys.exit(3)`` ended `recover` mid-way with status 3;
 - `verify` showed no progress while it walked LMDB's pages and decoded its rows;
 - under a UTF-8 locale (stdout errors "strict") human output of a non-UTF-8 file name,
-  and under a latin-1 locale of any non-ASCII key, failed as "undecodable data", exit 1.
+  and under a latin-1 locale of any non-ASCII key, failed as "undecodable data", exit 1;
+- a running `replicate` whose stderr reader went away stopped shipping, exit 0.
 """
 from __future__ import annotations
 
@@ -444,3 +445,46 @@ def test_human_output_shows_non_utf8_names_under_a_utf8_locale(tmp_path):
                        env=dict(cli_env(), PYTHONIOENCODING="latin-1"), timeout=60)
     assert r.returncode == 0, r.stderr
     assert b"\\u65e5\\u672c" in r.stdout
+
+
+# ---- a long-running verb whose stderr reader went away goes on -----------------------------
+def test_replicate_goes_on_when_the_reader_of_its_status_lines_went_away(tmp_path):
+    """`walstore replicate PATH URL 2>&1 | logger`, the logger gone: the first status line
+    on stderr raised BrokenPipeError, which ended the shipper with exit 0 — replication
+    stopped without a word.  Its status lines are dropped now, as progress lines are
+    (README: a closed stderr is never the command's failure), and it ships on."""
+    import json
+    import signal
+    import time
+
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    replica = tmp_path / "replica"
+    r, w = os.pipe()
+    os.close(r)  # (stderr: a pipe nobody reads any more)
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", CLI, "replicate", path,
+                                 replica.as_uri(), "--json", "--interval", "0.2"],
+                                stdout=subprocess.PIPE, stderr=w, text=True, env=cli_env())
+    finally:
+        os.close(w)
+    try:
+        deadline = time.monotonic() + 30  # (waiting on the replica, bounded; the old code
+        while (proc.poll() is None and not (replica / "manifest").exists()  # exited here)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        time.sleep(1.5)  # (not a synchronisation: status lines come once a second, and
+        # nothing outside the process shows one was tried; this lets one or two fail)
+        assert proc.poll() is None, "the shipper ended when its stderr reader went away"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+    doc = json.loads(out)
+    with walstore.open(path, readonly=True) as s:
+        assert doc["shipped_lsn"] == s.stats()["wal_end_lsn"] and doc["lag_bytes"] == 0

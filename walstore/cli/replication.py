@@ -155,7 +155,7 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
         shipper.start()
     except WalstoreError as e:
         _fail(str(e))
-    click.echo(f"replicating {source.path} to {shipper.url} (Ctrl-C stops)", err=True)
+    _status(f"replicating {source.path} to {shipper.url} (Ctrl-C stops)")
     last = None
     try:
         while not stop.wait(1.0):
@@ -163,7 +163,7 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
             line = (f"shipped LSN {st.shipped_lsn}  lag {st.lag_bytes} B / {st.lag_seconds:.1f} s"
                     + (f"  error: {st.last_error}" if st.last_error else ""))
             if line != last:
-                click.echo(line, err=True)
+                _status(line)
                 last = line
             if st.state in ("lease-lost", "failed"):  # (shipping stopped for good)
                 _fail(st.last_error or "lease lost", EXIT_PROBLEM, "ReplicationError")
@@ -182,17 +182,28 @@ def _stopped_doc(shipper: Any) -> dict[str, Any]:
             "last_error": st.last_error, "snapshots": st.snapshots}
 
 
+def _status(line: str) -> None:
+    """A status line of a long-running `replicate` or `restore --follow` on stderr.  One
+    that cannot be written (its reader went away: ``2>&1 | logger`` and the logger died;
+    a full disk) is dropped, as progress lines are: the BrokenPipeError ended the shipper
+    or follower with exit 0, replication stopped without a word."""
+    try:
+        click.echo(line, err=True)
+    except OSError:
+        pass
+
+
 def _follow_report(info: dict) -> None:
     """A follower's round on stderr: what it appended, or the transient error it retries."""
     if info.get("error"):
-        click.echo(f"at LSN {info['position']}: {info['error']} (retrying in "
-                   f"{info['retry_in']} s)", err=True)
+        _status(f"at LSN {info['position']}: {info['error']} (retrying in "
+                f"{info['retry_in']} s)")
     elif info["appended"]:
-        click.echo(f"at LSN {info['position']} (+{info['appended']} bytes)", err=True)
+        _status(f"at LSN {info['position']} (+{info['appended']} bytes)")
     if info.get("blobs_missing"):
-        click.echo(f"at LSN {info['position']}: {_missing_text(info['blobs_missing'])}; "
-                   f"the records are copied all the same (`walstore verify` of the copy "
-                   f"names the file versions that need it)", err=True)
+        _status(f"at LSN {info['position']}: {_missing_text(info['blobs_missing'])}; "
+                f"the records are copied all the same (`walstore verify` of the copy "
+                f"names the file versions that need it)")
 
 
 def _say(text: str) -> None:
@@ -253,7 +264,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
             _fail(str(e).replace("apply_every", "--apply-every", 1), EXIT_USAGE)
         stop = _stop_on_signals()
         (display_url,) = _engine.replication("display_url")
-        click.echo(f"following {display_url(url)} into {dest} (Ctrl-C stops)", err=True)
+        _status(f"following {display_url(url)} into {dest} (Ctrl-C stops)")
         rounds = {"rounds": 0, "position": None, "appended": 0}
 
         def noted(info: dict) -> None:  # (what the --json document says at the stop)
