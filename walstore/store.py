@@ -270,7 +270,7 @@ class Store:
         until it is reopened.  (It said False after such a failure while every write
         raised ReadOnlyError: probe-contract.)"""
         eng = self._engine
-        return eng.readonly or eng.failure is not None
+        return eng.readonly or eng.stopped_by is not None  # (the log's failed fsync too)
 
     @property
     def options(self) -> Options:

@@ -943,6 +943,18 @@ class Engine:
         return (not self.closed and not self.readonly and self.failure is None
                 and self.wal is not None and self.wal.failed is None)
 
+    @property
+    def stopped_by(self) -> BaseException | None:
+        """Why this store takes no more writes until it is reopened, or None: a failed
+        LMDB write, or a failed fsync of the log.  The log's own failure counts at once:
+        one outside a commit (an intent, a compensation's record, the flusher's fsync)
+        reached ``failure`` only at the next write's check, and until then
+        ``store.readonly`` said False and ``stats()`` no failure of a store that refused
+        every write."""
+        if self.failure is None and self.wal is not None and self.wal.failed is not None:
+            return self.wal.failed
+        return self.failure
+
     def fail(self, error: BaseException) -> None:
         """Stop writing for good (until reopened): the log's tail or LMDB is in doubt."""
         if self.failure is None:
@@ -1073,7 +1085,7 @@ class Engine:
             "wal_voided_commits": self.wal.voided_records if self.wal else 0,
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
             "commits_held_by_undo": self.pipeline.gate.waits if self.wal else 0,
-            "failure": None if self.failure is None else str(self.failure),
+            "failure": None if self.stopped_by is None else str(self.stopped_by),
             "background_errors": list(self.background_errors),
         }
         return out

@@ -1,0 +1,73 @@
+"""Audit stop 54, durability promises 6-9 of CONTRACT section 4 under injected faults.
+
+Faults come from ``tools.faults.FaultBackend`` (the I/O seam every fault test uses): an
+fsync of the WAL that fails with EIO outside a commit record (an action's intent, a
+compensation's record), a commit record whose fsync fails (CommitOutcomeUnknown), and what
+the store says and does after them: that it is read-only, and that reads go on.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import walstore  # noqa: E402
+from walstore import fileio  # noqa: E402
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+SYNCS = ("fsync", "fdatasync")
+
+
+@pytest.fixture
+def faults():
+    fb = FaultBackend()
+    with installed(fb):
+        yield fb
+    assert fileio._backend is not fb
+
+
+# ---- a failed fsync outside a commit record: the store says it is read-only -------------
+def test_a_failed_intent_fsync_shows_the_store_read_only_at_once(tmp_path, faults):
+    """An action's intent whose fsync fails stops the log (never retry fsync): the error
+    says "the store is now read-only", every write is refused from then on — yet
+    ``store.readonly`` said False and ``stats()["failure"]`` None until some later write
+    happened to adopt the log's failure (only the engine's own failure was looked at)."""
+    with walstore.open(str(tmp_path / "s"), compensators={"refund": lambda a: None}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        rule = faults.fail(SYNCS, errno.EIO, path="*.wal")
+        tx = s.transaction()
+        ran = []
+        with pytest.raises(walstore.ReadOnlyError, match="read-only"):
+            with tx.action("charge", args={}, compensate="refund"):
+                ran.append(True)
+        assert rule.fired == 1 and not ran  # (write-ahead: the body never ran)
+        assert s.readonly, "the log stopped on a failed fsync, yet store.readonly is False"
+        assert s.stats()["failure"] and "fsync" in s.stats()["failure"]
+        with pytest.raises(walstore.ReadOnlyError):
+            tx.rollback()
+        assert s.get("a") == 1
+
+
+def test_a_failed_compensation_record_fsync_shows_the_store_read_only(tmp_path, faults):
+    """The same after a revert whose compensation record's fsync fails: CompensationFailed
+    says the outcome could not be recorded and the store is read-only; store.readonly
+    agrees."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, compensators={"refund": lambda a: None}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+            with tx.action("charge", args={}, compensate="refund") as act:
+                act.result = 1
+        faults.fail(SYNCS, errno.EIO, path="*.wal", nth=2)  # (1: the revert's COMMIT)
+        with pytest.raises(walstore.CompensationFailed):
+            s.revert(tx.id)
+        assert s.readonly
+        with pytest.raises(walstore.ReadOnlyError):
+            s.restore_point("later")
