@@ -891,6 +891,16 @@ class Transaction:
         eng = self._engine
         if eng.readonly:
             return  # a read-only store's snapshot cannot have been written over by itself
+        if (reads is not None and eng.stopped_by is not None
+                and reads.snapshot >= eng.memtable.published):
+            # the store stopped writing (a failed fsync: CommitOutcomeUnknown) and no
+            # commit was acknowledged past this snapshot, nor will be until a reopen: the
+            # records appended past it are undecided, and a transaction that only read is
+            # ordered before them.  Checked against them, it raised ConflictError ("wrote
+            # after it started") on every retry of reads the store serves
+            reads = None
+            if self.commit_check is None:
+                return
         checked = None if reads is None else eng.pipeline.checker.check_applied(self.id, reads)
         with eng.journal.lock:
             if reads is not None:
