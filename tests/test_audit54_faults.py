@@ -104,3 +104,55 @@ def test_a_transaction_that_only_reads_commits_after_commit_outcome_unknown(tmp_
     faults.clear()
     with walstore.open(path) as s:  # (the page cache kept the record: it committed)
         assert (s.get("a"), s.get("b")) in ((1, None), (2, 2))
+
+
+# ---- an LMDB write that fails while opening or checkpointing: StoreIOError --------------
+def test_an_lmdb_write_error_while_checkpointing_is_a_store_io_error(tmp_path, faults):
+    """README, "Errors": a full disk or EIO while opening, checkpointing or closing is a
+    StoreIOError (an OSError with errno and filename).  Closing said so; checkpoint()
+    let the engine's internal StateWriteError out: no errno, no file, only
+    "writing LMDB failed: mdb_txn_commit: Input/output error".  The store stops writing
+    (an LMDB write in doubt) and the reopen recovers every commit."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, apply_interval=3600)
+    try:
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+        faults.fail_lmdb("commit")
+        with pytest.raises(walstore.StoreIOError) as info:
+            s.checkpoint()
+        e = info.value
+        assert isinstance(e, OSError) and e.errno is not None
+        assert e.filename == os.path.join(path, "db", "data.mdb")
+        assert "checkpoint" in str(e) and "Input/output error" in str(e)
+        assert s.readonly
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put("later", 1)
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(path) as s:
+        assert [s.get(f"k{i}") for i in range(20)] == list(range(20))
+
+
+def test_an_lmdb_write_error_while_opening_is_a_store_io_error(tmp_path, faults):
+    """The same for the open after a crash whose REDO cannot write LMDB: StateWriteError
+    (no errno, no file) left walstore.open; now StoreIOError naming data.mdb, and once
+    the fault is gone the open recovers every commit."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, apply_interval=3600)
+    for i in range(20):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+    s._drop_like_a_crash()  # (LMDB holds none of them: REDO must write them all)
+    faults.fail_lmdb("commit", times=None)
+    with pytest.raises(walstore.StoreIOError) as info:
+        walstore.open(path)
+    e = info.value
+    assert e.errno is not None and e.filename == os.path.join(path, "db", "data.mdb")
+    assert "opening" in str(e)
+    faults.clear()
+    with walstore.open(path) as s:
+        assert [s.get(f"k{i}") for i in range(20)] == list(range(20))

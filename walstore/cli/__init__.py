@@ -68,6 +68,7 @@ def _os_text(exc: OSError, where: str) -> str:
 def _cause(exc: BaseException, command: str, path: str | None) -> str:
     where = f" (store {os.path.abspath(path)})" if path else ""
     if isinstance(exc, walstore.WalstoreError):
+        text = error_text(exc)
         if isinstance(exc, OSError) and exc.errno and exc.strerror:
             # (a StoreIOError: as an OS error is said — no "[Errno N]" prefix — and its
             # wrapped OS error not said again: "...failed: Is a directory [EISDIR]: F")
@@ -75,7 +76,7 @@ def _cause(exc: BaseException, command: str, path: str | None) -> str:
             if isinstance(inner, OSError) and inner.errno == exc.errno \
                     and inner.filename == exc.filename:
                 return _os_text(exc, where)
-        text = error_text(exc)
+            text = _os_text(exc, "")  # (its cause another error: LMDB's, said below)
         if isinstance(exc, walstore.CorruptionError):
             text = f"corruption: {text}"
             if path and command not in ("recover", "verify"):

@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Any, Callable
 
+import lmdb
+
 from .. import fileio
 from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed,
                       StoreIOError, WalstoreError)
@@ -46,7 +48,7 @@ from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
 from .lmdb_check import check_lmdb_paths
-from .lmdb_state import LmdbState, StateWriteError, from_u64
+from .lmdb_state import LmdbState, StateWriteError, from_u64, os_errno
 from .memtable import MemTable
 from .pins import HistoryPins
 from .pipeline import CommitPipeline
@@ -71,6 +73,7 @@ READONLY_TXID_PID_SHIFT = 40  # n < 2**40 per process; a pid < 2**22 (Linux's PI
 REPLICA_PIN = b"replica_pin"  # meta: the replica's position + 1 (0: none; keep_replica_pin)
 ERASURE_RETRY_S = 60.0  # a background checkpoint's owed erasure that failed waits this long
 ERASURE_ROOM_MARGIN = 64 << 20  # free space beyond the data file's size it needs to try
+LOW_ROOM_BYTES = 1 << 20  # an LMDB write failing with less free than this: a full disk
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
 
@@ -167,11 +170,34 @@ class Engine:
             self._release()
             if isinstance(e, OSError) and not isinstance(e, WalstoreError):
                 raise self._open_failed(e) from e
+            if isinstance(e, StateWriteError):  # (REDO, or the open's own LMDB writes)
+                raise self._state_io_error(e, f"opening the store at {self.path}",
+                                           "nothing was lost: every commit is in the log; "
+                                           "open it again once the cause is gone") from e
             raise
         if not readonly:
             self._start_threads()
 
     # ---- opening ------------------------------------------------------------------------
+    def _state_io_error(self, e: StateWriteError, doing: str, after: str) -> StoreIOError:
+        """README, "Errors": an LMDB write or sync that fails while opening (REDO),
+        checkpointing or closing is a StoreIOError with an errno and the data file's name;
+        opening and checkpointing let the engine's internal StateWriteError out (no
+        errno, no file: the command line said only "mdb_txn_commit: Input/output
+        error").  A full disk reaches LMDB as a short write, which it reports as EIO:
+        the file system's free space is named when it is nearly none."""
+        cause = e.__cause__
+        code = getattr(cause, "errno", None) or (
+            os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
+        state = getattr(self, "state", None)
+        data_file = getattr(state, "data_file", None) or self.layout.db
+        room = _free_bytes(os.path.dirname(data_file))
+        full = (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
+                f"a short write, which it reports as an I/O error)"
+                if room is not None and room < LOW_ROOM_BYTES else "")
+        return StoreIOError(code, f"{doing} failed: {e}{full}; {after}",
+                            data_file)
+
     def _open_failed(self, e: OSError) -> WalstoreError:
         """The walstore error for an OS error while opening: NotAStore when the path cannot
         be a store directory (a missing parent, a parent or STORE of the wrong type) while
@@ -716,9 +742,14 @@ class Engine:
         if self.readonly:
             raise ReadOnlyError("a read-only store cannot checkpoint")
         self.check_writable()
-        out = self._checkpoint()
-        if finish_erasure and self.erase_owed():  # a purge's erasure a crash (or a
-            out = self.erase_old_bytes([], after_rotate=after_rotate)  # failure) cut short
+        try:
+            out = self._checkpoint()
+            if finish_erasure and self.erase_owed():  # a purge's erasure a crash (or a
+                out = self.erase_old_bytes([], after_rotate=after_rotate)  # failure) cut short
+        except StateWriteError as e:  # (the store stopped writing: _checkpoint)
+            raise self._state_io_error(e, f"the checkpoint of {self.path}", "the store is "
+                                       "now read-only; every commit is in the log: reopen "
+                                       "it to recover") from e
         return out
 
     def _checkpoint(self, ignore_pins: bool = False, background: bool = False) -> dict:
@@ -992,11 +1023,8 @@ class Engine:
         except StateWriteError as e:
             # docs/GUIDE.md, errors: what fails while closing is a StoreIOError (errno, file);
             # the log was synced first, so the next open REDOes what LMDB missed
-            cause = e.__cause__
-            code = getattr(cause, "errno", None) or errno.EIO
-            raise StoreIOError(code, f"closing {self.path} failed: {e} (every commit is in "
-                                     f"the log; the next open recovers)",
-                               getattr(self.state, "path", None) or self.path) from e
+            raise self._state_io_error(e, f"closing {self.path}", "every commit is in the "
+                                       "log; the next open recovers") from e
         finally:
             self._release()
 
