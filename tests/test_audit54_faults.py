@@ -156,3 +156,73 @@ def test_an_lmdb_write_error_while_opening_is_a_store_io_error(tmp_path, faults)
     faults.clear()
     with walstore.open(path) as s:
         assert [s.get(f"k{i}") for i in range(20)] == list(range(20))
+
+
+# ---- LMDB map full when the map cannot grow as asked ------------------------------------
+_NO_ROOM_TO_MAP = r'''
+import json, os, resource, sys, walstore
+path, head = sys.argv[1], int(sys.argv[2]) << 20
+V = 256 << 10
+s = walstore.open(path, map_size=4 << 20, apply_interval=0.001)
+with s.transaction() as tx:
+    tx.put("first", 1)
+s.checkpoint()
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) << 10
+resource.setrlimit(resource.RLIMIT_AS, (vm + head, vm + head))  # (an address-space limit)
+acked, ended = [], ""
+for i in range(400):
+    try:
+        with s.transaction() as tx:
+            tx.put(f"k{i}", bytes([i % 256]) * V)
+        acked.append(i)
+    except (walstore.WalstoreError, MemoryError) as e:
+        ended = f"{type(e).__name__}: {e}"
+        break
+bad = []
+for i in acked:
+    try:
+        if s.get(f"k{i}") != bytes([i % 256]) * V:
+            bad.append(f"k{i}: wrong value")
+    except Exception as e:
+        bad.append(f"k{i}: {type(e).__name__}: {e}")
+        break
+try:
+    failure = s.stats()["failure"] or ""
+except Exception as e:
+    failure = ""
+    bad.append(f"stats(): {type(e).__name__}: {e}")
+try:
+    s.close()
+except walstore.WalstoreError:
+    pass
+print(json.dumps({"acked": acked, "ended": ended, "failure": failure, "bad": bad}))
+'''
+
+
+def test_a_map_that_cannot_grow_stops_writes_but_never_reads(tmp_path):
+    """LMDB map full where the process may not map twice as much (an address-space limit,
+    ``ulimit -v``): set_mapsize failed with ENOMEM after LMDB had unmapped the old map,
+    py-lmdb's environment was dead, and every read of the store — get, stats, log — said
+    CorruptionError "Attempt to operate on closed/deleted/dropped object" of a store that
+    was not damaged.  Now the growth tries smaller steps (the commits go on while one
+    fits), and when none fits the write fails (the store stops writing) with the old map
+    still in place: reads go on, and the reopen recovers every acknowledged commit."""
+    import json
+    import subprocess
+    for head in (4, 6, 8, 10):  # (MiB beyond the process's size when the limit is set)
+        path = str(tmp_path / f"s{head}")
+        r = subprocess.run([sys.executable, "-c", _NO_ROOM_TO_MAP, path, str(head)],
+                           capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=ROOT))
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        grew_not = "set_mapsize" in out["ended"] or "could not grow" in out["ended"]
+        if grew_not:
+            break  # (else the limit met a Python allocation first: another headroom)
+    else:
+        pytest.skip("no headroom made the map's growth the first thing to fail here")
+    assert out["bad"] == [], out
+    assert "could not grow" in out["failure"], out
+    with walstore.open(path) as s:
+        assert [s.get(f"k{i}") == bytes([i % 256]) * (256 << 10) for i in out["acked"]] \
+            == [True] * len(out["acked"])

@@ -40,7 +40,8 @@ Invariants:
   then in place (the old one: a StoreIOError, the store goes on; the new one, beside a
   lock file in doubt: a StateWriteError, the store stops writing until reopened);
 - the map is large from the start (LMDB maps are sparse: the file grows with the data,
-  not with the map) and doubles when full, which the user never sees;
+  not with the map) and doubles when full, which the user never sees (smaller steps when
+  the process may not map that much; none possible: a StateWriteError, the old map kept);
 - an ``lmdb.Error`` never leaves this module raw: reads raise CorruptionError naming the
   file, writes a ``StateWriteError`` (the caller turns the store read-only); a u64 row
   whose key or value is not 8 bytes (``from_u64``, every caller naming the row) is a
@@ -59,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import shutil
 import struct
@@ -301,6 +303,19 @@ def _preallocate_lock(db_dir: str) -> None:
                                         f"{os.strerror(e.errno)}", path) from e
     finally:
         os.close(fd)
+
+
+def _can_map(size: int) -> bool:
+    """Can this process map ``size`` bytes more of address space now?  An anonymous
+    PROT_NONE mapping, made and dropped at once (no memory is touched): a map growth
+    that an address-space limit refuses is known before LMDB unmaps the old map."""
+    try:
+        m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                      | getattr(mmap, "MAP_NORESERVE", 0), prot=0)  # (PROT_NONE)
+    except (OSError, OverflowError, ValueError):
+        return False
+    m.close()
+    return True
 
 
 class LmdbState:
@@ -849,8 +864,44 @@ class LmdbState:
         self.gate.exclusive(abort)
 
     def _grow(self) -> None:
-        new_size = self.env.info()["map_size"] * 2
-        self.gate.exclusive(lambda: self.env.set_mapsize(new_size))
+        """A bigger map (the caller holds the write lock, no write transaction open):
+        double it, or, when the process may not map that much (an address-space limit,
+        ``ulimit -v``: ENOMEM), a smaller step.  A failed remap leaves py-lmdb's
+        environment unusable (LMDB unmapped the old map first): every later read raised
+        CorruptionError "Attempt to operate on closed/deleted/dropped object" of a store
+        that was not damaged.  So after each failure the environment is reopened at the
+        size it had, and when no step fits the write fails as StateWriteError (the store
+        stops writing, its reads go on)."""
+        old = self.env.info()["map_size"]
+        error: BaseException | None = None
+        for step in (old, old // 2, old // 4, old // 8):
+            size = old + max(step, 1 << 16)
+            if not _can_map(size - old):  # (what the remap needs more: LMDB unmaps the
+                # old map first; tried before, as a remap that fails costs a reopen)
+                error = OSError(errno.ENOMEM, f"cannot map {size - old} bytes more")
+                continue
+            try:
+                self.gate.exclusive(lambda: self.env.set_mapsize(size))
+                return
+            except lmdb.Error as e:
+                error = e
+                self.gate.exclusive(lambda: self._remap_after_failed_resize(old))
+        code = (error.errno if isinstance(error, OSError) else os_errno(error)) or errno.ENOMEM
+        raise StateWriteError(f"writing LMDB failed: the map is full ({old} bytes) and could "
+                              f"not grow: {error} ({os.strerror(code)}: the process may not "
+                              f"map more, e.g. an address-space limit)") from error
+
+    def _remap_after_failed_resize(self, size: int) -> None:
+        """Inside the gate: this process's environment opened again at ``size`` (its map
+        before a failed resize), every handle following, as after a compaction."""
+        shared = self._shared
+        with contextlib.suppress(lmdb.Error):
+            shared["env"].close()
+        shared["env"] = self._new_env(False, size)
+        shared["file_id"] = _file_id(self.data_file)
+        self._open_tables(shared)
+        for handle in list(shared["handles"]):
+            handle._adopt(shared)
 
     def sync(self) -> None:
         """Force data and meta pages to stable storage (the checkpoint barrier)."""
