@@ -567,12 +567,14 @@ class Recovery:
         self._quarantine_range(reader, offset, reader.nonzero_end(offset), "corrupt-record",
                                reason, "cut")
         if not self.dry_run and reader.made_size > reader.file_size:
-            fd = fileio.open_file(reader.path, os.O_RDWR)
-            try:
-                os.ftruncate(fd, reader.made_size)
-                fileio.fsync(fd)
-            finally:
-                os.close(fd)
+            def regrow(path: str = reader.path, size: int = reader.made_size) -> None:
+                fd = fileio.open_file(path, os.O_RDWR)  # (after REDO, as the cut's zeroing:
+                try:                                     # the truncation stays evidence
+                    os.ftruncate(fd, size)               # until then)
+                    fileio.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._destroy.append(regrow)
 
     def _count_given_up(self, rec: Record) -> None:
         if rec.end_lsn <= self.applied or rec.type == RecordType.SEAL:
