@@ -27,8 +27,10 @@ Modes (after RocksDB's WAL recovery modes):
     region is quarantined and reported; prefix consistency may be lost.
 
 Invariants: nothing is deleted (cut bytes and dropped segments go to quarantine first,
-fsynced); all reading goes through walstore.log.reader; the pass costs what the retained
-WAL costs, which checkpoints keep small; running it twice is harmless.
+fsynced); nothing of the log is cut or moved before REDO holds, durably, what the pass
+learnt from it (the actions it owes), so a pass killed half-way and run again owes the
+same; all reading goes through walstore.log.reader; the pass costs what the retained WAL
+costs, which checkpoints keep small; running it twice is harmless.
 """
 from __future__ import annotations
 
