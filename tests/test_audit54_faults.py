@@ -321,3 +321,37 @@ def test_a_point_in_time_recovery_killed_at_its_cut_forgets_no_charge(tmp_path):
     assert forgotten == [], f"{len(forgotten)} charges neither refunded nor owed: {forgotten[:5]}"
     assert got["keys"] == ref["keys"]
     assert sorted(got["actions"].values()) == sorted(ref["actions"].values())
+
+
+def test_an_lmdb_write_error_after_the_open_recovered_is_a_store_io_error(tmp_path, faults):
+    """The open's own steps after the engine's recovery (settling what recovery owes — a
+    refund and its record —, applying it) failing to write LMDB let StateWriteError out
+    of walstore.open as well: seen at the last LMDB commit of an open after a
+    point-in-time recovery (an EIO sweep over every I/O call of a recovery); it is a
+    StoreIOError naming data.mdb, and the next open finishes the job."""
+    import shutil
+    path, twin = str(tmp_path / "s"), str(tmp_path / "twin")
+    refunds: list[str] = []
+    s = walstore.open(path, apply_interval=3600,
+                      compensators={"refund": lambda a: refunds.append(a.id)})
+    for i in range(20):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+    tx = s.transaction()  # in flight at the crash: the open refunds it
+    tx.put("owed", 1)
+    with tx.action("charge", args={}, compensate="refund") as act:
+        act.result = 1
+    s._drop_like_a_crash()
+    shutil.copytree(path, twin)
+    counter = FaultBackend()  # (the twin's open: how many LMDB commits an open makes)
+    with installed(counter):
+        walstore.open(twin, compensators={"refund": lambda a: None}).close()
+    n = sum(1 for c in counter.calls if c.op == "lmdb_commit" and "twin" in (c.path or ""))
+    faults.fail_lmdb("commit", nth=n - 1)  # (the open's last, before close's own)
+    with pytest.raises(walstore.StoreIOError) as info:
+        walstore.open(path, compensators={"refund": lambda a: refunds.append(a.id)})
+    assert info.value.filename == os.path.join(path, "db", "data.mdb")
+    faults.clear()
+    with walstore.open(path, compensators={"refund": lambda a: refunds.append(a.id)}) as s:
+        assert s.get("owed") is None and s.get("k19") == 19
+        assert s.get_action(act.id).state == "compensated" and refunds

@@ -25,6 +25,7 @@ from .errors import (ConflictError, CorruptionError, ReplicationError, StoreClos
                      WalstoreError, os_errors_as_store_errors)
 from .options import Options, check_flag
 from .engine.engine import Engine
+from .engine.lmdb_state import StateWriteError
 from .engine.tables import row_damaged
 from .engine.transaction import ACTIVE, Transaction, scan_bounds
 from .agent.actions import Action, Saga, check_compensators, never_runs
@@ -200,13 +201,18 @@ class Store:
                 # before the shipper started, it trimmed the log the replica had not
                 # received yet: a hole no restore or follower crosses — probe-follow45)
                 engine.erase_old_bytes([], after_rotate=self._purge.before_erase)
-        except BaseException:
+        except BaseException as e:
             if getattr(self, "_files", None) is not None:
                 self._files.close_monitors()
             if self._shipper is not None:  # (started before the owed erasure failed)
                 with contextlib.suppress(Exception):
                     self._shipper.stop()
             engine.drop_like_a_crash()
+            if isinstance(e, StateWriteError):  # (the open's settle, drain or erasure:
+                # README's Errors, a StoreIOError naming data.mdb, as the engine's own)
+                raise engine.state_io_error(e, f"opening the store at {engine.path}",
+                                            "nothing was lost: every commit is in the "
+                                            "log; open it again once the cause is gone") from e
             raise
         self._pid = _PROCESS[0]
         self._closing: threading.Thread | None = None  # the thread inside close()

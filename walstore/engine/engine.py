@@ -171,7 +171,7 @@ class Engine:
             if isinstance(e, OSError) and not isinstance(e, WalstoreError):
                 raise self._open_failed(e) from e
             if isinstance(e, StateWriteError):  # (REDO, or the open's own LMDB writes)
-                raise self._state_io_error(e, f"opening the store at {self.path}",
+                raise self.state_io_error(e, f"opening the store at {self.path}",
                                            "nothing was lost: every commit is in the log; "
                                            "open it again once the cause is gone") from e
             raise
@@ -179,7 +179,7 @@ class Engine:
             self._start_threads()
 
     # ---- opening ------------------------------------------------------------------------
-    def _state_io_error(self, e: StateWriteError, doing: str, after: str) -> StoreIOError:
+    def state_io_error(self, e: StateWriteError, doing: str, after: str) -> StoreIOError:
         """README, "Errors": an LMDB write or sync that fails while opening (REDO),
         checkpointing or closing is a StoreIOError with an errno and the data file's name;
         opening and checkpointing let the engine's internal StateWriteError out (no
@@ -747,7 +747,7 @@ class Engine:
             if finish_erasure and self.erase_owed():  # a purge's erasure a crash (or a
                 out = self.erase_old_bytes([], after_rotate=after_rotate)  # failure) cut short
         except StateWriteError as e:  # (the store stopped writing: _checkpoint)
-            raise self._state_io_error(e, f"the checkpoint of {self.path}", "the store is "
+            raise self.state_io_error(e, f"the checkpoint of {self.path}", "the store is "
                                        "now read-only; every commit is in the log: reopen "
                                        "it to recover") from e
         return out
@@ -1023,7 +1023,7 @@ class Engine:
         except StateWriteError as e:
             # docs/GUIDE.md, errors: what fails while closing is a StoreIOError (errno, file);
             # the log was synced first, so the next open REDOes what LMDB missed
-            raise self._state_io_error(e, f"closing {self.path}", "every commit is in the "
+            raise self.state_io_error(e, f"closing {self.path}", "every commit is in the "
                                        "log; the next open recovers") from e
         finally:
             self._release()
