@@ -169,13 +169,17 @@ with s.transaction() as tx:
 s.checkpoint()
 vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) << 10
 resource.setrlimit(resource.RLIMIT_AS, (vm + head, vm + head))  # (an address-space limit)
-acked, ended = [], ""
+acked, ended, short = [], "", 0
 for i in range(400):
     try:
         with s.transaction() as tx:
             tx.put(f"k{i}", bytes([i % 256]) * V)
         acked.append(i)
-    except (walstore.WalstoreError, MemoryError) as e:
+    except MemoryError:  # (the limit met a Python allocation: not a commit; go on)
+        short += 1
+        if short > 50:
+            break
+    except walstore.WalstoreError as e:
         ended = f"{type(e).__name__}: {e}"
         break
 bad = []
@@ -209,7 +213,7 @@ def test_a_map_that_cannot_grow_stops_writes_but_never_reads(tmp_path):
     still in place: reads go on, and the reopen recovers every acknowledged commit."""
     import json
     import subprocess
-    for head in (4, 6, 8, 10):  # (MiB beyond the process's size when the limit is set)
+    for head in range(4, 24):  # (MiB beyond the process's size when the limit is set)
         path = str(tmp_path / f"s{head}")
         r = subprocess.run([sys.executable, "-c", _NO_ROOM_TO_MAP, path, str(head)],
                            capture_output=True, text=True, timeout=120,
