@@ -885,7 +885,12 @@ class LmdbState:
                 return
             except lmdb.Error as e:
                 error = e
-                self.gate.exclusive(lambda: self._remap_after_failed_resize(old))
+                try:
+                    self.gate.exclusive(lambda: self._remap_after_failed_resize(old))
+                except (lmdb.Error, OSError, WalstoreError) as again:  # (no map at all now)
+                    raise StateWriteError(f"writing LMDB failed: the map is full ({old} "
+                                          f"bytes), growing it failed ({e}) and so did "
+                                          f"mapping it again: {again}") from again
         code = (error.errno if isinstance(error, OSError) else os_errno(error)) or errno.ENOMEM
         raise StateWriteError(f"writing LMDB failed: the map is full ({old} bytes) and could "
                               f"not grow: {error} ({os.strerror(code)}: the process may not "
