@@ -359,3 +359,69 @@ def test_an_lmdb_write_error_after_the_open_recovered_is_a_store_io_error(tmp_pa
     with walstore.open(path, compensators={"refund": lambda a: refunds.append(a.id)}) as s:
         assert s.get("owed") is None and s.get("k19") == 19
         assert s.get_action(act.id).state == "compensated" and refunds
+
+
+# ---- a full disk under a file change names the file it could not write -------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs mounted for the test and unmounted after (skip if not permitted)."""
+    import subprocess
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
+                            str(mnt)], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, PermissionError) as e:
+        pytest.skip(f"cannot mount a tmpfs here: {e}")
+    if r.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(mnt, leave: int) -> None:
+    """Fill the file system at ``mnt`` but ``leave`` bytes."""
+    filler = os.path.join(mnt, "filler")
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    for chunk in (1 << 20, 65536, 4096, 512):
+        try:
+            while True:
+                os.write(fd, b"\1" * chunk)
+        except OSError:
+            pass
+    os.close(fd)
+    os.truncate(filler, os.path.getsize(filler) - leave)
+
+
+def test_a_full_disk_storing_new_file_content_names_the_file(small_tmpfs):
+    """A file change whose new content cannot be stored (a real full disk: the content
+    store's temp file hits ENOSPC; the before-image was stored already) failed the
+    transaction with StoreIOError "[Errno 28] No space left on device" and nothing more:
+    the kernel's pwrite error names no file, and nothing said what was being written.
+    It names the temp file and the content store; the workspace is untouched and the
+    transaction's refund ran."""
+    root = small_tmpfs / "ws"
+    root.mkdir()
+    (root / "a.txt").write_text("original")
+    refunds: list[str] = []
+    with walstore.open(str(small_tmpfs / "s"), segment_size=64 * 1024,
+                       compensators={"refund": lambda a: refunds.append(a.id)}) as s:
+        ws = s.workspace(str(root))
+        with s.transaction() as tx:  # ("original" is in the content store: the change
+            tx.files(ws).write("b.txt", "original")  # below stores only its new content)
+        s.checkpoint()
+        _fill(small_tmpfs, 200_000)
+        with pytest.raises(walstore.StoreIOError) as info:
+            with s.transaction() as tx:
+                with tx.action("charge", args={}, compensate="refund") as act:
+                    act.result = 1
+                tx.files(ws).write("a.txt", os.urandom(600_000))
+        e = info.value
+        assert e.errno == errno.ENOSPC
+        assert e.filename is not None and "blobs" in e.filename, (str(e), e.filename)
+        assert "content store" in str(e)
+        assert (root / "a.txt").read_text() == "original" and refunds == [act.id]
+        os.unlink(small_tmpfs / "filler")

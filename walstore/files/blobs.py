@@ -367,9 +367,14 @@ class BlobStore:
         tmp, fd = self._temp()
         try:
             yield tmp, fd
-        except BaseException:
+        except BaseException as e:
             os.close(fd)
             self._drop(tmp)
+            if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+                # (a write to the temp file: a pwrite's error names no file, and a full
+                # disk under a file change said only "[Errno 28] No space left on device")
+                raise OSError(e.errno, f"storing file content in the store's content "
+                                       f"store failed: {e.strerror or e}", tmp) from e
             raise
         os.close(fd)
 
