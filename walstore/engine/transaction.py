@@ -281,6 +281,9 @@ class Transaction:
         # it: the same thread coming in again (a compensator, a signal handler) is refused
         # rather than let through the re-entrant lock
         self._end_lock = _RLock()  # (the C lock: threading.RLock is a wrapper's call)
+        # the undo log and each savepoint's ``recorded`` keys change in one step against
+        # savepoint(), release() and rollback_to() (see ``_keep_before``)
+        self._undo_lock = _RLock()
         self._ending: str | None = None
         self.closed_by_store = False  # rolled back by the store's close() (end_at_close)
         self._unknown_of = "its COMMIT"  # outcome unknown: the record whose fsync failed
@@ -491,8 +494,7 @@ class Transaction:
         if size > self._write_trigger:
             size = self._count_exactly(staged.items(), None)
         if self._savepoints:
-            for k in staged:
-                self._keep_before(k)
+            self._keep_before(*staged)
         writes.update(staged)
         self._write_bytes = size
 
@@ -513,28 +515,26 @@ class Transaction:
         self._writes[k] = packed
         self._write_bytes = size
 
-    def _keep_before(self, k: bytes) -> None:
-        """Log the value ``k`` has now (before the write about to be made), for a
-        rollback to the newest savepoint, unless it is logged at that savepoint's level
+    def _keep_before(self, *keys: bytes) -> None:
+        """Log the value each of ``keys`` has now (before the write about to be made), for
+        a rollback to the newest savepoint, unless it is logged at that savepoint's level
         already: the first write of a key at a level keeps what a rollback to it puts
         back; the later ones only replace values of that same level, which no rollback
         ever puts back.  (So the undo log holds at most one entry per key and level, not
-        one per write.)"""
-        sps = self._savepoints
-        try:
-            sp = sps[-1]
-        except IndexError:  # (released meanwhile by another thread: nothing to keep)
-            return
-        level = sp.recorded
-        if k not in level:
-            # noted, then logged, then checked (no lock on the write path): another
-            # thread's savepoint() taken in between puts the entry at the new level, so
-            # the key is not counted at this one (a later write there then logs it again,
-            # as it must); any other interleaving leaves at worst an entry more
-            level.add(k)
-            self._undo.append((k, self._writes.get(k, _MISSING)))
-            if not sps or sps[-1] is not sp:
-                level.discard(k)
+        one per write.)  Under ``_undo_lock``: which level an entry lands in and which
+        level counts its key must agree, or a release merging the levels dropped the
+        only entry of a key (another thread's savepoint() taken between the note and the
+        append put the entry in the new level while the old one counted the key: a
+        rollback_to then left the write in place — 1 in a few thousand races in CI)."""
+        with self._undo_lock:
+            sps = self._savepoints
+            if not sps:  # (released meanwhile by another thread: nothing to keep)
+                return
+            level, undo, writes = sps[-1].recorded, self._undo, self._writes
+            for k in keys:
+                if k not in level:
+                    level.add(k)
+                    undo.append((k, writes.get(k, _MISSING)))
 
     def _count_exactly(self, new: Iterable[tuple[bytes, bytes | None]], key: Any) -> int:
         """The write set's exact size once ``new`` (distinct keys) is written, counting it
@@ -602,9 +602,10 @@ class Transaction:
             # this savepoint then undid nothing — probe-audit51)
             self._serial += 1
             inside = self._inside() if self._inner_blockers else ()
-            sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects),
-                           inside)
-            self._savepoints.append(sp)
+            with self._undo_lock:  # (its level begins where the log ends: no put between)
+                sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects),
+                               inside)
+                self._savepoints.append(sp)
         return sp
 
     def note_inner_blocker(self, effect: Any) -> None:
@@ -676,9 +677,11 @@ class Transaction:
                    for x in self.effects[:target.effect_mark]):
                 raise WalstoreError(f"cannot roll back transaction {self.id} to "
                                     f"{target!r}: {e.blocks_inner_rollback}")
-        with deferred():  # one step (an interrupt inside it left the writes undone and
-            undo, writes = self._undo, self._writes     # the actions kept, or the actions
-            exact = self._write_trigger < 0             # dropped and never noted)
+        # one step (an interrupt inside it left the writes undone and the actions kept, or
+        # the actions dropped and never noted; a put beside it logged into a level going)
+        with deferred(), self._undo_lock:
+            undo, writes = self._undo, self._writes
+            exact = self._write_trigger < 0
             taken_out = False
             while len(undo) > target._undo_len:
                 k, prev = undo.pop()
@@ -716,7 +719,7 @@ class Transaction:
         with self._end_lock:  # (the savepoints change under no other thread's lookup:
             i = self._find(sp)  # an IndexError came out of it — probe-audit51)
             sps = self._savepoints
-            with deferred():
+            with deferred(), self._undo_lock:
                 if i:
                     self._merge_levels(sps[i - 1], sps[i]._undo_len)
                 for gone in sps[i:]:
@@ -731,17 +734,16 @@ class Transaction:
         forgets) join ``outer``'s level: an entry of a key ``outer``'s level logged
         already goes (it holds a value of that level, which no rollback puts back), so
         the log keeps one entry per key and level (an outer savepoint around a loop of
-        ``savepoint / put / release`` grew it by an entry a step).  Called before the
-        savepoints go: a ``put`` another thread makes meanwhile lands at the end, in a
-        level being released, and stays."""
+        ``savepoint / put / release`` grew it by an entry a step).  Called with
+        ``_undo_lock`` held, before the savepoints go."""
         undo, level = self._undo, outer.recorded
-        n = len(undo)
         kept = []
-        for k, prev in undo[start:n]:
+        for k, prev in undo[start:]:
             if k not in level:
                 level.add(k)
                 kept.append((k, prev))
-        undo[start:n] = kept  # (one step: entries appended after ``n`` stay)
+        del undo[start:]
+        undo.extend(kept)
 
     # ---- two-phase commit ----------------------------------------------------------------
     def prepare(self, gid: str) -> None:
