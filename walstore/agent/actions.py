@@ -667,7 +667,10 @@ class Saga:
         another thread reserved too (an undo whose COMMIT claimed them: they are its to
         run, and the other undo that reserved them before its commit lost the race)."""
         me = threading.get_ident()
-        with self._running_lock:
+        # (signals held off: a Ctrl-C landing just as the lock was taken, before its
+        # ``with`` began, left it held for good — every later compensation, and close(),
+        # waited for ever: the interrupt sweep of a rollback hung, 1 run in 2 under load)
+        with deferred(), self._running_lock:
             for a in actions:
                 if not (isinstance(a, Action) and a.compensate):
                     continue
@@ -679,7 +682,7 @@ class Saga:
     def release(self, ids: Iterable[str]) -> None:
         """End this thread's reservation of ``ids`` (from ``reserve``)."""
         me = threading.get_ident()
-        with self._running_lock:
+        with deferred(), self._running_lock:  # (as in ``reserve``)
             for aid in ids:
                 if self._reserved.get(aid) == me:
                     del self._reserved[aid]

@@ -525,8 +525,10 @@ class Transaction:
         level counts its key must agree, or a release merging the levels dropped the
         only entry of a key (another thread's savepoint() taken between the note and the
         append put the entry in the new level while the old one counted the key: a
-        rollback_to then left the write in place — 1 in a few thousand races in CI)."""
-        with self._undo_lock:
+        rollback_to then left the write in place — 1 in a few thousand races in CI).
+        Signals held off: an interrupt landing as the lock was taken, before its ``with``
+        began, left it held for good, and another thread's savepoint() waited for ever."""
+        with deferred(), self._undo_lock:
             sps = self._savepoints
             if not sps:  # (released meanwhile by another thread: nothing to keep)
                 return
