@@ -47,3 +47,30 @@ def passed(monkeypatch):
         return real(self, types, upto)
     monkeypatch.setattr(MemTable, "events_of", counted)
     return n
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """``mount_tmpfs(size)``: a tmpfs of ``size`` ("8m", "16m") mounted under the test's
+    directory (0700), unmounted after the test; the test is skipped where mounting is not
+    permitted (a real full disk and a real read-only file system, for fault tests)."""
+    import subprocess
+    mounted = []
+
+    def mount(size: str):
+        mnt = tmp_path / f"mnt{len(mounted)}"
+        mnt.mkdir()
+        try:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                                "tmpfs", str(mnt)], capture_output=True, text=True,
+                               timeout=30)
+        except (FileNotFoundError, PermissionError) as e:
+            pytest.skip(f"cannot mount a tmpfs here: {e}")
+        if r.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
+        mounted.append(mnt)
+        return mnt
+    yield mount
+    for mnt in mounted:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

@@ -363,23 +363,9 @@ def test_an_lmdb_write_error_after_the_open_recovered_is_a_store_io_error(tmp_pa
 
 # ---- a full disk under a file change names the file it could not write -------------------
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """An 8 MiB tmpfs mounted for the test and unmounted after (skip if not permitted)."""
-    import subprocess
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs",
-                            str(mnt)], capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, PermissionError) as e:
-        pytest.skip(f"cannot mount a tmpfs here: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_tmpfs(mount_tmpfs):
+    """An 8 MiB tmpfs (a real full disk; skipped where mounting is not permitted)."""
+    return mount_tmpfs("8m")
 
 
 def _fill(mnt, leave: int) -> None:

@@ -672,22 +672,9 @@ def test_progress_only_for_large_walks(capsys):
 
 # ---- a full disk and a read-only file system (real mounts) ---------------------------------
 @pytest.fixture
-def tmpfs(tmp_path):
-    """A 16 MiB tmpfs mounted for the test and unmounted after (skip if not permitted)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
-                            str(mnt)], capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, PermissionError) as e:
-        pytest.skip(f"cannot mount a tmpfs here: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def tmpfs(mount_tmpfs):
+    """A 16 MiB tmpfs (a real full disk, remountable read-only; skipped where not permitted)."""
+    return mount_tmpfs("16m")
 
 
 def test_full_disk_gives_one_line_errors_and_keeps_earlier_commits(tmpfs):

@@ -504,22 +504,9 @@ def test_a_failed_store_creation_can_be_retried(tmp_path, faults, op, pattern):
 
 # ---- a full disk never kills the process through LMDB's lock file (real mounts) ---------
 @pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 16 MiB tmpfs mounted for the test and unmounted after (skip if not permitted)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs",
-                            str(mnt)], capture_output=True, text=True, timeout=30)
-    except (FileNotFoundError, PermissionError) as e:
-        pytest.skip(f"cannot mount a tmpfs here: {e}")
-    if r.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_tmpfs(mount_tmpfs):
+    """A 16 MiB tmpfs (a real full disk; skipped where mounting is not permitted)."""
+    return mount_tmpfs("16m")
 
 
 FILL_DISK = r'''
