@@ -162,31 +162,26 @@ def test_a_json_failure_keeps_its_line_and_exit_status_when_the_reader_went_away
 
 
 # ---- replicate --json (no --once): one document at its stop -----------------------------
-def test_replicate_json_stopped_by_a_signal_prints_one_document(tmp_path):
-    """README: `walstore replicate ... [--json]`, and every ``--json`` command prints one
-    document.  Running (no ``--once``) and stopped as it is meant to stop (Ctrl-C or
-    SIGTERM, exit 0), it printed nothing on stdout: a script's ``json.loads`` of it
-    failed.  Now it says where the replica stands, as `restore --follow --json` does."""
-    import json
+def _sigterm_when(args: list, bound: float, ready) -> tuple[int, str, str]:
+    """Run ``walstore ARGS``, read its stderr until a line ``ready(line)`` says so, stop it
+    with SIGTERM as an operator would; (exit status, stdout, the whole stderr).  ``bound``
+    seconds bound the wait for that line (killed then), never its pace."""
     import signal
     import threading
 
-    path = str(tmp_path / "s")
-    with walstore.open(path) as s:
-        with s.transaction() as tx:
-            tx.put("k", 1)
-    url = (tmp_path / "replica").as_uri()
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "replicate", path, url, "--json",
-                             "--interval", "0.5"], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", CLI, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=cli_env())
-    guard = threading.Timer(60, proc.kill)  # (a bound on the wait below, never its pace)
+    guard = threading.Timer(bound, proc.kill)
     guard.start()
+    seen = []
     try:
-        for line in proc.stderr:  # (a status line once the store is shipped: no lag)
-            if line.startswith("shipped LSN") and " lag 0 B " in line:
+        for line in proc.stderr:
+            seen.append(line)
+            if ready(line):
                 break
         else:
-            raise AssertionError("the shipper never reported the store shipped")
+            raise AssertionError(f"walstore {args[0]} never printed the line awaited: "
+                                 f"{''.join(seen)[-2000:]}")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -194,7 +189,25 @@ def test_replicate_json_stopped_by_a_signal_prints_one_document(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
+    return proc.returncode, out, "".join(seen) + err
+
+
+def test_replicate_json_stopped_by_a_signal_prints_one_document(tmp_path):
+    """README: `walstore replicate ... [--json]`, and every ``--json`` command prints one
+    document.  Running (no ``--once``) and stopped as it is meant to stop (Ctrl-C or
+    SIGTERM, exit 0), it printed nothing on stdout: a script's ``json.loads`` of it
+    failed.  Now it says where the replica stands, as `restore --follow --json` does."""
+    import json
+
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    url = (tmp_path / "replica").as_uri()
+    code, out, err = _sigterm_when(  # (a status line once the store is shipped: no lag)
+        ["replicate", path, url, "--json", "--interval", "0.5"], 60,
+        lambda line: line.startswith("shipped LSN") and " lag 0 B " in line)
+    assert code == 0, err
     doc = json.loads(out, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert doc["stopped"] is True and doc["url"] == url and doc["state"] == "stopped"
     assert doc["shipped_lsn"] > 0 and doc["lag_bytes"] == 0
@@ -304,36 +317,17 @@ def test_restore_follow_shows_the_progress_of_its_first_restore(tmp_path):
     the whole replica first (the snapshot's download, the WAL after it) and said nothing
     but "following ... (Ctrl-C stops)" until its first round, however large the replica;
     `restore` without --follow shows that same work (test_progress_long_verbs)."""
-    import signal
-    import threading
-
     from test_progress_long_verbs import checkpointed_store, shown
 
     path = str(tmp_path / "s")
     checkpointed_store(path)  # (past the size from which progress is shown)
     url = (tmp_path / "replica").as_uri()
     assert run_cli("replicate", path, url, "--once", "--json").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-c", CLI, "restore", url,
-                             str(tmp_path / "copy"), "--follow", "--interval", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env())
-    guard = threading.Timer(30, proc.kill)  # (a bound on the wait below, never its pace:
-    guard.start()                           # before the fix no progress line ever came)
-    seen = []
-    try:
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith("restore:") and "(100%)" in line:
-                break
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        guard.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, "".join(seen) + err
-    lines = shown("".join(seen), "restore")
+    code, _out, err = _sigterm_when(  # (before the fix no progress line ever came)
+        ["restore", url, str(tmp_path / "copy"), "--follow", "--interval", "0.5"], 30,
+        lambda line: line.startswith("restore:") and "(100%)" in line)
+    assert code == 0, err
+    lines = shown(err, "restore")
     assert len(lines) >= 5 and "(100%)" in lines[-1], seen
     with walstore.open(str(tmp_path / "copy"), readonly=True) as c:
         assert c.get("k0") is not None

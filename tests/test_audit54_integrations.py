@@ -19,12 +19,7 @@ from langgraph.checkpoint.base import empty_checkpoint  # noqa: E402
 import walstore  # noqa: E402
 from walstore.integrations.langgraph import WalstoreSaver  # noqa: E402
 
-
-@pytest.fixture
-def store(tmp_path):
-    s = walstore.open(str(tmp_path / "store"), durability="none")
-    yield s
-    s.close()
+# (``store``: conftest's, a durability="none" store in the test's directory)
 
 
 # ---- WalstoreSaver: alist --------------------------------------------------------------
