@@ -369,17 +369,12 @@ def small_tmpfs(mount_tmpfs):
 
 
 def _fill(mnt, leave: int) -> None:
-    """Fill the file system at ``mnt`` but ``leave`` bytes."""
-    filler = os.path.join(mnt, "filler")
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    for chunk in (1 << 20, 65536, 4096, 512):
-        try:
-            while True:
-                os.write(fd, b"\1" * chunk)
-        except OSError:
-            pass
-    os.close(fd)
-    os.truncate(filler, os.path.getsize(filler) - leave)
+    """Fill the file system at ``mnt`` but ``leave`` bytes (test_faults' filler, which
+    its child programs run, run here in the test's own process)."""
+    from test_faults import FILL_DISK
+    helpers: dict = {}
+    exec(FILL_DISK, helpers)  # (defines ``fill``; our own source, nothing from outside)
+    helpers["fill"](str(mnt), leave)
 
 
 def test_a_full_disk_storing_new_file_content_names_the_file(small_tmpfs):
