@@ -18,18 +18,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import walstore  # noqa: E402
-from walstore import fileio  # noqa: E402
 from tools.faults import FaultBackend, installed  # noqa: E402
 
 SYNCS = ("fsync", "fdatasync")
 
-
-@pytest.fixture
-def faults():
-    fb = FaultBackend()
-    with installed(fb):
-        yield fb
-    assert fileio._backend is not fb
+from test_faults import faults  # noqa: E402,F401 (the fault backend, installed per test)
 
 
 # ---- a failed fsync outside a commit record: the store says it is read-only -------------
