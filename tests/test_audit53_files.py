@@ -61,15 +61,7 @@ from files_support import build
 BIG = 64 << 20  # a sparse file: its holes cost no disk, but read whole it costs 64 MiB
 
 
-@pytest.fixture
-def env(tmp_path):
-    root = tmp_path / "ws"
-    build(str(root), {"a.txt": "aaa\n", "d/x": "x\n"})
-    store = walstore.open(str(tmp_path / "store"))
-    try:
-        yield store, str(root)
-    finally:
-        store.close()
+from test_audit50_files import env  # noqa: E402,F401 (a store and a small tree beside it)
 
 
 def _peak_of_stream(view, path: str) -> tuple[int, int]:
@@ -84,13 +76,20 @@ def _peak_of_stream(view, path: str) -> tuple[int, int]:
         tracemalloc.stop()
 
 
-def test_stream_of_a_file_walstore_never_changed_is_not_read_whole(env):
-    store, root = env
+def _big_file_and_a_commit(store, root: str):
+    """A sparse BIG file in the tree, the tree registered and one commit changing a.txt;
+    (workspace, that commit's transaction)."""
     with open(os.path.join(root, "big"), "wb") as f:
         f.truncate(BIG)
     ws = store.workspace(root)
     with store.transaction() as tx:
         tx.files(ws).write("a.txt", "b\n")
+    return ws, tx
+
+
+def test_stream_of_a_file_walstore_never_changed_is_not_read_whole(env):
+    store, root = env
+    ws, tx = _big_file_and_a_commit(store, root)
     n, peak = _peak_of_stream(store.at(tx.id).files(ws), "big")
     assert n == BIG
     assert peak < 16 << 20, f"streaming held {peak >> 20} MiB"
@@ -98,11 +97,7 @@ def test_stream_of_a_file_walstore_never_changed_is_not_read_whole(env):
 
 def test_stream_of_a_file_an_open_transaction_changed_is_not_read_whole(env):
     store, root = env
-    with open(os.path.join(root, "big"), "wb") as f:
-        f.truncate(BIG)
-    ws = store.workspace(root)
-    with store.transaction() as tx:
-        tx.files(ws).write("a.txt", "b\n")
+    ws, tx = _big_file_and_a_commit(store, root)
     point = tx.id
     open_tx = store.transaction()
     try:
