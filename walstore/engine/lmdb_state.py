@@ -318,6 +318,29 @@ def _can_map(size: int) -> bool:
     return True
 
 
+def _fallback_map_size(error: "lmdb.Error", data_file: str) -> int | None:
+    """The map to open with when the default one (DEFAULT_MAP_SIZE of address space) was
+    refused for want of address space (ENOMEM: a process under ``ulimit -v``, RLIMIT_AS),
+    or None (another error: raised as it was).  Every store failed to open under such a
+    limit below 64 GiB, even a read-only one of a few KiB.  Half of the largest map this
+    process may make now (the rest left to Python, threads, and the growth steps), never
+    less than the data file holds; the map grows from there as the data does (``_grow``
+    takes smaller steps under the same limit)."""
+    if os_errno(error) != errno.ENOMEM:
+        return None
+    try:
+        need = os.stat(data_file).st_size
+    except OSError:
+        need = 0
+    need = max(need + (1 << 20), 1 << 20)
+    size = DEFAULT_MAP_SIZE // 2
+    while size >= need and not _can_map(size):
+        size //= 2
+    if size < need:
+        return need if _can_map(need) else None
+    return max(size // 2, need)
+
+
 class LmdbState:
     """The open LMDB environment of one store (shared by handles in one process)."""
 
@@ -401,10 +424,13 @@ class LmdbState:
         # (before LMDB opens the files, see reopen; files the open creates: after it)
         file_id = _file_id(self.data_file)
         try:
-            env = lmdb.open(path, map_size=map_size or DEFAULT_MAP_SIZE, max_dbs=MAX_DBS,
-                            subdir=True, readonly=readonly, sync=True, metasync=False,
-                            map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
-                            create=not readonly, mode=0o600)
+            try:
+                env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, readonly)
+            except lmdb.Error as e:
+                size = None if map_size else _fallback_map_size(e, self.data_file)
+                if size is None:
+                    raise
+                env = self._first_env(path, size, readonly)
         except lmdb.Error as e:
             if "already open in this process" in str(e):  # (py-lmdb's own registry)
                 raise WalstoreError(
@@ -422,6 +448,13 @@ class LmdbState:
                   "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file)}
         self._open_tables(shared)
         return shared
+
+    @staticmethod
+    def _first_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
+        return lmdb.open(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True,
+                         readonly=readonly, sync=True, metasync=False, map_async=False,
+                         writemap=False, lock=True, max_readers=MAX_READERS,
+                         create=not readonly, mode=0o600)
 
     @staticmethod
     def _open_tables(shared: dict) -> None:
