@@ -320,13 +320,14 @@ def _can_map(size: int) -> bool:
 
 def _fallback_map_size(error: "lmdb.Error", data_file: str) -> int | None:
     """The map to open with when the default one (DEFAULT_MAP_SIZE of address space) was
-    refused for want of address space (ENOMEM: a process under ``ulimit -v``, RLIMIT_AS),
-    or None (another error: raised as it was).  Every store failed to open under such a
+    refused for want of address space (ENOMEM: a process under ``ulimit -v``, RLIMIT_AS;
+    EINVAL: under valgrind, whose address space is smaller than the map), or None
+    (another error: raised as it was; a smaller map refused too raises its own error).  Every store failed to open under such a
     limit below 64 GiB, even a read-only one of a few KiB.  Half of the largest map this
     process may make now (the rest left to Python, threads, and the growth steps), never
     less than the data file holds; the map grows from there as the data does (``_grow``
     takes smaller steps under the same limit)."""
-    if os_errno(error) != errno.ENOMEM:
+    if os_errno(error) not in (errno.ENOMEM, errno.EINVAL):
         return None
     try:
         need = os.stat(data_file).st_size
