@@ -53,7 +53,7 @@ import msgpack
 
 from .. import fileio
 from ..errors import (CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint,
-                      os_errors_wrapped)
+                      WalstoreError, os_errors_wrapped)
 from ..log.format import LSN
 from ..files.blobs import BlobStore
 from ..signals import Flag
@@ -1289,8 +1289,14 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
         if not locks:
             from ..engine.layout import Layout, ProcessLock
             locks.append(ProcessLock(Layout(dest)))
-        _follow_rounds(url, dest, tgt, opts, stop, interval, apply_every, on_round,
-                       store_id, origin, missing)
+        try:
+            _follow_rounds(url, dest, tgt, opts, stop, interval, apply_every, on_round,
+                           store_id, origin, missing)
+        except _Stranded as e:
+            for lock in locks:  # (the purges open DEST as a store: it takes the lock)
+                lock.release()
+            locks.clear()
+            _apply_stranded_purges(dest, e)
     finally:
         for lock in locks:
             lock.release()
@@ -1427,10 +1433,19 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                 raise ReplicationError(f"{display_url(url)} now holds another store's "
                                        f"replica; the follower stops")
             if log.end is not None and m.end() > log.end:
-                _check_retained(m, log.end, dest, url)
+                try:
+                    _check_retained(m, log.end, dest, url)
+                    chain = m.chain(log.end, m.end())
+                except ReplicationError as e:
+                    # DEST cannot go on from its position (a hole, or retention dropped
+                    # what it needs): the follower stops, and DEST stays a copy readers
+                    # read.  The purges the source made past its position must not stay
+                    # readable there (it served keys a purge in the hole had erased at
+                    # the source): ``follow`` applies those the replica knows of
+                    raise _Stranded(e, _stranded_purges(m, fetch, log.end, e)) from e
                 log.know(m.wal)
                 try:
-                    _append_chain(m, info)
+                    _append_chain(chain, info)
                 except _ObjectGone as e:
                     # dropped by the writer since this manifest was read (merged, retained;
                     # deleted ``delete_grace`` later): the next round reads the manifest
@@ -1441,9 +1456,10 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                     raise
             etag = got[1]
 
-    def _append_chain(m: Manifest, info: dict) -> None:
-        """Append the records of ``m``'s WAL from DEST's position to its end."""
-        for e in m.chain(log.end, m.end()):
+    def _append_chain(chain: list[dict], info: dict) -> None:
+        """Append the records of ``chain`` (the manifest's WAL from DEST's position to its
+        end)."""
+        for e in chain:
             # the blobs this object's records name, before the records (a reader
             # of DEST never sees a file step whose content is not there yet): a
             # first pass over the object, only what it names (no LIST)
@@ -1509,6 +1525,45 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     finally:
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class _Stranded(Exception):
+    """A follower cannot go on from DEST's position: ``error`` says why, ``purges`` are the
+    prefixes the replica knows the source purged past that position (``follow`` applies
+    them to DEST, then raises ``error``)."""
+
+    def __init__(self, error: ReplicationError, purges: list) -> None:
+        super().__init__(str(error))
+        self.error, self.purges = error, purges
+
+
+def _stranded_purges(m: Manifest, fetch: "_Fetcher", position: int,
+                     why: ReplicationError) -> list:
+    """The purges past a stranded follower's ``position`` (``_purges_after``); when the
+    replica does not know them all (a hole whose ``pg`` is nil), a ReplicationError saying
+    that DEST may still hold keys purged at the source."""
+    try:
+        return _purges_after(m, fetch, position)
+    except ReplicationError as e:
+        raise ReplicationError(
+            f"{why}; and DEST may still hold keys the source purged past its position "
+            f"(LSN {position}): {e}; restore anew into a new DEST") from why
+
+
+def _apply_stranded_purges(dest: str, stranded: _Stranded) -> None:
+    """Apply ``stranded.purges`` to DEST (DEST's lock released by the caller: the purge
+    opens DEST as a store, which takes it), then raise the follower's error."""
+    err = stranded.error
+    if not stranded.purges:
+        raise err
+    shown = ", ".join(repr(p) for p in stranded.purges)
+    try:
+        _apply_purges(dest, stranded.purges)
+    except WalstoreError as e:
+        raise ReplicationError(f"{err}; the source's purges past DEST's position ({shown}) "
+                               f"could not be applied to DEST: {e}") from err
+    raise ReplicationError(f"{err}; the source's purges past DEST's position ({shown}) were "
+                           f"applied to DEST, which can no longer be followed") from err
 
 
 def _check_retained(m: Manifest, position: int, dest: str, url: str) -> None:

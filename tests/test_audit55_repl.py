@@ -1,0 +1,102 @@
+"""Audit 55, replication, restore and follow: regression tests (each failed on the code
+before its fix).
+
+Real stores and their real shippers in this process, ``file://`` replicas made
+unreachable by turning their directory into a file (as in test_audit54_repl), followers
+run by ``walstore.replication.follow`` in a thread (its ``on_round`` reports awaited).
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import walstore
+import walstore.store
+import walstore.replication
+
+from store_support import files_with
+from test_audit54_repl import _down, _up
+
+SECRET = "SSN-123-ERASE-ME-5501"
+
+
+class _Follower:
+    """``walstore.replication.follow`` in a thread; ``at(lsn)`` awaits a round that ended
+    at or past ``lsn``; ``error`` is what ended it."""
+
+    def __init__(self, url: str, dest: str) -> None:
+        self.stop = threading.Event()
+        self.ended = threading.Event()
+        self.cond = threading.Condition()
+        self.position = -1
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(url, dest))
+        self.thread.start()
+
+    def _on_round(self, info: dict) -> None:
+        with self.cond:
+            if "error" not in info:
+                self.position = info["position"] or 0
+            self.cond.notify_all()
+
+    def _run(self, url: str, dest: str) -> None:
+        try:
+            walstore.replication.follow(url, dest, stop=self.stop, interval=0.02,
+                                        apply_every=0, on_round=self._on_round)
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            self.error = e
+        finally:
+            self.ended.set()
+            with self.cond:
+                self.cond.notify_all()
+
+    def at(self, lsn: int, timeout: float = 30) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: self.position >= lsn or self.ended.is_set(),
+                                      timeout) and self.position >= lsn
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def test_a_follower_stopped_by_a_hole_erases_what_a_purge_in_it_erased(
+        tmp_path, monkeypatch):
+    """A follower meets a hole (the replica was unreachable while the source purged, and
+    the purge's erasure trimmed the log it had not shipped): it cannot cross it and
+    stops.  DEST — a read-only copy readers keep reading — went on returning the keys the
+    source purged in the hole, though the hole's ``pg`` names that purge.  A follower now
+    applies every purge the replica knows of past DEST's position before it stops."""
+    monkeypatch.setattr(walstore.store, "PURGE_SHIP_WAIT_S", 0.5)  # (the wait, not the logic)
+    path, rep, dest = str(tmp_path / "src"), str(tmp_path / "rep"), str(tmp_path / "dest")
+    url = "file://" + rep
+    with walstore.open(path, replicate_to=url,
+                       replicate_options={"interval": 0.05, "max_backoff": 0.2}) as s:
+        with s.transaction() as tx:
+            tx.put("secret/a", SECRET)
+            tx.put("pub", 1)
+        s.sync_replica(timeout=10)
+        f = _Follower(url, dest)
+        try:
+            assert f.at(s._shipper.shipped), f.error
+            with walstore.open(dest, readonly=True) as c:
+                assert c.get("secret/a") == SECRET  # (the follower holds it)
+            _down(rep)
+            try:
+                s.purge("secret/")
+                with s.transaction() as tx:
+                    tx.put("pub", 2)
+            finally:
+                _up(rep)
+            s.sync_replica(timeout=20)
+            assert f.ended.wait(30)
+        finally:
+            f.close()
+    assert isinstance(f.error, walstore.ReplicationError), f.error
+    assert "hole in the replica's WAL" in str(f.error) and "applied to DEST" in str(f.error)
+    with walstore.open(dest, readonly=True) as c:
+        assert c.get("secret/a") is None  # (was SECRET)
+        assert list(c.scan(prefix="secret/")) == []
+        assert c.get("pub") == 1
+    assert files_with(dest, SECRET.encode()) == []
