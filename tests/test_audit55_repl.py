@@ -100,3 +100,35 @@ def test_a_follower_stopped_by_a_hole_erases_what_a_purge_in_it_erased(
         assert list(c.scan(prefix="secret/")) == []
         assert c.get("pub") == 1
     assert files_with(dest, SECRET.encode()) == []
+
+
+def test_a_restore_refused_for_a_hole_with_unknown_purges_names_why(tmp_path, monkeypatch):
+    """More purges in one hole than the source's record keeps (its newest
+    ``KEEP_RECENT_PURGES``, 64; 3 here to keep it short): the hole's ``pg`` is nil and a
+    restore to a point before it is refused — a bounded, documented answer, but the
+    refusal said only that the purges were "not known", not why (the record's bound)."""
+    import walstore.engine.apply as apply
+    monkeypatch.setattr(walstore.store, "PURGE_SHIP_WAIT_S", 0.05)  # (the wait, not the logic)
+    monkeypatch.setattr(apply, "KEEP_RECENT_PURGES", 3)
+    path, rep = str(tmp_path / "src"), str(tmp_path / "rep")
+    url = "file://" + rep
+    with walstore.open(path, replicate_to=url,
+                       replicate_options={"interval": 0.05, "max_backoff": 0.2}) as s:
+        with s.transaction() as tx:
+            for i in range(5):
+                tx.put(f"u{i}/x", SECRET)
+        s.restore_point("before")
+        s.sync_replica(timeout=10)
+        _down(rep)
+        try:
+            for i in range(5):
+                s.purge(f"u{i}/")
+            with s.transaction() as tx:
+                tx.put("pub", 2)
+        finally:
+            _up(rep)
+        s.sync_replica(timeout=20)
+    with pytest.raises(walstore.ReplicationError) as e:
+        walstore.restore(url, str(tmp_path / "r"), to="before")
+    assert "not known" in str(e.value) and "newest 64 purges only" in str(e.value)
+    assert not (tmp_path / "r").exists()

@@ -55,6 +55,7 @@ from .. import fileio
 from ..errors import (CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint,
                       WalstoreError, os_errors_wrapped)
 from ..log.format import LSN
+from ..engine.apply import KEEP_RECENT_PURGES
 from ..files.blobs import BlobStore
 from ..signals import Flag
 from ..engine.layout import (FORMAT_VERSION, check_version, enclosing_store, identity_bytes,
@@ -847,9 +848,12 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
         if h["pg"] is None:
             raise ReplicationError(
                 f"the replica lost LSN {h['a']}..{h['b']} ({h['reason']}), after the cut at "
-                f"LSN {cut}, and which purges were committed in it is not known: a restore "
-                f"to a point before it could bring back keys a purge erased; nothing "
-                f"restored (restore to a point after LSN {h['b']})")
+                f"LSN {cut}, and which purges were committed in it is not known (the "
+                f"source keeps a record of its newest {KEEP_RECENT_PURGES} purges only, and "
+                f"when the hole was found more had been made since it began, or that "
+                f"record could not be read): a restore to a point before it could bring "
+                f"back keys a purge erased; nothing restored (restore to a point after LSN "
+                f"{h['b']})")
         found += [(lsn, p) for lsn, p in h["pg"] if lsn >= cut]
     for e in m.wal:
         if e["b"] <= cut:
