@@ -132,3 +132,43 @@ def test_a_restore_refused_for_a_hole_with_unknown_purges_names_why(tmp_path, mo
         walstore.restore(url, str(tmp_path / "r"), to="before")
     assert "not known" in str(e.value) and "newest 64 purges only" in str(e.value)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_follower_behind_retention_erases_the_purges_the_replica_still_lists(tmp_path):
+    """A follower stopped longer than the replica retains history is told to restore
+    anew; DEST, still read, returned keys the source purged since (the purge's record is
+    in a WAL object the replica still lists, past the history retention removed).  It now
+    applies that purge before it stops, and says that purges in the removed history are
+    not known."""
+    from walstore.replication import follow, restore
+    url = f"file://{tmp_path}/replica"
+    opts = {"interval": 0.05, "snapshot_interval": 0, "retention_seconds": 0,
+            "delete_grace": 0}
+    src, dest = str(tmp_path / "s"), str(tmp_path / "dest")
+
+    def commit_and_ship(n: int, tag: str, purge: str | None = None) -> None:
+        with walstore.open(src, replicate_to=url, replicate_options=opts) as s:
+            for i in range(n):
+                with s.transaction() as tx:
+                    tx.put(f"{tag}{i}", i)
+            if purge:
+                s.purge(purge)
+            s.sync_replica(timeout=30)
+
+    with walstore.open(src, replicate_to=url, replicate_options=opts) as s:
+        with s.transaction() as tx:
+            tx.put("secret/a", SECRET)
+        s.sync_replica(timeout=30)
+    restore(url, dest, None, opts, follow=True)
+    for r in range(3):  # retention (no time, 2 snapshots kept) moves past DEST's position
+        commit_and_ship(20, f"r{r}")
+    commit_and_ship(5, "last", purge="secret/")
+    with pytest.raises(walstore.ReplicationError) as e:
+        follow(url, dest, opts, stop=threading.Event(), interval=0.05)
+    msg = str(e.value)
+    assert "older than what the replica" in msg and "restore anew" in msg, msg
+    assert "'secret/'" in msg and "applied to DEST" in msg, msg
+    assert "may hold keys the source purged in that history" in msg, msg
+    with walstore.open(dest, readonly=True) as c:
+        assert c.get("secret/a") is None  # (was SECRET)
+    assert files_with(dest, SECRET.encode()) == []

@@ -1581,7 +1581,8 @@ def _check_retained(m: Manifest, position: int, dest: str, url: str) -> None:
             f"{dest}'s position (LSN {position}) is older than what the replica at "
             f"{display_url(url)} retains (its WAL now begins at LSN {first}: retention "
             f"removed the history in between while the follower was stopped); DEST cannot "
-            f"catch up: restore anew into a new DEST with --follow")
+            f"catch up, and may hold keys the source purged in that history (the replica "
+            f"keeps no record of them): restore anew into a new DEST with --follow")
 
 
 def _starts(wal_dir: str) -> list[int]:
