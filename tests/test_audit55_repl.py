@@ -78,10 +78,11 @@ def test_a_follower_stopped_by_a_hole_erases_what_a_purge_in_it_erased(
             tx.put("pub", 1)
         s.sync_replica(timeout=10)
         f = _Follower(url, dest)
+        ro = None
         try:
             assert f.at(s._shipper.shipped), f.error
-            with walstore.open(dest, readonly=True) as c:
-                assert c.get("secret/a") == SECRET  # (the follower holds it)
+            ro = walstore.open(dest, readonly=True)  # (a reader of DEST open throughout)
+            assert ro.get("secret/a") == SECRET  # (the follower holds it)
             _down(rep)
             try:
                 s.purge("secret/")
@@ -91,8 +92,11 @@ def test_a_follower_stopped_by_a_hole_erases_what_a_purge_in_it_erased(
                 _up(rep)
             s.sync_replica(timeout=20)
             assert f.ended.wait(30)
+            assert ro.get("secret/a") is None and ro.get("pub") == 1
         finally:
             f.close()
+            if ro is not None:
+                ro.close()
     assert isinstance(f.error, walstore.ReplicationError), f.error
     assert "hole in the replica's WAL" in str(f.error) and "applied to DEST" in str(f.error)
     with walstore.open(dest, readonly=True) as c:
