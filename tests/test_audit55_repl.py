@@ -176,3 +176,43 @@ def test_a_follower_behind_retention_erases_the_purges_the_replica_still_lists(t
     with walstore.open(dest, readonly=True) as c:
         assert c.get("secret/a") is None  # (was SECRET)
     assert files_with(dest, SECRET.encode()) == []
+
+
+def test_a_follower_stopped_by_a_missing_object_erases_the_purges_past_it(tmp_path):
+    """A WAL object the manifest lists is gone from the replica (a bucket lifecycle rule
+    deleting old objects, damage): a follower meeting it stops for good, as documented.
+    DEST went on returning keys the source purged in a later WAL object the replica still
+    holds (its ``pg`` names the purge).  It now applies those purges before it stops."""
+    import os
+    from walstore.replication import follow, restore
+    from walstore.replication.manifest import MANIFEST_KEY, Manifest, decode
+    from walstore.replication.targets import FileTarget
+    rep = tmp_path / "rep"
+    url = f"file://{rep}"
+    opts = {"interval": 0.05, "snapshot_interval": 3600}
+    src, dest = str(tmp_path / "s"), str(tmp_path / "dest")
+    with walstore.open(src, replicate_to=url, replicate_options=opts) as s:
+        with s.transaction() as tx:
+            tx.put("secret/a", SECRET)
+        s.sync_replica(timeout=30)
+        restore(url, dest, None, opts, follow=True)
+        at = s._shipper.shipped
+        with s.transaction() as tx:
+            tx.put("pub", 1)
+        s.sync_replica(timeout=30)  # (an object of its own: the one deleted below)
+        s.purge("secret/")
+        with s.transaction() as tx:
+            tx.put("pub", 2)
+        s.sync_replica(timeout=30)
+    t = FileTarget(str(rep))
+    m = Manifest(decode(t.get(MANIFEST_KEY, 1 << 20)[0], url))
+    [gone] = [e for e in m.wal if e["a"] == at]
+    assert not gone.get("pg") and any(e.get("pg") for e in m.wal if e["a"] > at), m.wal
+    os.unlink(os.path.join(rep, gone["k"]))
+    with pytest.raises(walstore.ReplicationError) as e:
+        follow(url, dest, opts, stop=threading.Event(), interval=0.05)
+    msg = str(e.value)
+    assert "'secret/'" in msg and "applied to DEST" in msg, msg
+    with walstore.open(dest, readonly=True) as c:
+        assert c.get("secret/a") is None  # (was SECRET)
+    assert files_with(dest, SECRET.encode()) == []

@@ -1457,7 +1457,14 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                     # the grace stopped for good: "hole in the replica's WAL")
                     if _dropped_since(tgt, opts, e.key):
                         e.transient = True
-                    raise
+                        raise
+                    # still listed: missing for good (damage, a lifecycle rule), as is a
+                    # damaged object below; stranded as at a hole (see above)
+                    raise _Stranded(e, _stranded_purges(m, fetch, log.end, e)) from e
+                except ReplicationError as e:
+                    if isinstance(e, TargetError) or getattr(e, "transient", False):
+                        raise  # (a request refused or failing: not the replica's damage)
+                    raise _Stranded(e, _stranded_purges(m, fetch, log.end, e)) from e
             etag = got[1]
 
     def _append_chain(chain: list[dict], info: dict) -> None:
