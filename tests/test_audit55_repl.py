@@ -216,3 +216,53 @@ def test_a_follower_stopped_by_a_missing_object_erases_the_purges_past_it(tmp_pa
     with walstore.open(dest, readonly=True) as c:
         assert c.get("secret/a") is None  # (was SECRET)
     assert files_with(dest, SECRET.encode()) == []
+
+
+def test_a_reader_in_the_followers_process_does_not_break_its_purge_apply(tmp_path):
+    """A follower run from Python (``follow`` in a thread) beside a reader of DEST in the
+    same process: the two share one LMDB environment.  The follower's apply of a purge
+    compacts DEST's LMDB and swaps the file in, every handle of the process following;
+    the reader, which had seen the file replaced mid-swap, then reopened the environment
+    again — closing it under the follower's next write: the follower died with
+    ``StateWriteError: ... closed/deleted/dropped object`` and DEST kept the purged
+    rows.  A reopen finding the process already on the current file now only follows."""
+    src, dest = str(tmp_path / "src"), str(tmp_path / "dest")
+    url = f"file://{tmp_path}/rep"
+    with walstore.open(src, replicate_to=url, replicate_options={"interval": 0.02}) as s:
+        with s.transaction() as tx:
+            tx.put("pub", 0)
+        s.sync_replica(timeout=10)
+        f = _Follower(url, dest)
+        reading = threading.Event()
+        done = threading.Event()
+        read_errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                with walstore.open(dest, readonly=True) as ro:
+                    while not done.is_set():
+                        ro.get("pub")
+                        reading.set()
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                read_errors.append(e)
+                reading.set()
+        reader = threading.Thread(target=read)
+        try:
+            assert f.at(s._shipper.shipped), f.error
+            reader.start()
+            assert reading.wait(30)
+            for i in range(25):
+                with s.transaction() as tx:
+                    tx.put(f"user/{i}/x", SECRET + str(i))
+                    tx.put("pub", i)
+                s.purge(f"user/{i}/")
+                s.sync_replica(timeout=10)
+                assert f.at(s._shipper.shipped), f.error
+        finally:
+            done.set()
+            reader.join(30)
+            f.close()
+    assert f.error is None and not read_errors, (f.error, read_errors)
+    with walstore.open(dest, readonly=True) as c:
+        assert c.get("pub") == 24 and list(c.scan(prefix="user/")) == []
+    assert files_with(dest, SECRET.encode()) == []

@@ -512,6 +512,15 @@ class LmdbState:
         _preallocate_lock(self.path)  # (the writer's new lock file, before ours is closed)
         with LmdbState._registry_lock:
             def swap() -> None:
+                # a handle of this process swapped the file in (a follower's compaction,
+                # ``compact``, beside a reader in its process), and every handle follows
+                # it: nothing to reopen.  (Reopened all the same — the reader had seen the
+                # file replaced mid-swap — the environment was closed under that writer's
+                # next write, which is not behind the gate: the follower died with
+                # "closed/deleted/dropped object" and DEST kept the purged rows.)
+                if _file_id(self.data_file, self._lock_file) == shared["file_id"]:
+                    self._adopt(shared)
+                    return
                 size = shared["env"].info()["map_size"]
                 shared["env"].close()
                 # (taken before LMDB opens the files: a swap after it is seen next time)
