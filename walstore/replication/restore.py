@@ -272,16 +272,17 @@ class _ObjectGone(ReplicationError):
         self.key = key
 
 
-def _dropped_since(tgt: ObjectStore, opts: ReplicateOptions, key: str) -> bool:
+def _dropped_since(tgt: ObjectStore, opts: ReplicateOptions, key: str) -> bool | None:
     """Does the replica's manifest now no longer list object ``key`` (a WAL object or a
     snapshot: its writer compacted or retained it away since the manifest that listed
-    it was read)?"""
+    it was read)?  None (falsy) when the manifest could not be read: it cannot tell."""
     try:
         m = Manifest.load(tgt, opts.max_manifest_bytes)
     except ReplicationError:
-        return False
-    return m is not None and all(e["k"] != key for e in m.wal) \
-        and all(sn["k"] != key for sn in m.snapshots)
+        return None
+    if m is None:
+        return None
+    return all(e["k"] != key for e in m.wal) and all(sn["k"] != key for sn in m.snapshots)
 
 
 GONE_RETRIES = 5  # restores begun again from a fresh manifest when its objects were dropped
@@ -1455,9 +1456,11 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
                     # deleted ``delete_grace`` later): the next round reads the manifest
                     # now and goes on from DEST's position (a follower whose round outlasted
                     # the grace stopped for good: "hole in the replica's WAL")
-                    if _dropped_since(tgt, opts, e.key):
+                    dropped = _dropped_since(tgt, opts, e.key)
+                    if dropped:
                         e.transient = True
-                        raise
+                    if dropped is not False:
+                        raise  # (dropped; or the manifest unreadable now: cannot tell)
                     # still listed: missing for good (damage, a lifecycle rule), as is a
                     # damaged object below; stranded as at a hole (see above)
                     raise _Stranded(e, _stranded_purges(m, fetch, log.end, e)) from e
