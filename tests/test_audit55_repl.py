@@ -266,3 +266,37 @@ def test_a_reader_in_the_followers_process_does_not_break_its_purge_apply(tmp_pa
     with walstore.open(dest, readonly=True) as c:
         assert c.get("pub") == 24 and list(c.scan(prefix="user/")) == []
     assert files_with(dest, SECRET.encode()) == []
+
+
+def test_a_follower_at_a_hole_with_unknown_purges_says_dest_may_hold_them(
+        tmp_path, monkeypatch):
+    """A hole whose purges the source could not tell (``pg`` nil: more than its record
+    keeps; 3 here): the follower cannot apply them, and says that DEST may still hold
+    keys the source purged (it said only "hole in the replica's WAL")."""
+    import walstore.engine.apply as apply
+    monkeypatch.setattr(walstore.store, "PURGE_SHIP_WAIT_S", 0.05)  # (the wait, not the logic)
+    monkeypatch.setattr(apply, "KEEP_RECENT_PURGES", 3)
+    path, rep, dest = str(tmp_path / "src"), str(tmp_path / "rep"), str(tmp_path / "dest")
+    url = "file://" + rep
+    with walstore.open(path, replicate_to=url,
+                       replicate_options={"interval": 0.05, "max_backoff": 0.2}) as s:
+        with s.transaction() as tx:
+            for i in range(5):
+                tx.put(f"u{i}/x", SECRET)
+        s.sync_replica(timeout=10)
+        f = _Follower(url, dest)
+        try:
+            assert f.at(s._shipper.shipped), f.error
+            _down(rep)
+            try:
+                for i in range(5):
+                    s.purge(f"u{i}/")
+            finally:
+                _up(rep)
+            s.sync_replica(timeout=20)
+            assert f.ended.wait(30)
+        finally:
+            f.close()
+    msg = str(f.error)
+    assert isinstance(f.error, walstore.ReplicationError), f.error
+    assert "hole in the replica's WAL" in msg and "DEST may still hold keys" in msg, msg
