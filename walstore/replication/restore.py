@@ -1559,6 +1559,8 @@ def _stranded_purges(m: Manifest, fetch: "_Fetcher", position: int,
     try:
         return _purges_after(m, fetch, position)
     except ReplicationError as e:
+        if getattr(e, "transient", False):
+            raise  # (reading an object failed for now: the round is retried)
         raise ReplicationError(
             f"{why}; and DEST may still hold keys the source purged past its position "
             f"(LSN {position}): {e}; restore anew into a new DEST") from why
