@@ -300,3 +300,42 @@ def test_a_follower_at_a_hole_with_unknown_purges_says_dest_may_hold_them(
     msg = str(f.error)
     assert isinstance(f.error, walstore.ReplicationError), f.error
     assert "hole in the replica's WAL" in msg and "DEST may still hold keys" in msg, msg
+
+
+def test_a_reader_in_the_writers_process_does_not_break_its_purge(tmp_path):
+    """The same race in a writer store: a read-only store of it open in the writer's own
+    process (one LMDB environment) reopened it after the purge's compaction had swapped
+    the file in, closing it under the writer's next LMDB write: ``purge`` raised
+    ``ErasureOwed`` (StateWriteError "closed/deleted/dropped object")."""
+    path = str(tmp_path / "s")
+    errors: list[BaseException] = []
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("pub", 0)
+        done = threading.Event()
+        reading = threading.Event()
+
+        def read() -> None:
+            try:
+                with walstore.open(path, readonly=True) as ro:
+                    while not done.is_set():
+                        ro.get("user/1/x")
+                        reading.set()
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                errors.append(e)
+                reading.set()
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            assert reading.wait(30)
+            for i in range(40):
+                with s.transaction() as tx:
+                    tx.put(f"user/{i}/x", SECRET + str(i))
+                    tx.put("pub", i)
+                s.purge(f"user/{i}/")
+        finally:
+            done.set()
+            reader.join(30)
+        assert s.get("pub") == 39 and list(s.scan(prefix="user/")) == []
+    assert not errors, errors
+    assert files_with(path, SECRET.encode()) == []
