@@ -46,9 +46,11 @@ class CompensationFailed(WalstoreError):
     """A compensation kept failing after its retries; it is marked ``failed`` and kept
     pending.  ``undo``: raised by a ``revert`` or ``rewind`` whose undo committed before
     its compensations ran, the ``TxnInfo`` of that undoing transaction (it stands), else
-    None."""
+    None.  ``committed``: True when that undo committed (the message says so too): the
+    state is the undone one, and only the named compensations are still owed."""
 
     undo: Any = None
+    committed: bool = False
 
     def __init__(self, message: str, action_ids: list | None = None) -> None:
         super().__init__(message)

@@ -267,8 +267,15 @@ class Undo:
                     self.saga.compensate(owed)
                 except CompensationFailed as e:
                     # the undo committed (it stands); say which transaction did it, or the
-                    # caller, given only the failure, could not find it (audit48)
+                    # caller, given only the failure, could not find it (audit48); the
+                    # message says so too (it read as a plain compensation failure, and a
+                    # user could not tell whether the revert had happened at all)
                     e.undo = result
+                    e.committed = True
+                    e.args = (f"{e.args[0] if e.args else e}; the undo itself COMMITTED "
+                              f"(transaction {result.txid}: the state is reverted and "
+                              f"stays so), only these compensations are still owed",
+                              ) + tuple(e.args[1:])
                     raise
         return result
 
