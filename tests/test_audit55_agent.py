@@ -45,3 +45,79 @@ def test_revert_with_failing_compensation_says_the_revert_committed(tmp_path):
             tx.rollback()
         assert info.value.committed is False and info.value.undo is None
         assert "COMMITTED" not in str(info.value)
+
+
+# ---- a needs-redo action can be marked redone by hand --------------------------------
+
+def _needs_redo(tmp_path, ran: list):
+    s = walstore.open(str(tmp_path / "s"), durability="none",
+                      compensators={"refund": lambda a: ran.append(a.id)})
+    txid, aid = _charge(s)
+    r1 = s.revert(txid)
+    r2 = s.revert(r1.txid, force=True)
+    assert s.get_action(aid).state == "needs-redo" and s.get("k") == 1
+    return s, txid, aid, r1, r2
+
+
+def test_needs_redo_action_can_be_resolved_as_redone_by_hand(tmp_path):
+    # Before: store.resolve (and `walstore resolve`) refused a needs-redo action ("only
+    # pending or failed compensations can be resolved"): an operator who charged again by
+    # hand had no way to say so, and the mark stayed for ever.  Now it reads committed
+    # again, with the note.
+    ran: list = []
+    s, txid, aid, r1, r2 = _needs_redo(tmp_path, ran)
+    with s:
+        a = s.resolve(aid, note="charged again by hand, ticket 7")
+        assert a.state == "committed"
+        got = s.get_action(aid)
+        assert (got.state, got.error) == ("committed", "charged again by hand, ticket 7")
+        assert aid not in [x.id for x in s.pending_compensations()]
+        with pytest.raises(walstore.WalstoreError, match="committed"):
+            s.resolve(aid)  # (nothing left to resolve)
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        assert s.get_action(aid).state == "committed"  # (durable)
+
+
+def test_cli_resolve_clears_a_needs_redo_mark(tmp_path):
+    from click.testing import CliRunner
+    from walstore.cli import main
+    ran: list = []
+    s, txid, aid, r1, r2 = _needs_redo(tmp_path, ran)
+    s.close()
+    out = CliRunner().invoke(main, ["resolve", str(tmp_path / "s"), aid])
+    assert out.exit_code == 0, out.output
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        assert s.get_action(aid).state == "committed"
+
+
+def test_undoing_the_forced_revert_after_a_redo_by_hand_compensates_again(tmp_path):
+    # The world is charged again (by hand); reverting the forced revert takes the charged
+    # state away once more, so the refund must run (else the state read "not charged"
+    # beside a standing charge).
+    ran: list = []
+    s, txid, aid, r1, r2 = _needs_redo(tmp_path, ran)
+    with s:
+        s.resolve(aid)
+        plan = s.revert(r2.txid, dry_run=True)
+        assert [a.id for a in plan.compensations] == [aid]
+        ran.clear()
+        s.revert(r2.txid)
+        assert ran == [aid]
+        assert s.get("k") is None and s.get_action(aid).state == "compensated"
+
+
+def test_rewinds_over_a_redo_by_hand_compensate_once_or_not_at_all(tmp_path):
+    ran: list = []
+    s, txid, aid, r1, r2 = _needs_redo(tmp_path, ran)
+    with s:
+        s.resolve(aid)
+        ran.clear()
+        # undoing the revert and its forced reversal together: charged before, charged
+        # after (by hand): nothing to compensate, no needs-redo mark, no refusal
+        s.revert(r1.txid, cascade=True)
+        assert ran == [] and s.get("k") == 1
+        assert s.get_action(aid).state == "committed"
+        # undoing everything back before the charge: its refund runs once
+        s.rewind(walstore.LSN(s.txn_info(txid).lsn - 1))
+        assert ran == [aid] and s.get("k") is None
+        assert s.get_action(aid).state == "compensated"

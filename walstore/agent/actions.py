@@ -925,10 +925,20 @@ class Saga:
                        "its transaction is still open (not owed unless it rolls back)")
                 raise WalstoreError(f"action {action_id} owes nothing yet: {why}; only "
                                     f"pending or failed compensations can be resolved")
+            if action.state == tables.NEEDS_REDO:
+                # an operator redid its effect by hand (walstore cannot): the state says
+                # charged and now so does the world — ``committed`` again, the note kept
+                # (it was refused, and the mark could never be cleared).  An undo that
+                # later takes the charged state away compensates it (``Undo._redo_marks``)
+                action.state = COMMITTED
+                action.error = note if note is not None else "redone by hand"
+                self.record_state(action)
+                return action
             if action.state not in OPEN_STATES:
                 raise WalstoreError(
                     f"action {action_id} is {action.state}; only pending or failed "
-                    f"compensations can be resolved")
+                    f"compensations (or a needs-redo action, once redone by hand) can be "
+                    f"resolved")
             # the note says how it was handled; without one, the last error stays (it
             # was replaced by None: the record of why the compensation failed, lost)
             action.state = RESOLVED

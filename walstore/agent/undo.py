@@ -670,10 +670,17 @@ class Undo:
         plan.txids = [i.txid for i in infos if i.txid in undone_txids]
         plan.compensations.sort(key=newest_first)
         movers: dict[str, int] = {}
+        recharged: list[str] = []  # (needs-redo actions redone by hand: compensated)
         plan.needs_redo, plan.unredo = self._redo_marks(infos, undone_txids, force,
                                                         in_range_actions, rng, partly,
-                                                        movers, inside)
+                                                        movers, inside, recharged)
         changed = set(newest.values()) | {a.txid for a in plan.compensations}
+        if recharged:
+            have = {a.id for a in plan.compensations}
+            plan.compensations += [Action.from_row(self.engine.views.action_row(aid))
+                                   for aid in recharged if aid not in have]
+            plan.compensations.sort(key=newest_first)
+            changed.update(movers[aid] for aid in recharged)
         for aid in (*plan.needs_redo, *plan.unredo):
             own = int(aid.partition(".")[0])  # the action's transaction, when undone; else
             changed.add(own if own in undone_txids else movers[aid])  # the deciding undo
@@ -776,7 +783,8 @@ class Undo:
     def _redo_marks(self, infos: list[TxnInfo], undone: set, force: bool,
                     in_range: set = frozenset(), rng: ScopeRange | None = None,
                     partly: set = frozenset(), movers: dict | None = None,
-                    inside: dict | None = None) -> tuple[list[str], list[str]]:
+                    inside: dict | None = None, recharged: list | None = None
+                    ) -> tuple[list[str], list[str]]:
         """The needs-redo marks an undo makes and clears: ``(needs_redo, unredo)``.
 
         Each undone undo moved the state of the actions it names: ``compensate`` and
@@ -815,16 +823,24 @@ class Undo:
                 if movers is not None:  # (the undone undo whose move decides the mark)
                     movers[aid] = info.txid
         ids, owed, unredo = [], [], []
+        recharge = [] if recharged is None else recharged
         for aid, charged in back.items():
             row = self.engine.views.action_row(aid) or {}
             state = row.get("state")
             if charged and int(aid.partition(".")[0]) not in undone and aid not in in_range:
                 if state in tables.OWED_STATES:
                     owed.append(aid)
-                elif state != tables.NEEDS_REDO:
-                    ids.append(aid)
+                elif state not in (tables.NEEDS_REDO, tables.COMMITTED):
+                    ids.append(aid)  # (committed: a needs-redo one redone by hand —
+                    # the charged state comes back to a charged world, nothing to do)
             elif state == tables.NEEDS_REDO:
                 unredo.append(aid)
+            elif state == tables.COMMITTED and row.get("compensate"):
+                # a needs-redo action redone by hand (``Saga.resolve``): the world is
+                # charged again, and this undo takes the charged state away — it owes
+                # its compensation, as a revert of its own transaction would (left
+                # alone, the state read uncharged beside a charge standing)
+                recharge.append(aid)
         if owed:  # its compensation has not run: undoing the claim now could not tell a
             # refund about to run from one that never will; let it run (or resolve it)
             raise RevertConflict(f"the compensation of action(s) {owed} that this would "
