@@ -121,3 +121,52 @@ def test_rewinds_over_a_redo_by_hand_compensate_once_or_not_at_all(tmp_path):
         s.rewind(walstore.LSN(s.txn_info(txid).lsn - 1))
         assert ran == [aid] and s.get("k") is None
         assert s.get_action(aid).state == "compensated"
+
+
+# ---- `walstore actions` does not claim "no compensator" for one cut short by kill -9 ---
+
+_KILLED_MID_REFUND = r"""
+import sys, threading, walstore
+def refund(action):
+    print("refunding", flush=True)
+    threading.Event().wait()          # (killed here, mid-compensation)
+s = walstore.open(sys.argv[1], compensators={"refund": refund})
+with s.transaction() as tx:
+    tx.put("k", 1)
+    with tx.action("charge", args=1, compensate="refund") as act:
+        act.result = "ch1"
+s.revert(tx.id)
+"""
+
+
+def test_actions_listing_of_a_refund_killed_mid_compensation(tmp_path):
+    # Before: `walstore actions` (which runs nothing and loads no handlers) said
+    # reason "no-compensator", "no compensator registered for 'refund'" — of a refund
+    # whose writer had it registered and was killed while running it.  Whether one is
+    # registered is known only to a process that registers it: the listing now says
+    # "not-run" (not run yet, or cut short by a crash) and names the compensator.
+    import json
+    import subprocess
+    import sys
+    from click.testing import CliRunner
+    from walstore.cli import main
+    path = str(tmp_path / "s")
+    p = subprocess.Popen([sys.executable, "-c", _KILLED_MID_REFUND, path],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "refunding"
+    finally:
+        p.kill()
+        p.wait()
+    out = CliRunner().invoke(main, ["actions", path, "--pending", "--json"])
+    assert out.exit_code == 1, out.output
+    (row,) = json.loads(out.output)["actions"]
+    assert (row["state"], row["compensate"], row["reason"]) == ("pending", "refund", "not-run")
+    out = CliRunner().invoke(main, ["actions", path])
+    line = next(x for x in out.output.splitlines() if x.startswith(row["id"] + " "))
+    assert "no compensator registered" not in line
+    assert "cut short by a crash" in line and "'refund'" in line
+    # the process that runs it (registered) settles it once
+    ran: list = []
+    with walstore.open(path, compensators={"refund": lambda a: ran.append(a.id)}) as s:
+        assert ran == [row["id"]] and s.get_action(row["id"]).state == "compensated"

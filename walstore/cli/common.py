@@ -246,15 +246,22 @@ def owed_reason(action: walstore.Action, compensators: dict | None) -> str | Non
     """Why ``action`` still owes its compensation; None when nothing is owed.
 
     ``failed``: its compensator ran and kept failing (``error`` says how).
-    ``no-compensator``: no compensator was registered for it when the store last ran
-    compensations (an owed action nobody ran; with ``compensators`` given, those of this
-    run decide).  ``not-run``: one is registered in this run but has not run it.
+    ``no-compensator``: no compensator was registered for it (with ``compensators``
+    given, those of this run decide; without, a listing's, only the one recorded by the
+    process that found none).  ``not-run``: one is registered in this run but has not run
+    it, or (a listing) it was not run yet or was cut short by a crash.
     """
     if action.state == "failed":
         return FAILED
     if action.state != "pending" or action.in_flight:  # (in flight: not owed yet)
         return None
     if compensators is not None and action.compensate in compensators:
+        return NOT_RUN
+    if compensators is None and action.compensate and not (action.error or "").startswith(
+            "no compensator registered"):
+        # a listing (``actions``) runs nothing and cannot know what the application
+        # registers: only a recorded "no compensator registered" says none was (a refund
+        # cut short by kill -9 read "no compensator registered for 'refund'")
         return NOT_RUN
     return NO_COMPENSATOR
 
@@ -268,7 +275,11 @@ def last_error(action: walstore.Action, reason: str | None) -> str:
         note = action.error or ""
         return text if not note or note.startswith("no compensator") else f"{text}; {note}"
     if reason == NOT_RUN:
-        return action.error or "not run yet"
+        hint = (f"not run yet, or cut short by a crash: runs when the store is opened "
+                f"with compensator {action.compensate!r} registered")
+        if getattr(action, "held", False):  # (never run automatically: its error says so)
+            return action.error or "not run yet"
+        return f"{action.error}; {hint}" if action.error else hint
     return action.error or ""
 
 
