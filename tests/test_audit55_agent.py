@@ -170,3 +170,39 @@ def test_actions_listing_of_a_refund_killed_mid_compensation(tmp_path):
     ran: list = []
     with walstore.open(path, compensators={"refund": lambda a: ran.append(a.id)}) as s:
         assert ran == [row["id"]] and s.get_action(row["id"]).state == "compensated"
+
+
+# ---- a dry run says which compensations would be left pending -------------------------
+
+def test_dry_run_plan_says_which_compensations_would_be_left_pending(tmp_path):
+    # Before: the plan listed every compensation of the undone transactions alike, also
+    # those whose compensator is not registered here: the real undo leaves them pending
+    # (owed, not run), and nothing in the plan said so.
+    import json
+    from click.testing import CliRunner
+    from walstore.cli import main
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none",
+                       compensators={"refund": lambda a: None}) as s:
+        s.restore_point("start")
+        _charge(s, "a", "refund")
+        _charge(s, "b", "unregistered")
+        plan = s.rewind("start", dry_run=True)
+        ids = [a.id for a in plan.compensations]
+        assert len(ids) == 2
+        unreg = next(a.id for a in plan.compensations if a.compensate == "unregistered")
+        assert plan.left_pending == [unreg]
+        rows = {r["id"]: r["runs"] for r in plan.as_dict()["compensations"]}
+        assert rows == {i: i != unreg for i in ids}
+        assert plan.as_dict()["left_pending"] == [unreg]
+    # the command line: without --handlers nothing would run
+    out = CliRunner().invoke(main, ["rewind", path, "--to", "start", "--dry-run", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)["plan"]
+    assert {c["runs"] for c in doc["compensations"]} == {False}
+    assert sorted(doc["left_pending"]) == sorted(ids)
+    # and the plan is what the undo does
+    with walstore.open(path, durability="none",
+                       compensators={"refund": lambda a: None}) as s:
+        s.rewind("start")
+        assert [a.id for a in s.pending_compensations()] == [unreg]

@@ -142,6 +142,10 @@ class UndoPlan:
     unredo: list = field(default_factory=list)         # needs-redo marks undone (compensated)
     scope: Any = None
     boundary: int | None = None
+    # of ``compensations``, the ids whose compensator this process has not registered: the
+    # undo would leave them pending (a dry run listed them beside those that would run,
+    # saying nothing of it)
+    left_pending: list = field(default_factory=list)
 
     def empty(self) -> bool:
         """Nothing would change: no key, file, compensation or needs-redo mark."""
@@ -151,7 +155,9 @@ class UndoPlan:
     def as_dict(self) -> dict:
         return {"txids": list(self.txids), "keys": list(self.keys), "files": list(self.files),
                 "compensations": [{"id": a.id, "name": a.name, "compensate": a.compensate,
-                                   "txid": a.txid} for a in self.compensations],
+                                   "txid": a.txid, "runs": a.id not in self.left_pending}
+                                  for a in self.compensations],
+                "left_pending": list(self.left_pending),
                 "needs_redo": list(self.needs_redo), "unredo": list(self.unredo),
                 "scope": self.scope,
                 "boundary": self.boundary}
@@ -232,6 +238,9 @@ class Undo:
         if restore:
             eng.prepared.check(0, [(k, None) for k in restore], None,
                                who="this undo (a dry run: nothing was changed)")
+        if isinstance(made, UndoPlan):
+            made.left_pending = [a.id for a in made.compensations
+                                 if a.compensate not in self.saga.compensators]
         return made
 
     def _run(self, attempt, reserved: list[str]) -> TxnInfo | UndoPlan | None:

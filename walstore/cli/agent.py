@@ -71,7 +71,8 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
     # a dry run reads: it opens read-only, so it works beside the agent that holds the
     # store (StoreLocked before); a crashed store is still refused (see UNRECOVERED: the
     # planner raises NeedsRecovery), and a plan runs no compensator
-    opened = (open_store(path, readonly=True) if dry_run
+    # (its --handlers say which compensations would run and which be left pending)
+    opened = (open_store(path, readonly=True, compensators=comps) if dry_run
               else open_store(path, recover="manual", compensators=comps))
     with opened as store:
         try:
