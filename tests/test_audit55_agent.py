@@ -206,3 +206,42 @@ def test_dry_run_plan_says_which_compensations_would_be_left_pending(tmp_path):
                        compensators={"refund": lambda a: None}) as s:
         s.rewind("start")
         assert [a.id for a in s.pending_compensations()] == [unreg]
+
+
+# ---- a compensator calling retry_compensations() does not run the older ones early ----
+
+def test_compensator_calling_retry_compensations_keeps_lifo_order(tmp_path):
+    # Before: the rollback reserves its actions' compensations for its thread, so another
+    # thread's retry_compensations leaves them to it (audit54) — but a compensator calling
+    # store.retry_compensations() on the rollback's own thread ran the older ones at once,
+    # inside the newest's compensation and before the file changes between them were put
+    # back (the older refund saw the file as the rolled-back transaction left it).  Now
+    # a call from inside a compensator leaves what an outer undo of its thread reserved.
+    import os
+    root = str(tmp_path / "ws")
+    os.mkdir(root)
+    seen: list = []
+    retried: list = []
+    s = None
+
+    def refund(action):
+        with open(os.path.join(root, "f")) as f:
+            seen.append((action.args, f.read()))
+        if action.args == 3:
+            retried.append(sorted(a.id for a in s.retry_compensations()))
+    s = walstore.open(str(tmp_path / "s"), durability="none",
+                      compensators={"refund": refund})
+    with s:
+        ws = s.workspace(root)
+        tx = s.transaction()
+        f = tx.files(ws)
+        for n in (1, 2, 3):
+            f.write("f", f"v{n}")
+            with tx.action("charge", args=n, compensate="refund"):
+                pass
+        tx.rollback()
+        assert seen == [(3, "v3"), (2, "v2"), (1, "v1")]
+        # (the nested call ran none of them: all three were still owed to the rollback)
+        assert retried == [[f"{tx.id}.1", f"{tx.id}.2", f"{tx.id}.3"]]
+        assert [a.state for a in s.actions()] == ["compensated"] * 3
+        assert not os.path.exists(os.path.join(root, "f"))

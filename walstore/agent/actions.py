@@ -381,6 +381,13 @@ class Saga:
         # thread runs it in its turn, newest first and between the file effects; another
         # thread's ``compensate`` (``retry_compensations``) passes it over (see ``reserved``)
         self._reserved: dict[str, int] = {}
+        # action id -> how many compensators its reserving thread was inside when it
+        # reserved it (``_depth``): a compensator calling ``retry_compensations`` (or
+        # rolling back) on that thread leaves what an outer level reserved to that level
+        # (it ran the older compensations of the rollback it was part of at once, inside
+        # the newest's and before the file changes between them were put back)
+        self._reserved_depth: dict[str, int] = {}
+        self._local = threading.local()  # .depth: compensators running on this thread
         self._running_lock = threading.Lock()
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
@@ -678,6 +685,7 @@ class Saga:
                 if owner is None or (take and owner != me):
                     into.append(a.id)  # (first: released even if interrupted here)
                     self._reserved[a.id] = me
+                    self._reserved_depth[a.id] = self._depth()
 
     def release(self, ids: Iterable[str]) -> None:
         """End this thread's reservation of ``ids`` (from ``reserve``)."""
@@ -686,6 +694,11 @@ class Saga:
             for aid in ids:
                 if self._reserved.get(aid) == me:
                     del self._reserved[aid]
+                    self._reserved_depth.pop(aid, None)
+
+    def _depth(self) -> int:
+        """How many compensators are running on this thread now (nested calls)."""
+        return getattr(self._local, "depth", 0)
 
     def compensate(self, actions: list[Action], cause: BaseException | None = None,
                    raise_on_failure: bool = True, include_held: bool = False) -> list[Action]:
@@ -698,6 +711,7 @@ class Saga:
     def _compensate(self, actions: list[Action], cause: BaseException | None,
                     raise_on_failure: bool, include_held: bool) -> list[Action]:
         me = threading.get_ident()
+        depth = self._depth()
         failed = []
         unrecorded: list[Action] = []
         skipped: list[Action] = []  # not run: the store stopped writing on a record's failure
@@ -709,8 +723,9 @@ class Saga:
             try:  # (the claim inside: an interrupt right after it cannot leave it claimed)
                 with self._running_lock:
                     if (action.id in self._running
-                            or self._reserved.get(action.id, me) != me):
-                        continue
+                            or self._reserved.get(action.id, me) != me
+                            or self._reserved_depth.get(action.id, depth) < depth):
+                        continue  # (the last: an outer level of this thread's)
                     self._running[action.id] = me
                     mine = True
                 if not self.engine.writable:
@@ -784,7 +799,12 @@ class Saga:
                 # where an interrupt (walstore.signals) could land: one right after the
                 # compensator returned is told from one inside it, and the compensation
                 # that ran is recorded (once), not run again at the next open
-                returned.extend(map(fn, (action,)))
+                outer = self._depth()
+                try:  # (set inside: an interrupt cannot leave this thread counted inside)
+                    self._local.depth = outer + 1
+                    returned.extend(map(fn, (action,)))
+                finally:
+                    self._local.depth = outer
                 unrun = _unrun(returned[0])
                 if unrun:  # (a callable never_runs could not tell: an object whose
                     returned.clear()  # __call__ is async) — its body did not run: a
