@@ -86,6 +86,7 @@ def test_cli_resolve_clears_a_needs_redo_mark(tmp_path):
     s.close()
     out = CliRunner().invoke(main, ["resolve", str(tmp_path / "s"), aid])
     assert out.exit_code == 0, out.output
+    assert out.output.strip() == f"action {aid} marked redone by hand (state: committed)"
     with walstore.open(str(tmp_path / "s"), durability="none") as s:
         assert s.get_action(aid).state == "committed"
 

@@ -221,7 +221,9 @@ def resolve(path: str, action_id: str, note: str | None) -> None:
         refused(e)
     with open_store(path) as store:
         try:
-            store.resolve(action_id, note)
+            done = store.resolve(action_id, note)
         except KeyError as e:
             refused(e)
-    click.echo(f"action {action_id} resolved")
+    # (a needs-redo one redone by hand reads committed again: said, not "resolved")
+    click.echo(f"action {action_id} resolved" if done.state == "resolved" else
+               f"action {action_id} marked redone by hand (state: {done.state})")
