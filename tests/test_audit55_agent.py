@@ -246,3 +246,33 @@ def test_compensator_calling_retry_compensations_keeps_lifo_order(tmp_path):
         assert retried == [[f"{tx.id}.1", f"{tx.id}.2", f"{tx.id}.3"]]
         assert [a.state for a in s.actions()] == ["compensated"] * 3
         assert not os.path.exists(os.path.join(root, "f"))
+
+
+def test_redo_by_hand_racing_the_undo_that_clears_the_mark_is_compensated(tmp_path):
+    # resolve (redone by hand) landing between the plan of an undo that clears the
+    # needs-redo mark (reverting the forced revert) and its commit: the undo, planned
+    # against the mark, takes the charged state away while the world is charged again —
+    # the action must come out owed and be compensated, not stay "committed".
+    import threading
+    from tools.faults import FaultBackend, installed
+    ran: list = []
+    s, txid, aid, r1, r2 = _needs_redo(tmp_path, ran)
+    with s:
+        fired: list = []
+
+        def resolve_meanwhile(_name):
+            if fired:
+                return
+            fired.append(1)
+            t = threading.Thread(target=s.resolve, args=(aid, "charged again by hand"))
+            t.start()
+            t.join(30)
+            assert not t.is_alive()
+        fb = FaultBackend()
+        fb.at_point("undo.planned", resolve_meanwhile)
+        ran.clear()
+        with installed(fb):
+            s.revert(r2.txid)
+        assert fired
+        assert s.get("k") is None
+        assert ran == [aid] and s.get_action(aid).state == "compensated"

@@ -983,6 +983,15 @@ class Undo:
             self.saga.reserve(plan.compensations, reserved, take=True)
         owed = [Action.from_row(r) for r in
                 (self.engine.views.action_row(a.id) for a in plan.compensations) if r is not None]
+        if plan.unredo:  # (one redone by hand meanwhile: its ``unredo`` made it owed, see
+            # tables.action_changes; this undo runs it too, newest first with the rest)
+            rows = (self.engine.views.action_row(aid) for aid in plan.unredo)
+            late = [Action.from_row(r) for r in rows
+                    if r is not None and r.get("state") == tables.PENDING]
+            if late:
+                if reserved is not None:
+                    self.saga.reserve(late, reserved, take=True)
+                owed = sorted(owed + late, key=newest_first)
         return self.history.txn_info(tx.id), owed
 
 

@@ -294,6 +294,14 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                                       f"{event.txid}: redo it by hand"))
         for aid in field("unredo", ()):  # the undo that marked it needs-redo is undone:
             row = get_row(aid)           # the state matches the compensated world again
+            if row is not None and row.get("state") == COMMITTED:
+                # redone by hand (resolved) after this undo was planned against the mark:
+                # the world is charged again and this undo takes the charged state away,
+                # so its compensation is owed (as a ``compensate`` claim's)
+                out.append(dict(row, state=PENDING, undone_by=event.txid,
+                                error=f"undone by transaction {event.txid} (after it was "
+                                      f"redone by hand)"))
+                continue
             if row is not None and row.get("state") == NEEDS_REDO:
                 new = dict(row)
                 prior = new.pop("marked_from", None)
