@@ -276,3 +276,28 @@ def test_redo_by_hand_racing_the_undo_that_clears_the_mark_is_compensated(tmp_pa
         assert fired
         assert s.get("k") is None
         assert ran == [aid] and s.get_action(aid).state == "compensated"
+
+
+def test_a_redone_action_outlives_its_transactions_trim_while_the_marking_revert_is_kept(tmp_path):
+    # Redone by hand (committed again), the row of an action whose own transaction
+    # retention then trims must stay while the forced revert that marked it is retained:
+    # reverting that revert takes the charged state away and must compensate it (the row
+    # was deleted with its transaction, and the revert put the keys back to "not charged"
+    # beside a charge standing, compensating nothing).
+    ran: list = []
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none", retain_transactions=2,
+                       compensators={"refund": lambda a: ran.append(a.id)}) as s:
+        txid, aid = _charge(s)
+        r1 = s.revert(txid)
+        r2 = s.revert(r1.txid, force=True)
+        s.resolve(aid, note="charged again by hand")
+        s.checkpoint()
+        with pytest.raises(walstore.HistoryTrimmed):
+            s.txn_info(txid)  # (the charge's own: trimmed)
+        assert s.txn_info(r2.txid).txid == r2.txid     # (the marking revert: kept)
+        assert s.get_action(aid).state == "committed"
+        ran.clear()
+        s.revert(r2.txid)
+        assert s.get("k") is None
+        assert ran == [aid] and s.get_action(aid).state == "compensated"

@@ -591,8 +591,10 @@ def _trim_actions(txn, st, txid: int, retained) -> bool:
     """Delete the settled action rows of ``txid`` (below the horizon: its commit trimmed,
     or its rollback); whether any row of it is left.  Settled: ``committed``,
     ``resolved``, or ``compensated`` unless by an undo still ``retained`` (that row stays
-    while the undo can be reverted, which marks it needs-redo).  An action still owed
-    (in flight, pending, failed, needs-redo) keeps its row."""
+    while the undo can be reverted, which marks it needs-redo), ``committed`` unless
+    redone by hand after a forced revert still ``retained`` marked it needs-redo (that
+    revert's undo compensates it).  An action still owed (in flight, pending, failed,
+    needs-redo) keeps its row."""
     prefix = tables.action_prefix(txid)
     doomed, left = [], False
     for k, v in _rows(txn, st.actions, prefix, None):
@@ -600,8 +602,9 @@ def _trim_actions(txn, st, txid: int, retained) -> bool:
             break
         arow = tables.unpack_row(v, "actions", k, st.data_file)
         state = arow.get("state")
-        if state in (tables.COMMITTED, tables.RESOLVED) or (
-                state == tables.COMPENSATED and not retained(arow.get("undone_by"))):
+        if (state == tables.RESOLVED
+                or (state == tables.COMMITTED and not retained(arow.get("marked_by")))
+                or (state == tables.COMPENSATED and not retained(arow.get("undone_by")))):
             doomed.append(k)
         else:
             left = True

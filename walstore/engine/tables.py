@@ -289,7 +289,10 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                 # one resolved by hand read "compensated" after it, its note gone)
                 prior = row.get("marked_from") if row.get("state") == NEEDS_REDO else \
                     [row.get("state"), row.get("error")]
-                out.append(dict(row, state=NEEDS_REDO, marked_from=prior,
+                # (``marked_by``: redone by hand later — committed again — the row
+                # outlives its transaction's trim while this undo is kept, as a
+                # compensated one does while its claiming undo is: apply._trim_actions)
+                out.append(dict(row, state=NEEDS_REDO, marked_from=prior, marked_by=event.txid,
                                 error=f"its compensation was reverted by transaction "
                                       f"{event.txid}: redo it by hand"))
         for aid in field("unredo", ()):  # the undo that marked it needs-redo is undone:
