@@ -301,3 +301,24 @@ def test_a_redone_action_outlives_its_transactions_trim_while_the_marking_revert
         s.revert(r2.txid)
         assert s.get("k") is None
         assert ran == [aid] and s.get_action(aid).state == "compensated"
+
+
+def test_rollback_prepared_with_failing_compensation_says_the_rollback_is_decided(tmp_path):
+    # Before: CompensationFailed said only that the compensation failed, as if
+    # rollback_prepared itself had failed; retried, it met UnknownGid — the rollback was
+    # decided (durable) before the compensation ran.  Now the message says so.
+    def refund(action):
+        raise RuntimeError("refund api down")
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        tx = s.transaction()
+        tx.put("k", 1)
+        with tx.action("charge", args=1, compensate="refund"):
+            pass
+        tx.prepare("g")
+        with pytest.raises(walstore.CompensationFailed) as info:
+            s.rollback_prepared("g")
+        assert "rollback of gid 'g' is decided" in str(info.value)
+        assert info.value.committed is False
+        assert s.prepared() == [] and s.get("k") is None
+        assert [a.state for a in s.pending_compensations()] == ["failed"]

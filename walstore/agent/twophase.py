@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnknownGid
+from ..errors import CompensationFailed, UnknownGid
 from ..log.format import RecordType
 from ..engine.conflicts import Prepared
 from ..engine.pipeline import CommitRequest
@@ -203,8 +203,18 @@ class TwoPhase:
                         effects = self._owed_effects(p.txid, inherited)
                     self._undo(p.txid, effects, progress)
                     return
+                except CompensationFailed as e:
+                    if not decided:
+                        raise
+                    # the decision stands (durable before any compensation ran): say so,
+                    # else it read as a rollback_prepared that had failed, to be retried
+                    # (UnknownGid then) — the gid is no longer in doubt
+                    e.args = (f"{e.args[0] if e.args else e}; the rollback of gid {gid!r} "
+                              f"is decided (not in doubt any more), only these "
+                              f"compensations are still owed",) + tuple(e.args[1:])
+                    raise
                 except Exception:
-                    raise  # (CommitOutcomeUnknown, CompensationFailed, FileConflictError)
+                    raise  # (CommitOutcomeUnknown, FileConflictError)
                 except BaseException as e:  # an interrupt: the undo still runs
                     if not decided or progress.finished:
                         raise  # (before the decision: still prepared, nothing changed)
