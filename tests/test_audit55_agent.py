@@ -56,6 +56,7 @@ def _needs_redo(tmp_path, ran: list):
     r1 = s.revert(txid)
     r2 = s.revert(r1.txid, force=True)
     assert s.get_action(aid).state == "needs-redo" and s.get("k") == 1
+    assert "then `walstore resolve` it" in s.get_action(aid).error  # (says how to clear it)
     return s, txid, aid, r1, r2
 
 

@@ -294,7 +294,8 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                 # compensated one does while its claiming undo is: apply._trim_actions)
                 out.append(dict(row, state=NEEDS_REDO, marked_from=prior, marked_by=event.txid,
                                 error=f"its compensation was reverted by transaction "
-                                      f"{event.txid}: redo it by hand"))
+                                      f"{event.txid}: redo it by hand, then "
+                                      f"`walstore resolve` it (store.resolve)"))
         for aid in field("unredo", ()):  # the undo that marked it needs-redo is undone:
             row = get_row(aid)           # the state matches the compensated world again
             if row is not None and row.get("state") == COMMITTED:
