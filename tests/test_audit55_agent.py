@@ -323,3 +323,56 @@ def test_rollback_prepared_with_failing_compensation_says_the_rollback_is_decide
         assert info.value.committed is False
         assert s.prepared() == [] and s.get("k") is None
         assert [a.state for a in s.pending_compensations()] == ["failed"]
+
+
+@pytest.mark.parametrize("seed", range(0, 40, 8))
+def test_state_and_world_agree_across_undo_chains_with_redos_by_hand(tmp_path, seed):
+    # Random chains of reverts (forced, cascading), rewinds and redos by hand (resolve of
+    # a needs-redo action after charging again) over one charge: after every step the
+    # action's state, the charged key and the outside world agree — committed: charged
+    # and charged; compensated: neither; needs-redo: the key charged, the world not.
+    import random
+    for seed in range(seed, seed + 8):
+        rnd = random.Random(seed)
+        world = {"charged": 0}
+
+        def refund(action):
+            world["charged"] -= 1
+        s = walstore.open(str(tmp_path / f"s{seed}"), durability="none",
+                          compensators={"refund": refund})
+        with s:
+            with s.transaction() as tx:
+                tx.put("k", 1)
+                with tx.action("charge", compensate="refund") as act:
+                    world["charged"] += 1
+            undos: list = []
+            trace: list = []
+            for step in range(rnd.randint(2, 9)):
+                op = rnd.choice(["revert", "revert", "force", "resolve", "rewind",
+                                 "cascade", "other"])
+                try:
+                    if op == "other":
+                        with s.transaction() as t:
+                            t.put(f"o{step}", step)
+                    elif op == "resolve":
+                        if s.get_action(act.id).state != "needs-redo":
+                            continue
+                        world["charged"] += 1  # (charged again by hand)
+                        s.resolve(act.id)
+                    elif op == "rewind":
+                        r = s.rewind(rnd.choice([i.txid for i in s.log()]),
+                                     force=rnd.random() < 0.5)
+                        if r:
+                            undos.append(r.txid)
+                    else:
+                        r = s.revert(rnd.choice(undos + [tx.id]), force=op == "force",
+                                     cascade=op == "cascade")
+                        if r:
+                            undos.append(r.txid)
+                    trace.append(op)
+                except walstore.RevertConflict:
+                    trace.append(op + "!")
+                state, key = s.get_action(act.id).state, s.get("k") == 1
+                assert (state, key, world["charged"]) in {
+                    ("committed", True, 1), ("compensated", False, 0),
+                    ("needs-redo", True, 0)}, (seed, trace, state, key, world)
