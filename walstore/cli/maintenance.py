@@ -143,6 +143,9 @@ def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> No
         click.echo(f"recovery refused: {e}")
         if str(e).startswith("foreign-log"):  # (no mode gives up a log that is not this one)
             click.echo("nothing was changed; no --mode applies a log LMDB did not come from")
+        elif str(e).startswith("stray-file"):  # (not the log's damage: no mode helps)
+            click.echo("nothing was changed; no --mode applies: move the entry named out "
+                       "of wal/, then run recover again")
         else:
             click.echo("nothing after the damage was applied; choose what to give up with "
                        "--mode tolerate-tail | point-in-time | skip-corrupt")

@@ -45,7 +45,7 @@ from ..errors import CorruptionError
 from ..log import records
 from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader, Record, SegmentReader
-from ..log.segment import SPARE_NAME
+from ..log.segment import SPARE_NAME, stray_entries
 from . import tables
 from .apply import PREPARED_PREFIX, Applier
 from .lmdb_check import check_lmdb_paths, walk_lmdb_data_file
@@ -68,12 +68,13 @@ class Problem:
     kind: str  # torn-tail | stale-bytes | corrupt-record | bad-segment | gap | lmdb-ahead
     #            | bad-payload | missing-segment | truncated | dropped-segment
     #            | given-up-action (an action in records given up: owed, ``_owe_given_up``)
+    #            | stray-file (an entry of wal/ the log does not read: ``_check_strays``)
     file: str
     offset: int
     lsn: int
     reason: str
     bytes: int = 0
-    action: str = ""    # cut | refused | skipped | dropped | owed
+    action: str = ""    # cut | refused | skipped | dropped | owed | left
     quarantined: str | None = None
 
 
@@ -205,6 +206,7 @@ class Recovery:
         check_owner(self.state, self.store_id)
         rep = self.report
         rep.applied_before = self.applied
+        self._check_strays()  # (first, dry run too: a refusal changes nothing)
         self._load_open_transactions()
         log = LogReader(self.wal_dir, self.store_id, self.applied, self.wal_start,
                         resume_after_corruption=self.mode == "skip-corrupt")
@@ -791,6 +793,18 @@ class Recovery:
                                             action="" if self.mode != "strict" else "refused"))
         if self.mode == "strict":
             raise CorruptionError(reason, file=self.wal_dir, lsn=self.report.end_lsn)
+
+    def _check_strays(self) -> None:
+        """Name every entry of ``wal/`` the log does not read (``stray_entries``): a
+        segment renamed was silently left out (its records given up, or a "gap" beside
+        the very file that fills it, never named).  One in the way of the temp files this
+        pass removes (a directory named ``spare.tmp``) refuses, in every mode, before
+        anything changes: the open died of a bare EISDIR after REDO.  Nothing is moved."""
+        for path, why, blocking in stray_entries(self.wal_dir, self.store_id):
+            self.report.problems.append(Problem("stray-file", path, 0, 0, why,
+                                                action="refused" if blocking else "left"))
+            if blocking:
+                raise CorruptionError(f"stray-file: {why}", file=path)
 
     def _remove_temp_files(self) -> None:
         """A ``.tmp`` segment is a creation cut short, the spare an unused preallocation:

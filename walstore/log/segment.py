@@ -22,11 +22,13 @@ from __future__ import annotations
 import errno
 import os
 import re
+import stat
 import time
 
 from .. import fileio
 from ..fileio import remove_quietly
-from .format import SEGMENT_HEADER_SIZE, encode_record, encode_segment_header, segment_salt
+from .format import (SEGMENT_HEADER_SIZE, SEGMENT_MAGIC, decode_segment_header, encode_record,
+                     encode_segment_header, segment_salt)
 
 SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
 NAME_CHECK_S = 0.05  # a synced segment's name is checked at most this often (``sync``)
@@ -47,6 +49,54 @@ def list_segments(wal_dir: str) -> list[tuple[int, str]]:
         if m:
             out.append((int(m.group(1)), os.path.join(wal_dir, name)))
     out.sort()
+    return out
+
+
+def stray_entries(wal_dir: str, store_id: bytes | None) -> list[tuple[str, str, bool]]:
+    """(path, why, blocking) of each entry of ``wal/`` that is not a segment by its name:
+    ``list_segments`` ignores them, so a segment an operator renamed (``X.wal.bak``) was
+    silently left out of the log (a "missing" segment lying beside it, never named), and a
+    directory where a leftover temp file belongs (``spare.tmp``) failed every open with a
+    bare EISDIR from the cleanup while ``verify`` said ok.  ``blocking``: recovery cannot
+    go on (it removes leftover temp files, and removes only its own regular files).  A
+    file that holds this store's segment header under another name is named as such."""
+    out = []
+    for name in sorted(os.listdir(wal_dir)):
+        if SEGMENT_NAME.match(name):
+            continue
+        path = os.path.join(wal_dir, name)
+        temp = name == SPARE_NAME or name.endswith(".tmp")
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if temp:
+            if not stat.S_ISREG(st.st_mode):  # (a symlink too: never unlinked through)
+                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+                out.append((path, f"{name} is {kind}, where walstore keeps only temp files "
+                                  f"it made and removes (the WAL's spare or a segment being "
+                                  f"created): move it out of wal/", True))
+            continue
+        head = b""
+        if stat.S_ISREG(st.st_mode):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(SEGMENT_HEADER_SIZE)  # (bounded: a header's size)
+            except OSError:
+                head = b""
+        why = f"{name} is not a WAL segment name (NNNNNNNNNNNNNNNNNNNN.wal): it is ignored"
+        if head.startswith(SEGMENT_MAGIC):
+            try:
+                h = decode_segment_header(head)
+            except ValueError:
+                h = None
+            if h is not None and (store_id is None or h.store_id == store_id):
+                why += (f"; it holds this store's segment starting at LSN {h.start_lsn} "
+                        f"(renamed? its name is {segment_name(h.start_lsn)}): the log "
+                        f"does not read it")
+            else:
+                why += "; it holds a WAL segment header (of another store, or damaged)"
+        out.append((path, why, False))
     return out
 
 

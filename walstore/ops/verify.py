@@ -37,6 +37,7 @@ from ..engine.lmdb_check import SnapshotMissed, walk_lmdb_data_file
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
+from ..log.segment import stray_entries
 from ..engine.layout import Layout, writer_alive
 from ..engine import tables
 from ..engine.lmdb_state import LmdbState
@@ -341,6 +342,11 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
         if item.kind == "end" and progress:
             progress(log.bytes_done, rep.wal_bytes)
     rep.wal_end_lsn = log.end_lsn or 0
+    # entries of wal/ the log does not read: a renamed segment (it may be the one a gap
+    # lacks), or one in the way of recovery's temp-file cleanup (every open refused
+    # with EISDIR while this said ok); recovery names them too (``Recovery._check_strays``)
+    for path, why, _blocking in stray_entries(layout.wal, store_id):
+        rep.errors.append(f"{path}: {why}")
     short = log.short_of_applied()
     if short is not None:
         rep.errors.append(short)

@@ -1,0 +1,118 @@
+"""Audit 55, recovery: on-disk damage, salvage modes, verify.
+
+Real processes: a writer killed with SIGKILL after acknowledged commits (a small
+``segment_size``, so several segments), then ``walstore verify`` / ``walstore recover``
+as an operator runs them.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import walstore
+from store_support import cli_env
+from walstore.ops.verify import verify_store
+
+N = 300
+
+_WRITER = r"""
+import os, signal, sys
+import walstore
+s = walstore.open(sys.argv[1], segment_size=8192, apply_interval=86400,
+                  apply_batch=10**9, checkpoint_bytes=1 << 40)
+for i in range(int(sys.argv[2])):
+    with s.transaction() as tx:
+        tx.put("k%04d" % i, "v" * 40 + str(i))
+sys.stdout.write("done\n")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.fixture(scope="module")
+def killed_tpl(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("a55rec") / "store"
+    p = subprocess.run([sys.executable, "-c", _WRITER, str(root), str(N)],
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert p.returncode == -signal.SIGKILL and p.stdout == "done\n", p.stderr
+    assert len(segments(root)) >= 4
+    return root
+
+
+@pytest.fixture
+def killed(killed_tpl, tmp_path) -> Path:
+    dest = tmp_path / "store"
+    shutil.copytree(killed_tpl, dest)
+    return dest
+
+
+def segments(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "wal").iterdir() if p.name.endswith(".wal"))
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                          text=True, env=cli_env(), timeout=300)
+
+
+def test_a_directory_named_spare_tmp_is_refused_by_name_and_verify_lists_it(killed) -> None:
+    """A directory in wal/ where the spare belongs failed every open with a bare EISDIR
+    from recovery's temp-file cleanup (after REDO had run), while `verify` said "ok"."""
+    spare = killed / "wal" / "spare.tmp"
+    if spare.exists():
+        spare.unlink()
+    spare.mkdir()
+    (spare / "x").write_bytes(b"operator's")
+
+    v = cli("verify", str(killed))
+    assert v.returncode == 1, v.stdout + v.stderr
+    assert f"{spare}: spare.tmp is a directory" in v.stdout
+
+    r = cli("recover", str(killed))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "stray-file: spare.tmp is a directory" in r.stdout
+    assert "move it out of wal/" in r.stdout and "no --mode applies" in r.stdout
+    with pytest.raises(walstore.CorruptionError) as ei:
+        walstore.open(str(killed))
+    assert ei.value.file == str(spare)
+    assert (spare / "x").read_bytes() == b"operator's"  # nothing removed
+    # nothing was redone either: the refusal comes before anything changes
+    assert verify_store(str(killed)).applied_lsn == 0
+
+    shutil.rmtree(spare)
+    with walstore.open(str(killed)) as s:  # moved away: the store opens, every commit there
+        assert s.get("k%04d" % (N - 1)) == "v" * 40 + str(N - 1)
+
+
+@pytest.mark.parametrize("mode", ["strict", "point-in-time", "skip-corrupt"])
+def test_a_renamed_segment_is_named_by_verify_and_recovery(killed, mode) -> None:
+    """A segment renamed by an operator (X.wal -> X.wal.bak) was silently ignored: verify
+    and recovery reported a gap beside the very file that fills it, never naming it."""
+    seg = segments(killed)[2]
+    bak = seg.with_name(seg.name + ".bak")
+    seg.rename(bak)
+
+    rep = verify_store(str(killed))
+    named = [e for e in rep.errors if e.startswith(f"{bak}:")]
+    assert len(named) == 1, rep.errors
+    assert f"its name is {seg.name}" in named[0]
+    v = cli("verify", str(killed), "--json")
+    assert v.returncode == 1
+    assert any(str(bak) in e for e in json.loads(v.stdout)["errors"])
+
+    r = cli("recover", str(killed), "--mode", mode, "--json")
+    assert r.returncode == 1, r.stderr
+    doc = json.loads(r.stdout)
+    if mode == "strict":  # (refused for the gap; the stray is named in the problems)
+        assert doc["refused"] and "gap" in doc["reason"]
+        return
+    stray = [p for p in doc["problems"] if p["kind"] == "stray-file"]
+    assert [(p["file"], p["action"]) for p in stray] == [(str(bak), "left")], doc["problems"]
+    assert bak.exists()  # left where it was, as evidence
+
