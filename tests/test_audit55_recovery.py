@@ -116,3 +116,47 @@ def test_a_renamed_segment_is_named_by_verify_and_recovery(killed, mode) -> None
     assert [(p["file"], p["action"]) for p in stray] == [(str(bak), "left")], doc["problems"]
     assert bak.exists()  # left where it was, as evidence
 
+
+_ACTION_WRITER = r"""
+import os, signal, sys
+import walstore
+s = walstore.open(sys.argv[1], compensators={"refund": lambda a: None})
+with s.transaction() as tx:
+    tx.put("a", 1)
+tx = s.transaction().__enter__()
+with tx.action("charge", {"amount": 5}, compensate="refund") as act:
+    act.result = {"charge_id": "ch_1"}
+sys.stdout.write(act.id + " " + act.key + "\n")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)  # (its transaction never commits)
+"""
+
+
+def test_an_action_whose_intent_was_lost_keeps_its_idempotency_key(tmp_path) -> None:
+    """skip-corrupt over a damaged ACTION_INTENT whose ACTION_RESULT survives owes the
+    action (it ran) but listed it with key "": the idempotency key, the one thing the
+    operator told to "settle it by hand" can ask the payment system about, was dropped
+    although it is made from the action's id and the store's key namespace."""
+    root = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", _ACTION_WRITER, str(root)],
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    aid, key = p.stdout.split()
+    seg = segments(root)[0]
+    data = bytearray(seg.read_bytes())
+    at = data.find(b"refund")  # (only the intent names its compensator)
+    assert at > 0 and data.find(b"refund", at + 1) < 0
+    data[at] ^= 0xFF
+    seg.write_bytes(bytes(data))
+
+    r = cli("recover", str(root), "--mode", "skip-corrupt", "--json")
+    assert r.returncode == 1, r.stderr  # a compensation is owed
+    assert aid in json.loads(r.stdout)["pending_compensations"]
+    a = cli("actions", str(root), "--json")
+    owed = [x for x in json.loads(a.stdout)["actions"] if x["id"] == aid]
+    assert len(owed) == 1, a.stdout
+    assert owed[0]["key"] == key
+    assert key in owed[0]["error"]
+    with walstore.open(str(root), readonly=True) as s:
+        (act,) = [a for a in s.actions(pending=True) if a.id == aid]
+        assert act.key == key and act.result == {"charge_id": "ch_1"}

@@ -153,6 +153,8 @@ class Engine:
                 self._lock_and_create()
             self.store_id = self.layout.read_identity()
             self.origin = self.layout.read_origin()
+            # (whose keys the log's actions were given: at a copy's first open, its source's)
+            self._source_key_namespace = self.layout.key_namespace(self.store_id)
             if self.origin is not None and not readonly:  # a copy's first writable open:
                 self.layout.new_key_namespace()             # its own idempotency keys
             self.key_namespace = self.layout.key_namespace(self.store_id)
@@ -260,7 +262,7 @@ class Engine:
         # signal 7); a CorruptionError names data.mdb instead.  The whole-file walk it
         # replaces cost seconds per million keys (CONTRACT 4.4: recovery's cost is the WAL)
         rec = Recovery(self.path, self.store_id, self.state, mode, progress,
-                       check_lmdb=self.needs_recovery())
+                       check_lmdb=self.needs_recovery(), action_key=self._action_key_of)
         rec.report.lmdb_pages_checked += checked
         rec.report.unclean = self.needs_recovery()
         position = rec.run()
@@ -437,6 +439,20 @@ class Engine:
         fileio.fsync_dir(self.layout.wal)
         self.applier.set_meta(b"wal_start", start)
         self.state.sync()
+
+    def _action_key_of(self, txid: int, aid: str) -> str:
+        """The idempotency key action ``aid`` of ``txid`` was given (``ws-<namespace>-<id>``,
+        walstore.agent.actions), for recovery's rows of actions whose intent record was
+        lost (they were listed with key "": the one clue for settling one by hand gone).
+        "" when unknown: a transaction a copy inherited, after its first open replaced the
+        source's namespace."""
+        if self.origin is not None:  # (a copy's first open: every txid is its source's)
+            ns = self._source_key_namespace
+        elif txid < self.inherited_below:
+            return ""
+        else:
+            ns = self.key_namespace
+        return f"ws-{ns}-{aid}"
 
     def _open_readonly(self, recover: str = "auto") -> None:
         """A read-only open.  A crashed store (no writer alive, not closed cleanly) is

@@ -152,7 +152,8 @@ class Recovery:
 
     def __init__(self, root: str, store_id: bytes, state: LmdbState, mode: str = "strict",
                  progress: Callable[[int, int], None] | None = None,
-                 dry_run: bool = False, check_lmdb: bool = False) -> None:
+                 dry_run: bool = False, check_lmdb: bool = False,
+                 action_key: Callable[[int, str], str] | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown recovery mode {mode!r}; choose one of {', '.join(MODES)}")
         self.root = root
@@ -168,6 +169,9 @@ class Recovery:
         self.check_lmdb = check_lmdb and not dry_run
         self._walked = False  # the whole file was checked (an event the key list can't map)
         self.report = RecoveryReport(mode=mode)
+        # the idempotency key the action of (txid, id) was given (the engine's: its store's
+        # key namespace), for one whose intent record was lost: "" when not known
+        self.action_key = action_key or (lambda _txid, _aid: "")
         self.applied = state.applied_lsn()
         self.wal_start = state.meta_int(b"wal_start")  # where a sealed log begins
         self.max_txid = 0
@@ -474,8 +478,10 @@ class Recovery:
         self._orphans[aid] = (ev.txid, ev.lsn)
         self.open_txids.add(ev.txid)
         self.redo.append(records.Event(ev.lsn, ev.lsn, RecordType.ACTION_INTENT, ev.txid, {
-            "tx": ev.txid, "id": aid, "name": None, "args": None, "key": "",
-            "compensate": None, "ts": 0.0, "intent_lost": True}))
+            "tx": ev.txid, "id": aid, "name": None, "args": None,
+            "key": self.action_key(ev.txid, aid),  # (the one thing an operator settling
+            "compensate": None, "ts": 0.0, "intent_lost": True}))  # it can ask the
+        # external system about: it is made from the id, so known without the intent)
 
     def _owe_orphans(self) -> None:
         """An action whose intent was lost, in a transaction that did not commit, is owed
@@ -485,13 +491,16 @@ class Recovery:
         for aid, (txid, lsn) in self._orphans.items():
             if txid not in losers:
                 continue
+            key = self.action_key(txid, aid)
+            ask = (f"; its idempotency key was {key}: ask the external system whether it "
+                   f"acted under it" if key else "")
             self.redo.append(records.Event(self._redo_end, self._redo_end,
                                            RecordType.COMPENSATED, txid, {
                 "id": aid, "state": "pending",
                 "error": f"its ACTION_INTENT record was lost to damage in the log, but its "
                          f"ACTION_RESULT (LSN {lsn}) survives: it ran; its name, arguments "
-                         f"and compensation are unknown, and its transaction did not commit: "
-                         f"settle it by hand (walstore resolve)"}))
+                         f"and compensation are unknown, and its transaction did not commit"
+                         f"{ask}: settle it by hand (walstore resolve)"}))
 
     def _bad_payload(self, rec: Record, reason: str) -> None:
         """A record whose checksum is right but whose payload does not decode: skipped
@@ -641,8 +650,9 @@ class Recovery:
                 at = max(self._redo_end, self.applied)  # (never below what LMDB holds)
                 if intent is None:  # (only its result was readable: owed as an orphan,
                     self._orphans[aid] = (txid, lsn)  # its name and compensation unknown)
-                    intent = {"tx": txid, "id": aid, "name": None, "args": None, "key": "",
-                              "compensate": None, "ts": 0.0, "intent_lost": True}
+                    intent = {"tx": txid, "id": aid, "name": None, "args": None,
+                              "key": self.action_key(txid, aid), "compensate": None,
+                              "ts": 0.0, "intent_lost": True}
                 self.redo.append(records.Event(at, at, RecordType.ACTION_INTENT, txid,
                                                dict(intent)))
                 if result is not None:
