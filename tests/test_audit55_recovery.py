@@ -160,3 +160,25 @@ def test_an_action_whose_intent_was_lost_keeps_its_idempotency_key(tmp_path) -> 
     with walstore.open(str(root), readonly=True) as s:
         (act,) = [a for a in s.actions(pending=True) if a.id == aid]
         assert act.key == key and act.result == {"charge_id": "ch_1"}
+
+
+def test_the_segment_behind_another_stores_is_not_said_to_begin_the_wal(killed, tmp_path) -> None:
+    """Another store's segment in the middle of the log: verify (and recovery) then said
+    of the next segment "the WAL begins at LSN X but LMDB is applied only up to 0: log
+    records are missing", of a log whole from LSN 0."""
+    other = tmp_path / "other"
+    walstore.open(str(other), segment_size=8192).close()
+    seg, after = segments(killed)[2], segments(killed)[3]
+    head = (other / "wal" / segments(other)[0].name).read_bytes()[:64]
+    data = bytearray(seg.read_bytes())
+    data[:64] = head  # (its own records behind another store's header)
+    seg.write_bytes(bytes(data))
+
+    rep = verify_store(str(killed))
+    assert not [e for e in rep.errors if "the WAL begins" in e], rep.errors
+    named = [e for e in rep.errors if e.startswith(f"{after}:")]
+    assert len(named) == 1 and f"behind {seg.name}" in named[0], rep.errors
+    r = cli("recover", str(killed), "--mode", "skip-corrupt", "--json")
+    assert r.returncode == 1, r.stderr
+    reasons = [p["reason"] for p in json.loads(r.stdout)["problems"]]
+    assert not [x for x in reasons if "the WAL begins" in x], reasons

@@ -392,6 +392,7 @@ class LogReader:
         segs = self.segments
         expected: int | None = None
         sealed_before = False
+        bad_before: str | None = None  # the segment before, when its header failed
         if not segs and self.applied > self.wal_start:  # (a live log always keeps one)
             yield LogEvent("gap", self.wal_dir, self.applied,
                            f"no WAL segment exists, but LMDB is applied up to LSN "
@@ -404,7 +405,15 @@ class LogReader:
             next_start = segs[i + 1][0] if not last else None
             if next_start is not None and next_start <= from_lsn:
                 continue
-            if expected is None and start > max(self.applied, self.wal_start, from_lsn):
+            if expected is None and bad_before is not None:
+                # (not "the WAL begins here": it said so of the segment behind another
+                # store's, the log whole from LSN 0; where the bad one ends is unknown)
+                if start > max(self.applied, self.wal_start, from_lsn):
+                    yield LogEvent("gap", path, start, f"segment starts at LSN {start} behind "
+                                   f"{os.path.basename(bad_before)}, whose header failed its check: "
+                                   f"whether records between them are missing is unknown",
+                                   expected=max(self.applied, self.wal_start), last=last)
+            elif expected is None and start > max(self.applied, self.wal_start, from_lsn):
                 yield LogEvent("gap", path, start, f"the WAL begins at LSN {start} but LMDB is "
                                f"applied only up to {self.applied}: log records are missing",
                                expected=max(self.applied, self.wal_start), last=last)
@@ -419,10 +428,12 @@ class LogReader:
                 yield LogEvent("vanished", path, start, "trimmed while being read", last=last)
                 expected = None
                 continue
+            bad_before = None
             if reader.header_error is not None:
                 yield LogEvent("bad-segment", path, start, reader.header_error, reader=reader,
                                last=last)
                 expected = None
+                bad_before = path
                 continue
             offset = SEGMENT_HEADER_SIZE
             try:
