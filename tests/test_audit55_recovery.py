@@ -58,7 +58,7 @@ def segments(root: Path) -> list[Path]:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
-                          text=True, env=cli_env(), timeout=300)
+                          text=True, env=cli_env(), timeout=120)
 
 
 def test_a_directory_named_spare_tmp_is_refused_by_name_and_verify_lists_it(killed) -> None:
@@ -182,3 +182,36 @@ def test_the_segment_behind_another_stores_is_not_said_to_begin_the_wal(killed, 
     assert r.returncode == 1, r.stderr
     reasons = [p["reason"] for p in json.loads(r.stdout)["problems"]]
     assert not [x for x in reasons if "the WAL begins" in x], reasons
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_fifo_or_directory_named_like_a_segment_is_a_bad_segment(killed, kind) -> None:
+    """A FIFO under the next segment's name made `verify` and every recovery that read it
+    block forever in open() (`backup` too); a directory raised EISDIR out of both (verify
+    "failed", a bare errno, naming no damage).  Each is a bad segment now: named,
+    refused by strict and by backup, dropped (to quarantine/, not opened) by a salvage
+    mode."""
+    import os
+    end = verify_store(str(killed)).wal_end_lsn
+    bad = killed / "wal" / f"{end:020d}.wal"
+    os.mkfifo(bad) if kind == "fifo" else bad.mkdir()
+    what = "a FIFO" if kind == "fifo" else "a directory"
+
+    v = cli("verify", str(killed))  # (cli's timeout guards the hang it was)
+    assert v.returncode == 1, v.stdout + v.stderr
+    assert f"{bad}: the segment's name leads to {what}, not a file" in v.stdout
+    b = cli("backup", str(killed), str(killed.parent / "copy"))  # (it blocked too)
+    assert b.returncode == 1 and f"file {bad}" in b.stderr, b.stderr
+    assert not (killed.parent / "copy").exists()
+
+    r = cli("recover", str(killed), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["refused"], r.stdout + r.stderr
+    assert json.loads(r.stdout)["file"] == str(bad)
+
+    r = cli("recover", str(killed), "--mode", "skip-corrupt", "--json")
+    assert r.returncode == 1, r.stderr
+    drops = [p for p in json.loads(r.stdout)["problems"] if p["kind"] == "dropped-segment"]
+    assert [p["file"] for p in drops] == [str(bad)]
+    assert not os.path.lexists(bad) and os.path.lexists(drops[0]["quarantined"])
+    with walstore.open(str(killed)) as s:  # every commit still there
+        assert s.get("k%04d" % (N - 1)) == "v" * 40 + str(N - 1)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
@@ -136,6 +137,18 @@ class SegmentReader:
         self.store_id = store_id
         self._given_store_id = store_id
         self.made_size = 0
+        self.not_a_file = False
+        mode = os.stat(path).st_mode  # (FileNotFoundError as before: a dangling name)
+        if not stat.S_ISREG(mode):
+            # a directory or a FIFO under a segment's name: opening a FIFO blocked verify
+            # and every recovery that read it forever; a directory raised EISDIR out of
+            # both (a bare OSError).  Never opened: a bad segment, as a damaged header is
+            kind = ("a directory" if stat.S_ISDIR(mode) else
+                    "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file")
+            self.file_size = 0
+            self.not_a_file = True
+            self.header_error = f"the segment's name leads to {kind}, not a file"
+            return
         with open(path, "rb") as f:
             head = f.read(SEGMENT_HEADER_SIZE)
         try:
@@ -169,7 +182,7 @@ class SegmentReader:
         nothing changes, when the header is valid or no store id was given, or when the
         name is no LSN a log reaches (past 64 bits: no record there has a salt; reading
         it raised struct.error out of a salvage recovery dropping a stray file)."""
-        if (self.header_error is None or self._given_store_id is None
+        if (self.header_error is None or self._given_store_id is None or self.not_a_file
                 or not 0 <= self.start_lsn < 1 << 64):
             return False
         self.store_id = self._given_store_id
@@ -410,8 +423,9 @@ class LogReader:
                 # store's, the log whole from LSN 0; where the bad one ends is unknown)
                 if start > max(self.applied, self.wal_start, from_lsn):
                     yield LogEvent("gap", path, start, f"segment starts at LSN {start} behind "
-                                   f"{os.path.basename(bad_before)}, whose header failed its check: "
-                                   f"whether records between them are missing is unknown",
+                                   f"{os.path.basename(bad_before)}, whose header failed its "
+                                   f"check: whether records between them are missing is "
+                                   f"unknown",
                                    expected=max(self.applied, self.wal_start), last=last)
             elif expected is None and start > max(self.applied, self.wal_start, from_lsn):
                 yield LogEvent("gap", path, start, f"the WAL begins at LSN {start} but LMDB is "

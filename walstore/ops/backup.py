@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import shutil
 import tempfile
 import time
@@ -319,13 +320,18 @@ def _hold(wal_dir: str, held: dict, before_snapshot: bool) -> bool:
     for start, path in listed:
         if start in held:
             continue
-        try:
-            held[start] = (path, os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)))
+        try:  # (O_NONBLOCK: a FIFO under a segment's name blocked the backup forever)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             gone = start
+            continue
         except OSError as e:
             raise StoreIOError(e.errno, f"cannot open the store's WAL segment to back it "
                                         f"up: {e.strerror or e}", path) from e
+        held[start] = (path, fd)  # (closed by the caller, also after the refusal below)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (damage, as verify names it)
+            raise CorruptionError("the WAL is damaged: the segment's name leads to no "
+                                  "regular file (a FIFO or a directory)", file=path)
     if gone is not None and before_snapshot:
         for start in [s for s in held if s < gone]:
             os.close(held.pop(start)[1])
