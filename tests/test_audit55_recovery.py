@@ -215,3 +215,21 @@ def test_a_fifo_or_directory_named_like_a_segment_is_a_bad_segment(killed, kind)
     assert not os.path.lexists(bad) and os.path.lexists(drops[0]["quarantined"])
     with walstore.open(str(killed)) as s:  # every commit still there
         assert s.get("k%04d" % (N - 1)) == "v" * 40 + str(N - 1)
+
+
+def test_a_fifo_in_place_of_the_store_file_is_damage_not_a_hang(killed) -> None:
+    """A FIFO where STORE belongs made every open, `verify`, `recover` and `backup` block
+    forever in open() (the identity is the first thing each reads)."""
+    import os
+    ident = killed / "STORE"
+    ident.unlink()
+    os.mkfifo(ident)
+    for args in (["verify", str(killed)], ["recover", str(killed)],
+                 ["backup", str(killed), str(killed.parent / "copy")]):
+        r = cli(*args)  # (cli's timeout guards the hang it was)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)  # damage, not a usage error
+        assert f"{ident} is not a regular file" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(walstore.NotAStore):
+        walstore.open(str(killed), readonly=True)
+    with pytest.raises(walstore.NotAStore):
+        walstore.open(str(killed))

@@ -79,6 +79,9 @@ def identity_damaged(path: str, exc: BaseException) -> bool:
     layout = Layout(path)
     if not os.path.lexists(layout.identity) and layout.holds_store_data():
         return True  # (its STORE file lost: read_identity names the damage)
+    if (os.path.lexists(layout.identity) and not os.path.isfile(layout.identity)
+            and layout.holds_store_data()):
+        return True  # (a FIFO or a directory in its place: read_identity names it)
     if not os.path.isfile(layout.identity) or not (
             os.path.isdir(layout.wal) or os.path.isdir(layout.db)):
         return False

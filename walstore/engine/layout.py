@@ -29,6 +29,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import time
 import uuid
 from typing import Any
@@ -144,6 +145,10 @@ class Layout:
         if not os.path.isdir(self.root):
             raise NotAStore(f"{self.root} does not exist or is not a directory")
         try:
+            if not stat.S_ISREG(os.stat(self.identity).st_mode):
+                # (a FIFO there blocked every open, verify and recover forever in open())
+                raise NotAStore(f"{self.identity} is not a regular file: it is damaged or "
+                                f"not a walstore identity file")
             with open(self.identity, "rb") as f:
                 raw = f.read(MAX_IDENTITY_BYTES + 1)
         except FileNotFoundError:
