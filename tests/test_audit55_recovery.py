@@ -233,3 +233,33 @@ def test_a_fifo_in_place_of_the_store_file_is_damage_not_a_hang(killed) -> None:
         walstore.open(str(killed), readonly=True)
     with pytest.raises(walstore.NotAStore):
         walstore.open(str(killed))
+
+
+def test_lmdb_enospc_in_the_background_turns_the_store_read_only_until_reopened(tmp_path):
+    """An LMDB write the applier makes failing with ENOSPC (a full disk; MDB_MAP_FULL
+    grows the map instead): a defined state, now in docs/GUIDE.md — the next write raises
+    ReadOnlyError saying to reopen, reads go on, and the reopen holds every acknowledged
+    commit (the log has them; REDO applies them)."""
+    import errno
+    from tools.faults import FaultBackend, installed
+    path = str(tmp_path / "s")
+    acked = []
+    with installed(FaultBackend()) as faults:
+        s = walstore.open(path, apply_batch=1, apply_interval=0.001)
+        try:
+            with s.transaction() as tx:
+                tx.put("first", 0)
+            faults.fail_lmdb("commit", error=errno.ENOSPC, times=None)
+            with pytest.raises(walstore.ReadOnlyError) as ei:
+                for i in range(100_000):  # (until the applier's failed write lands)
+                    with s.transaction() as tx:
+                        tx.put(f"n{i}", i)
+                    acked.append(i)
+            assert "No space left on device" in str(ei.value)
+            assert "reopen it to recover" in str(ei.value)
+            assert s.readonly and s.get("first") == 0  # reads go on
+        finally:
+            s.close()
+        faults.clear()
+    with walstore.open(path) as s:
+        assert s.get("first") == 0 and [s.get(f"n{i}") for i in acked] == acked
