@@ -58,8 +58,8 @@ def stray_entries(wal_dir: str, store_id: bytes | None) -> list[tuple[str, str, 
     silently left out of the log (a "missing" segment lying beside it, never named), and a
     directory where a leftover temp file belongs (``spare.tmp``) failed every open with a
     bare EISDIR from the cleanup while ``verify`` said ok.  ``blocking``: recovery cannot
-    go on (it removes leftover temp files, and removes only its own regular files).  A
-    file that holds this store's segment header under another name is named as such."""
+    go on (it unlinks leftover temp files, and cannot a directory).  A file that holds
+    this store's segment header under another name is named as such."""
     out = []
     for name in sorted(os.listdir(wal_dir)):
         if SEGMENT_NAME.match(name):
@@ -71,11 +71,11 @@ def stray_entries(wal_dir: str, store_id: bytes | None) -> list[tuple[str, str, 
         except FileNotFoundError:
             continue
         if temp:
-            if not stat.S_ISREG(st.st_mode):  # (a symlink too: never unlinked through)
-                kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                out.append((path, f"{name} is {kind}, where walstore keeps only temp files "
-                                  f"it made and removes (the WAL's spare or a segment being "
-                                  f"created): move it out of wal/", True))
+            if stat.S_ISDIR(st.st_mode):  # (any other kind of name unlinks: a symlink's
+                # own name, never its target; only a directory is in the cleanup's way)
+                out.append((path, f"{name} is a directory, where walstore keeps only temp "
+                                  f"files it made and removes (the WAL's spare or a segment "
+                                  f"being created): move it out of wal/", True))
             continue
         head = b""
         if stat.S_ISREG(st.st_mode):
