@@ -263,3 +263,51 @@ def test_lmdb_enospc_in_the_background_turns_the_store_read_only_until_reopened(
         faults.clear()
     with walstore.open(path) as s:
         assert s.get("first") == 0 and [s.get(f"n{i}") for i in acked] == acked
+
+
+_PREPARED_WRITER = r"""
+import os, signal, sys
+import walstore
+s = walstore.open(sys.argv[1], compensators={"refund": lambda a: None})
+with s.transaction() as tx:
+    tx.put("a", 1)
+tx = s.transaction().__enter__()
+with tx.action("charge", {"amount": 5}, compensate="refund") as act:
+    act.result = {"charge_id": "ch_1"}
+tx.put("b", 2)
+tx.prepare("g1")
+sys.stdout.write(act.id + "\n")
+sys.stdout.flush()
+os.kill(os.getpid(), signal.SIGKILL)  # (in doubt)
+"""
+
+
+def test_rolling_back_a_prepared_transaction_whose_intent_was_lost_owes_the_action(
+        tmp_path) -> None:
+    """A prepared transaction's ACTION_INTENT damaged, its ACTION_RESULT whole (the charge
+    ran): skip-corrupt makes the action's row from the result, compensator unknown.
+    Rolling the transaction back then settled it "resolved: it declares no compensation"
+    — the charge standing, nothing owed, `verify` ok.  It is owed (pending) now."""
+    root = tmp_path / "store"
+    p = subprocess.run([sys.executable, "-c", _PREPARED_WRITER, str(root)],
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    aid = p.stdout.strip()
+    seg = segments(root)[0]
+    data = bytearray(seg.read_bytes())
+    at = data.find(b"refund")  # (only the intent names its compensator)
+    assert at > 0 and data.find(b"refund", at + 1) < 0
+    data[at] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    r = cli("recover", str(root), "--mode", "skip-corrupt", "--json")
+    assert json.loads(r.stdout)["in_doubt"] == ["g1"], r.stdout + r.stderr
+
+    ran = []
+    with walstore.open(str(root), compensators={"refund": ran.append}) as s:
+        s.rollback_prepared("g1")
+        assert [a.id for a in s.pending_compensations()] == [aid]
+        (act,) = [a for a in s.actions() if a.id == aid]
+        assert act.state == "pending" and "ACTION_INTENT record was lost" in act.error
+    assert ran == []  # (what compensates it is unknown: never guessed)
+    v = cli("verify", str(root))
+    assert v.returncode == 1 and f"action {aid}" in v.stdout

@@ -621,6 +621,11 @@ class Saga:
                 action.in_flight = False
                 if action.compensate:
                     action.state, action.error = PENDING, "its transaction rolled back"
+                elif not tables.declares_no_compensation(row):  # (its intent lost: owed)
+                    action.state, action.error = PENDING, (
+                        "its transaction rolled back; its ACTION_INTENT record was lost to "
+                        "damage in the log, so what compensates it is unknown: settle it "
+                        "by hand (walstore resolve)")
                 else:
                     action.state, action.error = RESOLVED, ("its transaction rolled back; "
                                                             "it declares no compensation")

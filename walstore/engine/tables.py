@@ -236,6 +236,15 @@ def action_prefix(txid: int) -> bytes:
     return f"{txid}.".encode()
 
 
+def declares_no_compensation(row: dict) -> bool:
+    """Whether an action row declares no compensation, so ending its transaction owes
+    nothing.  Not a row recovery made for an action whose ACTION_INTENT was lost to damage
+    (``intent_lost``): its compensator is unknown, not absent, and the action ran (its
+    result survived) — a prepared transaction's rollback settled it as "resolved", the
+    charge standing with nothing owed."""
+    return not row.get("compensate") and not row.get("intent_lost")
+
+
 def action_changes(event: Event, get_row: Callable[[str], dict | None],
                    rows_of_txid: Callable[[int], list[dict]]) -> list[dict]:
     """The action rows ``event`` creates or changes (whole new rows), given the current
@@ -245,11 +254,14 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
     if t == RecordType.ACTION_INTENT:
         if get_row(str(b.get("id"))) is not None:
             return []  # REDO of an intent already applied
-        return [{"id": str(b["id"]), "tx": event.txid, "name": b.get("name"),
-                 "args": b.get("args"), "result": None, "key": b.get("key", ""),
-                 "compensate": b.get("compensate"), "scope": b.get("scope"),
-                 "state": IN_FLIGHT, "error": None, "attempts": 0, "ts": b.get("ts", 0.0),
-                 "lsn": event.lsn}]
+        row = {"id": str(b["id"]), "tx": event.txid, "name": b.get("name"),
+               "args": b.get("args"), "result": None, "key": b.get("key", ""),
+               "compensate": b.get("compensate"), "scope": b.get("scope"),
+               "state": IN_FLIGHT, "error": None, "attempts": 0, "ts": b.get("ts", 0.0),
+               "lsn": event.lsn}
+        if b.get("intent_lost"):  # (recovery's, for an intent lost to damage: its
+            row["intent_lost"] = True  # compensation is unknown, not absent)
+        return [row]
     if t == RecordType.ACTION_RESULT:
         row = get_row(str(b.get("id")))
         if row is None:
@@ -269,7 +281,7 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         for aid in field("crossed", ()):  # rolled back to a savepoint: still in flight
             row = get_row(aid)            # means its compensation did not finish (an
             if row is not None and row.get("state") == IN_FLIGHT:  # interrupt): owed
-                if not row.get("compensate"):  # (declaring none, its "resolved" record
+                if declares_no_compensation(row):  # (declaring none, its "resolved" record
                     out.append(dict(row, state=RESOLVED,  # failed: nothing is owed)
                                     error="undone by a rollback to a savepoint; it "
                                           "declares no compensation"))
@@ -331,9 +343,13 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         for row in rows_of_txid(event.txid):
             if row.get("state") not in (IN_FLIGHT, COMMITTED):
                 continue
-            if not row.get("compensate"):  # nothing was declared to undo it: nothing owed
+            if declares_no_compensation(row):  # nothing was declared to undo it: nothing owed
                 out.append(dict(row, state=RESOLVED, error=why + "; it declares no compensation"))
                 continue
+            if row.get("intent_lost") and not row.get("compensate"):
+                why += ("; its ACTION_INTENT record was lost to damage in the log (it ran: "
+                        "its result survives), so what compensates it is unknown: settle "
+                        "it by hand (walstore resolve)")
             new = dict(row, state=PENDING, error=why)
             if b.get("copied"):
                 new["held"] = True
