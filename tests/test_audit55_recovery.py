@@ -282,12 +282,15 @@ os.kill(os.getpid(), signal.SIGKILL)  # (in doubt)
 """
 
 
-def test_rolling_back_a_prepared_transaction_whose_intent_was_lost_owes_the_action(
-        tmp_path) -> None:
+@pytest.mark.parametrize("decision", ["rollback", "commit-then-revert"])
+def test_undoing_a_prepared_transaction_whose_intent_was_lost_owes_the_action(
+        tmp_path, decision) -> None:
     """A prepared transaction's ACTION_INTENT damaged, its ACTION_RESULT whole (the charge
-    ran): skip-corrupt makes the action's row from the result, compensator unknown.
-    Rolling the transaction back then settled it "resolved: it declares no compensation"
-    — the charge standing, nothing owed, `verify` ok.  It is owed (pending) now."""
+    ran): skip-corrupt makes the action's row from the result, compensator unknown (the
+    PREPARE names the action by id only).  Rolling the transaction back then settled it
+    "resolved: it declares no compensation"; committing it and reverting that commit left
+    it "committed" — either way the charge stood, nothing owed, `verify` ok.  It is owed
+    (pending) now."""
     root = tmp_path / "store"
     p = subprocess.run([sys.executable, "-c", _PREPARED_WRITER, str(root)],
                        capture_output=True, text=True, env=cli_env(), timeout=300)
@@ -304,10 +307,18 @@ def test_rolling_back_a_prepared_transaction_whose_intent_was_lost_owes_the_acti
 
     ran = []
     with walstore.open(str(root), compensators={"refund": ran.append}) as s:
-        s.rollback_prepared("g1")
-        assert [a.id for a in s.pending_compensations()] == [aid]
+        if decision == "rollback":
+            s.rollback_prepared("g1")
+        else:
+            s.commit_prepared("g1")
+            (txid,) = {a.txid for a in s.actions()}
+            s.revert(txid)
+            assert s.get("b") is None  # (the revert undid the writes ...)
+        assert [a.id for a in s.pending_compensations()] == [aid]  # (... and owes this)
         (act,) = [a for a in s.actions() if a.id == aid]
-        assert act.state == "pending" and "ACTION_INTENT record was lost" in act.error
+        assert act.state == "pending"
+        if decision == "rollback":
+            assert "ACTION_INTENT record was lost" in act.error
     assert ran == []  # (what compensates it is unknown: never guessed)
     v = cli("verify", str(root))
     assert v.returncode == 1 and f"action {aid}" in v.stdout

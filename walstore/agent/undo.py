@@ -623,8 +623,13 @@ class Undo:
                 if (not whole and not mine and not mine_paths and not declared_ids
                         and not self._moves_in_scope(info, rng, inside)):
                     continue  # (another scope's: nothing of it is taken, nothing loaded)
-            current = [Action.from_row(self._current_row(a)) for a in info.actions]
-            committed = [a for a in current if a.state == tables.COMMITTED and a.compensate]
+            rows = [self._current_row(a) for a in info.actions]
+            current = [Action.from_row(r) for r in rows]
+            # (one whose ACTION_INTENT was lost to damage has no known compensator, but it
+            # ran: undone, it is owed, listed pending — skipped as "declaring none", a
+            # revert undid its transaction's writes and left the charge committed, unowed)
+            committed = [a for a, r in zip(current, rows) if a.state == tables.COMMITTED
+                         and not tables.declares_no_compensation(r)]
             if whole:
                 undone_txids.add(info.txid)
                 plan.compensations += committed
