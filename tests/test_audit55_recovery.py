@@ -322,3 +322,21 @@ def test_undoing_a_prepared_transaction_whose_intent_was_lost_owes_the_action(
     assert ran == []  # (what compensates it is unknown: never guessed)
     v = cli("verify", str(root))
     assert v.returncode == 1 and f"action {aid}" in v.stdout
+
+
+def test_a_fifo_in_place_of_the_blob_gc_lock_does_not_hang_verify_or_backup(tmp_path):
+    """`verify` and `backup` take files/gc.lock shared to hold the writer's blob gc off;
+    a FIFO there blocked both forever in open()."""
+    import os
+    root = tmp_path / "store"
+    with walstore.open(str(root)) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    (root / "files").mkdir(exist_ok=True)
+    os.mkfifo(root / "files" / "gc.lock")
+    v = cli("verify", str(root))  # (cli's timeout guards the hang it was)
+    assert v.returncode == 0 and v.stdout.rstrip().endswith("ok"), v.stdout + v.stderr
+    b = cli("backup", str(root), str(tmp_path / "copy"))
+    assert b.returncode == 0, b.stderr
+    with walstore.open(str(tmp_path / "copy"), readonly=True) as c:
+        assert c.get("a") == 1

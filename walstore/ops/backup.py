@@ -194,8 +194,8 @@ def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
     if not os.path.isdir(files_dir):
         return None  # (a gc needs files/ first; one that begins later is caught after)
     path = os.path.join(files_dir, GC_LOCK)
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:  # (O_NONBLOCK: a FIFO in its place blocked verify and backup forever in open())
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         if not create:  # (verify writes nothing: no writer made one, so none gc'd yet)
             return None
