@@ -340,3 +340,21 @@ def test_a_fifo_in_place_of_the_blob_gc_lock_does_not_hang_verify_or_backup(tmp_
     assert b.returncode == 0, b.stderr
     with walstore.open(str(tmp_path / "copy"), readonly=True) as c:
         assert c.get("a") == 1
+
+
+def test_a_fifo_in_place_of_the_lock_file_does_not_hang_readers(tmp_path):
+    """Whether a writer lives is asked of LOCK (a shared flock); a FIFO there made
+    `verify`, `get` and every read-only open block forever in open()."""
+    import os
+    root = tmp_path / "store"
+    with walstore.open(str(root)) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    (root / "LOCK").unlink(missing_ok=True)
+    os.mkfifo(root / "LOCK")
+    v = cli("verify", str(root))  # (cli's timeout guards the hang it was)
+    assert v.returncode == 0 and v.stdout.rstrip().endswith("ok"), v.stdout + v.stderr
+    g = cli("get", str(root), "a")
+    assert g.returncode == 0 and g.stdout.strip() == "1", g.stdout + g.stderr
+    with walstore.open(str(root), readonly=True) as r:
+        assert r.get("a") == 1

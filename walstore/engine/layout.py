@@ -379,8 +379,8 @@ def _alive(pid: int) -> bool:
 
 def writer_alive(layout: Layout) -> bool:
     """True when some process holds the store's writer lock right now."""
-    try:
-        fd = os.open(layout.lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:  # (O_NONBLOCK: a FIFO in its place blocked verify and read-only opens forever)
+        fd = os.open(layout.lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return False
     try:
