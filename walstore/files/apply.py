@@ -6,7 +6,7 @@ state or the new one, plus at most a stray temporary name, never a mix):
 
 - a file: temp file (``TEMP_PREFIX``, same directory) -> write -> fchmod -> fsync ->
   rename over the path -> fsync the directory;
-- a directory: temp directory -> chmod -> rename into place -> fsync the parent (so it
+- a directory: temp directory -> chmod (when mkdir's bits differ) -> rename into place -> fsync the parent (so it
   appears with its final mode);
 - a symlink: temp link -> rename over the path -> fsync the directory;
 - a mode: ``fchmod`` of the path opened with ``O_NOFOLLOW`` (one step); a file with
@@ -210,10 +210,15 @@ def _mkdir_atomic(ws: Workspace, rel: bytes, mode: int, owner: Entry | None,
     parent pinned (``_pinned``)."""
     with _pinned(ws, rel) as (parent, path):
         tmp = _temp_name(parent)
-        fsops.mkdir(tmp, 0o700)
+        # made with its permission bits, and chmod-ed only when they differ (the umask):
+        # mkdir(2) keeps the setgid bit a setgid parent passes on, where a chmod by a
+        # process outside the directory's group (no CAP_FSETID) drops it, so a setgid
+        # directory put back by a rollback came back without it
+        fsops.mkdir(tmp, mode & 0o777)
         try:
             _chown(tmp, owner)  # (first: a chown clears the setuid/setgid bits a chmod set)
-            fsops.chmod(tmp, mode)
+            if stat.S_IMODE(os.lstat(tmp).st_mode) != mode:
+                fsops.chmod(tmp, mode)
             if os.path.lexists(path):
                 raise FileExistsError(errno.EEXIST, "exists")
             fileio.rename(_s(tmp), _s(path))
