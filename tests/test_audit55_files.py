@@ -57,3 +57,75 @@ def test_rollback_keeps_the_setgid_bit_of_a_directory_of_a_group_it_is_not_in(tm
                    cwd=str(tmp_path), timeout=120)
     assert tree_state(root) == before
     assert os.lstat(os.path.join(root, "shared/proj")).st_gid == 4242
+
+
+def _swap_sub_for_symlink(tmp_path, root: str, outside: str) -> None:
+    """What another process can do right after walstore's checks: move ``sub`` aside and
+    put a symlink to a directory outside the root in its place."""
+    os.rename(os.path.join(root, "sub"), str(tmp_path / "sub-aside"))
+    os.symlink(outside, os.path.join(root, "sub"))
+
+
+def test_read_never_returns_a_file_outside_when_a_parent_is_swapped_for_a_symlink(
+        tmp_path, monkeypatch):
+    """``tx.files(ws).read("sub/f")`` checked the path (no symlink on the way) and then
+    opened it by its absolute path, following a parent swapped for a symlink to outside
+    the root in between: it returned the outside file's content.  Now the file is
+    opened in its parent pinned from the root (O_NOFOLLOW at each step), as the writes
+    are: the swap is refused (a ValueError), nothing outside is read."""
+    from walstore.agent.files import TxFiles
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {"sub/f": "inside\n"})
+    build(outside, {"f": "SECRET outside the root\n"})
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(root)
+        real_final = TxFiles._final
+
+        def final_then_swap(self, path):
+            got = real_final(self, path)
+            _swap_sub_for_symlink(tmp_path, root, outside)
+            return got
+        monkeypatch.setattr(TxFiles, "_final", final_then_swap)
+        with store.transaction() as tx:
+            try:
+                data = tx.files(ws).read("sub/f")
+            except ValueError:
+                data = None  # refused: fine
+            monkeypatch.undo()
+            tx.rollback()
+        assert data != b"SECRET outside the root\n"
+    finally:
+        store.close()
+
+
+def test_listdir_never_lists_a_directory_outside_when_a_parent_is_swapped(tmp_path,
+                                                                          monkeypatch):
+    """The same race for ``listdir("sub/dd")``: it listed the outside directory's names.
+    Now refused (a ValueError)."""
+    from walstore.agent.files import TxFiles
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {"sub/dd/mine": "inside\n"})
+    build(outside, {"dd/their-secret-name": "x\n"})
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(root)
+        real_final = TxFiles._final
+
+        def final_then_swap(self, path):
+            got = real_final(self, path)
+            _swap_sub_for_symlink(tmp_path, root, outside)
+            return got
+        monkeypatch.setattr(TxFiles, "_final", final_then_swap)
+        with store.transaction() as tx:
+            try:
+                names = tx.files(ws).listdir("sub/dd")
+            except ValueError:
+                names = None  # refused: fine
+            monkeypatch.undo()
+            tx.rollback()
+        assert names != ["their-secret-name"]
+    finally:
+        store.close()

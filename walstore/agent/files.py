@@ -87,14 +87,26 @@ def _listing(ws: Workspace, rel: bytes) -> frozenset[bytes] | None:
     """The names in directory ``rel`` (no symlink followed), the workspace's ignored ones
     left out (None: no such directory)."""
     where = ws.root_b + b"/" + rel if rel else ws.root_b
+    # opened in its parent pinned from the root (as a read): by its absolute path, a
+    # parent swapped for a symlink to outside the root after the checks listed a
+    # directory outside the root
     try:
-        fd = os.open(where, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        pin = fapply._pin_dir(ws, parent_of(rel)) if rel else None
+    except FileNotFoundError:
+        return None
+    try:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = (os.open(where, flags) if pin is None
+              else os.open(rel.rpartition(b"/")[2], flags, dir_fd=pin.fd))
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
         if e.errno == errno.ELOOP:  # (a symlink there now)
             return None
         raise
+    finally:
+        if pin is not None:
+            pin.close()
     try:
         if not ws.ignore.patterns:  # (nothing to ignore: no file type asked of any name)
             return frozenset(os.fsencode(n) for n in os.listdir(fd))
@@ -2145,7 +2157,7 @@ class TxFiles:
         # swapped in between): opened as a file, a FIFO without a writer blocked the
         # caller forever and a character device (a /dev/zero twin) was read without end.
         # O_NONBLOCK makes the open of a FIFO return at once, so the fstat can say so.
-        fd = open_nofollow(abs_path) if stat.S_ISREG(st.st_mode) else None
+        fd = _open_in_root(self.workspace, rel, abs_path) if stat.S_ISREG(st.st_mode) else None
         try:
             if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise UnsupportedFileType(f"cannot read {display(rel)!r} in workspace "
@@ -2192,6 +2204,22 @@ class TxFiles:
         # validated at commit like a read (the names, not what the files hold)
         self._files.note_list(self._tx, ws, rel, names)
         return sorted(os.fsdecode(n) for n in names)
+
+
+def _open_in_root(ws: Workspace, rel: bytes, abs_path: bytes) -> int:
+    """Open the file ``rel`` for reading in its parent pinned from the root (no symlink
+    followed on the way: WorkspaceChanged, a ValueError): opened by its absolute path, a
+    parent swapped for a symlink to outside the root after ``_final``'s checks made a
+    read return a file outside the root."""
+    pin = fapply._pin_dir(ws, parent_of(rel))
+    if pin is None:  # (no /proc/self/fd: by path, as before)
+        return open_nofollow(abs_path)
+    try:
+        return os.open(rel.rpartition(b"/")[2],
+                       os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                       dir_fd=pin.fd)
+    finally:
+        pin.close()
 
 
 @dataclass
