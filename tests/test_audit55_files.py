@@ -129,3 +129,38 @@ def test_listdir_never_lists_a_directory_outside_when_a_parent_is_swapped(tmp_pa
         assert names != ["their-secret-name"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("how", ["read", "stream"])
+def test_a_past_read_of_a_live_file_never_follows_a_parent_swapped_for_a_symlink(
+        tmp_path, monkeypatch, how):
+    """``store.at(point).files(ws).read/stream(p)`` of a path walstore never changed
+    reads the file as it is now: by its absolute path after the checks, so a parent
+    swapped for a symlink to outside the root in between gave the outside file's
+    content.  Now opened in its pinned parent: refused (a ValueError)."""
+    from walstore.agent.filehistory import HistoricalFiles
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {"sub/f": "inside\n"})
+    build(outside, {"f": "SECRET outside the root\n"})
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(root)
+        with store.transaction() as tx:
+            tx.put("k", 1)
+        view = store.at(store.restore_point("p"))
+        real = HistoricalFiles._located
+
+        def located_then_swap(self, path):
+            got = real(self, path)
+            _swap_sub_for_symlink(tmp_path, root, outside)
+            return got
+        monkeypatch.setattr(HistoricalFiles, "_located", located_then_swap)
+        files = view.files(ws)
+        try:
+            data = files.read("sub/f") if how == "read" else b"".join(files.stream("sub/f"))
+        except ValueError:
+            data = None  # refused: fine
+        assert data != b"SECRET outside the root\n"
+    finally:
+        store.close()

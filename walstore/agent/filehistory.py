@@ -28,7 +28,8 @@ from ..errors import CorruptionError, HistoryTrimmed, os_errors_as_store_errors,
     os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
-from ..files.entries import ABSENT, DIR, UnsupportedFileType, iter_content, open_nofollow
+from ..files.apply import open_to_read
+from ..files.entries import ABSENT, DIR, UnsupportedFileType, iter_content
 from ..files.paths import PathLike, display
 from ..log.format import LSN
 
@@ -286,7 +287,7 @@ class HistoricalFiles:
         if live:
             # (O_NONBLOCK and the fstat: a FIFO swapped in since the look above is
             # refused, as the look refuses one, rather than block the reader forever)
-            with os.fdopen(self._open_live(abs_path, where), "rb") as f:
+            with os.fdopen(self._open_live(self.workspace, abs_path, where), "rb") as f:
                 return f.read()
         return self._history.read_content(e, where)
 
@@ -318,9 +319,11 @@ class HistoricalFiles:
         return e, live, where, abs_path
 
     @staticmethod
-    def _open_live(abs_path: bytes, where: str) -> int:
-        """A descriptor of the file at ``abs_path`` now (a special file: refused)."""
-        fd = open_nofollow(abs_path)
+    def _open_live(ws: Workspace, abs_path: bytes, where: str) -> int:
+        """A descriptor of the file at ``abs_path`` now (a special file: refused), opened
+        in its parent pinned from the root (a parent swapped for a symlink to outside the
+        root since the checks: WorkspaceChanged, never the outside file)."""
+        fd = open_to_read(ws, abs_path[len(ws.root_b) + 1:])  # (ws.abspath's rel)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise UnsupportedFileType(f"{where} is a special file (FIFO, socket or "
@@ -342,7 +345,7 @@ class HistoricalFiles:
         with os_errors_as_store_errors():
             e, live, where, abs_path = self._retained(lambda: self._located(path))
             if live:
-                fd = self._open_live(abs_path, where)
+                fd = self._open_live(self.workspace, abs_path, where)
                 try:
                     for _off, chunk, _hole in iter_content(fd):
                         yield bytes(chunk)

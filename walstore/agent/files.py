@@ -48,7 +48,7 @@ from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
                      apply as fapply, diff, plan, remove_stray_temps, restore_changes,
                      snapshot, undo_order, undo_steps)
-from ..files.entries import UnsupportedFileType, open_nofollow, read_whole
+from ..files.entries import UnsupportedFileType, read_whole
 from ..files.monitor import WorkspaceMonitor, forced_full_walk
 from ..files.monitor import available as monitor_available
 from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, display,
@@ -2157,7 +2157,7 @@ class TxFiles:
         # swapped in between): opened as a file, a FIFO without a writer blocked the
         # caller forever and a character device (a /dev/zero twin) was read without end.
         # O_NONBLOCK makes the open of a FIFO return at once, so the fstat can say so.
-        fd = _open_in_root(self.workspace, rel, abs_path) if stat.S_ISREG(st.st_mode) else None
+        fd = fapply.open_to_read(self.workspace, rel) if stat.S_ISREG(st.st_mode) else None
         try:
             if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise UnsupportedFileType(f"cannot read {display(rel)!r} in workspace "
@@ -2204,22 +2204,6 @@ class TxFiles:
         # validated at commit like a read (the names, not what the files hold)
         self._files.note_list(self._tx, ws, rel, names)
         return sorted(os.fsdecode(n) for n in names)
-
-
-def _open_in_root(ws: Workspace, rel: bytes, abs_path: bytes) -> int:
-    """Open the file ``rel`` for reading in its parent pinned from the root (no symlink
-    followed on the way: WorkspaceChanged, a ValueError): opened by its absolute path, a
-    parent swapped for a symlink to outside the root after ``_final``'s checks made a
-    read return a file outside the root."""
-    pin = fapply._pin_dir(ws, parent_of(rel))
-    if pin is None:  # (no /proc/self/fd: by path, as before)
-        return open_nofollow(abs_path)
-    try:
-        return os.open(rel.rpartition(b"/")[2],
-                       os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                       dir_fd=pin.fd)
-    finally:
-        pin.close()
 
 
 @dataclass

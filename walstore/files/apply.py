@@ -367,6 +367,22 @@ def _pin_dir(ws: Workspace, rel_dir: bytes) -> "_PinnedDir | None":
     return _PinnedDir(fd)
 
 
+def open_to_read(ws: Workspace, rel: bytes) -> int:
+    """Open the file ``rel`` for reading (O_NONBLOCK: a FIFO swapped in does not block)
+    in its parent pinned from the root (``_pin_dir``: no symlink followed on the way,
+    WorkspaceChanged): opened by its absolute path after the caller's checks, a parent
+    swapped for a symlink to outside the root in between made a read return a file
+    outside the root."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    pin = _pin_dir(ws, parent_of(rel))
+    if pin is None:  # (no /proc/self/fd: by path, as before)
+        return os.open(ws.abspath(rel), flags)
+    try:
+        return os.open(rel.rpartition(b"/")[2], flags, dir_fd=pin.fd)
+    finally:
+        pin.close()
+
+
 @contextlib.contextmanager
 def _pinned(ws: Workspace, rel: bytes):
     """``with _pinned(ws, rel) as (parent, path):`` ``rel``'s parent pinned
