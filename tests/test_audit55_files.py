@@ -164,3 +164,34 @@ def test_a_past_read_of_a_live_file_never_follows_a_parent_swapped_for_a_symlink
         assert data != b"SECRET outside the root\n"
     finally:
         store.close()
+
+
+def test_capture_never_stores_a_file_outside_when_a_parent_is_swapped(tmp_path):
+    """``plan.capture`` (the before-image every operation keeps first) checked the path
+    and then opened it by its absolute path: a parent swapped for a symlink to outside
+    the root in between stored the outside file's content in the store as the path's
+    before-image.  Now opened in its pinned parent: refused (a ValueError)."""
+    import hashlib
+    from walstore.files import plan
+    from walstore.files.blobs import BlobStore
+    from walstore.files.paths import Workspace
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {"sub/f": "inside\n"})
+    build(outside, {"f": "SECRET outside the root\n"})
+    ws = Workspace(root)
+    blobs = BlobStore(str(tmp_path / "blobs"))
+    real_resolve = ws.resolve
+
+    def resolve_then_swap(path, allow_root=False):
+        got = real_resolve(path, allow_root=allow_root)
+        _swap_sub_for_symlink(tmp_path, root, outside)
+        return got
+    ws.resolve = resolve_then_swap
+    try:
+        got = plan.capture(ws, "sub/f", blobs)
+    except ValueError:
+        got = None  # refused: fine
+    secret = hashlib.sha256(b"SECRET outside the root\n").hexdigest()
+    assert got is None or got.sha256 != secret
+    assert not blobs.has(secret)

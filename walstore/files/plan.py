@@ -26,9 +26,10 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from .apply import FileConflict, _refuse_moving_excluded, default_dir_mode, default_file_mode
+from .apply import (FileConflict, _refuse_moving_excluded, default_dir_mode, default_file_mode,
+                    open_to_read)
 from .blobs import BlobStore
-from .entries import Entry, UnsupportedFileType, entry_from_stat, open_nofollow
+from .entries import Entry, UnsupportedFileType, entry_from_stat
 from .paths import PathLike, Workspace, display
 from .watch import Change, restore_in_order, walk
 
@@ -57,8 +58,8 @@ def capture(ws: Workspace, path: PathLike, blobs: BlobStore) -> Entry:
                 raise
         if not stat.S_ISREG(st.st_mode):
             return entry_from_stat(st, path=abs_path)
-        try:
-            fd = open_nofollow(abs_path)
+        try:  # (in its parent pinned: by its absolute path, a parent swapped for a
+            fd = open_to_read(ws, rel)  # symlink since the resolve stored a file outside)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ELOOP):
                 continue
