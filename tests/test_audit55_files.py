@@ -195,3 +195,37 @@ def test_capture_never_stores_a_file_outside_when_a_parent_is_swapped(tmp_path):
     secret = hashlib.sha256(b"SECRET outside the root\n").hexdigest()
     assert got is None or got.sha256 != secret
     assert not blobs.has(secret)
+
+
+def test_exists_never_looks_outside_when_a_parent_is_swapped(tmp_path, monkeypatch):
+    """``tx.files(ws).exists("sub/f")`` looked the path up by its absolute form after its
+    checks: a parent swapped for a symlink to outside the root in between answered for
+    the outside file.  Now looked up in the pinned parent: refused (a ValueError)."""
+    from walstore.files.paths import Workspace
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {"sub/other": "inside\n"})
+    build(outside, {"f": "outside\n"})
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(root)
+        real = Workspace.resolve
+        calls = []
+
+        def resolve_then_swap(self, path, allow_root=False):
+            got = real(self, path, allow_root=allow_root)
+            calls.append(path)
+            if path == "sub/f" and calls.count(path) == 2:  # (exists' own look)
+                _swap_sub_for_symlink(tmp_path, root, outside)
+            return got
+        monkeypatch.setattr(Workspace, "resolve", resolve_then_swap)
+        with store.transaction() as tx:
+            try:
+                found = tx.files(ws).exists("sub/f")
+            except ValueError:
+                found = None  # refused: fine
+            monkeypatch.undo()
+            tx.rollback()
+        assert found is not True
+    finally:
+        store.close()

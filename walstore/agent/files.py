@@ -2173,8 +2173,14 @@ class TxFiles:
     def exists(self, path: PathLike) -> bool:
         self._files.engine.check_open()
         self._note_read(path)
-        _rel, abs_path = self.workspace.resolve(path)
-        return os.path.lexists(abs_path)
+        rel, _abs = self.workspace.resolve(path)
+        # looked up in its parent pinned from the root (as a read): by its absolute path,
+        # a parent swapped for a symlink to outside after the check answered for outside
+        try:
+            with fapply._pinned(self.workspace, rel) as (_parent, pinned):
+                return os.path.lexists(pinned)
+        except FileNotFoundError:  # (a parent gone since the check)
+            return False
 
     def _note_read(self, path: PathLike) -> bytes:
         """A read of ``path`` (before it reads: a change between the note and the read
