@@ -229,3 +229,39 @@ def test_exists_never_looks_outside_when_a_parent_is_swapped(tmp_path, monkeypat
         assert found is not True
     finally:
         store.close()
+
+
+def test_a_past_entry_of_a_live_path_never_describes_a_file_outside(tmp_path, monkeypatch):
+    """``store.at(point).files(ws).entry(p)`` of a path walstore never changed describes
+    it as it is now (its content hashed): looked up by its absolute path after the check
+    of its parents, a parent swapped for a symlink to outside the root in between gave
+    the outside file's size and sha256.  Now looked up in the pinned parent: the path is
+    absent there (as under any symlink), or refused."""
+    import hashlib
+    from walstore.files.paths import Workspace
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {"sub/f": "inside\n"})
+    build(outside, {"f": "SECRET outside the root\n"})
+    store = walstore.open(str(tmp_path / "store"))
+    try:
+        ws = store.workspace(root)
+        with store.transaction() as tx:
+            tx.put("k", 1)
+        view = store.at(store.restore_point("p")).files(ws)
+        real = Workspace.check_parents
+
+        def check_then_swap(self, rel, *a, **kw):
+            got = real(self, rel, *a, **kw)
+            if rel == b"sub/f" and not os.path.islink(os.path.join(root, "sub")):
+                _swap_sub_for_symlink(tmp_path, root, outside)
+            return got
+        monkeypatch.setattr(Workspace, "check_parents", check_then_swap)
+        try:
+            got = view.entry("sub/f")
+        except ValueError:
+            got = None  # refused: fine
+        secret = hashlib.sha256(b"SECRET outside the root\n").hexdigest()
+        assert got is None or got.sha256 != secret
+    finally:
+        store.close()

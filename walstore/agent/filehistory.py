@@ -28,9 +28,9 @@ from ..errors import CorruptionError, HistoryTrimmed, os_errors_as_store_errors,
     os_errors_wrapped
 from ..engine import tables
 from ..files import Entry, Workspace, read_entry
-from ..files.apply import open_to_read
+from ..files.apply import _pin_dir, open_to_read
 from ..files.entries import ABSENT, DIR, UnsupportedFileType, iter_content
-from ..files.paths import PathLike, display
+from ..files.paths import PathLike, display, parent_of
 from ..log.format import LSN
 
 if TYPE_CHECKING:
@@ -246,9 +246,22 @@ class HistoricalFiles:
         ws = self.workspace
         try:
             ws.check_parents(rel)
-        except (NotADirectoryError, ValueError):
+            # looked up in its parent pinned from the root: by its absolute path, a parent
+            # swapped for a symlink to outside since the check described (hashed) a file
+            # outside the root; under that symlink the path is absent, as above
+            pin = _pin_dir(ws, parent_of(rel))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             return Entry.absent()
-        return read_entry(ws.abspath(rel), hash=hash)
+        try:
+            return read_entry(ws.abspath(rel) if pin is None
+                              else pin.path + b"/" + rel.rpartition(b"/")[2], hash=hash)
+        except UnsupportedFileType:  # (named by its path, not the pinned one)
+            raise UnsupportedFileType(f"{os.fsdecode(ws.abspath(rel))!r} is a special file "
+                                      f"(FIFO, socket or device); walstore tracks files, "
+                                      f"directories and symlinks") from None
+        finally:
+            if pin is not None:
+                pin.close()
 
     def _check_way(self, rel: bytes, where: str) -> None:
         """ValueError when a directory on the way to ``rel`` was a symlink at the point,
