@@ -103,7 +103,7 @@ def test_read_never_returns_a_file_outside_when_a_parent_is_swapped_for_a_symlin
 def test_listdir_never_lists_a_directory_outside_when_a_parent_is_swapped(tmp_path,
                                                                           monkeypatch):
     """The same race for ``listdir("sub/dd")``: it listed the outside directory's names.
-    Now refused (a ValueError)."""
+    Now refused (no such directory inside the root: NotADirectoryError)."""
     from walstore.agent.files import TxFiles
     root = str(tmp_path / "ws")
     outside = str(tmp_path / "outside")
@@ -122,8 +122,8 @@ def test_listdir_never_lists_a_directory_outside_when_a_parent_is_swapped(tmp_pa
         with store.transaction() as tx:
             try:
                 names = tx.files(ws).listdir("sub/dd")
-            except ValueError:
-                names = None  # refused: fine
+            except (ValueError, NotADirectoryError):
+                names = None  # refused (no such directory inside the root): fine
             monkeypatch.undo()
             tx.rollback()
         assert names != ["their-secret-name"]
@@ -265,3 +265,20 @@ def test_a_past_entry_of_a_live_path_never_describes_a_file_outside(tmp_path, mo
         assert got is None or got.sha256 != secret
     finally:
         store.close()
+
+
+def test_commit_after_a_listed_directorys_parent_became_a_file_is_a_conflict(env):
+    """A directory listed by a transaction whose parent another process then replaced by
+    a file: the commit's check of the listing finds the directory gone (ConflictError),
+    not a ValueError from the pinned walk."""
+    store, root = env
+    ws = store.workspace(root)
+    os.mkdir(os.path.join(root, "d", "e"))
+    tx = store.transaction()
+    assert tx.files(ws).listdir("d/e") == []
+    os.rename(os.path.join(root, "d"), os.path.join(root, "..", "d-aside"))
+    with open(os.path.join(root, "d"), "w") as f:
+        f.write("a file now\n")
+    tx.put("k", 1)
+    with pytest.raises(walstore.ConflictError):
+        tx.commit()

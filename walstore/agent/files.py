@@ -92,8 +92,8 @@ def _listing(ws: Workspace, rel: bytes) -> frozenset[bytes] | None:
     # directory outside the root
     try:
         pin = fapply._pin_dir(ws, parent_of(rel)) if rel else None
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, ValueError):  # (a parent gone, or a file or symlink now:
+        return None                          # no such directory as the workspace sees it)
     try:
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = (os.open(where, flags) if pin is None
