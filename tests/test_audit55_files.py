@@ -282,3 +282,32 @@ def test_commit_after_a_listed_directorys_parent_became_a_file_is_a_conflict(env
     tx.put("k", 1)
     with pytest.raises(walstore.ConflictError):
         tx.commit()
+
+
+def test_stray_temp_cleanup_never_removes_outside_when_a_parent_is_swapped(tmp_path):
+    """``remove_stray_temps`` (run by recovery) checked a directory's parents and then
+    listed and unlinked its temp names by absolute path: a directory swapped for a
+    symlink to outside the root in between made it delete a walstore temp name there (a
+    file another store is writing, say).  Now each removal goes through the pinned
+    parent: refused, the outside name stays."""
+    from walstore.files.apply import remove_stray_temps
+    from walstore.files.paths import Workspace
+    name = ".walstore-tmp-1234-0123456789ab"
+    root = str(tmp_path / "ws")
+    outside = str(tmp_path / "outside")
+    build(root, {f"sub/{name}": "stray\n"})
+    build(outside, {name: "another store's temp, in use\n"})
+    ws = Workspace(root)
+    real = ws.check_parents
+
+    def check_then_swap(rel, *a, **kw):
+        got = real(rel, *a, **kw)
+        if rel == b"sub/x" and not os.path.islink(os.path.join(root, "sub")):
+            _swap_sub_for_symlink(tmp_path, root, outside)
+        return got
+    ws.check_parents = check_then_swap
+    try:
+        remove_stray_temps(ws, ["sub"], durable=False)
+    except ValueError:
+        pass  # refused: fine
+    assert os.path.exists(os.path.join(outside, name))

@@ -1180,12 +1180,16 @@ def remove_stray_temps(ws: Workspace, dirs: Iterable[PathLike] | None = None,
                 child = d + b"/" + de.name if d else de.name
                 is_dir = de.is_dir(follow_symlinks=False)
                 if is_temp_name(de.name):
+                    # removed in its parent pinned from the root: by its absolute path, a
+                    # directory swapped for a symlink to outside since the check above
+                    # made this remove a temp name outside the root (WorkspaceChanged)
                     try:
-                        if is_dir:
-                            _rmdir(ws.abspath(child))
-                        else:
-                            fileio.unlink(_s(ws.abspath(child)))
-                    except OSError:
+                        with _pinned(ws, child) as (_parent, pinned):
+                            if is_dir:
+                                _rmdir(pinned)
+                            else:
+                                fileio.unlink(_s(pinned))
+                    except (OSError, ValueError):
                         continue
                     gone.append(child)
                     touched = True
