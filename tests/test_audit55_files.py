@@ -7,6 +7,12 @@
   without CAP_FSETID; the directory came back without its setgid bit (mode restore not
   byte-exact).  Now the directory is made with its permission bits (``mkdir(2)`` keeps the
   setgid bit a setgid parent passes on) and ``chmod``-ed only when they differ.
+- A parent directory swapped for a symlink to outside the root by another process right
+  after walstore's checks: ``tx.files(ws).read/exists/listdir``, ``at(p).files(ws)``'s
+  ``read/stream/entry`` of a live path, ``plan.capture`` and ``remove_stray_temps`` went
+  by absolute path and read, listed, hashed or stored a file outside the root, or removed
+  a temp name there.  They now go through the parent pinned from the root (as the
+  writes have since stop 51).
 """
 from __future__ import annotations
 
