@@ -27,7 +27,7 @@ from typing import Any
 
 from ..codec import decode_key, encode_prefix
 from ..errors import ConflictError
-from .lmdb_state import LmdbState, from_u64, read_chunk, u64
+from .lmdb_state import LmdbState, from_u64, iter_rows, u64
 from .keyindex import KeyIndex
 from .memtable import MemTable
 from .snapshot import _check_horizon
@@ -62,6 +62,10 @@ class ReadSet:
     def __bool__(self) -> bool:
         return bool(self.keys or self.ranges or self.scopes or self.fence is not None
                     or self.files)
+
+
+# the commits a validation walks per short LMDB read transaction (``_walk_rest``)
+WALK_ROWS = 4096
 
 
 def _in_ranges(key: bytes, ranges) -> bool:
@@ -113,8 +117,9 @@ class ConflictChecker:
             return bound
         with st.read() as txn:
             applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
-            if applied > reads.snapshot:
-                self._check_lmdb(txn, txid, reads, reads.snapshot, applied)
+            resume = (self._check_lmdb(txn, txid, reads, reads.snapshot, applied)
+                      if applied > reads.snapshot else None)
+        self._walk_rest(txid, reads, resume, applied)
         return applied
 
     def check_recent(self, txid: int, reads: ReadSet, checked: int, applied_now: int) -> None:
@@ -148,46 +153,72 @@ class ConflictChecker:
             st = self.state
             with st.read() as txn:
                 applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
-                self._check_lmdb(txn, txid, reads, max(p, checked), applied)
+                resume = self._check_lmdb(txn, txid, reads, max(p, checked), applied)
+            self._walk_rest(txid, reads, resume, applied)
 
-    def _check_lmdb(self, txn, txid: int, reads: ReadSet, since: int, upto: int) -> None:
+    def _check_lmdb(self, txn, txid: int, reads: ReadSet, since: int, upto: int
+                    ) -> int | None:
+        """The keys read, then the first WALK_ROWS commits applied with LSN in [since,
+        upto), checked in ``txn``; returns the LSN the walk over those commits goes on
+        from (``_walk_rest``: after ``txn`` ends), None when it is done."""
         st = self.state
         _check_horizon(txn, st, reads.snapshot)
-        stale = []
         cur = txn.cursor(db=st.hist)
         for k in reads.keys:
             if cur.set_range(tables.hist_key(k, since)) and tables.is_version_of(
                     cur.key(), tables.hist_prefix(k)):
-                stale.append(k)
-                break
+                _raise(txid, [k])
         purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
                                 b"last_purge", st) >= since
-        if not stale and (reads.ranges or purged_since or reads.scopes
-                          or reads.fence is not None or reads.files):
-            ranged = None  # (built at the first commit with writes, as above)
-            for _lsn, txid_raw in read_chunk(txn, st.bylsn, u64(since), u64(upto), False, None,
-                                             limit=1 << 62):
-                raw = txn.get(txid_raw, db=st.txns)
-                if raw is None:
-                    continue
-                row = tables.unpack_row(raw, "txns", txid_raw, st.data_file)
-                hit = None
-                if reads.ranges and row.get("w"):
-                    if ranged is None:
-                        ranged = RangeSet(reads.ranges)
-                    hit = next((k for k, _n in row["w"] if k in ranged), None)
-                hit = hit or _purge_hit(row.get("purge_range"), reads)
-                if hit is not None:
-                    stale.append(hit)
-                    break
-                if reads.scopes:
-                    _check_scopes(txid, row.get("tx"), row.get, reads.scopes)
-                if reads.fence is not None:
-                    _check_fence(txid, row.get("tx"), row.get, reads.fence)
-                if reads.files:
-                    _check_files(txid, row.get("tx"), row.get)
-        if stale:
-            _raise(txid, stale)
+        if (reads.ranges or purged_since or reads.scopes or reads.fence is not None
+                or reads.files):
+            return self._walk(txn, txid, reads, since, upto)
+        return None
+
+    def _walk_rest(self, txid: int, reads: ReadSet, resume: int | None, upto: int) -> None:
+        """The walk ``_check_lmdb`` began, on from ``resume``: WALK_ROWS commits per short
+        read transaction.  (A map resize waits until no reader is inside LMDB: one read
+        transaction over every commit since an old snapshot — a transaction held open for
+        hours — kept the resize, and every reader and committer behind it, waiting for
+        the whole validation — probe-audit55.)"""
+        st = self.state
+        while resume is not None:
+            with st.read() as txn:
+                _check_horizon(txn, st, reads.snapshot)  # (a trim may have run meanwhile)
+                resume = self._walk(txn, txid, reads, resume, upto)
+
+    def _walk(self, txn, txid: int, reads: ReadSet, since: int, upto: int) -> int | None:
+        """The commits applied with LSN in [since, upto), at most WALK_ROWS of them, against
+        the ranges, purges, scopes, fence and files of ``reads``; returns the LSN to go on
+        from, None when none is left.  The ``bylsn`` rows are read one at a time (a list
+        of them all held ~150 bytes per commit since the snapshot: a million commits,
+        150 MiB — probe-audit55)."""
+        st = self.state
+        ranged = None  # (built at the first commit with writes)
+        n = 0
+        for lsn_raw, txid_raw in iter_rows(txn, st.bylsn, u64(since), u64(upto)):
+            if n == WALK_ROWS:
+                return from_u64(lsn_raw, 0, "bylsn", None, st)
+            n += 1
+            raw = txn.get(txid_raw, db=st.txns)
+            if raw is None:
+                continue
+            row = tables.unpack_row(raw, "txns", txid_raw, st.data_file)
+            hit = None
+            if reads.ranges and row.get("w"):
+                if ranged is None:
+                    ranged = RangeSet(reads.ranges)
+                hit = next((k for k, _n in row["w"] if k in ranged), None)
+            hit = hit or _purge_hit(row.get("purge_range"), reads)
+            if hit is not None:
+                _raise(txid, [hit])
+            if reads.scopes:
+                _check_scopes(txid, row.get("tx"), row.get, reads.scopes)
+            if reads.fence is not None:
+                _check_fence(txid, row.get("tx"), row.get, reads.fence)
+            if reads.files:
+                _check_files(txid, row.get("tx"), row.get)
+        return None
 
 
 def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:

@@ -1050,6 +1050,20 @@ def read_chunk(txn, db, lo: bytes, hi: bytes | None, reverse: bool, after: bytes
     return out
 
 
+def iter_rows(txn, db, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+    """The rows of [lo, hi) in key order, read one at a time inside ``txn`` (a walk over
+    rows without bound, which ``read_chunk`` would hold all at once)."""
+    if db is None:
+        return
+    cur = txn.cursor(db=db)
+    if not cur.set_range(lo):
+        return
+    for k, v in cur.iternext():
+        if hi is not None and k >= hi:
+            return
+        yield k, v
+
+
 def chunk_ended(chunk: list[tuple[bytes, bytes]], limit: int, max_bytes: int) -> bool:
     """Did ``read_chunk(..., limit, max_bytes)`` return ``chunk`` because the range ended
     (not because it read ``limit`` rows or ``max_bytes`` of values)?"""
