@@ -14,12 +14,17 @@ Findings (each test named below fails on the code before its fix):
   other reader and committer waited behind it.  The walk takes short read transactions
   of a bounded number of rows now, so a resize runs between two of them
   (``test_a_map_resize_does_not_wait_for_a_held_transactions_whole_validation``).
+  A scan of an old snapshot walked those commits in one read transaction too (to correct
+  the rows it reads); it walks them as the commit does now
+  (``test_a_map_resize_does_not_wait_for_a_held_snapshots_whole_scan``).
 """
 from __future__ import annotations
 
 import threading
 import time
 import tracemalloc
+
+import pytest
 
 import walstore
 from walstore.engine import conflicts, tables
@@ -69,10 +74,10 @@ def test_a_held_transaction_commits_and_scans_in_bounded_memory(store):
     reader.rollback()
 
 
-def test_a_map_resize_does_not_wait_for_a_held_transactions_whole_validation(
-        store, monkeypatch):
-    n = 6_000  # (more than the rows a walk reads per LMDB read: 4,096)
-    held = _held_with_commits_since(store, n)
+def _resize_asked_for_as_the_walk_begins(store, monkeypatch, n: int) -> tuple[list, list]:
+    """From the first ``txns`` row this thread reads on: a map resize (``gate.exclusive``)
+    asked for in another thread; at row ``n - 100`` whether it ran (waited for) goes into
+    the first list returned; the second counts the rows."""
     gate = store._engine.state.gate
     me = threading.get_ident()
     seen = [0]
@@ -94,7 +99,61 @@ def test_a_map_resize_does_not_wait_for_a_held_transactions_whole_validation(
                 waited.append(resized.wait(20))
         return real(raw, table, *a, **kw)
     monkeypatch.setattr(tables, "unpack_row", counted)
+    return waited, seen
+
+
+def test_a_map_resize_does_not_wait_for_a_held_transactions_whole_validation(
+        store, monkeypatch):
+    n = 6_000  # (more than the rows a walk reads per LMDB read: 4,096)
+    held = _held_with_commits_since(store, n)
+    waited, seen = _resize_asked_for_as_the_walk_begins(store, monkeypatch, n)
     held.commit()
     assert seen[0] >= n - 100
     assert waited == [True], "the map resize waited for the whole validation"
     assert store.get("out") == 1
+
+
+def test_a_map_resize_does_not_wait_for_a_held_snapshots_whole_scan(store, monkeypatch):
+    n = 6_000
+    with store.transaction() as t:
+        t.put("p/a", 1)
+    reader = store.transaction()
+    reader.get("nothing")  # (its snapshot: before the commits below)
+    for i in range(n):
+        with store.transaction() as t:
+            t.put(f"o/{i}", i)
+    store.checkpoint()
+    waited, seen = _resize_asked_for_as_the_walk_begins(store, monkeypatch, n)
+    assert list(reader.scan(prefix="p/")) == [("p/a", 1)]
+    assert list(reader.scan(prefix="o/")) == []
+    assert seen[0] >= n - 100
+    assert waited == [True], "the map resize waited for the scan's whole walk"
+    reader.rollback()
+
+
+def test_a_held_snapshot_past_many_walks_reads_its_state_and_meets_a_late_phantom(store):
+    """The walks above go on across read transactions: a scan of an old snapshot still
+    shows its state when the commits since changed its range past the first walk's rows,
+    and a commit still conflicts with a phantom the last of them inserted."""
+    with store.transaction() as t:
+        t.update({f"p/{i:02d}": 0 for i in range(50)})
+    reader = store.transaction()
+    held = store.transaction()
+    want = [(f"p/{i:02d}", 0) for i in range(50)]
+    assert list(reader.scan(prefix="p/")) == want
+    assert list(held.scan(prefix="q/")) == []
+    held.put("out", 1)
+    for i in range(9_000):
+        with store.transaction() as t:
+            t.put(f"p/{i % 50:02d}" if i > 4_500 else f"o/{i}", i)
+    with store.transaction() as t:
+        t.put("q/late", 1)  # (the last commit: past two walks' rows)
+    store.checkpoint()
+    assert list(reader.scan(prefix="p/")) == want
+    assert list(reader.scan(prefix="p/", reverse=True)) == want[::-1]
+    assert reader.get("p/07") == 0
+    with pytest.raises(walstore.ConflictError, match="q/late"):
+        held.commit()
+    with pytest.raises(walstore.ConflictError):
+        reader.commit()
+    assert store.get("out") is None

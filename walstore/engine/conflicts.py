@@ -30,7 +30,7 @@ from ..errors import ConflictError
 from .lmdb_state import LmdbState, from_u64, iter_rows, u64
 from .keyindex import KeyIndex
 from .memtable import MemTable
-from .snapshot import _check_horizon
+from .snapshot import WALK_ROWS, _check_horizon
 from . import tables
 
 
@@ -62,10 +62,6 @@ class ReadSet:
     def __bool__(self) -> bool:
         return bool(self.keys or self.ranges or self.scopes or self.fence is not None
                     or self.files)
-
-
-# the commits a validation walks per short LMDB read transaction (``_walk_rest``)
-WALK_ROWS = 4096
 
 
 def _in_ranges(key: bytes, ranges) -> bool:

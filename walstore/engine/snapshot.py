@@ -38,6 +38,9 @@ from .lmdb_state import (SCAN_CHUNK, SCAN_CHUNK_BYTES, LmdbState, chunk_ended, f
 from .memtable import MemTable
 from . import tables
 
+# the commits applied since a snapshot that a scan of it walks per LMDB read transaction
+# (to correct its rows: ``_changed_since``), as a commit's validation does (conflicts)
+WALK_ROWS = 4096
 FIRST_CHUNK = 16  # rows of a scan's first LMDB read; each next one 4x, up to SCAN_CHUNK
 
 
@@ -167,7 +170,14 @@ class StateReader:
             with st.read() as txn:
                 applied = st.applied_past(txn, covered)
                 if applied is not None:
-                    _changed_since(txn, st, covered, applied, lo, hi, at, fixes, purges)
+                    more = _changed_since(txn, st, covered, applied, lo, hi, at, fixes,
+                                          purges)
+                    if more is not None:
+                        # (the rest of the walk in the next read transaction: one over
+                        # every commit since an old snapshot kept a map resize, and every
+                        # reader and committer behind it, waiting — probe-audit55)
+                        covered = more
+                        continue
                     covered = applied
                 chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit,
                                    SCAN_CHUNK_BYTES)
@@ -309,16 +319,22 @@ def _purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> b
 
 
 def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: bytes | None,
-                   at: int, fixes: dict, purges: bool = True) -> None:
+                   at: int, fixes: dict, purges: bool = True) -> int | None:
     """Add to ``fixes`` the value as of ``at`` of every key in [lo, hi) changed by a commit
-    applied with LSN in [since, upto)."""
+    applied with LSN in [since, upto), of the first WALK_ROWS of those commits; returns
+    the LSN to go on from (in another read transaction), None when none is left."""
     _check_horizon(txn, st, at, purges, lo, hi)
     # (a row at a time: a list of every commit since an old snapshot held ~150 bytes per
     # commit, a million commits 150 MiB, for one scan — probe-audit55)
-    for _lsn_raw, txid_raw in iter_rows(txn, st.bylsn, u64(since), u64(upto)):
+    n = 0
+    for lsn_raw, txid_raw in iter_rows(txn, st.bylsn, u64(since), u64(upto)):
+        if n == WALK_ROWS:
+            return from_u64(lsn_raw, 0, "bylsn", None, st)
+        n += 1
         row = txn.get(txid_raw, db=st.txns)
         if row is None:
             continue
         for k, _none in tables.unpack_row(row, "txns", txid_raw, st.data_file).get("w", ()):
             if k >= lo and (hi is None or k < hi) and k not in fixes:
                 fixes[k] = _lmdb_value_as_of(txn, st, k, at, purges)
+    return None
