@@ -157,3 +157,26 @@ def test_a_held_snapshot_past_many_walks_reads_its_state_and_meets_a_late_phanto
     with pytest.raises(walstore.ConflictError):
         reader.commit()
     assert store.get("out") is None
+
+
+def test_a_validation_over_many_walks_merges_the_scanned_ranges_once(store, monkeypatch):
+    """The walk's pieces share one merge of the transaction's scanned ranges (made again
+    per piece, a transaction that scanned 100,000 ranges sorted them per 4,096 commits)."""
+    held = store.transaction()
+    for i in range(200):
+        assert list(held.scan(prefix=f"r/{i}/")) == []
+    held.put("out", 1)
+    for i in range(9_000):
+        with store.transaction() as t:
+            t.put(f"o/{i}", i)
+    store.checkpoint()
+    made = [0]
+
+    class Counted(conflicts.RangeSet):
+        def __init__(self, ranges) -> None:
+            made[0] += 1
+            super().__init__(ranges)
+    monkeypatch.setattr(conflicts, "RangeSet", Counted)
+    held.commit()
+    assert made[0] == 1
+    assert store.get("out") == 1

@@ -58,6 +58,9 @@ class ReadSet:
     # an undo restoring files (Transaction.guard_files): a commit since the snapshot that
     # changed files conflicts (a later walstore writer of a path it puts back)
     files: bool = False
+    # ``ranges`` merged for lookups, made by the first walk that needs it and kept for
+    # the next ones (``ConflictChecker._walk``: one per WALK_ROWS commits)
+    merged: Any = field(default=None, repr=False, compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.keys or self.ranges or self.scopes or self.fence is not None
@@ -190,7 +193,7 @@ class ConflictChecker:
         of them all held ~150 bytes per commit since the snapshot: a million commits,
         150 MiB — probe-audit55)."""
         st = self.state
-        ranged = None  # (built at the first commit with writes)
+        ranged = reads.merged  # (built at the first commit with writes)
         n = 0
         for lsn_raw, txid_raw in iter_rows(txn, st.bylsn, u64(since), u64(upto)):
             if n == WALK_ROWS:
@@ -203,7 +206,7 @@ class ConflictChecker:
             hit = None
             if reads.ranges and row.get("w"):
                 if ranged is None:
-                    ranged = RangeSet(reads.ranges)
+                    ranged = reads.merged = RangeSet(reads.ranges)
                 hit = next((k for k, _n in row["w"] if k in ranged), None)
             hit = hit or _purge_hit(row.get("purge_range"), reads)
             if hit is not None:
