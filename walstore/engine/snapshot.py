@@ -35,6 +35,7 @@ from ..errors import ConflictError
 from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
 from .lmdb_state import (SCAN_CHUNK, SCAN_CHUNK_BYTES, LmdbState, chunk_ended, from_u64,
                          iter_rows, read_chunk, u64)
+from .keyindex import KeyIndex
 from .memtable import MemTable
 from . import tables
 
@@ -156,8 +157,13 @@ class StateReader:
         drops = mt.drops  # (before the keys are listed: see keys_in_range)
         over = mt.keys_in_range(lo, hi)  # ascending; the unmerged ones are over[first:last]
         first, last = 0, len(over)
-        fixes: dict[bytes, bytes | None] = {}
-        covered = at  # LMDB commits with LSN in [at, covered) are accounted for in fixes
+        # the keys not yet passed that LMDB commits since ``at`` changed: their values as
+        # of ``at`` are read per chunk (``_fixes_in``); keys, not values, kept between
+        # chunks (every such value was held from the first chunk on: the first row of
+        # a scan of an old snapshot over 20,000 rewritten 1 KiB values took 22 MiB —
+        # probe-audit55)
+        changed = KeyIndex()
+        covered = at  # LMDB commits with LSN in [at, covered) are accounted for in changed
         after: bytes | None = None
         st = self.state
         limit = FIRST_CHUNK  # (a caller that wants the first row or two reads few)
@@ -170,8 +176,8 @@ class StateReader:
             with st.read() as txn:
                 applied = st.applied_past(txn, covered)
                 if applied is not None:
-                    more = _changed_since(txn, st, covered, applied, lo, hi, at, fixes,
-                                          purges)
+                    more = _changed_since(txn, st, covered, applied, lo, hi, at, changed,
+                                          purges, after, reverse)
                     if more is not None:
                         # (the rest of the walk in the next read transaction: one over
                         # every commit since an old snapshot kept a map resize, and every
@@ -181,16 +187,20 @@ class StateReader:
                     covered = applied
                 chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit,
                                    SCAN_CHUNK_BYTES)
-            final = chunk_ended(chunk, limit, SCAN_CHUNK_BYTES)
+                final = chunk_ended(chunk, limit, SCAN_CHUNK_BYTES)
+                edge = None if final else chunk[-1][0]
+                fixed, cut = _fixes_in(txn, st, changed, lo, after, edge, reverse, at,
+                                       purges, limit)
+                if cut is not None:  # (more changed keys than a chunk's worth: the
+                    edge, final = cut, False  # chunk ends at the last one taken)
+                    chunk = [r for r in chunk if (r[0] >= cut if reverse else r[0] <= cut)]
             limit = min(limit * 4, SCAN_CHUNK)
-            edge = None if final else chunk[-1][0]
             if reverse:  # this chunk covers the MemTable keys from ``edge`` up
                 cut = first if edge is None else bisect_left(over, edge, first, last)
                 mine, last = over[cut:last][::-1], cut
             else:  # ... and those up to ``edge``
                 cut = last if edge is None else bisect_right(over, edge, first, last)
                 mine, first = over[first:cut], cut
-            fixed = [(k, v) for k, v in fixes.items() if _in_interval(k, after, edge, reverse)]
             rows = chunk if not mine and not fixed else \
                 self._merged(chunk, fixed, mine, reverse, at, drops)  # (LMDB rows alone:
             if epoch is None:                                         # never a deletion)
@@ -318,11 +328,40 @@ def _purged_since(txn, st: LmdbState, at: int, lo: bytes, hi: bytes | None) -> b
     return False
 
 
+def _fixes_in(txn, st: LmdbState, changed: KeyIndex, lo: bytes, after: bytes | None,
+              edge: bytes | None, reverse: bool, at: int, purges: bool, limit: int
+              ) -> tuple[list[tuple[bytes, bytes | None]], bytes | None]:
+    """The keys of ``changed`` in one chunk's interval (past ``after``, up to ``edge``),
+    with their values as of ``at``, taken out of ``changed``: at most ``limit`` of them
+    and about SCAN_CHUNK_BYTES of values (keys deleted since ``at`` are in no LMDB row,
+    so no chunk of rows bounds them).  Returns them and, when it stopped short of the
+    interval's end, the last key taken (the chunk then ends there), else None."""
+    if not len(changed):
+        return [], None
+    if reverse:
+        keys = changed.range(lo if edge is None else edge, after)[::-1]
+    else:
+        keys = changed.range(lo if after is None else after + b"\x00",
+                             None if edge is None else edge + b"\x00")
+    fixed: list[tuple[bytes, bytes | None]] = []
+    size = 0
+    for k in keys:
+        v = _lmdb_value_as_of(txn, st, k, at, purges)
+        fixed.append((k, v))
+        changed.discard(k)
+        size += 0 if v is None else len(v)
+        if (len(fixed) >= limit or size >= SCAN_CHUNK_BYTES) and len(fixed) < len(keys):
+            return fixed, k
+    return fixed, None
+
+
 def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: bytes | None,
-                   at: int, fixes: dict, purges: bool = True) -> int | None:
-    """Add to ``fixes`` the value as of ``at`` of every key in [lo, hi) changed by a commit
-    applied with LSN in [since, upto), of the first WALK_ROWS of those commits; returns
-    the LSN to go on from (in another read transaction), None when none is left."""
+                   at: int, changed: KeyIndex, purges: bool = True,
+                   after: bytes | None = None, reverse: bool = False) -> int | None:
+    """Add to ``changed`` every key in [lo, hi) not yet passed (past ``after``) changed by
+    a commit applied with LSN in [since, upto), of the first WALK_ROWS of those commits;
+    returns the LSN to go on from (in another read transaction), None when none is
+    left."""
     _check_horizon(txn, st, at, purges, lo, hi)
     # (a row at a time: a list of every commit since an old snapshot held ~150 bytes per
     # commit, a million commits 150 MiB, for one scan — probe-audit55)
@@ -335,6 +374,6 @@ def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: byt
         if row is None:
             continue
         for k, _none in tables.unpack_row(row, "txns", txid_raw, st.data_file).get("w", ()):
-            if k >= lo and (hi is None or k < hi) and k not in fixes:
-                fixes[k] = _lmdb_value_as_of(txn, st, k, at, purges)
+            if k >= lo and (hi is None or k < hi) and _in_interval(k, after, None, reverse):
+                changed.add(k)
     return None
