@@ -23,6 +23,10 @@ Findings (each test named below fails on the code before its fix):
   8 MiB).  Only the changed keys are kept now, their values read chunk by chunk, at most
   a chunk's worth each (keys deleted since are in no LMDB row to bound a chunk)
   (``test_the_first_row_of_an_old_snapshots_scan_holds_a_chunk_not_every_change``).
+
+``test_interleaved_transactions_agree_with_a_serializable_occ_model`` holds up to four
+interleaved transactions (reads, scans, savepoints, commits in any order, checkpoints
+between) to a plain model of snapshot reads and serializable OCC.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ import time
 import tracemalloc
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import walstore
 from walstore.engine import conflicts, tables
@@ -251,3 +257,139 @@ def test_an_old_snapshots_scan_agrees_with_its_state_whatever_changed_since(stor
     assert list(reader.scan(start="p/01000", end="p/02000", reverse=True)) == \
         [kv for kv in want if "p/01000" <= kv[0] < "p/02000"][::-1]
     reader.rollback()
+
+
+# ---- a model of interleaved transactions ---------------------------------------------
+KEYS = ["a", "a/1", "a/2", "b", "c", b"a", b"a/1", b"\xff"]
+BOUNDS = [(None, None, None), ("a", None, None), (None, "a/1", "b"), (None, "b", None),
+          (b"a", None, None), (None, b"\x00", b"\xff"), (None, None, "a/2")]
+T = st.integers(0, 3)  # four transactions open at once
+OPS = st.one_of(
+    st.tuples(st.just("get"), T, st.sampled_from(KEYS)),
+    st.tuples(st.just("in"), T, st.sampled_from(KEYS)),
+    st.tuples(st.just("scan"), T, st.sampled_from(BOUNDS), st.booleans(), st.integers(0, 3)),
+    st.tuples(st.just("put"), T, st.sampled_from(KEYS)),
+    st.tuples(st.just("delete"), T, st.sampled_from(KEYS)),
+    st.tuples(st.just("commit"), T),
+    st.tuples(st.just("rollback"), T),
+    st.tuples(st.just("savepoint"), T),
+    st.tuples(st.just("rollback_to"), T),
+    st.tuples(st.just("checkpoint"),),
+)
+
+
+def _order(k):
+    return (0, k) if isinstance(k, bytes) else (1, k.encode())
+
+
+def _inside(k, prefix, start, end) -> bool:
+    kind = next((type(b) for b in (prefix, start, end) if b is not None), None)
+    if kind is not None and type(k) is not kind:
+        return False
+    return ((prefix is None or k.startswith(prefix)) and (start is None or k >= start)
+            and (end is None or k < end))
+
+
+@pytest.fixture(scope="module")
+def model_store(tmp_path_factory):
+    s = walstore.open(str(tmp_path_factory.mktemp("model55") / "s"), durability="none")
+    yield s
+    s.close()
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(OPS, max_size=60))
+def test_interleaved_transactions_agree_with_a_serializable_occ_model(model_store, ops):
+    """Up to four transactions open at once, each reading (get, in, scans both ways, some
+    stopped early), writing, with savepoints, committing or rolling back in any order,
+    checkpoints between: each read is the transaction's snapshot (taken at its first read
+    of the store) under its own writes, and a commit conflicts exactly when a commit since
+    that snapshot wrote a key it read or into a range it scanned."""
+    store = model_store
+    committed = dict(store.scan()) | dict(store.scan(prefix=b""))
+    commits: list[set] = []  # the keys each commit wrote, in order
+    txs: dict = {}
+    counter = [0]
+
+    def tx(i):
+        if i not in txs:
+            txs[i] = dict(t=store.transaction(), own={}, snap=None, reads=set(), ranges=[],
+                          sps=[])
+        return txs[i]
+
+    def view(m):
+        v = dict(m["snap"][1] if m["snap"] else committed)
+        for k, x in m["own"].items():
+            if x is None:
+                v.pop(k, None)
+            else:
+                v[k] = x
+        return v
+
+    def fix(m):
+        if m["snap"] is None:
+            m["snap"] = (len(commits), dict(committed))
+    for op in ops:
+        if op[0] == "checkpoint":
+            store.checkpoint()
+            continue
+        kind, m = op[0], tx(op[1])
+        t = m["t"]
+        if kind in ("get", "in"):
+            k = op[2]
+            if k not in m["own"]:
+                fix(m)
+                m["reads"].add(k)
+            want = view(m).get(k, "absent")
+            if kind == "get":
+                assert t.get(k, "absent") == want
+            else:
+                assert (k in t) == (want != "absent")
+        elif kind == "scan":
+            fix(m)
+            m["ranges"].append(op[2])
+            want = sorted(((k, x) for k, x in view(m).items() if _inside(k, *op[2])),
+                          key=lambda kv: _order(kv[0]), reverse=op[3])
+            it = t.scan(*op[2], reverse=op[3])
+            if op[4] == 0:
+                assert list(it) == want
+            else:  # (stopped early: the whole range counts all the same)
+                assert [x for _, x in zip(range(op[4]), it)] == want[:op[4]]
+        elif kind == "put":
+            counter[0] += 1
+            m["own"][op[2]] = counter[0]
+            t.put(op[2], counter[0])
+        elif kind == "delete":
+            m["own"][op[2]] = None
+            t.delete(op[2])
+        elif kind == "savepoint":
+            m["sps"].append((t.savepoint(), dict(m["own"])))
+        elif kind == "rollback_to" and m["sps"]:
+            sp, own = m["sps"][0]
+            t.rollback_to(sp)
+            m["own"] = dict(own)
+            del m["sps"][1:]
+        elif kind == "rollback":
+            t.rollback()
+            del txs[op[1]]
+        elif kind == "commit":
+            del txs[op[1]]
+            conflict = m["snap"] is not None and any(
+                any(k in m["reads"] or any(_inside(k, *b) for b in m["ranges"]) for k in w)
+                for w in commits[m["snap"][0]:])
+            if conflict:
+                with pytest.raises(walstore.ConflictError):
+                    t.commit()
+            else:
+                t.commit()
+                if m["own"]:
+                    commits.append(set(m["own"]))
+                    for k, x in m["own"].items():
+                        if x is None:
+                            committed.pop(k, None)
+                        else:
+                            committed[k] = x
+    for m in txs.values():
+        m["t"].rollback()
+    assert dict(store.scan()) | dict(store.scan(prefix=b"")) == committed
