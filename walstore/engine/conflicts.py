@@ -149,11 +149,44 @@ class ConflictChecker:
         if stale:
             _raise(txid, stale)
         if applied_now > checked:
-            st = self.state
+            self._check_lmdb_since(txid, reads, max(p, checked))
+
+    def _check_lmdb_since(self, txid: int, reads: ReadSet, since: int) -> None:
+        """Step two's LMDB part: the commits applied since step one read LMDB (with LSN
+        at or after ``since``), walked, the keys read tested against what each wrote.
+        (A seek of each key's history here held the commit lock for as long as the read
+        set was big: 200,000 keys read, ~1 s for every commit of the process, whenever
+        the applier had moved between the steps — probe-audit55.)  Only when those
+        commits outnumber the keys read is a seek per key the cheaper way for the keys."""
+        st = self.state
+        with st.read() as txn:
+            applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
+            _check_horizon(txn, st, reads.snapshot)
+            purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
+                                    b"last_purge", st) >= since
+        walk = (reads.ranges or purged_since or reads.scopes or reads.fence is not None
+                or reads.files)
+        keys = reads.keys or None
+        left = None if walk else len(keys or ())  # (rows the walk may read; None: all)
+        resume: int | None = since
+        while resume is not None and left != 0:
             with st.read() as txn:
-                applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
-                resume = self._check_lmdb(txn, txid, reads, max(p, checked), applied)
-            self._walk_rest(txid, reads, resume, applied)
+                _check_horizon(txn, st, reads.snapshot)
+                resume, n = self._walk(txn, txid, reads, resume, applied, keys,
+                                       WALK_ROWS if left is None else min(left, WALK_ROWS))
+            if left is not None:
+                left -= n
+        if resume is not None and keys:  # (more commits than keys: a seek per key)
+            with st.read() as txn:
+                self._seek_keys(txn, txid, reads, since)
+
+    def _seek_keys(self, txn, txid: int, reads: ReadSet, since: int) -> None:
+        """ConflictError when a key read has a version at or after ``since`` in LMDB."""
+        cur = txn.cursor(db=self.state.hist)
+        for k in reads.keys:
+            if cur.set_range(tables.hist_key(k, since)) and tables.is_version_of(
+                    cur.key(), tables.hist_prefix(k)):
+                _raise(txid, [k])
 
     def _check_lmdb(self, txn, txid: int, reads: ReadSet, since: int, upto: int
                     ) -> int | None:
@@ -162,16 +195,12 @@ class ConflictChecker:
         from (``_walk_rest``: after ``txn`` ends), None when it is done."""
         st = self.state
         _check_horizon(txn, st, reads.snapshot)
-        cur = txn.cursor(db=st.hist)
-        for k in reads.keys:
-            if cur.set_range(tables.hist_key(k, since)) and tables.is_version_of(
-                    cur.key(), tables.hist_prefix(k)):
-                _raise(txid, [k])
+        self._seek_keys(txn, txid, reads, since)
         purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
                                 b"last_purge", st) >= since
         if (reads.ranges or purged_since or reads.scopes or reads.fence is not None
                 or reads.files):
-            return self._walk(txn, txid, reads, since, upto)
+            return self._walk(txn, txid, reads, since, upto)[0]
         return None
 
     def _walk_rest(self, txid: int, reads: ReadSet, resume: int | None, upto: int) -> None:
@@ -184,27 +213,31 @@ class ConflictChecker:
         while resume is not None:
             with st.read() as txn:
                 _check_horizon(txn, st, reads.snapshot)  # (a trim may have run meanwhile)
-                resume = self._walk(txn, txid, reads, resume, upto)
+                resume = self._walk(txn, txid, reads, resume, upto)[0]
 
-    def _walk(self, txn, txid: int, reads: ReadSet, since: int, upto: int) -> int | None:
-        """The commits applied with LSN in [since, upto), at most WALK_ROWS of them, against
-        the ranges, purges, scopes, fence and files of ``reads``; returns the LSN to go on
-        from, None when none is left.  The ``bylsn`` rows are read one at a time (a list
+    def _walk(self, txn, txid: int, reads: ReadSet, since: int, upto: int,
+              keys: set | None = None, limit: int = WALK_ROWS) -> tuple[int | None, int]:
+        """The commits applied with LSN in [since, upto), at most ``limit`` of them, against
+        the ranges, purges, scopes, fence and files of ``reads`` (and what they wrote
+        against ``keys``); returns the LSN to go on from (None when none is left) and how
+        many were read.  The ``bylsn`` rows are read one at a time (a list
         of them all held ~150 bytes per commit since the snapshot: a million commits,
         150 MiB — probe-audit55)."""
         st = self.state
         ranged = reads.merged  # (built at the first commit with writes)
         n = 0
         for lsn_raw, txid_raw in iter_rows(txn, st.bylsn, u64(since), u64(upto)):
-            if n == WALK_ROWS:
-                return from_u64(lsn_raw, 0, "bylsn", None, st)
+            if n == limit:
+                return from_u64(lsn_raw, 0, "bylsn", None, st), n
             n += 1
             raw = txn.get(txid_raw, db=st.txns)
             if raw is None:
                 continue
             row = tables.unpack_row(raw, "txns", txid_raw, st.data_file)
             hit = None
-            if reads.ranges and row.get("w"):
+            if keys and row.get("w"):
+                hit = next((k for k, _n in row["w"] if k in keys), None)
+            if hit is None and reads.ranges and row.get("w"):
                 if ranged is None:
                     ranged = reads.merged = RangeSet(reads.ranges)
                 hit = next((k for k, _n in row["w"] if k in ranged), None)
@@ -217,7 +250,7 @@ class ConflictChecker:
                 _check_fence(txid, row.get("tx"), row.get, reads.fence)
             if reads.files:
                 _check_files(txid, row.get("tx"), row.get)
-        return None
+        return None, n
 
 
 def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:
