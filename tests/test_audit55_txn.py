@@ -30,6 +30,8 @@ Findings (each test named below fails on the code before its fix):
   seeks per key only when those commits outnumber the keys read
   (``test_step_two_of_a_big_read_sets_validation_walks_the_new_commits_not_every_key``;
   ``test_a_read_key_written_between_the_steps_still_conflicts`` guards both ways).
+  Step one sought them all in one LMDB read: a map resize waited for every seek; now
+  4,096 keys per read (``test_a_map_resize_does_not_wait_for_the_seeks_of_a_big_read_set``).
 
 ``test_interleaved_transactions_agree_with_a_serializable_occ_model`` holds up to four
 interleaved transactions (reads, scans, savepoints, commits in any order, checkpoints
@@ -484,3 +486,43 @@ def test_a_read_key_written_between_the_steps_still_conflicts(store, monkeypatch
     with pytest.raises(walstore.ConflictError, match="k/7"):
         tx.commit()
     assert store.get("out") is None
+
+
+def test_a_map_resize_does_not_wait_for_the_seeks_of_a_big_read_set(store, monkeypatch):
+    """Step one of validation sought every read key's history in one LMDB read: a map
+    resize (and every reader and committer behind it) waited for all of them."""
+    n = 6_000
+    with store.transaction() as t:
+        t.update({f"k/{i}": i for i in range(n)})
+    tx = store.transaction()
+    for i in range(n):
+        tx.get(f"k/{i}")
+    tx.put("out", 1)
+    with store.transaction() as t:
+        t.put("elsewhere", 1)  # (a commit since its snapshot: LMDB is read for it)
+    store.checkpoint()
+    gate = store._engine.state.gate
+    me = threading.get_ident()
+    seen = [0]
+    resized = threading.Event()
+    waited: list[bool] = []
+    real = tables.hist_key
+
+    def counted(*a):
+        if threading.get_ident() == me:
+            seen[0] += 1
+            if seen[0] == 1:
+                threading.Thread(target=gate.exclusive, args=(resized.set,),
+                                 daemon=True).start()
+                deadline = time.monotonic() + 20
+                while not gate.paused and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert gate.paused
+            elif seen[0] == n - 100:
+                waited.append(resized.wait(20))
+        return real(*a)
+    monkeypatch.setattr(tables, "hist_key", counted)
+    tx.commit()
+    assert seen[0] >= n - 100
+    assert waited == [True], "the map resize waited for every key's seek"
+    assert store.get("out") == 1

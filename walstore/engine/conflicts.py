@@ -118,8 +118,21 @@ class ConflictChecker:
             applied = from_u64(txn.get(b"applied", db=st.meta), 0, "meta", b"applied", st)
             resume = (self._check_lmdb(txn, txid, reads, reads.snapshot, applied)
                       if applied > reads.snapshot else None)
+        if applied > reads.snapshot:
+            self._seek_keys_in_pieces(txid, reads, reads.snapshot)
         self._walk_rest(txid, reads, resume, applied)
         return applied
+
+    def _seek_keys_in_pieces(self, txid: int, reads: ReadSet, since: int) -> None:
+        """``_seek_keys``, WALK_ROWS keys per short read transaction (one over every key
+        of a big read set kept a map resize, and every reader and committer behind it,
+        waiting for them all — probe-audit55)."""
+        st = self.state
+        keys = list(reads.keys)
+        for i in range(0, len(keys), WALK_ROWS):
+            with st.read() as txn:
+                _check_horizon(txn, st, reads.snapshot)  # (a trim may have run meanwhile)
+                self._seek_keys(txn, txid, keys[i:i + WALK_ROWS], since)
 
     def check_recent(self, txid: int, reads: ReadSet, checked: int, applied_now: int) -> None:
         """Step two (under the commit lock): the MemTable, and LMDB past ``checked``."""
@@ -177,25 +190,24 @@ class ConflictChecker:
             if left is not None:
                 left -= n
         if resume is not None and keys:  # (more commits than keys: a seek per key)
-            with st.read() as txn:
-                self._seek_keys(txn, txid, reads, since)
+            self._seek_keys_in_pieces(txid, reads, since)
 
-    def _seek_keys(self, txn, txid: int, reads: ReadSet, since: int) -> None:
-        """ConflictError when a key read has a version at or after ``since`` in LMDB."""
+    def _seek_keys(self, txn, txid: int, keys, since: int) -> None:
+        """ConflictError when one of ``keys`` has a version at or after ``since`` in LMDB."""
         cur = txn.cursor(db=self.state.hist)
-        for k in reads.keys:
+        for k in keys:
             if cur.set_range(tables.hist_key(k, since)) and tables.is_version_of(
                     cur.key(), tables.hist_prefix(k)):
                 _raise(txid, [k])
 
     def _check_lmdb(self, txn, txid: int, reads: ReadSet, since: int, upto: int
                     ) -> int | None:
-        """The keys read, then the first WALK_ROWS commits applied with LSN in [since,
-        upto), checked in ``txn``; returns the LSN the walk over those commits goes on
-        from (``_walk_rest``: after ``txn`` ends), None when it is done."""
+        """The first WALK_ROWS commits applied with LSN in [since, upto), checked in
+        ``txn`` (the keys read: ``_seek_keys_in_pieces``, after); returns the LSN the walk
+        over those commits goes on from (``_walk_rest``: after ``txn`` ends), None when it
+        is done."""
         st = self.state
         _check_horizon(txn, st, reads.snapshot)
-        self._seek_keys(txn, txid, reads, since)
         purged_since = from_u64(txn.get(b"last_purge", db=st.meta), -1, "meta",
                                 b"last_purge", st) >= since
         if (reads.ranges or purged_since or reads.scopes or reads.fence is not None
