@@ -506,7 +506,12 @@ class PreparedSet:
         out = [(k, g) for k in writes if k in held for g in sorted(held[k]) if g != mine]
         if reads is not None:
             written = self._written
-            for k in reads.keys:
+            # the smaller side walked (under the commit lock: a lookup per key read made
+            # every commit with a big read set wait while anything was prepared —
+            # probe-audit55)
+            keys = reads.keys if len(reads.keys) <= len(written) else \
+                [k for k in written if k in reads.keys]
+            for k in keys:
                 gids = written.get(k)
                 if gids:
                     out += [(k, g) for g in sorted(gids) if g != mine]
