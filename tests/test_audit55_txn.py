@@ -38,6 +38,8 @@ Findings (each test named below fails on the code before its fix):
   anything was prepared, each key read was looked up in the prepared writes under the
   lock; the smaller side is walked now
   (``test_a_big_read_set_is_checked_against_a_prepared_transaction_by_its_few_keys``).
+- A scan whose start was past its end (it reads nothing) conflicted with any purge
+  across its bounds (``test_an_empty_range_scanned_meets_no_purge``).
 
 ``test_interleaved_transactions_agree_with_a_serializable_occ_model`` holds up to four
 interleaved transactions (reads, scans, savepoints, commits in any order, checkpoints
@@ -608,3 +610,18 @@ def test_a_big_read_set_is_checked_against_a_prepared_transaction_by_its_few_key
         tx2.commit()
     store.commit_prepared("g55")
     assert store.get("held") == 1 and store.get("out") == 1 and store.get("out2") is None
+
+
+def test_an_empty_range_scanned_meets_no_purge(store):
+    """A scan whose start is past its end reads nothing, so nothing conflicts with it; a
+    purge across its bounds did (a purge tests ranges by overlap, and an inverted range
+    "overlapped" every purge covering its ends)."""
+    with store.transaction() as t:
+        t.put("p/5", 1)
+    tx = store.transaction()
+    assert list(tx.scan(start="p/9", end="p/1")) == []
+    assert list(tx.scan(prefix="p/", start="p/9", end="p/1", reverse=True)) == []
+    tx.put("out", 1)
+    store.purge("p/")
+    tx.commit()
+    assert store.get("out") == 1

@@ -295,8 +295,8 @@ def _purge_hit(rng: tuple | list | None, reads: ReadSet) -> bytes | None:
         if _in_ranges(k, [(lo, hi)]):
             return k
     for rlo, rhi in reads.ranges:
-        if (hi is None or rlo < hi) and (rhi is None or lo < rhi):
-            return lo
+        if (hi is None or rlo < hi) and (rhi is None or (lo < rhi and rlo < rhi)):
+            return lo  # (an empty range, start past end, holds nothing: no overlap)
     return None
 
 
