@@ -39,7 +39,8 @@ Findings (each test named below fails on the code before its fix):
   lock; the smaller side is walked now
   (``test_a_big_read_set_is_checked_against_a_prepared_transaction_by_its_few_keys``).
 - A scan whose start was past its end (it reads nothing) conflicted with any purge
-  across its bounds (``test_an_empty_range_scanned_meets_no_purge``).
+  across its bounds, and, read after such a purge, raised SnapshotTooOld
+  (``test_an_empty_range_scanned_meets_no_purge``).
 
 ``test_interleaved_transactions_agree_with_a_serializable_occ_model`` holds up to four
 interleaved transactions (reads, scans, savepoints, commits in any order, checkpoints
@@ -625,3 +626,12 @@ def test_an_empty_range_scanned_meets_no_purge(store):
     store.purge("p/")
     tx.commit()
     assert store.get("out") == 1
+    # nor, read after the purge, is it a SnapshotTooOld (it has nothing to read)
+    with store.transaction() as t:
+        t.put("p/5", 2)
+    tx = store.transaction()
+    assert tx.get("out") == 1
+    store.purge("p/")
+    assert list(tx.scan(start="p/9", end="p/1")) == []
+    assert list(tx.scan(start="p/9", end="p/1", reverse=True)) == []
+    tx.rollback()

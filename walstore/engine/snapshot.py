@@ -131,6 +131,10 @@ class StateReader:
         trimming the history the rest needs while the caller holds the scan: retry the
         scan).  The scan does not pin history: a reader that pauses could hold retention
         (and the store's growth) for as long as it likes."""
+        if hi is not None and lo >= hi:
+            # (start past end: nothing to read — a purge across its bounds made it a
+            # SnapshotTooOld, "what it would read" being nothing — probe-audit55)
+            return iter(())
         if at is None:
             return self._scan_now(lo, hi, reverse, purges)
         return self._scan(lo, hi, reverse, at, purges)
