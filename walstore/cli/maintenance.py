@@ -72,7 +72,8 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
                      getattr(report, "file_conflicts", ())}
         earlier = [c for c in store.file_conflicts()
                    if (c.get("workspace"), c.get("path")) not in found_now]
-    doc = report.as_dict()
+    doc = _recover_doc(mode)
+    doc.update(report.as_dict(), recovered=True)
     doc["pending_actions"] = action_docs(owed, registered)
     doc["file_conflicts_recorded_earlier"] = earlier
     if rebuilt is not None:
@@ -111,6 +112,20 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
     raise SystemExit(EXIT_PROBLEM if problem else 0)
 
 
+def _recover_doc(mode: str) -> dict:
+    """The one shape of `recover --json`, recovered or refused, every key present: what
+    does not apply is null (or an empty list).  A refusal printed only its own keys (no
+    `records`, `pending_actions`, ...) and a recovery none of `refused`, `reason`,
+    `file`, `offset`, `lsn`: a script reading either met a KeyError."""
+    from walstore.agent.files import FilesRecoveryReport  # (the report a Store gives)
+    doc = {k: [] if isinstance(v, list) else None
+           for k, v in FilesRecoveryReport(mode=mode).as_dict().items()}
+    doc.update(mode=mode, recovered=False, refused=False, reason=None, file=None,
+               offset=None, lsn=None, pending_actions=[], file_conflicts_recorded_earlier=[],
+               rebuilt_state=None)
+    return doc
+
+
 def _report_lmdb_damaged(path: str, e: walstore.CorruptionError) -> None:
     """LMDB's state is lost or damaged: the options are a rebuild from the log (when it
     is whole from LSN 0) or a backup / replica.  Nothing was changed.  One error line, as
@@ -134,9 +149,9 @@ def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> No
     problem = {"kind": "refused", "file": e.file, "offset": e.offset, "lsn": e.lsn,
                "reason": e.reason, "bytes": 0, "action": "refused", "quarantined": None}
     note_problem()  # (before printing: see note_problem)
-    doc = {"recovered": False, "refused": True, "reason": e.reason, "file": e.file,
-           "offset": e.offset, "lsn": e.lsn, "clean": False, "mode": mode,
-           "problems": [problem]}
+    doc = _recover_doc(mode)
+    doc.update(refused=True, reason=e.reason, file=e.file, offset=e.offset, lsn=e.lsn,
+               clean=False, problems=[problem])
     if as_json:
         emit_json(doc)
     else:
