@@ -53,3 +53,18 @@ def test_recover_json_has_one_shape_recovered_or_refused(tmp_path):
     assert b["recovered"] is False and b["refused"] is True and b["reason"]
     assert b["file"].endswith(".wal") and b["pending_actions"] == []
     assert b["problems"][0]["kind"] == "refused"
+
+
+def test_json_before_the_verb_is_the_verbs_json(tmp_path):
+    """`walstore --json stats PATH` was click's "No such option '--json'", exit 2, with
+    nothing on stdout: a script asking for a document got none."""
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    before, after = cli("--json", "stats", path), cli("stats", path, "--json")
+    assert before.returncode == after.returncode == 0, before.stderr
+    assert sorted(json.loads(before.stdout)) == sorted(json.loads(after.stdout))
+    # a verb without --json, and the flag with no verb: usage errors, each a document
+    for args in (("--json", "get", path, "k"), ("--json",), ("--json", "--bad", "stats")):
+        r = cli(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
+        assert json.loads(r.stdout)["error"]["type"] == "UsageError", args

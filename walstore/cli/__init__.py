@@ -199,6 +199,28 @@ def _reader_went_away() -> NoReturn:
 class WalstoreGroup(click.Group):
     command_class = WalstoreCommand
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """``walstore --json VERB ...`` is ``walstore VERB --json ...``: the flag before
+        the verb was click's "No such option: --json" (exit 2) with no JSON document on
+        stdout, where a script looking for one found nothing.  Moved after the verb, a
+        verb without ``--json`` (``get``) refuses it as its own usage error, a document
+        too.  (The group's own options are flags: the first other word is the verb.)"""
+        head = 0
+        while head < len(args) and args[head].startswith("-") and args[head] != "--":
+            head += 1
+        if head < len(args) and args[head] != "--" and "--json" in args[:head]:
+            args = ([a for a in args[:head] if a != "--json"]
+                    + [args[head], "--json"] + args[head + 1:])
+        as_json = "--json" in args  # (before click's parser consumes the list)
+        try:
+            return super().parse_args(ctx, args)
+        except click.exceptions.ClickException as e:  # (the group's own usage error:
+            if as_json:                              # `walstore --json`, `--json --bad`)
+                emit_json_error(ctx.info_name or "walstore", e.format_message(),
+                                e.exit_code, "UsageError" if e.exit_code == EXIT_USAGE
+                                else type(e).__name__)
+            raise
+
     def invoke(self, ctx: click.Context) -> Any:
         """Usage errors found before a command runs (click's own, a malformed key or
         point) are a JSON document too under ``--json``."""

@@ -11,6 +11,7 @@ import os
 from typing import Any, Callable, Iterator
 
 from ..agent.actions import check_resolve_note, never_runs
+from ..agent.files import FilesRecoveryReport
 from ..agent.twophase import check_gid
 from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
@@ -34,6 +35,12 @@ __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "che
            "changes_between", "Flag", "never_runs"]
 
 Progress = Callable[[int, int], None] | None
+
+
+def recovery_report_keys(mode: str) -> dict:
+    """A recovery report's fields (``store.last_recovery.as_dict()``), as a store of
+    reversible files gives them, each at its default: `recover --json`'s one shape."""
+    return FilesRecoveryReport(mode=mode).as_dict()
 
 
 def check_key(key: Any) -> None:

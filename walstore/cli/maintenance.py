@@ -117,9 +117,8 @@ def _recover_doc(mode: str) -> dict:
     does not apply is null (or an empty list).  A refusal printed only its own keys (no
     `records`, `pending_actions`, ...) and a recovery none of `refused`, `reason`,
     `file`, `offset`, `lsn`: a script reading either met a KeyError."""
-    from walstore.agent.files import FilesRecoveryReport  # (the report a Store gives)
     doc = {k: [] if isinstance(v, list) else None
-           for k, v in FilesRecoveryReport(mode=mode).as_dict().items()}
+           for k, v in _engine.recovery_report_keys(mode).items()}
     doc.update(mode=mode, recovered=False, refused=False, reason=None, file=None,
                offset=None, lsn=None, pending_actions=[], file_conflicts_recorded_earlier=[],
                rebuilt_state=None)
