@@ -68,3 +68,42 @@ def test_json_before_the_verb_is_the_verbs_json(tmp_path):
         r = cli(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
         assert json.loads(r.stdout)["error"]["type"] == "UsageError", args
+
+
+def _demo_until(path: str, marker: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "demo", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=cli_env())
+    for line in proc.stdout:
+        if line.startswith(marker):
+            return proc
+    proc.kill()
+    raise AssertionError(f"the demo never printed {marker!r}: {proc.stderr.read()}")
+
+
+def test_a_demo_whose_reader_goes_away_leaves_nothing_behind(tmp_path):
+    """`walstore demo PATH | head -3` left PATH-demo-files (and, later in the story, half
+    a store): the next `walstore demo PATH` refused, "PATH-demo-files exists"."""
+    path = str(tmp_path / "d")
+    proc = _demo_until(path, "== 4.")
+    proc.stdout.close()  # (the reader goes away, as head's exit does)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert "Traceback" not in proc.stderr.read()
+    assert not os.path.lexists(path) and not os.path.lexists(path + "-demo-files")
+    # an empty directory the user gave stays, empty
+    os.mkdir(path)
+    proc = _demo_until(path, "== 2.")
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 0
+    assert os.listdir(path) == [] and not os.path.lexists(path + "-demo-files")
+
+
+def test_a_demo_interrupted_mid_crash_story_leaves_nothing_behind(tmp_path):
+    """Ctrl-C while the demo's worker process runs: exit 130, no worker, no files."""
+    path = str(tmp_path / "d")
+    proc = _demo_until(path, "== 6.")
+    proc.send_signal(2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "demo interrupted (Ctrl-C)" in err and "Traceback" not in err
+    assert not os.path.lexists(path) and not os.path.lexists(path + "-demo-files")

@@ -8,8 +8,10 @@ survived.  Returns the exit status (0 when every check held).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import time
 import walstore
 
 from . import demo_payments as payments
+from .signals import deferred
 
 TOTAL_BUDGET = 100
 
@@ -39,12 +42,45 @@ def side_dir(path: str) -> str:
 
 
 def run_demo(path: str | None = None) -> int:
-    path = path or os.path.join(tempfile.mkdtemp(prefix="walstore-demo-"), "agent-state")
+    """The demo's story; its store and ``PATH-demo-files`` stay when it ends (to inspect).
+    Cut short (its reader gone: ``walstore demo | head -3``, Ctrl-C, an error), it
+    removes what it made and nothing else: it left ``PATH-demo-files`` (and half a
+    store), and a second ``walstore demo PATH`` refused, the directory existing."""
+    made_root = None
+    if not path:
+        made_root = tempfile.mkdtemp(prefix="walstore-demo-")
+        path = os.path.join(made_root, "agent-state")
     side = side_dir(path)
     if os.path.lexists(side):
         raise FileExistsError(f"the demo keeps its agents' outside files in {side}, which "
                               f"already exists: pick another PATH")
+    path_existed = os.path.lexists(path)  # (then an empty directory: the CLI checks)
     os.makedirs(side, mode=0o700)
+    try:
+        return _stories(path, side)
+    except BaseException:
+        with deferred():  # (a second Ctrl-C does not leave half of it)
+            _remove_made(made_root or path, side, keep_root=path_existed and not made_root)
+        raise
+
+
+def _remove_made(root: str, side: str, keep_root: bool) -> None:
+    """Remove the demo's side directory and its store (``keep_root``: the user's empty
+    directory stays, emptied)."""
+    shutil.rmtree(side, ignore_errors=True)
+    if not keep_root:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for name in (os.listdir(root) if os.path.isdir(root) else ()):
+        p = os.path.join(root, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+
+
+def _stories(path: str, side: str) -> int:
     step(1, "An agent keeps its world state in walstore")
     say(f"The planner agent opens its store at {path} (durability='full': a commit returns "
         f"only once it is on disk).")
@@ -232,14 +268,17 @@ def _crash_story(path: str, ledger: str) -> list[dict]:
                             stdout=subprocess.PIPE, text=True)
     acked: list[dict] = []
     deadline = time.monotonic() + 60
-    for line in proc.stdout:
-        if line.startswith("ACK "):
-            acked.append(json.loads(line[4:]))
-        if line.startswith("CHARGED") or time.monotonic() > deadline:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
+    try:
+        for line in proc.stdout:
+            if line.startswith("ACK "):
+                acked.append(json.loads(line[4:]))
+            if line.startswith("CHARGED") or time.monotonic() > deadline:
+                break
+    finally:  # (also when cut short: no worker left writing to a store being removed)
+        with deferred():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
     say(f"Killed process {proc.pid} after it acknowledged {len(acked)} steps "
         f"(the last was step {acked[-1]['step'] if acked else None}).")
     return acked
