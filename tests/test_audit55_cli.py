@@ -107,3 +107,34 @@ def test_a_demo_interrupted_mid_crash_story_leaves_nothing_behind(tmp_path):
     assert proc.returncode == 130, err
     assert "demo interrupted (Ctrl-C)" in err and "Traceback" not in err
     assert not os.path.lexists(path) and not os.path.lexists(path + "-demo-files")
+
+
+def test_replicate_called_in_process_gives_back_the_signal_handlers(tmp_path):
+    """`main(["replicate", ...], standalone_mode=False)` returned with its own SIGINT and
+    SIGTERM handlers still installed: the caller's Ctrl-C after it only set the dead
+    command's stop flag (no KeyboardInterrupt), and SIGTERM no longer ended it."""
+    import signal
+    import threading
+
+    from walstore.cli import main
+
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def stop_it() -> None:  # (SIGTERM once the command's handler is in place)
+        for _ in range(6000):
+            if signal.getsignal(signal.SIGTERM) is not before[1]:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            threading.Event().wait(0.01)
+    t = threading.Thread(target=stop_it)
+    t.start()
+    try:
+        main(["replicate", path, (tmp_path / "replica").as_uri()], standalone_mode=False)
+    finally:
+        t.join()
+        now = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+    assert now == before

@@ -52,11 +52,20 @@ def _stop_on_signals() -> "_engine.Flag":
     # (not an Event: its set() from a handler could wait for the lock its wait() held when
     # the signal came; see walstore.signals)
     stop = _engine.Flag()
+    before = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            signal.signal(sig, lambda *_a: stop.set())
+            before[sig] = signal.signal(sig, lambda *_a: stop.set())
         except ValueError:  # not the main thread (tests): Ctrl-C ends it the usual way
             pass
+
+    def give_back() -> None:
+        # (the command's end, however it ends: the CLI called in-process — main([...],
+        # standalone_mode=False), click's CliRunner — kept these handlers after it
+        # returned, and the caller's Ctrl-C and SIGTERM only set a dead Flag)
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    click.get_current_context().call_on_close(give_back)
     return stop
 
 
