@@ -138,3 +138,18 @@ def test_replicate_called_in_process_gives_back_the_signal_handlers(tmp_path):
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
     assert now == before
+
+
+def test_replicas_json_has_the_same_keys_with_and_without_verify(tmp_path):
+    """`replicas --json` had no `verify` key without --verify: a script reading
+    doc["verify"] met a KeyError on the one form and not the other."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    url = (tmp_path / "replica").as_uri()
+    assert cli("replicate", path, url, "--once").returncode == 0
+    plain, checked = cli("replicas", url, "--json"), cli("replicas", url, "--json", "--verify")
+    assert plain.returncode == checked.returncode == 0, (plain.stderr, checked.stderr)
+    a, b = json.loads(plain.stdout), json.loads(checked.stdout)
+    assert sorted(a) == sorted(b) and a["verify"] is None and b["verify"]["ok"] is True

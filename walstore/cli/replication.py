@@ -399,8 +399,8 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
     bad = verify and not r["verify"]["ok"]
     if bad:  # (before printing: a reader gone mid-output keeps exit 1, see note_problem)
         note_problem()
-    if as_json:
-        _emit(r)
+    if as_json:  # (stable keys: `verify` null without --verify; it was absent)
+        _emit({**r, "verify": r.get("verify")})
         if bad:
             sys.exit(EXIT_PROBLEM)
         return
