@@ -54,24 +54,28 @@ def run_demo(path: str | None = None) -> int:
     if os.path.lexists(side):
         raise FileExistsError(f"the demo keeps its agents' outside files in {side}, which "
                               f"already exists: pick another PATH")
-    path_existed = os.path.lexists(path)  # (then an empty directory: the CLI checks)
+    # (an existing PATH is an empty directory, the CLI checks; called otherwise, what
+    # it held is never removed)
+    kept = set(os.listdir(path)) if os.path.isdir(path) and not made_root else None
     os.makedirs(side, mode=0o700)
     try:
         return _stories(path, side)
     except BaseException:
         with deferred():  # (a second Ctrl-C does not leave half of it)
-            _remove_made(made_root or path, side, keep_root=path_existed and not made_root)
+            _remove_made(made_root or path, side, kept)
         raise
 
 
-def _remove_made(root: str, side: str, keep_root: bool) -> None:
-    """Remove the demo's side directory and its store (``keep_root``: the user's empty
-    directory stays, emptied)."""
+def _remove_made(root: str, side: str, kept: set | None) -> None:
+    """Remove the demo's side directory and its store (``kept``: the names the directory
+    held before, which stay, and so does the directory)."""
     shutil.rmtree(side, ignore_errors=True)
-    if not keep_root:
+    if kept is None:
         shutil.rmtree(root, ignore_errors=True)
         return
     for name in (os.listdir(root) if os.path.isdir(root) else ()):
+        if name in kept:
+            continue
         p = os.path.join(root, name)
         if os.path.isdir(p) and not os.path.islink(p):
             shutil.rmtree(p, ignore_errors=True)
