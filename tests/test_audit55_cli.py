@@ -153,3 +153,24 @@ def test_replicas_json_has_the_same_keys_with_and_without_verify(tmp_path):
     assert plain.returncode == checked.returncode == 0, (plain.stderr, checked.stderr)
     a, b = json.loads(plain.stdout), json.loads(checked.stdout)
     assert sorted(a) == sorted(b) and a["verify"] is None and b["verify"]["ok"] is True
+
+
+def test_a_writing_verb_shows_the_progress_of_the_recovery_its_open_runs(tmp_path):
+    """`put` (also `delete`, `resolve`, `commit-prepared`, `rollback-prepared`) on a store
+    not shut down cleanly recovers it as it opens: a walk of the whole log since the last
+    checkpoint, which ran without a word however large (CONTRACT 3: progress on long
+    work; `checkpoint` and `purge` showed it)."""
+    from walstore.cli.output import PROGRESS_MIN_BYTES
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="none", checkpoint_bytes=1 << 40,
+                      segment_size=16 << 20)
+    blob = os.urandom((1 << 20) - 200)
+    for i in range(PROGRESS_MIN_BYTES // (1 << 20) + 4):
+        with s.transaction() as tx:
+            tx.put(f"k{i % 8}", blob)
+    s._drop_like_a_crash()  # (unclean: the next writable open recovers the whole log)
+    r = cli("put", path, "x", "1")
+    assert r.returncode == 0, r.stderr
+    shown = [ln for ln in r.stderr.splitlines() if ln.startswith("recover:")]
+    assert shown and "(100%)" in shown[-1], r.stderr
+    assert r.stdout.startswith("committed"), r.stdout

@@ -18,7 +18,8 @@ import walstore
 
 from . import _engine
 from ._engine import never_runs
-from .output import UsageProblem, note_problem, show_cell, stream_table, table
+from .output import (UsageProblem, end_progress, note_problem, progress_printer, show_cell,
+                     stream_table, table)
 
 
 class DirPath(click.Path):
@@ -62,8 +63,16 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
     ``recover="manual"``: a command that must not recover a store unseen (recovery rolls
     back the crashed transactions and, with compensators, runs their compensations)
     refuses one that needs it (NeedsRecovery, exit 1), naming `walstore recover`."""
+    if not kw.get("readonly") and kw.get("recover") != "manual" and "progress" not in kw:
+        # a writing verb's open recovers a store not shut down cleanly: its walk of the
+        # log is shown as `recover`'s and `checkpoint`'s is (`put`, `delete`, `resolve`,
+        # `commit-prepared` ran a GB-sized recovery without a word), never under --json
+        ctx = click.get_current_context(silent=True)
+        as_json = bool(ctx is not None and ctx.params.get("as_json"))
+        kw["progress"] = None if as_json else progress_printer("recover")
     try:
         store = walstore.open(path, create=False, **kw)
+        end_progress()
     except walstore.NeedsRecovery:
         command = click.get_current_context().info_name
         raise walstore.NeedsRecovery(
