@@ -174,3 +174,17 @@ def test_a_writing_verb_shows_the_progress_of_the_recovery_its_open_runs(tmp_pat
     shown = [ln for ln in r.stderr.splitlines() if ln.startswith("recover:")]
     assert shown and "(100%)" in shown[-1], r.stderr
     assert r.stdout.startswith("committed"), r.stdout
+    # a read-only verb's open judges the crashed log as recovery would: shown too
+    path2 = str(tmp_path / "s2")
+    s = walstore.open(path2, durability="none", checkpoint_bytes=1 << 40,
+                      segment_size=16 << 20)
+    for i in range(PROGRESS_MIN_BYTES // (1 << 20) + 4):
+        with s.transaction() as tx:
+            tx.put(f"k{i % 8}", blob)
+    s._drop_like_a_crash()
+    r = cli("get", path2, "k1")
+    assert r.returncode == 0, r.stderr
+    shown = [ln for ln in r.stderr.splitlines() if ln.startswith("check log:")]
+    assert shown and "(100%)" in shown[-1], r.stderr
+    r = cli("scan", path2, "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr

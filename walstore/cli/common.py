@@ -63,13 +63,15 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
     ``recover="manual"``: a command that must not recover a store unseen (recovery rolls
     back the crashed transactions and, with compensators, runs their compensations)
     refuses one that needs it (NeedsRecovery, exit 1), naming `walstore recover`."""
-    if not kw.get("readonly") and kw.get("recover") != "manual" and "progress" not in kw:
-        # a writing verb's open recovers a store not shut down cleanly: its walk of the
-        # log is shown as `recover`'s and `checkpoint`'s is (`put`, `delete`, `resolve`,
-        # `commit-prepared` ran a GB-sized recovery without a word), never under --json
+    if kw.get("recover") != "manual" and "progress" not in kw:
+        # an open recovers a store not shut down cleanly (a read-only one judges its log
+        # as recovery would): its walk of the log is shown as `recover`'s and
+        # `checkpoint`'s is (`put`, `get`, `scan`, `resolve`, ... ran a GB-sized walk
+        # without a word), never under --json
         ctx = click.get_current_context(silent=True)
         as_json = bool(ctx is not None and ctx.params.get("as_json"))
-        kw["progress"] = None if as_json else progress_printer("recover")
+        kw["progress"] = None if as_json else progress_printer(
+            "check log" if kw.get("readonly") else "recover")  # (read-only: changes nothing)
     try:
         store = walstore.open(path, create=False, **kw)
         end_progress()

@@ -165,7 +165,7 @@ class Engine:
             self.applier = Applier(self.state)
             self.closed = False  # the open sequence below uses the engine (a failure closes)
             if readonly:
-                self._open_readonly(recover)
+                self._open_readonly(recover, progress)
             else:
                 self._open_writer(recover, progress)
         except BaseException as e:
@@ -454,7 +454,7 @@ class Engine:
             ns = self.key_namespace
         return f"ws-{ns}-{aid}"
 
-    def _open_readonly(self, recover: str = "auto") -> None:
+    def _open_readonly(self, recover: str = "auto", progress=None) -> None:
         """A read-only open.  A crashed store (no writer alive, not closed cleanly) is
         shown as its committed state, its log judged first as strict recovery would judge
         it; with ``recover="manual"`` it raises NeedsRecovery instead, as a writable open
@@ -471,7 +471,8 @@ class Engine:
             if self.needs_recovery():
                 # A crashed store: judge its log as strict recovery would, so a damaged log
                 # is refused here instead of being shown as a silent prefix.
-                Recovery(self.path, self.store_id, self.state, "strict", None,
+                # (``progress``: this walk is as long as a recovery's; it was silent)
+                Recovery(self.path, self.store_id, self.state, "strict", progress,
                          dry_run=True).run()
             else:
                 self._check_log_reaches_applied()
