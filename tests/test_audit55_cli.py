@@ -188,3 +188,27 @@ def test_a_writing_verb_shows_the_progress_of_the_recovery_its_open_runs(tmp_pat
     assert shown and "(100%)" in shown[-1], r.stderr
     r = cli("scan", path2, "--json")
     assert r.returncode == 0 and r.stderr == "", r.stderr
+
+
+def _to_dev_full(*args: str) -> subprocess.CompletedProcess:
+    with open("/dev/full", "w") as full:
+        return subprocess.run([sys.executable, "-c", CLI, *args], stdout=full,
+                              stderr=subprocess.PIPE, text=True, env=cli_env(), timeout=60)
+
+
+def test_output_that_cannot_be_written_is_said_as_such_never_a_traceback(tmp_path):
+    """Stdout on a full disk (``> /dev/full``): a failing --json command whose error
+    document could not be written printed a traceback and exited 1 (a usage error: 2);
+    and a write failure was said as the store's ("put failed: No space left on device
+    (store PATH)") for a put that had committed."""
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    r = _to_dev_full("stats", str(tmp_path / "missing"), "--json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    r = _to_dev_full("put", path, "k", "5")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert "stdout" in line and "ENOSPC" in line and "(store" not in line, line
+    with walstore.open(path, readonly=True) as s:
+        assert s.get("k") == 5  # (it committed: the line says what failed)

@@ -65,6 +65,21 @@ def _os_text(exc: OSError, where: str) -> str:
     return text + (f": {' -> '.join(files)}" if files else where)
 
 
+def _writing_stdout(exc: BaseException) -> bool:
+    """The error came from writing the command's output to stdout (``> /dev/full``, a
+    full disk under a redirection, EIO of a terminal gone), not from the store."""
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code is click.utils.echo.__code__:
+            try:
+                return frame.f_locals.get("file").fileno() == 1
+            except (AttributeError, OSError, ValueError):
+                return False
+        tb = tb.tb_next
+    return False
+
+
 def _cause(exc: BaseException, command: str, path: str | None) -> str:
     where = f" (store {os.path.abspath(path)})" if path else ""
     if isinstance(exc, walstore.WalstoreError):
@@ -88,6 +103,10 @@ def _cause(exc: BaseException, command: str, path: str | None) -> str:
             text += f" ({_cause(inner, command, None)})"  # a wrapped OS/LMDB error: say which
         return text
     if isinstance(exc, OSError):
+        if _writing_stdout(exc):  # (it said "(store PATH)": the store's disk full? and
+            # `put ... > /dev/full` said "put failed" of a put that had committed)
+            return (f"writing its output to stdout failed: {_os_text(exc, '')} (what the "
+                    f"command changed before that stands)")
         return _os_text(exc, where)
     if isinstance(exc, lmdb.Error):
         db = _engine.lmdb_file(path) if path else None

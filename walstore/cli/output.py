@@ -234,11 +234,13 @@ def emit_json_error(command: str, message: str, code: int, kind: str | None) -> 
     try:
         emit_json({"error": {"command": command, "message": message, "exit": code,
                              "type": kind}})
-    except BrokenPipeError:
-        # the reader of stdout went away (``| head -1``, a script that stopped reading):
-        # the document is nobody's, but the error's line on stderr and its exit status
-        # still are; raised on from here, click ended the process at once with exit 1
-        # and said nothing (`stats MISSING --json | true`: no line, 1 for a usage error)
+    except OSError:
+        # the reader of stdout went away (``| head -1``, a script that stopped reading),
+        # or stdout cannot be written (``> /dev/full``: ENOSPC, EIO): the document is
+        # nobody's, but the error's line on stderr and its exit status still are; raised
+        # on from here, click ended the process at once with exit 1 and said nothing
+        # (`stats MISSING --json | true`: no line, 1 for a usage error), and an ENOSPC
+        # printed a traceback
         stdout_to_devnull()
 
 
