@@ -212,3 +212,18 @@ def test_output_that_cannot_be_written_is_said_as_such_never_a_traceback(tmp_pat
     assert "stdout" in line and "ENOSPC" in line and "(store" not in line, line
     with walstore.open(path, readonly=True) as s:
         assert s.get("k") == 5  # (it committed: the line says what failed)
+
+
+def test_a_key_starting_with_a_dash_is_shown_so_that_it_pastes_back(tmp_path):
+    """`scan` showed the key "-x" as -x, which pasted back (`walstore get S -x`) is an
+    option to click: "No such option: -x", exit 2 (docs/CLI.md: any key shown can be
+    pasted back)."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("-x", 1)
+    r = cli("scan", path)
+    assert r.returncode == 0, r.stderr
+    shown = r.stdout.splitlines()[1].split()[0]
+    back = cli("get", path, shown)
+    assert back.returncode == 0 and back.stdout.strip() == "1", (shown, back.stderr)

@@ -643,7 +643,9 @@ def show_key(k: str | bytes) -> str:
         return "hex:" + bytes(k).hex()
     if _CONTROL.search(k):  # (a terminal would act on them, a pipe strip them: shown as a
         return "json:" + json.dumps(k)  # JSON string, "\x1b[31mred" no longer as "red")
-    return "str:" + k if k.startswith(KEY_PREFIXES) else k
+    # (a key starting with "-" pasted back as it was shown, `walstore get S -x`, is read
+    # as an option: "No such option: -x", exit 2)
+    return "str:" + k if k.startswith(KEY_PREFIXES) or k.startswith("-") else k
 
 
 def one_line(text: str) -> str:
