@@ -18,7 +18,7 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=cli_env(), timeout=timeout)
 
 
-def _crashed_store_with_damage(path: str) -> None:
+def _crashed_store_with_damage(path: str, at: int = 100) -> None:
     """A store whose writer died with five commits in its log, one record's byte flipped
     (a valid record follows: strict recovery refuses)."""
     code = ("import os, sys, walstore\n"
@@ -29,9 +29,9 @@ def _crashed_store_with_damage(path: str) -> None:
     subprocess.run([sys.executable, "-c", code, path], check=True, env=cli_env())
     seg = os.path.join(path, "wal", sorted(os.listdir(os.path.join(path, "wal")))[0])
     with open(seg, "r+b") as f:
-        f.seek(100)
+        f.seek(at)
         b = f.read(1)
-        f.seek(100)
+        f.seek(at)
         f.write(bytes([b[0] ^ 0xFF]))
 
 
@@ -227,3 +227,18 @@ def test_a_key_starting_with_a_dash_is_shown_so_that_it_pastes_back(tmp_path):
     shown = r.stdout.splitlines()[1].split()[0]
     back = cli("get", path, shown)
     assert back.returncode == 0 and back.stdout.strip() == "1", (shown, back.stderr)
+
+
+def test_dump_json_records_have_one_shape_damage_included(tmp_path):
+    """`dump --json` wrote a damage pseudo-record (CORRUPT, TORN, GAP, ...) without the
+    keys of a record (end_lsn, synced_lsn, payload; a GAP without offset): a script
+    reading r["payload"] of each record met a KeyError at the first damage."""
+    path = str(tmp_path / "s")
+    _crashed_store_with_damage(path, at=250)  # (two commits before it)
+    r = cli("dump", path, "--json")
+    assert r.returncode == 1, r.stderr  # (damage met)
+    recs = json.loads(r.stdout)["records"]
+    kinds = {x["type"] for x in recs}
+    assert "COMMIT" in kinds and kinds - {"COMMIT", "CHECKPOINT"}, kinds
+    assert len({tuple(sorted(x)) for x in recs}) == 1, recs
+    assert all(x["payload"] is None for x in recs if x["type"] not in ("COMMIT", "CHECKPOINT"))

@@ -295,6 +295,14 @@ class _Lsn(click.ParamType):
         return int(digits)
 
 
+# Every `dump --json` record has these keys, null where they do not apply: a damage
+# pseudo-record (TORN, CORRUPT, GAP, ...) had no end_lsn, synced_lsn or payload (a GAP
+# no offset), a BAD-PAYLOAD one no payload but a record_type: a script reading
+# r["payload"] met a KeyError at the first damage.
+_DUMP_KEYS = dict.fromkeys(("lsn", "end_lsn", "type", "record_type", "length", "synced_lsn",
+                            "file", "offset", "payload", "summary"))
+
+
 def _dump_summary(r: dict) -> str:
     """A record's summary for ``dump``'s human line: the keys it writes as the command line
     writes keys (:func:`show_key`: ``hex:...`` for bytes, ``str:hex:00`` for that str
@@ -329,7 +337,7 @@ def dump(path: str, from_lsn: int, as_json: bool) -> None:
             yield r
     records = noting(_engine.wal_records(path, from_lsn))
     if as_json:  # streamed, one record at a time: bounded memory on any WAL
-        emit_json_list("records", records)
+        emit_json_list("records", ({**_DUMP_KEYS, **r} for r in records))
     else:
         for r in records:
             where = ""
