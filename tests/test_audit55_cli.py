@@ -242,3 +242,24 @@ def test_dump_json_records_have_one_shape_damage_included(tmp_path):
     assert "COMMIT" in kinds and kinds - {"COMMIT", "CHECKPOINT"}, kinds
     assert len({tuple(sorted(x)) for x in recs}) == 1, recs
     assert all(x["payload"] is None for x in recs if x["type"] not in ("COMMIT", "CHECKPOINT"))
+
+
+def test_restore_refuses_an_option_of_another_mode_instead_of_ignoring_it(tmp_path):
+    """`restore URL DEST --handlers MOD` without --compensate restored, ran no
+    compensation (the user named the module to run them) and exited 0; `--interval` and
+    `--apply-every` without --follow were ignored too.  Each is a usage error now, DEST
+    untouched."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    url = (tmp_path / "replica").as_uri()
+    assert cli("replicate", path, url, "--once").returncode == 0
+    dest = tmp_path / "copy"
+    for extra in (["--handlers", "walstore.demo_payments"], ["--apply-every", "5"],
+                  ["--interval", "2"], ["--follow", "--handlers", "walstore.demo_payments"]):
+        r = cli("restore", url, str(dest), *extra)
+        assert r.returncode == 2, (extra, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and not dest.exists(), (extra, r.stderr)
+    r = cli("restore", url, str(dest), "--compensate", "--handlers", "walstore.demo_payments")
+    assert r.returncode == 0, r.stderr

@@ -257,6 +257,17 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     point = parse_point(to) if to is not None else None
     if follow and (to is not None or compensate):
         _fail("--follow keeps a copy of everything; it takes no --to or --compensate", EXIT_USAGE)
+    # (an option of another mode was ignored without a word: `--handlers refunds`
+    # without --compensate restored, ran no compensation and left them owed, exit 0)
+    given = click.get_current_context().get_parameter_source
+    if handlers is not None and not compensate:
+        _fail("--follow runs no compensation; it takes no --handlers" if follow else
+              "--handlers names the compensators --compensate runs: add --compensate "
+              "(without it no compensation runs)", EXIT_USAGE)
+    if not follow and (interval is not None
+                       or given("apply_every") != click.core.ParameterSource.DEFAULT):
+        _fail("--interval and --apply-every pace --follow: add --follow, or leave them out",
+              EXIT_USAGE)
     # (--interval: a NaN, or beyond a day, is a usage error)
     opts = _options(endpoint_url=endpoint_url, region=region, interval=interval)
     _check_where(url, opts)
