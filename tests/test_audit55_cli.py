@@ -1,6 +1,22 @@
 """Audit 55 of the command line (CONTRACT section 3: ``--json`` one document of stable
 keys, exit status, one-line errors): regressions found by probing with real CLI
-processes.  Each test failed on the code before its fix (see the commit naming it)."""
+processes.  Each test failed on the code before its fix (see the commit naming it):
+
+- `recover --json` printed one document shape on success and another on a refusal;
+- `walstore --json stats PATH` (the flag before the verb) was click's "No such option",
+  with no JSON document;
+- `walstore demo PATH | head -3` (or Ctrl-C) left PATH-demo-files and half a store, and
+  the next `walstore demo PATH` refused;
+- `replicate` / `restore --follow` called in-process kept their SIGINT/SIGTERM handlers;
+- `replicas --json` had no `verify` key without --verify; `dump --json` damage entries
+  lacked a record's keys;
+- the recovery (or read-only judging) an unclean store's open runs showed no progress in
+  `put`, `get`, ...; and recovery's progress stopped short of 100%;
+- a --json error document stdout could not take (``> /dev/full``) printed a traceback,
+  and a failed write of the output was said as the store's failure;
+- a key starting with "-" was shown as -x, which does not paste back;
+- `restore --handlers` without --compensate (and --interval/--apply-every without
+  --follow) were ignored without a word."""
 from __future__ import annotations
 
 import json
