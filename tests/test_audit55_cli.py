@@ -279,3 +279,26 @@ def test_restore_refuses_an_option_of_another_mode_instead_of_ignoring_it(tmp_pa
         assert len(r.stderr.splitlines()) == 1 and not dest.exists(), (extra, r.stderr)
     r = cli("restore", url, str(dest), "--compensate", "--handlers", "walstore.demo_payments")
     assert r.returncode == 0, r.stderr
+
+
+def test_the_cli_called_in_process_leaves_the_callers_interpreter_as_it_was(tmp_path,
+                                                                            monkeypatch):
+    """`main([...], standalone_mode=False)` left the caller's stdout writing lone
+    surrogates where it had raised (errors "strict" became "surrogateescape") and its
+    recursion limit raised to 3000."""
+    import io
+
+    from walstore.cli import main
+
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    try:
+        main(["stats", path], standalone_mode=False)
+        assert sys.getrecursionlimit() == 1000
+    finally:
+        sys.setrecursionlimit(before)
+    assert out.errors == "strict"

@@ -271,9 +271,23 @@ def main(debug: bool) -> None:
     # rendering one recurses about twice a level: within Python's default 1,000, `get`,
     # `scan`, `history`, `dump` failed with RecursionError from ~480 levels on a value
     # the store (and `put`) had taken
-    if sys.getrecursionlimit() < RECURSION_LIMIT:
+    limit, stream = sys.getrecursionlimit(), sys.stdout
+    errors = getattr(stream, "errors", None)
+    if limit < RECURSION_LIMIT:
         sys.setrecursionlimit(RECURSION_LIMIT)
     printable_stdout()
+
+    def give_back() -> None:
+        # (the CLI called in-process — main([...], standalone_mode=False) — left the
+        # caller's recursion limit raised and its stdout writing lone surrogates where
+        # it had raised: put back as the command ends)
+        sys.setrecursionlimit(limit)
+        if errors is not None and getattr(stream, "errors", errors) != errors:
+            try:
+                stream.reconfigure(errors=errors)
+            except (ValueError, OSError):
+                pass
+    click.get_current_context().call_on_close(give_back)
 
 
 RECURSION_LIMIT = 3000
