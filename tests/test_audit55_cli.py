@@ -302,3 +302,19 @@ def test_the_cli_called_in_process_leaves_the_callers_interpreter_as_it_was(tmp_
     finally:
         sys.setrecursionlimit(before)
     assert out.errors == "strict"
+
+
+def test_scan_with_a_limit_says_whether_more_keys_follow(tmp_path):
+    """`scan --limit N` showing N keys did not say whether there were others (`log` and
+    `history` do: `more`, and a line on stderr)."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            for k in ("a", "b", "c"):
+                tx.put(k, 1)
+    cut, whole = cli("scan", path, "--limit", "2", "--json"), cli("scan", path, "--json")
+    assert json.loads(cut.stdout)["more"] is True and len(json.loads(cut.stdout)["items"]) == 2
+    assert json.loads(whole.stdout)["more"] is False
+    r = cli("scan", path, "--limit", "2")
+    assert r.returncode == 0 and "more" in r.stderr and len(r.stdout.splitlines()) == 3
+    assert cli("scan", path, "--limit", "3").stderr == ""

@@ -113,14 +113,20 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
 @JSON
 def scan(path: str, prefix: str | bytes | None, limit: int | None, as_json: bool) -> None:
     """Keys and values in key order (streamed: any number of keys in bounded memory)."""
+    # (more: a key after the first --limit ones; said as log's and history's are: a
+    # `scan --limit 10` showing 10 keys did not say whether there were others)
+    more = [False]
     with open_store(path, readonly=True) as store:
         # (None: every key; a typed empty prefix, '' or b'', every str or every bytes key)
         # (not islice: a --limit past sys.maxsize, which click takes, is a ValueError there)
-        items = _first(store.scan(prefix=prefix), limit, [False])
+        items = _first(store.scan(prefix=prefix), limit, more)
         if as_json:  # (one at a time; Ctrl-C or a failure mid-way closes the document)
-            emit_json_list("items", ({"key": k, "value": v} for k, v in items))
-        else:
-            stream_table(([show_key(k), show_cell(v)] for k, v in items), ["KEY", "VALUE"])
+            emit_json_list("items", ({"key": k, "value": v} for k, v in items),
+                           tail=lambda: {"more": more[0]})
+            return
+        stream_table(([show_key(k), show_cell(v)] for k, v in items), ["KEY", "VALUE"])
+    if more[0]:  # (on stderr: a pipe reading the table gets only the table)
+        click.echo(f"(the first {limit} keys shown; more with a larger --limit)", err=True)
 
 
 @main.command("log")
