@@ -268,11 +268,17 @@ def _crash_story(path: str, ledger: str) -> list[dict]:
         "'available' to 'spent' in one transaction, and prints ACK once commit() returned. "
         "After 40 steps it charges a card inside a transaction and we kill it with SIGKILL "
         "right after the charge, before that transaction commits (no cleanup, no close).")
-    proc = subprocess.Popen(_python_m("walstore.demo", "--worker", path, ledger),
-                            stdout=subprocess.PIPE, text=True)
     acked: list[dict] = []
     deadline = time.monotonic() + 60
+    proc = None
     try:
+        # (deferred: a Ctrl-C while it starts leaves no worker unknown to the finally
+        # below, writing to a store being removed; its own session: a terminal's Ctrl-C
+        # reaches the demo alone, which kills it — the worker printed a traceback)
+        with deferred():
+            proc = subprocess.Popen(_python_m("walstore.demo", "--worker", path, ledger),
+                                    stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
         for line in proc.stdout:
             if line.startswith("ACK "):
                 acked.append(json.loads(line[4:]))
@@ -280,9 +286,10 @@ def _crash_story(path: str, ledger: str) -> list[dict]:
                 break
     finally:  # (also when cut short: no worker left writing to a store being removed)
         with deferred():
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            proc.stdout.close()
+            if proc is not None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                proc.stdout.close()
     say(f"Killed process {proc.pid} after it acknowledged {len(acked)} steps "
         f"(the last was step {acked[-1]['step'] if acked else None}).")
     return acked
