@@ -509,25 +509,44 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         before_id = _id_text(get_checkpoint_id(before)) if before else None
         if limit is not None and limit <= 0:
             return
+        # The whole listing reads ONE snapshot, a read-only transaction's (rolled back at
+        # the end, or when the caller drops the generator): its rows were short scans of
+        # the latest state and each checkpoint's values and writes were read latest again,
+        # so a writer thread's prune or delete_thread between two listed checkpoints cut
+        # the listing short (64 of 100) or listed checkpoints whose channel values were
+        # gone (probe-audit55).  A snapshot pins nothing (walstore.engine.snapshot); one
+        # a purge or trim overtook raises SnapshotTooOld, as a streamed store.scan does.
+        tx = self._transaction(None, NO_SCOPE)
+        try:
+            yield from self._list(tx, thread_id, ns_name, want_id, before_id, filter, limit)
+        finally:
+            if tx.state == "active":
+                tx.rollback()
+
+    def _list(self, tx: Any, thread_id: str | None, ns_name: str | None,
+              want_id: str | None, before_id: str | None, filter: dict[str, Any] | None,
+              limit: int | None) -> Iterator[CheckpointTuple]:
         if thread_id is not None and ns_name is not None:
             ns = self.keys.at(thread_id, ns_name)
             prefix = ns.checkpoints()
             end = ns.checkpoint(before_id) if before_id else prefix_end(prefix)
             candidates = ((thread_id, ns_name, ns, k[len(prefix):].decode("utf-8"), rec)
-                          for k, rec in self._scan_batched(prefix, end, reverse=True))
+                          for k, rec in self._scan_batched(prefix, end, reverse=True, src=tx))
         elif thread_id is not None:
             # every namespace of the thread, each read newest first and merged by id: a
             # ``limit`` reads about that many of each (all of the thread's checkpoints
             # were read and sorted: ``list(thread, limit=5)`` beside 12,000 checkpoints
             # took 0.34 s, and an agent listing its last few per turn paid N^2)
             tp = self.keys.thread(thread_id)
-            candidates = heapq.merge(*(self._checkpoints_newest_first(tp, ns_part, before_id)
-                                       for ns_part in self._ns_parts(tp)),
+            candidates = heapq.merge(*(self._checkpoints_newest_first(tp, ns_part, before_id,
+                                                                      tx)
+                                       for ns_part in self._ns_parts(tp, tx)),
                                      key=lambda r: r[3], reverse=True)
         else:
             # (every thread's: the namespace filter holds here too — it was ignored, and
             # ``list({"configurable": {"checkpoint_ns": "sub"}})`` gave every namespace)
-            rows = (row for tp in self._thread_prefixes() for row in self._checkpoints_of(tp)
+            rows = (row for tp in self._thread_prefixes(tx)
+                    for row in self._checkpoints_of(tp, tx)
                     if not (before_id and row[3] >= before_id)
                     and (ns_name is None or row[1] == ns_name))
             if limit is not None:
@@ -545,9 +564,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 found = sorted(rows, key=lambda r: r[3], reverse=True)
             candidates = iter(found)
         memo: dict = {}
-        get = self.store.get
-        scan = lambda p: self.store.scan(prefix=p)  # noqa: E731
+        get = tx.get
+        scan = lambda p: tx.scan(prefix=p)  # noqa: E731
         for t, n, ns, cid, rec in candidates:
+            # (the transaction only reads and is rolled back: the read set it keeps for a
+            # commit's validation is never used, and a long listing held a key per blob
+            # and a range per checkpoint read)
+            tx.read_keys.clear()
+            tx.read_ranges.clear()
             if want_id and cid != want_id:
                 continue
             metadata = self.codec.loads(rec["m"])
@@ -569,24 +593,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 if limit <= 0:
                     return
 
-    def _checkpoints_of(self, thread_prefix: bytes) -> Iterator[tuple]:
+    def _checkpoints_of(self, thread_prefix: bytes, src: Any = None) -> Iterator[tuple]:
         """(thread_id, ns, Namespace, checkpoint_id, record) of every checkpoint of a
         thread, in key order."""
         prefix = self.keys.all_checkpoints(thread_prefix)
         _tp, parsed_thread = self.keys.thread_of(thread_prefix)
-        for k, rec in self._scan_batched(prefix, prefix_end(prefix)):
+        for k, rec in self._scan_batched(prefix, prefix_end(prefix), src=src):
             ns_name, ns_part, cid = self.keys.parse_checkpoint(thread_prefix, k)
             yield (rec.get("t", parsed_thread), rec.get("n", ns_name),
                    Namespace(thread_prefix, ns_part), cid, rec)
 
-    def _ns_parts(self, thread_prefix: bytes) -> list[bytes]:
+    def _ns_parts(self, thread_prefix: bytes, src: Any = None) -> list[bytes]:
         """The namespace parts of the thread's checkpoints, in key order: one short scan
         per namespace (a part is self-delimiting: no other is a prefix of it)."""
         prefix = self.keys.all_checkpoints(thread_prefix)
         start, end = prefix, prefix_end(prefix)
         parts = []
         while True:
-            row = _first(self.store.scan(start=start, end=end))
+            row = _first((self.store if src is None else src).scan(start=start, end=end))
             if row is None:
                 return parts
             _ns, ns_part, _cid = self.keys.parse_checkpoint(thread_prefix, row[0])
@@ -596,22 +620,22 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 return parts
 
     def _checkpoints_newest_first(self, thread_prefix: bytes, ns_part: bytes,
-                                  before_id: str | None) -> Iterator[tuple]:
+                                  before_id: str | None, src: Any = None) -> Iterator[tuple]:
         """``_checkpoints_of``'s rows of one namespace, newest first (by checkpoint id),
         those before ``before_id`` alone when given."""
         ns = Namespace(thread_prefix, ns_part)
         prefix = ns.checkpoints()
         end = ns.checkpoint(before_id) if before_id else prefix_end(prefix)
         _tp, parsed_thread = self.keys.thread_of(thread_prefix)
-        for k, rec in self._scan_batched(prefix, end, reverse=True):
+        for k, rec in self._scan_batched(prefix, end, reverse=True, src=src):
             ns_name, _part, cid = self.keys.parse_checkpoint(thread_prefix, k)
             yield (rec.get("t", parsed_thread), rec.get("n", ns_name), ns, cid, rec)
 
-    def _thread_prefixes(self) -> Iterator[bytes]:
+    def _thread_prefixes(self, src: Any = None) -> Iterator[bytes]:
         """The prefix of every thread in the store: one short scan per thread."""
         start, end = self.keys.root, prefix_end(self.keys.root)
         while True:
-            row = _first(self.store.scan(start=start, end=end))
+            row = _first((self.store if src is None else src).scan(start=start, end=end))
             if row is None:
                 return
             thread_prefix, _thread_id = self.keys.thread_of(row[0])
@@ -619,12 +643,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             start = prefix_end(thread_prefix)
 
     def _scan_batched(self, lo: bytes, hi: bytes | None, reverse: bool = False,
-                      batch: int = 64) -> Iterator[tuple[bytes, Any]]:
+                      batch: int = 64, src: Any = None) -> Iterator[tuple[bytes, Any]]:
         """Committed rows lo <= key < hi, read in short scans (no read transaction stays
-        open while the caller works on a row)."""
+        open while the caller works on a row), of ``src`` (a transaction: its snapshot;
+        default: the store's latest state)."""
         while True:
             rows = []
-            it = self.store.scan(start=lo, end=hi, reverse=reverse)
+            it = (self.store if src is None else src).scan(start=lo, end=hi, reverse=reverse)
             try:
                 for row in it:
                     rows.append(row)
