@@ -7,6 +7,7 @@ what went wrong and how it was seen.
 from __future__ import annotations
 
 import threading
+from collections import deque
 
 import pytest
 
@@ -97,3 +98,30 @@ def test_list_beside_a_concurrent_delete_thread_never_shows_a_cut_listing(store,
     with pytest.raises(walstore.SnapshotTooOld):
         list(rows)
     assert list(saver.list(config)) == []
+
+
+def test_a_deque_keeps_its_maxlen_through_the_saver(store):
+    """A ``collections.deque(maxlen=3)`` in graph state came back as a deque without a
+    maxlen (LangGraph's encoding keeps only the items; SqliteSaver's too): the same type,
+    but a bounded buffer of the last N messages grew without bound from the next append
+    after a resume.  Its maxlen is now stored beside its items (as a constructor call,
+    which LangGraph's decoder reads as well); a deque without maxlen is stored as before."""
+    saver = WalstoreSaver(store, fencing=False)
+    c = empty_checkpoint()
+    c["channel_values"] = {"q": deque([1, 2, 3], maxlen=3),
+                           "nested": {"a": [deque(["x"], maxlen=2)], "b": deque([1])}}
+    c["channel_versions"] = {"q": 1, "nested": 1}
+    cfg = saver.put({"configurable": {"thread_id": "t", "checkpoint_ns": ""}}, c, {},
+                    {"q": 1, "nested": 1})
+    got = saver.get_tuple(cfg).checkpoint["channel_values"]
+    q = got["q"]
+    assert type(q) is deque and q.maxlen == 3 and list(q) == [1, 2, 3]
+    q.append(4)
+    assert list(q) == [2, 3, 4]
+    assert got["nested"]["a"][0].maxlen == 2 and list(got["nested"]["a"][0]) == ["x"]
+    assert got["nested"]["b"].maxlen is None and list(got["nested"]["b"]) == [1]
+    # (LangGraph's own decoder reads the stored form alike)
+    from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer
+    from walstore.integrations.langgraph.serde import StateSerializer
+    back = JsonPlusSerializer().loads_typed(StateSerializer().dumps_typed(deque([1], maxlen=5)))
+    assert back.maxlen == 5 and list(back) == [1]

@@ -713,6 +713,14 @@ class _Packer:
             fields = obj._asdict()
             refuse_flattened_in(fields)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
+        if isinstance(obj, deque) and obj.maxlen is not None:
+            # LangGraph (SqliteSaver too) keeps only the items: a bounded deque came back
+            # unbounded, and a resumed "last N messages" buffer grew without end.  Its
+            # maxlen goes beside them, as the constructor call deque(items, maxlen) —
+            # which LangGraph's decoder rebuilds as well (probe-audit55)
+            items = list(obj)
+            refuse_flattened_in(items)
+            return self._ext(EXT_CONSTRUCTOR_POS_ARGS, obj, [items, obj.maxlen])
         if isinstance(obj, (set, frozenset, deque)):
             items = list(obj)
             refuse_flattened_in(items)
