@@ -125,3 +125,22 @@ def test_a_deque_keeps_its_maxlen_through_the_saver(store):
     from walstore.integrations.langgraph.serde import StateSerializer
     back = JsonPlusSerializer().loads_typed(StateSerializer().dumps_typed(deque([1], maxlen=5)))
     assert back.maxlen == 5 and list(back) == [1]
+
+
+def test_alist_reads_one_snapshot_as_list_does(store):
+    """``alist`` streams ``list``: a prune committed by another thread between two of its
+    batches is not in the listing (it was: the rest of the thread cut short)."""
+    import asyncio
+    saver = WalstoreSaver(store, fencing=False)
+    ids = _line(saver, "t", 100)
+
+    async def listing():
+        got = []
+        async for t in saver.alist({"configurable": {"thread_id": "t"}}):
+            got.append(t)
+            if len(got) == 1:
+                await asyncio.to_thread(saver.prune, ["t"])
+        return got
+    got = asyncio.run(listing())
+    assert [t.checkpoint["id"] for t in got] == ids[::-1]
+    assert got[-1].checkpoint["channel_values"] == {"x": "v0"}
