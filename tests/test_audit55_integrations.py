@@ -178,3 +178,32 @@ def test_a_listing_of_every_thread_holds_ids_not_records(store):
     ids = [first.checkpoint["id"]] + [r.checkpoint["id"] for r in rest]
     assert ids == sorted(ids, reverse=True)
     assert [r.metadata["note"][:5] for r in rest[:2]] == ["29-8-", "29-7-"]
+
+
+def test_session_get_items_beside_a_concurrent_erase_reads_a_fresh_snapshot(store):
+    """``WalstoreSession.get_items`` reads the current branch, then its items, in one
+    snapshot; an ``erase()`` (a purge) committed by another thread between the two reads
+    made the call raise SnapshotTooOld to the SDK's runner, where SQLiteSession's one
+    SELECT reads either state.  A read whose snapshot a purge overtook is now read again
+    from a fresh one (as WalstoreSaver's reads are): the erased session, empty."""
+    import asyncio
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    armed, erased = [], []
+
+    class Racing(WalstoreSession):
+        def _current_branch(self, tx):
+            branch = super()._current_branch(tx)  # (the snapshot is taken here)
+            if armed and not erased:
+                erased.append(True)
+                other = WalstoreSession("s", store)
+                _in_another_thread(lambda: asyncio.run(other.erase()))
+            return branch
+
+    async def run():
+        session = Racing("s", store)
+        await session.add_items([{"role": "user", "content": "hi"}])
+        armed.append(True)
+        return await session.get_items()
+    assert asyncio.run(run()) == []
+    assert erased == [True]

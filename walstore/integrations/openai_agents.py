@@ -102,7 +102,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import LSN, ConflictError, TxnInfo, UnknownPoint
+from .. import LSN, ConflictError, SnapshotTooOld, TxnInfo, UnknownPoint
 from ..codec import MAX_KEY_BYTES, pack_value
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
@@ -351,11 +351,21 @@ class WalstoreSession:
         self._check_open()
 
         def work() -> _T:
-            tx = self.store.transaction()
-            try:
-                return fn(tx)
-            finally:
-                tx.rollback()
+            # A purge (another caller's ``erase()``) or a history trim that overtook the
+            # snapshot between two of its reads raised SnapshotTooOld out of get_items to
+            # the SDK's runner (SQLiteSession's one SELECT reads either state): nothing
+            # was read that counts, so it is read again from a fresh snapshot
+            # (probe-audit55), a bounded number of times, as WalstoreSaver's reads are.
+            for attempt in range(_RETRIES + 1):
+                tx = self.store.transaction()
+                try:
+                    return fn(tx)
+                except SnapshotTooOld:
+                    if attempt >= _RETRIES:
+                        raise
+                finally:
+                    tx.rollback()
+            raise AssertionError("unreachable")  # pragma: no cover
         return await asyncio.to_thread(work)
 
     async def _write(self, op: str, fn: Callable[["Transaction"], _T]) -> _T:
