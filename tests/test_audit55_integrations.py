@@ -207,3 +207,25 @@ def test_session_get_items_beside_a_concurrent_erase_reads_a_fresh_snapshot(stor
         return await session.get_items()
     assert asyncio.run(run()) == []
     assert erased == [True]
+
+
+def test_a_listing_overtaken_before_its_first_row_is_read_again(store):
+    """``list(None)`` reads every thread's checkpoint ids before it yields the first:
+    a ``delete_thread`` committed by another thread meanwhile made that listing raise
+    SnapshotTooOld though it had given the caller nothing yet.  Like ``get_tuple`` and
+    ``copy_thread``, it is now read again from a fresh snapshot (the thread gone);
+    once a row was yielded the error stands (the rows would not be one state)."""
+    armed = []
+
+    class Racing(WalstoreSaver):
+        def _checkpoints_of(self, thread_prefix, src=None):
+            yield from super()._checkpoints_of(thread_prefix, src)
+            if not armed:
+                armed.append(True)
+                _in_another_thread(lambda: self.delete_thread("b"))
+
+    saver = Racing(store, fencing=False)
+    a, b = _line(saver, "a", 3), _line(saver, "b", 3)
+    got = [t.checkpoint["id"] for t in saver.list(None)]
+    assert armed == [True]
+    assert got == a[::-1]

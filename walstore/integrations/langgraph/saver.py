@@ -515,13 +515,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # so a writer thread's prune or delete_thread between two listed checkpoints cut
         # the listing short (64 of 100) or listed checkpoints whose channel values were
         # gone (probe-audit55).  A snapshot pins nothing (walstore.engine.snapshot); one
-        # a purge or trim overtook raises SnapshotTooOld, as a streamed store.scan does.
-        tx = self._transaction(None, NO_SCOPE)
-        try:
-            yield from self._list(tx, thread_id, ns_name, want_id, before_id, filter, limit)
-        finally:
-            if tx.state == "active":
-                tx.rollback()
+        # a purge or trim overtook raises SnapshotTooOld, as a streamed store.scan does —
+        # read again from a fresh snapshot while nothing was yielded (as ``_read`` does:
+        # the every-thread listing reads all its ids first), raised once a row was.
+        for attempt in range(_READ_RETRIES + 1):
+            tx = self._transaction(None, NO_SCOPE)
+            yielded = False
+            try:
+                for tup in self._list(tx, thread_id, ns_name, want_id, before_id, filter,
+                                      limit):
+                    yielded = True
+                    yield tup
+                return
+            except walstore.SnapshotTooOld:
+                if yielded or attempt >= _READ_RETRIES:
+                    raise
+            finally:
+                if tx.state == "active":
+                    tx.rollback()
 
     def _list(self, tx: Any, thread_id: str | None, ns_name: str | None,
               want_id: str | None, before_id: str | None, filter: dict[str, Any] | None,
