@@ -851,8 +851,12 @@ class Engine:
             out.update({"lmdb_bytes_before": before, "lmdb_bytes_after": after,
                         "quarantine_removed": len(gone), "quarantine_removed_names": gone})
             if owed:
-                self.applier.erased(owed)
-                self.state.sync()
+                try:
+                    self.applier.erased(owed)
+                    self.state.sync()
+                except StateWriteError as e:  # (an LMDB write or sync in doubt: stop, as
+                    self.fail(e)              # _checkpoint does; it left the store
+                    raise                     # writable, and LMDB synced again after it)
             return out
 
     # ---- the replica's pin (see ``keep_replica_pin``) ---------------------------------

@@ -1,0 +1,91 @@
+"""Audit stop 55, the error surface under injected I/O faults (CONTRACT section 4, promise 6:
+"After an fsync error the store turns read-only (never retry fsync)").
+
+Faults come from ``tools.faults.FaultBackend`` (``test_faults``' ``faults`` fixture): one
+failing call at a time, in the calls a public verb makes, and what the store says and does
+afterwards; each store is reopened without faults and checked.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import walstore  # noqa: E402
+from walstore.ops.verify import verify_store  # noqa: E402
+
+from test_faults import faults  # noqa: E402,F401 (the fault backend, installed per test)
+
+LMDB_WRITES = ("lmdb_commit", "lmdb_sync")
+
+
+def _store_to_purge(path: str) -> None:
+    with walstore.open(path) as s:
+        for i in range(10):
+            with s.transaction() as tx:
+                tx.put(f"gone/{i}", {"secret": f"s{i}" * 20})
+                tx.put(f"kept/{i}", i)
+
+
+def _purge_calls(tmp_path, faults, op: str) -> int:
+    """How many LMDB calls of ``op`` a purge makes (counted on a twin store)."""
+    path = str(tmp_path / "twin")
+    _store_to_purge(path)
+    with walstore.open(path, apply_interval=3600) as s:
+        mark = faults.now()
+        s.purge("gone/")
+        return len(faults.calls_to(op, after=mark))
+
+
+@pytest.mark.parametrize("op", ["lmdb_sync", "lmdb_commit"])
+def test_a_failed_lmdb_write_at_the_end_of_a_purges_erasure_stops_the_store(tmp_path,
+                                                                             faults, op):
+    """A purge's erasure records itself done (``applier.erased``: an LMDB commit) and
+    syncs LMDB as its very last steps.  Either failing raised ErasureOwed saying
+    "store.checkpoint() or the next writable open finishes it" — and the store stayed
+    writable: the next commit was acknowledged, and LMDB was written and synced again in
+    that process after a failed sync (an fsync error must never be retried: the pages it
+    failed to write may be gone from the page cache, marked clean).  Now the failure stops
+    the store as every other LMDB write failure does: read-only until reopened, no LMDB
+    call after the failed one, and the reopen finishes the erasure."""
+    last = _purge_calls(tmp_path, faults, op)
+    assert last >= 1
+    path = str(tmp_path / "s")
+    _store_to_purge(path)
+    s = walstore.open(path, apply_interval=3600)
+    try:
+        rule = faults.fail(op, nth=last)
+        with pytest.raises(walstore.ErasureOwed) as info:
+            s.purge("gone/")
+        assert rule.fired == 1
+        failed = rule.failed_calls[0]
+        assert info.value.__cause__ is not None
+        assert info.value.report["erasure_owed"] is True
+        assert "read-only" in str(info.value), str(info.value)
+        assert s.readonly
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put("later", 1)
+        assert s.get("gone/1") is None and s.get("kept/3") == 3  # reads go on
+        s.close()
+        assert faults.calls_to(LMDB_WRITES, after=failed.seq) == [], \
+            "LMDB was written or synced again after its write failed"
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(path) as s:
+        assert [s.get(f"kept/{i}") for i in range(10)] == list(range(10))
+        assert list(s.scan(prefix="gone/")) == []
+        assert s.get("later") is None
+        assert s._engine.erase_owed() == []
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                assert b"s1s1s1s1" not in f.read(), f"erased bytes still in {name}"
