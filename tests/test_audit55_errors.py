@@ -89,3 +89,51 @@ def test_a_failed_lmdb_write_at_the_end_of_a_purges_erasure_stops_the_store(tmp_
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 assert b"s1s1s1s1" not in f.read(), f"erased bytes still in {name}"
+
+
+@pytest.mark.parametrize("op", ["lmdb_sync", "lmdb_commit"])
+def test_a_failed_lmdb_write_reserving_transaction_ids_stops_the_store(tmp_path, faults, op):
+    """Every 65,536 transaction ids, ``store.transaction()`` moves the durable reservation
+    of ids on (an LMDB write and sync).  When that failed, the internal StateWriteError
+    (no errno, no file) left ``transaction()``, the store stayed writable, and the very
+    next ``transaction()`` wrote and synced LMDB again in the same process: a failed sync
+    retried.  Now it stops the store as any failed LMDB write does (StoreIOError naming
+    data.mdb, read-only until reopened, no LMDB call after the failed one); reads go on,
+    and the reopen keeps every commit and hands out ids never used before."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="none", apply_interval=3600)
+    try:
+        with s.transaction() as tx:
+            tx.put("before", 1)
+        first = tx.id
+        s.checkpoint()  # (nothing left for the applier to write: the reservation is next)
+        rule = faults.fail(op)
+        n = 0
+        with pytest.raises(walstore.WalstoreError) as info:
+            for n in range(1 << 17):  # (the reservation is due within 65,536)
+                s.transaction().rollback()
+        assert rule.fired == 1, f"no reservation failed in {n} transactions"
+        e = info.value
+        assert isinstance(e, walstore.StoreIOError) and e.errno is not None, repr(e)
+        assert e.filename == os.path.join(path, "db", "data.mdb")
+        assert e.__cause__ is not None
+        assert s.readonly
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put("later", 1)
+        assert s.get("before") == 1
+        tx = s.transaction()  # (a transaction that only reads still runs)
+        assert tx.get("before") == 1
+        tx.rollback()
+        s.close()
+        assert faults.calls_to(LMDB_WRITES, after=rule.failed_calls[0].seq) == [], \
+            "LMDB was written or synced again after its write failed"
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(path) as s:
+        assert s.get("before") == 1 and s.get("later") is None
+        with s.transaction() as tx:
+            tx.put("after", 2)
+        assert tx.id > first
+        assert [t.txid for t in s.log()].count(first) == 1

@@ -931,10 +931,19 @@ class Engine:
     def _reserve_txids(self, n: int) -> None:
         """Every TXID_BLOCK ids: move the durable reservation past ``n`` first."""
         with self._txid_lock:
-            if n >= self._txid_horizon:
+            # (a stopped store writes LMDB no more: its transactions only read, so their
+            # ids are never logged and need no reservation)
+            if n >= self._txid_horizon and self.failure is None:
                 horizon = n + TXID_BLOCK
-                self.applier.set_meta(b"txid_reserved", horizon)
-                self.state.sync()
+                try:
+                    self.applier.set_meta(b"txid_reserved", horizon)
+                    self.state.sync()
+                except StateWriteError as e:  # (an LMDB write or sync in doubt: it left
+                    self.fail(e)  # the store writable, and the next transaction() wrote
+                    # and synced LMDB again; and the internal error, no errno, no file)
+                    raise self.state_io_error(e, "reserving transaction ids",
+                                              "the store is now read-only; every commit "
+                                              "is in the log: reopen it to recover") from e
                 self._txid_horizon = horizon
 
     def log_event(self, rtype: int, body: dict, txid: int = -1, durable: bool = False,
