@@ -137,3 +137,45 @@ def test_a_failed_lmdb_write_reserving_transaction_ids_stops_the_store(tmp_path,
             tx.put("after", 2)
         assert tx.id > first
         assert [t.txid for t in s.log()].count(first) == 1
+
+
+def test_a_failed_lmdb_write_of_the_replicas_pin_stops_the_store(tmp_path, faults):
+    """A shipping round ends by recording the replica's position in LMDB (the trim pin the
+    next open keeps).  That write failing was swallowed ("replication never fails the
+    store"): the store stayed writable and wrote LMDB again in the same process — LMDB is
+    opened sync=True, so each of those commits fdatasyncs after a failed one (never retry
+    fsync).  Now the failure stops the store as any failed LMDB write does (read-only,
+    ``stats()`` names it); replication still never fails a commit, and the reopen keeps
+    every commit."""
+    import time
+    path = str(tmp_path / "s")
+    s = walstore.open(path, replicate_to="file://" + str(tmp_path / "replica"),
+                      apply_interval=3600)
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.sync_replica(timeout=30)
+        s.checkpoint()  # (nothing left for the applier: the pin's write is the next one)
+        rule = faults.fail_lmdb("commit")
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        s.sync_replica(timeout=30)
+        deadline = time.monotonic() + 30  # (the round writes the pin as it ends)
+        while not rule.fired and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert rule.fired == 1
+        failed = rule.failed_calls[0]
+        assert s.readonly, "the store stayed writable after a failed LMDB write"
+        assert any("Input/output error" in e for e in s.stats()["background_errors"])
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put("later", 1)
+        assert s.get("b") == 2
+        s.close()
+        assert faults.calls_to(LMDB_WRITES, after=failed.seq) == [], \
+            "LMDB was written again after its write failed"
+    finally:
+        s.close()
+    faults.clear()
+    with walstore.open(path) as s:
+        assert (s.get("a"), s.get("b"), s.get("later")) == (1, 2, None)

@@ -883,9 +883,16 @@ class Engine:
         if self._stored_replica_position in self.replica_positions:
             self.replica_positions.remove(self._stored_replica_position)
         value = 0 if lsn is None else lsn + 1
-        if self.readonly or self.state.meta_int(REPLICA_PIN, 0) == value:
+        if (self.readonly or self.failure is not None
+                or self.state.meta_int(REPLICA_PIN, 0) == value):
             return
-        self.applier.set_meta(REPLICA_PIN, value)
+        try:
+            self.applier.set_meta(REPLICA_PIN, value)
+        except StateWriteError as e:  # (LMDB commits fdatasync, sync=True: a failed one
+            # stops the store as any LMDB write's does; the shipper swallows the error,
+            # and the store went on writing and syncing LMDB after it)
+            self.note_background_error(e)
+            raise
 
     def erase_owed(self) -> list:
         """Purge ranges ([lo, hi]) whose old bytes are not erased yet: a purge applied but
