@@ -386,7 +386,8 @@ class Engine:
             self.journal.sync_all()
             self.drain()
         if self.origin is not None:
-            self.layout.clear_origin(self._first_txid if copied else None)
+            self.layout.clear_origin(self._first_txid if copied else None,
+                                     self._source_key_namespace)
             self.inherited_below = self.layout.inherited_below()
 
     def inherited(self, txid: int) -> bool:
@@ -444,12 +445,14 @@ class Engine:
         """The idempotency key action ``aid`` of ``txid`` was given (``ws-<namespace>-<id>``,
         walstore.agent.actions), for recovery's rows of actions whose intent record was
         lost (they were listed with key "": the one clue for settling one by hand gone).
-        "" when unknown: a transaction a copy inherited, after its first open replaced the
-        source's namespace."""
+        "" when unknown: a transaction a copy inherited from a copy made before the
+        source's namespace was kept (``Layout.inherited_key_namespace``)."""
         if self.origin is not None:  # (a copy's first open: every txid is its source's)
             ns = self._source_key_namespace
         elif txid < self.inherited_below:
-            return ""
+            ns = self.layout.inherited_key_namespace(txid)
+            if ns is None:
+                return ""
         else:
             ns = self.key_namespace
         return f"ws-{ns}-{aid}"

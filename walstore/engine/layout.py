@@ -235,19 +235,32 @@ class Layout:
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
         return True
 
-    def write_identity(self, store_id: bytes, origin: dict | None = None) -> None:
-        """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin)."""
+    # what a copy's identity carries over from its source's (``write_identity``): the key
+    # namespace its source's actions were given and what the source inherited itself
+    CARRIED = ("keys", "inherited_below", "inherited_keys")
+
+    def write_identity(self, store_id: bytes, origin: dict | None = None,
+                       source: "Layout | None" = None) -> None:
+        """Write ``STORE`` durably (a copy's identity: same store id, maybe an origin, and
+        from ``source``'s identity what ``CARRIED`` names: a backup of a copy made its
+        identity anew, and its first open took the store id's namespace for the keys of
+        its source's own actions)."""
         doc = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "store_id": store_id.hex()}
+        if source is not None:
+            doc.update((k, v) for k, v in source._doc().items() if k in self.CARRIED)
         if origin is not None:
             doc["origin"] = origin
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
 
-    def clear_origin(self, inherited_below: int | None = None) -> None:
+    def clear_origin(self, inherited_below: int | None = None,
+                     source_keys: str | None = None) -> None:
         """The first open of a copy settled what it inherited; a restored store keeps its
         lineage (it replicates as a new lineage, never into its source's replica).
         ``inherited_below`` (the first txid the copy gives; None: a copy that compensates
         what it inherited) is noted in the same atomic write (``inherited_below``; the
-        larger of it and one the identity carries already: a copy of a copy)."""
+        larger of it and one the identity carries already: a copy of a copy), with
+        ``source_keys``, the key namespace the source gave the actions of those
+        transactions (``inherited_key_namespace``)."""
         doc = self._doc()
         origin = doc.pop("origin", None)
         if origin is None:
@@ -257,7 +270,28 @@ class Layout:
         if inherited_below is not None:
             old = doc.get("inherited_below")
             doc["inherited_below"] = max(inherited_below, old if type(old) is int else 0)
+            if source_keys:  # (txids below it were given keys of the source's namespace;
+                # at most 64 generations of copies kept: a later one's are then unknown,
+                # never taken for another's)
+                known = [p for p in doc.get("inherited_keys") or ()
+                         if isinstance(p, list) and len(p) == 2 and type(p[0]) is int
+                         and isinstance(p[1], str)]
+                if len(known) < 64:
+                    doc["inherited_keys"] = known + [[inherited_below, source_keys]]
         fileio.write_file_atomic(self.identity, identity_bytes(doc))
+
+    def inherited_key_namespace(self, txid: int) -> str | None:
+        """The key namespace (``key_namespace``) transaction ``txid`` of a source store
+        gave its actions, when ``txid`` lies below a copy's ``inherited_below``: each
+        copy's first open notes its source's (``clear_origin``), a copy of a copy keeping
+        those its source noted.  None when not known (a copy made before they were kept)."""
+        for below, ns in sorted((p for p in self._doc().get("inherited_keys") or ()
+                                 if isinstance(p, list) and len(p) == 2
+                                 and type(p[0]) is int and isinstance(p[1], str)),
+                                key=lambda p: p[0]):
+            if txid < below:
+                return ns
+        return None
 
 
 def enclosing_store(path: str) -> str | None:

@@ -453,7 +453,7 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
         _fsync_file(path, "the backup's WAL segment")
     with _writing("the backup's identity file", out.identity):
         out.write_identity(store_id, origin={"kind": "backup", "from": layout.root,
-                                             "ts": time.time()})
+                                             "ts": time.time()}, source=layout)
     fileio.fsync_dir(out.wal)
     fileio.fsync_dir(out.root)
     return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
