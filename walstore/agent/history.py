@@ -55,13 +55,24 @@ class HistoricalView:
     def __init__(self, history: "History", boundary: int) -> None:
         self._history = history
         self.lsn = LSN(boundary)
-        # purges not in LMDB yet (a read-only store beside, or after, a writer that died
-        # before applying one): a point before one reads nothing in its range
-        self._erased = [(lo, hi) for lsn, lo, hi in history.unapplied_purges()
-                        if lsn > boundary]
 
-    def _value(self, k: bytes) -> bytes | None:
-        if self._erased and any(lo <= k and (hi is None or k < hi) for lo, hi in self._erased):
+    def _erased(self) -> list[tuple[bytes, bytes | None]]:
+        """The ranges of purges after the point that LMDB does not hold yet (a read-only
+        store beside, or after, a writer that died before applying one; a writer whose
+        apply of one failed): the view reads nothing in them.  Taken at each read, a
+        read-only store's log read first (as ``store.get`` reads it): taken once, when
+        the view was made, a view made before such a purge went on returning the erased
+        values after every other API hid them (probe-audit55)."""
+        eng = self._history.engine
+        if eng.follower is not None:
+            eng.refresh()
+        return [(lo, hi) for lsn, lo, hi in self._history.unapplied_purges()
+                if lsn > self.lsn]
+
+    def _value(self, k: bytes, erased: list | None = None) -> bytes | None:
+        if erased is None:
+            erased = self._erased()
+        if erased and any(lo <= k and (hi is None or k < hi) for lo, hi in erased):
             return None
         eng = self._history.engine
         if eng.follower is not None:  # a read-only store: a purge its writer applied since
@@ -133,6 +144,7 @@ class HistoricalView:
     def _scan(self, lo: bytes, hi: bytes | None, reverse: bool
               ) -> Iterator[tuple[Key, Any]]:
         eng = self._history.engine
+        erased = self._erased()  # (once: each key's read then follows the LMDB state)
         if eng.follower is not None:
             eng.follow_state()  # (as ``_value``: the MemTable's keys without applied ones)
         # keys with history in LMDB, and keys only the MemTable holds yet (a read-only
@@ -146,7 +158,7 @@ class HistoricalView:
         if fresh:
             keys = _merged(keys, fresh[::-1] if reverse else fresh, reverse)
         for k, _v in keys:
-            v = self._value(k)
+            v = self._value(k, erased)
             if v is not None:
                 yield decode_key(k), self._decode(k, v)
         self._check_retained()

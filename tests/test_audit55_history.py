@@ -1,0 +1,106 @@
+"""Findings of stop 55 in history, retention, restore points, views and purge (contract,
+"Action rollback").  Crash cases use real processes killed with -9 (the child sends
+itself SIGKILL at the chosen point)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import walstore
+
+from store_support import cli_env
+
+MARKER = "FORGET-ME-55h"
+
+# the purge's commit durable, its apply never run: the child kills itself first
+PURGE_KILLED_BEFORE_APPLY = textwrap.dedent(r"""
+    import os, signal, sys
+    import walstore
+    from walstore.engine import apply as A
+    orig = A.Applier.apply
+    def apply(self, events, *a, **k):
+        if any(e.type == A._T.COMMIT and isinstance(e.body, dict) and "purge" in e.body
+               for e in events):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return orig(self, events, *a, **k)
+    A.Applier.apply = apply
+    s = walstore.open(sys.argv[1])
+    s.purge("conv/1/")
+""")
+
+
+def test_a_view_made_before_a_purge_never_returns_the_purged_keys_afterwards(tmp_path):
+    # Before: an at() view took the list of purges LMDB did not hold yet when it was
+    # made, never again.  A read-only store's view made before a writer's purge whose
+    # apply a kill -9 cut short (the purge committed: every new view, history and get
+    # hid the keys) went on returning the erased values from get, `in` and scan.
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        for i in range(4):
+            with s.transaction() as tx:
+                tx.put(f"conv/1/m{i % 2}", f"{MARKER}-{i}")
+                tx.put("keep", i)
+        s.restore_point("before")
+        s.checkpoint()
+    with walstore.open(path, readonly=True) as r:
+        view = r.at("before")
+        assert view.get("conv/1/m0") == f"{MARKER}-2"  # (read before the purge)
+        p = subprocess.run([sys.executable, "-c", PURGE_KILLED_BEFORE_APPLY, path],
+                           capture_output=True, text=True, timeout=120, env=cli_env())
+        assert p.returncode == -9, p.stderr
+        # (the view's first read: nothing else of the reader has read the log since)
+        assert view.get("conv/1/m0") is None
+        assert r.get("conv/1/m0") is None
+        assert r.at("before").get("conv/1/m0") is None
+        assert "conv/1/m1" not in view
+        assert list(view.scan()) == [("keep", 3)]
+        assert view.get("keep") == 3
+
+
+# the writer's own view: the purge commits, its apply meets a file size limit (LMDB cannot
+# grow), the store turns read-only with the purge in the MemTable alone
+WRITER_VIEW_PURGE_APPLY_FAILS = textwrap.dedent(r"""
+    import json, os, resource, signal, sys, time
+    import walstore
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (EFBIG instead)
+    path, marker = sys.argv[1], sys.argv[2]
+    s = walstore.open(path, durability="none", segment_size=8 << 20)
+    for i in range(40):
+        with s.transaction() as tx:
+            for j in range(50):
+                tx.put(f"conv/{i}-{j}", marker + "z" * 200)
+            tx.put("o", i)
+    s.restore_point("rp")
+    view = s.at("rp")
+    out = {"before": view.get("conv/0-0") is not None}
+    s.checkpoint()
+    time.sleep(0.5)  # (the WAL's spare segment is made: the log itself needs no growth)
+    size = os.path.getsize(os.path.join(path, "db", "data.mdb"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+    try:
+        s.purge("conv/")
+    except walstore.WalstoreError as e:
+        out["purge"] = type(e).__name__
+    out["at"] = view.get("conv/0-0")
+    out["in"] = "conv/0-1" in view
+    out["at_scan"] = [k for k, _v in view.scan(prefix="conv/")]
+    out["o"] = view.get("o")
+    print(json.dumps(out), flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_writers_view_made_before_a_purge_whose_apply_failed_hides_the_keys(tmp_path):
+    # Before: the writer's at() view made before the purge kept returning the purged
+    # values once the purge's apply failed (LMDB still holds the range's past), though
+    # history(), a new at() and get() of the same process hid them.
+    path = str(tmp_path / "s")
+    p = subprocess.run([sys.executable, "-c", WRITER_VIEW_PURGE_APPLY_FAILS, path, MARKER],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["before"] and out["purge"] == "ErasureOwed", out
+    assert out["at"] is None and out["in"] is False and out["at_scan"] == [], out
+    assert out["o"] == 39, out
