@@ -104,3 +104,55 @@ def test_a_writers_view_made_before_a_purge_whose_apply_failed_hides_the_keys(tm
     assert out["before"] and out["purge"] == "ErasureOwed", out
     assert out["at"] is None and out["in"] is False and out["at_scan"] == [], out
     assert out["o"] == 39, out
+
+
+# retention trims in batches of 2 commits; the writer kills itself after the first batch
+# (the horizon recorded, most rows below it not deleted yet)
+TRIM_KILLED_MIDWAY = textwrap.dedent(r"""
+    import os, signal, sys
+    import walstore
+    from walstore.agent import retention as R
+    from walstore.engine import apply as A
+    R.TRIM_BATCH = 2
+    path = sys.argv[1]
+    with walstore.open(path, durability="full") as s:  # (no retention: all kept)
+        for i in range(12):
+            with s.transaction() as tx:
+                tx.put("k", i)
+                tx.put(f"a{i % 4}", i)
+    orig = A.Applier.trim_history
+    def trim(self, *a, **k):
+        r = orig(self, *a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return r
+    A.Applier.trim_history = trim
+    s = walstore.open(path, durability="full", retain_transactions=2)
+    s.checkpoint()
+""")
+
+
+def _versions(s, key):
+    return [(v.txid, v.value) for v in s.history(key)]
+
+
+def test_history_lists_only_retained_versions_after_a_trim_killed_midway(tmp_path):
+    # Before: a trim a kill -9 cut short leaves the rows of commits below the recorded
+    # horizon until the next checkpoint (a writable open that redoes nothing does not
+    # trim): history() listed all of them, versions of transactions that log(), at() and
+    # txn_info() call trimmed, where a finished trim lists the newest version below the
+    # horizon alone.  Now history() stops there, whatever rows a trim has yet to delete.
+    path = str(tmp_path / "s")
+    p = subprocess.run([sys.executable, "-c", TRIM_KILLED_MIDWAY, path],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert p.returncode == -9, p.stderr
+    finished = [(12, 11), (11, 10), (10, 9)]  # (what the finished trim leaves: below)
+    for readonly in (True, False):
+        with walstore.open(path, readonly=readonly, retain_transactions=2) as s:
+            assert [i.txid for i in s.log()] == [12, 11]
+            assert _versions(s, "k") == finished
+            assert _versions(s, "a1") == [(10, 9)]
+            assert [v.txid for v in s.history("k", limit=2)] == [12, 11]
+            assert _versions(s, "a3") == [(12, 11), (8, 7)]
+    with walstore.open(path, retain_transactions=2) as s:
+        s.checkpoint()  # (the trim finished: the same answers)
+        assert _versions(s, "k") == finished and _versions(s, "a1") == [(10, 9)]

@@ -24,7 +24,7 @@ from ..errors import (CorruptionError, EmptyArgumentError, HistoryTrimmed, Point
 from ..log.format import RecordType
 from ..log.records import MAX_TXID as LOGGED_TXID_LIMIT
 from ..engine import tables
-from ..engine.lmdb_state import SCAN_CHUNK, read_chunk
+from ..engine.lmdb_state import SCAN_CHUNK, from_u64, read_chunk
 from ..engine.snapshot import SnapshotTooOld
 from ..engine.transaction import scan_bounds
 from .txlog import LSN, TxnInfo, info_from_row
@@ -378,6 +378,12 @@ class History:
         with st.read() as txn:
             after = txn.get(k, None, st.data)
             chunk = read_chunk(txn, st.hist, prefix, hi, True, None)
+            # below the horizon a finished trim keeps a key's newest version alone; rows
+            # a trim has yet to delete (under way, or cut short by a crash until the next
+            # checkpoint) are not listed either: they were versions of transactions that
+            # log(), at() and txn_info() call trimmed (probe-audit55)
+            horizon = from_u64(txn.get(b"horizon", None, st.meta), 0, "meta", b"horizon",
+                               st)
         rows = chunk if len(chunk) < SCAN_CHUNK else itertools.chain(
             chunk, st.scan(prefix, chunk[-1][0], reverse=True, db="hist"))
         after_row = ("data", k)  # (where ``after`` was read: named if it does not decode)
@@ -394,6 +400,8 @@ class History:
                 except CorruptionError as e:
                     raise tables.row_damaged(*after_row, e, st.data_file) from e
                 yield Version(txid, LSN(lsn), value, after is None)
+                if lsn < horizon:
+                    return
                 if left is not None:
                     left -= 1
                     if left == 0:
