@@ -156,3 +156,53 @@ def test_history_lists_only_retained_versions_after_a_trim_killed_midway(tmp_pat
     with walstore.open(path, retain_transactions=2) as s:
         s.checkpoint()  # (the trim finished: the same answers)
         assert _versions(s, "k") == finished and _versions(s, "a1") == [(10, 9)]
+
+
+TRIM_OF_FILES_KILLED_MIDWAY = textwrap.dedent(r"""
+    import os, signal, sys
+    import walstore
+    from walstore.agent import retention as R
+    from walstore.engine import apply as A
+    R.TRIM_BATCH = 2
+    path, root = sys.argv[1], sys.argv[2]
+    with walstore.open(path, durability="full") as s:
+        ws = s.workspace(root)
+        for i in range(12):
+            with s.transaction() as tx:  # (the first batch of the trim: none of "f")
+                tx.put("k", i)
+                if i >= 2:
+                    tx.files(ws).write("f", b"v%d" % i)
+    orig = A.Applier.trim_history
+    def trim(self, *a, **k):
+        r = orig(self, *a, **k)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return r
+    A.Applier.trim_history = trim
+    s = walstore.open(path, durability="full", retain_transactions=2)
+    s.checkpoint()
+""")
+
+
+def test_walstore_files_lists_only_retained_versions_after_a_trim_killed_midway(tmp_path):
+    # Before: as history() of a key, `walstore files` listed every file version a trim
+    # cut short by kill -9 had not deleted yet (all 10 versions of a path the trim had
+    # not reached, under retain_transactions=2); now what a finished trim keeps:
+    # versions at or after the horizon and the newest below it.
+    from click.testing import CliRunner
+    from walstore.cli import main as cli
+    path, root = str(tmp_path / "s"), tmp_path / "ws"
+    root.mkdir()
+    p = subprocess.run([sys.executable, "-c", TRIM_OF_FILES_KILLED_MIDWAY, path, str(root)],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert p.returncode == -9, p.stderr
+
+    def listed() -> list[int]:
+        out = CliRunner().invoke(cli, ["files", path, "--json"])
+        assert out.exit_code == 0, out.output
+        [ws] = json.loads(out.output)["workspaces"]
+        [f] = ws["files"]
+        return [v["txid"] for v in f["versions"]]
+    assert listed() == [12, 11, 10]
+    with walstore.open(path, retain_transactions=2) as s:
+        s.checkpoint()  # (the trim finished: the same list)
+    assert listed() == [12, 11, 10]

@@ -71,12 +71,17 @@ class FileHistory:
             return
         st = self._st
         prefix = tables.fpath_prefix(ws_root, path)
+        # (as a key's history: versions at or after the horizon and the newest below it,
+        # what a finished trim keeps, not the rows a trim cut short left behind it)
+        horizon = st.meta_int(b"horizon")
         for raw, v in st.scan(prefix, prefix + b"\xff" * 9, reverse=True, db="fversions"):
             if not tables.is_fversion_of(raw, prefix):
                 continue
             txid, before, after = tables.unpack_row(v, "fversions", raw, st.data_file)
-            yield FileVersion(txid, LSN(tables.split_fversion_key(raw)[2]),
-                              Entry.from_row(before), Entry.from_row(after))
+            lsn = tables.split_fversion_key(raw)[2]
+            yield FileVersion(txid, LSN(lsn), Entry.from_row(before), Entry.from_row(after))
+            if lsn < horizon:
+                return
 
     def version(self, ws_root: bytes, path: bytes, lsn: int) -> FileVersion | None:
         key = tables.fversion_key(ws_root, path, lsn)
