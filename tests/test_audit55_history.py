@@ -206,3 +206,21 @@ def test_walstore_files_lists_only_retained_versions_after_a_trim_killed_midway(
     with walstore.open(path, retain_transactions=2) as s:
         s.checkpoint()  # (the trim finished: the same list)
     assert listed() == [12, 11, 10]
+
+
+def test_an_iter_history_consumed_after_a_purge_returns_no_erased_version(tmp_path):
+    # Before: iter_history read its first chunk of rows at its first version; a caller
+    # that went on consuming it after purge() had returned got every other erased
+    # version (the values included) from that chunk.  A key the purge left alone
+    # streams on whole.
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        for i in range(5):
+            with s.transaction() as tx:
+                tx.put("c/a", f"{MARKER}-{i}")
+                tx.put("keep", i)
+        erased, kept = s.iter_history("c/a"), s.iter_history("keep")
+        assert next(erased).value == f"{MARKER}-4" and next(kept).value == 4
+        s.purge("c/")
+        assert list(erased) == []
+        assert [v.value for v in kept] == [3, 2, 1, 0]
+        assert s.history("c/a") == []

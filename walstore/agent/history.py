@@ -25,7 +25,7 @@ from ..log.format import RecordType
 from ..log.records import MAX_TXID as LOGGED_TXID_LIMIT
 from ..engine import tables
 from ..engine.lmdb_state import SCAN_CHUNK, from_u64, read_chunk
-from ..engine.snapshot import SnapshotTooOld
+from ..engine.snapshot import SnapshotTooOld, _purged_since as purged_since
 from ..engine.transaction import scan_bounds
 from .txlog import LSN, TxnInfo, info_from_row
 
@@ -350,14 +350,14 @@ class History:
         eng.drain()
         newer = self.unapplied_versions(k)  # (a read-only store: the writer's WAL tail)
         # erased, LMDB not told yet: versions at or below the newest such purge are gone
-        cut = max((lsn for lsn, lo, hi in self.unapplied_purges()
-                   if lo <= k and (hi is None or k < hi)), default=-1)
+        cut = self._unapplied_cut(k)
         return self._versions(k, newer, cut, limit)
 
     def _versions(self, k: bytes, newer: list[Version], cut: int, limit: int | None
                   ) -> Iterator[Version]:
         left = limit
         for v in newer:
+            cut = max(cut, self._unapplied_cut(k))  # (a purge read since the call)
             if left == 0 or v.lsn <= cut:
                 return
             yield v
@@ -384,6 +384,12 @@ class History:
             # log(), at() and txn_info() call trimmed (probe-audit55)
             horizon = from_u64(txn.get(b"horizon", None, st.meta), 0, "meta", b"horizon",
                                st)
+            read_at = from_u64(txn.get(b"applied", None, st.meta), 0, "meta", b"applied", st)
+        # a purge since these rows were read erased them: what is left is not yielded (a
+        # caller that consumed the iterator after purge() returned got the erased values
+        # from the chunk read before it; probe-audit55)
+        epoch = self.engine.reader.purge_epoch
+        seen = epoch() if epoch is not None else None
         rows = chunk if len(chunk) < SCAN_CHUNK else itertools.chain(
             chunk, st.scan(prefix, chunk[-1][0], reverse=True, db="hist"))
         after_row = ("data", k)  # (where ``after`` was read: named if it does not decode)
@@ -393,8 +399,13 @@ class History:
             _k, lsn = tables.split_hist_key(raw)
             txid, before = tables.unpack_row(row, "hist", raw, st.data_file)
             if oldest is None or lsn < oldest:
+                cut = max(cut, self._unapplied_cut(k))
                 if lsn <= cut:
                     return
+                if epoch is not None and epoch() != seen:
+                    seen = epoch()
+                    if self._purged_since(k, read_at):
+                        return
                 try:
                     value = None if after is None else unpack_value(after)
                 except CorruptionError as e:
@@ -407,6 +418,24 @@ class History:
                     if left == 0:
                         return
             after, after_row = before, ("hist", raw)
+
+    def _unapplied_cut(self, k: bytes) -> int:
+        """The LSN of the newest purge of ``k`` LMDB does not hold yet (-1: none)."""
+        return max((lsn for lsn, lo, hi in self.unapplied_purges()
+                    if lo <= k and (hi is None or k < hi)), default=-1)
+
+    def _purged_since(self, k: bytes, at: int) -> bool:
+        """Did a purge applied at or after LSN ``at`` erase ``k``?"""
+        eng = self.engine
+        if eng.follower is not None:
+            eng.follow_state()  # (the file a writer's purge swapped in)
+        st = eng.state
+
+        def read(txn) -> bool:
+            last = from_u64(txn.get(b"last_purge", None, st.meta), 0, "meta",
+                            b"last_purge", st)
+            return last >= at and purged_since(txn, st, at, k, k + b"\x00")
+        return st.run_read(read)
 
     def unapplied_purges(self) -> list[tuple[int, bytes, bytes | None]]:
         """(LSN, lo, hi) of the visible purges LMDB does not hold yet: a read-only
