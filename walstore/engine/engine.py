@@ -994,6 +994,9 @@ class Engine:
             self._forked_from = self._opened_by
         self.closed = True
         self._released = True
+        if self._proc_lock is not None:  # (the parent keeps its flock: see forget_in_child)
+            self._proc_lock.forget_in_child()
+            self._proc_lock = None
 
     def check_writable(self) -> None:
         if not (self.closed or self.readonly or self.failure is not None

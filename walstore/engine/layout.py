@@ -391,6 +391,18 @@ class ProcessLock:
         except (OSError, ValueError):
             return None
 
+    def forget_in_child(self) -> None:
+        """In a forked child: close this process's copy of the parent's lock descriptor,
+        without unlocking or truncating.  A flock belongs to the open file description, so
+        the parent keeps its lock; but a copy left open in a child that outlives a killed
+        parent held the lock on (every later writer refused, naming the dead pid)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def release(self) -> None:
         if self.fd >= 0:
             try:
