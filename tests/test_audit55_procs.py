@@ -71,3 +71,34 @@ def test_a_killed_writers_lock_is_taken_over_though_a_child_it_forked_lives_on(t
         w.wait()
         if helper is not None:
             _kill(helper)
+
+
+# ---- a shared probe of the lock while LOCK names some live process -----------------------
+
+def test_a_probe_of_the_lock_is_not_taken_for_the_live_process_lock_names(tmp_path):
+    """LOCK still names the pid of a writer killed -9; that pid now belongs to another
+    live process (pids are reused: in a container the next run's processes get the same
+    small pids), and a read-only process's probe (``writer_alive``: a shared flock held for
+    an instant) is on the lock as a writer opens.  The open was refused at once,
+    StoreLocked naming that live process, which holds no lock at all.  A shared holder is
+    no writer: the open waits it out, as for a dead pid, and a refusal names nobody."""
+    import fcntl
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                             stdin=subprocess.PIPE)
+    probe = os.open(os.path.join(path, "LOCK"), os.O_RDWR)
+    try:
+        os.pwrite(probe, f"{other.pid}\n".encode(), 0)  # (as a killed writer left it)
+        fcntl.flock(probe, fcntl.LOCK_SH)  # a probe that, here, stays on the lock
+        with pytest.raises(walstore.StoreLocked) as e:
+            walstore.open(path)
+        assert e.value.pid is None, e.value  # not "locked by process <other.pid>"
+        assert str(other.pid) not in str(e.value)
+        fcntl.flock(probe, fcntl.LOCK_UN)  # the probe ends: the open succeeds
+        s = walstore.open(path)
+        s.close()
+    finally:
+        os.close(probe)
+        other.kill()
+        other.wait()

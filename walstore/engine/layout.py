@@ -345,7 +345,8 @@ class ProcessLock:
         try:
             self._take()
         except OSError as e:
-            pid = self._holder()
+            # (only shared holders, probes, at the end of the wait: no writer to name)
+            pid = self._holder() if self._exclusive_holder() else None
             fd, self.fd = self.fd, -1
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -376,13 +377,25 @@ class ProcessLock:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise
                 pid = self._holder()
-                if pid is not None and _alive(pid):
+                if pid is not None and _alive(pid) and self._exclusive_holder():
                     raise  # a writer: refused at once
+                # (a live pid in LOCK while only a probe holds the lock is a killed
+                # writer's pid reused by another process: no writer, wait it out too)
                 now = time.monotonic()
                 deadline = deadline if deadline is not None else now + PROBE_WAIT_S
                 if now >= deadline:
                     raise
                 time.sleep(0.002)
+
+    def _exclusive_holder(self) -> bool:
+        """Does some process hold the lock exclusive (a writer), not only shared (read-only
+        processes' probes)?  A shared lock we can take says no; it is let go at once."""
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as e:
+            return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return False
 
     def _holder(self) -> int | None:
         try:
