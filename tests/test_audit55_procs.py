@@ -102,3 +102,28 @@ def test_a_probe_of_the_lock_is_not_taken_for_the_live_process_lock_names(tmp_pa
         os.close(probe)
         other.kill()
         other.wait()
+
+
+# ---- something else in place of LOCK ----------------------------------------------------
+
+def test_a_fifo_in_place_of_lock_does_not_hang_read_only_commands(tmp_path):
+    """A FIFO in place of LOCK hung every read-only CLI verb (get, verify, actions) and
+    read-only open for good: the probe for a live writer opened it O_RDONLY, which blocks
+    on a FIFO until someone opens it for writing.  (A writable open already failed at once,
+    one line.)  The probe takes a LOCK that is not a regular file for no writer: no writer
+    can hold one there."""
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    lock = os.path.join(path, "LOCK")
+    os.unlink(lock)
+    os.mkfifo(lock, 0o600)
+    for verb in (["get", path, "a"], ["verify", path], ["actions", path]):
+        r = subprocess.run([sys.executable, "-m", "walstore", *verb], env=ENV,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, (verb, r.stderr[-500:])
+        assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "walstore", "put", path, "b", "2"], env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr

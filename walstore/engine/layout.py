@@ -443,6 +443,8 @@ def writer_alive(layout: Layout) -> bool:
     except FileNotFoundError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False  # no writer can hold a lock there: its flock fails (EINVAL)
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
         return True
