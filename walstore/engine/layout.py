@@ -36,6 +36,7 @@ from typing import Any
 
 from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreLocked
+from ..signals import deferred
 
 FORMAT_NAME = "walstore"
 FORMAT_VERSION = 2  # what this walstore writes (docs/FORMAT.md says what bumps it)
@@ -389,12 +390,14 @@ class ProcessLock:
 
     def _exclusive_holder(self) -> bool:
         """Does some process hold the lock exclusive (a writer), not only shared (read-only
-        processes' probes)?  A shared lock we can take says no; it is let go at once."""
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        processes' probes)?  A shared lock we can take says no; it is let go at once
+        (in one deferred section: a Ctrl-C between would leave it on, refusing writers)."""
+        with deferred():
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as e:
+                return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
         return False
 
     def _holder(self) -> int | None:
