@@ -210,7 +210,7 @@ class TwoPhase:
                     # else it read as a rollback_prepared that had failed, to be retried
                     # (UnknownGid then) — the gid is no longer in doubt
                     e.args = (f"{e.args[0] if e.args else e}; the rollback of gid {gid!r} "
-                              f"is decided (not in doubt any more), only these "
+                              f"is decided (no longer prepared), only these "
                               f"compensations are still owed",) + tuple(e.args[1:])
                     raise
                 except Exception:
