@@ -28,6 +28,9 @@ What happens:
 Runs offline: the "model" is a scripted planner node.  Needs ``pip install langgraph``.
 
     python examples/langgraph_agent.py [--dir DIR]
+
+``--dir`` keeps the store and the hotel ledger for a look afterwards (``walstore log
+DIR/store``); it must be new or empty: a second run there is refused.
 """
 from __future__ import annotations
 
@@ -232,10 +235,19 @@ def plain_langgraph_story(workdir: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="LangGraph agent with undoable side effects")
-    ap.add_argument("--dir", help="working directory (kept); default: a temporary one")
+    ap.add_argument("--dir", help="working directory (kept; new or empty); default: a temporary one")
     ap.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     args = ap.parse_args()
     workdir = args.dir or tempfile.mkdtemp(prefix="walstore-langgraph-")
+    # A second run in a kept --dir resumed the first run's thread and hotel ledger: it
+    # rewound to the first run's checkpoint and printed every compensated action of both
+    # runs as this rewind's, and the last run's Lisbon booking as "compensated".  The
+    # story is told once per directory.
+    left = [n for n in ("store", "hotel.json", "hotel-plain.json")
+            if os.path.exists(os.path.join(workdir, n))]
+    if left:
+        sys.exit(f"error: {workdir} already holds a run of this example ({', '.join(left)}); "
+                 f"pass a new or empty --dir")
     os.makedirs(workdir, exist_ok=True)
     try:
         ours = walstore_story(workdir)
