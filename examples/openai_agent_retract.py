@@ -2,6 +2,9 @@
 
     python examples/openai_agent_retract.py [STORE_DIR]
 
+(``STORE_DIR`` is kept for a look afterwards, e.g. ``walstore log STORE_DIR``; it must
+be new or empty: the hotel is simulated in memory, so a second run is refused.)
+
 Runs offline: the agent is driven by ``ScriptedModel``, a ``agents.Model`` that replays
 scripted responses (a tool call, then an answer) instead of calling an API; no network, no
 API key.  Everything else is the real SDK: ``Runner.run`` with a ``WalstoreSession``, a
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
 import sys
 import tempfile
 from typing import Any, AsyncIterator
@@ -177,4 +181,11 @@ async def main(path: str) -> dict[str, Any]:
 if __name__ == "__main__":
     if "scope" not in inspect.signature(walstore.Store.rewind).parameters:
         sys.exit("this example needs walstore's scoped rewind (store.rewind(..., scope=))")
-    asyncio.run(main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp() + "/store"))
+    path = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp() + "/store"
+    # (a second run on a kept STORE_DIR continued the first run's conversation against a
+    # new, empty simulated hotel: the session then listed a booking "H-2" of the first
+    # run's hotel, which this run's hotel never made.  The story is told once per store.)
+    if os.path.exists(path) and os.listdir(path):
+        sys.exit(f"error: {path} already holds a store (a previous run?); pass a new "
+                 f"STORE_DIR")
+    asyncio.run(main(path))

@@ -47,3 +47,22 @@ def test_the_langgraph_example_run_again_in_its_kept_dir_tells_no_false_story(tm
     assert fresh.returncode == 0, fresh.stderr
     summary = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert summary["walstore"]["active"] == ["Paris", "Lisbon"]
+
+
+def test_the_openai_example_run_again_on_its_store_tells_no_false_story(tmp_path):
+    """``examples/openai_agent_retract.py STORE_DIR`` run a second time on the same store
+    continued the first run's conversation against a new, empty simulated hotel: after
+    the rewind it printed "session's bookings: [('oa/traveller-1/k/bookings/H-2', ...)]",
+    a booking this run's hotel never made (and the third run's H-2 overwrote it).  A
+    second run on the same STORE_DIR is now refused with one line."""
+    pytest.importorskip("agents")
+    path = str(tmp_path / "store")
+    first = _example("openai_agent_retract.py", path)
+    assert first.returncode == 0, first.stderr
+    assert "session's bookings: []" in first.stdout
+    again = _example("openai_agent_retract.py", path)
+    assert again.returncode == 1, again.stdout[-2000:]
+    assert "Traceback" not in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert "already holds a store" in again.stderr
+    assert again.stdout == ""
