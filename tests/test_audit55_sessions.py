@@ -66,3 +66,92 @@ def test_the_openai_example_run_again_on_its_store_tells_no_false_story(tmp_path
     assert len(again.stderr.strip().splitlines()) == 1
     assert "already holds a store" in again.stderr
     assert again.stdout == ""
+
+
+# ---- the transaction package: a walstore transaction the caller committed -----------------
+class _SqliteWithSavepoints:
+    """A foreign, savepoint-capable IDataManager over sqlite3 (SQLite SAVEPOINTs)."""
+
+    def __init__(self, path) -> None:
+        import sqlite3
+        import transaction
+        self.conn = sqlite3.connect(str(path), isolation_level=None)
+        self.conn.execute("CREATE TABLE IF NOT EXISTS kv (k TEXT PRIMARY KEY, v TEXT)")
+        self.transaction_manager = transaction.manager
+        self.n = 0
+
+    def put(self, k: str, v: str) -> None:
+        import transaction
+        if not self.conn.in_transaction:
+            transaction.get().join(self)
+            self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (k, v))
+
+    def rows(self) -> dict:
+        return dict(self.conn.execute("SELECT k, v FROM kv"))
+
+    def abort(self, txn) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    tpc_abort = abort
+
+    def tpc_begin(self, txn) -> None:
+        pass
+
+    def commit(self, txn) -> None:
+        pass
+
+    def tpc_vote(self, txn) -> None:
+        pass
+
+    def tpc_finish(self, txn) -> None:
+        self.conn.execute("COMMIT")
+
+    def sortKey(self) -> str:
+        return "z-sqlite"
+
+    def savepoint(self):
+        self.n += 1
+        name = f"sp{self.n}"
+        self.conn.execute(f"SAVEPOINT {name}")
+        conn = self.conn
+
+        class _Sp:
+            def rollback(self) -> None:
+                conn.execute(f"ROLLBACK TO {name}")
+        return _Sp()
+
+
+def test_a_savepoint_after_the_caller_committed_walstore_lets_the_others_commit(tmp_path):
+    """A walstore transaction the caller committed itself (``tx.commit()`` in the body)
+    votes yes, so the other participants commit beside its writes (GUIDE).  But a
+    ``transaction.savepoint()`` taken after that commit (zope.sqlalchemy and ZODB code
+    take them freely) raised TransactionClosed out of walstore's ``savepoint()``: the
+    package marked the whole transaction failed, so ``transaction.commit()`` raised
+    TransactionFailedError and the SQL participant was rolled back while walstore's
+    writes stood: the two disagreed.  A committed transaction cannot change any more, so
+    a savepoint of it is taken and rolled back as a no-op."""
+    transaction = pytest.importorskip("transaction")
+    import walstore
+    from walstore.integrations.transaction import join
+    store = walstore.open(str(tmp_path / "ws"))
+    sql = _SqliteWithSavepoints(tmp_path / "other.sqlite")
+    try:
+        transaction.begin()
+        tx = join(store)
+        tx.put("order", "paid")
+        sql.put("order", "paid")
+        tx.commit()
+        sp = transaction.savepoint()
+        sql.put("draft", "x")
+        sp.rollback()                     # the SQL draft goes; walstore's commit stays
+        sql.put("note", "kept")
+        transaction.commit()
+        assert store.get("order") == "paid"
+        assert sql.rows() == {"order": "paid", "note": "kept"}
+        assert store.prepared() == []
+    finally:
+        transaction.abort()
+        sql.conn.close()
+        store.close()

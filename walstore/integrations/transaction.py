@@ -46,7 +46,8 @@ rolled back outside the manager (``tx.rollback()``, ``store.close()``): it stays
 and votes no, so the transaction can only be aborted; after ``transaction.abort()`` (or
 the rollback of a savepoint taken before the join, which unjoins it) a join is fresh.
 ``savepoint()`` returns an object whose ``rollback()`` is ``tx.rollback_to`` — the
-ISavepointDataManager contract.  ``should_retry`` says a walstore ``ConflictError`` is
+ISavepointDataManager contract (one taken after the caller committed the walstore
+transaction rolls back nothing: it cannot change any more).  ``should_retry`` says a walstore ``ConflictError`` is
 transient, so ``transaction.manager.run(fn)`` and ``for attempt in
 transaction.manager.attempts()`` run it again (a conflicting vote commits nothing: the
 package aborts every participant), as they do for ZODB's ConflictError.
@@ -278,7 +279,14 @@ class WalstoreDataManager:
         return isinstance(error, ConflictError)
 
     # ISavepointDataManager
-    def savepoint(self) -> "_Savepoint":
+    def savepoint(self) -> "_Savepoint | _CommittedSavepoint":
+        self._see_outside_decision()
+        if self.tx.state == COMMITTED:
+            # committed by the caller (``tx.commit()``), it votes yes beside the others;
+            # refusing the savepoint (TransactionClosed) failed the whole transaction,
+            # so the others were aborted beside walstore's commit.  It cannot change any
+            # more: rolling back to a point taken now changes nothing of it.
+            return _CommittedSavepoint()
         return _Savepoint(self.tx, self.tx.savepoint("zope"))
 
     def _end(self) -> None:
@@ -296,6 +304,11 @@ class _Savepoint:
 
     def rollback(self) -> None:
         self.tx.rollback_to(self.sp)
+
+
+class _CommittedSavepoint:
+    def rollback(self) -> None:
+        pass  # (taken after the walstore transaction committed: nothing to undo)
 
 
 _GID = object()  # (the key of the gid in each transaction's data: ``Transaction.data``)
