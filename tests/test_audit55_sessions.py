@@ -155,3 +155,21 @@ def test_a_savepoint_after_the_caller_committed_walstore_lets_the_others_commit(
         transaction.abort()
         sql.conn.close()
         store.close()
+
+
+@pytest.mark.parametrize("given", ["state-dir", None])
+def test_join_given_a_path_or_none_is_a_type_error_naming_the_fix(tmp_path, given):
+    """``join("state-dir")`` (a path, as SQLiteSession and zope.sqlalchemy take) raised
+    AttributeError "'str' object has no attribute 'transaction'"; the other integrations
+    refuse it with a TypeError saying to pass ``walstore.open(path)``."""
+    transaction = pytest.importorskip("transaction")
+    from walstore.integrations.transaction import join
+    arg = str(tmp_path / given) if given else None
+    try:
+        with pytest.raises(TypeError, match="walstore.Store") as e:
+            join(arg)
+        if given:
+            assert "walstore.open(path)" in str(e.value)
+        assert not (tmp_path / "state-dir").exists()
+    finally:
+        transaction.abort()

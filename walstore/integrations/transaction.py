@@ -62,6 +62,7 @@ from typing import Any
 import transaction as _transaction
 
 from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, Transaction
+from ._checks import check_store as _check_store
 from ..errors import (CommitOutcomeUnknown, ConflictError, TransactionClosed, UnknownGid,
                       WalstoreError)
 
@@ -357,6 +358,9 @@ def _forget(dm: WalstoreDataManager) -> None:
 
 def join(store, transaction_manager=None, meta: Any = None) -> Transaction:
     """The walstore transaction of ``store`` inside the current ``transaction`` transaction."""
+    # (a path raised "'str' object has no attribute 'transaction'"; the other
+    # integrations say to pass walstore.open(path))
+    _check_store(store, "join")
     tm = transaction_manager or _transaction.manager
     key = (id(tm.get()), id(store))
     dm = _managers.get(key)
