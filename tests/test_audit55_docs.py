@@ -199,3 +199,20 @@ def test_setup_commands_name_what_exists():
     assert f'python -m pip install --quiet ".[{",".join(extras)}]"' in ci
     assert test in ci
     assert len(README.splitlines()) < 320
+
+
+def test_files_the_readme_names_exist():
+    named = set(re.findall(r"`((?:tests|tools|bench|walstore|\.ci|examples)/[\w./-]*\w)`", README))
+    named |= set(re.findall(r"\]\(((?:tests|tools|bench|examples)/[\w./-]*)\)", README))
+    assert "tests/test_exit.py" in named and "tools/agentmodel.py" in named
+    assert [p for p in sorted(named) if not (ROOT / p).exists()] == []
+    # "The rows of record (PROFILE.md, HISTORY.md)": they live in bench/results/
+    assert "(PROFILE.md, HISTORY.md)" not in README
+    for name in ("PROFILE.md", "HISTORY.md"):
+        assert (ROOT / "bench" / "results" / name).exists()
+    # the "How it works" tree: every module and package it names is there
+    tree = re.search(r"```\nwalstore/\n(.*?)```", README, re.S).group(1)
+    for line in tree.splitlines():
+        m = re.match(r"  (\w+(?:\.py|/))\s", line)
+        if m:
+            assert (ROOT / "walstore" / m.group(1).rstrip("/")).exists(), m.group(1)
