@@ -216,3 +216,50 @@ def test_files_the_readme_names_exist():
         m = re.match(r"  (\w+(?:\.py|/))\s", line)
         if m:
             assert (ROOT / "walstore" / m.group(1).rstrip("/")).exists(), m.group(1)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_what_get_prints_pastes_back_with_put_tagged(tmp_path):
+    """CLI.md: "`put --tagged` reads them back (what `get` printed pastes back as the same
+    value: bytes, NaN, int-keyed maps, a negative number)"; a str-keyed map that looks
+    like a tag is written in the `map` form."""
+    import math
+    path = str(tmp_path / "s")
+    value = {"b": b"\x00\xff", "n": float("nan"), "i": float("-inf"),
+             "m": {1: "one", b"k": 2}, "tag": {"base64": "x"}, "f": {"float": "nan"},
+             "l": [1, -5, 2.5, None, True], "big": 2**64 - 1, "neg": -2**63}
+    with walstore.open(path) as s:
+        s.run(lambda tx: tx.put("v", value))
+    printed = cli("get", path, "v")
+    assert printed.returncode == 0, printed.stderr
+    assert '"tag": {"map": [["base64", "x"]]}' in printed.stdout
+    assert '"f": {"map": [["float", "nan"]]}' in printed.stdout
+    pasted = cli("put", path, "w", printed.stdout.strip(), "--tagged")
+    assert pasted.returncode == 0, pasted.stderr
+    assert cli("put", path, "neg", "-5").returncode == 0
+    with walstore.open(path, readonly=True) as s:
+        back = s.get("w")
+        assert math.isnan(back.pop("n"))
+        assert back == {k: v for k, v in value.items() if k != "n"}
+        assert s.get("neg") == -5
+
+
+def test_log_shows_the_newest_20_by_default_and_says_there_are_more(tmp_path):
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        for i in range(23):
+            s.run(lambda tx: tx.put(f"k{i:02}", i))
+    shown = cli("log", path)
+    assert shown.returncode == 0
+    rows = shown.stdout.splitlines()[1:]
+    assert [int(r.split()[0]) for r in rows] == list(range(23, 3, -1))
+    assert "the newest 20 shown" in shown.stderr
+    doc = cli("log", path, "--json")
+    import json
+    parsed = json.loads(doc.stdout)
+    assert len(parsed["transactions"]) == 20 and parsed["more"] is True
