@@ -263,3 +263,49 @@ def test_log_shows_the_newest_20_by_default_and_says_there_are_more(tmp_path):
     import json
     parsed = json.loads(doc.stdout)
     assert len(parsed["transactions"]) == 20 and parsed["more"] is True
+
+
+def test_open_makes_directories_0700_and_refuses_what_cannot_be_a_store(tmp_path):
+    """GUIDE, "Opening a store": an empty directory given is made 0700; missing parents
+    are created 0700; a file in the way, or no store with create=False or readonly=True,
+    is NotAStore; map_size is 64 KiB to 64 TiB (ValueError)."""
+    empty = tmp_path / "empty"
+    empty.mkdir(mode=0o755)
+    os.chmod(empty, 0o755)
+    walstore.open(str(empty)).close()
+    assert os.stat(empty).st_mode & 0o777 == 0o700
+    walstore.open(str(tmp_path / "p" / "q" / "r")).close()
+    for part in ("p", "p/q", "p/q/r"):
+        assert os.stat(tmp_path / part).st_mode & 0o777 == 0o700, part
+    (tmp_path / "afile").write_text("")
+    for path, kw in ((tmp_path / "afile", {}), (tmp_path / "none1", {"create": False}),
+                     (tmp_path / "none2", {"readonly": True})):
+        with pytest.raises(walstore.NotAStore):
+            walstore.open(str(path), **kw)
+        assert path.name == "afile" or not path.exists()
+    for size in (64 * 1024 - 1, 64 * 2**40 + 1):
+        with pytest.raises(ValueError, match="map_size"):
+            walstore.open(str(tmp_path / "m"), map_size=size)
+    with walstore.open(str(tmp_path / "m"), map_size=64 * 1024) as s:
+        assert s.stats()["lmdb_map_size"] == 64 * 1024
+    with walstore.open(str(tmp_path / "d")) as s:       # "reserves 64 GiB" without map_size
+        assert s.stats()["lmdb_map_size"] == 64 * 2**30
+
+
+def test_a_transaction_prepared_before_a_crash_is_in_doubt_exit_1_then_decided(tmp_path):
+    """README: 2PC "in doubt across crashes"; CLI.md: exit 1 for in-doubt transactions,
+    `commit-prepared PATH GID` decides one."""
+    path = str(tmp_path / "s")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import os, sys, walstore\n"
+            "s = walstore.open(sys.argv[1])\n"
+            "tx = s.transaction(); tx.put('x', 1); tx.prepare('g1')\n"
+            "os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, path], env=env,
+                          timeout=120).returncode == 9
+    listed = cli("prepared", path)
+    assert listed.returncode == 1 and "g1" in listed.stdout
+    decided = cli("commit-prepared", path, "g1")
+    assert decided.returncode == 0, decided.stderr
+    assert cli("get", path, "x").stdout.strip() == "1"
+    assert cli("prepared", path).returncode == 0
