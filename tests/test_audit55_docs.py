@@ -309,3 +309,21 @@ def test_a_transaction_prepared_before_a_crash_is_in_doubt_exit_1_then_decided(t
     assert decided.returncode == 0, decided.stderr
     assert cli("get", path, "x").stdout.strip() == "1"
     assert cli("prepared", path).returncode == 0
+
+
+def test_a_key_named_in_an_error_pastes_back(tmp_path):
+    """CLI.md: keys are shown so "any key shown can be pasted back"; `get` and `delete`
+    of an absent key named it by the repr of its shown form, which doubled the
+    backslashes of a json:"..." key (`key 'json:"x\\\\ny"' not found`): pasted back, that
+    names another key."""
+    path = str(tmp_path / "s")
+    assert cli("init", path).returncode == 0
+    for verb in ("get", "delete"):
+        r = cli(verb, path, "x\ny")
+        assert r.returncode == 1
+        shown = re.fullmatch(r"walstore: key '(.*)' not found\n", r.stderr).group(1)
+        assert shown == 'json:"x\\ny"'
+        assert cli("put", path, shown, "7").returncode == 0
+        with walstore.open(path, readonly=True) as s:
+            assert s.get("x\ny") == 7
+        assert cli("delete", path, shown).returncode == 0

@@ -25,9 +25,11 @@ class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
 @click.argument("key", type=KEY)
 def get(path: str, key: str | bytes) -> None:
     """Print the value of KEY as JSON (exit 1 when absent)."""
+    # (errors quote the key as show_key writes it, not its repr: repr doubled the
+    # backslashes of a json:"a\nb" key, and the key shown no longer pasted back)
     with open_store(path, readonly=True) as store:
         if key not in store:
-            fail(f"key {show_key(key)!r} not found", kind="KeyError")
+            fail(f"key '{show_key(key)}' not found", kind="KeyError")
         click.echo(show_value(store[key]))
 
 
@@ -49,7 +51,7 @@ def put(path: str, key: str | bytes, value: str, tagged: bool) -> None:
             try:
                 tx.put(key, decoded)
             except (TypeError, ValueError) as e:  # the key or value itself is refused
-                fail(f"cannot put {show_key(key)!r}: {e}", EXIT_USAGE)
+                fail(f"cannot put '{show_key(key)}': {e}", EXIT_USAGE)
     click.echo(f"committed txid {tx.id} at LSN {tx.lsn}")
 
 
@@ -60,7 +62,7 @@ def delete(path: str, key: str | bytes) -> None:
     """Delete KEY in one transaction."""
     with open_store(path) as store:
         if key not in store:
-            fail(f"key {show_key(key)!r} not found", kind="KeyError")
+            fail(f"key '{show_key(key)}' not found", kind="KeyError")
         with store.transaction(meta={"cli": "delete"}) as tx:
             tx.delete(key)
     click.echo(f"committed txid {tx.id} at LSN {tx.lsn}")
