@@ -327,3 +327,15 @@ def test_a_key_named_in_an_error_pastes_back(tmp_path):
         with walstore.open(path, readonly=True) as s:
             assert s.get("x\ny") == 7
         assert cli("delete", path, shown).returncode == 0
+
+
+def test_errors_are_one_line_and_clicks_usage_errors_are_as_cli_md_says(tmp_path):
+    r = cli("get", str(tmp_path / "nothing"), "k")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("walstore: ")
+    assert "Traceback" not in r.stderr
+    r = cli("get")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("Usage: ") and lines[-1] == "Error: Missing argument 'PATH'."
+    assert "usage line, a hint and `Error: ...`" in (ROOT / "docs" / "CLI.md").read_text()
