@@ -339,3 +339,18 @@ def test_errors_are_one_line_and_clicks_usage_errors_are_as_cli_md_says(tmp_path
     lines = r.stderr.strip().splitlines()
     assert lines[0].startswith("Usage: ") and lines[-1] == "Error: Missing argument 'PATH'."
     assert "usage line, a hint and `Error: ...`" in (ROOT / "docs" / "CLI.md").read_text()
+
+
+def test_sections_named_in_quotes_exist_in_the_same_page():
+    """`see "X"` and `"X" below` name a heading (or a bold lead-in) of the page they are
+    in (GUIDE said "Recovery" below, and RECOVERY.md see "Two-phase commit": neither page
+    has such a section; both now link the page that does)."""
+    bad = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        named = re.findall(r'see "([A-Z][^"]*)"', text)
+        named += re.findall(r'"([A-Z][A-Za-z ,-]*)"\s+(?:below|above)', text)
+        for section in named:
+            if not re.search(rf"^(#+ .*|\*\*){re.escape(section)}", text, re.M):
+                bad.append((page.name, section))
+    assert bad == []
