@@ -351,6 +351,7 @@ def test_sections_named_in_quotes_exist_in_the_same_page():
         named = re.findall(r'see "([A-Z][^"]*)"', text)
         named += re.findall(r'"([A-Z][A-Za-z ,-]*)"\s+(?:below|above)', text)
         for section in named:
+            section = " ".join(section.split())      # (a name may wrap across lines)
             if not re.search(rf"^(#+ .*|\*\*){re.escape(section)}", text, re.M):
                 bad.append((page.name, section))
     assert bad == []
