@@ -355,3 +355,28 @@ def test_sections_named_in_quotes_exist_in_the_same_page():
             if not re.search(rf"^(#+ .*|\*\*){re.escape(section)}", text, re.M):
                 bad.append((page.name, section))
     assert bad == []
+
+
+def test_points_of_the_wrong_type_and_empty_names_raise_what_guide_says(tmp_path):
+    """GUIDE, "Points are strict": another type's UnknownPoint is also a TypeError
+    (PointTypeError); an empty restore point name, purge prefix or scope= is an
+    EmptyArgumentError (ValueError and TypeError); revert of an LSN is a PointTypeError
+    (GUIDE said "that error", the EmptyArgumentError it had just named)."""
+    from walstore.errors import EmptyArgumentError, PointTypeError
+    with walstore.open(str(tmp_path / "s")) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        assert isinstance(tx.lsn + 1, walstore.LSN) and type(tx.lsn - tx.lsn) is int
+        for point in (1.0, True, None, b"x"):
+            with pytest.raises(PointTypeError) as e:
+                s.at(point)
+            assert isinstance(e.value, TypeError) and isinstance(e.value, walstore.UnknownPoint)
+        for call in (lambda: s.restore_point(""), lambda: s.purge(""),
+                     lambda: s.rewind(1, scope="")):
+            with pytest.raises(EmptyArgumentError) as e:
+                call()
+            assert isinstance(e.value, ValueError) and isinstance(e.value, TypeError)
+        with pytest.raises(PointTypeError):
+            s.revert(tx.lsn)
+        assert s.get("a") == 1
+    assert "raises `PointTypeError` too" in (ROOT / "docs" / "GUIDE.md").read_text()
