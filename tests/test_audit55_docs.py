@@ -380,3 +380,28 @@ def test_points_of_the_wrong_type_and_empty_names_raise_what_guide_says(tmp_path
             s.revert(tx.lsn)
         assert s.get("a") == 1
     assert "raises `PointTypeError` too" in (ROOT / "docs" / "GUIDE.md").read_text()
+
+
+def test_open_progress_reaches_the_whole_log(tmp_path):
+    """GUIDE: `progress(done, total)` is called as an unclean store's recovery reads its
+    log (bytes). It was called at each segment's end with the bytes of the segments
+    before it: one segment's log reported (0, total) and nothing more, and a longer one
+    never reached its total."""
+    path = str(tmp_path / "s")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    code = ("import os, sys, walstore\n"
+            "s = walstore.open(sys.argv[1], segment_size=1 << 20)\n"
+            "for i in range(60):\n"
+            "    s.run(lambda tx: tx.put(f'k{i}', b'v' * 50_000))\n"
+            "os._exit(9)\n")
+    assert subprocess.run([sys.executable, "-c", code, path], env=env,
+                          timeout=120).returncode == 9
+    assert len(os.listdir(os.path.join(path, "wal"))) > 2
+    calls = []
+    with walstore.open(path, progress=lambda done, total: calls.append((done, total))) as s:
+        assert s.get("k59") == b"v" * 50_000
+    assert len(calls) > 1
+    dones = [d for d, _ in calls]
+    assert dones == sorted(dones)
+    assert all(d <= t for d, t in calls)
+    assert calls[-1][0] == calls[-1][1] > 0

@@ -227,11 +227,11 @@ class Recovery:
                     continue
                 self._handle(item)
                 if item.kind == "end" and self.progress:
-                    self.progress(log.bytes_done, rep.wal_bytes)
-            if self.progress:  # (a segment is counted once its "end" was taken: the
-                # last one was never reported, and the walk's progress stopped short of
-                # 100%, at 69% of a 55 MB log)
-                self.progress(log.bytes_done, rep.wal_bytes)
+                    # (bytes_done counts a segment once the walk has left it: at its own
+                    # "end" it held only the segments before, so the last call was short
+                    # of the total by a segment — (0, total) for a one-segment log)
+                    self.progress(min(log.bytes_done + item.reader.file_size,
+                                      rep.wal_bytes), rep.wal_bytes)
         except _Stop as stop:
             self._drop_after(log, *stop.args)
         self._owe_given_up()  # (first: an action known by its given-up result alone is

@@ -339,8 +339,9 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
         elif item.verdict == "corrupt":
             rep.errors.append(f"{item.path}: {item.scan.kind} at offset {item.scan.offset} "
                               f"(LSN {item.lsn}): {item.reason}")
-        if item.kind == "end" and progress:
-            progress(log.bytes_done, rep.wal_bytes)
+        if item.kind == "end" and progress:  # (this segment included: see Recovery.run)
+            progress(min(log.bytes_done + item.reader.file_size, rep.wal_bytes),
+                     rep.wal_bytes)
     rep.wal_end_lsn = log.end_lsn or 0
     # entries of wal/ the log does not read: a renamed segment (it may be the one a gap
     # lacks), or one in the way of recovery's temp-file cleanup (every open refused
