@@ -405,3 +405,25 @@ def test_open_progress_reaches_the_whole_log(tmp_path):
     assert dones == sorted(dones)
     assert all(d <= t for d, t in calls)
     assert calls[-1][0] == calls[-1][1] > 0
+
+
+def test_backup_and_restore_into_a_dest_that_is_not_empty_are_both_usage_errors(tmp_path):
+    """CLI.md: exit 2 for a usage error such as "an `init` PATH that is ... a directory
+    that is not empty"; `backup` into a DEST that is not empty exited 2, `restore` into
+    one exited 1, as if the replica had a problem. Both are 2 now, DEST left alone (the
+    loser of two restores racing for one empty DEST stays exit 1:
+    tests/test_replication_follow.py)."""
+    src = str(tmp_path / "src")
+    url = f"file://{tmp_path}/replica"
+    with walstore.open(src, replicate_to=url) as s:
+        s.run(lambda tx: tx.put("a", 1))
+        s.sync_replica()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep me")
+    for args in (("backup", src, str(taken)), ("restore", url, str(taken))):
+        r = cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert r.stderr.strip().endswith("exists and is not empty"), r.stderr
+        assert os.listdir(taken) == ["mine.txt"]
+    assert "DEST that exists and is not empty" in (ROOT / "docs" / "CLI.md").read_text()

@@ -313,8 +313,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         report = restore(url, dest, point, opts, compensate=compensate, progress=replayed)
     except UnknownPoint as e:  # (--to names nothing the replica holds: usage)
         _fail(str(e), EXIT_USAGE)
-    except ReplicationError as e:
-        _fail(str(e))
+    except ReplicationError as e:  # (a DEST found not empty up front is a usage error)
+        _fail(str(e), EXIT_USAGE if getattr(e, "usage", False) else EXIT_PROBLEM)
     except (TypeError, ValueError) as e:
         _fail(str(e), EXIT_USAGE)
     finally:
