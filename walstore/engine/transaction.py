@@ -427,6 +427,10 @@ class Transaction:
         mine = self._writes_in(lo, hi)
         committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
         for k, v in _overlay(committed, mine, reverse):
+            if self.state != ACTIVE:  # (ended under a half-read scan: it went on yielding
+                # its write set as if it were there, rows a rollback had undone and the
+                # store would never hold, where tx.get raised at once — probe-audit55)
+                self._check_active()
             try:
                 item = decode_key(k), unpack_value(v)
             except CorruptionError as e:
