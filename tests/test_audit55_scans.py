@@ -73,8 +73,9 @@ def _apply(target, model, batch):
 
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(commits=st.lists(ops, max_size=4), mine=ops, b=bounds(), reverse=st.booleans())
-def test_scans_match_a_dict_model(commits, mine, b, reverse):
+@given(commits=st.lists(ops, max_size=4), mine=ops, b=bounds(), reverse=st.booleans(),
+       ckpt=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_scans_match_a_dict_model(commits, mine, b, reverse, ckpt):
     with tempfile.TemporaryDirectory() as d:
         s = walstore.open(os.path.join(d, "s"), durability="none")
         try:
@@ -83,6 +84,8 @@ def test_scans_match_a_dict_model(commits, mine, b, reverse):
                 with s.transaction() as tx:
                     _apply(tx, model, batch)
                 points.append((s.restore_point(f"p{i}"), dict(model)))
+                if ckpt[i]:  # (history and state in LMDB, or left in the MemTable)
+                    s.checkpoint()
             assert list(s.scan(**b, reverse=reverse)) == model_scan(model, b, reverse)
             for p, then in points:
                 assert list(s.at(p).scan(**b, reverse=reverse)) == \
@@ -179,3 +182,42 @@ def test_a_scan_iterator_stops_when_the_store_closes_its_transaction(path):
     s.close()  # (rolls the open transaction back)
     with pytest.raises((walstore.TransactionClosed, walstore.StoreClosed)):
         next(it)
+
+
+def test_bounds_given_together_narrow_each_other_in_both_directions(store):
+    """What the GUIDE says of bounds: prefix, start and end intersect; start at or past
+    end is empty; reverse yields the same keys last first (end exclusive, start
+    inclusive); a bound's type picks its keys' type; b"\\xff\\xff" has no prefix end."""
+    with store.transaction() as tx:
+        for k in ["a", "a/1", "a/2", "a/3", "b", b"a/1", b"\xff", b"\xff\xff", b"\xff\xff\x00"]:
+            tx.put(k, 1)
+    keys = lambda **kw: [k for k, _v in store.scan(**kw)]  # noqa: E731
+    assert keys(prefix="a/", start="a/2") == ["a/2", "a/3"]
+    assert keys(prefix="a/", end="a/2", reverse=True) == ["a/1"]
+    assert keys(prefix="a/", start="b") == [] and keys(start="b", end="a") == []
+    assert keys(start="a", end="b", reverse=True) == ["a/3", "a/2", "a/1", "a"]
+    assert keys(prefix=b"\xff\xff", reverse=True) == [b"\xff\xff\x00", b"\xff\xff"]
+    assert keys(prefix="a/") == ["a/1", "a/2", "a/3"]  # (not the bytes b"a/1")
+
+
+def test_a_scan_iterator_shows_the_writes_as_of_its_first_row(store):
+    """What the GUIDE says: a tx.scan iterator shows the transaction's writes as they
+    were at its first row; the next scan shows those made meanwhile (rollback_to too)."""
+    with store.transaction() as tx:
+        for k in ["k1", "k3", "k5"]:
+            tx.put(k, 0)
+    tx = store.transaction()
+    sp = tx.savepoint()
+    tx.put("k4", 4)
+    it = tx.scan(prefix="k")
+    assert next(it) == ("k1", 0)
+    tx.put("k2", 2)
+    tx.delete("k5")
+    assert list(it) == [("k3", 0), ("k4", 4), ("k5", 0)]
+    assert [k for k, _v in tx.scan(prefix="k")] == ["k1", "k2", "k3", "k4"]
+    it = tx.scan(prefix="k")
+    assert next(it) == ("k1", 0)
+    tx.rollback_to(sp)
+    assert [k for k, _v in it] == ["k2", "k3", "k4"]
+    assert [k for k, _v in tx.scan(prefix="k")] == ["k1", "k3", "k5"]
+    tx.rollback()
