@@ -756,8 +756,6 @@ def run_files(images: int, seed: int = 0, txns: int = 30, workdir: str | None = 
             variant = VARIANTS[i % len(VARIANTS)]
             limit = rec.events[point - 1].seq if point else -1
             acked = [a for a in rec.acks if a[0] <= limit]
-            if durability != "full":
-                acked = [a for a in acked if _covered_by_a_sync(rec, a[0], limit)]
             found = check_files_image(rec, model.image(variant, rnd), acked,
                                       os.path.join(workdir, f"image{i}"))
             shutil.rmtree(os.path.join(workdir, f"image{i}"), ignore_errors=True)
