@@ -97,3 +97,57 @@ def test_kill9_under_each_durability_in_turn_keeps_every_promise(tmp_path):
     from walstore.ops.verify import verify_store
     report = verify_store(path)
     assert not report.errors, report.errors
+
+
+def _dir_synced_before(fb, directory: str, seq: int) -> bool:
+    directory = os.path.realpath(directory)
+    return any(e.op == "fsync_dir" and e.done_seq is not None and e.done_seq < seq
+               and os.path.realpath(e.path) == directory for e in fb.events)
+
+
+def test_the_new_lmdb_data_file_is_durably_named_before_the_first_acknowledged_commit(
+        tmp_path):
+    """A new store's LMDB files are created by LMDB itself (open(O_CREAT) in db/), never
+    followed by an fsync of db/: a power loss after the first acknowledged full commits
+    could leave db/ without data.mdb beside a durable WAL segment, a store open refuses
+    ("log but no LMDB data file") — and after a checkpoint trimmed the WAL, the commits
+    in LMDB gone with the name.  The crash model of tools/powerloss.py: a create is
+    durable once an fsync of its directory returned after it."""
+    from tools.faults import FaultBackend, installed
+    path = str(tmp_path / "store")
+    fb = FaultBackend(record=True)
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            with s.transaction() as tx:
+                tx.put("k", 1)
+            ack = fb.mark("ack")
+        finally:
+            s.close()
+    assert os.path.exists(os.path.join(path, "db", "data.mdb"))
+    assert _dir_synced_before(fb, os.path.join(path, "db"), ack.seq)
+
+
+def test_a_failed_fsync_of_the_new_lmdb_directory_fails_the_open_and_a_retry_works(tmp_path):
+    """The new fsync of db/ (above): its failure is a StoreIOError naming db/ (never a raw
+    OSError), nothing acknowledged; a later open completes the creation, and makes the
+    name durable although the file exists by then."""
+    from tools.faults import FaultBackend, installed
+    path = tmp_path / "store"
+    fb = FaultBackend()
+    with installed(fb):
+        fb.fail("fsync_dir", 5, path=str(path / "db"))
+        with pytest.raises(walstore.StoreIOError) as info:
+            walstore.open(str(path))
+        assert info.value.errno == 5 and "db" in str(info.value)
+        fb.clear()
+    fb = FaultBackend(record=True)
+    with installed(fb):
+        with walstore.open(str(path)) as s:
+            with s.transaction() as tx:
+                tx.put("a", 1)
+            ack = fb.mark("ack")
+    # the retry found data.mdb made by the failed open: its name is made durable too
+    assert _dir_synced_before(fb, str(path / "db"), ack.seq)
+    with walstore.open(str(path)) as s:
+        assert s.get("a") == 1

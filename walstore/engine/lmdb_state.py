@@ -444,6 +444,20 @@ class LmdbState:
                                          f"{os.strerror(code)}", path) from e
             raise CorruptionError(f"cannot open the LMDB environment: {e}",
                                   file=self.data_file) from e
+        if not readonly:
+            # LMDB creates data.mdb itself, and its fdatasyncs never make the name durable:
+            # without this fsync of db/ a power loss after acknowledged commits (a durable
+            # WAL segment beside it) could leave no data file, a store open refuses, or,
+            # once a checkpoint trimmed the log, commits lost with the name.  At every
+            # writable open, not only when the file is new: an open whose fsync failed
+            # left the file made, and the retry found it there
+            try:
+                fileio.fsync_dir(path)
+            except OSError as e:
+                env.close()
+                raise StoreIOError(e.errno, f"cannot make the new LMDB data file durable "
+                                            f"(fsync of its directory): "
+                                            f"{e.strerror or e}", path) from e
         shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
                   "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file)}
