@@ -626,7 +626,8 @@ class FilesRecording:
 
 
 def record_files_workload(workdir: str, txns: int = 30, seed: int = 0,
-                          lie_about_file_fsync: bool = False) -> FilesRecording:
+                          lie_about_file_fsync: bool = False,
+                          durability: str = "full") -> FilesRecording:
     rnd = random.Random(seed)
     live, ws = os.path.join(workdir, "live"), os.path.join(workdir, "ws")
     for rel, data in FILES_TREE.items():
@@ -638,7 +639,10 @@ def record_files_workload(workdir: str, txns: int = 30, seed: int = 0,
         with s.transaction() as tx:
             tx.files(w).write("README.md", "hello\n")
             tx.put("ver", 0)
-    store = walstore.open(live, **FILES_OPTS)
+    opts = dict(FILES_OPTS)
+    if durability != "full":  # (see record_workload)
+        opts.update(durability=durability, sync_interval=0.002)
+    store = walstore.open(live, **opts)
     w = store.workspace(ws)
     _spare_settled(store)
     base_store, base_ws = os.path.join(workdir, "base-store"), os.path.join(workdir, "base-ws")
@@ -734,12 +738,12 @@ def check_files_image(rec: FilesRecording, image: dict, acked: list, dest: str) 
 
 
 def run_files(images: int, seed: int = 0, txns: int = 30, workdir: str | None = None,
-              lie_about_file_fsync: bool = False) -> dict:
+              lie_about_file_fsync: bool = False, durability: str = "full") -> dict:
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="walstore-powerloss-files-")
     rnd = random.Random(seed)
     try:
-        rec = record_files_workload(workdir, txns, seed, lie_about_file_fsync)
+        rec = record_files_workload(workdir, txns, seed, lie_about_file_fsync, durability)
         summary = _summary(trees_checked=0, events=len(rec.events), commits=len(rec.acks))
         points = sorted(rnd.sample(range(len(rec.events) + 1),
                                    min(images, len(rec.events) + 1)))
@@ -756,6 +760,8 @@ def run_files(images: int, seed: int = 0, txns: int = 30, workdir: str | None = 
             variant = VARIANTS[i % len(VARIANTS)]
             limit = rec.events[point - 1].seq if point else -1
             acked = [a for a in rec.acks if a[0] <= limit]
+            if durability != "full":
+                acked = [a for a in acked if _covered_by_a_sync(rec, a[0], limit)]
             found = check_files_image(rec, model.image(variant, rnd), acked,
                                       os.path.join(workdir, f"image{i}"))
             shutil.rmtree(os.path.join(workdir, f"image{i}"), ignore_errors=True)
