@@ -163,3 +163,38 @@ def test_power_loss_under_normal_leaves_the_workspace_a_committed_tree(tmp_path)
     assert summary["acks_checked"] > 0  # the flusher's syncs covered commits
     assert summary["lost_commits"] == 0, summary["examples"]
     assert summary["broken_images"] == 0, summary["examples"]
+
+
+def _wal_synced_after(fb, seq: int) -> bool:
+    return any(e.op in ("fsync", "fdatasync") and e.seq > seq and e.done_seq is not None
+               and e.path.endswith(".wal") for e in fb.events)
+
+
+def test_close_of_a_stopped_normal_store_fsyncs_the_healthy_log(tmp_path):
+    """durability="normal": an acknowledged commit is fsynced within sync_interval.  A
+    store stopped by an error that is not the log's (here an OSError after a commit's
+    point of no return: a background error, the store read-only) was closed without any
+    fsync of its log — close() checkpoints only a healthy store, and the flusher is
+    stopped first — so the commits of the last interval stayed in the page cache for as
+    long as the process went on (a power loss then lost them, past the bound).  Now
+    close() fsyncs a log that has not failed."""
+    from tools.faults import FaultBackend, installed
+    path = str(tmp_path / "store")
+    fb = FaultBackend(record=True)
+    with installed(fb):
+        s = walstore.open(path, durability="normal", sync_interval=60,
+                          apply_interval=86400, apply_batch=10**9)
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        fb.fail_point("commit.after_durable", raises=OSError(5, "injected EIO"))
+        with s.transaction() as tx:
+            tx.put("b", 2)  # acknowledged: the error is past its point of no return
+        ack = fb.mark("ack")
+        assert s.stats()["background_errors"]
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put("c", 3)
+        s.close()
+    assert _wal_synced_after(fb, ack.seq)
+    with walstore.open(path) as s:
+        assert s.get("a") == 1 and s.get("b") == 2

@@ -40,7 +40,7 @@ from ..log.format import RecordType
 from ..log.reader import LogEvent, LogReader
 from ..log.records import Event
 from ..log.segment import create_segment, list_segments
-from ..log.writer import FIRST_SEGMENT_SIZE, WriteAheadLog
+from ..log.writer import FIRST_SEGMENT_SIZE, LogFailed, WriteAheadLog
 from ..options import Options
 from ..signals import Flag, deferred, start_thread
 from .apply import Applier
@@ -1063,6 +1063,20 @@ class Engine:
                 self.state.sync()
                 if self.shared_mark is not None:  # everything logged is decided: all shown
                     self.shared_mark.set(max(self.wal.written_lsn, self.memtable.published))
+            elif not self.readonly and self.wal is not None and self.wal.failed is None:
+                # stopped by an error not the log's (LMDB, a background error): the log
+                # is sound, and the flusher is stopped above.  Without this fsync the
+                # commits "normal" acknowledged since its last sync stayed in the page
+                # cache for as long as the process went on, past sync_interval
+                try:
+                    self.wal.sync()
+                except LogFailed as e:
+                    cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
+                    raise StoreIOError(
+                        (cause.errno if cause is not None else None) or errno.EIO,
+                        f"closing {self.path}: the final fsync of the log failed ({e}); "
+                        f"commits not yet synced may be lost to a power loss (the next "
+                        f"open recovers what the disk kept)", self.layout.wal) from e
         except StateWriteError as e:
             # docs/GUIDE.md, errors: what fails while closing is a StoreIOError (errno, file);
             # the log was synced first, so the next open REDOes what LMDB missed
