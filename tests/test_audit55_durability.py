@@ -198,3 +198,44 @@ def test_close_of_a_stopped_normal_store_fsyncs_the_healthy_log(tmp_path):
     assert _wal_synced_after(fb, ack.seq)
     with walstore.open(path) as s:
         assert s.get("a") == 1 and s.get("b") == 2
+
+
+BIG_CHILD = textwrap.dedent("""
+    import sys, walstore
+    path = sys.argv[1]
+    s = walstore.open(path, durability="none", segment_size=8 * 1024 * 1024)
+    i = 0
+    while True:
+        i += 1
+        with s.transaction() as tx:  # ~4.5 MiB: WRITES records before its COMMIT
+            for k in range(3):
+                tx.put(f"big/{k}", bytes([i % 256]) * (1536 * 1024) + str(i).encode())
+            tx.put("n", i)
+        print(i, flush=True)
+""")
+
+
+def test_kill9_under_none_never_shows_part_of_a_multi_record_transaction(tmp_path):
+    """durability="none" and a kill -9 while a transaction spanning several WAL records
+    (and segments) is being written: after reopen, every big/* value and "n" come from
+    one and the same transaction, the last acknowledged one or the one after it."""
+    path = str(tmp_path / "store")
+    p = subprocess.Popen([sys.executable, "-c", BIG_CHILD, path], stdout=subprocess.PIPE,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    last = 0
+    try:
+        for line in p.stdout:
+            last = int(line)
+            if last >= 6:
+                break
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+    assert last >= 6
+    with walstore.open(path) as s:
+        n = s.get("n")
+        assert n in (last, last + 1)
+        for k in range(3):
+            v = s.get(f"big/{k}")
+            assert v.endswith(str(n).encode()) and v[0] == n % 256, (k, n)
