@@ -143,6 +143,7 @@ class Shipper:
         self.token = uuid.uuid4().hex
         self.holder = holder_info(self.token, source.path, source.store_id, source.lineage)
         self.lease = Lease(self.target, self.holder, self.opts.lease_ttl)
+        self._lease_lock = threading.Lock()  # (_hold_lease: blob upload threads share it)
         self.manifest: Manifest | None = None
         self.state = "starting"
         self.last_error: str | None = None
@@ -657,8 +658,7 @@ class Shipper:
         self._ensure_started()
         m = self.manifest
         t0 = time.time()
-        if self.lease.renew_due():
-            self.lease.renew()
+        self._hold_lease()
         if self._unsaved:  # an earlier round changed the manifest but could not save
             self._save()   # it (its objects are up): save it first, then go on
             self._advanced(m.position)
@@ -1058,6 +1058,18 @@ class Shipper:
                  "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om, "pg": purges}
         return body, entry, (opened, points, last)
 
+    def _hold_lease(self) -> None:
+        """Renew the lease when due; LeaseLost when another writer took it.  Called at the
+        start of a round and before every object written or deleted in it: renewed only at
+        a round's start, a writer stalled mid-round past the ttl (a pause, a hung link) went
+        on uploading WAL objects into the replica of the writer that took the lease over,
+        until its next manifest save (audit 55).  (One request still in flight across the
+        stall can land late: the manifest's If-Match keeps it out of the successor's
+        manifest.)"""
+        with self._lease_lock:
+            if self.lease.renew_due():
+                self.lease.renew()
+
     def _upload_immutable(self, key: str, body, sent: Callable[[int], None] | None = None
                           ) -> None:
         """Upload ``body`` (bytes or an open file, closed after) as ``key``, which must
@@ -1067,6 +1079,7 @@ class Shipper:
         start = None if isinstance(body, (bytes, bytearray)) else body.tell()
         kw = {} if sent is None else {"progress": sent}
         try:
+            self._hold_lease()
             self.target.put(key, body, if_none_match=True, **kw)
         except PreconditionFailed:
             # Exists: our own earlier upload whose answer was lost?  Same bytes, then.
@@ -1170,6 +1183,7 @@ class Shipper:
                 sha = _sha256(f)
                 f.seek(0)
                 key = snapshot_key(applied)
+                self._hold_lease()
                 try:
                     self.target.put(key, f, if_none_match=True, **kw)
                 except PreconditionFailed:
@@ -1271,6 +1285,7 @@ class Shipper:
         if not due:
             return
         for key in due:
+            self._hold_lease()
             self.target.delete(key)
         gone = set(due)
         m.doc["trash"] = [[k, t] for k, t in m.doc["trash"] if k not in gone]

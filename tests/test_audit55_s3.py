@@ -1,0 +1,63 @@
+"""Audit 55, replication to S3 (moto's server over HTTP, no mocks): lease fencing within
+a round, secrets, network faults."""
+from __future__ import annotations
+
+import time
+
+import msgpack
+import pytest
+
+from test_replication_support import make_s3_replica, s3_endpoint  # noqa: F401
+
+import walstore
+from walstore.replication import InProcessSource, Shipper
+from walstore.replication.lease import Lease, LeaseLost, holder_info
+
+
+def _lease_doc(replica) -> dict:
+    return msgpack.unpackb(replica.read("lease"), raw=False)
+
+
+def test_a_writer_stalled_mid_round_past_its_lease_writes_nothing_after_a_takeover(
+        s3_endpoint, tmp_path):  # noqa: F811
+    """Writer A stalls in the middle of a long round (a GC pause, a SIGSTOP, a link that
+    hung) past its lease's ttl; a successor takes the expired lease.  A's round went on
+    uploading WAL objects into the successor's replica: the lease was renewed only at the
+    start of a round, so nothing told A it no longer held it until its next manifest
+    save.  It must stop at its next write (LeaseLost) and write nothing more."""
+    replica = make_s3_replica(s3_endpoint)
+    a = walstore.open(str(tmp_path / "a"))
+    sh = Shipper(InProcessSource(a), replica.url,
+                 replica.opts(lease_ttl=0.6, max_object_bytes=1))  # (one record an object)
+    taken = {}
+
+    def stall_once(done, total):
+        if taken:
+            return
+        # A stalls here until its lease has expired, and a successor takes it
+        while _lease_doc(replica)["expires"] >= time.time():
+            time.sleep(0.02)
+        t = replica.target()
+        try:
+            b = Lease(t, holder_info("b" * 32, str(tmp_path / "b"), b"\2" * 16, "lb"), 60)
+            b.acquire()
+        finally:
+            t.close()
+        taken["keys"] = set(replica.keys())
+
+    try:
+        with a.transaction() as tx:
+            tx.put("x", 0)
+        sh.ship_once()
+        for i in range(20):
+            with a.transaction() as tx:
+                tx.put("x", i + 1)
+        with pytest.raises(LeaseLost):
+            sh.ship_once(progress=stall_once)
+        assert taken
+        written_after = set(replica.keys()) - taken["keys"]
+        assert written_after == set(), written_after
+        assert _lease_doc(replica)["holder"]["id"] == "b" * 32
+    finally:
+        sh.stop()
+        a.close()
