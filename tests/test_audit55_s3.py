@@ -61,3 +61,38 @@ def test_a_writer_stalled_mid_round_past_its_lease_writes_nothing_after_a_takeov
     finally:
         sh.stop()
         a.close()
+
+
+def test_a_fenced_writers_late_object_at_the_next_key_does_not_stall_the_holder(
+        s3_endpoint, tmp_path):  # noqa: F811
+    """A PUT of a writer whose lease was taken over, hung in a partition, lands after the
+    successor's start-up sweep of orphans: an object the successor's manifest does not
+    list, at the key of the successor's next WAL object, with other bytes (its WAL went
+    another way).  The holder stopped there for good: every round failed "exists with
+    other content; is another writer using this URL?" while it held the lease, and the
+    lag grew until a restart swept the orphan.  Under its own lease an unlisted object
+    of its own naming is an orphan: written over."""
+    import boto3
+    from walstore.replication.shipper import wal_key
+    replica = make_s3_replica(s3_endpoint)
+    a = walstore.open(str(tmp_path / "a"))
+    sh = Shipper(InProcessSource(a), replica.url, replica.opts())
+    try:
+        with a.transaction() as tx:
+            tx.put("x", 1)
+        sh.ship_once()
+        pos = sh.shipped
+        with a.transaction() as tx:
+            tx.put("x", 2)
+        end = InProcessSource(a).durable_lsn()
+        bucket, _, prefix = replica.url[len("s3://"):].partition("/")
+        boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+            Bucket=bucket, Key=f"{prefix}/{wal_key(pos, end, 0)}", Body=b"late stale bytes")
+        sh.ship_once()
+        assert sh.shipped == end
+    finally:
+        sh.stop()
+        a.close()
+    walstore.restore(replica.url, str(tmp_path / "copy"), replicate_options=replica.opts())
+    with walstore.open(str(tmp_path / "copy")) as c:
+        assert c.get("x") == 2

@@ -1058,6 +1058,14 @@ class Shipper:
                  "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om, "pg": purges}
         return body, entry, (opened, points, last)
 
+    def _listed(self, key: str) -> bool:
+        """Whether the manifest (in memory) names ``key``: a WAL object, a snapshot, or
+        one in the trash (a restore of an older manifest may still read it)."""
+        m = self.manifest
+        return any(e["k"] == key for e in m.wal) or \
+            any(x["k"] == key for x in m.snapshots) or \
+            any(k == key for k, _t in m.doc["trash"])
+
     def _hold_lease(self) -> None:
         """Renew the lease when due; LeaseLost when another writer took it.  Called at the
         start of a round and before every object written or deleted in it: renewed only at
@@ -1091,10 +1099,28 @@ class Shipper:
             mine = _sha256(body)
             got = io.BytesIO()
             size = _size(body)
-            if self.target.download(key, got, size) is None or \
-                    hashlib.sha256(got.getvalue()).hexdigest() != mine:
-                raise ReplicationError(f"object {self.url}/{key} exists with other content; "
-                                       f"is another writer using this URL?") from None
+            try:
+                same = self.target.download(key, got, size) is not None and \
+                    hashlib.sha256(got.getvalue()).hexdigest() == mine
+            except TargetError as e:
+                if e.transient:
+                    raise
+                same = False  # (larger than ours: other content)
+            if not same:
+                if not is_own_key(key) or self._listed(key):  # (a blob: damage, said)
+                    raise ReplicationError(f"object {self.url}/{key} exists with other "
+                                           f"content; is another writer using this URL?"
+                                           ) from None
+                # A WAL object or snapshot not in our manifest: an orphan, e.g. the PUT of
+                # a writer whose lease we took, hung in a partition and landed after our
+                # start-up sweep, its WAL gone another way.  Every round failed here for
+                # good, lease held and lag growing, until a restart swept it (audit 55).
+                # Under a lease still ours (else LeaseLost, naming the live writer) it is
+                # written over.
+                self._still_holding(f"object {self.url}/{key} exists with other content")
+                if start is not None:
+                    body.seek(start)
+                self.target.put(key, body, **kw)
         finally:
             if not isinstance(body, (bytes, bytearray)):
                 body.close()
