@@ -96,3 +96,30 @@ def test_a_fenced_writers_late_object_at_the_next_key_does_not_stall_the_holder(
     walstore.restore(replica.url, str(tmp_path / "copy"), replicate_options=replica.opts())
     with walstore.open(str(tmp_path / "copy")) as c:
         assert c.get("x") == 2
+
+
+@pytest.mark.parametrize("endpoint", ["http://AKIAX:{s}@bad host:9/", "AKIAX:{s}@bad host"])
+def test_an_endpoint_from_the_aws_config_file_is_never_echoed_with_its_secret(
+        tmp_path, endpoint):
+    """The endpoint may come from the AWS config file (``endpoint_url``), which walstore
+    does not check itself: boto3 refused a malformed one with ``ValueError: Invalid
+    endpoint: <the URL>``, and that text went whole into the error of `walstore
+    replicas` (and `open(replicate_to=)`), secret and all."""
+    import os
+    import subprocess
+    import sys
+    marker = "MARKERsecretZZ9"
+    cfg = tmp_path / "config"
+    cfg.write_text(f"[default]\nendpoint_url = {endpoint.format(s=marker)}\n"
+                   f"region = us-east-1\n")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_ENDPOINT_URL")}
+    env.update(AWS_CONFIG_FILE=str(cfg), AWS_ACCESS_KEY_ID="AKIAX",
+               AWS_SECRET_ACCESS_KEY="otherSECRETmarker1", AWS_EC2_METADATA_DISABLED="true",
+               PYTHONPATH=os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "walstore", "replicas", "s3://bkt/p", "--json"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "Invalid endpoint" in out and "Traceback" not in out
+    assert marker not in out and "otherSECRETmarker1" not in out

@@ -23,7 +23,7 @@ import botocore.exceptions as bexc
 from botocore.config import Config
 
 from .options import ReplicateOptions
-from .targets import (NOT_MODIFIED, PreconditionFailed, TargetError, check_endpoint,
+from .targets import (NOT_MODIFIED, PreconditionFailed, TargetError, _shown, check_endpoint,
                       in_replica_layout)
 
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
@@ -53,7 +53,7 @@ class S3Target:
                                          region_name=opts.region, config=config)
         except (ValueError, bexc.BotoCoreError) as e:  # (a region it cannot use, ...)
             raise TargetError(f"cannot set up the S3 client for {self.url}: "
-                              f"{type(e).__name__}: {e}", False) from None
+                              f"{type(e).__name__}: {_safe(str(e))}", False) from None
         self.client.meta.events.register("before-send.s3", self._count)
 
     def _count(self, request=None, **_kw) -> None:
@@ -268,3 +268,14 @@ def _remaining(f: BinaryIO) -> int:
     end = f.seek(0, 2)
     f.seek(pos)
     return end - pos
+
+
+def _safe(text: str) -> str:
+    """A boto3 setup error's text safe to show: an endpoint from the AWS config file
+    (not checked by check_endpoint) came back whole in ``Invalid endpoint: <URL>``, user
+    info and all (audit 55); the URL, from the first ``: ``, is shown as display_url
+    shows one."""
+    if "@" not in text and "://" not in text and "?" not in text:
+        return text
+    head, sep, tail = text.partition(": ")
+    return head + sep + _shown(tail) if sep else _shown(text)
