@@ -123,3 +123,31 @@ def test_an_endpoint_from_the_aws_config_file_is_never_echoed_with_its_secret(
     assert r.returncode == 1, out
     assert "Invalid endpoint" in out and "Traceback" not in out
     assert marker not in out and "otherSECRETmarker1" not in out
+
+
+@pytest.mark.parametrize("expires", ["soon", float("nan"), None, [1], True])
+def test_a_lease_document_with_a_damaged_expiry_is_taken_as_damaged(
+        s3_endpoint, tmp_path, expires):  # noqa: F811
+    """A lease document whose ``expires`` is not a finite number (a damaged or foreign
+    document): a damaged lease is taken as expired, but only an undecodable one was.
+    A string, None or a list made every round fail ``TypeError: '<' not supported``
+    (state "starting" for good, nothing shipped); NaN was never expired: every writer
+    was refused for good, "valid for 0 s more"."""
+    replica = make_s3_replica(s3_endpoint)
+    t = replica.target()
+    try:
+        t.put("lease", msgpack.packb({"holder": {"id": "z" * 32, "pid": 1, "host": "elsewhere",
+                                                 "path": "/x"}, "expires": expires,
+                                      "renewed": 0}, use_bin_type=True))
+    finally:
+        t.close()
+    s = walstore.open(str(tmp_path / "s"), replicate_to=replica.url,
+                      replicate_options=replica.opts())
+    try:
+        with s.transaction() as tx:
+            tx.put("x", 1)
+        s.sync_replica(20)
+        assert s.replication().state == "running"
+        assert _lease_doc(replica)["holder"]["id"] != "z" * 32
+    finally:
+        s.close()

@@ -13,6 +13,7 @@ writer whose lease expired while it slept cannot overwrite a successor's manifes
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -62,6 +63,13 @@ class Lease:
         try:
             doc = msgpack.unpackb(got[0], raw=False, strict_map_key=False)
             if not isinstance(doc, dict) or not isinstance(doc.get("holder"), dict):
+                raise ValueError("not a lease")
+            exp = doc.get("expires", 0)
+            # (an expiry that is not a finite number is damage too: a string or None made
+            # every comparison a TypeError, each round failing for good; NaN was never
+            # expired, every writer refused for good: audit 55)
+            if isinstance(exp, bool) or not isinstance(exp, (int, float)) or \
+                    not math.isfinite(exp):
                 raise ValueError("not a lease")
         except Exception:
             doc = {"holder": {"id": "?"}, "expires": 0}  # damaged: treat as expired
