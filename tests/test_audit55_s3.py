@@ -151,3 +151,46 @@ def test_a_lease_document_with_a_damaged_expiry_is_taken_as_damaged(
         assert _lease_doc(replica)["holder"]["id"] != "z" * 32
     finally:
         s.close()
+
+
+def test_replicate_exits_when_a_refusal_is_found_after_its_start(s3_endpoint, tmp_path):  # noqa: F811,E501
+    """`walstore replicate` started while the server did not answer (the start does not
+    fail for that: the thread keeps trying); once it answers, another writer holds the
+    replica and the shipper stops "refused".  The command stopped only on "lease-lost"
+    and "failed": it ran on for good, shipping nothing, exit status never given."""
+    import os
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit
+    from test_replication_support import Proxy
+    replica = make_s3_replica(s3_endpoint)
+    t = replica.target()
+    holder = Lease(t, holder_info("h" * 32, str(tmp_path / "other"), b"\3" * 16, "lo"), 600)
+    holder.acquire()  # (a live writer of another store: this process)
+    u = urlsplit(s3_endpoint)
+    proxy = Proxy((u.hostname, u.port))
+    proxy.cut_above(0)  # every request cut: the server does not answer
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    p = subprocess.Popen([sys.executable, "-m", "walstore", "replicate", path, replica.url,
+                          "--endpoint-url", proxy.url, "--interval", "0.05"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = p.stderr.readline()  # (the start returned: its first round failed)
+        assert "replicating" in first, first
+        proxy.cut_above(None)
+        try:
+            _out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("`walstore replicate` still running after it was refused")
+        assert p.returncode == 1, err
+        assert "another writer" in err and "Traceback" not in err
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        proxy.close()
+        holder.release()
+        t.close()

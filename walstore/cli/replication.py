@@ -174,7 +174,9 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
             if line != last:
                 _status(line)
                 last = line
-            if st.state in ("lease-lost", "failed"):  # (shipping stopped for good)
+            # (shipping stopped for good; "refused" too: found after a start the server
+            # did not answer in time, it ran on shipping nothing, never exiting: audit 55)
+            if st.state in ("lease-lost", "failed", "refused"):
                 _fail(st.last_error or "lease lost", EXIT_PROBLEM, "ReplicationError")
     finally:
         shipper.stop()
