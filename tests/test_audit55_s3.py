@@ -194,3 +194,29 @@ def test_replicate_exits_when_a_refusal_is_found_after_its_start(s3_endpoint, tm
         proxy.close()
         holder.release()
         t.close()
+
+
+def test_a_round_run_after_stop_never_writes_the_lease_unconditionally(s3_endpoint, tmp_path):  # noqa: F811,E501
+    """A hand-run Shipper stopped (its lease released: written expired, its etag
+    forgotten) and run once more: the round's renewal went out with If-Match None, an
+    unconditional PUT, over the lease another writer had taken meanwhile."""
+    replica = make_s3_replica(s3_endpoint)
+    a = walstore.open(str(tmp_path / "a"))
+    sh = Shipper(InProcessSource(a), replica.url, replica.opts())
+    t = replica.target()
+    try:
+        with a.transaction() as tx:
+            tx.put("x", 1)
+        sh.ship_once()
+        sh.stop()
+        b = Lease(t, holder_info("b" * 32, str(tmp_path / "b"), b"\2" * 16, "lb"), 600)
+        b.acquire()
+        with a.transaction() as tx:
+            tx.put("x", 2)
+        with pytest.raises(walstore.ReplicationError):
+            sh.ship_once()
+        assert _lease_doc(replica)["holder"]["id"] == "b" * 32
+        b.release()
+    finally:
+        t.close()
+        a.close()

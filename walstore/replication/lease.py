@@ -132,6 +132,10 @@ class Lease:
         return time.time() - self.renewed >= self.ttl / 3
 
     def renew(self) -> None:
+        if self.etag is None:  # (released: If-Match None was an unconditional PUT, over
+            # the lease of whoever took it since: a round run after a stop did it)
+            raise LeaseLost(f"the lease of {self.target.url} was released (the shipper "
+                            f"was stopped); shipping stopped")
         try:
             self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
                                         if_match=self.etag)

@@ -1075,8 +1075,8 @@ class Shipper:
         stall can land late: the manifest's If-Match keeps it out of the successor's
         manifest.)"""
         with self._lease_lock:
-            if self.lease.renew_due():
-                self.lease.renew()
+            if self.lease.etag is None or self.lease.renew_due():  # (None: released, and
+                self.lease.renew()  # renew says so: LeaseLost)
 
     def _upload_immutable(self, key: str, body, sent: Callable[[int], None] | None = None
                           ) -> None:
