@@ -116,13 +116,21 @@ def test_a_demo_whose_reader_goes_away_leaves_nothing_behind(tmp_path):
 
 def test_a_demo_interrupted_mid_crash_story_leaves_nothing_behind(tmp_path):
     """Ctrl-C while the demo's worker process runs: exit 130, no worker, no files."""
-    path = str(tmp_path / "d")
-    proc = _demo_until(path, "== 6.")
-    proc.send_signal(2)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
-    assert "demo interrupted (Ctrl-C)" in err and "Traceback" not in err
-    assert not os.path.lexists(path) and not os.path.lexists(path + "-demo-files")
+    for attempt in range(5):
+        path = str(tmp_path / f"d{attempt}")
+        proc = _demo_until(path, "== 6.")
+        proc.send_signal(2)
+        out, err = proc.communicate(timeout=60)
+        if proc.returncode == 0 and "Inspect it yourself" in out:
+            # the whole rest of the story ran before the signal landed (a loaded machine
+            # descheduled this test between the line and the signal: seen once in CI):
+            # not the case under test, try again
+            continue
+        assert proc.returncode == 130, err
+        assert "demo interrupted (Ctrl-C)" in err and "Traceback" not in err
+        assert not os.path.lexists(path) and not os.path.lexists(path + "-demo-files")
+        return
+    raise AssertionError("the demo finished before the Ctrl-C in every attempt")
 
 
 def test_replicate_called_in_process_gives_back_the_signal_handlers(tmp_path):
