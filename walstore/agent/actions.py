@@ -935,13 +935,17 @@ class Saga:
         starts meanwhile finds it resolved."""
         check_resolve_note(note)
         key = action_id = action_key(action_id)
-        with self._running_lock:
-            if key in self._running:
-                raise WalstoreError(f"action {action_id}'s compensation is running now; it "
-                                    f"cannot be resolved by hand meanwhile (wait for its "
-                                    f"outcome: store.get_action)")
-            self._running[key] = threading.get_ident()
-        try:
+        mine = False
+        try:  # (claimed inside: an interrupt just after the claim, before a ``try`` began,
+            # left the action "running" for good — never compensated nor resolvable again
+            # in this process: the interrupt sweep of resolve, tests/test_audit55_interrupts)
+            with self._running_lock:
+                if key in self._running:
+                    raise WalstoreError(f"action {action_id}'s compensation is running now; "
+                                        f"it cannot be resolved by hand meanwhile (wait for "
+                                        f"its outcome: store.get_action)")
+                self._running[key] = threading.get_ident()
+                mine = True
             action = self.get_action(action_id)
             if action.in_flight:  # (it read "is pending (...); only pending ... can be
                 # resolved", and said nothing of the gid of a prepared one)
@@ -972,8 +976,9 @@ class Saga:
             self.record_state(action)
             return action
         finally:
-            with self._running_lock:
-                self._running.pop(key, None)
+            if mine:
+                with self._running_lock:
+                    self._running.pop(key, None)
 
     def running_elsewhere(self) -> list[str]:
         """The ids of the compensations other threads are running now (close() waits for
