@@ -108,6 +108,14 @@ def setup(k):
             assert s.get_action(PREP["aid"]).state == "failed", s.get_action(PREP["aid"])
         else:
             fails["on"] = True
+    elif mode == "resolve-redo":  # an action marked needs-redo: revert, revert that
+        with s.transaction() as tx:
+            charge(tx, k)
+            tx.put("paid", k)
+        PREP["aid"] = [a.id for a in s.actions() if a.args["k"] == k][0]
+        undo = s.revert(tx.id)  # (refunded once here)
+        s.revert(undo.txid, force=True)  # (the charge's state back: the world not)
+        assert s.get_action(PREP["aid"]).state == "needs-redo", s.get_action(PREP["aid"])
     elif mode == "bigread":
         TX[0] = tx = s.transaction()
         for i in range(200):
@@ -135,7 +143,7 @@ def step(k):
             s.revert(PREP["tx"])
         except walstore.CompensationFailed:
             pass
-    elif mode == "resolve":
+    elif mode in ("resolve", "resolve-redo"):
         s.resolve(PREP["aid"], note="by hand")
     elif mode == "bigread":
         with TX[0] as tx:
@@ -190,6 +198,15 @@ while True:
                     s.resolve(PREP["aid"], note="again")
                 except Exception as e:
                     bad.append((k, where, "resolve again", repr(e)[:120]))
+    if mode == "resolve-redo":
+        a = s.get_action(PREP["aid"])
+        if a.state == "needs-redo":  # (not resolved: the operator says it once more)
+            try:
+                a = s.resolve(PREP["aid"], note="again")
+            except Exception as e:
+                bad.append((k, where, "resolve again", repr(e)[:120]))
+        if a.state != "committed" or refunds.count(k) != 1 or a.owed:
+            bad.append((k, where, "redo", a.state, refunds.count(k), a.owed))
     if signal.pthread_sigmask(signal.SIG_BLOCK, []) or S._DEFERRED.depth:
         bad.append((k, where, "signals left blocked"))
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
@@ -241,6 +258,10 @@ def test_an_interrupt_at_any_point_of_resolve(tmp_path):
     owed, never run) and a second ``resolve`` was refused ("its compensation is running
     now")."""
     sweep(tmp_path, "resolve", stride=2)
+
+
+def test_an_interrupt_at_any_point_of_resolve_of_a_needs_redo_action(tmp_path):
+    sweep(tmp_path, "resolve-redo", stride=2)
 
 
 @pytest.mark.parametrize("mode", ["rollback-retry", "revert-fail"])
