@@ -37,7 +37,7 @@ def refund(a):
     if fails["on"]:
         raise RuntimeError("refund refused")
     refunds.append(a.args["k"])
-    if mode == "rollback-retry":
+    if mode in ("rollback-retry", "revert-retry"):
         try:  # (nested: the owed ones, not this one again)
             S_[0].retry_compensations()
         except KeyboardInterrupt:  # (cut short inside the compensator: it did not
@@ -83,7 +83,7 @@ PREP, TX = {}, [None]
 
 def setup(k):
     fails["on"] = False
-    if mode == "rollback-retry":
+    if mode in ("rollback-retry", "revert-retry"):
         tx = s.transaction()  # an owed one the nested retry runs
         charge(tx, 1_000_000 + k)
         fails["on"] = True
@@ -92,6 +92,17 @@ def setup(k):
         except walstore.CompensationFailed:
             pass
         fails["on"] = False
+        if mode == "revert-retry":
+            with s.transaction() as tx:
+                charge(tx, k)
+                tx.put("paid", k)
+            PREP["tx"] = tx.id
+    elif mode == "rollback-prepared-fail":
+        tx = s.transaction()
+        charge(tx, k)
+        tx.put("paid", k)
+        tx.prepare(f"g{k}")
+        fails["on"] = True
     elif mode in ("revert-fail", "resolve"):
         with s.transaction() as tx:
             charge(tx, k)
@@ -138,7 +149,12 @@ def step(k):
         charge(tx, k)
         tx.put("paid", k)
         tx.rollback()
-    elif mode == "revert-fail":
+    elif mode == "rollback-prepared-fail":
+        try:
+            s.rollback_prepared(f"g{k}")
+        except walstore.CompensationFailed:
+            pass
+    elif mode in ("revert-fail", "revert-retry"):
         try:
             s.revert(PREP["tx"])
         except walstore.CompensationFailed:
@@ -174,7 +190,16 @@ while True:
     if not other_thread_works(k):
         bad.append((k, where, "another thread's commit hung"))
         break
-    if mode in ("rollback-retry", "revert-fail", "resolve"):
+    if mode == "rollback-prepared-fail":
+        if f"g{k}" in s.prepared():  # (the decision not reached: the coordinator's
+            try:                       # next step, once more)
+                s.rollback_prepared(f"g{k}")
+            except Exception as e:
+                bad.append((k, where, "rollback_prepared again", repr(e)[:120]))
+        if s.decision(f"g{k}") != "abort" or s.get("paid") == k:
+            bad.append((k, where, "decision", s.decision(f"g{k}"), s.get("paid")))
+    if mode in ("rollback-retry", "revert-fail", "resolve", "rollback-prepared-fail",
+                "revert-retry"):
         # whatever the interrupt left owed runs now, once (the program's next step)
         try:
             s.retry_compensations()
@@ -191,6 +216,11 @@ while True:
                     bad.append((k, where, "compensated, refunds", kk, n, refunds[seen:]))
                 elif a.state in ("committed", "resolved") and n:
                     bad.append((k, where, a.state, "yet refunded", kk, n))
+        if mode in ("revert-fail", "revert-retry"):  # (the state and the world agree)
+            reverted = s.get("paid") != k
+            a = [a for a in s.actions() if a.args.get("k") == k][0]
+            if reverted != (a.state == "compensated"):
+                bad.append((k, where, "reverted", reverted, a.state, refunds.count(k)))
         if mode == "resolve":
             a = s.get_action(PREP["aid"])
             if a.state not in ("resolved", "compensated"):
@@ -264,10 +294,12 @@ def test_an_interrupt_at_any_point_of_resolve_of_a_needs_redo_action(tmp_path):
     sweep(tmp_path, "resolve-redo", stride=2)
 
 
-@pytest.mark.parametrize("mode", ["rollback-retry", "revert-fail"])
+@pytest.mark.parametrize("mode", ["rollback-retry", "revert-fail", "rollback-prepared-fail",
+                                  "revert-retry"])
 def test_an_interrupt_at_any_point_of_a_compensation_path(tmp_path, mode):
     # (every point with WALSTORE_SLOW=1; a sample in CI)
-    sweep(tmp_path, mode, stride={"rollback-retry": 11, "revert-fail": 3}[mode])
+    sweep(tmp_path, mode, stride={"rollback-retry": 11, "revert-fail": 3,
+                                     "rollback-prepared-fail": 3, "revert-retry": 11}[mode])
 
 
 @pytest.mark.parametrize("mode", ["bigread", "oldscan"])
