@@ -29,6 +29,9 @@ import walstore.engine.snapshot as SN, walstore.engine.conflicts as CF
 # (small pieces: the walks of a few hundred keys and commits go in many short reads)
 SN.WALK_ROWS = CF.WALK_ROWS = 8
 SN.SCAN_CHUNK = 16
+import walstore.engine.engine as EN
+if sys.argv[2] == "txid":  # (a durable reservation of ids at every transaction)
+    EN.TXID_BLOCK = 1
 path, mode, stride = sys.argv[1], sys.argv[2], int(sys.argv[3])
 refunds, fails = [], {"on": False}
 S_ = [None]
@@ -79,7 +82,7 @@ def other_thread_works(k):
     t.join(30)
     return bool(out)
 
-PREP, TX = {}, [None]
+PREP, TX, TX_SEEN = {}, [None], [0]
 
 def setup(k):
     fails["on"] = False
@@ -169,6 +172,10 @@ def step(k):
         for key, v in TX[0].scan(prefix="r"):  # (the corrections read in chunks)
             n += 1
         TX[0].rollback()
+    elif mode == "txid":
+        TX[0] = tx = s.transaction()
+        with tx:
+            tx.put("k", k)
     elif mode == "lg-list":
         it = saver.list({"configurable": {"thread_id": "t"}})
         for i, _ in enumerate(it):
@@ -228,6 +235,12 @@ while True:
                     s.resolve(PREP["aid"], note="again")
                 except Exception as e:
                     bad.append((k, where, "resolve again", repr(e)[:120]))
+    if mode == "txid":  # ids only grow, never handed out twice
+        with s.transaction() as t2:
+            t2.put("t", k)
+        if t2.id <= (tx.id if tx is not None else 0) or t2.id <= TX_SEEN[0]:
+            bad.append((k, where, "txid", t2.id, tx.id if tx is not None else None))
+        TX_SEEN[0] = t2.id
     if mode == "resolve-redo":
         a = s.get_action(PREP["aid"])
         if a.state == "needs-redo":  # (not resolved: the operator says it once more)
@@ -248,6 +261,12 @@ before = {str(kk): v for kk, v in s.scan()}
 acts = {a.id: a.state for a in s.actions()}
 s.close()
 s = S_[0] = opener()
+if mode == "txid":
+    with s.transaction() as t2:
+        t2.put("t", -1)
+    if t2.id <= TX_SEEN[0]:
+        bad.append(("reopen", "txid", t2.id, TX_SEEN[0]))
+    before["t"] = -1
 if {str(kk): v for kk, v in s.scan()} != before:
     bad.append(("reopen", "state differs"))
 after = {a.id: a.state for a in s.actions()}
@@ -305,6 +324,10 @@ def test_an_interrupt_at_any_point_of_a_compensation_path(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["bigread", "oldscan"])
 def test_an_interrupt_at_any_point_of_a_walk_in_pieces(tmp_path, mode):
     sweep(tmp_path, mode, stride={"bigread": 7, "oldscan": 19}[mode])
+
+
+def test_an_interrupt_at_any_point_of_a_transaction_reserving_ids(tmp_path):
+    sweep(tmp_path, "txid", stride=1)
 
 
 def test_an_interrupt_at_any_point_of_a_dropped_langgraph_listing(tmp_path):
