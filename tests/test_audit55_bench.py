@@ -32,3 +32,66 @@ def test_langgraph_ainvoke_rows_count_the_savers_close(tmp_path, system) -> None
     sample = out["lg-async"]
     assert "close_ms" in sample.extra, sample.extra
     assert sample.seconds >= sample.extra["timed_s"] + sample.extra["close_ms"] / 1000 - 1e-3
+
+
+def test_the_steady_rows_rate_counts_the_stores_close(tmp_path) -> None:
+    """The steady run's commits/s left out the child's store.close() (durability
+    "normal": the apply of the deferred backlog and the last sync happen there)."""
+    from walstore.benchmark.longrun import steady_state
+    sample = steady_state(Context("walstore-normal", tmp_path, 1.0, 100), commits=400,
+                          budget=30.0)
+    assert "close_ms" in sample.extra, sample.extra
+    assert sample.seconds >= sample.extra["timed_s"] + sample.extra["close_ms"] / 1000 - 1e-3
+
+
+def _children_running(marker: str) -> list[int]:
+    import os
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmd and b"child_main" in cmd and state != b"Z":
+            found.append(int(pid))
+    return found
+
+
+def test_an_interrupted_run_leaves_no_child_running(tmp_path) -> None:
+    """Ctrl-C (a KeyboardInterrupt in the parent) while a benchmark child runs left the
+    child alive: the build-wal child sleeps an hour waiting to be killed, and run_child's
+    cleanup only cancelled the timer that would have killed it."""
+    import os
+    import signal
+    import threading
+
+    from walstore.benchmark.longrun import run_child
+    marker = str(tmp_path / "store-interrupt")
+    main = threading.get_ident()
+    stop = threading.Event()
+
+    def interrupt_once_started() -> None:
+        while not stop.is_set():
+            if _children_running(marker):
+                signal.pthread_kill(main, signal.SIGINT)
+                return
+            stop.wait(0.01)
+
+    watcher = threading.Thread(target=interrupt_once_started)
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            # not crash_after_report: the parent waits on a child that never exits
+            run_child(["build-wal", marker, 1 << 30, 3600], timeout=3600)
+    finally:
+        stop.set()
+        watcher.join()
+    left = _children_running(marker)
+    for pid in left:                  # (do not leave it behind even when the test fails)
+        os.kill(pid, signal.SIGKILL)
+    assert not left

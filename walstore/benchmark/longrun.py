@@ -54,6 +54,11 @@ def run_child(args: Sequence[object], timeout: float, crash_after_report: bool =
             proc.wait()
         finally:
             timer.cancel()
+            # An interrupt (Ctrl-C) or an error here must not leave the child running: a
+            # build-wal child writes up to its target, then sleeps an hour to be killed.
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
             proc.stdout.close()
         if not line:
             err.seek(0)
@@ -154,8 +159,9 @@ def _child_steady(path: str, durability: str, commits: str, budget: str, tuning:
             if time.perf_counter() > deadline:
                 break
     seconds = time.perf_counter() - start
-    store.close()
-    return {"commits": done, "seconds": seconds, "series": series}
+    store.close()   # counted, as every row counts its close: the deferred apply is here
+    closing = time.perf_counter() - start - seconds
+    return {"commits": done, "seconds": seconds, "closing": closing, "series": series}
 
 
 CHILD_COMMANDS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -229,7 +235,10 @@ def steady_state(ctx: Context, commits: int, budget: float,
     extra = flatness(series)
     if report["commits"] < STEADY_JUDGED:
         extra["flat"] = f"not judged (fewer than {STEADY_JUDGED:,} commits)"
-    return Sample(report["commits"], report["seconds"], extra=extra, series=series)
+    extra.update(close_ms=round(report["closing"] * 1000, 1),
+                 timed_s=round(report["seconds"], 4))
+    return Sample(report["commits"], report["seconds"] + report["closing"], extra=extra,
+                  series=series)
 
 
 def workloads(p: Profile) -> list[Workload]:
