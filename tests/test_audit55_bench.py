@@ -95,3 +95,15 @@ def test_an_interrupted_run_leaves_no_child_running(tmp_path) -> None:
     for pid in left:                  # (do not leave it behind even when the test fails)
         os.kill(pid, signal.SIGKILL)
     assert not left
+
+
+def test_the_preallocated_logs_are_private_files(tmp_path) -> None:
+    """The bare loop's and the Python floor's files were created 0644 (the codebase's rule:
+    files 0600): the benchmark's own files follow it too."""
+    import os
+
+    from walstore.benchmark.peers import BarePeer, PythonFloorPeer
+    for peer, name in ((BarePeer(tmp_path, 100), "bare.log"),
+                       (PythonFloorPeer(tmp_path, 100), "floor.log")):
+        peer.close()
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600, name

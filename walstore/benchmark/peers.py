@@ -210,7 +210,7 @@ class _PreallocatedLog:
     PREALLOCATED = 16 * (1 << 20)
 
     def __init__(self, path: Path) -> None:
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)   # (files are 0600)
         zeros = bytes(1 << 20)
         for _ in range(self.PREALLOCATED // len(zeros)):
             os.write(self._fd, zeros)
