@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_benchmarks(quick=args.quick, workloads=names, repeats=args.repeats,
                                  progress=log, directory=args.dir)
-    except ValueError as exc:          # unknown workload name
+    except ValueError as exc:          # unknown workload name, --dir not a writable dir
         parser.error(str(exc))
     stem = output_stem(args.quick, names)
     args.out.mkdir(parents=True, exist_ok=True)

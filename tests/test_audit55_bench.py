@@ -107,3 +107,27 @@ def test_the_preallocated_logs_are_private_files(tmp_path) -> None:
                        (PythonFloorPeer(tmp_path, 100), "floor.log")):
         peer.close()
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o600, name
+
+
+def test_a_missing_run_directory_is_refused_before_anything_runs(tmp_path) -> None:
+    """bench/run.py --dir with a typo ran every workload, each system failing its mkdtemp
+    ("error: FileNotFoundError" in every row), exited 0 and wrote the all-error result
+    files over the previous ones.  The directory is checked first: a usage error (exit
+    2), no result file written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from walstore.benchmark import run_benchmarks
+    missing = str(tmp_path / "no-such-dir")
+    with pytest.raises(ValueError, match="no-such-dir"):
+        run_benchmarks(quick=True, workloads=["put-1t"], repeats=1,
+                       progress=lambda m: None, scale=0.001, directory=missing)
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "run.py"), "--quick",
+                           "--workloads", "put-1t", "--repeats", "1", "--dir", missing,
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-500:]
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not list(out.iterdir())

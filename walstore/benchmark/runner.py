@@ -345,6 +345,12 @@ def run_benchmarks(quick: bool = False, workloads: list[str] | None = None,
         raise ValueError(f"repeats is a number of rounds (1 or more), not {repeats!r}")
     rounds = repeats or profile.repeats
     chosen = select(all_workloads(profile), workloads)
+    # Checked first: a mistyped directory made every system of every row fail its
+    # mkdtemp, and the run still "succeeded" (bench/run.py wrote those rows over the
+    # previous result files).
+    if directory is not None and not (os.path.isdir(directory)
+                                      and os.access(directory, os.W_OK | os.X_OK)):
+        raise ValueError(f"the run directory {directory} is not a writable directory")
     base = directory or tempfile.gettempdir()
     started = time.perf_counter()
     parts: list[dict[str, Any]] = []
