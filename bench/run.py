@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                                  progress=log, directory=args.dir)
     except ValueError as exc:          # unknown workload name, --dir not a writable dir
         parser.error(str(exc))
+    except KeyboardInterrupt:          # one line, as walstore bench says it (the run's
+        print("bench: interrupted (Ctrl-C); no result written", file=sys.stderr)
+        return 130                     # directories are removed as it unwinds)
     stem = output_stem(args.quick, names)
     args.out.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(results)

@@ -77,7 +77,8 @@ def test_an_interrupted_run_leaves_no_child_running(tmp_path) -> None:
 
     def interrupt_once_started() -> None:
         while not stop.is_set():
-            if _children_running(marker):
+            # the child has started its work (it made the store) and the parent waits
+            if os.path.isdir(marker) and _children_running(marker):
                 signal.pthread_kill(main, signal.SIGINT)
                 return
             stop.wait(0.01)
@@ -131,3 +132,41 @@ def test_a_missing_run_directory_is_refused_before_anything_runs(tmp_path) -> No
     assert proc.returncode == 2, proc.stderr[-500:]
     assert "Traceback" not in proc.stderr
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.parametrize("how", ["cli", "script"])
+def test_ctrl_c_during_a_run_prints_no_traceback_and_leaves_no_directory(tmp_path, how):
+    """Ctrl-C in the middle of a measurement: one line, no traceback, a non-zero exit,
+    and the run's fresh directories removed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    env = dict(os.environ, TMPDIR=str(runs),
+               PYTHONPATH=os.pathsep.join(p for p in (str(root),
+                                                      os.environ.get("PYTHONPATH")) if p))
+    if how == "cli":
+        argv = [sys.executable, "-m", "walstore", "bench", "--quick", "--json"]
+    else:
+        argv = [sys.executable, str(root / "bench" / "run.py"), "--quick", "--json",
+                "--workloads", "put-1t", "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        first = proc.stderr.readline()          # the first progress line: measuring
+        assert first.startswith("put-1t"), first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode not in (0, None), (proc.returncode, err[-800:])
+    assert "Traceback" not in err, err[-1500:]
+    assert out.strip() == "" or out.strip().startswith("{")
+    assert not [p.name for p in runs.iterdir() if p.name.startswith("walstore-bench-")]

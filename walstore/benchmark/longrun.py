@@ -46,8 +46,8 @@ def run_child(args: Sequence[object], timeout: float, crash_after_report: bool =
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=env)
         assert proc.stdout is not None
         timer = threading.Timer(timeout, proc.kill)
-        timer.start()
         try:
+            timer.start()
             line = proc.stdout.readline()
             if crash_after_report:
                 proc.send_signal(signal.SIGKILL)
