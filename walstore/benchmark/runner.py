@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..signals import deferred
 from .peers import SYSTEMS, unavailable, walstore_record_bytes
 from .spec import (Context, Part, Progress, Sample, Target, Workload, percentile,
                    samples_needed)
@@ -68,9 +69,13 @@ def measure_once(w: Workload, system: str, budget: float, base: str | None
     work the measured operations cost — leaving it out made walstore's bulk and "normal"
     rows look 1.5-3x faster than they are (its applier runs in pauses or at close).  Per-
     operation latency percentiles are the operations' own."""
-    directory = Path(tempfile.mkdtemp(prefix=f"walstore-bench-{w.id}-", dir=base))
-    ctx = Context(system, directory, budget, w.value_bytes)
+    directory: Path | None = None
     try:
+        # Ctrl-C must not strand the directory: not between its making and this try,
+        # nor in the middle of its removal (a run interrupted there left it behind).
+        with deferred():
+            directory = Path(tempfile.mkdtemp(prefix=f"walstore-bench-{w.id}-", dir=base))
+        ctx = Context(system, directory, budget, w.value_bytes)
         gc.collect()
         if w.isolated:
             return w.body(ctx)
@@ -91,7 +96,9 @@ def measure_once(w: Workload, system: str, budget: float, base: str | None
                                          extra=extra)
         return result
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        if directory is not None:
+            with deferred():
+                shutil.rmtree(directory, ignore_errors=True)
 
 
 def sample_summary(s: Sample) -> dict[str, Any]:
