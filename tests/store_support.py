@@ -38,6 +38,14 @@ def get_readonly(dest: str, key: str):
 CLI = "import sys\nfrom walstore.cli import main\nmain(sys.argv[1:])\n"
 
 
+def ctrl_c_reaches_it() -> None:
+    """``preexec_fn`` of a child a test will Ctrl-C: a test runner's worker (pytest-xdist's)
+    may ignore SIGINT, a child inherits SIG_IGN, and Python then keeps ignoring it (no
+    KeyboardInterrupt ever): the child gets the default disposition back."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli_env() -> dict:
     """The environment of a CLI process: this checkout's walstore first on its path."""
     env = dict(os.environ)

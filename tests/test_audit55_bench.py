@@ -84,6 +84,9 @@ def test_an_interrupted_run_leaves_no_child_running(tmp_path) -> None:
             stop.wait(0.01)
 
     watcher = threading.Thread(target=interrupt_once_started)
+    # a test runner's worker (pytest-xdist's) may ignore SIGINT: the signal would never
+    # become the KeyboardInterrupt under test, and the wait would last the child's hour
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watcher.start()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -92,6 +95,7 @@ def test_an_interrupted_run_leaves_no_child_running(tmp_path) -> None:
     finally:
         stop.set()
         watcher.join()
+        signal.signal(signal.SIGINT, previous)
     left = _children_running(marker)
     for pid in left:                  # (do not leave it behind even when the test fails)
         os.kill(pid, signal.SIGKILL)
@@ -155,8 +159,9 @@ def test_ctrl_c_during_a_run_prints_no_traceback_and_leaves_no_directory(tmp_pat
     else:
         argv = [sys.executable, str(root / "bench" / "run.py"), "--quick", "--json",
                 "--workloads", "put-1t", "--out", str(tmp_path / "out")]
+    from store_support import ctrl_c_reaches_it
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=ctrl_c_reaches_it)
     try:
         first = proc.stderr.readline()          # the first progress line: measuring
         assert first.startswith("put-1t"), first

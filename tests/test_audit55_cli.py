@@ -26,7 +26,7 @@ import sys
 
 import walstore
 
-from store_support import CLI, cli_env
+from store_support import CLI, cli_env, ctrl_c_reaches_it
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -89,7 +89,7 @@ def test_json_before_the_verb_is_the_verbs_json(tmp_path):
 def _demo_until(path: str, marker: str) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", CLI, "demo", path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli_env())
+                            env=cli_env(), preexec_fn=ctrl_c_reaches_it)
     for line in proc.stdout:
         if line.startswith(marker):
             return proc

@@ -1092,7 +1092,7 @@ def test_every_json_failure_names_the_exceptions_class(tmp_path, monkeypatch):
         (["restore", rep, str(tmp_path / "d2"), "--to", "no-such-point"], 2,
          "UnknownRestorePoint"),
         (["restore", rep, str(tmp_path / "d3"), "--follow", "--to", "tx:1"], 2, "UsageError"),
-        (["restore", rep, store], 1, "ReplicationError"),  # (DEST taken: a private class)
+        (["restore", rep, store], 2, "ReplicationError"),  # DEST taken: a usage error (exit 2)
         (["replicate", str(tmp_path / "nope"), rep, "--once"], 2, "NotAStore"),
         (["replicate", store, rep, "--once", "--retention", "-1"], 2, "ValueError"),
         (["revert", store, "3", "--handlers", "bad_refunds"], 1, "CompensationFailed"),

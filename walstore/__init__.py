@@ -15,7 +15,7 @@ from .errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                      FileConflictError, ReplicationError, RevertConflict, StoreClosed, StoreIOError,
                      StoreLocked,
                      TransactionClosed, TransactionTooLarge, UnknownAction, UnknownGid,
-                     UnknownPoint, UnsupportedFileType,
+                     UnknownPoint, PointTypeError, UnsupportedFileType,
                      WalstoreError, WorkspaceChanged, UnknownRestorePoint)
 from .options import Options, check_flag
 from .engine.recovery import RecoveryReport
@@ -37,7 +37,7 @@ __all__ = [
     "Action", "LSN", "Version", "HistoricalView", "UndoPlan", "atomic", "resolve_atomic",
     "WalstoreError", "ConflictError", "RevertConflict", "CompensationFailed", "NeedsRecovery",
     "CorruptionError", "StoreLocked", "ReadOnlyError", "StoreClosed", "NotAStore",
-    "TransactionClosed", "TransactionTooLarge", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint",
+    "TransactionClosed", "TransactionTooLarge", "HistoryTrimmed", "CommitOutcomeUnknown", "UnknownPoint", "PointTypeError",
     "ReplicationError", "FileConflictError", "StoreIOError", "ErasureOwed", "SnapshotTooOld",
     "WalWriteError", "UnknownGid", "UnknownAction", "WorkspaceChanged", "UnknownRestorePoint", "restore",
     "UnsupportedFileType",
