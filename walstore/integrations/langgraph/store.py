@@ -45,6 +45,7 @@ import operator
 import random
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -54,7 +55,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   validate_op_namespace)
 
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import ConflictError
+from walstore.errors import ConflictError, StoreClosed
 from walstore.signals import Flag, deferred
 
 from .._async import finish_despite_cancel
@@ -373,6 +374,7 @@ class WalstoreStore(BaseStore):
         self.txn_meta = txn_meta
         self._sweeper: threading.Thread | None = None
         self._sweeper_stop = Flag()  # (walstore.signals: set by close in the main thread)
+        self._sweeper_futures: list[concurrent.futures.Future] = []
 
     # ---- batches ------------------------------------------------------------------------
     def batch(self, ops: Iterable[Op]) -> list[Result]:
@@ -738,22 +740,53 @@ class WalstoreStore(BaseStore):
     def start_ttl_sweeper(self, sweep_interval_minutes: float | None = None
                           ) -> concurrent.futures.Future:
         """Sweep expired items every ``sweep_interval_minutes`` (default: the TTL
-        config's ``sweep_interval_minutes``, else 5) in a daemon thread."""
+        config's ``sweep_interval_minutes``, else 5) in a daemon thread.
+
+        As SqliteStore's sweeper: a sweep that fails (a conflict its retries did not get
+        past, e.g. an expired item held by an in-doubt prepared transaction; a full disk)
+        is reported (``RuntimeWarning``) and the next interval sweeps again; the returned
+        Future's ``cancel()`` stops the sweeper, as ``stop_ttl_sweeper()`` does, and so
+        does closing the store.  (The thread ended at the first failed sweep: expired
+        items were never swept again, the error left in a Future nobody reads.)"""
         interval = sweep_interval_minutes or (self.ttl_config or {}).get(
             "sweep_interval_minutes") or 5
         done: concurrent.futures.Future = concurrent.futures.Future()
+        stop = self._sweeper_stop
+        done.add_done_callback(lambda f: stop.set() if f.cancelled() else None)
         if self._sweeper is not None and self._sweeper.is_alive():
-            done.set_result(None)
+            # (running: this Future's cancel() stops it, as SqliteStore's, and it is done
+            # when the sweeper ends)
+            self._sweeper_futures.append(done)
             return done
-        self._sweeper_stop.clear()
+        stop.clear()
+        futures = self._sweeper_futures = [done]
+
+        def finish(error: BaseException | None = None) -> None:
+            for f in futures:
+                if f.done():  # (cancelled)
+                    continue
+                if error is None:
+                    f.set_result(None)
+                else:
+                    f.set_exception(error)
 
         def loop():
             try:
-                while not self._sweeper_stop.wait(interval * 60):
-                    self.sweep_ttl()
-                done.set_result(None)
+                while not stop.wait(interval * 60):
+                    try:
+                        self.sweep_ttl()
+                    except StoreClosed:
+                        break  # (the store is closed: nothing more to sweep)
+                    except Exception as e:
+                        if self.store.closed:
+                            break
+                        warnings.warn(f"walstore TTL sweep of store {self.store.path} "
+                                      f"failed ({type(e).__name__}: {e}); expired items "
+                                      f"stay until the next sweep, in "
+                                      f"{interval * 60:g} s", RuntimeWarning, stacklevel=1)
+                finish()
             except BaseException as e:  # reported through the future
-                done.set_exception(e)
+                finish(e)
         self._sweeper = threading.Thread(target=loop, name="walstore-ttl-sweeper",
                                          daemon=True)
         self._sweeper.start()
