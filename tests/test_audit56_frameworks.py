@@ -16,12 +16,25 @@ Findings:
    and the next interval sweeps again; a closed store, ``stop_ttl_sweeper()`` or the
    Future's ``cancel()`` end the thread.
    (``test_the_ttl_sweeper_sweeps_again_after_a_sweep_that_failed``,
-   ``test_cancelling_the_sweepers_future_stops_it_as_sqlite_stores_does``)
+   ``test_cancelling_the_sweepers_future_stops_it_as_sqlite_stores_does``,
+   ``test_closing_the_store_ends_the_sweeper_quietly``)
+2. A graph node with an ``error_handler`` (LangGraph's ``add_node(..., error_handler=)``)
+   failed the whole run with StateTypeError under ``WalstoreSaver`` (durability "sync" and
+   "async"): LangGraph saves the failed task's exception as an ``__error__`` pending write
+   before it runs the handler, and the saver refused the exception as a state value that
+   would not come back as its type.  Without a handler the same refusal dropped the
+   failed task's error write, so ``get_state().tasks[i].error`` was None where SqliteSaver
+   shows it.  The ``__error__`` write is now stored as LangGraph's encoding stores it (the
+   exception's repr, which SqliteSaver gives back); state values are still refused.
+   (``test_a_node_error_handler_runs_under_the_saver_as_under_sqlite_saver``,
+   ``test_a_failed_tasks_error_is_kept_as_sqlite_saver_keeps_it``)
 """
 from __future__ import annotations
 
+import operator
 import time
 import warnings
+from typing import Annotated, TypedDict
 
 import pytest
 
@@ -105,3 +118,95 @@ def test_closing_the_store_ends_the_sweeper_quietly(tmp_path):
         assert _wait(lambda: not thread.is_alive(), 10)
     assert done.done() and done.exception() is None
     assert not [w for w in seen if "sweep" in str(w.message)]
+
+
+class _Log(TypedDict):
+    log: Annotated[list, operator.add]
+
+
+def _error_handler_graph(checkpointer):
+    from langgraph.graph import END, START, StateGraph
+    S = _Log
+
+    def bad(s):
+        raise ValueError("boom")
+
+    def handler(s):
+        return {"log": ["handled"]}
+
+    g = StateGraph(S)
+    g.add_node("bad", bad, error_handler=handler)
+    g.add_edge(START, "bad")
+    g.add_edge("bad", END)
+    return g.compile(checkpointer=checkpointer)
+
+
+@pytest.mark.parametrize("durability", ["sync", "async"])
+def test_a_node_error_handler_runs_under_the_saver_as_under_sqlite_saver(store, tmp_path,
+                                                                        durability):
+    """LangGraph saves a failed task's error as a pending write (``__error__``, the
+    exception object) before it runs the node's ``error_handler``.  The saver refused
+    the exception as a state value that would not come back as its type
+    (StateTypeError): the run failed with that error instead of running the handler
+    (SqliteSaver: ``{'log': ['handled']}``), and without a handler the failed task's
+    error write was dropped (``get_state().tasks[i].error`` None where SqliteSaver
+    gives it).  It is now stored as LangGraph's own encoding stores it (its repr, as
+    SqliteSaver gives it back)."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from walstore.integrations.langgraph import WalstoreSaver
+    conn = sqlite3.connect(str(tmp_path / "ref.db"), check_same_thread=False)
+    try:
+        c = {"configurable": {"thread_id": "t"}}
+        ref = _error_handler_graph(SqliteSaver(conn)).invoke({"log": []}, c,
+                                                             durability=durability)
+        ours = _error_handler_graph(WalstoreSaver(store)).invoke({"log": []}, c,
+                                                                 durability=durability)
+        assert ours == ref == {"log": ["handled"]}
+    finally:
+        conn.close()
+
+
+def test_a_failed_tasks_error_is_kept_as_sqlite_saver_keeps_it(store, tmp_path):
+    """Without a handler: the failed task's error shows in ``get_state().tasks``, and the
+    pending write reads back as SqliteSaver's does (the exception's repr)."""
+    import sqlite3
+
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.graph import END, START, StateGraph
+    from walstore.integrations.langgraph import WalstoreSaver
+    S = _Log
+
+    def ok(s):
+        return {"log": ["ok"]}
+
+    def bad(s):
+        raise ValueError("boom")
+
+    def build(cp):
+        g = StateGraph(S)
+        g.add_node("ok", ok)
+        g.add_node("bad", bad)
+        g.add_edge(START, "ok")
+        g.add_edge(START, "bad")
+        g.add_edge("ok", END)
+        g.add_edge("bad", END)
+        return g.compile(checkpointer=cp)
+
+    def errors(cp):
+        g, c = build(cp), {"configurable": {"thread_id": "t"}}
+        with pytest.raises(ValueError, match="boom"):
+            g.invoke({"log": []}, c, durability="sync")
+        st = g.get_state(c)
+        return (sorted((t.name, t.error is not None) for t in st.tasks),
+                sorted((ch, v) for _t, ch, v in cp.get_tuple(c).pending_writes
+                       if ch == "__error__"))
+    conn = sqlite3.connect(str(tmp_path / "ref.db"), check_same_thread=False)
+    try:
+        ref = errors(SqliteSaver(conn))
+    finally:
+        conn.close()
+    ours = errors(WalstoreSaver(store))
+    assert ours == ref
+    assert ref[1] == [("__error__", "ValueError('boom')")]

@@ -113,6 +113,7 @@ READ_EMPTY = "__walstore_read_empty__"       # configurable key: the ns a run lo
 _WRITTEN = "\x00written"                      # ... + this: and has put its first checkpoint
 RUN_TOKEN = "__walstore_run__"               # + ns: configurable key naming one run's load
 #                                              of a namespace (its node transactions)
+ERROR_CHANNEL = "__error__"                  # LangGraph's write of a failed task's error
 CHECKPOINTER_KEY = "__pregel_checkpointer"    # LangGraph's configurable key of the saver
 STEP_META = "langgraph_step"                 # node transaction meta: {ns: checkpoint id
 #                                              its step builds on} (``_stamp_step``)
@@ -1150,6 +1151,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         rows = []
         for idx, (channel, value) in enumerate(writes):
             widx = WRITES_IDX_MAP.get(channel, idx)
+            if channel == ERROR_CHANNEL and isinstance(value, BaseException):
+                # LangGraph's own record of a failed task (``get_state().tasks[i].error``,
+                # the error handler a resume schedules): its encoding stores the
+                # exception as its repr string, and SqliteSaver gives that back.  Refused
+                # as a state value that would not come back as its type, the whole write
+                # was lost, and a node with an ``error_handler`` failed the run with
+                # StateTypeError instead of running its handler.
+                value = repr(value)
             row = [channel, *self.codec.dumps(value), task_path]
             if is_hashed(task_id):
                 row.append(task_id)
