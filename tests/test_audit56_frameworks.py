@@ -17,7 +17,8 @@ Findings:
    Future's ``cancel()`` end the thread.
    (``test_the_ttl_sweeper_sweeps_again_after_a_sweep_that_failed``,
    ``test_cancelling_the_sweepers_future_stops_it_as_sqlite_stores_does``,
-   ``test_closing_the_store_ends_the_sweeper_quietly``)
+   ``test_closing_the_store_ends_the_sweeper_quietly``,
+   ``test_a_sweeper_stopped_and_started_at_once_sweeps``)
 2. A graph node with an ``error_handler`` (LangGraph's ``add_node(..., error_handler=)``)
    failed the whole run with StateTypeError under ``WalstoreSaver`` (durability "sync" and
    "async"): LangGraph saves the failed task's exception as an ``__error__`` pending write
@@ -210,3 +211,19 @@ def test_a_failed_tasks_error_is_kept_as_sqlite_saver_keeps_it(store, tmp_path):
     ours = errors(WalstoreSaver(store))
     assert ours == ref
     assert ref[1] == [("__error__", "ValueError('boom')")]
+
+
+def test_a_sweeper_stopped_and_started_at_once_sweeps(store):
+    """(A guard for the Future above: ``cancel()`` then an immediate start gives a
+    running sweeper, and one only.)"""
+    memory = WalstoreStore(store, ttl={"default_ttl": 0.0005})
+    for _ in range(20):
+        assert memory.start_ttl_sweeper(sweep_interval_minutes=0.001).cancel()
+    done = memory.start_ttl_sweeper(sweep_interval_minutes=0.001)
+    memory.put(("n",), "k", {"v": 1})
+    assert _wait(lambda: memory.get(("n",), "k", refresh_ttl=False) is None), "not swept"
+    assert not done.done()
+    assert memory.stop_ttl_sweeper(timeout=10) and done.done()
+    import threading
+    assert _wait(lambda: not [t for t in threading.enumerate()
+                              if t.name == "walstore-ttl-sweeper" and t.is_alive()], 10)

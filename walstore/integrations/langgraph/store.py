@@ -375,6 +375,8 @@ class WalstoreStore(BaseStore):
         self._sweeper: threading.Thread | None = None
         self._sweeper_stop = Flag()  # (walstore.signals: set by close in the main thread)
         self._sweeper_futures: list[concurrent.futures.Future] = []
+        self._sweeper_futures_done = True
+        self._sweeper_lock = threading.Lock()
 
     # ---- batches ------------------------------------------------------------------------
     def batch(self, ops: Iterable[Op]) -> list[Result]:
@@ -751,24 +753,33 @@ class WalstoreStore(BaseStore):
         interval = sweep_interval_minutes or (self.ttl_config or {}).get(
             "sweep_interval_minutes") or 5
         done: concurrent.futures.Future = concurrent.futures.Future()
-        stop = self._sweeper_stop
+        with self._sweeper_lock:
+            stop = self._sweeper_stop
+            if self._sweeper is not None and self._sweeper.is_alive() \
+                    and not self._sweeper_futures_done and not stop.is_set():
+                # (running: this Future's cancel() stops it, as SqliteStore's, and it is
+                # done when the sweeper ends)
+                done.add_done_callback(lambda f: stop.set() if f.cancelled() else None)
+                self._sweeper_futures.append(done)
+                return done
+            # (a flag of its own: one still stopping is never revived by a clear)
+            stop = self._sweeper_stop = Flag()
+            futures = self._sweeper_futures = [done]
+            self._sweeper_futures_done = False
         done.add_done_callback(lambda f: stop.set() if f.cancelled() else None)
-        if self._sweeper is not None and self._sweeper.is_alive():
-            # (running: this Future's cancel() stops it, as SqliteStore's, and it is done
-            # when the sweeper ends)
-            self._sweeper_futures.append(done)
-            return done
-        stop.clear()
-        futures = self._sweeper_futures = [done]
 
         def finish(error: BaseException | None = None) -> None:
-            for f in futures:
-                if f.done():  # (cancelled)
-                    continue
-                if error is None:
-                    f.set_result(None)
-                else:
-                    f.set_exception(error)
+            with self._sweeper_lock:
+                if self._sweeper_futures is futures:  # (not a newer sweeper's)
+                    self._sweeper_futures_done = True
+                for f in futures:
+                    try:
+                        if error is None:
+                            f.set_result(None)
+                        else:
+                            f.set_exception(error)
+                    except concurrent.futures.InvalidStateError:
+                        pass  # (cancelled)
 
         def loop():
             try:
