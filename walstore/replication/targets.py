@@ -244,6 +244,13 @@ def _parse(url: str):
         raise ReplicationError(f"replica URL {display_url(url)} carries user info or query "
                                f"parameters; credentials come only from the standard AWS "
                                f"chain (environment, config files, roles), never the URL")
+    if "#" in url or "?" in url:  # (a fragment, or an empty query: ``urlsplit`` cut the
+        # path there, and ``file:///r/rep#1`` shipped to /r/rep, ``s3://b/a#1`` to b/a,
+        # silently another location than the one named: audit 56)
+        raise ReplicationError(f"replica URL {display_url(url)}... holds a "
+                               f"{'#' if '#' in url else '?'}: a URL ends its path there "
+                               f"(a fragment or query); name a directory or prefix "
+                               f"without '#' or '?'")
     if p.scheme == "file":  # (an empty or relative path meant the current directory)
         if p.netloc not in ("", "localhost") or not p.path.startswith("/") or \
                 p.path.strip("/") == "":
