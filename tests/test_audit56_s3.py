@@ -10,6 +10,14 @@ Findings (each test named below fails on the code before its fix):
   the cut location.  It is refused now, naming the character, before the store or the
   replica is touched
   (``test_a_replica_url_with_a_fragment_is_refused_not_cut_short``).
+- An AWS profile that does not exist (``AWS_PROFILE``) or a config file the client
+  cannot parse (``AWS_CONFIG_FILE``) escaped ``walstore.open(replicate_to=...)`` and
+  ``walstore.restore`` as botocore's own ``ProfileNotFound`` / ``ConfigParseError`` (the
+  contract: no other exception type escapes), and the CLI called it "an unexpected
+  error".  The session is made inside the client set-up's guard now: a
+  ``ReplicationError`` naming the cause, one line, exit 1.  A credential process that
+  printed nothing left the message ending in ``": "``; it ends at the error's name now
+  (``test_a_bad_aws_profile_or_config_file_is_a_replication_error``).
 """
 from __future__ import annotations
 
@@ -25,9 +33,10 @@ import walstore
 from store_support import CLI, cli_env
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", CLI, *map(str, args)],
-                          capture_output=True, text=True, env=cli_env(), timeout=timeout)
+                          capture_output=True, text=True, env={**cli_env(), **env},
+                          timeout=timeout)
 
 
 def test_a_replica_url_with_a_fragment_is_refused_not_cut_short(s3_endpoint, tmp_path):  # noqa: F811,E501
@@ -52,3 +61,43 @@ def test_a_replica_url_with_a_fragment_is_refused_not_cut_short(s3_endpoint, tmp
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "#" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "dest").exists()
+
+
+def test_a_bad_aws_profile_or_config_file_is_a_replication_error(s3_endpoint, tmp_path,  # noqa: F811,E501
+                                                                   monkeypatch):
+    replica = make_s3_replica(s3_endpoint)
+    with walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                       replicate_options=replica.opts()) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.sync_replica(timeout=30)
+    bad_cfg = tmp_path / "config"
+    bad_cfg.write_text("[default\nregion = us-east-1\n")
+    for var, value, cause in (("AWS_PROFILE", "no-such-profile", "ProfileNotFound"),
+                              ("AWS_CONFIG_FILE", str(bad_cfg), "ConfigParseError")):
+        with monkeypatch.context() as mp:
+            mp.setenv(var, value)
+            with pytest.raises(walstore.ReplicationError, match=cause):
+                walstore.open(str(tmp_path / "other"), replicate_to=replica.url + "-2",
+                              replicate_options=replica.opts())
+            with pytest.raises(walstore.ReplicationError, match=cause):
+                walstore.restore(replica.url, str(tmp_path / "d"), None, replica.opts())
+            assert not (tmp_path / "d").exists()
+        walstore.open(str(tmp_path / "other")).close()  # (not left locked)
+        for args in (("replicas", replica.url), ("restore", replica.url, tmp_path / "d2")):
+            r = cli(*args, *replica.cli_args(), **{var: value})
+            assert r.returncode == 1, (r.returncode, r.stderr)
+            assert cause in r.stderr and "unexpected" not in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "Traceback" not in r.stderr
+    # a credential process that fails saying nothing: the message does not end in ": "
+    proc_cfg = tmp_path / "proc"
+    proc_cfg.write_text("[default]\ncredential_process = /bin/false\n")
+    env = {k: v for k, v in cli_env().items()
+           if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    r = subprocess.run([sys.executable, "-c", CLI, "replicas", replica.url,
+                        *replica.cli_args()], capture_output=True, text=True,
+                       env={**env, "AWS_CONFIG_FILE": str(proc_cfg)}, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "CredentialRetrievalError" in r.stderr, r.stderr
+    assert not r.stderr.rstrip("\n").endswith(":"), r.stderr

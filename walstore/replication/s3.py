@@ -47,13 +47,18 @@ class S3Target:
                         connect_timeout=opts.connect_timeout, read_timeout=opts.read_timeout,
                         s3={"addressing_style": opts.addressing_style})
         check_endpoint(opts.endpoint_url)
-        session = boto3.session.Session()
         try:
+            # (the session reads the config files and AWS_PROFILE: a profile that does not
+            # exist or a config file it cannot parse escaped open() and restore() as a bare
+            # botocore ProfileNotFound / ConfigParseError: audit 56)
+            session = boto3.session.Session()
             self.client = session.client("s3", endpoint_url=opts.endpoint_url,
                                          region_name=opts.region, config=config)
         except (ValueError, bexc.BotoCoreError) as e:  # (a region it cannot use, ...)
-            raise TargetError(f"cannot set up the S3 client for {self.url}: "
-                              f"{type(e).__name__}: {_safe(str(e))}", False) from None
+            why = _safe(str(e)).strip().rstrip(":").strip()  # (a credential process's
+            raise TargetError(f"cannot set up the S3 client for {self.url}: "  # own text
+                              f"{type(e).__name__}" + (f": {why}" if why else ""),  # may
+                              False) from None  # be empty: "...custom-process: ")
         self.client.meta.events.register("before-send.s3", self._count)
 
     def _count(self, request=None, **_kw) -> None:
