@@ -18,9 +18,15 @@ Findings (each test named below fails on the code before its fix):
   ``ReplicationError`` naming the cause, one line, exit 1.  A credential process that
   printed nothing left the message ending in ``": "``; it ends at the error's name now
   (``test_a_bad_aws_profile_or_config_file_is_a_replication_error``).
+- An upload the server already held (an earlier attempt landed, its answer lost; the
+  client's retry met If-None-Match) was compared with the object by downloading the
+  object whole into memory and hashing a copy of it: a file version of N bytes (blobs
+  are GiBs at times) took 2N of RAM in the shipper.  The download is hashed as it
+  streams now (``test_a_blob_found_uploaded_already_is_compared_in_bounded_memory``).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -101,3 +107,50 @@ def test_a_bad_aws_profile_or_config_file_is_a_replication_error(s3_endpoint, tm
     assert r.returncode == 1, r.stderr
     assert "CredentialRetrievalError" in r.stderr, r.stderr
     assert not r.stderr.rstrip("\n").endswith(":"), r.stderr
+
+
+_BLOB_CHILD = r"""
+import gc, hashlib, os, sys, tracemalloc
+import boto3, walstore
+path, ws_dir, url, endpoint, bucket, key_prefix = sys.argv[1:7]
+opts = {"endpoint_url": endpoint, "interval": 3600, "max_backoff": 0.5}
+os.mkdir(ws_dir)
+s = walstore.open(path, replicate_to=url, replicate_options=opts)
+ws = s.workspace(ws_dir)
+with s.transaction() as tx:
+    tx.files(ws).write("first.txt", "first\n")
+s.sync_replica(60)  # (the shipper has listed blobs/: it does not know of the next)
+content = os.urandom(24 << 20)
+digest = hashlib.sha256(content).hexdigest()
+# the earlier upload that landed with its answer lost: the same bytes under the name
+boto3.client("s3", endpoint_url=endpoint).put_object(
+    Bucket=bucket, Key=key_prefix + "/blobs/" + digest, Body=content)
+with s.transaction() as tx:
+    tx.files(ws).write("big.bin", content)
+del content
+gc.collect()
+tracemalloc.start()
+s.sync_replica(120)
+peak = tracemalloc.get_traced_memory()[1]
+tracemalloc.stop()
+st = s.replication()
+s.close()
+print(peak, st.last_error, digest)
+"""
+
+
+def test_a_blob_found_uploaded_already_is_compared_in_bounded_memory(s3_endpoint,  # noqa: F811
+                                                                      tmp_path):
+    replica = make_s3_replica(s3_endpoint)
+    bucket, _, prefix = replica.url[len("s3://"):].partition("/")
+    r = subprocess.run([sys.executable, "-c", _BLOB_CHILD, str(tmp_path / "src"),
+                        str(tmp_path / "ws"), replica.url, s3_endpoint, bucket, prefix],
+                       capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    peak, err, digest = r.stdout.split()
+    assert err == "None", r.stdout
+    assert int(peak) < 8 << 20, f"the shipper's sync took {int(peak) >> 20} MiB"
+    walstore.restore(replica.url, str(tmp_path / "copy"), replicate_options=replica.opts())
+    with walstore.open(str(tmp_path / "copy")) as c:
+        data = c.at(c.log()[0].txid).files(c.workspaces()[0]).read("big.bin")
+        assert hashlib.sha256(data).hexdigest() == digest

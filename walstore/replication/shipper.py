@@ -26,7 +26,6 @@ position in the manifest; a lost lease stops shipping for good and says so.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import re
@@ -1097,11 +1096,13 @@ class Shipper:
             if start is not None:
                 body.seek(start)
             mine = _sha256(body)
-            got = io.BytesIO()
+            # (hashed as it streams in: it was read whole into memory, a blob of GiBs
+            # whose upload's answer was lost took its size in RAM, twice: audit 56)
+            got = _HashingSink()
             size = _size(body)
             try:
                 same = self.target.download(key, got, size) is not None and \
-                    hashlib.sha256(got.getvalue()).hexdigest() == mine
+                    got.hexdigest() == mine
             except TargetError as e:
                 if e.transient:
                     raise
@@ -1440,6 +1441,25 @@ class _Shown:
                 if k < n:  # (its last MiB: the step after the upload shows it)
                     self.fn(self.done + k, max(self.total, self.done + k))
         return sent
+
+
+class _HashingSink:
+    """A file a download writes into that keeps only the sha256 of what it was given."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._n = 0
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        self._n += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._n
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def _file_size(path: str) -> int:
