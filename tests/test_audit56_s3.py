@@ -23,6 +23,13 @@ Findings (each test named below fails on the code before its fix):
   object whole into memory and hashing a copy of it: a file version of N bytes (blobs
   are GiBs at times) took 2N of RAM in the shipper.  The download is hashed as it
   streams now (``test_a_blob_found_uploaded_already_is_compared_in_bounded_memory``).
+- A request that could not reach the server said only "cannot reach the server", never
+  which: an endpoint taken from ``AWS_ENDPOINT_URL`` (or a config file) and forgotten
+  there could not be told from the intended one.  And a server that took the connection
+  and never answered (a read timeout) was said to be unreachable too.  The message names
+  the endpoint now (without user info), and a read timeout says the server did not answer
+  within ``read_timeout``
+  (``test_a_server_that_cannot_be_reached_or_does_not_answer_is_named``).
 """
 from __future__ import annotations
 
@@ -154,3 +161,36 @@ def test_a_blob_found_uploaded_already_is_compared_in_bounded_memory(s3_endpoint
     with walstore.open(str(tmp_path / "copy")) as c:
         data = c.at(c.log()[0].txid).files(c.workspaces()[0]).read("big.bin")
         assert hashlib.sha256(data).hexdigest() == digest
+
+
+def test_a_server_that_cannot_be_reached_or_does_not_answer_is_named(s3_endpoint,  # noqa: F811
+                                                                      tmp_path):
+    import socket
+    from urllib.parse import urlsplit
+    from test_replication_support import Proxy
+    replica = make_s3_replica(s3_endpoint)
+    with walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                       replicate_options=replica.opts()) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.sync_replica(timeout=30)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()  # (nothing listens there now)
+    r = cli("replicas", replica.url, AWS_ENDPOINT_URL=dead)  # (the endpoint from the env)
+    assert r.returncode == 1, r.stderr
+    assert f"cannot reach the server at {dead}" in r.stderr, r.stderr
+    u = urlsplit(s3_endpoint)
+    proxy = Proxy((u.hostname, u.port))
+    try:
+        proxy.pause()  # (connections taken, never answered)
+        with pytest.raises(walstore.ReplicationError) as e:
+            walstore.restore(replica.url, str(tmp_path / "d"), None,
+                             replica.opts(endpoint_url=proxy.url, read_timeout=0.3,
+                                          max_attempts=1))
+        assert "did not answer within the read timeout (0.3 s)" in str(e.value), e.value
+        assert proxy.url in str(e.value) and "cannot reach" not in str(e.value)
+        assert not (tmp_path / "d").exists()
+    finally:
+        proxy.close()

@@ -24,7 +24,7 @@ from botocore.config import Config
 
 from .options import ReplicateOptions
 from .targets import (NOT_MODIFIED, PreconditionFailed, TargetError, _shown, check_endpoint,
-                      in_replica_layout)
+                      display_url, in_replica_layout)
 
 _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
                     "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
@@ -60,6 +60,11 @@ class S3Target:
                               f"{type(e).__name__}" + (f": {why}" if why else ""),  # may
                               False) from None  # be empty: "...custom-process: ")
         self.client.meta.events.register("before-send.s3", self._count)
+        self.read_timeout = opts.read_timeout
+        # the server requests go to, for messages (an endpoint from AWS_ENDPOINT_URL or a
+        # config file, forgotten there, was never named: "cannot reach the server")
+        self.server = display_url(getattr(self.client.meta, "endpoint_url", None) or "") \
+            or "the S3 endpoint"
 
     def _count(self, request=None, **_kw) -> None:
         method = getattr(request, "method", "?")
@@ -90,8 +95,15 @@ class S3Target:
             transient = status >= 500 or status == 429 or code in _TRANSIENT_CODES
             return TargetError(f"{op} {self.url}/{key}: {code} (HTTP {status})", transient)
         if isinstance(e, (bexc.ConnectionError, bexc.HTTPClientError)):
-            return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}: cannot reach the "
-                               f"server", True)
+            server = getattr(self, "server", "the S3 endpoint")
+            if isinstance(e, bexc.ReadTimeoutError):  # (reached: it said "cannot reach")
+                why = (f"the server at {server} did not answer within the read timeout "
+                       f"({self.read_timeout:g} s)")
+            elif isinstance(e, bexc.ConnectionError):
+                why = f"cannot reach the server at {server}"
+            else:
+                why = f"the connection to the server at {server} broke off"
+            return TargetError(f"{op} {self.url}/{key}: {type(e).__name__}: {why}", True)
         if isinstance(e, bexc.NoCredentialsError):
             return TargetError(f"{op} {self.url}/{key}: no AWS credentials found in the "
                                f"standard chain (environment, config files, roles)", False)
