@@ -30,6 +30,12 @@ Findings (each test named below fails on the code before its fix):
   the endpoint now (without user info), and a read timeout says the server did not answer
   within ``read_timeout``
   (``test_a_server_that_cannot_be_reached_or_does_not_answer_is_named``).
+- ``walstore replicas --verify`` downloads every snapshot and restores a full copy into
+  a temp directory that was named without its pid: killed (-9, the OOM killer) it stayed
+  in ``$TMPDIR`` for good, a store's size each time, as no sweep knew its name (a
+  restore's and a follower's scratch are swept once their process is gone).  It is named
+  ``walstore-verify-<pid>-...`` now and swept like those
+  (``test_a_killed_verify_leaves_no_scratch_copy_behind``).
 """
 from __future__ import annotations
 
@@ -194,3 +200,102 @@ def test_a_server_that_cannot_be_reached_or_does_not_answer_is_named(s3_endpoint
         assert not (tmp_path / "d").exists()
     finally:
         proxy.close()
+
+
+class _StallWal:
+    """A TCP proxy to the S3 server that forwards everything until a request for a
+    ``/wal/`` object comes, then holds that connection (no byte moves either way)."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        import socket
+        import threading
+        self.upstream = upstream
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.stalled = threading.Event()
+        self.closed = False
+        self.socks: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            u = socket.create_connection(self.upstream)
+            self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+
+    def _pump(self, c, u) -> None:
+        import select
+        try:
+            while True:
+                r, _, _ = select.select([c, u], [], [], 0.1)
+                for s in r:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    if s is c and data.startswith(b"GET ") and b"/wal/" in data.split(b"\r\n")[0]:
+                        self.stalled.set()
+                        while not self.closed:  # (held: no answer ever comes)
+                            import time
+                            time.sleep(0.1)
+                        return
+                    (u if s is c else c).sendall(data)
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        for s in self.socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def test_a_killed_verify_leaves_no_scratch_copy_behind(s3_endpoint, tmp_path):  # noqa: F811
+    import signal
+    import time
+    from urllib.parse import urlsplit
+    replica = make_s3_replica(s3_endpoint)
+    with walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                       replicate_options=replica.opts()) as s:
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 1000)
+        s.sync_replica(timeout=30)
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    env = {**cli_env(), "TMPDIR": str(scratch)}
+    u = urlsplit(s3_endpoint)
+    proxy = _StallWal((u.hostname, u.port))
+    p = subprocess.Popen([sys.executable, "-c", CLI, "replicas", replica.url, "--verify",
+                          "--endpoint-url", proxy.url], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert proxy.stalled.wait(60), "the verify never asked for a WAL object"
+        left = [n for n in os.listdir(scratch) if n.startswith("walstore-verify-")]
+        assert left, os.listdir(scratch)  # (its scratch, made before the WAL is read)
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        proxy.close()
+    assert [n for n in os.listdir(scratch) if n.startswith("walstore-verify-")] == left
+    # the next verify (another process) sweeps what the dead one left
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", CLI, "replicas", replica.url, "--verify",
+                        *replica.cli_args()], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - t0 < 120
+    assert [n for n in os.listdir(scratch) if n.startswith("walstore-verify-")] == []

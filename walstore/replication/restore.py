@@ -68,6 +68,7 @@ from .targets import NOT_MODIFIED, ObjectStore, TargetError, display_url, open_t
 
 RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
 FOLLOW_TEMP = "walstore-follow-"    # + pid + "-": a follower's
+VERIFY_TEMP = "walstore-verify-"    # + pid + "-": `replicas --verify`'s objects and copies
 
 MAX_SNAPSHOT_BYTES = 1 << 40
 MAX_BLOB_BYTES = 1 << 40
@@ -1682,7 +1683,11 @@ def _verify(url: str, m: Manifest, tgt: ObjectStore, opts: ReplicateOptions,
             progress(done[0], total)
 
     named: dict[str, tuple[int | None, str]] = {}  # blob -> (size, what names it first)
-    with tempfile.TemporaryDirectory(prefix="walstore-verify-") as tmp:
+    # (named with the pid and swept once that process is gone, as a restore's: it holds
+    # every snapshot and a full restored copy, and a `replicas --verify` killed (-9, the
+    # OOM killer) left it in the temp directory for good: audit 56)
+    sweep_dead_scratch(tempfile.gettempdir(), VERIFY_TEMP)
+    with tempfile.TemporaryDirectory(prefix=f"{VERIFY_TEMP}{os.getpid()}-") as tmp:
         at: dict[int, tuple[int, dict] | None] = {}  # records where points are put
         for check in (_check_continuity(m),
                       _check_wal_objects(m, tgt, tmp, step, named, at, opts),
