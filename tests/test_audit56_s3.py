@@ -36,6 +36,11 @@ Findings (each test named below fails on the code before its fix):
   restore's and a follower's scratch are swept once their process is gone).  It is named
   ``walstore-verify-<pid>-...`` now and swept like those
   (``test_a_killed_verify_leaves_no_scratch_copy_behind``).
+- ``sync_replica`` timing out before its shipper had ever read the replica's manifest
+  (the server unreachable since the open) said the replica "holds the log up to LSN 0,
+  N bytes short": false of a replica holding nearly all of it, an operator told the
+  replica was empty.  It says the replica was not reached yet and its position is not
+  known (``test_a_sync_before_the_replica_was_ever_reached_claims_no_position``).
 """
 from __future__ import annotations
 
@@ -299,3 +304,31 @@ def test_a_killed_verify_leaves_no_scratch_copy_behind(s3_endpoint, tmp_path):  
     assert r.returncode == 0, r.stderr
     assert time.monotonic() - t0 < 120
     assert [n for n in os.listdir(scratch) if n.startswith("walstore-verify-")] == []
+
+
+def test_a_sync_before_the_replica_was_ever_reached_claims_no_position(s3_endpoint,  # noqa: F811
+                                                                       tmp_path):
+    import socket
+    replica = make_s3_replica(s3_endpoint)
+    path = str(tmp_path / "src")
+    with walstore.open(path, replicate_to=replica.url, replicate_options=replica.opts()) as s:
+        for i in range(10):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+        s.sync_replica(timeout=30)
+        shipped = s.replication().shipped_lsn
+    assert shipped > 0
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    with walstore.open(path, replicate_to=replica.url,
+                       replicate_options=replica.opts(endpoint_url=dead, max_attempts=1,
+                                                      connect_timeout=0.5)) as s:
+        with s.transaction() as tx:
+            tx.put("late", 1)
+        with pytest.raises(walstore.ReplicationError) as e:
+            s.sync_replica(timeout=1.5)
+        msg = str(e.value)
+        assert "up to LSN 0" not in msg, msg
+        assert "not reached yet" in msg and "cannot reach the server" in msg, msg

@@ -611,6 +611,12 @@ class Shipper:
                             f"replica {self.url} holds the log up to LSN {lsn}, but its "
                             f"manifest does not say so yet (complete_to not written after "
                             f"{timeout:g} s): {cause}")
+                    if not self._started:  # (the replica's position is not known:
+                        # it said "holds the log up to LSN 0", of a replica holding more)
+                        raise ReplicationError(
+                            f"replica {self.url} not reached yet: its manifest was not "
+                            f"read, so how much of the log up to LSN {lsn} it holds is "
+                            f"not known after {timeout:g} s: {cause}")
                     raise ReplicationError(
                         f"replica {self.url} holds the log up to LSN {self.shipped}, "
                         f"{lsn - self.shipped} bytes short of LSN {lsn} after {timeout:g} s: "
