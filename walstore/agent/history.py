@@ -291,7 +291,30 @@ class History:
             # deleted its row yet: trimmed all the same, as ``resolve`` says of it)
             raise HistoryTrimmed(f"transaction {txid} (LSN {row['lsn']}) is older than the "
                                  f"retained history (horizon LSN {horizon})")
-        return info_from_row(hide_purged(row, self.unapplied_purges()))
+        return info_from_row(self._live_actions(hide_purged(row, self.unapplied_purges())))
+
+    def _live_actions(self, row: dict) -> dict:
+        """``row`` with its actions as they stand now: the commit's row keeps each action as
+        it was at the commit (``state: committed``), so ``log()``, ``txn_info`` and
+        ``walstore log --json`` went on saying ``committed`` of an action a rewind or revert
+        had compensated (or marked ``needs-redo``) while ``store.actions()`` said
+        ``compensated``.  One action-row read per action listed: costs what it returns."""
+        acts = row.get("actions")
+        if not acts:
+            return row
+        views = self.engine.views
+        live = []
+        for a in acts:
+            cur = views.action_row(str(a.get("id"))) if isinstance(a, dict) else None
+            if cur is not None:
+                a = dict(a)
+                for f in ("state", "error", "attempts", "result"):
+                    if f in cur:
+                        a[f] = cur[f]
+                if a.get("state") == tables.IN_FLIGHT:
+                    a["state"] = "pending"
+            live.append(a)
+        return {**row, "actions": live}
 
     def log(self, limit: int | None = None, since: Any = None,
             oldest_first: bool = False) -> list[TxnInfo]:
@@ -326,7 +349,8 @@ class History:
             return
         n = 0
         for row in self.engine.views.commits_after(boundary, oldest_first):
-            yield info_from_row(hide_purged(row, purges) if purges else row)
+            yield info_from_row(self._live_actions(hide_purged(row, purges) if purges
+                                                   else row))
             n += 1
             if limit is not None and n >= limit:
                 return
