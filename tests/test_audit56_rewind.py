@@ -10,6 +10,15 @@ Findings (each test named below fails on the code before its fix):
   world held an effect walstore had undone.  The actions listed are read as they stand
   now (state, error, attempts, result)
   (``test_the_log_says_an_action_a_rewind_compensated_is_compensated``).
+- A revert or rewind that had to put a file back under a directory swapped for a symlink
+  (or a file) behind walstore's back read the path as "absent, as walstore left it" and
+  went ahead: it committed, ran the compensations of what it undid, then could not put
+  the file back (walstore never goes through a symlink) and raised FileConflictError
+  after the fact — the state said undone, the file said otherwise, and the refund had
+  run.  Its dry run said all was well.  Such a path is a RevertConflict naming it now,
+  in the plan, before anything changes, unless the undo puts the parent back as a
+  directory itself
+  (``test_an_undo_whose_path_lies_under_a_parent_swapped_for_a_symlink_is_refused``).
 """
 from __future__ import annotations
 
@@ -55,3 +64,56 @@ def test_the_log_says_an_action_a_rewind_compensated_is_compensated(tmp_path):
     assert p.returncode == 0, p.stderr
     rows = {t["txid"]: t for t in json.loads(p.stdout)["transactions"]}
     assert [a["state"] for a in rows[charged.txid]["actions"]] == ["compensated"]
+
+
+def _workspace_with_a_deleted_file(tmp_path, outside):
+    """A store whose last commit deleted ``e/y`` (and charged), ``e`` then swapped for a
+    symlink to ``outside`` behind walstore's back."""
+    import os
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    refunds = []
+    s.compensator("refund")(lambda a: refunds.append(a.args["n"]))
+    ws = s.workspace(str(repo))
+    with s.transaction() as tx:
+        tx.files(ws).write("e/y", "mine")
+        tx.put("k", 0)
+    s.restore_point("p")
+    with s.transaction() as tx:
+        tx.files(ws).delete("e/y")
+        tx.put("k", 1)
+        with tx.action("charge", args={"n": 1}, compensate="refund"):
+            pass
+    os.rmdir(repo / "e")
+    os.symlink(outside, repo / "e")
+    return s, refunds, repo
+
+
+def test_an_undo_whose_path_lies_under_a_parent_swapped_for_a_symlink_is_refused(tmp_path):
+    import os
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    s, refunds, repo = _workspace_with_a_deleted_file(tmp_path, str(outside))
+    last = s.log(limit=1)[0].txid
+    want = [str(repo / "e" / "y")]
+    for undo in (lambda **kw: s.revert(last, **kw), lambda **kw: s.rewind("p", **kw)):
+        for dry_run in (True, False):
+            try:
+                undo(dry_run=dry_run)
+            except walstore.RevertConflict as e:
+                assert e.paths == want, e.paths
+            else:
+                raise AssertionError("the undo was not refused")
+    # nothing changed: no undo committed, nothing compensated, nothing written outside
+    assert s.log(limit=1)[0].txid == last
+    assert refunds == [] and s.get("k") == 1
+    assert [a.state for a in s.actions()] == ["committed"]
+    assert os.listdir(outside) == [] and os.path.islink(repo / "e")
+    assert s.file_conflicts() == []
+    # the parent put back by hand: the undo goes through
+    os.unlink(repo / "e")
+    os.mkdir(repo / "e")
+    s.rewind("p")
+    assert (repo / "e" / "y").read_text() == "mine" and refunds == [1] and s.get("k") == 0
+    s.close()

@@ -88,6 +88,8 @@ of the actions it moved: is one of them inside the scope?).
 """
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -776,6 +778,10 @@ class Undo:
                     continue
             items.append(FileUndo(ws, path, oldest.before, newest.after,
                                   since(oldest.txid, root, path)))
+        for item in _under_a_stranger(items):
+            conflicts.append(abs_display(item.ws.root_b, item.path))
+            if not force:
+                items.remove(item)
         if conflicts and not force:
             self._conflict_if_files_changed_since(snapshot)
             raise RevertConflict(f"file(s) changed behind walstore's back since the undone "
@@ -1059,3 +1065,34 @@ class _LaterWalk:
         if got is None:
             got = self._infos[txid] = load(txid)
         return got
+
+
+def _under_a_stranger(items: list) -> list:
+    """The paths of ``items`` to be put back as something (a file, a directory, a
+    symlink) under a parent that is now a symlink or not a directory, one the undo does
+    not put back as a directory itself: walstore never goes through either, so the undo
+    committed (its keys, its compensations run) and then left the path as it was, a file
+    conflict after the fact — a parent swapped behind walstore's back (``e/`` replaced
+    by a symlink) read as "nothing here", the path's own state.  Refused before anything
+    instead, as a path changed behind walstore's back is (RevertConflict naming it)."""
+    dirs_back = {(i.ws.root_b, i.path) for i in items if i.target.is_dir}
+    out = []
+    for item in items:
+        if not item.target.exists or b"/" not in item.path:
+            continue
+        cur = b""
+        for comp in item.path.split(b"/")[:-1]:
+            cur = cur + b"/" + comp if cur else comp
+            if (item.ws.root_b, cur) in dirs_back:
+                break  # (put back as a directory first: the undo runs newest first)
+            try:
+                st = os.lstat(item.ws.abspath(cur))
+            except FileNotFoundError:
+                break  # (missing parents are made, as a write makes them)
+            except OSError:
+                out.append(item)
+                break
+            if not stat.S_ISDIR(st.st_mode):  # (lstat: a symlink is no directory)
+                out.append(item)
+                break
+    return out
