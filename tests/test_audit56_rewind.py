@@ -19,6 +19,13 @@ Findings (each test named below fails on the code before its fix):
   in the plan, before anything changes, unless the undo puts the parent back as a
   directory itself
   (``test_an_undo_whose_path_lies_under_a_parent_swapped_for_a_symlink_is_refused``).
+- A directory an undo had to remove (the undone transaction made it) holding a file put
+  there by another process: the dry run said all was well, and the undo planned, logged
+  and began putting files back, then rolled back at its end with "file(s) changed while
+  transaction N was putting them back" — of a file there long before it began.  The
+  plan finds it now, RevertConflict naming the directory as changed behind walstore's
+  back, dry run included (names the workspace ignores are still removed with it)
+  (``test_a_directory_to_remove_holding_a_strangers_file_is_refused_by_the_plan``).
 """
 from __future__ import annotations
 
@@ -116,4 +123,42 @@ def test_an_undo_whose_path_lies_under_a_parent_swapped_for_a_symlink_is_refused
     os.mkdir(repo / "e")
     s.rewind("p")
     assert (repo / "e" / "y").read_text() == "mine" and refunds == [1] and s.get("k") == 0
+    s.close()
+
+
+def test_a_directory_to_remove_holding_a_strangers_file_is_refused_by_the_plan(tmp_path):
+    import os
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    refunds = []
+    s.compensator("refund")(lambda a: refunds.append(a.args["n"]))
+    ws = s.workspace(str(repo), ignore=["__pycache__/"])
+    with s.transaction() as tx:
+        tx.put("k", 0)
+    s.restore_point("p")
+    with s.transaction() as tx:
+        tx.files(ws).write("d/x", "x")
+        tx.files(ws).write("e/x", "x")
+        tx.put("k", 1)
+        with tx.action("charge", args={"n": 1}, compensate="refund"):
+            pass
+    (repo / "d" / "stranger.txt").write_text("not walstore's")
+    (repo / "e" / "__pycache__").mkdir()  # (ignored: removed with e, no conflict)
+    last = s.log(limit=1)[0].txid
+    want = [str(repo / "d")]
+    for undo in (lambda **kw: s.revert(last, **kw), lambda **kw: s.rewind("p", **kw)):
+        for dry_run in (True, False):  # (the dry run said all was well)
+            try:
+                undo(dry_run=dry_run)
+            except walstore.RevertConflict as e:
+                assert e.paths == want, e.paths
+                assert "behind walstore's back" in str(e), str(e)
+            else:
+                raise AssertionError("the undo was not refused")
+    assert s.log(limit=1)[0].txid == last and refunds == [] and s.get("k") == 1
+    assert sorted(os.listdir(repo / "d")) == ["stranger.txt", "x"]
+    os.remove(repo / "d" / "stranger.txt")
+    s.rewind("p")
+    assert sorted(os.listdir(repo)) == [] and refunds == [1] and s.get("k") == 0
     s.close()

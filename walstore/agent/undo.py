@@ -782,6 +782,10 @@ class Undo:
             conflicts.append(abs_display(item.ws.root_b, item.path))
             if not force:
                 items.remove(item)
+        if not force:  # (forced, what others put there goes too: _strangers_under)
+            for item in _holding_strangers(items):
+                conflicts.append(abs_display(item.ws.root_b, item.path))
+                items.remove(item)
         if conflicts and not force:
             self._conflict_if_files_changed_since(snapshot)
             raise RevertConflict(f"file(s) changed behind walstore's back since the undone "
@@ -1095,4 +1099,43 @@ def _under_a_stranger(items: list) -> list:
             if not stat.S_ISDIR(st.st_mode):  # (lstat: a symlink is no directory)
                 out.append(item)
                 break
+    return out
+
+
+def _holding_strangers(items: list) -> list:
+    """The directories of ``items`` an unforced undo must remove (walstore made them; the
+    target is no directory) that hold a name the undo does not remove itself and the
+    workspace does not ignore: the put-back would find the directory not empty and roll
+    the undo back at its end ("changed while transaction N was putting them back", of a
+    file put there long before), where its dry run had said all was well.  Refused in the
+    plan instead, as changed behind walstore's back (an ignored name is left to the
+    put-back, which removes it with the directory unless it predates the change)."""
+    gone = {(i.ws.root_b, i.path) for i in items if not i.target.exists}
+    out = []
+    for item in items:
+        if item.target.is_dir or not item.expected.is_dir:
+            continue
+        ws = item.ws
+        try:
+            _rel, where = ws.resolve(item.path)
+            if not stat.S_ISDIR(os.lstat(where).st_mode):
+                continue
+            names = os.listdir(where)
+        except (OSError, ValueError):
+            continue  # (not there as a directory: the path's own status says)
+        for name in names:
+            child = item.path + b"/" + os.fsencode(name)
+            if (ws.root_b, child) in gone:
+                continue
+            try:
+                is_dir = stat.S_ISDIR(os.lstat(ws.abspath(child)).st_mode)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                is_dir = False
+            if ws.ignore and ws.ignored(child, is_dir) \
+                    and not (ws.exclude and ws.excluded(child)):
+                continue
+            out.append(item)
+            break
     return out
