@@ -26,6 +26,10 @@ Findings (each test named below fails on the code before its fix):
   plan finds it now, RevertConflict naming the directory as changed behind walstore's
   back, dry run included (names the workspace ignores are still removed with it)
   (``test_a_directory_to_remove_holding_a_strangers_file_is_refused_by_the_plan``).
+  So is one holding an ignored name older than the change that made the directory (the
+  put-back keeps those: a watched ``mv src dst`` carried ``__pycache__`` along), which
+  rolled back at the end the same way
+  (``test_a_directory_to_remove_holding_an_older_ignored_name_is_refused_by_the_plan``).
 - Under ``retain_seconds``, every checkpoint looked for the first young commit from the
   oldest ``txns`` row on, and a restore point pins every commit after it: each
   checkpoint re-read the whole pinned history (20,000 pinned commits: ~0.15 s a
@@ -207,4 +211,33 @@ def test_a_checkpoint_under_retain_seconds_does_not_reread_the_history_a_point_p
     s.checkpoint()
     assert [i.txid for i in s.log()] == [tx.id]  # (the young one only: the rest trimmed)
     assert s.get("k0") == 399 and s.get("x") == 9
+    s.close()
+
+
+def test_a_directory_to_remove_holding_an_older_ignored_name_is_refused_by_the_plan(tmp_path):
+    import os
+    import time
+    repo = tmp_path / "repo"
+    (repo / "src" / "__pycache__").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("a")
+    (repo / "src" / "__pycache__" / "a.pyc").write_text("c")
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    ws = s.workspace(str(repo), ignore=["__pycache__/"])
+    with s.transaction() as tx:
+        tx.put("k", 0)
+    s.restore_point("p")
+    time.sleep(0.1)  # (the cache is older than the move, by more than the ctime slack)
+    with s.transaction() as tx:
+        with tx.files(ws).watch():  # (the cache moves along, its ctime unchanged)
+            subprocess.run(["mv", str(repo / "src"), str(repo / "dst")], check=True)
+        tx.put("k", 1)
+    for dry_run in (True, False):
+        try:
+            s.rewind("p", dry_run=dry_run)
+        except walstore.RevertConflict as e:
+            assert e.paths == [str(repo / "dst")], e.paths
+            assert "behind walstore's back" in str(e), str(e)
+        else:
+            raise AssertionError("the rewind was not refused")
+    assert os.listdir(repo) == ["dst"] and s.get("k") == 1
     s.close()

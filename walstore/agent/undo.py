@@ -1104,12 +1104,15 @@ def _under_a_stranger(items: list) -> list:
 
 def _holding_strangers(items: list) -> list:
     """The directories of ``items`` an unforced undo must remove (walstore made them; the
-    target is no directory) that hold a name the undo does not remove itself and the
-    workspace does not ignore: the put-back would find the directory not empty and roll
-    the undo back at its end ("changed while transaction N was putting them back", of a
-    file put there long before), where its dry run had said all was well.  Refused in the
-    plan instead, as changed behind walstore's back (an ignored name is left to the
-    put-back, which removes it with the directory unless it predates the change)."""
+    target is no directory) that hold a name the put-back would not remove: one the undo
+    does not remove itself and the workspace does not ignore, or an ignored one older
+    than the change that made the directory (``files.apply._clear_ignored`` keeps it,
+    e.g. the ``__pycache__`` a watched ``mv src dst`` carried along).  The put-back found
+    the directory not empty and rolled the undo back at its end ("changed while
+    transaction N was putting them back", of a file there long before), where its dry
+    run had said all was well.  Refused in the plan instead, as changed behind
+    walstore's back."""
+    from ..files import apply as fapply
     gone = {(i.ws.root_b, i.path) for i in items if not i.target.exists}
     out = []
     for item in items:
@@ -1117,25 +1120,36 @@ def _holding_strangers(items: list) -> list:
             continue
         ws = item.ws
         try:
-            _rel, where = ws.resolve(item.path)
-            if not stat.S_ISDIR(os.lstat(where).st_mode):
-                continue
-            names = os.listdir(where)
+            fd = fapply._open_dir(ws, item.path)  # (never through a symlink)
         except (OSError, ValueError):
             continue  # (not there as a directory: the path's own status says)
-        for name in names:
-            child = item.path + b"/" + os.fsencode(name)
-            if (ws.root_b, child) in gone:
-                continue
-            try:
-                is_dir = stat.S_ISDIR(os.lstat(ws.abspath(child)).st_mode)
-            except FileNotFoundError:
-                continue
-            except OSError:
-                is_dir = False
-            if ws.ignore and ws.ignored(child, is_dir) \
-                    and not (ws.exclude and ws.excluded(child)):
-                continue
-            out.append(item)
-            break
+        try:
+            if _strangers_in(ws, fd, item, gone, fapply):
+                out.append(item)
+        finally:
+            os.close(fd)
     return out
+
+
+def _strangers_in(ws: Any, fd: int, item: Any, gone: set, fapply: Any) -> bool:
+    try:
+        names = sorted(os.fsencode(n) for n in os.listdir(fd))
+    except OSError:
+        return False
+    for name in names:
+        child = item.path + b"/" + name
+        if (ws.root_b, child) in gone:
+            continue
+        try:
+            cst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return True
+        if not ws.ignore or (ws.exclude and ws.excluded(child)) \
+                or not ws.ignored(child, stat.S_ISDIR(cst.st_mode)):
+            return True
+        if item.since_ns is not None and fapply._older_inside(
+                fd, name, cst, item.since_ns - fapply.CTIME_SLACK_NS):
+            return True
+    return False
