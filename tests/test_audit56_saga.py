@@ -11,6 +11,11 @@ Findings (each test named below fails on the code before its fix):
   fixed this for ``rollback()`` and ``revert``; a two-phase rollback now reserves them
   before its decision too
   (``test_rollback_prepared_runs_its_own_compensations_beside_another_threads_retry``).
+- Two callers resolving one owed action at once: the second was refused with "action
+  X's compensation is running now; it cannot be resolved by hand meanwhile" — no
+  compensation ran, nor would; the first caller's resolve was under way.  It says so
+  now: being resolved by another caller, nothing changed by this one
+  (``test_a_second_resolve_of_one_action_says_another_resolve_holds_it``).
 """
 from __future__ import annotations
 
@@ -76,5 +81,57 @@ def test_rollback_prepared_runs_its_own_compensations_beside_another_threads_ret
             assert [a.state for a in s.actions()] == ["compensated"] * 3
             assert not os.path.exists(os.path.join(root, "f"))
             assert s.retry_compensations() == [] and s.prepared() == []
+    finally:
+        fileio.set_backend(old)
+
+
+class _OnFsync(fileio.OSBackend):
+    """While armed, the first fsync of the WAL first runs ``then`` to its end (in another
+    thread, joined)."""
+
+    def __init__(self) -> None:
+        self.then = None
+
+    def _maybe(self) -> None:
+        then, self.then = self.then, None
+        if then is not None:
+            t = threading.Thread(target=then, name="other")
+            t.start()
+            t.join(20)
+
+    def fsync(self, fd: int) -> None:
+        self._maybe()
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._maybe()
+        super().fdatasync(fd)
+
+
+def test_a_second_resolve_of_one_action_says_another_resolve_holds_it(tmp_path):
+    backend = _OnFsync()
+    old = fileio.set_backend(backend)
+    try:
+        with walstore.open(str(tmp_path / "s"), durability="full") as s:
+            tx = s.transaction()
+            with tx.action("charge", compensate="refund") as act:
+                act.result = {"charge_id": "c1"}
+            tx.rollback()  # (no compensator registered: owed)
+            (owed,) = s.pending_compensations()
+            errors: list = []
+
+            def second():
+                try:
+                    s.resolve(owed.id, note="refunded by hand (2)")
+                except walstore.WalstoreError as e:
+                    errors.append(str(e))
+            backend.then = second  # (inside the first resolve's durable record)
+            done = s.resolve(owed.id, note="refunded by hand (1)")
+            assert done.state == "resolved"
+            assert len(errors) == 1, errors
+            assert "being resolved by another caller" in errors[0], errors[0]
+            assert "compensation is running" not in errors[0]
+            got = s.get_action(owed.id)
+            assert (got.state, got.error) == ("resolved", "refunded by hand (1)")
     finally:
         fileio.set_backend(old)

@@ -377,6 +377,7 @@ class Saga:
         # action id -> the thread running its compensation (or resolving it); close()
         # waits for other threads' (see ``running_elsewhere``)
         self._running: dict[str, int] = {}
+        self._resolving: set[str] = set()  # those of ``_running`` that ``resolve`` holds
         # action id -> the thread undoing the transaction (or undo) it belongs to: that
         # thread runs it in its turn, newest first and between the file effects; another
         # thread's ``compensate`` (``retry_compensations``) passes it over (see ``reserved``)
@@ -940,12 +941,18 @@ class Saga:
             # left the action "running" for good — never compensated nor resolvable again
             # in this process: the interrupt sweep of resolve, tests/test_audit55_interrupts)
             with self._running_lock:
+                if key in self._resolving:  # (it said "its compensation is running now":
+                    # another resolve, no compensation, and the action is resolved next)
+                    raise WalstoreError(f"action {action_id} is being resolved by another "
+                                        f"caller now; nothing was changed by this one "
+                                        f"(its outcome: store.get_action)")
                 if key in self._running:
                     raise WalstoreError(f"action {action_id}'s compensation is running now; "
                                         f"it cannot be resolved by hand meanwhile (wait for "
                                         f"its outcome: store.get_action)")
-                self._running[key] = threading.get_ident()
                 mine = True
+                self._running[key] = threading.get_ident()
+                self._resolving.add(key)
             action = self.get_action(action_id)
             if action.in_flight:  # (it read "is pending (...); only pending ... can be
                 # resolved", and said nothing of the gid of a prepared one)
@@ -979,6 +986,7 @@ class Saga:
             if mine:
                 with self._running_lock:
                     self._running.pop(key, None)
+                    self._resolving.discard(key)
 
     def running_elsewhere(self) -> list[str]:
         """The ids of the compensations other threads are running now (close() waits for
