@@ -16,11 +16,26 @@ Findings (each test named below fails on the code before its fix):
   compensation ran, nor would; the first caller's resolve was under way.  It says so
   now: being resolved by another caller, nothing changed by this one
   (``test_a_second_resolve_of_one_action_says_another_resolve_holds_it``).
+- The README's own form, ``@store.compensator("refund")`` after ``walstore.open``, said
+  its refund runs "on rollback, and after a crash": after a kill -9 the reopened store's
+  recovery had no compensator yet, left the refund pending, and registering it afterwards
+  ran nothing and said nothing — the charge stood for good unless someone thought of
+  ``retry_compensations()``.  Registering a compensator with compensations owed to it now
+  warns (RuntimeWarning naming them and ``store.retry_compensations()``); they are not
+  run implicitly (one name at a time would break newest first across names); README and
+  GUIDE say where a crash's compensations run
+  (``test_a_compensator_registered_after_a_crash_says_what_it_is_owed``).
 """
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
+import warnings
+
+import pytest
 
 import walstore
 from walstore import fileio
@@ -135,3 +150,54 @@ def test_a_second_resolve_of_one_action_says_another_resolve_holds_it(tmp_path):
             assert (got.state, got.error) == ("resolved", "refunded by hand (1)")
     finally:
         fileio.set_backend(old)
+
+
+_CRASHING_AGENT = """
+import os, signal, sys
+import walstore
+store = walstore.open(sys.argv[1])
+
+@store.compensator("refund")
+def refund(action):
+    with open(sys.argv[2], "a") as f:
+        f.write("refund " + action.key + "\\n")
+
+tx = store.transaction()
+with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
+    with open(sys.argv[2], "a") as f:
+        f.write("charge " + act.key + "\\n")
+    act.result = {"charge_id": act.key}
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_compensator_registered_after_a_crash_says_what_it_is_owed(tmp_path):
+    path, world = str(tmp_path / "s"), str(tmp_path / "world.log")
+    p = subprocess.run([sys.executable, "-c", _CRASHING_AGENT, path, world],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    (charge,) = open(world).read().splitlines()
+    key = charge.split()[1]
+    ran: list = []
+    store = walstore.open(path)  # the README's form: the compensator comes after open
+    try:
+        with pytest.warns(RuntimeWarning, match=r"owed to it already \(1\.1\).*"
+                                                 r"retry_compensations"):
+            @store.compensator("refund")
+            def refund(action):
+                ran.append(action.key)
+                with open(world, "a") as f:
+                    f.write(f"refund {action.key}\n")
+        assert ran == []  # (warned, not run behind the caller's back)
+        assert [a.id for a in store.pending_compensations()] == ["1.1"]
+        assert store.retry_compensations() == []
+        assert ran == [key]
+        assert open(world).read().splitlines() == [f"charge {key}", f"refund {key}"]
+        assert store.get_action("1.1").state == "compensated"
+        # nothing owed: registering again (another name, or the same) says nothing
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            store.compensator("refund")(refund)
+            store.compensator("unbook")(lambda action: None)
+    finally:
+        store.close()

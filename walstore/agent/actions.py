@@ -403,8 +403,35 @@ class Saga:
             if why:
                 raise TypeError(f"compensator {name!r} {why}")
             self.compensators[name] = fn
+            self._warn_owed_to(name)
             return fn
         return register
+
+    def _warn_owed_to(self, name: str) -> None:
+        """A compensator registered after open (``@store.compensator``) runs nothing that
+        is owed already — the recovery at open ran only those given to ``walstore.open(...,
+        compensators=...)``, and running them one name at a time would break newest first
+        across names — so a RuntimeWarning names the owed ones it could run and how (they
+        stayed pending without a word: the README's decorator form, after a crash, never
+        refunded until someone thought of ``retry_compensations()``)."""
+        eng = self.engine
+        if eng.readonly or not eng.writable:
+            return
+        try:
+            owed = [a.id for a in self.actions(pending=True)
+                    if a.compensate == name and not a.held]
+        except WalstoreError:
+            return
+        if owed:
+            import warnings
+            shown_ids = ", ".join(owed[:10]) + (f", ... ({len(owed)} in all)"
+                                                if len(owed) > 10 else "")
+            warnings.warn(
+                f"compensator {name!r} registered, but {len(owed)} compensation(s) owed to "
+                f"it already ({shown_ids}) do not run by themselves: the recovery at open runs "
+                f"only the compensators given to walstore.open(..., compensators=...); call "
+                f"store.retry_compensations() to run them now (newest first)",
+                RuntimeWarning, stacklevel=3)
 
     # ---- logging ------------------------------------------------------------------------
     def new_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
