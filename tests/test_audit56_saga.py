@@ -25,6 +25,11 @@ Findings (each test named below fails on the code before its fix):
   run implicitly (one name at a time would break newest first across names); README and
   GUIDE say where a crash's compensations run
   (``test_a_compensator_registered_after_a_crash_says_what_it_is_owed``).
+- A rollback whose store was closed under it (a compensator, or another thread, calling
+  ``store.close()``) raised CompensationFailed saying the older compensations "did not
+  run (the store turned read-only)": it had not (no disk error, nothing read-only); it
+  says the store was closed now, and they run at the next open, once each
+  (``test_compensations_cut_short_by_close_say_the_store_was_closed``).
 """
 from __future__ import annotations
 
@@ -201,3 +206,31 @@ def test_a_compensator_registered_after_a_crash_says_what_it_is_owed(tmp_path):
             store.compensator("unbook")(lambda action: None)
     finally:
         store.close()
+
+
+def test_compensations_cut_short_by_close_say_the_store_was_closed(tmp_path):
+    path = str(tmp_path / "s")
+    ran: list = []
+    opened: list = []
+
+    def refund(action):
+        ran.append(action.id)
+        if action.args == 2:
+            opened[-1].close()  # (the agent shutting down from inside the newest-but-one)
+
+    s = walstore.open(path, compensators={"refund": refund})
+    opened.append(s)
+    tx = s.transaction()
+    for n in (1, 2, 3):
+        with tx.action("charge", args=n, compensate="refund"):
+            pass
+    with pytest.raises(walstore.CompensationFailed) as e:
+        tx.rollback()
+    msg = str(e.value)
+    assert "did not run (the store was closed)" in msg, msg
+    assert "read-only" not in msg, msg
+    assert ran == [f"{tx.id}.3", f"{tx.id}.2"]
+    # the next open runs what is owed: .2 again (its record was cut off), .1 once
+    with walstore.open(path, compensators={"refund": lambda a: ran.append(a.id)}) as s2:
+        assert ran == [f"{tx.id}.3", f"{tx.id}.2", f"{tx.id}.2", f"{tx.id}.1"]
+        assert [a.state for a in s2.actions()] == ["compensated"] * 3

@@ -802,7 +802,11 @@ class Saga:
         if unrecorded:
             ids = [a.id for a in unrecorded]
             rest = [a.id for a in skipped]
-            more = (f"; compensation(s) {rest} did not run (the store turned read-only) and "
+            # (closed meanwhile — by close() in another thread, or by a compensator — it
+            # said "the store turned read-only", which it did not, and sent the reader
+            # looking for a disk error)
+            why = "was closed" if self.engine.closed else "turned read-only"
+            more = (f"; compensation(s) {rest} did not run (the store {why}) and "
                     f"are owed to the next open too" if rest else "")
             raise CompensationFailed(
                 f"the outcome of compensation(s) {ids} could not be recorded ({record_error}); "
