@@ -24,7 +24,9 @@ Findings (each test named below fails on the code before its fix):
   warns (RuntimeWarning naming them and ``store.retry_compensations()``); they are not
   run implicitly (one name at a time would break newest first across names); README and
   GUIDE say where a crash's compensations run
-  (``test_a_compensator_registered_after_a_crash_says_what_it_is_owed``).
+  (``test_a_compensator_registered_after_a_crash_says_what_it_is_owed``; not of those a
+  rollback under way in another thread runs in its turn:
+  ``test_registering_beside_a_running_rollback_does_not_warn_of_its_compensations``).
 - A rollback whose store was closed under it (a compensator, or another thread, calling
   ``store.close()``) raised CompensationFailed saying the older compensations "did not
   run (the store turned read-only)": it had not (no disk error, nothing read-only); it
@@ -234,3 +236,34 @@ def test_compensations_cut_short_by_close_say_the_store_was_closed(tmp_path):
     with walstore.open(path, compensators={"refund": lambda a: ran.append(a.id)}) as s2:
         assert ran == [f"{tx.id}.3", f"{tx.id}.2", f"{tx.id}.2", f"{tx.id}.1"]
         assert [a.state for a in s2.actions()] == ["compensated"] * 3
+
+
+def test_registering_beside_a_running_rollback_does_not_warn_of_its_compensations(tmp_path):
+    started, release = threading.Event(), threading.Event()
+    ran: list = []
+
+    def refund(action):
+        ran.append(action.id)
+        if action.args == 2:
+            started.set()
+            release.wait(20)
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        tx = s.transaction()
+        for n in (1, 2):
+            with tx.action("charge", args=n, compensate="refund"):
+                pass
+        t = threading.Thread(target=tx.rollback, name="rolling-back")
+        t.start()
+        try:
+            assert started.wait(20)
+            assert [a.id for a in s.pending_compensations()] == [f"{tx.id}.2", f"{tx.id}.1"]
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # (both are the rollback's to run)
+                s.compensator("refund")(refund)
+        finally:
+            release.set()
+            t.join(20)
+        assert ran == [f"{tx.id}.2", f"{tx.id}.1"]
+        assert s.pending_compensations() == []

@@ -422,6 +422,9 @@ class Saga:
                     if a.compensate == name and not a.held]
         except WalstoreError:
             return
+        with self._running_lock:  # (not those a rollback or undo under way runs in its turn)
+            owed = [aid for aid in owed if aid not in self._reserved
+                    and aid not in self._running]
         if owed:
             import warnings
             shown_ids = ", ".join(owed[:10]) + (f", ... ({len(owed)} in all)"
