@@ -62,6 +62,8 @@ from .format import RecordType
 
 _WRITES, _COMMIT = RecordType.WRITES, RecordType.COMMIT
 _ENDS = frozenset({RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
+_ACTION_RECORDS = frozenset({RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
+                             RecordType.COMPENSATED})
 NOT_EVENTS = frozenset({RecordType.WRITES, RecordType.CHECKPOINT, RecordType.SEAL,
                         RecordType.COMMIT_PREPARED})
 TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
@@ -223,6 +225,54 @@ def parse_writes(body: dict) -> list:
     return out
 
 
+def _action_id(x: Any) -> bool:
+    """An action id as walstore gives them: ``"<txid>.<n>"``."""
+    txid, dot, n = x.partition(".") if isinstance(x, str) else ("", "", "")
+    return txid.isascii() and txid.isdigit() and (not dot or (n.isascii() and n.isdigit()))
+
+
+def _ids(body: dict, name: str, what: str) -> None:
+    v = body.get(name)
+    ok = _action_id if what == "action ids" else (
+        lambda x: isinstance(x, int) and not isinstance(x, bool))
+    if v is not None and (not isinstance(v, list) or not all(ok(x) for x in v)):
+        raise ValueError(f"field {name!r} is not a list of {what}")
+
+
+def check_fields(rtype: int, body: dict) -> None:
+    """ValueError when a field the appliers and readers index has the wrong type: a
+    record no walstore writes (its CRC holds: crafted, or a writer's bug), refused as a
+    bad payload (recovery's strict mode names it) rather than a TypeError mid-apply."""
+    if rtype == _COMMIT:
+        acts = body.get("actions")
+        if acts is not None and (not isinstance(acts, list) or any(
+                not isinstance(a, dict) or not _action_id(a.get("id")) for a in acts)):
+            raise ValueError("field 'actions' is not a list of action rows with an id")
+        for name in ("crossed", "compensate", "redo", "unredo"):
+            _ids(body, name, "action ids")
+        _ids(body, "reverts", "txids")
+        _ids(body, "files", "LSNs")
+        gid = body.get("gid")
+        if gid is not None and not isinstance(gid, str):
+            raise ValueError("field 'gid' is not a str")
+        if "purge" in body:
+            rng = body.get("purge_range")
+            if (not isinstance(body["purge"], (str, bytes)) or not isinstance(rng, list)
+                    or len(rng) != 2 or not isinstance(rng[0], bytes)
+                    or not (rng[1] is None or isinstance(rng[1], bytes))):
+                raise ValueError("a purge without a valid prefix and key range")
+    elif rtype == RecordType.PREPARE or rtype == RecordType.ROLLBACK_PREPARED:
+        gid = body.get("gid")
+        if (rtype == RecordType.PREPARE or gid is not None) and not isinstance(gid, str):
+            raise ValueError("field 'gid' is not a str")
+        if rtype == RecordType.PREPARE:
+            _ids(body, "actions", "action ids")
+    elif rtype in _ACTION_RECORDS:
+        if not _action_id(body.get("id")):
+            raise ValueError(f"the action id {str(body.get('id'))[:40]!r} is not one "
+                             f"walstore gives (<txid>.<n>)")
+
+
 def txid_of(body: dict) -> int:
     txid = body.get("tx")
     if not isinstance(txid, int) or isinstance(txid, bool) or not 0 <= txid < MAX_TXID:
@@ -274,6 +324,7 @@ class CommitAssembler:
     def feed(self, rtype: int, lsn: int, end: int, body: dict, payload_len: int
              ) -> Event | None:
         txid = txid_of(body) if rtype in TX_RECORDS else -1
+        check_fields(rtype, body)
         if rtype == _WRITES:
             size = self.sizes.get(txid, 0) + payload_len
             if size > self.max_bytes:
