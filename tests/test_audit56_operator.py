@@ -17,6 +17,15 @@ Findings (each test named below fails on the code before its fix):
   as a bad payload naming file, offset and LSN, the salvage modes give it up like any
   other bad payload, and verify lists it, exit 1
   (``test_a_crc_valid_record_with_wrongly_typed_fields_is_refused_not_a_crash``).
+- A CRC-valid RESTORE_POINT without a name (or one of more than 511 bytes, or a gid
+  LMDB cannot hold as a key) made every recovery fail in LMDB: "writing LMDB failed:
+  mdb_put: MDB_BAD_VALSIZE ...; nothing was lost: every commit is in the log; open it
+  again once the cause is gone [EIO]" — the cause never goes, and `verify` said ok.
+  They are bad payloads now, refused with their place like the others
+  (``test_a_record_whose_name_lmdb_cannot_hold_is_refused_with_its_place``).
+- `walstore dump` decoded such records as fine (exit 0) while recovery and verify
+  refuse them; it marks them BAD-PAYLOAD (exit 1) like the other bad payloads
+  (``test_dump_marks_what_recovery_refuses_as_a_bad_payload``).
 """
 from __future__ import annotations
 
@@ -130,3 +139,51 @@ def test_a_crc_valid_record_with_wrongly_typed_fields_is_refused_not_a_crash(tmp
     with walstore.open(path) as s:
         assert [s.get(f"k{i}") for i in range(3)] == [0, 1, 2]
         assert s.get("z") is None
+
+
+LMDB_CANNOT = {
+    "restore-point-no-name": (RecordType.RESTORE_POINT, {"ts": 1.0}, "restore point"),
+    "restore-point-empty-name": (RecordType.RESTORE_POINT, {"name": "", "ts": 1.0},
+                                 "restore point"),
+    "restore-point-600-bytes": (RecordType.RESTORE_POINT, {"name": "r" * 600, "ts": 1.0},
+                                "restore point"),
+    "prepare-gid-600-bytes": (RecordType.PREPARE, {"tx": 99, "gid": "g" * 600, "w": []},
+                              "gid"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LMDB_CANNOT))
+def test_a_record_whose_name_lmdb_cannot_hold_is_refused_with_its_place(tmp_path, case):
+    rtype, body, word = LMDB_CANNOT[case]
+    path = str(tmp_path / "s")
+    killed_store(path)
+    seg, offset, lsn = append_record(path, rtype, pack(body))
+    v = cli("verify", path, "--json")
+    assert v.returncode == 1, (v.stdout, v.stderr)
+    assert any(f"record at LSN {lsn}" in e and word in e
+               for e in json.loads(v.stdout)["errors"]), v.stdout
+    r = cli("recover", path)
+    assert r.returncode == 1
+    assert "MDB_BAD_VALSIZE" not in r.stderr and "once the cause is gone" not in r.stderr
+    assert f"offset {offset}, LSN {lsn})" in r.stdout + r.stderr, (r.stdout, r.stderr)
+    assert "bad payload" in r.stdout + r.stderr
+    t = cli("recover", path, "--mode", "tolerate-tail")
+    assert t.returncode in (0, 1) and "MDB_BAD_VALSIZE" not in t.stderr, t.stderr
+    with walstore.open(path) as s:
+        assert [s.get(f"k{i}") for i in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("case", ["commit-gid-int", "intent-id-x", "commit-actions-str",
+                                  "restore-point-no-name"])
+def test_dump_marks_what_recovery_refuses_as_a_bad_payload(tmp_path, case):
+    rtype, body, word = {**HOSTILE, **LMDB_CANNOT}[case]
+    path = str(tmp_path / "s")
+    killed_store(path)
+    _seg, _offset, lsn = append_record(path, rtype, pack(body))
+    d = cli("dump", path, "--json")
+    assert d.returncode == 1, (d.stdout[-500:], d.stderr)
+    recs = json.loads(d.stdout)["records"]
+    bad = [r for r in recs if r["lsn"] == lsn]
+    assert bad and bad[0]["type"] == "BAD-PAYLOAD", bad
+    assert word in bad[0]["summary"]
+    assert [r["type"] for r in recs].count("COMMIT") == 3  # (the good ones as they were)

@@ -239,6 +239,13 @@ def _ids(body: dict, name: str, what: str) -> None:
         raise ValueError(f"field {name!r} is not a list of {what}")
 
 
+def _gid(gid: Any, required: bool) -> None:
+    if gid is None and not required:
+        return
+    if not isinstance(gid, str) or len(gid.encode("utf-8", "replace")) > 509:
+        raise ValueError("field 'gid' is not a str LMDB can hold (at most 509 bytes)")
+
+
 def check_fields(rtype: int, body: dict) -> None:
     """ValueError when a field the appliers and readers index has the wrong type: a
     record no walstore writes (its CRC holds: crafted, or a writer's bug), refused as a
@@ -252,9 +259,7 @@ def check_fields(rtype: int, body: dict) -> None:
             _ids(body, name, "action ids")
         _ids(body, "reverts", "txids")
         _ids(body, "files", "LSNs")
-        gid = body.get("gid")
-        if gid is not None and not isinstance(gid, str):
-            raise ValueError("field 'gid' is not a str")
+        _gid(body.get("gid"), False)
         if "purge" in body:
             rng = body.get("purge_range")
             if (not isinstance(body["purge"], (str, bytes)) or not isinstance(rng, list)
@@ -262,11 +267,14 @@ def check_fields(rtype: int, body: dict) -> None:
                     or not (rng[1] is None or isinstance(rng[1], bytes))):
                 raise ValueError("a purge without a valid prefix and key range")
     elif rtype == RecordType.PREPARE or rtype == RecordType.ROLLBACK_PREPARED:
-        gid = body.get("gid")
-        if (rtype == RecordType.PREPARE or gid is not None) and not isinstance(gid, str):
-            raise ValueError("field 'gid' is not a str")
+        _gid(body.get("gid"), rtype == RecordType.PREPARE)
         if rtype == RecordType.PREPARE:
             _ids(body, "actions", "action ids")
+    elif rtype == RecordType.RESTORE_POINT:
+        name = body.get("name")
+        if not isinstance(name, str) or not 0 < len(name.encode("utf-8", "replace")) <= 511:
+            raise ValueError("the restore point has no name LMDB can hold (a str of 1 to "
+                             "511 bytes)")
     elif rtype in _ACTION_RECORDS:
         if not _action_id(body.get("id")):
             raise ValueError(f"the action id {str(body.get('id'))[:40]!r} is not one "

@@ -113,6 +113,7 @@ def describe(rec, path: str) -> dict:
         body = records.decode(rec.payload)
         if rec.type in records.TX_RECORDS:
             records.txid_of(body)
+        records.check_fields(rec.type, body)
         writes = (records.parse_writes(body) if "w" in body or rec.type in _WRITE_LISTS
                   else None)
     except ValueError as e:
