@@ -23,6 +23,14 @@ Findings (each test named below fails on the code before its fix):
   again once the cause is gone [EIO]" — the cause never goes, and `verify` said ok.
   They are bad payloads now, refused with their place like the others
   (``test_a_record_whose_name_lmdb_cannot_hold_is_refused_with_its_place``).
+- The same of the reversible-file records: a CRC-valid WORKSPACE whose ``root`` is an
+  int or missing, FILE_STEPS whose ``ws``/``steps`` are ints or whose steps are not
+  ``[path, before, after]`` entry rows, a WATCH_BEGIN/WATCH_END/FILE_RESTORED/
+  FILE_CONFLICT with an int where a root, an LSN list or a conflict row belongs: recover
+  failed with "TypeError: a bytes-like object is required", "key must be given", "'int'
+  object is not iterable", ... (an unexpected error), verify said ok or crashed alike.
+  Checked and refused as bad payloads now
+  (``test_a_crc_valid_file_record_with_wrongly_typed_fields_is_refused_not_a_crash``).
 - `walstore dump` decoded such records as fine (exit 0) while recovery and verify
   refuse them; it marks them BAD-PAYLOAD (exit 1) like the other bad payloads
   (``test_dump_marks_what_recovery_refuses_as_a_bad_payload``).
@@ -187,3 +195,44 @@ def test_dump_marks_what_recovery_refuses_as_a_bad_payload(tmp_path, case):
     assert bad and bad[0]["type"] == "BAD-PAYLOAD", bad
     assert word in bad[0]["summary"]
     assert [r["type"] for r in recs].count("COMMIT") == 3  # (the good ones as they were)
+
+
+_WS = b"/nonexistent-ws"
+FILE_HOSTILE = {
+    "workspace-root-int": (RecordType.WORKSPACE, {"root": 5, "ignore": 5}, "root"),
+    "workspace-empty": (RecordType.WORKSPACE, {}, "root"),
+    "file-steps-ints": (RecordType.FILE_STEPS, {"tx": 99, "ws": 5, "op": 5, "steps": 5},
+                        "ws"),
+    "file-steps-bad-rows": (RecordType.FILE_STEPS, {"tx": 99, "ws": _WS, "op": "write",
+                                                    "steps": [[1, 2, 3]]}, "step"),
+    "watch-begin-ws-int": (RecordType.WATCH_BEGIN, {"tx": 99, "ws": 5, "manifest": 5},
+                           "ws"),
+    "watch-end-begin-str": (RecordType.WATCH_END, {"tx": 99, "ws": _WS, "begin": "x",
+                                                   "n": "y"}, "begin"),
+    "file-restored-effects-int": (RecordType.FILE_RESTORED, {"tx": 99, "effects": 5},
+                                  "effects"),
+    "file-conflict-int": (RecordType.FILE_CONFLICT, {"tx": 99, "ws": _WS, "effect": 1,
+                                                     "conflict": 5}, "conflict"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FILE_HOSTILE))
+def test_a_crc_valid_file_record_with_wrongly_typed_fields_is_refused_not_a_crash(tmp_path,
+                                                                                 case):
+    rtype, body, word = FILE_HOSTILE[case]
+    path = str(tmp_path / "s")
+    killed_store(path)
+    seg, offset, lsn = append_record(path, rtype, pack(body))
+    v = cli("verify", path, "--json")
+    assert v.returncode == 1 and "unexpected" not in v.stderr, (v.stdout, v.stderr)
+    assert any(f"record at LSN {lsn}" in e and word in e
+               for e in json.loads(v.stdout)["errors"]), v.stdout
+    r = cli("recover", path, "--json")
+    assert r.returncode == 1 and "unexpected" not in r.stderr, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["refused"] and (doc["file"], doc["offset"], doc["lsn"]) == (seg, offset, lsn)
+    assert "bad payload" in doc["reason"] and word in doc["reason"], doc["reason"]
+    t = cli("recover", path, "--mode", "tolerate-tail")
+    assert t.returncode in (0, 1) and "unexpected" not in t.stderr, t.stderr
+    with walstore.open(path) as s:
+        assert [s.get(f"k{i}") for i in range(3)] == [0, 1, 2]

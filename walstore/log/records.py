@@ -64,6 +64,9 @@ _WRITES, _COMMIT = RecordType.WRITES, RecordType.COMMIT
 _ENDS = frozenset({RecordType.ABORT, RecordType.ROLLBACK_PREPARED})
 _ACTION_RECORDS = frozenset({RecordType.ACTION_INTENT, RecordType.ACTION_RESULT,
                              RecordType.COMPENSATED})
+_FILE_RECORDS = frozenset({RecordType.WORKSPACE, RecordType.FILE_STEPS,
+                           RecordType.WATCH_BEGIN, RecordType.WATCH_END,
+                           RecordType.FILE_RESTORED, RecordType.FILE_CONFLICT})
 NOT_EVENTS = frozenset({RecordType.WRITES, RecordType.CHECKPOINT, RecordType.SEAL,
                         RecordType.COMMIT_PREPARED})
 TX_RECORDS = frozenset({RecordType.COMMIT, RecordType.WRITES, RecordType.ABORT,
@@ -279,6 +282,66 @@ def check_fields(rtype: int, body: dict) -> None:
         if not _action_id(body.get("id")):
             raise ValueError(f"the action id {str(body.get('id'))[:40]!r} is not one "
                              f"walstore gives (<txid>.<n>)")
+    elif rtype in _FILE_RECORDS:
+        _check_file_fields(rtype, body)
+
+
+def _int(body: dict, name: str, required: bool = True) -> None:
+    v = body.get(name)
+    if (v is not None or required) and (not isinstance(v, int) or isinstance(v, bool)):
+        raise ValueError(f"field {name!r} is not an integer")
+
+
+def _entry_row(row: Any, what: str) -> None:
+    from ..files.entries import Entry  # (pure: what a path is, as before-images say it)
+    try:
+        Entry.from_row(row)
+    except (ValueError, TypeError, KeyError, IndexError):
+        raise ValueError(f"{what} is not a file entry row") from None
+
+
+def _check_file_fields(rtype: int, body: dict) -> None:
+    """The fields of the reversible-file records that recovery and verify index."""
+    if rtype == RecordType.WORKSPACE:
+        root = body.get("root")
+        if not isinstance(root, bytes) or not root.startswith(b"/"):
+            raise ValueError("the workspace root is not an absolute path (bytes)")
+        ignore = body.get("ignore")
+        if ignore is not None and (not isinstance(ignore, list) or not all(
+                isinstance(p, (bytes, str)) for p in ignore)):
+            raise ValueError("field 'ignore' is not a list of patterns")
+        return
+    if rtype != RecordType.FILE_RESTORED and not isinstance(body.get("ws"), bytes):
+        raise ValueError("field 'ws' is not a workspace root (bytes)")
+    if rtype == RecordType.FILE_STEPS:
+        steps = body.get("steps")
+        if not isinstance(body.get("op"), str) or not isinstance(steps, list):
+            raise ValueError("a FILE_STEPS record without its op and steps")
+        for step in steps:
+            if (not isinstance(step, list) or len(step) != 3
+                    or not isinstance(step[0], bytes)):
+                raise ValueError("a file step that is not [path, before, after]")
+            _entry_row(step[1], "a step's before-image")
+            _entry_row(step[2], "a step's after-image")
+        _int(body, "watch", False)
+        _int(body, "began", False)
+    elif rtype == RecordType.WATCH_BEGIN:
+        if not isinstance(body.get("manifest"), str):
+            raise ValueError("field 'manifest' is not a digest")
+    elif rtype == RecordType.WATCH_END:
+        _int(body, "begin")
+        _int(body, "n", False)
+    elif rtype == RecordType.FILE_RESTORED:
+        _ids(body, "effects", "LSNs")
+    elif rtype == RecordType.FILE_CONFLICT:
+        _int(body, "effect")
+        c = body.get("conflict")
+        if not isinstance(c, dict) or not isinstance(c.get("path"), bytes):
+            raise ValueError("field 'conflict' is not a file conflict row")
+        _entry_row(c.get("before"), "the conflict's before-image")
+        _entry_row(c.get("current"), "the conflict's current state")
+        if c.get("expected") is not None:
+            _entry_row(c.get("expected"), "the conflict's expected state")
 
 
 def txid_of(body: dict) -> int:
