@@ -58,6 +58,9 @@ from .views import Views
 from .visible import MarkReader, SharedMark
 
 DURABILITIES = ("full", "normal", "none")
+# records that begin new work: they wait for room in the MemTable (Engine.log_event)
+ROOM_FIRST = frozenset({RecordType.ACTION_INTENT, RecordType.RESTORE_POINT,
+                        RecordType.WORKSPACE, RecordType.WATCH_BEGIN})
 DROP_CHUNK = 64  # applied events leave the MemTable this many per hold of the commit lock
 APPLY_BATCH_BYTES = 1 << 20  # the applier thread's LMDB commits cover about this much log
 APPLY_BATCH_EVENTS = 2000    # ... and at most this many events
@@ -963,14 +966,28 @@ class Engine:
         returning, because an external effect follows it.  ``appended(event)`` runs right
         after the append, with signals held off across both (walstore.signals), before the
         wait: whoever must know of the record (a transaction, of its action's intent) does
-        so even when an interrupt lands in the wait."""
+        so even when an interrupt lands in the wait.
+
+        A record that begins new work (``ROOM_FIRST``: an intent, a restore point, a
+        workspace, a watch) waits for room in the MemTable first, as a commit does, and
+        every record nudges the applier after: only commits did, so a loop of actions
+        rolled back (or of prepares) grew the backlog past ``max_unapplied`` and
+        ``max_unapplied_bytes`` without bound while ``apply_interval`` had not passed
+        (probe-audit56).  Records that undo (an abort, a compensation's outcome, files
+        put back) never wait: a rollback must not stand behind the applier."""
         self.check_writable()
+        if rtype in ROOM_FIRST:
+            self.wait_for_room()
         if appended is None:
             event = self.journal.append(rtype, body, txid)
         else:
             with deferred():
                 event = self.journal.append(rtype, body, txid)
                 appended(event)
+        try:
+            self.wake_applier()
+        except Exception as e:  # (logged: the caller's record stands)
+            self.note_background_error(e)
         if durable:
             self.journal.force_durable(event.end)
         return event

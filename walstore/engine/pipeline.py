@@ -282,6 +282,8 @@ class CommitPipeline:
         ``check``: as CommitRequest.check."""
         eng = self.engine
         eng.check_writable()
+        eng.wait_for_room()  # (a PREPARE holds its writes in the MemTable as a commit's
+        # do: prepares alone grew it past both bounds, never waking the applier)
         checked = self.checker.check_applied(p.txid, reads) if reads else None
         with self.journal.lock:
             if self.gate.holder is not None:
@@ -299,6 +301,10 @@ class CommitPipeline:
                 # takes one that lands after them for "prepared")
                 event = self.journal.append_prepare(p.txid, p.writes, p.body())
                 self.prepared.add(p)
+        try:
+            eng.wake_applier()
+        except Exception as e:  # (contained: the PREPARE is logged)
+            eng.note_background_error(e)
         self.durable_or_unknown(self.journal.force_durable, event, p.txid,
                                 f"the PREPARE of {p.gid!r}", "whether it is prepared")
         return event
