@@ -95,7 +95,7 @@ class TwoPhase:
         extra = self.saga.commit_fields(tx)
         extra.pop("actions", None)
         extra.update(file_fields or {})  # the COMMIT of the decision names its file effects
-        p = Prepared(gid, tx.id, list(tx.writes.items()), sorted(tx.read_keys),
+        p = Prepared(gid, tx.id, tx.seal_writes(), sorted(tx.read_keys),
                      list(tx.read_ranges), tx.meta, [a.id for a in live],
                      self.engine.clock(), extra, tx.scope)
         tx.logged = True

@@ -24,7 +24,8 @@ States: ``active`` -> ``committed`` | ``rolled back`` | ``outcome unknown``; ``p
 transaction's end lock while they decide, so a ``rollback()`` from another thread (or
 ``close()``) waits for a ``commit()`` under way and then raises TransactionClosed, or wins
 and the later ``commit()`` raises it, never both.  Lifetime: used by one thread (another
-may end it); may stay open for hours at no cost to others (it holds no lock, no LMDB
+may end it: a write racing that end is in what it commits or prepares, or refused with
+TransactionClosed — ``seal_writes``); may stay open for hours at no cost to others (it holds no lock, no LMDB
 reader, no WAL); dropped without an end, it simply never commits (actions it logged are
 compensated by the next open's recovery).
 """
@@ -199,9 +200,22 @@ class Savepoint:
         return f"<Savepoint {self.name!r} #{self._serial} {'active' if self.active else 'gone'}>"
 
 
+class _Seal:
+    """The write set a commit or prepare under way took (``Transaction.seal_writes``):
+    a write another thread makes meanwhile is in it or is refused (``_late_write``)."""
+
+    __slots__ = ("writes", "lookup")
+
+    def __init__(self) -> None:
+        self.writes: list | None = None
+        self.lookup: dict | None = None
+
+
 class Transaction:
     """A unit of work; commit on ``with`` exit, roll back on an exception (a prepared one
     is left in doubt for its coordinator: see ``__exit__``)."""
+
+    _seal: _Seal | None = None  # set once a commit or prepare takes the write set
 
     # the write set's size as MAX_TXN_WRITE_BYTES counts it is bounded at each write:
     # ``_write_bytes`` is an upper bound of it (each write adds its key and value, a
@@ -481,6 +495,8 @@ class Transaction:
             self._keep_before(k)
         self._writes[k] = packed
         self._write_bytes = size
+        if self._seal is not None:  # (a commit by another thread took the writes)
+            self._late_write(((k, packed),))
 
     def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
@@ -501,6 +517,8 @@ class Transaction:
             self._keep_before(*staged)
         writes.update(staged)
         self._write_bytes = size
+        if self._seal is not None:
+            self._late_write(staged.items())
 
     def delete(self, key: Key) -> None:
         self._check_writable()
@@ -518,6 +536,8 @@ class Transaction:
             self._keep_before(k)
         self._writes[k] = packed
         self._write_bytes = size
+        if self._seal is not None:
+            self._late_write(((k, packed),))
 
     def _keep_before(self, *keys: bytes) -> None:
         """Log the value each of ``keys`` has now (before the write about to be made), for
@@ -570,6 +590,42 @@ class Transaction:
             f"transaction writes at most {MAX_TXN_WRITE_BYTES:,} (keys and values, "
             f"{WRITE_OVERHEAD} bytes more each): split the work into several transactions "
             f"(nothing of this write was made; the transaction is still open)")
+
+    def seal_writes(self) -> list:
+        """The write set as a commit or prepare takes it (its end lock held): a list of
+        (stored key, packed value or None).  A put, update or delete that another thread
+        makes from here on is either in that list or refused (``_late_write``): one made
+        as another thread's commit() copied the set returned without error and was in no
+        commit — a write silently lost, though its thread was told nothing failed."""
+        seal = self._seal = _Seal()  # (seen by every write after this line)
+        seal.writes = list(self._writes.items())
+        return seal.writes
+
+    def _late_write(self, items) -> None:
+        """A write made while a commit or prepare took the write set (``seal_writes``):
+        return when it is part of what that one took and it went through; otherwise
+        TransactionClosed, saying the write is in no commit."""
+        seal = self._seal
+        if seal is None:  # (the prepare failed: the transaction is active and writable)
+            return
+        if self._end_lock._is_owned():
+            raise TransactionClosed(f"transaction {self.id} is being committed or prepared "
+                                    f"by this thread (this write came from inside that "
+                                    f"call): the write is not part of it")
+        with self._end_lock:  # (the commit or prepare under way ends first)
+            pass
+        if self._seal is None or seal.writes is None:
+            return  # (it did not take place: the write stands in the active transaction)
+        if self.state == COMMITTED or (self.state == ACTIVE and self.gid is not None):
+            lookup = seal.lookup
+            if lookup is None:
+                lookup = seal.lookup = dict(seal.writes)
+            if all(lookup.get(k, _MISSING) is v for k, v in items):
+                return
+        how = "prepared" if self.state == ACTIVE else self.state
+        raise TransactionClosed(f"transaction {self.id} was {how} by another thread while "
+                                f"this write was made: the write is not part of it (nothing "
+                                f"of it was written)")
 
     @property
     def writes(self) -> dict[bytes, bytes | None]:
@@ -838,12 +894,13 @@ class Transaction:
         req = None
         try:
             body = self._hooks.commit_body(self)
-            if not self._writes and not body:
+            writes = self.seal_writes()
+            if not writes and not body:
                 self._validate_reads_only()
                 lsn = None
             else:
                 req = self._request = CommitRequest(
-                    self.id, list(self._writes.items()), self.meta,
+                    self.id, writes, self.meta,
                     self.read_set() if self.read_keys or self.read_ranges
                     or self.guard_ranges or self.guard_scopes
                     or self.undo_fence is not None or self.guard_files else None, body,
@@ -974,6 +1031,9 @@ class Transaction:
                 return work(*args)
             finally:
                 self._ending = None
+                if self._seal is not None and self.state == ACTIVE and self.gid is None:
+                    self._seal = None  # (a commit or prepare that left it active: a
+                    # prepare refused; the writes made meanwhile stand, see _late_write)
 
     def ending_in_this_thread(self) -> bool:
         """Is the calling thread inside this transaction's commit()/rollback() (its end
