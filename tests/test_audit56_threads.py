@@ -22,6 +22,15 @@ Findings (each test named below fails on the code before its fix):
   is in no commit
   (``test_a_write_racing_another_threads_commit_is_committed_or_refused_never_lost``,
   ``test_a_write_racing_another_threads_prepare_is_prepared_or_refused``).
+- ``with tx.action(...)`` entered by one thread while another committed the transaction:
+  the commit checked for running action bodies, then the intent was logged and the body
+  ran its side effect while the COMMIT went to disk — the transaction committed, the
+  action's row said ``pending`` for good (its result never part of the commit) and
+  ``pending_compensations()`` did not list it: the record and the outside world
+  disagreed.  Entering an action now takes the transaction's end lock, as commit() and
+  prepare() do: the commit finds the body running (and refuses, as for one thread), or
+  ends first and the ``with`` raises TransactionClosed before any intent or side effect
+  (``test_an_action_entered_while_another_thread_commits_is_in_the_commit_or_never_runs``).
 """
 from __future__ import annotations
 
@@ -160,5 +169,61 @@ def test_a_write_beside_a_refused_prepare_stands_in_the_open_transaction(tmp_pat
             tx.put("b", 1)  # (no seal left behind: not a "late" write)
             assert tx.get("b") == 1
             tx.rollback()
+    finally:
+        s.close()
+
+
+def test_an_action_entered_while_another_thread_commits_is_in_the_commit_or_never_runs(
+        tmp_path):
+    refunds: list[int] = []
+    s = walstore.open(str(tmp_path / "s"), durability="full",
+                      compensators={"refund": lambda a: refunds.append(a.args["n"])})
+    ran: dict[int, str] = {}
+    ended: dict[int, str] = {}
+    try:
+        for r in range(120):
+            tx = s.transaction()
+            tx.put(f"k{r}", r)
+            go = threading.Event()
+
+            def agent(r=r, tx=tx, go=go):
+                go.wait()
+                try:
+                    with tx.action("charge", args={"n": r}, compensate="refund") as act:
+                        ran[r] = "ran"  # (the side effect)
+                        act.result = {"charge": r}
+                except walstore.TransactionClosed:
+                    pass
+
+            t = threading.Thread(target=agent)
+            t.start()
+            go.set()
+            time.sleep(0.0002 * (r % 6))
+            try:
+                tx.commit()
+                ended[r] = "committed"
+            except walstore.WalstoreError as e:  # (the body was running: commit refused)
+                ended[r] = type(e).__name__
+                t.join(30)
+                if tx.state == "active":
+                    tx.commit()
+                    ended[r] = "committed"
+            t.join(30)
+            assert not t.is_alive()
+        owed = {a.id for a in s.pending_compensations()}
+        states = {}
+        for a in s.actions():
+            states[a.args["n"]] = a.state
+            # a pending action is one the store owes: listed, never silently dropped
+            assert a.state != "pending" or a.id in owed, (a.args, a.state)
+            assert a.state == "committed", (a.args["n"], a.state, ended[a.args["n"]])
+            assert a.result == {"charge": a.args["n"]}
+        assert set(states) == set(ran), "an action's side effect ran with no action row"
+        assert refunds == []
+        s.close()
+        s = walstore.open(str(tmp_path / "s"),
+                          compensators={"refund": lambda a: refunds.append(a.args["n"])})
+        assert all(a.state == "committed" for a in s.actions())
+        assert refunds == [] and s.pending_compensations() == []
     finally:
         s.close()

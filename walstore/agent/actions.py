@@ -183,11 +183,20 @@ class ActionScope:
             raise WalstoreError(f"action {self.action.id} ({self.action.name!r}) was "
                                 f"entered already: one tx.action(...) is one side effect; "
                                 f"call tx.action(...) again for another; nothing was logged")
-        self._saga.log_intent(self._tx, self.action)
-        self._entered = True
-        # while the body runs, its side effect may not have happened yet: a rollback (or
-        # one to a savepoint before it) would compensate it first (Action.blocks_rollback)
-        self.action._body = (threading.get_ident(), sys._getframe(1))
+        # Under the transaction's end lock, as a commit() or prepare() of another thread
+        # is: that one either finds this body running (and refuses: blocks_commit) or has
+        # ended before the intent is logged (then TransactionClosed, nothing logged, the
+        # body never runs).  Between its check of running bodies and its record, an
+        # intent logged by another thread ran its side effect after the commit took the
+        # transaction: committed with no result, the action said "pending" for good and
+        # was in no list of what is owed (probe-audit56).
+        with self._tx._end_lock:
+            self._saga.log_intent(self._tx, self.action)
+            self._entered = True
+            # while the body runs, its side effect may not have happened yet: a rollback
+            # (or one to a savepoint before it) would compensate it first
+            # (Action.blocks_rollback)
+            self.action._body = (threading.get_ident(), sys._getframe(1))
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
