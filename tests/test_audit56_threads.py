@@ -31,6 +31,12 @@ Findings (each test named below fails on the code before its fix):
   prepare() do: the commit finds the body running (and refuses, as for one thread), or
   ends first and the ``with`` raises TransactionClosed before any intent or side effect
   (``test_an_action_entered_while_another_thread_commits_is_in_the_commit_or_never_runs``).
+- The same for files: ``tx.files(ws).write(...)`` by one thread while another committed
+  changed the file in place after the commit took the transaction, in no record of it:
+  the write returned, a ``revert`` of the transaction left the file (or raised
+  RevertConflict on the directory it made).  A file operation now holds the end lock as
+  commit() does: it is in the commit, or raises TransactionClosed and changes nothing
+  (``test_a_file_written_while_another_thread_commits_is_in_the_commit_or_untouched``).
 """
 from __future__ import annotations
 
@@ -225,5 +231,47 @@ def test_an_action_entered_while_another_thread_commits_is_in_the_commit_or_neve
                           compensators={"refund": lambda a: refunds.append(a.args["n"])})
         assert all(a.state == "committed" for a in s.actions())
         assert refunds == [] and s.pending_compensations() == []
+    finally:
+        s.close()
+
+
+def test_a_file_written_while_another_thread_commits_is_in_the_commit_or_untouched(tmp_path):
+    import os
+    root = tmp_path / "ws"
+    root.mkdir()
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        ws = s.workspace(str(root))
+        for r in range(40):
+            tx = s.transaction()
+            tx.put(f"k{r}", r)
+            f = tx.files(ws)
+            ok: list[str] = []
+            refused: list[str] = []
+            go = threading.Event()
+
+            def writer(r=r, f=f, ok=ok, refused=refused, go=go):
+                go.wait()
+                for i in range(300):
+                    p = f"r{r}/f{i}.txt"
+                    try:
+                        f.write(p, "x")
+                    except walstore.TransactionClosed:
+                        refused.append(p)
+                        return
+                    ok.append(p)
+
+            t = threading.Thread(target=writer)
+            t.start()
+            go.set()
+            time.sleep(0.001 * (r % 5))
+            tx.commit()
+            t.join(30)
+            assert not t.is_alive()
+            for p in refused:
+                assert not (root / p).exists(), f"a refused write changed {p}"
+            s.revert(tx.id)  # the transaction's every file change is undone
+            left = [p for p in ok if os.path.lexists(root / p)]
+            assert left == [], f"round {r}: {len(left)} written files in no record of it"
     finally:
         s.close()

@@ -630,8 +630,19 @@ class Files:
             make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
         """One operation: plan (before-images stored), log (durable), effect, apply.  When
         the apply fails, whatever it left is put back at once (the library leaves nothing
-        half-done, so this is usually nothing) and the error is raised."""
-        tx._check_writable()
+        half-done, so this is usually nothing) and the error is raised.
+
+        Under the transaction's end lock, as its commit() and prepare() run: a change made
+        by one thread while another committed was made in place after the commit took
+        the transaction, in no record of it (a revert left it, a rollback could not put
+        it back) — now it waits for that end and raises TransactionClosed, changing
+        nothing (probe-audit56)."""
+        with tx._end_lock:
+            tx._check_writable()
+            return self._run_ended_out(tx, ws, op, make_plan, act)
+
+    def _run_ended_out(self, tx: "Transaction", ws: Workspace, op: str,
+                       make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
         with self._ws_lock(ws), self._lock:
             self._check_not_watched(tx, ws)
             steps = make_plan()
