@@ -275,3 +275,44 @@ def test_a_file_written_while_another_thread_commits_is_in_the_commit_or_untouch
             assert left == [], f"round {r}: {len(left)} written files in no record of it"
     finally:
         s.close()
+
+
+def test_an_action_entered_while_another_thread_rolls_back_is_compensated_or_never_runs(
+        tmp_path):
+    """A guard beside the fix above (it held before too): an action racing another
+    thread's ``rollback()`` is compensated once by it, or refused before its body runs."""
+    refunds: list[int] = []
+    s = walstore.open(str(tmp_path / "s"), durability="full",
+                      compensators={"refund": lambda a: refunds.append(a.args["n"])})
+    ran: list[int] = []
+    try:
+        for r in range(120):
+            tx = s.transaction()
+            go = threading.Event()
+
+            def agent(r=r, tx=tx, go=go):
+                go.wait()
+                try:
+                    with tx.action("charge", args={"n": r}, compensate="refund"):
+                        ran.append(r)
+                except walstore.TransactionClosed:
+                    pass
+
+            t = threading.Thread(target=agent)
+            t.start()
+            go.set()
+            time.sleep(0.0002 * (r % 6))
+            while True:
+                try:
+                    tx.rollback()
+                    break
+                except walstore.WalstoreError:  # (its body was running: leave it first)
+                    t.join(30)
+            t.join(30)
+            if tx.state == "active":
+                tx.rollback()
+        assert sorted(refunds) == sorted(ran), "a charge made in a rolled-back "\
+            "transaction was not refunded"
+        assert s.pending_compensations() == []
+    finally:
+        s.close()
