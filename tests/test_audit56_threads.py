@@ -9,7 +9,7 @@ Findings (each test named below fails on the code before its fix):
   PREPAREs (each holding its writes) past both bounds without limit while
   ``apply_interval`` had not passed — 2,000 rolled-back actions left 8,000 events
   (bound: 100) and 8 MiB (bound: 1 MiB) unapplied.  A record that begins new work (an
-  intent, a PREPARE, a restore point, a workspace, a watch) now waits for room as a
+  intent, a PREPARE, a restore point) now waits for room as a
   commit does, and every record nudges the applier; records that undo never wait
   (``test_actions_rolled_back_and_prepares_stay_within_the_memtables_bounds``).
 - A transaction written by one thread and committed (or prepared) by another ("used by

@@ -58,9 +58,11 @@ from .views import Views
 from .visible import MarkReader, SharedMark
 
 DURABILITIES = ("full", "normal", "none")
-# records that begin new work: they wait for room in the MemTable (Engine.log_event)
-ROOM_FIRST = frozenset({RecordType.ACTION_INTENT, RecordType.RESTORE_POINT,
-                        RecordType.WORKSPACE, RecordType.WATCH_BEGIN})
+# records that begin new work: they wait for room in the MemTable (Engine.log_event).
+# (Not a workspace's or a watch's: they are logged under the file lock, which the
+# applier's checkpoint takes for its blob gc — a wait for the applier there could wait
+# for ever.)
+ROOM_FIRST = frozenset({RecordType.ACTION_INTENT, RecordType.RESTORE_POINT})
 DROP_CHUNK = 64  # applied events leave the MemTable this many per hold of the commit lock
 APPLY_BATCH_BYTES = 1 << 20  # the applier thread's LMDB commits cover about this much log
 APPLY_BATCH_EVENTS = 2000    # ... and at most this many events
@@ -968,8 +970,8 @@ class Engine:
         wait: whoever must know of the record (a transaction, of its action's intent) does
         so even when an interrupt lands in the wait.
 
-        A record that begins new work (``ROOM_FIRST``: an intent, a restore point, a
-        workspace, a watch) waits for room in the MemTable first, as a commit does, and
+        A record that begins new work (``ROOM_FIRST``: an intent, a restore point) waits
+        for room in the MemTable first, as a commit does (a PREPARE too), and
         every record nudges the applier after: only commits did, so a loop of actions
         rolled back (or of prepares) grew the backlog past ``max_unapplied`` and
         ``max_unapplied_bytes`` without bound while ``apply_interval`` had not passed
