@@ -622,7 +622,9 @@ class Transaction:
                 lookup = seal.lookup = dict(seal.writes)
             if all(lookup.get(k, _MISSING) is v for k, v in items):
                 return
-        how = "prepared" if self.state == ACTIVE else self.state
+        how = ("prepared" if self.state == ACTIVE else
+               "ended (its outcome unknown until the next open)" if self.state == UNKNOWN
+               else self.state)
         raise TransactionClosed(f"transaction {self.id} was {how} by another thread while "
                                 f"this write was made: the write is not part of it (nothing "
                                 f"of it was written)")
