@@ -37,6 +37,11 @@ Findings (each test named below fails on the code before its fix):
   RevertConflict on the directory it made).  A file operation now holds the end lock as
   commit() does: it is in the commit, or raises TransactionClosed and changes nothing
   (``test_a_file_written_while_another_thread_commits_is_in_the_commit_or_untouched``).
+  It waits for that end lock holding no workspace lock: a ``watch()`` block holds the
+  workspace's lock across its code, which may take the end lock (a savepoint, an action)
+  — a write by another thread of the same transaction must not hold the one while it
+  waits for the other
+  (``test_a_write_waiting_on_a_watched_workspace_leaves_the_watchers_savepoint_free``).
 """
 from __future__ import annotations
 
@@ -314,5 +319,48 @@ def test_an_action_entered_while_another_thread_rolls_back_is_compensated_or_nev
         assert sorted(refunds) == sorted(ran), "a charge made in a rolled-back "\
             "transaction was not refunded"
         assert s.pending_compensations() == []
+    finally:
+        s.close()
+
+
+def test_a_write_waiting_on_a_watched_workspace_leaves_the_watchers_savepoint_free(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    s = walstore.open(str(tmp_path / "s"), durability="none")
+    try:
+        ws = s.workspace(str(root))
+        tx = s.transaction()
+        f = tx.files(ws)
+        wrote = threading.Event()
+        outcome: list = []
+
+        def writer():
+            try:
+                f.write("b.txt", "b")  # waits for the watch below to end
+                outcome.append("written")
+            except Exception as e:  # noqa: BLE001 - reported below
+                outcome.append(e)
+            wrote.set()
+
+        with f.watch():
+            (root / "a.txt").write_text("a")
+            t = threading.Thread(target=writer)
+            t.start()
+            time.sleep(0.3)  # (the writer is waiting for the workspace now)
+            done = threading.Event()
+            saved: list = []
+
+            def take_savepoint():
+                saved.append(tx.savepoint("inside"))
+                done.set()
+
+            sp_thread = threading.Thread(target=take_savepoint, daemon=True)
+            sp_thread.start()
+            assert done.wait(10), "a savepoint waited for a write that waited for the watch"
+        assert wrote.wait(10)
+        t.join(10)
+        assert outcome == ["written"], outcome
+        tx.commit()
+        assert (root / "a.txt").read_text() == "a" and (root / "b.txt").read_text() == "b"
     finally:
         s.close()

@@ -636,10 +636,28 @@ class Files:
         by one thread while another committed was made in place after the commit took
         the transaction, in no record of it (a revert left it, a rollback could not put
         it back) — now it waits for that end and raises TransactionClosed, changing
-        nothing (probe-audit56)."""
-        with tx._end_lock:
+        nothing (probe-audit56).  The end lock is taken only while free, with the
+        workspace's lock held: a rollback holds the end lock and then waits for the
+        workspace's lock (its undo), and a watch() block holds the workspace's lock
+        across code that may take the end lock (a savepoint, an action) — waiting for
+        either while holding the other could wait for ever; it is waited for with
+        neither held, and then tried again."""
+        end = tx._end_lock
+        while True:
             tx._check_writable()
-            return self._run_ended_out(tx, ws, op, make_plan, act)
+            with self._ws_lock(ws):
+                mine = False
+                try:
+                    with deferred():  # (an interrupt as it ends still finds ``mine``)
+                        mine = end.acquire(blocking=False)
+                    if mine:
+                        tx._check_writable()
+                        return self._run_ended_out(tx, ws, op, make_plan, act)
+                finally:
+                    if mine:
+                        end.release()
+            with end:  # (a commit, prepare or rollback under way: its end comes first)
+                pass
 
     def _run_ended_out(self, tx: "Transaction", ws: Workspace, op: str,
                        make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
