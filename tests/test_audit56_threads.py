@@ -31,6 +31,9 @@ Findings (each test named below fails on the code before its fix):
   prepare() do: the commit finds the body running (and refuses, as for one thread), or
   ends first and the ``with`` raises TransactionClosed before any intent or side effect
   (``test_an_action_entered_while_another_thread_commits_is_in_the_commit_or_never_runs``).
+  (Guard: an action entered in a ``watch()`` block while another thread rolls the
+  transaction back is refused, not hung:
+  ``test_an_action_in_a_watch_beside_another_threads_rollback_is_refused_not_hung``.)
 - The same for files: ``tx.files(ws).write(...)`` by one thread while another committed
   changed the file in place after the commit took the transaction, in no record of it:
   the write returned, a ``revert`` of the transaction left the file (or raised
@@ -362,5 +365,53 @@ def test_a_write_waiting_on_a_watched_workspace_leaves_the_watchers_savepoint_fr
         assert outcome == ["written"], outcome
         tx.commit()
         assert (root / "a.txt").read_text() == "a" and (root / "b.txt").read_text() == "b"
+    finally:
+        s.close()
+
+
+def test_an_action_in_a_watch_beside_another_threads_rollback_is_refused_not_hung(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    refunds: list = []
+    s = walstore.open(str(tmp_path / "s"), durability="none",
+                      compensators={"refund": lambda a: refunds.append(a.args)})
+    try:
+        ws = s.workspace(str(root))
+        tx = s.transaction()
+        f = tx.files(ws)
+        f.write("before.txt", "x")
+        rolled = threading.Event()
+        errors: list = []
+
+        def roll_back():
+            try:
+                tx.rollback()
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+            rolled.set()
+
+        entered: list = []
+        with f.watch():
+            (root / "a.txt").write_text("a")
+            t = threading.Thread(target=roll_back, daemon=True)
+            t.start()
+            time.sleep(0.3)  # (the rollback holds the end lock, waits for the workspace)
+            done = threading.Event()
+
+            def act():
+                try:
+                    with tx.action("charge", args={"n": 1}, compensate="refund"):
+                        entered.append("ran")
+                except walstore.TransactionClosed as e:
+                    entered.append(e)
+                done.set()
+
+            threading.Thread(target=act, daemon=True).start()
+            assert done.wait(10), "an action waited for a rollback that waited for the watch"
+        assert rolled.wait(10) and errors == [], errors
+        assert tx.state == "rolled back"
+        assert entered and isinstance(entered[0], walstore.TransactionClosed), entered
+        assert refunds == []  # (never begun: nothing to refund)
+        assert not (root / "a.txt").exists() and not (root / "before.txt").exists()
     finally:
         s.close()
