@@ -19,7 +19,8 @@ Findings (each test named below fails on the code before its fix):
   went through.  A commit or prepare now seals the write set as it takes it: a write
   made meanwhile waits for it to end, and returns only when it is part of what
   committed (or was prepared); otherwise it raises TransactionClosed, saying the write
-  is in no commit
+  is in no commit (and the commit itself no longer raises a bare RuntimeError,
+  "dictionary changed size during iteration", when a write lands as it copies the set)
   (``test_a_write_racing_another_threads_commit_is_committed_or_refused_never_lost``,
   ``test_a_write_racing_another_threads_prepare_is_prepared_or_refused``).
 - ``with tx.action(...)`` entered by one thread while another committed the transaction:

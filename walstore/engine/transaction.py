@@ -598,7 +598,10 @@ class Transaction:
         as another thread's commit() copied the set returned without error and was in no
         commit — a write silently lost, though its thread was told nothing failed."""
         seal = self._seal = _Seal()  # (seen by every write after this line)
-        seal.writes = list(self._writes.items())
+        # (a copy in one C step first: a list made by iterating the live dict raised
+        # RuntimeError, "dictionary changed size during iteration", when another thread
+        # wrote meanwhile — the collector can run Python code between two items)
+        seal.writes = list(self._writes.copy().items())
         return seal.writes
 
     def _late_write(self, items) -> None:
