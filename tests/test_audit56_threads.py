@@ -1,7 +1,8 @@
 """Audit 56, threads: concurrency and isolation — many threads committing, reading
 snapshots, holding transactions, preparing; the applier falling behind.
 
-Findings (each test named below fails on the code before its fix):
+Findings (each test named below fails on the code before its fix, except those marked
+"guard", which pin down behaviour the fixes must keep):
 
 - The MemTable's bounds (``max_unapplied`` events, ``max_unapplied_bytes`` of estimated
   memory) held only commits back, and only a commit woke the applier under load: a loop
@@ -22,7 +23,9 @@ Findings (each test named below fails on the code before its fix):
   is in no commit (and the commit itself no longer raises a bare RuntimeError,
   "dictionary changed size during iteration", when a write lands as it copies the set)
   (``test_a_write_racing_another_threads_commit_is_committed_or_refused_never_lost``,
-  ``test_a_write_racing_another_threads_prepare_is_prepared_or_refused``).
+  ``test_a_write_racing_another_threads_prepare_is_prepared_or_refused``; guard: a
+  refused prepare leaves no seal behind,
+  ``test_a_write_beside_a_refused_prepare_stands_in_the_open_transaction``).
 - ``with tx.action(...)`` entered by one thread while another committed the transaction:
   the commit checked for running action bodies, then the intent was logged and the body
   ran its side effect while the COMMIT went to disk — the transaction committed, the
@@ -34,7 +37,9 @@ Findings (each test named below fails on the code before its fix):
   (``test_an_action_entered_while_another_thread_commits_is_in_the_commit_or_never_runs``).
   (Guard: an action entered in a ``watch()`` block while another thread rolls the
   transaction back is refused, not hung:
-  ``test_an_action_in_a_watch_beside_another_threads_rollback_is_refused_not_hung``.)
+  ``test_an_action_in_a_watch_beside_another_threads_rollback_is_refused_not_hung``;
+  and one racing another thread's ``rollback()`` is compensated once or never runs:
+  ``test_an_action_entered_while_another_thread_rolls_back_is_compensated_or_never_runs``.)
 - The same for files: ``tx.files(ws).write(...)`` by one thread while another committed
   changed the file in place after the commit took the transaction, in no record of it:
   the write returned, a ``revert`` of the transaction left the file (or raised
@@ -44,8 +49,8 @@ Findings (each test named below fails on the code before its fix):
   It waits for that end lock holding no workspace lock: a ``watch()`` block holds the
   workspace's lock across its code, which may take the end lock (a savepoint, an action)
   — a write by another thread of the same transaction must not hold the one while it
-  waits for the other
-  (``test_a_write_waiting_on_a_watched_workspace_leaves_the_watchers_savepoint_free``).
+  waits for the other (guard — a first version of this fix hung there:
+  ``test_a_write_waiting_on_a_watched_workspace_leaves_the_watchers_savepoint_free``).
 """
 from __future__ import annotations
 
