@@ -42,6 +42,7 @@ from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, 
 from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
                       StoreClosed, UnknownAction, WalstoreError, shown)
 from ..log.format import RecordType
+from ..log.writer import WalWriteError
 from ..signals import deferred
 from ..engine import tables
 
@@ -887,7 +888,16 @@ class Saga:
         """Durably record an action's compensation state (one COMPENSATED record)."""
         body = {"id": action.id, "state": action.state, "error": action.error,
                 "attempts": action.attempts}
-        self.engine.log_event(RecordType.COMPENSATED, body, action.txid, durable=True)
+        try:
+            self.engine.log_event(RecordType.COMPENSATED, body, action.txid, durable=True)
+        except WalWriteError:
+            # the record's write failed (ENOSPC, EIO) but the log goes on (only a failed
+            # fsync stops it): the outcome is known here, so it is written once more.  Left
+            # unrecorded, a compensation that ran read "pending", and
+            # retry_compensations() and the next open ran it a second time (audit 56)
+            if not self.engine.writable:
+                raise
+            self.engine.log_event(RecordType.COMPENSATED, body, action.txid, durable=True)
 
     # ---- queries ------------------------------------------------------------------------
     def actions(self, pending: bool = False) -> list[Action]:

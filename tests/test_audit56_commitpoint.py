@@ -1,0 +1,124 @@
+"""Audit 56, commitpoint: faults at the commit point and between it and the return, in
+commits that carry actions.
+
+Every test keeps "the outside world" in a real file of its own (``World``: one line per
+charge and per compensator call, appended and fsynced), beside a real store; faults come
+from ``tools.faults.FaultBackend`` (the ``walstore.fileio`` seam).  After each fault the
+state, ``store.actions()`` and the world file must agree, in the same process and after
+a reopen: a visible commit's action stands and was never compensated; an invisible one
+was compensated exactly once, and recorded so.
+
+Findings (each test named below fails on the code before its fix):
+
+- A compensation that ran, but whose COMPENSATED record could not be written (ENOSPC,
+  EIO on the WAL's write: the log goes on after a write error, only a failed fsync stops
+  it), was left ``pending``: ``pending_compensations()`` listed it as owed,
+  ``retry_compensations()`` and the next open ran the compensator a second time (a
+  second refund), and CompensationFailed said it had not been recorded.  The outcome is
+  known, so it is written once more; only when that write fails too is it left owed
+  (``test_a_compensation_whose_record_write_fails_once_runs_once_and_is_recorded``:
+  a rollback_to, a rollback, a revert).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import walstore  # noqa: E402
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+
+class World:
+    """The outside world: a file of what the agent did to it (charges, compensations)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def note(self, *what) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, (json.dumps(list(what)) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def lines(self) -> list:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return [tuple(json.loads(x)) for x in f if x.strip()]
+        except FileNotFoundError:
+            return []
+
+    def refunds(self, key: str) -> int:
+        return sum(1 for x in self.lines() if x == ("refund", key))
+
+
+@pytest.fixture
+def fb():
+    backend = FaultBackend()
+    with installed(backend):
+        yield backend
+
+
+def _charge(world: World, tx, amount: int = 10):
+    with tx.action("charge", args={"amount": amount}, compensate="refund") as act:
+        world.note("charge", act.key)
+        act.result = {"charged": amount}
+    return act
+
+
+# ---- a compensation's record whose write fails -------------------------------------------------
+@pytest.mark.parametrize("how", ["rollback_to", "rollback", "revert"])
+def test_a_compensation_whose_record_write_fails_once_runs_once_and_is_recorded(
+        tmp_path, fb, how):
+    world = World(tmp_path / "world")
+    fail_next = []
+
+    def refund(act):
+        world.note("refund", act.key)
+        if fail_next:  # the next WAL write is this compensation's record
+            fb.fail("pwrite", errno.EIO, path="*.wal")
+    path = str(tmp_path / "s")
+    s = walstore.open(path, compensators={"refund": refund})
+    try:
+        if how == "rollback_to":
+            with s.transaction() as tx:
+                tx.put("kept", 1)
+                sp = tx.savepoint("plan-a")
+                act = _charge(world, tx)
+                tx.put("paid", 1)
+                fail_next.append(1)
+                tx.rollback_to(sp)
+        elif how == "rollback":
+            tx = s.transaction()
+            tx.put("paid", 1)
+            act = _charge(world, tx)
+            fail_next.append(1)
+            tx.rollback()
+        else:
+            with s.transaction() as tx:
+                act = _charge(world, tx)
+                tx.put("paid", 1)
+            fail_next.append(1)
+            s.revert(tx.id)
+        assert world.refunds(act.key) == 1
+        assert s.get("paid") is None
+        assert {a.id: a.state for a in s.actions()} == {act.id: "compensated"}
+        assert s.pending_compensations() == []
+        assert s.retry_compensations() == []
+        assert world.refunds(act.key) == 1
+    finally:
+        s.close()
+    with walstore.open(path, compensators={"refund": refund}) as s:
+        assert world.refunds(act.key) == 1, world.lines()
+        assert {a.id: a.state for a in s.actions()} == {act.id: "compensated"}
+        assert s.get("paid") is None
+        assert (s.get("kept") == 1) is (how == "rollback_to")
