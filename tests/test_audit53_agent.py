@@ -107,7 +107,8 @@ def test_a_rollback_puts_back_older_files_when_a_compensations_record_fails(tmp_
 
     def refund(action):
         refunds.append(action.key)
-        fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (the next: this refund's record)
+        fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=4)  # (this refund's record,
+        # twice, each with its scrub: audit 56 writes a record whose write failed once more)
 
     with installed(fb):
         s = walstore.open(path, compensators={"refund": refund})
@@ -193,7 +194,7 @@ def test_an_unrecorded_compensation_after_rollback_to_stays_owed_once_the_transa
     def refund(action):
         tries.append(action.key)
         if outcome == "compensated" or len(tries) == 3:
-            fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (its outcome's record)
+            fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=4)  # (its outcome's record, twice, with scrubs)
         if outcome == "failed":
             raise RuntimeError("the refund API is down")
 
@@ -279,7 +280,7 @@ def test_an_action_without_compensation_undone_by_rollback_to_is_settled_when_it
             sp = tx.savepoint()
             with tx.action("notify", compensate=None) as act:
                 act.result = 1
-            fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (its "resolved" record)
+            fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=4)  # (its "resolved" record, twice, with scrubs)
             with pytest.raises(walstore.WalstoreError):
                 tx.rollback_to(sp)
             tx.commit()
@@ -334,7 +335,7 @@ def test_recovery_puts_back_older_files_when_a_compensations_record_fails(tmp_pa
 
     def refund(action):
         refunds.append(action.key)
-        fb.fail("pwrite", errno.ENOSPC, path="*.wal")  # (its outcome's record)
+        fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=4)  # (its outcome's record, twice, with scrubs)
 
     with installed(fb):
         with pytest.raises(walstore.CompensationFailed, match="could not be recorded"):
