@@ -18,6 +18,13 @@ Findings (each test named below fails on the code before its fix):
   known, so it is written once more; only when that write fails too is it left owed
   (``test_a_compensation_whose_record_write_fails_once_runs_once_and_is_recorded``:
   a rollback_to, a rollback, a revert).
+- When that record's fsync failed instead (the record written, the store read-only),
+  CompensationFailed said the compensations "stay owed and run again when the store is
+  reopened": usually the record is there, and the next open runs nothing (under
+  durability="normal" the same process even listed the action ``compensated`` beside that
+  message).  It now says whether they were recorded is unknown, and that the next open
+  runs them again unless their record reached the disk
+  (``test_a_compensation_whose_record_fsync_fails_is_not_said_to_run_again_for_sure``).
 """
 from __future__ import annotations
 
@@ -122,3 +129,40 @@ def test_a_compensation_whose_record_write_fails_once_runs_once_and_is_recorded(
         assert {a.id: a.state for a in s.actions()} == {act.id: "compensated"}
         assert s.get("paid") is None
         assert (s.get("kept") == 1) is (how == "rollback_to")
+
+
+# ---- a compensation's record whose fsync fails ------------------------------------------------
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_a_compensation_whose_record_fsync_fails_is_not_said_to_run_again_for_sure(
+        tmp_path, fb, durability):
+    """The compensator ran; its COMPENSATED record was written but its fsync failed: the
+    store turns read-only and whether the record is on disk is unknown until the next open.
+    The error said the compensation "stays owed and runs again when the store is reopened";
+    here the record did reach the file, and the next open finds it compensated and runs
+    nothing (the refund stands once)."""
+    world = World(tmp_path / "world")
+
+    def refund(act):
+        world.note("refund", act.key)
+        fb.fail(("fsync", "fdatasync"), errno.EIO, path="*.wal")  # this one's record
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability=durability, compensators={"refund": refund})
+    try:
+        with pytest.raises(walstore.CompensationFailed) as ei:
+            with s.transaction() as tx:
+                tx.put("kept", 1)
+                sp = tx.savepoint("plan-a")
+                act = _charge(world, tx)
+                tx.rollback_to(sp)
+        msg = str(ei.value)
+        assert act.id in msg and "read-only" in msg, msg
+        assert "unless" in msg and "stay owed and run again" not in msg, msg
+        assert world.refunds(act.key) == 1
+    finally:
+        s.close()
+    fb.clear()
+    with walstore.open(path, durability=durability, compensators={"refund": refund}) as s:
+        assert {a.id: a.state for a in s.actions()} == {act.id: "compensated"}
+        assert s.pending_compensations() == []
+        assert world.refunds(act.key) == 1, world.lines()
+        assert "kept" not in s

@@ -42,7 +42,7 @@ from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, 
 from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
                       StoreClosed, UnknownAction, WalstoreError, shown)
 from ..log.format import RecordType
-from ..log.writer import WalWriteError
+from ..log.writer import LogFailed, WalWriteError
 from ..signals import deferred
 from ..engine import tables
 
@@ -821,10 +821,19 @@ class Saga:
             why = "was closed" if self.engine.closed else "turned read-only"
             more = (f"; compensation(s) {rest} did not run (the store {why}) and "
                     f"are owed to the next open too" if rest else "")
-            raise CompensationFailed(
-                f"the outcome of compensation(s) {ids} could not be recorded ({record_error}); "
-                f"they stay owed and run again, with the same idempotency keys, when the "
-                f"store is reopened{more}", ids + rest) from record_error
+            if isinstance(record_error, LogFailed):
+                # its record was written, its fsync failed: on disk or not, the next open
+                # tells (it said "they run again" — after a failed fsync in a live process
+                # the record is usually there, and the next open runs nothing)
+                what = (f"whether the outcome of compensation(s) {ids} was recorded is "
+                        f"unknown ({record_error}); they count as owed, and the next open "
+                        f"runs them again, with the same idempotency keys, unless their "
+                        f"record reached the disk")
+            else:
+                what = (f"the outcome of compensation(s) {ids} could not be recorded "
+                        f"({record_error}); they stay owed and run again, with the same "
+                        f"idempotency keys, when the store is reopened")
+            raise CompensationFailed(f"{what}{more}", ids + rest) from record_error
         if failed and raise_on_failure:
             ids = [a.id for a in failed]
             because = ""
