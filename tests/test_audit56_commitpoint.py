@@ -25,6 +25,13 @@ Findings (each test named below fails on the code before its fix):
   message).  It now says whether they were recorded is unknown, and that the next open
   runs them again unless their record reached the disk
   (``test_a_compensation_whose_record_fsync_fails_is_not_said_to_run_again_for_sure``).
+- An error that is not the log's own (a MemoryError, an fsync call raising something other
+  than OSError) coming out of the wait for a written COMMIT record's fsync was taken for
+  "nothing committed": the transaction rolled back, logged an ABORT after its COMMIT and
+  ran its refund, and the next open found the COMMIT standing: the order paid, its charge
+  refunded, its action "compensated".  The outcome is unknown now: CommitOutcomeUnknown
+  (the error chained), the store read-only, nothing compensated; the next open decides
+  (``test_an_error_after_the_commit_record_was_written_never_compensates_a_commit``).
 """
 from __future__ import annotations
 
@@ -166,3 +173,41 @@ def test_a_compensation_whose_record_fsync_fails_is_not_said_to_run_again_for_su
         assert s.pending_compensations() == []
         assert world.refunds(act.key) == 1, world.lines()
         assert "kept" not in s
+
+
+# ---- an unexpected error while the commit record waits for its fsync ---------------------------
+def test_an_error_after_the_commit_record_was_written_never_compensates_a_commit(tmp_path, fb):
+    """The COMMIT record is written; while the commit waits for its fsync an error that is
+    not the log's own (a MemoryError, here raised by the fsync call) comes out.  It was
+    taken for "nothing committed": the transaction rolled back, an ABORT was logged after
+    the COMMIT, and the refund ran — while the next open found the COMMIT and showed the
+    order paid, its action "compensated" (state and world disagreed).  Now the outcome is
+    unknown (CommitOutcomeUnknown, the store read-only, nothing compensated) and the next
+    open decides."""
+    world = World(tmp_path / "world")
+    path = str(tmp_path / "s")
+    comp = {"refund": lambda act: world.note("refund", act.key)}
+    s = walstore.open(path, compensators=comp)
+    try:
+        tx = s.transaction()
+        act = _charge(world, tx)
+        tx.put("paid", 1)
+        rule = fb.fail(("fsync", "fdatasync"), path="*.wal", raises=MemoryError)
+        with pytest.raises(walstore.CommitOutcomeUnknown) as ei:
+            tx.commit()
+        assert rule.fired == 1
+        assert isinstance(ei.value.__cause__, MemoryError)
+        assert ei.value.txid == tx.id and tx.state != "rolled back"
+        assert world.refunds(act.key) == 0  # nothing compensated: the next open decides
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as t2:
+                t2.put("later", 1)
+    finally:
+        s.close()
+    fb.clear()
+    with walstore.open(path, compensators=comp) as s:
+        paid = s.get("paid")
+        state = s.get_action(act.id).state
+        assert (paid, state) in ((1, "committed"), (None, "compensated")), (paid, state)
+        assert world.refunds(act.key) == (0 if paid == 1 else 1), world.lines()
+        assert s.pending_compensations() == []

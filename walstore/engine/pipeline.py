@@ -17,7 +17,8 @@ three phases separated by an explicit point of no return:
    event is gone from the MemTable: WalWriteError, exactly as a write error in phase 1
    (nothing committed, the caller compensates).  If the fsync fails, the record may or
    may not be on disk: ``CommitOutcomeUnknown`` (a ReadOnlyError), the store is
-   read-only, and *nothing is compensated* — the next open decides (the record durable:
+   read-only, and *nothing is compensated* (so too for any other error once the record
+   is appended: a MemoryError in the wait) — the next open decides (the record durable:
    committed; not: a loser whose compensations run then).
 3. **After the point of no return**: committed.  Waking the applier, bookkeeping, and any
    error of a background thread can never turn this commit into a reported failure; they
@@ -42,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 from .. import fileio
 from ..errors import CommitOutcomeUnknown, ConflictError, UnknownGid, WalstoreError
 from ..log.records import Event
-from ..log.writer import LogFailed
+from ..log.writer import LogFailed, WalWriteError
 from ..signals import deferred
 from .conflicts import ConflictChecker, Prepared, PreparedSet, ReadSet
 from .journal import Journal
@@ -160,26 +161,38 @@ class CommitPipeline:
         # ``req.committed`` is set, which tells the committer the truth.
         with deferred():
             event, undecided = self._append(req, checked)
-            req.lsn = event.lsn
             interrupt = None
-            ticket, event.ticket = event.ticket, None  # (kept here for a second wait)
-            # (durability="full"; else written is done — but a prepared transaction's
-            # COMMIT is a 2PC decision, which must be durable before anyone acts on it
-            # under "normal" too: an atomic group's coordinator commits the others next)
-            make_durable = (self.journal.make_durable if req.gid is None
-                            else self.journal.force_durable)
-            while self.journal.waits_for_durability or (req.gid is not None
-                                                        and self.journal.durability != "none"):
-                try:
-                    self.durable_or_unknown(make_durable, event, req.txid,
-                                            f"transaction {req.txid}'s commit record",
-                                            "whether it committed", ticket, undecided)
-                    break
-                except Exception:
-                    raise  # (nothing committed, or CommitOutcomeUnknown)
-                except BaseException as e:  # an interrupt the signal mask could not hold
-                    interrupt = e  # off (another thread took it): the record is appended,
-                    # so its fate is decided by the wait, which goes on; then it is raised
+            try:
+                req.lsn = event.lsn
+                ticket, event.ticket = event.ticket, None  # (kept here for a second wait)
+                # (durability="full"; else written is done — but a prepared transaction's
+                # COMMIT is a 2PC decision, which must be durable before anyone acts on it
+                # under "normal" too: an atomic group's coordinator commits the others next)
+                make_durable = (self.journal.make_durable if req.gid is None
+                                else self.journal.force_durable)
+                while self.journal.waits_for_durability or (
+                        req.gid is not None and self.journal.durability != "none"):
+                    try:
+                        self.durable_or_unknown(make_durable, event, req.txid,
+                                                f"transaction {req.txid}'s commit record",
+                                                "whether it committed", ticket, undecided)
+                        break
+                    except Exception:
+                        raise  # (nothing committed, or CommitOutcomeUnknown; else below)
+                    except BaseException as e:  # an interrupt the signal mask could not
+                        interrupt = e  # hold off (another thread took it): the record is
+                        # appended, so its fate is decided by the wait, which goes on;
+                        # then it is raised
+            except (CommitOutcomeUnknown, WalWriteError):
+                raise  # (WalWriteError: its buffered record was voided, nothing logged)
+            except Exception as e:
+                # any other error once the record is appended (a MemoryError in the wait,
+                # an error of the fsync call that is not an OSError): the record may be in
+                # the log, so "nothing committed" would be a lie — the caller rolled back,
+                # logged an ABORT after the COMMIT and compensated a commit the next open
+                # found standing (audit 56).  Its outcome is unknown: the store stops
+                # writing and the next open decides
+                self._outcome_unknown(e, req.txid, undecided)
             req.committed = True
             if interrupt is not None:
                 raise interrupt
@@ -209,11 +222,7 @@ class CommitPipeline:
             make_durable(event.end, ticket)
         except LogFailed as e:
             self.engine.fail(e)
-            if undecided is not None:
-                with self.journal.lock:  # (the store is read-only now: its holds are moot)
-                    self.in_doubt[undecided.gid] = undecided.txid
-                    if undecided.gid not in self.prepared:
-                        self.prepared.add(undecided)
+            self._in_doubt_again(undecided)
             why = getattr(self.engine.wal, "failed", None)  # (the OSError the log stopped on)
             why = f" ({why.strerror or why})" if isinstance(why, OSError) else ""
             raise CommitOutcomeUnknown(
@@ -221,6 +230,27 @@ class CommitPipeline:
                 f"reopened (recovery decides); the store is now read-only and no compensation "
                 f"ran",
                 txid) from e
+
+    def _in_doubt_again(self, undecided: Prepared | None) -> None:
+        """A prepared transaction whose decision's outcome is unknown: back in the prepared
+        set, in doubt (see ``durable_or_unknown``)."""
+        if undecided is not None:
+            with self.journal.lock:  # (the store is read-only now: its holds are moot)
+                self.in_doubt[undecided.gid] = undecided.txid
+                if undecided.gid not in self.prepared:
+                    self.prepared.add(undecided)
+
+    def _outcome_unknown(self, error: Exception, txid: int,
+                         undecided: Prepared | None) -> None:
+        """An error that is not the log's own came out after a commit record was appended
+        (``commit``): the store stops writing, CommitOutcomeUnknown (chaining ``error``)."""
+        self.engine.fail(error)
+        self._in_doubt_again(undecided)
+        raise CommitOutcomeUnknown(
+            f"transaction {txid}'s commit record was appended, then waiting for it to be "
+            f"durable failed ({type(error).__name__}: {error}): whether it committed is "
+            f"unknown until the store is reopened (recovery decides); the store is now "
+            f"read-only and no compensation ran", txid) from error
 
     def _before_the_record(self, req: CommitRequest):
         """Phase 1's part outside the journal lock: writable, room, reads against LMDB."""
