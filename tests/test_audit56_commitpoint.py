@@ -32,6 +32,12 @@ Findings (each test named below fails on the code before its fix):
   refunded, its action "compensated".  The outcome is unknown now: CommitOutcomeUnknown
   (the error chained), the store read-only, nothing compensated; the next open decides
   (``test_an_error_after_the_commit_record_was_written_never_compensates_a_commit``).
+  So too one step earlier, under every durability: an error entering the appended
+  COMMIT's event in the MemTable (or anything else between the record's append and the
+  end of the append under the journal lock) rolled back and refunded a commit the next
+  open found standing; ``Journal.append_commit`` and the pipeline now tell an error after
+  the append (``CommitAppended``) from one before it
+  (``test_an_error_entering_an_appended_commit_in_memory_never_compensates_it``).
 """
 from __future__ import annotations
 
@@ -210,4 +216,45 @@ def test_an_error_after_the_commit_record_was_written_never_compensates_a_commit
         state = s.get_action(act.id).state
         assert (paid, state) in ((1, "committed"), (None, "compensated")), (paid, state)
         assert world.refunds(act.key) == (0 if paid == 1 else 1), world.lines()
+        assert s.pending_compensations() == []
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_an_error_entering_an_appended_commit_in_memory_never_compensates_it(
+        tmp_path, durability):
+    """As above, one step earlier: the COMMIT record was appended (written to the file)
+    and entering its event in the MemTable raised (a MemoryError, raised here by a profile
+    hook at the call of ``MemTable.add``).  The commit rolled back and refunded; the next
+    open found it committed.  Now: CommitOutcomeUnknown, nothing compensated."""
+    world = World(tmp_path / "world")
+    path = str(tmp_path / "s")
+    comp = {"refund": lambda act: world.note("refund", act.key)}
+    s = walstore.open(path, durability=durability, compensators=comp)
+    try:
+        tx = s.transaction()
+        act = _charge(world, tx)
+        tx.put("paid", 1)
+        fired = []
+
+        def hook(frame, event, arg):
+            if (event == "call" and not fired and frame.f_code.co_name == "add"
+                    and frame.f_code.co_filename.endswith("memtable.py")
+                    and frame.f_back.f_code.co_name == "append_commit"):
+                fired.append(1)
+                sys.setprofile(None)
+                raise MemoryError("injected: entering the COMMIT's event")
+        sys.setprofile(hook)
+        try:
+            with pytest.raises(walstore.CommitOutcomeUnknown) as ei:
+                tx.commit()
+        finally:
+            sys.setprofile(None)
+        assert fired and isinstance(ei.value.__cause__, MemoryError)
+        assert world.refunds(act.key) == 0 and tx.state != "rolled back"
+    finally:
+        s.close()
+    with walstore.open(path, durability=durability, compensators=comp) as s:
+        assert s.get("paid") == 1  # the record was written: the next open finds it
+        assert s.get_action(act.id).state == "committed"
+        assert world.refunds(act.key) == 0, world.lines()
         assert s.pending_compensations() == []

@@ -54,6 +54,11 @@ def _split(packed_body: bytes, writes: list) -> tuple[list, bytes]:
     return chunks, payload
 
 
+class CommitAppended(Exception):
+    """An error once a COMMIT record was appended (``append_commit``; the error is
+    ``__cause__``): the commit is not "nothing committed" — its outcome is unknown."""
+
+
 class Journal:
     def __init__(self, wal: WriteAheadLog, memtable: MemTable, durability: str) -> None:
         self.wal = wal
@@ -96,19 +101,26 @@ class Journal:
                 chunks, payload = _split(packed_body, writes)
         else:
             chunks, payload = _split(packed_body, writes)
-        with self.lock:  # (usually held already: the pipeline validates under it)
-            start = self._append_chunks(txid, chunks) if chunks else None
-            if buffered and self.durability == "full":
-                lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, payload)
-            else:
-                (lsn, end), ticket = self.wal.append(RecordType.COMMIT, payload), None
-            event = Event(lsn, end, RecordType.COMMIT, txid,  # (see Event: plain, packed)
-                          packed_body if body.keys() <= records.PLAIN_FIELDS else body,
-                          tuple(writes), ticket, start)
-            self.memtable.add(event, body.get("compensate", ()))
-            if not self.waits_for_durability:  # (``_publish_written`` written out)
-                self.memtable.publish(event.end)
-            return event
+        appended = False
+        try:
+            with self.lock:  # (usually held already: the pipeline validates under it)
+                start = self._append_chunks(txid, chunks) if chunks else None
+                if buffered and self.durability == "full":
+                    lsn, end, ticket = self.wal.append_grouped(RecordType.COMMIT, payload)
+                else:
+                    (lsn, end), ticket = self.wal.append(RecordType.COMMIT, payload), None
+                appended = True
+                event = Event(lsn, end, RecordType.COMMIT, txid,  # (see Event: plain,
+                              packed_body if body.keys() <= records.PLAIN_FIELDS  # packed)
+                              else body, tuple(writes), ticket, start)
+                self.memtable.add(event, body.get("compensate", ()))
+                if not self.waits_for_durability:  # (``_publish_written`` written out)
+                    self.memtable.publish(event.end)
+                return event
+        except Exception as e:
+            if appended:  # (a MemoryError after the append): the record is in the log
+                raise CommitAppended(e) from e
+            raise
 
     def append_prepare(self, txid: int, writes: list, body: dict) -> Event:
         """Append a PREPARE: its writes chunked as a commit's are (WRITES records just

@@ -46,7 +46,7 @@ from ..log.records import Event
 from ..log.writer import LogFailed, WalWriteError
 from ..signals import deferred
 from .conflicts import ConflictChecker, Prepared, PreparedSet, ReadSet
-from .journal import Journal
+from .journal import CommitAppended, Journal
 from . import tables
 
 if TYPE_CHECKING:
@@ -160,7 +160,10 @@ class CommitPipeline:
         # transaction that committed.  One delivered meanwhile is raised after
         # ``req.committed`` is set, which tells the committer the truth.
         with deferred():
-            event, undecided = self._append(req, checked)
+            try:
+                event, undecided = self._append(req, checked)
+            except CommitAppended as e:  # (the record is in the log: see below)
+                self._outcome_unknown(e.__cause__, req.txid, None, req.gid)
             interrupt = None
             try:
                 req.lsn = event.lsn
@@ -241,11 +244,15 @@ class CommitPipeline:
                     self.prepared.add(undecided)
 
     def _outcome_unknown(self, error: Exception, txid: int,
-                         undecided: Prepared | None) -> None:
+                         undecided: Prepared | None, gid: str | None = None) -> None:
         """An error that is not the log's own came out after a commit record was appended
-        (``commit``): the store stops writing, CommitOutcomeUnknown (chaining ``error``)."""
+        (``commit``): the store stops writing, CommitOutcomeUnknown (chaining ``error``).
+        ``gid``: the prepared transaction the record decides, still in the prepared set."""
         self.engine.fail(error)
         self._in_doubt_again(undecided)
+        if gid is not None and undecided is None:
+            with self.journal.lock:
+                self.in_doubt[gid] = txid
         raise CommitOutcomeUnknown(
             f"transaction {txid}'s commit record was appended, then waiting for it to be "
             f"durable failed ({type(error).__name__}: {error}): whether it committed is "
@@ -266,8 +273,19 @@ class CommitPipeline:
         Returns the COMMIT event and, when it decides a prepared transaction, that one
         (out of the prepared set from here: no second decision can be logged; in doubt
         again if the record's fsync fails, see ``durable_or_unknown``)."""
+        appended: list = []  # (the COMMIT event, once its record is in the log)
+        try:
+            with self.journal.lock:
+                return self._append_locked(req, checked, appended)
+        except Exception as e:
+            if not appended or isinstance(e, CommitAppended):
+                raise
+            raise CommitAppended(e) from e  # (the record is in the log)
+
+    def _append_locked(self, req: CommitRequest, checked, appended: list
+                       ) -> tuple[Event, Prepared | None]:
         eng = self.engine
-        with self.journal.lock:
+        if True:  # (the journal lock held: ``_append``)
             if self.gate.holder is not None:
                 self.gate.wait_open()
             eng.check_writable()
@@ -288,6 +306,7 @@ class CommitPipeline:
             body = dict(req.body, ts=eng.clock(), meta=req.meta)
             event = self.journal.append_commit(req.txid, req.writes, body,
                                                buffered=req.gid is None)
+            appended.append(event)
             return event, (None if req.gid is None else self.prepared.remove(req.gid))
 
     def _check_claims(self, req: CommitRequest) -> None:
