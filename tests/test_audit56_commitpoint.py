@@ -38,6 +38,11 @@ Findings (each test named below fails on the code before its fix):
   open found standing; ``Journal.append_commit`` and the pipeline now tell an error after
   the append (``CommitAppended``) from one before it
   (``test_an_error_entering_an_appended_commit_in_memory_never_compensates_it``).
+- A compensator returned, and an error that is not the log's (a MemoryError) came out
+  before its COMPENSATED record was written: the action was left ``pending``, and
+  ``retry_compensations()`` or the next open refunded a second time.  It is recorded now,
+  as after a KeyboardInterrupt at that point, and the error goes on
+  (``test_an_error_between_a_compensators_return_and_its_record_does_not_rerun_it``).
 """
 from __future__ import annotations
 
@@ -258,3 +263,49 @@ def test_an_error_entering_an_appended_commit_in_memory_never_compensates_it(
         assert s.get_action(act.id).state == "committed"
         assert world.refunds(act.key) == 0, world.lines()
         assert s.pending_compensations() == []
+
+
+# ---- an error between a compensator's return and its record -----------------------------------
+@pytest.mark.parametrize("how", ["revert", "rollback"])
+def test_an_error_between_a_compensators_return_and_its_record_does_not_rerun_it(
+        tmp_path, how):
+    """The refund returned; before its COMPENSATED record was written an error that is not
+    the log's came out (a MemoryError, raised here by a profile hook at the call of
+    ``Saga._record_compensated``).  The action was left ``pending``: listed owed, and
+    ``retry_compensations()`` (or the next open) refunded a second time.  It is recorded
+    now (as after a KeyboardInterrupt there) and the error goes on."""
+    world = World(tmp_path / "world")
+    path = str(tmp_path / "s")
+    comp = {"refund": lambda act: world.note("refund", act.key)}
+    s = walstore.open(path, compensators=comp)
+    try:
+        tx = s.transaction()
+        act = _charge(world, tx)
+        tx.put("paid", 1)
+        if how == "revert":
+            tx.commit()
+        fired = []
+
+        def hook(frame, event, arg):
+            if (event == "call" and not fired
+                    and frame.f_code.co_name == "_record_compensated"):
+                fired.append(1)
+                sys.setprofile(None)
+                raise MemoryError("injected: before the compensation's record")
+        sys.setprofile(hook)
+        try:
+            with pytest.raises(MemoryError):
+                s.revert(tx.id) if how == "revert" else tx.rollback()
+        finally:
+            sys.setprofile(None)
+        assert fired and world.refunds(act.key) == 1
+        assert s.get_action(act.id).state == "compensated"
+        assert s.pending_compensations() == []
+        s.retry_compensations()
+        assert world.refunds(act.key) == 1
+    finally:
+        s.close()
+    with walstore.open(path, compensators=comp) as s:
+        assert world.refunds(act.key) == 1, world.lines()
+        assert s.get_action(act.id).state == "compensated"
+        assert s.get("paid") is None

@@ -873,8 +873,15 @@ class Saga:
                 self._record_compensated(action, recorded)
                 return True
             except Exception as e:
-                if returned:
-                    raise  # (the record failed: not the compensator's failure)
+                if returned:  # (not the compensator's failure)
+                    if not recorded and not isinstance(e, WalstoreError):
+                        # it ran, and an error that is not the log's (a MemoryError) came
+                        # before its record: recorded now, as after an interrupt below —
+                        # left "pending", retry_compensations() and the next open ran it a
+                        # second time (audit 56).  (A WalstoreError: the log could not
+                        # record it; the caller leaves it owed.)
+                        self._record_compensated(action, recorded)
+                    raise
                 action.error = error_text(e)  # a compensator's failure is
                 if attempt < COMPENSATION_RETRIES:        # data, escalated below
                     time.sleep(COMPENSATION_BACKOFF * (2 ** (attempt - 1)))
