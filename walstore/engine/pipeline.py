@@ -285,29 +285,29 @@ class CommitPipeline:
     def _append_locked(self, req: CommitRequest, checked, appended: list
                        ) -> tuple[Event, Prepared | None]:
         eng = self.engine
-        if True:  # (the journal lock held: ``_append``)
-            if self.gate.holder is not None:
-                self.gate.wait_open()
-            eng.check_writable()
-            if req.reads:
-                self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
-            if req.check is not None:
-                req.check()
-            if req.gid is not None and req.gid not in self.prepared:
-                raise UnknownGid(f"no prepared transaction with gid {req.gid!r} (it was "
-                                 f"just decided by another caller); nothing was committed",
-                                 req.gid)  # (checked before, outside this lock: a racing
-                # commit_prepared logged a second COMMIT, a racing rollback_prepared's
-                # decision was overturned)
-            if self.prepared.by_gid:  # (something is prepared: its holds apply)
-                self.prepared.check(req.txid, req.writes, req.reads, mine=req.gid)
-            if "compensate" in req.body:  # (an undo's commit: it claims actions)
-                self._check_claims(req)
-            body = dict(req.body, ts=eng.clock(), meta=req.meta)
-            event = self.journal.append_commit(req.txid, req.writes, body,
-                                               buffered=req.gid is None)
-            appended.append(event)
-            return event, (None if req.gid is None else self.prepared.remove(req.gid))
+        # (the journal lock held: ``_append``)
+        if self.gate.holder is not None:
+            self.gate.wait_open()
+        eng.check_writable()
+        if req.reads:
+            self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
+        if req.check is not None:
+            req.check()
+        if req.gid is not None and req.gid not in self.prepared:
+            raise UnknownGid(f"no prepared transaction with gid {req.gid!r} (it was "
+                             f"just decided by another caller); nothing was committed",
+                             req.gid)  # (checked before, outside this lock: a racing
+            # commit_prepared logged a second COMMIT, a racing rollback_prepared's
+            # decision was overturned)
+        if self.prepared.by_gid:  # (something is prepared: its holds apply)
+            self.prepared.check(req.txid, req.writes, req.reads, mine=req.gid)
+        if "compensate" in req.body:  # (an undo's commit: it claims actions)
+            self._check_claims(req)
+        body = dict(req.body, ts=eng.clock(), meta=req.meta)
+        event = self.journal.append_commit(req.txid, req.writes, body,
+                                           buffered=req.gid is None)
+        appended.append(event)
+        return event, (None if req.gid is None else self.prepared.remove(req.gid))
 
     def _check_claims(self, req: CommitRequest) -> None:
         claims = req.claims
