@@ -204,11 +204,15 @@ class _Seal:
     """The write set a commit or prepare under way took (``Transaction.seal_writes``):
     a write another thread makes meanwhile is in it or is refused (``_late_write``)."""
 
-    __slots__ = ("writes", "lookup")
+    __slots__ = ("writes", "lookup", "racers")
 
     def __init__(self) -> None:
         self.writes: list | None = None
         self.lookup: dict | None = None
+        # one entry per racing write waiting to check itself against ``writes``: the end
+        # of the commit keeps them for it, else drops them (a committed transaction its
+        # caller keeps holds none of its writes)
+        self.racers: list = []
 
 
 class Transaction:
@@ -615,11 +619,28 @@ class Transaction:
             raise TransactionClosed(f"transaction {self.id} is being committed or prepared "
                                     f"by this thread (this write came from inside that "
                                     f"call): the write is not part of it")
+        seal.racers.append(None)  # (before the wait: the commit's end keeps ``writes``)
         with self._end_lock:  # (the commit or prepare under way ends first)
-            pass
-        if self._seal is None or seal.writes is None:
+            try:
+                self._check_late_write(seal, items)
+            finally:
+                seal.racers.pop()
+                if not seal.racers and self.state != ACTIVE:
+                    seal.writes = seal.lookup = None
+
+    def _check_late_write(self, seal: _Seal, items) -> None:
+        """``_late_write``'s verdict, the end lock held."""
+        if self._seal is None or (seal.writes is None and self.state == ACTIVE):
             return  # (it did not take place: the write stands in the active transaction)
-        if self.state == COMMITTED or (self.state == ACTIVE and self.gid is not None):
+        if seal.writes is None:  # (this write came to check after the commit's end had
+            # dropped what it took: a few bytecodes' window, the writer descheduled for
+            # the whole commit) -- no silent loss, no false claim either
+            if self.state == COMMITTED:
+                raise TransactionClosed(
+                    f"transaction {self.id} was committed by another thread while this "
+                    f"write was made: whether the write is part of it is not known (read "
+                    f"the key to see)")
+        elif self.state == COMMITTED or (self.state == ACTIVE and self.gid is not None):
             lookup = seal.lookup
             if lookup is None:
                 lookup = seal.lookup = dict(seal.writes)
@@ -1036,9 +1057,13 @@ class Transaction:
                 return work(*args)
             finally:
                 self._ending = None
-                if self._seal is not None and self.state == ACTIVE and self.gid is None:
-                    self._seal = None  # (a commit or prepare that left it active: a
-                    # prepare refused; the writes made meanwhile stand, see _late_write)
+                seal = self._seal
+                if seal is not None:
+                    if self.state == ACTIVE and self.gid is None:
+                        self._seal = None  # (a commit or prepare that left it active: a
+                        # prepare refused; the writes made meanwhile stand: _late_write)
+                    elif self.state != ACTIVE and not seal.racers:
+                        seal.writes = seal.lookup = None  # (ended: holds none of them)
 
     def ending_in_this_thread(self) -> bool:
         """Is the calling thread inside this transaction's commit()/rollback() (its end
