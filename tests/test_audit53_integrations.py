@@ -193,6 +193,14 @@ def test_a_delete_thread_that_failed_does_not_cut_off_the_threads_runs(tmp_path)
     th.start()
     try:
         assert inside.wait(60)
+        # the run's checkpoint of its input is saved by LangGraph's background executor,
+        # which may still be writing when the node starts: armed before it landed, the
+        # process-wide ENOSPC below failed that write, not only the purge (seen once in a
+        # full run under load) -- wait until it is saved
+        for _ in range(600):
+            if graph.get_state(config).next == ("step",):
+                break
+            threading.Event().wait(0.05)
         fb = FaultBackend()
         with installed(fb):
             rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal", times=None)
