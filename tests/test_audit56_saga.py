@@ -11,10 +11,6 @@ Findings (each test named below fails on the code before its fix):
   fixed this for ``rollback()`` and ``revert``; a two-phase rollback now reserves them
   before its decision too
   (``test_rollback_prepared_runs_its_own_compensations_beside_another_threads_retry``).
-  The rollback_prepared whose decision is logged takes them over from another
-  rollback_prepared of the same gid that reserved them first and then lost (UnknownGid),
-  else the winner passed them over and returned with them owed
-  (``test_the_deciding_rollback_prepared_takes_over_a_losers_reservation``).
 - Two callers resolving one owed action at once: the second was refused with "action
   X's compensation is running now; it cannot be resolved by hand meanwhile" — no
   compensation ran, nor would; the first caller's resolve was under way.  It says so
@@ -271,37 +267,3 @@ def test_registering_beside_a_running_rollback_does_not_warn_of_its_compensation
             t.join(20)
         assert ran == [f"{tx.id}.2", f"{tx.id}.1"]
         assert s.pending_compensations() == []
-
-
-def test_the_deciding_rollback_prepared_takes_over_a_losers_reservation(tmp_path):
-    ran: list = []
-    with walstore.open(str(tmp_path / "s"), durability="none",
-                       compensators={"refund": lambda a: ran.append(a.id)}) as s:
-        tx = s.transaction()
-        for n in (1, 2):
-            with tx.action("charge", args=n, compensate="refund"):
-                pass
-        tx.prepare("g1")
-        # another thread's rollback_prepared("g1"), at the point where it has reserved the
-        # actions (before its decision, which it will lose to this thread's)
-        held: list = []
-        reserved, done = threading.Event(), threading.Event()
-
-        def loser():
-            s._saga.reserve([a for a in s.actions() if a.txid == tx.id], held)
-            reserved.set()
-            done.wait(20)
-            s._saga.release(held)
-        t = threading.Thread(target=loser, name="loser")
-        t.start()
-        try:
-            assert reserved.wait(20) and len(held) == 2
-            s.rollback_prepared("g1")
-            assert ran == [f"{tx.id}.2", f"{tx.id}.1"]
-            assert s.pending_compensations() == []
-        finally:
-            done.set()
-            t.join(20)
-        with pytest.raises(walstore.UnknownGid):
-            s.rollback_prepared("g1")
-        assert ran == [f"{tx.id}.2", f"{tx.id}.1"]

@@ -198,18 +198,15 @@ class TwoPhase:
             # retry_compensations ran them in the window between the two — older ones
             # before newer ones' file changes went back, and this call returned before
             # their outcome was known (or said nothing when one failed there)
-            mine = [] if inherited else [Action.from_row(r) for r in
-                                         eng.views.action_rows_of(p.txid)]
-            self.saga.reserve(mine, claimed)
+            if not inherited:
+                self.saga.reserve((Action.from_row(r) for r in
+                                   eng.views.action_rows_of(p.txid)), claimed)
             while True:
                 try:
                     if not decided:
                         with deferred():
                             event = self._log_decision(p, gid, inherited, held_files)
                             decided = True
-                            # (the decision is this thread's: so is the undo, also of those
-                            # another rollback_prepared of the gid reserved before it lost)
-                            self.saga.reserve(mine, claimed, take=True)
                             self._decision_durable(event, p, progress)
                         fileio.fault_point("rollback_prepared.decided")  # (tests: a retry
                         # racing the undo)
