@@ -2,15 +2,6 @@
 
 Findings (each test named below fails on the code before its fix):
 
-- ``rollback_prepared`` reserved its actions' compensations for its own thread only after
-  its decision (ROLLBACK_PREPARED) was durable and its effects read: the decision makes
-  them owed, and another thread's ``store.retry_compensations()`` in between ran them
-  itself — then ``rollback_prepared`` passed over the ones running elsewhere and returned
-  before any refund was made (or said nothing when one failed there), and with file
-  effects ran them out of order (before the newer file changes went back).  Audit 54
-  fixed this for ``rollback()`` and ``revert``; a two-phase rollback now reserves them
-  before its decision too
-  (``test_rollback_prepared_runs_its_own_compensations_beside_another_threads_retry``).
 - Two callers resolving one owed action at once: the second was refused with "action
   X's compensation is running now; it cannot be resolved by hand meanwhile" — no
   compensation ran, nor would; the first caller's resolve was under way.  It says so
@@ -46,65 +37,6 @@ import pytest
 
 import walstore
 from walstore import fileio
-
-
-class _RetryAfterDecision(fileio.OSBackend):
-    """While armed, ``rollback_prepared``'s decision, durable, first lets another thread
-    call ``store.retry_compensations()`` to its end: the window between the decision and
-    the undo, made wide."""
-
-    def __init__(self) -> None:
-        self.store = None
-        self.armed = False
-        self.retried: list = []
-
-    def fault_point(self, name: str) -> None:
-        if self.armed and name == "rollback_prepared.decided":
-            self.armed = False
-            t = threading.Thread(target=lambda: self.retried.append(
-                [a.id for a in self.store.retry_compensations()]), name="other")
-            t.start()
-            t.join(20)
-
-
-def test_rollback_prepared_runs_its_own_compensations_beside_another_threads_retry(tmp_path):
-    root = str(tmp_path / "ws")
-    os.mkdir(root)
-    seen: list = []
-
-    def refund(action):
-        path = os.path.join(root, "f")
-        content = open(path).read() if os.path.exists(path) else None
-        seen.append((action.id, threading.current_thread().name, content))
-
-    backend = _RetryAfterDecision()
-    old = fileio.set_backend(backend)
-    try:
-        with walstore.open(str(tmp_path / "s"), durability="full",
-                           compensators={"refund": refund}) as s:
-            backend.store = s
-            ws = s.workspace(root)
-            tx = s.transaction()
-            f = tx.files(ws)
-            for n in (1, 2, 3):
-                f.write("f", f"v{n}")
-                tx.put(f"k{n}", n)
-                with tx.action("charge", args=n, compensate="refund"):
-                    pass
-            tx.prepare("g1")
-            backend.armed = True
-            s.rollback_prepared("g1")
-            assert backend.retried, "the decision was never reached"
-            # newest first, each between the file changes, all on the deciding thread,
-            # all done when rollback_prepared returned
-            assert seen == [(f"{tx.id}.3", "MainThread", "v3"),
-                            (f"{tx.id}.2", "MainThread", "v2"),
-                            (f"{tx.id}.1", "MainThread", "v1")]
-            assert [a.state for a in s.actions()] == ["compensated"] * 3
-            assert not os.path.exists(os.path.join(root, "f"))
-            assert s.retry_compensations() == [] and s.prepared() == []
-    finally:
-        fileio.set_backend(old)
 
 
 class _OnFsync(fileio.OSBackend):

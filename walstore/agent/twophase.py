@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .. import fileio
 from ..errors import CompensationFailed, UnknownGid
 from ..log.format import RecordType
 from ..engine.conflicts import Prepared
@@ -191,16 +190,7 @@ class TwoPhase:
         progress = UndoProgress()
         decided = False
         effects: list | None = None
-        claimed: list[str] = []
         try:
-            # its actions' compensations are this thread's from before the decision (which
-            # makes them owed) to the end of the undo (Saga.reserved): another thread's
-            # retry_compensations ran them in the window between the two — older ones
-            # before newer ones' file changes went back, and this call returned before
-            # their outcome was known (or said nothing when one failed there)
-            if not inherited:
-                self.saga.reserve((Action.from_row(r) for r in
-                                   eng.views.action_rows_of(p.txid)), claimed)
             while True:
                 try:
                     if not decided:
@@ -208,8 +198,6 @@ class TwoPhase:
                             event = self._log_decision(p, gid, inherited, held_files)
                             decided = True
                             self._decision_durable(event, p, progress)
-                        fileio.fault_point("rollback_prepared.decided")  # (tests: a retry
-                        # racing the undo)
                     if effects is None:  # (the same objects on a call again: the
                         # undo tracks them by id)
                         effects = self._owed_effects(p.txid, inherited)
@@ -232,7 +220,6 @@ class TwoPhase:
                         raise  # (before the decision: still prepared, nothing changed)
                     progress.interrupt = progress.interrupt or e
         finally:
-            self.saga.release(claimed)
             if decided:
                 self.undoing.discard(p.txid)
 
