@@ -15,8 +15,10 @@ from walstore.ops.backup import backup
 
 def _store_with_a_corrupt_record_then_valid_ones(path: str) -> None:
     """100 commits of n; one byte of an early record flipped (valid records follow it:
-    damage, not a torn tail)."""
-    s = walstore.open(path)
+    damage, not a torn tail).  No checkpoint may run meanwhile (on a loaded machine one
+    rotated the log, and the flipped byte fell past the new segment's last record: a torn
+    tail, not damage)."""
+    s = walstore.open(path, apply_interval=3600, checkpoint_bytes=1 << 30)
     for j in range(1, 101):
         with s.transaction() as tx:
             tx.put("n", j)
