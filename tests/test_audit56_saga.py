@@ -23,6 +23,13 @@ Findings (each test named below fails on the code before its fix):
   run (the store turned read-only)": it had not (no disk error, nothing read-only); it
   says the store was closed now, and they run at the next open, once each
   (``test_compensations_cut_short_by_close_say_the_store_was_closed``).
+- (stop 57) ``rollback_prepared`` reserved its actions' compensations only once its
+  undo began: its decision makes them owed, and another thread's
+  ``retry_compensations()`` in between ran them itself — out of order with the file
+  changes, and ``rollback_prepared`` returned before any refund was made.  They are
+  reserved with the decision, in its deferred section (stop 56's first fix reserved them
+  before it, an interruptible step more, and was reverted)
+  (``test_rollback_prepared_runs_its_own_compensations_beside_another_threads_retry``).
 """
 from __future__ import annotations
 
@@ -199,3 +206,63 @@ def test_registering_beside_a_running_rollback_does_not_warn_of_its_compensation
             t.join(20)
         assert ran == [f"{tx.id}.2", f"{tx.id}.1"]
         assert s.pending_compensations() == []
+
+
+# ---- stop 57: rollback_prepared reserves its compensations with its decision ----------
+class _RetryAfterDecision(fileio.OSBackend):
+    """While armed, ``rollback_prepared``'s decision, durable, first lets another thread
+    call ``store.retry_compensations()`` to its end: the window between the decision and
+    the undo, made wide."""
+
+    def __init__(self) -> None:
+        self.store = None
+        self.armed = False
+        self.retried: list = []
+
+    def fault_point(self, name: str) -> None:
+        if self.armed and name == "rollback_prepared.decided":
+            self.armed = False
+            t = threading.Thread(target=lambda: self.retried.append(
+                [a.id for a in self.store.retry_compensations()]), name="other")
+            t.start()
+            t.join(20)
+
+
+def test_rollback_prepared_runs_its_own_compensations_beside_another_threads_retry(tmp_path):
+    root = str(tmp_path / "ws")
+    os.mkdir(root)
+    seen: list = []
+
+    def refund(action):
+        path = os.path.join(root, "f")
+        content = open(path).read() if os.path.exists(path) else None
+        seen.append((action.id, threading.current_thread().name, content))
+
+    backend = _RetryAfterDecision()
+    old = fileio.set_backend(backend)
+    try:
+        with walstore.open(str(tmp_path / "s"), durability="full",
+                           compensators={"refund": refund}) as s:
+            backend.store = s
+            ws = s.workspace(root)
+            tx = s.transaction()
+            f = tx.files(ws)
+            for n in (1, 2, 3):
+                f.write("f", f"v{n}")
+                tx.put(f"k{n}", n)
+                with tx.action("charge", args=n, compensate="refund"):
+                    pass
+            tx.prepare("g1")
+            backend.armed = True
+            s.rollback_prepared("g1")
+            assert backend.retried, "the decision was never reached"
+            # newest first, each between the file changes, all on the deciding thread,
+            # all done when rollback_prepared returned
+            assert seen == [(f"{tx.id}.3", "MainThread", "v3"),
+                            (f"{tx.id}.2", "MainThread", "v2"),
+                            (f"{tx.id}.1", "MainThread", "v1")]
+            assert [a.state for a in s.actions()] == ["compensated"] * 3
+            assert not os.path.exists(os.path.join(root, "f"))
+            assert s.retry_compensations() == [] and s.prepared() == []
+    finally:
+        fileio.set_backend(old)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .. import fileio
 from ..errors import CompensationFailed, UnknownGid
 from ..log.format import RecordType
 from ..engine.conflicts import Prepared
@@ -190,14 +191,29 @@ class TwoPhase:
         progress = UndoProgress()
         decided = False
         effects: list | None = None
+        # its actions' compensations are this thread's from the decision (which makes them
+        # owed) to the end of the undo (Saga.reserved): another thread's
+        # retry_compensations ran them in the window between the two — older ones before
+        # the newer ones' file changes went back, and this call returned before their
+        # outcome was known.  Read here (a prepared transaction's actions cannot change),
+        # reserved with the decision, in its deferred section: no interruptible step is
+        # added between the decision and its durability wait
+        mine = [] if inherited else [Action.from_row(dict(r, id=str(r["id"]), tx=p.txid))
+                                     for r in (*self.engine.views.action_rows_of(p.txid),
+                                               *p.legacy_actions)]
+        claimed: list[str] = []
         try:
             while True:
                 try:
                     if not decided:
                         with deferred():
-                            event = self._log_decision(p, gid, inherited, held_files)
+                            event = self._log_decision(p, gid, inherited, held_files,
+                                                       mine, claimed)
                             decided = True
                             self._decision_durable(event, p, progress)
+                            fileio.fault_point("rollback_prepared.decided")  # (tests: a
+                            # retry racing the undo; in the deferred section, no new
+                            # interrupt point)
                     if effects is None:  # (the same objects on a call again: the
                         # undo tracks them by id)
                         effects = self._owed_effects(p.txid, inherited)
@@ -220,16 +236,20 @@ class TwoPhase:
                         raise  # (before the decision: still prepared, nothing changed)
                     progress.interrupt = progress.interrupt or e
         finally:
+            self.saga.release(claimed)
             if decided:
                 self.undoing.discard(p.txid)
 
     def _log_decision(self, p: Prepared, gid: str, inherited: bool = False,
-                      held_files: list | None = None):
+                      held_files: list | None = None, reserve: list | None = None,
+                      claimed: list[str] | None = None):
         """Append the ROLLBACK_PREPARED and take the gid out of the prepared set, under
         the journal lock (inside the caller's ``deferred()`` section); returns its event.
         ``inherited`` (a copy's transaction from its source): its file effects
         (``held_files``, their LSNs) are held first, then the decision carries ``copied``
-        (its actions held): any prefix of the two a crash leaves undoes nothing here."""
+        (its actions held): any prefix of the two a crash leaves undoes nothing here.
+        ``reserve``: actions whose compensations are reserved for this thread (ids into
+        ``claimed``) just before the decision makes them owed."""
         eng = self.engine
         with eng.journal.lock:
             eng.check_writable()
@@ -237,6 +257,8 @@ class TwoPhase:
                 raise UnknownGid(          # decision stands, and one is logged, not two)
                     f"no prepared transaction with gid {gid!r} (it was just decided by "
                     f"another caller); nothing was rolled back", gid)
+            if reserve:
+                self.saga.reserve(reserve, claimed if claimed is not None else [])
             self._log_legacy_actions(p)
             body: dict[str, Any] = {"tx": p.txid, "gid": gid}
             if inherited:
