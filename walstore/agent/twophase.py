@@ -236,9 +236,14 @@ class TwoPhase:
                         raise  # (before the decision: still prepared, nothing changed)
                     progress.interrupt = progress.interrupt or e
         finally:
-            self.saga.release(claimed)
-            if decided:
+            if decided:  # (first: one C call, its effect made before any interrupt point)
                 self.undoing.discard(p.txid)
+            if claimed:  # (an interrupt at release's very call released nothing: once more)
+                try:
+                    self.saga.release(claimed)
+                except BaseException:
+                    self.saga.release(claimed)
+                    raise
 
     def _log_decision(self, p: Prepared, gid: str, inherited: bool = False,
                       held_files: list | None = None, reserve: list | None = None,
