@@ -66,8 +66,8 @@ from walstore.fileio import OSBackend
 # backend, tools/faultsweep_files.py, does), so they are sites of their own
 DIR_OPS = ("mkdir", "rmdir", "symlink", "chmod", "fchmod")
 OPS = ("open", "pwrite", "fsync", "fdatasync", "fsync_dir", "rename", "unlink",
-       "write_back") + DIR_OPS
-SYNC_OPS = ("fsync", "fdatasync", "fsync_dir")
+       "write_back", "syncfs") + DIR_OPS
+SYNC_OPS = ("fsync", "fdatasync", "fsync_dir", "syncfs")
 LMDB_OPS = ("lmdb_commit", "lmdb_sync")   # fileio.lmdb_io("commit" | "sync", env path)
 POINT_OP = "fault_point"                  # fileio.fault_point(name): path is the name
 ALL_OPS = OPS + LMDB_OPS + (POINT_OP,)
@@ -385,6 +385,9 @@ class FaultBackend(OSBackend):
 
     def fsync_dir(self, path: str) -> None:
         self._sync("fsync_dir", None, real_path(path), lambda: OSBackend.fsync_dir(self, path))
+
+    def syncfs(self, path: str) -> None:
+        self._sync("syncfs", None, real_path(path), lambda: OSBackend.syncfs(self, path))
 
     def rename(self, src: str, dst: str) -> None:
         real_src, real_dst = src, dst

@@ -78,6 +78,23 @@ class OSBackend:
             return False
         raise OSError(err, os.strerror(err))
 
+    def syncfs(self, path: str) -> None:
+        """Make everything written to the file system holding ``path`` durable (Linux
+        ``syncfs``; ``os.sync`` where it does not exist): file data, renames, removals,
+        modes.  OSError for an I/O error the file system reports."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fn = _syncfs()
+            if fn is None:
+                os.sync()
+                return
+            if fn(fd) != 0:
+                import ctypes
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), path)
+        finally:
+            os.close(fd)
+
     def lmdb_io(self, op: str, path: str) -> None:
         """Called before an LMDB ``commit`` or ``sync`` of the environment at ``path``."""
 
@@ -168,6 +185,27 @@ def unlink(path: str) -> None:
 
 def fsync_dir(path: str) -> None:
     _backend.fsync_dir(path)
+
+
+def syncfs(path: str) -> None:
+    """Everything written on the file system of directory ``path`` made durable."""
+    _backend.syncfs(path)
+
+
+_syncfs_fn: list = []  # [the libc function or None], looked up once
+
+
+def _syncfs():
+    if not _syncfs_fn:
+        fn = None
+        try:
+            import ctypes
+            fn = ctypes.CDLL(None, use_errno=True).syncfs
+            fn.argtypes, fn.restype = (ctypes.c_int,), ctypes.c_int
+        except (ImportError, OSError, AttributeError):  # not Linux, or no ctypes
+            fn = None
+        _syncfs_fn.append(fn)
+    return _syncfs_fn[0]
 
 
 def remove_quietly(path: str) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .codec import Key, decode_key, encode_key, unpack_value
 from .errors import (ConflictError, CorruptionError, ReplicationError, StoreClosed,
-                     WalstoreError, os_errors_as_store_errors)
+                     StoreIOError, WalstoreError, os_errors_as_store_errors)
 from .options import Options, check_flag
 from .engine.engine import Engine
 from .engine.lmdb_state import StateWriteError
@@ -433,9 +433,18 @@ class Store:
         return self._engine.checkpoint(after_rotate=self._purge.before_erase)
 
     def sync(self) -> None:
-        """Make every commit so far durable (with durability 'normal' or 'none')."""
+        """Make every commit so far durable (with durability 'normal' or 'none'),
+        the workspaces' file changes too: under "none" they are not fsynced as they are
+        made, and ``sync()`` (as each checkpoint) syncs the file systems holding the
+        workspaces this process used before the log (Linux ``syncfs``)."""
         self._engine.check_writable()
-        self._engine.journal.sync_all()
+        try:
+            self._engine.sync_all()
+        except OSError as e:
+            if isinstance(e, WalstoreError):
+                raise
+            raise StoreIOError(e.errno, f"sync of {self.path} failed: {e.strerror or e}",
+                               e.filename) from e
 
     def stats(self) -> dict:
         self._engine.refresh()

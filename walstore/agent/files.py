@@ -354,6 +354,8 @@ class Files:
         self._lock = threading.RLock()
         self._registry: dict[bytes, Workspace] = {}
         self._ws_locks: dict[bytes, threading.RLock] = {}
+        if engine.durability == "none":  # (file changes not fsynced: see sync_workspaces)
+            engine.before_log_sync.append(self.sync_workspaces)
         self._manifests: dict[bytes, Manifest] = {}
         # saved manifest digest -> the blobs it names (a manifest never changes: the gc
         # loads each once, not every retained watch()'s tree at every gc), oldest first,
@@ -398,6 +400,33 @@ class Files:
         # what recovery kept aside of crashed watches (see ``_undo_open_watch``)
         self.watch_saved: list[dict] = []
         self._blob_bytes_noted = 0  # blob bytes already counted toward a checkpoint
+
+    def sync_workspaces(self) -> None:
+        """Under durability="none" file changes are not fsynced as they are made: before
+        the log is made durable (``store.sync()``, each checkpoint) the file systems of
+        every workspace this process used, and of the store (its blobs, quarantine), are
+        synced (Linux ``syncfs``, one call per file system), so a durable record never
+        describes file bytes a power loss can still take.  A root gone meanwhile is passed
+        over (nothing of it left to sync); any other OSError is raised (the log is not
+        synced then)."""
+        # (no lock: a checkpoint runs this, and a file operation holding ``_lock`` may
+        # wait for the applier's checkpoint; dict.copy is one step under the GIL)
+        roots = [os.fsdecode(r) for r in self._registry.copy()]
+        if not roots:
+            return
+        seen: set[int] = set()
+        for root in (*roots, self.engine.path):
+            try:
+                dev = os.stat(root).st_dev
+            except FileNotFoundError:
+                continue
+            if dev in seen:
+                continue
+            seen.add(dev)
+            try:
+                fileio.syncfs(root)
+            except FileNotFoundError:
+                continue
 
     @property
     def durable(self) -> bool:

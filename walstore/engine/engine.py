@@ -119,6 +119,10 @@ class Engine:
         self.last_recovery: RecoveryReport | None = None
         self.checkpoint_hooks: list[Callable[[], dict]] = []
         self.retention_pins: list[Callable[[], int | None]] = []
+        # run before the log is made durable by ``sync_all`` (a store's ``sync()``, each
+        # checkpoint): what the log's records describe outside it (the workspaces' files
+        # under durability="none", never fsynced as they change) made durable first
+        self.before_log_sync: list[Callable[[], None]] = []
         self.history_pins = HistoryPins()  # undos in flight (see walstore.engine.pins)
         # where each shipper's replica stands, whatever its lag (the retention pins let go
         # past ``max_pin_bytes``): the blob gc keeps what the local WAL from there names,
@@ -790,9 +794,17 @@ class Engine:
             raise StoreIOError(e.errno, f"the checkpoint of {self.path} failed: "
                                         f"{e.strerror or e}", e.filename) from e
 
+    def sync_all(self) -> None:
+        """Make every record so far durable, and first what they describe outside the
+        log (``before_log_sync``): never a durable record of a file change whose bytes a
+        power loss can still take."""
+        for hook in self.before_log_sync:
+            hook()
+        self.journal.sync_all()
+
     def _checkpoint_steps(self, ignore_pins: bool, background: bool) -> dict:
         with self._checkpoint_lock:
-            self.journal.sync_all()
+            self.sync_all()
             self._apply_up_to(self.memtable.published, background)
             self._applied_up_to_the_end()
             self.state.sync()  # (a failure stops the store: never retried, nothing trimmed)

@@ -30,7 +30,8 @@ before-image is saved under a quarantine directory, and a ``FileConflict`` says 
 ``remove_stray_temps`` removes the temporary names a crash left behind.
 
 ``durable=False`` skips the fsyncs (a store opened with durability="none"): a process
-crash still leaves old-or-new; only power loss can lose the change.  All writes go through
+crash still leaves old-or-new; only power loss can lose the change, until the store's
+``sync()`` or a checkpoint syncs the workspace's file system (``Files.sync_workspaces``).  All writes go through
 ``walstore.fileio`` (the fault seam), directory, symlink and mode changes through
 ``fsops`` (the same seam); paths are checked by ``Workspace.resolve`` first.
 """

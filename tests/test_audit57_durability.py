@@ -1,0 +1,125 @@
+"""Audit 57, durability="none" and the workspaces' files.
+
+Findings (each test named below fails on the code before its fix):
+
+- Under durability="none" a workspace's file changes are not fsynced as they are made
+  (that is the mode's point), and ``store.sync()`` — documented "make every commit so far
+  durable" — fsynced the log alone: after it returned, a power loss could keep the
+  durable COMMIT of a file change and lose the file's bytes (the store then names a tree
+  the disk does not hold; tools/powerloss.py's files workload under "none" showed such
+  images).  ``sync()`` and every checkpoint now sync the file systems of the workspaces
+  this process used (and the store's own: blobs, quarantine; Linux ``syncfs``, one call
+  per file system) before the log's fsync
+  (``test_sync_under_none_makes_the_workspace_durable_before_the_log``,
+  ``test_a_checkpoint_under_none_syncs_the_workspace_before_the_log``); a failed one is a
+  StoreIOError and the log is not synced after it
+  (``test_a_failed_workspace_sync_is_a_store_io_error_and_the_log_waits``).  Under
+  "normal" and "full" each change is fsynced as it is made and nothing more runs
+  (``test_no_file_system_sync_where_files_are_fsynced_as_they_change``).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import walstore  # noqa: E402
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+
+def _store_with_a_file_change(tmp_path, durability):
+    root = tmp_path / "ws"
+    root.mkdir()
+    s = walstore.open(str(tmp_path / "s"), durability=durability)
+    ws = s.workspace(str(root))
+    with s.transaction() as tx:
+        tx.files(ws).write("a.txt", b"one")
+        tx.put("k", 1)
+    return s, str(root)
+
+
+def _ops_after(backend, n):
+    return [(e.op, e.path) for e in backend.events[n:]]
+
+
+def _first(ops, pred):
+    return next((i for i, op in enumerate(ops) if pred(op)), None)
+
+
+def test_sync_under_none_makes_the_workspace_durable_before_the_log(tmp_path):
+    b = FaultBackend(record=True)
+    with installed(b):
+        s, root = _store_with_a_file_change(tmp_path, "none")
+        try:
+            n = len(b.events)
+            s.sync()
+            ops = _ops_after(b, n)
+            ws_sync = _first(ops, lambda o: o == ("syncfs", os.path.realpath(root)))
+            log_sync = _first(ops, lambda o: o[0] in ("fsync", "fdatasync")
+                              and o[1].endswith(".wal"))
+            assert ws_sync is not None, ops
+            assert log_sync is not None and ws_sync < log_sync, ops
+        finally:
+            s.close()
+
+
+def test_a_checkpoint_under_none_syncs_the_workspace_before_the_log(tmp_path):
+    b = FaultBackend(record=True)
+    with installed(b):
+        s, root = _store_with_a_file_change(tmp_path, "none")
+        try:
+            with s.transaction() as tx:
+                tx.files(s.workspace(root)).write("b.txt", b"two")
+            n = len(b.events)
+            s.checkpoint()
+            ops = _ops_after(b, n)
+            ws_sync = _first(ops, lambda o: o == ("syncfs", os.path.realpath(root)))
+            log_sync = _first(ops, lambda o: o[0] in ("fsync", "fdatasync")
+                              and o[1].endswith(".wal"))
+            assert ws_sync is not None and (log_sync is None or ws_sync < log_sync), ops
+        finally:
+            s.close()
+
+
+def test_a_failed_workspace_sync_is_a_store_io_error_and_the_log_waits(tmp_path):
+    b = FaultBackend(record=True)
+    with installed(b):
+        s, root = _store_with_a_file_change(tmp_path, "none")
+        try:
+            b.fail("syncfs", errno.EIO)
+            n = len(b.events)
+            with pytest.raises(walstore.StoreIOError) as e:
+                s.sync()
+            assert e.value.errno == errno.EIO
+            assert "\n" not in str(e.value) and str(tmp_path / "s") in str(e.value)
+            ops = _ops_after(b, n)
+            assert not [o for o in ops if o[0] in ("fsync", "fdatasync")
+                        and o[1].endswith(".wal")], ops
+            s.sync()  # (the file system answers again: both durable)
+            assert s.get("k") == 1
+        finally:
+            s.close()
+
+
+@pytest.mark.parametrize("durability", ["normal", "full"])
+def test_no_file_system_sync_where_files_are_fsynced_as_they_change(tmp_path, durability):
+    b = FaultBackend(record=True)
+    with installed(b):
+        s, root = _store_with_a_file_change(tmp_path, durability)
+        try:
+            n = len(b.events)
+            s.sync()
+            s.checkpoint()
+            assert not [o for o in _ops_after(b, n) if o[0] == "syncfs"]
+            # (the change itself was fsynced as it was made)
+            assert [e for e in b.events[:n] if e.op == "fsync"
+                    and os.path.dirname(e.path) == os.path.realpath(root)]
+        finally:
+            s.close()
