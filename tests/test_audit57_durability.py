@@ -123,3 +123,70 @@ def test_no_file_system_sync_where_files_are_fsynced_as_they_change(tmp_path, du
                     and os.path.dirname(e.path) == os.path.realpath(root)]
         finally:
             s.close()
+
+
+# ---- the log's readers: chunks a crash left, all of them together bounded ---------------
+def test_chunk_sets_crashes_left_are_bounded_all_together_in_every_reader(tmp_path):
+    """A writer appends a large transaction's WRITES chunks and its COMMIT at once; a
+    crash between them leaves the chunks with no COMMIT, and the readers of the log
+    (recovery, verify, followers: one CommitAssembler) kept each such set — up to
+    MAX_OPEN_TXN_BYTES each, with no bound on them all.  A log kept across many crashes
+    held them all in memory.  Now the sets of other transactions are dropped when a new
+    chunk would pass the bound, and a commit made after them still reads whole."""
+    from walstore.codec import pack
+    from walstore.log import records
+    from walstore.log.format import RecordType
+    from walstore.log.reader import LogReader, Record
+    path = str(tmp_path / "s")
+    mib = 1024 * 1024
+    s = walstore.open(path, durability="none")
+    try:
+        eng = s._engine
+        with s.transaction() as tx:
+            tx.put("seed", 1)
+        key = b"s"  # (a stored str key's tag, walstore.codec)
+        for n in range(5):  # what five crashes between chunks and COMMIT leave
+            txid = eng.next_txid()
+            with eng.journal.lock:
+                eng.wal.append(RecordType.WRITES, pack(
+                    {"tx": txid, "w": [[key + b"o%d" % n, b"x" * mib]]}))
+        with s.transaction() as tx:  # a commit after them, chunked (4.5 MiB)
+            for i in range(3):
+                tx.put(f"big{i}", b"y" * (3 * mib // 2))
+        big = tx.id
+    finally:
+        s.close()
+    bound = 4 * mib + 64 * 1024
+    assembler = records.CommitAssembler(max_bytes=bound)
+    most, got = 0, None
+    wal_dir = os.path.join(path, "wal")
+    store_id = walstore.open(path, readonly=True)
+    try:
+        sid = store_id._engine.store_id
+    finally:
+        store_id.close()
+    for item in LogReader(wal_dir, sid, 0).walk():
+        if not isinstance(item, Record):
+            continue
+        ev = assembler.feed(item.type, item.lsn, item.end_lsn, records.decode(item.payload),
+                            len(item.payload))
+        most = max(most, sum(assembler.sizes.values()))
+        if ev is not None and ev.txid == big:
+            got = ev
+    assert most <= bound, most
+    assert got is not None and len([w for w in got.writes if w[1] is not None]) == 3
+    with walstore.open(path) as s:  # recovery reads it too
+        assert s.get("big2") == b"y" * (3 * mib // 2) and s.get("seed") == 1
+
+
+def test_a_commit_whose_dropped_chunks_were_left_behind_is_a_damaged_log():
+    from walstore.log import records
+    from walstore.log.format import RecordType
+    a = records.CommitAssembler(max_bytes=100)
+    a.feed(RecordType.WRITES, 10, 70, {"tx": 1, "w": [[b"sone", b"v" * 40]]}, 60)
+    a.feed(RecordType.WRITES, 70, 130, {"tx": 2, "w": [[b"stwo", b"v" * 40]]}, 60)
+    assert sum(a.sizes.values()) <= 100
+    with pytest.raises(ValueError, match="damaged log"):
+        a.feed(RecordType.COMMIT, 130, 150, {"tx": 1, "w": []}, 20)
+    ev = a.feed(RecordType.COMMIT, 150, 170, {"tx": 2, "w": []}, 20)
+    assert ev.writes == [(b"stwo", b"v" * 40)] and ev.start == 70

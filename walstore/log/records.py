@@ -383,14 +383,37 @@ class CommitAssembler:
     complete write list, earlier chunks first; ``start``: its first chunk's LSN), and None
     for the others; an ABORT or
     ROLLBACK_PREPARED drops buffered chunks.  ``max_bytes`` bounds what one unfinished
-    transaction may buffer.  Every reader of the log decodes through it.
+    transaction may buffer, and what all of them buffer together: a writer appends a
+    transaction's chunks and its COMMIT or PREPARE at once, under one lock, so chunks of
+    another transaction still open when a new chunk would pass the bound are a crash's
+    leftovers (their COMMIT never written; each crash leaves at most one set, and a log
+    kept across many crashes held them all — up to ``max_bytes`` each).  They are
+    dropped, their txids kept (at most ``MAX_ORPHANS``): a COMMIT or PREPARE of one later
+    is a damaged log (ValueError), never a commit applied without its dropped writes.
+    Every reader of the log decodes through it.
     """
+
+    MAX_ORPHANS = 65536  # txids of dropped chunk sets remembered (the oldest forgotten)
 
     def __init__(self, max_bytes: int | None = None) -> None:
         self.chunks: dict[int, list] = {}
         self.sizes: dict[int, int] = {}
         self.starts: dict[int, int] = {}  # txid -> LSN of its first buffered chunk
         self.max_bytes = MAX_OPEN_TXN_BYTES if max_bytes is None else max_bytes
+        self.total = 0  # payload bytes buffered, all transactions together
+        self.orphans: dict[int, int] = {}  # txid -> LSN of its dropped first chunk
+
+    def _drop(self, txid: int) -> int:
+        """Forget ``txid``'s buffered chunks; their first chunk's LSN (or -1)."""
+        self.total -= self.sizes.pop(txid, 0)
+        self.chunks.pop(txid, None)
+        return self.starts.pop(txid, -1)
+
+    def _drop_orphans(self, keep: int) -> None:
+        for other in [t for t in self.sizes if t != keep]:
+            self.orphans[other] = self._drop(other)
+            if len(self.orphans) > self.MAX_ORPHANS:
+                del self.orphans[next(iter(self.orphans))]
 
     def feed(self, rtype: int, lsn: int, end: int, body: dict, payload_len: int
              ) -> Event | None:
@@ -400,23 +423,31 @@ class CommitAssembler:
             size = self.sizes.get(txid, 0) + payload_len
             if size > self.max_bytes:
                 raise ValueError(f"transaction {txid} exceeds {self.max_bytes} bytes of writes")
+            if self.total + payload_len > self.max_bytes:
+                self._drop_orphans(txid)
+            writes = parse_writes(body)
             self.sizes[txid] = size
+            self.total += payload_len
             self.starts.setdefault(txid, lsn)
-            self.chunks.setdefault(txid, []).extend(parse_writes(body))
+            self.chunks.setdefault(txid, []).extend(writes)
             return None
         if rtype in NOT_EVENTS:
             return None
         writes = None
         start = lsn
         if rtype == _COMMIT or rtype == RecordType.PREPARE:
-            self.sizes.pop(txid, None)
-            start = self.starts.pop(txid, lsn)
-            writes = self.chunks.pop(txid, []) + parse_writes(body)
+            if txid in self.orphans and txid not in self.sizes:
+                raise ValueError(
+                    f"transaction {txid}'s write chunks (from LSN {self.orphans[txid]}) "
+                    f"were not followed by its {'COMMIT' if rtype == _COMMIT else 'PREPARE'}"
+                    f" (other records came between): a damaged log")
+            start = self.starts.get(txid, lsn)
+            writes = self.chunks.get(txid, []) + parse_writes(body)
+            self._drop(txid)
             body = {k: v for k, v in body.items() if k != "w"}
         elif rtype in _ENDS:
-            self.sizes.pop(txid, None)
-            self.starts.pop(txid, None)
-            self.chunks.pop(txid, None)
+            self._drop(txid)
+            self.orphans.pop(txid, None)
         return Event(lsn, end, rtype, txid, body, writes, None, start)
 
 
