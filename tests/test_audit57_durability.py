@@ -16,6 +16,14 @@ Findings (each test named below fails on the code before its fix):
   (``test_a_failed_workspace_sync_is_a_store_io_error_and_the_log_waits``).  Under
   "normal" and "full" each change is fsynced as it is made and nothing more runs
   (``test_no_file_system_sync_where_files_are_fsynced_as_they_change``).
+- The log's readers (recovery, verify, followers) bounded the WRITES chunks they buffer
+  per transaction only: each crash between a large transaction's chunks and its COMMIT
+  leaves one set, and a log kept across many crashes held them all (up to 512 MiB each).
+  They are bounded all together now, the leftovers dropped (a writer appends chunks and
+  COMMIT at once) and a COMMIT of a dropped set later refused as a damaged log
+  (``test_chunk_sets_crashes_left_are_bounded_all_together_in_every_reader``,
+  ``test_a_commit_whose_dropped_chunks_were_left_behind_is_a_damaged_log``,
+  ``test_recovery_keeps_no_more_of_a_crashs_leftover_chunks_than_the_bound``).
 """
 from __future__ import annotations
 
@@ -190,3 +198,36 @@ def test_a_commit_whose_dropped_chunks_were_left_behind_is_a_damaged_log():
         a.feed(RecordType.COMMIT, 130, 150, {"tx": 1, "w": []}, 20)
     ev = a.feed(RecordType.COMMIT, 150, 170, {"tx": 2, "w": []}, 20)
     assert ev.writes == [(b"stwo", b"v" * 40)] and ev.start == 70
+
+
+def test_recovery_keeps_no_more_of_a_crashs_leftover_chunks_than_the_bound(
+        tmp_path, monkeypatch):
+    """Recovery keeps the raw write lists of chunks before LMDB's applied LSN aside (a
+    commit REDO applies may begin with them); those of a crash's leftover sets stayed
+    there to the end of the walk, all of them.  Dropped with the assembler's: 16 1 MiB
+    leftovers under a 2 MiB bound, recovery's memory stays near the bound."""
+    import tracemalloc
+
+    from walstore.codec import pack
+    from walstore.log import records
+    from walstore.log.format import RecordType
+    path = str(tmp_path / "s")
+    mib = 1024 * 1024
+    with walstore.open(path, durability="none") as s:
+        eng = s._engine
+        for n in range(16):
+            txid = eng.next_txid()
+            with eng.journal.lock:
+                eng.wal.append(RecordType.WRITES, pack(
+                    {"tx": txid, "w": [[b"so%d" % n, b"x" * mib]]}))
+        with s.transaction() as tx:
+            tx.put("after", 1)
+    monkeypatch.setattr(records, "MAX_OPEN_TXN_BYTES", 2 * mib + 64 * 1024)
+    tracemalloc.start()
+    try:
+        with walstore.open(path) as s:
+            assert s.get("after") == 1 and s.get("o3") is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 7 * mib, peak

@@ -331,6 +331,11 @@ class Recovery:
             body = records.decode(rec.payload)
             early = self._early_writes(rec, body)
             ev = self._assembler.feed(rec.type, rec.lsn, rec.end_lsn, body, len(rec.payload))
+            if rec.type == RecordType.WRITES and len(self._early) > 1:
+                # (chunk sets the assembler dropped as a crash's leftovers, its bound
+                # passed: their raw lists go too — the same bound on them all)
+                for txid in [t for t in self._early if t not in self._assembler.sizes]:
+                    del self._early[txid]
             if (ev is not None and ev.writes and ev.type == RecordType.COMMIT
                     and self._anchor_lsn is not None and self._anchor_lsn < ev.lsn
                     and ev.end <= self.applied):
