@@ -12,7 +12,7 @@ from typing import Iterator
 from ..codec import decode_key, unpack_value
 from ..engine.layout import Layout, writer_alive
 from ..engine.lmdb_state import LmdbState
-from ..errors import WalstoreError
+from ..errors import UnknownPoint, WalstoreError
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
@@ -38,12 +38,14 @@ def iter_wal(path: str, from_lsn: int = 0) -> Iterator[dict]:
     store_id = layout.read_identity()
     applied, wal_start = _state_marks(layout)
     retries, walks, last_bad = SETTLE_WALKS, 0, -1
+    listed = False
     while True:
         walks += 1
         log = LogReader(layout.wal, store_id, applied, wal_start)
         again = None
         for item in log.walk(from_lsn):
             if isinstance(item, Record):
+                listed = True
                 yield describe(item, _segment_path(log, item.lsn))
                 continue
             if item.kind == "end":
@@ -66,8 +68,16 @@ def iter_wal(path: str, from_lsn: int = 0) -> Iterator[dict]:
                 if retries:
                     again = item.lsn
                     break
+            listed = True
             yield out
         if again is None:
+            end = log.end_lsn or 0
+            if not listed and from_lsn > end:
+                # (an N past the end named nothing and listed none, exit 0, as a poller's
+                # N at the end does: `dump --from 999999` of a log ending at 5000 said the
+                # same as "nothing new"; a point past the end is UnknownPoint everywhere)
+                raise UnknownPoint(f"LSN {from_lsn} is past the end of the log (it ends "
+                                   f"at LSN {end}): no record is there")
             return
         retries -= 1
         time.sleep(SETTLE_PAUSE)

@@ -1,0 +1,56 @@
+"""Audit 57 of the operator's side (CONTRACT section 3, the command line, and the truths its
+exit statuses and messages tell; docs/CLI.md): the leads earlier audits left alone,
+confirmed as real CLI processes against real stores and replicas.
+
+Findings (each test named below fails on the code before its fix):
+
+- `walstore dump --from N` with N past the end of the log listed nothing and exited 0,
+  exactly as an N at the end does (a poller's "nothing new"): a mistyped or foreign LSN
+  read as "no records yet", while every other verb answers a point that names nothing
+  with UnknownPoint, exit 2.  An N at the end still lists none, exit 0; one past it is
+  UnknownPoint, exit 2, naming where the log ends (``--json``: the error document)
+  (``test_dump_from_past_the_end_of_the_log_names_nothing``).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+
+from store_support import CLI, cli_env
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *map(str, args)],
+                          capture_output=True, text=True, env=cli_env(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> str:
+    """A store of two commits on key "a" (closed cleanly)."""
+    path = str(tmp_path_factory.mktemp("a57") / "s")
+    with walstore.open(path) as s:
+        for i in range(2):
+            with s.transaction() as tx:
+                tx.put("a", i)
+    return path
+
+
+def test_dump_from_past_the_end_of_the_log_names_nothing(small_store):
+    p = cli("dump", small_store, "--json")
+    assert p.returncode == 0, p.stderr
+    end = max(r["end_lsn"] for r in json.loads(p.stdout)["records"])
+    p = cli("dump", small_store, "--from", end)  # (a poller at the end: nothing new)
+    assert (p.returncode, p.stdout, p.stderr) == (0, "", "")
+    p = cli("dump", small_store, "--from", f"lsn:{end + 1}")
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert f"past the end of the log (it ends at LSN {end})" in p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+    p = cli("dump", small_store, "--from", end + 1000, "--json")
+    assert p.returncode == 2
+    assert json.loads(p.stdout)["error"]["type"] == "UnknownPoint"
+
