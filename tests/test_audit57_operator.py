@@ -10,6 +10,10 @@ Findings (each test named below fails on the code before its fix):
   with UnknownPoint, exit 2.  An N at the end still lists none, exit 0; one past it is
   UnknownPoint, exit 2, naming where the log ends (``--json``: the error document)
   (``test_dump_from_past_the_end_of_the_log_names_nothing``).
+- `walstore history PATH KEY` of a key that was never written (a typo) printed an empty
+  table, exit 0, as if the key had an (empty) history; `get` of it exits 1.  It prints its
+  empty listing (the same JSON document) and exits 1 with a line on stderr now
+  (``test_history_of_a_key_never_written_exits_1``).
 """
 from __future__ import annotations
 
@@ -54,3 +58,13 @@ def test_dump_from_past_the_end_of_the_log_names_nothing(small_store):
     assert p.returncode == 2
     assert json.loads(p.stdout)["error"]["type"] == "UnknownPoint"
 
+
+def test_history_of_a_key_never_written_exits_1(small_store):
+    p = cli("history", small_store, "nokey", "--json")
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert json.loads(p.stdout) == {"key": "nokey", "versions": [], "more": False}
+    assert "key 'nokey' has no version" in p.stderr and "Traceback" not in p.stderr
+    p = cli("history", small_store, "nokey")
+    assert p.returncode == 1 and "has no version" in p.stderr
+    p = cli("history", small_store, "a")
+    assert p.returncode == 0 and p.stderr == "" and len(p.stdout.splitlines()) == 3

@@ -10,10 +10,10 @@ import walstore
 
 from . import WalstoreCommand, _engine, main
 from .common import JSON, PATH, open_store
-from .output import (EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments, UsageProblem,
-                     emit_json, emit_json_list, end_progress, fail, parse_json_value,
-                     progress_printer, show_cell, show_key, show_time, show_value,
-                     stream_table, table, untag)
+from .output import (EXIT_PROBLEM, EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments,
+                     UsageProblem, emit_json, emit_json_list, end_progress, fail,
+                     note_problem, parse_json_value, progress_printer, show_cell, show_key,
+                     show_time, show_value, stream_table, table, untag)
 
 
 class _ValueCommand(NegativeNumberArguments, WalstoreCommand):
@@ -173,17 +173,32 @@ def _first(items: Iterator[Any], limit: int | None, more: list[bool]) -> Iterato
 def history_cmd(path: str, key: str | bytes, limit: int | None, as_json: bool) -> None:
     """Versions of KEY, newest first (streamed: any number of versions in bounded
     memory; --limit N: the newest N, and whether there are older ones)."""
-    more = [False]
+    more, shown = [False], [0]
+
+    def counted(items: Iterator[Any]) -> Iterator[Any]:
+        for v in items:
+            shown[0] += 1
+            yield v
     with open_store(path, readonly=True) as store:
-        versions = _first(store.iter_history(key, None if limit is None else limit + 1),
-                          limit, more)
+        versions = counted(_first(store.iter_history(
+            key, None if limit is None else limit + 1), limit, more))
         if as_json:
             emit_json_list("versions", ({"txid": v.txid, "lsn": v.lsn, "value": v.value,
                                          "deleted": v.deleted} for v in versions),
                            head={"key": key}, tail=lambda: {"more": more[0]})
-            return
-        stream_table(([v.txid, v.lsn, "(deleted)" if v.deleted else show_cell(v.value)]
-                      for v in versions), ["TXID", "LSN", "VALUE"])
+        else:
+            stream_table(([v.txid, v.lsn, "(deleted)" if v.deleted else show_cell(v.value)]
+                          for v in versions), ["TXID", "LSN", "VALUE"])
+    if not shown[0]:
+        # (a key never written — a typo — listed no version, exit 0, as if it were a key
+        # with history; `get` of it exits 1.  The document, or the table's header, stays:
+        # an empty list is its answer; the status and this line say nothing was found)
+        note_problem()
+        click.echo(f"walstore: key '{show_key(key)}' has no version in the store's history "
+                   f"(never written, purged, or trimmed by its retention)", err=True)
+        raise SystemExit(EXIT_PROBLEM)
+    if as_json:
+        return
     if more[0]:
         click.echo(f"(the newest {limit} shown; older ones with a larger --limit, or "
                    f"without it)", err=True)
