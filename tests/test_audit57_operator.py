@@ -14,10 +14,18 @@ Findings (each test named below fails on the code before its fix):
   table, exit 0, as if the key had an (empty) history; `get` of it exits 1.  It prints its
   empty listing (the same JSON document) and exits 1 with a line on stderr now
   (``test_history_of_a_key_never_written_exits_1``).
+- `walstore restore URL DEST --to NAME` read a restore point name that begins like a
+  date ("2026-release", "2026-05-01") as a time: "looks like a time but is not ISO-8601"
+  or "needs an offset", exit 2, so such a restore point (which `rewind --to` takes) could
+  never be restored to.  Only a whole ISO-8601 time with an offset is a time now; the
+  rest is a name, and a name the replica lacks that looks like a time is refused (exit 2)
+  with a word on how a time is written
+  (``test_restore_to_a_restore_point_named_like_a_date``).
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,3 +76,29 @@ def test_history_of_a_key_never_written_exits_1(small_store):
     assert p.returncode == 1 and "has no version" in p.stderr
     p = cli("history", small_store, "a")
     assert p.returncode == 0 and p.stderr == "" and len(p.stdout.splitlines()) == 3
+
+
+def test_restore_to_a_restore_point_named_like_a_date(tmp_path):
+    path, replica = str(tmp_path / "s"), tmp_path / "replica"
+    url = replica.as_uri()
+    with walstore.open(path, replicate_to=url) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        s.restore_point("2026-release")
+        with s.transaction() as tx:
+            tx.put("a", 2)
+        s.restore_point("2026-05-01")
+        with s.transaction() as tx:
+            tx.put("a", 3)
+        s.sync_replica(timeout=30)
+    for name, value in (("2026-release", 1), ("2026-05-01", 2)):
+        dest = str(tmp_path / name)
+        p = cli("restore", url, dest, "--to", name)
+        assert p.returncode == 0, (name, p.stderr)
+        with walstore.open(dest, readonly=True) as r:
+            assert r.get("a") == value
+    p = cli("restore", url, str(tmp_path / "d3"), "--to", "2026-05-02")
+    assert p.returncode == 2, p.stderr
+    assert "no restore point named '2026-05-02'" in p.stderr
+    assert "a time is ISO-8601 with an offset" in p.stderr
+    assert not os.path.exists(tmp_path / "d3") or not os.listdir(tmp_path / "d3")

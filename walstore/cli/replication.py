@@ -35,17 +35,32 @@ from .output import end_progress, note_problem, one_line, parse_point as _parse_
 
 def parse_point(text: str) -> Any:
     """A restore target: an ISO-8601 time with an offset (the last commit at or before
-    it), else a point as every command takes it (tx:N, lsn:N, a txid, a name)."""
+    it), else a point as every command takes it (tx:N, lsn:N, a txid, a name).  A text
+    that only looks like a time ("2026-release", "2026-05-01") is a restore point name, as
+    `rewind --to` reads it: it was refused as "not ISO-8601" / "needs an offset", and a
+    restore point so named could not be restored to (a name the replica lacks is refused
+    with a word on the time syntax: :func:`_time_hint`)."""
     t = text.strip()
-    if len(t) >= 10 and t[:4].isdigit() and t[4:5] == "-":
+    if _looks_like_time(t):
         try:
             when = _dt.datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
         except ValueError:
-            raise click.BadParameter(f"{text!r} looks like a time but is not ISO-8601") from None
-        if when.tzinfo is None:
-            raise click.BadParameter(f"time {text!r} needs an offset (e.g. +00:00 or Z)")
-        return when
+            when = None
+        if when is not None and when.tzinfo is not None:
+            return when
     return _parse_point(t)
+
+
+def _looks_like_time(text: str) -> bool:
+    return len(text) >= 10 and text[:4].isdigit() and text[4:5] == "-"
+
+
+def _time_hint(point: Any) -> str:
+    """What an unknown restore point name that looks like a time adds to its refusal."""
+    if isinstance(point, str) and _looks_like_time(point):
+        return (f"; {point!r} was read as a restore point name: a time is ISO-8601 with an "
+                f"offset (e.g. 2026-05-01T12:00:00+00:00 or ...Z)")
+    return ""
 
 
 def _stop_on_signals() -> "_engine.Flag":
@@ -314,7 +329,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     try:
         report = restore(url, dest, point, opts, compensate=compensate, progress=replayed)
     except UnknownPoint as e:  # (--to names nothing the replica holds: usage)
-        _fail(str(e), EXIT_USAGE)
+        _fail(str(e) + _time_hint(point), EXIT_USAGE)
     except ReplicationError as e:  # (a DEST found not empty up front is a usage error)
         _fail(str(e), EXIT_USAGE if getattr(e, "usage", False) else EXIT_PROBLEM)
     except (TypeError, ValueError) as e:
