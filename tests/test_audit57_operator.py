@@ -21,6 +21,12 @@ Findings (each test named below fails on the code before its fix):
   rest is a name, and a name the replica lacks that looks like a time is refused (exit 2)
   with a word on how a time is written
   (``test_restore_to_a_restore_point_named_like_a_date``).
+- `walstore bench` exited 0 when a row of the run failed (its system raised, or could not
+  be imported: "error: ..." in the row, a table or JSON as usual): a CI job running it
+  passed with rows that never ran.  It exits 1 now, a line on stderr naming the first
+  failed row; a "skipped: ..." row (an optional extra not installed) is no failure
+  (``test_bench_exits_1_when_a_row_failed``; the run is cut to put-1t, one round, a tiny
+  scale, and one peer made unimportable: the runner's own error path).
 """
 from __future__ import annotations
 
@@ -102,3 +108,36 @@ def test_restore_to_a_restore_point_named_like_a_date(tmp_path):
     assert "no restore point named '2026-05-02'" in p.stderr
     assert "a time is ISO-8601 with an offset" in p.stderr
     assert not os.path.exists(tmp_path / "d3") or not os.listdir(tmp_path / "d3")
+
+
+# `walstore bench` cut to its smallest run (put-1t, one round, a tiny scale) with the peer
+# named by argv[1] unimportable ("-": none): the runner reports that row "error: ..."
+BENCH = """
+import dataclasses, sys
+import walstore.benchmark as B
+from walstore.benchmark.peers import SYSTEMS
+real = B.run_benchmarks
+broken = sys.argv.pop(1)
+if broken != "-":
+    SYSTEMS[broken] = dataclasses.replace(SYSTEMS[broken], module="no_such_module_a57")
+B.run_benchmarks = lambda quick=False, progress=print, **_kw: real(
+    quick=True, workloads=["put-1t"], repeats=1, progress=progress, scale=0.002)
+from walstore.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_bench_exits_1_when_a_row_failed(tmp_path):
+    env = dict(cli_env(), TMPDIR=str(tmp_path))
+    run = (lambda *a: subprocess.run([sys.executable, "-c", BENCH, *a], capture_output=True,
+                                     text=True, env=env, timeout=120))
+    p = run("sqlite-full", "bench", "--json")
+    assert p.returncode == 1, p.stderr[-2000:]
+    rows = {r["system"]: r for part in json.loads(p.stdout)["parts"] for r in part["rows"]}
+    assert rows["sqlite-full"]["error"].startswith("error: cannot import")
+    assert rows["walstore"]["error"] is None
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("walstore: bench: 1 row(s) failed") and "sqlite-full" in last
+    p = run("-", "bench")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "failed" not in p.stderr and "walstore" in p.stdout

@@ -7,7 +7,7 @@ import click
 
 from . import _engine, main
 from .common import JSON, DirPath
-from .output import UsageProblem, emit_json, fail
+from .output import EXIT_PROBLEM, UsageProblem, emit_json, fail, note_problem, one_line
 
 
 @main.command()
@@ -41,7 +41,25 @@ def bench(quick: bool, as_json: bool) -> None:
     except ImportError as e:
         fail(f"benchmarks unavailable: {e}")
     results = run_benchmarks(quick=quick, progress=(lambda m: click.echo(m, err=True)))
+    failed = failed_rows(results)
+    if failed:  # (before printing: a reader gone mid-output keeps exit 1)
+        note_problem()
     if as_json:
         emit_json(results)
     else:
         click.echo(render_markdown(results))
+    if failed:
+        # (a row whose system failed was reported in its row and the run exited 0: a CI
+        # job running `walstore bench` passed with walstore's own rows "error: ...")
+        first = failed[0]
+        click.echo(one_line(f"walstore: bench: {len(failed)} row(s) failed (their systems "
+                            f"did not run to the end), e.g. {first['part']}/"
+                            f"{first['system']}: {first['error']}"), err=True)
+        raise SystemExit(EXIT_PROBLEM)
+
+
+def failed_rows(results: dict) -> list[dict]:
+    """The rows of a benchmark run whose system failed ("error: ..."; a "skipped: ..."
+    row, a workload whose optional extra is not installed, is no failure)."""
+    return [row for part in results.get("parts", ()) for row in part.get("rows", ())
+            if isinstance(row.get("error"), str) and not row["error"].startswith("skipped")]
