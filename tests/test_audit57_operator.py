@@ -27,6 +27,13 @@ Findings (each test named below fails on the code before its fix):
   failed row; a "skipped: ..." row (an optional extra not installed) is no failure
   (``test_bench_exits_1_when_a_row_failed``; the run is cut to put-1t, one round, a tiny
   scale, and one peer made unimportable: the runner's own error path).
+- `walstore verify` of a store whose db/data.mdb is garbage printed "segments 0, records
+  0, commits 0, LMDB keys 0, applied LSN 0, WAL end LSN 0" above the right error: the log
+  was never walked (its segments held every record), and LMDB's figures were never
+  measured.  The WAL is walked on its own now (its checksums and chain: a warning says
+  what is left unchecked), and each figure of a check that did not run is "-" (null in
+  JSON), also the blobs' when damage stopped their check
+  (``test_verify_of_a_garbage_lmdb_file_walks_the_wal_and_shows_no_false_zeros``).
 """
 from __future__ import annotations
 
@@ -141,3 +148,30 @@ def test_bench_exits_1_when_a_row_failed(tmp_path):
     p = run("-", "bench")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "failed" not in p.stderr and "walstore" in p.stdout
+
+
+def test_verify_of_a_garbage_lmdb_file_walks_the_wal_and_shows_no_false_zeros(tmp_path):
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+    data = os.path.join(path, "db", "data.mdb")
+    size = os.path.getsize(data)
+    with open(data, "wb") as f:
+        f.write(os.urandom(size))
+    p = cli("verify", path, "--json")
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
+    assert "LMDB meta pages are invalid" in " ".join(doc["errors"]), doc["errors"]
+    assert doc["segments"] >= 1 and doc["commits"] == 3 and doc["records"] >= 3
+    assert doc["wal_end_lsn"] > 0
+    for unknown in ("lmdb_keys", "keys_checked", "applied_lsn", "blobs_checked",
+                    "blob_bytes_hashed"):
+        assert doc[unknown] is None, (unknown, doc)
+    assert any("WAL was checked on its own" in w for w in doc["warnings"])
+    p = cli("verify", path)
+    assert p.returncode == 1
+    shown = dict(line.rsplit(None, 1) for line in p.stdout.splitlines()[:9])
+    assert shown["commits"] == "3" and shown["LMDB keys"] == "-", shown
+    assert shown["applied LSN"] == "-" and shown["WAL end LSN"] != "0", shown

@@ -215,11 +215,13 @@ def verify(path: str, as_json: bool) -> None:
     if as_json:
         emit_json(rep.as_dict())
     else:
-        kv_lines([("segments", rep.segments), ("records", rep.records), ("commits", rep.commits),
-                  ("LMDB keys", rep.lmdb_keys), ("keys checked vs WAL", rep.keys_checked),
-                  ("blobs checked", rep.blobs_checked),
-                  ("blob bytes hashed", rep.blob_bytes_hashed),
-                  ("applied LSN", rep.applied_lsn), ("WAL end LSN", rep.wal_end_lsn)])
+        # ("-": not checked, null in JSON: the damage listed below stopped that check)
+        kv_lines([(name, "-" if value is None else value) for name, value in (
+            ("segments", rep.segments), ("records", rep.records), ("commits", rep.commits),
+            ("LMDB keys", rep.lmdb_keys), ("keys checked vs WAL", rep.keys_checked),
+            ("blobs checked", rep.blobs_checked),
+            ("blob bytes hashed", rep.blob_bytes_hashed),
+            ("applied LSN", rep.applied_lsn), ("WAL end LSN", rep.wal_end_lsn))])
         # (one line each, control characters escaped: they name actions, compensators and
         # files, whose names may hold any; an action named "charge\a\nx" split its line)
         for w in rep.warnings:

@@ -76,18 +76,22 @@ class ProblemList(list):
 
 @dataclass
 class VerifyReport:
+    """The figures are None for what was not checked (the WAL's when its walk never ran,
+    LMDB's when its data file could not be opened or walked, the blobs' when damage found
+    before stopped their check): a garbage data.mdb was reported "segments 0, records 0,
+    LMDB keys 0" above its error, of a store whose log held every record."""
     path: str
-    segments: int = 0
-    records: int = 0
-    commits: int = 0
-    wal_bytes: int = 0
-    lmdb_keys: int = 0
-    keys_checked: int = 0
-    blobs_checked: int = 0
-    blob_bytes_hashed: int = 0
-    applied_lsn: int = 0
-    wal_start: int = 0
-    wal_end_lsn: int = 0
+    segments: int | None = None
+    records: int | None = None
+    commits: int | None = None
+    wal_bytes: int | None = None
+    lmdb_keys: int | None = None
+    keys_checked: int | None = None
+    blobs_checked: int | None = None
+    blob_bytes_hashed: int | None = None
+    applied_lsn: int | None = None
+    wal_start: int | None = None
+    wal_end_lsn: int | None = None
     errors: ProblemList = field(default_factory=ProblemList)
     warnings: list = field(default_factory=list)
     # what needs a decision, no damage (CONTRACT 3: exit 1 all the same): in-doubt gids,
@@ -147,6 +151,7 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
     those two, with nothing shown."""
     layout = Layout(path)
     own_state = state is None
+    store_id = None
     try:
         store_id = layout.read_identity()  # (NotAStore: not a store at all, raised)
         if own_state:
@@ -154,6 +159,8 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
     except CorruptionError as e:  # a store whose LMDB state or log cannot even be opened:
         rep = VerifyReport(layout.root)  # the report says so (``--json`` prints it too)
         rep.errors.append(str(e))
+        if store_id is not None:  # (its log is checked all the same, on its own)
+            _check_wal_alone(layout, store_id, rep, progress)
         return rep
     try:
         rep = VerifyReport(layout.root)
@@ -166,10 +173,13 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
             rep.wal_start = state.meta_int(b"wal_start")
         except CorruptionError as e:  # (0: as if the log never began sealed)
             unreadable = unreadable or e
+            rep.wal_start = 0
         try:  # (another store's LMDB: said once, not as every key disagreeing with the log)
             check_owner(state, store_id)
         except CorruptionError as e:
             rep.errors.append(str(e))
+            rep.applied_lsn = rep.wal_start = None  # (that store's, not this log's)
+            _check_wal_alone(layout, store_id, rep, progress)
             return rep
         last_values = _check_wal(layout, store_id, rep, progress)
         if rep.errors and writer_alive(layout) and unreadable is None:
@@ -194,6 +204,22 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
     finally:
         if own_state:
             state.close()
+
+
+def _check_wal_alone(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> None:
+    """The log checked without LMDB (its data file unreadable, or another store's): every
+    record's checksum and payload, and the segment chain from its first segment on;
+    whether records below that segment are missing, and LMDB against the log, are not
+    known (a warning says so)."""
+    rep.applied_lsn = None
+    if rep.wal_start is None:  # (nothing says where the log began: its first segment)
+        from ..log.segment import list_segments
+        segs = list_segments(layout.wal)
+        rep.wal_start = segs[0][0] if segs else 0
+    _check_wal(layout, store_id, rep, progress)
+    rep.warnings.append("the WAL was checked on its own, LMDB being unreadable or another "
+                        "store's (whether records before its first segment are missing, "
+                        "and LMDB against it, were not)")
 
 
 def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
@@ -287,16 +313,18 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
     """Walk every record; return {key: the ``_digest`` of the last value logged by a commit
     at or below applied} (a digest, not the value: verify's memory grew with the log's
     values, 1.3 GB beside recovery's 55 MB on a 190 MB log)."""
-    log = LogReader(layout.wal, store_id, rep.applied_lsn, rep.wal_start)
+    applied = rep.applied_lsn or 0  # (None: LMDB unread; its position unknown)
+    log = LogReader(layout.wal, store_id, applied, rep.wal_start or 0)
     rep.segments = len(log.segments)
     rep.wal_bytes = log.total_bytes
+    rep.records = rep.commits = 0
     last: dict[bytes, bytes | None] = {}
     assembler = records.CommitAssembler()
     for item in log.walk():
         if isinstance(item, Record):
             rep.records += 1
-            if item.lsn < rep.applied_lsn < item.end_lsn:  # (an apply ends at a record's end)
-                rep.errors.append(f"LMDB's applied LSN {rep.applied_lsn} lies inside the "
+            if item.lsn < applied < item.end_lsn:  # (an apply ends at a record's end)
+                rep.errors.append(f"LMDB's applied LSN {applied} lies inside the "
                                   f"record at LSN {item.lsn} (it ends at {item.end_lsn}): "
                                   f"its meta row is damaged")
             try:
@@ -314,7 +342,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
                         except CorruptionError as e:
                             rep.errors.append(f"record at LSN {item.lsn} (offset "
                                               f"{item.offset}): key {k[:40]!r}: {e}")
-                if ev.end <= rep.applied_lsn:
+                if ev.end <= applied:
                     for k, v in ev.writes:
                         last[k] = _digest(v)
             continue
@@ -358,6 +386,7 @@ def _compare(state: LmdbState, rep: VerifyReport, last: dict) -> None:
     """LMDB's value of each key as of ``applied`` (history makes later applies by a live
     writer invisible) must be the WAL's."""
     at = rep.applied_lsn
+    rep.keys_checked = 0
     items = iter(last.items())  # (no copy of the dict: batches taken as it is walked)
     moved_on = 0  # keys whose history a live writer's purge (or retention) erased after
     # ``applied`` was read: not comparable, and not damage (each was reported "disagrees")
@@ -389,6 +418,7 @@ def _check_lmdb(state: LmdbState, rep: VerifyReport,
     if progress is not None:  # (rows as a share of the data file: bytes, as every count)
         total = max(state.count(), 1)
         size = os.path.getsize(state.data_file)
+    rep.lmdb_keys = 0
     for k, v in state.scan(b"", None):
         rep.lmdb_keys += 1
         if progress is not None and not rep.lmdb_keys % ROWS_PROGRESS:
@@ -503,6 +533,7 @@ def _check_blobs(layout: Layout, rep: VerifyReport, progress=None) -> None:
     records are held, as the open's ``referenced`` held them a moment before);
     ``progress(bytes hashed, bytes of the blobs present)``."""
     from .backup import hold_blob_gc, referenced_blobs
+    rep.blobs_checked = rep.blob_bytes_hashed = 0
     held = hold_blob_gc(layout, create=False)
     try:
         manifests: set[str] = set()
