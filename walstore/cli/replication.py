@@ -36,10 +36,11 @@ from .output import end_progress, note_problem, one_line, parse_point as _parse_
 def parse_point(text: str) -> Any:
     """A restore target: an ISO-8601 time with an offset (the last commit at or before
     it), else a point as every command takes it (tx:N, lsn:N, a txid, a name).  A text
-    that only looks like a time ("2026-release", "2026-05-01") is a restore point name, as
-    `rewind --to` reads it: it was refused as "not ISO-8601" / "needs an offset", and a
-    restore point so named could not be restored to (a name the replica lacks is refused
-    with a word on the time syntax: :func:`_time_hint`)."""
+    that only begins like a date ("2026-release", "2026-05-01": no time of day) is a
+    restore point name, as `rewind --to` reads it: it was refused as "not ISO-8601" /
+    "needs an offset", and a restore point so named could not be restored to (a name the
+    replica lacks is refused with a word on the time syntax: :func:`_time_hint`).  A date
+    and a time of day without an offset is refused (which zone it meant is unknown)."""
     t = text.strip()
     if _looks_like_time(t):
         try:
@@ -48,6 +49,8 @@ def parse_point(text: str) -> Any:
             when = None
         if when is not None and when.tzinfo is not None:
             return when
+        if when is not None and len(t) > 10:  # (a time of day: not a date alone)
+            raise click.BadParameter(f"time {text!r} needs an offset (e.g. +00:00 or Z)")
     return _parse_point(t)
 
 
