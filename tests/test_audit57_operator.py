@@ -34,6 +34,13 @@ Findings (each test named below fails on the code before its fix):
   what is left unchecked), and each figure of a check that did not run is "-" (null in
   JSON), also the blobs' when damage stopped their check
   (``test_verify_of_a_garbage_lmdb_file_walks_the_wal_and_shows_no_false_zeros``).
+- S3 replication: a WAL object of the replica that was damaged (or missing), its local
+  segment trimmed, failed compaction in every round with a bare "ValueError: WAL object
+  header checksum mismatch" (``last_error``), raised after the round had shipped the WAL:
+  the round's retention, its pin of the local WAL and ``complete_to`` never moved on.
+  Compaction leaves such an object out of every merge now (the rest are merged), the
+  rounds succeed, and ``store.replication().last_error`` names the object and why
+  (``test_a_damaged_replica_wal_object_does_not_fail_every_round``, moto's server).
 """
 from __future__ import annotations
 
@@ -47,6 +54,15 @@ import pytest
 import walstore
 
 from store_support import CLI, cli_env
+
+try:  # (the S3 tests need boto3 and moto; the others run without them)
+    from test_replication_support import make_s3_replica, s3_endpoint  # noqa: F401
+except pytest.skip.Exception:
+    make_s3_replica = None
+
+    @pytest.fixture
+    def s3_endpoint():
+        pytest.skip("boto3 and moto are not installed")
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -175,3 +191,49 @@ def test_verify_of_a_garbage_lmdb_file_walks_the_wal_and_shows_no_false_zeros(tm
     shown = dict(line.rsplit(None, 1) for line in p.stdout.splitlines()[:9])
     assert shown["commits"] == "3" and shown["LMDB keys"] == "-", shown
     assert shown["applied LSN"] == "-" and shown["WAL end LSN"] != "0", shown
+
+
+MIB = 1 << 20
+
+
+def test_a_damaged_replica_wal_object_does_not_fail_every_round(s3_endpoint, tmp_path):  # noqa: F811,E501
+    import boto3
+    rep = make_s3_replica(s3_endpoint)
+    path = str(tmp_path / "s")
+    opts = rep.opts(interval=3600, lease_ttl=3 * 3600, compact_fanout=1000)
+    small = {"segment_size": MIB, "checkpoint_bytes": MIB}
+    s = walstore.open(path, replicate_to=rep.url, replicate_options=opts, **small)
+    try:
+        for i in range(3):  # three small objects of the first segment, then its rest
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+            s._shipper.ship_once()
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"big{i % 50}", os.urandom(4000))
+        s._shipper.ship_once()
+        s.checkpoint()
+        s.checkpoint()
+        first = s._shipper.manifest.wal[0]
+    finally:
+        s.close()
+    assert not os.path.exists(os.path.join(path, "wal", "%020d.wal" % first["seg"]))
+    bucket, prefix = rep.url[len("s3://"):].split("/", 1)
+    c = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    key = f"{prefix}/{first['k']}"
+    body = bytearray(c.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[len(body) - 20] ^= 0xFF  # (inside its last record)
+    c.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    s = walstore.open(path, replicate_to=rep.url, **small,
+                      replicate_options=dict(opts, compact_fanout=2))
+    try:
+        for _ in range(3):
+            s._shipper.ship_once()  # (raised ValueError, every round)
+        st = s.replication()
+        assert st.state == "running" and st.lag_bytes == 0, st
+        assert st.last_error and first["k"] in st.last_error, st
+        assert "cannot be read" in st.last_error and "damaged" in st.last_error
+        wal = s._shipper.manifest.wal
+        assert wal[0]["k"] == first["k"] and any(e["lv"] > 0 for e in wal), wal
+    finally:
+        s.close()

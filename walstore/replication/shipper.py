@@ -153,6 +153,9 @@ class Shipper:
         # local blobs whose bytes do not match their names (damaged on the source's disk):
         # digest -> (size, mtime_ns) when found, never uploaded (``_ship_blobs``)
         self._damaged_blobs: dict[str, tuple[int, int]] = {}
+        # WAL objects of the replica compaction could not read (damaged or missing, their
+        # local segment gone): key -> why.  Left out of every merge, reported by status()
+        self._unmergeable: dict[str, str] = {}
         self._blob_lock = threading.Lock()  # (blob uploads run on several threads)
         self._behind_since: float | None = None
         self._round = threading.Lock()
@@ -522,6 +525,14 @@ class Shipper:
                      f"{', ...' if len(names) > 4 else ''}): not shipped (the replica's "
                      f"restores of points naming them report them missing); `walstore "
                      f"verify` names them")
+        bad = {k: why for k, why in self._unmergeable.items()
+               if m is not None and any(e["k"] == k for e in m.wal)}
+        if error is None and bad:
+            first = min(bad)
+            error = (f"{len(bad)} WAL object(s) of the replica cannot be read (e.g. {first}: "
+                     f"{bad[first]}), their local segment gone: left as they are, not "
+                     f"compacted; a restore that replays them fails (`walstore replicas "
+                     f"--verify` checks the replica)")
         if error is None and self._saved_unbased is not None:  # (a snapshot to come)
             error = f"no restore can reach the replica's end yet: {self._saved_unbased}"
         if error is None and self.target.waiting_for() >= STALL_REPORTED:
@@ -1246,10 +1257,12 @@ class Shipper:
         m = self.manifest
         fan = self.opts.compact_fanout
         wal = m.wal
+        bad = self._unmergeable
         run = 1
         for i in range(1, len(wal)):
             a, b = wal[i - 1], wal[i]
-            same = a["seg"] == b["seg"] and a["lv"] == b["lv"] and a["b"] == b["a"]
+            same = (a["seg"] == b["seg"] and a["lv"] == b["lv"] and a["b"] == b["a"]
+                    and a["k"] not in bad and b["k"] not in bad)
             run = run + 1 if same else 1
             if run == fan:
                 group = wal[i - fan + 1:i + 1]
@@ -1259,7 +1272,15 @@ class Shipper:
         if sum(e["n"] for e in group) > self.opts.max_object_bytes:
             return
         seg, lo, hi, level = group[0]["seg"], group[0]["a"], group[-1]["b"], group[0]["lv"] + 1
-        body = self._merged_body(group, seg, lo, hi)
+        try:
+            body = self._merged_body(group, seg, lo, hi)
+        except _Unreadable as e:
+            # (a damaged or missing object, its local segment gone, failed every round
+            # with a bare "ValueError: WAL object header checksum mismatch" after the WAL
+            # shipped: retention, the local WAL's pin and complete_to never moved on.  It
+            # is left out of merges now, and said in the status)
+            bad[e.key] = e.why
+            return
         n = _size(body)
         self._upload_immutable(wal_key(lo, hi, level), body)
         merged = {"k": wal_key(lo, hi, level), "seg": seg, "a": lo, "b": hi, "n": n,
@@ -1287,15 +1308,22 @@ class Shipper:
         out = tempfile.TemporaryFile(dir=self._tmp)
         out.write(logformat.encode_object_header(self.source.store_id, self.source.lineage,
                                                  seg, lo, hi, 0))
-        for e in group:
-            with tempfile.TemporaryFile(dir=self._tmp) as f:
-                if self.target.download(e["k"], f, e["n"]) is None:
-                    raise ReplicationError(f"WAL object {e['k']} is missing from {self.url}")
-                f.seek(0)
-                head, _hs = logformat.read_object_header(f)
-                for _lsn, _t, raw, _s in logformat.iter_object_records(
-                        f, head, self.source.store_id, e["k"]):
-                    out.write(raw)
+        try:
+            for e in group:
+                with tempfile.TemporaryFile(dir=self._tmp) as f:
+                    if self.target.download(e["k"], f, e["n"]) is None:
+                        raise _Unreadable(e["k"], f"missing from {self.url}")
+                    f.seek(0)
+                    try:
+                        head, _hs = logformat.read_object_header(f)
+                        for _lsn, _t, raw, _s in logformat.iter_object_records(
+                                f, head, self.source.store_id, e["k"]):
+                            out.write(raw)
+                    except ValueError as damage:
+                        raise _Unreadable(e["k"], f"damaged: {damage}") from damage
+        except BaseException:
+            out.close()
+            raise
         out.seek(0)
         return out
 
@@ -1324,6 +1352,14 @@ class Shipper:
         m.doc["trash"] = [[k, t] for k, t in m.doc["trash"] if k not in gone]
         self._save()
         summary["deleted"] += len(due)
+
+
+class _Unreadable(Exception):
+    """A WAL object of the replica that compaction cannot read (``key``, ``why``)."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{key}: {why}")
+        self.key, self.why = key, why
 
 
 BLOB_PREFIX = "blobs/"
