@@ -41,6 +41,12 @@ Findings (each test named below fails on the code before its fix):
   Compaction leaves such an object out of every merge now (the rest are merged), the
   rounds succeed, and ``store.replication().last_error`` names the object and why
   (``test_a_damaged_replica_wal_object_does_not_fail_every_round``, moto's server).
+- ``store.replication()`` before the shipper had ever read the replica's manifest (a store
+  reopened while the server is down) said ``shipped_lsn`` 0 and ``lag_bytes`` the whole
+  log (its lag_seconds the age of the log's first record), of a replica holding all but
+  the newest commit.  The position is not known then: ``shipped_lsn`` is None until the
+  manifest is read, and the lag counts from the position the last shipper recorded in
+  the store (``test_replication_before_the_replica_was_reached_claims_no_position``).
 """
 from __future__ import annotations
 
@@ -237,3 +243,35 @@ def test_a_damaged_replica_wal_object_does_not_fail_every_round(s3_endpoint, tmp
         assert wal[0]["k"] == first["k"] and any(e["lv"] > 0 for e in wal), wal
     finally:
         s.close()
+
+
+def test_replication_before_the_replica_was_reached_claims_no_position(s3_endpoint,  # noqa: F811
+                                                                      tmp_path):
+    import socket
+    rep = make_s3_replica(s3_endpoint)
+    path = str(tmp_path / "s")
+    with walstore.open(path, replicate_to=rep.url, replicate_options=rep.opts()) as s:
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", i)
+        shipped = s.sync_replica(timeout=30)
+        # (the replica's own objects: nothing more ships below; the reopen adds a little)
+        s._shipper.stop()
+        with s.transaction() as tx:
+            tx.put("late", 1)
+        end = s.stats()["wal_end_lsn"]
+    sock = socket.socket()  # (a port nothing listens on: the server is down)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    down = rep.opts(endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=0.5)
+    with walstore.open(path, replicate_to=rep.url, replicate_options=down) as s:
+        st = s.replication()
+        assert st.state == "starting" and st.last_error, st
+        assert st.shipped_lsn is None, st  # (was 0, and a lag of the whole log)
+        assert 0 < st.lag_bytes <= st.durable_lsn - shipped, (st, shipped)
+        assert st.lag_seconds < 30 and st.durable_lsn >= end, st
+    with walstore.open(path, replicate_to=rep.url, replicate_options=rep.opts()) as s:
+        s.sync_replica(timeout=30)
+        st = s.replication()  # (reached: its position again)
+        assert st.shipped_lsn >= shipped and st.lag_bytes == 0, st

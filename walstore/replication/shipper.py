@@ -66,10 +66,11 @@ class ReplicationStatus:
 
     url: str
     state: str                 # starting | running | stopped | lease-lost | refused | failed
-    shipped_lsn: int           # every record below it is in the replica (0: nothing yet)
+    shipped_lsn: int | None    # every record below it is in the replica (0: nothing yet;
+    # None: not known, the replica's manifest not read yet — the server not reached)
     durable_lsn: int           # the local durable frontier last seen
-    lag_bytes: int
-    lag_seconds: float
+    lag_bytes: int             # (while shipped_lsn is None: from the position the last
+    lag_seconds: float         # shipper recorded in the store, else the log's start)
     last_error: str | None
     last_shipped_at: float | None = None
     snapshots: int = 0
@@ -512,9 +513,19 @@ class Shipper:
         except Exception:
             durable = self._durable
         self._durable = durable
-        lag = max(0, durable - self.shipped)
+        shipped: int | None = self.shipped
+        base = self.shipped
+        if not self._started:
+            # the replica's position is known once its manifest is read: before that it
+            # said shipped_lsn 0 (and a lag of the whole log, aged from the log's first
+            # record) of a replica holding all but the last commits — a store reopened
+            # while the server is down.  Not known: None; the lag counts from the
+            # position the last shipper recorded in the store (an upper bound: an outage
+            # since the reopen still shows the age of what is left unshipped)
+            shipped, base = None, self._recorded_position()
+        lag = max(0, durable - base)
         if lag and self._behind_since is None:
-            self._behind_since = self._oldest_unshipped_stamp(time.time(), durable)
+            self._behind_since = self._oldest_unshipped_stamp(time.time(), durable, base)
         lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
         m = self.manifest
         error = self.last_error or self._snapshot_error
@@ -537,11 +548,21 @@ class Shipper:
             error = f"no restore can reach the replica's end yet: {self._saved_unbased}"
         if error is None and self.target.waiting_for() >= STALL_REPORTED:
             error = f"waiting on the server: {self.target.waiting()}"
-        return ReplicationStatus(self.url, self.state, self.shipped, durable, lag, lag_s,
+        return ReplicationStatus(self.url, self.state, shipped, durable, lag, lag_s,
                                  error, self.last_shipped_at,
                                  len(m.snapshots) if m else 0, dict(self.target.requests))
 
-    def _oldest_unshipped_stamp(self, default: float, durable: int) -> float:
+    def _recorded_position(self) -> int:
+        """The replica's position as the last shipper recorded it in the store (0: none
+        recorded, or a source outside the writer)."""
+        try:
+            pos = getattr(self.source, "recorded_position", lambda: None)()
+        except Exception:  # noqa: BLE001 - a status never fails
+            pos = None
+        return pos if isinstance(pos, int) and pos > 0 else 0
+
+    def _oldest_unshipped_stamp(self, default: float, durable: int,
+                                start: int | None = None) -> float:
         """When the oldest record not shipped yet was logged: the stamp of the first
         stamped record (a commit, an intent, a restore point) from ``shipped`` on, below
         ``durable``, read through the one WAL reader (``walstore.log.reader``'s
@@ -554,7 +575,7 @@ class Shipper:
         when the clock (re)starts, never per commit."""
         from ..log.reader import SegmentReader
         try:
-            pos, seen = self.shipped, 0
+            pos, seen = self.shipped if start is None else start, 0
             segs = sorted(self.source.segments())
             store_id = self.source.store_id
             first = max((i for i, (start, _p) in enumerate(segs) if start <= pos), default=0)

@@ -353,6 +353,11 @@ class InProcessSource(DirectorySource):
     def durable_lsn(self) -> int:
         return self._engine.wal.synced_lsn
 
+    def recorded_position(self) -> int | None:
+        """The replica's position the last shipper recorded in the store (its meta
+        ``replica_pin``), None when none is."""
+        return self._engine._stored_replica_position()
+
     def complete_mark(self) -> tuple[float, int] | None:
         """Exact in the writer's process: the time is read, then the journal lock is
         passed through once (acquired and released at once, nothing done under it: a
