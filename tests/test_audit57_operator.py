@@ -47,13 +47,26 @@ Findings (each test named below fails on the code before its fix):
   the newest commit.  The position is not known then: ``shipped_lsn`` is None until the
   manifest is read, and the lag counts from the position the last shipper recorded in
   the store (``test_replication_before_the_replica_was_reached_claims_no_position``).
+- ``store.revert()`` / ``rewind()`` under durability="normal" when the log's fsync failed
+  (the flusher's or the applier's, for another thread's commit) while the undo planned:
+  its commit was refused before the commit point and it raised the store's bare
+  "turned read-only after an error (...)" — or, in the window between the log's failure
+  and the store's, the log's internal ``LogFailed`` — saying nothing of the undo: a
+  caller could not tell whether the state was reverted and the compensations run.  It
+  raises ReadOnlyError "the undo (revert or rewind) did not happen: nothing was changed
+  and no compensation ran (...)" now, the cause chained; CommitOutcomeUnknown (the undo's
+  own record appended) is unchanged
+  (``test_a_revert_refused_by_a_failed_log_says_it_did_not_happen``).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -275,3 +288,75 @@ def test_replication_before_the_replica_was_reached_claims_no_position(s3_endpoi
         s.sync_replica(timeout=30)
         st = s.replication()  # (reached: its position again)
         assert st.shipped_lsn >= shipped and st.lag_bytes == 0, st
+
+
+class _LogFailsWhileTheUndoPlans(walstore.fileio.OSBackend):
+    """Once armed: at the undo's "undo.resolved" point, every fsync fails from then on
+    and another thread commits (durability "normal": its record is synced by the
+    flusher or the applier, whose fsync fails and stops the log)."""
+
+    def __init__(self) -> None:
+        self.armed = self.failing = False
+        self.store = None
+        self.ran: list = []
+
+    def fault_point(self, name: str) -> None:
+        if name == "undo.resolved" and self.armed:
+            self.armed, self.failing = False, True
+
+            def other() -> None:
+                with self.store.transaction() as tx:
+                    tx.put("other", 1)
+            t = threading.Thread(target=other)
+            t.start()
+            t.join(20)
+            deadline = time.monotonic() + 10
+            while self.store._engine.wal.failed is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def fsync(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        super().fdatasync(fd)
+
+
+def test_a_revert_refused_by_a_failed_log_says_it_did_not_happen(tmp_path):
+    path = str(tmp_path / "s")
+    backend = _LogFailsWhileTheUndoPlans()
+    old = walstore.fileio.set_backend(backend)
+    try:
+        s = walstore.open(path, durability="normal")
+        backend.store = s
+        s.compensator("refund")(lambda action: backend.ran.append(action.id))
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        with s.transaction() as tx:
+            tx.put("a", 2)
+            with tx.action("charge", compensate="refund") as act:
+                act.result = {"id": "c1"}
+        target = tx.id
+        backend.armed = True
+        with pytest.raises(walstore.ReadOnlyError) as info:
+            s.revert(target)
+        assert not isinstance(info.value, walstore.CommitOutcomeUnknown)
+        assert type(info.value) is walstore.ReadOnlyError  # (never the log's LogFailed)
+        msg = str(info.value)
+        assert "did not happen: nothing was changed and no compensation ran" in msg, msg
+        assert "Input/output error" in msg and backend.ran == []
+        backend.failing = False
+        try:
+            s.close()
+        except walstore.WalstoreError:
+            pass
+    finally:
+        walstore.fileio.set_backend(old)
+    with walstore.open(path) as s:  # (the revert is nowhere: not in the log, not undone)
+        assert s.get("a") == 2
+        assert all((i.meta or {}).get("revert") is None for i in s.log())
+        (act,) = [a for a in s.actions() if a.name == "charge"]
+        assert act.state == "committed"

@@ -96,8 +96,8 @@ from typing import TYPE_CHECKING, Any
 from .. import fileio
 from ..codec import decode_key, encode_key
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
-                      HistoryTrimmed, NeedsRecovery, PointTypeError, RevertConflict,
-                      TransactionTooLarge, os_errors_as_store_errors)
+                      HistoryTrimmed, NeedsRecovery, PointTypeError, ReadOnlyError,
+                      RevertConflict, TransactionTooLarge, os_errors_as_store_errors)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -271,7 +271,18 @@ class Undo:
             # (an OS error reading or putting back a workspace path: a StoreIOError, the
             # undo's transaction rolled back — a bare OSError escaped: sweep-files)
             with os_errors_as_store_errors():
-                result, owed = eng.pipeline.held_out_on_conflict(attempt)
+                try:
+                    result, owed = eng.pipeline.held_out_on_conflict(attempt)
+                except ReadOnlyError as e:
+                    if isinstance(e, CommitOutcomeUnknown):
+                        raise
+                    # before the commit point: nothing of the undo was written.  It said
+                    # only "turned read-only after a WAL error" (the log's own LogFailed
+                    # when the flusher's fsync failed as the undo appended), and a caller
+                    # could not tell whether the revert had happened
+                    raise ReadOnlyError(f"the undo (revert or rewind) did not happen: "
+                                        f"nothing was changed and no compensation ran "
+                                        f"({e})") from e
             if owed:
                 self._decision_durable(result)
                 try:
