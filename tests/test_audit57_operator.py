@@ -57,6 +57,12 @@ Findings (each test named below fails on the code before its fix):
   and no compensation ran (...)" now, the cause chained; CommitOutcomeUnknown (the undo's
   own record appended) is unchanged
   (``test_a_revert_refused_by_a_failed_log_says_it_did_not_happen``).
+- `walstore replicate --once` (the cron form) exited 0 saying "shipped ..." when its round
+  shipped the WAL but left a problem the shipper reports only in its status: a snapshot
+  that failed (``--json`` had a ``snapshot_error`` key, the human output nothing), local
+  blobs too damaged to ship, a replica object compaction cannot read.  It exits 1 now, a
+  line on stderr naming the problem, and ``--json`` has a ``problem`` key (null when none)
+  (``test_replicate_once_exits_1_when_its_round_left_a_problem``).
 """
 from __future__ import annotations
 
@@ -360,3 +366,32 @@ def test_a_revert_refused_by_a_failed_log_says_it_did_not_happen(tmp_path):
         assert all((i.meta or {}).get("revert") is None for i in s.log())
         (act,) = [a for a in s.actions() if a.name == "charge"]
         assert act.state == "committed"
+
+
+def test_replicate_once_exits_1_when_its_round_left_a_problem(tmp_path):
+    path, rep = str(tmp_path / "s"), tmp_path / "replica"
+    url = rep.as_uri()
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    p = cli("replicate", path, url, "--once", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["problem"] is None
+    snaps = rep / "snapshots"  # (from now on no snapshot can be written: a file there)
+    for name in os.listdir(snaps):
+        os.remove(snaps / name)
+    os.rmdir(snaps)
+    snaps.write_bytes(b"x")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("b", 2)
+    p = cli("replicate", path, url, "--once", "--snapshot-interval", "0")
+    assert p.returncode == 1, (p.stdout, p.stderr)
+    assert p.stdout.startswith("shipped 1 WAL object(s)")  # (the WAL shipped all the same)
+    assert "a snapshot failed" in p.stderr and "Traceback" not in p.stderr
+    p = cli("replicate", path, url, "--once", "--snapshot-interval", "0", "--json")
+    assert p.returncode == 1
+    assert "a snapshot failed" in json.loads(p.stdout)["problem"]
+    snaps.unlink()  # (the cause gone: a snapshot is written, exit 0)
+    p = cli("replicate", path, url, "--once", "--snapshot-interval", "0")
+    assert p.returncode == 0 and "snapshot at LSN" in p.stdout, (p.stdout, p.stderr)

@@ -168,14 +168,27 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
             shipper.stop()
             _fail(str(e))
         end_progress()
-        shipper.stop()
+        # what the round left wrong though it shipped (a snapshot that failed, local blobs
+        # damaged and not shipped, a replica object compaction cannot read, no restore
+        # reaching the replica's end): said in the status only, and a cron job's
+        # `replicate --once` exited 0 saying "shipped ..." (--json: a snapshot_error key)
+        try:
+            problem = shipper.status().last_error
+        finally:
+            shipper.stop()
+        if problem:
+            note_problem()
         if as_json:
-            _emit({"url": shipper.url, **summary})
+            _emit({"url": shipper.url, **summary, "problem": problem})
         else:
             snap = "" if summary["snapshot"] is None else \
                 f", snapshot at LSN {summary['snapshot']}"
             click.echo(f"shipped {summary['objects']} WAL object(s), {summary['bytes']} bytes; "
                        f"replica at LSN {summary['position']}{snap}")
+        if problem:
+            click.echo(one_line(f"walstore: replicate: the round shipped, but: {problem}"),
+                       err=True)
+            sys.exit(EXIT_PROBLEM)
         return
     stop = _stop_on_signals()
     try:
