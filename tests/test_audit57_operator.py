@@ -221,7 +221,8 @@ def test_verify_of_a_garbage_lmdb_file_walks_the_wal_and_shows_no_false_zeros(tm
 MIB = 1 << 20
 
 
-def test_a_damaged_replica_wal_object_does_not_fail_every_round(s3_endpoint, tmp_path):  # noqa: F811,E501
+def test_a_damaged_replica_wal_object_does_not_fail_every_round(s3_endpoint,  # noqa: F811
+                                                                tmp_path):
     import boto3
     rep = make_s3_replica(s3_endpoint)
     path = str(tmp_path / "s")
@@ -255,7 +256,7 @@ def test_a_damaged_replica_wal_object_does_not_fail_every_round(s3_endpoint, tmp
         for _ in range(3):
             s._shipper.ship_once()  # (raised ValueError, every round)
         st = s.replication()
-        assert st.state == "running" and st.lag_bytes == 0, st
+        assert st.state == "running" and st.shipped_lsn is not None, st
         assert st.last_error and first["k"] in st.last_error, st
         assert "cannot be read" in st.last_error and "damaged" in st.last_error
         wal = s._shipper.manifest.wal
