@@ -63,6 +63,12 @@ Findings (each test named below fails on the code before its fix):
   blobs too damaged to ship, a replica object compaction cannot read.  It exits 1 now, a
   line on stderr naming the problem, and ``--json`` has a ``problem`` key (null when none)
   (``test_replicate_once_exits_1_when_its_round_left_a_problem``).
+- `walstore dump` of a store whose db/data.mdb cannot be read, its log trimmed by
+  checkpoints (the first segment starting past LSN 0), listed a GAP first: "the WAL
+  begins at LSN N but LMDB is applied only up to 0: log records are missing", exit 1 —
+  no record was missing (the walk took "applied 0, log starting at 0" for LMDB's word).
+  It walks the log from its first segment then, as verify now does: no false GAP, exit 0
+  (``test_dump_of_a_trimmed_log_beside_an_unreadable_lmdb_claims_no_gap``).
 """
 from __future__ import annotations
 
@@ -396,3 +402,27 @@ def test_replicate_once_exits_1_when_its_round_left_a_problem(tmp_path):
     snaps.unlink()  # (the cause gone: a snapshot is written, exit 0)
     p = cli("replicate", path, url, "--once", "--snapshot-interval", "0")
     assert p.returncode == 0 and "snapshot at LSN" in p.stdout, (p.stdout, p.stderr)
+
+
+def test_dump_of_a_trimmed_log_beside_an_unreadable_lmdb_claims_no_gap(tmp_path):
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="normal", segment_size=MIB,
+                       checkpoint_bytes=MIB) as s:
+        for i in range(300):  # (past one segment: the checkpoints trim the first)
+            with s.transaction() as tx:
+                tx.put(f"k{i % 20}", os.urandom(4000))
+        s.checkpoint()
+        s.checkpoint()
+    first = min(int(n[:-4]) for n in os.listdir(os.path.join(path, "wal"))
+                if n.endswith(".wal"))
+    assert first > 0
+    data = os.path.join(path, "db", "data.mdb")
+    with open(data, "wb") as f:
+        f.write(os.urandom(os.path.getsize(data)))
+    p = cli("dump", path, "--json")
+    assert p.returncode == 0, p.stderr
+    records = json.loads(p.stdout)["records"]
+    assert records and records[0]["lsn"] == first, records[:1]
+    assert not [r for r in records if r["type"] == "GAP"]
+    doc = json.loads(cli("verify", path, "--json").stdout)  # (the same walk: no gap)
+    assert not [e for e in doc["errors"] if "log records are missing" in e], doc["errors"]

@@ -16,6 +16,7 @@ from ..errors import UnknownPoint, WalstoreError
 from ..log import records
 from ..log.format import RecordType
 from ..log.reader import LogReader, Record
+from ..log.segment import list_segments
 
 
 DAMAGE = frozenset({"CORRUPT", "TRUNCATED", "GAP", "BAD-SEGMENT", "MISSING-NEXT",
@@ -90,18 +91,26 @@ MAX_WALKS = 20  # walks at most, beside a writer that keeps appending
 
 
 def _state_marks(layout: Layout) -> tuple[int, int]:
-    """(applied LSN, where the log starts) as the store's LMDB state holds them; (0, 0)
-    when it cannot be read (the walk then reports what it finds; ``verify`` says why)."""
+    """(applied LSN, where the log starts) as the store's LMDB state holds them; when it
+    cannot be read, (0, the first segment's start): the log is walked on its own, from
+    where it begins (``verify`` says why LMDB is unreadable).  (0, 0) there made a log
+    trimmed by checkpoints read as "the WAL begins at LSN N but LMDB is applied only up to
+    0: log records are missing", a GAP, exit 1: records missing that were not.)"""
     try:
         state = LmdbState(layout.db, readonly=True)
     except WalstoreError:
-        return 0, 0
+        return 0, _first_segment(layout)
     try:
         return state.applied_lsn(), state.meta_int(b"wal_start")
     except WalstoreError:
-        return 0, 0
+        return 0, _first_segment(layout)
     finally:
         state.close()
+
+
+def _first_segment(layout: Layout) -> int:
+    segs = list_segments(layout.wal)
+    return segs[0][0] if segs else 0
 
 
 def _segment_path(log: LogReader, lsn: int) -> str:
