@@ -200,8 +200,8 @@ def replicate_cmd(path: str, url: str, once: bool, interval: float | None,
     try:
         while not stop.wait(1.0):
             st = shipper.status()
-            where = ("unknown (replica not reached yet)" if st.shipped_lsn is None
-                     else st.shipped_lsn)
+            where = (f"{st.shipped_lsn} (recorded; replica not reached yet)"
+                     if st.state == "starting" else st.shipped_lsn)
             line = (f"shipped LSN {where}  lag {st.lag_bytes} B / {st.lag_seconds:.1f} s"
                     + (f"  error: {st.last_error}" if st.last_error else ""))
             if line != last:

@@ -66,11 +66,12 @@ class ReplicationStatus:
 
     url: str
     state: str                 # starting | running | stopped | lease-lost | refused | failed
-    shipped_lsn: int | None    # every record below it is in the replica (0: nothing yet;
-    # None: not known, the replica's manifest not read yet — the server not reached)
+    shipped_lsn: int           # every record below it is in the replica (0: nothing yet;
+    # before the replica's manifest is read — the server not reached since the open — the
+    # position the last shipper recorded in the store: a lower bound, state "starting")
     durable_lsn: int           # the local durable frontier last seen
-    lag_bytes: int             # (while shipped_lsn is None: from the position the last
-    lag_seconds: float         # shipper recorded in the store, else the log's start)
+    lag_bytes: int
+    lag_seconds: float
     last_error: str | None
     last_shipped_at: float | None = None
     snapshots: int = 0
@@ -513,16 +514,17 @@ class Shipper:
         except Exception:
             durable = self._durable
         self._durable = durable
-        shipped: int | None = self.shipped
         base = self.shipped
         if not self._started:
             # the replica's position is known once its manifest is read: before that it
             # said shipped_lsn 0 (and a lag of the whole log, aged from the log's first
             # record) of a replica holding all but the last commits — a store reopened
-            # while the server is down.  Not known: None; the lag counts from the
-            # position the last shipper recorded in the store (an upper bound: an outage
-            # since the reopen still shows the age of what is left unshipped)
-            shipped, base = None, self._recorded_position()
+            # while the server is down.  Now the position the last shipper recorded in
+            # the store (the replica holds at least that: a lower bound, an int as ever
+            # for a caller comparing it), the lag counted from there (an outage since
+            # the reopen still shows the age of what is left unshipped)
+            base = max(base, self._recorded_position())
+        shipped = base
         lag = max(0, durable - base)
         if lag and self._behind_since is None:
             self._behind_since = self._oldest_unshipped_stamp(time.time(), durable, base)
