@@ -99,10 +99,12 @@ def test_actions_rolled_back_and_prepares_stay_within_the_memtables_bounds(tmp_p
         s.close()
 
 
-def _race_writers_with(end, store, rounds=60, writers=2, per=1500):
+def _race_writers_with(end, store, rounds=60, writers=2, per=1500, unknown=None):
     """``end(tx)`` (a commit or prepare) from this thread while ``writers`` threads write
-    into ``tx``; returns [(round, keys whose write returned, keys refused)]."""
+    into ``tx``; returns [(round, keys whose write returned, keys refused)]; the keys
+    whose answer was "not known" go to ``unknown`` when given."""
     out = []
+    unknown = [] if unknown is None else unknown
     for r in range(rounds):
         tx = store.transaction()
         tx.put(f"r{r}/seed", 0)
@@ -122,8 +124,12 @@ def _race_writers_with(end, store, rounds=60, writers=2, per=1500):
                     else:
                         tx.delete(key)  # (a delete is a write: in the commit or refused)
                         tx.put(key, i)
-                except walstore.TransactionClosed:
-                    refused.append(key)
+                except walstore.TransactionClosed as e:
+                    # (the one answer that claims nothing: the write came to check
+                    # itself after the commit's end had dropped what it took — the
+                    # writer descheduled between its write and its check for the whole
+                    # commit; it says "not known" and to read the key)
+                    (unknown if "is not known" in str(e) else refused).append(key)
                     return
                 ok.append(key)
 
@@ -144,7 +150,13 @@ def _race_writers_with(end, store, rounds=60, writers=2, per=1500):
 def test_a_write_racing_another_threads_commit_is_committed_or_refused_never_lost(tmp_path):
     s = walstore.open(str(tmp_path / "s"), durability="none")
     try:
-        results = _race_writers_with(lambda tx, r: tx.commit(), s)
+        unknown: list[str] = []
+        results = _race_writers_with(lambda tx, r: tx.commit(), s, unknown=unknown)
+        # ("not known" claims neither way: no assertion on those keys.  It is no rarity
+        # — ~20 keys in 60 rounds here, nearly all of them in no commit; the seal drops
+        # what it took at the commit's end unless a racer has registered, and a writer
+        # between its write and its registration cannot be told apart; stop 57's
+        # closing note)
         lost = 0
         for r, ok, refused in results:
             got = {k for k, _v in s.scan(prefix=f"r{r}/")}
