@@ -86,6 +86,7 @@ def _choose_crc32c():
                 return extend(crc, data)
             fn = _checked(crc)
             if fn is not None:
+                fn.bytes_extend = extend  # (its C call, for bytes: ``_bytes_crc``)
                 return fn
     except ImportError:  # pragma: no cover - an install without the dependency
         pass
@@ -104,6 +105,19 @@ def _choose_crc32c():
 crc32c = _choose_crc32c()
 """CRC-32C (Castagnoli) of ``data``, continuing ``crc``: ``crc32c(b, crc32c(a))`` is
 ``crc32c(a + b)``."""
+
+
+def _choose_bytes_crc():
+    """``crc32c`` for ``bytes`` data, arguments as (crc, data): google-crc32c's C
+    ``extend`` itself when ``crc32c`` is its wrapper (no Python frame for each record
+    ``encode_record`` frames: its data is always ``bytes``), else ``crc32c`` wrapped."""
+    extend = getattr(crc32c, "bytes_extend", None)
+    if extend is not None:
+        return extend
+    return lambda crc, data: crc32c(data, crc)
+
+
+_bytes_crc = _choose_bytes_crc()
 
 
 FORMAT_VERSION = 1
@@ -244,7 +258,7 @@ def encode_record(salt: int, rtype: int, lsn: int, synced_lsn: int, payload: byt
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"record payload of {len(payload)} bytes exceeds the {MAX_PAYLOAD} limit")
     data = _HEAD.pack(len(payload), rtype, 0, RECORD_MAGIC, lsn, synced_lsn) + payload
-    return _CRC.pack(crc32c(data, salt)) + data  # (the CRC covers header and payload)
+    return _CRC.pack(_bytes_crc(salt, data)) + data  # (the CRC covers header and payload)
 
 
 def parse_record_header(buf, offset: int) -> RecordHeader:

@@ -136,16 +136,17 @@ class WriteAheadLog:
                 w = self.writer
             lsn = w.start_lsn + w.offset - SEGMENT_HEADER_SIZE  # (``w.end_lsn``)
             data = encode_record(w.salt, rtype, lsn, self.synced_lsn, payload)  # (``frame``)
+            size = len(data)  # (== need)
             try:
                 pwrite_all(w.fd, data, w.offset)  # (``w.write_at_end`` written out)
-                w.offset += len(data)
+                w.offset += size
             except OSError as e:
-                w.scrub(len(data))  # best effort: no stale half record behind the end
+                w.scrub(size)  # best effort: no stale half record behind the end
                 raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
                                     ) from e
-            self.written_lsn = lsn + len(data)  # (== w.end_lsn)
-            self.bytes_since_checkpoint += len(data)
-            return lsn, self.written_lsn
+            self.written_lsn = end = lsn + size  # (== w.end_lsn)
+            self.bytes_since_checkpoint += size
+            return lsn, end
 
     def append_grouped(self, rtype: int, payload: bytes) -> tuple[int, int, Appended | None]:
         """Append a record its caller will wait for with ``sync_to`` (a commit): while a
