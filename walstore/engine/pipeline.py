@@ -171,10 +171,14 @@ class CommitPipeline:
                 # (durability="full"; else written is done — but a prepared transaction's
                 # COMMIT is a 2PC decision, which must be durable before anyone acts on it
                 # under "normal" too: an atomic group's coordinator commits the others next)
-                make_durable = (self.journal.make_durable if req.gid is None
-                                else self.journal.force_durable)
-                while self.journal.waits_for_durability or (
-                        req.gid is not None and self.journal.durability != "none"):
+                journal = self.journal
+                make_durable = None  # (bound at the first pass: under "normal" a plain
+                # commit makes none)
+                while journal.waits_for_durability or (
+                        req.gid is not None and journal.durability != "none"):
+                    if make_durable is None:
+                        make_durable = (journal.make_durable if req.gid is None
+                                        else journal.force_durable)
                     try:
                         self.durable_or_unknown(make_durable, event, req.txid,
                                                 f"transaction {req.txid}'s commit record",
