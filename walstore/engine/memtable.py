@@ -187,8 +187,9 @@ class MemTable:
         t = event.type
         if t == _COMMIT:
             self.commits[event.txid] = event
-        if t in _NAMING and (t != _COMMIT or event.packed_body is None):  # (not a plain
-            by_action = self.by_action                                     # commit)
+        # (not a plain commit: ``event.packed_body is None``, its property written out)
+        if t in _NAMING and (t != _COMMIT or type(event._body) is dict):
+            by_action = self.by_action
             for aid, part in actions_named(event):
                 by_action.setdefault(aid, []).append(part)
             if t == _COMMIT:
@@ -312,6 +313,8 @@ class MemTable:
                     for aid in e.field("compensate", ()):
                         if self.claimed.get(aid) == e.txid:
                             del self.claimed[aid]
+                if type(e._body) is not dict:  # a plain commit (``packed_body``): add()
+                    continue  # indexed it nowhere but in what is done above
             if e.type in _NAMING or e.type in _ENDS or e.type == _POINT or e.type in _WS:
                 self._unindex(e, 0)
         self.log_bytes -= size
