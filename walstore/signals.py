@@ -244,7 +244,13 @@ class _Deferred:
         self.depth = 1  # (first: a handler that runs below and uses the store nests)
         if _CAN_BLOCK:
             try:
-                self.old = _block()  # (one buffer: never blocked again while it is held)
+                # (``_block`` written out: every commit comes here)
+                if _LIBC is not None:
+                    fn, block, old = _LIBC
+                    fn(0, block, old)  # SIG_BLOCK
+                    self.old = old  # (one buffer: never blocked again while it is held)
+                else:
+                    self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _FEW)
                 _run_pending()  # (a handler pending from before runs now, before the section)
             except BaseException:  # (a handler raised: the section never began)
                 old, self.old = self.old, None
@@ -271,7 +277,10 @@ class _Deferred:
         self.depth = 0
         if self.old is not None:
             old, self.old = self.old, None
-            _restore(old)  # (pending ones run after this)
+            if _LIBC is not None:  # (``_restore`` written out: every commit comes here)
+                _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
+            else:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if saved or _HELD:
             _give_back_handlers(saved)
 
