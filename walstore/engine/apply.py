@@ -64,7 +64,7 @@ class Applier:
         its own LMDB transaction (what it erases must not include later writes)."""
         start = 0
         for i, e in enumerate(events):
-            if e.packed_body is not None:
+            if type(e._body) is not dict:  # (``e.packed_body is not None`` written out)
                 continue  # a plain commit (no purge): its body stays packed (see _apply)
             e.thaw()  # (a body kept packed while it waited: decoded once, here)
             if e.type == _T.COMMIT and "purge" in e.body and i + 1 < len(events):
@@ -123,8 +123,8 @@ class Applier:
                                 deletes = True
                         latest.update(e.writes)  # (after the loop: one event's keys are
                         # distinct)
-                    packed = e.packed_body
-                    if packed is not None:  # plain: no gid, actions, files or purge
+                    packed = e._body  # (``e.packed_body`` written out: every commit)
+                    if type(packed) is not dict:  # plain: no gid, actions, files or purge
                         txn_rows.append((txid_raw, tables.plain_txn_row(e, packed)))
                         if inflight_rows and txn.delete(txid_raw, db=st.inflight):
                             _commit_files(txn, st, e)  # (it logged records it undid itself)
