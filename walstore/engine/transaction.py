@@ -221,6 +221,25 @@ class Transaction:
 
     _seal: _Seal | None = None  # set once a commit or prepare takes the write set
 
+    # Each transaction's starting values that are immutable, as class attributes: set
+    # per instance only once changed (every transaction began by storing them all, and
+    # past 30 attributes its instance dict was built over again at its first new one)
+    lsn: int | None = None
+    gid: str | None = None
+    _serial = 0
+    _snapshot: int | None = None
+    actions_begun = 0    # numbers action ids
+    action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
+    _logged = False      # wrote a record before commit (an intent, a before-image)
+    undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
+    _request: "CommitRequest | None" = None  # the commit() under way or done
+    _ending: str | None = None  # the end call under way (see ``_end_lock`` in __init__)
+    closed_by_store = False  # rolled back by the store's close() (end_at_close)
+    _unknown_of = "its COMMIT"  # outcome unknown: the record whose fsync failed
+    # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
+    # its object, not its ident, which a later thread may be given again
+    thread: "weakref.ref | None" = None
+
     # the write set's size as MAX_TXN_WRITE_BYTES counts it is bounded at each write:
     # ``_write_bytes`` is an upper bound of it (each write adds its key and value, a
     # rewrite's old value is not taken off: no lookup on the hot path); once the bound
@@ -269,27 +288,18 @@ class Transaction:
         self.id = txid
         self.meta = meta if meta is None else check_meta(meta)
         self.scope = scope
-        self.lsn: int | None = None
         self.state = ACTIVE
-        self.gid: str | None = None
         self._writes: dict[bytes, bytes | None] = {}
         self._write_bytes = 0  # (see ``_write_trigger``)
         self._undo: list[tuple[bytes, Any]] = []
         self._savepoints: list[Savepoint] = []
-        self._serial = 0
-        self._snapshot: int | None = None
         self.read_keys: set[bytes] = set()
         # scanned ranges, each once (an ordered set: a transaction polling one prefix kept
         # a range per scan — 100,000 polls held 14 MiB and logged 100,000 ranges in its
         # PREPARE, past whose record limit prepare was refused — probe-audit54)
         self.read_ranges: dict[tuple[bytes, bytes | None], None] = {}
         self.effects: list = []   # live actions and file changes, in the order logged
-        self.actions_begun = 0    # numbers action ids
-        self.action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
-        self._logged = False      # wrote a record before commit (an intent, a before-image)
         self.commit_body: dict = {}  # agent layer: extra COMMIT fields (revert, rewind, ...)
-        self.undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
-        self._request: CommitRequest | None = None  # the commit() under way or done
         # A transaction's end is decided once: commit(), rollback(), prepare(),
         # rollback_to() and close()'s rollback hold this lock from their check of the state
         # to the state they leave (a commit() in one thread and a rollback() in another —
@@ -302,12 +312,6 @@ class Transaction:
         # the undo log and each savepoint's ``recorded`` keys change in one step against
         # savepoint(), release() and rollback_to() (see ``_keep_before``)
         self._undo_lock = _RLock()
-        self._ending: str | None = None
-        self.closed_by_store = False  # rolled back by the store's close() (end_at_close)
-        self._unknown_of = "its COMMIT"  # outcome unknown: the record whose fsync failed
-        # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
-        # its object, not its ident, which a later thread may be given again
-        self.thread: weakref.ref | None = None
 
     @property
     def logged(self) -> bool:
