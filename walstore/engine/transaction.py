@@ -1190,9 +1190,15 @@ class Transaction:
         self._savepoints.clear()
         self._writes = {}
         self._write_bytes = 0
-        self.__dict__.pop("_write_trigger", None)
-        self.__dict__.pop("_write_order", None)
-        self.__dict__.pop("_inner_blockers", None)
+        # the instance's own _write_trigger (only ever -1), _write_order (only ever a
+        # _WriteOrder) and _inner_blockers (only ever a list) go: the class's come back.
+        # Tested first: reading ``__dict__`` builds the instance's dict (every commit)
+        if (self._write_trigger < 0 or self._write_order is not None
+                or type(self._inner_blockers) is not tuple):
+            own = self.__dict__
+            own.pop("_write_trigger", None)
+            own.pop("_write_order", None)
+            own.pop("_inner_blockers", None)
         if self.commit_check is not None:  # (set with file_reads; one test per commit)
             del self.file_reads, self.commit_check
         self._undo.clear()
