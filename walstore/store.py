@@ -36,6 +36,7 @@ from .agent.hooks import AgentHooks
 from .agent.purge import Purge
 from .agent.retention import Retention
 from .agent.scope import NO_SCOPE, check_scope, provided_scope
+from .agent.scope import _providers as _scope_providers  # (changed in place only)
 from .agent.twophase import TwoPhase
 from .agent.txlog import LSN, TxnInfo
 from .agent.undo import Undo, UndoPlan
@@ -540,13 +541,14 @@ class Store:
         may fence the transactions it names the scope of (``register_scope_provider``):
         LangGraph's refuses one of a run whose thread was rewound or deleted."""
         eng = self._engine
-        eng.check_open()
+        if eng.closed:  # (``check_open``'s test written out: every transaction begins here)
+            eng.check_open()
         on_begin = None
         if scope is NO_SCOPE:
             scope = None
         elif scope is not None:
             scope = check_scope(scope)
-        else:
+        elif _scope_providers:  # (none registered: no scope, ``provided_scope``'s answer)
             scope, on_begin = provided_scope()
         tx = Transaction(eng, self._hooks, eng.next_txid(), meta, scope)
         tx.keepalive = self  # (the store stays open while the transaction is)
