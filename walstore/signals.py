@@ -75,7 +75,9 @@ def _libc_sigmask():
         return None
     try:
         import ctypes
-        fn = ctypes.CDLL(None).pthread_sigmask  # (no errno kept: it returns it)
+        # (PyDLL: the call keeps the GIL -- a CDLL call let it go and took it back, twice
+        # a commit, handing it to any thread that waited; no errno kept: it returns it)
+        fn = ctypes.PyDLL(None).pthread_sigmask
     except (OSError, AttributeError):
         return None
     bits = ctypes.sizeof(ctypes.c_ulong) * 8
