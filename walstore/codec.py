@@ -307,6 +307,23 @@ def pack(obj: Any) -> bytes:
     return packed
 
 
+def pack_two(a: Any, b: Any) -> tuple[bytes, bytes]:
+    """``(pack(a), pack(b))`` with one look-up of this thread's Packer (a commit packs its
+    body and its writes: every commit comes here)."""
+    try:
+        packer = _local.packer
+    except AttributeError:
+        packer = _packer()
+    packed_a = packer.pack(a)
+    if len(packed_a) > RELEASE_PACKER_BYTES:  # (as ``pack``: then a new one packs ``b``)
+        _release_packer()
+        return packed_a, pack(b)
+    packed_b = packer.pack(b)
+    if len(packed_b) > RELEASE_PACKER_BYTES:
+        _release_packer()
+    return packed_a, packed_b
+
+
 def unpack(data: bytes) -> Any:
     """Unpack an internal structure read from disk; any damage raises ValueError.  (LMDB
     rows decode through ``walstore.engine.tables.unpack_row``: a CorruptionError naming

@@ -23,7 +23,7 @@ WAL's buffered records are the MemTable's newest events.
 from __future__ import annotations
 
 import threading
-from ..codec import pack
+from ..codec import pack, pack_two
 from ..errors import TransactionTooLarge
 from ..log import records
 from ..log.format import MAX_PAYLOAD, RecordType
@@ -94,12 +94,13 @@ class Journal:
         commit's leader (under "full" only; the caller must be able to lose it to a write
         error after this returns, i.e. it took no hold that outlives the MemTable event)."""
         body["tx"] = txid
-        packed_body = pack(body)
         if len(writes) <= SMALL_COMMIT:  # (the common commit: ``_split`` written out)
-            chunks, payload = (), records.with_writes(packed_body, pack(writes))
+            packed_body, packed_writes = pack_two(body, writes)
+            chunks, payload = (), records.with_writes(packed_body, packed_writes)
             if len(payload) > MAX_PAYLOAD:
                 chunks, payload = _split(packed_body, writes)
         else:
+            packed_body = pack(body)
             chunks, payload = _split(packed_body, writes)
         appended = False
         try:
