@@ -899,7 +899,8 @@ class Transaction:
 
     def _commit(self) -> int | None:
         """``commit()``'s work, with the end lock held."""
-        self._check_no_running_body("commit")
+        if self.effects:  # (no effect: no body runs; most commits)
+            self._check_no_running_body("commit")
         if self.gid is not None:
             self._check_decision_in_doubt()
             try:
