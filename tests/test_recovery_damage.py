@@ -1093,6 +1093,10 @@ def test_cli_recover_torn_tail_only_exits_0(killed: Built) -> None:
     seg = killed.segments()[-1]
     last = seg.recs[-1]
     write_at(seg.path, last.offset + RHDR + 10, bytes(last.end - last.offset - RHDR - 10))
+    # (the torn tail ends at its last non-zero byte, the rest reads as the segment's zero
+    # fill: the payload's 10th byte, a commit's timestamp or id, was 0 about one run in
+    # 256 — torn_bytes RHDR + 9)
+    write_at(seg.path, last.offset + RHDR + 9, b"\xa5")
     res = run_cli("recover", str(killed.root), "--json")
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
