@@ -29,6 +29,7 @@ from ..log import records
 from ..log.format import MAX_PAYLOAD, RecordType
 from ..log.records import Event
 from ..log.writer import WriteAheadLog
+from ..signals import deferred
 from .memtable import MemTable
 
 CHUNK_BYTES = 4 * 1024 * 1024  # a commit's writes are split into WAL records of about this
@@ -73,8 +74,13 @@ class Journal:
 
     # ---- appending (callers may hold ``lock`` around validation + append) ---------------
     def append(self, rtype: int, body: dict, txid: int = -1) -> Event:
-        """Append one record that is an event (not a commit) and queue it."""
-        with self.lock:
+        """Append one record that is an event (not a commit) and queue it.  Signals held
+        off across the three steps (walstore.signals): an interrupt between the WAL's
+        append and the MemTable's left a record in the log that no view, nor the
+        applier, knew of — a compensation's outcome read "needs-redo" (or "pending")
+        while the log said otherwise, and once later records were applied past it, the
+        next open's REDO, starting from the applied LSN, never read it."""
+        with deferred(), self.lock:
             lsn, end = self.wal.append(rtype, pack(body))
             event = Event(lsn, end, rtype, txid, body, None)
             self.memtable.add(event)
