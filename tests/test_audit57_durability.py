@@ -61,6 +61,12 @@ def _first(ops, pred):
     return next((i for i, op in enumerate(ops) if pred(op)), None)
 
 
+def _syncs(ops, root):
+    """(index of the workspace's syncfs, index of the first WAL fsync) in ``ops``."""
+    return (_first(ops, lambda o: o == ("syncfs", os.path.realpath(root))),
+            _first(ops, lambda o: o[0] in ("fsync", "fdatasync") and o[1].endswith(".wal")))
+
+
 def test_sync_under_none_makes_the_workspace_durable_before_the_log(tmp_path):
     b = FaultBackend(record=True)
     with installed(b):
@@ -69,9 +75,7 @@ def test_sync_under_none_makes_the_workspace_durable_before_the_log(tmp_path):
             n = len(b.events)
             s.sync()
             ops = _ops_after(b, n)
-            ws_sync = _first(ops, lambda o: o == ("syncfs", os.path.realpath(root)))
-            log_sync = _first(ops, lambda o: o[0] in ("fsync", "fdatasync")
-                              and o[1].endswith(".wal"))
+            ws_sync, log_sync = _syncs(ops, root)
             assert ws_sync is not None, ops
             assert log_sync is not None and ws_sync < log_sync, ops
         finally:
@@ -88,9 +92,7 @@ def test_a_checkpoint_under_none_syncs_the_workspace_before_the_log(tmp_path):
             n = len(b.events)
             s.checkpoint()
             ops = _ops_after(b, n)
-            ws_sync = _first(ops, lambda o: o == ("syncfs", os.path.realpath(root)))
-            log_sync = _first(ops, lambda o: o[0] in ("fsync", "fdatasync")
-                              and o[1].endswith(".wal"))
+            ws_sync, log_sync = _syncs(ops, root)
             assert ws_sync is not None and (log_sync is None or ws_sync < log_sync), ops
         finally:
             s.close()

@@ -103,21 +103,31 @@ class OSBackend:
 
 
 _SFR_WAIT_WRITE_WAIT = 1 | 2 | 4  # SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER
-_sfr: list = []  # [the libc function or None], looked up once
+_libc_fns: dict = {}  # name -> the libc function or None, looked up once
 
 
-def _sync_file_range():
-    if not _sfr:
+def _libc(name: str, argtypes: tuple, restype_name: str = "c_int"):
+    """libc's ``name`` (ctypes, errno kept), or None where it does not exist (not Linux,
+    no ctypes)."""
+    if name not in _libc_fns:
         fn = None
         try:
             import ctypes
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-            fn.restype = ctypes.c_int
-        except (ImportError, OSError, AttributeError):  # not Linux, or no ctypes
+            fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+            fn.argtypes = tuple(getattr(ctypes, t) for t in argtypes)
+            fn.restype = getattr(ctypes, restype_name)
+        except (ImportError, OSError, AttributeError):
             fn = None
-        _sfr.append(fn)
-    return _sfr[0]
+        _libc_fns[name] = fn
+    return _libc_fns[name]
+
+
+def _sync_file_range():
+    return _libc("sync_file_range", ("c_int", "c_int64", "c_int64", "c_uint"))
+
+
+def _syncfs():
+    return _libc("syncfs", ("c_int",))
 
 
 _backend: OSBackend = OSBackend()
@@ -190,22 +200,6 @@ def fsync_dir(path: str) -> None:
 def syncfs(path: str) -> None:
     """Everything written on the file system of directory ``path`` made durable."""
     _backend.syncfs(path)
-
-
-_syncfs_fn: list = []  # [the libc function or None], looked up once
-
-
-def _syncfs():
-    if not _syncfs_fn:
-        fn = None
-        try:
-            import ctypes
-            fn = ctypes.CDLL(None, use_errno=True).syncfs
-            fn.argtypes, fn.restype = (ctypes.c_int,), ctypes.c_int
-        except (ImportError, OSError, AttributeError):  # not Linux, or no ctypes
-            fn = None
-        _syncfs_fn.append(fn)
-    return _syncfs_fn[0]
 
 
 def remove_quietly(path: str) -> None:
