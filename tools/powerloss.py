@@ -179,6 +179,24 @@ class _FileModel:
         elif op == "unlink":
             fid = self.names.pop(ev.path, None)
             self.pending_dir.append((ev.seq, "unlink", ev.path, None, fid))
+        elif op == "syncfs" and ev.done_seq is not None:
+            # the whole file system (the workload's directories share one): every write,
+            # mode and name change made before it is durable
+            for ino, ws_ in self.pending_writes.items():
+                keep = []
+                for w in ws_:
+                    if w[0] < ev.seq:
+                        _write_or_truncate(self.data[ino], w[1], w[2])
+                    else:
+                        keep.append(w)
+                self.pending_writes[ino] = keep
+            keep = []
+            for j in self.journal:
+                if j[0] < ev.seq:
+                    _journal_apply(self.durable, self.dmode, j)
+                else:
+                    keep.append(j)
+            self.journal = keep
         elif op == "fsync_dir" and ev.done_seq is not None:
             keep = [d for d in self.pending_dir if d[0] > ev.seq]
             for d in self.pending_dir:
@@ -443,7 +461,7 @@ class _TreeModel:
 
     def replay(self, ev) -> None:
         op, path = ev.op, ev.path
-        if op == "mark" or not self.covers(path):
+        if op == "mark" or (op != "syncfs" and not self.covers(path)):
             return
         if op == "open":
             if path in self.names and not ev.flags & os.O_TRUNC:
@@ -489,6 +507,24 @@ class _TreeModel:
         elif op in ("unlink", "rmdir"):
             self.names.pop(path, None)
             self.journal.append((ev.seq, "unlink", path, None, None, None))
+        elif op == "syncfs" and ev.done_seq is not None:
+            # the whole file system (the workload's directories share one): every write,
+            # mode and name change made before it is durable
+            for ino, ws_ in self.pending_writes.items():
+                keep = []
+                for w in ws_:
+                    if w[0] < ev.seq:
+                        _write_or_truncate(self.data[ino], w[1], w[2])
+                    else:
+                        keep.append(w)
+                self.pending_writes[ino] = keep
+            keep = []
+            for j in self.journal:
+                if j[0] < ev.seq:
+                    _journal_apply(self.durable, self.dmode, j)
+                else:
+                    keep.append(j)
+            self.journal = keep
         elif op == "fsync_dir" and ev.done_seq is not None:
             # the journal commits in order: every metadata change made before this sync
             keep = []
@@ -623,11 +659,15 @@ class FilesRecording:
     events: list
     trees: dict                                # "ver" -> the committed tree
     acks: list = field(default_factory=list)  # (seq, ver)
+    synced: list = field(default_factory=list)  # seqs of the marks after store.sync()
 
 
 def record_files_workload(workdir: str, txns: int = 30, seed: int = 0,
                           lie_about_file_fsync: bool = False,
-                          durability: str = "full") -> FilesRecording:
+                          durability: str = "full", sync_each: bool = False,
+                          lie_about_syncfs: bool = False) -> FilesRecording:
+    """``sync_each``: ``store.sync()`` after every commit, a "synced" mark after it (the
+    points where, under durability "none", the log and the workspace must agree)."""
     rnd = random.Random(seed)
     live, ws = os.path.join(workdir, "live"), os.path.join(workdir, "ws")
     for rel, data in FILES_TREE.items():
@@ -667,7 +707,12 @@ def record_files_workload(workdir: str, txns: int = 30, seed: int = 0,
             tx.commit()
             rec.trees[ver] = _tree(ws)
             rec.acks.append((fb.mark("ack", ver).seq, ver))
+            if sync_each:
+                store.sync()
+                rec.synced.append(fb.mark("synced", ver).seq)
     store._drop_like_a_crash()
+    if lie_about_syncfs:  # a broken engine: sync() never syncs the workspace
+        rec.events = [e for e in rec.events if e.op != "syncfs"]
     if lie_about_file_fsync:  # a broken engine: the workspace's files never fsynced
         rec.events = [e for e in rec.events if not (e.op == "fsync" and e.path
                                                     and e.path.startswith(ws + "/"))]
@@ -738,15 +783,25 @@ def check_files_image(rec: FilesRecording, image: dict, acked: list, dest: str) 
 
 
 def run_files(images: int, seed: int = 0, txns: int = 30, workdir: str | None = None,
-              lie_about_file_fsync: bool = False, durability: str = "full") -> dict:
+              lie_about_file_fsync: bool = False, durability: str = "full",
+              after_syncs: bool = False, lie_about_syncfs: bool = False) -> dict:
+    """``after_syncs``: the workload calls ``store.sync()`` after each commit and the
+    images are taken right after those calls returned (under durability "none" the only
+    points where the log and the workspace are owed to agree)."""
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="walstore-powerloss-files-")
     rnd = random.Random(seed)
     try:
-        rec = record_files_workload(workdir, txns, seed, lie_about_file_fsync, durability)
+        rec = record_files_workload(workdir, txns, seed, lie_about_file_fsync, durability,
+                                    sync_each=after_syncs, lie_about_syncfs=lie_about_syncfs)
         summary = _summary(trees_checked=0, events=len(rec.events), commits=len(rec.acks))
-        points = sorted(rnd.sample(range(len(rec.events) + 1),
-                                   min(images, len(rec.events) + 1)))
+        if after_syncs:
+            at = {e.seq: i for i, e in enumerate(rec.events)}
+            after = [at[q] + 1 for q in rec.synced if q in at]
+            points = sorted(rnd.sample(after, min(images, len(after))))
+        else:
+            points = sorted(rnd.sample(range(len(rec.events) + 1),
+                                       min(images, len(rec.events) + 1)))
         roots = {rec.ws: rec.base_ws}
         for sub in ("wal", "files", "quarantine"):
             if os.path.isdir(os.path.join(rec.base_store, sub)):
