@@ -179,24 +179,6 @@ class _FileModel:
         elif op == "unlink":
             fid = self.names.pop(ev.path, None)
             self.pending_dir.append((ev.seq, "unlink", ev.path, None, fid))
-        elif op == "syncfs" and ev.done_seq is not None:
-            # the whole file system (the workload's directories share one): every write,
-            # mode and name change made before it is durable
-            for ino, ws_ in self.pending_writes.items():
-                keep = []
-                for w in ws_:
-                    if w[0] < ev.seq:
-                        _write_or_truncate(self.data[ino], w[1], w[2])
-                    else:
-                        keep.append(w)
-                self.pending_writes[ino] = keep
-            keep = []
-            for j in self.journal:
-                if j[0] < ev.seq:
-                    _journal_apply(self.durable, self.dmode, j)
-                else:
-                    keep.append(j)
-            self.journal = keep
         elif op == "fsync_dir" and ev.done_seq is not None:
             keep = [d for d in self.pending_dir if d[0] > ev.seq]
             for d in self.pending_dir:
