@@ -471,13 +471,7 @@ class _TreeModel:
             self.journal.append((ev.seq, "chmod", path, None, ino, ev.flags))
         elif op in ("fsync", "fdatasync") and ev.done_seq is not None and path in self.names:
             ino = self.names[path]
-            keep = []
-            for w in self.pending_writes[ino]:
-                if w[0] < ev.seq:
-                    _write_or_truncate(self.data[ino], w[1], w[2])
-                else:
-                    keep.append(w)
-            self.pending_writes[ino] = keep
+            self._writes_durable(ino, ev.seq)
             if op == "fsync":  # an inode's own mode goes with its fsync
                 for j in [j for j in self.journal if j[1] == "chmod" and j[4] == ino
                           and j[0] < ev.seq]:
@@ -492,30 +486,32 @@ class _TreeModel:
         elif op == "syncfs" and ev.done_seq is not None:
             # the whole file system (the workload's directories share one): every write,
             # mode and name change made before it is durable
-            for ino, ws_ in self.pending_writes.items():
-                keep = []
-                for w in ws_:
-                    if w[0] < ev.seq:
-                        _write_or_truncate(self.data[ino], w[1], w[2])
-                    else:
-                        keep.append(w)
-                self.pending_writes[ino] = keep
-            keep = []
-            for j in self.journal:
-                if j[0] < ev.seq:
-                    _journal_apply(self.durable, self.dmode, j)
-                else:
-                    keep.append(j)
-            self.journal = keep
+            for ino in self.pending_writes:
+                self._writes_durable(ino, ev.seq)
+            self._journal_durable(ev.seq)
         elif op == "fsync_dir" and ev.done_seq is not None:
             # the journal commits in order: every metadata change made before this sync
-            keep = []
-            for j in self.journal:
-                if j[0] < ev.seq:
-                    _journal_apply(self.durable, self.dmode, j)
-                else:
-                    keep.append(j)
-            self.journal = keep
+            self._journal_durable(ev.seq)
+
+    def _writes_durable(self, ino: int, seq: int) -> None:
+        """The inode's writes made before ``seq`` reach its durable content."""
+        keep = []
+        for w in self.pending_writes[ino]:
+            if w[0] < seq:
+                _write_or_truncate(self.data[ino], w[1], w[2])
+            else:
+                keep.append(w)
+        self.pending_writes[ino] = keep
+
+    def _journal_durable(self, seq: int) -> None:
+        """Every metadata change made before ``seq`` is durable, in order."""
+        keep = []
+        for j in self.journal:
+            if j[0] < seq:
+                _journal_apply(self.durable, self.dmode, j)
+            else:
+                keep.append(j)
+        self.journal = keep
 
     def image(self, variant: str, rnd: random.Random) -> dict[str, tuple]:
         """path -> ("file", mode, bytes) | ("dir", mode) | ("symlink", target)."""
