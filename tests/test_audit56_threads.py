@@ -152,11 +152,10 @@ def test_a_write_racing_another_threads_commit_is_committed_or_refused_never_los
     try:
         unknown: list[str] = []
         results = _race_writers_with(lambda tx, r: tx.commit(), s, unknown=unknown)
-        # ("not known" claims neither way: no assertion on those keys.  It is no rarity
-        # — ~20 keys in 60 rounds here, nearly all of them in no commit; the seal drops
-        # what it took at the commit's end unless a racer has registered, and a writer
-        # between its write and its registration cannot be told apart; stop 57's
-        # closing note)
+        # ("not known" claims neither way: no assertion on those keys.  ~10 keys in 180
+        # rounds here before audit 58, 0-3 since: the writes that went into the set a
+        # commit's end put in place, or into the copied set after the copy, are refused
+        # now — tests/test_audit58_races.py)
         lost = 0
         for r, ok, refused in results:
             got = {k for k, _v in s.scan(prefix=f"r{r}/")}

@@ -204,11 +204,21 @@ class _Seal:
     """The write set a commit or prepare under way took (``Transaction.seal_writes``):
     a write another thread makes meanwhile is in it or is refused (``_late_write``)."""
 
-    __slots__ = ("writes", "lookup", "racers")
+    __slots__ = ("writes", "lookup", "racers", "source", "size", "changed")
 
     def __init__(self) -> None:
         self.writes: list | None = None
         self.lookup: dict | None = None
+        # the id() of the write-set dict the copy was taken of, and the transaction's
+        # write bytes then: a racing write that reaches its check after the commit's end
+        # dropped ``writes`` is told by the dict it wrote into (a commit's end replaces
+        # the dict: a write into the new one is in no commit), and the end keeps
+        # ``writes`` when the dict changed after the copy (``changed``, set by the end:
+        # a write there will come to check itself, then drop them; a writer interrupted
+        # before its check leaves them to the transaction object's life)
+        self.source = 0
+        self.size = 0
+        self.changed = False
         # one entry per racing write waiting to check itself against ``writes``: the end
         # of the commit keeps them for it, else drops them (a committed transaction its
         # caller keeps holds none of its writes)
@@ -501,10 +511,11 @@ class Transaction:
             size = self._count_exactly(((k, packed),), key)
         if self._savepoints:
             self._keep_before(k)
-        self._writes[k] = packed
+        writes = self._writes  # (the dict written into: ``_late_write`` asks which)
+        writes[k] = packed
         self._write_bytes = size
         if self._seal is not None:  # (a commit by another thread took the writes)
-            self._late_write(((k, packed),))
+            self._late_write(((k, packed),), writes)
 
     def __setitem__(self, key: Key, value: Any) -> None:
         self.put(key, value)
@@ -516,17 +527,20 @@ class Transaction:
         # (the pairs alone passing the bound: refused before the rest is read and packed)
         staged = pack_items(items.items() if isinstance(items, Mapping) else items,
                             MAX_TXN_WRITE_BYTES, lambda size: self._too_big(size, None))
-        writes = self._writes
         size = (self._write_bytes + sum(map(len, staged)) + sum(map(len, staged.values()))
                 + WRITE_OVERHEAD * len(staged))  # (packed values: never None)
         if size > self._write_trigger:
             size = self._count_exactly(staged.items(), None)
         if self._savepoints:
             self._keep_before(*staged)
-        writes.update(staged)
+        # the dict taken, the size stored, then the write: no call between the first two
+        # and the third (a thread switch after the update would let a commit's end look
+        # at a changed dict with an unchanged size: ``_Seal.changed``)
+        writes = self._writes
         self._write_bytes = size
+        writes.update(staged)
         if self._seal is not None:
-            self._late_write(staged.items())
+            self._late_write(staged.items(), writes)
 
     def delete(self, key: Key) -> None:
         self._check_writable()
@@ -542,10 +556,11 @@ class Transaction:
             size = self._count_exactly(((k, packed),), decode_key(k))
         if self._savepoints:
             self._keep_before(k)
-        self._writes[k] = packed
+        writes = self._writes
+        writes[k] = packed
         self._write_bytes = size
         if self._seal is not None:
-            self._late_write(((k, packed),))
+            self._late_write(((k, packed),), writes)
 
     def _keep_before(self, *keys: bytes) -> None:
         """Log the value each of ``keys`` has now (before the write about to be made), for
@@ -609,13 +624,18 @@ class Transaction:
         # (a copy in one C step first: a list made by iterating the live dict raised
         # RuntimeError, "dictionary changed size during iteration", when another thread
         # wrote meanwhile — the collector can run Python code between two items)
-        seal.writes = list(self._writes.copy().items())
+        source = self._writes
+        seal.source = id(source)
+        seal.size = self._write_bytes  # (read before the copy: a write between the two
+        # reads counts as changed, never the other way round)
+        seal.writes = list(source.copy().items())
         return seal.writes
 
-    def _late_write(self, items) -> None:
+    def _late_write(self, items, written: dict) -> None:
         """A write made while a commit or prepare took the write set (``seal_writes``):
         return when it is part of what that one took and it went through; otherwise
-        TransactionClosed, saying the write is in no commit."""
+        TransactionClosed, saying the write is in no commit.  ``written``: the write-set
+        dict the write went into."""
         seal = self._seal
         if seal is None:  # (the prepare failed: the transaction is active and writable)
             return
@@ -626,24 +646,34 @@ class Transaction:
         seal.racers.append(None)  # (before the wait: the commit's end keeps ``writes``)
         with self._end_lock:  # (the commit or prepare under way ends first)
             try:
-                self._check_late_write(seal, items)
+                self._check_late_write(seal, items, written)
             finally:
                 seal.racers.pop()
                 if not seal.racers and self.state != ACTIVE:
                     seal.writes = seal.lookup = None
 
-    def _check_late_write(self, seal: _Seal, items) -> None:
+    def _check_late_write(self, seal: _Seal, items, written: dict) -> None:
         """``_late_write``'s verdict, the end lock held."""
         if self._seal is None or (seal.writes is None and self.state == ACTIVE):
             return  # (it did not take place: the write stands in the active transaction)
         if seal.writes is None:  # (this write came to check after the commit's end had
-            # dropped what it took: a few bytecodes' window, the writer descheduled for
-            # the whole commit) -- no silent loss, no false claim either
-            if self.state == COMMITTED:
+            # dropped what it took, the writer descheduled between its write and its
+            # check for the whole commit)
+            if id(written) != seal.source:
+                pass  # (it went into the dict the end put in place: in no commit.  The
+                # ids cannot collide: ``written`` is alive, and was made while the copied
+                # dict still was)
+            elif self.state in (COMMITTED, UNKNOWN):  # (into the copied dict, which
+                # the end found unchanged since the copy: the write came before the copy
+                # (in the commit), or rarely went unseen (an update() of keys all there
+                # already, its size computed from a stale count equal to the copy's).
+                # No silent loss, no false claim either)
+                how = ("committed" if self.state == COMMITTED else
+                       "ended (its outcome unknown until the next open)")
                 raise TransactionClosed(
-                    f"transaction {self.id} was committed by another thread while this "
-                    f"write was made: whether the write is part of it is not known (read "
-                    f"the key to see)")
+                    f"transaction {self.id} was {how} by another thread while this write "
+                    f"was made: whether the write is part of it is not known (read the key "
+                    f"to see)")
         elif self.state == COMMITTED or (self.state == ACTIVE and self.gid is not None):
             lookup = seal.lookup
             if lookup is None:
@@ -1067,8 +1097,10 @@ class Transaction:
                     if self.state == ACTIVE and self.gid is None:
                         self._seal = None  # (a commit or prepare that left it active: a
                         # prepare refused; the writes made meanwhile stand: _late_write)
-                    elif self.state != ACTIVE and not seal.racers:
-                        seal.writes = seal.lookup = None  # (ended: holds none of them)
+                    elif self.state != ACTIVE and not seal.racers and not seal.changed:
+                        seal.writes = seal.lookup = None  # (ended: holds none of them,
+                        # unless a write landed after the copy: its writer, not yet
+                        # registered, will check against them, then drop them)
 
     def ending_in_this_thread(self) -> bool:
         """Is the calling thread inside this transaction's commit()/rollback() (its end
@@ -1189,8 +1221,14 @@ class Transaction:
             sp.active = False
             sp.recorded = set()
         self._savepoints.clear()
-        self._writes = {}
+        fresh = {}  # (made first: the swap below is plain loads and stores, no call)
+        old, size = self._writes, self._write_bytes
+        self._writes = fresh
         self._write_bytes = 0
+        seal = self._seal
+        if seal is not None and seal.writes is not None:  # a write after the copy: its
+            # writer, maybe not yet registered, checks against ``writes`` (kept for it)
+            seal.changed = len(old) != len(seal.writes) or size != seal.size
         # the instance's own _write_trigger (only ever -1), _write_order (only ever a
         # _WriteOrder) and _inner_blockers (only ever a list) go: the class's come back.
         # Tested first: reading ``__dict__`` builds the instance's dict (every commit)
