@@ -19,7 +19,7 @@ import textwrap
 
 import pytest
 
-from tests.test_interrupt_points import HOOK
+from tests.test_interrupt_points import HOOK, SLOW_EXTRA_S
 
 SWEEP = HOOK + r'''
 import threading, time, walstore
@@ -287,7 +287,7 @@ def sweep(tmp_path, mode, stride=1, least=20):
     try:
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(SWEEP),
                             str(tmp_path / "s"), mode, str(stride)],
-                           capture_output=True, text=True, timeout=280,
+                           capture_output=True, text=True, timeout=280 + SLOW_EXTRA_S,
                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 os.environ.get("PYTHONPATH", "")])})
@@ -393,7 +393,7 @@ def test_a_real_signal_storm_over_resolve_leaves_no_claim(tmp_path):
     behind and the action can still be resolved.  (The window 061b426 closed is a few
     bytecodes wide: this random storm seldom lands in it; the sweep does every time.)"""
     r = subprocess.run([sys.executable, "-c", textwrap.dedent(STORM), str(tmp_path / "s"),
-                        "55"], capture_output=True, text=True, timeout=240,
+                        "55"], capture_output=True, text=True, timeout=240 + SLOW_EXTRA_S,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(
                            [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             os.environ.get("PYTHONPATH", "")])})

@@ -36,10 +36,17 @@ import textwrap
 
 import pytest
 
+# every point (WALSTORE_SLOW=1) takes several times a CI sample's time: the sweeps'
+# watchdog (HOOK) allows 900 s then, their parents wait this much longer
+SLOW_EXTRA_S = 800 if os.environ.get("WALSTORE_SLOW") == "1" else 0
+
 HOOK = r'''
 # ---- the sweep's interrupter (shared by both child programs) ----
-import faulthandler, signal, sys, threading, walstore.signals as S
-faulthandler.dump_traceback_later(150, exit=True)  # (a hang prints where, on stderr)
+import faulthandler, os, signal, sys, threading, walstore.signals as S
+# (a hang prints where, on stderr; every point, WALSTORE_SLOW=1, beside other work
+# takes longer: an oldscan sweep of 4,737 points was cut at 150 s, not hung)
+faulthandler.dump_traceback_later(900 if os.environ.get("WALSTORE_SLOW") == "1" else 150,
+                                  exit=True)
 MAIN = threading.get_ident()
 at = {"k": -1, "n": 0, "where": None, "in_compensator": False}
 
@@ -269,7 +276,7 @@ def test_an_interrupt_at_any_point_of_a_transaction(tmp_path, mode, durability):
     try:
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(SWEEP),
                             str(tmp_path / "s"), mode, durability, stride],
-                           capture_output=True, text=True, timeout=240)
+                           capture_output=True, text=True, timeout=240 + SLOW_EXTRA_S)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the sweep hung: {e.stdout!r} {e.stderr!r}") from None
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
@@ -339,7 +346,7 @@ def test_an_interrupt_at_any_point_of_close(tmp_path, mode):
         stride = "1" if os.environ.get("WALSTORE_SLOW") == "1" else "2"
         r = subprocess.run([sys.executable, "-c", textwrap.dedent(CLOSE_SWEEP),
                             str(tmp_path), mode, stride], capture_output=True, text=True,
-                           timeout=240)
+                           timeout=240 + SLOW_EXTRA_S)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"the sweep hung: {e.stdout!r} {e.stderr!r}") from None
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
