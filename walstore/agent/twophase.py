@@ -132,7 +132,12 @@ class TwoPhase:
         call, a loop over them quadratic)."""
         eng = self.engine
         if not eng.readonly:
-            return eng.prepared.by_gid.get(gid)
+            p = eng.prepared.by_gid.get(gid)
+            if p is None or p.values:
+                return p
+            # (the prepared set keeps keys only: the values from the PREPARE's row)
+            row = eng.views.prepared_row(gid, include_unpublished=True)
+            return None if row is None else Prepared.from_row(row)
         eng.refresh()
         row = eng.views.prepared_row(gid)
         return None if row is None else Prepared.from_row(row)

@@ -280,8 +280,10 @@ class Engine:
             self.applier.build_owed_index()  # once (every action row read), then kept
         self._position_log(position)
         self.applied_lsn = self.state.applied_lsn()
-        for row in self.views.prepared_rows().values():
-            self.prepared.add(Prepared.from_row(row))
+        # one row decoded at a time, its values dropped (a dict of every row held every
+        # in-doubt transaction's whole write set at once: Prepared.keys_only)
+        for p in self.views.prepared_summaries(lambda row: Prepared.from_row(row).keys_only()):
+            self.prepared.add(p)
         report.in_doubt = sorted(self.prepared.by_gid)
         top = max([rec.max_txid, self.state.meta_int(b"next_txid", 1) - 1,
                    self.state.meta_int(b"txid_reserved", 1) - 1]

@@ -862,10 +862,12 @@ class LmdbState:
         harmless), see :meth:`_table`."""
         after: bytes | None = None
         while True:
-            with self.read() as txn:
-                chunk = read_chunk(txn, self._table(db), lo, hi, reverse, after)
+            with self.read() as txn:  # (bounded by bytes too: a chunk of 256 big rows, the
+                # prepared rows of in-doubt bulk loads, held them all at once — audit 58)
+                chunk = read_chunk(txn, self._table(db), lo, hi, reverse, after, SCAN_CHUNK,
+                                   SCAN_CHUNK_BYTES)
             yield from chunk
-            if len(chunk) < SCAN_CHUNK:
+            if chunk_ended(chunk, SCAN_CHUNK, SCAN_CHUNK_BYTES):
                 return
             after = chunk[-1][0]
 

@@ -49,7 +49,7 @@ from ..log.segment import SPARE_NAME, stray_entries
 from . import tables
 from .apply import PREPARED_PREFIX, Applier
 from .lmdb_check import check_lmdb_paths, walk_lmdb_data_file
-from .lmdb_state import LmdbState, from_u64, read_chunk, u64
+from .lmdb_state import LmdbState, from_u64, iter_rows, read_chunk, u64
 
 MODES = ("strict", "tolerate-tail", "point-in-time", "skip-corrupt")
 # meta: the store LMDB's state belongs to (the first 8 bytes of its store id, a u64), put
@@ -562,8 +562,9 @@ class Recovery:
         with st.read() as txn:
             for raw, _v in read_chunk(txn, st.inflight, b"", None, False, None, limit=1 << 62):
                 self.open_txids.add(from_u64(raw, 0, "inflight", None, st))
-            for k, raw in read_chunk(txn, st.twophase, PREPARED_PREFIX, b"p;", False, None,
-                                     limit=1 << 62):
+            # (one row at a time: a list of them all held every in-doubt transaction's
+            # write set at once — audit 58)
+            for k, raw in iter_rows(txn, st.twophase, PREPARED_PREFIX, b"p;"):
                 row = tables.unpack_row(raw, "twophase", k, st.data_file)
                 self.prepared_txids.add(row.get("tx"))
             self.max_txid = max(0, from_u64(txn.get(b"next_txid", db=st.meta), 0, "meta",

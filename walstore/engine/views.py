@@ -434,9 +434,9 @@ class Views:
     def prepared_summaries(self, summarize: Callable[[dict], Any]) -> list:
         """``summarize(row)`` of every prepared row, in one pass: the log's PREPARE and
         decision events (what is not applied yet) over LMDB's rows, streamed.  Nothing
-        but the summaries is kept: ``prepared_rows`` holds every prepared transaction's
-        whole write set at once (a listing of thousands in doubt asked it once per gid:
-        2,000 took 34 s)."""
+        but the summaries is kept: a dict of every prepared row held each prepared
+        transaction's whole write set at once (a listing of thousands in doubt asked it
+        once per gid: 2,000 took 34 s)."""
         st = self.state
         events = self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
         latest: dict[str, Event] = {}  # (the log's last word on each gid it names)
@@ -454,12 +454,15 @@ class Views:
                 out.append(summarize(dict(e.body, w=[[k, v] for k, v in e.writes or ()])))
         return out
 
-    def prepared_row(self, gid: str) -> dict | None:
-        """The prepared row of ``gid`` (None: not prepared), as ``prepared_rows()[gid]``
-        without building the others: the log's last word on it, else LMDB's row."""
+    def prepared_row(self, gid: str, include_unpublished: bool = False) -> dict | None:
+        """The prepared row of ``gid`` (None: not prepared), without building the
+        others: the log's last word on it, else LMDB's row.
+        ``include_unpublished``: the log's records whose fsync is under way count too (a
+        writer's own: its prepared set has the gid from the PREPARE's append)."""
         st = self.state
         last = None
-        for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED})):
+        for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}),
+                              include_unpublished):
             if e.field("gid") == gid:
                 last = e
         if last is not None:
@@ -469,23 +472,6 @@ class Views:
         key = PREPARED_PREFIX + gid.encode()
         raw = st.get(key, "twophase")
         return None if raw is None else tables.unpack_row(raw, "twophase", key, st.data_file)
-
-    def prepared_rows(self) -> dict[str, dict]:
-        st = self.state
-        events = self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
-        rows = {}
-        for k, v in st.scan(PREPARED_PREFIX, b"p;", db="twophase"):
-            row = tables.unpack_row(v, "twophase", k, st.data_file)
-            rows[row["gid"]] = row
-        for e in events:
-            gid = e.field("gid")
-            if not gid:
-                continue
-            if e.type == _T.PREPARE:
-                rows[gid] = dict(e.body, w=[[k, v] for k, v in e.writes or ()])
-            else:
-                rows.pop(gid, None)
-        return rows
 
 
 _UNSURE = object()  # (Views._fold_one: fold them all instead)
