@@ -13,6 +13,13 @@ Findings (each test named below fails on the code before its fix):
   ``commit_prepared`` and ``prepared_details``
   (``test_an_open_holds_no_in_doubt_values_in_memory``,
   ``test_a_writer_holds_no_values_of_what_it_prepared``).
+- ``walstore.resolve_atomic(b, a, c)`` — the coordinator not given first — looked only at
+  groups led by ``b``, returned ``{}`` and left every store in doubt, holding its keys:
+  the caller was told there was nothing to resolve.  A group's gid names its coordinator
+  (``atomic-<store id>-...``): it is found among the stores given, in any order; a group
+  whose coordinator is not given stays in doubt
+  (``test_resolve_atomic_finds_the_coordinator_whatever_the_order``: an atomic group of
+  three stores killed by SIGKILL before and after its decision).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -101,3 +108,57 @@ def test_a_writer_holds_no_values_of_what_it_prepared(tmp_path):
         for i in range(n):
             s.commit_prepared(f"g{i}")
         assert all(s.get(f"k/{i}") == _value(i) for i in range(n))
+
+
+# ---- resolve_atomic: the coordinator is the one the gid names ------------------------------
+
+_ATOMIC_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    import walstore
+    from walstore.engine.transaction import Transaction
+    paths, die_at = sys.argv[1:4], sys.argv[4]
+    stores = [walstore.open(p) for p in paths]
+    coordinator = stores[0]._engine
+    real = Transaction.commit
+
+    def commit(self):
+        if die_at == "before-decision" and self._engine is coordinator:
+            os.kill(os.getpid(), signal.SIGKILL)
+        lsn = real(self)
+        if die_at == "after-decision" and self._engine is coordinator:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return lsn
+
+    Transaction.commit = commit
+    with walstore.atomic(*stores) as txs:
+        for tx in txs:
+            tx.put("x", die_at)
+    print("NOT KILLED", flush=True)
+""")
+
+
+def _atomic_killed(tmp_path, die_at: str) -> list:
+    paths = [str(tmp_path / name) for name in ("coord", "p1", "p2")]
+    proc = subprocess.run([sys.executable, "-c", _ATOMIC_CHILD, *paths, die_at],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, (proc.returncode, proc.stdout, proc.stderr)
+    return [walstore.open(p) for p in paths]
+
+
+def test_resolve_atomic_finds_the_coordinator_whatever_the_order(tmp_path):
+    """resolve_atomic(b, a, c) — the coordinator not first — returned {} and left every
+    store in doubt, holding its keys: the caller was told nothing was left to resolve."""
+    for die_at, outcome, value in (("before-decision", "rolled back", None),
+                                   ("after-decision", "committed", "after-decision")):
+        coord, p1, p2 = stores = _atomic_killed(tmp_path / die_at, die_at)
+        try:
+            gids = coord.prepared() if die_at == "before-decision" else p1.prepared()
+            assert len(gids) == 1 and p2.prepared() == gids
+            assert walstore.resolve_atomic(p1, coord, p2) == {gids[0]: outcome}
+            assert [s.prepared() for s in stores] == [[], [], []]
+            assert [s.get("x") for s in stores] == [value] * 3
+            assert {s.decision(gids[0]) for s in stores} == {
+                "commit" if value else "abort"}
+        finally:
+            for s in stores:
+                s.close()

@@ -11,8 +11,9 @@ doubt, for ``resolve_atomic`` after the next open.
 An interrupt (Ctrl-C, a raising timer) stops neither loop: every participant is still
 rolled back, or committed after the decision, and the first interrupt is raised after.
 
-After a crash at any step, ``walstore.resolve_atomic(a, b, ...)`` (same stores, same
-order) ends every in-doubt transaction of an atomic group the way the coordinator decided:
+After a crash at any step, ``walstore.resolve_atomic(a, b, ...)`` (the same stores, in any
+order: the gid names its coordinator) ends every in-doubt transaction of an atomic group
+the way the coordinator decided:
 committed where the coordinator committed, rolled back otherwise (presumed abort: a
 coordinator that never logged its decision never told anyone "committed").  It decides the
 coordinator first, durably (a coordinator still in doubt is rolled back, and one that a
@@ -204,21 +205,32 @@ def atomic(*stores, meta: Any = None) -> Atomic:
 
 
 def resolve_atomic(*stores) -> dict[str, str]:
-    """Finish in-doubt atomic groups led by ``stores[0]``; returns {gid: outcome}.
+    """Finish the in-doubt atomic groups coordinated by one of ``stores``; returns
+    {gid: outcome}.
 
-    The coordinator is decided first, durably (rolled back when still in doubt, or found
-    committed when a live ``atomic`` committed it meanwhile), then every other store
-    follows that decision: a group being committed while this runs never ends mixed."""
+    A group's gid names its coordinator (the first store given to ``walstore.atomic``),
+    so the stores may be given in any order.  (Only groups led by ``stores[0]`` were
+    looked at: ``resolve_atomic(b, a)`` returned {} and left every store in doubt,
+    holding its keys — audit 58.)  A group whose coordinator is not among ``stores`` is
+    left in doubt: without it, what was decided cannot be known.  The coordinator is
+    decided first, durably (rolled back when still in doubt, or found committed when a
+    live ``atomic`` committed it meanwhile), then every other store follows that
+    decision: a group being committed while this runs never ends mixed."""
     if not stores:
         raise TypeError("walstore.resolve_atomic needs at least one store (the coordinator "
-                        "first, as given to walstore.atomic)")
-    coordinator = stores[0]
-    prefix = f"{GID_PREFIX}{coordinator.store_id.hex()}-"
-    gids = sorted({g for s in stores for g in s.prepared() if g.startswith(prefix)})
+                        "of each group, as given first to walstore.atomic, among them)")
+    leaders: dict[str, Any] = {}
+    for store in stores:
+        leaders.setdefault(store.store_id.hex(), store)
+    gids = sorted({g for s in stores for g in s.prepared()
+                   if _coordinator_of(g, leaders) is not None})
     outcomes: dict[str, str] = {}
     for gid in gids:
+        coordinator = _coordinator_of(gid, leaders)
         commit = _decide_coordinator(coordinator, gid)
-        for store in stores[1:]:
+        for store in stores:
+            if store is coordinator:
+                continue
             # (asked per gid, not `gid in store.prepared()`: that list sorts every gid
             # in doubt, so a crash that left G groups cost G x G)
             if store.decision(gid) != "prepared":
@@ -233,6 +245,15 @@ def resolve_atomic(*stores) -> dict[str, str]:
                     raise                                                     # too)
         outcomes[gid] = "committed" if commit else "rolled back"
     return outcomes
+
+
+def _coordinator_of(gid: str, leaders: dict[str, Any]) -> Any:
+    """The store among ``leaders`` (store id in hex -> store) that coordinates the atomic
+    group ``gid`` (``atomic-<its store id>-<uuid>``); None: not an atomic group's, or
+    its coordinator is not given."""
+    if not gid.startswith(GID_PREFIX):
+        return None
+    return leaders.get(gid[len(GID_PREFIX):].split("-", 1)[0])
 
 
 def _decide_coordinator(coordinator, gid: str) -> bool:
