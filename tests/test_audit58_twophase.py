@@ -20,6 +20,14 @@ Findings (each test named below fails on the code before its fix):
   whose coordinator is not given stays in doubt
   (``test_resolve_atomic_finds_the_coordinator_whatever_the_order``: an atomic group of
   three stores killed by SIGKILL before and after its decision).
+- ``walstore prepared`` (and ``recover``) showed a gid a terminal cannot show as a JSON
+  string (``"a\nb"``), but ``commit-prepared PATH '"a\nb"'`` took that text as the gid:
+  UnknownGid, exit 2; a gid holding a NUL (no argv can carry one) could not be decided
+  from the CLI at all; " g " was shown as ``g`` (naming nothing) and a gid that is itself
+  quoted looked like another's JSON form.  Those are shown as JSON strings now, and the
+  2PC verbs take a GID in the form shown (the text as typed wins when it is itself a
+  prepared gid) (``test_every_gid_walstore_prepared_lists_can_be_decided_from_the_cli``;
+  ``test_a_gid_that_is_itself_json_text_is_taken_as_typed`` guards the precedence).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -162,3 +170,56 @@ def test_resolve_atomic_finds_the_coordinator_whatever_the_order(tmp_path):
         finally:
             for s in stores:
                 s.close()
+
+
+# ---- the CLI: every gid it lists can be typed back -----------------------------------------
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_every_gid_walstore_prepared_lists_can_be_decided_from_the_cli(tmp_path):
+    """`walstore prepared` showed a gid a terminal cannot show as a JSON string ("a\\nb"),
+    but `commit-prepared PATH '"a\\nb"'` took that text as the gid itself: UnknownGid,
+    exit 2 — and one holding a NUL (which no argv can carry) could not be decided from
+    the CLI at all.  A gid with spaces at its ends was shown bare (" g " as "g", which
+    names nothing), and a gid that is itself quoted ('"q"') looked like the JSON form of
+    another.  The listing quotes all of those now, and a GID given in the JSON form the
+    listing shows names the gid it spells when no prepared gid is that text itself."""
+    path = str(tmp_path / "store")
+    long = "\u00e9" * 99 + "\n"  # (199 bytes; its JSON form is 600 characters)
+    odd = ["a\nb", " g ", "x\x00y", '"q"', long, "plain"]
+    with walstore.open(path) as s:
+        for i, gid in enumerate(odd):
+            tx = s.transaction()
+            tx.put(f"k{i}", i)
+            tx.prepare(gid)
+    listed = _cli("prepared", path)
+    assert listed.returncode == 1
+    shown = [line.split("  ")[0] for line in listed.stdout.splitlines()[1:]]
+    assert sorted(shown) == sorted(['"a\\nb"', '" g "', '"x\\u0000y"', '"\\"q\\""',
+                                    json.dumps(long), "plain"]), listed.stdout
+    for text in shown:  # each typed back as shown
+        verb = "rollback-prepared" if text == "plain" else "commit-prepared"
+        done = _cli(verb, path, text)
+        assert done.returncode == 0, (text, done.stdout, done.stderr)
+        assert text in done.stdout
+    with walstore.open(path) as s:
+        assert s.prepared() == []
+        assert [s.decision(g) for g in odd] == ["commit"] * 5 + ["abort"]
+        assert [s.get(f"k{i}") for i in range(len(odd))] == [0, 1, 2, 3, 4, None]
+
+
+def test_a_gid_that_is_itself_json_text_is_taken_as_typed(tmp_path):
+    """The gid typed as it is wins over the one its JSON form spells."""
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        for gid in ('"q"', "q"):
+            tx = s.transaction()
+            tx.put(gid, 1)
+            tx.prepare(gid)
+    done = _cli("commit-prepared", path, '"q"')
+    assert done.returncode == 0, done.stderr
+    with walstore.open(path) as s:
+        assert s.prepared() == ["q"] and s.decision('"q"') == "commit"

@@ -657,8 +657,13 @@ def one_line(text: str) -> str:
 def show_gid(gid: str) -> str:
     """A 2PC gid as an operator would type it back: as it is, or as a JSON string when it
     holds characters a terminal would act on (a newline split ``recover``'s list of
-    in-doubt gids into lines that each named nothing)."""
-    return json.dumps(gid) if _CONTROL.search(gid) else gid
+    in-doubt gids into lines that each named nothing), has spaces at an end (" g " was
+    shown as "g", which names nothing), or begins with a quote (so a shown gid that looks
+    like JSON is JSON).  The 2PC verbs take a GID in that form back
+    (walstore.cli.twophase: ``typed_gid``)."""
+    if _CONTROL.search(gid) or gid != gid.strip() or gid.startswith('"'):
+        return json.dumps(gid)
+    return gid
 
 
 class KeyType(click.ParamType):

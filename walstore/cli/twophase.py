@@ -2,6 +2,7 @@
 rollback-prepared."""
 from __future__ import annotations
 
+import json
 from typing import NoReturn
 
 import click
@@ -40,12 +41,44 @@ def prepared(path: str, as_json: bool) -> None:
         raise SystemExit(EXIT_PROBLEM)
 
 
+def typed_gid(path: str, gid: str) -> str:
+    """The gid the GID argument names: the text as typed, or — when no prepared
+    transaction has that gid and it is a JSON string — the gid it spells: the form
+    ``prepared`` and ``recover`` show a gid in when a terminal could not show it as it is
+    (``show_gid``).  It was taken as the gid itself (UnknownGid, exit 2), so a gid shown
+    so could only be decided from Python, and one holding a NUL, which no argv can carry,
+    not from the CLI at all (audit 58)."""
+    if len(gid) < 2 or gid[0] != '"' or gid[-1] != '"':
+        return gid
+    try:
+        spelled = json.loads(gid)
+    except ValueError:
+        return gid
+    if not isinstance(spelled, str) or spelled == gid:
+        return gid
+    try:
+        _engine.check_gid(spelled)
+    except (TypeError, ValueError):
+        return gid
+    with open_store(path, readonly=True) as store:
+        try:
+            if store.decision(gid) == "prepared":
+                return gid
+        except (TypeError, ValueError):  # (no gid: the JSON form of a long one)
+            pass
+        if store.decision(spelled) == "prepared":
+            return spelled
+    return gid
+
+
 @main.command("commit-prepared")
 @PATH
 @click.argument("gid")
 def commit_prepared(path: str, gid: str) -> None:
-    """Commit the prepared transaction GID."""
+    """Commit the prepared transaction GID (as typed, or in the JSON form `prepared`
+    shows it in)."""
     try:
+        gid = typed_gid(path, gid)  # (before the check: a JSON form may be the longer)
         _engine.check_gid(gid)  # (one walstore never gives: before anything, see AFTER_CHECK)
         check_before_recovery(path, lambda store: store.prepared_details(gid))
     except (KeyError, TypeError, ValueError) as e:
@@ -65,10 +98,12 @@ def commit_prepared(path: str, gid: str) -> None:
 @click.argument("gid")
 @HANDLERS
 def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
-    """Roll back the prepared transaction GID (exit 1 when compensations stay owed)."""
+    """Roll back the prepared transaction GID (as typed, or in the JSON form `prepared`
+    shows it in; exit 1 when compensations stay owed)."""
     from .agent import report_owed
     comps = load_handlers(handlers)
     try:
+        gid = typed_gid(path, gid)  # (before the check: a JSON form may be the longer)
         _engine.check_gid(gid)  # (one walstore never gives: before anything, see AFTER_CHECK)
         check_before_recovery(path, lambda store: store.prepared_details(gid))
     except (KeyError, TypeError, ValueError) as e:
