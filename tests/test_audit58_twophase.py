@@ -28,6 +28,12 @@ Findings (each test named below fails on the code before its fix):
   2PC verbs take a GID in the form shown (the text as typed wins when it is itself a
   prepared gid) (``test_every_gid_walstore_prepared_lists_can_be_decided_from_the_cli``;
   ``test_a_gid_that_is_itself_json_text_is_taken_as_typed`` guards the precedence).
+- ``commit_prepared`` / ``rollback_prepared`` (and their CLI verbs) of a gid committed or
+  rolled back before said "no prepared transaction with gid 'g'", word for word what a
+  gid never prepared gets: a coordinator retrying its decision after a crash could not
+  tell "done already" from "the prepare was lost".  The refusal (UnknownGid; exit 2)
+  says how the gid ended now, or that none was prepared or decided under it
+  (``test_deciding_a_gid_decided_already_says_how_it_ended``).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -223,3 +229,36 @@ def test_a_gid_that_is_itself_json_text_is_taken_as_typed(tmp_path):
     assert done.returncode == 0, done.stderr
     with walstore.open(path) as s:
         assert s.prepared() == ["q"] and s.decision('"q"') == "commit"
+
+
+# ---- deciding a gid that is not in doubt says what became of it ----------------------------
+
+def test_deciding_a_gid_decided_already_says_how_it_ended(tmp_path):
+    """commit_prepared / rollback_prepared of a gid committed or rolled back before said
+    "no prepared transaction with gid 'g'", word for word what a gid never prepared gets:
+    a coordinator retrying after a crash could not tell "done already" from "the prepare
+    was lost", nor could an operator re-running `walstore commit-prepared`."""
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        for gid in ("c", "r"):
+            tx = s.transaction()
+            tx.put(gid, 1)
+            tx.prepare(gid)
+        s.commit_prepared("c")
+        s.rollback_prepared("r")
+        said = {}
+        for call in (s.commit_prepared, s.rollback_prepared):
+            for gid in ("c", "r", "never"):
+                try:
+                    call(gid)
+                except walstore.UnknownGid as e:
+                    said[call.__name__, gid] = str(e)
+        for name in ("commit_prepared", "rollback_prepared"):
+            assert "committed already" in said[name, "c"], said
+            assert "rolled back already" in said[name, "r"], said
+            assert "none was prepared or decided" in said[name, "never"], said
+        assert s.get("c") == 1 and s.get("r") is None
+    out = _cli("commit-prepared", path, "c")
+    assert out.returncode == 2 and "committed already" in out.stderr, out.stderr
+    out = _cli("rollback-prepared", path, "r")
+    assert out.returncode == 2 and "rolled back already" in out.stderr, out.stderr

@@ -150,8 +150,26 @@ class TwoPhase:
         self.engine.check_open()
         p = self._lookup(gid)
         if p is None:
-            raise UnknownGid(f"no prepared transaction with gid {gid!r}", gid)
+            raise UnknownGid(f"no prepared transaction with gid {gid!r}; "
+                             f"{self._fate(gid)}", gid)
         return p
+
+    def _fate(self, gid: str) -> str:
+        """What became of a gid that is not prepared, for UnknownGid's message.  (It said
+        "no prepared transaction with gid 'g'" alone, of a gid committed or rolled back
+        a moment before as of one never seen: a coordinator retrying its commit after a
+        crash could not tell "done already" from "its prepare was lost" — audit 58.)"""
+        try:
+            decided = self.engine.views.decision(gid)
+        except Exception:  # (the message only: the refusal stands as it is)
+            decided = None
+        if decided == "commit":
+            return "it was committed already (nothing changed now)"
+        if decided == "abort":
+            return "it was rolled back already (nothing changed now)"
+        if decided == "prepared":
+            return "another caller's decision of it is being made durable (nothing changed now)"
+        return "none was prepared or decided under it in this store (nothing changed)"
 
     def commit_prepared(self, gid: str) -> int:
         """Commit a prepared transaction through the commit pipeline; returns its LSN."""
