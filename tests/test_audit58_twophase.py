@@ -12,7 +12,9 @@ Findings (each test named below fails on the code before its fix):
   stay in the log and LMDB and are read, one transaction at a time, by
   ``commit_prepared`` and ``prepared_details``
   (``test_an_open_holds_no_in_doubt_values_in_memory``,
-  ``test_a_writer_holds_no_values_of_what_it_prepared``).
+  ``test_a_writer_holds_no_values_of_what_it_prepared``); ``rollback_prepared`` and
+  ``decision`` answer from the keys alone (the first fix had them read the whole row:
+  ``test_rolling_back_or_asking_about_a_big_in_doubt_transaction_reads_none_of_its_values``).
 - ``walstore.resolve_atomic(b, a, c)`` — the coordinator not given first — looked only at
   groups led by ``b``, returned ``{}`` and left every store in doubt, holding its keys:
   the caller was told there was nothing to resolve.  A group's gid names its coordinator
@@ -262,3 +264,28 @@ def test_deciding_a_gid_decided_already_says_how_it_ended(tmp_path):
     assert out.returncode == 2 and "committed already" in out.stderr, out.stderr
     out = _cli("rollback-prepared", path, "r")
     assert out.returncode == 2 and "rolled back already" in out.stderr, out.stderr
+
+
+def test_rolling_back_or_asking_about_a_big_in_doubt_transaction_reads_none_of_its_values(
+        tmp_path):
+    """A writer's rollback_prepared and decision of an in-doubt transaction need its keys
+    only (the prepared set's); with the values kept out of memory they must not read its
+    row, values and all, for the answer (a 100 MiB one: 100 MiB read per call)."""
+    path = tmp_path / "store"
+    with walstore.open(str(path), durability="none") as s:
+        tx = s.transaction()
+        for i in range(60):
+            tx.put(f"big/{i}", _value(i))
+        tx.prepare("big")
+        del tx
+    with walstore.open(str(path)) as s:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            assert s.decision("big") == "prepared" and s.prepared() == ["big"]
+            s.rollback_prepared("big")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 10 * MIB, peak
+        assert s.get("big/1") is None and s.decision("big") == "abort"

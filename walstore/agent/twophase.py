@@ -125,7 +125,7 @@ class TwoPhase:
         rows.sort(key=lambda r: r["gid"])
         return rows
 
-    def _lookup(self, gid: str) -> Prepared | None:
+    def _lookup(self, gid: str, values: bool = True) -> Prepared | None:
         """The prepared transaction ``gid`` (None: none), without building the others: a
         read-only store read every prepared row, write sets and all, to answer for one
         gid (``decision`` and ``prepared_details`` per gid over 2,000 in doubt: 27 ms a
@@ -133,7 +133,7 @@ class TwoPhase:
         eng = self.engine
         if not eng.readonly:
             p = eng.prepared.by_gid.get(gid)
-            if p is None or p.values:
+            if p is None or p.values or not values:
                 return p
             # (the prepared set keeps keys only: the values from the PREPARE's row)
             row = eng.views.prepared_row(gid, include_unpublished=True)
@@ -145,10 +145,12 @@ class TwoPhase:
     def details(self, gid: str) -> Prepared:
         return self._get(gid)
 
-    def _get(self, gid: str) -> Prepared:
+    def _get(self, gid: str, values: bool = True) -> Prepared:
+        """``values``: with its written values (else, on a writer, the keys only: what a
+        rollback needs, without reading what may be a huge row)."""
         check_gid(gid)
         self.engine.check_open()
-        p = self._lookup(gid)
+        p = self._lookup(gid, values)
         if p is None:
             raise UnknownGid(f"no prepared transaction with gid {gid!r}; "
                              f"{self._fate(gid)}", gid)
@@ -206,7 +208,7 @@ class TwoPhase:
         In a copy, a transaction prepared in its source is rolled back without undoing
         anything outside the state: its actions and file effects are held (see the
         module docstring)."""
-        p = self._get(gid)
+        p = self._get(gid, values=False)
         eng = self.engine
         eng.check_writable()
         inherited = eng.inherited(p.txid)  # (a copy's, from its source: held, not undone)
@@ -364,6 +366,8 @@ class TwoPhase:
         """What this store decided for ``gid``: "commit", "abort", "prepared" or None."""
         check_gid(gid)  # (as prepared_details: a gid no prepare can have is a TypeError)
         self.engine.check_open()
-        if self._lookup(gid) is not None:  # (a read-only store's prepared set is the one
-            return "prepared"                # it reads: its engine's in-memory one stays
-        return self.engine.views.decision(gid)  # empty)
+        # (a read-only store's prepared set is the one it reads: its engine's in-memory
+        # one stays empty)
+        if self._lookup(gid, values=False) is not None:
+            return "prepared"
+        return self.engine.views.decision(gid)
