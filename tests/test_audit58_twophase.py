@@ -1,4 +1,4 @@
-"""Audit 58 (probe3): two-phase commit and the coordinator (CONTRACT section 2, "Two-phase
+r"""Audit 58 (probe3): two-phase commit and the coordinator (CONTRACT section 2, "Two-phase
 commit"), as a demanding user coordinating several stores: prepares killed at each step,
 decisions recovered, in-doubt transactions resolved from the CLI, many held at once.
 
@@ -36,6 +36,13 @@ Findings (each test named below fails on the code before its fix):
   tell "done already" from "the prepare was lost".  The refusal (UnknownGid; exit 2)
   says how the gid ended now, or that none was prepared or decided under it
   (``test_deciding_a_gid_decided_already_says_how_it_ended``).
+- One ``walstore.atomic(a, b)`` object entered a second time kept the first use's
+  progress and gid: after a first use that rolled back, a second whose prepare at ``b``
+  was refused skipped the rollback of ``a`` (left prepared, in doubt, holding its keys,
+  its charge not refunded) and raised the ConflictError as if every participant had
+  rolled back; after a first use that prepared, the second was refused "gid ... is
+  already used".  Each ``with`` is a group of its own now, with a fresh gid
+  (``test_an_atomic_group_used_again_rolls_every_participant_back_when_a_prepare_fails``).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -47,6 +54,8 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+
+import pytest
 
 import walstore
 
@@ -289,3 +298,49 @@ def test_rolling_back_or_asking_about_a_big_in_doubt_transaction_reads_none_of_i
             tracemalloc.stop()
         assert peak < 10 * MIB, peak
         assert s.get("big/1") is None and s.decision("big") == "abort"
+
+
+# ---- an atomic group object used for several ``with`` blocks --------------------------------
+
+def test_an_atomic_group_used_again_rolls_every_participant_back_when_a_prepare_fails(
+        tmp_path):
+    """``group = walstore.atomic(a, b)`` entered a second time kept the first use's
+    progress: after a first use that rolled back, a second whose prepare at ``b`` was
+    refused skipped the rollback of ``a`` — left prepared, in doubt, holding its keys,
+    its charge not refunded — and the caller got the ConflictError as if every
+    participant had rolled back.  After a first use that prepared, the second was refused
+    "gid ... is already used".  Each ``with`` is a group of its own now (a fresh gid)."""
+    refunds = []
+    a = walstore.open(str(tmp_path / "a"), compensators={"refund": refunds.append})
+    b = walstore.open(str(tmp_path / "b"))
+    try:
+        holder = b.transaction()
+        holder.put("x", 0)
+        holder.prepare("holder")  # (b's prepare of "x" is refused while this holds it)
+        group = walstore.atomic(a, b)
+        with pytest.raises(KeyError):
+            with group as (ta, tb):
+                ta.put("y", 1)
+                raise KeyError("the body failed")
+        with pytest.raises(walstore.ConflictError):
+            with group as (ta, tb):
+                with ta.action("charge", compensate="refund") as act:
+                    act.result = 1
+                ta.put("y", 2)
+                tb.put("x", 2)
+        assert a.prepared() == [] and b.prepared() == ["holder"]
+        assert [r.id for r in refunds] == [act.id] and a.get("y") is None
+        b.rollback_prepared("holder")
+        first = group.gid
+        with group as (ta, tb):  # a group that prepared may be used again too
+            ta.put("y", 3)
+            tb.put("x", 3)
+        assert group.gid != first and a.decision(first) == "abort"
+        with group as (ta, tb):
+            ta.put("y", 4)
+            tb.put("x", 4)
+        assert (a.get("y"), b.get("x")) == (4, 4)
+        assert a.prepared() == [] and b.prepared() == []
+    finally:
+        a.close()
+        b.close()

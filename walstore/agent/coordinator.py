@@ -40,11 +40,25 @@ class Atomic:
         self.stores = stores
         self.meta = meta
         self.txs: list = []
-        self.gid = f"{GID_PREFIX}{stores[0].store_id.hex()}-{uuid.uuid4().hex}"
+        self.gid = self._new_gid()
         self._rolled_back = False  # _rollback_all ran to its end
         self._finished = False  # _finish_participants ran to its end
+        self._used = False  # entered before: the next ``with`` is a group of its own
+
+    def _new_gid(self) -> str:
+        return f"{GID_PREFIX}{self.stores[0].store_id.hex()}-{uuid.uuid4().hex}"
 
     def __enter__(self) -> tuple:
+        if self._used:
+            # each ``with`` of one group object is a group of its own: a fresh gid and
+            # fresh progress.  (The flags of the last use stayed set: after a use that
+            # rolled back, a later use whose prepare failed skipped the rollback of every
+            # participant — one left prepared, in doubt, holding its keys, its charges
+            # not refunded — while the caller got the ConflictError as if all rolled
+            # back; and a gid prepared once was "already used" — audit 58.)
+            self.gid = self._new_gid()
+            self._rolled_back = self._finished = False
+        self._used = True
         self.txs = [s.transaction(meta=self.meta) for s in self.stores]
         return tuple(self.txs)
 
