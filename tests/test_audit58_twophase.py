@@ -43,6 +43,15 @@ Findings (each test named below fails on the code before its fix):
   rolled back; after a first use that prepared, the second was refused "gid ... is
   already used".  Each ``with`` is a group of its own now, with a fresh gid
   (``test_an_atomic_group_used_again_rolls_every_participant_back_when_a_prepare_fails``).
+- The first file operation after an open claims the paths of the transactions in doubt,
+  iterating the prepared set under the files lock while the set changes under the
+  journal lock: another thread's prepare (or decision) in that loop raised a bare
+  "RuntimeError: dictionary changed size during iteration" out of ``f.write``, and the
+  seeding, marked done first, stayed half done for good — a path of a transaction in
+  doubt could then be written and committed by another transaction (its rollback then
+  reported a file conflict: the stranger's version stayed).  The loop walks a copy now
+  (``test_a_prepare_beside_the_first_file_operation_leaves_every_claim_seeded``; the
+  other thread's prepare is made to land in the loop by a trace hook).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -344,3 +353,61 @@ def test_an_atomic_group_used_again_rolls_every_participant_back_when_a_prepare_
     finally:
         a.close()
         b.close()
+
+
+# ---- the file claims of transactions in doubt at open ---------------------------------------
+
+def test_a_prepare_beside_the_first_file_operation_leaves_every_claim_seeded(tmp_path):
+    """The first file operation after an open claims the paths of the transactions in
+    doubt (``Files._seed_claims``), iterating the prepared set under the files lock; the
+    set is changed under the journal lock, so another thread's prepare in that loop
+    raised "dictionary changed size during iteration" (a bare RuntimeError out of
+    ``f.write``), and the seeding, marked done before the loop, stayed half done: a path
+    of a transaction in doubt could be overwritten and committed by another one.  The
+    other thread's prepare is made to land in the loop by a trace hook (a real thread,
+    real stores)."""
+    import threading
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "held.txt").write_text("before")
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        for i in range(3):
+            tx = s.transaction()
+            tx.put(f"k{i}", i)
+            tx.prepare(f"plain{i}")
+        tx = s.transaction()
+        tx.files(ws).write("held.txt", "prepared")
+        tx.prepare("files")
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        landed = []
+
+        def other():
+            t = s.transaction()
+            t.put("other", 1)
+            t.prepare("other")
+
+        def tracer(frame, event, arg):
+            if event == "call" and frame.f_code.co_name == "_add_holds" and not landed:
+                th = threading.Thread(target=other)
+                th.start()
+                th.join(30)
+                landed.append(not th.is_alive())
+            return None
+
+        sys.settrace(tracer)
+        try:
+            with s.transaction() as t:
+                t.files(ws).write("new.txt", "x")
+        finally:
+            sys.settrace(None)
+        assert landed == [True]
+        assert sorted(s.prepared()) == ["files", "other", "plain0", "plain1", "plain2"]
+        with pytest.raises(walstore.ConflictError):  # still held by "files", in doubt
+            with s.transaction() as t:
+                t.files(ws).write("held.txt", "stranger")
+        assert (root / "held.txt").read_text() == "prepared"
+        s.rollback_prepared("files")
+        assert (root / "held.txt").read_text() == "before"

@@ -1191,7 +1191,11 @@ class Files:
         """Once per open: the paths of transactions still prepared from before (a crash or
         a close left them in doubt) are theirs until decided."""
         self._claims_seeded = True
-        for p in self.engine.prepared.by_gid.values():  # (and what they read: hold_reads)
+        # (a copy of the set: it is changed under the journal lock, not this one, and
+        # another thread's prepare or decision in the loop raised "dictionary changed size
+        # during iteration" out of the first file operation, the seeding left half done
+        # for good — the rest of the prepared transactions' paths unclaimed — audit 58)
+        for p in list(self.engine.prepared.by_gid.values()):  # (and what they read)
             self._add_holds(p.txid, dict(p.extra.get("file_reads") or ()),
                             dict(p.extra.get("file_lists") or ()))
         for txid in sorted(self.engine.prepared.txids()):
