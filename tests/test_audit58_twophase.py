@@ -52,6 +52,13 @@ Findings (each test named below fails on the code before its fix):
   reported a file conflict: the stranger's version stayed).  The loop walks a copy now
   (``test_a_prepare_beside_the_first_file_operation_leaves_every_claim_seeded``; the
   other thread's prepare is made to land in the loop by a trace hook).
+- ``rewind(..., dry_run=True)`` read the prepared holds (``PreparedSet.check``) without
+  the journal lock, under which prepares and decisions change them: another thread's
+  prepare of a transaction that scanned a range, landing in the check's walk over those
+  ranges, raised a bare "RuntimeError: dictionary changed size during iteration" out of
+  the dry run.  It reads them under the lock now
+  (``test_a_dry_run_beside_a_prepare_reads_the_holds_under_the_lock``; a trace hook
+  makes the other thread's prepare land there).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -411,3 +418,60 @@ def test_a_prepare_beside_the_first_file_operation_leaves_every_claim_seeded(tmp
         assert (root / "held.txt").read_text() == "prepared"
         s.rollback_prepared("files")
         assert (root / "held.txt").read_text() == "before"
+
+
+# ---- a dry run's look at the prepared holds ------------------------------------------------
+
+def test_a_dry_run_beside_a_prepare_reads_the_holds_under_the_lock(tmp_path):
+    """``rewind(..., dry_run=True)`` checks the keys it would put back against the
+    prepared holds (``PreparedSet.check``), which the prepared set documents as read
+    under the journal lock, as prepares and decisions change it; the dry run read it
+    without the lock, and another thread's prepare of a transaction that scanned a range,
+    landing in its walk over those ranges, raised a bare "RuntimeError: dictionary
+    changed size during iteration" out of the dry run.  The other thread's prepare is
+    made to land there by a trace hook (a real thread, a real store)."""
+    import inspect
+    import threading
+    from walstore.engine import conflicts
+    lines, first = inspect.getsourcelines(conflicts.PreparedSet.check)
+    walk = first + next(i for i, text in enumerate(lines)
+                        if "for k in writes if k in read_ranges" in text)
+    with walstore.open(str(tmp_path / "store")) as s:
+        with s.transaction() as t:
+            t.put("a", 1)
+        s.restore_point("rp")
+        with s.transaction() as t:
+            t.put("a", 2)
+        p1 = s.transaction()
+        list(p1.scan(prefix="other/"))
+        p1.put("other/x", 1)
+        p1.prepare("scanned-1")
+        landed = []
+
+        def other():
+            p2 = s.transaction()
+            list(p2.scan(prefix="more/"))
+            p2.put("more/y", 1)
+            p2.prepare("scanned-2")
+
+        def tracer(frame, event, arg):
+            if (event == "call" and frame.f_code.co_firstlineno == walk
+                    and frame.f_code.co_filename == conflicts.__file__ and not landed):
+                th = threading.Thread(target=other)
+                th.start()
+                th.join(1.0)  # (held out by the lock once it is taken: on after a second)
+                landed.append(th)
+            return None
+
+        sys.settrace(tracer)
+        try:
+            plan = s.rewind("rp", dry_run=True)
+        finally:
+            sys.settrace(None)
+        assert len(landed) == 1
+        landed[0].join(30)
+        assert not landed[0].is_alive()
+        assert plan.keys == ["a"]
+        assert sorted(s.prepared()) == ["scanned-1", "scanned-2"]
+        s.rollback_prepared("scanned-1")
+        s.rollback_prepared("scanned-2")

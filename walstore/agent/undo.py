@@ -88,6 +88,7 @@ of the actions it moved: is one of them inside the scope?).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from dataclasses import dataclass, field
@@ -238,8 +239,13 @@ class Undo:
         # real call then refused — probe-audit54)
         restore = getattr(made, "_restore", None)
         if restore:
-            eng.prepared.check(0, [(k, None) for k in restore], None,
-                               who="this undo (a dry run: nothing was changed)")
+            # (under the journal lock, as the prepared set is read everywhere: prepares
+            # and decisions change it under that lock, and one landing in the check's walk
+            # raised "dictionary changed size during iteration" out of the dry run —
+            # audit 58; a read-only store has no journal, and its prepared set stays empty)
+            with (contextlib.nullcontext() if eng.readonly else eng.journal.lock):
+                eng.prepared.check(0, [(k, None) for k in restore], None,
+                                   who="this undo (a dry run: nothing was changed)")
         if isinstance(made, UndoPlan):
             made.left_pending = [a.id for a in made.compensations
                                  if a.compensate not in self.saga.compensators]
