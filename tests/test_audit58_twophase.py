@@ -59,6 +59,12 @@ Findings (each test named below fails on the code before its fix):
   the dry run.  It reads them under the lock now
   (``test_a_dry_run_beside_a_prepare_reads_the_holds_under_the_lock``; a trace hook
   makes the other thread's prepare land there).
+- A dry run on a read-only handle — what ``walstore rewind --dry-run`` opens — checked
+  the keys it would put back against the handle's in-memory prepared set, which stays
+  empty there: it returned the plan (exit 0) that the real ``walstore rewind`` refused
+  (ConflictError, exit 1: a key held by a transaction in doubt).  A read-only dry run
+  builds the holds from the prepared rows, keys only
+  (``test_a_read_only_dry_run_sees_the_holds_of_transactions_in_doubt``).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -475,3 +481,33 @@ def test_a_dry_run_beside_a_prepare_reads_the_holds_under_the_lock(tmp_path):
         assert sorted(s.prepared()) == ["scanned-1", "scanned-2"]
         s.rollback_prepared("scanned-1")
         s.rollback_prepared("scanned-2")
+
+
+def test_a_read_only_dry_run_sees_the_holds_of_transactions_in_doubt(tmp_path):
+    """A dry run on a writer raises ConflictError when a key it would put back is held by
+    a transaction in doubt (the real rewind's answer); on a read-only handle — what
+    `walstore rewind --dry-run` opens — the prepared set it checked stays empty: it
+    returned the plan, exit 0, and the real `walstore rewind` then failed, exit 1."""
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        with s.transaction() as t:
+            t.put("a", 1)
+        s.restore_point("rp")
+        with s.transaction() as t:
+            t.put("a", 2)
+        p = s.transaction()
+        p.get("a")  # (held: read by the transaction in doubt)
+        p.put("b", 1)
+        p.prepare("G")
+    with walstore.open(path, readonly=True) as ro:
+        with pytest.raises(walstore.ConflictError, match="'G'"):
+            ro.rewind("rp", dry_run=True)
+    dry = _cli("rewind", path, "--to", "rp", "--dry-run")
+    real = _cli("rewind", path, "--to", "rp")
+    assert dry.returncode == real.returncode == 1, (dry.stdout, dry.stderr)
+    assert "held by prepared" in dry.stderr and "held by prepared" in real.stderr
+    with walstore.open(path) as s:
+        assert s.get("a") == 2 and s.prepared() == ["G"]
+        s.rollback_prepared("G")
+    dry = _cli("rewind", path, "--to", "rp", "--dry-run", "--json")
+    assert dry.returncode == 0 and json.loads(dry.stdout)["plan"]["keys"] == ["a"]

@@ -103,6 +103,7 @@ from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
 from ..engine import tables
+from ..engine.conflicts import Prepared, PreparedSet
 from ..engine.snapshot import SnapshotTooOld
 from ..files import Entry, RestoreStatus, restore_status
 from ..files.entries import UnsupportedFileType
@@ -242,10 +243,10 @@ class Undo:
             # (under the journal lock, as the prepared set is read everywhere: prepares
             # and decisions change it under that lock, and one landing in the check's walk
             # raised "dictionary changed size during iteration" out of the dry run —
-            # audit 58; a read-only store has no journal, and its prepared set stays empty)
+            # audit 58)
             with (contextlib.nullcontext() if eng.readonly else eng.journal.lock):
-                eng.prepared.check(0, [(k, None) for k in restore], None,
-                                   who="this undo (a dry run: nothing was changed)")
+                _prepared_holds(eng).check(0, [(k, None) for k in restore], None,
+                                           who="this undo (a dry run: nothing was changed)")
         if isinstance(made, UndoPlan):
             made.left_pending = [a.id for a in made.compensations
                                  if a.compensate not in self.saga.compensators]
@@ -1170,3 +1171,17 @@ def _strangers_in(ws: Any, fd: int, item: Any, gone: set, fapply: Any) -> bool:
                 fd, name, cst, item.since_ns - fapply.CTIME_SLACK_NS):
             return True
     return False
+
+
+def _prepared_holds(eng: "Engine") -> PreparedSet:
+    """The holds of the transactions in doubt: a writer's prepared set; on a read-only
+    store (whose in-memory set stays empty) one built from the prepared rows, keys only,
+    one row at a time.  (A read-only dry run — ``walstore rewind --dry-run`` — checked
+    the empty set: it returned a plan, exit 0, that the real rewind refused with
+    ConflictError, the keys held by a transaction in doubt — audit 58.)"""
+    if not eng.readonly:
+        return eng.prepared
+    held = PreparedSet()
+    for p in eng.views.prepared_summaries(lambda row: Prepared.from_row(row).keys_only()):
+        held.add(p)
+    return held
