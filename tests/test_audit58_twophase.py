@@ -65,6 +65,13 @@ Findings (each test named below fails on the code before its fix):
   (ConflictError, exit 1: a key held by a transaction in doubt).  A read-only dry run
   builds the holds from the prepared rows, keys only
   (``test_a_read_only_dry_run_sees_the_holds_of_transactions_in_doubt``).
+- `walstore verify` of a cleanly closed store holding a prepared transaction that
+  changed a file said "file undo owed: 1 file change(s) of transaction 1 ... were not put
+  back (the next open tries again)" beside the gid in doubt: false (they are held until
+  the decision; no open puts them back) — it asked a read-only handle's in-memory
+  prepared set, which stays empty, for the txids in doubt.  They come from the prepared
+  rows now
+  (``test_verify_does_not_call_the_file_changes_of_a_transaction_in_doubt_owed``).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -511,3 +518,30 @@ def test_a_read_only_dry_run_sees_the_holds_of_transactions_in_doubt(tmp_path):
         s.rollback_prepared("G")
     dry = _cli("rewind", path, "--to", "rp", "--dry-run", "--json")
     assert dry.returncode == 0 and json.loads(dry.stdout)["plan"]["keys"] == ["a"]
+
+
+def test_verify_does_not_call_the_file_changes_of_a_transaction_in_doubt_owed(tmp_path):
+    """`walstore verify` of a cleanly closed store holding a prepared transaction that
+    changed a file said, beside the gid in doubt, "file undo owed: 1 file change(s) of
+    transaction 1 ... were not put back (the next open tries again)": false — they are
+    held until the decision, and no open puts them back (the read-only handle it asked
+    for the txids in doubt keeps no prepared set)."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        ws = s.workspace(str(root))
+        tx = s.transaction()
+        tx.files(ws).write("f.txt", "prepared")
+        tx.prepare("G")
+    out = _cli("verify", path, "--json")
+    doc = json.loads(out.stdout)
+    assert out.returncode == 1 and doc["in_doubt"] == ["G"], out.stdout
+    assert doc["owed_file_undos"] == [], doc["owed_file_undos"]
+    human = _cli("verify", path)
+    assert "file undo owed" not in human.stdout and "'G'" in human.stdout
+    with walstore.open(path) as s:
+        s.rollback_prepared("G")
+    assert not (root / "f.txt").exists()
+    out = _cli("verify", path, "--json")
+    assert out.returncode == 0, out.stdout

@@ -241,7 +241,11 @@ def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
         rep.in_doubt = sorted(store.prepared())
         rep.pending_compensations = [a.as_dict() for a in store.pending_compensations()
                                      if not a.in_flight]
-        in_doubt = store._engine.prepared.txids()
+        # (the txids in doubt, from the prepared rows: a read-only handle's in-memory
+        # prepared set stays empty, so a prepared transaction's file changes — held
+        # until its decision — were said "file undo owed ... the next open tries again"
+        # — audit 58)
+        in_doubt = set(store._engine.views.prepared_summaries(lambda row: row.get("tx")))
     finally:
         store.close()
     alive = writer_alive(layout)
