@@ -136,7 +136,7 @@ class TwoPhase:
             if p is None or p.values or not values:
                 return p
             # (the prepared set keeps keys only: the values from the PREPARE's row)
-            row = eng.views.prepared_row(gid, include_unpublished=True)
+            row = eng.views.prepared_row(gid, include_unpublished=True, prepare_only=True)
             return None if row is None else Prepared.from_row(row)
         eng.refresh()
         row = eng.views.prepared_row(gid)

@@ -454,15 +454,20 @@ class Views:
                 out.append(summarize(dict(e.body, w=[[k, v] for k, v in e.writes or ()])))
         return out
 
-    def prepared_row(self, gid: str, include_unpublished: bool = False) -> dict | None:
+    def prepared_row(self, gid: str, include_unpublished: bool = False,
+                     prepare_only: bool = False) -> dict | None:
         """The prepared row of ``gid`` (None: not prepared), without building the
         others: the log's last word on it, else LMDB's row.
         ``include_unpublished``: the log's records whose fsync is under way count too (a
-        writer's own: its prepared set has the gid from the PREPARE's append)."""
+        writer's own: its prepared set has the gid from the PREPARE's append).
+        ``prepare_only``: its PREPARE's row even when a decision follows in the log (a
+        writer whose prepared set holds the gid: a decision whose fsync failed, in doubt
+        again; one another thread is making, which the pipeline refuses)."""
         st = self.state
         last = None
-        for e in self._events(frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}),
-                              include_unpublished):
+        types = (frozenset({_T.PREPARE}) if prepare_only
+                 else frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
+        for e in self._events(types, include_unpublished):
             if e.field("gid") == gid:
                 last = e
         if last is not None:
