@@ -72,6 +72,9 @@ Findings (each test named below fails on the code before its fix):
   prepared set, which stays empty, for the txids in doubt.  They come from the prepared
   rows now
   (``test_verify_does_not_call_the_file_changes_of_a_transaction_in_doubt_owed``).
+- `walstore recover` lists the gids in doubt joined by ", ": a gid "a, b" beside "c" read
+  "a, b, c", three gids none of which is "a, b".  A gid holding a comma is shown as a JSON
+  string (``test_recover_lists_a_gid_holding_a_comma_as_one_gid``).
 
 Real stores, real child processes; nothing of walstore is mocked.
 """
@@ -545,3 +548,23 @@ def test_verify_does_not_call_the_file_changes_of_a_transaction_in_doubt_owed(tm
     assert not (root / "f.txt").exists()
     out = _cli("verify", path, "--json")
     assert out.returncode == 0, out.stdout
+
+
+def test_recover_lists_a_gid_holding_a_comma_as_one_gid(tmp_path):
+    """`walstore recover` lists the gids in doubt joined by ", ": "a, b" and "c" read
+    "a, b, c" — three gids, none of them "a, b".  A gid holding a comma is shown as a JSON
+    string now (which the 2PC verbs take back)."""
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        for gid in ("a, b", "c"):
+            tx = s.transaction()
+            tx.put(gid, 1)
+            tx.prepare(gid)
+    out = _cli("recover", path)
+    assert out.returncode == 1
+    line = next(x for x in out.stdout.splitlines() if x.startswith("in-doubt"))
+    assert line.endswith(': "a, b", c'), line
+    done = _cli("rollback-prepared", path, '"a, b"')
+    assert done.returncode == 0, done.stderr
+    with walstore.open(path) as s:
+        assert s.prepared() == ["c"] and s.decision("a, b") == "abort"

@@ -658,10 +658,11 @@ def show_gid(gid: str) -> str:
     """A 2PC gid as an operator would type it back: as it is, or as a JSON string when it
     holds characters a terminal would act on (a newline split ``recover``'s list of
     in-doubt gids into lines that each named nothing), has spaces at an end (" g " was
-    shown as "g", which names nothing), or begins with a quote (so a shown gid that looks
-    like JSON is JSON).  The 2PC verbs take a GID in that form back
+    shown as "g", which names nothing), holds a comma (``recover`` lists gids joined by
+    ", ": "a, b" read as two), or begins with a quote (so a shown gid that looks like
+    JSON is JSON).  The 2PC verbs take a GID in that form back
     (walstore.cli.twophase: ``typed_gid``)."""
-    if _CONTROL.search(gid) or gid != gid.strip() or gid.startswith('"'):
+    if _CONTROL.search(gid) or gid != gid.strip() or gid.startswith('"') or "," in gid:
         return json.dumps(gid)
     return gid
 
