@@ -77,6 +77,10 @@ Findings (each test named below fails on the code before its fix):
   string (``test_recover_lists_a_gid_holding_a_comma_as_one_gid``).
 
 Real stores, real child processes; nothing of walstore is mocked.
+- ``tx.prepare("")`` and a gid past 200 bytes raised a bare TypeError (the right type, a
+  bad value): an ``EmptyArgumentError`` now, a ValueError and a TypeError both, as an empty
+  restore point name's (``test_a_str_gid_of_a_bad_length_is_a_value_error_too``; the
+  lead's, from this audit's notes).
 """
 from __future__ import annotations
 
@@ -568,3 +572,24 @@ def test_recover_lists_a_gid_holding_a_comma_as_one_gid(tmp_path):
     assert done.returncode == 0, done.stderr
     with walstore.open(path) as s:
         assert s.prepared() == ["c"] and s.decision("a, b") == "abort"
+
+
+def test_a_str_gid_of_a_bad_length_is_a_value_error_too(tmp_path):
+    """(h3's note, fixed by the lead) ``tx.prepare("")`` and a 201-byte gid raised a bare
+    TypeError: the right type with a bad value is a ValueError too (as an empty key's),
+    still a TypeError for callers that caught that."""
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        tx = s.transaction()
+        tx.put("a", 1)
+        for gid in ("", "x" * 201, "é" * 101):
+            with pytest.raises(ValueError, match="gid") as e:
+                tx.prepare(gid)
+            assert isinstance(e.value, TypeError)
+            with pytest.raises(ValueError, match="gid"):
+                s.commit_prepared(gid)
+        with pytest.raises(TypeError, match="gid") as e:
+            tx.prepare(b"bytes")
+        assert not isinstance(e.value, ValueError)
+        tx.prepare("x" * 200)
+        s.commit_prepared("x" * 200)
+        assert s.get("a") == 1

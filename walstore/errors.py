@@ -293,8 +293,8 @@ class PointTypeError(UnknownPoint, TypeError):
 
 class EmptyArgumentError(TypeError, ValueError):
     """An empty str or bytes where a name or key prefix is needed (``restore_point("")``,
-    ``purge("")``, ``scope=""``): the right type with a value that names nothing, so it is
-    both — ``except ValueError`` catches it as ``tx.put("", ...)``'s does, and
+    ``purge("")``, ``scope=""``), or a gid of no bytes or past 200 (``tx.prepare("")``):
+    the right type with a value that names nothing, so it is both — ``except ValueError`` catches it as ``tx.put("", ...)``'s does, and
     ``except TypeError`` as it always did."""
 
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import fileio
-from ..errors import CompensationFailed, UnknownGid
+from ..errors import CompensationFailed, EmptyArgumentError, UnknownGid
 from ..log.format import RecordType
 from ..engine.conflicts import Prepared
 from ..engine.pipeline import CommitRequest
@@ -54,8 +54,11 @@ def check_gid(gid: Any) -> str:
             raise ValueError(f"gid {gid!r} is not valid UTF-8 text: {e.reason}; nothing "
                              f"changed") from None
     if not isinstance(gid, str) or not gid or len(gid.encode()) > 200:
-        raise TypeError(f"a gid must be a non-empty str of at most 200 bytes, not "
-                        f"{_short(gid)}")
+        # (a str of the wrong length is the right type with a bad value: both, so
+        # ``except ValueError`` catches it as it does an empty key's, and ``except
+        # TypeError`` as it always did)
+        raise (EmptyArgumentError if isinstance(gid, str) else TypeError)(
+            f"a gid must be a non-empty str of at most 200 bytes, not {_short(gid)}")
     return gid
 
 
