@@ -84,6 +84,7 @@ Real stores, real child processes; nothing of walstore is mocked.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import subprocess
@@ -593,3 +594,57 @@ def test_a_str_gid_of_a_bad_length_is_a_value_error_too(tmp_path):
         tx.prepare("x" * 200)
         s.commit_prepared("x" * 200)
         assert s.get("a") == 1
+
+
+def test_the_cli_decides_an_atomic_group_whole_and_refuses_a_participant_alone(tmp_path):
+    """(h3's note, fixed by the lead) `walstore prepared` and `recover` listed a
+    walstore.atomic group's gid on each participant and invited `rollback-prepared`,
+    and nothing on the command line read the coordinator's decision: an operator
+    rolling back a participant whose coordinator had committed ran its refund while the
+    charge stood elsewhere — the group mixed.  Deciding a participant alone is refused
+    now (exit 2, naming the coordinator and `resolve-atomic`; `--force` still does it),
+    the coordinator's own decision is not, and `walstore resolve-atomic PATH...` decides
+    every group the given stores coordinate (exit 1 while one stays in doubt)."""
+    # the coordinator decided commit, the participants still in doubt
+    stores = _atomic_killed(tmp_path / "after", "after-decision")
+    paths = [str(tmp_path / "after" / n) for n in ("coord", "p1", "p2")]
+    gid = stores[1].prepared()[0]
+    for s in stores:
+        s.close()
+    r = _cli("rollback-prepared", paths[1], gid)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "resolve-atomic" in r.stderr and "coordinated by store" in r.stderr
+    r = _cli("commit-prepared", paths[2], gid)
+    assert r.returncode == 2 and "resolve-atomic" in r.stderr, (r.stdout, r.stderr)
+    # without the coordinator: nothing decided, said, exit 1
+    r = _cli("resolve-atomic", paths[1], paths[2], "--json")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    doc = json.loads(r.stdout)
+    assert doc["groups"] == [] and doc["in_doubt"] == [gid]
+    # with it, in any order: the coordinator's decision followed
+    r = _cli("resolve-atomic", paths[2], paths[0], paths[1])
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert r.stdout.startswith("committed ")
+    with contextlib.ExitStack() as opened:
+        reopened = [opened.enter_context(walstore.open(p)) for p in paths]
+        assert [s.prepared() for s in reopened] == [[], [], []]
+        assert [s.get("x") for s in reopened] == ["after-decision"] * 3
+
+    # both in doubt before any decision: the coordinator may be decided alone (its
+    # decision is the group's), a participant with --force only
+    stores = _atomic_killed(tmp_path / "before", "before-decision")
+    paths = [str(tmp_path / "before" / n) for n in ("coord", "p1", "p2")]
+    gid = stores[0].prepared()[0]
+    for s in stores:
+        s.close()
+    r = _cli("rollback-prepared", paths[0], gid)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    r = _cli("rollback-prepared", paths[1], gid, "--force")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    r = _cli("resolve-atomic", paths[0], paths[1], paths[2], "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["groups"] == [{"gid": gid, "outcome": "rolled back"}]
+    with contextlib.ExitStack() as opened:
+        reopened = [opened.enter_context(walstore.open(p)) for p in paths]
+        assert [s.prepared() for s in reopened] == [[], [], []]
+        assert [s.get("x") for s in reopened] == [None] * 3

@@ -261,13 +261,18 @@ def resolve_atomic(*stores) -> dict[str, str]:
     return outcomes
 
 
-def _coordinator_of(gid: str, leaders: dict[str, Any]) -> Any:
-    """The store among ``leaders`` (store id in hex -> store) that coordinates the atomic
-    group ``gid`` (``atomic-<its store id>-<uuid>``); None: not an atomic group's, or
-    its coordinator is not given."""
+def coordinator_id(gid: str) -> str | None:
+    """The store id (hex) of the store that coordinates the atomic group ``gid``
+    (``atomic-<its store id>-<uuid>``); None: not an atomic group's gid."""
     if not gid.startswith(GID_PREFIX):
         return None
-    return leaders.get(gid[len(GID_PREFIX):].split("-", 1)[0])
+    return gid[len(GID_PREFIX):].split("-", 1)[0] or None
+
+
+def _coordinator_of(gid: str, leaders: dict[str, Any]) -> Any:
+    """The store among ``leaders`` (store id in hex -> store) that coordinates the atomic
+    group ``gid``; None: not an atomic group's, or its coordinator is not given."""
+    return leaders.get(coordinator_id(gid))
 
 
 def _decide_coordinator(coordinator, gid: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 from ..agent.actions import check_resolve_note, never_runs
 from ..agent.files import FilesRecoveryReport
+from ..agent.coordinator import coordinator_id as atomic_coordinator_id
 from ..agent.twophase import check_gid
 from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
@@ -32,7 +33,7 @@ __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "che
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
            "verify", "wal_records", "backup", "is_store", "enclosing_store", "store_stats", "iter_log", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
-           "changes_between", "Flag", "never_runs"]
+           "changes_between", "Flag", "never_runs", "atomic_coordinator_id"]
 
 Progress = Callable[[int, int], None] | None
 

@@ -192,7 +192,9 @@ def _print_recovery(doc: dict) -> None:
         click.echo(f"compensations run: {some(doc['compensated'])}")
     if doc.get("in_doubt"):
         click.echo(f"in-doubt prepared transactions (need `walstore commit-prepared` or "
-                   f"`rollback-prepared`): {', '.join(map(show_gid, doc['in_doubt']))}")
+                   f"`rollback-prepared`; a walstore.atomic group's, `walstore "
+                   f"resolve-atomic` with its coordinator's path): "
+                   f"{', '.join(map(show_gid, doc['in_doubt']))}")
 
 
 @main.command()

@@ -1,7 +1,8 @@
 """Two-phase commit verbs: prepared (in-doubt transactions), commit-prepared,
-rollback-prepared."""
+rollback-prepared, resolve-atomic (the in-doubt groups of ``walstore.atomic``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import NoReturn
 
@@ -10,7 +11,8 @@ import click
 import walstore
 
 from . import _engine, main, refused
-from .common import HANDLERS, JSON, PATH, check_before_recovery, load_handlers, open_store
+from .common import (HANDLERS, JSON, PATH, DirPath, check_before_recovery, load_handlers,
+                     open_store)
 from .output import (EXIT_PROBLEM, emit_json_list, fail, note_problem, show_cell, show_gid,
                      table)
 
@@ -71,10 +73,36 @@ def typed_gid(path: str, gid: str) -> str:
     return gid
 
 
+FORCE = click.option("--force", is_flag=True,
+                     help="Decide a participant of a walstore.atomic group alone (the group "
+                          "may end mixed; resolve-atomic decides it whole).")
+
+
+def _group_guard(path: str, gid: str, force: bool) -> None:
+    """A gid of a ``walstore.atomic`` group, decided on a participant (not the store that
+    coordinates it): refused unless ``--force`` — the coordinator's decision is the
+    group's, and a participant decided by hand against it leaves the group mixed (its
+    refund run where the charge stood elsewhere, or the reverse).  `prepared` and
+    `recover` invited it, and nothing from the command line could read the
+    coordinator's decision (audit 58's note); `resolve-atomic` does."""
+    coordinator = _engine.atomic_coordinator_id(gid)
+    if coordinator is None or force:
+        return
+    with open_store(path, readonly=True) as store:
+        if store.store_id.hex() == coordinator:
+            return  # (the coordinator's decision is the group's)
+    refused(walstore.ConflictError(gid),
+            f"{show_gid(gid)} belongs to a walstore.atomic group coordinated by store "
+            f"{coordinator[:16]}..., not by this one: decide the group with `walstore "
+            f"resolve-atomic COORDINATOR_PATH {path}` (every store follows the "
+            f"coordinator's decision), or --force to decide this store alone")
+
+
 @main.command("commit-prepared")
 @PATH
 @click.argument("gid")
-def commit_prepared(path: str, gid: str) -> None:
+@FORCE
+def commit_prepared(path: str, gid: str, force: bool) -> None:
     """Commit the prepared transaction GID (as typed, or in the JSON form `prepared`
     shows it in)."""
     try:
@@ -83,6 +111,7 @@ def commit_prepared(path: str, gid: str) -> None:
         check_before_recovery(path, lambda store: store.prepared_details(gid))
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
+    _group_guard(path, gid, force)
     with open_store(path) as store:
         try:
             lsn = store.commit_prepared(gid)
@@ -97,7 +126,8 @@ def commit_prepared(path: str, gid: str) -> None:
 @PATH
 @click.argument("gid")
 @HANDLERS
-def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
+@FORCE
+def rollback_prepared(path: str, gid: str, handlers: str | None, force: bool) -> None:
     """Roll back the prepared transaction GID (as typed, or in the JSON form `prepared`
     shows it in; exit 1 when compensations stay owed)."""
     from .agent import report_owed
@@ -108,6 +138,7 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
         check_before_recovery(path, lambda store: store.prepared_details(gid))
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
+    _group_guard(path, gid, force)
     with open_store(path, compensators=comps) as store:
         try:  # (its own row: listing every prepared one to find it cost N per call)
             txids = [store.prepared_details(gid).txid]
@@ -128,6 +159,44 @@ def rollback_prepared(path: str, gid: str, handlers: str | None) -> None:
     click.echo(f"rolled back {show_gid(gid)}")
     if owed:
         report_owed(owed, registered)
+        raise SystemExit(EXIT_PROBLEM)
+
+
+@main.command("resolve-atomic")
+@click.argument("paths", nargs=-1, required=True,
+                type=DirPath(file_okay=False, readable=False))
+@HANDLERS
+@JSON
+def resolve_atomic_cmd(paths: tuple[str, ...], handlers: str | None, as_json: bool) -> None:
+    """Finish the in-doubt walstore.atomic groups of the stores at PATHS (the
+    coordinator's decision, rolled back when it is still in doubt, followed by every
+    other store; exit 1 when a group stays in doubt: its coordinator is not among PATHS)."""
+    comps = load_handlers(handlers, as_json)
+    with contextlib.ExitStack() as opened:
+        stores = [opened.enter_context(open_store(p, compensators=comps)) for p in paths]
+        outcomes = walstore.resolve_atomic(*stores)
+        left = sorted({g for s in stores for g in s.prepared()
+                       if _engine.atomic_coordinator_id(g) is not None})
+        owed = sum(1 for s in stores for _a in s.pending_compensations())
+    if left or owed:  # (before printing: see note_problem)
+        note_problem()
+    if as_json:
+        click.echo(json.dumps({"groups": [{"gid": g, "outcome": o}
+                                          for g, o in sorted(outcomes.items())],
+                               "in_doubt": left, "compensations_owed": owed}))
+    else:
+        for g, o in sorted(outcomes.items()):
+            click.echo(f"{o} {show_gid(g)}")
+        if not outcomes:
+            click.echo("no walstore.atomic group in doubt that these stores coordinate")
+        for g in left:
+            click.echo(f"still in doubt: {show_gid(g)} (its coordinator, store "
+                       f"{_engine.atomic_coordinator_id(g)[:16]}..., is not among PATHS)",
+                       err=True)
+        if owed:
+            click.echo(f"{owed} compensation(s) owed: see `walstore actions PATH --pending`",
+                       err=True)
+    if left or owed:
         raise SystemExit(EXIT_PROBLEM)
 
 
