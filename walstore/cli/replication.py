@@ -40,7 +40,10 @@ def parse_point(text: str) -> Any:
     restore point name, as `rewind --to` reads it: it was refused as "not ISO-8601" /
     "needs an offset", and a restore point so named could not be restored to (a name the
     replica lacks is refused with a word on the time syntax: :func:`_time_hint`).  A date
-    and a time of day without an offset is refused (which zone it meant is unknown)."""
+    and a time of day without an offset is refused (which zone it meant is unknown).
+    A name is a name exactly as given: spaces around it are part of it (a point named
+    " name" was taken as "name", the one without them, or refused as unknown); only a
+    time is read with its surrounding spaces ignored."""
     t = text.strip()
     if _looks_like_time(t):
         try:
@@ -51,7 +54,7 @@ def parse_point(text: str) -> Any:
             return when
         if when is not None and len(t) > 10:  # (a time of day: not a date alone)
             raise click.BadParameter(f"time {text!r} needs an offset (e.g. +00:00 or Z)")
-    return _parse_point(t)
+    return _parse_point(text)
 
 
 def _looks_like_time(text: str) -> bool:
