@@ -10,6 +10,13 @@ Findings (each test named below fails on the code before its fix):
   point "name" existed too, the restore silently cut at that other point.  A name is a
   name exactly as given now (only a time is read with surrounding spaces ignored)
   (``test_restore_to_a_restore_point_name_with_spaces_is_that_point``).
+- ``store.at(LSN(end))``, the end of the log (a point accepted: "0 to the end of the
+  log"), resolved to the boundary ``end``; the next commit's record begins exactly there,
+  so "at or below the boundary" took it in: a view made there changed under its reader
+  when a later commit landed (``get`` said 1, then 2; ``scan`` listed a key written after
+  the view was made).  A point at the end of a non-empty log is fixed at ``end - 1`` (the
+  same state: no record begins in between) when it is resolved
+  (``test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands``).
 """
 from __future__ import annotations
 
@@ -55,3 +62,22 @@ def test_restore_to_a_restore_point_name_with_spaces_is_that_point(tmp_path):
     p = cli("restore", url, str(tmp_path / "dx"), "--to", "  name")
     assert p.returncode == 2, p.stderr
     assert "no restore point named '  name'" in p.stderr
+
+
+def test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands(tmp_path):
+    # Before: a point at the end of the log (LSN(end): accepted, "0 to the end of the
+    # log") resolved to the boundary `end`, and the next commit's record begins exactly
+    # there: "at or below the boundary", it became part of the point.  A view made there
+    # read the commit made after it (1, then 2), and its scan listed a key written later.
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        end = walstore.LSN(s.stats()["published_lsn"])
+        view = s.at(end)
+        assert view.get("k") == 1 and list(view.scan()) == [("k", 1)]
+        with s.transaction() as tx:
+            tx.put("k", 2)
+            tx.put("new", 1)
+        assert tx.lsn == end  # (the next record begins where the log ended)
+        assert view.get("k") == 1 and "new" not in view
+        assert list(view.scan()) == [("k", 1)]

@@ -238,6 +238,16 @@ class History:
                 raise UnknownPoint(f"LSN {int(point)} names no position of this log (it "
                                    f"ends at LSN {end})", point)
             boundary = int(point)
+            horizon = eng.state.meta_int(b"horizon")
+            if boundary == end and end > 0 and end - 1 >= horizon:
+                # the end of the log: no record begins there YET, so the state as of it
+                # is the state now — but the next commit's record begins exactly there
+                # and ("at or below the boundary") became part of the point: a view
+                # ``at(LSN(end))`` changed under its reader when a commit landed.  No
+                # record begins in (end - 1, end] now: the point is fixed at end - 1,
+                # the same state, for good.  (Not when the horizon is at the end, that
+                # history trimmed, nor in an empty log: the point stays the end.)
+                boundary = end - 1
         elif isinstance(point, int):
             check_txid(point)
             row = eng.views.txn_row(point)
