@@ -17,6 +17,17 @@ Findings (each test named below fails on the code before its fix):
   the view was made).  A point at the end of a non-empty log is fixed at ``end - 1`` (the
   same state: no record begins in between) when it is resolved
   (``test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands``).
+- A scoped rewind or revert compensated every action of a transaction it undid wholly,
+  also one declared in ANOTHER scope: a rewind of "a/" refunded the booking a
+  coordinator's transaction (writing only under "a/") had declared in "b/" — another
+  agent's work, which a scoped undo promises to leave as it is.  An action declared in
+  another scope is that scope's now: only its own scope's undo (or an unscoped one)
+  compensates it (``test_a_scoped_undo_leaves_an_action_declared_in_another_scope_alone``).
+  And a transaction that wrote both inside and outside the scope was refused
+  (RevertConflict "ran actions that were not declared in it") when all its actions were
+  declared, each in its own scope: only an action declared in no scope is ownerless, and
+  only that refuses it now
+  (``test_a_scoped_revert_of_a_transaction_whose_actions_are_all_declared``).
 """
 from __future__ import annotations
 
@@ -81,3 +92,75 @@ def test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands(tmp_pa
         assert tx.lsn == end  # (the next record begins where the log ended)
         assert view.get("k") == 1 and "new" not in view
         assert list(view.scan()) == [("k", 1)]
+
+
+def _two_agents(path: str, ran: list) -> walstore.Store:
+    s = walstore.open(path, durability="none",
+                      compensators={"undo": lambda a: ran.append(a.id)})
+    with s.transaction() as tx:
+        tx.put("a/x", 0)
+        tx.put("b/x", 0)
+    s.restore_point("p")
+    return s
+
+
+def test_a_scoped_undo_leaves_an_action_declared_in_another_scope_alone(tmp_path):
+    # Before: a transaction that wrote only under "a/" and ran two actions, one declared
+    # in "a/" and one in "b/" (a coordinator booking for two agents), was taken wholly by
+    # a rewind of "a/", and every action of it compensated: "b/"'s booking was refunded
+    # by "a/"'s rewind (and "b/"'s own rewind claimed it too).  An action declared in a
+    # scope is that scope's: "a/"'s rewind compensates "a/"'s alone.
+    ran: list = []
+    with _two_agents(str(tmp_path / "s"), ran) as s:
+        with s.transaction() as tx:
+            tx.put("a/x", 1)
+            with tx.action("book", args={"for": "a"}, compensate="undo", scope="a/") as act:
+                act.result = 1
+            with tx.action("book", args={"for": "b"}, compensate="undo", scope="b/") as act:
+                act.result = 2
+        a_id, b_id = f"{tx.id}.1", f"{tx.id}.2"
+        plan = s.rewind("p", scope="a/", dry_run=True)
+        assert [c.id for c in plan.compensations] == [a_id]
+        s.rewind("p", scope="a/")
+        assert ran == [a_id] and s.get("a/x") == 0
+        states = {a.id: a.state for a in s.actions()}
+        assert states == {a_id: "compensated", b_id: "committed"}
+        s.rewind("p", scope="b/")  # ("b/"'s own rewind: its booking, once)
+        assert ran == [a_id, b_id]
+        assert {a.id: a.state for a in s.actions()}[b_id] == "compensated"
+        assert s.rewind("p", scope="b/") is None and ran == [a_id, b_id]
+
+
+def test_a_scoped_revert_of_a_transaction_whose_actions_are_all_declared(tmp_path):
+    # Before: a transaction that wrote under "a/" and "b/" and declared each of its
+    # actions (one in "a/", one in "b/") could not be undone in either scope:
+    # RevertConflict "ran actions that were not declared in it" — none was undeclared.
+    # Only an action declared in no scope makes such a transaction refused now.
+    ran: list = []
+    with _two_agents(str(tmp_path / "s"), ran) as s:
+        with s.transaction() as tx:
+            tx.put("a/x", 1)
+            tx.put("b/x", 1)
+            with tx.action("book", args={"for": "a"}, compensate="undo", scope="a/") as act:
+                act.result = 1
+            with tx.action("book", args={"for": "b"}, compensate="undo", scope="b/") as act:
+                act.result = 2
+        txid = tx.id
+        s.revert(txid, scope="a/")
+        assert ran == [f"{txid}.1"]
+        assert (s.get("a/x"), s.get("b/x")) == (0, 1)
+        s.rewind("p", scope="b/")
+        assert ran == [f"{txid}.1", f"{txid}.2"]
+        assert (s.get("a/x"), s.get("b/x")) == (0, 0)
+        # one action declared in no scope: still refused, nothing changed
+        with s.transaction() as tx:
+            tx.put("a/x", 5)
+            tx.put("b/x", 5)
+            with tx.action("book", args={}, compensate="undo", scope="a/") as act:
+                act.result = 1
+            with tx.action("book", args={}, compensate="undo") as act:
+                act.result = 2
+        with pytest.raises(walstore.RevertConflict) as e:
+            s.revert(tx.id, scope="a/")
+        assert e.value.txids == [tx.id] and "declared in no scope" in str(e.value)
+        assert (s.get("a/x"), s.get("b/x")) == (5, 5) and len(ran) == 2

@@ -22,9 +22,10 @@ transaction like any other and can itself be reverted.
   transaction is undone wholly when it was tagged with the scope or wrote only inside
   it (an untagged undo: and moved only actions whose state lies inside it, see
   ``_wholly_in``; its written keys do not show what it reached); compensations run for
-  actions of transactions undone wholly, and for actions declared in the scope.  A later
-  transaction with actions that wrote both inside and outside the scope (not tagged with
-  it) raises RevertConflict naming it.  An undo
+  actions of transactions undone wholly, and for actions declared in the scope — never
+  for one declared in another scope (that scope's undo takes it).  A later
+  transaction with actions declared in no scope that wrote both inside and outside the
+  scope (not tagged with it) raises RevertConflict naming it.  An undo
   in the undone range that moved the state of an action lying inside the scope
   (``_state_in_scope``) is undone partly though it wrote nothing there (``_redo_marks``
   then sees its move: an unscoped rewind that refunded a charge of the scope, the charged
@@ -650,6 +651,14 @@ class Undo:
             # revert undid its transaction's writes and left the charge committed, unowed)
             committed = [a for a, r in zip(current, rows) if a.state == tables.COMMITTED
                          and not tables.declares_no_compensation(r)]
+            if rng is not None:
+                # an action declared in another scope is that scope's (another agent's
+                # booking): a scoped undo neither compensates it, even of a transaction
+                # it takes wholly, nor counts it as ownerless — a rewind of "a/" refunded
+                # a charge declared in "b/", and a transaction that declared each of its
+                # actions (one "a/", one "b/") and wrote both sides was refused as
+                # running "actions that were not declared in it"
+                committed = [a for a in committed if a.scope is None or rng.same(a.scope)]
             if whole:
                 undone_txids.add(info.txid)
                 plan.compensations += committed
@@ -676,8 +685,8 @@ class Undo:
                 newest.setdefault((1, p), info.txid)
         if mixed_with_actions:
             raise RevertConflict(f"transactions {mixed_with_actions} wrote both inside and "
-                                 f"outside scope {scope!r} and ran actions that were not "
-                                 f"declared in it; they cannot be undone partly",
+                                 f"outside scope {scope!r} and ran actions declared in no "
+                                 f"scope; they cannot be undone partly",
                                  mixed_with_actions)
         # a key outside the scope that an undone transaction wrote (it was the scope's
         # wholly) and a later transaction the undo keeps wrote after it: putting it back
