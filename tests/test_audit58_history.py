@@ -28,6 +28,11 @@ Findings (each test named below fails on the code before its fix):
   declared, each in its own scope: only an action declared in no scope is ownerless, and
   only that refuses it now
   (``test_a_scoped_revert_of_a_transaction_whose_actions_are_all_declared``).
+- `walstore revert PATH tx:3` (a txid as every point and every ``--json`` document spells
+  it) was refused with click's "'tx:3' is not a valid integer range", and ``lsn:5`` the
+  same way, saying nothing of a log position.  ``tx:N`` is taken; ``lsn:N`` and other
+  text are one usage line (exit 2) naming what a TXID is
+  (``test_revert_takes_a_txid_as_every_point_spells_it``).
 """
 from __future__ import annotations
 
@@ -164,3 +169,27 @@ def test_a_scoped_revert_of_a_transaction_whose_actions_are_all_declared(tmp_pat
             s.revert(tx.id, scope="a/")
         assert e.value.txids == [tx.id] and "declared in no scope" in str(e.value)
         assert (s.get("a/x"), s.get("b/x")) == (5, 5) and len(ran) == 2
+
+
+def test_revert_takes_a_txid_as_every_point_spells_it(tmp_path):
+    # Before: `walstore revert PATH tx:3` (a txid as points and --json documents spell
+    # it) was refused with click's "'tx:3' is not a valid integer range", and `lsn:5`
+    # the same way, saying nothing of a log position.  tx:N is taken now; lsn:N and
+    # other text are a one-line usage error (exit 2) naming what a TXID is.
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        for v in (1, 2):
+            with s.transaction() as tx:
+                tx.put(f"k{v}", v)
+    p = cli("revert", path, "tx:2", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["reverted"] == [2]
+    p = cli("revert", path, "lsn:5")
+    assert p.returncode == 2 and "not a log position ('lsn:5')" in p.stderr, p.stderr
+    assert "integer range" not in p.stderr and "Traceback" not in p.stderr
+    for bad in ("abc", "0", "tx:", "tx:-1"):
+        p = cli("revert", path, bad)
+        assert p.returncode == 2, (bad, p.stderr)
+        assert f"TXID is a transaction id (digits or tx:N, from 1), not {bad!r}" in p.stderr
+    with walstore.open(path, readonly=True) as s:
+        assert (s.get("k1"), s.get("k2")) == (1, None)

@@ -12,7 +12,7 @@ import walstore
 from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
                      check_before_recovery, load_handlers, open_store, owed_header)
-from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, emit_json_list, fail,
+from .output import (EXIT_PROBLEM, KEY, POINT, TXID, UsageProblem, emit_json, emit_json_list, fail,
                      kv_lines, note_problem, show_key, show_value, some, table)
 
 
@@ -34,7 +34,7 @@ from .output import (EXIT_PROBLEM, KEY, POINT, UsageProblem, emit_json, emit_jso
 
 @main.command()
 @PATH
-@click.argument("txid", type=click.IntRange(min=1))
+@click.argument("txid", type=TXID)
 @click.option("--cascade", is_flag=True, help="Also revert later transactions on the same keys.")
 @HANDLERS
 @JSON

@@ -727,6 +727,30 @@ def point_text(point: Any) -> str:
     return str(point)
 
 
+def parse_txid(text: str) -> int:
+    """A transaction id as the command line spells it: digits or ``tx:N`` (as every
+    point takes it, and as ``--json`` documents name a txid); ``lsn:N`` is a log
+    position, never taken for the transaction of that number.  (`walstore revert PATH
+    tx:5` said "'tx:5' is not a valid integer range", click's words for its type.)"""
+    rest = text[3:] if text.startswith("tx:") else text
+    if _DIGITS.fullmatch(rest) and int(rest) >= 1:
+        return int(rest)
+    if text.startswith("lsn:"):
+        raise UsageProblem(f"TXID is a transaction id (digits or tx:N), not a log position "
+                           f"({text!r}); `walstore log` lists each transaction's TXID and LSN")
+    raise UsageProblem(f"TXID is a transaction id (digits or tx:N, from 1), not {text!r}")
+
+
+class TxidType(click.ParamType):
+    name = "TXID"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return parse_txid(value) if isinstance(value, str) else value
+
+
+TXID = TxidType()
+
+
 class PointType(click.ParamType):
     name = "POINT"
 
