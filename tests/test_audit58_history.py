@@ -33,6 +33,10 @@ Findings (each test named below fails on the code before its fix):
   same way, saying nothing of a log position.  ``tx:N`` is taken; ``lsn:N`` and other
   text are one usage line (exit 2) naming what a TXID is
   (``test_revert_takes_a_txid_as_every_point_spells_it``).
+- ``store.restore_point("٣")`` (or "²", "١٢": digits of other scripts) was refused as
+  "all digits ... would read as a txid on the command line"; the command line reads
+  only ASCII digits as a txid and these as names.  They are names now
+  (``test_a_restore_point_named_with_non_ascii_digits_is_a_name``).
 """
 from __future__ import annotations
 
@@ -193,3 +197,26 @@ def test_revert_takes_a_txid_as_every_point_spells_it(tmp_path):
         assert f"TXID is a transaction id (digits or tx:N, from 1), not {bad!r}" in p.stderr
     with walstore.open(path, readonly=True) as s:
         assert (s.get("k1"), s.get("k2")) == (1, None)
+
+
+def test_a_restore_point_named_with_non_ascii_digits_is_a_name(tmp_path):
+    # Before: restore_point("٣") (an Arabic-Indic digit) or "²" was refused: "must not be
+    # all digits ... would read as a txid or an LSN on the command line" — the command
+    # line reads only [0-9]+ as a txid, and takes these as names.  They are names now;
+    # ASCII digits are still refused.
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        for name in ("٣", "²", "١٢"):
+            s.restore_point(name)
+        with s.transaction() as tx:
+            tx.put("a", 2)
+        with pytest.raises(ValueError, match="would read as a txid"):
+            s.restore_point("12")
+        assert s.at("٣").get("a") == 1
+    p = cli("rewind", path, "--to", "١٢", "--json")
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["reverted"] == [2]
+    with walstore.open(path, readonly=True) as s:
+        assert s.get("a") == 1 and set(s.restore_points()) == {"٣", "²", "١٢"}

@@ -566,7 +566,9 @@ class History:
         if not isinstance(name, str) or not name:
             raise (EmptyArgumentError if isinstance(name, str) else TypeError)(
                 "a restore point name must be a non-empty str")
-        if name.isdigit() or name.startswith(("tx:", "lsn:")):
+        # (ASCII digits alone: the command line reads [0-9]+ as a txid; "٣" or "²" are
+        # names there, and were refused with the false claim that they would not be)
+        if (name.isascii() and name.isdigit()) or name.startswith(("tx:", "lsn:")):
             raise ValueError(f"a restore point name must not be all digits or begin with "
                              f"'tx:' or 'lsn:' ({name!r} would read as a txid or an LSN on "
                              f"the command line)")
