@@ -27,7 +27,10 @@ Findings (each test named below fails on the code before its fix):
   (RevertConflict "ran actions that were not declared in it") when all its actions were
   declared, each in its own scope: only an action declared in no scope is ownerless, and
   only that refuses it now
-  (``test_a_scoped_revert_of_a_transaction_whose_actions_are_all_declared``).
+  (``test_a_scoped_revert_of_a_transaction_whose_actions_are_all_declared``).  An action
+  declared in a scope AROUND the undo's ("a/" for "a/sub/") is not another agent's: it
+  still refuses a partial undo, as before
+  (``test_an_action_declared_in_a_scope_around_the_undos_stays_its_concern``, a guard).
 - `walstore revert PATH tx:3` (a txid as every point and every ``--json`` document spells
   it) was refused with click's "'tx:3' is not a valid integer range", and ``lsn:5`` the
   same way, saying nothing of a log position.  ``tx:N`` is taken; ``lsn:N`` and other
@@ -220,3 +223,26 @@ def test_a_restore_point_named_with_non_ascii_digits_is_a_name(tmp_path):
     assert json.loads(p.stdout)["reverted"] == [2]
     with walstore.open(path, readonly=True) as s:
         assert s.get("a") == 1 and set(s.restore_points()) == {"٣", "²", "١٢"}
+
+
+def test_an_action_declared_in_a_scope_around_the_undos_stays_its_concern(tmp_path):
+    # (the fix above takes only a scope apart from the undo's as another agent's: an
+    # action declared in "a/", around "a/sub/", still refuses a partial undo of "a/sub/",
+    # as before, and is compensated by an undo of "a/sub/" that takes its transaction
+    # wholly)
+    ran: list = []
+    with _two_agents(str(tmp_path / "s"), ran) as s:
+        with s.transaction() as tx:
+            tx.put("a/sub/x", 1)
+            tx.put("a/y", 1)
+            with tx.action("book", args={}, compensate="undo", scope="a/") as act:
+                act.result = 1
+        with pytest.raises(walstore.RevertConflict, match="or in one around it"):
+            s.rewind("p", scope="a/sub/")
+        assert s.get("a/sub/x") == 1 and ran == []
+        with s.transaction() as tx:
+            tx.put("a/sub/z", 1)
+            with tx.action("book", args={}, compensate="undo", scope="a/") as act:
+                act.result = 2
+        s.revert(tx.id, scope="a/sub/")
+        assert ran == [f"{tx.id}.1"] and s.get("a/sub/z") is None

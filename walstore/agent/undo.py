@@ -23,9 +23,10 @@ transaction like any other and can itself be reverted.
   it (an untagged undo: and moved only actions whose state lies inside it, see
   ``_wholly_in``; its written keys do not show what it reached); compensations run for
   actions of transactions undone wholly, and for actions declared in the scope — never
-  for one declared in another scope (that scope's undo takes it).  A later
-  transaction with actions declared in no scope that wrote both inside and outside the
-  scope (not tagged with it) raises RevertConflict naming it.  An undo
+  for one declared in a scope apart from it (``_elsewhere``: that scope's undo takes
+  it).  A later transaction with actions declared in no scope (or in one around it) that
+  wrote both inside and outside the scope (not tagged with it) raises RevertConflict
+  naming it.  An undo
   in the undone range that moved the state of an action lying inside the scope
   (``_state_in_scope``) is undone partly though it wrote nothing there (``_redo_marks``
   then sees its move: an unscoped rewind that refunded a charge of the scope, the charged
@@ -658,7 +659,9 @@ class Undo:
                 # a charge declared in "b/", and a transaction that declared each of its
                 # actions (one "a/", one "b/") and wrote both sides was refused as
                 # running "actions that were not declared in it"
-                committed = [a for a in committed if a.scope is None or rng.same(a.scope)]
+                # (a scope around this one, "a/" for "a/sub/", is not another: its
+                # actions are taken as before — refused when the undo is partial)
+                committed = [a for a in committed if not _elsewhere(a.scope, rng)]
             if whole:
                 undone_txids.add(info.txid)
                 plan.compensations += committed
@@ -686,7 +689,8 @@ class Undo:
         if mixed_with_actions:
             raise RevertConflict(f"transactions {mixed_with_actions} wrote both inside and "
                                  f"outside scope {scope!r} and ran actions declared in no "
-                                 f"scope; they cannot be undone partly",
+                                 f"scope (or in one around it); they cannot be undone "
+                                 f"partly",
                                  mixed_with_actions)
         # a key outside the scope that an undone transaction wrote (it was the scope's
         # wholly) and a later transaction the undo keeps wrote after it: putting it back
@@ -1035,6 +1039,14 @@ class Undo:
                     self.saga.reserve(late, reserved, take=True)
                 owed = sorted(owed + late, key=newest_first)
         return self.history.txn_info(tx.id), owed
+
+
+def _elsewhere(declared: Any, rng: ScopeRange) -> bool:
+    """Was an action declared in a scope apart from ``rng``'s (neither inside the other:
+    another agent's)?  None (declared in no scope) is not."""
+    if declared is None or rng.same(declared):
+        return False
+    return not ScopeRange(declared).same(rng.scope)
 
 
 def _moves(info: TxnInfo) -> list[tuple[str, bool]]:
