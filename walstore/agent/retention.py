@@ -15,6 +15,11 @@ where rollbacks count toward ``retain_transactions`` as commits do (kept: the ne
 transactions, committed or not, and those of the last S seconds) and restore points do
 not pin; else an agent that mostly rolls back grew its store one row per rollback
 between commits.  Default: keep everything.
+
+A checkpoint's search for the horizon costs what was added since the previous one, not
+what is kept: the first young commit (``retain_seconds``) and the Nth newest
+(``retain_transactions``, ``_NthNewest``) are moved on from where the last trim left
+them; after an open, the first trim walks them once.
 """
 from __future__ import annotations
 
@@ -40,6 +45,11 @@ class Retention:
         # ``txns`` row from the oldest each checkpoint, and a restore point pins what it
         # walks: 20,000 pinned commits took ~0.15 s a checkpoint, growing with them.
         self._young_from = 0
+        # ``retain_transactions``: the Nth newest commit (and the Nth newest transaction
+        # that ended, ``aended`` merged in), found by one walk of N rows, then moved on by
+        # the rows added since (``_NthNewest``): every checkpoint walked the N newest rows
+        # of both (a million transactions retained: ~3 s a checkpoint, for ever)
+        self._nth: dict[str, _NthNewest] = {}
 
     def trim(self) -> dict:
         """A checkpoint hook: trim what the retention options allow."""
@@ -132,13 +142,12 @@ class Retention:
         applied = st.applied_lsn()
         candidates, ended = [applied], [applied]
         if opts.retain_transactions is not None:
-            candidates.append(_nth_newest(opts.retain_transactions,
-                                          st.scan(b"", None, reverse=True, db="bylsn"),
-                                          "bylsn", st))
-            ended.append(_nth_newest(opts.retain_transactions, heapq.merge(
-                st.scan(b"", None, reverse=True, db="bylsn"),
-                st.scan(b"", None, reverse=True, db="aended"),
-                key=_first, reverse=True), "bylsn or aended", st))
+            n = opts.retain_transactions
+            if not self._nth or self._nth["bylsn"].n != n:
+                self._nth = {"bylsn": _NthNewest(n, ("bylsn",)),
+                             "ended": _NthNewest(n, ("bylsn", "aended"))}
+            candidates.append(self._nth["bylsn"].lsn(st))
+            ended.append(self._nth["ended"].lsn(st))
         if opts.retain_seconds is not None:
             cutoff = time.time() - opts.retain_seconds
             first_young = applied
@@ -155,14 +164,62 @@ class Retention:
 
 
 
-def _nth_newest(n: int, rows, table: str, st) -> int:
-    """The LSN of the ``n``th of ``rows`` (LSN keys of ``table``, newest first); 0: fewer."""
-    k = 0
-    for raw, _t in rows:
-        k += 1
-        if k >= n:
-            return from_u64(raw, 0, table, None, st)
-    return 0
+class _NthNewest:
+    """The LSN of the ``n``th newest row of LSN-keyed ``tables`` (merged; 0: fewer rows).
+
+    The first call walks the newest ``n`` rows; later ones only the rows added since the
+    last (commits and rollbacks are applied in log order: new rows lie above every row
+    counted), moving the answer up by as many rows.  A row at or above the answer is
+    never deleted (a trim deletes below the horizon, which is at most the answer; a purge
+    keeps the rows), so that count stays exact; should the answer's own row be gone, or
+    the rows counted while fewer than ``n`` reach ``n`` (a trim may have deleted some of
+    those), the rows are walked again from the newest."""
+
+    def __init__(self, n: int, tables_: tuple[str, ...]) -> None:
+        self.n = n
+        self.tables = tables_
+        self.top: int | None = None  # the newest row counted (None: not walked yet)
+        self.nth = 0                 # the answer
+        self.count = 0               # rows counted (at most ``n``; exact when nth)
+
+    def _rows(self, st, lo: int | None, reverse: bool):
+        scans = [st.scan(b"" if lo is None else u64(lo), None, reverse=reverse, db=t)
+                 for t in self.tables]
+        rows = scans[0] if len(scans) == 1 else heapq.merge(*scans, key=_first,
+                                                            reverse=reverse)
+        return ((from_u64(raw, 0, "/".join(self.tables), None, st), raw) for raw, _v in rows)
+
+    def lsn(self, st) -> int:
+        if self.top is not None and (self.nth == 0 or any(
+                st.get(u64(self.nth), t) is not None for t in self.tables)):
+            added, last = 0, self.top
+            for last, _raw in self._rows(st, self.top + 1, False):
+                added += 1
+            if not added:
+                return self.nth
+            if self.nth:
+                k = added
+                for lsn, _raw in self._rows(st, self.nth + 1, False):
+                    k -= 1
+                    if k == 0:
+                        self.nth, self.top = lsn, last
+                        return self.nth
+            elif self.count + added < self.n:
+                self.count += added
+                self.top = last
+                return 0
+        # the walk from the newest
+        self.top, self.nth, self.count = None, 0, 0
+        for lsn, _raw in self._rows(st, None, True):
+            if self.top is None:
+                self.top = lsn
+            self.count += 1
+            if self.count >= self.n:
+                self.nth = lsn
+                break
+        if self.top is None:
+            self.top = -1
+        return self.nth
 
 
 def _first(row: tuple) -> bytes:
