@@ -86,7 +86,10 @@ age of the store — except that a rewind reads the ``txns`` row of every commit
 point (no index finds a scope's commits or what an earlier rewind already undid): a
 scoped one loads the actions and file changes only of the commits it takes something of
 (or must refuse), so another scope's commit costs it one row (an undo's, also the rows
-of the actions it moved: is one of them inside the scope?).
+of the actions it moved: is one of them inside the scope?).  Its memory grows with what
+it undoes: the rows are read as the plan goes (``_CommitsAfter``), the undone ones kept,
+and read once more only when a key or path outside the scope goes back (who else wrote
+it: ``_gather_kept_writers``).
 """
 from __future__ import annotations
 
@@ -397,18 +400,28 @@ class Undo:
         with tx:
             boundary = self.history.resolve(to)
             fileio.fault_point("undo.resolved")  # (tests: history trimmed while it plans)
-            infos = [info_from_row(r) for r in self.engine.views.commits_after(boundary)]
-            if dry_run:  # the commits of its snapshot (LMDB may hold later ones already)
-                infos = [i for i in infos if i.lsn < tx.snapshot]
+            # the commits after the point, read as the plan goes (and again, when it must
+            # know who else wrote a key outside the scope it puts back): held whole, a
+            # scoped rewind of one transaction held every commit after its point, ~1.3 KB
+            # each (200,000 other agents' commits: 250 MB)
+            infos: Any = _CommitsAfter(self.engine, boundary,
+                                       tx.snapshot if dry_run else None)
             oldest = boundary
             if also:  # (include=: undone with the range; the commits between them and the
                 # point are kept, so one of them that wrote what they wrote is refused)
-                infos, kept, oldest = self._with_included(infos, also, boundary, kept)
+                infos, kept, oldest = self._with_included(list(infos), also, boundary, kept)
             if dry_run:
                 self.history.check_file_commits_readable(oldest, tx.snapshot)
-            plan = self._plan([i for i in infos if i.txid not in kept], scope, force,
-                              boundary, [i for i in infos if i.txid in kept],
-                              snapshot=None if dry_run else tx.snapshot, dry_run=dry_run)
+            if kept:  # (keep=, include=: few, an integration's; their writers go first)
+                infos = list(infos)
+                plan = self._plan([i for i in infos if i.txid not in kept], scope, force,
+                                  boundary, [i for i in infos if i.txid in kept],
+                                  snapshot=None if dry_run else tx.snapshot,
+                                  dry_run=dry_run)
+            else:
+                plan = self._plan(infos, scope, force, boundary,
+                                  snapshot=None if dry_run else tx.snapshot,
+                                  dry_run=dry_run)
             plan._oldest = oldest  # type: ignore[attr-defined]
             # (the transactions it changes something of, not every one after the point:
             # what an earlier undo took back already is not listed again: see _plan)
@@ -614,6 +627,9 @@ class Undo:
         kept_path_writers: dict[tuple, list[tuple[int, int]]] = {}  # the same for paths
         in_range_actions: set[str] = set()
         inside: dict[str, bool] = {}  # action id -> its state lies inside the scope
+        # the undone ones alone are kept, newest first (every commit after a scoped
+        # rewind's point was held, each TxnInfo, for a plan that took one of them)
+        undone_infos: list[TxnInfo] = []
         for info in kept:
             for k in info.keys:
                 kept_writers.setdefault(encode_key(k), []).append((info.lsn, info.txid))
@@ -630,13 +646,10 @@ class Undo:
             paths_in = paths if rng is None else [p for p in paths if in_scope(p[0])]
             whole = rng is None or self._wholly_in(info, rng, paths, inside)
             mine = keys if whole else [k for k in keys if rng.contains(k)]
-            if not whole:
-                for k in keys:
-                    if not rng.contains(k):
-                        kept_writers.setdefault(k, []).append((info.lsn, info.txid))
-                for p in paths:
-                    if not in_scope(p[0]):
-                        kept_path_writers.setdefault(p, []).append((info.lsn, info.txid))
+            # (its keys and paths outside the scope, when it is not undone wholly, are
+            # another's work a wholly undone one must not be put back over: gathered
+            # after this pass, for the keys and paths that need it — gathered here, a
+            # scoped rewind held every such write of every commit after its point)
             mine_paths = paths if whole else paths_in
             if rng is not None:  # (actions of the undone range declared in the scope; an
                 # action's scope is fixed when it is logged: the row's is its current one)
@@ -680,12 +693,16 @@ class Undo:
                 # no RevertConflict, no needs-redo mark: review-undo)
                 undone_txids.add(info.txid)
                 partly.add(info.txid)
+            undone_infos.append(info)
             for k in mine:
                 restore[k] = info.lsn  # newest first: ends at the oldest writer's LSN
                 newest.setdefault((0, k), info.txid)
             for p in mine_paths:
                 file_lsns.setdefault(p, []).append(info.lsn)
                 newest.setdefault((1, p), info.txid)
+        if rng is not None:
+            self._gather_kept_writers(infos, rng, in_scope, restore, file_lsns,
+                                      undone_txids, partly, kept_writers, kept_path_writers)
         if mixed_with_actions:
             raise RevertConflict(f"transactions {mixed_with_actions} wrote both inside and "
                                  f"outside scope {scope!r} and ran actions declared in no "
@@ -714,11 +731,11 @@ class Undo:
                                  f"changed {keys_hit}, which the undone transactions also "
                                  f"wrote; putting them back would overwrite that work "
                                  f"(nothing was changed)", overwritten)
-        plan.txids = [i.txid for i in infos if i.txid in undone_txids]
+        plan.txids = [i.txid for i in undone_infos]
         plan.compensations.sort(key=newest_first)
         movers: dict[str, int] = {}
         recharged: list[str] = []  # (needs-redo actions redone by hand: compensated)
-        plan.needs_redo, plan.unredo = self._redo_marks(infos, undone_txids, force,
+        plan.needs_redo, plan.unredo = self._redo_marks(undone_infos, undone_txids, force,
                                                         in_range_actions, rng, partly,
                                                         movers, inside, recharged)
         changed = set(newest.values()) | {a.txid for a in plan.compensations}
@@ -742,6 +759,29 @@ class Undo:
             (i.lsn for i in infos), default=None)
         plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files)
         return plan
+
+    def _gather_kept_writers(self, infos: Any, rng: ScopeRange, in_scope: Any,
+                             restore: dict, file_lsns: dict, undone: set, partly: set,
+                             kept_writers: dict, kept_path_writers: dict) -> None:
+        """The writers, not undone wholly, of the keys and paths outside the scope that
+        the plan puts back (a transaction it undoes wholly, tagged with the scope, wrote
+        them): a second pass over ``infos`` (iterable again), only when there are such
+        keys or paths."""
+        keys = {k for k in restore if not rng.contains(k)}
+        paths = {p for p in file_lsns if not in_scope(p[0])}
+        if not keys and not paths:
+            return
+        for info in infos:
+            if "purge" in info.extra or (info.txid in undone and info.txid not in partly):
+                continue  # (a purge wrote nothing back; a whole one is undone)
+            for k in info.keys:
+                k = encode_key(k)
+                if k in keys:
+                    kept_writers.setdefault(k, []).append((info.lsn, info.txid))
+            if paths:
+                for p in self._paths(info):
+                    if p in paths:
+                        kept_path_writers.setdefault(p, []).append((info.lsn, info.txid))
 
     def _plan_files(self, file_lsns: dict, force: bool, snapshot: int | None = None,
                     dry_run: bool = False) -> list:
@@ -1039,6 +1079,23 @@ class Undo:
                     self.saga.reserve(late, reserved, take=True)
                 owed = sorted(owed + late, key=newest_first)
         return self.history.txn_info(tx.id), owed
+
+
+class _CommitsAfter:
+    """The commits after LSN ``boundary`` (below ``before``, when given: a dry run's
+    snapshot), newest first, as ``TxnInfo``; each iteration reads them again (LMDB's
+    rows, one chunk at a time), so a plan holds only what it keeps."""
+
+    def __init__(self, engine: "Engine", boundary: int, before: int | None) -> None:
+        self.engine = engine
+        self.boundary = boundary
+        self.before = before
+
+    def __iter__(self):
+        for row in self.engine.views.commits_after(self.boundary):
+            info = info_from_row(row)
+            if self.before is None or info.lsn < self.before:
+                yield info
 
 
 def _elsewhere(declared: Any, rng: ScopeRange) -> bool:
