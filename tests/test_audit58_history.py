@@ -9,7 +9,9 @@ Findings (each test named below fails on the code before its fix):
   name: a point really named " name" could not be restored to from the CLI, and when a
   point "name" existed too, the restore silently cut at that other point.  A name is a
   name exactly as given now (only a time is read with surrounding spaces ignored)
-  (``test_restore_to_a_restore_point_name_with_spaces_is_that_point``).
+  (``test_restore_to_a_restore_point_name_with_spaces_is_that_point``).  `walstore
+  replicas` listed such names as "name" is listed (padded): " name" and "name " could not
+  be told from it nor pasted back; a name that spaces begin or end is shown quoted now.
 - ``store.at(LSN(end))``, the end of the log (a point accepted: "0 to the end of the
   log"), resolved to the boundary ``end``; the next commit's record begins exactly there,
   so "at or below the boundary" took it in: a view made there changed under its reader
@@ -99,6 +101,12 @@ def test_restore_to_a_restore_point_name_with_spaces_is_that_point(tmp_path):
     p = cli("restore", url, str(tmp_path / "dx"), "--to", "  name")
     assert p.returncode == 2, p.stderr
     assert "no restore point named '  name'" in p.stderr
+    # `replicas` shows each name as --to takes it back: quoted when spaces begin or end it
+    p = cli("replicas", url)
+    assert p.returncode == 0, p.stderr
+    shown = [ln.split()[1] if not ln[10:11] == '"' else json.loads(ln[10:ln.index('"', 11) + 1])
+             for ln in p.stdout.splitlines() if ln.startswith("point ")]
+    assert shown == ["name", " name", "name ", " 7"], p.stdout
 
 
 def test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands(tmp_path):

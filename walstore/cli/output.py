@@ -667,6 +667,16 @@ def show_gid(gid: str) -> str:
     return gid
 
 
+def show_point_name(name: str) -> str:
+    """A restore point name as an operator would type it back (``--to``): as it is, or as a
+    JSON string (quoted: a shell takes the quotes off) when spaces begin or end it or it
+    holds control characters — " name" and "name " were shown as "name" is, padded, and
+    the one pasted back named another point, or none."""
+    if _CONTROL.search(name) or name != name.strip():
+        return json.dumps(name, ensure_ascii=False)
+    return name
+
+
 class KeyType(click.ParamType):
     """A KEY on the command line: parsed (:func:`parse_key`) and checked as walstore checks
     a key (not empty, at most MAX_KEY_BYTES, valid UTF-8), so a bad one is a usage error

@@ -30,7 +30,7 @@ from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail, show_key
 from .output import end_progress, note_problem, one_line, parse_point as _parse_point, \
-    phase_progress, progress_printer, show_time
+    phase_progress, progress_printer, show_point_name, show_time
 
 
 def parse_point(text: str) -> Any:
@@ -468,7 +468,7 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
              f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")
     for p in r["restore_points"]:
         gone = p.get("dropped_lsn")
-        _say(f"point     {one_line(p['name']):<20} LSN {p['lsn']:<12} {show_time(p['time'])}"
+        _say(f"point     {show_point_name(p['name']):<20} LSN {p['lsn']:<12} {show_time(p['time'])}"
              + ("" if not p.get("dropped") else
                 f"  (dropped at LSN {gone}: a restore to it restores its old position)"
                 if gone is not None else "  (dropped)"))
