@@ -17,8 +17,8 @@ Findings (each test named below fails on the code before its fix):
   so "at or below the boundary" took it in: a view made there changed under its reader
   when a later commit landed (``get`` said 1, then 2; ``scan`` listed a key written after
   the view was made).  A point at the end of a non-empty log is fixed at ``end - 1`` (the
-  same state: no record begins in between) when it is resolved
-  (``test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands``).
+  same state: no record begins in between; -1, before everything, in an empty log) when
+  it is resolved (``test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands``).
 - A scoped rewind or revert compensated every action of a transaction it undid wholly,
   also one declared in ANOTHER scope: a rewind of "a/" refunded the booking a
   coordinator's transaction (writing only under "a/") had declared in "b/" — another
@@ -126,6 +126,14 @@ def test_a_view_at_the_end_of_the_log_does_not_change_when_a_commit_lands(tmp_pa
         assert tx.lsn == end  # (the next record begins where the log ended)
         assert view.get("k") == 1 and "new" not in view
         assert list(view.scan()) == [("k", 1)]
+    # a store with nothing yet: LSN(0) is the empty state, for good
+    with walstore.open(str(tmp_path / "e"), durability="none") as s:
+        view = s.at(walstore.LSN(0))
+        assert s.rewind(walstore.LSN(0)) is None
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        assert view.get("k") is None and list(view.scan()) == []
+        assert s.at(walstore.LSN(0)).get("k") == 1  # (the first commit begins at 0)
 
 
 def _two_agents(path: str, ran: list) -> walstore.Store:

@@ -89,7 +89,8 @@ class HistoricalView:
 
     def _check_retained(self) -> None:
         """HistoryTrimmed when retention moved the horizon past this view's point."""
-        if self.lsn < self._history.engine.state.meta_int(b"horizon"):
+        horizon = self._history.engine.state.meta_int(b"horizon")
+        if horizon and self.lsn < horizon:  # (0: nothing trimmed; -1: an empty log's LSN 0)
             raise self._trimmed()
 
     def get(self, key: Key, default: Any = None) -> Any:
@@ -239,14 +240,15 @@ class History:
                                    f"ends at LSN {end})", point)
             boundary = int(point)
             horizon = eng.state.meta_int(b"horizon")
-            if boundary == end and end > 0 and end - 1 >= horizon:
+            if boundary == end and (not horizon or end - 1 >= horizon):
                 # the end of the log: no record begins there YET, so the state as of it
                 # is the state now — but the next commit's record begins exactly there
                 # and ("at or below the boundary") became part of the point: a view
                 # ``at(LSN(end))`` changed under its reader when a commit landed.  No
                 # record begins in (end - 1, end] now: the point is fixed at end - 1,
-                # the same state, for good.  (Not when the horizon is at the end, that
-                # history trimmed, nor in an empty log: the point stays the end.)
+                # the same state, for good (-1 in an empty log: before everything).
+                # (Not when the horizon is at the end, that history trimmed: the point
+                # stays the end.)
                 boundary = end - 1
         elif isinstance(point, int):
             check_txid(point)
@@ -263,7 +265,7 @@ class History:
             raise PointTypeError(f"a point is a txid (int), a walstore.LSN or a restore point "
                                  f"name (str), not {type(point).__name__}", point)
         horizon = eng.state.meta_int(b"horizon")
-        if boundary < horizon:
+        if horizon and boundary < horizon:  # (0: nothing trimmed)
             raise HistoryTrimmed(f"point {point!r} (LSN {boundary}) is older than the retained "
                                  f"history (horizon LSN {horizon})")
         return boundary

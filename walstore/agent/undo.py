@@ -1017,7 +1017,7 @@ class Undo:
         if oldest is None:
             return
         horizon = self.engine.state.meta_int(b"horizon")
-        if horizon > oldest:
+        if horizon and horizon > oldest:  # (0: nothing trimmed)
             raise HistoryTrimmed(f"the history this undo read (from LSN {oldest}) was trimmed "
                                  f"while it planned (horizon LSN {horizon}); nothing was "
                                  f"changed")
