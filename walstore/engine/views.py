@@ -464,12 +464,15 @@ class Views:
         writer whose prepared set holds the gid: a decision whose fsync failed, in doubt
         again; one another thread is making, which the pipeline refuses)."""
         st = self.state
-        last = None
-        types = (frozenset({_T.PREPARE}) if prepare_only
-                 else frozenset({_T.PREPARE, _T.COMMIT, _T.ROLLBACK_PREPARED}))
-        for e in self._events(types, include_unpublished):
-            if e.field("gid") == gid:
-                last = e
+        mt = self.memtable
+        upto = None if include_unpublished else mt.published
+        with mt.lock:  # (its own events here: ``MemTable.prepares`` and ``decided``; a
+            # pass over every event here cost each decision the backlog)
+            named = list(mt.prepares.get(gid, ()))
+            if not prepare_only:
+                named += mt.decided.get(gid, ())
+        named = [e for e in named if upto is None or e.end <= upto]
+        last = max(named, key=_lsn) if named else None
         if last is not None:
             if last.type != _T.PREPARE:
                 return None
