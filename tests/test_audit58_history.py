@@ -56,6 +56,9 @@ Findings (each test named below fails on the code before its fix):
   The commits are read as the plan goes, the undone ones kept, and read once more only
   when a key or path outside the scope goes back (its later writers are still refused,
   named) (``test_a_scoped_rewind_holds_what_it_undoes_not_every_commit_after_its_point``).
+- `walstore purge PATH nomatch/ --yes` said "purged 0 key(s)", exit 0, and nothing else:
+  a mistyped prefix read as a success.  A note on stderr says no key was under it (the
+  lead's, from this audit's notes: ``test_a_purge_of_a_prefix_nothing_is_under_says_so``).
 """
 from __future__ import annotations
 
@@ -406,3 +409,21 @@ def test_a_scoped_rewind_holds_what_it_undoes_not_every_commit_after_its_point(t
             s.rewind("p", scope="a/")
         assert e.value.txids == [tx2.id] and "shared/1" in str(e.value)
         assert s.get("a/x") == 2
+
+
+def test_a_purge_of_a_prefix_nothing_is_under_says_so(tmp_path):
+    """(h2's note, fixed by the lead) `walstore purge PATH nomatch/ --yes` said
+    "purged 0 key(s)" and nothing else, exit 0: a mistyped prefix read as a success.  A
+    note on stderr says no key was under it; a prefix with keys says nothing more."""
+    import subprocess
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none") as s:
+        with s.transaction() as tx:
+            tx.put("users/1", "x")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "walstore", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    r = run("purge", path, "usres/", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "purged 0 key(s)" in r.stdout and "no key was under usres/" in r.stderr
+    r = run("purge", path, "users/", "--yes")
+    assert r.returncode == 0 and "purged 1 key(s)" in r.stdout and "no key" not in r.stderr

@@ -94,6 +94,11 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
         finally:
             end_progress()
     doc["lsn"] = int(doc["lsn"]) if doc.get("lsn") is not None else None
+    if not doc["keys_erased"] and not as_json:  # (a mistyped prefix read as a success:
+        # "purged 0 key(s)", exit 0 — audit 58; on stderr: the table-free line stays)
+        click.echo(f"note: no key was under {show_key(prefix)}, live or in the history "
+                   f"kept (a mistyped prefix? `walstore scan {path} --prefix ...` lists "
+                   f"what there is)", err=True)
     if as_json:
         emit_json(doc)
     else:
