@@ -32,7 +32,8 @@ test run, any subprocess):
   ``Change`` carries the before- and after-``Entry``.
 - ``undo_order`` / ``restore_changes``: put a change set back, removals deepest first,
   then re-creations shallowest first (children before parents when removing, parents
-  before children when creating).
+  before children when creating); a directory's mode that opens it first, one that
+  closes it last.
 - ``Manifest.save`` / ``Manifest.load``: a manifest as one msgpack blob, streamed.
 
 A file that keeps changing while it is stored raises ``FileBusyError`` (ignore it, e.g. a
@@ -784,16 +785,37 @@ def diff(old: Manifest, new: Manifest, ignore: IgnoreRules | None = None) -> lis
 def undo_order(changes: Iterable[Change]) -> list[Change]:
     """The order to put ``changes`` back in: first what must disappear (created paths, and
     directories that replaced something), deepest first; then the rest (re-creations,
-    content, modes), shallowest first."""
-    first, then = [], []
+    content, modes), shallowest first.
+
+    A directory's own mode goes back where its contents need it (audit 58): one that
+    gets owner write or search permission back (``chmod a-w d`` undone) is opened
+    before anything (shallowest first), one that loses them (``chmod u+w d`` undone)
+    is closed after everything (deepest first).  In the middle, a process without
+    CAP_DAC_OVERRIDE could not remove a file the undone change made in ``d`` nor put
+    back one it removed from it (``PermissionError``: a revert or rewind of such a
+    transaction could not be done at all, where its rollback, newest first, could)."""
+    opening, first, then, closing = [], [], [], []
     for c in changes:
         if c.before.kind == ABSENT or (c.after.kind == DIR and c.before.kind != DIR):
             first.append(c)
+        elif c.before.kind == DIR and c.after.kind == DIR and _opens(c.after, c.before):
+            opening.append(c)
+        elif c.before.kind == DIR and c.after.kind == DIR and _opens(c.before, c.after):
+            closing.append(c)
         else:
             then.append(c)
+    opening.sort(key=lambda c: (depth(c.path), c.path))
     first.sort(key=lambda c: (-depth(c.path), c.path))
     then.sort(key=lambda c: (depth(c.path), c.path))
-    return first + then
+    closing.sort(key=lambda c: (-depth(c.path), c.path))
+    return opening + first + then + closing
+
+
+def _opens(now: Entry, to: Entry) -> bool:
+    """Does changing a directory's mode from ``now``'s to ``to``'s give its owner write or
+    search permission it lacks, and take none away?"""
+    a, b = now.mode & 0o300, to.mode & 0o300
+    return a != b and a & b == a
 
 
 def restore_changes(ws: Workspace, changes: Iterable[Change], blobs: BlobStore,
