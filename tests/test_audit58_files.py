@@ -11,6 +11,14 @@
   the same transaction (newest first) worked.  Now a directory's mode that gives its
   owner write or search permission back goes first, one that takes them away last.
   ``test_revert_and_rewind_of_a_directory_made_read_only_with_changes_inside``.
+- A second copy of one path in a transaction's quarantine (``quarantine/files/tx<N>/``:
+  a ``rollback_to`` and then the rollback each found the path changed by another
+  process) takes a numbered suffix, and for a 255-byte name (NAME_MAX) ``<name>.1`` was
+  too long: the copy failed with ENAMETOOLONG, the undo stayed owed, every later change
+  of that path was refused with ConflictError and every open reported
+  ``file-undo-failed``, failing the same way each time.  Now the end of a long name gives
+  way to the suffix.
+  ``test_a_second_copy_of_a_255_byte_name_in_quarantine_does_not_leave_the_undo_owed``.
 """
 from __future__ import annotations
 
@@ -94,3 +102,42 @@ def test_revert_and_rewind_of_a_directory_made_read_only_with_changes_inside(tmp
     os.chmod(os.path.join(root, "d"), 0o755)  # (what the redo made read-only again)
     assert tree_state(root)[b"m"] == ("dir", 0o755)
     assert before[b"m"] == ("dir", 0o555)
+
+
+def test_a_second_copy_of_a_255_byte_name_in_quarantine_does_not_leave_the_undo_owed(tmp_path):
+    """A conflict keeps walstore's version at ``quarantine/files/tx<N>/<path>``, and a
+    second one of the same path in the same transaction (a ``rollback_to`` found the
+    path changed by another process, the transaction wrote it again, and its rollback
+    found it changed again) takes a numbered suffix, ``<name>.1``.  For a name of 255
+    bytes (NAME_MAX) that name was too long: the copy could not be made, the undo failed
+    and stayed owed — every later change of the path in the workspace was refused with
+    ConflictError ("could not be put back ... File name too long"), and every open
+    reported ``file-undo-failed``.  Now a suffixed name keeps within NAME_MAX (the end of
+    the name gives way to the suffix)."""
+    root = str(tmp_path / "ws")
+    name = "n" * 255
+    build(root, {name: "committed\n"})
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with pytest.raises(walstore.FileConflictError):
+            with s.transaction() as tx:
+                f = tx.files(ws)
+                sp = tx.savepoint("sp")
+                f.write(name, "mine 1\n")
+                with open(os.path.join(root, name), "w") as out:
+                    out.write("theirs 1\n")
+                with pytest.raises(walstore.FileConflictError):
+                    tx.rollback_to(sp)
+                f.write(name, "mine 2\n")
+                with open(os.path.join(root, name), "w") as out:
+                    out.write("theirs 2\n")
+                tx.rollback()
+        kept = sorted(os.listdir(os.path.join(str(tmp_path / "store"), "quarantine", "files",
+                                              f"tx{tx.id}")))
+        assert len(kept) == 2 and all(len(k) <= 255 for k in kept), kept
+        with s.transaction() as tx2:  # the path is the stranger's now: no undo owed
+            tx2.files(ws).write(name, "next\n")
+    with walstore.open(str(tmp_path / "store")) as s:
+        assert not [p for p in s.last_recovery.problems if p.kind == "file-undo-failed"]
+    with open(os.path.join(root, name)) as f:
+        assert f.read() == "next\n"

@@ -1116,7 +1116,7 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
         step = where + b"/" + part
         while os.path.lexists(step) and (os.path.islink(step) or not os.path.isdir(step)):
             n += 1
-            step = where + b"/" + part + b".%d" % n
+            step = where + b"/" + _suffixed(part, n)
         where = step
     dest = where + b"/" + name
     _make_aside_dirs(os.path.dirname(dest))
@@ -1124,7 +1124,7 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
     candidate = dest
     while os.path.lexists(candidate):
         n += 1
-        candidate = dest + b".%d" % n
+        candidate = where + b"/" + _suffixed(name, n)
     tmp = _temp_name(os.path.dirname(candidate))
     if before.kind == FILE:
         fd = fileio.open_file(_s(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
@@ -1144,6 +1144,14 @@ def _save_aside(rel: bytes, before: Entry, blobs: BlobStore, quarantine: bytes) 
         _make_aside_dirs(candidate)
     fileio.fsync_dir(_s(os.path.dirname(candidate)))
     return _s(candidate)
+
+
+def _suffixed(name: bytes, n: int) -> bytes:
+    """``name.<n>``, within NAME_MAX: the end of a long name gives way to the suffix (a
+    255-byte name's ``.1`` made the copy fail with ENAMETOOLONG, and the undo stayed owed
+    at every open after, failing the same way; audit 58)."""
+    suffix = b".%d" % n
+    return name[:fileio.NAME_MAX - len(suffix)] + suffix
 
 
 def _make_aside_dirs(path: bytes) -> None:
