@@ -153,7 +153,11 @@ def test_a_conflict_under_a_path_kept_as_a_file_is_kept_too(env, tmp_path):
         if c["saved_as"] and os.path.isfile(c["saved_as"]):
             with open(c["saved_as"], "rb") as saved:
                 kept.setdefault(c["path"][len(root) + 1:], set()).add(saved.read())
-    assert kept == {"a": {b"A"}, "a/b": {b"old", b"new"}}, kept
+    # (audit 58: one conflict per path, keeping the version the rollback would have put
+    # back — ``a`` was a directory holding ``b`` = "old" — not the transaction's own
+    # uncommitted "A" and "new" as well)
+    assert kept == {"a/b": {b"old"}}, kept
+    assert sorted(c["path"][len(root) + 1:] for c in store.file_conflicts()) == ["a", "a/b"]
     # the stranger's versions stay; nothing is owed to the next open
     with open(os.path.join(root, "a", "b"), "rb") as now:
         assert now.read() == b"S"

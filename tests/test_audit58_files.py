@@ -19,6 +19,17 @@
   ``file-undo-failed``, failing the same way each time.  Now the end of a long name gives
   way to the suffix.
   ``test_a_second_copy_of_a_255_byte_name_in_quarantine_does_not_leave_the_undo_owed``.
+- A path a transaction changed twice (``v1``, then ``v2``) and another process changed
+  since: its rollback (or the open after a kill -9) undid it step by step and found a
+  conflict at each step — two conflicts for one path, the first (what
+  ``FileConflictError`` and ``walstore recover`` list first) keeping the transaction's
+  own uncommitted ``v1`` at ``quarantine/files/tx<N>/<path>``, where the docs send the
+  user for walstore's version; the committed content went to ``<path>.1``.  Now one
+  conflict per path, keeping the version the undo would have put back (the oldest
+  before-image in the batch).
+  ``test_a_path_written_twice_and_then_changed_by_another_process_is_one_conflict``,
+  ``test_the_open_after_a_kill_reports_one_conflict_per_path_with_the_committed_version``
+  (``test_audit53_files``'s expectation of the extra copies changed with it).
 """
 from __future__ import annotations
 
@@ -141,3 +152,76 @@ def test_a_second_copy_of_a_255_byte_name_in_quarantine_does_not_leave_the_undo_
         assert not [p for p in s.last_recovery.problems if p.kind == "file-undo-failed"]
     with open(os.path.join(root, name)) as f:
         assert f.read() == "next\n"
+
+
+def test_a_path_written_twice_and_then_changed_by_another_process_is_one_conflict(tmp_path):
+    """A transaction wrote a file twice (``v1``, then ``v2``) and another process then
+    changed it: the rollback (newest first) found the path in neither of the second
+    write's images, a conflict keeping that write's before-image — ``v1``, the
+    transaction's own uncommitted bytes — at ``quarantine/files/tx<N>/<path>``, the place
+    the docs name; then the first write's undo found it a conflict again and kept the
+    committed content at ``<path>.1``.  Two conflicts for one path, the first (what
+    ``FileConflictError`` and ``walstore recover`` show first) pointing the user at a
+    version that never was committed.  The same at the open after a kill -9.  Now one
+    conflict per path: walstore's version is the one the undo would have put back (the
+    oldest before-image), kept at ``tx<N>/<path>``."""
+    root = str(tmp_path / "ws")
+    build(root, {"conf.toml": "committed\n"})
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with pytest.raises(walstore.FileConflictError) as got:
+            with s.transaction() as tx:
+                tx.files(ws).write("conf.toml", "v1\n")
+                tx.files(ws).write("other", "x\n")
+                tx.files(ws).write("conf.toml", "v2\n")
+                with open(os.path.join(root, "conf.toml"), "w") as out:
+                    out.write("theirs\n")
+                tx.rollback()
+        conflicts = got.value.conflicts
+        assert len(conflicts) == 1, conflicts
+        saved = conflicts[0]["saved_as"]
+        assert saved == os.path.join(str(tmp_path / "store"), "quarantine", "files",
+                                     f"tx{tx.id}", "conf.toml")
+        with open(saved) as f:
+            assert f.read() == "committed\n"
+        assert [c["saved_as"] for c in s.file_conflicts()] == [saved]
+    with open(os.path.join(root, "conf.toml")) as f:
+        assert f.read() == "theirs\n"
+    assert not os.path.exists(os.path.join(root, "other"))
+
+
+CRASHED_WRITER = r"""
+import os, sys, walstore
+store = walstore.open(sys.argv[1])
+ws = store.workspace(sys.argv[2])
+tx = store.transaction()
+tx.files(ws).write("conf.toml", "v1\n")
+tx.files(ws).write("conf.toml", "v2\n")
+with open(os.path.join(sys.argv[2], "conf.toml"), "w") as out:
+    out.write("theirs\n")
+print("ready", flush=True)
+import time; time.sleep(600)
+"""
+
+
+def test_the_open_after_a_kill_reports_one_conflict_per_path_with_the_committed_version(
+        tmp_path):
+    root = str(tmp_path / "ws")
+    build(root, {"conf.toml": "committed\n"})
+    store = str(tmp_path / "store")
+    walstore.open(store).close()
+    proc = subprocess.Popen([sys.executable, "-c", CRASHED_WRITER, store, root],
+                            stdout=subprocess.PIPE, text=True, env=_child_env())
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    with walstore.open(store) as s:
+        found = s.last_recovery.file_conflicts
+        assert len(found) == 1, found
+        with open(found[0]["saved_as"]) as f:
+            assert f.read() == "committed\n"
+    with open(os.path.join(root, "conf.toml")) as f:
+        assert f.read() == "theirs\n"

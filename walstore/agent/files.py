@@ -279,13 +279,16 @@ class UndoBatch:
         self._befores: dict[tuple[bytes, bytes], list] = {}
         self._keys: dict[int, tuple] = {}
         self._stopped: set[bytes] = set()  # workspaces where a put-back failed
+        # (txid, root, path) a step of the batch left in conflict (see ``steps_of``)
+        self._conflicted: set[tuple[int, bytes, bytes]] = set()
         for eff in effects:
             if not isinstance(eff, FileEffect):
                 continue
             for i, c in enumerate(eff.steps):
                 key = (eff.lsns[0], i)
                 self._keys[id(c)] = key
-                self._befores.setdefault((eff.ws.root_b, c.path), []).append((key, c.before))
+                self._befores.setdefault((eff.ws.root_b, c.path), []).append(
+                    (key, c.before, eff.txid))
 
     def put_back(self, eff: Any, undo: Callable[[], list]) -> tuple[list, Exception | None]:
         """``undo()`` — put ``eff`` back — unless a newer effect of its workspace failed to
@@ -309,9 +312,39 @@ class UndoBatch:
 
         def older(c: Change) -> list[Entry]:
             key = self._keys.get(id(c))
-            return [b for k, b in self._befores.get((root, c.path), ()) if key is not None
+            return [b for k, b, _t in self._befores.get((root, c.path), ()) if key is not None
                     and k < key]
         return older
+
+    # One conflict per path and transaction (audit 58).  Undone step by step, a path the
+    # transaction changed twice and another process changed since was a conflict at
+    # each step: the newest kept its own before-image — the transaction's uncommitted
+    # bytes — at ``quarantine/files/tx<N>/<path>``, the older ones the committed content
+    # at ``<path>.1``, two conflicts reported for one path, the first pointing at a
+    # version never committed.  Now the first conflict keeps (and names) the oldest
+    # before-image of the path in the batch — what the undo would have put back — and the
+    # older steps of that path are left out: the stranger's version stays.
+    def steps_of(self, eff: "FileEffect") -> list:
+        """``eff``'s steps less those of a path a newer step of its transaction left in
+        conflict in this batch."""
+        root = eff.ws.root_b
+        return [c for c in eff.steps if (eff.txid, root, c.path) not in self._conflicted]
+
+    def keep(self, eff: "FileEffect") -> Callable[[Change], Entry | None]:
+        """The version a conflict of a step of ``eff`` keeps: the oldest before-image of
+        its path among the batch's steps of the same transaction (None: its own)."""
+        root = eff.ws.root_b
+
+        def oldest(c: Change) -> Entry | None:
+            key = self._keys.get(id(c))
+            olds = [(k, b) for k, b, t in self._befores.get((root, c.path), ())
+                    if key is not None and t == eff.txid and k < key]
+            return min(olds, key=lambda kb: kb[0])[1] if olds else None
+        return oldest
+
+    def conflicted(self, eff: "FileEffect", conflicts: list) -> None:
+        for c in conflicts:
+            self._conflicted.add((eff.txid, eff.ws.root_b, c.path))
 
 
 def is_file_effect(effect: Any) -> bool:
@@ -1555,14 +1588,18 @@ class Files:
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
             if getattr(eff, "specials", None) and not recovering:
                 _remove_own_specials(eff.ws, eff.specials, self.durable)
-            steps = eff.steps
+            steps = eff.steps if batch is None else batch.steps_of(eff)
             if recovering:
                 steps = [c for c in steps if not self._committed_since(eff.ws.root_b, c.path,
                                                                         eff.lsns[0])]
-            return undo_steps(eff.ws, steps, self.blobs, self.quarantine(txid),
-                              check=True, durable=self.durable,
-                              done=batch.done(eff) if batch is not None else None,
-                              after_crash=recovering, since_ns=eff.since_ns)
+            got = undo_steps(eff.ws, steps, self.blobs, self.quarantine(txid),
+                             check=True, durable=self.durable,
+                             done=batch.done(eff) if batch is not None else None,
+                             after_crash=recovering, since_ns=eff.since_ns,
+                             keep=batch.keep(eff) if batch is not None else None)
+            if batch is not None:
+                batch.conflicted(eff, got)
+            return got
 
     def _committed_since(self, root: bytes, path: bytes, lsn: int) -> bool:
         """Has a transaction committed a version of ``path`` after ``lsn`` (LMDB, drained

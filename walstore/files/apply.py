@@ -989,7 +989,8 @@ def _between(before: Entry, after: Entry, current: Entry) -> bool:
 def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entry | None,
             blobs: BlobStore, quarantine: str | bytes | None = None,
             durable: bool = True, done: Iterable[Entry] = (),
-            after_crash: bool = False, since_ns: int | None = None) -> FileConflict | None:
+            after_crash: bool = False, since_ns: int | None = None,
+            keep: Entry | None = None) -> FileConflict | None:
     """Put the before-image ``before`` back at ``path``.
 
     ``expected_current``: the state walstore left the path in (its after-image); when the
@@ -1000,7 +1001,9 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
     does not know is kept, as a conflict too.  Returns None when the path is (now) in its
     before-image (or in one of the ``done`` states: see ``restore_status``).  Missing
     parents are created (default mode).  ``since_ns``: when the undone change ran (a
-    directory to remove keeps ignored paths older than it: ``_clear_ignored``)."""
+    directory to remove keeps ignored paths older than it: ``_clear_ignored``).
+    ``keep``: walstore's version to keep and report on a conflict when it is not
+    ``before`` (an undo of several steps of one path: the oldest one's before-image)."""
     root = not ws.rel(path, allow_root=True)  # (the root itself: a watch's mode change)
     try:  # (ValueError: a symlink on the way, never gone through)
         ws.resolve(path, allow_root=root)
@@ -1014,7 +1017,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
         return None             # file now: a failed rename's undo found conflicts there)
     rel, abs_path = ws.resolve(path, allow_root=root)
     if status.state == "conflict":
-        return _conflict(ws, rel, before, expected_current, current, blobs, quarantine,
+        return _conflict(ws, rel, keep or before, expected_current, current, blobs, quarantine,
                          "changed behind walstore's back (neither walstore's version nor "
                          "the one to restore)")
     if root and not (before.kind == current.kind == DIR):
@@ -1034,7 +1037,7 @@ def restore(ws: Workspace, path: PathLike, before: Entry, expected_current: Entr
         except OSError as e:
             if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise _fail(e, "remove directory", ws, rel) from e
-            return _conflict(ws, rel, before, expected_current, current, blobs, quarantine,
+            return _conflict(ws, rel, keep or before, expected_current, current, blobs, quarantine,
                              "a directory to remove holds files walstore does not know")
         _fsync_dir(ws.abspath(parent_of(rel)), durable)
         current = Entry.absent()

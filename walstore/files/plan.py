@@ -233,7 +233,8 @@ def undo_steps(ws: Workspace, steps: Iterable[Change], blobs: BlobStore,
                durable: bool = True,
                done: Callable[[Change], Iterable[Entry]] | None = None,
                after_crash: bool = False,
-               since_ns: int | None = None) -> list[FileConflict]:
+               since_ns: int | None = None,
+               keep: Callable[[Change], Entry | None] | None = None) -> list[FileConflict]:
     """Restore the before-image of every step, newest first (steps in the order they
     were planned and logged).  ``check``: a path no longer in its after-image is a
     conflict (kept, reported); False: any current state is walstore's own (recovery of
@@ -241,6 +242,7 @@ def undo_steps(ws: Workspace, steps: Iterable[Change], blobs: BlobStore,
     that count as undone already — when an undo of several operations is run again
     after a crash, a path an older operation also changed may be further back than this
     step's before-image (give the before-images of the older steps on that path).
-    ``since_ns``: when the steps began (``apply.restore``)."""
+    ``since_ns``: when the steps began; ``keep(step)``: walstore's version to keep on a
+    conflict when not the step's before-image (``apply.restore``)."""
     return restore_in_order(ws, list(reversed(list(steps))), blobs, quarantine, check,
-                            durable, done, after_crash, since_ns)
+                            durable, done, after_crash, since_ns, keep)

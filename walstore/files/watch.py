@@ -835,27 +835,33 @@ def restore_in_order(ws: Workspace, ordered: Iterable[Change], blobs: BlobStore,
                      durable: bool = True,
                      done: Callable[[Change], Iterable[Entry]] | None = None,
                      after_crash: bool = False,
-                     since_ns: int | None = None) -> list[FileConflict]:
+                     since_ns: int | None = None,
+                     keep: Callable[[Change], Entry | None] | None = None
+                     ) -> list[FileConflict]:
     """Restore each change's before-image in the order given; the conflicts.  A path
     that cannot be reached (a parent is a symlink or a file now, e.g. kept as a
     conflict) is reported as a conflict too, and nothing is written through it (its
     before-image is kept under ``quarantine``, as any conflict's).
     ``done(change)``: states that count as restored already for that change (see
     ``apply.restore_status``).  ``since_ns``: when the changes began (a directory to
-    remove keeps the ignored paths older than that: ``apply._clear_ignored``)."""
+    remove keeps the ignored paths older than that: ``apply._clear_ignored``).
+    ``keep(change)``: walstore's version to keep on a conflict, when not the change's
+    before-image (``apply.restore``'s ``keep``)."""
     conflicts: list[FileConflict] = []
     for c in ordered:
         expected = c.after if check else None
+        kept = (keep(c) if keep is not None else None) or c.before
         try:
             got = restore(ws, c.path, c.before, expected, blobs, quarantine, durable,
-                          done(c) if done is not None else (), after_crash, since_ns)
+                          done(c) if done is not None else (), after_crash, since_ns,
+                          kept)
         except (ValueError, NotADirectoryError) as e:
             # walstore's version is kept all the same, as any conflict's (it was kept
             # nowhere: the content the transaction had overwritten was lost to the user)
             saved = None
-            if quarantine is not None and c.before.exists and c.path:
-                saved = _save_aside(c.path, c.before, blobs, os.fsencode(quarantine))
-            got = FileConflict(c.path, c.before, expected, Entry.absent(), saved,
+            if quarantine is not None and kept.exists and c.path:
+                saved = _save_aside(c.path, kept, blobs, os.fsencode(quarantine))
+            got = FileConflict(c.path, kept, expected, Entry.absent(), saved,
                                f"cannot be restored: {e}")
         if got is not None:
             conflicts.append(got)
