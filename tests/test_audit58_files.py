@@ -30,6 +30,17 @@
   ``test_a_path_written_twice_and_then_changed_by_another_process_is_one_conflict``,
   ``test_the_open_after_a_kill_reports_one_conflict_per_path_with_the_committed_version``
   (``test_audit53_files``'s expectation of the extra copies changed with it).
+- A directory the undone change made, filled and then made read-only (``mkdir`` and
+  writes then ``chmod 555``; a watched build's ``chmod 555 out``) could not be emptied
+  without CAP_DAC_OVERRIDE: its revert, the rollback of the watch and the recovery of a
+  killed watch (``file-undo-failed`` at every open) failed with PermissionError; and a
+  read-only tree a transaction removed could not be made anew by a revert (each
+  directory made with its mode 0o555 before its files).  The docs listed the watch case
+  as missing.  Now the undo opens such a directory first (a step of its own) and makes
+  one anew writable, giving it its mode last.
+  ``test_a_directory_made_and_filled_then_made_read_only_is_undone_as_a_user``,
+  ``test_a_read_only_tree_removed_is_put_back_by_a_revert_as_a_user``,
+  ``test_the_recovery_of_a_watch_killed_after_it_made_a_read_only_directory``.
 """
 from __future__ import annotations
 
@@ -225,3 +236,129 @@ def test_the_open_after_a_kill_reports_one_conflict_per_path_with_the_committed_
             assert f.read() == "committed\n"
     with open(os.path.join(root, "conf.toml")) as f:
         assert f.read() == "theirs\n"
+
+
+MADE_READ_ONLY = r"""
+import json, os, subprocess, sys, walstore
+sys.path.insert(0, sys.argv[3])
+from files_support import tree_state
+root = sys.argv[2]
+store = walstore.open(sys.argv[1], durability="none")
+ws = store.workspace(root)
+how = sys.argv[4]
+before = tree_state(root)
+out = {}
+WATCHED = "mkdir -p out/sub && echo a > out/sub/a && echo b > out/b && chmod 555 out/sub out"
+if how == "ops":           # a directory made, filled, made read-only; reverted
+    with store.transaction() as tx:
+        f = tx.files(ws)
+        f.mkdir("out")
+        f.write("out/sub/a", "a\n")
+        f.write("out/b", "b\n")
+        f.chmod("out/sub", 0o555)
+        f.chmod("out", 0o555)
+    committed = tree_state(root)
+    info = store.revert(tx.id)
+    out["undone"] = tree_state(root) == before
+    store.revert(info.txid, force=True)
+    out["redone"] = tree_state(root) == committed
+elif how == "watch-rollback":
+    with store.transaction() as tx:
+        with tx.files(ws).watch():
+            subprocess.run(["sh", "-c", WATCHED], cwd=root, check=True)
+        tx.rollback()
+    out["undone"] = tree_state(root) == before
+elif how == "watch-revert":
+    with store.transaction() as tx:
+        with tx.files(ws).watch():
+            subprocess.run(["sh", "-c", WATCHED], cwd=root, check=True)
+    store.revert(tx.id)
+    out["undone"] = tree_state(root) == before
+store.close()
+print(json.dumps(out))
+"""
+
+
+@needs_setpriv
+@pytest.mark.parametrize("how", ["ops", "watch-rollback", "watch-revert"])
+def test_a_directory_made_and_filled_then_made_read_only_is_undone_as_a_user(tmp_path, how):
+    """A directory the undone change MADE (an ``mkdir`` then writes in it, or a watched
+    ``mkdir -p out/sub && ... && chmod 555 out/sub out``, a build output) and then made
+    read-only: its contents must go before it, and without CAP_DAC_OVERRIDE nothing can
+    be removed from a directory without owner write permission — the revert, or the
+    rollback of the watch, failed with PermissionError (the docs listed it as missing).
+    Now the undo opens it first (logged as a step of its own: a mode change), then
+    empties and removes it."""
+    root = str(tmp_path / "ws")
+    build(root, {"keep": "k\n"})
+    got = json.loads(_unprivileged(MADE_READ_ONLY, str(tmp_path / "store"), root,
+                                   os.path.dirname(__file__), how))
+    assert got and all(got.values()), got
+    if how != "ops":
+        assert sorted(tree_state(root)) == [b"keep"]
+
+
+@needs_setpriv
+def test_a_read_only_tree_removed_is_put_back_by_a_revert_as_a_user(tmp_path):
+    """The other way: a transaction removed a read-only tree (``rmtree``, with privileges),
+    and a revert without them makes it anew: each directory made with its mode (0o555) could not
+    take its files (PermissionError).  Now it is made writable by its owner, filled, and
+    given its mode last."""
+    root = str(tmp_path / "ws")
+    store = str(tmp_path / "store")
+    build(root, {"ro/sub/a": "a\n", "ro/b": "b\n", "keep": "k\n"})
+    os.chmod(os.path.join(root, "ro/sub"), 0o555)
+    os.chmod(os.path.join(root, "ro"), 0o555)
+    before = tree_state(root)
+    with walstore.open(store, durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as tx:
+            tx.files(ws).rmtree("ro")
+    assert b"ro" not in tree_state(root)
+    script = (r"import sys, walstore" "\n"
+              r"s = walstore.open(sys.argv[1], durability='none')" "\n"
+              r"s.revert(int(sys.argv[2])); s.close()")
+    _unprivileged(script, store, str(tx.id))
+    assert tree_state(root) == before
+
+
+KILLED_IN_WATCH = r"""
+import os, subprocess, sys, walstore
+store = walstore.open(sys.argv[1])
+ws = store.workspace(sys.argv[2])
+tx = store.transaction()
+with tx.files(ws).watch():
+    subprocess.run(["sh", "-c", "mkdir -p out/sub && echo a > out/sub/a && "
+                    "chmod 555 out/sub out && echo ready && sleep 600"], cwd=sys.argv[2])
+"""
+
+
+@needs_setpriv
+def test_the_recovery_of_a_watch_killed_after_it_made_a_read_only_directory(tmp_path):
+    """kill -9 of the agent while its watched build had made ``out/sub/a`` and made
+    ``out/sub`` and ``out`` read-only: the open (recovery, which puts the tree back as
+    before the watch) failed without CAP_DAC_OVERRIDE; the undo stayed owed
+    (``file-undo-failed``) at every open."""
+    root = str(tmp_path / "ws")
+    store = str(tmp_path / "store")
+    build(root, {"keep": "k\n"})
+    before = tree_state(root)
+    walstore.open(store).close()
+    proc = subprocess.Popen(["setpriv", "--inh-caps=-all",
+                             "--bounding-set=-dac_override,-dac_read_search,-fowner",
+                             sys.executable, "-c", KILLED_IN_WATCH, store, root],
+                            stdout=subprocess.PIPE, text=True, env=_child_env(),
+                            start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        os.killpg(proc.pid, 9)  # SIGKILL, the watched shell with it
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert b"out/sub/a" in tree_state(root)
+    script = (r"import json, sys, walstore" "\n"
+              r"s = walstore.open(sys.argv[1])" "\n"
+              r"print(json.dumps([p.kind for p in s.last_recovery.problems])); s.close()")
+    kinds = json.loads(_unprivileged(script, store))
+    assert "file-undo-failed" not in kinds and "file-conflict" not in kinds, kinds
+    assert tree_state(root) == before

@@ -42,6 +42,7 @@ log file); one that cannot be read raises the OS error naming it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import heapq
 import os
@@ -794,6 +795,7 @@ def undo_order(changes: Iterable[Change]) -> list[Change]:
     CAP_DAC_OVERRIDE could not remove a file the undone change made in ``d`` nor put
     back one it removed from it (``PermissionError``: a revert or rewind of such a
     transaction could not be done at all, where its rollback, newest first, could)."""
+    changes = _through_writable(list(changes))
     opening, first, then, closing = [], [], [], []
     for c in changes:
         if c.before.kind == ABSENT or (c.after.kind == DIR and c.before.kind != DIR):
@@ -809,6 +811,37 @@ def undo_order(changes: Iterable[Change]) -> list[Change]:
     then.sort(key=lambda c: (depth(c.path), c.path))
     closing.sort(key=lambda c: (-depth(c.path), c.path))
     return opening + first + then + closing
+
+
+def _through_writable(changes: list[Change]) -> list[Change]:
+    """A directory to remove whose mode denies its owner write or search permission
+    (a watched ``mkdir n; touch n/a; chmod a-w n``, a revert of ``mkdir`` + ``write`` +
+    ``chmod``), with changes under it, is removed in two steps: opened (``chmod u+wx``, an
+    opening mode change, first), then removed.  One to make anew with such a mode is made
+    with owner write and search permission, then given its mode (a closing change,
+    last).  Without CAP_DAC_OVERRIDE nothing inside could be removed or made
+    (PermissionError: the undo failed, audit 58).  The steps logged from this order
+    describe a history that could have been (made writable, filled, made read-only), so
+    they undo, are rolled back and recovered like any other."""
+    under = {parent_of(c.path) for c in changes if c.path}
+    for p in list(under):  # (every directory above a change has changes under it)
+        while p:
+            p = parent_of(p)
+            under.add(p)
+    out: list[Change] = []
+    for c in changes:
+        if not c.path or c.path not in under:
+            out.append(c)
+            continue
+        if c.after.kind == DIR and c.before.kind != DIR and c.after.mode & 0o300 != 0o300:
+            opened = dataclasses.replace(c.after, mode=c.after.mode | 0o300)
+            out += [Change.of(c.path, opened, c.after), Change.of(c.path, c.before, opened)]
+        elif c.before.kind == DIR and c.after.kind != DIR and c.before.mode & 0o300 != 0o300:
+            opened = dataclasses.replace(c.before, mode=c.before.mode | 0o300)
+            out += [Change.of(c.path, opened, c.after), Change.of(c.path, c.before, opened)]
+        else:
+            out.append(c)
+    return out
 
 
 def _opens(now: Entry, to: Entry) -> bool:
