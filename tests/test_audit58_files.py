@@ -41,6 +41,16 @@
   ``test_a_directory_made_and_filled_then_made_read_only_is_undone_as_a_user``,
   ``test_a_read_only_tree_removed_is_put_back_by_a_revert_as_a_user``,
   ``test_the_recovery_of_a_watch_killed_after_it_made_a_read_only_directory``.
+- A file operation the OS refused (a read-only or immutable directory) raised an error
+  whose file name was ``/proc/self/fd/14/g`` (its pinned parent's descriptor,
+  meaningless once the process is gone), a temp name there, or a bare ``b'g'`` (a
+  removal relative to a directory descriptor), and a refused rename read "cannot rename
+  to 'moved' 'd/f' in workspace ..."; ``tx.files(ws).read(p)`` of a file its user cannot
+  read said only "[Errno 13] Permission denied: b'secret'", naming neither the path nor
+  the workspace.  Now each names the path in the workspace ("cannot rename 'd/f' to
+  'moved'", "cannot read 'd/secret' in workspace ...").
+  ``test_a_refused_file_operation_names_the_workspace_path_not_a_descriptor``,
+  ``test_reading_an_unreadable_file_names_it``.
 """
 from __future__ import annotations
 
@@ -362,3 +372,67 @@ def test_the_recovery_of_a_watch_killed_after_it_made_a_read_only_directory(tmp_
     kinds = json.loads(_unprivileged(script, store))
     assert "file-undo-failed" not in kinds and "file-conflict" not in kinds, kinds
     assert tree_state(root) == before
+
+
+@pytest.mark.parametrize("op", ["delete", "rename", "write", "rmtree", "chmod"])
+def test_a_refused_file_operation_names_the_workspace_path_not_a_descriptor(tmp_path, op):
+    """An operation the OS refused (a directory that cannot be changed: read-only to a
+    user, immutable to root) raised an error naming ``/proc/self/fd/14/g`` (the pinned
+    parent's descriptor, meaningless once the process is gone), a temp name there, or a
+    bare ``b'g'``; and a refused rename read "cannot rename to 'b' 'a/f' in workspace
+    ...".  Now the error names the path in the workspace, and a rename says what it
+    moved where."""
+    from files_support import Immutable
+    root = str(tmp_path / "ws")
+    build(root, {"d/f": "f\n", "d/sub/g": "g\n"})
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            target = {"rmtree": "d/sub", "chmod": "d/sub/g"}.get(op, "d")
+            target = os.path.join(root, target)
+            with Immutable(target):
+                with pytest.raises(OSError) as got:
+                    if op == "delete":
+                        f.delete("d/f")
+                    elif op == "rename":
+                        f.rename("d/f", "moved")
+                    elif op == "write":
+                        f.write("d/new", "x\n")
+                    elif op == "rmtree":
+                        f.rmtree("d/sub")
+                    else:
+                        f.chmod("d/sub/g", 0o600)
+            tx.rollback()
+    err = got.value
+    assert "/proc/self/fd" not in str(err), str(err)
+    assert isinstance(err.filename, str) and err.filename.startswith(root), err.filename
+    assert "b'" not in str(err), str(err)
+    if op == "rename":
+        assert "cannot rename 'd/f' to 'moved' in workspace" in str(err), str(err)
+
+
+UNREADABLE = r"""
+import sys, walstore
+s = walstore.open(sys.argv[1], durability="none")
+ws = s.workspace(sys.argv[2])
+with s.transaction() as tx:
+    try:
+        tx.files(ws).read("d/secret")
+    except PermissionError as e:
+        print(e.filename)
+        print(str(e))
+"""
+
+
+@needs_setpriv
+def test_reading_an_unreadable_file_names_it(tmp_path):
+    """``tx.files(ws).read(p)`` of a file its user cannot read said only
+    "[Errno 13] Permission denied: b'secret'": no workspace, no path (the file was opened
+    relative to its pinned parent's descriptor)."""
+    root = str(tmp_path / "ws")
+    build(root, {"d/secret": "s\n"})
+    os.chmod(os.path.join(root, "d/secret"), 0o000)
+    name, text = _unprivileged(UNREADABLE, str(tmp_path / "store"), root).splitlines()
+    assert name == os.path.join(root, "d/secret")
+    assert "cannot read 'd/secret' in workspace" in text and "b'" not in text, text

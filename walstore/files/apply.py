@@ -144,11 +144,24 @@ def _s(p: bytes) -> str:
     return os.fsdecode(p)
 
 
-def _fail(e: OSError, doing: str, ws: Workspace, rel: bytes) -> OSError:
-    """The same exception type, with a message naming the workspace path."""
-    msg = f"cannot {doing} {display(rel)!r} in workspace {ws.root!r}: {e.strerror or e}"
+def _fail(e: OSError, doing: str, ws: Workspace, rel: bytes, to: bytes | None = None
+          ) -> OSError:
+    """The same exception type, with a message naming the workspace path (``to``: where a
+    rename moved it).  Its file name is the path in the workspace, unless the OS named
+    another real file: a call through a pinned parent named ``/proc/self/fd/N/<name>``
+    (or a temp name there), one relative to a directory descriptor a bare ``b'name'``,
+    meaningless to the user (audit 58)."""
+    where = f" to {display(to)!r}" if to is not None else ""
+    msg = (f"cannot {doing} {display(rel)!r}{where} in workspace {ws.root!r}: "
+           f"{e.strerror or e}")
+    name = e.filename
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    if not isinstance(name, str) or not name.startswith("/") \
+            or name.startswith("/proc/self/fd/"):
+        name = _s(ws.abspath(rel))
     try:
-        new = type(e)(e.errno, msg, e.filename) if e.errno is not None else type(e)(msg)
+        new = type(e)(e.errno, msg, name) if e.errno is not None else type(e)(msg)
     except TypeError:
         new = OSError(e.errno, msg)
     return new
@@ -375,13 +388,16 @@ def open_to_read(ws: Workspace, rel: bytes) -> int:
     swapped for a symlink to outside the root in between made a read return a file
     outside the root."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    pin = _pin_dir(ws, parent_of(rel))
-    if pin is None:  # (no /proc/self/fd: by path, as before)
-        return os.open(ws.abspath(rel), flags)
     try:
-        return os.open(rel.rpartition(b"/")[2], flags, dir_fd=pin.fd)
-    finally:
-        pin.close()
+        pin = _pin_dir(ws, parent_of(rel))
+        if pin is None:  # (no /proc/self/fd: by path, as before)
+            return os.open(ws.abspath(rel), flags)
+        try:
+            return os.open(rel.rpartition(b"/")[2], flags, dir_fd=pin.fd)
+        finally:
+            pin.close()
+    except OSError as e:  # (opened through the descriptor, it named a bare b'name')
+        raise _fail(e, "read", ws, rel) from e
 
 
 @contextlib.contextmanager
@@ -637,7 +653,7 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
                 pins.append(_pin_dir(ws, rel_dir))
             except OSError as e:  # (a parent gone meanwhile, EIO: the rename's own error)
                 _undo_created(ws, created, durable)
-                raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
+                raise _fail(e, "rename", ws, srel, drel) from e
         src_dir = pins[0].path if pins[0] is not None else ws.abspath(parent_of(srel))
         dst_dir = pins[1].path if pins[1] is not None else ws.abspath(parent_of(drel))
         try:
@@ -645,7 +661,7 @@ def rename(ws: Workspace, src: PathLike, dst: PathLike, durable: bool = True) ->
                           _s(dst_dir + b"/" + drel.rpartition(b"/")[2]))
         except OSError as e:
             _undo_created(ws, created, durable)
-            raise _fail(e, f"rename to {display(drel)!r}", ws, srel) from e
+            raise _fail(e, "rename", ws, srel, drel) from e
         _fsync_dir(src_dir, durable)
         if parent_of(drel) != parent_of(srel):
             _fsync_dir(dst_dir, durable)
