@@ -35,8 +35,9 @@
   without CAP_DAC_OVERRIDE: its revert, the rollback of the watch and the recovery of a
   killed watch (``file-undo-failed`` at every open) failed with PermissionError; and a
   read-only tree a transaction removed could not be made anew by a revert (each
-  directory made with its mode 0o555 before its files).  The docs listed the watch case
-  as missing.  Now the undo opens such a directory first (a step of its own) and makes
+  directory made with its mode 0o555 before its files), nor one whose mode went from
+  one read-only mode to another (0o555 -> 0o755, edited, -> 0o500) be reverted.  The
+  docs listed the watch case as missing.  Now the undo opens such a directory first (a step of its own) and makes
   one anew writable, giving it its mode last.
   ``test_a_directory_made_and_filled_then_made_read_only_is_undone_as_a_user``,
   ``test_a_read_only_tree_removed_is_put_back_by_a_revert_as_a_user``,
@@ -267,6 +268,10 @@ if how == "ops":           # a directory made, filled, made read-only; reverted
         f.write("out/b", "b\n")
         f.chmod("out/sub", 0o555)
         f.chmod("out", 0o555)
+        f.chmod("ro", 0o755)          # from one read-only mode to another, edited between
+        f.write("ro/y", "y\n")
+        f.delete("ro/x")
+        f.chmod("ro", 0o500)
     committed = tree_state(root)
     info = store.revert(tx.id)
     out["undone"] = tree_state(root) == before
@@ -300,12 +305,14 @@ def test_a_directory_made_and_filled_then_made_read_only_is_undone_as_a_user(tmp
     Now the undo opens it first (logged as a step of its own: a mode change), then
     empties and removes it."""
     root = str(tmp_path / "ws")
-    build(root, {"keep": "k\n"})
+    build(root, {"keep": "k\n", "ro/x": "x\n"})
+    os.chmod(os.path.join(root, "ro"), 0o555)
+    before = tree_state(root)
     got = json.loads(_unprivileged(MADE_READ_ONLY, str(tmp_path / "store"), root,
                                    os.path.dirname(__file__), how))
     assert got and all(got.values()), got
     if how != "ops":
-        assert sorted(tree_state(root)) == [b"keep"]
+        assert tree_state(root) == before
 
 
 @needs_setpriv

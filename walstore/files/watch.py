@@ -839,6 +839,12 @@ def _through_writable(changes: list[Change]) -> list[Change]:
         elif c.before.kind == DIR and c.after.kind != DIR and c.before.mode & 0o300 != 0o300:
             opened = dataclasses.replace(c.before, mode=c.before.mode | 0o300)
             out += [Change.of(c.path, opened, c.after), Change.of(c.path, c.before, opened)]
+        elif c.before.kind == DIR and c.after.kind == DIR and c.after.mode & 0o300 != 0o300 \
+                and not _opens(c.after, c.before):
+            # (a mode change from one read-only mode to another, 0o500 -> 0o555: opened
+            # first, given its mode last)
+            opened = dataclasses.replace(c.after, mode=c.after.mode | 0o300)
+            out += [Change.of(c.path, opened, c.after), Change.of(c.path, c.before, opened)]
         else:
             out.append(c)
     return out
