@@ -42,6 +42,11 @@
   ``test_a_directory_made_and_filled_then_made_read_only_is_undone_as_a_user``,
   ``test_a_read_only_tree_removed_is_put_back_by_a_revert_as_a_user``,
   ``test_the_recovery_of_a_watch_killed_after_it_made_a_read_only_directory``.
+- The everyday form, ``chmod u+w ro; write ro/y; delete ro/x; chmod u-w ro``: ``ro`` ends
+  in its mode of before, the revert's plan dropped it as "already there", and the
+  revert or rewind of the transaction failed with PermissionError as a user.  Now it is
+  kept as a passage: opened first, closed last, not listed in the plan's files.
+  ``test_a_read_only_directory_opened_edited_and_closed_again_is_reverted_as_a_user``.
 - A file operation the OS refused (a read-only or immutable directory) raised an error
   whose file name was ``/proc/self/fd/14/g`` (its pinned parent's descriptor,
   meaningless once the process is gone), a temp name there, or a bare ``b'g'`` (a
@@ -443,3 +448,48 @@ def test_reading_an_unreadable_file_names_it(tmp_path):
     name, text = _unprivileged(UNREADABLE, str(tmp_path / "store"), root).splitlines()
     assert name == os.path.join(root, "d/secret")
     assert "cannot read 'd/secret' in workspace" in text and "b'" not in text, text
+
+
+OPENED_AND_CLOSED = r"""
+import json, sys, walstore
+sys.path.insert(0, sys.argv[3])
+from files_support import tree_state
+root = sys.argv[2]
+store = walstore.open(sys.argv[1], durability="none")
+ws = store.workspace(root)
+before = tree_state(root)
+store.restore_point("p")
+with store.transaction() as tx:
+    f = tx.files(ws)
+    f.chmod("ro", 0o755); f.write("ro/y", "y\n"); f.delete("ro/x"); f.chmod("ro", 0o555)
+    f.chmod("ro/deep", 0o755); f.write("ro/deep/w", "w\n"); f.chmod("ro/deep", 0o555)
+committed = tree_state(root)
+out = {"plan": store.revert(tx.id, dry_run=True).files}
+info = store.revert(tx.id) if sys.argv[4] == "revert" else store.rewind("p")
+out["undone"] = tree_state(root) == before
+store.revert(info.txid, force=True)
+out["redone"] = tree_state(root) == committed
+out["conflicts"] = store.file_conflicts()
+store.close()
+print(json.dumps(out))
+"""
+
+
+@needs_setpriv
+@pytest.mark.parametrize("how", ["revert", "rewind"])
+def test_a_read_only_directory_opened_edited_and_closed_again_is_reverted_as_a_user(
+        tmp_path, how):
+    """The everyday form: ``chmod u+w ro; write ro/y; delete ro/x; chmod u-w ro`` (a
+    read-only directory opened for an edit and closed again).  ``ro`` ends in its mode
+    of before, so the revert's plan dropped it ("already there"), and without
+    CAP_DAC_OVERRIDE the revert or rewind could not remove ``ro/y`` nor put ``ro/x``
+    back in it: PermissionError.  Now such a directory stays in the undo as a passage,
+    opened first and closed last (not listed among the plan's files)."""
+    root = str(tmp_path / "ws")
+    build(root, {"ro/x": "x\n", "ro/deep/z": "z\n"})
+    os.chmod(os.path.join(root, "ro/deep"), 0o555)
+    os.chmod(os.path.join(root, "ro"), 0o555)
+    got = json.loads(_unprivileged(OPENED_AND_CLOSED, str(tmp_path / "store"), root,
+                                   os.path.dirname(__file__), how))
+    assert got["plan"] == [os.path.join(root, p) for p in ("ro/deep/w", "ro/x", "ro/y")]
+    assert got["undone"] and got["redone"] and not got["conflicts"], got

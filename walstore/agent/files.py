@@ -265,6 +265,10 @@ class FileUndo:
     # no later than the undone change of the path (the oldest undone transaction's commit
     # time, ns; None: not known): see ``FileEffect.since_ns``
     since_ns: int | None = None
+    # a directory already in its target whose mode denies its owner write or search
+    # permission, put in only so that the undo can open it for the paths under it and
+    # close it again (``watch._through_writable``); not listed in a plan's ``files``
+    passage: bool = False
 
 
 class UndoBatch:

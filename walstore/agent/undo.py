@@ -112,6 +112,7 @@ from ..engine.conflicts import Prepared, PreparedSet
 from ..engine.snapshot import SnapshotTooOld
 from ..files import Entry, RestoreStatus, restore_status
 from ..files.entries import UnsupportedFileType
+from ..files.paths import parent_of
 from .actions import Action, Saga, newest_first
 from .files import FileUndo, abs_display
 from .history import History
@@ -757,7 +758,8 @@ class Undo:
         # the oldest history the plan reads: the point, or just before the oldest undone
         plan._oldest = boundary if boundary is not None else min(  # type: ignore[attr-defined]
             (i.lsn for i in infos), default=None)
-        plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files)
+        plan.files = sorted(abs_display(i.ws.root_b, i.path) for i in plan._files
+                            if not i.passage)
         return plan
 
     def _gather_kept_writers(self, infos: Any, rng: ScopeRange, in_scope: Any,
@@ -797,6 +799,7 @@ class Undo:
         if not file_lsns:
             return []
         items, conflicts = [], []
+        passages: list = []  # (read-only directories already back: see below)
         stamps: dict[int, int | None] = {}
 
         def since(txid: int, root: bytes, path: bytes) -> int | None:
@@ -842,6 +845,9 @@ class Undo:
             # other one rolled back)
             self.files.check_unclaimed(root, path)
             if status.state == "done":
+                if status.current.is_dir and status.current.mode & 0o300 != 0o300:
+                    passages.append(FileUndo(ws, path, oldest.before, newest.after,
+                                             since(oldest.txid, root, path), passage=True))
                 continue
             if status.state == "conflict":
                 conflicts.append(abs_display(root, path))
@@ -857,6 +863,17 @@ class Undo:
             for item in _holding_strangers(items):
                 conflicts.append(abs_display(item.ws.root_b, item.path))
                 items.remove(item)
+        # A directory the undone transaction opened, changed things in and made read-only
+        # again (``chmod u+w d; write d/g; chmod u-w d``) is back in its mode already, so
+        # no step named it, and without CAP_DAC_OVERRIDE the undo could not remove d/g
+        # (PermissionError, audit 58): kept as a passage, opened first, closed last.
+        if items and passages:
+            under = {(i.ws.root_b, parent_of(i.path)) for i in items if i.path}
+            for (r, p) in list(under):
+                while p:
+                    p = parent_of(p)
+                    under.add((r, p))
+            items += [d for d in passages if (d.ws.root_b, d.path) in under]
         if conflicts and not force:
             self._conflict_if_files_changed_since(snapshot)
             raise RevertConflict(f"file(s) changed behind walstore's back since the undone "
