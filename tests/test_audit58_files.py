@@ -46,7 +46,9 @@
   in its mode of before, the revert's plan dropped it as "already there", and the
   revert or rewind of the transaction failed with PermissionError as a user.  Now it is
   kept as a passage: opened first, closed last, not listed in the plan's files.
-  ``test_a_read_only_directory_opened_edited_and_closed_again_is_reverted_as_a_user``.
+  ``test_a_read_only_directory_opened_edited_and_closed_again_is_reverted_as_a_user``;
+  the same inside a watch (its rollback, and a revert of its commit):
+  ``test_a_watched_open_edit_close_of_a_read_only_directory_is_undone_as_a_user``.
 - A file operation the OS refused (a read-only or immutable directory) raised an error
   whose file name was ``/proc/self/fd/14/g`` (its pinned parent's descriptor,
   meaningless once the process is gone), a temp name there, or a bare ``b'g'`` (a
@@ -493,3 +495,47 @@ def test_a_read_only_directory_opened_edited_and_closed_again_is_reverted_as_a_u
                                    os.path.dirname(__file__), how))
     assert got["plan"] == [os.path.join(root, p) for p in ("ro/deep/w", "ro/x", "ro/y")]
     assert got["undone"] and got["redone"] and not got["conflicts"], got
+
+
+WATCHED_OPEN_CLOSE = r"""
+import json, subprocess, sys, walstore
+sys.path.insert(0, sys.argv[3])
+from files_support import tree_state
+root = sys.argv[2]
+store = walstore.open(sys.argv[1], durability="none")
+ws = store.workspace(root)
+before = tree_state(root)
+CMD = "chmod u+w ro && echo y > ro/y && rm ro/x && chmod u-w ro"
+out = {}
+with store.transaction() as tx:
+    with tx.files(ws).watch() as w:
+        subprocess.run(["sh", "-c", CMD], cwd=root, check=True)
+    out["changes"] = sorted(c.path.decode() for c in w.changes)
+    tx.rollback()
+out["rolled_back"] = tree_state(root) == before
+with store.transaction() as tx:
+    with tx.files(ws).watch():
+        subprocess.run(["sh", "-c", CMD], cwd=root, check=True)
+store.revert(tx.id)
+out["reverted"] = tree_state(root) == before
+out["conflicts"] = store.file_conflicts()
+store.close()
+print(json.dumps(out))
+"""
+
+
+@needs_setpriv
+def test_a_watched_open_edit_close_of_a_read_only_directory_is_undone_as_a_user(tmp_path):
+    """The same inside a watch: ``chmod u+w ro && echo y > ro/y && rm ro/x && chmod u-w
+    ro`` leaves ``ro`` as it was, so no step named it, and its rollback (or a revert of
+    the commit) could not remove ``ro/y`` without CAP_DAC_OVERRIDE: PermissionError (the
+    docs listed it as missing).  Now the watch's undo opens and closes ``ro`` around
+    what it puts back in it (``watch.passages``); the block's changes are still just the
+    two files."""
+    root = str(tmp_path / "ws")
+    build(root, {"ro/x": "x\n", "keep": "k\n"})
+    os.chmod(os.path.join(root, "ro"), 0o555)
+    got = json.loads(_unprivileged(WATCHED_OPEN_CLOSE, str(tmp_path / "store"), root,
+                                   os.path.dirname(__file__)))
+    assert got["changes"] == ["ro/x", "ro/y"]
+    assert got["rolled_back"] and got["reverted"] and not got["conflicts"], got

@@ -50,6 +50,7 @@ from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace
                      snapshot, undo_order, undo_steps)
 from ..files.entries import UnsupportedFileType, read_whole
 from ..files.monitor import WorkspaceMonitor, forced_full_walk
+from ..files.watch import passages
 from ..files.monitor import available as monitor_available
 from ..files.paths import (MAX_ROOT_AND_PATH_BYTES, PathLike, check_length, display,
                            fs_bytes, parent_of)
@@ -1411,18 +1412,20 @@ class Files:
                           monitor=self._monitor(ws))
             changes = diff(w.manifest, m1)
             # logged in an order whose reverse is the undo order (removals deepest first,
-            # then re-creations shallowest first), so they undo like any other steps
-            forward = list(reversed(undo_order(changes)))
-            for c in forward:
+            # then re-creations shallowest first), so they undo like any other steps; a
+            # read-only directory holding changes is opened and closed by them too
+            # (``passages``: not claimed, not among the block's changes)
+            forward = list(reversed(undo_order(changes + passages(changes, m1))))
+            for c in changes:
                 if len(ws.root_b) + len(c.path) > MAX_ROOT_AND_PATH_BYTES:
                     self._put_back_overlong_watch(tx, w, m1, changes, c.path)
             try:  # a path another live transaction changed is its own (``_claim``)
-                self._check_claims(tx, ws.root_b, [c.path for c in forward])
+                self._check_claims(tx, ws.root_b, [c.path for c in changes])
             except ConflictError as e:
                 self._put_back_claimed_watch(tx, w, m1, changes, e)
             eff = self.log_steps(tx, ws, "watch", forward, durable=False, watch=w.lsn,
                                  began_ns=w.manifest.taken_ns) if forward else None
-            self._note_claims(tx, ws.root_b, forward)  # (changed already: claimed, unchecked)
+            self._note_claims(tx, ws.root_b, changes)  # (changed already: claimed, unchecked)
             self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
                                                  "begin": w.lsn, "n": len(changes)},
                                   tx.id, durable=True)
@@ -1445,9 +1448,9 @@ class Files:
         about the paths left as they are.  Caller holds ``_lock``."""
         ws = w.ws
         unlimited = w.manifest.workspace(ws).without_length_limit()
-        conflicts = restore_changes(unlimited, changes, self.blobs, self.quarantine(tx.id),
-                                    check=True, durable=self.durable,
-                                    since_ns=w.manifest.taken_ns)
+        conflicts = restore_changes(unlimited, changes + passages(changes, m1), self.blobs,
+                                    self.quarantine(tx.id), check=True,
+                                    durable=self.durable, since_ns=w.manifest.taken_ns)
         self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
                                              "begin": w.lsn, "n": 0}, tx.id, durable=True)
         tx.effects.remove(w)
@@ -1639,7 +1642,8 @@ class Files:
         unlimited = ws.without_length_limit()
         if recovering:
             self._keep_found(unlimited, changes, txid)
-        return restore_changes(unlimited, changes, self.blobs, self.quarantine(txid),
+        return restore_changes(unlimited, changes + passages(changes, now), self.blobs,
+                               self.quarantine(txid),
                                check=False, durable=self.durable, since_ns=m0.taken_ns)
 
     def _keep_found(self, ws: Workspace, changes: list, txid: int) -> None:

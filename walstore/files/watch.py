@@ -61,7 +61,7 @@ from .monitor import WorkspaceMonitor, mounts_at_or_under
 from .paths import Workspace, depth, display, is_temp_name, parent_of
 
 __all__ = ["Record", "Manifest", "SnapshotStats", "Change", "snapshot", "diff", "walk",
-           "undo_order", "restore_changes", "restore_in_order", "RACY_WINDOW_NS"]
+           "undo_order", "restore_changes", "restore_in_order", "passages", "RACY_WINDOW_NS"]
 
 # A file modified this close to (or after) a snapshot's start is re-hashed next time:
 # covers timestamp granularities up to 2 s (FAT) and the coarse kernel clock.
@@ -847,6 +847,31 @@ def _through_writable(changes: list[Change]) -> list[Change]:
             out += [Change.of(c.path, opened, c.after), Change.of(c.path, c.before, opened)]
         else:
             out.append(c)
+    return out
+
+
+def passages(changes: list[Change], now: "Manifest") -> list[Change]:
+    """The read-only directories (mode without owner write or search permission) of
+    ``now`` — the tree as it is — that hold a change of ``changes`` and are no change of
+    their own, each as a change to itself: ``undo_order`` opens it before what it holds
+    is put back and closes it after (a watched ``chmod u+w d; touch d/x; chmod u-w d``
+    leaves ``d`` as it was, and without CAP_DAC_OVERRIDE its undo could not remove
+    ``d/x``: PermissionError, audit 58).  Not changes of the watch (not in ``w.changes``,
+    not claimed): steps of its undo."""
+    changed = {c.path for c in changes}
+    out: list[Change] = []
+    seen: set[bytes] = set()
+    for c in changes:
+        p = c.path
+        while p:
+            p = parent_of(p)
+            if p in seen or p in changed:
+                continue
+            seen.add(p)
+            rec = now.records.get(p) if p else None
+            if rec is not None and rec.kind == DIR and rec.mode & 0o300 != 0o300:
+                e = rec.entry()
+                out.append(Change.of(p, e, e))
     return out
 
 
