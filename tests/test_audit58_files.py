@@ -48,7 +48,10 @@
   kept as a passage: opened first, closed last, not listed in the plan's files.
   ``test_a_read_only_directory_opened_edited_and_closed_again_is_reverted_as_a_user``;
   the same inside a watch (its rollback, and a revert of its commit):
-  ``test_a_watched_open_edit_close_of_a_read_only_directory_is_undone_as_a_user``.
+  ``test_a_watched_open_edit_close_of_a_read_only_directory_is_undone_as_a_user``
+  (only for a process that permission bits stop: root's watch logs no such step, which
+  would make it a later writer of the directory:
+  ``test_a_watch_in_a_read_only_directory_by_root_is_no_later_writer_of_it``).
 - A file operation the OS refused (a read-only or immutable directory) raised an error
   whose file name was ``/proc/self/fd/14/g`` (its pinned parent's descriptor,
   meaningless once the process is gone), a temp name there, or a bare ``b'g'`` (a
@@ -539,3 +542,24 @@ def test_a_watched_open_edit_close_of_a_read_only_directory_is_undone_as_a_user(
                                    os.path.dirname(__file__)))
     assert got["changes"] == ["ro/x", "ro/y"]
     assert got["rolled_back"] and got["reverted"] and not got["conflicts"], got
+
+
+def test_a_watch_in_a_read_only_directory_by_root_is_no_later_writer_of_it(tmp_path):
+    """The passages are for processes that permission bits stop: root's watch writing
+    into a read-only directory logs no step of it, so a revert of the older transaction
+    that made the directory read-only is not refused naming the watch as a later writer
+    of the directory (it changed only a file in it)."""
+    if not __import__("walstore.files.apply", fromlist=["x"]).overrides_modes():
+        pytest.skip("needs CAP_DAC_OVERRIDE")
+    root = str(tmp_path / "ws")
+    build(root, {"ro/x": "x\n"})
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as t1:
+            t1.files(ws).chmod("ro", 0o555)
+        with s.transaction() as t2:
+            with t2.files(ws).watch():
+                subprocess.run(["sh", "-c", "echo y > ro/y"], cwd=root, check=True)
+        s.revert(t1.id)
+        assert tree_state(root)[b"ro"] == ("dir", 0o755)
+        assert tree_state(root)[b"ro/y"][0] == "file"

@@ -112,6 +112,7 @@ from ..engine.conflicts import Prepared, PreparedSet
 from ..engine.snapshot import SnapshotTooOld
 from ..files import Entry, RestoreStatus, restore_status
 from ..files.entries import UnsupportedFileType
+from ..files.apply import overrides_modes
 from ..files.paths import parent_of
 from .actions import Action, Saga, newest_first
 from .files import FileUndo, abs_display
@@ -867,7 +868,7 @@ class Undo:
         # again (``chmod u+w d; write d/g; chmod u-w d``) is back in its mode already, so
         # no step named it, and without CAP_DAC_OVERRIDE the undo could not remove d/g
         # (PermissionError, audit 58): kept as a passage, opened first, closed last.
-        if items and passages:
+        if items and passages and not overrides_modes():  # (root passes them by)
             under = {(i.ws.root_b, parent_of(i.path)) for i in items if i.path}
             for (r, p) in list(under):
                 while p:

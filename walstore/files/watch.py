@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from .apply import FileConflict, _save_aside, restore
+from .apply import FileConflict, _save_aside, overrides_modes, restore
 from .blobs import BlobStore
 from .entries import ABSENT, DIR, FILE, SYMLINK, Entry, hash_fd
 from .ignore import IgnoreRules
@@ -857,7 +857,11 @@ def passages(changes: list[Change], now: "Manifest") -> list[Change]:
     is put back and closes it after (a watched ``chmod u+w d; touch d/x; chmod u-w d``
     leaves ``d`` as it was, and without CAP_DAC_OVERRIDE its undo could not remove
     ``d/x``: PermissionError, audit 58).  Not changes of the watch (not in ``w.changes``,
-    not claimed): steps of its undo."""
+    not claimed): steps of its undo.  None for a process that passes permission bits by
+    (root): it needs no opening, and the extra steps would name the directories as
+    changed by the watch (a later writer for a revert of an older change of them)."""
+    if overrides_modes():
+        return []
     changed = {c.path for c in changes}
     out: list[Change] = []
     seen: set[bytes] = set()
