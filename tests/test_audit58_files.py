@@ -52,6 +52,9 @@
   (only for a process that permission bits stop: root's watch logs no such step, which
   would make it a later writer of the directory:
   ``test_a_watch_in_a_read_only_directory_by_root_is_no_later_writer_of_it``).
+  The new opening and closing steps under kill -9 (every third seam call of a user's
+  revert through all three kinds of read-only directory, reopened as the user):
+  ``test_kill_at_every_step_of_a_users_revert_through_read_only_directories``.
 - A file operation the OS refused (a read-only or immutable directory) raised an error
   whose file name was ``/proc/self/fd/14/g`` (its pinned parent's descriptor,
   meaningless once the process is gone), a temp name there, or a bare ``b'g'`` (a
@@ -563,3 +566,89 @@ def test_a_watch_in_a_read_only_directory_by_root_is_no_later_writer_of_it(tmp_p
         s.revert(t1.id)
         assert tree_state(root)[b"ro"] == ("dir", 0o755)
         assert tree_state(root)[b"ro/y"][0] == "file"
+
+
+RO_CHILD = r"""
+import json, os, sys
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, os.path.join(spec["here"], "agent_scripts"))
+import walstore
+from walstore import fileio
+from files_child import Stopper
+if spec["job"] == "setup":
+    s = walstore.open(spec["store"]); ws = s.workspace(spec["ws"])
+    with s.transaction() as tx:
+        f = tx.files(ws)
+        f.mkdir("out"); f.write("out/sub/a", "a\n"); f.write("out/b", "b\n")
+        f.chmod("out/sub", 0o555); f.chmod("out", 0o555)
+        f.chmod("ro", 0o755); f.write("ro/y", "y\n"); f.delete("ro/x"); f.chmod("ro", 0o555)
+        f.chmod("r5", 0o755); f.write("r5/q", "q\n"); f.chmod("r5", 0o500)
+        tx.put("k", 1)
+    print(json.dumps({"txid": tx.id})); s.close(); sys.exit(0)
+if spec["job"] == "check":
+    s = walstore.open(spec["store"])
+    print(json.dumps({"k": s.get("k"), "conf": s.last_recovery.file_conflicts,
+                      "probs": [p.kind for p in s.last_recovery.problems]}))
+    s.close(); sys.exit(0)
+b = Stopper(spec.get("stop", 0)); fileio.set_backend(b)
+s = walstore.open(spec["store"], apply_interval=3600)
+b.armed = True
+s.revert(spec["txid"])
+print("COMMITTED", flush=True); print(f"CALLS {b.n}", flush=True); os._exit(0)
+"""
+
+UNPRIVILEGED = ["setpriv", "--inh-caps=-all",
+                "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+@needs_setpriv
+def test_kill_at_every_step_of_a_users_revert_through_read_only_directories(
+        tmp_path, monkeypatch):
+    """kill -9 of a user's revert of the read-only cases above (a directory made, filled
+    and made read-only; one opened, edited and closed; one from 0o555 to 0o500) before
+    its seam calls (every third, the first and last among them): the next open, as the
+    user, ends with the committed tree (the revert not committed) or the tree before
+    the transaction (committed), no conflict, nothing owed — the opening and closing
+    steps are walstore's own, undone and recovered like any other."""
+    import test_files_crash as tfc
+    here = os.path.dirname(os.path.abspath(__file__))
+    child = tmp_path / "ro_child.py"
+    child.write_text(RO_CHILD)
+    wrapper = tmp_path / "python-as-user"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(UNPRIVILEGED) + " "
+                       + sys.executable + ' "$@"\n')
+    wrapper.chmod(0o755)
+
+    def as_user(spec: dict) -> dict:
+        got = subprocess.run([str(wrapper), str(child), json.dumps(dict(spec, here=here))],
+                             capture_output=True, text=True, env=_child_env(), timeout=120)
+        assert got.returncode == 0, got.stderr[-2000:]
+        return json.loads(got.stdout)
+
+    def prep(base):
+        ws = base / "ws"
+        build(str(ws), {"keep": "k\n", "ro/x": "x\n", "r5/p": "p\n"})
+        os.chmod(ws / "ro", 0o555)
+        os.chmod(ws / "r5", 0o555)
+        pre = tree_state(str(ws))
+        txid = as_user({"job": "setup", "store": str(base / "store"), "ws": str(ws)})["txid"]
+        return str(base / "store"), str(ws), pre, tree_state(str(ws)), txid
+
+    monkeypatch.setattr(sys, "executable", str(wrapper))  # (run_child's children: as the user)
+    store, ws, pre, post, txid = prep(tmp_path / "count")
+    spec = {"job": "revert", "store": store, "ws": ws, "txid": txid, "here": here}
+    calls = tfc.run_child(dict(spec), child=child)["calls"]
+    assert calls and calls > 10
+    assert tree_state(ws) == pre
+    outcomes = {"reverted": 0, "not": 0}
+    for n in tfc.kill_points(calls):
+        store, ws, pre, post, txid = prep(tmp_path / f"k{n}")
+        got = tfc.run_child({"job": "revert", "store": store, "ws": ws, "txid": txid,
+                             "stop": n, "here": here}, child=child)
+        assert got["stopped"], (n, got)
+        after = as_user({"job": "check", "store": store})
+        assert not after["conf"] and set(after["probs"]) <= {"torn-tail"}, (n, after)
+        reverted = after["k"] is None
+        outcomes["reverted" if reverted else "not"] += 1
+        assert tree_state(ws) == (pre if reverted else post), (n, got["stopped"])
+    assert outcomes["not"], outcomes
