@@ -55,6 +55,9 @@
   The new opening and closing steps under kill -9 (every third seam call of a user's
   revert through all three kinds of read-only directory, reopened as the user):
   ``test_kill_at_every_step_of_a_users_revert_through_read_only_directories``.
+- A revert refused because a later transaction changed the same file said "later
+  transactions [N] changed the same keys" (no key in either): now "keys or files".
+  ``test_a_later_writer_of_a_file_is_named_as_such``.
 - A file operation the OS refused (a read-only or immutable directory) raised an error
   whose file name was ``/proc/self/fd/14/g`` (its pinned parent's descriptor,
   meaningless once the process is gone), a temp name there, or a bare ``b'g'`` (a
@@ -652,3 +655,21 @@ def test_kill_at_every_step_of_a_users_revert_through_read_only_directories(
         outcomes["reverted" if reverted else "not"] += 1
         assert tree_state(ws) == (pre if reverted else post), (n, got["stopped"])
     assert outcomes["not"], outcomes
+
+
+def test_a_later_writer_of_a_file_is_named_as_such(tmp_path):
+    """A revert refused because a later transaction changed the same FILE said "later
+    transactions [2] changed the same keys": the user looked for keys that neither
+    transaction wrote.  Now "the same keys or files"."""
+    root = str(tmp_path / "ws")
+    build(root, {"d/f": "f\n"})
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as t1:
+            t1.files(ws).rename("d", "e")
+        with s.transaction() as t2:
+            t2.files(ws).write("e/f", "later\n")
+        with pytest.raises(walstore.RevertConflict) as got:
+            s.revert(t1.id)
+        assert got.value.txids == [t2.id]
+        assert "changed the same keys or files" in str(got.value), str(got.value)

@@ -350,7 +350,7 @@ class Undo:
                 if new and not cascade:
                     ids = sorted({i.txid for i in later}, reverse=True)
                     raise RevertConflict(f"transaction {target.txid} cannot be reverted alone: "
-                                         f"later transactions {ids} changed the same keys "
+                                         f"later transactions {ids} changed the same keys or files "
                                          f"(use cascade=True to revert them too)", ids)
                 for i in new:
                     undo[i.txid] = i
