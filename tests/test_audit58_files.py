@@ -673,3 +673,22 @@ def test_a_later_writer_of_a_file_is_named_as_such(tmp_path):
             s.revert(t1.id)
         assert got.value.txids == [t2.id]
         assert "changed the same keys or files" in str(got.value), str(got.value)
+
+
+def test_live_reads_follow_a_final_symlink_inside_and_past_reads_never_do(tmp_path):
+    root = str(tmp_path / "ws")
+    build(root, {"d/f": "f\n"})
+    with walstore.open(str(tmp_path / "store"), durability="none") as s:
+        ws = s.workspace(root)
+        with s.transaction() as tx:
+            tx.files(ws).symlink("l", "d/f")
+            tx.files(ws).symlink("ld", "d")
+            tx.files(ws).symlink("out", "/etc/hostname")
+            assert tx.files(ws).read("l") == b"f\n"
+            assert tx.files(ws).listdir("ld") == ["f"]
+            with pytest.raises(ValueError):
+                tx.files(ws).read("out")
+        with pytest.raises(ValueError):
+            s.at(tx.id).files(ws).read("l")
+        with pytest.raises(ValueError):
+            s.at(tx.id).files(ws).read("ld/f")
