@@ -606,11 +606,7 @@ def test_the_cli_decides_an_atomic_group_whole_and_refuses_a_participant_alone(t
     the coordinator's own decision is not, and `walstore resolve-atomic PATH...` decides
     every group the given stores coordinate (exit 1 while one stays in doubt)."""
     # the coordinator decided commit, the participants still in doubt
-    stores = _atomic_killed(tmp_path / "after", "after-decision")
-    paths = [str(tmp_path / "after" / n) for n in ("coord", "p1", "p2")]
-    gid = stores[1].prepared()[0]
-    for s in stores:
-        s.close()
+    paths, gid = _killed_group(tmp_path / "after", "after-decision")
     r = _cli("rollback-prepared", paths[1], gid)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "resolve-atomic" in r.stderr and "coordinated by store" in r.stderr
@@ -625,18 +621,11 @@ def test_the_cli_decides_an_atomic_group_whole_and_refuses_a_participant_alone(t
     r = _cli("resolve-atomic", paths[2], paths[0], paths[1])
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert r.stdout.startswith("committed ")
-    with contextlib.ExitStack() as opened:
-        reopened = [opened.enter_context(walstore.open(p)) for p in paths]
-        assert [s.prepared() for s in reopened] == [[], [], []]
-        assert [s.get("x") for s in reopened] == ["after-decision"] * 3
+    assert _ends(paths) == ([[], [], []], ["after-decision"] * 3)
 
     # both in doubt before any decision: the coordinator may be decided alone (its
     # decision is the group's), a participant with --force only
-    stores = _atomic_killed(tmp_path / "before", "before-decision")
-    paths = [str(tmp_path / "before" / n) for n in ("coord", "p1", "p2")]
-    gid = stores[0].prepared()[0]
-    for s in stores:
-        s.close()
+    paths, gid = _killed_group(tmp_path / "before", "before-decision")
     r = _cli("rollback-prepared", paths[0], gid)
     assert r.returncode == 0, (r.stdout, r.stderr)
     r = _cli("rollback-prepared", paths[1], gid, "--force")
@@ -644,7 +633,20 @@ def test_the_cli_decides_an_atomic_group_whole_and_refuses_a_participant_alone(t
     r = _cli("resolve-atomic", paths[0], paths[1], paths[2], "--json")
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert json.loads(r.stdout)["groups"] == [{"gid": gid, "outcome": "rolled back"}]
+    assert _ends(paths) == ([[], [], []], [None] * 3)
+
+
+def _killed_group(where, die_at: str) -> tuple[list[str], str]:
+    """The three stores' paths of an atomic group killed at ``die_at``, and its gid."""
+    stores = _atomic_killed(where, die_at)
+    gid = (stores[0].prepared() or stores[1].prepared())[0]
+    for s in stores:
+        s.close()
+    return [str(where / n) for n in ("coord", "p1", "p2")], gid
+
+
+def _ends(paths) -> tuple[list, list]:
+    """What each store holds in doubt, and its "x"."""
     with contextlib.ExitStack() as opened:
-        reopened = [opened.enter_context(walstore.open(p)) for p in paths]
-        assert [s.prepared() for s in reopened] == [[], [], []]
-        assert [s.get("x") for s in reopened] == [None] * 3
+        stores = [opened.enter_context(walstore.open(p)) for p in paths]
+        return [s.prepared() for s in stores], [s.get("x") for s in stores]
