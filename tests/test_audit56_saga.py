@@ -47,13 +47,18 @@ from walstore import fileio
 
 
 class _OnFsync(fileio.OSBackend):
-    """While armed, the first fsync of the WAL first runs ``then`` to its end (in another
-    thread, joined)."""
+    """While armed, the main thread's first fsync (the WAL's, of the call under test)
+    first runs ``then`` to its end (in another thread, joined).  (Any thread's, before:
+    the store's own background threads — the spare segment's fill, begun at open —
+    could take it first under load, running ``then`` before the call under test: 1 CI
+    run in many.)"""
 
     def __init__(self) -> None:
         self.then = None
 
     def _maybe(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
         then, self.then = self.then, None
         if then is not None:
             t = threading.Thread(target=then, name="other")
