@@ -153,7 +153,7 @@ def test_a_write_racing_another_threads_commit_is_committed_or_refused_never_los
         unknown: list[str] = []
         results = _race_writers_with(lambda tx, r: tx.commit(), s, unknown=unknown)
         # ("not known" claims neither way: no assertion on those keys.  ~10 keys in 180
-        # rounds here before audit 58, 0-3 since: the writes that went into the set a
+        # rounds here before audit 58, 1-4 since: the writes that went into the set a
         # commit's end put in place, or into the copied set after the copy, are refused
         # now — tests/test_audit58_races.py)
         lost = 0

@@ -19,7 +19,7 @@ Findings (each test named below fails on the code before its fix):
     (its write is not in the copy) — ``test_a_write_after_the_copy_is_refused_though_its_writer_checks_late``.
 
   The same race (tests/test_audit56_threads.py, 3 x 60 rounds) now answers "not known"
-  0-3 times in 180 rounds: an update() of keys already in the set whose byte count was
+  1-4 times in 180 rounds: an update() of keys already in the set whose byte count was
   computed from a stale count equal to the copy's, or a write made before the copy whose
   writer checks after the end (it is in the commit; saying so would rest on which
   bytecodes CPython switches threads between, so it still says "not known").
