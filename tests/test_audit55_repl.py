@@ -272,11 +272,28 @@ def test_a_follower_at_a_hole_with_unknown_purges_says_dest_may_hold_them(
         tmp_path, monkeypatch):
     """A hole whose purges the source could not tell (``pg`` nil: more than its record
     keeps; 3 here): the follower cannot apply them, and says that DEST may still hold
-    keys the source purged (it said only "hole in the replica's WAL")."""
+    keys the source purged (it said only "hole in the replica's WAL").  (The local WAL
+    is trimmed in pieces: a hole may cover fewer purges than the record keeps, which the
+    follower applies and says so — another case; the scenario is run again then, up to
+    three times: once in many CI runs it was that case.)"""
     import walstore.engine.apply as apply
     monkeypatch.setattr(walstore.store, "PURGE_SHIP_WAIT_S", 0.05)  # (the wait, not the logic)
     monkeypatch.setattr(apply, "KEEP_RECENT_PURGES", 3)
-    path, rep, dest = str(tmp_path / "src"), str(tmp_path / "rep"), str(tmp_path / "dest")
+    seen = []
+    for attempt in range(3):
+        msg = _hole_after_purges(tmp_path / f"try{attempt}")
+        seen.append(msg)
+        assert "hole in the replica's WAL" in msg, msg
+        if "DEST may still hold keys" in msg:
+            return
+        # (the other case: the hole's purges were known, applied to DEST, and said so)
+        assert "were applied to DEST" in msg, msg
+    raise AssertionError(f"no hole of unknown purges in 3 runs: {seen}")
+
+
+def _hole_after_purges(where) -> str:
+    """Five purges made while the replica is down: the follower's error at the hole."""
+    path, rep, dest = str(where / "src"), str(where / "rep"), str(where / "dest")
     url = "file://" + rep
     with walstore.open(path, replicate_to=url,
                        replicate_options={"interval": 0.05, "max_backoff": 0.2}) as s:
@@ -297,9 +314,8 @@ def test_a_follower_at_a_hole_with_unknown_purges_says_dest_may_hold_them(
             assert f.ended.wait(30)
         finally:
             f.close()
-    msg = str(f.error)
     assert isinstance(f.error, walstore.ReplicationError), f.error
-    assert "hole in the replica's WAL" in msg and "DEST may still hold keys" in msg, msg
+    return str(f.error)
 
 
 def test_a_reader_in_the_writers_process_does_not_break_its_purge(tmp_path):
