@@ -235,7 +235,7 @@ def verify(path: str, as_json: bool) -> None:
         if rep.needs_recovery:
             click.echo("note: the store was not shut down cleanly: the next open (or "
                        "`walstore recover`) recovers it")
-        for a in rep.attention():
+        for a in rep.attention(show_gid):
             click.echo(one_line(f"needs a decision: {a}"))
         if rep.errors:
             click.echo(f"{rep.errors.total} problem(s) found")

@@ -115,10 +115,11 @@ class VerifyReport:
         return not self.in_doubt and not self.pending_compensations \
             and not self.owed_file_undos
 
-    def attention(self) -> list[str]:
-        """One line per thing that needs a decision (not damage)."""
-        said = [f"in-doubt prepared transaction {gid!r}: needs `walstore commit-prepared` "
-                f"or `rollback-prepared`" for gid in self.in_doubt]
+    def attention(self, show_gid: Callable[[str], str] = repr) -> list[str]:
+        """One line per thing that needs a decision (not damage); ``show_gid`` writes a
+        gid (the CLI's: as an operator types it back to ``commit-prepared``)."""
+        said = [f"in-doubt prepared transaction {show_gid(gid)}: needs `walstore "
+                f"commit-prepared` or `rollback-prepared`" for gid in self.in_doubt]
         for a in self.pending_compensations:
             why = a.get("error") or a.get("state")
             said.append(f"compensation owed: action {a['id']} ({a['name']}, compensator "

@@ -1,0 +1,42 @@
+"""Stop 59, the lead's findings.
+
+- ``walstore verify`` listed an in-doubt gid in Python's repr (``'a\\nb'``, ``'plain'``):
+  a form no 2PC verb takes back (``commit-prepared`` takes a gid as typed, or the JSON
+  string ``prepared`` and ``recover`` show), so an operator who read the gid off verify's
+  "needs a decision" line could not decide it with what verify printed
+  (``test_verify_names_in_doubt_gids_as_the_2pc_verbs_take_them``).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import walstore
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_verify_names_in_doubt_gids_as_the_2pc_verbs_take_them(tmp_path):
+    path = str(tmp_path / "store")
+    gids = ["a\nb", "plain", "x, y"]
+    with walstore.open(path) as s:
+        for i, gid in enumerate(gids):
+            tx = s.transaction()
+            tx.put(f"k{i}", i)
+            tx.prepare(gid)
+    out = _cli("verify", path)
+    assert out.returncode == 1, out.stdout + out.stderr
+    prefix, suffix = "needs a decision: in-doubt prepared transaction ", ": needs `walstore"
+    shown = [line[len(prefix):line.index(suffix)] for line in out.stdout.splitlines()
+             if line.startswith(prefix)]
+    assert sorted(shown) == sorted(['"a\\nb"', "plain", '"x, y"']), out.stdout
+    for text in shown:  # each decided with the text verify printed
+        done = _cli("commit-prepared", path, text)
+        assert done.returncode == 0, (text, done.stdout, done.stderr)
+    with walstore.open(path) as s:
+        assert s.prepared() == []
+        assert [s.get(f"k{i}") for i in range(3)] == [0, 1, 2]
+    assert _cli("verify", path).returncode == 0
