@@ -5,6 +5,9 @@
   string ``prepared`` and ``recover`` show), so an operator who read the gid off verify's
   "needs a decision" line could not decide it with what verify printed
   (``test_verify_names_in_doubt_gids_as_the_2pc_verbs_take_them``).
+- ``store.prepared_details(gid)`` gave writes and read keys in their stored form (tagged
+  key bytes, msgpack-packed values)
+  (``test_prepared_details_gives_keys_and_values_as_the_transaction_put_them``).
 """
 from __future__ import annotations
 
@@ -40,3 +43,24 @@ def test_verify_names_in_doubt_gids_as_the_2pc_verbs_take_them(tmp_path):
         assert s.prepared() == []
         assert [s.get(f"k{i}") for i in range(3)] == [0, 1, 2]
     assert _cli("verify", path).returncode == 0
+
+
+def test_prepared_details_gives_keys_and_values_as_the_transaction_put_them(tmp_path):
+    """``store.prepared_details(gid).writes`` held the stored form (b"\\x01k", msgpack
+    bytes), not what the transaction put."""
+    with walstore.open(str(tmp_path / "s")) as s:
+        with s.transaction() as tx:
+            tx.put("seen", 1)
+        tx = s.transaction()
+        tx.get("seen")
+        tx.put("k", {"a": [1, 2]})
+        tx.put(b"raw", b"\x00\xff")
+        tx.delete("seen")
+        tx.prepare("g")
+        d = s.prepared_details("g")
+        assert sorted(d.writes, key=repr) == sorted(
+            [("k", {"a": [1, 2]}), (b"raw", b"\x00\xff"), ("seen", None)], key=repr)
+        assert d.read_keys == ["seen"]
+        s.commit_prepared("g")
+        assert s.get("k") == {"a": [1, 2]} and s.get(b"raw") == b"\x00\xff"
+        assert "seen" not in s

@@ -733,7 +733,7 @@ def test_a_prepare_of_more_than_a_records_worth_of_writes_survives_sigkill(tmp_p
     with _open(path) as s:
         assert s.prepared() == ["big"]
         assert sorted(k for k, _v in s.prepared_details("big").writes) == [
-            b"sdoc0", b"sdoc1", b"sdoc2"]
+            "doc0", "doc1", "doc2"]
         assert s.get("doc0") is None  # (in doubt: invisible)
         s.commit_prepared("big")
     with _open(path) as s:

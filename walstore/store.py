@@ -775,8 +775,16 @@ class Store:
         return self._twophase.prepared()
 
     def prepared_details(self, gid: str) -> "Prepared":
-        """The prepared transaction ``gid`` (txid, writes, meta, actions, ts)."""
-        return self._twophase.details(gid)
+        """The prepared transaction ``gid`` (txid, writes, meta, actions, ts).  ``writes``
+        is ``[(key, value)]`` as the transaction put them (``None``: a delete) and
+        ``read_keys`` the keys it read, both as the user gave them (they came back in
+        their stored form: tagged bytes and packed values); ``read_ranges`` keeps the
+        stored form of the scanned ranges' bounds (a bound may be no key)."""
+        p = self._twophase.details(gid)
+        return dataclasses.replace(
+            p, writes=[(decode_key(k), None if v is None else unpack_value(v))
+                       for k, v in p.writes],
+            read_keys=[decode_key(k) for k in p.read_keys])
 
     def commit_prepared(self, gid: str) -> LSN:
         """Commit a prepared transaction; returns its commit LSN."""
