@@ -1,0 +1,93 @@
+"""Audit 59 of the integrations: WalstoreSaver, WalstoreStore, WalstoreSession and the
+``transaction`` package join, used as a demanding user would.
+
+Each test is named after the promise the code broke before its fix; its docstring says
+what went wrong and how it was seen.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+import walstore
+
+# (``store``: conftest's, a durability="none" store in the test's directory)
+
+
+async def _max_loop_gap(work) -> tuple[float, float]:
+    """(the longest the event loop went without running a 2 ms ticker while ``work()`` was
+    awaited, how long ``work()`` took)."""
+    gaps: list[float] = []
+    done = False
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done:
+            await asyncio.sleep(0.002)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.02)
+    gaps.clear()
+    t0 = time.perf_counter()
+    await work()
+    took = time.perf_counter() - t0
+    done = True
+    await task
+    return max(gaps), took
+
+
+def test_session_writes_encode_their_items_off_the_event_loop(store):
+    """WalstoreSession.add_items (and the compaction hooks) ran the SDK's JSON round trip
+    and walstore's size check of every item on the event loop, before handing the write to
+    a worker thread: 3,000 items of 2 KB held the loop 0.25 s of the call's 0.46 s, where
+    SQLiteSession encodes its rows in its worker thread (0.016 s).  Every other task of
+    an agent server (other conversations, streaming) stood still meanwhile."""
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "word " * 400,
+                                           "n": i}]} for i in range(3000)]
+
+    async def main() -> list[tuple[float, float]]:
+        runs = []
+        for attempt in range(3):  # (the loop thread may lose the CPU on a busy machine)
+            session = WalstoreSession(f"s{attempt}", store)
+            gap, took = await _max_loop_gap(lambda: session.add_items(items))
+            runs.append((gap, took))
+            assert len(await session.get_items()) == 3000
+            snap = await session._get_compaction_snapshot(3000)
+            gap2, took2 = await _max_loop_gap(lambda: snap.replace_suffix(0, items))
+            runs.append((gap2, took2))
+            gap3, took3 = await _max_loop_gap(lambda: session._atomic_replace_items(items))
+            runs.append((gap3, took3))
+            assert await session.get_items() == items
+            if max(g for g, _t in runs[-3:]) < 0.1:
+                return runs[-3:]
+        return runs[-3:]
+    runs = asyncio.run(main())
+    for gap, took in runs:
+        assert gap < 0.1, (f"the event loop stood still {gap:.3f} s of the write's "
+                           f"{took:.3f} s: {runs}")
+
+
+def test_session_write_of_a_bad_item_still_adds_nothing(store):
+    """(With the encoding in the worker thread) an item that is not JSON data, or too big
+    for one walstore value, is still refused before anything of the batch is added."""
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    async def main() -> None:
+        session = WalstoreSession("bad", store)
+        await session.add_items([{"role": "user", "content": "kept"}])
+        with pytest.raises(TypeError):
+            await session.add_items([{"role": "user", "content": "a"}, {"x": object()}])
+        with pytest.raises(ValueError, match="item 1 of the batch"):
+            await session.add_items([{"a": 1}, {"n": 2 ** 70}])
+        with pytest.raises(TypeError):
+            await session._atomic_replace_items([{"x": {1, 2}}])
+        assert await session.get_items() == [{"role": "user", "content": "kept"}]
+    asyncio.run(main())
