@@ -39,8 +39,8 @@ or transaction on the same store), so an ``add_items`` is on disk whole or not a
 processes may write, a store has ONE writer process (a second ``walstore.open`` of it
 raises ``StoreLocked``): other processes read the sessions with ``readonly=True``.  The
 blocking store work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession
-does, the items' encoding and checks included (``_write_made``); a mutation (restore points and their drops included) whose awaiting task is
-cancelled still finishes and then re-raises the cancellation, so the caller never
+does, the items' encoding and checks included (``_write_made``); a mutation (restore
+points and their drops included) whose awaiting task is cancelled still finishes and then re-raises the cancellation, so the caller never
 mistakes a committed write for a dropped one.  Writers of one session in one
 process take a lock (an in-process queue instead of optimistic retries); readers read one
 snapshot and take no lock.  A rewind does not take it: its compensations are user code and
