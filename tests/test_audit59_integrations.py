@@ -91,3 +91,56 @@ def test_session_write_of_a_bad_item_still_adds_nothing(store):
             await session._atomic_replace_items([{"x": {1, 2}}])
         assert await session.get_items() == [{"role": "user", "content": "kept"}]
     asyncio.run(main())
+
+
+def _put_value(saver, thread: str, value):
+    """Save a checkpoint whose channel ``v`` holds ``value``; its config."""
+    from langgraph.checkpoint.base import empty_checkpoint
+    c = empty_checkpoint()
+    c["channel_values"] = {"v": value}
+    c["channel_versions"] = {"v": 1}
+    return saver.put({"configurable": {"thread_id": thread, "checkpoint_ns": ""}}, c, {},
+                     {"v": 1})
+
+
+def test_a_numpy_array_that_would_not_come_back_is_refused_at_put(store):
+    """A numpy array in the graph state went through LangGraph's encoding (dtype string,
+    shape, raw bytes) unchecked: an array of Python objects (dtype object) was stored as
+    its pointers, and every read of the thread after it raised StateTypeError ("cannot
+    create an OBJECT array from memory buffer": the thread's head could not be loaded;
+    SqliteSaver gives None); a structured array came back as raw ``|V12`` void bytes, a
+    masked array without its mask, a matrix as a plain array — silently.  They are now
+    refused at put (StateTypeError naming the type and the recipe, nothing written); a
+    datetime64/timedelta64 array, which the encoding refused with a bare "Type is not
+    msgpack serializable: numpy.ndarray", comes back as itself."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("langgraph")
+    from walstore.integrations.langgraph import StateTypeError, WalstoreSaver
+
+    saver = WalstoreSaver(store)
+    refused = {
+        "object": np.array([{"a": 1}, "x"], dtype=object),
+        "structured": np.zeros(2, dtype=[("a", "i4"), ("b", "f8")]),
+        "masked": np.ma.array([1, 2, 3], mask=[0, 1, 0]),
+        "nested": {"rows": [np.array([None, 1], dtype=object)]},
+    }
+    for name, value in refused.items():
+        with pytest.raises(StateTypeError, match=r"refuses to store a numpy\.") as e:
+            _put_value(saver, name, value)
+        assert "allowed_types" in str(e.value)
+        assert saver.get_tuple({"configurable": {"thread_id": name}}) is None  # (nothing)
+    kept = {
+        "datetime64": np.array(["2020-01-01", "2021-06-30"], dtype="datetime64[D]"),
+        "timedelta64": np.array([1, 2], dtype="timedelta64[s]"),
+        "datetime64_fortran": np.asfortranarray(
+            np.array([["2020-01-01", "2021-01-01"], ["2022-01-01", "2023-01-01"]],
+                     dtype="datetime64[D]")),
+        "int": np.arange(6).reshape(2, 3),
+        "strided": np.arange(10)[::2],
+        "text": np.array(["ab", "c"]),
+        "big_endian": np.array([1, 2], dtype=">i4"),
+    }
+    for name, value in kept.items():
+        got = saver.get_tuple(_put_value(saver, name, value)).checkpoint["channel_values"]["v"]
+        assert type(got) is np.ndarray and got.dtype == value.dtype, name
+        assert got.shape == value.shape and (got == value).all(), name

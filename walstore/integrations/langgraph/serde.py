@@ -751,6 +751,9 @@ class _Packer:
                 "year": obj.year, "month": obj.month, "day": obj.day, "hour": obj.hour,
                 "minute": obj.minute, "second": obj.second,
                 "microsecond": obj.microsecond, "tzinfo": obj.tzinfo, "fold": obj.fold})
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(obj, np.ndarray):
+            return self._ndarray(np, obj)
         try:
             return lg_jsonplus._msgpack_default(obj)
         except TypeError:
@@ -764,6 +767,38 @@ class _Packer:
                 f"library's one: WalstoreSaver(store, allowed_types=[{cls.__qualname__}]) "
                 f"(or allowed_types=[({cls.__module__!r}, {cls.__qualname__!r})]); or store "
                 f"plain data (dict, list, str, numbers)") from None
+
+    def _ndarray(self, np: Any, obj: Any) -> ormsgpack.Ext:
+        """A numpy array as LangGraph encodes it (its dtype's ``str``, shape, order and
+        raw bytes, rebuilt by ``frombuffer``), refused (``StateTypeError``) when that would
+        not give it back: an array of Python objects (its bytes are pointers: the read
+        raised, and every read of the thread after it, where SqliteSaver gives None), a
+        structured dtype (its ``str`` is ``|V<n>``: it came back as raw void bytes, fields
+        gone), a subclass (a masked array came back without its mask, a matrix as a plain
+        array).  A datetime64/timedelta64 array, which has no buffer to view (LangGraph's
+        encoding raised a bare "not msgpack serializable"), is written from its bytes."""
+        cls, dtype = type(obj), obj.dtype
+        why = None
+        if cls is not np.ndarray:
+            why = (f"a subclass of numpy.ndarray, stored as its data only: it would come back "
+                   f"as a plain numpy.ndarray (a masked array loses its mask, a matrix its class)")
+        elif dtype.hasobject:
+            why = ("a numpy array of Python objects (dtype object): its memory holds "
+                   "pointers, not the objects, and cannot be stored")
+        elif np.dtype(dtype.str) != dtype:
+            why = (f"a numpy array of dtype {dtype}, stored as {dtype.str!r}: it would come "
+                   f"back as dtype {np.dtype(dtype.str)} (a structured dtype's fields lost)")
+        if why is not None:
+            raise StateTypeError(
+                f"WalstoreSaver refuses to store a {cls.__module__}.{cls.__qualname__}: it is "
+                f"{why}, so it would not come back as it is; store a plain array of numbers, "
+                f"strings or bytes, or the data as a list (arr.tolist()) or a dataclass / "
+                f"pydantic model (rebuilt by name; see allowed_types)")
+        if dtype.kind not in "Mm":
+            return lg_jsonplus._msgpack_default(obj)
+        order = "F" if obj.flags.f_contiguous and not obj.flags.c_contiguous else "C"
+        return ormsgpack.Ext(EXT_NUMPY_ARRAY, lg_jsonplus._msgpack_enc(
+            (dtype.str, obj.shape, order, obj.tobytes(order="A"))))
 
     def _checked(self, obj: Any, code: int, payload: bytes) -> ormsgpack.Ext:
         """The extension record, once the class is known to rebuild this value as it
