@@ -144,3 +144,50 @@ def test_a_numpy_array_that_would_not_come_back_is_refused_at_put(store):
         got = saver.get_tuple(_put_value(saver, name, value)).checkpoint["channel_values"]["v"]
         assert type(got) is np.ndarray and got.dtype == value.dtype, name
         assert got.shape == value.shape and (got == value).all(), name
+
+
+def _lose_a_put(path: str) -> None:
+    """(In a worker process) a put built on a checkpoint the thread does not have: refused
+    with StaleCheckpointError."""
+    from langgraph.checkpoint.base import empty_checkpoint
+
+    from walstore.integrations.langgraph import WalstoreSaver
+    with walstore.open(path, durability="none") as store:
+        WalstoreSaver(store).put(
+            {"configurable": {"thread_id": "t", "checkpoint_ns": "",
+                              "checkpoint_id": "1f000000-0000-6000-8000-000000000000"}},
+            empty_checkpoint(), {}, {})
+
+
+def _answer() -> int:
+    return 42
+
+
+def test_a_stale_checkpoint_error_crosses_a_process_boundary_as_itself(path):
+    """StaleCheckpointError (the saver's fencing verdict) could not be pickled or copied:
+    its ``__init__`` takes five arguments and pickle calls it with the message alone, so
+    one raised in a ProcessPoolExecutor worker broke the whole pool — the caller got
+    BrokenProcessPool ("terminated abruptly"), not the error, and every other task of the
+    pool failed with it — and ``copy.copy(e)`` raised TypeError."""
+    import concurrent.futures
+    import copy
+    import multiprocessing
+    import pickle
+
+    pytest.importorskip("langgraph")
+    from walstore.integrations.langgraph import StaleCheckpointError
+
+    with concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with pytest.raises(StaleCheckpointError) as caught:
+            pool.submit(_lose_a_put, path).result(timeout=120)
+        assert pool.submit(_answer).result(timeout=60) == 42  # (the pool still works)
+    e = caught.value
+    assert (e.thread_id, e.checkpoint_ns, e.head) == ("t", "", None)
+    assert e.parent == "1f000000-0000-6000-8000-000000000000"
+    assert "no longer has checkpoint" in str(e)
+    for again in (pickle.loads(pickle.dumps(e)), copy.copy(e), copy.deepcopy(e)):
+        assert type(again) is StaleCheckpointError and str(again) == str(e)
+        assert (again.thread_id, again.parent, again.head, again.keys) == \
+            (e.thread_id, e.parent, e.head, e.keys)
+        assert isinstance(again, walstore.ConflictError)

@@ -142,6 +142,13 @@ class StaleCheckpointError(ConflictError):
         self.parent = parent
         self.head = head
 
+    def __reduce__(self) -> tuple:
+        # (pickle and copy call the class with ``args``, the message alone: unpickling
+        # raised TypeError, so one raised in a worker process broke the whole
+        # ProcessPoolExecutor — BrokenProcessPool for every task — and copy.copy raised)
+        return (type(self), (str(self), self.thread_id, self.checkpoint_ns, self.parent,
+                             self.head), dict(self.__dict__))
+
 
 def _refuse_legacy_layout(store: "walstore.Store", key_prefix: bytes) -> None:
     """WalstoreError when the store holds checkpoints that walstore 0.1.x wrote under
