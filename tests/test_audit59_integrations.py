@@ -7,11 +7,19 @@ what went wrong and how it was seen.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import time
 
 import pytest
 
 import walstore
+
+
+@dataclasses.dataclass
+class _Stamp:
+    """A graph state's own dataclass (module level: the saver rebuilds it by name)."""
+    when: datetime.datetime
 
 # (``store``: conftest's, a durability="none" store in the test's directory)
 
@@ -191,3 +199,32 @@ def test_a_stale_checkpoint_error_crosses_a_process_boundary_as_itself(path):
         assert (again.thread_id, again.parent, again.head, again.keys) == \
             (e.thread_id, e.parent, e.head, e.keys)
         assert isinstance(again, walstore.ConflictError)
+
+
+def test_a_datetime_in_a_daylight_saving_zone_not_zoneinfo_is_refused_at_put(store):
+    """A datetime in dateutil's ``gettz("Europe/Oslo")`` (or any tzinfo but ZoneInfo whose
+    offset changes over the year) went through LangGraph's ISO text and came back in a
+    fixed-offset ``datetime.timezone``: the zone gone, 2026-01-15 09:00 Oslo + 180 days
+    gave 09:00+01:00, not 09:00+02:00 — the silent change the ZoneInfo fix removed for
+    ZoneInfo only.  It is now refused at put (StateTypeError naming the tzinfo's type and
+    ZoneInfo as the way), at any depth; a fixed zone (dateutil's tzutc, tzoffset) is
+    stored by its offset as before."""
+    pytest.importorskip("langgraph")
+    tz = pytest.importorskip("dateutil.tz")
+    import datetime as dt
+
+    from walstore.integrations.langgraph import StateTypeError, WalstoreSaver
+
+    saver = WalstoreSaver(store)
+    oslo = dt.datetime(2026, 1, 15, 9, tzinfo=tz.gettz("Europe/Oslo"))
+    for name, value in {"top": oslo, "in_list": [1, {"when": oslo}],
+                        "in_dataclass": _Stamp(oslo)}.items():
+        with pytest.raises(StateTypeError, match=r"dateutil\.tz\.tz\.tzfile.*ZoneInfo"):
+            _put_value(saver, name, value)
+        assert saver.get_tuple({"configurable": {"thread_id": name}}) is None
+    for name, zone in {"utc": tz.tzutc(), "offset": tz.tzoffset("X", 5400)}.items():
+        value = dt.datetime(2026, 1, 15, 9, tzinfo=zone)
+        got = saver.get_tuple(_put_value(saver, name, value)).checkpoint["channel_values"]["v"]
+        assert got == value and got.utcoffset() == value.utcoffset()
+        later = dt.timedelta(days=180)
+        assert (got + later).isoformat() == (value + later).isoformat()

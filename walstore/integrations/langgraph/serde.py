@@ -746,11 +746,15 @@ class _Packer:
             # LangGraph writes a datetime as its ISO text, which keeps the offset, not
             # the zone: a ZoneInfo came back as a fixed offset.  Its fields and ZoneInfo
             # instead, as LangGraph writes a ``time`` (another tzinfo, dateutil's or
-            # pytz's, is written as before: LangGraph cannot store those by name)
+            # pytz's, is written as before when its offset is fixed: LangGraph cannot
+            # store those by name; one with daylight saving is refused, below)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, {
                 "year": obj.year, "month": obj.month, "day": obj.day, "hour": obj.hour,
                 "minute": obj.minute, "second": obj.second,
                 "microsecond": obj.microsecond, "tzinfo": obj.tzinfo, "fold": obj.fold})
+        if (isinstance(obj, datetime.datetime) and obj.tzinfo is not None
+                and type(obj.tzinfo) is not datetime.timezone):
+            _refuse_shifting_zone(obj)
         np = sys.modules.get("numpy")
         if np is not None and isinstance(obj, np.ndarray):
             return self._ndarray(np, obj)
@@ -859,6 +863,34 @@ class _Packer:
             return self.pack(a) == self.pack(b)
         except Exception:  # noqa: BLE001 - not encodable: the put refuses it anyway
             return False
+
+
+def _refuse_shifting_zone(obj: datetime.datetime) -> None:
+    """StateTypeError for a datetime whose tzinfo (not a ZoneInfo: those are written by
+    name) has an offset that changes over the year — dateutil's ``gettz(name)`` or
+    ``tzlocal()`` where daylight saving is kept.  LangGraph's encoding writes a datetime
+    as its ISO text: it came back in a fixed-offset ``timezone``, its zone gone, and date
+    arithmetic across a daylight-saving change was off by an hour (2026-01-15 09:00
+    Europe/Oslo + 180 days: 09:00+01:00, not +02:00) — the silent change a ZoneInfo's
+    datetime had before it was written by name.  A fixed zone (dateutil's ``tzutc()``,
+    ``tzoffset``; pytz's, whose arithmetic keeps the offset) is written as before."""
+    tz = obj.tzinfo
+    try:
+        winter = tz.utcoffset(obj.replace(month=1, day=1))
+        summer = tz.utcoffset(obj.replace(month=7, day=1))
+    except Exception:  # noqa: BLE001 - a tzinfo that cannot say: written as before
+        return
+    if winter == summer:
+        return
+    cls = type(tz)
+    raise StateTypeError(
+        f"WalstoreSaver refuses to store a datetime in a {cls.__module__}.{cls.__qualname__} "
+        f"time zone ({obj.tzname()}): its offset changes over the year ({winter} and "
+        f"{summer}), and LangGraph's encoding stores a datetime's offset only, so it would "
+        f"come back in a fixed-offset datetime.timezone (the zone gone: date arithmetic "
+        f"across a daylight-saving change off by an hour); use a zoneinfo.ZoneInfo zone "
+        f"(ZoneInfo('Europe/Oslo') in place of dateutil's gettz('Europe/Oslo')), which "
+        f"walstore stores by name, or store it in UTC (dt.astimezone(datetime.timezone.utc))")
 
 
 def _lg_special(obj: Any) -> bool:
