@@ -228,3 +228,28 @@ def test_a_datetime_in_a_daylight_saving_zone_not_zoneinfo_is_refused_at_put(sto
         assert got == value and got.utcoffset() == value.utcoffset()
         later = dt.timedelta(days=180)
         assert (got + later).isoformat() == (value + later).isoformat()
+
+
+def test_a_datetime_in_a_named_fixed_timezone_keeps_its_name(store):
+    """A datetime in ``datetime.timezone(timedelta(hours=1), "CET")`` came back in an
+    unnamed timezone (LangGraph's ISO text keeps the offset only): ``tzname()`` and
+    ``strftime("%Z")`` said "UTC+01:00" where they said "CET" — a user-facing "09:00 CET"
+    became "09:00 UTC+01:00".  It is now written by its fields and tzinfo, as a ZoneInfo
+    datetime is; an unnamed or UTC one as before."""
+    pytest.importorskip("langgraph")
+    from walstore.integrations.langgraph import WalstoreSaver
+
+    saver = WalstoreSaver(store)
+    cet = datetime.timezone(datetime.timedelta(hours=1), "CET")
+    for name, value in {
+            "named": datetime.datetime(2026, 1, 15, 9, 30, 5, 7, tzinfo=cet, fold=1),
+            "nested": [{"at": datetime.datetime(2026, 1, 15, 9, tzinfo=cet)}],
+            "unnamed": datetime.datetime(2026, 1, 15, 9, tzinfo=datetime.timezone(
+                datetime.timedelta(hours=-3))),
+            "utc": datetime.datetime(2026, 1, 15, 9, tzinfo=datetime.timezone.utc)}.items():
+        got = saver.get_tuple(_put_value(saver, name, value)).checkpoint["channel_values"]["v"]
+        assert got == value and repr(got) == repr(value), name
+        one, back = (value, got) if name != "nested" else (value[0]["at"], got[0]["at"])
+        assert back.tzname() == one.tzname() and back.strftime("%H:%M %Z") == \
+            one.strftime("%H:%M %Z"), name
+        assert back.fold == one.fold

@@ -742,7 +742,11 @@ class _Packer:
             fields = {k: getattr(obj, k) for k in obj.__slots__}
             refuse_flattened_in(fields)
             return self._ext(EXT_CONSTRUCTOR_KW_ARGS, obj, fields)
-        if isinstance(obj, datetime.datetime) and type(obj.tzinfo) is ZoneInfo:
+        if isinstance(obj, datetime.datetime) and (
+                type(obj.tzinfo) is ZoneInfo or (type(obj.tzinfo) is datetime.timezone
+                                                 and len(obj.tzinfo.__getinitargs__()) > 1)):
+            # (so is a datetime.timezone given a name: its ISO text kept the offset only,
+            # and it came back unnamed, tzname() "UTC+01:00" where it was "CET")
             # LangGraph writes a datetime as its ISO text, which keeps the offset, not
             # the zone: a ZoneInfo came back as a fixed offset.  Its fields and ZoneInfo
             # instead, as LangGraph writes a ``time`` (another tzinfo, dateutil's or
