@@ -62,7 +62,7 @@ def test_session_writes_encode_their_items_off_the_event_loop(store):
 
     async def main() -> list[tuple[float, float]]:
         runs = []
-        for attempt in range(3):  # (the loop thread may lose the CPU on a busy machine)
+        for attempt in range(5):  # (the loop thread may lose the CPU on a busy machine)
             session = WalstoreSession(f"s{attempt}", store)
             gap, took = await _max_loop_gap(lambda: session.add_items(items))
             runs.append((gap, took))
@@ -73,13 +73,20 @@ def test_session_writes_encode_their_items_off_the_event_loop(store):
             gap3, took3 = await _max_loop_gap(lambda: session._atomic_replace_items(items))
             runs.append((gap3, took3))
             assert await session.get_items() == items
-            if max(g for g, _t in runs[-3:]) < 0.1:
+            if all(_loop_ran(g, t) for g, t in runs[-3:]):
                 return runs[-3:]
         return runs[-3:]
     runs = asyncio.run(main())
     for gap, took in runs:
-        assert gap < 0.1, (f"the event loop stood still {gap:.3f} s of the write's "
-                           f"{took:.3f} s: {runs}")
+        # (before: the loop stood still for over half of each write, 0.25 s of 0.46 s)
+        assert _loop_ran(gap, took), (f"the event loop stood still {gap:.3f} s of the "
+                                      f"write's {took:.3f} s: {runs}")
+
+
+def _loop_ran(gap: float, took: float) -> bool:
+    """The loop ran all along: no stall over 0.1 s, or over a quarter of the call (a
+    machine under load may take the CPU from the loop's thread for a while)."""
+    return gap < max(0.1, 0.25 * took)
 
 
 def test_session_write_of_a_bad_item_still_adds_nothing(store):
