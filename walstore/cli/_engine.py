@@ -177,10 +177,11 @@ def benchmarks() -> tuple[Callable[..., dict], Callable[[dict], str]]:
 def replication(*names: str) -> tuple:
     """Names from walstore.replication (imported only by the replication commands)."""
     from .. import replication as _replication
-    from ..replication.restore import check_apply_every
+    from ..replication.restore import TimeText, check_apply_every
     from ..replication.targets import check_endpoint, check_url, display_url
     found = {"display_url": display_url, "check_url": check_url,
-             "check_endpoint": check_endpoint, "check_apply_every": check_apply_every}
+             "check_endpoint": check_endpoint, "check_apply_every": check_apply_every,
+             "TimeText": TimeText}
     return tuple(found[n] if n in found else getattr(_replication, n) for n in names)
 
 

@@ -51,7 +51,10 @@ def parse_point(text: str) -> Any:
         except ValueError:
             when = None
         if when is not None and when.tzinfo is not None:
-            return when
+            # (a restore point of the replica named exactly ``text`` is that point, as
+            # `rewind --to` reads it: decided once the manifest is read)
+            (time_text,) = _engine.replication("TimeText")
+            return time_text.of(when, text)
         if when is not None and len(t) > 10:  # (a time of day: not a date alone)
             raise click.BadParameter(f"time {text!r} needs an offset (e.g. +00:00 or Z)")
     return _parse_point(text)

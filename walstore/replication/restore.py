@@ -354,11 +354,29 @@ def _retry(fn, attempts: int = 5):
 
 
 # ---- targets ------------------------------------------------------------------------
+class TimeText(_dt.datetime):
+    """A time the command line read from ``--to TEXT``, keeping ``text``: a restore point
+    the replica holds under exactly that name is restored to instead (see ``_resolve``)."""
+    text: str = ""
+
+    @classmethod
+    def of(cls, when: _dt.datetime, text: str) -> "TimeText":
+        t = cls(when.year, when.month, when.day, when.hour, when.minute, when.second,
+                when.microsecond, tzinfo=when.tzinfo, fold=when.fold)
+        t.text = text
+        return t
+
+
 def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
     """The boundary LSN B (records with LSN <= B are kept; None: everything)."""
     end = m.end()
     if to is None:
         return None, "everything"
+    if isinstance(to, TimeText) and to.text in m.doc["points"]:
+        # (``--to NAME`` of a point named by its ISO time, as agents name them, restored
+        # the state at that time, another one, exit 0, while ``rewind --to NAME`` read
+        # the point, and ``replicas`` shows names as ``restore --to`` takes them back)
+        to = to.text
     if isinstance(to, LSN):
         if to < 0 or to >= end:
             raise UnknownRestorePoint(f"LSN {int(to)} is not in the replica (it ends at LSN "

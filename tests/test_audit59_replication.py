@@ -1,0 +1,141 @@
+"""Audit 59, replication and restore as an operator meets them (moto's S3 server run as a
+real process, ``moto_server``; the command line run as real processes; no mocks).
+
+Findings (each test named below fails on the code before its fix):
+
+- A restore point whose name reads as a time (an agent naming its points by their ISO
+  timestamps) was restored by ``walstore restore --to NAME`` to that *time*, not to the
+  point: another state, exit 0, while ``walstore rewind --to NAME`` (and ``replicas``,
+  which shows names "as ``restore --to`` takes them back") read it as the point.  A
+  ``--to`` text naming a restore point the replica holds is that point now; a time is
+  still a time when no point has that exact name
+  (``test_restore_to_a_point_whose_name_reads_as_a_time_restores_the_point``).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import walstore
+from store_support import CLI, cli_env
+
+boto3 = pytest.importorskip("boto3")
+
+FAKE_ENV = {"AWS_ACCESS_KEY_ID": "AKIAAUDIT59KEYID0001",
+            "AWS_SECRET_ACCESS_KEY": "audit59/Secret+DoNotLeak0123456789",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoProcess:
+    """moto's S3 server in its own process (``moto_server``): killed and started again by
+    tests that need the server gone for a while (its state goes with it)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        exe = shutil.which("moto_server") or os.path.join(os.path.dirname(sys.executable),
+                                                          "moto_server")
+        self.proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("moto_server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(30)
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def moto():
+    if shutil.which("moto_server") is None and not os.path.exists(
+            os.path.join(os.path.dirname(sys.executable), "moto_server")):
+        pytest.skip("moto_server not installed")
+    saved = {k: os.environ.get(k) for k in FAKE_ENV}
+    os.environ.update(FAKE_ENV)
+    m = MotoProcess()
+    m.start()
+    yield m
+    m.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def new_bucket(endpoint: str) -> str:
+    b = "audit59-" + uuid.uuid4().hex[:12]
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=b)
+    return b
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *map(str, args)], capture_output=True,
+                          text=True, env=cli_env(), timeout=timeout)
+
+
+# ---- a restore point whose name reads as a time --------------------------------------------
+
+def test_restore_to_a_point_whose_name_reads_as_a_time_restores_the_point(moto, tmp_path):
+    url = f"s3://{new_bucket(moto.url)}/agents/a1"
+    opts = {"endpoint_url": moto.url, "interval": 0.05, "max_backoff": 0.5}
+    with walstore.open(str(tmp_path / "src"), replicate_to=url,
+                       replicate_options=opts) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        name = dt.datetime.now(dt.timezone.utc).isoformat()  # the agent's naming
+        time.sleep(0.01)
+        with s.transaction() as tx:
+            tx.put("a", 2)
+        s.restore_point(name)
+        with s.transaction() as tx:
+            tx.put("a", 3)
+        s.sync_replica(30)
+        assert s.at(name).get("a") == 2
+    # rewind --to reads it as the point; so must restore --to
+    dest = tmp_path / "d"
+    p = cli("restore", url, dest, "--to", name, "--endpoint-url", moto.url)
+    assert p.returncode == 0, p.stderr
+    assert "restore point" in p.stdout, p.stdout
+    with walstore.open(str(dest)) as r:
+        assert r.get("a") == 2
+        assert name in r.restore_points()
+    # the same time spelt another way (no point has that name) is still a time
+    when = name.replace("+00:00", "Z")
+    dest2 = tmp_path / "d2"
+    p = cli("restore", url, dest2, "--to", when, "--endpoint-url", moto.url)
+    assert p.returncode == 0, p.stderr
+    with walstore.open(str(dest2)) as r:
+        assert r.get("a") == 1
+    # the Python API keeps its types: a str is a name, a datetime a time
+    walstore.restore(url, str(tmp_path / "d3"), to=name, replicate_options=opts)
+    with walstore.open(str(tmp_path / "d3")) as r:
+        assert r.get("a") == 2
