@@ -10,6 +10,14 @@ Findings (each test named below fails on the code before its fix):
   ``--to`` text naming a restore point the replica holds is that point now; a time is
   still a time when no point has that exact name
   (``test_restore_to_a_point_whose_name_reads_as_a_time_restores_the_point``).
+- ``walstore restore --compensate`` whose compensation raised (retried, then ``failed``)
+  printed "pending compensation ..." without its state or error, and advised "rerun with
+  --compensate --handlers MODULE" (a rerun into DEST is refused: not empty); without
+  ``--compensate`` the same advice could not be followed either.  The failure is printed
+  with its error (``--json``: ``error``), and the advice names what works: ``walstore
+  recover DEST --handlers MODULE`` after a ``--compensate``, an empty destination without
+  (``test_restore_compensate_says_which_compensation_failed_and_how_to_retry``,
+  ``test_restore_without_compensate_gives_advice_that_can_be_followed``).
 """
 from __future__ import annotations
 
@@ -139,3 +147,80 @@ def test_restore_to_a_point_whose_name_reads_as_a_time_restores_the_point(moto, 
     walstore.restore(url, str(tmp_path / "d3"), to=name, replicate_options=opts)
     with walstore.open(str(tmp_path / "d3")) as r:
         assert r.get("a") == 2
+
+
+# ---- restore --compensate: a compensation that fails --------------------------------------
+
+HANDLERS = '''
+def refund(action):
+    raise RuntimeError("payments API is down")
+
+def release(action):
+    pass
+
+COMPENSATORS = {"refund": refund, "release": release}
+'''
+
+
+def _store_with_an_action_in_flight_at(path: str, url: str, opts: dict) -> None:
+    with walstore.open(path, replicate_to=url, replicate_options=opts,
+                       compensators={"refund": lambda a: None,
+                                     "release": lambda a: None}) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        tx = s.transaction()
+        tx.put("order", 1)
+        with tx.action("hold", args={"n": 1}, compensate="release") as act:
+            act.result = 1
+        with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
+            act.result = {"charge_id": "ch_1"}
+        s.restore_point("mid")
+        tx.commit()
+        s.sync_replica(30)
+
+
+def test_restore_compensate_says_which_compensation_failed_and_how_to_retry(moto, tmp_path):
+    url = f"s3://{new_bucket(moto.url)}/agents/a1"
+    opts = {"endpoint_url": moto.url, "interval": 0.05, "max_backoff": 0.5}
+    _store_with_an_action_in_flight_at(str(tmp_path / "src"), url, opts)
+    (tmp_path / "h").mkdir()
+    (tmp_path / "h" / "audit59_handlers.py").write_text(HANDLERS)
+    env = {**cli_env()}
+    env["PYTHONPATH"] = str(tmp_path / "h") + os.pathsep + env["PYTHONPATH"]
+    dest = tmp_path / "d"
+    p = subprocess.run([sys.executable, "-c", CLI, "restore", url, str(dest), "--to", "mid",
+                        "--compensate", "--handlers", "audit59_handlers", "--endpoint-url",
+                        moto.url], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1, p.stderr
+    out = p.stdout + p.stderr
+    # the failure and its cause are named; the advice is one that can be followed (a
+    # rerun of the restore into DEST is refused: DEST is not empty)
+    assert "payments API is down" in out, out
+    assert "failed" in out, out
+    assert "rerun with --compensate" not in out, out
+    assert f"walstore recover {dest}" in out, out
+    p = subprocess.run([sys.executable, "-c", CLI, "restore", url, str(tmp_path / "dj"),
+                        "--to", "mid", "--compensate", "--handlers", "audit59_handlers",
+                        "--endpoint-url", moto.url, "--json"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 1, p.stderr
+    import json
+    doc = json.loads(p.stdout)
+    (failed,) = doc["pending_compensations"]
+    assert failed["name"] == "charge" and failed["state"] == "failed"
+    assert "payments API is down" in failed["error"]
+
+
+def test_restore_without_compensate_gives_advice_that_can_be_followed(moto, tmp_path):
+    url = f"s3://{new_bucket(moto.url)}/agents/a1"
+    opts = {"endpoint_url": moto.url, "interval": 0.05, "max_backoff": 0.5}
+    _store_with_an_action_in_flight_at(str(tmp_path / "src"), url, opts)
+    dest = tmp_path / "d"
+    p = cli("restore", url, dest, "--to", "mid", "--endpoint-url", moto.url)
+    assert p.returncode == 1, p.stderr
+    # "rerun with --compensate" into DEST is refused (not empty): the advice names an
+    # empty destination
+    assert "empty" in p.stderr, p.stderr
+    again = cli("restore", url, dest, "--to", "mid", "--compensate", "--endpoint-url",
+                moto.url)
+    assert again.returncode == 2 and "not empty" in again.stderr

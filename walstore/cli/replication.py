@@ -370,7 +370,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         end_progress()
     try:
         pending = [{"id": a.id, "txid": a.txid, "name": a.name, "compensate": a.compensate,
-                    "state": a.state} for a in store.pending_compensations()]
+                    "state": a.state, "error": a.error}
+                   for a in store.pending_compensations()]
         if compensate:  # undone by that open, except those it could not put back
             rec = store.last_recovery
             failed = {p.lsn for p in getattr(rec, "problems", ())
@@ -407,17 +408,29 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         if report["in_flight_txids"]:
             _say(f"  transactions in flight at the cut (not committed): "
                  f"{', '.join(map(str, report['in_flight_txids']))}")
-        for a in pending:
-            _say(f"  pending compensation {a['id']} {a['name']} -> {a['compensate']}")
+        for a in pending:  # (with its state and last error: a --compensate whose
+            # compensation raised said only "pending", the error nowhere)
+            _say(f"  {'failed' if a['state'] == 'failed' else 'pending'} compensation "
+                 f"{a['id']} {a['name']} -> {a['compensate']}"
+                 + (f": {one_line(a['error'])}" if compensate and a["error"] else ""))
         for f in owed_files:
             more = len(f["paths"]) < (f["paths_total"] or 0)
             _say(f"  owed file effect of transaction {f['txid']} (LSN {f['lsn']}, "
                  f"{f['op']}) in {f['workspace']}: "
                  f"{', '.join(f['paths']) or 'the watched tree'}{' ...' if more else ''}")
-    if pending and not as_json:
+    if pending and not as_json and compensate:
+        # (it said "rerun with --compensate", as without it: rerun into DEST is refused,
+        # DEST is not empty; the copy's own recovery retries them)
+        click.echo(f"compensations did not all run here (failed, or no handler for them): "
+                   f"`walstore recover {report['dest']} --handlers MODULE` retries them, or "
+                   f"`walstore resolve` once handled by hand", err=True)
+    elif pending and not as_json:
+        # (it said "rerun with --compensate": into DEST, which is not empty now, that is
+        # refused; the held compensations never run in this copy)
         click.echo("compensations are pending (the machine that ran those actions is "
-                   "gone): rerun with --compensate --handlers MODULE, or `walstore "
-                   "resolve`", err=True)
+                   "gone): restore again into an empty destination with --compensate "
+                   "--handlers MODULE to run them, or `walstore resolve` once handled "
+                   "where they ran", err=True)
     if owed_files and not as_json:
         click.echo("file changes of transactions in flight at the cut were not undone (held: "
                    "the files on disk may still hold them, the restored state does not): "
