@@ -18,6 +18,13 @@ Findings (each test named below fails on the code before its fix):
   recover DEST --handlers MODULE`` after a ``--compensate``, an empty destination without
   (``test_restore_compensate_says_which_compensation_failed_and_how_to_retry``,
   ``test_restore_without_compensate_gives_advice_that_can_be_followed``).
+- A restore to a txid, a time or an LSN from before the replica's oldest snapshot (its
+  retention dropped what came before, or replication began later) was refused as if the
+  replica had never held it: "not among the commits the replica's WAL holds (LSN 0..N)"
+  of a WAL retention had emptied (it holds nothing from 0), "before the first commit the
+  replica holds", "no snapshot at or before LSN 1".  Each says where the replica's
+  history begins and why now, as a restore point's refusal did
+  (``test_a_point_retention_dropped_is_refused_naming_retention_not_as_never_held``).
 """
 from __future__ import annotations
 
@@ -224,3 +231,41 @@ def test_restore_without_compensate_gives_advice_that_can_be_followed(moto, tmp_
     again = cli("restore", url, dest, "--to", "mid", "--compensate", "--endpoint-url",
                 moto.url)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+# ---- retention: a refusal says where the replica's history begins -------------------------
+
+def test_a_point_retention_dropped_is_refused_naming_retention_not_as_never_held(moto,
+                                                                                  tmp_path):
+    url = f"s3://{new_bucket(moto.url)}/agents/a1"
+    opts = {"endpoint_url": moto.url, "interval": 0.05, "max_backoff": 0.5,
+            "snapshot_interval": 0, "retention_seconds": 0, "retain_snapshots": 1,
+            "delete_grace": 0}
+    path = str(tmp_path / "src")
+    with walstore.open(path, replicate_to=url, replicate_options=opts) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        first = s.log()[0]
+        for i in range(3):
+            with s.transaction() as tx:
+                tx.put("a", i + 2)
+            s.sync_replica(30)
+    # a new shipper runs retention in its first round (then at most once a minute)
+    with walstore.open(path, replicate_to=url, replicate_options=opts) as s:
+        with s.transaction() as tx:
+            tx.put("a", 9)
+        s.sync_replica(30)
+    from walstore.replication import replicas
+    assert min(x["lsn"] for x in replicas(url, replicate_options=opts)["snapshots"]) > 0
+    when = dt.datetime.fromtimestamp(first.timestamp, dt.timezone.utc)
+    for to in (first.txid, when, walstore.LSN(0)):
+        with pytest.raises(walstore.ReplicationError) as e:
+            walstore.restore(url, str(tmp_path / "r"), to=to, replicate_options=opts)
+        msg = str(e.value)
+        assert "history begins at LSN" in msg and "retention" in msg, msg
+        assert "LSN 0.." not in msg, msg
+        assert not (tmp_path / "r").exists()
+    # the command line says it too (exit 2: --to names nothing the replica holds)
+    p = cli("restore", url, tmp_path / "r", "--to", f"tx:{first.txid}", "--endpoint-url",
+            moto.url)
+    assert p.returncode == 2 and "retention" in p.stderr, p.stderr

@@ -227,7 +227,19 @@ class Manifest:
         if first_error is not None:
             raise first_error
         raise ReplicationError(f"the replica has no snapshot at or before LSN {cut} from which "
-                               f"its WAL reaches that point")
+                               f"its WAL reaches that point{self.history_note(cut - 1)}")
+
+    def history_note(self, lsn: int | None = None) -> str:
+        """Where the replica's history begins (its oldest snapshot), and why nothing before
+        it is restorable, when ``lsn`` (None: any) lies before it: refusals of a txid, a
+        time or an LSN from before it said only that the replica's WAL did not hold it
+        ("LSN 0..N" of an empty WAL), as if the replica had never had it."""
+        first = min((s["lsn"] for s in self.snapshots), default=None)
+        if first is None or first == 0 or (lsn is not None and lsn >= first):
+            return ""
+        return (f"; the replica's history begins at LSN {first}: what was logged before it "
+                f"was dropped by the replica's retention, or before replication to it began, "
+                f"and is not restorable from it")
 
     def end(self) -> int:
         return self.position if self.position is not None else 0

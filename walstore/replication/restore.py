@@ -397,9 +397,9 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
         lost = "".join(f"; the replica lost LSN {h['a']}..{h['b']} ({h['reason']}): a "
                        f"transaction committed there cannot be restored"
                        for h in m.doc["holes"])
+        held = (f"LSN {m.wal[0]['a']}..{end}" if m.wal else f"none: it ends at LSN {end}")
         raise UnknownRestorePoint(f"transaction {to} is not among the commits the replica's "
-                                  f"WAL holds (LSN {m.wal[0]['a'] if m.wal else 0}..{end})"
-                                  f"{lost}", to)
+                                  f"WAL holds ({held}){lost}{m.history_note()}", to)
     if isinstance(to, str):
         p = m.doc["points"].get(to)
         if p is None:
@@ -556,7 +556,8 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     if kept is None:
         raise UnknownRestorePoint(f"{to.isoformat()} is before the first commit the replica "
                                   f"holds (and before any restore point or action logged "
-                                  f"ahead of it): it names no state the replica has", to)
+                                  f"ahead of it): it names no state the replica has"
+                                  f"{m.history_note()}", to)
     return kept, f"the last record at or before {to.isoformat()}"
 
 
