@@ -25,15 +25,25 @@ Findings (each test named below fails on the code before its fix):
   replica holds", "no snapshot at or before LSN 1".  Each says where the replica's
   history begins and why now, as a restore point's refusal did
   (``test_a_point_retention_dropped_is_refused_naming_retention_not_as_never_held``).
+- One writer per replica rested on the server enforcing If-None-Match / If-Match, and
+  nothing checked that it did: behind a server that ignores them (an S3-compatible server
+  without conditional writes; here a proxy removing the headers in front of moto), of 4
+  stores started together at one new replica 3 took the lease and shipped, each
+  ``sync_replica`` returning, one replica holding one store's commits.  Having taken the
+  lease, an ``s3://`` writer now PUTs it again with If-None-Match and with If-Match on a
+  wrong etag; either taken, it lets the lease go and is refused, naming the server
+  (``test_a_server_ignoring_conditional_writes_is_refused_not_shared``).
 """
 from __future__ import annotations
 
 import datetime as dt
 import os
+import select
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -104,6 +114,103 @@ def moto():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+class StripProxy:  # noqa: D101
+    """A TCP proxy that removes If-Match / If-None-Match from every request head: an
+    S3-compatible server that ignores conditional writes, as older ones do."""
+    STRIP = (b"if-match:", b"if-none-match:")
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        self.stripped = 0
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        u = None
+        try:
+            u = socket.create_connection(self.upstream)
+            buf = b""
+            while True:  # one request after another on this connection
+                while b"\r\n\r\n" not in buf:
+                    r, _, _ = select.select([c, u], [], [], 30)
+                    if not r:
+                        return
+                    if u in r:
+                        data = u.recv(65536)
+                        if not data:
+                            return
+                        c.sendall(data)
+                    if c in r:
+                        data = c.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                head, rest = buf.split(b"\r\n\r\n", 1)
+                lines = head.split(b"\r\n")
+                kept = [ln for ln in lines if not ln.lower().startswith(self.STRIP)]
+                self.stripped += len(lines) - len(kept)
+                u.sendall(b"\r\n".join(kept) + b"\r\n\r\n")
+                length = 0
+                for ln in kept[1:]:
+                    k, _, v = ln.partition(b":")
+                    if k.strip().lower() == b"content-length":
+                        length = int(v.strip())
+                # the body goes through as it is; the response comes back as it is
+                body, buf = rest[:length], rest[length:]
+                u.sendall(body)
+                need = length - len(body)
+                while True:  # the rest of the body up, the answer down
+                    r, _, _ = select.select([c, u], [], [], 30)
+                    if not r:
+                        return
+                    if u in r:
+                        data = u.recv(65536)
+                        if not data:
+                            return
+                        c.sendall(data)
+                    if c in r:
+                        data = c.recv(65536)
+                        if not data:
+                            return
+                        if need > 0:
+                            u.sendall(data[:need])
+                            buf += data[need:]
+                            need -= min(need, len(data))
+                        else:
+                            buf += data
+                            if b"\r\n\r\n" in buf:
+                                break
+        except OSError:
+            pass
+        finally:
+            for s in (c, u):
+                try:
+                    s and s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
 
 
 def new_bucket(endpoint: str) -> str:
@@ -269,3 +376,36 @@ def test_a_point_retention_dropped_is_refused_naming_retention_not_as_never_held
     p = cli("restore", url, tmp_path / "r", "--to", f"tx:{first.txid}", "--endpoint-url",
             moto.url)
     assert p.returncode == 2 and "retention" in p.stderr, p.stderr
+
+
+# ---- a server that ignores conditional writes ---------------------------------------------
+
+def test_a_server_ignoring_conditional_writes_is_refused_not_shared(moto, tmp_path):
+    """One writer per replica rests on the server refusing a PUT with If-None-Match on an
+    object that exists, and with If-Match on another etag.  A server that ignores them
+    (an S3-compatible server without conditional writes) let every racing store take
+    the lease and ship: several stores' sync_replica returned, one replica.  The lease
+    is checked to be enforced when taken; a server that does not is refused, naming it."""
+    proxy = StripProxy(("127.0.0.1", moto.port))
+    try:
+        url = f"s3://{new_bucket(moto.url)}/agents/a1"
+        opts = {"endpoint_url": proxy.url, "interval": 0.05, "max_backoff": 0.5}
+        with pytest.raises(walstore.ReplicationError, match="conditional") as e:
+            walstore.open(str(tmp_path / "s1"), replicate_to=url, replicate_options=opts)
+        assert "If-None-Match" in str(e.value) or "If-Match" in str(e.value)
+        assert proxy.stripped > 0
+        # the lease it wrote is let go of: through a server that honours the conditions
+        # (moto itself) the store replicates at once
+        with walstore.open(str(tmp_path / "s1"), replicate_to=url,
+                           replicate_options=dict(opts, endpoint_url=moto.url)) as s:
+            with s.transaction() as tx:
+                tx.put("a", 1)
+            s.sync_replica(30)
+        # the command line: one line, exit 1
+        walstore.open(str(tmp_path / "s2")).close()
+        p = cli("replicate", tmp_path / "s2", f"s3://{new_bucket(moto.url)}/x", "--once",
+                "--endpoint-url", proxy.url)
+        assert p.returncode == 1, (p.stdout, p.stderr)
+        assert "conditional" in p.stderr and "Traceback" not in p.stderr
+    finally:
+        proxy.close()

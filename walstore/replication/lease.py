@@ -50,11 +50,13 @@ class Lease:
         self.renewed = 0.0
         self._prior: bytes | None = None  # the lease document this one replaced, if any
         self._last_raw: bytes | None = None  # the bytes the last read found
+        self._last_body: bytes | None = None  # the document last made (see _check_enforced)
 
     def _doc(self, expires: float) -> bytes:
         now = time.time()
-        return msgpack.packb({"holder": self.holder, "expires": expires, "renewed": now},
-                             use_bin_type=True)
+        self._last_body = msgpack.packb({"holder": self.holder, "expires": expires,
+                                         "renewed": now}, use_bin_type=True)
+        return self._last_body
 
     def read(self) -> tuple[dict, str] | None:
         got = self._read_raw()
@@ -98,11 +100,36 @@ class Lease:
                 self._prior = prior
                 self.renewed = time.time()
                 LIVE_IDS.add(self.holder["id"])
-                return
             except PreconditionFailed:
                 continue  # raced with another taker: look again
+            self._check_enforced()
+            return
         raise ReplicationError(f"could not take the lease of {self.target.url}: it keeps "
                                f"changing under us (another writer is starting)")
+
+    def _check_enforced(self) -> None:
+        """The server must refuse a PUT with If-None-Match on the lease (it exists now) and
+        one with If-Match on an etag it does not have: one writer per replica rests on it.
+        A server that ignores the conditions (an S3-compatible one without conditional
+        writes) let every store racing at a replica take the lease and ship, each told by
+        ``sync_replica`` that its commits were in the replica, one replica for them all
+        (audit 59).  Each probe sends the very bytes the lease holds (a server that writes
+        them anyway changes nothing, its etag included).  Checked where the conditions are
+        the server's (``S3Target.server_conditions``); ``file://`` enforces its own."""
+        if not getattr(self.target, "server_conditions", False) or self._last_body is None:
+            return
+        for cond, kw in (("If-None-Match: *", {"if_none_match": True}),
+                         ("If-Match on another etag", {"if_match": '"' + "0" * 32 + '"'})):
+            try:
+                self.target.put(LEASE_KEY, self._last_body, **kw)
+            except PreconditionFailed:
+                continue  # refused, as it must be
+            self.release()
+            raise Refused(f"the server at {getattr(self.target, 'server', '?')} ignores "
+                          f"conditional writes (a PUT of {self.target.url}/{LEASE_KEY} with "
+                          f"{cond} succeeded; it must fail): walstore cannot hold one writer "
+                          f"per replica there, so it does not replicate to it; use a server "
+                          f"that honours If-None-Match and If-Match on PUT")
 
     def check(self) -> None:
         """Refused (naming the holder) when another writer holds the lease; writes

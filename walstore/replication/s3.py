@@ -32,6 +32,9 @@ _TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnava
 
 
 class S3Target:
+    server_conditions = True  # If-None-Match / If-Match are the server's to enforce: the
+    # lease checks that it does (see Lease._check_enforced)
+
     def __init__(self, bucket: str, prefix: str, options: ReplicateOptions | None = None) -> None:
         opts = options or ReplicateOptions.from_any()
         self.bucket = bucket
