@@ -33,6 +33,13 @@ Findings (each test named below fails on the code before its fix):
   lease, an ``s3://`` writer now PUTs it again with If-None-Match and with If-Match on a
   wrong etag; either taken, it lets the lease go and is refused, naming the server
   (``test_a_server_ignoring_conditional_writes_is_refused_not_shared``).
+- A process that closed its store while the server was unreachable (the lease could not
+  be released) and lived on kept every other process from opening that very store with
+  ``replicate_to=`` for the whole lease (600 s): ``open`` raised "being written by another
+  writer".  The lease now says whether its holder shipped from inside the store's writer
+  process (``inproc``); one that did is taken over by a writer of the same store, path and
+  host that holds the store's lock (an external shipper is still refused)
+  (``test_a_store_closed_during_an_outage_can_be_reopened_by_another_process``).
 """
 from __future__ import annotations
 
@@ -408,4 +415,66 @@ def test_a_server_ignoring_conditional_writes_is_refused_not_shared(moto, tmp_pa
         assert p.returncode == 1, (p.stdout, p.stderr)
         assert "conditional" in p.stderr and "Traceback" not in p.stderr
     finally:
+        proxy.close()
+
+
+# ---- a store closed during an outage, reopened by another process -------------------------
+
+CLOSER = '''
+import sys, time, walstore
+path, url, endpoint = sys.argv[1:4]
+opts = {"endpoint_url": endpoint, "interval": 0.05, "max_backoff": 0.5, "read_timeout": 1,
+        "max_attempts": 1}
+s = walstore.open(path, replicate_to=url, replicate_options=opts)
+with s.transaction() as tx:
+    tx.put("a", 1)
+s.sync_replica(30)
+print("synced", flush=True)
+sys.stdin.readline()  # the server is unreachable now
+s.close()             # (the lease cannot be released)
+print("closed", flush=True)
+sys.stdin.readline()  # this process lives on, the store closed
+'''
+
+
+def test_a_store_closed_during_an_outage_can_be_reopened_by_another_process(moto, tmp_path):
+    """A process that closed its store while the server was unreachable (its lease not
+    released) and lives on (a service handing the store to a worker process) kept every
+    other process from opening that very store with replicate_to= for the whole lease
+    (600 s): open raised "being written by another writer", naming the process that had
+    closed it.  The opener holds the store's lock, so a holder that shipped from inside the
+    store's writer process (the lease says so) has closed it: it is taken over at once.
+    An external shipper (`walstore replicate`, which holds no store lock) is still
+    refused, as is a live writer of another store."""
+    from test_replication_support import Proxy
+    proxy = Proxy(("127.0.0.1", moto.port))
+    url = f"s3://{new_bucket(moto.url)}/agents/a1"
+    path = str(tmp_path / "src")
+    p1 = subprocess.Popen([sys.executable, "-c", CLOSER, path, url, proxy.url],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                          env=cli_env())
+    try:
+        assert p1.stdout.readline().strip() == "synced"
+        proxy.pause()
+        p1.stdin.write("\n")
+        p1.stdin.flush()
+        assert p1.stdout.readline().strip() == "closed"
+        proxy.resume()
+        assert p1.poll() is None  # alive, its store closed
+        opts = {"endpoint_url": moto.url, "interval": 0.05, "max_backoff": 0.5}
+        with walstore.open(path, replicate_to=url, replicate_options=opts) as s:
+            with s.transaction() as tx:
+                tx.put("a", 2)
+            s.sync_replica(30)
+            assert s.replication().state == "running"
+            # while it ships, an external shipper of the same store is refused
+            p = cli("replicate", path, url, "--once", "--endpoint-url", moto.url)
+            assert p.returncode == 1 and "another writer" in p.stderr, p.stderr
+        dest = str(tmp_path / "r")
+        walstore.restore(url, dest, replicate_options=opts)
+        with walstore.open(dest) as r:
+            assert r.get("a") == 2
+    finally:
+        p1.kill()
+        p1.wait(30)
         proxy.close()

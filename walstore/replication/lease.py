@@ -153,6 +153,15 @@ class Lease:
                       and h.get("store_id") == self.holder["store_id"])
         if same_store and h.get("pid") == os.getpid():  # this process's own, let go of (a
             return h.get("id") not in LIVE_IDS        # close during an outage) unless live
+        if same_store and h.get("inproc") is True and self.holder.get("inproc") is True:
+            # The holder shipped from inside this store's writer process, and this shipper
+            # runs inside the writer that holds the store's lock now: that store was closed
+            # (during an outage: the lease could not be released), whether its process
+            # lives on or not; a round of it still hung fails its If-Match writes.  (A
+            # process that closed its store and lived on kept every other process from
+            # opening it with replicate_to= for the whole ttl: audit 59.  An external
+            # shipper, holding no store lock, is not inproc: it is still refused.)
+            return True
         return same_store and not _pid_alive(h.get("pid"))
 
     def renew_due(self) -> bool:
@@ -219,9 +228,12 @@ def _same_path(a: Any, b: str) -> bool:
     return a == b or os.path.realpath(a) == os.path.realpath(b)
 
 
-def holder_info(token: str, path: str, store_id: bytes, lineage: str) -> dict:
+def holder_info(token: str, path: str, store_id: bytes, lineage: str,
+                inproc: bool = False) -> dict:
+    """``inproc``: the shipper runs inside the store's writer process (``replicate_to=``),
+    which holds the store's lock while it ships (see ``Lease._may_take``)."""
     return {"id": token, "host": socket.gethostname(), "pid": os.getpid(), "path": path,
-            "store_id": store_id.hex(), "lineage": lineage}
+            "store_id": store_id.hex(), "lineage": lineage, "inproc": bool(inproc)}
 
 
 def describe(h: dict) -> str:

@@ -142,7 +142,8 @@ class Shipper:
         self.target = WatchedTarget(target if target is not None
                                     else open_target(url, self.opts))
         self.token = uuid.uuid4().hex
-        self.holder = holder_info(self.token, source.path, source.store_id, source.lineage)
+        self.holder = holder_info(self.token, source.path, source.store_id, source.lineage,
+                                  inproc=getattr(source, "holds_store_lock", False))
         self.lease = Lease(self.target, self.holder, self.opts.lease_ttl)
         self._lease_lock = threading.Lock()  # (_hold_lease: blob upload threads share it)
         self.manifest: Manifest | None = None

@@ -333,6 +333,8 @@ class InProcessSource(DirectorySource):
     """An open writer Store: the engine's exact durable frontier, and a real trim pin (a
     checkpoint keeps every segment at or above it)."""
 
+    holds_store_lock = True  # (it ships inside the writer that holds the store's lock)
+
     def __init__(self, store) -> None:
         super().__init__(store.path, fsync=False)
         self._engine = store._engine
