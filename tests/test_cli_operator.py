@@ -219,7 +219,7 @@ def test_verify_exits_1_while_a_compensation_is_owed_or_a_transaction_is_in_doub
     before = run_cli("verify", path)
     assert before.returncode == 1, before.stdout + before.stderr
     assert "not shut down cleanly" in before.stdout
-    assert "'g1'" in before.stdout and "charge" in before.stdout and "refund" in before.stdout
+    assert "transaction g1:" in before.stdout and "charge" in before.stdout and "refund" in before.stdout
     assert "no damage found; 2 thing(s) need a decision" in before.stdout
     assert run_cli("recover", path).returncode == 1  # (nothing registered for 'refund')
     doc = run_cli("verify", path, "--json")
