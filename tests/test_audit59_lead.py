@@ -8,9 +8,14 @@
 - ``store.prepared_details(gid)`` gave writes and read keys in their stored form (tagged
   key bytes, msgpack-packed values)
   (``test_prepared_details_gives_keys_and_values_as_the_transaction_put_them``).
+- The CLI showed bidirectional controls raw (helper h3 noticed it in ``replicas``): a key or
+  restore point name holding U+202E made the terminal show the rest of it reversed
+  ("\u202egpj.exe" read as "exe.jpg"); they are escaped as the other controls are
+  (``test_the_cli_shows_bidirectional_controls_escaped_never_raw``).
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -64,3 +69,27 @@ def test_prepared_details_gives_keys_and_values_as_the_transaction_put_them(tmp_
         s.commit_prepared("g")
         assert s.get("k") == {"a": [1, 2]} and s.get(b"raw") == b"\x00\xff"
         assert "seen" not in s
+
+
+def test_the_cli_shows_bidirectional_controls_escaped_never_raw(tmp_path):
+    path, replica = str(tmp_path / "s"), tmp_path / "replica"
+    url = replica.as_uri()
+    key, name = "inv/\u202egpj.exe", "\u2066before\u2069 deploy"
+    with walstore.open(path, replicate_to=url) as s:
+        with s.transaction() as tx:
+            tx.put(key, 1)
+            tx.put("plain/\u00e9t\u00e9", 2)  # (other non-ASCII text is shown as it is)
+        s.restore_point(name)
+        s.sync_replica(timeout=30)
+    out = _cli("scan", path)
+    assert out.returncode == 0, out.stderr
+    assert "\u202e" not in out.stdout and "\u00e9t\u00e9" in out.stdout, out.stdout
+    shown = [ln.split()[0] for ln in out.stdout.splitlines() if ln.startswith("json:")]
+    assert shown == ['json:"inv/\\u202egpj.exe"'], out.stdout
+    got = _cli("get", path, shown[0])  # typed back as shown, it names the key
+    assert got.returncode == 0 and got.stdout.strip() == "1", (got.stdout, got.stderr)
+    listed = _cli("replicas", url)
+    assert listed.returncode == 0, listed.stderr
+    assert not any(c in listed.stdout for c in "\u2066\u2069\u202e"), listed.stdout
+    points = [ln for ln in listed.stdout.splitlines() if ln.startswith("point ")]
+    assert len(points) == 1 and json.loads(points[0][10:points[0].index('"', 11) + 1]) == name

@@ -62,7 +62,10 @@ EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
 PROGRESS_MIN_BYTES = 32 * 1024 * 1024
 TAGS = frozenset({"base64", "float", "map"})
 KEY_PREFIXES = ("str:", "hex:", "b64:", "json:")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # not shown as typed
+# not shown as typed: C0/C1 controls, the line separators, and the bidirectional controls
+# (U+202E shows the text after it reversed: a name "\u202egpj.exe" read as "exe.jpg")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200e\u200f\u202a-\u202e"
+                      r"\u2066-\u2069]")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
 _DIGITS = re.compile(r"[0-9]+")
 
@@ -672,9 +675,9 @@ def show_point_name(name: str) -> str:
     JSON string (quoted: a shell takes the quotes off) when spaces begin or end it or it
     holds control characters — " name" and "name " were shown as "name" is, padded, and
     the one pasted back named another point, or none."""
-    if _CONTROL.search(name) or name != name.strip():
-        return json.dumps(name, ensure_ascii=False)
-    return name
+    if _CONTROL.search(name) or name != name.strip():  # (other non-ASCII text shown as
+        return one_line(json.dumps(name, ensure_ascii=False))  # it is: \u escapes of the
+    return name                                                # controls only)
 
 
 class KeyType(click.ParamType):
