@@ -280,16 +280,73 @@ def is_sync_failure(e: BaseException) -> bool:
 
 
 def write_file_atomic(path: str, data: bytes) -> None:
-    """Replace ``path`` with ``data`` durably (temp file, fsync, rename, dir fsync)."""
+    """Replace ``path`` with ``data`` durably (temp file, fsync, rename, dir fsync).
+
+    A write or fsync that fails (a full disk) removes the temp file and raises the
+    OSError naming ``path``: a recovery's quarantine copy that met ENOSPC left a partial
+    ``X.bin.tmp`` behind for good, and its error named only the store (probe-audit59)."""
     tmp = path + ".tmp"
     fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
-        pwrite_all(fd, data, 0)
-        fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            pwrite_all(fd, data, 0)
+            fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        _discard_temp(tmp, e, path)
+        raise
     rename(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _discard_temp(tmp: str, e: OSError, name: str) -> None:
+    """A temp file whose write failed is no copy of anything: remove it (best effort),
+    and let ``e`` name the file it was to become when it names none (pwrite, fsync)."""
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    if e.filename is None:
+        e.filename = name
+
+
+COPY_CHUNK = 1 << 20
+
+
+def copy_file_atomic(src: str, dest: str) -> None:
+    """Copy ``src`` to ``dest`` durably: a temp file made 0600 (never the umask's mode),
+    streamed 1 MiB at a time, fsynced, renamed, the directory fsynced.  A failure removes
+    the temp file; the OSError names ``dest`` when writing failed (a full disk), ``src``
+    when reading did.  (recovery's copy of a salvaged log: ``shutil.copyfile`` made
+    ``*.salvaged.*.bin.tmp`` 0644 and left it, partial, when the disk filled, the error
+    naming the WAL segment it read: probe-audit59.)"""
+    tmp = dest + ".tmp"
+    with open(src, "rb", buffering=0) as f:
+        fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            try:
+                os.fchmod(fd, FILE_MODE)  # (an existing temp file keeps its old mode)
+                offset = 0
+                while True:
+                    try:
+                        chunk = f.read(COPY_CHUNK)
+                    except OSError as e:
+                        if e.filename is None:
+                            e.filename = src
+                        raise
+                    if not chunk:
+                        break
+                    pwrite_all(fd, chunk, offset)
+                    offset += len(chunk)
+                fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            _discard_temp(tmp, e, dest)
+            raise
+    rename(tmp, dest)
+    fsync_dir(os.path.dirname(os.path.abspath(dest)))
 
 
 NAME_MAX = 255  # bytes of one file name (Linux, macOS)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-import shutil
 import threading
 import time
 from typing import Any, Callable
@@ -80,6 +79,31 @@ ERASURE_RETRY_S = 60.0  # a background checkpoint's owed erasure that failed wai
 ERASURE_ROOM_MARGIN = 64 << 20  # free space beyond the data file's size it needs to try
 LOW_ROOM_BYTES = 1 << 20  # an LMDB write failing with less free than this: a full disk
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
+
+
+def _copy_of(path: str, copy: str, chunk: int = 1 << 16) -> bool:
+    """Is ``copy`` a copy of segment ``path`` as it was before a recovery appended to it?
+    The same size, the same bytes up to some point and only zeros past it in ``copy``
+    (the records a killed salvage appended after its copy — checkpoints, ABORTs, the
+    SEAL — overwrite zeros; any other difference is other evidence)."""
+    try:
+        if os.path.getsize(path) != os.path.getsize(copy):
+            return False
+        with open(path, "rb") as a, open(copy, "rb") as b:
+            appended = False
+            while True:
+                x, y = a.read(chunk), b.read(chunk)
+                if not y:
+                    return not x
+                if appended or x != y:
+                    if not appended:
+                        n = next(i for i in range(len(y)) if i >= len(x) or x[i] != y[i])
+                        y = y[n:]
+                        appended = True
+                    if y.count(0) != len(y):
+                        return False
+    except OSError:
+        return False
 
 
 class Engine:
@@ -427,17 +451,38 @@ class Engine:
                 continue
             dest = os.path.join(self.layout.quarantine,
                                 f"{os.path.basename(path)}.salvaged.{stamp}.bin")
-            if os.path.exists(dest):
+            if os.path.exists(dest) or self._salvaged_before(path):
                 continue
-            shutil.copyfile(path, dest + ".tmp")
-            fd = os.open(dest + ".tmp", os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(dest + ".tmp", fileio.FILE_MODE)
-            os.rename(dest + ".tmp", dest)
+            fileio.copy_file_atomic(path, dest)  # (0600; a failure leaves no temp file)
         fileio.fsync_dir(self.layout.quarantine)
+
+    def _salvaged_before(self, path: str) -> bool:
+        """Is segment ``path`` already kept in quarantine/, byte for byte, by an earlier
+        run of this salvage (a recovery killed, or failed on a full disk, between the
+        copy and the seal)?  Each run took a new stamp and copied the whole log again: a
+        recovery retried after ENOSPC needed a log's worth more room at every try.  A
+        partial copy such a run left (``*.salvaged.*.bin.tmp``: its segment is still
+        here, so it is evidence of nothing) is removed (probe-audit59)."""
+        base = os.path.basename(path) + ".salvaged."
+        found = False
+        try:
+            names = os.listdir(self.layout.quarantine)
+        except OSError:
+            return False
+        for name in names:
+            if not name.startswith(base):
+                continue
+            other = os.path.join(self.layout.quarantine, name)
+            if name.endswith(".bin.tmp"):
+                try:
+                    os.unlink(other)
+                except OSError:
+                    pass
+            elif (not found and name.endswith(".bin") and os.path.isfile(other)
+                  and not os.path.islink(other)
+                  and _copy_of(path, other)):
+                found = True
+        return found
 
     def _seal_salvaged_log(self) -> None:
         """After skip-corrupt left holes: start a clean log, move the damaged one aside.
