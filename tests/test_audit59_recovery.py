@@ -15,6 +15,12 @@ Findings (each test named below fails on the code before its fix):
   names it), and a run finds the earlier run's identical copy instead of making another
   (``test_skip_corrupt_on_a_full_disk_leaves_no_partial_copy_and_retries_converge``,
   ``test_skip_corrupt_killed_after_its_copy_does_not_copy_the_log_again``).
+- `walstore recover --mode tolerate-tail` refusing damage outside the last segment (a
+  missing middle segment) said "choose what to give up with --mode tolerate-tail |
+  point-in-time | skip-corrupt": the mode that had just refused; and a store whose wal/
+  directory is gone (every mode refuses it) was told to choose a mode too.  A refusal now
+  offers only the modes that give up more than the one refused, and a missing log says no
+  mode applies (``test_a_refused_recovery_offers_only_modes_that_can_help``).
 """
 from __future__ import annotations
 
@@ -208,3 +214,34 @@ def test_torn_tail_cut_on_a_full_disk_names_the_file_and_leaves_no_temp(tmp_path
     cut = [n for n in os.listdir(q) if n.endswith(".bin")]
     assert len(cut) == 1 and 3000 <= os.path.getsize(os.path.join(q, cut[0])) <= 3100
     assert modes_in(path) == [] and len(scan_keys(path)) == 30
+
+
+def test_a_refused_recovery_offers_only_modes_that_can_help(tmp_path):
+    src = str(tmp_path / "src")
+    crashed_store(src, 30)
+    seg = records(src)[0]["file"]
+    # a second segment: a store of the next commits (its first segment is 1 MiB)
+    path = str(tmp_path / "s")
+    code = (f"import walstore\ns = walstore.open({path!r})\n"
+            "for i in range(100):\n"
+            "    with s.transaction() as tx: tx.put(f'b{i}', 'y' * 60000)\n"
+            "import os; os._exit(0)\n")  # (no close: crashed, three segments kept)
+    subprocess.run([sys.executable, "-c", code], check=True, env=cli_env(), timeout=120)
+    segs = sorted(os.listdir(os.path.join(path, "wal")))
+    segs = [n for n in segs if n.endswith(".wal")]
+    assert len(segs) >= 3, segs
+    os.unlink(os.path.join(path, "wal", segs[1]))  # a segment missing in the middle
+    p = cli("recover", path)
+    assert p.returncode == 1 and "recovery refused: gap" in p.stdout, p.stdout
+    assert "--mode tolerate-tail | point-in-time | skip-corrupt" in p.stdout
+    p = cli("recover", path, "--mode", "tolerate-tail")
+    assert p.returncode == 1 and "recovery refused: gap" in p.stdout, p.stdout
+    assert p.stdout.strip().splitlines()[-1].endswith("--mode point-in-time | skip-corrupt")
+    assert "tolerate-tail |" not in p.stdout
+    shutil.rmtree(os.path.join(src, "wal"))  # the log is gone: no mode can cut it
+    for mode in ("strict", "skip-corrupt"):
+        p = cli("recover", src, "--mode", mode)
+        assert p.returncode == 1 and "the store's log is missing" in p.stdout, p.stdout
+        assert "choose what to give up" not in p.stdout, p.stdout
+        assert "no --mode applies" in p.stdout
+    assert not os.path.exists(seg)

@@ -160,9 +160,19 @@ def _report_refused(e: walstore.CorruptionError, mode: str, as_json: bool) -> No
         elif str(e).startswith("stray-file"):  # (not the log's damage: no mode helps)
             click.echo("nothing was changed; no --mode applies: move the entry named out "
                        "of wal/, then run recover again")
+        elif str(e).startswith("the store's log is missing"):  # (no wal/: no log to cut)
+            click.echo("nothing was changed; no --mode applies: the log directory is gone; "
+                       "put it back, or restore the store from a backup or a replica")
         else:
-            click.echo("nothing after the damage was applied; choose what to give up with "
-                       "--mode tolerate-tail | point-in-time | skip-corrupt")
+            # only the modes that give up more than this one (a refused tolerate-tail
+            # was told to try tolerate-tail: probe-audit59)
+            more = _engine.RECOVERY_MODES[_engine.RECOVERY_MODES.index(mode) + 1:]
+            if more:
+                click.echo("nothing after the damage was applied; choose what to give up "
+                           "with --mode " + " | ".join(more))
+            else:
+                click.echo("nothing after the damage was applied; no --mode gives up more: "
+                           "restore the store from a backup or a replica")
     raise SystemExit(EXIT_PROBLEM)
 
 
