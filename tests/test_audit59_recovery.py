@@ -21,6 +21,12 @@ Findings (each test named below fails on the code before its fix):
   directory is gone (every mode refuses it) was told to choose a mode too.  A refusal now
   offers only the modes that give up more than the one refused, and a missing log says no
   mode applies (``test_a_refused_recovery_offers_only_modes_that_can_help``).
+- `walstore recover --json` refused for LMDB's sake (db/data.mdb missing, damaged, or
+  another store's) printed only ``{"error": ...}``, where a refusal for the log's sake
+  prints the one shape of `recover --json` (``refused``, ``reason``, ``file``, ...): a
+  script reading ``doc["refused"]`` met a KeyError for this damage alone.  It prints the
+  recover shape, refused, the options in its problem's reason, and the one error line on
+  stderr (``test_recover_json_refused_for_lmdb_damage_is_the_recover_shape``).
 """
 from __future__ import annotations
 
@@ -245,3 +251,24 @@ def test_a_refused_recovery_offers_only_modes_that_can_help(tmp_path):
         assert "choose what to give up" not in p.stdout, p.stdout
         assert "no --mode applies" in p.stdout
     assert not os.path.exists(seg)
+
+
+def test_recover_json_refused_for_lmdb_damage_is_the_recover_shape(tmp_path):
+    import json
+    path = str(tmp_path / "s")
+    crashed_store(path, 10, compensate="refund")
+    ok = str(tmp_path / "ok")
+    shutil.copytree(path, ok)
+    os.unlink(os.path.join(path, "db", "data.mdb"))
+    r = cli("recover", path, "--json")
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    doc = json.loads(r.stdout)
+    assert doc["refused"] is True and doc["recovered"] is False, doc
+    assert doc["file"].endswith("data.mdb") and "missing" in doc["reason"]
+    assert "--rebuild-state" in doc["problems"][0]["reason"]
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "--rebuild-state" in r.stderr
+    good = cli("recover", ok, "--json")
+    assert good.returncode == 1  # (the loser's action is owed: no compensator)
+    assert sorted(json.loads(good.stdout)) == sorted(doc)
+    assert not os.path.exists(os.path.join(path, "db", "data.mdb"))  # nothing changed

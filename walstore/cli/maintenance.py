@@ -60,7 +60,7 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
             _report_refused(e, mode, as_json)
         # LMDB itself is damaged: not a log the modes could cut
         if not rebuild_state:
-            _report_lmdb_damaged(path, e)
+            _report_lmdb_damaged(path, e, mode, as_json)
         rebuilt = _engine.rebuild_state(path)  # (refuses, changing nothing, if it cannot)
         store = _engine.open_for_recovery(path, mode, compensators, progress)
     end_progress()
@@ -125,10 +125,13 @@ def _recover_doc(mode: str) -> dict:
     return doc
 
 
-def _report_lmdb_damaged(path: str, e: walstore.CorruptionError) -> None:
+def _report_lmdb_damaged(path: str, e: walstore.CorruptionError, mode: str = "strict",
+                         as_json: bool = False) -> None:
     """LMDB's state is lost or damaged: the options are a rebuild from the log (when it
     is whole from LSN 0) or a backup / replica.  Nothing was changed.  One error line, as
-    every command says LMDB damage (under --json an error document)."""
+    every command says LMDB damage; under --json first the one shape of `recover --json`,
+    refused (it printed ``{"error": ...}`` alone: a script reading ``doc["refused"]`` of
+    a refusal met a KeyError for this damage only: probe-audit59)."""
     why = _engine.rebuild_refusal(path)
     if why is None:
         option = (f"options: `walstore recover {path} --rebuild-state` rebuilds LMDB from "
@@ -137,6 +140,15 @@ def _report_lmdb_damaged(path: str, e: walstore.CorruptionError) -> None:
     else:
         option = (f"it cannot be rebuilt from the log ({why}): the option is to restore "
                   f"the store from a backup or a replica")
+    if as_json:
+        note_problem()
+        doc = _recover_doc(mode)
+        doc.update(refused=True, reason=e.reason, file=e.file, offset=e.offset, lsn=e.lsn,
+                   clean=False, problems=[{
+                       "kind": "refused", "file": e.file, "offset": e.offset, "lsn": e.lsn,
+                       "reason": f"{e.reason}; {option}", "bytes": 0, "action": "refused",
+                       "quarantined": None}])
+        emit_json(doc)  # (the error line follows on stderr; no second document)
     raise Failure(f"recover failed: corruption: {e}; nothing was changed; {option}",
                   EXIT_PROBLEM, type(e).__name__)
 
