@@ -44,7 +44,7 @@ from .. import fileio
 from ..errors import CorruptionError
 from ..log import records
 from ..log.format import SEGMENT_HEADER_SIZE, RecordType
-from ..log.reader import LogEvent, LogReader, Record, SegmentReader
+from ..log.reader import LogEvent, LogReader, Record, SegmentReader, WalProgress
 from ..log.segment import SPARE_NAME, stray_entries
 from . import tables
 from .apply import PREPARED_PREFIX, Applier
@@ -220,18 +220,21 @@ class Recovery:
         if self._anchor is not None and (not log.segments
                                          or self._anchor[0] < log.segments[0][0]):
             self._anchor = None  # (its segment was trimmed: nothing to compare)
+        progress = self.progress
+        step = WalProgress(log, progress, rep.wal_bytes)
         try:
             for item in log.walk():
                 if isinstance(item, Record):
                     self._feed(item)
+                    if progress is not None and item.offset >= step.next_at:
+                        step.inside(item.offset)
                     continue
                 self._handle(item)
-                if item.kind == "end" and self.progress:
+                if item.kind == "end" and progress:
                     # (bytes_done counts a segment once the walk has left it: at its own
                     # "end" it held only the segments before, so the last call was short
                     # of the total by a segment — (0, total) for a one-segment log)
-                    self.progress(min(log.bytes_done + item.reader.file_size,
-                                      rep.wal_bytes), rep.wal_bytes)
+                    step.ended(item.reader.file_size)
         except _Stop as stop:
             self._drop_after(log, *stop.args)
         self._owe_given_up()  # (first: an action known by its given-up result alone is

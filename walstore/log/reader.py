@@ -533,6 +533,29 @@ def _size(path: str) -> int:
         return 0
 
 
+class WalProgress:
+    """``progress(bytes done, total)`` of a walk of the log, called at each segment's end
+    and every ``PROGRESS_STEP`` bytes inside a segment (recovery, verify: counted per
+    segment, a 16 MiB segment of a 56 MB log jumped the count from 9% to 39% with no line
+    between, and a 1 GiB one said nothing for its whole walk: docs/CLI.md promises a line
+    each time another 5% is done: probe-audit59).  The caller tests ``offset >= next_at``
+    first: one comparison per record, and nothing at all without a ``progress``."""
+
+    STEP = 1 << 20
+
+    def __init__(self, log: "LogReader", progress, total: int) -> None:
+        self.log, self.progress, self.total = log, progress, total
+        self.next_at = self.STEP
+
+    def inside(self, offset: int) -> None:
+        self.next_at = offset + self.STEP
+        self.progress(min(self.log.bytes_done + offset, self.total), self.total)
+
+    def ended(self, file_size: int) -> None:
+        self.next_at = self.STEP  # (the next segment's records start again at its header)
+        self.progress(min(self.log.bytes_done + file_size, self.total), self.total)
+
+
 class LogFollower:
     """Returns the records appended since the last call, following rotations.
 

@@ -294,7 +294,12 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
             progress(done, total)
         for start, (path, fd) in segs:
             target = os.path.join(out.wal, os.path.basename(path))
-            sizes[target] = _copy_fd(fd, path, target)
+            # (counted per MiB copied: per segment, a 16 MiB one jumped the count from
+            # 20% to 47% with no line between, against docs/CLI.md's "one each time
+            # another 5% is done": probe-audit59)
+            at = done if progress else 0
+            sizes[target] = _copy_fd(fd, path, target, progress and (
+                lambda n, at=at: progress(min(at + n, total), total)))
             if progress:
                 done += sizes[target]
                 progress(min(done, total), total)
@@ -353,9 +358,10 @@ def _room_for_files(n: int) -> None:
         pass  # (then an open that fails says so)
 
 
-def _copy_fd(fd: int, src: str, dst: str) -> int:
+def _copy_fd(fd: int, src: str, dst: str,
+             copied: Callable[[int], None] | None = None) -> int:
     """Copy the whole segment ``src``, open as ``fd``, to ``dst`` (not synced yet: see
-    ``_check_and_finish``); returns its size."""
+    ``_check_and_finish``); returns its size.  ``copied(bytes so far)`` after each MiB."""
     out = fileio.open_file(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     n = 0
     try:
@@ -375,6 +381,8 @@ def _copy_fd(fd: int, src: str, dst: str) -> int:
                     raise
                 raise _writing_dest("the backup's WAL segment", dst, e) from e
             n += len(chunk)
+            if copied is not None:
+                copied(n)
     finally:
         os.close(out)
     return n

@@ -36,7 +36,7 @@ from ..errors import CorruptionError, WalstoreError
 from ..engine.lmdb_check import SnapshotMissed, walk_lmdb_data_file
 from ..log import records
 from ..log.format import RecordType
-from ..log.reader import LogReader, Record
+from ..log.reader import LogReader, Record, WalProgress
 from ..log.segment import stray_entries
 from ..engine.layout import Layout, writer_alive
 from ..engine import tables
@@ -325,9 +325,12 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
     rep.records = rep.commits = 0
     last: dict[bytes, bytes | None] = {}
     assembler = records.CommitAssembler()
+    step = WalProgress(log, progress, rep.wal_bytes)
     for item in log.walk():
         if isinstance(item, Record):
             rep.records += 1
+            if progress is not None and item.offset >= step.next_at:
+                step.inside(item.offset)
             if item.lsn < applied < item.end_lsn:  # (an apply ends at a record's end)
                 rep.errors.append(f"LMDB's applied LSN {applied} lies inside the "
                                   f"record at LSN {item.lsn} (it ends at {item.end_lsn}): "
@@ -373,8 +376,7 @@ def _check_wal(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> 
             rep.errors.append(f"{item.path}: {item.scan.kind} at offset {item.scan.offset} "
                               f"(LSN {item.lsn}): {item.reason}")
         if item.kind == "end" and progress:  # (this segment included: see Recovery.run)
-            progress(min(log.bytes_done + item.reader.file_size, rep.wal_bytes),
-                     rep.wal_bytes)
+            step.ended(item.reader.file_size)
     rep.wal_end_lsn = log.end_lsn or 0
     # entries of wal/ the log does not read: a renamed segment (it may be the one a gap
     # lacks), or one in the way of recovery's temp-file cleanup (every open refused
