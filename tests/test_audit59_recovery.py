@@ -33,6 +33,12 @@ Findings (each test named below fails on the code before its fix):
   time another 5% is done.  The walks report every MiB inside a segment too (one
   comparison per record, nothing without a progress callback)
   (``test_progress_of_recover_verify_backup_moves_inside_a_segment``).
+- A crashed store whose ``LOCK`` is a directory (its ``STORE`` sound): `recover`, `put`
+  and every writable verb said "cannot open or create a store at PATH: Is a directory
+  (PATH/LOCK) (Is a directory [EISDIR]: PATH/LOCK)", exit 2 — a usage error, "not a
+  store" — while `verify` read it as the store it is.  An entry of a store's directory
+  that cannot be opened is an I/O error naming it, exit 1, its cause said once; a path
+  that is no store stays exit 2 (``test_a_store_whose_lock_is_a_directory_is_exit_1``).
 """
 from __future__ import annotations
 
@@ -318,3 +324,26 @@ def test_progress_of_recover_verify_backup_moves_inside_a_segment(tmp_path):
         # jump to 100%; every other is at most 10% (a line each 5%, a MiB at a time)
         steps = [b - a for a, b in zip(pcts[:-1], pcts[1:-1])]
         assert steps and max(steps) <= 10, (label, pcts)
+
+
+def test_a_store_whose_lock_is_a_directory_is_exit_1(tmp_path):
+    import json
+    path = str(tmp_path / "s")
+    crashed_store(path, 5)
+    os.unlink(os.path.join(path, "LOCK"))
+    os.mkdir(os.path.join(path, "LOCK"))
+    for args in (("recover", path), ("put", path, "a", "1")):
+        r = cli(*args)
+        assert r.returncode == 1, (args, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in r.stderr
+        assert lines[0].endswith("Is a directory [EISDIR]: " + os.path.join(path, "LOCK"))
+        assert lines[0].count("Is a directory") == 1, lines[0]
+    r = cli("recover", path, "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["type"] == "StoreIOError"
+    r = cli("recover", str(tmp_path / "nowhere" / "x"))  # (no store: a usage error still)
+    assert r.returncode == 2, r.stderr
+    os.rmdir(os.path.join(path, "LOCK"))  # (the entry put right: the store recovers)
+    r = cli("recover", path)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert len(scan_keys(path)) == 5

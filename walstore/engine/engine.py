@@ -238,12 +238,26 @@ class Engine:
         be a store directory (a missing parent, a parent or STORE of the wrong type) while
         its directory and identity were made or read, else StoreIOError (a full disk, a
         read-only file system, EIO, no permission) naming the file."""
-        if self.state is None and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+        if (self.state is None and e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR)
+                and not self._is_store_entry(e.filename)):
             where = f" ({e.filename})" if e.filename else ""
             return NotAStore(f"cannot open or create a store at {self.path}: "
                              f"{e.strerror or e}{where}")
         return StoreIOError(e.errno, f"opening the store at {self.path} failed: "
                                      f"{e.strerror or e}", e.filename)
+
+    def _is_store_entry(self, filename) -> bool:
+        """Is ``filename`` an entry of this store's directory while its ``STORE`` is there
+        (a store, damaged: ``LOCK`` made a directory)?  Not NotAStore then (exit 2, "not
+        a store", its cause said twice, while `verify` read the store): an I/O error
+        naming the entry, exit 1 (probe-audit59)."""
+        if not filename or not self.layout.exists():
+            return False
+        try:
+            return (os.path.dirname(os.path.abspath(os.fsdecode(filename)))
+                    == os.path.abspath(self.layout.root))
+        except (TypeError, ValueError):
+            return False
 
     def _lock_and_create(self) -> None:
         """Take the writer lock, creating the store first if needed (under the lock, so
