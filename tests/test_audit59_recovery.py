@@ -39,6 +39,12 @@ Findings (each test named below fails on the code before its fix):
   store" — while `verify` read it as the store it is.  An entry of a store's directory
   that cannot be opened is an I/O error naming it, exit 1, its cause said once; a path
   that is no store stays exit 2 (``test_a_store_whose_lock_is_a_directory_is_exit_1``).
+- `walstore recover --handlers MOD --json`: what a compensator (or the module, at its
+  import) wrote to file descriptor 1 — ``os.write(1, ...)``, or a program it ran that
+  inherited stdout, ``subprocess.run(["curl", ...])``, the usual refund — went into the
+  JSON document, which no script could parse; only ``sys.stdout`` was pointed at stderr.
+  Descriptor 1 is pointed at stderr too while the module is imported and while a
+  compensator runs (``test_recover_json_stays_one_document_when_a_compensator_writes_to_fd_1``).
 """
 from __future__ import annotations
 
@@ -347,3 +353,32 @@ def test_a_store_whose_lock_is_a_directory_is_exit_1(tmp_path):
     r = cli("recover", path)
     assert r.returncode == 0, (r.stdout, r.stderr)
     assert len(scan_keys(path)) == 5
+
+
+LOUD_HANDLERS = r"""
+import os, subprocess, sys
+os.write(1, b"module imported (fd 1)\n")
+def refund(action):
+    subprocess.run([sys.executable, "-c", "print('refund sent by a subprocess')"],
+                   check=True)
+    os.write(1, b"refund written to fd 1\n")
+    print("refund printed")
+COMPENSATORS = {"refund": refund}
+"""
+
+
+def test_recover_json_stays_one_document_when_a_compensator_writes_to_fd_1(tmp_path):
+    import json
+    path = str(tmp_path / "s")
+    crashed_store(path, 5, compensate="refund")
+    handlers = tmp_path / "loud_fd_handlers.py"
+    handlers.write_text(LOUD_HANDLERS)
+    r = cli("recover", path, "--handlers", str(handlers), "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    doc = json.loads(r.stdout)  # one document, nothing beside it
+    assert doc["recovered"] is True and doc["losers"] == [6] and doc["compensated"] == ["6.1"]
+    for line in ("module imported (fd 1)", "refund sent by a subprocess",
+                 "refund written to fd 1", "refund printed"):
+        assert line in r.stderr, r.stderr
+    r = cli("recover", path, "--json")  # (the next run: settled, one document again)
+    assert r.returncode == 0 and json.loads(r.stdout)["pending_actions"] == []

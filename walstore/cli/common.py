@@ -174,7 +174,7 @@ def load_handlers(module: str | None, as_json: bool = False) -> dict[str, Callab
     written into stdout beside the document, which no script could parse (audit53)."""
     if module is None:
         return None
-    quiet = contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext()
+    quiet = stdout_to_stderr() if as_json else contextlib.nullcontext()
     try:
         with quiet:
             mod = _import_handlers(module)
@@ -199,6 +199,36 @@ def load_handlers(module: str | None, as_json: bool = False) -> dict[str, Callab
     return {name: _as_compensator(fn, as_json) for name, fn in comps.items()}
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """What a ``--handlers`` module writes while it is imported or a compensator runs goes
+    to stderr, under ``--json``: ``sys.stdout`` and file descriptor 1 both.  Only
+    ``sys.stdout`` was pointed at stderr, so a compensator that wrote to the descriptor
+    (``os.write(1, ...)``, a C library) or ran a program that inherited it (``subprocess.run
+    (["curl", ...])``: the common refund) wrote into the JSON document, which no script
+    could parse then (probe-audit59).  A descriptor that cannot be duplicated (stdout or
+    stderr closed) leaves descriptor 1 as it is."""
+    saved = None
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:
+        if saved is not None:
+            os.close(saved)
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                sys.stderr.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
 class CompensatorExited(Exception):
     """A compensator called ``sys.exit()``: a failure of that compensation."""
 
@@ -212,8 +242,7 @@ def _as_compensator(fn: Callable, as_json: bool) -> Callable:
     (compensators run synchronously in the command, before its document is written)."""
     @functools.wraps(fn)
     def compensator(*args: Any, **kwargs: Any) -> Any:
-        quiet = (contextlib.redirect_stdout(sys.stderr) if as_json
-                 else contextlib.nullcontext())
+        quiet = stdout_to_stderr() if as_json else contextlib.nullcontext()
         try:
             with quiet:
                 return fn(*args, **kwargs)
