@@ -45,6 +45,11 @@ Findings (each test named below fails on the code before its fix):
   JSON document, which no script could parse; only ``sys.stdout`` was pointed at stderr.
   Descriptor 1 is pointed at stderr too while the module is imported and while a
   compensator runs (``test_recover_json_stays_one_document_when_a_compensator_writes_to_fd_1``).
+- A compensator that failed with a long message (an HTTP error body: the store keeps up
+  to 4 KB of it) made the LAST ERROR cell of `recover`, `actions --pending` and `verify`'s
+  "needs a decision" line 4 KB wide, where human output is short (a value in a table
+  row is cut at 200 characters).  The error is cut there, saying how long it is
+  (``--json`` keeps it whole) (``test_a_long_compensation_error_is_cut_in_human_output``).
 """
 from __future__ import annotations
 
@@ -382,3 +387,26 @@ def test_recover_json_stays_one_document_when_a_compensator_writes_to_fd_1(tmp_p
         assert line in r.stderr, r.stderr
     r = cli("recover", path, "--json")  # (the next run: settled, one document again)
     assert r.returncode == 0 and json.loads(r.stdout)["pending_actions"] == []
+
+
+FAILING_HANDLERS = r"""
+def refund(action):
+    raise RuntimeError("payment API said: " + "<html>" * 2000)
+COMPENSATORS = {"refund": refund}
+"""
+
+
+def test_a_long_compensation_error_is_cut_in_human_output(tmp_path):
+    import json
+    path = str(tmp_path / "s")
+    crashed_store(path, 5, compensate="refund")
+    handlers = tmp_path / "failing_handlers.py"
+    handlers.write_text(FAILING_HANDLERS)
+    r = cli("recover", path, "--handlers", str(handlers))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    outs = [r.stdout, cli("actions", path, "--pending").stdout, cli("verify", path).stdout]
+    for out in outs:
+        assert "payment API said" in out and "chars; --json shows it whole" in out, out[:500]
+        assert max(len(line) for line in out.splitlines()) <= 600, out[:300]
+    doc = json.loads(cli("actions", path, "--pending", "--json").stdout)
+    assert len(doc["actions"][0]["error"]) > 1000  # (whole under --json)

@@ -18,8 +18,8 @@ import walstore
 
 from . import _engine
 from ._engine import never_runs
-from .output import (UsageProblem, end_progress, note_problem, progress_printer, show_cell,
-                     stream_table, table)
+from .output import (UsageProblem, cut_text, end_progress, note_problem, progress_printer,
+                     show_cell, stream_table, table)
 
 
 class DirPath(click.Path):
@@ -307,20 +307,23 @@ def owed_reason(action: walstore.Action, compensators: dict | None) -> str | Non
 
 
 def last_error(action: walstore.Action, reason: str | None) -> str:
+    """The LAST ERROR cell of a table row; the action's own error cut at CELL_CHARS (a
+    compensator's exception message is kept up to 4 KB: the row was that wide)."""
+    error = cut_text(action.error) if action.error else action.error
     if reason == FAILED:
-        return f"failed after {action.attempts} tries: {action.error}"
+        return f"failed after {action.attempts} tries: {error}"
     if reason == NO_COMPENSATOR:
         text = (f"no compensator registered for {action.compensate!r}" if action.compensate
                 else "no compensator declared")
-        note = action.error or ""
+        note = error or ""
         return text if not note or note.startswith("no compensator") else f"{text}; {note}"
     if reason == NOT_RUN:
         hint = (f"not run yet, or cut short by a crash: runs when the store is opened "
                 f"with compensator {action.compensate!r} registered")
         if getattr(action, "held", False):  # (never run automatically: its error says so)
-            return action.error or "not run yet"
-        return f"{action.error}; {hint}" if action.error else hint
-    return action.error or ""
+            return error or "not run yet"
+        return f"{error}; {hint}" if error else hint
+    return error or ""
 
 
 def action_docs(actions: list[walstore.Action], compensators: dict | None) -> list[dict]:

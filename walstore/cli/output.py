@@ -399,6 +399,15 @@ def show_cell(v: Any) -> str:
     return f"{text[:CELL_CHARS]}... ({len(text):,} chars; --json or `get` shows it whole)"
 
 
+def cut_text(text: str, limit: int = CELL_CHARS) -> str:
+    """A text in a table row or a listing's line (an action's last error: a compensator's
+    exception message, kept up to 4 KB), cut at ``limit`` saying how long it is: a row
+    of `actions`, `recover` and `verify` was 4 KB wide (probe-audit59)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text):,} chars; --json shows it whole)"
+
+
 def parse_json_value(text: str) -> Any:
     """A VALUE argument: strict JSON (NaN/Infinity are not JSON and are refused, and so
     is a number too large for a float, which ``json`` would read as Infinity)."""
