@@ -50,6 +50,10 @@ Findings (each test named below fails on the code before its fix):
   "needs a decision" line 4 KB wide, where human output is short (a value in a table
   row is cut at 200 characters).  The error is cut there, saying how long it is
   (``--json`` keeps it whole) (``test_a_long_compensation_error_is_cut_in_human_output``).
+- A crashed store with a torn tail whose ``quarantine`` had become a file: `verify` said
+  "ok" (exit 0) and "the next open recovers it", while every recovery failed on it
+  ("exists and is not a directory": the torn bytes cannot be kept).  `verify` reports
+  it (exit 1) (``test_verify_reports_a_quarantine_that_is_not_a_directory``).
 """
 from __future__ import annotations
 
@@ -410,3 +414,27 @@ def test_a_long_compensation_error_is_cut_in_human_output(tmp_path):
         assert max(len(line) for line in out.splitlines()) <= 600, out[:300]
     doc = json.loads(cli("actions", path, "--pending", "--json").stdout)
     assert len(doc["actions"][0]["error"]) > 1000  # (whole under --json)
+
+
+def test_verify_reports_a_quarantine_that_is_not_a_directory(tmp_path):
+    import json
+    path = str(tmp_path / "s")
+    crashed_store(path, 5)
+    last = records(path)[-1]
+    with open(last["file"], "r+b") as f:  # a torn tail: recovery must keep its bytes
+        f.seek(last["offset"] + 28 + last["length"] + 10)
+        f.write(os.urandom(500))
+    q = os.path.join(path, "quarantine")
+    with open(q, "w") as f:
+        f.write("not a directory\n")
+    r = cli("recover", path)
+    assert r.returncode == 1 and "quarantine" in r.stderr, (r.stdout, r.stderr)
+    r = cli("verify", path)
+    assert r.returncode == 1, r.stdout
+    assert "quarantine/ is not a directory" in r.stdout
+    doc = json.loads(cli("verify", path, "--json").stdout)
+    assert doc["ok"] is False and any("quarantine" in e for e in doc["errors"])
+    os.unlink(q)  # (put right: verify is clean of it, recovery cuts and keeps the tail)
+    assert cli("verify", path).returncode == 0
+    r = cli("recover", path)
+    assert r.returncode == 0 and "torn-tail" in r.stdout, (r.stdout, r.stderr)

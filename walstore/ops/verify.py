@@ -185,6 +185,7 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
         last_values = _check_wal(layout, store_id, rep, progress)
         if rep.errors and writer_alive(layout) and unreadable is None:
             last_values = _settle(layout, store_id, rep, state)
+        _check_quarantine_dir(layout, rep)  # (after _settle: not a walk's finding)
         try:  # every page of LMDB's trees, in Python, before LMDB's cursors walk them (it
             _walk_pinned(state, os.path.join(layout.db, "data.mdb"),  # asserts on damage)
                          lmdb_progress)
@@ -205,6 +206,19 @@ def verify_store(path: str, progress: Callable[[int, int], None] | None = None,
     finally:
         if own_state:
             state.close()
+
+
+def _check_quarantine_dir(layout: Layout, rep: VerifyReport) -> None:
+    """``quarantine/`` that is there but no directory (a file, a dangling symlink): every
+    recovery that must keep bytes — a torn tail's, a salvage's — fails on it ("exists and
+    is not a directory"), while verify said "ok" and "the next open recovers it"
+    (probe-audit59)."""
+    q = layout.quarantine
+    if os.path.lexists(q) and not os.path.isdir(q):
+        what = "a dangling symlink" if os.path.islink(q) else "not a directory"
+        rep.errors.append(f"{q}: the store's quarantine/ is {what}: a recovery that must "
+                          f"keep bytes it cuts (a torn tail, a salvage) fails on it; move "
+                          f"it out of the store")
 
 
 def _check_wal_alone(layout: Layout, store_id: bytes, rep: VerifyReport, progress) -> None:
