@@ -67,9 +67,6 @@ import time
 
 import pytest
 
-import walstore
-from walstore.engine.recovery import Recovery  # noqa: F401  (the module under audit)
-
 from store_support import CLI, cli_env
 
 WRITER = r"""
