@@ -308,6 +308,112 @@ def _first(rows: Iterator) -> Any:
             close()
 
 
+class _Line:
+    """Checkpoint ``cid``'s ancestors (its line), read lazily from the snapshot of ``tx``
+    only as far as the questions asked of it need: ``x in line`` (is ``x`` an ancestor of
+    ``cid``: one of :meth:`WalstoreSaver._ancestors`) and ``x in line.made_by_step`` (an
+    ancestor whose child on the line its own step made: metadata source ``"loop"``).
+
+    ``x in line`` walks the line up from ``cid`` and ``x``'s own parents up from ``x``,
+    a step of each in turn, until the line reaches ``x`` (an ancestor), or either walk
+    meets the other (``x``'s parents reach ``cid`` or a node of the line found so far:
+    the two lines joined below ``x``, so ``x`` is not on ``cid``'s), or the line ends.
+    Its cost is the distance from ``x`` and from ``cid`` to where their lines join, not
+    the thread's length: a checkpoint made after ``cid`` joins at ``cid`` within the
+    steps a rewind undoes; a write of a step before ``cid`` is on a near ancestor.  Every
+    checkpoint has one parent in a snapshot, so the answer is ``_ancestors``' — unless the
+    parent links form a cycle through ``cid`` (only a checkpoint saved again under its own
+    id with a descendant as its parent makes one; LangGraph never does), where a
+    descendant of ``cid`` is taken for no ancestor.  An id with no checkpoint record is
+    no ancestor (the line is made of records)."""
+
+    def __init__(self, saver: "WalstoreSaver", tx: Any, ns: Namespace, cid: str) -> None:
+        self.saver, self.tx, self.ns, self.cid = saver, tx, ns, cid
+        child = tx.get(ns.checkpoint(cid)) or {}
+        self.run_id = child.get("r")
+        self._walk = saver._ancestors(tx, ns, cid, child)
+        self._ids: list[str] = []               # the line found so far, parent first
+        self._at: dict[str, int] = {}           # id -> its position in ``_ids``
+        self._records: dict[str, Any] = {cid: child}
+        self._done = False
+        self._answers: dict[str, bool] = {}
+        self.made_by_step = _MadeByStep(self)
+
+    def _step(self) -> str | None:
+        """Read one more ancestor; its id (None: the line ended)."""
+        if self._done:
+            return None
+        got = next(self._walk, None)
+        if got is None:
+            self._done = True
+            return None
+        at, rec = got
+        self._at.setdefault(at, len(self._ids))
+        self._ids.append(at)
+        self._records[at] = rec
+        return at
+
+    def __contains__(self, x: Any) -> bool:
+        if not isinstance(x, str):
+            return False  # (ids are text: None, the root's parent, is no ancestor)
+        if x in self._at:
+            return True
+        if x == self.cid or self._done:
+            return False
+        known = self._answers.get(x)
+        if known is not None:
+            return known
+        self._answers[x] = found = self._climb(x)
+        return found
+
+    def _climb(self, x: str) -> bool:
+        rec = self.tx.get(self.ns.checkpoint(x))
+        if not isinstance(rec, dict):
+            return False  # (no record: not on a line of records)
+        mine, cur = {x}, rec   # x's own line, as far as walked; the record at its top
+        while True:
+            at = self._step()
+            if at is None:
+                return x in self._at
+            if at == x:
+                return True
+            if at in mine:
+                return False  # (the lines joined at ``at``, below x: x is beside the line)
+            if cur is not None:
+                parent = cur.get("p")
+                if not isinstance(parent, str) or parent in mine:
+                    cur = None  # (x's line ended: the line alone walks on)
+                elif parent == self.cid or parent in self._at:
+                    return False  # (x descends from cid, or joins the line below x)
+                else:
+                    mine.add(parent)
+                    got = self.tx.get(self.ns.checkpoint(parent))
+                    cur = got if isinstance(got, dict) else None
+
+    def made_by(self, x: Any) -> bool:
+        if x not in self:
+            return False
+        i = self._at[x]
+        child = self._records[self._ids[i - 1]] if i else self._records[self.cid]
+        md = self.saver.codec.loads(child["m"]) if "m" in child else None
+        return isinstance(md, dict) and md.get("source") == "loop"
+
+    def close(self) -> None:
+        close = getattr(self._walk, "close", None)
+        if close is not None:
+            close()
+
+
+class _MadeByStep:
+    """``x in made_by_step``: :meth:`_Line.made_by`."""
+
+    def __init__(self, line: _Line) -> None:
+        self.line = line
+
+    def __contains__(self, x: Any) -> bool:
+        return self.line.made_by(x)
+
+
 class WalstoreSaver(BaseCheckpointSaver[str]):
     """LangGraph checkpoint saver storing threads in a walstore store.
 
@@ -1531,34 +1637,37 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         ns, cid = self._address(config)
         point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
         prefix, scope = ns.writes(), self.thread_scope(thread_id)
-        keep: list[int] = []
-
-        def line(tx):
-            """(T's run id, its ancestors, the ancestors whose child on the line their own
-            step made)"""
-            child = tx.get(ns.checkpoint(cid)) or {}
-            run_id = child.get("r")
-            older, made_by_step = set(), set()
-            for at, rec in self._ancestors(tx, ns, cid, child):
-                older.add(at)
-                md = self.codec.loads(child["m"]) if "m" in child else None
-                if isinstance(md, dict) and md.get("source") == "loop":
-                    made_by_step.add(at)
-                child = rec
-            return run_id, older, made_by_step
-        known = None
         checkpoints = ns.checkpoints()
-        for info in self._commits_after(point):  # oldest first, read as far as needed
-            if not self._of_thread(info, scope):
-                continue  # (another thread's: a scoped rewind leaves it alone)
-            if known is None:
-                known = self._read(line)
-            run_id, older, made_by_step = known
-            if self._another_run(info, ns, cid, older, prefix, checkpoints, run_id):
+        # The line (T's run id, its ancestors, those whose child on the line their own
+        # step made) is read lazily, from one snapshot, only as far as the commits after
+        # the point ask (:class:`_Line`): every ancestor was read (and its child's metadata
+        # decoded), so rewinding one step of a thread of 3,000 checkpoints read 3,000.
+        for attempt in range(_READ_RETRIES + 1):
+            keep: list[int] = []
+            tx = known = None
+            try:
+                for info in self._commits_after(point):  # oldest first, as far as needed
+                    if not self._of_thread(info, scope):
+                        continue  # (another thread's: a scoped rewind leaves it alone)
+                    if known is None:
+                        tx = self._transaction(None, NO_SCOPE)  # (reads only: rolled back)
+                        known = _Line(self, tx, ns, cid)
+                    if self._another_run(info, ns, cid, known, prefix, checkpoints,
+                                         known.run_id):
+                        break
+                    if not info.actions and info.keys and all(
+                            self._late_write(key, ns, prefix, known.made_by_step)
+                            for key in info.keys):
+                        keep.append(info.txid)
                 break
-            if not info.actions and info.keys and all(
-                    self._late_write(key, ns, prefix, made_by_step) for key in info.keys):
-                keep.append(info.txid)
+            except ConflictError:  # (SnapshotTooOld: history trimmed under the read)
+                if attempt >= _READ_RETRIES:
+                    raise
+            finally:
+                if known is not None:
+                    known.close()
+                if tx is not None and tx.state == "active":
+                    tx.rollback()
         early = self._early_work(config, point)
         if early is None:
             return walstore.LSN(point), keep, None
@@ -1605,7 +1714,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         except HistoryTrimmed:  # (trimmed under the walk: nothing older to find)
             return
 
-    def _another_run(self, info: Any, ns: Namespace, cid: str, older: set[str],
+    def _another_run(self, info: Any, ns: Namespace, cid: str, older: Any,
                      prefix: bytes, checkpoints: bytes, run_id: Any = None) -> bool:
         """Does commit ``info`` show that a run other than the one that made checkpoint
         ``cid`` (``run_id``) began: a null-task write (a run's input) in the namespace, a
@@ -1665,21 +1774,32 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         scope = self.thread_scope(thread_id)
         later_keys: set[bytes] = set()
         step_txids: set[int] = set()
-        for key, rec in self.store.scan(prefix=scope + CHECKPOINT):
-            try:
-                _n, _part, other = self.keys.parse_checkpoint(scope, key)
-            except (ValueError, IndexError, UnicodeDecodeError):
-                continue
-            if other > cid and _uuid6_time(other) is not None:
-                later_keys.add(key)
-                listed = rec.get("s") if isinstance(rec, dict) else None
-                if isinstance(listed, list):
-                    step_txids.update(t for t in listed
-                                      if isinstance(t, int) and not isinstance(t, bool))
-        for key in self.store.keys(prefix=scope + WRITE):
-            other = self._write_checkpoint(scope, key)
-            if other is not None and other >= cid and _uuid6_time(other) is not None:
-                later_keys.add(key)
+        # Of each namespace (subgraphs' too) only the keys from ``cid`` on are read: a
+        # key's id follows its namespace part, so ids >= ``cid`` are one range per
+        # namespace.  Every checkpoint and pending write of the thread was read, so
+        # rewinding one step of a thread of 3,000 checkpoints read 6,000 rows (0.53 s).
+        raw = cid.encode("utf-8")
+        for ns_part in self._kind_ns_parts(scope, CHECKPOINT):
+            ns = Namespace(scope, ns_part)
+            start = ns.checkpoint(cid)
+            for key, rec in self.store.scan(start=start, end=prefix_end(ns.checkpoints())):
+                try:
+                    _n, _part, other = self.keys.parse_checkpoint(scope, key)
+                except (ValueError, IndexError, UnicodeDecodeError):
+                    continue
+                if other > cid and _uuid6_time(other) is not None:
+                    later_keys.add(key)
+                    listed = rec.get("s") if isinstance(rec, dict) else None
+                    if isinstance(listed, list):
+                        step_txids.update(t for t in listed
+                                          if isinstance(t, int) and not isinstance(t, bool))
+        for ns_part in self._kind_ns_parts(scope, WRITE):
+            ns = Namespace(scope, ns_part)
+            for key, _v in self.store.scan(start=ns.writes() + raw,
+                                           end=prefix_end(ns.writes())):
+                other = self._write_checkpoint(scope, key)
+                if other is not None and other >= cid and _uuid6_time(other) is not None:
+                    later_keys.add(key)
         oldest, oldest_txid = None, None
         # and the node transactions whose meta names a step built on ``cid`` or a later
         # checkpoint (``_stamp_step``), a step whose checkpoint was never saved (a task
@@ -1721,6 +1841,28 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if oldest == 0:  # (the store's very first commit: no position lies before it)
             first = oldest_txid
         return walstore.LSN(max(oldest - 1, 0)), keep, first
+
+    def _kind_ns_parts(self, scope: bytes, kind: bytes) -> list[bytes]:
+        """The namespace parts of the thread's keys of one kind (checkpoints, pending
+        writes), in key order: one short scan per namespace (a part is self-delimiting)
+        — the keys of another layout under the kind (not the saver's) are skipped one
+        row at a time."""
+        base = scope + kind
+        start, end = base, prefix_end(base)
+        parts = []
+        while start is not None:
+            row = _first(self.store.scan(start=start, end=end))
+            if row is None:
+                break
+            try:
+                _ns, i = read_part(row[0], len(base))
+                ns_part = row[0][len(base):i]
+            except (ValueError, IndexError):
+                start = row[0] + b"\x00"  # (not the saver's layout: step past it)
+                continue
+            parts.append(ns_part)
+            start = prefix_end(base + ns_part)
+        return parts
 
     def _write_checkpoint(self, scope: bytes, key: bytes) -> str | None:
         """The checkpoint id a pending write key of the thread ``scope`` is for."""
@@ -1766,7 +1908,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 or any(isinstance(a, dict) and a.get("scope") == scope for a in info.actions))
 
     def _late_write(self, key: Any, ns: Namespace, prefix: bytes,
-                    made_by_step: set[str]) -> bool:
+                    made_by_step: Any) -> bool:
         """Is ``key`` a regular task's pending write on one of ``made_by_step``?"""
         if not (isinstance(key, bytes) and key.startswith(prefix)):
             return False
