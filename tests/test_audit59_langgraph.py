@@ -170,3 +170,92 @@ def test_the_lazy_line_answers_as_the_whole_line_did(tmp_path, seed):
         finally:
             tx.rollback()
     store.close()
+
+
+def _thread_of_three(store):
+    saver = WalstoreSaver(store)
+    cfg = {"configurable": {"thread_id": "t"}}
+    made = []
+    for i in range(3):
+        cfg = _step(saver, cfg, i)
+        made.append(cfg)
+    return saver, made
+
+
+def _state(store):
+    return [(k, v) for k, v in store.scan()], [i.txid for i in store.log()]
+
+
+@pytest.mark.parametrize("config, error", [
+    ({"configurable": {}}, ValueError),
+    ({}, ValueError),
+    ({"configurable": None}, ValueError),
+    ({"configurable": {"thread_id": None, "checkpoint_id": "x"}}, ValueError),
+    (None, TypeError),
+    ("t", TypeError),
+    ({"configurable": ["t"]}, TypeError),
+    ({"configurable": {"thread_id": "t", "checkpoint_ns": 3}}, TypeError),
+    ({"configurable": {"thread_id": "t", "checkpoint_id": 5}}, PointTypeError),
+    ({"configurable": {"thread_id": "t", "checkpoint_id": 0}}, PointTypeError),
+    ({"configurable": {"thread_id": "t", "checkpoint_id": "nothing"}}, walstore.UnknownPoint),
+    ({"configurable": {"thread_id": "empty"}}, walstore.UnknownPoint),
+    ({"configurable": {"thread_id": "t", "checkpoint_ns": "sub"}}, walstore.UnknownPoint),
+])
+@pytest.mark.parametrize("call", ["rewind", "dry_run", "rewind_plan", "rewind_point",
+                                  "checkpoint_lsn"])
+def test_a_malformed_rewind_config_is_a_clear_walstore_error_and_changes_nothing(
+        store, config, error, call):
+    """``saver.rewind({"configurable": {}})`` raised a bare ``KeyError('thread_id')``,
+    ``None`` or a str as the config AttributeError, an int ``checkpoint_id``
+    ``AttributeError: 'int' object has no attribute 'encode'``, an int namespace a
+    TypeError about str concatenation.  Now: a TypeError or ValueError naming what is
+    wrong, a ``PointTypeError`` (an ``UnknownPoint`` that is also a TypeError, as
+    ``store.rewind`` answers a point of another type) for a checkpoint id that is not a
+    str, ``UnknownPoint`` for one that names no checkpoint of the thread (or a thread or
+    namespace with none) — and nothing changed."""
+    saver, _made = _thread_of_three(store)
+    before = _state(store)
+    with pytest.raises(error) as e:
+        {"rewind": lambda: saver.rewind(config),
+         "dry_run": lambda: saver.rewind(config, dry_run=True),
+         "rewind_plan": lambda: saver.rewind_plan(config),
+         "rewind_point": lambda: saver.rewind_point(config),
+         "checkpoint_lsn": lambda: saver.checkpoint_lsn(config)}[call]()
+    assert "nothing was changed" in str(e.value)
+    assert not isinstance(e.value, AttributeError)
+    if error in (ValueError, TypeError):
+        assert not isinstance(e.value, KeyError)  # (not the bare KeyError it was)
+    assert _state(store) == before
+
+
+def test_a_checkpoint_of_another_thread_names_nothing_in_this_one(store):
+    """A checkpoint id is a point of its own thread: given with another thread's id, it
+    names nothing there (``UnknownPoint`` naming the checkpoint and the thread), and the
+    other thread is untouched."""
+    saver, made = _thread_of_three(store)
+    other = _step(saver, {"configurable": {"thread_id": "u"}}, 0)
+    before = _state(store)
+    cid = made[0]["configurable"]["checkpoint_id"]
+    with pytest.raises(walstore.UnknownPoint) as e:
+        saver.rewind({"configurable": {"thread_id": "u", "checkpoint_id": cid}})
+    assert cid in str(e.value) and "'u'" in str(e.value)
+    assert e.value.point == cid
+    assert _state(store) == before
+    assert saver.get_tuple({"configurable": {"thread_id": "u"}}).config[
+        "configurable"]["checkpoint_id"] == other["configurable"]["checkpoint_id"]
+
+
+def test_rewinding_to_the_latest_leaves_the_callers_config_as_it_was(store):
+    """``saver.rewind(config)`` without a checkpoint_id found the thread's latest with
+    ``get_tuple``, which marks the config it is given as a run's load (private
+    ``configurable`` keys): the caller's config came back changed.  Now it is read
+    without marking anything."""
+    saver, made = _thread_of_three(store)
+    config = {"configurable": {"thread_id": "t"}}
+    saver.rewind(config, dry_run=True)
+    saver.rewind_plan(config)
+    saver.checkpoint_lsn(config)
+    saver.rewind(config)  # (the head's pending writes, the next step's, are undone)
+    assert config == {"configurable": {"thread_id": "t"}}
+    assert saver.get_tuple(config).config["configurable"]["checkpoint_id"] == made[-1][
+        "configurable"]["checkpoint_id"]

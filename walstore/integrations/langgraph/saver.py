@@ -93,7 +93,7 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 import walstore
 from walstore.agent.scope import NO_SCOPE
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
-                             HistoryTrimmed, WalstoreError)
+                             HistoryTrimmed, PointTypeError, WalstoreError)
 
 from .._async import finish_despite_cancel
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
@@ -186,6 +186,46 @@ def _id_text(cid: Any) -> str | None:
 def _where(config: RunnableConfig) -> tuple[str, str]:
     conf = _conf(config)
     return str(conf["thread_id"]), conf.get("checkpoint_ns", "") or ""
+
+
+def _rewind_where(config: Any) -> tuple[str, str, str | None]:
+    """(thread id, namespace, checkpoint id or None) of a config given to ``rewind`` (and
+    ``rewind_plan``, ``rewind_point``, ``checkpoint_lsn``), checked before anything is
+    read or changed: a config that is not a mapping, or whose ``configurable`` is not,
+    or a namespace that is not a str, is a TypeError; one that names no thread
+    (``thread_id`` missing or None) a ValueError; a ``checkpoint_id`` that is not a str
+    names no checkpoint, ``walstore.errors.PointTypeError`` (an ``UnknownPoint`` that is
+    also a TypeError, as ``store.rewind`` raises for a point of another type).  Each
+    names what is wrong; nothing was changed.  (``_where`` raised a bare
+    ``KeyError('thread_id')``, or AttributeError.)"""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"rewind takes a LangGraph config (a dict with a 'configurable' "
+                        f"dict naming thread_id and, optionally, checkpoint_id), not "
+                        f"{type(config).__name__} ({config!r:.80}); nothing was changed")
+    conf = config.get("configurable")
+    if conf is None:
+        raise ValueError(f"the config given to rewind has no 'configurable' dict, so it "
+                         f"names no thread ({dict(config)!r:.120}); nothing was changed")
+    if not isinstance(conf, Mapping):
+        raise TypeError(f"the config given to rewind has a 'configurable' of type "
+                        f"{type(conf).__name__}, not a dict ({conf!r:.80}); nothing was "
+                        f"changed")
+    thread_id = conf.get("thread_id")
+    if thread_id is None:
+        raise ValueError(f"the config given to rewind names no thread "
+                         f"(configurable['thread_id'] is missing or None: "
+                         f"{dict(conf)!r:.120}); nothing was changed")
+    ns_name = conf.get("checkpoint_ns", "") or ""
+    if not isinstance(ns_name, str):
+        raise TypeError(f"configurable['checkpoint_ns'] must be a str, not "
+                        f"{type(ns_name).__name__} ({ns_name!r:.80}); nothing was changed")
+    cid = conf.get("checkpoint_id")
+    if cid is not None and not isinstance(cid, str):
+        raise PointTypeError(f"configurable['checkpoint_id'] {cid!r:.80} is of type "
+                             f"{type(cid).__name__}: checkpoint ids are str, so it names "
+                             f"no checkpoint of thread {str(thread_id)!r}; nothing was "
+                             f"changed", cid)
+    return str(thread_id), ns_name, cid or None
 
 
 def _config(thread_id: str, ns: str, cid: str, **extra: Any) -> RunnableConfig:
@@ -1598,7 +1638,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         """The walstore log position of the commit that saved this checkpoint (the
         latest of the thread/namespace when the config names none)."""
         ns, cid = self._address(config)
-        return self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}")
+        return self._created_at(ns.checkpoint(cid), self._named(config, cid), cid)
 
     def rewind_point(self, config: RunnableConfig) -> "walstore.LSN":
         """Where :meth:`rewind` rewinds to (the commits after it that it keeps:
@@ -1633,9 +1673,9 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         position lies before it: the point is that commit, and the third item its txid,
         which :meth:`rewind` undoes in the rewind's own transaction
         (``store.rewind(include=)``; else None)."""
-        thread_id, _ns_name = _where(config)
+        thread_id, _ns_name, _cid = _rewind_where(config)
         ns, cid = self._address(config)
-        point = int(self._created_at(ns.checkpoint(cid), f"checkpoint {cid!r}"))
+        point = int(self._created_at(ns.checkpoint(cid), self._named(config, cid), cid))
         prefix, scope = ns.writes(), self.thread_scope(thread_id)
         checkpoints = ns.checkpoints()
         # The line (T's run id, its ancestors, those whose child on the line their own
@@ -1766,7 +1806,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         from before ``cid`` (:meth:`_before`); the rest is undone.  (When the oldest is
         the store's very first commit, no position lies before it: the rewind goes to it
         and undoes it too, in one transaction, ``store.rewind(include=)``.)"""
-        thread_id, _ns_name = _where(config)
+        thread_id, _ns_name, _cid = _rewind_where(config)
         _ns, cid = self._address(config)
         made = _uuid6_time(cid)
         if made is None:
@@ -1922,23 +1962,36 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         return task != NULL_TASK_ID and isinstance(idx, int) and idx >= 0
 
     def _address(self, config: RunnableConfig) -> tuple[Namespace, str]:
-        thread_id, ns_name = _where(config)
-        cid = get_checkpoint_id(config)
+        """(namespace, checkpoint id) a rewind's config names: its checkpoint_id, else the
+        namespace's newest (read, not loaded: ``get_tuple`` marked the caller's config
+        as a run's load, so a rewind changed the config it was given)."""
+        thread_id, ns_name, cid = _rewind_where(config)
+        ns = self.keys.at(thread_id, ns_name)
         if not cid:
-            tup = self.get_tuple(config)
-            if tup is None:
-                raise walstore.UnknownPoint(f"thread {thread_id!r} has no checkpoint",
+            latest = self._read(lambda tx: self._latest(tx, ns))
+            if latest is None:
+                where = f" (namespace {ns_name!r})" if ns_name else ""
+                raise walstore.UnknownPoint(f"thread {thread_id!r}{where} has no checkpoint "
+                                            f"to rewind to; nothing was changed",
                                             thread_id)  # (a KeyError too)
-            cid = tup.config["configurable"]["checkpoint_id"]
-        return self.keys.at(thread_id, ns_name), cid
+            cid = latest[0]
+        return ns, cid
 
-    def _created_at(self, key: bytes, what: str) -> "walstore.LSN":
+    @staticmethod
+    def _named(config: RunnableConfig, cid: str) -> str:
+        """``checkpoint 'id' of thread 't'`` (and its namespace when not the root's)."""
+        thread_id, ns_name, _cid = _rewind_where(config)
+        where = f", namespace {ns_name!r}" if ns_name else ""
+        return f"checkpoint {cid!r} of thread {thread_id!r}{where}"
+
+    def _created_at(self, key: bytes, what: str, point: Any = None) -> "walstore.LSN":
         """The LSN of the commit that created ``key``'s current value (not a re-put)."""
         versions = self.store.history(key)
         if not versions or versions[0].deleted:
             # (a WalstoreError and a KeyError: a bare KeyError named no walstore error)
             raise walstore.UnknownPoint(f"no {what} in the store (deleted, or never "
-                                        f"saved)", what)
+                                        f"saved); nothing was changed",
+                                        what if point is None else point)
         lsn = versions[0].lsn
         for i in range(1, len(versions)):
             older = versions[i]
@@ -1994,7 +2047,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         process) is refused at its next checkpoint and pending writes, whatever checkpoint
         the rewind kept (``_refuse_cut_off``).
         """
-        thread_id, _ns = _where(config)
+        thread_id, _ns, _cid = _rewind_where(config)
         to, keep, first = self._rewind_plan(config)
         scope = self.thread_scope(thread_id)
         removals = _removals(self.store)
