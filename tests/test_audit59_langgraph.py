@@ -259,3 +259,59 @@ def test_rewinding_to_the_latest_leaves_the_callers_config_as_it_was(store):
     assert config == {"configurable": {"thread_id": "t"}}
     assert saver.get_tuple(config).config["configurable"]["checkpoint_id"] == made[-1][
         "configurable"]["checkpoint_id"]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_copy_thread_into_a_thread_that_exists_is_refused_not_merged(store, asynchronous):
+    """``copy_thread(src, dst)`` into a thread that already had checkpoints wrote the
+    source's beside them: one thread holding both histories, the newest checkpoint of
+    either taken as its head (a user's conversation silently continued from another's
+    state), and ``list`` of it interleaving both.  LangGraph's own savers here have no
+    ``copy_thread`` to compare with (the base class only declares it; the platform copies
+    to a new thread id), so the careful answer is to refuse: a ValueError naming the
+    target, nothing written.  Into an empty thread, or one deleted first, it copies."""
+    import asyncio
+    saver, made = _thread_of_three(store)
+    dst = _step(saver, {"configurable": {"thread_id": "dst"}}, 0)
+    before = _state(store)
+
+    def copy(a, b):
+        if asynchronous:
+            return asyncio.run(saver.acopy_thread(a, b))
+        return saver.copy_thread(a, b)
+    for target in ("dst", "t"):
+        with pytest.raises(ValueError) as e:
+            copy("t", target)
+        assert repr(target) in str(e.value) and "nothing was copied" in str(e.value)
+    assert _state(store) == before
+    assert [t.checkpoint["id"] for t in saver.list({"configurable": {"thread_id": "dst"}})
+            ] == [dst["configurable"]["checkpoint_id"]]
+    with pytest.raises(ValueError):
+        copy("nothing here", "dst")   # (an empty source: the target is still not a copy)
+    saver.delete_thread("dst")
+    copy("t", "dst")
+    assert [t.checkpoint["id"] for t in saver.list({"configurable": {"thread_id": "dst"}})
+            ] == [c["configurable"]["checkpoint_id"] for c in reversed(made)]
+    copy("t", "fresh")
+    assert len(list(saver.list({"configurable": {"thread_id": "fresh"}}))) == 3
+
+
+def test_copy_thread_sees_a_writer_that_raced_into_the_target(store, monkeypatch):
+    """The target is checked again in the copy's first transaction (its read set), so a
+    checkpoint put into the target between the first look and that transaction makes
+    the copy refuse, not merge."""
+    saver, made = _thread_of_three(store)
+    look = WalstoreSaver._refuse_existing_target
+    calls = []
+
+    def racing(src, source, target, dst_p):
+        calls.append(src)
+        if len(calls) == 1:
+            look(src, source, target, dst_p)  # (empty now) ... then a writer gets in
+            _step(saver, {"configurable": {"thread_id": target}}, 0)
+            return
+        look(src, source, target, dst_p)
+    monkeypatch.setattr(WalstoreSaver, "_refuse_existing_target", staticmethod(racing))
+    with pytest.raises(ValueError):
+        saver.copy_thread("t", "dst")
+    assert len(list(saver.list({"configurable": {"thread_id": "dst"}}))) == 1

@@ -1459,9 +1459,18 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         were, and :meth:`rewind` of the copy to any of them leaves exactly that one as
         its head (one transaction for all would make every copied checkpoint the same
         moment).  A copy cut short by a crash holds the source's oldest checkpoints, each
-        complete."""
+        complete.
+
+        The target must be a thread with nothing stored: a target that already has
+        checkpoints or pending writes (the source itself included) raises ValueError
+        naming it, and nothing is written — the copy would merge both histories into one
+        thread (both heads' lines interleaved by id, the newest of either taken as its
+        head).  Delete it first (``delete_thread``) or copy to a new thread id; a copy
+        cut short by a crash is such a target too.  The check is made in the copy's
+        first transaction, so a writer racing into the target meanwhile is seen."""
         src, dst = str(source_thread_id), str(target_thread_id)
         src_p, dst_p = self.thread_scope(src), self.thread_scope(dst)
+        self._refuse_existing_target(self.store, src, dst, dst_p)
         checkpoints = self.keys.all_checkpoints(src_p)
         blobs = src_p + BLOB
         # The snapshot is a transaction kept open (rolled back at the end) and read a step
@@ -1483,15 +1492,32 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                 raise
         try:
             meta = self._meta("copy_thread", source=src, target=dst)
-            for keys in self._copy_steps(src_p, index):
+            for n, keys in enumerate(self._copy_steps(src_p, index)):
                 data = {k: snap.get(k) for k in keys}
-                self._run(lambda tx, keys=keys, data=data: self._copy_rows(
-                    tx, keys, data, src_p, dst_p, dst, checkpoints),
-                    scope=dst_p, meta=meta)
+
+                def step(tx, keys=keys, data=data, first=(n == 0)):
+                    if first:  # (in the read set: a writer racing into it conflicts)
+                        self._refuse_existing_target(tx, src, dst, dst_p)
+                    self._copy_rows(tx, keys, data, src_p, dst_p, dst, checkpoints)
+                self._run(step, scope=dst_p, meta=meta)
         finally:
             if snap.state == "active":
                 snap.rollback()
         self.codec.forget(dst_p)
+
+    @staticmethod
+    def _refuse_existing_target(src: Any, source: str, target: str, dst_p: bytes) -> None:
+        """ValueError when thread ``target`` (prefix ``dst_p``) has anything stored, read
+        from ``src`` (the store, or a copy transaction)."""
+        row = _first(src.scan(prefix=dst_p))
+        if row is None:
+            return
+        same = " (it is the source itself)" if source == target else ""
+        raise ValueError(f"copy_thread({source!r}, {target!r}): thread {target!r} already "
+                         f"has checkpoints or pending writes{same}, and copying into it "
+                         f"would merge both histories into one thread; nothing was "
+                         f"copied.  Delete it first (delete_thread({target!r})) or copy to "
+                         f"a new thread id")
 
     def _read_index_for_copy(self, snap: Any, src_p: bytes, checkpoints: bytes,
                              blobs: bytes) -> dict[bytes, Any]:
