@@ -1840,32 +1840,24 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         scope = self.thread_scope(thread_id)
         later_keys: set[bytes] = set()
         step_txids: set[int] = set()
-        # Of each namespace (subgraphs' too) only the keys from ``cid`` on are read: a
-        # key's id follows its namespace part, so ids >= ``cid`` are one range per
-        # namespace.  Every checkpoint and pending write of the thread was read, so
+        # Of each namespace (subgraphs' too) only the keys from ``cid`` on are read
+        # (``_rows_from``): every checkpoint and pending write of the thread was read, so
         # rewinding one step of a thread of 3,000 checkpoints read 6,000 rows (0.53 s).
-        raw = cid.encode("utf-8")
-        for ns_part in self._kind_ns_parts(scope, CHECKPOINT):
-            ns = Namespace(scope, ns_part)
-            start = ns.checkpoint(cid)
-            for key, rec in self.store.scan(start=start, end=prefix_end(ns.checkpoints())):
-                try:
-                    _n, _part, other = self.keys.parse_checkpoint(scope, key)
-                except (ValueError, IndexError, UnicodeDecodeError):
-                    continue
-                if other > cid and _uuid6_time(other) is not None:
-                    later_keys.add(key)
-                    listed = rec.get("s") if isinstance(rec, dict) else None
-                    if isinstance(listed, list):
-                        step_txids.update(t for t in listed
-                                          if isinstance(t, int) and not isinstance(t, bool))
-        for ns_part in self._kind_ns_parts(scope, WRITE):
-            ns = Namespace(scope, ns_part)
-            for key, _v in self.store.scan(start=ns.writes() + raw,
-                                           end=prefix_end(ns.writes())):
-                other = self._write_checkpoint(scope, key)
-                if other is not None and other >= cid and _uuid6_time(other) is not None:
-                    later_keys.add(key)
+        for key, rec in self._rows_from(scope, CHECKPOINT, cid):
+            try:
+                _n, _part, other = self.keys.parse_checkpoint(scope, key)
+            except (ValueError, IndexError, UnicodeDecodeError):
+                continue
+            if other > cid and _uuid6_time(other) is not None:
+                later_keys.add(key)
+                listed = rec.get("s") if isinstance(rec, dict) else None
+                if isinstance(listed, list):
+                    step_txids.update(t for t in listed
+                                      if isinstance(t, int) and not isinstance(t, bool))
+        for key, _v in self._rows_from(scope, WRITE, cid):
+            other = self._write_checkpoint(scope, key)
+            if other is not None and other >= cid and _uuid6_time(other) is not None:
+                later_keys.add(key)
         oldest, oldest_txid = None, None
         # and the node transactions whose meta names a step built on ``cid`` or a later
         # checkpoint (``_stamp_step``), a step whose checkpoint was never saved (a task
@@ -1908,27 +1900,47 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
             first = oldest_txid
         return walstore.LSN(max(oldest - 1, 0)), keep, first
 
-    def _kind_ns_parts(self, scope: bytes, kind: bytes) -> list[bytes]:
-        """The namespace parts of the thread's keys of one kind (checkpoints, pending
-        writes), in key order: one short scan per namespace (a part is self-delimiting)
-        — the keys of another layout under the kind (not the saver's) are skipped one
-        row at a time."""
+    def _rows_from(self, scope: bytes, kind: bytes, cid: str,
+                   skip_after: int = 32) -> Iterator[tuple[bytes, Any]]:
+        """The thread's rows of one kind (checkpoints, pending writes) whose id — what
+        follows the namespace part — is ``cid`` or later, every namespace's, in key
+        order (with any key not of the saver's layout: the caller's parse decides).
+
+        One scan of the kind's range that, in a namespace with more than ``skip_after``
+        rows below ``cid``, seeks to ``cid``'s place in it: a long namespace costs a seek,
+        not its rows, and the one-checkpoint namespaces a subgraph makes at each call are
+        read as they come (a seek for each of those, 4,000 of them, took 0.17 s where
+        reading them took 0.03).  An id sorts as its key bytes do (UTF-8), and a pending
+        write's id is followed by a NUL, so a row skipped here has an id below ``cid``."""
         base = scope + kind
+        raw = cid.encode("utf-8")
         start, end = base, prefix_end(base)
-        parts = []
-        while start is not None:
-            row = _first(self.store.scan(start=start, end=end))
-            if row is None:
-                break
+        while True:
+            seek = None
+            rows = self.store.scan(start=start, end=end)
             try:
-                _ns, i = read_part(row[0], len(base))
-                ns_part = row[0][len(base):i]
-            except (ValueError, IndexError):
-                start = row[0] + b"\x00"  # (not the saver's layout: step past it)
-                continue
-            parts.append(ns_part)
-            start = prefix_end(base + ns_part)
-        return parts
+                ns_part, below = None, 0
+                for key, value in rows:
+                    try:
+                        _ns, i = read_part(key, len(base))
+                    except (ValueError, IndexError):
+                        yield key, value
+                        continue
+                    if key[i:] >= raw:
+                        yield key, value
+                        continue
+                    part = key[len(base):i]
+                    if part != ns_part:
+                        ns_part, below = part, 0
+                    below += 1
+                    if below > skip_after:
+                        seek = base + part + raw
+                        break
+            finally:
+                rows.close()
+            if seek is None:
+                return
+            start = seek
 
     def _write_checkpoint(self, scope: bytes, key: bytes) -> str | None:
         """The checkpoint id a pending write key of the thread ``scope`` is for."""
