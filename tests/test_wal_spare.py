@@ -6,7 +6,6 @@ before the new segment was in place, so in a young store, whose segments grow fr
 from __future__ import annotations
 
 import os
-import time
 
 import walstore
 
@@ -48,75 +47,20 @@ def test_the_spare_is_written_back_a_piece_at_a_time_and_ends_whole(tmp_path):
     assert stats["wal_rotations"] >= 1 and stats["wal_inline_preallocations"] == 0, stats
     backs = fb.calls_to("write_back", path="*spare.tmp")
     writes = fb.calls_to("pwrite", path="*spare.tmp")
-    assert len(backs) >= (1 << 20) // SPARE_PIECE  # (the first spare trickles while the
-    assert all(b.size <= SPARE_PIECE for b in backs)  # first segment has room)
-    # each piece of zeros is written back before the next is written; once the segment
-    # in use ran short of room (urgent), the rest of that spare went down plainly, in
-    # big writes: never a written-back piece after a plain one in the same spare
+    assert len(backs) >= 2 * (4 << 20) // SPARE_PIECE  # two spares: 4 MiB, then 16 MiB
+    assert all(b.size <= SPARE_PIECE for b in backs)
+    # each piece of zeros is written back before the next is written
     ops = sorted([(c.seq, c.op, c.offset, c.size) for c in backs + writes])
     pieces = [i for i, (_, op, _, size) in enumerate(ops) if op == "pwrite" and size > 64]
     assert pieces  # (64 bytes: the header written when the spare becomes a segment)
-    plain_from = None
     for i in pieces:
-        _, _, offset, size = ops[i]
-        if offset == 0:
-            plain_from = None  # (a new spare starts)
-        backed = i + 1 < len(ops) and ops[i + 1][1:] == ("write_back",) + ops[i][2:]
-        if backed:
-            assert plain_from is None, ops[plain_from:i + 2]
-            assert size <= SPARE_PIECE
-        elif plain_from is None:
-            plain_from = i
+        assert i + 1 < len(ops) and ops[i + 1][1:] == ("write_back",) + ops[i][2:], ops[i:i + 2]
     syncs = fb.calls_to("fsync", path="*spare.tmp")
     assert syncs and syncs[-1].seq > backs[-1].seq  # made durable after its last piece
     spare = tmp_path / "s" / "wal" / "spare.tmp"
     if spare.exists():  # the spare made after the last rotation: all zeros, its full size
         data = spare.read_bytes()
         assert len(data) in (4 << 20, 16 << 20) and data.count(0) == len(data)
-
-
-def test_a_spare_needed_soon_is_written_at_full_speed_from_then_on(tmp_path):
-    """The trickle (a small piece written back at a time) keeps the spare off the commits'
-    fdatasyncs but is slow; once ``urgent()`` says the segment in use is running out of
-    room, the rest is written plainly (a rotation waits for the spare)."""
-    from tools.faults import FaultBackend, installed
-    from walstore.log.segment import SPARE_PIECE, Spare
-    fb = FaultBackend()
-    looks = []
-
-    def urgent() -> bool:
-        looks.append(1)
-        return len(looks) > 5  # five pieces trickle, then the segment runs short
-
-    size = 4 << 20
-    with installed(fb):
-        Spare(str(tmp_path)).prepare(size, urgent)
-    backs = fb.calls_to("write_back", path="*spare.tmp")
-    writes = fb.calls_to("pwrite", path="*spare.tmp")
-    assert len(backs) == 5 and all(b.size == SPARE_PIECE for b in backs)
-    plain = writes[5:]
-    assert plain and all(w.size > SPARE_PIECE for w in plain[:-1])
-    assert len(plain) <= size // (1 << 20) + 1  # (1 MiB writes)
-    assert fb.calls_to("fsync", path="*spare.tmp")
-    data = (tmp_path / "spare.tmp").read_bytes()
-    assert len(data) == size and data.count(0) == size
-
-
-def test_an_idle_store_trickles_its_whole_spare(tmp_path):
-    """With the segment in use far from full, every piece of the spare is written back
-    before the next (nothing urgent)."""
-    from tools.faults import FaultBackend, installed
-    from walstore.log.segment import SPARE_PIECE
-    fb = FaultBackend()
-    with installed(fb):
-        with walstore.open(str(tmp_path / "s"), durability="full") as st:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and not fb.calls_to("fsync", path="*spare.tmp"):
-                time.sleep(0.02)
-    backs = fb.calls_to("write_back", path="*spare.tmp")
-    writes = [w for w in fb.calls_to("pwrite", path="*spare.tmp") if w.size > 64]
-    assert backs and len(backs) == len(writes) == (4 << 20) // SPARE_PIECE
-    assert all(w.size == SPARE_PIECE for w in writes)
 
 
 def test_where_write_back_is_not_available_the_spare_is_written_plainly(tmp_path):

@@ -24,7 +24,6 @@ import os
 import re
 import stat
 import time
-from typing import Callable
 
 from .. import fileio
 from ..fileio import remove_quietly
@@ -35,7 +34,7 @@ SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")
 NAME_CHECK_S = 0.05  # a synced segment's name is checked at most this often (``sync``)
 SPARE_NAME = "spare.tmp"
 _ZERO_CHUNK = bytes(1 << 20)
-SPARE_PIECE = 16 * 1024  # the spare is zero-filled and written back this much at a time
+SPARE_PIECE = 256 * 1024  # the spare is zero-filled and written back this much at a time
 
 
 def segment_name(start_lsn: int) -> str:
@@ -112,25 +111,16 @@ def fsync_or_fail(fn, target) -> None:
         raise FsyncFailed(e.errno, f"fsync failed: {e.strerror or e}") from e
 
 
-def _zero_fill(fd: int, start: int, size: int, piece: int = len(_ZERO_CHUNK),
-               urgent: "Callable[[], bool] | None" = None) -> None:
+def _zero_fill(fd: int, start: int, size: int, piece: int = len(_ZERO_CHUNK)) -> None:
     """Write zeros over [start, size).  With ``piece`` smaller than the default, each
     piece is written back to the device (``fileio.write_back``) before the next is
     written: the background spare never has more than a piece in flight, so a commit's
-    fdatasync meanwhile waits behind at most one piece, not megabytes of zeros.  The
-    piece is small (SPARE_PIECE): 10,000 durable 2 KiB commits into a new store, the
-    fdatasyncs that overlapped a piece took 0.30-0.33 ms on average with 256 KiB pieces
-    (~130 of them: the whole p99 of the run) and 0.12 ms with 16 KiB ones (8-16 ms with
-    no trickle at all), the others 0.07 ms.  Small pieces make the fill slower (~0.1 ms a
-    piece: ~100-200 ms for 16 MiB instead of ~30 ms), so once ``urgent()`` says the
-    segment being written is running out of room, the rest is written plainly, at full
-    speed: a rotation waits for the spare, and must not wait for a trickle.  Where the
-    platform cannot write back, the rest is written plainly too."""
+    fdatasync meanwhile does not queue behind megabytes of zeros (10,000 2 KiB commits
+    into a new store: the two beside a 16 MiB spare's fill took 8-16 ms; 1-2 ms now).
+    Where the platform cannot, the rest is written plainly."""
     pos = start
     trickle = piece < len(_ZERO_CHUNK)
     while pos < size:
-        if trickle and urgent is not None and urgent():
-            trickle, piece = False, len(_ZERO_CHUNK)
         n = min(piece, size - pos)
         fileio.pwrite_all(fd, _ZERO_CHUNK[:n], pos)
         if trickle:
@@ -179,13 +169,11 @@ class Spare:
         self.wal_dir = wal_dir
         self.size = 0  # 0: no spare ready
 
-    def prepare(self, size: int, urgent: "Callable[[], bool] | None" = None) -> None:
-        """Zero-fill and fsync a spare of ``size`` bytes, trickling (see ``_zero_fill``)
-        until ``urgent()`` says the segment in use is running out of room."""
+    def prepare(self, size: int) -> None:
         remove_quietly(self.path)
         fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
-            _zero_fill(fd, 0, size, SPARE_PIECE, urgent)
+            _zero_fill(fd, 0, size, SPARE_PIECE)
             fsync_or_fail(fileio.fsync, fd)
         except FsyncFailed:
             os.close(fd)

@@ -118,7 +118,6 @@ class WriteAheadLog:
         self._spare_wanted = True   # the spare thread makes one as soon as it starts
         self._spare_thread: threading.Thread | None = None
         self._spare_stop = False
-        self._closing = False  # set by ``close`` before it waits for a spare being filled
         self.inline_preallocations = 0  # rotations that had to zero-fill on the commit path
 
     # ---- appending ---------------------------------------------------------------------
@@ -336,18 +335,11 @@ class WriteAheadLog:
         with self._spare_lock:
             if self.needs_spare():
                 try:
-                    self.spare.prepare(self.next_segment_size(), self._spare_urgent)
+                    self.spare.prepare(self.next_segment_size())
                 except FsyncFailed as e:  # the log stops (never retry an fsync) at once,
                     self.failed = e.__cause__ or e  # before any other I/O: a commit that
                     self.spare.discard()            # starts after the failure is refused
                     raise
-
-    def _spare_urgent(self) -> bool:
-        """Whether the spare being filled is needed soon: less than half of the segment
-        in use is left, or the log is closing and waits for the fill (read without the
-        lock: a heuristic, either answer is safe)."""
-        w = self.writer
-        return self._closing or w.room() < w.size >> 1
 
     def rotate(self) -> int:
         """Start a new segment now (sealing the current one); returns its start LSN."""
@@ -562,7 +554,6 @@ class WriteAheadLog:
         return total
 
     def close(self) -> None:
-        self._closing = True  # (a spare being trickled finishes at full speed: see below)
         with self._spare_lock:
             self._spare_stop = True
             self._spare_cond.notify_all()
