@@ -11,8 +11,7 @@ the same).
 
 Two levels, as LevelDB's ``log_reader``:
 
-- ``SegmentReader`` reads one segment file (into memory with ``pread``, or through mmap
-  when it is larger than READ_WHOLE_MAX: see ``mapped``) and stops at the first record
+- ``SegmentReader`` reads one segment file through mmap and stops at the first record
   that does not validate; ``ScanEnd`` says what lies behind it: a clean end (zeros), a
   torn tail, a corrupt middle (a valid record written *after* the bad spot was durable
   follows it: its ``synced_lsn`` lies beyond the spot), or a truncated file (shorter than
@@ -52,9 +51,6 @@ from .segment import list_segments, segment_name
 
 
 RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
-# segments up to this size are read into memory with pread, larger ones through mmap (see
-# ``mapped``); the default segment is 16 MiB, the largest ``segment_size`` 1 GiB
-READ_WHOLE_MAX = 64 << 20
 
 
 class Record(NamedTuple):
@@ -124,7 +120,7 @@ def judge_end(end: ScanEnd, last: bool, applied: int, next_start: int | None
 
 
 class SegmentReader:
-    """Reads one segment (see ``mapped``); allocations are bounded by the file's size.
+    """Reads one segment through mmap; allocations are bounded by the file's size.
 
     ``header_error`` is set (and no records are yielded) when the header does not
     validate or belongs to another store or position, unless ``read_past_bad_header``
@@ -304,55 +300,19 @@ class SegmentReader:
 
 
 @contextlib.contextmanager
-def mapped(path: str) -> Iterator["mmap.mmap | bytearray | bytes"]:
-    """The bytes of ``path``, read-only: read whole with ``pread`` when the file is at
-    most READ_WHOLE_MAX bytes (every segment of the default sizes), else mapped (unmapped
-    at the end with ``close_map``).  A mapping kills the process with SIGBUS when the
-    file is truncated under it or a page cannot be read from the device (CONTRACT 4.9:
-    never a SIGBUS): `walstore verify` of a 56 MB log whose segments were truncated while
-    it walked them died of it (exit 135; audit 59).  Read into memory, a truncation
-    meanwhile leaves the bytes already read, and an unreadable page is an OSError (EIO)
-    the caller reports.  An empty file (a segment truncated to nothing) reads as
-    ``b""``."""
+def mapped(path: str) -> Iterator[mmap.mmap]:
+    """``path`` mapped read-only, unmapped at the end with ``close_map``.  An empty file
+    (a segment truncated to nothing) is no map: it reads as ``b""`` (mmap refuses it, and
+    a salvage mode dropping such a segment failed with "cannot mmap an empty file")."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
+        if os.fstat(f.fileno()).st_size == 0:
             mm = b""
-        elif size <= READ_WHOLE_MAX:
-            mm = _read_whole(f.fileno(), size)
         else:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         yield mm
     finally:
         close_map(mm)
-
-
-def _read_whole(fd: int, size: int) -> bytearray:
-    """Up to ``size`` bytes of ``fd`` from its start (fewer when it was truncated
-    meanwhile: what is there), in one buffer of at most ``size`` bytes (no second copy:
-    readers slice it as they sliced the map)."""
-    buf = bytearray(size)
-    view = memoryview(buf)
-    done = 0
-    try:
-        while done < size:
-            n = os.preadv(fd, [view[done:]], done) if hasattr(os, "preadv") else \
-                _pread_into(fd, view, done)
-            if n == 0:
-                break
-            done += n
-    finally:
-        view.release()
-    if done < size:
-        del buf[done:]
-    return buf
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
-    chunk = os.pread(fd, min(len(view) - offset, 1 << 24), offset)
-    view[offset:offset + len(chunk)] = chunk
-    return len(chunk)
 
 
 def close_map(mm: mmap.mmap) -> None:
