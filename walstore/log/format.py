@@ -266,8 +266,9 @@ def parse_record_header(buf, offset: int) -> RecordHeader:
 
 
 def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int,
-                 where: str | None = None):
-    """Validate the record at ``offset`` of ``buf`` (which holds bytes up to ``limit``).
+                 where: str | None = None, base: int = 0):
+    """Validate the record at ``offset`` of ``buf`` (which holds bytes up to ``limit``;
+    ``buf`` begins at file offset ``base``, for messages: a reader's window of a file).
 
     Returns ``(header, None)`` when it is a whole, valid record with the expected LSN, or
     ``(header_or_None, reason)`` naming the first thing wrong.  Never allocates more than
@@ -291,7 +292,7 @@ def check_record(buf, offset: int, salt: int, expected_lsn: int, limit: int,
     if crc != h.crc:
         return h, "record checksum mismatch"
     if h.type not in VALID_TYPES or h.flags != 0:
-        raise NotAStore(newer_record_message(h, where, offset))
+        raise NotAStore(newer_record_message(h, where, base + offset))
     return h, None
 
 

@@ -11,7 +11,8 @@ the same).
 
 Two levels, as LevelDB's ``log_reader``:
 
-- ``SegmentReader`` reads one segment file through mmap and stops at the first record
+- ``SegmentReader`` reads one segment file with ``pread``, a window at a time (never
+  mapped: see ``FileBytes``), and stops at the first record
   that does not validate; ``ScanEnd`` says what lies behind it: a clean end (zeros), a
   torn tail, a corrupt middle (a valid record written *after* the bad spot was durable
   follows it: its ``synced_lsn`` lies beyond the spot), or a truncated file (shorter than
@@ -44,13 +45,15 @@ import time
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
-from .format import (MAX_SEGMENT_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC, SEAL_RECORD_SIZE,
+from .format import (MAX_PAYLOAD, MAX_SEGMENT_SIZE, RECORD_HEADER_SIZE, RECORD_MAGIC,
+                     SEAL_RECORD_SIZE,
                      SEGMENT_HEADER_SIZE, RecordType, check_record, decode_segment_header,
-                     segment_salt)
+                     parse_record_header, segment_salt)
 from .segment import list_segments, segment_name
 
 
 RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
+WINDOW = 1 << 20  # a segment is read this much at a time (FileBytes)
 
 
 class Record(NamedTuple):
@@ -120,7 +123,7 @@ def judge_end(end: ScanEnd, last: bool, applied: int, next_start: int | None
 
 
 class SegmentReader:
-    """Reads one segment through mmap; allocations are bounded by the file's size.
+    """Reads one segment (``FileBytes``); allocations are bounded by the file's size.
 
     ``header_error`` is set (and no records are yielded) when the header does not
     validate or belongs to another store or position, unless ``read_past_bad_header``
@@ -211,14 +214,15 @@ class SegmentReader:
             sealed = False
             while True:
                 lsn = self.lsn_at(off)
-                h, reason = check_record(mm, off, self.salt, lsn, size, self.path)
+                h, reason, buf, i = _check_at(mm, off, self.salt, lsn, size, self.path)
                 if reason is not None:
                     self.end = self._classify(mm, off, size, reason, sealed)
                     return
                 end = off + RECORD_HEADER_SIZE + h.length
                 sealed = h.type == RecordType.SEAL
-                yield Record(lsn, h.type, bytes(mm[off + RECORD_HEADER_SIZE:end]), h.synced_lsn,
-                             self.lsn_at(end), off)
+                yield Record(lsn, h.type, bytes(buf[i + RECORD_HEADER_SIZE:i + RECORD_HEADER_SIZE
+                                                     + h.length]),
+                             h.synced_lsn, self.lsn_at(end), off)
                 off = end
 
     def truncation(self) -> str | None:
@@ -270,13 +274,15 @@ class SegmentReader:
                 return None, False
             off = pos - 10
             if off >= start:
-                h, reason = check_record(mm, off, self.salt, self.lsn_at(off), size,
-                                         self.path)
+                h, reason, buf, i = _check_at(mm, off, self.salt, self.lsn_at(off), size,
+                                              self.path)
                 if h is not None and h.lsn == self.lsn_at(off) and h.length <= size:
                     budget -= RECORD_HEADER_SIZE + h.length
                 if reason is None:
                     end = off + RECORD_HEADER_SIZE + h.length
-                    return Record(h.lsn, h.type, bytes(mm[off + RECORD_HEADER_SIZE:end]),
+                    return Record(h.lsn, h.type,
+                                  bytes(buf[i + RECORD_HEADER_SIZE:i + RECORD_HEADER_SIZE
+                                            + h.length]),
                                   h.synced_lsn, self.lsn_at(end), off), False
                 if budget < 0:
                     return None, True
@@ -300,19 +306,116 @@ class SegmentReader:
 
 
 @contextlib.contextmanager
-def mapped(path: str) -> Iterator[mmap.mmap]:
-    """``path`` mapped read-only, unmapped at the end with ``close_map``.  An empty file
-    (a segment truncated to nothing) is no map: it reads as ``b""`` (mmap refuses it, and
-    a salvage mode dropping such a segment failed with "cannot mmap an empty file")."""
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            mm = b""
-        else:
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+def mapped(path: str) -> Iterator["FileBytes"]:
+    """The bytes of ``path`` as a ``FileBytes`` (read a window at a time, never mapped),
+    its descriptor closed at the end.  An empty file (a segment truncated to nothing)
+    reads as no bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
-        yield mm
+        yield FileBytes(fd, os.fstat(fd).st_size)
     finally:
-        close_map(mm)
+        os.close(fd)
+
+
+class FileBytes:
+    """A segment's bytes read with ``pread``, a window of at most ``max(WINDOW, the
+    request)`` bytes at a time: what the readers slice and search as they did a read-only
+    mmap.  A mapping kills the process with SIGBUS when the file is truncated under it or
+    a page cannot be read from the device (CONTRACT 4.9: never a SIGBUS): `walstore
+    verify` of a 56 MB log whose segments were truncated while it walked them died of it
+    (exit 135; audit 59).  Read so, a truncation meanwhile is a short read (the record
+    there reads as truncated) and an unreadable page an OSError (EIO) the caller reports.
+    Memory: one window (a record longer than WINDOW: that record), never the file — a
+    whole segment read into memory broke the walkers' memory bounds (16 MiB of heap a
+    segment)."""
+
+    __slots__ = ("fd", "size", "_base", "_buf")
+
+    def __init__(self, fd: int, size: int) -> None:
+        self.fd, self.size = fd, size
+        self._base, self._buf = 0, b""
+
+    def __len__(self) -> int:
+        return self.size
+
+    def span(self, off: int, n: int) -> tuple[bytes, int]:
+        """``(buf, i)`` with ``buf[i:i + n]`` the file's bytes ``[off, off + n)`` — fewer
+        where the file ends (at the size it had when opened, or sooner if it shrank).  A
+        small request reads the WINDOW around it from a half-window boundary, so the
+        headers and searches that follow it are served from the same read."""
+        if self._base <= off and off + n <= self._base + len(self._buf):
+            return self._buf, off - self._base
+        half = WINDOW >> 1
+        base = off - off % half if n <= half else off
+        want = max(0, min(max(n + off - base, WINDOW), self.size - base))
+        self._base, self._buf = base, _pread_full(self.fd, want, base)
+        return self._buf, off - base
+
+    def __getitem__(self, item: slice) -> bytes:
+        start, stop, _step = item.indices(self.size)
+        if stop <= start:
+            return b""
+        buf, i = self.span(start, stop - start)
+        return buf[i:i + stop - start]
+
+    def find(self, sub: bytes, start: int, end: int) -> int:
+        """``bytes.find`` over the file's ``[start, end)``, a window at a time (windows
+        overlap by ``len(sub) - 1`` bytes, so a match across a boundary is found)."""
+        end = min(end, self.size)
+        keep = len(sub) - 1
+        pos = start
+        while end - pos >= len(sub):
+            n = min(WINDOW >> 1, end - pos)
+            buf, i = self.span(pos, n)
+            got = min(n, len(buf) - i)
+            k = buf.find(sub, i, i + got)
+            if k >= 0:
+                return pos + (k - i)
+            if got < n or pos + n >= end:
+                return -1  # (the file ended: shorter than it was)
+            pos += max(1, n - keep)
+        return -1
+
+
+def _pread_full(fd: int, n: int, off: int) -> bytes:
+    """Up to ``n`` bytes at ``off`` (fewer only at the file's end)."""
+    data = os.pread(fd, n, off)
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = os.pread(fd, n - got, off + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _check_at(src: FileBytes, off: int, salt: int, lsn: int, size: int, where: str):
+    """``check_record`` of the record at file offset ``off`` of ``src`` (bytes up to
+    ``size``), judged and named as it was over a map: the header read first, and the
+    whole record only when the check will read its payload (magic, length bound, within
+    ``size``, the LSN of its position): a resync over a crafted file of magics reads no
+    more than a header per candidate.  Returns ``(header, reason, buf, i)``: the record's
+    bytes are ``buf[i:]``."""
+    rest = size - off
+    buf, i = src.span(off, min(RECORD_HEADER_SIZE, max(rest, 0)))
+    have = len(buf) - i
+    if have >= RECORD_HEADER_SIZE:
+        h = parse_record_header(buf, i)
+        if (h.magic == RECORD_MAGIC and h.length <= MAX_PAYLOAD and h.lsn == lsn
+                and RECORD_HEADER_SIZE + h.length <= rest):
+            buf, i = src.span(off, RECORD_HEADER_SIZE + h.length)
+            have = len(buf) - i  # (short only if the file shrank meanwhile)
+            limit = i + min(rest, have)
+        else:  # (the check stops before the payload: the file's own limit names it)
+            limit = i + rest
+    else:
+        limit = i + max(0, min(rest, have))
+    h, reason = check_record(buf, i, salt, lsn, limit, where, base=off - i)
+    return h, reason, buf, i
 
 
 def close_map(mm: mmap.mmap) -> None:
