@@ -38,7 +38,6 @@ in the file; the resynchronisation search behind a bad record is bounded
 from __future__ import annotations
 
 import contextlib
-import mmap
 import os
 import stat
 import time
@@ -54,6 +53,7 @@ from .segment import list_segments, segment_name
 
 RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
 WINDOW = 1 << 20  # a segment is read this much at a time (FileBytes)
+FOLLOW_WINDOW = 64 << 10  # ... and by a read-only store's follower, at each poll
 
 
 class Record(NamedTuple):
@@ -329,10 +329,10 @@ class FileBytes:
     whole segment read into memory broke the walkers' memory bounds (16 MiB of heap a
     segment)."""
 
-    __slots__ = ("fd", "size", "_base", "_buf")
+    __slots__ = ("fd", "size", "window", "_base", "_buf")
 
-    def __init__(self, fd: int, size: int) -> None:
-        self.fd, self.size = fd, size
+    def __init__(self, fd: int, size: int, window: int = WINDOW) -> None:
+        self.fd, self.size, self.window = fd, size, window
         self._base, self._buf = 0, b""
 
     def __len__(self) -> int:
@@ -345,9 +345,10 @@ class FileBytes:
         headers and searches that follow it are served from the same read."""
         if self._base <= off and off + n <= self._base + len(self._buf):
             return self._buf, off - self._base
-        half = WINDOW >> 1
+        window = self.window
+        half = window >> 1
         base = off - off % half if n <= half else off
-        want = max(0, min(max(n + off - base, WINDOW), self.size - base))
+        want = max(0, min(max(n + off - base, window), self.size - base))
         self._base, self._buf = base, _pread_full(self.fd, want, base)
         return self._buf, off - base
 
@@ -365,7 +366,7 @@ class FileBytes:
         keep = len(sub) - 1
         pos = start
         while end - pos >= len(sub):
-            n = min(WINDOW >> 1, end - pos)
+            n = min(self.window >> 1, end - pos)
             buf, i = self.span(pos, n)
             got = min(n, len(buf) - i)
             k = buf.find(sub, i, i + got)
@@ -416,20 +417,6 @@ def _check_at(src: FileBytes, off: int, salt: int, lsn: int, size: int, where: s
         limit = i + max(0, min(rest, have))
     h, reason = check_record(buf, i, salt, lsn, limit, where, base=off - i)
     return h, reason, buf, i
-
-
-def close_map(mm: mmap.mmap) -> None:
-    """Unmap ``mm``, or leave that to the garbage collector while a view of it is still
-    held: an exception raised inside a read of the map (a KeyboardInterrupt, Ctrl-C while
-    a large log was read) keeps that read's frame, and the view in it, alive while it
-    unwinds, and a plain close raised BufferError ("exported pointers exist"), which took
-    the interrupt's place."""
-    if not isinstance(mm, mmap.mmap):
-        return  # (an empty file's ``b""``: nothing mapped)
-    try:
-        mm.close()
-    except BufferError:
-        pass
 
 
 def last_nonzero_end(mm, start: int, size: int) -> int:
@@ -662,11 +649,15 @@ class WalProgress:
 class LogFollower:
     """Returns the records appended since the last call, following rotations.
 
-    It keeps one mmap of the segment it is in (segments are preallocated, so the mapping
-    covers every byte the writer will put there).  A record not yet whole ends the read
-    until it is.  When the segments it has not read yet were trimmed by a checkpoint
-    (their commits are in LMDB by then), it moves to the first remaining segment that
-    ``applied()`` reaches and reports the skip through ``skipped_to``.
+    It keeps the segment it is in open and reads it with ``pread`` (``FileBytes``, a
+    ``FOLLOW_WINDOW`` at a time, read afresh at each poll: the writer fills the segment
+    meanwhile).  It mapped the segment before, and a segment truncated under it (a new
+    writer's recovery cutting a torn tail, a hand at the file) killed the read-only
+    process with SIGBUS (CONTRACT 4.9: never; a short read here reads as a record not
+    yet whole).  A record not yet whole ends the read until it is.  When the segments it
+    has not read yet were trimmed by a checkpoint (their commits are in LMDB by then), it
+    moves to the first remaining segment that ``applied()`` reaches and reports the skip
+    through ``skipped_to``.
     """
 
     def __init__(self, wal_dir: str, store_id: bytes, from_lsn: int) -> None:
@@ -676,14 +667,13 @@ class LogFollower:
         self.skipped_to: int | None = None
         self._seg: int | None = None
         self._reader: SegmentReader | None = None
-        self._mm: mmap.mmap | None = None
-        self._file = None
+        self._fd: int | None = None
         self._offset = SEGMENT_HEADER_SIZE
 
     def poll(self, applied: int) -> Iterator[Record]:
         """Yield every whole, valid record past the current position."""
         while True:
-            if self._mm is None and not self._open(applied):
+            if self._fd is None and not self._open(applied):
                 return
             moved = yield from self._read()
             if not moved:
@@ -702,30 +692,33 @@ class LogFollower:
                 self.position = start
             try:
                 reader = SegmentReader(path, self.store_id, start)
-                f = open(path, "rb")
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:
                 continue
             if reader.header_error or reader.file_size <= SEGMENT_HEADER_SIZE:
-                f.close()
+                os.close(fd)
                 return False
             self.close()
-            self._seg, self._reader, self._file = start, reader, f
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._seg, self._reader, self._fd = start, reader, fd
             self._offset = reader.offset_of(self.position)
             return True
         return False
 
     def _read(self):
         """Records at the current position; returns True when the segment is finished."""
-        mm, reader = self._mm, self._reader
+        reader = self._reader
+        # (the size the segment had when opened: preallocated, the writer fills it in
+        # place; a file shorter now reads short, as a record not yet whole)
+        src = FileBytes(self._fd, reader.file_size, FOLLOW_WINDOW)
         while True:
             lsn = reader.lsn_at(self._offset)
-            h, reason = check_record(mm, self._offset, reader.salt, lsn, len(mm),
-                                     reader.path)
+            h, reason, buf, i = _check_at(src, self._offset, reader.salt, lsn,
+                                          reader.file_size, reader.path)
             if reason is not None:
                 return self._next_starts_at(lsn)
             end = self._offset + RECORD_HEADER_SIZE + h.length
-            rec = Record(lsn, h.type, bytes(mm[self._offset + RECORD_HEADER_SIZE:end]),
+            rec = Record(lsn, h.type, bytes(buf[i + RECORD_HEADER_SIZE:i + RECORD_HEADER_SIZE
+                                                 + h.length]),
                          h.synced_lsn, reader.lsn_at(end), self._offset)
             self._offset = end
             self.position = rec.end_lsn
@@ -744,8 +737,7 @@ class LogFollower:
         return False
 
     def close(self) -> None:
-        if self._mm is not None:
-            mm, self._mm = self._mm, None
-            close_map(mm)
-            self._file.close()
-        self._mm = self._file = self._reader = None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+        self._reader = None

@@ -1,0 +1,68 @@
+"""Audit 60 (the lead): what a read-only store's follower did with a segment cut under it.
+
+- A read-only store follows its writer's log: before each read it takes in the records
+  appended since the last one (``LogFollower``).  It mapped the segment it was in, and a
+  segment truncated under it (a hand at the file, a tool, a new writer's recovery cutting
+  a torn tail) killed the read-only process with SIGBUS at its next read — CONTRACT 4.9:
+  never a SIGBUS.  It reads with ``pread`` now, a window per poll, and a segment shorter
+  than it was reads as a record not yet whole
+  (``test_a_segment_cut_under_a_read_only_store_is_no_sigbus``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import walstore
+
+_READER = r"""
+import sys, walstore
+s = walstore.open(sys.argv[1], readonly=True)
+print("first", s.get("k0000"), s.get("k0199"), flush=True)
+sys.stdin.readline()
+print("again", s.get("k0000"), s.get("k0199"), s.get("k9999"), flush=True)
+s.close()
+print("closed", flush=True)
+"""
+
+
+def _segment_in_use(path: str) -> str:
+    wal = os.path.join(path, "wal")
+    names = sorted(n for n in os.listdir(wal) if n.endswith(".wal"))
+    return os.path.join(wal, names[-1])
+
+
+def test_a_segment_cut_under_a_read_only_store_is_no_sigbus(tmp_path):
+    path = str(tmp_path / "store")
+    s = walstore.open(path)
+    try:
+        for i in range(200):  # (a few commits: held in the log, LMDB not written yet)
+            with s.transaction() as tx:
+                tx.put(f"k{i:04d}", "v" * 100)
+        seg = _segment_in_use(path)
+        assert os.path.getsize(seg) > 64 << 10
+        p = subprocess.Popen([sys.executable, "-c", _READER, path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = p.stdout.readline().split()
+            assert first == ["first", "v" * 100, "v" * 100], (first, p.stderr.read())
+            os.truncate(seg, 4096)  # (under the follower: past it, a mapping's pages
+            p.stdin.write("go\n")   # raise SIGBUS when touched)
+            p.stdin.flush()
+            out, err = p.communicate(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode != -signal.SIGBUS, "the read-only store was killed by SIGBUS"
+        assert p.returncode == 0, err
+        lines = out.splitlines()
+        # what it had read stays shown (those commits were acknowledged), nothing new
+        assert lines == ["again " + "v" * 100 + " " + "v" * 100 + " None", "closed"], out
+    finally:
+        try:
+            s.close()
+        except walstore.WalstoreError:
+            pass  # (the writer's own segment was cut under it: not this test's question)
