@@ -7,6 +7,14 @@
   never a SIGBUS.  It reads with ``pread`` now, a window per poll, and a segment shorter
   than it was reads as a record not yet whole
   (``test_a_segment_cut_under_a_read_only_store_is_no_sigbus``).
+- Replication read segments through mmap as well: the tail of a store read from outside
+  its writer (``DirectorySource``, what `walstore replicate` ships), the shipper's WAL
+  objects, the inert-tail check and a commit's digest.  A segment cut while it read died
+  of SIGBUS (a loop of reads beside a thread cutting and restoring the segment: exit 135
+  within the first reads).  They read through ``FileBytes`` now; a cut segment is a
+  ``CorruptionError`` or a short read, and a WAL object is never built from bytes that
+  were cut away meanwhile
+  (``test_replication_reading_a_segment_cut_under_it_is_no_sigbus``).
 """
 from __future__ import annotations
 
@@ -26,6 +34,53 @@ print("again", s.get("k0000"), s.get("k0199"), s.get("k9999"), flush=True)
 s.close()
 print("closed", flush=True)
 """
+
+
+_CUTTER = r"""
+import os, sys, threading, walstore
+from walstore.replication.source import DirectorySource
+path = sys.argv[1]
+wal = os.path.join(path, "wal")
+seg = os.path.join(wal, sorted(n for n in os.listdir(wal) if n.endswith(".wal"))[-1])
+full = os.path.getsize(seg)
+data = open(seg, "rb").read()
+src = DirectorySource(path, fsync=False)
+stop = False
+def cutter():
+    fd = os.open(seg, os.O_WRONLY)
+    while not stop:  # cut the segment, then give it back its bytes
+        os.ftruncate(fd, 4096)
+        os.ftruncate(fd, full)
+        os.pwrite(fd, data[4096:], 4096)
+    os.close(fd)
+t = threading.Thread(target=cutter)
+t.start()
+refused = 0
+try:
+    for i in range(1500):
+        src._tail = None  # (read the segment from its start again)
+        try:
+            src.durable_lsn()
+        except walstore.WalstoreError:
+            refused += 1  # (a cut segment is damage: refused, named)
+finally:
+    stop = True
+    t.join()
+print("ok", refused)
+"""
+
+
+def test_replication_reading_a_segment_cut_under_it_is_no_sigbus(tmp_path):
+    path = str(tmp_path / "store")
+    with walstore.open(path) as s:
+        for i in range(3000):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 200)
+    p = subprocess.run([sys.executable, "-c", _CUTTER, path], capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != -signal.SIGBUS, "killed by SIGBUS"
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split()[0] == "ok", p.stdout
 
 
 def _segment_in_use(path: str) -> str:

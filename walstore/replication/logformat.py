@@ -37,6 +37,7 @@ from ..log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RE
                           decode_segment_header, encode_record, encode_segment_header,
                           segment_salt)
 from ..log.format import check_record as _check_record
+from ..log.reader import FileBytes, _check_at
 
 SEAL = int(RecordType.SEAL)
 CHECKPOINT = int(RecordType.CHECKPOINT)
@@ -97,8 +98,13 @@ def read_segment_header(data: bytes) -> tuple[bytes, int, int]:
 
 def check_record(buf, off: int, salt_: int, lsn: int, limit: int) -> tuple[Rec | None, str]:
     """The whole valid record at ``off`` of ``buf`` (bytes up to ``limit``), or (None, why):
-    the log's own record check (walstore.log.format), on a buffer."""
-    h, why = _check_record(buf, off, salt_, lsn, limit)
+    the log's own record check (walstore.log.format), on a buffer — or on a segment file
+    read through ``walstore.log.reader.FileBytes`` (``pread``, a window at a time: never
+    a mapping, which dies of SIGBUS when the file is cut under it; CONTRACT 4.9)."""
+    if isinstance(buf, FileBytes):
+        h, why, _b, _i = _check_at(buf, off, salt_, lsn, limit, "")
+    else:
+        h, why = _check_record(buf, off, salt_, lsn, limit)
     if why is not None:
         return None, why
     size = RECORD_HEADER_SIZE + h.length
@@ -123,6 +129,8 @@ def reframe(raw: bytes, new_salt: int) -> bytes:
 
 
 def payload(buf, rec: Rec):
+    if isinstance(buf, FileBytes):
+        return buf[rec.offset + RECORD_HEADER_SIZE:rec.offset + rec.size]
     return memoryview(buf)[rec.offset + RECORD_HEADER_SIZE:rec.offset + rec.size]
 
 

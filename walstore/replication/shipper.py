@@ -41,6 +41,7 @@ import msgpack
 
 from ..errors import ReplicationError
 from ..files.blobs import BlobStore
+from ..log.reader import FileBytes
 from ..signals import Flag
 from . import logformat, source as _src
 from .lease import LEASE_KEY, MAX_LEASE_BYTES, Lease, LeaseLost, Refused, _pid_alive, \
@@ -1032,68 +1033,76 @@ class Shipper:
         ``max_bytes`` (at least one record); None when there is no valid record at pos.
         Returns (body, manifest entry, (open, points, last_commit) after it)."""
         m = self.manifest
-        import mmap
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size <= logformat.HEADER_SIZE:
                 return None
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-                store_id, hstart, _pre = logformat.read_segment_header(
-                    mm[:logformat.HEADER_SIZE])
-                if store_id != self.source.store_id or hstart != seg:
-                    raise ReplicationError(f"segment {path} does not belong to this log")
-                salt = logformat.salt(store_id, seg)
-                off0 = pos - seg + logformat.HEADER_SIZE
-                opened = dict(m.open)
-                points = {k: dict(v) for k, v in m.doc["points"].items()}
-                last = m.doc["last_commit"]
-                om = min(opened.values()) if opened else None
-                t0 = t1 = x0 = x1 = None
-                purges: list = []  # [LSN, prefix] of each purge's commit in it
-                end, n = pos, 0
-                for rec in logformat.iter_records(mm, off0, pos, salt, len(mm)):
-                    if rec.end > limit or (n and rec.end - pos > max_bytes):
-                        break
-                    end, n = rec.end, n + 1
-                    erased = logformat.purge_prefix(rec.type, mm, rec)
-                    if erased is not None:
-                        purges.append([rec.lsn, erased])
-                    info = logformat.summarize(rec.type, logformat.payload(mm, rec))
-                    tx = info.get("tx")
-                    if rec.type in logformat.OPENING and isinstance(tx, int):
-                        opened.setdefault(tx, rec.lsn)
-                    elif rec.type in logformat.ENDING and isinstance(tx, int):
-                        opened.pop(tx, None)
-                    if rec.type == logformat.COMMIT and isinstance(tx, int):
-                        ts = info.get("ts") if isinstance(info.get("ts"), (int, float)) else None
-                        if ts is not None:
-                            t0 = ts if t0 is None else min(t0, ts)
-                            t1 = ts if t1 is None else max(t1, ts)
-                        x0 = tx if x0 is None else min(x0, tx)
-                        x1 = tx if x1 is None else max(x1, tx)
-                        last = {"ts": ts, "tx": tx, "lsn": rec.lsn,
-                                "h": _record_digest(logformat.payload(mm, rec))}
-                    elif rec.type == logformat.RESTORE_POINT and isinstance(info.get("name"), str):
-                        name = info["name"]
-                        if info.get("drop"):
-                            if name in points:
-                                points[name]["dropped"] = rec.lsn
-                        else:
-                            points[name] = {"lsn": rec.lsn, "ts": info.get("ts"), "dropped": None}
-                if n == 0:
-                    return None
-                head = logformat.encode_object_header(store_id, self.source.lineage, seg, pos,
-                                                      end, n)
-                a, b = off0, off0 + (end - pos)
-                total = len(head) + (b - a)
-                if total <= IN_MEMORY_OBJECT:
-                    body: Any = head + mm[a:b]
-                else:
-                    body = tempfile.TemporaryFile(dir=self._tmp)
-                    body.write(head)
-                    for o in range(a, b, 1 << 20):
-                        body.write(mm[o:min(b, o + (1 << 20))])
-                    body.seek(0)
+            # (pread, a window at a time, never mapped: a segment cut under a mapping
+            # killed the writer's process with SIGBUS; CONTRACT 4.9)
+            mm = FileBytes(f.fileno(), size)
+            store_id, hstart, _pre = logformat.read_segment_header(
+                mm[:logformat.HEADER_SIZE])
+            if store_id != self.source.store_id or hstart != seg:
+                raise ReplicationError(f"segment {path} does not belong to this log")
+            salt = logformat.salt(store_id, seg)
+            off0 = pos - seg + logformat.HEADER_SIZE
+            opened = dict(m.open)
+            points = {k: dict(v) for k, v in m.doc["points"].items()}
+            last = m.doc["last_commit"]
+            om = min(opened.values()) if opened else None
+            t0 = t1 = x0 = x1 = None
+            purges: list = []  # [LSN, prefix] of each purge's commit in it
+            end, n = pos, 0
+            for rec in logformat.iter_records(mm, off0, pos, salt, len(mm)):
+                if rec.end > limit or (n and rec.end - pos > max_bytes):
+                    break
+                end, n = rec.end, n + 1
+                erased = logformat.purge_prefix(rec.type, mm, rec)
+                if erased is not None:
+                    purges.append([rec.lsn, erased])
+                info = logformat.summarize(rec.type, logformat.payload(mm, rec))
+                tx = info.get("tx")
+                if rec.type in logformat.OPENING and isinstance(tx, int):
+                    opened.setdefault(tx, rec.lsn)
+                elif rec.type in logformat.ENDING and isinstance(tx, int):
+                    opened.pop(tx, None)
+                if rec.type == logformat.COMMIT and isinstance(tx, int):
+                    ts = info.get("ts") if isinstance(info.get("ts"), (int, float)) else None
+                    if ts is not None:
+                        t0 = ts if t0 is None else min(t0, ts)
+                        t1 = ts if t1 is None else max(t1, ts)
+                    x0 = tx if x0 is None else min(x0, tx)
+                    x1 = tx if x1 is None else max(x1, tx)
+                    last = {"ts": ts, "tx": tx, "lsn": rec.lsn,
+                            "h": _record_digest(logformat.payload(mm, rec))}
+                elif rec.type == logformat.RESTORE_POINT and isinstance(info.get("name"), str):
+                    name = info["name"]
+                    if info.get("drop"):
+                        if name in points:
+                            points[name]["dropped"] = rec.lsn
+                    else:
+                        points[name] = {"lsn": rec.lsn, "ts": info.get("ts"), "dropped": None}
+            if n == 0:
+                return None
+            head = logformat.encode_object_header(store_id, self.source.lineage, seg, pos,
+                                                  end, n)
+            a, b = off0, off0 + (end - pos)
+            total = len(head) + (b - a)
+            if total <= IN_MEMORY_OBJECT:
+                got = mm[a:b]
+                if len(got) != b - a:
+                    raise ReplicationError(f"segment {path} was cut short while read")
+                body: Any = head + got
+            else:
+                body = tempfile.TemporaryFile(dir=self._tmp)
+                body.write(head)
+                for o in range(a, b, 1 << 20):
+                    got = mm[o:min(b, o + (1 << 20))]
+                    if len(got) != min(b, o + (1 << 20)) - o:
+                        body.close()
+                        raise ReplicationError(f"segment {path} was cut short while read")
+                    body.write(got)
+                body.seek(0)
         entry = {"k": wal_key(pos, end, level), "seg": seg, "a": pos, "b": end, "n": total,
                  "lv": level, "t0": t0, "t1": t1, "x0": x0, "x1": x1, "om": om, "pg": purges}
         return body, entry, (opened, points, last)
@@ -1457,9 +1466,9 @@ def _local_commit_at(src: _src.Source, lsn: Any) -> tuple[int | None, str | None
         return None, None
     start = max(starts)
     path = dict(segs)[start]
-    import mmap
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        with open(path, "rb") as f:
+            mm = FileBytes(f.fileno(), os.fstat(f.fileno()).st_size)  # (pread: no SIGBUS)
             store_id, hstart, _pre = logformat.read_segment_header(mm[:logformat.HEADER_SIZE])
             off = lsn - start + logformat.HEADER_SIZE
             rec, _why = logformat.check_record(mm, off, logformat.salt(store_id, hstart), lsn,

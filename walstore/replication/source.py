@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
-import mmap
 import os
 import struct
 import threading
@@ -28,6 +27,7 @@ import lmdb
 
 from .. import fileio
 from ..engine.layout import Layout, writer_alive
+from ..log.reader import FOLLOW_WINDOW, FileBytes
 from ..log.segment import create_segment, list_segments
 from . import logformat
 
@@ -129,26 +129,30 @@ class DirectorySource:
                 self._refuse_if_cut_short(path, start)
                 if size <= self._tail_off:
                     return max(self._durable, start)
-                with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
-                    store_id, hstart, _pre = logformat.read_segment_header(mm[:logformat.HEADER_SIZE])
-                    if store_id != self.store_id or hstart != start:
-                        return self._durable
-                    salt = logformat.salt(self.store_id, start)
-                    moved = False
-                    for rec in logformat.iter_records(mm, self._tail_off, self._tail_lsn, salt,
-                                                      len(mm)):
-                        self._tail_off += rec.size
-                        self._tail_lsn = rec.end
-                        self._synced_seen = max(self._synced_seen, rec.synced)
-                        moved = True
-                        if rec.type == logformat.COMMIT:
-                            ts = logformat.summarize(rec.type,
-                                                     logformat.payload(mm, rec)).get("ts")
-                            if isinstance(ts, (int, float)) and not isinstance(ts, bool):
-                                self._stamps_ahead.append((rec.end, float(ts)))
-                    if self._tail_off < len(mm) and mm[self._tail_off] != 0:
-                        self._refuse_if_corrupt(path, start)
-                    self._refuse_if_short_of_applied(path)
+                # (read with pread, a window at a time, never mapped: a segment cut under
+                # a mapping — a new writer's recovery cutting a torn tail while this reads
+                # it from outside — killed the process with SIGBUS; CONTRACT 4.9)
+                mm = FileBytes(fd, size, FOLLOW_WINDOW)
+                store_id, hstart, _pre = logformat.read_segment_header(
+                    os.pread(fd, logformat.HEADER_SIZE, 0))
+                if store_id != self.store_id or hstart != start:
+                    return self._durable
+                salt = logformat.salt(self.store_id, start)
+                moved = False
+                for rec in logformat.iter_records(mm, self._tail_off, self._tail_lsn, salt,
+                                                  len(mm)):
+                    self._tail_off += rec.size
+                    self._tail_lsn = rec.end
+                    self._synced_seen = max(self._synced_seen, rec.synced)
+                    moved = True
+                    if rec.type == logformat.COMMIT:
+                        ts = logformat.summarize(rec.type,
+                                                 logformat.payload(mm, rec)).get("ts")
+                        if isinstance(ts, (int, float)) and not isinstance(ts, bool):
+                            self._stamps_ahead.append((rec.end, float(ts)))
+                if mm[self._tail_off:self._tail_off + 1] not in (b"", b"\0"):
+                    self._refuse_if_corrupt(path, start)
+                self._refuse_if_short_of_applied(path)
                 if moved and self.fsync:
                     try:
                         os.fdatasync(fd)
@@ -651,12 +655,12 @@ def _inert_tail_end(wal_dir: str, store_id: bytes, applied: int) -> int | None:
             size = os.fstat(f.fileno()).st_size
             if size <= logformat.HEADER_SIZE:
                 continue
-            with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-                for rec in logformat.iter_records(mm, logformat.HEADER_SIZE + lsn - start,
-                                                  lsn, logformat.salt(store_id, start), size):
-                    if rec.type not in _INERT:
-                        return None
-                    end = rec.end
+            mm = FileBytes(f.fileno(), size)  # (pread: never a SIGBUS)
+            for rec in logformat.iter_records(mm, logformat.HEADER_SIZE + lsn - start,
+                                              lsn, logformat.salt(store_id, start), size):
+                if rec.type not in _INERT:
+                    return None
+                end = rec.end
     return end if end > applied else None
 
 
