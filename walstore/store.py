@@ -56,6 +56,9 @@ _OPEN_STORES: "weakref.WeakSet[Store]" = weakref.WeakSet()
 _OPEN_LOCK = threading.Lock()
 RUN_MAX_BACKOFF_S = 1.0  # run()'s wait between retries stops doubling here
 CLOSE_WAIT_S = 30.0  # close() lets other threads' work under way finish this long
+# close() lets an action's body another thread is running leave its ``with`` block this
+# long first (its result logged; see Store._wait_for_action_bodies)
+ACTION_BODY_WAIT_S = 5.0
 PURGE_SHIP_WAIT_S = 10.0  # a purge waits this long for its replica to catch up before erasing
 
 
@@ -313,6 +316,7 @@ class Store:
             self._closing = threading.current_thread()
             try:
                 if self._engine.writable and not self._engine.closed:
+                    self._wait_for_action_bodies()
                     for txid, error in self._hooks.roll_back_open(CLOSE_WAIT_S):
                         warnings.warn(f"closing {self.path}: the rollback of open "  # (recorded)
                                       f"transaction {txid} did not finish: {error}",
@@ -325,6 +329,27 @@ class Store:
                     self._files.close_monitors()
             finally:
                 self._closing = None
+
+    def _wait_for_action_bodies(self) -> None:
+        """Before anything is rolled back or closed: the ``with tx.action(...)`` bodies
+        other threads are running are let leave their block (a few seconds), so
+        their results are logged.  (The log was closed under them: the result could not
+        be logged, and the next open compensated the charge with ``result=None`` after a
+        clean close — audit 60.)  A body still running after ACTION_BODY_WAIT_S (an agent's
+        long call) is left as a crash leaves it, to the next open, said in a
+        RuntimeWarning."""
+        deadline = time.monotonic() + ACTION_BODY_WAIT_S
+        while True:
+            bodies = self._hooks.action_bodies_elsewhere()
+            if not bodies or time.monotonic() >= deadline:
+                break
+            time.sleep(0.005)
+        if bodies:
+            warnings.warn(f"closing {self.path}: after {ACTION_BODY_WAIT_S:g} s, the bodies "
+                          f"of action(s) {bodies} are still running in other threads; their "
+                          f"results cannot be logged now, so the next open compensates "
+                          f"them with result=None (same idempotency keys)",
+                          RuntimeWarning, stacklevel=3)
 
     def _wait_for_work_elsewhere(self) -> None:
         """Before the log closes: other threads' revert/rewind/purge calls and the

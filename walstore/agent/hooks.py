@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import CompensationFailed, TransactionClosed, WalstoreError
 from ..signals import deferred
-from .actions import Action, ActionScope, Saga, UndoProgress
+from .actions import Action, ActionScope, Saga, UndoProgress, _body_running
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
                     is_file_effect)
 from .twophase import TwoPhase
@@ -64,6 +64,21 @@ class AgentHooks:
     def effects_ended(self, tx: "Transaction") -> None:
         with self._with_effects_lock:
             self._with_effects.pop(tx.id, None)
+
+    def action_bodies_elsewhere(self) -> list[str]:
+        """The ids of the actions whose ``with tx.action(...)`` body other threads are
+        running now (close() waits for them: the body's result must be logged before the
+        log closes, else the compensation owed for it is told ``result=None``)."""
+        me = threading.get_ident()
+        with self._with_effects_lock:
+            open_txs = list(self._with_effects.values())
+        running = []
+        for tx in open_txs:
+            for a in list(tx.effects):
+                body = a._body if isinstance(a, Action) else None
+                if body is not None and body[0] != me and _body_running(body):
+                    running.append(a.id)
+        return running
 
     def roll_back_open(self, wait: float = 30.0) -> list[tuple[int, BaseException]]:
         """Roll back, newest first, every open transaction whose effects are out in the
