@@ -335,18 +335,23 @@ class Store:
         other threads are running are let leave their block (a few seconds), so
         their results are logged.  (The log was closed under them: the result could not
         be logged, and the next open compensated the charge with ``result=None`` after a
-        clean close — audit 60.)  A body still running after ACTION_BODY_WAIT_S (an agent's
-        long call) is left as a crash leaves it, to the next open, said in a
-        RuntimeWarning."""
+        clean close — audit 60.)  From here on an action another thread enters is refused
+        (StoreClosed, its body never runs); one already past that check is waited for too.
+        A body still running after ACTION_BODY_WAIT_S (an agent's long call) is left as a
+        crash leaves it, to the next open, said in a RuntimeWarning."""
+        self._saga.refuse_intents()  # (new ones from other threads: StoreClosed)
         deadline = time.monotonic() + ACTION_BODY_WAIT_S
         while True:
+            entering = self._saga.entering_elsewhere()
             bodies = self._hooks.action_bodies_elsewhere()
-            if not bodies or time.monotonic() >= deadline:
+            if not (bodies or entering) or time.monotonic() >= deadline:
                 break
             time.sleep(0.005)
-        if bodies:
-            warnings.warn(f"closing {self.path}: after {ACTION_BODY_WAIT_S:g} s, the bodies "
-                          f"of action(s) {bodies} are still running in other threads; their "
+        if bodies or entering:
+            what = (f"the bodies of action(s) {bodies}" if bodies else
+                    f"{entering} action(s) being entered")
+            warnings.warn(f"closing {self.path}: after {ACTION_BODY_WAIT_S:g} s, {what} "
+                          f"are still running in other threads; their "
                           f"results cannot be logged now, so the next open compensates "
                           f"them with result=None (same idempotency keys)",
                           RuntimeWarning, stacklevel=3)

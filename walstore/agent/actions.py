@@ -191,13 +191,26 @@ class ActionScope:
         # intent logged by another thread ran its side effect after the commit took the
         # transaction: committed with no result, the action said "pending" for good and
         # was in no list of what is owed (probe-audit56).
-        with self._tx._end_lock:
-            self._saga.log_intent(self._tx, self.action)
-            self._entered = True
-            # while the body runs, its side effect may not have happened yet: a rollback
-            # (or one to a savepoint before it) would compensate it first
-            # (Action.blocks_rollback)
-            self.action._body = (threading.get_ident(), sys._getframe(1))
+        # (counted from before the intent to the body's start: a close() in another
+        # thread waits for it, or refuses it — it closed the log under an intent just
+        # logged, and the body's result was lost: audit 60)
+        counted: list = []
+        try:
+            try:  # (counted inside: an interrupt right after the count cannot leave it so)
+                self._saga.begin_entering(self.action, counted)
+                with self._tx._end_lock:
+                    self._saga.log_intent(self._tx, self.action)
+                    self._entered = True
+                    # while the body runs, its side effect may not have happened yet: a
+                    # rollback (or one to a savepoint before it) would compensate it
+                    # first (Action.blocks_rollback)
+                    self.action._body = (threading.get_ident(), sys._getframe(1))
+            finally:
+                if counted:
+                    self._saga.end_entering()
+        except BaseException:  # (an interrupt held off to the count's end: the body
+            self.action._body = None  # never runs, and the rollback must not wait for it)
+            raise
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -400,6 +413,12 @@ class Saga:
         self._reserved_depth: dict[str, int] = {}
         self._local = threading.local()  # .depth: compensators running on this thread
         self._running_lock = threading.Lock()
+        # close(): once it begins (``refuse_intents``), another thread's ``tx.action``
+        # is refused before its intent is logged; those between that check and their
+        # body's start are counted (``_entering``), and close() waits for them and for
+        # the bodies (their results must be logged before the log closes)
+        self._closing_thread: int | None = None
+        self._entering = 0
 
     def compensator(self, name: str) -> Callable[[Callable], Callable]:
         if not isinstance(name, str) or not name:
@@ -445,6 +464,35 @@ class Saga:
                 f"only the compensators given to walstore.open(..., compensators=...); call "
                 f"store.retry_compensations() to run them now (newest first)",
                 RuntimeWarning, stacklevel=3)
+
+    # ---- close() -------------------------------------------------------------------------
+    def refuse_intents(self) -> None:
+        """From now on an action entered by another thread than this one raises
+        StoreClosed before its intent is logged (its body never runs)."""
+        with self._running_lock:
+            self._closing_thread = threading.get_ident()
+
+    def entering_elsewhere(self) -> int:
+        """How many actions are being entered now (their intent logged or being logged,
+        their body about to run)."""
+        with self._running_lock:
+            return self._entering
+
+    def begin_entering(self, action: Action, counted: list) -> None:
+        """An action is being entered: refused once close() began in another thread, else
+        counted (noted in ``counted``) until ``end_entering``."""
+        with deferred(), self._running_lock:
+            closer = self._closing_thread
+            if closer is not None and closer != threading.get_ident():
+                raise StoreClosed(f"store {self.engine.path} is closing: action "
+                                  f"{action.name!r} was not begun (its body did not run, "
+                                  f"nothing was logged)")
+            self._entering += 1
+            counted.append(True)
+
+    def end_entering(self) -> None:
+        with deferred(), self._running_lock:
+            self._entering -= 1
 
     # ---- logging ------------------------------------------------------------------------
     def new_action(self, tx: "Transaction", name: str, args: Any, compensate: str | None,
