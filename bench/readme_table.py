@@ -9,7 +9,8 @@ rewrites the block between the ``rows-of-record`` markers in README.md (``--chec
 1 when the block differs from what the file gives, writing nothing).  Publishing a new run
 is this one command with the new file.  Targets are re-judged from the file's rows with
 today's rules (``walstore.benchmark.runner.evaluate``: a latency percentile from too few
-samples is not judged; 8 threads is shown against SQLite's best 8-thread row too).  The
+samples is not judged, nor met against a noisy disk's own tail; 8 threads is shown
+against SQLite's best 8-thread row too).  The
 one figure not from the file is the spread of each latency-ratio row over every stored
 run in the same directory, labelled so.
 """

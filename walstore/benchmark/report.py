@@ -105,7 +105,8 @@ def targets_table(targets: list[dict[str, Any]]) -> list[str]:
     met_n = sum(1 for t in targets if t["met"])
     unmeasured = sum(1 for t in targets if t["met"] is None)
     lines += ["", f"Targets met: {met_n} of {len(targets)} ({unmeasured} not judged in this "
-              "run: not run, or a latency percentile from too few samples)."]
+              "run: not run, or a latency percentile from too few samples or against a "
+              "noisy disk's own tail)."]
     return lines
 
 
@@ -155,7 +156,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         "against the best of its baseline systems in this same run (for a latency ratio, "
         "lower is better). Targets are computed from these ratios; a latency-percentile "
         "target is judged only from enough samples per round (10,000 for p99.9: "
-        "`samples/round`), else it says too few samples. The bare loop writes "
+        "`samples/round`), else it says too few samples, and is met only against a "
+        "baseline whose own tail is a quiet disk's (its p99.9 at most 6x its median), "
+        "else it says a noisy disk. The bare loop writes "
         f"records of walstore's framed size ({records or 'not run'}). "
         f"Total time {meta['seconds']} s. Trust ratios, not absolute numbers.", "",
         *(["A quick run: short loops on fresh stores, so first-use costs (files growing, "
