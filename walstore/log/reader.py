@@ -53,7 +53,8 @@ from .segment import list_segments, segment_name
 
 RESYNC_BUDGET = 4  # checksum work behind a bad record, in multiples of the file size
 WINDOW = 1 << 20  # a segment is read this much at a time (FileBytes)
-FOLLOW_WINDOW = 64 << 10  # ... and by a read-only store's follower, at each poll
+FOLLOW_WINDOW = 4 << 10  # ... by a read-only store's follower at each poll (a small read: the
+# common poll finds nothing new), and by replication reading a live tail
 
 
 class Record(NamedTuple):
