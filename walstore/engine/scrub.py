@@ -14,6 +14,9 @@ there, never deleting it themselves; a purge must not leave its keys' bytes in i
   could begin one in the range.  What it cannot see: damage that turned a key under the
   prefix into another valid key outside it (the record's checksum fails, but every byte
   of it may be; the bytes of its value then stay).
+* ``*.bin.tmp`` (the temp file of such a copy, left by a recovery killed before it named
+  it: the next recovery copies the same bytes again under another name, and the temp
+  stays for good) is judged as a ``*.bin``: a purge kept the erased values in it.
 * ``db.damaged.*/`` (the LMDB that ``--rebuild-state`` moved aside) is removed by every
   purge: a damaged database cannot be read with certainty, and even an intact one keeps
   values in freed and overflow pages with no key name beside them.  The store was rebuilt
@@ -53,9 +56,11 @@ def scrub_quarantine(qdir: str, needles: list[bytes], ranges: list) -> list[str]
         if name.startswith(DAMAGED_DB) and os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
             removed.append(name)
-        elif name.endswith(".bin") and os.path.isfile(path) and not os.path.islink(path):
+        elif (name.endswith(".bin") or name.endswith(".bin.tmp")) and os.path.isfile(
+                path) and not os.path.islink(path):
             if _holds_raw(path, needles) or _holds_key(path, ranges):
-                for victim in (path, path + ".json"):
+                for victim in ((path, path + ".json") if name.endswith(".bin")
+                               else (path,)):
                     if os.path.exists(victim):
                         fileio.unlink(victim)
                 removed.append(name)
