@@ -869,6 +869,9 @@ class Engine:
             self._apply_up_to(self.memtable.published, background)
             self._applied_up_to_the_end()
             self.state.sync()  # (a failure stops the store: never retried, nothing trimmed)
+            # a reader process killed inside a read kept its snapshot's pages from reuse
+            # until the next open: the data file grew with every write meanwhile
+            self.state.reap_stale_readers()
             applied = self.applied_lsn
             pins = [] if ignore_pins else [p for p in (pin() for pin in self.retention_pins)
                                            if p is not None]

@@ -979,6 +979,18 @@ class LmdbState:
         fileio.lmdb_io("sync", self.path)
         self.env.sync(True)
 
+    def reap_stale_readers(self) -> int:
+        """Free the reader slots of processes that died inside a read transaction (a
+        read-only opener or a ``walstore backup`` killed mid-read): such a slot keeps its
+        snapshot's pages from reuse for as long as this environment is open, so under
+        steady writes the data file grew without bound (the open's ``reader_check``
+        freed them only at the writer's next open).  Returns how many were freed; a
+        failure is no error of the caller's (0: tried again at the next checkpoint)."""
+        try:
+            return self.gate.call(lambda: self.env.reader_check())  # (env read inside)
+        except lmdb.Error:
+            return 0
+
     def map_size(self) -> int:
         # (not during a resize: see sync; the env is read inside, a swap may replace it)
         return self.gate.call(lambda: self.env.info())["map_size"]
