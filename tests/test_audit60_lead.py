@@ -165,3 +165,65 @@ def test_the_stored_run_that_met_the_tail_in_a_noisy_hour_is_not_judged_met():
     assert stored["met"] is True  # (as that run judged it: 1.96x, "met")
     now = evaluate(_tail_target(), parts)
     assert now["met"] is None and "noisy disk" in now["why_not_measured"], now
+
+
+# --- purge: a Ctrl-C after the purge committed (noticed by helper h2) ------------------
+
+def _store_with_secrets(path: str) -> None:
+    with walstore.open(path) as s:
+        for i in range(300):
+            with s.transaction() as tx:
+                tx.put(f"user/{i}", "secret" * 20)
+                tx.put(f"keep/{i}", i)
+
+
+def test_an_interrupt_after_the_purge_committed_says_the_purge_stands(tmp_path):
+    path = str(tmp_path / "s")
+    _store_with_secrets(path)
+
+    def progress(done, total):  # (the LMDB rewrite, after the commit: Ctrl-C here)
+        raise KeyboardInterrupt
+
+    with walstore.open(path) as s:
+        try:
+            s.purge("user/", progress=progress)
+        except KeyboardInterrupt as e:  # (still an interrupt: never an error to swallow)
+            done = e.purge_committed
+        else:
+            raise AssertionError("the interrupt was swallowed")
+        assert done["keys_erased"] == 300 and done["erasure_owed"] is True
+        assert s.get("user/1") is None and s.get("keep/1") == 1
+        assert [t.txid for t in s.log(limit=1)] == [done["txid"]]
+
+
+_PURGE_CLI = r"""
+import os, signal, sys
+from walstore.engine.engine import Engine
+real = Engine.erase_old_bytes
+def interrupted(self, *a, **k):  # a real SIGINT, delivered as the erasure begins
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(self, *a, **k)
+Engine.erase_old_bytes = interrupted
+from walstore.cli import main
+sys.argv = ["walstore", "purge", sys.argv[1], "user/", "--yes"] + sys.argv[2:]
+main()
+"""
+
+
+def test_walstore_purge_interrupted_after_the_commit_says_it_committed(tmp_path):
+    path = str(tmp_path / "s")
+    _store_with_secrets(path)
+    p = subprocess.run([sys.executable, "-c", _PURGE_CLI, path], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 130, (p.stdout, p.stderr)
+    assert "committed (transaction" in p.stderr and "owed" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    with walstore.open(path) as s:  # (the open finishes the owed erasure)
+        assert s.get("user/1") is None and s.get("keep/1") == 1
+    j = subprocess.run([sys.executable, "-c", _PURGE_CLI, path, "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert j.returncode == 130, (j.stdout, j.stderr)  # (nothing left under the prefix:
+    # the purge commits again, and is interrupted again as its erasure begins)
+    import json as _json
+    doc = _json.loads(j.stdout)
+    assert "committed (transaction" in str(doc), doc

@@ -106,6 +106,16 @@ class Purge:
                    else eng.erase_old_bytes(needles, after_rotate=self.before_erase, **kw))
         except Exception as e:
             raise _erasure_owed(eng, prefix, done, e) from e
+        except BaseException as e:  # an interrupt (Ctrl-C) once committed: it stays an
+            # interrupt (never turned into an error a caller's ``except`` swallows), but it
+            # says the purge stands — `walstore purge` reported "interrupted", exit 130, as
+            # if nothing was purged, when the keys were gone (audit 60)
+            e.purge_committed = dict(done, erasure_owed=True)  # type: ignore[attr-defined]
+            if hasattr(e, "add_note"):  # (Python 3.11+)
+                e.add_note(f"purge({prefix!r}) had committed (txid {done['txid']}): its "
+                           f"keys are gone from every API; erasing their old bytes is "
+                           f"owed (store.checkpoint() or the next writable open)")
+            raise
         out.update(done)
         return out
 

@@ -10,7 +10,8 @@ import walstore
 
 from . import WalstoreCommand, _engine, main
 from .common import JSON, PATH, open_store
-from .output import (EXIT_PROBLEM, EXIT_USAGE, KEY, PREFIX, NegativeNumberArguments,
+from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, KEY, PREFIX,
+                     NegativeNumberArguments,
                      UsageProblem, emit_json, emit_json_list, end_progress, fail,
                      note_problem, parse_json_value, progress_printer, show_cell, show_key,
                      show_time, show_value, stream_table, table, untag)
@@ -91,6 +92,16 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
                  f"their old bytes from the store's files failed: "
                  f"{type(cause).__name__}: {cause}; the erasure is owed: the next writable "
                  f"open of the store (or `walstore checkpoint {path}`) finishes it")
+        except KeyboardInterrupt as e:  # (committed before the Ctrl-C: said so, exit 130;
+            done = getattr(e, "purge_committed", None)  # it read "purge interrupted", as
+            if done is None:                            # if nothing was purged: audit 60)
+                raise
+            fail(f"purge of {show_key(prefix)} committed (transaction {done['txid']}, "
+                 f"{done.get('keys_erased')} key(s) erased from every read), then was "
+                 f"interrupted (Ctrl-C) while erasing their old bytes from the store's "
+                 f"files; the erasure is owed: the next writable open of the store (or "
+                 f"`walstore checkpoint {path}`) finishes it", EXIT_INTERRUPTED,
+                 "KeyboardInterrupt")
         finally:
             end_progress()
     doc["lsn"] = int(doc["lsn"]) if doc.get("lsn") is not None else None
