@@ -227,3 +227,22 @@ def test_walstore_purge_interrupted_after_the_commit_says_it_committed(tmp_path)
     import json as _json
     doc = _json.loads(j.stdout)
     assert "committed (transaction" in str(doc), doc
+
+
+def test_an_interrupted_rewrite_leaves_no_half_made_copy(tmp_path):
+    path = str(tmp_path / "s")
+    _store_with_secrets(path)
+    seen = []
+
+    def progress(done, total):  # (mid-copy: the copy's directory exists now)
+        seen.append(os.path.isdir(os.path.join(path, "db.compact")))
+        raise KeyboardInterrupt
+
+    with walstore.open(path) as s:
+        try:
+            s.purge("user/", progress=progress)
+        except KeyboardInterrupt:
+            pass
+        assert seen == [True]
+        # (a half-made copy of up to the data file's size stayed until the next erasure)
+        assert not os.path.exists(os.path.join(path, "db.compact"))

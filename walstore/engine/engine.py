@@ -26,6 +26,7 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+import shutil
 import threading
 import time
 from typing import Any, Callable
@@ -708,6 +709,9 @@ class Engine:
         try:
             if not self.erase_owed():
                 return
+            # (a copy a killed process left half-made is no one's: it goes first, so the
+            # room it holds counts as room)
+            shutil.rmtree(self.state.path + ".compact", ignore_errors=True)
             need = os.path.getsize(self.state.data_file) + ERASURE_ROOM_MARGIN
             room = _free_bytes(self.path)
             if room is not None and room < need:

@@ -596,6 +596,12 @@ class LmdbState:
                                    f"of the live rows, up to {before} bytes); nothing was "
                                    f"swapped, and the erasure stays owed: the next checkpoint "
                                    f"or writable open tries again", work) from e
+            except BaseException:
+                # (an interrupt, or the caller's progress callback raising, mid-copy: the
+                # half-made copy goes too — left, it held up to the data file's size until
+                # the next erasure, whose room check counted it as used: audit 60)
+                shutil.rmtree(work, ignore_errors=True)
+                raise
             shared = self._shared
 
             def swap() -> None:
