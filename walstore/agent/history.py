@@ -421,6 +421,7 @@ class History:
             horizon = from_u64(txn.get(b"horizon", None, st.meta), 0, "meta", b"horizon",
                                st)
             read_at = from_u64(txn.get(b"applied", None, st.meta), 0, "meta", b"applied", st)
+        txn = None  # (freed, with its LMDB reader slot, before the yields)
         # a purge since these rows were read erased them: what is left is not yielded (a
         # caller that consumed the iterator after purge() returned got the erased values
         # from the chunk read before it; probe-audit55)

@@ -24,6 +24,8 @@ Invariants:
 - every write goes through ``write``, and only :mod:`walstore.engine.apply` calls it;
 - every read is a short read transaction (a point read, or one chunk of a scan): nothing
   holds a reader slot or old pages while an agent thinks, and the map can always grow.
+  py-lmdb frees an aborted read transaction's reader slot only when the object is freed,
+  so no generator keeps one bound across a yield (a scan left unfinished held a slot);
   ``ReadGate`` keeps a resize out of the few microseconds a read spends inside LMDB
   (py-lmdb invalidates open transactions on a resize);
 - every environment call that py-lmdb (3.x) coordinates process-wide goes through the
@@ -872,6 +874,7 @@ class LmdbState:
                 # prepared rows of in-doubt bulk loads, held them all at once — audit 58)
                 chunk = read_chunk(txn, self._table(db), lo, hi, reverse, after, SCAN_CHUNK,
                                    SCAN_CHUNK_BYTES)
+            txn = None  # (its reader slot is freed with it, not kept across the yields)
             yield from chunk
             if chunk_ended(chunk, SCAN_CHUNK, SCAN_CHUNK_BYTES):
                 return

@@ -13,7 +13,9 @@ still in the MemTable (not yet applied) or already in LMDB.  So a read as of P:
    below P" without reading ``applied`` when this process is the one writing LMDB.)
 
 Nothing is held between reads: a snapshot pins no LMDB pages, no reader slot, no WAL, no
-memory, however long a transaction stays open.  The price is paid by the old snapshot
+memory, however long a transaction stays open (nor does a scan waiting between two rows: py-lmdb
+keeps a read transaction's reader slot until the object is freed, so no generator keeps one
+bound across a yield).  The price is paid by the old snapshot
 alone (history lookups), and its defined limit is the history horizon: a snapshot older
 than the retained history raises ``SnapshotTooOld`` (a ConflictError).
 
@@ -198,6 +200,11 @@ class StateReader:
                 if cut is not None:  # (more changed keys than a chunk's worth: the
                     edge, final = cut, False  # chunk ends at the last one taken)
                     chunk = [r for r in chunk if (r[0] >= cut if reverse else r[0] <= cut)]
+            # py-lmdb keeps an aborted read transaction's reader slot until the object is
+            # freed: bound here while the scan waits at a yield, each unfinished scan held
+            # one of the slots every process shares (1,024 of them held made every read
+            # and commit of the store fail — probe-audit60)
+            txn = None
             limit = min(limit * 4, SCAN_CHUNK)
             if reverse:  # this chunk covers the MemTable keys from ``edge`` up
                 cut = first if edge is None else bisect_left(over, edge, first, last)

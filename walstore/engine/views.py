@@ -186,6 +186,7 @@ class Views:
                 file = st.data_file
                 rows = [folded.get(aid) or _action(txn, st.actions, aid, file)
                         for *_, aid in part]
+            txn = None  # (freed, with its LMDB reader slot, before the yields)
             yield from (r for r in rows if r is not None)
 
     def owed_rows(self) -> dict[str, dict]:

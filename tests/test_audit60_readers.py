@@ -1,0 +1,77 @@
+"""Audit 60: readers and isolation across threads and processes.
+
+- py-lmdb keeps an aborted read transaction's reader slot until the Python object is
+  freed, and the streamed reads (``store.scan``, ``tx.scan``, ``store.at(p).scan``,
+  ``iter_history``, ``iter_actions``) kept their last chunk's transaction bound in the
+  generator's frame while it waited at a yield: each unfinished iterator held one of the
+  1,024 slots every process of the store shares.  A read-only process holding 1,024 of
+  them made every read and every commit of the writer fail (StoreIOError "too many LMDB
+  read transactions", 100 of 100 transactions), where the docs promise that nothing is
+  held between reads (``test_unfinished_iterators_hold_no_lmdb_reader_slot``).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import walstore
+
+HELD = 1100  # more unfinished iterators than LMDB has reader slots (1,024)
+
+_HOLDER = textwrap.dedent("""
+    import sys, time, walstore
+    path, kind, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    s = walstore.open(path, readonly=True)
+    lsn = s.log(limit=1)[0].lsn
+    make = {
+        "scan": lambda: s.scan(prefix="k/"),
+        "txscan": lambda: s.transaction().scan(prefix="k/"),
+        "atscan": lambda: s.at(walstore.LSN(lsn)).scan(prefix="k/"),
+        "history": lambda: s.iter_history("k/0001"),
+        "actions": lambda: s.iter_actions(),
+    }[kind]
+    held = []
+    try:
+        for _ in range(n):
+            it = make()
+            next(it)
+            held.append(it)
+    except walstore.WalstoreError as e:
+        print("failed", len(held), type(e).__name__, flush=True)
+    else:
+        print("held", len(held), flush=True)
+    sys.stdin.readline()  # (holds them until the parent is done)
+""")
+
+
+def _fill(path: str) -> None:
+    with walstore.open(path, durability="none") as s:
+        for b in range(3):  # (history and actions to iterate)
+            with s.transaction() as tx:
+                tx.update({f"k/{i:04d}": f"v{b}" * 20 for i in range(600)})
+                with tx.action("noop", args={"b": b}) as act:
+                    act.result = b
+        s.checkpoint()
+
+
+def test_unfinished_iterators_hold_no_lmdb_reader_slot(tmp_path):
+    path = str(tmp_path / "s")
+    _fill(path)
+    with walstore.open(path, durability="none") as s:
+        for kind in ("scan", "txscan", "atscan", "history", "actions"):
+            child = subprocess.Popen([sys.executable, "-c", _HOLDER, path, kind, str(HELD)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+            try:
+                said = child.stdout.readline().strip()
+                assert said == f"held {HELD}", (kind, said)
+                # the writer reads LMDB (the keys are applied) and commits, beside them
+                for i in range(20):
+                    with s.transaction() as tx:
+                        tx.put(f"k/{i:04d}", tx.get(f"k/{i + 300:04d}"))
+                    s.checkpoint()
+                assert s.get("k/0599") == "v2" * 20
+            finally:
+                child.stdin.close()
+                child.wait(timeout=60)
