@@ -8,9 +8,16 @@
   them made every read and every commit of the writer fail (StoreIOError "too many LMDB
   read transactions", 100 of 100 transactions), where the docs promise that nothing is
   held between reads (``test_unfinished_iterators_hold_no_lmdb_reader_slot``).
+- The reader slots of a process killed inside its reads stayed taken: LMDB frees them only
+  when asked, which the writer did once, at its open.  With the table full of them every
+  read and commit of the live writer failed until it was reopened; a full table is now
+  checked for dead processes' slots before the read is refused
+  (``test_reader_slots_of_a_killed_process_are_freed_not_failing_every_read``).
 """
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -75,3 +82,42 @@ def test_unfinished_iterators_hold_no_lmdb_reader_slot(tmp_path):
             finally:
                 child.stdin.close()
                 child.wait(timeout=60)
+
+
+_SLOT_TAKER = textwrap.dedent("""
+    import os, signal, sys, lmdb
+    # a process killed inside its reads: its reader slots stay taken in lock.mdb
+    env = lmdb.open(sys.argv[1], readonly=True, max_dbs=32, max_readers=1024, lock=True)
+    held = []
+    try:
+        while True:
+            held.append(env.begin())
+    except lmdb.ReadersFullError:
+        pass
+    print(len(held), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_reader_slots_of_a_killed_process_are_freed_not_failing_every_read(tmp_path):
+    """A process killed with LMDB reader slots taken left them taken: LMDB frees them only
+    when asked (``reader_check``), which a writer did once, at its open.  Every read and
+    commit of the live writer then failed with StoreIOError ("too many LMDB read
+    transactions"), 100 of 100, and so did every read-only open, until the writer was
+    reopened.  Now a full reader table is checked for dead processes' slots first."""
+    path = str(tmp_path / "s")
+    _fill(path)
+    with walstore.open(path, durability="none") as s:
+        assert s.get("k/0001") == "v2" * 20
+        taker = subprocess.run([sys.executable, "-c", _SLOT_TAKER, os.path.join(path, "db")],
+                               capture_output=True, text=True, timeout=60)
+        assert taker.returncode == -signal.SIGKILL, taker.stderr[-2000:]
+        assert int(taker.stdout) > 1000  # (the writer's own slots: the rest)
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put(f"k/{i:04d}", tx.get(f"k/{i + 300:04d}"))
+            s.checkpoint()
+        assert s.get("k/0599") == "v2" * 20
+        with walstore.open(path, readonly=True) as r:
+            assert r.get("k/0001") == "v2" * 20
+            assert len(list(r.scan(prefix="k/"))) == 600

@@ -736,8 +736,8 @@ class LmdbState:
         if isinstance(e, lmdb.ReadersFullError):  # (a limit, not damage)
             return StoreIOError(errno.EAGAIN, f"too many LMDB read transactions open at "
                                 f"once (at most {MAX_READERS}, shared by every process "
-                                f"using this store; an unfinished scan holds one): finish "
-                                f"or close some scans", self.data_file)
+                                f"using this store; those of killed processes were "
+                                f"freed): read from fewer threads at once", self.data_file)
         code = os_errno(e)
         if code is not None:
             return StoreIOError(code, f"LMDB read failed: {os.strerror(code)}", self.data_file)
@@ -748,7 +748,22 @@ class LmdbState:
             return self.env.begin()
         except lmdb.MapResizedError:  # another process grew the map: adopt its size, with
             # no other thread inside LMDB (a remap invalidates their open transactions)
-            self.gate.exclusive(lambda: self.env.set_mapsize(0))
+            try:
+                self.gate.exclusive(lambda: self.env.set_mapsize(0))
+            except lmdb.Error as e:
+                raise self._read_failed(e) from e
+        except lmdb.ReadersFullError:
+            # the slots of processes killed inside a read stay taken until someone asks
+            # LMDB to free them (a writer's open did, once): a reader process killed with
+            # its slots held made every read and commit of the live writer fail until it
+            # was reopened (probe-audit60).  Freed now, then one more try
+            try:
+                self.env.reader_check()
+            except lmdb.Error as e:
+                raise self._read_failed(e) from e
+        except lmdb.Error as e:
+            raise self._read_failed(e) from e
+        try:  # (the retry's error is a walstore one too: it left read() raw)
             return self.env.begin()
         except lmdb.Error as e:
             raise self._read_failed(e) from e
