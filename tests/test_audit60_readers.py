@@ -13,6 +13,10 @@
   read and commit of the live writer failed until it was reopened; a full table is now
   checked for dead processes' slots before the read is refused
   (``test_reader_slots_of_a_killed_process_are_freed_not_failing_every_read``).
+- An exception kept by the caller (a ConflictError in a list, a retry loop's last error)
+  kept every frame it came through alive, the read transactions in them too: 512 kept
+  ConflictErrors held every slot.  The frames walstore's errors leave are cleared on the
+  way out (``test_kept_conflict_errors_hold_no_lmdb_reader_slot``).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import traceback
 
 import walstore
 
@@ -121,3 +126,43 @@ def test_reader_slots_of_a_killed_process_are_freed_not_failing_every_read(tmp_p
         with walstore.open(path, readonly=True) as r:
             assert r.get("k/0001") == "v2" * 20
             assert len(list(r.scan(prefix="k/"))) == 600
+
+
+def test_kept_conflict_errors_hold_no_lmdb_reader_slot(tmp_path):
+    """An exception kept by the caller kept alive every frame it came through, and in them
+    the LMDB read transactions (py-lmdb frees a slot only with the object): 512 kept
+    ConflictErrors from commits (two slots each: the validation's reads), or 1,024
+    SnapshotTooOld / HistoryTrimmed from reads, took every slot of the store, and every
+    read and commit failed (StoreIOError)."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="none", retain_transactions=1) as s:
+        with s.transaction() as tx:
+            tx.update({"a": 0, "b": 0})
+        kept: list[Exception] = []
+        for i in range(HELD):
+            tx = s.transaction()
+            tx.get("a")
+            view = s.at(s.log(limit=1)[0].txid) if i % 3 == 2 else None
+            for j in range(2):
+                with s.transaction() as other:
+                    other.update({"a": i, "b": j})
+            s.checkpoint()  # (applied and trimmed: the validation and the reads go to LMDB)
+            try:
+                if i % 3 == 0:
+                    tx.put("c", i)
+                    tx.commit()  # ConflictError: "a" changed (its snapshot was trimmed)
+                elif i % 3 == 1:
+                    tx.get("b")  # SnapshotTooOld: retention trimmed the snapshot's history
+                else:
+                    view.get("a")  # HistoryTrimmed
+            except (walstore.ConflictError, walstore.HistoryTrimmed) as e:
+                kept.append(e)
+            finally:
+                if tx.state == "active":
+                    tx.rollback()
+        assert len(kept) == HELD
+        with s.transaction() as tx:
+            tx.put("after", tx.get("a"))
+        assert s.get("after") == HELD - 1 and s.get("b") == 1
+        # (the tracebacks still say where they came from)
+        assert "snapshot.py" in "".join(traceback.format_exception(kept[1]))

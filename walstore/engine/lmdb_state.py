@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import mmap
 import os
 import shutil
@@ -811,8 +812,13 @@ class LmdbState:
         except AttributeError:
             slot = None
         if slot is None or slot.depth or self.gate.paused:
-            with self.read() as txn:
-                return fn(txn, *args)
+            try:
+                with self.read() as txn:
+                    return fn(txn, *args)
+            except BaseException as e:
+                txn = None  # (see let_go)
+                let_go(e)
+                raise
         slot.depth = 1
         slot.inside = True
         try:
@@ -830,7 +836,13 @@ class LmdbState:
             finally:
                 txn.abort()
         except lmdb.Error as e:
+            txn = None
+            let_go(e)
             raise self._read_failed(e) from e
+        except BaseException as e:  # (a SnapshotTooOld, a CorruptionError: see let_go)
+            txn = None
+            let_go(e)
+            raise
         finally:
             if slot.depth == 1:
                 slot.depth = 0
@@ -1114,6 +1126,34 @@ def iter_rows(txn, db, lo: bytes, hi: bytes | None) -> Iterator[tuple[bytes, byt
         if hi is not None and k >= hi:
             return
         yield k, v
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_GENERATORS = inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR
+
+
+def let_go(e: BaseException) -> None:
+    """Clear the locals of the frames exception ``e`` has left (those below the frame that
+    caught it, which is still running): py-lmdb frees a read transaction's reader slot
+    only when the object is freed, and an exception a caller keeps (agents keep
+    ConflictErrors in a list, a retry loop its last error) kept every frame it came
+    through alive, with the transactions and cursors in them.  512 kept ConflictErrors
+    held all 1,024 slots shared by every process of the store, and every read and commit
+    of all of them failed (probe-audit60).  walstore's own frames are cleared (not a
+    caller's function run inside, nor a generator's frame: clearing a suspended one would
+    close it); the traceback itself (files, lines) stays.  (Which frames hold a handle is
+    not asked: reading ``f_locals`` makes a dict of them that ``clear`` leaves.)"""
+    tb = e.__traceback__
+    tb = None if tb is None else tb.tb_next
+    while tb is not None:
+        frame = tb.tb_frame
+        code = frame.f_code
+        if code.co_filename.startswith(_PACKAGE_DIR) and not code.co_flags & _GENERATORS:
+            try:
+                frame.clear()
+            except RuntimeError:  # (still running: another thread's, a caller's)
+                pass
+        tb = tb.tb_next
 
 
 def chunk_ended(chunk: list[tuple[bytes, bytes]], limit: int, max_bytes: int) -> bool:

@@ -50,6 +50,7 @@ from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
 from .keyindex import KeyIndex
+from .lmdb_state import let_go
 from .tables import row_damaged
 from .pipeline import CommitRequest
 
@@ -978,6 +979,10 @@ class Transaction:
             self._finish(UNKNOWN, "its COMMIT")  # recovery decides; nothing is compensated now
             raise
         except BaseException as e:
+            # (the frames the error came through, the validation's LMDB read transactions
+            # in them, are let go: a ConflictError kept by the caller held two reader
+            # slots of the 1,024 every process shares — probe-audit60)
+            let_go(e)
             if req is not None and req.committed:
                 # committed, and then interrupted (a KeyboardInterrupt held off until the
                 # point of no return: walstore.signals): the interrupt goes on, the
