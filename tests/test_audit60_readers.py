@@ -16,7 +16,9 @@
 - An exception kept by the caller (a ConflictError in a list, a retry loop's last error)
   kept every frame it came through alive, the read transactions in them too: 512 kept
   ConflictErrors held every slot.  The frames walstore's errors leave are cleared on the
-  way out (``test_kept_conflict_errors_hold_no_lmdb_reader_slot``).
+  way out (``test_kept_conflict_errors_hold_no_lmdb_reader_slot``); a streamed scan's
+  SnapshotTooOld held its generator's
+  (``test_kept_snapshot_too_old_of_a_scan_holds_no_lmdb_reader_slot``).
 """
 from __future__ import annotations
 
@@ -166,3 +168,28 @@ def test_kept_conflict_errors_hold_no_lmdb_reader_slot(tmp_path):
         assert s.get("after") == HELD - 1 and s.get("b") == 1
         # (the tracebacks still say where they came from)
         assert "snapshot.py" in "".join(traceback.format_exception(kept[1]))
+
+
+def test_kept_snapshot_too_old_of_a_scan_holds_no_lmdb_reader_slot(tmp_path):
+    """The same for a transaction's scan whose snapshot retention trimmed: the scan's
+    generator frame kept its read transaction in the SnapshotTooOld it raised (1,024 kept,
+    every read failed)."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_transactions=1) as s:
+        with s.transaction() as tx:
+            tx.update({"a": 0, "b": 0})
+        kept: list[Exception] = []
+        for i in range(HELD):
+            tx = s.transaction()
+            tx.get("a")
+            rows = tx.scan()
+            for j in range(2):
+                with s.transaction() as other:
+                    other.update({"a": i, "b": j})
+            s.checkpoint()
+            try:
+                list(rows)
+            except walstore.ConflictError as e:
+                kept.append(e)
+            tx.rollback()
+        assert len(kept) == HELD
+        assert dict(s.scan()) == {"a": HELD - 1, "b": 1}

@@ -13,11 +13,12 @@ still in the MemTable (not yet applied) or already in LMDB.  So a read as of P:
    below P" without reading ``applied`` when this process is the one writing LMDB.)
 
 Nothing is held between reads: a snapshot pins no LMDB pages, no reader slot, no WAL, no
-memory, however long a transaction stays open (nor does a scan waiting between two rows: py-lmdb
-keeps a read transaction's reader slot until the object is freed, so no generator keeps one
-bound across a yield).  The price is paid by the old snapshot
-alone (history lookups), and its defined limit is the history horizon: a snapshot older
-than the retained history raises ``SnapshotTooOld`` (a ConflictError).
+memory, however long a transaction stays open, nor does a scan waiting between two rows
+(py-lmdb keeps a read transaction's reader slot until the object is freed: no generator
+keeps one bound across a yield, nor an error's frames once it leaves, ``let_go``).  The
+price is paid by the old snapshot alone (history lookups), and its defined limit is the
+history horizon: a snapshot older than the retained history raises ``SnapshotTooOld`` (a
+ConflictError).
 
 Scans are streamed a chunk per short read transaction (16 rows first, then 64, then 256:
 a caller after the first row or two reads little); chunks read after commits past P
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterator
 from ..errors import ConflictError
 from .apply import KEEP_RECENT_PURGES, RECENT_PURGES
 from .lmdb_state import (SCAN_CHUNK, SCAN_CHUNK_BYTES, LmdbState, chunk_ended, from_u64,
-                         iter_rows, read_chunk, u64)
+                         iter_rows, let_go, read_chunk, u64)
 from .keyindex import KeyIndex
 from .memtable import MemTable
 from . import tables
@@ -179,27 +180,32 @@ class StateReader:
         while True:
             if follow is not None and after is not None:
                 follow()  # (outside the read: a reopen waits for readers to leave)
-            with st.read() as txn:
-                applied = st.applied_past(txn, covered)
-                if applied is not None:
-                    more = _changed_since(txn, st, covered, applied, lo, hi, at, changed,
-                                          purges, after, reverse)
-                    if more is not None:
-                        # (the rest of the walk in the next read transaction: one over
-                        # every commit since an old snapshot kept a map resize, and every
-                        # reader and committer behind it, waiting — probe-audit55)
-                        covered = more
-                        continue
-                    covered = applied
-                chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit,
-                                   SCAN_CHUNK_BYTES)
-                final = chunk_ended(chunk, limit, SCAN_CHUNK_BYTES)
-                edge = None if final else chunk[-1][0]
-                fixed, cut = _fixes_in(txn, st, changed, lo, after, edge, reverse, at,
-                                       purges, limit)
-                if cut is not None:  # (more changed keys than a chunk's worth: the
-                    edge, final = cut, False  # chunk ends at the last one taken)
-                    chunk = [r for r in chunk if (r[0] >= cut if reverse else r[0] <= cut)]
+            try:
+                with st.read() as txn:
+                    applied = st.applied_past(txn, covered)
+                    if applied is not None:
+                        more = _changed_since(txn, st, covered, applied, lo, hi, at, changed,
+                                              purges, after, reverse)
+                        if more is not None:
+                            # (the rest of the walk in the next read transaction: one over
+                            # every commit since an old snapshot kept a map resize, and every
+                            # reader and committer behind it, waiting — probe-audit55)
+                            covered = more
+                            continue
+                        covered = applied
+                    chunk = read_chunk(txn, st.data, lo, hi, reverse, after, limit,
+                                       SCAN_CHUNK_BYTES)
+                    final = chunk_ended(chunk, limit, SCAN_CHUNK_BYTES)
+                    edge = None if final else chunk[-1][0]
+                    fixed, cut = _fixes_in(txn, st, changed, lo, after, edge, reverse, at,
+                                           purges, limit)
+                    if cut is not None:  # (more changed keys than a chunk's worth: the
+                        edge, final = cut, False  # chunk ends at the last one taken)
+                        chunk = [r for r in chunk if (r[0] >= cut if reverse else r[0] <= cut)]
+            except BaseException as e:  # (a SnapshotTooOld kept by the caller kept this
+                txn = None               # frame, and the read transaction in it:
+                let_go(e)                # see lmdb_state.let_go)
+                raise
             # py-lmdb keeps an aborted read transaction's reader slot until the object is
             # freed: bound here while the scan waits at a yield, each unfinished scan held
             # one of the slots every process shares (1,024 of them held made every read
