@@ -18,7 +18,9 @@
   ConflictErrors held every slot.  The frames walstore's errors leave are cleared on the
   way out (``test_kept_conflict_errors_hold_no_lmdb_reader_slot``); a streamed scan's
   SnapshotTooOld held its generator's
-  (``test_kept_snapshot_too_old_of_a_scan_holds_no_lmdb_reader_slot``).
+  (``test_kept_snapshot_too_old_of_a_scan_holds_no_lmdb_reader_slot``), and a refused
+  ``tx.prepare``'s ConflictError its validation's
+  (``test_kept_conflict_errors_of_prepare_hold_no_lmdb_reader_slot``).
 """
 from __future__ import annotations
 
@@ -193,3 +195,27 @@ def test_kept_snapshot_too_old_of_a_scan_holds_no_lmdb_reader_slot(tmp_path):
             tx.rollback()
         assert len(kept) == HELD
         assert dict(s.scan()) == {"a": HELD - 1, "b": 1}
+
+
+def test_kept_conflict_errors_of_prepare_hold_no_lmdb_reader_slot(tmp_path):
+    """``tx.prepare(gid)`` validates as a commit does: its ConflictError, kept, held the
+    validation's read transactions (two slots each) until 512 of them failed every read."""
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            tx.update({"a": 0})
+        kept: list[Exception] = []
+        for i in range(600):
+            tx = s.transaction()
+            tx.get("a")
+            with s.transaction() as other:
+                other.put("a", i)
+            s.checkpoint()
+            tx.put("b", i)
+            try:
+                tx.prepare(f"g{i}")
+            except walstore.ConflictError as e:
+                kept.append(e)
+        assert len(kept) == 600 and s.prepared() == []
+        with s.transaction() as tx:
+            tx.put("after", tx.get("a"))
+        assert s.get("after") == 599

@@ -892,7 +892,8 @@ class Transaction:
             self.gid = gid
             self._finish(UNKNOWN, f"its PREPARE as {gid!r}")
             raise
-        except BaseException:
+        except BaseException as e:
+            let_go(e)  # (its validation's LMDB reads: see Transaction._commit)
             # an interrupt after its PREPARE was logged: it IS prepared (left looking
             # unprepared, its rollback wrote an ABORT while the gid stayed prepared, its
             # keys held, until a resolve_atomic or a reopen: fix-interrupts)
