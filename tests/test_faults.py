@@ -535,9 +535,11 @@ def _child(code: str, *args) -> subprocess.CompletedProcess:
 
 
 def test_full_disk_many_open_scans_never_kill_the_process(small_tmpfs):
-    """Each unfinished scan keeps an LMDB reader slot in lock.mdb, which LMDB writes only
+    """Each unfinished scan kept an LMDB reader slot in lock.mdb, which LMDB writes only
     through a shared mmap; the file was sparse, so on a full disk the first scan to need a
-    new slot page died of SIGBUS.  Now every slot is allocated when the store opens."""
+    new slot page died of SIGBUS.  Now every slot is allocated when the store opens (and
+    since audit 60 an unfinished scan holds no slot between its reads; threads reading at
+    once still take slots)."""
     r = _child(r'''
 import walstore
 mnt = sys.argv[1]
@@ -545,7 +547,7 @@ s = walstore.open(os.path.join(mnt, "s"))
 for i in range(300):
     with s.transaction() as tx:
         tx.put(f"k{i:04d}", "v")
-s.checkpoint()  # rows in LMDB: an unfinished scan keeps its read transaction
+s.checkpoint()  # rows in LMDB: an unfinished scan kept its read transaction
 fill(mnt)
 its = []
 for n in range(300):
