@@ -19,6 +19,8 @@ import tempfile
 import textwrap
 import time
 
+import click
+
 import walstore
 
 from . import demo_payments as payments
@@ -27,12 +29,20 @@ from .signals import deferred
 TOTAL_BUDGET = 100
 
 
+def _out(text: str) -> None:
+    """One line of the narration to stdout, through ``click.echo`` (flushed), so that a
+    failed write is told as the command line tells every stdout failure: "writing its
+    output to stdout failed" (``print`` made `walstore demo > /dev/full` say "No space
+    left on device (store PATH)", blaming the store's disk)."""
+    click.echo(text)
+
+
 def say(text: str = "") -> None:
-    print(textwrap.fill(text, 88) if text else "", flush=True)
+    _out(textwrap.fill(text, 88) if text else "")
 
 
 def step(n: int, title: str) -> None:
-    print(f"\n== {n}. {title}", flush=True)
+    _out(f"\n== {n}. {title}")
 
 
 def side_dir(path: str) -> str:
@@ -302,7 +312,7 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
         f"compensators named, refunds it with the same idempotency key.")
     out = subprocess.run(_python_m("walstore", "recover", path, "--handlers",
                                    "walstore.demo_payments"), capture_output=True, text=True)
-    print(textwrap.indent(out.stdout.strip(), "    "), flush=True)
+    _out(textwrap.indent(out.stdout.strip(), "    "))
     if out.returncode != 0:
         say(f"recover exited {out.returncode}: {out.stderr.strip()}")
         return 1
@@ -328,9 +338,9 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
         f"{'ok' if rep.ok else rep.errors}.")
     good = ok_acked and ok_total and ok_money and rep.ok and files_ok
     step(9, "Done" if good else "FAILED")
-    print("Inspect it yourself:", flush=True)
+    _out("Inspect it yourself:")
     for cmd in ("log", "dump", "stats", "actions", "files", "diff --from lsn:0"):
-        print(f"    walstore {cmd} {path}", flush=True)
+        _out(f"    walstore {cmd} {path}")
     return 0 if good else 1
 
 

@@ -105,6 +105,9 @@ def _cause(exc: BaseException, command: str, path: str | None) -> str:
     if isinstance(exc, OSError):
         if _writing_stdout(exc):  # (it said "(store PATH)": the store's disk full? and
             # `put ... > /dev/full` said "put failed" of a put that had committed)
+            if command == "demo":  # (a demo cut short removes what it made)
+                return (f"writing its output to stdout failed: {_os_text(exc, '')} (the "
+                        f"demo removed the store and files it had made)")
             return (f"writing its output to stdout failed: {_os_text(exc, '')} (what the "
                     f"command changed before that stands)")
         return _os_text(exc, where)
