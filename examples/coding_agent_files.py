@@ -2,6 +2,8 @@
 
     python examples/coding_agent_files.py [WORK_DIR]
 
+(``WORK_DIR``, new or empty, is kept for a look afterwards; default: a temporary one.)
+
 No network, no LLM: the "agent" is a scripted sequence of attempts, each one walstore
 transaction, against a real repository directory and a real subprocess running its tests.
 
@@ -116,8 +118,17 @@ def main(work: str) -> None:
     print(f"   revert of {tx.id} committed as {info.txid}: calc.py = "
           f"{open(os.path.join(repo, 'calc.py')).read()!r}, staging = {open(staging).read()!r}")
     store.close()
-    print(f"   see also: walstore diff {os.path.join(work, 'agent-state')} --from start")
+    # (it said `--from start` alone: after the revert the state is the start's again, and
+    # that diff printed "no key changed / no file changed")
+    print(f"   see also: walstore diff {os.path.join(work, 'agent-state')} --from start "
+          f"--to tx:{tx.id}   (what attempt 2 changed)")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="walstore-coder-"))
+    work = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="walstore-coder-")
+    # (a second run in a kept WORK_DIR rewrote the repository behind the first run's
+    # workspace and moved its restore point "start"; a file there ended in a traceback)
+    if os.path.lexists(work) and (not os.path.isdir(work) or os.listdir(work)):
+        sys.exit(f"error: {work} exists and is not an empty directory (a previous run?); "
+                 f"pass a new or empty WORK_DIR")
+    main(work)

@@ -243,6 +243,9 @@ def main() -> None:
     # rewound to the first run's checkpoint and printed every compensated action of both
     # runs as this rewind's, and the last run's Lisbon booking as "compensated".  The
     # story is told once per directory.
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):  # (a traceback: FileExistsError)
+        sys.exit(f"error: --dir {workdir} exists and is not a directory; pass a new or "
+                 f"empty --dir")
     left = [n for n in ("store", "hotel.json", "hotel-plain.json")
             if os.path.exists(os.path.join(workdir, n))]
     if left:

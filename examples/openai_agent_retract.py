@@ -185,6 +185,8 @@ if __name__ == "__main__":
     # (a second run on a kept STORE_DIR continued the first run's conversation against a
     # new, empty simulated hotel: the session then listed a booking "H-2" of the first
     # run's hotel, which this run's hotel never made.  The story is told once per store.)
+    if os.path.lexists(path) and not os.path.isdir(path):   # (a traceback: NotADirectoryError)
+        sys.exit(f"error: {path} exists and is not a directory; pass a new STORE_DIR")
     if os.path.exists(path) and os.listdir(path):
         sys.exit(f"error: {path} already holds a store (a previous run?); pass a new "
                  f"STORE_DIR")

@@ -4,6 +4,11 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
 - ``walstore demo > /dev/full`` said "No space left on device (store PATH)": it blamed the
   store's disk for a failed write of its narration to stdout (every other verb says
   "writing its output to stdout failed"), and the store it named had been removed;
+- the examples: each given a path that is a file ended in a traceback
+  (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
+  WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
+  diff ... --from start") showed "no key changed / no file changed" (the revert had
+  brought the state back to the start);
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import walstore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,3 +43,56 @@ def test_demo_into_a_full_stdout_says_stdout_failed_not_the_store(tmp_path):
     assert "(store " not in lines[0]                  # the store's disk is not the problem
     assert "removed" in lines[0]                      # and says what became of the store
     assert not (tmp_path / "st").exists() and not (tmp_path / "st-demo-files").exists()
+
+
+def example(name: str, *args: str, cwd, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(ROOT / "examples" / name), *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name, args", [
+    ("coding_agent_files.py", ("afile",)),
+    ("openai_agent_retract.py", ("afile",)),
+    ("langgraph_agent.py", ("--dir", "afile")),
+])
+def test_an_example_given_a_file_refuses_in_one_line(tmp_path, name, args):
+    needs = {"openai_agent_retract.py": "agents", "langgraph_agent.py": "langgraph"}.get(name)
+    if needs and not _importable(needs):
+        pytest.skip(f"needs {needs}")
+    (tmp_path / "afile").write_text("mine\n")
+    r = example(name, *args, cwd=tmp_path)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "afile").read_text() == "mine\n"
+
+
+def test_coding_agent_example_hint_shows_attempt_2_and_a_second_run_is_refused(tmp_path):
+    r = example("coding_agent_files.py", "work", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    hint = r.stdout.strip().splitlines()[-1]
+    assert hint.lstrip().startswith("see also: walstore diff "), hint
+    argv = hint.split("see also: walstore ", 1)[1].split("   (")[0].split()
+    d = cli(*argv, cwd=tmp_path)
+    assert d.returncode == 0, d.stderr
+    assert "no key changed" not in d.stdout and "no file changed" not in d.stdout, d.stdout
+    assert "coder/attempt" in d.stdout and "calc.py" in d.stdout, d.stdout
+    # a second run in the kept directory is refused, changing nothing
+    before = sorted(p.name for p in (tmp_path / "work").iterdir())
+    with walstore.open(tmp_path / "work" / "agent-state", readonly=True) as s:
+        commits = len(s.log())
+    again = example("coding_agent_files.py", "work", cwd=tmp_path)
+    assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+    assert "not an empty directory" in again.stderr
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == before
+    with walstore.open(tmp_path / "work" / "agent-state", readonly=True) as s:
+        assert len(s.log()) == commits
