@@ -9,10 +9,14 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
   diff ... --from start") showed "no key changed / no file changed" (the revert had
   brought the state back to the start);
+- ``WalstoreSession.rewind("nope")`` and ``drop_restore_point("nope")`` raised
+  ``UnknownPoint: no restore point named 'oa/u1/nope'``: the store's internal name alone,
+  never given by the caller (``restore_points()`` lists the session's points without it);
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +100,34 @@ def test_coding_agent_example_hint_shows_attempt_2_and_a_second_run_is_refused(t
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == before
     with walstore.open(tmp_path / "work" / "agent-state", readonly=True) as s:
         assert len(s.log()) == commits
+
+
+def test_session_unknown_point_is_named_as_the_caller_named_it(tmp_path):
+    pytest.importorskip("agents")
+    import asyncio
+
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    async def go(store):
+        s = WalstoreSession("u1", store)
+        await s.add_items([{"role": "user", "content": "hi"}])
+        await s.restore_point("p1")
+        for call in (lambda: s.rewind("nope"), lambda: s.rewind("nope", dry_run=True),
+                     lambda: s.drop_restore_point("nope"),
+                     lambda: WalstoreSession("u2", store).rewind("p1")):
+            with pytest.raises(walstore.UnknownPoint) as e:
+                await call()
+            assert isinstance(e.value, KeyError)
+            text = str(e.value)
+            # the caller's name first (the store's internal one only in parentheses)
+            assert re.match(r"session 'u[12]' has no restore point named '(nope|p1)' \(", text), text
+        # the other point forms still name what was given; the session's point still works
+        with pytest.raises(walstore.UnknownPoint, match="999"):
+            await s.rewind(999)
+        assert list(await s.restore_points()) == ["p1"]
+        await s.add_items([{"role": "user", "content": "more"}])
+        await s.rewind("p1")
+        assert await s.get_items() == [{"role": "user", "content": "hi"}]
+
+    with walstore.open(tmp_path / "s") as store:
+        asyncio.run(go(store))

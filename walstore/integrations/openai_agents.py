@@ -659,7 +659,23 @@ class WalstoreSession:
     async def drop_restore_point(self, name: str) -> None:
         self._check_open()
         point = self._point_name(name)
-        await finish_despite_cancel(lambda: self.store.drop_restore_point(point))
+
+        def work() -> None:
+            try:
+                self.store.drop_restore_point(point)
+            except UnknownPoint as e:
+                raise self._unknown_point(name, point, e) from None
+        await finish_despite_cancel(work)
+
+    def _unknown_point(self, name: str, point: str, err: UnknownPoint) -> UnknownPoint:
+        """The store's UnknownPoint for ``point`` said in the session's words: it named
+        the store's point (``no restore point named 'oa/u1/nope'``), a name the caller
+        never gave."""
+        if getattr(err, "point", None) != point:
+            return err
+        return UnknownPoint(f"session {self.session_id!r} has no restore point named "
+                            f"{name!r} (the store's point {point!r}; restore_points() lists "
+                            f"the session's)", name)
 
     async def rewind(self, to: str | int | LSN, *, dry_run: bool = False,
                      force: bool = False) -> TxnInfo | Any | None:
@@ -696,6 +712,10 @@ class WalstoreSession:
             for attempt in range(_RETRIES + 1):
                 try:
                     return rewind(point, **kwargs)
+                except UnknownPoint as e:
+                    if isinstance(to, str):
+                        raise self._unknown_point(to, point, e) from None
+                    raise
                 except ConflictError:
                     if attempt == _RETRIES:
                         raise
