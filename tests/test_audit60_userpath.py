@@ -12,6 +12,10 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
 - ``WalstoreSession.rewind("nope")`` and ``drop_restore_point("nope")`` raised
   ``UnknownPoint: no restore point named 'oa/u1/nope'``: the store's internal name alone,
   never given by the caller (``restore_points()`` lists the session's points without it);
+- ``walstore --help`` per verb: ``recover --help`` showed reStructuredText's double
+  backquotes (````--rebuild-state````), ``restore`` and ``replicas`` listed ``--json``
+  with no words (every other verb: "One JSON document on stdout."), ``restore --to``
+  left out the bare TXID CLI.md names (and which it takes), ``--interval`` its default;
 """
 from __future__ import annotations
 
@@ -131,3 +135,19 @@ def test_session_unknown_point_is_named_as_the_caller_named_it(tmp_path):
 
     with walstore.open(tmp_path / "s") as store:
         asyncio.run(go(store))
+
+
+def test_every_verbs_help_is_plain_text_and_names_its_json_flag():
+    from click.testing import CliRunner
+
+    from walstore.cli import main
+    runner = CliRunner()
+    for name, command in sorted(main.commands.items()):
+        r = runner.invoke(main, [name, "--help"])
+        assert r.exit_code == 0, (name, r.output)
+        assert "``" not in r.output, (name, r.output)        # reST markup shown as is
+        for param in command.params:
+            if "--json" in getattr(param, "opts", ()):
+                assert param.help, f"{name} --json has no help text"
+    r = runner.invoke(main, ["restore", "--help"])
+    assert "TXID" in r.output and "(1)" in r.output, r.output

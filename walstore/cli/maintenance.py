@@ -48,7 +48,7 @@ def recover(path: str, mode: str, rebuild_state: bool, handlers: str | None,
 
     Lists every action still owing its compensation (id, name, compensator, state, last
     error); exit 1 when any is owed, a transaction is in doubt or damage was found.
-    LMDB's state lost or damaged: says whether ``--rebuild-state`` can rebuild it from
+    LMDB's state lost or damaged: says whether --rebuild-state can rebuild it from
     the log, or only a backup or replica can bring the store back.
     """
     compensators = load_handlers(handlers, as_json)

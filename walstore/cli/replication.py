@@ -278,7 +278,8 @@ def _missing_text(digests: list[str]) -> str:
 @click.argument("url")
 @click.argument("dest", type=DirPath(file_okay=False, readable=False))
 @click.option("--to", "to", default=None, metavar="POINT|TIME",
-              help="tx:N, lsn:N, a restore point name, or an ISO-8601 time with offset.")
+              help="tx:N, lsn:N, a TXID, a restore point NAME, or an ISO-8601 time with "
+                   "offset (default: everything).")
 @click.option("--follow", is_flag=True, help="Keep DEST a current read-only copy (Ctrl-C stops).")
 @click.option("--compensate", is_flag=True,
               help="Run the compensations of transactions in flight at the cut.")
@@ -286,10 +287,10 @@ def _missing_text(digests: list[str]) -> str:
               help="Import compensators (COMPENSATORS dict) from MODULE, for --compensate.")
 @ENDPOINT
 @REGION
-@click.option("--interval", type=float, default=None, help="--follow: seconds between polls.")
+@click.option("--interval", type=float, default=None, help="--follow: seconds between polls (1).")
 @click.option("--apply-every", type=float, default=30.0, show_default=True,
               help="--follow: seconds between applying the followed log to LMDB.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: bool,
                 handlers: str | None, endpoint_url: str | None, region: str | None,
                 interval: float | None, apply_every: float, as_json: bool) -> None:
@@ -449,7 +450,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
 @click.option("--verify", is_flag=True, help="Restore to a temp dir and compare state digests.")
 @ENDPOINT
 @REGION
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str | None,
                  as_json: bool) -> None:
     """Snapshots, WAL range, restore points and lag of the replica at URL."""
