@@ -16,6 +16,8 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
   backquotes (````--rebuild-state````), ``restore`` and ``replicas`` listed ``--json``
   with no words (every other verb: "One JSON document on stdout."), ``restore --to``
   left out the bare TXID CLI.md names (and which it takes), ``--interval`` its default;
+- docs/REPLICATION.md's synopsis of ``restore`` left out ``--interval`` and
+  ``--apply-every`` (CLI.md and the command have them);
 """
 from __future__ import annotations
 
@@ -151,3 +153,55 @@ def test_every_verbs_help_is_plain_text_and_names_its_json_flag():
                 assert param.help, f"{name} --json has no help text"
     r = runner.invoke(main, ["restore", "--help"])
     assert "TXID" in r.output and "(1)" in r.output, r.output
+
+
+def plain_blocks(text: str) -> list[str]:
+    """The fenced blocks of a page with no language (```), each as its text."""
+    blocks, current, fence = [], None, None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if fence is None:
+                fence, current = line.strip(), []
+            else:
+                if fence == "```":
+                    blocks.append("\n".join(current))
+                fence, current = None, None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_every_synopsis_line_in_the_docs_names_the_flags_the_verb_takes():
+    """A ``walstore VERB ...`` line (with its continuation lines) in a synopsis block of
+    any page names exactly the flags that verb takes."""
+    import click
+
+    from walstore.cli import main
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for block in plain_blocks(page.read_text()):
+            usages: dict[str, str] = {}
+            current = None
+            for line in block.splitlines():
+                if line.startswith("$"):
+                    current = None       # a walkthrough's command, not a synopsis
+                    continue
+                found = list(re.finditer(r"walstore ([a-z][a-z-]*) ((?:(?!walstore ).)*)", line))
+                for m in found:
+                    current = m.group(1)
+                    usages[current] = usages.get(current, "") + m.group(2)
+                if not found and current and line.startswith(" "):
+                    usages[current] += line
+                elif not found:
+                    current = None
+            for verb, usage in usages.items():
+                if verb not in main.commands or "[" not in usage:
+                    continue
+                cmd = main.commands[verb]
+                flags = {o for p in cmd.params if isinstance(p, click.Option)
+                         for o in p.opts if o.startswith("--")}
+                written = set(re.findall(r"--[a-z][a-z-]*", usage))
+                assert written == flags, (page.name, verb, written ^ flags)
+                checked += 1
+    assert checked >= 3 * len(main.commands) // 2
