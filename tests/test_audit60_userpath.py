@@ -4,6 +4,10 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
 - ``walstore demo > /dev/full`` said "No space left on device (store PATH)": it blamed the
   store's disk for a failed write of its narration to stdout (every other verb says
   "writing its output to stdout failed"), and the store it named had been removed;
+- ``walstore demo -- -x`` (a PATH beginning with ``-``) failed at its step 7, exit 1: its
+  ``walstore recover PATH`` child read the path as an option; and the commands it prints
+  last ("Inspect it yourself: walstore log PATH") did not paste back for a PATH with a
+  space (two arguments) or a leading ``-`` (an option);
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -205,3 +209,17 @@ def test_every_synopsis_line_in_the_docs_names_the_flags_the_verb_takes():
                 assert written == flags, (page.name, verb, written ^ flags)
                 checked += 1
     assert checked >= 3 * len(main.commands) // 2
+
+
+def test_demo_of_a_path_with_a_dash_and_a_space_finishes_and_its_hints_paste_back(tmp_path):
+    import shlex
+    r = cli("demo", "--", "-my store", cwd=tmp_path)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr)
+    lines = r.stdout.splitlines()
+    hints = lines[lines.index("Inspect it yourself:") + 1:]
+    assert len(hints) == 6, hints
+    for hint in hints:
+        argv = shlex.split(hint)
+        assert argv[0] == "walstore", hint
+        done = cli(*argv[1:], cwd=tmp_path)
+        assert done.returncode == 0, (hint, done.stderr)

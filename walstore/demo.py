@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,15 @@ def say(text: str = "") -> None:
 
 def step(n: int, title: str) -> None:
     _out(f"\n== {n}. {title}")
+
+
+def _shell_word(path: str) -> str:
+    """``path`` as one word a shell and the command line take back as that path: quoted
+    (``walstore log my store`` was two arguments) and, starting with ``-``, as ``./-x``
+    (else an option)."""
+    if path.startswith("-"):
+        path = os.path.join(os.curdir, path)
+    return shlex.quote(path)
 
 
 def side_dir(path: str) -> str:
@@ -310,7 +320,9 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
     say(f"The crash left a charge whose transaction never committed (ledger balance "
         f"{payments.balance(ledger)}). Recovery REDOes committed work and, with the payment "
         f"compensators named, refunds it with the same idempotency key.")
-    out = subprocess.run(_python_m("walstore", "recover", path, "--handlers",
+    # (the absolute path: a PATH beginning with "-" was read by recover as an option, and
+    # the demo ended at this step, exit 1)
+    out = subprocess.run(_python_m("walstore", "recover", os.path.abspath(path), "--handlers",
                                    "walstore.demo_payments"), capture_output=True, text=True)
     _out(textwrap.indent(out.stdout.strip(), "    "))
     if out.returncode != 0:
@@ -340,7 +352,7 @@ def _recovery_story(path: str, acked: list[dict], ledger: str, files_ok: bool = 
     step(9, "Done" if good else "FAILED")
     _out("Inspect it yourself:")
     for cmd in ("log", "dump", "stats", "actions", "files", "diff --from lsn:0"):
-        _out(f"    walstore {cmd} {path}")
+        _out(f"    walstore {cmd} {_shell_word(path)}")
     return 0 if good else 1
 
 
