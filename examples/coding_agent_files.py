@@ -24,6 +24,7 @@ transaction, against a real repository directory and a real subprocess running i
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -120,7 +121,7 @@ def main(work: str) -> None:
     store.close()
     # (it said `--from start` alone: after the revert the state is the start's again, and
     # that diff printed "no key changed / no file changed")
-    print(f"   see also: walstore diff {os.path.join(work, 'agent-state')} --from start "
+    print(f"   see also: walstore diff {shlex.quote(os.path.join(work, 'agent-state'))} --from start "
           f"--to tx:{tx.id}   (what attempt 2 changed)")
 
 

@@ -8,6 +8,9 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
   ``walstore recover PATH`` child read the path as an option; and the commands it prints
   last ("Inspect it yourself: walstore log PATH") did not paste back for a PATH with a
   space (two arguments) or a leading ``-`` (an option);
+- the commands the error lines and the library suggest (`walstore recover PATH`, `walstore
+  actions PATH --pending`, ...) wrote PATH as given: for a store "my store" the hint ran
+  on two arguments;
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -223,3 +226,40 @@ def test_demo_of_a_path_with_a_dash_and_a_space_finishes_and_its_hints_paste_bac
         assert argv[0] == "walstore", hint
         done = cli(*argv[1:], cwd=tmp_path)
         assert done.returncode == 0, (hint, done.stderr)
+
+
+def _hinted_command(text: str) -> list[str]:
+    import shlex
+    m = re.search(r"`(walstore [^`]+)`", text)
+    assert m, text
+    return shlex.split(m.group(1))
+
+
+def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
+    store = tmp_path / "my store"
+    r = cli("init", "my store", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    # damaged: every verb's line ends with "`walstore recover PATH` shows the options"
+    import shutil
+    shutil.rmtree(store / "wal")
+    g = cli("get", "my store", "k", cwd=tmp_path)
+    assert g.returncode == 1 and len(g.stderr.strip().splitlines()) == 1, g.stderr
+    assert _hinted_command(g.stderr) == ["walstore", "recover", "my store"], g.stderr
+    # the library's NeedsRecovery names the command too
+    crashed = tmp_path / "-crashed st"
+    code = ("import os, sys, walstore\n"
+            "s = walstore.open(sys.argv[1])\n"
+            "with s.transaction() as tx: tx.put('k', 1)\n"
+            "os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code, str(crashed)], check=True,
+                   env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    with pytest.raises(walstore.NeedsRecovery) as e:
+        walstore.open(crashed, recover="manual")
+    argv = _hinted_command(str(e.value))
+    assert argv[:2] == ["walstore", "recover"] and os.path.samefile(argv[2], crashed), argv
+    # and the CLI's own: a verb that does not recover says to run recover first
+    d = cli("revert", "./-crashed st", "1", cwd=tmp_path)
+    assert d.returncode == 1, d.stderr
+    argv = _hinted_command(d.stderr)
+    assert argv[:2] == ["walstore", "recover"], d.stderr
+    assert not argv[2].startswith("-") and os.path.samefile(tmp_path / argv[2], crashed), argv

@@ -209,6 +209,19 @@ def shown(value: object, limit: int = 80) -> str:
     return f"{text[:limit - 20]}... ({len(text):,} characters)"
 
 
+def command_word(path: object) -> str:
+    """A path as one word of a command a message suggests (`walstore recover PATH`), so
+    that it pastes back into a shell: quoted when it holds a space or a shell character
+    (``walstore recover my store`` was two arguments) and, beginning with ``-``, written
+    ``./-x`` (else an option)."""
+    import os
+    import shlex
+    text = os.fsdecode(path) if isinstance(path, (str, bytes, os.PathLike)) else str(path)
+    if text.startswith("-"):
+        text = os.path.join(os.curdir, text)
+    return shlex.quote(text)
+
+
 def os_errors_wrapped(method):
     """``method`` with its OS errors leaving as ``as_store_error`` makes them (the file
     operations of reversible files: a FileExistsError is still one)."""

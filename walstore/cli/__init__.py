@@ -26,6 +26,7 @@ import msgpack
 
 import walstore
 from . import _engine
+from ._engine import command_word
 from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command,
                      emit_json_error, end_progress, error_kind, error_text, problem_noted,
                      stdout_to_devnull)
@@ -95,7 +96,7 @@ def _cause(exc: BaseException, command: str, path: str | None) -> str:
         if isinstance(exc, walstore.CorruptionError):
             text = f"corruption: {text}"
             if path and command not in ("recover", "verify"):
-                text += f"; `walstore recover {path}` shows the options"
+                text += f"; `walstore recover {command_word(path)}` shows the options"
         elif isinstance(exc, walstore.StoreLocked):
             text += " (stop it first, or use a read-only command)"
         inner = exc.__cause__

@@ -18,7 +18,7 @@ from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
 from ..engine.layout import (FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout,
                               enclosing_store, store_path)
-from ..errors import NotAStore
+from ..errors import NotAStore, command_word  # noqa: F401 (the CLI's hints use it)
 from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
 from ..ops.rebuild import rebuild_refusal, rebuild_state

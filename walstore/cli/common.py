@@ -17,6 +17,7 @@ import click
 import walstore
 
 from . import _engine
+from ._engine import command_word
 from ._engine import never_runs
 from .output import (UsageProblem, cut_text, end_progress, note_problem, progress_printer,
                      show_cell, stream_table, table)
@@ -79,7 +80,7 @@ def open_store(path: str, **kw: Any) -> Iterator[walstore.Store]:
         command = click.get_current_context().info_name
         raise walstore.NeedsRecovery(
             f"store {os.path.abspath(path)} was not shut down cleanly and `{command}` does "
-            f"not recover it: run `walstore recover {path}` first (it says what it rolls "
+            f"not recover it: run `walstore recover {command_word(path)}` first (it says what it rolls "
             f"back and compensates); nothing was changed") from None
     try:
         owed_at_open = None
@@ -138,12 +139,12 @@ def say_recovery(store: walstore.Store, path: str, owed_at_open: set | None = No
     if report.compensated:
         said.append(f"ran {len(report.compensated)} compensation(s)")
     if owed:
-        said.append(f"{len(owed)} compensation(s) owed (`walstore actions {path} --pending`)")
+        said.append(f"{len(owed)} compensation(s) owed (`walstore actions {command_word(path)} --pending`)")
     if report.in_doubt and in_doubt:
         said.append(f"{len(in_doubt)} prepared transaction(s) in doubt "
-                    f"(`walstore prepared {path}`)")
+                    f"(`walstore prepared {command_word(path)}`)")
     if damage:
-        said.append(f"{len(damage)} problem(s) found (`walstore verify {path}`): "
+        said.append(f"{len(damage)} problem(s) found (`walstore verify {command_word(path)}`): "
                     f"{damage[0].kind}: {damage[0].reason}")
     if not said:
         return

@@ -9,6 +9,7 @@ import click
 import walstore
 
 from . import WalstoreCommand, _engine, main
+from ._engine import command_word
 from .common import JSON, PATH, open_store
 from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, KEY, PREFIX,
                      NegativeNumberArguments,
@@ -91,7 +92,7 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
                  f"{e.report.get('keys_erased')} key(s) erased from every read), but erasing "
                  f"their old bytes from the store's files failed: "
                  f"{type(cause).__name__}: {cause}; the erasure is owed: the next writable "
-                 f"open of the store (or `walstore checkpoint {path}`) finishes it")
+                 f"open of the store (or `walstore checkpoint {command_word(path)}`) finishes it")
         except KeyboardInterrupt as e:  # (committed before the Ctrl-C: said so, exit 130;
             done = getattr(e, "purge_committed", None)  # it read "purge interrupted", as
             if done is None:                            # if nothing was purged: audit 60)
@@ -100,7 +101,7 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
                  f"{done.get('keys_erased')} key(s) erased from every read), then was "
                  f"interrupted (Ctrl-C) while erasing their old bytes from the store's "
                  f"files; the erasure is owed: the next writable open of the store (or "
-                 f"`walstore checkpoint {path}`) finishes it", EXIT_INTERRUPTED,
+                 f"`walstore checkpoint {command_word(path)}`) finishes it", EXIT_INTERRUPTED,
                  "KeyboardInterrupt")
         finally:
             end_progress()
@@ -108,7 +109,7 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
     if not doc["keys_erased"] and not as_json:  # (a mistyped prefix read as a success:
         # "purged 0 key(s)", exit 0 — audit 58; on stderr: the table-free line stays)
         click.echo(f"note: no key was under {show_key(prefix)}, live or in the history "
-                   f"kept (a mistyped prefix? `walstore scan {path} --prefix ...` lists "
+                   f"kept (a mistyped prefix? `walstore scan {command_word(path)} --prefix ...` lists "
                    f"what there is)", err=True)
     if as_json:
         emit_json(doc)

@@ -9,6 +9,7 @@ import click
 import walstore
 
 from . import _engine, main
+from ._engine import command_word
 from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, DirPath, action_docs, action_table,
                      load_handlers, open_store, owed_header)
 from .output import (CELL_CHARS, EXIT_PROBLEM, Failure, UsageProblem, cut_text, emit_json,
@@ -135,7 +136,7 @@ def _report_lmdb_damaged(path: str, e: walstore.CorruptionError, mode: str = "st
     a refusal met a KeyError for this damage only: probe-audit59)."""
     why = _engine.rebuild_refusal(path)
     if why is None:
-        option = (f"options: `walstore recover {path} --rebuild-state` rebuilds LMDB from "
+        option = (f"options: `walstore recover {command_word(path)} --rebuild-state` rebuilds LMDB from "
                   f"the WAL, which is whole from LSN 0 (the damaged state is moved to "
                   f"quarantine/); or restore the store from a backup or a replica")
     else:

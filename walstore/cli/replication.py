@@ -26,6 +26,7 @@ import click
 from walstore import NotAStore, ReplicationError, UnknownPoint, WalstoreError
 
 from . import _engine
+from ._engine import command_word
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail, show_key
@@ -423,7 +424,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         # (it said "rerun with --compensate", as without it: rerun into DEST is refused,
         # DEST is not empty; the copy's own recovery retries them)
         click.echo(f"compensations did not all run here (failed, or no handler for them): "
-                   f"`walstore recover {report['dest']} --handlers MODULE` retries them, or "
+                   f"`walstore recover {command_word(report['dest'])} --handlers MODULE` retries them, or "
                    f"`walstore resolve` once handled by hand", err=True)
     elif pending and not as_json:
         # (it said "rerun with --compensate": into DEST, which is not empty now, that is
@@ -439,7 +440,7 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
                    "put them back", err=True)
     if missing and not as_json:
         click.echo(f"{_missing_text(missing)}: the copy's file history at those points "
-                   f"cannot be read (`walstore verify {report['dest']}` names the versions)",
+                   f"cannot be read (`walstore verify {command_word(report['dest'])}` names the versions)",
                    err=True)
     if pending or owed_files or missing:
         sys.exit(EXIT_PROBLEM)

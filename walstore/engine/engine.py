@@ -35,7 +35,7 @@ import lmdb
 
 from .. import fileio
 from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed,
-                      StoreIOError, WalstoreError)
+                      StoreIOError, WalstoreError, command_word)
 from ..log.format import RecordType
 from ..log.reader import LogEvent, LogReader
 from ..log.records import Event
@@ -277,7 +277,7 @@ class Engine:
     def _open_writer(self, recover: str, progress) -> None:
         if recover == "manual" and self.needs_recovery():
             raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
-                                f"`walstore recover {self.path}` (or open with recover='auto')")
+                                f"`walstore recover {command_word(self.path)}` (or open with recover='auto')")
         checked = 0
         if self.needs_recovery():
             # before anything reads LMDB's tables: the free list, the small tables whole,
@@ -539,7 +539,7 @@ class Engine:
         if not writer_alive(self.layout):
             if self.needs_recovery() and recover == "manual":
                 raise NeedsRecovery(f"store {self.path} was not shut down cleanly; run "
-                                    f"`walstore recover {self.path}` (or open with "
+                                    f"`walstore recover {command_word(self.path)}` (or open with "
                                     f"recover='auto': a read-only open then shows its "
                                     f"committed state)")
             if self.needs_recovery():
