@@ -11,6 +11,10 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
 - the commands the error lines and the library suggest (`walstore recover PATH`, `walstore
   actions PATH --pending`, ...) wrote PATH as given: for a store "my store" the hint ran
   on two arguments;
+- without the ``walstore[s3]`` extra (no boto3, as after ``pip install .``),
+  ``walstore.open(p, replicate_to="s3://...")``, ``walstore.restore`` and the replica
+  verbs raised a bare ``ModuleNotFoundError: No module named 'boto3'`` (the CLI: "an
+  unexpected error"), and the open had created the store first;
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -263,3 +267,50 @@ def test_suggested_commands_quote_a_path_with_a_space(tmp_path):
     argv = _hinted_command(d.stderr)
     assert argv[:2] == ["walstore", "recover"], d.stderr
     assert not argv[2].startswith("-") and os.path.samefile(tmp_path / argv[2], crashed), argv
+
+
+NO_BOTO3 = """
+import sys
+sys.modules["boto3"] = None          # as on a machine without the walstore[s3] extra
+import os, walstore
+out = []
+for call in (lambda: walstore.open("st", replicate_to="s3://bucket/a1"),
+             lambda: walstore.restore("s3://bucket/a1", "dest")):
+    try:
+        call()
+        out.append("no error")
+    except walstore.ReplicationError as e:
+        out.append("ReplicationError: " + str(e))
+    except BaseException as e:
+        out.append(type(e).__name__ + ": " + str(e))
+out.append("exists: %s %s" % (os.path.exists("st"), os.path.exists("dest")))
+print("\\n".join(out))
+"""
+
+CLI_NO_BOTO3 = """
+import sys
+sys.modules["boto3"] = None
+from walstore.cli import main
+sys.argv = ["walstore"] + sys.argv[1:]
+main()
+"""
+
+
+def test_without_boto3_s3_replicas_are_refused_naming_the_extra(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", NO_BOTO3], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("ReplicationError: ") and "walstore[s3]" in lines[0], lines
+    assert lines[1].startswith("ReplicationError: ") and "walstore[s3]" in lines[1], lines
+    assert lines[2] == "exists: False False", lines      # nothing created
+    assert cli("init", "st", cwd=tmp_path).returncode == 0
+    for argv in (["replicas", "s3://bucket/a1"], ["restore", "s3://bucket/a1", "dest"],
+                 ["replicate", "st", "s3://bucket/a1", "--once"]):
+        c = subprocess.run([sys.executable, "-c", CLI_NO_BOTO3, *argv], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=60)
+        assert c.returncode == 1, (argv, c.stderr)
+        err = c.stderr.strip().splitlines()
+        assert len(err) == 1 and "walstore[s3]" in err[0], (argv, c.stderr)
+        assert "unexpected" not in err[0] and "Traceback" not in c.stderr

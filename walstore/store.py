@@ -168,6 +168,8 @@ class Store:
             if replicate_to.partition(":")[0].lower() == "s3":  # (checked only when the S3
                 from .replication.targets import check_endpoint  # client was built: the
                 check_endpoint(opts.endpoint_url)                 # store was created)
+                from .replication.targets import check_s3_client  # (boto3 missing: the
+                check_s3_client()               # store was created, then the open failed)
         elif replicate_options is not None:  # (checked all the same: an unknown option,
             from .replication.options import ReplicateOptions  # a wrong type, opened
             ReplicateOptions.from_any(replicate_options)        # without a word)

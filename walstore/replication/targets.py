@@ -365,12 +365,34 @@ def check_endpoint(endpoint: str | None) -> None:
                            f"http://127.0.0.1:9000)")
 
 
+def _no_s3_client(e: BaseException | None = None) -> ReplicationError:
+    why = f" ({e})" if e is not None else ""
+    return ReplicationError(f"s3:// replicas need boto3, which is not installed{why}: "
+                            f"pip install 'walstore[s3]'")
+
+
+def check_s3_client() -> None:
+    """ReplicationError unless boto3 (the ``walstore[s3]`` extra) can be imported; found,
+    not imported (``walstore.open(replicate_to="s3://...")`` asks before it creates or
+    touches the store: it created the store, then failed)."""
+    import importlib.util
+    if importlib.util.find_spec("boto3") is None:
+        raise _no_s3_client()
+
+
 def open_target(url: str, options=None) -> ObjectStore:
     """The object store a replica URL names: ``s3://bucket/prefix`` or ``file:///dir``."""
     p = _parse(url)
     if p.scheme == "file":
         return FileTarget(p.path)
-    from .s3 import S3Target  # boto3 is imported only here (the walstore[s3] extra)
+    try:
+        from .s3 import S3Target  # boto3 is imported only here (the walstore[s3] extra)
+    except ImportError as e:  # (a bare "No module named 'boto3'" escaped walstore.open,
+        # restore and every replica verb: "an unexpected error")
+        if getattr(e, "name", None) not in ("boto3", "botocore") and \
+                not str(getattr(e, "name", "") or "").startswith(("boto3.", "botocore.")):
+            raise
+        raise _no_s3_client(e) from e
     return S3Target(p.netloc, p.path.strip("/"), options)
 
 
