@@ -15,6 +15,10 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
   ``walstore.open(p, replicate_to="s3://...")``, ``walstore.restore`` and the replica
   verbs raised a bare ``ModuleNotFoundError: No module named 'boto3'`` (the CLI: "an
   unexpected error"), and the open had created the store first;
+- likewise ``WalstoreSession(...)`` without the Agents SDK and ``import
+  walstore.integrations.transaction`` without the transaction package raised a bare
+  ``No module named ...`` naming no extra (LangGraph's says ``pip install
+  'walstore[langgraph]'``);
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -314,3 +318,36 @@ def test_without_boto3_s3_replicas_are_refused_naming_the_extra(tmp_path):
         err = c.stderr.strip().splitlines()
         assert len(err) == 1 and "walstore[s3]" in err[0], (argv, c.stderr)
         assert "unexpected" not in err[0] and "Traceback" not in c.stderr
+
+
+NO_EXTRAS = """
+import sys
+sys.modules["agents"] = None
+sys.modules["transaction"] = None
+import walstore
+out = []
+try:
+    from walstore.integrations.openai_agents import WalstoreSession
+    with walstore.open("st") as store:
+        WalstoreSession("u", store)
+    out.append("no error")
+except ImportError as e:
+    out.append(str(e))
+try:
+    import walstore.integrations.transaction
+    out.append("no error")
+except ImportError as e:
+    out.append(str(e))
+print("\\n".join(out))
+"""
+
+
+def test_integrations_without_their_extra_name_it():
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        r = subprocess.run([sys.executable, "-c", NO_EXTRAS], cwd=d, capture_output=True,
+                           text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert r.returncode == 0, r.stderr
+    session, txn = r.stdout.splitlines()
+    assert "pip install 'walstore[openai-agents]'" in session, session
+    assert "pip install 'walstore[transaction]'" in txn, txn

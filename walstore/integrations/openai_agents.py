@@ -291,7 +291,11 @@ class WalstoreSession:
 
     def __init__(self, session_id: str, store: "Store", session_settings: Any = None, *,
                  namespace: str = "oa/") -> None:
-        from agents.memory.session_settings import SessionSettings, coerce_session_settings
+        try:
+            from agents.memory.session_settings import SessionSettings, coerce_session_settings
+        except ImportError as e:  # (a bare "No module named 'agents'", naming no extra)
+            raise ImportError("WalstoreSession needs the OpenAI Agents SDK: pip install "
+                              "'walstore[openai-agents]'") from e
         if not isinstance(session_id, str):
             raise TypeError(f"session_id must be a str, not {type(session_id).__name__}")
         _text(session_id, "session_id")  # (quote's bare UnicodeEncodeError named nothing)

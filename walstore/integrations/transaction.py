@@ -59,7 +59,11 @@ import uuid
 import warnings
 from typing import Any
 
-import transaction as _transaction
+try:
+    import transaction as _transaction
+except ImportError as e:  # (a bare "No module named 'transaction'", naming no extra)
+    raise ImportError("walstore.integrations.transaction needs the transaction package: "
+                      "pip install 'walstore[transaction]'") from e
 
 from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, Transaction
 from ._checks import check_store as _check_store
