@@ -19,6 +19,9 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
   walstore.integrations.transaction`` without the transaction package raised a bare
   ``No module named ...`` naming no extra (LangGraph's says ``pip install
   'walstore[langgraph]'``);
+- ``walstore --help``, ``--version`` and every ``VERB --help`` into a full stdout
+  (``> /dev/full``) printed a 36-line traceback, exit 1, and into a closed pipe exited 1
+  (a verb's output: 0, quietly);
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -351,3 +354,22 @@ def test_integrations_without_their_extra_name_it():
     session, txn = r.stdout.splitlines()
     assert "pip install 'walstore[openai-agents]'" in session, session
     assert "pip install 'walstore[transaction]'" in txn, txn
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["get", "--help"], ["demo", "-h"]])
+def test_help_and_version_into_a_full_or_closed_stdout(tmp_path, argv):
+    with open("/dev/full", "w") as full:
+        r = cli(*argv, cwd=tmp_path, stdout=full)
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines == ["walstore: writing its output to stdout failed: No space left on "
+                     "device [ENOSPC]"], r.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    p = subprocess.Popen([sys.executable, "-m", "walstore", *argv], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()                                   # the reader is gone at once
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 0, err
+    assert err == b"", err

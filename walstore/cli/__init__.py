@@ -168,7 +168,24 @@ def failure_kind(failure: Failure) -> str:
     return "UsageError" if failure.exit_code == EXIT_USAGE else type(failure).__name__
 
 
-class WalstoreCommand(click.Command):
+class _OwnOutputWrites:
+    """What click itself prints to stdout while it parses (``--help``, ``--version``)
+    fails as a command's output does: a reader gone ends it quietly, status 0; another
+    write error (``> /dev/full``) is one line, exit 1 (it was a 36-line traceback)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)  # type: ignore[misc]
+        except BrokenPipeError:
+            _reader_went_away()
+        except OSError as e:
+            if not _writing_stdout(e):
+                raise
+            raise Failure(f"writing its output to stdout failed: {_os_text(e, '')}") from None
+
+
+class WalstoreCommand(_OwnOutputWrites, click.Command):
     """A command whose escaping exceptions go through :func:`report`."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -219,7 +236,7 @@ def _reader_went_away() -> NoReturn:
     raise SystemExit(EXIT_PROBLEM if problem_noted() else 0)
 
 
-class WalstoreGroup(click.Group):
+class WalstoreGroup(_OwnOutputWrites, click.Group):
     command_class = WalstoreCommand
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
