@@ -22,6 +22,7 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
 - ``walstore --help``, ``--version`` and every ``VERB --help`` into a full stdout
   (``> /dev/full``) printed a 36-line traceback, exit 1, and into a closed pipe exited 1
   (a verb's output: 0, quietly);
+- ``WALSTORE_DEBUG=false`` (or ``no``, ``off``) turned the tracebacks on;
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -373,3 +374,15 @@ def test_help_and_version_into_a_full_or_closed_stdout(tmp_path, argv):
     err = p.stderr.read()
     assert p.wait(timeout=60) == 0, err
     assert err == b"", err
+
+
+@pytest.mark.parametrize("value, traceback", [("1", True), ("yes", True), ("0", False),
+                                              ("", False), ("false", False), ("off", False),
+                                              ("No", False)])
+def test_walstore_debug_off_values_show_no_traceback(tmp_path, value, traceback):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WALSTORE_DEBUG=value)
+    r = subprocess.run([sys.executable, "-m", "walstore", "get", "missing", "k"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert ("Traceback" in r.stderr) == traceback, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("walstore: get failed: ")

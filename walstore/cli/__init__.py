@@ -40,8 +40,9 @@ _DECODING_ERRORS = (struct.error, msgpack.UnpackException, msgpack.ExtraData,
 
 
 def debugging(ctx: click.Context | None) -> bool:
-    """``--debug`` given, or WALSTORE_DEBUG set to something other than empty/0."""
-    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    """``--debug`` given, or WALSTORE_DEBUG set to something other than empty, 0, false,
+    no or off (``WALSTORE_DEBUG=false`` turned the tracebacks on)."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off"):
         return True
     root = ctx.find_root() if ctx is not None else None
     return bool(root is not None and root.params.get("debug"))
