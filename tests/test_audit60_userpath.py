@@ -23,6 +23,8 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
   (``> /dev/full``) printed a 36-line traceback, exit 1, and into a closed pipe exited 1
   (a verb's output: 0, quietly);
 - ``WALSTORE_DEBUG=false`` (or ``no``, ``off``) turned the tracebacks on;
+- an error whose line cannot be written (``2>/dev/full``) exited 1 whatever it was: a
+  usage error (a path that is not a store, an unknown verb, a malformed key) is 2;
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -386,3 +388,17 @@ def test_walstore_debug_off_values_show_no_traceback(tmp_path, value, traceback)
     assert r.returncode == 2
     assert ("Traceback" in r.stderr) == traceback, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("walstore: get failed: ")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("argv, code", [(["get", "missing", "k"], 2), (["nosuchverb"], 2),
+                                        (["get", "st", "hex:zz"], 2), (["get", "st"], 2),
+                                        (["get", "st", "absent"], 1)])
+def test_an_error_line_stderr_cannot_take_keeps_its_exit_status(tmp_path, argv, code):
+    assert cli("init", "st", cwd=tmp_path).returncode == 0
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "walstore", *argv], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=full, timeout=60)
+    assert r.returncode == code, argv
+    assert cli(*argv, cwd=tmp_path).returncode == code     # as with a stderr that works

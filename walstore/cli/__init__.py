@@ -225,6 +225,32 @@ def _interrupted(ctx: click.Context, e: BaseException) -> NoReturn:
     raise failure from None
 
 
+def _error_being_shown(exc: BaseException) -> click.ClickException | None:
+    """The click error whose ``show()`` (its line on stderr) raised ``exc``, if any."""
+    if isinstance(exc.__context__, click.ClickException):
+        return exc.__context__
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        shown = frame.f_locals.get("self")
+        if frame.f_code.co_name == "show" and isinstance(shown, click.ClickException):
+            return shown
+        tb = tb.tb_next
+    return None
+
+
+def _stderr_to_devnull() -> None:
+    """Point stderr (file descriptor 2 and ``sys.stderr``) at /dev/null: it cannot be
+    written, and the interpreter's flush at exit would fail on it again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)
+    except OSError:
+        pass
+
+
 def _reader_went_away() -> NoReturn:
     """The reader of stdout closed it (``walstore stats | head -1``): what it wanted was
     delivered, so exit without a word (was: "stats failed: Broken pipe", exit 1): 0, or
@@ -239,6 +265,21 @@ def _reader_went_away() -> NoReturn:
 
 class WalstoreGroup(_OwnOutputWrites, click.Group):
     command_class = WalstoreCommand
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """click's ``main``; an error line that cannot be written (stderr full or gone:
+        ``2>/dev/full``) keeps the error's exit status: the OSError raised while showing
+        it escaped click, and a usage error exited 1 instead of 2, with a traceback
+        Python could not write either."""
+        try:
+            return super().main(*args, **kwargs)
+        except OSError as e:
+            shown = _error_being_shown(e)
+            if shown is None:
+                raise
+            stdout_to_devnull()
+            _stderr_to_devnull()
+            raise SystemExit(shown.exit_code) from None
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         """``walstore --json VERB ...`` is ``walstore VERB --json ...``: the flag before
