@@ -25,6 +25,10 @@ demo``, ``walstore --help``, the OpenAI Agents session), each claim run as writt
 - ``WALSTORE_DEBUG=false`` (or ``no``, ``off``) turned the tracebacks on;
 - an error whose line cannot be written (``2>/dev/full``) exited 1 whatever it was: a
   usage error (a path that is not a store, an unknown verb, a malformed key) is 2;
+- ``walstore bench`` and ``walstore demo`` ended by SIGTERM (``timeout``, a cancelled CI
+  job) died where they stood: the bench left its scratch store (20 MB of the row under
+  way) in TMPDIR, the demo its store, ``PATH-demo-files`` and its worker process; they
+  now clean up as on Ctrl-C, one line, exit 143;
 - the examples: each given a path that is a file ended in a traceback
   (NotADirectoryError, FileExistsError); ``coding_agent_files.py`` ran again over a kept
   WORK_DIR (the other two refuse), and the command it printed last ("see also: walstore
@@ -402,3 +406,51 @@ def test_an_error_line_stderr_cannot_take_keeps_its_exit_status(tmp_path, argv, 
                            stdout=subprocess.PIPE, stderr=full, timeout=60)
     assert r.returncode == code, argv
     assert cli(*argv, cwd=tmp_path).returncode == code     # as with a stderr that works
+
+
+def _procs_naming(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_sigterm_ends_demo_and_bench_through_their_cleanup(tmp_path):
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "walstore", "demo", "st"], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if line.startswith("== 6."):          # the worker process is running now
+            break
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert err.strip().splitlines() == ["walstore: demo terminated (SIGTERM)"], err
+    assert not (tmp_path / "st").exists() and not (tmp_path / "st-demo-files").exists()
+    deadline = time.monotonic() + 10
+    while _procs_naming(str(tmp_path / "st-demo-files")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _procs_naming(str(tmp_path / "st-demo-files")) == []     # no worker left
+
+    b = subprocess.Popen([sys.executable, "-m", "walstore", "bench", "--quick"], cwd=tmp_path,
+                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in b.stderr:
+        if line.lstrip().startswith("1/2"):   # a row is being measured
+            break
+    b.send_signal(signal.SIGTERM)
+    err = b.stderr.read()
+    assert b.wait(timeout=120) == 143, err
+    assert "walstore: bench terminated (SIGTERM)" in err
+    assert sorted(os.listdir(tmp_path / "scratch")) == []           # no scratch store left

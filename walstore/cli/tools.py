@@ -1,13 +1,55 @@
 """Verbs that show walstore off rather than operate a store: demo and bench."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 
 import click
 
 from . import _engine, main
 from .common import JSON, DirPath
 from .output import EXIT_PROBLEM, UsageProblem, emit_json, fail, note_problem, one_line
+
+
+EXIT_TERMINATED = 128 + signal.SIGTERM
+_terminated = threading.Event()
+
+
+def exit_if_terminated() -> None:
+    """Raise the SystemExit of a SIGTERM again: the handler's can land where Python
+    swallows exceptions (a weakref callback, a ``__del__``: "Exception ignored in ..."),
+    and the bench then ran to its end."""
+    if _terminated.is_set():
+        raise SystemExit(EXIT_TERMINATED)
+
+
+@contextlib.contextmanager
+def terminated_as_exit(verb: str) -> Iterator[None]:
+    """SIGTERM (``timeout``, a CI job cancelled, ``kill``) ends the verb as Ctrl-C does,
+    through its cleanup, exit 143: it killed the process where it stood, and a bench left
+    its scratch directory (a store of 20 MB from the row under way), a demo its store,
+    ``PATH-demo-files`` and its worker process (up to a minute more)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        _terminated.set()
+        raise SystemExit(EXIT_TERMINATED)
+    _terminated.clear()
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except SystemExit as e:
+        if e.code == EXIT_TERMINATED:  # (its cleanup done: one line, as for Ctrl-C)
+            with contextlib.suppress(OSError):
+                click.echo(f"walstore: {verb} terminated (SIGTERM)", err=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @main.command()
@@ -26,7 +68,9 @@ def demo(path: str | None) -> None:
     if path is not None and os.path.lexists(_engine.demo_side_dir(path)):
         raise UsageProblem(f"demo keeps its agents' outside files (a ledger, a project tree) "
                            f"in {_engine.demo_side_dir(path)}, which exists: pick another PATH")
-    raise SystemExit(_engine.run_demo(path))
+    with terminated_as_exit("demo"):
+        code = _engine.run_demo(path)
+    raise SystemExit(code)
 
 
 @main.command()
@@ -40,7 +84,12 @@ def bench(quick: bool, as_json: bool) -> None:
         run_benchmarks, render_markdown = _engine.benchmarks()
     except ImportError as e:
         fail(f"benchmarks unavailable: {e}")
-    results = run_benchmarks(quick=quick, progress=(lambda m: click.echo(m, err=True)))
+    with terminated_as_exit("bench"):
+        def progress(message: str) -> None:
+            exit_if_terminated()
+            click.echo(message, err=True)
+        results = run_benchmarks(quick=quick, progress=progress)
+        exit_if_terminated()
     failed = failed_rows(results)
     if failed:  # (before printing: a reader gone mid-output keeps exit 1)
         note_problem()
