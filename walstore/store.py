@@ -342,11 +342,13 @@ class Store:
         A body still running after ACTION_BODY_WAIT_S (an agent's long call) is left as a
         crash leaves it, to the next open, said in a RuntimeWarning."""
         self._saga.refuse_intents()  # (new ones from other threads: StoreClosed)
+        self._files.refuse_new()  # (and file operations, watch() blocks: the same)
         deadline = time.monotonic() + ACTION_BODY_WAIT_S
         while True:
             entering = self._saga.entering_elsewhere()
             bodies = self._hooks.action_bodies_elsewhere()
-            if not (bodies or entering) or time.monotonic() >= deadline:
+            files = self._files.busy_elsewhere()
+            if not (bodies or entering or files) or time.monotonic() >= deadline:
                 break
             time.sleep(0.005)
         if bodies or entering:
@@ -357,6 +359,12 @@ class Store:
                           f"results cannot be logged now, so the next open compensates "
                           f"them with result=None (same idempotency keys)",
                           RuntimeWarning, stacklevel=3)
+        if files:
+            warnings.warn(f"closing {self.path}: after {ACTION_BODY_WAIT_S:g} s, {files} "
+                          f"file operation(s) or watch() block(s) are still running in "
+                          f"other threads; what they change cannot be logged now, so the "
+                          f"next open puts it back as after a crash (the versions found "
+                          f"kept under quarantine/)", RuntimeWarning, stacklevel=3)
 
     def _wait_for_work_elsewhere(self) -> None:
         """Before the log closes: other threads' revert/rewind/purge calls and the

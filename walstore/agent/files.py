@@ -41,8 +41,8 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
-from ..errors import ConflictError, CorruptionError, FileConflictError, StoreIOError, \
-    WalstoreError, os_errors_as_store_errors, os_errors_wrapped
+from ..errors import ConflictError, CorruptionError, FileConflictError, StoreClosed, \
+    StoreIOError, WalstoreError, os_errors_as_store_errors, os_errors_wrapped
 from ..engine import tables
 from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
@@ -438,6 +438,47 @@ class Files:
         # what recovery kept aside of crashed watches (see ``_undo_open_watch``)
         self.watch_saved: list[dict] = []
         self._blob_bytes_noted = 0  # blob bytes already counted toward a checkpoint
+        # close(): the file operations and watch() blocks each thread is inside now (thread
+        # ident -> how many), and the thread closing the store once it began
+        # (``refuse_new``): another thread's new operation or watch is then refused before
+        # it logs or changes anything, and close() waits for those under way (their steps
+        # must be logged before the log closes: audit 60)
+        self._busy: dict[int, int] = {}
+        self._busy_lock = threading.Lock()
+        self._closing_thread: int | None = None
+
+    # ---- close() -------------------------------------------------------------------------
+    def refuse_new(self) -> None:
+        """From now on a file operation or ``watch()`` another thread than this one
+        begins raises StoreClosed before it logs or changes anything."""
+        with self._busy_lock:
+            self._closing_thread = threading.get_ident()
+
+    def busy_elsewhere(self) -> int:
+        """How many file operations and ``watch()`` blocks other threads are inside now."""
+        me = threading.get_ident()
+        with self._busy_lock:
+            return sum(n for t, n in self._busy.items() if t != me)
+
+    @contextlib.contextmanager
+    def _busy_here(self, what: str) -> Iterator[None]:
+        """Counted while a file operation or a watch() block runs (see ``refuse_new``)."""
+        me = threading.get_ident()
+        with deferred(), self._busy_lock:
+            closer = self._closing_thread
+            # (one nested in an operation or watch this thread is inside already — a write
+            # in a watch() block — is part of what close() waits for: let through)
+            if closer is not None and closer != me and not self._busy.get(me):
+                raise StoreClosed(f"store {self.engine.path} is closing: {what} was not "
+                                  f"begun (nothing was logged or changed)")
+            self._busy[me] = self._busy.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with deferred(), self._busy_lock:
+                n = self._busy.pop(me) - 1
+                if n:
+                    self._busy[me] = n
 
     def sync_workspaces(self) -> None:
         """Under durability="none" file changes are not fsynced as they are made: before
@@ -709,6 +750,11 @@ class Files:
         across code that may take the end lock (a savepoint, an action) — waiting for
         either while holding the other could wait for ever; it is waited for with
         neither held, and then tried again."""
+        with self._busy_here(f"file operation {op!r}"):
+            return self._run(tx, ws, op, make_plan, act)
+
+    def _run(self, tx: "Transaction", ws: Workspace, op: str,
+             make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
         end = tx._end_lock
         while True:
             tx._check_writable()
@@ -1333,6 +1379,13 @@ class Files:
     # ---- watch() --------------------------------------------------------------------
     @contextlib.contextmanager
     def watch(self, tx: "Transaction", ws: Workspace) -> Iterator[Watch]:
+        # (counted to its end's record: a close() in another thread waits for the block,
+        # or refuses it — it closed the log under the block, whose changes then stayed
+        # on disk after a clean close, put back by the next open as after a crash: audit 60)
+        with self._busy_here("a watch() block"):
+            yield from self._watch(tx, ws)
+
+    def _watch(self, tx: "Transaction", ws: Workspace) -> Iterator[Watch]:
         tx._check_writable()
         lock = self._ws_lock(ws)
         with lock:

@@ -1,0 +1,191 @@
+"""Audit 60, reversible files at the edges of close, threads and processes.
+
+Findings (each test named below fails on the code before its fix):
+
+- ``store.close()`` while another thread was inside a ``with tx.files(ws).watch():``
+  block (a tool writing files): close did not wait for the block and closed the log
+  under it.  The block's end could not be logged, so its changes stayed on disk after a
+  clean close, and the next open put them back as after a crash — every path the tool
+  wrote reported ``watch-undone`` and copied to ``quarantine/`` (11 copies for a tool
+  writing 11 files) (``test_close_waits_for_a_watch_in_another_thread``).  close() now
+  waits (ACTION_BODY_WAIT_S, as for action bodies) for the file operations and watch()
+  blocks other threads are inside, and refuses new ones from other threads (StoreClosed,
+  nothing logged or changed: ``test_a_file_operation_begun_elsewhere_once_close_began_
+  is_refused``).  ``test_close_rolls_back_its_own_transaction_once_another_threads_
+  watch_ended`` guards the closing thread's own transaction whose watch another thread
+  runs (passed before too: its rollback waits for the workspace's lock).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import walstore
+
+TOOL = ("import sys\n"
+        "root, tag = sys.argv[1], sys.argv[2]\n"
+        "open(root + '/a.txt', 'w').write('changed by ' + tag + '\\n')\n"
+        "for i in range(5):\n"
+        "    open(root + '/%s%d.txt' % (tag, i), 'w').write(tag)\n")
+
+
+def _tool(root: str, tag: str) -> None:
+    subprocess.run([sys.executable, "-c", TOOL, root, tag], check=True)
+
+
+def _tree(root: str) -> dict:
+    out = {}
+    for name in sorted(os.listdir(root)):
+        with open(os.path.join(root, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def _wait_closing(store, closer: threading.Thread) -> None:
+    while store._closing is None and closer.is_alive():
+        time.sleep(0.001)
+
+
+def _setup(tmp_path):
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "a.txt").write_text("orig\n")
+    store = walstore.open(str(tmp_path / "s"), durability="full")
+    return store, store.workspace(str(root)), str(root)
+
+
+def test_close_waits_for_a_watch_in_another_thread(tmp_path):
+    store, ws, root = _setup(tmp_path)
+    before = _tree(root)
+    in_watch, outcome, wrote = threading.Event(), [], []
+
+    def agent() -> None:
+        try:
+            with store.transaction() as tx:
+                with tx.files(ws).watch():
+                    _tool(root, "x")
+                    in_watch.set()
+                    while store._closing is None:  # (the tool runs on once close began)
+                        time.sleep(0.001)
+                    _tool(root, "y")
+                    # (its own write inside the block is part of what close() waits for)
+                    tx.files(ws).write("inner.txt", "inner\n")
+                    wrote.append(True)
+            outcome.append("committed")
+        except walstore.WalstoreError as e:
+            outcome.append(type(e).__name__)
+
+    worker = threading.Thread(target=agent)
+    worker.start()
+    assert in_watch.wait(30)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    closer.join(30)
+    worker.join(30)
+    assert not closer.is_alive() and not worker.is_alive()
+    assert wrote == [True]
+    after_close = _tree(root)
+    again = walstore.open(str(tmp_path / "s"))
+    try:
+        report = again.last_recovery
+        # the block's end was logged: whatever the outcome, no guess as after a crash
+        assert report.watch_saved == []
+        assert [p.kind for p in report.problems] == []
+        assert not os.path.exists(tmp_path / "s" / "quarantine" / "files")
+        if outcome == ["committed"]:
+            assert _tree(root) == after_close and b"changed by y\n" == after_close["a.txt"]
+            assert after_close["inner.txt"] == b"inner\n"
+        else:
+            assert _tree(root) == before
+    finally:
+        again.close()
+
+
+def test_close_rolls_back_its_own_transaction_once_another_threads_watch_ended(tmp_path):
+    store, ws, root = _setup(tmp_path)
+    before = _tree(root)
+    tx = store.transaction()
+    tx.put("k", "v")
+    tx.files(ws).write("mine.txt", "by the closing thread\n")  # (its effects began here)
+    in_watch, done = threading.Event(), threading.Event()
+
+    def helper() -> None:
+        with tx.files(ws).watch():
+            _tool(root, "x")
+            in_watch.set()
+            while store._closing is None:
+                time.sleep(0.001)
+            _tool(root, "y")
+        done.wait(30)  # (the thread outlives the close)
+
+    worker = threading.Thread(target=helper)
+    worker.start()
+    assert in_watch.wait(30)
+    try:
+        store.close()
+        # close() rolled its own transaction back: the tool's files are back now
+        assert tx.state != "active"
+        assert _tree(root) == before
+    finally:
+        done.set()
+        worker.join(30)
+    again = walstore.open(str(tmp_path / "s"))
+    try:
+        assert again.get("k") is None
+        assert again.last_recovery.losers == [] and again.last_recovery.watch_saved == []
+        assert _tree(root) == before
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize("op", ["write", "watch"])
+def test_a_file_operation_begun_elsewhere_once_close_began_is_refused(tmp_path, op):
+    store, ws, root = _setup(tmp_path)
+    before = _tree(root)
+    in_watch, release, refused = threading.Event(), threading.Event(), []
+
+    def holder() -> None:  # keeps close() waiting while the other thread tries
+        try:
+            with store.transaction() as tx:
+                with tx.files(ws).watch():
+                    in_watch.set()
+                    release.wait(30)
+        except walstore.WalstoreError:
+            pass
+
+    def late() -> None:
+        tx = store.transaction()
+        try:
+            if op == "write":
+                tx.files(ws).write("late.txt", "late\n")
+            else:
+                with tx.files(ws).watch():
+                    _tool(root, "late")
+            refused.append(None)
+        except walstore.StoreClosed as e:
+            refused.append(e)
+
+    h = threading.Thread(target=holder)
+    h.start()
+    assert in_watch.wait(30)
+    closer = threading.Thread(target=store.close)
+    closer.start()
+    _wait_closing(store, closer)
+    t = threading.Thread(target=late)
+    t.start()
+    t.join(30)
+    release.set()
+    for th in (h, closer):
+        th.join(30)
+    assert isinstance(refused[0], walstore.StoreClosed), refused
+    assert _tree(root) == before  # nothing of the late one was made
+    again = walstore.open(str(tmp_path / "s"))
+    try:
+        assert again.last_recovery.watch_saved == [] and _tree(root) == before
+    finally:
+        again.close()
