@@ -376,12 +376,14 @@ class Store:
         deadline = time.monotonic() + CLOSE_WAIT_S
         while True:
             calls, compensations = self._finishing.elsewhere(), self._saga.running_elsewhere()
-            if not (calls or compensations) or time.monotonic() >= deadline:
+            undos = self._files.undoing_elsewhere()  # (rollbacks putting files back)
+            if not (calls or compensations or undos) or time.monotonic() >= deadline:
                 break
             time.sleep(0.005)
-        if calls or compensations:
+        if calls or compensations or undos:
             warnings.warn(f"closing {self.path}: after {CLOSE_WAIT_S:g} s, {calls} "
-                          f"revert/rewind/purge call(s) and compensation(s) {compensations} "
+                          f"revert/rewind/purge call(s), {undos} rollback(s) and "
+                          f"compensation(s) {compensations} "
                           f"are still running in other threads; their outcome cannot be "
                           f"recorded, so the next open finishes them (compensations run "
                           f"again, same idempotency keys)", RuntimeWarning, stacklevel=3)

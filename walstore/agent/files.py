@@ -446,6 +446,10 @@ class Files:
         self._busy: dict[int, int] = {}
         self._busy_lock = threading.Lock()
         self._closing_thread: int | None = None
+        # the rollbacks each thread is running (from before the ABORT to the end of the
+        # undo; never refused): close() waits for them, else the log closed between the
+        # ABORT and the undo, which then put nothing back and returned as if it had
+        self._undoing: dict[int, int] = {}
 
     # ---- close() -------------------------------------------------------------------------
     def refuse_new(self) -> None:
@@ -459,6 +463,27 @@ class Files:
         me = threading.get_ident()
         with self._busy_lock:
             return sum(n for t, n in self._busy.items() if t != me)
+
+    def undoing_elsewhere(self) -> int:
+        """How many rollbacks (undos of effects) other threads are running now."""
+        me = threading.get_ident()
+        with self._busy_lock:
+            return sum(n for t, n in self._undoing.items() if t != me)
+
+    @contextlib.contextmanager
+    def undoing_here(self) -> Iterator[None]:
+        """Counted while this thread ends a transaction without a commit and undoes its
+        effects (see ``undoing_elsewhere``)."""
+        me = threading.get_ident()
+        with deferred(), self._busy_lock:
+            self._undoing[me] = self._undoing.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with deferred(), self._busy_lock:
+                n = self._undoing.pop(me) - 1
+                if n:
+                    self._undoing[me] = n
 
     @contextlib.contextmanager
     def _busy_here(self, what: str) -> Iterator[None]:

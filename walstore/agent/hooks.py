@@ -14,7 +14,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import CompensationFailed, TransactionClosed, WalstoreError
+from ..errors import CompensationFailed, StoreClosed, TransactionClosed, WalstoreError
 from ..signals import deferred
 from .actions import Action, ActionScope, Saga, UndoProgress, _body_running
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
@@ -164,8 +164,12 @@ class AgentHooks:
 
     def end_without_commit(self, tx: "Transaction", cause: BaseException | None,
                            ended: Callable[[], None]) -> None:
-        self.saga.end_without_commit(tx, cause, ended, undo=lambda effects, progress: self.undo(
-            tx.id, effects, cause, progress=progress))
+        # (counted from before the ABORT to the undo's end: a close() in another thread
+        # waits for it — it closed the log between the two, and the rollback put no file
+        # back and returned as if it had: audit 60)
+        with self.files.undoing_here():
+            self.saga.end_without_commit(tx, cause, ended, undo=lambda effects, progress:
+                                         self.undo(tx.id, effects, cause, progress=progress))
 
     def undo_ended(self, txid: int, effects: list, progress: UndoProgress) -> None:
         """A transaction already ended by its decision (``rollback_prepared``): its owed
@@ -191,7 +195,7 @@ class AgentHooks:
         them).  A caller that passes ``progress`` may call again after an interrupt that
         came before this could catch it (see Saga.end_without_commit).  The compensations
         are reserved for this thread meanwhile (``Saga.reserved``)."""
-        with self.saga.reserved(effects):
+        with self.saga.reserved(effects), self.files.undoing_here():
             self._undo(txid, effects, cause, keep, progress)
 
     def _undo(self, txid: int, effects: list, cause: BaseException | None,
@@ -208,6 +212,7 @@ class AgentHooks:
         failed_actions: list[Action] = []
         unrecorded: list[CompensationFailed] = []
         failed: list = []
+        skipped = 0  # file effects left owed: the log closed (or failed) before this undo
         done, conflicts = progress.done, progress.conflicts  # (kept across a call again)
         writable = self.files.engine.writable
         batch = UndoBatch(effects)
@@ -234,6 +239,7 @@ class AgentHooks:
                                     unrecorded.append(e)
                             continue
                         if not writable:
+                            skipped += 1
                             continue  # owed in the log: the next open puts them back
                         with deferred():
                             handled.add(id(eff))
@@ -268,6 +274,14 @@ class AgentHooks:
         progress.finished = True
         if progress.interrupt is not None:
             raise progress.interrupt
+        if skipped and self.files.engine.closed:
+            # (the store closed between the decision and this undo — another thread's
+            # close(), once it stopped waiting: the rollback returned as if every file
+            # were back while none was)
+            raise StoreClosed(f"transaction {txid} rolled back, but store "
+                              f"{self.files.engine.path} was closed before its files were "
+                              f"put back: the undo of {skipped} file change(s) runs when "
+                              f"the store is reopened")
         if unrecorded:
             _raise_unrecorded(unrecorded)
         if failed_actions:
