@@ -17,6 +17,9 @@ Findings (each test named below fails on the code before its fix):
 - Another thread's ``tx.rollback()`` racing ``close()``: the log closed between its ABORT
   and its undo, and the rollback returned normally with no file put back
   (``test_a_rollback_in_another_thread_racing_close_never_returns_with_files_left``).
+- A watch() block close() stopped waiting for stored the changed files' contents in the
+  closed store's blobs after close() returned
+  (``test_a_watch_close_stopped_waiting_for_writes_nothing_into_the_closed_store``).
 """
 from __future__ import annotations
 
@@ -240,5 +243,48 @@ def test_a_rollback_in_another_thread_racing_close_never_returns_with_files_left
     try:
         assert [i for i in range(n) if (root / f"f{i}").read_text() != f"orig{i}"] == []
         assert again.last_recovery.problems == [] and again.last_recovery.file_conflicts == []
+    finally:
+        again.close()
+
+
+def test_a_watch_close_stopped_waiting_for_writes_nothing_into_the_closed_store(
+        tmp_path, monkeypatch):
+    """A watch() block still running when close() stops waiting for it (an agent's long
+    tool): its end took the snapshot anyway, storing the changed files' contents as
+    blobs in the store directory after close() had returned and released the store (2
+    files written there, with another process free to open it).  Now its end sees the
+    store closed first and raises StoreClosed, writing nothing; the next open puts the
+    block's changes back as after a crash."""
+    import walstore.store as store_module
+    monkeypatch.setattr(store_module, "ACTION_BODY_WAIT_S", 0.2)  # (the tool outlasts it)
+    store, ws, root = _setup(tmp_path)
+    before = _tree(root)
+    in_watch, proceed, outcome = threading.Event(), threading.Event(), []
+
+    def agent() -> None:
+        try:
+            with store.transaction() as tx:
+                with tx.files(ws).watch():
+                    in_watch.set()
+                    proceed.wait(30)
+                    _tool(root, "late")
+            outcome.append("committed")
+        except walstore.StoreClosed as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=agent)
+    worker.start()
+    assert in_watch.wait(30)
+    with pytest.warns(RuntimeWarning, match="watch"):
+        store.close()
+    sdir = tmp_path / "s"
+    files_then = {p for p in sdir.rglob("*") if p.is_file()}
+    proceed.set()
+    worker.join(30)
+    assert isinstance(outcome[0], walstore.StoreClosed)
+    assert {p for p in sdir.rglob("*") if p.is_file()} - files_then == set()
+    again = walstore.open(str(sdir))
+    try:
+        assert _tree(root) == before
     finally:
         again.close()

@@ -24,7 +24,10 @@ change ever takes uncommitted content as its before-image.
 Concurrency: one lock (``_lock``) around planning, logging and applying a change (so the
 blob store's garbage collection never runs between a put and the record naming it), and
 one lock per workspace held for a whole ``watch()`` block (a watch owns its workspace:
-another thread's file operations there wait for it).  Across processes, ``files/gc.lock``
+another thread's file operations there wait for it).  ``store.close()`` waits for the
+file operations, watch() blocks and rollbacks other threads are running, and refuses new
+operations and watches from other threads once it began (``refuse_new``, ``busy_elsewhere``,
+``undoing_elsewhere``).  Across processes, ``files/gc.lock``
 (``gc_exclusive``): the gc skips its run while ``walstore backup`` or ``verify`` reads the
 blobs their snapshot names.
 """
@@ -1483,6 +1486,12 @@ class Files:
             return  # ended (rolled back) inside the block: its undo ran already
         ws = w.ws
         with self._lock:
+            if self.engine.closed:  # (close() stopped waiting for the block: its end's
+                # snapshot stored the changed files' contents in the closed store's blobs
+                # after close() had returned and let the store go — audit 60)
+                raise StoreClosed(f"store {self.engine.path} was closed during the watch() "
+                                  f"block of transaction {tx.id}: its changes could not be "
+                                  f"logged; the next open puts them back")
             # through the patterns the watch began with: a registration changing them
             # meanwhile (``workspace(root, ignore=...)``) made a file ignored then, and
             # untouched, "created" by the watch, and its rollback deleted it
