@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -217,6 +218,7 @@ class Recovery:
         rep.segments = len(log.segments)
         rep.wal_bytes = log.total_bytes
         self._log = log
+        self._sync_segments(log.segments)  # (before REDO writes LMDB: see there)
         if self._anchor is not None and (not log.segments
                                          or self._anchor[0] < log.segments[0][0]):
             self._anchor = None  # (its segment was trimmed: nothing to compare)
@@ -837,6 +839,31 @@ class Recovery:
         for name in os.listdir(self.wal_dir):
             if name.endswith(".tmp") or name == SPARE_NAME:
                 fileio.unlink(os.path.join(self.wal_dir, name))
+
+    def _sync_segments(self, segments: list) -> None:
+        """Make durable every segment that may hold records past LMDB's ``applied``,
+        before REDO commits any of them to LMDB (which syncs): the log before the data,
+        as the live store does.  A crashed writer's last records (durability "normal" or
+        "none", or a "full" commit killed before its fsync) may sit only in the page
+        cache; REDO made LMDB durable first and fdatasynced the tail after, so a power
+        loss in between left LMDB ahead of the log, and strict recovery refused the
+        store for good ("LMDB has applied events up to ...: acknowledged log records
+        were lost")."""
+        if self.dry_run:
+            return
+        for (_start, path), (next_start, _) in zip(segments, segments[1:] + [(None, None)]):
+            if next_start is not None and next_start <= self.applied:
+                continue  # (wholly applied: nothing of it goes to LMDB)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue  # (a FIFO or directory by that name: the walk judges it)
+                fd = fileio.open_file(path, os.O_RDONLY)
+            except OSError:
+                continue  # (missing or unreadable: the walk names it)
+            try:
+                fileio.fdatasync(fd)
+            finally:
+                os.close(fd)
 
     def _sync_tail(self, position: LogPosition) -> None:
         """What the last segment holds may sit only in the page cache: make it durable."""

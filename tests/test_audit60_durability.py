@@ -1,0 +1,73 @@
+"""Audit 60, durability modes and what a power loss may take (CONTRACT section 2
+"durability=", section 4.1-4.3 and 4.6).  Crash cases use real processes that end with
+os._exit (no close, as kill -9); a power loss is simulated by putting back the files as
+the disk held them at the last returned fsync (the WAL copied right after ``sync()``)."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import walstore
+from tools.faults import FaultBackend, installed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_child(code: str, *args: str) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], env=env, check=False,
+                   timeout=120)
+
+
+# ---- recovery's REDO made LMDB durable before the WAL tail it redid --------------------
+
+CRASH_WITH_UNSYNCED_TAIL = r"""
+    import os, shutil, sys
+    import walstore
+    store, durable_copy, mode = sys.argv[1:4]
+    s = walstore.open(store, durability=mode, sync_interval=60)
+    with s.transaction() as tx:
+        tx.put("base", 1)
+    s.sync()                                   # everything so far is on the disk
+    shutil.copytree(os.path.join(store, "wal"), durable_copy)
+    for i in range(5):                         # acknowledged, only in the page cache
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+    os._exit(9)
+"""
+
+
+@pytest.mark.parametrize("mode", ["normal", "none"])
+def test_power_loss_during_recovery_never_leaves_lmdb_ahead_of_the_log(tmp_path, mode):
+    """Before: the recovering open committed REDO to LMDB (synced) and only then
+    fdatasynced the WAL tail it had redone; a power loss in between left LMDB ahead of
+    the log, and every later strict open refused the store ("the WAL ends at LSN 65 but
+    LMDB has applied events up to 380").  Now the segments REDO reads are fdatasynced
+    before LMDB is written: a failed one stops the open with LMDB untouched."""
+    store, durable = str(tmp_path / "s"), str(tmp_path / "wal.durable")
+    _run_child(CRASH_WITH_UNSYNCED_TAIL, store, durable, mode)
+    fb = FaultBackend()
+    rule = fb.fail("fdatasync", errno.EIO, path="*.wal")
+    with pytest.raises(walstore.WalstoreError):
+        with installed(fb):
+            walstore.open(store)
+    assert rule.fired == 1
+    ops = [c.op for c in fb.calls if c.op in ("lmdb_commit", "fdatasync")]
+    assert ops.index("fdatasync") < (ops.index("lmdb_commit") if "lmdb_commit" in ops
+                                     else len(ops)), ops
+    # the power loss: LMDB as the open left it, the WAL as the disk held it
+    shutil.rmtree(os.path.join(store, "wal"))
+    shutil.copytree(durable, os.path.join(store, "wal"))
+    with walstore.open(store) as s:
+        assert s.get("base") == 1
+    # and without the fault, the crashed store recovers every acknowledged commit
+    store2, durable2 = str(tmp_path / "s2"), str(tmp_path / "wal2.durable")
+    _run_child(CRASH_WITH_UNSYNCED_TAIL, store2, durable2, mode)
+    with walstore.open(store2) as s:
+        assert [s.get(f"k{i}") for i in range(5)] == list(range(5))
