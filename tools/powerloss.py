@@ -59,15 +59,21 @@ class Recording:
     wal_dir: str              # the live WAL directory path the events name
     events: list              # tools.faults.Event, in sequence order
     acks: list = field(default_factory=list)  # (seq, txid, {key: value})
+    # (seq, txid, gid, {key: value}): a PREPARE acknowledged (``tx.prepare`` returned);
+    # forced durable under "full" and "normal" (an fsync, as a 2PC decision is)
+    prepares: list = field(default_factory=list)
+    forced: set = field(default_factory=set)  # txids committed by commit_prepared
 
 
 def record_workload(workdir: str, commits: int = 120, seed: int = 0,
                     lie_about_dir_fsync: bool = False, threads: int = 1,
-                    durability: str = "full") -> Recording:
+                    durability: str = "full", twophase: bool = False) -> Recording:
     """Run transfers (with savepoint rollbacks) under a recording backend; with
     ``threads`` > 1, that many threads commit at once (the group commit writes their
     records in shared writes: a torn one tears several commits; ConflictErrors are
-    expected and not counted)."""
+    expected and not counted).  ``twophase``: every third transfer is prepared
+    (``tx.prepare``), then decided by ``commit_prepared`` (PREPARE and its decision are
+    forced durable, under "normal" too)."""
     rnd = random.Random(seed)
     live = os.path.join(workdir, "live")
     opts = dict(durability="full", segment_size=16 * 1024, apply_batch=10**9,
@@ -87,7 +93,11 @@ def record_workload(workdir: str, commits: int = 120, seed: int = 0,
     def committer(rnd: random.Random, n: int) -> None:
         for _ in range(n):
             try:
-                txid, writes = _one_transfer(store, rnd)
+                if twophase and rnd.random() < 1 / 3:
+                    txid, writes = _one_prepared_transfer(store, rnd, rec, fb)
+                    rec.forced.add(txid)
+                else:
+                    txid, writes = _one_transfer(store, rnd)
             except walstore.ConflictError:
                 continue
             rec.acks.append((fb.mark("ack", txid).seq, txid, writes))  # (list.append: atomic)
@@ -134,6 +144,26 @@ def _one_transfer(store, rnd: random.Random):
         writes = {src: a - amount, dst: b + amount, f"t/{tx.id}": {"amount": amount, "pad": pad}}
         for k, v in writes.items():
             tx.put(k, v)
+    return tx.id, writes
+
+
+def _one_prepared_transfer(store, rnd: random.Random, rec: Recording, fb):
+    src, dst = rnd.sample(ACCOUNTS, 2)
+    amount = rnd.randint(1, 20)
+    tx = store.transaction(meta={"transfer": amount, "2pc": True})
+    try:
+        a, b = tx.get(src), tx.get(dst)
+        pad = "q" * rnd.choice((10, 300, 3000))
+        writes = {src: a - amount, dst: b + amount, f"t/{tx.id}": {"amount": amount, "pad": pad}}
+        for k, v in writes.items():
+            tx.put(k, v)
+        gid = f"g{tx.id}"
+        tx.prepare(gid)
+    except BaseException:
+        tx.rollback()
+        raise
+    rec.prepares.append((fb.mark("prepared", tx.id).seq, tx.id, gid, writes))
+    store.commit_prepared(gid)
     return tx.id, writes
 
 
@@ -247,7 +277,8 @@ def _sectors(w):
 
 
 # ---- checking images -------------------------------------------------------------------
-def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: str) -> dict:
+def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: str,
+                prepared: tuple = ()) -> dict:
     """Materialize, recover and check one image; returns findings."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(rec.base, dest, ignore=shutil.ignore_patterns("wal"))
@@ -264,6 +295,15 @@ def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: 
         return out
     with store:
         state = dict(store.scan())
+        in_doubt = set(store.prepared())
+    for _seq, txid, gid, writes in prepared:
+        # a PREPARE acknowledged: committed since, or still in doubt, never forgotten
+        if state.get(f"t/{txid}") != writes[f"t/{txid}"] and gid not in in_doubt:
+            out["lost"].append(txid)
+    if in_doubt:  # (decide them, so verify judges the rest: in doubt is exit 1)
+        with walstore.open(dest) as s2:
+            for gid in in_doubt:
+                s2.rollback_prepared(gid)
     for _seq, txid, writes in acked:
         if state.get(f"t/{txid}") != writes[f"t/{txid}"]:
             out["lost"].append(txid)
@@ -286,14 +326,16 @@ def _covered_by_a_sync(rec: Recording, ack_seq: int, limit: int) -> bool:
 
 
 def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: bool = False,
-        workdir: str | None = None, threads: int = 1, durability: str = "full") -> dict:
+        workdir: str | None = None, threads: int = 1, durability: str = "full",
+        twophase: bool = False) -> dict:
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="walstore-powerloss-")
     rnd = random.Random(seed)
     try:
         rec = record_workload(workdir, commits, seed, lie_about_dir_fsync, threads,
-                              durability)
-        summary = _summary(acks=len(rec.acks), shared_writes=_shared_writes(rec))
+                              durability, twophase)
+        summary = _summary(acks=len(rec.acks), shared_writes=_shared_writes(rec),
+                           prepares=len(rec.prepares))
         # half the images right after a directory fsync (a new segment just became
         # durable: what the old one holds then is what a rotation got right or wrong),
         # the rest anywhere
@@ -309,10 +351,14 @@ def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: boo
             variant = VARIANTS[i % len(VARIANTS)]
             limit = rec.events[point - 1].seq if point else -1  # the crash comes after it
             acked = [a for a in rec.acks if a[0] <= limit]
-            if durability != "full":
-                acked = [a for a in acked if _covered_by_a_sync(rec, a[0], limit)]
+            prepared = [p for p in rec.prepares if p[0] <= limit]
+            if durability != "full":  # (2PC's PREPARE and decision: forced, but by "none")
+                acked = [a for a in acked if _covered_by_a_sync(rec, a[0], limit)
+                         or (a[1] in rec.forced and durability == "normal")]
+                if durability == "none":
+                    prepared = [p for p in prepared if _covered_by_a_sync(rec, p[0], limit)]
             found = check_image(rec, model.image(variant, rnd), acked,
-                                os.path.join(workdir, "image"))
+                                os.path.join(workdir, "image"), prepared)
             _tally(summary, point, variant, acked, found)
         return summary
     finally:
@@ -814,6 +860,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="committing threads (their records share the group commit's "
                          "writes)")
+    ap.add_argument("--durability", choices=("full", "normal", "none"), default="full",
+                    help="the recorded store's durability (\"normal\": an image owes only "
+                         "the commits an fsync started after their acknowledgement covered)")
+    ap.add_argument("--twophase", action="store_true",
+                    help="every third transfer is prepared, then commit_prepared (a "
+                         "PREPARE acknowledged must be committed or in doubt in an image)")
     ap.add_argument("--files", action="store_true",
                     help="the reversible-files workload (a workspace's files, the blob "
                          "store and the WAL); --commits is its number of transactions")
@@ -825,7 +877,8 @@ def main() -> None:
               f"commits checked: {s['acks_checked']}, commits lost: {s['lost_commits']}, "
               f"trees checked: {s['trees_checked']}, broken images: {s['broken_images']}")
     else:
-        s = run(args.images, args.seed, args.commits, threads=args.threads)
+        s = run(args.images, args.seed, args.commits, threads=args.threads,
+                durability=args.durability, twophase=args.twophase)
         print(f"power-loss images: {s['images']} ({s['by_variant']}), acknowledged commits "
               f"checked: {s['acks_checked']}, commits lost: {s['lost_commits']}, broken "
               f"images: {s['broken_images']}; {args.threads} thread(s), {s['acks']} commits, "
