@@ -85,3 +85,26 @@ def test_power_loss_images_with_prepared_transfers_keep_what_is_owed(durability)
     s = run(24, seed=5, commits=45, durability=durability, twophase=True)
     assert s["prepares"] > 5 and s["acks_checked"] > 100
     assert (s["lost_commits"], s["broken_images"]) == (0, 0), s["examples"]
+
+
+# ---- close: a failed final fsync of the log is a StoreIOError with its errno ------------
+
+def test_a_failed_fsync_in_a_clean_close_is_a_store_io_error_and_the_commit_recovers(tmp_path):
+    """Before: under "normal" a close whose checkpoint's fsync of the log failed raised a
+    bare LogFailed (a ReadOnlyError, no errno: ``except OSError`` missed it), while the
+    same failure in an unclean close was a StoreIOError (GUIDE, errors: "StoreIOError ...
+    EIO ... while closing, with .errno").  Now both are; the lock is let go and the
+    commit, still in the page cache, is recovered by the next open."""
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    with installed(fb):
+        s = walstore.open(path, durability="normal", sync_interval=60)
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        rule = fb.fail("fdatasync", errno.EIO, path="*.wal")
+        with pytest.raises(walstore.StoreIOError) as info:
+            s.close()
+    assert rule.fired == 1
+    assert info.value.errno == errno.EIO and "may be lost to a power loss" in str(info.value)
+    with walstore.open(path) as s:
+        assert s.get("k") == 1

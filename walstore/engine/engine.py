@@ -1169,15 +1169,16 @@ class Engine:
                 # is sound, and the flusher is stopped above.  Without this fsync the
                 # commits "normal" acknowledged since its last sync stayed in the page
                 # cache for as long as the process went on, past sync_interval
-                try:
-                    self.wal.sync()
-                except LogFailed as e:
-                    cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
-                    raise StoreIOError(
-                        (cause.errno if cause is not None else None) or errno.EIO,
-                        f"closing {self.path}: the final fsync of the log failed ({e}); "
-                        f"commits not yet synced may be lost to a power loss (the next "
-                        f"open recovers what the disk kept)", self.layout.wal) from e
+                self.wal.sync()
+        except LogFailed as e:
+            # (the clean close's checkpoint syncs the log too: its failure raised a bare
+            # LogFailed, no errno, where the GUIDE and the branch above say StoreIOError)
+            cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
+            raise StoreIOError(
+                (cause.errno if cause is not None else None) or errno.EIO,
+                f"closing {self.path}: the final fsync of the log failed ({e}); "
+                f"commits not yet synced may be lost to a power loss (the next "
+                f"open recovers what the disk kept)", self.layout.wal) from e
         except StateWriteError as e:
             # docs/GUIDE.md, errors: what fails while closing is a StoreIOError (errno, file);
             # the log was synced first, so the next open REDOes what LMDB missed
