@@ -76,14 +76,16 @@ def test_power_loss_during_recovery_never_leaves_lmdb_ahead_of_the_log(tmp_path,
 # ---- power-loss images: "normal" with 2PC, rotations with small segments ---------------
 
 @pytest.mark.parametrize("durability", ["normal", "full"])
-def test_power_loss_images_with_prepared_transfers_keep_what_is_owed(durability):
+def test_power_loss_images_with_prepared_transfers_and_actions_keep_what_is_owed(durability):
     """tools/powerloss.py's transfer workload with every third transfer prepared and then
-    commit_prepared (16 KiB segments: rotations): in every image each acknowledged commit
-    owed (under "normal", the 2PC ones always: their records are forced) is there, each
-    acknowledged PREPARE is committed or still in doubt, no transaction is torn."""
+    commit_prepared, each of the others running an action (16 KiB segments: rotations):
+    in every image each acknowledged commit owed (under "normal", the 2PC ones always:
+    their records are forced) is there, each acknowledged PREPARE is committed or still
+    in doubt, each action body that ran is committed or refunded, never both, and no
+    transaction is torn."""
     from tools.powerloss import run
-    s = run(24, seed=5, commits=45, durability=durability, twophase=True)
-    assert s["prepares"] > 5 and s["acks_checked"] > 100
+    s = run(24, seed=5, commits=45, durability=durability, twophase=True, actions=True)
+    assert s["prepares"] > 5 and s["effects"] > 5 and s["acks_checked"] > 100
     assert (s["lost_commits"], s["broken_images"]) == (0, 0), s["examples"]
 
 

@@ -63,17 +63,22 @@ class Recording:
     # forced durable under "full" and "normal" (an fsync, as a 2PC decision is)
     prepares: list = field(default_factory=list)
     forced: set = field(default_factory=set)  # txids committed by commit_prepared
+    # (seq, txid, idempotency key): an action's body ran (its intent was forced durable
+    # first, under "full" and "normal"): the outside world was changed
+    effects: list = field(default_factory=list)
 
 
 def record_workload(workdir: str, commits: int = 120, seed: int = 0,
                     lie_about_dir_fsync: bool = False, threads: int = 1,
-                    durability: str = "full", twophase: bool = False) -> Recording:
+                    durability: str = "full", twophase: bool = False,
+                    actions: bool = False) -> Recording:
     """Run transfers (with savepoint rollbacks) under a recording backend; with
     ``threads`` > 1, that many threads commit at once (the group commit writes their
     records in shared writes: a torn one tears several commits; ConflictErrors are
     expected and not counted).  ``twophase``: every third transfer is prepared
     (``tx.prepare``), then decided by ``commit_prepared`` (PREPARE and its decision are
-    forced durable, under "normal" too)."""
+    forced durable, under "normal" too).  ``actions``: each transfer also runs an action
+    ("charge", compensated by "refund") whose body is the outside world's change."""
     rnd = random.Random(seed)
     live = os.path.join(workdir, "live")
     opts = dict(durability="full", segment_size=16 * 1024, apply_batch=10**9,
@@ -97,7 +102,7 @@ def record_workload(workdir: str, commits: int = 120, seed: int = 0,
                     txid, writes = _one_prepared_transfer(store, rnd, rec, fb)
                     rec.forced.add(txid)
                 else:
-                    txid, writes = _one_transfer(store, rnd)
+                    txid, writes = _one_transfer(store, rnd, rec if actions else None, fb)
             except walstore.ConflictError:
                 continue
             rec.acks.append((fb.mark("ack", txid).seq, txid, writes))  # (list.append: atomic)
@@ -132,10 +137,14 @@ def _spare_settled(store, timeout: float = 60.0) -> None:
         raise RuntimeError("the store's spare segment was not ready in time")
 
 
-def _one_transfer(store, rnd: random.Random):
+def _one_transfer(store, rnd: random.Random, rec: Recording | None = None, fb=None):
     src, dst = rnd.sample(ACCOUNTS, 2)
     amount = rnd.randint(1, 20)
     with store.transaction(meta={"transfer": amount}) as tx:
+        if rec is not None:  # (the intent is logged, and forced, before the body runs)
+            with tx.action("charge", args={"amount": amount}, compensate="refund") as act:
+                rec.effects.append((fb.mark("effect", tx.id).seq, tx.id, act.key))
+                act.result = {"charged": amount}
         a, b = tx.get(src), tx.get(dst)
         with tx.savepoint("noise") as sp:
             tx.put(src, -999_999)          # garbage that must never be seen
@@ -278,7 +287,7 @@ def _sectors(w):
 
 # ---- checking images -------------------------------------------------------------------
 def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: str,
-                prepared: tuple = ()) -> dict:
+                prepared: tuple = (), effects: tuple = ()) -> dict:
     """Materialize, recover and check one image; returns findings."""
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(rec.base, dest, ignore=shutil.ignore_patterns("wal"))
@@ -287,8 +296,9 @@ def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: 
         with open(os.path.join(dest, "wal", name), "wb") as f:
             f.write(data)
     out = {"lost": [], "errors": []}
+    refunded: list[str] = []
     try:
-        store = walstore.open(dest)
+        store = walstore.open(dest, compensators={"refund": lambda a: refunded.append(a.key)})
     except walstore.WalstoreError as e:
         out["errors"].append(f"recovery failed: {e}")
         out["lost"] = [t for _s, t, _w in acked]
@@ -296,6 +306,15 @@ def check_image(rec: Recording, wal_files: dict[str, bytes], acked: list, dest: 
     with store:
         state = dict(store.scan())
         in_doubt = set(store.prepared())
+        pending = {a.key for a in store.pending_compensations()}
+    for _seq, txid, key in effects:
+        # a charge that ran: its transaction committed, or it was refunded (or is owed)
+        committed = f"t/{txid}" in state
+        if committed and key in refunded:
+            out["errors"].append(f"transaction {txid} committed, yet its charge was refunded")
+        elif not committed and key not in refunded and key not in pending:
+            out["errors"].append(f"transaction {txid} is not committed and its charge "
+                                 f"{key} was neither refunded nor listed")
     for _seq, txid, gid, writes in prepared:
         # a PREPARE acknowledged: committed since, or still in doubt, never forgotten
         if state.get(f"t/{txid}") != writes[f"t/{txid}"] and gid not in in_doubt:
@@ -327,15 +346,15 @@ def _covered_by_a_sync(rec: Recording, ack_seq: int, limit: int) -> bool:
 
 def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: bool = False,
         workdir: str | None = None, threads: int = 1, durability: str = "full",
-        twophase: bool = False) -> dict:
+        twophase: bool = False, actions: bool = False) -> dict:
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="walstore-powerloss-")
     rnd = random.Random(seed)
     try:
         rec = record_workload(workdir, commits, seed, lie_about_dir_fsync, threads,
-                              durability, twophase)
+                              durability, twophase, actions)
         summary = _summary(acks=len(rec.acks), shared_writes=_shared_writes(rec),
-                           prepares=len(rec.prepares))
+                           prepares=len(rec.prepares), effects=len(rec.effects))
         # half the images right after a directory fsync (a new segment just became
         # durable: what the old one holds then is what a rotation got right or wrong),
         # the rest anywhere
@@ -352,13 +371,14 @@ def run(images: int, seed: int = 0, commits: int = 120, lie_about_dir_fsync: boo
             limit = rec.events[point - 1].seq if point else -1  # the crash comes after it
             acked = [a for a in rec.acks if a[0] <= limit]
             prepared = [p for p in rec.prepares if p[0] <= limit]
+            effects = [e for e in rec.effects if e[0] <= limit] if durability != "none" else []
             if durability != "full":  # (2PC's PREPARE and decision: forced, but by "none")
                 acked = [a for a in acked if _covered_by_a_sync(rec, a[0], limit)
                          or (a[1] in rec.forced and durability == "normal")]
                 if durability == "none":
                     prepared = [p for p in prepared if _covered_by_a_sync(rec, p[0], limit)]
             found = check_image(rec, model.image(variant, rnd), acked,
-                                os.path.join(workdir, "image"), prepared)
+                                os.path.join(workdir, "image"), prepared, effects)
             _tally(summary, point, variant, acked, found)
         return summary
     finally:
@@ -866,6 +886,9 @@ def main() -> None:
     ap.add_argument("--twophase", action="store_true",
                     help="every third transfer is prepared, then commit_prepared (a "
                          "PREPARE acknowledged must be committed or in doubt in an image)")
+    ap.add_argument("--actions", action="store_true",
+                    help="each transfer runs an action (an intent forced durable before its "
+                         "body): a charge that ran is committed or refunded in every image")
     ap.add_argument("--files", action="store_true",
                     help="the reversible-files workload (a workspace's files, the blob "
                          "store and the WAL); --commits is its number of transactions")
@@ -878,7 +901,7 @@ def main() -> None:
               f"trees checked: {s['trees_checked']}, broken images: {s['broken_images']}")
     else:
         s = run(args.images, args.seed, args.commits, threads=args.threads,
-                durability=args.durability, twophase=args.twophase)
+                durability=args.durability, twophase=args.twophase, actions=args.actions)
         print(f"power-loss images: {s['images']} ({s['by_variant']}), acknowledged commits "
               f"checked: {s['acks_checked']}, commits lost: {s['lost_commits']}, broken "
               f"images: {s['broken_images']}; {args.threads} thread(s), {s['acks']} commits, "
