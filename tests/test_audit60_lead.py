@@ -198,6 +198,8 @@ def test_an_interrupt_after_the_purge_committed_says_the_purge_stands(tmp_path):
 
 _PURGE_CLI = r"""
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # (as at a terminal: a parent
+# that ignores SIGINT, a test runner's worker, passes SIG_IGN on, and Python keeps it)
 from walstore.engine.engine import Engine
 real = Engine.erase_old_bytes
 def interrupted(self, *a, **k):  # a real SIGINT, delivered as the erasure begins
