@@ -69,9 +69,17 @@ def unpack_row(raw: bytes, table: str, key: bytes, file: str | None = None) -> A
     bytes do not decode.  (A try costs nothing when nothing is raised: callers on a hot
     path keep their own decode in a try and raise ``row_damaged`` instead.)"""
     try:
-        return msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        row = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several types on damaged bytes
         raise row_damaged(table, key, e, file) from e
+    check = ROW_CHECKS.get(table if table != "meta" else bytes(key))
+    if check is not None:
+        try:
+            check(row)
+        except (ValueError, TypeError, KeyError, IndexError) as e:
+            why = ValueError(f"not a row walstore writes: {e}")
+            raise row_damaged(table, key, why, file) from e
+    return row
 
 
 def row_damaged(table: str, key: bytes, e: BaseException, file: str | None = None
@@ -82,6 +90,163 @@ def row_damaged(table: str, key: bytes, e: BaseException, file: str | None = Non
     return CorruptionError(
         f"LMDB table {table!r}: the row of {describe_row_key(table, key)} does not decode "
         f"({type(cause).__name__}: {cause}): the state is damaged", file=file)
+
+
+# ---- the shape of a decoded row ---------------------------------------------------------
+# Bytes that decode can still be no row walstore writes (damage that yields valid msgpack,
+# a file edited by hand, a store written by a buggy build): a str where a dict belongs, an
+# LSN that is a str, a ``w`` that is an int.  Readers index rows without a try, so such a
+# row escaped as a raw TypeError / AttributeError / IndexError from ``log()``, ``at()``,
+# ``history()``, ``actions()``, ``rewind(dry_run=True)`` ... (probe-audit60).  Each check
+# below raises ValueError naming the field; ``unpack_row`` turns it into the row's
+# CorruptionError (and ``verify``, which decodes every row through it, lists it).  They
+# check what readers index (types of the fields they use), never more: a few isinstance
+# calls per row, O(its fields).
+
+def _is_u64(x: Any) -> bool:
+    return type(x) is int and 0 <= x < 1 << 64
+
+
+def _need_map(row: Any) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"a {type(row).__name__} where a map belongs")
+    return row
+
+
+def _need_u64(row: dict, *names: str, required: bool = True) -> None:
+    for name in names:
+        if name in row or required:
+            if not _is_u64(row.get(name)):
+                raise ValueError(f"field {name!r} is not an unsigned integer "
+                                 f"({row.get(name)!r:.40})")
+
+
+def _need_ts(row: dict) -> None:
+    ts = row.get("ts", 0.0)
+    if not isinstance(ts, (int, float)) or isinstance(ts, bool):
+        raise ValueError(f"field 'ts' is not a time ({ts!r:.40})")
+
+
+def _txns_row(row: Any) -> None:
+    from ..log import records
+    _need_map(row)
+    _need_u64(row, "tx", "lsn", "end")
+    _need_ts(row)
+    w = row.get("w", [])
+    if not isinstance(w, list) or any(not isinstance(e, list) or not e
+                                      or not isinstance(e[0], bytes) for e in w):
+        raise ValueError("field 'w' is not a list of [key, ...] entries")
+    records.check_fields(RecordType.COMMIT, row)
+    for name in ("rewound_to",):
+        _need_u64(row, name, required=False)
+
+
+_ACTION_STATES = frozenset({IN_FLIGHT, COMMITTED, PENDING, FAILED, COMPENSATED, RESOLVED,
+                            NEEDS_REDO})
+
+
+def _actions_row(row: Any) -> None:
+    from ..log.records import _action_id
+    _need_map(row)
+    if not _action_id(row.get("id")):
+        raise ValueError(f"field 'id' is not an action id ({row.get('id')!r:.40})")
+    _need_u64(row, "tx")
+    _need_u64(row, "attempts", "lsn", "undone_by", "marked_by", required=False)
+    _need_ts(row)
+    if row.get("state") not in _ACTION_STATES:
+        raise ValueError(f"field 'state' is not an action state ({row.get('state')!r:.40})")
+    for name in ("compensate", "name", "key", "error"):
+        v = row.get(name)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"field {name!r} is not a str ({v!r:.40})")
+
+
+def _points_row(row: Any) -> None:
+    _need_map(row)
+    _need_u64(row, "lsn")
+    _need_ts(row)
+
+
+def _hist_row(row: Any) -> None:
+    if (type(row) is not list or len(row) != 2 or not _is_u64(row[0])
+            or not (row[1] is None or type(row[1]) is bytes)):
+        raise ValueError(f"not [txid, before-image] ({row!r:.60})")
+
+
+def _fversions_row(row: Any) -> None:
+    from ..files.entries import Entry
+    if type(row) is not list or len(row) != 3 or not _is_u64(row[0]):
+        raise ValueError(f"not [txid, before row, after row] ({row!r:.60})")
+    Entry.from_row(row[1])
+    Entry.from_row(row[2])
+
+
+def _fsteps_row(row: Any) -> None:
+    from ..log import records
+    _need_map(row)
+    if "steps" in row:  # (a FILE_STEPS row: a watch's changes say op "watch" too)
+        records.check_fields(RecordType.FILE_STEPS, row)
+    else:  # (a WATCH_BEGIN's: its manifest)
+        records.check_fields(RecordType.WATCH_BEGIN, row)
+    _need_ts(row)
+
+
+def _workspaces_row(row: Any) -> None:
+    from ..log import records
+    _need_map(row)
+    if "lsn" in row or "ignore" in row:  # (a WATCH_BEGIN before its WORKSPACE: root only)
+        records.check_fields(RecordType.WORKSPACE, row)
+        _need_u64(row, "lsn", required=False)
+    elif not isinstance(row.get("root"), bytes):
+        raise ValueError("field 'root' is not a path (bytes)")
+    m = row.get("manifest")
+    if m is not None and not isinstance(m, str):
+        raise ValueError("field 'manifest' is not a digest")
+    _need_ts(row)
+
+
+def _twophase_row(row: Any) -> None:
+    from ..log import records
+    _need_map(row)
+    _need_u64(row, "tx")
+    records.parse_writes(row)
+    records.check_fields(RecordType.PREPARE, row)
+    for name in ("r", "rr"):
+        if not isinstance(row.get(name, []), list):
+            raise ValueError(f"field {name!r} is not a list")
+    if not isinstance(row.get("extra") or {}, dict):
+        raise ValueError("field 'extra' is not a map")
+    _need_ts(row)
+
+
+def _fconflicts_row(row: Any) -> None:
+    from ..log import records
+    _need_map(row)
+    _need_u64(row, "tx")
+    records.check_fields(RecordType.FILE_CONFLICT, row)
+    _need_ts(row)
+
+
+def _meta_ranges(width: int) -> Callable[[Any], None]:
+    def check(row: Any) -> None:  # [[lsn,] lo, hi], ...: keys bytes, hi None = no end
+        if type(row) is not list:
+            raise ValueError(f"a {type(row).__name__} where a list belongs")
+        for e in row:
+            if (type(e) is not list or len(e) != width
+                    or (width == 3 and not _is_u64(e[0]))
+                    or type(e[-2]) is not bytes
+                    or not (e[-1] is None or type(e[-1]) is bytes)):
+                raise ValueError(f"an entry that is not [{'lsn, ' if width == 3 else ''}"
+                                 f"lo, hi] ({e!r:.60})")
+    return check
+
+
+# table (or, for ``meta``, the row's key) -> its check
+ROW_CHECKS: dict[Any, Callable[[Any], None]] = {
+    "txns": _txns_row, "actions": _actions_row, "points": _points_row, "hist": _hist_row,
+    "fversions": _fversions_row, "fsteps": _fsteps_row, "workspaces": _workspaces_row,
+    "twophase": _twophase_row, "fconflicts": _fconflicts_row,
+    b"erase_owed": _meta_ranges(2), b"recent_purges": _meta_ranges(3)}
 
 
 # the LMDB rows that are msgpack (``unpack_row``; ``data``'s are values): table -> the

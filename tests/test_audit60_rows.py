@@ -1,0 +1,244 @@
+"""Rows of a VALID LMDB file whose values decode but are no row walstore writes (probe-audit60).
+
+``tests/test_lmdb_row_damage.py`` covers bytes that do not decode.  Here the bytes are
+sound msgpack of the wrong shape: a str where a map belongs, an LSN that is a str, a
+history row ``[txid]``, a restore point that is a list.  Before: ``store.log()``,
+``at()``, ``history()``, ``actions()``, ``rewind(dry_run=True)`` and ``walstore log``
+raised a raw TypeError / AttributeError / IndexError ("'str' object has no attribute
+'get'"), and ``walstore verify`` said ok.  Now every row is checked as it is decoded
+(``tables.unpack_row``): a CorruptionError naming the table and the row, ``verify``
+lists it (exit 1), and nothing is compensated or written on the basis of such a row.
+
+Real files: a store is built through the public API and closed, then one row is replaced
+with the ``lmdb`` package; every reader runs in a child process with a timeout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lmdb
+import msgpack
+import pytest
+
+import walstore
+from walstore.engine.lmdb_state import TABLES
+
+ROOT = str(Path(__file__).resolve().parents[1])
+ENV = dict(os.environ, PYTHONPATH=ROOT)
+
+BUILD = textwrap.dedent("""
+    import os, sys, walstore
+    path, root = sys.argv[1], sys.argv[2]
+    s = walstore.open(path, durability="none", compensators={"refund": lambda a: None})
+    with s.transaction(meta={"agent": "a"}) as tx:
+        tx.put("k1", "v1"); tx.put("k2", {"x": 1})
+    s.restore_point("rp1")
+    with s.transaction() as tx:                                  # txid 2
+        tx.put("k1", "v1b")
+        with tx.action("charge", args={"n": 1}, compensate="refund") as a:
+            a.result = {"id": "c1"}
+    ws = s.workspace(root)
+    with s.transaction() as tx:                                  # txid 3
+        tx.files(ws).write("a.txt", "hello")
+    tx = s.transaction(); tx.put("p", 1); tx.prepare("g1")
+    s.close()
+""")
+
+# every public reader of the rows, each alone: "ok", "W:<walstore error>: <message>",
+# or "X:<any other exception>" (what must never happen)
+READERS = textwrap.dedent("""
+    import json, resource, sys, walstore
+    path, root = sys.argv[1], sys.argv[2]
+    out = []
+    def run(name, fn):
+        try:
+            r = fn()
+            if hasattr(r, "__iter__") and not isinstance(r, (str, bytes, dict)):
+                list(r)
+            out.append([name, "ok"])
+        except walstore.WalstoreError as e:
+            out.append([name, f"W:{type(e).__name__}: {e}"])
+        except BaseException as e:
+            out.append([name, f"X:{type(e).__name__}: {e}"])
+    calls = []
+    s = walstore.open(path, durability="none",
+                      compensators={"refund": lambda a: calls.append(a.id)})
+    run("get", lambda: [s.get("k1"), list(s.scan())])
+    run("history", lambda: [list(s.history("k1")), list(s.history("k2"))])
+    run("log", lambda: [(t.txid, t.keys, t.actions, t.meta) for t in s.log()])
+    run("actions", lambda: [(a.id, a.state) for a in s.actions()])
+    run("get_action", lambda: s.get_action("2.1"))
+    run("pending", lambda: s.pending_compensations())
+    run("prepared", lambda: s.prepared())
+    run("at", lambda: [s.at("rp1").get("k1"), s.at(2).get("k1"), list(s.at(1).scan())])
+    run("at_files", lambda: s.at(3).files(root).read("a.txt"))
+    run("rewind_dry", lambda: s.rewind("rp1", dry_run=True))
+    run("revert", lambda: s.revert(2))
+    run("close", lambda: s.close())
+    print(json.dumps({"results": out, "compensated": calls,
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10}))
+""")
+
+
+def _py(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("rows")
+    path, root = d / "s", d / "ws"
+    root.mkdir()
+    r = _py("-c", BUILD, str(path), str(root))
+    assert r.returncode == 0, r.stderr
+    return path, root
+
+
+def _copy(built, tmp_path) -> tuple[Path, Path]:
+    path, root = built
+    dest = tmp_path / "s"
+    shutil.copytree(path, dest)
+    return dest, root
+
+
+def _put_row(path: Path, table: str, key: bytes, value: bytes) -> None:
+    env = lmdb.open(str(path / "db"), max_dbs=64, subdir=True, map_size=1 << 30)
+    try:
+        with env.begin(write=True) as txn:
+            db = env.open_db(TABLES[table], txn=txn, create=False)
+            assert txn.get(key, db=db) is not None, (table, key)  # (a row walstore wrote)
+            txn.put(key, value, db=db)
+    finally:
+        env.close()
+
+
+def _hist_key(path: Path, key: str) -> bytes:
+    """The key of ``key``'s newest ``hist`` row that holds a before-image."""
+    env = lmdb.open(str(path / "db"), max_dbs=64, subdir=True, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(TABLES["hist"], txn=txn, create=False)
+            rows = [bytes(k) for k, v in txn.cursor(db=db)
+                    if k[2:-8] == b"s" + key.encode() and msgpack.unpackb(v)[1] is not None]
+    finally:
+        env.close()
+    return rows[-1]
+
+
+P = msgpack.packb
+TXID2 = struct.pack(">Q", 2)
+# (table, row key (or a function of the store), bad value, the text naming the row,
+#  the readers that must meet it as that row's CorruptionError)
+CASES = {
+    "txns-str": ("txns", TXID2, P("x"), "txid 2", {"log", "revert"}),
+    "txns-lsn-str": ("txns", TXID2, P({"tx": 2, "lsn": "y", "end": 9, "w": []}), "txid 2",
+                     {"log", "at", "revert"}),
+    "txns-w-int": ("txns", TXID2, P({"tx": 2, "lsn": 0, "end": 9, "w": 5}), "txid 2",
+                   {"log", "revert"}),
+    "hist-short": ("hist", lambda p: _hist_key(p, "k1"), P([2]), "key 'k1' at LSN",
+                   {"history", "at", "revert"}),
+    "hist-int": ("hist", lambda p: _hist_key(p, "k1"), P(7), "key 'k1' at LSN",
+                 {"history", "at", "revert"}),
+    "points-list": ("points", b"rp1", P([1, 2, 3]), "'rp1'", {"at", "rewind_dry"}),
+    "points-lsn-neg": ("points", b"rp1", P({"lsn": -1, "ts": 0.0}), "'rp1'",
+                       {"at", "rewind_dry"}),
+    "actions-str": ("actions", b"2.1", P("x"), "action '2.1'",
+                    {"actions", "get_action", "log", "revert"}),
+    "actions-wrong-types": ("actions", b"2.1", P({"id": 3, "tx": "x", "state": 5}),
+                            "action '2.1'", {"actions", "get_action", "log", "revert"}),
+    "fversions-dict": ("fversions", None, P({}), "", {"at_files"}),
+    "twophase-str": ("twophase", b"p:g1", P("x"), "'p:g1'", set()),
+}
+
+
+def _fversions_key(path: Path) -> bytes:
+    env = lmdb.open(str(path / "db"), max_dbs=64, subdir=True, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(TABLES["fversions"], txn=txn, create=False)
+            return [bytes(k) for k, _v in txn.cursor(db=db) if b"a.txt" in k][-1]
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_row_of_the_wrong_shape_is_a_corruption_error_naming_it(built, tmp_path, case):
+    table, key, value, key_text, readers = CASES[case]
+    path, root = _copy(built, tmp_path)
+    if table == "fversions":
+        key = _fversions_key(path)
+    elif callable(key):
+        key = key(path)
+    _put_row(path, table, key, value)
+
+    if table == "twophase":  # (every open reads the prepared rows: the open refuses)
+        r = _py("-c", "import sys, walstore\nwalstore.open(sys.argv[1])", str(path))
+        assert r.returncode == 1 and "walstore.errors.CorruptionError" in r.stderr, r.stderr
+        assert f"LMDB table {table!r}" in r.stderr and key_text in r.stderr, r.stderr
+    else:
+        r = _py("-c", READERS, str(path), str(root))
+        assert r.returncode == 0, r.stderr[-2000:]
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        results = dict(doc["results"])
+        escaped = {n: o for n, o in results.items() if o.startswith("X:")}
+        assert not escaped, escaped  # (only walstore errors escape the public API)
+        for name in readers:
+            o = results[name]
+            assert o.startswith("W:CorruptionError") and f"LMDB table {table!r}" in o \
+                and key_text in o and "not a row walstore writes" in o, (name, o)
+        if "revert" in readers:  # (refused: its compensation never ran on a bad row)
+            assert doc["compensated"] == [], doc
+        assert doc["peak_mb"] < 400, doc["peak_mb"]
+
+    r = _py("-m", "walstore", "verify", str(path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    errors = json.loads(r.stdout)["errors"]
+    assert any(f"LMDB table {table!r}" in e and key_text in e and
+               "not a row walstore writes" in e for e in errors), errors
+
+
+def test_the_cli_names_the_row_in_one_line(built, tmp_path):
+    path, _root = _copy(built, tmp_path)
+    _put_row(path, "txns", TXID2, P({"tx": 2, "lsn": "y", "end": 9, "w": []}))
+    for args in (["log", str(path)], ["log", str(path), "--json"],
+                 ["rewind", str(path), "--to", "tx:1", "--dry-run"]):
+        r = _py("-m", "walstore", *args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, (args, r.stdout, r.stderr)
+        assert "corruption" in lines[0] and "LMDB table 'txns'" in lines[0] \
+            and "txid 2" in lines[0] and "unexpected error" not in lines[0], lines
+
+
+def test_the_rows_walstore_writes_pass_the_check(built, tmp_path):
+    """Every row of a store written through the public API (history, actions, files,
+    a prepared transaction, a restore point) passes: verify finds no error (its exit 1
+    is the transaction left in doubt)."""
+    path, _root = _copy(built, tmp_path)
+    r = _py("-m", "walstore", "verify", str(path), "--json")
+    assert json.loads(r.stdout)["errors"] == [], (r.stdout, r.stderr)
+    from walstore.engine import tables
+    env = lmdb.open(str(path / "db"), max_dbs=64, subdir=True, readonly=True, lock=False)
+    seen = set()
+    try:
+        with env.begin() as txn:
+            for table in tables.ROW_CHECKS:
+                if not isinstance(table, str):
+                    continue
+                db = env.open_db(TABLES[table], txn=txn, create=False)
+                for k, v in txn.cursor(db=db):
+                    if table == "twophase" and not k.startswith(b"p:"):
+                        continue
+                    tables.unpack_row(bytes(v), table, bytes(k))
+                    seen.add(table)
+    finally:
+        env.close()
+    assert {"txns", "actions", "points", "hist", "fversions", "workspaces",
+            "twophase"} <= seen, seen
