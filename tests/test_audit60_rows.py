@@ -242,3 +242,51 @@ def test_the_rows_walstore_writes_pass_the_check(built, tmp_path):
         env.close()
     assert {"txns", "actions", "points", "hist", "fversions", "workspaces",
             "twophase"} <= seen, seen
+
+
+# ---- LMDB's applied LSN past every byte of the log ----------------------------------------
+# Found by this probe: a ``meta`` ``applied`` row of 8 bytes reading as a number past the
+# end of the WAL.  A writable open and ``verify`` refuse it; a read-only open (``walstore
+# get``, every read-only CLI verb) showed the LMDB state and exited 0 — and for a number
+# past 2**63 raised a raw OverflowError from the follower's ``os.pread`` ("an unexpected
+# error").  Now the read-only open refuses what its last segment's size already proves.
+
+def _set_applied(path: Path, value: int) -> None:
+    _put_row(path, "meta", b"applied", struct.pack(">Q", value))
+
+
+@pytest.mark.parametrize("value", [(1 << 64) - 1, (1 << 63) + 12345, 1 << 40])
+def test_an_applied_lsn_past_the_end_of_the_log_is_refused_by_a_read_only_open(
+        built, tmp_path, value):
+    path, _root = _copy(built, tmp_path)
+    _set_applied(path, value)
+    for readonly in (True, False):
+        with pytest.raises(walstore.CorruptionError) as e:
+            walstore.open(str(path), readonly=readonly)
+        assert str(value) in str(e.value), str(e.value)
+    r = _py("-m", "walstore", "get", str(path), "k1")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, (r.stdout, r.stderr)
+    assert "corruption" in lines[0] and str(value) in lines[0] \
+        and "unexpected error" not in lines[0], lines
+    r = _py("-m", "walstore", "verify", str(path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert any(str(value) in e for e in json.loads(r.stdout)["errors"]), r.stdout
+
+
+def test_a_log_read_past_2_to_the_63_reads_nothing(tmp_path):
+    """The WAL's reader at an offset no file reaches: nothing, never an OverflowError
+    (the follower of a store whose applied LSN is damaged reads there)."""
+    from walstore.log.reader import FileBytes
+    f = tmp_path / "seg"
+    f.write_bytes(b"x" * 100)
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        fb = FileBytes(fd, 100)
+        for off in ((1 << 63) + 5, (1 << 64) + 7, 100, 10 ** 30):
+            buf, i = fb.span(off, 28)
+            assert buf[i:i + 28] == b""
+        buf, i = fb.span(90, 28)  # (and what is there, still)
+        assert buf[i:i + 28] == b"x" * 10
+    finally:
+        os.close(fd)

@@ -36,7 +36,7 @@ import lmdb
 from .. import fileio
 from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed,
                       StoreIOError, WalstoreError, command_word)
-from ..log.format import RecordType
+from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader
 from ..log.records import Event
 from ..log.segment import create_segment, list_segments
@@ -588,6 +588,23 @@ class Engine:
         first = next(iter(log.walk()), None)
         if isinstance(first, LogEvent) and first.kind == "gap":
             raise CorruptionError(f"gap: {first.reason}", file=first.path, lsn=first.lsn)
+        # ... and ends at or past it: LMDB applied past every byte of the log (a damaged
+        # ``applied`` row, a truncated last segment) read as the LMDB state, exit 0 — or,
+        # for an ``applied`` past 2**63, as a raw OverflowError from the follower's pread
+        # (probe-audit60).  One stat: the segment's size bounds where its records end.
+        segs = log.segments
+        applied = self.state.applied_lsn()
+        if segs:
+            start, path = segs[-1]
+            try:
+                bound = start + max(0, os.stat(path).st_size - SEGMENT_HEADER_SIZE)
+            except FileNotFoundError:
+                bound = None
+            if bound is not None and applied > bound:
+                raise CorruptionError(
+                    f"the WAL ends by LSN {bound} but LMDB is applied up to {applied}: "
+                    f"acknowledged log records are missing (or LMDB's applied LSN is "
+                    f"damaged)", file=path, lsn=bound)
 
     def writer_alive(self) -> bool:
         """Is a writer (this process, or another one) holding the store?"""

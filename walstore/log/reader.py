@@ -346,6 +346,8 @@ class FileBytes:
         headers and searches that follow it are served from the same read."""
         if self._base <= off and off + n <= self._base + len(self._buf):
             return self._buf, off - self._base
+        if off >= self.size:  # (nothing there: an offset past 2**63, from a damaged
+            return b"", 0     # applied LSN, was an OverflowError from pread)
         window = self.window
         half = window >> 1
         base = off - off % half if n <= half else off
