@@ -290,3 +290,55 @@ def test_a_log_read_past_2_to_the_63_reads_nothing(tmp_path):
         assert buf[i:i + 28] == b"x" * 10
     finally:
         os.close(fd)
+
+
+def _append_records(path: Path, bodies: list[tuple[int, dict]]) -> int:
+    """Frame ``bodies`` with the log's own encoder after the last record of the newest
+    segment of the (closed) store at ``path``; returns the LSN of the first."""
+    from walstore.engine.layout import Layout
+    from walstore.log.format import SEGMENT_HEADER_SIZE, encode_record, segment_salt
+    from walstore.log.reader import LogReader
+    store_id = Layout(str(path)).read_identity()
+    reader = LogReader(str(path / "wal"), store_id)
+    for _ in reader.walk():
+        pass
+    lsn = first = reader.end_lsn
+    seg = sorted((path / "wal").glob("*.wal"))[-1]
+    start = int(seg.name.split(".")[0])
+    with open(seg, "r+b") as f:
+        for rtype, body in bodies:
+            rec = encode_record(segment_salt(store_id, start), rtype, lsn, lsn, P(body))
+            f.seek(lsn - start + SEGMENT_HEADER_SIZE)
+            f.write(rec)
+            lsn += len(rec)
+    return first
+
+
+# ---- a salvage mode's given-up records are not REDOne as actions unless they are ones ----
+# Found by the row checks above (tests/test_audit56_operator.py intent-id-x): recovery in
+# a salvage mode REDOes the actions of given-up records (their intents were durable, so
+# they may have run: ``Recovery._owe_given_up``) — including the bad payload it cut the
+# log at.  A crafted ACTION_INTENT whose id is "x" became an owed action row "x" in LMDB,
+# which no reader takes (every open after the recovery refused).  Now a given-up record
+# whose fields fail ``records.check_fields`` is counted as given up, never REDOne.
+
+def test_a_cut_bad_payload_is_not_redone_as_an_owed_action(built, tmp_path):
+    from walstore.log.format import RecordType as T
+    path, _root = _copy(built, tmp_path)
+    _append_records(path, [(T.ACTION_INTENT, {"tx": 50, "id": "x", "name": "n",
+                                              "compensate": "refund"})])
+    r = _py("-m", "walstore", "recover", str(path), "--mode", "tolerate-tail", "--json")
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert json.loads(r.stdout)["refused"] is not True, r.stdout
+    env = lmdb.open(str(path / "db"), max_dbs=64, subdir=True, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            db = env.open_db(TABLES["actions"], txn=txn, create=False)
+            assert txn.get(b"x", db=db) is None
+    finally:
+        env.close()
+    calls = []
+    with walstore.open(str(path), durability="none",
+                       compensators={"refund": lambda a: calls.append(a.id)}) as s:
+        assert [a.id for a in s.actions()] == ["2.1"] and s.get("k1") == "v1b"
+    assert calls == []
