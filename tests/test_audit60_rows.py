@@ -342,3 +342,64 @@ def test_a_cut_bad_payload_is_not_redone_as_an_owed_action(built, tmp_path):
                        compensators={"refund": lambda a: calls.append(a.id)}) as s:
         assert [a.id for a in s.actions()] == ["2.1"] and s.get("k1") == "v1b"
     assert calls == []
+
+
+# ---- WAL records whose CRC holds but whose fields have the wrong type ---------------------
+# Found by this probe (records framed with the log's own ``encode_record`` after the end of
+# a closed store's log): an ACTION_INTENT whose ``compensate`` is an int, a COMPENSATED
+# whose ``attempts`` is a str, a RESTORE_POINT whose ``ts`` is a str, a PREPARE whose ``r``
+# is an int, a COMMIT whose ``rewound_to`` is a str passed recovery's checks and were
+# REDOne into LMDB rows no reader could take: the open that applied them failed, and every
+# open after it (before the row checks: raw TypeErrors).  Now ``records.check_fields``
+# refuses them as the bad payloads they are: strict recovery names the record (file,
+# offset, LSN) and changes nothing; ``skip-corrupt`` skips it.
+
+def _bad_records():
+    from walstore.log.format import RecordType as T
+    return {
+        "intent-compensate-int": [(T.ACTION_INTENT, {"tx": 50, "id": "50.1", "name": "n",
+                                                     "args": None, "compensate": 7,
+                                                     "key": "k", "ts": 1.0}),
+                                  (T.ABORT, {"tx": 50})],
+        "compensated-attempts-str": [(T.COMPENSATED, {"id": "2.1", "state": "compensated",
+                                                      "attempts": "x"})],
+        "compensated-state-unknown": [(T.COMPENSATED, {"id": "2.1", "state": "bogus"})],
+        "restore-point-ts-str": [(T.RESTORE_POINT, {"name": "r2", "ts": "x"})],
+        "prepare-r-int": [(T.PREPARE, {"gid": "g2", "tx": 50, "w": [], "r": 5, "rr": [],
+                                       "extra": {}, "ts": 1.0, "meta": None,
+                                       "actions": []})],
+        "commit-rewound-to-str": [(T.COMMIT, {"tx": 50, "ts": 1.0, "meta": None, "w": [],
+                                              "rewound_to": "x"})],
+        "commit-action-tx-str": [(T.COMMIT, {"tx": 50, "ts": 1.0, "meta": None, "w": [],
+                                             "actions": [{"id": "50.1", "tx": "q"}]})],
+    }
+
+
+@pytest.mark.parametrize("case", ["intent-compensate-int", "compensated-attempts-str",
+                                  "compensated-state-unknown", "restore-point-ts-str",
+                                  "prepare-r-int", "commit-rewound-to-str",
+                                  "commit-action-tx-str"])
+def test_a_wal_record_with_fields_of_the_wrong_type_is_a_bad_payload(built, tmp_path, case):
+    path, _root = _copy(built, tmp_path)
+    lsn = _append_records(path, _bad_records()[case])
+    data = (path / "db" / "data.mdb").read_bytes()
+    for _ in range(2):  # (refused, and nothing applied: the next open refuses the same)
+        with pytest.raises(walstore.CorruptionError) as e:
+            walstore.open(str(path), durability="none")
+        assert "bad payload" in str(e.value) and e.value.lsn == lsn, str(e.value)
+        assert e.value.file and e.value.file.endswith(".wal"), e.value.file
+    assert (path / "db" / "data.mdb").read_bytes() == data
+    r = _py("-m", "walstore", "verify", str(path), "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert any(f"LSN {lsn}" in e for e in json.loads(r.stdout)["errors"]), r.stdout
+    r = _py("-m", "walstore", "recover", str(path), "--mode", "skip-corrupt")
+    assert "Traceback" not in r.stderr, r.stderr
+    with walstore.open(str(path), durability="none") as s:  # (the rest reads)
+        assert s.get("k1") == "v1b" and [t.txid for t in s.log()][-1] == 1
+        s.actions(), s.prepared(), s.at("rp1").get("k1")
+
+
+def test_the_log_and_the_rows_know_the_same_action_states():
+    from walstore.engine import tables
+    from walstore.log import records
+    assert records.ACTION_STATES == tables._ACTION_STATES
