@@ -403,3 +403,39 @@ def test_the_log_and_the_rows_know_the_same_action_states():
     from walstore.engine import tables
     from walstore.log import records
     assert records.ACTION_STATES == tables._ACTION_STATES
+
+
+def test_a_damaged_row_met_by_the_commits_range_walk_is_a_corruption_error(tmp_path):
+    """The commit of a transaction that scanned reads the rows of the commits applied to
+    LMDB since its snapshot (``ConflictChecker._walk``, on the commit path: it decodes
+    them without the row check and uses them inside a try).  A row there that is no
+    row walstore writes is the row's CorruptionError, and nothing is committed."""
+    path = tmp_path / "s"
+    s = walstore.open(str(path), durability="none")
+    try:
+        with s.transaction() as tx:
+            tx.put("p/a", 1)
+        tx = s.transaction()
+        assert [k for k, _v in tx.scan(prefix="p/")] == ["p/a"]
+        with s.transaction() as other:
+            other.put("q/x", 1)
+        txid = s.log()[0].txid
+        s.checkpoint()  # (applied: the walk reads it from LMDB)
+        code = textwrap.dedent(f"""
+            import lmdb, msgpack, struct
+            env = lmdb.open({str(path / 'db')!r}, max_dbs=64, subdir=True, map_size=1 << 30)
+            with env.begin(write=True) as t:
+                db = env.open_db(b'txns', txn=t, create=False)
+                k = struct.pack('>Q', {txid})
+                assert t.get(k, db=db) is not None
+                t.put(k, msgpack.packb({{'tx': {txid}, 'lsn': 5, 'end': 9, 'w': 5}}), db=db)
+        """)
+        r = _py("-c", code)  # (another process: LMDB's own locks let it write meanwhile)
+        assert r.returncode == 0, r.stderr
+        tx.put("p/b", 2)
+        with pytest.raises(walstore.CorruptionError) as e:
+            tx.commit()
+        assert "LMDB table 'txns'" in str(e.value) and f"txid {txid}" in str(e.value)
+        assert s.get("p/b") is None
+    finally:
+        s.close()

@@ -42,6 +42,7 @@ import msgpack
 from ..codec import decode_key, pack, unpack
 from ..errors import CorruptionError
 from ..log.format import RecordType
+from ..log import records
 from ..log.records import Event, commit_ts, extend_map
 
 _U64 = struct.Struct(">Q")
@@ -63,16 +64,19 @@ OWED_STAMP = b"~applied"  # (no action id starts so: an id is "<txid>.<seq>")
 
 
 # ---- decoding rows read from LMDB ----------------------------------------------------
-def unpack_row(raw: bytes, table: str, key: bytes, file: str | None = None) -> Any:
+def unpack_row(raw: bytes, table: str, key: bytes, file: str | None = None,
+               shape: bool = True) -> Any:
     """Row ``key`` of ``table`` as LMDB holds it (``raw``), decoded; CorruptionError naming
     the table, the key and ``file`` (the LMDB data file: ``LmdbState.data_file``) when its
-    bytes do not decode.  (A try costs nothing when nothing is raised: callers on a hot
-    path keep their own decode in a try and raise ``row_damaged`` instead.)"""
+    bytes do not decode, or decode to no row of ``table`` (``ROW_CHECKS``).  (A try costs
+    nothing when nothing is raised: callers on a hot path keep their own decode in a try
+    and raise ``row_damaged`` instead; ``shape=False``: such a caller that uses the row
+    inside a try of its own, raising ``row_damaged`` on a TypeError/ValueError there.)"""
     try:
         row = msgpack.unpackb(raw, raw=False, strict_map_key=False)
     except Exception as e:  # msgpack raises several types on damaged bytes
         raise row_damaged(table, key, e, file) from e
-    check = ROW_CHECKS.get(table if table != "meta" else bytes(key))
+    check = ROW_CHECKS.get(table if table != "meta" else bytes(key)) if shape else None
     if check is not None:
         try:
             check(row)
@@ -103,8 +107,11 @@ def row_damaged(table: str, key: bytes, e: BaseException, file: str | None = Non
 # check what readers index (types of the fields they use), never more: a few isinstance
 # calls per row, O(its fields).
 
+_U64_END = 1 << 64
+
+
 def _is_u64(x: Any) -> bool:
-    return type(x) is int and 0 <= x < 1 << 64
+    return type(x) is int and 0 <= x < _U64_END
 
 
 def _need_map(row: Any) -> dict:
@@ -127,18 +134,27 @@ def _need_ts(row: dict) -> None:
         raise ValueError(f"field 'ts' is not a time ({ts!r:.40})")
 
 
+_PLAIN_TXN_ROW = 6  # (tx, lsn, end, ts, meta, w: a plain commit's row; more: check_fields)
+
+
 def _txns_row(row: Any) -> None:
-    from ..log import records
+    # (the commit path's range-conflict walk decodes these rows: the plain case inline)
     _need_map(row)
-    _need_u64(row, "tx", "lsn", "end")
-    _need_ts(row)
-    w = row.get("w", [])
-    if not isinstance(w, list) or any(not isinstance(e, list) or not e
-                                      or not isinstance(e[0], bytes) for e in w):
+    tx, lsn, end = row.get("tx"), row.get("lsn"), row.get("end")
+    if not (type(tx) is int and type(lsn) is int and type(end) is int
+            and 0 <= tx < _U64_END and 0 <= lsn < _U64_END and 0 <= end < _U64_END):
+        _need_u64(row, "tx", "lsn", "end")
+    if type(row.get("ts")) is not float:
+        _need_ts(row)
+    w = row.get("w", ())
+    if type(w) is not list and w != ():
         raise ValueError("field 'w' is not a list of [key, ...] entries")
-    records.check_fields(RecordType.COMMIT, row)
-    for name in ("rewound_to",):
-        _need_u64(row, name, required=False)
+    for e in w:
+        if type(e) is not list or not e or type(e[0]) is not bytes:
+            raise ValueError("field 'w' is not a list of [key, ...] entries")
+    if len(row) > _PLAIN_TXN_ROW:
+        records.check_fields(RecordType.COMMIT, row)
+        _need_u64(row, "rewound_to", required=False)
 
 
 _ACTION_STATES = frozenset({IN_FLIGHT, COMMITTED, PENDING, FAILED, COMPENSATED, RESOLVED,
@@ -146,9 +162,8 @@ _ACTION_STATES = frozenset({IN_FLIGHT, COMMITTED, PENDING, FAILED, COMPENSATED, 
 
 
 def _actions_row(row: Any) -> None:
-    from ..log.records import _action_id
     _need_map(row)
-    if not _action_id(row.get("id")):
+    if not records._action_id(row.get("id")):
         raise ValueError(f"field 'id' is not an action id ({row.get('id')!r:.40})")
     _need_u64(row, "tx")
     _need_u64(row, "attempts", "lsn", "undone_by", "marked_by", required=False)
@@ -182,7 +197,6 @@ def _fversions_row(row: Any) -> None:
 
 
 def _fsteps_row(row: Any) -> None:
-    from ..log import records
     _need_map(row)
     if "steps" in row:  # (a FILE_STEPS row: a watch's changes say op "watch" too)
         records.check_fields(RecordType.FILE_STEPS, row)
@@ -192,7 +206,6 @@ def _fsteps_row(row: Any) -> None:
 
 
 def _workspaces_row(row: Any) -> None:
-    from ..log import records
     _need_map(row)
     if "lsn" in row or "ignore" in row:  # (a WATCH_BEGIN before its WORKSPACE: root only)
         records.check_fields(RecordType.WORKSPACE, row)
@@ -206,7 +219,6 @@ def _workspaces_row(row: Any) -> None:
 
 
 def _twophase_row(row: Any) -> None:
-    from ..log import records
     _need_map(row)
     _need_u64(row, "tx")
     records.parse_writes(row)
@@ -220,7 +232,6 @@ def _twophase_row(row: Any) -> None:
 
 
 def _fconflicts_row(row: Any) -> None:
-    from ..log import records
     _need_map(row)
     _need_u64(row, "tx")
     records.check_fields(RecordType.FILE_CONFLICT, row)
