@@ -477,36 +477,39 @@ class Files:
     def undoing_here(self) -> Iterator[None]:
         """Counted while this thread ends a transaction without a commit and undoes its
         effects (see ``undoing_elsewhere``)."""
-        me = threading.get_ident()
-        with deferred(), self._busy_lock:
-            self._undoing[me] = self._undoing.get(me, 0) + 1
-        try:
+        with self._counted(self._undoing):
             yield
-        finally:
-            with deferred(), self._busy_lock:
-                n = self._undoing.pop(me) - 1
-                if n:
-                    self._undoing[me] = n
 
     @contextlib.contextmanager
     def _busy_here(self, what: str) -> Iterator[None]:
         """Counted while a file operation or a watch() block runs (see ``refuse_new``)."""
-        me = threading.get_ident()
-        with deferred(), self._busy_lock:
+        def refuse_while_closing(me: int) -> None:
             closer = self._closing_thread
             # (one nested in an operation or watch this thread is inside already — a write
             # in a watch() block — is part of what close() waits for: let through)
             if closer is not None and closer != me and not self._busy.get(me):
                 raise StoreClosed(f"store {self.engine.path} is closing: {what} was not "
                                   f"begun (nothing was logged or changed)")
-            self._busy[me] = self._busy.get(me, 0) + 1
+        with self._counted(self._busy, refuse_while_closing):
+            yield
+
+    @contextlib.contextmanager
+    def _counted(self, table: dict[int, int],
+                 check: Callable[[int], None] | None = None) -> Iterator[None]:
+        """This thread counted in ``table`` (``_busy`` or ``_undoing``) while the block
+        runs; ``check(thread id)`` first, under the same lock, may refuse it."""
+        me = threading.get_ident()
+        with deferred(), self._busy_lock:
+            if check is not None:
+                check(me)
+            table[me] = table.get(me, 0) + 1
         try:
             yield
         finally:
             with deferred(), self._busy_lock:
-                n = self._busy.pop(me) - 1
+                n = table.pop(me) - 1
                 if n:
-                    self._busy[me] = n
+                    table[me] = n
 
     def sync_workspaces(self) -> None:
         """Under durability="none" file changes are not fsynced as they are made: before
