@@ -274,8 +274,11 @@ def check_fields(rtype: int, body: dict) -> None:
                 raise ValueError("a purge without a valid prefix and key range")
     elif rtype == RecordType.PREPARE or rtype == RecordType.ROLLBACK_PREPARED:
         _gid(body.get("gid"), rtype == RecordType.PREPARE)
-        if rtype == RecordType.PREPARE:
-            _ids(body, "actions", "action ids")
+        if rtype == RecordType.PREPARE:  # (ids; walstore 0.1.0 kept whole action rows
+            acts = body.get("actions")   # there, each with its id: Prepared.legacy_actions)
+            if acts is not None and (not isinstance(acts, list) or not all(
+                    _action_id(a.get("id") if isinstance(a, dict) else a) for a in acts)):
+                raise ValueError("field 'actions' is not a list of action ids")
             for name in ("r", "rr"):
                 if not isinstance(body.get(name, []), list):
                     raise ValueError(f"field {name!r} is not a list")
