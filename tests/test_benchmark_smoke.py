@@ -23,7 +23,10 @@ def test_tiny_benchmark_reports_every_row(tmp_path) -> None:
     parts = {p["id"]: p for p in results["parts"]}
     assert EXPECTED <= parts.keys()
     assert any(i.startswith("recovery-") for i in parts)
-    assert {"bare", "python-floor"} <= {r["system"] for r in parts["put-1t"]["rows"]}
+    assert {"bare", "bare-paced", "python-floor"} <= {r["system"]
+                                                      for r in parts["put-1t"]["rows"]}
+    # the paced loop's pace is walstore's own commit time in this run, and stated
+    assert results["meta"]["bare_pace_us"]["100"] > 0
     for part in parts.values():
         assert part["key_space"] and part["value_size"]
         for row in part["rows"]:
@@ -84,7 +87,8 @@ def test_a_rows_verdict_shows_the_ratio_and_baseline_it_was_judged_on() -> None:
         return [sample_summary(Sample(int(rate), 1.0, [1e-3] * 10))]
     p1 = summarize_part(ws["put-1t"].parts[0], ws["put-1t"],
                         {"walstore": rounds(1000), "sqlite-full": rounds(1000),
-                         "lmdb-sync": rounds(500), "bare": rounds(1200), "python-floor": rounds(1100)}, {}, 1)
+                         "lmdb-sync": rounds(500), "bare": rounds(1200), "bare-paced": rounds(900),
+                         "python-floor": rounds(1100)}, {}, 1)
     p8 = summarize_part(ws["put-8t"].parts[0], ws["put-8t"],
                         {"walstore": rounds(2700), "sqlite-full": rounds(1500),
                          "sqlite-full-per-thread": rounds(400), "lmdb-sync": rounds(500)},

@@ -140,6 +140,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     rounds = sorted({p["rounds"] for p in results["parts"]})
     records = ", ".join(f"{v} B for a {int(k):,} B value"
                         for k, v in meta.get("bare_record_bytes", {}).items())
+    paces = ", ".join(f"{v} µs for a {int(k):,} B value"
+                      for k, v in meta.get("bare_pace_us", {}).items())
     lines = [
         f"# walstore benchmark ({meta['mode']})", "",
         f"Machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, {m['lmdb']}, "
@@ -159,7 +161,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         "`samples/round`), else it says too few samples, and is met only against a "
         "baseline whose own tail is a quiet disk's (its p99.9 at most 6x its median), "
         "else it says a noisy disk. The bare loop writes "
-        f"records of walstore's framed size ({records or 'not run'}). "
+        f"records of walstore's framed size ({records or 'not run'}); "
+        f"the paced bare loop spins before each one as long as walstore takes for such a "
+        f"commit without its fsync ({paces or 'not run'}): on a disk whose fsync is slower "
+        f"after a busy pause (PROFILE.md, 31st round) it is the limit for a writer busy "
+        f"that long between syncs; the targets stay against the plain bare loop. "
         f"Total time {meta['seconds']} s. Trust ratios, not absolute numbers.", "",
         *(["A quick run: short loops on fresh stores, so first-use costs (files growing, "
            "the first checkpoints) weigh more than in a full run. Quote a full run.", ""]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..signals import deferred
-from .peers import SYSTEMS, unavailable, walstore_record_bytes
+from .peers import SYSTEMS, unavailable, walstore_commit_cpu_s, walstore_record_bytes
 from .spec import (Context, Part, Progress, Sample, Target, Workload, percentile,
                    samples_needed)
 from .workloads import ALWAYS, FULL, QUICK, TARGETS, all_workloads
@@ -395,11 +395,14 @@ def run_benchmarks(quick: bool = False, workloads: list[str] | None = None,
     judge_rows(parts)
     record_bytes = {str(w.value_bytes): walstore_record_bytes(w.value_bytes)
                     for w in chosen if "bare" in w.systems}
+    pace_us = {str(w.value_bytes): round(walstore_commit_cpu_s(w.value_bytes) * 1e6, 1)
+               for w in chosen if "bare-paced" in w.systems}
     return {"schema": 2,
             "meta": {"machine": machine_info(base), "mode": profile.mode,
                      "repeats": rounds, "scale": scale,
                      "seconds": round(time.perf_counter() - started, 1),
-                     "bare_record_bytes": record_bytes, "profile": asdict(profile),
+                     "bare_record_bytes": record_bytes, "bare_pace_us": pace_us,
+                     "profile": asdict(profile),
                      "systems": {s.name: s.label for s in SYSTEMS.values()}},
             "parts": parts, "targets": targets}
 
