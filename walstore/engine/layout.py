@@ -88,6 +88,12 @@ class Layout:
         of an interrupted creation).  A store that appeared meanwhile is fine too."""
         if self.exists():
             return
+        outer = enclosing_store(self.root)
+        if outer is not None:  # (the CLI's init, backup, restore and demo refused it; the
+            # API made it: a store among another's files, which that store's backup,
+            # restore and purge do not know)
+            raise NotAStore(f"cannot create a store at {self.root}: it lies inside the "
+                            f"store {outer}; choose a path outside it")
         if os.path.exists(self.root):
             if not os.path.isdir(self.root):
                 raise NotAStore(f"{self.root} exists and is not a directory")
