@@ -313,7 +313,29 @@ class Undo:
                               f"stays so), only these compensations are still owed",
                               ) + tuple(e.args[1:])
                     raise
+                self._warn_left_owed(result, owed)
         return result
+
+    def _warn_left_owed(self, result: Any, owed: list) -> None:
+        """A RuntimeWarning when the undo committed and left compensations owed because
+        no compensator is registered for them: the state is undone, the outside world is
+        not (yet), and the call returned as if all was done (the dry run's plan says so in
+        ``left_pending``; the real call said nothing)."""
+        left = [a for a in owed if isinstance(a, Action) and a.state == tables.PENDING
+                and a.compensate not in self.saga.compensators]
+        if not left:
+            return
+        import warnings
+        names = sorted({a.compensate for a in left})
+        ids = ", ".join(a.id for a in left[:10]) + (f", ... ({len(left)} in all)"
+                                                    if len(left) > 10 else "")
+        warnings.warn(
+            f"the undo committed (transaction {getattr(result, 'txid', None)}) and left "
+            f"{len(left)} compensation(s) owed ({ids}): no compensator is registered for "
+            f"{', '.join(map(repr, names))}; the outside world is not undone until one is "
+            f"registered and store.retry_compensations() runs them, or store.resolve(id) "
+            f"marks each handled by hand (store.pending_compensations() lists them)",
+            RuntimeWarning, stacklevel=6)
 
     def _decision_durable(self, result: Any) -> None:
         """The claiming COMMIT is on disk before any compensation runs (as an ABORT is):
