@@ -20,7 +20,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from .codec import Key, decode_key, encode_key, unpack_value
+from .codec import Key, decode_key, encode_key, unpack_common, unpack_value
 from .errors import (ConflictError, CorruptionError, ReplicationError, StoreClosed,
                      StoreIOError, WalstoreError, os_errors_as_store_errors)
 from .options import Options, check_flag
@@ -527,6 +527,10 @@ class Store:
             v = eng.state.get_value(k)
         if v is None:
             return default
+        try:  # (``unpack_value``'s first try written out: a call less per read)
+            return unpack_common(v)
+        except Exception:
+            pass
         try:
             return unpack_value(v)
         except CorruptionError as e:  # (damage inside the value: name the row)
