@@ -13,7 +13,7 @@ from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
                      check_before_recovery, load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, KEY, POINT, TXID, UsageProblem, emit_json, emit_json_list, fail,
-                     kv_lines, note_problem, show_key, show_value, some, table)
+                     kv_lines, note_problem, settle_point, show_key, show_value, some, table)
 
 
 # UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
@@ -76,7 +76,8 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
               else open_store(path, recover="manual", compensators=comps))
     with opened as store:
         try:
-            result = store.rewind(to, scope=scope, dry_run=dry_run)
+            result = store.rewind(settle_point(store.restore_points(), to), scope=scope,
+                                  dry_run=dry_run)
         except walstore.CompensationFailed as e:
             fail(f"rewound, but {e}")
         except walstore.RevertConflict as e:

@@ -11,7 +11,7 @@ import click
 from . import _engine, main
 from .common import JSON, PATH, open_store
 from .output import (POINT, JsonStream, UsageProblem, emit_json_list, jsonable, one_line,
-                     point_text, show_cell, show_key, stream_table, table)
+                     point_text, settle_point, show_cell, show_key, stream_table, table)
 
 
 def _entry_text(e: dict | None) -> str:
@@ -36,6 +36,7 @@ def _entry_text(e: dict | None) -> str:
 def files_cmd(path: str, workspace: str | None, at: Any, as_json: bool) -> None:
     """Registered workspaces and the files walstore changed in them, with versions."""
     with open_store(path, readonly=True) as store:
+        at = settle_point(store.restore_points(), at)
         try:
             docs = _engine.tracked_files(store, workspace, at)
         except ValueError as e:  # --workspace names no registered workspace
@@ -87,7 +88,9 @@ def _path_row(f: dict) -> list:
 def diff_cmd(path: str, start: Any, end: Any, as_json: bool) -> None:
     """Keys and files whose state differs between two points."""
     with open_store(path, readonly=True) as store:
-        doc = _engine.changes_between(store, start, end)
+        names = store.restore_points()
+        doc = _engine.changes_between(store, settle_point(names, start),
+                                      settle_point(names, end))
         # the changed keys streamed with their values, one at a time (held whole, a diff
         # of many large values took their size several times over)
         if as_json:

@@ -4,7 +4,7 @@ Owns: strict RFC 8259 JSON rendering (:func:`jsonable`, :func:`emit_json`; strea
 :func:`emit_json_list`, nested with :class:`JsonStream`), aligned tables
 and key/value lines, times (:func:`show_time`), progress on stderr, the one-line failure
 (:func:`fail`, :class:`Failure`, :class:`UsageProblem`), and the command-line syntax of keys
-and points (:func:`parse_key` / :func:`show_key`, :func:`parse_point`) with their click
+and points (:func:`parse_key` / :func:`show_key`, :func:`read_point`) with their click
 types.
 
 JSON rules (one document per command, ``json.dumps(..., allow_nan=False)``):
@@ -34,8 +34,12 @@ microsecond (:func:`show_time`), the resolution a restore compares at: pasted in
 ``restore --to`` the time shown for a commit includes that commit (cut to the second, it
 named a state without it).
 
-Points (``--to``): ``tx:N`` a txid, ``lsn:N`` a log position, bare digits a txid, anything
-else a restore point name; a malformed ``tx:``/``lsn:`` is a usage error.
+Points (``--to``): ``tx:N`` a txid, ``lsn:N`` a log position, bare digits a txid,
+``name:TEXT`` the restore point named ``TEXT``, anything else a restore point name; a
+malformed ``tx:``/``lsn:`` is a usage error.  A store written by walstore 0.1.0 may hold
+restore points named ``tx:N`` or ``lsn:N`` (later walstores refuse such names): a
+command that opened the store refuses such a spelling as ambiguous (:func:`settle_point`)
+instead of silently taking the txid or LSN, and ``name:`` reaches the point.
 """
 from __future__ import annotations
 
@@ -684,6 +688,8 @@ def show_point_name(name: str) -> str:
     JSON string (quoted: a shell takes the quotes off) when spaces begin or end it or it
     holds control characters — " name" and "name " were shown as "name" is, padded, and
     the one pasted back named another point, or none."""
+    if name.startswith(("tx:", "lsn:", "name:")) or (name.isascii() and name.isdigit()):
+        name = "name:" + name  # (typed back bare it reads as a txid or an LSN: 0.1.0's)
     if _CONTROL.search(name) or name != name.strip():  # (other non-ASCII text shown as
         return one_line(json.dumps(name, ensure_ascii=False))  # it is: \u escapes of the
     return name                                                # controls only)
@@ -721,16 +727,53 @@ PREFIX = KeyType(allow_empty=True)  # scan --prefix: '' is every key, str:/hex: 
 
 
 # ---- points ----------------------------------------------------------------------------------
-def parse_point(text: str) -> Any:
-    """``tx:N`` (int txid), ``lsn:N`` (walstore.LSN), bare digits (txid), else a name."""
-    import walstore
+class SpelledTxid(int):
+    """A txid the command line read from ``tx:N`` (``text``): a restore point so named (a
+    walstore 0.1.0 store may hold one) makes it ambiguous (:func:`settle_point`)."""
+    text: str = ""
+
+    def settle(self, names: Any) -> Any:
+        return _settle_for_replica(names, self)
+
+
+class SpelledLSN(int):
+    """An LSN the command line read from ``lsn:N`` (``text``; see :class:`SpelledTxid`).
+    Not a walstore.LSN itself: :func:`settle_point` / :func:`plain_point` make it one."""
+    text: str = ""
+
+    def settle(self, names: Any) -> Any:
+        return _settle_for_replica(names, self)
+
+
+class PointName(str):
+    """A restore point name the command line read from ``name:NAME`` (the point named
+    NAME); ``whole`` keeps the text as typed (a point named ``name:NAME`` itself, made
+    before ``name:`` meant anything, is that one when no point NAME exists)."""
+    whole: str = ""
+
+    def settle(self, names: Any) -> Any:
+        return _settle_for_replica(names, self)
+
+
+def read_point(text: str) -> Any:
+    """``tx:N`` (a txid), ``lsn:N`` (an LSN), bare digits (txid), ``name:NAME`` (the
+    restore point NAME), else a name, as the command line's POINT options read them: the
+    ``tx:``/``lsn:``/``name:`` spellings come back as :class:`SpelledTxid` /
+    :class:`SpelledLSN` / :class:`PointName`, for :func:`settle_point` (a command with its
+    store open) or :func:`plain_point`."""
     for prefix in ("tx:", "lsn:"):
         if text.startswith(prefix):
             rest = text[len(prefix):]
             if not _DIGITS.fullmatch(rest):
                 raise UsageProblem(f"bad point {text!r}: after {prefix!r} comes a "
                                    f"non-negative number")
-            return int(rest) if prefix == "tx:" else walstore.LSN(int(rest))
+            out = (SpelledTxid if prefix == "tx:" else SpelledLSN)(int(rest))
+            out.text = text
+            return out
+    if text.startswith("name:") and len(text) > 5:
+        name = PointName(text[5:])
+        name.whole = text
+        return name
     if _DIGITS.fullmatch(text):
         return int(text)
     if not text:
@@ -738,15 +781,79 @@ def parse_point(text: str) -> Any:
     return text
 
 
+def parse_point(text: str) -> Any:
+    """``tx:N`` (int txid), ``lsn:N`` (walstore.LSN), bare digits (txid), ``name:NAME``
+    (the name NAME), else a name: :func:`read_point` as the Python API takes it."""
+    return plain_point(read_point(text))
+
+
+def _settle_for_replica(names: Any, point: Any) -> Any:
+    """:func:`settle_point` for ``walstore restore`` (its replica's restore point names, as
+    ``walstore.restore`` reads them from the manifest: a ValueError is its usage error)."""
+    try:
+        return settle_point(names, point)
+    except UsageProblem as e:
+        raise ValueError(e.message) from None
+
+
+def plain_point(point: Any) -> Any:
+    """``point`` as the Python API takes it (an int txid, a walstore.LSN, a str name)."""
+    import walstore
+    if isinstance(point, SpelledLSN):
+        return walstore.LSN(int(point))
+    if isinstance(point, SpelledTxid):
+        return int(point)
+    if isinstance(point, PointName):
+        return str(point)
+    return point
+
+
+def settle_point(names: Any, point: Any) -> Any:
+    """The point a command line spelling means in a store whose restore point names are
+    ``names`` (a container), as the Python API takes it.  Walstore 0.1.0 (and walstores
+    until ``restore_point`` refused such names) let a restore point be named ``tx:5`` or
+    ``lsn:120``: in a store upgraded from it, ``tx:5`` read silently as the txid while the
+    store held the point (`rewind --to tx:5` rewound to another state, exit 0).  Such a
+    spelling is now a usage error naming both readings and how to write each
+    (``name:tx:5``: the point).  ``name:NAME`` is the point NAME; when no point NAME
+    exists but one named ``name:NAME`` does (a name given before ``name:`` was read), that
+    one; when both exist, a usage error (``name:name:NAME`` is the second)."""
+    if point is None:
+        return None
+    if isinstance(point, (SpelledTxid, SpelledLSN)) and point.text in names:
+        n, text = int(point), point.text
+        if isinstance(point, SpelledTxid):
+            what, other = "transaction", f"{n} (bare digits) for the transaction"
+        else:  # (leading zeros: the same LSN, spelled as no such point is named)
+            alt = next(a for a in (f"lsn:{'0' * z}{n}" for z in range(1, 1000))
+                       if a not in names)
+            what, other = "log position", f"{alt} for the log position"
+        raise UsageProblem(f"{text!r} is ambiguous here: it names {what} {n} and "
+                           f"also a restore point an older walstore let be named {text!r}; "
+                           f"write name:{text} for the restore point, or {other}")
+    if isinstance(point, PointName) and point.whole in names:
+        if str(point) in names:
+            raise UsageProblem(f"{point.whole!r} is ambiguous here: there are restore "
+                               f"points named {str(point)!r} and {point.whole!r}; write "
+                               f"name:{str(point)} for the first, name:{point.whole} for "
+                               f"the second")
+        return point.whole
+    return plain_point(point)
+
+
 def point_text(point: Any) -> str:
     """A point as the command line spells it (``tx:N``, ``lsn:N``, a name): a JSON
     document that echoed a txid and an LSN as the same bare number named neither."""
     import walstore
+    point = plain_point(point)
     if isinstance(point, walstore.LSN):
         return f"lsn:{int(point)}"
     if isinstance(point, int):
         return f"tx:{point}"
-    return str(point)
+    point = str(point)  # (a name that would read back as a point: ``name:`` before it)
+    if point.startswith(("tx:", "lsn:", "name:")) or (point.isascii() and point.isdigit()):
+        return "name:" + point
+    return point
 
 
 def parse_txid(text: str) -> int:
@@ -777,7 +884,7 @@ class PointType(click.ParamType):
     name = "POINT"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        return parse_point(value) if isinstance(value, str) else value
+        return read_point(value) if isinstance(value, str) else value
 
 
 POINT = PointType()

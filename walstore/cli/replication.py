@@ -30,7 +30,7 @@ from ._engine import command_word
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
 from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail, show_key
-from .output import end_progress, note_problem, one_line, parse_point as _parse_point, \
+from .output import end_progress, note_problem, one_line, read_point as _parse_point, \
     phase_progress, progress_printer, show_point_name, show_time
 
 

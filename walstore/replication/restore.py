@@ -372,6 +372,9 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
     end = m.end()
     if to is None:
         return None, "everything"
+    settle = getattr(to, "settle", None)  # (a point the command line spelled tx:N, lsn:N
+    if settle is not None:                 # or name:NAME: walstore.cli.output.settle_point)
+        to = settle(m.doc["points"])
     if isinstance(to, TimeText) and to.text in m.doc["points"]:
         # (``--to NAME`` of a point named by its ISO time, as agents name them, restored
         # the state at that time, another one, exit 0, while ``rewind --to NAME`` read

@@ -1,0 +1,120 @@
+"""Upgrading: stores written by older walstores, opened by this one (audit 61).
+
+Probed with the code of walstore 0.1.0 (79f03ed), the first 0.2.0 commits with reversible
+files (b700756), the last store format version 1 (425d08a) and a version 2 walstore
+before the ``owed`` table (91770e8): stores using every feature, and stores whose writer
+was killed mid-load with actions in flight, opened by this walstore.  What broke is
+tested here on stores that hold the old shapes, written directly (no old code needed).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from click.testing import CliRunner
+
+import walstore
+from walstore.cli import main as cli_main
+from walstore.log.records import RecordType
+
+
+def cli(*args: str):
+    return CliRunner().invoke(cli_main, [str(a) for a in args], catch_exceptions=False)
+
+
+def legacy_point(store: walstore.Store, name: str) -> None:
+    """A RESTORE_POINT record as walstore 0.1.0 wrote one (``{"name", "ts"}``): 0.1.0 let
+    a point be named ``tx:N`` or ``lsn:N`` (it refused only all-digit names)."""
+    store._engine.log_event(RecordType.RESTORE_POINT, {"name": name, "ts": time.time()},
+                            durable=True)
+
+
+def store_with_legacy_points(root: Path) -> None:
+    with walstore.open(str(root)) as s:
+        for i in range(8):
+            with s.transaction() as tx:
+                tx.put("k", i)
+            if i == 5:
+                legacy_point(s, "tx:2")
+                legacy_point(s, "lsn:1")
+        assert set(s.restore_points()) == {"tx:2", "lsn:1"}
+
+
+def test_a_legacy_point_named_like_a_txid_is_never_silently_taken_for_it(tmp_path):
+    """A 0.1.0 store's restore point 'tx:2' (the state k=5): `diff --from tx:2` showed the
+    state of transaction 2 (k=1), exit 0, and `rewind --to tx:2` rewound there; the point
+    itself could not be named on the command line at all.  Now the spelling is refused
+    as ambiguous (exit 2, both readings named) and ``name:tx:2`` names the point."""
+    root = tmp_path / "s"
+    store_with_legacy_points(root)
+    r = cli("diff", root, "--from", "tx:2")
+    assert r.exit_code == 2, r.output
+    assert "ambiguous" in r.output and "name:tx:2" in r.output
+    r = cli("diff", root, "--from", "name:tx:2", "--json")
+    assert r.exit_code == 0, r.output
+    assert [(k["key"], k["before"]) for k in json.loads(r.stdout)["keys"]] == [("k", 5)]
+    r = cli("diff", root, "--from", "2", "--json")  # bare digits: the transaction
+    assert [(k["key"], k["before"]) for k in json.loads(r.stdout)["keys"]] == [("k", 1)]
+    for args in (("rewind", root, "--to", "tx:2", "--dry-run"),
+                 ("rewind", root, "--to", "lsn:1", "--dry-run"),
+                 ("files", root, "--at", "tx:2"),
+                 ("diff", root, "--from", "2", "--to", "lsn:1")):
+        r = cli(*args)
+        assert r.exit_code == 2 and "ambiguous" in r.output, (args, r.output)
+    r = cli("rewind", root, "--to", "lsn:01", "--dry-run", "--json")  # (the LSN, spelled
+    assert r.exit_code == 0, r.output                                 # as the error says)
+    r = cli("rewind", root, "--to", "name:lsn:1", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    r = cli("rewind", root, "--to", "name:tx:2")
+    assert r.exit_code == 0, r.output
+    with walstore.open(str(root)) as s:
+        assert s.get("k") == 5
+        assert s.log(limit=1)[0].meta == {"rewind": "tx:2"}  # (the Python API: a str is a
+        s.drop_restore_point("tx:2")                          # name, as it always was)
+    r = cli("diff", root, "--from", "tx:2", "--json")  # (no such point now: the txid)
+    assert r.exit_code == 0, r.output
+
+
+def test_name_prefix_keeps_a_point_literally_named_name_colon(tmp_path):
+    """``name:X`` is the point X; a point named 'name:x' itself (a name this walstore
+    gives too) is still reached by its own spelling when no point 'x' exists."""
+    root = tmp_path / "s"
+    with walstore.open(str(root)) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+        s.restore_point("name:x")
+        with s.transaction() as tx:
+            tx.put("k", 2)
+    r = cli("diff", root, "--from", "name:x", "--json")
+    assert r.exit_code == 0, r.output
+    assert [k["before"] for k in json.loads(r.stdout)["keys"]] == [1]
+    with walstore.open(str(root)) as s:
+        s.restore_point("x")
+    r = cli("diff", root, "--from", "name:x")
+    assert r.exit_code == 2 and "name:name:x" in r.output, r.output
+    r = cli("diff", root, "--from", "name:name:x", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["keys"][0]["before"] == 1
+
+
+def test_restore_from_a_replica_holding_a_legacy_point_name(tmp_path):
+    """`restore --to tx:2` restored transaction 2's state, exit 0, from a replica whose
+    0.1.0 writer had named a restore point 'tx:2'; `replicas` listed it as 'tx:2', which
+    pasted back named the transaction."""
+    root, rep = tmp_path / "s", tmp_path / "rep"
+    with walstore.open(str(root), replicate_to=rep.as_uri()) as s:
+        for i in range(8):
+            with s.transaction() as tx:
+                tx.put("k", i)
+            if i == 5:
+                legacy_point(s, "tx:2")
+        s.sync_replica(timeout=30)
+    r = cli("replicas", rep.as_uri())
+    assert "name:tx:2" in r.output, r.output
+    r = cli("restore", rep.as_uri(), tmp_path / "d1", "--to", "tx:2")
+    assert r.exit_code == 2 and "ambiguous" in r.output, r.output
+    assert not (tmp_path / "d1").exists()
+    r = cli("restore", rep.as_uri(), tmp_path / "d2", "--to", "name:tx:2")
+    assert r.exit_code == 0, r.output
+    with walstore.open(str(tmp_path / "d2")) as d:
+        assert d.get("k") == 5
