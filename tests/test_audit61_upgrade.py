@@ -118,3 +118,45 @@ def test_restore_from_a_replica_holding_a_legacy_point_name(tmp_path):
     assert r.exit_code == 0, r.output
     with walstore.open(str(tmp_path / "d2")) as d:
         assert d.get("k") == 5
+
+
+def test_a_scoped_undo_over_an_action_0_1_0_declared_in_scope_empty(tmp_path, monkeypatch):
+    """walstore 0.1.0 let ``tx.action(..., scope="")`` through (its action scope was not
+    checked; '' is around every str scope).  Every scoped rewind or revert of an upgraded
+    store over such an action raised EmptyArgumentError "a scope is a non-empty key
+    prefix (str or bytes), not ''" — the caller had passed scope='a/' — and changed
+    nothing, for as long as the action was retained.  The actions are logged here with
+    0.1.0's check (only the type of a scope), the undo runs with this walstore's code."""
+    import walstore.agent.scope as scope_mod
+    root = tmp_path / "s"
+    ran: list[str] = []
+    with monkeypatch.context() as m:
+        def check_scope_0_1_0(scope):
+            if scope is None or isinstance(scope, (str, bytes)):
+                return scope
+            raise TypeError("a scope is a key prefix (str or bytes) or None")
+        m.setattr(scope_mod, "check_scope", check_scope_0_1_0)
+        with walstore.open(str(root), compensators={"refund": ran.append}) as s:
+            with s.transaction() as tx:
+                tx.put("a/x", 0)
+                tx.put("b/x", 0)
+            s.restore_point("start")
+            with s.transaction() as tx:
+                tx.put("a/x", 1)
+                with tx.action("charge", compensate="refund", scope="") as act:
+                    act.result = 1
+            with s.transaction() as tx:
+                tx.put("b/x", 1)
+                with tx.action("mail", compensate="refund", scope="") as act:
+                    act.result = 2
+            mail_txid = tx.id
+            assert {a.scope for a in s.actions()} == {""}
+    with walstore.open(str(root), compensators={"refund": lambda a: ran.append(a.id)}) as s:
+        plan = s.rewind("start", scope="a/", dry_run=True)
+        assert [a.name for a in plan.compensations] == ["charge"]
+        s.rewind("start", scope="a/")
+        assert (s.get("a/x"), s.get("b/x")) == (0, 1)
+        s.revert(mail_txid, scope="b/")
+        assert (s.get("a/x"), s.get("b/x")) == (0, 0)
+        assert sorted(a.state for a in s.actions()) == ["compensated", "compensated"]
+    assert len(ran) == 2

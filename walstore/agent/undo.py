@@ -562,7 +562,7 @@ class Undo:
         """Could ``undo`` (a revert or rewind) have undone something inside ``rng``: it was
         not scoped, or its scope and ``rng`` overlap."""
         scope = undo.scope
-        return scope is None or rng.same(scope) or ScopeRange(scope).same(rng.scope)
+        return scope is None or rng.same(scope) or _around(scope, rng.scope)
 
     def _wholly_in(self, info: TxnInfo, rng: ScopeRange, paths: list | None = None,
                    inside: dict | None = None) -> bool:
@@ -1143,7 +1143,17 @@ def _elsewhere(declared: Any, rng: ScopeRange) -> bool:
     another agent's)?  None (declared in no scope) is not."""
     if declared is None or rng.same(declared):
         return False
-    return not ScopeRange(declared).same(rng.scope)
+    return not _around(declared, rng.scope)
+
+
+def _around(stored: Any, scope: Any) -> bool:
+    """Is ``scope`` inside the scope ``stored`` (read from the log or LMDB), as
+    ``ScopeRange(stored).same(scope)`` says for a scope walstore takes now — without
+    judging ``stored`` as an argument: walstore 0.1.0 let an action declare the scope ''
+    (around every str scope) or one past the key limit, and each scoped rewind or revert
+    over such an action of an upgraded store raised "a scope is a non-empty key prefix
+    (str or bytes), not ''" (EmptyArgumentError), naming no argument the caller gave."""
+    return type(stored) is type(scope) and scope.startswith(stored)
 
 
 def _moves(info: TxnInfo) -> list[tuple[str, bool]]:
