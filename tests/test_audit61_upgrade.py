@@ -160,3 +160,48 @@ def test_a_scoped_undo_over_an_action_0_1_0_declared_in_scope_empty(tmp_path, mo
         assert (s.get("a/x"), s.get("b/x")) == (0, 0)
         assert sorted(a.state for a in s.actions()) == ["compensated", "compensated"]
     assert len(ran) == 2
+
+
+def test_a_session_with_a_long_id_written_by_0_1_0_is_still_read(tmp_path):
+    """walstore 0.1.0 named every WalstoreSession by its percent-encoded id; since
+    fe4414d one encoded past 160 characters is named by its digest.  A conversation 0.1.0
+    stored under such an id read as empty after the upgrade (get_items() [] with its items
+    in the store, its restore point unknown), and the next turn began it anew.  The keys
+    and the point are written here in 0.1.0's layout (``oa/<quote(id)>/i/main/<seq>``, a
+    restore point named ``oa/<quote(id)>/<name>``), as its session wrote them."""
+    import asyncio
+    from urllib.parse import quote
+
+    import pytest
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    sid = "user:" + "x" * 200
+    old = f"oa/{quote(sid, safe='')}/"
+    root = tmp_path / "s"
+    with walstore.open(str(root)) as s:
+        with s.transaction() as tx:
+            tx.put(f"{old}i/main/{1:020d}", {"role": "user", "content": "hi"})
+        legacy_point(s, old + "t1")
+        with s.transaction() as tx:
+            tx.put(f"{old}i/main/{2:020d}", {"role": "assistant", "content": "hello"})
+
+    async def run(s):
+        sess = WalstoreSession(sid, s)
+        assert sess.scope == old
+        assert [i["content"] for i in await sess.get_items()] == ["hi", "hello"]
+        await sess.rewind("t1")
+        assert [i["content"] for i in await sess.get_items()] == ["hi"]
+        await sess.add_items([{"role": "user", "content": "again"}])
+        assert [i["content"] for i in await WalstoreSession(sid, s).get_items()] == \
+            ["hi", "again"]
+        short = WalstoreSession("user:" + "y" * 200, s)  # (a new long id: its digest)
+        assert short.scope.startswith("oa/#")
+
+    with walstore.open(str(root)) as s:
+        asyncio.run(run(s))
+        with s.transaction() as tx:  # the session stored under both names: refused
+            tx.put(f"oa/#{__import__('hashlib').sha256(sid.encode()).hexdigest()}/head",
+                   "main")
+        with pytest.raises(walstore.WalstoreError, match="stored twice"):
+            WalstoreSession(sid, s)

@@ -57,7 +57,9 @@ manual ``run_compaction()`` replaces the whole history in one transaction
 
 Key layout (str keys; ``S`` is the session id and ``B`` a branch name, both
 percent-encoded so no session's prefix is a prefix of another's; ``oa/`` is the
-``namespace``)::
+``namespace``; an id longer than 160 characters percent-encoded is ``#`` and its SHA-256
+digest instead — except a session walstore 0.1.0 wrote under its encoded id, which stays
+there: ``_legacy_prefix``)::
 
     oa/S/head            -> current branch name (absent: "main")
     oa/S/i/B/<seq:020d>  -> one item (a JSON-shaped dict), in order of seq within branch B
@@ -102,7 +104,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import LSN, ConflictError, SnapshotTooOld, TxnInfo, UnknownPoint
+from .. import LSN, ConflictError, SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError
 from ..codec import MAX_KEY_BYTES, pack_value
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
@@ -131,6 +133,34 @@ def _session_part(session_id: str) -> str:
     if len(part) <= MAX_ID_PART:
         return part
     return "#" + hashlib.sha256(session_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _legacy_prefix(store: "Store", namespace: str, session_id: str) -> str | None:
+    """The prefix walstore 0.1.0 (and 0.2.0 until fe4414d) gave the session ``session_id``
+    when that is not the prefix given now and the store holds something under it (a key,
+    or one of its restore points); else None.  Those walstores named every session by its
+    encoded id, however long (up to what a key holds); a session whose encoded id is
+    longer than MAX_ID_PART is named by its digest since, and an upgraded store's
+    conversation read as empty: get_items() [] after 0.1.0 had stored its items, a
+    rewind to its restore point UnknownPoint (audit 61).  One probe of the key range (and
+    of the restore point names), at construction, for such long ids only."""
+    part = quote(session_id, safe='')
+    if len(part) <= MAX_ID_PART:
+        return None
+    old = f"{namespace}{part}/"
+    if _key_bytes(old) > MAX_KEY_BYTES:  # (no key of it could have been written)
+        return None
+    for _k, _v in store.scan(prefix=old):
+        return old
+    if any(name.startswith(old) for name in store.restore_points()):
+        return old
+    return None
+
+
+def _holds_anything(store: "Store", prefix: str) -> bool:
+    for _k, _v in store.scan(prefix=prefix):
+        return True
+    return any(name.startswith(prefix) for name in store.restore_points())
 
 
 class _WriterLock:
@@ -306,6 +336,16 @@ class WalstoreSession:
                                  if session_settings is not None else SessionSettings())
         self.store = store
         self._prefix = f"{namespace}{_session_part(session_id)}/"
+        legacy = _legacy_prefix(store, namespace, session_id)
+        if legacy is not None:
+            if _holds_anything(store, self._prefix):
+                raise WalstoreError(
+                    f"session {session_id[:60]!r}... is stored twice in this store: under "
+                    f"{legacy[:80]!r}... (its encoded id, where walstore 0.1.0 put it) and "
+                    f"under {self._prefix!r} (its digest, where walstores since put a "
+                    f"session with so long an id); nothing was read or changed. Keep one: "
+                    f"store.purge() the other prefix")
+            self._prefix = legacy
         longest = f"{self._items_prefix(MAIN)}{0:0{_SEQ_DIGITS}d}"
         if _key_bytes(longest) > MAX_KEY_BYTES:
             raise ValueError(f"namespace {namespace!r} is too long: the session's item keys "
