@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 import walstore
@@ -172,7 +173,6 @@ def test_a_session_with_a_long_id_written_by_0_1_0_is_still_read(tmp_path):
     import asyncio
     from urllib.parse import quote
 
-    import pytest
     pytest.importorskip("agents")
     from walstore.integrations.openai_agents import WalstoreSession
 
@@ -205,3 +205,62 @@ def test_a_session_with_a_long_id_written_by_0_1_0_is_still_read(tmp_path):
                    "main")
         with pytest.raises(walstore.WalstoreError, match="stored twice"):
             WalstoreSession(sid, s)
+
+
+_NOTE_CHILD = """
+import os, sys, walstore
+from walstore.log.records import RecordType
+def down(a):
+    raise RuntimeError("refund API down")
+s = walstore.open(sys.argv[1], compensators={"refund": down})
+for i in range(2):
+    try:
+        with s.transaction() as tx:
+            with tx.action("charge", args={"i": i}, compensate="refund") as act:
+                act.result = i
+            raise ValueError("boom")
+    except walstore.CompensationFailed:
+        pass
+notes = {"1.1": {"ticket": 42, "by": "ops"}, "2.1": 1234}
+for a in s.pending_compensations():  # (walstore 0.1.0's resolve(id, note): its COMPENSATED
+    s._engine.log_event(RecordType.COMPENSATED, {  # record, the note logged as given)
+        "id": a.id, "state": "resolved", "error": notes[a.id], "attempts": a.attempts},
+        a.txid, durable=True)
+if sys.argv[2] == "kill":
+    os._exit(9)
+s.close()
+"""
+
+
+@pytest.mark.parametrize("end", ["close", "kill"])
+def test_a_resolve_note_0_1_0_logged_as_a_dict_or_int_does_not_make_the_store_corrupt(
+        tmp_path, end):
+    """walstore 0.1.0 (and 0.2.0 until 70cb304) logged ``store.resolve(id, note)``'s note
+    in the action's ``error`` whatever its type (``note={"ticket": 42}``, ``note=1234``).
+    Since the record and row shape checks (8bb58ad, 46156a2) such a store could not be
+    opened at all: CorruptionError "bad-payload: ... field 'error' is not a str" from
+    every open (strict recovery, cleanly closed or not), `walstore actions` and `verify`
+    reporting damage.  Now a resolved action's error may be any value a walstore logged,
+    read as text.  The store is written by a real process (killed in one case) with the
+    record in 0.1.0's shape."""
+    import subprocess
+    import sys
+    root = tmp_path / "s"
+    r = subprocess.run([sys.executable, "-c", _NOTE_CHILD, str(root), end],
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    assert r.returncode == (9 if end == "kill" else 0)
+    r = cli("verify", root)
+    assert r.exit_code == 0, r.output
+    r = cli("actions", root, "--json")
+    assert r.exit_code == 0, r.output
+    errors = {a["id"]: (a["state"], a["error"]) for a in json.loads(r.stdout)["actions"]}
+    assert errors == {"1.1": ("resolved", "{'ticket': 42, 'by': 'ops'}"),
+                      "2.1": ("resolved", "1234")}
+    with walstore.open(str(root)) as s:
+        assert sorted((a.id, a.state, a.error) for a in s.actions()) == [
+            ("1.1", "resolved", "{'ticket': 42, 'by': 'ops'}"), ("2.1", "resolved", "1234")]
+        assert s.pending_compensations() == []
+        with s.transaction() as tx:
+            tx.put("after", 1)
+    r = cli("verify", root)
+    assert r.exit_code == 0, r.output

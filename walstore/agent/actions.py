@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
 from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
                       StoreClosed, UnknownAction, WalstoreError, shown)
+from ..log import records
 from ..log.format import RecordType
 from ..log.writer import LogFailed, WalWriteError
 from ..signals import deferred
@@ -127,7 +128,8 @@ class Action:
         in_flight = state == tables.IN_FLIGHT
         return cls(row["id"], row["tx"], row.get("name") or "?", row.get("args"),
                    row.get("result"), row.get("key", ""), row.get("compensate"),
-                   PENDING if in_flight else state, row.get("error"), row.get("attempts", 0),
+                   PENDING if in_flight else state, records.error_text_of(row.get("error")),
+                   row.get("attempts", 0),
                    row.get("ts", 0.0), row.get("lsn", 0), row.get("scope"),
                    bool(row.get("held")), in_flight)
 

@@ -38,7 +38,7 @@ from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, 
                       StoreIOError, WalstoreError, command_word)
 from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader
-from ..log.records import Event
+from ..log.records import Event, error_text_of
 from ..log.segment import create_segment, list_segments
 from ..log.writer import FIRST_SEGMENT_SIZE, LogFailed, WriteAheadLog
 from ..options import Options
@@ -451,7 +451,8 @@ class Engine:
             if row.get("state") in ("pending", "failed") and not row.get("held"):
                 self.journal.append(RecordType.COMPENSATED, dict(
                     id=row["id"], state=row["state"], held=True,
-                    error=(row.get("error") or "") + " (owed in the source store when it "
+                    error=(error_text_of(row.get("error")) or "") + " (owed in the source "
+                          "store when it "
                           "was copied: never run automatically here)"), row.get("tx", -1))
 
     def _keep_salvaged_log(self, below: int | None = None) -> None:

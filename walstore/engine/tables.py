@@ -172,8 +172,9 @@ def _actions_row(row: Any) -> None:
         raise ValueError(f"field 'state' is not an action state ({row.get('state')!r:.40})")
     for name in ("compensate", "name", "key", "error"):
         v = row.get(name)
-        if v is not None and not isinstance(v, str):
-            raise ValueError(f"field {name!r} is not a str ({v!r:.40})")
+        if v is not None and not isinstance(v, str) and not (
+                name == "error" and row.get("state") == RESOLVED):  # (an old resolve
+            raise ValueError(f"field {name!r} is not a str ({v!r:.40})")  # note: records)
 
 
 def _points_row(row: Any) -> None:

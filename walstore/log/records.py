@@ -301,6 +301,12 @@ def check_fields(rtype: int, body: dict) -> None:
         _ts(body)
 
 
+def error_text_of(error: Any) -> str | None:
+    """An action's ``error`` as text: a resolve note an older walstore logged as another
+    value (see ``_action_fields``) is its ``repr``."""
+    return error if error is None or isinstance(error, str) else repr(error)
+
+
 # (the fields an action row takes from these records, as ``tables.ROW_CHECKS`` reads them
 # back: a record with another type there was applied, and then every read of its row
 # refused — probe-audit60: refused here instead, as the bad payload it is)
@@ -309,13 +315,18 @@ ACTION_STATES = frozenset({"in-flight", "committed", "pending", "failed", "compe
 
 
 def _action_fields(body: dict) -> None:
+    # (a ``resolved`` action's ``error`` is the note ``resolve`` was given: walstore 0.1.0,
+    # and 0.2.0 until 70cb304, logged whatever value it got there, a dict or an int; such
+    # a record is one walstore wrote, never refused — readers take it as text:
+    # ``error_text_of``)
     for name in ("tx", "attempts", "lsn"):
         v = body.get(name)
         if v is not None and not (type(v) is int and 0 <= v < 1 << 64):
             raise ValueError(f"field {name!r} is not an unsigned integer")
     for name in ("name", "compensate", "key", "error"):
         v = body.get(name)
-        if v is not None and not isinstance(v, str):
+        if v is not None and not isinstance(v, str) and not (
+                name == "error" and body.get("state") == "resolved"):
             raise ValueError(f"field {name!r} is not a str")
     if "state" in body and body["state"] not in ACTION_STATES:
         raise ValueError(f"field 'state' is not an action state ({body['state']!r:.40})")
