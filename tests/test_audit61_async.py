@@ -8,8 +8,10 @@ what went wrong and how it was seen.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextvars
+import operator
 import threading
+from typing import Annotated, TypedDict
 
 import pytest
 
@@ -47,6 +49,10 @@ async def _cancel_everything_else() -> None:
     for t in others:
         t.cancel()
     await asyncio.gather(*others, return_exceptions=True)
+
+
+class _Steps(TypedDict):
+    log: Annotated[list, operator.add]
 
 
 def _session_add(store):
@@ -92,3 +98,58 @@ def test_a_mutation_cancelled_by_a_cancel_all_shutdown_has_finished_when_the_cal
     finally:
         backend.release.set()
         fileio.set_backend(old)
+
+
+@pytest.mark.parametrize("how", ["to_thread", "run_in_executor_with_context"])
+def test_a_node_booking_from_a_worker_thread_that_carries_the_context_is_rewound(tmp_path, how):
+    """Documented (GUIDE, LangGraph): the scope provider reads LangGraph's run config, a
+    context variable.  A node booking through a bare ``loop.run_in_executor(None, fn)``
+    (no context copied) was outside its thread: ``saver.rewind`` to the checkpoint before
+    the step left the booking and ran no refund (probe: charge kept, graph back before the
+    step, so the step would book again).  The two recipes the GUIDE gives are rewound and
+    compensated."""
+    from langgraph.graph import END, START, StateGraph
+    from walstore.integrations.langgraph import WalstoreSaver
+
+    ledger: list[str] = []
+
+    async def run() -> None:
+        with walstore.open(str(tmp_path / "s"), durability="none",
+                           compensators={"refund": lambda a: ledger.append("refund")}
+                           ) as store:
+            saver = WalstoreSaver(store)
+
+            def book() -> None:
+                with store.transaction() as tx:
+                    with tx.action("charge", compensate="refund") as act:
+                        ledger.append("charge")
+                        act.result = {"id": 1}
+                    tx.put("bookings/1", {"room": 12})
+
+            async def plan(state):
+                return {"log": ["plan"]}
+
+            async def pay(state):
+                if how == "to_thread":
+                    await asyncio.to_thread(book)
+                else:
+                    await asyncio.get_running_loop().run_in_executor(
+                        None, contextvars.copy_context().run, book)
+                return {"log": ["pay"]}
+
+            g = StateGraph(_Steps)
+            g.add_node("plan", plan)
+            g.add_node("pay", pay)
+            g.add_edge(START, "plan")
+            g.add_edge("plan", "pay")
+            g.add_edge("pay", END)
+            graph = g.compile(checkpointer=saver)
+            cfg = {"configurable": {"thread_id": "t"}}
+            await graph.ainvoke({"log": []}, cfg)
+            before_pay = [h async for h in graph.aget_state_history(cfg)
+                          if h.next == ("pay",)][0]
+            await saver.arewind(before_pay.config)
+            assert ledger == ["charge", "refund"]
+            assert store.get("bookings/1") is None
+            assert (await graph.aget_state(cfg)).values == {"log": ["plan"]}
+    asyncio.run(run())
