@@ -153,3 +153,54 @@ def test_a_node_booking_from_a_worker_thread_that_carries_the_context_is_rewound
             assert store.get("bookings/1") is None
             assert (await graph.aget_state(cfg)).values == {"log": ["plan"]}
     asyncio.run(run())
+
+
+def test_async_with_saver_closes_off_the_loop_so_a_body_awaiting_the_loop_commits(tmp_path):
+    """``async with WalstoreSaver.from_path(...)`` closed the store ON the event loop:
+    close() waits (up to 5 s) for an action body another thread runs, and a body whose
+    side effect goes through the loop (an async payments client called with
+    ``run_coroutine_threadsafe``) could not finish meanwhile: 5 s with the loop held,
+    then 'their results cannot be logged', the charge made and the next open refunding
+    it with result=None (probe: run 5.5 s, action 'compensated').  The exit now closes
+    in a worker thread: the body finishes, its transaction commits, nothing refunded."""
+    import warnings
+    from walstore.integrations.langgraph import WalstoreSaver
+
+    ledger: list[str] = []
+    path = str(tmp_path / "s")
+    entered = threading.Event()
+    outcome: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+
+        async def charge() -> dict:        # an async payments client
+            await asyncio.sleep(0.2)
+            ledger.append("charge")
+            return {"id": 1}
+
+        async with WalstoreSaver.from_path(path, durability="none",
+                                           compensators={"refund": lambda a: None}) as saver:
+            store = saver.store
+
+            def book() -> None:
+                with store.transaction() as tx:
+                    with tx.action("charge", compensate="refund") as act:
+                        entered.set()
+                        act.result = asyncio.run_coroutine_threadsafe(charge(), loop).result()
+                    tx.put("paid", True)
+                outcome.append("committed")
+
+            task = asyncio.ensure_future(asyncio.to_thread(book))
+            await asyncio.to_thread(entered.wait, 30)
+        await task
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        asyncio.run(main())
+    assert outcome == ["committed"] and ledger == ["charge"]
+    refunds: list = []
+    with walstore.open(path, compensators={"refund": refunds.append}) as store:
+        assert store.get("paid") is True
+        assert [(a.name, a.state) for a in store.actions()] == [("charge", "committed")]
+    assert refunds == []

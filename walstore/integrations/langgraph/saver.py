@@ -459,7 +459,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     ``WalstoreSaver(store)`` uses an open :class:`walstore.Store` (the caller closes it);
     ``WalstoreSaver.from_path(path, **open_kwargs)`` opens one and closes it on
-    :meth:`close` / ``with``.  Every method has an ``a``-prefixed async twin that runs the
+    :meth:`close` / ``with`` / ``async with`` (there in a worker thread, the event loop
+    left running while close waits for other threads' work in the store).  Every method has an ``a``-prefixed async twin that runs the
     blocking call (fsync) in a worker thread.
 
     Options: ``allowed_types`` (classes, or (module, name) pairs, rebuilt besides
@@ -529,7 +530,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        self.close()
+        # closed in a worker thread (finished even when cancelled): close() waits for
+        # the work other threads still do in the store (an action's body, up to 5 s; a
+        # rewind's compensations, up to 30 s), and on the event loop it held the loop
+        # meanwhile — a body waiting on a coroutine (an async payments client through
+        # run_coroutine_threadsafe) could not finish, and was compensated at the next
+        # open with result=None after a 5 s stall (audit 61)
+        if self._owns_store:
+            await finish_despite_cancel(self.close)
 
     def with_allowlist(self, extra_allowlist: Any) -> "WalstoreSaver":
         """LangGraph's hook (``compile()`` under ``LANGGRAPH_STRICT_MSGPACK=true``): a
