@@ -204,3 +204,48 @@ def test_async_with_saver_closes_off_the_loop_so_a_body_awaiting_the_loop_commit
         assert store.get("paid") is True
         assert [(a.name, a.state) for a in store.actions()] == [("charge", "committed")]
     assert refunds == []
+
+
+def test_a_mutation_cancelled_while_queued_for_a_worker_never_runs(tmp_path):
+    """A cancelled call still queued for a worker thread (the default executor full: a
+    few threads, many sessions, a slow disk) waited its turn and then committed: 60
+    sessions' add_items cancelled 10 ms in, fsyncs of 50 ms, all 60 committed and the
+    cancellation was heard after 1 s.  One no worker had begun is now dropped: the
+    caller hears CancelledError at once and nothing is written; one already running
+    is still waited for."""
+    from concurrent.futures import ThreadPoolExecutor
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    backend = _HeldFsync()
+    old = fileio.set_backend(backend)
+    try:
+        with walstore.open(str(tmp_path / "s"), durability="full") as store:
+            first, second = WalstoreSession("a", store), WalstoreSession("b", store)
+
+            async def main() -> None:
+                loop = asyncio.get_running_loop()
+                pool = ThreadPoolExecutor(1)   # one worker: the second call queues
+                loop.set_default_executor(pool)
+                backend.armed = True
+                running = asyncio.create_task(first.add_items([{"content": "one"}]))
+                while not backend.entered.is_set():
+                    await asyncio.sleep(0.001)
+                queued = asyncio.create_task(second.add_items([{"content": "two"}]))
+                for _ in range(3):
+                    await asyncio.sleep(0)
+                running.cancel()
+                queued.cancel()
+                for _ in range(20):   # (no timing: a few turns of the loop)
+                    await asyncio.sleep(0)
+                assert queued.done() and queued.cancelled()   # heard at once (before:
+                assert not running.done()                    # it waited for the worker)
+                backend.release.set()
+                await asyncio.gather(running, return_exceptions=True)
+                assert running.cancelled()
+
+            asyncio.run(main())
+            assert [t.meta["openai_session"] for t in store.log()] == ["a"]
+            assert store.get("oa/b/i/main/00000000000000000001") is None
+    finally:
+        backend.release.set()
+        fileio.set_backend(old)

@@ -41,7 +41,8 @@ raises ``StoreLocked``): other processes read the sessions with ``readonly=True`
 blocking store work runs in a worker thread (``asyncio.to_thread``), as SQLiteSession
 does, the items' encoding and checks included (``_write_made``); a mutation (restore
 points and their drops included) whose awaiting task is cancelled still finishes and then re-raises the cancellation, so the caller never
-mistakes a committed write for a dropped one.  Writers of one session in one
+mistakes a committed write for a dropped one (one cancelled while still queued for a
+worker thread never runs: the cancellation is raised at once, nothing written).  Writers of one session in one
 process take a lock (an in-process queue instead of optimistic retries); readers read one
 snapshot and take no lock.  A rewind does not take it: its compensations are user code and
 may write to the session (e.g. add a "booking cancelled" item); the store serializes the

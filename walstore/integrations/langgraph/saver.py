@@ -537,7 +537,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         # run_coroutine_threadsafe) could not finish, and was compensated at the next
         # open with result=None after a 5 s stall (audit 61)
         if self._owns_store:
-            await finish_despite_cancel(self.close)
+            await finish_despite_cancel(self.close, run_if_cancelled=True)
 
     def with_allowlist(self, extra_allowlist: Any) -> "WalstoreSaver":
         """LangGraph's hook (``compile()`` under ``LANGGRAPH_STRICT_MSGPACK=true``): a
