@@ -249,3 +249,54 @@ def test_a_mutation_cancelled_while_queued_for_a_worker_never_runs(tmp_path):
     finally:
         backend.release.set()
         fileio.set_backend(old)
+
+
+def test_a_cancel_storm_on_session_writes_leaves_each_write_whole_and_once(tmp_path):
+    """Guard (no defect found here after the fixes above): 300 session writes, each
+    cancelled after a random 0-4 ms.  Every write the caller was told succeeded is
+    there; a cancelled one is there whole (both items of its turn, or its restore point)
+    or not at all, never half and never twice; the store closes and verifies."""
+    import random
+    from walstore.integrations.openai_agents import WalstoreSession
+
+    rng = random.Random(61)
+    path = str(tmp_path / "s")
+    told: dict[int, tuple[str, str]] = {}
+
+    async def main(store) -> list:
+        session = WalstoreSession("u1", store)
+        loop = asyncio.get_running_loop()
+        for i in range(300):
+            op = rng.choice(["add", "add", "point"])
+            if op == "add":
+                task = asyncio.create_task(session.add_items(
+                    [{"role": "user", "content": f"q{i}"},
+                     {"role": "assistant", "content": f"a{i}"}]))
+            else:
+                task = asyncio.create_task(session.restore_point(f"p{i}"))
+            loop.call_later(rng.random() * 0.004, task.cancel)
+            try:
+                await task
+                told[i] = (op, "ok")
+            except asyncio.CancelledError:
+                told[i] = (op, "cancelled")
+        assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+        return [(x["role"], x["content"]) for x in await session.get_items()]
+
+    with walstore.open(path, durability="none") as store:
+        items = asyncio.run(main(store))
+        points = set(store.restore_points())
+    contents = [c for _r, c in items]
+    assert len(contents) == len(set(contents))            # never twice
+    for n in range(0, len(items), 2):                      # never half, in order
+        assert items[n][0] == "user" and items[n + 1] == ("assistant", "a" + items[n][1][1:])
+    for i, (op, outcome) in told.items():
+        present = (f"q{i}" in contents) if op == "add" else (f"oa/u1/p{i}" in points)
+        if outcome == "ok":
+            assert present, (i, op)
+    assert any(o == "cancelled" for _op, o in told.values())
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "walstore", "verify", path],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
