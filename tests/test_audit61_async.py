@@ -300,3 +300,69 @@ def test_a_cancel_storm_on_session_writes_leaves_each_write_whole_and_once(tmp_p
     done = subprocess.run([sys.executable, "-m", "walstore", "verify", path],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_node_cancelled_by_its_failing_sibling_books_once_after_rewind_to_the_head(tmp_path):
+    """Documented (GUIDE, LangGraph): when a task of a step fails, LangGraph cancels its
+    siblings, and a sibling's booking already in a worker thread commits (its charge
+    stands) while its task's writes are never saved; resuming re-runs it and it books
+    again (probe: two charges, both 'committed').  The recipe the GUIDE gives —
+    ``saver.rewind`` to the head (the checkpoint the failed step builds on) before
+    resuming — compensates the cut-off booking: one booking stands, one refund."""
+    from langgraph.graph import END, START, StateGraph
+    from walstore.integrations.langgraph import WalstoreSaver
+
+    ledger: list[tuple[str, int]] = []
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+    fail = [True]
+
+    async def run() -> None:
+        with walstore.open(str(tmp_path / "s"), durability="none",
+                           compensators={"refund": lambda a: ledger.append(
+                               ("refund", a.args["n"]))}) as store:
+            saver = WalstoreSaver(store)
+            count = [0]
+
+            def book() -> None:
+                count[0] += 1
+                n = count[0]
+                with store.transaction() as tx:
+                    with tx.action("charge", args={"n": n}, compensate="refund") as act:
+                        entered.set()
+                        release.wait(30)
+                        ledger.append(("charge", n))
+                        act.result = {"n": n}
+                    tx.put(f"bookings/{n}", True)
+                finished.set()
+
+            async def check(state):
+                await asyncio.to_thread(entered.wait, 30)
+                if fail[0]:
+                    raise RuntimeError("the other tool failed")
+                return {"log": ["check"]}
+
+            async def pay(state):
+                await asyncio.to_thread(book)
+                return {"log": ["pay"]}
+
+            g = StateGraph(_Steps)
+            g.add_node("check", check)
+            g.add_node("pay", pay)
+            g.add_edge(START, "check")
+            g.add_edge(START, "pay")
+            g.add_edge(["check", "pay"], END)
+            graph = g.compile(checkpointer=saver)
+            cfg = {"configurable": {"thread_id": "t"}}
+            with pytest.raises(RuntimeError):
+                await graph.ainvoke({"log": []}, cfg)
+            release.set()
+            await asyncio.to_thread(finished.wait, 30)
+            assert ledger == [("charge", 1)]        # the cut-off booking stands
+            head = await graph.aget_state(cfg)
+            await saver.arewind(head.config)        # the recipe
+            assert ledger == [("charge", 1), ("refund", 1)]
+            fail[0] = False
+            assert await graph.ainvoke(None, cfg) == {"log": ["check", "pay"]}
+            assert ledger == [("charge", 1), ("refund", 1), ("charge", 2)]
+            assert [k for k, _v in store.scan(prefix="bookings/")] == ["bookings/2"]
+    asyncio.run(run())
