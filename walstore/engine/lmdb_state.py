@@ -56,12 +56,15 @@ Invariants:
   read skip reading ``applied`` when nothing newer than its snapshot can be in LMDB; a
   handle of an environment this process does not write knows no bound;
 - the data file is checked before it is mapped (:mod:`walstore.engine.lmdb_check`): a
-  truncated, zeroed or foreign-format file is a CorruptionError, never a SIGBUS.
+  truncated, zeroed or foreign-format file is a CorruptionError, never a SIGBUS;
+- every environment is opened through ``open_env``: no descriptor of it outlives an exec
+  (LMDB leaves its data file's open without O_CLOEXEC).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import inspect
 import mmap
 import os
@@ -469,10 +472,10 @@ class LmdbState:
 
     @staticmethod
     def _first_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
-        return lmdb.open(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True,
-                         readonly=readonly, sync=True, metasync=False, map_async=False,
-                         writemap=False, lock=True, max_readers=MAX_READERS,
-                         create=not readonly, mode=0o600)
+        return open_env(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True,
+                        readonly=readonly, sync=True, metasync=False, map_async=False,
+                        writemap=False, lock=True, max_readers=MAX_READERS,
+                        create=not readonly, mode=0o600)
 
     @staticmethod
     def _open_tables(shared: dict) -> None:
@@ -551,10 +554,10 @@ class LmdbState:
 
     def _new_env(self, readonly: bool, map_size: int) -> lmdb.Environment:
         check_lmdb_files(self.path, expect_existing=True)
-        return lmdb.open(self.path, map_size=map_size, max_dbs=MAX_DBS,
-                         subdir=True, readonly=readonly, sync=True, metasync=False,
-                         map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
-                         create=False, mode=0o600)
+        return open_env(self.path, map_size=map_size, max_dbs=MAX_DBS,
+                        subdir=True, readonly=readonly, sync=True, metasync=False,
+                        map_async=False, writemap=False, lock=True, max_readers=MAX_READERS,
+                        create=False, mode=0o600)
 
     def compact(self, progress: Callable[[int, int], None] | None = None
                 ) -> tuple[int, int]:
@@ -677,8 +680,8 @@ class LmdbState:
         state.  ``progress(rows copied, rows in all)`` after each batch."""
         size = self.env.info()["map_size"]
         # (lock=False: this thread alone uses it, and no sparse lock file is mapped)
-        dst = lmdb.open(work, map_size=size, max_dbs=MAX_DBS, subdir=True, sync=False,
-                        metasync=False, writemap=False, lock=False, create=True, mode=0o600)
+        dst = open_env(work, map_size=size, max_dbs=MAX_DBS, subdir=True, sync=False,
+                       metasync=False, writemap=False, lock=False, create=True, mode=0o600)
         try:
             with self.env.begin() as src:
                 tables = [(dbname, self._shared.get(name)) for name, dbname in TABLES.items()]
@@ -1160,6 +1163,49 @@ def chunk_ended(chunk: list[tuple[bytes, bytes]], limit: int, max_bytes: int) ->
     """Did ``read_chunk(..., limit, max_bytes)`` return ``chunk`` because the range ended
     (not because it read ``limit`` rows or ``max_bytes`` of values)?"""
     return len(chunk) < limit and sum(len(v) for _k, v in chunk) < max_bytes
+
+
+def _inheritable_fds() -> set[int] | None:
+    """This process's descriptors without FD_CLOEXEC (None: no /proc/self/fd to list)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    fds = set()
+    for name in names:
+        try:
+            fd = int(name)
+            if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                fds.add(fd)
+        except (OSError, ValueError):
+            pass  # (listdir's own descriptor, closed by now)
+    return fds
+
+
+def open_env(path: str, **options: Any) -> lmdb.Environment:
+    """``lmdb.open(path, **options)``, its descriptors of the data file close-on-exec.
+    LMDB (0.9.36) opens ``data.mdb`` for its reads and writes without O_CLOEXEC (its lock
+    file and its O_DSYNC descriptor have it): every program an agent ran by fork and exec
+    (``os.system``, ``subprocess`` with ``close_fds=False``, a C library's spawn) got a
+    read-write descriptor of the whole state and kept the file's space pinned while it
+    lived.  Marked here, once per open (not a hot path); where /proc is missing (not
+    Linux) nothing is marked (documented)."""
+    before = _inheritable_fds()
+    env = lmdb.open(path, **options)
+    if before is None:
+        return env
+    try:
+        data = os.stat(os.path.join(path, "data.mdb"))
+    except OSError:
+        return env
+    for fd in (_inheritable_fds() or set()) - before:
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == (data.st_dev, data.st_ino):
+                fcntl.fcntl(fd, fcntl.F_SETFD, fcntl.fcntl(fd, fcntl.F_GETFD) | fcntl.FD_CLOEXEC)
+        except OSError:
+            pass  # (another thread closed a descriptor of its own meanwhile)
+    return env
 
 
 def _forget_parent_environments() -> None:

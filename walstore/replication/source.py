@@ -436,9 +436,10 @@ def check_snapshot_file(path: str) -> None:
 
 def _open_env(db_dir: str, write: bool = False) -> lmdb.Environment:
     from ..engine.lmdb_check import check_lmdb_files
+    from ..engine.lmdb_state import open_env
     check_lmdb_files(db_dir)  # (never a SIGBUS: a file LMDB cannot map is named instead)
-    return lmdb.open(db_dir, readonly=not write, lock=write, max_dbs=16, subdir=True,
-                     create=False)
+    return open_env(db_dir, readonly=not write, lock=write, max_dbs=16, subdir=True,
+                    create=False)
 
 
 def _applied(raw: bytes | None, db_dir: str) -> int:
