@@ -67,3 +67,171 @@ def test_programs_the_process_runs_inherit_no_descriptor_of_the_store(tmp_path, 
     inherited = [line for line in proc.stdout.splitlines() if line.startswith(path + "/")]
     assert inherited == []
     assert proc.stdout.count("LISTED") == 2  # (both programs ran and listed)
+
+
+# ---- a child forked inside its parent's transaction, action, watch ---------------------
+
+INSIDE = r'''
+import json, os, sys, walstore
+path, how = sys.argv[1], sys.argv[2]
+ran = path + ".compensated"
+def refund(action):
+    with open(ran, "a") as f:
+        f.write(f"{os.getpid()}\n")
+store = walstore.open(path, compensators={"refund": refund})
+root = path + ".ws"
+os.makedirs(root)
+ws = store.workspace(root)
+parent = os.getpid()
+r, w = os.pipe()
+with store.transaction() as tx:
+    tx.put("k", 1)
+    tx.files(ws).write("a.txt", "parent\n")
+    with tx.action("charge", args={"n": 1}, compensate="refund") as act:
+        act.result = {"charge": 7}
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            def note(text):
+                os.write(w, (text + "\n").encode())
+            if how == "exit":
+                sys.exit(0)              # through the action's and transaction's with
+            if how == "raise":
+                raise RuntimeError("the child's own error")
+            for name, call in [("rollback", tx.rollback), ("commit", tx.commit),
+                               ("put", lambda: tx.put("c", 1)),
+                               ("write", lambda: tx.files(ws).write("c.txt", "child")),
+                               ("get", lambda: store.get("k"))]:
+                try:
+                    call()
+                    note(f"{name} ok")
+                except walstore.WalstoreError as e:
+                    note(f"{name} {type(e).__name__} {e}")
+            os._exit(0)
+        os.close(w)
+        _, status = os.waitpid(pid, 0)
+    tx.put("after", 2)
+child_notes = os.read(r, 1 << 16).decode()
+print(json.dumps({"status": os.waitstatus_to_exitcode(status), "notes": child_notes,
+                  "parent": parent,
+                  "k": store.get("k"), "after": store.get("after"),
+                  "file": open(os.path.join(root, "a.txt")).read(),
+                  "files": sorted(os.listdir(root)),
+                  "actions": [a.state for a in store.actions()],
+                  "compensated": open(ran).read() if os.path.exists(ran) else ""}))
+store.close()
+'''
+
+
+def _inside(tmp_path, how):
+    import json
+    path = str(tmp_path / "s")
+    proc = _run(INSIDE, path, how)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # the parent's transaction went on and committed whole; nothing compensated anywhere
+    assert (out["k"], out["after"], out["file"]) == (1, 2, "parent\n")
+    assert out["files"] == ["a.txt"]
+    assert out["actions"] == ["committed"] and out["compensated"] == ""
+    verify = subprocess.run([sys.executable, "-m", "walstore", "verify", path], env=ENV,
+                            capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    return out, proc.stderr
+
+
+def test_a_child_that_exits_inside_its_parents_transaction_exits_as_it_asked(tmp_path):
+    """A child forked inside ``with store.transaction()`` / ``with tx.action()`` calling
+    ``sys.exit(0)``: the with blocks' rollback raised StoreClosed over the SystemExit
+    (before: exit status 1, a traceback saying the compensations and file undo "run when
+    the store is reopened" — false: the parent's transaction commits).  Now the child
+    exits 0 with nothing on stderr, and the parent's transaction commits, its action
+    never compensated, its file kept."""
+    out, stderr = _inside(tmp_path, "exit")
+    assert out["status"] == 0
+    assert "StoreClosed" not in stderr and "Traceback" not in stderr
+
+
+def test_a_childs_own_error_inside_its_parents_transaction_is_the_one_raised(tmp_path):
+    out, stderr = _inside(tmp_path, "raise")
+    assert out["status"] == 1
+    assert "RuntimeError: the child's own error" in stderr
+    assert "StoreClosed" not in stderr and "reopened" not in stderr
+
+
+def test_a_child_ending_its_parents_transaction_is_refused_naming_the_parent(tmp_path):
+    """rollback(), commit(), put, a file write and a read in the child: each StoreClosed
+    naming the parent's pid and the fork (before: rollback() said the undo would run
+    "when the store is reopened").  Nothing of the parent's transaction is undone."""
+    out, _ = _inside(tmp_path, "use")
+    notes = out["notes"].splitlines()
+    assert [n.split()[0] for n in notes] == ["rollback", "commit", "put", "write", "get"]
+    for note in notes:
+        assert f" StoreClosed " in note and f"process {out['parent']}, which forked" in note
+
+
+LEAVE_BLOCKS = r'''
+import json, os, sys, walstore
+path = sys.argv[1]
+store = walstore.open(path, compensators={"refund": lambda a: None})
+root = path + ".ws"
+os.makedirs(root)
+ws = store.workspace(root)
+r, w = os.pipe()
+notes = []
+def child_done(text):
+    os.write(w, (text + "\n").encode())
+    os._exit(0)
+with store.transaction() as tx:
+    for block in ("action", "watch"):
+        pid = -1
+        try:
+            if block == "action":
+                cm = tx.action("charge", compensate="refund")
+            else:
+                cm = tx.files(ws).watch()
+            with cm as act:
+                if block == "action":
+                    act.result = {"id": 1}
+                pid = os.fork()
+                if pid == 0 and block == "watch":
+                    with open(os.path.join(root, "child.txt"), "w") as f:
+                        f.write("made by the child, inside the parent's watch")
+        except walstore.WalstoreError as e:
+            if pid == 0:
+                child_done(f"{block} {type(e).__name__} {e}")
+            raise
+        if pid == 0:
+            child_done(f"{block} left quietly")
+        os.waitpid(pid, 0)
+os.close(w)
+print(json.dumps({"notes": os.read(r, 1 << 16).decode(), "parent": os.getpid(),
+                  "files": sorted(os.listdir(root)),
+                  "actions": [(a.result, a.state) for a in store.actions()]}))
+store.close()
+'''
+
+
+def test_a_child_leaving_its_parents_action_or_watch_is_told_so(tmp_path):
+    """A child forked inside ``with tx.action()`` or ``with f.watch()`` that leaves the
+    block normally: before, the action's exit returned quietly (the child believed its
+    result logged) and the watch's said the changes "could not be logged; the next open
+    puts them back" (false: the parent's watch takes them).  Now both StoreClosed naming
+    the parent; the parent's action keeps its result, and its watch took in the file the
+    child made inside it (its transaction committed it)."""
+    import json
+    path = str(tmp_path / "s")
+    proc = _run(LEAVE_BLOCKS, path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    notes = out["notes"].splitlines()
+    assert len(notes) == 2
+    for note, block in zip(notes, ("action", "watch")):
+        assert note.startswith(f"{block} StoreClosed ")
+        assert f"process {out['parent']}, which forked" in note
+    assert out["actions"] == [[{"id": 1}, "committed"]]
+    assert out["files"] == ["child.txt"]
+    store = walstore.open(path)
+    try:
+        assert store.at(store.log(limit=1)[0].txid).files(path + ".ws").read("child.txt")
+    finally:
+        store.close()

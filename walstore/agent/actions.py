@@ -216,6 +216,11 @@ class ActionScope:
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if self._saga.engine._forked_from is not None:  # (a forked child's copy of its
+            # parent's action: its result cannot be logged here; the parent's is the one)
+            if exc_type is not None:
+                return False  # (the child's exception passes as it is)
+            self._saga.engine.check_not_forked()
         self.action._body = None
         if exc_type is not None:
             self.action.error = error_text(exc)

@@ -1485,6 +1485,9 @@ class Files:
             handle.changes = diff(m0, snapshot(ws, None, previous=m0))
 
     def _end_watch(self, tx: "Transaction", w: OpenWatch, handle: Watch) -> None:
+        self.engine.check_not_forked()  # (a forked child's copy of its parent's watch:
+        # the parent's watch sees what the child changed; before the lock, which a
+        # parent's thread may have held at the fork)
         if tx.state != "active" or w not in tx.effects:
             return  # ended (rolled back) inside the block: its undo ran already
         ws = w.ws

@@ -1106,6 +1106,12 @@ class Engine:
                                   f"again here (a store is used by the process that opened it)")
             raise StoreClosed(f"store {self.path} is closed")
 
+    def check_not_forked(self) -> None:
+        """StoreClosed naming the parent when this is a forked child's copy of a store its
+        parent opened (``forked_away``); nothing otherwise (the store may be closed)."""
+        if self._forked_from is not None:
+            self.check_open()
+
     def forked_away(self) -> None:
         """In a forked child: this engine is the parent's; close it here without any I/O
         (no checkpoint, no lock release: the flock and the files are the parent's)."""

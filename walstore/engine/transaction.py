@@ -351,6 +351,13 @@ class Transaction:
             # here, deciding for a coordinator that might still abort the others)
             return False
         if exc_type is not None:
+            if self._engine._forked_from is not None:
+                # a forked child leaving its parent's block on an exception (a sys.exit,
+                # an error): the transaction is the parent's, which goes on with it; the
+                # child's exception passes as it is (a rollback here raised StoreClosed
+                # over it, saying the undo ran "when the store is reopened": a child's
+                # sys.exit(0) exited 1 with a traceback)
+                return False
             self.rollback_on(exc)
         else:
             try:
@@ -1046,6 +1053,8 @@ class Transaction:
 
         A ``commit()`` another thread is running is waited for: then this raises
         TransactionClosed (it committed) or rolls back what the failed commit left."""
+        self._engine.check_not_forked()  # (before the end lock: a parent's thread may
+        # have held it at the fork)
         self._deciding("rolled back", "rolled back", self._rollback_checked, active=False)
 
     def end_at_close(self, timeout: float) -> bool:
@@ -1156,6 +1165,9 @@ class Transaction:
         self._rollback(None)
 
     def _rollback(self, cause: BaseException | None) -> None:
+        # a forked child's copy of its parent's transaction: StoreClosed naming the parent
+        # (the parent's copy is the one to end; nothing is undone or recorded here)
+        self._engine.check_not_forked()
         if self._committed_request() is not None:
             return  # (an interrupt after the point of no return: the commit stands)
         if self.gid is not None:
