@@ -235,3 +235,68 @@ def test_a_child_leaving_its_parents_action_or_watch_is_told_so(tmp_path):
         assert store.at(store.log(limit=1)[0].txid).files(path + ".ws").read("child.txt")
     finally:
         store.close()
+
+
+# ---- locks a parent's thread held at the fork -------------------------------------------
+
+HELD_AT_FORK = r'''
+import os, sys, threading, time, walstore, walstore.signals, walstore.store
+path, which = sys.argv[1], sys.argv[2]
+store = walstore.open(path)
+# another thread of the parent is inside one of walstore's process-wide sections at the
+# instant of the fork (opening a store: its registration; one of walstore's threads
+# starting or ending): the interleaving is made certain by holding the section's lock
+lock = {"open": walstore.store._OPEN_LOCK, "threads": walstore.signals._OWN_LOCK}[which]
+held, go = threading.Event(), threading.Event()
+def inside():
+    with lock:
+        held.set()
+        go.wait()
+t = threading.Thread(target=inside)
+t.start()
+held.wait()
+pid = os.fork()
+if pid == 0:
+    mine = walstore.open(path + ".child")   # the child's own store: threads, registration
+    with mine.transaction() as tx:
+        tx.put("a", 1)
+    mine.close()
+    other = walstore.open(path + ".left-open")  # closed by the atexit hook
+    sys.exit(0)
+go.set()
+t.join()
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("exited", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.02)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("hung")
+with store.transaction() as tx:
+    tx.put("parent", 1)
+store.close()
+'''
+
+
+@pytest.mark.parametrize("which", ["open", "threads"])
+def test_a_child_forked_while_a_parent_thread_held_a_walstore_lock_does_not_hang(tmp_path,
+                                                                                 which):
+    """Module-wide locks (the open-stores registry's; the count of walstore's own threads)
+    held by another parent thread at the fork stayed held for ever in the child: its own
+    ``walstore.open`` (and its exit's atexit hook) or the start of its store's threads
+    waited on them.  Before: the child hung (killed after 20 s), both cases.  Now each is
+    a new lock in the child (os.register_at_fork), as are the scope registry's and the
+    LangGraph and OpenAI Agents integrations' module locks."""
+    path = str(tmp_path / "s")
+    proc = _run(HELD_AT_FORK, path, which, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["exited", "0"], proc.stdout + proc.stderr
+    child = walstore.open(path + ".child", readonly=True)
+    try:
+        assert child.get("a") == 1
+    finally:
+        child.close()

@@ -56,7 +56,10 @@ _MAIN = [threading.main_thread().ident]  # the thread that runs signal handlers 
 
 
 def _forked() -> None:
+    global _OWN_LOCK
     _MAIN[0] = threading.main_thread().ident  # (the child's: the thread that forked)
+    _OWN_LOCK = threading.Lock()  # (one a parent's thread held at the fork — one of ours
+    # starting or ending — stayed held: every thread the child started hung at its start)
     _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []
     _OWN[0] = 0  # (the forking thread alone goes on in the child)
     _TASKS[0] = -1.0

@@ -109,7 +109,11 @@ def _forked() -> None:
     are closed without touching a file (their writer lock is the parent's flock, their
     log the parent's to append to: a child that committed through one wrote over the
     parent's next records, and handed out its txids and idempotency keys again)."""
+    global _OPEN_LOCK
     _PROCESS[0] = os.getpid()
+    # a lock another parent thread held at the fork (opening a store) stays held for ever
+    # in the child: its own walstore.open() and its exit (the atexit hook) waited on it
+    _OPEN_LOCK = threading.Lock()
     for store in list(_OPEN_STORES):  # (one thread in the child: no lock needed)
         store._engine.forked_away()
 

@@ -17,6 +17,7 @@ done inside a node on behalf of no thread, e.g. LangGraph's TTL upkeep of an app
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Callable
 
@@ -26,6 +27,14 @@ from ..errors import EmptyArgumentError
 _providers: list[Callable[[], Any]] = []
 _on_begin: dict[Callable[[], Any], Callable[[Any, Any], None]] = {}
 _lock = threading.Lock()
+
+
+def _forked() -> None:
+    global _lock
+    _lock = threading.Lock()  # (one a parent's thread held at the fork stays held)
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class _NoScope:

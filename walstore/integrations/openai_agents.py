@@ -99,6 +99,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import threading
 import time
 import weakref
@@ -184,6 +185,14 @@ class _WriterLock:
 # every session id ever opened on a store stayed until the store went (a server's
 # conversations, one WalstoreSession each: ~190 bytes per id for good, 80,000 ids 19 MB).
 _locks_guard = threading.Lock()
+
+
+def _forked() -> None:
+    global _locks_guard
+    _locks_guard = threading.Lock()  # (one a parent's thread held at the fork stays held)
+
+
+os.register_at_fork(after_in_child=_forked)
 _locks: "weakref.WeakKeyDictionary[Store, weakref.WeakValueDictionary[str, _WriterLock]]" = \
     weakref.WeakKeyDictionary()
 

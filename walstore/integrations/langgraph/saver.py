@@ -65,6 +65,7 @@ import asyncio
 import copy
 import heapq
 import itertools
+import os
 import random
 import threading
 import time
@@ -248,6 +249,14 @@ def _mark(config: RunnableConfig | None, key: str, value: Any) -> None:
 
 _REMOVALS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()
 _REMOVALS_LOCK = threading.Lock()
+
+
+def _forked() -> None:
+    global _REMOVALS_LOCK
+    _REMOVALS_LOCK = threading.Lock()  # (one a parent's thread held at the fork stays held)
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 _REWINDS: "weakref.WeakKeyDictionary[Any, dict[bytes, float]]" = weakref.WeakKeyDictionary()

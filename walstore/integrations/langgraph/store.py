@@ -42,6 +42,7 @@ import concurrent.futures
 import heapq
 import numbers
 import operator
+import os
 import random
 import threading
 import time
@@ -69,6 +70,13 @@ _RETRIES = 8
 _WRITE_RETRIES = 64    # a batch that writes: conflicts are retried, never shown to callers
 _SWEEP_BATCH = 512
 _STRIPES = [threading.Lock() for _ in range(64)]
+
+
+def _forked() -> None:  # (a stripe a parent's thread held at the fork stays held)
+    _STRIPES[:] = [threading.Lock() for _ in range(len(_STRIPES))]
+
+
+os.register_at_fork(after_in_child=_forked)
 # A TTL's expiry (µs since the epoch) is stored as a 64-bit int and renewed on reads: a TTL
 # is at most ~19,000 years, so every expiry fits with room to spare (None: no expiry).
 MAX_TTL_MINUTES = 1e10
