@@ -300,3 +300,69 @@ def test_a_child_forked_while_a_parent_thread_held_a_walstore_lock_does_not_hang
         assert child.get("a") == 1
     finally:
         child.close()
+
+
+# ---- a fork while another thread is opening the store -----------------------------------
+
+FILL_AND_DIE = r'''
+import os, signal, sys, walstore
+s = walstore.open(sys.argv[1], durability="none")
+for i in range(200):
+    with s.transaction() as tx:
+        tx.update((f"k{i}/{j}", "v" * 100) for j in range(100))
+os.kill(os.getpid(), signal.SIGKILL)   # recovery (REDO of 20,000 rows) makes the next open slow
+'''
+
+FORK_DURING_OPEN = r'''
+import os, signal, sys, threading, time, walstore
+path = sys.argv[1]
+opened = []
+t = threading.Thread(target=lambda: opened.append(walstore.open(path)))
+t.start()
+lock = os.path.join(path, "LOCK")
+while True:   # the writer lock is taken (the pid written): the open is under way
+    try:
+        if open(lock).read().strip() == str(os.getpid()):
+            break
+    except OSError:
+        pass
+    time.sleep(0.0005)
+pid = os.fork()
+if pid == 0:
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)   # (the test reads the parent's output to its end)
+    os.dup2(null, 2)
+    time.sleep(60)     # a helper that outlives its parent
+    os._exit(0)
+print(pid, "during" if not opened else "after", flush=True)
+t.join()
+os.kill(os.getpid(), signal.SIGKILL)    # the writer dies; its helper lives on
+'''
+
+
+def test_a_child_forked_while_the_store_was_being_opened_does_not_hold_its_lock(tmp_path):
+    """The fork handler closed the child's copy of the writer-lock descriptor only for
+    stores whose open had returned.  A child forked while another thread was opening the
+    store (a recovery under way) kept it: after the parent was killed, the next writer was
+    refused, ``StoreLocked`` naming the dead parent, for as long as the child lived
+    (measured: refused after its 1 s wait).  Now every writer lock of the process is
+    closed in the child; the next writer opens while the child still lives."""
+    path = str(tmp_path / "s")
+    fill = _run(FILL_AND_DIE, path)
+    assert fill.returncode == -9, fill.stderr
+    proc = _run(FORK_DURING_OPEN, path)
+    child, when = proc.stdout.split()
+    try:
+        assert proc.returncode == -9, proc.stderr
+        assert when == "during"
+        os.kill(int(child), 0)  # the helper lives on
+        store = walstore.open(path)
+        try:
+            assert store.get("k199/99") == "v" * 100
+        finally:
+            store.close()
+    finally:
+        try:
+            os.kill(int(child), 9)
+        except ProcessLookupError:
+            pass

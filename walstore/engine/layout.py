@@ -32,6 +32,7 @@ import os
 import stat
 import time
 import uuid
+import weakref
 from typing import Any
 
 from .. import fileio
@@ -343,12 +344,18 @@ def identity_bytes(doc: dict) -> bytes:
     return raw
 
 
+# every ProcessLock of this process with its descriptor open: a forked child closes its
+# copies at once (see _forked), those of stores still being opened by another thread too
+_LOCKS: "weakref.WeakSet[ProcessLock]" = weakref.WeakSet()
+
+
 class ProcessLock:
     """The exclusive writer lock of one store, held for the life of this object."""
 
     def __init__(self, layout: Layout) -> None:
         self.path = layout.lock
         self.fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT)
+        _LOCKS.add(self)
         try:
             self._take()
         except OSError as e:
@@ -433,6 +440,20 @@ class ProcessLock:
                 pass
             fd, self.fd = self.fd, -1  # (forgotten first: an interrupt after the close must
             os.close(fd)  # not leave it to be closed again)  (closing drops the flock)
+
+
+def _forked() -> None:
+    """In a forked child: close its copies of the parent's writer-lock descriptors, the
+    ones of stores another parent thread was still opening included (the store's own
+    fork handler sees only stores whose open returned: a child forked during a 0.3 s
+    recovery kept the lock's descriptor, and while it lived, after the parent was killed,
+    every writer was refused naming the dead parent)."""
+    for lock in list(_LOCKS):  # (one thread in the child)
+        lock.forget_in_child()
+    _LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 def _alive(pid: int) -> bool:
