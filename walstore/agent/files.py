@@ -2132,7 +2132,10 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
     process, copies the blobs its LMDB snapshot names, which a gc in between could remove
     (a dead backup's lock goes with its process)."""
     import fcntl
+
+    from ..engine.layout import held_flock, let_go_flock
     fd = fileio.open_file(os.path.join(files_dir, GC_LOCK), os.O_RDWR | os.O_CREAT)
+    held_flock(fd)  # (a child forked meanwhile closes its copy: see layout._forked)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2141,6 +2144,7 @@ def gc_exclusive(files_dir: str) -> Iterator[bool]:
             return
         yield True
     finally:
+        let_go_flock(fd)
         os.close(fd)  # (the lock goes with it)
 
 

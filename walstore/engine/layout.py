@@ -22,6 +22,9 @@ Invariants: ``STORE`` is written atomically and durably before anything else exi
 directory with a valid ``STORE`` file is a store; one process at a time holds ``LOCK``
 exclusively (the kernel releases it when the process dies, so a lock left by a killed
 writer is taken over safely; the pid inside names the holder for ``StoreLocked``).
+A forked child closes its copies of every flock'd descriptor of the process (the writer
+locks, and those held for a while: ``held_flock``) at once, without unlocking: a flock
+belongs to the open file description, so a copy in a child kept it held while it lived.
 """
 from __future__ import annotations
 
@@ -442,15 +445,39 @@ class ProcessLock:
             os.close(fd)  # not leave it to be closed again)  (closing drops the flock)
 
 
+# descriptors holding a flock for a while (the blob gc's lock, a backup's hold of it, a
+# lock probe): see ``held_flock``
+_HELD_FLOCKS: set[int] = set()
+
+
+def held_flock(fd: int) -> None:
+    """``fd`` holds (or is about to hold) a flock until ``let_go_flock(fd)``, called before
+    it is closed: a forked child closes its copy at once."""
+    _HELD_FLOCKS.add(fd)
+
+
+def let_go_flock(fd: int) -> None:
+    _HELD_FLOCKS.discard(fd)
+
+
 def _forked() -> None:
-    """In a forked child: close its copies of the parent's writer-lock descriptors, the
-    ones of stores another parent thread was still opening included (the store's own
-    fork handler sees only stores whose open returned: a child forked during a 0.3 s
-    recovery kept the lock's descriptor, and while it lived, after the parent was killed,
-    every writer was refused naming the dead parent)."""
+    """In a forked child: close its copies of the parent's flock'd descriptors, without
+    unlocking.  The writer locks: the ones of stores another parent thread was still
+    opening included (the store's own fork handler sees only stores whose open returned:
+    a child forked during a 0.3 s recovery kept the lock's descriptor, and while it lived,
+    after the parent was killed, every writer was refused naming the dead parent).  The
+    ones held for a while: a child forked during a blob gc held ``files/gc.lock``
+    exclusive while it lived (every ``walstore backup`` waited for it, every later gc of
+    the parent was skipped)."""
     for lock in list(_LOCKS):  # (one thread in the child)
         lock.forget_in_child()
     _LOCKS.clear()
+    for fd in list(_HELD_FLOCKS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FLOCKS.clear()
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -472,6 +499,7 @@ def writer_alive(layout: Layout) -> bool:
         fd = os.open(layout.lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return False
+    held_flock(fd)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return False  # no writer can hold a lock there: its flock fails (EINVAL)
@@ -479,5 +507,6 @@ def writer_alive(layout: Layout) -> bool:
     except OSError:
         return True
     finally:
+        let_go_flock(fd)
         os.close(fd)  # also drops the shared lock if we got it
     return False

@@ -68,7 +68,7 @@ import lmdb
 from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreIOError, WalstoreError
 from ..engine.engine import check_not_inside
-from ..engine.layout import Layout, writer_alive
+from ..engine.layout import Layout, held_flock, let_go_flock, writer_alive
 from ..engine.lmdb_state import LmdbState
 from ..agent.files import GC_LOCK
 from ..files.blobs import BlobStore
@@ -159,7 +159,7 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         if state is not None:
             state.close()
         if gc_held is not None:
-            os.close(gc_held)  # (the writer's blob gc may run again)
+            let_go_blob_gc(gc_held)  # (the writer's blob gc may run again)
         if stage is not None:  # (a full disk, damage, an interrupt: no half-made copy left
             shutil.rmtree(stage, ignore_errors=True)  # behind; ``dest`` was not touched)
 
@@ -205,12 +205,20 @@ def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
             return None
     except OSError:
         return None
+    held_flock(fd)  # (a child forked meanwhile closes its copy: see layout._forked)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
     except OSError:
+        let_go_flock(fd)
         os.close(fd)
         return None
     return fd
+
+
+def let_go_blob_gc(fd: int) -> None:
+    """Close what ``hold_blob_gc`` returned (the writer's blob gc may run again)."""
+    let_go_flock(fd)
+    os.close(fd)
 
 
 def _clear_but_blobs(dest: str) -> None:

@@ -553,7 +553,7 @@ def _check_blobs(layout: Layout, rep: VerifyReport, progress=None) -> None:
     memory), a manifest through ``Manifest.load`` (which hashes what it streams; its
     records are held, as the open's ``referenced`` held them a moment before);
     ``progress(bytes hashed, bytes of the blobs present)``."""
-    from .backup import hold_blob_gc, referenced_blobs
+    from .backup import hold_blob_gc, let_go_blob_gc, referenced_blobs
     rep.blobs_checked = rep.blob_bytes_hashed = 0
     held = hold_blob_gc(layout, create=False)
     try:
@@ -592,7 +592,7 @@ def _check_blobs(layout: Layout, rep: VerifyReport, progress=None) -> None:
         _hash_blobs(blobs, present, manifests, rep, progress)
     finally:
         if held is not None:
-            os.close(held)
+            let_go_blob_gc(held)
 
 
 def _hash_blobs(blobs: str, present: list, manifests: set, rep: VerifyReport,
