@@ -18,7 +18,14 @@ Findings (each test here failed before its fix):
   ``f.mkdir(p, ...)``, ``f.symlink(p, target)``, ``f.chmod(p, m)`` and
   ``store.at(point)`` with names it never set: copied, it stopped at a ``NameError``, and
   with any values given, at ``f.chmod`` (``ValueError``: a symlink has no mode of its
-  own); it now names real paths and makes its own point, and runs to its end.
+  own); it now names real paths and makes its own point, and runs to its end;
+- ``store.options`` (public, undocumented) was the running store's own ``Options``, read
+  live by the applier and never validated again, where GUIDE promises that changing the
+  options after open does not reach the running store: ``store.options.apply_batch = 0``
+  left every commit unapplied until, at ``max_unapplied``, committers waited for ever (a
+  300-commit loop with ``max_unapplied=100`` hung: killed by ``timeout 20``), and
+  ``apply_interval = "x"`` killed the applier thread with a traceback, nothing reported;
+  it is now a copy (GUIDE says so).
 """
 from __future__ import annotations
 
@@ -314,3 +321,32 @@ def test_replication_blocks_and_walkthrough(s3, tmp_path, monkeypatch):
             assert all(o.endswith(": ok") for o in out if o.startswith("verify")), r.stdout
     with walstore.open(str(tmp_path / "a1-restored")) as restored:
         assert restored.get("agents/a1/plan") == "v1"
+
+
+def test_store_options_is_a_copy_changing_it_never_reaches_the_running_store(tmp_path):
+    """GUIDE, "Opening a store": changing the options after open does not reach the
+    running store.  ``store.options`` was the running store's own object, read live by
+    the applier and never validated again: ``apply_batch = 0`` left every commit
+    unapplied, and at ``max_unapplied`` committers waited for ever (a child process, so a
+    hang fails the test instead of the suite)."""
+    code = (
+        "import sys, walstore\n"
+        "s = walstore.open(sys.argv[1], durability='none', max_unapplied=100)\n"
+        "s.options.apply_batch = 0\n"
+        "s.options.apply_interval = 'x'\n"
+        "assert s.options.apply_batch == 20_000 and s.options.apply_interval == 0.1\n"
+        "for i in range(300):\n"
+        "    with s.transaction() as tx:\n"
+        "        tx.put(f'k{i}', i)\n"
+        "s.close()\n"
+        "print('committed 300')\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s")], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "committed 300\n", r.stderr
+    assert "Traceback" not in r.stderr, r.stderr       # the applier thread lived
+    with walstore.open(str(tmp_path / "s"), durability="normal", sync_interval=0.5) as s:
+        assert s.get("k299") == 299
+        copy = s.options
+        assert isinstance(copy, walstore.Options) and copy.sync_interval == 0.5
+        assert s.options is not copy                    # each read: a fresh copy

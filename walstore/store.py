@@ -290,7 +290,12 @@ class Store:
 
     @property
     def options(self) -> Options:
-        return self._engine.options
+        """A copy of the options the store runs with: changing it changes nothing.  (It
+        was the running store's own object, read live and never validated again:
+        ``store.options.apply_batch = 0`` left every commit unapplied until committers
+        waited for ever at ``max_unapplied``; ``apply_interval = "x"`` killed the applier
+        thread with a traceback and nothing reported it.)"""
+        return dataclasses.replace(self._engine.options)
 
     @property
     def closed(self) -> bool:
