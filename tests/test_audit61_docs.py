@@ -25,7 +25,10 @@ Findings (each test here failed before its fix):
   left every commit unapplied until, at ``max_unapplied``, committers waited for ever (a
   300-commit loop with ``max_unapplied=100`` hung: killed by ``timeout 20``), and
   ``apply_interval = "x"`` killed the applier thread with a traceback, nothing reported;
-  it is now a copy (GUIDE says so).
+  it is now a copy (GUIDE says so);
+- README promises every edge of the Python API is in GUIDE, but ``store.get_action``,
+  ``store.refresh``, ``store.closed``, ``store.compensators`` and
+  ``walstore.HistoricalView`` were in no page.
 """
 from __future__ import annotations
 
@@ -350,3 +353,41 @@ def test_store_options_is_a_copy_changing_it_never_reaches_the_running_store(tmp
         copy = s.options
         assert isinstance(copy, walstore.Options) and copy.sync_interval == 0.5
         assert s.options is not copy                    # each read: a fresh copy
+
+
+def test_every_public_name_of_store_and_walstore_is_in_the_docs():
+    """README: "Every option, limit, error and edge of the Python API is in the user's
+    guide" — ``store.get_action``, ``store.refresh``, ``store.closed``,
+    ``store.compensators`` and ``walstore.HistoricalView`` were in no page (each public
+    name of ``Store`` must appear as `` `name`` or ``.name``, each class ``walstore``
+    exports as a word)."""
+    from walstore.store import Store
+    text = "".join(p.read_text() for p in PAGES)
+    missing = [n for n in dir(Store)
+               if not n.startswith("_") and not re.search(rf"[`.]{n}\b", text)]
+    missing += [n for n in dir(walstore) if n[:1].isupper() and n not in ("Any", "Callable")
+                and not re.search(rf"\b{n}\b", text)]
+    assert missing == []
+
+
+def test_get_action_refresh_and_closed_do_what_the_guide_says(tmp_path):
+    with walstore.open(str(tmp_path / "s")) as store:
+        with store.transaction() as tx:
+            with tx.action("charge", args={"amount": 40}) as act:
+                act.result = {"charge_id": "c1"}
+        assert store.get_action(act.id) == store.actions()[0]
+        with pytest.raises(walstore.UnknownAction) as ei:
+            store.get_action("99.1")
+        assert isinstance(ei.value, KeyError)
+        with pytest.raises(walstore.UnknownAction) as ei:
+            store.get_action(1.1)
+        assert isinstance(ei.value, TypeError)
+        reader = walstore.open(str(tmp_path / "s"), readonly=True)
+        assert reader.get("k") is None
+        with store.transaction() as tx:
+            tx.put("k", 1)
+        reader.refresh()
+        assert reader.get("k") == 1
+        reader.close()
+        assert reader.closed and not store.closed
+    assert store.closed
