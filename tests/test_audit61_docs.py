@@ -28,7 +28,10 @@ Findings (each test here failed before its fix):
   it is now a copy (GUIDE says so);
 - README promises every edge of the Python API is in GUIDE, but ``store.get_action``,
   ``store.refresh``, ``store.closed``, ``store.compensators`` and
-  ``walstore.HistoricalView`` were in no page.
+  ``walstore.HistoricalView`` were in no page;
+- RECOVERY.md: a directory named ``spare.tmp`` in ``wal/`` "refuses every open", but a
+  read-only open of a cleanly closed store reads it as usual (it removes no temp file);
+  the page now names the opens it refuses.
 """
 from __future__ import annotations
 
@@ -391,3 +394,23 @@ def test_get_action_refresh_and_closed_do_what_the_guide_says(tmp_path):
         reader.close()
         assert reader.closed and not store.closed
     assert store.closed
+
+
+def test_a_directory_named_spare_tmp_refuses_the_opens_recovery_md_names(tmp_path):
+    """RECOVERY.md said such a directory "refuses every open": a read-only open of a
+    cleanly closed store read it as usual (it removes no temp file), and rightly so."""
+    p = str(tmp_path / "s")
+    with walstore.open(p) as s:
+        with s.transaction() as tx:
+            tx.put("k", 1)
+    spare = tmp_path / "s" / "wal" / "spare.tmp"
+    if spare.exists():
+        spare.unlink()
+    spare.mkdir()
+    with walstore.open(p, readonly=True) as ro:
+        assert ro.get("k") == 1
+    with pytest.raises(walstore.CorruptionError, match="spare.tmp is a directory"):
+        walstore.open(p)
+    assert spare.is_dir()
+    text = (ROOT / "docs" / "RECOVERY.md").read_text()
+    assert "refuses every writable open" in text and "refuses every open" not in text
