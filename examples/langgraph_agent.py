@@ -180,7 +180,11 @@ def walstore_story(workdir: str) -> dict:
     print(f"   checkpoint {after_paris.config['configurable']['checkpoint_id']} "
           f"(step {after_paris.metadata['step']}, booked {after_paris.values['booked']})")
     plan = saver.rewind(after_paris.config, dry_run=True)
-    print(f"   dry run, nothing changed yet: {json.dumps(plan.as_dict(), default=str)}")
+    would_run = ", ".join(f"{a.compensate} {a.result['booking_id']} ({a.args['city']})"
+                          for a in plan.compensations)
+    print(f"   dry run, nothing changed yet: {len(plan.txids)} transaction(s) and "
+          f"{len(plan.keys)} key(s) would be undone; compensations that "
+          f"would run, newest first: {would_run}")
     info = saver.rewind(after_paris.config)
     compensated = [a.args["city"] for a in store.actions() if a.state == "compensated"]
     print(f"   rewind: transaction {info.txid}; compensated bookings: {compensated}")

@@ -31,7 +31,9 @@ Findings (each test here failed before its fix):
   ``walstore.HistoricalView`` were in no page;
 - RECOVERY.md: a directory named ``spare.tmp`` in ``wal/`` "refuses every open", but a
   read-only open of a cleanly closed store reads it as usual (it removes no temp file);
-  the page now names the opens it refuses.
+  the page now names the opens it refuses;
+- examples/langgraph_agent.py printed its dry-run plan as one 4,700-character JSON line
+  of Python byte reprs; it now says what the plan undoes and which compensations run.
 """
 from __future__ import annotations
 
@@ -414,3 +416,20 @@ def test_a_directory_named_spare_tmp_refuses_the_opens_recovery_md_names(tmp_pat
     assert spare.is_dir()
     text = (ROOT / "docs" / "RECOVERY.md").read_text()
     assert "refuses every writable open" in text and "refuses every open" not in text
+
+
+def test_the_langgraph_examples_dry_run_line_is_readable(tmp_path):
+    """examples/langgraph_agent.py printed its dry-run plan as ``json.dumps(...,
+    default=str)``: one 4,700-character line, 36 of its keys Python reprs of bytes
+    (``"b'lg\\\\x00\\\\xa6trip-1b...'"``); it now says what the plan holds and which
+    compensations would run, newest first, as its docstring tells."""
+    pytest.importorskip("langgraph")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, str(ROOT / "examples" / "langgraph_agent.py"),
+                        "--dir", str(tmp_path / "w")], env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "dry run, nothing changed yet" in ln)
+    assert len(line) < 300 and "\\x" not in line, line
+    assert line.endswith("compensations that would run, newest first: "
+                         "cancel_hotel H-003 (Oslo), cancel_hotel H-002 (Rome)"), line
