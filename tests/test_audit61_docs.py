@@ -33,7 +33,13 @@ Findings (each test here failed before its fix):
   read-only open of a cleanly closed store reads it as usual (it removes no temp file);
   the page now names the opens it refuses;
 - examples/langgraph_agent.py printed its dry-run plan as one 4,700-character JSON line
-  of Python byte reprs; it now says what the plan undoes and which compensations run.
+  of Python byte reprs; it now says what the plan undoes and which compensations run;
+- an ``Action`` read back (``actions()``, ``get_action``, ``log()``'s actions, the one a
+  revert's compensator is given) shared its ``args``/``result`` dicts with the unapplied
+  events in memory, and the intent's and result's events shared them with the
+  transaction's own ``Action``: changed in place (a dashboard reformatting a listing, a
+  compensator), every later read, the compensation's arguments and the row LMDB got
+  changed with them, the WAL saying otherwise; they are now copies.
 """
 from __future__ import annotations
 
@@ -433,3 +439,62 @@ def test_the_langgraph_examples_dry_run_line_is_readable(tmp_path):
     assert len(line) < 300 and "\\x" not in line, line
     assert line.endswith("compensations that would run, newest first: "
                          "cancel_hotel H-003 (Oslo), cancel_hotel H-002 (Rome)"), line
+
+
+def test_an_action_read_back_is_the_callers_own_copy(tmp_path):
+    """GUIDE: an action's args are fixed when ``tx.action()`` is entered and its result
+    when the body ends.  The ``Action`` objects ``actions()``, ``get_action`` and
+    ``log()`` gave (and compensators were given at a revert) shared their ``args`` and
+    ``result`` dicts with the unapplied events in memory: a dashboard reformatting
+    ``a.args["amount"] = "40 EUR"`` in place changed what every later read showed, what
+    the refund was given (``charge_id`` "shown", not the charge's), and the row LMDB got
+    from the event (still so after a reopen), the WAL saying otherwise."""
+    p = str(tmp_path / "s")
+    got = []
+    with walstore.open(p) as store:
+        store.compensator("refund")(lambda a: got.append((a.args, a.result)))
+        with store.transaction() as tx:
+            with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
+                act.result = {"charge_id": "c1"}
+        for a in store.actions():
+            a.args["amount"] = "40 EUR"
+            a.result["charge_id"] = "shown"
+        store.get_action(act.id).args["amount"] = 0
+        store.log()[0].actions[0]["args"]["amount"] = -1
+        assert store.actions()[0].args == {"amount": 40}
+        assert store.log()[0].actions[0]["result"] == {"charge_id": "c1"}
+        store.revert(tx.id)
+    assert got == [({"amount": 40}, {"charge_id": "c1"})]
+    with walstore.open(p) as store:
+        assert (store.actions()[0].args, store.actions()[0].result) == (
+            {"amount": 40}, {"charge_id": "c1"})
+
+
+def test_a_compensator_changing_its_action_changes_nothing_recorded(tmp_path):
+    """A compensator given the transaction's own Action at a rollback, changing
+    ``action.args`` in place, changed the intent's event in memory, so the row the
+    applier wrote said ``{"amount": "refunded"}`` while the WAL's ACTION_INTENT said
+    ``{"amount": 42}`` (LMDB no longer a function of the log; a reopen showed the
+    former)."""
+    p = str(tmp_path / "s")
+    with walstore.open(p) as store:
+        @store.compensator("refund")
+        def refund(action):
+            action.args["amount"] = "refunded"
+            action.result["charge_id"] = None
+        with pytest.raises(RuntimeError):
+            with store.transaction() as tx:
+                with tx.action("charge", args={"amount": 42}, compensate="refund") as act:
+                    act.result = {"charge_id": "c3"}
+                raise RuntimeError("the plan failed")
+        assert store.actions()[0].args == {"amount": 42}
+        assert store.actions()[0].result == {"charge_id": "c3"}
+        assert store.actions()[0].state == "compensated"
+    with walstore.open(p) as store:
+        assert store.actions()[0].args == {"amount": 42}
+        assert store.actions()[0].result == {"charge_id": "c3"}
+    r = walstore_cli("dump", p, "--json", cwd=tmp_path)
+    import json
+    intents = [rec["payload"]["args"] for rec in json.loads(r.stdout)["records"]
+               if rec["type"] == "ACTION_INTENT"]
+    assert intents == [{"amount": 42}]

@@ -63,6 +63,15 @@ PENDING, FAILED, COMPENSATED, RESOLVED, COMMITTED = (
 OPEN_STATES = tables.OWED_STATES
 
 
+def own_copy(value: Any) -> Any:
+    """``value`` (a msgpack value read from a row) as an object of the caller's own: a
+    dict or list is copied whole (through msgpack, so any depth the store takes), other
+    values are immutable and returned as they are."""
+    if isinstance(value, (dict, list)):
+        return unpack(pack(value))
+    return value
+
+
 @dataclass
 class Action:
     """One external side effect, as compensators and ``pending_compensations()`` see it."""
@@ -124,10 +133,15 @@ class Action:
 
     @classmethod
     def from_row(cls, row: dict) -> "Action":
+        """The action a row records, its ``args`` and ``result`` its own copies: a row
+        folded from an unapplied event shares its dicts with that event (and the next
+        reader's row), so a caller or a compensator changing ``action.args`` in place
+        changed what ``actions()`` showed after, what the compensation was given, and,
+        applied to LMDB from the event, the record itself (audit 61)."""
         state = row.get("state", PENDING)
         in_flight = state == tables.IN_FLIGHT
-        return cls(row["id"], row["tx"], row.get("name") or "?", row.get("args"),
-                   row.get("result"), row.get("key", ""), row.get("compensate"),
+        return cls(row["id"], row["tx"], row.get("name") or "?", own_copy(row.get("args")),
+                   own_copy(row.get("result")), row.get("key", ""), row.get("compensate"),
                    PENDING if in_flight else state, records.error_text_of(row.get("error")),
                    row.get("attempts", 0),
                    row.get("ts", 0.0), row.get("lsn", 0), row.get("scope"),
@@ -547,8 +561,13 @@ class Saga:
 
     def log_intent(self, tx: "Transaction", action: Action) -> None:
         tx._check_writable()
-        body = {"tx": tx.id, "id": action.id, "name": action.name, "args": action.args,
-                "key": action.key, "compensate": action.compensate, "ts": action.ts}
+        # the event's args are its own (the MemTable keeps the body until the applier
+        # writes the row from it): ``action.args`` changed in place (by the body, or by a
+        # compensator given this object at a rollback) changed the row LMDB got, the WAL
+        # saying otherwise (audit 61)
+        body = {"tx": tx.id, "id": action.id, "name": action.name,
+                "args": own_copy(action.args), "key": action.key,
+                "compensate": action.compensate, "ts": action.ts}
         if action.scope is not None:
             body["scope"] = action.scope
         tx.logged = True
@@ -591,8 +610,8 @@ class Saga:
             action.commit_bytes += _error_bytes(action.error)
         if self.engine.writable:
             self.engine.log_event(RecordType.ACTION_RESULT, {
-                "tx": tx.id, "id": action.id, "result": action.result, "error": action.error},
-                tx.id)
+                "tx": tx.id, "id": action.id, "result": own_copy(action.result),
+                "error": action.error}, tx.id)  # (its own result: see log_intent)
         if bad is not None:
             raise bad
 

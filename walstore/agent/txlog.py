@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..codec import decode_key
+from ..codec import decode_key, pack, unpack
 from ..log.format import LSN
 
 
@@ -35,6 +35,12 @@ class TxnInfo:
 
 
 def info_from_row(row: dict) -> TxnInfo:
+    """A TxnInfo whose ``meta`` and ``actions`` are the caller's own copies (a row folded
+    from an unapplied COMMIT shares them with the event: changed in place, they changed
+    what the next ``log()`` showed and the action rows applied from it — audit 61)."""
     keys = tuple(decode_key(w[0]) for w in row.get("w", []))
-    return TxnInfo(row["tx"], LSN(row["lsn"]), row.get("ts", 0.0), row.get("meta"), keys,
-                   tuple(row.get("actions", ())), row.get("end", 0), row.get("scope"), row)
+    meta, actions = row.get("meta"), row.get("actions", ())
+    if isinstance(meta, (dict, list)) or actions:
+        meta, actions = unpack(pack([meta, list(actions)]))
+    return TxnInfo(row["tx"], LSN(row["lsn"]), row.get("ts", 0.0), meta, keys,
+                   tuple(actions), row.get("end", 0), row.get("scope"), row)
