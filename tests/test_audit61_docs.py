@@ -39,7 +39,10 @@ Findings (each test here failed before its fix):
   events in memory, and the intent's and result's events shared them with the
   transaction's own ``Action``: changed in place (a dashboard reformatting a listing, a
   compensator), every later read, the compensation's arguments and the row LMDB got
-  changed with them, the WAL saying otherwise; they are now copies.
+  changed with them, the WAL saying otherwise; they are now copies;
+- ``restore --to NAME`` of a name a whole replica (history from LSN 0) never saw said the
+  point "was dropped by the replica's retention, or was made before replication to it
+  began", neither of which can be; that note is now given only past LSN 0.
 """
 from __future__ import annotations
 
@@ -498,3 +501,25 @@ def test_a_compensator_changing_its_action_changes_nothing_recorded(tmp_path):
     intents = [rec["payload"]["args"] for rec in json.loads(r.stdout)["records"]
                if rec["type"] == "ACTION_INTENT"]
     assert intents == [{"amount": 42}]
+
+
+def test_a_name_a_whole_replica_never_saw_is_not_blamed_on_retention(tmp_path):
+    """REPLICATION.md: a point from before the replica's oldest snapshot is refused saying
+    where its history begins and that retention drops such points; "a name the replica
+    never saw is UnknownRestorePoint".  A replica holding its store's whole history (it
+    begins at LSN 0) said of a name never made that it "was dropped by the replica's
+    retention, or was made before replication to it began"."""
+    url = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "s"), replicate_to=url) as store:
+        with store.transaction() as tx:
+            tx.put("k", 1)
+        store.restore_point("before-deploy")
+        store.sync_replica(timeout=30)
+    with pytest.raises(walstore.UnknownRestorePoint) as ei:
+        walstore.restore(url, str(tmp_path / "d"), to="nope")
+    msg = str(ei.value)
+    assert "no restore point named 'nope' in the replica (known: before-deploy)" in msg
+    assert "retention" not in msg and "history begins" not in msg, msg
+    r = walstore_cli("restore", url, str(tmp_path / "d"), "--to", "nope", cwd=tmp_path)
+    assert r.returncode == 2 and "retention" not in r.stderr, r.stderr
+    assert not (tmp_path / "d").exists()

@@ -408,7 +408,10 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
         if p is None:
             known = ", ".join(sorted(m.doc["points"])) or "none"
             first = min((s["lsn"] for s in m.snapshots), default=None)
-            since = ("" if first is None else
+            # (a replica whose history begins at LSN 0 dropped nothing: a name it never
+            # saw was told it "was dropped by the replica's retention, or was made before
+            # replication to it began", neither of which can be — audit 61)
+            since = ("" if first is None or first == 0 else
                      f"; the replica's history begins at LSN {first}: a point from before "
                      f"it was dropped by the replica's retention, or was made before "
                      f"replication to it began, and is not restorable from it (a restore "
