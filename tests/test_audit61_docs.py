@@ -42,7 +42,12 @@ Findings (each test here failed before its fix):
   changed with them, the WAL saying otherwise; they are now copies;
 - ``restore --to NAME`` of a name a whole replica (history from LSN 0) never saw said the
   point "was dropped by the replica's retention, or was made before replication to it
-  began", neither of which can be; that note is now given only past LSN 0.
+  began", neither of which can be; that note is now given only past LSN 0;
+- the COMMIT's row of an action was made of the very ``act.args``/``act.result`` the
+  caller holds: ``act.result`` changed after the commit reached the row LMDB applied
+  (after a reopen too), and ``act.args`` changed in the body reached the COMMIT, where
+  GUIDE says both are fixed (at entry, at the body's end); the row is now made of
+  walstore's own recorded copies, taken at entry and at the body's end.
 """
 from __future__ import annotations
 
@@ -523,3 +528,26 @@ def test_a_name_a_whole_replica_never_saw_is_not_blamed_on_retention(tmp_path):
     r = walstore_cli("restore", url, str(tmp_path / "d"), "--to", "nope", cwd=tmp_path)
     assert r.returncode == 2 and "retention" not in r.stderr, r.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_act_changed_after_its_body_changes_nothing_recorded(tmp_path):
+    """GUIDE: an action's args are fixed when ``tx.action()`` is entered and its result
+    when the body ends.  The COMMIT's row was made of the very ``act.args`` and
+    ``act.result`` objects the caller holds, and the MemTable kept it until the applier
+    wrote LMDB from it: ``act.result["charge_id"] = ...`` after the commit reached the
+    row (still so after a reopen; the WAL's COMMIT said ``c1``), and ``act.args`` changed
+    inside the body reached the COMMIT (its ACTION_INTENT said otherwise)."""
+    p = str(tmp_path / "s")
+    with walstore.open(p) as store:
+        with store.transaction() as tx:
+            with tx.action("charge", args={"amount": 40}) as act:
+                act.args["changed_in_the_body"] = True
+                act.result = {"charge_id": "c1"}
+        act.result["charge_id"] = "changed after the commit"
+        act.args["amount"] = 0
+        assert store.actions()[0].args == {"amount": 40}
+        assert store.actions()[0].result == {"charge_id": "c1"}
+        assert store.log()[0].actions[0]["args"] == {"amount": 40}
+    with walstore.open(p) as store:
+        assert (store.actions()[0].args, store.actions()[0].result) == (
+            {"amount": 40}, {"charge_id": "c1"})

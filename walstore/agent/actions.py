@@ -98,6 +98,12 @@ class Action:
     # what its row adds to its transaction's COMMIT (args, result, error, names: counted in
     # ``tx.action_bytes``); given back by a rollback to a savepoint that takes it out
     commit_bytes: int = field(default=0, repr=False, compare=False)
+    # the args and result as recorded (the intent's, the body's end), copies of walstore's
+    # own that no caller holds: the COMMIT's row is made of them, so ``act.result``
+    # changed in place after the body (or ``act.args`` in it) no longer reached the COMMIT
+    # event in memory and the row LMDB got from it, the WAL saying otherwise (audit 61).
+    # None: as ``args``/``result`` (an Action read back from a row: those are copies)
+    recorded: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def blocks_rollback(self) -> str | None:
@@ -126,8 +132,9 @@ class Action:
                 f"known yet); leave its with block first")
 
     def row(self) -> dict:
-        return {"id": self.id, "tx": self.txid, "name": self.name, "args": self.args,
-                "result": self.result, "key": self.key, "compensate": self.compensate,
+        args, result = (self.args, self.result) if self.recorded is None else self.recorded
+        return {"id": self.id, "tx": self.txid, "name": self.name, "args": args,
+                "result": result, "key": self.key, "compensate": self.compensate,
                 "state": self.state, "error": self.error, "attempts": self.attempts,
                 "ts": self.ts, "lsn": self.lsn, "scope": self.scope}
 
@@ -557,7 +564,7 @@ class Saga:
         args = unpack(packed_args)
         return Action(aid, tx.id, name, args, None,
                       f"ws-{self.engine.key_namespace}-{aid}", compensate, scope=scope,
-                      commit_bytes=size)
+                      commit_bytes=size, recorded=(unpack(packed_args), None))
 
     def log_intent(self, tx: "Transaction", action: Action) -> None:
         tx._check_writable()
@@ -566,7 +573,7 @@ class Saga:
         # compensator given this object at a rollback) changed the row LMDB got, the WAL
         # saying otherwise (audit 61)
         body = {"tx": tx.id, "id": action.id, "name": action.name,
-                "args": own_copy(action.args), "key": action.key,
+                "args": action.row()["args"], "key": action.key,
                 "compensate": action.compensate, "ts": action.ts}
         if action.scope is not None:
             body["scope"] = action.scope
@@ -597,10 +604,14 @@ class Saga:
                 action.commit_bytes += size
                 # fixed as the body ended (a copy, as the args: see new_action)
                 action.result = unpack(packed)
+                recorded = unpack(packed)
+            else:
+                recorded = None
         except (TypeError, ValueError) as e:
             bad = e
-            action.result = None
+            action.result = recorded = None
             action.error = f"{e}; the result was not recorded"
+        action.recorded = (action.row()["args"], recorded)
         # its error text goes into the COMMIT's row too: bounded (MAX_ERROR_BYTES) and
         # counted, never refused (the body has run; what it adds stays within the room
         # the record keeps beside MAX_ACTION_BYTES, as the next action is refused)
@@ -610,8 +621,8 @@ class Saga:
             action.commit_bytes += _error_bytes(action.error)
         if self.engine.writable:
             self.engine.log_event(RecordType.ACTION_RESULT, {
-                "tx": tx.id, "id": action.id, "result": own_copy(action.result),
-                "error": action.error}, tx.id)  # (its own result: see log_intent)
+                "tx": tx.id, "id": action.id, "result": recorded,
+                "error": action.error}, tx.id)  # (not ``action.result``: see ``recorded``)
         if bad is not None:
             raise bad
 
