@@ -47,7 +47,9 @@ Findings (each test here failed before its fix):
   caller holds: ``act.result`` changed after the commit reached the row LMDB applied
   (after a reopen too), and ``act.args`` changed in the body reached the COMMIT, where
   GUIDE says both are fixed (at entry, at the body's end); the row is now made of
-  walstore's own recorded copies, taken at entry and at the body's end.
+  walstore's own recorded copies, taken at entry and at the body's end;
+- ``WalstoreSaver("state.db")`` (or ``None``) raised a bare ``AttributeError``, where
+  WalstoreStore and WalstoreSession say to pass ``walstore.open(path)`` (TypeError).
 """
 from __future__ import annotations
 
@@ -551,3 +553,16 @@ def test_act_changed_after_its_body_changes_nothing_recorded(tmp_path):
     with walstore.open(p) as store:
         assert (store.actions()[0].args, store.actions()[0].result) == (
             {"amount": 40}, {"charge_id": "c1"})
+
+
+def test_the_langgraph_saver_given_a_path_says_what_to_pass():
+    """GUIDE: a path or None given where a ``walstore.Store`` belongs is a TypeError
+    saying to pass ``walstore.open(path)`` (WalstoreSession, WalstoreStore);
+    ``WalstoreSaver("state.db")`` raised a bare AttributeError ("'str' object has no
+    attribute 'scan'"), an error type the API promises never escapes."""
+    pytest.importorskip("langgraph")
+    from walstore.integrations.langgraph import WalstoreSaver
+    with pytest.raises(TypeError, match=r"pass walstore\.open\(path\), not the path"):
+        WalstoreSaver("state.db")
+    with pytest.raises(TypeError, match="needs a walstore.Store"):
+        WalstoreSaver(None)

@@ -97,6 +97,7 @@ from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
                              HistoryTrimmed, PointTypeError, WalstoreError)
 
 from .._async import finish_despite_cancel
+from .._checks import check_store as _check_store
 from .blobs import DEFAULT_DELTA_DEPTH, DEFAULT_VALUE_CACHE_BYTES, BlobCodec
 from .keys import (BLOB, CHECKPOINT, LEGACY_LETTERS, RUN, THREADS, WRITE, Namespace,
                    SaverKeys, is_hashed, is_legacy_checkpoint, legacy_checkpoint_ranges,
@@ -493,6 +494,10 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                  compress: bool = True, allowed_types: Sequence[Any] = (),
                  app_types: bool = True,
                  value_cache_bytes: int = DEFAULT_VALUE_CACHE_BYTES) -> None:
+        # (a path, as SqliteSaver.from_conn_string takes, or None raised a bare
+        # AttributeError "'str' object has no attribute 'scan'", where WalstoreStore and
+        # WalstoreSession name what to pass — audit 61)
+        _check_store(store, "WalstoreSaver")
         if getattr(serde, "pickle_fallback", False):
             raise ValueError("WalstoreSaver refuses a serde with pickle_fallback=True: a store "
                              "must never be able to run code when read")
