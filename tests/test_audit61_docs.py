@@ -49,7 +49,9 @@ Findings (each test here failed before its fix):
   GUIDE says both are fixed (at entry, at the body's end); the row is now made of
   walstore's own recorded copies, taken at entry and at the body's end;
 - ``WalstoreSaver("state.db")`` (or ``None``) raised a bare ``AttributeError``, where
-  WalstoreStore and WalstoreSession say to pass ``walstore.open(path)`` (TypeError).
+  WalstoreStore and WalstoreSession say to pass ``walstore.open(path)`` (TypeError);
+  so did ``walstore.atomic(a, "path")`` (after ``a``'s transaction began) and
+  ``walstore.resolve_atomic("path")``.
 """
 from __future__ import annotations
 
@@ -566,3 +568,22 @@ def test_the_langgraph_saver_given_a_path_says_what_to_pass():
         WalstoreSaver("state.db")
     with pytest.raises(TypeError, match="needs a walstore.Store"):
         WalstoreSaver(None)
+
+
+def test_atomic_and_resolve_atomic_given_a_path_say_so_before_anything_begins(tmp_path):
+    """``walstore.atomic(a, "b")`` raised a bare AttributeError ("'str' object has no
+    attribute 'transaction'"), after ``a``'s transaction had begun; ``resolve_atomic``
+    likewise ("... no attribute 'store_id'"): the API promises only walstore errors, or
+    a TypeError/ValueError naming a bad argument."""
+    with walstore.open(str(tmp_path / "a")) as a:
+        with pytest.raises(TypeError, match=r"argument 2 is str \(pass walstore\.open"):
+            with walstore.atomic(a, str(tmp_path / "b")):
+                pass
+        with pytest.raises(TypeError, match="argument 2 is NoneType"):
+            with walstore.atomic(a, None):
+                pass
+        with pytest.raises(TypeError, match="argument 1 is str"):
+            walstore.resolve_atomic("a")
+        with a.transaction() as tx:             # nothing was left begun on ``a``
+            tx.put("k", 1)
+        assert a.get("k") == 1 and walstore.resolve_atomic(a) == {}

@@ -31,10 +31,24 @@ from ..engine.transaction import ACTIVE, ROLLED_BACK
 GID_PREFIX = "atomic-"
 
 
+def _check_stores(stores: tuple, who: str) -> None:
+    """TypeError naming the argument that is not an open store (a path, None): it raised
+    a bare AttributeError ("'str' object has no attribute 'transaction'"), ``atomic``
+    after the stores before it had begun their transactions (audit 61)."""
+    from ..store import Store  # (the facade imports this module)
+    for i, s in enumerate(stores, 1):
+        if not isinstance(s, Store):
+            hint = (" (pass walstore.open(path), not the path)"
+                    if isinstance(s, (str, bytes)) or hasattr(s, "__fspath__") else "")
+            raise TypeError(f"{who} takes walstore stores, as walstore.open() returns; its "
+                            f"argument {i} is {type(s).__name__}{hint}")
+
+
 class Atomic:
     def __init__(self, *stores, meta: Any = None) -> None:
         if not stores:
             raise TypeError("walstore.atomic needs at least one store")
+        _check_stores(stores, "walstore.atomic")
         if len({id(s) for s in stores}) != len(stores):
             raise ValueError("each store may take part only once")
         self.stores = stores
@@ -233,6 +247,7 @@ def resolve_atomic(*stores) -> dict[str, str]:
     if not stores:
         raise TypeError("walstore.resolve_atomic needs at least one store (the coordinator "
                         "of each group, as given first to walstore.atomic, among them)")
+    _check_stores(stores, "walstore.resolve_atomic")
     leaders: dict[str, Any] = {}
     for store in stores:
         leaders.setdefault(store.store_id.hex(), store)
