@@ -412,8 +412,11 @@ def test_cli_restore_and_replicate_once(replica, tmp_path):
 def test_parse_point():
     assert parse_point("tx:12") == 12 and not isinstance(parse_point("12"), LSN)
     assert parse_point("12") == 12
-    p = parse_point("lsn:40")
-    assert isinstance(p, LSN) and p == 40
+    p = parse_point("lsn:40")  # (kept as spelled until the replica's point names are
+    # read: a restore point walstore 0.1.0 named "lsn:40" makes it ambiguous — audit 61)
+    from walstore.cli.output import plain_point
+    assert p == 40 and isinstance(plain_point(p), LSN) and not isinstance(p, LSN)
+    assert p.settle({}) == 40 and isinstance(p.settle({}), LSN)
     t = parse_point("2026-05-01T12:00:00Z")
     assert t.tzinfo is not None and t.hour == 12
     assert parse_point("before-deploy") == "before-deploy"
