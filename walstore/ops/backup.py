@@ -123,6 +123,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         state = LmdbState(layout.db, readonly=True)
         gc_held = hold_blob_gc(layout)
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if gc_held is None and attempt > 1:  # (a gc that held it has ended by now?)
+                gc_held = hold_blob_gc(layout, wait=0)
             summary = _attempt(layout, store_id, state, stage, progress)
             if isinstance(summary, dict):
                 gone = _copy_blobs(layout, out_root=stage)
@@ -183,12 +185,19 @@ def _install(stage: str, dest: str) -> None:
         fileio.fsync_dir(os.path.dirname(dest))
 
 
-def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
-    """Hold ``files/gc.lock`` shared (waiting for a gc under way to end): no writer's blob
-    gc runs until it is let go, so every blob the snapshot and the WAL copied name is
-    still there when the blobs are copied.  The fd; None when the store keeps no files, or
-    the lock cannot be made (a read-only source: the check after the copy still catches a
-    blob a gc took, and the attempt is made again)."""
+GC_WAIT_S = 5.0  # how long backup/verify wait for a writer's blob gc under way to end
+
+
+def hold_blob_gc(layout: Layout, create: bool = True, wait: float = GC_WAIT_S) -> int | None:
+    """Hold ``files/gc.lock`` shared (waiting, up to ``wait`` seconds, for a gc under way
+    to end): no writer's blob gc runs until it is let go, so every blob the snapshot and
+    the WAL copied name is still there when the blobs are copied.  The fd; None when the
+    store keeps no files, the lock cannot be made (a read-only source), or a gc held it
+    all the while: the check after the copy still catches a blob a gc took, and the
+    attempt is made again.  (The wait was unbounded: a writer stopped in the middle of
+    its gc — Ctrl-Z, SIGSTOP, a debugger, a hung disk — held the lock exclusive, and
+    `walstore backup` and `walstore verify` hung without a word until it went on:
+    probe-audit61.)"""
     import fcntl
     files_dir = os.path.join(layout.root, "files")
     if not os.path.isdir(files_dir):
@@ -206,13 +215,22 @@ def hold_blob_gc(layout: Layout, create: bool = True) -> int | None:
     except OSError:
         return None
     held_flock(fd)  # (a child forked meanwhile closes its copy: see layout._forked)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:
-        let_go_flock(fd)
-        os.close(fd)
-        return None
-    return fd
+    deadline = time.monotonic() + wait
+    pause = 0.002
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                break
+        except OSError:
+            break
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    let_go_flock(fd)
+    os.close(fd)
+    return None
 
 
 def let_go_blob_gc(fd: int) -> None:

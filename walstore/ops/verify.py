@@ -573,6 +573,7 @@ def _check_blobs(layout: Layout, rep: VerifyReport, progress=None) -> None:
                               f"cannot be read")
             return
         present: list[tuple[str, str, int]] = []
+        gone: list[tuple[str, str]] = []  # (digest, error): missing, or gone meanwhile
         for digest in sorted(refs):
             rep.blobs_checked += 1
             path = os.path.join(blobs, digest[:2], digest[2:])
@@ -585,18 +586,32 @@ def _check_blobs(layout: Layout, rep: VerifyReport, progress=None) -> None:
                                                 digest in manifests))
                 continue
             if st is None or not stat.S_ISREG(st.st_mode):
-                rep.errors.append(f"file content sha256:{digest} is missing from the content "
-                                  f"store ({path}): a file version or undo needs it")
+                gone.append((digest, f"file content sha256:{digest} is missing from the "
+                                     f"content store ({path}): a file version or undo "
+                                     f"needs it"))
                 continue
             present.append((digest, path, st.st_size))
-        _hash_blobs(blobs, present, manifests, rep, progress)
+        _hash_blobs(blobs, present, manifests, rep, progress, gone)
+        if gone and held is None and writer_alive(layout):
+            # the writer's gc held the lock past the wait (hold_blob_gc) and may have
+            # removed, while they were checked, blobs retention had let go since the
+            # listing: only those the store refers to still are missing
+            try:
+                still = referenced_blobs(layout.root)
+            except WalstoreError:
+                still = None
+            if still is not None:
+                gone = [(d, why) for d, why in gone
+                        if d in still and not os.path.isfile(
+                            os.path.join(blobs, d[:2], d[2:]))]
+        rep.errors.extend(why for _d, why in gone)
     finally:
         if held is not None:
             let_go_blob_gc(held)
 
 
 def _hash_blobs(blobs: str, present: list, manifests: set, rep: VerifyReport,
-                progress) -> None:
+                progress, gone: list) -> None:
     """Hash each present blob (``(digest, path, size)``) against its name; load each
     manifest among them.  Each blob is read once."""
     from ..files.blobs import BlobStore
@@ -631,7 +646,11 @@ def _hash_blobs(blobs: str, present: list, manifests: set, rep: VerifyReport,
                     rep.blob_bytes_hashed += size
                 if progress:
                     progress(rep.blob_bytes_hashed, max(total, rep.blob_bytes_hashed))
-        except OSError as e:  # (EIO on a damaged disk, a blob gone meanwhile: named)
+        except FileNotFoundError as e:  # (a blob gone meanwhile: ``gone`` judges it)
+            gone.append((digest, _blob_problem(digest, path, f"cannot be read ({e})",
+                                               manifest)))
+            continue
+        except OSError as e:  # (EIO on a damaged disk: named)
             why = f"cannot be read ({e})"
         else:
             why = ("content does not match its sha256 (the stored content is damaged)"

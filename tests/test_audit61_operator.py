@@ -1,0 +1,221 @@
+"""An operator running `walstore` verbs against a LIVE store (probe-audit61): a real writer
+process keeps committing (money moved between accounts, charges written to an fsynced
+outside ledger, file workspaces, restore points, checkpoints, WAL rotation and trimming
+with small segments) while read verbs run beside it and writing verbs refuse with
+StoreLocked naming its pid; then it is killed (SIGKILL) and `recover` + `verify` leave
+the store agreeing with the ledger.  And a writer stopped in the middle of its blob gc
+(Ctrl-Z, SIGSTOP, a debugger) never hangs `verify` or `backup`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import walstore
+from store_support import CLI, cli_env
+
+ACCOUNTS = 6
+TOTAL = 1000 * ACCOUNTS
+
+LEDGER_CODE = """
+import os
+def ledger_write(path, line):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, (line + "\\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+"""
+
+WRITER = LEDGER_CODE + """
+import random, sys, walstore
+path, ledger, ws_root = sys.argv[1:4]
+def refund(action):
+    ledger_write(ledger, f"refund {action.key} {action.args['amount']}")
+s = walstore.open(path, segment_size=16 * 1024, checkpoint_bytes=64 * 1024,
+                  retain_transactions=200, compensators={"refund": refund})
+with s.transaction() as tx:
+    for i in range(%(n)d):
+        tx.put(f"acct/{i}", 1000)
+    tx.put("charged", 0)
+ws = s.workspace(ws_root)
+rnd = random.Random(7)
+i = 0
+while True:
+    i += 1
+    try:
+        with s.transaction(meta={"i": i}) as tx:
+            a, b = rnd.sample(range(%(n)d), 2)
+            amt = rnd.randint(1, 50)
+            tx.put(f"acct/{a}", tx.get(f"acct/{a}") - amt)
+            tx.put(f"acct/{b}", tx.get(f"acct/{b}") + amt)
+            tx.put(f"blob/{i %% 10}", "x" * rnd.randint(10, 500))
+            if i %% 3 == 0:
+                with tx.action("charge", args={"amount": amt}, compensate="refund") as act:
+                    ledger_write(ledger, f"charge {act.key} {amt}")
+                    act.result = {"ok": True}
+                tx.put("charged", tx.get("charged") + amt)
+            if i %% 4 == 0:
+                tx.files(ws).write(f"f{i %% 5}.txt", f"{i}\\n")
+            if i %% 11 == 0:
+                raise KeyboardInterrupt  # rolled back: its refund runs at once
+    except KeyboardInterrupt:
+        pass
+    if i %% 29 == 0:
+        s.restore_point(f"rp{i}")
+    if i %% 17 == 0:
+        s.checkpoint()
+    if i == 60:
+        print("ready", flush=True)
+""" % {"n": ACCOUNTS}
+
+HANDLERS = LEDGER_CODE + """
+LEDGER = os.environ["AUDIT61_LEDGER"]
+def refund(action):
+    ledger_write(LEDGER, f"refund {action.key} {action.args['amount']}")
+COMPENSATORS = {"refund": refund}
+"""
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # (the timeout catches a hang: a verb waiting for ever beside the writer)
+    return subprocess.run([sys.executable, "-c", CLI, *args], env=env or cli_env(),
+                          text=True, capture_output=True, timeout=120)
+
+
+def ledger_net(path: str) -> int:
+    """What the outside world was charged and not refunded; no refund twice."""
+    charges, refunds = {}, []
+    with open(path) as f:
+        for line in f:
+            kind, key, amount = line.split()
+            (charges.__setitem__(key, int(amount)) if kind == "charge"
+             else refunds.append(key))
+    assert len(refunds) == len(set(refunds)), "a refund ran twice"
+    assert set(refunds) <= set(charges)
+    return sum(v for k, v in charges.items() if k not in set(refunds))
+
+
+def modes(root: str) -> set[tuple[str, int]]:
+    """Every entry under ``root`` whose mode is not 0700 (directories) / 0600 (files)."""
+    bad = set()
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:
+                continue
+            want = 0o700 if os.path.isdir(p) else 0o600
+            if not os.path.islink(p) and st.st_mode & 0o777 != want:
+                bad.add((p, st.st_mode & 0o777))
+    return bad
+
+
+def test_verbs_beside_a_live_writer_then_its_kill_and_recovery(tmp_path):
+    path, ledger, ws = str(tmp_path / "s"), str(tmp_path / "ledger"), tmp_path / "ws"
+    ws.mkdir(mode=0o700)
+    (tmp_path / "handlers.py").write_text(HANDLERS)
+    w = subprocess.Popen([sys.executable, "-c", WRITER, path, ledger, str(ws)],
+                         env=cli_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        assert w.stdout.readline().strip() == "ready"
+        for round_ in range(2):
+            # reads: never a partial transaction (the accounts always sum to TOTAL)
+            r = run_cli("scan", path, "--prefix", "acct/", "--json")
+            assert r.returncode == 0, r.stderr
+            items = json.loads(r.stdout)["items"]
+            assert len(items) == ACCOUNTS and sum(x["value"] for x in items) == TOTAL
+            for verb in (["stats", "--json"], ["log", "--json", "--limit", "5"],
+                         ["actions", "--json"], ["prepared", "--json"],
+                         ["history", "acct/1"], ["get", "charged"], ["dump", "--json"],
+                         ["verify", "--json"]):
+                r = run_cli(verb[0], path, *verb[1:])
+                assert r.returncode == 0, (verb, r.stdout[-2000:], r.stderr)
+                if "--json" in verb:
+                    json.loads(r.stdout)
+            # (verify of a healthy live store, its segments trimmed under it: ok)
+            assert json.loads(r.stdout)["ok"] is True
+            # writes: refused, one line, naming the writer's pid
+            for verb in (["put", "k", "1"], ["checkpoint"], ["recover"],
+                         ["purge", "blob/", "--yes"], ["delete", "k"]):
+                r = run_cli(verb[0], path, *verb[1:])
+                assert r.returncode == 1, (verb, r.stdout, r.stderr)
+                assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+                assert f"locked by process {w.pid}" in r.stderr, r.stderr
+            # backup: a consistent copy, its in-flight charges listed, never refunded
+            dest = str(tmp_path / f"bk{round_}")
+            r = run_cli("backup", path, dest)
+            assert r.returncode == 0, r.stderr
+            refunded = []
+            with walstore.open(dest, compensators={"refund": refunded.append}) as copy:
+                assert sum(v for _k, v in copy.scan(prefix="acct/")) == TOTAL
+                assert all(a.held for a in copy.pending_compensations())
+            assert refunded == []
+        assert not modes(path)
+    finally:
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+    env = dict(cli_env(), AUDIT61_LEDGER=ledger)
+    r = run_cli("recover", path, "--handlers", str(tmp_path / "handlers.py"), env=env)
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    r = run_cli("verify", path, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["ok"], (r.stdout, r.stderr)
+    with walstore.open(path, readonly=True) as s:
+        assert sum(v for _k, v in s.scan(prefix="acct/")) == TOTAL
+        assert s.get("charged") == ledger_net(ledger)
+        assert s.pending_compensations() == []
+    assert not modes(path)
+
+
+STOPPED_IN_GC = """
+import sys, walstore
+from walstore.agent.files import gc_exclusive
+s = walstore.open(sys.argv[1])
+ws = s.workspace(sys.argv[2])
+for i in range(5):
+    with s.transaction() as tx:
+        tx.put("acct/0", 1000 - i); tx.put("acct/1", 1000 + i)
+        tx.files(ws).write(f"f{i}.txt", f"{i}\\n")
+# what a writer stopped (Ctrl-Z, SIGSTOP) in the middle of its blob gc holds
+with gc_exclusive(s._files.dir) as free:
+    assert free
+    print("in gc", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_writer_stopped_in_its_blob_gc_never_hangs_verify_or_backup(tmp_path):
+    """`verify` and `backup` hold off the writer's blob gc with files/gc.lock, and waited
+    for it with no bound: a writer stopped while its gc held the lock hung both for as
+    long as it stayed stopped (measured: SIGSTOP of a live writer mid-gc, both verbs still
+    waiting after 25 s).  They wait a few seconds now, then go on beside it."""
+    path, ws = str(tmp_path / "s"), tmp_path / "ws"
+    ws.mkdir(mode=0o700)
+    w = subprocess.Popen([sys.executable, "-c", STOPPED_IN_GC, path, str(ws)],
+                         env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    try:
+        assert w.stdout.readline().strip() == "in gc"
+        r = run_cli("verify", path, "--json")
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr)
+        rep = json.loads(r.stdout)
+        assert rep["ok"] and rep["blobs_checked"] > 0
+        dest = str(tmp_path / "bk")
+        r = run_cli("backup", path, dest)
+        assert r.returncode == 0, r.stderr
+        with walstore.open(dest, readonly=True) as copy:
+            assert copy.get("acct/0") + copy.get("acct/1") == 2000
+        # real damage is still found beside such a writer: a blob the store names, gone
+        blobs = os.path.join(path, "files", "blobs")
+        victim = next(os.path.join(d, f) for d, _x, fs in os.walk(blobs) for f in fs
+                      if not f.startswith("."))
+        os.unlink(victim)
+        r = run_cli("verify", path, "--json")
+        assert r.returncode == 1 and os.path.basename(victim) in r.stdout, r.stdout[-2000:]
+    finally:
+        w.kill()
+        w.wait()
