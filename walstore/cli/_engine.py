@@ -34,7 +34,7 @@ __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "che
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
            "verify", "wal_records", "backup", "is_store", "enclosing_store", "store_stats", "iter_log", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
-           "changes_between", "Flag", "never_runs", "atomic_coordinator_id"]
+           "changes_between", "while_writer_applies", "Flag", "never_runs", "atomic_coordinator_id"]
 
 Progress = Callable[[int, int], None] | None
 
@@ -209,22 +209,35 @@ def _readable_file_history(store: Store, roots: list[bytes], *points: Any) -> li
     at once, `walstore files` and `walstore diff` failed in 1 run of 4 beside a writer
     committing a file change every 0.15 s on average, and in every run beside one
     committing without pause: probe-audit61.)"""
+    def attempt() -> list[int]:
+        bounds = [_boundary(store, p) for p in points]
+        for root in roots:
+            store._history.check_file_history(store._files.registered(root, gone_ok=True))
+        return bounds
+    return while_writer_applies(store, attempt)
+
+
+def while_writer_applies(store: Store, attempt: Callable[[], Any]) -> Any:
+    """``attempt()``, called again (the log tail read again first) while it raises a
+    read-only store's ReadOnlyError (file history the live writer has not applied yet:
+    ``check_file_history``, ``check_file_commits_readable``) and a writer is alive, for
+    up to FILE_HISTORY_WAIT_S; then (or with no writer: a crash) its error stands."""
     from ..engine.layout import writer_alive
     from ..errors import ReadOnlyError
     deadline, pause = None, 0.02
     while True:
-        bounds = [_boundary(store, p) for p in points]
         try:
-            for root in roots:
-                store._history.check_file_history(store._files.registered(root, gone_ok=True))
-            return bounds
-        except ReadOnlyError:
+            return attempt()
+        except ReadOnlyError as e:
+            if type(e) is not ReadOnlyError or not store.readonly:
+                raise  # (CommitOutcomeUnknown and the like: no wait helps)
             now = time.monotonic()
             deadline = now + FILE_HISTORY_WAIT_S if deadline is None else deadline
             if now >= deadline or not writer_alive(Layout(store.path)):
                 raise
             time.sleep(pause)
             pause = min(pause * 2, 0.2)
+            store.refresh()
 
 
 def tracked_files(store: Store, workspace: str | None, point: Any) -> list[dict[str, Any]]:

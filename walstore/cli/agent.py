@@ -76,8 +76,12 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
               else open_store(path, recover="manual", compensators=comps))
     with opened as store:
         try:
-            result = store.rewind(settle_point(store.restore_points(), to), scope=scope,
-                                  dry_run=dry_run)
+            point = settle_point(store.restore_points(), to)
+            if dry_run:  # (beside a live writer: its file history applied first)
+                result = _engine.while_writer_applies(
+                    store, lambda: store.rewind(point, scope=scope, dry_run=True))
+            else:
+                result = store.rewind(point, scope=scope, dry_run=False)
         except walstore.CompensationFailed as e:
             fail(f"rewound, but {e}")
         except walstore.RevertConflict as e:
