@@ -27,7 +27,8 @@ writer in another process: nothing here can hold its checkpoints back):
    while listed is skipped.  The writer's blob gc is held off from before the snapshot
    to the end (``files/gc.lock`` held shared; a gc holds it exclusive, and skips its run
    while a backup holds it: under a writer whose retention moved every few commits, a
-   gc removed blobs the snapshot named in every attempt).  Then the copy is opened
+   gc removed blobs the snapshot named in every attempt; a gc under way is waited for
+   up to ``GC_WAIT_S``, then the copy goes on unheld, checked as below).  Then the copy is opened
    read-only and every blob it refers to (``Files.referenced``: what its own gc would
    keep) must be there; one a gc took (the lock could not be had: a read-only source)
    is a race: the attempt is made again (the blobs copied are kept: same name, same
