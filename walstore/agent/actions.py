@@ -168,6 +168,18 @@ class Action:
         return self.state in OPEN_STATES and not self.in_flight
 
 
+def compensation_under_way(a: Action) -> bool:
+    """Is ``a``, read from outside its store's live writer, a compensation that writer is
+    running right now?  A live rollback logs its ABORT (the action reads owed from then:
+    pending, error ``tables.ROLLED_BACK``, no attempt recorded) and then runs the
+    compensations, each outcome one record: compensated, failed after its tries, or no
+    compensator registered (its own error).  Only the caller knows a writer is alive
+    (``engine.layout.writer_alive``); an interrupt that cut the rollback short between the
+    two also reads so, until that writer's next ``retry_compensations`` or open."""
+    return (a.state == PENDING and not a.in_flight and not a.held and bool(a.compensate)
+            and a.attempts == 0 and a.error == tables.ROLLED_BACK)
+
+
 class ActionScope:
     """``with tx.action(...) as act:`` — logs the intent on entry, the result on exit.
 

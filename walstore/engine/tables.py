@@ -49,6 +49,9 @@ _U64 = struct.Struct(">Q")
 _U16 = struct.Struct(">H")
 
 IN_FLIGHT, COMMITTED, PENDING, FAILED = "in-flight", "committed", "pending", "failed"
+# an action row's error between its live transaction's ABORT (or ROLLBACK_PREPARED) and the
+# record of its compensation's outcome: the writer is running it (``compensation_under_way``)
+ROLLED_BACK = "its transaction rolled back"
 COMPENSATED, RESOLVED, NEEDS_REDO = "compensated", "resolved", "needs-redo"
 OWED_STATES = (PENDING, FAILED)
 FINAL_STATES = (COMPENSATED, RESOLVED)
@@ -515,7 +518,7 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
                 ": never run automatically"
         else:
             why = ("its transaction did not commit before a crash" if b.get("recovered")
-                   else "its transaction rolled back")
+                   else ROLLED_BACK)
         out = []
         for row in rows_of_txid(event.txid):
             if row.get("state") not in (IN_FLIGHT, COMMITTED):
