@@ -309,8 +309,8 @@ def test_verify_beside_a_writer_running_a_compensation_does_not_call_it_owed(tmp
     in between, the action was owed, and `walstore verify` of the healthy live store said
     "needs a decision: compensation owed ... its transaction rolled back", exit 1
     (measured: 2 runs of 68 beside a writer refunding in a millisecond).  It is under way:
-    a warning names it, not counted owed; an action the writer found no compensator for
-    stays owed."""
+    a warning names it, not counted owed (`actions --pending`: a note on stderr, not
+    listed); an action the writer found no compensator for stays owed."""
     path = str(tmp_path / "s")
     w = subprocess.Popen([sys.executable, "-c", REFUND_UNDER_WAY, path], env=cli_env(),
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -322,6 +322,9 @@ def test_verify_beside_a_writer_running_a_compensation_does_not_call_it_owed(tmp
         assert owed == ["ship"], r.stdout[-3000:]
         assert any("charge" in x and "under way" in x for x in rep["warnings"]), rep
         assert r.returncode == 1  # (the unshipped one)
+        r = run_cli("actions", path, "--pending", "--json")
+        assert r.returncode == 1 and "charge" in r.stderr and "under way" in r.stderr
+        assert [a["name"] for a in json.loads(r.stdout)["actions"]] == ["ship"]
         w.stdin.write("go\n")
         w.stdin.flush()
         assert w.stdout.readline().strip() == "refunded"

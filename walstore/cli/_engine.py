@@ -24,7 +24,8 @@ from ..engine.recovery import MODES as RECOVERY_MODES
 from ..ops.backup import backup as _backup
 from ..ops.rebuild import rebuild_refusal, rebuild_state
 from ..ops.inspect import DAMAGE as WAL_DAMAGE, iter_wal as _iter_wal
-from ..ops.verify import VerifyReport, verify_store as _verify_store
+from ..ops.verify import (VerifyReport, owed_beside_writer, under_way_text,
+                          verify_store as _verify_store)
 from ..options import Options
 from ..signals import Flag
 from ..store import Store
@@ -34,7 +35,7 @@ __all__ = ["RECOVERY_MODES", "WAL_DAMAGE", "check_key", "check_store_path", "che
            "identity_damaged", "rebuild_refusal", "rebuild_state", "open_for_recovery",
            "verify", "wal_records", "backup", "is_store", "enclosing_store", "store_stats", "iter_log", "lmdb_file", "prepared_details",
            "run_demo", "demo_side_dir", "benchmarks", "replication", "tracked_files",
-           "changes_between", "while_writer_applies", "Flag", "never_runs", "atomic_coordinator_id"]
+           "changes_between", "while_writer_applies", "owed_beside_writer", "under_way_text", "Flag", "never_runs", "atomic_coordinator_id"]
 
 Progress = Callable[[int, int], None] | None
 

@@ -13,7 +13,8 @@ from . import _engine, main, refused
 from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
                      check_before_recovery, load_handlers, open_store, owed_header)
 from .output import (EXIT_PROBLEM, KEY, POINT, TXID, UsageProblem, emit_json, emit_json_list, fail,
-                     kv_lines, note_problem, settle_point, show_key, show_value, some, table)
+                     kv_lines, note_problem, one_line, settle_point, show_key, show_value,
+                     some, table)
 
 
 # UNRECOVERED: revert and rewind (also --dry-run) refuse a store that needs recovery
@@ -190,7 +191,12 @@ def actions_cmd(path: str, pending: bool, as_json: bool) -> None:
     """External side effects: intents, results, compensation state (and why one is owed)."""
     if pending:  # (the owed ones: few, listed whole)
         with open_store(path, readonly=True) as store:
-            acts = store.actions(pending=True)
+            # (beside a live writer, a compensation it is running right now is not owed:
+            # said on stderr, not listed — as `verify` says it)
+            acts, going = _engine.owed_beside_writer(
+                store, lambda: store.actions(pending=True))
+        for a in going:
+            click.echo(one_line(f"walstore: note: {_engine.under_way_text(a)}"), err=True)
         if acts:  # (before printing: see note_problem)
             note_problem()
         if as_json:

@@ -255,9 +255,10 @@ def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
         return
     try:
         rep.in_doubt = sorted(store.prepared())
-        owed = [a for a in store.pending_compensations() if not a.in_flight]
-        if any(map(compensation_under_way, owed)) and writer_alive(layout):
-            owed = _owed_beside_writer(store, owed, rep)
+        owed, going = owed_beside_writer(store, lambda: [
+            a for a in store.pending_compensations() if not a.in_flight])
+        rep.warnings.extend(under_way_text(a) + " (`walstore actions --pending` says when "
+                            "it is done)" for a in going)
         rep.pending_compensations = [a.as_dict() for a in owed]
         # (the txids in doubt, from the prepared rows: a read-only handle's in-memory
         # prepared set stays empty, so a prepared transaction's file changes — held
@@ -276,28 +277,33 @@ def _check_settled(layout: Layout, rep: VerifyReport, state: LmdbState) -> None:
         rep.owed_file_undos = _owed_file_undos(state, in_doubt)
 
 
-def _owed_beside_writer(store, owed: list, rep: VerifyReport) -> list:
-    """``owed`` (pending compensations) less those the live writer is running right now
-    (``compensation_under_way``: its rollback logged the ABORT, the outcome is not
-    recorded yet), looked at again a moment later (``SETTLE_WALKS``); one still under way
-    then is a warning, not owed.  (Counted owed, `walstore verify` of a healthy live
-    store said "needs a decision: compensation owed ... its transaction rolled back",
-    exit 1, in 2 runs of 68 beside a writer whose refunds take a millisecond; a refund
-    through a payment API takes hundreds: probe-audit61.)"""
+def owed_beside_writer(store, fetch) -> tuple[list, list]:
+    """(owed, under way): the actions ``fetch()`` lists owed (a read-only ``store``'s),
+    less those its live writer is running right now (``compensation_under_way``: its
+    rollback logged the ABORT, the outcome is not recorded yet), looked at again a moment
+    later (``SETTLE_WALKS``, the store refreshed); those still under way then are the
+    second list.  (Counted owed, `walstore verify` of a healthy live store said "needs a
+    decision: compensation owed ... its transaction rolled back", exit 1, in 2 runs of 68
+    beside a writer whose refunds take a millisecond; a refund through a payment API
+    takes hundreds: probe-audit61.)"""
+    owed = fetch()
+    if not any(map(compensation_under_way, owed)) or not writer_alive(Layout(store.path)):
+        return owed, []
     for _ in range(SETTLE_WALKS):
         time.sleep(SETTLE_PAUSE)
         store.refresh()
-        owed = [a for a in store.pending_compensations() if not a.in_flight]
+        owed = fetch()
         if not any(map(compensation_under_way, owed)):
-            return owed
-    for a in owed:
-        if compensation_under_way(a):
-            rep.warnings.append(
-                f"compensation of action {a.id} ({a.name}, compensator {a.compensate!r}, "
-                f"txid {a.txid}) is under way in the live writer (its transaction rolled "
-                f"back; no outcome recorded yet): not counted as owed (`walstore actions "
-                f"--pending` lists it while it lasts)")
-    return [a for a in owed if not compensation_under_way(a)]
+            return owed, []
+    return ([a for a in owed if not compensation_under_way(a)],
+            [a for a in owed if compensation_under_way(a)])
+
+
+def under_way_text(a) -> str:
+    """How verify's warning and `actions --pending`'s note name one under way."""
+    return (f"compensation of action {a.id} ({a.name}, compensator {a.compensate!r}, txid "
+            f"{a.txid}) is under way in the live writer (its transaction rolled back; no "
+            f"outcome recorded yet): not counted as owed")
 
 
 def _owed_file_undos(state: LmdbState, in_doubt: set) -> list[dict]:
