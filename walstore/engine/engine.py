@@ -212,7 +212,13 @@ class Engine:
                                            "open it again once the cause is gone") from e
             raise
         if not readonly:
-            self._start_threads()
+            try:
+                self._start_threads()
+            except BaseException as e:  # (RuntimeError "can't start new thread")
+                self.drop_like_a_crash()  # the threads started so far stop, the lock goes
+                if isinstance(e, RuntimeError):
+                    raise thread_start_error(e, f"opening the store at {self.path}") from e
+                raise
 
     # ---- opening ------------------------------------------------------------------------
     def state_io_error(self, e: StateWriteError, doing: str, after: str) -> StoreIOError:
@@ -1300,6 +1306,20 @@ class Engine:
             "background_errors": list(self.background_errors),
         }
         return out
+
+
+def thread_start_error(e: RuntimeError, doing: str) -> StoreIOError:
+    """The walstore error for a background thread that could not start (``Thread.start``'s
+    RuntimeError "can't start new thread": a process or thread limit, RLIMIT_NPROC or a
+    cgroup's pids.max, or no memory for its stack).  The open used to let the bare
+    RuntimeError out with the spare thread running and the store still locked by this
+    process: every later open here raised StoreLocked naming this very process."""
+    return StoreIOError(errno.EAGAIN, f"{doing} failed: cannot start a background thread "
+                                      f"({e}): the process is at a thread or process limit "
+                                      f"(RLIMIT_NPROC, a cgroup's pids.max) or out of "
+                                      f"memory; the store was let go as a crash would be "
+                                      f"(the next open recovers): open it again once "
+                                      f"threads can start")
 
 
 def check_not_inside(src: str, dest: str) -> None:

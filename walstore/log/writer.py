@@ -293,9 +293,9 @@ class WriteAheadLog:
     # ---- the spare: the next segment, preallocated off the commit path -------------------
     def start_spare_thread(self) -> None:
         """Start the thread that keeps a spare ready (at once, and after each rotation)."""
-        self._spare_thread = threading.Thread(target=self._spare_loop, name="walstore-spare",
-                                              daemon=True)
-        start_thread(self._spare_thread)
+        thread = threading.Thread(target=self._spare_loop, name="walstore-spare", daemon=True)
+        start_thread(thread)  # (kept only once started: ``close`` joins it)
+        self._spare_thread = thread
 
     def _spare_loop(self) -> None:
         while True:

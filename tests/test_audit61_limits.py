@@ -1,0 +1,145 @@
+"""Process resource limits other than disk space and address space (audit 61).
+
+Each case runs in a real child process that meets a real limit after walstore is imported
+and the store is open, as a process in a tight container would: the descriptor limit
+(RLIMIT_NOFILE lowered, the free descriptor numbers filled, so the next ``open`` meets
+EMFILE) or a thread that cannot start (RLIMIT_NPROC, for a process that runs as root
+after dropping to an unprivileged user; otherwise ``Thread.start`` made to fail in the
+child only).  Afterwards the limit is lifted and the store is checked against the child's
+ledger of acknowledged commits, and by ``walstore verify``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import walstore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# In the child: ``clamp(free)`` leaves exactly ``free`` descriptor numbers the process
+# may still open; ``release()`` gives them back and lifts the limit.
+FDLIB = textwrap.dedent("""
+    import os, resource
+    _held = []
+    _SOFT, _HARD = resource.getrlimit(resource.RLIMIT_NOFILE)
+    def clamp(free=0):
+        release()
+        top = max(int(x) for x in os.listdir("/proc/self/fd")) + 17
+        resource.setrlimit(resource.RLIMIT_NOFILE, (top, _HARD))
+        while True:
+            try:
+                _held.append(os.open("/dev/null", os.O_RDONLY))
+            except OSError:
+                break
+        for _ in range(free):
+            os.close(_held.pop())
+    def release():
+        while _held:
+            os.close(_held.pop())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (_SOFT, _HARD))
+""")
+
+
+def _child(code: str, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", FDLIB + textwrap.dedent(code), *args],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _verify(path: str) -> None:
+    r = subprocess.run([sys.executable, "-m", "walstore", "verify", path],
+                       capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _state(path: str) -> dict:
+    with walstore.open(path) as s:
+        return {k: v for k, v in s.scan()}
+
+
+THREAD_LIMIT = """
+    import json, os, resource, sys, threading
+    import walstore, walstore.cli
+    path, nth = sys.argv[1], int(sys.argv[2])
+    s = walstore.open(path, durability="normal")  # (three threads: spare, applier, flusher)
+    with s.transaction() as tx:
+        tx.put("a", 1)
+    s.close()
+    if os.geteuid() == 0:  # a real limit: root is exempt from RLIMIT_NPROC, nobody is not
+        import shutil, tempfile
+        where = tempfile.mkdtemp(prefix="walstore-audit61-")  # (pytest's are root's, 0700)
+        os.chmod(where, 0o700)
+        shutil.move(path, os.path.join(where, "s"))
+        path = os.path.join(where, "s")
+        for dirpath, dirs, files in os.walk(where):
+            for n in dirs + files + [""]:
+                os.chown(os.path.join(dirpath, n), 65534, 65534)
+        os.setgid(65534)
+        os.setuid(65534)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        def limit():  # this process's threads so far, and (nth - 1) more
+            resource.setrlimit(resource.RLIMIT_NPROC, (threading.active_count() + nth - 1, hard))
+        def lift():
+            resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+        real = "RLIMIT_NPROC"
+    else:
+        start = threading.Thread.start
+        calls = [0]
+        def failing(self):
+            calls[0] += 1
+            if calls[0] >= nth:
+                raise RuntimeError("can't start new thread")
+            return start(self)
+        def limit():
+            threading.Thread.start = failing
+        def lift():
+            threading.Thread.start = start
+        real = "patched"
+    limit()
+    out = {"real": real}
+    try:
+        s = walstore.open(path, durability="normal")
+        out["opened"] = True
+        s.close()
+    except Exception as e:
+        out["error"] = [type(e).__name__, isinstance(e, walstore.WalstoreError), str(e)]
+    out["threads"] = sorted(t.name for t in threading.enumerate())
+    lift()
+    with walstore.open(path, durability="normal") as s:  # in this same process
+        out["a"] = s.get("a")
+        with s.transaction() as tx:
+            tx.put("b", 2)
+    out["path"] = path
+    print(json.dumps(out))
+"""
+
+
+def test_an_open_whose_background_thread_cannot_start_fails_cleanly_and_lets_the_store_go(
+        tmp_path):
+    """The open used to let ``Thread.start``'s bare RuntimeError out, with the spare thread
+    (when it was the applier that could not start) left running and the store still locked
+    by this process: every later open in it raised StoreLocked naming itself."""
+    for nth in (1, 2, 3):
+        path = str(tmp_path / f"d{nth}" / "s")
+        os.makedirs(os.path.dirname(path))
+        out = _child(THREAD_LIMIT, path, str(nth))
+        if out["path"] != path:  # (moved where the unprivileged user can reach it)
+            shutil.rmtree(path, ignore_errors=True)
+            shutil.move(out["path"], path)
+            shutil.rmtree(os.path.dirname(out["path"]))
+        assert "opened" not in out, out
+        name, is_ours, msg = out["error"]
+        assert is_ours and name == "StoreIOError", out
+        assert "cannot start a background thread" in msg and "can't start new thread" in msg
+        assert out["threads"] == ["MainThread"], out  # nothing of the failed open runs on
+        assert out["a"] == 1
+        assert _state(path) == {"a": 1, "b": 2}
+        _verify(path)
