@@ -143,3 +143,59 @@ def test_an_open_whose_background_thread_cannot_start_fails_cleanly_and_lets_the
         assert out["a"] == 1
         assert _state(path) == {"a": 1, "b": 2}
         _verify(path)
+
+
+BACKGROUND_CHECKPOINT = """
+    import json, sys, time, walstore
+    path = sys.argv[1]
+    s = walstore.open(path, checkpoint_bytes=64 * 1024, apply_interval=0.05)
+    acked = {}
+    for i in range(20):
+        with s.transaction() as tx:
+            tx.put(f"k{i}", i)
+        acked[f"k{i}"] = i
+    s.checkpoint()
+    eng = s._engine
+    clamp(0)  # no descriptor left: the applier's checkpoint cannot list wal/ to trim it
+    with s.transaction() as tx:  # (a commit needs no new descriptor: it is acknowledged)
+        tx.put("big", "y" * 100_000)  # past checkpoint_bytes: the applier checkpoints
+    acked["big"] = "y" * 100_000
+    for _ in range(400):  # until the applier has met the limit (or stopped the store)
+        if eng.background_errors or eng.stopped_by is not None:
+            break
+        time.sleep(0.05)
+    out = {"readonly_during": s.readonly}
+    try:
+        with s.transaction() as tx:
+            tx.put("during", 1)
+        acked["during"] = 1
+        out["during"] = "ok"
+    except walstore.WalstoreError as e:
+        out["during"] = f"{type(e).__name__}: {e}"
+    release()
+    with s.transaction() as tx:
+        tx.put("after", 2)
+    acked["after"] = 2
+    out["background_errors"] = s.stats()["background_errors"]
+    out["checkpoint"] = s.checkpoint()["applied_lsn"] > 0
+    s.close()
+    out["acked"] = acked
+    print(json.dumps(out))
+"""
+
+
+def test_a_background_checkpoint_at_the_descriptor_limit_does_not_turn_the_store_read_only(
+        tmp_path):
+    """The applier's checkpoint that could not list ``wal/`` (EMFILE) stopped the store: every
+    later commit raised ReadOnlyError until it was reopened, while ``checkpoint()`` meeting
+    the same error left it writable (the trim's own promise: "the log goes on").  Now it is
+    recorded in ``background_errors`` and tried again later."""
+    path = str(tmp_path / "s")
+    out = _child(BACKGROUND_CHECKPOINT, path)
+    assert out["readonly_during"] is False, out
+    assert out["during"] == "ok", out
+    errors = out["background_errors"]
+    assert errors and "Too many open files" in errors[0] and "checkpoint" in errors[0], out
+    assert out["checkpoint"]
+    assert _state(path) == out["acked"]
+    _verify(path)

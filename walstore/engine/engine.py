@@ -77,6 +77,10 @@ READONLY_TXID_BASE = 1 << 63
 READONLY_TXID_PID_SHIFT = 40  # n < 2**40 per process; a pid < 2**22 (Linux's PID_MAX_LIMIT)
 REPLICA_PIN = b"replica_pin"  # meta: the replica's position + 1 (0: none; keep_replica_pin)
 ERASURE_RETRY_S = 60.0  # a background checkpoint's owed erasure that failed waits this long
+# a background checkpoint that failed without stopping the store (a directory it could
+# not list or a segment it could not remove: EMFILE, EACCES; the log could not rotate for
+# its record) is tried again no sooner than this
+CHECKPOINT_RETRY_S = 1.0
 ERASURE_ROOM_MARGIN = 64 << 20  # free space beyond the data file's size it needs to try
 LOW_ROOM_BYTES = 1 << 20  # an LMDB write failing with less free than this: a full disk
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
@@ -177,6 +181,7 @@ class Engine:
         self.erasure_lock = threading.RLock()
         self.before_erase: Callable[[], None] | None = None  # the store's: ship first
         self._erasure_retry_at = 0.0  # (monotonic) a failed background erasure's next try
+        self._checkpoint_retry_at = 0.0  # (monotonic) see CHECKPOINT_RETRY_S
         self._txid_lock = threading.Lock()
         self._txid_horizon = 0
         self.applied_lsn = 0
@@ -706,14 +711,35 @@ class Engine:
             try:
                 while True:  # the checkpoint is due between batches too: under a load that
                     applied = self.apply_published()  # never pauses this loop never ends
-                    if self._checkpoint_due():
-                        self._checkpoint(background=True)
-                        self._finish_owed_erasure()
+                    if (self._checkpoint_due()
+                            and time.monotonic() >= self._checkpoint_retry_at):
+                        try:
+                            self._checkpoint(background=True)
+                        except (WalstoreError, OSError) as e:
+                            self._checkpoint_failed(e)
+                        else:
+                            self._finish_owed_erasure()
                     if not applied or self.applied_lsn >= published or self._stop.is_set():
                         break
             except BaseException as e:  # noqa: BLE001 - the store turns read-only, reads go on
                 self.fail(e)
                 return
+
+    def _checkpoint_failed(self, e: BaseException) -> None:
+        """The applier's checkpoint failed.  One that stopped the store (an LMDB write or
+        sync, an fsync of the log: ``stopped_by``) is raised on, and the applier ends as
+        before.  Any other (the WAL directory could not be listed or a segment removed,
+        EMFILE or EACCES; its CHECKPOINT record not written because the log could not
+        rotate) leaves every commit where it was and the log going on, as the same failure
+        of ``checkpoint()`` does: it is recorded in ``stats()``'s ``background_errors`` and
+        tried again after CHECKPOINT_RETRY_S.  (It used to stop the store: one moment at
+        the process's descriptor limit during a background trim turned an open store
+        read-only until reopened, while the foreground checkpoint's same error did not.)"""
+        if self.stopped_by is not None or isinstance(e, (StateWriteError, LogFailed)):
+            raise e
+        self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S
+        self.background_errors.append(f"checkpoint: {type(e).__name__}: {e}")
+        del self.background_errors[:-10]
 
     def _finish_owed_erasure(self) -> None:
         """The applier's checkpoint finishes an erasure a purge left owed (CONTRACT: "after
