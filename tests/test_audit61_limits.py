@@ -68,8 +68,13 @@ def _state(path: str) -> dict:
 THREAD_LIMIT = """
     import json, os, resource, sys, threading
     import walstore, walstore.cli
-    path, nth = sys.argv[1], int(sys.argv[2])
-    s = walstore.open(path, durability="normal")  # (three threads: spare, applier, flusher)
+    path, nth, replicate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "replicate"
+    def replica():
+        return {"replicate_to": "file://" + os.path.join(os.path.dirname(path), "replica")
+                } if replicate else {}
+    # (three threads: spare, applier, flusher; and once replicating: every module it
+    # imports is loaded before the process changes user)
+    s = walstore.open(path, durability="normal", **replica())
     with s.transaction() as tx:
         tx.put("a", 1)
     s.close()
@@ -77,7 +82,8 @@ THREAD_LIMIT = """
         import shutil, tempfile
         where = tempfile.mkdtemp(prefix="walstore-audit61-")  # (pytest's are root's, 0700)
         os.chmod(where, 0o700)
-        shutil.move(path, os.path.join(where, "s"))
+        for name in os.listdir(os.path.dirname(path)):
+            shutil.move(os.path.join(os.path.dirname(path), name), where)
         path = os.path.join(where, "s")
         for dirpath, dirs, files in os.walk(where):
             for n in dirs + files + [""]:
@@ -103,15 +109,20 @@ THREAD_LIMIT = """
         def lift():
             threading.Thread.start = start
         real = "patched"
+    import tempfile
+    tempfile.tempdir = os.path.dirname(path)  # (the shipper's scratch directory goes here)
+    extra = replica()
     limit()
     out = {"real": real}
     try:
-        s = walstore.open(path, durability="normal")
+        s = walstore.open(path, durability="normal", **extra)
         out["opened"] = True
         s.close()
     except Exception as e:
         out["error"] = [type(e).__name__, isinstance(e, walstore.WalstoreError), str(e)]
     out["threads"] = sorted(t.name for t in threading.enumerate())
+    out["scratch"] = [n for n in os.listdir(os.path.dirname(path))
+                      if n.startswith(f"walstore-ship-{os.getpid()}-")]
     lift()
     with walstore.open(path, durability="normal") as s:  # in this same process
         out["a"] = s.get("a")
@@ -130,11 +141,7 @@ def test_an_open_whose_background_thread_cannot_start_fails_cleanly_and_lets_the
     for nth in (1, 2, 3):
         path = str(tmp_path / f"d{nth}" / "s")
         os.makedirs(os.path.dirname(path))
-        out = _child(THREAD_LIMIT, path, str(nth))
-        if out["path"] != path:  # (moved where the unprivileged user can reach it)
-            shutil.rmtree(path, ignore_errors=True)
-            shutil.move(out["path"], path)
-            shutil.rmtree(os.path.dirname(out["path"]))
+        out = _run_thread_limit(path, nth, "")
         assert "opened" not in out, out
         name, is_ours, msg = out["error"]
         assert is_ours and name == "StoreIOError", out
@@ -143,6 +150,33 @@ def test_an_open_whose_background_thread_cannot_start_fails_cleanly_and_lets_the
         assert out["a"] == 1
         assert _state(path) == {"a": 1, "b": 2}
         _verify(path)
+
+
+def test_an_open_whose_replication_thread_cannot_start_raises_replication_error(tmp_path):
+    """``open(replicate_to=...)`` whose shipper thread could not start let the bare
+    RuntimeError out, and the shipper's scratch directory stayed behind."""
+    path = str(tmp_path / "d" / "s")
+    os.makedirs(os.path.dirname(path))
+    out = _run_thread_limit(path, 4, "replicate")  # (the 4th: after spare, applier, flusher)
+    assert "opened" not in out, out
+    name, is_ours, msg = out["error"]
+    assert is_ours and name == "ReplicationError", out
+    assert "cannot start the replication thread" in msg and "can't start new thread" in msg
+    assert out["threads"] == ["MainThread"], out
+    assert out["scratch"] == [], out
+    assert out["a"] == 1
+    assert _state(path) == {"a": 1, "b": 2}
+    _verify(path)
+
+
+def _run_thread_limit(path: str, nth: int, mode: str) -> dict:
+    out = _child(THREAD_LIMIT, path, str(nth), mode)
+    if out["path"] != path:  # (moved where the unprivileged user could reach it): back
+        where = os.path.dirname(out["path"])
+        for name in os.listdir(where):
+            shutil.move(os.path.join(where, name), os.path.dirname(path))
+        os.rmdir(where)
+    return out
 
 
 BACKGROUND_CHECKPOINT = """

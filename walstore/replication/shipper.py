@@ -197,10 +197,21 @@ class Shipper:
         A server that does not answer in time does not fail the start: the thread keeps
         trying, and a refusal found later stops it with state "refused"."""
         self._first = Flag()
-        self._thread = threading.Thread(target=self._run, name="walstore-replication",
-                                        daemon=True)
-        self._thread.start()  # (signals not blocked: it runs boto3, which may start a
-        # credential process, and a child inherits its thread's mask: see walstore.signals)
+        thread = threading.Thread(target=self._run, name="walstore-replication", daemon=True)
+        try:
+            thread.start()  # (signals not blocked: it runs boto3, which may start a
+            # credential process, and a child inherits its thread's mask: walstore.signals)
+        except RuntimeError as e:  # "can't start new thread": a thread or process limit.
+            # (It escaped raw from open(replicate_to=...), and the shipper's temp directory
+            # stayed behind.)  Nothing was taken yet: no lease, no pin.
+            self.state = "failed"
+            self.last_error = f"the replication thread could not start: {e}"
+            self.close()
+            raise ReplicationError(f"cannot start the replication thread for {self.url} "
+                                   f"({e}): the process is at a thread or process limit "
+                                   f"(RLIMIT_NPROC, a cgroup's pids.max) or out of "
+                                   f"memory") from e
+        self._thread = thread
         self._first.wait(wait)
         if self.state == "refused" or (self._start_error is not None
                                        and not getattr(self._start_error, "transient", True)):
