@@ -233,3 +233,56 @@ def test_a_background_checkpoint_at_the_descriptor_limit_does_not_turn_the_store
     assert out["checkpoint"]
     assert _state(path) == out["acked"]
     _verify(path)
+
+
+PACKER_AFTER_MEMORY_ERROR = """
+    import json, os, resource, sys, walstore
+    path = sys.argv[1]
+    s = walstore.open(path)
+    big = os.urandom(1 << 20) * 6  # 6 MiB: a value msgpack packs into a ~12 MiB buffer
+    def vsize():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    out = {"memory_errors": 0, "acked": {}, "bad": []}
+    for step, margin in enumerate(range(4, 40, 2)):  # MiB of address space left to grow
+        resource.setrlimit(resource.RLIMIT_AS, (vsize() + (margin << 20), hard))
+        try:
+            with s.transaction() as tx:
+                tx.put(f"big{step}", big)
+            out["acked"][f"big{step}"] = len(big)
+        except MemoryError:
+            out["memory_errors"] += 1
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        try:  # the next commit of the same thread, with room again
+            with s.transaction() as tx:
+                tx.put(f"small{step}", step)
+            out["acked"][f"small{step}"] = step
+            if s.get(f"small{step}") != step:
+                out["bad"].append(f"small{step}: read back {s.get(f'small{step}')!r}")
+        except Exception as e:
+            out["bad"].append(f"small{step}: {type(e).__name__}: {e}"[:300])
+    s.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_memory_error_packing_a_value_does_not_spoil_the_next_commit(tmp_path):
+    """msgpack's Packer keeps a finished output in its buffer when making its bytes fails
+    (MemoryError), and the thread's Packer, reused, put it in front of the next packing:
+    in a child at its address-space limit (set after walstore was imported and the store
+    opened, as a container's memory limit meets a running agent), the put of a 6 MiB
+    value failed with MemoryError, and the next commit of the thread — with room again —
+    was acknowledged with its value's row undecodable (CorruptionError "does not decode":
+    the 6 MiB before it), or refused as too large.  Now a packing error drops the Packer."""
+    path = str(tmp_path / "s")
+    out = _child(PACKER_AFTER_MEMORY_ERROR, path)
+    assert out["memory_errors"] >= 1, out  # (the limit was met)
+    assert out["bad"] == [], out["bad"]
+    with walstore.open(path) as s:
+        for k, v in out["acked"].items():
+            got = s.get(k)
+            assert (len(got) if k.startswith("big") else got) == v, k
+        assert sorted(k for k, _ in s.scan()) == sorted(out["acked"])
+    _verify(path)

@@ -52,7 +52,11 @@ RELEASE_PACKER_BYTES = 1024 * 1024
 
 def _packer() -> msgpack.Packer:
     """This thread's Packer (msgpack.packb builds a new one per call: 4x slower).  A Packer
-    resets its buffer when packing raises, so one bad value cannot spoil the next."""
+    resets its buffer when packing raises, so one bad value cannot spoil the next — except
+    when the packing is done and making the output's bytes fails (MemoryError): msgpack
+    1.2.4 then keeps the whole output in its buffer, and the next ``pack`` returned it in
+    front of its own (an acknowledged commit whose every value read back "does not
+    decode").  So every packing error drops the thread's Packer (``_release_packer``)."""
     try:
         return _local.packer
     except AttributeError:
@@ -151,6 +155,9 @@ def pack_value(value: Any, key: Any = None) -> bytes:
         if "recursion limit" in str(e):  # (msgpack's: lists and dicts past 1,024 levels)
             raise _too_deep(f"value for key {key!r}") from None
         raise ValueError(f"value for key {key!r} cannot be stored: {e}") from None
+    except BaseException:  # (MemoryError: the Packer may hold its output, see _packer)
+        _release_packer()
+        raise
     if len(packed) > RELEASE_PACKER_BYTES:
         _release_packer()
         if len(packed) > MAX_VALUE_BYTES:
@@ -261,7 +268,9 @@ def pack_items(pairs: Iterable, limit: int | None = None,
         if type(value) in _SCALARS:  # (no map inside: nothing that could fail to read back)
             try:
                 packed = packb(value)
-            except Exception:
+            except BaseException:  # (a new Packer: a MemoryError may leave the old one's
+                _release_packer()  # output in its buffer, see _packer)
+                packb = _packer().pack
                 packed = pack_value(value, key)  # (raises, naming the key and the problem)
             if len(packed) > RELEASE_PACKER_BYTES:
                 _release_packer()
@@ -313,7 +322,11 @@ def pack(obj: Any) -> bytes:
         packer = _local.packer  # (``_packer`` written out: every commit packs twice)
     except AttributeError:
         packer = _packer()
-    packed = packer.pack(obj)
+    try:
+        packed = packer.pack(obj)
+    except BaseException:  # (MemoryError: the Packer may hold its output, see _packer)
+        _release_packer()
+        raise
     if len(packed) > RELEASE_PACKER_BYTES:
         _release_packer()
     return packed
@@ -326,11 +339,15 @@ def pack_two(a: Any, b: Any) -> tuple[bytes, bytes]:
         packer = _local.packer
     except AttributeError:
         packer = _packer()
-    packed_a = packer.pack(a)
-    if len(packed_a) > RELEASE_PACKER_BYTES:  # (as ``pack``: then a new one packs ``b``)
+    try:
+        packed_a = packer.pack(a)
+        if len(packed_a) > RELEASE_PACKER_BYTES:  # (as ``pack``: a new one packs ``b``)
+            _release_packer()
+            return packed_a, pack(b)
+        packed_b = packer.pack(b)
+    except BaseException:  # (MemoryError: the Packer may hold its output, see _packer)
         _release_packer()
-        return packed_a, pack(b)
-    packed_b = packer.pack(b)
+        raise
     if len(packed_b) > RELEASE_PACKER_BYTES:
         _release_packer()
     return packed_a, packed_b
