@@ -286,3 +286,59 @@ def test_a_memory_error_packing_a_value_does_not_spoil_the_next_commit(tmp_path)
             assert (len(got) if k.startswith("big") else got) == v, k
         assert sorted(k for k, _ in s.scan()) == sorted(out["acked"])
     _verify(path)
+
+
+AFTER_THE_COMMIT_POINT = """
+    import json, os, sys, walstore
+    path, ledger = sys.argv[1], sys.argv[2]
+    def note(kind, key):
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(fd, (json.dumps([kind, key]) + "\\n").encode())
+        os.fsync(fd)
+        os.close(fd)
+    s = walstore.open(path, compensators={"refund": lambda a: note("refund", a.key)})
+    tx = s.transaction()
+    with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
+        note("charge", act.key)
+        act.result = {"charged": 40}
+    tx.put("paid", 40)
+    fired = []
+    def hook(frame, event, arg):  # a MemoryError as the committed transaction is finished
+        if (event == "call" and not fired and frame.f_code.co_name == "_finish"
+                and frame.f_back.f_code.co_name == "_commit"):
+            fired.append(1)
+            sys.setprofile(None)
+            raise MemoryError("no memory left (injected)")
+    sys.setprofile(hook)
+    try:
+        tx.commit()
+        out = {"commit": "returned", "lsn": tx.lsn}
+    except BaseException as e:
+        out = {"commit": f"{type(e).__name__}: {e}"}
+    sys.setprofile(None)
+    out.update(fired=bool(fired), state=tx.state, action=s.get_action(act.id).state,
+               background_errors=s.stats()["background_errors"], key=act.key)
+    s.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_memory_error_after_the_commit_point_does_not_report_the_commit_as_failed(
+        tmp_path):
+    """A MemoryError raised while a committed transaction was finished in memory (after its
+    COMMIT was durable) came out of ``commit()``: the caller was told the commit failed
+    while it stood, the charge with it (a caller retrying what failed charges twice).
+    Now commit() returns its LSN, the error listed in ``background_errors``."""
+    path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger")
+    out = _child(AFTER_THE_COMMIT_POINT, path, ledger)
+    assert out["fired"], out
+    assert out["commit"] == "returned" and out["lsn"], out
+    assert out["state"] == "committed" and out["action"] == "committed", out
+    assert any("MemoryError" in e for e in out["background_errors"]), out
+    with walstore.open(path, compensators={"refund": lambda a: None}) as s:
+        assert s.get("paid") == 40
+        assert s.pending_compensations() == []
+        assert [a.state for a in s.actions()] == ["committed"]
+    with open(ledger) as f:
+        assert [json.loads(line)[0] for line in f] == ["charge"]  # never refunded
+    _verify(path)

@@ -997,6 +997,17 @@ class Transaction:
                 # commit stands and nothing is compensated
                 self._finish(COMMITTED)
                 self.lsn = LSN(req.lsn)
+                if isinstance(e, Exception):
+                    # an error, not an interrupt (a MemoryError finishing the transaction
+                    # in memory, at a memory limit): CONTRACT, "an error after the commit
+                    # point never turns a commit into a reported failure" — it came out
+                    # of commit() while the commit stood, and a caller retrying what
+                    # failed ran its side effects twice.  Contained, as a background
+                    # error (``stats()``)
+                    self._engine.background_errors.append(
+                        f"after transaction {self.id} committed: {type(e).__name__}: {e}")
+                    del self._engine.background_errors[:-10]
+                    return self.lsn
                 raise
             if self.state == ACTIVE:
                 self._rollback(e)
