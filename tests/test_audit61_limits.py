@@ -342,3 +342,57 @@ def test_a_memory_error_after_the_commit_point_does_not_report_the_commit_as_fai
     with open(ledger) as f:
         assert [json.loads(line)[0] for line in f] == ["charge"]  # never refunded
     _verify(path)
+
+
+SPARE_THREAD = """
+    import json, sys, threading, time, walstore
+    path = sys.argv[1]
+    calls = []
+    def hook(frame, event, arg):  # in walstore's threads: the 2nd spare fails (no memory;
+        # the hook is unset in the thread that raised)
+        if (event == "call" and frame.f_code.co_name == "prepare"
+                and frame.f_code.co_filename.endswith("segment.py")):
+            calls.append(1)
+            if len(calls) == 2:
+                raise MemoryError("no memory for the spare (injected)")
+    threading.setprofile(hook)
+    s = walstore.open(path, segment_size=1 << 20)
+    threading.setprofile(None)
+    wal = s._engine.wal
+    with s.transaction() as tx:
+        tx.put("a", 1)
+    wal.rotate()  # uses the first spare, and asks the thread for the next: it fails
+    for _ in range(200):
+        if not wal._spare_wanted:
+            break
+        time.sleep(0.05)
+    out = {"calls": len(calls), "alive": wal._spare_thread.is_alive(),
+           "wanted": wal._spare_wanted}
+    wal.rotate()  # no spare: made inline, at once (it waited 5 s for one nobody made)
+    for _ in range(200):  # and the thread makes the next one
+        if not wal._spare_wanted and wal.spare.size:
+            break
+        time.sleep(0.05)
+    out.update(inline=wal.inline_preallocations, spare=wal.spare.size,
+               errors=s.stats()["background_errors"])
+    with s.transaction() as tx:
+        tx.put("b", 2)
+    s.close()
+    print(json.dumps(out))
+"""
+
+
+def test_the_spare_thread_survives_an_error_that_is_not_an_os_error(tmp_path):
+    """The thread that preallocates the next WAL segment caught only OSError: a MemoryError
+    (here raised in its call of ``Spare.prepare``) ended it silently, ``_spare_wanted``
+    stayed set, and every later rotation waited 5 s for a spare no one would make, holding
+    the log's locks.  Now the thread lives on, the rotation preallocates inline at once,
+    and the error is listed in ``background_errors``."""
+    path = str(tmp_path / "s")
+    out = _child(SPARE_THREAD, path)
+    assert out["calls"] >= 2, out
+    assert out["alive"] and not out["wanted"], out
+    assert out["inline"] == 1 and out["spare"] > 0, out  # (the thread made the next one)
+    assert any("WAL spare: MemoryError" in e for e in out["errors"]), out
+    assert _state(path) == {"a": 1, "b": 2}
+    _verify(path)

@@ -1329,7 +1329,9 @@ class Engine:
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
             "commits_held_by_undo": self.pipeline.gate.waits if self.wal else 0,
             "failure": None if self.stopped_by is None else str(self.stopped_by),
-            "background_errors": list(self.background_errors),
+            "background_errors": list(self.background_errors) + (  # (and the spare's)
+                [f"WAL spare: {self.wal.spare_error}"]
+                if self.wal is not None and self.wal.spare_error else []),
         }
         return out
 

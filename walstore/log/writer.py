@@ -119,6 +119,7 @@ class WriteAheadLog:
         self._spare_thread: threading.Thread | None = None
         self._spare_stop = False
         self.inline_preallocations = 0  # rotations that had to zero-fill on the commit path
+        self.spare_error: str | None = None  # the last unexpected error making a spare
 
     # ---- appending ---------------------------------------------------------------------
     def append(self, rtype: int, payload: bytes) -> tuple[int, int]:
@@ -308,9 +309,15 @@ class WriteAheadLog:
                 self.prepare_spare()
             except OSError:  # no room for a spare: the next rotation preallocates inline
                 pass  # (a failed fsync, FsyncFailed: prepare_spare has stopped the log)
-            with self._spare_lock:
-                self._spare_wanted = False
-                self._spare_cond.notify_all()
+            except Exception as e:  # (a MemoryError at a memory limit): the same — the
+                # thread lives on for the next one.  It died of it, ``_spare_wanted``
+                # stayed set, and every later rotation waited _await_spare's 5 s for a
+                # spare nobody made, holding the log's locks (every commit waited too)
+                self.spare_error = f"{type(e).__name__}: {e}"
+            finally:  # (whatever ended the attempt: no rotation waits for it any more)
+                with self._spare_lock:
+                    self._spare_wanted = False
+                    self._spare_cond.notify_all()
 
     def _want_spare(self) -> None:
         with self._spare_lock:
