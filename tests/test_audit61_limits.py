@@ -396,3 +396,75 @@ def test_the_spare_thread_survives_an_error_that_is_not_an_os_error(tmp_path):
     assert any("WAL spare: MemoryError" in e for e in out["errors"]), out
     assert _state(path) == {"a": 1, "b": 2}
     _verify(path)
+
+
+CRASHED_WRITER = """
+    import os, sys, walstore
+    path, root = sys.argv[1], sys.argv[2]
+    s = walstore.open(path)
+    ws = s.workspace(root)
+    with s.transaction() as tx:
+        tx.put("a", 1)
+        tx.files(ws).write("f.txt", "F0")
+    tx = s.transaction()
+    tx.files(ws).write("f.txt", "F1")
+    tx.files(ws).write("g/new.txt", "N")
+    with tx.action("charge", compensate="refund") as act:
+        act.result = {"charged": 1}
+    tx.put("b", 2)
+    os.kill(os.getpid(), 9)  # the transaction in flight: recovery undoes it at the next open
+"""
+
+OPEN_AT_THE_LIMIT = """
+    import json, os, shutil, sys, walstore
+    crashed, root, work = sys.argv[1], sys.argv[2], sys.argv[3]
+    pristine = root + ".crashed"
+    shutil.copytree(root, pristine, symlinks=True)
+    out = {"errors": [], "opened_at": None}
+    for free in range(0, 24):  # every descriptor the recovering open takes, one by one
+        path = os.path.join(work, f"s{free}")
+        shutil.copytree(crashed, path)
+        shutil.rmtree(root)
+        shutil.copytree(pristine, root, symlinks=True)  # (registered by its path)
+        clamp(free)
+        try:
+            walstore.open(path, compensators={"refund": lambda a: None}).close()
+            opened = True
+        except Exception as e:
+            opened = False
+            error = [type(e).__name__, isinstance(e, walstore.WalstoreError), str(e)[:300]]
+        release()
+        if opened:
+            out["opened_at"] = free
+            break
+        out["errors"].append(error)
+        with walstore.open(path, compensators={"refund": lambda a: None}) as s:  # lifted
+            got = ({k: v for k, v in s.scan()}, [a.state for a in s.actions()],
+                   sorted(os.listdir(root)), open(os.path.join(root, "f.txt")).read())
+        if got != ({"a": 1}, ["compensated"], ["f.txt"], "F0"):
+            out.setdefault("bad", []).append([free, repr(got)])
+    print(json.dumps(out))
+"""
+
+
+def test_a_recovering_open_at_the_descriptor_limit_raises_only_walstore_errors(tmp_path):
+    """A crashed writer's store (a file transaction with an action in flight) opened with
+    0, 1, 2, ... descriptors free: every open that fails raises a walstore error, and the
+    open once the limit is lifted recovers it whole (the transaction undone, its file
+    changes put back, its charge compensated).  With 8 free, the settling of the files
+    layer listed the before-image store's temp directory and the bare OSError (EMFILE,
+    ``files/blobs/tmp``) escaped ``walstore.open``."""
+    crashed, root = str(tmp_path / "crashed"), str(tmp_path / "ws")
+    os.makedirs(root)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(CRASHED_WRITER), crashed, root],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == -9, r.stderr[-2000:]
+    work = str(tmp_path / "work")
+    os.makedirs(work)
+    out = _child(OPEN_AT_THE_LIMIT, crashed, root, work)
+    assert out["opened_at"] is not None and len(out["errors"]) == out["opened_at"], out
+    raw = [e for e in out["errors"] if not e[1]]
+    assert raw == [], raw
+    assert all("Too many open files" in e[2] for e in out["errors"]), out["errors"]
+    assert "bad" not in out, out["bad"]

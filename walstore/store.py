@@ -223,6 +223,11 @@ class Store:
                 raise engine.state_io_error(e, f"opening the store at {engine.path}",
                                             "nothing was lost: every commit is in the "
                                             "log; open it again once the cause is gone") from e
+            if isinstance(e, OSError) and not isinstance(e, WalstoreError):
+                # (an OS error of the open's settling, after the engine's: listing the
+                # before-image store's temp directory at the descriptor limit, EMFILE,
+                # escaped raw from walstore.open)
+                raise engine._open_failed(e) from e
             raise
         self._pid = _PROCESS[0]
         self._closing: threading.Thread | None = None  # the thread inside close()
