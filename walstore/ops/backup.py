@@ -95,7 +95,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     staged inside it (``.incomplete-backup-<pid>-...``) and moved up, STORE last
     (``fileio.move_up``).  A staging directory a killed backup left is removed by the
     next backup to ``dest``."""
-    from ..replication.shipper import sweep_dead_scratch  # (no client library imported)
+    from ..replication.shipper import remove_scratch, sweep_dead_scratch  # (no client
+    # library imported)
     layout = Layout(src)
     store_id = layout.read_identity()
     check_not_inside(src, dest)
@@ -164,7 +165,7 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         if gc_held is not None:
             let_go_blob_gc(gc_held)  # (the writer's blob gc may run again)
         if stage is not None:  # (a full disk, damage, an interrupt: no half-made copy left
-            shutil.rmtree(stage, ignore_errors=True)  # behind; ``dest`` was not touched)
+            remove_scratch(stage)  # behind; ``dest`` was not touched)
 
 
 STAGING = ".incomplete-backup-"  # <dest><STAGING><pid>-...: the copy until it is complete

@@ -63,7 +63,7 @@ from ..engine.layout import (FORMAT_VERSION, check_version, enclosing_store, ide
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import DAY, ReplicateOptions
-from .shipper import BLOB_PREFIX, sweep_dead_scratch
+from .shipper import BLOB_PREFIX, remove_scratch, sweep_dead_scratch
 from .targets import NOT_MODIFIED, ObjectStore, TargetError, display_url, open_target
 
 RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
@@ -826,9 +826,9 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
                 "lineage": identity["origin"]["lineage"],
                 "seconds": round(time.monotonic() - t_start, 3)}
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_scratch(tmp)
         if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
+            remove_scratch(stage)
         if target is None:
             tgt.close()
 
@@ -1566,7 +1566,7 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
             stop.wait(interval)
     finally:
         log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_scratch(tmp)
 
 
 class _Stranded(Exception):

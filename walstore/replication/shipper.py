@@ -88,10 +88,29 @@ def _sweep_stale_temps() -> None:
     sweep_dead_scratch(tempfile.gettempdir(), TEMP_PREFIX)
 
 
+# this process's scratch directories whose removal failed (``remove_scratch``): swept
+# by the next ``sweep_dead_scratch`` of their parent although this process lives on
+_ABANDONED: set[str] = set()
+
+
+def remove_scratch(path: str) -> None:
+    """Remove a scratch directory this process made and uses no more (a backup's or a
+    restore's staging copy, a shipper's temp directory).  When that fails — at the
+    descriptor limit (EMFILE: ``rmtree`` opens every directory it empties), EIO — it is
+    remembered, and the next sweep of its parent (the next backup or restore to the same
+    place) removes it: a live process's scratch is otherwise never swept, and a backup
+    that failed at the limit left its partial copy, data and all, beside DEST for as long
+    as the process ran."""
+    shutil.rmtree(path, ignore_errors=True)
+    if os.path.lexists(path):
+        _ABANDONED.add(os.path.abspath(path))
+
+
 def sweep_dead_scratch(base: str, prefix: str) -> None:
     """Remove the directories under ``base`` named ``<prefix><pid>-...`` whose process is
     no longer alive (ours by owner; never a symlink), and unnamed older ones (no pid in
-    the name) more than a day old: what a killed shipper, restore or follower left."""
+    the name) more than a day old: what a killed shipper, restore or follower left; and
+    this process's own that ``remove_scratch`` could not remove."""
     try:
         names = [n for n in os.listdir(base) if n.startswith(prefix)]
     except OSError:
@@ -103,6 +122,12 @@ def sweep_dead_scratch(base: str, prefix: str) -> None:
         except OSError:
             continue
         if st.st_uid != os.getuid() or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        mine = os.path.abspath(path)
+        if mine in _ABANDONED:
+            remove_scratch(path)
+            if not os.path.lexists(path):
+                _ABANDONED.discard(mine)
             continue
         pid_part = name[len(prefix):].split("-", 1)[0]
         if pid_part.isdigit() and "-" in name[len(prefix):]:
@@ -241,7 +266,7 @@ class Shipper:
 
     def close(self) -> None:
         self.target.close()
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        remove_scratch(self._tmp)
 
     def _run(self) -> None:
         """The thread: rounds until stopped.  An error that escapes them (a bug of ours,
