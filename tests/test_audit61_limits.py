@@ -17,6 +17,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import walstore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -548,3 +550,56 @@ def test_a_scratch_copy_that_could_not_be_removed_at_the_limit_goes_at_the_next_
     parent — which skipped every live process's copies — removes it."""
     out = _child(SCRATCH_AT_THE_LIMIT, str(tmp_path))
     assert out == {"left": True, "after": False}, out
+
+
+TTL_SWEEPER = """
+    import json, os, resource, sys, threading
+    import walstore
+    from walstore.integrations.langgraph import WalstoreStore
+    path = sys.argv[1]
+    s = walstore.open(path)
+    store = WalstoreStore(s, ttl={"default_ttl": 1, "sweep_interval_minutes": 1})
+    if os.geteuid() == 0:  # a real limit (root is exempt from RLIMIT_NPROC; nobody is not)
+        os.setgid(65534)
+        os.setuid(65534)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+        resource.setrlimit(resource.RLIMIT_NPROC, (threading.active_count(), hard))
+        def lift():
+            resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+    else:
+        start = threading.Thread.start
+        def failing(self):
+            raise RuntimeError("can't start new thread")
+        threading.Thread.start = failing
+        def lift():
+            threading.Thread.start = start
+    out = {}
+    try:
+        future = store.start_ttl_sweeper()
+        out["start"] = "started"
+    except Exception as e:
+        out["start"] = [type(e).__name__, isinstance(e, walstore.WalstoreError), str(e)]
+    lift()
+    try:
+        out["stop"] = store.stop_ttl_sweeper(5)
+    except Exception as e:
+        out["stop"] = f"{type(e).__name__}: {e}"
+    future = store.start_ttl_sweeper()  # with threads again
+    out["again"] = [t.name for t in threading.enumerate() if t.name == "walstore-ttl-sweeper"]
+    out["stop_again"] = store.stop_ttl_sweeper(5)
+    print(json.dumps(out))
+"""
+
+
+def test_a_ttl_sweeper_that_cannot_start_leaves_the_store_able_to_stop_and_restart_it(
+        tmp_path):
+    """``WalstoreStore.start_ttl_sweeper()`` whose thread could not start raised the bare
+    RuntimeError and kept the unstarted thread: ``stop_ttl_sweeper()`` then raised
+    "cannot join thread before it is started".  Now: StoreIOError (EAGAIN) naming the
+    cause, and the sweeper can be stopped and started again."""
+    pytest.importorskip("langgraph")
+    out = _child(TTL_SWEEPER, str(tmp_path / "s"))  # (the store open before any limit)
+    name, is_ours, msg = out["start"]
+    assert is_ours and name == "StoreIOError" and "can't start new thread" in msg, out
+    assert out["stop"] is True, out
+    assert out["again"] == ["walstore-ttl-sweeper"] and out["stop_again"] is True, out

@@ -1336,7 +1336,10 @@ class Engine:
         return out
 
 
-def thread_start_error(e: RuntimeError, doing: str) -> StoreIOError:
+def thread_start_error(e: RuntimeError, doing: str,
+                       after: str = "the store was let go as a crash would be (the next "
+                                    "open recovers): open it again once threads can "
+                                    "start") -> StoreIOError:
     """The walstore error for a background thread that could not start (``Thread.start``'s
     RuntimeError "can't start new thread": a process or thread limit, RLIMIT_NPROC or a
     cgroup's pids.max, or no memory for its stack).  The open used to let the bare
@@ -1345,9 +1348,7 @@ def thread_start_error(e: RuntimeError, doing: str) -> StoreIOError:
     return StoreIOError(errno.EAGAIN, f"{doing} failed: cannot start a background thread "
                                       f"({e}): the process is at a thread or process limit "
                                       f"(RLIMIT_NPROC, a cgroup's pids.max) or out of "
-                                      f"memory; the store was let go as a crash would be "
-                                      f"(the next open recovers): open it again once "
-                                      f"threads can start")
+                                      f"memory; {after}")
 
 
 def check_not_inside(src: str, dest: str) -> None:

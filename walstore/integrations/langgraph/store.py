@@ -806,9 +806,18 @@ class WalstoreStore(BaseStore):
                 finish()
             except BaseException as e:  # reported through the future
                 finish(e)
-        self._sweeper = threading.Thread(target=loop, name="walstore-ttl-sweeper",
-                                         daemon=True)
-        self._sweeper.start()
+        thread = threading.Thread(target=loop, name="walstore-ttl-sweeper", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as e:  # "can't start new thread" (a thread or process limit):
+            # kept unstarted, it made stop_ttl_sweeper() (and so a later start) raise
+            # "cannot join thread before it is started"
+            from ...engine.engine import thread_start_error
+            finish(e)  # (its Future is done, with the error)
+            raise thread_start_error(e, "starting the TTL sweeper",
+                                     "nothing is swept; start it again once threads "
+                                     "can start") from e
+        self._sweeper = thread
         return done
 
     def stop_ttl_sweeper(self, timeout: float | None = None) -> bool:
