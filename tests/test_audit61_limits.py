@@ -603,3 +603,48 @@ def test_a_ttl_sweeper_that_cannot_start_leaves_the_store_able_to_stop_and_resta
     assert is_ours and name == "StoreIOError" and "can't start new thread" in msg, out
     assert out["stop"] is True, out
     assert out["again"] == ["walstore-ttl-sweeper"] and out["stop_again"] is True, out
+
+
+APPLIER_MEMORY_ERROR = """
+    import json, sys, threading, time, walstore
+    path = sys.argv[1]
+    fired = []
+    def hook(frame, event, arg):  # in walstore's threads: the applier's first LMDB apply
+        if (event == "call" and not fired and frame.f_code.co_name == "apply"
+                and frame.f_code.co_filename.endswith("apply.py")):
+            fired.append(1)
+            raise MemoryError()  # (as the allocator raises it: no message)
+    threading.setprofile(hook)
+    s = walstore.open(path, apply_interval=0.05)
+    threading.setprofile(None)
+    with s.transaction() as tx:
+        tx.put("a", 1)
+    for _ in range(200):
+        if s._engine.stopped_by is not None:
+            break
+        time.sleep(0.05)
+    out = {"fired": bool(fired)}
+    try:
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        out["commit"] = "committed"
+    except walstore.ReadOnlyError as e:
+        out["commit"] = str(e)
+    out["failure"] = s.stats()["failure"]
+    s.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_memory_error_in_the_applier_is_named_by_the_read_only_store(tmp_path):
+    """A MemoryError in the background applier stops the store (read-only until reopened,
+    as any failure of LMDB's writer), but the store named it by its message, which a
+    MemoryError usually lacks: commits were refused with "turned read-only after an error
+    ()" and ``stats()['failure']`` was ''.  Now the type is named."""
+    path = str(tmp_path / "s")
+    out = _child(APPLIER_MEMORY_ERROR, path)
+    assert out["fired"], out
+    assert "after an error (MemoryError)" in out["commit"], out
+    assert out["failure"] == "MemoryError", out
+    assert _state(path) == {"a": 1}
+    _verify(path)

@@ -1164,7 +1164,8 @@ class Engine:
             raise ReadOnlyError(f"store {self.path} is open read-only")
         if self.failure is not None:
             raise ReadOnlyError(f"store {self.path} turned read-only after an error "
-                                f"({self.failure}); reopen it to recover") from self.failure
+                                f"({described(self.failure)}); reopen it to recover"
+                                ) from self.failure
         if self.wal.failed is not None:
             self.fail(self.wal.failed)
             self.check_writable()
@@ -1328,12 +1329,22 @@ class Engine:
             "wal_voided_commits": self.wal.voided_records if self.wal else 0,
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
             "commits_held_by_undo": self.pipeline.gate.waits if self.wal else 0,
-            "failure": None if self.stopped_by is None else str(self.stopped_by),
+            "failure": None if self.stopped_by is None else described(self.stopped_by),
             "background_errors": list(self.background_errors) + (  # (and the spare's)
                 [f"WAL spare: {self.wal.spare_error}"]
                 if self.wal is not None and self.wal.spare_error else []),
         }
         return out
+
+
+def described(e: BaseException) -> str:
+    """An error that stopped the store, as its messages and ``stats()`` name it: a walstore
+    or OS error by its own message (they name the cause), any other with its type too (a
+    MemoryError in the applier said "turned read-only after an error ()" and
+    ``stats()['failure']`` was '')."""
+    if isinstance(e, (WalstoreError, OSError, lmdb.Error)):
+        return str(e) or type(e).__name__
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 def thread_start_error(e: RuntimeError, doing: str,
