@@ -248,15 +248,21 @@ PACKER_AFTER_MEMORY_ERROR = """
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     out = {"memory_errors": 0, "acked": {}, "bad": []}
     for step, margin in enumerate(range(4, 40, 2)):  # MiB of address space left to grow
+        tx = s.transaction()
         resource.setrlimit(resource.RLIMIT_AS, (vsize() + (margin << 20), hard))
-        try:
-            with s.transaction() as tx:
-                tx.put(f"big{step}", big)
-            out["acked"][f"big{step}"] = len(big)
+        try:  # (the limit around the put alone: its packing is what meets it)
+            tx.put(f"big{step}", big)
+            packed = True
         except MemoryError:
             out["memory_errors"] += 1
+            packed = False
         finally:
             resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        if packed:
+            tx.commit()
+            out["acked"][f"big{step}"] = len(big)
+        else:
+            tx.rollback()
         try:  # the next commit of the same thread, with room again
             with s.transaction() as tx:
                 tx.put(f"small{step}", step)
