@@ -71,6 +71,19 @@ THREAD_LIMIT = """
     import json, os, resource, sys, threading
     import walstore, walstore.cli
     path, nth, replicate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "replicate"
+
+    def tasks_of_this_user():  # RLIMIT_NPROC counts every task (thread) of the real user
+        n = 0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        st = f.read()
+                    if int(st.split("\\nUid:")[1].split()[0]) == os.getuid():
+                        n += int(st.split("\\nThreads:")[1].split()[0])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return n
     def replica():
         return {"replicate_to": "file://" + os.path.join(os.path.dirname(path), "replica")
                 } if replicate else {}
@@ -93,8 +106,8 @@ THREAD_LIMIT = """
         os.setgid(65534)
         os.setuid(65534)
         soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        def limit():  # this process's threads so far, and (nth - 1) more
-            resource.setrlimit(resource.RLIMIT_NPROC, (threading.active_count() + nth - 1, hard))
+        def limit():  # the user's tasks so far (this process's threads), (nth - 1) more
+            resource.setrlimit(resource.RLIMIT_NPROC, (tasks_of_this_user() + nth - 1, hard))
         def lift():
             resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
         real = "RLIMIT_NPROC"
@@ -192,6 +205,8 @@ BACKGROUND_CHECKPOINT = """
         acked[f"k{i}"] = i
     s.checkpoint()
     eng = s._engine
+    while eng.wal._spare_wanted:  # (the spare thread holds a descriptor while it works:
+        time.sleep(0.02)          # closed after the clamp, it would leave one free)
     clamp(0)  # no descriptor left: the applier's checkpoint cannot list wal/ to trim it
     with s.transaction() as tx:  # (a commit needs no new descriptor: it is acknowledged)
         tx.put("big", "y" * 100_000)  # past checkpoint_bytes: the applier checkpoints
@@ -563,13 +578,26 @@ TTL_SWEEPER = """
     import walstore
     from walstore.integrations.langgraph import WalstoreStore
     path = sys.argv[1]
+
+    def tasks_of_this_user():  # RLIMIT_NPROC counts every task (thread) of the real user
+        n = 0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        st = f.read()
+                    if int(st.split("\\nUid:")[1].split()[0]) == os.getuid():
+                        n += int(st.split("\\nThreads:")[1].split()[0])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return n
     s = walstore.open(path)
     store = WalstoreStore(s, ttl={"default_ttl": 1, "sweep_interval_minutes": 1})
     if os.geteuid() == 0:  # a real limit (root is exempt from RLIMIT_NPROC; nobody is not)
         os.setgid(65534)
         os.setuid(65534)
         soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
-        resource.setrlimit(resource.RLIMIT_NPROC, (threading.active_count(), hard))
+        resource.setrlimit(resource.RLIMIT_NPROC, (tasks_of_this_user(), hard))
         def lift():
             resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
     else:
