@@ -682,3 +682,63 @@ def test_a_memory_error_in_the_applier_is_named_by_the_read_only_store(tmp_path)
     assert out["failure"] == "MemoryError", out
     assert _state(path) == {"a": 1}
     _verify(path)
+
+
+REVERT_COMPENSATIONS = """
+    import json, os, sys, walstore
+    path, ledger = sys.argv[1], sys.argv[2]
+    def note(kind, key):
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(fd, (json.dumps([kind, key]) + "\\n").encode())
+        os.fsync(fd)
+        os.close(fd)
+    s = walstore.open(path, compensators={"refund": lambda a: note("refund", a.key)})
+    with s.transaction() as tx:
+        tx.put("paid", 40)
+        with tx.action("charge", compensate="refund") as act:
+            note("charge", act.key)
+            act.result = {"charged": 40}
+    fired = []
+    def hook(frame, event, arg):  # a MemoryError as the committed revert compensates
+        if (event == "call" and not fired and frame.f_code.co_name == "_compensate"
+                and frame.f_code.co_filename.endswith("actions.py")):
+            fired.append(1)
+            sys.setprofile(None)
+            raise MemoryError("no memory left (injected)")
+    sys.setprofile(hook)
+    try:
+        s.revert(tx.id)
+        out = {"revert": "returned"}
+    except BaseException as e:
+        out = {"revert": type(e).__name__, "msg": str(e),
+               "committed": getattr(e, "committed", None),
+               "ids": getattr(e, "action_ids", None)}
+    sys.setprofile(None)
+    out.update(fired=bool(fired), paid=s.get("paid"), id=act.id)
+    s.close()
+    print(json.dumps(out))
+"""
+
+
+def test_a_memory_error_running_a_committed_reverts_compensations_says_it_committed(
+        tmp_path):
+    """A MemoryError in walstore's own code while a committed revert ran its compensations
+    escaped ``revert()`` bare, as though the revert had failed, while it stood (the state
+    reverted, the refund owed).  Now it is the CompensationFailed a failing compensator
+    gets there: ``committed`` True, the owed actions named; the next open compensates
+    them, once."""
+    path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger")
+    out = _child(REVERT_COMPENSATIONS, path, ledger)
+    assert out["fired"], out
+    assert out["revert"] == "CompensationFailed" and out["committed"] is True, out
+    assert out["ids"] == [out["id"]] and "COMMITTED" in out["msg"], out
+    assert out["paid"] is None, out  # reverted
+    def refund(action):
+        with open(ledger, "a") as f:
+            f.write(json.dumps(["refund", action.key]) + "\n")
+    with walstore.open(path, compensators={"refund": refund}) as s:  # the next open
+        assert s.get("paid") is None
+        assert [a.state for a in s.actions()] == ["compensated"]
+    with open(ledger) as f:
+        assert [json.loads(line)[0] for line in f] == ["charge", "refund"]  # once
+    _verify(path)

@@ -103,7 +103,8 @@ from .. import fileio
 from ..codec import decode_key, encode_key
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, ConflictError,
                       HistoryTrimmed, NeedsRecovery, PointTypeError, ReadOnlyError,
-                      RevertConflict, TransactionTooLarge, os_errors_as_store_errors)
+                      RevertConflict, TransactionTooLarge, WalstoreError,
+                      os_errors_as_store_errors)
 from ..log.format import LSN
 from ..log.writer import LogFailed
 from ..log.records import jsonable_point
@@ -298,8 +299,8 @@ class Undo:
                                         f"nothing was changed and no compensation ran "
                                         f"({e})") from e
             if owed:
-                self._decision_durable(result)
                 try:
+                    self._decision_durable(result)
                     self.saga.compensate(owed)
                 except CompensationFailed as e:
                     # the undo committed (it stands); say which transaction did it, or the
@@ -313,6 +314,15 @@ class Undo:
                               f"stays so), only these compensations are still owed",
                               ) + tuple(e.args[1:])
                     raise
+                except Exception as e:
+                    if isinstance(e, WalstoreError):
+                        raise
+                    # not the compensators' errors (those are retried, then failed: the
+                    # CompensationFailed above), walstore's own while it ran them — a
+                    # MemoryError at a memory limit: the undo committed all the same, and
+                    # it escaped bare, as though the revert had failed.  What was not
+                    # compensated stays owed (pending: the next open runs it)
+                    raise self._owed_after_commit(result, owed, e) from e
                 self._warn_left_owed(result, owed)
         return result
 
@@ -336,6 +346,27 @@ class Undo:
             f"registered and store.retry_compensations() runs them, or store.resolve(id) "
             f"marks each handled by hand (store.pending_compensations() lists them)",
             RuntimeWarning, stacklevel=6)
+
+    def _owed_after_commit(self, result: Any, owed: list[Action], e: Exception
+                           ) -> CompensationFailed:
+        """CompensationFailed for an error that stopped the committed undo's compensations
+        (``_run_reserved``): the undo stands; names the actions still owed."""
+        still = []
+        for a in owed:
+            try:
+                row = self.engine.views.action_row(a.id)
+            except Exception:  # noqa: BLE001 - (unreadable now: named as owed)
+                row = None
+            if row is None or Action.from_row(row).state in tables.OWED_STATES:
+                still.append(a.id)
+        failed = CompensationFailed(
+            f"the undo itself COMMITTED (transaction {result.txid}: the state is reverted and "
+            f"stays so), but {type(e).__name__} ({e}) stopped its compensations: "
+            f"{still} are still owed (pending: the next open runs them, or "
+            f"store.retry_compensations())", still)
+        failed.undo = result
+        failed.committed = True
+        return failed
 
     def _decision_durable(self, result: Any) -> None:
         """The claiming COMMIT is on disk before any compensation runs (as an ABORT is):
