@@ -132,9 +132,11 @@ def table(path: Path) -> str:
                         t["baseline"] != f"{part['id']}/{row['ratio_baseline']}":
                     ratios.append(f"{fmt_ratio(t['measured'])} vs {t['baseline']}")
                 if t.get("beside_measured") is not None:
+                    why = ("the bare loop paced by walstore's own commit time"
+                           if t["beside_used"].endswith("/bare-paced")
+                           else "SQLite's best at this row's threads")
                     ratios.append(f"{fmt_ratio(t['beside_measured'])} vs "
-                                  f"{t['beside_used']} (SQLite's best at this row's "
-                                  "threads; not the target's baseline)")
+                                  f"{t['beside_used']} ({why}; not the target's baseline)")
             if part["ratio_on"] != "rate":
                 seen = spread(path.parent, part["id"], row["system"])
                 if len(seen) > 1:
