@@ -94,6 +94,10 @@ THREAD_LIMIT = """
         tx.put("a", 1)
     s.close()
     if os.geteuid() == 0:  # a real limit: root is exempt from RLIMIT_NPROC, nobody is not
+        # (a user of this process's own, not nobody: RLIMIT_NPROC counts every task of the
+        # user, and other tests' processes dropped to nobody at the same time changed the
+        # count between the count and the thread — a full run's flake)
+        UID = 61000 + os.getpid() % 4000
         import shutil, tempfile
         where = tempfile.mkdtemp(prefix="walstore-audit61-")  # (pytest's are root's, 0700)
         os.chmod(where, 0o700)
@@ -102,9 +106,9 @@ THREAD_LIMIT = """
         path = os.path.join(where, "s")
         for dirpath, dirs, files in os.walk(where):
             for n in dirs + files + [""]:
-                os.chown(os.path.join(dirpath, n), 65534, 65534)
-        os.setgid(65534)
-        os.setuid(65534)
+                os.chown(os.path.join(dirpath, n), UID, UID)
+        os.setgid(UID)
+        os.setuid(UID)
         soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
         def limit():  # the user's tasks so far (this process's threads), (nth - 1) more
             resource.setrlimit(resource.RLIMIT_NPROC, (tasks_of_this_user() + nth - 1, hard))
@@ -594,8 +598,9 @@ TTL_SWEEPER = """
     s = walstore.open(path)
     store = WalstoreStore(s, ttl={"default_ttl": 1, "sweep_interval_minutes": 1})
     if os.geteuid() == 0:  # a real limit (root is exempt from RLIMIT_NPROC; nobody is not)
-        os.setgid(65534)
-        os.setuid(65534)
+        UID = 61000 + os.getpid() % 4000  # (see THREAD_LIMIT)
+        os.setgid(UID)
+        os.setuid(UID)
         soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
         resource.setrlimit(resource.RLIMIT_NPROC, (tasks_of_this_user(), hard))
         def lift():
