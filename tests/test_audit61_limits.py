@@ -44,6 +44,24 @@ FDLIB = textwrap.dedent("""
         while _held:
             os.close(_held.pop())
         resource.setrlimit(resource.RLIMIT_NOFILE, (_SOFT, _HARD))
+    def ledger_note(ledger, kind, key):  # the outside world's record: fsynced, appended
+        import json
+        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.write(fd, (json.dumps([kind, key]) + "\\n").encode())
+        os.fsync(fd)
+        os.close(fd)
+    def tasks_of_this_user():  # RLIMIT_NPROC counts every task (thread) of the real user
+        n = 0
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        st = f.read()
+                    if int(st.split("\\nUid:")[1].split()[0]) == os.getuid():
+                        n += int(st.split("\\nThreads:")[1].split()[0])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return n
 """)
 
 
@@ -72,18 +90,6 @@ THREAD_LIMIT = """
     import walstore, walstore.cli
     path, nth, replicate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "replicate"
 
-    def tasks_of_this_user():  # RLIMIT_NPROC counts every task (thread) of the real user
-        n = 0
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/status") as f:
-                        st = f.read()
-                    if int(st.split("\\nUid:")[1].split()[0]) == os.getuid():
-                        n += int(st.split("\\nThreads:")[1].split()[0])
-                except (OSError, IndexError, ValueError):
-                    pass
-        return n
     def replica():
         return {"replicate_to": "file://" + os.path.join(os.path.dirname(path), "replica")
                 } if replicate else {}
@@ -319,10 +325,7 @@ AFTER_THE_COMMIT_POINT = """
     import json, os, sys, walstore
     path, ledger = sys.argv[1], sys.argv[2]
     def note(kind, key):
-        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.write(fd, (json.dumps([kind, key]) + "\\n").encode())
-        os.fsync(fd)
-        os.close(fd)
+        ledger_note(ledger, kind, key)
     s = walstore.open(path, compensators={"refund": lambda a: note("refund", a.key)})
     tx = s.transaction()
     with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
@@ -583,18 +586,6 @@ TTL_SWEEPER = """
     from walstore.integrations.langgraph import WalstoreStore
     path = sys.argv[1]
 
-    def tasks_of_this_user():  # RLIMIT_NPROC counts every task (thread) of the real user
-        n = 0
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    with open(f"/proc/{pid}/status") as f:
-                        st = f.read()
-                    if int(st.split("\\nUid:")[1].split()[0]) == os.getuid():
-                        n += int(st.split("\\nThreads:")[1].split()[0])
-                except (OSError, IndexError, ValueError):
-                    pass
-        return n
     s = walstore.open(path)
     store = WalstoreStore(s, ttl={"default_ttl": 1, "sweep_interval_minutes": 1})
     if os.geteuid() == 0:  # a real limit (root is exempt from RLIMIT_NPROC; nobody is not)
@@ -693,10 +684,7 @@ REVERT_COMPENSATIONS = """
     import json, os, sys, walstore
     path, ledger = sys.argv[1], sys.argv[2]
     def note(kind, key):
-        fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.write(fd, (json.dumps([kind, key]) + "\\n").encode())
-        os.fsync(fd)
-        os.close(fd)
+        ledger_note(ledger, kind, key)
     s = walstore.open(path, compensators={"refund": lambda a: note("refund", a.key)})
     with s.transaction() as tx:
         tx.put("paid", 40)
