@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import operator
+import sys
 import threading
 from typing import Annotated, TypedDict
 
@@ -53,6 +54,15 @@ async def _cancel_everything_else() -> None:
 
 class _Steps(TypedDict):
     log: Annotated[list, operator.add]
+
+
+# LangGraph hands an async node its run config (the context variable walstore's scope
+# provider reads) only from Python 3.11 (asyncio tasks take a context there); on 3.10 an
+# async node's transactions belong to its thread through langchain_core's
+# set_config_context (GUIDE; test_on_python_3_10_an_async_nodes_booking_... below)
+needs_context_in_async_nodes = pytest.mark.skipif(
+    sys.version_info < (3, 11), reason="LangGraph gives async nodes their run config "
+    "through a context variable only from Python 3.11 (GUIDE: set_config_context on 3.10)")
 
 
 def _session_add(store):
@@ -100,6 +110,7 @@ def test_a_mutation_cancelled_by_a_cancel_all_shutdown_has_finished_when_the_cal
         fileio.set_backend(old)
 
 
+@needs_context_in_async_nodes
 @pytest.mark.parametrize("how", ["to_thread", "run_in_executor_with_context"])
 def test_a_node_booking_from_a_worker_thread_that_carries_the_context_is_rewound(tmp_path, how):
     """Documented (GUIDE, LangGraph): the scope provider reads LangGraph's run config, a
@@ -302,6 +313,7 @@ def test_a_cancel_storm_on_session_writes_leaves_each_write_whole_and_once(tmp_p
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@needs_context_in_async_nodes
 def test_a_node_cancelled_by_its_failing_sibling_books_once_after_rewind_to_the_head(tmp_path):
     """Documented (GUIDE, LangGraph): when a task of a step fails, LangGraph cancels its
     siblings, and a sibling's booking already in a worker thread commits (its charge
@@ -365,4 +377,60 @@ def test_a_node_cancelled_by_its_failing_sibling_books_once_after_rewind_to_the_
             assert await graph.ainvoke(None, cfg) == {"log": ["check", "pay"]}
             assert ledger == [("charge", 1), ("refund", 1), ("charge", 2)]
             assert [k for k, _v in store.scan(prefix="bookings/")] == ["bookings/2"]
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("where", ["in_the_node", "in_a_worker_thread"])
+def test_on_python_3_10_an_async_nodes_booking_belongs_to_its_thread_through_set_config_context(
+        tmp_path, where):
+    """On Python 3.10 LangGraph gives an async node no run config in its context (it
+    cannot: asyncio tasks take a context only from 3.11), so a booking an async node
+    made belonged to no thread — ``saver.rewind`` kept it and refunded nothing (probe on
+    3.10.13: charge kept, booking kept).  The GUIDE's recipe for 3.10, which works on
+    every version: the node takes ``config`` and runs its walstore work in the context
+    ``langchain_core.runnables.config.set_config_context(config)`` gives."""
+    from langchain_core.runnables.config import set_config_context
+    from langgraph.graph import END, START, StateGraph
+    from walstore.integrations.langgraph import WalstoreSaver
+
+    ledger: list[str] = []
+
+    async def run() -> None:
+        with walstore.open(str(tmp_path / "s"), durability="none",
+                           compensators={"refund": lambda a: ledger.append("refund")}
+                           ) as store:
+            saver = WalstoreSaver(store)
+
+            def book() -> None:
+                with store.transaction() as tx:
+                    with tx.action("charge", compensate="refund") as act:
+                        ledger.append("charge")
+                        act.result = {"id": 1}
+                    tx.put("bookings/1", {"room": 12})
+
+            async def plan(state):
+                return {"log": ["plan"]}
+
+            async def pay(state, config):
+                with set_config_context(config) as ctx:
+                    if where == "in_the_node":
+                        ctx.run(book)
+                    else:
+                        await asyncio.get_running_loop().run_in_executor(None, ctx.run, book)
+                return {"log": ["pay"]}
+
+            g = StateGraph(_Steps)
+            g.add_node("plan", plan)
+            g.add_node("pay", pay)
+            g.add_edge(START, "plan")
+            g.add_edge("plan", "pay")
+            g.add_edge("pay", END)
+            graph = g.compile(checkpointer=saver)
+            cfg = {"configurable": {"thread_id": "t"}}
+            await graph.ainvoke({"log": []}, cfg)
+            before_pay = [h async for h in graph.aget_state_history(cfg)
+                          if h.next == ("pay",)][0]
+            await saver.arewind(before_pay.config)
+            assert ledger == ["charge", "refund"]
+            assert store.get("bookings/1") is None
     asyncio.run(run())
