@@ -119,6 +119,20 @@ def test_a_node_booking_from_a_worker_thread_that_carries_the_context_is_rewound
     the step left the booking and ran no refund (probe: charge kept, graph back before the
     step, so the step would book again).  The two recipes the GUIDE gives are rewound and
     compensated."""
+    async def pay(config, book):
+        if how == "to_thread":
+            await asyncio.to_thread(book)
+        else:
+            await asyncio.get_running_loop().run_in_executor(
+                None, contextvars.copy_context().run, book)
+
+    _book_in_a_node_then_rewind(tmp_path, pay)
+
+
+def _book_in_a_node_then_rewind(tmp_path, pay_body) -> None:
+    """A graph plan -> pay whose async ``pay`` node books (a charge with a refund, a key)
+    through ``await pay_body(state_and_config, book)``; rewound to the checkpoint before
+    ``pay``: the booking must be undone and refunded once."""
     from langgraph.graph import END, START, StateGraph
     from walstore.integrations.langgraph import WalstoreSaver
 
@@ -140,12 +154,8 @@ def test_a_node_booking_from_a_worker_thread_that_carries_the_context_is_rewound
             async def plan(state):
                 return {"log": ["plan"]}
 
-            async def pay(state):
-                if how == "to_thread":
-                    await asyncio.to_thread(book)
-                else:
-                    await asyncio.get_running_loop().run_in_executor(
-                        None, contextvars.copy_context().run, book)
+            async def pay(state, config):
+                await pay_body(config, book)
                 return {"log": ["pay"]}
 
             g = StateGraph(_Steps)
@@ -390,47 +400,12 @@ def test_on_python_3_10_an_async_nodes_booking_belongs_to_its_thread_through_set
     every version: the node takes ``config`` and runs its walstore work in the context
     ``langchain_core.runnables.config.set_config_context(config)`` gives."""
     from langchain_core.runnables.config import set_config_context
-    from langgraph.graph import END, START, StateGraph
-    from walstore.integrations.langgraph import WalstoreSaver
 
-    ledger: list[str] = []
+    async def pay(config, book):
+        with set_config_context(config) as ctx:
+            if where == "in_the_node":
+                ctx.run(book)
+            else:
+                await asyncio.get_running_loop().run_in_executor(None, ctx.run, book)
 
-    async def run() -> None:
-        with walstore.open(str(tmp_path / "s"), durability="none",
-                           compensators={"refund": lambda a: ledger.append("refund")}
-                           ) as store:
-            saver = WalstoreSaver(store)
-
-            def book() -> None:
-                with store.transaction() as tx:
-                    with tx.action("charge", compensate="refund") as act:
-                        ledger.append("charge")
-                        act.result = {"id": 1}
-                    tx.put("bookings/1", {"room": 12})
-
-            async def plan(state):
-                return {"log": ["plan"]}
-
-            async def pay(state, config):
-                with set_config_context(config) as ctx:
-                    if where == "in_the_node":
-                        ctx.run(book)
-                    else:
-                        await asyncio.get_running_loop().run_in_executor(None, ctx.run, book)
-                return {"log": ["pay"]}
-
-            g = StateGraph(_Steps)
-            g.add_node("plan", plan)
-            g.add_node("pay", pay)
-            g.add_edge(START, "plan")
-            g.add_edge("plan", "pay")
-            g.add_edge("pay", END)
-            graph = g.compile(checkpointer=saver)
-            cfg = {"configurable": {"thread_id": "t"}}
-            await graph.ainvoke({"log": []}, cfg)
-            before_pay = [h async for h in graph.aget_state_history(cfg)
-                          if h.next == ("pay",)][0]
-            await saver.arewind(before_pay.config)
-            assert ledger == ["charge", "refund"]
-            assert store.get("bookings/1") is None
-    asyncio.run(run())
+    _book_in_a_node_then_rewind(tmp_path, pay)
