@@ -86,7 +86,7 @@ def _state(path: str) -> dict:
 
 
 THREAD_LIMIT = """
-    import json, os, resource, sys, threading
+    import json, os, resource, sys, threading, time
     import walstore, walstore.cli
     path, nth, replicate = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "replicate"
 
@@ -117,6 +117,15 @@ THREAD_LIMIT = """
         os.setuid(UID)
         soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
         def limit():  # the user's tasks so far (this process's threads), (nth - 1) more
+            # (the first store's threads ended first: one still ending when counted left
+            # the limit a thread too loose once it was gone, and the open succeeded — CI)
+            for t in threading.enumerate():
+                if t is not threading.main_thread():
+                    t.join(10)
+            deadline = time.monotonic() + 5
+            while (len(os.listdir("/proc/self/task")) > threading.active_count()
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)  # (a thread threading no longer lists, still exiting)
             resource.setrlimit(resource.RLIMIT_NPROC, (tasks_of_this_user() + nth - 1, hard))
         def lift():
             resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
