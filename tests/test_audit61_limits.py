@@ -333,12 +333,11 @@ def test_a_memory_error_packing_a_value_does_not_spoil_the_next_commit(tmp_path)
 AFTER_THE_COMMIT_POINT = """
     import json, os, sys, walstore
     path, ledger = sys.argv[1], sys.argv[2]
-    def note(kind, key):
-        ledger_note(ledger, kind, key)
-    s = walstore.open(path, compensators={"refund": lambda a: note("refund", a.key)})
+    s = walstore.open(path, compensators={
+        "refund": lambda a: ledger_note(ledger, "refund", a.key)})
     tx = s.transaction()
     with tx.action("charge", args={"amount": 40}, compensate="refund") as act:
-        note("charge", act.key)
+        ledger_note(ledger, "charge", act.key)
         act.result = {"charged": 40}
     tx.put("paid", 40)
     fired = []
@@ -692,13 +691,12 @@ def test_a_memory_error_in_the_applier_is_named_by_the_read_only_store(tmp_path)
 REVERT_COMPENSATIONS = """
     import json, os, sys, walstore
     path, ledger = sys.argv[1], sys.argv[2]
-    def note(kind, key):
-        ledger_note(ledger, kind, key)
-    s = walstore.open(path, compensators={"refund": lambda a: note("refund", a.key)})
+    s = walstore.open(path, compensators={
+        "refund": lambda a: ledger_note(ledger, "refund", a.key)})
     with s.transaction() as tx:
         tx.put("paid", 40)
         with tx.action("charge", compensate="refund") as act:
-            note("charge", act.key)
+            ledger_note(ledger, "charge", act.key)
             act.result = {"charged": 40}
     fired = []
     def hook(frame, event, arg):  # a MemoryError as the committed revert compensates

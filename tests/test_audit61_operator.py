@@ -174,6 +174,16 @@ def test_verbs_beside_a_live_writer_then_its_kill_and_recovery(tmp_path):
     assert not modes(path)
 
 
+def _writer_with_a_workspace(tmp_path, script: str):
+    """(store path, the writer process): ``script`` run as a live writer of a store with
+    a workspace (argv: path, workspace), talking over stdin/stdout."""
+    path, ws = str(tmp_path / "s"), tmp_path / "ws"
+    ws.mkdir(mode=0o700)
+    return path, subprocess.Popen([sys.executable, "-c", script, path, str(ws)],
+                                  env=cli_env(), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+
+
 STOPPED_IN_GC = """
 import sys, walstore
 from walstore.agent.files import gc_exclusive
@@ -196,11 +206,7 @@ def test_a_writer_stopped_in_its_blob_gc_never_hangs_verify_or_backup(tmp_path):
     for it with no bound: a writer stopped while its gc held the lock hung both for as
     long as it stayed stopped (measured: SIGSTOP of a live writer mid-gc, both verbs still
     waiting after 25 s).  They wait a few seconds now, then go on beside it."""
-    path, ws = str(tmp_path / "s"), tmp_path / "ws"
-    ws.mkdir(mode=0o700)
-    w = subprocess.Popen([sys.executable, "-c", STOPPED_IN_GC, path, str(ws)],
-                         env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    path, w = _writer_with_a_workspace(tmp_path, STOPPED_IN_GC)
     try:
         assert w.stdout.readline().strip() == "in gc"
         r = run_cli("verify", path, "--json")
@@ -248,11 +254,7 @@ def test_files_and_diff_beside_a_writer_wait_for_its_tail_to_be_applied(tmp_path
     (measured: 3 `files` in 12, 1 dry run in 8, failed beside a writer committing a file
     change every 0.15 s on average; every one beside a writer committing flat out).
     Beside a live writer they wait a moment for it to apply its tail now, and answer."""
-    path, ws = str(tmp_path / "s"), tmp_path / "ws"
-    ws.mkdir(mode=0o700)
-    w = subprocess.Popen([sys.executable, "-c", HOLDS_ITS_TAIL, path, str(ws)],
-                         env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True)
+    path, w = _writer_with_a_workspace(tmp_path, HOLDS_ITS_TAIL)
     try:
         assert w.stdout.readline().strip() == "ready"
         cmds = [subprocess.Popen([sys.executable, "-c", CLI, *args], env=cli_env(),
