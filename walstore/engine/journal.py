@@ -71,6 +71,9 @@ class Journal:
         if durability == "full":
             wal.after_sync = self.publish
             wal.on_void = self._void
+            # (``make_durable`` is the WAL's sync itself: one call less on every commit;
+            # the pipeline calls it inside its deferred() section)
+            self.make_durable = wal.sync_to_in_section
 
     # ---- appending (callers may hold ``lock`` around validation + append) ---------------
     def append(self, rtype: int, body: dict, txid: int = -1) -> Event:
@@ -164,7 +167,9 @@ class Journal:
     # ---- durability and visibility ------------------------------------------------------
     def make_durable(self, end: int, ticket=None) -> None:
         """What ``commit()`` waits for: the fsync under "full" (LogFailed if it fails;
-        WalWriteError if the buffered record's write failed: nothing committed)."""
+        WalWriteError if the buffered record's write failed: nothing committed).  Under
+        "full" the instance's own (``__init__``): the WAL's ``sync_to_in_section``, for a
+        caller inside a ``deferred()`` section."""
         if self.durability == "full":
             self.wal.sync_to(end, ticket)
 

@@ -180,8 +180,7 @@ class CommitPipeline:
                         make_durable = (journal.make_durable if req.gid is None
                                         else journal.force_durable)
                     try:
-                        self.durable_or_unknown(make_durable, event, req.txid,
-                                                f"transaction {req.txid}'s commit record",
+                        self.durable_or_unknown(make_durable, event, req.txid, None,
                                                 "whether it committed", ticket, undecided)
                         break
                     except Exception:
@@ -211,7 +210,7 @@ class CommitPipeline:
             self.engine.note_background_error(e)
         return event
 
-    def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str,
+    def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str | None,
                            unknown: str, ticket=None, undecided: Prepared | None = None
                            ) -> None:
         """Wait for ``event``'s record to be durable; when the fsync fails, the outcome of
@@ -221,7 +220,8 @@ class CommitPipeline:
         the prepared transaction ``event`` decides (its COMMIT or ROLLBACK_PREPARED,
         taken out of the prepared set when it was appended): if the fsync fails it is put
         back, in doubt (``prepared()`` lists it, ``decision()`` says "prepared") and
-        noted in ``in_doubt``, until the next open decides."""
+        noted in ``in_doubt``, until the next open decides.  ``what``: the record, for
+        the message (None: the commit record of ``txid``, formatted only on failure)."""
         # the event may wait long in the MemTable: it keeps no ticket for the GC to scan
         if ticket is None:
             ticket, event.ticket = event.ticket, None
@@ -232,6 +232,8 @@ class CommitPipeline:
             self._in_doubt_again(undecided)
             why = getattr(self.engine.wal, "failed", None)  # (the OSError the log stopped on)
             why = f" ({why.strerror or why})" if isinstance(why, OSError) else ""
+            if what is None:
+                what = f"transaction {txid}'s commit record"
             raise CommitOutcomeUnknown(
                 f"the fsync of {what} failed{why}: {unknown} is unknown until the store is "
                 f"reopened (recovery decides); the store is now read-only and no compensation "

@@ -383,6 +383,13 @@ class WriteAheadLog:
         with deferred():
             self._sync_to(lsn, ticket)
 
+    def sync_to_in_section(self, lsn: int, ticket: Appended | None = None) -> None:
+        """``sync_to`` for a caller already inside a ``deferred()`` section (the commit
+        pipeline's: every durable commit comes here; a nested section costs two calls)."""
+        if self.synced_lsn >= lsn and self.failed is None and ticket is None:
+            return
+        self._sync_to(lsn, ticket)
+
     def _sync_to(self, lsn: int, ticket: Appended | None) -> None:
         mutex = self._sync_mutex
         me = None  # this caller's wake-up lock, made on its first wait
@@ -423,7 +430,8 @@ class WriteAheadLog:
                         else:  # a leader took the entry and released ``me`` meanwhile
                             me.acquire(blocking=False)  # (under this mutex): consume it,
                             # or the next wait would return at once and queue ``me`` twice
-            self._lead(lsn)
+            if self._lead(lsn) and (ticket is None or ticket.error is None):
+                return  # (what the loop's next pass would find: no second mutex round)
 
     def _lead_is_lost(self, ident: int) -> bool:
         """A lead taken and not led (its thread interrupted, KeyboardInterrupt, between
@@ -444,16 +452,18 @@ class WriteAheadLog:
         elif not self._syncing and self._waiters:
             self._waiters.pop(0)[1].release()
 
-    def _lead(self, lsn: int) -> None:
+    def _lead(self, lsn: int) -> bool:
         """The leader's loop (see ``sync_to``); ``_syncing`` is ours until it returns.
         ``lsn``: the leader's own; when it is not written yet, another thread is writing
         the buffer that holds it (``_flush`` empties the buffer first): taking ``lock``
-        waits for that write, so the round covers it."""
+        waits for that write, so the round covers it.  Returns whether its last round
+        synced (and published) up to ``lsn`` with the log not failed: the caller is done
+        (a buffered record's ticket may still say it was voided)."""
         rounds = 0
         self._in_lead = True
         while True:
             done = None
-            more = False
+            more = covered = False
             try:
                 if self._buffer or self.writer.end_lsn < lsn:
                     with self.lock:
@@ -462,8 +472,9 @@ class WriteAheadLog:
                         except WalWriteError:
                             pass  # voided: their waiters are woken below and raise
                 with self._sync_lock:
-                    target = self.writer.end_lsn
-                    self._fsync(self.writer)
+                    writer = self.writer
+                    target = writer.start_lsn + writer.offset - SEGMENT_HEADER_SIZE  # (end_lsn)
+                    self._fsync(writer)
                     done = target
                 if self.after_sync is not None:
                     self.after_sync(done)  # e.g. publish the batch once, for everyone
@@ -472,24 +483,29 @@ class WriteAheadLog:
                     if done is not None and done > self.synced_lsn:
                         self.synced_lsn = done
                     waiters = self._waiters
-                    if done is None or self.failed is not None:
-                        wake, self._waiters = waiters, []  # they raise LogFailed
-                    else:
-                        synced = self.synced_lsn
-                        wake, rest = [], []
-                        for w in waiters:  # covered, or its record voided: it may go
-                            gone = w[2] is not None and w[2].error is not None
-                            (wake if w[0] <= synced or gone else rest).append(w)
-                        self._waiters = rest
-                        more = bool(rest) and rounds < CHAIN_FSYNCS
-                        if rest and not more:
-                            wake.append(rest.pop(0))  # the next leader
-                    if not more:
+                    failed = done is None or self.failed is not None
+                    covered = not failed and done >= lsn
+                    if not waiters:  # (one writer alone, the common case: nobody to wake)
                         self._syncing = self._in_lead = False
-                    for w in wake:
-                        w[1].release()
+                    else:
+                        if failed:
+                            wake, self._waiters = waiters, []  # they raise LogFailed
+                        else:
+                            synced = self.synced_lsn
+                            wake, rest = [], []
+                            for w in waiters:  # covered, or its record voided: it may go
+                                gone = w[2] is not None and w[2].error is not None
+                                (wake if w[0] <= synced or gone else rest).append(w)
+                            self._waiters = rest
+                            more = bool(rest) and rounds < CHAIN_FSYNCS
+                            if rest and not more:
+                                wake.append(rest.pop(0))  # the next leader
+                        if not more:
+                            self._syncing = self._in_lead = False
+                        for w in wake:
+                            w[1].release()
             if not more:
-                return
+                return covered
             rounds += 1
 
     def sync(self) -> None:
