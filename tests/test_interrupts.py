@@ -203,24 +203,25 @@ def test_a_forked_child_cannot_write_through_its_parents_store(tmp_path):
 
 # ---- a review of the fixes above (a probe, the same session) ------------------------------
 def test_a_handler_that_commits_leaves_the_main_threads_signals_unblocked(tmp_path):
-    """A handler pending when a section begins runs before it (walstore.signals._run_pending);
-    one that committed nested a second section, which overwrote the saved mask with the
-    blocked one: Ctrl-C was dead from then on."""
+    """A handler pending when a section begins runs before it (the section's call of
+    ``walstore.signals._CHECK_SIGNALS``, PyErr_CheckSignals); one that committed nested a
+    second section, which overwrote the saved mask with the blocked one: Ctrl-C was dead
+    from then on."""
     import signal
     import walstore.signals as sig
     s = walstore.open(str(tmp_path / "s"), durability="none")
-    pending = sig._run_pending
+    pending = sig._CHECK_SIGNALS
 
     def a_handler_runs_here():
-        sig._run_pending = pending
+        sig._CHECK_SIGNALS = pending
         with s.transaction() as tx:  # what a SIGALRM handler recording a tick does
             tx.put("tick", 1)
-    sig._run_pending = a_handler_runs_here
+    sig._CHECK_SIGNALS = a_handler_runs_here
     try:
         with s.transaction() as tx:
             tx.put("k", 1)
     finally:
-        sig._run_pending = pending
+        sig._CHECK_SIGNALS = pending
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()
     assert (s.get("tick"), s.get("k")) == (1, 1)
     s.close()

@@ -167,8 +167,8 @@ def _other_threads() -> bool:
     Ctrl-C inside a purge's LMDB swap left the store unreadable).  Counted from
     ``threading``'s tables and from the kernel's (``/proc/self/task``, read at most every
     0.1 s: threads started by ``_thread`` or C code, as execnet's, are in no table)."""
-    known = len(threading._active) + len(threading._limbo)  # type: ignore[attr-defined]
-    if known == _TASKS[2] and _OWN[0] == _TASKS[3] and time.monotonic() < _TASKS[0]:
+    known = len(_active) + len(_limbo)
+    if known == _TASKS[2] and _OWN[0] == _TASKS[3] and _monotonic() < _TASKS[0]:
         return _TASKS[1]  # (as at the last count: the commit path pays ~0.1 µs)
     answer = max(_os_threads(), known) > 1 + _OWN[0]
     _TASKS[1:] = [answer, known, _OWN[0]]
@@ -178,6 +178,9 @@ def _other_threads() -> bool:
 # the last count: (monotonic time it holds until, its answer, threading's tables then,
 # walstore's own threads then)
 _TASKS: list = [-1.0, False, -1, -1]
+_active = threading._active  # type: ignore[attr-defined]  # (threading's tables: the same
+_limbo = threading._limbo  # type: ignore[attr-defined]  # dicts for the process's life)
+_monotonic = time.monotonic
 
 
 def _os_threads() -> int:
@@ -249,21 +252,28 @@ class _Deferred:
         self.depth = 1  # (first: a handler that runs below and uses the store nests)
         if _CAN_BLOCK:
             try:
-                # (``_block`` written out: every commit comes here)
+                # (``_block`` and ``_run_pending`` written out: every commit comes here)
                 if _LIBC is not None:
                     fn, block, old = _LIBC
                     fn(0, block, old)  # SIG_BLOCK
                     self.old = old  # (one buffer: never blocked again while it is held)
                 else:
                     self.old = signal.pthread_sigmask(signal.SIG_BLOCK, _FEW)
-                _run_pending()  # (a handler pending from before runs now, before the section)
+                if _CHECK_SIGNALS is not None:  # (a handler pending from before runs
+                    _CHECK_SIGNALS()  # now, before the section)
             except BaseException:  # (a handler raised: the section never began)
                 old, self.old = self.old, None
                 self.depth = 0
                 _restore_after_failure(old)
                 raise
         try:  # (the count too: with the mask set, another thread may take a signal now)
-            if _other_threads():
+            # (``_other_threads``'s cached answer written out, its call when stale)
+            if (len(_active) + len(_limbo) == _TASKS[2] and _OWN[0] == _TASKS[3]
+                    and _monotonic() < _TASKS[0]):
+                others = _TASKS[1]
+            else:
+                others = _other_threads()
+            if others:
                 _hold_handlers(self.saved)  # (empty here: filled as it swaps)
         except BaseException:  # (a handler raised, in the count or between two swaps: undo)
             saved, self.saved = self.saved, []
@@ -276,13 +286,20 @@ class _Deferred:
         self.depth -= 1
         if not self.depth:
             saved, self.saved = self.saved, []
-            self._end(saved)
+            old, self.old = self.old, None  # (``_end`` written out: every commit comes here)
+            if old is not None:
+                if _LIBC is not None:
+                    _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
+                else:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            if saved or _HELD:
+                _give_back_handlers(saved)
 
     def _end(self, saved: list) -> None:
         self.depth = 0
         if self.old is not None:
             old, self.old = self.old, None
-            if _LIBC is not None:  # (``_restore`` written out: every commit comes here)
+            if _LIBC is not None:
                 _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
             else:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
