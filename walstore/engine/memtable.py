@@ -191,14 +191,11 @@ class MemTable:
         the caller has its body at hand (else read from the event)."""
         self.events.append(event)
         t = event.type
-        if t == _COMMIT:
+        if t == _COMMIT:  # (most events; a plain one, its body packed, names nothing)
             self.commits[event.txid] = event
-        # (not a plain commit: ``event.packed_body is None``, its property written out)
-        if t in _NAMING and (t != _COMMIT or type(event._body) is dict):
-            by_action = self.by_action
-            for aid, part in actions_named(event):
-                by_action.setdefault(aid, []).append(part)
-            if t == _COMMIT:
+            # (not a plain commit: ``event.packed_body is None``, its property written out)
+            if type(event._body) is dict:
+                self._add_named(event)
                 if event.field("reverts"):
                     self.undos.append(event)
                 if event.field("purge_range") is not None:
@@ -206,6 +203,8 @@ class MemTable:
                 gid = event.field("gid")
                 if type(gid) is str:  # (commit_prepared's: its decision)
                     self.decided.setdefault(gid, []).append(event)
+        elif t in _NAMING:
+            self._add_named(event)
         elif t in _ENDS:
             self.ends.setdefault(event.txid, []).append(event)
             gid = event.field("gid")
@@ -228,7 +227,7 @@ class MemTable:
         writes = event.writes  # (``footprint`` written out: every commit comes here)
         self.memory += size + EVENT_COST + (WRITE_COST * len(writes) if writes is not None
                                             else 0)
-        if writes is not None and event.type == _COMMIT:
+        if writes is not None and t == _COMMIT:
             versions = self.versions
             lsn = event.lsn
             if not versions and len(event.writes) > 1:
@@ -248,6 +247,13 @@ class MemTable:
                         old.append((lsn, v))  # O(1): a hot key's chain is never copied
             for aid in event.field("compensate", ()) if claims is None else claims:
                 self.claimed[aid] = event.txid
+
+    def _add_named(self, event: Event) -> None:
+        """Index the action ids ``event`` names (an intent, a result, a compensation, a
+        commit that is not plain)."""
+        by_action = self.by_action
+        for aid, part in actions_named(event):
+            by_action.setdefault(aid, []).append(part)
 
     def void_from(self, lsn: int) -> None:
         """Forget the newest events, from ``lsn`` on: their records were never written
