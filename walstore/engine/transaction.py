@@ -581,17 +581,22 @@ class Transaction:
         only entry of a key (another thread's savepoint() taken between the note and the
         append put the entry in the new level while the old one counted the key: a
         rollback_to then left the write in place — 1 in a few thousand races in CI).
-        Signals held off: an interrupt landing as the lock was taken, before its ``with``
-        began, left it held for good, and another thread's savepoint() waited for ever."""
-        with deferred(), self._undo_lock:
+        The lock is the C lock, taken by a ``with`` (no interrupt between its acquire and
+        the block: walstore.signals).  No signals are held off (a section costs every
+        put under a savepoint two system calls): an interrupt may land between a key's
+        entry and its note in the level, which leaves one entry too many — harmless: a
+        rollback takes a level's entries back newest first, so the oldest, the value
+        before the level, is the one left; a release merging levels keeps the oldest —
+        and never a key noted without its entry (the entry goes in first)."""
+        with self._undo_lock:
             sps = self._savepoints
             if not sps:  # (released meanwhile by another thread: nothing to keep)
                 return
             level, undo, writes = sps[-1].recorded, self._undo, self._writes
             for k in keys:
                 if k not in level:
-                    level.add(k)
                     undo.append((k, writes.get(k, _MISSING)))
+                    level.add(k)
 
     def _count_exactly(self, new: Iterable[tuple[bytes, bytes | None]], key: Any) -> int:
         """The write set's exact size once ``new`` (distinct keys) is written, counting it
