@@ -268,7 +268,8 @@ class CommitPipeline:
     def _before_the_record(self, req: CommitRequest):
         """Phase 1's part outside the journal lock: writable, room, reads against LMDB."""
         eng = self.engine
-        eng.check_writable()
+        if eng.closed or eng.readonly or eng.failure is not None or eng.wal.failed is not None:
+            eng.check_writable()  # (raises the reason; its test written out: every commit)
         mt = eng.memtable  # (``wait_for_room``'s test written out: every commit asks)
         if len(mt.events) >= mt.limit or mt.memory >= mt.max_memory:
             eng.wait_for_room()
@@ -296,7 +297,8 @@ class CommitPipeline:
         # (the journal lock held: ``_append``)
         if self.gate.holder is not None:
             self.gate.wait_open()
-        eng.check_writable()
+        if eng.closed or eng.readonly or eng.failure is not None or eng.wal.failed is not None:
+            eng.check_writable()  # (raises the reason; its test written out: every commit)
         if req.reads:
             self.checker.check_recent(req.txid, req.reads, checked, eng.applied_lsn)
         if req.check is not None:
