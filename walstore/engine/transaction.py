@@ -802,7 +802,8 @@ class Transaction:
                                     f"or rolled back; nothing was undone")
         i = self._find(sp)
         target = self._savepoints[i]
-        for e in self.effects[target.effect_mark:]:
+        effects = self.effects
+        for e in (effects[target.effect_mark:] if len(effects) > target.effect_mark else ()):
             why = getattr(e, "blocks_rollback", None)
             if why:  # (before anything is undone)
                 raise WalstoreError(f"cannot roll back transaction {self.id} to "
@@ -830,20 +831,26 @@ class Transaction:
                     writes[k] = prev
             if taken_out:  # (the write set's key order assumes keys only ever added)
                 self._order_gen += 1
-                self.__dict__.pop("_write_order", None)
+                if self._write_order is not None:  # (tested first: reading ``__dict__``
+                    # builds the instance's dict, and every attribute read after is slower)
+                    self.__dict__.pop("_write_order", None)
             target.recorded.clear()  # (its level's entries were all taken back above)
-            for gone in self._savepoints[i + 1:]:
-                gone.active = False
-                gone.recorded = set()
-            del self._savepoints[i + 1:]
-            crossed = self.effects[target.effect_mark:]
-            del self.effects[target.effect_mark:]
-            # the actions taken out are not in the COMMIT, only their ids (``crossed``):
-            # their args, results and errors no longer count against MAX_ACTION_BYTES
-            for e in crossed:
-                self.action_bytes -= getattr(e, "commit_bytes", CROSSED_ID_BYTES) \
-                    - CROSSED_ID_BYTES
-            if crossed:
+            sps = self._savepoints
+            if len(sps) > i + 1:
+                for gone in sps[i + 1:]:
+                    gone.active = False
+                    gone.recorded = set()
+                del sps[i + 1:]
+            crossed = ()
+            if len(effects) > target.effect_mark:
+                crossed = effects[target.effect_mark:]
+                del effects[target.effect_mark:]
+                # the actions taken out are not in the COMMIT, only their ids
+                # (``crossed``): their args, results and errors no longer count against
+                # MAX_ACTION_BYTES
+                for e in crossed:
+                    self.action_bytes -= getattr(e, "commit_bytes", CROSSED_ID_BYTES) \
+                        - CROSSED_ID_BYTES
                 self._hooks.note_crossed(self, crossed)
         if crossed:
             self._hooks.undo_actions(self, crossed, cause)
