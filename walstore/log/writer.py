@@ -400,7 +400,8 @@ class WriteAheadLog:
                     if ticket is not None and ticket.error is not None:
                         self._abandon(me)  # (a lead handed to us goes on to the next one)
                         ticket.raise_voided()
-                    self.check_usable()
+                    if self.failed is not None:
+                        self.check_usable()  # (raises)
                     if self.synced_lsn >= lsn or lsn > self.written_lsn:
                         return  # (beyond the end: what it waited for was voided)
                     if not self._syncing or self._lead_is_lost(ident):
@@ -465,7 +466,8 @@ class WriteAheadLog:
             done = None
             more = covered = False
             try:
-                if self._buffer or self.writer.end_lsn < lsn:
+                w = self.writer  # (``w.end_lsn`` below written out)
+                if self._buffer or w.start_lsn + w.offset - SEGMENT_HEADER_SIZE < lsn:
                     with self.lock:
                         try:
                             self._flush()
