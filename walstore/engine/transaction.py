@@ -270,6 +270,15 @@ class Transaction:
     # effect: an agent loop taking a savepoint per action paid for all the earlier
     # actions, 16,000 steps in 24 s).  A list of the instance's own once one is noted
     _inner_blockers: "list | tuple" = ()
+    # the savepoints, oldest first, and the undo log of the writes made under them (each
+    # entry a key and its value before the level it was logged at); the undo log and each
+    # savepoint's ``recorded`` keys change in one step against savepoint(), release() and
+    # rollback_to() under ``_undo_lock`` (see ``_keep_before``).  Empty tuples and no lock
+    # until the first savepoint() makes the instance's own (under the end lock, before
+    # the savepoint joins the list: whoever sees a savepoint finds the lock and the log)
+    _savepoints: "list[Savepoint] | tuple" = ()
+    _undo: "list[tuple[bytes, Any]] | tuple" = ()
+    _undo_lock: Any = None
 
     # ranges guarded against commits that land after the snapshot, as a scan's are, but
     # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
@@ -302,8 +311,6 @@ class Transaction:
         self.state = ACTIVE
         self._writes: dict[bytes, bytes | None] = {}
         self._write_bytes = 0  # (see ``_write_trigger``)
-        self._undo: list[tuple[bytes, Any]] = []
-        self._savepoints: list[Savepoint] = []
         self.read_keys: set[bytes] = set()
         # scanned ranges, each once (an ordered set: a transaction polling one prefix kept
         # a range per scan — 100,000 polls held 14 MiB and logged 100,000 ranges in its
@@ -320,9 +327,8 @@ class Transaction:
         # it: the same thread coming in again (a compensator, a signal handler) is refused
         # rather than let through the re-entrant lock
         self._end_lock = _RLock()  # (the C lock: threading.RLock is a wrapper's call)
-        # the undo log and each savepoint's ``recorded`` keys change in one step against
-        # savepoint(), release() and rollback_to() (see ``_keep_before``)
-        self._undo_lock = _RLock()
+        # (``_undo``, ``_savepoints`` and ``_undo_lock``: the class's empty ones until the
+        # first savepoint(); most transactions take none)
 
     @property
     def logged(self) -> bool:
@@ -737,6 +743,10 @@ class Transaction:
             # this savepoint then undid nothing — probe-audit51)
             self._serial += 1
             inside = self._inside() if self._inner_blockers else ()
+            if self._undo_lock is None:  # (the first savepoint: see the class's)
+                self._undo_lock = _RLock()
+                self._undo = []
+                self._savepoints = []
             with self._undo_lock:  # (its level begins where the log ends: no put between)
                 sp = Savepoint(self, name, len(self._undo), self._serial, len(self.effects),
                                inside)
@@ -1258,10 +1268,11 @@ class Transaction:
         self.keepalive = None
         if self._logged:
             self._hooks.effects_ended(self)
-        for sp in self._savepoints:
-            sp.active = False
-            sp.recorded = set()
-        self._savepoints.clear()
+        if self._savepoints:
+            for sp in self._savepoints:
+                sp.active = False
+                sp.recorded = set()
+            self._savepoints.clear()
         fresh = {}  # (made first: the swap below is plain loads and stores, no call)
         old, size = self._writes, self._write_bytes
         self._writes = fresh
@@ -1281,7 +1292,8 @@ class Transaction:
             own.pop("_inner_blockers", None)
         if self.commit_check is not None:  # (set with file_reads; one test per commit)
             del self.file_reads, self.commit_check
-        self._undo.clear()
+        if self._undo:
+            self._undo.clear()
 
     def __repr__(self) -> str:
         return f"<Transaction {self.id} {self.state}>"
