@@ -369,14 +369,49 @@ def plain_txn_row(event: Event, packed_body: bytes) -> bytes:
     its body: a plain body holds only ``tx``, ``ts`` (the clock's float), ``meta`` and
     perhaps ``scope`` (the pipeline writes all but ``scope`` for every commit), which
     ``txn_row`` copies as they are; the row adds ``lsn``, ``end`` and the keys."""
-    tail = pack({"lsn": event.lsn, "end": event.end,  # (pairs pack as arrays)
-                 "w": list(zip(map(_first, event.writes or ()), _NONES))})
+    writes = event.writes or ()
+    packed_w = _packed_key_list(writes) if len(writes) >= _JOINED_KEYS else None
+    if packed_w is None:
+        tail = pack({"lsn": event.lsn, "end": event.end,  # (pairs pack as arrays)
+                     "w": list(zip(map(_first, writes), _NONES))})
+    else:  # (the same bytes: "w" last, its array packed by _packed_key_list)
+        tail = b"".join((b"\x83", pack({"lsn": event.lsn, "end": event.end})[1:],
+                         _W_KEY, packed_w))  # (a fixmap of three: its header, then them)
     n = packed_body[0] - 0x80
     if 0 <= n <= 12:  # a fixmap, as a plain body always is: the three entries join it
         return b"".join((_FIXMAP_3[n], packed_body[1:], tail[1:]))
     return extend_map(packed_body, unpack(tail))
 
 
+def _packed_key_list(writes) -> bytes | None:
+    """``pack([[k, None] for k, _v in writes])`` of many writes whose keys are all bytes
+    of one length below 256 (a bulk load's, usually), joined in one C call: each pair is
+    the same 3-byte head (a 2-array, a bin 8 of that length), the key, then nil: the
+    keys joined with nil and the next head between them — no
+    tuple per key (for the collector to scan, then free) and no packing of 100,000
+    pairs one by one.  None when the keys are not so (the caller packs them)."""
+    keys = list(map(_first, writes))
+    lengths = set(map(len, keys))
+    if len(lengths) != 1 or type(keys[0]) is not bytes:
+        return None
+    size = lengths.pop()
+    if size >= 256:
+        return None
+    n = len(keys)
+    try:
+        body = bytes((0xC0, 0x92, 0xC4, size)).join(keys)
+    except TypeError:  # (a key not bytes-like: packed the usual way)
+        return None
+    if len(body) != n * size + (n - 1) * 4:  # (a key of another type: not all bytes)
+        return None
+    head = (bytes((0x90 | n,)) if n < 16 else b"\xdc" + _U16.pack(n) if n < 0x10000
+            else b"\xdd" + _U32.pack(n))
+    return b"".join((head, b"\x92\xc4", bytes((size,)), body, b"\xc0"))
+
+
+_JOINED_KEYS = 64  # from this many writes a plain commit's "w" is joined (_packed_key_list)
+_W_KEY = pack("w")
+_U32 = struct.Struct(">I")
 _first = operator.itemgetter(0)
 _NONES = itertools.repeat(None)  # (endless: zip stops at the keys' end)
 _FIXMAP_3 = tuple(bytes((0x80 + n + 3,)) for n in range(13))  # a fixmap's header, 3 more
