@@ -113,3 +113,43 @@ def test_bulk_load_recovered_from_its_chunks_without_an_apply(tmp_path):
         for i in range(0, 60000, 997):
             assert s.get(b"key:%016d" % i) == b"v%d" % i * 10
         assert s.get(b"key:%016d" % 59999) == b"v59999" * 10
+
+
+def test_pack_items_short_bytes_lane_is_the_general_packing():
+    """Bytes keys with bytes values under 256 bytes take a lane of their own (the value's
+    bin 8 head joined, no Packer call): the same dict as encode_key/pack_value give, for
+    every length around its edges, beside pairs of every other kind."""
+    from walstore.codec import MAX_KEY_BYTES, encode_key, pack_items, pack_value
+    pairs = [(b"k" * n, b"v" * m) for n in (1, 2, MAX_KEY_BYTES) for m in (0, 1, 255, 256,
+                                                                          70000)]
+    pairs += [("str-key", b"x" * 10), (b"b", "text"), (b"i", 7), (b"d", {"a": [1, b"z"]}),
+              (b"k" * 3, b"again" * 3), (b"k" * 3, b"last")]  # (a repeated key: the last)
+    got = pack_items(pairs)
+    want = {}
+    for k, v in pairs:
+        want[encode_key(k)] = pack_value(v, k)
+    assert got == want and list(got) == list(want)
+
+
+def test_pack_items_short_bytes_lane_keeps_the_checks():
+    from walstore.codec import MAX_KEY_BYTES, pack_items
+    with pytest.raises(Exception) as lane:
+        pack_items([(b"", b"v")])
+    with pytest.raises(Exception) as general:
+        pack_items([(b"", 1)])
+    assert type(lane.value) is type(general.value)
+    with pytest.raises(Exception) as lane:
+        pack_items([(b"k" * (MAX_KEY_BYTES + 1), b"v")])
+    with pytest.raises(Exception) as general:
+        pack_items([(b"k" * (MAX_KEY_BYTES + 1), 1)])
+    assert type(lane.value) is type(general.value) and str(lane.value) == str(general.value)
+    with pytest.raises(TypeError, match="update\\(\\) takes a mapping"):
+        pack_items([(b"k", b"v"), b"kv!"])
+    seen = []
+
+    def over(size):
+        seen.append(size)
+        raise OverflowError(size)
+    with pytest.raises(OverflowError):  # (the bound met in the lane, before the next pair)
+        pack_items(((b"k%d" % i, b"v" * 200) for i in range(10**6)), 10_000, over)
+    assert seen and seen[0] > 10_000 and seen[0] < 10_000 + 400

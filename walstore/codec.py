@@ -70,6 +70,7 @@ def _release_packer() -> None:
 
 
 _SCALARS = frozenset({str, bytes, int, float, bool, type(None)})
+_BIN8 = tuple(b"\xc4" + bytes((n,)) for n in range(256))  # msgpack's bin 8 heads by length
 
 
 def encode_key(key: Any) -> bytes:
@@ -258,27 +259,32 @@ def pack_items(pairs: Iterable, limit: int | None = None,
         except (TypeError, ValueError):
             raise TypeError(f"update() takes a mapping or (key, value) pairs, not "
                             f"{pair!r}") from None
-        t = type(key)
-        if t is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+        if (type(value) is bytes and len(value) < 256 and type(key) is bytes
+                and 0 < len(key) <= MAX_KEY_BYTES):  # (a bulk load's pairs, in short)
             k = _BYTES + key
-        elif t is str and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
-            k = _STR + key.encode()
+            packed = _BIN8[len(value)] + value  # (bin 8: what packb gives, no call)
         else:
-            k = encode_key(key)
-        if type(value) in _SCALARS:  # (no map inside: nothing that could fail to read back)
-            try:
-                packed = packb(value)
-            except BaseException:  # (a new Packer: a MemoryError may leave the old one's
-                _release_packer()  # output in its buffer, see _packer)
-                packb = _packer().pack
-                packed = pack_value(value, key)  # (raises, naming the key and the problem)
-            if len(packed) > RELEASE_PACKER_BYTES:
-                _release_packer()
-                packb = _packer().pack
-                if len(packed) > MAX_VALUE_BYTES:
-                    pack_value(value, key)  # (raises)
-        else:
-            packed = pack_value(value, key)
+            t = type(key)
+            if t is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+                k = _BYTES + key
+            elif t is str and 0 < len(key) <= MAX_KEY_BYTES and key.isascii():
+                k = _STR + key.encode()
+            else:
+                k = encode_key(key)
+            if type(value) in _SCALARS:  # (no map inside: nothing that could fail to read back)
+                try:
+                    packed = packb(value)
+                except BaseException:  # (a new Packer: a MemoryError may leave the old one's
+                    _release_packer()  # output in its buffer, see _packer)
+                    packb = _packer().pack
+                    packed = pack_value(value, key)  # (raises, naming the key and the problem)
+                if len(packed) > RELEASE_PACKER_BYTES:
+                    _release_packer()
+                    packb = _packer().pack
+                    if len(packed) > MAX_VALUE_BYTES:
+                        pack_value(value, key)  # (raises)
+            else:
+                packed = pack_value(value, key)
         if exact:
             old = out.get(k)
             if old is not None:  # (a key repeated: its earlier value goes)
