@@ -153,3 +153,38 @@ def test_pack_items_short_bytes_lane_keeps_the_checks():
     with pytest.raises(OverflowError):  # (the bound met in the lane, before the next pair)
         pack_items(((b"k%d" % i, b"v" * 200) for i in range(10**6)), 10_000, over)
     assert seen and seen[0] > 10_000 and seen[0] < 10_000 + 400
+
+
+def test_bulk_commit_into_an_idle_memtable_keeps_one_version_per_key(tmp_path):
+    """The MemTable's bulk entry (its versions built in C): each key's chain is one
+    (lsn, packed value) in a tuple of its own, the reads and the per-key last-commit LSN
+    the conflict checks use are the per-key path's, and all leave at the apply."""
+    items = _items(3000)
+    with walstore.open(tmp_path / "s", apply_interval=3600, apply_batch=10**6) as s:
+        with s.transaction() as tx:
+            tx.update(items)
+        mt = s._engine.memtable
+        event = next(e for e in mt.events if e.txid == tx.id and e.type == 1)
+        versions = mt.versions
+        assert len(versions) == len(items)
+        chains = {id(c) for c in versions.values()}
+        assert len(chains) == len(items)  # (no chain shared between keys)
+        for k, v in event.writes:
+            assert versions[k] == ((event.lsn, v),) and type(versions[k]) is tuple
+        # a second commit over a loaded key: its chain grows as the per-key path's does
+        k0, v0 = items[0]
+        with s.transaction() as tx2:
+            tx2.put(k0, b"second")
+        assert s.get(k0) == b"second"
+        # a transaction that read the key before that commit conflicts with it
+        t3 = s.transaction()
+        assert t3.get(items[1][0]) == items[1][1]
+        with s.transaction() as tx4:
+            tx4.put(items[1][0], b"other")
+        t3.put(items[1][0], b"mine")
+        with pytest.raises(walstore.ConflictError):
+            t3.commit()
+        s._engine.drain()
+        assert not mt.versions
+        assert s.get(k0) == b"second" and s.get(items[1][0]) == b"other"
+        assert all(s.get(k) == v for k, v in items[2:])
