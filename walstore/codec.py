@@ -271,13 +271,14 @@ def pack_items(pairs: Iterable, limit: int | None = None,
                 k = _STR + key.encode()
             else:
                 k = encode_key(key)
-            if type(value) in _SCALARS:  # (no map inside: nothing that could fail to read back)
-                try:
+            if type(value) in _SCALARS:  # (no map inside: nothing that could fail to
+                try:                        # read back)
                     packed = packb(value)
-                except BaseException:  # (a new Packer: a MemoryError may leave the old one's
-                    _release_packer()  # output in its buffer, see _packer)
+                except BaseException:  # (a new Packer: a MemoryError may leave the old
+                    _release_packer()  # one's output in its buffer, see _packer)
                     packb = _packer().pack
-                    packed = pack_value(value, key)  # (raises, naming the key and the problem)
+                    packed = pack_value(value, key)  # (raises, naming the key and the
+                    # problem)
                 if len(packed) > RELEASE_PACKER_BYTES:
                     _release_packer()
                     packb = _packer().pack
