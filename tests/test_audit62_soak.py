@@ -43,3 +43,36 @@ def test_file_claims_stay_bounded_on_a_fixed_set_of_paths(tmp_path, monkeypatch)
         assert seen[4 * n][name] <= bound, (name, seen)
     assert seen[4 * n]["under"] <= 2 * bound, seen  # (two parent directories per path)
     assert seen[4 * n]["claims"] <= 10, seen
+
+
+def test_watch_manifest_cache_keeps_only_what_retention_keeps(tmp_path):
+    """``Files._manifest_refs`` (saved watch() manifest -> the blobs it names, for the
+    gc) was bounded only by MANIFEST_REFS_KEPT blob names: a store kept open held an
+    entry for every watch() since its open, retention or not (400 watches with
+    ``retain_transactions=50``: 400 entries), and a manifest naming no blob (a tree of
+    directories only) counted nothing toward the cap, so those grew without any bound.
+    The gc now drops the entries of manifests nothing retained names."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    n = 40
+    seen = {}
+    with walstore.open(str(tmp_path / "st"), durability="none", retain_transactions=10,
+                       checkpoint_bytes=64 * 1024, segment_size=64 * 1024) as s:
+        ws = s.workspace(str(root))
+        i = 0
+        for target in (n, 4 * n):
+            while i < target:
+                with s.transaction() as tx:
+                    with tx.files(ws).watch():
+                        (root / f"d{i}" / "sub").mkdir(parents=True)
+                        if i >= 3:
+                            (root / f"d{i - 3}" / "sub").rmdir()
+                            (root / f"d{i - 3}").rmdir()
+                i += 1
+                if i % 10 == 0:
+                    s.checkpoint()
+            seen[target] = len(s._files._manifest_refs)
+        assert sorted(p.name for p in root.iterdir()) == [f"d{j}" for j in
+                                                          range(4 * n - 3, 4 * n)]
+    assert seen[4 * n] <= 12, seen  # (retention's 10, and a watch in flight)
+    assert seen[4 * n] <= seen[n] + 2, seen

@@ -1944,12 +1944,14 @@ class Files:
             horizon = eng.state.meta_int(b"horizon")
             written = self.blobs.bytes_written
             unread: set[str] = set()
-            refs = self.referenced(unread_out=unread)
+            manifests: set[str] = set()
+            refs = self.referenced(manifests_out=manifests, unread_out=unread)
             if unread:  # (what only it names would be taken for garbage: kept, all)
                 return {"blobs_gc": f"skipped (a saved watch manifest does not load: "
                                     f"{', '.join(sorted(d[:12] for d in unread))}; "
                                     f"`walstore verify` names it)"}
             res = self.blobs.gc(refs)
+            self._forget_manifests(manifests)
             self._gc_horizon = horizon
             self._gc_written, self._gc_kept = written, res.kept_bytes
             return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
@@ -2015,6 +2017,21 @@ class Files:
         if manifests_out is not None:
             manifests_out.update(manifests)
         return refs
+
+    def _forget_manifests(self, kept: set[str]) -> None:
+        """The gc: drop from ``_manifest_refs`` the saved manifests nothing retained names
+        any more (``kept``: those ``referenced`` found; the others' blobs are gone with
+        this gc, and no later gc asks for them).  Only the MANIFEST_REFS_KEPT cap bounded
+        the cache, counted in blob names: a store kept open with retention held every
+        watch()'s manifest since its open (a probe: 400 watches, retention 50, 400
+        entries), and a manifest naming no blob (a tree of directories and symlinks)
+        counted nothing, so those grew without any bound."""
+        cache = self._manifest_refs
+        gone = [d for d in cache if d not in kept]
+        for d in gone:
+            self._manifest_refs_count -= len(cache.pop(d))
+        if gone and len(self._manifest_names) > 2 * self._manifest_refs_count + 1024:
+            self._manifest_names = {n: n for names in cache.values() for n in names}
 
     def _manifest_digests(self, digest: str, manifest: Manifest | None = None
                           ) -> frozenset[str]:
