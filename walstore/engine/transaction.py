@@ -155,7 +155,11 @@ class Savepoint:
     def __init__(self, tx: "Transaction", name: str | None, undo_len: int, serial: int,
                  effect_mark: int, inside: tuple = ()) -> None:
         self.name = name
-        self._tx = tx
+        # (weakly: the transaction holds its savepoints, and a strong reference back made a
+        # cycle — a transaction dropped after a savepoint stayed alive, its undo log and
+        # its file claims held against every other transaction, until the cyclic gc ran;
+        # without one it is freed, and rolled back, at once — audit 62)
+        self._tx_ref = weakref.ref(tx)
         self._undo_len = undo_len
         self._serial = serial
         self.effect_mark = effect_mark  # how many effects (actions, file changes) existed
@@ -170,31 +174,37 @@ class Savepoint:
         # write set, past every bound of the transaction — probe-audit54)
         self.recorded: set[bytes] = set()
 
+    @property
+    def _tx(self) -> "Transaction | None":
+        """Its transaction (None once that was dropped and freed)."""
+        return self._tx_ref()
+
     def __enter__(self) -> "Savepoint":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if not self.active or self._tx.state != ACTIVE:
+        tx = self._tx
+        if not self.active or tx is None or tx.state != ACTIVE:
             return False
-        if exc_type is not None and self._tx.gid is not None:
+        if exc_type is not None and tx.gid is not None:
             # prepared inside the block (it voted yes): its write set is fixed until its
             # coordinator decides, as the ``with`` transaction's end leaves it; the block's
             # exception goes on (a rollback_to here raised TransactionClosed in its place,
             # the caller's error only as its context — probe-audit54)
-            self._tx.release(self)
+            tx.release(self)
             return False
         if exc_type is not None:
             try:
-                self._tx.rollback_to_on(self, exc)
+                tx.rollback_to_on(self, exc)
             except (CompensationFailed, FileConflictError):
                 # the writes after it were undone and its effects' undo was tried (some
                 # failed: owed, listed): the block still ends, so the savepoint goes with
                 # it (left active, a later ``rollback_to(name)`` outside the block undid
                 # the transaction's writes since — probe-audit48)
-                if self.active and self._tx.state == ACTIVE:
-                    self._tx.release(self)
+                if self.active and tx.state == ACTIVE:
+                    tx.release(self)
                 raise
-        self._tx.release(self)
+        tx.release(self)
         return False
 
     def __repr__(self) -> str:
@@ -771,9 +781,11 @@ class Transaction:
 
     def _find(self, sp: Savepoint | str) -> int:
         if isinstance(sp, Savepoint):
-            if sp._tx is not self:  # (it said "no longer active" of one still active in
+            owner = sp._tx
+            if owner is not self:  # (it said "no longer active" of one still active in
                 # its own transaction — probe-audit48)
-                raise ValueError(f"{sp!r} belongs to transaction {sp._tx.id}, not to "
+                raise ValueError(f"{sp!r} belongs to transaction "
+                                 f"{'(dropped)' if owner is None else owner.id}, not to "
                                  f"transaction {self.id}; nothing was changed")
             for i in range(len(self._savepoints) - 1, -1, -1):
                 if self._savepoints[i] is sp:
