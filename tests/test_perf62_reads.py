@@ -292,3 +292,46 @@ def test_a_read_only_store_reads_what_the_writer_committed(tmp_path):
             r.close()
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("overlay", [False, True])
+def test_transaction_reads_every_key_kind_as_encode_key(tmp_path, overlay):
+    """``tx.get`` writes out the same key case and decoder try; its snapshot read skips
+    the overlay when it is empty."""
+    s = walstore.open(str(tmp_path / "s"), **IDLE)
+    try:
+        with s.transaction() as tx:
+            for i, key in enumerate(KEYS):
+                tx.put(bytes(key) if not isinstance(key, str) else key, {"i": i})
+            tx.put("ints", {1: 2})
+        if not overlay:
+            s.checkpoint()
+        with s.transaction() as tx:
+            for i, key in enumerate(KEYS):
+                assert tx.get(key) == {"i": i} == tx[key] and key in tx
+            assert tx.get("ints") == {1: 2} and tx.get(b"absent", 5) == 5
+            for key in BAD_KEYS:
+                got, want = _outcome(tx.get, key), _outcome(encode_key, key)
+                assert got == want and got[0] in (TypeError, ValueError), (key, got)
+            assert encode_key(b"k") in tx.read_keys
+    finally:
+        s.close()
+
+
+def test_a_snapshot_read_beside_newer_commits_in_the_overlay_and_in_lmdb(tmp_path):
+    s = walstore.open(str(tmp_path / "s"), **IDLE)
+    try:
+        with s.transaction() as tx:
+            tx.put(b"a", 1)
+        s.checkpoint()
+        held = s.transaction()
+        assert held.get(b"a") == 1  # (its snapshot taken: the overlay empty)
+        with s.transaction() as tx:
+            tx.put(b"a", 2)
+        assert held.get(b"a") == 1  # (a newer version in the overlay: not seen)
+        s.checkpoint()
+        assert not s._engine.memtable.versions
+        assert held.get(b"a") == 1 and s.get(b"a") == 2  # (LMDB's history: not seen)
+        held.rollback()
+    finally:
+        s.close()

@@ -111,9 +111,11 @@ class StateReader:
         raise SnapshotTooOld when a purge applied after ``at`` may have erased what this
         reads (a transaction's reads must be one state that existed; a view of the past
         reads a purged key as absent, which is what a purge promises)."""
-        found, v = self.memtable.visible(key, at)
-        if found:
-            return v
+        mt = self.memtable
+        if mt.versions:  # (an empty overlay, as after a reopen: no call, no hash of ``key``)
+            found, v = mt.visible(key, at)
+            if found:
+                return v
         st = self.state
         return st.run_read(_lmdb_value_as_of, st, key, at, purges)
 
@@ -317,7 +319,7 @@ def _lmdb_value_as_of(txn, st: LmdbState, key: bytes, at: int, purges: bool = Fa
         if cur.set_range(tables.hist_key(key, at)) and tables.is_version_of(
                 cur.key(), tables.hist_prefix(key)):
             return tables.unpack_row(cur.value(), "hist", cur.key(), st.data_file)[1]
-    return txn.get(key, db=st.data)
+    return txn.get(key, None, st.data)  # (positional: py-lmdb parses keywords slowly)
 
 
 def _check_horizon(txn, st: LmdbState, at: int, purges: bool = False, lo: bytes = b"",
