@@ -42,6 +42,7 @@ WRITE_OVERHEAD = 16
 ACTION_ROW_BYTES = 256  # what an action's row adds besides those (ids, key, state, ts...)
 
 _STR, _BYTES = b"s", b"b"
+# (the two tags are on-disk format: Store.get and Transaction.get write ``_BYTES + key`` out)
 _local = threading.local()
 # a Packer keeps its buffer's capacity after packing (about twice the largest output it
 # ever made) for its thread's life: past this many bytes out, the thread's Packer is

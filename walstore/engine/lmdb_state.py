@@ -853,11 +853,11 @@ class LmdbState:
 
     def get_value(self, key: bytes) -> bytes | None:
         """One value of the data table: :meth:`get` with the gate's fast path written out
-        (``store[key]`` and ``key in store`` come here; ``Store.get`` has these steps
-        written out once more, a call less per read; the slow path is the same code).  The
-        same steps as :meth:`run_read`, kept apart on purpose: ``run_read(_get, key)``
-        costs a call more per read (1.47 against 1.24 µs a ``store.get``, measured).  A
-        change to the gate's protocol changes all three (and ``ReadGate.step_in``)."""
+        (``store.get``, ``store[key]`` and ``key in store`` come here; the slow path is the
+        same code).  The same steps as :meth:`run_read`, kept apart on purpose:
+        ``run_read(_get, key)`` costs a call more per read (1.47 against 1.24 µs a
+        ``store.get``, measured).  A change to the gate's protocol changes both (and
+        ``ReadGate.step_in``)."""
         gate = self.gate
         try:
             slot = gate._local.slot

@@ -441,7 +441,7 @@ class Transaction:
     def get(self, key: Key, default: Any = None) -> Any:
         self._check_active()
         if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
-            k = b"b" + key  # (codec's bytes tag: ``encode_key``'s first case, a call less)
+            k = b"b" + key  # (``encode_key``'s first case: codec._BYTES, the tag)
         else:
             k = encode_key(key)
         v = self._writes.get(k, _MISSING)  # (one lookup: a test then a lookup raised
