@@ -276,8 +276,8 @@ class _Deferred:
             if others:
                 _hold_handlers(self.saved)  # (empty here: filled as it swaps)
         except BaseException:  # (a handler raised, in the count or between two swaps: undo)
-            saved, self.saved = self.saved, []
-            self._end(saved)
+            self.depth = 1  # (the whole section ends, whatever a handler nested meanwhile)
+            self.__exit__()
             raise
 
     def __exit__(self, *exc) -> None:
@@ -286,7 +286,7 @@ class _Deferred:
         self.depth -= 1
         if not self.depth:
             saved, self.saved = self.saved, []
-            old, self.old = self.old, None  # (``_end`` written out: every commit comes here)
+            old, self.old = self.old, None
             if old is not None:
                 if _LIBC is not None:
                     _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
@@ -294,17 +294,6 @@ class _Deferred:
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
             if saved or _HELD:
                 _give_back_handlers(saved)
-
-    def _end(self, saved: list) -> None:
-        self.depth = 0
-        if self.old is not None:
-            old, self.old = self.old, None
-            if _LIBC is not None:
-                _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
-            else:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        if saved or _HELD:
-            _give_back_handlers(saved)
 
 
 _DEFERRED = _Deferred()
