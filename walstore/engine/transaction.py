@@ -218,7 +218,9 @@ class _Seal:
 
     __slots__ = ("writes", "lookup", "racers", "source", "size", "changed")
 
-    def __init__(self) -> None:
+    def __init__(self, tx: "Transaction") -> None:
+        """Takes ``tx``'s write set (``Transaction.seal_writes``): ``tx._seal`` is this
+        from the moment its fields a racing write reads are set."""
         self.writes: list | None = None
         self.lookup: dict | None = None
         # the id() of the write-set dict the copy was taken of, and the transaction's
@@ -227,86 +229,93 @@ class _Seal:
         # the dict: a write into the new one is in no commit), and the end keeps
         # ``writes`` when the dict changed after the copy (``changed``, set by the end:
         # a write there will come to check itself, then drop them; a writer interrupted
-        # before its check leaves them to the transaction object's life)
-        self.source = 0
-        self.size = 0
+        # before its check leaves them to the transaction object's life): set below
         self.changed = False
         # one entry per racing write waiting to check itself against ``writes``: the end
         # of the commit keeps them for it, else drops them (a committed transaction its
         # caller keeps holds none of its writes)
         self.racers: list = []
+        tx._seal = self  # (seen by every write after this line)
+        # (a copy in one C step first: a list made by iterating the live dict raised
+        # RuntimeError, "dictionary changed size during iteration", when another thread
+        # wrote meanwhile — the collector can run Python code between two items)
+        source = tx._writes
+        self.source = id(source)
+        self.size = tx._write_bytes  # (read before the copy: a write between the two
+        # reads counts as changed, never the other way round)
+        self.writes = list(source.copy().items())
 
 
 class Transaction:
     """A unit of work; commit on ``with`` exit, roll back on an exception (a prepared one
     is left in doubt for its coordinator: see ``__exit__``)."""
 
-    _seal: _Seal | None = None  # set once a commit or prepare takes the write set
+    # The attributes the common paths read (a commit reads ~25 of them) are slots, set in
+    # __init__: CPython 3.11 specializes no read of a class attribute
+    # through an instance (each was a generic lookup, the type's then the instance's
+    # dict, ~170 instructions: ~4k of an empty transaction's ~27k), a slot's read and
+    # store it does.  The rest stay class attributes, set per instance once changed
+    # (every transaction began by storing them all, and past 30 attributes its instance
+    # dict was built over again at its first new one).  The slots:
+    # - ``_seal``: set once a commit or prepare takes the write set (a _Seal)
+    # - ``lsn``, ``gid``: the commit's LSN; the gid it is prepared as
+    # - ``_snapshot``: the LSN it reads at, from its first read
+    # - ``_logged``: wrote a record before commit (an intent, a before-image)
+    # - ``_request``: the commit() under way or done (a CommitRequest)
+    # - ``_ending``: the end call under way (see ``_end_lock`` in __init__)
+    # - ``_write_trigger``: the write set's size as MAX_TXN_WRITE_BYTES counts it is
+    #   bounded at each write: ``_write_bytes`` is an upper bound of it (each write adds
+    #   its key and value, a rewrite's old value is not taken off: no lookup on the hot
+    #   path); once the bound passes this trigger (MAX_TXN_WRITE_BYTES), the trigger drops
+    #   to -1 and the size is counted exactly from then on (``_count_exactly``, a lookup
+    #   per write)
+    # - ``_write_order``: the write set's key order for scans, made by the first scan of
+    #   a large write set (``_writes_in``); dropped when keys leave the write set
+    #   (``rollback_to``)
+    # - ``_inner_blockers``: the effects that joined ``effects`` with
+    #   ``blocks_inner_rollback`` (an open watch()): ``note_inner_blocker``.  A savepoint
+    #   looks only at these (it tested every effect: an agent loop taking a savepoint per
+    #   action paid for all the earlier actions, 16,000 steps in 24 s); a list once one
+    #   is noted
+    # - ``_savepoints``, ``_undo``, ``_undo_lock``: the savepoints, oldest first, and the
+    #   undo log of the writes made under them (each entry a key and its value before the
+    #   level it was logged at); the undo log and each savepoint's ``recorded`` keys
+    #   change in one step against savepoint(), release() and rollback_to() under
+    #   ``_undo_lock`` (see ``_keep_before``).  Empty tuples and no lock until the first
+    #   savepoint() makes the transaction's own (under the end lock, before the savepoint
+    #   joins the list: whoever sees a savepoint finds the lock and the log)
+    # - ``guard_ranges``: ranges guarded against commits that land after the snapshot, as
+    #   a scan's are, but not against prepared transactions' holds (an undo's whole
+    #   scope; see ReadSet)
+    # - ``guard_scopes``: the scopes an undo guards whole, keys or not (ReadSet.scopes;
+    #   None: every commit)
+    # - ``undo_fence``: the scope this transaction works for, fenced against undo: a
+    #   rewind of it or a purge across it committed after this began makes the commit
+    #   conflict (ReadSet.fence)
+    # - ``guard_files``: an undo restoring files: any commit that changed files since its
+    #   snapshot conflicts (the file history it planned from ends there; ReadSet.files)
+    # - ``file_reads``, ``commit_check``: workspace paths this transaction read
+    #   (``tx.files(ws).read``/``exists``), and the check its commit runs on them under
+    #   the journal lock (CommitRequest.check): set by walstore.agent.files at the first
+    #   such read
+    __slots__ = ("__dict__", "__weakref__", "_seal", "lsn", "gid", "_snapshot", "_logged",
+                 "_request", "_ending", "_write_trigger", "_write_order", "_inner_blockers",
+                 "_savepoints", "_undo", "_undo_lock", "guard_ranges", "guard_scopes",
+                 "undo_fence", "guard_files", "file_reads", "commit_check")
 
-    # Each transaction's starting values that are immutable, as class attributes: set
-    # per instance only once changed (every transaction began by storing them all, and
-    # past 30 attributes its instance dict was built over again at its first new one)
-    lsn: int | None = None
-    gid: str | None = None
-    _serial = 0
-    _snapshot: int | None = None
+    _serial = 0          # numbers its savepoints
     actions_begun = 0    # numbers action ids
     action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
-    _logged = False      # wrote a record before commit (an intent, a before-image)
     undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
-    _request: "CommitRequest | None" = None  # the commit() under way or done
-    _ending: str | None = None  # the end call under way (see ``_end_lock`` in __init__)
     closed_by_store = False  # rolled back by the store's close() (end_at_close)
     _unknown_of = "its COMMIT"  # outcome unknown: the record whose fsync failed
     # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
     # its object, not its ident, which a later thread may be given again
     thread: "weakref.ref | None" = None
-
-    # the write set's size as MAX_TXN_WRITE_BYTES counts it is bounded at each write:
-    # ``_write_bytes`` is an upper bound of it (each write adds its key and value, a
-    # rewrite's old value is not taken off: no lookup on the hot path); once the bound
-    # passes this trigger, the transaction's own trigger drops to -1 and its size is
-    # counted exactly from then on (``_count_exactly``, a lookup per write).  (A class
-    # attribute: the instance's dict stays small; an attribute more costs every put.)
-    _write_trigger = MAX_TXN_WRITE_BYTES
-    # the write set's key order for scans, made by the first scan of a large write set
-    # (``_writes_in``); dropped when keys leave the write set (``rollback_to``)
-    _write_order: "_WriteOrder | None" = None
     # counts the rollback_to()s that took keys out of the write set: a key order made
     # before one (perhaps by another thread's scan, while its keys were being taken out)
     # is not used (``_writes_in``)
     _order_gen = 0
-    # the effects that joined ``effects`` with ``blocks_inner_rollback`` (an open
-    # watch()): ``note_inner_blocker``.  A savepoint looks only at these (it tested every
-    # effect: an agent loop taking a savepoint per action paid for all the earlier
-    # actions, 16,000 steps in 24 s).  A list of the instance's own once one is noted
-    _inner_blockers: "list | tuple" = ()
-    # the savepoints, oldest first, and the undo log of the writes made under them (each
-    # entry a key and its value before the level it was logged at); the undo log and each
-    # savepoint's ``recorded`` keys change in one step against savepoint(), release() and
-    # rollback_to() under ``_undo_lock`` (see ``_keep_before``).  Empty tuples and no lock
-    # until the first savepoint() makes the instance's own (under the end lock, before
-    # the savepoint joins the list: whoever sees a savepoint finds the lock and the log)
-    _savepoints: "list[Savepoint] | tuple" = ()
-    _undo: "list[tuple[bytes, Any]] | tuple" = ()
-    _undo_lock: Any = None
-
-    # ranges guarded against commits that land after the snapshot, as a scan's are, but
-    # not against prepared transactions' holds (an undo's whole scope; see ReadSet)
-    guard_ranges: tuple | list = ()
-    # the scopes an undo guards whole, keys or not (ReadSet.scopes; None: every commit)
-    guard_scopes: tuple | list = ()
-    # the scope this transaction works for, fenced against undo: a rewind of it or a purge
-    # across it committed after this began makes the commit conflict (ReadSet.fence)
-    undo_fence: Any = None
-    # an undo restoring files: any commit that changed files since its snapshot conflicts
-    # (the file history it planned from ends there; ReadSet.files)
-    guard_files: bool = False
-    # workspace paths this transaction read (``tx.files(ws).read``/``exists``), and the
-    # check its commit runs on them under the journal lock (CommitRequest.check): set by
-    # walstore.agent.files at the first such read
-    file_reads: "dict | None" = None
-    commit_check: "Callable[[], None] | None" = None
 
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
@@ -338,6 +347,14 @@ class Transaction:
         # it: the same thread coming in again (a compensator, a signal handler) is refused
         # rather than let through the re-entrant lock
         self._end_lock = _RLock()  # (the C lock: threading.RLock is a wrapper's call)
+        # the slots (see __slots__), as they begin
+        self._seal = self.lsn = self.gid = self._snapshot = self._request = None
+        self._ending = self._write_order = self._undo_lock = self.undo_fence = None
+        self.file_reads = self.commit_check = None
+        self._logged = self.guard_files = False
+        self._write_trigger = MAX_TXN_WRITE_BYTES
+        self._inner_blockers = self._savepoints = self._undo = ()
+        self.guard_ranges = self.guard_scopes = ()
         # (``_undo``, ``_savepoints`` and ``_undo_lock``: the class's empty ones until the
         # first savepoint(); most transactions take none)
 
@@ -534,9 +551,14 @@ class Transaction:
 
     # ---- writes --------------------------------------------------------------------------
     def put(self, key: Key, value: Any) -> None:
-        if self.state != ACTIVE or self.gid is not None or not self._engine.writable:
+        eng = self._engine  # (``Engine.writable`` written out: a property is a call)
+        if (self.state != ACTIVE or self.gid is not None or eng.closed or eng.readonly
+                or eng.failure is not None or eng.wal is None or eng.wal.failed is not None):
             self._check_writable()  # one test on the hot path; the reason is raised here
-        k = encode_key(key)
+        if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
+            k = b"b" + key  # (``encode_key``'s first case: codec._BYTES, the tag)
+        else:
+            k = encode_key(key)
         packed = pack_value(value, key)
         size = self._write_bytes + len(k) + len(packed) + WRITE_OVERHEAD
         if size > self._write_trigger:  # (``_set`` written out: every put comes here)
@@ -657,16 +679,7 @@ class Transaction:
         makes from here on is either in that list or refused (``_late_write``): one made
         as another thread's commit() copied the set returned without error and was in no
         commit — a write silently lost, though its thread was told nothing failed."""
-        seal = self._seal = _Seal()  # (seen by every write after this line)
-        # (a copy in one C step first: a list made by iterating the live dict raised
-        # RuntimeError, "dictionary changed size during iteration", when another thread
-        # wrote meanwhile — the collector can run Python code between two items)
-        source = self._writes
-        seal.source = id(source)
-        seal.size = self._write_bytes  # (read before the copy: a write between the two
-        # reads counts as changed, never the other way round)
-        seal.writes = list(source.copy().items())
-        return seal.writes
+        return _Seal(self).writes  # (its fields in _Seal.__init__)
 
     def _late_write(self, items, written: dict) -> None:
         """A write made while a commit or prepare took the write set (``seal_writes``):
@@ -861,9 +874,7 @@ class Transaction:
                     writes[k] = prev
             if taken_out:  # (the write set's key order assumes keys only ever added)
                 self._order_gen += 1
-                if self._write_order is not None:  # (tested first: reading ``__dict__``
-                    # builds the instance's dict, and every attribute read after is slower)
-                    self.__dict__.pop("_write_order", None)
+                self._write_order = None
             target.recorded.clear()  # (its level's entries were all taken back above)
             sps = self._savepoints
             if len(sps) > i + 1:
@@ -976,7 +987,22 @@ class Transaction:
         """
         if self.state != ACTIVE or self._engine.closed:
             self._check_active()  # (the reason, raised; the common answer is one test)
-        return self._deciding("committed", "committed", self._commit)
+        # (``_deciding("committed", "committed", self._commit)`` written out: every commit
+        # comes here, and the generic call with its *args was a frame more)
+        with self._end_lock:
+            if self._ending is not None or self.state != ACTIVE:
+                self._refuse_end("committed")  # (raises)
+            self._ending = "committed"
+            try:
+                return self._commit()
+            finally:
+                self._ending = None
+                seal = self._seal
+                if seal is not None:  # (as ``_deciding``'s)
+                    if self.state == ACTIVE and self.gid is None:
+                        self._seal = None
+                    elif self.state != ACTIVE and not seal.racers and not seal.changed:
+                        seal.writes = seal.lookup = None
 
     def _commit(self) -> int | None:
         """``commit()``'s work, with the end lock held."""
@@ -1006,16 +1032,16 @@ class Transaction:
         req = None
         try:
             body = self._hooks.commit_body(self)
-            writes = self.seal_writes()
+            writes = _Seal(self).writes  # (``seal_writes`` written out)
+            read = (self.read_keys or self.read_ranges or self.guard_ranges
+                    or self.guard_scopes or self.undo_fence is not None or self.guard_files)
             if not writes and not body:
-                self._validate_reads_only()
+                if read or self.commit_check is not None:  # (else nothing to validate)
+                    self._validate_reads_only()
                 lsn = None
             else:
                 req = self._request = CommitRequest(
-                    self.id, writes, self.meta,
-                    self.read_set() if self.read_keys or self.read_ranges
-                    or self.guard_ranges or self.guard_scopes
-                    or self.undo_fence is not None or self.guard_files else None, body,
+                    self.id, writes, self.meta, self.read_set() if read else None, body,
                     check=self.commit_check)
                 lsn = self._engine.pipeline.commit(req).lsn
             # (inside the ``try``: an interrupt landing between the commit's return and
@@ -1301,17 +1327,13 @@ class Transaction:
         if seal is not None and seal.writes is not None:  # a write after the copy: its
             # writer, maybe not yet registered, checks against ``writes`` (kept for it)
             seal.changed = len(old) != len(seal.writes) or size != seal.size
-        # the instance's own _write_trigger (only ever -1), _write_order (only ever a
-        # _WriteOrder) and _inner_blockers (only ever a list) go: the class's come back.
-        # Tested first: reading ``__dict__`` builds the instance's dict (every commit)
-        if (self._write_trigger < 0 or self._write_order is not None
-                or type(self._inner_blockers) is not tuple):
-            own = self.__dict__
-            own.pop("_write_trigger", None)
-            own.pop("_write_order", None)
-            own.pop("_inner_blockers", None)
+        # the exact count's trigger, the key order and the inner blockers go back to
+        # their beginnings (slots: three stores)
+        self._write_trigger = MAX_TXN_WRITE_BYTES
+        self._write_order = None
+        self._inner_blockers = ()
         if self.commit_check is not None:  # (set with file_reads; one test per commit)
-            del self.file_reads, self.commit_check
+            self.file_reads = self.commit_check = None
         if self._undo:
             self._undo.clear()
 
