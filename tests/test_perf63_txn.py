@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -97,7 +98,8 @@ def test_a_commit_check_and_file_reads_go_at_the_end(store):
     assert calls == [1]
     assert tx.file_reads is None and tx.commit_check is None
     tx2 = store.transaction()
-    tx2.commit_check = lambda: calls.append(2)  # (nothing read, nothing written: it runs)
+    # (nothing read, nothing written: the check runs all the same)
+    tx2.file_reads, tx2.commit_check = {}, lambda: calls.append(2)
     assert tx2.commit() is None
     assert calls == [1, 2]
 
@@ -125,7 +127,7 @@ def test_commit_from_inside_its_own_commit_is_refused(store):
             tx.commit()
         seen.append(1)
 
-    tx.commit_check = check
+    tx.file_reads, tx.commit_check = {}, check  # (set together, as agent.files does)
     tx.commit()
     assert seen == [1] and store.get("a") == 1
 
@@ -229,3 +231,100 @@ def test_a_put_after_the_end_or_when_prepared_is_refused(store):
     with pytest.raises(walstore.TransactionClosed, match="already committed"):
         tx.put(b"c", 1)
     assert txmod.Transaction.put is not None
+
+
+# ---- the savepoint path ---------------------------------------------------------------
+
+@pytest.mark.parametrize("by_name", [False, True])
+def test_a_rollback_to_from_inside_the_commit_names_the_savepoint_as_before(store, by_name):
+    tx = store.transaction()
+    tx.put("a", 1)
+    sp = tx.savepoint("x")
+    tx.put("b", 2)
+    said = []
+
+    def check():
+        with pytest.raises(walstore.TransactionClosed) as e:
+            tx.rollback_to("x" if by_name else sp)
+        said.append(str(e.value))
+
+    tx.file_reads, tx.commit_check = {}, check  # (set together, as agent.files does)
+    tx.commit()
+    want = "'x'" if by_name else "<Savepoint 'x' #1 active>"
+    assert said == [f"transaction {tx.id} is being committed by this thread (this call came "
+                    f"from inside that one: a compensator or a signal handler); it was not "
+                    f"rolled back to {want} here"]
+    assert store.get("b") == 2  # (the commit went on, the rollback_to was refused)
+
+
+def test_a_rollback_to_waiting_for_a_commit_names_the_savepoint_as_it_was(store):
+    tx = store.transaction()
+    tx.put("a", 1)
+    sp = tx.savepoint("x")
+    inside, go = threading.Event(), threading.Event()
+
+    def check():
+        inside.set()
+        go.wait(10)
+
+    tx.file_reads, tx.commit_check = {}, check  # (set together, as agent.files does)
+    t = threading.Thread(target=tx.commit)
+    t.start()
+    assert inside.wait(10)
+    out = []
+
+    def other():
+        try:
+            tx.rollback_to(sp)
+        except walstore.TransactionClosed as e:
+            out.append(str(e))
+
+    r = threading.Thread(target=other)
+    r.start()
+    time.sleep(0.05)  # (the rollback_to waits on the end lock the commit holds)
+    go.set()
+    t.join(10)
+    r.join(10)
+    assert out and out[0].endswith("it was not rolled back to <Savepoint 'x' #1 active> "
+                                   "here"), out
+    assert not sp.active
+
+
+def test_rollback_to_the_newest_and_an_older_savepoint(store):
+    tx = store.transaction()
+    tx.put("a", 0)
+    outer = tx.savepoint("outer")
+    tx.put("a", 1)
+    inner = tx.savepoint("inner")
+    tx.put("a", 2)
+    tx.put("b", 2)
+    tx.rollback_to(inner)  # (the newest: _find's first look)
+    assert tx.get("a") == 1 and tx.get("b") is None and inner.active
+    tx.put("a", 3)
+    tx.rollback_to("outer")  # (by name, past the newest)
+    assert tx.get("a") == 0 and outer.active and not inner.active
+    with pytest.raises(ValueError, match="no longer active"):
+        tx.rollback_to(inner)
+    other = store.transaction()
+    osp = other.savepoint("outer")
+    with pytest.raises(ValueError, match="belongs to transaction"):
+        tx.rollback_to(osp)
+    with pytest.raises(TypeError, match="expected a Savepoint or its name"):
+        tx.rollback_to(3)
+    other.rollback()
+    tx.commit()
+    assert store.get("a") == 0 and store.get("b") is None
+
+
+def test_savepoint_and_rollback_to_after_the_end_are_refused(store):
+    tx = store.transaction()
+    sp = tx.savepoint()
+    tx.rollback()
+    with pytest.raises(walstore.TransactionClosed, match="already rolled back"):
+        tx.savepoint()
+    with pytest.raises(walstore.TransactionClosed, match="already rolled back"):
+        tx.rollback_to(sp)
+    tx2 = store.transaction()
+    store.close()
+    with pytest.raises(walstore.StoreClosed):
+        tx2.savepoint()

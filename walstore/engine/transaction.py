@@ -246,6 +246,28 @@ class _Seal:
         self.writes = list(source.copy().items())
 
 
+class _RolledBackTo:
+    """The verb a refused ``rollback_to(sp)`` names ("rolled back to <Savepoint ...>"),
+    formatted only when a refusal says it."""
+
+    __slots__ = ("sp", "active")
+
+    def __init__(self, sp: Any, active: bool | None) -> None:
+        self.sp = sp
+        # (as the savepoint was at the call: a commit the refused call waited for may
+        # have ended it since)
+        self.active = active
+
+    def __format__(self, spec: str) -> str:
+        sp = self.sp
+        if type(sp) is Savepoint:
+            return (f"rolled back to <Savepoint {sp.name!r} #{sp._serial} "
+                    f"{'active' if self.active else 'gone'}>")
+        return f"rolled back to {sp!r}"
+
+    __str__ = __repr__ = lambda self: self.__format__("")
+
+
 class Transaction:
     """A unit of work; commit on ``with`` exit, roll back on an exception (a prepared one
     is left in doubt for its coordinator: see ``__exit__``)."""
@@ -768,7 +790,8 @@ class Transaction:
         if name is not None and not isinstance(name, str):  # (``rollback_to`` and
             raise TypeError(f"a savepoint name is a str or None, not "  # ``release`` take
                             f"{type(name).__name__}")  # no other name: it was accepted here)
-        self._check_active()
+        if self.state != ACTIVE or self._engine.closed:
+            self._check_active()  # (the reason, raised; the common answer is one test)
         with self._end_lock:  # (as rollback_to and release: another thread's release
             # emptied the undo log between its length and the append, and a rollback to
             # this savepoint then undid nothing — probe-audit51)
@@ -801,6 +824,9 @@ class Transaction:
         return tuple(b for b in live if getattr(b, "blocks_inner_rollback", None))
 
     def _find(self, sp: Savepoint | str) -> int:
+        sps = self._savepoints
+        if sps and sps[-1] is sp:  # (the newest: most rollbacks and releases)
+            return len(sps) - 1
         if isinstance(sp, Savepoint):
             owner = sp._tx
             if owner is not self:  # (it said "no longer active" of one still active in
@@ -823,9 +849,9 @@ class Transaction:
     def rollback_to(self, sp: Savepoint | str) -> None:
         """Undo everything after ``sp``; ``sp`` stays usable, newer savepoints are gone.
         Not on a prepared transaction: its write set is fixed until the decision."""
-        self._check_active()
-        self._deciding(f"rolled back to {sp!r}", "rolled back to a savepoint",
-                       self._rollback_to, sp, None)  # (not beside another thread's commit())
+        if self.state != ACTIVE or self._engine.closed:
+            self._check_active()  # (the reason, raised; the common answer is one test)
+        self._rolling_back_to(sp, None)  # (not beside another thread's commit())
 
     def rollback_to_on(self, sp: Savepoint | str, cause: BaseException) -> None:
         """``rollback_to(sp)`` because of ``cause``, as a ``with tx.savepoint()`` block
@@ -833,8 +859,28 @@ class Transaction:
         ``with`` transaction's (``rollback_on``) does (it had neither: the exception that
         made the block roll back showed only as the context — probe-audit48)."""
         self._check_active()
-        self._deciding(f"rolled back to {sp!r}", "rolled back to a savepoint",
-                       self._rollback_to, sp, cause)
+        self._rolling_back_to(sp, cause)
+
+    def _rolling_back_to(self, sp: Savepoint | str, cause: BaseException | None) -> None:
+        """``_deciding(f"rolled back to {sp!r}", "rolled back to a savepoint",
+        self._rollback_to, sp, cause)`` written out: the verb a refusal names is made only
+        then (a Savepoint's repr was a call and an f-string every rollback_to), and the
+        generic call with its *args was a frame more."""
+        active = sp.active if type(sp) is Savepoint else None  # (its state at the call)
+        with self._end_lock:
+            if self._ending is not None or self.state != ACTIVE:
+                self._refuse_end(_RolledBackTo(sp, active))  # (raises)
+            self._ending = "rolled back to a savepoint"
+            try:
+                self._rollback_to(sp, cause)
+            finally:
+                self._ending = None
+                seal = self._seal
+                if seal is not None:  # (as ``_deciding``'s)
+                    if self.state == ACTIVE and self.gid is None:
+                        self._seal = None
+                    elif self.state != ACTIVE and not seal.racers and not seal.changed:
+                        seal.writes = seal.lookup = None
 
     def _rollback_to(self, sp: Savepoint | str, cause: BaseException | None) -> None:
         """``rollback_to()``'s work, with the end lock held; ``cause``: what made it roll
