@@ -328,3 +328,32 @@ def test_savepoint_and_rollback_to_after_the_end_are_refused(store):
     store.close()
     with pytest.raises(walstore.StoreClosed):
         tx2.savepoint()
+
+
+def test_the_hooks_are_asked_for_a_body_only_when_they_can_give_one(store):
+    hooks = store._hooks
+    asked = []
+    real = hooks.commit_body
+
+    def spy(tx):
+        asked.append(tx.id)
+        return real(tx)
+
+    plain = store.transaction()
+    assert real(plain) == {}  # (what the skipped call answers)
+    plain.rollback()
+    hooks.commit_body = spy
+    try:
+        with store.transaction() as tx:
+            tx.put("a", 1)
+        assert asked == []
+        with store.transaction(scope="agent/1") as scoped:
+            scoped.put("agent/1/x", 1)
+        assert asked == [scoped.id]
+        with store.transaction() as tx:
+            tx.commit_body["note"] = 1  # (a field of its own)
+            tx.put("b", 1)
+        assert asked == [scoped.id, tx.id]
+    finally:
+        del hooks.commit_body
+    assert store.get("a") == 1 and store.get("agent/1/x") == 1 and store.get("b") == 1

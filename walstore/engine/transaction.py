@@ -85,7 +85,10 @@ class TransactionHooks(Protocol):
 
     def files_of(self, tx: "Transaction", ws: Any) -> Any: ...
 
-    def commit_body(self, tx: "Transaction") -> dict: ...
+    def commit_body(self, tx: "Transaction") -> dict:
+        """The COMMIT's extra fields.  Asked only of a transaction with effects, a scope
+        or ``commit_body`` fields of its own: one with none commits none (the common
+        commit, decided in ``Transaction._commit`` without a call)."""
 
     def note_crossed(self, tx: "Transaction", effects: list) -> None:
         """A rollback to a savepoint took ``effects`` out of ``tx`` (called with signals
@@ -1077,7 +1080,9 @@ class Transaction:
             return self.lsn  # (committed, then interrupted: see _committed_request)
         req = None
         try:
-            body = self._hooks.commit_body(self)
+            # (no effect, no scope, no field of its own: no body, the hooks' answer too)
+            body = (self._hooks.commit_body(self)
+                    if self.effects or self.scope is not None or self.commit_body else {})
             writes = _Seal(self).writes  # (``seal_writes`` written out)
             read = (self.read_keys or self.read_ranges or self.guard_ranges
                     or self.guard_scopes or self.undo_fence is not None or self.guard_files)
