@@ -41,6 +41,8 @@ def test_the_hot_attributes_are_slots_and_begin_as_before(store):
     assert tx._write_trigger == MAX_TXN_WRITE_BYTES
     assert tx._inner_blockers == () and tx._savepoints == () and tx._undo == ()
     assert tx.guard_ranges == () and tx.guard_scopes == ()
+    assert tx._serial == 0 and tx._order_gen == 0
+    assert {"_serial", "_order_gen"} <= set(txmod.Transaction.__slots__)
     tx.rollback()
 
 

@@ -323,12 +323,16 @@ class Transaction:
     #   (``tx.files(ws).read``/``exists``), and the check its commit runs on them under
     #   the journal lock (CommitRequest.check): set by walstore.agent.files at the first
     #   such read
+    # - ``_serial``: numbers its savepoints
+    # - ``_order_gen``: counts the rollback_to()s that took keys out of the write set: a
+    #   key order made before one (perhaps by another thread's scan, while its keys were
+    #   being taken out) is not used (``_writes_in``)
     __slots__ = ("__dict__", "__weakref__", "_seal", "lsn", "gid", "_snapshot", "_logged",
                  "_request", "_ending", "_write_trigger", "_write_order", "_inner_blockers",
                  "_savepoints", "_undo", "_undo_lock", "guard_ranges", "guard_scopes",
-                 "undo_fence", "guard_files", "file_reads", "commit_check")
+                 "undo_fence", "guard_files", "file_reads", "commit_check", "_serial",
+                 "_order_gen")
 
-    _serial = 0          # numbers its savepoints
     actions_begun = 0    # numbers action ids
     action_bytes = 0     # what its actions add to its COMMIT (MAX_ACTION_BYTES)
     undo_pending = False  # rolled back, its effects not yet all undone (see _rollback)
@@ -337,10 +341,6 @@ class Transaction:
     # the thread that logged its first effect (weakly; see AgentHooks.roll_back_open):
     # its object, not its ident, which a later thread may be given again
     thread: "weakref.ref | None" = None
-    # counts the rollback_to()s that took keys out of the write set: a key order made
-    # before one (perhaps by another thread's scan, while its keys were being taken out)
-    # is not used (``_writes_in``)
-    _order_gen = 0
 
     def __init__(self, engine: "Engine", hooks: TransactionHooks, txid: int, meta: Any = None,
                  scope: Any = None) -> None:
@@ -380,6 +380,7 @@ class Transaction:
         self._write_trigger = MAX_TXN_WRITE_BYTES
         self._inner_blockers = self._savepoints = self._undo = ()
         self.guard_ranges = self.guard_scopes = ()
+        self._serial = self._order_gen = 0
         # (``_undo``, ``_savepoints`` and ``_undo_lock``: the class's empty ones until the
         # first savepoint(); most transactions take none)
 
@@ -894,24 +895,27 @@ class Transaction:
                                     f"or rolled back; nothing was undone")
         i = self._find(sp)
         target = self._savepoints[i]
-        effects = self.effects
-        for e in (effects[target.effect_mark:] if len(effects) > target.effect_mark else ()):
-            why = getattr(e, "blocks_rollback", None)
-            if why:  # (before anything is undone)
-                raise WalstoreError(f"cannot roll back transaction {self.id} to "
+        effects, mark = self.effects, target.effect_mark
+        if len(effects) > mark:
+            for e in effects[mark:]:
+                why = getattr(e, "blocks_rollback", None)
+                if why:  # (before anything is undone)
+                    raise WalstoreError(f"cannot roll back transaction {self.id} to "
                                         f"{target!r}: {why}")
-        for e in target.inside:  # begun before the savepoint, cannot be cut at it
-            if any(x is e or getattr(x, "began_as", None) is e
-                   for x in self.effects[:target.effect_mark]):
-                raise WalstoreError(f"cannot roll back transaction {self.id} to "
-                                    f"{target!r}: {e.blocks_inner_rollback}")
+        if target.inside:
+            for e in target.inside:  # begun before the savepoint, cannot be cut at it
+                if any(x is e or getattr(x, "began_as", None) is e
+                       for x in self.effects[:mark]):
+                    raise WalstoreError(f"cannot roll back transaction {self.id} to "
+                                        f"{target!r}: {e.blocks_inner_rollback}")
         # one step (an interrupt inside it left the writes undone and the actions kept, or
         # the actions dropped and never noted; a put beside it logged into a level going)
         with deferred(), self._undo_lock:
             undo, writes = self._undo, self._writes
             exact = self._write_trigger < 0
             taken_out = False
-            while len(undo) > target._undo_len:
+            stop = target._undo_len
+            while len(undo) > stop:
                 k, prev = undo.pop()
                 if exact:  # (else the upper bound of the size still holds)
                     self._write_bytes += _entry_bytes(k, prev) \
