@@ -359,3 +359,29 @@ def test_the_hooks_are_asked_for_a_body_only_when_they_can_give_one(store):
     finally:
         del hooks.commit_body
     assert store.get("a") == 1 and store.get("agent/1/x") == 1 and store.get("b") == 1
+
+
+def test_the_commits_seal_is_the_one_seal_writes_takes(store):
+    """_commit takes the write set with _Seal's steps written out: the same fields."""
+    tx = store.transaction()
+    tx.put("a", 1)
+    source, size = tx._writes, tx._write_bytes
+    seen = {}
+
+    def check():  # (inside the commit, the seal taken)
+        seal = tx._seal
+        seen.update(writes=list(seal.writes), source=seal.source, size=seal.size,
+                    racers=list(seal.racers), changed=seal.changed, lookup=seal.lookup,
+                    type=type(seal))
+
+    tx.file_reads, tx.commit_check = {}, check
+    tx.commit()
+    assert seen == {"writes": list(source.items()), "source": id(source), "size": size,
+                    "racers": [], "changed": False, "lookup": None, "type": txmod._Seal}
+    assert tx._seal.writes is None  # (dropped at the end: no racer)
+    other = store.transaction()
+    other.put("b", 2)
+    taken = other.seal_writes()  # (prepare's way: _Seal.__init__)
+    assert taken == list(other.writes.items()) and other._seal.source == id(other.writes)
+    other._seal = None
+    other.rollback()

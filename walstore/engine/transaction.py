@@ -55,6 +55,7 @@ from .lmdb_state import let_go
 from .tables import row_damaged
 from .pipeline import CommitRequest
 
+_new_seal = object.__new__  # a _Seal without its __init__ (the commit sets its fields)
 _lsn = int.__new__  # an LSN of an int walstore made, without LSN()'s check (the commit path)
 
 if TYPE_CHECKING:
@@ -1087,7 +1088,17 @@ class Transaction:
             # (no effect, no scope, no field of its own: no body, the hooks' answer too)
             body = (self._hooks.commit_body(self)
                     if self.effects or self.scope is not None or self.commit_body else {})
-            writes = _Seal(self).writes  # (``seal_writes`` written out)
+            # (``seal_writes`` written out, _Seal.__init__'s steps in its order: a type
+            # call to a Python __init__ is a frame more and a slot wrapper, every commit)
+            seal = _new_seal(_Seal)
+            seal.writes = seal.lookup = None
+            seal.changed = False
+            seal.racers = []
+            self._seal = seal  # (seen by every write after this line)
+            source = self._writes
+            seal.source = id(source)
+            seal.size = self._write_bytes
+            writes = seal.writes = list(source.copy().items())
             read = (self.read_keys or self.read_ranges or self.guard_ranges
                     or self.guard_scopes or self.undo_fence is not None or self.guard_files)
             if not writes and not body:
