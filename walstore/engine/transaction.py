@@ -279,7 +279,7 @@ class Transaction:
     # The attributes the common paths read (a commit reads ~25 of them) are slots, set in
     # __init__: CPython 3.11 specializes no read of a class attribute
     # through an instance (each was a generic lookup, the type's then the instance's
-    # dict, ~170 instructions: ~4k of an empty transaction's ~27k), a slot's read and
+    # dict, ~170 instructions: ~3.4k of an empty transaction's 28.8k), a slot's read and
     # store it does.  The rest stay class attributes, set per instance once changed
     # (every transaction began by storing them all, and past 30 attributes its instance
     # dict was built over again at its first new one).  The slots:
