@@ -394,20 +394,20 @@ class WriteAheadLog:
         mutex = self._sync_mutex
         me = None  # this caller's wake-up lock, made on its first wait
         ident = threading.get_ident()
-        while True:  # (one pass, unless it led a round that did not cover ``lsn``)
+        while True:  # (one pass, unless it waited, or led a round that did not cover ``lsn``)
             with mutex:  # (``with``: no interrupt between taking the mutex and the guard)
-                while True:
-                    if ticket is not None and ticket.error is not None:
-                        self._abandon(me)  # (a lead handed to us goes on to the next one)
-                        ticket.raise_voided()
-                    if self.failed is not None:
-                        self.check_usable()  # (raises)
-                    if self.synced_lsn >= lsn or lsn > self.written_lsn:
-                        return  # (beyond the end: what it waited for was voided)
-                    if not self._syncing or self._lead_is_lost(ident):
-                        self._syncing, self._leader = True, ident
-                        self._lead_taken = time.monotonic()
-                        break
+                if ticket is not None and ticket.error is not None:
+                    self._abandon(me)  # (a lead handed to us goes on to the next one)
+                    ticket.raise_voided()
+                if self.failed is not None:
+                    self.check_usable()  # (raises)
+                if self.synced_lsn >= lsn or lsn > self.written_lsn:
+                    return  # (beyond the end: what it waited for was voided)
+                lead = not self._syncing or self._lead_is_lost(ident)
+                if lead:
+                    self._syncing, self._leader = True, ident
+                    self._lead_taken = time.monotonic()
+                else:
                     if me is None:
                         if self.lock._is_owned():  # the leader may need it for the buffer
                             raise RuntimeError("WriteAheadLog.sync_to would wait holding "
@@ -415,24 +415,32 @@ class WriteAheadLog:
                         me = threading.Lock()
                         me.acquire()
                     self._waiters.append((lsn, me, ticket))
-                    mutex.release()
-                    try:
-                        # released by a leader (covered, the lead, or failed); a timeout
-                        # looks whether the lead was lost (see _lead_is_lost)
-                        woken = me.acquire(timeout=LOST_LEAD_S)
-                    except BaseException:  # (an interrupt): never strand the waiters
-                        mutex.acquire()
-                        self._abandon(me)
-                        raise
-                    mutex.acquire()
-                    if not woken:
-                        if any(w[1] is me for w in self._waiters):
-                            self._waiters = [w for w in self._waiters if w[1] is not me]
-                        else:  # a leader took the entry and released ``me`` meanwhile
-                            me.acquire(blocking=False)  # (under this mutex): consume it,
-                            # or the next wait would return at once and queue ``me`` twice
-            if self._lead(lsn) and (ticket is None or ticket.error is None):
-                return  # (what the loop's next pass would find: no second mutex round)
+            if lead:
+                if self._lead(lsn) and (ticket is None or ticket.error is None):
+                    return  # (what the loop's next pass would find: no second mutex round)
+                continue
+            # waits outside the mutex: a leader waking the waiters its fsync covered never
+            # finds one of them blocked on the mutex it holds
+            try:
+                # released by a leader (covered, the lead, or failed); a timeout looks
+                # whether the lead was lost (see _lead_is_lost)
+                woken = me.acquire(timeout=LOST_LEAD_S)
+            except BaseException:  # (an interrupt): never strand the waiters
+                with mutex:
+                    self._abandon(me)
+                raise
+            if woken:
+                if (self.synced_lsn >= lsn and self.failed is None
+                        and (ticket is None or ticket.error is None)):
+                    return  # covered (the usual wake-up): what the mutex round would find
+                continue  # the lead handed over, a failure, or its record voided
+            with mutex:
+                mine = any(w[1] is me for w in self._waiters)
+                if mine:
+                    self._waiters = [w for w in self._waiters if w[1] is not me]
+            if not mine:  # a leader took the entry: it releases ``me`` (has, or will: a
+                me.acquire()  # round's wake-ups run after its mutex); consume it, or the
+                # next wait would return at once and queue ``me`` twice
 
     def _lead_is_lost(self, ident: int) -> bool:
         """A lead taken and not led (its thread interrupted, KeyboardInterrupt, between
@@ -459,56 +467,66 @@ class WriteAheadLog:
         the buffer that holds it (``_flush`` empties the buffer first): taking ``lock``
         waits for that write, so the round covers it.  Returns whether its last round
         synced (and published) up to ``lsn`` with the log not failed: the caller is done
-        (a buffered record's ticket may still say it was voided)."""
+        (a buffered record's ticket may still say it was voided).
+
+        The waiters a round covered are woken outside the mutex, and, when the leader
+        fsyncs again for others, only after it wrote the buffer for that fsync, right
+        before the fsync: woken earlier they took the GIL while the leader's ``pwrite``
+        had let it go, and the next fsync started only when they had all run."""
         rounds = 0
         self._in_lead = True
-        while True:
-            done = None
-            more = covered = False
-            try:
-                w = self.writer  # (``w.end_lsn`` below written out)
-                if self._buffer or w.start_lsn + w.offset - SEGMENT_HEADER_SIZE < lsn:
-                    with self.lock:
-                        try:
-                            self._flush()
-                        except WalWriteError:
-                            pass  # voided: their waiters are woken below and raise
-                with self._sync_lock:
-                    writer = self.writer
-                    target = writer.start_lsn + writer.offset - SEGMENT_HEADER_SIZE  # (end_lsn)
-                    self._fsync(writer)
-                    done = target
-                if self.after_sync is not None:
-                    self.after_sync(done)  # e.g. publish the batch once, for everyone
-            finally:
-                with self._sync_mutex:
-                    if done is not None and done > self.synced_lsn:
-                        self.synced_lsn = done
-                    waiters = self._waiters
-                    failed = done is None or self.failed is not None
-                    covered = not failed and done >= lsn
-                    if not waiters:  # (one writer alone, the common case: nobody to wake)
-                        self._syncing = self._in_lead = False
-                    else:
-                        if failed:
-                            wake, self._waiters = waiters, []  # they raise LogFailed
-                        else:
-                            synced = self.synced_lsn
-                            wake, rest = [], []
-                            for w in waiters:  # covered, or its record voided: it may go
-                                gone = w[2] is not None and w[2].error is not None
-                                (wake if w[0] <= synced or gone else rest).append(w)
-                            self._waiters = rest
-                            more = bool(rest) and rounds < CHAIN_FSYNCS
-                            if rest and not more:
-                                wake.append(rest.pop(0))  # the next leader
+        wake: list = []  # taken off ``_waiters``: released before this returns, always
+        try:
+            while True:
+                done = None
+                more = covered = False
+                try:
+                    w = self.writer  # (``w.end_lsn`` below written out)
+                    if self._buffer or w.start_lsn + w.offset - SEGMENT_HEADER_SIZE < lsn:
+                        with self.lock:
+                            try:
+                                self._flush()
+                            except WalWriteError:
+                                pass  # voided: their waiters are woken below and raise
+                    if wake:  # the last round's: they run while this round's fsync does
+                        wake, woken = [], wake
+                        for x in woken:
+                            x[1].release()
+                    with self._sync_lock:
+                        writer = self.writer
+                        target = writer.start_lsn + writer.offset - SEGMENT_HEADER_SIZE
+                        self._fsync(writer)  # (target: ``end_lsn`` written out)
+                        done = target
+                    if self.after_sync is not None:
+                        self.after_sync(done)  # e.g. publish the batch once, for everyone
+                finally:
+                    with self._sync_mutex:
+                        if done is not None and done > self.synced_lsn:
+                            self.synced_lsn = done
+                        waiters = self._waiters
+                        failed = done is None or self.failed is not None
+                        covered = not failed and done >= lsn
+                        if waiters:
+                            if failed:
+                                wake, self._waiters = wake + waiters, []  # LogFailed
+                            else:
+                                synced = self.synced_lsn
+                                rest = []
+                                for x in waiters:  # covered, or its record voided: may go
+                                    gone = x[2] is not None and x[2].error is not None
+                                    (wake if x[0] <= synced or gone else rest).append(x)
+                                self._waiters = rest
+                                more = bool(rest) and rounds < CHAIN_FSYNCS
+                                if rest and not more:
+                                    wake.append(rest.pop(0))  # the next leader
                         if not more:
                             self._syncing = self._in_lead = False
-                        for w in wake:
-                            w[1].release()
-            if not more:
-                return covered
-            rounds += 1
+                if not more:
+                    return covered
+                rounds += 1
+        finally:
+            for x in wake:  # (outside the mutex: see ``_sync_to``'s wait)
+                x[1].release()
 
     def sync(self) -> None:
         self.sync_to(self.written_lsn)  # (the leader writes the buffer first)
