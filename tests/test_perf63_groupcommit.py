@@ -8,6 +8,11 @@
   next round fails.
 - A waiter whose timed wait ran out after a leader took its entry, but before that
   leader released it, waits for that release (never queues its lock twice).
+- The leader writes its batch outside the WAL's (the journal's) lock: committers append
+  behind it meanwhile; a plain append waits for that write and lands after it; when the
+  write fails, the records it did not wholly write and those buffered behind them are
+  voided (WalWriteError, nothing committed, not visible, not after a reopen), the whole
+  ones stay, and the store goes on.
 """
 from __future__ import annotations
 
@@ -20,6 +25,9 @@ import walstore
 from walstore import fileio
 from walstore.errors import CommitOutcomeUnknown, ReadOnlyError
 from walstore.log import writer
+from walstore.log.writer import WalWriteError
+from walstore.ops.verify import verify_store
+from tools.faults import FaultBackend, installed
 
 
 class SlowSync(fileio.OSBackend):
@@ -140,3 +148,143 @@ def test_a_waiter_timing_out_after_its_entry_was_taken_waits_for_the_release(tmp
     s.sync()
     assert s.get("b") == 2
     s.close()
+
+
+class HeldWrites(FaultBackend):
+    """The next WAL fdatasync, then the next WAL pwrite (each once armed) wait for their
+    ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sync_armed = self.write_armed = False
+        self.sync_entered, self.sync_release = threading.Event(), threading.Event()
+        self.write_entered, self.write_release = threading.Event(), threading.Event()
+
+    def fdatasync(self, fd: int) -> None:
+        if self.sync_armed and (self.path_of(fd) or "").endswith(".wal"):
+            self.sync_armed = False
+            self.sync_entered.set()
+            self.sync_release.wait(20)
+        super().fdatasync(fd)
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        if self.write_armed and (self.path_of(fd) or "").endswith(".wal"):
+            self.write_armed = False
+            self.write_entered.set()
+            self.write_release.wait(20)
+        return super().pwrite(fd, data, offset)
+
+
+def _commit(s, key, value, outcome):
+    try:
+        with s.transaction() as tx:
+            tx.put(key, value)
+        outcome[key] = "ok"
+    except BaseException as e:  # noqa: BLE001 - the test sorts them out
+        outcome[key] = e
+
+
+def _start(s, key, value, outcome) -> threading.Thread:
+    t = threading.Thread(target=_commit, args=(s, key, value, outcome), daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for(cond, what: str) -> None:
+    deadline = time.monotonic() + 20
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.001)
+
+
+def _batch_in_flight(s, fb: HeldWrites, outcome: dict):
+    """A leader whose fsync is held, two commits buffered behind it; then its next
+    round's write of those two is held.  Returns the threads."""
+    wal = s._engine.wal
+    fb.sync_armed = True
+    threads = [_start(s, "lead", "L", outcome)]
+    assert fb.sync_entered.wait(20)
+    for i, key in enumerate(("j1", "j2")):
+        threads.append(_start(s, key, key.upper(), outcome))
+        _wait_for(lambda: len(wal._buffer) == i + 1, "a commit did not reach the buffer")
+    fb.write_armed = True
+    fb.sync_release.set()  # round 1 ends; round 2 writes j1 and j2 ...
+    assert fb.write_entered.wait(20)  # ... outside the lock, held here
+    assert wal._writing is not None and not wal._buffer
+    return threads
+
+
+def test_a_failed_batch_write_voids_the_records_buffered_behind_it(tmp_path):
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            with s.transaction() as tx:
+                tx.put("seed", 0)
+            wal = s._engine.wal
+            outcome: dict = {}
+            threads = _batch_in_flight(s, fb, outcome)
+            first = len(wal._writing.buffer[0][0])
+            end_before = wal.writer.offset
+            # a commit arriving now is not held up by the write: it is buffered behind it
+            threads.append(_start(s, "j3", "J3", outcome))
+            _wait_for(lambda: len(wal._buffer) == 1, "an append waited for the leader's write")
+            rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal", partial=first + 10)
+            fb.write_release.set()
+            for t in threads:
+                t.join(30)
+                assert not t.is_alive()
+            assert rule.fired == 1
+            assert outcome["lead"] == "ok" and outcome["j1"] == "ok", outcome
+            for k in ("j2", "j3"):  # not wholly written, and behind it: nothing committed
+                e = outcome[k]
+                assert isinstance(e, WalWriteError) and e.errno == errno.ENOSPC, repr(e)
+                assert "nothing of it was logged" in str(e)
+                assert k not in s
+            assert s.stats()["wal_voided_commits"] == 2
+            assert wal._writing is None and not wal._buffer
+            assert wal.writer.offset < end_before and wal.written_lsn == wal.writer.end_lsn
+            for k in ("j2", "j3"):  # the store goes on, the same keys commit at reused LSNs
+                with s.transaction() as tx:
+                    assert tx.get(k) is None
+                    tx.put(k, "again")
+        finally:
+            s.close()
+    with walstore.open(path) as s:
+        assert (s.get("lead"), s.get("j1"), s.get("j2"), s.get("j3")) == ("L", "J1", "again",
+                                                                          "again")
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
+def test_a_plain_append_waits_for_the_batch_in_flight_and_lands_after_it(tmp_path):
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            wal = s._engine.wal
+            outcome: dict = {}
+            threads = _batch_in_flight(s, fb, outcome)
+            batch = wal._writing
+            tx = s.transaction()
+            tx.put("p", 1)
+            prep = threading.Thread(target=tx.prepare, args=("g1",), daemon=True)
+            prep.start()  # a PREPARE: written at once, so after the batch in flight
+            time.sleep(0.2)
+            assert prep.is_alive() and wal._writing is batch  # it waits for the write
+            fb.write_release.set()
+            prep.join(20)
+            for t in threads:
+                t.join(20)
+            assert not prep.is_alive() and all(v == "ok" for v in outcome.values()), outcome
+            assert len(outcome) == 3
+            assert s.decision("g1") == "prepared"
+            s.commit_prepared("g1")
+        finally:
+            s.close()
+    with walstore.open(path) as s:
+        assert (s.get("lead"), s.get("j1"), s.get("j2"), s.get("p")) == ("L", "J1", "J2", 1)
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
