@@ -288,3 +288,30 @@ def test_a_plain_append_waits_for_the_batch_in_flight_and_lands_after_it(tmp_pat
         assert (s.get("lead"), s.get("j1"), s.get("j2"), s.get("p")) == ("L", "J1", "J2", 1)
     rep = verify_store(path)
     assert rep.ok, rep.errors
+
+
+def test_a_commit_after_a_crowded_round_goes_through_the_buffer_then_alone_at_once(tmp_path):
+    """After a round with waiters (other threads committing) a commit that finds no leader
+    is buffered all the same, and its own lead writes it (outside the lock); a round
+    without waiters ends that, and a lone commit is written at once again."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="full")
+    wal = s._engine.wal
+    with s.transaction() as tx:
+        tx.put("alone", 0)
+    assert wal.buffered_records == 0 and not wal._crowded
+    wal._crowded = True  # (as a round with waiters leaves it)
+    with s.transaction() as tx:
+        tx.put("after-crowd", 1)
+    assert wal.buffered_records == 1  # buffered, written by its own lead
+    assert s.get("after-crowd") == 1 and wal.synced_lsn == wal.written_lsn
+    assert not wal._crowded and not wal._buffer and wal._writing is None
+    with s.transaction() as tx:
+        tx.put("alone-again", 2)
+    assert wal.buffered_records == 1  # written at once
+    acked, errors = _commit_from_threads(s, 8, 40)  # crowded rounds: both paths mixed
+    assert errors == [] and len(acked) == 320
+    s.close()
+    with walstore.open(path) as s:
+        assert (s.get("alone"), s.get("after-crowd"), s.get("alone-again")) == (0, 1, 2)
+        assert all(s.get(k) is not None for k in acked)

@@ -118,6 +118,7 @@ class WriteAheadLog:
         self._leader: int | None = None     # the thread that took the lead
         self._lead_taken = 0.0              # when (time.monotonic())
         self._waiters: list[tuple] = []  # (lsn, its wake-up lock, its Appended or None)
+        self._crowded = False  # the last round had waiters: commits go through the buffer
         self.after_sync = None  # called by the fsync leader with the new synced LSN
         self.on_void = None     # called (holding ``lock``) with the first voided LSN
         self._buffer: list[tuple[bytes, Appended]] = []  # buffered records, in LSN order
@@ -175,10 +176,15 @@ class WriteAheadLog:
         """Append a record its caller will wait for with ``sync_to`` (a commit): while a
         group commit leader is fsyncing, the record waits in the buffer and the leader's
         next round writes it with the others' (see the module doc); otherwise nothing
-        would share the write, and it is written at once, as ``append`` does.  Returns
-        (lsn, end, ticket); the ticket (None when written at once) goes to ``sync_to``."""
-        if not (self._syncing or self._buffer or self._waiters):  # (read without the
-            # mutex: either answer is correct; a lead being handed over leaves waiters)
+        would share the write, and it is written at once, as ``append`` does — unless the
+        last group commit round had waiters (``_crowded``: other threads are committing),
+        when it is buffered all the same and its own lead writes it outside ``lock``
+        (written at once it held the journal's lock across the pwrite, and the committers
+        arriving meanwhile slept on it).  Returns (lsn, end, ticket); the ticket (None
+        when written at once) goes to ``sync_to``."""
+        if not (self._syncing or self._buffer or self._waiters or self._crowded):  # (read
+            # without the mutex: either answer is correct; a lead being handed over leaves
+            # waiters)
             lsn, end = self.append(rtype, payload)
             return lsn, end, None
         ticket = self._append_buffered(rtype, payload)
@@ -600,6 +606,7 @@ class WriteAheadLog:
                         if done is not None and done > self.synced_lsn:
                             self.synced_lsn = done
                         waiters = self._waiters
+                        self._crowded = bool(waiters)
                         failed = done is None or self.failed is not None
                         covered = not failed and done >= lsn
                         if waiters:
