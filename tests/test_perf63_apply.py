@@ -1,0 +1,212 @@
+"""The applier's column-at-a-time path for runs of plain commits (apply._plain_run) and
+its pieces: it writes LMDB byte for byte as the event-by-event loop does."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+import walstore
+from walstore.codec import pack
+from walstore.engine import apply as apply_mod
+from walstore.engine import tables
+from walstore.engine.apply import Applier
+from walstore.engine.lmdb_state import TABLES, LmdbState
+
+
+def _dump(state: LmdbState) -> dict:
+    out = {}
+    with state.env.begin() as txn:
+        for name in TABLES:
+            db = getattr(state, name)
+            if db is None:
+                continue
+            out[name] = [(bytes(k), bytes(v)) for k, v in txn.cursor(db=db)]
+    return out
+
+
+def _one_by_one(events, plain=False):
+    return events  # (no list among them: every event through the loop)
+
+
+def _apply_both(tmp_path, monkeypatch, seed, batches):
+    """Apply ``seed`` then each of ``batches`` to two fresh LMDB states, one through the
+    event-by-event loop, one as the applier does now; the two dumps."""
+    dumps = []
+    for name, slow in (("slow", True), ("fast", False)):
+        state = LmdbState(str(tmp_path / name))
+        try:
+            applier = Applier(state)
+            with monkeypatch.context() as m:
+                m.setattr(apply_mod, "_segments", _one_by_one)
+                if seed:
+                    applier.apply(seed, seed[-1].end)
+            with monkeypatch.context() as m:
+                if slow:
+                    m.setattr(apply_mod, "_segments", _one_by_one)
+                for batch in batches:
+                    applier.apply(batch, batch[-1].end)
+            dumps.append(_dump(state))
+        finally:
+            state.close()
+    return dumps
+
+
+def _events(store):
+    return list(store._engine.memtable.events)
+
+
+def _open(path):
+    return walstore.open(str(path), durability="none", apply_interval=86400,
+                         apply_batch=10 ** 9, max_unapplied=10 ** 6)
+
+
+def test_mixed_commits_write_what_the_loop_writes(tmp_path, monkeypatch):
+    rng = random.Random(63)
+    s = _open(tmp_path / "store")
+    try:
+        for i in range(40):  # seed: keys the batch then updates or deletes
+            with s.transaction() as tx:
+                tx.put(b"k/%03d" % i, b"seed%d" % i)
+        seed = _events(s)
+        for i in range(300):
+            r = rng.random()
+            with s.transaction() as tx:
+                if r < 0.4:
+                    tx.put(b"new/%05d" % i, b"v" * rng.randrange(0, 300))
+                elif r < 0.55:
+                    tx.put(b"k/%03d" % rng.randrange(60), b"upd%d" % i)  # seeded or new
+                elif r < 0.62:
+                    tx.delete(b"k/%03d" % rng.randrange(60))
+                elif r < 0.7:
+                    tx.put(b"hot", b"%d" % i)  # a key written again and again
+                elif r < 0.8:
+                    for j in range(rng.randrange(2, 80)):  # many writes, mixed lengths
+                        tx.put(b"m/%d/" % i + b"x" * rng.randrange(1, 300), b"%d" % j)
+                elif r < 0.85:
+                    tx.put(b"z" * rng.randrange(200, 70000 // 256), b"w")  # long keys
+                else:
+                    tx.put(b"k/%03d" % rng.randrange(40), b"big" * 30000)  # big values
+        with s.transaction() as tx:  # a bulk commit (its own path) amid the runs
+            tx.update([(b"bulk/%04d" % i, b"b") for i in range(300)])
+        with s.transaction() as tx:
+            tx.put(b"after-bulk", b"1")
+        events = _events(s)[len(seed):]
+        assert any(type(e._body) is not dict for e in events)
+        slow, fast = _apply_both(tmp_path, monkeypatch, seed,
+                                 [events[:97], events[97:250], events[250:]])
+        assert fast == slow
+        assert len(fast["hist"]) > 300 and fast["txns"]
+    finally:
+        s.close()
+
+
+def test_runs_between_other_events(tmp_path, monkeypatch):
+    """Plain commits between commits that are not plain (an action, a restore point, a
+    scope): the runs stop at them; the rows are the loop's, the inflight row goes."""
+    s = walstore.open(str(tmp_path / "store"), durability="none", apply_interval=86400,
+                      apply_batch=10 ** 9, compensators={"undo": lambda *a, **k: None})
+    try:
+        for i in range(5):
+            with s.transaction() as tx:
+                tx.put(b"a%d" % i, b"1")
+        s.restore_point("p1")
+        with s.transaction(meta={"who": "me"}, scope="sc") as tx:
+            tx.put(b"a0", b"2")
+        with s.transaction() as tx:  # an action: its intent puts an inflight row
+            with tx.action("step", args={"i": 1}, compensate="undo") as act:
+                act.result = 1
+            tx.put(b"acted", b"1")
+        with pytest.raises(RuntimeError):
+            with s.transaction() as tx:
+                with tx.action("step", args={"i": 2}, compensate="undo") as act:
+                    act.result = 2
+                raise RuntimeError("roll back")
+        for i in range(5):
+            with s.transaction() as tx:
+                tx.put(b"b%d" % i, b"1")
+                tx.delete(b"a%d" % i)
+        events = _events(s)
+        slow, fast = _apply_both(tmp_path, monkeypatch, [], [events])
+        assert fast == slow
+    finally:
+        s.close()
+
+
+def test_store_reads_after_the_fast_apply(tmp_path):
+    """Through the public API: the values, history and log of plain commits applied."""
+    s = _open(tmp_path / "store")
+    try:
+        for i in range(50):
+            with s.transaction() as tx:
+                tx.put(b"key%d" % (i % 7), b"v%d" % i)
+                if i % 5 == 0:
+                    tx.delete(b"key%d" % ((i + 1) % 7))
+        want = {b"key%d" % k: s.get(b"key%d" % k) for k in range(7)}
+        s._engine.drain()
+        assert not s._engine.memtable.events
+        assert {k: s.get(k) for k in want} == want
+        hist = list(s.history(b"key3"))
+        assert len(hist) >= 7
+        assert len(list(s.log())) >= 50
+    finally:
+        s.close()
+    s = walstore.open(str(tmp_path / "store"), durability="none")
+    try:
+        assert {k: s.get(k) for k in want} == want
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("inside", [None, b"new/00050x", b"new/00099", b"new/00000",
+                                    b"new/", b"new/00100"])
+def test_new_keys_into_a_range_lmdb_holds_nothing_in_or_not(tmp_path, monkeypatch, inside):
+    """A run of new keys: its range is looked at once (nothing there: no key looked up),
+    a key stored inside it (or at its ends) makes each key looked up."""
+    s = _open(tmp_path / "store")
+    try:
+        with s.transaction() as tx:
+            tx.put(b"a", b"1")
+            tx.put(b"zzz", b"1")
+            if inside is not None:
+                tx.put(inside, b"there")
+        seed = _events(s)
+        for i in range(100):
+            with s.transaction() as tx:
+                tx.put(b"new/%05d" % i, b"v%d" % i)
+        events = _events(s)[len(seed):]
+        slow, fast = _apply_both(tmp_path, monkeypatch, seed, [events])
+        assert fast == slow
+        stored = {b"a", b"zzz", inside} - {None} | {b"new/%05d" % i for i in range(100)}
+        assert [k for k, _v in fast["hkeys"]] == sorted(b"b" + k for k in stored)
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 255, 256, 65535, 65536, 2 ** 32 - 1,
+                               2 ** 32, 2 ** 63])
+def test_a_packer_packs_as_codec_pack(n):
+    packer = apply_mod._new_packer()
+    assert packer.pack((n, None)) == pack([n, None])
+    assert packer.pack((n, b"x" * 300)) == pack([n, b"x" * 300])
+    row = {"lsn": n, "end": n + 1, "w": [[b"k", None]]}
+    assert (b"\x83" + apply_mod._LSN_KEY + packer.pack((n, "end", n + 1, "w", ((b"k", None),)))[1:]
+            == pack(row))
+
+
+@pytest.mark.parametrize("cut", [None, 3, 650])
+def test_a_run_whose_lsns_change_form(tmp_path, monkeypatch, cut):
+    """Single-put commits from a new log's start past LSN 65,536: msgpack packs LSNs in
+    1, 2, 3 then 5 bytes; the joined rows are cut where the form changes."""
+    s = _open(tmp_path / "store")
+    try:
+        for i in range(800):
+            with s.transaction() as tx:
+                tx.put(b"key/%06d" % i, b"v" * 90)
+        events = _events(s)
+        assert events[0].lsn < 128 and events[-1].end > 1 << 16
+        batches = [events] if cut is None else [events[:cut], events[cut:]]
+        slow, fast = _apply_both(tmp_path, monkeypatch, [], batches)
+        assert fast == slow
+    finally:
+        s.close()
