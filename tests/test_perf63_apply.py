@@ -12,6 +12,7 @@ from walstore.engine import apply as apply_mod
 from walstore.engine import tables
 from walstore.engine.apply import Applier
 from walstore.engine.lmdb_state import TABLES, LmdbState
+from walstore.engine.memtable import PlainBatch
 
 
 def _dump(state: LmdbState) -> dict:
@@ -208,5 +209,80 @@ def test_a_run_whose_lsns_change_form(tmp_path, monkeypatch, cut):
         batches = [events] if cut is None else [events[:cut], events[cut:]]
         slow, fast = _apply_both(tmp_path, monkeypatch, [], batches)
         assert fast == slow
+    finally:
+        s.close()
+
+
+def _memtable_with(events):
+    from walstore.engine.memtable import MemTable
+    mt = MemTable()
+    for e in events:
+        mt.add(e)
+    mt.publish(events[-1].end)
+    return mt
+
+
+def _plain_events(n, rng):
+    from walstore.log.format import RecordType
+    from walstore.log.records import Event
+    out, lsn = [], 100
+    for txid in range(1, n + 1):
+        writes = []
+        for _ in range(rng.choice((1, 1, 1, 2, 5))):
+            k = (b"hot" if rng.random() < 0.2 else b"k%d" % rng.randrange(3 * n))
+            if k not in dict(writes):
+                writes.append((k, None if rng.random() < 0.1 else b"\xa1v"))
+        end = lsn + 50 + 10 * len(writes)
+        out.append(Event(lsn, end, RecordType.COMMIT, txid,
+                         pack({"tx": txid, "ts": 1.0, "meta": None}), tuple(writes)))
+        lsn = end
+    return out
+
+
+def _state(mt):
+    return (list(mt.events), {k: list(v) for k, v in mt.versions.items()},
+            dict(mt.commits), mt.log_bytes, mt.memory, mt.drops,
+            mt.visible(b"hot", 1 << 40))
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 500])
+def test_the_plain_drop_leaves_what_the_general_drop_leaves(chunk):
+    rng = random.Random(chunk)
+    events = _plain_events(400, rng)
+    general, plain = _memtable_with(events), _memtable_with(events)
+    applied = 0
+    while applied < 300:  # (the rest stays: chains cut, not dropped)
+        batch = events[applied:applied + chunk]
+        general.drop_applied(batch)
+        plain.drop_applied(PlainBatch(batch))
+        applied += len(batch)
+        assert _state(plain) == _state(general)
+    general.drop_applied(events[applied:])
+    plain.drop_applied(PlainBatch(events[applied:]))  # (the last: all leave at once)
+    assert _state(plain) == _state(general)
+    assert not plain.events and not plain.versions and not plain.commits
+
+
+def test_the_engine_drops_a_plain_batch_the_plain_way(tmp_path, monkeypatch):
+    from walstore.engine.memtable import MemTable
+    seen = []
+    real = MemTable.drop_applied
+    monkeypatch.setattr(MemTable, "drop_applied",
+                        lambda self, batch: (seen.append(type(batch) is PlainBatch),
+                                             real(self, batch)))
+    s = _open(tmp_path / "store")
+    try:
+        for i in range(100):
+            with s.transaction() as tx:
+                tx.put(b"k%d" % (i % 10), b"v")
+        s._engine.drain()
+        assert seen and all(seen)
+        seen.clear()
+        s.restore_point("p")  # (not a commit: the batch is not plain)
+        with s.transaction() as tx:
+            tx.put(b"k", b"v")
+        s._engine.drain()
+        assert seen == [False]
+        assert s.get(b"k3") == b"v" and not s._engine.memtable.events
     finally:
         s.close()

@@ -61,13 +61,16 @@ class Applier:
         # (``StateReader.purge_epoch``); ``on_purge`` tells read-only processes (PURGES)
         self.purges_applied = 0
         self.on_purge: "Callable[[], None] | None" = None
+        self.plain = False  # whether the last ``apply`` was of plain commits alone
 
     # ---- log events --------------------------------------------------------------------
     def apply(self, events: list[Event], applied_end: int) -> None:
         """Apply ``events`` (LSN order) and set ``applied`` to ``applied_end``.  A purge ends
         its own LMDB transaction (what it erases must not include later writes)."""
         start = 0
-        if dict not in map(type, map(_BODY, events)):  # (plain commits alone: no purge)
+        # (plain commits alone: no purge; ``plain`` tells the engine's drop of the batch)
+        self.plain = dict not in map(type, map(_BODY, events))
+        if self.plain:
             self._apply(events, applied_end, True)
             return
         for i, e in enumerate(events):

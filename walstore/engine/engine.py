@@ -49,7 +49,7 @@ from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
 from .lmdb_check import check_lmdb_paths
 from .lmdb_state import LmdbState, StateWriteError, from_u64, os_errno
-from .memtable import MemTable
+from .memtable import MemTable, PlainBatch
 from .pins import HistoryPins
 from .pipeline import CommitPipeline
 from .recovery import LogPosition, Recovery, RecoveryReport, check_owner, owner_of
@@ -845,9 +845,11 @@ class Engine:
             # transfers reading the same account both committed (a lost update).
             with self.journal.lock:
                 self.applied_lsn = end
+            plain = self.applier.plain  # (plain commits alone: dropped the cheaper way)
             for i in range(0, len(batch), DROP_CHUNK):  # a little at a time: committers
-                with self.journal.lock:                 # wait for the lock only briefly
-                    self.memtable.drop_applied(batch[i:i + DROP_CHUNK])
+                chunk = batch[i:i + DROP_CHUNK]        # wait for the lock only briefly
+                with self.journal.lock:
+                    self.memtable.drop_applied(PlainBatch(chunk) if plain else chunk)
             with self._room_lock:
                 self._room.notify_all()
             return len(batch)

@@ -127,6 +127,15 @@ def footprint(event: Event) -> int:
             + (WRITE_COST * len(writes) if writes is not None else 0))
 
 
+class PlainBatch(list):
+    """A batch of events that are all plain commits (``Event.packed_body`` not None: no
+    action, gid, purge, undo or file in them), as the applier found it
+    (``Applier.plain``): ``MemTable.drop_applied`` lets them go without the tests for
+    what they cannot hold."""
+
+    __slots__ = ()
+
+
 class MemTable:
     """Unapplied log events, in LSN order, with a multi-version index of their writes."""
 
@@ -320,8 +329,12 @@ class MemTable:
         return out
 
     def drop_applied(self, batch: list[Event]) -> None:
-        """Remove ``batch`` (the oldest events, now in LMDB)."""
+        """Remove ``batch`` (the oldest events, now in LMDB).  A ``PlainBatch`` holds plain
+        commits alone (the applier looked): they leave the cheaper way."""
         self.drops += 1  # (first: a reader that sees no change saw no version leave)
+        if type(batch) is PlainBatch:
+            self._drop_plain(batch)
+            return
         versions = self.versions
         commits = self.commits
         size = writes = 0
@@ -348,18 +361,7 @@ class MemTable:
         self.log_bytes -= size
         self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
         if not self.events:  # every version here is in LMDB now: all leave at once
-            if (self.by_action or self.ends or self.commits or self.undos or self.decided
-                    or self.points or self.roots or self.under_roots or self.prepares
-                    or self.purges):  # (nothing left to name: none lingers)
-                self.by_action, self.ends = {}, {}
-                self.commits, self.undos = {}, collections.deque()
-                self.purges = collections.deque()
-                self.decided, self.points, self.roots = {}, {}, {}
-                self.prepares = {}
-                self.under_roots = {}
-            if self.versions:
-                self.versions = {}  # (readers see the old dict or the empty one)
-            self._bound_index()
+            self._drop_all()
             return
         touched: set[bytes] = set()
         for e in batch:
@@ -380,6 +382,69 @@ class MemTable:
                     cut += 1
                 if cut:
                     versions[k] = old[cut:]
+        self._bound_index()
+
+    def _drop_all(self) -> None:
+        """The MemTable holds no event now: every version and name here leaves at once."""
+        if (self.by_action or self.ends or self.commits or self.undos or self.decided
+                or self.points or self.roots or self.under_roots or self.prepares
+                or self.purges):  # (nothing left to name: none lingers)
+            self.by_action, self.ends = {}, {}
+            self.commits, self.undos = {}, collections.deque()
+            self.purges = collections.deque()
+            self.decided, self.points, self.roots = {}, {}, {}
+            self.prepares = {}
+            self.under_roots = {}
+        if self.versions:
+            self.versions = {}  # (readers see the old dict or the empty one)
+        self._bound_index()
+
+    def _drop_plain(self, batch: list[Event]) -> None:
+        """``drop_applied`` of plain commits: each is indexed nowhere but in ``commits``
+        and ``versions`` (``add``), never a purge, and claims no action, so the loop
+        above's other tests go; and the keys are cut as each event leaves, not gathered
+        in a set first (a key met again finds its chain cut already: what is left of it
+        is newer than the batch, and the test stops at its first version)."""
+        events = self.events
+        popleft = events.popleft
+        commits = self.commits
+        size = writes = 0
+        if len(events) == len(batch):  # the last: every version leaves at once below
+            for e in batch:
+                first = popleft()
+                assert first is e, "the applier must apply events in LSN order"
+                size += e.end - e.start
+                writes += len(e.writes)
+                if commits.get(e.txid) is e:
+                    del commits[e.txid]
+        else:
+            versions = self.versions
+            last = batch[-1].lsn  # every version at or below it is in LMDB now
+            for e in batch:
+                first = popleft()
+                assert first is e, "the applier must apply events in LSN order"
+                size += e.end - e.start
+                w = e.writes
+                writes += len(w)
+                if commits.get(e.txid) is e:
+                    del commits[e.txid]
+                for k, _v in w:
+                    old = versions.get(k)
+                    if old is None:
+                        continue
+                    if old[-1][0] <= last:
+                        del versions[k]
+                        continue
+                    cut = 0
+                    while old[cut][0] <= last:
+                        cut += 1
+                    if cut:
+                        versions[k] = old[cut:]
+        self.log_bytes -= size
+        self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
+        if not events:
+            self._drop_all()
+            return
         self._bound_index()
 
     def _unindex(self, e: Event, end: int) -> None:
