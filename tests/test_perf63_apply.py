@@ -286,3 +286,35 @@ def test_the_engine_drops_a_plain_batch_the_plain_way(tmp_path, monkeypatch):
         assert s.get(b"k3") == b"v" and not s._engine.memtable.events
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("order", ["rising", "shuffled", "falling", "repeats"])
+@pytest.mark.parametrize("n", [10, 300])
+def test_put_columns_puts_what_put_rows_puts(tmp_path, order, n):
+    rng = random.Random(n)
+    keys = [b"k%06d" % i for i in range(n)]
+    if order == "shuffled":
+        rng.shuffle(keys)
+    elif order == "falling":
+        keys.reverse()
+    elif order == "repeats":
+        keys = keys + keys[: n // 3]
+    vals = [b"v%d" % i for i in range(len(keys))]
+    dumps = []
+    for name, columns in (("rows", False), ("cols", True)):
+        state = LmdbState(str(tmp_path / name))
+        try:
+            def body(txn):
+                txn.put(b"k000005", b"old", db=state.hkeys)  # (a row there already)
+                for overwrite, db in ((True, state.data), (False, state.hkeys)):
+                    if order == "repeats" and overwrite:
+                        continue  # (put_rows: distinct keys unless overwrite=False)
+                    if columns:
+                        apply_mod._put_columns(txn, db, keys, vals, overwrite)
+                    else:
+                        apply_mod._put_rows(txn, db, list(zip(keys, vals)), overwrite)
+            state.write(body)
+            dumps.append(_dump(state))
+        finally:
+            state.close()
+    assert dumps[0] == dumps[1]

@@ -655,6 +655,10 @@ def _put_columns(txn, db, keys: list, vals: list, overwrite: bool = True) -> Non
     if len(keys) < SORTED_PUT_ROWS:
         txn.cursor(db=db).putmulti(zip(keys, vals), overwrite=overwrite)
         return
+    if all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+        # in key order already (keys written in rising order, a usual load): no sort
+        _put_in_order(txn, db, lambda: zip(keys, vals), keys[0], overwrite)
+        return
     order = sorted(range(len(keys)), key=keys.__getitem__)  # (stable, as sorted(rows))
     _put_in_order(txn, db, lambda: zip(map(keys.__getitem__, order),
                                        map(vals.__getitem__, order)),
