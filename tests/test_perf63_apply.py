@@ -318,3 +318,35 @@ def test_put_columns_puts_what_put_rows_puts(tmp_path, order, n):
         finally:
             state.close()
     assert dumps[0] == dumps[1]
+
+
+@pytest.mark.parametrize("shape", ["new", "seeded", "then-more", "two-lengths"])
+def test_one_sort_for_a_run_of_scattered_keys(tmp_path, monkeypatch, shape):
+    """A run of 600 single-put commits of one-length keys scattered over the key order:
+    one index sort serves its history rows, new-key marks and data rows; the same LMDB
+    as the loop's, seeded keys in the range or not, more events after the run."""
+    from walstore.benchmark.data import distinct_key
+    s = _open(tmp_path / "store")
+    try:
+        with s.transaction() as tx:
+            tx.put(b"zz", b"1")
+            if shape == "seeded":
+                for i in range(0, 600, 7):
+                    tx.put(distinct_key(i), b"seed")
+        seed = _events(s)
+        for i in range(600):
+            with s.transaction() as tx:
+                key = distinct_key(i)
+                tx.put(key + b"x" * (i % 2) if shape == "two-lengths" else key, b"v%d" % i)
+        if shape == "then-more":
+            s.restore_point("p")
+            for i in range(0, 600, 5):  # values replaced, then keys added
+                with s.transaction() as tx:
+                    tx.put(distinct_key(i), b"again")
+            with s.transaction() as tx:
+                tx.put(b"added", b"1")
+        events = _events(s)[len(seed):]
+        slow, fast = _apply_both(tmp_path, monkeypatch, seed, [events])
+        assert fast == slow
+    finally:
+        s.close()

@@ -104,12 +104,19 @@ class Applier:
             alone = None  # a bulk commit's sorted writes, put into ``data`` as they are
             last = events[-1] if events else None
             packer = None  # (the runs' Packer: see _plain_run)
+            # the key order of ``latest`` (an index list) when a run found it: valid while
+            # no key joins ``latest`` after (a value replaced keeps its key's place)
+            data_order = None
             for e in _segments(events, plain):
                 if type(e) is list:  # a run of plain commits, a column at a time
                     if packer is None:
                         packer = _new_packer()
-                    top, gone, wrote = _plain_run(txn, st, e, latest, packer, inflight_rows,
-                                                  hist_rows, bylsn_rows, txn_rows, new_keys)
+                    was_empty = not latest
+                    top, gone, wrote, order = _plain_run(
+                        txn, st, e, latest, packer, inflight_rows, hist_rows, bylsn_rows,
+                        txn_rows, new_keys)
+                    if was_empty:  # (then ``latest`` holds the run's keys in its order)
+                        data_order = order  # (a range: in key order)
                     if top > max_txid:
                         max_txid = top
                     deletes = gone or deletes
@@ -205,7 +212,9 @@ class Applier:
                 elif sorted_latest:  # (no list, no sort: dict items in key order)
                     _put_in_order(txn, st.data, latest.items, next(iter(latest)))
                 else:  # (columns: no tuple per row for the collector: see _Rows)
-                    _put_columns(txn, st.data, list(latest), list(latest.values()))
+                    _put_columns(txn, st.data, list(latest), list(latest.values()),
+                                 order=(data_order if data_order is not None
+                                        and len(data_order) == len(latest) else None))
                 _put_rows(txn, st.hist, hist_rows)
             if bylsn_rows:  # every commit, with or without key writes (actions only)
                 txn.cursor(db=st.bylsn).putmulti(bylsn_rows.rows())
@@ -567,14 +576,15 @@ def _joined_rows(run, lsns, keys, longest, heads, bodies, txid_raws, txn_rows) -
 
 def _plain_run(txn, st, run: list, latest: dict, packer, inflight_rows: bool,
                hist_rows: list, bylsn_rows: list, txn_rows: list, new_keys: list
-               ) -> tuple[int, bool, bool]:
+               ) -> tuple[int, bool, bool, list | None]:
     """The rows of a run of plain commits (``_segments``), as ``Applier._apply``'s loop
     makes them event by event, built a column at a time in C ``map``s: the ``bylsn``
     row, a history row per write ((key, lsn) -> [txid, value before]) and a new-key mark
     for a key the store did not hold, the ``txns`` row (``tables.plain_txn_row``'s bytes:
     the packed body's fixmap joined by ``lsn``, ``end`` and ``w``), ``latest`` updated;
     the ``inflight`` row's delete (and the files' rows) when that table may hold one.
-    Returns (the highest txid, whether a write deletes, whether any write was made).
+    Returns (the highest txid, whether a write deletes, whether any write was made, the
+    order of its keys when it sorted them, else None).
     A single-put commit cost the applier ~44k instructions event by event (PROFILE.md,
     round 33)."""
     lsns = list(map(_LSN, run))
@@ -582,6 +592,7 @@ def _plain_run(txn, st, run: list, latest: dict, packer, inflight_rows: bool,
     lsn_raws = list(map(_pack_u64, lsns))
     txid_raws = list(map(_pack_u64, txids))
     bylsn_rows.add(lsn_raws, txid_raws)
+    order = None  # the key order of the run's keys, when one sort serves three tables
     ws = list(map(_WRITES, run))
     pairs = list(itertools.chain.from_iterable(ws))
     deletes = one = False
@@ -600,7 +611,15 @@ def _plain_run(txn, st, run: list, latest: dict, packer, inflight_rows: bool,
             txid_of = list(itertools.chain.from_iterable(
                 map(itertools.repeat, txids, counts)))
         data = st.data
-        if len(set(keys)) == len(keys) and latest.keys().isdisjoint(keys):
+        distinct = len(set(keys)) == len(keys)
+        if distinct and len(keys) >= SORTED_PUT_ROWS and min(map(len, keys)) == longest:
+            # keys of one length, distinct: their order is that of their history keys
+            # (one prefix), of their data rows and of their new-key marks (a range:
+            # in order already)
+            order = (range(len(keys))
+                     if all(map(operator.lt, keys, itertools.islice(keys, 1, None)))
+                     else sorted(range(len(keys)), key=keys.__getitem__))
+        if distinct and latest.keys().isdisjoint(keys):
             cur = txn.cursor(db=data)
             if not cur.set_range(min(keys)) or cur.key() > max(keys):
                 befores = None  # nothing stored in the keys' range: every key is new
@@ -616,10 +635,10 @@ def _plain_run(txn, st, run: list, latest: dict, packer, inflight_rows: bool,
                 map(len, keys)),
             keys, lsn_of))),
                       list(map(packer.pack, zip(txid_of, _NONES if befores is None
-                                                else befores))))
+                                                else befores))), order)
         fresh = (keys if befores is None else
                  list(itertools.compress(keys, map(operator.is_, befores, _NONES))))
-        new_keys.add(fresh, [b""] * len(fresh))
+        new_keys.add(fresh, [b""] * len(fresh), order if befores is None else None)
         # (a packed value is never empty: only a delete is false)
         deletes = not all(map(_second, pairs)) and None in map(_second, pairs)
         latest.update(pairs)  # (in LSN order: the newest write of a key stays)
@@ -645,21 +664,26 @@ def _plain_run(txn, st, run: list, latest: dict, packer, inflight_rows: bool,
         for e, raw in zip(run, txid_raws):
             if txn.delete(raw, db=inflight):
                 _commit_files(txn, st, e)  # (it logged records it undid itself)
-    return max(txids), deletes, bool(pairs)
+    return max(txids), deletes, bool(pairs), order
 
 
-def _put_columns(txn, db, keys: list, vals: list, overwrite: bool = True) -> None:
+def _put_columns(txn, db, keys: list, vals: list, overwrite: bool = True,
+                 order: list | None = None) -> None:
     """``_put_rows`` of the rows ``zip(keys, vals)`` (the same puts, in the same order),
     sorted by an index list, the rows made as LMDB takes them: no list of a tuple per
-    row survives to be scanned by the garbage collector."""
+    row survives to be scanned by the garbage collector.  ``order``: that index list,
+    found already (a ``range``: the keys are in order), exact: with ``overwrite=False``
+    an append out of order would skip its row."""
     if len(keys) < SORTED_PUT_ROWS:
         txn.cursor(db=db).putmulti(zip(keys, vals), overwrite=overwrite)
         return
-    if all(map(operator.lt, keys, itertools.islice(keys, 1, None))):
+    if type(order) is range or (
+            order is None and all(map(operator.lt, keys, itertools.islice(keys, 1, None)))):
         # in key order already (keys written in rising order, a usual load): no sort
         _put_in_order(txn, db, lambda: zip(keys, vals), keys[0], overwrite)
         return
-    order = sorted(range(len(keys)), key=keys.__getitem__)  # (stable, as sorted(rows))
+    if order is None:
+        order = sorted(range(len(keys)), key=keys.__getitem__)  # (stable, as sorted(rows))
     _put_in_order(txn, db, lambda: zip(map(keys.__getitem__, order),
                                        map(vals.__getitem__, order)),
                   keys[order[0]], overwrite)
@@ -680,31 +704,33 @@ class _Rows:
         self.append = self.tuples.append
         self.extend = self.tuples.extend
 
-    def add(self, keys: list, vals: list) -> None:
-        self.cols.append((keys, vals))
+    def add(self, keys: list, vals: list, order: list | None = None) -> None:
+        """A column of keys and one of values (``order``: their key order, if known)."""
+        self.cols.append((keys, vals, order))
 
     def __bool__(self) -> bool:
-        return bool(self.tuples) or any(map(bool, map(_first, self.cols)))
+        return bool(self.tuples) or any(k for k, _v, _o in self.cols)
 
     def __len__(self) -> int:
-        return len(self.tuples) + sum(len(k) for k, _v in self.cols)
+        return len(self.tuples) + sum(len(k) for k, _v, _o in self.cols)
 
     def rows(self):
         """Every row, those of the loop first (the tables' keys are distinct, but in
         ``hkeys``, put without overwrite: a key there twice is one row either way)."""
         if not self.cols:
             return self.tuples
-        return itertools.chain(self.tuples, *itertools.starmap(zip, self.cols))
+        return itertools.chain(self.tuples, *(zip(k, v) for k, v, _o in self.cols))
 
-    def columns(self) -> tuple[list, list]:
+    def columns(self) -> tuple[list, list, list | None]:
+        """(keys, values, their key order or None)."""
         if not self.tuples and len(self.cols) == 1:
             return self.cols[0]
         keys = list(map(_first, self.tuples))
         vals = list(map(_second, self.tuples))
-        for k, v in self.cols:
+        for k, v, _o in self.cols:
             keys += k
             vals += v
-        return keys, vals
+        return keys, vals, None
 
 
 def _put_rows(txn, db, rows, overwrite: bool = True) -> None:
@@ -717,7 +743,8 @@ def _put_rows(txn, db, rows, overwrite: bool = True) -> None:
         if not rows.cols:
             rows = rows.tuples
         else:
-            _put_columns(txn, db, *rows.columns(), overwrite=overwrite)
+            keys, vals, order = rows.columns()
+            _put_columns(txn, db, keys, vals, overwrite, order)
             return
     if len(rows) < SORTED_PUT_ROWS:
         txn.cursor(db=db).putmulti(rows, overwrite=overwrite)
