@@ -445,7 +445,10 @@ def _surely_plain(value: Any) -> bool:
         packed = ormsgpack.packb(value, option=_PLAIN_ONLY)
     except Exception:  # noqa: BLE001 - something that is not plain data (or an int key)
         return False
-    return not (b"\xc4" in packed or b"\xc5" in packed or b"\xc6" in packed)
+    # (the bytes markers bin 8/16/32 looked for as ints: ``b"\xc4" in packed`` first
+    # tries the bytes as an int, and raising and clearing that TypeError cost ~2,000
+    # instructions per test, three per message encoded; an int is a plain memchr)
+    return not (0xC4 in packed or 0xC5 in packed or 0xC6 in packed)
 
 
 def refuse_flattened_in(value: Any) -> None:

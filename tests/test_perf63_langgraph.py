@@ -1,0 +1,59 @@
+"""Round 33 (stop 63), the LangGraph saver's serializer: the fast paths keep the verdicts
+and bytes of the slow ones (behaviour only, never timings)."""
+from __future__ import annotations
+
+import ormsgpack
+import pytest
+
+pytest.importorskip("langgraph")
+
+from langchain_core.messages import AIMessage, HumanMessage, ToolMessage  # noqa: E402
+from langgraph.checkpoint.serde.jsonplus import JsonPlusSerializer  # noqa: E402
+
+from walstore.integrations.langgraph import serde as S  # noqa: E402
+
+
+def _old_surely_plain(value):
+    try:
+        packed = ormsgpack.packb(value, option=S._PLAIN_ONLY)
+    except Exception:  # noqa: BLE001
+        return False
+    return not (b"\xc4" in packed or b"\xc5" in packed or b"\xc6" in packed)
+
+
+@pytest.mark.parametrize("value", [
+    {"a": 1, "b": "text", "c": [1, 2.5, None, True], "d": {"e": "f"}},
+    {"a": b"raw bytes"},                       # bin 8: not surely plain
+    {"a": b"x" * 300},                         # bin 16
+    {"a": b"x" * 70_000},                      # bin 32
+    {"a": "\u0104\u0105 \u0144"},             # UTF-8 holding 0xC4/0xC5 bytes: conservative
+    {"a": "x" * 300, "b": list(range(300))},  # lengths whose headers hold 0xC5 or so
+    {1: "int key"},                            # not str keys: refused by ormsgpack
+    {"a": (1, 2)},                             # a tuple
+    {"a": {1, 2}},                             # a set
+    [HumanMessage("hi")],                      # an object
+    [],
+    "plain str",
+    12345,
+])
+def test_surely_plain_same_verdict_as_the_bytes_test(value):
+    assert S._surely_plain(value) is _old_surely_plain(value)
+
+
+def _messages(n):
+    out = []
+    for i in range(n):
+        out.append(HumanMessage(f"question {i} \u0104" * 3, id=f"h{i}"))
+        out.append(AIMessage(f"calling {i}", id=f"a{i}", tool_calls=[
+            {"name": "search", "args": {"q": f"q{i}"}, "id": f"c{i}"}]))
+        out.append(ToolMessage("result " * 40, tool_call_id=f"c{i}", id=f"t{i}"))
+        out.append(AIMessage("answer " * 30, id=f"b{i}"))
+    return out
+
+
+def test_messages_encode_as_langgraph_does_and_come_back():
+    msgs = _messages(5)
+    ser = S.StateSerializer()
+    type_, data = ser.dumps_typed(msgs)
+    assert (type_, data) == JsonPlusSerializer().dumps_typed(msgs)
+    assert ser.loads_typed((type_, data)) == msgs
