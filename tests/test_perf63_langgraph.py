@@ -57,3 +57,23 @@ def test_messages_encode_as_langgraph_does_and_come_back():
     type_, data = ser.dumps_typed(msgs)
     assert (type_, data) == JsonPlusSerializer().dumps_typed(msgs)
     assert ser.loads_typed((type_, data)) == msgs
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"plain text, no marker", bytes(range(256)),
+    *[b"abc" + bytes([m]) + b"def" for m in (0xC7, 0xC8, 0xC9, 0xD4, 0xD5, 0xD6, 0xD7, 0xD8)],
+    *[b"abc" + bytes([m]) for m in (0xC6, 0xCA, 0xD3, 0xD9)],  # the neighbours: no marker
+    "\u0104 \u0107".encode(),
+])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_ext_marker_test_is_the_regex(data, kind):
+    assert S._has_ext_marker(kind(data)) is (S._EXT_MARKER.search(data) is not None)
+
+
+def test_audit_still_refuses_a_class_it_would_not_rebuild():
+    from walstore.integrations.langgraph.serde import StateTypeError
+    data = ormsgpack.packb(ormsgpack.Ext(S.EXT_PYDANTIC_V2, ormsgpack.packb(
+        ["os", "system", {}, "model_validate_json"])))
+    with pytest.raises(StateTypeError):
+        S.StateSerializer().audit("msgpack", data)
+    S.StateSerializer().audit("msgpack", S.StateSerializer().encode(_messages(2))[1])

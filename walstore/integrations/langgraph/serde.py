@@ -91,6 +91,16 @@ _PACK_OPTIONS = ((lg_jsonplus._option & ~ormsgpack.OPT_REPLACE_SURROGATES)
 _EXT_MARKER = re.compile(b"[\xc7-\xc9\xd4-\xd8]")
 
 
+def _has_ext_marker(data: Any) -> bool:
+    """Whether ``data`` holds a byte of :data:`_EXT_MARKER`.  For bytes, eight int
+    membership tests (each a memchr): the regex's charset scan took ~25 instructions a
+    byte, ~7,000 for a 300-byte record, 28 records an invoke (callgrind, round 33)."""
+    if type(data) is bytes:
+        return (0xC7 in data or 0xC8 in data or 0xC9 in data or 0xD4 in data
+                or 0xD5 in data or 0xD6 in data or 0xD7 in data or 0xD8 in data)
+    return _EXT_MARKER.search(data) is not None
+
+
 class StateTypeError(TypeError):
     """A value names a class the saver would not give back as that class."""
 
@@ -232,7 +242,7 @@ class TypePolicy:
     # ---- at write time ------------------------------------------------------------------
     def audit(self, data: bytes) -> None:
         """Raise StateTypeError unless every class named in ``data`` would be rebuilt."""
-        if _EXT_MARKER.search(data):
+        if _has_ext_marker(data):
             self._unpack_top(data, self._audit_ext)
 
     def _unpack_top(self, data: bytes, hook: Any) -> Any:
@@ -272,7 +282,7 @@ class TypePolicy:
                 raise self._failed(StateTypeError(
                     f"WalstoreSaver refuses to store a {module}.{name}: it would not come "
                     f"back as that type ({why}); {self._recipe(module, name)}"))
-        if _EXT_MARKER.search(payload):  # nested classes (a dataclass inside a dataclass)
+        if _has_ext_marker(payload):  # nested classes (a dataclass inside a dataclass)
             ormsgpack.unpackb(payload, option=_OPTIONS, ext_hook=self._audit_ext)
         return None
 
