@@ -77,3 +77,47 @@ def test_audit_still_refuses_a_class_it_would_not_rebuild():
     with pytest.raises(StateTypeError):
         S.StateSerializer().audit("msgpack", data)
     S.StateSerializer().audit("msgpack", S.StateSerializer().encode(_messages(2))[1])
+
+
+# module level, so the serializer's policy rebuilds them by name (application classes)
+from typing import Any as _Any  # noqa: E402
+
+import pydantic  # noqa: E402
+
+
+class Inner(pydantic.BaseModel):
+    x: int = 1
+
+
+class Loose(pydantic.BaseModel):
+    value: _Any = None
+
+
+class Hidden(pydantic.BaseModel):
+    a: int = 0
+    _secret: int = pydantic.PrivateAttr(default=0)
+
+
+def test_model_fast_path_keeps_the_checks():
+    """A plain model skips _checked only once its class's verdict is known and its values
+    are plain; a model holding a nested model under ``Any`` is refused every time (the
+    second encode meets the cached verdict, and still goes through the check); a class
+    with private attributes is compared on a rebuilt copy, every time."""
+    from walstore.integrations.langgraph.serde import StateTypeError
+    ser = S.StateSerializer()
+    plain = Loose(value={"k": [1, "two", None]})
+    for _ in range(3):  # first: the verdict is made; then the fast path
+        assert ser.dumps_typed(plain) == ser.dumps_typed(Loose(value={"k": [1, "two", None]}))
+        assert ser.loads_typed(ser.dumps_typed(plain)) == plain
+    assert S._kw_verdicts.get(Loose) == S._NOTHING_TO_CHECK
+    for _ in range(3):
+        with pytest.raises(StateTypeError, match="would come back as a dict"):
+            ser.dumps_typed(Loose(value=Inner()))
+        with pytest.raises(StateTypeError, match="would come back as a dict"):
+            ser.dumps_typed([HumanMessage("x"), Loose(value=Inner())])
+    h = Hidden(a=1)
+    assert ser.loads_typed(ser.dumps_typed(h)) == h
+    h._secret = 5
+    for _ in range(2):
+        with pytest.raises(StateTypeError, match="_secret"):
+            ser.dumps_typed(h)

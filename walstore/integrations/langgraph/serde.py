@@ -503,6 +503,7 @@ def _refuse(cls: type, why: str) -> None:
 # ---- values that would come back changed although their class is rebuilt ------------------
 _MISSING = object()
 _kw_verdicts: dict[type, tuple] = {}  # class -> (why refused | None, what to compare | None)
+_NOTHING_TO_CHECK = (None, None)  # (a verdict: not refused, nothing to compare)
 
 
 def _pydantic_hidden(cls: type) -> list[str]:
@@ -716,8 +717,15 @@ class _Packer:
             return ormsgpack.Ext(EXT_DELTA_SNAPSHOT, self.pack(obj.value))
         if hasattr(obj, "model_dump") and callable(obj.model_dump):  # pydantic v2
             cls = type(obj)
-            return self._checked(obj, EXT_PYDANTIC_V2, self.pack(
-                [cls.__module__, cls.__name__, obj.model_dump(), "model_validate_json"]))
+            payload = self.pack(
+                [cls.__module__, cls.__name__, obj.model_dump(), "model_validate_json"])
+            if _kw_verdicts.get(cls) == _NOTHING_TO_CHECK and \
+                    _surely_plain(_model_values(obj)):
+                # what _checked finds for a model of plain data (a LangChain message)
+                # whose class is known to rebuild as it is, without its three frames:
+                # every message of a messages list comes here at every put
+                return ormsgpack.Ext(EXT_PYDANTIC_V2, payload)
+            return self._checked(obj, EXT_PYDANTIC_V2, payload)
         if hasattr(obj, "get_secret_value") and callable(obj.get_secret_value):
             return lg_jsonplus._msgpack_default(obj)
         if hasattr(obj, "dict") and callable(obj.dict):  # pydantic v1
