@@ -371,17 +371,7 @@ class MemTable:
         if touched:
             last = batch[-1].lsn  # every version at or below it is in LMDB now
             for k in touched:
-                old = versions.get(k)
-                if old is None:
-                    continue
-                if old[-1][0] <= last:
-                    del versions[k]
-                    continue
-                cut = 0
-                while old[cut][0] <= last:
-                    cut += 1
-                if cut:
-                    versions[k] = old[cut:]
+                _cut_versions(versions, k, last)
         self._bound_index()
 
     def _drop_all(self) -> None:
@@ -429,17 +419,7 @@ class MemTable:
                 if commits.get(e.txid) is e:
                     del commits[e.txid]
                 for k, _v in w:
-                    old = versions.get(k)
-                    if old is None:
-                        continue
-                    if old[-1][0] <= last:
-                        del versions[k]
-                        continue
-                    cut = 0
-                    while old[cut][0] <= last:
-                        cut += 1
-                    if cut:
-                        versions[k] = old[cut:]
+                    _cut_versions(versions, k, last)
         self.log_bytes -= size
         self.memory -= size + EVENT_COST * len(batch) + WRITE_COST * writes
         if not events:
@@ -586,3 +566,19 @@ class MemTable:
         with self.lock:
             events = list(self.events)
         return [e for e in events if e.type in types and (upto is None or e.end <= upto)]
+
+
+def _cut_versions(versions: dict, k: bytes, last: int) -> None:
+    """The MemTable's versions of ``k`` at or below ``last`` leave (they are in LMDB now):
+    the key's chain is cut there, or goes whole."""
+    old = versions.get(k)
+    if old is None:
+        return
+    if old[-1][0] <= last:
+        del versions[k]
+        return
+    cut = 0
+    while old[cut][0] <= last:
+        cut += 1
+    if cut:
+        versions[k] = old[cut:]

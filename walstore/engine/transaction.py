@@ -1049,7 +1049,9 @@ class Transaction:
             self._ending = "committed"
             try:
                 return self._commit()
-            finally:
+            finally:  # (``_deciding``'s end written out too, not a shared helper: a
+                # call's entry is a point a signal handler runs at, and an interrupt there
+                # left ``_ending`` set for good — the interrupt sweep's savepoint modes)
                 self._ending = None
                 seal = self._seal
                 if seal is not None:  # (as ``_deciding``'s)
