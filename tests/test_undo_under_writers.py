@@ -112,6 +112,12 @@ def test_scoped_rewind_lands_while_the_same_scope_is_written(tmp_path):
     in_scope = _state(s.at("p"), "a/")
     with Writers(s, ["a/", "b/"]):
         for _ in range(3):
+            # (a rewind with nothing in its scope to undo returns None: wait until a
+            # writer changed a/ since the point or the last rewind — under a loaded
+            # machine the writers had not, and the test failed on its own race)
+            deadline = time.monotonic() + 30
+            while _state(s, "a/") == in_scope and time.monotonic() < deadline:
+                time.sleep(0.002)
             info = s.rewind("p", scope="a/")
             assert info is not None
             assert _state(s.at(info.txid), "a/") == in_scope
