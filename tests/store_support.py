@@ -53,3 +53,13 @@ def cli_env() -> dict:
     env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
+
+def commit_recording_outcome(s, key, value, outcome: dict) -> None:
+    """Commit ``key = value`` in its own transaction; ``outcome[key]`` is "ok" or the
+    exception it raised (a thread's target in the group-commit tests)."""
+    try:
+        with s.transaction() as tx:
+            tx.put(key, value)
+        outcome[key] = "ok"
+    except BaseException as e:  # noqa: BLE001 - the test sorts them out
+        outcome[key] = e

@@ -23,6 +23,8 @@ import walstore
 from walstore.codec import encode_key
 from walstore.log.writer import WalWriteError
 from walstore.ops.verify import verify_store
+
+from store_support import commit_recording_outcome as _commit
 from tools.faults import FaultBackend, installed
 
 
@@ -41,15 +43,6 @@ class HeldFsync(FaultBackend):
             self.entered.set()
             self.release.wait(20)
         super().fdatasync(fd)
-
-
-def _commit(s, key, value, outcome):
-    try:
-        with s.transaction() as tx:
-            tx.put(key, value)
-        outcome[key] = "ok"
-    except BaseException as e:  # noqa: BLE001 - the test sorts them out
-        outcome[key] = e
 
 
 def _committer(s, key, value, outcome):

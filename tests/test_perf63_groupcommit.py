@@ -27,6 +27,8 @@ from walstore.errors import CommitOutcomeUnknown, ReadOnlyError
 from walstore.log import writer
 from walstore.log.writer import WalWriteError
 from walstore.ops.verify import verify_store
+
+from store_support import commit_recording_outcome as _commit
 from tools.faults import FaultBackend, installed
 
 
@@ -173,15 +175,6 @@ class HeldWrites(FaultBackend):
             self.write_entered.set()
             self.write_release.wait(20)
         return super().pwrite(fd, data, offset)
-
-
-def _commit(s, key, value, outcome):
-    try:
-        with s.transaction() as tx:
-            tx.put(key, value)
-        outcome[key] = "ok"
-    except BaseException as e:  # noqa: BLE001 - the test sorts them out
-        outcome[key] = e
 
 
 def _start(s, key, value, outcome) -> threading.Thread:
