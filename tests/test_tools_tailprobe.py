@@ -55,7 +55,8 @@ def test_each_slow_commit_is_given_the_cause_that_ran_beside_it() -> None:
 
 
 def test_a_real_run_finds_the_store_s_rotations_among_its_commits(tmp_path) -> None:
-    report = tailprobe.run(300, 2048, directory=str(tmp_path), top=300, segment_size=65536)
+    report = tailprobe.run(300, 2048, directory=str(tmp_path), top=300,
+                           options={"segment_size": 65536})
     assert report["rotations"] >= 5  # (300 × ~2.1 KiB records into 64 KiB segments)
     rotated = [r for r in report["slowest"] if "rotation" in r["causes"]]
     # every rotation ran inside one of the commits (this run's only writer), which synced
@@ -76,3 +77,8 @@ def test_the_command_line_prints_json_and_refuses_bad_input(tmp_path, capsys) ->
     assert tailprobe.main(["--commits", "0", "--dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tailprobe: ") and "--commits" in err and "Traceback" not in err
+    for bad in ("segment_size", "segment_size=12", "no_such_option=1"):
+        assert tailprobe.main(["--commits", "5", "--set", bad, "--dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tailprobe: ") and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,7 @@ work on the commit path itself, a dict growing, say, or waiting for a core or th
 
     python tools/tailprobe.py --commits 10000 --value-bytes 2048          # a burst
     python tools/tailprobe.py --commits 60000 --value-bytes 2048 --json   # LMDB written too
+    python tools/tailprobe.py --commits 60000 --set max_unapplied_bytes=1073741824  # or not
 
 What it found on this project's machines is in bench/results/PROFILE.md (34th round).
 """
@@ -151,8 +152,9 @@ def _outside_syncs(commits: list, own: list) -> list[int]:
 
 
 def run(commits: int, value_bytes: int, durability: str = "full", directory: str | None = None,
-        top: int | None = None, segment_size: int | None = None) -> dict:
-    """Run the workload and return the report (see the module docstring)."""
+        top: int | None = None, options: dict | None = None) -> dict:
+    """Run the workload and return the report (see the module docstring); ``options``:
+    the store's tuning options (``walstore.options.Options``), passed to ``open``."""
     if commits < 1 or value_bytes < 0:
         raise ValueError("--commits must be at least 1 and --value-bytes at least 0")
     t = Timeline()
@@ -188,8 +190,8 @@ def run(commits: int, value_bytes: int, durability: str = "full", directory: str
     fileio.lmdb_io, lmdb_state.LmdbState.write = lmdb_io, write  # type: ignore[method-assign]
     gc.callbacks.append(on_gc)
     try:
-        extra = {} if segment_size is None else {"segment_size": segment_size}
-        store = walstore.open(os.path.join(base, "store"), durability=durability, **extra)
+        store = walstore.open(os.path.join(base, "store"), durability=durability,
+                              **(options or {}))
         try:
             items = [(b"k%010d" % i, os.urandom(value_bytes)) for i in range(commits)]
             for k, v in items:
@@ -224,6 +226,24 @@ def run(commits: int, value_bytes: int, durability: str = "full", directory: str
             "slowest": slow}
 
 
+def _options(pairs: list[str]) -> dict:
+    """``NAME=VALUE`` pairs as open()'s options (an int, else a float, else the string)."""
+    out: dict = {}
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--set takes OPTION=VALUE, not {pair!r}")
+        for kind in (int, float):
+            try:
+                out[name] = kind(raw)
+                break
+            except ValueError:
+                continue
+        else:
+            out[name] = raw
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--commits", type=int, default=10_000)
@@ -231,14 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--durability", choices=("full", "normal", "none"), default="full")
     ap.add_argument("--top", type=int, default=None,
                     help="how many of the slowest commits to explain (default: 0.1%%, >= 10)")
-    ap.add_argument("--segment-size", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                    help="a store option for the run, e.g. max_unapplied_bytes=536870912 "
+                         "(repeatable; see walstore/options.py)")
     ap.add_argument("--dir", default=None, help="where the store is made (default: a temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
         report = run(args.commits, args.value_bytes, args.durability, args.dir, args.top,
-                     args.segment_size)
-    except (ValueError, walstore.WalstoreError, OSError) as e:
+                     _options(args.set))
+    except (ValueError, TypeError, walstore.WalstoreError, OSError) as e:
         print(f"tailprobe: {e}", file=sys.stderr)
         return 2
     if args.json:
