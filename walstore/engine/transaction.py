@@ -590,11 +590,12 @@ class Transaction:
         size = self._write_bytes + len(k) + len(packed) + WRITE_OVERHEAD
         if size > self._write_trigger:  # (``_set`` written out: every put comes here)
             size = self._count_exactly(((k, packed),), key)
-        if self._savepoints:
-            self._keep_before(k)
-        writes = self._writes  # (the dict written into: ``_late_write`` asks which)
-        writes[k] = packed
-        self._write_bytes = size
+        if self._savepoints:  # (its before-image and the write in one step)
+            writes = self._keep_before({k: packed}, size)
+        else:
+            writes = self._writes  # (the dict written into: ``_late_write`` asks which)
+            writes[k] = packed
+            self._write_bytes = size
         if self._seal is not None:  # (a commit by another thread took the writes)
             self._late_write(((k, packed),), writes)
 
@@ -612,14 +613,15 @@ class Transaction:
                 + WRITE_OVERHEAD * len(staged))  # (packed values: never None)
         if size > self._write_trigger:
             size = self._count_exactly(staged.items(), None)
-        if self._savepoints:
-            self._keep_before(*staged)
         # the dict taken, the size stored, then the write: no call between the first two
         # and the third (a thread switch after the update would let a commit's end look
         # at a changed dict with an unchanged size: ``_Seal.changed``)
-        writes = self._writes
-        self._write_bytes = size
-        writes.update(staged)
+        if self._savepoints:  # (the before-images and the write in one step)
+            writes = self._keep_before(staged, size)
+        else:
+            writes = self._writes
+            self._write_bytes = size
+            writes.update(staged)
         if self._seal is not None:
             self._late_write(staged.items(), writes)
 
@@ -635,41 +637,52 @@ class Transaction:
                                                               else len(packed))
         if size > self._write_trigger:
             size = self._count_exactly(((k, packed),), decode_key(k))
-        if self._savepoints:
-            self._keep_before(k)
-        writes = self._writes
-        writes[k] = packed
-        self._write_bytes = size
+        if self._savepoints:  # (its before-image and the write in one step)
+            writes = self._keep_before({k: packed}, size)
+        else:
+            writes = self._writes
+            writes[k] = packed
+            self._write_bytes = size
         if self._seal is not None:
             self._late_write(((k, packed),), writes)
 
-    def _keep_before(self, *keys: bytes) -> None:
-        """Log the value each of ``keys`` has now (before the write about to be made), for
-        a rollback to the newest savepoint, unless it is logged at that savepoint's level
-        already: the first write of a key at a level keeps what a rollback to it puts
-        back; the later ones only replace values of that same level, which no rollback
-        ever puts back.  (So the undo log holds at most one entry per key and level, not
-        one per write.)  Under ``_undo_lock``: which level an entry lands in and which
-        level counts its key must agree, or a release merging the levels dropped the
-        only entry of a key (another thread's savepoint() taken between the note and the
-        append put the entry in the new level while the old one counted the key: a
-        rollback_to then left the write in place — 1 in a few thousand races in CI).
-        The lock is the C lock, taken by a ``with`` (no interrupt between its acquire and
-        the block: walstore.signals).  No signals are held off (a section costs every
-        put under a savepoint two system calls): an interrupt may land between a key's
-        entry and its note in the level, which leaves one entry too many — harmless: a
-        rollback takes a level's entries back newest first, so the oldest, the value
-        before the level, is the one left; a release merging levels keeps the oldest —
-        and never a key noted without its entry (the entry goes in first)."""
+    def _keep_before(self, new: dict, size: int) -> dict:
+        """Write ``new`` (stored key -> packed value or None) into the write set under a
+        savepoint, the set's size then ``size``, and return the dict written into; first
+        log the value each key has now, for a rollback to the newest savepoint, unless it
+        is logged at that savepoint's level already: the first write of a key at a level
+        keeps what a rollback to it puts back; the later ones only replace values of that
+        same level, which no rollback ever puts back.  (So the undo log holds at most one
+        entry per key and level, not one per write.)  Under ``_undo_lock``: which level an
+        entry lands in and which level counts its key must agree, or a release merging
+        the levels dropped the only entry of a key (another thread's savepoint() taken
+        between the note and the append put the entry in the new level while the old one
+        counted the key: a rollback_to then left the write in place — 1 in a few thousand
+        races in CI).  The write too: made after the lock was let go, a rollback_to() in
+        another thread between the entry and the write put back the value logged and
+        emptied the level, then the write landed with no entry (and the key's next write
+        logged it as the value "before" the savepoint): a later rollback_to() left it in
+        place (16-31 of 200 such races — audit 64); a savepoint() there had the write,
+        made under it, logged at the level below.  The lock is the C lock, taken by a
+        ``with`` (no interrupt between its acquire and the block: walstore.signals).  No
+        signals are held off (a section costs every put under a savepoint two system
+        calls): an interrupt may land between a key's entry and its note in the level,
+        which leaves one entry too many — harmless: a rollback takes a level's entries
+        back newest first, so the oldest, the value before the level, is the one left; a
+        release merging levels keeps the oldest — and never a key noted without its entry
+        (the entry goes in first); or after the write, which then stands, logged."""
         with self._undo_lock:
-            sps = self._savepoints
-            if not sps:  # (released meanwhile by another thread: nothing to keep)
-                return
-            level, undo, writes = sps[-1].recorded, self._undo, self._writes
-            for k in keys:
-                if k not in level:
-                    undo.append((k, writes.get(k, _MISSING)))
-                    level.add(k)
+            sps, writes = self._savepoints, self._writes
+            if sps:  # (else released meanwhile by another thread: nothing to keep)
+                level, undo = sps[-1].recorded, self._undo
+                for k in new:
+                    if k not in level:
+                        undo.append((k, writes.get(k, _MISSING)))
+                        level.add(k)
+            # (the size stored, then the write: as ``update``'s, see there)
+            self._write_bytes = size
+            writes.update(new)
+        return writes
 
     def _count_exactly(self, new: Iterable[tuple[bytes, bytes | None]], key: Any) -> int:
         """The write set's exact size once ``new`` (distinct keys) is written, counting it
@@ -800,6 +813,10 @@ class Transaction:
         with self._end_lock:  # (as rollback_to and release: another thread's release
             # emptied the undo log between its length and the append, and a rollback to
             # this savepoint then undid nothing — probe-audit51)
+            if self.state != ACTIVE:  # (ended by the commit() or rollback() this call
+                # waited for in another thread: it returned an active savepoint of the
+                # committed transaction — audit 64)
+                self._check_active()
             self._serial += 1
             inside = self._inside() if self._inner_blockers else ()
             if self._undo_lock is None:  # (the first savepoint: see the class's)
@@ -954,7 +971,12 @@ class Transaction:
         """Forget ``sp`` and every newer savepoint; their writes are kept."""
         self._check_active()
         with self._end_lock:  # (the savepoints change under no other thread's lookup:
-            i = self._find(sp)  # an IndexError came out of it — probe-audit51)
+            # an IndexError came out of it — probe-audit51)
+            if self.state != ACTIVE:  # (ended by the commit() or rollback() this call
+                # waited for: a ValueError said the savepoint was "released, or discarded
+                # by a rollback to an outer savepoint" — audit 64)
+                self._check_active()
+            i = self._find(sp)
             sps = self._savepoints
             with deferred(), self._undo_lock:
                 if i:
