@@ -13,7 +13,7 @@ import datetime
 import enum
 import struct
 import uuid
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import pytest
 
@@ -214,3 +214,64 @@ def test_a_plain_class_verdict_is_the_same_whatever_the_first_instance_was():
             except StateTypeError:
                 answers.append(("refused", None))
         assert answers[0] == answers[1], (v, answers)
+
+
+class Serialized(pydantic.BaseModel):
+    """A field serializer: its dump is not its values (5 is dumped as "5")."""
+    value: Any = None
+
+    @pydantic.field_serializer("value")
+    def _as_text(self, v: Any) -> str:
+        return str(v)
+
+
+class DumpedAs(pydantic.BaseModel):
+    """A model serializer rewriting a field."""
+    n: Any = 0
+
+    @pydantic.model_serializer
+    def _dump(self) -> dict:
+        return {"n": [self.n]}
+
+
+class FaithfulSerializer(pydantic.BaseModel):
+    """A serializer whose dump validates back to the same value: accepted."""
+    at: datetime.datetime
+
+    @pydantic.field_serializer("at")
+    def _iso(self, v: datetime.datetime) -> str:
+        return v.isoformat()
+
+
+def test_a_model_whose_serializer_changes_its_values_is_refused_not_changed():
+    """A model of plain data is taken for its own dump and never rebuilt; one with a
+    field or model serializer is not its own dump: ``Serialized(value=5)`` came back
+    ``Serialized(value='5')``, ``DumpedAs(n=1)`` as ``DumpedAs(n=[1])``, silently (as
+    LangGraph's JsonPlusSerializer gives them).  Now refused at the write, every time (the
+    class's verdict cached or not); a serializer whose dump validates back to the same
+    value is accepted."""
+    ours = S.StateSerializer()
+    for _ in range(3):
+        for bad in (Serialized(value=5), DumpedAs(n=1), [HumanMessage("x"), DumpedAs(n=2)]):
+            with pytest.raises(StateTypeError, match="serializer"):
+                ours.dumps_typed(bad)
+        same = Serialized(value="text")  # (its dump is itself: accepted)
+        assert ours.loads_typed(ours.dumps_typed(same)) == same
+        ok = FaithfulSerializer(at=datetime.datetime(2026, 1, 1,
+                                                     tzinfo=datetime.timezone.utc))
+        back = ours.loads_typed(ours.dumps_typed(ok))
+        assert back == ok and type(back.at) is datetime.datetime
+
+
+class AnnotatedSerializer(pydantic.BaseModel):
+    """A serializer given in the field's annotation (``PlainSerializer``)."""
+    n: Annotated[Any, pydantic.PlainSerializer(lambda v: f"n={v}")] = 0
+
+
+def test_a_model_whose_annotated_serializer_changes_its_values_is_refused():
+    """As above, the serializer in an ``Annotated`` field: came back
+    ``AnnotatedSerializer(n='n=3')`` for ``n=3``."""
+    ours = S.StateSerializer()
+    for _ in range(2):
+        with pytest.raises(StateTypeError, match="serializer"):
+            ours.dumps_typed(AnnotatedSerializer(n=3))

@@ -520,6 +520,22 @@ def _pydantic_hidden(cls: type) -> list[str]:
     return names
 
 
+def _pydantic_serialized(cls: type) -> list[str]:
+    """A pydantic model's fields when it has a field or model serializer: its dump is then
+    not its values (a serializer writing 5 as "5"), so a rebuilt copy is compared field by
+    field (a model of plain data is otherwise taken for its own dump, never rebuilt: such
+    a value came back changed, silently — audit 64)."""
+    fields = getattr(cls, "model_fields", None) or {}
+    decorators = getattr(cls, "__pydantic_decorators__", None)
+    if decorators is not None and (getattr(decorators, "field_serializers", None)
+                                   or getattr(decorators, "model_serializers", None)):
+        return list(fields)
+    if any(type(m).__name__ in ("PlainSerializer", "WrapSerializer")  # (Annotated[...,
+           for info in fields.values() for m in getattr(info, "metadata", ())):  # one])
+        return list(fields)
+    return []
+
+
 def _kw_verdict(cls: type) -> tuple:
     """(why ``cls`` cannot be rebuilt by calling it with its stored fields, or None;
     attributes to compare on a rebuilt copy when rebuilding may change them, or None)."""
@@ -544,7 +560,8 @@ def _kw_verdict(cls: type) -> tuple:
         elif hasattr(cls, "__post_init__"):
             check = [f.name for f in dataclasses.fields(cls)]
     elif _is_data_class(cls) and not issubclass(cls, (enum.Enum, tuple)):  # pydantic
-        check = _pydantic_hidden(cls) or None
+        check = list(dict.fromkeys(_pydantic_hidden(cls) + _pydantic_serialized(cls))) \
+            or None
     if len(_kw_verdicts) < 4096:
         _kw_verdicts[cls] = (why, check)
     return why, check
@@ -862,7 +879,8 @@ class _Packer:
                     how = ("__post_init__ runs again when it is rebuilt"
                            if dataclasses.is_dataclass(cls) else
                            "a model is rebuilt from its dump, which leaves out private "
-                           "attributes and exclude=True fields")
+                           "attributes and exclude=True fields, and is written by its "
+                           "field and model serializers")
                     why = f"attribute(s) {changed} would come back changed ({how})"
             if why is None and reshaped:
                 where = _shape_diff(obj, rebuilt, cls.__name__)
