@@ -521,10 +521,12 @@ def _pydantic_hidden(cls: type) -> list[str]:
 
 
 def _pydantic_serialized(cls: type) -> list[str]:
-    """A pydantic model's fields when it has a field or model serializer: its dump is then
-    not its values (a serializer writing 5 as "5"), so a rebuilt copy is compared field by
+    """A pydantic model's fields when it has a field or model serializer (or a
+    PlainSerializer / WrapSerializer in a field's ``Annotated`` type): its dump is then not
+    its values (a serializer writing 5 as "5"), so a rebuilt copy is compared field by
     field (a model of plain data is otherwise taken for its own dump, never rebuilt: such
-    a value came back changed, silently — audit 64)."""
+    a value came back changed, silently — audit 64).  One nested in a field's type
+    (``list[Annotated[int, PlainSerializer(...)]]``) is not seen here."""
     fields = getattr(cls, "model_fields", None) or {}
     decorators = getattr(cls, "__pydantic_decorators__", None)
     if decorators is not None and (getattr(decorators, "field_serializers", None)
