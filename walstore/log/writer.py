@@ -499,12 +499,16 @@ class WriteAheadLog:
         ident = threading.get_ident()
         while True:  # (one pass, unless it waited, or led a round that did not cover ``lsn``)
             with mutex:  # (``with``: no interrupt between taking the mutex and the guard)
+                # read before the ticket: a void (``_settle``, under ``lock``, not this
+                # mutex) sets the tickets' error first, then moves the end back; read
+                # after it, a record voided in between passed for "beyond the end"
+                done = self.synced_lsn >= lsn or lsn > self.written_lsn
                 if ticket is not None and ticket.error is not None:
                     self._abandon(me)  # (a lead handed to us goes on to the next one)
                     ticket.raise_voided()
                 if self.failed is not None:
                     self.check_usable()  # (raises)
-                if self.synced_lsn >= lsn or lsn > self.written_lsn:
+                if done:
                     return  # (beyond the end: what it waited for was voided)
                 lead = not self._syncing or self._lead_is_lost(ident)
                 if lead:
