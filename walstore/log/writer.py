@@ -82,6 +82,18 @@ class Appended:
                             ) from e
 
 
+def _others_voided(error: BaseException, n: int) -> WalWriteError:
+    """The error of a failed write of the buffer, for whoever was to write next (a plain
+    append, a buffered one that needed the room, a rotation; a leader ignores it): the
+    buffered records are other commits', and the caller's own record was never written
+    (it said only "could not write 2 buffered WAL record(s)", and a committer could not
+    tell that its commit was not among them, nor that nothing of it was logged)."""
+    return WalWriteError(getattr(error, "errno", None),
+                         f"could not write {n} WAL record(s) other commits buffered ahead "
+                         f"of this one ({getattr(error, 'strerror', None) or error}): "
+                         f"nothing of this one was logged either")
+
+
 class _Write:
     """A group commit leader's write of the buffer, outside ``lock`` (``_write_buffer``):
     its records, where it starts, and, once ``done`` is released, its error (or None)."""
@@ -243,8 +255,7 @@ class WriteAheadLog:
         self.written_lsn = self.writer.end_lsn
         if self.on_void is not None:
             self.on_void(voided[0][1].lsn)
-        raise WalWriteError(error.errno, f"could not write {len(voided)} buffered WAL "
-                                         f"record(s): {error.strerror or error}") from error
+        raise _others_voided(error, len(voided)) from error
 
     def _write_buffer(self) -> None:
         """The group commit leader's write of the buffer: its records taken and their
@@ -315,9 +326,7 @@ class WriteAheadLog:
         self.written_lsn = w.end_lsn
         if self.on_void is not None:
             self.on_void(voided[0][1].lsn)
-        raise WalWriteError(getattr(error, "errno", None),
-                            f"could not write {len(voided)} buffered WAL record(s): "
-                            f"{getattr(error, 'strerror', None) or error}") from error
+        raise _others_voided(error, len(voided)) from error
 
     def next_segment_size(self, need: int = 0) -> int:
         """Segments grow: four times the last one, up to segment_size (a small store
