@@ -230,3 +230,46 @@ def test_a_rotation_waits_for_the_batch_in_flight(tmp_path, fails):
                                                                                "J2", big)
     rep = verify_store(path)
     assert rep.ok, rep.errors
+
+
+def test_no_commit_hangs_when_a_leaders_publication_raises(tmp_path):
+    """The leader's publication of a round (``after_sync``) raised (a MemoryError) while
+    waiters it had not covered were queued: before the fix the round ended as a chaining
+    one (``_syncing`` and ``_in_lead`` kept, nobody woken) and the exception left the
+    lead: no thread led again, the waiters looked for a lost lead every LOST_LEAD_S and
+    found it "in the lead" — every commit of the process waited for ever."""
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            wal = s._engine.wal
+            publish = wal.after_sync
+            armed = []
+
+            def after_sync(done):
+                if armed:
+                    armed.pop()
+                    raise MemoryError("injected")
+                publish(done)
+            wal.after_sync = after_sync
+            outcome: dict = {}
+            fb.sync_armed = True
+            threads = [_start(s, "lead", "L", outcome)]
+            assert fb.sync_entered.wait(20)
+            for i, key in enumerate(("j1", "j2")):
+                threads.append(_start(s, key, key.upper(), outcome))
+                _wait_for(lambda: len(wal._waiters) == i + 1, "a commit did not wait")
+            armed.append(True)
+            fb.sync_release.set()
+            for t in threads:
+                t.join(10)
+            assert not [t for t in threads if t.is_alive()], f"stranded: {outcome}"
+            assert isinstance(outcome["lead"], walstore.CommitOutcomeUnknown), outcome
+            assert outcome["j1"] == outcome["j2"] == "ok", outcome
+            assert s.get("j1") == "J1" and s.get("j2") == "J2"  # published on return
+            assert not wal._syncing and not wal._waiters
+        finally:
+            s._drop_like_a_crash()
+    with walstore.open(path) as s:
+        assert (s.get("lead"), s.get("j1"), s.get("j2")) == ("L", "J1", "J2")

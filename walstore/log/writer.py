@@ -611,9 +611,13 @@ class WriteAheadLog:
                         writer = self.writer
                         target = writer.start_lsn + writer.offset - SEGMENT_HEADER_SIZE
                         self._fsync(writer)  # (target: ``end_lsn`` written out)
-                        done = target
                     if self.after_sync is not None:
-                        self.after_sync(done)  # e.g. publish the batch once, for everyone
+                        self.after_sync(target)  # e.g. publish the batch once, for everyone
+                    # only now: a publication that raised (a MemoryError) ends the round as
+                    # a failed one (every waiter woken, the lead let go, ``synced_lsn``
+                    # kept: not published); counted done, it ended as a chaining round
+                    # whose exception left the lead taken, and every commit waited for ever
+                    done = target
                 finally:
                     with self._sync_mutex:
                         if done is not None and done > self.synced_lsn:
