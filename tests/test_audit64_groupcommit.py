@@ -2,7 +2,12 @@
 """
 from __future__ import annotations
 
+import collections
 import errno
+import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -273,3 +278,147 @@ def test_no_commit_hangs_when_a_leaders_publication_raises(tmp_path):
             s._drop_like_a_crash()
     with walstore.open(path) as s:
         assert (s.get("lead"), s.get("j1"), s.get("j2")) == ("L", "J1", "J2")
+
+
+# ---- real processes: 8 committing threads, killed (SIGKILL) or interrupted (SIGINT) --------
+CHILD = r'''
+import collections, faulthandler, itertools, json, os, sys, threading, time
+import walstore
+path, side, seconds, main_charges = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+faulthandler.dump_traceback_later(60, exit=True)  # (a hang: every thread's stack, exit 1)
+out = open(side, "a", buffering=1)
+lock = threading.Lock()
+
+def note(*a):
+    with lock:
+        out.write(json.dumps(a) + "\n")
+
+s = walstore.open(path, durability="full", segment_size=16384,
+                  compensators={"refund": lambda a: note("refund", a.args["k"])})
+stop = time.monotonic() + seconds
+counters = collections.defaultdict(lambda: itertools.count(1))
+
+def work(t):
+    while time.monotonic() < stop:
+        i = next(counters[t])
+        k = f"{os.getpid()}:{t}/{i}"  # (unique across the rounds of a store)
+        try:
+            with s.transaction() as tx:
+                # (the main thread's, when interrupted, charge nothing: an interrupt inside
+                # the program's own compensator, after its effect, is the program's affair)
+                if i % 2 and (t or main_charges == "yes"):
+                    with tx.action("charge", args={"k": k}, compensate="refund") as act:
+                        act.result = {"charged": k}
+                tx.put(k, i)
+                tx.put(k + "/b", i)
+            note("ok", k, i)
+        except KeyboardInterrupt:
+            note("interrupted", k)
+        except Exception as e:
+            note("error", k, type(e).__name__, str(e))
+
+threads = [threading.Thread(target=work, args=(t,), daemon=True) for t in range(1, 8)]
+for t in threads:
+    t.start()
+while time.monotonic() < stop:
+    try:
+        work(0)
+    except KeyboardInterrupt:
+        pass
+for t in threads:
+    t.join()
+note("ready to close")
+while True:
+    try:
+        s.close()
+        break
+    except KeyboardInterrupt:
+        pass
+note("closed")
+'''
+
+
+def _child(tmp_path, seconds: float, main_charges: bool):
+    from store_support import cli_env, ctrl_c_reaches_it
+    path, side = str(tmp_path / "s"), str(tmp_path / "side")
+    p = subprocess.Popen([sys.executable, "-c", CHILD, path, side, str(seconds),
+                          "yes" if main_charges else "no"], env=cli_env(),
+                         stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it)
+    return p, path, side
+
+
+def _check_against_the_notes(path: str, side: str) -> dict:
+    """Every acknowledged commit present with both keys, no commit half there, every
+    charge of a commit that is not there refunded exactly once (in the child or by the
+    reopen) and "compensated", every charge of one that is there "committed" and never
+    refunded; verify_store happy.  Returns the notes' counts."""
+    notes = []
+    with open(side) as f:
+        for line in f:
+            try:
+                notes.append(json.loads(line))
+            except ValueError:
+                pass  # (the last line, cut by the kill)
+    refunds = collections.Counter(n[1] for n in notes if n[0] == "refund")
+    before = verify_store(path)
+    assert not before.errors, before.errors
+
+    def refund(action):  # (noted too: the next round's check reads them)
+        refunds.update([action.args["k"]])
+        with open(side, "a") as f:
+            f.write(json.dumps(["refund", action.args["k"]]) + "\n")
+    with walstore.open(path, compensators={"refund": refund}) as s:
+        state = dict(s.scan())
+        acts = {a.args["k"]: a.state for a in s.actions()}
+        assert s.pending_compensations() == []
+    for n in notes:
+        if n[0] == "ok":
+            assert state.get(n[1]) == n[2] and state.get(n[1] + "/b") == n[2], n
+        assert n[0] != "error", n
+    half = [k for k in state if (k[:-2] if k.endswith("/b") else k + "/b") not in state]
+    assert half == [], half[:5]
+    for k, st in acts.items():
+        if k in state:
+            assert st == "committed" and refunds[k] == 0, (k, st, refunds[k])
+        else:
+            assert st == "compensated" and refunds[k] == 1, (k, st, refunds[k])
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+    return collections.Counter(n[0] for n in notes)
+
+
+def test_acknowledged_commits_survive_a_kill_of_eight_committing_threads(tmp_path):
+    """kill -9 of a process whose 8 threads commit (half with a charge) through the group
+    commit, rotating often: every commit the child noted as returned is there, none half,
+    each charge committed or refunded exactly once, as the action log says."""
+    for round_no in range(2):
+        p, path, side = _child(tmp_path, 30, True)
+        deadline = time.monotonic() + 30
+        while not (os.path.exists(side) and os.path.getsize(side) > 4000 * (round_no + 1)):
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()[-3000:]
+            time.sleep(0.01)
+        time.sleep(0.05 * round_no)
+        p.kill()
+        p.wait(20)
+        counts = _check_against_the_notes(path, side)
+        assert counts["ok"] > 20, counts
+
+
+def test_interrupts_of_a_committing_main_thread_strand_no_commit(tmp_path):
+    """SIGINT, again and again, to the main thread of a process whose 8 threads commit
+    through the group commit (the main thread one of them: a waiter, a leader, between
+    them): no thread hangs, the process closes cleanly, and what was acknowledged, what
+    was interrupted and the charges agree after a reopen."""
+    p, path, side = _child(tmp_path, 2.5, False)
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(side) and os.path.getsize(side) > 2000):
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()[-3000:]
+        time.sleep(0.01)
+    sent = 0
+    while p.poll() is None and sent < 150:
+        p.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.005)
+    assert p.wait(60) == 0, p.stderr.read()[-3000:]
+    counts = _check_against_the_notes(path, side)
+    assert counts["closed"] == 1 and counts["interrupted"] > 10, counts
