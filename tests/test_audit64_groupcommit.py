@@ -422,3 +422,50 @@ def test_interrupts_of_a_committing_main_thread_strand_no_commit(tmp_path):
     assert p.wait(60) == 0, p.stderr.read()[-3000:]
     counts = _check_against_the_notes(path, side)
     assert counts["closed"] == 1 and counts["interrupted"] > 10, counts
+
+
+def test_a_decision_behind_a_failed_batch_is_not_logged_and_stays_prepared(tmp_path):
+    """commit_prepared (a plain append: its record is written at once) arriving while the
+    leader's batch write is in flight waits for it; that write fails: the decision gets
+    WalWriteError saying nothing of it was logged, the transaction is still prepared
+    (not in doubt, its holds kept), and deciding again commits it."""
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            tx = s.transaction()
+            tx.put("p", 1)
+            tx.prepare("g1")
+            outcome: dict = {}
+            threads = _batch_in_flight(s, fb, outcome)
+            decided: list = []
+
+            def decide():
+                try:
+                    s.commit_prepared("g1")
+                    decided.append("ok")
+                except BaseException as e:  # noqa: BLE001 - the test reads it
+                    decided.append(e)
+            d = threading.Thread(target=decide, daemon=True)
+            d.start()
+            time.sleep(0.2)
+            assert d.is_alive() and not decided  # waits for the write in flight
+            fb.fail("pwrite", errno.EIO, path="*.wal")
+            fb.write_release.set()
+            d.join(20)
+            for t in threads:
+                t.join(20)
+            (e,) = decided
+            assert isinstance(e, WalWriteError) and "nothing of this one" in str(e), repr(e)
+            assert s.prepared() == ["g1"] and s.decision("g1") == "prepared"
+            assert s.get("p") is None
+            with pytest.raises(walstore.ConflictError):
+                with s.transaction() as other:
+                    other.put("p", 2)  # (held by the prepared transaction)
+            s.commit_prepared("g1")
+            assert s.get("p") == 1 and s.prepared() == []
+        finally:
+            s.close()
+    with walstore.open(path) as s:
+        assert s.get("p") == 1 and s.decision("g1") == "commit"
