@@ -1,4 +1,22 @@
-"""Audit 64: the group commit as stop 63 rewrote it (walstore/log/writer.py).
+"""Audit 64: the group commit as stop 63 rewrote it (walstore/log/writer.py): waiters
+outside the mutex, the leader's batch written outside the journal lock, commits buffered
+after a crowded round, a failed batch write voiding what is behind it — met as a user
+with many threads and a failing disk would meet it.
+
+Found (each test's docstring says what was seen before the fix):
+- a waiter's mutex round read its ticket, then the log's end: a record voided between
+  the two reads passed for "beyond the end", and ``commit()`` returned for a record
+  never written (the interleaving made exact by stopping the thread at a line);
+- a leader whose publication of a round raised (a MemoryError) while others waited left
+  the lead taken: every commit of the process waited for ever;
+- a commit, a plain append or a rotation running into another commit's failed batch
+  write was told "could not write 2 buffered WAL record(s)", not that nothing of its
+  own record was logged.
+
+Also held to account here: a voided commit's compensation runs once and the action log
+says so; a rotation and a 2PC decision wait for the batch in flight; 8 committers with
+charges on a disk whose writes fail mid-record (and an fsync); kill -9 of 8 committing
+threads; SIGINT storms on a committing main thread.
 """
 from __future__ import annotations
 
@@ -24,6 +42,7 @@ from test_audit58_races import _line_of
 from test_perf63_groupcommit import HeldWrites, _batch_in_flight, _start, _wait_for
 from store_support import commit_recording_outcome
 from tools.faults import FaultBackend, installed
+
 
 class Stop:
     """Stops the thread it starts once at (code, line) after ``armed`` is set, until
