@@ -593,3 +593,38 @@ def test_every_committer_is_told_the_truth_on_a_failing_disk(tmp_path, seed, wri
     assert not unknown or sync_fails_at
     rep = verify_store(path)
     assert rep.ok, rep.errors
+
+
+def test_nothing_is_written_after_the_log_failed_not_even_at_close(tmp_path):
+    """The leader's fsync failed (EIO) while a commit waited in the buffer: both were told
+    CommitOutcomeUnknown and the log failed ("nothing is written or synced again").
+    close() then wrote the buffered record all the same (seen: one WAL pwrite during
+    close, after the failure, and the commit standing after a reopen).  Now close leaves
+    it: the reopen finds what was written before the failure."""
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        wal = s._engine.wal
+        outcome: dict = {}
+        fb.sync_armed = True
+        threads = [_start(s, "lead", "L", outcome)]
+        assert fb.sync_entered.wait(20)
+        threads.append(_start(s, "j1", "J1", outcome))
+        _wait_for(lambda: len(wal._buffer) == 1 and wal._waiters, "j1 did not wait")
+        fb.fail("fdatasync", errno.EIO, path="*.wal")
+        fb.sync_release.set()
+        for t in threads:
+            t.join(20)
+        assert all(isinstance(v, walstore.CommitOutcomeUnknown) for v in outcome.values())
+        assert len(outcome) == 2 and wal.failed is not None
+        before = fb.now()
+        try:
+            s.close()
+        except walstore.StoreIOError:
+            pass  # (the close's own sync cannot be made)
+        assert fb.calls_to("pwrite", path="*.wal", after=before) == []
+    with walstore.open(path) as s:
+        assert (s.get("lead"), s.get("j1")) == ("L", None)  # (unknown: either was allowed)
+    rep = verify_store(path)
+    assert rep.ok, rep.errors

@@ -724,7 +724,13 @@ class WriteAheadLog:
             self._spare_thread.join()
         with self.lock:
             try:
-                self._flush()  # (nothing is buffered once every committer has returned)
+                if self.failed is None:
+                    self._flush()  # (nothing is buffered once every committer returned)
+                elif self._writing is not None:  # (its descriptor stays open until then)
+                    self._await_write()
+                # (failed: nothing is written again — the records still buffered are the
+                # commits a failed fsync left unknown; written here, after the failure, a
+                # log said to take no more writes took them at close)
             except WalWriteError:
                 pass
             self.writer.close()
