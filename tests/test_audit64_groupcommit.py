@@ -11,7 +11,12 @@ Found (each test's docstring says what was seen before the fix):
   the lead taken: every commit of the process waited for ever;
 - a commit, a plain append or a rotation running into another commit's failed batch
   write was told "could not write 2 buffered WAL record(s)", not that nothing of its
-  own record was logged.
+  own record was logged;
+- close() flushed the buffer after the log had failed (an fsync EIO): records of commits
+  told "outcome unknown" were written by a log said to take no more writes;
+- a rotation whose publication raised after the old segment's SEAL kept appending to
+  the old segment, behind its SEAL: the next commit was acknowledged and the next open
+  refused the store (a gap).
 
 Also held to account here: a voided commit's compensation runs once and the action log
 says so; a rotation and a 2PC decision wait for the batch in flight; 8 committers with
@@ -626,5 +631,40 @@ def test_nothing_is_written_after_the_log_failed_not_even_at_close(tmp_path):
         assert fb.calls_to("pwrite", path="*.wal", after=before) == []
     with walstore.open(path) as s:
         assert (s.get("lead"), s.get("j1")) == ("L", None)  # (unknown: either was allowed)
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
+def test_acknowledged_commits_survive_a_rotation_whose_publication_raised(tmp_path):
+    """A rotation's publication of the new segment's start (``after_sync``) raised (a
+    MemoryError) after the old segment was sealed: before the fix the old writer stayed
+    active, the next commit was appended behind the SEAL and acknowledged, and the next
+    open refused the store (CorruptionError: "gap: segment starts at LSN 91 but the
+    previous one ends at 153")."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="full", segment_size=64 * 1024)
+    try:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+        wal = s._engine.wal
+        publish, armed = wal.after_sync, [True]
+
+        def after_sync(done):
+            if armed:
+                armed.pop()
+                raise MemoryError("injected")
+            publish(done)
+        wal.after_sync = after_sync
+        with pytest.raises(MemoryError):
+            with s.transaction() as tx:
+                tx.put("big", "x" * (wal.writer.room() + 100))  # (a rotation first)
+        assert not armed  # (raised by the rotation: the commit appended nothing)
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        assert s.get("b") == 2 and s.get("big") is None
+    finally:
+        s._drop_like_a_crash()
+    with walstore.open(path) as s:
+        assert (s.get("a"), s.get("b"), s.get("big")) == (1, 2, None)
     rep = verify_store(path)
     assert rep.ok, rep.errors

@@ -380,14 +380,18 @@ class WriteAheadLog:
             except OSError:
                 pass  # unsealed: the shape of an interrupted rotation, which readers accept
             self._fsync(old)
-            if self.after_sync is not None:
-                self.after_sync(start)  # durable: visible before it counts as synced
-            with self._sync_mutex:
-                self.synced_lsn = max(self.synced_lsn, start)
+            # the new segment takes the appends before anything else can fail: switched
+            # after the publication, one that raised (a MemoryError) left the old writer
+            # appending behind its SEAL — the next commit was acknowledged there, and the
+            # next open refused the log (a gap before the new segment)
             self.written_lsn = start
             self.writer = writer
             old.close()
             self.rotations += 1
+            if self.after_sync is not None:
+                self.after_sync(start)  # durable: visible before it counts as synced
+            with self._sync_mutex:
+                self.synced_lsn = max(self.synced_lsn, start)
         # only now: the spare's size follows the new segment's (asked for earlier, a young
         # store's spare came out one size short, and every rotation zero-filled inline)
         self._want_spare()
