@@ -16,7 +16,11 @@ Found (each test's docstring says what was seen before the fix):
   told "outcome unknown" were written by a log said to take no more writes;
 - a rotation whose publication raised after the old segment's SEAL kept appending to
   the old segment, behind its SEAL: the next commit was acknowledged and the next open
-  refused the store (a gap).
+  refused the store (a gap);
+- a leader queued on the fsync lock behind a rotation whose fsync failed, and a rotation
+  queued behind a leader whose fsync failed, fsynced the failed segment again (the
+  retried fsync that can lie), and on its success moved ``synced_lsn`` and published
+  (the rotation went on to seal and switch segments on a failed log).
 
 Also held to account here: a voided commit's compensation runs once and the action log
 says so; a rotation and a 2PC decision wait for the batch in flight; 8 committers with
@@ -668,3 +672,77 @@ def test_acknowledged_commits_survive_a_rotation_whose_publication_raised(tmp_pa
         assert (s.get("a"), s.get("b"), s.get("big")) == (1, 2, None)
     rep = verify_store(path)
     assert rep.ok, rep.errors
+
+
+LEAD = WriteAheadLog._lead.__code__
+AT_SYNC_LOCK = _line_of(WriteAheadLog._lead, "with self._sync_lock:")
+
+
+def test_no_fsync_is_retried_after_the_log_failed_a_leader_queued_behind_a_rotation(
+        tmp_path):
+    """A leader waited for the fsync lock while a rotation held it, and the rotation's
+    fsync of the old segment failed (EIO: the log failed).  The leader then fsynced the
+    same segment again — the retried fsync that can lie (FACTS.md) — and on its success
+    moved ``synced_lsn`` and published the records whose fate the failure had left
+    unknown (seen: a second WAL fdatasync after the failing one)."""
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+        try:
+            wal = s._engine.wal
+            with s.transaction() as tx:
+                tx.put("a", 1)
+            outcome: dict = {}
+            stop = Stop(LEAD, AT_SYNC_LOCK)
+            stop.armed.set()
+            lead = stop.start(lambda: commit_recording_outcome(s, "k", 1, outcome))
+            assert stop.arrived.wait(20)  # its record written, before the fsync lock
+            fb.sync_armed = True
+            big = _start(s, "big", "x" * (wal.writer.room() + 100), outcome)  # rotates
+            assert fb.sync_entered.wait(20)  # the rotation's fsync of the old segment
+            stop.release.set()  # the leader queues on the fsync lock the rotation holds
+            time.sleep(0.1)
+            before = fb.now()
+            fb.fail("fdatasync", errno.EIO, path="*.wal")
+            fb.sync_release.set()
+            lead.join(20)
+            big.join(20)
+            assert isinstance(outcome["k"], walstore.CommitOutcomeUnknown), outcome
+            assert isinstance(outcome["big"], walstore.ReadOnlyError), outcome
+            syncs = fb.calls_to("fdatasync", path="*.wal", after=before)
+            assert [c.error for c in syncs] == [errno.EIO], syncs  # never retried
+            assert s._engine.memtable.published < wal.written_lsn  # ("k": not published)
+        finally:
+            s._drop_like_a_crash()
+
+
+def test_no_fsync_is_retried_after_the_log_failed_a_rotation_queued_behind_a_leader(
+        tmp_path):
+    """The converse: a rotation waited for the fsync lock while the group commit's leader
+    held it, and the leader's fsync failed; the rotation then fsynced the old segment
+    again before sealing it (seen: a second WAL fdatasync after the failing one)."""
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+        try:
+            wal = s._engine.wal
+            outcome: dict = {}
+            fb.sync_armed = True
+            lead = _start(s, "lead", "L", outcome)
+            assert fb.sync_entered.wait(20)
+            big = _start(s, "big", "x" * (wal.writer.room() + 100), outcome)  # rotates
+            time.sleep(0.1)  # (it waits for the fsync lock)
+            before = fb.now()
+            fb.fail("fdatasync", errno.EIO, path="*.wal")
+            fb.sync_release.set()
+            lead.join(20)
+            big.join(20)
+            assert isinstance(outcome["lead"], walstore.CommitOutcomeUnknown), outcome
+            assert isinstance(outcome["big"], walstore.ReadOnlyError), outcome
+            syncs = fb.calls_to("fdatasync", path="*.wal", after=before)
+            assert [c.error for c in syncs] == [errno.EIO], syncs  # never retried
+            assert wal.rotations == 0
+        finally:
+            s._drop_like_a_crash()

@@ -349,6 +349,8 @@ class WriteAheadLog:
         old = self.writer
         size = self.next_segment_size(need)
         with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
+            if self.failed is not None:  # (a leader's fsync failed while this waited for
+                self.check_usable()       # the lock: never fsync the segment again)
             if self.synced_lsn < old.end_lsn:
                 self._fsync(old)
             seal_lsn = old.end_lsn
@@ -612,6 +614,10 @@ class WriteAheadLog:
                         for x in woken:
                             x[1].release()
                     with self._sync_lock:
+                        if self.failed is not None:  # (failed while this round waited for
+                            self.check_usable()  # the lock, e.g. a rotation's fsync: a
+                            # retried fsync can lie, and on its success the round moved
+                            # ``synced_lsn`` and published what the failure left unknown)
                         writer = self.writer
                         target = writer.start_lsn + writer.offset - SEGMENT_HEADER_SIZE
                         self._fsync(writer)  # (target: ``end_lsn`` written out)
