@@ -313,7 +313,7 @@ def test_no_commit_hangs_when_a_leaders_publication_raises(tmp_path):
 CHILD = r'''
 import collections, faulthandler, itertools, json, os, sys, threading, time
 import walstore
-path, side, seconds, main_charges = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+path, side, seconds, main_charges, durability = sys.argv[1:3] + [float(sys.argv[3])] + sys.argv[4:6]
 faulthandler.dump_traceback_later(60, exit=True)  # (a hang: every thread's stack, exit 1)
 out = open(side, "a", buffering=1)
 lock = threading.Lock()
@@ -322,7 +322,7 @@ def note(*a):
     with lock:
         out.write(json.dumps(a) + "\n")
 
-s = walstore.open(path, durability="full", segment_size=16384,
+s = walstore.open(path, durability=durability, segment_size=16384,
                   compensators={"refund": lambda a: note("refund", a.args["k"])})
 stop = time.monotonic() + seconds
 counters = collections.defaultdict(lambda: itertools.count(1))
@@ -367,11 +367,11 @@ note("closed")
 '''
 
 
-def _child(tmp_path, seconds: float, main_charges: bool):
+def _child(tmp_path, seconds: float, main_charges: bool, durability: str = "full"):
     from store_support import cli_env, ctrl_c_reaches_it
     path, side = str(tmp_path / "s"), str(tmp_path / "side")
     p = subprocess.Popen([sys.executable, "-c", CHILD, path, side, str(seconds),
-                          "yes" if main_charges else "no"], env=cli_env(),
+                          "yes" if main_charges else "no", durability], env=cli_env(),
                          stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it)
     return p, path, side
 
@@ -416,12 +416,15 @@ def _check_against_the_notes(path: str, side: str) -> dict:
     return collections.Counter(n[0] for n in notes)
 
 
-def test_acknowledged_commits_survive_a_kill_of_eight_committing_threads(tmp_path):
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_acknowledged_commits_survive_a_kill_of_eight_committing_threads(tmp_path,
+                                                                         durability):
     """kill -9 of a process whose 8 threads commit (half with a charge) through the group
-    commit, rotating often: every commit the child noted as returned is there, none half,
-    each charge committed or refunded exactly once, as the action log says."""
+    commit (under "normal": written to the OS before commit() returns), rotating often:
+    every commit the child noted as returned is there, none half, each charge committed
+    or refunded exactly once, as the action log says."""
     for round_no in range(2):
-        p, path, side = _child(tmp_path, 30, True)
+        p, path, side = _child(tmp_path, 30, True, durability)
         deadline = time.monotonic() + 30
         while not (os.path.exists(side) and os.path.getsize(side) > 4000 * (round_no + 1)):
             assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()[-3000:]
