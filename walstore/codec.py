@@ -310,16 +310,26 @@ def pack_items(pairs: Iterable, limit: int | None = None,
 # ``unpack_value``'s lenient call, which gives the same value (strictness only refuses).
 unpack_common = msgpack.unpackb
 
+# What msgpack raises on bytes that are no valid document: its own errors (ValueError
+# subclasses, and UnpackException), TypeError (a map key it cannot hash), OverflowError.
+# Only these mean "damaged".  Every decode caught Exception before: CPython runs a
+# signal's handler at its first check after a C call returns, still inside the call's
+# ``try``, so an exception a program's handler raised while a decode ran (a SIGALRM
+# timeout, say) came out as ValueError "undecodable msgpack" or CorruptionError — the
+# program's own exception lost, a sound record or row called damaged, a read of a good
+# value retried and the exception swallowed (audit 64).
+DECODE_ERRORS = (ValueError, TypeError, OverflowError, msgpack.exceptions.UnpackException)
+
 
 def unpack_value(packed: bytes) -> Any:
     """A stored value (from LMDB or the log); CorruptionError when it does not decode."""
     try:
         return unpack_common(packed)
-    except Exception:  # (no cost on the common path: a try is free in 3.11)
+    except DECODE_ERRORS:  # (no cost on the common path: a try is free in 3.11)
         pass
     try:
         return msgpack.unpackb(packed, raw=False, strict_map_key=False)
-    except Exception as e:
+    except DECODE_ERRORS as e:
         raise CorruptionError(f"a stored value does not decode: {type(e).__name__}: "
                               f"{e}") from e
 
@@ -367,7 +377,7 @@ def unpack(data: bytes) -> Any:
     the table and the key.)"""
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several types on damaged input
+    except DECODE_ERRORS as e:  # (the types msgpack raises on damaged input)
         raise ValueError(f"undecodable msgpack: {type(e).__name__}: {e}") from None
 
 

@@ -20,7 +20,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from .codec import MAX_KEY_BYTES, Key, decode_key, encode_key, unpack_common, unpack_value
+from .codec import DECODE_ERRORS, MAX_KEY_BYTES, Key, decode_key, encode_key, unpack_common, unpack_value
 from .errors import (ConflictError, CorruptionError, ReplicationError, StoreClosed,
                      StoreIOError, WalstoreError, os_errors_as_store_errors)
 from .options import Options, check_flag
@@ -556,7 +556,7 @@ class Store:
             return default
         try:  # (``unpack_value``'s first try written out: a call less per read)
             return unpack_common(v)
-        except Exception:
+        except DECODE_ERRORS:
             pass
         try:
             return unpack_value(v)

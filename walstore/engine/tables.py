@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from ..codec import decode_key, pack, unpack
+from ..codec import DECODE_ERRORS, decode_key, pack, unpack
 from ..errors import CorruptionError
 from ..log.format import RecordType
 from ..log import records
@@ -77,7 +77,7 @@ def unpack_row(raw: bytes, table: str, key: bytes, file: str | None = None,
     inside a try of its own, raising ``row_damaged`` on a TypeError/ValueError there.)"""
     try:
         row = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-    except Exception as e:  # msgpack raises several types on damaged bytes
+    except DECODE_ERRORS as e:  # (the types msgpack raises on damaged bytes)
         raise row_damaged(table, key, e, file) from e
     check = ROW_CHECKS.get(table if table != "meta" else bytes(key)) if shape else None
     if check is not None:

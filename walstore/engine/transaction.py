@@ -42,7 +42,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
 from ..codec import MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, check_meta, \
-    decode_key, encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_common, \
+    decode_key, encode_key, encode_prefix, pack_items, pack_value, prefix_end, unpack_common, DECODE_ERRORS, \
     unpack_value
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, CorruptionError,
                       FileConflictError, TransactionClosed, TransactionTooLarge, UnknownGid,
@@ -497,7 +497,7 @@ class Transaction:
             return default
         try:  # (``unpack_value``'s first try written out: a call less per read)
             return unpack_common(v)
-        except Exception:
+        except DECODE_ERRORS:
             pass
         try:
             return unpack_value(v)

@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from ..codec import DECODE_ERRORS
 from ..errors import ReplicationError
 from .targets import ObjectStore, PreconditionFailed, TargetError
 
@@ -73,7 +74,7 @@ class Lease:
             if isinstance(exp, bool) or not isinstance(exp, (int, float)) or \
                     not math.isfinite(exp):
                 raise ValueError("not a lease")
-        except Exception:
+        except DECODE_ERRORS:
             doc = {"holder": {"id": "?"}, "expires": 0}  # damaged: treat as expired
         return doc, got[1]
 

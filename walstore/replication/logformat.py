@@ -32,6 +32,7 @@ from typing import BinaryIO, Iterator, NamedTuple
 
 import msgpack
 
+from ..codec import DECODE_ERRORS
 from ..log.format import (MAX_PAYLOAD, RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE,
                           SEGMENT_HEADER_SIZE, RecordType, crc32c,
                           decode_segment_header, encode_record, encode_segment_header,
@@ -225,7 +226,7 @@ def file_record(rtype: int, body) -> dict:
         return {}
     try:
         doc = msgpack.unpackb(bytes(body), raw=False, strict_map_key=False)
-    except Exception:
+    except DECODE_ERRORS:
         return {}
     if not isinstance(doc, dict):
         return {}
@@ -264,7 +265,7 @@ def read_object_header(f: BinaryIO) -> tuple[dict, int]:
         raise ValueError("WAL object header checksum mismatch")
     try:
         doc = msgpack.unpackb(head, raw=False, strict_map_key=False)
-    except Exception as e:
+    except DECODE_ERRORS as e:
         raise ValueError(f"WAL object header undecodable: {e}") from None
     if not isinstance(doc, dict) or doc.get("v") != 1:
         raise ValueError("WAL object header of an unknown version")

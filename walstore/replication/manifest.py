@@ -40,6 +40,7 @@ import time
 
 import msgpack
 
+from ..codec import DECODE_ERRORS
 from ..errors import ReplicationError
 from .targets import REPLICA_DIRS, ManifestTooLarge, ObjectStore, PreconditionFailed, \
     TargetError, in_replica_layout
@@ -287,7 +288,7 @@ def decode(data: bytes, where: str) -> dict:
     a key such as ``wal/../../x`` named a file outside the replica)."""
     try:
         doc = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception as e:
+    except DECODE_ERRORS as e:
         raise ReplicationError(f"the manifest at {where} is damaged: {e}") from None
     if not isinstance(doc, dict) or doc.get("v") != FORMAT:
         raise ReplicationError(f"the manifest at {where} is not a walstore manifest of "

@@ -51,6 +51,7 @@ from typing import Any, Callable
 import lmdb
 import msgpack
 
+from ..codec import DECODE_ERRORS
 from .. import fileio
 from ..errors import (CorruptionError, PointTypeError, ReplicationError, UnknownRestorePoint,
                       WalstoreError, os_errors_wrapped)
@@ -1120,7 +1121,7 @@ def blobs_named(records) -> dict[str, int | None]:
         try:
             doc = msgpack.unpackb(bytes(raw[logformat.RECORD_HEADER_SIZE:]), raw=False,
                                   strict_map_key=False)
-        except Exception:
+        except DECODE_ERRORS:
             continue  # (recovery judges a record that does not parse)
         if not isinstance(doc, dict):
             continue

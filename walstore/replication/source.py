@@ -25,6 +25,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import lmdb
 
+from ..codec import DECODE_ERRORS
 from .. import fileio
 from ..engine.layout import Layout, writer_alive
 from ..log.reader import FOLLOW_WINDOW, FileBytes
@@ -482,7 +483,7 @@ def state_digest(db_dir: str) -> dict:
             for k, v in txn.cursor(db=points_db):
                 try:
                     points[k.decode("utf-8")] = logformat.msgpack.unpackb(v, raw=False)
-                except Exception:
+                except DECODE_ERRORS:  # (a name not UTF-8 is a ValueError too)
                     continue
         return {"applied": _applied(raw, db_dir), "sha256": h.hexdigest(),
                 "keys": n, "points": points}
@@ -515,7 +516,7 @@ def snapshot_blob_refs(db_dir: str) -> dict[str, int | None]:
         for k, v in txn.cursor(db=dbs[name]):
             try:
                 yield bytes(k), logformat.msgpack.unpackb(v, raw=False, strict_map_key=False)
-            except Exception:  # noqa: BLE001 - a damaged row: verify of the copy names it
+            except DECODE_ERRORS:  # a damaged row: verify of the copy names it
                 continue
 
     env = _open_env(db_dir)
