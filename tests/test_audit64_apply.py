@@ -39,18 +39,20 @@ def _open(path, **kw):
                          compensators={"undo": lambda *a, **k: None}, **kw)
 
 
-def _views(s, points):
+def _views(s, points, keys=KEYS):
     """Everything a user reads that the applier's rows make: values, a scan, the state
-    at each point, every key's history, the log."""
-    return {
-        "get": {k: s.get(k, "<absent>") for k in KEYS},
+    at each point, the history of ``keys``, the log."""
+    out = {
+        "get": {k: s.get(k, "<absent>") for k in keys},
         "scan": list(s.scan()),
-        "at": {p: dict(s.at(walstore.LSN(p)).scan()) for p in points},
         "history": {k: [(v.txid, v.lsn, v.value, v.deleted) for v in s.history(k)]
-                    for k in KEYS},
+                    for k in keys},
         "log": [(t.txid, t.lsn, sorted(t.keys), t.meta, t.actions, t.scope)
                 for t in s.log()],
     }
+    # (last: ``at`` applies what is unapplied first; the reads above took the MemTable's)
+    out["at"] = {p: dict(s.at(walstore.LSN(p)).scan()) for p in points}
+    return out
 
 
 WRITE = st.tuples(st.sampled_from(KEYS),
@@ -174,11 +176,12 @@ def test_state_and_views_are_the_same_before_and_after_the_plain_apply(tmp_path_
             got = {k: s.get(k, "<absent>") for k in KEYS}
             assert got == {k: model.get(k, "<absent>") for k in KEYS}, op
         assert dict(s.scan()) == model
-        for p in points:
-            assert dict(s.at(walstore.LSN(p)).scan()) == states[p]
-        before = _views(s, points)  # (some of it still in the MemTable)
+        before = _views(s, points)  # (what was unapplied read from the MemTable)
         s._engine.drain()
         assert not s._engine.memtable.events
+        assert _views(s, points) == before
+        for p in points:
+            assert dict(s.at(walstore.LSN(p)).scan()) == states[p]
         assert _views(s, points) == before
         s.close()
         s = _open(path)
@@ -316,17 +319,72 @@ def test_acknowledged_plain_commits_survive_kill_9_and_redo(tmp_path):
         report = s.last_recovery  # (the live applier applied some, REDO the rest)
         assert report.unclean and report.applied_before > 0 and report.redone > 0, report
         assert dict(s.scan()) == _model_after(j)
-        names = s.restore_points()
-        for i in range(40, j + 1, 40):
-            if "p%d" % i in names:
-                assert dict(s.at("p%d" % i).scan()) == _model_after(i)
         log = s.log()
         assert len([t for t in log if b"last" in t.keys]) == j
         assert [v.value for v in s.history(b"last")] == list(range(j, 0, -1))
-        views = _views(s, [int(p) for p in names.values()])
+        names = s.restore_points()
+        points = [int(p) for p in names.values()]
+        keys = [b"last"] + [b"k%d" % i for i in range(37)]
+        views = _views(s, points, keys)
         s._engine.drain()
-        assert _views(s, [int(p) for p in names.values()]) == views
+        assert _views(s, points, keys) == views
+        for i in range(40, j + 1, 40):
+            if "p%d" % i in names:
+                assert dict(s.at("p%d" % i).scan()) == _model_after(i)
     finally:
         s.close()
     with walstore.open(path, durability="none") as s:
-        assert _views(s, [int(p) for p in names.values()]) == views
+        assert _views(s, points, keys) == views
+
+
+def test_an_lmdb_commit_failing_after_a_plain_batch_loses_nothing(tmp_path):
+    """A plain batch applied and dropped, the next one's LMDB commit failing (the fault
+    seam): the store turns read-only; every acknowledged commit still reads (values, the
+    state at a point, each key's history — part from LMDB, part from the MemTable — and
+    the log), and after a reopen too, with the action committed amid the plain commits
+    in the state and the action log alike."""
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="normal", apply_interval=86400, apply_batch=10 ** 9,
+                      max_unapplied=10 ** 6, compensators={"undo": lambda *a, **k: None})
+    model: dict = {}
+    history: dict = {}  # key -> [(txid, value, deleted)], newest first
+    point = None
+    for i in range(300):
+        with s.transaction() as tx:
+            k = b"k%d" % (i % 50)
+            if i % 11 == 0:
+                tx.delete(k)
+                model.pop(k, None)
+            else:
+                tx.put(k, i)
+                model[k] = i
+            if i == 150:
+                with tx.action("step", args={}, compensate="undo") as act:
+                    act.result = 1
+        history.setdefault(k, []).insert(0, (tx.id, model.get(k), k not in model))
+        if i == 120:
+            point, at_point = s.restore_point("p"), dict(model)
+    views = _views(s, [], [])  # (values, a scan, the log: from the MemTable)
+    assert s._engine.apply_published(limit=100) == 100  # a plain batch, dropped
+    fb = FaultBackend()
+
+    def histories(s):
+        return {k: [(v.txid, v.value, v.deleted) for v in s.history(k)] for k in history}
+    with installed(fb):
+        fb.fail_lmdb("commit", times=None)
+        with pytest.raises(walstore.StoreIOError, match="read-only"):
+            s.checkpoint()
+        with pytest.raises(walstore.ReadOnlyError):
+            with s.transaction() as tx:
+                tx.put(b"after", 1)
+        assert s._engine.memtable.events  # (what the failed batch held is still there)
+        assert _views(s, [], []) == views
+        assert histories(s) == history
+        assert dict(s.at("p").scan()) == at_point
+        s.close()  # (it failed already: closing says nothing more)
+    with walstore.open(path, durability="none",
+                       compensators={"undo": lambda *a, **k: None}) as s:
+        assert _views(s, [], []) == views
+        assert histories(s) == history
+        assert dict(s.at("p").scan()) == at_point
+        assert [a.state for a in s.actions()] == ["committed"]
