@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import walstore
+from walstore.codec import pack
 from tests.store_support import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,3 +389,81 @@ def test_an_lmdb_commit_failing_after_a_plain_batch_loses_nothing(tmp_path):
         assert histories(s) == history
         assert dict(s.at("p").scan()) == at_point
         assert [a.state for a in s.actions()] == ["committed"]
+
+
+LSN_STARTS = [0, 100, 120, 250, 65_000, (1 << 32) - 5_000, (1 << 32) - 20, 1 << 40]
+
+
+def _stream(rng, lsn: int, txid: int, shape: str) -> list:
+    """Events as the journal makes them (plain commits' bodies packed), of ``shape``:
+    "scatter" (single puts of distinct one-length keys, the one-sort path), "rising"
+    (keys in order), "hot" (few keys written again and again, deletes), "long" (keys
+    around the 256 bytes where a txns row's "w" is no longer joined), "mixed" (commits
+    that are not plain, restore points, many-write commits)."""
+    from walstore.log.format import RecordType
+    from walstore.log.records import Event
+    out = []
+    pool = list(range(100_000))
+    rng.shuffle(pool)
+    nxt = [rng.randrange(1000)]
+    dels = rng.choice([0, 0.1, 0.5])
+
+    def key():
+        if shape == "scatter":
+            return b"k%06d" % pool.pop()
+        if shape == "rising":
+            nxt[0] += rng.randrange(1, 3)
+            return b"r%09d" % nxt[0]
+        if shape == "hot":
+            return b"h%d" % rng.randrange(5)
+        if shape == "long":
+            return b"L" * rng.choice([1, 249, 250, 251, 253, 300, 480]) + b"%d" % rng.randrange(9)
+        return b"m" * rng.randrange(4) + b"%d" % rng.randrange(rng.choice([10, 3000]))
+    for i in range(rng.choice([50, 300, 700])):
+        if shape == "mixed" and rng.random() < 0.03:
+            end = lsn + rng.randrange(20, 60)
+            out.append(Event(lsn, end, RecordType.RESTORE_POINT, -1,
+                             {"name": "p%d" % i, "ts": 1.0}))
+            lsn = end
+            continue
+        n = (rng.choice([0, 1, 2, 3, 10, 70, 300]) if shape in ("mixed", "hot", "long")
+             and rng.random() < 0.5 else 1)
+        writes = {}
+        for _ in range(n):
+            writes[key()] = None if rng.random() < dels else pack(
+                rng.choice([b"", b"v%d" % i, "s", 5, b"x" * rng.randrange(3000)]))
+        txid += rng.randrange(1, 3)
+        body = {"tx": txid, "ts": 1.5 + i, "meta": rng.choice([None, {"a": i}, "m"])}
+        if rng.random() < 0.2:
+            body["scope"] = b"k"
+        end = lsn + rng.randrange(30, 400) + 10 * len(writes)
+        plain = shape != "mixed" or rng.random() < 0.9
+        out.append(Event(lsn, end, RecordType.COMMIT, txid, pack(body) if plain else body,
+                         tuple(writes.items())))
+        lsn = end
+    return out
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(seed=st.integers(0, 1 << 32), start=st.sampled_from(LSN_STARTS),
+       shape=st.sampled_from(["scatter", "rising", "hot", "long", "mixed"]),
+       seeded=st.sampled_from([None, "scatter", "hot", "mixed"]), cuts=st.integers(0, 4))
+def test_the_column_apply_writes_what_the_event_loop_writes(tmp_path_factory, seed, start,
+                                                            shape, seeded, cuts):
+    """Streams of events of several shapes (LSNs and txids where msgpack's int forms
+    change, 2**32 included; keys of one length scattered or rising, long keys, hot keys,
+    deletes, restore points and commits that are not plain between the runs), onto an
+    LMDB holding another stream or nothing, in a few batches: every table byte for byte
+    as the event-by-event loop writes it."""
+    import random
+    from tests.test_perf63_apply import _apply_both
+    rng = random.Random(seed)
+    first = _stream(rng, start, 1, seeded) if seeded else []
+    later = _stream(rng, first[-1].end if first else start,
+                    (first[-1].txid + 1) if first else rng.choice([1, (1 << 32) - 3]), shape)
+    at = sorted(rng.sample(range(1, len(later)), min(cuts, len(later) - 1)))
+    batches = [later[a:b] for a, b in zip([0] + at, at + [len(later)])]
+    with pytest.MonkeyPatch.context() as mp:
+        slow, fast = _apply_both(tmp_path_factory.mktemp("both"), mp, first, batches)
+    assert fast == slow
