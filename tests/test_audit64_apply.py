@@ -194,8 +194,9 @@ def test_state_and_views_are_the_same_before_and_after_the_plain_apply(tmp_path_
 def test_reads_never_miss_a_commit_while_plain_batches_leave_the_memtable(tmp_path):
     """Readers beside an applier that applies plain batches of one to a few commits and
     drops them from the MemTable (the plain drop): a latest read never goes back, a
-    transaction's two reads of a pair written in one commit agree, a view at a commit's
-    LSN reads that commit, and increments by two writers (read, then write) lose none."""
+    transaction's two reads of a pair written in one commit agree, as do a scan's, a view
+    at a commit's LSN reads that commit, and increments by two writers (read, then
+    write) lose none."""
     s = walstore.open(str(tmp_path / "s"), durability="none", apply_interval=0.001,
                       apply_batch=3)
     old_switch = sys.getswitchinterval()
@@ -231,6 +232,8 @@ def test_reads_never_miss_a_commit_while_plain_batches_leave_the_memtable(tmp_pa
                     assert tx.get(b"a") == tx.get(b"b")
                 finally:
                     tx.rollback()
+                pair = dict(s.scan(start=b"a", end=b"c"))  # (one state: both or neither)
+                assert pair.get(b"a") == pair.get(b"b"), pair
                 if lsns:
                     lsn, i = lsns[len(lsns) // 2]
                     assert s.at(walstore.LSN(lsn)).get(b"a") == i
@@ -417,7 +420,8 @@ def _stream(rng, lsn: int, txid: int, shape: str) -> list:
         if shape == "hot":
             return b"h%d" % rng.randrange(5)
         if shape == "long":
-            return b"L" * rng.choice([1, 249, 250, 251, 253, 300, 480]) + b"%d" % rng.randrange(9)
+            n = rng.choice([1, 249, 250, 251, 253, 300, 480])
+            return b"L" * n + b"%d" % rng.randrange(9)
         return b"m" * rng.randrange(4) + b"%d" % rng.randrange(rng.choice([10, 3000]))
     for i in range(rng.choice([50, 300, 700])):
         if shape == "mixed" and rng.random() < 0.03:
@@ -460,8 +464,8 @@ def test_the_column_apply_writes_what_the_event_loop_writes(tmp_path_factory, se
     from tests.test_perf63_apply import _apply_both
     rng = random.Random(seed)
     first = _stream(rng, start, 1, seeded) if seeded else []
-    later = _stream(rng, first[-1].end if first else start,
-                    (first[-1].txid + 1) if first else rng.choice([1, (1 << 32) - 3]), shape)
+    txid = (first[-1].txid + 1) if first else rng.choice([1, (1 << 32) - 3])
+    later = _stream(rng, first[-1].end if first else start, txid, shape)
     at = sorted(rng.sample(range(1, len(later)), min(cuts, len(later) - 1)))
     batches = [later[a:b] for a, b in zip([0] + at, at + [len(later)])]
     with pytest.MonkeyPatch.context() as mp:
