@@ -397,7 +397,7 @@ def test_an_lmdb_commit_failing_after_a_plain_batch_loses_nothing(tmp_path):
 LSN_STARTS = [0, 100, 120, 250, 65_000, (1 << 32) - 5_000, (1 << 32) - 20, 1 << 40]
 
 
-def _stream(rng, lsn: int, txid: int, shape: str) -> list:
+def _stream(rng, lsn: int, txid: int, shape: str, dels: float | None = None) -> list:
     """Events as the journal makes them (plain commits' bodies packed), of ``shape``:
     "scatter" (single puts of distinct one-length keys, the one-sort path), "rising"
     (keys in order), "hot" (few keys written again and again, deletes), "long" (keys
@@ -409,7 +409,8 @@ def _stream(rng, lsn: int, txid: int, shape: str) -> list:
     pool = list(range(100_000))
     rng.shuffle(pool)
     nxt = [rng.randrange(1000)]
-    dels = rng.choice([0, 0.1, 0.5])
+    if dels is None:  # (the share of writes that delete)
+        dels = rng.choice([0, 0.1, 0.5])
 
     def key():
         if shape == "scatter":
@@ -451,7 +452,8 @@ def _stream(rng, lsn: int, txid: int, shape: str) -> list:
 @settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(seed=st.integers(0, 1 << 32), start=st.sampled_from(LSN_STARTS),
-       shape=st.sampled_from(["scatter", "rising", "hot", "long", "mixed"]),
+       shape=st.sampled_from(["scatter", "rising", "hot", "long", "mixed", "scatter+mixed",
+                              "rising+mixed"]),
        seeded=st.sampled_from([None, "scatter", "hot", "mixed"]), cuts=st.integers(0, 4))
 def test_the_column_apply_writes_what_the_event_loop_writes(tmp_path_factory, seed, start,
                                                             shape, seeded, cuts):
@@ -465,7 +467,15 @@ def test_the_column_apply_writes_what_the_event_loop_writes(tmp_path_factory, se
     rng = random.Random(seed)
     first = _stream(rng, start, 1, seeded) if seeded else []
     txid = (first[-1].txid + 1) if first else rng.choice([1, (1 << 32) - 3])
-    later = _stream(rng, first[-1].end if first else start, txid, shape)
+    joined = shape.endswith("+mixed")  # (a run's key order, then keys joining after it)
+    later = _stream(rng, first[-1].end if first else start, txid, shape.split("+")[0],
+                    0 if joined else None)
+    if joined:
+        from walstore.log.format import RecordType
+        from walstore.log.records import Event
+        end = later[-1].end
+        later.append(Event(end, end + 30, RecordType.RESTORE_POINT, -1, {"name": "run"}))
+        later += _stream(rng, end + 30, later[-2].txid + 1, "mixed", 0)
     at = sorted(rng.sample(range(1, len(later)), min(cuts, len(later) - 1)))
     batches = [later[a:b] for a, b in zip([0] + at, at + [len(later)])]
     with pytest.MonkeyPatch.context() as mp:
