@@ -2,7 +2,8 @@
 ``apply._plain_run``) and the MemTable's plain drop (``MemTable._drop_plain``): what a
 user reads through the API — values, scans, ``at``, history, the log, a conflict —
 is the same before a batch is applied (from the MemTable), after it (from LMDB), after a
-reopen, after a kill -9 and REDO, and after an LMDB write that failed."""
+reopen, after a kill -9 and REDO, and after an LMDB write that failed; and the rows it
+writes are the event-by-event loop's, byte for byte, for streams of many shapes."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 
 import walstore
 from walstore.codec import pack
-from tests.store_support import cli_env
+from store_support import cli_env
+from test_perf63_apply import _apply_both  # (the event loop against the column apply)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -463,7 +465,6 @@ def test_the_column_apply_writes_what_the_event_loop_writes(tmp_path_factory, se
     LMDB holding another stream or nothing, in a few batches: every table byte for byte
     as the event-by-event loop writes it."""
     import random
-    from tests.test_perf63_apply import _apply_both
     rng = random.Random(seed)
     first = _stream(rng, start, 1, seeded) if seeded else []
     txid = (first[-1].txid + 1) if first else rng.choice([1, (1 << 32) - 3])
