@@ -681,6 +681,21 @@ LEAD = WriteAheadLog._lead.__code__
 AT_SYNC_LOCK = _line_of(WriteAheadLog._lead, "with self._sync_lock:")
 
 
+def _fail_the_held_fsync(fb, threads, outcome: dict, unknown: str, refused: str) -> None:
+    """Fail the WAL fdatasync ``fb`` holds, let it go and join ``threads``: ``unknown``'s
+    commit is CommitOutcomeUnknown, ``refused``'s ReadOnlyError, and no WAL fdatasync
+    followed the failing one (a retried fsync can lie: FACTS.md)."""
+    before = fb.now()
+    fb.fail("fdatasync", errno.EIO, path="*.wal")
+    fb.sync_release.set()
+    for t in threads:
+        t.join(20)
+    assert isinstance(outcome[unknown], walstore.CommitOutcomeUnknown), outcome
+    assert isinstance(outcome[refused], walstore.ReadOnlyError), outcome
+    syncs = fb.calls_to("fdatasync", path="*.wal", after=before)
+    assert [c.error for c in syncs] == [errno.EIO], syncs  # never retried
+
+
 def test_no_fsync_is_retried_after_the_log_failed_a_leader_queued_behind_a_rotation(
         tmp_path):
     """A leader waited for the fsync lock while a rotation held it, and the rotation's
@@ -706,15 +721,7 @@ def test_no_fsync_is_retried_after_the_log_failed_a_leader_queued_behind_a_rotat
             assert fb.sync_entered.wait(20)  # the rotation's fsync of the old segment
             stop.release.set()  # the leader queues on the fsync lock the rotation holds
             time.sleep(0.1)
-            before = fb.now()
-            fb.fail("fdatasync", errno.EIO, path="*.wal")
-            fb.sync_release.set()
-            lead.join(20)
-            big.join(20)
-            assert isinstance(outcome["k"], walstore.CommitOutcomeUnknown), outcome
-            assert isinstance(outcome["big"], walstore.ReadOnlyError), outcome
-            syncs = fb.calls_to("fdatasync", path="*.wal", after=before)
-            assert [c.error for c in syncs] == [errno.EIO], syncs  # never retried
+            _fail_the_held_fsync(fb, (lead, big), outcome, unknown="k", refused="big")
             assert s._engine.memtable.published < wal.written_lsn  # ("k": not published)
         finally:
             s._drop_like_a_crash()
@@ -737,15 +744,7 @@ def test_no_fsync_is_retried_after_the_log_failed_a_rotation_queued_behind_a_lea
             assert fb.sync_entered.wait(20)
             big = _start(s, "big", "x" * (wal.writer.room() + 100), outcome)  # rotates
             time.sleep(0.1)  # (it waits for the fsync lock)
-            before = fb.now()
-            fb.fail("fdatasync", errno.EIO, path="*.wal")
-            fb.sync_release.set()
-            lead.join(20)
-            big.join(20)
-            assert isinstance(outcome["lead"], walstore.CommitOutcomeUnknown), outcome
-            assert isinstance(outcome["big"], walstore.ReadOnlyError), outcome
-            syncs = fb.calls_to("fdatasync", path="*.wal", after=before)
-            assert [c.error for c in syncs] == [errno.EIO], syncs  # never retried
+            _fail_the_held_fsync(fb, (lead, big), outcome, unknown="lead", refused="big")
             assert wal.rotations == 0
         finally:
             s._drop_like_a_crash()
