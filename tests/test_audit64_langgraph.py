@@ -275,3 +275,35 @@ def test_a_model_whose_annotated_serializer_changes_its_values_is_refused():
     for _ in range(2):
         with pytest.raises(StateTypeError, match="serializer"):
             ours.dumps_typed(AnnotatedSerializer(n=3))
+
+
+class NestedSerializer(pydantic.BaseModel):
+    """A serializer inside a field's type, in no field's own metadata."""
+    xs: list[Annotated[Any, pydantic.PlainSerializer(lambda v: f"x={v}")]] = []
+
+
+class NestedSerializerInside(pydantic.BaseModel):
+    """A model holding one whose nested type serializes."""
+    inner: NestedSerializer = NestedSerializer()
+
+
+class BackTheSame(pydantic.BaseModel):
+    """A nested serializer whose dump validates back to the same values."""
+    xs: list[Annotated[int, pydantic.PlainSerializer(str, return_type=str)]] = []
+
+
+def test_a_model_whose_nested_annotated_serializer_changes_its_values_is_refused():
+    """``list[Annotated[Any, PlainSerializer(...)]]``: came back ``xs=['x=1', 'x=2']`` for
+    ``xs=[1, 2]`` (the field's own metadata holds no serializer; its core schema does),
+    directly and inside another model.  One whose dump validates back to the same values
+    (an int written as "1" into an int field) is accepted, as before."""
+    ours = S.StateSerializer()
+    for value in (NestedSerializer(xs=[1, 2]), NestedSerializerInside(
+            inner=NestedSerializer(xs=[3]))):
+        for _ in range(2):
+            with pytest.raises(StateTypeError, match="serializer|would not come back|changed"):
+                ours.dumps_typed(value)
+    assert S._schema_serializes(NestedSerializer)
+    back = ours.loads_typed(ours.dumps_typed(BackTheSame(xs=[1, 2])))
+    assert back == BackTheSame(xs=[1, 2])
+

@@ -525,8 +525,9 @@ def _pydantic_serialized(cls: type) -> list[str]:
     PlainSerializer / WrapSerializer in a field's ``Annotated`` type): its dump is then not
     its values (a serializer writing 5 as "5"), so a rebuilt copy is compared field by
     field (a model of plain data is otherwise taken for its own dump, never rebuilt: such
-    a value came back changed, silently — audit 64).  One nested in a field's type
-    (``list[Annotated[int, PlainSerializer(...)]]``) is not seen here."""
+    a value came back changed, silently — audit 64), and so is one whose core schema holds
+    a function serializer anywhere: one nested in a field's type
+    (``list[Annotated[int, PlainSerializer(...)]]``) is in no field's metadata."""
     fields = getattr(cls, "model_fields", None) or {}
     decorators = getattr(cls, "__pydantic_decorators__", None)
     if decorators is not None and (getattr(decorators, "field_serializers", None)
@@ -535,7 +536,41 @@ def _pydantic_serialized(cls: type) -> list[str]:
     if any(type(m).__name__ in ("PlainSerializer", "WrapSerializer")  # (Annotated[...,
            for info in fields.values() for m in getattr(info, "metadata", ())):  # one])
         return list(fields)
+    if _schema_serializes(cls):
+        return list(fields)
     return []
+
+
+_SCHEMA_NODES = 200_000  # (a core schema walked further than that: taken as serializing)
+
+
+def _schema_serializes(cls: type) -> bool:
+    """Does pydantic's core schema of ``cls`` (v2) hold a function serializer (plain or
+    wrap: the user's code writing the dump) at any depth?  Once per class (its verdict is
+    cached); no LangChain message has one.  A schema not built yet (a forward reference)
+    or not a dict: False, as before this check."""
+    try:
+        schema = getattr(cls, "__pydantic_core_schema__", None)
+    except Exception:  # noqa: BLE001 - pydantic's mock schema may fail to build here
+        return False
+    if not isinstance(schema, dict):
+        return False
+    stack: list = [schema]
+    seen = 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > _SCHEMA_NODES:
+            return True  # (compared on a rebuilt copy: only a cost)
+        if isinstance(node, dict):
+            ser = node.get("serialization")
+            if isinstance(ser, dict) and ser.get("type") in ("function-plain",
+                                                             "function-wrap"):
+                return True
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return False
 
 
 def _kw_verdict(cls: type) -> tuple:
