@@ -202,6 +202,15 @@ def syncfs(path: str) -> None:
     _backend.syncfs(path)
 
 
+def free_bytes(path: str) -> int | None:
+    """Bytes free to an unprivileged writer on ``path``'s file system (None: unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
 def remove_quietly(path: str) -> None:
     """Unlink ``path`` if it can be (a leftover temp file: not being there is fine).
     Through the backend like every other unlink: a recording backend (the power-loss

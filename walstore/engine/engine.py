@@ -238,7 +238,7 @@ class Engine:
             os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
         state = getattr(self, "state", None)
         data_file = getattr(state, "data_file", None) or self.layout.db
-        room = _free_bytes(os.path.dirname(data_file))
+        room = fileio.free_bytes(os.path.dirname(data_file))
         full = (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
                 f"a short write, which it reports as an I/O error)"
                 if room is not None and room < LOW_ROOM_BYTES else "")
@@ -763,7 +763,7 @@ class Engine:
             # room it holds counts as room)
             shutil.rmtree(self.state.path + ".compact", ignore_errors=True)
             need = os.path.getsize(self.state.data_file) + ERASURE_ROOM_MARGIN
-            room = _free_bytes(self.path)
+            room = fileio.free_bytes(self.path)
             if room is not None and room < need:
                 raise StoreIOError(errno.ENOSPC, f"a purge's erasure is owed, and rewriting "
                                                  f"LMDB needs {need} bytes free ({room} are)",
@@ -1375,15 +1375,6 @@ def check_not_inside(src: str, dest: str) -> None:
 # one count for every read-only engine of the process (two read-only handles of one store
 # in one process are two engines: their transactions' ids must differ too)
 _READONLY_COUNT = itertools.count(1)
-
-
-def _free_bytes(path: str) -> int | None:
-    """Bytes free to an unprivileged writer on ``path``'s file system (None: unknown)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
 
 
 def readonly_txids(pid: int):

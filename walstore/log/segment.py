@@ -26,7 +26,7 @@ import stat
 import time
 
 from .. import fileio
-from ..fileio import remove_quietly
+from ..fileio import free_bytes, remove_quietly
 from .format import (SEGMENT_HEADER_SIZE, SEGMENT_MAGIC, decode_segment_header, encode_record,
                      encode_segment_header, segment_salt)
 
@@ -35,6 +35,11 @@ NAME_CHECK_S = 0.05  # a synced segment's name is checked at most this often (``
 SPARE_NAME = "spare.tmp"
 _ZERO_CHUNK = bytes(1 << 20)
 SPARE_PIECE = 256 * 1024  # the spare is zero-filled and written back this much at a time
+# the spare is a speed-up: it is made only while the disk keeps this much free beside it
+# (at least one more segment's size).  Filled regardless, it took a nearly full disk's
+# last megabytes from under LMDB: a recovery with 3 MB free failed its close with ENOSPC
+# on db/data.mdb while the spare thread zero-filled a 4 MiB spare beside it
+SPARE_MIN_HEADROOM = 8 * 1024 * 1024
 
 
 def segment_name(start_lsn: int) -> str:
@@ -157,6 +162,10 @@ def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> 
     return path
 
 
+class NoRoomForSpare(OSError):
+    """The disk is too full to spend on a spare (nothing was written)."""
+
+
 class Spare:
     """A zero-filled, fsynced file waiting to become the next segment.
 
@@ -170,7 +179,15 @@ class Spare:
         self.size = 0  # 0: no spare ready
 
     def prepare(self, size: int) -> None:
+        """Zero-fill and fsync a ``size``-byte spare; NoRoomForSpare (an OSError,
+        ENOSPC) and no file when the disk would keep less than a segment's size (and
+        SPARE_MIN_HEADROOM) free beside it: the commits' own writes need that room more."""
         remove_quietly(self.path)
+        free = free_bytes(self.wal_dir)
+        if free is not None and free - size < max(size, SPARE_MIN_HEADROOM):
+            raise NoRoomForSpare(errno.ENOSPC, f"no spare made: {free} bytes free, a "
+                                 f"{size}-byte spare would leave less than "
+                                 f"{max(size, SPARE_MIN_HEADROOM)}", self.path)
         fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
         try:
             _zero_fill(fd, 0, size, SPARE_PIECE)
