@@ -70,11 +70,11 @@ def test_a_background_checkpoint_finishes_an_erasure_a_purge_left_owed(tmp_path)
 
 
 def test_without_room_for_the_rewrite_the_background_waits_and_says_so(tmp_path, monkeypatch):
-    from walstore.engine import engine as engine_mod
+    from walstore import fileio
     path = str(tmp_path / "s")
     with walstore.open(path, checkpoint_bytes=64 << 10, apply_interval=0.05) as s:
         purge_leaving_erasure_owed(s)
-        monkeypatch.setattr(engine_mod, "_free_bytes", lambda p: 1 << 20)  # a near-full disk
+        monkeypatch.setattr(fileio, "free_bytes", lambda p: 1 << 20)  # a near-full disk
         commit_until(s, lambda: any("erasure owed" in e
                                     for e in s.stats()["background_errors"]))
         said = [e for e in s.stats()["background_errors"] if "erasure owed" in e]
