@@ -19,7 +19,7 @@ write (and compensates every action) made after ``sp`` and discards newer savepo
 writes; a name means the innermost savepoint of that name.
 
 States: ``active`` -> ``committed`` | ``rolled back`` | ``outcome unknown``; ``prepared``
-(``gid`` set) is active but takes no more writes or actions.  The end is decided once:
+(``gid`` set) is active but takes no more writes, actions or savepoints.  The end is decided once:
 ``commit``, ``rollback``, ``prepare``, ``rollback_to`` and the store's ``close()`` hold the
 transaction's end lock while they decide, so a ``rollback()`` from another thread (or
 ``close()``) waits for a ``commit()`` under way and then raises TransactionClosed, or wins
@@ -808,15 +808,15 @@ class Transaction:
         if name is not None and not isinstance(name, str):  # (``rollback_to`` and
             raise TypeError(f"a savepoint name is a str or None, not "  # ``release`` take
                             f"{type(name).__name__}")  # no other name: it was accepted here)
-        if self.state != ACTIVE or self._engine.closed:
-            self._check_active()  # (the reason, raised; the common answer is one test)
+        if self.state != ACTIVE or self._engine.closed or self.gid is not None:
+            self._check_savepoint_allowed()  # (the common answer is one test)
         with self._end_lock:  # (as rollback_to and release: another thread's release
             # emptied the undo log between its length and the append, and a rollback to
             # this savepoint then undid nothing — probe-audit51)
-            if self.state != ACTIVE:  # (ended by the commit() or rollback() this call
-                # waited for in another thread: it returned an active savepoint of the
-                # committed transaction — audit 64)
-                self._check_active()
+            if self.state != ACTIVE or self.gid is not None:  # (ended or prepared by the
+                # call this one waited for in another thread: it returned an active
+                # savepoint of the committed transaction — audit 64)
+                self._check_savepoint_allowed()
             self._serial += 1
             inside = self._inside() if self._inner_blockers else ()
             if self._undo_lock is None:  # (the first savepoint: see the class's)
@@ -828,6 +828,16 @@ class Transaction:
                                inside)
                 self._savepoints.append(sp)
         return sp
+
+    def _check_savepoint_allowed(self) -> None:
+        """Raise why no savepoint can be taken now: the transaction ended, the store
+        closed, or it is prepared (its write set is fixed: a savepoint taken then could
+        never be rolled back to; it was handed out as active — stop 65)."""
+        self._check_active()
+        if self.gid is not None:
+            raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}: its "
+                                    f"write set and actions are fixed until it is committed "
+                                    f"or rolled back; no savepoint was taken")
 
     def note_inner_blocker(self, effect: Any) -> None:
         """``effect`` (one with ``blocks_inner_rollback``: an open watch()) is about to
