@@ -71,3 +71,40 @@ def test_a_store_on_a_nearly_full_disk_keeps_its_room_for_commits(mount_tmpfs):
         s.close()
     with walstore.open(path) as s:
         assert s.get("k19") == "v" * 20000
+
+
+def test_a_replica_snapshot_is_not_copied_into_a_nearly_full_disk(mount_tmpfs, tmp_path,
+                                                                   monkeypatch):
+    """The shipper copies LMDB into the temporary directory for each snapshot — on many
+    machines the store's own disk.  It now needs the data file's size and 64 MiB free
+    there, or it skips the snapshot (said in ``replication().last_error``; the WAL ships
+    on and a restore has what was shipped); before, the copy went ahead and took the room
+    the store's commits needed."""
+    import tempfile
+    mnt = mount_tmpfs("32m")
+    monkeypatch.setattr(tempfile, "tempdir", str(mnt))  # (the shipper's scratch: there)
+    path, rep = str(tmp_path / "s"), str(tmp_path / "replica")
+    s = walstore.open(path, replicate_to="file://" + rep,
+                      replicate_options={"interval": 0.05, "max_backoff": 0.2,
+                                         "snapshot_interval": 0})
+    try:
+        for i in range(20):
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 1000)
+        s.checkpoint()  # (LMDB moved: a snapshot is due)
+        s.sync_replica(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "no room for a snapshot" not in (
+                s.replication().last_error or ""):
+            time.sleep(0.05)
+        st = s.replication()
+        assert "no room for a snapshot" in (st.last_error or ""), st
+        assert "the WAL ships on" in st.last_error and st.snapshots == 1, st  # (the empty base)
+        assert not [n for n in os.listdir(mnt) for _ in os.listdir(os.path.join(mnt, n))
+                    if os.path.isdir(os.path.join(mnt, n))]  # no copy left behind
+    finally:
+        s.close()
+    dest = str(tmp_path / "restored")
+    walstore.restore("file://" + rep, dest)
+    with walstore.open(dest) as r:
+        assert r.get("k19") == "v" * 1000

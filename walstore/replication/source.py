@@ -15,6 +15,7 @@ erasure, as the writer does it, when the REDO applied one).
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import os
@@ -31,6 +32,11 @@ from ..engine.layout import Layout, writer_alive
 from ..log.reader import FOLLOW_WINDOW, FileBytes
 from ..log.segment import create_segment, list_segments
 from . import logformat
+
+# free space a snapshot's copy of LMDB leaves beside it, beyond the data file's size: the
+# copy goes to the temporary directory, on many machines the store's own file system, and
+# a copy made on a nearly full disk took the room the store's commits needed
+SNAPSHOT_ROOM_MARGIN = 64 << 20
 
 
 _U64 = struct.Struct(">Q")
@@ -292,8 +298,19 @@ class DirectorySource:
                 f"verify` and `walstore recover`)")
 
     def snapshot(self, dest_dir: str) -> int:
-        """A consistent compact copy of LMDB into ``dest_dir``; returns its applied LSN."""
+        """A consistent compact copy of LMDB into ``dest_dir``; returns its applied LSN.
+        StoreIOError (ENOSPC), nothing copied, when ``dest_dir``'s file system has less
+        free than the data file's size and SNAPSHOT_ROOM_MARGIN (the shipper reports it
+        and tries again later; the WAL ships on)."""
         from ..engine.lmdb_state import LmdbState
+        from ..errors import StoreIOError
+        size = os.path.getsize(os.path.join(self.layout.db, "data.mdb"))
+        room = fileio.free_bytes(dest_dir)
+        if room is not None and room < size + SNAPSHOT_ROOM_MARGIN:
+            raise StoreIOError(errno.ENOSPC, f"no room for a snapshot: a copy of LMDB "
+                               f"({size} bytes) needs {size + SNAPSHOT_ROOM_MARGIN} bytes "
+                               f"free in {dest_dir} ({room} are); the WAL ships on",
+                               dest_dir)
         state = LmdbState(self.layout.db, readonly=True)  # shares the env in-process
         try:
             # no map resize while LMDB copies itself
