@@ -182,6 +182,7 @@ class Spare:
         """Zero-fill and fsync a ``size``-byte spare; NoRoomForSpare (an OSError,
         ENOSPC) and no file when the disk would keep less than a segment's size (and
         SPARE_MIN_HEADROOM) free beside it: the commits' own writes need that room more."""
+        self.size = 0  # (the old spare goes first, whatever happens next)
         remove_quietly(self.path)
         free = free_bytes(self.wal_dir)
         if free is not None and free - size < max(size, SPARE_MIN_HEADROOM):
