@@ -144,6 +144,7 @@ class Engine:
         self._forked_from: int | None = None  # in a forked child: the parent's pid
         self._clean_close: bool | None = None  # close() began: was a clean shutdown owed?
         self.failure: BaseException | None = None
+        self.failure_room = ""  # a failed LMDB write: its data file and the room then left
         self.background_errors: list[str] = []
         self.last_recovery: RecoveryReport | None = None
         self.checkpoint_hooks: list[Callable[[], dict]] = []
@@ -236,14 +237,22 @@ class Engine:
         cause = e.__cause__
         code = getattr(cause, "errno", None) or (
             os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
+        data_file = self.data_file()
+        return StoreIOError(code, f"{doing} failed: {e}{self.low_room_note(data_file)}; "
+                                  f"{after}", data_file)
+
+    def data_file(self) -> str:
         state = getattr(self, "state", None)
-        data_file = getattr(state, "data_file", None) or self.layout.db
+        return getattr(state, "data_file", None) or self.layout.db
+
+    @staticmethod
+    def low_room_note(data_file: str) -> str:
+        """"; its file system has N bytes free (...)" when ``data_file``'s is nearly
+        full (an LMDB write failing then: the disk is full, whatever LMDB says), else ""."""
         room = fileio.free_bytes(os.path.dirname(data_file))
-        full = (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
+        return (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
                 f"a short write, which it reports as an I/O error)"
                 if room is not None and room < LOW_ROOM_BYTES else "")
-        return StoreIOError(code, f"{doing} failed: {e}{full}; {after}",
-                            data_file)
 
     def _open_failed(self, e: OSError) -> WalstoreError:
         """The walstore error for an OS error while opening: NotAStore when the path cannot
@@ -862,7 +871,14 @@ class Engine:
         self.check_open()
         if self.failure is not None:
             return  # the applier failed: what is unapplied stays in the MemTable
-        self._apply_up_to(self.memtable.published)
+        try:
+            self._apply_up_to(self.memtable.published)
+        except StateWriteError as e:  # (README "Errors": rewind, revert, history... let the
+            # internal error out, "mdb_txn_commit: Input/output error", no errno, no file,
+            # on a disk that was only full: tools/fullsweep.py)
+            raise self.state_io_error(e, f"applying the log to LMDB in {self.path}",
+                                      "the store is now read-only; every commit is in the "
+                                      "log: reopen it to recover") from e
 
     def _apply_up_to(self, lsn: int, background: bool = False) -> None:
         """Apply published events until every one ending at or below ``lsn`` is in LMDB.
@@ -1166,8 +1182,8 @@ class Engine:
             raise ReadOnlyError(f"store {self.path} is open read-only")
         if self.failure is not None:
             raise ReadOnlyError(f"store {self.path} turned read-only after an error "
-                                f"({described(self.failure)}); reopen it to recover"
-                                ) from self.failure
+                                f"({described(self.failure)}{self.failure_room}); reopen "
+                                f"it to recover") from self.failure
         if self.wal.failed is not None:
             self.fail(self.wal.failed)
             self.check_writable()
@@ -1192,6 +1208,11 @@ class Engine:
     def fail(self, error: BaseException) -> None:
         """Stop writing for good (until reopened): the log's tail or LMDB is in doubt."""
         if self.failure is None:
+            if isinstance(error, StateWriteError):  # (the room is noted now: the refusals
+                # said only "Input/output error" on a full disk, and may come after a
+                # cleanup freed it — tools/fullsweep.py)
+                data_file = self.data_file()
+                self.failure_room = f" on {data_file}{self.low_room_note(data_file)}"
             self.failure = error
         with self._room_lock:
             self._room.notify_all()
@@ -1331,7 +1352,8 @@ class Engine:
             "wal_voided_commits": self.wal.voided_records if self.wal else 0,
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),
             "commits_held_by_undo": self.pipeline.gate.waits if self.wal else 0,
-            "failure": None if self.stopped_by is None else described(self.stopped_by),
+            "failure": None if self.stopped_by is None else described(self.stopped_by) + (
+                self.failure_room if self.stopped_by is self.failure else ""),
             "background_errors": list(self.background_errors) + (  # (and the spare's)
                 [f"WAL spare: {self.wal.spare_error}"]
                 if self.wal is not None and self.wal.spare_error else []),
