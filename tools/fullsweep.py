@@ -23,19 +23,27 @@ At the first error the writer notes it, then
 - mode ``free``: deletes the fill file and goes on in the same process without reopening
   (the store may recover by itself or refuse until reopened: either is right);
 
-and ends by a clean ``close()`` or by ``kill -9`` of itself (alternately).  Then the sweep
-runs ``walstore recover --json`` with the disk still full (it must succeed or refuse with
-one line, no traceback), deletes the fill, runs ``walstore recover --json`` again, opens
-the store with the ``refund`` compensator registered and checks (the checks of
-tools/faultsweep.py, ``_check_open_store``): every acknowledged commit is visible with its
-values, nothing is visible that was never acknowledged-or-attempted, the state is what the
-visible commits and undos make it, ``store.actions()`` agrees with the ledger exactly
-(visible transactions' actions committed and not refunded; every charge of one not visible
-refunded once or listed pending; no charge without its action); then ``walstore verify``
-passes, no ``*.tmp`` file but the spare is left in the store, no CLI printed a traceback, the writer
+and ends by a clean ``close()`` or by ``kill -9`` of itself (alternately; runs also
+alternate 1 and 4 MiB segments, and LMDB's default map or a 2 MiB one that must grow).
+Then the sweep runs ``walstore recover --json`` before the fill is deleted: a closed store
+on the disk as full as the writer left it (it must recover, or refuse in one line, exit
+1, no traceback); a killed writer's with 3 MiB free (``--recover-room``; every other
+level: one segment's size and 256 KiB, room for a spare or for recovery's LMDB writes,
+not both), plus room for the segment recovery may have to start (four times the last
+one: the CLI opens with the default segment_size) — it must recover.  Then it deletes
+the fill, runs ``walstore recover --json`` again, opens the store with the ``refund``
+compensator registered and checks (the checks of tools/faultsweep.py,
+``_check_open_store``): every acknowledged commit is visible with its values, nothing is
+visible that reported a failure or never ran, the state is what the visible commits and
+undos make it, ``store.actions()`` agrees with the ledger exactly (visible transactions'
+actions committed and not refunded; every charge of one not visible refunded once or
+listed pending; no charge without its action); then ``walstore verify`` passes, no
+``*.tmp`` file but the spare is left in the store, no CLI printed a traceback, the writer
 exited as it should (0 after close, SIGKILL), and every error the writer saw was a
 walstore error (a StoreIOError carrying an errno; never a bare lmdb.Error / OSError /
-struct.error) with a one-line message that names the cause (no space / bytes free).
+struct.error) with a one-line message that names the cause (ENOSPC, no space, bytes
+free).  A writer that ran ``MAX_OPS`` operations without an error is reported as such (the
+disk never filled: the totals count the runs that did).
 
 Per level it prints a line on stderr (``--json``: one JSON document on stdout at the end,
 else the totals); exit 1 when a problem was found, 2 when it cannot run.
@@ -63,15 +71,22 @@ from typing import Any
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from tools.faultsweep import Abandon, Op, Workload, _check_open_store, acknowledged  # noqa: E402,I001
+from tools.faultsweep import Abandon, Op, Workload, _check_open_store, acknowledged  # noqa: E402
 import ws_ledger  # noqa: E402  (tools.faultsweep put tests/agent_scripts on the path)
 import walstore  # noqa: E402
 
 MiB = 1024 * 1024
-TMPFS_SIZE = 40 * MiB
+TMPFS_SIZE = 48 * MiB
 # small segments and checkpoints: rotations, spares, checkpoints and trims all happen
 # within a few megabytes; the applier writes LMDB in the background as it does by default
 OPTS = dict(durability="full", segment_size=1 * MiB, checkpoint_bytes=256 * 1024)
+SEGMENT_SIZES = (1 * MiB, 4 * MiB)  # (runs alternate: trimmed often; a spare as big as CI's)
+RECOVER_ROOM = 3 * MiB  # a killed writer's store is recovered with this much free, or
+SPARE_ROOM = 256 * 1024  # (every other one) with a segment's size and this much: room for a
+# spare, or for recovery's LMDB writes, not for both; and in both cases with room for the
+# segment recovery may have to start beside that (its last one full): `walstore recover`
+# opens with the default segment_size, so four times the last one (next_segment_size)
+CLI_SEGMENT_SIZE = 16 * MiB
 MAX_OPS = 3000          # a run that never fills the disk stops here
 AFTER = {"stop": 4, "free": 10}  # operations tried after the first error, per mode
 WRITER_TIMEOUT = 90.0   # seconds: longer is a hang (the writer's stacks are dumped)
@@ -83,7 +98,7 @@ class CannotRun(Exception):
     """The sweep cannot run here (no tmpfs): exit 2."""
 
 
-# ---- values ------------------------------------------------------------------------------------
+# ---- values ------------------------------------------------------------------------------
 def make_value(key: str, size: int) -> str:
     """The value the writer puts under ``key`` (regenerated by the checker from its size)."""
     unit = key + "|"
@@ -255,7 +270,8 @@ def writer_main(spec: dict) -> None:
     s = None
     try:
         s = walstore.open(spec["store"], compensators=w.compensators(),
-                          map_size=spec.get("map_size"), **OPTS)
+                          map_size=spec.get("map_size"),
+                          **{**OPTS, "segment_size": spec["segment_size"]})
     except Exception as e:  # noqa: BLE001 - recorded, checked by the sweep
         w.record({"step": "open", "exc": describe_error(e)})
         return
@@ -275,7 +291,7 @@ def writer_main(spec: dict) -> None:
         w.record({"step": "close", "exc": describe_error(e)})
 
 
-# ---- the tmpfs -----------------------------------------------------------------------------------
+# ---- the tmpfs ---------------------------------------------------------------------------
 def mount(mnt: str, size: int) -> None:
     try:
         r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
@@ -283,8 +299,9 @@ def mount(mnt: str, size: int) -> None:
     except (OSError, subprocess.TimeoutExpired) as e:
         raise CannotRun(f"cannot mount a tmpfs at {mnt}: {e}") from e
     if r.returncode != 0:
-        raise CannotRun(f"mounting a tmpfs is not permitted here ({r.stderr.strip() or r.returncode}); "
-                        f"the sweep needs root (or CAP_SYS_ADMIN)")
+        raise CannotRun(f"mounting a tmpfs is not permitted here "
+                        f"({r.stderr.strip() or r.returncode}); the sweep needs root "
+                        f"(or CAP_SYS_ADMIN)")
 
 
 def unmount(mnt: str) -> None:
@@ -317,7 +334,7 @@ def fill_to(mnt: str, keep: int) -> int:
     return _free(mnt) or 0
 
 
-# ---- one run -------------------------------------------------------------------------------------
+# ---- one run -----------------------------------------------------------------------------
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     try:
@@ -369,9 +386,12 @@ def run_writer(spec: dict, timeout: float) -> tuple[int, str, bool]:
 
 
 def one_run(mnt: str, work: str, level: int, mode: str, end: str, seed: int,
-            map_size: int | None, timeout: float = WRITER_TIMEOUT) -> dict:
+            map_size: int | None, timeout: float = WRITER_TIMEOUT,
+            segment_size: int = SEGMENT_SIZES[0], recover_room: int = RECOVER_ROOM) -> dict:
     """Store on the tmpfs, ``level`` bytes left free, the writer in ``mode`` ending by
-    ``end``; then recover (full disk, then freed) and every check.  Returns the run's
+    ``end``; then recover (a closed store: on the full disk, may refuse in one line; a
+    killed one: with ``recover_room`` free, must recover), then freed, and every check.
+    Returns the run's
     result: ``problems`` (empty: all promises held), ``acks``, ``first`` (the first
     error: site, type, errno), ``after`` (what the operations after it did)."""
     clear(mnt)
@@ -379,13 +399,15 @@ def one_run(mnt: str, work: str, level: int, mode: str, end: str, seed: int,
     shutil.rmtree(run, ignore_errors=True)
     os.makedirs(run)
     store = os.path.join(mnt, "store")
-    walstore.open(store, **OPTS).close()
+    walstore.open(store, **{**OPTS, "segment_size": segment_size}).close()
     free = fill_to(mnt, level)
     spec = {"store": store, "ledger": os.path.join(run, "ledger.jsonl"),
             "record": os.path.join(run, "record.jsonl"), "fill": os.path.join(mnt, "fill"),
-            "mode": mode, "end": end, "seed": seed, "map_size": map_size}
+            "mode": mode, "end": end, "seed": seed, "map_size": map_size,
+            "segment_size": segment_size}
     res: dict = {"level": level, "free": free, "mode": mode, "end": end, "seed": seed,
-                 "map_size": map_size, "problems": [], "acks": 0, "ops": 0, "first": None,
+                 "map_size": map_size, "segment_size": segment_size, "problems": [],
+                 "acks": 0, "ops": 0, "first": None,
                  "after": {}, "recover_full": None, "notes": []}
     problems = res["problems"]
     rc, stderr, hung = run_writer(spec, timeout)
@@ -405,21 +427,40 @@ def one_run(mnt: str, work: str, level: int, mode: str, end: str, seed: int,
             if line.strip():
                 recs.append(json.loads(line))
     check_errors(recs, res)
-    # recovery with the disk still full: done, or refused in one clean line
     if os.path.exists(os.path.join(store, "STORE")):
-        r = cli("recover", "--json", store)
-        res["recover_full"] = ("ok" if _recover_ok(r) else
-                               f"refused: {(r.stderr or '').strip()[:300]}")
-        if "Traceback (most recent call last)" in (r.stderr or ""):
-            problems.append("`walstore recover` on the full disk printed a traceback: "
-                            + r.stderr.strip().splitlines()[-1][:300])
-        elif not _recover_ok(r) and (r.returncode != 1 or len(r.stderr.strip().splitlines()) != 1):
-            problems.append(f"`walstore recover` on the full disk: exit {r.returncode}, "
-                            f"stderr {r.stderr.strip()[:400]!r} (not one line, exit 1)")
+        recover_on_full_disk(mnt, store, end, recover_room, res)
     os.unlink(spec["fill"]) if os.path.exists(spec["fill"]) else None
     check_store(spec, recs, res)
     shutil.rmtree(run, ignore_errors=True)
     return res
+
+
+def recover_on_full_disk(mnt: str, store: str, end: str, room: int, res: dict) -> None:
+    """`walstore recover` before the fill is deleted.  A closed store, on the disk as full
+    as the writer left it: recovered, or refused in one line (exit 1, no traceback).  A
+    killed writer's, with ``room`` bytes made free (the CI failure of stop 64: 3 MB free,
+    and the spare thread took them from LMDB): it must recover."""
+    problems = res["problems"]
+    if end == "kill":
+        fill = os.path.join(mnt, "fill")
+        if os.path.exists(fill):
+            os.truncate(fill, max(0, os.path.getsize(fill) - max(0, room - (_free(mnt) or 0))))
+    free = _free(mnt) or 0
+    r = cli("recover", "--json", store)
+    where = f"with {free} bytes free"
+    res["recover_full"] = ("ok" if _recover_ok(r) else
+                           f"refused: {(r.stderr or '').strip()[:300]}") + f" ({where})"
+    if "Traceback (most recent call last)" in (r.stderr or ""):
+        problems.append(f"`walstore recover` {where} printed a traceback: "
+                        + r.stderr.strip().splitlines()[-1][:300])
+    elif _recover_ok(r):
+        return
+    elif end == "kill" and free >= room:
+        problems.append(f"`walstore recover` {where} failed: exit {r.returncode}: "
+                        f"{(r.stderr or r.stdout).strip()[:400]}")
+    elif r.returncode != 1 or len(r.stderr.strip().splitlines()) != 1:
+        problems.append(f"`walstore recover` {where}: exit {r.returncode}, stderr "
+                        f"{r.stderr.strip()[:400]!r} (not one line, exit 1)")
 
 
 def check_errors(recs: list, res: dict) -> None:
@@ -511,7 +552,7 @@ def check_store(spec: dict, recs: list, res: dict) -> None:
         problems.append(f"temporary files left in the store: {left[:6]}")
 
 
-# ---- the sweep -----------------------------------------------------------------------------------
+# ---- the sweep ---------------------------------------------------------------------------
 def levels_for(n: int, max_free: int, seed: int) -> list[int]:
     """``n`` free-byte levels from ~0 to ``max_free``, each jittered by up to 64 KiB."""
     rng = random.Random(seed)
@@ -521,7 +562,8 @@ def levels_for(n: int, max_free: int, seed: int) -> list[int]:
 
 
 def sweep(levels: list[int], seed: int, work: str, modes=("stop", "free"),
-          progress=None, timeout: float = WRITER_TIMEOUT) -> dict:
+          progress=None, timeout: float = WRITER_TIMEOUT,
+          recover_room: int = RECOVER_ROOM) -> dict:
     t0 = time.monotonic()
     mnt = os.path.join(work, "mnt")
     os.makedirs(mnt, mode=0o700, exist_ok=True)
@@ -530,10 +572,14 @@ def sweep(levels: list[int], seed: int, work: str, modes=("stop", "free"),
     try:
         k = 0
         for i, level in enumerate(levels):
-            for mode in modes:
-                end = ("close", "kill")[k % 2]
+            for m, mode in enumerate(modes):
+                end = ("close", "kill")[(i + m) % 2]  # (each mode ends both ways in turn)
                 map_size = (None, 2 * MiB)[(k // 2) % 2]  # (map growth on every other pair)
-                res = one_run(mnt, work, level, mode, end, seed * 1000 + k, map_size, timeout)
+                segment_size = SEGMENT_SIZES[(k // 4) % 2]  # (with the map: 4 pairs)
+                room = (recover_room, segment_size + SPARE_ROOM)[(i // 2) % 2] + min(
+                    CLI_SEGMENT_SIZE, 4 * segment_size)
+                res = one_run(mnt, work, level, mode, end, seed * 1000 + k, map_size, timeout,
+                              segment_size, room)
                 k += 1
                 runs.append(res)
                 if progress:
@@ -549,10 +595,11 @@ def line(res: dict) -> str:
              else "no error (the disk never filled)")
     a = res["after"]
     return (f"  free {res['free'] / MiB:6.2f} MiB {res['mode']:<4} {res['end']:<5} "
-            f"map {'default' if res['map_size'] is None else res['map_size'] // MiB}: "
+            f"map {'default' if res['map_size'] is None else res['map_size'] // MiB} "
+            f"seg {res['segment_size'] // MiB}: "
             f"{res['ops']} ops, {res['acks']} acks; {first}; after it {a.get('acked', 0)} "
-            f"acked, {a.get('refused', 0)} refused; recover on the full disk: "
-            f"{(res['recover_full'] or '-')[:60]}; "
+            f"acked, {a.get('refused', 0)} refused; recover before freeing: "
+            f"{(res['recover_full'] or '-')[:90]}; "
             + (f"PROBLEMS {len(res['problems'])}: {res['problems'][0][:300]}"
                if res["problems"] else "ok"))
 
@@ -592,13 +639,16 @@ def main() -> None:
     ap.add_argument("--modes", nargs="*", default=["stop", "free"], choices=["stop", "free"])
     ap.add_argument("--timeout", type=float, default=WRITER_TIMEOUT,
                     help="seconds a writer may run before it counts as hung")
+    ap.add_argument("--recover-room", type=float, default=RECOVER_ROOM / MiB,
+                    help="MiB free when a killed writer's store is recovered (default 3)")
     ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
     args = ap.parse_args()
     levels = levels_for(args.levels, int(args.max_free * MiB), args.seed)
     work = tempfile.mkdtemp(prefix="walstore-fullsweep-")
     try:
         s = sweep(levels, args.seed, work, tuple(args.modes),
-                  progress=lambda m: print(m, file=sys.stderr, flush=True), timeout=args.timeout)
+                  progress=lambda m: print(m, file=sys.stderr, flush=True), timeout=args.timeout,
+                  recover_room=int(args.recover_room * MiB))
     except CannotRun as e:
         print(f"fullsweep: {e}", file=sys.stderr)
         sys.exit(2)
