@@ -24,17 +24,17 @@ def _sweep(tmp_path, levels, seed, modes=("stop", "free")):
 
 
 def test_the_full_disk_sweep_finds_no_problem_and_really_fills_the_disk(tmp_path):
-    """Two levels (the last pages free; ~1.7 MiB free), both modes (stop; free the disk
+    """Two levels (~150 KiB free; ~1.7 MiB free), both modes (stop; free the disk
     and go on), a close and a kill -9: zero problems, every run hit the full disk, the
     first errors include a WAL segment's creation and an LMDB write, and a writer that
     freed the disk after a WAL error went on committing without a reopen."""
-    s = _sweep(tmp_path, [4096, 1_800_000], seed=2)
+    s = _sweep(tmp_path, [150_000, 1_800_000], seed=2)
     runs = s["runs_detail"]
     assert s["problems"] == 0, fullsweep.report(s)
     assert s["runs"] == 4 and s["filled"] == 4, fullsweep.report(s)  # a sweep that never
     # fills the disk proves nothing
     assert {"wal", "lmdb"} <= set(s["first_error_sites"]), s["first_error_sites"]
-    assert s["acks"] > 200
+    assert s["acks"] > 100
     for r in runs:  # (the error the writer saw first: a walstore error with an errno)
         assert r["first"]["errno"] in ("ENOSPC", "EIO"), r["first"]
     freed = [r for r in runs if r["mode"] == "free" and r["first"]["site"] == "wal"]

@@ -74,6 +74,7 @@ sys.path.insert(0, ROOT)
 from tools.faultsweep import Abandon, Op, Workload, _check_open_store, acknowledged  # noqa: E402
 import ws_ledger  # noqa: E402  (tools.faultsweep put tests/agent_scripts on the path)
 import walstore  # noqa: E402
+from walstore.log.segment import SPARE_MIN_HEADROOM  # noqa: E402
 
 MiB = 1024 * 1024
 TMPFS_SIZE = 48 * MiB
@@ -163,6 +164,8 @@ class SweepWorkload(Workload):
         self.rec = open(spec["record"], "a", encoding="utf-8")
         self.first_error: dict | None = None
         self.after = 0  # operations tried since the first error
+        self.spare = os.path.join(spec["store"], "wal", "spare.tmp")
+        self.spare_seen = False
 
     def _tick(self) -> int:
         self._n += 1
@@ -205,6 +208,14 @@ class SweepWorkload(Workload):
         return result
 
     def ended(self, e: BaseException | None, label: str) -> None:
+        if self.first_error is None and not self.spare_seen:  # (the fill still in place)
+            try:
+                size = os.stat(self.spare).st_size
+            except OSError:
+                pass
+            else:
+                self.spare_seen = True
+                self.record({"spare": size, "free": _free(self.spec["store"]), "at": label})
         if self.first_error is not None:
             self.after += 1
             if self.after >= AFTER[self.spec["mode"]]:
@@ -274,6 +285,8 @@ def writer_main(spec: dict) -> None:
                           **{**OPTS, "segment_size": spec["segment_size"]})
     except Exception as e:  # noqa: BLE001 - recorded, checked by the sweep
         w.record({"step": "open", "exc": describe_error(e)})
+        if spec["end"] == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
         return
     try:
         c = 0
@@ -400,12 +413,15 @@ def one_run(mnt: str, work: str, level: int, mode: str, end: str, seed: int,
     os.makedirs(run)
     store = os.path.join(mnt, "store")
     walstore.open(store, **{**OPTS, "segment_size": segment_size}).close()
+    os.unlink(os.path.join(store, "wal", "spare.tmp"))  # (made on the empty disk)
+    wal = sum(os.path.getsize(p) for p in glob.glob(os.path.join(store, "wal", "*")))
     free = fill_to(mnt, level)
     spec = {"store": store, "ledger": os.path.join(run, "ledger.jsonl"),
             "record": os.path.join(run, "record.jsonl"), "fill": os.path.join(mnt, "fill"),
             "mode": mode, "end": end, "seed": seed, "map_size": map_size,
             "segment_size": segment_size}
     res: dict = {"level": level, "free": free, "mode": mode, "end": end, "seed": seed,
+                 "most_free": free + wal,  # (trims give back at most the WAL's first bytes)
                  "map_size": map_size, "segment_size": segment_size, "problems": [],
                  "acks": 0, "ops": 0, "first": None,
                  "after": {}, "recover_full": None, "notes": []}
@@ -502,6 +518,14 @@ def check_errors(recs: list, res: dict) -> None:
                                 f"no space, bytes free): {exc['message'][:300]}")
         elif "freed" in r:
             res["notes"].append(f"freed ({r['free_after']} bytes free)")
+        elif "spare" in r:  # (the spare is a speed-up: never made from the disk's last room)
+            seg = res["segment_size"]
+            need = seg + max(seg, SPARE_MIN_HEADROOM)
+            if res["most_free"] < need:
+                problems.append(f"a {r['spare']}-byte WAL spare was made from a nearly full "
+                                f"disk (seen after {r['at']} with {r['free']} bytes free; "
+                                f"at most {res['most_free']} were ever free, and a spare "
+                                f"needs {need})")
     res["first"] = first
     if "types" in after:
         after["types"] = sorted(after["types"])
