@@ -247,8 +247,9 @@ class Engine:
 
     @staticmethod
     def low_room_note(data_file: str) -> str:
-        """"; its file system has N bytes free (...)" when ``data_file``'s is nearly
-        full (an LMDB write failing then: the disk is full, whatever LMDB says), else ""."""
+        """The note "; its file system has N bytes free (...)" when ``data_file``'s is
+        nearly full (an LMDB write failing then: the disk is full, whatever LMDB says),
+        else ""."""
         room = fileio.free_bytes(os.path.dirname(data_file))
         return (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
                 f"a short write, which it reports as an I/O error)"
