@@ -95,7 +95,7 @@ def test_an_interrupted_group_commit_lead_is_taken_again(tmp_path):
         s = walstore.open(sys.argv[1])
         wal = s._engine.wal
         lead = wal._lead
-        def interrupted(lsn):
+        def interrupted(*args):
             wal._lead = lead
             raise KeyboardInterrupt("just after taking the lead")
         wal._lead = interrupted
@@ -253,9 +253,9 @@ def test_a_lead_lost_inside_its_hand_over_is_taken_again_by_its_thread(tmp_path)
     with s.transaction() as tx:
         tx.put("a", 1)
     import threading
-    # an interrupt inside _lead's hand-over: still "syncing" and "in the lead", this
+    # an interrupt inside _lead's hand-over: still "syncing", entered (not in _unentered), this
     # thread named the leader, nobody leading
-    wal._syncing, wal._in_lead, wal._leader = True, True, threading.get_ident()
+    wal._syncing, wal._leader = True, threading.get_ident()
     done = []
     t = threading.Thread(target=lambda: done.append(s.get("a")))
     t.start()

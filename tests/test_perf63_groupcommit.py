@@ -125,7 +125,7 @@ def test_a_waiter_timing_out_after_its_entry_was_taken_waits_for_the_release(tmp
     assert wal.synced_lsn < target
     # a leader (this thread, pretending) in its round: leading, in the lead
     with wal._sync_mutex:
-        wal._syncing, wal._in_lead, wal._leader = True, True, -1
+        wal._syncing, wal._leader = True, -1
     returned = []
     t = threading.Thread(target=lambda: returned.append(wal.sync_to(target)), daemon=True)
     t.start()
@@ -139,7 +139,7 @@ def test_a_waiter_timing_out_after_its_entry_was_taken_waits_for_the_release(tmp
     time.sleep(0.3)  # ... the waiter's timed wait runs out meanwhile, several times over
     assert t.is_alive() and returned == [] and wal._waiters == []  # it waits, unqueued
     with wal._sync_mutex:
-        wal._syncing = wal._in_lead = False
+        wal._syncing = False
         wal._leader = None
     entry[1].release()  # ... and the round's wake-up comes (after its mutex)
     t.join(5)

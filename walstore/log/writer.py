@@ -126,7 +126,10 @@ class WriteAheadLog:
         self._sync_lock = threading.Lock()  # one fsync (or rotation) at a time
         self._sync_mutex = threading.Lock()  # guards the group commit's state below
         self._syncing = False               # a leader is fsyncing
-        self._in_lead = False               # ... and is inside ``_lead`` (see _lead_is_lost)
+        # the idents of the threads whose lead is taken and not yet entered: each is taken
+        # out by whoever comes first, its thread entering ``_lead`` or a waiter taking the
+        # lead as lost (see _lead_is_lost)
+        self._unentered: set[int] = set()
         self._leader: int | None = None     # the thread that took the lead
         self._lead_taken = 0.0              # when (time.monotonic())
         self._waiters: list[tuple] = []  # (lsn, its wake-up lock, its Appended or None)
@@ -529,6 +532,7 @@ class WriteAheadLog:
                 if lead:
                     self._syncing, self._leader = True, ident
                     self._lead_taken = time.monotonic()
+                    self._unentered.add(ident)
                 else:
                     if me is None:
                         if self.lock._is_owned():  # the leader may need it for the buffer
@@ -538,7 +542,7 @@ class WriteAheadLog:
                         me.acquire()
                     self._waiters.append((lsn, me, ticket))
             if lead:
-                if self._lead(lsn) and (ticket is None or ticket.error is None):
+                if self._lead(lsn, ident) and (ticket is None or ticket.error is None):
                     return  # (what the loop's next pass would find: no second mutex round)
                 continue
             # waits outside the mutex: a leader waking the waiters its fsync covered never
@@ -568,11 +572,22 @@ class WriteAheadLog:
         """A lead taken and not led (its thread interrupted, KeyboardInterrupt, between
         taking it and entering ``_lead``, or inside ``_lead``'s hand-over): the thread
         that holds it, syncing again, is not leading (it is here), so it takes it again
-        at once; another thread does when the lead was never entered, after LOST_LEAD_S.
-        (Caller holds the mutex.)"""
+        at once; another thread does when the lead was never entered, after LOST_LEAD_S,
+        by taking the leader out of ``_unentered``: a thread that only stalled that long
+        (a GC pause, the GIL held by another thread's long C call) then finds itself
+        taken out, and does not lead.  (It was a flag the leader set on entering: set
+        after a waiter's test, both led at once, and one's round fsynced, published and
+        acknowledged the other's batch before it was written.)  (Caller holds the
+        mutex.)"""
         if self._leader == ident:
             return True
-        return not self._in_lead and time.monotonic() - self._lead_taken > LOST_LEAD_S
+        if time.monotonic() - self._lead_taken <= LOST_LEAD_S:
+            return False
+        try:  # (one C call: atomic with the leader's own, entering ``_lead``)
+            self._unentered.remove(self._leader)
+        except KeyError:
+            return False  # entered: being led
+        return True
 
     def _abandon(self, me: threading.Lock | None) -> None:
         """A waiter leaves (caller holds the mutex): forget its entry; if a leader had
@@ -583,20 +598,25 @@ class WriteAheadLog:
         elif not self._syncing and self._waiters:
             self._waiters.pop(0)[1].release()
 
-    def _lead(self, lsn: int) -> bool:
+    def _lead(self, lsn: int, ident: int) -> bool:
         """The leader's loop (see ``sync_to``); ``_syncing`` is ours until it returns.
-        ``lsn``: the leader's own; when it is not written yet, another thread is writing
-        the buffer that holds it (``_flush`` empties the buffer first): taking ``lock``
-        waits for that write, so the round covers it.  Returns whether its last round
-        synced (and published) up to ``lsn`` with the log not failed: the caller is done
-        (a buffered record's ticket may still say it was voided).
+        ``ident``: this thread's (see _lead_is_lost).  ``lsn``: the leader's own; when it is
+        not written yet, another thread is writing the buffer that holds it (``_flush``
+        empties the buffer first): taking ``lock`` waits for that write, so the round
+        covers it.  Returns whether its last round synced (and published) up to ``lsn``
+        with the log not failed: the caller is done (a buffered record's ticket may still
+        say it was voided); False at once when the lead was taken as lost before this
+        thread entered it (see _lead_is_lost).
 
         The waiters a round covered are woken outside the mutex, and, when the leader
         fsyncs again for others, only after it wrote the buffer for that fsync, right
         before the fsync: woken earlier they took the GIL while the leader's ``pwrite``
         had let it go, and the next fsync started only when they had all run."""
         rounds = 0
-        self._in_lead = True
+        try:
+            self._unentered.remove(ident)  # entered: no waiter takes the lead as lost now
+        except KeyError:
+            return False  # taken as lost while this thread stalled: the caller waits
         wake: list = []  # taken off ``_waiters``: released before this returns, always
         try:
             while True:
@@ -650,7 +670,7 @@ class WriteAheadLog:
                                 if rest and not more:
                                     wake.append(rest.pop(0))  # the next leader
                         if not more:
-                            self._syncing = self._in_lead = False
+                            self._syncing = False
                 if not more:
                     return covered
                 rounds += 1
