@@ -11,16 +11,30 @@ Found (each test's docstring says what was seen before the fix):
   once — one's round fsynced and published the other's batch before it was written,
   and acknowledged a commit whose record that write then failed to write (lost after a
   reopen); ``synced_lsn`` stayed past the log's end, so the next commits written there
-  were acknowledged with no fsync at all.
+  were acknowledged with no fsync at all;
+- a rotation cut short after the old segment's SEAL was written, before the switch to
+  the new segment (a MemoryError out of the SEAL's fsync; Ctrl-C in a purge's rotation,
+  which ran outside any signal section): the old segment went on taking the appends
+  behind its SEAL, the next commit was acknowledged there, and the next open refused the
+  store (a gap).
+
+Driven and found right (tests below): a rotation failing at each of its steps, with the
+spare and preallocating inline (open, header write, fdatasync, rename, directory fsync,
+the new segment's open, the SEAL's write, the old segment's fsync).
 """
 from __future__ import annotations
 
 import errno
+import sys
 import threading
 import time
 
+import pytest
+
 import walstore
+from walstore import signals
 from walstore.log import writer
+from walstore.log.segment import SegmentWriter
 from walstore.log.writer import WalWriteError, WriteAheadLog
 from walstore.ops.verify import verify_store
 
@@ -28,7 +42,7 @@ from test_audit58_races import _line_of
 from test_audit64_groupcommit import Stop
 from test_perf63_groupcommit import HeldWrites, _start, _wait_for
 from store_support import commit_recording_outcome
-from tools.faults import installed
+from tools.faults import FaultBackend, installed
 
 LEAD = WriteAheadLog._lead.__code__
 AT_LEAD_ENTRY = _line_of(WriteAheadLog._lead, "rounds = 0")
@@ -85,5 +99,166 @@ def test_acknowledged_commits_are_durable_when_a_stalled_leader_goes_on(tmp_path
     with walstore.open(path) as s:
         for k in acked + ["d"]:
             assert s.get(k) == k.upper(), (k, outcome)
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
+# ---- a rotation failing at each of its steps -----------------------------------------------
+def _fill_until_room_below(s, room: int) -> list:
+    """Commit 1 KiB values until the active segment has less than ``room`` bytes left;
+    returns their keys."""
+    wal, keys = s._engine.wal, []
+    while wal.writer.room() >= room:
+        keys.append(f"f{len(keys)}")
+        with s.transaction() as tx:
+            tx.put(keys[-1], "v" * 1024)
+    return keys
+
+
+def _spare_ready(wal) -> None:
+    _wait_for(lambda: not wal._spare_wanted and wal.spare.size >= wal.next_segment_size(),
+              "no spare was made")
+
+
+# (op, path pattern, errno, partial, whether a spare is ready, what the commit gets)
+ROTATION_FAULTS = {
+    "spare-open": ("open", "spare.tmp", errno.EMFILE, None, True, WalWriteError),
+    "spare-header": ("pwrite", "spare.tmp", errno.EIO, None, True, WalWriteError),
+    "spare-datasync": ("fdatasync", "spare.tmp", errno.EIO, None, True, "failed"),
+    "spare-rename": ("rename", "spare.tmp", errno.EIO, None, True, WalWriteError),
+    "spare-dir-sync": ("fsync_dir", "*wal", errno.EIO, None, True, "failed"),
+    "new-open": ("open", "*.wal", errno.EMFILE, None, True, WalWriteError),
+    "seal-write": ("pwrite", "*.wal", errno.EIO, 10, True, None),
+    "old-sync": ("fdatasync", "*.wal", errno.EIO, None, True, "failed"),
+    "inline-open": ("open", "*.wal.tmp", errno.EMFILE, None, False, WalWriteError),
+    "inline-fill": ("pwrite", "*.wal.tmp", errno.ENOSPC, 100, False, WalWriteError),
+    "inline-sync": ("fsync", "*.wal.tmp", errno.EIO, None, False, "failed"),
+    "inline-rename": ("rename", "*.wal.tmp", errno.EIO, None, False, WalWriteError),
+    "inline-dir-sync": ("fsync_dir", "*wal", errno.EIO, None, False, "failed"),
+    "inline-new-open": ("open", "*.wal", errno.EMFILE, None, False, WalWriteError),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROTATION_FAULTS))
+def test_a_rotation_failing_at_any_step_loses_no_commit_and_leaves_an_openable_log(
+        tmp_path, case):
+    """A commit that needs a new segment, its rotation failing at one step (with the
+    spare, or preallocating inline): the commit is told the truth (WalWriteError:
+    nothing of it logged, the store goes on; LogFailed after a failed sync: read-only;
+    a failed SEAL write: none, the rotation goes on unsealed), in one line; every commit
+    that returned is there after a crash and a reopen, which accepts the log."""
+    op, pattern, err, partial, spare, expected = ROTATION_FAULTS[case]
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    big = "b" * 6000
+    with installed(fb):
+        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+        try:
+            wal = s._engine.wal
+            acked = dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024)
+            _spare_ready(wal)
+            if not spare:
+                with wal._spare_lock:
+                    wal.spare.discard()
+            before = wal.rotations
+            rule = fb.fail(op, err, path=pattern, partial=partial)
+            try:
+                with s.transaction() as tx:
+                    tx.put("big", big)
+                outcome = None
+                acked["big"] = big
+            except Exception as e:  # noqa: BLE001 - sorted out below
+                outcome = e
+            assert rule.fired == 1, fb.calls[-20:]
+            if expected is None:
+                assert outcome is None and wal.rotations == before + 1, repr(outcome)
+            elif expected == "failed":
+                assert isinstance(outcome, walstore.ReadOnlyError), repr(outcome)
+                assert wal.failed is not None and "big" not in s
+                with pytest.raises(walstore.ReadOnlyError):
+                    with s.transaction() as tx:
+                        tx.put("later", 1)
+            else:
+                assert isinstance(outcome, expected), repr(outcome)
+                assert "\n" not in str(outcome) and wal.failed is None, str(outcome)
+                assert wal.rotations == before and "big" not in s
+                for k, v in (("after", 1), ("big2", big)):  # (the rotation, tried again)
+                    with s.transaction() as tx:
+                        tx.put(k, v)
+                    acked[k] = v
+                assert wal.rotations == before + 1
+            if outcome is not None:
+                assert "\n" not in str(outcome), str(outcome)
+        finally:
+            s._drop_like_a_crash()
+    with walstore.open(path) as s:
+        assert dict(s.scan()) == acked
+        with s.transaction() as tx:
+            tx.put("reopened", 1)
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
+# ---- an interrupt inside a rotation outside any commit (a purge's, in the main thread) -----
+SYNC = SegmentWriter.sync.__code__
+ROTATE = WriteAheadLog._rotate.__code__
+
+
+def _interrupt_after_the_seals_sync(frame, event, arg):
+    """A profile hook: KeyboardInterrupt at the first point a signal handler could run
+    (a C call's return, outside a ``deferred()`` section) inside the rotation's fsync of
+    the old segment after its SEAL (``writer``, the new segment's, is bound by then)."""
+    if event != "c_return" or frame.f_code is not SYNC or signals._DEFERRED.depth:
+        return
+    rot = frame.f_back.f_back if frame.f_back is not None else None
+    if rot is not None and rot.f_code is ROTATE and "writer" in rot.f_locals:
+        sys.setprofile(None)
+        raise KeyboardInterrupt("Ctrl-C during the purge's rotation")
+
+
+@pytest.mark.parametrize("how", ["ctrl-c-in-a-purge", "memoryerror-in-a-commit"])
+def test_acknowledged_commits_survive_an_interrupted_rotation(tmp_path, how):
+    """A rotation cut short once the old segment's SEAL was written, before the new
+    segment took the appends: Ctrl-C (KeyboardInterrupt, run by the main thread's
+    handler right after a C call returns) inside a purge's rotation (``store.purge``
+    rotates outside any commit's signal section), or a MemoryError out of the SEAL's
+    fsync in a commit's rotation.  The program goes on committing: before the fix, the
+    next commit was appended to the old segment behind its SEAL and acknowledged, and
+    the next open refused the store (CorruptionError: "gap: segment starts at LSN 258
+    but the previous one ends at 320")."""
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    with installed(fb):
+        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+        try:
+            acked = dict.fromkeys(("p/1", "a"), 1)
+            for k in acked:
+                with s.transaction() as tx:
+                    tx.put(k, 1)
+            if how == "ctrl-c-in-a-purge":
+                sys.setprofile(_interrupt_after_the_seals_sync)
+                try:
+                    s.purge("p/")  # (none now: no handler runs inside the rotation)
+                except KeyboardInterrupt:
+                    pass
+                finally:
+                    sys.setprofile(None)
+                del acked["p/1"]
+            else:
+                acked.update(dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024))
+                _spare_ready(s._engine.wal)
+                rule = fb.fail("fdatasync", path="*.wal", raises=MemoryError)
+                with pytest.raises(MemoryError):
+                    with s.transaction() as tx:
+                        tx.put("big", "b" * 6000)
+                assert rule.fired == 1
+            with s.transaction() as tx:
+                tx.put("b", 2)
+            acked["b"] = 2
+            assert s.get("b") == 2
+        finally:
+            s._drop_like_a_crash()
+    with walstore.open(path) as s:
+        assert dict(s.scan()) == acked
     rep = verify_store(path)
     assert rep.ok, rep.errors

@@ -380,18 +380,22 @@ class WriteAheadLog:
                 self._withdraw(path, e)
                 raise WalWriteError(e.errno, f"could not open the new WAL segment: "
                                              f"{e.strerror or e}") from e
+            # the new segment takes the appends before the old one's SEAL is written, and
+            # so before anything else can fail: switched after the publication, one that
+            # raised (a MemoryError) left the old writer appending behind its SEAL — the
+            # next commit was acknowledged there, and the next open refused the log (a gap
+            # before the new segment); switched after the SEAL's fsync, so did a
+            # MemoryError out of that fsync, or Ctrl-C in it (a purge's rotation)
+            self.written_lsn = start
+            self.writer = writer
             try:
                 old.write_at_end(seal)
             except OSError:
                 pass  # unsealed: the shape of an interrupted rotation, which readers accept
-            self._fsync(old)
-            # the new segment takes the appends before anything else can fail: switched
-            # after the publication, one that raised (a MemoryError) left the old writer
-            # appending behind its SEAL — the next commit was acknowledged there, and the
-            # next open refused the log (a gap before the new segment)
-            self.written_lsn = start
-            self.writer = writer
-            old.close()
+            try:
+                self._fsync(old)
+            finally:
+                old.close()
             self.rotations += 1
             if self.after_sync is not None:
                 self.after_sync(start)  # durable: visible before it counts as synced
@@ -471,7 +475,11 @@ class WriteAheadLog:
 
     def rotate(self) -> int:
         """Start a new segment now (sealing the current one); returns its start LSN."""
-        with self.lock:
+        # no asynchronous signal inside (walstore.signals): a commit's rotation runs in
+        # the commit's section, this one (a purge's, a salvage's) in its caller's thread,
+        # often the main one: Ctrl-C between the new segment's creation and the switch
+        # to it left the old segment taking the appends, past the new one's start
+        with deferred(), self.lock:
             self.check_usable()
             self._rotate(0)
             return self.writer.start_lsn
