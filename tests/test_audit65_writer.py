@@ -16,7 +16,11 @@ Found (each test's docstring says what was seen before the fix):
   the new segment (a MemoryError out of the SEAL's fsync; Ctrl-C in a purge's rotation,
   which ran outside any signal section): the old segment went on taking the appends
   behind its SEAL, the next commit was acknowledged there, and the next open refused the
-  store (a gap).
+  store (a gap);
+- a rotation waiting for the spare being made (``_await_spare``) went on after the
+  spare's fsync failed meanwhile and stopped the log: it made the segment inline, wrote
+  the SEAL, fsynced the old segment and switched, and the commit's record was written
+  after the failure (the commit told CommitOutcomeUnknown, not refused).
 
 Driven and found right (tests below): a rotation failing at each of its steps, with the
 spare and preallocating inline (open, header write, fdatasync, rename, directory fsync,
@@ -256,6 +260,75 @@ def test_acknowledged_commits_survive_an_interrupted_rotation(tmp_path, how):
                 tx.put("b", 2)
             acked["b"] = 2
             assert s.get("b") == 2
+        finally:
+            s._drop_like_a_crash()
+    with walstore.open(path) as s:
+        assert dict(s.scan()) == acked
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
+# ---- the spare's fsync failing while a rotation waits for the spare ------------------------
+class HeldSpareSync(FaultBackend):
+    """The next fsync of the spare (once armed) waits for ``release``, then fails (EIO)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+        self.entered, self.release = threading.Event(), threading.Event()
+        self.failed_at = None
+
+    def fsync(self, fd: int) -> None:
+        if self.armed and (self.path_of(fd) or "").endswith("spare.tmp"):
+            self.armed = False
+            self.entered.set()
+            self.release.wait(20)
+            self.failed_at = self.now()
+            raise OSError(errno.EIO, "injected EIO (the spare's fsync)")
+        super().fsync(fd)
+
+
+def test_nothing_is_written_after_the_log_failed_a_rotation_waiting_for_the_spare(tmp_path):
+    """A rotation right after another waits for the spare being made (``_await_spare``,
+    holding the log's locks); the spare's fsync fails meanwhile, which stops the log
+    (never retry an fsync).  Before the fix the rotation went on all the same: it made
+    the segment inline, wrote the SEAL, fsynced the old segment again and switched,
+    and the commit's record was written after the failure (seen: a WAL open, pwrites,
+    fsyncs and a rename after it; the commit told CommitOutcomeUnknown).  Now the
+    rotation stops there: the commit is refused, nothing of it logged."""
+    path = str(tmp_path / "s")
+    fb = HeldSpareSync()
+    with installed(fb):
+        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+        try:
+            wal = s._engine.wal
+            acked = dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024)
+            _spare_ready(wal)
+            fb.armed = True
+            with s.transaction() as tx:  # rotates: the next spare is made, its fsync held
+                tx.put("big1", "b" * 6000)
+            acked["big1"] = "b" * 6000
+            assert fb.entered.wait(20)
+            for i in range(100):  # (the new segment fills)
+                if wal.writer.room() < 6000:
+                    break
+                with s.transaction() as tx:
+                    tx.put(f"g{i}", "v" * 1024)
+                acked[f"g{i}"] = "v" * 1024
+            outcome: dict = {}
+            t = _start(s, "big2", "b" * 6000, outcome)  # rotates: waits for the spare
+            time.sleep(0.2)
+            assert t.is_alive() and wal._spare_wanted
+            fb.release.set()
+            t.join(20)
+            assert not t.is_alive()
+            assert wal.failed is not None
+            assert isinstance(outcome["big2"], walstore.ReadOnlyError), outcome
+            assert not isinstance(outcome["big2"], walstore.CommitOutcomeUnknown), outcome
+            after = [c for c in fb.calls_to(("open", "pwrite", "fsync", "fdatasync",
+                                             "fsync_dir", "rename"), after=fb.failed_at)
+                     if c.path and "/wal" in c.path and not c.path.endswith("spare.tmp")]
+            assert after == [], after
         finally:
             s._drop_like_a_crash()
     with walstore.open(path) as s:

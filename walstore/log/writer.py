@@ -362,6 +362,10 @@ class WriteAheadLog:
             try:
                 self._await_spare()
                 with self._spare_lock:
+                    if self.failed is not None:  # (the spare's fsync failed while this
+                        self.check_usable()  # waited for it: nothing is written or synced
+                        # again — it went on to make the segment inline, seal, fsync and
+                        # switch, and the commit's record was written after the failure)
                     if self.spare.size >= size:
                         path = self.spare.activate(self.store_id, start)
                     else:
