@@ -24,7 +24,8 @@ Found (each test's docstring says what was seen before the fix):
 
 Driven and found right (tests below): a rotation failing at each of its steps, with the
 spare and preallocating inline (open, header write, fdatasync, rename, directory fsync,
-the new segment's open, the SEAL's write, the old segment's fsync).
+the new segment's open, the SEAL's write, the old segment's fsync); a spare refused for
+room (the rotation preallocates inline); the "normal" flusher's failed fsync.
 """
 from __future__ import annotations
 
@@ -335,3 +336,70 @@ def test_nothing_is_written_after_the_log_failed_a_rotation_waiting_for_the_spar
         assert dict(s.scan()) == acked
     rep = verify_store(path)
     assert rep.ok, rep.errors
+
+
+# ---- no room for a spare: the rotation preallocates inline, and says so ------------------
+def test_a_store_refused_a_spare_for_room_still_rotates_inline(mount_tmpfs):
+    """A nearly full disk: the spare thread makes no spare (NoRoomForSpare: it would
+    leave less than a segment's size free).  The log still rotates (the segment is
+    preallocated inline, counted in ``wal_inline_preallocations``), every commit stands
+    after a reopen, and nothing is reported as an error."""
+    from test_spare_headroom import fill_to
+    mnt = mount_tmpfs("24m")
+    path = str(mnt / "s")
+    walstore.open(path).close()
+    fill_to(mnt, 6 * 1024 * 1024)  # (with the last spare removed, a 4 MiB one would
+    # leave 6 MiB: refused)
+    s = walstore.open(path)
+    try:
+        wal = s._engine.wal
+        _wait_for(lambda: not wal._spare_wanted, "the spare thread did not try")
+        assert wal.spare.size == 0 and wal.spare_error is None
+        n = 0
+        while wal.rotations == 0:
+            with s.transaction() as tx:
+                tx.put(f"k{n}", "v" * 20000)
+            n += 1
+        st = s.stats()
+        assert st["wal_rotations"] == 1 and st["wal_inline_preallocations"] == 1, st
+        assert st["failure"] is None and st["background_errors"] == [], st
+    finally:
+        s.close()
+    with walstore.open(path) as s:
+        assert all(s.get(f"k{i}") == "v" * 20000 for i in range(n))
+
+
+# ---- durability="normal": the flusher's fsync failing ---------------------------------------
+def test_the_flushers_failed_fsync_stops_the_store_and_is_never_retried(tmp_path):
+    """durability="normal": the background flusher's fdatasync fails (EIO).  The store
+    stops writing at once (``stats()["failure"]``, the next commit refused with a
+    walstore error in one line), no WAL fsync follows the failed one (not even at
+    close), and every commit acknowledged before stands after a reopen (the writes were
+    in the page cache: a kill -9 keeps them)."""
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    with installed(fb):
+        s = walstore.open(path, durability="normal", sync_interval=0.02)
+        try:
+            for i in range(20):
+                with s.transaction() as tx:
+                    tx.put(f"k{i}", i)
+            rule = fb.fail("fdatasync", errno.EIO, path="*.wal")
+            with s.transaction() as tx:
+                tx.put("last", 1)
+            wal = s._engine.wal
+            _wait_for(lambda: wal.failed is not None, "the flusher did not sync")
+            failed_at = rule.failed_calls[0].seq
+            assert s.stats()["failure"] is not None
+            with pytest.raises(walstore.ReadOnlyError) as e:
+                with s.transaction() as tx:
+                    tx.put("refused", 1)
+            assert "\n" not in str(e.value)
+        finally:
+            s.close()
+        syncs = [c for c in fb.calls_to(("fdatasync", "fsync"), path="*.wal")
+                 if c.seq > failed_at]
+        assert syncs == [], syncs
+    with walstore.open(path) as s:
+        assert [s.get(f"k{i}") for i in range(20)] == list(range(20))
+        assert s.get("last") == 1 and s.get("refused") is None
