@@ -24,8 +24,9 @@ Found (each test's docstring says what was seen before the fix):
 
 Driven and found right (tests below): a rotation failing at each of its steps, with the
 spare and preallocating inline (open, header write, fdatasync, rename, directory fsync,
-the new segment's open, the SEAL's write, the old segment's fsync); a spare refused for
-room (the rotation preallocates inline); the "normal" flusher's failed fsync.
+the new segment's open and its withdrawal, the SEAL's write, the old segment's fsync);
+a spare refused for room (the rotation preallocates inline); the "normal" flusher's
+failed fsync.
 """
 from __future__ import annotations
 
@@ -141,6 +142,8 @@ ROTATION_FAULTS = {
     "inline-rename": ("rename", "*.wal.tmp", errno.EIO, None, False, WalWriteError),
     "inline-dir-sync": ("fsync_dir", "*wal", errno.EIO, None, False, "failed"),
     "inline-new-open": ("open", "*.wal", errno.EMFILE, None, False, WalWriteError),
+    # (the new segment's open fails, then the directory fsync of its withdrawal)
+    "new-open-withdraw-sync": ("open", "*.wal", errno.EMFILE, None, True, "failed"),
 }
 
 
@@ -167,6 +170,8 @@ def test_a_rotation_failing_at_any_step_loses_no_commit_and_leaves_an_openable_l
                     wal.spare.discard()
             before = wal.rotations
             rule = fb.fail(op, err, path=pattern, partial=partial)
+            if case == "new-open-withdraw-sync":
+                fb.fail("fsync_dir", errno.EIO, path="*wal", nth=2)  # (the spare's first)
             try:
                 with s.transaction() as tx:
                     tx.put("big", big)
