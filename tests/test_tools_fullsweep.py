@@ -25,20 +25,27 @@ def _sweep(tmp_path, levels, seed, modes=("stop", "free")):
 
 def test_the_full_disk_sweep_finds_no_problem_and_really_fills_the_disk(tmp_path):
     """Two levels (~150 KiB free; ~1.7 MiB free), both modes (stop; free the disk
-    and go on), a close and a kill -9: zero problems, every run hit the full disk, the
-    first errors include a WAL segment's creation and an LMDB write, and a writer that
-    freed the disk after a WAL error went on committing without a reopen."""
+    and go on), a close and a kill -9: zero problems, every run hit the full disk (in
+    LMDB, or in the WAL: since stop 65 a segment that does not fit is made smaller, so
+    LMDB is where a full disk is mostly met first), the first error a walstore error
+    with an errno (or the refusal of a store whose background LMDB write failed just
+    before), and a writer that freed the disk either went on committing without a
+    reopen or was refused cleanly (ReadOnlyError) until reopened."""
     s = _sweep(tmp_path, [150_000, 1_800_000], seed=2)
     runs = s["runs_detail"]
     assert s["problems"] == 0, fullsweep.report(s)
     assert s["runs"] == 4 and s["filled"] == 4, fullsweep.report(s)  # a sweep that never
     # fills the disk proves nothing
-    assert {"wal", "lmdb"} <= set(s["first_error_sites"]), s["first_error_sites"]
+    assert s["first_error_sites"] and set(s["first_error_sites"]) <= {"wal", "lmdb"}, \
+        s["first_error_sites"]
     assert s["acks"] > 100
     for r in runs:  # (the error the writer saw first: a walstore error with an errno)
-        assert r["first"]["errno"] in ("ENOSPC", "EIO"), r["first"]
-    freed = [r for r in runs if r["mode"] == "free" and r["first"]["site"] == "wal"]
-    assert freed and all(r["after"]["acked"] > 0 for r in freed), [r["after"] for r in runs]
+        assert (r["first"]["errno"] in ("ENOSPC", "EIO")
+                or r["first"]["type"] == "ReadOnlyError"), r["first"]
+    for r in runs:
+        if r["mode"] == "free":
+            after = r["after"]
+            assert after["acked"] > 0 or set(after.get("types", ())) <= {"ReadOnlyError"}, after
     ends = {r["end"] for r in runs}
     assert ends == {"close", "kill"}
 

@@ -117,7 +117,7 @@ def identity_damaged(path: str, exc: BaseException) -> bool:
 # it was opened with (each writer's open chooses its own; a reader's is never used), and
 # the counters of its own WAL writer (a reader has none: always 0)
 HANDLE_ONLY_STATS = ("durability", "wal_fsyncs", "wal_rotations", "wal_inline_preallocations",
-                     "wal_buffered_commits", "wal_voided_commits", "commits_held_by_undo",
+                     "wal_small_segments", "wal_buffered_commits", "wal_voided_commits", "commits_held_by_undo",
                      "wal_synced_lsn")
 
 

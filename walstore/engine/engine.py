@@ -39,7 +39,7 @@ from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, 
 from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader
 from ..log.records import Event, error_text_of
-from ..log.segment import create_segment, list_segments
+from ..log.segment import create_segment_fitting, list_segments
 from ..log.writer import FIRST_SEGMENT_SIZE, LogFailed, WriteAheadLog
 from ..options import Options
 from ..signals import Flag, deferred, start_thread
@@ -367,9 +367,9 @@ class Engine:
         self.state.sync()
 
     def _position_log(self, pos: LogPosition) -> None:
-        if pos.create_new:
-            create_segment(self.layout.wal, self.store_id, pos.segment_start,
-                           min(self.options.segment_size, FIRST_SEGMENT_SIZE))
+        if pos.create_new:  # (a smaller one on a nearly full disk: recovery goes on)
+            create_segment_fitting(self.layout.wal, self.store_id, pos.segment_start,
+                                   min(self.options.segment_size, FIRST_SEGMENT_SIZE), 0)
         self.wal = WriteAheadLog(self.layout.wal, self.store_id, pos.segment_start, pos.offset,
                                  self.options.segment_size)
         self.memtable = MemTable(published=self.wal.written_lsn,
@@ -1349,6 +1349,7 @@ class Engine:
             "wal_fsyncs": self.wal.fsyncs if self.wal else 0,
             "wal_rotations": self.wal.rotations if self.wal else 0,
             "wal_inline_preallocations": self.wal.inline_preallocations if self.wal else 0,
+            "wal_small_segments": self.wal.small_segments if self.wal else 0,
             "wal_buffered_commits": self.wal.buffered_records if self.wal else 0,
             "wal_voided_commits": self.wal.voided_records if self.wal else 0,
             "unapplied_events": len(self.memtable), "lmdb_map_size": self.state.map_size(),

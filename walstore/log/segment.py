@@ -162,6 +162,30 @@ def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> 
     return path
 
 
+# the least a segment made on a nearly full disk holds (beside the record in hand)
+SMALL_SEGMENT = 64 * 1024
+
+
+def create_segment_fitting(wal_dir: str, store_id: bytes, start_lsn: int, size: int,
+                           least: int) -> tuple[str, int]:
+    """``create_segment`` of ``size`` bytes, or, when that does not fit on the disk
+    (ENOSPC while it is filled; nothing of it kept), of ``least`` bytes (at least
+    SMALL_SEGMENT): the log goes on in a small segment, and the segments after it grow
+    again (fourfold per rotation, as a new store's do).  Before, a store whose next
+    segment did not fit refused every commit from then on, each needing a few KiB, while
+    the disk still had megabytes free.
+    Returns (path, size made).  A failed fsync (FsyncFailed) is never retried."""
+    try:
+        return create_segment(wal_dir, store_id, start_lsn, size), size
+    except FsyncFailed:
+        raise
+    except OSError as e:
+        least = max(least, SMALL_SEGMENT)
+        if e.errno != errno.ENOSPC or least >= size:
+            raise
+    return create_segment(wal_dir, store_id, start_lsn, least), least
+
+
 class NoRoomForSpare(OSError):
     """The disk is too full to spend on a spare (nothing was written)."""
 

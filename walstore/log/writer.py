@@ -47,8 +47,8 @@ from ..errors import ReadOnlyError, StoreIOError, WalstoreError
 from ..signals import deferred, start_thread
 from .format import (RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE, SEGMENT_HEADER_SIZE,
                      RecordType, encode_record)
-from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment, list_segments,
-                      segment_name)
+from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment_fitting,
+                      list_segments, segment_name)
 
 LOST_LEAD_S = 1.0  # a waiter looks this often whether the group commit's lead was lost
 
@@ -157,6 +157,7 @@ class WriteAheadLog:
         self._spare_thread: threading.Thread | None = None
         self._spare_stop = False
         self.inline_preallocations = 0  # rotations that had to zero-fill on the commit path
+        self.small_segments = 0  # ... of which made smaller than asked: the disk nearly full
         self.spare_error: str | None = None  # the last unexpected error making a spare
 
     # ---- appending ---------------------------------------------------------------------
@@ -370,7 +371,11 @@ class WriteAheadLog:
                         path = self.spare.activate(self.store_id, start)
                     else:
                         self.inline_preallocations += 1
-                        path = create_segment(self.dir, self.store_id, start, size)
+                        path, made = create_segment_fitting(  # (a nearly full disk: a
+                            self.dir, self.store_id, start, size,  # smaller one)
+                            SEGMENT_HEADER_SIZE + need + SEAL_ROOM)
+                        if made < size:
+                            self.small_segments += 1
             except FsyncFailed as e:
                 self.failed = e.__cause__ or e
                 raise LogFailed(f"fsync failed while creating a WAL segment ({e}); the "
