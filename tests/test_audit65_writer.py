@@ -408,3 +408,33 @@ def test_the_flushers_failed_fsync_stops_the_store_and_is_never_retried(tmp_path
     with walstore.open(path) as s:
         assert [s.get(f"k{i}") for i in range(20)] == list(range(20))
         assert s.get("last") == 1 and s.get("refused") is None
+
+
+def test_a_spare_that_failed_for_an_io_error_is_said_in_stats(tmp_path):
+    """The spare thread passed every OSError over in silence: an EIO making the spare
+    left the rotations preallocating inline with nothing said anywhere.  It is now in
+    ``stats()["background_errors"]`` ("WAL spare: ..."); a disk too full for a spare is
+    not an error and is not said (tests/test_spare_headroom.py)."""
+    path = str(tmp_path / "s")
+    fb = FaultBackend()
+    with installed(fb):
+        with walstore.open(path, segment_size=64 * 1024) as s:
+            # (the 1st write to spare.tmp is the open's spare's header, at its activation;
+            # the 2nd fills the next spare: the thread's)
+            rule = fb.fail("pwrite", errno.EIO, path="spare.tmp", nth=2)
+            for i in range(200):
+                with s.transaction() as tx:
+                    tx.put(f"k{i}", "v" * 2000)
+                if rule.fired:
+                    break
+            wal = s._engine.wal
+            _wait_for(lambda: not wal._spare_wanted, "the spare thread's attempt")
+            assert rule.fired == 1
+            errors = s.stats()["background_errors"]
+            assert any(e.startswith("WAL spare: OSError") and "Input/output error" in e
+                       for e in errors), errors
+            for i in range(200, 260):  # (the log goes on)
+                with s.transaction() as tx:
+                    tx.put(f"k{i}", "v" * 2000)
+    with walstore.open(path) as s:
+        assert s.get("k259") == "v" * 2000

@@ -37,6 +37,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -47,8 +48,8 @@ from ..errors import ReadOnlyError, StoreIOError, WalstoreError
 from ..signals import deferred, start_thread
 from .format import (RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE, SEGMENT_HEADER_SIZE,
                      RecordType, encode_record)
-from .segment import (FsyncFailed, SegmentWriter, Spare, create_segment_fitting,
-                      list_segments, segment_name)
+from .segment import (FsyncFailed, NoRoomForSpare, SegmentWriter, Spare,
+                      create_segment_fitting, list_segments, segment_name)
 
 LOST_LEAD_S = 1.0  # a waiter looks this often whether the group commit's lead was lost
 
@@ -441,8 +442,13 @@ class WriteAheadLog:
                     return
             try:
                 self.prepare_spare()
-            except OSError:  # no room for a spare: the next rotation preallocates inline
-                pass  # (a failed fsync, FsyncFailed: prepare_spare has stopped the log)
+            except (NoRoomForSpare, FsyncFailed):  # no room for a spare: the next rotation
+                pass  # preallocates inline (a failed fsync: prepare_spare stopped the log)
+            except OSError as e:  # (EIO, EACCES: the same, and said in stats()'s
+                # background_errors — passed over in silence, audit 65; ENOSPC in the fill
+                # is the disk filling meanwhile, as NoRoomForSpare: not an error)
+                if e.errno != errno.ENOSPC:
+                    self.spare_error = f"{type(e).__name__}: {e}"
             except Exception as e:  # (a MemoryError at a memory limit): the same — the
                 # thread lives on for the next one.  It died of it, ``_spare_wanted``
                 # stayed set, and every later rotation waited _await_spare's 5 s for a
