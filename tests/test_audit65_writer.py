@@ -438,3 +438,25 @@ def test_a_spare_that_failed_for_an_io_error_is_said_in_stats(tmp_path):
                     tx.put(f"k{i}", "v" * 2000)
     with walstore.open(path) as s:
         assert s.get("k259") == "v" * 2000
+
+
+def test_a_spare_removed_behind_the_stores_back_costs_no_commit(tmp_path):
+    """``wal/spare.tmp`` deleted by hand (a clean-up of "*.tmp" files): the next rotation
+    failed its commit with WalWriteError (ENOENT) — the commit after it went on.  Now the
+    rotation makes its segment inline, as with no spare, and every commit stands."""
+    import os
+    path = str(tmp_path / "s")
+    with walstore.open(path, segment_size=64 * 1024) as s:
+        wal = s._engine.wal
+        _wait_for(lambda: wal.spare.size > 0 and not wal._spare_wanted, "a spare ready")
+        os.unlink(os.path.join(path, "wal", "spare.tmp"))
+        start, inline = wal.rotations, wal.inline_preallocations
+        i = 0
+        while wal.rotations < start + 1:
+            with s.transaction() as tx:
+                tx.put(f"k{i}", "v" * 2000)
+            i += 1
+            assert i < 500
+        assert wal.inline_preallocations == inline + 1
+    with walstore.open(path) as s:
+        assert all(s.get(f"k{j}") == "v" * 2000 for j in range(i))

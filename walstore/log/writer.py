@@ -368,9 +368,13 @@ class WriteAheadLog:
                         self.check_usable()  # waited for it: nothing is written or synced
                         # again — it went on to make the segment inline, seal, fsync and
                         # switch, and the commit's record was written after the failure)
+                    path = None
                     if self.spare.size >= size:
-                        path = self.spare.activate(self.store_id, start)
-                    else:
+                        try:
+                            path = self.spare.activate(self.store_id, start)
+                        except FileNotFoundError:  # (spare.tmp removed behind the store's
+                            pass  # back: made inline, as with none — it failed the commit)
+                    if path is None:
                         self.inline_preallocations += 1
                         path, made = create_segment_fitting(  # (a nearly full disk: a
                             self.dir, self.store_id, start, size,  # smaller one)
