@@ -235,7 +235,8 @@ class CommitPipeline:
             if what is None:
                 what = f"transaction {txid}'s commit record"
             raise CommitOutcomeUnknown(
-                f"the fsync of {what} failed{why}: {unknown} is unknown until the store is "
+                f"the log failed{why} while {what} was being made durable (its own fsync, "
+                f"or another that stopped the log): {unknown} is unknown until the store is "
                 f"reopened (recovery decides); the store is now read-only and no compensation "
                 f"ran",
                 txid) from e
