@@ -419,8 +419,10 @@ def test_a_spare_that_failed_for_an_io_error_is_said_in_stats(tmp_path):
     fb = FaultBackend()
     with installed(fb):
         with walstore.open(path, segment_size=64 * 1024) as s:
-            # (the 1st write to spare.tmp is the open's spare's header, at its activation;
-            # the 2nd fills the next spare: the thread's)
+            wal = s._engine.wal
+            _wait_for(lambda: wal.spare.size > 0 and not wal._spare_wanted, "a spare ready")
+            # (the 1st write to spare.tmp from now is the ready spare's header, at its
+            # activation; the 2nd fills the next spare: the thread's)
             rule = fb.fail("pwrite", errno.EIO, path="spare.tmp", nth=2)
             for i in range(200):
                 with s.transaction() as tx:
@@ -460,3 +462,48 @@ def test_a_spare_removed_behind_the_stores_back_costs_no_commit(tmp_path):
         assert wal.inline_preallocations == inline + 1
     with walstore.open(path) as s:
         assert all(s.get(f"k{j}") == "v" * 2000 for j in range(i))
+
+
+SYNC_TO = WriteAheadLog._sync_to.__code__
+AT_WOKEN = _line_of(WriteAheadLog._sync_to, "if woken:")
+
+
+def test_a_rotation_that_makes_waiters_durable_wakes_them(tmp_path, monkeypatch):
+    """A leader handed the lead on (its chain of fsyncs at its limit) to the first
+    waiter; a rotation then made that waiter's and the next one's records durable; the
+    first returned (covered) without leading, and nothing woke the second: it sat until
+    its timed wait ran out (LOST_LEAD_S, 1 s; here 10 s), its record durable all along.
+    A rotation now wakes the waiters it covered (h2's note, audit 65)."""
+    monkeypatch.setattr(writer, "CHAIN_FSYNCS", 0)
+    monkeypatch.setattr(writer, "LOST_LEAD_S", 10.0)
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            wal = s._engine.wal
+            outcome: dict = {}
+            fb.sync_armed = True
+            a = _start(s, "a", "A", outcome)  # the leader: its fsync held
+            assert fb.sync_entered.wait(20)
+            stop = Stop(SYNC_TO, AT_WOKEN)
+            b = stop.start(lambda: commit_recording_outcome(s, "b", "B", outcome))
+            _wait_for(lambda: len(wal._waiters) == 1, "b waiting")
+            c = _start(s, "c", "C", outcome)
+            _wait_for(lambda: len(wal._waiters) == 2, "c waiting behind b")
+            stop.armed.set()
+            fb.sync_release.set()  # a's round covers a alone, hands the lead to b
+            assert stop.arrived.wait(20)  # b woken to lead, not yet looking
+            a.join(20)
+            wal.rotate()  # writes b's and c's records, fsyncs them: durable
+            t0 = time.monotonic()
+            c.join(5)
+            took = time.monotonic() - t0
+            stop.release.set()
+            b.join(20)
+            assert outcome == {"a": "ok", "b": "ok", "c": "ok"}, outcome
+            assert took < 2.0, f"c returned {took:.1f} s after its record was durable"
+        finally:
+            s.close()
+    with walstore.open(path) as s:
+        assert [s.get(k) for k in "abc"] == ["A", "B", "C"]

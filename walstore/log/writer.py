@@ -415,6 +415,9 @@ class WriteAheadLog:
                 self.after_sync(start)  # durable: visible before it counts as synced
             with self._sync_mutex:
                 self.synced_lsn = max(self.synced_lsn, start)
+                wake = self._take_covered()
+            for x in wake:  # (outside the mutex, as a leader's wake-ups)
+                x[1].release()
         # only now: the spare's size follows the new segment's (asked for earlier, a young
         # store's spare came out one size short, and every rotation zero-filled inline)
         self._want_spare()
@@ -615,6 +618,24 @@ class WriteAheadLog:
         except KeyError:
             return False  # entered: being led
         return True
+
+    def _take_covered(self) -> list:
+        """The waiters a rotation's fsync covered, taken off ``_waiters`` for the caller
+        to wake, and, when no leader is at work and waiters are left, the first of them
+        to lead.  Before, a rotation woke no one: a waiter handed the lead that the
+        rotation covered returned without leading, and the next waiter sat out its timed
+        wait (LOST_LEAD_S, 1 s) with its record durable.  (Caller holds the mutex.)"""
+        waiters = self._waiters
+        if not waiters:
+            return []
+        synced, wake, rest = self.synced_lsn, [], []
+        for x in waiters:
+            gone = x[2] is not None and x[2].error is not None
+            (wake if x[0] <= synced or gone else rest).append(x)
+        if rest and not self._syncing:
+            wake.append(rest.pop(0))  # (the next leader)
+        self._waiters = rest
+        return wake
 
     def _abandon(self, me: threading.Lock | None) -> None:
         """A waiter leaves (caller holds the mutex): forget its entry; if a leader had
