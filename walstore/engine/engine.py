@@ -48,7 +48,7 @@ from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
 from .lmdb_check import check_lmdb_paths
-from .lmdb_state import LmdbState, StateWriteError, from_u64, os_errno
+from .lmdb_state import LmdbState, StateWriteError, from_u64, low_room_note, os_errno
 from .memtable import MemTable, PlainBatch
 from .pins import HistoryPins
 from .pipeline import CommitPipeline
@@ -82,7 +82,6 @@ ERASURE_RETRY_S = 60.0  # a background checkpoint's owed erasure that failed wai
 # its record) is tried again no sooner than this
 CHECKPOINT_RETRY_S = 1.0
 ERASURE_ROOM_MARGIN = 64 << 20  # free space beyond the data file's size it needs to try
-LOW_ROOM_BYTES = 1 << 20  # an LMDB write failing with less free than this: a full disk
 MAX_MAP_SIZE = 1 << 46  # 64 TiB: more than a 47-bit user address space can map beside the rest
 
 
@@ -245,15 +244,7 @@ class Engine:
         state = getattr(self, "state", None)
         return getattr(state, "data_file", None) or self.layout.db
 
-    @staticmethod
-    def low_room_note(data_file: str) -> str:
-        """The note "; its file system has N bytes free (...)" when ``data_file``'s is
-        nearly full (an LMDB write failing then: the disk is full, whatever LMDB says),
-        else ""."""
-        room = fileio.free_bytes(os.path.dirname(data_file))
-        return (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
-                f"a short write, which it reports as an I/O error)"
-                if room is not None and room < LOW_ROOM_BYTES else "")
+    low_room_note = staticmethod(low_room_note)  # (lmdb_state's: its table creation too)
 
     def _open_failed(self, e: OSError) -> WalstoreError:
         """The walstore error for an OS error while opening: NotAStore when the path cannot

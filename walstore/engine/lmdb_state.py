@@ -109,6 +109,21 @@ def os_errno(e: "lmdb.Error") -> int | None:
     but EACCES as ``ReadonlyError``, EIO as ``DiskError``...); LMDB's own errors end with
     LMDB's texts, none of which is an strerror."""
     return _ERRNO_OF.get(str(e).rsplit(": ", 1)[-1].strip())
+
+
+LOW_ROOM_BYTES = 1 << 20  # an LMDB write failing with less free than this: a full disk
+
+
+def low_room_note(data_file: str) -> str:
+    """The note "; its file system has N bytes free (...)" when ``data_file``'s is
+    nearly full (an LMDB write failing then: the disk is full, whatever LMDB says),
+    else ""."""
+    room = fileio.free_bytes(os.path.dirname(data_file))
+    return (f"; its file system has {room} bytes free (a full disk reaches LMDB as "
+            f"a short write, which it reports as an I/O error)"
+            if room is not None and room < LOW_ROOM_BYTES else "")
+
+
 SCAN_CHUNK = 256
 # a snapshot scan's chunk stops at this many bytes of values too: 256 rows of values up to
 # 16 MiB each were read at once (a scan's first row over 4 MiB values held 16 of them)
@@ -489,9 +504,18 @@ class LmdbState:
                         raise
                     shared[name] = None  # an older store without this table: read as empty
         except lmdb.Error as e:
+            # (the path asked before the close: asked after it, a closed environment's
+            # lmdb.Error escaped instead; and a full disk or EIO met by the commit that
+            # creates the tables is no damage)
+            data = os.path.join(env.path(), "data.mdb")
             env.close()
+            code = os_errno(e)
+            if code is not None:
+                raise StoreIOError(code, f"cannot create the LMDB tables: "
+                                         f"{os.strerror(code)}{low_room_note(data)}",
+                                   data) from e
             raise CorruptionError(f"the LMDB environment is not a walstore state: {e}",
-                                  file=os.path.join(env.path(), "data.mdb")) from e
+                                  file=data) from e
 
     def replaced(self) -> bool:
         """Has the data file (or its lock file) been swapped under us (a writer in another
