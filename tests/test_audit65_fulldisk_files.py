@@ -117,7 +117,9 @@ def test_a_restore_that_runs_out_of_space_fails_in_one_line_and_leaves_nothing_h
     first open ran out) holding every commit; after the space is freed a retry (or an
     open) has every commit.  Seen before the fix (~100 KB free): "walstore: restore
     failed: LMDB: Attempt to operate on closed/deleted/dropped object." (the empty
-    state's table creation failed and the error path raised a bare lmdb.Error)."""
+    state's table creation failed and the error path raised a bare lmdb.Error); with
+    more free, "restore failed: No space left on device [ENOSPC]", no file (DEST's disk
+    or the temp directory's?)."""
     url, state = _replica(tmp_path)
     mnt = str(mount_tmpfs("8m"))
     tmpdir = tmp_path / "tmpdir"
@@ -129,6 +131,7 @@ def test_a_restore_that_runs_out_of_space_fails_in_one_line_and_leaves_nothing_h
         r = _run_cli(["restore", url, dest], tmpdir)
         what = f"restore with {level} bytes free"
         _check_one_line_no_space(r, what)
+        assert mnt in r.stderr, f"{what}: the line names no file on DEST's disk: {r.stderr}"
         assert set(os.listdir(mnt)) <= {"fill", "dest"}, (what, os.listdir(mnt))
         assert not os.listdir(tmpdir), (what, os.listdir(tmpdir))
         made = os.path.isdir(dest) and bool(os.listdir(dest))
@@ -141,3 +144,90 @@ def test_a_restore_that_runs_out_of_space_fails_in_one_line_and_leaves_nothing_h
             assert r.returncode == 0, f"{what}, retried with the space freed: {r.stderr}"
         with walstore.open(dest) as s:
             assert list(s.scan()) == state, what
+
+
+def _consistent(state) -> bool:
+    """A state some commit of ``_commit``'s made: "n" = j and exactly k0000..kj."""
+    if isinstance(state, str):  # (a clear refusal: not a state)
+        return "\n" not in state
+    n = dict(state).get("n")
+    return n is not None and {k for k, _v in state} == {"n"} | {f"k{i:04d}"
+                                                              for i in range(n + 1)}
+
+
+def test_a_follower_that_runs_out_of_space_says_so_and_a_restart_catches_up(
+        tmp_path, mount_tmpfs):
+    """`walstore restore URL DEST --follow` (a real process), DEST on a tmpfs filled to
+    ~300 KB free while the source commits ~2.6 MB more: the follower EXITS (status 1)
+    with one line naming the full disk and DEST's segment file; every state DEST shows
+    meanwhile and after is one the source had (n = j with exactly k0..kj); nothing is
+    left beside DEST or in TMPDIR; once the space is freed a restarted follower catches
+    up to the source's last commit and stops cleanly on Ctrl-C.  Seen before the fix:
+    the follower's line was "walstore: [Errno 28] No space left on device", no file: a
+    full DEST could not be told from a full temp directory (the follower fetches there)."""
+    url = f"file://{tmp_path}/replica"
+    src = walstore.open(str(tmp_path / "src"), segment_size=256 * 1024, replicate_to=url,
+                        replicate_options={"interval": 0.05})
+    mnt = str(mount_tmpfs("16m"))
+    dest = os.path.join(mnt, "dest")
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    from store_support import ctrl_c_reaches_it
+    import signal
+    import time
+
+    def follower():
+        out = open(tmp_path / f"follower{len(procs)}.txt", "w+")
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "walstore", "restore", url, dest, "--follow",
+             "--interval", "0.05"], stdout=out, stderr=out, preexec_fn=ctrl_c_reaches_it,
+            env=dict(cli_env(), TMPDIR=str(tmpdir))), out))
+        return procs[-1]
+
+    def wait_for(n, p, seconds):
+        seen, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            st = _state_or_refusal(dest) if os.path.isdir(os.path.join(dest, "db")) else None
+            if st is not None:
+                assert _consistent(st), f"DEST shows a state that never existed: {st!r:.300}"
+                seen.append(dict(st).get("n") if not isinstance(st, str) else st)
+                if seen[-1] == n:
+                    return seen
+            if p.poll() is not None:
+                return seen
+            time.sleep(0.1)
+        return seen
+
+    procs: list = []
+    try:
+        for i in range(50):
+            _commit(src, i)
+        src.sync_replica(timeout=60)
+        p, out = follower()
+        assert wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+        fill_to(mnt, 300_000)
+        for i in range(50, 480):
+            _commit(src, i)
+        src.sync_replica(timeout=60)
+        wait_for(479, p, 20)
+        assert p.wait(20) == 1, "the follower neither failed nor caught up on a full disk"
+        out.seek(0)
+        err = [ln for ln in out.read().splitlines() if ln.startswith("walstore:")]
+        assert len(err) == 1 and _names_no_space(err[0]) and "Traceback" not in err[0], err
+        assert os.path.join(dest, "wal") in err[0], f"the line names no file of DEST: {err}"
+        assert set(os.listdir(mnt)) == {"fill", "dest"} and not os.listdir(tmpdir)
+        assert _consistent(_state_or_refusal(dest))
+        os.unlink(os.path.join(mnt, "fill"))
+        p, out = follower()
+        assert wait_for(479, p, 30)[-1:] == [479], "the restarted follower did not catch up"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(20) == 0
+        with walstore.open(dest, readonly=True) as d:
+            assert list(d.scan()) == list(src.scan())
+    finally:
+        for p, out in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            out.close()
+        src.close()

@@ -171,10 +171,21 @@ class RestoredLog:
         if rtype == logformat.SEAL:
             self._seal(data, lsn)
         else:
-            _pwrite(self.fd, data, self.offset)
+            try:
+                _pwrite(self.fd, data, self.offset)
+            except OSError as e:
+                raise self._named(e, self.start) from e
             self.offset += need
         self.end = lsn + need
         self.bytes += need
+
+    def _named(self, e: OSError, start: int) -> OSError:
+        """``e`` naming the segment file at ``start`` (a write or sync of the restored log
+        failing with no file said: "[Errno 28] No space left on device", which a
+        follower printed as it was, whether DEST's disk or the temp directory's was full)."""
+        if e.filename is not None:
+            return e
+        return OSError(e.errno, e.strerror, os.path.join(self.dir, f"{start:020d}.wal"))
 
     def _seal(self, data: bytes, lsn: int) -> None:
         """Write a SEAL at ``lsn`` in the writer's order (see the class docstring) and go
@@ -182,6 +193,7 @@ class RestoredLog:
         os.fdatasync(self.fd)  # (the records before it: no gap before a durable successor)
         fd, offset = self.fd, self.offset
         self.fd = -1
+        start = self.start
         try:
             self._open_new(lsn + len(data), 0, lsn + len(data))
         except BaseException:
@@ -191,6 +203,8 @@ class RestoredLog:
             fileio.fault_point("restore.seal")  # (tests: stopped between the two)
             _pwrite(fd, data, offset)
             os.fsync(fd)
+        except OSError as e:
+            raise self._named(e, start) from e
         finally:
             os.close(fd)
 
@@ -226,7 +240,10 @@ class RestoredLog:
             else:
                 size = self.next_size
             size = max(size, logformat.HEADER_SIZE + need)
-        path = _src.new_segment_file(self.dir, self.store_id, lsn, size)
+        try:
+            path = _src.new_segment_file(self.dir, self.store_id, lsn, size)
+        except OSError as e:
+            raise self._named(e, lsn) from e
         self.next_size = min(SEGMENT_SIZE, self.next_size * 2)
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self.start, self.salt = lsn, logformat.salt(self.store_id, lsn)
@@ -234,19 +251,28 @@ class RestoredLog:
 
     def sync(self) -> None:
         if self.fd >= 0:
-            os.fdatasync(self.fd)
+            try:
+                os.fdatasync(self.fd)
+            except OSError as e:
+                raise self._named(e, self.start) from e
 
     def finish(self) -> None:
         """Leave room for the restored store's own appends, make everything durable."""
         if self.fd >= 0 and not self.prealloc:
             room = max(FIRST_SIZE, self.offset // FIRST_SIZE * FIRST_SIZE + FIRST_SIZE)
-            os.ftruncate(self.fd, room)
+            try:
+                os.ftruncate(self.fd, room)
+            except OSError as e:
+                raise self._named(e, self.start) from e
         self._close_file()
         _src.fsync_dir(self.dir)
 
     def _close_file(self) -> None:
         if self.fd >= 0:
-            os.fsync(self.fd)
+            try:
+                os.fsync(self.fd)
+            except OSError as e:
+                raise self._named(e, self.start) from e
             fd, self.fd = self.fd, -1
             os.close(fd)
 
