@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 import walstore
-from walstore.replication import restore
-from store_support import cli_env
+from store_support import cli_env, ctrl_c_reaches_it
 from tools.fullsweep import clear, fill_to
 
 NO_SPACE = ("no space", "enospc", "bytes free")
@@ -111,10 +111,11 @@ def _state_or_refusal(dest):
 
 def test_a_restore_that_runs_out_of_space_fails_in_one_line_and_leaves_nothing_half_made(
         tmp_path, mount_tmpfs):
-    """`walstore restore URL DEST` with DEST on a disk with ~100 KB .. 2.6 MB free (the
-    copy needs ~4 MB): exit 1, one line naming the full disk, no traceback; no staging
-    directory beside DEST and nothing in TMPDIR; DEST absent, or (the copy was made, its
-    first open ran out) holding every commit; after the space is freed a retry (or an
+    """`walstore restore URL DEST` with DEST on a disk with ~100 KB .. 4.2 MB free: exit
+    1, one line naming the full disk and a file on it, no traceback; no staging
+    directory beside DEST and nothing in TMPDIR; DEST absent (up to ~1.5 MB free: the
+    restore failed), or (2.6 MB, 4.2 MB: the copy was made, its first open's REDO ran
+    out) holding every commit; after the space is freed a retry (or an
     open) has every commit.  Seen before the fix (~100 KB free): "walstore: restore
     failed: LMDB: Attempt to operate on closed/deleted/dropped object." (the empty
     state's table creation failed and the error path raised a bare lmdb.Error); with
@@ -125,7 +126,7 @@ def test_a_restore_that_runs_out_of_space_fails_in_one_line_and_leaves_nothing_h
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     dest = os.path.join(mnt, "dest")
-    for level in (100_000, 600_000, 1_500_000, 2_600_000):
+    for level in (100_000, 600_000, 1_500_000, 2_600_000, 4_200_000):
         clear(mnt)
         fill_to(mnt, level)
         r = _run_cli(["restore", url, dest], tmpdir)
@@ -172,9 +173,6 @@ def test_a_follower_that_runs_out_of_space_says_so_and_a_restart_catches_up(
     dest = os.path.join(mnt, "dest")
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
-    from store_support import ctrl_c_reaches_it
-    import signal
-    import time
 
     def follower():
         out = open(tmp_path / f"follower{len(procs)}.txt", "w+")

@@ -45,11 +45,32 @@ struct.error) with a one-line message that names the cause (ENOSPC, no space, by
 free).  A writer that ran ``MAX_OPS`` operations without an error is reported as such (the
 disk never filled: the totals count the runs that did).
 
+``--workload files`` runs tools/faultsweep_files.py's file transactions instead
+(``FilesSweepWorkload``), with the workspace (``mnt/ws``) beside the store on the same
+tmpfs: an agent's repository and its state on one disk.  In cycles, each under ``k<c>/``
+of the workspace: a seed transaction makes faultsweep_files' initial tree and two bulk
+files (1 KiB .. 512 KiB), a transaction overwrites one and deletes the other (their
+before-images fill the blob store), then in turn faultsweep_files' C1 (write, delete,
+rename, mkdir, rmtree, chmod, symlink), a rollback, a savepoint and ``rollback_to``, a
+``watch()`` of a real ``sh`` changing the tree (the tool failing on the full disk: the
+agent gives up, a rollback that must put its changes back), a commit then ``revert``-ed,
+a restore point, two commits and a ``rewind``, a checkpoint (the blob gc); each charges
+the ledger through an action.  A writer ending by kill leaves a file transaction in flight
+(recovery must put its files back).  Both modes, the same recoveries; then, besides the
+checks above: faultsweep_files' ``check_reopened`` (the workspace, walked by
+tests/files_support.tree_state, byte for byte the tree the visible, not undone commits
+make from an empty one, applied in the order they ran; no file conflict; no file undo
+owed; a new file write works), no blob temp file (``files/blobs/tmp``) and no walstore
+temp name in the workspace (the tree check), nothing on the tmpfs but ``store`` and
+``ws``, nothing in the writer's TMPDIR.  The first error's site is then also
+``workspace`` (a file of the workspace) or ``blobs`` (the store's blob store).
+
 Per level it prints a line on stderr (``--json``: one JSON document on stdout at the end,
 else the totals); exit 1 when a problem was found, 2 when it cannot run.
 
     python tools/fullsweep.py                          # 24 levels x 2 modes, ~0 .. 12 MiB
     python tools/fullsweep.py --levels 40 --seed 7 --json
+    python tools/fullsweep.py --workload files --levels 30 --seed 65
 """
 from __future__ import annotations
 
@@ -645,7 +666,8 @@ def one_run(mnt: str, work: str, level: int, mode: str, end: str, seed: int,
             "mode": mode, "end": end, "seed": seed, "map_size": map_size,
             "segment_size": segment_size, "workload": workload,
             "tmpdir": os.path.join(run, "tmp") if workload == "files" else None}
-    res: dict = {"workload": workload, "level": level, "free": free, "mode": mode, "end": end, "seed": seed,
+    res: dict = {"workload": workload, "level": level, "free": free, "mode": mode, "end": end,
+                 "seed": seed,
                  "most_free": free + wal,  # (trims give back at most the WAL's first bytes)
                  "map_size": map_size, "segment_size": segment_size, "problems": [],
                  "acks": 0, "ops": 0, "first": None,
