@@ -507,7 +507,10 @@ class FilesSweepWorkload(SweepWorkload, ffiles.FilesWorkload):
                 op.txid = tx.id
                 self._charge(tx, 13)
                 with self._files(tx).watch():
-                    r = subprocess.run(["sh", "-c", ffiles.WATCH_SCRIPT], capture_output=True,
+                    # (-e: a command of the tool failing on the full disk fails the tool;
+                    # without it the script went on and exited 0 with an empty w/fresh.txt
+                    # — what watch() rightly committed, not what the model expects)
+                    r = subprocess.run(["sh", "-ec", ffiles.WATCH_SCRIPT], capture_output=True,
                                        text=True, cwd=os.path.join(self.root, p))
                 if r.returncode != 0:
                     op.kind, op.files = "rollback", []
