@@ -902,6 +902,8 @@ def line(res: dict) -> str:
             f"{res['ops']} ops, {res['acks']} acks; {first}; after it {a.get('acked', 0)} "
             f"acked, {a.get('refused', 0)} refused; recover before freeing: "
             f"{(res['recover_full'] or '-')[:90]}; "
+            + (f"in flight at the kill: {res.get('in_flight')}; tool failures: "
+               f"{res.get('tool_failures', 0)}; " if res.get("workload") == "files" else "")
             + (f"PROBLEMS {len(res['problems'])}: {res['problems'][0][:300]}"
                if res["problems"] else "ok"))
 
