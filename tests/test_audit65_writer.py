@@ -30,6 +30,7 @@ failed fsync.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import threading
@@ -50,6 +51,29 @@ from test_perf63_groupcommit import HeldWrites, _start, _wait_for
 from store_support import commit_recording_outcome
 from tools.faults import FaultBackend, installed
 
+@contextlib.contextmanager
+def _held_store(path: str, crash: bool = False):
+    """A durable store whose WAL writes and fsyncs a test can hold (HeldWrites): yields
+    (store, backend, its WAL, an outcome dict for commit_recording_outcome); closed after,
+    or dropped as a killed process would drop it (``crash``)."""
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            yield s, fb, s._engine.wal, {}
+        finally:
+            s._drop_like_a_crash() if crash else s.close()
+
+
+def _reopened_holds_exactly(path: str, acked: dict) -> None:
+    """Reopened (recovered), the store holds exactly the acknowledged commits, and
+    ``verify`` finds nothing wrong."""
+    with walstore.open(path) as s:
+        assert dict(s.scan()) == acked
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+
+
 LEAD = WriteAheadLog._lead.__code__
 AT_LEAD_ENTRY = _line_of(WriteAheadLog._lead, "rounds = 0")
 
@@ -67,41 +91,34 @@ def test_acknowledged_commits_are_durable_when_a_stalled_leader_goes_on(tmp_path
     log's end, 63: every later commit written below it would return unsynced)."""
     monkeypatch.setattr(writer, "LOST_LEAD_S", 0.05)
     path = str(tmp_path / "s")
-    fb = HeldWrites()
-    with installed(fb):
-        s = walstore.open(path, durability="full")
-        try:
-            wal = s._engine.wal
-            outcome: dict = {}
-            stop = Stop(LEAD, AT_LEAD_ENTRY)
-            stop.armed.set()
-            a = stop.start(lambda: commit_recording_outcome(s, "a", "A", outcome))
-            assert stop.arrived.wait(20)  # "a" written, its lead taken, not entered
-            fb.write_armed = True
-            others = [_start(s, k, k.upper(), outcome) for k in ("b", "c")]
-            # a waiter takes the lead as lost; its write of "b" and "c" is held
-            assert fb.write_entered.wait(20), "no waiter took over the lead"
-            stop.release.set()  # the stalled thread goes on
-            time.sleep(0.3)
-            rule = fb.fail("pwrite", errno.EIO, path="*.wal")
-            fb.write_release.set()
-            for t in [a] + others:
-                t.join(20)
-                assert not t.is_alive(), outcome
-            assert wal.synced_lsn <= wal.written_lsn, (wal.synced_lsn, wal.written_lsn,
-                                                       outcome)
-            acked = sorted(k for k, v in outcome.items() if v == "ok")
-            for k, v in outcome.items():
-                assert v == "ok" or isinstance(v, WalWriteError), outcome
-            assert "a" in acked
-            # the next commit is made durable by an fsync of its own before it returns
-            before = fb.now()
-            with s.transaction() as tx:
-                tx.put("d", "D")
-            assert fb.calls_to("fdatasync", path="*.wal", after=before), "no fsync"
-            assert rule.fired == 1
-        finally:
-            s._drop_like_a_crash()
+    with _held_store(path, crash=True) as (s, fb, wal, outcome):
+        stop = Stop(LEAD, AT_LEAD_ENTRY)
+        stop.armed.set()
+        a = stop.start(lambda: commit_recording_outcome(s, "a", "A", outcome))
+        assert stop.arrived.wait(20)  # "a" written, its lead taken, not entered
+        fb.write_armed = True
+        others = [_start(s, k, k.upper(), outcome) for k in ("b", "c")]
+        # a waiter takes the lead as lost; its write of "b" and "c" is held
+        assert fb.write_entered.wait(20), "no waiter took over the lead"
+        stop.release.set()  # the stalled thread goes on
+        time.sleep(0.3)
+        rule = fb.fail("pwrite", errno.EIO, path="*.wal")
+        fb.write_release.set()
+        for t in [a] + others:
+            t.join(20)
+            assert not t.is_alive(), outcome
+        assert wal.synced_lsn <= wal.written_lsn, (wal.synced_lsn, wal.written_lsn,
+                                                   outcome)
+        acked = sorted(k for k, v in outcome.items() if v == "ok")
+        for k, v in outcome.items():
+            assert v == "ok" or isinstance(v, WalWriteError), outcome
+        assert "a" in acked
+        # the next commit is made durable by an fsync of its own before it returns
+        before = fb.now()
+        with s.transaction() as tx:
+            tx.put("d", "D")
+        assert fb.calls_to("fdatasync", path="*.wal", after=before), "no fsync"
+        assert rule.fired == 1
     with walstore.open(path) as s:
         for k in acked + ["d"]:
             assert s.get(k) == k.upper(), (k, outcome)
@@ -268,10 +285,7 @@ def test_acknowledged_commits_survive_an_interrupted_rotation(tmp_path, how):
             assert s.get("b") == 2
         finally:
             s._drop_like_a_crash()
-    with walstore.open(path) as s:
-        assert dict(s.scan()) == acked
-    rep = verify_store(path)
-    assert rep.ok, rep.errors
+    _reopened_holds_exactly(path, acked)
 
 
 # ---- the spare's fsync failing while a rotation waits for the spare ------------------------
@@ -337,10 +351,7 @@ def test_nothing_is_written_after_the_log_failed_a_rotation_waiting_for_the_spar
             assert after == [], after
         finally:
             s._drop_like_a_crash()
-    with walstore.open(path) as s:
-        assert dict(s.scan()) == acked
-    rep = verify_store(path)
-    assert rep.ok, rep.errors
+    _reopened_holds_exactly(path, acked)
 
 
 # ---- no room for a spare: the rotation preallocates inline, and says so ------------------
@@ -477,33 +488,26 @@ def test_a_rotation_that_makes_waiters_durable_wakes_them(tmp_path, monkeypatch)
     monkeypatch.setattr(writer, "CHAIN_FSYNCS", 0)
     monkeypatch.setattr(writer, "LOST_LEAD_S", 10.0)
     path = str(tmp_path / "s")
-    fb = HeldWrites()
-    with installed(fb):
-        s = walstore.open(path, durability="full")
-        try:
-            wal = s._engine.wal
-            outcome: dict = {}
-            fb.sync_armed = True
-            a = _start(s, "a", "A", outcome)  # the leader: its fsync held
-            assert fb.sync_entered.wait(20)
-            stop = Stop(SYNC_TO, AT_WOKEN)
-            b = stop.start(lambda: commit_recording_outcome(s, "b", "B", outcome))
-            _wait_for(lambda: len(wal._waiters) == 1, "b waiting")
-            c = _start(s, "c", "C", outcome)
-            _wait_for(lambda: len(wal._waiters) == 2, "c waiting behind b")
-            stop.armed.set()
-            fb.sync_release.set()  # a's round covers a alone, hands the lead to b
-            assert stop.arrived.wait(20)  # b woken to lead, not yet looking
-            a.join(20)
-            wal.rotate()  # writes b's and c's records, fsyncs them: durable
-            t0 = time.monotonic()
-            c.join(5)
-            took = time.monotonic() - t0
-            stop.release.set()
-            b.join(20)
-            assert outcome == {"a": "ok", "b": "ok", "c": "ok"}, outcome
-            assert took < 2.0, f"c returned {took:.1f} s after its record was durable"
-        finally:
-            s.close()
+    with _held_store(path) as (s, fb, wal, outcome):
+        fb.sync_armed = True
+        a = _start(s, "a", "A", outcome)  # the leader: its fsync held
+        assert fb.sync_entered.wait(20)
+        stop = Stop(SYNC_TO, AT_WOKEN)
+        b = stop.start(lambda: commit_recording_outcome(s, "b", "B", outcome))
+        _wait_for(lambda: len(wal._waiters) == 1, "b waiting")
+        c = _start(s, "c", "C", outcome)
+        _wait_for(lambda: len(wal._waiters) == 2, "c waiting behind b")
+        stop.armed.set()
+        fb.sync_release.set()  # a's round covers a alone, hands the lead to b
+        assert stop.arrived.wait(20)  # b woken to lead, not yet looking
+        a.join(20)
+        wal.rotate()  # writes b's and c's records, fsyncs them: durable
+        t0 = time.monotonic()
+        c.join(5)
+        took = time.monotonic() - t0
+        stop.release.set()
+        b.join(20)
+        assert outcome == {"a": "ok", "b": "ok", "c": "ok"}, outcome
+        assert took < 2.0, f"c returned {took:.1f} s after its record was durable"
     with walstore.open(path) as s:
         assert [s.get(k) for k in "abc"] == ["A", "B", "C"]
