@@ -18,10 +18,12 @@ KiB = 1024
 
 def test_a_segment_that_does_not_fit_is_made_smaller_and_the_commit_goes_on(tmp_path,
                                                                              monkeypatch):
-    monkeypatch.setattr(segment_mod, "free_bytes", lambda p: 0)  # (no spare is ever made)
+    # (the disk looks roomy, and no spare is ever made: its fill runs out of space)
+    monkeypatch.setattr(segment_mod, "free_bytes", lambda p: 1 << 40)
     path = str(tmp_path / "s")
     acked = {}
     fb = FaultBackend()
+    fb.fail("pwrite", errno.ENOSPC, path="spare.tmp", times=None)
     with installed(fb):
         with walstore.open(path, segment_size=256 * KiB) as s:
             rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal.tmp")  # (the next segment's

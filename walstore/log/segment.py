@@ -174,13 +174,20 @@ def create_segment_fitting(wal_dir: str, store_id: bytes, start_lsn: int, size: 
     again (fourfold per rotation, as a new store's do).  Before, a store whose next
     segment did not fit refused every commit from then on, each needing a few KiB, while
     the disk still had megabytes free.
+    The full size is tried only while the disk would keep SPARE_MIN_HEADROOM free beside
+    it: filled until ENOSPC, then removed, it left the disk with 0 bytes free for that
+    moment, and the applier's LMDB commit landing in it failed (as the spare's fill did).
     Returns (path, size made).  A failed fsync (FsyncFailed) is never retried."""
+    least = max(least, SMALL_SEGMENT)
+    if least < size:
+        free = free_bytes(wal_dir)
+        if free is not None and free - size < SPARE_MIN_HEADROOM:
+            return create_segment(wal_dir, store_id, start_lsn, least), least
     try:
         return create_segment(wal_dir, store_id, start_lsn, size), size
     except FsyncFailed:
         raise
     except OSError as e:
-        least = max(least, SMALL_SEGMENT)
         if e.errno != errno.ENOSPC or least >= size:
             raise
     return create_segment(wal_dir, store_id, start_lsn, least), least

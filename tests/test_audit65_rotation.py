@@ -1,0 +1,68 @@
+"""Audit 65: the WAL rotation as changed at stop 65 (switch before the SEAL, small
+segments on a nearly full disk, the rotation waking the waiters its fsync covered)."""
+from __future__ import annotations
+
+import errno
+import os
+
+import walstore
+from tools.faults import FaultBackend, installed
+from test_spare_headroom import fill_to, free_of
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+class _LowWater(FaultBackend):
+    """Notes the least free space on the store's disk seen after each write of a WAL
+    segment being made (``*.wal.tmp``), and whether one of them met a full disk."""
+
+    def __init__(self, mnt) -> None:
+        super().__init__()
+        self.mnt = str(mnt)
+        self.least: int | None = None
+        self.enospc = 0
+
+    def pwrite(self, fd, data, offset):
+        tmp = (self.path_of(fd) or "").endswith(".wal.tmp")
+        try:
+            return super().pwrite(fd, data, offset)
+        except OSError as e:
+            if tmp and e.errno == errno.ENOSPC:
+                self.enospc += 1
+            raise
+        finally:
+            if tmp:
+                free = free_of(self.mnt)
+                self.least = free if self.least is None else min(self.least, free)
+
+
+def test_a_rotation_on_a_nearly_full_disk_never_takes_its_last_bytes(mount_tmpfs):
+    """A nearly full disk (3 MiB free, too little for a spare) and a rotation whose next
+    segment (4 MiB) does not fit: the log goes on in a small segment (stop 65).  Before,
+    the full-size segment was zero-filled first until the disk said ENOSPC, and only then
+    removed: for that moment the disk had 0 bytes free, and the applier's LMDB commit or
+    a checkpoint landing in it failed on a full disk (the store turned read-only) — what
+    Spare.prepare's headroom (SPARE_MIN_HEADROOM) keeps the spare from doing."""
+    mnt = mount_tmpfs("24m")
+    path = str(mnt / "s")
+    walstore.open(path).close()
+    os.unlink(os.path.join(path, "wal", "spare.tmp"))  # (made while the disk had room)
+    fill_to(mnt, 3 * MiB)
+    fb = _LowWater(mnt)
+    acked = {}
+    with installed(fb):
+        with walstore.open(path) as s:
+            wal = s._engine.wal
+            n = 0
+            while wal.rotations == 0:
+                with s.transaction() as tx:
+                    tx.put(f"k{n}", "v" * 20000)
+                acked[f"k{n}"] = "v" * 20000
+                n += 1
+            st = s.stats()
+            assert st["wal_small_segments"] == 1 and st["failure"] is None, (
+                {k: v for k, v in st.items() if k.startswith("wal") or k == "failure"})
+    assert fb.least is not None and fb.least >= 1 * MiB, (fb.least, fb.enospc)
+    assert fb.enospc == 0
+    with walstore.open(path) as s:
+        assert all(s.get(k) == v for k, v in acked.items())
