@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import walstore
 from tools.faults import FaultBackend, installed
@@ -66,3 +67,50 @@ def test_a_rotation_on_a_nearly_full_disk_never_takes_its_last_bytes(mount_tmpfs
     assert fb.enospc == 0
     with walstore.open(path) as s:
         assert all(s.get(k) == v for k, v in acked.items())
+
+
+def test_small_segments_replicate_restore_back_up_and_follow_like_any(tmp_path, monkeypatch):
+    """Every rotation makes a small segment (the disk looks nearly full: no spare, a
+    64 KiB segment, or one just big enough for a record larger than that), and a
+    read-only process follows the live writer meanwhile: the replica restores to exactly
+    what was acknowledged, ``verify`` passes, a backup of the live store holds the same,
+    and the follower saw every commit (probe of stop 65's small segments)."""
+    from walstore.log import segment as segment_mod
+    from walstore.log.segment import list_segments
+    from walstore.ops.backup import backup
+    from walstore.ops.verify import verify_store
+    monkeypatch.setattr(segment_mod, "free_bytes", lambda p: 4 * MiB)
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/replica"
+    acked = {}
+    s = walstore.open(path, segment_size=1 * MiB, replicate_to=url,
+                      replicate_options={"interval": 0.05, "max_backoff": 0.5})
+    try:
+        ro = walstore.open(path, readonly=True)
+        try:
+            sizes = (100, 3000, 30000, 90 * KiB, 150 * KiB)
+            for i in range(60):
+                with s.transaction() as tx:
+                    tx.put(f"k{i}", "v" * sizes[i % len(sizes)])
+                acked[f"k{i}"] = "v" * sizes[i % len(sizes)]
+            st = s.stats()
+            assert st["wal_small_segments"] >= 5 and st["failure"] is None, st
+            made = sorted({os.path.getsize(p) for _s, p in list_segments(
+                os.path.join(path, "wal"))})
+            assert made[0] == 64 * KiB and any(m > 150 * KiB for m in made), made
+            deadline = time.monotonic() + 10
+            while ro.get("k59") is None:  # (the follower catches up by itself)
+                assert time.monotonic() < deadline, "the follower is stuck"
+                time.sleep(0.05)
+            assert all(ro.get(k) == v for k, v in acked.items())
+        finally:
+            ro.close()
+        s.sync_replica(timeout=30)
+        backup(path, str(tmp_path / "b"))
+    finally:
+        s.close()
+    rep = verify_store(path)
+    assert rep.ok, rep.errors
+    walstore.restore(url, str(tmp_path / "r"))
+    for where in ("r", "b"):
+        with walstore.open(str(tmp_path / where)) as c:
+            assert all(c.get(k) == v for k, v in acked.items()), where
