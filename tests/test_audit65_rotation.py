@@ -79,7 +79,7 @@ def test_small_segments_replicate_restore_back_up_and_follow_like_any(tmp_path, 
     from walstore.log.segment import list_segments
     from walstore.ops.backup import backup
     from walstore.ops.verify import verify_store
-    monkeypatch.setattr(segment_mod, "free_bytes", lambda p: 4 * MiB)
+    monkeypatch.setattr(segment_mod, "free_bytes", lambda p: 512 * KiB)
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/replica"
     acked = {}
     s = walstore.open(path, segment_size=1 * MiB, replicate_to=url,

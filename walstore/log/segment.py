@@ -164,6 +164,9 @@ def create_segment(wal_dir: str, store_id: bytes, start_lsn: int, size: int) -> 
 
 # the least a segment made on a nearly full disk holds (beside the record in hand)
 SMALL_SEGMENT = 64 * 1024
+# a segment made at its full size leaves at least this free beside it, else a small one is
+# made (LMDB's writes meanwhile need the room; the engine calls less than 1 MiB full)
+SEGMENT_MIN_HEADROOM = 1024 * 1024
 
 
 def create_segment_fitting(wal_dir: str, store_id: bytes, start_lsn: int, size: int,
@@ -174,14 +177,15 @@ def create_segment_fitting(wal_dir: str, store_id: bytes, start_lsn: int, size: 
     again (fourfold per rotation, as a new store's do).  Before, a store whose next
     segment did not fit refused every commit from then on, each needing a few KiB, while
     the disk still had megabytes free.
-    The full size is tried only while the disk would keep SPARE_MIN_HEADROOM free beside
-    it: filled until ENOSPC, then removed, it left the disk with 0 bytes free for that
-    moment, and the applier's LMDB commit landing in it failed (as the spare's fill did).
+    The full size is tried only while the disk would keep SEGMENT_MIN_HEADROOM free
+    beside it: filled until ENOSPC, then removed, it left the disk with 0 bytes free for
+    that moment, and an LMDB commit of the applier landing in it failed (as the spare's
+    fill did before SPARE_MIN_HEADROOM).
     Returns (path, size made).  A failed fsync (FsyncFailed) is never retried."""
     least = max(least, SMALL_SEGMENT)
     if least < size:
         free = free_bytes(wal_dir)
-        if free is not None and free - size < SPARE_MIN_HEADROOM:
+        if free is not None and free - size < SEGMENT_MIN_HEADROOM:
             return create_segment(wal_dir, store_id, start_lsn, least), least
     try:
         return create_segment(wal_dir, store_id, start_lsn, size), size
