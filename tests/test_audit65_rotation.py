@@ -41,9 +41,9 @@ def test_a_rotation_on_a_nearly_full_disk_never_takes_its_last_bytes(mount_tmpfs
     """A nearly full disk (3 MiB free, too little for a spare) and a rotation whose next
     segment (4 MiB) does not fit: the log goes on in a small segment (stop 65).  Before,
     the full-size segment was zero-filled first until the disk said ENOSPC, and only then
-    removed: for that moment the disk had 0 bytes free, and the applier's LMDB commit or
-    a checkpoint landing in it failed on a full disk (the store turned read-only) — what
-    Spare.prepare's headroom (SPARE_MIN_HEADROOM) keeps the spare from doing."""
+    removed: seen, the disk's free space hit 0 during the rotation (one ENOSPC), a moment
+    in which an LMDB commit of the applier or a checkpoint fails on a full disk (and the
+    store turns read-only) — what Spare.prepare's headroom keeps the spare from doing."""
     mnt = mount_tmpfs("24m")
     path = str(mnt / "s")
     walstore.open(path).close()
