@@ -179,7 +179,7 @@ def create_segment_fitting(wal_dir: str, store_id: bytes, start_lsn: int, size: 
     the disk still had megabytes free.
     The full size is tried only while the disk would keep SEGMENT_MIN_HEADROOM free
     beside it: filled until ENOSPC, then removed, it left the disk with 0 bytes free for
-    that moment, and an LMDB commit of the applier landing in it failed (as the spare's
+    that moment, and an LMDB commit of the applier landing in it would fail (as the spare's
     fill did before SPARE_MIN_HEADROOM).
     Returns (path, size made).  A failed fsync (FsyncFailed) is never retried."""
     least = max(least, SMALL_SEGMENT)
