@@ -400,10 +400,13 @@ def test_the_flushers_failed_fsync_stops_the_store_and_is_never_retried(tmp_path
             for i in range(20):
                 with s.transaction() as tx:
                     tx.put(f"k{i}", i)
+            wal = s._engine.wal
+            # (everything synced first: else the flusher's failing fsync could be the one
+            # for "k19", before "last" commits — which then was refused; seen in CI)
+            _wait_for(lambda: wal.synced_lsn >= wal.written_lsn, "the flusher caught up")
             rule = fb.fail("fdatasync", errno.EIO, path="*.wal")
             with s.transaction() as tx:
                 tx.put("last", 1)
-            wal = s._engine.wal
             _wait_for(lambda: wal.failed is not None, "the flusher did not sync")
             failed_at = rule.failed_calls[0].seq
             assert s.stats()["failure"] is not None
