@@ -143,6 +143,26 @@ def _spare_ready(wal) -> None:
               "no spare was made")
 
 
+@contextlib.contextmanager
+def _small_segments_store(path: str, fb: FaultBackend):
+    """A durable store of 64 KiB segments under the fault backend ``fb``: yields (store,
+    its WAL); dropped after as a killed process would drop it."""
+    with installed(fb):
+        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+        try:
+            yield s, s._engine.wal
+        finally:
+            s._drop_like_a_crash()
+
+
+def _near_a_rotation(s) -> dict:
+    """Fills the active segment until a 6,000-byte value no longer fits and waits for the
+    spare: the next such commit rotates.  Returns the acknowledged commits."""
+    acked = dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024)
+    _spare_ready(s._engine.wal)
+    return acked
+
+
 # (op, path pattern, errno, partial, whether a spare is ready, what the commit gets)
 ROTATION_FAULTS = {
     "spare-open": ("open", "spare.tmp", errno.EMFILE, None, True, WalWriteError),
@@ -176,54 +196,46 @@ def test_a_rotation_failing_at_any_step_loses_no_commit_and_leaves_an_openable_l
     path = str(tmp_path / "s")
     fb = FaultBackend()
     big = "b" * 6000
-    with installed(fb):
-        s = walstore.open(path, durability="full", segment_size=64 * 1024)
+    with _small_segments_store(path, fb) as (s, wal):
+        acked = _near_a_rotation(s)
+        if not spare:
+            with wal._spare_lock:
+                wal.spare.discard()
+        before = wal.rotations
+        rule = fb.fail(op, err, path=pattern, partial=partial)
+        if case == "new-open-withdraw-sync":
+            fb.fail("fsync_dir", errno.EIO, path="*wal", nth=2)  # (the spare's first)
         try:
-            wal = s._engine.wal
-            acked = dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024)
-            _spare_ready(wal)
-            if not spare:
-                with wal._spare_lock:
-                    wal.spare.discard()
-            before = wal.rotations
-            rule = fb.fail(op, err, path=pattern, partial=partial)
-            if case == "new-open-withdraw-sync":
-                fb.fail("fsync_dir", errno.EIO, path="*wal", nth=2)  # (the spare's first)
-            try:
+            with s.transaction() as tx:
+                tx.put("big", big)
+            outcome = None
+            acked["big"] = big
+        except Exception as e:  # noqa: BLE001 - sorted out below
+            outcome = e
+        assert rule.fired == 1, fb.calls[-20:]
+        if expected is None:
+            assert outcome is None and wal.rotations == before + 1, repr(outcome)
+        elif expected == "failed":
+            assert isinstance(outcome, walstore.ReadOnlyError), repr(outcome)
+            assert wal.failed is not None and "big" not in s
+            with pytest.raises(walstore.ReadOnlyError):
                 with s.transaction() as tx:
-                    tx.put("big", big)
-                outcome = None
-                acked["big"] = big
-            except Exception as e:  # noqa: BLE001 - sorted out below
-                outcome = e
-            assert rule.fired == 1, fb.calls[-20:]
-            if expected is None:
-                assert outcome is None and wal.rotations == before + 1, repr(outcome)
-            elif expected == "failed":
-                assert isinstance(outcome, walstore.ReadOnlyError), repr(outcome)
-                assert wal.failed is not None and "big" not in s
-                with pytest.raises(walstore.ReadOnlyError):
-                    with s.transaction() as tx:
-                        tx.put("later", 1)
-            else:
-                assert isinstance(outcome, expected), repr(outcome)
-                assert "\n" not in str(outcome) and wal.failed is None, str(outcome)
-                assert wal.rotations == before and "big" not in s
-                for k, v in (("after", 1), ("big2", big)):  # (the rotation, tried again)
-                    with s.transaction() as tx:
-                        tx.put(k, v)
-                    acked[k] = v
-                assert wal.rotations == before + 1
-            if outcome is not None:
-                assert "\n" not in str(outcome), str(outcome)
-        finally:
-            s._drop_like_a_crash()
+                    tx.put("later", 1)
+        else:
+            assert isinstance(outcome, expected), repr(outcome)
+            assert "\n" not in str(outcome) and wal.failed is None, str(outcome)
+            assert wal.rotations == before and "big" not in s
+            for k, v in (("after", 1), ("big2", big)):  # (the rotation, tried again)
+                with s.transaction() as tx:
+                    tx.put(k, v)
+                acked[k] = v
+            assert wal.rotations == before + 1
+        if outcome is not None:
+            assert "\n" not in str(outcome), str(outcome)
+    _reopened_holds_exactly(path, acked)
     with walstore.open(path) as s:
-        assert dict(s.scan()) == acked
         with s.transaction() as tx:
             tx.put("reopened", 1)
-    rep = verify_store(path)
-    assert rep.ok, rep.errors
 
 
 # ---- an interrupt inside a rotation outside any commit (a purge's, in the main thread) -----
@@ -255,36 +267,31 @@ def test_acknowledged_commits_survive_an_interrupted_rotation(tmp_path, how):
     but the previous one ends at 320")."""
     path = str(tmp_path / "s")
     fb = FaultBackend()
-    with installed(fb):
-        s = walstore.open(path, durability="full", segment_size=64 * 1024)
-        try:
-            acked = dict.fromkeys(("p/1", "a"), 1)
-            for k in acked:
-                with s.transaction() as tx:
-                    tx.put(k, 1)
-            if how == "ctrl-c-in-a-purge":
-                sys.setprofile(_interrupt_after_the_seals_sync)
-                try:
-                    s.purge("p/")  # (none now: no handler runs inside the rotation)
-                except KeyboardInterrupt:
-                    pass
-                finally:
-                    sys.setprofile(None)
-                del acked["p/1"]
-            else:
-                acked.update(dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024))
-                _spare_ready(s._engine.wal)
-                rule = fb.fail("fdatasync", path="*.wal", raises=MemoryError)
-                with pytest.raises(MemoryError):
-                    with s.transaction() as tx:
-                        tx.put("big", "b" * 6000)
-                assert rule.fired == 1
+    with _small_segments_store(path, fb) as (s, wal):
+        acked = dict.fromkeys(("p/1", "a"), 1)
+        for k in acked:
             with s.transaction() as tx:
-                tx.put("b", 2)
-            acked["b"] = 2
-            assert s.get("b") == 2
-        finally:
-            s._drop_like_a_crash()
+                tx.put(k, 1)
+        if how == "ctrl-c-in-a-purge":
+            sys.setprofile(_interrupt_after_the_seals_sync)
+            try:
+                s.purge("p/")  # (none now: no handler runs inside the rotation)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            del acked["p/1"]
+        else:
+            acked.update(_near_a_rotation(s))
+            rule = fb.fail("fdatasync", path="*.wal", raises=MemoryError)
+            with pytest.raises(MemoryError):
+                with s.transaction() as tx:
+                    tx.put("big", "b" * 6000)
+            assert rule.fired == 1
+        with s.transaction() as tx:
+            tx.put("b", 2)
+        acked["b"] = 2
+        assert s.get("b") == 2
     _reopened_holds_exactly(path, acked)
 
 
@@ -318,39 +325,33 @@ def test_nothing_is_written_after_the_log_failed_a_rotation_waiting_for_the_spar
     rotation stops there: the commit is refused, nothing of it logged."""
     path = str(tmp_path / "s")
     fb = HeldSpareSync()
-    with installed(fb):
-        s = walstore.open(path, durability="full", segment_size=64 * 1024)
-        try:
-            wal = s._engine.wal
-            acked = dict.fromkeys(_fill_until_room_below(s, 6000), "v" * 1024)
-            _spare_ready(wal)
-            fb.armed = True
-            with s.transaction() as tx:  # rotates: the next spare is made, its fsync held
-                tx.put("big1", "b" * 6000)
-            acked["big1"] = "b" * 6000
-            assert fb.entered.wait(20)
-            for i in range(100):  # (the new segment fills)
-                if wal.writer.room() < 6000:
-                    break
-                with s.transaction() as tx:
-                    tx.put(f"g{i}", "v" * 1024)
-                acked[f"g{i}"] = "v" * 1024
-            outcome: dict = {}
-            t = _start(s, "big2", "b" * 6000, outcome)  # rotates: waits for the spare
-            time.sleep(0.2)
-            assert t.is_alive() and wal._spare_wanted
-            fb.release.set()
-            t.join(20)
-            assert not t.is_alive()
-            assert wal.failed is not None
-            assert isinstance(outcome["big2"], walstore.ReadOnlyError), outcome
-            assert not isinstance(outcome["big2"], walstore.CommitOutcomeUnknown), outcome
-            after = [c for c in fb.calls_to(("open", "pwrite", "fsync", "fdatasync",
-                                             "fsync_dir", "rename"), after=fb.failed_at)
-                     if c.path and "/wal" in c.path and not c.path.endswith("spare.tmp")]
-            assert after == [], after
-        finally:
-            s._drop_like_a_crash()
+    with _small_segments_store(path, fb) as (s, wal):
+        acked = _near_a_rotation(s)
+        fb.armed = True
+        with s.transaction() as tx:  # rotates: the next spare is made, its fsync held
+            tx.put("big1", "b" * 6000)
+        acked["big1"] = "b" * 6000
+        assert fb.entered.wait(20)
+        for i in range(100):  # (the new segment fills)
+            if wal.writer.room() < 6000:
+                break
+            with s.transaction() as tx:
+                tx.put(f"g{i}", "v" * 1024)
+            acked[f"g{i}"] = "v" * 1024
+        outcome: dict = {}
+        t = _start(s, "big2", "b" * 6000, outcome)  # rotates: waits for the spare
+        time.sleep(0.2)
+        assert t.is_alive() and wal._spare_wanted
+        fb.release.set()
+        t.join(20)
+        assert not t.is_alive()
+        assert wal.failed is not None
+        assert isinstance(outcome["big2"], walstore.ReadOnlyError), outcome
+        assert not isinstance(outcome["big2"], walstore.CommitOutcomeUnknown), outcome
+        after = [c for c in fb.calls_to(("open", "pwrite", "fsync", "fdatasync",
+                                         "fsync_dir", "rename"), after=fb.failed_at)
+                 if c.path and "/wal" in c.path and not c.path.endswith("spare.tmp")]
+        assert after == [], after
     _reopened_holds_exactly(path, acked)
 
 
