@@ -475,14 +475,18 @@ def test_a_dry_run_beside_a_prepare_reads_the_holds_under_the_lock(tmp_path):
             p2.put("more/y", 1)
             p2.prepare("scanned-2")
 
-        def tracer(frame, event, arg):
-            if (event == "call" and frame.f_code.co_firstlineno == walk
-                    and frame.f_code.co_filename == conflicts.__file__ and not landed):
+        def at_the_walk(frame, event, arg):
+            if event == "line" and frame.f_lineno == walk and not landed:
                 th = threading.Thread(target=other)
                 th.start()
                 th.join(1.0)  # (held out by the lock once it is taken: on after a second)
                 landed.append(th)
-            return None
+            return at_the_walk
+
+        def tracer(frame, event, arg):
+            # (the walk's line in check's own frame: Python 3.12 inlines comprehensions,
+            # so the walk has no frame of its own to be called)
+            return at_the_walk if frame.f_code is conflicts.PreparedSet.check.__code__ else None
 
         sys.settrace(tracer)
         try:

@@ -107,7 +107,7 @@ def test_oversize_meta_is_refused_at_the_call_naming_the_meta(tmp_path):
 
 @pytest.mark.parametrize("how", ["transaction", "revert", "rewind"])
 def test_a_scope_that_is_not_utf8_is_refused_at_the_call(tmp_path, how):
-    """transaction(scope="\ud800") was accepted and failed at commit with a bare
+    """transaction(scope="\\ud800") was accepted and failed at commit with a bare
     UnicodeEncodeError (revert/rewind the same): a ValueError naming the scope now,
     before anything is begun."""
     s = walstore.open(str(tmp_path / "s"), durability="none")
