@@ -340,6 +340,9 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
             follow_fn(url, dest, opts, stop=stop, apply_every=apply_every, on_round=noted,
                       progress=None if as_json else progress_printer("restore"))
         except WalstoreError as e:
+            if isinstance(e, OSError):  # (DEST's disk full, EIO: said as every verb says an
+                raise  # OS error, "No space left on device (N bytes free there, M needed)
+                #        [ENOSPC]: FILE"; it said "[Errno 28] No space left on device: 'F'")
             _fail(str(e))
         finally:
             end_progress()

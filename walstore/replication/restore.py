@@ -174,18 +174,17 @@ class RestoredLog:
             try:
                 _pwrite(self.fd, data, self.offset)
             except OSError as e:
-                raise self._named(e, self.start) from e
+                raise self._named(e, self.start, need) from e
             self.offset += need
         self.end = lsn + need
         self.bytes += need
 
-    def _named(self, e: OSError, start: int) -> OSError:
+    def _named(self, e: OSError, start: int, need: int | None = None) -> OSError:
         """``e`` naming the segment file at ``start`` (a write or sync of the restored log
         failing with no file said: "[Errno 28] No space left on device", which a
-        follower printed as it was, whether DEST's disk or the temp directory's was full)."""
-        if e.filename is not None:
-            return e
-        return OSError(e.errno, e.strerror, os.path.join(self.dir, f"{start:020d}.wal"))
+        follower printed as it was, whether DEST's disk or the temp directory's was full),
+        and on a full disk the bytes ``need``ed and free (``local_error``)."""
+        return local_error(e, os.path.join(self.dir, f"{start:020d}.wal"), need)
 
     def _seal(self, data: bytes, lsn: int) -> None:
         """Write a SEAL at ``lsn`` in the writer's order (see the class docstring) and go
@@ -243,7 +242,7 @@ class RestoredLog:
         try:
             path = _src.new_segment_file(self.dir, self.store_id, lsn, size)
         except OSError as e:
-            raise self._named(e, lsn) from e
+            raise self._named(e, lsn, size) from e
         self.next_size = min(SEGMENT_SIZE, self.next_size * 2)
         self.fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
         self.start, self.salt = lsn, logformat.salt(self.store_id, lsn)
@@ -280,6 +279,65 @@ class RestoredLog:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+ROOM_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # out of room on a local disk (or quota)
+
+
+def local_error(e: OSError, path: str, need: int | None = None) -> OSError:
+    """``e``, an OS error writing the local file ``path`` (a restore's or a follower's:
+    DEST's segments and blobs, the objects fetched into the temp directory), naming that
+    file when it names none, and when the disk is out of room (ENOSPC, EDQUOT) saying how
+    many bytes its file system has free and, when known, how many were ``need``ed: "No
+    space left on device (4096 bytes free there, 262144 needed)" — a full DEST is told
+    from a full temp directory, and from the replica's own errors."""
+    name = e.filename if e.filename is not None else path
+    if e.errno is None:
+        return e
+    if e.errno not in ROOM_ERRNOS:  # (a new error: raised ``from e``, never from itself)
+        return OSError(e.errno, e.strerror, name, None, e.filename2)
+    free = fileio.free_bytes(os.path.dirname(os.path.abspath(os.fsdecode(name))))
+    said = [f"{free} bytes free there" if free is not None else None,
+            f"{need} needed" if need is not None else None]
+    detail = ", ".join(x for x in said if x)
+    strerror = e.strerror or os.strerror(e.errno)
+    return OSError(e.errno, f"{strerror} ({detail})" if detail else strerror, name, None,
+                   e.filename2)
+
+
+class _Sink:
+    """The local file a download writes into, its write errors kept (``error``): a target
+    takes any failure of a download for the request's (S3: a transient "GET ...:
+    OSError", retried for ever; a ``file://`` replica's OS errors are retried as its
+    mount's), and a follower on a full disk retried the same blob for ever, its message
+    naming the replica's object, never the disk that was full.  ``download_into`` lets the
+    local error out instead."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def download_into(tgt: ObjectStore, key: str, f, max_bytes: int):
+    """``tgt.download(key, f, max_bytes)``; writing ``f`` failing (a full disk, EIO) is
+    that OSError, not the target's error for the request (see ``_Sink``)."""
+    sink = _Sink(f)
+    try:
+        return tgt.download(key, sink, max_bytes)
+    except Exception:
+        if sink.error is not None:
+            raise sink.error from None
+        raise
 
 
 def _pwrite(fd: int, data: bytes, offset: int) -> None:
@@ -330,8 +388,12 @@ class _Fetcher:
         key = entry["k"]
         if key not in self.files:
             p = os.path.join(self.tmp, f"obj-{len(self.files)}")
-            with open(p, "wb") as f:
-                got = _retry(lambda: self._download(key, f, entry["n"]))
+            try:
+                with open(p, "wb") as f:
+                    got = _retry(lambda: self._download(key, f, entry["n"]))
+            except OSError as e:  # (the temp directory's disk full: named, never retried)
+                fileio.remove_quietly(p)
+                raise local_error(e, p, entry["n"]) from e
             if got is None:
                 raise _ObjectGone(
                     f"hole in the replica's WAL: object {self.target.url}/{key} (LSN "
@@ -346,7 +408,7 @@ class _Fetcher:
     def _download(self, key, f, n):
         f.seek(0)
         f.truncate()
-        return self.target.download(key, f, n)
+        return download_into(self.target, key, f, n)
 
     def records(self, entry: dict):
         """(lsn, type, raw, synced) of one object, every check done as they stream."""
@@ -1088,7 +1150,9 @@ class _BlobFetcher:
         self.missing: set[str] = set()
 
     def fetch(self, digests) -> list[str]:
-        """Fetch those of ``digests`` the copy lacks; returns the ones fetched."""
+        """Fetch those of ``digests`` the copy lacks (a dict: digest -> size, when the
+        records give it); returns the ones fetched."""
+        sizes = digests if isinstance(digests, dict) else {}
         got = []
         for digest in sorted(set(digests)):
             try:
@@ -1097,7 +1161,7 @@ class _BlobFetcher:
                 continue  # (not a blob's name)
             if digest in self.missing or os.path.exists(path):
                 continue
-            if self._one(digest, path):
+            if self._one(digest, path, sizes.get(digest)):
                 got.append(digest)
         return got
 
@@ -1111,13 +1175,18 @@ class _BlobFetcher:
         for d in manifests:
             self.fetch(_manifest_digests(self.names, d))
 
-    def _one(self, digest: str, path: str) -> bool:
+    def _one(self, digest: str, path: str, size: int | None = None) -> bool:
+        """Download blob ``digest`` to ``path`` (through ``path.part``, renamed once whole
+        and synced).  Writing it failing (DEST's disk full, EIO) is an OSError naming
+        ``path`` (and on a full disk the bytes free and the blob's ``size``): a local
+        error, never retried as the replica's are — the follower stops, as on any other
+        write to DEST failing (see ``follow``), and the ``.part`` is removed."""
         key = BLOB_PREFIX + digest
-        for d in (os.path.join(self.root, "files"), self.dir, os.path.dirname(path)):
-            if not os.path.isdir(d):
-                _src.make_dir(d)
         tmp = path + ".part"
         try:
+            for d in (os.path.join(self.root, "files"), self.dir, os.path.dirname(path)):
+                if not os.path.isdir(d):
+                    _src.make_dir(d)
             with os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600),
                            "w+b") as f:
                 got = _retry(lambda: _download_checked(self.tgt, key, f))
@@ -1130,9 +1199,11 @@ class _BlobFetcher:
                 f.flush()
                 os.fsync(f.fileno())
             os.rename(tmp, path)
+        except OSError as e:
+            fileio.remove_quietly(tmp)  # (first: the room said is the room there is)
+            raise local_error(e, path, size) from e
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            fileio.remove_quietly(tmp)
         self.fetched += 1
         return True
 
@@ -1196,7 +1267,7 @@ def _download_checked(tgt: ObjectStore, key: str, f) -> str | None:
     """The sha256 of blob ``key`` downloaded into ``f``; None: the replica lacks it."""
     f.seek(0)
     f.truncate()
-    if tgt.download(key, f, MAX_BLOB_BYTES) is None:
+    if download_into(tgt, key, f, MAX_BLOB_BYTES) is None:
         return None
     f.seek(0)
     h = hashlib.sha256()
@@ -1221,8 +1292,12 @@ def _download_snapshot(tgt: ObjectStore, snap: dict, path: str,
         with open(path, "wb") as f:
             os.fchmod(f.fileno(), _src.FILE_MODE)
             out = f if progress is None else _Counted(f, progress)
-            return tgt.download(snap["k"], out, min(snap["n"], MAX_SNAPSHOT_BYTES))
-    got = _retry(once)
+            return download_into(tgt, snap["k"], out, min(snap["n"], MAX_SNAPSHOT_BYTES))
+    try:
+        got = _retry(once)
+    except OSError as e:  # (the staging directory's disk full: named, never retried;
+        fileio.remove_quietly(path)  # its part gone first, so the room said is there)
+        raise local_error(e, path, snap["n"]) from e
     if got is None:
         raise _ObjectGone(f"snapshot {tgt.url}/{snap['k']} (LSN {snap['lsn']}) is listed "
                           f"in the manifest but missing", snap["k"])

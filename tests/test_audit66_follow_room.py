@@ -1,0 +1,168 @@
+"""Audit 66: a follower (`walstore restore URL DEST --follow`, a real process) whose DEST
+runs out of room (a real full disk: DEST on a small tmpfs), the replica on moto's real S3
+server or a file:// directory.  One behaviour whatever it was writing — a WAL segment of
+DEST's log, or a blob (a reversible file's content) into DEST's blob store: it stops,
+exit 1, one line naming DEST's file, the bytes free there and those needed, [ENOSPC];
+DEST stays a sound replica (`walstore verify` passes, no ``.part`` or temp file left),
+and once room is freed a restarted follower catches up with nothing lost.  Each test is
+skipped where a tmpfs cannot be mounted."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+from store_support import cli_env
+from test_audit65_fulldisk_files import _consistent, _Follow, _state_or_refusal, _stop_and_compare
+from test_replication_support import Replica, make_s3_replica, s3_endpoint  # noqa: F401
+from tools.fullsweep import fill_to
+
+
+@pytest.fixture(params=["s3", "file"])
+def rig(request, tmp_path, mount_tmpfs):
+    """A source shipping to a replica (moto's S3 server, or file://), DEST on a tmpfs."""
+    if request.param == "s3":
+        replica = make_s3_replica(request.getfixturevalue("s3_endpoint"))
+    else:
+        replica = Replica("file", f"file://{tmp_path}/replica",
+                          {"interval": 0.05, "max_backoff": 0.5})
+    r = _Follow(tmp_path, mount_tmpfs, replica)
+    yield r
+    r.close()
+
+
+def _stopped_line(rig: _Follow, p, out, seconds: float = 25) -> str:
+    """The follower's one error line once it has exited 1 (it must, within ``seconds``)."""
+    try:
+        code = p.wait(seconds)
+    except subprocess.TimeoutExpired:
+        out.seek(0)
+        pytest.fail(f"the follower kept running on a full DEST: {out.read()[-1500:]}")
+    out.seek(0)
+    text = out.read()
+    assert code == 1 and "Traceback" not in text, (code, text[-1500:])
+    err = [ln for ln in text.splitlines() if ln.startswith("walstore:")]
+    assert len(err) == 1, text[-1500:]
+    return err[0]
+
+
+def _no_leftovers(rig: _Follow) -> None:
+    """Nothing but DEST (and the filler) on its disk, nothing half made inside DEST, the
+    follower's temp directory empty."""
+    assert set(os.listdir(rig.mnt)) <= {"fill", "dest"}, os.listdir(rig.mnt)
+    assert not os.listdir(rig.tmpdir), os.listdir(rig.tmpdir)
+    stray = [os.path.join(d, n) for d, _ds, ns in os.walk(rig.dest) for n in ns
+             if n.endswith(".part") or n.startswith(".") or ".tmp" in n]
+    assert not stray, stray
+    wal = os.listdir(os.path.join(rig.dest, "wal"))
+    assert all(len(n) == 24 and n.endswith(".wal") for n in wal), wal
+
+
+def _verify(rig: _Follow) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", "verify", rig.dest, "--json"],
+                          capture_output=True, text=True, env=cli_env(), timeout=60)
+
+
+def _fill_and_commit(rig: _Follow, first: int, end: int, files: int) -> None:
+    fill_to(rig.mnt, 300_000)
+    rig.commits(first, end, files=files)
+
+
+def test_a_follower_out_of_room_for_a_blob_stops_naming_the_file_as_for_a_segment(rig):
+    """DEST's disk fills while the follower downloads the content of reversible files
+    (40 KB each, every fifth commit): it stops, exit 1, with one line naming the blob's
+    file in DEST, the bytes free and needed and [ENOSPC] — as it does when a WAL segment
+    of DEST cannot be made.  Seen before the fix: it retried that blob for ever, "at LSN
+    N: GET s3://b/a1/blobs/<sha>: OSError (retrying in 0.05 s)" (from moto; from a
+    file:// replica "downloading blobs/<sha> of the replica ... failed: No space left on
+    device"), naming the replica's object, never DEST's disk, while a full disk under a
+    WAL segment stopped it: a supervisor could not tell what to expect."""
+    rig.commits(0, 50, files=40_000)
+    p, out = rig.follower()
+    assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+    _fill_and_commit(rig, 50, 400, 40_000)
+    line = _stopped_line(rig, p, out)
+    blobs = os.path.join(rig.dest, "files", "blobs") + os.sep
+    assert "[ENOSPC]" in line and blobs in line, line
+    assert "bytes free there" in line and "40000 needed" in line, line
+    assert _consistent(_state_or_refusal(rig.dest))
+    _no_leftovers(rig)
+    r = _verify(rig)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
+    os.unlink(os.path.join(rig.mnt, "fill"))
+    p, out = rig.follower()
+    assert rig.wait_for(399, p, 40)[-1:] == [399], "the restarted follower did not catch up"
+    _stop_and_compare(rig, p)
+    _no_leftovers(rig)
+    r = _verify(rig)  # (every blob DEST's history names is there, each checked)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
+
+
+def test_a_follower_out_of_room_for_a_segment_says_what_it_needs_and_what_is_free(rig):
+    """DEST's disk fills under the follower's log (commits of ~6 KB, no files): exit 1,
+    one line naming DEST's segment file, [ENOSPC], the bytes free there and the size of
+    the file it could not make; under --json the error document says the same (type
+    StoreIOError).  Seen before the fix: "walstore: [Errno 28] No space left on device:
+    '<DEST>/wal/<lsn>.wal'", neither the room left nor the room needed (every other verb
+    says "No space left on device [ENOSPC]: FILE")."""
+    rig.commits(0, 50)
+    p, out = rig.follower("--json")
+    assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+    _fill_and_commit(rig, 50, 480, 0)
+    line = _stopped_line(rig, p, out)
+    wal = os.path.join(rig.dest, "wal") + os.sep
+    assert "[ENOSPC]" in line and wal in line and "bytes free there" in line, line
+    assert " needed)" in line, line
+    out.seek(0)
+    lines = out.read().splitlines()  # (the document, indented, among the stderr lines)
+    doc = json.loads("".join(lines[lines.index("{"):lines.index("}") + 1]))
+    assert doc["error"]["type"] == "StoreIOError" and doc["error"]["exit"] == 1, doc
+    assert "[ENOSPC]" in doc["error"]["message"], doc
+    _no_leftovers(rig)
+    r = _verify(rig)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
+    os.unlink(os.path.join(rig.mnt, "fill"))
+    p, out = rig.follower()
+    assert rig.wait_for(479, p, 30)[-1:] == [479], "the restarted follower did not catch up"
+    _stop_and_compare(rig, p)
+    _no_leftovers(rig)
+
+
+def test_a_library_follower_out_of_room_raises_a_store_io_error_naming_the_blob(
+        tmp_path, mount_tmpfs, s3_endpoint):
+    """``walstore.replication.follow`` (a program embedding a follower) on a full DEST:
+    a ``StoreIOError`` with errno ENOSPC whose ``filename`` is the blob's file in DEST,
+    never a ``ReplicationError`` retried for ever.  Seen before the fix: a transient
+    "GET s3://...: OSError" reported to ``on_round`` round after round, the follower
+    never returning."""
+    import threading
+    from walstore.replication import follow
+    replica = make_s3_replica(s3_endpoint)
+    rig = _Follow(tmp_path, mount_tmpfs, replica)
+    try:
+        rig.commits(0, 10, files=40_000)
+        first = threading.Event()  # (the first run: DEST restored, one round, stopped)
+        follow(rig.url, rig.dest, replica.opts(), stop=first, interval=0.05,
+               on_round=lambda info: first.set())
+        fill_to(rig.mnt, 100_000)
+        rig.commits(10, 40, files=40_000)
+        rounds: list = []
+        stop = threading.Event()
+        timer = threading.Timer(20, stop.set)  # (a follower that retries: ended, fails)
+        timer.start()
+        try:
+            with pytest.raises(walstore.StoreIOError) as e:
+                follow(rig.url, rig.dest, replica.opts(), stop=stop, interval=0.05,
+                       on_round=rounds.append)
+        finally:
+            timer.cancel()
+        assert e.value.errno == errno.ENOSPC, e.value
+        assert e.value.filename.startswith(os.path.join(rig.dest, "files", "blobs")), e.value
+        assert not [r for r in rounds if r.get("error")], rounds[:3]
+    finally:
+        rig.close()
