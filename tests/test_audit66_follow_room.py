@@ -13,12 +13,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
 import walstore
 from store_support import cli_env
-from test_audit65_fulldisk_files import _consistent, _Follow, _state_or_refusal, _stop_and_compare
+from test_audit65_fulldisk_files import (_commit, _consistent, _Follow, _state_or_refusal,
+                                         _stop_and_compare)
 from test_replication_support import Replica, make_s3_replica, s3_endpoint  # noqa: F401
 from tools.fullsweep import fill_to
 
@@ -68,6 +70,22 @@ def _verify(rig: _Follow) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=cli_env(), timeout=60)
 
 
+def _restarted(rig: _Follow):
+    """A new follower, once it has begun to follow (DEST, whose log already holds what the
+    last one copied, may read as caught up before this one has even started: a Ctrl-C
+    then lands in Python's start-up)."""
+    p, out = rig.follower()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and p.poll() is None:
+        out.seek(0)
+        if "following " in out.read():
+            time.sleep(0.5)  # (its first rounds: it applies what the last one copied)
+            return p, out
+        time.sleep(0.05)
+    out.seek(0)
+    pytest.fail(f"the restarted follower did not start: {out.read()[-1500:]}")
+
+
 def _fill_and_commit(rig: _Follow, first: int, end: int, files: int) -> None:
     fill_to(rig.mnt, 300_000)
     rig.commits(first, end, files=files)
@@ -95,7 +113,7 @@ def test_a_follower_out_of_room_for_a_blob_stops_naming_the_file_as_for_a_segmen
     r = _verify(rig)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
     os.unlink(os.path.join(rig.mnt, "fill"))
-    p, out = rig.follower()
+    p, out = _restarted(rig)
     assert rig.wait_for(399, p, 40)[-1:] == [399], "the restarted follower did not catch up"
     _stop_and_compare(rig, p)
     _no_leftovers(rig)
@@ -127,7 +145,7 @@ def test_a_follower_out_of_room_for_a_segment_says_what_it_needs_and_what_is_fre
     r = _verify(rig)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
     os.unlink(os.path.join(rig.mnt, "fill"))
-    p, out = rig.follower()
+    p, out = _restarted(rig)
     assert rig.wait_for(479, p, 30)[-1:] == [479], "the restarted follower did not catch up"
     _stop_and_compare(rig, p)
     _no_leftovers(rig)
@@ -164,5 +182,41 @@ def test_a_library_follower_out_of_room_raises_a_store_io_error_naming_the_blob(
         assert e.value.errno == errno.ENOSPC, e.value
         assert e.value.filename.startswith(os.path.join(rig.dest, "files", "blobs")), e.value
         assert not [r for r in rounds if r.get("error")], rounds[:3]
+    finally:
+        rig.close()
+
+
+def test_a_follower_out_of_room_for_lmdb_stops_naming_the_data_file_and_the_room(
+        tmp_path, mount_tmpfs):
+    """DEST's disk fills under the follower's apply (the log it copied in one round fits,
+    LMDB's growth when it applies that round does not): exit 1, one line naming DEST's data.mdb, the errno (LMDB reports a
+    short write as EIO) and the bytes free, saying nothing was lost; `walstore verify`
+    passes and a restart with room catches up.  Seen before the fix: "walstore: writing
+    LMDB failed: mdb_txn_commit: Input/output error" — the engine's internal error, no
+    errno, no file, an I/O error where the disk was only full (the store itself says
+    it as below since audit 65)."""
+    rig = _Follow(tmp_path, mount_tmpfs)
+    try:
+        rig.commits(0, 20)
+        p, out = rig.follower()
+        assert rig.wait_for(19, p, 20)[-1:] == [19], "the follower never caught up"
+        _stop_and_compare(rig, p)
+        for i in range(20, 120):  # (2 MB the follower copies in one round, then applies)
+            _commit(rig.src, i, 20_000)
+        rig.src.sync_replica(timeout=60)
+        fill_to(rig.mnt, 3_000_000)  # (room for the log, not for LMDB's growth after it)
+        p, out = rig.follower("--apply-every", "0")
+        line = _stopped_line(rig, p, out)
+        data = os.path.join(rig.dest, "db", "data.mdb")
+        assert line.endswith(f"]: {data}") and "bytes free" in line, line
+        assert "[EIO]" in line or "[ENOSPC]" in line, line
+        assert "nothing was lost" in line, line
+        _no_leftovers(rig)
+        r = _verify(rig)
+        assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
+        os.unlink(os.path.join(rig.mnt, "fill"))
+        p, out = _restarted(rig)
+        assert rig.wait_for(119, p, 30)[-1:] == [119], "the restarted follower did not catch up"
+        _stop_and_compare(rig, p)
     finally:
         rig.close()

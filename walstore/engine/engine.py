@@ -48,7 +48,8 @@ from .conflicts import ConflictChecker, Prepared, PreparedSet
 from .journal import Journal
 from .layout import Layout, ProcessLock, writer_alive
 from .lmdb_check import check_lmdb_paths
-from .lmdb_state import LmdbState, StateWriteError, from_u64, low_room_note, os_errno
+from .lmdb_state import (LmdbState, StateWriteError, from_u64, low_room_note,
+                         state_io_error)
 from .memtable import MemTable, PlainBatch
 from .pins import HistoryPins
 from .pipeline import CommitPipeline
@@ -233,12 +234,7 @@ class Engine:
         errno, no file: the command line said only "mdb_txn_commit: Input/output
         error").  A full disk reaches LMDB as a short write, which it reports as EIO:
         the file system's free space is named when it is nearly none."""
-        cause = e.__cause__
-        code = getattr(cause, "errno", None) or (
-            os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
-        data_file = self.data_file()
-        return StoreIOError(code, f"{doing} failed: {e}{self.low_room_note(data_file)}; "
-                                  f"{after}", data_file)
+        return state_io_error(e, doing, after, self.data_file())
 
     def data_file(self) -> str:
         state = getattr(self, "state", None)

@@ -144,6 +144,19 @@ class StateWriteError(WalstoreError):
     everything; the store must stop writing and be reopened (recovery REDOes the log)."""
 
 
+def state_io_error(e: StateWriteError, doing: str, after: str,
+                   data_file: str) -> StoreIOError:
+    """README, "Errors": ``e`` (an LMDB write or sync failing) as the StoreIOError a caller
+    lets out: the cause's errno (EIO when it has none), ``data_file`` named, "``doing``
+    failed: ...", the file system's free space when it is nearly none (a full disk
+    reaches LMDB as a short write, which it reports as EIO), then ``after``."""
+    cause = e.__cause__
+    code = getattr(cause, "errno", None) or (
+        os_errno(cause) if isinstance(cause, lmdb.Error) else None) or errno.EIO
+    return StoreIOError(code, f"{doing} failed: {e}{low_room_note(data_file)}; {after}",
+                        data_file)
+
+
 def _file_id(path: str, lock_file: str | None = None) -> tuple:
     """The identity of the data file ``path`` and of the lock file beside it
     (``lock_file``, its path if known).  Both: a compaction renames the data file in, then

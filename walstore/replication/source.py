@@ -627,34 +627,47 @@ def redo_into_lmdb(root: str, drop_log_below: Callable[[int], None] | None = Non
     processes see the file replaced and reopen it), the quarantined copies that may hold
     erased keys removed, and the erasure marked done.  Without ``drop_log_below`` nothing
     is erased (the copy's own first open does it)."""
-    from ..engine.apply import Applier
-    from ..engine.lmdb_state import LmdbState
-    from ..engine.recovery import Recovery
-    from ..engine.scrub import scrub_quarantine
+    from ..engine.lmdb_state import LmdbState, StateWriteError, state_io_error
     layout = Layout(root)
     store_id = layout.read_identity()
     state = LmdbState(layout.db)
     try:
-        layout.upgrade_identity()  # (this walstore writes its LMDB: see Layout)
-        Recovery(layout.root, store_id, state, "strict").run()
-        state.sync()
-        applied = state.applied_lsn()
-        end = _inert_tail_end(layout.wal, store_id, applied)
-        if end is not None:  # (the writer's ``_applied_up_to_the_end``)
-            Applier(state).set_meta(b"applied", end)
-            state.sync()
-            applied = end
-        owed = _erase_owed(state)
-        if owed and drop_log_below is not None:
-            drop_log_below(applied)
-            state.compact()
-            ranges = [(bytes(lo), None if hi is None else bytes(hi)) for lo, hi in owed]
-            scrub_quarantine(layout.quarantine, [lo for lo, _hi in ranges if lo], ranges)
-            Applier(state).erased(owed)
-            state.sync()
-        return applied
+        return _redo(layout, store_id, state, drop_log_below)
+    except StateWriteError as e:
+        # (a full DEST: "writing LMDB failed: mdb_txn_commit: Input/output error", the
+        # engine's internal error, no errno, no file, an I/O error where the disk was
+        # only full; said as the store says it, as a segment's or a blob's is: audit 66)
+        raise state_io_error(e, f"applying the followed log to LMDB in {root}",
+                             "nothing was lost: the records copied are in DEST's log, "
+                             "and the follower's next run applies them", state.data_file
+                             ) from e
     finally:
         state.close()
+
+
+def _redo(layout: Layout, store_id: bytes, state, drop_log_below) -> int:
+    """``redo_into_lmdb``'s work, ``state`` open."""
+    from ..engine.apply import Applier
+    from ..engine.recovery import Recovery
+    from ..engine.scrub import scrub_quarantine
+    layout.upgrade_identity()  # (this walstore writes its LMDB: see Layout)
+    Recovery(layout.root, store_id, state, "strict").run()
+    state.sync()
+    applied = state.applied_lsn()
+    end = _inert_tail_end(layout.wal, store_id, applied)
+    if end is not None:  # (the writer's ``_applied_up_to_the_end``)
+        Applier(state).set_meta(b"applied", end)
+        state.sync()
+        applied = end
+    owed = _erase_owed(state)
+    if owed and drop_log_below is not None:
+        drop_log_below(applied)
+        state.compact()
+        ranges = [(bytes(lo), None if hi is None else bytes(hi)) for lo, hi in owed]
+        scrub_quarantine(layout.quarantine, [lo for lo, _hi in ranges if lo], ranges)
+        Applier(state).erased(owed)
+        state.sync()
+    return applied
 
 
 _INERT = frozenset({logformat.SEAL, logformat.CHECKPOINT})
