@@ -65,9 +65,13 @@ def _no_leftovers(rig: _Follow) -> None:
     assert all(len(n) == 24 and n.endswith(".wal") for n in wal), wal
 
 
-def _verify(rig: _Follow) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "walstore", "verify", rig.dest, "--json"],
+def _verify_dir(dest: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "walstore", "verify", dest, "--json"],
                           capture_output=True, text=True, env=cli_env(), timeout=60)
+
+
+def _verify(rig: _Follow) -> subprocess.CompletedProcess:
+    return _verify_dir(rig.dest)
 
 
 def _restarted(rig: _Follow):
@@ -220,3 +224,64 @@ def test_a_follower_out_of_room_for_lmdb_stops_naming_the_data_file_and_the_room
         _stop_and_compare(rig, p)
     finally:
         rig.close()
+
+
+# A follower killed (SIGKILL) with a blob downloaded, synced, not yet named: the fault
+# point "restore.blob" of the follower's rounds (DEST exists), not of its first restore.
+KILLED_AT_BLOB = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+url, dest = sys.argv[1:3]
+
+class KillAtBlob(fileio.OSBackend):
+    def fault_point(self, name):
+        if name == "restore.blob" and os.path.isdir(os.path.join(dest, "db")):
+            os.kill(os.getpid(), signal.SIGKILL)
+fileio.set_backend(KillAtBlob())
+main(["restore", url, dest, "--follow", "--interval", "0.05"])
+"""
+
+
+def _partial_files(dest: str) -> list[str]:
+    """Files in DEST's blob store that are not blobs (a download never named)."""
+    root = os.path.join(dest, "files", "blobs")
+    return [os.path.join(d, n) for d, _ds, ns in os.walk(root) for n in ns
+            if not (len(n) == 62 and len(os.path.basename(d)) == 2)]
+
+
+def test_a_blob_half_fetched_by_a_killed_follower_leaves_nothing_once_dest_is_promoted(
+        tmp_path):
+    """A follower killed (kill -9) while a blob of file content is downloaded into DEST
+    but not yet named, then DEST promoted (``walstore.open(DEST)``: the source is lost,
+    the very case a follower is for): nothing of that download stays in DEST, and
+    `walstore verify` passes.  Seen before the fix: the download's ``<sha>.part`` stayed
+    in DEST's blob directory for good (the store's open sweeps its blob store's ``tmp/``,
+    never a fan-out directory): a blob's size of garbage per kill."""
+    url = f"file://{tmp_path}/replica"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    dest = str(tmp_path / "dest")
+    with walstore.open(str(tmp_path / "src"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as src:
+        with src.transaction() as tx:
+            tx.put("n", 0)
+        src.sync_replica(timeout=30)
+        p = subprocess.Popen([sys.executable, "-c", KILLED_AT_BLOB, url, dest],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=cli_env())
+        deadline = time.monotonic() + 20
+        while not os.path.isdir(os.path.join(dest, "db")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with src.transaction() as tx:
+            tx.put("n", 1)
+            tx.files(str(ws)).write("f.bin", os.urandom(300_000))
+        src.sync_replica(timeout=30)
+        assert p.wait(20) == -9, p.stderr.read()[-1500:]
+        p.stderr.close()
+    assert _partial_files(dest), "the follower was not killed with a blob half fetched"
+    with walstore.open(dest) as d:  # (promoted)
+        assert d.get("n") == 0  # (the records naming the blob were never copied)
+    assert not _partial_files(dest), _partial_files(dest)
+    r = _verify_dir(dest)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]

@@ -1176,15 +1176,21 @@ class _BlobFetcher:
             self.fetch(_manifest_digests(self.names, d))
 
     def _one(self, digest: str, path: str, size: int | None = None) -> bool:
-        """Download blob ``digest`` to ``path`` (through ``path.part``, renamed once whole
-        and synced).  Writing it failing (DEST's disk full, EIO) is an OSError naming
-        ``path`` (and on a full disk the bytes free and the blob's ``size``): a local
-        error, never retried as the replica's are — the follower stops, as on any other
-        write to DEST failing (see ``follow``), and the ``.part`` is removed."""
+        """Download blob ``digest`` to ``path``: into the blob store's ``tmp/`` (where a
+        put in progress lives: the store's open removes what a crash left there, and so
+        does a follower's start, ``sweep_blob_temps``), synced, renamed to its name, its
+        directory synced (then the record naming it is appended: a power loss never
+        leaves DEST's history naming a blob whose name was not durable).  A follower
+        killed mid-download left ``<sha>.part`` in a fan-out directory for good (audit
+        66).  Writing it failing (DEST's disk full, EIO) is an OSError naming ``path``
+        (and on a full disk the bytes free and the blob's ``size``): a local error, never
+        retried as the replica's are — the follower stops, as on any other write to DEST
+        failing (see ``follow``), and the temp file is removed."""
         key = BLOB_PREFIX + digest
-        tmp = path + ".part"
+        tmp = os.path.join(self.dir, "tmp", f"{os.getpid()}-fetch-{digest}")
         try:
-            for d in (os.path.join(self.root, "files"), self.dir, os.path.dirname(path)):
+            for d in (os.path.join(self.root, "files"), self.dir,
+                      os.path.join(self.dir, "tmp"), os.path.dirname(path)):
                 if not os.path.isdir(d):
                     _src.make_dir(d)
             with os.fdopen(os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600),
@@ -1198,7 +1204,9 @@ class _BlobFetcher:
                                            f"name")
                 f.flush()
                 os.fsync(f.fileno())
+            fileio.fault_point("restore.blob")  # (tests: stopped before it is named)
             os.rename(tmp, path)
+            _src.fsync_dir(os.path.dirname(path))
         except OSError as e:
             fileio.remove_quietly(tmp)  # (first: the room said is the room there is)
             raise local_error(e, path, size) from e
@@ -1206,6 +1214,21 @@ class _BlobFetcher:
             fileio.remove_quietly(tmp)
         self.fetched += 1
         return True
+
+
+def sweep_blob_temps(root: str) -> None:
+    """Remove what a killed follower's blob downloads left in the store at ``root`` (its
+    lock held: nothing else writes there): the blob store's ``tmp/``, and the
+    ``<sha>.part`` files an older walstore's follower left in the fan-out directories."""
+    blobs = os.path.join(root, "files", "blobs")
+    if not os.path.isdir(blobs):
+        return
+    for sub in os.listdir(blobs):
+        d = os.path.join(blobs, sub)
+        if sub == "tmp" or (len(sub) == 2 and os.path.isdir(d)):
+            for name in os.listdir(d):
+                if sub == "tmp" or name.endswith(".part"):
+                    fileio.remove_quietly(os.path.join(d, name))
 
 
 def blobs_named(records) -> dict[str, int | None]:
@@ -1552,6 +1575,7 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
         purge_seen = False
 
     sweep_dead_scratch(tempfile.gettempdir(), FOLLOW_TEMP)
+    sweep_blob_temps(dest)  # (a killed follower's download: see _BlobFetcher._one)
     tmp = tempfile.mkdtemp(prefix=f"{FOLLOW_TEMP}{os.getpid()}-")
     fetch = _Fetcher(tgt, store_id, tmp)
     blobs = _BlobFetcher(tgt, dest)
