@@ -19,7 +19,8 @@ import pytest
 
 import walstore
 from store_support import cli_env
-from test_audit65_fulldisk_files import (_commit, _consistent, _Follow, _state_or_refusal,
+from test_audit65_fulldisk_files import (_check_one_line_no_space, _commit, _consistent,
+                                         _Follow, _run_cli, _state_or_refusal,
                                          _stop_and_compare)
 from test_replication_support import Replica, make_s3_replica, s3_endpoint  # noqa: F401
 from tools.fullsweep import fill_to
@@ -285,3 +286,28 @@ def test_a_blob_half_fetched_by_a_killed_follower_leaves_nothing_once_dest_is_pr
     assert not _partial_files(dest), _partial_files(dest)
     r = _verify_dir(dest)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
+
+
+def test_a_restore_from_s3_out_of_room_for_a_blob_names_the_file_not_the_server(
+        tmp_path, mount_tmpfs, s3_endpoint):
+    """`walstore restore s3://... DEST` with DEST's disk filling under the content of
+    reversible files: exit 1, one line naming the file on DEST's disk and [ENOSPC]; nothing
+    left beside DEST or in TMPDIR; with room, a retry restores every commit.  Seen before
+    the fix: "walstore: GET s3://b/a1/blobs/<sha>: OSError" (after five attempts with
+    backoff), as if moto's server had failed the request: the disk was never named."""
+    rig = _Follow(tmp_path, mount_tmpfs, make_s3_replica(s3_endpoint))
+    try:
+        rig.commits(0, 50, files=40_000)
+        fill_to(rig.mnt, 200_000)
+        r = _run_cli(["restore", rig.url, rig.dest, *rig.args], rig.tmpdir)
+        _check_one_line_no_space(r, "restore from s3")
+        assert "[ENOSPC]" in r.stderr and "files/blobs/" in r.stderr, r.stderr
+        assert rig.mnt in r.stderr and "GET s3://" not in r.stderr, r.stderr
+        assert os.listdir(rig.mnt) == ["fill"] and not os.listdir(rig.tmpdir)
+        os.unlink(os.path.join(rig.mnt, "fill"))
+        r = _run_cli(["restore", rig.url, rig.dest, *rig.args], rig.tmpdir)
+        assert r.returncode == 0, r.stderr[-1500:]
+        with walstore.open(rig.dest) as d:
+            assert list(d.scan()) == list(rig.src.scan())
+    finally:
+        rig.close()
