@@ -202,6 +202,18 @@ class _Follow:
             time.sleep(0.1)
         return seen
 
+    def applied(self, seconds: float = 10) -> None:
+        """Wait until DEST's LMDB holds every event its log does: the follower's first
+        round applies what its restore copied, and a disk filled before that apply fails
+        it (LMDB's error) instead of the write a test is after."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with walstore.open(self.dest, readonly=True) as d:
+                if d.stats()["unapplied_events"] == 0:
+                    return
+            time.sleep(0.05)
+        pytest.fail("the follower never applied what it had copied")
+
     def commits(self, first: int, end: int, files: int = 0) -> None:
         """Commits ``first`` .. ``end`` - 1; with ``files``: every fifth also writes a
         file of that many bytes in a workspace (before-images: blobs DEST fetches)."""
@@ -250,6 +262,7 @@ def test_a_follower_that_runs_out_of_space_says_so_and_a_restart_catches_up(foll
     rig.commits(0, 50)
     p, out = rig.follower()
     assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+    rig.applied()
     fill_to(rig.mnt, 300_000)
     rig.commits(50, 480)
     rig.wait_for(479, p, 20)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import time
 import pytest
 
 import walstore
-from store_support import cli_env
+from store_support import cli_env, get_readonly
 from test_audit65_fulldisk_files import (_check_one_line_no_space, _commit, _consistent,
                                          _Follow, _run_cli, _state_or_refusal,
                                          _stop_and_compare)
@@ -108,6 +109,7 @@ def test_a_follower_out_of_room_for_a_blob_stops_naming_the_file_as_for_a_segmen
     rig.commits(0, 50, files=40_000)
     p, out = rig.follower()
     assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+    rig.applied()
     _fill_and_commit(rig, 50, 400, 40_000)
     line = _stopped_line(rig, p, out)
     blobs = os.path.join(rig.dest, "files", "blobs") + os.sep
@@ -136,6 +138,7 @@ def test_a_follower_out_of_room_for_a_segment_says_what_it_needs_and_what_is_fre
     rig.commits(0, 50)
     p, out = rig.follower("--json")
     assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+    rig.applied()
     _fill_and_commit(rig, 50, 480, 0)
     line = _stopped_line(rig, p, out)
     wal = os.path.join(rig.dest, "wal") + os.sep
@@ -311,3 +314,48 @@ def test_a_restore_from_s3_out_of_room_for_a_blob_names_the_file_not_the_server(
             assert list(d.scan()) == list(rig.src.scan())
     finally:
         rig.close()
+
+
+def test_a_follower_whose_replica_shows_no_segment_end_yet_makes_no_16_mib_file(tmp_path):
+    """A follower started while the replica shows no end of a source segment yet (a
+    young source, 256 KiB segments): the file it makes once the restored log's last one
+    is full is sized as the doubling from 64 KiB goes on, not 16 MiB.  Seen before the fix: ``follow`` resumes the log its
+    own restore wrote, and the resumed log's next file was 16 MiB at once — 64 times the
+    source's segment (probe 57's waste, back after every follower's start); on a DEST
+    with 600 KB free the follower stopped, "No space left on device (598016 bytes free
+    there, 16777216 needed)", though a 256 KiB file would have fitted."""
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    biggest = 0
+    with walstore.open(str(tmp_path / "src"), segment_size=256 * 1024, replicate_to=url,
+                       replicate_options={"interval": 0.05}) as src:
+        for i in range(20):  # (~120 KB: the source's first segment has not ended)
+            _commit(src, i)
+        src.sync_replica(timeout=30)
+        p = subprocess.Popen([sys.executable, "-m", "walstore", "restore", url, dest,
+                              "--follow", "--interval", "0.05"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=cli_env())
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and p.poll() is None:
+                if os.path.isdir(os.path.join(dest, "db")):
+                    break
+                time.sleep(0.05)
+            for i in range(20, 36):  # (~100 KB more: still in the source's first segment,
+                _commit(src, i)       # past the restored log's last file)
+            src.sync_replica(timeout=30)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and p.poll() is None:
+                wal = os.path.join(dest, "wal")
+                biggest = max([biggest] + [os.path.getsize(os.path.join(wal, n))
+                                           for n in os.listdir(wal)])
+                if get_readonly(dest, "n") == 35:
+                    break
+                time.sleep(0.05)
+            assert get_readonly(dest, "n") == 35, "the follower did not catch up"
+        finally:
+            p.send_signal(signal.SIGINT)
+            p.wait(20)
+            p.stderr.close()
+    assert biggest <= 2 * 256 * 1024, f"a {biggest}-byte segment file in DEST"

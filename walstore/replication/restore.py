@@ -153,7 +153,12 @@ class RestoredLog:
         for rec in logformat.iter_records(data, off, lsn, salt, len(data)):
             off, lsn, after_seal = off + rec.size, rec.end, rec.type == logformat.SEAL
         log.start, log.salt, log.offset, log.size, log.end = start, salt, off, len(data), lsn
-        log.next_size = SEGMENT_SIZE
+        # the doubling goes on from the file it continues, until ``know`` learns the
+        # source's segment size (it was 16 MiB at once: every follower — ``follow``
+        # resumes the log its restore wrote — whose replica showed no segment's end yet
+        # made its next file 16 MiB for a source of 256 KiB segments, and on a disk with
+        # 600 KB free stopped, "16777216 needed": audit 66)
+        log.next_size = min(SEGMENT_SIZE, max(FOLLOW_FIRST_SIZE, 2 * len(data)))
         if after_seal:  # sealed with no successor (left by an older follower): make it now
             log._open_new(lsn, 0, lsn)
             return log
