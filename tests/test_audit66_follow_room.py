@@ -197,12 +197,12 @@ def test_a_library_follower_out_of_room_raises_a_store_io_error_naming_the_blob(
 def test_a_follower_out_of_room_for_lmdb_stops_naming_the_data_file_and_the_room(
         tmp_path, mount_tmpfs):
     """DEST's disk fills under the follower's apply (the log it copied in one round fits,
-    LMDB's growth when it applies that round does not): exit 1, one line naming DEST's data.mdb, the errno (LMDB reports a
-    short write as EIO) and the bytes free, saying nothing was lost; `walstore verify`
-    passes and a restart with room catches up.  Seen before the fix: "walstore: writing
-    LMDB failed: mdb_txn_commit: Input/output error" — the engine's internal error, no
-    errno, no file, an I/O error where the disk was only full (the store itself says
-    it as below since audit 65)."""
+    LMDB's growth when it applies that round does not): exit 1, one line naming DEST's
+    data.mdb, the errno (LMDB reports a short write as EIO) and the bytes free, saying
+    nothing was lost; `walstore verify` passes and a restart with room catches up. Seen
+    before the fix: "walstore: writing LMDB failed: mdb_txn_commit: Input/output error" —
+    the engine's internal error, no errno, no file, an I/O error where the disk was only
+    full (the store itself says it as below since audit 65)."""
     rig = _Follow(tmp_path, mount_tmpfs)
     try:
         rig.commits(0, 20)
@@ -224,7 +224,7 @@ def test_a_follower_out_of_room_for_lmdb_stops_naming_the_data_file_and_the_room
         assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
         os.unlink(os.path.join(rig.mnt, "fill"))
         p, out = _restarted(rig)
-        assert rig.wait_for(119, p, 30)[-1:] == [119], "the restarted follower did not catch up"
+        assert rig.wait_for(119, p, 30)[-1:] == [119], "the restart did not catch up"
         _stop_and_compare(rig, p)
     finally:
         rig.close()
@@ -317,13 +317,13 @@ def test_a_restore_from_s3_out_of_room_for_a_blob_names_the_file_not_the_server(
 
 
 def test_a_follower_whose_replica_shows_no_segment_end_yet_makes_no_16_mib_file(tmp_path):
-    """A follower started while the replica shows no end of a source segment yet (a
-    young source, 256 KiB segments): the file it makes once the restored log's last one
-    is full is sized as the doubling from 64 KiB goes on, not 16 MiB.  Seen before the fix: ``follow`` resumes the log its
-    own restore wrote, and the resumed log's next file was 16 MiB at once — 64 times the
-    source's segment (probe 57's waste, back after every follower's start); on a DEST
-    with 600 KB free the follower stopped, "No space left on device (598016 bytes free
-    there, 16777216 needed)", though a 256 KiB file would have fitted."""
+    """A follower started while the replica shows no end of a source segment yet (a young
+    source, 256 KiB segments): the file it makes once the restored log's last one is full is
+    sized as the doubling from 64 KiB goes on, not 16 MiB. Seen before the fix: ``follow``
+    resumes the log its own restore wrote, and the resumed log's next file was 16 MiB at
+    once — 64 times the source's segment (probe 57's waste, back after every follower's
+    start); on a DEST with 600 KB free the follower stopped, "No space left on device
+    (598016 bytes free there, 16777216 needed)", though a 256 KiB file would have fitted."""
     url = f"file://{tmp_path}/replica"
     dest = str(tmp_path / "dest")
     biggest = 0

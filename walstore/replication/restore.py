@@ -6,7 +6,8 @@ restored log writer (:class:`RestoredLog`: segment files named by start LSN, rec
 re-framed under a new salt where a restored segment starts somewhere the original did
 not, a SEAL written only once its successor exists, as the writer's rotation does),
 :func:`follow` (a read-only copy that keeps applying new WAL objects, its rounds retried
-with backoff through transient target errors), the blobs a copy's history names
+with backoff through transient target errors, stopped by a local write failing: a full
+DEST said as such, ``local_error``), the blobs a copy's history names
 (:class:`_BlobFetcher`: never a LIST of ``blobs/``), and
 :func:`replicas` (listing, and ``--verify``: every object the manifest lists read back
 and checked, one at a time, its restore points against the WAL, then a full restore and a
@@ -1407,7 +1408,13 @@ def follow(url: str, dest: str, replicate_options: Any = None, *,
     ``APPLY_STEP`` bytes were appended since the last time (a backlog in bounded steps);
     segment files wholly applied are removed after each.  A round that appended a purge
     applies at its end and erases what the writer's purge checkpoint erases (the log's
-    files holding records before it, LMDB's free pages: see ``_follow_rounds``)."""
+    files holding records before it, LMDB's free pages: see ``_follow_rounds``).
+
+    A local write failing — DEST's disk full under a segment, a blob or LMDB's apply, the
+    temp directory's under a fetched object — is never retried as the replica's errors
+    are: a ``StoreIOError`` naming the file (on a full disk the bytes free there and
+    needed: ``local_error``) stops the follower, DEST left sound (whole records, no temp
+    file); run again with room, it goes on from DEST's position."""
     opts = ReplicateOptions.from_any(replicate_options)
     # checked as the ``interval`` option is (a NaN or negative one polled in a busy loop,
     # 0 took the default without a word), and ``apply_every`` likewise (a NaN or inf one
