@@ -359,3 +359,66 @@ def test_a_follower_whose_replica_shows_no_segment_end_yet_makes_no_16_mib_file(
             p.wait(20)
             p.stderr.close()
     assert biggest <= 2 * 256 * 1024, f"a {biggest}-byte segment file in DEST"
+
+
+# A follower killed (SIGKILL) with a new segment file of DEST's log made (zero-filled,
+# synced) and not yet renamed into place: its ``<lsn>.wal.tmp``.
+KILLED_AT_SEGMENT = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+url, dest = sys.argv[1:3]
+
+class KillAtSegment(fileio.OSBackend):
+    def rename(self, src, dst):
+        if src.endswith(".wal.tmp") and os.path.isdir(os.path.join(dest, "db")):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().rename(src, dst)
+fileio.set_backend(KillAtSegment())
+main(["restore", url, dest, "--follow", "--interval", "0.05"])
+"""
+
+
+def test_a_segment_half_made_by_a_killed_follower_is_gone_once_it_runs_again(tmp_path):
+    """A follower killed (kill -9) between making a new segment file of DEST's log and
+    renaming it into place, then run again: it catches up and no ``.wal.tmp`` stays in
+    DEST's log directory (a restart is how a supervisor brings a follower back).  Probed
+    at audit 66 and found right: the restart makes the file at the same LSN again (the
+    same temp name, truncated) and renames it into place; a promotion's open removes any
+    ``.wal.tmp`` too.  (Its blob counterpart above was wrong.)"""
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    with walstore.open(str(tmp_path / "src"), segment_size=256 * 1024, replicate_to=url,
+                       replicate_options={"interval": 0.05}) as src:
+        for i in range(20):
+            _commit(src, i)
+        src.sync_replica(timeout=30)
+        p = subprocess.Popen([sys.executable, "-c", KILLED_AT_SEGMENT, url, dest],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=cli_env())
+        deadline = time.monotonic() + 20
+        while not os.path.isdir(os.path.join(dest, "db")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for i in range(20, 80):  # (past the restored log's last file: a new one is made)
+            _commit(src, i)
+        src.sync_replica(timeout=30)
+        assert p.wait(20) == -9, p.stderr.read()[-1500:]
+        p.stderr.close()
+        wal = os.path.join(dest, "wal")
+        assert [n for n in os.listdir(wal) if n.endswith(".tmp")], os.listdir(wal)
+        p = subprocess.Popen([sys.executable, "-m", "walstore", "restore", url, dest,
+                              "--follow", "--interval", "0.05"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=cli_env())
+        try:
+            deadline = time.monotonic() + 20
+            while get_readonly(dest, "n") != 79 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert get_readonly(dest, "n") == 79, "the restarted follower did not catch up"
+            assert not [n for n in os.listdir(wal) if n.endswith(".tmp")], os.listdir(wal)
+        finally:
+            p.send_signal(signal.SIGINT)
+            assert p.wait(20) == 0, p.stderr.read()[-1500:]
+            p.stderr.close()
+    r = _verify_dir(dest)
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
