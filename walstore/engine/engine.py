@@ -1253,7 +1253,7 @@ class Engine:
             raise self.state_io_error(e, f"closing {self.path}", "every commit is in the "
                                        "log; the next open recovers") from e
         finally:
-            self._release()
+            self._release(sync_log=True)
 
     def drop_like_a_crash(self) -> None:
         """Let go as a killed process would: no apply, no checkpoint, no clean flag."""
@@ -1269,7 +1269,10 @@ class Engine:
             if t is not threading.current_thread():
                 t.join()
 
-    def _release(self) -> None:
+    def _release(self, sync_log: bool = False) -> None:
+        """``sync_log``: close()'s, the log made durable before it closes (a close whose
+        checkpoint was cut short, by an LMDB error or an interrupt, never made its last
+        sync: a commit in flight then had its fsync fail on the closed descriptor)."""
         # one section no interrupt cuts (walstore.signals): cut in the WAL's close, it left
         # the store locked by this process, and a second close() found nothing to do
         with deferred():
@@ -1277,7 +1280,7 @@ class Engine:
             if self.follower is not None:
                 self.follower.close()
             if self.wal is not None:
-                self.wal.close()
+                self.wal.close(sync=sync_log)
             if self.shared_mark is not None:
                 self.shared_mark.close()  # (its last mark stays for read-only processes)
             if self.state is not None:

@@ -733,7 +733,15 @@ class WriteAheadLog:
         try:
             writer.sync()
             self.fsyncs += 1
-        except OSError as e:
+        except (OSError, ValueError) as e:  # (ValueError: a closed writer's descriptor, -1)
+            if writer.fd < 0:  # closed by ``close`` (under the fsync lock, which we hold)
+                if self.synced_lsn >= writer.end_lsn:
+                    return  # which made all of it durable first: nothing left to sync
+                raise LogFailed("the WAL was closed before these records were made "
+                                "durable (the store was let go without a clean close); "
+                                "their outcome is unknown until recovery") from e
+            if not isinstance(e, OSError):
+                raise
             self.failed = e
             raise LogFailed(f"fsync of the WAL failed ({e.strerror or e}); the store is now "
                             f"read-only, the unsynced commits are unknown until recovery "
@@ -794,7 +802,15 @@ class WriteAheadLog:
                 pass  # (trimmed meanwhile)
         return total
 
-    def close(self) -> None:
+    def close(self, sync: bool = False) -> None:
+        """Let the log go.  ``sync``: what was written is made durable first (a store's
+        close, whatever cut its checkpoint short; never a crash's drop).  The descriptor
+        is closed under the fsync lock: a leader's fsync in flight ends first, and one
+        that comes after finds the writer closed (``_fsync``).  Closed under it, the
+        fsync failed on the closed descriptor and its commits were told "outcome
+        unknown" (EBADF) for records the next open found; its number taken by a file
+        opened meanwhile, the fsync synced that file and they returned, never synced
+        (audit 66: close() cut short by its checkpoint's LMDB error)."""
         with self._spare_lock:
             self._spare_stop = True
             self._spare_cond.notify_all()
@@ -811,4 +827,26 @@ class WriteAheadLog:
                 # log said to take no more writes took them at close)
             except WalWriteError:
                 pass
-            self.writer.close()
+            with self._sync_lock:
+                try:
+                    if sync and self.failed is None and self.synced_lsn < self.writer.end_lsn:
+                        self._sync_at_close()
+                except LogFailed:
+                    pass  # (the log failed: its waiters are told; the store is closing)
+                finally:
+                    self.writer.close()
+
+    def _sync_at_close(self) -> None:
+        """``close``'s fsync of what was written (caller holds ``lock`` and the fsync
+        lock): published, ``synced_lsn`` moved and the waiters it covered woken, as a
+        rotation's fsync does."""
+        writer = self.writer
+        target = writer.end_lsn
+        self._fsync(writer)
+        if self.after_sync is not None:
+            self.after_sync(target)
+        with self._sync_mutex:
+            self.synced_lsn = max(self.synced_lsn, target)
+            wake = self._take_covered()
+        for x in wake:  # (outside the mutex, as a leader's wake-ups)
+            x[1].release()
