@@ -10,6 +10,9 @@ Found (each test's docstring says what was seen before the fix):
   file descriptor)") for a record the next open then found; with the descriptor's
   number taken by a file opened meanwhile, the fsync went to that file and the commit
   returned with its record never synced;
+- a group commit leader's next round wrote the buffered records after the log had
+  failed meanwhile (the spare's fsync): bytes written by a log said to take no more
+  writes (its fsync was refused after, so nothing was acknowledged).
 """
 from __future__ import annotations
 
@@ -170,3 +173,56 @@ def test_a_commit_in_flight_when_close_fails_is_never_told_unknown(tmp_path, whe
     with walstore.open(path) as s:
         assert dict(s.scan()) == {"a": "A", "v": "V"}
 
+
+LEADERS_NEXT_ROUND = (WriteAheadLog._lead.__code__,
+                      _line_of(WriteAheadLog._lead, "rounds += 1"))
+
+
+def test_nothing_is_written_after_the_log_failed_by_a_leaders_next_round(tmp_path):
+    """A leader's first round (its fsync held) covers its own commit; two commits
+    buffered behind it wait for its next round.  Between the rounds (the leader stopped
+    there) the spare thread's fsync fails (EIO), which stops the log: nothing is to be
+    written or synced again.  Before the fix the next round wrote the two buffered
+    records all the same (seen: a WAL pwrite after the failure), then found the log
+    failed and refused its fsync (both commits told CommitOutcomeUnknown, so nothing was
+    acknowledged wrongly — but the log took writes after it had stopped, and the next
+    open redid them).  Now the round writes nothing: the two are still told
+    CommitOutcomeUnknown, and the next open finds neither (the losers' outcome)."""
+    from test_audit65_writer import _spare_ready
+    path = str(tmp_path / "s")
+    fb = HeldWrites()
+    with installed(fb):
+        s = walstore.open(path, durability="full")
+        try:
+            wal, outcome = s._engine.wal, {}
+            commit_recording_outcome(s, "first", 1, outcome)
+            _spare_ready(wal)
+            fb.sync_armed = True
+            stops = Stops(LEADERS_NEXT_ROUND)
+            lead = stops.start(lambda: commit_recording_outcome(s, "a", "A", outcome))
+            assert fb.sync_entered.wait(20)
+            behind = [_start(s, k, k.upper(), outcome) for k in ("b", "c")]
+            _wait_for(lambda: len(wal._buffer) == 2 and len(wal._waiters) == 2,
+                      "b and c did not wait behind the leader")
+            fb.sync_release.set()
+            assert stops.arrived[0].wait(20)  # round 1 done (a covered); b, c wait
+            rule = fb.fail("fsync", errno.EIO, path="spare.tmp")
+            with wal._spare_lock:
+                wal.spare.discard()
+            wal._want_spare()  # the spare thread makes one: its fsync fails
+            _wait_for(lambda: wal.failed is not None, "the spare's fsync did not fail")
+            failed_at = rule.failed_calls[0].seq
+            stops.release[0].set()
+            for t in [lead] + behind:
+                t.join(20)
+                assert not t.is_alive()
+            assert outcome["first"] == "ok", outcome
+            for k in ("a", "b", "c"):  # (a: its round synced it, the chained one failed)
+                assert isinstance(outcome[k], walstore.CommitOutcomeUnknown), outcome
+            written = fb.calls_to(("pwrite", "fdatasync", "fsync"), path="*.wal",
+                                  after=failed_at)
+            assert written == [], written
+        finally:
+            s._drop_like_a_crash()
+    with walstore.open(path) as s:
+        assert dict(s.scan()) == {"first": 1, "a": "A"}

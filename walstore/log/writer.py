@@ -275,7 +275,12 @@ class WriteAheadLog:
         with self.lock:
             if self._writing is not None:  # (not ours: a lead lost in its write)
                 self._await_write()
-            if not self._buffer:
+            if not self._buffer or self.failed is not None:
+                # (failed since the leader looked — another thread's fsync: the spare's, a
+                # rotation's, a trim's — often between two rounds: nothing is written
+                # again; the records stay buffered, as close() leaves them, and the
+                # round's fsync is refused next: their committers are told "unknown".
+                # Written, the log took them after it had stopped: audit 66)
                 return
             buffer, self._buffer = self._buffer, []
             w = self.writer
