@@ -836,8 +836,9 @@ class WriteAheadLog:
                 try:
                     if sync and self.failed is None and self.synced_lsn < self.writer.end_lsn:
                         self._sync_at_close()
-                except LogFailed:
-                    pass  # (the log failed: its waiters are told; the store is closing)
+                except Exception:  # (LogFailed: the log failed, its waiters are told so;
+                    pass  # a MemoryError publishing: they find it closed unsynced, the
+                    # same) — the store lets go all the same: never left locked
                 finally:
                     self.writer.close()
 
