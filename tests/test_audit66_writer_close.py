@@ -13,6 +13,17 @@ Found (each test's docstring says what was seen before the fix):
 - a group commit leader's next round wrote the buffered records after the log had
   failed meanwhile (the spare's fsync): bytes written by a log said to take no more
   writes (its fsync was refused after, so nothing was acknowledged).
+
+Looked at and found right: a clean close() under 6-10 threads committing durably, fsyncs
+slowed at random (0-4 ms; 90 closes): every commit returned or was refused with
+StoreClosed before its record — a commit record cannot follow the close's CHECKPOINT
+(both are appended under the journal lock, the closed check made under it), so the
+close's last sync waits for every leader's round that matters, and no round chains past
+it.  Left as it is: under durability="normal" a commit that passed ``append``'s
+failed-log check just before the flusher's fsync failed writes its record after the
+failure and returns (its record written, as "normal" promises; the commits acknowledged
+just before share its fate: unsynced, the store read-only); the failure is set under the
+fsync lock, not the log's, which an append holds.
 """
 from __future__ import annotations
 
