@@ -40,14 +40,15 @@ from walstore.engine.pipeline import CommitPipeline
 from walstore.log.writer import WriteAheadLog
 
 from test_audit58_races import _line_of
+from test_audit64_groupcommit import Stop
 from test_perf63_groupcommit import HeldWrites, _start, _wait_for
 from store_support import commit_recording_outcome
 from tools.faults import installed
 
 
-class Stops:
-    """Stops the thread it starts at each (code, line) of ``points`` in turn, once each:
-    ``arrived[i]`` is set there, and it waits for ``release[i]``."""
+class Stops(Stop):
+    """Stops the thread it starts (``Stop.start``) at each (code, line) of ``points`` in
+    turn, once each: ``arrived[i]`` is set there, and it waits for ``release[i]``."""
 
     def __init__(self, *points) -> None:
         self.points = list(points)
@@ -67,17 +68,6 @@ class Stops:
 
     def _trace(self, frame, event, arg):
         return self._local if frame.f_code in self.codes else None
-
-    def start(self, fn) -> threading.Thread:
-        def body():
-            sys.settrace(self._trace)
-            try:
-                fn()
-            finally:
-                sys.settrace(None)
-        t = threading.Thread(target=body, daemon=True)
-        t.start()
-        return t
 
 
 PAST_THE_CLOSED_CHECK = (CommitPipeline._append_locked.__code__,
