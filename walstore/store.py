@@ -180,7 +180,7 @@ class Store:
         self._engine = engine = Engine(path, durability=durability, create=create,
                                        readonly=readonly, recover=recover, map_size=map_size,
                                        options=options, progress=progress,
-                                       keep_replica_pin=keep_pin)
+                                       keep_replica_pin=keep_pin, spare_later=True)
         try:
             self._saga = Saga(engine, compensators)
             self._files = Files(engine)
@@ -199,6 +199,7 @@ class Store:
                 engine.checkpoint_hooks.append(self._files.gc)
                 self._settle_recovery()
                 self._trim_after_recovery()
+                engine.start_spare()  # (not from the room the file undos above needed)
             if not readonly:
                 engine.drain()  # (REDOne purges applied, so their owed erasure shows)
             if replicate_to is not None:

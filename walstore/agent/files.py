@@ -315,6 +315,11 @@ class UndoBatch:
             self._stopped.add(eff.ws.root_b)
             return [], e
 
+    def resume(self, eff: Any) -> None:
+        """``eff`` failed to go back and is tried again at once (room made meanwhile: the
+        settle at open): its workspace is no longer held back."""
+        self._stopped.discard(eff.ws.root_b)
+
     def done(self, eff: "FileEffect") -> Callable[[Change], list[Entry]]:
         root = eff.ws.root_b
 
@@ -368,6 +373,28 @@ def abs_display(ws_root: bytes, path: bytes) -> str:
     """The absolute path of a workspace path, as a str (surrogate escapes kept)."""
     return os.fsdecode(ws_root + b"/" + path)
 
+
+def no_room_to_undo(eff: Any, err: OSError, freed: int) -> OSError:
+    """``err`` (a put-back of ``eff`` that ran out of disk) with what an operator needs
+    to make room: the bytes the file named needs (the largest before-image of that path
+    among ``eff``'s steps; a watch's: not known) and the bytes free on its file system
+    now, after the store gave back ``freed`` bytes of its own (``Files.free_room``).  (It
+    said only "No space left on device": not how much room, nor that it was the rest
+    of the disk, not the store's own, that stood in the way.)"""
+    name = err.filename if isinstance(err.filename, str) else None
+    root = os.fsdecode(eff.ws.root_b)
+    sizes = [c.before.size for c in getattr(eff, "steps", ()) or ()
+             if c.before.is_file and abs_display(eff.ws.root_b, c.path) == name]
+    try:
+        st = os.statvfs(os.path.dirname(name) if name else root)
+        free = f"its file system has {st.f_bavail * st.f_frsize} bytes free"
+    except OSError:
+        free = "its file system's free bytes are not known"
+    what = f"putting back {name} needs {max(sizes)} bytes" if sizes else \
+        f"putting back {name or 'its files'} needs room"
+    msg = (f"{err.strerror or err}; {what}, {free} (after the store freed {freed} bytes "
+           f"of its own)")
+    return OSError(err.errno, msg, name) if name else OSError(err.errno, msg)
 
 
 def _with_parents(paths: list[bytes]) -> set[bytes]:
@@ -1920,11 +1947,11 @@ class Files:
         since = b.bytes_written - (self._gc_written or 0)
         return since >= max(GC_AFTER_BYTES, self._gc_kept // 4)
 
-    def gc(self) -> dict:
-        """A checkpoint hook: when due (``_gc_due``), remove the blobs nothing retained
-        refers to (skipped while a file operation is under way)."""
+    def gc(self, due: bool = False) -> dict:
+        """A checkpoint hook: when due (``_gc_due``, or ``due``), remove the blobs nothing
+        retained refers to (skipped while a file operation is under way)."""
         eng = self.engine
-        if not os.path.isdir(os.path.join(self.dir, "blobs")) or not self._gc_due():
+        if not os.path.isdir(os.path.join(self.dir, "blobs")) or not (due or self._gc_due()):
             return {}
         # a probe, then the lock by ``with`` (walstore.signals: an interrupt right after an
         # acquire() outside a ``with`` left the lock held, and every file operation of the
@@ -1955,6 +1982,14 @@ class Files:
             self._gc_horizon = horizon
             self._gc_written, self._gc_kept = written, res.kept_bytes
             return {"blobs_removed": res.removed, "blob_bytes_freed": res.freed}
+
+    def free_room(self) -> int:
+        """Room that is the store's own, given back before a file undo that ran out of it
+        is tried again (at open): the blobs nothing refers to (a rolled-back write's
+        after-image, kept until the next blob gc — at a crashed writer's recovery, the
+        close of that recovery).  The blobs of the owed undos are referred to by their
+        ``fsteps`` rows (recorded done only after the settle): kept.  Bytes freed."""
+        return int(self.gc(due=True).get("blob_bytes_freed", 0))
 
     def referenced(self, manifests_out: set[str] | None = None,
                    unread_out: set[str] | None = None) -> set[str]:
@@ -2477,5 +2512,6 @@ class FilesRecoveryReport(RecoveryReport):
             self.problems.append(Problem(
                 "file-undo-failed", os.fsdecode(ws or b"?"), 0, lsn,
                 f"the file changes of transaction {txid} could not be put back "
-                f"({type(err).__name__}: {err}); they stay owed (undone at the next open)",
+                f"({type(err).__name__}: {err}); they stay owed: put back at the next "
+                f"open (or `walstore recover`)",
                 0, "owed"))

@@ -9,6 +9,7 @@ paths are put back, in exactly the reverse of the order they happened (``undo``)
 """
 from __future__ import annotations
 
+import errno
 import threading
 import time
 import weakref
@@ -18,7 +19,7 @@ from ..errors import CompensationFailed, StoreClosed, TransactionClosed, Walstor
 from ..signals import deferred
 from .actions import Action, ActionScope, Saga, UndoProgress, _body_running
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
-                    is_file_effect)
+                    is_file_effect, no_room_to_undo)
 from .twophase import TwoPhase
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ def newest_effect_first(effect: Any) -> tuple:
         txid, _, seq = effect.id.partition(".")
         return (-effect.lsn, -int(txid), -int(seq or 0))
     return (-effect.lsn, -effect.txid, 0)
+
+
+def _no_space(err: BaseException | None) -> bool:
+    """A put-back that failed for room (ENOSPC; EDQUOT: a quota, room all the same)."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _raise_unrecorded(unrecorded: list[CompensationFailed]) -> None:
@@ -333,6 +339,7 @@ class AgentHooks:
         failed_actions: list[Action] = []
         unrecorded: list[CompensationFailed] = []
         batch = UndoBatch(effects)
+        freed: int | None = None  # (the store's own room given back: once, when needed)
         try:
             for eff in sorted(owed + effects, key=newest_effect_first):
                 if isinstance(eff, Action):
@@ -343,6 +350,19 @@ class AgentHooks:
                     continue
                 got, err = batch.put_back(
                     eff, lambda: files.undo_one(eff.txid, eff, batch, recovering=True))
+                if _no_space(err):
+                    # the store's own room first (blobs nothing refers to: a rolled-back
+                    # write's, kept until a gc — the close of this recovery ran it, so
+                    # a second `walstore recover` put back what the first said it could
+                    # not), then the same undo again: the order stays newest first
+                    if freed is None:
+                        freed = files.free_room()
+                        if freed:
+                            batch.resume(eff)
+                            got, err = batch.put_back(eff, lambda: files.undo_one(
+                                eff.txid, eff, batch, recovering=True))
+                    if _no_space(err):
+                        err = no_room_to_undo(eff, err, freed)
                 if err is not None:
                     failures.append((eff.txid, eff.lsn, eff.ws.root_b, err))
                     continue

@@ -196,9 +196,13 @@ def _print_recovery(doc: dict) -> None:
               ("log ends at LSN", doc["end_lsn"]), ("torn bytes cut", doc["torn_bytes"]),
               ("losers (no commit)", len(doc["losers"])), ("seconds", f"{doc['seconds']:.3f}")])
     for p in doc["problems"]:
-        if not p["bytes"] and not p["offset"] and not p["lsn"]:  # (a path, not log bytes:
-            click.echo(one_line(f"{p['kind']}: {p['reason']}: {p['file']} "  # a file
-                                f"{p['action'] or 'found'}"  # conflict: a path on one line)
+        # (a path, not log bytes: a file conflict, a file undo owed — its LSN is its
+        # record's, and "at <workspace> offset 0 (LSN 649), 0 bytes owed" read as if
+        # nothing were owed beside a reason naming the bytes a file needs: a path on one line)
+        if p["kind"] == "file-undo-failed" or not p["bytes"] and not p["offset"] \
+                and not p["lsn"]:
+            click.echo(one_line(f"{p['kind']}: {p['reason']}: {p['file']} "
+                                f"{p['action'] or 'found'}"
                                 + (f" -> {p['quarantined']}" if p['quarantined'] else "")))
             continue
         click.echo(f"{p['kind']}: {p['reason']} at {p['file']} offset {p['offset']} "

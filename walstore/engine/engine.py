@@ -118,12 +118,14 @@ class Engine:
                  readonly: bool = False, recover: str = "auto", map_size: int | None = None,
                  options: Options | None = None,
                  progress: Callable[[int, int], None] | None = None,
-                 keep_replica_pin: int | None = None) -> None:
+                 keep_replica_pin: int | None = None, spare_later: bool = False) -> None:
         """``keep_replica_pin``: the store is opened to replicate (``replicate_to=``): keep
         the WAL from the replica's last recorded position (meta ``replica_pin``) through
         recovery's checkpoint and until the shipper pins for itself, as long as it holds
         back at most this many bytes — a writer killed while replication lagged must not
-        trim, at its next open, what the replica still needs."""
+        trim, at its next open, what the replica still needs.  ``spare_later``: the WAL
+        spare's thread waits for ``start_spare()`` (the store's open, once what recovery
+        owes the outside world is done)."""
         if durability not in DURABILITIES:
             raise ValueError(f"durability must be one of {DURABILITIES}, not {durability!r}")
         if recover not in RECOVER_MODES:
@@ -159,6 +161,7 @@ class Engine:
         # for the records still on disk are shipped, and their content must go with them
         self.replica_positions: list[Callable[[], int | None]] = []
         self._replica_pin_bound = keep_replica_pin
+        self._spare_later = spare_later
         if keep_replica_pin is not None:
             self.retention_pins.append(self._stored_replica_pin)
             self.replica_positions.append(self._stored_replica_position)
@@ -653,10 +656,24 @@ class Engine:
 
     # ---- threads ------------------------------------------------------------------------
     def _start_threads(self) -> None:
-        self.wal.start_spare_thread()
+        if not self._spare_later:
+            self.wal.start_spare_thread()
         self._spawn(self._applier_loop, "walstore-applier")
         if self.durability == "normal":
             self._spawn(self._flusher_loop, "walstore-flusher")
+
+    def start_spare(self) -> None:
+        """Start the WAL spare's thread held back by ``spare_later``.  The store's open
+        starts it after the file undos recovery owed: started with the other threads, it
+        zero-filled the next segment (up to 16 MiB) from the room a file to put back
+        needed, and the undo failed for room (``file-undo-failed``) at every `walstore
+        recover`, where with less room free (no spare made) it succeeded (audit 66)."""
+        if self._spare_later and not self.readonly and self.wal is not None:
+            self._spare_later = False
+            try:
+                self.wal.start_spare_thread()
+            except RuntimeError as e:  # ("can't start new thread": as the others')
+                raise thread_start_error(e, f"opening the store at {self.path}") from e
 
     def _spawn(self, fn, name: str) -> None:
         t = threading.Thread(target=fn, name=name, daemon=True)
