@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 import walstore
 from store_support import cli_env
 from tools.fullsweep import _free, fill_to
@@ -137,3 +139,60 @@ def test_a_file_undo_that_cannot_fit_names_the_file_the_bytes_and_that_it_is_owe
     r, doc = _recover(store)
     assert r.returncode == 0 and not _undo_failures(doc), doc["problems"]
     _assert_put_back(store, ws)
+
+
+def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content(
+        mount_tmpfs):
+    """A rollback whose file undo fails on the full disk raises FileConflictError ("owed:
+    put back at the next open"), and the workspace keeps the rolled-back bytes.  A later
+    transaction's ``files().read`` of that path must not take them for the current
+    content: it puts the path back first (room made) or raises, telling.  Seen before the
+    fix: the read returned the rolled-back bytes and the transaction that read them
+    committed (a decision resting on content no transaction committed — the next open
+    put the old version back under it), and ``listdir`` listed the file it created; with
+    the room back, every read went on returning them until the store was reopened
+    (nothing retried the owed undo)."""
+    mnt = str(mount_tmpfs("16m"))
+    ws = os.path.join(mnt, "ws")
+    os.mkdir(ws, 0o700)
+    seed, new = os.urandom(300_000), os.urandom(300_000)
+    s = walstore.open(os.path.join(mnt, "s"), segment_size=1 << 20)
+    try:
+        with s.transaction() as tx:
+            tx.files(ws).write("big.bin", seed)
+        tx = s.transaction()
+        tx.files(ws).write("made.txt", "made by the transaction rolled back\n")
+        tx.files(ws).write("big.bin", new)
+        tx.put("decided", "new")
+        fill_to(mnt, 100_000)
+        try:
+            tx.rollback()
+        except walstore.FileConflictError as e:
+            assert "owed: put back at the next open" in str(e), str(e)
+        else:
+            pytest.fail("the rollback's file undo did not run out of room")
+        with open(os.path.join(ws, "big.bin"), "rb") as f:
+            assert f.read() == new  # (the disk is full: the undo is owed)
+        with pytest.raises(walstore.ConflictError) as e:  # (no room to put it back)
+            with s.transaction() as t3:
+                got = t3.files(ws).read("big.bin")
+                t3.put("decided", hashlib.sha256(got).hexdigest())
+        msg = str(e.value)
+        assert os.path.join(ws, "big.bin") in msg and "stays owed" in msg, msg
+        assert "No space left on device" in msg and "\n" not in msg, msg
+        assert s.get("decided") is None
+        with pytest.raises(walstore.ConflictError, match="stays owed"):
+            with s.transaction() as t3:  # (its made.txt: not taken for a current name)
+                t3.files(ws).listdir()
+        os.unlink(os.path.join(mnt, "fill"))  # (room again: the next read puts it back)
+        with s.transaction() as t4:
+            assert t4.files(ws).read("big.bin") == seed
+            assert t4.files(ws).listdir() == ["big.bin"]
+        with open(os.path.join(ws, "big.bin"), "rb") as f:
+            assert f.read() == seed
+    finally:
+        s.close()
+    with walstore.open(os.path.join(mnt, "s")) as s:
+        assert not s.last_recovery.problems and s.file_conflicts() == []
+        with open(os.path.join(ws, "big.bin"), "rb") as f:
+            assert f.read() == seed

@@ -875,6 +875,11 @@ class Files:
             if not self._claims_seeded:
                 self._seed_claims()
             owner = self._claims.get(key)
+            stale = self._stale_owners(tx, ws.root_b, rel)
+        if stale:
+            self._put_back_before_read(tx, ws, rel)
+            with self._lock:
+                owner = self._claims.get(key)
         if owner == tx.id:
             return
         if reads is None:
@@ -882,6 +887,67 @@ class Files:
             ref = weakref.ref(tx)  # (no cycle: a dropped transaction must still be freed
             tx.commit_check = lambda: self._check_reads(ref(), None)  # at once, see _live)
         reads[key] = (owner, _fingerprint(ws.root_b, rel))
+
+    def committed(self, txid: int) -> None:
+        """Transaction ``txid`` committed: it owes no undo, so the first read or change of
+        a path it changed needs no look at what it owes (``_owed_now``: the unapplied
+        events and its ``fsteps`` rows, ~0.25 ms) — as its first change did once per
+        owner, its first read does since reads put back what dead owners left (audit 66).
+        Not under ``_lock`` (a file operation of another thread holds it through its I/O:
+        the commit would wait); a set's add is one step, and one lost to a concurrent
+        prune costs that look again, nothing more."""
+        if txid in self._claimants:
+            self._settled.add(txid)
+
+    def _stale_owners(self, tx: "Transaction", root: bytes, rel: bytes,
+                      listing: bool = False) -> set[int]:
+        """The transactions that changed ``rel`` or a parent of it (``listing``: or a path
+        below it) and ended without being known to owe nothing (``_settled``): what a
+        read of it must put back first.  Caller holds ``_lock``."""
+        owners = {self._claims.get((root, p)) for p in _with_parents([rel])}
+        if listing:
+            owners |= (self._under.get((root, rel), set()) if rel else
+                       {t for (r, _p), t in self._claims.items() if r == root})
+        return {t for t in owners if t is not None and t != tx.id and t not in self._settled
+                and not self._live(t)}
+
+    def _put_back_before_read(self, tx: "Transaction", ws: Workspace, rel: bytes,
+                              listing: bool = False) -> None:
+        """Before ``tx`` reads ``rel``: what a transaction that ended without its files put
+        back left there — dropped, or rolled back on a full disk (its FileConflictError
+        said "owed: put back at the next open") — is put back first, as before a change
+        (``_put_back_stale``); ConflictError when it still cannot be (the read is refused:
+        those bytes were never committed).  (The read returned them, and the transaction
+        that read them committed on content the next open took away; with room again,
+        every read returned them until the store was reopened: audit 66.)  Inside a
+        watch() of ``ws`` (this thread's) nothing is put back — the watch would take the
+        put-back for its own change: refused the same way."""
+        with self._ws_lock(ws), self._lock:
+            running = self._watching.get(ws.root_b)
+            if running is None:
+                self._put_back_stale(tx.id, ws, None if listing else [rel])
+                return
+            owed = self._owed_now(self._stale_owners(tx, ws.root_b, rel, listing))
+            if not owed:
+                return
+        where = abs_display(ws.root_b, rel) if rel else ws.root
+        raise ConflictError(f"transaction {tx.id} cannot read {where} inside a watch(): "
+                            f"transaction {min(owed)} ended without a commit and its change "
+                            f"there is not put back yet (owed); nothing was read", [where])
+
+    def before_list(self, tx: "Transaction", ws: Workspace, rel: bytes) -> None:
+        """Before ``tx`` lists directory ``rel``: what transactions that ended without
+        their files put back left below it is put back first (``_put_back_before_read``:
+        a name a failed rollback created was listed as current)."""
+        key = (ws.root_b, rel, LISTED)
+        if tx.file_reads is not None and key in tx.file_reads:
+            return
+        with self._lock:
+            if not self._claims_seeded:
+                self._seed_claims()
+            stale = self._stale_owners(tx, ws.root_b, rel, listing=True)
+        if stale:
+            self._put_back_before_read(tx, ws, rel, listing=True)
 
     def note_list(self, tx: "Transaction", ws: Workspace, rel: bytes,
                   names: frozenset[bytes]) -> None:
@@ -2465,6 +2531,7 @@ class TxFiles:
                 self._files.note_read(self._tx, ws, asked)
         else:
             rel, abs_path = ws.resolve(path, allow_root=True)
+        self._files.before_list(self._tx, ws, rel)
         names = _listing(ws, rel)
         if names is None:  # (as os.listdir says it: absent, or not a directory)
             fd = os.open(abs_path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)

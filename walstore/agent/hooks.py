@@ -70,6 +70,8 @@ class AgentHooks:
     def effects_ended(self, tx: "Transaction") -> None:
         with self._with_effects_lock:
             self._with_effects.pop(tx.id, None)
+        if tx.state == "committed":
+            self.files.committed(tx.id)
 
     def action_bodies_elsewhere(self) -> list[str]:
         """The ids of the actions whose ``with tx.action(...)`` body other threads are
