@@ -144,9 +144,10 @@ def test_a_file_undo_that_cannot_fit_names_the_file_the_bytes_and_that_it_is_owe
 def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content(
         mount_tmpfs):
     """A rollback whose file undo fails on the full disk raises FileConflictError ("owed:
-    put back at the next open"), and the workspace keeps the rolled-back bytes.  A later
-    transaction's ``files().read`` of that path must not take them for the current
-    content: it puts the path back first (room made) or raises, telling.  Seen before the
+    put back at the next open", and now the bytes it needs and those free), and the
+    workspace keeps the rolled-back bytes.  A later transaction's ``files().read`` of
+    that path must not take them for the current content: it puts the path back first
+    (room made) or raises, telling.  Seen before the
     fix: the read returned the rolled-back bytes and the transaction that read them
     committed (a decision resting on content no transaction committed — the next open
     put the old version back under it), and ``listdir`` listed the file it created; with
@@ -168,7 +169,10 @@ def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content
         try:
             tx.rollback()
         except walstore.FileConflictError as e:
-            assert "owed: put back at the next open" in str(e), str(e)
+            msg = str(e)
+            assert "owed: put back at the next open, or before the next read" in msg, msg
+            assert f"putting back {os.path.join(ws, 'big.bin')} needs 300000 bytes" in msg
+            assert "bytes free" in msg and "\n" not in msg, msg
         else:
             pytest.fail("the rollback's file undo did not run out of room")
         with open(os.path.join(ws, "big.bin"), "rb") as f:

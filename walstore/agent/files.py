@@ -374,11 +374,12 @@ def abs_display(ws_root: bytes, path: bytes) -> str:
     return os.fsdecode(ws_root + b"/" + path)
 
 
-def no_room_to_undo(eff: Any, err: OSError, freed: int) -> OSError:
+def no_room_to_undo(eff: Any, err: OSError, freed: int | None = None) -> OSError:
     """``err`` (a put-back of ``eff`` that ran out of disk) with what an operator needs
     to make room: the bytes the file named needs (the largest before-image of that path
     among ``eff``'s steps; a watch's: not known) and the bytes free on its file system
-    now, after the store gave back ``freed`` bytes of its own (``Files.free_room``).  (It
+    now, after the store gave back ``freed`` bytes of its own (``Files.free_room``, at
+    open; None: a rollback's, which frees nothing of the store's).  (It
     said only "No space left on device": not how much room, nor that it was the rest
     of the disk, not the store's own, that stood in the way.)"""
     name = err.filename if isinstance(err.filename, str) else None
@@ -392,8 +393,8 @@ def no_room_to_undo(eff: Any, err: OSError, freed: int) -> OSError:
         free = "its file system's free bytes are not known"
     what = f"putting back {name} needs {max(sizes)} bytes" if sizes else \
         f"putting back {name or 'its files'} needs room"
-    msg = (f"{err.strerror or err}; {what}, {free} (after the store freed {freed} bytes "
-           f"of its own)")
+    msg = f"{err.strerror or err}; {what}, {free}" + (
+        f" (after the store freed {freed} bytes of its own)" if freed is not None else "")
     return OSError(err.errno, msg, name) if name else OSError(err.errno, msg)
 
 

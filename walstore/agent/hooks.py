@@ -300,7 +300,8 @@ class AgentHooks:
         if conflicts or failed:
             docs = [self.files.conflict_doc(self._root(done, lsn), c) for lsn, c in conflicts]
             bad = [(abs_display(e.ws.root_b, e.steps[0].path) if getattr(e, "steps", None)
-                    else e.ws.root, f"{type(x).__name__}: {x}") for e, x in failed]
+                    else e.ws.root, f"{type(x).__name__}: "
+                    f"{no_room_to_undo(e, x) if _no_space(x) else x}") for e, x in failed]
             parts = []
             if docs:
                 parts.append("changed behind walstore's back (their version stays, "
@@ -311,7 +312,8 @@ class AgentHooks:
                 if keep is not None:
                     keep.extend(e for e, _x in failed)
                 where = ("kept in the transaction: its rollback tries again" if keep
-                         is not None else "owed: put back at the next open")
+                         is not None else "owed: put back at the next open, or before "
+                         "the next read or change of it in this store")
                 parts.append(f"could not be restored ({where}): "
                              + ", ".join(f"{p} ({why})" for p, why in bad))
             raise FileConflictError(f"transaction {txid} was undone, but some paths "
