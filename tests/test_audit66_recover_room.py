@@ -150,7 +150,8 @@ def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content
     (room made) or raises, telling.  Seen before the
     fix: the read returned the rolled-back bytes and the transaction that read them
     committed (a decision resting on content no transaction committed — the next open
-    put the old version back under it), and ``listdir`` listed the file it created; with
+    put the old version back under it), ``listdir`` listed the file it created, and
+    ``store.at(a point before it).files(ws).read`` of that file returned its bytes; with
     the room back, every read went on returning them until the store was reopened
     (nothing retried the owed undo)."""
     mnt = str(mount_tmpfs("16m"))
@@ -161,6 +162,7 @@ def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content
     try:
         with s.transaction() as tx:
             tx.files(ws).write("big.bin", seed)
+        seeded = s.log(limit=1)[0].txid
         tx = s.transaction()
         tx.files(ws).write("made.txt", "made by the transaction rolled back\n")
         tx.files(ws).write("big.bin", new)
@@ -177,6 +179,10 @@ def test_a_file_a_failed_rollback_left_owed_is_never_read_as_the_current_content
             pytest.fail("the rollback's file undo did not run out of room")
         with open(os.path.join(ws, "big.bin"), "rb") as f:
             assert f.read() == new  # (the disk is full: the undo is owed)
+        view = s.at(seeded).files(ws)  # (a committed point: made.txt did not exist)
+        assert view.read("big.bin") == seed
+        with pytest.raises(FileNotFoundError):
+            view.read("made.txt")
         with pytest.raises(walstore.ConflictError) as e:  # (no room to put it back)
             with s.transaction() as t3:
                 got = t3.files(ws).read("big.bin")

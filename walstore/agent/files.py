@@ -1394,13 +1394,21 @@ class Files:
         (its first step's before-image, an ``Entry``), or None.  A view of a committed
         point reads this for a path with no committed version, not the uncommitted bytes
         now on disk (it read them: a dirty read of a file another transaction may still
-        roll back)."""
+        roll back).  So it does for one that ended owing its undo — dropped, or rolled
+        back on a full disk: its bytes stay until put back (``_put_back_stale``), and a
+        view of a point before it read the file it created as there at that point (audit
+        66)."""
         with self._lock:
             if not self._claims_seeded:
                 self._seed_claims()
             owner = self._claims.get((root, path))
-            if owner is None or not self._live(owner):
+            if owner is None or owner in self._settled:
                 return None
+            if not self._live(owner):
+                owed = self._owed_now({owner})
+                if not owed:
+                    self._settled.add(owner)  # (as ``_put_back_stale`` notes it)
+                return _first_before(owed.get(owner, ()), root, path)
         return _first_before(self.effects_of(owner), root, path)
 
     def _seed_claims(self) -> None:
