@@ -20,7 +20,7 @@ def _sweep(tmp_path, levels, seed, modes=("stop", "free")):
 
 def test_the_files_full_disk_sweep_finds_no_problem_and_fills_the_disk_at_file_calls(tmp_path):
     """Three levels (~60 KiB, ~1 MiB, ~2 MiB free), both modes, closes and kills: zero
-    problems; every run hit the full disk; the first errors include a write into the
+    problems; every run hit the full disk; its errors include a write into the
     workspace and a before-image into the blob store; a writer that freed the disk went
     on committing file transactions without a reopen; a killed writer's in-flight file
     transaction had changed files (recovery had to put them back)."""
@@ -29,7 +29,11 @@ def test_the_files_full_disk_sweep_finds_no_problem_and_fills_the_disk_at_file_c
     assert s["problems"] == 0, fullsweep.report(s)
     assert s["runs"] == 6 and s["filled"] == 6, fullsweep.report(s)  # (never filled: proves
     # nothing)
-    assert {"workspace", "blobs"} <= set(s["first_error_sites"]), s["first_error_sites"]
+    # (any error, not the first alone: which call meets the full disk first moves with
+    # the machine's load — the spare's and the applier's timing — and a loaded CI box's
+    # first errors were LMDB's and the WAL's in every run)
+    assert {"workspace", "blobs"} <= set(s["error_sites"]), (s["error_sites"],
+                                                            s["first_error_sites"])
     assert s["acks"] > 30
     for r in runs:
         assert r["workload"] == "files" and r["first"]["errno"] in ("ENOSPC", "EIO", None), r

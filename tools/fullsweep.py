@@ -773,6 +773,7 @@ def check_errors(recs: list, res: dict) -> None:
                     after.setdefault("types", set()).add(exc["type"])
             if exc is None:
                 continue
+            res.setdefault("sites", set()).add(error_site(exc))
             if first is None:
                 first = {"at": what, "site": error_site(exc), "type": exc["type"],
                          "errno": errno.errorcode.get(exc["errno"] or 0, exc["errno"]),
@@ -803,6 +804,7 @@ def check_errors(recs: list, res: dict) -> None:
                                 f"at most {res['most_free']} were ever free, and a spare "
                                 f"needs {need})")
     res["first"] = first
+    res["sites"] = sorted(res.get("sites", ()))  # (a list: the --json document's)
     if "types" in after:
         after["types"] = sorted(after["types"])
     res["after"] = after
@@ -929,12 +931,16 @@ def line(res: dict) -> str:
 
 def summarize(runs: list, seconds: float, seed: int) -> dict:
     sites: dict = {}
+    every: dict = {}  # (the runs in which any error came from a site, the first or later)
     for r in runs:
         if r["first"]:
             sites[r["first"]["site"]] = sites.get(r["first"]["site"], 0) + 1
+        for site in r.get("sites", ()):
+            every[site] = every.get(site, 0) + 1
     return {"seed": seed, "runs": len(runs), "levels": len({r["level"] for r in runs}),
             "acks": sum(r["acks"] for r in runs), "ops": sum(r["ops"] for r in runs),
             "filled": sum(1 for r in runs if r["first"]), "first_error_sites": sites,
+            "error_sites": every,
             "problems": sum(len(r["problems"]) for r in runs),
             "seconds": round(seconds, 1), "runs_detail": runs}
 
