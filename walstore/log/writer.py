@@ -44,7 +44,7 @@ import time
 
 from .. import fileio
 from ..fileio import pwrite_all
-from ..errors import ReadOnlyError, StoreIOError, WalstoreError
+from ..errors import ReadOnlyError, StoreClosed, StoreIOError, WalstoreError
 from ..signals import deferred, start_thread
 from .format import (RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE, SEGMENT_HEADER_SIZE,
                      RecordType, encode_record)
@@ -357,6 +357,11 @@ class WriteAheadLog:
         commit's batch flushed just now, would leave a gap before a durable successor)."""
         self._flush()  # (the caller holds ``lock``)
         old = self.writer
+        if old.fd < 0:  # closed (``close``, under ``lock``): a purge close() left running
+            # rotated it after, and made a segment in a store let go (another process's
+            # by then), its old segment trimmed (audit 66)
+            raise StoreClosed(f"the WAL of {os.path.dirname(self.dir)} is closed: no new "
+                              f"segment is made")
         size = self.next_segment_size(need)
         with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
             if self.failed is not None:  # (a leader's fsync failed while this waited for

@@ -1,0 +1,64 @@
+"""Audit 66 review: the WAL's close (walstore/log/writer.py ``close``, engine ``_release``)
+against what races it, and the follower's local-write handling
+(walstore/replication/restore.py).  Each test's docstring says what was seen before its
+fix."""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+import walstore
+from walstore.engine.engine import Engine
+
+from test_audit58_races import _line_of
+from test_audit64_groupcommit import Stop
+from test_audit65_writer import _spare_ready
+
+
+def _segments(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(os.path.join(path, "wal")) if n.endswith(".wal"))
+
+
+def test_closed_store_never_makes_a_wal_segment_for_a_purge_close_left_running(
+        tmp_path, monkeypatch):
+    """A purge had committed and was about to erase the old bytes (its WAL rotation) when
+    another thread closed the store; close() waited its CLOSE_WAIT_S for it (shortened
+    here), warned, and let the store go.  Before the fix the purge then rotated the
+    closed log: a new segment file was made (and the old one trimmed) in a store this
+    process no longer held — another process may have opened it by then — and the
+    purge ended in a foreign ValueError ('operation forbidden on released memoryview
+    object', LMDB closed).  Now the closed log refuses the rotation (StoreClosed): the
+    purge says its erasure is owed, the WAL directory is left as close() left it, and
+    the next open finishes the erasure."""
+    monkeypatch.setattr(walstore.store, "CLOSE_WAIT_S", 0.2)
+    path = str(tmp_path / "s")
+    s = walstore.open(path, durability="full")
+    with s.transaction() as tx:
+        tx["keep"] = 1
+        tx["gone/a"] = 2
+    _spare_ready(s._engine.wal)
+    stop = Stop(Engine.erase_old_bytes.__code__,
+                _line_of(Engine.erase_old_bytes, "with self.erasure_lock, self._checkpoint_lock"))
+    stop.armed.set()
+    out = {}
+
+    def purge():
+        try:
+            out["r"] = s.purge("gone/")
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            out["e"] = e
+    t = stop.start(purge)
+    assert stop.arrived.wait(20)
+    with pytest.warns(RuntimeWarning, match="purge call"):
+        s.close()
+    before = _segments(path)
+    stop.release.set()
+    t.join(20)
+    assert not t.is_alive()
+    assert _segments(path) == before
+    assert isinstance(out.get("e"), walstore.ErasureOwed), out
+    assert isinstance(out["e"].__cause__, walstore.StoreClosed), out["e"].__cause__
+    with walstore.open(path) as s2:
+        assert dict(s2.scan()) == {"keep": 1}
