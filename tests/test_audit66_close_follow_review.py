@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
@@ -62,3 +63,53 @@ def test_closed_store_never_makes_a_wal_segment_for_a_purge_close_left_running(
     assert isinstance(out["e"].__cause__, walstore.StoreClosed), out["e"].__cause__
     with walstore.open(path) as s2:
         assert dict(s2.scan()) == {"keep": 1}
+
+
+def _follow_in_thread(url: str, dest: str):
+    """``follow(url, dest)`` in a thread: (thread, its stop event, the errors it raised)."""
+    from walstore.replication.restore import follow
+    stop, errors = threading.Event(), []
+
+    def run():
+        try:
+            follow(url, dest, {"interval": 0.05}, stop=stop, apply_every=0.1)
+        except BaseException as e:  # noqa: BLE001 - the test looks at it
+            errors.append(e)
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, stop, errors
+
+
+def test_a_follower_started_beside_a_reader_of_dest_in_its_process_follows(tmp_path):
+    """A program reads DEST (``walstore.open(dest, readonly=True)``) and starts
+    ``follow()`` for it in a thread of the same process (a restarted follower, the reader
+    kept open).  Before the fix the follower died at once with a raw ``lmdb.Error``
+    ("The environment '.../dest/db' is already open in this process"): its start read
+    DEST's applied LSN through an LMDB environment of its own, where every other open in
+    walstore shares the process's (a writer opens beside read-only handles of the same
+    process).  Now it follows, and the reader sees the new commits."""
+    from test_audit65_fulldisk_files import _commit
+    url = f"file://{tmp_path}/replica"
+    dest = str(tmp_path / "dest")
+    with walstore.open(str(tmp_path / "src"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as src:
+        _commit(src, 0)
+        src.sync_replica(timeout=30)
+        walstore.replication.restore(url, dest, follow=True)
+        with walstore.open(dest, readonly=True) as reader:
+            assert reader.get("n") == 0
+            t, stop, errors = _follow_in_thread(url, dest)
+            try:
+                for i in range(1, 4):
+                    _commit(src, i)
+                src.sync_replica(timeout=30)
+                deadline = time.monotonic() + 20
+                while (reader.get("n") != 3 and t.is_alive()
+                       and time.monotonic() < deadline):
+                    time.sleep(0.05)
+                assert errors == [], errors
+                assert reader.get("n") == 3
+            finally:
+                stop.set()
+                t.join(20)
+    assert not t.is_alive() and errors == [], errors

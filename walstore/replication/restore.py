@@ -1506,6 +1506,19 @@ class _ReplicaReads:
             raise self._failed("downloading", key, e) from e
 
 
+def _dest_applied(dest: str) -> int:
+    """DEST's applied LSN, read through the process's shared LMDB environment (as every
+    open of it is: ``_src.read_applied``'s own environment raised a raw lmdb.Error, "The
+    environment ... is already open in this process", to a follower started beside a
+    reader of DEST in the same process: audit 66)."""
+    from ..engine.lmdb_state import LmdbState
+    state = LmdbState(os.path.join(dest, "db"), readonly=True)
+    try:
+        return state.applied_lsn()
+    finally:
+        state.close()
+
+
 def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions,
                    stop: "threading.Event | Flag", interval: float, apply_every: float,
                    on_round: Callable[[dict], None] | None, store_id: bytes, origin: dict,
@@ -1555,7 +1568,7 @@ def _follow_rounds(url: str, dest: str, tgt: ObjectStore, opts: ReplicateOptions
     last_apply = 0.0
     applied_since = 1  # a restored log is applied to LMDB in the first round
     # what an earlier run left unapplied counts toward the first step
-    unapplied = max(0, (log.end or 0) - _src.read_applied(os.path.join(dest, "db")))
+    unapplied = max(0, (log.end or 0) - _dest_applied(dest))
 
     # a purge's erasure: the log DEST holds keeps purged bytes in the files that begin
     # below this LSN (0: none) until they go (see ``drop_log``)
