@@ -113,3 +113,34 @@ def test_a_follower_started_beside_a_reader_of_dest_in_its_process_follows(tmp_p
                 stop.set()
                 t.join(20)
     assert not t.is_alive() and errors == [], errors
+
+
+def test_a_restore_whose_replica_cannot_be_read_names_the_replica_not_dest(tmp_path):
+    """A plain restore from a file:// replica whose blob cannot be read (EIO from the
+    replica's disk; here a real EIO: the object is a link to /proc/self/mem, whose read
+    at offset 0 fails so).  Before the fix the error named DEST's file — "[Errno 5]
+    Input/output error: '<DEST staging>/files/blobs/cf/b9ef…'" — as if DEST's disk had
+    failed: the replica's read error was taken for a local write's (``_BlobFetcher._one``
+    names every OSError after DEST's file).  Now it names the replica's object."""
+    url = f"file://{tmp_path}/replica"
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    with walstore.open(str(tmp_path / "src"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as s:
+        for _ in range(2):  # (the second's before-image: a blob the restore fetches)
+            with s.transaction() as tx:
+                tx.files(str(ws)).write("f.bin", os.urandom(50_000))
+        s.sync_replica(timeout=30)
+    blobs = [os.path.join(d, n) for d, _ds, ns in os.walk(tmp_path / "replica" / "blobs")
+             for n in ns]
+    assert blobs
+    for b in blobs:
+        os.unlink(b)
+        os.symlink("/proc/self/mem", b)
+    dest = str(tmp_path / "dest")
+    with pytest.raises(walstore.WalstoreError) as got:
+        walstore.restore(url, dest)
+    said = str(got.value)
+    assert "Input/output error" in said and "replica" in said, said
+    assert "blobs/" in said and str(tmp_path / "dest") not in said and ".dest." not in said, said
+    assert not os.path.exists(dest)

@@ -340,9 +340,18 @@ def download_into(tgt: ObjectStore, key: str, f, max_bytes: int):
     sink = _Sink(f)
     try:
         return tgt.download(key, sink, max_bytes)
-    except Exception:
+    except Exception as e:
         if sink.error is not None:
             raise sink.error from None
+        if isinstance(e, OSError) and not isinstance(e, WalstoreError):
+            # the replica's own read (a file:// replica's disk: EIO): let out raw, it was
+            # taken for a local write's and named DEST's file ("Input/output error:
+            # DEST/files/blobs/..."): audit 66.  Not retried, as before (a follower's
+            # target, _ReplicaReads, retries them: it never lets one reach here)
+            raise TargetError(f"downloading {key} of the replica "
+                              f"{display_url(getattr(tgt, 'url', '?'))} failed: "
+                              f"{e.strerror or e}"
+                              + (f" ({e.filename})" if e.filename else ""), False) from e
         raise
 
 
