@@ -447,6 +447,9 @@ class Files:
         self._claims: dict[tuple[bytes, bytes], int] = {}
         # (root, directory) -> txids of claims below it (``_note_under``)
         self._under: dict[tuple[bytes, bytes], set[int]] = {}
+        # root -> txids of claims in it (``_note_under``): what a listing of the root or
+        # a watch() must put back first is looked for among them, not in every claim
+        self._in_root: dict[bytes, set[int]] = {}
         self._claimants: dict[int, weakref.ref] = {}
         self._claims_seeded = False
         # what prepared transactions read (``hold_reads``), held against every change by
@@ -907,8 +910,8 @@ class Files:
         read of it must put back first.  Caller holds ``_lock``."""
         owners = {self._claims.get((root, p)) for p in _with_parents([rel])}
         if listing:
-            owners |= (self._under.get((root, rel), set()) if rel else
-                       {t for (r, _p), t in self._claims.items() if r == root})
+            owners |= self._under.get((root, rel), set()) if rel else \
+                self._in_root.get(root, set())
         return {t for t in owners if t is not None and t != tx.id and t not in self._settled
                 and not self._live(t)}
 
@@ -1247,7 +1250,8 @@ class Files:
     def _note_under(self, root: bytes, path: bytes, txid: int) -> None:
         """Index ``path``'s claim under each of its parent directories (``_under``: (root,
         directory) -> the txids that changed a path below it; a set, so a finished
-        claimant never hides a live one)."""
+        claimant never hides a live one), and in its root (``_in_root``)."""
+        self._in_root.setdefault(root, set()).add(txid)
         if b"/" in path:
             under = self._under
             for parent in _with_parents([path]) - {path}:
@@ -1273,6 +1277,7 @@ class Files:
         self._claims = {k: t for k, t in self._claims.items() if t in keep}
         self._claimants = {t: r for t, r in self._claimants.items() if t in keep}
         self._under = {}
+        self._in_root = {}
         for (root, path), t in self._claims.items():
             self._note_under(root, path, t)
         self._settled &= set(self._claims.values())
@@ -1349,7 +1354,7 @@ class Files:
         if not self._claims_seeded:
             self._seed_claims()
         if paths is None:
-            owners = {t for (r, _p), t in self._claims.items() if r == root}
+            owners = set(self._in_root.get(root, ()))
         else:  # (and of their parent directories: one it created holds its files)
             owners = {self._claims.get((root, p)) for p in _with_parents(paths)}
         owners = {t for t in owners if t is not None and t != txid
