@@ -290,6 +290,9 @@ class AgentHooks:
                               f"{self.files.engine.path} was closed before its files were "
                               f"put back: the undo of {skipped} file change(s) runs when "
                               f"the store is reopened")
+        if keep is None and len(done) == sum(1 for e in effects if is_file_effect(e)):
+            self.files.undone(txid)  # (every file effect put back and recorded, over
+            # every call: ``failed`` is this call's only — progress.handled skips them)
         if unrecorded:
             _raise_unrecorded(unrecorded)
         if failed_actions:
