@@ -120,3 +120,63 @@ def test_a_read_after_a_clean_rollback_costs_what_one_after_a_commit_does(tmp_pa
         again = min(_read_all_us(s, ws, names) for _ in range(3))
         assert all(_read_disk(os.path.join(ws, n)) == b"committed" for n in names)
     assert first < 2 * again + 60, (first, again)
+
+
+# a writer with a file history: v1 then v2 of hist.bin and v1 of gone.bin (deleted by
+# v2's transaction) committed, a rolled-back JUNK write (its blob garbage), then an
+# overwrite of big.bin in flight when it kills itself (kill -9)
+HISTORY_WRITER = """
+import os, signal, sys
+import walstore
+store, ws = sys.argv[1], sys.argv[2]
+s = walstore.open(store, segment_size=1 << 20)
+with s.transaction() as tx:
+    tx.files(ws).write("big.bin", os.urandom(300_000))
+    tx.files(ws).write("hist.bin", b"v1" * 50_000)
+    tx.files(ws).write("gone.bin", b"g1" * 50_000)
+with s.transaction() as tx:
+    tx.files(ws).write("hist.bin", b"v2" * 50_000)
+    tx.files(ws).delete("gone.bin")
+print(s.log(limit=2)[1].txid, s.log(limit=1)[0].txid, flush=True)
+tx = s.transaction()
+tx.files(ws).write("junk.bin", os.urandom(600_000))
+tx.rollback()
+tx = s.transaction()
+tx.files(ws).write("big.bin", os.urandom(300_000))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_room_recovery_frees_for_a_file_undo_keeps_every_retained_version(
+        mount_tmpfs):
+    """At open, a file undo that ran out of room is retried after a forced blob gc
+    (``Files.free_room``): only blobs nothing refers to may go.  The versions the history
+    keeps (a file overwritten, a file deleted) must still read as of their points, and a
+    revert must still put them back, after a recovery that freed room."""
+    import signal
+    import subprocess
+    import sys
+
+    from store_support import cli_env
+    from tools.fullsweep import fill_to
+    mnt = str(mount_tmpfs("16m"))
+    store, ws = os.path.join(mnt, "s"), os.path.join(mnt, "ws")
+    os.mkdir(ws, 0o700)
+    r = subprocess.run([sys.executable, "-c", HISTORY_WRITER, store, ws], env=cli_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-1500:]
+    first, second = (int(t) for t in r.stdout.split())
+    spare = os.path.join(store, "wal", "spare.tmp")
+    if os.path.exists(spare):
+        os.unlink(spare)
+    fill_to(mnt, 350_000)
+    with walstore.open(store) as s:
+        assert not [p for p in s.last_recovery.problems if p.kind == "file-undo-failed"]
+        os.unlink(os.path.join(mnt, "fill"))
+        v1 = s.at(first).files(ws)
+        assert v1.read("hist.bin") == b"v1" * 50_000
+        assert v1.read("gone.bin") == b"g1" * 50_000
+        assert s.at(second).files(ws).read("hist.bin") == b"v2" * 50_000
+        s.revert(second)
+        assert _read_disk(os.path.join(ws, "hist.bin")) == b"v1" * 50_000
+        assert _read_disk(os.path.join(ws, "gone.bin")) == b"g1" * 50_000
