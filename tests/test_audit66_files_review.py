@@ -180,3 +180,39 @@ def test_the_room_recovery_frees_for_a_file_undo_keeps_every_retained_version(
         s.revert(second)
         assert _read_disk(os.path.join(ws, "hist.bin")) == b"v1" * 50_000
         assert _read_disk(os.path.join(ws, "gone.bin")) == b"g1" * 50_000
+
+
+def test_a_read_only_store_beside_the_writer_never_reads_a_file_no_commit_made_as_of_a_point(
+        tmp_path):
+    """``store.at(point).files(ws)`` reads a path with no committed version that a
+    transaction changed and has not put back (open, dropped, or rolled back on a full
+    disk) as its before-image (ae53bc5: the writer's own view).  A read-only store open
+    beside the writer knows none of the writer's transactions (no claims), though their
+    ``fsteps`` rows are applied: seen before the fix, ``ro.at(point).files(ws).read``
+    of a file a dropped (or still open) transaction created returned its bytes, where
+    the writer's view of the same point raised FileNotFoundError."""
+    import gc
+    ws = str(tmp_path / "ws")
+    os.mkdir(ws, 0o700)
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.files(ws).write("a", b"committed")
+        last = s.log(limit=1)[0].txid
+        dropped = s.transaction()
+        dropped.files(ws).write("new", b"NEVER COMMITTED")
+        del dropped
+        gc.collect()
+        live = s.transaction()
+        live.files(ws).write("live", b"NOT COMMITTED YET")
+        s.checkpoint()  # (their FILE_STEPS applied: readable from a read-only store)
+        with pytest.raises(FileNotFoundError):
+            s.at(last).files(ws).read("new")
+        with walstore.open(path, readonly=True) as ro:
+            view = ro.at(last).files(ws)
+            assert view.read("a") == b"committed"
+            for name in ("new", "live"):
+                with pytest.raises(FileNotFoundError):
+                    view.read(name)
+                assert not view.exists(name)
+        live.rollback()

@@ -1410,7 +1410,13 @@ class Files:
         roll back).  So it does for one that ended owing its undo — dropped, or rolled
         back on a full disk: its bytes stay until put back (``_put_back_stale``), and a
         view of a point before it read the file it created as there at that point (audit
-        66)."""
+        66).  A read-only store knows none of the writer's transactions (no claims): the
+        ``fsteps`` rows of all that have not put their files back are read instead (it
+        read the bytes a dropped or open transaction of the writer made: audit 66)."""
+        if self.engine.readonly:
+            owed = self._owed_now()
+            return _first_before(sorted((e for effs in owed.values() for e in effs),
+                                        key=lambda e: e.lsn, reverse=True), root, path)
         with self._lock:
             if not self._claims_seeded:
                 self._seed_claims()
