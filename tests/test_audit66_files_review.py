@@ -216,3 +216,50 @@ def test_a_read_only_store_beside_the_writer_never_reads_a_file_no_commit_made_a
                     view.read(name)
                 assert not view.exists(name)
         live.rollback()
+
+
+def test_close_waits_for_a_read_putting_back_what_a_dropped_transaction_left(tmp_path,
+                                                                            faults):
+    """A read of a path a dropped transaction left owed puts it back first (audit 66):
+    it changes the workspace and then logs the outcome (FILE_RESTORED), as a change
+    does.  close() waits for the file operations of other threads (what they do must be
+    logged before the log closes and the store's lock goes: audit 60), but not for such
+    a read.  Seen before the fix: with the put-back's rename into the workspace held
+    0.5 s, the log was closed (and the lock let go: another process's recovery could
+    undo the same file meanwhile) while the read was still putting the file back."""
+    import gc
+    import threading
+    ws = str(tmp_path / "ws")
+    os.mkdir(ws, 0o700)
+    s = walstore.open(str(tmp_path / "s"))
+    with s.transaction() as tx:
+        tx.files(ws).write("a.txt", b"committed")
+    dropped = s.transaction()
+    dropped.files(ws).write("a.txt", b"NEVER COMMITTED")
+    del dropped
+    gc.collect()
+    inside, seen, outcome = threading.Event(), [], []
+
+    def slow_put_back():  # (the put-back's rename into the workspace: held, then EIO)
+        inside.set()
+        time.sleep(0.5)
+        seen.append(s._engine.closed)
+        return OSError(errno.EIO, "Input/output error")
+    faults.fail("rename", path=os.path.join(ws, "*"), raises=slow_put_back)
+
+    def reader():
+        try:
+            with s.transaction() as t:
+                outcome.append(t.files(ws).read("a.txt"))
+        except Exception as e:  # noqa: BLE001 (what the read met, asserted below)
+            outcome.append(e)
+    th = threading.Thread(target=reader)
+    th.start()
+    assert inside.wait(10)
+    s.close()
+    th.join(10)
+    assert seen == [False], "the log closed under a read putting a file back"
+    assert isinstance(outcome[0], walstore.ConflictError), outcome  # (the EIO: owed)
+    faults.clear()
+    with walstore.open(str(tmp_path / "s")) as s:
+        assert _read_disk(os.path.join(ws, "a.txt")) == b"committed"

@@ -933,8 +933,11 @@ class Files:
         that read them committed on content the next open took away; with room again,
         every read returned them until the store was reopened: audit 66.)  Inside a
         watch() of ``ws`` (this thread's) nothing is put back — the watch would take the
-        put-back for its own change: refused the same way."""
-        with self._ws_lock(ws), self._lock:
+        put-back for its own change: refused the same way.  Counted as a file operation
+        (``_busy_here``): close() waits for it (it closed the log, and let the store's
+        lock go, while a read still put a file back: audit 66)."""
+        with self._busy_here("a read putting back what a transaction left"), \
+                self._ws_lock(ws), self._lock:
             running = self._watching.get(ws.root_b)
             if running is None:
                 self._put_back_stale(tx.id, ws, None if listing else [rel])
