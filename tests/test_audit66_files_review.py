@@ -263,3 +263,36 @@ def test_close_waits_for_a_read_putting_back_what_a_dropped_transaction_left(tmp
     faults.clear()
     with walstore.open(str(tmp_path / "s")) as s:
         assert _read_disk(os.path.join(ws, "a.txt")) == b"committed"
+
+
+def test_an_open_whose_room_making_gc_fails_still_opens_and_says_the_undo_is_owed(
+        mount_tmpfs, faults):
+    """At open, a file undo that ran out of room is retried after a forced blob gc
+    (``Files.free_room``).  That gc is a help, not a step the open needs: when it cannot
+    run (here its lock file cannot be opened: EIO), the open goes on as before the
+    retry existed — the undo stays owed (``file-undo-failed``) and the store opens."""
+    import signal
+    import subprocess
+    import sys
+
+    from store_support import cli_env
+    from tools.fullsweep import fill_to
+    mnt = str(mount_tmpfs("16m"))
+    store, ws = os.path.join(mnt, "s"), os.path.join(mnt, "ws")
+    os.mkdir(ws, 0o700)
+    r = subprocess.run([sys.executable, "-c", HISTORY_WRITER, store, ws], env=cli_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-1500:]
+    spare = os.path.join(store, "wal", "spare.tmp")
+    if os.path.exists(spare):
+        os.unlink(spare)
+    fill_to(mnt, 350_000)
+    faults.fail("open", errno.EIO, path="*gc.lock", times=None)
+    s = walstore.open(store)
+    faults.clear()  # (the close's own blob gc: a checkpoint's, its EIO a StoreIOError)
+    kinds = [p.kind for p in s.last_recovery.problems]
+    s.close()
+    assert "file-undo-failed" in kinds, kinds
+    os.unlink(os.path.join(mnt, "fill"))
+    with walstore.open(store) as s:
+        assert not s.last_recovery.problems, s.last_recovery.problems

@@ -363,7 +363,11 @@ class AgentHooks:
                     # a second `walstore recover` put back what the first said it could
                     # not), then the same undo again: the order stays newest first
                     if freed is None:
-                        freed = files.free_room()
+                        try:
+                            freed = files.free_room()
+                        except OSError:  # (a help, not a step of the open: the undo
+                            freed = 0    # stays owed, as before the retry — the gc's
+                            # EIO made the whole open fail, a StoreIOError)
                         if freed:
                             batch.resume(eff)
                             got, err = batch.put_back(eff, lambda: files.undo_one(
