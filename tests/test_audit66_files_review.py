@@ -7,13 +7,20 @@ project's seam (tools.faults)."""
 from __future__ import annotations
 
 import errno
+import gc
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 
 import walstore
+from store_support import cli_env
 from test_faults import faults  # noqa: F401 (the fault backend, installed per test)
+from tools.fullsweep import fill_to
 
 SYNCS = ("fsync", "fdatasync")
 
@@ -147,19 +154,10 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_the_room_recovery_frees_for_a_file_undo_keeps_every_retained_version(
-        mount_tmpfs):
-    """At open, a file undo that ran out of room is retried after a forced blob gc
-    (``Files.free_room``): only blobs nothing refers to may go.  The versions the history
-    keeps (a file overwritten, a file deleted) must still read as of their points, and a
-    revert must still put them back, after a recovery that freed room."""
-    import signal
-    import subprocess
-    import sys
-
-    from store_support import cli_env
-    from tools.fullsweep import fill_to
-    mnt = str(mount_tmpfs("16m"))
+def _history_writer_killed(mnt: str) -> tuple[str, str, tuple[int, int]]:
+    """HISTORY_WRITER run on ``mnt`` (killed with its overwrite in flight; the spare it
+    kept dropped), then the disk filled to 350 KB free: (store, workspace, the two
+    committed txids)."""
     store, ws = os.path.join(mnt, "s"), os.path.join(mnt, "ws")
     os.mkdir(ws, 0o700)
     r = subprocess.run([sys.executable, "-c", HISTORY_WRITER, store, ws], env=cli_env(),
@@ -170,6 +168,17 @@ def test_the_room_recovery_frees_for_a_file_undo_keeps_every_retained_version(
     if os.path.exists(spare):
         os.unlink(spare)
     fill_to(mnt, 350_000)
+    return store, ws, (first, second)
+
+
+def test_the_room_recovery_frees_for_a_file_undo_keeps_every_retained_version(
+        mount_tmpfs):
+    """At open, a file undo that ran out of room is retried after a forced blob gc
+    (``Files.free_room``): only blobs nothing refers to may go.  The versions the history
+    keeps (a file overwritten, a file deleted) must still read as of their points, and a
+    revert must still put them back, after a recovery that freed room."""
+    mnt = str(mount_tmpfs("16m"))
+    store, ws, (first, second) = _history_writer_killed(mnt)
     with walstore.open(store) as s:
         assert not [p for p in s.last_recovery.problems if p.kind == "file-undo-failed"]
         os.unlink(os.path.join(mnt, "fill"))
@@ -191,7 +200,6 @@ def test_a_read_only_store_beside_the_writer_never_reads_a_file_no_commit_made_a
     ``fsteps`` rows are applied: seen before the fix, ``ro.at(point).files(ws).read``
     of a file a dropped (or still open) transaction created returned its bytes, where
     the writer's view of the same point raised FileNotFoundError."""
-    import gc
     ws = str(tmp_path / "ws")
     os.mkdir(ws, 0o700)
     path = str(tmp_path / "s")
@@ -227,8 +235,6 @@ def test_close_waits_for_a_read_putting_back_what_a_dropped_transaction_left(tmp
     a read.  Seen before the fix: with the put-back's rename into the workspace held
     0.5 s, the log was closed (and the lock let go: another process's recovery could
     undo the same file meanwhile) while the read was still putting the file back."""
-    import gc
-    import threading
     ws = str(tmp_path / "ws")
     os.mkdir(ws, 0o700)
     s = walstore.open(str(tmp_path / "s"))
@@ -271,22 +277,8 @@ def test_an_open_whose_room_making_gc_fails_still_opens_and_says_the_undo_is_owe
     (``Files.free_room``).  That gc is a help, not a step the open needs: when it cannot
     run (here its lock file cannot be opened: EIO), the open goes on as before the
     retry existed — the undo stays owed (``file-undo-failed``) and the store opens."""
-    import signal
-    import subprocess
-    import sys
-
-    from store_support import cli_env
-    from tools.fullsweep import fill_to
     mnt = str(mount_tmpfs("16m"))
-    store, ws = os.path.join(mnt, "s"), os.path.join(mnt, "ws")
-    os.mkdir(ws, 0o700)
-    r = subprocess.run([sys.executable, "-c", HISTORY_WRITER, store, ws], env=cli_env(),
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == -signal.SIGKILL, r.stderr[-1500:]
-    spare = os.path.join(store, "wal", "spare.tmp")
-    if os.path.exists(spare):
-        os.unlink(spare)
-    fill_to(mnt, 350_000)
+    store, ws, _points = _history_writer_killed(mnt)
     faults.fail("open", errno.EIO, path="*gc.lock", times=None)
     s = walstore.open(store)
     faults.clear()  # (the close's own blob gc: a checkpoint's, its EIO a StoreIOError)
