@@ -5,7 +5,6 @@ fix."""
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 
@@ -149,46 +148,6 @@ def test_a_restore_whose_replica_cannot_be_read_names_the_replica_not_dest(tmp_p
     assert not os.path.exists(dest)
 
 
-class CutReplies(Proxy):
-    """A proxy in front of moto that breaks off its next ``left`` replies once each has
-    carried ``above`` bytes back (a body cut mid-download, the server's side)."""
-
-    def __init__(self, upstream, above: int, left: int) -> None:
-        super().__init__(upstream)
-        self.above, self.left, self.replies_cut = above, left, 0
-
-    def _pump(self, c, u) -> None:
-        down = 0
-        try:
-            while not self.closed:
-                r, _, _ = select.select([c, u], [], [], 0.1)
-                for s in r:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    if s is c:
-                        u.sendall(data)
-                        continue
-                    down += len(data)
-                    with self.lock:
-                        cut = self.left > 0 and down > self.above
-                        if cut:
-                            self.left -= 1
-                            self.replies_cut += 1
-                    if cut:
-                        c.sendall(data[: len(data) // 2])
-                        return
-                    c.sendall(data)
-        except (OSError, ValueError):
-            pass
-        finally:
-            for s in (c, u):
-                try:
-                    s.close()
-                except OSError:
-                    pass
-
-
 def test_a_blob_whose_download_the_server_cut_short_is_fetched_again(tmp_path, s3_endpoint):
     """The follower's download of a blob (2 MB of a reversible file) from moto's real
     server is cut short twice mid-body (the reply broken off after 1 MB, its first half
@@ -198,7 +157,7 @@ def test_a_blob_whose_download_the_server_cut_short_is_fetched_again(tmp_path, s
     transient TargetError) rather than stopping the follower as DEST's full disk does,
     and DEST then holds the blob whole (its digest checked)."""
     host, port = s3_endpoint.rsplit(":", 1)
-    proxy = CutReplies((host.split("//")[1], int(port)), above=1 << 20, left=0)
+    proxy = Proxy((host.split("//")[1], int(port)))
     rep = make_s3_replica(s3_endpoint)
     ws = tmp_path / "ws"
     ws.mkdir()
@@ -210,7 +169,7 @@ def test_a_blob_whose_download_the_server_cut_short_is_fetched_again(tmp_path, s
             _commit_files(src, ws, 0)
             src.sync_replica(timeout=30)
             walstore.replication.restore(rep.url, dest, None, rep.options, follow=True)
-            proxy.left = 2
+            proxy.cut_replies(1 << 20, 2)
             t, stop, errors = _follow_in_thread(
                 rep.url, dest, rep.opts(endpoint_url=proxy.url, max_attempts=1),
                 rounds.append)

@@ -30,13 +30,19 @@ def _read_disk(path: str) -> bytes:
         return f.read()
 
 
+def _workspace(tmp_path) -> str:
+    """A new workspace directory (0700) under ``tmp_path``."""
+    ws = str(tmp_path / "ws")
+    os.mkdir(ws, 0o700)
+    return ws
+
+
 def test_a_read_after_commit_outcome_unknown_never_puts_back_its_files(tmp_path, faults):
     """A file transaction whose COMMIT's fsync fails (CommitOutcomeUnknown: the store is
     read-only, the next open decides) must keep its files as they are: the page cache
     kept the record, so the next open finds it committed.  A later transaction's read
     of the path must not take it for one that ended owing its undo."""
-    ws = str(tmp_path / "ws")
-    os.mkdir(ws, 0o700)
+    ws = _workspace(tmp_path)
     path = str(tmp_path / "s")
     with walstore.open(path) as s:
         with s.transaction() as tx:
@@ -112,8 +118,7 @@ def test_a_read_after_a_clean_rollback_costs_what_one_after_a_commit_does(tmp_pa
     whose undo put every file back were not: after 400 transactions each overwrote one of
     400 committed files and rolled back, a transaction reading the 400 files took ~270-300
     µs a read where a second one took ~35-40 (before audit 66's reads: 33-42 both)."""
-    ws = str(tmp_path / "ws")
-    os.mkdir(ws, 0o700)
+    ws = _workspace(tmp_path)
     names = [f"f{i}.txt" for i in range(400)]
     with walstore.open(str(tmp_path / "s"), durability="none") as s:
         with s.transaction() as tx:
@@ -200,8 +205,7 @@ def test_a_read_only_store_beside_the_writer_never_reads_a_file_no_commit_made_a
     ``fsteps`` rows are applied: seen before the fix, ``ro.at(point).files(ws).read``
     of a file a dropped (or still open) transaction created returned its bytes, where
     the writer's view of the same point raised FileNotFoundError."""
-    ws = str(tmp_path / "ws")
-    os.mkdir(ws, 0o700)
+    ws = _workspace(tmp_path)
     path = str(tmp_path / "s")
     with walstore.open(path) as s:
         with s.transaction() as tx:
@@ -235,8 +239,7 @@ def test_close_waits_for_a_read_putting_back_what_a_dropped_transaction_left(tmp
     a read.  Seen before the fix: with the put-back's rename into the workspace held
     0.5 s, the log was closed (and the lock let go: another process's recovery could
     undo the same file meanwhile) while the read was still putting the file back."""
-    ws = str(tmp_path / "ws")
-    os.mkdir(ws, 0o700)
+    ws = _workspace(tmp_path)
     s = walstore.open(str(tmp_path / "s"))
     with s.transaction() as tx:
         tx.files(ws).write("a.txt", b"committed")

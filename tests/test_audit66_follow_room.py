@@ -97,6 +97,29 @@ def _fill_and_commit(rig: _Follow, first: int, end: int, files: int) -> None:
     rig.commits(first, end, files=files)
 
 
+def _followed_until_full(rig: _Follow, end: int, files: int, *args: str):
+    """50 commits (files of ``files`` bytes every fifth, when not 0) followed by a
+    follower process (``args``), then DEST's disk filled and commits up to ``end`` made:
+    the line the follower stopped with, and its output file."""
+    rig.commits(0, 50, files=files)
+    p, out = rig.follower(*args)
+    assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
+    rig.applied()
+    _fill_and_commit(rig, 50, end, files)
+    return _stopped_line(rig, p, out), out
+
+
+def _freed_it_catches_up(rig: _Follow, last: int, seconds: float) -> None:
+    """DEST's disk freed, the follower run again catches up to commit ``last`` and
+    holds what the source holds, leaving nothing behind."""
+    os.unlink(os.path.join(rig.mnt, "fill"))
+    p, _out = _restarted(rig)
+    assert rig.wait_for(last, p, seconds)[-1:] == [last], \
+        "the restarted follower did not catch up"
+    _stop_and_compare(rig, p)
+    _no_leftovers(rig)
+
+
 def test_a_follower_out_of_room_for_a_blob_stops_naming_the_file_as_for_a_segment(rig):
     """DEST's disk fills while the follower downloads the content of reversible files
     (40 KB each, every fifth commit): it stops, exit 1, with one line naming the blob's
@@ -106,12 +129,7 @@ def test_a_follower_out_of_room_for_a_blob_stops_naming_the_file_as_for_a_segmen
     file:// replica "downloading blobs/<sha> of the replica ... failed: No space left on
     device"), naming the replica's object, never DEST's disk, while a full disk under a
     WAL segment stopped it: a supervisor could not tell what to expect."""
-    rig.commits(0, 50, files=40_000)
-    p, out = rig.follower()
-    assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
-    rig.applied()
-    _fill_and_commit(rig, 50, 400, 40_000)
-    line = _stopped_line(rig, p, out)
+    line, _out = _followed_until_full(rig, 400, 40_000)
     blobs = os.path.join(rig.dest, "files", "blobs") + os.sep
     assert "[ENOSPC]" in line and blobs in line, line
     assert "bytes free there" in line and "40000 needed" in line, line
@@ -119,11 +137,7 @@ def test_a_follower_out_of_room_for_a_blob_stops_naming_the_file_as_for_a_segmen
     _no_leftovers(rig)
     r = _verify(rig)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
-    os.unlink(os.path.join(rig.mnt, "fill"))
-    p, out = _restarted(rig)
-    assert rig.wait_for(399, p, 40)[-1:] == [399], "the restarted follower did not catch up"
-    _stop_and_compare(rig, p)
-    _no_leftovers(rig)
+    _freed_it_catches_up(rig, 399, 40)
     r = _verify(rig)  # (every blob DEST's history names is there, each checked)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
 
@@ -135,12 +149,7 @@ def test_a_follower_out_of_room_for_a_segment_says_what_it_needs_and_what_is_fre
     StoreIOError).  Seen before the fix: "walstore: [Errno 28] No space left on device:
     '<DEST>/wal/<lsn>.wal'", neither the room left nor the room needed (every other verb
     says "No space left on device [ENOSPC]: FILE")."""
-    rig.commits(0, 50)
-    p, out = rig.follower("--json")
-    assert rig.wait_for(49, p, 20)[-1:] == [49], "the follower never caught up"
-    rig.applied()
-    _fill_and_commit(rig, 50, 480, 0)
-    line = _stopped_line(rig, p, out)
+    line, out = _followed_until_full(rig, 480, 0, "--json")
     wal = os.path.join(rig.dest, "wal") + os.sep
     assert "[ENOSPC]" in line and wal in line and "bytes free there" in line, line
     assert " needed)" in line, line
@@ -152,11 +161,7 @@ def test_a_follower_out_of_room_for_a_segment_says_what_it_needs_and_what_is_fre
     _no_leftovers(rig)
     r = _verify(rig)
     assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-500:]
-    os.unlink(os.path.join(rig.mnt, "fill"))
-    p, out = _restarted(rig)
-    assert rig.wait_for(479, p, 30)[-1:] == [479], "the restarted follower did not catch up"
-    _stop_and_compare(rig, p)
-    _no_leftovers(rig)
+    _freed_it_catches_up(rig, 479, 30)
 
 
 def test_a_library_follower_out_of_room_raises_a_store_io_error_naming_the_blob(
@@ -254,6 +259,29 @@ def _partial_files(dest: str) -> list[str]:
             if not (len(n) == 62 and len(os.path.basename(d)) == 2)]
 
 
+def _cli_follower(url: str, dest: str) -> subprocess.Popen:
+    """`walstore restore URL DEST --follow` as a process (its stderr a pipe)."""
+    return subprocess.Popen([sys.executable, "-m", "walstore", "restore", url, dest,
+                             "--follow", "--interval", "0.05"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env())
+
+
+def _follower_to_be_killed(script: str, url: str, dest: str) -> subprocess.Popen:
+    """A follower process running ``script`` (it kills itself at a step), started once
+    DEST's store is there (its restore done): returned then."""
+    p = subprocess.Popen([sys.executable, "-c", script, url, dest],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=cli_env())
+    deadline = time.monotonic() + 20
+    while not os.path.isdir(os.path.join(dest, "db")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return p
+
+
+def _was_killed(p: subprocess.Popen) -> None:
+    assert p.wait(20) == -9, p.stderr.read()[-1500:]
+    p.stderr.close()
+
+
 def test_a_blob_half_fetched_by_a_killed_follower_leaves_nothing_once_dest_is_promoted(
         tmp_path):
     """A follower killed (kill -9) while a blob of file content is downloaded into DEST
@@ -271,18 +299,12 @@ def test_a_blob_half_fetched_by_a_killed_follower_leaves_nothing_once_dest_is_pr
         with src.transaction() as tx:
             tx.put("n", 0)
         src.sync_replica(timeout=30)
-        p = subprocess.Popen([sys.executable, "-c", KILLED_AT_BLOB, url, dest],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=cli_env())
-        deadline = time.monotonic() + 20
-        while not os.path.isdir(os.path.join(dest, "db")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        p = _follower_to_be_killed(KILLED_AT_BLOB, url, dest)
         with src.transaction() as tx:
             tx.put("n", 1)
             tx.files(str(ws)).write("f.bin", os.urandom(300_000))
         src.sync_replica(timeout=30)
-        assert p.wait(20) == -9, p.stderr.read()[-1500:]
-        p.stderr.close()
+        _was_killed(p)
     assert _partial_files(dest), "the follower was not killed with a blob half fetched"
     with walstore.open(dest) as d:  # (promoted)
         assert d.get("n") == 0  # (the records naming the blob were never copied)
@@ -332,10 +354,7 @@ def test_a_follower_whose_replica_shows_no_segment_end_yet_makes_no_16_mib_file(
         for i in range(20):  # (~120 KB: the source's first segment has not ended)
             _commit(src, i)
         src.sync_replica(timeout=30)
-        p = subprocess.Popen([sys.executable, "-m", "walstore", "restore", url, dest,
-                              "--follow", "--interval", "0.05"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=cli_env())
+        p = _cli_follower(url, dest)
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and p.poll() is None:
@@ -393,23 +412,14 @@ def test_a_segment_half_made_by_a_killed_follower_is_gone_once_it_runs_again(tmp
         for i in range(20):
             _commit(src, i)
         src.sync_replica(timeout=30)
-        p = subprocess.Popen([sys.executable, "-c", KILLED_AT_SEGMENT, url, dest],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=cli_env())
-        deadline = time.monotonic() + 20
-        while not os.path.isdir(os.path.join(dest, "db")) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        p = _follower_to_be_killed(KILLED_AT_SEGMENT, url, dest)
         for i in range(20, 80):  # (past the restored log's last file: a new one is made)
             _commit(src, i)
         src.sync_replica(timeout=30)
-        assert p.wait(20) == -9, p.stderr.read()[-1500:]
-        p.stderr.close()
+        _was_killed(p)
         wal = os.path.join(dest, "wal")
         assert [n for n in os.listdir(wal) if n.endswith(".tmp")], os.listdir(wal)
-        p = subprocess.Popen([sys.executable, "-m", "walstore", "restore", url, dest,
-                              "--follow", "--interval", "0.05"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             env=cli_env())
+        p = _cli_follower(url, dest)
         try:
             deadline = time.monotonic() + 20
             while get_readonly(dest, "n") != 79 and time.monotonic() < deadline:

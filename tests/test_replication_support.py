@@ -101,7 +101,9 @@ class Proxy:
     """A TCP proxy in front of a server: ``pause()`` stops forwarding (requests hang, as
     behind a dead link), ``resume()`` drops the stuck connections and forwards again,
     ``cut_above(n)`` drops any connection once it carried more than n bytes upstream
-    (an upload interrupted mid-body)."""
+    (an upload interrupted mid-body), ``cut_replies(above, left)`` breaks off the next
+    ``left`` replies once each carried ``above`` bytes back (a download cut mid-body, the
+    server's side: half the last chunk forwarded)."""
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
@@ -114,6 +116,7 @@ class Proxy:
         self.running.set()
         self.cut: int | None = None
         self.cuts = 0
+        self.reply_above, self.replies_left, self.replies_cut = 0, 0, 0
         self.conns: list[socket.socket] = []
         self.lock = threading.Lock()
         self.closed = False
@@ -139,7 +142,7 @@ class Proxy:
             threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
 
     def _pump(self, c: socket.socket, u: socket.socket) -> None:
-        up_bytes = 0
+        up_bytes = down_bytes = 0
         try:
             while not self.closed:
                 r, _, _ = select.select([c, u], [], [], 0.1)
@@ -156,8 +159,17 @@ class Proxy:
                             self.cuts += 1
                             return
                         u.sendall(data)
-                    else:
-                        c.sendall(data)
+                        continue
+                    down_bytes += len(data)
+                    with self.lock:
+                        cut = self.replies_left > 0 and down_bytes > self.reply_above
+                        if cut:
+                            self.replies_left -= 1
+                            self.replies_cut += 1
+                    if cut:
+                        c.sendall(data[: len(data) // 2])
+                        return
+                    c.sendall(data)
         except (OSError, ValueError):  # ValueError: select on a socket drop_all closed
             pass
         finally:
@@ -176,6 +188,10 @@ class Proxy:
 
     def cut_above(self, n: int | None) -> None:
         self.cut = n
+
+    def cut_replies(self, above: int, left: int) -> None:
+        with self.lock:
+            self.reply_above, self.replies_left = above, left
 
     def drop_all(self) -> None:
         with self.lock:
