@@ -298,8 +298,8 @@ def local_error(e: OSError, path: str, need: int | None = None) -> OSError:
     space left on device (4096 bytes free there, 262144 needed)" — a full DEST is told
     from a full temp directory, and from the replica's own errors."""
     name = e.filename if e.filename is not None else path
-    if e.errno is None:
-        return e
+    if e.errno is None:  # (a new error all the same: its callers raise it ``from e``, and
+        return OSError(f"{e}: {name}")  # ``e`` returned was made its own cause)
     if e.errno not in ROOM_ERRNOS:  # (a new error: raised ``from e``, never from itself)
         return OSError(e.errno, e.strerror, name, None, e.filename2)
     free = fileio.free_bytes(os.path.dirname(os.path.abspath(os.fsdecode(name))))
