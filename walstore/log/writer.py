@@ -182,6 +182,8 @@ class WriteAheadLog:
                 pwrite_all(w.fd, data, w.offset)  # (``w.write_at_end`` written out)
                 w.offset += size
             except OSError as e:
+                if w.fd < 0:  # (closed: ``close`` holds ``lock``, so no number reused)
+                    raise self._closed_error() from e
                 w.scrub(size)  # best effort: no stale half record behind the end
                 raise WalWriteError(e.errno, f"could not write the WAL record: {e.strerror or e}"
                                     ) from e
@@ -233,6 +235,8 @@ class WriteAheadLog:
             self._await_write()
         if not self._buffer:
             return
+        if self.writer.fd < 0:  # closed: the records stay buffered, never voided as failed
+            raise self._closed_error()
         buffer, self._buffer = self._buffer, []
         self._buffered_bytes = 0
         data = b"".join(d for d, _t in buffer) if len(buffer) > 1 else buffer[0][0]
@@ -360,8 +364,7 @@ class WriteAheadLog:
         if old.fd < 0:  # closed (``close``, under ``lock``): a purge close() left running
             # rotated it after, and made a segment in a store let go (another process's
             # by then), its old segment trimmed (audit 66)
-            raise StoreClosed(f"the WAL of {os.path.dirname(self.dir)} is closed: no new "
-                              f"segment is made")
+            raise self._closed_error()
         size = self.next_segment_size(need)
         with self._sync_lock:  # held throughout, so sync_to never sees a closing writer
             if self.failed is not None:  # (a leader's fsync failed while this waited for
@@ -756,6 +759,12 @@ class WriteAheadLog:
             raise LogFailed(f"fsync of the WAL failed ({e.strerror or e}); the store is now "
                             f"read-only, the unsynced commits are unknown until recovery "
                             f"(reopen the store)") from e
+
+    def _closed_error(self) -> StoreClosed:
+        """What a write to a closed log raises: the store let go, not a disk error (a plain
+        EBADF read as WalWriteError, which turns a store read-only)."""
+        return StoreClosed(f"the WAL of {os.path.dirname(self.dir)} is closed: nothing more "
+                           f"is written to it")
 
     def check_usable(self) -> None:
         if self.failed is not None:
