@@ -65,7 +65,7 @@ except ImportError as e:  # (a bare "No module named 'transaction'", naming no e
     raise ImportError("walstore.integrations.transaction needs the transaction package: "
                       "pip install 'walstore[transaction]'") from e
 
-from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, Transaction
+from ..engine.transaction import ACTIVE, COMMITTED, ROLLED_BACK, UNKNOWN, Transaction
 from ._checks import check_store as _check_store
 from ..errors import (CommitOutcomeUnknown, ConflictError, TransactionClosed, UnknownGid,
                       WalstoreError)
@@ -82,6 +82,7 @@ class WalstoreDataManager:
         self._finished = False   # tpc_finish committed
         self._finish_error: BaseException | None = None  # why our tpc_finish failed
         self._wrote_nothing = False  # a read-only store's: its vote committed its reads
+        self._told_unknown = False  # the warning of _warn_if_unknown was given
         self._joined_to = self.transaction_manager.get()
         self._joined_to.join(self)
 
@@ -298,8 +299,37 @@ class WalstoreDataManager:
         try:
             if self.tx.state == ACTIVE:
                 self.tx.rollback()
+            else:
+                self._warn_if_unknown()
         finally:
             _forget(self)
+
+    def _warn_if_unknown(self) -> None:
+        """The package aborts a transaction whose PREPARE (our vote) or COMMIT (our finish)
+        met a failed fsync: CommitOutcomeUnknown, the store read-only, nothing can be
+        rolled back here — and the next open finds it prepared, in doubt, its keys held
+        (every later write of them a ConflictError), with nothing said but "recovery
+        decides" (a prepared transaction, recovery leaves to its coordinator).  Say so
+        once, naming the gid and the command that ends it."""
+        if self.tx.state != UNKNOWN or self.tx.gid is None or self._told_unknown:
+            return
+        self._told_unknown = True
+        path, gid = self.store.path, self.tx.gid
+        if not self._finishing:  # (our vote failed: the package aborts everyone)
+            end = (f"the transaction was aborted, so once the store is reopened, if "
+                   f"store.prepared() lists it, end it with `walstore rollback-prepared "
+                   f"{path} {gid}`")
+        else:  # (every participant voted yes; whether our COMMIT is durable is unknown)
+            end = (f"once the store is reopened, if store.prepared() lists it, find out "
+                   f"whether the other participants committed, then end it with `walstore "
+                   f"commit-prepared {path} {gid}` or `walstore rollback-prepared {path} "
+                   f"{gid}`")
+        warnings.warn(f"walstore transaction {self.tx.id} of store {path} may be left "
+                      f"prepared, in doubt, as {gid!r}: the fsync of its "
+                      f"{'COMMIT' if self._finishing else 'PREPARE'} failed (its outcome is "
+                      f"unknown until the store is reopened, and a reopen leaves a "
+                      f"prepared transaction in doubt, its keys held); {end}",
+                      RuntimeWarning, stacklevel=3)
 
 
 class _Savepoint:
