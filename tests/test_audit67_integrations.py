@@ -625,3 +625,35 @@ def test_a_writer_killed_before_any_io_call_of_its_write_leaves_it_whole_or_abse
         kills += 1
         assert got in (whole, absent), f"killed before I/O call {nth}: {got}"
     assert kills >= 2  # (before the WAL write, before its fsync at least)
+
+
+# ---- restore points of a session: the fsync of the record fails -------------------------------
+@pytest.mark.parametrize("what", ["restore_point", "drop_restore_point"])
+def test_restore_point_whose_fsync_failed_is_an_unknown_outcome_never_a_plain_failure(
+        tmp_path, what):
+    """``session.restore_point(name)`` / ``drop_restore_point(name)`` whose record's fsync
+    fails.  Before the fix they raised LogFailed (a plain ReadOnlyError: "fsync of the WAL
+    failed ...") and the next open found the point made (pinning the history it needs
+    until dropped, by a caller told it was not) or dropped.  The record was written: as
+    for a commit record, its outcome is unknown until the reopen — CommitOutcomeUnknown
+    naming the point — and the reopen decides, all of it or none."""
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+    path = str(tmp_path / "s")
+    s = walstore.open(path, **OPTS)
+    session = WalstoreSession("a", s)
+    asyncio.run(session.add_items([{"role": "user", "content": "hi"}]))
+    asyncio.run(session.restore_point("p1"))
+    asyncio.run(session.add_items([{"role": "user", "content": "later"}]))
+    fb = FaultBackend()
+    fb.fail("fdatasync", errno.EIO, path="*.wal")
+    op = (session.restore_point("p2") if what == "restore_point"
+          else session.drop_restore_point("p1"))
+    with installed(fb), pytest.raises(walstore.CommitOutcomeUnknown,
+                                      match="restore point") as raised:
+        asyncio.run(op)
+    assert "unknown until the store is reopened" in str(raised.value)
+    s._drop_like_a_crash()
+    with walstore.open(path, **OPTS) as s:
+        points = sorted(asyncio.run(WalstoreSession("a", s).restore_points()))
+    assert points in (["p1"], ["p1", "p2"] if what == "restore_point" else [])

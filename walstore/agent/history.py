@@ -580,8 +580,18 @@ class History:
             raise ValueError(f"a restore point name is at most 400 bytes of UTF-8 "
                              f"({size} given)")
         event = self.engine.log_event(RecordType.RESTORE_POINT,
-                                      {"name": name, "ts": time.time()}, durable=True)
+                                      {"name": name, "ts": time.time()})
+        self._durable(event, f"restore point {shown(name)}", "whether it was made")
         return LSN(event.lsn)
+
+    def _durable(self, event: Any, what: str, unknown: str) -> None:
+        """Wait for a restore point's record (or its drop's) to be durable; a failed fsync
+        is CommitOutcomeUnknown, as for a commit record: the record is written, the next
+        open may find it.  (A ``durable=True`` log_event raised the log's plain LogFailed,
+        and the next open found the point made, pinning the history it needs, by a
+        caller told it failed; or dropped, by one told it was not: audit 67.)"""
+        eng = self.engine
+        eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, -1, what, unknown)
 
     def restore_points(self) -> dict[str, LSN]:
         self.engine.refresh()
@@ -593,5 +603,7 @@ class History:
                                  f"{type(name).__name__}", name)
         if self.engine.views.point(name) is None:
             raise UnknownPoint(f"no restore point named {shown(name)}", name)
-        self.engine.log_event(RecordType.RESTORE_POINT,
-                              {"name": name, "drop": True, "ts": time.time()}, durable=True)
+        event = self.engine.log_event(RecordType.RESTORE_POINT,
+                                      {"name": name, "drop": True, "ts": time.time()})
+        self._durable(event, f"the drop of restore point {shown(name)}",
+                      "whether it was dropped")
