@@ -657,3 +657,69 @@ def test_restore_point_whose_fsync_failed_is_an_unknown_outcome_never_a_plain_fa
     with walstore.open(path, **OPTS) as s:
         points = sorted(asyncio.run(WalstoreSession("a", s).restore_points()))
     assert points in (["p1"], ["p1", "p2"] if what == "restore_point" else [])
+
+
+# ---- the LangGraph store: a TTL refresh that cannot be written ---------------------------------
+def _store_with_a_ttl_item(path: str, other_scope: bool):
+    """A store (full durability) and a WalstoreStore with ``refresh_on_read`` holding item
+    ("m",)/"x" with a TTL; ``other_scope``: as written by a graph thread's scope (so a
+    batch outside it renews it after its own commit, in that scope)."""
+    pytest.importorskip("langgraph.store.base")
+    from walstore.integrations.langgraph import WalstoreStore
+    s = walstore.open(path, **OPTS)
+    st = WalstoreStore(s, ttl={"default_ttl": 1.0, "refresh_on_read": True})
+    st.put(("m",), "x", {"v": 1})
+    if other_scope:
+        key = st.keys.item(("m",), "x")
+        with s.transaction(scope=b"lg\x00thread") as tx:
+            tx.put(key, {**tx.get(key), "s": b"lg\x00thread"})
+    return s, st
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC", "EIO-fsync"])
+def test_a_batch_whose_puts_committed_is_not_reported_failed_for_a_ttl_refresh(
+        tmp_path, fault):
+    """A batch of a put and a ``refresh_ttl`` get of an item another scope wrote: the put
+    commits, then the item's expiry is renewed in its writer's scope, in a transaction of
+    its own — which meets a full disk (or a failed fsync).  Before the fix the batch raised
+    that WalWriteError ("could not write the WAL record ... nothing of it was logged") or
+    CommitOutcomeUnknown: the caller was told the batch failed, and its put was there."""
+    from langgraph.store.base import GetOp, PutOp
+    path = str(tmp_path / "s")
+    s, st = _store_with_a_ttl_item(path, other_scope=True)
+    fb = FaultBackend()
+    if fault == "ENOSPC":
+        rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal", nth=2)  # (2: the refresh's)
+    else:
+        rule = fb.fail("fdatasync", errno.EIO, path="*.wal", nth=2)
+    with installed(fb):
+        got, put = st.batch([GetOp(("m",), "x", refresh_ttl=True), PutOp(("m",), "y", {"v": 2})])
+    assert rule.fired == 1
+    assert got.value == {"v": 1} and put is None
+    s._drop_like_a_crash()
+    with walstore.open(path, **OPTS) as s:
+        from walstore.integrations.langgraph import WalstoreStore
+        assert WalstoreStore(s).get(("m",), "y", refresh_ttl=False).value == {"v": 2}
+
+
+@pytest.mark.parametrize("fault", ["ENOSPC", "EIO-fsync"])
+def test_a_read_keeps_its_answer_when_its_ttl_refresh_cannot_be_written(tmp_path, fault):
+    """``store.get(ns, key)`` with ``refresh_on_read``: the read, then its TTL refresh in
+    a transaction of its own meets a full disk (or a failed fsync).  Before the fix the get
+    raised WalWriteError, or CommitOutcomeUnknown (of a read: "transaction 3's commit
+    record ..."), and its answer was lost, where the same get on the store made read-only
+    by that very fsync returned the item (a read-only store renews nothing: the items
+    keep their expiry, as here)."""
+    path = str(tmp_path / "s")
+    s, st = _store_with_a_ttl_item(path, other_scope=False)
+    fb = FaultBackend()
+    if fault == "ENOSPC":
+        rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal")
+    else:
+        rule = fb.fail("fdatasync", errno.EIO, path="*.wal")
+    with installed(fb):
+        item = st.get(("m",), "x")
+        assert rule.fired == 1
+        assert item is not None and item.value == {"v": 1}
+        assert st.get(("m",), "x").value == {"v": 1}  # (and again: read-only or not)
+    s._drop_like_a_crash()

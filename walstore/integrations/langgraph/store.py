@@ -56,7 +56,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   validate_op_namespace)
 
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import ConflictError, StoreClosed
+from walstore.errors import ConflictError, StoreClosed, WalstoreError
 from walstore.signals import Flag, deferred
 
 from .._async import finish_despite_cancel
@@ -396,7 +396,9 @@ class WalstoreStore(BaseStore):
         transaction of its own (none on a read-only store: the items keep their
         expiry).  In a batch with puts, an item read with ``refresh_ttl`` that another
         scope wrote (another graph thread, or none) is renewed after the batch commits,
-        in its writer's scope, as a read-only batch does.  A conflict
+        in its writer's scope, as a read-only batch does.  A renewal that cannot be
+        written (a full disk, a failed fsync) leaves those items their expiry: the
+        batch's answers, and its committed puts, stand.  A conflict
         (another writer got to the same item first) is retried, never raised: writers of
         one item in this process take turns."""
         ops = list(ops)
@@ -416,7 +418,7 @@ class WalstoreStore(BaseStore):
             # writer gave them (the refresh raised ReadOnlyError, and the read's answer
             # was lost, for every item with a TTL)
             if touched and not self.store.readonly:
-                self._refresh_items(touched)
+                self._renew(touched)
             return results
         meta = {"langgraph": "store"} if self.txn_meta else None
         keys = [self.keys.item(op.namespace, op.key) for op in ops
@@ -434,7 +436,7 @@ class WalstoreStore(BaseStore):
                         raise
                     _backoff(attempt)
         if others:  # (after the item locks are released: _refresh_scope takes them)
-            self._refresh_items(others)
+            self._renew(others)  # (the batch committed: its outcome stands)
         return results
 
     def _read_batch(self, ops: list[Op]) -> tuple[list[Result], dict[bytes, dict]]:
@@ -451,6 +453,18 @@ class WalstoreStore(BaseStore):
                 if tx.state == "active":
                     tx.rollback()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _renew(self, touched: dict[bytes, dict]) -> None:
+        """``_refresh_items`` after a batch's reads (and its commit): a refresh that cannot
+        be written (a full disk; a failed fsync, the store read-only from then on) leaves
+        the items the expiry they had, as on a read-only store, and is no failure of the
+        batch.  (It raised out of ``batch``: a get lost its answer to a WalWriteError or
+        a CommitOutcomeUnknown, and a batch whose puts had committed was reported failed,
+        "nothing of it was logged" — audit 67.)"""
+        try:
+            self._refresh_items(touched)
+        except WalstoreError:
+            pass
 
     def _refresh_items(self, touched: dict[bytes, dict]) -> None:
         """Renew the TTL of items a read returned, each as it is now: one transaction per
