@@ -18,11 +18,20 @@ two-phase commit — then the same object used again, the store reopened, and ch
 - a real child killed with SIGKILL before each I/O call of ``put_writes`` /
   ``add_items`` leaves the operation whole or absent.
 
-One finding (fixed in walstore/integrations/transaction.py): a ``transaction.commit()``
-whose walstore vote met a failed fsync of its PREPARE was aborted by the package, but
-walstore said nothing more than CommitOutcomeUnknown's "recovery decides": the next open
-found the transaction prepared, in doubt, its keys held (every later write of them a
-ConflictError), and nothing named the gid or the command that ends it.
+Findings (each fixed, its test below):
+
+- walstore/integrations/transaction.py: a ``transaction.commit()`` whose walstore vote met
+  a failed fsync of its PREPARE was aborted by the package, but walstore said nothing
+  more than CommitOutcomeUnknown's "recovery decides": the next open found the
+  transaction prepared, in doubt, its keys held (every later write of them a
+  ConflictError), and nothing named the gid or the command that ends it (the finish's
+  twin: a failed fsync of its COMMIT);
+- walstore/agent/history.py (through ``WalstoreSession.restore_point`` /
+  ``drop_restore_point``): a failed fsync of the restore point's record raised the log's
+  plain LogFailed, and the next open found the point made (pinning history) or dropped;
+- walstore/integrations/langgraph/store.py: a TTL renewal (``refresh_on_read``) that met
+  a full disk or a failed fsync raised out of ``batch``: a get lost its answer, and a
+  batch whose puts had committed was reported failed ("nothing of it was logged").
 """
 from __future__ import annotations
 
