@@ -138,6 +138,14 @@ def sweep_dead_scratch(base: str, prefix: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _since(stamp: float) -> float:
+    """A record's wall-clock ``stamp`` as an instant of ``time.monotonic()``: its age now,
+    never below 0 (a stamp ahead of the clock: logged before a step back), taken from
+    the monotonic clock's now.  An age counted from it later is immune to steps of the
+    wall clock since."""
+    return time.monotonic() - max(0.0, time.time() - stamp)
+
+
 def wal_key(a: int, b: int, level: int) -> str:
     return f"wal/{a:020d}-{b:020d}-L{level}"
 
@@ -186,6 +194,9 @@ class Shipper:
         # local segment gone): key -> why.  Left out of every merge, reported by status()
         self._unmergeable: dict[str, str] = {}
         self._blob_lock = threading.Lock()  # (blob uploads run on several threads)
+        # (monotonic: the instant, on time.monotonic(), the oldest unshipped record was
+        # logged — see _since; lag_seconds counted on the wall clock went to -3600 s when
+        # it stepped back an hour, +3600 s forward: audit 67)
         self._behind_since: float | None = None
         self._round = threading.Lock()
         self._cond_lock = threading.RLock()  # (entered as itself: walstore.signals)
@@ -565,8 +576,10 @@ class Shipper:
         shipped = base
         lag = max(0, durable - base)
         if lag and self._behind_since is None:
-            self._behind_since = self._oldest_unshipped_stamp(time.time(), durable, base)
-        lag_s = 0.0 if not lag or self._behind_since is None else time.time() - self._behind_since
+            self._behind_since = _since(self._oldest_unshipped_stamp(time.time(), durable,
+                                                                     base))
+        lag_s = 0.0 if not lag or self._behind_since is None else \
+            time.monotonic() - self._behind_since
         m = self.manifest
         error = self.last_error or self._snapshot_error
         if error is None and self._damaged_blobs:
@@ -743,7 +756,7 @@ class Shipper:
         durable = self.source.durable_lsn()
         self._durable = max(self._durable, durable)
         if durable > self.shipped and self._behind_since is None:
-            self._behind_since = self._oldest_unshipped_stamp(t0, durable)
+            self._behind_since = _since(self._oldest_unshipped_stamp(t0, durable))
         summary = {"objects": 0, "bytes": 0, "snapshot": None, "compacted": 0,
                    "deleted": 0}
         shipped_before = self.shipped
@@ -765,7 +778,7 @@ class Shipper:
             # progress, not caught up: the clock restarts at the oldest record still
             # unshipped (a round without progress leaves the clock running: the lag grows)
             self._behind_since = max(self._behind_since,
-                                     self._oldest_unshipped_stamp(t0, self._durable))
+                                     _since(self._oldest_unshipped_stamp(t0, self._durable)))
         summary["position"] = self.shipped
         return summary
 
