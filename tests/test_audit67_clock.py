@@ -11,6 +11,8 @@ import datetime as dt
 import time
 import types
 
+import pytest
+
 import walstore
 from walstore.engine import engine as engine_mod
 from walstore.replication import lease as lease_mod
@@ -71,31 +73,73 @@ def test_lag_seconds_stays_the_age_of_the_unshipped_commit_across_a_clock_step(
 
 
 # ---- restore to a time ----------------------------------------------------------------
+def _stepped_replica(tmp_path, monkeypatch, synced_after: tuple[str, ...]) -> tuple[str, dict]:
+    """A replica of commits a, b, c, then (the clock stepped back an hour) d, e; a WAL
+    object ends after each key in ``synced_after``.  Returns its URL and the stamps."""
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 30})
+    stamps = {}
+    try:
+        for i, key in enumerate("abcde"):
+            if key == "d":
+                monkeypatch.setattr(engine_mod, "time", Stepped(-3600.0))
+            stamps[key] = _commit(s, key, i + 1).timestamp
+            if key == "b":
+                time.sleep(0.01)
+            if key in synced_after:
+                s.sync_replica(timeout=10)
+    finally:
+        s.close()
+        monkeypatch.setattr(engine_mod, "time", time)
+    return rep, stamps
+
+
+def _restored(rep: str, dest: str, to: dt.datetime) -> dict:
+    walstore.restore(rep, dest, to=to)
+    with walstore.open(dest) as r:
+        return dict(r.scan())
+
+
+def _just_after(stamp: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(stamp, dt.timezone.utc) + dt.timedelta(microseconds=1)
+
+
+@pytest.mark.parametrize("synced_after", [("c", "e"), ("b", "e")],
+                         ids=["step-between-objects", "step-inside-the-later-object"])
 def test_restore_to_a_time_holds_no_commit_stamped_after_it_when_the_clock_stepped_back(
-        tmp_path, monkeypatch):
-    """Commits a, b, c shipped in one WAL object, then the clock stepped back an hour and
-    d, e shipped in the next.  A restore to a time between b and c restored a..e: the cut
-    was sought in the last WAL object whose first commit is at or before the time (the
-    second one, its stamps an hour early), so c, stamped after the time, was in the copy.
-    The cut is a prefix of the log that ends before the first record stamped later."""
+        tmp_path, monkeypatch, synced_after):
+    """Commits a, b, c, then the clock stepped back an hour, then d, e; WAL objects
+    [a b c][d e] or [a b][c d e].  A restore to a time between b and c restored a..e: the
+    cut was sought from the last WAL object whose first commit is at or before the time
+    (the one holding d, its stamps an hour early), so c, stamped after the time, was in
+    the copy.  The cut is a prefix of the log ending before the first record stamped
+    later: a and b."""
+    rep, stamps = _stepped_replica(tmp_path, monkeypatch, synced_after)
+    assert _restored(rep, str(tmp_path / "dest"), _just_after(stamps["b"])) == \
+        {"a": 1, "b": 2}
+    # (a time at or after every stamp: all five)
+    assert _restored(rep, str(tmp_path / "end"), _just_after(stamps["c"])) == \
+        {k: i + 1 for i, k in enumerate("abcde")}
+
+
+def test_restore_to_a_time_no_prefix_of_the_log_matches_is_refused_clearly(tmp_path,
+                                                                           monkeypatch):
+    """The store's first commit c, then the clock stepped back an hour, then d: no prefix
+    of the log is the state at a time between d and c (c, stamped later, comes first).
+    Refused as a point naming no state (UnknownPoint), saying why, nothing restored;
+    before, the copy held c and d."""
     rep = "file://" + str(tmp_path / "rep")
     s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
                       replicate_options={"interval": 30})
     try:
-        _commit(s, "a", 1)
-        b = _commit(s, "b", 2)
-        time.sleep(0.01)
         _commit(s, "c", 3)
-        s.sync_replica(timeout=10)
         monkeypatch.setattr(engine_mod, "time", Stepped(-3600.0))
-        _commit(s, "d", 4)
-        _commit(s, "e", 5)
+        d = _commit(s, "d", 4)
         s.sync_replica(timeout=10)
     finally:
         s.close()
-    to = dt.datetime.fromtimestamp(b.timestamp, dt.timezone.utc) + dt.timedelta(
-        microseconds=1)
-    dest = str(tmp_path / "dest")
-    walstore.restore(rep, dest, to=to)
-    with walstore.open(dest) as r:
-        assert dict(r.scan()) == {"a": 1, "b": 2}
+    dest = tmp_path / "dest"
+    with pytest.raises(walstore.UnknownPoint, match="stepped back"):
+        walstore.restore(rep, str(dest), to=_just_after(d.timestamp))
+    assert not dest.exists() or not any(dest.iterdir())

@@ -618,15 +618,25 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     stamps against ``to.timestamp()`` left it out whenever its stamp had digits past the
     microsecond.)"""
     t = _micros(to)
-    first = next((i for i in range(len(m.wal) - 1, -1, -1)
+    # The cut is a prefix of the log: it ends before the first record stamped later than
+    # ``to``.  Commit stamps are the wall clock's, which may step back (NTP, a VM restored
+    # from a snapshot): the search for where to start never passes the first WAL object
+    # holding a commit stamped later (``t1``).  Sought from the last object whose first
+    # commit is at or before ``to``, it started in an object logged after a step back
+    # (its stamps an hour early) and the copy held the commits stamped after ``to``
+    # before it (audit 67).
+    limit = next((i for i, e in enumerate(m.wal)
+                  if e["t1"] is not None and _stamp_micros(e["t1"]) > t), len(m.wal) - 1)
+    first = next((i for i in range(limit, -1, -1)
                   if m.wal[i]["t0"] is not None and _stamp_micros(m.wal[i]["t0"]) <= t),
                  None)
     # no commit at or before ``to``: the records logged before the first commit (a restore
     # point made on a fresh store, an action begun) may still be; from the WAL's first
     # record, any stamped one at or before ``to`` starts the cut (it was refused)
     any_stamp = first is None
-    kept = None  # the last record kept, once the first one at or before ``t`` is seen
-    before_chunks = None  # the record kept before a run of WRITES chunks (see below)
+    seen = False  # a commit (any_stamp: a stamped record) at or before ``t`` met
+    kept = None  # the last record met, once the scan started
+    before_chunks, in_chunks = None, False  # the record kept before a run of WRITES chunks
     prev_end = None  # where the entry before ``e`` ended (a gap after it: a hole)
     for e in m.wal[first or 0:]:
         if prev_end is not None and e["a"] > prev_end:
@@ -641,34 +651,70 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
         for lsn, rtype, raw, _s in fetch.records(e):
             ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
             stamped = isinstance(ts, (int, float)) and not isinstance(ts, bool)
-            if kept is None:
-                if stamped and _stamp_micros(ts) <= t and (any_stamp
-                                                           or rtype == logformat.COMMIT):
-                    kept = lsn
-                elif any_stamp and stamped:
-                    break  # (the first stamped record is later: nothing is at or before)
-                continue
             if stamped and _stamp_micros(ts) > t:
-                # a large commit's WRITES chunks are appended with it, under one lock: they
-                # are as late as it is (kept, the copy took a transaction begun after ``to``
-                # for one in flight at it)
-                cut = before_chunks if before_chunks is not None else kept
-                return cut, f"the last record at or before {to.isoformat()}"
+                if seen or (not any_stamp and any(w["t0"] is not None
+                                                  for w in m.wal[:first])):
+                    # a large commit's WRITES chunks are appended with it, under one
+                    # lock: they are as late as it is (kept, the copy took a transaction
+                    # begun after ``to`` for one in flight at it).  Met before any commit
+                    # at or before ``to`` of this object (stamped before a step back),
+                    # the cut lies before it, in the objects ahead if need be
+                    cut = before_chunks if in_chunks else kept
+                    if cut is None:
+                        cut = _last_kept(m, fetch, first)
+                    return cut, f"the last record at or before {to.isoformat()}"
+                if any_stamp:
+                    break  # (the first stamped record is later: nothing is at or before)
+                raise UnknownRestorePoint(
+                    f"{to.isoformat()} names no state of the replica: the record at LSN "
+                    f"{lsn} is stamped later ({_iso(ts)}) and comes before every commit "
+                    f"at or before it (the source's clock stepped back); restore to a "
+                    f"txid or a walstore.LSN instead", to)
+            if stamped and (any_stamp or rtype == logformat.COMMIT):
+                seen = True
+            elif any_stamp and not seen:
+                continue  # (nothing is kept before the first stamped record)
             if rtype == logformat.WRITES:
-                if before_chunks is None:
-                    before_chunks = kept
+                if not in_chunks:
+                    before_chunks, in_chunks = kept, True
             elif rtype != logformat.SEAL:  # (a large write set spans segments)
-                before_chunks = None
+                in_chunks = False
             kept = lsn
         else:
             continue
         break
-    if kept is None:
+    if not seen:
         raise UnknownRestorePoint(f"{to.isoformat()} is before the first commit the replica "
                                   f"holds (and before any restore point or action logged "
                                   f"ahead of it): it names no state the replica has"
                                   f"{m.history_note()}", to)
     return kept, f"the last record at or before {to.isoformat()}"
+
+
+def _iso(ts: float) -> str:
+    try:
+        return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()
+    except (OverflowError, OSError, ValueError):
+        return repr(ts)
+
+
+def _last_kept(m: Manifest, fetch: _Fetcher, first: int) -> int:
+    """The last record of the WAL objects before ``m.wal[first]`` that a cut before that
+    object keeps: its last record, or the one before the run of WRITES chunks it ends
+    with (they belong to the commit after them)."""
+    for i in range(first - 1, -1, -1):
+        kept, before_chunks, in_chunks = None, None, False
+        for lsn, rtype, _raw, _s in fetch.records(m.wal[i]):
+            if rtype == logformat.WRITES:
+                if not in_chunks:
+                    before_chunks, in_chunks = kept, True
+            elif rtype != logformat.SEAL:
+                in_chunks = False
+            kept = lsn
+        cut = before_chunks if in_chunks else kept
+        if cut is not None:
+            return cut
+    raise ReplicationError("no record of the replica's WAL lies before the cut")
 
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
