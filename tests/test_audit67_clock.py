@@ -8,6 +8,10 @@ Real stores, real files, ``file://`` replicas.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import re
+import subprocess
+import sys
 import time
 import types
 
@@ -15,8 +19,9 @@ import pytest
 
 import walstore
 from walstore.engine import engine as engine_mod
-from walstore.replication import lease as lease_mod
 from walstore.replication import shipper as shipper_mod
+
+from store_support import CLI, cli_env
 
 
 class Stepped(types.ModuleType):
@@ -35,6 +40,11 @@ class Stepped(types.ModuleType):
 
     def time_ns(self) -> int:
         return time.time_ns() + int(self.offset * 1e9)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True,
+                          text=True, timeout=120, env=cli_env())
 
 
 def _commit(s, key, value) -> walstore.TxnInfo:
@@ -143,3 +153,29 @@ def test_restore_to_a_time_no_prefix_of_the_log_matches_is_refused_clearly(tmp_p
     with pytest.raises(walstore.UnknownPoint, match="stepped back"):
         walstore.restore(rep, str(dest), to=_just_after(d.timestamp))
     assert not dest.exists() or not any(dest.iterdir())
+
+
+# ---- two clocks: the CLI's view of a replica written by a machine whose clock is ahead ---
+def test_replicas_shows_a_writer_clock_ahead_as_such_not_a_negative_age(tmp_path,
+                                                                        monkeypatch):
+    """The replica's writer had a clock an hour ahead of this machine's (two machines
+    disagree): ``walstore replicas URL`` said ``updated ... (-3600 s ago)``.  It says the
+    time lies ahead of this machine's clock, by how much; ``--json`` keeps the signed
+    ``age_seconds``."""
+    from walstore.replication import manifest as manifest_mod
+    rep = "file://" + str(tmp_path / "rep")
+    monkeypatch.setattr(manifest_mod, "time", Stepped(3600.0))
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 30})
+    try:
+        _commit(s, "a", 1)
+        s.sync_replica(timeout=10)
+    finally:
+        s.close()
+    r = _cli("replicas", rep)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("updated"))
+    assert "-" not in line.split("(")[1] and "ago" not in line, line
+    assert re.search(r"\((3[56]\d\d) s ahead of this machine's clock", line), line
+    got = json.loads(_cli("replicas", rep, "--json").stdout)
+    assert -3700 < got["age_seconds"] < -3500, got

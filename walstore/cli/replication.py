@@ -477,7 +477,11 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
     w = r["writer"]
     _say(f"replica   {r['url']}  store {r['store_id']}  lineage {r['lineage']}")
     _say(f"writer    process {w['pid']} on {w['host']} ({w['path']})")
-    _say(f"updated   {show_time(r['updated'])} ({r['age_seconds']:.0f} s ago)")
+    age = r["age_seconds"]  # (negative: the writer's clock is ahead of this one's; "-3600
+    # s ago" was shown: audit 67)
+    _say(f"updated   {show_time(r['updated'])} ("
+         + (f"{age:.0f} s ago)" if age > -0.5 else
+            f"{-age:.0f} s ahead of this machine's clock: its clock or the writer's is off)"))
     if r.get("complete_to") is not None:  # (a restore to a later time is refused)
         _say(f"complete  every commit up to {show_time(r['complete_to'])}")
     lc = r["last_commit"] or {}
