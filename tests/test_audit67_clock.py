@@ -179,3 +179,28 @@ def test_replicas_shows_a_writer_clock_ahead_as_such_not_a_negative_age(tmp_path
     assert re.search(r"\((3[56]\d\d) s ahead of this machine's clock", line), line
     got = json.loads(_cli("replicas", rep, "--json").stdout)
     assert -3700 < got["age_seconds"] < -3500, got
+
+
+# ---- integrations -----------------------------------------------------------------------
+def test_list_branches_in_order_of_creation_across_a_clock_step_back(store, monkeypatch):
+    """``WalstoreSession.list_branches``: main first, then in order of creation.  A
+    branch created after the clock stepped back an hour was listed before the one
+    created just before the step (sorted by the wall-clock ns stamped at creation)."""
+    pytest.importorskip("agents")
+    import asyncio
+
+    from walstore.integrations import openai_agents as oa
+
+    async def go():
+        s = oa.WalstoreSession("c", store)
+        await s.add_items([{"role": "user", "content": "hi"},
+                           {"role": "assistant", "content": "hello"}])
+        await s.create_branch_from_turn(1, "first")
+        await s.switch_to_branch("main")
+        monkeypatch.setattr(oa, "time", Stepped(-3600.0))
+        await s.create_branch_from_turn(1, "second")
+        await s.switch_to_branch("main")
+        await s.create_branch_from_turn(1, "third")
+        return [b["branch_id"] for b in await s.list_branches()]
+
+    assert asyncio.run(go()) == ["main", "first", "second", "third"]

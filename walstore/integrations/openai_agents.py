@@ -835,7 +835,14 @@ class WalstoreSession:
                     suffix += 1
                     name = f"{base}_{suffix}"
                 self._check_branch_fits(name)
-            tx.put(self._branch_key(name), {"created_at": _utc_now(), "ns": time.time_ns(),
+            # (after every branch of the session, whatever the clock says: list_branches
+            # sorts by it, and a branch made after the clock stepped back was listed
+            # before those made earlier: audit 67)
+            newest = max((info.get("ns", 0) for _k, info in
+                          tx.scan(prefix=self._prefix + "br/") if isinstance(info, dict)
+                          and isinstance(info.get("ns", 0), int)), default=0)
+            tx.put(self._branch_key(name), {"created_at": _utc_now(),
+                                            "ns": max(time.time_ns(), newest + 1),
                                             "from_branch": source, "from_turn": turn_number})
             prefix = self._items_prefix(name)
             for seq, item in copy:
