@@ -204,3 +204,37 @@ def test_list_branches_in_order_of_creation_across_a_clock_step_back(store, monk
         return [b["branch_id"] for b in await s.list_branches()]
 
     assert asyncio.run(go()) == ["main", "first", "second", "third"]
+
+
+@pytest.mark.parametrize("how", ["delete_thread", "rewind"])
+def test_a_thread_run_again_after_a_removal_keeps_its_writes_across_a_clock_step_back(
+        store, monkeypatch, how):
+    """``delete_thread`` (or a rewind) of a thread, then the clock stepped back an hour,
+    then the thread run again with durability="async": the pending writes of its new
+    checkpoint, arriving before that checkpoint's save, were refused with
+    StaleCheckpointError ("deleted while this run was working"): the removal was marked
+    with the wall clock, and the new checkpoint's id (LangGraph's uuid6, made after it)
+    carried a time an hour earlier.  The mark is taken from the same generator as the
+    ids, which never goes back."""
+    pytest.importorskip("langgraph.checkpoint.base")
+    from langgraph.checkpoint.base import id as lg_id
+    from walstore.integrations.langgraph import WalstoreSaver
+    from test_langgraph_saver import cfg, checkpoint
+
+    saver = WalstoreSaver(store)
+    first = saver.put(cfg("t"), checkpoint(x=1) | {"id": str(lg_id.uuid6(clock_seq=-1))},
+                      {"source": "input", "step": -1}, {})
+    saver.put(first, checkpoint(x=2) | {"id": str(lg_id.uuid6(clock_seq=0))},
+              {"source": "loop", "step": 0}, {})
+    time.sleep(0.01)
+    if how == "delete_thread":
+        saver.delete_thread("t")
+    else:
+        saver.rewind(first)
+    monkeypatch.setattr(lg_id, "time", Stepped(-3600.0))
+    cid = str(lg_id.uuid6(clock_seq=1))
+    config = {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": cid}}
+    saver.put_writes(config, [("msgs", ["early"])], "task-1")
+    saver.put(first if how == "rewind" else cfg("t"), checkpoint(x=3) | {"id": cid},
+              {"source": "loop", "step": 1}, {})
+    assert saver.get_tuple(config).pending_writes == [("task-1", "msgs", ["early"])]

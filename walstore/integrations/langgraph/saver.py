@@ -85,6 +85,8 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("walstore.integrations.langgraph needs LangGraph: "
                       "pip install 'walstore[langgraph]'") from e
 
+from langgraph.checkpoint.base.id import uuid6  # (the generator of LangGraph's ids)
+
 try:
     from langgraph.checkpoint.base import writes_sort_key
 except ImportError:  # pragma: no cover - older langgraph-checkpoint
@@ -275,7 +277,7 @@ def _rewinds(store: Any) -> dict[bytes, float]:
 _MARKS_MAX = 65536  # threads with a removal/rewind mark kept per store: the oldest go first
 
 
-def _note_mark(marks: dict, key: bytes, value: float) -> None:
+def _note_mark(marks: dict, key: bytes, value: float | int) -> None:
     """``marks[key] = value``, the newest last; beyond ``_MARKS_MAX`` threads the oldest
     mark is forgotten (a run that loaded that thread before it and still runs is then
     fenced only by its checkpoints and its node transactions' undo fence)."""
@@ -294,9 +296,10 @@ def _loaded_at(token: Any) -> float | None:
         return None
 
 
-def _removals(store: Any) -> dict[bytes, float]:
-    """thread prefix -> when this process last began removing checkpoints of it (per
-    store object, shared by every saver on it)."""
+def _removals(store: Any) -> dict[bytes, int]:
+    """thread prefix -> when this process last began removing checkpoints of it, as the
+    timestamp of a LangGraph id made then (``_uuid6_ticks``; per store object, shared by
+    every saver on it)."""
     with _REMOVALS_LOCK:
         got = _REMOVALS.get(store)
         if got is None:
@@ -334,16 +337,22 @@ def _step_txns(store: Any) -> "OrderedDict[tuple, list[int]]":
         return got
 
 
-def _uuid6_time(cid: str) -> float | None:
-    """The Unix time a uuid6 checkpoint id (LangGraph's) was made at; None for other ids."""
+def _uuid6_ticks(cid: str) -> int | None:
+    """The timestamp of a uuid6 checkpoint id (LangGraph's), in its own 100 ns ticks, exact;
+    None for other ids."""
     try:
         u = uuid.UUID(str(cid))
     except ValueError:
         return None
     if u.version != 6:
         return None
-    t = (u.time_low << 28) | (u.time_mid << 12) | (u.time_hi_version & 0x0FFF)
-    return (t - 0x01B21DD213814000) / 1e7
+    return (u.time_low << 28) | (u.time_mid << 12) | (u.time_hi_version & 0x0FFF)
+
+
+def _uuid6_time(cid: str) -> float | None:
+    """The Unix time a uuid6 checkpoint id (LangGraph's) was made at; None for other ids."""
+    t = _uuid6_ticks(cid)
+    return None if t is None else (t - 0x01B21DD213814000) / 1e7
 
 
 def _first(rows: Iterator) -> Any:
@@ -1227,8 +1236,12 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if made is None:
             return False  # (not LangGraph's ids: when it was made is unknown)
         removed = _removals(self.store).get(ns.thread_prefix)
-        if removed is not None and removed > made:
-            return True
+        if removed is not None:
+            # (this process removed checkpoints of the thread, marking it again once the
+            # removal committed: the mark decides.  The log below compares commit stamps
+            # with the id's time, two wall clocks: after a step back of the clock, a
+            # delete_thread's purge stamped after the ids made since — refused: audit 67)
+            return removed > _uuid6_ticks(cid)
         if _first(self.store.scan(prefix=ns.checkpoints())) is not None:
             return False
         key = ns.checkpoint(cid)
@@ -1308,8 +1321,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
 
     def _removing(self, thread_prefix: bytes) -> None:
         """Note that checkpoints of the thread were (or are being) removed: pending writes
-        of a checkpoint made before now and missing are refused from now on."""
-        _note_mark(_removals(self.store), thread_prefix, time.time())
+        of a checkpoint made before now and missing are refused from now on.  "Before now"
+        in the order of LangGraph's own id generator (``uuid6``: its timestamp never goes
+        back in a process): the mark is the timestamp of an id made now.  A wall-clock
+        mark refused every new checkpoint's early writes (durability="async") for an hour
+        after the clock stepped back an hour (audit 67): their ids, made after the
+        removal, carried earlier times."""
+        _note_mark(_removals(self.store), thread_prefix, _uuid6_ticks(str(uuid6())))
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
@@ -1400,7 +1418,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         try:
             self.store.purge(prefix)
         except (ErasureOwed, CommitOutcomeUnknown):
-            raise  # (committed, or may have: the marks stay)
+            self._removing(prefix)  # (committed, or may have: the marks stay, renewed)
+            raise
         except BaseException:
             # not committed (a full disk, a conflict): the thread is all there, so its
             # runs are not cut off — the marks as they were, as a refused rewind leaves
@@ -1414,6 +1433,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                     else:
                         _note_mark(marks, prefix, before)
             raise
+        else:  # (marked again once committed: an id made after this is of a new run,
+            self._removing(prefix)  # see _checkpoint_removed)
         finally:  # (also when it raised: an ErasureOwed purge committed, the thread is
             self.codec.forget(prefix)  # gone; forgetting a live one costs a cache miss)
 
