@@ -238,3 +238,23 @@ def test_a_thread_run_again_after_a_removal_keeps_its_writes_across_a_clock_step
     saver.put(first if how == "rewind" else cfg("t"), checkpoint(x=3) | {"id": cid},
               {"source": "loop", "step": 1}, {})
     assert saver.get_tuple(config).pending_writes == [("task-1", "msgs", ["early"])]
+
+
+def test_a_memory_item_updated_after_a_clock_step_back_is_not_updated_before_it_was_made(
+        store, monkeypatch):
+    """``WalstoreStore``: an item put, the clock stepped back an hour, the item put again:
+    its ``updated_at`` came an hour before its ``created_at`` (kept from the first put).
+    An update is never dated before the item's previous version."""
+    pytest.importorskip("langgraph.store.base")
+    from walstore.integrations.langgraph import store as lg_store
+
+    mem = lg_store.WalstoreStore(store)
+    mem.put(("users", "u1"), "prefs", {"theme": "dark"})
+    first = mem.get(("users", "u1"), "prefs")
+    monkeypatch.setattr(lg_store, "time", Stepped(-3600.0))
+    mem.put(("users", "u1"), "prefs", {"theme": "light"})
+    item = mem.get(("users", "u1"), "prefs")
+    assert item.value == {"theme": "light"}
+    assert item.created_at == first.created_at
+    assert item.updated_at >= first.updated_at >= item.created_at, (item.created_at,
+                                                                    item.updated_at)

@@ -673,7 +673,10 @@ class WalstoreStore(BaseStore):
                 tx.delete(key)
                 self._expiry(tx, key, old, None)
             return
-        rec: dict = {"v": dict(op.value), "c": old["c"] if old is not None else now, "u": now}
+        # (an update is never dated before the version it replaces: after a step back of
+        # the clock, updated_at came before created_at: audit 67)
+        rec: dict = {"v": dict(op.value), "c": now, "u": now} if old is None else \
+            {"v": dict(op.value), "c": old["c"], "u": max(now, old["u"])}
         marks = _tuple_marks(rec["v"])
         if marks is not None:  # (where the tuples are: msgpack writes them as arrays)
             rec["tp"] = marks
