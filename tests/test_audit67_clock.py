@@ -82,6 +82,35 @@ def test_lag_seconds_stays_the_age_of_the_unshipped_commit_across_a_clock_step(
         s.close()
 
 
+def _snapshots(url: str) -> list:
+    from walstore.replication.manifest import decode
+    path = url[len("file://"):] + "/manifest"
+    with open(path, "rb") as f:
+        return decode(f.read(), url)["snapshots"]
+
+
+def test_periodic_snapshots_go_on_after_the_clock_steps_back(tmp_path, monkeypatch):
+    """``snapshot_interval`` 1 s, then the clock stepped back an hour: no snapshot was
+    shipped for the hour (the newest one's stamp lay an hour ahead, its age negative),
+    so a restore replayed ever more WAL.  A snapshot stamped ahead of the clock is due:
+    the next one is taken at once, the interval counted from it."""
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 0.05, "snapshot_interval": 1})
+    try:
+        _commit(s, "a", 1)
+        s.sync_replica(timeout=10)
+        before = len(_snapshots(rep))
+        monkeypatch.setattr(shipper_mod, "time", Stepped(-3600.0))
+        _commit(s, "b", 2)
+        deadline = time.monotonic() + 5
+        while len(_snapshots(rep)) <= before and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(_snapshots(rep)) > before
+    finally:
+        s.close()
+
+
 # ---- restore to a time ----------------------------------------------------------------
 def _stepped_replica(tmp_path, monkeypatch, synced_after: tuple[str, ...]) -> tuple[str, dict]:
     """A replica of commits a, b, c, then (the clock stepped back an hour) d, e; a WAL

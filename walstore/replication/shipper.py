@@ -208,7 +208,8 @@ class Shipper:
         self._start_error: Exception | None = None
         self._started = False
         self._last_retention = 0.0
-        self._snapshot_retry_at = 0.0
+        self._snapshot_retry_at = 0.0  # (time.monotonic(): a step of the wall clock
+        # moved a retry by as much)
         self._snapshot_error: str | None = None  # the last snapshot failed (until one works)
         self._snapshot_failures = 0
         self._unsaved = False  # the manifest changed in memory, its write failed (see _save)
@@ -1255,16 +1256,20 @@ class Shipper:
             # write landed, its answer lost): the failure no longer matters — kept, it
             # stayed in ``last_error`` for good on an idle store (replsweep)
             self._snapshot_failures, self._snapshot_error = 0, None
-        if self._snapshot_error is not None and time.time() < self._snapshot_retry_at:
+        if self._snapshot_error is not None and time.monotonic() < self._snapshot_retry_at:
             return False  # (backing off after a failed snapshot)
         if newest is None:
             return True
-        if m.position <= newest["lsn"] or time.time() < self._snapshot_retry_at:
+        if m.position <= newest["lsn"] or time.monotonic() < self._snapshot_retry_at:
             return False
         if self._snapshot_error is not None or any(h["b"] > newest["lsn"]
                                                    for h in m.doc["holes"]):
             return True  # (a failed one is retried; a hole wants a base past it)
-        return (time.time() - newest["ts"] >= self.opts.snapshot_interval
+        # (a newest snapshot stamped ahead of the clock — taken before it stepped back — is
+        # due: its age negative, none was taken until the clock caught up, an hour for a
+        # step of an hour, restores replaying ever more WAL: audit 67)
+        age = time.time() - newest["ts"]
+        return (age >= self.opts.snapshot_interval or age < 0
                 or m.position - newest["lsn"] >= self.opts.snapshot_wal_bytes)
 
     def _snapshot_or_back_off(self, summary: dict) -> None:
@@ -1283,7 +1288,7 @@ class Shipper:
             self._snapshot_failures += 1
             wait = min(SNAPSHOT_BACKOFF_MAX,
                        self.opts.interval * 2 ** min(self._snapshot_failures, 16))
-            self._snapshot_retry_at = time.time() + wait * (0.5 + random.random() / 2)
+            self._snapshot_retry_at = time.monotonic() + wait * (0.5 + random.random() / 2)
             self._snapshot_error = f"a snapshot failed ({type(e).__name__}: {e}); the WAL " \
                                    f"ships on, the next attempt in {wait:.1f} s"
             summary["snapshot_error"] = self._snapshot_error
@@ -1296,7 +1301,8 @@ class Shipper:
         try:
             applied = self.source.snapshot(d)
             if any(s["lsn"] == applied for s in m.snapshots):  # LMDB has not moved yet
-                self._snapshot_retry_at = time.time() + min(60.0, self.opts.snapshot_interval)
+                self._snapshot_retry_at = time.monotonic() + min(60.0,
+                                                                 self.opts.snapshot_interval)
                 return
             digest = _src.state_digest(d)
             path = os.path.join(d, "data.mdb")
