@@ -19,6 +19,7 @@ import pytest
 
 import walstore
 from walstore.engine import engine as engine_mod
+from walstore.replication import lease as lease_mod
 from walstore.replication import shipper as shipper_mod
 
 from store_support import CLI, cli_env
@@ -287,3 +288,42 @@ def test_a_memory_item_updated_after_a_clock_step_back_is_not_updated_before_it_
     assert item.created_at == first.created_at
     assert item.updated_at >= first.updated_at >= item.created_at, (item.created_at,
                                                                     item.updated_at)
+
+
+# ---- the lease between two clocks -------------------------------------------------------
+def test_a_writer_whose_clock_runs_ahead_takes_the_lease_and_the_live_holder_stops(
+        tmp_path, monkeypatch):
+    """Found right (documented): a second shipper of the same store on a machine whose
+    clock runs ``lease_ttl`` ahead sees the live holder's lease expired and takes it; the
+    holder stops "lease-lost" at its next write (If-Match on the lease and manifest), never
+    shipping into the successor's replica: one writer at a time, one consistent replica."""
+    from walstore.replication.shipper import Shipper
+    from walstore.replication.source import DirectorySource
+    from walstore.replication.lease import LeaseLost
+
+    rep = "file://" + str(tmp_path / "rep")
+    path = str(tmp_path / "src")
+    s = walstore.open(path, replicate_to=rep,
+                      replicate_options={"interval": 30, "lease_ttl": 90})
+    try:
+        _commit(s, "a", 1)
+        s.sync_replica(timeout=10)
+        holder = s._shipper
+        monkeypatch.setattr(lease_mod, "time", Stepped(200.0))  # (the taker's clock)
+        taker = Shipper(DirectorySource(path), rep, {"interval": 30, "lease_ttl": 90})
+        try:
+            taker.ship_once()
+            monkeypatch.setattr(lease_mod, "time", time)
+            _commit(s, "b", 2)
+            with pytest.raises(LeaseLost):
+                holder.ship_once()
+            with pytest.raises(walstore.ReplicationError, match="lease of .* is now held by"):
+                s.sync_replica(timeout=10)  # (its background round meets the same)
+            assert s.replication().state == "lease-lost"
+            taker.ship_once()
+        finally:
+            taker.stop()
+            taker.close()
+    finally:
+        s.close()
+    assert _restored(rep, str(tmp_path / "dest"), None) == {"a": 1, "b": 2}
