@@ -327,3 +327,26 @@ def test_a_writer_whose_clock_runs_ahead_takes_the_lease_and_the_live_holder_sto
     finally:
         s.close()
     assert _restored(rep, str(tmp_path / "dest"), None) == {"a": 1, "b": 2}
+
+
+# ---- retention by age ---------------------------------------------------------------------
+def test_retention_by_age_trims_nothing_a_correct_clock_keeps_after_a_step_back(
+        tmp_path, monkeypatch):
+    """Found right (documented): ``retain_seconds`` 0.5; two commits, the clock (commits'
+    and retention's) stepped back an hour, two more: the trim keeps all four (none is 0.5 s
+    old by either clock's count since the step); once the first two are 0.5 s old by the
+    real clock they stay until the stepped clock passes their stamps — longer, never
+    shorter — and the horizon never moves back."""
+    from walstore.agent import retention as retention_mod
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=0.5) as s:
+        first = [_commit(s, "k", i) for i in range(2)]
+        stepped = Stepped(-3600.0)
+        monkeypatch.setattr(engine_mod, "time", stepped)
+        monkeypatch.setattr(retention_mod, "time", stepped)
+        later = [_commit(s, "k", 10 + i) for i in range(2)]
+        s.checkpoint()
+        assert [i.txid for i in s.log()] == [t.txid for t in reversed(first + later)]
+        time.sleep(0.6)
+        s.checkpoint()
+        assert [i.txid for i in s.log()] == [t.txid for t in reversed(first + later)]
+        assert s.at(first[0].txid).get("k") == 0
