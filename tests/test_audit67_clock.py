@@ -20,14 +20,18 @@ import pytest
 import walstore
 from walstore.engine import engine as engine_mod
 from walstore.replication import lease as lease_mod
+from walstore.replication import manifest as manifest_mod
 from walstore.replication import shipper as shipper_mod
 
 from store_support import CLI, cli_env
 
 
+_REAL_TIME, _REAL_TIME_NS = time.time, time.time_ns
+
+
 class Stepped(types.ModuleType):
     """The ``time`` module with the wall clock off by ``offset`` seconds (monotonic and
-    everything else as they are)."""
+    everything else as they are): put in place of one module's ``time``."""
 
     def __init__(self, offset: float = 0.0) -> None:
         super().__init__("time")
@@ -37,10 +41,20 @@ class Stepped(types.ModuleType):
         return getattr(time, name)
 
     def time(self) -> float:
-        return time.time() + self.offset
+        return _REAL_TIME() + self.offset
 
     def time_ns(self) -> int:
-        return time.time_ns() + int(self.offset * 1e9)
+        return _REAL_TIME_NS() + int(self.offset * 1e9)
+
+
+def _step_everywhere(monkeypatch, offset: float) -> list:
+    """The wall clock off by ``offset`` seconds for every reader in the process (what a
+    step of the machine's clock is): ``time.time``/``time.time_ns`` replaced; the offset
+    is ``box[0]`` of the list returned."""
+    box = [offset]
+    monkeypatch.setattr(time, "time", lambda: _REAL_TIME() + box[0])
+    monkeypatch.setattr(time, "time_ns", lambda: _REAL_TIME_NS() + int(box[0] * 1e9))
+    return box
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -110,6 +124,38 @@ def test_periodic_snapshots_go_on_after_the_clock_steps_back(tmp_path, monkeypat
         assert len(_snapshots(rep)) > before
     finally:
         s.close()
+
+
+def test_a_forward_clock_jump_does_not_trim_the_replicas_history(tmp_path, monkeypatch):
+    """``retention_seconds`` an hour, snapshots at every round; the shipper's clock jumped
+    a day ahead (a bad NTP source, a VM's RTC), for a moment: retention dropped every
+    snapshot but the newest and the WAL before it, for good — a restore to a time a minute
+    earlier was refused as before the replica's first commit.  A deletion's clock is
+    never later than the monotonic clock says since the process began: the jump trims
+    nothing a correct clock keeps."""
+    monkeypatch.setattr(shipper_mod, "RETENTION_EVERY", 0.0)
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 0.05, "snapshot_interval": 0,
+                                         "retention_seconds": 3600, "retain_snapshots": 1,
+                                         "delete_grace": 0})
+    try:
+        early = _commit(s, "a", 1)
+        s.sync_replica(timeout=10)
+        for i in range(3):
+            _commit(s, "b", i)
+            s.sync_replica(timeout=10)
+        snaps = len(_snapshots(rep))
+        assert snaps >= 2
+        ahead = _step_everywhere(monkeypatch, 86400.0)
+        _commit(s, "c", 1)
+        s.sync_replica(timeout=10)
+        time.sleep(0.3)  # (rounds with the clock ahead)
+        ahead[0] = 0.0
+        assert len(_snapshots(rep)) >= snaps
+    finally:
+        s.close()
+    assert _restored(rep, str(tmp_path / "dest"), _just_after(early.timestamp)) == {"a": 1}
 
 
 # ---- restore to a time ----------------------------------------------------------------
@@ -192,7 +238,6 @@ def test_replicas_shows_a_writer_clock_ahead_as_such_not_a_negative_age(tmp_path
     disagree): ``walstore replicas URL`` said ``updated ... (-3600 s ago)``.  It says the
     time lies ahead of this machine's clock, by how much; ``--json`` keeps the signed
     ``age_seconds``."""
-    from walstore.replication import manifest as manifest_mod
     rep = "file://" + str(tmp_path / "rep")
     monkeypatch.setattr(manifest_mod, "time", Stepped(3600.0))
     s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
@@ -337,16 +382,28 @@ def test_retention_by_age_trims_nothing_a_correct_clock_keeps_after_a_step_back(
     old by either clock's count since the step); once the first two are 0.5 s old by the
     real clock they stay until the stepped clock passes their stamps — longer, never
     shorter — and the horizon never moves back."""
-    from walstore.agent import retention as retention_mod
     with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=0.5) as s:
         first = [_commit(s, "k", i) for i in range(2)]
-        stepped = Stepped(-3600.0)
-        monkeypatch.setattr(engine_mod, "time", stepped)
-        monkeypatch.setattr(retention_mod, "time", stepped)
+        _step_everywhere(monkeypatch, -3600.0)
         later = [_commit(s, "k", 10 + i) for i in range(2)]
         s.checkpoint()
         assert [i.txid for i in s.log()] == [t.txid for t in reversed(first + later)]
         time.sleep(0.6)
         s.checkpoint()
         assert [i.txid for i in s.log()] == [t.txid for t in reversed(first + later)]
+        assert s.at(first[0].txid).get("k") == 0
+
+
+def test_a_forward_clock_jump_does_not_trim_history_kept_by_age(tmp_path, monkeypatch):
+    """``retain_seconds`` an hour; the clock jumped a day ahead for a moment, and a
+    checkpoint ran then: every commit looked a day old and the whole history was trimmed
+    (``at`` of a commit a second old raised HistoryTrimmed).  A deletion's clock is never
+    later than the monotonic clock says: nothing a correct clock keeps is trimmed."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=3600) as s:
+        first = [_commit(s, "k", i) for i in range(3)]
+        ahead = _step_everywhere(monkeypatch, 86400.0)
+        _commit(s, "k", 3)
+        s.checkpoint()
+        ahead[0] = 0.0
+        assert len(s.log()) == 4
         assert s.at(first[0].txid).get("k") == 0

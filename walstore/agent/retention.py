@@ -24,9 +24,9 @@ them; after an open, the first trim walks them once.
 from __future__ import annotations
 
 import heapq
-import time
 from typing import TYPE_CHECKING
 
+from .. import clock
 from ..engine import tables
 from ..engine.lmdb_state import from_u64, u64
 
@@ -149,7 +149,9 @@ class Retention:
             candidates.append(self._nth["bylsn"].lsn(st))
             ended.append(self._nth["ended"].lsn(st))
         if opts.retain_seconds is not None:
-            cutoff = time.time() - opts.retain_seconds
+            # (never later than the monotonic clock counts: a forward jump of the wall
+            # clock trimmed the whole history at once: audit 67, walstore.clock)
+            cutoff = clock.deleting_now() - opts.retain_seconds
             first_young = applied
             for raw, txid in st.scan(u64(min(self._young_from, applied)), None, db="bylsn"):
                 row = st.get(txid, "txns")

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from .. import clock
 from ..errors import ReplicationError
 from ..files.blobs import BlobStore
 from ..log.reader import FileBytes
@@ -795,7 +796,7 @@ class Shipper:
             # retention first (it runs later in a round, and this save comes first in the
             # next one: a manifest retention would bring under the bound stayed unsaved
             # for good); what it drops goes to the trash, deleted only after this save
-            m, now = self.manifest, time.time()
+            m, now = self.manifest, clock.deleting_now()
             m.to_trash(m.retention(now, self.opts.retention_seconds,
                                    self.opts.retain_snapshots), now)
             self._save_once()  # (still too large: ManifestTooLarge, the round fails)
@@ -1416,7 +1417,7 @@ class Shipper:
         return out
 
     def _retain(self, summary: dict) -> None:
-        now = time.time()
+        now = clock.deleting_now()  # (a forward jump of the clock trims nothing: see there)
         if now - self._last_retention < RETENTION_EVERY:
             return
         self._last_retention = now

@@ -1,0 +1,40 @@
+"""The wall clock as decisions that delete by age read it (history retention, a replica's
+retention and delete grace).
+
+``deleting_now()`` is ``time.time()``, except that it never runs ahead of the monotonic
+clock's count since the reading it is anchored to: a forward jump of the wall clock (a bad
+NTP source, a VM's clock, a step soon stepped back) deletes nothing a correct clock keeps —
+it trimmed a replica's whole point-in-time history at once (audit 67).  A jump that holds
+for ``TRUST_AFTER`` seconds of the monotonic clock is taken as the clock's correction (a VM
+restored from a snapshot, its clock set right): the anchor moves to it.  A step back is
+followed at once (``min``): it keeps more, never less.  Stamps that are only shown or
+compared for order read ``time.time()`` as before.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+TRUST_AFTER = 3600.0  # s of the monotonic clock a forward jump must hold to be followed
+_SLACK = 1.0          # s the wall clock may run ahead of the count (drift, slewing)
+
+_lock = threading.Lock()
+_anchor = (time.time(), time.monotonic())  # (wall, monotonic) read together
+_ahead_since: float | None = None          # monotonic: since when the wall clock runs ahead
+
+
+def deleting_now() -> float:
+    """The wall-clock time a deletion by age may assume now (see the module's comment)."""
+    global _anchor, _ahead_since
+    wall, mono = time.time(), time.monotonic()
+    with _lock:
+        counted = _anchor[0] + (mono - _anchor[1])
+        if wall <= counted + _SLACK:
+            _ahead_since = None
+            return wall
+        if _ahead_since is None:
+            _ahead_since = mono
+        if mono - _ahead_since < TRUST_AFTER:
+            return counted
+        _anchor, _ahead_since = (wall, mono), None  # (held: a correction, followed)
+        return wall
