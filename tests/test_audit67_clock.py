@@ -193,20 +193,45 @@ def _just_after(stamp: float) -> dt.datetime:
 
 @pytest.mark.parametrize("synced_after", [("c", "e"), ("b", "e")],
                          ids=["step-between-objects", "step-inside-the-later-object"])
-def test_restore_to_a_time_holds_no_commit_stamped_after_it_when_the_clock_stepped_back(
+def test_restore_to_a_time_the_stepped_clock_made_ambiguous_is_refused(
         tmp_path, monkeypatch, synced_after):
     """Commits a, b, c, then the clock stepped back an hour, then d, e; WAL objects
     [a b c][d e] or [a b][c d e].  A restore to a time between b and c restored a..e: the
     cut was sought from the last WAL object whose first commit is at or before the time
     (the one holding d, its stamps an hour early), so c, stamped after the time, was in
-    the copy.  The cut is a prefix of the log ending before the first record stamped
-    later: a and b."""
+    the copy — a state the source never held at that time by any clock.  The log holds
+    commits stamped on both sides of that time in either order: refused (UnknownPoint)
+    saying the clock stepped, nothing restored.  A time after every stamp restores all."""
     rep, stamps = _stepped_replica(tmp_path, monkeypatch, synced_after)
-    assert _restored(rep, str(tmp_path / "dest"), _just_after(stamps["b"])) == \
-        {"a": 1, "b": 2}
-    # (a time at or after every stamp: all five)
+    dest = tmp_path / "dest"
+    with pytest.raises(walstore.UnknownPoint, match="clock stepped back"):
+        walstore.restore(rep, str(dest), to=_just_after(stamps["b"]))
+    assert not dest.exists() or not any(dest.iterdir())
     assert _restored(rep, str(tmp_path / "end"), _just_after(stamps["c"])) == \
         {k: i + 1 for i, k in enumerate("abcde")}
+
+
+def test_restore_to_a_time_after_a_clock_ran_ahead_and_was_set_right_is_refused(
+        tmp_path, monkeypatch):
+    """Commit a; the clock ran a day ahead for a moment: commit b (stamped tomorrow); set
+    right: commit c.  A restore to a time just after c restored only a, exit 0 (b,
+    stamped tomorrow, ended the prefix): b and c, both committed before that time, were
+    silently missing.  Refused, naming the record stamped later and the commit after it
+    stamped earlier."""
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 30})
+    try:
+        _commit(s, "a", 1)
+        ahead = _step_everywhere(monkeypatch, 86400.0)
+        _commit(s, "b", 2)
+        ahead[0] = 0.0
+        c = _commit(s, "c", 3)
+        s.sync_replica(timeout=10)
+    finally:
+        s.close()
+    with pytest.raises(walstore.UnknownPoint, match=r"LSN \d+ is stamped"):
+        walstore.restore(rep, str(tmp_path / "dest"), to=_just_after(c.timestamp))
 
 
 def test_restore_to_a_time_no_prefix_of_the_log_matches_is_refused_clearly(tmp_path,

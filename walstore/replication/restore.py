@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import lmdb
 import msgpack
@@ -638,7 +638,7 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     kept = None  # the last record met, once the scan started
     before_chunks, in_chunks = None, False  # the record kept before a run of WRITES chunks
     prev_end = None  # where the entry before ``e`` ended (a gap after it: a hole)
-    for e in m.wal[first or 0:]:
+    for i, e in enumerate(m.wal[first or 0:], start=first or 0):
         if prev_end is not None and e["a"] > prev_end:
             # the cut is not decided before a hole: the records the replica lost there
             # may be stamped at or before ``to`` (the first one after it is later, or
@@ -648,7 +648,8 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
                                    f"lost may be logged at or before {to.isoformat()}, so "
                                    f"no restore to that time is exact; nothing restored")
         prev_end = e["b"]
-        for lsn, rtype, raw, _s in fetch.records(e):
+        records = fetch.records(e)
+        for lsn, rtype, raw, _s in records:
             ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
             stamped = isinstance(ts, (int, float)) and not isinstance(ts, bool)
             if stamped and _stamp_micros(ts) > t:
@@ -662,8 +663,10 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
                     cut = before_chunks if in_chunks else kept
                     if cut is None:
                         cut = _last_kept(m, fetch, first)
+                    _refuse_stamps_back(m, to, lsn, ts, records, i)
                     return cut, f"the last record at or before {to.isoformat()}"
                 if any_stamp:
+                    _refuse_stamps_back(m, to, lsn, ts, records, i)
                     break  # (the first stamped record is later: nothing is at or before)
                 raise UnknownRestorePoint(
                     f"{to.isoformat()} names no state of the replica: the record at LSN "
@@ -689,6 +692,38 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
                                   f"ahead of it): it names no state the replica has"
                                   f"{m.history_note()}", to)
     return kept, f"the last record at or before {to.isoformat()}"
+
+
+def _refuse_stamps_back(m: Manifest, to: _dt.datetime, lsn: int, ts: float, rest: Iterator,
+                        index: int) -> None:
+    """UnknownRestorePoint when a commit after the record at ``lsn`` (stamped ``ts``, later
+    than ``to``: where the cut ends) is stamped at or before ``to``: the rest of its WAL
+    object (``rest``, the records after it) and the first commit of every later object
+    (the manifest's ``t0``) are looked at.  The stamps then went back (the source's clock
+    stepped back, or ran ahead and was set right): the log holds states on both sides of
+    ``to`` in either order, and no prefix of it is the state at that time.  The prefix
+    before ``lsn`` was restored, exit 0 (a clock a day ahead for a minute: a restore to
+    now held nothing committed since that minute: audit 67)."""
+    t = _micros(to)
+    back = None
+    for r_lsn, r_type, raw, _s in rest:
+        if r_type == logformat.COMMIT:
+            r_ts = logformat.summarize(r_type, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
+            if isinstance(r_ts, (int, float)) and not isinstance(r_ts, bool) \
+                    and _stamp_micros(r_ts) <= t:
+                back = f"the commit at LSN {r_lsn} is stamped {_iso(r_ts)}"
+                break
+    if back is None:
+        later = next((e for e in m.wal[index + 1:] if e["t0"] is not None
+                      and _stamp_micros(e["t0"]) <= t), None)
+        if later is None:
+            return
+        back = (f"a commit from LSN {later['a']} on is stamped {_iso(later['t0'])}")
+    raise UnknownRestorePoint(
+        f"{to.isoformat()} names no one state of the replica: the record at LSN {lsn} is "
+        f"stamped later ({_iso(ts)}), but {back}, at or before it — the source's clock "
+        f"stepped back (or ran ahead and was set right), so the log holds states from "
+        f"both sides of that time; restore to a txid or a walstore.LSN instead", to)
 
 
 def _iso(ts: float) -> str:
