@@ -624,7 +624,9 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
     # holding a commit stamped later (``t1``).  Sought from the last object whose first
     # commit is at or before ``to``, it started in an object logged after a step back
     # (its stamps an hour early) and the copy held the commits stamped after ``to``
-    # before it (audit 67).
+    # before it (audit 67); a commit after the cut stamped at or before ``to`` (the
+    # stamps went back) leaves no prefix that is the state at ``to``: refused, see
+    # _refuse_stamps_back.
     limit = next((i for i, e in enumerate(m.wal)
                   if e["t1"] is not None and _stamp_micros(e["t1"]) > t), len(m.wal) - 1)
     first = next((i for i in range(limit, -1, -1)
@@ -653,22 +655,19 @@ def _cut_at_time(m: Manifest, fetch: _Fetcher, to: _dt.datetime) -> tuple[int, s
             ts = logformat.summarize(rtype, raw[logformat.RECORD_HEADER_SIZE:]).get("ts")
             stamped = isinstance(ts, (int, float)) and not isinstance(ts, bool)
             if stamped and _stamp_micros(ts) > t:
-                if seen or (not any_stamp and any(w["t0"] is not None
-                                                  for w in m.wal[:first])):
+                # (the stamps going back after it — the clock stepped — leave no prefix
+                # that is the state at ``to``: refused, see there)
+                _refuse_stamps_back(m, to, lsn, ts, records, i)
+                if seen:
                     # a large commit's WRITES chunks are appended with it, under one
                     # lock: they are as late as it is (kept, the copy took a transaction
-                    # begun after ``to`` for one in flight at it).  Met before any commit
-                    # at or before ``to`` of this object (stamped before a step back),
-                    # the cut lies before it, in the objects ahead if need be
+                    # begun after ``to`` for one in flight at it)
                     cut = before_chunks if in_chunks else kept
-                    if cut is None:
-                        cut = _last_kept(m, fetch, first)
-                    _refuse_stamps_back(m, to, lsn, ts, records, i)
                     return cut, f"the last record at or before {to.isoformat()}"
                 if any_stamp:
-                    _refuse_stamps_back(m, to, lsn, ts, records, i)
                     break  # (the first stamped record is later: nothing is at or before)
-                raise UnknownRestorePoint(
+                raise UnknownRestorePoint(  # (a commit at or before ``to`` follows, t0:
+                    # refused above; kept should the manifest's t0 be wrong)
                     f"{to.isoformat()} names no state of the replica: the record at LSN "
                     f"{lsn} is stamped later ({_iso(ts)}) and comes before every commit "
                     f"at or before it (the source's clock stepped back); restore to a "
@@ -731,25 +730,6 @@ def _iso(ts: float) -> str:
         return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat()
     except (OverflowError, OSError, ValueError):
         return repr(ts)
-
-
-def _last_kept(m: Manifest, fetch: _Fetcher, first: int) -> int:
-    """The last record of the WAL objects before ``m.wal[first]`` that a cut before that
-    object keeps: its last record, or the one before the run of WRITES chunks it ends
-    with (they belong to the commit after them)."""
-    for i in range(first - 1, -1, -1):
-        kept, before_chunks, in_chunks = None, None, False
-        for lsn, rtype, _raw, _s in fetch.records(m.wal[i]):
-            if rtype == logformat.WRITES:
-                if not in_chunks:
-                    before_chunks, in_chunks = kept, True
-            elif rtype != logformat.SEAL:
-                in_chunks = False
-            kept = lsn
-        cut = before_chunks if in_chunks else kept
-        if cut is not None:
-            return cut
-    raise ReplicationError("no record of the replica's WAL lies before the cut")
 
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
