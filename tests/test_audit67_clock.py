@@ -432,3 +432,29 @@ def test_a_forward_clock_jump_does_not_trim_history_kept_by_age(tmp_path, monkey
         ahead[0] = 0.0
         assert len(s.log()) == 4
         assert s.at(first[0].txid).get("k") == 0
+
+
+def test_a_purge_of_the_thread_after_this_process_marked_it_still_refuses_early_writes(
+        store):
+    """(Kept by the fix above.)  A rewind of the thread in this process (its mark), then a
+    new checkpoint id, then ``store.purge`` of the thread's prefix straight on the store
+    (not through the saver: no mark): that checkpoint's early pending writes are refused,
+    the log read after the mark's LSN finding the purge."""
+    pytest.importorskip("langgraph.checkpoint.base")
+    from langgraph.checkpoint.base import id as lg_id
+    from walstore.integrations.langgraph import StaleCheckpointError, WalstoreSaver
+    from test_langgraph_saver import cfg, checkpoint
+
+    saver = WalstoreSaver(store)
+    first = saver.put(cfg("t"), checkpoint(x=1) | {"id": str(lg_id.uuid6(clock_seq=-1))},
+                      {"source": "input", "step": -1}, {})
+    saver.put(first, checkpoint(x=2) | {"id": str(lg_id.uuid6(clock_seq=0))},
+              {"source": "loop", "step": 0}, {})
+    saver.rewind(first)
+    cid = str(lg_id.uuid6(clock_seq=1))
+    time.sleep(0.01)
+    store.purge(saver.thread_scope("t"))
+    config = {"configurable": {"thread_id": "t", "checkpoint_ns": "", "checkpoint_id": cid}}
+    with pytest.raises(StaleCheckpointError):
+        saver.put_writes(config, [("msgs", ["late"])], "task-1")
+    assert list(store.scan(prefix=saver.thread_scope("t"))) == []

@@ -277,7 +277,7 @@ def _rewinds(store: Any) -> dict[bytes, float]:
 _MARKS_MAX = 65536  # threads with a removal/rewind mark kept per store: the oldest go first
 
 
-def _note_mark(marks: dict, key: bytes, value: float | int) -> None:
+def _note_mark(marks: dict, key: bytes, value: Any) -> None:
     """``marks[key] = value``, the newest last; beyond ``_MARKS_MAX`` threads the oldest
     mark is forgotten (a run that loaded that thread before it and still runs is then
     fenced only by its checkpoints and its node transactions' undo fence)."""
@@ -296,10 +296,10 @@ def _loaded_at(token: Any) -> float | None:
         return None
 
 
-def _removals(store: Any) -> dict[bytes, int]:
-    """thread prefix -> when this process last began removing checkpoints of it, as the
-    timestamp of a LangGraph id made then (``_uuid6_ticks``; per store object, shared by
-    every saver on it)."""
+def _removals(store: Any) -> dict[bytes, tuple[int, int]]:
+    """thread prefix -> when this process last began removing checkpoints of it: the
+    timestamp of a LangGraph id made then (``_uuid6_ticks``) and the LSN of the newest
+    commit then (per store object, shared by every saver on it)."""
     with _REMOVALS_LOCK:
         got = _REMOVALS.get(store)
         if got is None:
@@ -1236,12 +1236,14 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         if made is None:
             return False  # (not LangGraph's ids: when it was made is unknown)
         removed = _removals(self.store).get(ns.thread_prefix)
-        if removed is not None:
-            # (this process removed checkpoints of the thread, marking it again once the
-            # removal committed: the mark decides.  The log below compares commit stamps
-            # with the id's time, two wall clocks: after a step back of the clock, a
-            # delete_thread's purge stamped after the ids made since — refused: audit 67)
-            return removed > _uuid6_ticks(cid)
+        if removed is not None and removed[0] > _uuid6_ticks(cid):
+            return True
+        # (a removal of this process is judged by its mark alone: marked again once
+        # delete_thread's purge committed, the log is read only after the mark's LSN.  The
+        # log's commit stamps and the id's time are two readings of the wall clock: after
+        # a step back of it, delete_thread's purge was stamped after the ids made since,
+        # and a new run's early writes were refused: audit 67)
+        since = removed[1] if removed is not None else None
         if _first(self.store.scan(prefix=ns.checkpoints())) is not None:
             return False
         key = ns.checkpoint(cid)
@@ -1249,7 +1251,8 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         while True:
             infos = self.store.log(limit=n)
             for info in infos:
-                if info.timestamp < made - _CLOCK_SLACK:
+                if info.timestamp < made - _CLOCK_SLACK or (
+                        since is not None and int(info.lsn) <= since):
                     return False
                 purged = info.extra.get("purge")
                 if isinstance(purged, bytes) and key.startswith(purged) \
@@ -1326,8 +1329,11 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         back in a process): the mark is the timestamp of an id made now.  A wall-clock
         mark refused every new checkpoint's early writes (durability="async") for an hour
         after the clock stepped back an hour (audit 67): their ids, made after the
-        removal, carried earlier times."""
-        _note_mark(_removals(self.store), thread_prefix, _uuid6_ticks(str(uuid6())))
+        removal, carried earlier times.  With it, the LSN of the newest commit then (the
+        log is read after it only, see _checkpoint_removed)."""
+        newest = self.store.log(limit=1)
+        _note_mark(_removals(self.store), thread_prefix,
+                   (_uuid6_ticks(str(uuid6())), int(newest[0].lsn) if newest else -1))
 
     @staticmethod
     def _name_record(record: dict, thread_id: str, ns_name: str) -> None:
