@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import subprocess
-import sys
 import time
 import types
 
@@ -23,7 +21,7 @@ from walstore.replication import lease as lease_mod
 from walstore.replication import manifest as manifest_mod
 from walstore.replication import shipper as shipper_mod
 
-from store_support import CLI, cli_env
+from test_cli_shown_times import _cli  # (the CLI in a subprocess, as there)
 
 
 _REAL_TIME, _REAL_TIME_NS = time.time, time.time_ns
@@ -55,11 +53,6 @@ def _step_everywhere(monkeypatch, offset: float) -> list:
     monkeypatch.setattr(time, "time", lambda: _REAL_TIME() + box[0])
     monkeypatch.setattr(time, "time_ns", lambda: _REAL_TIME_NS() + int(box[0] * 1e9))
     return box
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True,
-                          text=True, timeout=120, env=cli_env())
 
 
 def _commit(s, key, value) -> walstore.TxnInfo:
