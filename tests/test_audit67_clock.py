@@ -22,6 +22,7 @@ from walstore.replication import manifest as manifest_mod
 from walstore.replication import shipper as shipper_mod
 
 from test_cli_shown_times import _cli  # (the CLI in a subprocess, as there)
+from test_replication_support import replica, s3_endpoint  # noqa: F401  (s3 and file)
 
 
 _REAL_TIME, _REAL_TIME_NS = time.time, time.time_ns
@@ -152,12 +153,13 @@ def test_a_forward_clock_jump_does_not_trim_the_replicas_history(tmp_path, monke
 
 
 # ---- restore to a time ----------------------------------------------------------------
-def _stepped_replica(tmp_path, monkeypatch, synced_after: tuple[str, ...]) -> tuple[str, dict]:
-    """A replica of commits a, b, c, then (the clock stepped back an hour) d, e; a WAL
-    object ends after each key in ``synced_after``.  Returns its URL and the stamps."""
-    rep = "file://" + str(tmp_path / "rep")
-    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
-                      replicate_options={"interval": 30})
+def _stepped_replica(tmp_path, monkeypatch, synced_after: tuple[str, ...],
+                     replica) -> dict:
+    """A replica (``replica``: the s3/file fixture) of commits a, b, c, then (the clock
+    stepped back an hour) d, e; a WAL object ends after each key in ``synced_after``.
+    Returns the stamps."""
+    s = walstore.open(str(tmp_path / "src"), replicate_to=replica.url,
+                      replicate_options=replica.opts(interval=30))
     stamps = {}
     try:
         for i, key in enumerate("abcde"):
@@ -171,11 +173,11 @@ def _stepped_replica(tmp_path, monkeypatch, synced_after: tuple[str, ...]) -> tu
     finally:
         s.close()
         monkeypatch.setattr(engine_mod, "time", time)
-    return rep, stamps
+    return stamps
 
 
-def _restored(rep: str, dest: str, to: dt.datetime) -> dict:
-    walstore.restore(rep, dest, to=to)
+def _restored(rep: str, dest: str, to: dt.datetime, options: dict | None = None) -> dict:
+    walstore.restore(rep, dest, to=to, replicate_options=options)
     with walstore.open(dest) as r:
         return dict(r.scan())
 
@@ -187,7 +189,7 @@ def _just_after(stamp: float) -> dt.datetime:
 @pytest.mark.parametrize("synced_after", [("c", "e"), ("b", "e")],
                          ids=["step-between-objects", "step-inside-the-later-object"])
 def test_restore_to_a_time_the_stepped_clock_made_ambiguous_is_refused(
-        tmp_path, monkeypatch, synced_after):
+        tmp_path, monkeypatch, synced_after, replica):
     """Commits a, b, c, then the clock stepped back an hour, then d, e; WAL objects
     [a b c][d e] or [a b][c d e].  A restore to a time between b and c restored a..e: the
     cut was sought from the last WAL object whose first commit is at or before the time
@@ -195,13 +197,14 @@ def test_restore_to_a_time_the_stepped_clock_made_ambiguous_is_refused(
     the copy — a state the source never held at that time by any clock.  The log holds
     commits stamped on both sides of that time in either order: refused (UnknownPoint)
     saying the clock stepped, nothing restored.  A time after every stamp restores all."""
-    rep, stamps = _stepped_replica(tmp_path, monkeypatch, synced_after)
+    stamps = _stepped_replica(tmp_path, monkeypatch, synced_after, replica)
     dest = tmp_path / "dest"
     with pytest.raises(walstore.UnknownPoint, match="clock stepped back"):
-        walstore.restore(rep, str(dest), to=_just_after(stamps["b"]))
+        walstore.restore(replica.url, str(dest), to=_just_after(stamps["b"]),
+                         replicate_options=replica.options)
     assert not dest.exists() or not any(dest.iterdir())
-    assert _restored(rep, str(tmp_path / "end"), _just_after(stamps["c"])) == \
-        {k: i + 1 for i, k in enumerate("abcde")}
+    assert _restored(replica.url, str(tmp_path / "end"), _just_after(stamps["c"]),
+                     replica.options) == {k: i + 1 for i, k in enumerate("abcde")}
 
 
 def test_restore_to_a_time_after_a_clock_ran_ahead_and_was_set_right_is_refused(
