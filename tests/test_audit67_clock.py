@@ -454,3 +454,22 @@ def test_a_purge_of_the_thread_after_this_process_marked_it_still_refuses_early_
     with pytest.raises(StaleCheckpointError):
         saver.put_writes(config, [("msgs", ["late"])], "task-1")
     assert list(store.scan(prefix=saver.thread_scope("t"))) == []
+
+
+def test_lag_seconds_of_a_commit_stamped_by_a_clock_set_right_since_is_its_real_age(
+        tmp_path, monkeypatch):
+    """A commit stamped while the clock ran a day behind (then set right): lag_seconds
+    said a day for a commit a second old.  The shipper was caught up a moment before it
+    was logged: the lag is never more than the monotonic time since then."""
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 30})
+    try:
+        assert s.replication().lag_bytes == 0  # (the first round ran at open)
+        monkeypatch.setattr(engine_mod, "time", Stepped(-86400.0))
+        _commit(s, "a", 1)
+        monkeypatch.setattr(engine_mod, "time", time)
+        st = s.replication()
+        assert st.lag_bytes > 0 and 0 <= st.lag_seconds < 30, st
+    finally:
+        s.close()

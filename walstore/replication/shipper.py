@@ -199,6 +199,11 @@ class Shipper:
         # logged — see _since; lag_seconds counted on the wall clock went to -3600 s when
         # it stepped back an hour, +3600 s forward: audit 67)
         self._behind_since: float | None = None
+        # (monotonic) when the durable frontier was last read by a round that then shipped
+        # all of it: whatever is unshipped was logged after, so lag_seconds is never more
+        # than the time since (a commit stamped by a clock a day behind, set right since,
+        # showed a lag of a day: audit 67)
+        self._caught_up: float | None = None
         self._round = threading.Lock()
         self._cond_lock = threading.RLock()  # (entered as itself: walstore.signals)
         self._cond = threading.Condition(self._cond_lock)
@@ -582,6 +587,8 @@ class Shipper:
                                                                      base))
         lag_s = 0.0 if not lag or self._behind_since is None else \
             time.monotonic() - self._behind_since
+        if lag and self._caught_up is not None:
+            lag_s = min(lag_s, time.monotonic() - self._caught_up)
         m = self.manifest
         error = self.last_error or self._snapshot_error
         if error is None and self._damaged_blobs:
@@ -749,7 +756,7 @@ class Shipper:
             raise self._start_error
         self._ensure_started()
         m = self.manifest
-        t0 = time.time()
+        t0, m0 = time.time(), time.monotonic()
         self._hold_lease()
         if self._unsaved:  # an earlier round changed the manifest but could not save
             self._save()   # it (its objects are up): save it first, then go on
@@ -776,6 +783,7 @@ class Shipper:
         self._pin(durable)
         if self.shipped >= self._durable:
             self._behind_since = None
+            self._caught_up = m0  # (before the frontier was read: see __init__)
         elif self._behind_since is not None and self.shipped > shipped_before:
             # progress, not caught up: the clock restarts at the oldest record still
             # unshipped (a round without progress leaves the clock running: the lag grows)
