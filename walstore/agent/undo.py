@@ -407,6 +407,15 @@ class Undo:
                 new = [i for i in later if i.txid not in undo]
                 if new and not cascade:
                     ids = sorted({i.txid for i in later}, reverse=True)
+                    undone = sorted(self.engine.views.undoers_of(target.txid, target.extra))
+                    if set(ids) <= set(undone):
+                        # (its only later writers are the undos of it: a revert run again
+                        # — after a kill, a lost output — was told "later transactions
+                        # [13] changed the same keys (use --cascade)", 13 being its own
+                        # revert, and the cascade committed an undo of both: probe-audit67)
+                        raise RevertConflict(f"transaction {target.txid} was undone already, "
+                                             f"by transaction(s) {undone} (a revert or "
+                                             f"rewind of it): nothing is left to revert", ids)
                     raise RevertConflict(f"transaction {target.txid} cannot be reverted alone: "
                                          f"later transactions {ids} changed the same keys or files "
                                          f"(use cascade=True to revert them too)", ids)

@@ -1,0 +1,124 @@
+"""The operator verbs in anger (probe-audit67): a real writer process charges an outside,
+fsynced ledger (``agent_scripts/ws_ledger.py``, refunded by ``ws_ledger_handlers``) in
+each transaction; then a verb runs as a real `walstore` process, is killed (SIGKILL at a
+named fault point of its own, or SIGINT), run again, and the store, `walstore verify`
+and the ledger must agree: every visible charge committed, every undone one refunded
+exactly once, every acknowledged commit kept, and each run's answer saying what it did
+or why it did not."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import walstore
+from store_support import cli_env
+
+SCRIPTS = Path(__file__).resolve().parent / "agent_scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+import ws_ledger  # noqa: E402
+
+HANDLERS = str(SCRIPTS / "ws_ledger_handlers.py")
+
+# The writer: N transactions, each charging the ledger in an action (refund: its
+# compensator) and writing its evidence key ev/<action key>; "ACK txid" once each commit
+# returned.
+WRITER = r"""
+import sys, walstore, ws_ledger
+path, ledger, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def refund(a):
+    ws_ledger.refund(a.args["ledger"], a.key)
+with walstore.open(path, compensators={"refund": refund}) as s:
+    for i in range(n):
+        with s.transaction(meta={"i": i}) as tx:
+            with tx.action("charge", args={"ledger": ledger, "calls": ledger + ".calls",
+                                           "amount": i + 1}, compensate="refund") as a:
+                a.result = ws_ledger.charge(ledger, a.key, i + 1)
+            tx.put(f"ev/{a.key}", i + 1)
+        print("ACK", tx.id, flush=True)
+"""
+
+# The CLI, SIGKILLed at the named fault point (its first passage).
+KILLED_AT = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+point = sys.argv[1]
+class KillAt(fileio.OSBackend):
+    def fault_point(self, name):
+        if name == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+fileio.set_backend(KillAt())
+main(sys.argv[2:])
+"""
+
+
+def _env() -> dict:
+    env = cli_env()
+    env["PYTHONPATH"] = str(SCRIPTS) + os.pathsep + env["PYTHONPATH"]
+    return env
+
+
+def cli(*args: str, killed_at: str | None = None) -> subprocess.CompletedProcess:
+    pre = ["-c", KILLED_AT, killed_at] if killed_at else ["-m", "walstore"]
+    return subprocess.run([sys.executable, *pre, *args], capture_output=True, text=True,
+                          env=_env(), timeout=60)
+
+
+def charged_store(tmp_path, n: int = 4) -> tuple[str, str, list[int]]:
+    """(store, ledger, acknowledged txids): the writer's work, its process ended."""
+    path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger")
+    w = subprocess.run([sys.executable, "-c", WRITER, path, ledger, str(n)],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert w.returncode == 0, w.stderr
+    return path, ledger, [int(x.split()[1]) for x in w.stdout.splitlines()]
+
+
+def assert_agree(path: str, ledger: str, acked: list[int]) -> None:
+    """`verify` passes, and the store and the ledger agree (see the module's doc)."""
+    v = cli("verify", path, "--json")
+    assert v.returncode == 0 and json.loads(v.stdout)["ok"], (v.stdout, v.stderr)
+    recs = ws_ledger.records(ledger)
+    ops = Counter((r["op"], r["key"]) for r in recs)
+    with walstore.open(path, readonly=True) as s:
+        assert set(acked) <= {i.txid for i in s.log(limit=None)}
+        actions = {a.key: a for a in s.actions()}
+        assert {r["key"] for r in recs} <= set(actions)
+        for key, a in actions.items():
+            shown = s.get(f"ev/{key}") is not None
+            want = {"committed": (1, 0, True), "compensated": (1, 1, False)}[a.state]
+            assert (ops["charge", key], ops["refund", key], shown) == want, (a, ops)
+
+
+def test_a_revert_run_again_says_it_was_undone_already_not_use_cascade(tmp_path):
+    """A `revert` killed after its commit (its refund not run), then run again as an
+    operator does: it refuses the crashed store (run `recover`), `recover --handlers`
+    runs the refund once, and the revert run again then said "transaction 2 cannot be
+    reverted alone: later transactions [5] changed the same keys or files (use --cascade
+    to revert them too)" — 5 being its own revert; following that advice committed an
+    undo of both.  It says the transaction was undone already, and by which."""
+    path, ledger, acked = charged_store(tmp_path)
+    r = cli("revert", path, "2", "--handlers", HANDLERS, killed_at="commit.after_durable")
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr)
+    again = cli("revert", path, "2", "--handlers", HANDLERS)
+    assert again.returncode == 1 and "walstore recover" in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
+    assert rec.returncode == 0, (rec.stdout, rec.stderr)
+    assert json.loads(rec.stdout)["compensated"] == ["2.1"]
+    again = cli("revert", path, "2", "--handlers", HANDLERS, "--json")
+    assert again.returncode == 1, (again.stdout, again.stderr)
+    error = json.loads(again.stdout)["error"]
+    assert error["type"] == "RevertConflict", error
+    assert "undone already, by transaction(s) [5]" in error["message"], error
+    assert "--cascade" not in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1, again.stderr
+    with walstore.open(path, readonly=True) as s:
+        assert [i.txid for i in s.log()][:2] == [5, 4]  # (nothing more committed)
+    assert_agree(path, ledger, acked)
