@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import walstore
-from store_support import cli_env
+from store_support import cli_env, ctrl_c_reaches_it
 
 SCRIPTS = Path(__file__).resolve().parent / "agent_scripts"
 if str(SCRIPTS) not in sys.path:
@@ -122,3 +122,50 @@ def test_a_revert_run_again_says_it_was_undone_already_not_use_cascade(tmp_path)
     with walstore.open(path, readonly=True) as s:
         assert [i.txid for i in s.log()][:2] == [5, 4]  # (nothing more committed)
     assert_agree(path, ledger, acked)
+
+
+# The CLI, sent SIGINT (Ctrl-C) at its first LMDB commit once the restore's staged copy
+# was renamed into place: in the open that recovers DEST.
+INTERRUPTED_IN_FIRST_OPEN = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+class CtrlC(fileio.OSBackend):
+    installed = False
+    def fault_point(self, name):
+        self.installed = self.installed or name == "restore.install"
+    def lmdb_io(self, op, path):
+        if self.installed:
+            self.installed = False
+            os.kill(os.getpid(), signal.SIGINT)
+fileio.set_backend(CtrlC())
+main(sys.argv[1:])
+"""
+
+
+def test_a_restore_interrupted_once_dest_is_restored_says_so(tmp_path):
+    """Ctrl-C in the open that recovers a restored DEST (the copy complete, renamed
+    into place) said "restore interrupted (Ctrl-C)", as of a copy cut short, and the
+    restore run again refused DEST ("exists and is not empty", exit 2).  It says DEST
+    was restored and that `walstore recover DEST` finishes it, exit 130, its --json
+    document parseable; that recover does, and DEST holds the source's state."""
+    path, ledger, acked = charged_store(tmp_path)
+    url, dest = (tmp_path / "rep").as_uri(), str(tmp_path / "dest")
+    r = cli("replicate", path, url, "--once")
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_IN_FIRST_OPEN, "restore", url,
+                        dest, "--json"], capture_output=True, text=True, env=_env(),
+                       timeout=60, preexec_fn=ctrl_c_reaches_it)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    error = json.loads(r.stdout)["error"]
+    assert error["type"] == "KeyboardInterrupt" and error["exit"] == 130, error
+    line = r.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert f"after {dest} was restored" in line and f"walstore recover {dest}" in line, line
+    again = cli("restore", url, dest)
+    assert again.returncode == 2 and "exists and is not empty" in again.stderr
+    rec = cli("recover", dest)
+    assert rec.returncode == 0, (rec.stdout, rec.stderr)
+    assert_agree(dest, ledger, acked)
+    with walstore.open(path, readonly=True) as s, walstore.open(dest, readonly=True) as c:
+        assert dict(c.scan()) == dict(s.scan())

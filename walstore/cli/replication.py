@@ -16,10 +16,11 @@ point name.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import signal
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -29,7 +30,8 @@ from . import _engine
 from ._engine import command_word
 from . import WalstoreCommand, main
 from .common import DirPath, load_handlers
-from .output import EXIT_PROBLEM, EXIT_USAGE, emit_json as _emit, fail as _fail, show_key
+from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, Failure, emit_json as _emit,
+                     fail as _fail, show_key)
 from .output import end_progress, note_problem, one_line, read_point as _parse_point, \
     phase_progress, progress_printer, show_point_name, show_time
 
@@ -275,6 +277,29 @@ def _missing_text(digests: list[str]) -> str:
             f"names (blobs/{shown}{f' and {more} more' if more > 0 else ''})")
 
 
+@contextlib.contextmanager
+def _said_restored(dest: str, compensate: bool) -> Iterator[None]:
+    """A Ctrl-C in the block: see :func:`_interrupted_restored`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        _interrupted_restored(dest, compensate)
+
+
+def _interrupted_restored(dest: str, compensate: bool) -> None:
+    """Ctrl-C once DEST holds the restored store (renamed into place, STORE last), in
+    the open that recovers it (and runs its compensations, ``--compensate``): said so,
+    exit 130.  It said "restore interrupted (Ctrl-C)" of a complete copy, and the restore
+    run again refused DEST as "exists and is not empty" (probe-audit67).  Before DEST is
+    a store, the interrupt stays the command's plain one."""
+    if not _engine.is_store(dest):
+        raise  # (the Ctrl-C being handled, as it came)
+    raise Failure(f"restore interrupted (Ctrl-C) after {dest} was restored, in its first "
+                  f"open: `walstore recover {command_word(dest)}"
+                  f"{' --handlers MODULE' if compensate else ''}` finishes it",
+                  EXIT_INTERRUPTED, "KeyboardInterrupt") from None
+
+
 @click.command("restore", cls=WalstoreCommand)
 @click.argument("url")
 @click.argument("dest", type=DirPath(file_okay=False, readable=False))
@@ -357,6 +382,8 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
     replayed = None if as_json else progress_printer("restore")
     try:
         report = restore(url, dest, point, opts, compensate=compensate, progress=replayed)
+    except KeyboardInterrupt:
+        _interrupted_restored(dest, compensate)
     except UnknownPoint as e:  # (--to names nothing the replica holds: usage)
         _fail(str(e) + _time_hint(point), EXIT_USAGE)
     except ReplicationError as e:  # (a DEST found not empty up front is a usage error)
@@ -365,26 +392,27 @@ def restore_cmd(url: str, dest: str, to: str | None, follow: bool, compensate: b
         _fail(str(e), EXIT_USAGE)
     finally:
         end_progress()
-    import walstore
-    try:
-        store = walstore.open(dest, compensators=comps if compensate else None,
-                              progress=None if as_json else progress_printer("recover"))
-    except WalstoreError as e:
-        _fail(f"restored {dest}, but opening it failed: {e}")
-    finally:
-        end_progress()
-    try:
-        pending = [{"id": a.id, "txid": a.txid, "name": a.name, "compensate": a.compensate,
-                    "state": a.state, "error": a.error}
-                   for a in store.pending_compensations()]
-        if compensate:  # undone by that open, except those it could not put back
-            rec = store.last_recovery
-            failed = {p.lsn for p in getattr(rec, "problems", ())
-                      if p.kind == "file-undo-failed"}
-            report["owed_file_effects"] = [e for e in report["owed_file_effects"]
-                                           if e["lsn"] in failed]
-    finally:
-        store.close()
+    with _said_restored(dest, compensate):  # (a Ctrl-C from here: DEST is restored)
+        import walstore
+        try:
+            store = walstore.open(dest, compensators=comps if compensate else None,
+                                  progress=None if as_json else progress_printer("recover"))
+        except WalstoreError as e:
+            _fail(f"restored {dest}, but opening it failed: {e}")
+        finally:
+            end_progress()
+        try:
+            pending = [{"id": a.id, "txid": a.txid, "name": a.name, "compensate": a.compensate,
+                        "state": a.state, "error": a.error}
+                       for a in store.pending_compensations()]
+            if compensate:  # undone by that open, except those it could not put back
+                rec = store.last_recovery
+                failed = {p.lsn for p in getattr(rec, "problems", ())
+                          if p.kind == "file-undo-failed"}
+                report["owed_file_effects"] = [e for e in report["owed_file_effects"]
+                                               if e["lsn"] in failed]
+        finally:
+            store.close()
     report["pending_compensations"] = pending
     # a bytes prefix is bytes again (the report gives it as {"hex": ...}): `--json` says
     # it as every bytes key, {"base64": ...}, the human line as the key syntax, hex:...
