@@ -169,3 +169,43 @@ def test_a_restore_interrupted_once_dest_is_restored_says_so(tmp_path):
     assert_agree(dest, ledger, acked)
     with walstore.open(path, readonly=True) as s, walstore.open(dest, readonly=True) as c:
         assert dict(c.scan()) == dict(s.scan())
+
+
+# The CLI, sent SIGINT (Ctrl-C) as it syncs the directory holding DEST: the backup's last
+# step, its complete copy just renamed into place.
+INTERRUPTED_AT_LAST_SYNC = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+parent = os.path.dirname(os.path.abspath(sys.argv[3]))
+class CtrlC(fileio.OSBackend):
+    def fsync_dir(self, path):
+        super().fsync_dir(path)
+        if os.path.abspath(path) == parent:
+            os.kill(os.getpid(), signal.SIGINT)
+fileio.set_backend(CtrlC())
+main(sys.argv[1:])
+"""
+
+
+def test_a_backup_interrupted_once_its_copy_is_in_place_says_dest_holds_it(tmp_path):
+    """Ctrl-C at a backup's last step (its complete copy renamed into place, the parent
+    directory being synced) said "backup interrupted (Ctrl-C)" — and docs/CLI.md that an
+    interrupted backup leaves DEST as it was — while DEST held the complete backup (the
+    rename not yet synced when the interrupt came between the two), and the backup run
+    again refused DEST as not empty.  The rename and its sync are one step now, and the
+    line says DEST holds the backup (exit 130, a --json document)."""
+    path, ledger, acked = charged_store(tmp_path)
+    dest = str(tmp_path / "bk")
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_AT_LAST_SYNC, "backup", path, dest,
+                        "--json"], capture_output=True, text=True, env=_env(), timeout=60,
+                       preexec_fn=ctrl_c_reaches_it)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    error = json.loads(r.stdout)["error"]
+    assert error["type"] == "KeyboardInterrupt", error
+    line = r.stderr.strip()
+    assert line == (f"walstore: backup interrupted (Ctrl-C) once its copy was complete: "
+                    f"{dest} holds the backup"), line
+    assert_agree(dest, ledger, acked)
+    with walstore.open(path, readonly=True) as s, walstore.open(dest, readonly=True) as c:
+        assert dict(c.scan()) == dict(s.scan())

@@ -12,7 +12,8 @@ from . import _engine, main
 from ._engine import command_word
 from .common import (HANDLERS, JSON, NORMAL_PROBLEMS, PATH, DirPath, action_docs, action_table,
                      load_handlers, open_store, owed_header)
-from .output import (CELL_CHARS, EXIT_PROBLEM, Failure, UsageProblem, cut_text, emit_json,
+from .output import (CELL_CHARS, EXIT_INTERRUPTED, EXIT_PROBLEM, Failure, UsageProblem,
+                     cut_text, emit_json,
                      emit_json_list, emit_summary,
                      end_progress, kv_lines, note_problem, one_line, phase_progress,
                      progress_printer, show_gid, show_key, some)
@@ -311,7 +312,15 @@ def backup(path: str, dest: str, as_json: bool) -> None:
     if outer is not None:
         raise UsageProblem(f"backup destination {dest} lies inside the store {outer}; "
                            f"choose a destination outside it")
-    doc = _engine.backup(path, dest, None if as_json else progress_printer("backup"))
+    try:
+        doc = _engine.backup(path, dest, None if as_json else progress_printer("backup"))
+    except KeyboardInterrupt:
+        if not _engine.is_store(dest):  # (DEST as it was: absent or empty)
+            raise
+        # (the copy was in place, synced: "backup interrupted (Ctrl-C)" said of a complete
+        # backup, and the backup run again refused DEST as not empty: probe-audit67)
+        raise Failure(f"backup interrupted (Ctrl-C) once its copy was complete: {dest} "
+                      f"holds the backup", EXIT_INTERRUPTED, "KeyboardInterrupt") from None
     end_progress()
     emit_summary(doc, as_json)
 

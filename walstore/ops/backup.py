@@ -76,6 +76,7 @@ from ..files.blobs import BlobStore
 from ..log.reader import LogEvent, LogReader, damage_that_stays
 from ..log.segment import list_segments
 from ..log.format import SEAL_RECORD_SIZE
+from ..signals import deferred
 
 MAX_ATTEMPTS = 5
 
@@ -175,16 +176,17 @@ def _install(stage: str, dest: str) -> None:
     """Rename the complete, synced ``stage`` to ``dest`` (absent, or an empty directory,
     which the rename replaces), then make that durable in the parent."""
     fileio.fsync_dir(stage)
-    try:
-        os.rename(stage, dest)
-    except OSError as e:
-        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(dest) \
-                and os.listdir(dest):
-            raise NotAStore(f"backup destination {dest} exists and is not empty (filled "
-                            f"while the backup ran)") from None
-        raise _writing_dest("the backup into place", dest, e) from e
-    with _writing("the backup's directory", dest):
-        fileio.fsync_dir(os.path.dirname(dest))
+    with deferred():  # (a Ctrl-C between the rename and the parent's fsync left a copy
+        try:          # in place that a power cut could still take back: it lands after)
+            os.rename(stage, dest)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.isdir(dest) \
+                    and os.listdir(dest):
+                raise NotAStore(f"backup destination {dest} exists and is not empty "
+                                f"(filled while the backup ran)") from None
+            raise _writing_dest("the backup into place", dest, e) from e
+        with _writing("the backup's directory", dest):
+            fileio.fsync_dir(os.path.dirname(dest))
 
 
 GC_WAIT_S = 5.0  # how long backup/verify wait for a writer's blob gc under way to end
