@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import walstore
-from store_support import cli_env, ctrl_c_reaches_it
+from store_support import cli_env, ctrl_c_reaches_it, files_with
 
 SCRIPTS = Path(__file__).resolve().parent / "agent_scripts"
 if str(SCRIPTS) not in sys.path:
@@ -209,3 +209,45 @@ def test_a_backup_interrupted_once_its_copy_is_in_place_says_dest_holds_it(tmp_p
     assert_agree(dest, ledger, acked)
     with walstore.open(path, readonly=True) as s, walstore.open(dest, readonly=True) as c:
         assert dict(c.scan()) == dict(s.scan())
+
+
+# A writer SIGKILLed right after its purge's commit is durable: the purge stands, its
+# erasure (the old bytes' removal, LMDB's compaction) owed to the next open.
+PURGE_KILLED_AFTER_COMMIT = r"""
+import os, signal, sys, walstore
+from walstore import fileio
+class KillAfterCommit(fileio.OSBackend):
+    armed = False
+    def fault_point(self, name):
+        if self.armed and name == "commit.after_durable":
+            os.kill(os.getpid(), signal.SIGKILL)
+backend = KillAfterCommit()
+fileio.set_backend(backend)
+s = walstore.open(sys.argv[1])
+backend.armed = True
+s.purge("ev/")
+"""
+
+
+def test_a_backup_after_a_purge_holds_none_of_its_erased_bytes(tmp_path):
+    """A backup made after a purge committed, its erasure still owed in the source (a
+    writer killed between the purge's commit and its compacting checkpoint; a purge
+    running beside the backup hit the same window): the copy showed none of the purged
+    keys, yet its WAL segment and data.mdb held their bytes until its first writable
+    open (a backup kept cold never had one).  The backup finishes the erasure in its
+    staged copy, before DEST exists, as a restore does."""
+    path, ledger, acked = charged_store(tmp_path)
+    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert w.returncode == -signal.SIGKILL, w.stderr
+    assert files_with(path, b"ev/ws-")  # (the source owes the erasure: its next open)
+    dest = str(tmp_path / "bk")
+    r = cli("backup", path, dest, "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert files_with(dest, b"ev/ws-") == []
+    v = cli("verify", dest, "--json")
+    assert v.returncode == 0 and json.loads(v.stdout)["ok"], (v.stdout, v.stderr)
+    with walstore.open(dest, readonly=True) as c:
+        assert list(c.scan(prefix="ev/")) == []
+        assert {a.state for a in c.actions()} == {"committed"}
+        assert set(acked) <= {i.txid for i in c.log(limit=None)}

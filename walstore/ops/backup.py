@@ -65,6 +65,7 @@ import time
 from typing import Callable, Iterator
 
 import lmdb
+import msgpack
 
 from .. import fileio
 from ..errors import CorruptionError, NotAStore, StoreIOError, WalstoreError
@@ -75,7 +76,7 @@ from ..agent.files import GC_LOCK
 from ..files.blobs import BlobStore
 from ..log.reader import LogEvent, LogReader, damage_that_stays
 from ..log.segment import list_segments
-from ..log.format import SEAL_RECORD_SIZE
+from ..log.format import SEAL_RECORD_SIZE, RecordType
 from ..signals import deferred
 
 MAX_ATTEMPTS = 5
@@ -139,6 +140,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
                     continue
                 summary.update(_blob_summary(stage))
                 summary["attempts"] = attempt
+                if summary.pop("owes_erasure", False):
+                    _finish_erasure(stage)
                 summary["dest"] = dest
                 if inside:
                     with _writing("the backup into place", dest):
@@ -451,8 +454,11 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
     sealed_end = False
     # walked from the first segment copied, not from ``applied``: every byte copied is
     # checked (damage below ``applied`` copied unchecked made a copy no open accepts)
+    owes = False  # (a purge the copy's log holds past LMDB's snapshot: see _finish_erasure)
     for item in log.walk(from_lsn=segs[0][0] if segs else applied):
         if not isinstance(item, LogEvent):
+            owes = owes or (item.lsn >= applied and item.type == RecordType.COMMIT
+                            and _PURGE_RANGE in item.payload)
             continue
         source = os.path.join(layout.wal, os.path.basename(item.path))
         if item.kind == "end" and item.scan is not None:
@@ -495,7 +501,34 @@ def _check_copied_log(layout: Layout, out: Layout, store_id: bytes, applied: int
     fileio.fsync_dir(out.wal)
     fileio.fsync_dir(out.root)
     return {"source": layout.root, "dest": out.root, "applied_lsn": applied,
-            "segments": len(segs), "wal_bytes": copied}
+            "segments": len(segs), "wal_bytes": copied,
+            "owes_erasure": owes or _erasure_owed_in(out.db)}
+
+
+_PURGE_RANGE = msgpack.packb("purge_range")  # (in a purge's COMMIT payload, its name packed)
+
+
+def _erasure_owed_in(db: str) -> bool:
+    """Does the copied LMDB hold a purge's owed erasure (applied, not yet compacted)?"""
+    from ..engine.apply import ERASE_OWED
+    state = LmdbState(db, readonly=True)
+    try:
+        return state.get(ERASE_OWED, "meta") is not None
+    finally:
+        state.close()
+
+
+def _finish_erasure(stage: str) -> None:
+    """The staged copy holds the bytes of a purge whose erasure the source owed (it
+    crashed between the purge's commit and its compacting checkpoint, or a purge ran
+    beside the backup): its first writable open and a checkpoint erase them, as the
+    source's next checkpoint does, before DEST exists — a backup made after the purge
+    kept its erased keys' bytes in its WAL and LMDB (invisible, "0 keys") until its
+    first writable open (probe-audit67; a restore finishes it the same way).  That open
+    holds the copy's inherited debts as DEST's own first open would."""
+    from ..store import Store
+    with Store(stage, durability="full") as store:
+        store.checkpoint()
 
 
 def _fsync_file(path: str, what: str) -> None:
