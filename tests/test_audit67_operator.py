@@ -44,18 +44,20 @@ with walstore.open(path, compensators={"refund": refund}) as s:
         print("ACK", tx.id, flush=True)
 """
 
-# The CLI, SIGKILLed at the named fault point (its first passage).
-KILLED_AT = r"""
+# The CLI, sent a signal (SIGKILL, SIGINT) at the named fault point's first passage.
+SIGNALLED_AT = r"""
 import os, signal, sys
 from walstore import fileio
 from walstore.cli import main
-point = sys.argv[1]
-class KillAt(fileio.OSBackend):
+point, sig = sys.argv[1], getattr(signal, sys.argv[2])
+class SignalAt(fileio.OSBackend):
+    sent = False
     def fault_point(self, name):
-        if name == point:
-            os.kill(os.getpid(), signal.SIGKILL)
-fileio.set_backend(KillAt())
-main(sys.argv[2:])
+        if name == point and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), sig)
+fileio.set_backend(SignalAt())
+main(sys.argv[3:])
 """
 
 
@@ -65,10 +67,11 @@ def _env() -> dict:
     return env
 
 
-def cli(*args: str, killed_at: str | None = None) -> subprocess.CompletedProcess:
-    pre = ["-c", KILLED_AT, killed_at] if killed_at else ["-m", "walstore"]
+def cli(*args: str, killed_at: str | None = None,
+        sig: str = "SIGKILL") -> subprocess.CompletedProcess:
+    pre = ["-c", SIGNALLED_AT, killed_at, sig] if killed_at else ["-m", "walstore"]
     return subprocess.run([sys.executable, *pre, *args], capture_output=True, text=True,
-                          env=_env(), timeout=60)
+                          env=_env(), timeout=60, preexec_fn=ctrl_c_reaches_it)
 
 
 def charged_store(tmp_path, n: int = 4) -> tuple[str, str, list[int]]:
@@ -251,3 +254,25 @@ def test_a_backup_after_a_purge_holds_none_of_its_erased_bytes(tmp_path):
         assert list(c.scan(prefix="ev/")) == []
         assert {a.state for a in c.actions()} == {"committed"}
         assert set(acked) <= {i.txid for i in c.log(limit=None)}
+
+
+def test_a_revert_interrupted_after_its_commit_says_it_committed(tmp_path):
+    """Ctrl-C once a revert's undo committed (its refund not run yet; most of a revert's
+    time is its compensations) said "revert interrupted (Ctrl-C)", as before the
+    commit: the operator could not tell the state was reverted, nor that a refund was
+    owed (`purge` says so since audit 60).  It says what committed and what is owed,
+    exit 130, its --json document parseable; `recover --handlers` then refunds once."""
+    path, ledger, acked = charged_store(tmp_path)
+    r = cli("revert", path, "2", "--handlers", HANDLERS, "--json",
+            killed_at="commit.after_durable", sig="SIGINT")
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert json.loads(r.stdout)["error"]["type"] == "KeyboardInterrupt"
+    assert r.stderr.strip() == (
+        f"walstore: revert committed (transaction 5, undoing transactions [2]), then was "
+        f"interrupted (Ctrl-C); 1 compensation(s) not run yet are owed: `walstore recover "
+        f"{path} --handlers MODULE` runs them"), r.stderr
+    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
+    assert rec.returncode == 0, (rec.stdout, rec.stderr)
+    assert_agree(path, ledger, acked)
+    with walstore.open(path, readonly=True) as s:
+        assert s.get_action("2.1").state == "compensated"

@@ -2,17 +2,20 @@
 effects (actions, resolve)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
 import walstore
 
 from . import _engine, main, refused
+from ._engine import command_word
 from .common import (HANDLERS, JSON, PATH, action_doc, action_docs, action_table,
                      check_before_recovery, load_handlers, open_store, owed_header)
-from .output import (EXIT_PROBLEM, KEY, POINT, TXID, UsageProblem, emit_json, emit_json_list, fail,
+from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, KEY, POINT, TXID, UsageProblem, emit_json,
+                     emit_json_list, fail,
                      kv_lines, note_problem, one_line, settle_point, show_key, show_value,
                      some, table)
 
@@ -42,18 +45,24 @@ from .output import (EXIT_PROBLEM, KEY, POINT, TXID, UsageProblem, emit_json, em
 def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: bool) -> None:
     """Undo committed transaction TXID as a new transaction."""
     comps = load_handlers(handlers, as_json)
-    with open_store(path, recover="manual", compensators=comps) as store:  # (see UNRECOVERED)
-        try:
-            info = store.revert(txid, cascade=cascade)
-        except walstore.CompensationFailed as e:
-            fail(f"reverted, but {e}")
-        except walstore.RevertConflict as e:
-            raise _in_cli_words(e) from None
-        except ValueError as e:  # (see REFUSED)
-            fail(f"revert failed: {e}")
-        owed = still_owed(store, info.extra.get("compensate", ()) if info else ())
-        registered = dict(store.compensators)
-    _done(info, as_json, owed, registered)
+    with _said_if_committed(path) as undo:  # (see COMMITTED)
+        with open_store(path, recover="manual", compensators=comps) as store:  # (UNRECOVERED)
+            undo.watch(store)
+            try:
+                info = undo.info = store.revert(txid, cascade=cascade)
+            except KeyboardInterrupt:
+                undo.committed()  # (looked up while the store is open)
+                raise
+            except walstore.CompensationFailed as e:
+                fail(f"reverted, but {e}")
+            except walstore.RevertConflict as e:
+                raise _in_cli_words(e) from None
+            except ValueError as e:  # (see REFUSED)
+                fail(f"revert failed: {e}")
+            owed = undo.owed = still_owed(store, info.extra.get("compensate", ()) if info
+                                          else ())
+            registered = dict(store.compensators)
+        _done(info, as_json, owed, registered)
 
 
 @main.command()
@@ -75,27 +84,94 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
     # (its --handlers say which compensations would run and which be left pending)
     opened = (open_store(path, readonly=True, compensators=comps) if dry_run
               else open_store(path, recover="manual", compensators=comps))
-    with opened as store:
+    with _said_if_committed(path) as undo, opened as store:  # (see COMMITTED)
+        if not dry_run:
+            undo.watch(store)
         try:
             point = settle_point(store.restore_points(), to)
             if dry_run:  # (beside a live writer: its file history applied first)
                 result = _engine.while_writer_applies(
                     store, lambda: store.rewind(point, scope=scope, dry_run=True))
             else:
-                result = store.rewind(point, scope=scope, dry_run=False)
+                result = undo.info = store.rewind(point, scope=scope, dry_run=False)
+        except KeyboardInterrupt:
+            undo.committed()  # (looked up while the store is open)
+            raise
         except walstore.CompensationFailed as e:
             fail(f"rewound, but {e}")
         except walstore.RevertConflict as e:
             raise _in_cli_words(e) from None
         except ValueError as e:  # (see REFUSED)
             fail(f"rewind failed: {e}")
-        owed = [] if dry_run or result is None else still_owed(
+        owed = undo.owed = [] if dry_run or result is None else still_owed(
             store, result.extra.get("compensate", ()))
         registered = dict(store.compensators)
-    if dry_run:
-        _show_plan(result, as_json)
-    else:
-        _done(result, as_json, owed, registered)
+    with _said_if_committed(path) as again:  # (the output: the undo known)
+        again.info, again.owed = undo.info, undo.owed
+        if dry_run:
+            _show_plan(result, as_json)
+        else:
+            _done(result, as_json, owed, registered)
+
+
+# COMMITTED: a Ctrl-C once the undo committed (while its compensations ran, most of its
+# time; as the store closed; as the result was printed) said "revert interrupted
+# (Ctrl-C)", as before it: the operator could not tell that the state was reverted, nor
+# that the compensations not run yet are owed (probe-audit67; as `purge`'s, audit 60).
+# It says so now, exit 130.
+
+
+class _Undo:
+    """What a revert or rewind committed, as far as the command knows it."""
+
+    def __init__(self) -> None:
+        self.store: walstore.Store | None = None
+        self.before = 0   # the newest txid before the undo
+        self.info: Any = None
+        self.owed: list | None = None
+
+    def watch(self, store: walstore.Store) -> None:
+        self.store = store
+        newest = store.log(limit=1)
+        self.before = newest[0].txid if newest else 0
+
+    def committed(self) -> Any:
+        """The undo's TxnInfo when it committed (found in the log when the interrupt came
+        before ``revert``/``rewind`` returned), else None."""
+        if self.info is not None or self.store is None:
+            return self.info
+        try:
+            newest = self.store.log(limit=1)
+            if newest and newest[0].txid > self.before and newest[0].extra.get("reverts"):
+                self.info = newest[0]
+                self.owed = still_owed(self.store, self.info.extra.get("compensate", ()))
+        except walstore.WalstoreError:
+            pass
+        return self.info
+
+
+@contextlib.contextmanager
+def _said_if_committed(path: str) -> Iterator[_Undo]:
+    """A Ctrl-C in the block once the undo committed: one line saying so and what is
+    owed, exit 130; before it, the interrupt as it came."""
+    undo = _Undo()
+    try:
+        yield undo
+    except KeyboardInterrupt:
+        info = undo.committed()
+        if info is None:
+            raise
+        command = click.get_current_context().info_name
+        owed = undo.owed
+        tail = ("" if owed == [] else
+                f"; {len(owed)} compensation(s) not run yet are owed" if owed else
+                "; compensations not run yet are owed")
+        if owed != []:
+            tail += (f": `walstore recover {command_word(path)} --handlers MODULE` runs "
+                     f"them")
+        fail(f"{command} committed (transaction {info.txid}, undoing transactions "
+             f"[{some(info.extra.get('reverts', []))}]), then was interrupted (Ctrl-C)"
+             f"{tail}", EXIT_INTERRUPTED, "KeyboardInterrupt")
 
 
 def _in_cli_words(e: walstore.RevertConflict) -> walstore.RevertConflict:
