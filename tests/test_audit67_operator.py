@@ -42,6 +42,15 @@ with walstore.open(path, compensators={"refund": refund}) as s:
                 a.result = ws_ledger.charge(ledger, a.key, i + 1)
             tx.put(f"ev/{a.key}", i + 1)
         print("ACK", tx.id, flush=True)
+    if sys.argv[4:] == ["prepare"]:  # then a charge prepared as gid g1, left in doubt
+        tx = s.transaction()
+        with tx.action("charge", args={"ledger": ledger, "amount": 99},
+                       compensate="refund") as a:
+            a.result = ws_ledger.charge(ledger, a.key, 99)
+        tx.put(f"ev/{a.key}", 99)
+        tx.prepare("g1")
+        import os, signal
+        os.kill(os.getpid(), signal.SIGKILL)
 """
 
 # The CLI, sent a signal (SIGKILL, SIGINT) at the named fault point's first passage.
@@ -74,12 +83,13 @@ def cli(*args: str, killed_at: str | None = None,
                           env=_env(), timeout=60, preexec_fn=ctrl_c_reaches_it)
 
 
-def charged_store(tmp_path, n: int = 4) -> tuple[str, str, list[int]]:
-    """(store, ledger, acknowledged txids): the writer's work, its process ended."""
+def charged_store(tmp_path, n: int = 4, *then: str) -> tuple[str, str, list[int]]:
+    """(store, ledger, acknowledged txids): the writer's work, its process ended
+    (``then`` "prepare": killed with a charge prepared as g1)."""
     path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger")
-    w = subprocess.run([sys.executable, "-c", WRITER, path, ledger, str(n)],
+    w = subprocess.run([sys.executable, "-c", WRITER, path, ledger, str(n), *then],
                        capture_output=True, text=True, env=_env(), timeout=60)
-    assert w.returncode == 0, w.stderr
+    assert w.returncode == (-signal.SIGKILL if then else 0), w.stderr
     return path, ledger, [int(x.split()[1]) for x in w.stdout.splitlines()]
 
 
@@ -276,3 +286,23 @@ def test_a_revert_interrupted_after_its_commit_says_it_committed(tmp_path):
     assert_agree(path, ledger, acked)
     with walstore.open(path, readonly=True) as s:
         assert s.get_action("2.1").state == "compensated"
+
+
+def test_a_rollback_prepared_interrupted_once_decided_says_it_rolled_back(tmp_path):
+    """Ctrl-C once `rollback-prepared` had decided (its ROLLBACK durable, the refund
+    not run yet) said "rollback-prepared interrupted (Ctrl-C)", as before the decision.
+    It says the gid was rolled back and the refund is owed, exit 130; `recover
+    --handlers` then refunds once."""
+    path, ledger, acked = charged_store(tmp_path, 4, "prepare")
+    r = cli("rollback-prepared", path, "g1", "--handlers", HANDLERS,
+            killed_at="rollback_prepared.decided", sig="SIGINT")
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"walstore: rollback-prepared: rolled back g1, then was interrupted (Ctrl-C); 1 "
+        f"compensation(s) not run yet are owed: `walstore recover {path} --handlers "
+        f"MODULE` runs them"), r.stderr
+    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
+    assert rec.returncode == 0, (rec.stdout, rec.stderr)
+    assert_agree(path, ledger, acked)
+    with walstore.open(path, readonly=True) as s:
+        assert s.get_action("5.1").state == "compensated" and s.prepared() == []

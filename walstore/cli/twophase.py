@@ -11,10 +11,11 @@ import click
 import walstore
 
 from . import _engine, main, refused
+from ._engine import command_word
 from .common import (HANDLERS, JSON, PATH, DirPath, check_before_recovery, load_handlers,
                      open_store)
-from .output import (EXIT_PROBLEM, emit_json_list, fail, note_problem, show_cell, show_gid,
-                     table)
+from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, emit_json_list, fail, note_problem,
+                     show_cell, show_gid, table)
 
 
 # AFTER_CHECK: the GID is checked (it is one walstore gives; it names a prepared
@@ -112,14 +113,45 @@ def commit_prepared(path: str, gid: str, force: bool) -> None:
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
     _group_guard(path, gid, force)
-    with open_store(path) as store:
-        try:
-            lsn = store.commit_prepared(gid)
-        except KeyError as e:  # (decided meanwhile; the GID itself was checked above)
-            _refuse(gid, e)
-        except ValueError as e:  # (see AFTER_CHECK)
-            fail(f"commit-prepared failed: {e}")
+    decided = False  # (a Ctrl-C after it, the store closing: said as decided)
+    try:
+        with open_store(path) as store:
+            try:
+                lsn = store.commit_prepared(gid)
+            except KeyboardInterrupt:
+                _interrupted_once_decided(store, path, gid, [], "committed")
+            except KeyError as e:  # (decided meanwhile; the GID itself was checked above)
+                _refuse(gid, e)
+            except ValueError as e:  # (see AFTER_CHECK)
+                fail(f"commit-prepared failed: {e}")
+            decided = True
+    except KeyboardInterrupt:
+        if not decided:
+            raise
+        fail(f"commit-prepared: committed {show_gid(gid)}, then was interrupted (Ctrl-C)",
+             EXIT_INTERRUPTED, "KeyboardInterrupt")
     click.echo(f"committed {show_gid(gid)} at LSN {lsn}")
+
+
+def _interrupted_once_decided(store: walstore.Store, path: str, gid: str, txids: list,
+                              decided: str) -> None:
+    """A Ctrl-C in `commit-prepared` / `rollback-prepared`: once GID was decided (no
+    longer prepared; a rollback's compensations running, most of its time), one line
+    saying so and what is owed, exit 130 — it said "rollback-prepared interrupted
+    (Ctrl-C)" as before the decision (probe-audit67); before it, the interrupt as it
+    came."""
+    try:
+        undecided = gid in store.prepared()
+        owed = [a for a in store.pending_compensations() if a.txid in txids]
+    except walstore.WalstoreError:
+        undecided, owed = True, []
+    if undecided:
+        raise  # (the Ctrl-C being handled, as it came)
+    command = click.get_current_context().info_name
+    tail = (f"; {len(owed)} compensation(s) not run yet are owed: `walstore recover "
+            f"{command_word(path)} --handlers MODULE` runs them" if owed else "")
+    fail(f"{command}: {decided} {show_gid(gid)}, then was interrupted (Ctrl-C){tail}",
+         EXIT_INTERRUPTED, "KeyboardInterrupt")
 
 
 @main.command("rollback-prepared")
@@ -139,21 +171,31 @@ def rollback_prepared(path: str, gid: str, handlers: str | None, force: bool) ->
     except (KeyError, TypeError, ValueError) as e:
         _refuse(gid, e)
     _group_guard(path, gid, force)
-    with open_store(path, compensators=comps) as store:
-        try:  # (its own row: listing every prepared one to find it cost N per call)
-            txids = [store.prepared_details(gid).txid]
-        except KeyError:
-            txids = []  # (decided meanwhile: the rollback below says so)
-        try:
-            store.rollback_prepared(gid)
-        except KeyError as e:  # (decided meanwhile; the GID itself was checked above)
-            _refuse(gid, e)
-        except ValueError as e:  # (see AFTER_CHECK)
-            fail(f"rollback-prepared failed: {e}")
-        except walstore.CompensationFailed as e:
-            fail(f"rolled back, but {e}")
-        owed = [a for a in store.pending_compensations() if a.txid in txids]
-        registered = dict(store.compensators)
+    decided = False  # (a Ctrl-C after it, the store closing: said as decided)
+    try:
+        with open_store(path, compensators=comps) as store:
+            try:  # (its own row: listing every prepared one to find it cost N per call)
+                txids = [store.prepared_details(gid).txid]
+            except KeyError:
+                txids = []  # (decided meanwhile: the rollback below says so)
+            try:
+                store.rollback_prepared(gid)
+            except KeyboardInterrupt:
+                _interrupted_once_decided(store, path, gid, txids, "rolled back")
+            except KeyError as e:  # (decided meanwhile; the GID itself was checked above)
+                _refuse(gid, e)
+            except ValueError as e:  # (see AFTER_CHECK)
+                fail(f"rollback-prepared failed: {e}")
+            except walstore.CompensationFailed as e:
+                fail(f"rolled back, but {e}")
+            decided = True
+            owed = [a for a in store.pending_compensations() if a.txid in txids]
+            registered = dict(store.compensators)
+    except KeyboardInterrupt:
+        if not decided:
+            raise
+        fail(f"rollback-prepared: rolled back {show_gid(gid)}, then was interrupted (Ctrl-C)",
+             EXIT_INTERRUPTED, "KeyboardInterrupt")
     if owed:  # (before printing: see note_problem)
         note_problem()
     click.echo(f"rolled back {show_gid(gid)}")
