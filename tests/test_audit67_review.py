@@ -1,0 +1,95 @@
+"""Review of audit 67's clock and integration changes (helper h5): walstore.clock's
+deleting_now, restore to a time's stamps-going-back refusal, the shipper's lag.
+
+* A laptop's (a guest's) suspend: ``time.monotonic`` does not count it on Linux, the wall
+  clock does — deleting_now read the resume as a forward jump and held retention an hour
+  behind (history kept the suspend's length past ``retain_seconds``).  CLOCK_BOOTTIME now.
+* A child forked while a thread of the parent was inside deleting_now inherited its lock
+  held: the child's first retention hung for good.
+
+Real stores, real files, ``file://`` replicas; a clock step is simulated process-wide as
+test_audit67_clock does it (``time.time`` replaced), a suspend likewise with the boot
+clock moved as far.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+import walstore
+from walstore import clock
+
+from test_audit67_clock import _commit, _step_everywhere
+
+
+def _suspend(monkeypatch, seconds: float) -> None:
+    """The machine slept ``seconds``: the wall clock and the boot clock (CLOCK_BOOTTIME)
+    moved on that far, ``time.monotonic`` did not (Linux)."""
+    _step_everywhere(monkeypatch, seconds)
+    real = time.clock_gettime
+
+    def gettime(clk):
+        return real(clk) + (seconds if clk == time.CLOCK_BOOTTIME else 0.0)
+    monkeypatch.setattr(time, "clock_gettime", gettime)
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="no CLOCK_BOOTTIME here")
+def test_retention_by_age_trims_after_a_suspend_as_a_correct_clock_says(
+        tmp_path, monkeypatch):
+    """``retain_seconds`` an hour; the machine slept two hours (the wall clock right, not
+    jumped): deleting_now said two hours earlier than the clock for the next hour (the
+    monotonic clock does not count a suspend), and a checkpoint kept the commits made two
+    hours before — history held past retain_seconds.  A suspend is no jump."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=3600) as s:
+        old = [_commit(s, "k", i) for i in range(3)]
+        _suspend(monkeypatch, 7200.0)
+        assert abs(clock.deleting_now() - time.time()) < 5
+        _commit(s, "k", 3)
+        s.checkpoint()
+        with pytest.raises(walstore.HistoryTrimmed):
+            s.at(old[0].txid)
+
+
+def test_retention_by_age_still_trims_with_a_correct_clock(tmp_path):
+    """(Found right.)  With the clock right, a commit older than ``retain_seconds`` is
+    trimmed at the next checkpoint: the deleting clock is no brake on a correct clock."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=0.5) as s:
+        old = _commit(s, "k", 0)
+        time.sleep(1.0)
+        _commit(s, "k", 1)
+        s.checkpoint()
+        with pytest.raises(walstore.HistoryTrimmed):
+            s.at(old.txid)
+        assert abs(clock.deleting_now() - time.time()) < 1
+
+
+def test_a_child_forked_while_a_thread_reads_the_deleting_clock_does_not_hang():
+    """A thread of the parent inside deleting_now (its lock held) as another forks (a
+    shipper's retention round while the application starts a worker): the child's copy of
+    the lock stayed held, and its first retention — a checkpoint with retain_seconds, a
+    shipper's round — hung for good."""
+    clock._lock.acquire()  # (the other thread, inside deleting_now)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                clock.deleting_now()
+            finally:
+                os._exit(0)
+    finally:
+        clock._lock.release()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung in deleting_now")
