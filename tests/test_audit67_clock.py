@@ -16,6 +16,7 @@ import types
 import pytest
 
 import walstore
+from walstore import clock
 from walstore.engine import engine as engine_mod
 from walstore.replication import lease as lease_mod
 from walstore.replication import manifest as manifest_mod
@@ -51,6 +52,9 @@ def _step_everywhere(monkeypatch, offset: float) -> list:
     step of the machine's clock is): ``time.time``/``time.time_ns`` replaced; the offset
     is ``box[0]`` of the list returned."""
     box = [offset]
+    # (the deleting clock's anchor, which a step back moves, is put back after the test)
+    monkeypatch.setattr(clock, "_anchor", clock._anchor)
+    monkeypatch.setattr(clock, "_ahead_since", clock._ahead_since)
     monkeypatch.setattr(time, "time", lambda: _REAL_TIME() + box[0])
     monkeypatch.setattr(time, "time_ns", lambda: _REAL_TIME_NS() + int(box[0] * 1e9))
     return box

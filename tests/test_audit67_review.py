@@ -6,6 +6,10 @@ deleting_now, restore to a time's stamps-going-back refusal, the shipper's lag.
   behind (history kept the suspend's length past ``retain_seconds``).  CLOCK_BOOTTIME now.
 * A child forked while a thread of the parent was inside deleting_now inherited its lock
   held: the child's first retention hung for good.
+* deleting_now stayed anchored to its reading at import: a process begun while the clock
+  ran a day ahead followed the same jump again at once once the clock was set right; and
+  the correction of a step back was followed at once, so a commit made during the step
+  (stamped an hour early) was trimmed a moment old.  The anchor now follows a step back.
 
 Real stores, real files, ``file://`` replicas; a clock step is simulated process-wide as
 test_audit67_clock does it (``time.time`` replaced), a suspend likewise with the boot
@@ -93,3 +97,42 @@ def test_a_child_forked_while_a_thread_reads_the_deleting_clock_does_not_hang():
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     pytest.fail("the forked child hung in deleting_now")
+
+
+def test_history_made_while_the_clock_ran_behind_is_kept_after_it_is_set_right(
+        tmp_path, monkeypatch):
+    """``retain_seconds`` 1; a commit a second old; the clock stepped back an hour (a bad
+    NTP source), a commit was made and a checkpoint ran, then the clock was set right and
+    a checkpoint ran again: the commit made during the step, a moment old, was trimmed at
+    once (stamped an hour early, it looked an hour old: ``at`` raised HistoryTrimmed).
+    The deleting clock now counts from the step back it saw: the forward correction is
+    followed once it has held an hour, as any forward jump."""
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=1) as s:
+        _commit(s, "k", 0)
+        time.sleep(1.1)
+        behind = _step_everywhere(monkeypatch, -3600.0)
+        during = _commit(s, "k", 1)
+        s.checkpoint()
+        behind[0] = 0.0
+        _commit(s, "k", 2)
+        s.checkpoint()
+        assert s.at(during.txid).get("k") == 1
+
+
+def test_a_process_begun_while_the_clock_ran_ahead_follows_no_second_jump_at_once(
+        tmp_path, monkeypatch):
+    """The process began (walstore imported) while the clock ran a day ahead; it was set
+    right, then jumped a day ahead again for a moment, and a checkpoint ran: the whole
+    ``retain_seconds`` history was trimmed — the deleting clock stayed anchored to the
+    reading at import, so the same jump counted as no jump."""
+    ahead = _step_everywhere(monkeypatch, 86400.0)
+    monkeypatch.setattr(clock, "_anchor", (time.time(), clock._elapsed()))  # (the import)
+    with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=3600) as s:
+        ahead[0] = 0.0
+        first = _commit(s, "k", 0)
+        s.checkpoint()
+        ahead[0] = 86400.0
+        _commit(s, "k", 1)
+        s.checkpoint()
+        ahead[0] = 0.0
+        assert s.at(first.txid).get("k") == 0

@@ -7,8 +7,13 @@ NTP source, a VM's clock, a step soon stepped back) deletes nothing a correct cl
 it trimmed a replica's whole point-in-time history at once (audit 67).  A jump that holds
 for ``TRUST_AFTER`` seconds of the elapsed-time clock is taken as the clock's correction (a
 VM restored from a snapshot, its clock set right): the anchor moves to it.  A step back is
-followed at once (``min``): it keeps more, never less.  Stamps that are only shown or
-compared for order read ``time.time()`` as before.
+followed at once, and the anchor moves to it: it keeps more, never less.  (Anchored for
+good where the process began, a process begun while the clock ran a day ahead followed
+that same jump at once again after the clock was set right; and the correction of a step
+back was followed at once, so the commits made during the step, stamped early, were
+trimmed as if that much older: audit 67 review.  Only a step back some deletion saw moves
+the anchor.)  Stamps that are only shown or compared for order read ``time.time()`` as
+before.
 
 The elapsed-time clock is ``CLOCK_BOOTTIME`` where there is one (Linux): it counts a
 suspend, as the wall clock does (``time.monotonic`` does not there: after a laptop slept
@@ -62,6 +67,8 @@ def deleting_now() -> float:
         counted = _anchor[0] + (mono - _anchor[1])
         if wall <= counted + _SLACK:
             _ahead_since = None
+            if wall < counted - _SLACK:
+                _anchor = (wall, mono)  # (a step back: followed, and counted from)
             return wall
         if _ahead_since is None:
             _ahead_since = mono
