@@ -136,3 +136,64 @@ def test_a_process_begun_while_the_clock_ran_ahead_follows_no_second_jump_at_onc
         s.checkpoint()
         ahead[0] = 0.0
         assert s.at(first.txid).get("k") == 0
+
+
+def test_a_restore_to_a_time_of_a_busy_normal_log_is_never_refused_and_exact(
+        tmp_path, monkeypatch):
+    """(Found right.)  The stamps-going-back refusal on a log no clock step touched:
+    three threads committing (every fifth commit a large one, its writes in WRITES chunks
+    ahead of its COMMIT), a fourth making restore points (stamped outside the journal
+    lock, so a point's stamp can be earlier than a commit logged before it).  A restore to
+    the time of a spread of commits — their own stamps as datetimes, and a microsecond
+    before the next commit's — is never refused and holds exactly the source's state at
+    the last commit stamped at or before that time."""
+    from walstore.engine import journal
+    monkeypatch.setattr(journal, "CHUNK_BYTES", 512)
+    url = f"file://{tmp_path}/rep"
+    s = walstore.open(str(tmp_path / "src"), replicate_to=url,
+                      replicate_options={"interval": 0.05})
+    stop = threading.Event()
+    try:
+        def writer(n: int) -> None:
+            for i in range(15):
+                with s.transaction() as tx:
+                    tx.put(f"t{n}", i)
+                    if i % 5 == 4:
+                        for j in range(6):
+                            tx.put(f"big{n}/{j}", "x" * 300)
+
+        def points() -> None:
+            k = 0
+            while not stop.is_set():
+                s.restore_point(f"p{k}")
+                k += 1
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
+        rp = threading.Thread(target=points)
+        rp.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        stop.set()
+        rp.join()
+        log = list(reversed(s.log()))  # (oldest first)
+        s.sync_replica(timeout=30)
+        states = {t.txid: dict(s.at(t.txid).scan()) for t in log}
+    finally:
+        s.close()
+    assert [t.timestamp for t in log] == sorted(t.timestamp for t in log)
+
+    def micros(when: dt.datetime) -> int:
+        return (when - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)) // \
+            dt.timedelta(microseconds=1)
+    picks = log[::6] + [log[-1]]
+    for k, c in enumerate(picks):
+        own = dt.datetime.fromtimestamp(c.timestamp, dt.timezone.utc)
+        for m, when in enumerate((own, own + dt.timedelta(microseconds=1))):
+            last = [t for t in log if micros(dt.datetime.fromtimestamp(
+                t.timestamp, dt.timezone.utc)) <= micros(when)][-1]
+            d = str(tmp_path / f"d{k}-{m}")
+            walstore.restore(url, d, to=when)
+            with walstore.open(d) as r:
+                assert dict(r.scan()) == states[last.txid], (c.txid, when)
+                assert r.log(limit=1)[0].txid == last.txid
