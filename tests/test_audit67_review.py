@@ -197,3 +197,24 @@ def test_a_restore_to_a_time_of_a_busy_normal_log_is_never_refused_and_exact(
             with walstore.open(d) as r:
                 assert dict(r.scan()) == states[last.txid], (c.txid, when)
                 assert r.log(limit=1)[0].txid == last.txid
+
+
+@pytest.mark.parametrize("what", ["restore_point", "drop_restore_point"])
+def test_an_unknown_restore_point_outcome_names_no_transaction(tmp_path, what):
+    """A restore point (or its drop) whose record's fsync failed raises
+    CommitOutcomeUnknown, whose ``txid`` "names the transaction": it said -1, a txid no
+    transaction has (a handler looking it up in ``store.log`` after the reopen looked for
+    transaction -1).  A restore point is no transaction: None."""
+    import errno
+    from tools.faults import FaultBackend, installed
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    _commit(s, "k", 0)
+    s.restore_point("p1")
+    fb = FaultBackend()
+    fb.fail("fdatasync", errno.EIO, path="*.wal")
+    with installed(fb), pytest.raises(walstore.CommitOutcomeUnknown,
+                                      match="restore point") as raised:
+        s.restore_point("p2") if what == "restore_point" else s.drop_restore_point("p1")
+    assert raised.value.txid is None
+    s._drop_like_a_crash()

@@ -591,7 +591,8 @@ class History:
         and the next open found the point made, pinning the history it needs, by a
         caller told it failed; or dropped, by one told it was not: audit 67.)"""
         eng = self.engine
-        eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, -1, what, unknown)
+        # (txid None: a restore point is no transaction; -1 named one no transaction has)
+        eng.pipeline.durable_or_unknown(eng.journal.force_durable, event, None, what, unknown)
 
     def restore_points(self) -> dict[str, LSN]:
         self.engine.refresh()

@@ -210,9 +210,9 @@ class CommitPipeline:
             self.engine.note_background_error(e)
         return event
 
-    def durable_or_unknown(self, make_durable, event: Event, txid: int, what: str | None,
-                           unknown: str, ticket=None, undecided: Prepared | None = None
-                           ) -> None:
+    def durable_or_unknown(self, make_durable, event: Event, txid: int | None,
+                           what: str | None, unknown: str, ticket=None,
+                           undecided: Prepared | None = None) -> None:
         """Wait for ``event``'s record to be durable; when the fsync fails, the outcome of
         that decision is unknown until recovery: the store stops writing and
         CommitOutcomeUnknown is raised (no compensation may run on it).  ``ticket``: the
