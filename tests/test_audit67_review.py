@@ -126,7 +126,7 @@ def test_a_process_begun_while_the_clock_ran_ahead_follows_no_second_jump_at_onc
     ``retain_seconds`` history was trimmed — the deleting clock stayed anchored to the
     reading at import, so the same jump counted as no jump."""
     ahead = _step_everywhere(monkeypatch, 86400.0)
-    monkeypatch.setattr(clock, "_anchor", (time.time(), clock._elapsed()))  # (the import)
+    monkeypatch.setattr(clock, "_anchor", (time.time(), clock.elapsed()))  # (the import)
     with walstore.open(str(tmp_path / "s"), durability="none", retain_seconds=3600) as s:
         ahead[0] = 0.0
         first = _commit(s, "k", 0)
@@ -218,3 +218,26 @@ def test_an_unknown_restore_point_outcome_names_no_transaction(tmp_path, what):
         s.restore_point("p2") if what == "restore_point" else s.drop_restore_point("p1")
     assert raised.value.txid is None
     s._drop_like_a_crash()
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="no CLOCK_BOOTTIME here")
+def test_lag_seconds_counts_a_suspend_the_unshipped_commit_waited_through(
+        tmp_path, monkeypatch):
+    """A commit waited to be shipped, its lag read once; the machine slept two hours (the
+    wall clock right): lag_seconds still said a second — counted on ``time.monotonic``,
+    which does not count a suspend on Linux — for a commit unreplicated for two hours (an
+    alert on the lag stayed quiet).  The lag is counted on the elapsed-time clock."""
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 30})
+    try:
+        assert s.replication().lag_bytes == 0  # (the first round ran at open)
+        _commit(s, "a", 1)
+        time.sleep(0.2)
+        before = s.replication()
+        assert before.lag_bytes > 0 and before.lag_seconds < 5, before
+        _suspend(monkeypatch, 7200.0)
+        st = s.replication()
+        assert 7200 <= st.lag_seconds <= 7200 + before.lag_seconds + 5, st
+    finally:
+        s.close()

@@ -37,15 +37,17 @@ if _BOOTTIME is not None:
         _BOOTTIME = None
 
 
-def _elapsed() -> float:
-    """Seconds on the elapsed-time clock (suspend counted where the system can)."""
+def elapsed() -> float:
+    """Seconds on the elapsed-time clock (suspend counted where the system can): what an
+    age that must not follow the wall clock's steps is counted on (deleting_now, a
+    shipper's lag)."""
     if _BOOTTIME is not None:
         return time.clock_gettime(_BOOTTIME)
     return time.monotonic()
 
 
 _lock = threading.Lock()
-_anchor = (time.time(), _elapsed())  # (wall, elapsed) read together
+_anchor = (time.time(), elapsed())  # (wall, elapsed) read together
 _ahead_since: float | None = None    # elapsed: since when the wall clock runs ahead
 
 
@@ -62,7 +64,7 @@ os.register_at_fork(after_in_child=_forked)
 def deleting_now() -> float:
     """The wall-clock time a deletion by age may assume now (see the module's comment)."""
     global _anchor, _ahead_since
-    wall, mono = time.time(), _elapsed()
+    wall, mono = time.time(), elapsed()
     with _lock:
         counted = _anchor[0] + (mono - _anchor[1])
         if wall <= counted + _SLACK:

@@ -140,11 +140,13 @@ def sweep_dead_scratch(base: str, prefix: str) -> None:
 
 
 def _since(stamp: float) -> float:
-    """A record's wall-clock ``stamp`` as an instant of ``time.monotonic()``: its age now,
-    never below 0 (a stamp ahead of the clock: logged before a step back), taken from
-    the monotonic clock's now.  An age counted from it later is immune to steps of the
-    wall clock since."""
-    return time.monotonic() - max(0.0, time.time() - stamp)
+    """A record's wall-clock ``stamp`` as an instant of ``clock.elapsed()`` (the boot
+    clock, which counts a suspend, where there is one; else the monotonic clock): its age
+    now, never below 0 (a stamp ahead of the clock: logged before a step back), taken
+    from that clock's now.  An age counted from it later is immune to steps of the wall
+    clock since, and counts a suspend (on ``time.monotonic``, a commit that waited
+    through two hours of sleep showed a lag of a second: audit 67 review)."""
+    return clock.elapsed() - max(0.0, time.time() - stamp)
 
 
 def wal_key(a: int, b: int, level: int) -> str:
@@ -195,11 +197,11 @@ class Shipper:
         # local segment gone): key -> why.  Left out of every merge, reported by status()
         self._unmergeable: dict[str, str] = {}
         self._blob_lock = threading.Lock()  # (blob uploads run on several threads)
-        # (monotonic: the instant, on time.monotonic(), the oldest unshipped record was
+        # (the instant, on clock.elapsed(), the oldest unshipped record was
         # logged — see _since; lag_seconds counted on the wall clock went to -3600 s when
         # it stepped back an hour, +3600 s forward: audit 67)
         self._behind_since: float | None = None
-        # (monotonic) when the durable frontier was last read by a round that then shipped
+        # (clock.elapsed()) when the durable frontier was last read by a round that then shipped
         # all of it: whatever is unshipped was logged after, so lag_seconds is never more
         # than the time since (a commit stamped by a clock a day behind, set right since,
         # showed a lag of a day: audit 67)
@@ -586,9 +588,9 @@ class Shipper:
             self._behind_since = _since(self._oldest_unshipped_stamp(time.time(), durable,
                                                                      base))
         lag_s = 0.0 if not lag or self._behind_since is None else \
-            time.monotonic() - self._behind_since
+            clock.elapsed() - self._behind_since
         if lag and self._caught_up is not None:
-            lag_s = min(lag_s, time.monotonic() - self._caught_up)
+            lag_s = min(lag_s, clock.elapsed() - self._caught_up)
         m = self.manifest
         error = self.last_error or self._snapshot_error
         if error is None and self._damaged_blobs:
@@ -756,7 +758,7 @@ class Shipper:
             raise self._start_error
         self._ensure_started()
         m = self.manifest
-        t0, m0 = time.time(), time.monotonic()
+        t0, m0 = time.time(), clock.elapsed()
         self._hold_lease()
         if self._unsaved:  # an earlier round changed the manifest but could not save
             self._save()   # it (its objects are up): save it first, then go on
