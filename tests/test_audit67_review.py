@@ -10,6 +10,12 @@ deleting_now, restore to a time's stamps-going-back refusal, the shipper's lag.
   ran a day ahead followed the same jump again at once once the clock was set right; and
   the correction of a step back was followed at once, so a commit made during the step
   (stamped an hour early) was trimmed a moment old.  The anchor now follows a step back.
+* The shipper's lag_seconds, counted on ``time.monotonic``, left out a suspend the
+  unshipped commit waited through (two hours of sleep: a lag of a second).
+* CommitOutcomeUnknown of a restore point whose fsync failed named transaction -1.
+
+Found right: retention by age with a correct clock; deleting_now under many threads and a
+flipping clock; restore to a time of a busy log with no clock step (never refused, exact).
 
 Real stores, real files, ``file://`` replicas; a clock step is simulated process-wide as
 test_audit67_clock does it (``time.time`` replaced), a suspend likewise with the boot
@@ -28,7 +34,7 @@ import pytest
 import walstore
 from walstore import clock
 
-from test_audit67_clock import _commit, _step_everywhere
+from test_audit67_clock import _REAL_TIME, _commit, _step_everywhere
 
 
 def _suspend(monkeypatch, seconds: float) -> None:
@@ -241,3 +247,33 @@ def test_lag_seconds_counts_a_suspend_the_unshipped_commit_waited_through(
         assert 7200 <= st.lag_seconds <= 7200 + before.lag_seconds + 5, st
     finally:
         s.close()
+
+
+def test_the_deleting_clock_never_follows_a_passing_jump_under_many_threads(monkeypatch):
+    """(Found right.)  Four threads read deleting_now while the clock flips between right,
+    a day ahead and an hour behind: no reading is ever ahead of the real clock (a
+    jump held for less than TRUST_AFTER is never followed), and none fails."""
+    box = _step_everywhere(monkeypatch, 0.0)
+    worst, errors, calls, stop = [0.0], [], [0], threading.Event()
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                got = clock.deleting_now() - _REAL_TIME()
+                worst[0] = max(worst[0], got)
+                calls[0] += 1
+        except Exception as e:  # pragma: no cover (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    until = time.monotonic() + 0.5
+    while time.monotonic() < until:
+        for offset in (86400.0, 0.0, -3600.0, 0.0):
+            box[0] = offset
+            time.sleep(0.001)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and calls[0] > 1000
+    assert worst[0] <= clock._SLACK + 0.1
