@@ -728,9 +728,17 @@ class Saga:
         if owed or files:  # cannot record anything: the intents and file steps stay owed
             # in the log, and the next open's recovery ends this transaction and undoes
             # them (said, never silent)
+            # (an open watch(): its record is in the log, not what the block changed, so
+            # the reopen puts back every difference from the tree as the block began —
+            # a change made there before it, by anyone, too: said, so none is made)
+            watched = sorted({e.ws.root for e in tx.effects
+                              if getattr(e, "blocks_inner_rollback", None)})
+            seen = (f" (a watch() of {', '.join(map(repr, watched))}: every change made "
+                    f"there since the block began, by anyone, is put back then, the versions "
+                    f"found kept aside in the store's quarantine)" if watched else "")
             what = " and ".join(x for x in (
                 f"the compensations of action(s) {owed}" if owed else "",
-                f"the undo of {files} file change(s)" if files else "") if x)
+                f"the undo of {files} file change(s){seen}" if files else "") if x)
             error = StoreClosed if closed else ReadOnlyError
             raise error(f"transaction {tx.id} rolled back, but the store cannot record any "
                         f"more ({problem}): {what} run when the store is reopened"

@@ -1575,14 +1575,21 @@ class Files:
                 self._manifest_digests(digest, m0)  # (what the next gc will ask: ~4 ms
                 # here for a 20,000-file tree, against ~60 ms to load it back then)
                 tx.logged = True
-                ev = self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
-                                                            "manifest": digest,
-                                                            "ts": self.engine.clock()},
-                                           tx.id, durable=True)
+                began: list[OpenWatch] = []
+
+                def known(event) -> None:  # (before the wait for the disk, as an intent:
+                    # an interrupt there, or a failed fsync, left a WATCH_BEGIN the
+                    # rollback did not know; owed in the log, the next open put back every
+                    # difference from m0 — a later commit's files included)
+                    began.append(OpenWatch(ws, m0, digest, event.lsn, tx.id))
+                    tx.note_inner_blocker(began[0])  # (a savepoint taken now is inside it)
+                    tx.effects.append(began[0])
+                self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
+                                                       "manifest": digest,
+                                                       "ts": self.engine.clock()},
+                                      tx.id, durable=True, appended=known)
                 self._manifests[ws.root_b] = m0
-                w = OpenWatch(ws, m0, digest, ev.lsn, tx.id)
-                tx.note_inner_blocker(w)  # (a savepoint taken now is inside it)
-                tx.effects.append(w)
+                w = began[0]
                 self._watching[ws.root_b] = w
             handle = Watch(ws)
             failed = False
