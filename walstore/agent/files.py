@@ -649,9 +649,16 @@ class Files:
             new_ignore = list(probe.ignore.sources) if ignore is not None or row is None \
                 else list(row.get("ignore") or ())
             new_scope = scope if scope is not None or row is None else row.get("scope")
-            self.engine.log_event(_T.WORKSPACE, {"root": real, "ignore": new_ignore,
-                                                 "scope": new_scope, "ts": time.time()},
-                                  durable=True)
+            eng = self.engine
+            event = eng.log_event(_T.WORKSPACE, {"root": real, "ignore": new_ignore,
+                                                 "scope": new_scope, "ts": time.time()})
+            # a failed fsync: the record is written, the next open may find the workspace
+            # registered (or its patterns changed) — unknown, as a commit's (it raised the
+            # log's plain LogFailed, and the reopen found it done: audit 67)
+            eng.pipeline.durable_or_unknown(
+                eng.journal.force_durable, event, -1,
+                f"the registration of workspace {probe.root!r}",
+                "whether it is registered" if row is None else "whether it changed")
             ws = self._registry.get(real)
             if ws is None:
                 ws = Workspace(real, new_ignore, exclude=[self.engine.path], scope=new_scope)
