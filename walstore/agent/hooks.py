@@ -16,6 +16,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import CompensationFailed, StoreClosed, TransactionClosed, WalstoreError
+from ..log.writer import LogFailed
 from ..signals import deferred
 from .actions import Action, ActionScope, Saga, UndoProgress, _body_running
 from .files import (FileConflictError, Files, TxFiles, UndoBatch, abs_display,
@@ -48,6 +49,16 @@ def _raise_unrecorded(unrecorded: list[CompensationFailed]) -> None:
         raise CompensationFailed(f"{first} (also: {ids[len(first.action_ids):]})",
                                  ids) from first.__cause__
     raise first
+
+
+def _restored_unknown(txid: int, n: int) -> LogFailed:
+    """The record of file effects put back (FILE_RESTORED) met a failed fsync: the plain
+    LogFailed ("the unsynced commits are unknown") said nothing of the undo, which is done
+    (audit 67)."""
+    return LogFailed(f"transaction {txid}'s {n} file change(s) were put back, but the fsync "
+                     f"of the record saying so failed: the store is now read-only; the next "
+                     f"open finds them back (a path found as the undo left it is left so, "
+                     f"even when that record was lost)")
 
 
 class AgentHooks:
@@ -269,7 +280,7 @@ class AgentHooks:
                     d, c = progress.recorded, progress.conflicts_recorded  # them again)
                     try:
                         self.files.record(txid, done[d:], conflicts[c:])
-                    except BaseException:
+                    except BaseException as err:
                         if keep is not None:  # (a rollback_to: the transaction keeps them,
                             for eff in done[d:]:  # its rollback records them; FileEffect
                                 eff.put_back = True  # .put_back)
@@ -277,6 +288,8 @@ class AgentHooks:
                             # and those not put back, as below (raised past it, they were
                             # in neither the transaction nor a record: review44)
                             keep.extend(e for e, _x in failed)
+                        if isinstance(err, LogFailed):
+                            raise _restored_unknown(txid, len(done) - d) from err
                         raise
                     progress.recorded, progress.conflicts_recorded = len(done), len(conflicts)
         progress.finished = True
