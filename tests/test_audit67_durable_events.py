@@ -30,7 +30,11 @@ Findings (each fixed, its test below):
 - ``AgentHooks._undo``: a rollback whose files were put back, and the fsync of the
   FILE_RESTORED record saying so failed, raised the plain LogFailed ("the unsynced
   commits are unknown"), the caller's own exception replaced by words about commits:
-  now it says the files were put back and what the next open does.
+  now it says the files were put back and what the next open does;
+- ``Files.log_steps`` (a file operation, a revert's files): the FILE_STEPS record's twin of
+  the watch's: a Ctrl-C in its wait left steps the transaction did not know, owed, and
+  the next open put back their before-images over what it found (a file deleted by hand
+  after the interrupted, never made, delete came back).
 """
 from __future__ import annotations
 
@@ -253,6 +257,31 @@ def test_watch_interrupted_in_its_begin_fsync_never_puts_back_a_later_commit(tmp
             with tx.files(ws).watch():
                 (root / "b.txt").write_text("b\n")
     assert (root / "b.txt").read_text() == "b\n"
+
+
+def test_file_change_interrupted_in_its_steps_fsync_is_not_done_by_the_next_open(tmp_path,
+                                                                                 ctrl_c):
+    """A Ctrl-C while ``f.delete("a.txt")`` waits for its FILE_STEPS record's fsync: the
+    delete is never made, the transaction rolls back.  Before the fix the steps were in
+    the log but in no effect of the transaction: owed, never settled by the rollback, and
+    the next open — after a clean close — put back their before-image: a.txt, deleted by
+    hand since (outside any transaction), was there again, and no conflict was reported."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSync()
+    with installed(fb), pytest.raises(KeyboardInterrupt):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            fb.armed = 1
+            f.delete("a.txt")
+    assert (root / "a.txt").read_text() == "old\n"  # (never deleted: write-ahead)
+    (root / "a.txt").unlink()  # by hand, outside walstore
+    with s.transaction() as tx:
+        tx.put("k", 1)
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert not (root / "a.txt").exists()
+        assert s.get("k") == 1
 
 
 @pytest.mark.parametrize("lose", [False, True], ids=["kept", "lost"])

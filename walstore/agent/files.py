@@ -771,18 +771,25 @@ class Files:
 
     def log_steps(self, tx: "Transaction", ws: Workspace, op: str, steps: list,
                   durable: bool = True, watch: int | None = None,
-                  began_ns: int | None = None) -> FileEffect:
+                  began_ns: int | None = None,
+                  known: Callable[[FileEffect], None] | None = None) -> FileEffect:
         """Log ``steps`` as FILE_STEPS record(s) (the last one ``durable``).  ValueError,
         nothing logged, when a path is too long for the file history's keys (a watch finds
         paths that no call named).  ``began_ns``: a watch's steps, when its block began
         (logged as ``began``: the undo's bound for ignored paths, ``FileEffect.since_ns``);
-        other steps began now (``ts``)."""
+        other steps began now (``ts``).  ``known(effect)``: called as the last record is
+        appended, before the wait for the disk (as an intent's ``appended``): an interrupt
+        in the wait, or a failed fsync, left steps in the log that the transaction did not
+        know — owed, never settled by its rollback, and the next open put back their
+        before-images over what was found (a file the user had deleted by hand since, the
+        delete never made, came back: audit 67)."""
         since_ns = began_ns if began_ns is not None else time.time_ns()
         for c in steps:
             check_length(ws.root_b, c.path)
         self._count_blob_bytes()
         tx.logged = True
-        lsns = []
+        lsns: list[int] = []
+        eff = FileEffect(ws, op, steps, lsns, tx.id, since_ns=since_ns)
         chunks = _step_chunks(steps)
         for i, rows in enumerate(chunks):
             body = {"tx": tx.id, "ws": ws.root_b, "op": op, "steps": rows,
@@ -792,8 +799,16 @@ class Files:
             if began_ns is not None:
                 body["began"] = began_ns
             last = i == len(chunks) - 1
-            ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable and last)
-            lsns.append(ev.lsn)
+            if last and known is not None:
+                def appended(event) -> None:
+                    lsns.append(event.lsn)
+                    known(eff)
+                self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable,
+                                      appended=appended)
+            else:
+                ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id,
+                                           durable=durable and last)
+                lsns.append(ev.lsn)
         # retention moved the horizon since the last blob gc, or enough before-images were
         # written since: collect now, the steps just logged (in the MemTable) keeping
         # their blobs (the checkpoint's own attempt is skipped whenever a file operation
@@ -801,7 +816,7 @@ class Files:
         # rolled-back 1 MiB writes grew files/ by 1 MiB a rollback, 601 MiB after 600)
         if self._blobs is not None and (self._horizon_moved() or self._bytes_due()):
             self.gc()
-        return FileEffect(ws, op, steps, lsns, tx.id, since_ns=since_ns)
+        return eff
 
     def run(self, tx: "Transaction", ws: Workspace, op: str,
             make_plan: Callable[[], list], act: Callable[[], Any]) -> Any:
@@ -855,8 +870,7 @@ class Files:
             if tx.file_reads:  # a path it read and changes now: unchanged since the read?
                 self._check_reads(tx, [(ws.root_b, c.path) for c in steps])
             self._claim(tx, ws, steps)
-            eff = self.log_steps(tx, ws, op, steps)
-            tx.effects.append(eff)
+            eff = self.log_steps(tx, ws, op, steps, known=tx.effects.append)
             try:
                 return act()
             except BaseException:
@@ -1491,8 +1505,7 @@ class Files:
                 for c in strangers:  # (a copy kept aside as well: see _strangers_under)
                     if c.after.is_file or c.after.is_symlink:
                         fapply._save_aside(c.path, c.after, self.blobs, where)
-                eff = self.log_steps(tx, ws, "revert", forward)
-                tx.effects.append(eff)
+                self.log_steps(tx, ws, "revert", forward, known=tx.effects.append)
                 for rel in sorted(specials, key=len, reverse=True):
                     fapply._remove_special(ws, rel, self.durable)
                 conflicts = []
