@@ -34,7 +34,11 @@ Findings (each fixed, its test below):
 - ``Files.log_steps`` (a file operation, a revert's files): the FILE_STEPS record's twin of
   the watch's: a Ctrl-C in its wait left steps the transaction did not know, owed, and
   the next open put back their before-images over what it found (a file deleted by hand
-  after the interrupted, never made, delete came back).
+  after the interrupted, never made, delete came back);
+- ``walstore.open`` (engine and store): the open's own records (the losers' ABORTs) whose
+  fsync failed came out as the log's LogFailed, "the store is now read-only ... (reopen
+  the store)", a ReadOnlyError without errno from an open that returned no store: now a
+  StoreIOError with its errno, as a close's.
 """
 from __future__ import annotations
 
@@ -349,3 +353,46 @@ def test_rollback_whose_files_record_fsync_failed_says_the_files_are_back(tmp_pa
         assert (root / "a.txt").read_text() == "old\n"
         report = s.last_recovery
         assert report is None or not (report.file_conflicts or report.watch_saved), report
+
+
+# ---- the open's own records: the losers' ABORTs, the settle's -----------------------------------
+def test_open_whose_recovery_records_fail_to_sync_is_a_store_io_error_and_settles_once(tmp_path):
+    """A crash leaves a transaction with two charges in flight; the next open fails the
+    WAL's Nth fdatasync (N = 1, 2, ...: the segment's, the losers' ABORTs', the settle's
+    COMPENSATED records').  Before the fix the ABORTs' failed fsync came out of
+    ``walstore.open`` as the log's LogFailed, "the store is now read-only ... (reopen the
+    store)": a ReadOnlyError, no errno, from an open that returned no store.  Now a
+    StoreIOError with its errno, as a close's; and whatever the N, the open after it
+    refunds each charge exactly once, nothing left owed."""
+    seen = set()
+    for nth in range(1, 7):
+        d = tmp_path / f"n{nth}"
+        d.mkdir()
+        args = {"ledger": str(d / "ledger.jsonl"), "calls": str(d / "calls.jsonl"),
+                "amount": 5}
+        s = walstore.open(str(d / "s"), **OPTS)
+        tx = s.transaction().__enter__()
+        keys: list = []
+        charge(tx, args, keys)
+        charge(tx, dict(args, amount=7), keys)
+        s._drop_like_a_crash()
+        fb = FaultBackend()
+        rule = fb.fail("fdatasync", errno.EIO, path="*.wal", nth=nth)
+        try:
+            with installed(fb):
+                walstore.open(s.path, **OPTS).close()
+        except walstore.CompensationFailed as e:  # (a COMPENSATED record's: it says so)
+            assert "whether the outcome of compensation(s)" in str(e)
+            seen.add("compensation")
+        except walstore.StoreIOError as e:
+            assert e.errno == errno.EIO and "opening the store at" in str(e), str(e)
+            assert not isinstance(e, walstore.ReadOnlyError)
+            seen.add("open")
+        assert rule.fired == 1, nth
+        with walstore.open(s.path, **OPTS) as s:
+            assert s.pending_compensations() == []
+            assert sorted(a.state for a in s.actions()) == ["compensated"] * 2
+        for key in keys:
+            assert ws_ledger.count(args["ledger"], "refund", key) == 1, (nth, key)
+        assert ws_ledger.balance(args["ledger"]) == 0
+    assert seen == {"open", "compensation"}

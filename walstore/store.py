@@ -26,6 +26,7 @@ from .errors import (ConflictError, CorruptionError, ReplicationError, StoreClos
 from .options import Options, check_flag
 from .engine.engine import Engine
 from .engine.lmdb_state import StateWriteError
+from .log.writer import LogFailed
 from .engine.tables import row_damaged
 from .engine.transaction import ACTIVE, Transaction, scan_bounds
 from .agent.actions import Action, Saga, check_compensators, never_runs
@@ -229,6 +230,8 @@ class Store:
                 # before-image store's temp directory at the descriptor limit, EMFILE,
                 # escaped raw from walstore.open)
                 raise engine._open_failed(e) from e
+            if isinstance(e, LogFailed):  # (the settle's records: see open_log_failed)
+                raise engine.open_log_failed(e) from e
             raise
         self._pid = _PROCESS[0]
         self._closing: threading.Thread | None = None  # the thread inside close()

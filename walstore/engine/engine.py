@@ -219,6 +219,8 @@ class Engine:
                 raise self.state_io_error(e, f"opening the store at {self.path}",
                                            "nothing was lost: every commit is in the log; "
                                            "open it again once the cause is gone") from e
+            if isinstance(e, LogFailed):
+                raise self.open_log_failed(e) from e
             raise
         if not readonly:
             try:
@@ -257,6 +259,22 @@ class Engine:
                              f"{e.strerror or e}{where}")
         return StoreIOError(e.errno, f"opening the store at {self.path} failed: "
                                      f"{e.strerror or e}", e.filename)
+
+    def open_log_failed(self, e: LogFailed) -> StoreIOError:
+        """The error of an open whose own records (the losers' ABORTs, what its settle
+        recorded: compensations run, files put back) met a failed fsync of the log: a
+        StoreIOError with its errno, as a close's.  It was the log's LogFailed, "the store
+        is now read-only ... (reopen the store)", said of an open that returned no store
+        (a ReadOnlyError: read as a store opened read-only) — audit 67."""
+        cause = e.__cause__ if isinstance(e.__cause__, OSError) else None
+        return StoreIOError(
+            (cause.errno if cause is not None else None) or errno.EIO,
+            f"opening the store at {self.path} failed: an fsync of its log failed "
+            f"({cause.strerror or cause if cause is not None else e}) while recovery "
+            f"recorded what it settled; nothing committed was lost: open it "
+            f"again once the cause is gone, and what was not recorded is settled again then "
+            f"(a compensation with the same idempotency key)",
+            cause.filename if cause is not None else None)
 
     def _is_store_entry(self, filename) -> bool:
         """Is ``filename`` an entry of this store's directory while its ``STORE`` is there
