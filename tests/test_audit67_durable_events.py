@@ -34,7 +34,9 @@ Findings (each fixed, its test below):
 - ``Files.log_steps`` (a file operation, a revert's files): the FILE_STEPS record's twin of
   the watch's: a Ctrl-C in its wait left steps the transaction did not know, owed, and
   the next open put back their before-images over what it found (a file deleted by hand
-  after the interrupted, never made, delete came back);
+  after the interrupted, never made, delete came back); and the WATCH_END's: a Ctrl-C in
+  its wait left the open watch the transaction's effect and its changes' steps in none,
+  undone again by the next open (a file the block had made, made again by hand, deleted);
 - ``walstore.open`` (engine and store): the open's own records (the losers' ABORTs) whose
   fsync failed came out as the log's LogFailed, "the store is now read-only ... (reopen
   the store)", a ReadOnlyError without errno from an open that returned no store: now a
@@ -261,6 +263,33 @@ def test_watch_interrupted_in_its_begin_fsync_never_puts_back_a_later_commit(tmp
             with tx.files(ws).watch():
                 (root / "b.txt").write_text("b\n")
     assert (root / "b.txt").read_text() == "b\n"
+
+
+def test_watch_interrupted_in_its_end_fsync_is_undone_once(tmp_path, ctrl_c):
+    """A Ctrl-C while a watch() block's end waits for its WATCH_END record's fsync: the
+    transaction rolls back and puts the tree back.  Before the fix the open watch was still
+    the transaction's effect, its changes' FILE_STEPS in none: the rollback recorded the
+    begin only, the steps stayed owed, and the next open — after a clean close — undid
+    them again over what it found: new.txt, made again by hand as the block had made it
+    (outside any transaction), was deleted."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSync()
+    with installed(fb), pytest.raises(KeyboardInterrupt):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            fb.armed = 2  # (1: WATCH_BEGIN's, 2: WATCH_END's)
+            with f.watch():
+                (root / "a.txt").write_text("watched\n")
+                (root / "new.txt").write_text("made\n")
+    assert (root / "a.txt").read_text() == "old\n" and not (root / "new.txt").exists()
+    (root / "new.txt").write_text("made\n")  # by hand, outside walstore
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "new.txt").read_text() == "made\n"
+        assert (root / "a.txt").read_text() == "old\n"
+        report = s.last_recovery
+        assert report is None or not report.file_conflicts, report.file_conflicts
 
 
 def test_file_change_interrupted_in_its_steps_fsync_is_not_done_by_the_next_open(tmp_path,

@@ -1677,16 +1677,23 @@ class Files:
             eff = self.log_steps(tx, ws, "watch", forward, durable=False, watch=w.lsn,
                                  began_ns=w.manifest.taken_ns) if forward else None
             self._note_claims(tx, ws.root_b, changes)  # (changed already: claimed, unchecked)
-            self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
-                                                 "begin": w.lsn, "n": len(changes)},
-                                  tx.id, durable=True)
-            i = tx.effects.index(w)
-            if eff is None:
-                del tx.effects[i]
-            else:
+            if eff is not None:
                 eff.specials = _specials_at(ws, m1, changes)
                 eff.began_as = w
-                tx.effects[i] = eff
+
+            def ended(event) -> None:  # (before the wait for the disk, as the begin's: an
+                # interrupt there left the open watch in the transaction, its changes'
+                # steps in none — the rollback put the tree back and recorded the begin
+                # only, and the next open undid the steps again, over what it found: a
+                # file made anew since, by hand, as the block had made it, was deleted)
+                i = tx.effects.index(w)
+                if eff is None:
+                    del tx.effects[i]
+                else:
+                    tx.effects[i] = eff
+            self.engine.log_event(_T.WATCH_END, {"tx": tx.id, "ws": ws.root_b,
+                                                 "begin": w.lsn, "n": len(changes)},
+                                  tx.id, durable=True, appended=ended)
             self._manifests[ws.root_b] = m1
             handle.changes = changes
 
