@@ -407,8 +407,8 @@ class Undo:
                 new = [i for i in later if i.txid not in undo]
                 if new and not cascade:
                     ids = sorted({i.txid for i in later}, reverse=True)
-                    undone = sorted(self.engine.views.undoers_of(target.txid, target.extra))
-                    if set(ids) <= set(undone):
+                    undone = self._undone_already(target, later, walk)
+                    if undone:
                         # (its only later writers are the undos of it: a revert run again
                         # — after a kill, a lost output — was told "later transactions
                         # [13] changed the same keys (use --cascade)", 13 being its own
@@ -552,6 +552,26 @@ class Undo:
         return snap
 
     # ---- planning -----------------------------------------------------------------------
+    def _undone_already(self, target: TxnInfo, later: list[TxnInfo], walk: "_LaterWalk"
+                        ) -> list[int]:
+        """The undos that took ``target`` back wholly (unscoped, or scoped around all of
+        it), when its later writers are those undos and what they took back with it (a
+        rewind, a cascade: a later W too); else [] (then it stands, or stands in part).
+        (A scoped undo's alone made a revert of a transaction that wrote outside the
+        scope say "undone already ... nothing is left to revert", its keys outside
+        still standing; one that undid W with it was told "use cascade": audit67 review.)"""
+        views = self.engine.views
+        undos = views.undoers_of(target.txid, target.extra)
+        whole = set()
+        for txid in undos:
+            u = walk.info(txid, self.history.txn_info)
+            if u.scope is None or self._wholly_in(target, ScopeRange(u.scope)):
+                whole.add(txid)
+        if not whole or not all(i.txid in undos or views.undoers_of(i.txid, i.extra) & whole
+                                for i in later):
+            return []
+        return sorted(whole)
+
     def _later_writers(self, info: TxnInfo, scope: Any, walk: "_LaterWalk") -> list[TxnInfo]:
         """Transactions after ``info``, up to ``walk``'s snapshot, that wrote one of its
         keys (in the scope).  A key's history already walked from an earlier LSN is not
