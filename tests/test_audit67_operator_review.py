@@ -10,8 +10,14 @@ Findings (each test's docstring says what was seen before its fix):
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
+from store_support import ctrl_c_reaches_it
+from test_audit67_operator import HANDLERS, _env, assert_agree, charged_store, cli
 from walstore.errors import RevertConflict
 
 
@@ -76,3 +82,45 @@ def test_a_revert_of_a_reverted_revert_is_not_undone_already(store):
     with pytest.raises(RevertConflict) as e:
         store.revert(t)
     assert "undone already" not in str(e.value), e.value
+
+
+# The CLI, sent SIGINT (Ctrl-C) at its first LMDB write made by Store.close() once the
+# GID was decided: the command's store closing, its answer not printed yet.
+INTERRUPTED_AS_IT_CLOSES = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+class CtrlC(fileio.OSBackend):
+    decided = sent = False
+    def fault_point(self, name):
+        self.decided = self.decided or name == "rollback_prepared.decided"
+    def lmdb_io(self, op, path):
+        f = sys._getframe()
+        while f is not None and not (f.f_code.co_name == "close"
+                                     and f.f_code.co_filename.endswith("store.py")):
+            f = f.f_back
+        if self.decided and not self.sent and f is not None:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+fileio.set_backend(CtrlC())
+main(sys.argv[1:])
+"""
+
+
+def test_a_rollback_prepared_interrupted_as_it_closes_says_what_is_owed(tmp_path):
+    """`rollback-prepared` without --handlers leaves the refund owed (its answer lists it,
+    exit 1).  A Ctrl-C as its store closed, the rollback decided, said only "rolled
+    back g1, then was interrupted (Ctrl-C)": the refund owed unsaid, as the interrupt
+    inside the rollback says it.  It says 1 compensation is owed and how to run it."""
+    path, ledger, acked = charged_store(tmp_path, 2, "prepare")
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_AS_IT_CLOSES, "rollback-prepared",
+                        path, "g1"], capture_output=True, text=True, env=_env(), timeout=60,
+                       preexec_fn=ctrl_c_reaches_it)
+    assert r.returncode == 130, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"walstore: rollback-prepared: rolled back g1, then was interrupted (Ctrl-C); 1 "
+        f"compensation(s) not run yet are owed: `walstore recover {path} --handlers "
+        f"MODULE` runs them"), r.stderr
+    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
+    assert rec.returncode == 0 and json.loads(rec.stdout)["compensated"] == ["3.1"], rec
+    assert_agree(path, ledger, acked)

@@ -148,10 +148,17 @@ def _interrupted_once_decided(store: walstore.Store, path: str, gid: str, txids:
     if undecided:
         raise  # (the Ctrl-C being handled, as it came)
     command = click.get_current_context().info_name
-    tail = (f"; {len(owed)} compensation(s) not run yet are owed: `walstore recover "
-            f"{command_word(path)} --handlers MODULE` runs them" if owed else "")
-    fail(f"{command}: {decided} {show_gid(gid)}, then was interrupted (Ctrl-C){tail}",
-         EXIT_INTERRUPTED, "KeyboardInterrupt")
+    fail(f"{command}: {decided} {show_gid(gid)}, then was interrupted (Ctrl-C)"
+         f"{_owed_tail(path, owed)}", EXIT_INTERRUPTED, "KeyboardInterrupt")
+
+
+def _owed_tail(path: str, owed: list | None) -> str:
+    """What the interrupt line adds of the compensations left owed (None: not known)."""
+    if owed == []:
+        return ""
+    return (f"; {len(owed)} compensation(s) not run yet are owed" if owed else
+            "; compensations not run yet may be owed") + \
+        f": `walstore recover {command_word(path)} --handlers MODULE` runs them"
 
 
 @main.command("rollback-prepared")
@@ -172,6 +179,7 @@ def rollback_prepared(path: str, gid: str, handlers: str | None, force: bool) ->
         _refuse(gid, e)
     _group_guard(path, gid, force)
     decided = False  # (a Ctrl-C after it, the store closing: said as decided)
+    owed: list | None = None
     try:
         with open_store(path, compensators=comps) as store:
             try:  # (its own row: listing every prepared one to find it cost N per call)
@@ -194,8 +202,10 @@ def rollback_prepared(path: str, gid: str, handlers: str | None, force: bool) ->
     except KeyboardInterrupt:
         if not decided:
             raise
-        fail(f"rollback-prepared: rolled back {show_gid(gid)}, then was interrupted (Ctrl-C)",
-             EXIT_INTERRUPTED, "KeyboardInterrupt")
+        # (with what is owed: "rolled back, then was interrupted" alone left the refunds
+        # it listed unsaid when the Ctrl-C came as the store closed: audit67 review)
+        fail(f"rollback-prepared: rolled back {show_gid(gid)}, then was interrupted (Ctrl-C)"
+             f"{_owed_tail(path, owed)}", EXIT_INTERRUPTED, "KeyboardInterrupt")
     if owed:  # (before printing: see note_problem)
         note_problem()
     click.echo(f"rolled back {show_gid(gid)}")
