@@ -124,3 +124,40 @@ def test_a_rollback_prepared_interrupted_as_it_closes_says_what_is_owed(tmp_path
     rec = cli("recover", path, "--handlers", HANDLERS, "--json")
     assert rec.returncode == 0 and json.loads(rec.stdout)["compensated"] == ["3.1"], rec
     assert_agree(path, ledger, acked)
+
+
+# The CLI, sent SIGINT (Ctrl-C) as the backup moves its complete copy up into DEST (a
+# mount point's root: staged inside it), at the first entry moved.
+INTERRUPTED_MOVING_UP = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+dest = os.path.abspath(sys.argv[3])
+class CtrlC(fileio.OSBackend):
+    sent = False
+    def rename(self, src, dst):
+        super().rename(src, dst)
+        if not self.sent and os.path.dirname(os.path.abspath(dst)) == dest:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+fileio.set_backend(CtrlC())
+main(sys.argv[1:])
+"""
+
+
+def test_a_backup_into_a_mount_point_interrupted_moving_up_leaves_dest_whole_or_empty(
+        tmp_path, mount_tmpfs):
+    """Ctrl-C as a backup into an empty mount point moved its copy up (entry by entry,
+    STORE last) left DEST holding some of the copy and no STORE: "backup interrupted
+    (Ctrl-C)" (docs/CLI.md: DEST stays as it was), and the backup run again refused
+    DEST as not empty.  The move is one step, as the rename beside it is (c20c4bf): the
+    Ctrl-C lands after it, DEST holds the backup and the line says so."""
+    path, ledger, acked = charged_store(tmp_path)
+    dest = str(mount_tmpfs("64m"))
+    r = subprocess.run([sys.executable, "-c", INTERRUPTED_MOVING_UP, "backup", path, dest],
+                       capture_output=True, text=True, env=_env(), timeout=60,
+                       preexec_fn=ctrl_c_reaches_it)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip() == (f"walstore: backup interrupted (Ctrl-C) once its copy was "
+                                f"complete: {dest} holds the backup"), r.stderr
+    assert_agree(dest, ledger, acked)

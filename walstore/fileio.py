@@ -391,8 +391,12 @@ def move_up(stage: str, dest: str, taken) -> None:
     leaves one that open refuses), then remove the empty ``stage``, durably.  Under an
     exclusive lock of ``dest`` (flock): of two copies racing into it, the second finds
     the first's entries and raises ``taken()`` (what its rename over ``dest`` would
-    have met), moving nothing."""
+    have met), moving nothing.  One step for a Ctrl-C (signals held off: it lands after):
+    one between two moves left ``dest`` holding part of the copy and no ``STORE`` — the
+    command said it was interrupted, and the next copy refused ``dest`` as not empty
+    (audit67 review)."""
     import fcntl
+    from .signals import deferred
     fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -400,11 +404,12 @@ def move_up(stage: str, dest: str, taken) -> None:
         if [n for n in os.listdir(dest) if n != stage_name]:
             raise taken()
         names = sorted(os.listdir(stage), key=lambda n: n == "STORE")
-        for name in names:
-            if name == "STORE":  # (everything else durable in ``dest`` before it)
-                fsync_dir(dest)
-            rename(os.path.join(stage, name), os.path.join(dest, name))
-        os.rmdir(stage)
-        fsync_dir(dest)
+        with deferred():
+            for name in names:
+                if name == "STORE":  # (everything else durable in ``dest`` before it)
+                    fsync_dir(dest)
+                rename(os.path.join(stage, name), os.path.join(dest, name))
+            os.rmdir(stage)
+            fsync_dir(dest)
     finally:
         os.close(fd)  # (the lock goes with it)
