@@ -11,13 +11,17 @@ Findings (each test's docstring says what was seen before its fix):
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from store_support import ctrl_c_reaches_it
-from test_audit67_operator import HANDLERS, _env, assert_agree, charged_store, cli
+import walstore
+from store_support import ctrl_c_reaches_it, files_with
+from test_audit67_operator import (HANDLERS, PURGE_KILLED_AFTER_COMMIT, _env, assert_agree,
+                                   charged_store, cli)
 from walstore.errors import RevertConflict
 
 
@@ -161,3 +165,93 @@ def test_a_backup_into_a_mount_point_interrupted_moving_up_leaves_dest_whole_or_
     assert r.stderr.strip() == (f"walstore: backup interrupted (Ctrl-C) once its copy was "
                                 f"complete: {dest} holds the backup"), r.stderr
     assert_agree(dest, ledger, acked)
+
+
+def test_a_backup_that_finished_a_purges_erasure_holds_no_spare_segment(tmp_path):
+    """A backup made while a purge's erasure was owed finishes it in its staged copy by
+    opening it (510ac4e): that open's background spare segment (wal/spare.tmp, 16 MiB of
+    zeros by default) went into the backup — 16 MiB more than the source's copy holds,
+    in every such backup (a backup never held one before).  It is left out; the copy
+    opens and verifies as before, and its first writable open makes its own."""
+    path, ledger, acked = charged_store(tmp_path)
+    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT, path],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert w.returncode == -signal.SIGKILL, w.stderr
+    dest = str(tmp_path / "bk")
+    r = cli("backup", path, dest, "--json")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert sorted(os.listdir(os.path.join(dest, "wal"))) == [
+        n for n in sorted(os.listdir(os.path.join(dest, "wal"))) if n.endswith(".wal")]
+    assert files_with(dest, b"ev/ws-") == []
+    v = cli("verify", dest, "--json")
+    assert v.returncode == 0 and json.loads(v.stdout)["ok"], (v.stdout, v.stderr)
+    with walstore.open(dest) as c:
+        assert list(c.scan(prefix="ev/")) == []
+        assert set(acked) <= {i.txid for i in c.log(limit=None)}
+
+
+# A writer that holds secret keys, then purges them (erasure and all) when told to, and
+# stays alive until told to close.
+PURGE_WHEN_TOLD = r"""
+import os, sys, time, walstore
+path, gate = sys.argv[1], sys.argv[2]
+with walstore.open(path) as s:
+    for i in range(3):
+        with s.transaction() as tx:
+            tx.put(f"sec/{i}", "secret-%d" % i)
+    with s.transaction() as tx:
+        tx.put("keep", 1)
+    print("READY", flush=True)
+    while not os.path.exists(gate + ".purge"):
+        time.sleep(0.01)
+    s.purge("sec/")
+    open(gate + ".purged", "w").close()
+    while not os.path.exists(gate + ".end"):
+        time.sleep(0.01)
+"""
+
+# The CLI, its backup letting that writer purge once it holds the WAL segments and before
+# it takes LMDB's snapshot: the whole erasure falls between the two.
+PURGED_BETWEEN_HOLD_AND_SNAPSHOT = r"""
+import os, sys, time
+from walstore import fileio
+from walstore.cli import main
+gate = sys.argv[1]
+class PurgeNow(fileio.OSBackend):
+    done = False
+    def fault_point(self, name):
+        if name == "backup.segments_held" and not self.done:
+            self.done = True
+            open(gate + ".purge", "w").close()
+            while not os.path.exists(gate + ".purged"):
+                time.sleep(0.01)
+fileio.set_backend(PurgeNow())
+main(sys.argv[2:])
+"""
+
+
+def test_a_purge_erased_between_the_backups_hold_and_snapshot_leaves_none_in_it(tmp_path):
+    """Found right.  The backup holds the WAL segments (the purged keys' bytes among
+    them), then a live writer's purge runs its whole erasure (new segment, old ones
+    removed, LMDB compacted, the erasure no longer owed), then the snapshot: the purge's
+    COMMIT lies below the snapshot's LSN, so the copied log's check (``item.lsn >=
+    applied``) does not count it — yet the copy holds none of the purged bytes: the
+    backup's LMDB handle is the one opened before the compaction's swap, which still
+    owes the erasure, and the staged copy finishes it."""
+    path, gate = str(tmp_path / "s"), str(tmp_path / "gate")
+    w = subprocess.Popen([sys.executable, "-c", PURGE_WHEN_TOLD, path, gate],
+                         stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert w.stdout.readline().strip() == "READY"
+        dest = str(tmp_path / "bk")
+        r = subprocess.run([sys.executable, "-c", PURGED_BETWEEN_HOLD_AND_SNAPSHOT, gate,
+                            "backup", path, dest, "--json"], capture_output=True, text=True,
+                           env=_env(), timeout=60)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert os.path.exists(gate + ".purged")
+    finally:
+        open(gate + ".end", "w").close()
+        assert w.wait(timeout=60) == 0
+    assert files_with(dest, b"secret-") == []
+    with walstore.open(dest, readonly=True) as c:
+        assert dict(c.scan()) == {"keep": 1}

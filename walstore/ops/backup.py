@@ -75,7 +75,7 @@ from ..engine.lmdb_state import LmdbState
 from ..agent.files import GC_LOCK
 from ..files.blobs import BlobStore
 from ..log.reader import LogEvent, LogReader, damage_that_stays
-from ..log.segment import list_segments
+from ..log.segment import SPARE_NAME, list_segments
 from ..log.format import SEAL_RECORD_SIZE, RecordType
 from ..signals import deferred
 
@@ -290,6 +290,7 @@ def _attempt(layout: Layout, store_id: bytes, state: LmdbState, dest: str, progr
                 raise
             raise _writing_dest("the backup's directory", out.root, e) from e
         _hold(layout.wal, held, before_snapshot=True)
+        fileio.fault_point("backup.segments_held")  # (a checkpoint, a purge may go now)
         raced = False
         with state.read() as txn:  # LMDB's snapshot (and no map resize meanwhile)
             # every segment that exists at the snapshot is held now: those of the first
@@ -529,6 +530,12 @@ def _finish_erasure(stage: str) -> None:
     from ..store import Store
     with Store(stage, durability="full") as store:
         store.checkpoint()
+    # (and not the spare segment that open prepared: 16 MiB of zeros by default in every
+    # such backup, which never held one — DEST's first writable open makes its own)
+    wal = os.path.join(stage, "wal")
+    fileio.remove_quietly(os.path.join(wal, SPARE_NAME))
+    with _writing("the backup's WAL directory", wal):
+        fileio.fsync_dir(wal)
 
 
 def _fsync_file(path: str, what: str) -> None:
