@@ -21,7 +21,7 @@ import pytest
 import walstore
 from store_support import ctrl_c_reaches_it, files_with
 from test_audit67_operator import (HANDLERS, PURGE_KILLED_AFTER_COMMIT, _env, assert_agree,
-                                   charged_store, cli)
+                                   charged_store, cli, ws_ledger)
 from walstore.errors import RevertConflict
 
 
@@ -255,3 +255,101 @@ def test_a_purge_erased_between_the_backups_hold_and_snapshot_leaves_none_in_it(
     assert files_with(dest, b"secret-") == []
     with walstore.open(dest, readonly=True) as c:
         assert dict(c.scan()) == {"keep": 1}
+
+
+# A live writer: a charge and a file write in a transaction still open (thread T), a
+# watch() still open with a file changed under it (thread W), and a purge whose COMMIT
+# is durable, held there (the erasure owed) until the gate opens; then all commit.
+BUSY_WRITER = r"""
+import os, sys, threading, time, walstore, ws_ledger
+from walstore import fileio
+path, ledger, root, root2, gate = sys.argv[1:6]
+def wait_gate():
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+class HoldPurge(fileio.OSBackend):
+    armed = False
+    def fault_point(self, name):
+        if (self.armed and name == "commit.after_durable"
+                and threading.current_thread() is threading.main_thread()):
+            self.armed = False
+            print("PURGED", flush=True)
+            wait_gate()
+backend = HoldPurge()
+fileio.set_backend(backend)
+def refund(a):
+    ws_ledger.refund(a.args["ledger"], a.key)
+s = walstore.open(path, compensators={"refund": refund})
+ws, ws2 = s.workspace(root), s.workspace(root2)
+with s.transaction() as tx:
+    tx.files(ws).write("a.txt", "v1\n")
+for i in range(3):
+    with s.transaction() as tx:
+        tx.put(f"sec/{i}", "secret-%d" % i)
+started = [threading.Event(), threading.Event()]
+def charge():
+    with s.transaction() as tx:
+        with tx.action("charge", args={"ledger": ledger, "amount": 7},
+                       compensate="refund") as a:
+            a.result = ws_ledger.charge(ledger, a.key, 7)
+        tx.files(ws).write("a.txt", "T\n")
+        started[0].set()
+        wait_gate()
+def watch():
+    with s.transaction() as tx:
+        with tx.files(ws2).watch():
+            with open(os.path.join(root2, "w.txt"), "w") as f:
+                f.write("W\n")
+            started[1].set()
+            wait_gate()
+threads = [threading.Thread(target=charge), threading.Thread(target=watch)]
+for t, e in zip(threads, started):
+    t.start()
+    e.wait()
+backend.armed = True
+s.purge("sec/")
+for t in threads:
+    t.join()
+s.close()
+"""
+
+
+def _tree(*roots: str) -> dict:
+    return {os.path.join(d, n): open(os.path.join(d, n), "rb").read()
+            for r in roots for d, _sub, names in os.walk(r) for n in names}
+
+
+def test_a_backup_finishing_an_erasure_never_touches_the_sources_files_or_ledger(tmp_path):
+    """Found right.  The backup opens its staged copy writable when a purge's erasure is
+    owed (510ac4e); the copy's workspaces are the source's real directories and its
+    in-flight transactions the source's live ones.  With a charge and a file write in
+    flight, a watch() open over a changed file and a purge durable but not erased, the
+    backup changes no file of the source's workspaces and refunds nothing; the source's
+    transactions then commit (one charge, no refund, its files as written) and the copy
+    holds the charge as a held debt that its first open with the compensator leaves."""
+    path, ledger = str(tmp_path / "s"), str(tmp_path / "ledger")
+    root, root2, gate = (str(tmp_path / n) for n in ("root", "root2", "gate"))
+    os.makedirs(root)
+    os.makedirs(root2)
+    w = subprocess.Popen([sys.executable, "-c", BUSY_WRITER, path, ledger, root, root2, gate],
+                         stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert w.stdout.readline().strip() == "PURGED"
+        before, charges = _tree(root, root2), ws_ledger.records(ledger)
+        assert before == {os.path.join(root, "a.txt"): b"T\n",
+                          os.path.join(root2, "w.txt"): b"W\n"} and len(charges) == 1
+        dest = str(tmp_path / "bk")
+        r = cli("backup", path, dest, "--json")
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert _tree(root, root2) == before and ws_ledger.records(ledger) == charges
+    finally:
+        open(gate, "w").close()
+        assert w.wait(timeout=60) == 0
+    assert _tree(root, root2) == before and ws_ledger.records(ledger) == charges
+    assert files_with(dest, b"secret-") == []
+    refunds = []
+    with walstore.open(dest, compensators={"refund": refunds.append}) as c:
+        (a,) = c.actions()
+        assert (a.key, a.state, a.held) == (charges[0]["key"], "pending", True)
+        assert "sec/0" not in dict(c.scan())
+    assert refunds == [] and _tree(root, root2) == before
