@@ -6,7 +6,16 @@ Findings (each test's docstring says what was seen before its fix):
   had taken back only in part (its keys outside the scope still stood): the operator
   was told there was nothing left to revert;
 - and it was not said after a rewind, or a cascade revert, that undid the transaction
-  together with a later one: the old advice ("use cascade=True") came back.
+  together with a later one: the old advice ("use cascade=True") came back;
+- `rollback-prepared` interrupted as its store closed did not say the compensations it
+  left owed;
+- a backup into a mount point interrupted while moving its copy up left DEST half
+  filled, said interrupted, and the next backup refused DEST;
+- a backup that finished a purge's erasure in its staged copy shipped that open's
+  16 MiB spare segment.
+Found right: the staged copy's writable open touches none of the source's workspace
+files nor its ledger, and a purge erased between the backup's hold and its snapshot
+leaves none of its bytes in the copy.
 """
 from __future__ import annotations
 
