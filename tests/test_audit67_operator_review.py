@@ -362,3 +362,26 @@ def test_a_backup_finishing_an_erasure_never_touches_the_sources_files_or_ledger
         assert (a.key, a.state, a.held) == (charges[0]["key"], "pending", True)
         assert "sec/0" not in dict(c.scan())
     assert refunds == [] and _tree(root, root2) == before
+
+
+def test_a_backup_finishing_an_erasure_keeps_the_sources_in_doubt_charge_held(tmp_path):
+    """Found right.  A charge prepared (g1, in doubt) in the source, then a purge killed
+    after its commit: the backup opens its staged copy to erase; g1 stays in doubt in
+    DEST, and rolling it back there (with the compensator given) holds the refund as
+    the source's debt, never runs it."""
+    path, ledger, acked = charged_store(tmp_path, 2, "prepare")
+    s = walstore.open(path)
+    with s.transaction() as tx:
+        tx.put("sec/x", "secret-x")
+    s.close()
+    w = subprocess.run([sys.executable, "-c", PURGE_KILLED_AFTER_COMMIT.replace(
+        's.purge("ev/")', 's.purge("sec/")'), path], capture_output=True, text=True,
+        env=_env(), timeout=60)
+    assert w.returncode == -signal.SIGKILL, w.stderr
+    dest = str(tmp_path / "bk")
+    r = cli("backup", path, dest)
+    assert r.returncode == 0, r.stderr
+    assert files_with(dest, b"secret-x") == []
+    rb = cli("rollback-prepared", dest, "g1", "--handlers", HANDLERS)
+    assert rb.returncode == 1 and "held compensations" in rb.stdout, (rb.stdout, rb.stderr)
+    assert [r["op"] for r in ws_ledger.records(ledger)] == ["charge"] * 3
