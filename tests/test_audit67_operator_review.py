@@ -8,7 +8,8 @@ Findings (each test's docstring says what was seen before its fix):
 - and it was not said after a rewind, or a cascade revert, that undid the transaction
   together with a later one: the old advice ("use cascade=True") came back;
 - `rollback-prepared` interrupted as its store closed did not say the compensations it
-  left owed;
+  left owed; in a copy, interrupted once decided, it named `walstore recover` as running
+  the refunds it holds (never run there);
 - a backup into a mount point interrupted while moving its copy up left DEST half
   filled, said interrupted, and the next backup refused DEST;
 - a backup that finished a purge's erasure in its staged copy shipped that open's
@@ -384,4 +385,25 @@ def test_a_backup_finishing_an_erasure_keeps_the_sources_in_doubt_charge_held(tm
     assert files_with(dest, b"secret-x") == []
     rb = cli("rollback-prepared", dest, "g1", "--handlers", HANDLERS)
     assert rb.returncode == 1 and "held compensations" in rb.stdout, (rb.stdout, rb.stderr)
+    assert [r["op"] for r in ws_ledger.records(ledger)] == ["charge"] * 3
+
+
+def test_a_rollback_prepared_of_a_copys_inherited_gid_interrupted_names_no_recover(tmp_path):
+    """In a backup, g1 was prepared in the source: rolling it back holds its refund
+    (never run here; `walstore resolve` once handled where it ran).  A Ctrl-C once it
+    was decided said "1 compensation(s) not run yet are owed: `walstore recover DEST
+    --handlers MODULE` runs them" — that recover runs none (it lists the refund held).
+    It says the refund is held and never run here."""
+    path, ledger, acked = charged_store(tmp_path, 2, "prepare")
+    dest = str(tmp_path / "bk")
+    assert cli("backup", path, dest).returncode == 0
+    r = cli("rollback-prepared", dest, "g1", "--handlers", HANDLERS,
+            killed_at="rollback_prepared.decided", sig="SIGINT")
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip().splitlines()[-1] == (
+        "walstore: rollback-prepared: rolled back g1, then was interrupted (Ctrl-C); 1 held "
+        "compensation(s), owed in the source store when it was copied, are never run here "
+        "(`walstore resolve` once handled where they ran)"), r.stderr
+    rec = cli("recover", dest, "--handlers", HANDLERS, "--json")
+    assert json.loads(rec.stdout)["compensated"] == [], rec.stdout
     assert [r["op"] for r in ws_ledger.records(ledger)] == ["charge"] * 3

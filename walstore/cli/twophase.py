@@ -153,12 +153,22 @@ def _interrupted_once_decided(store: walstore.Store, path: str, gid: str, txids:
 
 
 def _owed_tail(path: str, owed: list | None) -> str:
-    """What the interrupt line adds of the compensations left owed (None: not known)."""
+    """What the interrupt line adds of the compensations left owed (None: not known).
+    A copy's held ones (owed in its source) are never run here: `recover` was named as
+    running them (audit67 review), as ``owed_header`` says of them."""
     if owed == []:
         return ""
-    return (f"; {len(owed)} compensation(s) not run yet are owed" if owed else
-            "; compensations not run yet may be owed") + \
-        f": `walstore recover {command_word(path)} --handlers MODULE` runs them"
+    run = [a for a in owed or () if not a.held]
+    held = len(owed or ()) - len(run)
+    tail = (f"; {len(run)} compensation(s) not run yet are owed" if run else
+            "" if held else "; compensations not run yet may be owed")
+    if run or not held:
+        tail += f": `walstore recover {command_word(path)} --handlers MODULE` runs them"
+    if held:
+        tail += (f"; {held} held compensation(s), owed in the source store when it was "
+                 f"copied, are never run here (`walstore resolve` once handled where "
+                 f"they ran)")
+    return tail
 
 
 @main.command("rollback-prepared")
