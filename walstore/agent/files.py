@@ -243,9 +243,15 @@ class OpenWatch:
                                   "what they changed before it); roll back to a savepoint "
                                   "taken before the watch began or after it ended")
 
+    # the FILE_STEPS records of the block's changes, once the first is appended (the
+    # list ``log_steps`` fills): settled with the begin by a rollback before the WATCH_END
+    # swapped them in — an interrupt between the two left them owed, undone again by the
+    # next open over what it found (audit 67)
+    ended_lsns: list = field(default_factory=list)
+
     @property
     def lsns(self) -> list[int]:
-        return [self.lsn]
+        return [self.lsn, *self.ended_lsns]
 
 
 @dataclass
@@ -777,10 +783,10 @@ class Files:
         nothing logged, when a path is too long for the file history's keys (a watch finds
         paths that no call named).  ``began_ns``: a watch's steps, when its block began
         (logged as ``began``: the undo's bound for ignored paths, ``FileEffect.since_ns``);
-        other steps began now (``ts``).  ``known(effect)``: called as the last record is
-        appended, before the wait for the disk (as an intent's ``appended``): an interrupt
-        in the wait, or a failed fsync, left steps in the log that the transaction did not
-        know — owed, never settled by its rollback, and the next open put back their
+        other steps began now (``ts``).  ``known(effect)``: called as the first record is
+        appended (its LSNs grow with the others'), before the wait for the disk (as an
+        intent's ``appended``): an interrupt in the wait, or a failed fsync, left steps in
+        the log that the transaction did not know — owed, never settled by its rollback, and the next open put back their
         before-images over what was found (a file the user had deleted by hand since, the
         delete never made, came back: audit 67)."""
         since_ns = began_ns if began_ns is not None else time.time_ns()
@@ -790,6 +796,13 @@ class Files:
         tx.logged = True
         lsns: list[int] = []
         eff = FileEffect(ws, op, steps, lsns, tx.id, since_ns=since_ns)
+
+        def appended(event) -> None:  # (``known`` at the FIRST record: an interrupt
+            # between two records of a big operation left the first in the log, in no
+            # effect — owed, as above; the effect's LSNs grow with the records after it)
+            lsns.append(event.lsn)
+            if len(lsns) == 1:
+                known(eff)
         chunks = _step_chunks(steps)
         for i, rows in enumerate(chunks):
             body = {"tx": tx.id, "ws": ws.root_b, "op": op, "steps": rows,
@@ -799,11 +812,8 @@ class Files:
             if began_ns is not None:
                 body["began"] = began_ns
             last = i == len(chunks) - 1
-            if last and known is not None:
-                def appended(event) -> None:
-                    lsns.append(event.lsn)
-                    known(eff)
-                self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable,
+            if known is not None:
+                self.engine.log_event(_T.FILE_STEPS, body, tx.id, durable=durable and last,
                                       appended=appended)
             else:
                 ev = self.engine.log_event(_T.FILE_STEPS, body, tx.id,
@@ -1675,7 +1685,9 @@ class Files:
             except ConflictError as e:
                 self._put_back_claimed_watch(tx, w, m1, changes, e)
             eff = self.log_steps(tx, ws, "watch", forward, durable=False, watch=w.lsn,
-                                 began_ns=w.manifest.taken_ns) if forward else None
+                                 began_ns=w.manifest.taken_ns,
+                                 known=lambda e: setattr(w, "ended_lsns", e.lsns)
+                                 ) if forward else None
             self._note_claims(tx, ws.root_b, changes)  # (changed already: claimed, unchecked)
             if eff is not None:
                 eff.specials = _specials_at(ws, m1, changes)

@@ -1,0 +1,97 @@
+"""Audit 67, review of the reversible files' records joining the transaction as they are
+appended (``log_event(appended=...)``, ``log_steps(known=...)``: d3999bb, 07a781d, 2bae2ce).
+
+Findings (each fixed, its test below):
+
+- ``Files._end_watch``: the watch's changes are logged (FILE_STEPS, not durable) before the
+  WATCH_END whose ``appended`` swaps them into the transaction; a Ctrl-C landing between
+  the two (here: a real SIGINT during the WAL write of the steps' record, held off by
+  ``walstore.signals`` to the end of the append) left the open watch the transaction's
+  effect and the steps in none — the window 2bae2ce closed for the WATCH_END's wait, one
+  record earlier: the rollback put the tree back and recorded the begin only, the steps
+  stayed owed, and the next open undid them again over what it found (new.txt, made again
+  by hand as the block had made it, deleted).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import walstore
+from tests.test_audit67_durable_events import OPTS, ctrl_c, workspace_with  # noqa: F401
+from tools.faults import FaultBackend, installed
+
+
+class CtrlCInWalWrite(FaultBackend):
+    """A real SIGINT sent during the WAL's ``armed``-th record write from now (a pwrite of
+    a ``.wal`` file): walstore holds it off to the end of the append's section."""
+
+    armed = 0
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        n = super().pwrite(fd, data, offset)
+        if self.armed and (self.path_of(fd) or "").endswith(".wal"):
+            self.armed -= 1
+            if not self.armed:
+                os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+
+def test_watch_interrupted_between_its_steps_and_its_end_is_undone_once(tmp_path, ctrl_c):
+    """A Ctrl-C right after the watch's FILE_STEPS record is appended, before its WATCH_END:
+    the transaction rolls back and puts the tree back.  Before the fix the steps' record
+    was in no effect of the transaction (the open watch's LSNs are its begin's): the
+    rollback recorded the begin only, the steps stayed owed, and the next open — after a
+    clean close — undid them over what it found: new.txt, made again by hand as the block
+    had made it, was deleted."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCInWalWrite()
+    with installed(fb), pytest.raises(KeyboardInterrupt):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            with f.watch():
+                (root / "a.txt").write_text("watched\n")
+                (root / "new.txt").write_text("made\n")
+                fb.armed = 1  # (the block's end: its FILE_STEPS record, then WATCH_END)
+    assert (root / "a.txt").read_text() == "old\n" and not (root / "new.txt").exists()
+    (root / "new.txt").write_text("made\n")  # by hand, outside walstore
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "new.txt").read_text() == "made\n"
+        assert (root / "a.txt").read_text() == "old\n"
+        report = s.last_recovery
+        assert report is None or not report.file_conflicts, report.file_conflicts
+
+
+def test_big_file_change_interrupted_between_its_records_is_not_done_by_the_next_open(
+        tmp_path, ctrl_c, monkeypatch):
+    """An rmtree whose steps take several FILE_STEPS records (STEP_CHUNK steps each: 4,000;
+    1 here), a Ctrl-C landing after the first is appended.  The rmtree is never made
+    (write-ahead) and the transaction rolls back.  Before the fix the transaction learnt
+    of the effect at its LAST record only: the first was owed in the log, never settled,
+    and the next open — after a clean close — put back its before-image over what it
+    found: d/x.txt, deleted by hand since, outside any transaction, was there again."""
+    import walstore.agent.files as agent_files
+    monkeypatch.setattr(agent_files, "STEP_CHUNK", 1)
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    (root / "d").mkdir()
+    for name in ("x.txt", "y.txt"):
+        (root / "d" / name).write_text(name)
+    fb = CtrlCInWalWrite()
+    with installed(fb), pytest.raises(KeyboardInterrupt):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            fb.armed = 1
+            f.rmtree("d")
+    assert sorted(os.listdir(root / "d")) == ["x.txt", "y.txt"]  # (never removed)
+    for name in ("x.txt", "y.txt"):  # by hand, outside walstore
+        (root / "d" / name).unlink()
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert os.listdir(root / "d") == []
+        report = s.last_recovery
+        assert report is None or not report.file_conflicts, report.file_conflicts
