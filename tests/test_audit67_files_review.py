@@ -10,10 +10,16 @@ Findings (each fixed, its test below):
   effect and the steps in none — the window 2bae2ce closed for the WATCH_END's wait, one
   record earlier: the rollback put the tree back and recorded the begin only, the steps
   stayed owed, and the next open undid them again over what it found (new.txt, made again
-  by hand as the block had made it, deleted).
+  by hand as the block had made it, deleted).  A failed WAL write of the WATCH_END record
+  (EIO: a WalWriteError, the store still writable) did the same;
+- ``Files.log_steps``: an operation whose steps take several records (an rmtree of more
+  than 4,000 paths) joined the transaction at its LAST record: a Ctrl-C after the first
+  left it owed, the next open put back its before-images over what it found (a file
+  deleted by hand since came back).
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 
@@ -95,3 +101,28 @@ def test_big_file_change_interrupted_between_its_records_is_not_done_by_the_next
         assert os.listdir(root / "d") == []
         report = s.last_recovery
         assert report is None or not report.file_conflicts, report.file_conflicts
+
+
+def test_watch_whose_end_record_write_failed_is_undone_once(tmp_path):
+    """The WAL write of a watch()'s WATCH_END record fails (EIO: WalWriteError, nothing of
+    the record logged, the store still writable): the transaction rolls back and puts the
+    tree back.  Before the fix the rollback recorded the begin only, the block's steps
+    (written just before) stayed owed, and the next open — after a clean close — deleted
+    new.txt, made again by hand as the block had made it."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = FaultBackend()
+    with installed(fb), pytest.raises(walstore.WalstoreError, match="could not write"):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            with f.watch():
+                (root / "new.txt").write_text("made\n")
+                fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    assert not (root / "new.txt").exists()
+    (root / "new.txt").write_text("made\n")  # by hand, outside walstore
+    with s.transaction() as tx:  # (still writable)
+        tx.put("k", 1)
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "new.txt").read_text() == "made\n"
+        assert s.get("k") == 1
