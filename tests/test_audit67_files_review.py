@@ -16,6 +16,11 @@ Findings (each fixed, its test below):
   than 4,000 paths) joined the transaction at its LAST record: a Ctrl-C after the first
   left it owed, the next open put back its before-images over what it found (a file
   deleted by hand since came back).
+- ``Files._run_ended_out`` (since 07a781d): a file operation whose FILE_STEPS wait was
+  interrupted (a Ctrl-C, or a timeout's signal handler raising) is never made, but its
+  effect stayed the transaction's: a caller that caught the exception and went on to
+  commit committed a change never made — ``at(commit).files(ws).read("a.txt")`` raised
+  FileNotFoundError for a file there, unchanged, all along.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import pytest
 
 import walstore
 from tests.test_audit67_durable_events import OPTS, ctrl_c, workspace_with  # noqa: F401
+from tests.test_audit67_durable_events import CtrlCAfterWalSync
 from tools.faults import FaultBackend, installed
 
 
@@ -126,3 +132,28 @@ def test_watch_whose_end_record_write_failed_is_undone_once(tmp_path):
     with walstore.open(s.path, **OPTS) as s:
         assert (root / "new.txt").read_text() == "made\n"
         assert s.get("k") == 1
+
+
+def test_file_change_interrupted_in_its_wait_and_caught_is_not_committed_as_made(tmp_path,
+                                                                                ctrl_c):
+    """``f.delete("a.txt")`` interrupted while its FILE_STEPS record waits for the disk (a
+    real SIGINT; as a timeout's signal handler raising), the caller catches it and commits
+    the transaction.  The delete was never made (write-ahead).  Before the fix the effect
+    joined the transaction at the record's append and stayed: the commit recorded a.txt
+    deleted — ``at(commit)`` said it did not exist, while it stood there unchanged."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSync()
+    with installed(fb):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            fb.armed = 1
+            with pytest.raises(KeyboardInterrupt):
+                f.delete("a.txt")
+            tx.put("k", 1)
+    assert (root / "a.txt").read_text() == "old\n"  # (never deleted)
+    head = s.log(limit=1)[0]
+    assert s.at(head.lsn).files(ws).read("a.txt") == b"old\n"
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "old\n" and s.get("k") == 1

@@ -880,7 +880,23 @@ class Files:
             if tx.file_reads:  # a path it read and changes now: unchanged since the read?
                 self._check_reads(tx, [(ws.root_b, c.path) for c in steps])
             self._claim(tx, ws, steps)
-            eff = self.log_steps(tx, ws, op, steps, known=tx.effects.append)
+            known: list[FileEffect] = []
+
+            def joined(e: FileEffect) -> None:
+                tx.effects.append(e)
+                known.append(e)
+            try:
+                eff = self.log_steps(tx, ws, op, steps, known=joined)
+            except BaseException:  # (an interrupt in the wait: the change is never made,
+                # its steps are in the log — settled here, as an ``act`` that failed, or a
+                # caller that caught it and committed committed a change never made: at()
+                # said a.txt, there all along, did not exist — audit 67; a failed fsync:
+                # the record fails, the effect stays for the rollback)
+                if known:
+                    with contextlib.suppress(Exception):
+                        self.record(tx.id, known, [], durable=False)
+                        tx.effects.remove(known[0])
+                raise
             try:
                 return act()
             except BaseException:
