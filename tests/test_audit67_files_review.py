@@ -20,7 +20,11 @@ Findings (each fixed, its test below):
   interrupted (a Ctrl-C, or a timeout's signal handler raising) is never made, but its
   effect stayed the transaction's: a caller that caught the exception and went on to
   commit committed a change never made — ``at(commit).files(ws).read("a.txt")`` raised
-  FileNotFoundError for a file there, unchanged, all along.
+  FileNotFoundError for a file there, unchanged, all along;
+- ``Files._watch`` (since d3999bb): a watch() whose WATCH_BEGIN wait was interrupted never
+  runs its block, but the open watch stayed the transaction's: a caller that caught the
+  interrupt and went on had it put back, at the rollback, every difference from the tree
+  as the block began — a write another transaction had COMMITTED since included.
 """
 from __future__ import annotations
 
@@ -157,3 +161,48 @@ def test_file_change_interrupted_in_its_wait_and_caught_is_not_committed_as_made
     s.close()
     with walstore.open(s.path, **OPTS) as s:
         assert (root / "a.txt").read_text() == "old\n" and s.get("k") == 1
+
+
+def test_watch_interrupted_in_its_begin_and_caught_never_puts_back_a_later_commit(tmp_path,
+                                                                                 ctrl_c):
+    """A Ctrl-C while ``f.watch()`` waits for its WATCH_BEGIN record's fsync, caught in the
+    transaction, which goes on; another transaction then commits a write of a.txt; the
+    first rolls back.  The block never ran.  Before the fix the open watch stayed the
+    first transaction's effect, and its rollback put the workspace back to the tree as the
+    block began: the committed a.txt was "old" again on the disk (and after the reopen)."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSync()
+    ran = []
+    with installed(fb), pytest.raises(ValueError, match="gives up"):
+        with s.transaction() as tx:
+            fb.armed = 1
+            with pytest.raises(KeyboardInterrupt):
+                with tx.files(ws).watch():
+                    ran.append(True)
+            with s.transaction() as other:
+                other.files(ws).write("a.txt", "committed\n")
+            raise ValueError("the agent gives up")
+    assert ran == [] and (root / "a.txt").read_text() == "committed\n"
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "committed\n"
+        assert s.last_recovery is None or not s.last_recovery.watch_saved
+
+
+def test_workspace_registration_of_unknown_outcome_names_no_transaction(tmp_path):
+    """``store.workspace(root)`` whose WORKSPACE record's fsync fails: CommitOutcomeUnknown
+    (0998ac6).  Its ``txid`` named transaction -1, one no transaction has (as the restore
+    points' did before adcebaa): a registration is no transaction, so None."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root = tmp_path / "ws"
+    root.mkdir()
+    fb = FaultBackend()
+    try:
+        with installed(fb), pytest.raises(walstore.CommitOutcomeUnknown) as raised:
+            fb.fail("fdatasync", errno.EIO, path="*.wal")
+            s.workspace(str(root))
+        assert raised.value.txid is None, raised.value.txid
+        assert str(root) in str(raised.value)
+    finally:
+        s._drop_like_a_crash()

@@ -661,8 +661,8 @@ class Files:
             # a failed fsync: the record is written, the next open may find the workspace
             # registered (or its patterns changed) — unknown, as a commit's (it raised the
             # log's plain LogFailed, and the reopen found it done: audit 67)
-            eng.pipeline.durable_or_unknown(
-                eng.journal.force_durable, event, -1,
+            eng.pipeline.durable_or_unknown(  # (txid None: no transaction, as adcebaa's)
+                eng.journal.force_durable, event, None,
                 f"the registration of workspace {probe.root!r}",
                 "whether it is registered" if row is None else "whether it changed")
             ws = self._registry.get(real)
@@ -1630,10 +1630,23 @@ class Files:
                     began.append(OpenWatch(ws, m0, digest, event.lsn, tx.id))
                     tx.note_inner_blocker(began[0])  # (a savepoint taken now is inside it)
                     tx.effects.append(began[0])
-                self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
-                                                       "manifest": digest,
-                                                       "ts": self.engine.clock()},
-                                      tx.id, durable=True, appended=known)
+                try:
+                    self.engine.log_event(_T.WATCH_BEGIN, {"tx": tx.id, "ws": ws.root_b,
+                                                           "manifest": digest,
+                                                           "ts": self.engine.clock()},
+                                          tx.id, durable=True, appended=known)
+                except BaseException:  # (an interrupt in the wait: the block never runs;
+                    # ended here with no change, as ``_abandon_watch`` — left open, a caller
+                    # that caught it and went on had its rollback put back every difference
+                    # from m0, a write another transaction committed since included: audit
+                    # 67; a failed fsync: the end fails, the rollback says what the reopen does)
+                    if began:
+                        with contextlib.suppress(Exception):
+                            self.engine.log_event(_T.WATCH_END, {
+                                "tx": tx.id, "ws": ws.root_b, "begin": began[0].lsn,
+                                "n": 0}, tx.id, durable=True)
+                            tx.effects.remove(began[0])
+                    raise
                 self._manifests[ws.root_b] = m0
                 w = began[0]
                 self._watching[ws.root_b] = w
