@@ -55,14 +55,17 @@ class CtrlCInWalWrite(FaultBackend):
         return n
 
 
-def test_watch_interrupted_between_its_steps_and_its_end_is_undone_once(tmp_path, ctrl_c):
+@pytest.mark.parametrize("durability", ["full", "normal", "none"])
+def test_watch_interrupted_between_its_steps_and_its_end_is_undone_once(tmp_path, ctrl_c,
+                                                                        durability):
     """A Ctrl-C right after the watch's FILE_STEPS record is appended, before its WATCH_END:
     the transaction rolls back and puts the tree back.  Before the fix the steps' record
     was in no effect of the transaction (the open watch's LSNs are its begin's): the
     rollback recorded the begin only, the steps stayed owed, and the next open — after a
     clean close — undid them over what it found: new.txt, made again by hand as the block
-    had made it, was deleted."""
-    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    had made it, was deleted (under every durability: the interrupt is no fsync's)."""
+    opts = dict(OPTS, durability=durability)
+    s = walstore.open(str(tmp_path / "s"), **opts)
     root, ws = workspace_with(tmp_path, s)
     fb = CtrlCInWalWrite()
     with installed(fb), pytest.raises(KeyboardInterrupt):
@@ -75,7 +78,7 @@ def test_watch_interrupted_between_its_steps_and_its_end_is_undone_once(tmp_path
     assert (root / "a.txt").read_text() == "old\n" and not (root / "new.txt").exists()
     (root / "new.txt").write_text("made\n")  # by hand, outside walstore
     s.close()
-    with walstore.open(s.path, **OPTS) as s:
+    with walstore.open(s.path, **opts) as s:
         assert (root / "new.txt").read_text() == "made\n"
         assert (root / "a.txt").read_text() == "old\n"
         report = s.last_recovery
