@@ -786,9 +786,9 @@ class Files:
         other steps began now (``ts``).  ``known(effect)``: called as the first record is
         appended (its LSNs grow with the others'), before the wait for the disk (as an
         intent's ``appended``): an interrupt in the wait, or a failed fsync, left steps in
-        the log that the transaction did not know — owed, never settled by its rollback, and the next open put back their
-        before-images over what was found (a file the user had deleted by hand since, the
-        delete never made, came back: audit 67)."""
+        the log that the transaction did not know — owed, never settled by its rollback,
+        and the next open put back their before-images over what was found (a file the
+        user had deleted by hand since, the delete never made, came back: audit 67)."""
         since_ns = began_ns if began_ns is not None else time.time_ns()
         for c in steps:
             check_length(ws.root_b, c.path)
@@ -1640,12 +1640,13 @@ class Files:
                     # that caught it and went on had its rollback put back every difference
                     # from m0, a write another transaction committed since included: audit
                     # 67; a failed fsync: the end fails, the rollback says what the reopen does)
-                    if began:
+                    if began:  # (out of the transaction as its end is appended: a
+                        # second interrupt, in this end's wait, leaves neither owed)
                         with contextlib.suppress(Exception):
                             self.engine.log_event(_T.WATCH_END, {
                                 "tx": tx.id, "ws": ws.root_b, "begin": began[0].lsn,
-                                "n": 0}, tx.id, durable=True)
-                            tx.effects.remove(began[0])
+                                "n": 0}, tx.id, durable=True,
+                                appended=lambda _e: tx.effects.remove(began[0]))
                     raise
                 self._manifests[ws.root_b] = m0
                 w = began[0]
