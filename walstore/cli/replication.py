@@ -511,7 +511,13 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
          + (f"{age:.0f} s ago)" if age > -0.5 else
             f"{-age:.0f} s ahead of this machine's clock: its clock or the writer's is off)"))
     if r.get("complete_to") is not None:  # (a restore to a later time is refused)
-        _say(f"complete  every commit up to {show_time(r['complete_to'])}")
+        # (never "complete" alone of a replica no restore reaches the end of, nor without
+        # a word of the commits its holes lost: audit 67)
+        _say(f"complete  every commit up to {show_time(r['complete_to'])}"
+             + (" but for the hole(s) below" if r["holes"] else "")
+             + ("" if not r.get("end_unrestorable") else
+                f"; but no restore reaches the replica's end yet: "
+                f"{one_line(r['end_unrestorable'])}"))
     lc = r["last_commit"] or {}
     _say(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
          f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "

@@ -178,6 +178,8 @@ class Manifest:
         pos = start
         while pos < end:
             if i >= len(self.wal):
+                if self.hole_at(pos) is not None:  # (named: it said only "the replica's
+                    raise ReplicationError(self.gap_message(pos, end))  # WAL ends at ...")
                 raise ReplicationError(f"the replica's WAL ends at LSN {pos}, before LSN {end}")
             e = self.wal[i]
             if e["a"] > pos:

@@ -65,7 +65,7 @@ from ..engine.layout import (FORMAT_VERSION, check_version, enclosing_store, ide
 from . import logformat, source as _src
 from .manifest import MANIFEST_KEY, Manifest, decode
 from .options import DAY, ReplicateOptions
-from .shipper import BLOB_PREFIX, remove_scratch, sweep_dead_scratch
+from .shipper import BLOB_PREFIX, _end_unrestorable, remove_scratch, sweep_dead_scratch
 from .targets import NOT_MODIFIED, ObjectStore, TargetError, display_url, open_target
 
 RESTORE_TEMP = "walstore-restore-"  # + pid + "-": a restore's fetched objects
@@ -1896,6 +1896,10 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
             # every commit stamped up to it is in the replica (a time restore past it is
             # refused); None: a replica written before walstore recorded it
             "complete_to": d.get("complete_to"),
+            # why no restore reaches the replica's end (None: one does); complete_to alone
+            # vouched for a replica whose end no restore reached (a hole's snapshot past
+            # its end, or failed): `replicas` said "complete" of it (audit 67)
+            "end_unrestorable": _end_unrestorable(m),
         }
         if verify:
             report["verify"] = _verify(url, m, tgt, opts, progress)

@@ -1030,6 +1030,7 @@ class Shipper:
             segs = self.source.segments()
             if not segs or pos < segs[0][0]:
                 self._hole(pos, segs, summary)
+                durable = self._reach_hole_base(durable)
                 dirty = True
                 continue
             i = max(j for j, (s, _p) in enumerate(segs) if s <= pos)
@@ -1066,6 +1067,23 @@ class Shipper:
         if dirty:
             self._save()
             self._advanced(m.position)
+
+    def _reach_hole_base(self, durable: int) -> int:
+        """Where the round ships to after a hole: on to the fresh snapshot ``_hole`` took,
+        the replica's only base past the hole.  That snapshot is of LMDB now, and the writer
+        logs (and syncs) a record before it applies it, so the frontier read again reaches
+        it.  (The round stopped at the frontier it had read before the hole, below the
+        snapshot when the writer went on meanwhile: no restore reached the replica's end
+        until the next round — a `replicate --once` beside a live writer exited 1, and
+        every restore of the replica failed, in between.)"""
+        newest = max((s["lsn"] for s in self.manifest.snapshots), default=0)
+        if newest <= durable:
+            return durable
+        now = max(durable, self.source.durable_lsn())
+        self._durable = max(self._durable, now)
+        if self._shown is not None:
+            self._shown.grow(now - durable)
+        return now
 
     def _missing_seal(self, seg: int, pos: int, nxt: int):
         """The SEAL record a rotation cut short, as a WAL object of its own.
