@@ -205,6 +205,10 @@ class FileEffect:
     # the next open took it for owed and found the path further back (an older step of
     # the transaction undone since): a false conflict and a quarantined copy (sweep-files)
     put_back: bool = False
+    # interrupted in its records' wait and never made, and the FILE_RESTORED saying so
+    # could not be logged (a log write failed): kept for the rollback, and no commit may
+    # name it (a caller that caught the interrupt committed a delete never made: audit 67)
+    never_made: bool = False
     # when its change began (ns, wall clock; a watch's: when the block began; None: not
     # known, a row logged before it was): a directory its undo removes keeps the ignored
     # paths older than that (``apply._clear_ignored``: a watched ``mv src dst`` carries
@@ -219,6 +223,10 @@ class FileEffect:
     @property
     def blocks_commit(self) -> str | None:
         """A commit would name a change that is no longer on disk (see ``put_back``)."""
+        if self.never_made:
+            return (f"its file operation {self.op!r} was interrupted before it was made, and "
+                    f"that could not be recorded (a log write failed); roll the transaction "
+                    f"back")
         if not self.put_back:
             return None
         return ("a rollback to a savepoint put a file change back but could not record it "
@@ -892,10 +900,13 @@ class Files:
                 # caller that caught it and committed committed a change never made: at()
                 # said a.txt, there all along, did not exist — audit 67; a failed fsync:
                 # the record fails, the effect stays for the rollback)
-                if known:
+                if known:  # (out of the transaction as FILE_RESTORED is appended: a
+                    # second interrupt there left it in, undone again by the rollback over
+                    # a file deleted by hand since; unrecorded, it blocks the commit)
+                    known[0].never_made = True
                     with contextlib.suppress(Exception):
-                        self.record(tx.id, known, [], durable=False)
-                        tx.effects.remove(known[0])
+                        self.record(tx.id, known, [], durable=False,
+                                    appended=lambda _e: tx.effects.remove(known[0]))
                 raise
             try:
                 return act()
@@ -1958,9 +1969,11 @@ class Files:
                                      "found": c.after.describe(), "saved_as": saved})
 
     def record(self, txid: int, done: list, conflicts: list[tuple[int, FileConflict]],
-               durable: bool = True) -> None:
+               durable: bool = True,
+               appended: Callable[[Any], None] | None = None) -> None:
         """Log the outcome of undoing ``done`` effects: one FILE_CONFLICT per conflict,
-        then FILE_RESTORED naming them (durable: the last record covers the others)."""
+        then FILE_RESTORED naming them (durable: the last record covers the others;
+        ``appended``: ``log_event``'s, for the FILE_RESTORED)."""
         for effect_lsn, c in conflicts:
             self.engine.log_event(_T.FILE_CONFLICT, {
                 "tx": txid, "ws": _ws_of(done, effect_lsn), "effect": effect_lsn,
@@ -1968,7 +1981,7 @@ class Files:
         lsns = [lsn for e in done for lsn in e.lsns]
         if lsns:
             self.engine.log_event(_T.FILE_RESTORED, {"tx": txid, "effects": lsns}, txid,
-                                  durable=durable)
+                                  durable=durable, appended=appended)
 
     # ---- after a crash --------------------------------------------------------------
     def owed_rows(self) -> list[tuple[int, int, dict]]:

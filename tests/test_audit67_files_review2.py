@@ -1,0 +1,108 @@
+"""Audit 67, second review of the reversible files' interrupted records being settled where
+the exception comes out (d952ead, abfc0a9, a80d5c9: a file operation whose FILE_STEPS
+wait was interrupted is recorded FILE_RESTORED and taken out of the transaction).
+
+Findings (each fixed, its test below):
+
+- ``Files._run_ended_out``: the settle logged FILE_RESTORED and only then took the effect
+  out of the transaction; a second Ctrl-C landing in that record's append (held off by
+  ``walstore.signals`` to the append's end) left the effect the transaction's, recorded as
+  never made: its rollback undid it again — a.txt, deleted by hand after the interrupted
+  (never made) delete, was put back (a80d5c9's twin for a watch's begin);
+- the same settle whose FILE_RESTORED record could not be written (EIO or ENOSPC in the
+  WAL write, the store still writable): the effect stayed, unflagged, and a caller that
+  caught the interrupt and committed committed a delete never made — ``at(commit)`` said
+  a.txt did not exist while it stood there, unchanged (d952ead's finding, one fault on).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+
+import walstore
+from tests.test_audit67_durable_events import OPTS, ctrl_c, workspace_with  # noqa: F401
+from tools.faults import FaultBackend, installed
+
+
+class CtrlCAfterWalSyncThen(FaultBackend):
+    """A real SIGINT right after the WAL's next fdatasync (``armed``), and then ``then``
+    (this backend) — a second SIGINT armed, or a fault installed for what follows."""
+
+    armed = 0
+    then = None
+    again = 0  # another SIGINT during the WAL's ``again``-th record write after the first
+
+    def fdatasync(self, fd: int) -> None:
+        super().fdatasync(fd)
+        if self.armed and (self.path_of(fd) or "").endswith(".wal"):
+            self.armed = 0
+            if self.then is not None:
+                self.then(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        n = super().pwrite(fd, data, offset)
+        if self.again and (self.path_of(fd) or "").endswith(".wal"):
+            self.again -= 1
+            if not self.again:
+                os.kill(os.getpid(), signal.SIGINT)
+        return n
+
+
+def test_file_change_settled_after_its_interrupt_is_never_undone_again(tmp_path, ctrl_c):
+    """``f.delete("a.txt")`` interrupted in its FILE_STEPS wait (never made), and a second
+    Ctrl-C lands in the append of the FILE_RESTORED record settling it.  The caller catches
+    both; a.txt is then deleted by hand (outside walstore); the transaction rolls back.
+    Before the fix the effect stayed the transaction's after its FILE_RESTORED: the
+    rollback undid the delete never made, and a.txt was there again."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSyncThen()
+    fb.then = lambda b: setattr(b, "again", 1)
+    caught = []
+    with installed(fb), pytest.raises(ValueError, match="gives up"):
+        with s.transaction() as tx:
+            fb.armed = 1
+            try:
+                try:
+                    tx.files(ws).delete("a.txt")
+                except KeyboardInterrupt:
+                    caught.append(1)
+                    raise  # (the second lands in the handler's settle, or here)
+            except KeyboardInterrupt:
+                caught.append(2)
+            (root / "a.txt").unlink()  # by hand
+            raise ValueError("the agent gives up")
+    assert caught == [1, 2] and not (root / "a.txt").exists()
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert not (root / "a.txt").exists()
+        assert s.last_recovery is None or not s.last_recovery.file_conflicts
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
+def test_file_change_whose_settle_failed_is_not_committed_as_made(tmp_path, ctrl_c, err):
+    """``f.delete("a.txt")`` interrupted in its FILE_STEPS wait (never made), and the WAL
+    write of the FILE_RESTORED settling it fails (the store stays writable).  The caller
+    catches the interrupt and commits.  Before the fix the commit went through with the
+    delete in it: ``at(commit).files(ws).read("a.txt")`` raised FileNotFoundError, a.txt
+    standing there unchanged.  Now the commit refuses, and the transaction rolls back."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSyncThen()
+    fb.then = lambda b: b.fail("pwrite", err, path="*.wal")
+    with installed(fb), pytest.raises(walstore.WalstoreError, match="never made|before it was"):
+        with s.transaction() as tx:
+            fb.armed = 1
+            with pytest.raises(KeyboardInterrupt):
+                tx.files(ws).delete("a.txt")
+            tx.put("k", 1)
+    assert (root / "a.txt").read_text() == "old\n"
+    assert s.get("k") is None and s.log(limit=1) == []
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
+        assert s.last_recovery is None or not s.last_recovery.file_conflicts
