@@ -106,3 +106,32 @@ def test_file_change_whose_settle_failed_is_not_committed_as_made(tmp_path, ctrl
     with walstore.open(s.path, **OPTS) as s:
         assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
         assert s.last_recovery is None or not s.last_recovery.file_conflicts
+
+
+def test_watch_whose_interrupted_begin_could_not_be_ended_never_puts_back_a_later_commit(
+        tmp_path, ctrl_c):
+    """A Ctrl-C while ``f.watch()`` waits for its WATCH_BEGIN's fsync (the block never
+    runs), and the WAL write of the WATCH_END settling it fails (EIO; the store stays
+    writable).  The caller catches the interrupt; another transaction commits a write of
+    a.txt; the first rolls back.  Before the fix the open watch stayed the transaction's
+    as one whose block ran: its rollback put the tree back as the block began — the
+    COMMITTED a.txt was "old" again (abfc0a9's finding, one fault on)."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSyncThen()
+    fb.then = lambda b: b.fail("pwrite", errno.EIO, path="*.wal")
+    ran = []
+    with installed(fb), pytest.raises(ValueError, match="gives up"):
+        with s.transaction() as tx:
+            fb.armed = 1
+            with pytest.raises(KeyboardInterrupt):
+                with tx.files(ws).watch():
+                    ran.append(True)
+            with s.transaction() as other:
+                other.files(ws).write("a.txt", "committed\n")
+            raise ValueError("the agent gives up")
+    assert ran == [] and (root / "a.txt").read_text() == "committed\n"
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "committed\n"
+        assert s.last_recovery is None or not s.last_recovery.watch_saved

@@ -256,6 +256,10 @@ class OpenWatch:
     # swapped them in — an interrupt between the two left them owed, undone again by the
     # next open over what it found (audit 67)
     ended_lsns: list = field(default_factory=list)
+    # its begin's wait was interrupted: the block never ran, nothing in the tree is the
+    # watch's — its rollback puts nothing back (its settling WATCH_END unlogged, a write
+    # failed, the rollback put back a write another transaction had committed since)
+    never_ran: bool = False
 
     @property
     def lsns(self) -> list[int]:
@@ -1653,6 +1657,7 @@ class Files:
                     # 67; a failed fsync: the end fails, the rollback says what the reopen does)
                     if began:  # (out of the transaction as its end is appended: a
                         # second interrupt, in this end's wait, leaves neither owed)
+                        began[0].never_ran = True
                         with contextlib.suppress(Exception):
                             self.engine.log_event(_T.WATCH_END, {
                                 "tx": tx.id, "ws": ws.root_b, "begin": began[0].lsn,
@@ -1903,6 +1908,8 @@ class Files:
             # effect stays owed, reported); path by path it would be a conflict each
             eff.ws.check_root()
             if isinstance(eff, OpenWatch):
+                if eff.never_ran and not recovering:  # (no block ran: recorded only)
+                    return []
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
             if getattr(eff, "specials", None) and not recovering:
                 _remove_own_specials(eff.ws, eff.specials, self.durable)
