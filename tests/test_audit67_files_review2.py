@@ -94,7 +94,7 @@ def test_file_change_whose_settle_failed_is_not_committed_as_made(tmp_path, ctrl
     root, ws = workspace_with(tmp_path, s)
     fb = CtrlCAfterWalSyncThen()
     fb.then = lambda b: b.fail("pwrite", err, path="*.wal")
-    with installed(fb), pytest.raises(walstore.WalstoreError, match="never made|before it was"):
+    with installed(fb), pytest.raises(walstore.WalstoreError, match="never made"):
         with s.transaction() as tx:
             fb.armed = 1
             with pytest.raises(KeyboardInterrupt):
@@ -135,3 +135,36 @@ def test_watch_whose_interrupted_begin_could_not_be_ended_never_puts_back_a_late
     with walstore.open(s.path, **OPTS) as s:
         assert (root / "a.txt").read_text() == "committed\n"
         assert s.last_recovery is None or not s.last_recovery.watch_saved
+
+
+class UnlinkFails(FaultBackend):
+    """The unlink of a path ending ``name`` fails (EIO), and so does the WAL's next record
+    write (the FILE_RESTORED saying the operation was put back)."""
+
+    name = "a.txt"
+
+    def unlink(self, path: str) -> None:
+        if path.endswith(self.name):
+            self.fail("pwrite", errno.EIO, path="*.wal")
+            raise OSError(errno.EIO, "injected", path)
+        super().unlink(path)
+
+
+def test_file_change_that_failed_and_could_not_say_so_is_not_committed_as_made(tmp_path):
+    """``f.delete("a.txt")`` fails in its unlink (EIO: StoreIOError, nothing changed) and
+    the FILE_RESTORED record saying it was put back cannot be written (EIO; the store stays
+    writable).  The caller catches the error and commits.  Before the fix the commit went
+    through with the delete in it: ``at(commit)`` said a.txt did not exist, while it stood
+    there unchanged.  Now the commit refuses, and the transaction rolls back."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    with installed(UnlinkFails()), pytest.raises(walstore.WalstoreError, match="never made"):
+        with s.transaction() as tx:
+            with pytest.raises(walstore.StoreIOError):
+                tx.files(ws).delete("a.txt")
+            tx.put("k", 1)
+    assert (root / "a.txt").read_text() == "old\n"
+    assert s.get("k") is None and s.log(limit=1) == []
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None

@@ -205,9 +205,10 @@ class FileEffect:
     # the next open took it for owed and found the path further back (an older step of
     # the transaction undone since): a false conflict and a quarantined copy (sweep-files)
     put_back: bool = False
-    # interrupted in its records' wait and never made, and the FILE_RESTORED saying so
-    # could not be logged (a log write failed): kept for the rollback, and no commit may
-    # name it (a caller that caught the interrupt committed a delete never made: audit 67)
+    # interrupted in its records' wait (or failed and put back) and never made, and the
+    # FILE_RESTORED saying so could not be logged (a log write failed): kept for the
+    # rollback, and no commit may name it (a caller that caught the interrupt committed a
+    # delete never made: audit 67)
     never_made: bool = False
     # when its change began (ns, wall clock; a watch's: when the block began; None: not
     # known, a row logged before it was): a directory its undo removes keeps the ignored
@@ -224,9 +225,9 @@ class FileEffect:
     def blocks_commit(self) -> str | None:
         """A commit would name a change that is no longer on disk (see ``put_back``)."""
         if self.never_made:
-            return (f"its file operation {self.op!r} was interrupted before it was made, and "
-                    f"that could not be recorded (a log write failed); roll the transaction "
-                    f"back")
+            return (f"its file operation {self.op!r} was never made (interrupted, or it "
+                    f"failed and was put back), and that could not be recorded (a log write "
+                    f"failed); roll the transaction back")
         if not self.put_back:
             return None
         return ("a rollback to a savepoint put a file change back but could not record it "
@@ -919,9 +920,10 @@ class Files:
                     conflicts = undo_steps(ws, steps, self.blobs, self.quarantine(tx.id),
                                            check=True, durable=self.durable,
                                            since_ns=eff.since_ns)
-                    if not conflicts:
-                        self.record(tx.id, [eff], [], durable=False)
-                        tx.effects.remove(eff)
+                    if not conflicts:  # (never made, as above: out as it is recorded)
+                        eff.never_made = True
+                        self.record(tx.id, [eff], [], durable=False,
+                                    appended=lambda _e: tx.effects.remove(eff))
                 raise
 
     # ---- paths read (serializable file reads) -------------------------------------------
