@@ -168,3 +168,34 @@ def test_file_change_that_failed_and_could_not_say_so_is_not_committed_as_made(t
     s.close()
     with walstore.open(s.path, **OPTS) as s:
         assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
+
+
+def test_rollback_to_past_a_watch_that_never_ran_and_could_not_be_ended_works(tmp_path,
+                                                                             ctrl_c):
+    """As above (the WATCH_BEGIN's wait interrupted, the settling WATCH_END unwritten), the
+    caller catches the interrupt and rolls back to a savepoint taken before the watch,
+    then goes on and commits.  Before the fix ``rollback_to`` refused: "a watch() block is
+    still running; leave it ..." — no block ever ran — and the commit then said a watch()
+    was open; the transaction's work was lost.  Now the never-run watch is recorded put
+    back, and the commit names what it holds, on disk and in ``at``."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAfterWalSyncThen()
+    fb.then = lambda b: b.fail("pwrite", errno.EIO, path="*.wal")
+    with installed(fb):
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            f.write("b.txt", "b\n")
+            sp = tx.savepoint()
+            fb.armed = 1
+            with pytest.raises(KeyboardInterrupt):
+                with f.watch():
+                    pass
+            tx.rollback_to(sp)
+            f.write("c.txt", "c\n")
+    view = s.at(s.log(limit=1)[0].lsn).files(ws)
+    assert [view.read(p) for p in ("a.txt", "b.txt", "c.txt")] == [b"old\n", b"b\n", b"c\n"]
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert sorted(os.listdir(root)) == ["a.txt", "b.txt", "c.txt"]
+        assert s.last_recovery is None or not s.last_recovery.watch_saved

@@ -731,8 +731,9 @@ class Saga:
             # (an open watch(): its record is in the log, not what the block changed, so
             # the reopen puts back every difference from the tree as the block began —
             # a change made there before it, by anyone, too: said, so none is made)
-            watched = sorted({e.ws.root for e in tx.effects
-                              if getattr(e, "blocks_inner_rollback", None)})
+            watched = sorted({e.ws.root for e in tx.effects  # (one never run, too)
+                              if getattr(e, "blocks_inner_rollback", None)
+                              or getattr(e, "never_ran", False)})
             seen = (f" (a watch() of {', '.join(map(repr, watched))}: every change made "
                     f"there since the block began, by anyone, is put back then, the versions "
                     f"found kept aside in the store's quarantine)" if watched else "")

@@ -1659,7 +1659,9 @@ class Files:
                     # 67; a failed fsync: the end fails, the rollback says what the reopen does)
                     if began:  # (out of the transaction as its end is appended: a
                         # second interrupt, in this end's wait, leaves neither owed)
-                        began[0].never_ran = True
+                        w0 = began[0]  # (no block runs: none to leave, none inside)
+                        w0.never_ran, w0.blocks_rollback, w0.blocks_inner_rollback = \
+                            True, "", ""
                         with contextlib.suppress(Exception):
                             self.engine.log_event(_T.WATCH_END, {
                                 "tx": tx.id, "ws": ws.root_b, "begin": began[0].lsn,
@@ -1859,6 +1861,10 @@ class Files:
         effs = [e for e in tx.effects if is_file_effect(e)]
         if not effs:
             return {}
+        if any(isinstance(e, OpenWatch) and e.never_ran for e in effs):
+            raise WalstoreError(f"transaction {tx.id} cannot commit: a watch() whose begin "
+                                f"was interrupted could not be ended (a log write failed); "
+                                f"roll the transaction back")
         if any(isinstance(e, OpenWatch) for e in effs):
             raise WalstoreError(f"transaction {tx.id} cannot commit while a watch() is open "
                                 f"(inside its block, or its changes could not be read)")
