@@ -94,7 +94,7 @@ def test_file_change_whose_settle_failed_is_not_committed_as_made(tmp_path, ctrl
     root, ws = workspace_with(tmp_path, s)
     fb = CtrlCAfterWalSyncThen()
     fb.then = lambda b: b.fail("pwrite", err, path="*.wal")
-    with installed(fb), pytest.raises(walstore.WalstoreError, match="never made"):
+    with installed(fb), pytest.raises(walstore.WalstoreError, match="not recorded as made"):
         with s.transaction() as tx:
             fb.armed = 1
             with pytest.raises(KeyboardInterrupt):
@@ -158,7 +158,8 @@ def test_file_change_that_failed_and_could_not_say_so_is_not_committed_as_made(t
     there unchanged.  Now the commit refuses, and the transaction rolls back."""
     s = walstore.open(str(tmp_path / "s"), **OPTS)
     root, ws = workspace_with(tmp_path, s)
-    with installed(UnlinkFails()), pytest.raises(walstore.WalstoreError, match="never made"):
+    with installed(UnlinkFails()), pytest.raises(walstore.WalstoreError,
+                                                 match="not recorded as made"):
         with s.transaction() as tx:
             with pytest.raises(walstore.StoreIOError):
                 tx.files(ws).delete("a.txt")
@@ -199,3 +200,45 @@ def test_rollback_to_past_a_watch_that_never_ran_and_could_not_be_ended_works(tm
     with walstore.open(s.path, **OPTS) as s:
         assert sorted(os.listdir(root)) == ["a.txt", "b.txt", "c.txt"]
         assert s.last_recovery is None or not s.last_recovery.watch_saved
+
+
+class CtrlCAtRenameOnto(FaultBackend):
+    """A real SIGINT right after each of the next ``armed`` renames onto a path ending
+    ``name`` (a write's temp file put in place, then its undo's)."""
+
+    armed = 0
+    name = "a.txt"
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        if self.armed and dst.endswith(self.name):
+            self.armed -= 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_file_change_interrupted_in_its_undo_is_not_committed_as_made(tmp_path, ctrl_c):
+    """``f.write("a.txt", "new")``: a Ctrl-C right after its rename into place, and a
+    second right after the undo's rename putting "old" back (before the FILE_RESTORED
+    record).  The caller catches both and commits.  Before the fix the effect stayed the
+    transaction's as made: the commit said a.txt was "new" (``at(commit)``), the disk held
+    "old".  Now the commit refuses, and the transaction rolls back."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = CtrlCAtRenameOnto()
+    with installed(fb), pytest.raises(walstore.WalstoreError, match="not recorded as made"):
+        with s.transaction() as tx:
+            fb.armed = 2
+            try:
+                try:
+                    tx.files(ws).write("a.txt", "new\n")
+                except KeyboardInterrupt:
+                    raise  # (the second lands in the handler's undo, or here)
+            except KeyboardInterrupt:
+                pass
+            assert fb.armed == 0
+            tx.put("k", 1)
+    assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
+        assert s.last_recovery is None or not s.last_recovery.file_conflicts

@@ -205,10 +205,10 @@ class FileEffect:
     # the next open took it for owed and found the path further back (an older step of
     # the transaction undone since): a false conflict and a quarantined copy (sweep-files)
     put_back: bool = False
-    # interrupted in its records' wait (or failed and put back) and never made, and the
-    # FILE_RESTORED saying so could not be logged (a log write failed): kept for the
-    # rollback, and no commit may name it (a caller that caught the interrupt committed a
-    # delete never made: audit 67)
+    # interrupted in its records' wait (never made), or failed in its change (put back,
+    # or being put back), and no FILE_RESTORED says so (a log write failed, a second
+    # interrupt): kept for the rollback, and no commit may name it (a caller that caught
+    # the interrupt committed a delete never made: audit 67)
     never_made: bool = False
     # when its change began (ns, wall clock; a watch's: when the block began; None: not
     # known, a row logged before it was): a directory its undo removes keeps the ignored
@@ -225,9 +225,8 @@ class FileEffect:
     def blocks_commit(self) -> str | None:
         """A commit would name a change that is no longer on disk (see ``put_back``)."""
         if self.never_made:
-            return (f"its file operation {self.op!r} was never made (interrupted, or it "
-                    f"failed and was put back), and that could not be recorded (a log write "
-                    f"failed); roll the transaction back")
+            return (f"its file operation {self.op!r} was interrupted or failed, and is not "
+                    f"recorded as made nor as put back; roll the transaction back")
         if not self.put_back:
             return None
         return ("a rollback to a savepoint put a file change back but could not record it "
@@ -916,12 +915,16 @@ class Files:
             try:
                 return act()
             except BaseException:
+                eff.never_made = True  # (until recorded put back: a second interrupt in
+                # the undo left it the transaction's as made, a.txt put back on disk and
+                # committed as written — audit 67; out as its FILE_RESTORED is appended)
                 with contextlib.suppress(Exception):
                     conflicts = undo_steps(ws, steps, self.blobs, self.quarantine(tx.id),
                                            check=True, durable=self.durable,
                                            since_ns=eff.since_ns)
-                    if not conflicts:  # (never made, as above: out as it is recorded)
-                        eff.never_made = True
+                    if conflicts:
+                        eff.never_made = False  # (kept as it was: the rollback's to report)
+                    else:
                         self.record(tx.id, [eff], [], durable=False,
                                     appended=lambda _e: tx.effects.remove(eff))
                 raise
