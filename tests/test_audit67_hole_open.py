@@ -19,13 +19,21 @@ It cannot, and the test below forces both edges of it:
   recovery reads its later chunks and COMMIT below LMDB's applied LSN and drops them, as
   the writer's own recovery does after the same trim.
 
-So nothing open at the hole's snapshot has a record before it that a replay needs; the
-empty ``open`` is exact.  Seen: every restore of the replica — everything, each commit
-from the hole's snapshot on, and LSN cuts inside the late commit's chunks and just before
-its COMMIT — holds the source's committed state there, each commit whole or absent.
+So no commit open at the hole's snapshot has a record before it that a replay needs.
+Seen: every restore of the replica — everything, each commit from the hole's snapshot on,
+and LSN cuts inside the late commit's chunks and just before its COMMIT — holds the
+source's committed state there, each commit whole or absent.
+
+What the empty ``open`` did lose: the transactions in flight across the hole that are not
+commits being logged (an action's intent, a reversible file change), whose opening records
+the writer's trim dropped (LMDB holds them; the trim keeps none for them).  The restore's
+report, built from the replayed records only, said none was in flight and no file effect
+owed (`walstore restore` exit 0, the workspace out of step with the restored state): the
+last test here.
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -136,40 +144,50 @@ def test_every_commit_whole_or_absent_in_restores_from_a_holes_snapshot(tmp_path
 def test_every_commit_whole_or_absent_a_holes_snapshot_taken_amid_chunked_commits(
         tmp_path, monkeypatch):
     """The hole's snapshot taken while another thread commits chunked transactions
-    (and checkpoints) without pause: its LSN is wherever LMDB's applied LSN stood, and
-    every restore from it — to each commit after it, and to a cut just before each
-    one's COMMIT (its chunks all in) — holds the source's state at that commit, whole."""
+    without pause: its LSN is wherever LMDB's applied LSN stood, and every restore from
+    it — to each commit after it, and to a cut just before each one's COMMIT (its chunks
+    all in) — holds the source's state at that commit, whole.  (No checkpoint of its
+    own: one trimming again while the round ships would make a second hole past the
+    snapshot, and the commits before it rightly unrestorable.)"""
     monkeypatch.setattr(journal, "CHUNK_BYTES", 512)
     stop = threading.Event()
+    done = [0]
+    going = threading.Condition()
 
     def busy() -> None:
-        i = 0
         while not stop.is_set():
-            _big(s, f"busy{i:03d}", 25)  # (~13 KB: ~25 chunks)
-            i += 1
-            if i % 4 == 0:
-                s._engine.checkpoint()
+            _big(s, f"busy{done[0]:03d}", 25)  # (~13 KB: ~25 chunks)
+            with going:
+                done[0] += 1
+                going.notify_all()
+
+    def wait_for(n: int) -> None:
+        with going:
+            assert going.wait_for(lambda: done[0] >= n, 30)
     worker = threading.Thread(target=busy)
     s, shipper, url = _replica_behind_a_trim(tmp_path, worker.start)
     real_snapshot = shipper.source.snapshot
     taken = []
 
     def snapshot_amid_commits(dest: str) -> int:
+        if not taken:
+            wait_for(2)
         lsn = real_snapshot(dest)
         taken.append(lsn)
         if len(taken) == 1:
+            wait_for(done[0] + 3)
             stop.set()
             worker.join(30)
         return lsn
     shipper.source.snapshot = snapshot_amid_commits
     try:
         shipper.ship_once()
-        assert shipper.manifest.doc["holes"]
+        assert len(shipper.manifest.doc["holes"]) == 1
         shipper.ship_once()
         snap = taken[0]
         log = list(reversed(s.log(limit=1000)))  # (oldest first)
         after = [t for t in log if t.lsn > snap]
-        assert len(after) >= 2, (snap, len(after))  # (commits logged past the snapshot)
+        assert len(after) >= 3, (snap, len(after))  # (commits logged past the snapshot)
         picks = after[:3] + after[-1:]
         by_tx = [t.txid for t in log]
         expect = {t.txid: rows(s.at(t.txid)) for t in picks}
@@ -186,3 +204,49 @@ def test_every_commit_whole_or_absent_a_holes_snapshot_taken_amid_chunked_commit
                 assert got == prev[t.txid], (t.txid, t.lsn)
     finally:
         s.close()
+
+
+def test_restore_never_silent_of_file_effects_in_flight_across_a_hole(tmp_path):
+    """A file change of a transaction still in flight, logged before the trim that made
+    the hole: the restored copy holds it owed (its LMDB says so), and the workspace keeps
+    the change.  Before the fix the restore's report said ``in_flight_txids`` [] and
+    ``owed_file_effects`` [] (from the records replayed after the hole's snapshot only):
+    `walstore restore` exited 0, the files on disk silently out of step with the state.
+    Now both come from the snapshot's LMDB too."""
+    root = str(tmp_path / "ws")
+    os.makedirs(root)
+    s, shipper, url = _replica_behind_a_trim(tmp_path)
+    ws = s.workspace(root)
+    with s.transaction() as tx:
+        tx.files(ws).write("a.txt", "v1\n")
+    ready, go, held = threading.Event(), threading.Event(), []
+
+    def in_flight() -> None:
+        tx = s.transaction()
+        tx.__enter__()
+        tx.files(ws).write("a.txt", "v2-in-flight\n")
+        held.append(tx.id)
+        ready.set()
+        go.wait(30)
+    t = threading.Thread(target=in_flight)
+    t.start()
+    try:
+        assert ready.wait(30)
+        shipper.ship_once()  # (its hook commits, checkpoints: the change's segment goes)
+        hole = shipper.manifest.doc["holes"][-1]
+        assert shipper.manifest.open == {} or held[0] not in shipper.manifest.open
+    finally:
+        shipper.stop()
+        go.set()
+        t.join(30)
+    report = walstore.restore(url, str(tmp_path / "r"))
+    assert report["start_lsn"] >= hole["b"]  # (the change's record is not replayed)
+    assert report["in_flight_txids"] == held
+    owed = report["owed_file_effects"]
+    assert [(e["txid"], e["paths"], e["held"]) for e in owed] == \
+        [(held[0], [os.path.join(os.path.realpath(root), "a.txt")], True)], owed
+    with open(os.path.join(root, "a.txt")) as f:
+        assert f.read() == "v2-in-flight\n"
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert held[0] not in [i.txid for i in r.log()]
+    s.close()

@@ -917,6 +917,7 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
         log = RestoredLog(wal, store_id, prealloc=follow)
         log.know(m.wal)
         flight = _InFlight()
+        flight.seed(db, applied)
         replayed_purge = False  # (a purge in the restored log: its erasure is owed)
         done = snap_n
         try:
@@ -1158,6 +1159,28 @@ class _InFlight:
         self.opened: dict[int, int] = {}
         self.prepared: set[int] = set()
         self.files: dict[int, dict[int, dict]] = {}
+
+    def seed(self, db_dir: str, applied: int) -> None:
+        """What the snapshot's LMDB holds in flight at ``applied``: a transaction whose
+        opening records lie before the replay's start is known only there — the base a
+        hole (or a new replica of a trimmed log) took, its ``open`` empty: the opening
+        records were trimmed before they were shipped.  (The report said nothing in
+        flight and no file effect owed, exit 0, while the restored store rolled the
+        transaction back and the workspace kept its change: audit 67.)  The records
+        replayed after it move these on as they do the others."""
+        opened, prepared, files = _src.read_in_flight(db_dir)
+        for tx in opened:
+            self.opened.setdefault(tx, applied)
+        self.prepared |= prepared
+        for tx, effects in files.items():
+            if tx not in self.opened:
+                continue
+            mine = self.files.setdefault(tx, {})
+            for lsn, e in effects.items():
+                paths = e["paths"]
+                mine[lsn] = {"ws": e["ws"], "op": e["op"],
+                             "n": None if e["op"] == "watch" else len(paths),
+                             "paths": paths[:MAX_LISTED_PATHS]}
 
     def see(self, lsn: int, rtype: int, raw: bytes) -> None:
         body = memoryview(raw)[logformat.RECORD_HEADER_SIZE:]

@@ -27,6 +27,7 @@ from typing import Callable, Protocol, runtime_checkable
 import lmdb
 
 from ..codec import DECODE_ERRORS
+from ..errors import WalstoreError
 from .. import fileio
 from ..engine.layout import Layout, writer_alive
 from ..log.reader import FOLLOW_WINDOW, FileBytes
@@ -479,6 +480,58 @@ def read_applied(db_dir: str) -> int:
         return _applied(raw, db_dir)
     finally:
         env.close()
+
+
+def read_in_flight(db_dir: str) -> tuple[set, set, dict]:
+    """(txids, prepared txids, file effects) a snapshot's LMDB holds in flight: its
+    ``inflight`` rows, the prepared ones of ``twophase``, and the ``fsteps`` rows, as
+    txid -> {LSN: {ws, op, paths}} (the paths a FILE_STEPS changed; none for a watch's
+    begin).  A table an older walstore's snapshot lacks, or a row that does not parse,
+    is left out (the restored store's recovery judges its rows)."""
+    from ..engine import tables
+    opened: set = set()
+    prepared: set = set()
+    files: dict = {}
+    env = _open_env(db_dir)
+    try:
+        dbs = {}
+        for name in (b"inflight", b"twophase", b"fsteps"):
+            try:
+                dbs[name] = env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                continue
+        with env.begin() as txn:
+            if b"inflight" in dbs:
+                for k in txn.cursor(db=dbs[b"inflight"]).iternext(values=False):
+                    if len(k) == 8:
+                        opened.add(_U64.unpack(k)[0])
+            if b"twophase" in dbs:
+                for k, v in txn.cursor(db=dbs[b"twophase"]):
+                    if not k.startswith(b"p:"):
+                        continue
+                    try:
+                        row = logformat.msgpack.unpackb(v, raw=False, strict_map_key=False)
+                    except DECODE_ERRORS:
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("tx"), int):
+                        prepared.add(row["tx"])
+            if b"fsteps" in dbs:
+                for k, v in txn.cursor(db=dbs[b"fsteps"]):
+                    try:
+                        tx, lsn = tables.split_fsteps_key(k)
+                        row = logformat.msgpack.unpackb(v, raw=False, strict_map_key=False)
+                    except (WalstoreError,) + DECODE_ERRORS:
+                        continue
+                    if not isinstance(row, dict):
+                        continue
+                    steps = row.get("steps")
+                    paths = [s[0] for s in steps if isinstance(s, (list, tuple)) and s] \
+                        if isinstance(steps, (list, tuple)) else []
+                    files.setdefault(tx, {})[lsn] = {"ws": row.get("ws"), "op": row.get("op"),
+                                                     "paths": paths}
+    finally:
+        env.close()
+    return opened | prepared, prepared, files
 
 
 def state_digest(db_dir: str) -> dict:
