@@ -1,4 +1,5 @@
-"""Audit 67: a hole's snapshot and the transactions open around it (found right).
+"""Audit 67: a hole's snapshot and the transactions open around it (commits: found right;
+the restore report's transactions in flight: fixed).
 
 After a hole the shipper empties the manifest's ``open`` (transactions in flight at the
 position) and takes a fresh LMDB snapshot as the replica's base past the hole.  The
