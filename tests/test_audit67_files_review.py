@@ -173,9 +173,16 @@ def test_watch_interrupted_in_its_begin_and_caught_never_puts_back_a_later_commi
     first rolls back.  The block never ran.  Before the fix the open watch stayed the
     first transaction's effect, and its rollback put the workspace back to the tree as the
     block began: the committed a.txt was "old" again on the disk (and after the reopen)."""
+    assert_watch_never_run_puts_back_no_later_commit(tmp_path, CtrlCAfterWalSync())
+
+
+def assert_watch_never_run_puts_back_no_later_commit(tmp_path, fb: FaultBackend) -> None:
+    """``f.watch()`` under ``fb`` armed once (its WATCH_BEGIN's wait interrupted: the block
+    never runs), the interrupt caught in the transaction, which goes on; another
+    transaction commits a write of a.txt; the first rolls back.  The committed a.txt
+    stays, on the disk and after a reopen, and no watch is saved by the reopen."""
     s = walstore.open(str(tmp_path / "s"), **OPTS)
     root, ws = workspace_with(tmp_path, s)
-    fb = CtrlCAfterWalSync()
     ran = []
     with installed(fb), pytest.raises(ValueError, match="gives up"):
         with s.transaction() as tx:

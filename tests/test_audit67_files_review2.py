@@ -24,6 +24,7 @@ import pytest
 
 import walstore
 from tests.test_audit67_durable_events import OPTS, ctrl_c, workspace_with  # noqa: F401
+from tests.test_audit67_files_review import assert_watch_never_run_puts_back_no_later_commit
 from tools.faults import FaultBackend, installed
 
 
@@ -83,6 +84,17 @@ def test_file_change_settled_after_its_interrupt_is_never_undone_again(tmp_path,
         assert s.last_recovery is None or not s.last_recovery.file_conflicts
 
 
+def assert_nothing_committed_and_a_txt_old(s, root):
+    """The commit was refused: a.txt holds "old", k is unset and the log is empty; the same
+    after a clean close and reopen.  Returns the reopen's ``last_recovery``."""
+    assert (root / "a.txt").read_text() == "old\n"
+    assert s.get("k") is None and s.log(limit=1) == []
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
+        return s.last_recovery
+
+
 @pytest.mark.parametrize("err", [errno.EIO, errno.ENOSPC])
 def test_file_change_whose_settle_failed_is_not_committed_as_made(tmp_path, ctrl_c, err):
     """``f.delete("a.txt")`` interrupted in its FILE_STEPS wait (never made), and the WAL
@@ -100,12 +112,8 @@ def test_file_change_whose_settle_failed_is_not_committed_as_made(tmp_path, ctrl
             with pytest.raises(KeyboardInterrupt):
                 tx.files(ws).delete("a.txt")
             tx.put("k", 1)
-    assert (root / "a.txt").read_text() == "old\n"
-    assert s.get("k") is None and s.log(limit=1) == []
-    s.close()
-    with walstore.open(s.path, **OPTS) as s:
-        assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
-        assert s.last_recovery is None or not s.last_recovery.file_conflicts
+    report = assert_nothing_committed_and_a_txt_old(s, root)
+    assert report is None or not report.file_conflicts
 
 
 def test_watch_whose_interrupted_begin_could_not_be_ended_never_puts_back_a_later_commit(
@@ -116,25 +124,9 @@ def test_watch_whose_interrupted_begin_could_not_be_ended_never_puts_back_a_late
     a.txt; the first rolls back.  Before the fix the open watch stayed the transaction's
     as one whose block ran: its rollback put the tree back as the block began — the
     COMMITTED a.txt was "old" again (abfc0a9's finding, one fault on)."""
-    s = walstore.open(str(tmp_path / "s"), **OPTS)
-    root, ws = workspace_with(tmp_path, s)
     fb = CtrlCAfterWalSyncThen()
     fb.then = lambda b: b.fail("pwrite", errno.EIO, path="*.wal")
-    ran = []
-    with installed(fb), pytest.raises(ValueError, match="gives up"):
-        with s.transaction() as tx:
-            fb.armed = 1
-            with pytest.raises(KeyboardInterrupt):
-                with tx.files(ws).watch():
-                    ran.append(True)
-            with s.transaction() as other:
-                other.files(ws).write("a.txt", "committed\n")
-            raise ValueError("the agent gives up")
-    assert ran == [] and (root / "a.txt").read_text() == "committed\n"
-    s.close()
-    with walstore.open(s.path, **OPTS) as s:
-        assert (root / "a.txt").read_text() == "committed\n"
-        assert s.last_recovery is None or not s.last_recovery.watch_saved
+    assert_watch_never_run_puts_back_no_later_commit(tmp_path, fb)
 
 
 class UnlinkFails(FaultBackend):
@@ -164,11 +156,7 @@ def test_file_change_that_failed_and_could_not_say_so_is_not_committed_as_made(t
             with pytest.raises(walstore.StoreIOError):
                 tx.files(ws).delete("a.txt")
             tx.put("k", 1)
-    assert (root / "a.txt").read_text() == "old\n"
-    assert s.get("k") is None and s.log(limit=1) == []
-    s.close()
-    with walstore.open(s.path, **OPTS) as s:
-        assert (root / "a.txt").read_text() == "old\n" and s.get("k") is None
+    assert_nothing_committed_and_a_txt_old(s, root)
 
 
 def test_rollback_to_past_a_watch_that_never_ran_and_could_not_be_ended_works(tmp_path,
