@@ -282,10 +282,17 @@ def test_watch_interrupted_in_its_end_fsync_is_undone_once(tmp_path, ctrl_c):
             with f.watch():
                 (root / "a.txt").write_text("watched\n")
                 (root / "new.txt").write_text("made\n")
+    assert_watch_undone_once(s, root)
+
+
+def assert_watch_undone_once(s, root, opts: dict = OPTS) -> None:
+    """After a rolled-back watch that wrote a.txt and made new.txt: the tree is put back;
+    new.txt, made again by hand (outside walstore), is still there after a clean close
+    and reopen (``opts``), a.txt "old", and the reopen reports no file conflict."""
     assert (root / "a.txt").read_text() == "old\n" and not (root / "new.txt").exists()
     (root / "new.txt").write_text("made\n")  # by hand, outside walstore
     s.close()
-    with walstore.open(s.path, **OPTS) as s:
+    with walstore.open(s.path, **opts) as s:
         assert (root / "new.txt").read_text() == "made\n"
         assert (root / "a.txt").read_text() == "old\n"
         report = s.last_recovery

@@ -36,7 +36,7 @@ import pytest
 
 import walstore
 from tests.test_audit67_durable_events import OPTS, ctrl_c, workspace_with  # noqa: F401
-from tests.test_audit67_durable_events import CtrlCAfterWalSync
+from tests.test_audit67_durable_events import CtrlCAfterWalSync, assert_watch_undone_once
 from tools.faults import FaultBackend, installed
 
 
@@ -75,14 +75,7 @@ def test_watch_interrupted_between_its_steps_and_its_end_is_undone_once(tmp_path
                 (root / "a.txt").write_text("watched\n")
                 (root / "new.txt").write_text("made\n")
                 fb.armed = 1  # (the block's end: its FILE_STEPS record, then WATCH_END)
-    assert (root / "a.txt").read_text() == "old\n" and not (root / "new.txt").exists()
-    (root / "new.txt").write_text("made\n")  # by hand, outside walstore
-    s.close()
-    with walstore.open(s.path, **opts) as s:
-        assert (root / "new.txt").read_text() == "made\n"
-        assert (root / "a.txt").read_text() == "old\n"
-        report = s.last_recovery
-        assert report is None or not report.file_conflicts, report.file_conflicts
+    assert_watch_undone_once(s, root, opts)
 
 
 def test_big_file_change_interrupted_between_its_records_is_not_done_by_the_next_open(
