@@ -7,6 +7,7 @@ Real stores, real files, ``file://`` replicas.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import re
@@ -67,17 +68,27 @@ def _commit(s, key, value) -> walstore.TxnInfo:
 
 
 # ---- lag_seconds ----------------------------------------------------------------------
+@contextlib.contextmanager
+def _shipping_store(tmp_path):
+    """A store shipping to a file replica every 30 s, its first round (at open) caught up;
+    closed at the end."""
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 30})
+    try:
+        assert s.replication().lag_bytes == 0  # (the first round ran at open)
+        yield s
+    finally:
+        s.close()
+
+
 def test_lag_seconds_stays_the_age_of_the_unshipped_commit_across_a_clock_step(
         tmp_path, monkeypatch):
     """The clock stepped back an hour while a commit waited to be shipped: lag_seconds
     went to about -3600 s (counted as wall time now minus the commit's stamp); stepped
     forward an hour, +3600 s for a commit a second old.  The age is counted on the
     monotonic clock from the moment the lag was first seen."""
-    rep = "file://" + str(tmp_path / "rep")
-    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
-                      replicate_options={"interval": 30})
-    try:
-        assert s.replication().lag_bytes == 0  # (the first round ran at open)
+    with _shipping_store(tmp_path) as s:
         _commit(s, "a", 1)
         time.sleep(0.5)
         before = s.replication()
@@ -91,8 +102,6 @@ def test_lag_seconds_stays_the_age_of_the_unshipped_commit_across_a_clock_step(
         monkeypatch.setattr(shipper_mod, "time", time)
         s.sync_replica(timeout=10)
         assert s.replication().lag_seconds == 0.0
-    finally:
-        s.close()
 
 
 def _snapshots(url: str) -> list:
@@ -465,15 +474,9 @@ def test_lag_seconds_of_a_commit_stamped_by_a_clock_set_right_since_is_its_real_
     """A commit stamped while the clock ran a day behind (then set right): lag_seconds
     said a day for a commit a second old.  The shipper was caught up a moment before it
     was logged: the lag is never more than the monotonic time since then."""
-    rep = "file://" + str(tmp_path / "rep")
-    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
-                      replicate_options={"interval": 30})
-    try:
-        assert s.replication().lag_bytes == 0  # (the first round ran at open)
+    with _shipping_store(tmp_path) as s:
         monkeypatch.setattr(engine_mod, "time", Stepped(-86400.0))
         _commit(s, "a", 1)
         monkeypatch.setattr(engine_mod, "time", time)
         st = s.replication()
         assert st.lag_bytes > 0 and 0 <= st.lag_seconds < 30, st
-    finally:
-        s.close()

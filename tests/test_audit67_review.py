@@ -34,7 +34,7 @@ import pytest
 import walstore
 from walstore import clock
 
-from test_audit67_clock import _REAL_TIME, _commit, _step_everywhere
+from test_audit67_clock import _REAL_TIME, _commit, _shipping_store, _step_everywhere
 
 
 def _suspend(monkeypatch, seconds: float) -> None:
@@ -230,11 +230,7 @@ def test_lag_seconds_counts_a_suspend_the_unshipped_commit_waited_through(
     wall clock right): lag_seconds still said a second — counted on ``time.monotonic``,
     which does not count a suspend on Linux — for a commit unreplicated for two hours (an
     alert on the lag stayed quiet).  The lag is counted on the elapsed-time clock."""
-    rep = "file://" + str(tmp_path / "rep")
-    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
-                      replicate_options={"interval": 30})
-    try:
-        assert s.replication().lag_bytes == 0  # (the first round ran at open)
+    with _shipping_store(tmp_path) as s:
         _commit(s, "a", 1)
         time.sleep(0.2)
         before = s.replication()
@@ -242,8 +238,6 @@ def test_lag_seconds_counts_a_suspend_the_unshipped_commit_waited_through(
         _suspend(monkeypatch, 7200.0)
         st = s.replication()
         assert 7200 <= st.lag_seconds <= 7200 + before.lag_seconds + 5, st
-    finally:
-        s.close()
 
 
 def test_the_deleting_clock_never_follows_a_passing_jump_under_many_threads(monkeypatch):
