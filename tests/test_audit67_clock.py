@@ -315,6 +315,21 @@ def test_list_branches_in_order_of_creation_across_a_clock_step_back(store, monk
     assert asyncio.run(go()) == ["main", "first", "second", "third"]
 
 
+def _saver_with_two_checkpoints(store):
+    """A ``WalstoreSaver`` on ``store``, thread "t" given two checkpoints (ids from
+    LangGraph's uuid6, clock_seq -1 and 0); returns the saver and the first's config."""
+    from langgraph.checkpoint.base import id as lg_id
+    from walstore.integrations.langgraph import WalstoreSaver
+    from test_langgraph_saver import cfg, checkpoint
+
+    saver = WalstoreSaver(store)
+    first = saver.put(cfg("t"), checkpoint(x=1) | {"id": str(lg_id.uuid6(clock_seq=-1))},
+                      {"source": "input", "step": -1}, {})
+    saver.put(first, checkpoint(x=2) | {"id": str(lg_id.uuid6(clock_seq=0))},
+              {"source": "loop", "step": 0}, {})
+    return saver, first
+
+
 @pytest.mark.parametrize("how", ["delete_thread", "rewind"])
 def test_a_thread_run_again_after_a_removal_keeps_its_writes_across_a_clock_step_back(
         store, monkeypatch, how):
@@ -327,14 +342,9 @@ def test_a_thread_run_again_after_a_removal_keeps_its_writes_across_a_clock_step
     ids, which never goes back."""
     pytest.importorskip("langgraph.checkpoint.base")
     from langgraph.checkpoint.base import id as lg_id
-    from walstore.integrations.langgraph import WalstoreSaver
     from test_langgraph_saver import cfg, checkpoint
 
-    saver = WalstoreSaver(store)
-    first = saver.put(cfg("t"), checkpoint(x=1) | {"id": str(lg_id.uuid6(clock_seq=-1))},
-                      {"source": "input", "step": -1}, {})
-    saver.put(first, checkpoint(x=2) | {"id": str(lg_id.uuid6(clock_seq=0))},
-              {"source": "loop", "step": 0}, {})
+    saver, first = _saver_with_two_checkpoints(store)
     time.sleep(0.01)
     if how == "delete_thread":
         saver.delete_thread("t")
@@ -451,14 +461,9 @@ def test_a_purge_of_the_thread_after_this_process_marked_it_still_refuses_early_
     the log read after the mark's LSN finding the purge."""
     pytest.importorskip("langgraph.checkpoint.base")
     from langgraph.checkpoint.base import id as lg_id
-    from walstore.integrations.langgraph import StaleCheckpointError, WalstoreSaver
-    from test_langgraph_saver import cfg, checkpoint
+    from walstore.integrations.langgraph import StaleCheckpointError
 
-    saver = WalstoreSaver(store)
-    first = saver.put(cfg("t"), checkpoint(x=1) | {"id": str(lg_id.uuid6(clock_seq=-1))},
-                      {"source": "input", "step": -1}, {})
-    saver.put(first, checkpoint(x=2) | {"id": str(lg_id.uuid6(clock_seq=0))},
-              {"source": "loop", "step": 0}, {})
+    saver, first = _saver_with_two_checkpoints(store)
     saver.rewind(first)
     cid = str(lg_id.uuid6(clock_seq=1))
     time.sleep(0.01)
