@@ -109,6 +109,16 @@ def assert_agree(path: str, ledger: str, acked: list[int]) -> None:
             assert (ops["charge", key], ops["refund", key], shown) == want, (a, ops)
 
 
+def recover_refunds_once(path: str, ledger: str, acked: list[int], action: str) -> None:
+    """`walstore recover --handlers` succeeds, the store and the ledger then agree, and
+    ``action``'s compensation ran (its state "compensated")."""
+    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
+    assert rec.returncode == 0, (rec.stdout, rec.stderr)
+    assert_agree(path, ledger, acked)
+    with walstore.open(path, readonly=True) as s:
+        assert s.get_action(action).state == "compensated"
+
+
 def test_a_revert_run_again_says_it_was_undone_already_not_use_cascade(tmp_path):
     """A `revert` killed after its commit (its refund not run), then run again as an
     operator does: it refuses the crashed store (run `recover`), `recover --handlers`
@@ -281,11 +291,7 @@ def test_a_revert_interrupted_after_its_commit_says_it_committed(tmp_path):
         f"walstore: revert committed (transaction 5, undoing transactions [2]), then was "
         f"interrupted (Ctrl-C); 1 compensation(s) not run yet are owed: `walstore recover "
         f"{path} --handlers MODULE` runs them"), r.stderr
-    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
-    assert rec.returncode == 0, (rec.stdout, rec.stderr)
-    assert_agree(path, ledger, acked)
-    with walstore.open(path, readonly=True) as s:
-        assert s.get_action("2.1").state == "compensated"
+    recover_refunds_once(path, ledger, acked, "2.1")
 
 
 def test_a_rollback_prepared_interrupted_once_decided_says_it_rolled_back(tmp_path):
@@ -301,8 +307,6 @@ def test_a_rollback_prepared_interrupted_once_decided_says_it_rolled_back(tmp_pa
         f"walstore: rollback-prepared: rolled back g1, then was interrupted (Ctrl-C); 1 "
         f"compensation(s) not run yet are owed: `walstore recover {path} --handlers "
         f"MODULE` runs them"), r.stderr
-    rec = cli("recover", path, "--handlers", HANDLERS, "--json")
-    assert rec.returncode == 0, (rec.stdout, rec.stderr)
-    assert_agree(path, ledger, acked)
+    recover_refunds_once(path, ledger, acked, "5.1")
     with walstore.open(path, readonly=True) as s:
-        assert s.get_action("5.1").state == "compensated" and s.prepared() == []
+        assert s.prepared() == []
