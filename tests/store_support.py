@@ -63,3 +63,15 @@ def commit_recording_outcome(s, key, value, outcome: dict) -> None:
         outcome[key] = "ok"
     except BaseException as e:  # noqa: BLE001 - the test sorts them out
         outcome[key] = e
+
+
+def run_beside(workers: list, background, stop) -> None:
+    """Start the ``background`` thread, then the ``workers``; once every worker has
+    finished, set ``stop`` (the event the background thread's loop watches) and join it."""
+    background.start()
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    stop.set()
+    background.join()

@@ -34,6 +34,7 @@ import pytest
 import walstore
 from walstore import clock
 
+from store_support import run_beside
 from test_audit67_clock import _REAL_TIME, _commit, _shipping_store, _step_everywhere
 
 
@@ -174,14 +175,7 @@ def test_a_restore_to_a_time_of_a_busy_normal_log_is_never_refused_and_exact(
                 s.restore_point(f"p{k}")
                 k += 1
         threads = [threading.Thread(target=writer, args=(n,)) for n in range(3)]
-        rp = threading.Thread(target=points)
-        rp.start()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        stop.set()
-        rp.join()
+        run_beside(threads, threading.Thread(target=points), stop)
         log = list(reversed(s.log()))  # (oldest first)
         s.sync_replica(timeout=30)
         states = {t.txid: dict(s.at(t.txid).scan()) for t in log}

@@ -29,6 +29,7 @@ from agents.extensions.memory.advanced_sqlite_session import AdvancedSQLiteSessi
 from agents.memory import Session, SessionSettings, SQLiteSession  # noqa: E402
 
 from walstore.integrations.openai_agents import WalstoreSession  # noqa: E402
+from store_support import run_beside  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -554,15 +555,8 @@ def test_concurrent_threads_session_objects_and_a_conflicting_writer(store, monk
         asyncio.run(go())
 
     monkeypatch.setattr(walstore.Transaction, "commit", counting_commit)
-    m = threading.Thread(target=meddler)
-    m.start()
-    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    stop.set()
-    m.join()
+    run_beside([threading.Thread(target=writer, args=(w,)) for w in range(4)],
+               threading.Thread(target=meddler), stop)
     check_batches(run(WalstoreSession("busy", store).get_items()), 4, 12, 4)
     print(f"{len(conflicts)} optimistic conflicts retried")
 
