@@ -1,7 +1,8 @@
 """Test support: looking at a store from outside — which files of a directory hold some
 bytes (an erasure's proof), one key of a copy read through a read-only open, and the
 CLI run as a real process of this checkout (tests/test_purge.py,
-test_replication_pitr.py, test_replication_follow_*.py)."""
+test_replication_pitr.py, test_replication_follow_*.py); a commit recording its outcome
+and a background thread run beside worker threads (the concurrency tests)."""
 from __future__ import annotations
 
 import os
