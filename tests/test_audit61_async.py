@@ -183,7 +183,12 @@ def test_async_with_saver_closes_off_the_loop_so_a_body_awaiting_the_loop_commit
     ``run_coroutine_threadsafe``) could not finish meanwhile: 5 s with the loop held,
     then 'their results cannot be logged', the charge made and the next open refunding
     it with result=None (probe: run 5.5 s, action 'compensated').  The exit now closes
-    in a worker thread: the body finishes, its transaction commits, nothing refunded."""
+    in a worker thread: the body finishes and its result is logged.  What comes after the
+    body (the put, the commit) races the close, which leaves another live thread's
+    transaction as a crash leaves it (``AgentHooks.roll_back_open``): it commits, or it
+    is cut off (StoreClosed) and the next open refunds the charge once, WITH its logged
+    result — never with result=None.  (Asserted as "committed" only, it failed once in a
+    CI run under load: the close won the race, stop 67.)"""
     import warnings
     from walstore.integrations.langgraph import WalstoreSaver
 
@@ -205,11 +210,16 @@ def test_async_with_saver_closes_off_the_loop_so_a_body_awaiting_the_loop_commit
             store = saver.store
 
             def book() -> None:
-                with store.transaction() as tx:
-                    with tx.action("charge", compensate="refund") as act:
-                        entered.set()
-                        act.result = asyncio.run_coroutine_threadsafe(charge(), loop).result()
-                    tx.put("paid", True)
+                try:
+                    with store.transaction() as tx:
+                        with tx.action("charge", compensate="refund") as act:
+                            entered.set()
+                            act.result = asyncio.run_coroutine_threadsafe(charge(),
+                                                                          loop).result()
+                        tx.put("paid", True)
+                except walstore.StoreClosed:
+                    outcome.append("cut off by the close")
+                    return
                 outcome.append("committed")
 
             task = asyncio.ensure_future(asyncio.to_thread(book))
@@ -219,12 +229,19 @@ def test_async_with_saver_closes_off_the_loop_so_a_body_awaiting_the_loop_commit
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         asyncio.run(main())
-    assert outcome == ["committed"] and ledger == ["charge"]
+    assert ledger == ["charge"] and len(outcome) == 1, outcome
     refunds: list = []
     with walstore.open(path, compensators={"refund": refunds.append}) as store:
-        assert store.get("paid") is True
-        assert [(a.name, a.state) for a in store.actions()] == [("charge", "committed")]
-    assert refunds == []
+        if outcome == ["committed"]:
+            assert store.get("paid") is True
+            assert [(a.name, a.state) for a in store.actions()] == [("charge", "committed")]
+        else:  # (its result logged before the close: the refund knows what it undoes)
+            assert store.get("paid") is None
+            assert [(a.name, a.state) for a in store.actions()] == [("charge", "compensated")]
+    if outcome == ["committed"]:
+        assert refunds == []
+    else:
+        assert [a.result for a in refunds] == [{"id": 1}], refunds
 
 
 def test_a_mutation_cancelled_while_queued_for_a_worker_never_runs(tmp_path):
