@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import click
 
@@ -48,17 +48,8 @@ def revert(path: str, txid: int, cascade: bool, handlers: str | None, as_json: b
     with _said_if_committed(path) as undo:  # (see COMMITTED)
         with open_store(path, recover="manual", compensators=comps) as store:  # (UNRECOVERED)
             undo.watch(store)
-            try:
-                info = undo.info = store.revert(txid, cascade=cascade)
-            except KeyboardInterrupt:
-                undo.committed()  # (looked up while the store is open)
-                raise
-            except walstore.CompensationFailed as e:
-                fail(f"reverted, but {e}")
-            except walstore.RevertConflict as e:
-                raise _in_cli_words(e) from None
-            except ValueError as e:  # (see REFUSED)
-                fail(f"revert failed: {e}")
+            info = undo.info = _undo_said(
+                undo, "revert", "reverted", lambda: store.revert(txid, cascade=cascade))
             owed = undo.owed = still_owed(store, info.extra.get("compensate", ()) if info
                                           else ())
             registered = dict(store.compensators)
@@ -87,22 +78,16 @@ def rewind(path: str, to: Any, scope: str | bytes | None, dry_run: bool, handler
     with _said_if_committed(path) as undo, opened as store:  # (see COMMITTED)
         if not dry_run:
             undo.watch(store)
-        try:
+
+        def plan_or_rewind() -> Any:
             point = settle_point(store.restore_points(), to)
             if dry_run:  # (beside a live writer: its file history applied first)
-                result = _engine.while_writer_applies(
+                return _engine.while_writer_applies(
                     store, lambda: store.rewind(point, scope=scope, dry_run=True))
-            else:
-                result = undo.info = store.rewind(point, scope=scope, dry_run=False)
-        except KeyboardInterrupt:
-            undo.committed()  # (looked up while the store is open)
-            raise
-        except walstore.CompensationFailed as e:
-            fail(f"rewound, but {e}")
-        except walstore.RevertConflict as e:
-            raise _in_cli_words(e) from None
-        except ValueError as e:  # (see REFUSED)
-            fail(f"rewind failed: {e}")
+            undo.info = store.rewind(point, scope=scope, dry_run=False)
+            return undo.info
+
+        result = _undo_said(undo, "rewind", "rewound", plan_or_rewind)
         owed = undo.owed = [] if dry_run or result is None else still_owed(
             store, result.extra.get("compensate", ()))
         registered = dict(store.compensators)
@@ -172,6 +157,24 @@ def _said_if_committed(path: str) -> Iterator[_Undo]:
         fail(f"{command} committed (transaction {info.txid}, undoing transactions "
              f"[{some(info.extra.get('reverts', []))}]), then was interrupted (Ctrl-C)"
              f"{tail}", EXIT_INTERRUPTED, "KeyboardInterrupt")
+
+
+def _undo_said(undo: _Undo, verb: str, done: str, call: Callable[[], Any]) -> Any:
+    """``call()``, the undo of a revert or rewind (VERB), its refusals said in the command
+    line's words: a failed compensation after the undo committed ("DONE, but ..."), a
+    RevertConflict with the CLI's advice, a ValueError (see REFUSED) exit 1. A Ctrl-C
+    looks up whether the undo committed while the store is still open (see COMMITTED)."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        undo.committed()  # (looked up while the store is open)
+        raise
+    except walstore.CompensationFailed as e:
+        fail(f"{done}, but {e}")
+    except walstore.RevertConflict as e:
+        raise _in_cli_words(e) from None
+    except ValueError as e:  # (see REFUSED)
+        fail(f"{verb} failed: {e}")
 
 
 def _in_cli_words(e: walstore.RevertConflict) -> walstore.RevertConflict:
