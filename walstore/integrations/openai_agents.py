@@ -106,7 +106,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from urllib.parse import quote, unquote
 
-from .. import LSN, ConflictError, SnapshotTooOld, TxnInfo, UnknownPoint, WalstoreError
+from .. import (LSN, ConflictError, ErasureOwed, SnapshotTooOld, TxnInfo, UnknownPoint,
+               WalstoreError)
 from ..codec import MAX_KEY_BYTES, pack_value
 from ._async import finish_despite_cancel
 from ._checks import check_store as _check_store
@@ -670,24 +671,45 @@ class WalstoreSession:
 
     async def erase(self) -> None:
         """Delete the session for good (a user's right to be forgotten; LangGraph's
-        ``delete_thread``): its restore points are dropped, then ``store.purge(scope)``
-        erases its items, branches, current branch and tool state (``key()``) and every
-        past version of them, from every API and every file of the store directory.  It
-        cannot be rewound or reverted.  Kept, as by any purge: the meta of the session's
-        committed transactions (``{"openai_session": session_id, "op": ...}``) and the
-        args and results of actions its tools registered (``tx.action``); copies outside
-        the store directory (backups, replicas).  The object stays usable: an empty session.
+        ``delete_thread``): ``store.purge(scope)`` erases its items, branches, current
+        branch and tool state (``key()``) and every past version of them, from every API
+        and every file of the store directory; then its restore points are dropped (and,
+        when it had some, an empty purge of the scope runs again, so their names leave
+        the store's files too).  It cannot be rewound or reverted.  A purge that fails
+        before its commit (a full disk) leaves the session whole, its restore points
+        included; one that committed but could not drop the points (``ErasureOwed``, a
+        store turned read-only) leaves them to a retried ``erase()``, which finishes.
+        Kept, as by any purge: the meta of the session's committed transactions
+        (``{"openai_session": session_id, "op": ...}``) and the args and results of
+        actions its tools registered (``tx.action``); copies outside the store directory
+        (backups, replicas).  The object stays usable: an empty session.
         """
         self._check_open()
 
-        def work() -> None:
+        def drop_points() -> bool:
+            dropped = False
             for name in self.store.restore_points():
                 if name.startswith(self._prefix):
                     try:
                         self.store.drop_restore_point(name)
+                        dropped = True
                     except UnknownPoint:
                         pass   # dropped meanwhile by another caller
-            self.store.purge(self._prefix)
+            return dropped
+
+        def work() -> None:
+            # (the purge first: the points went first before, and a purge failing at its
+            # commit left them gone with the items all there, audit 68)
+            try:
+                self.store.purge(self._prefix)
+            except ErasureOwed:  # (committed: the items are gone, so the points go too)
+                try:
+                    drop_points()
+                except WalstoreError:
+                    pass   # (a read-only store: the purge's error says so; a retry ends it)
+                raise
+            if drop_points():  # (their drop records name them: erased with the WAL they
+                self.store.purge(self._prefix)  # are in, by the purge's checkpoint)
         await finish_despite_cancel(work)
 
     # ---- restore points and rewind ----------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Audit 68: the defects stop 67's closing note left alone, each fixed, its test below.
+
+- walstore/integrations/openai_agents.py: ``WalstoreSession.erase()`` dropped the session's
+  restore points before it purged; a purge that failed (a full disk at its commit) left
+  the points gone and the items still there.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import walstore  # noqa: E402
+from tools.faults import FaultBackend, installed  # noqa: E402
+
+
+class FailingPurgeCommit(FaultBackend):
+    """A disk that fills exactly at the purge's commit record: a WAL write carrying the
+    purge's range fails with ENOSPC (every other write goes through)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = 0
+
+    def pwrite(self, fd: int, data, offset: int) -> int:
+        if b"purge_range" in bytes(data) and str(self.path_of(fd)).endswith(".wal"):
+            self.failed += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path_of(fd))
+        return super().pwrite(fd, data, offset)
+
+
+# ---- 1. WalstoreSession.erase() -------------------------------------------------------------
+def test_erase_that_fails_keeps_the_session_whole_and_a_retry_finishes(tmp_path):
+    """Before: erase() dropped the restore points first; a purge failing at its commit
+    (ENOSPC) left the session's items there and its restore points gone (a rewind to
+    them impossible though nothing was erased)."""
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+    path = str(tmp_path / "s")
+    item = {"role": "user", "content": "ITEMMARKER"}
+
+    async def go():
+        store = walstore.open(path)
+        s = WalstoreSession("u1", store)
+        await s.add_items([item])
+        await s.restore_point("before-POINTMARKER")
+        fb = FailingPurgeCommit()
+        with installed(fb):
+            with pytest.raises(walstore.WalstoreError):
+                await s.erase()
+        assert fb.failed >= 1
+        store.close()
+        store = walstore.open(path)
+        s = WalstoreSession("u1", store)
+        assert await s.get_items() == [item]                   # nothing erased...
+        assert list(await s.restore_points()) == ["before-POINTMARKER"]  # ...points kept
+        await s.erase()                                        # a retry finishes
+        assert await s.get_items() == [] and await s.restore_points() == {}
+        store.close()
+    asyncio.run(go())
+    for marker in (b"ITEMMARKER", b"POINTMARKER"):
+        hits = [f for f in Path(path).rglob("*") if f.is_file() and marker in f.read_bytes()]
+        assert hits == [], (marker, hits)
