@@ -69,3 +69,30 @@ def test_erase_that_fails_keeps_the_session_whole_and_a_retry_finishes(tmp_path)
     for marker in (b"ITEMMARKER", b"POINTMARKER"):
         hits = [f for f in Path(path).rglob("*") if f.is_file() and marker in f.read_bytes()]
         assert hits == [], (marker, hits)
+
+
+# ---- 2. WalstoreSaver.copy_thread cut short -------------------------------------------------
+def test_copy_thread_cut_short_holds_what_its_docstring_says(tmp_path):
+    """The docstring said a copy cut short "holds the source's oldest checkpoints, each
+    complete", though the newest copied one comes without its pending writes (they go
+    in the next checkpoint's transaction, as the source saved them).  Cut after two
+    transactions: checkpoints 0 and 1 copied, 0 with its write, 1 without."""
+    pytest.importorskip("langgraph")
+    from test_audit59_langgraph import _thread_of_three
+    from walstore.integrations.langgraph import WalstoreSaver
+    doc = " ".join(WalstoreSaver.copy_thread.__doc__.split())
+    assert "each complete" not in doc
+    assert "newest of them without its pending writes" in doc
+    with walstore.open(str(tmp_path / "s")) as store:
+        saver, made = _thread_of_three(store)
+        fb = FaultBackend()
+        fb.fail_point("commit.after_durable", KeyboardInterrupt, nth=2)  # (a Ctrl-C)
+        with installed(fb):
+            with pytest.raises(KeyboardInterrupt):
+                saver.copy_thread("t", "dst")
+        copied = {c.config["configurable"]["checkpoint_id"]: c.pending_writes
+                  for c in saver.list({"configurable": {"thread_id": "dst"}})}
+        ids = [m["configurable"]["checkpoint_id"] for m in made]
+        assert set(copied) == set(ids[:2])
+        assert [w[1:] for w in copied[ids[0]]] == [("x", 0)]
+        assert copied[ids[1]] == []

@@ -1507,8 +1507,13 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
         range).  So the copy's checkpoints were saved one after another, as the source's
         were, and :meth:`rewind` of the copy to any of them leaves exactly that one as
         its head (one transaction for all would make every copied checkpoint the same
-        moment).  A copy cut short by a crash holds the source's oldest checkpoints, each
-        complete.
+        moment).  A copy cut short by a crash (or an error) holds the source's oldest
+        checkpoints, each with its blobs and run entries and every one but the newest of
+        them with its pending writes: the newest of them without its pending writes (they
+        come in the next transaction, as the source's came after its save; a graph
+        resumed from it runs that step's tasks again, as after a crash between a ``put``
+        and its ``put_writes``).  Carrying them in the checkpoint's own transaction
+        would make a rewind of the copy to it keep writes a rewind of the source undoes.
 
         The target must be a thread with nothing stored: a target that already has
         checkpoints or pending writes (the source itself included) raises ValueError
