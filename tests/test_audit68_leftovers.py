@@ -96,3 +96,25 @@ def test_copy_thread_cut_short_holds_what_its_docstring_says(tmp_path):
         assert set(copied) == set(ids[:2])
         assert [w[1:] for w in copied[ids[0]]] == [("x", 0)]
         assert copied[ids[1]] == []
+
+
+# ---- 3. WalstoreStore: a TTL renewal that failed ------------------------------------------
+def test_a_failed_ttl_renewal_is_reported_and_the_read_keeps_its_answer(tmp_path):
+    """A read's TTL renewal (``refresh_on_read``) meeting a full disk: the read returns
+    the item (audit 67), but the renewal's failure was swallowed without a word, the item
+    left to expire on its old schedule.  Now a RuntimeWarning names the item and the
+    cause."""
+    from test_audit67_integrations import _store_with_a_ttl_item
+    s, st = _store_with_a_ttl_item(str(tmp_path / "s"), other_scope=False)
+    fb = FaultBackend()
+    rule = fb.fail("pwrite", errno.ENOSPC, path="*.wal")
+    try:
+        with installed(fb):
+            with pytest.warns(RuntimeWarning) as seen:
+                item = st.get(("m",), "x")
+        assert rule.fired == 1 and item is not None and item.value == {"v": 1}
+        text = " ".join(str(w.message) for w in seen)
+        assert "('m',)" in text and "'x'" in text and "WalWriteError" in text, text
+        assert "No space left on device" in text, text
+    finally:
+        s._drop_like_a_crash()

@@ -460,11 +460,23 @@ class WalstoreStore(BaseStore):
         the items the expiry they had, as on a read-only store, and is no failure of the
         batch.  (It raised out of ``batch``: a get lost its answer to a WalWriteError or
         a CommitOutcomeUnknown, and a batch whose puts had committed was reported failed,
-        "nothing of it was logged" — audit 67.)"""
+        "nothing of it was logged" — audit 67.)  The failure is said, as a RuntimeWarning
+        naming the items and the cause (it was swallowed without a word: the items went
+        on to expire on their old schedule unseen, audit 68)."""
         try:
             self._refresh_items(touched)
-        except WalstoreError:
-            pass
+        except WalstoreError as e:
+            named = []
+            for key, rec in list(touched.items())[:3]:
+                try:
+                    named.append("{!r}/{!r}".format(*self._names(key, rec)))
+                except (KeyError, IndexError, TypeError, ValueError):  # (not its layout)
+                    named.append(repr(key))
+            more = f" and {len(touched) - 3} more" if len(touched) > 3 else ""
+            warnings.warn(f"walstore store {self.store.path}: renewing the TTL of "
+                          f"{', '.join(named)}{more} on read failed "
+                          f"({type(e).__name__}: {e}); the read's answer stands, and the "
+                          f"items keep the expiry they had", RuntimeWarning, stacklevel=3)
 
     def _refresh_items(self, touched: dict[bytes, dict]) -> None:
         """Renew the TTL of items a read returned, each as it is now: one transaction per
