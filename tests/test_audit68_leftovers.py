@@ -118,3 +118,83 @@ def test_a_failed_ttl_renewal_is_reported_and_the_read_keeps_its_answer(tmp_path
         assert "No space left on device" in text, text
     finally:
         s._drop_like_a_crash()
+
+
+# ---- 4. read-only verbs on a store this user may not write --------------------------------
+def _as_reader(args: list[str]):
+    """The CLI run as a user who may not write the store: nobody when the tests run as
+    root (root ignores mode bits), else this user (the store's modes deny it writes)."""
+    import subprocess
+    from store_support import cli_env
+    if os.getuid() == 0:
+        import shutil
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: no user to whom the modes apply")
+        pre = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+    else:
+        pre = []
+    return subprocess.run(pre + [sys.executable, "-m", "walstore", *args], env=cli_env(),
+                          capture_output=True, text=True, timeout=60, cwd="/")
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory any user may enter (a test's tmp_path is root's alone under root)."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="walstore-ro-")
+    os.chmod(d, 0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _modes(root: str, files: int, dirs: int, owner: int | None = None) -> None:
+    for d, _ds, names in os.walk(root):
+        for n in names:
+            if owner is not None:
+                os.chown(os.path.join(d, n), owner, -1)
+            os.chmod(os.path.join(d, n), files)
+        if owner is not None:
+            os.chown(d, owner, -1)
+        os.chmod(d, dirs)
+
+
+def test_read_only_verbs_read_a_store_its_user_may_not_write(shared_dir):
+    """Before: ``walstore get/scan/log/stats/verify`` of a store whose files are 0400 and
+    directories 0500 failed "cannot open the LMDB environment: Permission denied": a
+    read-only open still took LMDB's lock file.  Now, with no writer able to run (the
+    store's writer lock held shared meanwhile), LMDB is read without its lock table."""
+    import pwd
+    path = os.path.join(shared_dir, "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", "VALUE-A")
+    owner = pwd.getpwnam("nobody").pw_uid if os.getuid() == 0 else None
+    _modes(path, 0o400, 0o500, owner)
+    try:
+        for verb, want in (("get", "VALUE-A"), ("scan", "VALUE-A"), ("log", "1"),
+                           ("stats", "applied_lsn"), ("verify", "ok")):
+            args = [verb, path] + (["a"] if verb == "get" else [])
+            r = _as_reader(args)
+            assert r.returncode == 0 and want in r.stdout, (verb, r.stdout, r.stderr)
+    finally:
+        _modes(path, 0o600, 0o700)
+
+
+def test_read_only_open_beside_a_live_writer_it_cannot_hold_out_says_why(shared_dir):
+    """The lock-free read is refused while a writer runs (its pages would be reused under
+    a reader it cannot see): one line saying why and what to do, exit 1."""
+    path = os.path.join(shared_dir, "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", "VALUE-A")
+        s.checkpoint()
+        _modes(path, 0o444, 0o555)  # (readable by the reader; the writer is root or owner)
+        try:
+            r = _as_reader(["get", path, "a"])
+        finally:
+            _modes(path, 0o600, 0o700)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a writer has the store open" in lines[0], r.stderr
+    assert "db/lock.mdb" in lines[0] and "Traceback" not in r.stderr

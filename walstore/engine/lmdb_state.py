@@ -69,6 +69,7 @@ import inspect
 import mmap
 import os
 import shutil
+import stat
 import struct
 import threading
 import time
@@ -308,6 +309,60 @@ class _Slot:
         self.thread = threading.current_thread()
 
 
+# a read-only open that may not use LMDB's lock file (it cannot be written by this user,
+# or the file system is read-only): LMDB's readers need it (their table) unless no writer
+# can run meanwhile, which holding the store's writer lock shared ensures (_hold_out_writers)
+_NO_LOCK_FILE = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _hold_out_writers(db_dir: str, err: "lmdb.Error") -> int:
+    """For a read-only open whose LMDB lock file cannot be used (``err``: EACCES, EROFS):
+    the store's writer lock (its LOCK file) taken shared and kept, its fd, so that LMDB
+    can be read without a lock table (``lock=False``: nothing tells a writer of those
+    readers, whose pages it would reuse under them) while no writer can start (a
+    writer's open waits out a shared holder, then is refused as locked).  A live writer,
+    or a writer lock this user cannot read, is a StoreIOError saying so: a store
+    (SQLite's files alike) whose files this user may not write is read while nothing
+    writes it."""
+    from .layout import held_flock
+    root = os.path.dirname(db_dir)
+    lock = os.path.join(root, "LOCK")
+    why = os.strerror(os_errno(err) or errno.EACCES)
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise StoreIOError(errno.EACCES, f"cannot open the store at {root} read-only: its "
+                           f"LMDB lock file (db/lock.mdb) cannot be used ({why}), and its "
+                           f"writer lock (LOCK) cannot be read ({e.strerror or e}) to make "
+                           f"sure no writer runs meanwhile; open it as a user who may write "
+                           f"db/lock.mdb, or read a copy", lock) from None
+    held_flock(fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        _let_go(fd)
+        live = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+        raise StoreIOError(errno.EACCES, f"cannot open the store at {root} read-only: its "
+                           f"LMDB lock file (db/lock.mdb) cannot be used ({why}), which a "
+                           f"reader needs while "
+                           + ("a writer has the store open (it does now): read it as a user "
+                              "who may write db/lock.mdb, or once the writer has closed it"
+                              if live else f"a writer may run, and the writer lock (LOCK) "
+                              f"cannot be held ({e.strerror or e})"), lock) from None
+    return fd
+
+
+def _let_go(fd: int | None) -> None:
+    """Close a writer lock fd held by ``_hold_out_writers`` (its shared lock goes)."""
+    if fd is None:
+        return
+    from .layout import let_go_flock
+    let_go_flock(fd)
+    os.close(fd)
+
+
 def _preallocate_lock(db_dir: str) -> None:
     """Give ``db_dir/lock.mdb`` its blocks before LMDB maps it.  LMDB makes the lock file
     by ``ftruncate`` (sparse) and writes it only through a shared mmap: on a full disk the
@@ -458,14 +513,24 @@ class LmdbState:
         _preallocate_lock(path)
         # (before LMDB opens the files, see reopen; files the open creates: after it)
         file_id = _file_id(self.data_file)
+        held = None  # the writer lock's fd held shared by a lock-free read (see below)
         try:
             try:
                 env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, readonly)
             except lmdb.Error as e:
-                size = None if map_size else _fallback_map_size(e, self.data_file)
-                if size is None:
-                    raise
-                env = self._first_env(path, size, readonly)
+                if readonly and os_errno(e) in _NO_LOCK_FILE:
+                    held = _hold_out_writers(path, e)
+                    try:
+                        env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, True,
+                                              lock=False)
+                    except BaseException:
+                        _let_go(held)
+                        raise
+                else:
+                    size = None if map_size else _fallback_map_size(e, self.data_file)
+                    if size is None:
+                        raise
+                    env = self._first_env(path, size, readonly)
         except lmdb.Error as e:
             if "already open in this process" in str(e):  # (py-lmdb's own registry)
                 raise WalstoreError(
@@ -494,15 +559,17 @@ class LmdbState:
                                             f"{e.strerror or e}", path) from e
         shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
-                  "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file)}
+                  "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file),
+                  "held_out": held}
         self._open_tables(shared)
         return shared
 
     @staticmethod
-    def _first_env(path: str, map_size: int, readonly: bool) -> lmdb.Environment:
+    def _first_env(path: str, map_size: int, readonly: bool, lock: bool = True
+                   ) -> lmdb.Environment:
         return open_env(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True,
                         readonly=readonly, sync=True, metasync=False, map_async=False,
-                        writemap=False, lock=True, max_readers=MAX_READERS,
+                        writemap=False, lock=lock, max_readers=MAX_READERS,
                         create=not readonly, mode=0o600)
 
     @staticmethod
@@ -1087,6 +1154,7 @@ class LmdbState:
                 LmdbState._registry.pop(self.path, None)
                 # (py-lmdb's close waits for LMDB calls in flight: readers held out)
                 self.gate.exclusive(self._shared["env"].close)
+                _let_go(self._shared.get("held_out"))  # (writers may start now)
             self._shared = {}
             # the environment may stay open for the process's other handles of the store (a
             # read-only one): this handle's readers (a closed store's scan iterators and
