@@ -198,3 +198,47 @@ def test_read_only_open_beside_a_live_writer_it_cannot_hold_out_says_why(shared_
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "a writer has the store open" in lines[0], r.stderr
     assert "db/lock.mdb" in lines[0] and "Traceback" not in r.stderr
+
+
+# ---- 5. a backup / restore killed once its copy is in place, run again --------------------
+# The CLI, SIGKILLed right after it synced the directory holding DEST (argv[3]): a backup's
+# or a restore's complete copy just moved in place.
+KILLED_ONCE_IN_PLACE = r"""
+import os, signal, sys
+from walstore import fileio
+from walstore.cli import main
+parent = os.path.dirname(os.path.abspath(sys.argv[3]))
+class Kill(fileio.OSBackend):
+    def fsync_dir(self, path):
+        super().fsync_dir(path)
+        if os.path.abspath(path) == parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+fileio.set_backend(Kill())
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("verb", ["backup", "restore"])
+def test_a_rerun_into_a_dest_a_killed_copy_filled_says_it_holds_a_store(tmp_path, verb):
+    """A `walstore backup` / `restore` killed (SIGKILL) right after its complete copy was
+    moved in place, run again: it was refused "exists and is not empty" and nothing more.
+    It says DEST holds a walstore store, whether it opens, and what to do."""
+    import subprocess
+    from test_audit67_operator import _env, charged_store, cli
+    path, _ledger, _acked = charged_store(tmp_path, 2)
+    dest = str(tmp_path / "dest")
+    src = path
+    if verb == "restore":
+        src = (tmp_path / "rep").as_uri()
+        r = cli("replicate", path, src, "--once")
+        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", KILLED_ONCE_IN_PLACE, verb, src, dest],
+                       capture_output=True, text=True, env=_env(), timeout=60)
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    again = cli(verb, src, dest)
+    assert again.returncode == 2, (again.returncode, again.stderr)
+    line = again.stderr.strip()
+    assert len(line.splitlines()) == 1, line
+    assert "exists and is not empty: it holds a walstore store, which opens" in line, line
+    assert (f"walstore verify {dest}" in line) or (f"walstore recover {dest}" in line), line
+    assert "remove it" in line, line

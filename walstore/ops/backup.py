@@ -110,7 +110,8 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         with _writing("the backup's directory", dest):
             sweep_dead_scratch(dest, STAGING)  # (a killed backup's, before the check)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        raise NotAStore(f"backup destination {dest} exists and is not empty")
+        raise NotAStore(f"backup destination {dest} exists and is not empty"
+                        + what_dest_holds(dest, "backup"))
     base = dest if inside else os.path.dirname(dest)
     with _writing("the backup's directory", base):
         fileio.make_dir(base, own=inside)  # (DEST's parent is the user's: its mode stays)
@@ -173,6 +174,30 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
 
 
 STAGING = ".incomplete-backup-"  # <dest><STAGING><pid>-...: the copy until it is complete
+
+
+def what_dest_holds(dest: str, verb: str) -> str:
+    """The note on a DEST refused as not empty (``verb``: "backup" or "restore") when it
+    holds a walstore store: whether it opens (read-only), and what to do.  A backup or
+    restore killed right after it moved its complete copy in place leaves one, and the
+    run again was refused "exists and is not empty" with no word of it (audit 68).
+    "" when DEST holds no store."""
+    if not os.path.isdir(dest) or not os.path.exists(os.path.join(dest, "STORE")):
+        return ""
+    from .. import open as open_store  # (the package's open: a read-only look)
+    try:
+        with open_store(dest, readonly=True) as s:
+            owed = s.needs_recovery()
+    except WalstoreError as e:
+        return (f": it holds a walstore store that does not open ({e}); remove it and run "
+                f"the {verb} again")
+    if owed:
+        return (f": it holds a walstore store, which opens and owes its recovery (a {verb} "
+                f"cut off once its copy was in place leaves one): `walstore recover {dest}` "
+                f"finishes it, or remove it and run the {verb} again")
+    return (f": it holds a walstore store, which opens (perhaps the complete copy of a "
+            f"{verb} cut off once it was in place): check it (`walstore verify {dest}`) "
+            f"and keep it, or remove it and run the {verb} again")
 
 
 def _install(stage: str, dest: str) -> None:

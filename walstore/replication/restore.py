@@ -821,7 +821,9 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
     if inside:  # (what a killed restore staged inside DEST, before DEST is checked)
         sweep_dead_scratch(dest, staging)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-        taken = _DestTaken(f"restore destination {dest} exists and is not empty")
+        from ..ops.backup import what_dest_holds
+        taken = _DestTaken(f"restore destination {dest} exists and is not empty"
+                           + what_dest_holds(dest, "restore"))
         taken.usage = True  # (found before anything was done: the command line's usage
         raise taken         # error, exit 2, as backup's; a race lost later is not)
     tgt = target if target is not None else open_target(url, opts)
