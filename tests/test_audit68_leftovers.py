@@ -242,3 +242,28 @@ def test_a_rerun_into_a_dest_a_killed_copy_filled_says_it_holds_a_store(tmp_path
     assert "exists and is not empty: it holds a walstore store, which opens" in line, line
     assert (f"walstore verify {dest}" in line) or (f"walstore recover {dest}" in line), line
     assert "remove it" in line, line
+
+
+# ---- 6. a backup into a directory it may not write ------------------------------------------
+def test_a_backup_into_an_unwritable_directory_says_no_copy_was_made(shared_dir):
+    """Before: "writing the backup's directory failed (Permission denied); the partial
+    copy was removed", when no copy had been begun.  Now it says none was made."""
+    import pwd
+    path = os.path.join(shared_dir, "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    if os.getuid() == 0:
+        _modes(path, 0o600, 0o700, pwd.getpwnam("nobody").pw_uid)  # (the reader's own)
+    closed = os.path.join(shared_dir, "closed")
+    os.mkdir(closed, 0o555)
+    os.chmod(closed, 0o555)
+    dest = os.path.join(closed, "bk")
+    try:
+        r = _as_reader(["backup", path, dest])
+    finally:
+        _modes(path, 0o600, 0o700, 0 if os.getuid() == 0 else None)
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert "Permission denied" in line and "no copy was made" in line, line
+    assert "partial copy" not in line and not os.path.exists(dest), line

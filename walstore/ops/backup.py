@@ -107,13 +107,13 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
     dest = os.path.abspath(dest)
     inside = fileio.stage_inside(dest)  # (a mount point's root, an unwritable parent)
     if inside:
-        with _writing("the backup's directory", dest):
+        with _writing("the backup's directory", dest, NO_COPY):
             sweep_dead_scratch(dest, STAGING)  # (a killed backup's, before the check)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise NotAStore(f"backup destination {dest} exists and is not empty"
                         + what_dest_holds(dest, "backup"))
     base = dest if inside else os.path.dirname(dest)
-    with _writing("the backup's directory", base):
+    with _writing("the backup's directory", base, NO_COPY):
         fileio.make_dir(base, own=inside)  # (DEST's parent is the user's: its mode stays)
         stem = fileio.scratch_stem(os.path.basename(dest))  # (within NAME_MAX)
         prefix = STAGING if inside else f"{stem}{STAGING}"
@@ -213,7 +213,7 @@ def _install(stage: str, dest: str) -> None:
                 raise NotAStore(f"backup destination {dest} exists and is not empty "
                                 f"(filled while the backup ran)") from None
             raise _writing_dest("the backup into place", dest, e) from e
-        with _writing("the backup's directory", dest):
+        with _writing("the backup's directory", dest, IN_PLACE):
             fileio.fsync_dir(os.path.dirname(dest))
 
 
@@ -286,13 +286,22 @@ def _clear_but_blobs(dest: str) -> None:
             os.unlink(p)
 
 
-def _writing_dest(what: str, path: str, e: Exception) -> StoreIOError:
+# what an error writing the copy left (``_writing_dest``'s ``left``)
+PARTIAL = "the partial copy was removed"
+NO_COPY = "no copy was made (nothing was written)"
+IN_PLACE = ("the complete copy is in place, but its name may not be durable yet (a power "
+            "loss could take it back)")
+
+
+def _writing_dest(what: str, path: str, e: Exception, left: str = PARTIAL) -> StoreIOError:
     """An error writing the copy, naming the destination (an LMDB copy's error named no
-    file: the CLI named the source's LMDB, whose device was fine)."""
+    file: the CLI named the source's LMDB, whose device was fine).  ``left``: what the
+    failure left (a backup into a directory it may not write said "the partial copy was
+    removed" when none had been made, audit 68)."""
     code = getattr(e, "errno", None) or _ERRNO_BY_TEXT.get(str(e).rsplit(": ", 1)[-1],
                                                              errno.EIO)
     return StoreIOError(code, f"writing {what} failed ({getattr(e, 'strerror', None) or e}); "
-                              f"the partial copy was removed", path)
+                              f"{left}", path)
 
 
 _ERRNO_BY_TEXT = {os.strerror(n): n for n in errno.errorcode}
@@ -608,7 +617,7 @@ def _zero_from(path: str, offset: int, size: int) -> None:
 
 
 @contextlib.contextmanager
-def _writing(what: str, path: str) -> Iterator[None]:
+def _writing(what: str, path: str, left: str = PARTIAL) -> Iterator[None]:
     """An OSError writing the copy: StoreIOError naming the destination (``_writing_dest``;
     a WalstoreError goes through as it is)."""
     try:
@@ -616,7 +625,7 @@ def _writing(what: str, path: str) -> Iterator[None]:
     except OSError as e:
         if isinstance(e, WalstoreError):
             raise
-        raise _writing_dest(what, path, e) from e
+        raise _writing_dest(what, path, e, left) from e
 
 
 class _BlobGone(str):
