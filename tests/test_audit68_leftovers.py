@@ -267,3 +267,33 @@ def test_a_backup_into_an_unwritable_directory_says_no_copy_was_made(shared_dir)
     line = r.stderr.strip()
     assert "Permission denied" in line and "no copy was made" in line, line
     assert "partial copy" not in line and not os.path.exists(dest), line
+
+
+# ---- 7. a rewind's reverts: a transaction whose keys later undone ones overwrote ----------
+def test_a_revert_of_a_transaction_a_rewind_undid_says_it_was_undone_already(store):
+    """T wrote k, W overwrote k, a rewind to before T undid both but named only W in its
+    ``reverts``; a later ``revert(T)`` said "later transactions [...] changed the same keys
+    (use cascade=True ...)" though the rewind had undone T.  Now T is in ``reverts`` and
+    the revert says T was undone already; the rewind's state is the same."""
+    def put(**kv):
+        with store.transaction() as tx:
+            for k, v in kv.items():
+                tx.put(k, v)
+        return tx.id
+    put(base=0)
+    store.restore_point("p")
+    t = put(k=1, own=1)
+    w = put(k=2, own=2)
+    later = put(k=3)
+    info = store.rewind("p")
+    assert store.get("k") is None and store.get("own") is None and store.get("base") == 0
+    assert set(info.extra["reverts"]) == {t, w, later}, info.extra
+    with pytest.raises(walstore.RevertConflict, match=f"transaction {t} was undone already"):
+        store.revert(t)
+    again = store.rewind("p")  # (a rewind to the point again: nothing to undo, no list)
+    assert again is None
+    u = put(k=4)
+    info2 = store.rewind("p")
+    assert u in info2.extra["reverts"], info2.extra
+    assert not {t, w, later} & set(info2.extra["reverts"]), info2.extra  # (not again)
+    assert store.get("k") is None and store.get("base") == 0

@@ -837,6 +837,16 @@ class Undo:
         for aid in (*plan.needs_redo, *plan.unredo):
             own = int(aid.partition(".")[0])  # the action's transaction, when undone; else
             changed.add(own if own in undone_txids else movers[aid])  # the deciding undo
+        if boundary is not None:
+            # (and those it undoes wholly that no undo had taken back before — not undos
+            # themselves: the rest, another undo's work, is left out as before.  One whose
+            # keys later undone ones all overwrote was left out too, and a later revert of
+            # it said "later transactions changed the same keys (use cascade)" though the
+            # rewind had undone it: audit 68)
+            views = self.engine.views
+            changed.update(i.txid for i in undone_infos
+                           if i.txid not in partly and "reverts" not in i.extra
+                           and not views.undoers_of(i.txid, i.extra))
         plan._changed = changed  # type: ignore[attr-defined]
         plan.keys = sorted((decode_key(k) for k in restore), key=repr)
         plan._restore = restore  # type: ignore[attr-defined]
