@@ -297,3 +297,37 @@ def test_a_revert_of_a_transaction_a_rewind_undid_says_it_was_undone_already(sto
     assert u in info2.extra["reverts"], info2.extra
     assert not {t, w, later} & set(info2.extra["reverts"]), info2.extra  # (not again)
     assert store.get("k") is None and store.get("base") == 0
+
+
+def test_a_writer_cannot_start_under_a_lock_free_reader(shared_dir):
+    """While a reader that may not write the LMDB lock file reads without it, no writer
+    may start (it would reuse pages under that reader, whom it cannot see): the writer's
+    open is refused (StoreLocked) until the reader has closed the store."""
+    import subprocess
+    import time
+    from store_support import cli_env
+    if os.getuid() != 0:
+        pytest.skip("needs a writer who may write what the reader may not (run as root)")
+    path = os.path.join(shared_dir, "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", "VALUE-A")
+    _modes(path, 0o644, 0o755)
+    reader = subprocess.Popen(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         sys.executable, "-c",
+         "import sys, time, walstore\n"
+         "with walstore.open(sys.argv[1], readonly=True) as s:\n"
+         "    print(s.get('a'), flush=True); time.sleep(3)\n", path],
+        env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
+    try:
+        assert reader.stdout.readline().strip() == "VALUE-A", reader.stderr.read()
+        t0 = time.monotonic()
+        with pytest.raises(walstore.StoreLocked):
+            walstore.open(path)
+        assert time.monotonic() - t0 < 2.5  # (refused while the reader still reads)
+    finally:
+        reader.wait(timeout=30)
+        _modes(path, 0o600, 0o700)
+    with walstore.open(path) as s:  # (and once it has closed, the writer opens)
+        assert s.get("a") == "VALUE-A"

@@ -324,7 +324,7 @@ def _hold_out_writers(db_dir: str, err: "lmdb.Error") -> int:
     or a writer lock this user cannot read, is a StoreIOError saying so: a store
     (SQLite's files alike) whose files this user may not write is read while nothing
     writes it."""
-    from .layout import held_flock
+    from .layout import held_flock, let_go_flock
     root = os.path.dirname(db_dir)
     lock = os.path.join(root, "LOCK")
     why = os.strerror(os_errno(err) or errno.EACCES)
@@ -342,7 +342,8 @@ def _hold_out_writers(db_dir: str, err: "lmdb.Error") -> int:
             raise OSError(errno.EINVAL, "not a regular file")
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
-        _let_go(fd)
+        let_go_flock(fd)
+        os.close(fd)
         live = e.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
         raise StoreIOError(errno.EACCES, f"cannot open the store at {root} read-only: its "
                            f"LMDB lock file (db/lock.mdb) cannot be used ({why}), which a "
@@ -354,13 +355,15 @@ def _hold_out_writers(db_dir: str, err: "lmdb.Error") -> int:
     return fd
 
 
-def _let_go(fd: int | None) -> None:
-    """Close a writer lock fd held by ``_hold_out_writers`` (its shared lock goes)."""
-    if fd is None:
+def _let_go(held: tuple[int, int] | None) -> None:
+    """Close the writer lock fd ``_hold_out_writers`` held ((fd, pid)): its shared lock
+    goes.  Not in a forked child: its copy was closed at the fork (layout._forked), and the
+    number may name another file by now."""
+    if held is None or held[1] != os.getpid():
         return
     from .layout import let_go_flock
-    let_go_flock(fd)
-    os.close(fd)
+    let_go_flock(held[0])
+    os.close(held[0])
 
 
 def _preallocate_lock(db_dir: str) -> None:
@@ -519,7 +522,7 @@ class LmdbState:
                 env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, readonly)
             except lmdb.Error as e:
                 if readonly and os_errno(e) in _NO_LOCK_FILE:
-                    held = _hold_out_writers(path, e)
+                    held = (_hold_out_writers(path, e), os.getpid())
                     try:
                         env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, True,
                                               lock=False)
