@@ -1,8 +1,22 @@
 """Audit 68: the defects stop 67's closing note left alone, each fixed, its test below.
 
-- walstore/integrations/openai_agents.py: ``WalstoreSession.erase()`` dropped the session's
-  restore points before it purged; a purge that failed (a full disk at its commit) left
-  the points gone and the items still there.
+1. walstore/integrations/openai_agents.py: ``WalstoreSession.erase()`` dropped the
+   session's restore points before it purged; a purge that failed (a full disk at its
+   commit) left the points gone and the items still there.
+2. walstore/integrations/langgraph/saver.py: ``copy_thread``'s docstring said a copy cut
+   short holds checkpoints "each complete"; the newest copied one lacks its pending writes.
+3. walstore/integrations/langgraph/store.py: a TTL renewal on read that failed was
+   swallowed without a word.
+4. walstore/engine/lmdb_state.py: read-only verbs on a store this user may not write
+   (files 0400, directories 0500) failed "cannot open the LMDB environment: Permission
+   denied" (LMDB's lock file); now read without it while no writer can run.
+5. walstore/ops/backup.py, walstore/replication/restore.py: a backup or restore killed
+   once its complete copy was in place, run again, was refused "exists and is not empty"
+   with no word that DEST holds a store.
+6. walstore/ops/backup.py: a backup into a directory it may not write said "the partial
+   copy was removed" when no copy had been made.
+7. walstore/agent/undo.py: a rewind left out of its ``reverts`` a transaction whose keys
+   later undone ones overwrote; a later revert of it advised "use cascade".
 """
 from __future__ import annotations
 
@@ -70,6 +84,38 @@ def test_erase_that_fails_keeps_the_session_whole_and_a_retry_finishes(tmp_path)
         hits = [f for f in Path(path).rglob("*") if f.is_file() and marker in f.read_bytes()]
         assert hits == [], (marker, hits)
 
+
+
+def test_erase_whose_erasure_failed_after_its_commit_is_finished_by_a_retry(tmp_path):
+    """The purge commits, then its apply fails (an LMDB commit error: the store turns
+    read-only): ErasureOwed; the items are gone, the points could not be dropped.  After
+    a reopen a retried erase() drops them and leaves no trace of either."""
+    pytest.importorskip("agents")
+    from walstore.integrations.openai_agents import WalstoreSession
+    path = str(tmp_path / "s")
+    item = {"role": "user", "content": "ITEMMARKER"}
+
+    async def go():
+        store = walstore.open(path, apply_interval=3600.0)
+        s = WalstoreSession("u1", store)
+        await s.add_items([item])
+        await s.restore_point("before-POINTMARKER")
+        fb = FaultBackend()
+        fb.fail_lmdb("commit", times=None)
+        with installed(fb):
+            with pytest.raises(walstore.ErasureOwed):
+                await s.erase()
+        store._drop_like_a_crash()
+        store = walstore.open(path)
+        s = WalstoreSession("u1", store)
+        assert await s.get_items() == []
+        await s.erase()
+        assert await s.restore_points() == {}
+        store.close()
+    asyncio.run(go())
+    for marker in (b"ITEMMARKER", b"POINTMARKER"):
+        hits = [f for f in Path(path).rglob("*") if f.is_file() and marker in f.read_bytes()]
+        assert hits == [], (marker, hits)
 
 # ---- 2. WalstoreSaver.copy_thread cut short -------------------------------------------------
 def test_copy_thread_cut_short_holds_what_its_docstring_says(tmp_path):
@@ -201,21 +247,12 @@ def test_read_only_open_beside_a_live_writer_it_cannot_hold_out_says_why(shared_
 
 
 # ---- 5. a backup / restore killed once its copy is in place, run again --------------------
-# The CLI, SIGKILLed right after it synced the directory holding DEST (argv[3]): a backup's
-# or a restore's complete copy just moved in place.
-KILLED_ONCE_IN_PLACE = r"""
-import os, signal, sys
-from walstore import fileio
-from walstore.cli import main
-parent = os.path.dirname(os.path.abspath(sys.argv[3]))
-class Kill(fileio.OSBackend):
-    def fsync_dir(self, path):
-        super().fsync_dir(path)
-        if os.path.abspath(path) == parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-fileio.set_backend(Kill())
-main(sys.argv[1:])
-"""
+def _killed_once_in_place() -> str:
+    """The CLI, SIGKILLed right after it synced the directory holding DEST (argv[3]): a
+    backup's or a restore's complete copy just moved in place (audit 67's Ctrl-C script)."""
+    from test_audit67_operator import INTERRUPTED_AT_LAST_SYNC
+    assert INTERRUPTED_AT_LAST_SYNC.count("signal.SIGINT") == 1
+    return INTERRUPTED_AT_LAST_SYNC.replace("signal.SIGINT", "signal.SIGKILL")
 
 
 @pytest.mark.parametrize("verb", ["backup", "restore"])
@@ -232,7 +269,7 @@ def test_a_rerun_into_a_dest_a_killed_copy_filled_says_it_holds_a_store(tmp_path
         src = (tmp_path / "rep").as_uri()
         r = cli("replicate", path, src, "--once")
         assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-c", KILLED_ONCE_IN_PLACE, verb, src, dest],
+    r = subprocess.run([sys.executable, "-c", _killed_once_in_place(), verb, src, dest],
                        capture_output=True, text=True, env=_env(), timeout=60)
     assert r.returncode == -9, (r.returncode, r.stderr)
     again = cli(verb, src, dest)
