@@ -1685,8 +1685,14 @@ class Files:
                 try:
                     with os_errors_as_store_errors():
                         self._end_watch(tx, w, handle)
-                except Exception:
-                    if not failed:
+                except BaseException as e:
+                    # (the block is over: a rollback_to past the watch said "a watch()
+                    # block is still running; leave it": audit 68)
+                    w.blocks_rollback = (f"the end of a watch() block could not be "
+                                         f"recorded ({type(e).__name__}: {e}); what the "
+                                         f"block changed can only be put back whole: roll "
+                                         f"the transaction back")
+                    if not failed or not isinstance(e, Exception):
                         raise  # (the block's own error wins; the watch stays open)
                 finally:
                     with self._lock:
