@@ -3,10 +3,14 @@ replication), each reproduced here first (it failed on dd88a26), then fixed.
 
 - a ``rollback_to`` past a ``watch()`` block whose WATCH_END record could not be written
   said "a watch() block is still running" — no block was running;
+- a file operation that failed, whose undo found a path changed behind its back (a
+  conflict), stayed the transaction's as made: a caller that caught the error committed
+  a change the disk does not hold;
 """
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -42,3 +46,44 @@ def test_rollback_to_past_a_watch_whose_end_was_not_recorded_says_what_happened(
     s.close()
     with walstore.open(s.path, **OPTS) as s:
         assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
+
+
+class StrangerAtRenameOnto(FaultBackend):
+    """The rename onto a path ending ``name`` (a write put in place) is done, then another
+    process writes the path, then the rename "fails" (EIO): the operation's undo finds
+    the stranger's bytes there."""
+
+    name = "a.txt"
+    armed = 0
+
+    def rename(self, src: str, dst: str) -> None:
+        super().rename(src, dst)
+        if self.armed and dst.endswith(self.name):
+            self.armed = 0
+            with open(dst, "w") as out:
+                out.write("stranger\n")
+            raise OSError(errno.EIO, "injected", dst)
+
+
+def test_failed_file_change_whose_undo_conflicted_is_not_committed_as_made(tmp_path):
+    """``f.write("a.txt", "new")`` fails (EIO after its rename) and another process wrote
+    a.txt meanwhile: the operation's undo cannot put "old" back (a conflict).  The caller
+    catches the StoreIOError and commits.  Before the fix the commit went through with the
+    write in it: ``at(commit)`` said a.txt was "new", the disk held "stranger".  Now the
+    commit refuses, naming the path, and the transaction rolls back."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = StrangerAtRenameOnto()
+    with installed(fb), pytest.raises(walstore.WalstoreError, match="a.txt") as got:
+        with s.transaction() as tx:
+            fb.armed = 1
+            with pytest.raises(walstore.StoreIOError):
+                tx.files(ws).write("a.txt", "new\n")
+            tx.put("k", 1)
+    assert "could not be put back" in str(got.value)
+    assert s.get("k") is None and s.log(limit=1) == []
+    assert (root / "a.txt").read_text() == "stranger\n"  # (another's: left, a conflict)
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert s.get("k") is None
+        assert (root / "a.txt").read_text() == "stranger\n"

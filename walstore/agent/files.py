@@ -210,6 +210,10 @@ class FileEffect:
     # interrupt): kept for the rollback, and no commit may name it (a caller that caught
     # the interrupt committed a delete never made: audit 67)
     never_made: bool = False
+    # failed in its change, and its undo found these paths (shown absolute) changed behind
+    # walstore's back: not put back whole, kept for the rollback to report; no commit may
+    # name it (one did, the disk holding another's bytes where at() said walstore's: audit 68)
+    undo_conflicts: list = field(default_factory=list)
     # when its change began (ns, wall clock; a watch's: when the block began; None: not
     # known, a row logged before it was): a directory its undo removes keeps the ignored
     # paths older than that (``apply._clear_ignored``: a watched ``mv src dst`` carries
@@ -227,6 +231,10 @@ class FileEffect:
         if self.never_made:
             return (f"its file operation {self.op!r} was interrupted or failed, and is not "
                     f"recorded as made nor as put back; roll the transaction back")
+        if self.undo_conflicts:
+            return (f"its file operation {self.op!r} failed and could not be put back "
+                    f"whole: {', '.join(self.undo_conflicts[:5])} changed behind walstore's "
+                    f"back; roll the transaction back (its rollback reports them)")
         if not self.put_back:
             return None
         return ("a rollback to a savepoint put a file change back but could not record it "
@@ -924,6 +932,8 @@ class Files:
                                            since_ns=eff.since_ns)
                     if conflicts:
                         eff.never_made = False  # (kept as it was: the rollback's to report)
+                        eff.undo_conflicts = [abs_display(ws.root_b, c.path)
+                                              for c in conflicts]
                     else:
                         self.record(tx.id, [eff], [], durable=False,
                                     appended=lambda _e: tx.effects.remove(eff))
