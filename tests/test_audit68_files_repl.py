@@ -6,16 +6,22 @@ replication), each reproduced here first (it failed on dd88a26), then fixed.
 - a file operation that failed, whose undo found a path changed behind its back (a
   conflict), stayed the transaction's as made: a caller that caught the error committed
   a change the disk does not hold;
+- a lease's renewal was timed on the wall clock: after the holder's clock stepped back by
+  D it was not due for D more (the lease expired under a live holder for other hosts);
 """
 from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
 import walstore
+from tests.test_audit67_clock import Stepped
 from tests.test_audit67_durable_events import OPTS, workspace_with
+from walstore.replication import lease as lease_mod
+from walstore.replication.targets import open_target
 from tools.faults import FaultBackend, installed
 
 
@@ -87,3 +93,27 @@ def test_failed_file_change_whose_undo_conflicted_is_not_committed_as_made(tmp_p
     with walstore.open(s.path, **OPTS) as s:
         assert s.get("k") is None
         assert (root / "a.txt").read_text() == "stranger\n"
+
+
+# ---- replication: clocks ----------------------------------------------------------------
+def test_lease_renewal_is_due_on_time_after_the_clock_steps_back(tmp_path, monkeypatch):
+    """A lease (ttl 0.3 s) taken, then the holder's wall clock steps back an hour.  Before
+    the fix its renewal was timed on the wall clock: not due for an hour more, while the
+    lease expired for every other host after 0.3 s.  Now it is due a third of the ttl
+    after the last renewal, on the elapsed clock; the expiry it writes is still the wall
+    clock's (what other hosts compare)."""
+    target = open_target("file://" + str(tmp_path / "rep"))
+    lease = lease_mod.Lease(target, lease_mod.holder_info("t68", str(tmp_path / "src"),
+                                                          b"\x01" * 16, "l"), ttl=0.3)
+    lease.acquire()
+    try:
+        assert not lease.renew_due()
+        monkeypatch.setattr(lease_mod, "time", Stepped(-3600.0))
+        time.sleep(0.15)
+        assert lease.renew_due()
+        lease.renew()
+        assert not lease.renew_due()
+        expires = lease.read()[0]["expires"]
+        assert abs(expires - (time.time() - 3600.0 + 0.3)) < 5
+    finally:
+        lease.release()

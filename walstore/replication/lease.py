@@ -10,6 +10,10 @@ writing.  A lease that cannot be renewed because another holder wrote it, or del
 is *lost*: the shipper stops.
 Safety never rests on clocks alone: the manifest is written with If-Match too, so a
 writer whose lease expired while it slept cannot overwrite a successor's manifest.
+When a renewal is due is counted on the elapsed clock (``clock.elapsed``); the expiry
+written is the wall clock's, which other hosts compare.  (Counted on the wall clock, a
+step back of D put the next renewal off by D, the lease expiring meanwhile for every other
+host under a live holder: audit 68.)
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from .. import clock
 from ..codec import DECODE_ERRORS
 from ..errors import ReplicationError
 from .targets import ObjectStore, PreconditionFailed, TargetError
@@ -48,7 +53,7 @@ class Lease:
         self.holder = holder
         self.ttl = ttl
         self.etag: str | None = None
-        self.renewed = 0.0
+        self.renewed = 0.0  # elapsed clock (clock.elapsed) at the last renewal
         self._prior: bytes | None = None  # the lease document this one replaced, if any
         self._last_raw: bytes | None = None  # the bytes the last read found
         self._last_body: bytes | None = None  # the document last made (see _check_enforced)
@@ -99,7 +104,7 @@ class Lease:
                     self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
                                                 if_match=etag)
                 self._prior = prior
-                self.renewed = time.time()
+                self.renewed = clock.elapsed()
                 LIVE_IDS.add(self.holder["id"])
             except PreconditionFailed:
                 continue  # raced with another taker: look again
@@ -166,7 +171,7 @@ class Lease:
         return same_store and not _pid_alive(h.get("pid"))
 
     def renew_due(self) -> bool:
-        return time.time() - self.renewed >= self.ttl / 3
+        return clock.elapsed() - self.renewed >= self.ttl / 3
 
     def renew(self) -> None:
         if self.etag is None:  # (released: If-Match None was an unconditional PUT, over
@@ -176,7 +181,7 @@ class Lease:
         try:
             self.etag = self.target.put(LEASE_KEY, self._doc(time.time() + self.ttl),
                                         if_match=self.etag)
-            self.renewed = time.time()
+            self.renewed = clock.elapsed()
         except PreconditionFailed:
             try:
                 cur = self.read()
@@ -200,7 +205,8 @@ class Lease:
                 doc.get("expires", 0) <= time.time():
             return False
         self.etag = etag
-        self.renewed = doc["expires"] - self.ttl
+        # (when it landed, as far as the wall clock tells, on the elapsed clock)
+        self.renewed = clock.elapsed() - max(0.0, time.time() - (doc["expires"] - self.ttl))
         return True
 
     def release(self, give_back: bool = False) -> None:
