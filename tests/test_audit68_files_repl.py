@@ -8,6 +8,8 @@ replication), each reproduced here first (it failed on dd88a26), then fixed.
   a change the disk does not hold;
 - a lease's renewal was timed on the wall clock: after the holder's clock stepped back by
   D it was not due for D more (the lease expired under a live holder for other hosts);
+- the shipper's retention throttle was timed on the deleting clock, which follows a step
+  back: after a step back of D no retention ran for D more;
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import time
 import pytest
 
 import walstore
-from tests.test_audit67_clock import Stepped
+from tests.test_audit67_clock import Stepped, _commit, _step_everywhere
 from tests.test_audit67_durable_events import OPTS, workspace_with
 from walstore.replication import lease as lease_mod
+from walstore.replication import manifest as manifest_mod
+from walstore.replication import shipper as shipper_mod
 from walstore.replication.targets import open_target
 from tools.faults import FaultBackend, installed
 
@@ -117,3 +121,34 @@ def test_lease_renewal_is_due_on_time_after_the_clock_steps_back(tmp_path, monke
         assert abs(expires - (time.time() - 3600.0 + 0.3)) < 5
     finally:
         lease.release()
+
+
+def test_replica_retention_runs_on_schedule_after_the_clock_steps_back(tmp_path,
+                                                                       monkeypatch):
+    """Retention every 0.2 s (``RETENTION_EVERY``), a round every 0.05 s; the wall clock
+    steps back an hour.  Before the fix the throttle compared the deleting clock (which
+    follows a step back) with the time of the last retention: none ran for an hour more.
+    Now it is timed on the elapsed clock.  (What a retention may drop after the step is
+    still judged on the deleting clock: it keeps more, never less.)"""
+    monkeypatch.setattr(shipper_mod, "RETENTION_EVERY", 0.2)
+    ran = []
+    real = manifest_mod.Manifest.retention
+    monkeypatch.setattr(manifest_mod.Manifest, "retention",
+                        lambda self, *a: ran.append(a) or real(self, *a))
+    rep = "file://" + str(tmp_path / "rep")
+    s = walstore.open(str(tmp_path / "src"), replicate_to=rep,
+                      replicate_options={"interval": 0.05})
+    try:
+        _commit(s, "a", 1)
+        s.sync_replica(timeout=10)
+        assert ran  # (the first round's)
+        _step_everywhere(monkeypatch, -3600.0)
+        del ran[:]
+        deadline = time.monotonic() + 1.0
+        while not ran and time.monotonic() < deadline:
+            _commit(s, "b", 1)
+            s.sync_replica(timeout=10)
+            time.sleep(0.05)
+        assert ran
+    finally:
+        s.close()

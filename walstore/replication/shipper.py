@@ -215,7 +215,7 @@ class Shipper:
         self._first = Flag()
         self._start_error: Exception | None = None
         self._started = False
-        self._last_retention = 0.0
+        self._last_retention: float | None = None  # (clock.elapsed() then)
         self._snapshot_retry_at = 0.0  # (time.monotonic(): a step of the wall clock
         # moved a retry by as much)
         self._snapshot_error: str | None = None  # the last snapshot failed (until one works)
@@ -1451,10 +1451,13 @@ class Shipper:
         return out
 
     def _retain(self, summary: dict) -> None:
-        now = clock.deleting_now()  # (a forward jump of the clock trims nothing: see there)
-        if now - self._last_retention < RETENTION_EVERY:
+        # (timed on the elapsed clock: on the deleting one, which follows a step back, no
+        # retention ran for as long as the step after one: audit 68)
+        tick = clock.elapsed()
+        if self._last_retention is not None and tick - self._last_retention < RETENTION_EVERY:
             return
-        self._last_retention = now
+        self._last_retention = tick
+        now = clock.deleting_now()  # (a forward jump of the clock trims nothing: see there)
         m = self.manifest
         dropped = m.retention(now, self.opts.retention_seconds, self.opts.retain_snapshots)
         m.to_trash(dropped, now)
