@@ -10,6 +10,9 @@ replication), each reproduced here first (it failed on dd88a26), then fixed.
   D it was not due for D more (the lease expired under a live holder for other hosts);
 - the shipper's retention throttle was timed on the deleting clock, which follows a step
   back: after a step back of D no retention ran for D more;
+- one shipping round of an external shipper (it cannot pin the WAL) beside a writer
+  trimming faster than it ships met a hole, took a full LMDB snapshot for it, met another
+  hole while shipping on to that snapshot, and took another: one full copy per hole;
 """
 from __future__ import annotations
 
@@ -22,6 +25,9 @@ import pytest
 import walstore
 from tests.test_audit67_clock import Stepped, _commit, _step_everywhere
 from tests.test_audit67_durable_events import OPTS, workspace_with
+from tests.test_audit67_replica_hole import _commit as _commit_many
+from tests.test_audit67_replica_hole import _replica_behind_a_trim
+from test_replication_support import rows
 from walstore.replication import lease as lease_mod
 from walstore.replication import manifest as manifest_mod
 from walstore.replication import shipper as shipper_mod
@@ -152,3 +158,45 @@ def test_replica_retention_runs_on_schedule_after_the_clock_steps_back(tmp_path,
         assert ran
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("trim", ["after", "before"])
+def test_one_shipping_round_beside_a_fast_writer_ships_one_snapshot(tmp_path, trim):
+    """An external shipper's round meets a hole (the writer trimmed the WAL the replica
+    lacked) and ships a snapshot for it; the writer trims again (``after`` the snapshot:
+    past it; ``before`` it: below it, the snapshot a base past the second hole too).
+    Before the fix the round recorded the second hole and shipped a second full LMDB
+    snapshot (one per hole, without bound).  Now the round ships one: a second hole past
+    it waits for the next round, which ships its snapshot; one below it is recorded with
+    no snapshot.  The replica then restores to the writer's state."""
+    s, shipper, url = _replica_behind_a_trim(tmp_path)
+    real = shipper._snapshot
+    taken = []
+
+    def writer_trims():
+        _commit_many(s, 10000, 300)
+        assert s._engine.checkpoint()["segments_removed"] > 0
+
+    def snapshot_and_writer_trims(summary):
+        if trim == "before" and not taken:
+            writer_trims()
+        real(summary)
+        taken.append(summary["snapshot"])
+        if trim == "after" and len(taken) == 1:
+            writer_trims()
+    shipper._snapshot = snapshot_and_writer_trims
+    try:
+        shipper.ship_once()
+        assert len(taken) == 1, taken
+        assert len(shipper.manifest.doc["holes"]) == {"after": 1, "before": 2}[trim]
+        for _ in range(2):  # (the writer idle now)
+            shipper.ship_once()
+        assert len(taken) == {"after": 2, "before": 1}[trim], taken
+        assert shipper.status().last_error is None, shipper.status().last_error
+        expected = rows(s)
+    finally:
+        shipper.stop()
+        s.close()
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == expected

@@ -1030,6 +1030,17 @@ class Shipper:
             pos = m.position
             segs = self.source.segments()
             if not segs or pos < segs[0][0]:
+                if summary["snapshot"] is not None and segs:
+                    # a hole again, in a round that shipped a snapshot already (a writer
+                    # trimming faster than the round ships): one full LMDB copy a round —
+                    # one per hole was without bound (audit 68).  A snapshot of this round
+                    # at or past the hole's end is a base past it already; else the hole
+                    # waits for the next round (the replica stands where it is)
+                    if max(x["lsn"] for x in m.snapshots) < segs[0][0]:
+                        break
+                    self._hole(pos, segs, summary, snapshot=False)
+                    dirty = True
+                    continue
                 self._hole(pos, segs, summary)
                 if not based:
                     durable, based = self._reach_hole_base(durable), True
@@ -1261,9 +1272,10 @@ class Shipper:
             if not isinstance(body, (bytes, bytearray)):
                 body.close()
 
-    def _hole(self, pos: int, segs: list, summary: dict) -> None:
+    def _hole(self, pos: int, segs: list, summary: dict, snapshot: bool = True) -> None:
         """The WAL from ``pos`` was trimmed before it was shipped: note the hole, take a
-        fresh snapshot, and ship on from the first local segment."""
+        fresh snapshot (unless ``snapshot`` is false: one at or past the hole's end is
+        there), and ship on from the first local segment."""
         m = self.manifest
         if not segs:
             raise ReplicationError(f"store {self.source.path} has no WAL segment to ship")
@@ -1278,7 +1290,8 @@ class Shipper:
                                          "(replication fell behind by more than the pin allows)"})
         m.doc["position"] = first
         m.doc["open"] = {}
-        self._snapshot_or_back_off(summary)
+        if snapshot:
+            self._snapshot_or_back_off(summary)
         self._save()
 
     # ---- snapshots ---------------------------------------------------------------------
