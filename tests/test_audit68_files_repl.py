@@ -107,24 +107,24 @@ def test_failed_file_change_whose_undo_conflicted_is_not_committed_as_made(tmp_p
 
 # ---- replication: clocks ----------------------------------------------------------------
 def test_lease_renewal_is_due_on_time_after_the_clock_steps_back(tmp_path, monkeypatch):
-    """A lease (ttl 0.3 s) taken, then the holder's wall clock steps back an hour.  Before
+    """A lease (ttl 1.5 s) taken, then the holder's wall clock steps back an hour.  Before
     the fix its renewal was timed on the wall clock: not due for an hour more, while the
-    lease expired for every other host after 0.3 s.  Now it is due a third of the ttl
+    lease expired for every other host after 1.5 s.  Now it is due a third of the ttl
     after the last renewal, on the elapsed clock; the expiry it writes is still the wall
     clock's (what other hosts compare)."""
     target = open_target("file://" + str(tmp_path / "rep"))
     lease = lease_mod.Lease(target, lease_mod.holder_info("t68", str(tmp_path / "src"),
-                                                          b"\x01" * 16, "l"), ttl=0.3)
+                                                          b"\x01" * 16, "l"), ttl=1.5)
     lease.acquire()
     try:
         assert not lease.renew_due()
         monkeypatch.setattr(lease_mod, "time", Stepped(-3600.0))
-        time.sleep(0.15)
+        time.sleep(0.6)  # (due after ttl / 3: 0.5 s)
         assert lease.renew_due()
         lease.renew()
         assert not lease.renew_due()
         expires = lease.read()[0]["expires"]
-        assert abs(expires - (time.time() - 3600.0 + 0.3)) < 5
+        assert abs(expires - (time.time() - 3600.0 + 1.5)) < 5
     finally:
         lease.release()
 
