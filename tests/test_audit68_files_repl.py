@@ -1,8 +1,10 @@
 """Audit 68: defects the stop-67 closing note listed and left alone (files workspace,
 replication), each reproduced here first (it failed on dd88a26), then fixed.
 
-- a ``rollback_to`` past a ``watch()`` block whose WATCH_END record could not be written
-  said "a watch() block is still running" — no block was running;
+- a ``watch()`` block whose WATCH_END record could not be written (the store still
+  writable): a ``rollback_to`` past it said "a watch() block is still running" — no
+  block was running — and the transaction's rollback put the workspace back to the tree
+  as the block began, a write another transaction had COMMITTED since included;
 - a file operation that failed, whose undo found a path changed behind its back (a
   conflict), stayed the transaction's as made: a caller that caught the error committed
   a change the disk does not hold;
@@ -36,32 +38,61 @@ from tools.faults import FaultBackend, installed
 
 
 # ---- files: a watch whose end could not be recorded ------------------------------------
-def test_rollback_to_past_a_watch_whose_end_was_not_recorded_says_what_happened(tmp_path):
-    """The WAL write of a watch()'s WATCH_END record fails (EIO: WalWriteError, the store
-    still writable); the caller catches it and rolls back to a savepoint taken before the
-    watch.  Before the fix ``rollback_to`` refused with "a watch() block is still running;
-    leave it ..." — the block had ended.  The whole rollback still puts the tree back."""
+def _watch_whose_end_fails(s, root, ws, fb):
+    """A transaction whose ``f.watch()`` block makes new.txt and whose WATCH_END record's
+    WAL write fails (EIO: WalWriteError, the store still writable); returns (tx, the
+    savepoint taken before the watch)."""
+    tx = s.transaction()
+    f = tx.files(ws)
+    f.write("b.txt", "b\n")
+    sp = tx.savepoint()
+    with pytest.raises(walstore.WalstoreError, match="could not write"):
+        with f.watch():
+            (root / "new.txt").write_text("made\n")
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    return tx, sp
+
+
+def test_rollback_to_past_a_watch_whose_end_was_not_recorded_works(tmp_path):
+    """The caller catches the failed end and rolls back to a savepoint taken before the
+    watch, then commits.  Before the fix ``rollback_to`` refused: "a watch() block is
+    still running; leave it ..." — the block had ended.  Now the block's changes are put
+    back and the commit holds what came before the watch, on disk and in ``at``."""
     s = walstore.open(str(tmp_path / "s"), **OPTS)
     root, ws = workspace_with(tmp_path, s)
-    fb = FaultBackend()
-    with installed(fb):
-        tx = s.transaction()
-        f = tx.files(ws)
-        sp = tx.savepoint()
-        with pytest.raises(walstore.WalstoreError, match="could not write"):
-            with f.watch():
-                (root / "new.txt").write_text("made\n")
-                fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
-    with pytest.raises(walstore.WalstoreError) as got:
-        tx.rollback_to(sp)
-    assert "still running" not in str(got.value)
-    assert "could not be recorded" in str(got.value)
-    assert "roll the transaction back" in str(got.value)
-    tx.rollback()
+    with installed(FaultBackend()) as fb:
+        tx, sp = _watch_whose_end_fails(s, root, ws, fb)
+    tx.rollback_to(sp)
     assert not (root / "new.txt").exists()
+    tx.files(ws).write("c.txt", "c\n")
+    tx.commit()
+    view = s.at(s.log(limit=1)[0].lsn).files(ws)
+    assert [view.read(p) for p in ("a.txt", "b.txt", "c.txt")] == [b"old\n", b"b\n", b"c\n"]
     s.close()
     with walstore.open(s.path, **OPTS) as s:
-        assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
+        assert sorted(p.name for p in root.iterdir()) == ["a.txt", "b.txt", "c.txt"]
+        assert s.last_recovery is None or not s.last_recovery.file_conflicts
+
+
+def test_no_committed_write_undone_by_a_rollback_of_a_watch_whose_end_failed(tmp_path):
+    """The caller catches the failed end; another transaction writes a.txt (not a path the
+    block changed) and commits; the first rolls back.  Before the fix the rollback put the
+    workspace back to the tree as the block began — the COMMITTED a.txt was "old" on disk
+    again while the store said "new".  Now only the block's own changes are put back."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    with installed(FaultBackend()) as fb:
+        tx, _sp = _watch_whose_end_fails(s, root, ws, fb)
+    with s.transaction() as other:
+        other.files(ws).write("a.txt", "new\n")
+    tx.rollback()
+    assert (root / "a.txt").read_text() == "new\n"
+    assert not (root / "new.txt").exists() and not (root / "b.txt").exists()
+    assert s.at(s.log(limit=1)[0].lsn).files(ws).read("a.txt") == b"new\n"
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "new\n"
+        assert not (root / "new.txt").exists()
 
 
 class StrangerAtRenameOnto(FaultBackend):

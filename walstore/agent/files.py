@@ -268,6 +268,12 @@ class OpenWatch:
     # watch's — its rollback puts nothing back (its settling WATCH_END unlogged, a write
     # failed, the rollback put back a write another transaction had committed since)
     never_ran: bool = False
+    # (the manifest at its end, the block's changes) once its end's snapshot was taken:
+    # an end whose records then failed (a log write error) is undone by putting back
+    # those changes only, each checked, as ``_abandon_watch`` does — put back from the
+    # manifest the block began with, a write another transaction committed since the
+    # block ended was undone too, the store saying it stood (audit 68)
+    seen: Any = None
 
     @property
     def lsns(self) -> list[int]:
@@ -1697,11 +1703,12 @@ class Files:
                         self._end_watch(tx, w, handle)
                 except BaseException as e:
                     # (the block is over: a rollback_to past the watch said "a watch()
-                    # block is still running; leave it": audit 68)
-                    w.blocks_rollback = (f"the end of a watch() block could not be "
-                                         f"recorded ({type(e).__name__}: {e}); what the "
-                                         f"block changed can only be put back whole: roll "
-                                         f"the transaction back")
+                    # block is still running; leave it": audit 68) — its changes known
+                    # (``seen``), a rollback_to puts them back as a rollback does
+                    w.blocks_rollback = "" if w.seen is not None else (
+                        f"the end of a watch() block could not be recorded "
+                        f"({type(e).__name__}: {e}); what the block changed can only be "
+                        f"put back whole: roll the transaction back")
                     if not failed or not isinstance(e, Exception):
                         raise  # (the block's own error wins; the watch stays open)
                 finally:
@@ -1741,6 +1748,7 @@ class Files:
             m1 = snapshot(w.manifest.workspace(ws), self.blobs, previous=w.manifest,
                           monitor=self._monitor(ws))
             changes = diff(w.manifest, m1)
+            w.seen = (m1, changes)
             # logged in an order whose reverse is the undo order (removals deepest first,
             # then re-creations shallowest first), so they undo like any other steps; a
             # read-only directory holding changes is opened and closed by them too
@@ -1937,6 +1945,13 @@ class Files:
             if isinstance(eff, OpenWatch):
                 if eff.never_ran and not recovering:  # (no block ran: recorded only)
                     return []
+                if eff.seen is not None and not recovering:  # (its end's records failed)
+                    m1, changes = eff.seen
+                    unlimited = eff.manifest.workspace(eff.ws).without_length_limit()
+                    return restore_changes(unlimited, changes + passages(changes, m1),
+                                           self.blobs, self.quarantine(txid), check=True,
+                                           durable=self.durable,
+                                           since_ns=eff.manifest.taken_ns)
                 return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
             if getattr(eff, "specials", None) and not recovering:
                 _remove_own_specials(eff.ws, eff.specials, self.durable)
