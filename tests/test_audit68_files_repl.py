@@ -14,12 +14,11 @@ replication), each reproduced here first (it failed on dd88a26), then fixed.
   back: after a step back of D no retention ran for D more;
 - one shipping round of an external shipper (it cannot pin the WAL) beside a writer
   trimming faster than it ships met a hole, took a full LMDB snapshot for it, met another
-  hole while shipping on to that snapshot, and took another: one full copy per hole;
+  hole while shipping on to that snapshot, and took another: one full copy per hole.
 """
 from __future__ import annotations
 
 import errno
-import os
 import time
 
 import pytest
