@@ -564,7 +564,11 @@ class LmdbState:
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
                   "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file),
                   "held_out": held}
-        self._open_tables(shared)
+        try:
+            self._open_tables(shared)  # (it closes the environment when it fails)
+        except BaseException:
+            _let_go(held)  # (kept, every writer was refused while this process lived)
+            raise
         return shared
 
     @staticmethod

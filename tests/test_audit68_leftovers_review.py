@@ -1,0 +1,101 @@
+"""Review of audit 68's fixes (tests/test_audit68_leftovers.py): what their changes still
+got wrong, each found by a test here that failed before its fix.
+
+1. walstore/engine/lmdb_state.py: a lock-free read-only open (a store whose LMDB lock file
+   this user may not write) that failed after LMDB opened (its tables damaged) kept the
+   store's writer lock held shared for the life of the process: every writer refused.
+2. walstore/engine/layout.py: a writer refused because such a reader holds the writer
+   lock shared was told "locked by another process", naming no reader and no way out.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+from store_support import cli_env
+from test_audit68_leftovers import _modes, shared_dir  # noqa: F401  (a fixture)
+
+
+def _as_nobody(code: str, *args: str) -> subprocess.Popen:
+    """``code`` run by ``python -c`` as nobody (root ignores mode bits), output piped."""
+    if os.getuid() != 0:
+        pytest.skip("needs a writer who may write what the reader may not (run as root)")
+    return subprocess.Popen(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+         sys.executable, "-c", code, *args], env=cli_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, cwd="/")
+
+
+def _readable_store(shared_dir: str) -> str:
+    """A store with one key, its files 0644 and directories 0755: nobody reads it but
+    may not write LMDB's lock file (a lock-free read-only open)."""
+    path = os.path.join(shared_dir, "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", "VALUE-A")
+    _modes(path, 0o644, 0o755)
+    return path
+
+
+# a read-only open as nobody: its outcome, then it stays alive a while (the process lives)
+OPEN_THEN_LIVE = (
+    "import sys, time, walstore\n"
+    "try:\n"
+    "    s = walstore.open(sys.argv[1], readonly=True)\n"
+    "    print('OPENED', s.get('a'), flush=True)\n"
+    "    if sys.argv[2] == 'close':\n"
+    "        s.close()\n"
+    "        print('CLOSED', flush=True)\n"
+    "except walstore.WalstoreError as e:\n"
+    "    print('REFUSED', type(e).__name__, flush=True)\n"
+    "time.sleep(float(sys.argv[3]))\n")
+
+
+def test_writer_lock_is_let_go_by_a_lock_free_open_that_failed(shared_dir):
+    """Before: a read-only open as a user who may not write ``db/lock.mdb`` whose LMDB
+    tables do not open (CorruptionError, "not a walstore state") kept the writer lock
+    held shared: while that process lived (a verifier, a dashboard), every writer's open
+    was refused "locked by another process"."""
+    import lmdb
+    path = _readable_store(shared_dir)
+    env = lmdb.open(os.path.join(path, "db"), max_dbs=32, subdir=True)
+    try:  # (one named table made a plain row: its open is MDB_INCOMPATIBLE)
+        with env.begin(write=True) as t:
+            t.drop(env.open_db(b"fconflicts", txn=t), delete=True)
+        with env.begin(write=True) as t:
+            t.put(b"fconflicts", b"x")
+    finally:
+        env.close()
+    _modes(path, 0o644, 0o755)
+    reader = _as_nobody(OPEN_THEN_LIVE, path, "keep", "5")
+    try:
+        assert reader.stdout.readline().split() == ["REFUSED", "CorruptionError"]
+        with pytest.raises(walstore.CorruptionError):  # (the writer's own refusal: the
+            walstore.open(path)                         # damage, not a lock)
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+        _modes(path, 0o600, 0o700)
+
+
+def test_writer_refused_by_a_lock_free_reader_is_told_who_holds_it(shared_dir):
+    """Before: "store ... is locked by another process", though no writer runs: the lock
+    is held shared by a read-only open reading without LMDB's lock file.  Now the
+    refusal says so and when the writer may open it."""
+    path = _readable_store(shared_dir)
+    reader = _as_nobody(OPEN_THEN_LIVE, path, "keep", "5")
+    try:
+        assert reader.stdout.readline().split() == ["OPENED", "VALUE-A"]
+        with pytest.raises(walstore.StoreLocked) as e:
+            walstore.open(path)
+        said = str(e.value)
+        assert "read-only" in said and "db/lock.mdb" in said and "closed" in said, said
+        assert e.value.pid is None  # (no writer to name)
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+        _modes(path, 0o600, 0o700)
