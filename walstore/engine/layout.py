@@ -363,9 +363,19 @@ class ProcessLock:
             self._take()
         except OSError as e:
             # (only shared holders, probes, at the end of the wait: no writer to name)
-            pid = self._holder() if self._exclusive_holder() else None
+            writer = self._exclusive_holder()
+            pid = self._holder() if writer else None
             fd, self.fd = self.fd, -1
             os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and not writer:
+                # (held shared past the wait: a read-only open reading LMDB without its
+                # lock file holds writers out while it reads, lmdb_state._hold_out_writers;
+                # it said "locked by another process", with no writer anywhere)
+                raise StoreLocked(f"store {layout.root} is being read by a read-only open "
+                                  f"that may not use its LMDB lock file (db/lock.mdb: a "
+                                  f"user who may not write it): no writer may run while "
+                                  f"it reads; open it for writing once that reader has "
+                                  f"closed the store", None) from None
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 who = f"process {pid}" if pid else "another process"
                 if pid == os.getpid():
