@@ -6,6 +6,10 @@ got wrong, each found by a test here that failed before its fix.
    store's writer lock held shared for the life of the process: every writer refused.
 2. walstore/engine/layout.py: a writer refused because such a reader holds the writer
    lock shared was told "locked by another process", naming no reader and no way out.
+3. walstore/cli/agent.py: `walstore revert` / `rewind` of an action whose compensator is
+   not registered printed, besides its own table of what is owed, Python's raw
+   RuntimeWarning: a source file and line, and the Python API's advice
+   (``store.retry_compensations()``), not the command line's.
 """
 from __future__ import annotations
 
@@ -99,3 +103,28 @@ def test_writer_refused_by_a_lock_free_reader_is_told_who_holds_it(shared_dir):
         reader.kill()
         reader.wait(timeout=30)
         _modes(path, 0o600, 0o700)
+
+
+@pytest.mark.parametrize("verb", ["revert", "rewind"])
+def test_undo_on_the_command_line_says_what_is_owed_in_its_own_words(tmp_path, verb):
+    """Before: stderr held "<walstore>/cli/agent.py:52: RuntimeWarning: the undo committed
+    ... store.retry_compensations() runs them ..." and the source line under it, on top of
+    the command's own table (--handlers, `walstore resolve`).  Now only the table."""
+    from test_audit48_cli import run_cli
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("base", 0)
+        s.restore_point("p")
+        with s.transaction() as tx:
+            tx.put("order", 1)
+            with tx.action("charge", args={"n": 1}, compensate="refund-unregistered"):
+                pass
+    args = [path, str(tx.id)] if verb == "revert" else [path, "--to", "p"]
+    r = run_cli(verb, *args)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    out = r.stdout + r.stderr
+    assert "pending compensations" in out and "refund-unregistered" in out, out
+    assert "RuntimeWarning" not in out and "store.retry_compensations()" not in out, out
+    with walstore.open(path, readonly=True) as s:  # (the undo committed all the same)
+        assert s.get("order") is None and [a.state for a in s.actions()] == ["pending"]

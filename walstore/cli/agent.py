@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Any, Callable, Iterator
 
 import click
@@ -163,9 +164,15 @@ def _undo_said(undo: _Undo, verb: str, done: str, call: Callable[[], Any]) -> An
     """``call()``, the undo of a revert or rewind (VERB), its refusals said in the command
     line's words: a failed compensation after the undo committed ("DONE, but ..."), a
     RevertConflict with the CLI's advice, a ValueError (see REFUSED) exit 1. A Ctrl-C
-    looks up whether the undo committed while the store is still open (see COMMITTED)."""
+    looks up whether the undo committed while the store is still open (see COMMITTED).
+    The API's RuntimeWarning of compensations left owed for want of a compensator is not
+    shown: the command's own table says them, in its words (it printed a source line and
+    the Python API's ``store.retry_compensations()`` above that table)."""
     try:
-        return call()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"the undo committed \(transaction",
+                                    RuntimeWarning)
+            return call()
     except KeyboardInterrupt:
         undo.committed()  # (looked up while the store is open)
         raise
