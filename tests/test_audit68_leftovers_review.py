@@ -10,6 +10,9 @@ got wrong, each found by a test here that failed before its fix.
    not registered printed, besides its own table of what is owed, Python's raw
    RuntimeWarning: a source file and line, and the Python API's advice
    (``store.retry_compensations()``), not the command line's.
+4. walstore/ops/backup.py ``what_dest_holds``: a backup or restore into a directory
+   holding a store a writer has open (a live store, no copy cut off) advised "remove it
+   and run the backup again".
 """
 from __future__ import annotations
 
@@ -128,3 +131,29 @@ def test_undo_on_the_command_line_says_what_is_owed_in_its_own_words(tmp_path, v
     assert "RuntimeWarning" not in out and "store.retry_compensations()" not in out, out
     with walstore.open(path, readonly=True) as s:  # (the undo committed all the same)
         assert s.get("order") is None and [a.state for a in s.actions()] == ["pending"]
+
+
+@pytest.mark.parametrize("verb", ["backup", "restore"])
+def test_a_dest_holding_a_live_store_is_never_advised_removed(tmp_path, verb):
+    """Before: `walstore backup SRC DEST` with DEST a store a writer has open said "it
+    holds a walstore store, which opens (perhaps the complete copy of a backup cut off
+    ...): check it ... or remove it and run the backup again" — advice to delete a live
+    store.  Now it says a writer has it open and to choose another destination."""
+    from test_audit48_cli import run_cli
+    src = str(tmp_path / "src")
+    with walstore.open(src) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    if verb == "restore":
+        r = run_cli("replicate", src, (tmp_path / "rep").as_uri(), "--once")
+        assert r.returncode == 0, r.stderr
+        src = (tmp_path / "rep").as_uri()
+    dest = str(tmp_path / "live")
+    with walstore.open(dest) as live:  # (a writer holds DEST while the copy is asked for)
+        with live.transaction() as tx:
+            tx.put("mine", 1)
+        r = run_cli(verb, src, dest)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        line = r.stderr.strip()
+        assert "remove it" not in line and "a writer has it open" in line, line
+        assert live.get("mine") == 1

@@ -184,6 +184,10 @@ def what_dest_holds(dest: str, verb: str) -> str:
     "" when DEST holds no store."""
     if not os.path.isdir(dest) or not os.path.exists(os.path.join(dest, "STORE")):
         return ""
+    if writer_alive(Layout(dest)):  # (a live store: no copy cut off, nothing to remove;
+        # it was said to owe its recovery, "or remove it and run the backup again")
+        return (": it holds a walstore store, and a writer has it open (a live store, not "
+                "a copy cut off): choose another destination")
     from .. import open as open_store  # (the package's open: a read-only look)
     try:
         with open_store(dest, readonly=True) as s:
