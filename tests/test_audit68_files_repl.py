@@ -196,9 +196,9 @@ def test_one_shipping_round_beside_a_fast_writer_ships_one_snapshot(tmp_path, tr
     lacked) and ships a snapshot for it; the writer trims again (``after`` the snapshot:
     past it; ``before`` it: below it, the snapshot a base past the second hole too).
     Before the fix the round recorded the second hole and shipped a second full LMDB
-    snapshot (one per hole, without bound).  Now the round ships one: a second hole past
-    it waits for the next round, which ships its snapshot; one below it is recorded with
-    no snapshot.  The replica then restores to the writer's state."""
+    snapshot (one per hole, without bound).  Now a second hole below it is recorded with
+    no snapshot; one past it, the replica's end below the first snapshot, ships a second
+    (two a round at most: a round ending there was unrestorable until the next).  The replica then restores to the writer's state."""
     s, shipper, url = _replica_behind_a_trim(tmp_path)
     real = shipper._snapshot
     taken = []
@@ -217,8 +217,11 @@ def test_one_shipping_round_beside_a_fast_writer_ships_one_snapshot(tmp_path, tr
     shipper._snapshot = snapshot_and_writer_trims
     try:
         shipper.ship_once()
-        assert len(taken) == 1, taken
-        assert len(shipper.manifest.doc["holes"]) == {"after": 1, "before": 2}[trim]
+        # (``after``: the second hole lies past the first snapshot, the replica's end below
+        # it — a second snapshot, two a round at most: test_audit68_files_repl_review)
+        assert len(taken) == {"after": 2, "before": 1}[trim], taken
+        assert len(shipper.manifest.doc["holes"]) == 2
+        assert shipper._saved_unbased is None, shipper._saved_unbased
         for _ in range(2):  # (the writer idle now)
             shipper.ship_once()
         assert len(taken) == {"after": 2, "before": 1}[trim], taken

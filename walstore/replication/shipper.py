@@ -1025,25 +1025,35 @@ class Shipper:
         m = self.manifest
         last_save = time.monotonic()
         dirty = False
-        based = False  # the target moved on to a hole's snapshot (once a round: see there)
+        taken = 0 if summary["snapshot"] is None else 1  # full snapshots this round
         while m.position < durable and not self._stop.is_set():
             pos = m.position
             segs = self.source.segments()
             if not segs or pos < segs[0][0]:
                 if summary["snapshot"] is not None and segs:
                     # a hole again, in a round that shipped a snapshot already (a writer
-                    # trimming faster than the round ships): one full LMDB copy a round —
-                    # one per hole was without bound (audit 68).  A snapshot of this round
-                    # at or past the hole's end is a base past it already; else the hole
-                    # waits for the next round (the replica stands where it is)
-                    if max(x["lsn"] for x in m.snapshots) < segs[0][0]:
+                    # trimming faster than the round ships): two full LMDB copies a round
+                    # at most — one per hole was without bound (audit 68).  A snapshot of
+                    # this round at or past the hole's end is a base past it already; else
+                    # the hole waits for the next round (the replica stands where it is)
+                    # when a restore reaches it there — when none does (its only base, the
+                    # last hole's snapshot, lies past it: a round stopping there left the
+                    # replica unrestorable until the next round, hours away for a cron
+                    # `replicate --once`: audit 68) a second snapshot is shipped, and the
+                    # round on to it.  Two suffice for what one snapshot leaves: the
+                    # first hole's snapshot overtaken by a second trim; a third trim
+                    # overtaking the second's too ends the round unrestorable, saying so
+                    if max(x["lsn"] for x in m.snapshots) >= segs[0][0]:
+                        self._hole(pos, segs, summary, snapshot=False)
+                        dirty = True
+                        continue
+                    if taken >= 2 or _end_unrestorable(m) is None:
                         break
-                    self._hole(pos, segs, summary, snapshot=False)
-                    dirty = True
-                    continue
+                before = summary["snapshot"]
                 self._hole(pos, segs, summary)
-                if not based:
-                    durable, based = self._reach_hole_base(durable), True
+                if summary["snapshot"] != before:  # (a base past the hole: ship on to it)
+                    durable = self._reach_hole_base(durable)
+                    taken += 1
                 dirty = True
                 continue
             i = max(j for j, (s, _p) in enumerate(segs) if s <= pos)
@@ -1089,10 +1099,11 @@ class Shipper:
         snapshot when the writer went on meanwhile: no restore reached the replica's end
         until the next round — a `replicate --once` beside a live writer exited 1, and
         every restore of the replica failed, in between.)  Up to the snapshot only, and
-        once a round: a writer trimming faster than the round ships makes a hole again
-        meanwhile, and a round chasing each new hole's snapshot never ended (a full LMDB
-        copy each: 58 GB of snapshots in minutes, audit 67); such a round ends at its
-        target unrestorable, as before, saying so, and the next round begins again."""
+        for two snapshots a round at most (``_ship_wal``): a writer trimming faster than
+        the round ships makes a hole again meanwhile, and a round chasing each new hole's
+        snapshot never ended (a full LMDB copy each: 58 GB of snapshots in minutes, audit
+        67); such a round ends at its target unrestorable, as before, saying so, and the
+        next round begins again."""
         newest = max((s["lsn"] for s in self.manifest.snapshots), default=0)
         if newest <= durable:
             return durable

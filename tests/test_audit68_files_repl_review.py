@@ -1,0 +1,64 @@
+"""Audit 68, review of the files-workspace and replication fixes (d4fdcb5, 6fac404,
+25cceac, 21146c3, 0557e5c): each defect found reproduced here first (it failed on
+e7c0af8), then fixed.
+
+- one full snapshot a shipping round (0557e5c): a round whose hole's snapshot lay below
+  its starting frontier, the writer trimming again before the round shipped up to that
+  snapshot, stopped where the replica stood — below its only base: no restore reached
+  the replica's end until the next round (hours away for a cron `replicate --once`).
+"""
+from __future__ import annotations
+
+import pytest
+
+import walstore
+from tests.test_audit67_replica_hole import _commit
+from test_replication_support import rows
+from walstore.replication.shipper import Shipper
+from walstore.replication.source import DirectorySource
+
+
+# ---- replication: a round ends restorable where a second snapshot makes it so ----------
+@pytest.mark.parametrize("writer", ["idle", "busy"])
+def test_no_acknowledged_commit_lost_a_round_overtaken_by_a_second_trim_ends_restorable(
+        tmp_path, writer):
+    """An external shipper (no pin) of a writer that trimmed the WAL the replica lacked
+    and committed on (its LMDB applied below the durable frontier): the round meets the
+    hole and ships a snapshot — of LMDB as applied, below the frontier the round read —
+    and then the writer checkpoints again (``busy``: after more commits), trimming past
+    that snapshot before the round shipped up to it.  Before the fix (one snapshot a
+    round) the round stopped there, the replica's end below its only base: every restore
+    failed until the next round.  Now it ships a second snapshot (two a round at most)
+    and on to it: the replica restores to exactly the writer's rows."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path, segment_size=64 * 1024)
+    n = _commit(s, 0, 20)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()
+        n = _commit(s, n, 300)
+        assert s._engine.checkpoint()["segments_removed"] > 0  # (the hole)
+        n = _commit(s, n, 300)  # (durable, not applied to LMDB yet)
+        real = shipper._snapshot
+        taken = []
+
+        def snapshot_then_writer_trims(summary):
+            real(summary)
+            taken.append(summary["snapshot"])
+            if len(taken) == 1:
+                if writer == "busy":
+                    _commit(s, n, 100)
+                assert s._engine.checkpoint()["segments_removed"] > 0
+        shipper._snapshot = snapshot_then_writer_trims
+        shipper.ship_once()
+        assert shipper._saved_unbased is None, shipper._saved_unbased
+        assert 1 < len(taken) <= 2, taken
+        assert len(shipper.manifest.doc["holes"]) == 2
+        expected = rows(s)
+    finally:
+        shipper.stop()
+        s.close()
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == expected
+
