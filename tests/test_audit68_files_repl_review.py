@@ -5,17 +5,24 @@ e7c0af8), then fixed.
 - one full snapshot a shipping round (0557e5c): a round whose hole's snapshot lay below
   its starting frontier, the writer trimming again before the round shipped up to that
   snapshot, stopped where the replica stood — below its only base: no restore reached
-  the replica's end until the next round (hours away for a cron `replicate --once`).
+  the replica's end until the next round (hours away for a cron `replicate --once`);
+- a watch() whose end's records failed, the caller going on, another transaction
+  committing a.txt, then a crash (SIGKILL) before the rollback: the next open put every
+  difference from the tree as the block began back — the COMMITTED a.txt "old" again;
 """
 from __future__ import annotations
+
+import errno
 
 import pytest
 
 import walstore
+from tests.test_audit67_durable_events import OPTS, workspace_with
 from tests.test_audit67_replica_hole import _commit
 from test_replication_support import rows
 from walstore.replication.shipper import Shipper
 from walstore.replication.source import DirectorySource
+from tools.faults import FaultBackend, installed
 
 
 # ---- replication: a round ends restorable where a second snapshot makes it so ----------
@@ -61,4 +68,62 @@ def test_no_acknowledged_commit_lost_a_round_overtaken_by_a_second_trim_ends_res
     walstore.restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == expected
+
+
+# ---- files: a watch whose end could not be recorded, then a crash ----------------------
+FAILED_END_THEN_KILLED = r"""
+import errno, os, sys, walstore
+from tools.faults import FaultBackend, installed
+store, root, when = sys.argv[1:4]
+s = walstore.open(store, durability="full", apply_interval=3600.0)
+ws = s.workspace(root)
+tx = s.transaction()
+f = tx.files(ws)
+with installed(FaultBackend()) as fb:
+    try:
+        with f.watch():
+            with open(os.path.join(root, "new.txt"), "w") as out:
+                out.write("made\n")
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    except walstore.WalstoreError:
+        pass
+with s.transaction() as other:  # (a path the block never changed)
+    other.files(ws).write("a.txt", "new\n")
+if when == "after-rollback":
+    tx.rollback()
+print("ready", flush=True)
+import time; time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("when", ["before-rollback", "after-rollback"])
+def test_no_committed_write_undone_by_the_recovery_of_a_watch_whose_end_failed(
+        tmp_path, when):
+    """A ``watch()`` block makes new.txt; its WATCH_END record's WAL write fails (EIO);
+    the caller catches it; another transaction writes a.txt (a path the block never
+    changed) and commits; the process is killed (SIGKILL) before or after the first
+    transaction's rollback.  The next open must undo the block's new.txt only: the
+    COMMITTED a.txt stays "new" on disk, as the store says."""
+    import subprocess
+    import sys
+    root = tmp_path / "ws"
+    root.mkdir()
+    (root / "a.txt").write_text("old\n")
+    store = str(tmp_path / "s")
+    walstore.open(store).close()
+    env = dict(__import__("os").environ,
+               PYTHONPATH=__import__("os").pathsep.join(p for p in sys.path if p))
+    proc = subprocess.Popen([sys.executable, "-c", FAILED_END_THEN_KILLED, store,
+                             str(root), when], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+    finally:
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    with walstore.open(store, durability="full") as s:
+        ws = s.workspace(str(root))
+        assert s.at(s.log(limit=1)[0].lsn).files(ws).read("a.txt") == b"new\n"
+        assert (root / "a.txt").read_text() == "new\n"
+        assert not (root / "new.txt").exists()
 

@@ -1952,7 +1952,8 @@ class Files:
                                            self.blobs, self.quarantine(txid), check=True,
                                            durable=self.durable,
                                            since_ns=eff.manifest.taken_ns)
-                return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering)
+                return self._undo_open_watch(eff.ws, eff.manifest, txid, recovering,
+                                             began=eff.lsn)
             if getattr(eff, "specials", None) and not recovering:
                 _remove_own_specials(eff.ws, eff.specials, self.durable)
             steps = eff.steps if batch is None else batch.steps_of(eff)
@@ -1986,7 +1987,8 @@ class Files:
         return False
 
     def _undo_open_watch(self, ws: Workspace, m0: Manifest, txid: int,
-                         recovering: bool = False) -> list[FileConflict]:
+                         recovering: bool = False,
+                         began: int | None = None) -> list[FileConflict]:
         """A watch that never ended (a crash inside it, or its end could not be read):
         every difference from its manifest is put back, as the watched processes' own.
 
@@ -1995,9 +1997,18 @@ class Files:
         process that outlived its parent).  So before a path is put back, the version
         found now (a file or symlink) is kept under
         ``quarantine/files/tx<txid>/watch/<path>`` and listed (``watch_saved``, in the
-        recovery report): put back as promised, and nothing lost."""
+        recovery report): put back as promised, and nothing lost.
+
+        A path a transaction committed a version of after the watch began (``began``, its
+        WATCH_BEGIN's LSN) is that commit's, as ``undo_one`` leaves an owed step's: a
+        watch whose end's records failed, the caller going on, another transaction's
+        committed write of a path the block never changed was put back to the tree as
+        the block began by the next open after a crash (audit 68)."""
         now = snapshot(m0.workspace(ws), self.blobs if recovering else None, previous=m0)
         changes = diff(m0, now)
+        if began is not None:
+            changes = [c for c in changes
+                       if not self._committed_since(ws.root_b, c.path, began)]
         # (paths a watched process made over the history's length limit are put back too)
         unlimited = ws.without_length_limit()
         if recovering:
