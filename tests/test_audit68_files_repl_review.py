@@ -9,6 +9,8 @@ e7c0af8), then fixed.
 - a watch() whose end's records failed, the caller going on, another transaction
   committing a.txt, then a crash (SIGKILL) before the rollback: the next open put every
   difference from the tree as the block began back — the COMMITTED a.txt "old" again;
+  so did the transaction's own rollback when the end's snapshot failed before the block's
+  changes were read (in process the commit was not in LMDB yet);
 """
 from __future__ import annotations
 
@@ -126,4 +128,30 @@ def test_no_committed_write_undone_by_the_recovery_of_a_watch_whose_end_failed(
         assert s.at(s.log(limit=1)[0].lsn).files(ws).read("a.txt") == b"new\n"
         assert (root / "a.txt").read_text() == "new\n"
         assert not (root / "new.txt").exists()
+
+
+def test_no_committed_write_undone_by_a_rollback_of_a_watch_whose_end_snapshot_failed(
+        tmp_path):
+    """A ``watch()`` block makes new.txt; its end's snapshot fails before the block's
+    changes are read (EIO storing new.txt's content), so only "the tree as the block
+    began" is known; the caller catches it; another transaction writes a.txt and
+    commits; the first rolls back.  Before the fix the rollback put every difference
+    from that tree back: the COMMITTED a.txt was "old" on disk while the store said
+    "new".  Now a path committed since the watch began is left as committed."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    tx = s.transaction()
+    with installed(FaultBackend()) as fb, pytest.raises(walstore.StoreIOError):
+        with tx.files(ws).watch():
+            (root / "new.txt").write_text("made\n")
+            fb.fail("pwrite", errno.EIO, path="*blobs*")
+    with s.transaction() as other:
+        other.files(ws).write("a.txt", "new\n")
+    tx.rollback()
+    assert (root / "a.txt").read_text() == "new\n"
+    assert not (root / "new.txt").exists()
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert (root / "a.txt").read_text() == "new\n"
+        assert s.at(s.log(limit=1)[0].lsn).files(ws).read("a.txt") == b"new\n"
 

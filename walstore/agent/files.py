@@ -1938,6 +1938,9 @@ class Files:
         """Put back what one effect changed; its conflicts (raises on an I/O error).
         ``batch``: the effects undone with it (see UndoBatch); ``recovering``: at open,
         after a crash (see ``_undo_open_watch``)."""
+        if isinstance(eff, OpenWatch) and eff.seen is None and not eff.never_ran \
+                and not recovering:  # (the commits since it began in LMDB, where
+            self.engine.drain()  # ``_committed_since`` reads them; drained at open)
         with self._ws_lock(eff.ws), self._lock:
             # a root replaced by a symlink since: nothing is put back through it (the
             # effect stays owed, reported); path by path it would be a conflict each
