@@ -11,6 +11,8 @@ e7c0af8), then fixed.
   difference from the tree as the block began back — the COMMITTED a.txt "old" again;
   so did the transaction's own rollback when the end's snapshot failed before the block's
   changes were read (in process the commit was not in LMDB yet);
+- a savepoint taken after such a watch's block (its end failed) could not be rolled back
+  to: "the savepoint was taken inside a watch() block".
 """
 from __future__ import annotations
 
@@ -155,3 +157,34 @@ def test_no_committed_write_undone_by_a_rollback_of_a_watch_whose_end_snapshot_f
         assert (root / "a.txt").read_text() == "new\n"
         assert s.at(s.log(limit=1)[0].lsn).files(ws).read("a.txt") == b"new\n"
 
+
+def test_rollback_to_a_savepoint_taken_after_a_watch_whose_end_failed_works(tmp_path):
+    """The WATCH_END record's write fails (EIO) after the block's changes were read; the
+    caller catches it, takes a savepoint, writes b.txt, and rolls back to that savepoint.
+    Before the fix it was refused: "the savepoint was taken inside a watch() block" —
+    the block had ended before the savepoint was taken.  Now b.txt is put back, the
+    watch stays the transaction's to undo: rolled back to a savepoint before it, nothing
+    of the block is left, and the transaction commits."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    tx = s.transaction()
+    before = tx.savepoint()
+    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
+                                                        match="could not write"):
+        with tx.files(ws).watch():
+            inside = tx.savepoint()
+            (root / "new.txt").write_text("made\n")
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    after = tx.savepoint()
+    tx.files(ws).write("b.txt", "b\n")
+    tx.rollback_to(after)
+    assert not (root / "b.txt").exists() and (root / "new.txt").exists()
+    with pytest.raises(walstore.WalstoreError, match="inside a watch"):
+        tx.rollback_to(inside)
+    tx.rollback_to(before)
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
+    tx.files(ws).write("c.txt", "c\n")
+    tx.commit()
+    s.close()
+    with walstore.open(s.path, **OPTS) as s:
+        assert sorted(p.name for p in root.iterdir()) == ["a.txt", "c.txt"]

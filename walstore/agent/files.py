@@ -1709,6 +1709,7 @@ class Files:
                         f"the end of a watch() block could not be recorded "
                         f"({type(e).__name__}: {e}); what the block changed can only be "
                         f"put back whole: roll the transaction back")
+                    tx.note_block_ended(w)  # (a savepoint taken now is not inside it)
                     if not failed or not isinstance(e, Exception):
                         raise  # (the block's own error wins; the watch stays open)
                 finally:

@@ -845,6 +845,12 @@ class Transaction:
         before the append, so no effect with it is in ``effects`` unnoted."""
         self._inner_blockers = [*self._inner_blockers, effect]
 
+    def note_block_ended(self, effect: Any) -> None:
+        """``effect``'s block is over though it stays in ``effects`` (a watch() whose end
+        could not be recorded): savepoints taken from now on are not inside it (one taken
+        after such a block was refused "taken inside a watch() block": audit 68)."""
+        self._inner_blockers = [b for b in self._inner_blockers if b is not effect]
+
     def _inside(self) -> tuple:
         """The effects in ``effects`` that a savepoint taken now is inside of (those with
         ``blocks_inner_rollback``, in their order): the noted ones still there.  One that
