@@ -30,38 +30,51 @@ from tools.faults import FaultBackend, installed
 
 
 # ---- replication: a round ends restorable where a second snapshot makes it so ----------
-@pytest.mark.parametrize("writer", ["idle", "busy"])
-def test_no_acknowledged_commit_lost_a_round_overtaken_by_a_second_trim_ends_restorable(
-        tmp_path, writer):
-    """An external shipper (no pin) of a writer that trimmed the WAL the replica lacked
-    and committed on (its LMDB applied below the durable frontier): the round meets the
-    hole and ships a snapshot — of LMDB as applied, below the frontier the round read —
-    and then the writer checkpoints again (``busy``: after more commits), trimming past
-    that snapshot before the round shipped up to it.  Before the fix (one snapshot a
-    round) the round stopped there, the replica's end below its only base: every restore
-    failed until the next round.  Now it ships a second snapshot (two a round at most)
-    and on to it: the replica restores to exactly the writer's rows."""
+def _round_overtaken(tmp_path, writer: str):
+    """(writer store, shipper, url, snapshots taken): an external shipper (no pin) of a
+    writer that trimmed the WAL the replica lacked and committed on (its LMDB applied
+    below the durable frontier), and one round: it meets the hole and ships a snapshot —
+    of LMDB as applied, below the frontier the round read — then the writer checkpoints
+    again (``busy``: after more commits), trimming past that snapshot before the round
+    shipped up to it."""
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path, segment_size=64 * 1024)
     n = _commit(s, 0, 20)
     shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    shipper.ship_once()
+    n = _commit(s, n, 300)
+    assert s._engine.checkpoint()["segments_removed"] > 0  # (the hole)
+    n = _commit(s, n, 300)  # (durable, not applied to LMDB yet)
+    real = shipper._snapshot
+    taken: list = []
+
+    def snapshot_then_writer_trims(summary):
+        real(summary)
+        taken.append(summary["snapshot"])
+        if len(taken) == 1:
+            if writer == "busy":
+                _commit(s, n, 100)
+            assert s._engine.checkpoint()["segments_removed"] > 0
+    shipper._snapshot = snapshot_then_writer_trims
     try:
         shipper.ship_once()
-        n = _commit(s, n, 300)
-        assert s._engine.checkpoint()["segments_removed"] > 0  # (the hole)
-        n = _commit(s, n, 300)  # (durable, not applied to LMDB yet)
-        real = shipper._snapshot
-        taken = []
+    except BaseException:
+        shipper.stop()
+        s.close()
+        raise
+    return s, shipper, url, taken
 
-        def snapshot_then_writer_trims(summary):
-            real(summary)
-            taken.append(summary["snapshot"])
-            if len(taken) == 1:
-                if writer == "busy":
-                    _commit(s, n, 100)
-                assert s._engine.checkpoint()["segments_removed"] > 0
-        shipper._snapshot = snapshot_then_writer_trims
-        shipper.ship_once()
+
+@pytest.mark.parametrize("writer", ["idle", "busy"])
+def test_no_acknowledged_commit_lost_a_round_overtaken_by_a_second_trim_ends_restorable(
+        tmp_path, writer):
+    """The round of ``_round_overtaken``.  Before the fix (one snapshot a round) it
+    stopped where the replica stood, its end below its only base: every restore failed
+    ("hole in the replica's WAL ... no restore can cross it") until the next round.  Now
+    it ships a second snapshot (two a round at most) and on to it: the replica restores
+    to exactly the writer's rows."""
+    s, shipper, url, taken = _round_overtaken(tmp_path, writer)
+    try:
         assert shipper._saved_unbased is None, shipper._saved_unbased
         assert 1 < len(taken) <= 2, taken
         assert len(shipper.manifest.doc["holes"]) == 2
@@ -72,6 +85,45 @@ def test_no_acknowledged_commit_lost_a_round_overtaken_by_a_second_trim_ends_res
     walstore.restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == expected
+
+
+def test_restore_after_rounds_with_holes_to_any_point_gives_the_writers_rows(tmp_path):
+    """After the round of ``_round_overtaken`` (two holes, two snapshots) and one more
+    round of later commits: a restore to a commit's LSN either gives exactly the rows the
+    writer had then, or (the commit lost in a hole, or needing a replay across one) is
+    refused with ReplicationError — never a silent prefix or another state."""
+    s, shipper, url, _taken = _round_overtaken(tmp_path, "busy")
+    try:
+        _commit(s, 10000, 50)
+        shipper.ship_once()
+        m = shipper.manifest
+        lsns = sorted(e.lsn for e in s.log(limit=10 ** 6))
+        edges = [x for h in m.doc["holes"] for x in (h["a"], h["b"])]
+        edges += [x["lsn"] for x in m.snapshots] + [m.position]
+        picks = {lsns[0], lsns[-1], *lsns[::97]}
+        for x in edges:  # (the commits either side of each edge)
+            i = next((j for j, v in enumerate(lsns) if v >= x), len(lsns))
+            picks.update(lsns[max(0, i - 1):i + 1])
+        expected = {lsn: list(s.at(lsn).scan()) for lsn in picks}
+        holes = [(h["a"], h["b"]) for h in m.doc["holes"]]
+        snaps = [x["lsn"] for x in m.snapshots]
+    finally:
+        shipper.stop()
+        s.close()
+    restored = 0
+    for k, lsn in enumerate(sorted(picks)):
+        dest = str(tmp_path / f"r{k}")
+        try:
+            walstore.restore(url, dest, walstore.LSN(lsn))
+        except walstore.ReplicationError:
+            # (refused only where no snapshot at or below it has the WAL up to it)
+            assert not any(x <= lsn and not any(a <= lsn and b > x for a, b in holes)
+                           for x in snaps), lsn
+            continue
+        with walstore.open(dest) as r:
+            assert rows(r) == expected[lsn], lsn
+        restored += 1
+    assert restored >= 3, (restored, len(picks))
 
 
 # ---- files: a watch whose end could not be recorded, then a crash ----------------------
