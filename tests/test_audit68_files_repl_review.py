@@ -12,11 +12,14 @@ e7c0af8), then fixed.
   so did the transaction's own rollback when the end's snapshot failed before the block's
   changes were read (in process the commit was not in LMDB yet);
 - a savepoint taken after such a watch's block (its end failed) could not be rolled back
-  to: "the savepoint was taken inside a watch() block".
+  to: "the savepoint was taken inside a watch() block";
+- the rollback of such a watch (from its end's snapshot) left a FIFO the block made, and
+  the directory holding it, reported as a conflict.
 """
 from __future__ import annotations
 
 import errno
+import os
 
 import pytest
 
@@ -240,3 +243,25 @@ def test_rollback_to_a_savepoint_taken_after_a_watch_whose_end_failed_works(tmp_
     s.close()
     with walstore.open(s.path, **OPTS) as s:
         assert sorted(p.name for p in root.iterdir()) == ["a.txt", "c.txt"]
+
+
+def test_rollback_of_a_watch_whose_end_failed_removes_the_special_files_it_left(tmp_path):
+    """The block makes d/ holding d/x and a FIFO d/p; the WATCH_END record's write fails
+    (EIO) after the block's changes were read; the transaction rolls back.  Before the
+    fix the rollback (from the end's snapshot) did not remove the FIFO as the undo of an
+    ended watch does: d/ stayed, reported as a conflict "changed behind walstore's back"
+    (FileConflictError).  Now d/ is gone, no conflict, as when the end was recorded."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    tx = s.transaction()
+    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
+                                                        match="could not write"):
+        with tx.files(ws).watch():
+            (root / "d").mkdir()
+            (root / "d" / "x").write_text("x\n")
+            os.mkfifo(root / "d" / "p")
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    tx.rollback()
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
+    assert s.file_conflicts() == []
+    s.close()

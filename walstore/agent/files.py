@@ -268,7 +268,8 @@ class OpenWatch:
     # watch's — its rollback puts nothing back (its settling WATCH_END unlogged, a write
     # failed, the rollback put back a write another transaction had committed since)
     never_ran: bool = False
-    # (the manifest at its end, the block's changes) once its end's snapshot was taken:
+    # (the manifest at its end, the block's changes, the special files it left:
+    # ``FileEffect.specials``) once its end's snapshot was taken:
     # an end whose records then failed (a log write error) is undone by putting back
     # those changes only, each checked, as ``_abandon_watch`` does — put back from the
     # manifest the block began with, a write another transaction committed since the
@@ -1749,7 +1750,7 @@ class Files:
             m1 = snapshot(w.manifest.workspace(ws), self.blobs, previous=w.manifest,
                           monitor=self._monitor(ws))
             changes = diff(w.manifest, m1)
-            w.seen = (m1, changes)
+            w.seen = (m1, changes, _specials_at(ws, m1, changes))
             # logged in an order whose reverse is the undo order (removals deepest first,
             # then re-creations shallowest first), so they undo like any other steps; a
             # read-only directory holding changes is opened and closed by them too
@@ -1768,7 +1769,7 @@ class Files:
                                  ) if forward else None
             self._note_claims(tx, ws.root_b, changes)  # (changed already: claimed, unchecked)
             if eff is not None:
-                eff.specials = _specials_at(ws, m1, changes)
+                eff.specials = w.seen[2]
                 eff.began_as = w
 
             def ended(event) -> None:  # (before the wait for the disk, as the begin's: an
@@ -1950,7 +1951,10 @@ class Files:
                 if eff.never_ran and not recovering:  # (no block ran: recorded only)
                     return []
                 if eff.seen is not None and not recovering:  # (its end's records failed)
-                    m1, changes = eff.seen
+                    m1, changes, specials = eff.seen
+                    if specials:  # (as the steps' undo: a FIFO left in a directory the
+                        # block made kept it, a conflict: audit 68)
+                        _remove_own_specials(eff.ws, specials, self.durable)
                     unlimited = eff.manifest.workspace(eff.ws).without_length_limit()
                     return restore_changes(unlimited, changes + passages(changes, m1),
                                            self.blobs, self.quarantine(txid), check=True,
