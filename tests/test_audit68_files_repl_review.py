@@ -265,3 +265,32 @@ def test_rollback_of_a_watch_whose_end_failed_removes_the_special_files_it_left(
     assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
     assert s.file_conflicts() == []
     s.close()
+
+
+def test_rollback_to_past_a_failed_change_whose_undo_conflicted_lets_the_commit_go(
+        tmp_path):
+    """(A check of 6fac404; it passed.)  ``f.write("a.txt")`` fails and its undo finds
+    another's bytes there: the commit refuses (WalstoreError naming the path); a
+    ``rollback_to`` a savepoint before the write reports the conflict
+    (FileConflictError) and clears it: the commit then goes through with the rest, the
+    other's a.txt left as found."""
+    from tests.test_audit68_files_repl import StrangerAtRenameOnto
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = StrangerAtRenameOnto()
+    tx = s.transaction()
+    sp = tx.savepoint()
+    with installed(fb), pytest.raises(walstore.StoreIOError):
+        fb.armed = 1
+        tx.files(ws).write("a.txt", "new\n")
+    tx.put("k", 1)
+    with pytest.raises(walstore.WalstoreError, match="a.txt changed behind") as got:
+        tx.commit()
+    assert type(got.value) is walstore.WalstoreError and tx.state == "active"
+    with pytest.raises(walstore.FileConflictError, match="a.txt"):
+        tx.rollback_to(sp)
+    tx.put("k2", 2)
+    tx.commit()
+    assert s.get("k") is None and s.get("k2") == 2
+    assert (root / "a.txt").read_text() == "stranger\n"
+    s.close()
