@@ -14,7 +14,10 @@ e7c0af8), then fixed.
 - a savepoint taken after such a watch's block (its end failed) could not be rolled back
   to: "the savepoint was taken inside a watch() block";
 - the rollback of such a watch (from its end's snapshot) left a FIFO the block made, and
-  the directory holding it, reported as a conflict.
+  the directory holding it, reported as a conflict;
+- a watch() whose FILE_STEPS record failed left the block's paths unclaimed: another
+  transaction overwrote one and committed, and the rollback called walstore's own
+  commit "changed behind walstore's back".
 """
 from __future__ import annotations
 
@@ -293,4 +296,33 @@ def test_rollback_to_past_a_failed_change_whose_undo_conflicted_lets_the_commit_
     tx.commit()
     assert s.get("k") is None and s.get("k2") == 2
     assert (root / "a.txt").read_text() == "stranger\n"
+    s.close()
+
+
+def test_no_other_transaction_changes_a_path_a_watch_whose_steps_failed_changed(tmp_path):
+    """The block rewrites a.txt; the FILE_STEPS record of its changes fails (EIO), so
+    the end fails; the caller catches it.  Before the fix the block's paths were claimed
+    only after their record was written: another transaction's write of a.txt went
+    through and committed over the live transaction's change, and the first one's
+    rollback then raised FileConflictError "changed behind walstore's back" naming a.txt
+    (walstore's own commit), a copy in the quarantine.  Now the other write is refused
+    (ConflictError) while the first is live, as when only the WATCH_END record failed,
+    and the rollback puts a.txt back with no conflict."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    tx = s.transaction()
+    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
+                                                        match="could not write"):
+        with tx.files(ws).watch():
+            (root / "a.txt").write_text("block\n")
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=1)  # (the steps)
+    with pytest.raises(walstore.ConflictError, match="a.txt"):
+        with s.transaction() as other:
+            other.files(ws).write("a.txt", "v1\n")
+    tx.rollback()
+    assert (root / "a.txt").read_text() == "old\n"
+    assert s.file_conflicts() == []
+    with s.transaction() as other:  # (its claim ended with it)
+        other.files(ws).write("a.txt", "v1\n")
+    assert (root / "a.txt").read_text() == "v1\n"
     s.close()

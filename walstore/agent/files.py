@@ -1763,11 +1763,15 @@ class Files:
                 self._check_claims(tx, ws.root_b, [c.path for c in changes])
             except ConflictError as e:
                 self._put_back_claimed_watch(tx, w, m1, changes, e)
+            # (changed already: claimed, unchecked; before their record, which may fail —
+            # claimed after it, another transaction overwrote a path of this live one and
+            # committed, and this one's rollback called it changed behind walstore's
+            # back: audit 68)
+            self._note_claims(tx, ws.root_b, changes)
             eff = self.log_steps(tx, ws, "watch", forward, durable=False, watch=w.lsn,
                                  began_ns=w.manifest.taken_ns,
                                  known=lambda e: setattr(w, "ended_lsns", e.lsns)
                                  ) if forward else None
-            self._note_claims(tx, ws.root_b, changes)  # (changed already: claimed, unchecked)
             if eff is not None:
                 eff.specials = w.seen[2]
                 eff.began_as = w
