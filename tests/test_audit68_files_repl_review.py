@@ -17,7 +17,9 @@ e7c0af8), then fixed.
   the directory holding it, reported as a conflict;
 - a watch() whose FILE_STEPS record failed left the block's paths unclaimed: another
   transaction overwrote one and committed, and the rollback called walstore's own
-  commit "changed behind walstore's back".
+  commit "changed behind walstore's back";
+- a commit after a watch() whose end failed was refused "while a watch() is open (inside
+  its block, or its changes could not be read)": neither was so.
 """
 from __future__ import annotations
 
@@ -325,4 +327,28 @@ def test_no_other_transaction_changes_a_path_a_watch_whose_steps_failed_changed(
     with s.transaction() as other:  # (its claim ended with it)
         other.files(ws).write("a.txt", "v1\n")
     assert (root / "a.txt").read_text() == "v1\n"
+    s.close()
+
+
+def test_commit_after_a_watch_whose_end_failed_says_what_happened(tmp_path):
+    """The WATCH_END record's write fails (EIO); the caller catches it and commits.
+    Before the fix the refusal said "cannot commit while a watch() is open (inside its
+    block, or its changes could not be read)" — the block had ended and its changes had
+    been read.  Now it says the end could not be recorded, why, and that the transaction
+    is rolled back (as any commit refused here)."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    tx = s.transaction()
+    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
+                                                        match="could not write"):
+        with tx.files(ws).watch():
+            (root / "new.txt").write_text("made\n")
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    with pytest.raises(walstore.WalstoreError) as got:
+        tx.commit()
+    said = str(got.value)
+    assert "is open" not in said and "could not be recorded" in said, said
+    assert "Input/output error" in said and "is rolled back" in said, said
+    assert tx.state == "rolled back"
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
     s.close()

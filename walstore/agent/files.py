@@ -275,6 +275,9 @@ class OpenWatch:
     # manifest the block began with, a write another transaction committed since the
     # block ended was undone too, the store saying it stood (audit 68)
     seen: Any = None
+    # why its end could not be recorded (the block is over): what a refused commit says
+    # ("cannot commit while a watch() is open" said no block was running: audit 68)
+    end_failed: str = ""
 
     @property
     def lsns(self) -> list[int]:
@@ -1711,6 +1714,7 @@ class Files:
                         f"({type(e).__name__}: {e}); what the block changed can only be "
                         f"put back whole: roll the transaction back")
                     tx.note_block_ended(w)  # (a savepoint taken now is not inside it)
+                    w.end_failed = f"{type(e).__name__}: {e}"
                     if not failed or not isinstance(e, Exception):
                         raise  # (the block's own error wins; the watch stays open)
                 finally:
@@ -1898,6 +1902,13 @@ class Files:
             raise WalstoreError(f"transaction {tx.id} cannot commit: a watch() whose begin "
                                 f"was interrupted could not be ended (a log write failed); "
                                 f"roll the transaction back")
+        ended = next((e for e in effs if isinstance(e, OpenWatch) and e.end_failed), None)
+        if ended is not None:
+            raise WalstoreError(f"transaction {tx.id} cannot commit: the end of a watch() "
+                                f"block could not be recorded ({ended.end_failed}), so "
+                                f"what the block changed is in no record of it; the "
+                                f"transaction is rolled back (a rollback_to a savepoint "
+                                f"taken before the watch, first, keeps the rest)")
         if any(isinstance(e, OpenWatch) for e in effs):
             raise WalstoreError(f"transaction {tx.id} cannot commit while a watch() is open "
                                 f"(inside its block, or its changes could not be read)")
