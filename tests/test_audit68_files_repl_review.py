@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -168,15 +170,12 @@ def test_no_committed_write_undone_by_the_recovery_of_a_watch_whose_end_failed(
     changed) and commits; the process is killed (SIGKILL) before or after the first
     transaction's rollback.  The next open must undo the block's new.txt only: the
     COMMITTED a.txt stays "new" on disk, as the store says."""
-    import subprocess
-    import sys
     root = tmp_path / "ws"
     root.mkdir()
     (root / "a.txt").write_text("old\n")
     store = str(tmp_path / "s")
     walstore.open(store).close()
-    env = dict(__import__("os").environ,
-               PYTHONPATH=__import__("os").pathsep.join(p for p in sys.path if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     proc = subprocess.Popen([sys.executable, "-c", FAILED_END_THEN_KILLED, store,
                              str(root), when], stdout=subprocess.PIPE, text=True, env=env)
     try:
