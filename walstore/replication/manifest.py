@@ -232,6 +232,25 @@ class Manifest:
         raise ReplicationError(f"the replica has no snapshot at or before LSN {cut} from which "
                                f"its WAL reaches that point{self.history_note(cut - 1)}")
 
+    def base_past_end(self) -> dict | None:
+        """The newest snapshot past the replica's WAL end, when no plan reaches that end;
+        else None.  A round that met a hole took such a snapshot, and the WAL was never
+        shipped to it: walstores before stop 67 stopped the round at the frontier read
+        before the hole, and a writer may die between the snapshot's manifest write and
+        the WAL after it.  It holds every commit up to its LSN (LMDB applies in log order),
+        so a restore of everything restores it as it is; with the source gone, every such
+        restore was refused ("no restore can cross" the hole)."""
+        if self.position is None:
+            return None
+        past = [s for s in self.snapshots if s["lsn"] > self.position]
+        if not past:
+            return None
+        try:
+            next(iter(self.plans(self.end())))
+        except ReplicationError:
+            return max(past, key=lambda s: s["lsn"])
+        return None
+
     def history_note(self, lsn: int | None = None) -> str:
         """Where the replica's history begins (its oldest snapshot), and why nothing before
         it is restorable, when ``lsn`` (None: any) lies before it: refusals of a txid, a

@@ -866,7 +866,12 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
                 raise ReplicationError(f"snapshot at LSN {snap['lsn']} is not usable")
             plans = iter([(snap, chain, start)])
         else:
-            plans = m.plans(cut_goal)
+            # everything, from a replica whose WAL no base reaches the end of but whose
+            # newest snapshot lies past it: that snapshot, as it is (Manifest.base_past_end;
+            # a follower still waits for the WAL to reach it)
+            past = (None if boundary is not None or _cut_end is not None or follow
+                    else m.base_past_end())
+            plans = m.plans(cut_goal) if past is None else iter([(past, [], past["lsn"])])
         # the snapshot
         os.chmod(stage, _src.DIR_MODE)
         db = os.path.join(stage, "db")
@@ -1901,13 +1906,15 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
         m = load_manifest(tgt, opts)
         now = time.time()
         d = m.doc
+        past_end = m.base_past_end()
         report = {
             "url": display_url(url), "store_id": d["store_id"].hex(), "lineage": d["lineage"],
             "updated": d["updated"], "age_seconds": round(now - d["updated"], 3),
             "writer": {k: (d.get("writer") or {}).get(k) for k in ("host", "pid", "path")},
             "position": m.end(),
             "snapshots": [{"lsn": s["lsn"], "time": s["ts"], "bytes": s["n"], "keys": s["keys"],
-                           "restorable": m.wal_start_for(s["lsn"]) is not None}
+                           "restorable": m.wal_start_for(s["lsn"]) is not None
+                           or s is past_end}
                           for s in sorted(m.snapshots, key=lambda s: s["lsn"])],
             "wal": {"first": m.wal[0]["a"] if m.wal else m.end(), "end": m.end(),
                     "objects": len(m.wal), "bytes": sum(e["n"] for e in m.wal)},
@@ -1924,7 +1931,9 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
             # why no restore reaches the replica's end (None: one does); complete_to alone
             # vouched for a replica whose end no restore reached (a hole's snapshot past
             # its end, or failed): `replicas` said "complete" of it (audit 67)
-            "end_unrestorable": _end_unrestorable(m),
+            # (a snapshot past the WAL's end that a restore of everything restores:
+            # Manifest.base_past_end)
+            "end_unrestorable": None if past_end is not None else _end_unrestorable(m),
         }
         if verify:
             report["verify"] = _verify(url, m, tgt, opts, progress)
