@@ -238,10 +238,23 @@ class Manifest:
 
     @classmethod
     def load(cls, blobs: BlobStore, digest: str) -> "Manifest":
+        chunks = blobs.get(digest)
+        try:
+            return cls._load(chunks, digest)
+        except (ValueError, TypeError, KeyError):
+            # (parsed as it streams in, the blob's sha256 checked after its last chunk: a
+            # damaged manifest blob failed its parse first, "blob … is not a manifest" —
+            # read to its end, its damage is a CorruptionError naming the file)
+            for _chunk in chunks:
+                pass
+            raise
+
+    @classmethod
+    def _load(cls, chunks: Iterator[bytes], digest: str) -> "Manifest":
         unpacker = msgpack.Unpacker(raw=False, max_buffer_size=16 << 20)
         header = None
         records: dict[bytes, Record] = {}
-        for chunk in blobs.get(digest):
+        for chunk in chunks:
             unpacker.feed(chunk)
             for obj in unpacker:
                 if header is None:
