@@ -385,3 +385,29 @@ def test_scan_bounds_at_the_key_limit_and_of_ff_bytes(store):
     assert [k for k, _v in tx.scan(prefix=b"\xff" * 499, reverse=True)] == [
         b"\xff" * 500, b"\xff" * 499 + b"\xfe", b"\xff" * 499]
     tx.rollback()
+
+
+# ---- findings ------------------------------------------------------------------------------
+def test_a_compensator_raising_stopiteration_is_recorded_as_its_own_failure(tmp_path):
+    """A compensator whose bug raised StopIteration (a ``next()`` on an exhausted
+    iterator) was recorded failed with walstore's own error, "IndexError: list index out
+    of range" (the C call that notes the compensator's return took the StopIteration for
+    its end, and the empty result was indexed): the action's error and CompensationFailed
+    sent its reader looking for an IndexError that no code of theirs raised."""
+    calls: list = []
+
+    def refund(action):
+        calls.append(action.id)
+        return next(iter(()))  # (the compensator's bug)
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        tx = s.transaction()
+        with tx.action("charge", compensate="refund") as act:
+            act.result = 1
+        with pytest.raises(walstore.CompensationFailed) as e:
+            tx.rollback()
+        assert "StopIteration" in str(e.value) and "IndexError" not in str(e.value)
+        got = s.get_action(act.id)
+        assert (got.state, got.attempts) == ("failed", 3) and len(calls) == 3
+        assert got.error.startswith("StopIteration") and "refund" in got.error, got.error

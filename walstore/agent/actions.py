@@ -970,6 +970,11 @@ class Saga:
                     returned.extend(map(fn, (action,)))
                 finally:
                     self._local.depth = outer
+                if not returned:  # ``map`` took a StopIteration the compensator raised
+                    # for its own end (its message lost with it): recorded as walstore's
+                    # "IndexError: list index out of range" (audit 68)
+                    raise StopIteration(f"raised by compensator {action.compensate!r} "
+                                        f"(a next() on an exhausted iterator?)")
                 unrun = _unrun(returned[0])
                 if unrun:  # (a callable never_runs could not tell: an object whose
                     returned.clear()  # __call__ is async) — its body did not run: a
