@@ -411,3 +411,35 @@ def test_a_compensator_raising_stopiteration_is_recorded_as_its_own_failure(tmp_
         got = s.get_action(act.id)
         assert (got.state, got.attempts) == ("failed", 3) and len(calls) == 3
         assert got.error.startswith("StopIteration") and "refund" in got.error, got.error
+
+
+@pytest.mark.parametrize("decide", ["commit_prepared", "rollback_prepared"])
+def test_a_prepared_transaction_decided_by_the_store_reads_no_more(tmp_path, decide):
+    """A transaction prepared, then decided through ``store.commit_prepared(gid)`` or
+    ``store.rollback_prepared(gid)`` (a coordinator's call, another thread's): its object
+    still said ``state == "active"``, and ``tx.get``/``tx.scan`` (a half-read scan too)
+    went on reading its own write set as if it were there — after ``rollback_prepared``
+    rows the store never held, and never will.  As after ``tx.rollback()``/``commit()``
+    (audit 55), its reads raise TransactionClosed, and its state says how it ended."""
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        with s.transaction() as tx:
+            tx.update({f"k{i}": i for i in range(5)})
+        tx = s.transaction()
+        tx.put("k2", "prepared")
+        tx.put("k9", "prepared")
+        rows = tx.scan(prefix="k")
+        assert next(rows) == ("k0", 0)
+        tx.prepare("g1")
+        assert tx.get("k2") == "prepared"  # (in doubt: it still reads its writes)
+        getattr(s, decide)("g1")
+        ended = "committed" if decide == "commit_prepared" else "rolled back"
+        with pytest.raises(walstore.TransactionClosed, match=ended):
+            next(rows)
+        with pytest.raises(walstore.TransactionClosed, match=ended):
+            tx.get("k2")
+        with pytest.raises(walstore.TransactionClosed, match=ended):
+            tx.scan(prefix="k")
+        assert tx.state == ended
+        assert s.get("k9") == ("prepared" if ended == "committed" else None)
+        if ended == "committed":
+            assert tx.lsn is not None

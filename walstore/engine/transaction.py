@@ -455,6 +455,19 @@ class Transaction:
             raise TransactionClosed(f"transaction {self.id} is already {self.state}")
         self._engine.check_open()
 
+    def _check_undecided(self) -> None:
+        """A prepared transaction decided meanwhile through the store
+        (``store.commit_prepared``/``rollback_prepared``, ``resolve_atomic``) is finished as
+        decided, and TransactionClosed raised: its reads went on showing its write set
+        (after ``rollback_prepared``, rows the store never held) and its state read
+        "active" until its own commit() or rollback() was called (audit 68)."""
+        if self.gid in self._engine.prepared:
+            return
+        with self._end_lock:
+            if self._ending is None:
+                self._finish_as_decided()
+        self._check_active()
+
     def _check_writable(self) -> None:
         self._check_active()
         if self.gid is not None:
@@ -484,6 +497,8 @@ class Transaction:
 
     def get(self, key: Key, default: Any = None) -> Any:
         self._check_active()
+        if self.gid is not None:  # (prepared: one test on the read path)
+            self._check_undecided()
         if type(key) is bytes and 0 < len(key) <= MAX_KEY_BYTES:
             k = b"b" + key  # (``encode_key``'s first case: codec._BYTES, the tag)
         else:
@@ -526,6 +541,8 @@ class Transaction:
         Bad bounds and an ended transaction raise here, at the call; what is read (and
         the range recorded for validation) begins at the first ``next``."""
         self._check_active()
+        if self.gid is not None:
+            self._check_undecided()
         return self._scan(*scan_bounds(prefix, start, end, reverse), reverse)
 
     def _scan(self, lo: bytes, hi: bytes | None, reverse: bool
@@ -535,10 +552,13 @@ class Transaction:
         mine = self._writes_in(lo, hi)
         committed = self._engine.reader.scan(lo, hi, reverse, self._read_at())
         for k, v in _overlay(committed, mine, reverse):
-            if self.state != ACTIVE:  # (ended under a half-read scan: it went on yielding
-                # its write set as if it were there, rows a rollback had undone and the
-                # store would never hold, where tx.get raised at once — probe-audit55)
+            if self.state != ACTIVE or self.gid is not None:  # (ended under a half-read
+                # scan: it went on yielding its write set as if it were there, rows a
+                # rollback had undone and the store would never hold, where tx.get raised
+                # at once — probe-audit55; or decided through the store once prepared)
                 self._check_active()
+                if self.gid is not None:
+                    self._check_undecided()
             try:
                 item = decode_key(k), unpack_value(v)
             except CorruptionError as e:
