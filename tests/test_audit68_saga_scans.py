@@ -434,6 +434,8 @@ def test_a_prepared_transaction_decided_by_the_store_reads_no_more(tmp_path, dec
         getattr(s, decide)("g1")
         ended = "committed" if decide == "commit_prepared" else "rolled back"
         with pytest.raises(walstore.TransactionClosed, match=ended):
+            tx.put("k3", "late")  # (it said "is prepared as 'g1'" of it)
+        with pytest.raises(walstore.TransactionClosed, match=ended):
             next(rows)
         with pytest.raises(walstore.TransactionClosed, match=ended):
             tx.get("k2")

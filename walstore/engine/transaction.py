@@ -471,6 +471,7 @@ class Transaction:
     def _check_writable(self) -> None:
         self._check_active()
         if self.gid is not None:
+            self._check_undecided()  # (decided meanwhile: it said "is prepared" of it)
             raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}; it "
                                     f"takes no more writes or actions")
         self._engine.check_writable()
