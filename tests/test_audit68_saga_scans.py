@@ -445,3 +445,48 @@ def test_a_prepared_transaction_decided_by_the_store_reads_no_more(tmp_path, dec
         assert s.get("k9") == ("prepared" if ended == "committed" else None)
         if ended == "committed":
             assert tx.lsn is not None
+
+
+def test_close_beside_a_hung_compensator_counts_its_rollback_once(tmp_path, monkeypatch):
+    """close() beside one rollback whose compensator hangs: its warning said "2
+    rollback(s) ... are still running in other threads" (the rollback counted at its
+    ABORT and again at its undo, nested).  It says 1; the compensation is named, runs
+    again at the next open (same key), and the hung one's own record is refused."""
+    import walstore.store as store_module
+    monkeypatch.setattr(store_module, "CLOSE_WAIT_S", 0.3)
+    path = str(tmp_path / "s")
+    gate, started = threading.Event(), threading.Event()
+    runs: list = []
+
+    def hang(action):
+        runs.append(action.id)
+        started.set()
+        gate.wait(20)
+
+    s = walstore.open(path, durability="none", compensators={"refund": hang})
+    tx = s.transaction()
+    with tx.action("charge", compensate="refund") as act:
+        act.result = 1
+    outcome: list = []
+
+    def roll_back():
+        try:
+            tx.rollback()
+        except walstore.CompensationFailed as e:
+            outcome.append(str(e))
+
+    t = threading.Thread(target=roll_back)
+    t.start()
+    try:
+        assert started.wait(10)
+        with pytest.warns(RuntimeWarning) as seen:
+            s.close()
+        (msg,) = [str(w.message) for w in seen]
+        assert "1 rollback(s)" in msg and f"compensation(s) ['{act.id}']" in msg, msg
+    finally:
+        gate.set()
+        t.join(20)
+    assert outcome and "could not be recorded" in outcome[0]
+    with walstore.open(path, compensators={"refund": lambda a: runs.append(a.id)}) as s2:
+        assert runs == [act.id, act.id]
+        assert s2.get_action(act.id).state == "compensated"

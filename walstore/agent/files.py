@@ -535,10 +535,13 @@ class Files:
             return sum(n for t, n in self._busy.items() if t != me)
 
     def undoing_elsewhere(self) -> int:
-        """How many rollbacks (undos of effects) other threads are running now."""
+        """How many rollbacks (undos of effects) other threads are running now: one per
+        thread (a rollback is counted at its ABORT and again, nested, at its undo; a
+        nested one, from its compensator, is part of it) — close() said "2 rollback(s)"
+        of one (audit 68)."""
         me = threading.get_ident()
         with self._busy_lock:
-            return sum(n for t, n in self._undoing.items() if t != me)
+            return sum(1 for t in self._undoing if t != me)
 
     @contextlib.contextmanager
     def undoing_here(self) -> Iterator[None]:
