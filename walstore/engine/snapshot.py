@@ -380,8 +380,15 @@ def _changed_since(txn, st: LmdbState, since: int, upto: int, lo: bytes, hi: byt
     """Add to ``changed`` every key in [lo, hi) not yet passed (past ``after``) changed by
     a commit applied with LSN in [since, upto), of the first WALK_ROWS of those commits;
     returns the LSN to go on from (in another read transaction), None when none is
-    left."""
-    _check_horizon(txn, st, at, purges, lo, hi)
+    left.  A purge since ``at`` raises SnapshotTooOld when it erased keys not yet passed
+    only (as ``Snapshot._purge_met``): one of the keys already yielded stopped the scan
+    once they were in LMDB (audit 68)."""
+    if after is None:
+        _check_horizon(txn, st, at, purges, lo, hi)
+    elif reverse:
+        _check_horizon(txn, st, at, purges, lo, after)
+    else:
+        _check_horizon(txn, st, at, purges, after + b"\x00", hi)
     # (a row at a time: a list of every commit since an old snapshot held ~150 bytes per
     # commit, a million commits 150 MiB, for one scan — probe-audit55)
     n = 0
