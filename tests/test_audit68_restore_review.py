@@ -1,0 +1,62 @@
+"""Review of audit 68's restore of a replica whose WAL ends below its newest snapshot
+(Manifest.base_past_end, 6d2072c): a snapshot past the replica's position is of a history
+the replica's WAL does not hold, and a writer that takes the replica over again must be the
+one that wrote it."""
+from __future__ import annotations
+
+import shutil
+
+import walstore
+from walstore.replication import DirectorySource, Shipper
+
+from test_replication_support import rows
+
+
+def _commit(s, tag: str, n: int) -> None:
+    for i in range(n):
+        with s.transaction() as tx:
+            tx.put(f"{tag}{i:04d}", tag * 50)
+
+
+def test_no_spliced_history_a_snapshot_past_the_position_of_a_store_rolled_back(tmp_path):
+    """A round ships the WAL to D; the writer goes on, and a snapshot is taken at LSN A > D
+    (LMDB ran ahead of the shipped WAL: a round's snapshot after its WAL part, or a hole's);
+    the writer dies before the WAL after D is shipped.  The store directory is then put
+    back to an older copy (a disk snapshot taken between D and A) and goes on with other
+    commits: its replica's last commit at D is its own, so replication takes the replica
+    over again.  Before, the replica kept the snapshot at A — of the history the store
+    no longer has — and a restore of everything based itself on it once the WAL passed
+    A: the old history's commits up to A and the new one's after A spliced into one
+    state that neither history ever had (keys the rolled-back store never committed)."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    _commit(s, "a", 20)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    shipper.ship_once()  # (the WAL to D)
+    _commit(s, "b", 5)
+    s.close()
+    shutil.copytree(path, tmp_path / "disk-copy")  # (the older copy, between D and A)
+    s = walstore.open(path)
+    _commit(s, "old", 30)
+    s._engine.checkpoint()
+    shipper._snapshot({"snapshot": None})  # (LMDB at A, the WAL past D not shipped)
+    m = shipper.manifest
+    assert max(x["lsn"] for x in m.snapshots) > m.position
+    shipper.stop()
+    s.close()
+    shutil.rmtree(path)
+    shutil.copytree(tmp_path / "disk-copy", path)  # (the store put back)
+    s = walstore.open(path)
+    _commit(s, "new", 60)  # (past A, another history)
+    expected = rows(s)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()
+    finally:
+        shipper.stop()
+    s.close()
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        got = rows(r)
+    assert not any(k.startswith("old") for k, _v in got), "spliced: the old history's keys"
+    assert got == expected
