@@ -547,10 +547,34 @@ class Shipper:
                     why = (f"the replica's last commit is transaction {last['tx']} at LSN "
                            f"{last.get('lsn')}; here it " + ("never committed" if at is None
                                                              else f"committed at LSN {at}"))
+        if why is None:
+            why = self._snapshot_not_here(m)
         if why is not None:
             raise Refused(f"{self.url} does not hold this store's history: {why} (the store "
                           f"directory was rolled back to an older copy, or it is a copy of "
                           f"the store that wrote the replica); replicate it to a new URL")
+
+    def _snapshot_not_here(self, m: Manifest) -> str | None:
+        """Why a snapshot past the replica's position is not of this log (None: each is,
+        or cannot be told).  It holds commits the replica's WAL does not: a store put back
+        to an older copy taken before it goes on with other commits at the same LSNs, and
+        a restore based on the snapshot spliced the two histories (audit 68 review)."""
+        for s in m.snapshots:
+            lc = s.get("lc")
+            if s["lsn"] <= m.position or not isinstance(lc, dict) \
+                    or not isinstance(lc.get("lsn"), int) or not isinstance(lc.get("tx"), int):
+                continue
+            found, digest = _local_commit_at(self.source, lc["lsn"])
+            if found is None:  # (log trimmed here: the history tells)
+                at = self.source.commit_lsn(lc["tx"])
+                same = at is False or at == lc["lsn"]
+            else:
+                same = found == lc["tx"] and (lc.get("h") is None or digest == lc["h"])
+            if not same:
+                return (f"its snapshot at LSN {s['lsn']} ({s['k']}), past its position, holds "
+                        f"transaction {lc['tx']} at LSN {lc['lsn']}, which is not this log's "
+                        f"commit there")
+        return None
 
     def _collect_orphans(self) -> None:
         """Objects the manifest never listed (an upload whose manifest write failed): only
@@ -1383,9 +1407,16 @@ class Shipper:
                     # whole or not at all) — it was reported as a failed snapshot, the
                     # object left behind unlisted (replsweep)
                     pass
-            m.snapshots.append({"k": key, "lsn": applied, "n": size, "sha": sha,
-                                "st": digest["sha256"], "keys": digest["keys"],
-                                "ts": time.time()})
+            entry = {"k": key, "lsn": applied, "n": size, "sha": sha,
+                     "st": digest["sha256"], "keys": digest["keys"], "ts": time.time()}
+            # the history it holds (its newest commit, the record's digest): a snapshot
+            # past the position is checked against the log of a writer taking the replica
+            # over (``_check_same_history``)
+            lc = _src.last_commit(d)
+            if lc is not None:
+                tx, h = _local_commit_at(self.source, lc[0])
+                entry["lc"] = {"lsn": lc[0], "tx": lc[1], "h": h if tx == lc[1] else None}
+            m.snapshots.append(entry)
             oldest = min(s["lsn"] for s in m.snapshots)
             for name, p in digest["points"].items():  # named in WAL the shipper never saw,
                 if p["lsn"] >= oldest:  # restorable (below: retention dropped them; they

@@ -482,6 +482,24 @@ def read_applied(db_dir: str) -> int:
         env.close()
 
 
+def last_commit(db_dir: str) -> tuple[int, int] | None:
+    """(LSN, txid) of the newest commit a snapshot's LMDB applied (its newest ``bylsn``
+    row), or None (none, or an older walstore's snapshot without the table)."""
+    env = _open_env(db_dir)
+    try:
+        try:
+            db = env.open_db(b"bylsn", create=False)
+        except lmdb.NotFoundError:
+            return None
+        with env.begin(db=db) as txn:
+            cur = txn.cursor()
+            if not cur.last() or len(cur.key()) != 8 or len(cur.value()) != 8:
+                return None
+            return _U64.unpack(cur.key())[0], _U64.unpack(cur.value())[0]
+    finally:
+        env.close()
+
+
 def read_in_flight(db_dir: str) -> tuple[set, set, dict]:
     """(txids, prepared txids, file effects) a snapshot's LMDB holds in flight: its
     ``inflight`` rows, the prepared ones of ``twophase``, and the ``fsteps`` rows, as
