@@ -4,12 +4,16 @@ the replica's WAL does not hold, and a writer that takes the replica over again 
 one that wrote it."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 
 import walstore
-from walstore.replication import DirectorySource, Shipper
+from walstore.replication import DirectorySource, Shipper, replicas
 from walstore.replication.lease import Refused
 
 from test_replication_support import rows
@@ -64,3 +68,62 @@ def test_no_spliced_history_a_snapshot_past_the_position_of_a_store_rolled_back(
     walstore.restore(url, str(tmp_path / "r"))  # (the replica as it was: to D)
     with walstore.open(str(tmp_path / "r")) as r:
         assert [k for k, _v in rows(r)] == [f"a{i:04d}" for i in range(20)]
+
+
+KILLED_AT_THE_HOLES_SNAPSHOT = r"""
+import os, pathlib, sys, time
+sys.path.insert(0, sys.argv[2])
+from test_audit67_replica_hole import _replica_behind_a_trim
+s, shipper, url = _replica_behind_a_trim(pathlib.Path(sys.argv[1]))
+
+def killed_here(durable):  # (the hole's snapshot is in the saved manifest, its WAL not)
+    print("SNAPSHOT SAVED", flush=True)
+    time.sleep(60)
+
+shipper._reach_hole_base = killed_here
+shipper.ship_once()
+"""
+
+
+def test_no_acknowledged_commit_lost_a_writer_killed_between_the_holes_snapshot_and_its_wal(
+        tmp_path):
+    """A real writer killed -9 right after the manifest listing a hole's snapshot was
+    saved, before the WAL up to it was shipped (the shape 6d2072c restores as it is): the
+    replica restores every commit the snapshot holds, `replicas` and `--verify`'s
+    restore say so, and the writer's store, reopened, takes the replica over again (its
+    log holds the snapshot's newest commit: not refused as another history) and ships on
+    to the same state."""
+    p = subprocess.Popen([sys.executable, "-c", KILLED_AT_THE_HOLES_SNAPSHOT, str(tmp_path),
+                          os.path.dirname(__file__)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("SNAPSHOT SAVED"), line + p.stderr.read()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    url = f"file://{tmp_path}/rep"
+    info = replicas(url)
+    assert info["position"] < info["snapshots"][-1]["lsn"], info
+    assert info["end_unrestorable"] is None and info["snapshots"][-1]["restorable"], info
+    with walstore.open(str(tmp_path / "s")) as s:  # (recovered: every commit it made)
+        expected = rows(s)
+        walstore.restore(url, str(tmp_path / "r"))
+        with walstore.open(str(tmp_path / "r")) as r:
+            assert rows(r) == expected
+        checks = {c["check"]: c for c in replicas(url, verify=True)["verify"]["checks"]}
+        assert checks["restore everything"]["ok"], checks
+        shipper = Shipper(DirectorySource(str(tmp_path / "s")), url, {"interval": 30})
+        try:
+            with s.transaction() as tx:
+                tx.put("after the kill", 1)
+            summary = shipper.ship_once()
+            assert shipper.status().last_error is None, shipper.status().last_error
+        finally:
+            shipper.stop()
+        assert summary["position"] >= info["snapshots"][-1]["lsn"], summary
+        expected = rows(s)
+    walstore.restore(url, str(tmp_path / "r2"))
+    with walstore.open(str(tmp_path / "r2")) as r:
+        assert rows(r) == expected
