@@ -11,8 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
 import walstore
+from walstore.cli import main as cli_main
 from walstore.replication import DirectorySource, Shipper, replicas
 from walstore.replication.lease import Refused
 
@@ -127,3 +129,30 @@ def test_no_acknowledged_commit_lost_a_writer_killed_between_the_holes_snapshot_
     walstore.restore(url, str(tmp_path / "r2"))
     with walstore.open(str(tmp_path / "r2")) as r:
         assert rows(r) == expected
+
+
+def test_replicas_never_say_contradictory_things_a_follower_of_a_replica_ending_below_its_snapshot(
+        tmp_path):
+    """A replica whose WAL ends below its newest snapshot (a hole's snapshot the round
+    never shipped the WAL to): since 6d2072c `walstore replicas` says its end restorable
+    and a restore of everything restores the snapshot, and docs/REPLICATION.md said a
+    follower waits for the WAL to reach it.  `restore --follow` failed at once, "hole in
+    the replica's WAL: LSN a..b is missing (...); no restore can cross it", exit 1 — a
+    restore without --follow of the same replica works.  Now its refusal says why a
+    follower cannot start there and that a restore without --follow restores it."""
+    from test_audit67_replica_hole import _replica_behind_a_trim
+    s, shipper, url = _replica_behind_a_trim(tmp_path)
+    shipper._reach_hole_base = lambda durable: durable  # (the round before 3d8247c)
+    try:
+        summary = shipper.ship_once()
+    finally:
+        shipper.stop()
+    s.close()
+    assert summary["position"] < summary["snapshot"], summary
+    r = CliRunner().invoke(cli_main, ["restore", url, str(tmp_path / "f"), "--follow"])
+    assert r.exit_code == 1, r.output
+    assert "no restore can cross" not in r.output, r.output
+    assert f"below its newest snapshot (LSN {summary['snapshot']})" in r.output, r.output
+    assert "without --follow" in r.output, r.output
+    assert not (tmp_path / "f").exists() or not os.listdir(tmp_path / "f")
+    walstore.restore(url, str(tmp_path / "r"))  # (as it says)
