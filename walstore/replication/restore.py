@@ -869,8 +869,15 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
             # everything, from a replica whose WAL no base reaches the end of but whose
             # newest snapshot lies past it: that snapshot, as it is (Manifest.base_past_end;
             # a follower still waits for the WAL to reach it)
-            past = (None if boundary is not None or _cut_end is not None or follow
+            past = (None if boundary is not None or _cut_end is not None
                     else m.base_past_end())
+            if past is not None and follow:  # (it said "no restore can cross" the hole)
+                raise ReplicationError(
+                    f"the replica's WAL ends at LSN {m.end()}, below its newest snapshot "
+                    f"(LSN {past['lsn']}): a follower appends the WAL after its copy's end, "
+                    f"and none reaches that snapshot yet (its writer ships it in its next "
+                    f"round: follow then); `walstore restore` without --follow restores "
+                    f"the snapshot as it is; nothing restored")
             plans = m.plans(cut_goal) if past is None else iter([(past, [], past["lsn"])])
         # the snapshot
         os.chmod(stage, _src.DIR_MODE)
