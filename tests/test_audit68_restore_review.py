@@ -111,21 +111,19 @@ def test_no_acknowledged_commit_lost_a_writer_killed_between_the_holes_snapshot_
     assert info["end_unrestorable"] is None and info["snapshots"][-1]["restorable"], info
     with walstore.open(str(tmp_path / "s")) as s:  # (recovered: every commit it made)
         expected = rows(s)
-        walstore.restore(url, str(tmp_path / "r"))
-        with walstore.open(str(tmp_path / "r")) as r:
-            assert rows(r) == expected
-        checks = {c["check"]: c for c in replicas(url, verify=True)["verify"]["checks"]}
-        assert checks["restore everything"]["ok"], checks
-        shipper = Shipper(DirectorySource(str(tmp_path / "s")), url, {"interval": 30})
-        try:
-            with s.transaction() as tx:
-                tx.put("after the kill", 1)
-            summary = shipper.ship_once()
-            assert shipper.status().last_error is None, shipper.status().last_error
-        finally:
-            shipper.stop()
-        assert summary["position"] >= info["snapshots"][-1]["lsn"], summary
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == expected
+    checks = {c["check"]: c for c in replicas(url, verify=True)["verify"]["checks"]}
+    assert checks["restore everything"]["ok"], checks
+    with walstore.open(str(tmp_path / "s"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("after the kill", 1)
+        s.sync_replica(30)
+        assert s.replication().last_error is None, s.replication().last_error
         expected = rows(s)
+    assert replicas(url)["position"] >= info["snapshots"][-1]["lsn"]
     walstore.restore(url, str(tmp_path / "r2"))
     with walstore.open(str(tmp_path / "r2")) as r:
         assert rows(r) == expected
