@@ -1,7 +1,8 @@
 """Review of audit 68's restore of a replica whose WAL ends below its newest snapshot
-(Manifest.base_past_end, 6d2072c): a snapshot past the replica's position is of a history
-the replica's WAL does not hold, and a writer that takes the replica over again must be the
-one that wrote it."""
+(Manifest.base_past_end, 6d2072c): a snapshot past the replica's position holds what the
+replica's WAL does not — a writer taking the replica over must have that history, the
+snapshot must carry its files' content, a follower is told why it cannot start there —
+and a writer killed -9 at that point leaves a replica that restores every commit."""
 from __future__ import annotations
 
 import os
@@ -36,8 +37,8 @@ def test_no_spliced_history_a_snapshot_past_the_position_of_a_store_rolled_back(
     over again.  The replica kept the snapshot at A — of the history the store
     no longer has — and a restore of everything based itself on it once the WAL passed
     A: the old history's commits up to A and the new one's after A spliced into one
-    state that neither history ever had (keys the rolled-back store never committed).  Now the snapshot records its newest
-    commit, and a writer whose log has another there is refused, as one whose log does
+    state that neither history ever had (keys the rolled-back store never committed).
+    Now the snapshot records its newest commit, and a writer whose log has another there is refused, as one whose log does
     not hold the replica's last commit is: the replica stays the old history's."""
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path)
