@@ -1,0 +1,212 @@
+"""Second review of audit 68's fixes, and the small leftovers the reviews noticed: each
+found by a test here that failed before its fix.
+
+1. walstore/engine/layout.py ``ProcessLock``: a writer refused at once by a live writer,
+   which closed the store right then, was told the store "is being read by a read-only
+   open that may not use its LMDB lock file" (no such reader anywhere): the holder was
+   judged again after the refusal, and by then nothing held the lock exclusive.
+2. walstore/agent/files.py ``_abandon_watch`` (a watched process made a path too long for
+   the file history, or changed one another live transaction holds): the put-back left
+   the special files (FIFO, socket) the block made, so a directory holding one stayed,
+   reported "changed again since the block ended".
+3. walstore/agent/actions.py: the "store cannot record any more" message said the reopen
+   puts back every change made in a watch()'s workspace since the block began "by anyone";
+   it leaves a path a transaction committed since.
+4. walstore/engine/lmdb_state.py: the lock-free read-only open (a store whose LMDB lock
+   file this user may not write) did not retry with a smaller map under an address-space
+   limit (``ulimit -v``), as every other open does.
+5. walstore/ops/backup.py ``what_dest_holds``: a DEST holding a store that does not open
+   (a newer walstore's, damaged) was advised "remove it and run the backup again", with
+   no word that it may be a store someone keeps.
+6. walstore/engine/engine.py: a store whose WAL segment is a FIFO was said to have "the WAL
+   ends by LSN 0 but LMDB is applied up to 62" (acknowledged records missing).
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import walstore
+from store_support import cli_env
+from tests.test_audit67_durable_events import OPTS, workspace_with
+from test_audit68_leftovers import _modes, shared_dir  # noqa: F401  (a fixture)
+from test_audit68_leftovers_review import _as_nobody, _readable_store
+from tools.faults import FaultBackend, installed
+
+
+# ---- 1. ProcessLock: a writer that closes right after refusing another -------------------
+WRITER_UNTIL_TOLD = (
+    "import sys, walstore\n"
+    "s = walstore.open(sys.argv[1])\n"
+    "print('READY', flush=True)\n"
+    "sys.stdin.readline()\n"
+    "s.close()\n")
+
+
+def test_writer_refused_by_a_writer_closing_then_is_not_told_of_a_reader(tmp_path, monkeypatch):
+    """A second writer's open is refused at once (a live writer holds the lock), and the
+    first writer closes the store right after.  Before the fix the refusal judged the
+    holder again, found no exclusive one, and said the store "is being read by a read-only
+    open that may not use its LMDB lock file" — there is no reader; now it names the
+    writer that refused it."""
+    from walstore.engine import layout
+    path = str(tmp_path / "s")
+    walstore.open(path).close()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER_UNTIL_TOLD, path], env=cli_env(),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "READY"
+        take = layout.ProcessLock._take
+
+        def take_then_the_writer_closes(self):
+            try:
+                take(self)
+            except OSError:
+                writer.stdin.write("close\n")
+                writer.stdin.flush()
+                writer.wait(timeout=30)  # (its lock is gone before the refusal is judged)
+                raise
+
+        monkeypatch.setattr(layout.ProcessLock, "_take", take_then_the_writer_closes)
+        with pytest.raises(walstore.StoreLocked) as e:
+            walstore.open(path)
+        said = str(e.value)
+        assert "read-only" not in said and f"process {writer.pid}" in said, said
+        assert e.value.pid == writer.pid
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)
+
+
+# ---- 2. _abandon_watch: the special files the block left ---------------------------------
+def test_watch_put_back_for_an_overlong_path_removes_the_special_files_it_left(tmp_path):
+    """The block makes d/ holding d/x and a FIFO d/p, and a path too long for the file
+    history: none of its changes becomes the transaction's, they are put back at once.
+    Before the fix the FIFO stayed, so d/ could not be removed: the error said "1 path(s)
+    changed again since the block ended were left as they are: d" (no one changed it), d/
+    stayed, and the rollback found it changed behind walstore's back.  Now d/ goes too."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    tx = s.transaction()
+    with pytest.raises(ValueError, match="too long") as e:
+        with tx.files(ws).watch():
+            (root / "d").mkdir()
+            (root / "d" / "x").write_text("x\n")
+            os.mkfifo(root / "d" / "p")
+            deep = root / ("L" * 200) / ("M" * 200)
+            deep.mkdir(parents=True)
+            (deep / ("N" * 120)).write_text("long\n")
+    assert "changed again" not in str(e.value), str(e.value)
+    tx.rollback()
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
+    assert s.file_conflicts() == []
+    s.close()
+
+
+# ---- 3. the "cannot record any more" message of a watch ----------------------------------
+def test_store_that_cannot_record_says_a_watch_reopen_keeps_paths_committed_since(tmp_path):
+    """A watch()'s WATCH_BEGIN fsync fails: the store cannot record any more.  Before the
+    fix the rollback said every change made in the workspace since the block began, "by
+    anyone", is put back by the reopen — which leaves a path a transaction committed
+    since (``_undo_open_watch``'s ``began``).  Now it says so."""
+    s = walstore.open(str(tmp_path / "s"), **OPTS)
+    root, ws = workspace_with(tmp_path, s)
+    fb = FaultBackend()
+    with installed(fb), pytest.raises(walstore.ReadOnlyError) as raised:
+        with s.transaction() as tx:
+            f = tx.files(ws)
+            fb.fail("fdatasync", errno.EIO, path="*.wal")
+            with f.watch():
+                pass
+    said = str(raised.value)
+    assert "put back" in said and "committed since" in said, said
+    s.close()
+
+
+# ---- 4. the lock-free read-only open under an address-space limit ------------------------
+UNDER_ULIMIT_V = (
+    "import resource, sys\n"
+    "lim = 3 << 30\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
+    "import walstore\n"
+    "try:\n"
+    "    with walstore.open(sys.argv[1], readonly=True) as s:\n"
+    "        print('READ', s.get('a'), flush=True)\n"
+    "except walstore.WalstoreError as e:\n"
+    "    print('REFUSED', type(e).__name__, e, flush=True)\n")
+
+
+def test_lock_free_read_only_open_retries_with_a_smaller_map_under_ulimit_v(shared_dir):
+    """Before: a read-only open as a user who may not write ``db/lock.mdb`` (LMDB read
+    without its lock file) under ``ulimit -v`` failed "cannot open the LMDB environment:
+    Cannot allocate memory", where every other open retries with a smaller map."""
+    path = _readable_store(shared_dir)
+    try:
+        reader = _as_nobody(UNDER_ULIMIT_V, path)
+        out, err = reader.communicate(timeout=60)
+        assert out.split()[:2] == ["READ", "VALUE-A"], (out, err)
+    finally:
+        _modes(path, 0o600, 0o700)
+
+
+# ---- 5. a DEST holding a store that does not open ----------------------------------------
+@pytest.mark.parametrize("verb", ["backup", "restore"])
+def test_a_dest_holding_a_store_that_does_not_open_is_not_advised_removed_bare(tmp_path, verb):
+    """DEST holds a store a newer walstore wrote (STORE's version 99).  Before the fix:
+    "... that does not open (...); remove it and run the backup again" — advice to delete
+    what may be someone's only copy.  Now removing it is advised only if it is no store
+    one keeps, and keeping it (another destination) first."""
+    from test_audit48_cli import run_cli
+    src = str(tmp_path / "src")
+    with walstore.open(src) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    if verb == "restore":
+        r = run_cli("replicate", src, (tmp_path / "rep").as_uri(), "--once")
+        assert r.returncode == 0, r.stderr
+        src = (tmp_path / "rep").as_uri()
+    dest = str(tmp_path / "newer")
+    walstore.open(dest).close()
+    ident = os.path.join(dest, "STORE")
+    with open(ident) as f:
+        doc = json.load(f)
+    with open(ident, "w") as f:
+        json.dump(dict(doc, version=99), f)
+    r = run_cli(verb, src, dest)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert "newer walstore" in line and "another destination" in line, line
+    assert "remove it" in line and "no store you keep" in line, line
+    assert line.index("no store you keep") < line.index("remove it"), line
+
+
+# ---- 6. a WAL segment that is a FIFO -------------------------------------------------------
+def test_a_wal_segment_that_is_a_fifo_is_named_not_called_missing_records(tmp_path):
+    """Before: "the WAL ends by LSN 0 but LMDB is applied up to 62: acknowledged log
+    records are missing" — the segment, a FIFO, was never read (its size, 0, taken for
+    where the log ends); `walstore backup` into it said the same.  Now it says the
+    segment is not a regular file, naming it."""
+    from test_audit48_cli import run_cli
+    path = str(tmp_path / "s")
+    with walstore.open(path) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    seg = os.path.join(path, "wal", sorted(n for n in os.listdir(os.path.join(path, "wal"))
+                                           if n.endswith(".wal"))[0])
+    os.unlink(seg)
+    os.mkfifo(seg, 0o600)
+    with pytest.raises(walstore.CorruptionError) as e:
+        walstore.open(path, readonly=True)
+    said = str(e.value)
+    assert "not a regular file" in said and os.path.basename(seg) in said, said
+    assert "applied up to" not in said, said
+    src = str(tmp_path / "src")
+    walstore.open(src).close()
+    r = run_cli("backup", src, path)
+    assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
+    assert "applied up to" not in r.stderr, r.stderr
