@@ -359,12 +359,16 @@ class ProcessLock:
         self.path = layout.lock
         self.fd = fileio.open_file(self.path, os.O_RDWR | os.O_CREAT)
         _LOCKS.add(self)
+        self._refused_by: int | None = None  # the live writer ``_take`` was refused by
         try:
             self._take()
         except OSError as e:
-            # (only shared holders, probes, at the end of the wait: no writer to name)
-            writer = self._exclusive_holder()
-            pid = self._holder() if writer else None
+            # (only shared holders, probes, at the end of the wait: no writer to name; a
+            # live writer that refused it at once is named even if it closed the store
+            # since — judged again here, nothing held the lock exclusive, and a refusal
+            # said a lock-free read-only open held it, with no reader anywhere)
+            writer = self._refused_by is not None or self._exclusive_holder()
+            pid = self._refused_by or (self._holder() if writer else None)
             fd, self.fd = self.fd, -1
             os.close(fd)
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and not writer:
@@ -405,6 +409,7 @@ class ProcessLock:
                     raise
                 pid = self._holder()
                 if pid is not None and _alive(pid) and self._exclusive_holder():
+                    self._refused_by = pid
                     raise  # a writer: refused at once
                 # (a live pid in LOCK while only a probe holds the lock is a killed
                 # writer's pid reused by another process: no writer, wait it out too)
