@@ -1807,6 +1807,10 @@ class Files:
         effects, ``m1`` the workspace's manifest.  Returns what the error message adds
         about the paths left as they are.  Caller holds ``_lock``."""
         ws = w.ws
+        specials = w.seen[2] if w.seen is not None else _specials_at(ws, m1, changes)
+        if specials:  # (as the steps' undo: a FIFO left in a directory the block made kept
+            # it, "changed again since the block ended", and the rollback's conflict)
+            _remove_own_specials(ws, specials, self.durable)
         unlimited = w.manifest.workspace(ws).without_length_limit()
         conflicts = restore_changes(unlimited, changes + passages(changes, m1), self.blobs,
                                     self.quarantine(tx.id), check=True,
