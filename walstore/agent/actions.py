@@ -730,12 +730,15 @@ class Saga:
             # them (said, never silent)
             # (an open watch(): its record is in the log, not what the block changed, so
             # the reopen puts back every difference from the tree as the block began —
-            # a change made there before it, by anyone, too: said, so none is made)
+            # a change made there before it, by anyone, too: said, so none is made — but
+            # a path a transaction committed since the block began, which it leaves:
+            # files._undo_open_watch's ``began``; "every change ... by anyone" said more)
             watched = sorted({e.ws.root for e in tx.effects  # (one never run, too)
                               if getattr(e, "blocks_inner_rollback", None)
                               or getattr(e, "never_ran", False)})
             seen = (f" (a watch() of {', '.join(map(repr, watched))}: every change made "
-                    f"there since the block began, by anyone, is put back then, the versions "
+                    f"there since the block began, by anyone, is put back then — but a path "
+                    f"a transaction committed since, left as committed —, the versions "
                     f"found kept aside in the store's quarantine)" if watched else "")
             what = " and ".join(x for x in (
                 f"the compensations of action(s) {owed}" if owed else "",
