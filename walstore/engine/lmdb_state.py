@@ -524,8 +524,16 @@ class LmdbState:
                 if readonly and os_errno(e) in _NO_LOCK_FILE:
                     held = (_hold_out_writers(path, e), os.getpid())
                     try:
-                        env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, True,
-                                              lock=False)
+                        try:
+                            env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, True,
+                                                  lock=False)
+                        except lmdb.Error as e2:  # (under ``ulimit -v``, as below: it
+                            # failed "Cannot allocate memory" where other opens retry)
+                            size = None if map_size else _fallback_map_size(e2,
+                                                                            self.data_file)
+                            if size is None:
+                                raise
+                            env = self._first_env(path, size, True, lock=False)
                     except BaseException:
                         _let_go(held)
                         raise
