@@ -193,15 +193,21 @@ def what_dest_holds(dest: str, verb: str) -> str:
         with open_store(dest, readonly=True) as s:
             owed = s.needs_recovery()
     except WalstoreError as e:
-        return (f": it holds a walstore store that does not open ({e}); remove it and run "
-                f"the {verb} again")
+        # (it said "remove it and run the backup again" of what may be a user's only copy
+        # of a store a newer walstore wrote, or a damaged one `walstore recover` salvages)
+        return (f": it holds a walstore store that does not open ({e}): if it is a store "
+                f"you keep, leave it and choose another destination (`walstore verify "
+                f"{dest}` says more); only if it is no store you keep, remove it and run the "
+                f"{verb} again")
     if owed:
         return (f": it holds a walstore store, which opens and owes its recovery (a {verb} "
                 f"cut off once its copy was in place leaves one): `walstore recover {dest}` "
-                f"finishes it, or remove it and run the {verb} again")
+                f"finishes it; only if it is no store you keep, remove it and run the {verb} "
+                f"again")
     return (f": it holds a walstore store, which opens (perhaps the complete copy of a "
             f"{verb} cut off once it was in place): check it (`walstore verify {dest}`) "
-            f"and keep it, or remove it and run the {verb} again")
+            f"and keep it; only if it is no store you keep, remove it and run the {verb} "
+            f"again")
 
 
 def _install(stage: str, dest: str) -> None:
