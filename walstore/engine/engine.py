@@ -27,6 +27,7 @@ import errno
 import itertools
 import os
 import shutil
+import stat
 import threading
 import time
 from typing import Any, Callable
@@ -627,9 +628,18 @@ class Engine:
         if segs:
             start, path = segs[-1]
             try:
-                bound = start + max(0, os.stat(path).st_size - SEGMENT_HEADER_SIZE)
+                st = os.stat(path)
             except FileNotFoundError:
-                bound = None
+                st = None
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                # (its size, 0, said "the WAL ends by LSN 0 but LMDB is applied up to 62":
+                # the segment was never read)
+                kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else (
+                    "a directory" if stat.S_ISDIR(st.st_mode) else "no regular file")
+                raise CorruptionError(f"the WAL segment {os.path.basename(path)} is not a "
+                                      f"regular file: its name leads to {kind} (what the log "
+                                      f"held there cannot be read)", file=path, lsn=start)
+            bound = None if st is None else start + max(0, st.st_size - SEGMENT_HEADER_SIZE)
             if bound is not None and applied > bound:
                 raise CorruptionError(
                     f"the WAL ends by LSN {bound} but LMDB is applied up to {applied}: "
