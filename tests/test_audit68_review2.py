@@ -210,3 +210,32 @@ def test_a_wal_segment_that_is_a_fifo_is_named_not_called_missing_records(tmp_pa
     r = run_cli("backup", src, path)
     assert r.returncode == 2 and "not a regular file" in r.stderr, r.stderr
     assert "applied up to" not in r.stderr, r.stderr
+
+
+KILLED_WRITER = (
+    "import os, sys, walstore\n"
+    "s = walstore.open(sys.argv[1])\n"
+    "with s.transaction() as tx:\n"
+    "    tx.put('mine', 1)\n"
+    "os.kill(os.getpid(), 9)\n")
+
+
+def test_a_dest_holding_a_crashed_writers_store_is_not_called_a_cut_off_copy(tmp_path):
+    """DEST is a store whose writer was killed (kill -9): it owes its recovery.  Before
+    the fix the note said why a store owes one as "a backup cut off once its copy was in
+    place leaves one" — of someone's own store — and advised removing it.  Now a writer
+    that crashed is named first, removal only if it is no store one keeps."""
+    from test_audit48_cli import run_cli
+    src = str(tmp_path / "src")
+    walstore.open(src).close()
+    dest = str(tmp_path / "crashed")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, dest], env=cli_env(),
+                            timeout=60)
+    assert killed.returncode == -9
+    r = run_cli("backup", src, dest)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    line = r.stderr.strip()
+    assert "owes its recovery" in line and "a writer that crashed" in line, line
+    assert line.index("no store you keep") < line.index("remove it"), line
+    with walstore.open(dest) as s:  # (kept, recovered: the commit stands)
+        assert s.get("mine") == 1

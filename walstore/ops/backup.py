@@ -200,8 +200,10 @@ def what_dest_holds(dest: str, verb: str) -> str:
                 f"{dest}` says more); only if it is no store you keep, remove it and run the "
                 f"{verb} again")
     if owed:
-        return (f": it holds a walstore store, which opens and owes its recovery (a {verb} "
-                f"cut off once its copy was in place leaves one): `walstore recover {dest}` "
+        # (a crashed writer's own store owes one too: it was said to be a cut-off copy)
+        return (f": it holds a walstore store, which opens and owes its recovery (a writer "
+                f"that crashed leaves one, or a {verb} cut off once its copy was in place): "
+                f"`walstore recover {dest}` "
                 f"finishes it; only if it is no store you keep, remove it and run the {verb} "
                 f"again")
     return (f": it holds a walstore store, which opens (perhaps the complete copy of a "
