@@ -239,3 +239,103 @@ def test_a_dest_holding_a_crashed_writers_store_is_not_called_a_cut_off_copy(tmp
     assert line.index("no store you keep") < line.index("remove it"), line
     with walstore.open(dest) as s:  # (kept, recovered: the commit stands)
         assert s.get("mine") == 1
+
+
+
+# ---- 7. the lock-free read-only open interrupted anywhere ----------------------------------
+# (a profile hook raises KeyboardInterrupt at the k-th point a signal handler could run,
+# as tests/test_interrupt_points.py, from the writer lock's hold until LmdbState's
+# __init__ returns; after each, is the writer lock still held by this process?)
+INTERRUPTED_LOCK_FREE_OPENS = """
+import sys, os, fcntl, signal, threading
+import walstore
+from walstore.engine.lmdb_state import LmdbState, _let_go
+from walstore.engine import layout
+import walstore.signals as S
+path = sys.argv[1]
+MAIN = threading.get_ident()
+at = {"k": -1, "n": 0, "where": None, "armed": False}
+
+def hook(frame, event, arg):
+    if event == "call" and frame.f_code.co_name == "_hold_out_writers" and at["k"] >= 0:
+        at["armed"] = True  # (its call: inside a deferred section once fixed)
+    if at["k"] < 0 or at["where"] or threading.get_ident() != MAIN or S._DEFERRED.depth:
+        return
+    co = frame.f_code
+    if not at["armed"]:
+        return
+    if event == "return" and co.co_name == "__init__" and isinstance(
+            frame.f_locals.get("self"), LmdbState):
+        at["armed"] = False
+        at["k"] = -1
+        return
+    if event not in ("call", "c_return") or signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        return
+    if at["n"] == at["k"]:
+        at["where"] = f"{event} {co.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno} {co.co_name}"
+        raise KeyboardInterrupt(at["where"])
+    at["n"] += 1
+
+def open_close():
+    s = walstore.open(path, readonly=True)
+    s.get("a")
+    s.close()
+
+k = 0
+leaks = 0
+while True:
+    at.update(k=k, n=0, where=None, armed=False)
+    sys.setprofile(hook)
+    try:
+        open_close()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sys.setprofile(None)
+        at["k"] = -1
+    where = at["where"]
+    fd = os.open(os.path.join(path, "LOCK"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        held = False
+    except OSError:
+        held = True
+    os.close(fd)
+    reg = bool(LmdbState._registry)
+    if held or reg:
+        leaks += 1
+        print("LEAK", k, where, "lock-held" if held else "", "registry" if reg else "", flush=True)
+        for sh in list(LmdbState._registry.values()):
+            try: sh["env"].close()
+            except Exception: pass
+            _let_go(sh.get("held_out"))
+        LmdbState._registry.clear()
+        for f in list(layout._HELD_FLOCKS):
+            try: os.close(f)
+            except OSError: pass
+        layout._HELD_FLOCKS.clear()
+    if where is None:
+        break
+    k += 1
+print("POINTS", k, "LEAKS", leaks, flush=True)
+"""
+
+
+def test_writer_lock_is_let_go_by_a_lock_free_open_interrupted_anywhere(shared_dir):
+    """An interrupt (Ctrl-C) at any point of a lock-free read-only open from the moment it
+    holds the writer lock shared until the open returns.  Before the fix 31 of 167 points
+    kept the lock held (and at some the environment registered, no handle to close it)
+    for the life of the process — in a notebook or a service that survives a Ctrl-C,
+    every writer refused: between the flock and its note, while the environment's entry
+    was built, between the registration and the handle's."""
+    path = _readable_store(shared_dir)
+    try:
+        reader = _as_nobody(INTERRUPTED_LOCK_FREE_OPENS, path)
+        out, err = reader.communicate(timeout=120)
+        last = out.strip().splitlines()[-1:] or [""]
+        leaks = [line for line in out.splitlines() if line.startswith("LEAK")]
+        assert last[0].startswith("POINTS") and not leaks, (leaks[:5], last, err[-2000:])
+        assert int(last[0].split()[1]) > 50, last  # (the sweep reached past the open)
+    finally:
+        _modes(path, 0o600, 0o700)

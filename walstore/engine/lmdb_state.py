@@ -449,25 +449,43 @@ class LmdbState:
         self.data_file = os.path.join(self.path, "data.mdb")
         self._lock_file = os.path.join(self.path, "lock.mdb")
         self.readonly = readonly
-        with LmdbState._registry_lock:
-            shared = LmdbState._registry.get(self.path)
-            if shared is None:
-                shared = self._open_shared(path, map_size, readonly)
-                LmdbState._registry[self.path] = shared
-            elif shared["readonly"] and not readonly:
-                self._make_writable(shared, map_size)
-            shared["refs"] += 1
+        self._shared: dict = {}
+        shared = None
+        try:
+            with LmdbState._registry_lock:
+                shared = LmdbState._registry.get(self.path)
+                if shared is None:
+                    shared = self._open_shared(path, map_size, readonly)
+                    LmdbState._registry[self.path] = shared
+                elif shared["readonly"] and not readonly:
+                    self._make_writable(shared, map_size)
+                with deferred():  # (one section until this handle holds it, see below)
+                    shared["refs"] += 1
+                    if not readonly:
+                        shared["writers"] = shared.get("writers", 0) + 1
+                    self._shared = shared
+                    self.gate: ReadGate = shared["gate"]
+                    self._write_lock: threading.Lock = shared["write_lock"]
+                    shared["handles"].add(self)
+                    self._adopt(shared)
             if not readonly:
-                shared["writers"] = shared.get("writers", 0) + 1
-        self._shared = shared
-        self.gate: ReadGate = shared["gate"]
-        self._write_lock: threading.Lock = shared["write_lock"]
-        shared["handles"].add(self)
-        self._adopt(shared)
-        if not readonly:
-            self.env.reader_check()  # free slots left by killed processes
-            if shared.get("applied_bound") is None:
-                shared["applied_bound"] = self.applied_lsn()
+                self.env.reader_check()  # free slots left by killed processes
+                if shared.get("applied_bound") is None:
+                    shared["applied_bound"] = self.applied_lsn()
+        except BaseException:
+            # (a failure, or an interrupt, after the environment opened and before this
+            # handle reached its caller: it stayed registered with no handle to close it —
+            # a lock-free read's writer lock held shared, every writer refused, while the
+            # process lived)
+            with deferred():
+                if self._shared:
+                    self.close()
+                elif (shared is not None and not shared["refs"]
+                      and LmdbState._registry.get(self.path) is shared):
+                    LmdbState._registry.pop(self.path, None)
+                    shared["env"].close()
+                    _let_go(shared.get("held_out"))
+            raise
 
     @property
     def applied_bound(self) -> int | None:
@@ -516,32 +534,46 @@ class LmdbState:
         _preallocate_lock(path)
         # (before LMDB opens the files, see reopen; files the open creates: after it)
         file_id = _file_id(self.data_file)
-        held = None  # the writer lock's fd held shared by a lock-free read (see below)
+        opened: dict = {}  # the writer lock held shared by a lock-free read, the env
+        try:
+            return self._open_shared_env(path, map_size, readonly, file_id, opened)
+        except BaseException:
+            # (a failure or an interrupt anywhere from the hold to the return: the lock
+            # was kept for the life of the process, every writer refused)
+            with deferred():
+                if "env" in opened:
+                    opened["env"].close()  # (a second close does nothing)
+                _let_go(opened.get("held"))
+            raise
+
+    def _open_shared_env(self, path: str, map_size: int | None, readonly: bool,
+                         file_id: tuple, opened: dict) -> dict:
+        """``_open_shared``'s open: ``opened`` notes the writer lock held shared (a
+        lock-free read, "held") and the environment ("env"), for the caller to let go
+        if this fails."""
+        held = None
         try:
             try:
                 env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, readonly)
             except lmdb.Error as e:
                 if readonly and os_errno(e) in _NO_LOCK_FILE:
-                    held = (_hold_out_writers(path, e), os.getpid())
+                    with deferred():  # (an interrupt between the flock and the note)
+                        held = opened["held"] = (_hold_out_writers(path, e), os.getpid())
                     try:
-                        try:
-                            env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, True,
-                                                  lock=False)
-                        except lmdb.Error as e2:  # (under ``ulimit -v``, as below: it
-                            # failed "Cannot allocate memory" where other opens retry)
-                            size = None if map_size else _fallback_map_size(e2,
-                                                                            self.data_file)
-                            if size is None:
-                                raise
-                            env = self._first_env(path, size, True, lock=False)
-                    except BaseException:
-                        _let_go(held)
-                        raise
+                        env = self._first_env(path, map_size or DEFAULT_MAP_SIZE, True,
+                                              lock=False)
+                    except lmdb.Error as e2:  # (under ``ulimit -v``, as below: it failed
+                        # "Cannot allocate memory" where other opens retry)
+                        size = None if map_size else _fallback_map_size(e2, self.data_file)
+                        if size is None:
+                            raise
+                        env = self._first_env(path, size, True, lock=False)
                 else:
                     size = None if map_size else _fallback_map_size(e, self.data_file)
                     if size is None:
                         raise
                     env = self._first_env(path, size, readonly)
+            opened["env"] = env
         except lmdb.Error as e:
             if "already open in this process" in str(e):  # (py-lmdb's own registry)
                 raise WalstoreError(
@@ -572,12 +604,8 @@ class LmdbState:
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
                   "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file),
                   "held_out": held}
-        try:
-            self._open_tables(shared)  # (it closes the environment when it fails)
-        except BaseException:
-            _let_go(held)  # (kept, every writer was refused while this process lived)
-            raise
-        return shared
+        self._open_tables(shared)  # (it closes the environment when it fails; the caller
+        return shared              # lets the writer lock go)
 
     @staticmethod
     def _first_env(path: str, map_size: int, readonly: bool, lock: bool = True
