@@ -155,6 +155,20 @@ def test_lock_free_read_only_open_retries_with_a_smaller_map_under_ulimit_v(shar
 
 
 # ---- 5. a DEST holding a store that does not open ----------------------------------------
+def _source_of(verb: str, tmp_path, run_cli) -> str:
+    """What `walstore VERB SRC DEST` copies: a store of one key (backup), or its replica's
+    URL (restore)."""
+    src = str(tmp_path / "src")
+    with walstore.open(src) as s:
+        with s.transaction() as tx:
+            tx.put("a", 1)
+    if verb == "backup":
+        return src
+    r = run_cli("replicate", src, (tmp_path / "rep").as_uri(), "--once")
+    assert r.returncode == 0, r.stderr
+    return (tmp_path / "rep").as_uri()
+
+
 @pytest.mark.parametrize("verb", ["backup", "restore"])
 def test_a_dest_holding_a_store_that_does_not_open_is_not_advised_removed_bare(tmp_path, verb):
     """DEST holds a store a newer walstore wrote (STORE's version 99).  Before the fix:
@@ -162,14 +176,7 @@ def test_a_dest_holding_a_store_that_does_not_open_is_not_advised_removed_bare(t
     what may be someone's only copy.  Now removing it is advised only if it is no store
     one keeps, and keeping it (another destination) first."""
     from test_audit48_cli import run_cli
-    src = str(tmp_path / "src")
-    with walstore.open(src) as s:
-        with s.transaction() as tx:
-            tx.put("a", 1)
-    if verb == "restore":
-        r = run_cli("replicate", src, (tmp_path / "rep").as_uri(), "--once")
-        assert r.returncode == 0, r.stderr
-        src = (tmp_path / "rep").as_uri()
+    src = _source_of(verb, tmp_path, run_cli)
     dest = str(tmp_path / "newer")
     walstore.open(dest).close()
     ident = os.path.join(dest, "STORE")
