@@ -1,0 +1,110 @@
+"""Audit 68: a restore of everything restores the newest consistent state the replica holds,
+also when an ordinary end-of-round snapshot lies past the WAL its round shipped (LMDB ran
+ahead of the frontier the round read) and the writer died before its next round — no hole,
+so the WAL still reaches its own end from an older snapshot (Manifest.base_past_end)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+import walstore
+from walstore.cli import main as cli_main
+from walstore.replication import replicas
+
+from test_replication_support import rows
+
+KILLED_AFTER_THE_ROUNDS_SNAPSHOT = r"""
+import sys, time
+import walstore
+from walstore.replication import DirectorySource, Shipper
+path, url = sys.argv[1], sys.argv[2]
+s = walstore.open(path)
+for i in range(60):
+    with s.transaction() as tx:
+        tx.put(f"a{i:04d}", "a" * 50)
+shipper = Shipper(DirectorySource(path), url, {"interval": 30, "snapshot_interval": 0})
+shipper.ship_once()  # (a first snapshot and the WAL)
+for i in range(5):
+    with s.transaction() as tx:
+        tx.put(f"b{i:04d}", "b" * 50)
+ship_wal, snapshot = shipper._ship_wal, shipper._snapshot
+
+def writer_goes_on(durable, summary):  # (commits while the round ships its WAL to D)
+    ship_wal(durable, summary)
+    for i in range(10):
+        with s.transaction() as tx:
+            tx.put(f"c{i:04d}", "c" * 50)
+    tx = s.transaction()  # (an action in flight at the snapshot: logged, not committed)
+    tx.put("flying", 1)
+    with tx.action("charge", compensate="refund") as act:
+        act.result = "c1"
+    s._engine.checkpoint()
+
+def killed_here(summary):  # (the snapshot at A > D in the saved manifest)
+    snapshot(summary)
+    print("SNAPSHOT SAVED", flush=True)
+    time.sleep(60)
+
+shipper._ship_wal, shipper._snapshot = writer_goes_on, killed_here
+shipper.ship_once()
+"""
+
+
+def _killed_after_the_rounds_snapshot(tmp_path) -> str:
+    url = f"file://{tmp_path}/rep"
+    p = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_THE_ROUNDS_SNAPSHOT,
+                          str(tmp_path / "s"), url], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("SNAPSHOT SAVED"), line + p.stderr.read()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    return url
+
+
+def test_no_acknowledged_commit_lost_a_writer_killed_after_its_rounds_snapshot(tmp_path):
+    """A round ships the WAL to D; the writer goes on (10 commits, an action in flight) and
+    the round's snapshot is of LMDB at A > D; the writer is killed -9 right after the
+    manifest listing it was saved.  The WAL reaches D from the first snapshot (no hole),
+    and a restore of everything restored the state at D (65 rows): the 10 commits the
+    replica's snapshot holds were lost with the machine.  Now it restores the snapshot
+    (cut at A), `replicas` says so, the in-flight action is pending (never run), the copy
+    is writable and whole, and `--verify` is OK."""
+    url = _killed_after_the_rounds_snapshot(tmp_path)
+    info = replicas(url)
+    newest = info["snapshots"][-1]
+    assert info["position"] < newest["lsn"], info
+    assert newest["restorable"] and info["end_unrestorable"] is None, info
+    assert info["restore_everything"]["lsn"] == newest["lsn"], info
+    assert info["restore_everything"]["past_wal_end"], info
+    r = CliRunner().invoke(cli_main, ["replicas", url])
+    assert f"a restore of everything restores the snapshot at LSN {newest['lsn']}" \
+        in r.output, r.output
+    assert "not restorable one by one" in r.output, r.output
+    r = CliRunner().invoke(cli_main, ["restore", url, str(tmp_path / "r"), "--json"],
+                           catch_exceptions=False)
+    assert r.exit_code == 1, r.output  # (exit 1: the in-flight action's refund to decide)
+    report = json.loads(r.stdout)
+    assert report["cut_lsn"] == report["snapshot_lsn"] == newest["lsn"], report
+    assert [a["name"] for a in report["pending_compensations"]] == ["charge"], report
+    refunds = []
+    with walstore.open(str(tmp_path / "r"), compensators={"refund": refunds.append}) as d:
+        keys = [k for k, _v in rows(d)]
+        assert len([k for k in keys if k[0] in "abc"]) == 75, keys
+        assert d.get("flying") is None and refunds == []
+        assert [a.name for a in d.pending_compensations()] == ["charge"]
+        with d.transaction() as tx:
+            tx.put("after", 1)
+    r = CliRunner().invoke(cli_main, ["verify", str(tmp_path / "r")])
+    assert "no damage found" in r.output, r.output
+    checks = {c["check"]: c for c in replicas(url, verify=True)["verify"]["checks"]}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert checks["restore everything"]["cut_lsn"] == newest["lsn"], checks
