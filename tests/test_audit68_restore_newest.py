@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 from click.testing import CliRunner
 
 import walstore
 from walstore.cli import main as cli_main
-from walstore.replication import replicas
+from walstore.replication import follow, replicas
 
 from test_replication_support import rows
 
@@ -108,3 +109,92 @@ def test_no_acknowledged_commit_lost_a_writer_killed_after_its_rounds_snapshot(t
     checks = {c["check"]: c for c in replicas(url, verify=True)["verify"]["checks"]}
     assert all(c["ok"] for c in checks.values()), checks
     assert checks["restore everything"]["cut_lsn"] == newest["lsn"], checks
+
+
+def test_no_acknowledged_commit_lost_the_writer_back_ships_on_and_a_follower_starts_at_the_wal(
+        tmp_path):
+    """The same replica: a follower starts from the WAL's end (as before: it appends the
+    WAL after its copy's end, and none reaches the snapshot yet) and the writer's store,
+    reopened, takes the replica over and ships on; then the follower, and a restore of
+    everything, hold every commit; a restore to a txid the WAL holds is unchanged."""
+    url = _killed_after_the_rounds_snapshot(tmp_path)
+    info = replicas(url)
+    follower = str(tmp_path / "f")
+    stop = threading.Event()
+    follow(url, follower, {"interval": 0.05}, stop=stop, interval=0.05,
+           on_round=lambda _info: stop.set())
+    with walstore.open(follower, readonly=True) as f:
+        assert len(rows(f)) == 65  # (a0..a59, b0..b4: the WAL's end)
+    with walstore.open(str(tmp_path / "s"), replicate_to=url,
+                       replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("after the kill", 1)
+        s.sync_replica(30)
+        assert s.replication().last_error is None, s.replication().last_error
+        expected = rows(s)
+        tx_at_d = [e.txid for e in s.log() if e.lsn < info["position"]]
+    assert replicas(url)["restore_everything"]["past_wal_end"] is False
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == expected
+    stop = threading.Event()
+    follow(url, follower, {"interval": 0.05}, stop=stop, interval=0.05,
+           on_round=lambda _info: stop.set())
+    with walstore.open(follower, readonly=True) as f:
+        assert rows(f) == expected
+    walstore.restore(url, str(tmp_path / "t"), to=max(tx_at_d))
+    with walstore.open(str(tmp_path / "t")) as t:
+        assert len(rows(t)) == 65
+
+
+def test_no_acknowledged_commit_lost_a_damaged_snapshot_past_the_wal_is_not_used(tmp_path):
+    """A snapshot past the WAL's end whose object fails its sha256 is not restored: a
+    restore of everything falls back to the WAL's end (as before), naming it skipped."""
+    url = _killed_after_the_rounds_snapshot(tmp_path)
+    newest = replicas(url)["snapshots"][-1]
+    objs = [p for p in (tmp_path / "rep").rglob("*") if p.is_file()
+            and p.name in {os.path.basename(s["k"]) for s in _snapshots(url)
+                           if s["lsn"] == newest["lsn"]}]
+    assert len(objs) == 1, objs
+    data = bytearray(objs[0].read_bytes())
+    data[-1] ^= 0xFF
+    objs[0].write_bytes(bytes(data))
+    report = walstore.restore(url, str(tmp_path / "r"))
+    assert report["cut_lsn"] == replicas(url)["position"], report
+    assert [k["lsn"] for k in report["snapshots_skipped"]] == [newest["lsn"]], report
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert len(rows(r)) == 65
+
+
+def _snapshots(url: str) -> list:
+    from walstore.replication.restore import load_manifest
+    from walstore.replication.options import ReplicateOptions
+    from walstore.replication.targets import open_target
+    tgt = open_target(url, ReplicateOptions())
+    try:
+        return load_manifest(tgt, ReplicateOptions()).snapshots
+    finally:
+        tgt.close()
+
+
+def test_restore_of_everything_unchanged_from_a_fully_shipped_replica(tmp_path):
+    """A replica shipped to its end (every snapshot at or below its position): a restore
+    of everything gives the source's rows, log and restore points, as before."""
+    url = f"file://{tmp_path}/rep"
+    with walstore.open(str(tmp_path / "s"), replicate_to=url,
+                       replicate_options={"interval": 0.05, "snapshot_interval": 0}) as s:
+        for i in range(30):
+            with s.transaction() as tx:
+                tx.put(f"k{i:04d}", i)
+            if i == 10:
+                s.restore_point("ten")
+        s.sync_replica(30)
+        expected = (rows(s), [e.txid for e in s.log()], s.restore_points())
+    info = replicas(url)
+    assert info["restore_everything"] == {"lsn": info["position"], "past_wal_end": False,
+                                          "txid": info["last_commit"]["tx"]}, info
+    report = walstore.restore(url, str(tmp_path / "r"))
+    assert report["cut_lsn"] == info["position"], report
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert (rows(r), [e.txid for e in r.log()], r.restore_points()) == expected
+    assert replicas(url, verify=True)["verify"]["ok"]

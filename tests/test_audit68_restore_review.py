@@ -68,9 +68,13 @@ def test_no_spliced_history_a_snapshot_past_the_position_of_a_store_rolled_back(
     finally:
         shipper.stop()
     s.close()
-    walstore.restore(url, str(tmp_path / "r"))  # (the replica as it was: to D)
+    # (the replica as it was: the old history, up to its snapshot at A — a restore of
+    # everything restores the newest state the replica holds, test_audit68_restore_newest)
+    walstore.restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
-        assert [k for k, _v in rows(r)] == [f"a{i:04d}" for i in range(20)]
+        assert [k for k, _v in rows(r)] == sorted(
+            [f"a{i:04d}" for i in range(20)] + [f"b{i:04d}" for i in range(5)]
+            + [f"old{i:04d}" for i in range(30)])
 
 
 KILLED_AT_THE_HOLES_SNAPSHOT = r"""

@@ -522,6 +522,14 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
     _say(f"WAL       LSN {r['wal']['first']}..{r['wal']['end']}  {r['wal']['objects']} "
          f"object(s), {r['wal']['bytes']} bytes; last commit tx {lc.get('tx', '-')} at "
          f"{show_time(lc.get('ts'))}")
+    every = r.get("restore_everything")
+    if every and every["past_wal_end"]:  # (what a restore of everything gives: audit 68)
+        _say(f"restore   a restore of everything restores the snapshot at LSN "
+             f"{every['lsn']} (last commit tx {every['txid'] if every['txid'] is not None else '-'}"
+             f"), past the WAL's end (LSN {every['wal_end']}, tx "
+             f"{every['wal_end_txid'] if every['wal_end_txid'] is not None else '-'}): the "
+             f"commits between them are in it but not restorable one by one (to a point, "
+             f"txid or time) until its writer ships the WAL to it")
     for s in r["snapshots"]:
         _say(f"snapshot  LSN {s['lsn']:<12} {show_time(s['time'])}  {s['bytes']} bytes, "
              f"{s['keys']} keys{'' if s['restorable'] else '  (not yet restorable)'}")

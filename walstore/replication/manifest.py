@@ -49,6 +49,13 @@ MANIFEST_KEY = "manifest"
 FORMAT = 1
 
 
+def _lc_of(snap: dict) -> bool:
+    """Whether a snapshot's entry records its newest commit (``lc``), at or below its LSN."""
+    lc = snap.get("lc")
+    return (isinstance(lc, dict) and isinstance(lc.get("lsn"), int)
+            and isinstance(lc.get("tx"), int) and lc["lsn"] <= snap["lsn"])
+
+
 class Manifest:
     def __init__(self, doc: dict, etag: str | None = None) -> None:
         self.doc = doc
@@ -233,23 +240,36 @@ class Manifest:
                                f"its WAL reaches that point{self.history_note(cut - 1)}")
 
     def base_past_end(self) -> dict | None:
-        """The newest snapshot past the replica's WAL end, when no plan reaches that end;
-        else None.  A round that met a hole took such a snapshot, and the WAL was never
-        shipped to it: walstores before stop 67 stopped the round at the frontier read
-        before the hole, and a writer may die between the snapshot's manifest write and
-        the WAL after it.  It holds every commit up to its LSN (LMDB applies in log order),
-        so a restore of everything restores it as it is; with the source gone, every such
-        restore was refused ("no restore can cross" the hole)."""
+        """The newest snapshot past the replica's WAL end that a restore of everything
+        restores as it is; else None.  It holds every commit up to its LSN (LMDB applies
+        in log order), and it is listed only once its PUT landed (a restore checks its
+        size, sha256 and state digest).  Two shapes leave one: a round that met a hole
+        took one and the WAL was never shipped to it (walstores before stop 67 stopped the
+        round at the frontier read before the hole; a writer may die between the
+        snapshot's manifest write and the WAL after it) — no plan reaches the end, and
+        every such restore was refused ("no restore can cross" the hole); and a round's
+        ordinary snapshot, of LMDB applied past the WAL the round read, its writer dead
+        before its next round — the WAL reaches its own end from an older snapshot, and a
+        restore of everything gave the state there, the commits the snapshot holds past
+        it lost (audit 68).  In that second shape only a snapshot that records its newest
+        commit (``lc``: the history a writer taking the replica over is checked against)."""
         if self.position is None:
             return None
         past = [s for s in self.snapshots if s["lsn"] > self.position]
         if not past:
             return None
+        if not self.reaches_end():
+            return max(past, key=lambda s: s["lsn"])
+        known = [s for s in past if s["k"] is not None and s.get("sha") and _lc_of(s)]
+        return max(known, key=lambda s: s["lsn"]) if known else None
+
+    def reaches_end(self) -> bool:
+        """Whether a plan (a snapshot and the WAL after it) reaches the replica's end."""
         try:
             next(iter(self.plans(self.end())))
         except ReplicationError:
-            return max(past, key=lambda s: s["lsn"])
-        return None
+            return False
+        return True
 
     def history_note(self, lsn: int | None = None) -> str:
         """Where the replica's history begins (its oldest snapshot), and why nothing before

@@ -41,6 +41,7 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import hashlib
+import itertools
 import os
 import shutil
 import tempfile
@@ -866,11 +867,14 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
                 raise ReplicationError(f"snapshot at LSN {snap['lsn']} is not usable")
             plans = iter([(snap, chain, start)])
         else:
-            # everything, from a replica whose WAL no base reaches the end of but whose
-            # newest snapshot lies past it: that snapshot, as it is (Manifest.base_past_end;
-            # a follower still waits for the WAL to reach it)
+            # everything, from a replica whose newest snapshot lies past its WAL's end:
+            # that snapshot, as it is (Manifest.base_past_end; a follower still waits for
+            # the WAL to reach it: it starts at the WAL's end when a plan reaches it)
             past = (None if boundary is not None or _cut_end is not None
                     else m.base_past_end())
+            reaches = past is not None and m.reaches_end()
+            if past is not None and follow and reaches:
+                past, reaches = None, False
             if past is not None and follow:  # (it said "no restore can cross" the hole)
                 raise ReplicationError(
                     f"the replica's WAL ends at LSN {m.end()}, below its newest snapshot "
@@ -879,6 +883,8 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
                     f"round: follow then); `walstore restore` without --follow restores "
                     f"the snapshot as it is; nothing restored")
             plans = m.plans(cut_goal) if past is None else iter([(past, [], past["lsn"])])
+            if reaches:  # (it damaged or missing: the WAL's end, as before it was listed)
+                plans = itertools.chain([(past, [], past["lsn"])], m.plans(cut_goal))
         # the snapshot
         os.chmod(stage, _src.DIR_MODE)
         db = os.path.join(stage, "db")
@@ -925,8 +931,9 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
                                    f"the target could stand in for it ({len(skipped)} "
                                    f"tried{'; ' + str(why) if why is not None else ''}); "
                                    f"nothing restored")
-        if skipped:
-            _check_stand_in(url, tgt, opts, tmp, snap, [k["snap"] for k in skipped])
+        if skipped:  # (a snapshot past the WAL's end has no WAL to stand in for it)
+            _check_stand_in(url, tgt, opts, tmp, snap, [k["snap"] for k in skipped
+                                                        if k["snap"]["lsn"] <= m.end()])
         # the WAL, cut at the target
         log = RestoredLog(wal, store_id, prealloc=follow)
         log.know(m.wal)
@@ -1942,6 +1949,17 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
             # Manifest.base_past_end)
             "end_unrestorable": None if past_end is not None else _end_unrestorable(m),
         }
+        # what a restore of everything gives (None: no restore reaches the end); a
+        # snapshot past the WAL's end holds commits the WAL does not: restorable only
+        # all together, as that snapshot (no point, txid or time between the two)
+        lc = d.get("last_commit") or {}
+        report["restore_everything"] = (
+            None if report["end_unrestorable"] is not None else
+            {"lsn": m.end(), "txid": lc.get("tx"), "past_wal_end": False} if past_end is None
+            else {"lsn": past_end["lsn"], "txid": (past_end.get("lc") or {}).get("tx"),
+                  "past_wal_end": True, "wal_end": m.end(), "wal_end_txid": lc.get("tx"),
+                  "not_restorable_individually": {"from_lsn": m.end(),
+                                                  "to_lsn": past_end["lsn"]}})
         if verify:
             report["verify"] = _verify(url, m, tgt, opts, progress)
         return report
