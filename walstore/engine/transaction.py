@@ -461,7 +461,20 @@ class Transaction:
         decided, and TransactionClosed raised: its reads went on showing its write set
         (after ``rollback_prepared``, rows the store never held) and its state read
         "active" until its own commit() or rollback() was called (audit 68)."""
-        if self.gid in self._engine.prepared:
+        gid = self.gid
+        if gid in self._engine.prepared:
+            return
+        if self._ending is not None:
+            # its commit() or rollback() is under way (in another thread, or this one's
+            # compensator) and finishes it: not waited for — a read waited on the end
+            # lock while the rollback's compensations ran, for ever one hanging (audit
+            # 68).  A decision made durable ends its reads now
+            decided = self._engine.views.decision(gid)
+            if decided == "commit" or decided == "abort":
+                how = "committed" if decided == "commit" else "rolled back"
+                raise TransactionClosed(f"transaction {self.id} is already {how} (the "
+                                        f"decision on {gid!r} is durable; the commit() "
+                                        f"or rollback() under way finishes it)")
             return
         with self._end_lock:
             if self._ending is None:

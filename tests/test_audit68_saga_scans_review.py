@@ -1,0 +1,193 @@
+"""Audit 68, a review of the fixes of tests/test_audit68_saga_scans.py: a prepared
+transaction decided through the store (``Transaction._check_undecided``), the scan's walk
+of the commits since its snapshot checking purges against what is left of it
+(``snapshot._changed_since``), a compensator raising StopIteration (``Saga._run``), and
+close()'s count of the rollbacks other threads run (``Files.undoing_elsewhere``).
+
+Coverage (each test asserts behaviour that could fail): a prepared transaction's reads
+and its owner's commit()/rollback() beside ``store.commit_prepared`` /
+``rollback_prepared`` in other threads (no deadlock, no compensation run twice, its LSN
+the commit's); scans forward and reverse, by prefix and by start/end, across a purge of
+the last key yielded, the next one, one overlapping the boundary, and outside the range,
+over rows in LMDB and in memory, in the writer and in a read-only process; compensators
+that are generators, async, return None or raise StopIteration; close() beside two
+threads rolling back and one thread with a nested rollback.
+
+Findings (each test named below fails on the code before its fix):
+
+- A read of a prepared transaction (tx.get, tx.scan) from one thread while its owner's
+  ``tx.rollback()`` ran its compensations in another waited on the transaction's end lock
+  until every compensation was done (or for ever, a compensator hanging); before audit 68's
+  fix it returned at once
+  (``test_a_read_of_a_prepared_transaction_never_waits_for_its_rollbacks_compensations``);
+  and a compensator of that rollback reading the transaction got its write set, rows the
+  rollback discards (a plain transaction's raises TransactionClosed there)
+  (``test_a_compensator_reading_its_own_rolled_back_transaction_is_refused``).
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import walstore
+
+
+def _prepared(s, gid="g1", action=True):
+    """A transaction that wrote k=v (and ran an action compensated by "refund"), prepared
+    as ``gid``."""
+    tx = s.transaction()
+    tx.put("k", "v")
+    if action:
+        with tx.action("charge", compensate="refund") as act:
+            act.result = 1
+    tx.prepare(gid)
+    return tx
+
+
+# ---- findings ------------------------------------------------------------------------------
+@pytest.mark.parametrize("read", ["get", "scan"])
+def test_a_read_of_a_prepared_transaction_never_waits_for_its_rollbacks_compensations(
+        tmp_path, read):
+    """The owner's ``tx.rollback()`` of a prepared transaction runs its compensations
+    holding the transaction's end lock.  A ``tx.get``/``tx.scan`` from another thread
+    meanwhile (a watchdog, a progress report) waited on that lock for as long as the
+    compensations ran — for ever, one hanging — where before the audit-68 fix it returned
+    at once (and a plain transaction's read raises at once).  Now it raises
+    TransactionClosed at once: the decision (rollback) is durable."""
+    gate, started = threading.Event(), threading.Event()
+    runs: list = []
+
+    def refund(action):
+        runs.append(action.id)
+        started.set()
+        gate.wait(10)
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        tx = _prepared(s)
+        t = threading.Thread(target=tx.rollback)
+        t.start()
+        try:
+            assert started.wait(10)
+            t0 = time.monotonic()
+            with pytest.raises(walstore.TransactionClosed, match="rolled back"):
+                if read == "get":
+                    tx.get("k")
+                else:
+                    next(tx.scan())
+            took = time.monotonic() - t0
+        finally:
+            gate.set()
+            t.join(20)
+        assert took < 2, f"the read waited {took:.1f} s for the compensation"
+        assert tx.state == "rolled back" and len(runs) == 1
+        assert s.get("k") is None and s.pending_compensations() == []
+
+
+@pytest.mark.parametrize("prepare", [False, True])
+def test_a_compensator_reading_its_own_rolled_back_transaction_is_refused(tmp_path, prepare):
+    """A compensator that reads the transaction being rolled back (its owner's
+    ``rollback()`` running it in the same thread): TransactionClosed, prepared or not —
+    never the write set the rollback discards."""
+    seen: list = []
+    box: list = []
+
+    def refund(action):
+        try:
+            seen.append(box[0].get("k"))
+        except walstore.TransactionClosed as e:
+            seen.append(str(e))
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        if prepare:
+            tx = _prepared(s)
+        else:
+            tx = s.transaction()
+            tx.put("k", "v")
+            with tx.action("charge", compensate="refund") as act:
+                act.result = 1
+        box.append(tx)
+        tx.rollback()
+        assert len(seen) == 1 and "rolled back" in seen[0], seen
+        assert tx.state == "rolled back" and s.get("k") is None
+
+
+# ---- prepared transactions decided through the store: races ------------------------------
+@pytest.mark.parametrize("decider", ["store", "owner"])
+def test_reads_beside_a_commit_prepared_see_the_write_set_or_closed_and_its_lsn(tmp_path,
+                                                                               decider):
+    """Two threads read a prepared transaction (get, scan) while a third commits it
+    (``store.commit_prepared`` or the owner's ``tx.commit()``), and the owner then calls
+    commit() too: no deadlock; every read gives its write set or TransactionClosed; the
+    transaction ends committed, with the commit's LSN (also once the row is in LMDB)."""
+    with walstore.open(str(tmp_path / "s"), durability="full") as s:
+        for round_ in range(20):
+            gid = f"g{round_}"
+            tx = _prepared(s, gid, action=False)
+            stop = threading.Event()
+            bad: list = []
+
+            def read():
+                while not stop.is_set():
+                    try:
+                        got = [tx.get("k"), [kv for kv in tx.scan(prefix="k")]]
+                    except walstore.TransactionClosed as e:
+                        if "committed" not in str(e):
+                            bad.append(str(e))
+                        return
+                    if got != ["v", [("k", "v")]]:
+                        bad.append(got)
+
+            readers = [threading.Thread(target=read) for _ in range(2)]
+            for t in readers:
+                t.start()
+            time.sleep(0.002)
+            lsn = s.commit_prepared(gid) if decider == "store" else tx.commit()
+            for t in readers:
+                t.join(10)
+            stop.set()
+            assert not any(t.is_alive() for t in readers) and bad == []
+            if decider == "store":
+                with pytest.raises(walstore.WalstoreError, match="committed"):
+                    tx.commit()
+            assert tx.state == "committed" and tx.lsn == lsn, (tx.lsn, lsn)
+        s.checkpoint()
+        tx = _prepared(s, "last", action=False)
+        lsn = s.commit_prepared("last")
+        s.checkpoint()  # (its txns row in LMDB: the LSN read from there)
+        with pytest.raises(walstore.TransactionClosed, match="committed"):
+            tx.get("k")
+        assert tx.lsn == lsn
+
+
+def test_an_owners_rollback_beside_a_stores_rollback_prepared_compensates_once(tmp_path):
+    """``store.rollback_prepared`` in one thread (its compensation slow) while the owner
+    calls ``tx.rollback()`` and reads: the compensation runs once, the owner is told the
+    transaction is rolled back (by the other call), nothing is left owed."""
+    runs: list = []
+    started = threading.Event()
+
+    def refund(action):
+        runs.append(action.id)
+        started.set()
+        time.sleep(0.3)
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        tx = _prepared(s)
+        t = threading.Thread(target=s.rollback_prepared, args=("g1",))
+        t.start()
+        assert started.wait(10)
+        with pytest.raises(walstore.TransactionClosed, match="rolled back"):
+            tx.get("k")
+        with pytest.raises(walstore.WalstoreError, match="rolled back"):
+            tx.rollback()
+        with pytest.raises(walstore.WalstoreError, match="rolled back"):
+            tx.commit()
+        t.join(10)
+        assert len(runs) == 1 and tx.state == "rolled back"
+        assert s.pending_compensations() == [] and s.get("k") is None
+        assert s.decision("g1") == "abort"
