@@ -23,11 +23,16 @@ Findings (each test named below fails on the code before its fix):
   and a compensator of that rollback reading the transaction got its write set, rows the
   rollback discards (a plain transaction's raises TransactionClosed there)
   (``test_a_compensator_reading_its_own_rolled_back_transaction_is_refused``).
+- A compensator raising a StopIteration subclass, or StopIteration with a message, was
+  recorded as "StopIteration: raised by compensator ... (a next() on an exhausted
+  iterator?)": the type and message it raised were lost
+  (``test_a_compensator_raising_stopiteration_is_recorded_with_its_own_type_and_message``).
 """
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -191,3 +196,78 @@ def test_an_owners_rollback_beside_a_stores_rollback_prepared_compensates_once(t
         assert len(runs) == 1 and tx.state == "rolled back"
         assert s.pending_compensations() == [] and s.get("k") is None
         assert s.decision("g1") == "abort"
+
+
+# ---- compensators ------------------------------------------------------------------------
+class _Exhausted(StopIteration):
+    """A StopIteration subclass a compensator's library raises."""
+
+
+@pytest.mark.parametrize("exc", [_Exhausted("the refund API said: batch exhausted"),
+                                 StopIteration("quota exhausted")], ids=["subclass", "msg"])
+def test_a_compensator_raising_stopiteration_is_recorded_with_its_own_type_and_message(
+        tmp_path, exc):
+    """A compensator raising a StopIteration subclass, or StopIteration with a message:
+    the action's error (and CompensationFailed) said "StopIteration: raised by compensator
+    'refund' (a next() on an exhausted iterator?)" — the type and message it raised were
+    lost (the C call noting the return took it for its iteration's end).  They are kept
+    now, as for any other exception."""
+    calls: list = []
+
+    def refund(action):
+        calls.append(action.id)
+        raise exc
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": refund}) as s:
+        tx = s.transaction()
+        with tx.action("charge", compensate="refund") as act:
+            act.result = 1
+        with pytest.raises(walstore.CompensationFailed) as e:
+            tx.rollback()
+        want = f"{type(exc).__name__}: {exc}"
+        got = s.get_action(act.id)
+        assert (got.state, got.attempts, len(calls)) == ("failed", 3, 3)
+        assert got.error.startswith(want), got.error
+        assert want in str(e.value)
+        s.retry_compensations()  # (still failing: once more, recorded the same)
+        assert len(calls) == 6 and s.get_action(act.id).error.startswith(want)
+
+
+@pytest.mark.parametrize("how", ["none", "empty", "generator", "coroutine", "asyncgen"])
+def test_compensators_returning_nothing_or_an_undriven_body(tmp_path, how):
+    """A compensator returning None or an empty list ran: compensated once.  One whose
+    call returns a generator, coroutine or async generator (a callable object: a plain
+    async/generator function is refused at open) ran nothing: failed, no warning of a
+    coroutine never awaited."""
+    class Body:
+        def __call__(self, action):
+            if how == "none":
+                return None
+            if how == "empty":
+                return []
+            if how == "generator":
+                return (x for x in ())
+
+            async def co():
+                return 1
+
+            async def ag():
+                yield 1
+            return co() if how == "coroutine" else ag()
+
+    with walstore.open(str(tmp_path / "s"), durability="none",
+                       compensators={"refund": Body()}) as s:
+        tx = s.transaction()
+        with tx.action("charge", compensate="refund") as act:
+            act.result = 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if how in ("none", "empty"):
+                tx.rollback()
+                assert s.get_action(act.id).state == "compensated"
+            else:
+                with pytest.raises(walstore.CompensationFailed, match="instead of running"):
+                    tx.rollback()
+                assert s.get_action(act.id).state == "failed"
+

@@ -33,7 +33,9 @@ import inspect
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Mapping
+from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -960,24 +962,25 @@ class Saga:
         action.state = PENDING
         for attempt in range(1, COMPENSATION_RETRIES + 1):
             action.attempts += 1
-            returned: list = []
+            # fn's return, under key 0 once it returned (never read by a missing key:
+            # that calls fn)
+            returned: dict = defaultdict(partial(fn, action))
             recorded: list = []
             try:
-                # ``extend`` (C) notes fn's return before control comes back to Python,
-                # where an interrupt (walstore.signals) could land: one right after the
-                # compensator returned is told from one inside it, and the compensation
-                # that ran is recorded (once), not run again at the next open
+                # ``returned[0]`` (C: defaultdict's __missing__) notes fn's return before
+                # control comes back to Python, where an interrupt (walstore.signals) could
+                # land: one right after the compensator returned is told from one inside
+                # it, and the compensation that ran is recorded (once), not run again at
+                # the next open.  (Not ``list.extend(map(fn, ...))``: it took a
+                # StopIteration fn raised for the end of its iteration — recorded as
+                # "IndexError: list index out of range", then with its type and message
+                # lost — audit 68)
                 outer = self._depth()
                 try:  # (set inside: an interrupt cannot leave this thread counted inside)
                     self._local.depth = outer + 1
-                    returned.extend(map(fn, (action,)))
+                    returned[0]
                 finally:
                     self._local.depth = outer
-                if not returned:  # ``map`` took a StopIteration the compensator raised
-                    # for its own end (its message lost with it): recorded as walstore's
-                    # "IndexError: list index out of range" (audit 68)
-                    raise StopIteration(f"raised by compensator {action.compensate!r} "
-                                        f"(a next() on an exhausted iterator?)")
                 unrun = _unrun(returned[0])
                 if unrun:  # (a callable never_runs could not tell: an object whose
                     returned.clear()  # __call__ is async) — its body did not run: a
@@ -997,7 +1000,10 @@ class Saga:
                         self._record_compensated(action, recorded)
                     raise
                 action.error = error_text(e)  # a compensator's failure is
-                if attempt < COMPENSATION_RETRIES:        # data, escalated below
+                if type(e) is StopIteration and not e.args:  # (data, escalated below)
+                    action.error += (f"(raised by compensator {action.compensate!r}: a "
+                                     f"next() on an exhausted iterator?)")
+                if attempt < COMPENSATION_RETRIES:
                     time.sleep(COMPENSATION_BACKOFF * (2 ** (attempt - 1)))
                 continue
             except BaseException:
