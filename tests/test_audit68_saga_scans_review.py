@@ -271,3 +271,71 @@ def test_compensators_returning_nothing_or_an_undriven_body(tmp_path, how):
                     tx.rollback()
                 assert s.get_action(act.id).state == "failed"
 
+
+
+# ---- close() beside rollbacks in other threads ---------------------------------------------
+@pytest.mark.parametrize("shape", ["two threads", "nested"])
+def test_close_counts_the_rollbacks_other_threads_run(tmp_path, monkeypatch, shape):
+    """close() beside hung compensations: two threads each rolling back one transaction
+    are 2 rollbacks; one thread whose compensator rolls back a second transaction (whose
+    compensator hangs) is 1 (the nested one is part of it) — each compensation running is
+    named, and each runs once more at the next open."""
+    import walstore.store as store_module
+    monkeypatch.setattr(store_module, "CLOSE_WAIT_S", 0.3)
+    path = str(tmp_path / "s")
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+    runs: list = []
+    box: dict = {}
+
+    def hang(action):
+        runs.append(action.id)
+        started.release()
+        gate.wait(20)
+
+    def outer(action):  # (nested: rolls back a transaction of its own)
+        runs.append(action.id)
+        tx = box["s"].transaction()
+        with tx.action("inner", compensate="hang") as a:
+            a.result = 1
+        tx.rollback()
+
+    s = box["s"] = walstore.open(path, durability="none",
+                                 compensators={"hang": hang, "outer": outer})
+    txs = []
+    for _ in range(2 if shape == "two threads" else 1):
+        tx = s.transaction()
+        with tx.action("charge", compensate="hang" if shape == "two threads" else "outer") \
+                as act:
+            act.result = 1
+        txs.append(tx)
+    errors: list = []
+
+    def roll_back(tx):
+        try:
+            tx.rollback()
+        except walstore.WalstoreError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=roll_back, args=(tx,)) for tx in txs]
+    for t in threads:
+        t.start()
+    try:
+        for _ in threads:
+            assert started.acquire(timeout=10)
+        with pytest.warns(RuntimeWarning) as seen:
+            s.close()
+        (msg,) = [str(w.message) for w in seen]
+        want = 2 if shape == "two threads" else 1
+        assert f"{want} rollback(s)" in msg, msg
+        assert "compensation(s) ['1.1', '2.1']" in msg, msg
+    finally:
+        gate.set()
+        for t in threads:
+            t.join(20)
+    assert len(errors) == len(threads)
+    before = len(runs)
+    with walstore.open(path, compensators={"hang": lambda a: runs.append(a.id),
+                                           "outer": lambda a: runs.append(a.id)}) as s2:
+        assert len(runs) - before >= 2
+        assert s2.pending_compensations() == []
