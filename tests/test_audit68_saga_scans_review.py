@@ -30,6 +30,9 @@ Findings (each test named below fails on the code before its fix):
 """
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -37,6 +40,8 @@ import warnings
 import pytest
 
 import walstore
+
+from store_support import cli_env
 
 
 def _prepared(s, gid="g1", action=True):
@@ -339,3 +344,105 @@ def test_close_counts_the_rollbacks_other_threads_run(tmp_path, monkeypatch, sha
                                            "outer": lambda a: runs.append(a.id)}) as s2:
         assert len(runs) - before >= 2
         assert s2.pending_compensations() == []
+
+
+# ---- scans across a purge: only what is left of the range counts ----------------------------
+_KEYS = [f"{c}/{i:03d}" for c in "ab" for i in range(100)]
+# (direction, bounds, the purge, what the scan must do) after 16 rows (the first chunk)
+# were yielded: a/000..a/015 forward, a/099..a/084 reverse, a/010..a/025 from start=a/010
+_CASES = [
+    (False, "prefix", "a/014", "go"),      # passed
+    (False, "prefix", "a/015", "either"),  # the last yielded (its prefix covers a/015...:
+    #                                         what LMDB held there is gone — may stop)
+    (False, "prefix", "a/016", "stop"),    # the next
+    (False, "prefix", "a/01", "stop"),     # across the boundary
+    (False, "prefix", "b/", "go"),         # outside
+    (True, "prefix", "a/085", "go"),
+    (True, "prefix", "a/084", "go"),
+    (True, "prefix", "a/083", "stop"),
+    (True, "prefix", "a/08", "stop"),
+    (True, "prefix", "b/", "go"),
+    (False, "bounds", "a/00", "go"),       # below start
+    (False, "bounds", "a/024", "go"),
+    (False, "bounds", "a/02", "stop"),
+    (False, "bounds", "b/", "go"),         # past end
+]
+
+
+@pytest.mark.parametrize("in_lmdb", [True, False], ids=["lmdb", "memtable"])
+@pytest.mark.parametrize("kind", ["store", "tx"])
+def test_a_scan_across_a_purge_stops_only_for_keys_not_yet_passed(tmp_path, kind, in_lmdb):
+    """A streaming scan (store.scan, tx.scan) that yielded its first chunk when a purge
+    committed: one of keys it passed or outside its range lets it go on, giving exactly
+    the snapshot's rows; one of a key not yet passed stops it (SnapshotTooOld) — it never
+    yields a purged key, nor a state without one."""
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        for reverse, bounds, purge, want in _CASES:
+            with s.transaction() as tx:
+                tx.update({k: k for k in _KEYS})
+            if in_lmdb:
+                s.checkpoint()
+            kw = ({"prefix": "a/"} if bounds == "prefix" else
+                  {"start": "a/010", "end": "a/050"})
+            snap = sorted((k for k in _KEYS if k.startswith("a/") and (
+                bounds == "prefix" or "a/010" <= k < "a/050")), reverse=reverse)
+            tx = s.transaction()
+            rows = (tx if kind == "tx" else s).scan(reverse=reverse, **kw)
+            head = [next(rows) for _ in range(16)]
+            assert [k for k, _v in head] == snap[:16]
+            s.purge(purge)
+            case = (reverse, bounds, purge)
+            try:
+                rest = list(rows)
+            except walstore.ConflictError as e:
+                assert want != "go", (case, e)
+                assert isinstance(e, walstore.SnapshotTooOld), case
+            else:
+                assert want != "stop", (case, rest[:3])
+                assert head + rest == [(k, k) for k in snap], case
+            tx.rollback()
+            assert not any(k.startswith(purge) for k, _v in s.scan())
+
+
+_SCANNER = """
+import json, sys, walstore
+r = walstore.open(sys.argv[1], readonly=True)
+rows = r.scan(prefix="a/", reverse=sys.argv[2] == "1")
+print(json.dumps([next(rows)[0] for _ in range(16)]), flush=True)
+sys.stdin.readline()
+try:
+    print(json.dumps({"rest": [k for k, _v in rows]}), flush=True)
+except walstore.WalstoreError as e:
+    print(json.dumps({"err": type(e).__name__}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_a_readers_scan_beside_a_writers_purge_stops_only_for_keys_not_yet_passed(
+        tmp_path, reverse):
+    """A read-only process's scan (rows in LMDB) across the live writer's purge: of keys
+    it passed, it goes on and gives the snapshot's rows; of keys ahead, SnapshotTooOld."""
+    path = str(tmp_path / "s")
+    with walstore.open(path, durability="full") as w:
+        for passed, want in ((True, "rest"), (False, "err")):
+            with w.transaction() as tx:
+                tx.update({k: 1 for k in _KEYS})
+            w.checkpoint()
+            rd = subprocess.Popen([sys.executable, "-c", _SCANNER, path,
+                                   "1" if reverse else "0"], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True, env=cli_env())
+            try:
+                head = json.loads(rd.stdout.readline())
+                w.purge(head[5] if passed else ("a/05"))
+                rd.stdin.write("\n")
+                rd.stdin.flush()
+                out = json.loads(rd.stdout.readline())
+            finally:
+                rd.stdin.close()
+                rd.wait(30)
+            snap = sorted((k for k in _KEYS if k.startswith("a/")), reverse=reverse)
+            assert list(out) == [want], out
+            if passed:
+                assert head + out["rest"] == snap
+            else:
+                assert out["err"] == "SnapshotTooOld"
