@@ -27,6 +27,11 @@ Findings (each test named below fails on the code before its fix):
   recorded as "StopIteration: raised by compensator ... (a next() on an exhausted
   iterator?)": the type and message it raised were lost
   (``test_a_compensator_raising_stopiteration_is_recorded_with_its_own_type_and_message``).
+- After ``store.commit_prepared``/``rollback_prepared``, the transaction's
+  ``savepoint()``/``rollback_to()`` said it "is prepared ... until it is committed or
+  rolled back" and ``prepare()`` that it "is already prepared" (a ValueError), its state
+  still "active" (audit 68 fixed put and action only)
+  (``test_a_prepared_transaction_decided_by_the_store_says_how_it_ended``).
 """
 from __future__ import annotations
 
@@ -124,6 +129,32 @@ def test_a_compensator_reading_its_own_rolled_back_transaction_is_refused(tmp_pa
         assert len(seen) == 1 and "rolled back" in seen[0], seen
         assert tx.state == "rolled back" and s.get("k") is None
 
+
+
+@pytest.mark.parametrize("decide", ["commit_prepared", "rollback_prepared"])
+@pytest.mark.parametrize("op", ["savepoint", "rollback_to", "prepare"])
+def test_a_prepared_transaction_decided_by_the_store_says_how_it_ended(tmp_path, decide, op):
+    """After ``store.commit_prepared``/``rollback_prepared``, the transaction's first
+    ``savepoint()``/``rollback_to()`` said it "is prepared as 'g1': its write set and
+    actions are fixed until it is committed or rolled back" and ``prepare('g2')`` "is
+    already prepared as 'g1'" (a ValueError) — of one committed or rolled back, its
+    state still "active" (audit 68 fixed this for put and action only).  They say how it
+    ended (TransactionClosed), and its state does."""
+    ended = "committed" if decide == "commit_prepared" else "rolled back"
+    with walstore.open(str(tmp_path / "s"), durability="none") as s:
+        tx = s.transaction()
+        tx.put("k", 1)
+        tx.savepoint("x")
+        tx.put("k", 2)
+        tx.prepare("g1")
+        getattr(s, decide)("g1")
+        call = {"savepoint": tx.savepoint, "rollback_to": lambda: tx.rollback_to("x"),
+                "prepare": lambda: tx.prepare("g2")}[op]
+        with pytest.raises(walstore.TransactionClosed, match=f"already {ended}"):
+            call()
+        assert tx.state == ended
+        assert s.get("k") == (2 if ended == "committed" else None)
+        assert s.decision("g2") is None
 
 # ---- prepared transactions decided through the store: races ------------------------------
 @pytest.mark.parametrize("decider", ["store", "owner"])

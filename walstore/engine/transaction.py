@@ -869,6 +869,7 @@ class Transaction:
         never be rolled back to; it was handed out as active — stop 65)."""
         self._check_active()
         if self.gid is not None:
+            self._check_undecided()  # (decided meanwhile: it said "is prepared" of it)
             raise TransactionClosed(f"transaction {self.id} is prepared as {self.gid!r}: its "
                                     f"write set and actions are fixed until it is committed "
                                     f"or rolled back; no savepoint was taken")
@@ -939,6 +940,8 @@ class Transaction:
         then (a Savepoint's repr was a call and an f-string every rollback_to), and the
         generic call with its *args was a frame more."""
         active = sp.active if type(sp) is Savepoint else None  # (its state at the call)
+        if self.gid is not None:  # (decided meanwhile: ``_rollback_to`` said "is prepared")
+            self._check_undecided()
         with self._end_lock:
             if self._ending is not None or self.state != ACTIVE:
                 self._refuse_end(_RolledBackTo(sp, active))  # (raises)
@@ -1062,6 +1065,8 @@ class Transaction:
         ``store.commit_prepared(gid)`` or ``rollback()`` / ``store.rollback_prepared(gid)``.
         """
         self._check_active()
+        if self.gid is not None:  # (decided meanwhile: ``_prepare`` said "already prepared")
+            self._check_undecided()
         self._deciding(f"prepared as {gid!r}", "prepared", self._prepare, gid)
 
     def _prepare(self, gid: str) -> None:
