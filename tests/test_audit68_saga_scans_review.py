@@ -32,6 +32,10 @@ Findings (each test named below fails on the code before its fix):
   rolled back" and ``prepare()`` that it "is already prepared" (a ValueError), its state
   still "active" (audit 68 fixed put and action only)
   (``test_a_prepared_transaction_decided_by_the_store_says_how_it_ended``).
+- The owner's ``tx.commit()``/``rollback()`` while another caller's
+  ``store.commit_prepared`` waited for its fsync raised UnknownGid ("being made
+  durable") and left the transaction "active" with no LSN, though it committed
+  (``test_an_owners_commit_beside_a_commit_prepared_being_made_durable_ends_committed``).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import warnings
 import pytest
 
 import walstore
+from walstore import fileio
 
 from store_support import cli_env
 
@@ -477,3 +482,64 @@ def test_a_readers_scan_beside_a_writers_purge_stops_only_for_keys_not_yet_passe
                 assert head + out["rest"] == snap
             else:
                 assert out["err"] == "SnapshotTooOld"
+
+
+class _SlowFsync(fileio.OSBackend):
+    """While armed, the main thread's next WAL fsync starts ``then`` in another thread
+    and lets it run 0.3 s before the fsync goes on (not joined: ``then`` may wait for
+    this very fsync)."""
+
+    def __init__(self) -> None:
+        self.then = None
+        self.thread: threading.Thread | None = None
+
+    def _maybe(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        then, self.then = self.then, None
+        if then is not None:
+            self.thread = threading.Thread(target=then)
+            self.thread.start()
+            time.sleep(0.3)
+
+    def fsync(self, fd: int) -> None:
+        self._maybe()
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self._maybe()
+        super().fdatasync(fd)
+
+
+@pytest.mark.parametrize("owner", ["commit", "rollback"])
+def test_an_owners_commit_beside_a_commit_prepared_being_made_durable_ends_committed(
+        tmp_path, owner):
+    """The owner's ``tx.commit()`` while another caller's ``store.commit_prepared(gid)``
+    waits for its COMMIT's fsync: it raised UnknownGid ("another caller's decision of it
+    is being made durable") and left the transaction "active", no LSN, though it
+    committed (the Zope data manager's tpc_finish re-raises an UnknownGid that leaves it
+    not committed: the package then aborts the resources after it beside walstore's
+    commit).  Its commit() or rollback() waits for that decision now and ends the
+    transaction committed, with the commit's LSN (UnknownGid saying another caller
+    decided it)."""
+    backend = _SlowFsync()
+    old = fileio.set_backend(backend)
+    try:
+        with walstore.open(str(tmp_path / "s"), durability="full") as s:
+            tx = _prepared(s, action=False)
+            out: list = []
+
+            def own():
+                try:
+                    out.append(getattr(tx, owner)())
+                except walstore.WalstoreError as e:
+                    out.append(e)
+
+            backend.then = own
+            lsn = s.commit_prepared("g1")
+            backend.thread.join(10)
+            (got,) = out
+            assert isinstance(got, walstore.UnknownGid) and "committed" in str(got), got
+            assert tx.state == "committed" and tx.lsn == lsn
+    finally:
+        fileio.set_backend(old)

@@ -1154,6 +1154,8 @@ class Transaction:
             except UnknownGid as e:  # decided by another caller (``commit_prepared``,
                 self._finish_as_decided()  # ``resolve_atomic``): it stands, and says so
                 if self.state == ACTIVE:
+                    self._await_decision()
+                if self.state == ACTIVE:
                     raise
                 raise UnknownGid(f"prepared transaction {self.gid!r} was already decided "
                                  f"by another caller: it is {self.state}", self.gid) from e
@@ -1404,6 +1406,15 @@ class Transaction:
             except CommitOutcomeUnknown:
                 self._finish(UNKNOWN, f"the ROLLBACK_PREPARED of {gid!r}")
                 raise
+            except UnknownGid as e:  # (another caller's decision, maybe still being
+                self._finish_as_decided()  # made durable: as in _commit)
+                if self.state == ACTIVE:
+                    self._await_decision()
+                if self.state == ACTIVE:
+                    raise
+                raise UnknownGid(f"prepared transaction {gid!r} was already decided by "
+                                 f"another caller: it is {self.state}; nothing was rolled "
+                                 f"back here", gid) from e
             finally:  # decided (by this call, or by another caller just before: its
                 self._finish_as_decided()  # decision stands, UnknownGid says so)
             return
@@ -1440,6 +1451,20 @@ class Transaction:
                 self.lsn = LSN(row["lsn"])
         elif decided != "prepared":  # ("prepared": its decision being made durable)
             self._finish(ROLLED_BACK)
+
+    def _await_decision(self, timeout: float = 60.0) -> None:
+        """Another caller's decision of this prepared transaction is being made durable
+        (its fsync under way): wait for it, then finish as decided.  (The owner's
+        commit() raised UnknownGid "being made durable" and left it "active", no LSN,
+        though it committed: the Zope data manager's tpc_finish, reading it not
+        committed, raised — audit 68.)  Returns at once when it is back in doubt (the
+        fsync failed) or after ``timeout`` seconds, still active."""
+        gid, eng = self.gid, self._engine
+        deadline = time.monotonic() + timeout
+        while (self.state == ACTIVE and gid not in eng.prepared and not eng.closed
+               and time.monotonic() < deadline):
+            time.sleep(0.001)
+            self._finish_as_decided()
 
     def _check_decision_in_doubt(self) -> None:
         """A prepared transaction whose decision (made through ``store.commit_prepared``
