@@ -52,6 +52,7 @@ import walstore
 from walstore import fileio
 
 from store_support import cli_env
+from test_audit56_saga import _OnFsync
 
 
 def _prepared(s, gid="g1", action=True):
@@ -484,14 +485,12 @@ def test_a_readers_scan_beside_a_writers_purge_stops_only_for_keys_not_yet_passe
                 assert out["err"] == "SnapshotTooOld"
 
 
-class _SlowFsync(fileio.OSBackend):
+class _SlowFsync(_OnFsync):
     """While armed, the main thread's next WAL fsync starts ``then`` in another thread
-    and lets it run 0.3 s before the fsync goes on (not joined: ``then`` may wait for
-    this very fsync)."""
+    and lets it run 0.3 s before the fsync goes on (not joined, as _OnFsync's is: ``then``
+    may wait for this very fsync)."""
 
-    def __init__(self) -> None:
-        self.then = None
-        self.thread: threading.Thread | None = None
+    thread: threading.Thread | None = None
 
     def _maybe(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -501,14 +500,6 @@ class _SlowFsync(fileio.OSBackend):
             self.thread = threading.Thread(target=then)
             self.thread.start()
             time.sleep(0.3)
-
-    def fsync(self, fd: int) -> None:
-        self._maybe()
-        super().fsync(fd)
-
-    def fdatasync(self, fd: int) -> None:
-        self._maybe()
-        super().fdatasync(fd)
 
 
 @pytest.mark.parametrize("owner", ["commit", "rollback"])

@@ -35,9 +35,9 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from functools import partial
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
