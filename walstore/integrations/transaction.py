@@ -144,11 +144,14 @@ class WalstoreDataManager:
             if self.tx.state == ACTIVE:
                 try:
                     self.tx.commit()
-                except UnknownGid:
+                except (UnknownGid, TransactionClosed):
                     # decided by another caller between the vote and here (another
                     # thread's ``store.commit_prepared(gid)``, a ``resolve_atomic``):
                     # committed, the finish is done (raising it made the package abort
-                    # the participants after us beside walstore's commit: mixed)
+                    # the participants after us beside walstore's commit: mixed).  A
+                    # reader of the transaction finishing it as decided between the check
+                    # above and the commit makes the commit say TransactionClosed
+                    # ("already committed"): the same (audit 68)
                     if self.tx.state != COMMITTED:
                         raise
             elif self.tx.state != COMMITTED:
