@@ -253,15 +253,19 @@ class Manifest:
         restore of everything gave the state there, the commits the snapshot holds past
         it lost (audit 68).  In that second shape only a snapshot that records its newest
         commit (``lc``: the history a writer taking the replica over is checked against)."""
+        bases = self.bases_past_end()
+        return bases[0] if bases else None
+
+    def bases_past_end(self) -> list[dict]:
+        """The snapshots ``base_past_end`` may restore, newest first: a restore falls back
+        to the next when one is missing or damaged (it fell back to the WAL's end, the
+        commits an older snapshot past it holds lost: audit 68 review)."""
         if self.position is None:
-            return None
+            return []
         past = [s for s in self.snapshots if s["lsn"] > self.position]
-        if not past:
-            return None
-        if not self.reaches_end():
-            return max(past, key=lambda s: s["lsn"])
-        known = [s for s in past if s["k"] is not None and s.get("sha") and _lc_of(s)]
-        return max(known, key=lambda s: s["lsn"]) if known else None
+        if past and self.reaches_end():
+            past = [s for s in past if s["k"] is not None and s.get("sha") and _lc_of(s)]
+        return sorted(past, key=lambda s: s["lsn"], reverse=True)
 
     def reaches_end(self) -> bool:
         """Whether a plan (a snapshot and the WAL after it) reaches the replica's end."""

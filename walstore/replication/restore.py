@@ -882,9 +882,12 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
                     f"and none reaches that snapshot yet (its writer ships it in its next "
                     f"round: follow then); `walstore restore` without --follow restores "
                     f"the snapshot as it is; nothing restored")
-            plans = m.plans(cut_goal) if past is None else iter([(past, [], past["lsn"])])
-            if reaches:  # (it damaged or missing: the WAL's end, as before it was listed)
-                plans = itertools.chain([(past, [], past["lsn"])], m.plans(cut_goal))
+            # (one damaged or missing: the next older past the WAL's end, then the WAL's
+            # end, as before it was listed)
+            bases = [] if past is None else [(b, [], b["lsn"]) for b in m.bases_past_end()]
+            plans = m.plans(cut_goal) if past is None else iter(bases)
+            if reaches:
+                plans = itertools.chain(bases, m.plans(cut_goal))
         # the snapshot
         os.chmod(stage, _src.DIR_MODE)
         db = os.path.join(stage, "db")

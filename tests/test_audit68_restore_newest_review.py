@@ -1,0 +1,66 @@
+"""Review of audit 68's restore of everything from a replica whose newest snapshot lies
+past its WAL's end (Manifest.base_past_end, f590127): what the copy holds is a state the
+writer committed, at least what the WAL's end gives, and what `walstore replicas` says."""
+from __future__ import annotations
+
+import os
+
+import walstore
+from walstore.replication import DirectorySource, Shipper, replicas
+from walstore.replication import restore as replica_restore
+
+from test_replication_support import rows
+
+
+def _commit(s, tag: str, n: int) -> None:
+    for i in range(n):
+        with s.transaction() as tx:
+            tx.put(f"{tag}{i:04d}", tag * 50)
+
+
+def _snapshot_past_the_wal(s, shipper: Shipper) -> None:
+    """A round's snapshot of LMDB applied past the WAL the replica holds (its writer dies
+    before the next round ships the WAL to it)."""
+    s._engine.checkpoint()
+    shipper._snapshot({"snapshot": None, "objects": 0, "bytes": 0})
+
+
+def _damage(tmp_path, snap: dict) -> None:
+    p = os.path.join(tmp_path / "rep", snap["k"])
+    with open(p, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+
+
+def test_no_acknowledged_commit_lost_the_newest_of_two_snapshots_past_the_wal_damaged(
+        tmp_path):
+    """Two snapshots past the WAL's end (a round's, then another's; the writer gone before
+    the WAL reached either), the newest damaged: a restore of everything fell back to the
+    WAL's end (20 rows), skipping the older snapshot past it, sound, holding 5 more
+    acknowledged commits.  Now it falls back to that snapshot."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    _commit(s, "a", 20)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        _commit(s, "b", 5)
+        _snapshot_past_the_wal(s, shipper)
+        _commit(s, "c", 5)
+        _snapshot_past_the_wal(s, shipper)
+        snaps = sorted(shipper.manifest.snapshots, key=lambda x: x["lsn"])
+        position = shipper.manifest.position
+    finally:
+        shipper.stop()
+        s.close()
+    assert snaps[-2]["lsn"] > position, (snaps, position)
+    _damage(tmp_path, snaps[-1])
+    report = replica_restore(url, str(tmp_path / "r"))
+    assert [k["lsn"] for k in report["snapshots_skipped"]] == [snaps[-1]["lsn"]], report
+    assert report["cut_lsn"] == snaps[-2]["lsn"], report
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert [k for k, _v in rows(r)] == [f"a{i:04d}" for i in range(20)] + [
+            f"b{i:04d}" for i in range(5)]
+    assert replicas(url)["restore_everything"]["lsn"] == snaps[-1]["lsn"]
