@@ -64,3 +64,38 @@ def test_no_acknowledged_commit_lost_the_newest_of_two_snapshots_past_the_wal_da
         assert [k for k, _v in rows(r)] == [f"a{i:04d}" for i in range(20)] + [
             f"b{i:04d}" for i in range(5)]
     assert replicas(url)["restore_everything"]["lsn"] == snaps[-1]["lsn"]
+
+
+def test_purged_keys_stay_gone_a_purge_only_a_snapshot_past_the_wal_holds(tmp_path):
+    """A purge committed after the WAL's end and before a snapshot past it (the writer
+    gone before the next round ships the WAL with the purge): a restore of everything
+    has the keys erased, but a restore to a txid the WAL holds, before the purge, brought
+    the erased keys back — the replica's only record of the purge was the snapshot, and
+    restore._purges_after read the WAL objects' and the holes' marks only.  Now the
+    snapshot's manifest entry lists the purges between the replica's position and it."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    for i in range(20):
+        with s.transaction() as tx:
+            tx.put(f"user/{i:04d}", f"secret {i}")
+    with s.transaction() as tx:
+        tx.put("kept", 1)
+    before = next(iter(s.log())).txid
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        with s.transaction() as tx:
+            tx.put("other", 1)
+        s.purge("user/")
+        _snapshot_past_the_wal(s, shipper)
+        assert max(x["lsn"] for x in shipper.manifest.snapshots) > shipper.manifest.position
+    finally:
+        shipper.stop()
+        s.close()
+    replica_restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("kept", 1), ("other", 1)]
+    report = replica_restore(url, str(tmp_path / "t"), to=before)
+    assert report["purges_applied"] == ["user/"], report
+    with walstore.open(str(tmp_path / "t")) as t:
+        assert rows(t) == [("kept", 1)]

@@ -18,9 +18,11 @@ Document (short keys, sizes bounded by compaction and retention)::
              key, segment start (CRC salt), LSN range [a, b), bytes, level (0 shipped,
              >0 merged), first/last commit time, min/max commit txid, and ``om``: the
              lowest first-LSN of the transactions in flight at ``a`` (None: none)
-    snapshots [{k, lsn, n, sha, st, keys, ts}]  LMDB copies by applied LSN, their sha256,
-             and the state digest (sha256 over sorted data rows) for ``replicas --verify``;
-             ``k`` None: the empty store at LSN 0 (a replica that holds the whole log)
+    snapshots [{k, lsn, n, sha, st, keys, ts, lc, pg}]  LMDB copies by applied LSN, their
+             sha256, and the state digest (sha256 over sorted data rows) for ``replicas
+             --verify``; ``k`` None: the empty store at LSN 0 (a replica that holds the
+             whole log); ``lc`` its newest commit; ``pg`` (one taken past the position)
+             the purges between that position and it (nil: not known)
     holes    [{a, b, reason, ts, pg}]  LSN ranges the replica lost (the shipper fell
              behind a trimmed WAL); a restore to a point inside one is refused by name;
              ``pg`` the purges committed in the range (as a WAL object's; nil: not known,
@@ -469,6 +471,11 @@ def _check(doc: dict) -> None:
         _fields(e, _SNAP, f"snapshots[{i}]")
         if e["k"] is not None and not isinstance(e["sha"], str):
             raise _Bad(f"snapshots[{i}].sha is nil for snapshot {e['k']}")
+        # (optional: the purges between the position it was taken at and it; nil: not
+        # known — a restore reads them: untrusted input, as a hole's)
+        if e.get("pg") is not None and not _purge_marks(e["pg"], 0, e["lsn"]):
+            raise _Bad(f"snapshots[{i}].pg is {_shown(e['pg'])}, not [[an LSN below it, a "
+                       f"prefix], ...] or nil")
     for i, e in enumerate(_list(doc, "holes")):
         _fields(e, _HOLE, f"holes[{i}]")
         # (optional: holes recorded before it was kept carry none; nil: the source could

@@ -1074,6 +1074,17 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
                 f"back keys a purge erased; nothing restored (restore to a point after LSN "
                 f"{h['b']})")
         found += [(lsn, p) for lsn, p in h["pg"] if lsn >= cut]
+    for snap in m.snapshots:  # (past the WAL's end: the purges only it holds, audit 68)
+        if snap["lsn"] <= m.end() or "pg" not in snap:
+            continue
+        if snap["pg"] is None:
+            raise ReplicationError(
+                f"the replica's snapshot at LSN {snap['lsn']} lies past its WAL's end (LSN "
+                f"{m.end()}), and which purges were committed between them is not known "
+                f"(the source keeps a record of its newest {KEEP_RECENT_PURGES} purges "
+                f"only): a restore to a point before it could bring back keys a purge "
+                f"erased; nothing restored (a restore of everything restores the snapshot)")
+        found += [(lsn, p) for lsn, p in snap["pg"] if lsn >= cut]
     for e in m.wal:
         if e["b"] <= cut:
             continue

@@ -1421,6 +1421,13 @@ class Shipper:
             if lc is not None:
                 tx, h = _local_commit_at(self.source, lc[0])
                 entry["lc"] = {"lsn": lc[0], "tx": lc[1], "h": h if tx == lc[1] else None}
+            if m.position is not None and applied > m.position:
+                # the purges it holds past the WAL shipped (as a hole's ``pg``; None: the
+                # source cannot tell): with its writer gone before the WAL with them was
+                # shipped, it was the replica's only record of them, and a restore to a
+                # point before them brought the erased keys back (audit 68 review)
+                entry["pg"] = getattr(self.source, "purges_between",
+                                      lambda a, b: None)(m.position, applied)
             m.snapshots.append(entry)
             oldest = min(s["lsn"] for s in m.snapshots)
             for name, p in digest["points"].items():  # named in WAL the shipper never saw,
