@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from click.testing import CliRunner
+
 import walstore
+from walstore.cli import main as cli_main
 from walstore.replication import DirectorySource, Shipper, replicas
 from walstore.replication import restore as replica_restore
 
@@ -99,3 +103,36 @@ def test_purged_keys_stay_gone_a_purge_only_a_snapshot_past_the_wal_holds(tmp_pa
     assert report["purges_applied"] == ["user/"], report
     with walstore.open(str(tmp_path / "t")) as t:
         assert rows(t) == [("kept", 1)]
+
+
+def test_replicas_says_what_a_restore_gives_a_point_named_past_the_wal_end(tmp_path):
+    """A restore point made after the WAL's end, before a snapshot past it: `replicas`
+    listed it as any other point, and `restore --to` it failed "the replica's WAL ends at
+    LSN D, before LSN P+1" (a txid there: "not among the commits the replica's WAL holds"),
+    with no word that the restore of everything holds it.  Now the listing marks it, and
+    both refusals say where it is and what restores it; the copy of everything has it."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    _commit(s, "a", 10)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        _commit(s, "b", 3)
+        s.restore_point("gap")
+        gap_tx = next(iter(s.log())).txid
+        _snapshot_past_the_wal(s, shipper)
+    finally:
+        shipper.stop()
+        s.close()
+    points = {p["name"]: p for p in replicas(url)["restore_points"]}
+    assert points["gap"]["past_wal_end"] is True, points
+    r = CliRunner().invoke(cli_main, ["replicas", url])
+    assert "past the WAL's end: in a restore of everything only" in r.output, r.output
+    for to in ("gap", gap_tx):
+        with pytest.raises(walstore.UnknownRestorePoint,
+                           match="a restore of everything restores that snapshot"):
+            replica_restore(url, str(tmp_path / f"t{to}"), to=to)
+        assert not os.path.exists(tmp_path / f"t{to}")
+    replica_restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert "gap" in r.restore_points()

@@ -538,7 +538,9 @@ def replicas_cmd(url: str, verify: bool, endpoint_url: str | None, region: str |
         _say(f"point     {show_point_name(p['name']):<20} LSN {p['lsn']:<12} {show_time(p['time'])}"
              + ("" if not p.get("dropped") else
                 f"  (dropped at LSN {gone}: a restore to it restores its old position)"
-                if gone is not None else "  (dropped)"))
+                if gone is not None else "  (dropped)")
+             + ("  (past the WAL's end: in a restore of everything only)"
+                if p.get("past_wal_end") else ""))
     for h in r["holes"]:
         _say(f"hole      LSN {h['from']}..{h['to']}: {h['reason']}")
     if verify:

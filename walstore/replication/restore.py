@@ -472,6 +472,19 @@ class TimeText(_dt.datetime):
         return t
 
 
+def _past_end_note(m: Manifest) -> str:
+    """What a snapshot past the replica's WAL's end holds, for a refusal of a target
+    between the two (its commits, points and times are restorable only all together)."""
+    past = m.base_past_end()
+    if past is None:
+        return ""
+    tx = (past.get("lc") or {}).get("tx")
+    return (f"; the replica's snapshot at LSN {past['lsn']}, past its WAL's end, holds the "
+            f"commits after it{f' (up to transaction {tx})' if tx is not None else ''}: a "
+            f"restore of everything restores that snapshot, and they are not restorable one "
+            f"by one until its writer ships the WAL to it")
+
+
 def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
     """The boundary LSN B (records with LSN <= B are kept; None: everything)."""
     end = m.end()
@@ -507,7 +520,8 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                        for h in m.doc["holes"])
         held = (f"LSN {m.wal[0]['a']}..{end}" if m.wal else f"none: it ends at LSN {end}")
         raise UnknownRestorePoint(f"transaction {to} is not among the commits the replica's "
-                                  f"WAL holds ({held}){lost}{m.history_note()}", to)
+                                  f"WAL holds ({held}){lost}{m.history_note()}"
+                                  f"{_past_end_note(m)}", to)
     if isinstance(to, str):
         p = m.doc["points"].get(to)
         if p is None:
@@ -524,6 +538,11 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                      f"from the source's history: read it there with store.at(name))")
             raise UnknownRestorePoint(f"no restore point named {to!r} in the replica "
                                       f"(known: {known}){since}", to)
+        if p["lsn"] >= end:  # (named in a snapshot past the WAL's end: audit 68 review;
+            # it failed "the replica's WAL ends at LSN D, before LSN P+1")
+            raise UnknownRestorePoint(f"restore point {to!r} (LSN {p['lsn']}) lies past the "
+                                      f"replica's WAL's end (LSN {end}){_past_end_note(m)}",
+                                      to)
         _check_point_record(m, fetch, to, p["lsn"])
         if isinstance(p.get("dropped"), int):  # (history: see the module docstring)
             return p["lsn"], f"restore point {to!r} (dropped later, at LSN {p['dropped']})"
@@ -1949,7 +1968,10 @@ def replicas(url: str, verify: bool = False, replicate_options: Any = None,
             "holes": [{"from": h["a"], "to": h["b"], "reason": h["reason"]} for h in d["holes"]],
             "restore_points": [{"name": n, "lsn": p["lsn"], "time": p.get("ts"),
                                 "dropped": p.get("dropped") is not None,
-                                "dropped_lsn": p.get("dropped")}
+                                "dropped_lsn": p.get("dropped"),
+                                # (named in a snapshot past the WAL's end: in a restore
+                                # of everything only)
+                                "past_wal_end": p["lsn"] >= m.end()}
                                for n, p in sorted(d["points"].items(), key=lambda x: x[1]["lsn"])],
             "last_commit": d.get("last_commit"),
             "lag_seconds": round(now - d["updated"], 3),
