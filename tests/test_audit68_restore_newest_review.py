@@ -136,3 +136,43 @@ def test_replicas_says_what_a_restore_gives_a_point_named_past_the_wal_end(tmp_p
     replica_restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert "gap" in r.restore_points()
+
+
+def test_history_coherent_in_a_copy_of_a_snapshot_past_the_wal(tmp_path):
+    """(Passes: a check of f590127.)  The copy of a snapshot past the WAL's end holds the
+    history up to it: a txid from the gap and one before it revert, a point from the gap
+    rewinds, history(key) names both, and a transaction prepared in the gap is in doubt
+    and commits with its writes."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    _commit(s, "a", 10)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        with s.transaction() as tx:
+            tx.put("k", "before")
+        s.restore_point("gap")
+        with s.transaction() as tx:
+            tx.put("k", "gap")
+            tx.put("b", 1)
+        gap_tx = next(iter(s.log())).txid
+        tx = s.transaction()
+        tx.put("prep", 1)
+        tx.prepare("g1")
+        _snapshot_past_the_wal(s, shipper)
+    finally:
+        shipper.stop()
+        s.close()
+    replica_restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert [h.txid for h in r.history("k")][0] == gap_tx
+        assert len(list(r.history("k"))) == 2
+        assert r.prepared() == ["g1"] and r.get("prep") is None
+        r.commit_prepared("g1")
+        assert r.get("prep") == 1
+        r.revert(gap_tx)
+        assert (r.get("k"), r.get("b")) == ("before", None)
+        r.rewind("gap")
+        assert (r.get("k"), r.get("prep")) == ("before", None)
+        r.revert(next(iter(r.log())).txid)  # (the rewind reverted: prep back)
+        assert r.get("prep") == 1
