@@ -1465,6 +1465,10 @@ class Transaction:
                and time.monotonic() < deadline):
             time.sleep(0.001)
             self._finish_as_decided()
+        if self.state == ACTIVE:  # (that decision's fsync failed: back in the prepared
+            # set, in doubt — it raised UnknownGid "being made durable (nothing changed
+            # now)" and left it "active" — audit 68, review 4)
+            self._check_decision_in_doubt()
 
     def _check_decision_in_doubt(self) -> None:
         """A prepared transaction whose decision (made through ``store.commit_prepared``
