@@ -415,18 +415,20 @@ class Views:
         return self._events(frozenset({_T.FILE_STEPS, _T.WATCH_BEGIN}), True)
 
     # ---- two-phase commit ---------------------------------------------------------------
-    def decision(self, gid: str) -> str | None:
+    def decision(self, gid: str, synced: int | None = None) -> str | None:
         """"commit" or "abort" once the decision's record is published (durable, under
         durability="full"), "prepared" while it is logged and not yet published (its fsync
         under way, or failed: in doubt until the next open decides — a coordinator must
-        not act on a decision that may not survive), None when ``gid`` has none."""
+        not act on a decision that may not survive), None when ``gid`` has none.
+        ``synced``: the WAL's synced LSN, under durability="normal" (a decision is
+        published there at its append, before its forced fsync): "prepared" until then."""
         mt = self.memtable
         published = mt.published
         with mt.lock:  # (its own decisions here, ``MemTable.decided``: a pass over every
             events = mt.decided.get(gid)  # unapplied event made each 2PC prepare, which
             e = events[-1] if events else None  # asks under the journal lock, cost the
         if e is not None:                       # backlog: 20,000 in a row took 54 s)
-            if e.end > published:
+            if e.end > published or (synced is not None and e.end > synced):
                 return "prepared"
             return "commit" if e.type == _T.COMMIT else "abort"
         raw = self.state.get(DECISION_PREFIX + gid.encode(), "twophase")
