@@ -41,11 +41,13 @@ class _FailingSlowFsync(_SlowFsync):
             raise OSError(errno.EIO, "injected fsync failure")
 
 
+@pytest.mark.parametrize("decider", ["commit_prepared", "rollback_prepared"])
 @pytest.mark.parametrize("owner", ["commit", "rollback"])
 def test_an_owners_end_beside_a_decision_whose_fsync_fails_says_the_outcome_is_unknown(
-        tmp_path, owner):
+        tmp_path, owner, decider):
     """The owner's ``tx.commit()``/``rollback()`` while another caller's
-    ``store.commit_prepared(gid)`` waits for its COMMIT's fsync, and that fsync fails
+    ``store.commit_prepared(gid)`` (or ``rollback_prepared``) waits for its decision's
+    fsync, and that fsync fails
     (the other caller gets CommitOutcomeUnknown, the gid is back in doubt): the owner got
     UnknownGid "another caller's decision of it is being made durable (nothing changed
     now)" and the transaction stayed "active" — the outcome is unknown, recovery decides.
@@ -65,7 +67,7 @@ def test_an_owners_end_beside_a_decision_whose_fsync_fails_says_the_outcome_is_u
 
         backend.then = own
         with pytest.raises(walstore.CommitOutcomeUnknown):
-            s.commit_prepared("g1")
+            getattr(s, decider)("g1")
         backend.thread.join(10)
         (got,) = out
         assert type(got) is walstore.TransactionClosed and "unknown" in str(got), got
