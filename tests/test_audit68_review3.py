@@ -1,0 +1,87 @@
+"""Review 3 of audit 68: LmdbState's open cleanup (h7's 309cbcf) beside other handles of
+the same store in the same process.
+
+A handle's open that fails (or is interrupted) after it registered the environment lets
+it go; the check "no handle holds it" and the close must be one step under the registry
+lock, or another thread's handle, opened in between, has its environment closed under it.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import sys
+import threading
+
+import walstore
+from walstore.engine.lmdb_state import LmdbState
+
+
+def _store_with_a_key(tmp_path) -> str:
+    path = str(tmp_path / "s")
+    s = walstore.open(path)
+    with s.transaction() as tx:
+        tx.put("a", b"1")
+    s.close()
+    return os.path.join(path, "db")
+
+
+def test_open_failing_after_registration_never_closes_another_threads_new_handle(tmp_path):
+    """Thread A's first open of a store is interrupted (Ctrl-C) between registering the
+    environment and counting its handle; its cleanup asked "does any handle hold it?"
+    outside the registry lock, then closed it.  Thread B, opening the same store right
+    between the two (it found the environment registered and counted itself), was left
+    with a closed environment and no registry entry: every read of its handle failed
+    ('the store's LMDB state ... is closed' / an lmdb.Error), while nothing closed it."""
+    db = _store_with_a_key(tmp_path)
+    real = os.path.realpath(db)
+    got: dict = {}
+
+    def open_b() -> None:
+        got["b"] = LmdbState(db, readonly=True)
+
+    b_thread = threading.Thread(target=open_b)
+    at = {"raised": False, "started": False}
+
+    def hook(frame, event, arg):  # (the interrupt: a profile hook, as test_interrupt_points)
+        co = frame.f_code
+        if (event == "call" and co.co_name == "__enter__" and not at["raised"]
+                and frame.f_back is not None and frame.f_back.f_code.co_name == "__init__"
+                and isinstance(frame.f_back.f_locals.get("self"), LmdbState)
+                and LmdbState._registry.get(real) is not None):
+            at["raised"] = True  # (the deferred section's entry, after the registration)
+            raise KeyboardInterrupt("between the registration and the handle's count")
+
+    def lines(frame, event, arg):  # (B's open, in its thread, as A's cleanup closes)
+        if (event == "line" and at["raised"] and not at["started"]
+                and "_registry.pop(self.path" in linecache.getline(
+                    frame.f_code.co_filename, frame.f_lineno)):
+            at["started"] = True
+            b_thread.start()
+            b_thread.join(0.5)  # (B waits for the registry lock once fixed)
+        return lines
+
+    def tracer(frame, event, arg):
+        if frame.f_code.co_name == "__init__" and isinstance(frame.f_locals.get("self"),
+                                                              LmdbState):
+            return lines
+        return None
+
+    sys.setprofile(hook)
+    sys.settrace(tracer)
+    try:
+        try:
+            LmdbState(db, readonly=True)
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sys.setprofile(None)
+        sys.settrace(None)
+    b_thread.join(10)
+    assert at["raised"] and at["started"], at
+    b = got["b"]
+    try:
+        assert b.get(b"a") is not None  # (the key's row: B reads through its environment)
+        assert LmdbState._registry.get(real) is b._shared
+    finally:
+        b.close()
+    assert real not in LmdbState._registry
