@@ -476,8 +476,10 @@ class LmdbState:
             # (a failure, or an interrupt, after the environment opened and before this
             # handle reached its caller: it stayed registered with no handle to close it —
             # a lock-free read's writer lock held shared, every writer refused, while the
-            # process lived)
-            with deferred():
+            # process lived).  Under the registry lock (released by the raise): another
+            # thread's open that found the entry between the check and the close had its
+            # environment closed under it
+            with deferred(), LmdbState._registry_lock:
                 if self._shared:
                     self.close()
                 elif (shared is not None and not shared["refs"]
