@@ -85,3 +85,46 @@ def test_open_failing_after_registration_never_closes_another_threads_new_handle
     finally:
         b.close()
     assert real not in LmdbState._registry
+
+
+def test_reads_of_a_read_only_handle_go_on_after_a_writer_open_interrupted_in_the_gate(
+        tmp_path):
+    """A store open read-only in a process, then opened for writing in the same process
+    (its environment reopened read-write under the read gate, ``_make_writable``), and
+    that open interrupted (Ctrl-C) right after the gate was closed to readers
+    (``ReadGate.exclusive``: the interrupt between ``paused = True`` and the ``try``
+    whose ``finally`` opens it again).  Before the fix the gate stayed closed: every read
+    of the read-only handle, and of any later handle of the store in the process, waited
+    for ever (found by a Ctrl-C sweep of a second handle's open, point 87 of 'ro then w')."""
+    db = _store_with_a_key(tmp_path)
+    path = os.path.dirname(db)
+    reader = walstore.open(path, readonly=True)
+    at = {"where": None}
+
+    def hook(frame, event, arg):
+        if (event == "c_return" and at["where"] is None
+                and frame.f_code.co_name == "exclusive" and frame.f_locals["self"].paused
+                and "with self._cond_lock" in linecache.getline(frame.f_code.co_filename,
+                                                                 frame.f_lineno)):
+            at["where"] = frame.f_lineno
+            raise KeyboardInterrupt("the gate just closed to readers")
+
+    sys.setprofile(hook)
+    try:
+        try:
+            walstore.open(path).close()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sys.setprofile(None)
+    assert at["where"] is not None
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(v=reader.get("a")), daemon=True)
+    t.start()
+    t.join(5)
+    try:
+        assert not t.is_alive(), "the read-only handle's read waits for ever (gate closed)"
+        assert got["v"] == b"1"
+    finally:
+        if not t.is_alive():
+            reader.close()
