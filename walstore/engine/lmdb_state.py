@@ -241,8 +241,8 @@ class ReadGate:
         while self.paused:  # a resize is under way: step out until it is done
             slot.inside = False
             with self._cond_lock:
-                while self.paused:
-                    self._cond.wait()
+                while self.paused:  # (a timeout: a notify an interrupt cut short, at
+                    self._cond.wait(0.05)  # notify_all's call, is not waited for ever)
             slot.inside = True
 
     def enter(self) -> "_Slot":
@@ -285,9 +285,10 @@ class ReadGate:
             me.inside = False
         try:
             with self._exclusive_lock:
-                with self._cond_lock:
-                    self.paused = True
-                try:
+                try:  # (paused inside it: an interrupt at the lock's exit, before a try
+                    # begun after it, left the gate closed, every read waiting for ever)
+                    with self._cond_lock:
+                        self.paused = True
                     while any(s.inside and s is not me for s in list(self._slots)):
                         time.sleep(0.0002)
                     fn()
