@@ -128,3 +128,42 @@ def test_reads_of_a_read_only_handle_go_on_after_a_writer_open_interrupted_in_th
     finally:
         if not t.is_alive():
             reader.close()
+
+
+def test_reads_of_a_read_only_handle_go_on_after_a_writer_open_interrupted_mid_swap(
+        tmp_path):
+    """The same writer open beside a read-only handle (``_make_writable``), interrupted
+    between closing the read-only environment and opening the read-write one.  Before
+    the fix the process kept the closed environment registered: every read of the
+    read-only handle a CorruptionError 'LMDB read failed: Attempt to operate on
+    closed/deleted/dropped object' (no damage anywhere), and every later writable open
+    of the store in the process a raw lmdb.Error (point 94 of the 'ro then w' sweep)."""
+    db = _store_with_a_key(tmp_path)
+    path = os.path.dirname(db)
+    reader = walstore.open(path, readonly=True)
+    at = {"where": None}
+
+    def hook(frame, event, arg):
+        if (event == "c_return" and at["where"] is None and frame.f_code.co_name == "swap"
+                and getattr(arg, "__name__", "") == "close"
+                and frame.f_back.f_back.f_code.co_name == "_make_writable"):
+            at["where"] = frame.f_lineno
+            raise KeyboardInterrupt("the read-only environment just closed")
+
+    sys.setprofile(hook)
+    try:
+        try:
+            walstore.open(path).close()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sys.setprofile(None)
+    try:
+        assert reader.get("a") == b"1"
+        w = walstore.open(path)  # (a writable open of the store goes on as well)
+        with w.transaction() as tx:
+            tx.put("b", b"2")
+        w.close()
+        assert reader.get("b") == b"2"
+    finally:
+        reader.close()
