@@ -673,8 +673,14 @@ class LmdbState:
             self._open_tables(shared)
             for handle in list(shared["handles"]):
                 handle._adopt(shared)
+        def swap_with_signals_held() -> None:
+            # (as compact's: a Ctrl-C between the close and the reopen left the closed
+            # environment registered, every read of the process's read-only handles
+            # failing "closed/deleted/dropped object", every writable open a raw lmdb.Error)
+            with deferred():
+                swap()
         _preallocate_lock(self.path)  # (before the read-only environment is closed)
-        shared["gate"].exclusive(swap)
+        shared["gate"].exclusive(swap_with_signals_held)
 
     def reopen(self) -> None:
         """Reopen the environment of this process on the current data file."""
