@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import subprocess
 import sys
 import threading
 
@@ -164,6 +165,56 @@ def test_reads_of_a_read_only_handle_go_on_after_a_writer_open_interrupted_mid_s
         with w.transaction() as tx:
             tx.put("b", b"2")
         w.close()
+        assert reader.get("b") == b"2"
+    finally:
+        reader.close()
+
+
+PURGE_IN_ANOTHER_PROCESS = """
+import sys, walstore
+s = walstore.open(sys.argv[1])
+with s.transaction() as tx:
+    tx.put("gone/1", b"x")
+s.purge("gone/")
+with s.transaction() as tx:
+    tx.put("b", b"2")
+s.close()
+"""
+
+
+def test_reads_of_a_read_only_handle_go_on_after_its_reopen_is_interrupted_mid_swap(
+        tmp_path):
+    """A read-only handle whose writer (another process) compacted the data file (a
+    purge) reopens the environment on its next read (``LmdbState.reopen``); that read
+    interrupted (Ctrl-C) between closing the old environment and opening the new one
+    left the closed one registered: every later read a CorruptionError or an error of
+    a closed environment, though the store is sound."""
+    db = _store_with_a_key(tmp_path)
+    path = os.path.dirname(db)
+    reader = walstore.open(path, readonly=True)
+    assert reader.get("a") == b"1"
+    subprocess.run([sys.executable, "-c", PURGE_IN_ANOTHER_PROCESS, path], check=True,
+                   timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    at = {"where": None}
+
+    def hook(frame, event, arg):
+        if (event == "c_return" and at["where"] is None and frame.f_code.co_name == "swap"
+                and getattr(arg, "__name__", "") == "close"
+                and frame.f_back.f_back.f_code.co_name == "reopen"):
+            at["where"] = frame.f_lineno
+            raise KeyboardInterrupt("the old environment just closed")
+
+    sys.setprofile(hook)
+    try:
+        try:
+            reader.get("a")
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sys.setprofile(None)
+    try:
+        assert at["where"] is not None
+        assert reader.get("a") == b"1"
         assert reader.get("b") == b"2"
     finally:
         reader.close()
