@@ -706,7 +706,13 @@ class LmdbState:
                 self._open_tables(shared)
                 for handle in list(shared["handles"]):
                     handle._adopt(shared)
-            self.gate.exclusive(swap)
+
+            def swap_with_signals_held() -> None:
+                # (as compact's: a Ctrl-C between the close and the reopen left the closed
+                # environment registered, every later read a raw lmdb.Error)
+                with deferred():
+                    swap()
+            self.gate.exclusive(swap_with_signals_held)
 
     def _new_env(self, readonly: bool, map_size: int) -> lmdb.Environment:
         check_lmdb_files(self.path, expect_existing=True)
