@@ -1,0 +1,41 @@
+"""Review 5 of audit 68: purges recorded only by a snapshot past the replica's WAL's end
+(``pg``, 4e36d4c) in every restore that lands before that snapshot, and the read gate of
+walstore/engine/lmdb_state.py (ce5e999..f055727)."""
+from __future__ import annotations
+
+import walstore
+from walstore.replication import DirectorySource, Shipper
+from walstore.replication import restore as replica_restore
+
+from test_audit68_restore_newest_review import _damage, _snapshot_past_the_wal
+from test_replication_support import rows
+
+
+def test_purged_keys_stay_gone_a_restore_of_everything_falling_back_to_the_wal_end(
+        tmp_path):
+    """A purge committed after the WAL's end and before the one snapshot past it, that
+    snapshot's object damaged: a restore of everything falls back to the WAL's end and
+    brought the 20 erased keys back — the snapshot's ``pg`` (the replica's only record of
+    the purge) was read for a restore with a target only."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    for i in range(20):
+        with s.transaction() as tx:
+            tx.put(f"user/{i:04d}", f"secret {i}")
+    with s.transaction() as tx:
+        tx.put("kept", 1)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        s.purge("user/")
+        _snapshot_past_the_wal(s, shipper)
+        snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
+        assert snap["lsn"] > shipper.manifest.position and snap["pg"], snap
+    finally:
+        shipper.stop()
+        s.close()
+    _damage(tmp_path, snap)
+    report = replica_restore(url, str(tmp_path / "r"))
+    assert [k["lsn"] for k in report["snapshots_skipped"]] == [snap["lsn"]], report
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("kept", 1)]
