@@ -39,3 +39,34 @@ def test_purged_keys_stay_gone_a_restore_of_everything_falling_back_to_the_wal_e
     assert [k["lsn"] for k in report["snapshots_skipped"]] == [snap["lsn"]], report
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == [("kept", 1)]
+
+
+def test_purged_keys_stay_gone_a_restore_falling_back_to_an_older_snapshot_past_the_wal(
+        tmp_path):
+    """Two snapshots past the WAL's end, a purge between them, the newest damaged: the
+    restore of everything falls back to the older one (e03f7d0) and brought back the keys
+    the purge erased (its only record the newest snapshot's ``pg``)."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    with s.transaction() as tx:
+        tx.put("kept", 1)
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        for i in range(5):
+            with s.transaction() as tx:
+                tx.put(f"user/{i:04d}", f"secret {i}")
+        _snapshot_past_the_wal(s, shipper)
+        s.purge("user/")
+        with s.transaction() as tx:
+            tx.put("user/new", 1)
+        _snapshot_past_the_wal(s, shipper)
+        snaps = sorted(shipper.manifest.snapshots, key=lambda x: x["lsn"])
+    finally:
+        shipper.stop()
+        s.close()
+    _damage(tmp_path, snaps[-1])
+    report = replica_restore(url, str(tmp_path / "r"))
+    assert report["cut_lsn"] == snaps[-2]["lsn"], report
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("kept", 1)]
