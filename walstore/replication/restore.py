@@ -1004,7 +1004,12 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
         # exists: no file of DEST ever holds the erased bytes (they stayed in DEST's first
         # segment until its first writable open, and a cut before the purge brought the
         # erased keys back for good)
-        purged = _purges_after(m, fetch, cut) if boundary is not None else []
+        # (and a restore of everything that fell back from a snapshot past the WAL's end
+        # to an older state: the purges only that snapshot's ``pg`` records — they came
+        # back, audit 68 review 5)
+        fell_back = (_cut_end is None and not follow
+                     and any(s["lsn"] > max(cut, m.end()) for s in m.snapshots))
+        purged = _purges_after(m, fetch, cut) if boundary is not None or fell_back else []
         if purged or replayed_purge:
             _apply_purges(stage, purged)
         if _locks is not None:  # (a follower: DEST's lock is held from the moment it exists)
@@ -1094,7 +1099,7 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
                 f"{h['b']})")
         found += [(lsn, p) for lsn, p in h["pg"] if lsn >= cut]
     for snap in m.snapshots:  # (past the WAL's end: the purges only it holds, audit 68)
-        if snap["lsn"] <= m.end() or "pg" not in snap:
+        if snap["lsn"] <= max(m.end(), cut) or "pg" not in snap:
             continue
         if snap["pg"] is None:
             raise ReplicationError(
