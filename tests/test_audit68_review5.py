@@ -70,3 +70,50 @@ def test_purged_keys_stay_gone_a_restore_falling_back_to_an_older_snapshot_past_
     assert report["cut_lsn"] == snaps[-2]["lsn"], report
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == [("kept", 1)]
+
+
+def test_purged_keys_stay_gone_purges_before_between_and_after_a_snapshot_past_the_wal(
+        tmp_path):
+    """(Passes: coverage of 4e36d4c.)  A purge in the WAL shipped (before D), one between
+    D and a snapshot past the WAL's end with keys re-created under its prefix, then the
+    writer back, shipping past the snapshot a third purge: a restore to a txid before all
+    three has none of the erased keys and none of the re-created ones (they do not exist
+    there), each purge applied once; the restore of everything keeps the re-created keys."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    for tag in ("a", "b", "c"):
+        with s.transaction() as tx:
+            for i in range(3):
+                tx.put(f"{tag}/{i}", f"old {tag}{i}")
+    with s.transaction() as tx:
+        tx.put("kept", 1)
+    before = next(iter(s.log())).txid
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()
+        s.purge("a/")
+        shipper.ship_once()  # (the WAL to D, the first purge in it)
+        s.purge("b/")
+        with s.transaction() as tx:
+            tx.put("b/new", "re-created")
+        _snapshot_past_the_wal(s, shipper)
+        snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
+        assert [p for _l, p in snap["pg"]] in (["b/"], [b"b/"]), snap
+        report = replica_restore(url, str(tmp_path / "t1"), to=before)
+        assert sorted(report["purges_applied"]) == ["a/", "b/"], report
+        s.purge("c/")
+        shipper.ship_once()  # (the writer back: the WAL past the snapshot)
+        assert shipper.manifest.position > snap["lsn"]
+    finally:
+        shipper.stop()
+        s.close()
+    with walstore.open(str(tmp_path / "t1")) as t:
+        assert rows(t) == [("c/0", "old c0"), ("c/1", "old c1"), ("c/2", "old c2"),
+                           ("kept", 1)]
+    report = replica_restore(url, str(tmp_path / "t2"), to=before)
+    assert report["purges_applied"] == ["a/", "b/", "c/"], report
+    with walstore.open(str(tmp_path / "t2")) as t:
+        assert rows(t) == [("kept", 1)]
+    replica_restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("b/new", "re-created"), ("kept", 1)]
