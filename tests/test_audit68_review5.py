@@ -117,3 +117,32 @@ def test_purged_keys_stay_gone_purges_before_between_and_after_a_snapshot_past_t
     replica_restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == [("b/new", "re-created"), ("kept", 1)]
+
+
+def test_a_manifest_without_snapshot_purges_restores_as_before(tmp_path):
+    """(Passes: coverage.)  A replica whose snapshot past the WAL's end was written by a
+    walstore before ``pg`` (no key): a restore to a txid the WAL holds is not refused, and
+    a restore of everything falling back to the WAL's end (the snapshot damaged) gives the
+    WAL's end, as before — nothing the manifest does not record is invented."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    with s.transaction() as tx:
+        tx.put("user/1", "secret")
+    before = next(iter(s.log())).txid
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        s.purge("user/")
+        _snapshot_past_the_wal(s, shipper)
+        snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
+        del snap["pg"]  # (as an older walstore wrote it)
+        shipper._save()
+    finally:
+        shipper.stop()
+        s.close()
+    report = replica_restore(url, str(tmp_path / "t"), to=before)
+    assert report["purges_applied"] == [], report
+    _damage(tmp_path, snap)
+    replica_restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        assert rows(r) == [("user/1", "secret")]
