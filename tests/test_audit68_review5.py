@@ -3,7 +3,13 @@
 walstore/engine/lmdb_state.py (ce5e999..f055727)."""
 from __future__ import annotations
 
+import os
+import random
+import threading
+import time
+
 import walstore
+from walstore.engine.lmdb_state import LmdbState
 from walstore.replication import DirectorySource, Shipper
 from walstore.replication import restore as replica_restore
 
@@ -146,3 +152,82 @@ def test_a_manifest_without_snapshot_purges_restores_as_before(tmp_path):
     replica_restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == [("user/1", "secret")]
+
+
+def _lmdb_dir(tmp_path) -> str:
+    walstore.open(str(tmp_path / "s")).close()
+    return os.path.join(str(tmp_path / "s"), "db")
+
+
+def test_reads_go_on_a_reader_waiting_on_the_gate_is_released_when_the_section_ends(
+        tmp_path):
+    """(Passes: coverage of ce5e999.)  A reader arriving during an exclusive section (a
+    swap, a resize) waits for its end and no longer (the 50 ms recheck is a fallback: the
+    section's notify wakes it), 10 times in a row."""
+    h = LmdbState(_lmdb_dir(tmp_path), readonly=True)
+    try:
+        waits: list[float] = []
+
+        def reader() -> None:
+            time.sleep(0.03)
+            t = time.monotonic()
+            h.map_size()
+            waits.append(time.monotonic() - t)
+        for _ in range(10):
+            th = threading.Thread(target=reader)
+            th.start()
+            h.gate.exclusive(lambda: time.sleep(0.15))
+            th.join(5)
+        assert len(waits) == 10 and max(waits) < 0.3, waits
+    finally:
+        h.close()
+
+
+def test_reads_go_on_beside_opens_closes_reopens_and_make_writable_from_threads(tmp_path):
+    """(Passes: coverage of d139a52, edf973d, f055727.)  Six threads opening the store
+    read-only or writable (the process's read-only environment swapped for a writable one
+    whenever a writer opens what only readers hold), reopening and closing, for 3 s, beside
+    a reader of a read-only handle that stays open and a reader that opens its own: no
+    deadlock (registry lock against the gate), no read of a closed environment."""
+    db = _lmdb_dir(tmp_path)
+    errors: list[str] = []
+    counts = {"opens": 0, "reads": 0}
+    stop = time.monotonic() + 3.0
+
+    def worker(k: int) -> None:
+        rnd = random.Random(k)
+        while time.monotonic() < stop:
+            try:
+                h = LmdbState(db, readonly=rnd.random() < 0.6)
+                try:
+                    for _ in range(rnd.randint(0, 10)):
+                        h.map_size()
+                    if h.readonly and rnd.random() < 0.3:
+                        h.reopen()
+                        h.map_size()
+                finally:
+                    h.close()
+                counts["opens"] += 1
+            except Exception as e:  # noqa: BLE001 - collected, asserted below
+                errors.append(repr(e))
+
+    def keeper() -> None:
+        while time.monotonic() < stop:
+            h = LmdbState(db, readonly=True)
+            try:
+                for _ in range(200):
+                    h.map_size()
+                    counts["reads"] += 1
+            except Exception as e:  # noqa: BLE001
+                errors.append("keeper: " + repr(e))
+            finally:
+                h.close()
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(6)]
+    threads.append(threading.Thread(target=keeper, daemon=True))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread still waits"
+    assert not errors, errors[:5]
+    assert counts["opens"] > 100 and counts["reads"] > 1000, counts
