@@ -8,6 +8,8 @@ import random
 import threading
 import time
 
+import pytest
+
 import walstore
 from walstore.engine.lmdb_state import LmdbState
 from walstore.replication import DirectorySource, Shipper
@@ -231,3 +233,31 @@ def test_reads_go_on_beside_opens_closes_reopens_and_make_writable_from_threads(
     assert not any(t.is_alive() for t in threads), "deadlock: a thread still waits"
     assert not errors, errors[:5]
     assert counts["opens"] > 100 and counts["reads"] > 1000, counts
+
+
+def test_a_refused_fallback_says_the_snapshot_past_the_wal_could_not_be_restored(tmp_path):
+    """The one snapshot past the WAL's end damaged and the purges between the two not
+    known (``pg`` nil): the restore of everything, falling back to the WAL's end, is
+    refused (it could bring erased keys back), and the refusal said "a restore of
+    everything restores the snapshot" — the very restore that could not."""
+    path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
+    s = walstore.open(path)
+    with s.transaction() as tx:
+        tx.put("user/1", "secret")
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        s.purge("user/")
+        _snapshot_past_the_wal(s, shipper)
+        snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
+        snap["pg"] = None  # (the source could not tell: more purges than it records)
+        shipper._save()
+    finally:
+        shipper.stop()
+        s.close()
+    _damage(tmp_path, snap)
+    with pytest.raises(walstore.ReplicationError) as e:
+        replica_restore(url, str(tmp_path / "r"))
+    assert "could not be restored" in str(e.value), str(e.value)
+    assert "a restore of everything restores the snapshot" not in str(e.value)
+    assert not os.path.exists(tmp_path / "r")
