@@ -1009,7 +1009,8 @@ def _restore_from(url: str, dest: str, to: Any = None, replicate_options: Any = 
         # back, audit 68 review 5)
         fell_back = (_cut_end is None and not follow
                      and any(s["lsn"] > max(cut, m.end()) for s in m.snapshots))
-        purged = _purges_after(m, fetch, cut) if boundary is not None or fell_back else []
+        purged = (_purges_after(m, fetch, cut, [k["snap"] for k in skipped])
+                  if boundary is not None or fell_back else [])
         if purged or replayed_purge:
             _apply_purges(stage, purged)
         if _locks is not None:  # (a follower: DEST's lock is held from the moment it exists)
@@ -1073,7 +1074,8 @@ def _check_stand_in(url: str, tgt: ObjectStore, opts: ReplicateOptions, tmp: str
                                f"the manifest recorded for it; nothing restored")
 
 
-def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
+def _purges_after(m: Manifest, fetch: _Fetcher, cut: int,
+                  skipped: list | None = None) -> list:
     """The prefixes of the purges the replica holds after ``cut``, oldest first.  A purge
     is a user's right to be forgotten: a restore to a point before it must not bring the
     erased keys back (in the source, ``at`` that point shows them gone).  The shipper
@@ -1102,12 +1104,17 @@ def _purges_after(m: Manifest, fetch: _Fetcher, cut: int) -> list:
         if snap["lsn"] <= max(m.end(), cut) or "pg" not in snap:
             continue
         if snap["pg"] is None:
+            # (the restore of everything itself, fallen back from it: "a restore of
+            # everything restores the snapshot" said the very restore that could not)
+            hint = (" (the restore of everything fell back from that snapshot: it could "
+                    "not be restored)" if skipped and any(k is snap for k in skipped) else
+                    " (a restore of everything restores the snapshot)")
             raise ReplicationError(
                 f"the replica's snapshot at LSN {snap['lsn']} lies past its WAL's end (LSN "
                 f"{m.end()}), and which purges were committed between them is not known "
                 f"(the source keeps a record of its newest {KEEP_RECENT_PURGES} purges "
                 f"only): a restore to a point before it could bring back keys a purge "
-                f"erased; nothing restored (a restore of everything restores the snapshot)")
+                f"erased; nothing restored{hint}")
         found += [(lsn, p) for lsn, p in snap["pg"] if lsn >= cut]
     for e in m.wal:
         if e["b"] <= cut:
