@@ -17,8 +17,9 @@ the way the coordinator decided:
 committed where the coordinator committed, rolled back otherwise (presumed abort: a
 coordinator that never logged its decision never told anyone "committed").  It decides the
 coordinator first, durably (a coordinator still in doubt is rolled back, and one that a
-live ``atomic`` commits meanwhile is found committed), and only then the others: a group
-being committed while it runs ends all one way.
+live ``atomic`` commits meanwhile is found committed — its COMMIT waited for until durable;
+one whose fsync failed leaves the group in doubt, "outcome unknown"), and only then the
+others: a group being committed while it runs ends all one way.
 """
 from __future__ import annotations
 
@@ -243,7 +244,10 @@ def resolve_atomic(*stores) -> dict[str, str]:
     left in doubt: without it, what was decided cannot be known.  The coordinator is
     decided first, durably (rolled back when still in doubt, or found committed when a
     live ``atomic`` committed it meanwhile), then every other store follows that
-    decision: a group being committed while this runs never ends mixed."""
+    decision: a group being committed while this runs never ends mixed.  A coordinator
+    whose decision another caller is making durable is waited for; one whose decision's
+    fsync failed (its outcome unknown until its next open) leaves every participant in
+    doubt, the group's outcome "outcome unknown" (resolve again after reopening it)."""
     if not stores:
         raise TypeError("walstore.resolve_atomic needs at least one store (the coordinator "
                         "of each group, as given first to walstore.atomic, among them)")
@@ -257,6 +261,9 @@ def resolve_atomic(*stores) -> dict[str, str]:
     for gid in gids:
         coordinator = _coordinator_of(gid, leaders)
         commit = _decide_coordinator(coordinator, gid)
+        if commit is None:  # (the coordinator's decision failed its fsync: what it
+            outcomes[gid] = "outcome unknown"  # decided is for its next open to say;
+            continue                           # every participant stays in doubt)
         for store in stores:
             if store is coordinator:
                 continue
@@ -270,8 +277,12 @@ def resolve_atomic(*stores) -> dict[str, str]:
                 else:
                     store.rollback_prepared(gid)
             except UnknownGid:  # (decided meanwhile by the live atomic, which follows the
-                if store.decision(gid) != ("commit" if commit else "abort"):  # coordinator
-                    raise                                                     # too)
+                # coordinator too; read once durable: its COMMIT's fsync under way read
+                # "prepared", and this raised beside a group ending all one way — audit 68;
+                # "unknown": that fsync failed, the participant in doubt until its reopen)
+                if store._twophase.settled_decision(gid) not in (
+                        "commit" if commit else "abort", "unknown"):
+                    raise
         outcomes[gid] = "committed" if commit else "rolled back"
     return outcomes
 
@@ -290,16 +301,22 @@ def _coordinator_of(gid: str, leaders: dict[str, Any]) -> Any:
     return leaders.get(coordinator_id(gid))
 
 
-def _decide_coordinator(coordinator, gid: str) -> bool:
-    """Commit is the decision?  A coordinator still in doubt is rolled back first (durably:
-    its ROLLBACK_PREPARED is then the decision, and an error there stops everything); one
-    that another caller decided meanwhile answers with that decision (read once, before,
-    a live ``atomic`` could commit it just after, and its participants were rolled back
-    beside its commit)."""
-    if coordinator.decision(gid) == "prepared":
+def _decide_coordinator(coordinator, gid: str) -> bool | None:
+    """Commit is the decision?  (None: its outcome is unknown.)  A coordinator still in
+    doubt is rolled back first (durably: its ROLLBACK_PREPARED is then the decision, and an
+    error there stops everything); one that another caller decided meanwhile answers with
+    that decision (read once, before, a live ``atomic`` could commit it just after, and its
+    participants were rolled back beside its commit) once it is durable: a decision whose
+    fsync is under way is waited for (it read "prepared", taken for "roll back", under
+    durability="full", and "commit" before that fsync — which could fail — under "normal":
+    audit 68), and one whose fsync failed is None: the participants stay in doubt."""
+    if coordinator.decision(gid) == "prepared":  # (in doubt, or its decision in flight)
         try:
             coordinator.rollback_prepared(gid)
             return False
         except UnknownGid:
             pass  # (decided by another caller a moment before: that decision stands)
-    return coordinator.decision(gid) == "commit"
+    decided = coordinator._twophase.settled_decision(gid)  # (not a public method)
+    if decided == "unknown" or decided == "prepared":  # ("prepared": back in doubt)
+        return None
+    return decided == "commit"

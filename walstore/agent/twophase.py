@@ -31,6 +31,7 @@ prepared in the copy itself is undone as anywhere else.
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from .. import fileio
@@ -374,3 +375,32 @@ class TwoPhase:
         if self._lookup(gid, values=False) is not None:
             return "prepared"
         return self.engine.views.decision(gid)
+
+    def settled_decision(self, gid: str, timeout: float = 60.0) -> str | None:
+        """``decision(gid)`` once no decision of it is being made durable: while another
+        caller's COMMIT or ROLLBACK_PREPARED of it waits for its fsync (it reads
+        "prepared" then under durability="full", and "commit"/"abort" at its append,
+        before that fsync, under "normal") this waits, up to ``timeout`` seconds, as
+        ``Transaction._await_decision`` does.  "unknown": that fsync failed (the gid is
+        back in doubt, the next open decides), the store closed meanwhile, or the
+        decision was still not durable after ``timeout``.  (resolve_atomic read the
+        coordinator's COMMIT in flight as "prepared", took it for "roll back", and rolled
+        back the participants of a group the coordinator then committed — audit 68.)"""
+        check_gid(gid)
+        eng = self.engine
+        eng.check_open()
+        if eng.readonly:  # (no decision is made in this process)
+            return self.decision(gid)
+        deadline = time.monotonic() + timeout
+        while True:
+            if gid in eng.pipeline.in_doubt:  # (its decision's fsync failed)
+                return "unknown"
+            if gid in eng.prepared:  # (in doubt, no decision under way)
+                return "prepared"
+            synced = eng.wal.synced_lsn if eng.journal.durability == "normal" else None
+            decided = eng.views.decision(gid, synced)
+            if decided != "prepared":
+                return decided
+            if eng.closed or time.monotonic() >= deadline:
+                return "unknown"
+            time.sleep(0.001)
