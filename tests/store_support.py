@@ -2,10 +2,14 @@
 bytes (an erasure's proof), one key of a copy read through a read-only open, and the
 CLI run as a real process of this checkout (tests/test_purge.py,
 test_replication_pitr.py, test_replication_follow_*.py); a commit recording its outcome
-and a background thread run beside worker threads (the concurrency tests)."""
+and a background thread run beside worker threads (the concurrency tests); a real
+writer process killed -9 at the line it prints (the crash tests)."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 
 import walstore
 
@@ -76,3 +80,17 @@ def run_beside(workers: list, background, stop) -> None:
         t.join()
     stop.set()
     background.join()
+
+
+def kill_at_saved_snapshot(script: str, *args: str) -> None:
+    """Run ``script`` (python -c, this checkout on PYTHONPATH) with ``args`` until it prints
+    "SNAPSHOT SAVED", then kill it -9 (a real writer dying at that point) and reap it."""
+    p = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("SNAPSHOT SAVED"), line + p.stderr.read()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 
 from click.testing import CliRunner
@@ -17,6 +14,7 @@ import walstore
 from walstore.cli import main as cli_main
 from walstore.replication import follow, replicas
 
+from store_support import kill_at_saved_snapshot
 from test_replication_support import rows
 
 KILLED_AFTER_THE_ROUNDS_SNAPSHOT = r"""
@@ -58,16 +56,7 @@ shipper.ship_once()
 
 def _killed_after_the_rounds_snapshot(tmp_path) -> str:
     url = f"file://{tmp_path}/rep"
-    p = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_THE_ROUNDS_SNAPSHOT,
-                          str(tmp_path / "s"), url], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
-    try:
-        line = p.stdout.readline()
-        assert line.startswith("SNAPSHOT SAVED"), line + p.stderr.read()
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    kill_at_saved_snapshot(KILLED_AFTER_THE_ROUNDS_SNAPSHOT, str(tmp_path / "s"), url)
     return url
 
 

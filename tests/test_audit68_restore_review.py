@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 from click.testing import CliRunner
@@ -19,6 +16,7 @@ from walstore.cli import main as cli_main
 from walstore.replication import DirectorySource, Shipper, replicas
 from walstore.replication.lease import Refused
 
+from store_support import kill_at_saved_snapshot
 from test_replication_support import rows
 
 
@@ -100,16 +98,8 @@ def test_no_acknowledged_commit_lost_a_writer_killed_between_the_holes_snapshot_
     restore say so, and the writer's store, reopened, takes the replica over again (its
     log holds the snapshot's newest commit: not refused as another history) and ships on
     to the same state."""
-    p = subprocess.Popen([sys.executable, "-c", KILLED_AT_THE_HOLES_SNAPSHOT, str(tmp_path),
-                          os.path.dirname(__file__)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
-    try:
-        line = p.stdout.readline()
-        assert line.startswith("SNAPSHOT SAVED"), line + p.stderr.read()
-    finally:
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+    kill_at_saved_snapshot(KILLED_AT_THE_HOLES_SNAPSHOT, str(tmp_path),
+                           os.path.dirname(__file__))
     url = f"file://{tmp_path}/rep"
     info = replicas(url)
     assert info["position"] < info["snapshots"][-1]["lsn"], info
