@@ -3,6 +3,7 @@ past its WAL's end (Manifest.base_past_end, f590127): what the copy holds is a s
 writer committed, at least what the WAL's end gives, and what `walstore replicas` says."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -29,6 +30,28 @@ def _snapshot_past_the_wal(s, shipper: Shipper) -> None:
     shipper._snapshot({"snapshot": None, "objects": 0, "bytes": 0})
 
 
+def _secrets_and_kept(s) -> None:
+    """20 keys under user/ (the purge's), then "kept" = 1, each in its own commit."""
+    for i in range(20):
+        with s.transaction() as tx:
+            tx.put(f"user/{i:04d}", f"secret {i}")
+    with s.transaction() as tx:
+        tx.put("kept", 1)
+
+
+@contextlib.contextmanager
+def _shipped_to_d(s, path: str, url: str):
+    """A shipper from the store ``s`` at ``path`` to ``url`` that has shipped the WAL to D
+    (one round); when the block ends the shipper stops and ``s`` closes (the writer gone)."""
+    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
+    try:
+        shipper.ship_once()  # (the WAL to D)
+        yield shipper
+    finally:
+        shipper.stop()
+        s.close()
+
+
 def _damage(tmp_path, snap: dict) -> None:
     p = os.path.join(tmp_path / "rep", snap["k"])
     with open(p, "r+b") as f:
@@ -47,18 +70,13 @@ def test_no_acknowledged_commit_lost_the_newest_of_two_snapshots_past_the_wal_da
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path)
     _commit(s, "a", 20)
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         _commit(s, "b", 5)
         _snapshot_past_the_wal(s, shipper)
         _commit(s, "c", 5)
         _snapshot_past_the_wal(s, shipper)
         snaps = sorted(shipper.manifest.snapshots, key=lambda x: x["lsn"])
         position = shipper.manifest.position
-    finally:
-        shipper.stop()
-        s.close()
     assert snaps[-2]["lsn"] > position, (snaps, position)
     _damage(tmp_path, snaps[-1])
     report = replica_restore(url, str(tmp_path / "r"))
@@ -79,23 +97,14 @@ def test_purged_keys_stay_gone_a_purge_only_a_snapshot_past_the_wal_holds(tmp_pa
     snapshot's manifest entry lists the purges between the replica's position and it."""
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path)
-    for i in range(20):
-        with s.transaction() as tx:
-            tx.put(f"user/{i:04d}", f"secret {i}")
-    with s.transaction() as tx:
-        tx.put("kept", 1)
+    _secrets_and_kept(s)
     before = next(iter(s.log())).txid
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         with s.transaction() as tx:
             tx.put("other", 1)
         s.purge("user/")
         _snapshot_past_the_wal(s, shipper)
         assert max(x["lsn"] for x in shipper.manifest.snapshots) > shipper.manifest.position
-    finally:
-        shipper.stop()
-        s.close()
     replica_restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert rows(r) == [("kept", 1), ("other", 1)]
@@ -114,16 +123,11 @@ def test_replicas_says_what_a_restore_gives_a_point_named_past_the_wal_end(tmp_p
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path)
     _commit(s, "a", 10)
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         _commit(s, "b", 3)
         s.restore_point("gap")
         gap_tx = next(iter(s.log())).txid
         _snapshot_past_the_wal(s, shipper)
-    finally:
-        shipper.stop()
-        s.close()
     points = {p["name"]: p for p in replicas(url)["restore_points"]}
     assert points["gap"]["past_wal_end"] is True, points
     r = CliRunner().invoke(cli_main, ["replicas", url])
@@ -146,9 +150,7 @@ def test_history_coherent_in_a_copy_of_a_snapshot_past_the_wal(tmp_path):
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path)
     _commit(s, "a", 10)
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         with s.transaction() as tx:
             tx.put("k", "before")
         s.restore_point("gap")
@@ -160,9 +162,6 @@ def test_history_coherent_in_a_copy_of_a_snapshot_past_the_wal(tmp_path):
         tx.put("prep", 1)
         tx.prepare("g1")
         _snapshot_past_the_wal(s, shipper)
-    finally:
-        shipper.stop()
-        s.close()
     replica_restore(url, str(tmp_path / "r"))
     with walstore.open(str(tmp_path / "r")) as r:
         assert [h.txid for h in r.history("k")][0] == gap_tx

@@ -15,7 +15,8 @@ from walstore.engine.lmdb_state import LmdbState
 from walstore.replication import DirectorySource, Shipper
 from walstore.replication import restore as replica_restore
 
-from test_audit68_restore_newest_review import _damage, _snapshot_past_the_wal
+from test_audit68_restore_newest_review import (_damage, _secrets_and_kept, _shipped_to_d,
+                                                 _snapshot_past_the_wal)
 from test_replication_support import rows
 
 
@@ -27,21 +28,12 @@ def test_purged_keys_stay_gone_a_restore_of_everything_falling_back_to_the_wal_e
     the purge) was read for a restore with a target only."""
     path, url = str(tmp_path / "s"), f"file://{tmp_path}/rep"
     s = walstore.open(path)
-    for i in range(20):
-        with s.transaction() as tx:
-            tx.put(f"user/{i:04d}", f"secret {i}")
-    with s.transaction() as tx:
-        tx.put("kept", 1)
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    _secrets_and_kept(s)
+    with _shipped_to_d(s, path, url) as shipper:
         s.purge("user/")
         _snapshot_past_the_wal(s, shipper)
         snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
         assert snap["lsn"] > shipper.manifest.position and snap["pg"], snap
-    finally:
-        shipper.stop()
-        s.close()
     _damage(tmp_path, snap)
     report = replica_restore(url, str(tmp_path / "r"))
     assert [k["lsn"] for k in report["snapshots_skipped"]] == [snap["lsn"]], report
@@ -58,9 +50,7 @@ def test_purged_keys_stay_gone_a_restore_falling_back_to_an_older_snapshot_past_
     s = walstore.open(path)
     with s.transaction() as tx:
         tx.put("kept", 1)
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         for i in range(5):
             with s.transaction() as tx:
                 tx.put(f"user/{i:04d}", f"secret {i}")
@@ -70,9 +60,6 @@ def test_purged_keys_stay_gone_a_restore_falling_back_to_an_older_snapshot_past_
             tx.put("user/new", 1)
         _snapshot_past_the_wal(s, shipper)
         snaps = sorted(shipper.manifest.snapshots, key=lambda x: x["lsn"])
-    finally:
-        shipper.stop()
-        s.close()
     _damage(tmp_path, snaps[-1])
     report = replica_restore(url, str(tmp_path / "r"))
     assert report["cut_lsn"] == snaps[-2]["lsn"], report
@@ -137,17 +124,12 @@ def test_a_manifest_without_snapshot_purges_restores_as_before(tmp_path):
     with s.transaction() as tx:
         tx.put("user/1", "secret")
     before = next(iter(s.log())).txid
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         s.purge("user/")
         _snapshot_past_the_wal(s, shipper)
         snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
         del snap["pg"]  # (as an older walstore wrote it)
         shipper._save()
-    finally:
-        shipper.stop()
-        s.close()
     report = replica_restore(url, str(tmp_path / "t"), to=before)
     assert report["purges_applied"] == [], report
     _damage(tmp_path, snap)
@@ -244,17 +226,12 @@ def test_a_refused_fallback_says_the_snapshot_past_the_wal_could_not_be_restored
     s = walstore.open(path)
     with s.transaction() as tx:
         tx.put("user/1", "secret")
-    shipper = Shipper(DirectorySource(path), url, {"interval": 30})
-    try:
-        shipper.ship_once()  # (the WAL to D)
+    with _shipped_to_d(s, path, url) as shipper:
         s.purge("user/")
         _snapshot_past_the_wal(s, shipper)
         snap = max(shipper.manifest.snapshots, key=lambda x: x["lsn"])
         snap["pg"] = None  # (the source could not tell: more purges than it records)
         shipper._save()
-    finally:
-        shipper.stop()
-        s.close()
     _damage(tmp_path, snap)
     with pytest.raises(walstore.ReplicationError) as e:
         replica_restore(url, str(tmp_path / "r"))
