@@ -17,6 +17,19 @@ import walstore
 from walstore.engine.lmdb_state import LmdbState
 
 
+def _interrupted_under(hook, call) -> None:
+    """Run ``call`` with ``hook`` as the profile function (the hook raises the Ctrl-C at
+    its point), the KeyboardInterrupt caught: the test checks in ``at`` that it was raised."""
+    sys.setprofile(hook)
+    try:
+        try:
+            call()
+        except KeyboardInterrupt:
+            pass
+    finally:
+        sys.setprofile(None)
+
+
 def _store_with_a_key(tmp_path) -> str:
     path = str(tmp_path / "s")
     s = walstore.open(path)
@@ -110,14 +123,7 @@ def test_reads_of_a_read_only_handle_go_on_after_a_writer_open_interrupted_in_th
             at["where"] = frame.f_lineno
             raise KeyboardInterrupt("the gate just closed to readers")
 
-    sys.setprofile(hook)
-    try:
-        try:
-            walstore.open(path).close()
-        except KeyboardInterrupt:
-            pass
-    finally:
-        sys.setprofile(None)
+    _interrupted_under(hook, lambda: walstore.open(path).close())
     assert at["where"] is not None
     got: dict = {}
     t = threading.Thread(target=lambda: got.update(v=reader.get("a")), daemon=True)
@@ -173,14 +179,7 @@ def test_reads_of_a_read_only_handle_go_on_after_a_writer_open_interrupted_mid_s
 
     hook = _ctrl_c_at_the_close_in_swap("_make_writable", at)
 
-    sys.setprofile(hook)
-    try:
-        try:
-            walstore.open(path).close()
-        except KeyboardInterrupt:
-            pass
-    finally:
-        sys.setprofile(None)
+    _interrupted_under(hook, lambda: walstore.open(path).close())
     try:
         assert at.get("raised"), at
         assert reader.get("a") == b"1"
@@ -222,14 +221,7 @@ def test_reads_of_a_read_only_handle_go_on_after_its_reopen_is_interrupted_mid_s
 
     hook = _ctrl_c_at_the_close_in_swap("reopen", at)
 
-    sys.setprofile(hook)
-    try:
-        try:
-            reader.get("a")
-        except KeyboardInterrupt:
-            pass
-    finally:
-        sys.setprofile(None)
+    _interrupted_under(hook, lambda: reader.get("a"))
     try:
         assert at.get("raised"), at
         assert reader.get("a") == b"1"
