@@ -27,7 +27,7 @@ import pytest
 import walstore
 from walstore import fileio
 
-from test_audit68_saga_scans_review import _SlowFsync, _prepared
+from test_audit68_saga_scans_review import _SlowFsync, _owner_in_the_fsync, _prepared
 from test_interrupt_points import HOOK, SLOW_EXTRA_S
 
 
@@ -57,15 +57,7 @@ def test_an_owners_end_beside_a_decision_whose_fsync_fails_says_the_outcome_is_u
     try:
         s = walstore.open(str(tmp_path / "s"), durability="full")
         tx = _prepared(s, action=False)
-        out: list = []
-
-        def own():
-            try:
-                out.append(getattr(tx, owner)())
-            except walstore.WalstoreError as e:
-                out.append(e)
-
-        backend.then = own
+        out = _owner_in_the_fsync(backend, getattr(tx, owner))
         with pytest.raises(walstore.CommitOutcomeUnknown):
             getattr(s, decider)("g1")
         backend.thread.join(10)
@@ -93,15 +85,7 @@ def test_an_owner_is_never_told_committed_of_a_decision_not_yet_durable_under_no
     try:
         s = walstore.open(str(tmp_path / "s"), durability="normal")
         tx = _prepared(s, action=False)
-        out: list = []
-
-        def own():
-            try:
-                out.append(tx.commit())
-            except walstore.WalstoreError as e:
-                out.append(e)
-
-        backend.then = own
+        out = _owner_in_the_fsync(backend, tx.commit)
         if fails:
             with pytest.raises(walstore.CommitOutcomeUnknown):
                 s.commit_prepared("g1")

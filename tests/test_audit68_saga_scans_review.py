@@ -502,6 +502,22 @@ class _SlowFsync(_OnFsync):
             time.sleep(0.3)
 
 
+def _owner_in_the_fsync(backend: _SlowFsync, call) -> list:
+    """Arm ``backend`` to run ``call`` (the owner's ``tx.commit`` or ``tx.rollback``) in
+    another thread during the next WAL fsync; the list returned gets what it returned or
+    the WalstoreError it raised."""
+    out: list = []
+
+    def own():
+        try:
+            out.append(call())
+        except walstore.WalstoreError as e:
+            out.append(e)
+
+    backend.then = own
+    return out
+
+
 @pytest.mark.parametrize("owner", ["commit", "rollback"])
 def test_an_owners_commit_beside_a_commit_prepared_being_made_durable_ends_committed(
         tmp_path, owner):
@@ -518,15 +534,7 @@ def test_an_owners_commit_beside_a_commit_prepared_being_made_durable_ends_commi
     try:
         with walstore.open(str(tmp_path / "s"), durability="full") as s:
             tx = _prepared(s, action=False)
-            out: list = []
-
-            def own():
-                try:
-                    out.append(getattr(tx, owner)())
-                except walstore.WalstoreError as e:
-                    out.append(e)
-
-            backend.then = own
+            out = _owner_in_the_fsync(backend, getattr(tx, owner))
             lsn = s.commit_prepared("g1")
             backend.thread.join(10)
             (got,) = out
