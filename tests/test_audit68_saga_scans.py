@@ -401,6 +401,17 @@ def test_scan_bounds_at_the_key_limit_and_of_ff_bytes(store):
 
 
 # ---- findings ------------------------------------------------------------------------------
+def _charge_rolled_back_failing(s):
+    """A transaction with one action "charge" (compensated by "refund") rolled back, its
+    compensation failing (CompensationFailed raised): the action and that error."""
+    tx = s.transaction()
+    with tx.action("charge", compensate="refund") as act:
+        act.result = 1
+    with pytest.raises(walstore.CompensationFailed) as e:
+        tx.rollback()
+    return act, e.value
+
+
 def test_a_compensator_raising_stopiteration_is_recorded_as_its_own_failure(tmp_path):
     """A compensator whose bug raised StopIteration (a ``next()`` on an exhausted
     iterator) was recorded failed with walstore's own error, "IndexError: list index out
@@ -415,12 +426,8 @@ def test_a_compensator_raising_stopiteration_is_recorded_as_its_own_failure(tmp_
 
     with walstore.open(str(tmp_path / "s"), durability="none",
                        compensators={"refund": refund}) as s:
-        tx = s.transaction()
-        with tx.action("charge", compensate="refund") as act:
-            act.result = 1
-        with pytest.raises(walstore.CompensationFailed) as e:
-            tx.rollback()
-        assert "StopIteration" in str(e.value) and "IndexError" not in str(e.value)
+        act, failed = _charge_rolled_back_failing(s)
+        assert "StopIteration" in str(failed) and "IndexError" not in str(failed)
         got = s.get_action(act.id)
         assert (got.state, got.attempts) == ("failed", 3) and len(calls) == 3
         assert got.error.startswith("StopIteration") and "refund" in got.error, got.error

@@ -53,6 +53,7 @@ from walstore import fileio
 
 from store_support import cli_env
 from test_audit56_saga import _OnFsync
+from test_audit68_saga_scans import _charge_rolled_back_failing
 
 
 def _prepared(s, gid="g1", action=True):
@@ -262,16 +263,12 @@ def test_a_compensator_raising_stopiteration_is_recorded_with_its_own_type_and_m
 
     with walstore.open(str(tmp_path / "s"), durability="none",
                        compensators={"refund": refund}) as s:
-        tx = s.transaction()
-        with tx.action("charge", compensate="refund") as act:
-            act.result = 1
-        with pytest.raises(walstore.CompensationFailed) as e:
-            tx.rollback()
+        act, failed = _charge_rolled_back_failing(s)
         want = f"{type(exc).__name__}: {exc}"
         got = s.get_action(act.id)
         assert (got.state, got.attempts, len(calls)) == ("failed", 3, 3)
         assert got.error.startswith(want), got.error
-        assert want in str(e.value)
+        assert want in str(failed)
         s.retry_compensations()  # (still failing: once more, recorded the same)
         assert len(calls) == 6 and s.get_action(act.id).error.startswith(want)
 
