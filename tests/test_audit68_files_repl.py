@@ -36,6 +36,13 @@ from walstore.replication.targets import open_target
 from tools.faults import FaultBackend, installed
 
 
+def _restored_rows(url: str, tmp_path) -> list:
+    """The rows of a restore of everything from the replica at ``url`` into tmp_path/r."""
+    walstore.restore(url, str(tmp_path / "r"))
+    with walstore.open(str(tmp_path / "r")) as r:
+        return rows(r)
+
+
 # ---- files: a watch whose end could not be recorded ------------------------------------
 def _watch_whose_end_fails(s, root, ws, fb):
     """A transaction whose ``f.watch()`` block makes new.txt and whose WATCH_END record's
@@ -230,6 +237,4 @@ def test_one_shipping_round_beside_a_fast_writer_ships_one_snapshot(tmp_path, tr
     finally:
         shipper.stop()
         s.close()
-    walstore.restore(url, str(tmp_path / "r"))
-    with walstore.open(str(tmp_path / "r")) as r:
-        assert rows(r) == expected
+    assert _restored_rows(url, tmp_path) == expected

@@ -33,6 +33,7 @@ import pytest
 import walstore
 from tests.test_audit67_durable_events import OPTS, workspace_with
 from tests.test_audit67_replica_hole import _commit
+from tests.test_audit68_files_repl import _restored_rows
 from test_replication_support import rows
 from walstore.replication.shipper import Shipper
 from walstore.replication.source import DirectorySource
@@ -92,9 +93,7 @@ def test_no_acknowledged_commit_lost_a_round_overtaken_by_a_second_trim_ends_res
     finally:
         shipper.stop()
         s.close()
-    walstore.restore(url, str(tmp_path / "r"))
-    with walstore.open(str(tmp_path / "r")) as r:
-        assert rows(r) == expected
+    assert _restored_rows(url, tmp_path) == expected
 
 
 def test_restore_after_rounds_with_holes_to_any_point_gives_the_writers_rows(tmp_path):
