@@ -23,6 +23,7 @@ e7c0af8), then fixed.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -136,6 +137,17 @@ def test_restore_after_rounds_with_holes_to_any_point_gives_the_writers_rows(tmp
 
 
 # ---- files: a watch whose end could not be recorded, then a crash ----------------------
+@contextlib.contextmanager
+def _watch_whose_wal_write_fails(tx, ws, nth: int):
+    """``tx``'s ``watch()`` of ``ws`` around the block; at the block's end the ``nth`` WAL
+    write from then on fails (EIO), and the watch's end raises "could not write"."""
+    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
+                                                        match="could not write"):
+        with tx.files(ws).watch():
+            yield
+            fb.fail("pwrite", errno.EIO, path="*.wal", nth=nth)
+
+
 FAILED_END_THEN_KILLED = r"""
 import errno, os, sys, walstore
 from tools.faults import FaultBackend, installed
@@ -227,12 +239,9 @@ def test_rollback_to_a_savepoint_taken_after_a_watch_whose_end_failed_works(tmp_
     root, ws = workspace_with(tmp_path, s)
     tx = s.transaction()
     before = tx.savepoint()
-    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
-                                                        match="could not write"):
-        with tx.files(ws).watch():
-            inside = tx.savepoint()
-            (root / "new.txt").write_text("made\n")
-            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    with _watch_whose_wal_write_fails(tx, ws, nth=2):  # (the WATCH_END record: 1 is the steps)
+        inside = tx.savepoint()
+        (root / "new.txt").write_text("made\n")
     after = tx.savepoint()
     tx.files(ws).write("b.txt", "b\n")
     tx.rollback_to(after)
@@ -257,13 +266,10 @@ def test_rollback_of_a_watch_whose_end_failed_removes_the_special_files_it_left(
     s = walstore.open(str(tmp_path / "s"), **OPTS)
     root, ws = workspace_with(tmp_path, s)
     tx = s.transaction()
-    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
-                                                        match="could not write"):
-        with tx.files(ws).watch():
-            (root / "d").mkdir()
-            (root / "d" / "x").write_text("x\n")
-            os.mkfifo(root / "d" / "p")
-            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    with _watch_whose_wal_write_fails(tx, ws, nth=2):  # (the WATCH_END record: 1 is the steps)
+        (root / "d").mkdir()
+        (root / "d" / "x").write_text("x\n")
+        os.mkfifo(root / "d" / "p")
     tx.rollback()
     assert sorted(p.name for p in root.iterdir()) == ["a.txt"]
     assert s.file_conflicts() == []
@@ -311,11 +317,8 @@ def test_no_other_transaction_changes_a_path_a_watch_whose_steps_failed_changed(
     s = walstore.open(str(tmp_path / "s"), **OPTS)
     root, ws = workspace_with(tmp_path, s)
     tx = s.transaction()
-    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
-                                                        match="could not write"):
-        with tx.files(ws).watch():
-            (root / "a.txt").write_text("block\n")
-            fb.fail("pwrite", errno.EIO, path="*.wal", nth=1)  # (the steps)
+    with _watch_whose_wal_write_fails(tx, ws, nth=1):  # (the steps)
+        (root / "a.txt").write_text("block\n")
     with pytest.raises(walstore.ConflictError, match="a.txt"):
         with s.transaction() as other:
             other.files(ws).write("a.txt", "v1\n")
@@ -337,11 +340,8 @@ def test_commit_after_a_watch_whose_end_failed_says_what_happened(tmp_path):
     s = walstore.open(str(tmp_path / "s"), **OPTS)
     root, ws = workspace_with(tmp_path, s)
     tx = s.transaction()
-    with installed(FaultBackend()) as fb, pytest.raises(walstore.WalstoreError,
-                                                        match="could not write"):
-        with tx.files(ws).watch():
-            (root / "new.txt").write_text("made\n")
-            fb.fail("pwrite", errno.EIO, path="*.wal", nth=2)  # (1: the steps)
+    with _watch_whose_wal_write_fails(tx, ws, nth=2):  # (the WATCH_END record: 1 is the steps)
+        (root / "new.txt").write_text("made\n")
     with pytest.raises(walstore.WalstoreError) as got:
         tx.commit()
     said = str(got.value)
