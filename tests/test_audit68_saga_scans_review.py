@@ -68,6 +68,17 @@ def _prepared(s, gid="g1", action=True):
     return tx
 
 
+def _slow_refund(runs: list, started: threading.Event, hold):
+    """A compensator: notes the action's id in ``runs``, sets ``started``, then runs
+    ``hold()`` (how long the rollback running it is held)."""
+    def refund(action):
+        runs.append(action.id)
+        started.set()
+        hold()
+
+    return refund
+
+
 # ---- findings ------------------------------------------------------------------------------
 @pytest.mark.parametrize("read", ["get", "scan"])
 def test_a_read_of_a_prepared_transaction_never_waits_for_its_rollbacks_compensations(
@@ -80,12 +91,7 @@ def test_a_read_of_a_prepared_transaction_never_waits_for_its_rollbacks_compensa
     TransactionClosed at once: the decision (rollback) is durable."""
     gate, started = threading.Event(), threading.Event()
     runs: list = []
-
-    def refund(action):
-        runs.append(action.id)
-        started.set()
-        gate.wait(10)
-
+    refund = _slow_refund(runs, started, lambda: gate.wait(10))  # (until the read is done)
     with walstore.open(str(tmp_path / "s"), durability="none",
                        compensators={"refund": refund}) as s:
         tx = _prepared(s)
@@ -217,12 +223,7 @@ def test_an_owners_rollback_beside_a_stores_rollback_prepared_compensates_once(t
     transaction is rolled back (by the other call), nothing is left owed."""
     runs: list = []
     started = threading.Event()
-
-    def refund(action):
-        runs.append(action.id)
-        started.set()
-        time.sleep(0.3)
-
+    refund = _slow_refund(runs, started, lambda: time.sleep(0.3))
     with walstore.open(str(tmp_path / "s"), durability="none",
                        compensators={"refund": refund}) as s:
         tx = _prepared(s)
