@@ -3,9 +3,11 @@ bytes (an erasure's proof), one key of a copy read through a read-only open, and
 CLI run as a real process of this checkout (tests/test_purge.py,
 test_replication_pitr.py, test_replication_follow_*.py); a commit recording its outcome
 and a background thread run beside worker threads (the concurrency tests); a real
-writer process killed -9 at the line it prints (the crash tests)."""
+writer process killed -9 at the line it prints, and its store reopened shipping on (the
+crash tests of a replica)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -94,3 +96,15 @@ def kill_at_saved_snapshot(script: str, *args: str) -> None:
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
+
+
+@contextlib.contextmanager
+def shipping_on_after_the_kill(path: str, url: str):
+    """The killed writer's store at ``path`` reopened shipping to ``url`` (taking the
+    replica over), one commit more ("after the kill") synced to it without an error."""
+    with walstore.open(path, replicate_to=url, replicate_options={"interval": 0.05}) as s:
+        with s.transaction() as tx:
+            tx.put("after the kill", 1)
+        s.sync_replica(30)
+        assert s.replication().last_error is None, s.replication().last_error
+        yield s

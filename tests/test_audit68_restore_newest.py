@@ -14,7 +14,7 @@ import walstore
 from walstore.cli import main as cli_main
 from walstore.replication import follow, replicas
 
-from store_support import kill_at_saved_snapshot
+from store_support import kill_at_saved_snapshot, shipping_on_after_the_kill
 from test_replication_support import rows
 
 KILLED_AFTER_THE_ROUNDS_SNAPSHOT = r"""
@@ -114,12 +114,7 @@ def test_no_acknowledged_commit_lost_the_writer_back_ships_on_and_a_follower_sta
            on_round=lambda _info: stop.set())
     with walstore.open(follower, readonly=True) as f:
         assert len(rows(f)) == 65  # (a0..a59, b0..b4: the WAL's end)
-    with walstore.open(str(tmp_path / "s"), replicate_to=url,
-                       replicate_options={"interval": 0.05}) as s:
-        with s.transaction() as tx:
-            tx.put("after the kill", 1)
-        s.sync_replica(30)
-        assert s.replication().last_error is None, s.replication().last_error
+    with shipping_on_after_the_kill(str(tmp_path / "s"), url) as s:
         expected = rows(s)
         tx_at_d = [e.txid for e in s.log() if e.lsn < info["position"]]
     assert replicas(url)["restore_everything"]["past_wal_end"] is False

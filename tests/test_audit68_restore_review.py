@@ -16,7 +16,7 @@ from walstore.cli import main as cli_main
 from walstore.replication import DirectorySource, Shipper, replicas
 from walstore.replication.lease import Refused
 
-from store_support import kill_at_saved_snapshot
+from store_support import kill_at_saved_snapshot, shipping_on_after_the_kill
 from test_replication_support import rows
 
 
@@ -111,12 +111,7 @@ def test_no_acknowledged_commit_lost_a_writer_killed_between_the_holes_snapshot_
         assert rows(r) == expected
     checks = {c["check"]: c for c in replicas(url, verify=True)["verify"]["checks"]}
     assert checks["restore everything"]["ok"], checks
-    with walstore.open(str(tmp_path / "s"), replicate_to=url,
-                       replicate_options={"interval": 0.05}) as s:
-        with s.transaction() as tx:
-            tx.put("after the kill", 1)
-        s.sync_replica(30)
-        assert s.replication().last_error is None, s.replication().last_error
+    with shipping_on_after_the_kill(str(tmp_path / "s"), url) as s:
         expected = rows(s)
     assert replicas(url)["position"] >= info["snapshots"][-1]["lsn"]
     walstore.restore(url, str(tmp_path / "r2"))
