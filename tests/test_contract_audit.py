@@ -234,7 +234,11 @@ def test_file_operations_raise_walstore_errors_that_keep_their_os_class(tmp_path
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root and setpriv to act as another user")
-def test_a_store_another_user_cannot_write_is_an_os_error_not_corruption():
+def test_a_store_another_user_may_read_is_read_and_one_they_may_not_is_an_os_error():
+    """A store another user may read but not write (files 0644, directories 0755) is read
+    by a read-only open, as SQLite reads a database file it may not write (since stop 68:
+    it failed "Permission denied" on LMDB's lock file, StoreIOError errno 13); one they may
+    not read (0700) is an OS error in one line, never called corruption."""
     top = tempfile.mkdtemp(dir="/tmp")  # (every directory on the way readable by nobody)
     try:
         _another_user(pathlib.Path(top))
@@ -304,13 +308,20 @@ def _another_user(tmp_path):
                            text=True, env=env)
     if probe.returncode != 0:  # (the interpreter itself out of nobody's reach)
         pytest.skip("another user cannot run this Python: " + probe.stderr.strip()[-200:])
-    code = ("import walstore, sys\ntry:\n    walstore.open(sys.argv[1], readonly=True).get('k')\n"
+    code = ("import walstore, sys\ntry:\n"
+            "    print(walstore.open(sys.argv[1], readonly=True).get('k'))\n"
             "except walstore.WalstoreError as e:\n    print(type(e).__name__, e.errno)\n")
     r = subprocess.run(nobody + ["-c", code, str(path)], capture_output=True, text=True, env=env)
+    assert r.stdout.split() == ["1"], (r.stdout, r.stderr)
+    r = subprocess.run(nobody + ["-c", code, str(closed)], capture_output=True, text=True,
+                       env=env)
     assert r.stdout.split() == ["StoreIOError", "13"], (r.stdout, r.stderr)
     walstore_cli = ["-c", "import sys; from walstore.cli import main; sys.argv[0] = 'walstore'; "
                           "main()"]
-    for target in (path, closed):
+    r = subprocess.run(nobody + walstore_cli + ["get", str(path), "k"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "1", (r.returncode, r.stdout, r.stderr)
+    for target in (closed,):
         r = subprocess.run(nobody + walstore_cli + ["get", str(target), "k"],
                            capture_output=True, text=True, env=env)
         assert r.returncode == 1, (r.returncode, r.stderr)

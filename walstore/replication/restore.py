@@ -538,8 +538,12 @@ def _resolve(m: Manifest, fetch: _Fetcher, to: Any) -> tuple[int | None, str]:
                      f"from the source's history: read it there with store.at(name))")
             raise UnknownRestorePoint(f"no restore point named {to!r} in the replica "
                                       f"(known: {known}){since}", to)
-        if p["lsn"] >= end:  # (named in a snapshot past the WAL's end: audit 68 review;
-            # it failed "the replica's WAL ends at LSN D, before LSN P+1")
+        past = m.base_past_end()
+        if p["lsn"] >= end and past is not None and p["lsn"] < past["lsn"]:
+            # (named in a snapshot past the WAL's end: audit 68 review; it failed "the
+            # replica's WAL ends at LSN D, before LSN P+1".  A point past the end that no
+            # such snapshot holds is the manifest's damage, said by _check_point_record,
+            # exit 1 — not a usage error)
             raise UnknownRestorePoint(f"restore point {to!r} (LSN {p['lsn']}) lies past the "
                                       f"replica's WAL's end (LSN {end}){_past_end_note(m)}",
                                       to)
