@@ -45,7 +45,7 @@ KEYS = st.sampled_from(["a/x", "a/y", "b/x", "b/y"])
 FILES = st.sampled_from(["f.txt", "g.txt"])
 SCOPES = st.sampled_from([None, None, "a/", "b/"])
 EXPECTED = (RevertConflict, ConflictError, HistoryTrimmed, UnknownPoint)
-EXAMPLES = int(os.environ.get("WALSTORE_DRYRUN_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("WALSTORE_DRYRUN_EXAMPLES", "30"))
 
 OPS = st.lists(st.one_of(
     st.tuples(st.just("put"), KEYS, st.integers(0, 3)),
