@@ -42,35 +42,9 @@ def pytest_configure(config):
             pass
 
 
-# The suite's longest files (their tests' time in CI, longest first): they are handed out
-# first, so that pytest-xdist's workers (``--dist loadfile`` gives a worker a whole file
-# when it asks for work, in the order collected) do not end on one of them while the
-# others idle — in alphabetical order a 60 s file came last and the run's tail was one
-# worker's (stop 68: 14 min of CI, ~1.75 of 2 cores busy on average).
-LONGEST_FIRST = (
-    "test_dryrun_plan_model.py", "test_replsweep.py", "test_files_crash.py",
-    "test_faultsweep.py", "test_audit61_operator.py", "test_faultsweep_files.py",
-    "test_files_monitor.py", "test_replication_saved_pin.py", "test_fuzz.py",
-    "test_atomic_interrupts.py", "test_benchmark_smoke.py", "test_undo_under_writers.py",
-    "test_interrupt_points.py", "test_agent_model.py", "test_audit52_cli.py",
-    "test_transaction_size_limit.py", "test_replication_sync.py",
-)
-
-
-def _longest_first(items) -> None:
-    """Reorder ``items`` (in place, the same in every worker: xdist checks) so that the
-    files of LONGEST_FIRST come first, in its order; every file's tests stay together and
-    in their order, and the other files keep theirs."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    last = len(LONGEST_FIRST)
-    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), last))
-
-
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (``_longest_first``).  Tests marked ``slow`` (the longest
-    interrupt sweeps) run only with WALSTORE_SLOW=1: CI stays within its budget;
-    docs/GUIDE.md ("Interrupts") says how to run them."""
-    _longest_first(items)
+    """Tests marked ``slow`` (the longest interrupt sweeps) run only with WALSTORE_SLOW=1:
+    CI stays within its budget; docs/GUIDE.md ("Interrupts") says how to run them."""
     if os.environ.get("WALSTORE_SLOW") == "1":
         return
     skip = pytest.mark.skip(reason="long: run with WALSTORE_SLOW=1")
