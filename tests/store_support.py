@@ -1,7 +1,8 @@
 """Test support: looking at a store from outside — which files of a directory hold some
 bytes (an erasure's proof), one key of a copy read through a read-only open, and the
 CLI run as a real process of this checkout (tests/test_purge.py,
-test_replication_pitr.py, test_replication_follow_*.py); a commit recording its outcome
+test_replication_pitr.py, test_replication_follow_*.py), or as a process the store's mode
+bits deny writes (the read-only opens); a commit recording its outcome
 and a background thread run beside worker threads (the concurrency tests); a real
 writer process killed -9 at the line it prints, and its store reopened shipping on (the
 crash tests of a replica)."""
@@ -59,6 +60,32 @@ def cli_env() -> dict:
     here = os.path.dirname(os.path.dirname(os.path.abspath(walstore.__file__)))
     env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# The capabilities by which root reads and writes whatever the mode bits say
+_DAC_CAPS = "-dac_override,-dac_read_search"
+
+
+def without_root_privilege() -> list[str]:
+    """The command prefix that runs a program as a user to whom a store's mode bits apply:
+    none when the tests run as another user than root; under root, root without the two
+    capabilities by which it ignores mode bits (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH),
+    still the owner of what the tests made, so the OWNER's bits apply (0444 files and 0555
+    directories: readable, not writable).  Not another user such as nobody: a CI machine's
+    interpreter and checkout may lie under /root (0700), where nobody cannot even start
+    Python.  Skips the test where setpriv is missing or may not drop them."""
+    import shutil
+    if os.getuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        import pytest
+        pytest.skip("running as root without setpriv: no process to whom the modes apply")
+    pre = ["setpriv", f"--inh-caps={_DAC_CAPS}", f"--bounding-set={_DAC_CAPS}"]
+    probe = subprocess.run(pre + ["true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        import pytest
+        pytest.skip(f"setpriv may not drop root's capabilities here: {probe.stderr.strip()}")
+    return pre
 
 
 def commit_recording_outcome(s, key, value, outcome: dict) -> None:

@@ -168,19 +168,13 @@ def test_a_failed_ttl_renewal_is_reported_and_the_read_keeps_its_answer(tmp_path
 
 # ---- 4. read-only verbs on a store this user may not write --------------------------------
 def _as_reader(args: list[str]):
-    """The CLI run as a user who may not write the store: nobody when the tests run as
-    root (root ignores mode bits), else this user (the store's modes deny it writes)."""
+    """The CLI run as a process the store's mode bits deny writes: root without the
+    capabilities that override them when the tests run as root (store_support), else
+    this user (the store's modes deny it writes)."""
     import subprocess
-    from store_support import cli_env
-    if os.getuid() == 0:
-        import shutil
-        if shutil.which("setpriv") is None:
-            pytest.skip("running as root without setpriv: no user to whom the modes apply")
-        pre = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
-    else:
-        pre = []
-    return subprocess.run(pre + [sys.executable, "-m", "walstore", *args], env=cli_env(),
-                          capture_output=True, text=True, timeout=60, cwd="/")
+    from store_support import cli_env, without_root_privilege
+    return subprocess.run(without_root_privilege() + [sys.executable, "-m", "walstore", *args],
+                          env=cli_env(), capture_output=True, text=True, timeout=60, cwd="/")
 
 
 @pytest.fixture
@@ -210,13 +204,11 @@ def test_read_only_verbs_read_a_store_its_user_may_not_write(shared_dir):
     directories 0500 failed "cannot open the LMDB environment: Permission denied": a
     read-only open still took LMDB's lock file.  Now, with no writer able to run (the
     store's writer lock held shared meanwhile), LMDB is read without its lock table."""
-    import pwd
     path = os.path.join(shared_dir, "s")
     with walstore.open(path) as s:
         with s.transaction() as tx:
             tx.put("a", "VALUE-A")
-    owner = pwd.getpwnam("nobody").pw_uid if os.getuid() == 0 else None
-    _modes(path, 0o400, 0o500, owner)
+    _modes(path, 0o400, 0o500)  # (the owner's bits: read, never write)
     try:
         for verb, want in (("get", "VALUE-A"), ("scan", "VALUE-A"), ("log", "1"),
                            ("stats", "applied_lsn"), ("verify", "ok")):
@@ -285,13 +277,10 @@ def test_a_rerun_into_a_dest_a_killed_copy_filled_says_it_holds_a_store(tmp_path
 def test_a_backup_into_an_unwritable_directory_says_no_copy_was_made(shared_dir):
     """Before: "writing the backup's directory failed (Permission denied); the partial
     copy was removed", when no copy had been begun.  Now it says none was made."""
-    import pwd
     path = os.path.join(shared_dir, "s")
     with walstore.open(path) as s:
         with s.transaction() as tx:
             tx.put("a", 1)
-    if os.getuid() == 0:
-        _modes(path, 0o600, 0o700, pwd.getpwnam("nobody").pw_uid)  # (the reader's own)
     closed = os.path.join(shared_dir, "closed")
     os.mkdir(closed, 0o555)
     os.chmod(closed, 0o555)
@@ -299,7 +288,7 @@ def test_a_backup_into_an_unwritable_directory_says_no_copy_was_made(shared_dir)
     try:
         r = _as_reader(["backup", path, dest])
     finally:
-        _modes(path, 0o600, 0o700, 0 if os.getuid() == 0 else None)
+        _modes(path, 0o600, 0o700)
     assert r.returncode == 1, (r.returncode, r.stderr)
     line = r.stderr.strip()
     assert "Permission denied" in line and "no copy was made" in line, line
@@ -342,17 +331,16 @@ def test_a_writer_cannot_start_under_a_lock_free_reader(shared_dir):
     open is refused (StoreLocked) until the reader has closed the store."""
     import subprocess
     import time
-    from store_support import cli_env
+    from store_support import cli_env, without_root_privilege
     if os.getuid() != 0:
         pytest.skip("needs a writer who may write what the reader may not (run as root)")
     path = os.path.join(shared_dir, "s")
     with walstore.open(path) as s:
         with s.transaction() as tx:
             tx.put("a", "VALUE-A")
-    _modes(path, 0o644, 0o755)
+    _modes(path, 0o444, 0o555)
     reader = subprocess.Popen(
-        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
-         sys.executable, "-c",
+        without_root_privilege() + [sys.executable, "-c",
          "import sys, time, walstore\n"
          "with walstore.open(sys.argv[1], readonly=True) as s:\n"
          "    print(s.get('a'), flush=True); time.sleep(3)\n", path],

@@ -23,32 +23,32 @@ import sys
 import pytest
 
 import walstore
-from store_support import cli_env
+from store_support import cli_env, without_root_privilege
 from test_audit68_leftovers import _modes, shared_dir  # noqa: F401  (a fixture)
 
 
-def _as_nobody(code: str, *args: str) -> subprocess.Popen:
-    """``code`` run by ``python -c`` as nobody (root ignores mode bits), output piped."""
+def _as_non_writer(code: str, *args: str) -> subprocess.Popen:
+    """``code`` run by ``python -c`` as root without the capabilities that override mode
+    bits (store_support.without_root_privilege), output piped."""
     if os.getuid() != 0:
         pytest.skip("needs a writer who may write what the reader may not (run as root)")
     return subprocess.Popen(
-        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
-         sys.executable, "-c", code, *args], env=cli_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, cwd="/")
+        without_root_privilege() + [sys.executable, "-c", code, *args], env=cli_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
 
 
 def _readable_store(shared_dir: str) -> str:
-    """A store with one key, its files 0644 and directories 0755: nobody reads it but
-    may not write LMDB's lock file (a lock-free read-only open)."""
+    """A store with one key, its files 0444 and directories 0555: a reader held to the
+    mode bits reads it but may not write LMDB's lock file (a lock-free read-only open)."""
     path = os.path.join(shared_dir, "s")
     with walstore.open(path) as s:
         with s.transaction() as tx:
             tx.put("a", "VALUE-A")
-    _modes(path, 0o644, 0o755)
+    _modes(path, 0o444, 0o555)
     return path
 
 
-# a read-only open as nobody: its outcome, then it stays alive a while (the process lives)
+# a read-only open held to the mode bits: its outcome, then it stays alive a while (the process lives)
 OPEN_THEN_LIVE = (
     "import sys, time, walstore\n"
     "try:\n"
@@ -77,8 +77,8 @@ def test_writer_lock_is_let_go_by_a_lock_free_open_that_failed(shared_dir):
             t.put(b"fconflicts", b"x")
     finally:
         env.close()
-    _modes(path, 0o644, 0o755)
-    reader = _as_nobody(OPEN_THEN_LIVE, path, "keep", "5")
+    _modes(path, 0o444, 0o555)
+    reader = _as_non_writer(OPEN_THEN_LIVE, path, "keep", "5")
     try:
         assert reader.stdout.readline().split() == ["REFUSED", "CorruptionError"]
         with pytest.raises(walstore.CorruptionError):  # (the writer's own refusal: the
@@ -94,7 +94,7 @@ def test_writer_refused_by_a_lock_free_reader_is_told_who_holds_it(shared_dir):
     is held shared by a read-only open reading without LMDB's lock file.  Now the
     refusal says so and when the writer may open it."""
     path = _readable_store(shared_dir)
-    reader = _as_nobody(OPEN_THEN_LIVE, path, "keep", "5")
+    reader = _as_non_writer(OPEN_THEN_LIVE, path, "keep", "5")
     try:
         assert reader.stdout.readline().split() == ["OPENED", "VALUE-A"]
         with pytest.raises(walstore.StoreLocked) as e:

@@ -35,7 +35,7 @@ import walstore
 from store_support import cli_env
 from tests.test_audit67_durable_events import OPTS, workspace_with
 from test_audit68_leftovers import _modes, shared_dir  # noqa: F401  (a fixture)
-from test_audit68_leftovers_review import _as_nobody, _readable_store
+from test_audit68_leftovers_review import _as_non_writer, _readable_store
 from tools.faults import FaultBackend, installed
 
 
@@ -147,7 +147,7 @@ def test_lock_free_read_only_open_retries_with_a_smaller_map_under_ulimit_v(shar
     Cannot allocate memory", where every other open retries with a smaller map."""
     path = _readable_store(shared_dir)
     try:
-        reader = _as_nobody(UNDER_ULIMIT_V, path)
+        reader = _as_non_writer(UNDER_ULIMIT_V, path)
         out, err = reader.communicate(timeout=60)
         assert out.split()[:2] == ["READ", "VALUE-A"], (out, err)
     finally:
@@ -338,7 +338,7 @@ def test_writer_lock_is_let_go_by_a_lock_free_open_interrupted_anywhere(shared_d
     was built, between the registration and the handle's."""
     path = _readable_store(shared_dir)
     try:
-        reader = _as_nobody(INTERRUPTED_LOCK_FREE_OPENS, path)
+        reader = _as_non_writer(INTERRUPTED_LOCK_FREE_OPENS, path)
         out, err = reader.communicate(timeout=120)
         last = out.strip().splitlines()[-1:] or [""]
         leaks = [line for line in out.splitlines() if line.startswith("LEAK")]
