@@ -95,6 +95,7 @@ def run_child(spec: dict, timeout: float = 60, until: str | None = None,
     buf = b""
     deadline = time.monotonic() + timeout
     fd = proc.stdout.fileno()
+    exited = False  # (seen ended before the last select: what it printed was read by then)
     while True:
         if until is not None and os.path.exists(until):
             break
@@ -105,8 +106,11 @@ def run_child(spec: dict, timeout: float = 60, until: str | None = None,
             pytest.fail(f"child timed out: {out['lines']} {proc.stderr.read()[-2000:]!r}")
         ready, _, _ = select.select([fd], [], [], min(left, 0.05))
         if not ready:
-            if proc.poll() is not None:
+            if exited:
                 break
+            # (ended: its last lines may still sit in the pipe -- a break here lost a
+            # "CALLS n" written just before it exited; the next select reads them)
+            exited = proc.poll() is not None
             continue
         chunk = os.read(fd, 65536)
         if not chunk:
