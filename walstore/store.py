@@ -872,7 +872,21 @@ class Store:
         self._twophase.rollback_prepared(gid)
 
     def decision(self, gid: str) -> str | None:
+        """What this store decided for ``gid``: "commit", "abort", "prepared" (in doubt,
+        or another caller's decision of it being made durable) or None (nothing was
+        prepared or decided under it here)."""
         return self._twophase.decision(gid)
+
+    def settled_decision(self, gid: str, timeout: float = 60.0) -> str | None:
+        """``decision(gid)`` once no decision of it is being made durable: while another
+        caller's COMMIT or ROLLBACK_PREPARED of ``gid`` waits for its fsync, this waits
+        for it (up to ``timeout`` seconds) instead of answering "prepared" (or, under
+        durability="normal", a decision whose fsync may still fail).  Returns "commit",
+        "abort", "prepared" (in doubt, no decision under way), None (nothing under
+        ``gid`` here) or "unknown": that fsync failed (in doubt until the next open), the
+        store closed meanwhile, or ``timeout`` ran out.  What a coordinator asks before
+        telling its participants (``walstore.resolve_atomic`` does)."""
+        return self._twophase.settled_decision(gid, timeout)
 
 
 def _jitter() -> float:

@@ -251,7 +251,7 @@ class ActionScope:
         return self.action
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._saga.engine._forked_from is not None:  # (a forked child's copy of its
+        if self._saga.engine.forked_from is not None:  # (a forked child's copy of its
             # parent's action: its result cannot be logged here; the parent's is the one)
             if exc_type is not None:
                 return False  # (the child's exception passes as it is)

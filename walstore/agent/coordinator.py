@@ -280,7 +280,7 @@ def resolve_atomic(*stores) -> dict[str, str]:
                 # coordinator too; read once durable: its COMMIT's fsync under way read
                 # "prepared", and this raised beside a group ending all one way — audit 68;
                 # "unknown": that fsync failed, the participant in doubt until its reopen)
-                if store._twophase.settled_decision(gid) not in (
+                if store.settled_decision(gid) not in (
                         "commit" if commit else "abort", "unknown"):
                     raise
         outcomes[gid] = "committed" if commit else "rolled back"
@@ -316,7 +316,7 @@ def _decide_coordinator(coordinator, gid: str) -> bool | None:
             return False
         except UnknownGid:
             pass  # (decided by another caller a moment before: that decision stands)
-    decided = coordinator._twophase.settled_decision(gid)  # (not a public method)
+    decided = coordinator.settled_decision(gid)
     if decided == "unknown" or decided == "prepared":  # ("prepared": back in doubt)
         return None
     return decided == "commit"

@@ -1189,6 +1189,12 @@ class Engine:
                                   f"again here (a store is used by the process that opened it)")
             raise StoreClosed(f"store {self.path} is closed")
 
+    @property
+    def forked_from(self) -> int | None:
+        """In a forked child's copy of a store its parent opened (``forked_away``): the
+        parent's pid; None otherwise."""
+        return self._forked_from
+
     def check_not_forked(self) -> None:
         """StoreClosed naming the parent when this is a forked child's copy of a store its
         parent opened (``forked_away``); nothing otherwise (the store may be closed)."""
