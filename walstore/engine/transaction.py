@@ -835,6 +835,8 @@ class Transaction:
         """``tx.files(ws)``: this transaction's file operations in a workspace (a
         ``store.workspace(...)`` or its root path; see walstore.agent.files.TxFiles)."""
         self._check_active()
+        if self.gid is not None:  # (decided meanwhile through the store: it handed out
+            self._check_undecided()  # the file operations of an ended one — audit 69)
         return self._hooks.files_of(self, ws)
 
     # ---- savepoints ----------------------------------------------------------------------
@@ -1023,6 +1025,8 @@ class Transaction:
     def release(self, sp: Savepoint | str) -> None:
         """Forget ``sp`` and every newer savepoint; their writes are kept."""
         self._check_active()
+        if self.gid is not None:  # (decided meanwhile through the store: it released
+            self._check_undecided()  # silently, the state still "active" — audit 69)
         with self._end_lock:  # (the savepoints change under no other thread's lookup:
             # an IndexError came out of it — probe-audit51)
             if self.state != ACTIVE:  # (ended by the commit() or rollback() this call
