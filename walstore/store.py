@@ -872,9 +872,10 @@ class Store:
         self._twophase.rollback_prepared(gid)
 
     def decision(self, gid: str) -> str | None:
-        """What this store decided for ``gid``: "commit", "abort", "prepared" (in doubt,
-        or another caller's decision of it being made durable) or None (nothing was
-        prepared or decided under it here)."""
+        """What this store decided for ``gid``: "commit", "abort", "prepared" (in doubt;
+        also while another caller's decision of it waits for its fsync under
+        durability="full" — under "normal" a COMMIT reads "commit" once written: see
+        ``settled_decision``) or None (nothing was prepared or decided under it here)."""
         return self._twophase.decision(gid)
 
     def settled_decision(self, gid: str, timeout: float = 60.0) -> str | None:
