@@ -57,13 +57,24 @@ _MAIN = [threading.main_thread().ident]  # the thread that runs signal handlers 
 
 def _forked() -> None:
     global _OWN_LOCK
+    # (the main thread forked inside a section: the child goes on inside it and ends it,
+    # giving its handlers back; reset, the section's end did nothing in the child and the
+    # stand-ins stayed in place for good -- every later Ctrl-C noted, never delivered)
+    in_section = bool(_DEFERRED.depth) and _ident() == _MAIN[0]
     _MAIN[0] = threading.main_thread().ident  # (the child's: the thread that forked)
     _OWN_LOCK = threading.Lock()  # (one a parent's thread held at the fork — one of ours
     # starting or ending — stayed held: every thread the child started hung at its start)
-    _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []
+    if not in_section:  # (another thread forked: the main thread's section is not the
+        saved = _DEFERRED.saved  # child's; its stand-ins are given back here)
+        _DEFERRED.depth, _DEFERRED.old, _DEFERRED.saved = 0, None, []
+        for sig, handler in reversed(saved):
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):  # (not the main interpreter: nothing to give)
+                break
     _OWN[0] = 0  # (the forking thread alone goes on in the child)
     _TASKS[0] = -1.0
-    _HELD.clear()
+    _HELD.clear()  # (the parent's signals, delivered to the parent)
 
 
 os.register_at_fork(after_in_child=_forked)
@@ -156,6 +167,7 @@ _CHECK_SIGNALS = _check_signals() if _LIBC is not None else None
 _OWN = [0]
 _OWN_LOCK = threading.Lock()
 _HELD: list[int] = []  # signals a section's stand-in handler took (see _hold_handlers)
+_REPLACED: dict = {}  # signal -> the handler its stand-in last stood in for
 
 
 def _other_threads() -> bool:
@@ -203,10 +215,19 @@ def _hold_handlers(saved: list) -> None:
     goes into ``saved`` before its swap: a handler that raises between two swaps leaves
     the caller the list of what to give back (the stand-in stayed in place of SIGINT's
     for good).  Costs two ``signal.signal`` calls per handler (~6 µs), paid only when
-    such threads run."""
+    such threads run.
+
+    A stand-in found in place as a section begins was left there (a program read it with
+    ``signal.getsignal`` inside a section and put it back after it): the handler it stood
+    in for comes back at this section's end (before, it stayed for good, and the section's
+    end raised each signal it took into it again, for ever: a hang)."""
     for sig in _FEW:
         handler = signal.getsignal(sig)
-        if callable(handler) and handler is not _stand_in:
+        if handler is _stand_in:
+            if sig in _REPLACED:
+                saved.append((sig, _REPLACED[sig]))
+        elif callable(handler):
+            _REPLACED[sig] = handler
             saved.append((sig, handler))
             signal.signal(sig, _stand_in)
 
@@ -225,11 +246,20 @@ def _give_back_handlers(saved: list) -> None:
                 signal.signal(*saved[-1])
                 saved.pop()
             while _HELD:
+                if signal.getsignal(_HELD[0]) is _stand_in:  # (still in place: raised into
+                    _give_back_one(_HELD[0])  # it, it would note it again, for ever)
                 signal.raise_signal(_HELD.pop(0))
         except BaseException as e:  # noqa: B036 (a handler's: raised once all is given back)
             raised = e
     if raised is not None:
         raise raised
+
+
+def _give_back_one(sig: int) -> None:
+    """The handler ``sig``'s stand-in stood in for put back (the default one if none is
+    known)."""
+    default = signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL
+    signal.signal(sig, _REPLACED.get(sig, default))
 
 
 class _Deferred:
