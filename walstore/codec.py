@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Union
 
 import msgpack
 
-from .errors import CorruptionError
+from .errors import CorruptionError, type_and_message
 
 Key = Union[str, bytes]
 
@@ -330,8 +330,8 @@ def unpack_value(packed: bytes) -> Any:
     try:
         return msgpack.unpackb(packed, raw=False, strict_map_key=False)
     except DECODE_ERRORS as e:
-        raise CorruptionError(f"a stored value does not decode: {type(e).__name__}: "
-                              f"{e}") from e
+        raise CorruptionError(f"a stored value does not decode: "
+                              f"{type_and_message(e)}") from e
 
 
 def pack(obj: Any) -> bytes:
@@ -378,7 +378,7 @@ def unpack(data: bytes) -> Any:
     try:
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except DECODE_ERRORS as e:  # (the types msgpack raises on damaged input)
-        raise ValueError(f"undecodable msgpack: {type(e).__name__}: {e}") from None
+        raise ValueError(f"undecodable msgpack: {type_and_message(e)}") from None
 
 
 def _buffer_problem(e: BufferError) -> str:

@@ -209,6 +209,18 @@ def shown(value: object, limit: int = 80) -> str:
     return f"{text[:limit - 20]}... ({len(text):,} characters)"
 
 
+def type_and_message(e: BaseException) -> str:
+    """``"Type: message"`` of ``e`` as reports, the action log, tables and warnings say it;
+    just ``"Type"`` when its message is empty (a Ctrl-C read "KeyboardInterrupt: ", a bare
+    ``raise RuntimeError()`` "RuntimeError: "); a ``__str__`` that fails does not replace
+    the exception on its way.  The one place this is formatted: no copies."""
+    try:
+        message = str(e)
+    except Exception:  # (a broken __str__)
+        message = "(its message could not be read)"
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
 def command_word(path: object) -> str:
     """A path as one word of a command a message suggests (`walstore recover PATH`), so
     that it pastes back into a shell: quoted when it holds a space or a shell character

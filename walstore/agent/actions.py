@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..codec import ACTION_ROW_BYTES, MAX_ACTION_BYTES, pack, storable, unpack, utf8
 from ..errors import (ActionIdTypeError, CompensationFailed, EmptyArgumentError, ReadOnlyError,
-                      StoreClosed, UnknownAction, WalstoreError, shown)
+                      StoreClosed, UnknownAction, WalstoreError, shown,
+                      type_and_message)
 from ..log import records
 from ..log.format import RecordType
 from ..log.writer import LogFailed, WalWriteError
@@ -93,6 +94,11 @@ class Action:
     scope: Any = None
     held: bool = False      # owed, but never run automatically (inherited by a copy)
     in_flight: bool = False  # its transaction has not ended yet
+    # what its body raised (its ``error`` as the body's end recorded it), kept when
+    # ``error`` says something else (its transaction rolled back, a compensation failed):
+    # a compensated one says it again (the row of an action whose body raised read
+    # "compensated" with no error, what the body raised lost)
+    raised: str | None = field(default=None, compare=False)
     # (thread ident, the frame running the ``with``) while its body runs: see ActionScope
     # and ``blocks_rollback`` (the frame itself, not its id: a returned frame's id is
     # soon another's)
@@ -154,7 +160,8 @@ class Action:
                    PENDING if in_flight else state, records.error_text_of(row.get("error")),
                    row.get("attempts", 0),
                    row.get("ts", 0.0), row.get("lsn", 0), row.get("scope"),
-                   bool(row.get("held")), in_flight)
+                   bool(row.get("held")), in_flight,
+                   raised=records.error_text_of(row.get("raised")))
 
     def as_dict(self) -> dict:
         """The JSON view (``walstore actions --json``): the stored row's fields (``tx`` is
@@ -269,14 +276,10 @@ _ACTION_FIELDS = frozenset({"id", "txid", "name", "args", "result", "key", "comp
 
 
 def error_text(exc: BaseException) -> str:
-    """``"Type: message"`` of ``exc``, as an action's error records it: at most
-    MAX_ERROR_BYTES of it (see ``bounded_error``); a ``__str__`` that fails does not
-    replace the exception on its way."""
-    try:
-        text = f"{type(exc).__name__}: {exc}"
-    except Exception:  # (a broken __str__)
-        text = f"{type(exc).__name__}: (its message could not be read)"
-    return bounded_error(text)
+    """``"Type: message"`` of ``exc`` (``errors.type_and_message``: the type alone when
+    the message is empty), as an action's error records it: at most MAX_ERROR_BYTES of it
+    (see ``bounded_error``)."""
+    return bounded_error(type_and_message(exc))
 
 
 def bounded_error(text: str) -> str:
@@ -630,7 +633,7 @@ class Saga:
         # counted, never refused (the body has run; what it adds stays within the room
         # the record keeps beside MAX_ACTION_BYTES, as the next action is refused)
         if action.error is not None:
-            action.error = bounded_error(action.error)
+            action.error = action.raised = bounded_error(action.error)
             tx.action_bytes += _error_bytes(action.error)
             action.commit_bytes += _error_bytes(action.error)
         if self.engine.writable:
@@ -902,6 +905,7 @@ class Saga:
                     # and the compensator, told nothing was charged, left the charge
                     if fresh.result is not None:
                         action.result = fresh.result
+                    action.raised = action.raised or fresh.raised
                     action.attempts = max(action.attempts, fresh.attempts)
                 fn = self.compensators.get(action.compensate)
                 try:
@@ -949,8 +953,7 @@ class Saga:
             ids = [a.id for a in failed]
             because = ""
             if cause is not None:
-                because = (f"; they were compensating because of {type(cause).__name__}: "
-                           f"{cause}")
+                because = f"; they were compensating because of {type_and_message(cause)}"
             err = CompensationFailed(
                 f"compensation failed for action(s) {ids} after {COMPENSATION_RETRIES} tries: "
                 f"{failed[0].error}; they are kept as 'failed' "
@@ -1016,8 +1019,10 @@ class Saga:
 
     def _record_compensated(self, action: Action, recorded: list) -> None:
         with deferred():  # (an interrupt while the record is written would leave a
-            action.state, action.error = COMPENSATED, None  # compensation that ran owed,
-            self.record_state(action)  # and run again at the next chance)
+            # compensation that ran owed, and run again at the next chance; its error:
+            # what the body raised, if it did — the reason it was undone)
+            action.state, action.error = COMPENSATED, action.raised
+            self.record_state(action)
             recorded.append(True)
 
     def record_state(self, action: Action) -> None:
@@ -1192,4 +1197,31 @@ class Saga:
                 and (include_held or not a.held)]
         failed = self.compensate(owed, raise_on_failure=False, include_held=include_held)
         done = [a.id for a in owed if a not in failed and a.state == COMPENSATED]
-        return done, self.actions(pending=True)
+        return done, self.owed_now()
+
+    def owed_now(self) -> list[Action]:
+        """``actions(pending=True)`` less the compensations running now (another thread's
+        ``retry_compensations``, a rollback or undo running them in its turn, a ``resolve``
+        under way): not owed — their outcome is being decided, as ``walstore actions
+        --pending`` and ``verify`` leave out one a live writer runs.  (A second
+        ``retry_compensations`` beside a first listed the refund the first was running
+        as still owed.)  One that ended between the listing and the look at what runs is
+        read again."""
+        before = self._busy()
+        owed = self.actions(pending=True)
+        after = self._busy()
+        out = []
+        for a in owed:
+            if a.id in after:
+                continue  # (running now: its outcome is being decided)
+            if a.id in before:  # (it ended meanwhile: its row now says how)
+                a = self.shown_action(a.id)
+                if not a.owed:
+                    continue
+            out.append(a)
+        return out
+
+    def _busy(self) -> set[str]:
+        """The ids of the compensations being run, reserved or resolved now."""
+        with self._running_lock:
+            return set(self._running) | set(self._reserved)

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import fileio
 from ..errors import ConflictError, CorruptionError, FileConflictError, StoreClosed, \
-    StoreIOError, WalstoreError, os_errors_as_store_errors, os_errors_wrapped
+    StoreIOError, WalstoreError, os_errors_as_store_errors, os_errors_wrapped, type_and_message
 from ..engine import tables
 from ..engine.recovery import Problem, RecoveryReport
 from ..files import (BlobStore, Change, Entry, FileConflict, Manifest, Workspace,
@@ -232,8 +232,10 @@ class FileEffect:
             return (f"its file operation {self.op!r} was interrupted or failed, and is not "
                     f"recorded as made nor as put back; roll the transaction back")
         if self.undo_conflicts:
+            paths = self.undo_conflicts
+            more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
             return (f"its file operation {self.op!r} failed and could not be put back "
-                    f"whole: {', '.join(self.undo_conflicts[:5])} changed behind walstore's "
+                    f"whole: {', '.join(paths[:5])}{more} changed behind walstore's "
                     f"back; roll the transaction back (its rollback reports them)")
         if not self.put_back:
             return None
@@ -1489,7 +1491,7 @@ class Files:
                 else ws.root
             raise ConflictError(f"transaction {eff.txid} ended without a commit and its "
                                 f"change of {where} could not be put back "
-                                f"({type(err).__name__}: {err}); it stays owed (the next "
+                                f"({type_and_message(err)}); it stays owed (the next "
                                 f"open puts it back); nothing was changed", [where])
         if not any(e.ws.root_b != root for t in owed for e in owed[t]):
             self._settled |= set(owed)
@@ -1714,10 +1716,10 @@ class Files:
                     # (``seen``), a rollback_to puts them back as a rollback does
                     w.blocks_rollback = "" if w.seen is not None else (
                         f"the end of a watch() block could not be recorded "
-                        f"({type(e).__name__}: {e}); what the block changed can only be "
+                        f"({type_and_message(e)}); what the block changed can only be "
                         f"put back whole: roll the transaction back")
                     tx.note_block_ended(w)  # (a savepoint taken now is not inside it)
-                    w.end_failed = f"{type(e).__name__}: {e}"
+                    w.end_failed = f"{type_and_message(e)}"
                     if not failed or not isinstance(e, Exception):
                         raise  # (the block's own error wins; the watch stays open)
                 finally:
@@ -2789,6 +2791,6 @@ class FilesRecoveryReport(RecoveryReport):
             self.problems.append(Problem(
                 "file-undo-failed", os.fsdecode(ws or b"?"), 0, lsn,
                 f"the file changes of transaction {txid} could not be put back "
-                f"({type(err).__name__}: {err}); they stay owed: put back at the next "
+                f"({type_and_message(err)}); they stay owed: put back at the next "
                 f"open (or `walstore recover`)",
                 0, "owed"))

@@ -15,7 +15,8 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..errors import CompensationFailed, StoreClosed, TransactionClosed, WalstoreError
+from ..errors import (CompensationFailed, StoreClosed, TransactionClosed, WalstoreError,
+                      type_and_message)
 from ..log.writer import LogFailed
 from ..signals import deferred
 from .actions import Action, ActionScope, Saga, UndoProgress, _body_running
@@ -316,8 +317,8 @@ class AgentHooks:
         if conflicts or failed:
             docs = [self.files.conflict_doc(self._root(done, lsn), c) for lsn, c in conflicts]
             bad = [(abs_display(e.ws.root_b, e.steps[0].path) if getattr(e, "steps", None)
-                    else e.ws.root, f"{type(x).__name__}: "
-                    f"{no_room_to_undo(e, x) if _no_space(x) else x}") for e, x in failed]
+                    else e.ws.root, f"{type(x).__name__}: {no_room_to_undo(e, x)}" if _no_space(x)
+                    else type_and_message(x)) for e, x in failed]
             parts = []
             if docs:
                 parts.append("changed behind walstore's back (their version stays, "

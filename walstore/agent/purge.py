@@ -38,7 +38,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..agent.scope import ScopeRange
-from ..errors import EmptyArgumentError, ErasureOwed, TransactionTooLarge
+from ..errors import EmptyArgumentError, ErasureOwed, TransactionTooLarge, type_and_message
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -130,7 +130,7 @@ def _erasure_owed(eng: "Engine", prefix: Any, done: dict, e: Exception) -> Erasu
     return ErasureOwed(
         f"purge({prefix!r}) committed (txid {done['txid']}): its keys are gone from every "
         f"API and the purge stands, but erasing their old bytes from the store's files "
-        f"failed ({type(e).__name__}: {e}); the erasure is owed: "
+        f"failed ({type_and_message(e)}); the erasure is owed: "
         + ("the store turned read-only, and reopening it finishes the erasure"
            if read_only else "store.checkpoint() or the next writable open finishes it"),
         dict(done, erasure_owed=True), code)

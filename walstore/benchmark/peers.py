@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..errors import type_and_message
 from .data import KEY_BYTES, make_value
 from .spec import Context, Item
 
@@ -439,7 +440,7 @@ def unavailable(system: System) -> str | None:
     try:
         module = importlib.import_module(system.module)
     except Exception as exc:  # noqa: BLE001 - any import failure means "cannot run"
-        return f"cannot import {system.module}: {type(exc).__name__}: {exc}"
+        return f"cannot import {system.module}: {type_and_message(exc)}"
     if system.module == "walstore" and not hasattr(module, "open"):
         return "walstore.open is missing"
     return None

@@ -26,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import type_and_message
 from ..signals import deferred
 from .peers import SYSTEMS, unavailable, walstore_commit_cpu_s, walstore_record_bytes
 from .spec import (Context, Part, Progress, Sample, Target, Workload, percentile,
@@ -154,7 +155,7 @@ def run_workload(w: Workload, rounds: int, budget: float, progress: Progress,
             try:
                 result = measure_once(w, name, budget, base)
             except Exception as exc:  # noqa: BLE001 - reported in the row, the run goes on
-                errors[name] = f"error: {type(exc).__name__}: {exc}"
+                errors[name] = f"error: {type_and_message(exc)}"
                 progress(f"  {r + 1}/{n} {name:<24} {errors[name]}")
                 continue
             per_part = result if isinstance(result, dict) else {w.parts[0].id: result}

@@ -26,7 +26,7 @@ import msgpack
 
 import walstore
 from . import _engine
-from ._engine import command_word
+from ._engine import command_word, type_and_message
 from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, Failure, begin_command,
                      emit_json_error, end_progress, error_kind, error_text, problem_noted,
                      stdout_to_devnull)
@@ -117,10 +117,10 @@ def _cause(exc: BaseException, command: str, path: str | None) -> str:
         db = _engine.lmdb_file(path) if path else None
         return f"LMDB: {exc}" + (f": {db}" if db and db not in str(exc) else "")
     if isinstance(exc, _DECODING_ERRORS):
-        return f"undecodable data ({type(exc).__name__}: {exc}){where}"
+        return f"undecodable data ({type_and_message(exc)}){where}"
     if isinstance(exc, KeyError):
         return error_text(exc)
-    return (f"{type(exc).__name__}: {exc}{where} (an unexpected error; `walstore --debug` "
+    return (f"{type_and_message(exc)}{where} (an unexpected error; `walstore --debug` "
             f"shows where)")
 
 

@@ -18,7 +18,7 @@ import walstore
 
 from . import _engine
 from ._engine import command_word
-from ._engine import never_runs
+from ._engine import never_runs, type_and_message
 from .output import (UsageProblem, cut_text, end_progress, note_problem, progress_printer,
                      show_cell, stream_table, table)
 
@@ -184,7 +184,7 @@ def load_handlers(module: str | None, as_json: bool = False) -> dict[str, Callab
         # argparse, at import): it ended the command with the module's status, `recover`
         # exiting 0 having recovered nothing, no --json document
         raise UsageProblem(f"--handlers {module}: cannot import it "
-                           f"({type(e).__name__}: {e})") from None
+                           f"({type_and_message(e)})") from None
     comps = getattr(mod, "COMPENSATORS", None)
     if not isinstance(comps, dict):
         raise UsageProblem(f"--handlers {module}: the module has no COMPENSATORS dict "

@@ -9,7 +9,7 @@ import click
 import walstore
 
 from . import WalstoreCommand, _engine, main
-from ._engine import command_word
+from ._engine import command_word, type_and_message
 from .common import JSON, PATH, open_store
 from .output import (EXIT_INTERRUPTED, EXIT_PROBLEM, EXIT_USAGE, KEY, PREFIX,
                      NegativeNumberArguments,
@@ -91,7 +91,7 @@ def purge(path: str, prefix: str | bytes, yes: bool, as_json: bool) -> None:
             fail(f"purge of {show_key(prefix)} committed (transaction {e.txid}, "
                  f"{e.report.get('keys_erased')} key(s) erased from every read), but erasing "
                  f"their old bytes from the store's files failed: "
-                 f"{type(cause).__name__}: {cause}; the erasure is owed: the next writable "
+                 f"{type_and_message(cause)}; the erasure is owed: the next writable "
                  f"open of the store (or `walstore checkpoint {command_word(path)}`) finishes it")
         except KeyboardInterrupt as e:  # (committed before the Ctrl-C: said so, exit 130;
             done = getattr(e, "purge_committed", None)  # it read "purge interrupted", as

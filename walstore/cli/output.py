@@ -59,7 +59,7 @@ from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import click
 
-from ._engine import check_key
+from ._engine import check_key, type_and_message
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
@@ -336,7 +336,7 @@ def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
         # (Ctrl-C too: a KeyboardInterrupt is no Exception, and went past this, leaving
         # stdout in the middle of the list: no JSON document at all)
         why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
-               else f"{type(e).__name__}: {e}")
+               else f"{type_and_message(e)}")
         with sigint_held():
             click.echo("".join(reversed(closers))
                        + f"\n], {json_text('error')}: {json_text(why)}}}")
@@ -345,7 +345,7 @@ def emit_json_list(name: str, items: Iterable[Any], head: dict | None = None,
         end = closing()
     except (Exception, KeyboardInterrupt) as e:
         why = ("interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt)
-               else f"{type(e).__name__}: {e}")
+               else f"{type_and_message(e)}")
         with sigint_held():
             click.echo(f"\n], {json_text('error')}: {json_text(why)}}}")
         raise

@@ -36,7 +36,7 @@ import lmdb
 
 from .. import fileio
 from ..errors import (CorruptionError, NeedsRecovery, NotAStore, ReadOnlyError, StoreClosed,
-                      StoreIOError, WalstoreError, command_word)
+                      StoreIOError, WalstoreError, command_word, type_and_message)
 from ..log.format import SEGMENT_HEADER_SIZE, RecordType
 from ..log.reader import LogEvent, LogReader
 from ..log.records import Event, error_text_of
@@ -780,7 +780,7 @@ class Engine:
         if self.stopped_by is not None or isinstance(e, (StateWriteError, LogFailed)):
             raise e
         self._checkpoint_retry_at = time.monotonic() + CHECKPOINT_RETRY_S
-        self.background_errors.append(f"checkpoint: {type(e).__name__}: {e}")
+        self.background_errors.append(f"checkpoint: {type_and_message(e)}")
         del self.background_errors[:-10]
 
     def _finish_owed_erasure(self) -> None:
@@ -813,7 +813,7 @@ class Engine:
             self.erase_old_bytes([], after_rotate=self.before_erase)
         except (WalstoreError, OSError) as e:
             self._erasure_retry_at = time.monotonic() + ERASURE_RETRY_S
-            self.background_errors.append(f"erasure owed: {type(e).__name__}: {e}")
+            self.background_errors.append(f"erasure owed: {type_and_message(e)}")
             del self.background_errors[:-10]
         finally:
             self.erasure_lock.release()
@@ -1259,7 +1259,7 @@ class Engine:
     def note_background_error(self, error: BaseException) -> None:
         """An error after a commit's point of no return: never the commit's failure.  An
         LMDB write error stops writing; anything else is recorded for ``stats()``."""
-        self.background_errors.append(f"{type(error).__name__}: {error}")
+        self.background_errors.append(f"{type_and_message(error)}")
         del self.background_errors[:-10]
         if isinstance(error, (StateWriteError, OSError)):
             self.fail(error)
@@ -1411,7 +1411,7 @@ def described(e: BaseException) -> str:
     ``stats()['failure']`` was '')."""
     if isinstance(e, (WalstoreError, OSError, lmdb.Error)):
         return str(e) or type(e).__name__
-    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return type_and_message(e)
 
 
 def thread_start_error(e: RuntimeError, doing: str,

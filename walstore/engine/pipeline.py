@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 from .. import fileio
-from ..errors import CommitOutcomeUnknown, ConflictError, UnknownGid, WalstoreError
+from ..errors import (CommitOutcomeUnknown, ConflictError, UnknownGid, WalstoreError,
+                      type_and_message)
 from ..log.records import Event
 from ..log.writer import LogFailed, WalWriteError
 from ..signals import deferred
@@ -262,7 +263,7 @@ class CommitPipeline:
                 self.in_doubt[gid] = txid
         raise CommitOutcomeUnknown(
             f"transaction {txid}'s commit record was appended, then waiting for it to be "
-            f"durable failed ({type(error).__name__}: {error}): whether it committed is "
+            f"durable failed ({type_and_message(error)}): whether it committed is "
             f"unknown until the store is reopened (recovery decides); the store is now "
             f"read-only and no compensation ran", txid) from error
 

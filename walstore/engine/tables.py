@@ -40,7 +40,7 @@ from typing import Any, Callable
 import msgpack
 
 from ..codec import DECODE_ERRORS, decode_key, pack, unpack
-from ..errors import CorruptionError
+from ..errors import CorruptionError, type_and_message
 from ..log.format import RecordType
 from ..log import records
 from ..log.records import Event, commit_ts, extend_map
@@ -96,7 +96,7 @@ def row_damaged(table: str, key: bytes, e: BaseException, file: str | None = Non
     cause = e.__cause__ if isinstance(e, CorruptionError) and e.__cause__ else e
     return CorruptionError(
         f"LMDB table {table!r}: the row of {describe_row_key(table, key)} does not decode "
-        f"({type(cause).__name__}: {cause}): the state is damaged", file=file)
+        f"({type_and_message(cause)}): the state is damaged", file=file)
 
 
 # ---- the shape of a decoded row ---------------------------------------------------------
@@ -173,7 +173,7 @@ def _actions_row(row: Any) -> None:
     _need_ts(row)
     if row.get("state") not in _ACTION_STATES:
         raise ValueError(f"field 'state' is not an action state ({row.get('state')!r:.40})")
-    for name in ("compensate", "name", "key", "error"):
+    for name in ("compensate", "name", "key", "error", "raised"):
         v = row.get(name)
         if v is not None and not isinstance(v, str) and not (
                 name == "error" and row.get("state") == RESOLVED):  # (an old resolve
@@ -481,7 +481,10 @@ def action_changes(event: Event, get_row: Callable[[str], dict | None],
         row = get_row(str(b.get("id")))
         if row is None:
             return []
-        return [dict(row, result=b.get("result"), error=b.get("error"))]
+        new = dict(row, result=b.get("result"), error=b.get("error"))
+        if b.get("error") is not None:  # (what the body raised, kept past the ABORT's and
+            new["raised"] = b["error"]  # the compensation's errors: Action.raised)
+        return [new]
     if t == RecordType.COMMIT:  # reads only "actions", "crossed", "compensate", "redo",
         out = []                # "unredo" (apply skips commits with none of them: keep
         field = event.field     # apply._ACTION_FIELDS; a plain commit's body is not decoded)

@@ -46,7 +46,7 @@ from ..codec import MAX_KEY_BYTES, MAX_TXN_WRITE_BYTES, WRITE_OVERHEAD, Key, che
     unpack_value
 from ..errors import (CommitOutcomeUnknown, CompensationFailed, CorruptionError,
                       FileConflictError, TransactionClosed, TransactionTooLarge, UnknownGid,
-                      WalstoreError)
+                      WalstoreError, type_and_message)
 from ..log.format import LSN
 from ..signals import deferred
 from .conflicts import ReadSet
@@ -1224,7 +1224,7 @@ class Transaction:
                     # failed ran its side effects twice.  Contained, as a background
                     # error (``stats()``)
                     self._engine.background_errors.append(
-                        f"after transaction {self.id} committed: {type(e).__name__}: {e}")
+                        f"after transaction {self.id} committed: {type_and_message(e)}")
                     del self._engine.background_errors[:-10]
                     return self.lsn
                 raise

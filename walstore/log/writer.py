@@ -44,7 +44,7 @@ import time
 
 from .. import fileio
 from ..fileio import pwrite_all
-from ..errors import ReadOnlyError, StoreClosed, StoreIOError, WalstoreError
+from ..errors import ReadOnlyError, StoreClosed, StoreIOError, WalstoreError, type_and_message
 from ..signals import deferred, start_thread
 from .format import (RECORD_HEADER_SIZE, SEAL_PAYLOAD, SEAL_RECORD_SIZE, SEGMENT_HEADER_SIZE,
                      RecordType, encode_record)
@@ -468,12 +468,12 @@ class WriteAheadLog:
                 # background_errors — passed over in silence, audit 65; ENOSPC in the fill
                 # is the disk filling meanwhile, as NoRoomForSpare: not an error)
                 if e.errno != errno.ENOSPC:
-                    self.spare_error = f"{type(e).__name__}: {e}"
+                    self.spare_error = f"{type_and_message(e)}"
             except Exception as e:  # (a MemoryError at a memory limit): the same — the
                 # thread lives on for the next one.  It died of it, ``_spare_wanted``
                 # stayed set, and every later rotation waited _await_spare's 5 s for a
                 # spare nobody made, holding the log's locks (every commit waited too)
-                self.spare_error = f"{type(e).__name__}: {e}"
+                self.spare_error = f"{type_and_message(e)}"
             finally:  # (whatever ended the attempt: no rotation waits for it any more)
                 with self._spare_lock:
                     self._spare_wanted = False

@@ -120,6 +120,7 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
         if not inside:
             sweep_dead_scratch(base, prefix)
         stage = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=base)
+    staged = stage  # (``stage`` is None once the copy is in place)
     state: LmdbState | None = None
     damage = None
     gc_held: int | None = None
@@ -164,6 +165,11 @@ def backup(src: str, dest: str, progress: Callable[[int, int], None] | None = No
             raise CorruptionError(f"backup of {src} refused: its WAL is damaged ({damage}); "
                                   f"a copy would silently lack the commits behind it")
         raise WalstoreError(f"backup of {src} kept racing with checkpoints; try again")
+    except OSError as e:
+        named = named_at_dest(e, staged, dest)
+        if named is e:
+            raise
+        raise named from None
     finally:
         if state is not None:
             state.close()
@@ -210,6 +216,31 @@ def what_dest_holds(dest: str, verb: str) -> str:
             f"{verb} cut off once it was in place): check it (`walstore verify {dest}`) "
             f"and keep it; only if it is no store you keep, remove it and run the {verb} "
             f"again")
+
+
+def named_at_dest(e: OSError, stage: str, dest: str) -> OSError:
+    """``e``, an OS error of a backup (or restore) staged in ``stage``, as its user is told
+    it: a path in the staging directory (removed: nobody asked for it) named as the same
+    path under ``dest``, and what was being written said (a StoreIOError), the OS error it
+    chains not said again.  ``e`` itself when it names no staged path.  (It said "backup
+    failed: ... [ENOSPC]: DEST.incomplete-backup-123-x/wal/...wal (... : .../STORE.tmp)".)"""
+    def moved(p: object) -> object:
+        if isinstance(p, bytes):
+            p = os.fsdecode(p)
+        if isinstance(p, str) and (p == stage or p.startswith(stage + os.sep)):
+            return dest + p[len(stage):]
+        return p
+
+    text = e.strerror or str(e)
+    if stage not in text and moved(e.filename) == e.filename \
+            and moved(e.filename2) == e.filename2:
+        return e
+    if "backup" not in text and "restore" not in text:  # (a bare OS error: say of what)
+        text = f"writing the backup failed ({text}); {PARTIAL}"
+    named = StoreIOError(e.errno or errno.EIO, text.replace(stage, dest), moved(e.filename))
+    if e.filename2 is not None and moved(e.filename2) != dest:  # (a rename into place:
+        named.filename2 = moved(e.filename2)                    # DEST once is enough)
+    return named
 
 
 def _install(stage: str, dest: str) -> None:

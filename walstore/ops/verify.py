@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..codec import decode_key, unpack_value
-from ..errors import CorruptionError, WalstoreError
+from ..errors import CorruptionError, WalstoreError, type_and_message
 from ..engine.lmdb_check import SnapshotMissed, walk_lmdb_data_file
 from ..log import records
 from ..log.format import RecordType
@@ -708,7 +708,7 @@ def _load_manifest(store, digest: str, path: str, sha256_of) -> tuple[bool, str 
     except Exception as e:  # any decode failure: damaged, or not a manifest
         if sha256_of(path) != digest:
             return False, None
-        return True, f"{type(e).__name__}: {e}"
+        return True, f"{type_and_message(e)}"
 
 
 def _blob_problem(digest: str, path: str, reason: str, manifest: bool) -> str:

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import msgpack
 
 from .. import clock
-from ..errors import ReplicationError
+from ..errors import ReplicationError, type_and_message
 from ..files.blobs import BlobStore
 from ..log.reader import FileBytes
 from ..signals import Flag
@@ -297,7 +297,7 @@ class Shipper:
             self._rounds()
         except BaseException as e:
             self.state = "failed"
-            self.last_error = f"the replication thread stopped: {type(e).__name__}: {e}"
+            self.last_error = f"the replication thread stopped: {type_and_message(e)}"
             self._unpin()
             self._first.set()
             with self._cond_lock:
@@ -344,7 +344,7 @@ class Shipper:
         ships past it until it is resolved (it read as one more passing error while every
         later commit stayed unshipped: probe-repl)."""
         self._failed_rounds += 1
-        msg = f"{type(e).__name__}: {e}"
+        msg = f"{type_and_message(e)}"
         if getattr(e, "transient", None) is False or (
                 isinstance(e, ReplicationError) and not isinstance(e, TargetError)):
             msg += (f" (not a transient error: {self._failed_rounds} round(s) in a row "
@@ -1372,7 +1372,7 @@ class Shipper:
             wait = min(SNAPSHOT_BACKOFF_MAX,
                        self.opts.interval * 2 ** min(self._snapshot_failures, 16))
             self._snapshot_retry_at = time.monotonic() + wait * (0.5 + random.random() / 2)
-            self._snapshot_error = f"a snapshot failed ({type(e).__name__}: {e}); the WAL " \
+            self._snapshot_error = f"a snapshot failed ({type_and_message(e)}); the WAL " \
                                    f"ships on, the next attempt in {wait:.1f} s"
             summary["snapshot_error"] = self._snapshot_error
             return

@@ -96,7 +96,8 @@ except ImportError:  # pragma: no cover - older langgraph-checkpoint
 import walstore
 from walstore.agent.scope import NO_SCOPE
 from walstore.errors import (CommitOutcomeUnknown, ConflictError, ErasureOwed,
-                             HistoryTrimmed, PointTypeError, WalstoreError)
+                             HistoryTrimmed, PointTypeError, WalstoreError,
+                             type_and_message)
 
 from .._async import finish_despite_cancel
 from .._checks import check_store as _check_store
@@ -1214,7 +1215,7 @@ class WalstoreSaver(BaseCheckpointSaver[str]):
                                                   checkpoint_id=error.parent, txid=txid))
                 undone.append(txid)
             except WalstoreError as e:
-                left.append(f"{txid} ({type(e).__name__}: {e})")
+                left.append(f"{txid} ({type_and_message(e)})")
         if undone:
             error.args = (error.args[0] + f"; the transactions this run's nodes committed "
                           f"in that step (txids {', '.join(map(str, undone))}) were "

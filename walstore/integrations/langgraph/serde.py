@@ -77,6 +77,8 @@ from langgraph.checkpoint.serde.jsonplus import (EXT_CONSTRUCTOR_KW_ARGS,
 from langgraph.checkpoint.serde.types import SendProtocol, _DeltaSnapshot
 from langgraph.store.base import Item
 
+from walstore.errors import type_and_message
+
 __all__ = ["StateSerializer", "StateTypeError", "TypePolicy"]
 
 _OPTIONS = ormsgpack.OPT_NON_STR_KEYS
@@ -326,7 +328,7 @@ class TypePolicy:
         except Exception as e:
             raise self._failed(StateTypeError(
                 f"a stored value could not be rebuilt (msgpack extension {code}): "
-                f"{type(e).__name__}: {e}")) from e
+                f"{type_and_message(e)}")) from e
 
     def _rebuild(self, code: int, payload: bytes) -> Any:
         if code == EXT_DELTA_SNAPSHOT:
@@ -908,7 +910,7 @@ class _Packer:
                         f"WalstoreSaver refuses to store a {cls.__module__}."
                         f"{cls.__qualname__}: a value inside it would not come back: "
                         f"{inner}") from None
-                rebuilt, why = None, f"rebuilding it raised {type(e).__name__}: {e}"
+                rebuilt, why = None, f"rebuilding it raised {type_and_message(e)}"
             if why is None and check:
                 changed = [n for n in check if not self._same(getattr(obj, n, _MISSING),
                                                               getattr(rebuilt, n, _MISSING))]

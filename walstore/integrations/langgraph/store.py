@@ -56,7 +56,7 @@ from langgraph.store.base import (BaseStore, GetOp, Item, ListNamespacesOp, Matc
                                   validate_op_namespace)
 
 from walstore.agent.scope import NO_SCOPE
-from walstore.errors import ConflictError, StoreClosed, WalstoreError
+from walstore.errors import ConflictError, StoreClosed, WalstoreError, type_and_message
 from walstore.signals import Flag, deferred
 
 from .._async import finish_despite_cancel
@@ -475,7 +475,7 @@ class WalstoreStore(BaseStore):
             more = f" and {len(touched) - 3} more" if len(touched) > 3 else ""
             warnings.warn(f"walstore store {self.store.path}: renewing the TTL of "
                           f"{', '.join(named)}{more} on read failed "
-                          f"({type(e).__name__}: {e}); the read's answer stands, and the "
+                          f"({type_and_message(e)}); the read's answer stands, and the "
                           f"items keep the expiry they had", RuntimeWarning, stacklevel=3)
 
     def _refresh_items(self, touched: dict[bytes, dict]) -> None:
@@ -829,7 +829,7 @@ class WalstoreStore(BaseStore):
                         if self.store.closed:
                             break
                         warnings.warn(f"walstore TTL sweep of store {self.store.path} "
-                                      f"failed ({type(e).__name__}: {e}); expired items "
+                                      f"failed ({type_and_message(e)}); expired items "
                                       f"stay until the next sweep, in "
                                       f"{interval * 60:g} s", RuntimeWarning, stacklevel=1)
                 finish()
