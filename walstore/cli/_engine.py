@@ -17,6 +17,7 @@ from ..agent.coordinator import coordinator_id as atomic_coordinator_id
 from ..agent.twophase import check_gid
 from ..codec import encode_key
 from ..engine.lmdb_check import DATA_FILE, check_lmdb_data_file
+from ..engine.lmdb_state import MAP_SIZE
 from ..engine.layout import (FORMAT_NAME, MAX_IDENTITY_BYTES, READ_VERSIONS, Layout,
                               enclosing_store, store_path)
 from ..errors import NotAStore, command_word, type_and_message  # noqa: F401 (the CLI's
@@ -128,7 +129,8 @@ def store_stats(store: Store, path: str) -> dict[str, Any]:
     size of 64 GiB (the reader's own mapping) of one whose writer set 1 MiB, ``readonly
     true`` and 0 fsyncs of a store being written: those of the handle the command opened.
     Here the handle's own fields are null (unknown from outside the writer), the map size
-    is the one recorded in ``data.mdb`` (set by the writer), ``lmdb_bytes`` its size, and
+    is the one the writer noted (``lmdb_state.MAP_SIZE``; before that note, the one
+    recorded in ``data.mdb``), ``lmdb_bytes`` that file's size, and
     ``readonly`` says whether the command's handle is the store's writer (never)."""
     doc = store.stats()
     for name in HANDLE_ONLY_STATS:
@@ -136,7 +138,11 @@ def store_stats(store: Store, path: str) -> dict[str, Any]:
     doc["readonly"] = None
     info = check_lmdb_data_file(os.path.join(Layout(path).db, DATA_FILE),
                                 expect_existing=False)
-    doc["lmdb_map_size"] = None if info is None else info.map_size
+    # (the writer's, as it noted it: data.mdb's own record is the largest map any writer
+    # ever had — LMDB persists only increases — and a store written before the note has
+    # only that one)
+    noted = store._engine.state.meta_int(MAP_SIZE)
+    doc["lmdb_map_size"] = noted or (None if info is None else info.map_size)
     doc["lmdb_bytes"] = None if info is None else info.file_size
     return doc
 

@@ -5,7 +5,8 @@ Owns ``<store>/db`` and its named databases (tables):
 - ``data``:     stored key -> packed value (committed state up to ``applied``);
 - ``meta``:     bookkeeping, u64 big endian: ``applied`` (end LSN of the last applied log
                 event), ``next_txid``, ``open`` (1 while a writer has the store open: the
-                clean-shutdown flag), ``horizon`` (history retention), ``wal_start``;
+                clean-shutdown flag), ``horizon`` (history retention), ``wal_start``,
+                ``map_size`` (the writer's map: ``MAP_SIZE``);
 - ``txns``:     txid -> the committed transaction's log row;
 - ``bylsn``:    commit LSN -> txid;  ``hist``: key versions;  ``hkeys``: keys with history
                 (see :mod:`walstore.engine.tables`);
@@ -174,6 +175,13 @@ def _file_id(path: str, lock_file: str | None = None) -> tuple:
     except FileNotFoundError:
         return (st.st_dev, st.st_ino)
     return (st.st_dev, st.st_ino, lk.st_dev, lk.st_ino)
+
+
+# ``meta`` row: the map size the writer runs with, noted at its first LMDB write and at each
+# growth (``walstore stats`` reads it: the size LMDB records in data.mdb's meta pages only
+# ever grows — "persist any increases" — so it is the largest map any writer committed
+# with, and said 64 GiB of a store whose writer runs with 8 MiB after one default open)
+MAP_SIZE = b"map_size"
 
 
 def u64(n: int) -> bytes:
@@ -606,7 +614,7 @@ class LmdbState:
         shared = {"env": env, "readonly": readonly, "refs": 0, "gate": ReadGate(),
                   "write_lock": threading.Lock(), "handles": weakref.WeakSet(),
                   "file_id": file_id if len(file_id) == 4 else _file_id(self.data_file),
-                  "held_out": held}
+                  "held_out": held, "map_note": not readonly}
         self._open_tables(shared)  # (it closes the environment when it fails; the caller
         return shared              # lets the writer lock go)
 
@@ -670,6 +678,7 @@ class LmdbState:
                                       file=self.data_file) from e
             shared["env"], shared["readonly"] = env, False
             shared["file_id"] = _file_id(self.data_file)
+            shared["map_note"] = True
             self._open_tables(shared)
             for handle in list(shared["handles"]):
                 handle._adopt(shared)
@@ -1092,6 +1101,10 @@ class LmdbState:
                     raise StateWriteError(f"writing LMDB failed: {e}") from e
                 try:
                     fn(txn)
+                    # (the map size, for a reader's ``walstore stats``, once per change)
+                    noted = self._shared.get("map_note")
+                    if noted:
+                        txn.put(MAP_SIZE, u64(self.env.info()["map_size"]), db=self.meta)
                     applied = txn.get(b"applied", db=self.meta)
                     if applied is not None:  # (before the commit: see applied_bound)
                         bound = self._shared.get("applied_bound") or 0
@@ -1099,6 +1112,8 @@ class LmdbState:
                             bound, from_u64(applied, 0, "meta", b"applied", self))
                     fileio.lmdb_io("commit", self.path)
                     txn.commit()
+                    if noted:
+                        self._shared["map_note"] = False
                     return
                 except lmdb.MapFullError:
                     self._abort_write(txn)
@@ -1144,6 +1159,7 @@ class LmdbState:
                 continue
             try:
                 self.gate.exclusive(lambda: self.env.set_mapsize(size))
+                self._shared["map_note"] = True
                 return
             except lmdb.Error as e:
                 error = e
