@@ -219,7 +219,7 @@ def what_dest_holds(dest: str, verb: str) -> str:
 
 
 def named_at_dest(e: OSError, stage: str, dest: str) -> OSError:
-    """``e``, an OS error of a backup (or restore) staged in ``stage``, as its user is told
+    """``e``, an OS error of a backup staged in ``stage``, as its user is told
     it: a path in the staging directory (removed: nobody asked for it) named as the same
     path under ``dest``, and what was being written said (a StoreIOError), the OS error it
     chains not said again.  ``e`` itself when it names no staged path.  (It said "backup
@@ -235,7 +235,7 @@ def named_at_dest(e: OSError, stage: str, dest: str) -> OSError:
     if stage not in text and moved(e.filename) == e.filename \
             and moved(e.filename2) == e.filename2:
         return e
-    if "backup" not in text and "restore" not in text:  # (a bare OS error: say of what)
+    if "backup" not in text:  # (a bare OS error: say what was being written)
         text = f"writing the backup failed ({text}); {PARTIAL}"
     named = StoreIOError(e.errno or errno.EIO, text.replace(stage, dest), moved(e.filename))
     if e.filename2 is not None and moved(e.filename2) != dest:  # (a rename into place:
