@@ -53,7 +53,8 @@ class HistoryPins:
 
     def _give_back(self, horizon: int) -> None:
         interrupt: BaseException | None = None
-        while True:
+        given = False  # (an interrupt raised as the section ends finds it given back:
+        while not given:  # once, the loop gave it back again -- another undo's pin)
             try:
                 with deferred():
                     with self.lock:
@@ -62,9 +63,9 @@ class HistoryPins:
                             self._held[horizon] = n
                         else:
                             self._held.pop(horizon, None)
-                break
+                        given = True
             except BaseException as e:  # (a pending signal's handler, as the section
-                if interrupt is None:   # began: the count is still to give back)
+                if interrupt is None:   # began or ended: given back once, either way)
                     interrupt = e
         if interrupt is not None:
             raise interrupt

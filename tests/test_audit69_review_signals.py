@@ -1,0 +1,74 @@
+"""Audit 69, a review of the signal-section fixes (walstore/signals.py) and the history
+pins' give-back (walstore/engine/pins.py).
+
+- ``HistoryPins._give_back``: an interrupt raised as its section ENDS (a signal that
+  arrived inside it, its handler run as the signals are let in again) came after the
+  count was given back; the loop, taking it for one raised as the section began, gave the
+  count back again: with two undos pinning one horizon, the other undo's pin was gone and
+  a checkpoint's trim could delete the history it was still reading
+  (``test_a_pin_given_back_once_when_an_interrupt_lands_as_its_section_ends``).
+- A program's own handler installed inside a section (with another thread running) was
+  replaced at the section's end by the handler the stand-in had stood in for: the
+  program's handler was gone for good
+  (``test_a_handler_installed_inside_a_section_stays_installed_after_it``).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from walstore.engine.pins import HistoryPins
+
+from test_audit69_signals import _run
+
+
+class _SignalsAtItsRead(dict):
+    """The pins' table: its first ``get`` (inside the give-back's section) sends this
+    process a real SIGINT, held off until the section ends, where its handler raises."""
+
+    armed = True
+
+    def get(self, key, default=None):
+        if self.armed:
+            self.armed = False
+            os.kill(os.getpid(), signal.SIGINT)
+        return dict.get(self, key, default)
+
+
+def test_a_pin_given_back_once_when_an_interrupt_lands_as_its_section_ends():
+    """Two undos pin horizon 5; the second's give-back is interrupted by a Ctrl-C that
+    arrived inside its section.  Before the fix the count was taken down twice: the first
+    undo's pin was gone (``{}``), a trim free to delete what it still read."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        pins = HistoryPins()
+        first, second = pins.hold(lambda: 5), pins.hold(lambda: 5)
+        assert first.__enter__() == 5 and second.__enter__() == 5
+        pins._held = _SignalsAtItsRead(pins._held)
+        with pytest.raises(KeyboardInterrupt):
+            second.__exit__(None, None, None)
+        assert dict(pins._held) == {5: 1}  # (the first undo's pin still there)
+        first.__exit__(None, None, None)
+        assert dict(pins._held) == {}
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_handler_installed_inside_a_section_stays_installed_after_it():
+    """With another thread running (stand-ins in place), the program installs its own
+    SIGINT and SIGTERM handlers inside a section; after it they are the program's (before
+    the fix the section's end put the older ones back over them), and a signal reaches
+    the program's handler."""
+    out = _run(
+        "def mine(signum, frame):\n"
+        "    print('MINE', signum)\n"
+        "with signals.deferred():\n"
+        "    signal.signal(signal.SIGINT, mine)\n"
+        "    signal.signal(signal.SIGTERM, mine)\n"
+        "print('INT', signal.getsignal(signal.SIGINT) is mine)\n"
+        "print('TERM', signal.getsignal(signal.SIGTERM) is mine)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.05)\n")
+    assert out == ["INT", "True", "TERM", "True", "MINE", str(int(signal.SIGTERM))], out
