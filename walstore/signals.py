@@ -238,12 +238,16 @@ def _give_back_handlers(saved: list) -> None:
     handler that raises (a Ctrl-C's KeyboardInterrupt: one taken in the section, or one
     landing here, the handlers being back) stops neither: every handler still comes back
     and every signal taken still reaches its handler, then the last exception is raised
-    (a SIGTERM taken with a Ctrl-C was dropped, and a stand-in left in place for good)."""
+    (a SIGTERM taken with a Ctrl-C was dropped, and a stand-in left in place for good).
+    A handler the program installed inside the section stays (it was replaced by the one
+    the stand-in stood in for: the program's handler gone for good)."""
     raised = None
     while saved or _HELD:
         try:
             while saved:
-                signal.signal(*saved[-1])
+                sig, handler = saved[-1]
+                if signal.getsignal(sig) is _stand_in:  # (not one the program put in
+                    signal.signal(sig, handler)  # its place inside the section: kept)
                 saved.pop()
             while _HELD:
                 if signal.getsignal(_HELD[0]) is _stand_in:  # (still in place: raised into
