@@ -72,3 +72,30 @@ def test_a_handler_installed_inside_a_section_stays_installed_after_it():
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.05)\n")
     assert out == ["INT", "True", "TERM", "True", "MINE", str(int(signal.SIGTERM))], out
+
+
+def test_a_handler_raising_as_a_section_ends_leaves_no_stand_in_in_place():
+    """A program's SIGWINCH handler (a signal no stand-in takes) raising as a section's
+    end let the signals in (the terminal resized inside the section: placed here by a
+    signal sent to the main thread, held off until then): the list of what to give back
+    was lost and the stand-in stayed in place of SIGINT's handler for good — a Ctrl-C
+    of the idle program after it was noted and never delivered."""
+    out = _run(
+        "class Resized(Exception):\n"
+        "    pass\n"
+        "def resized(signum, frame):\n"
+        "    raise Resized\n"
+        "signal.signal(signal.SIGWINCH, resized)\n"
+        "try:\n"
+        "    with signals.deferred():\n"
+        "        signal.pthread_kill(threading.main_thread().ident, signal.SIGWINCH)\n"
+        "except Resized:\n"
+        "    print('RESIZED')\n"
+        "print('HANDLER', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "try:\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    time.sleep(0.2)\n"
+        "    print('NOT-DELIVERED')\n"
+        "except KeyboardInterrupt:\n"
+        "    print('DELIVERED')\n")
+    assert out == ["RESIZED", "HANDLER", "True", "DELIVERED"], out

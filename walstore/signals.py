@@ -308,7 +308,7 @@ class _Deferred:
             else:
                 others = _other_threads()
             if others:
-                _hold_handlers(self.saved)  # (empty here: filled as it swaps)
+                _hold_handlers(self.saved)  # (filled as it swaps)
         except BaseException:  # (a handler raised, in the count or between two swaps: undo)
             self.depth = 1  # (the whole section ends, whatever a handler nested meanwhile)
             self.__exit__()
@@ -319,15 +319,19 @@ class _Deferred:
             return
         self.depth -= 1
         if not self.depth:
-            saved, self.saved = self.saved, []
             old, self.old = self.old, None
-            if old is not None:
-                if _LIBC is not None:
-                    _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
-                else:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            if saved or _HELD:
-                _give_back_handlers(saved)
+            try:
+                if old is not None:
+                    if _LIBC is not None:
+                        _LIBC[0](2, old, None)  # SIG_SETMASK (pending ones run after this)
+                    else:
+                        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            finally:  # (a handler no stand-in replaced -- a SIGWINCH's -- raising as the
+                # signals came in lost the list: the stand-ins stayed for good, a Ctrl-C
+                # noted and never delivered.  Emptied as it is given back: what a handler
+                # cut short before its call is given back at the next section's end)
+                if self.saved or _HELD:
+                    _give_back_handlers(self.saved)
 
 
 _DEFERRED = _Deferred()
