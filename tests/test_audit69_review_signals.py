@@ -99,3 +99,42 @@ def test_a_handler_raising_as_a_section_ends_leaves_no_stand_in_in_place():
         "except KeyboardInterrupt:\n"
         "    print('DELIVERED')\n")
     assert out == ["RESIZED", "HANDLER", "True", "DELIVERED"], out
+
+
+def test_a_handler_beginning_a_section_as_the_handlers_come_back_raises_nothing_foreign():
+    """A program's SIGUSR1 handler that uses the store (a section of its own) runs as a
+    section's end gives the handlers back (placed by a wrapper around ``signal.signal``:
+    the signal sent just after SIGUSR1's handler came back).  Its section shares the
+    list of handlers to give back; the outer end must neither raise (an IndexError from
+    an emptied list, seen while the give-back list stayed the section's own) nor leave a
+    stand-in in place."""
+    out = _run(
+        "ran = []\n"
+        "def mine(signum, frame):\n"
+        "    with signals.deferred():\n"
+        "        ran.append(signum)\n"
+        "signal.signal(signal.SIGUSR1, mine)\n"
+        "real, armed = signal, [True]\n"
+        "class Placing:\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(real, name)\n"
+        "    def signal(self, sig, handler):\n"
+        "        old = real.signal(sig, handler)\n"
+        "        if armed[0] and handler is mine:\n"
+        "            armed[0] = False\n"
+        "            os.kill(os.getpid(), real.SIGUSR1)\n"
+        "            for _ in range(200_000):\n"
+        "                pass\n"
+        "            time.sleep(0.05)\n"
+        "        return old\n"
+        "signals.signal = Placing()\n"
+        "try:\n"
+        "    with signals.deferred():\n"
+        "        pass\n"
+        "    print('ENDED', ran == [signal.SIGUSR1])\n"
+        "except BaseException as e:\n"
+        "    print('RAISED', type(e).__name__)\n"
+        "signals.signal = real\n"
+        "print('INT', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
+        "print('USR1', signal.getsignal(signal.SIGUSR1) is mine)\n")
+    assert out == ["ENDED", "True", "INT", "True", "USR1", "True"], out

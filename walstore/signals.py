@@ -245,10 +245,11 @@ def _give_back_handlers(saved: list) -> None:
     while saved or _HELD:
         try:
             while saved:
-                sig, handler = saved[-1]
-                if signal.getsignal(sig) is _stand_in:  # (not one the program put in
-                    signal.signal(sig, handler)  # its place inside the section: kept)
-                saved.pop()
+                entry = saved[-1]
+                if signal.getsignal(entry[0]) is _stand_in:  # (not one the program put
+                    signal.signal(*entry)  # in its place inside the section: kept)
+                if saved and saved[-1] is entry:  # (a handler that ran meanwhile may
+                    saved.pop()  # have begun and ended a section: one list, given back)
             while _HELD:
                 if signal.getsignal(_HELD[0]) is _stand_in:  # (still in place: raised into
                     _give_back_one(_HELD[0])  # it, it would note it again, for ever)
