@@ -138,3 +138,24 @@ def test_a_handler_beginning_a_section_as_the_handlers_come_back_raises_nothing_
         "print('INT', signal.getsignal(signal.SIGINT) is signal.default_int_handler)\n"
         "print('USR1', signal.getsignal(signal.SIGUSR1) is mine)\n")
     assert out == ["ENDED", "True", "INT", "True", "USR1", "True"], out
+
+
+@pytest.mark.parametrize("timeout", [None, "5", float("nan"), -1, 10 ** 400])
+def test_settled_decision_says_what_a_timeout_must_be(tmp_path, timeout):
+    """``store.settled_decision(gid, timeout)`` (new public method): ``None`` (as in
+    ``sync_replica``: no limit) and "5" raised ``TypeError: unsupported operand type(s)
+    for +: 'float' and 'NoneType'`` naming no parameter, NaN meant no limit and -1 "at
+    once" silently, 10**400 an OverflowError.  Now: None and huge numbers wait without
+    limit (answered at once here: nothing is being decided), the others are refused
+    naming ``timeout``."""
+    import walstore
+    with walstore.open(str(tmp_path / "s")) as s:
+        tx = s.transaction()
+        tx.put("a", 1)
+        tx.prepare("g1")
+        if timeout is None or timeout == 10 ** 400:
+            assert s.settled_decision("g1", timeout) == "prepared"
+        else:
+            with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+                s.settled_decision("g1", timeout)
+        s.rollback_prepared("g1")

@@ -878,7 +878,7 @@ class Store:
         ``settled_decision``) or None (nothing was prepared or decided under it here)."""
         return self._twophase.decision(gid)
 
-    def settled_decision(self, gid: str, timeout: float = 60.0) -> str | None:
+    def settled_decision(self, gid: str, timeout: float | None = 60.0) -> str | None:
         """``decision(gid)`` once no decision of it is being made durable: while another
         caller's COMMIT or ROLLBACK_PREPARED of ``gid`` waits for its fsync, this waits
         for it (up to ``timeout`` seconds) instead of answering "prepared" (or, under
@@ -886,7 +886,18 @@ class Store:
         "abort", "prepared" (in doubt, no decision under way), None (nothing under
         ``gid`` here) or "unknown": that fsync failed (in doubt until the next open), the
         store closed meanwhile, or ``timeout`` ran out.  What a coordinator asks before
-        telling its participants (``walstore.resolve_atomic`` does)."""
+        telling its participants (``walstore.resolve_atomic`` does).  ``timeout``: a number
+        of seconds, 0 or more (``None``: no limit)."""
+        if timeout is None:
+            timeout = float("inf")
+        elif isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
+                or not timeout >= 0:  # (None, "5": a TypeError about float + str)
+            raise ValueError(f"timeout must be a number of seconds, 0 or more (or None: no "
+                             f"limit), not {timeout!r}")
+        try:  # (an int no float holds, 10**400: a bare OverflowError)
+            timeout = float(timeout)
+        except OverflowError:
+            timeout = float("inf")
         return self._twophase.settled_decision(gid, timeout)
 
 
