@@ -11,6 +11,14 @@ pins' give-back (walstore/engine/pins.py).
   replaced at the section's end by the handler the stand-in had stood in for: the
   program's handler was gone for good
   (``test_a_handler_installed_inside_a_section_stays_installed_after_it``).
+- A handler no stand-in replaces (a SIGWINCH's) raising as a section's end let the
+  signals in lost the list of handlers to give back: the stand-in stayed in place of
+  SIGINT's for good, a Ctrl-C of the idle program noted and never delivered — one way a
+  stand-in is left installed outside any section
+  (``test_a_handler_raising_as_a_section_ends_leaves_no_stand_in_in_place``); and the
+  fix's list, shared with a section a handler begins meanwhile, must not raise
+  (``test_a_handler_beginning_a_section_as_the_handlers_come_back_raises_nothing_foreign``).
+- ``store.settled_decision``'s timeout (``test_settled_decision_says_what_a_timeout_must_be``).
 """
 from __future__ import annotations
 
